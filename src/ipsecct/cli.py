@@ -1,0 +1,66 @@
+"""The ``ipsecct`` command. Each group of subcommands lives in :mod:`ipsecct.commands`.
+
+Errors the user can fix (bad input, bad files) print one line on stderr and exit with status 2;
+nothing prints a traceback for them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+from . import __version__
+from .errors import IpsecctError
+
+# Modules under ipsecct.commands; each defines register(subparsers).
+COMMAND_MODULES = ("context", "pcap", "bench")
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+class UsageError(IpsecctError):
+    """Command-line usage that argparse could not catch."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ipsecct",
+        description="IPsec context transfer: gateways that move live SAs between each other.",
+    )
+    parser.add_argument("--version", action="version", version=f"ipsecct {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name in COMMAND_MODULES:
+        mod = importlib.import_module(f"ipsecct.commands.{name}")
+        mod.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.WARNING - 10 * min(args.verbose, 2),
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        stream=sys.stderr,
+    )
+    handler: Handler = args.handler
+    try:
+        return handler(args)
+    except IpsecctError as exc:
+        print(f"ipsecct: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        where = f": {exc.filename}" if getattr(exc, "filename", None) else ""
+        print(f"ipsecct: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Subcommands of the ``ipsecct`` command line, one module per group."""

@@ -1,0 +1,11 @@
+"""`ipsecct bench` (placeholder until implemented)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+
+def register(sub: Any) -> None:
+    p: argparse.ArgumentParser = sub.add_parser("bench", help="(not yet implemented)")
+    p.set_defaults(handler=lambda args: 2)

@@ -1,0 +1,145 @@
+"""IPsec processing of whole IP packets with ESP (RFC 4301 §5, RFC 4303 §3).
+
+Tunnel mode wraps the whole inner packet (next header 4 or 41); transport mode puts ESP between
+the IP header and its payload. Inbound, the inner packet is checked against the SA's selectors
+(RFC 4301 §5.2 step 4) and TFC padding is stripped using the inner packet's own length.
+
+Like :mod:`ipsecct.esp`, nothing here raises on a bad packet: a :class:`~ipsecct.esp.Drop` is
+returned instead.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from . import esp, ippacket
+from .errors import PacketError
+from .esp import Drop
+from .ippacket import PROTO_ESP, PROTO_IPIP, PROTO_IPV6, IPHeader
+from .sad import DfPolicy, Mode, SecurityAssociation
+
+
+def outer_header(
+    sa: SecurityAssociation, inner: IPHeader | None, payload_len: int, protocol: int = PROTO_ESP
+) -> bytes:
+    """The outer IP header for a tunnel-mode packet: the SA's tunnel addresses, the inner DSCP
+    copied when the SA says so (ECN per RFC 6040 normal mode: copied), DF per the SA's policy."""
+    tos = 0
+    df = False
+    if inner is not None:
+        tos = inner.tos if sa.copy_dscp else inner.tos & 0x03
+        df = inner.df if sa.df is DfPolicy.COPY else sa.df is DfPolicy.SET
+    elif sa.df is DfPolicy.SET:
+        df = True
+    return ippacket.build_ip(sa.src, sa.dst, protocol, payload_len, tos=tos, df=df)
+
+
+def tunnel_encapsulate(
+    sa: SecurityAssociation, inner: bytes | bytearray | memoryview, now: float
+) -> bytearray | Drop:
+    """ESP packet (SPI .. ICV) carrying the inner IP packet."""
+    if not inner:
+        return Drop.MALFORMED
+    v = inner[0] >> 4
+    if v == 4:
+        nh = PROTO_IPIP
+    elif v == 6:
+        nh = PROTO_IPV6
+    else:
+        return Drop.MALFORMED
+    return esp.encapsulate(sa, nh, inner, now)
+
+
+def tunnel_decapsulate(
+    sa: SecurityAssociation,
+    packet: bytes | bytearray | memoryview,
+    now: float,
+    *,
+    check_selectors: bool = True,
+) -> bytes | Drop:
+    """The inner IP packet of an ESP packet (SPI .. ICV), TFC padding removed."""
+    res = esp.decapsulate(sa, packet, now)
+    if isinstance(res, Drop):
+        return res
+    nh, payload = res
+    if nh not in (PROTO_IPIP, PROTO_IPV6):
+        return Drop.POLICY
+    try:
+        hdr = ippacket.parse(payload)
+    except PacketError:
+        return Drop.MALFORMED
+    if (hdr.version == 4) != (nh == PROTO_IPIP):
+        return Drop.MALFORMED
+    if hdr.total_len < len(payload):
+        payload = payload[: hdr.total_len]
+    if check_selectors and sa.selectors is not None and not inner_allowed(sa, hdr, payload):
+        return Drop.POLICY
+    return payload
+
+
+def inner_allowed(sa: SecurityAssociation, hdr: IPHeader, packet: bytes | memoryview) -> bool:
+    """Does a decapsulated packet fall under the (inbound) SA's selectors?"""
+    sel = sa.selectors
+    if sel is None:
+        return True
+    sport, dport = hdr.ports(packet)
+    if hdr.protocol in (1, 58):  # ICMP type/code do not swap sides
+        return sel.matches(hdr.dst, hdr.src, hdr.protocol, sport, dport)
+    return sel.matches(hdr.dst, hdr.src, hdr.protocol, dport, sport)
+
+
+def transport_encapsulate(
+    sa: SecurityAssociation, packet: bytes | bytearray | memoryview, now: float
+) -> bytes | Drop:
+    """A whole IP packet with ESP inserted after its IP header (IPv4 options kept; IPv6
+    extension headers are not looked into: ESP follows the fixed header)."""
+    try:
+        hdr = ippacket.parse(packet)
+    except PacketError:
+        return Drop.MALFORMED
+    body = memoryview(packet)[hdr.header_len : hdr.total_len]
+    res = esp.encapsulate(sa, hdr.protocol, body, now)
+    if isinstance(res, Drop):
+        return res
+    head = bytearray(packet[: hdr.header_len])
+    _rewrite_header(head, hdr, PROTO_ESP, len(res))
+    return bytes(head) + bytes(res)
+
+
+def transport_decapsulate(
+    sa: SecurityAssociation, packet: bytes | bytearray | memoryview, now: float
+) -> bytes | Drop:
+    """The original IP packet rebuilt from a transport-mode ESP packet (whole IP packet in)."""
+    try:
+        hdr = ippacket.parse(packet)
+    except PacketError:
+        return Drop.MALFORMED
+    if hdr.protocol != PROTO_ESP:
+        return Drop.MALFORMED
+    res = esp.decapsulate(sa, memoryview(packet)[hdr.header_len : hdr.total_len], now)
+    if isinstance(res, Drop):
+        return res
+    nh, payload = res
+    head = bytearray(packet[: hdr.header_len])
+    _rewrite_header(head, hdr, nh, len(payload))
+    return bytes(head) + payload
+
+
+def _rewrite_header(head: bytearray, hdr: IPHeader, protocol: int, payload_len: int) -> None:
+    if hdr.version == 4:
+        head[9] = protocol
+        struct.pack_into("!H", head, 2, hdr.header_len + payload_len)
+        struct.pack_into("!H", head, 10, 0)
+        struct.pack_into("!H", head, 10, ippacket.checksum(head))
+    else:
+        head[6] = protocol
+        struct.pack_into("!H", head, 4, payload_len)
+
+
+def encapsulate(
+    sa: SecurityAssociation, packet: bytes | bytearray | memoryview, now: float
+) -> bytes | bytearray | Drop:
+    """Outbound by the SA's mode: tunnel returns the ESP packet, transport the IP packet."""
+    if sa.mode is Mode.TUNNEL:
+        return tunnel_encapsulate(sa, packet, now)
+    return transport_encapsulate(sa, packet, now)

@@ -1,0 +1,145 @@
+"""Anti-replay window and extended sequence numbers (RFC 4303 §3.4.3 and Appendix A, RFC 6479).
+
+The window is a ring of 64-bit blocks (RFC 6479): accepting a packet far ahead clears the
+blocks it skips, and nothing is ever shifted. ``check`` is called before the ICV is verified and
+``update`` only after, so a forged packet never moves the window.
+
+The complete state (highest sequence number accepted and the bitmap below it) is readable with
+:meth:`ReplayWindow.snapshot` and restorable with :meth:`ReplayWindow.restore`, because a context
+transfer moves it.
+"""
+
+from __future__ import annotations
+
+from .errors import SAError
+
+MAX_WINDOW = 65536
+_BLOCK_BITS = 64
+_MASK32 = 0xFFFFFFFF
+
+
+class ReplayWindow:
+    """Sliding window over 64-bit sequence numbers (32-bit SAs use the low half only)."""
+
+    __slots__ = ("_blocks", "_nblocks", "esn", "size", "top")
+
+    def __init__(self, size: int = 64, *, esn: bool = False) -> None:
+        if size < 0 or size > MAX_WINDOW or (size and size % 32):
+            raise SAError(f"replay window size must be 0 or a multiple of 32 up to {MAX_WINDOW}")
+        self.size = size
+        self.esn = esn
+        self.top = 0  # highest sequence number accepted so far (0: none)
+        # One block more than the window needs, so the top block never clobbers the oldest bits.
+        self._nblocks = (size + _BLOCK_BITS - 1) // _BLOCK_BITS + 1 if size else 0
+        self._blocks = [0] * self._nblocks
+
+    # -- ESN: RFC 4303 Appendix A2.2 -------------------------------------------------------
+    def infer(self, seq_low: int) -> int:
+        """The 64-bit sequence number a received low-order 32-bit value stands for."""
+        if not self.esn:
+            return seq_low
+        top = self.top
+        tl = top & _MASK32
+        th = top >> 32
+        w = self.size if self.size else 1
+        if tl >= w - 1:
+            # Case A: the window lies inside one 2^32 subspace.
+            if seq_low < tl - w + 1:
+                th += 1
+        else:
+            # Case B: the window spans two subspaces.
+            if seq_low >= ((tl - w + 1) & _MASK32) and th > 0:
+                th -= 1
+        return (th << 32) | seq_low
+
+    # -- the window ----------------------------------------------------------------------
+    def check(self, seq: int) -> bool:
+        """True if ``seq`` is new and inside (or ahead of) the window. Does not change state."""
+        if seq == 0:
+            return False
+        if self.size == 0:
+            return True
+        top = self.top
+        if seq > top:
+            return True
+        if top - seq >= self.size:
+            return False
+        block = (seq >> 6) % self._nblocks
+        return not (self._blocks[block] >> (seq & 63)) & 1
+
+    def update(self, seq: int) -> None:
+        """Mark ``seq`` received (call only after the ICV verified and ``check`` passed)."""
+        if self.size == 0:
+            if seq > self.top:
+                self.top = seq
+            return
+        top = self.top
+        n = self._nblocks
+        blocks = self._blocks
+        if seq > top:
+            top_block = top >> 6
+            new_block = seq >> 6
+            diff = new_block - top_block
+            if diff >= n:
+                for i in range(n):
+                    blocks[i] = 0
+            else:
+                for b in range(top_block + 1, new_block + 1):
+                    blocks[b % n] = 0
+            self.top = seq
+        idx = (seq >> 6) % n
+        blocks[idx] |= 1 << (seq & 63)
+
+    def check_and_update(self, seq: int) -> bool:
+        if not self.check(seq):
+            return False
+        self.update(seq)
+        return True
+
+    # -- state for context transfer ------------------------------------------------------
+    def snapshot(self) -> tuple[int, bytes]:
+        """(top, bitmap): bit i of the bitmap (LSB of byte 0 is i = 0) is set when sequence
+        number ``top - i`` was received, for i in 0 .. size-1. Canonical: bits for sequence
+        numbers below 1 are always clear."""
+        if self.size == 0:
+            return self.top, b""
+        bits = 0
+        top = self.top
+        for i in range(min(self.size, top)):
+            seq = top - i
+            if (self._blocks[(seq >> 6) % self._nblocks] >> (seq & 63)) & 1:
+                bits |= 1 << i
+        return top, bits.to_bytes(self.size // 8, "little")
+
+    def restore(self, top: int, bitmap: bytes) -> None:
+        """Load a state made by :meth:`snapshot` (of a window of the same size)."""
+        if len(bitmap) != self.size // 8:
+            raise SAError(
+                f"replay bitmap has {len(bitmap)} octets,"
+                f" a window of {self.size} needs {self.size // 8}"
+            )
+        if top < 0 or top >= 1 << 64 or (not self.esn and top > _MASK32):
+            raise SAError("replay window top is out of range")
+        bits = int.from_bytes(bitmap, "little")
+        if bits >> min(self.size, top) if self.size else 0:
+            raise SAError("replay bitmap marks sequence numbers below 1")
+        if top and self.size and not bits & 1:
+            raise SAError("replay bitmap does not mark its own top sequence number")
+        self._blocks = [0] * self._nblocks
+        self.top = top
+        i = 0
+        while bits:
+            if bits & 1:
+                seq = top - i
+                self._blocks[(seq >> 6) % self._nblocks] |= 1 << (seq & 63)
+            bits >>= 1
+            i += 1
+
+    def copy(self) -> ReplayWindow:
+        other = ReplayWindow(self.size, esn=self.esn)
+        other.top = self.top
+        other._blocks = list(self._blocks)
+        return other
+
+    def __repr__(self) -> str:
+        return f"ReplayWindow(size={self.size}, esn={self.esn}, top={self.top})"

@@ -1,0 +1,305 @@
+"""The Security Association Database (RFC 4301 §4.4.2) and its entries.
+
+A :class:`SecurityAssociation` holds every field the draft's §8 lists, the lookup fields
+(outer destination, protocol, SPI) and the treatment fields (sequence number and its overflow
+flag, anti-replay window, algorithms and keys, IV state, lifetimes, mode, path MTU), plus what
+RFC 4301 §4.4.2.1 adds (ESN, tunnel header addresses, DSCP and DF handling, PMTU aging) and
+the runtime counters. Key material is kept out of ``repr``.
+
+The SAD indexes SAs by (outer destination address, protocol, SPI): the domain in which SPIs
+collide (RFC 4301 §4.1, draft §8).
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from .algorithms import ENC, EncAlg, IntegAlg, check_esp_combination, check_integ_key
+from .errors import AlgorithmError, SAError, SPICollisionError
+from .replay import ReplayWindow
+from .spd import IPAddress, Selectors
+from .transforms import EspTransform, make_transform
+
+MAX_SEQ_32 = 0xFFFFFFFF
+MAX_SEQ_64 = 0xFFFFFFFFFFFFFFFF
+
+
+class Protocol(enum.IntEnum):
+    ESP = 50
+    AH = 51
+
+
+class Mode(enum.Enum):
+    TUNNEL = "tunnel"
+    TRANSPORT = "transport"
+
+
+class Direction(enum.Enum):
+    INBOUND = "in"
+    OUTBOUND = "out"
+
+
+class DfPolicy(enum.Enum):
+    """RFC 4301 §8.1: what the outer header's DF bit is in tunnel mode."""
+
+    COPY = "copy"
+    CLEAR = "clear"
+    SET = "set"
+
+
+class IVMode(enum.Enum):
+    """How the SA makes IVs (the draft's "IV mode"): from the sequence number or at random."""
+
+    SEQUENCE = "sequence"
+    RANDOM = "random"
+    NONE = "none"
+
+
+@dataclass(frozen=True)
+class Lifetime:
+    """A limit by time (seconds since the SA was added), bytes or packets; None: no limit."""
+
+    seconds: float | None = None
+    bytes: int | None = None
+    packets: int | None = None
+
+    def exceeded(self, age: float, nbytes: int, npackets: int) -> bool:
+        return (
+            (self.seconds is not None and age >= self.seconds)
+            or (self.bytes is not None and nbytes >= self.bytes)
+            or (self.packets is not None and npackets >= self.packets)
+        )
+
+    @property
+    def unlimited(self) -> bool:
+        return self.seconds is None and self.bytes is None and self.packets is None
+
+
+@dataclass(frozen=True)
+class UdpEncap:
+    """RFC 3948 UDP encapsulation ports (4500 both ways by default)."""
+
+    sport: int = 4500
+    dport: int = 4500
+
+
+@dataclass
+class Counters:
+    packets: int = 0
+    bytes: int = 0
+
+
+class SAEvent(enum.Enum):
+    SOFT_EXPIRED = "soft-expired"
+    HARD_EXPIRED = "hard-expired"
+    SEQ_EXHAUSTED = "seq-exhausted"  # the outbound counter hit its limit: rekey
+    SEQ_NEAR_LIMIT = "seq-near-limit"  # past 7/8 of the counter: rekey soon
+
+
+@dataclass(eq=False)
+class SecurityAssociation:
+    """One SAD entry. ``seq`` is the last outbound sequence number sent (outbound SAs); the
+    replay window holds the inbound state."""
+
+    spi: int
+    direction: Direction
+    src: IPAddress  # outer (tunnel header) source
+    dst: IPAddress  # outer destination: with protocol and SPI, the lookup key
+    protocol: Protocol = Protocol.ESP
+    mode: Mode = Mode.TUNNEL
+    enc: EncAlg = EncAlg.AES_GCM_16
+    enc_key: bytes = field(default=b"", repr=False)
+    integ: IntegAlg = IntegAlg.NONE
+    integ_key: bytes = field(default=b"", repr=False)
+    esn: bool = False
+    replay_window: int = 64
+    seq: int = 0
+    overflow_permitted: bool = False  # the draft's "sequence number overflow flag"
+    soft: Lifetime = field(default_factory=Lifetime)
+    hard: Lifetime = field(default_factory=Lifetime)
+    path_mtu: int = 1500
+    pmtu_expires: float | None = None  # PMTU aging: when the learnt PMTU reverts
+    df: DfPolicy = DfPolicy.COPY
+    copy_dscp: bool = True  # bypass DSCP: copy the inner DSCP to the outer header
+    encap: UdpEncap | None = None
+    selectors: Selectors | None = None
+    name: str = ""
+    created: float = 0.0
+    counters: Counters = field(default_factory=Counters)
+    soft_fired: bool = False
+    dead: bool = False
+    rekey_requested: bool = False
+    events: list[SAEvent] = field(default_factory=list, repr=False)
+    _limits_unset: bool = field(init=False, repr=False, default=True)
+    _window: ReplayWindow = field(init=False, repr=False)
+    _transform: EspTransform | None = field(init=False, repr=False, default=None)
+
+    def __post_init__(self) -> None:
+        if not 256 <= self.spi <= 0xFFFFFFFF:
+            raise SAError(f"SPI {self.spi} is reserved (1-255) or out of range")
+        if self.src.version != self.dst.version:
+            raise SAError("SA source and destination mix IPv4 and IPv6")
+        if not 68 <= self.path_mtu <= 65535:
+            raise SAError(f"path MTU {self.path_mtu} out of range 68-65535")
+        limit = MAX_SEQ_64 if self.esn else MAX_SEQ_32
+        if not 0 <= self.seq <= limit:
+            raise SAError("sequence number out of range")
+        if self.protocol is Protocol.ESP:
+            check_esp_combination(self.enc, len(self.enc_key), self.integ, len(self.integ_key))
+            self._transform = make_transform(self.enc, self.enc_key, self.integ, self.integ_key)
+        else:
+            if self.enc is not EncAlg.NULL or self.enc_key:
+                raise AlgorithmError("an AH SA has no encryption algorithm (use enc = null)")
+            if self.integ is IntegAlg.NONE:
+                raise AlgorithmError("an AH SA needs an integrity algorithm")
+            check_integ_key(self.integ, len(self.integ_key))
+        self._window = ReplayWindow(self.replay_window, esn=self.esn)
+        self._limits_unset = self.soft.unlimited and self.hard.unlimited
+
+    # -- derived --------------------------------------------------------------------------
+    @property
+    def transform(self) -> EspTransform:
+        assert self._transform is not None, "AH SAs have no ESP transform"
+        return self._transform
+
+    @property
+    def window(self) -> ReplayWindow:
+        return self._window
+
+    @property
+    def key(self) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, Protocol, int]:
+        return (self.dst, self.protocol, self.spi)
+
+    @property
+    def aead(self) -> bool:
+        return self.protocol is Protocol.ESP and ENC[self.enc].aead
+
+    @property
+    def iv_mode(self) -> IVMode:
+        if self.protocol is Protocol.AH or self.enc is EncAlg.NULL:
+            return IVMode.NONE
+        return IVMode.SEQUENCE if self.aead else IVMode.RANDOM
+
+    @property
+    def seq_limit(self) -> int:
+        return MAX_SEQ_64 if self.esn else MAX_SEQ_32
+
+    # -- outbound sequence numbers ---------------------------------------------------------
+    def next_seq(self) -> int | None:
+        """Allocate the next outbound sequence number, or None when the counter is exhausted.
+
+        The counter never wraps for AEAD transforms, whatever the overflow flag says: a wrapped
+        counter repeats IVs, which breaks AES-GCM and ChaCha20-Poly1305 outright. For the other
+        transforms a set overflow flag lets the 32-bit counter roll over (RFC 4301 §4.4.2.1).
+        """
+        seq = self.seq
+        if seq >= self.seq_limit:
+            if self.overflow_permitted and not self.aead and not self.esn:
+                self.seq = 1
+                return 1
+            return None
+        seq += 1
+        self.seq = seq
+        if seq == self._near_limit:
+            self.events.append(SAEvent.SEQ_NEAR_LIMIT)
+        return seq
+
+    @property
+    def _near_limit(self) -> int:
+        return self.seq_limit - (self.seq_limit >> 3)
+
+    # -- lifetimes -------------------------------------------------------------------------
+    def account(self, nbytes: int, now: float) -> None:
+        """Count one packet; queue the lifetime events it triggers (each fires once) on
+        ``self.events`` for the caller to drain."""
+        c = self.counters
+        c.packets += 1
+        c.bytes += nbytes
+        if self._limits_unset:
+            return
+        age = now - self.created
+        if not self.soft_fired and self.soft.exceeded(age, c.bytes, c.packets):
+            self.soft_fired = True
+            self.events.append(SAEvent.SOFT_EXPIRED)
+        if not self.dead and self.hard.exceeded(age, c.bytes, c.packets):
+            self.dead = True
+            self.events.append(SAEvent.HARD_EXPIRED)
+
+    def poll(self, now: float) -> None:
+        """Fire time-based lifetime events without a packet (call from a timer)."""
+        self.account(0, now)
+        self.counters.packets -= 1
+
+    def expired(self, now: float) -> bool:
+        """Is the SA past its hard lifetime (checked before using it)?"""
+        if self.dead:
+            return True
+        if self.hard.seconds is not None and now - self.created >= self.hard.seconds:
+            self.dead = True
+        return self.dead
+
+    def effective_mtu(self, now: float, default: int = 1500) -> int:
+        if self.pmtu_expires is not None and now >= self.pmtu_expires:
+            self.path_mtu = default
+            self.pmtu_expires = None
+        return self.path_mtu
+
+    def describe(self) -> str:
+        return (
+            f"SA 0x{self.spi:08x} {self.direction.value} {self.protocol.name} {self.mode.value} "
+            f"{self.src} -> {self.dst}"
+        )
+
+
+class SAD:
+    """SAs indexed by (outer destination, protocol, SPI)."""
+
+    def __init__(self) -> None:
+        self._by_key: dict[tuple[IPAddress, Protocol, int], SecurityAssociation] = {}
+        self._by_spi: dict[tuple[Protocol, int], list[SecurityAssociation]] = {}
+
+    def __len__(self) -> int:
+        return len(self._by_key)
+
+    def __iter__(self) -> Iterator[SecurityAssociation]:
+        return iter(list(self._by_key.values()))
+
+    def add(self, sa: SecurityAssociation) -> None:
+        if sa.key in self._by_key:
+            raise SPICollisionError(
+                f"SPI 0x{sa.spi:08x} is already in use for {sa.protocol.name} to {sa.dst}"
+            )
+        self._by_key[sa.key] = sa
+        self._by_spi.setdefault((sa.protocol, sa.spi), []).append(sa)
+
+    def remove(self, sa: SecurityAssociation) -> None:
+        if self._by_key.get(sa.key) is not sa:
+            raise SAError(f"{sa.describe()} is not in the SAD")
+        del self._by_key[sa.key]
+        lst = self._by_spi[(sa.protocol, sa.spi)]
+        lst.remove(sa)
+        if not lst:
+            del self._by_spi[(sa.protocol, sa.spi)]
+
+    def lookup(self, dst: IPAddress, protocol: Protocol, spi: int) -> SecurityAssociation | None:
+        return self._by_key.get((dst, protocol, spi))
+
+    def lookup_spi(self, protocol: Protocol, spi: int) -> SecurityAssociation | None:
+        """Lookup by SPI alone, allowed for unicast SAs (RFC 4301 §4.1); used behind NAT."""
+        lst = self._by_spi.get((protocol, spi))
+        if lst and len(lst) == 1:
+            return lst[0]
+        return None
+
+    def in_use(self, dst: IPAddress, protocol: Protocol, spi: int) -> bool:
+        return (dst, protocol, spi) in self._by_key
+
+    def free_spi(self, dst: IPAddress, protocol: Protocol, candidates: Iterator[int]) -> int:
+        """The first candidate SPI not in use for (dst, protocol)."""
+        for spi in candidates:
+            if 256 <= spi <= 0xFFFFFFFF and not self.in_use(dst, protocol, spi):
+                return spi
+        raise SAError("no free SPI among the candidates")

@@ -1,0 +1,288 @@
+"""The Security Policy Database (RFC 4301 §4.4.1) and its selectors (draft §8).
+
+A policy's selectors are: local and remote addresses (lists of ranges; a prefix or a single
+address is a range), the next-layer protocol, local and remote ports (for ICMP and ICMPv6 the
+"local port" range holds the ICMP type and the "remote port" range the ICMP code, as RFC 4301
+§4.4.1.1 does), a Name and a sensitivity label.
+
+Entries are ordered; a lookup returns the first entry that matches, which is RFC 4301's rule for
+an SPD that is not decorrelated. :meth:`SPD.decorrelate` reports the pairs of entries whose
+order matters (they overlap but take different actions), so an operator can see them. Static
+operator entries (``static=True``) are not transferred; per-SA entries are (draft §8).
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+from .errors import SAError
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+PROTO_ANY = 0  # "ANY" next-layer protocol (0 is IPv6 hop-by-hop, never a selector value)
+PROTO_ICMP = 1
+PROTO_ICMPV6 = 58
+ICMP_PROTOCOLS = (PROTO_ICMP, PROTO_ICMPV6)
+
+
+class Action(enum.Enum):
+    PROTECT = "protect"
+    BYPASS = "bypass"
+    DISCARD = "discard"
+
+
+@dataclass(frozen=True, order=True)
+class AddressRange:
+    first: IPAddress
+    last: IPAddress
+
+    def __post_init__(self) -> None:
+        if self.first.version != self.last.version:
+            raise SAError("an address range mixes IPv4 and IPv6")
+        if self.first > self.last:  # type: ignore[operator]
+            raise SAError(f"address range {self.first}-{self.last} is empty")
+
+    @classmethod
+    def parse(cls, text: str) -> AddressRange:
+        """``10.0.0.1``, ``10.0.0.0/24``, ``10.0.0.1-10.0.0.9`` or ``::1``."""
+        try:
+            if "-" in text:
+                a, b = text.split("-", 1)
+                return cls(ipaddress.ip_address(a.strip()), ipaddress.ip_address(b.strip()))
+            net = ipaddress.ip_network(text.strip(), strict=False)
+        except ValueError as exc:
+            raise SAError(f"bad address or range {text!r}: {exc}") from None
+        return cls(net.network_address, net.broadcast_address)
+
+    @classmethod
+    def any(cls, version: int) -> AddressRange:
+        return cls.parse("0.0.0.0/0" if version == 4 else "::/0")
+
+    @property
+    def version(self) -> int:
+        return self.first.version
+
+    def contains(self, addr: IPAddress) -> bool:
+        return addr.version == self.first.version and self.first <= addr <= self.last  # type: ignore[operator]
+
+    def overlaps(self, other: AddressRange) -> bool:
+        return (
+            self.version == other.version
+            and self.first <= other.last  # type: ignore[operator]
+            and other.first <= self.last  # type: ignore[operator]
+        )
+
+    def __str__(self) -> str:
+        if self.first == self.last:
+            return str(self.first)
+        nets = list(ipaddress.summarize_address_range(self.first, self.last))
+        if len(nets) == 1:
+            return str(nets[0])
+        return f"{self.first}-{self.last}"
+
+
+@dataclass(frozen=True)
+class PortRange:
+    first: int = 0
+    last: int = 65535
+
+    def __post_init__(self) -> None:
+        if not (0 <= self.first <= self.last <= 65535):
+            raise SAError(f"bad port range {self.first}-{self.last}")
+
+    @classmethod
+    def parse(cls, text: str | int) -> PortRange:
+        if isinstance(text, int):
+            return cls(text, text)
+        t = text.strip().lower()
+        if t in ("any", "*", ""):
+            return cls()
+        try:
+            if "-" in t:
+                a, b = t.split("-", 1)
+                return cls(int(a), int(b))
+            return cls(int(t), int(t))
+        except ValueError:
+            raise SAError(f"bad port range {text!r}") from None
+
+    @property
+    def is_any(self) -> bool:
+        return self.first == 0 and self.last == 65535
+
+    def contains(self, port: int) -> bool:
+        return self.first <= port <= self.last
+
+    def overlaps(self, other: PortRange) -> bool:
+        return self.first <= other.last and other.first <= self.last
+
+    def __str__(self) -> str:
+        if self.is_any:
+            return "any"
+        return str(self.first) if self.first == self.last else f"{self.first}-{self.last}"
+
+
+@dataclass(frozen=True)
+class Selectors:
+    """The traffic an SA or a policy covers, seen from the gateway ("local" is its side)."""
+
+    local: tuple[AddressRange, ...]
+    remote: tuple[AddressRange, ...]
+    protocol: int = PROTO_ANY
+    local_ports: PortRange = field(default_factory=PortRange)
+    remote_ports: PortRange = field(default_factory=PortRange)
+    name: str | None = None
+    label: bytes | None = None
+
+    def __post_init__(self) -> None:
+        if not self.local or not self.remote:
+            raise SAError("selectors need at least one local and one remote address range")
+        if not 0 <= self.protocol <= 255:
+            raise SAError(f"bad next-layer protocol {self.protocol}")
+        if (
+            self.protocol in ICMP_PROTOCOLS
+            and (self.local_ports.last > 255 or self.remote_ports.last > 255)
+            and not (self.local_ports.is_any and self.remote_ports.is_any)
+        ):
+            raise SAError("ICMP type and code selectors must be 0-255")
+
+    @classmethod
+    def between(
+        cls,
+        local: str | Iterable[str],
+        remote: str | Iterable[str],
+        protocol: int = PROTO_ANY,
+        local_ports: str | int = "any",
+        remote_ports: str | int = "any",
+        name: str | None = None,
+        label: bytes | None = None,
+    ) -> Selectors:
+        def ranges(x: str | Iterable[str]) -> tuple[AddressRange, ...]:
+            items = [x] if isinstance(x, str) else list(x)
+            return tuple(AddressRange.parse(i) for i in items)
+
+        return cls(
+            ranges(local),
+            ranges(remote),
+            protocol,
+            PortRange.parse(local_ports),
+            PortRange.parse(remote_ports),
+            name,
+            label,
+        )
+
+    def _ports_match(self, local_port: int | None, remote_port: int | None) -> bool:
+        if self.local_ports.is_any and self.remote_ports.is_any:
+            return True
+        if local_port is None or remote_port is None:
+            return False  # OPAQUE ports (e.g. a non-initial fragment) match only ANY
+        return self.local_ports.contains(local_port) and self.remote_ports.contains(remote_port)
+
+    def matches(
+        self,
+        local: IPAddress,
+        remote: IPAddress,
+        protocol: int,
+        local_port: int | None = None,
+        remote_port: int | None = None,
+    ) -> bool:
+        """Does a packet with these header fields fall under the selectors?
+
+        For ICMP, pass the type as ``local_port`` and the code as ``remote_port``.
+        """
+        if self.protocol != PROTO_ANY and self.protocol != protocol:
+            return False
+        if not any(r.contains(local) for r in self.local):
+            return False
+        if not any(r.contains(remote) for r in self.remote):
+            return False
+        return self._ports_match(local_port, remote_port)
+
+    def overlaps(self, other: Selectors) -> bool:
+        if (
+            self.protocol != PROTO_ANY
+            and other.protocol != PROTO_ANY
+            and self.protocol != other.protocol
+        ):
+            return False
+        if not any(a.overlaps(b) for a in self.local for b in other.local):
+            return False
+        if not any(a.overlaps(b) for a in self.remote for b in other.remote):
+            return False
+        return self.local_ports.overlaps(other.local_ports) and self.remote_ports.overlaps(
+            other.remote_ports
+        )
+
+    def mirrored(self) -> Selectors:
+        """The same traffic seen from the other end (local and remote swapped)."""
+        ports = (self.remote_ports, self.local_ports)
+        if self.protocol in ICMP_PROTOCOLS:
+            ports = (self.local_ports, self.remote_ports)  # type/code do not swap
+        return Selectors(
+            self.remote, self.local, self.protocol, ports[0], ports[1], self.name, self.label
+        )
+
+    def describe(self) -> str:
+        loc = ",".join(map(str, self.local))
+        rem = ",".join(map(str, self.remote))
+        proto = "any" if self.protocol == PROTO_ANY else str(self.protocol)
+        return f"{loc}[{self.local_ports}] <-> {rem}[{self.remote_ports}] proto {proto}"
+
+
+@dataclass
+class SPDEntry:
+    selectors: Selectors
+    action: Action
+    name: str = ""
+    static: bool = True  # an operator's policy; False: an SA's own entry (transferred)
+    sa_ids: list[int] = field(default_factory=list)  # outbound SPIs that carry PROTECT traffic
+
+
+class SPD:
+    """An ordered Security Policy Database: first match wins (RFC 4301 §4.4.1)."""
+
+    def __init__(self, entries: Iterable[SPDEntry] = ()) -> None:
+        self._entries: list[SPDEntry] = list(entries)
+
+    def __iter__(self) -> Iterator[SPDEntry]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def add(self, entry: SPDEntry, *, index: int | None = None) -> None:
+        if index is None:
+            self._entries.append(entry)
+        else:
+            self._entries.insert(index, entry)
+
+    def remove(self, entry: SPDEntry) -> None:
+        self._entries.remove(entry)
+
+    def lookup(
+        self,
+        local: IPAddress,
+        remote: IPAddress,
+        protocol: int,
+        local_port: int | None = None,
+        remote_port: int | None = None,
+    ) -> SPDEntry | None:
+        for e in self._entries:
+            if e.selectors.matches(local, remote, protocol, local_port, remote_port):
+                return e
+        return None
+
+    def decorrelate(self) -> list[tuple[SPDEntry, SPDEntry]]:
+        """Pairs (earlier, later) of entries that overlap and take different actions: the
+        ones whose order decides what happens to some packets (RFC 4301 §4.4.1.2)."""
+        out = []
+        for i, a in enumerate(self._entries):
+            for b in self._entries[i + 1 :]:
+                if a.action != b.action and a.selectors.overlaps(b.selectors):
+                    out.append((a, b))
+        return out
+
+    def transferable(self) -> list[SPDEntry]:
+        return [e for e in self._entries if not e.static]

@@ -1,0 +1,46 @@
+"""Shared fixtures for ipsecct's tests."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+
+import pytest
+
+from ipsecct.algorithms import EncAlg, IntegAlg
+from ipsecct.sad import Direction, Mode, SecurityAssociation
+
+
+def sa_pair(
+    enc: EncAlg = EncAlg.AES_GCM_16,
+    integ: IntegAlg = IntegAlg.NONE,
+    *,
+    enc_key_len: int | None = None,
+    integ_key_len: int | None = None,
+    spi: int = 0x1000,
+    src: str = "192.0.2.1",
+    dst: str = "192.0.2.2",
+    mode: Mode = Mode.TUNNEL,
+    esn: bool = False,
+    window: int = 64,
+) -> tuple[SecurityAssociation, SecurityAssociation]:
+    """An (outbound, inbound) pair of SAs sharing keys, as two peers would hold them."""
+    from ipsecct.algorithms import ENC, INTEG
+
+    ek = os.urandom(enc_key_len if enc_key_len is not None else ENC[enc].key_lengths[0])
+    ik = os.urandom(integ_key_len if integ_key_len is not None else INTEG[integ].key_length)
+    a, b = ipaddress.ip_address(src), ipaddress.ip_address(dst)
+    common = dict(enc=enc, enc_key=ek, integ=integ, integ_key=ik, mode=mode, esn=esn,
+                  replay_window=window)
+    out = SecurityAssociation(spi, Direction.OUTBOUND, a, b, **common)  # type: ignore[arg-type]
+    inn = SecurityAssociation(spi, Direction.INBOUND, a, b, **common)  # type: ignore[arg-type]
+    return out, inn
+
+
+@pytest.fixture
+def gcm_pair() -> tuple[SecurityAssociation, SecurityAssociation]:
+    return sa_pair()
+
+
+def needs_root() -> pytest.MarkDecorator:
+    return pytest.mark.skipif(os.geteuid() != 0, reason="needs root (CI runs as root)")
