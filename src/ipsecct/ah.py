@@ -41,6 +41,8 @@ from __future__ import annotations
 
 import hmac
 import struct
+import weakref
+from typing import Protocol
 
 from . import ippacket
 from .algorithms import INTEG, IntegAlg
@@ -194,10 +196,31 @@ def _ipv6_chain(
     return off, nh_pos, nh
 
 
+class _Mac(Protocol):
+    def mac(self, *parts: bytes | bytearray | memoryview) -> bytes: ...
+
+
+# One keyed HMAC object per SA, never one per packet; keyed by the SA object itself (SAs compare
+# by identity) and dropped with it. The algorithm and key are part of the value so that an SA
+# whose key is replaced never uses a stale object.
+_MACS: weakref.WeakKeyDictionary[SecurityAssociation, tuple[IntegAlg, bytes, _Mac]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _integrity(sa: SecurityAssociation) -> _Mac:
+    cached = _MACS.get(sa)
+    if cached is not None and cached[0] is sa.integ and cached[1] == sa.integ_key:
+        return cached[2]
+    obj: _Mac = make_integrity(sa.integ, sa.integ_key)
+    _MACS[sa] = (sa.integ, sa.integ_key, obj)
+    return obj
+
+
 def _mac(
     sa: SecurityAssociation, head: bytearray, payload: memoryview | bytes, seq: int
 ) -> bytes:
-    integ = make_integrity(sa.integ, sa.integ_key)
+    integ = _integrity(sa)
     if sa.esn:
         return integ.mac(head, payload, _L.pack(seq >> 32))
     return integ.mac(head, payload)
