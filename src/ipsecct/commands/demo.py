@@ -1,0 +1,50 @@
+"""``ipsecct demo``: the one-command tour (see :mod:`ipsecct.demo`)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from typing import Any
+
+from ..errors import IpsecctError
+
+
+def _positive(kind: type) -> Any:
+    def conv(text: str) -> Any:
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if v <= 0:
+            raise argparse.ArgumentTypeError("must be positive")
+        return v
+
+    return conv
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .. import demo
+
+    demo.load_plugins()
+    mode = "failover" if args.failover else args.handover
+    if args.rate > 20000:
+        raise IpsecctError("--rate above 20000 packets/s is more than one Python process sends")
+    s = asyncio.run(demo.run(args.rate, args.seconds, handover=mode, as_json=args.json))
+    return 0 if s["packets"]["sent"] else 1
+
+
+def register(sub: Any) -> None:
+    p: argparse.ArgumentParser = sub.add_parser(
+        "demo", help="run a mobile node, two gateways and a host on loopback, with a stream"
+    )
+    p.add_argument("--rate", type=_positive(int), default=1000, help="packets/s each way (1000)")
+    p.add_argument("--seconds", type=_positive(float), default=5.0, help="stream length (5)")
+    p.add_argument(
+        "--handover",
+        choices=["direct", "indirect", "none"],
+        default="none",
+        help="move the MN's SAs from sg1 to sg2 half-way (default: none until context transfer)",
+    )
+    p.add_argument("--failover", action="store_true", help="kill sg1 half-way instead")
+    p.add_argument("--json", action="store_true", help="print only the summary as JSON")
+    p.set_defaults(handler=cmd_demo)

@@ -1,0 +1,198 @@
+"""Commands that talk to a running node over its control socket: ``ipsecct status``,
+``ipsecct sa list|show|export|add|delete`` and ``ipsecct pmtu set``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+from ..control import ControlError, request
+
+DEFAULT_SOCKET = "/run/ipsecct/ipsecct.sock"
+
+
+def socket_path(args: argparse.Namespace) -> str:
+    if args.socket:
+        return str(args.socket)
+    if args.config:
+        from .. import config
+
+        cfg = config.load(args.config)
+        if not cfg.control_socket:
+            raise ControlError(f"{args.config}: control.socket is not set")
+        return cfg.control_socket
+    return os.environ.get("IPSECCT_SOCKET", DEFAULT_SOCKET)
+
+
+def add_target(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("which daemon")
+    g.add_argument(
+        "--socket", "-s", help=f"control socket (default $IPSECCT_SOCKET or {DEFAULT_SOCKET})"
+    )
+    g.add_argument("--config", "-c", help="take the control socket from this configuration")
+
+
+def _print_json(obj: Any) -> None:
+    json.dump(obj, sys.stdout, indent=2)
+    sys.stdout.write("\n")
+
+
+def _table(rows: list[dict[str, Any]], cols: list[tuple[str, str]]) -> None:
+    cells = [[h for _, h in cols]] + [[str(r.get(k, "")) for k, _ in cols] for r in rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(cols))]
+    for c in cells:
+        print("  ".join(x.ljust(w) for x, w in zip(c, widths, strict=True)).rstrip())
+
+
+SA_COLS = [
+    ("spi", "SPI"),
+    ("direction", "DIR"),
+    ("protocol", "PROTO"),
+    ("mode", "MODE"),
+    ("src", "SRC"),
+    ("dst", "DST"),
+    ("enc", "ENC"),
+    ("seq_or_top", "SEQ"),
+    ("packets", "PACKETS"),
+    ("bytes", "BYTES"),
+    ("name", "NAME"),
+]
+
+
+def _sa_rows(result: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    for r in result:
+        r["seq_or_top"] = r.get("seq", r.get("replay_top", ""))
+    return result
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    res = request(socket_path(args), "status")
+    if args.json:
+        _print_json(res)
+        return 0
+    c = res["counters"]
+    print(f"{res['name']} ({res['role']}), up {res['uptime_s']:.0f} s, outer {res['outer']}")
+    print(f"  SAs {res['sas']}, policies {res['policies']}")
+    print(
+        f"  out {c['out_packets']} packets / {c['out_bytes']} bytes,"
+        f" in {c['in_packets']} packets / {c['in_bytes']} bytes, ICMP sent {c['icmp_sent']}"
+    )
+    drops = ", ".join(f"{k} {v}" for k, v in c["drops"].items() if v) or "none"
+    print(f"  drops: {drops}")
+    for key in ("peers", "transfers", "failover"):
+        if key in res:
+            print(f"  {key}: {json.dumps(res[key])}")
+    return 0
+
+
+def cmd_sa_list(args: argparse.Namespace) -> int:
+    res = request(socket_path(args), "sa.list")
+    if args.json:
+        _print_json(res)
+    else:
+        _table(_sa_rows(res), SA_COLS)
+    return 0
+
+
+def cmd_sa_show(args: argparse.Namespace) -> int:
+    res = request(socket_path(args), "sa.show", {"spi": args.spi})
+    if args.json:
+        _print_json(res)
+        return 0
+    for sa in res:
+        for k, v in sa.items():
+            print(f"{k:>14}: {v}")
+        print()
+    return 0
+
+
+def cmd_sa_export(args: argparse.Namespace) -> int:
+    if not args.wireshark:
+        raise ControlError("say which format: --wireshark")
+    res = request(socket_path(args), "sa.export")
+    if args.json:
+        _print_json(res)
+    else:
+        for line in res:
+            print(line)
+    return 0
+
+
+def cmd_sa_add(args: argparse.Namespace) -> int:
+    try:
+        if args.file == "-":
+            text = sys.stdin.read()
+        else:
+            with open(args.file) as f:
+                text = f.read()
+    except OSError as exc:
+        raise ControlError(f"cannot read {args.file}: {exc.strerror}") from None
+    try:
+        obj = json.loads(text)
+    except ValueError as exc:
+        raise ControlError(f"{args.file}: not JSON: {exc}") from None
+    items = obj if isinstance(obj, list) else [obj]
+    out = [request(socket_path(args), "sa.add", {"context": it}) for it in items]
+    if args.json:
+        _print_json(out)
+    else:
+        _table(_sa_rows(out), SA_COLS)
+    return 0
+
+
+def cmd_sa_delete(args: argparse.Namespace) -> int:
+    res = request(socket_path(args), "sa.delete", {"spi": args.spi})
+    if args.json:
+        _print_json(res)
+    else:
+        print("deleted " + " ".join(res))
+    return 0
+
+
+def cmd_pmtu_set(args: argparse.Namespace) -> int:
+    res = request(socket_path(args), "pmtu.set", {"spi": args.spi, "mtu": args.mtu})
+    if args.json:
+        _print_json(res)
+    else:
+        print(f"path MTU of {res['changed']} SA(s) set to {args.mtu}")
+    return 0
+
+
+def _spi(text: str) -> str:
+    try:
+        int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bad SPI {text!r} (decimal, or 0x... hex)") from None
+    return text
+
+
+def register(sub: Any) -> None:
+    def leaf(parent: Any, name: str, helptext: str, fn: Any) -> argparse.ArgumentParser:
+        p: argparse.ArgumentParser = parent.add_parser(name, help=helptext)
+        add_target(p)
+        p.add_argument("--json", action="store_true", help="print JSON")
+        p.set_defaults(handler=fn)
+        return p
+
+    leaf(sub, "status", "a running node's SAs, counters, drops and uptime", cmd_status)
+    sa = sub.add_parser("sa", help="list, show, export, add or delete SAs of a running node")
+    ss = sa.add_subparsers(dest="action", metavar="ACTION")
+    ss.required = True
+    leaf(ss, "list", "list SAs (never their keys)", cmd_sa_list)
+    leaf(ss, "show", "one SA in detail", cmd_sa_show).add_argument("spi", type=_spi)
+    e = leaf(ss, "export", "print keys for tshark / ipsecct pcap decrypt", cmd_sa_export)
+    e.add_argument("--wireshark", action="store_true", help="Wireshark esp_sa lines")
+    leaf(
+        ss, "add", "add SAs from a feature-context JSON file (- for stdin)", cmd_sa_add
+    ).add_argument("file")
+    leaf(ss, "delete", "delete the SAs with this SPI", cmd_sa_delete).add_argument("spi", type=_spi)
+    pm = sub.add_parser("pmtu", help="path MTU of a running node's SAs")
+    ps = pm.add_subparsers(dest="action", metavar="ACTION")
+    ps.required = True
+    p = leaf(ps, "set", "change an SA's path MTU at run time", cmd_pmtu_set)
+    p.add_argument("spi", type=_spi)
+    p.add_argument("mtu", type=int)
+

@@ -1,0 +1,475 @@
+"""Configuration files of gateways and mobile nodes (TOML, read with :mod:`tomllib`).
+
+Every problem is reported as a :class:`~ipsecct.errors.ConfigError` naming the file, the key
+and what is wrong. Keys never appear in the configuration itself: each tunnel names a key file
+(``keys = "path"``, TOML with ``in_enc``, ``in_integ``, ``out_enc``, ``out_integ`` as hex) or an
+environment variable holding the same text (``keys_env = "NAME"``). See ``examples/``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .algorithms import ENC, IntegAlg, enc_from_name, integ_from_name
+from .errors import ConfigError, IpsecctError
+from .sad import Direction, Lifetime, Mode, SecurityAssociation, UdpEncap
+from .spd import Action, AddressRange, IPAddress, PortRange, Selectors, SPDEntry
+
+DEFAULT_PORT = 4500
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    host: IPAddress
+    port: int
+
+    def __str__(self) -> str:
+        h = f"[{self.host}]" if self.host.version == 6 else str(self.host)
+        return f"{h}:{self.port}"
+
+    @property
+    def sockaddr(self) -> tuple[str, int]:
+        return (str(self.host), self.port)
+
+
+@dataclass
+class InnerConfig:
+    kind: str = "udp"  # "udp" (virtual link on loopback) or "tun"
+    listen: Endpoint | None = None
+    peer: Endpoint | None = None
+    tun_name: str = "ipsecct0"
+    tun_addresses: list[str] = field(default_factory=list)
+    tun_mtu: int = 1400
+    routes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class TunnelConfig:
+    name: str
+    policy: SPDEntry
+    outbound: SecurityAssociation
+    inbound: SecurityAssociation
+    peer: Endpoint
+
+
+@dataclass
+class NodeConfig:
+    path: str
+    name: str
+    outer: Endpoint
+    raw_esp: bool
+    inner: InnerConfig
+    control_socket: str | None
+    metrics: Endpoint | None
+    log_level: str
+    policies: list[SPDEntry]
+    tunnels: list[TunnelConfig]
+    extra: dict[str, Any] = field(default_factory=dict)  # sections other modules read
+
+
+class _Ctx:
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def err(self, key: str, msg: str) -> ConfigError:
+        return ConfigError(f"{self.path}: {key}: {msg}")
+
+    def get(
+        self,
+        d: dict[str, Any],
+        key: str,
+        where: str,
+        typ: type | tuple[type, ...],
+        default: Any = ...,
+    ) -> Any:
+        if key not in d:
+            if default is ...:
+                raise self.err(f"{where}{key}", "missing")
+            return default
+        v = d[key]
+        if (typ is int and isinstance(v, bool)) or not isinstance(v, typ):
+            names = typ.__name__ if isinstance(typ, type) else "/".join(t.__name__ for t in typ)
+            raise self.err(f"{where}{key}", f"must be {names}, not {type(v).__name__}")
+        return v
+
+
+def parse_endpoint(text: str, default_port: int | None = None) -> Endpoint:
+    t = text.strip()
+    host, port = t, default_port
+    if t.startswith("["):
+        end = t.find("]")
+        if end < 0:
+            raise ValueError("unclosed [")
+        host = t[1:end]
+        rest = t[end + 1 :]
+        if rest:
+            if not rest.startswith(":"):
+                raise ValueError("expected :port")
+            port = int(rest[1:])
+    elif t.count(":") == 1:
+        host, p = t.split(":")
+        port = int(p)
+    if port is None:
+        raise ValueError("needs a port")
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port {port} out of range")
+    return Endpoint(ipaddress.ip_address(host), port)
+
+
+def _check_keys_allowed(d: dict[str, Any], ctx: _Ctx, where: str, allowed: set[str]) -> None:
+    for k in d:
+        if k not in allowed:
+            raise ctx.err(
+                f"{where}{k}", f"unknown key (expected one of: {', '.join(sorted(allowed))})"
+            )
+
+
+def _lifetime(d: Any, ctx: _Ctx, where: str) -> Lifetime:
+    if d is None:
+        return Lifetime()
+    if not isinstance(d, dict):
+        raise ctx.err(where, "must be a table")
+    _check_keys_allowed(d, ctx, where + ".", {"seconds", "bytes", "packets"})
+    secs = ctx.get(d, "seconds", where + ".", (int, float), None)
+    nbytes = ctx.get(d, "bytes", where + ".", int, None)
+    pkts = ctx.get(d, "packets", where + ".", int, None)
+    for k, v in (("seconds", secs), ("bytes", nbytes), ("packets", pkts)):
+        if v is not None and v <= 0:
+            raise ctx.err(f"{where}.{k}", "must be positive")
+    return Lifetime(float(secs) if secs is not None else None, nbytes, pkts)
+
+
+def _ranges(v: Any, ctx: _Ctx, key: str) -> tuple[AddressRange, ...]:
+    items = [v] if isinstance(v, str) else v
+    if not isinstance(items, list) or not items or not all(isinstance(i, str) for i in items):
+        raise ctx.err(key, "must be an address, prefix or range, or a list of them")
+    try:
+        return tuple(AddressRange.parse(i) for i in items)
+    except IpsecctError as exc:
+        raise ctx.err(key, str(exc)) from None
+
+
+def _protocol(v: Any, ctx: _Ctx, key: str) -> int:
+    names = {"any": 0, "icmp": 1, "tcp": 6, "udp": 17, "icmpv6": 58, "sctp": 132}
+    if isinstance(v, str) and v.lower() in names:
+        return names[v.lower()]
+    if isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 255:
+        return v
+    raise ctx.err(key, f"bad protocol {v!r} (a number 0-255 or one of {', '.join(names)})")
+
+
+def _ports(v: Any, ctx: _Ctx, key: str) -> PortRange:
+    if isinstance(v, bool) or not isinstance(v, (str, int)):
+        raise ctx.err(key, 'must be a port, a range "a-b" or "any"')
+    try:
+        return PortRange.parse(v)
+    except IpsecctError as exc:
+        raise ctx.err(key, str(exc)) from None
+
+
+def _selectors(
+    d: dict[str, Any], ctx: _Ctx, where: str, local_key: str, remote_key: str
+) -> Selectors:
+    try:
+        return Selectors(
+            _ranges(ctx.get(d, local_key, where, (str, list)), ctx, where + local_key),
+            _ranges(ctx.get(d, remote_key, where, (str, list)), ctx, where + remote_key),
+            _protocol(d.get("protocol", "any"), ctx, where + "protocol"),
+            _ports(d.get("local_port", "any"), ctx, where + "local_port"),
+            _ports(d.get("remote_port", "any"), ctx, where + "remote_port"),
+        )
+    except ConfigError:
+        raise
+    except IpsecctError as exc:
+        raise ctx.err(where.rstrip("."), str(exc)) from None
+
+
+def _hex_key(text: Any, ctx: _Ctx, key: str) -> bytes:
+    if not isinstance(text, str):
+        raise ctx.err(key, "must be a hex string")
+    t = text.strip().lower().removeprefix("0x").replace(":", "")
+    try:
+        return bytes.fromhex(t)
+    except ValueError:
+        raise ctx.err(key, "is not valid hex") from None  # never echo the value
+
+
+def load_keys(source: str, *, from_env: bool, ctx: _Ctx, where: str) -> dict[str, bytes]:
+    """Read a tunnel's keys from a file or an environment variable (TOML text)."""
+    if from_env:
+        text = os.environ.get(source)
+        if text is None:
+            raise ctx.err(where + "keys_env", f"environment variable {source} is not set")
+        label = f"${source}"
+    else:
+        p = Path(source)
+        if not p.is_absolute():
+            p = Path(ctx.path).parent / p
+        try:
+            text = p.read_text()
+        except OSError as exc:
+            raise ctx.err(where + "keys", f"cannot read key file {p}: {exc.strerror}") from None
+        label = str(p)
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ctx.err(where + "keys", f"key file {label} is not valid TOML: {exc}") from None
+    kctx = _Ctx(label)
+    out = {}
+    for k, v in data.items():
+        if k not in ("in_enc", "in_integ", "out_enc", "out_integ"):
+            raise kctx.err(k, "unknown key (expected in_enc, in_integ, out_enc, out_integ)")
+        out[k] = _hex_key(v, kctx, k)
+    return out
+
+
+_TUNNEL_KEYS = {
+    "name",
+    "local_ts",
+    "remote_ts",
+    "protocol",
+    "local_port",
+    "remote_port",
+    "peer",
+    "mode",
+    "enc",
+    "integ",
+    "esn",
+    "replay_window",
+    "path_mtu",
+    "spi_in",
+    "spi_out",
+    "keys",
+    "keys_env",
+    "soft_lifetime",
+    "hard_lifetime",
+    "df",
+    "copy_dscp",
+    "udp_encap",
+}
+
+
+def _tunnel(d: Any, i: int, ctx: _Ctx, outer: Endpoint, raw_esp: bool) -> TunnelConfig:
+    where = f"tunnel[{i}]."
+    if not isinstance(d, dict):
+        raise ctx.err(where.rstrip("."), "must be a table")
+    _check_keys_allowed(d, ctx, where, _TUNNEL_KEYS)
+    name = ctx.get(d, "name", where, str)
+    where = f"tunnel[{i}] ({name})."
+    sel = _selectors(d, ctx, where, "local_ts", "remote_ts")
+    try:
+        peer = parse_endpoint(ctx.get(d, "peer", where, str), DEFAULT_PORT)
+    except ValueError as exc:
+        raise ctx.err(where + "peer", f"bad address: {exc}") from None
+    if peer.host.version != outer.host.version:
+        raise ctx.err(where + "peer", "address family differs from outer.address")
+    mode_s = ctx.get(d, "mode", where, str, "tunnel")
+    try:
+        mode = Mode(mode_s)
+    except ValueError:
+        raise ctx.err(where + "mode", 'must be "tunnel" or "transport"') from None
+    try:
+        enc = enc_from_name(ctx.get(d, "enc", where, str, "aes-gcm-16"))
+    except IpsecctError as exc:
+        raise ctx.err(where + "enc", str(exc)) from None
+    try:
+        integ = integ_from_name(ctx.get(d, "integ", where, str, "none"))
+    except IpsecctError as exc:
+        raise ctx.err(where + "integ", str(exc)) from None
+    esn = ctx.get(d, "esn", where, bool, False)
+    window = ctx.get(d, "replay_window", where, int, 64)
+    mtu = ctx.get(d, "path_mtu", where, int, 1500)
+    spi_in = ctx.get(d, "spi_in", where, int)
+    spi_out = ctx.get(d, "spi_out", where, int)
+    if "keys" in d and "keys_env" in d:
+        raise ctx.err(where + "keys", "give keys or keys_env, not both")
+    if "keys" in d:
+        keys = load_keys(ctx.get(d, "keys", where, str), from_env=False, ctx=ctx, where=where)
+    elif "keys_env" in d:
+        keys = load_keys(ctx.get(d, "keys_env", where, str), from_env=True, ctx=ctx, where=where)
+    else:
+        raise ctx.err(where + "keys", "missing (a key file, or keys_env naming a variable)")
+    for k in ("in_enc", "out_enc"):
+        if k not in keys and ENC[enc].key_lengths != (0,):
+            raise ctx.err(where + "keys", f"key file has no {k}")
+    if integ is not IntegAlg.NONE:
+        for k in ("in_integ", "out_integ"):
+            if k not in keys:
+                raise ctx.err(where + "keys", f"key file has no {k}")
+    soft = _lifetime(d.get("soft_lifetime"), ctx, where + "soft_lifetime")
+    hard = _lifetime(d.get("hard_lifetime"), ctx, where + "hard_lifetime")
+    df_s = ctx.get(d, "df", where, str, "copy")
+    from .sad import DfPolicy
+
+    try:
+        df = DfPolicy(df_s)
+    except ValueError:
+        raise ctx.err(where + "df", "must be copy, clear or set") from None
+    copy_dscp = ctx.get(d, "copy_dscp", where, bool, True)
+    use_udp = ctx.get(d, "udp_encap", where, bool, not raw_esp)
+    encap = UdpEncap(outer.port, peer.port) if use_udp else None
+    common: dict[str, Any] = dict(
+        mode=mode,
+        enc=enc,
+        integ=integ,
+        esn=esn,
+        replay_window=window,
+        path_mtu=mtu,
+        soft=soft,
+        hard=hard,
+        df=df,
+        copy_dscp=copy_dscp,
+        encap=encap,
+        name=name,
+    )
+    try:
+        out = SecurityAssociation(
+            spi_out,
+            Direction.OUTBOUND,
+            outer.host,
+            peer.host,
+            enc_key=keys.get("out_enc", b""),
+            integ_key=keys.get("out_integ", b""),
+            selectors=sel,
+            **common,
+        )
+        inn = SecurityAssociation(
+            spi_in,
+            Direction.INBOUND,
+            peer.host,
+            outer.host,
+            enc_key=keys.get("in_enc", b""),
+            integ_key=keys.get("in_integ", b""),
+            selectors=sel,
+            **common,
+        )
+    except IpsecctError as exc:
+        raise ctx.err(where.rstrip("."), str(exc)) from None
+    policy = SPDEntry(sel, Action.PROTECT, name=name, static=False)
+    return TunnelConfig(name, policy, out, inn, peer)
+
+
+def _policy(d: Any, i: int, ctx: _Ctx) -> SPDEntry:
+    where = f"policy[{i}]."
+    if not isinstance(d, dict):
+        raise ctx.err(where.rstrip("."), "must be a table")
+    _check_keys_allowed(
+        d,
+        ctx,
+        where,
+        {"name", "local", "remote", "protocol", "local_port", "remote_port", "action"},
+    )
+    sel = _selectors(d, ctx, where, "local", "remote")
+    a = ctx.get(d, "action", where, str)
+    try:
+        action = Action(a.lower())
+    except ValueError:
+        raise ctx.err(where + "action", "must be bypass or discard") from None
+    if action is Action.PROTECT:
+        raise ctx.err(where + "action", "protect policies are made by [[tunnel]] sections")
+    return SPDEntry(sel, action, name=ctx.get(d, "name", where, str, ""), static=True)
+
+
+def load(path: str | Path) -> NodeConfig:
+    path = str(path)
+    _Ctx(path)
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    return from_dict(data, path)
+
+
+KNOWN_SECTIONS = {
+    "name",
+    "outer",
+    "inner",
+    "control",
+    "log",
+    "policy",
+    "tunnel",
+    "transfer",
+    "peers",
+    "failover",
+    "mobility",
+}
+
+
+def from_dict(data: dict[str, Any], path: str = "<config>") -> NodeConfig:
+    ctx = _Ctx(path)
+    _check_keys_allowed(data, ctx, "", KNOWN_SECTIONS)
+    name = ctx.get(data, "name", "", str)
+    outer_d = ctx.get(data, "outer", "", dict)
+    _check_keys_allowed(outer_d, ctx, "outer.", {"address", "port", "raw_esp"})
+    try:
+        outer = Endpoint(
+            ipaddress.ip_address(ctx.get(outer_d, "address", "outer.", str)),
+            ctx.get(outer_d, "port", "outer.", int, DEFAULT_PORT),
+        )
+    except ValueError as exc:
+        raise ctx.err("outer.address", str(exc)) from None
+    if not 0 <= outer.port <= 65535:
+        raise ctx.err("outer.port", "out of range 0-65535")
+    raw_esp = ctx.get(outer_d, "raw_esp", "outer.", bool, False)
+    inner_d = ctx.get(data, "inner", "", dict, {})
+    _check_keys_allowed(
+        inner_d, ctx, "inner.", {"kind", "listen", "peer", "name", "addresses", "mtu", "routes"}
+    )
+    inner = InnerConfig(kind=ctx.get(inner_d, "kind", "inner.", str, "udp"))
+    if inner.kind == "udp":
+        for k in ("listen", "peer"):
+            try:
+                setattr(inner, k, parse_endpoint(ctx.get(inner_d, k, "inner.", str)))
+            except ValueError as exc:
+                raise ctx.err(f"inner.{k}", f"bad address: {exc}") from None
+    elif inner.kind == "tun":
+        inner.tun_name = ctx.get(inner_d, "name", "inner.", str, "ipsecct0")
+        if not 1 <= len(inner.tun_name) <= 15:
+            raise ctx.err("inner.name", "interface names are 1-15 characters")
+        inner.tun_addresses = ctx.get(inner_d, "addresses", "inner.", list, [])
+        inner.tun_mtu = ctx.get(inner_d, "mtu", "inner.", int, 1400)
+        inner.routes = ctx.get(inner_d, "routes", "inner.", list, [])
+        for i, a in enumerate(inner.tun_addresses + inner.routes):
+            try:
+                ipaddress.ip_network(a, strict=False)
+            except (ValueError, TypeError):
+                raise ctx.err("inner.addresses/routes", f"bad prefix {a!r} (item {i})") from None
+    else:
+        raise ctx.err("inner.kind", 'must be "udp" (virtual link) or "tun"')
+    control_d = ctx.get(data, "control", "", dict, {})
+    _check_keys_allowed(control_d, ctx, "control.", {"socket", "metrics"})
+    sock = ctx.get(control_d, "socket", "control.", str, None)
+    metrics = None
+    if "metrics" in control_d:
+        try:
+            metrics = parse_endpoint(ctx.get(control_d, "metrics", "control.", str))
+        except ValueError as exc:
+            raise ctx.err("control.metrics", f"bad address: {exc}") from None
+        if not metrics.host.is_loopback:
+            raise ctx.err("control.metrics", "metrics are served on a loopback address only")
+    log_d = ctx.get(data, "log", "", dict, {})
+    level = ctx.get(log_d, "level", "log.", str, "info").lower()
+    if level not in ("debug", "info", "warning", "error"):
+        raise ctx.err("log.level", "must be debug, info, warning or error")
+    policies = [_policy(p, i, ctx) for i, p in enumerate(ctx.get(data, "policy", "", list, []))]
+    tunnels = [
+        _tunnel(t, i, ctx, outer, raw_esp)
+        for i, t in enumerate(ctx.get(data, "tunnel", "", list, []))
+    ]
+    names = [t.name for t in tunnels]
+    if len(set(names)) != len(names):
+        raise ctx.err("tunnel", "tunnel names must be unique")
+    extra: dict[str, Any] = {
+        k: data[k] for k in ("transfer", "peers", "failover", "mobility") if k in data
+    }
+    return NodeConfig(
+        path, name, outer, raw_esp, inner, sock, metrics, level, policies, tunnels, extra
+    )

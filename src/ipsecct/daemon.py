@@ -1,0 +1,273 @@
+"""The asyncio adapter around :class:`~ipsecct.engine.Engine`: a gateway or mobile-node process.
+
+It owns the sockets and devices and holds no IPsec logic: the outer side is ESP in UDP
+(RFC 3948, port 4500 by default) and, as root, raw ESP (IP protocol 50); the inner side is a TUN
+device or a *virtual link* (IP packets carried in UDP datagrams on loopback, so that everything
+runs unprivileged on one machine). A timer drives SA lifetimes. The control socket and metrics
+are in :mod:`ipsecct.control`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable
+from typing import Any, cast
+
+from .config import Endpoint, NodeConfig
+from .engine import Bypass, Engine, ToInner, ToPeer
+from .esp import Drop
+from .ippacket import PROTO_ESP
+from .log import event
+from .sad import SecurityAssociation
+
+log = logging.getLogger("ipsecct.daemon")
+
+Clock = Callable[[], float]
+OuterHook = Callable[[bytes, tuple[Any, ...]], bool]
+
+
+class _Datagram(asyncio.DatagramProtocol):
+    def __init__(self, on_data: Callable[[bytes, tuple[Any, ...]], None]) -> None:
+        self.on_data = on_data
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.DatagramTransport, transport)
+
+    def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
+        self.on_data(data, addr)
+
+    def error_received(self, exc: Exception) -> None:  # ICMP port unreachable etc.
+        log.debug("event=socket-error error=%s", exc)
+
+
+class Node:
+    """One gateway or mobile node: engine + outer socket + inner link + timers."""
+
+    def __init__(
+        self, cfg: NodeConfig, *, role: str = "gateway", clock: Clock = time.monotonic
+    ) -> None:
+        self.cfg = cfg
+        self.name = cfg.name
+        self.role = role
+        self.clock = clock
+        self.engine = Engine(cfg.outer.host)
+        self.started = clock()
+        self.outer_transport: asyncio.DatagramTransport | None = None
+        self.inner_transport: asyncio.DatagramTransport | None = None
+        self._raw: socket.socket | None = None
+        self._tun_fd: int | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = asyncio.Event()
+        # Hooks for the context-transfer layer: messages on the outer port that are not ESP
+        # (returning True when consumed), and inbound ESP for an SA this node no longer has.
+        self.outer_hooks: list[OuterHook] = []
+        self.miss_hooks: list[Callable[[bytes, tuple[Any, ...]], bool]] = []
+        self.inner_peer: Endpoint | None = cfg.inner.peer
+        self.extensions: dict[str, Any] = {}
+        for p in cfg.policies:
+            self.engine.add_policy(p)
+        for t in cfg.tunnels:
+            t.outbound.created = t.inbound.created = self.started
+            self.engine.add_tunnel(t.policy, t.outbound, t.inbound)
+
+    # -- life cycle ----------------------------------------------------------------------
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        fam = socket.AF_INET if self.cfg.outer.host.version == 4 else socket.AF_INET6
+        tr, _ = await loop.create_datagram_endpoint(
+            lambda: _Datagram(self._on_outer), local_addr=self.cfg.outer.sockaddr, family=fam
+        )
+        self.outer_transport = tr
+        if self.cfg.raw_esp:
+            self._open_raw(loop, fam)
+        inner = self.cfg.inner
+        if inner.kind == "udp":
+            assert inner.listen is not None
+            ifam = socket.AF_INET if inner.listen.host.version == 4 else socket.AF_INET6
+            itr, _ = await loop.create_datagram_endpoint(
+                lambda: _Datagram(self._on_inner_udp), local_addr=inner.listen.sockaddr, family=ifam
+            )
+            self.inner_transport = itr
+        else:
+            from . import tun
+
+            fd, name = tun.open_tun(inner.tun_name)
+            self._tun_fd = fd
+            tun.configure(name, inner.tun_addresses, inner.tun_mtu, inner.routes)
+            loop.add_reader(fd, self._on_tun_readable)
+        self._tasks.append(asyncio.create_task(self._ticker()))
+        event(
+            log,
+            "started",
+            node=self.name,
+            role=self.role,
+            outer=self.cfg.outer,
+            tunnels=len(self.cfg.tunnels),
+        )
+
+    def _open_raw(self, loop: asyncio.AbstractEventLoop, fam: int) -> None:
+        s = socket.socket(fam, socket.SOCK_RAW, PROTO_ESP)
+        s.setblocking(False)
+        s.bind((str(self.cfg.outer.host), 0))
+        self._raw = s
+        loop.add_reader(s.fileno(), self._on_raw_readable)
+
+    async def stop(self) -> None:
+        """Drain and close: stop reading, let queued sends go, close everything."""
+        self._stopping.set()
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        self._tasks.clear()
+        loop = asyncio.get_running_loop()
+        if self._tun_fd is not None:
+            loop.remove_reader(self._tun_fd)
+            os.close(self._tun_fd)
+            self._tun_fd = None
+        if self._raw is not None:
+            loop.remove_reader(self._raw.fileno())
+            self._raw.close()
+            self._raw = None
+        await asyncio.sleep(0)  # let the transports flush what they queued
+        for tr in (self.inner_transport, self.outer_transport):
+            if tr is not None:
+                tr.close()
+        event(
+            log,
+            "stopped",
+            node=self.name,
+            **{k: v for k, v in self.engine.stats.as_dict().items() if k != "drops"},
+        )
+
+    async def _ticker(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            now = self.clock()
+            self.engine.tick(now)
+            self._log_events()
+
+    def _log_events(self) -> None:
+        for ev in self.engine.drain_events():
+            event(
+                log,
+                "sa-" + ev.event.value,
+                node=self.name,
+                spi=f"0x{ev.sa.spi:08x}",
+                direction=ev.sa.direction.value,
+            )
+
+    # -- inner side ----------------------------------------------------------------------
+    def _on_inner_udp(self, data: bytes, addr: tuple[Any, ...]) -> None:
+        self.from_inner(data)
+
+    def _on_tun_readable(self) -> None:
+        assert self._tun_fd is not None
+        for _ in range(64):
+            try:
+                data = os.read(self._tun_fd, 65535)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                event(log, "tun-error", logging.WARNING, node=self.name, error=exc.strerror)
+                return
+            self.from_inner(data)
+
+    def from_inner(self, packet: bytes) -> None:
+        """A packet from the inner side: protect and send it (or answer/drop it)."""
+        res = self.engine.outbound(packet, self.clock())
+        if isinstance(res, ToPeer):
+            self.send_esp(res.sa, res.data)
+        elif isinstance(res, ToInner):
+            self.to_inner(res.packet)
+        elif isinstance(res, Bypass):
+            self.engine.stats.drops[Drop.POLICY.value] += 1  # no clear outer path here
+        if self.engine.events:
+            self._log_events()
+
+    def to_inner(self, packet: bytes) -> None:
+        if self._tun_fd is not None:
+            try:
+                os.write(self._tun_fd, packet)
+            except OSError as exc:
+                event(log, "tun-error", logging.WARNING, node=self.name, error=exc.strerror)
+        elif self.inner_transport is not None and self.inner_peer is not None:
+            self.inner_transport.sendto(packet, self.inner_peer.sockaddr)
+
+    # -- outer side ----------------------------------------------------------------------
+    def send_esp(self, sa: SecurityAssociation, data: bytes | bytearray) -> None:
+        if sa.encap is not None:
+            if self.outer_transport is not None:
+                self.outer_transport.sendto(data, (str(sa.dst), sa.encap.dport))
+        elif self._raw is not None:
+            try:
+                self._raw.sendto(data, (str(sa.dst), 0))
+            except OSError as exc:
+                event(log, "raw-send-error", logging.WARNING, node=self.name, error=exc.strerror)
+
+    def send_outer(self, data: bytes, addr: tuple[Any, ...]) -> None:
+        if self.outer_transport is not None:
+            self.outer_transport.sendto(data, addr)
+
+    def _on_outer(self, data: bytes, addr: tuple[Any, ...]) -> None:
+        # RFC 3948: a lone 0xFF is a NAT keep-alive, four zero octets mark a non-ESP message
+        # (IKE, or ipsecct's own signalling), anything else is ESP starting with its SPI.
+        if len(data) >= 8 and data[:4] != b"\0\0\0\0":
+            self.from_outer(data, addr)
+            return
+        if data == b"\xff":
+            return
+        if data[:4] == b"\0\0\0\0":
+            for hook in self.outer_hooks:
+                if hook(data[4:], addr):
+                    return
+        self.engine.stats.drops[Drop.MALFORMED.value] += 1
+
+    def _on_raw_readable(self) -> None:
+        assert self._raw is not None
+        for _ in range(64):
+            try:
+                data, addr = self._raw.recvfrom(65535)
+            except BlockingIOError:
+                return
+            except OSError:
+                return
+            if self.cfg.outer.host.version == 4:
+                ihl = (data[0] & 0x0F) * 4 if data else 0
+                data = data[ihl:]
+            self.from_outer(data, addr)
+
+    def from_outer(self, data: bytes, addr: tuple[Any, ...]) -> None:
+        res = self.engine.inbound(data, self.cfg.outer.host, self.clock())
+        if isinstance(res, ToInner):
+            self.to_inner(res.packet)
+        elif res is Drop.NO_SA and self.miss_hooks:
+            # Reverse the NO_SA count if a hook takes the packet (e.g. forwarding after a
+            # handover), so drops only count what was really lost.
+            for hook in self.miss_hooks:
+                if hook(data, addr):
+                    self.engine.stats.drops[Drop.NO_SA.value] -= 1
+                    break
+        if self.engine.events:
+            self._log_events()
+
+    # -- information ---------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        now = self.clock()
+        return {
+            "name": self.name,
+            "role": self.role,
+            "uptime_s": round(now - self.started, 3),
+            "outer": str(self.cfg.outer),
+            "sas": len(self.engine.sad),
+            "policies": len(self.engine.spd),
+            "counters": self.engine.stats.as_dict(),
+            **{k: v() for k, v in self.extensions.items() if callable(v)},
+        }

@@ -1,0 +1,182 @@
+"""Runs a node as a service: the :class:`~ipsecct.daemon.Node`, its control socket, metrics,
+and signal handling (SIGTERM/SIGINT drain and exit cleanly)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Callable
+from typing import Any
+
+from . import config as config_mod
+from .control import ControlError, ControlServer, MetricsServer, sa_summary
+from .daemon import Node
+from .errors import IpsecctError
+from .log import event
+from .sad import Direction, SecurityAssociation
+from .spd import Action, SPDEntry
+
+log = logging.getLogger("ipsecct.service")
+
+# Extensions (context transfer) attach to a running service through these callbacks.
+Extension = Callable[["Service"], Any]
+EXTENSIONS: list[Extension] = []
+
+
+def _parse_spi(v: Any) -> int:
+    if isinstance(v, int) and not isinstance(v, bool):
+        return v
+    if isinstance(v, str):
+        try:
+            return int(v, 0)
+        except ValueError:
+            pass
+    raise ControlError(f"bad SPI {v!r} (a number, 0x... for hex)")
+
+
+class Service:
+    def __init__(self, cfg: config_mod.NodeConfig, *, role: str = "gateway") -> None:
+        self.cfg = cfg
+        self.node = Node(cfg, role=role)
+        self.control = ControlServer(cfg.control_socket) if cfg.control_socket else None
+        self.metrics = (
+            MetricsServer(str(cfg.metrics.host), cfg.metrics.port, self.node.status)
+            if cfg.metrics
+            else None
+        )
+        self.stopped = asyncio.Event()
+        self.cleanups: list[Callable[[], Any]] = []
+        if self.control is not None:
+            for name, h in {
+                "status": self._status,
+                "sa.list": self._sa_list,
+                "sa.show": self._sa_show,
+                "sa.export": self._sa_export,
+                "sa.add": self._sa_add,
+                "sa.delete": self._sa_delete,
+                "pmtu.set": self._pmtu_set,
+            }.items():
+                self.control.register(name, h)
+
+    async def start(self) -> None:
+        await self.node.start()
+        if self.control is not None:
+            await self.control.start()
+        if self.metrics is not None:
+            await self.metrics.start()
+        for ext in EXTENSIONS:
+            r = ext(self)
+            if asyncio.iscoroutine(r):
+                await r
+
+    async def stop(self) -> None:
+        for c in reversed(self.cleanups):
+            r = c()
+            if asyncio.iscoroutine(r):
+                await r
+        if self.metrics is not None:
+            await self.metrics.stop()
+        if self.control is not None:
+            await self.control.stop()
+        await self.node.stop()
+        self.stopped.set()
+
+    async def run_forever(self) -> None:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await self.start()
+        try:
+            await stop.wait()
+        finally:
+            event(log, "shutdown", node=self.node.name)
+            await self.stop()
+
+    # -- control handlers --------------------------------------------------------------
+    async def _status(self, args: dict[str, Any]) -> Any:
+        return self.node.status()
+
+    async def _sa_list(self, args: dict[str, Any]) -> Any:
+        now = self.node.clock()
+        return [sa_summary(sa, now) for sa in self.node.engine.sad]
+
+    def _find(self, args: dict[str, Any]) -> list[SecurityAssociation]:
+        spi = _parse_spi(args.get("spi"))
+        sas = self.node.engine.find_sa(spi)
+        if not sas:
+            raise ControlError(f"no SA with SPI 0x{spi:08x}")
+        return sas
+
+    async def _sa_show(self, args: dict[str, Any]) -> Any:
+        now = self.node.clock()
+        return [sa_summary(sa, now) for sa in self._find(args)]
+
+    async def _sa_export(self, args: dict[str, Any]) -> Any:
+        from .keyfile import format_line
+
+        # Keys leave the process only here, on the operator's request, over the 0600 socket.
+        return [format_line(sa) for sa in self.node.engine.sad]
+
+    async def _sa_add(self, args: dict[str, Any]) -> Any:
+        from . import context
+
+        now = self.node.clock()
+        try:
+            sa = context.from_json(args.get("context"), now)
+        except IpsecctError as exc:
+            raise ControlError(f"bad SA: {exc}") from None
+        eng = self.node.engine
+        if sa.direction is Direction.OUTBOUND:
+            if sa.selectors is None:
+                raise ControlError("an outbound SA needs selectors to make its policy")
+            entry = SPDEntry(sa.selectors, Action.PROTECT, name=sa.name, static=False)
+            eng.add_tunnel(entry, sa, None, index=0)
+        else:
+            eng.sad.add(sa)
+        event(
+            log,
+            "sa-added",
+            node=self.node.name,
+            spi=f"0x{sa.spi:08x}",
+            direction=sa.direction.value,
+        )
+        return sa_summary(sa, now)
+
+    async def _sa_delete(self, args: dict[str, Any]) -> Any:
+        eng = self.node.engine
+        out = []
+        for sa in self._find(args):
+            entry = eng.entry_of(sa)
+            if entry is not None:
+                eng.remove_tunnel(entry)
+            elif eng.sad.lookup(sa.dst, sa.protocol, sa.spi) is sa:
+                eng.sad.remove(sa)
+            out.append(f"0x{sa.spi:08x}")
+            event(log, "sa-deleted", node=self.node.name, spi=f"0x{sa.spi:08x}")
+        return out
+
+    async def _pmtu_set(self, args: dict[str, Any]) -> Any:
+        spi = _parse_spi(args.get("spi"))
+        mtu = args.get("mtu")
+        if not isinstance(mtu, int):
+            raise ControlError("mtu must be a number")
+        try:
+            n = self.node.engine.set_path_mtu(spi, mtu)
+        except IpsecctError as exc:
+            raise ControlError(str(exc)) from None
+        if n == 0:
+            raise ControlError(f"no SA with SPI 0x{spi:08x}")
+        event(log, "pmtu-set", node=self.node.name, spi=f"0x{spi:08x}", mtu=mtu)
+        return {"changed": n}
+
+
+def run(path: str, role: str) -> int:
+    cfg = config_mod.load(path)
+    from .log import setup
+
+    setup(cfg.log_level)
+    svc = Service(cfg, role=role)
+    asyncio.run(svc.run_forever())
+    return 0
