@@ -1,0 +1,1115 @@
+"""The IPsec feature context (draft §8) of one SA as a CXTP Context Data Block (RFC 4067 §2.4).
+
+A CDB is ``FPT(16) | Length(8) | P(1) | Rsvd(7) | [Presence Vector(32)] | Data | padding``:
+Length counts 8-octet units including the 4-octet header, so a CDB is at most 2040 octets, and
+the block is zero-padded to a multiple of 8 octets. The data starts with a format version octet
+and a fixed part (protocol, flags, SPI, outer addresses); every other field is optional and
+present only when its bit in the presence vector is set. A clear bit means the field's default
+(no selectors, no lifetime limit, path MTU 1500, ...), so fields that do not apply to the SA are
+omitted as the draft allows. The layout is documented in ``docs/context-format.md``.
+
+Decoding is for untrusted input. It is bounded (one CDB is at most 2040 octets), strict (every
+reserved bit, padding octet and unknown value is an error) and canonical: a value equal to its
+default may not be sent as present, and after parsing the fields are re-encoded and compared with
+the input, so any bytes that decode re-encode to exactly the same bytes. Every malformed input
+raises :class:`~ipsecct.errors.ContextError`; no message contains key material.
+
+Times travel as durations, never as clock readings: the SA's age, the lifetimes' time limits and
+the time left until a learnt PMTU expires, in milliseconds. The target rebuilds
+``created = now - age`` with its own ``now``. The JSON form (:func:`to_json`, :func:`from_json`)
+holds the same fields with readable names; it is what ``ipsecct context`` reads and prints.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+import math
+import re
+import struct
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from .algorithms import (
+    ENC_NAMES,
+    INTEG_NAMES,
+    EncAlg,
+    IntegAlg,
+    enc_from_number,
+    enc_name,
+    integ_from_number,
+    integ_name,
+)
+from .errors import AlgorithmError, ContextError, SAError
+from .sad import (
+    Counters,
+    DfPolicy,
+    Direction,
+    Lifetime,
+    Mode,
+    Protocol,
+    SecurityAssociation,
+    UdpEncap,
+)
+from .spd import PROTO_ANY, AddressRange, IPAddress, PortRange, Selectors
+
+# Not assigned by IANA: the "Context Transfer Profile Type" registry (Expert Review) holds only
+# 0x00 (reserved) and 0x01. 0x8001 sits far above the values IANA hands out in sequence, so it
+# cannot collide with a future assignment soon, and the high bit marks it as a local choice.
+FPT_IPSEC_SA = 0x8001
+VERSION = 1
+
+CDB_UNIT = 8
+CDB_MAX = 255 * CDB_UNIT  # the 8-bit Length field counts 8-octet units: 2040 octets
+HEADER_LEN = 4
+PV_LEN = 4
+MAX_DURATION_MS = (1 << 42) - 1  # about 139 years: keeps every duration exact as a float
+MAX_U64 = (1 << 64) - 1
+MAX_TEXT = 255  # octets of UTF-8 in a name, octets in a security label
+MAX_RANGES = 255  # address ranges per selector list
+DEFAULT_WINDOW = 64
+DEFAULT_PMTU = 1500
+
+_A = TypeVar("_A", EncAlg, IntegAlg)
+_T = TypeVar("_T")
+
+
+class Bit(enum.IntEnum):
+    """Presence-vector bits. Bit 0 is the most significant bit of the 32-bit vector (IETF bit
+    numbering); present fields follow the fixed part in increasing bit order."""
+
+    ESP_ENC = 0  # ESP encryption transform and key (required on ESP, forbidden on AH)
+    ESP_INTEG = 1  # ESP integrity transform and key (absent: none, an AEAD transform)
+    AH_INTEG = 2  # AH integrity transform and key (required on AH, forbidden on ESP)
+    SEQ = 3  # outbound sequence number (outbound SAs only; absent: 0)
+    WINDOW = 4  # anti-replay window size (absent: 64)
+    REPLAY = 5  # anti-replay state: top and bitmap (inbound SAs only; absent: nothing received)
+    AGE = 6  # milliseconds since the SA was created (absent: 0)
+    BYTES = 7  # octets processed (absent: 0)
+    PACKETS = 8  # packets processed (absent: 0)
+    SOFT_TIME = 9  # soft lifetime in milliseconds (absent: no limit)
+    SOFT_BYTES = 10
+    SOFT_PACKETS = 11
+    HARD_TIME = 12
+    HARD_BYTES = 13
+    HARD_PACKETS = 14
+    PMTU = 15  # path MTU (absent: 1500)
+    PMTU_EXPIRY = 16  # milliseconds until the learnt PMTU reverts (absent: it does not)
+    UDP_ENCAP = 17  # RFC 3948 source and destination ports (absent: no UDP encapsulation)
+    SELECTORS = 18  # local and remote address ranges (absent: no selectors)
+    SEL_PROTOCOL = 19  # next-layer protocol (absent: ANY)
+    SEL_LOCAL_PORTS = 20  # (absent: ANY)
+    SEL_REMOTE_PORTS = 21  # (absent: ANY)
+    SEL_NAME = 22  # (absent: no Name)
+    SEL_LABEL = 23  # security label (absent: none)
+    SA_NAME = 24  # the SA's own name (absent: "")
+
+
+KNOWN_BITS = 0
+for _b in Bit:
+    KNOWN_BITS |= 1 << (31 - _b)
+SELECTOR_PARTS = (
+    Bit.SEL_PROTOCOL,
+    Bit.SEL_LOCAL_PORTS,
+    Bit.SEL_REMOTE_PORTS,
+    Bit.SEL_NAME,
+    Bit.SEL_LABEL,
+)
+
+# Flags (16 bits, bit 0 most significant).
+F_INBOUND = 1 << 15
+F_IPV6 = 1 << 14
+F_TRANSPORT = 1 << 13
+F_ESN = 1 << 12
+F_OVERFLOW = 1 << 11
+F_NO_DSCP_COPY = 1 << 10
+F_DF_SHIFT = 8  # bits 6-7: 0 copy, 1 clear, 2 set
+F_DF_MASK = 3 << F_DF_SHIFT
+F_SOFT_FIRED = 1 << 7
+F_DEAD = 1 << 6
+F_REKEY = 1 << 5
+F_RESERVED = 0x1F
+DF_CODES = {DfPolicy.COPY: 0, DfPolicy.CLEAR: 1, DfPolicy.SET: 2}
+DF_BY_CODE = {v: k for k, v in DF_CODES.items()}
+
+
+def _mask(bit: Bit) -> int:
+    return 1 << (31 - bit)
+
+
+# -- the fields of one context, independent of any clock --------------------------------------
+@dataclass
+class _Limits:
+    time_ms: int | None = None
+    bytes: int | None = None
+    packets: int | None = None
+
+
+@dataclass
+class _Fields:
+    protocol: Protocol
+    direction: Direction
+    spi: int
+    src: IPAddress
+    dst: IPAddress
+    mode: Mode = Mode.TUNNEL
+    esn: bool = False
+    overflow: bool = False
+    copy_dscp: bool = True
+    df: DfPolicy = DfPolicy.COPY
+    soft_fired: bool = False
+    dead: bool = False
+    rekey: bool = False
+    enc: tuple[EncAlg, bytes] | None = None
+    esp_integ: tuple[IntegAlg, bytes] | None = None
+    ah_integ: tuple[IntegAlg, bytes] | None = None
+    seq: int = 0
+    window: int = DEFAULT_WINDOW
+    replay: tuple[int, bytes] | None = None
+    age_ms: int = 0
+    count_bytes: int = 0
+    count_packets: int = 0
+    soft: _Limits = field(default_factory=_Limits)
+    hard: _Limits = field(default_factory=_Limits)
+    pmtu: int = DEFAULT_PMTU
+    pmtu_expiry_ms: int | None = None
+    encap: tuple[int, int] | None = None
+    local: tuple[AddressRange, ...] | None = None
+    remote: tuple[AddressRange, ...] = ()
+    sel_protocol: int = PROTO_ANY
+    local_ports: PortRange = field(default_factory=PortRange)
+    remote_ports: PortRange = field(default_factory=PortRange)
+    sel_name: str | None = None
+    sel_label: bytes | None = None
+    name: str = ""
+
+    def __repr__(self) -> str:  # keys stay out of reprs
+        return f"_Fields(spi=0x{self.spi:08x}, {self.direction.value}, {self.protocol.name})"
+
+
+@contextmanager
+def _as_context_error(what: str) -> Iterator[None]:
+    """Turn the errors SA construction raises into ContextError (messages hold no keys)."""
+    try:
+        yield
+    except (SAError, AlgorithmError) as exc:
+        raise ContextError(f"{what}: {exc}") from None
+
+
+def _check(f: _Fields) -> None:
+    """Consistency rules shared by the CDB and the JSON form (the SA checks the rest)."""
+    if f.src.version != f.dst.version:
+        raise ContextError("outer source and destination mix IPv4 and IPv6")
+    if f.protocol is Protocol.ESP:
+        if f.enc is None:
+            raise ContextError("an ESP SA needs its encryption transform")
+        if f.ah_integ is not None:
+            raise ContextError("an ESP SA carries no AH integrity transform")
+    else:
+        if f.enc is not None or f.esp_integ is not None:
+            raise ContextError("an AH SA carries no ESP transforms")
+        if f.ah_integ is None:
+            raise ContextError("an AH SA needs its integrity transform")
+    if f.direction is Direction.INBOUND and f.seq:
+        raise ContextError("an inbound SA carries no outbound sequence number")
+    if f.direction is Direction.OUTBOUND and f.replay is not None:
+        raise ContextError("an outbound SA carries no anti-replay state")
+    for name, value in (
+        ("age", f.age_ms),
+        ("soft time limit", f.soft.time_ms),
+        ("hard time limit", f.hard.time_ms),
+        ("PMTU expiry", f.pmtu_expiry_ms),
+    ):
+        if value is not None and not 0 <= value <= MAX_DURATION_MS:
+            raise ContextError(f"{name} out of range 0-{MAX_DURATION_MS} ms")
+    for name, value in (
+        ("seq", f.seq),
+        ("counters.bytes", f.count_bytes),
+        ("counters.packets", f.count_packets),
+        ("soft.bytes", f.soft.bytes),
+        ("soft.packets", f.soft.packets),
+        ("hard.bytes", f.hard.bytes),
+        ("hard.packets", f.hard.packets),
+    ):
+        if value is not None and not 0 <= value <= MAX_U64:
+            raise ContextError(f"{name} out of range 0-{MAX_U64}")
+    if not 0 <= f.window <= 0xFFFFFFFF:
+        raise ContextError("replay window size out of range")
+    if f.replay is not None and f.replay[0] == 0:
+        raise ContextError("anti-replay state with top 0 (nothing received) must be omitted")
+    if f.encap is not None and not all(1 <= p <= 65535 for p in f.encap):
+        raise ContextError("UDP encapsulation ports must be 1-65535")
+    if f.local is None:
+        if (
+            f.sel_protocol != PROTO_ANY
+            or not f.local_ports.is_any
+            or not f.remote_ports.is_any
+            or f.sel_name is not None
+            or f.sel_label is not None
+        ):
+            raise ContextError("selector fields without selector addresses")
+    else:
+        for side, ranges in (("local", f.local), ("remote", f.remote)):
+            if not 1 <= len(ranges) <= MAX_RANGES:
+                raise ContextError(f"selectors need 1-{MAX_RANGES} {side} address ranges")
+    for name, text in (("selector name", f.sel_name), ("SA name", f.name or None)):
+        if text is None:
+            continue
+        try:
+            n = len(text.encode("utf-8"))
+        except UnicodeEncodeError:
+            raise ContextError(f"{name} is not valid Unicode text") from None
+        if not 1 <= n <= MAX_TEXT:
+            raise ContextError(f"{name} must be 1-{MAX_TEXT} octets of UTF-8")
+    if f.sel_label is not None and not 1 <= len(f.sel_label) <= MAX_TEXT:
+        raise ContextError(f"security label must be 1-{MAX_TEXT} octets")
+
+
+# -- SA <-> fields ----------------------------------------------------------------------------
+def _duration_ms(seconds: float, what: str) -> int:
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ContextError(f"{what} must be a finite, non-negative number of seconds")
+    ms = round(seconds * 1000)
+    if ms > MAX_DURATION_MS:
+        raise ContextError(f"{what} is longer than {MAX_DURATION_MS} ms")
+    return ms
+
+
+def _limits_from(lt: Lifetime, what: str) -> _Limits:
+    return _Limits(
+        None if lt.seconds is None else _duration_ms(lt.seconds, f"{what} time limit"),
+        lt.bytes,
+        lt.packets,
+    )
+
+
+def _fields_from_sa(sa: SecurityAssociation, now: float) -> _Fields:
+    esp = sa.protocol is Protocol.ESP
+    inbound = sa.direction is Direction.INBOUND
+    replay: tuple[int, bytes] | None = None
+    if inbound:
+        top, bitmap = sa.window.snapshot()
+        replay = (top, bitmap) if top else None
+    age = now - sa.created
+    if not math.isfinite(age) or age < 0:
+        raise ContextError("the SA was created after 'now': cannot compute its age")
+    expiry: int | None = None
+    if sa.pmtu_expires is not None:
+        left = sa.pmtu_expires - now
+        if math.isnan(left):
+            raise ContextError("PMTU expiry is not a number")
+        expiry = _duration_ms(max(0.0, left), "PMTU expiry")
+    sel = sa.selectors
+    f = _Fields(
+        protocol=sa.protocol,
+        direction=sa.direction,
+        spi=sa.spi,
+        src=sa.src,
+        dst=sa.dst,
+        mode=sa.mode,
+        esn=sa.esn,
+        overflow=sa.overflow_permitted,
+        copy_dscp=sa.copy_dscp,
+        df=sa.df,
+        soft_fired=sa.soft_fired,
+        dead=sa.dead,
+        rekey=sa.rekey_requested,
+        enc=(sa.enc, sa.enc_key) if esp else None,
+        esp_integ=(sa.integ, sa.integ_key) if esp and sa.integ is not IntegAlg.NONE else None,
+        ah_integ=None if esp else (sa.integ, sa.integ_key),
+        seq=0 if inbound else sa.seq,
+        window=sa.replay_window,
+        replay=replay,
+        age_ms=_duration_ms(age, "age"),
+        count_bytes=sa.counters.bytes,
+        count_packets=sa.counters.packets,
+        soft=_limits_from(sa.soft, "soft"),
+        hard=_limits_from(sa.hard, "hard"),
+        pmtu=sa.path_mtu,
+        pmtu_expiry_ms=expiry,
+        encap=None if sa.encap is None else (sa.encap.sport, sa.encap.dport),
+        name=sa.name,
+    )
+    if sel is not None:
+        f.local, f.remote = sel.local, sel.remote
+        f.sel_protocol = sel.protocol
+        f.local_ports, f.remote_ports = sel.local_ports, sel.remote_ports
+        f.sel_name, f.sel_label = sel.name, sel.label
+    _check(f)
+    return f
+
+
+def _sa_from_fields(f: _Fields, now: float) -> SecurityAssociation:
+    _check(f)
+
+    def lifetime(lim: _Limits) -> Lifetime:
+        secs = None if lim.time_ms is None else lim.time_ms / 1000
+        return Lifetime(secs, lim.bytes, lim.packets)
+
+    if f.protocol is Protocol.ESP:
+        assert f.enc is not None
+        enc, enc_key = f.enc
+        integ, integ_key = f.esp_integ or (IntegAlg.NONE, b"")
+    else:
+        assert f.ah_integ is not None
+        enc, enc_key = EncAlg.NULL, b""
+        integ, integ_key = f.ah_integ
+    with _as_context_error("invalid SA"):
+        selectors = None
+        if f.local is not None:
+            selectors = Selectors(
+                f.local,
+                f.remote,
+                f.sel_protocol,
+                f.local_ports,
+                f.remote_ports,
+                f.sel_name,
+                f.sel_label,
+            )
+        sa = SecurityAssociation(
+            f.spi,
+            f.direction,
+            f.src,
+            f.dst,
+            protocol=f.protocol,
+            mode=f.mode,
+            enc=enc,
+            enc_key=enc_key,
+            integ=integ,
+            integ_key=integ_key,
+            esn=f.esn,
+            replay_window=f.window,
+            seq=f.seq,
+            overflow_permitted=f.overflow,
+            soft=lifetime(f.soft),
+            hard=lifetime(f.hard),
+            path_mtu=f.pmtu,
+            pmtu_expires=None if f.pmtu_expiry_ms is None else now + f.pmtu_expiry_ms / 1000,
+            df=f.df,
+            copy_dscp=f.copy_dscp,
+            encap=None if f.encap is None else UdpEncap(*f.encap),
+            selectors=selectors,
+            name=f.name,
+            created=now - f.age_ms / 1000,
+            counters=Counters(f.count_packets, f.count_bytes),
+            soft_fired=f.soft_fired,
+            dead=f.dead,
+            rekey_requested=f.rekey,
+        )
+        if f.replay is not None:
+            sa.window.restore(*f.replay)
+    return sa
+
+
+# -- fields -> bytes ----------------------------------------------------------------------------
+def _addr(a: IPAddress) -> bytes:
+    return a.packed
+
+
+def _text(s: str) -> bytes:
+    b = s.encode("utf-8")
+    return bytes([len(b)]) + b
+
+
+def _serialize(f: _Fields) -> bytes:
+    """The canonical CDB of ``f``: a field is present exactly when it is not its default."""
+    pv = 0
+    out = bytearray()
+
+    def put(bit: Bit, data: bytes) -> None:
+        nonlocal pv
+        pv |= _mask(bit)
+        out.extend(data)
+
+    def alg(number: int, key: bytes) -> bytes:
+        return struct.pack("!HB", number, len(key)) + key
+
+    if f.enc is not None:
+        put(Bit.ESP_ENC, alg(f.enc[0], f.enc[1]))
+    if f.esp_integ is not None:
+        put(Bit.ESP_INTEG, alg(f.esp_integ[0], f.esp_integ[1]))
+    if f.ah_integ is not None:
+        put(Bit.AH_INTEG, alg(f.ah_integ[0], f.ah_integ[1]))
+    if f.seq:
+        put(Bit.SEQ, struct.pack("!Q", f.seq))
+    if f.window != DEFAULT_WINDOW:
+        put(Bit.WINDOW, struct.pack("!I", f.window))
+    if f.replay is not None:
+        put(Bit.REPLAY, struct.pack("!Q", f.replay[0]) + f.replay[1])
+    for bit, value in (
+        (Bit.AGE, f.age_ms),
+        (Bit.BYTES, f.count_bytes),
+        (Bit.PACKETS, f.count_packets),
+    ):
+        if value:
+            put(bit, struct.pack("!Q", value))
+    for bit, opt in (
+        (Bit.SOFT_TIME, f.soft.time_ms),
+        (Bit.SOFT_BYTES, f.soft.bytes),
+        (Bit.SOFT_PACKETS, f.soft.packets),
+        (Bit.HARD_TIME, f.hard.time_ms),
+        (Bit.HARD_BYTES, f.hard.bytes),
+        (Bit.HARD_PACKETS, f.hard.packets),
+    ):
+        if opt is not None:
+            put(bit, struct.pack("!Q", opt))
+    if f.pmtu != DEFAULT_PMTU:
+        put(Bit.PMTU, struct.pack("!H", f.pmtu))
+    if f.pmtu_expiry_ms is not None:
+        put(Bit.PMTU_EXPIRY, struct.pack("!Q", f.pmtu_expiry_ms))
+    if f.encap is not None:
+        put(Bit.UDP_ENCAP, struct.pack("!HH", *f.encap))
+    if f.local is not None:
+        sel = bytearray([len(f.local), len(f.remote)])
+        for r in (*f.local, *f.remote):
+            sel.append(r.version)
+            sel += _addr(r.first) + _addr(r.last)
+        put(Bit.SELECTORS, bytes(sel))
+    if f.sel_protocol != PROTO_ANY:
+        put(Bit.SEL_PROTOCOL, bytes([f.sel_protocol]))
+    for bit, ports in (
+        (Bit.SEL_LOCAL_PORTS, f.local_ports),
+        (Bit.SEL_REMOTE_PORTS, f.remote_ports),
+    ):
+        if not ports.is_any:
+            put(bit, struct.pack("!HH", ports.first, ports.last))
+    if f.sel_name is not None:
+        put(Bit.SEL_NAME, _text(f.sel_name))
+    if f.sel_label is not None:
+        put(Bit.SEL_LABEL, bytes([len(f.sel_label)]) + f.sel_label)
+    if f.name:
+        put(Bit.SA_NAME, _text(f.name))
+
+    flags = (
+        (F_INBOUND if f.direction is Direction.INBOUND else 0)
+        | (F_IPV6 if f.dst.version == 6 else 0)
+        | (F_TRANSPORT if f.mode is Mode.TRANSPORT else 0)
+        | (F_ESN if f.esn else 0)
+        | (F_OVERFLOW if f.overflow else 0)
+        | (0 if f.copy_dscp else F_NO_DSCP_COPY)
+        | (DF_CODES[f.df] << F_DF_SHIFT)
+        | (F_SOFT_FIRED if f.soft_fired else 0)
+        | (F_DEAD if f.dead else 0)
+        | (F_REKEY if f.rekey else 0)
+    )
+    fixed = struct.pack("!BBHI", VERSION, f.protocol, flags, f.spi) + _addr(f.src) + _addr(f.dst)
+    body = (struct.pack("!I", pv) if pv else b"") + fixed + bytes(out)
+    total = -(-(HEADER_LEN + len(body)) // CDB_UNIT) * CDB_UNIT
+    if total > CDB_MAX:
+        raise ContextError(
+            f"the context needs {total} octets, more than one CDB holds ({CDB_MAX});"
+            " use a smaller replay window or fewer selectors"
+        )
+    header = struct.pack("!HBB", FPT_IPSEC_SA, total // CDB_UNIT, 0x80 if pv else 0)
+    return (header + body).ljust(total, b"\0")
+
+
+# -- bytes -> fields ----------------------------------------------------------------------------
+class _Reader:
+    __slots__ = ("buf", "end", "pos")
+
+    def __init__(self, buf: bytes, pos: int, end: int) -> None:
+        self.buf = buf
+        self.pos = pos
+        self.end = end
+
+    def take(self, n: int, what: str) -> bytes:
+        if self.pos + n > self.end:
+            raise ContextError(
+                f"truncated CDB: {what} needs {n} octets, {self.end - self.pos} left"
+            )
+        b = self.buf[self.pos : self.pos + n]
+        self.pos += n
+        return b
+
+    def u8(self, what: str) -> int:
+        return self.take(1, what)[0]
+
+    def u16(self, what: str) -> int:
+        return int.from_bytes(self.take(2, what), "big")
+
+    def u32(self, what: str) -> int:
+        return int.from_bytes(self.take(4, what), "big")
+
+    def u64(self, what: str) -> int:
+        return int.from_bytes(self.take(8, what), "big")
+
+    def addr(self, version: int, what: str) -> IPAddress:
+        if version == 4:
+            return ipaddress.IPv4Address(self.take(4, what))
+        return ipaddress.IPv6Address(self.take(16, what))
+
+    def text(self, what: str) -> str:
+        n = self.u8(f"{what} length")
+        if n == 0:
+            raise ContextError(f"{what} is present but empty")
+        try:
+            return self.take(n, what).decode("utf-8")
+        except UnicodeDecodeError:
+            raise ContextError(f"{what} is not valid UTF-8") from None
+
+
+def _check_header(data: bytes) -> tuple[int, int]:
+    """(FPT, total length in octets) of the CDB at the start of ``data``."""
+    if len(data) < HEADER_LEN:
+        raise ContextError(f"truncated CDB: {len(data)} octets, the header alone needs 4")
+    fpt, units = struct.unpack_from("!HB", data)
+    if units == 0:
+        raise ContextError("bad CDB length 0 (it counts 8-octet units including the header)")
+    if units * CDB_UNIT > len(data):
+        raise ContextError(
+            f"truncated CDB: its length says {units * CDB_UNIT} octets, {len(data)} present"
+        )
+    return fpt, units * CDB_UNIT
+
+
+def _algorithm(r: _Reader, what: str, lookup: Callable[[int], _A]) -> tuple[_A, bytes]:
+    number = r.u16(f"{what} transform")
+    klen = r.u8(f"{what} key length")
+    with _as_context_error(what):
+        alg = lookup(number)
+    return alg, r.take(klen, f"{what} key")
+
+
+def _ports(r: _Reader, what: str) -> PortRange:
+    first, last = r.u16(what), r.u16(what)
+    with _as_context_error(what):
+        ports = PortRange(first, last)
+    if ports.is_any:
+        raise ContextError(f"{what} 0-65535 (ANY) must be omitted, not sent")
+    return ports
+
+
+def _parse(data: bytes) -> _Fields:
+    fpt, total = _check_header(data)
+    if fpt != FPT_IPSEC_SA:
+        raise ContextError(f"unknown FPT 0x{fpt:04x} (an IPsec SA context is 0x{FPT_IPSEC_SA:04x})")
+    if total != len(data):
+        raise ContextError(f"{len(data) - total} trailing octets after the CDB")
+    pflags = data[3]
+    if pflags & 0x7F:
+        raise ContextError("reserved bits in the CDB header are not zero")
+    r = _Reader(data, HEADER_LEN, total)
+    pv = r.u32("presence vector") if pflags & 0x80 else 0
+    if pflags & 0x80 and pv == 0:
+        raise ContextError("P flag set but the presence vector is empty")
+    if pv & ~KNOWN_BITS:
+        raise ContextError(f"unknown presence-vector bits 0x{pv & ~KNOWN_BITS:08x}")
+
+    def has(bit: Bit) -> bool:
+        return bool(pv & _mask(bit))
+
+    version = r.u8("format version")
+    if version != VERSION:
+        raise ContextError(f"unknown context format version {version} (this is version 1)")
+    proto = r.u8("protocol")
+    if proto not in (Protocol.ESP, Protocol.AH):
+        raise ContextError(f"unknown IPsec protocol {proto} (ESP is 50, AH 51)")
+    flags = r.u16("flags")
+    if flags & F_RESERVED:
+        raise ContextError("reserved flag bits are not zero")
+    df_code = (flags & F_DF_MASK) >> F_DF_SHIFT
+    if df_code not in DF_BY_CODE:
+        raise ContextError(f"unknown DF policy code {df_code}")
+    spi = r.u32("SPI")
+    family = 6 if flags & F_IPV6 else 4
+    f = _Fields(
+        protocol=Protocol(proto),
+        direction=Direction.INBOUND if flags & F_INBOUND else Direction.OUTBOUND,
+        spi=spi,
+        src=r.addr(family, "outer source address"),
+        dst=r.addr(family, "outer destination address"),
+        mode=Mode.TRANSPORT if flags & F_TRANSPORT else Mode.TUNNEL,
+        esn=bool(flags & F_ESN),
+        overflow=bool(flags & F_OVERFLOW),
+        copy_dscp=not flags & F_NO_DSCP_COPY,
+        df=DF_BY_CODE[df_code],
+        soft_fired=bool(flags & F_SOFT_FIRED),
+        dead=bool(flags & F_DEAD),
+        rekey=bool(flags & F_REKEY),
+    )
+    esp = f.protocol is Protocol.ESP
+    if has(Bit.ESP_ENC) != esp:
+        raise ContextError(
+            "an ESP SA needs its encryption transform"
+            if esp
+            else "an AH SA carries no ESP encryption transform"
+        )
+    if has(Bit.ESP_INTEG) and not esp:
+        raise ContextError("an AH SA carries no ESP integrity transform")
+    if has(Bit.AH_INTEG) == esp:
+        raise ContextError(
+            "an ESP SA carries no AH integrity transform"
+            if esp
+            else "an AH SA needs its integrity transform"
+        )
+    if has(Bit.ESP_ENC):
+        f.enc = _algorithm(r, "ESP encryption", enc_from_number)
+    if has(Bit.ESP_INTEG):
+        f.esp_integ = _algorithm(r, "ESP integrity", integ_from_number)
+        if f.esp_integ[0] is IntegAlg.NONE:
+            raise ContextError("ESP integrity 'none' must be omitted, not sent")
+    if has(Bit.AH_INTEG):
+        f.ah_integ = _algorithm(r, "AH integrity", integ_from_number)
+    if has(Bit.SEQ):
+        if f.direction is Direction.INBOUND:
+            raise ContextError("an inbound SA carries no outbound sequence number")
+        f.seq = r.u64("sequence number")
+        if f.seq == 0:
+            raise ContextError("sequence number 0 must be omitted, not sent")
+    if has(Bit.WINDOW):
+        f.window = r.u32("replay window size")
+        if f.window == DEFAULT_WINDOW:
+            raise ContextError("replay window size 64 (the default) must be omitted, not sent")
+        if f.window % 32 or f.window > CDB_MAX * 8:
+            raise ContextError(f"replay window size {f.window} is not a multiple of 32 that fits")
+    if has(Bit.REPLAY):
+        if f.direction is Direction.OUTBOUND:
+            raise ContextError("an outbound SA carries no anti-replay state")
+        top = r.u64("replay window top")
+        if top == 0:
+            raise ContextError("anti-replay state with top 0 (nothing received) must be omitted")
+        f.replay = (top, r.take(f.window // 8, "replay bitmap"))
+
+    def nonzero(bit: Bit, what: str) -> int:
+        if not has(bit):
+            return 0
+        v = r.u64(what)
+        if v == 0:
+            raise ContextError(f"{what} 0 must be omitted, not sent")
+        return v
+
+    f.age_ms = nonzero(Bit.AGE, "age")
+    f.count_bytes = nonzero(Bit.BYTES, "byte counter")
+    f.count_packets = nonzero(Bit.PACKETS, "packet counter")
+
+    def opt64(bit: Bit, what: str) -> int | None:
+        return r.u64(what) if has(bit) else None
+
+    f.soft = _Limits(
+        opt64(Bit.SOFT_TIME, "soft time limit"),
+        opt64(Bit.SOFT_BYTES, "soft byte limit"),
+        opt64(Bit.SOFT_PACKETS, "soft packet limit"),
+    )
+    f.hard = _Limits(
+        opt64(Bit.HARD_TIME, "hard time limit"),
+        opt64(Bit.HARD_BYTES, "hard byte limit"),
+        opt64(Bit.HARD_PACKETS, "hard packet limit"),
+    )
+    if has(Bit.PMTU):
+        f.pmtu = r.u16("path MTU")
+        if f.pmtu == DEFAULT_PMTU:
+            raise ContextError("path MTU 1500 (the default) must be omitted, not sent")
+    f.pmtu_expiry_ms = opt64(Bit.PMTU_EXPIRY, "PMTU expiry")
+    if has(Bit.UDP_ENCAP):
+        f.encap = (r.u16("UDP source port"), r.u16("UDP destination port"))
+    if has(Bit.SELECTORS):
+        nlocal, nremote = r.u8("local range count"), r.u8("remote range count")
+        if nlocal == 0 or nremote == 0:
+            raise ContextError("selectors need at least one local and one remote address range")
+        ranges = []
+        for _ in range(nlocal + nremote):
+            fam = r.u8("selector address family")
+            if fam not in (4, 6):
+                raise ContextError(f"unknown selector address family {fam} (4 or 6)")
+            first = r.addr(fam, "selector address")
+            last = r.addr(fam, "selector address")
+            with _as_context_error("selector"):
+                ranges.append(AddressRange(first, last))
+        f.local, f.remote = tuple(ranges[:nlocal]), tuple(ranges[nlocal:])
+    elif pv & sum(_mask(b) for b in SELECTOR_PARTS):
+        raise ContextError("selector fields without selector addresses")
+    if has(Bit.SEL_PROTOCOL):
+        f.sel_protocol = r.u8("selector protocol")
+        if f.sel_protocol == PROTO_ANY:
+            raise ContextError("selector protocol ANY (0) must be omitted, not sent")
+    if has(Bit.SEL_LOCAL_PORTS):
+        f.local_ports = _ports(r, "local port range")
+    if has(Bit.SEL_REMOTE_PORTS):
+        f.remote_ports = _ports(r, "remote port range")
+    if has(Bit.SEL_NAME):
+        f.sel_name = r.text("selector name")
+    if has(Bit.SEL_LABEL):
+        n = r.u8("security label length")
+        if n == 0:
+            raise ContextError("security label is present but empty")
+        f.sel_label = r.take(n, "security label")
+    if has(Bit.SA_NAME):
+        f.name = r.text("SA name")
+    padding = data[r.pos : total]
+    if len(padding) >= CDB_UNIT:
+        raise ContextError(f"CDB length leaves {len(padding)} octets after the data (max 7)")
+    if any(padding):
+        raise ContextError("non-zero padding after the CDB data")
+    _check(f)
+    if _serialize(f) != data:  # the last guard of canonical form; the checks above should hold
+        raise ContextError("non-canonical CDB encoding")
+    return f
+
+
+# -- public API ---------------------------------------------------------------------------------
+def encode(sa: SecurityAssociation, now: float) -> bytes:
+    """One CDB holding ``sa``'s feature context, its selectors and its replay state."""
+    return _serialize(_fields_from_sa(sa, now))
+
+
+def decode(data: bytes, now: float) -> SecurityAssociation:
+    """The SA in exactly one CDB; ContextError for anything malformed or non-canonical."""
+    return _sa_from_fields(_parse(bytes(data)), now)
+
+
+def split_cdbs(data: bytes) -> list[tuple[int, bytes]]:
+    """Split a concatenation of CDBs (as CXTP messages carry) into (FPT, whole CDB) pairs."""
+    data = bytes(data)
+    out = []
+    pos = 0
+    while pos < len(data):
+        fpt, total = _check_header(data[pos:])
+        out.append((fpt, data[pos : pos + total]))
+        pos += total
+    return out
+
+
+def decode_many(data: bytes, now: float) -> list[SecurityAssociation]:
+    """Every SA in a concatenation of IPsec SA CDBs (any other FPT is an error)."""
+    return [decode(cdb, now) for _fpt, cdb in split_cdbs(data)]
+
+
+# -- JSON form ----------------------------------------------------------------------------------
+def _seconds(ms: int) -> int | float:
+    return ms // 1000 if ms % 1000 == 0 else ms / 1000
+
+
+def _limits_json(lim: _Limits) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if lim.time_ms is not None:
+        out["seconds"] = _seconds(lim.time_ms)
+    if lim.bytes is not None:
+        out["bytes"] = lim.bytes
+    if lim.packets is not None:
+        out["packets"] = lim.packets
+    return out
+
+
+def _json_from_fields(f: _Fields) -> dict[str, Any]:
+    obj: dict[str, Any] = {
+        "spi": f"0x{f.spi:08x}",
+        "direction": f.direction.value,
+        "protocol": f.protocol.name.lower(),
+        "mode": f.mode.value,
+        "src": str(f.src),
+        "dst": str(f.dst),
+    }
+    if f.enc is not None:
+        obj["enc"] = enc_name(f.enc[0])
+        obj["enc_key"] = f.enc[1].hex()
+    integ = f.esp_integ or f.ah_integ
+    if integ is not None:
+        obj["integ"] = integ_name(integ[0])
+        obj["integ_key"] = integ[1].hex()
+    obj["esn"] = f.esn
+    obj["replay_window"] = f.window
+    if f.direction is Direction.OUTBOUND:
+        obj["seq"] = f.seq
+    if f.replay is not None:
+        obj["replay"] = {"top": f.replay[0], "bitmap": f.replay[1].hex()}
+    if f.overflow:
+        obj["overflow_permitted"] = True
+    obj["age"] = _seconds(f.age_ms)
+    if f.count_bytes or f.count_packets:
+        obj["counters"] = {"bytes": f.count_bytes, "packets": f.count_packets}
+    for key, lim in (("soft", f.soft), ("hard", f.hard)):
+        j = _limits_json(lim)
+        if j:
+            obj[key] = j
+    if f.pmtu != DEFAULT_PMTU:
+        obj["path_mtu"] = f.pmtu
+    if f.pmtu_expiry_ms is not None:
+        obj["pmtu_expires_in"] = _seconds(f.pmtu_expiry_ms)
+    if f.df is not DfPolicy.COPY:
+        obj["df"] = f.df.value
+    if not f.copy_dscp:
+        obj["copy_dscp"] = False
+    if f.encap is not None:
+        obj["udp_encap"] = {"sport": f.encap[0], "dport": f.encap[1]}
+    if f.local is not None:
+        sel: dict[str, Any] = {
+            "local": [str(x) for x in f.local],
+            "remote": [str(x) for x in f.remote],
+        }
+        if f.sel_protocol != PROTO_ANY:
+            sel["protocol"] = f.sel_protocol
+        if not f.local_ports.is_any:
+            sel["local_ports"] = str(f.local_ports)
+        if not f.remote_ports.is_any:
+            sel["remote_ports"] = str(f.remote_ports)
+        if f.sel_name is not None:
+            sel["name"] = f.sel_name
+        if f.sel_label is not None:
+            sel["label"] = f.sel_label.hex()
+        obj["selectors"] = sel
+    if f.name:
+        obj["name"] = f.name
+    for key, flag in (("soft_fired", f.soft_fired), ("dead", f.dead), ("rekey_requested", f.rekey)):
+        if flag:
+            obj[key] = True
+    return obj
+
+
+def to_json(sa: SecurityAssociation, now: float) -> dict[str, Any]:
+    """The JSON form of ``sa``'s context: the same fields as the CDB, readable names, times in
+    seconds with millisecond precision, keys as hex. Fields at their default are left out."""
+    return _json_from_fields(_fields_from_sa(sa, now))
+
+
+_TOP_KEYS = {
+    "spi", "direction", "protocol", "mode", "src", "dst", "enc", "enc_key", "integ",
+    "integ_key", "esn", "replay_window", "seq", "replay", "overflow_permitted", "age",
+    "counters", "soft", "hard", "path_mtu", "pmtu_expires_in", "df", "copy_dscp", "udp_encap",
+    "selectors", "name", "soft_fired", "dead", "rekey_requested",
+}  # fmt: skip
+
+
+class _Obj:
+    """Typed, field-naming access to one JSON object."""
+
+    def __init__(self, obj: object, where: str, keys: set[str]) -> None:
+        if not isinstance(obj, dict):
+            raise ContextError(f"{where or 'the context'} must be a JSON object")
+        self.obj: dict[str, object] = obj
+        self.where = where
+        unknown = sorted(str(k) for k in obj if k not in keys)
+        if unknown:
+            raise ContextError(f"unknown field {self.name(unknown[0])!r}")
+
+    def name(self, key: str) -> str:
+        return f"{self.where}.{key}" if self.where else key
+
+    def fail(self, key: str, what: str) -> ContextError:
+        return ContextError(f"field {self.name(key)!r}: {what}")
+
+    def get(self, key: str) -> object:
+        return self.obj.get(key)
+
+    def required(self, key: str) -> object:
+        if key not in self.obj:
+            raise ContextError(f"missing field {self.name(key)!r}")
+        return self.obj[key]
+
+    def string(self, key: str, default: str | None = None) -> str:
+        v = self.obj.get(key, default) if default is not None else self.required(key)
+        if not isinstance(v, str):
+            raise self.fail(key, "must be a string")
+        return v
+
+    def choice(self, key: str, choices: dict[str, _T], default: str | None = None) -> _T:
+        v = self.string(key, default).lower()
+        if v not in choices:
+            raise self.fail(key, f"must be one of {', '.join(choices)}")
+        return choices[v]
+
+    def boolean(self, key: str, default: bool) -> bool:
+        v = self.obj.get(key, default)
+        if not isinstance(v, bool):
+            raise self.fail(key, "must be true or false")
+        return v
+
+    def integer(self, key: str, lo: int, hi: int, default: int | None = None) -> int:
+        v = self.obj.get(key, default) if default is not None else self.required(key)
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise self.fail(key, "must be an integer")
+        if not lo <= v <= hi:
+            raise self.fail(key, f"must be {lo}-{hi}")
+        return v
+
+    def opt_integer(self, key: str, lo: int, hi: int) -> int | None:
+        return None if key not in self.obj else self.integer(key, lo, hi)
+
+    def duration(self, key: str) -> int | None:
+        if key not in self.obj:
+            return None
+        v = self.obj[key]
+        if isinstance(v, bool) or not isinstance(v, int | float):
+            raise self.fail(key, "must be a number of seconds")
+        if not math.isfinite(v) or v < 0:
+            raise self.fail(key, "must be a finite, non-negative number of seconds")
+        ms = round(v * 1000)
+        if ms > MAX_DURATION_MS:
+            raise self.fail(key, f"must be at most {MAX_DURATION_MS / 1000:.0f} seconds")
+        return ms
+
+    def hexbytes(self, key: str, *, required: bool = True) -> bytes:
+        v = self.required(key) if required else self.obj.get(key, "")
+        if (
+            not isinstance(v, str)
+            or not all(c in "0123456789abcdefABCDEF" for c in v)
+            or len(v) % 2
+        ):
+            raise self.fail(key, "must be a string of hex digits (two per octet)")
+        return bytes.fromhex(v)
+
+    def address(self, key: str) -> IPAddress:
+        v = self.string(key)
+        try:
+            a = ipaddress.ip_address(v)
+        except ValueError:
+            raise self.fail(key, "is not an IPv4 or IPv6 address") from None
+        if isinstance(a, ipaddress.IPv6Address) and a.scope_id:
+            raise self.fail(key, "must not carry an IPv6 scope (zone) id")
+        return a
+
+    def sub(self, key: str, keys: set[str]) -> _Obj | None:
+        if key not in self.obj:
+            return None
+        return _Obj(self.obj[key], self.name(key), keys)
+
+
+def _limits_from_json(o: _Obj | None) -> _Limits:
+    if o is None:
+        return _Limits()
+    return _Limits(
+        o.duration("seconds"),
+        o.opt_integer("bytes", 0, MAX_U64),
+        o.opt_integer("packets", 0, MAX_U64),
+    )
+
+
+def _ranges_from_json(o: _Obj, key: str) -> tuple[AddressRange, ...]:
+    v = o.required(key)
+    if not isinstance(v, list) or not 1 <= len(v) <= MAX_RANGES:
+        raise o.fail(key, f"must be a list of 1-{MAX_RANGES} addresses, prefixes or ranges")
+    out = []
+    for item in v:
+        if not isinstance(item, str):
+            raise o.fail(key, "must hold strings such as 10.0.0.0/24 or 10.0.0.1-10.0.0.9")
+        try:
+            r = AddressRange.parse(item)
+        except SAError as exc:
+            raise o.fail(key, str(exc)) from None
+        if "%" in item:
+            raise o.fail(key, "must not carry an IPv6 scope (zone) id")
+        out.append(r)
+    return tuple(out)
+
+
+def _ports_from_json(o: _Obj, key: str) -> PortRange:
+    v = o.get(key)
+    if v is None:
+        return PortRange()
+    if isinstance(v, bool) or not isinstance(v, str | int):
+        raise o.fail(key, 'must be "any", a port such as "80" or a range such as "1000-2000"')
+    try:
+        return PortRange.parse(v)
+    except SAError as exc:
+        raise o.fail(key, str(exc)) from None
+
+
+def _fields_from_json(obj: object) -> _Fields:
+    o = _Obj(obj, "", _TOP_KEYS)
+    spi_v = o.required("spi")
+    if isinstance(spi_v, str):
+        if not re.fullmatch(r"0[xX][0-9a-fA-F]{1,8}|[0-9]{1,10}", spi_v):
+            raise o.fail("spi", "must be an integer or a hex string such as 0x00001000")
+        spi = int(spi_v, 0) if spi_v[:2].lower() == "0x" else int(spi_v)
+    else:
+        spi = o.integer("spi", 0, 0xFFFFFFFF)
+    if not 256 <= spi <= 0xFFFFFFFF:
+        raise o.fail("spi", "must be 256-4294967295 (1-255 are reserved)")
+    protocol = o.choice("protocol", {"esp": Protocol.ESP, "ah": Protocol.AH}, "esp")
+    f = _Fields(
+        protocol=protocol,
+        direction=o.choice("direction", {"in": Direction.INBOUND, "out": Direction.OUTBOUND}),
+        spi=spi,
+        src=o.address("src"),
+        dst=o.address("dst"),
+        mode=o.choice("mode", {m.value: m for m in Mode}, "tunnel"),
+        esn=o.boolean("esn", False),
+        overflow=o.boolean("overflow_permitted", False),
+        copy_dscp=o.boolean("copy_dscp", True),
+        df=o.choice("df", {d.value: d for d in DfPolicy}, "copy"),
+        soft_fired=o.boolean("soft_fired", False),
+        dead=o.boolean("dead", False),
+        rekey=o.boolean("rekey_requested", False),
+    )
+    if f.src.version != f.dst.version:
+        raise ContextError("fields 'src' and 'dst' mix IPv4 and IPv6")
+    integ = None
+    if "integ" in o.obj or "integ_key" in o.obj:
+        alg = o.choice("integ", INTEG_NAMES, "none")
+        integ = (alg, o.hexbytes("integ_key", required=alg is not IntegAlg.NONE))
+    if protocol is Protocol.ESP:
+        enc = o.choice("enc", ENC_NAMES)
+        f.enc = (enc, o.hexbytes("enc_key", required=enc is not EncAlg.NULL))
+        if integ is not None and integ[0] is not IntegAlg.NONE:
+            f.esp_integ = integ
+        elif integ is not None and integ[1]:
+            raise o.fail("integ_key", "must be empty when integ is none")
+    else:
+        for key in ("enc", "enc_key"):
+            if key in o.obj:
+                raise o.fail(key, "does not apply to an AH SA")
+        if integ is None:
+            raise ContextError("missing field 'integ' (an AH SA needs an integrity algorithm)")
+        f.ah_integ = integ
+    f.window = o.integer("replay_window", 0, 0xFFFFFFFF, DEFAULT_WINDOW)
+    if "seq" in o.obj:
+        f.seq = o.integer("seq", 0, MAX_U64)
+        if f.seq and f.direction is Direction.INBOUND:
+            raise o.fail("seq", "does not apply to an inbound SA")
+    rep = o.sub("replay", {"top", "bitmap"})
+    if rep is not None:
+        if f.direction is Direction.OUTBOUND:
+            raise o.fail("replay", "does not apply to an outbound SA")
+        top = rep.integer("top", 0, MAX_U64)
+        bitmap = rep.hexbytes("bitmap", required=False)
+        if top == 0 and any(bitmap):
+            raise rep.fail("bitmap", "must be all zero when top is 0")
+        if top:
+            if len(bitmap) != f.window // 8:
+                raise rep.fail(
+                    "bitmap", f"must be {f.window // 8} octets for a window of {f.window}"
+                )
+            f.replay = (top, bitmap)
+    age = o.duration("age")
+    f.age_ms = 0 if age is None else age
+    cnt = o.sub("counters", {"bytes", "packets"})
+    if cnt is not None:
+        f.count_bytes = cnt.integer("bytes", 0, MAX_U64, 0)
+        f.count_packets = cnt.integer("packets", 0, MAX_U64, 0)
+    f.soft = _limits_from_json(o.sub("soft", {"seconds", "bytes", "packets"}))
+    f.hard = _limits_from_json(o.sub("hard", {"seconds", "bytes", "packets"}))
+    f.pmtu = o.integer("path_mtu", 68, 65535, DEFAULT_PMTU)
+    f.pmtu_expiry_ms = o.duration("pmtu_expires_in")
+    enc_o = o.sub("udp_encap", {"sport", "dport"})
+    if enc_o is not None:
+        f.encap = (enc_o.integer("sport", 1, 65535, 4500), enc_o.integer("dport", 1, 65535, 4500))
+    sel = o.sub(
+        "selectors",
+        {"local", "remote", "protocol", "local_ports", "remote_ports", "name", "label"},
+    )
+    if sel is not None:
+        f.local = _ranges_from_json(sel, "local")
+        f.remote = _ranges_from_json(sel, "remote")
+        p = sel.get("protocol")
+        if isinstance(p, str) and p.lower() == "any":
+            f.sel_protocol = PROTO_ANY
+        else:
+            f.sel_protocol = sel.integer("protocol", 0, 255, PROTO_ANY)
+        f.local_ports = _ports_from_json(sel, "local_ports")
+        f.remote_ports = _ports_from_json(sel, "remote_ports")
+        if "name" in sel.obj:
+            f.sel_name = sel.string("name")
+        if "label" in sel.obj:
+            f.sel_label = sel.hexbytes("label")
+    if "name" in o.obj:
+        f.name = o.string("name")
+        if not f.name:
+            raise o.fail("name", "must not be empty (leave it out instead)")
+    return f
+
+
+def from_json(obj: object, now: float) -> SecurityAssociation:
+    """The SA described by a JSON form (as :func:`to_json` makes), validated field by field."""
+    return _sa_from_fields(_fields_from_json(obj), now)
