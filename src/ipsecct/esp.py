@@ -12,12 +12,18 @@ from __future__ import annotations
 import enum
 import struct
 
-from .sad import SecurityAssociation
-from .transforms import IntegrityFailure
+from .sad import MAX_SEQ_32, MAX_SEQ_64, SAEvent, SecurityAssociation
+from .transforms import PAD, IntegrityFailure
 
 NH_NONE = 59
 _HDR = struct.Struct("!LL")
-_PAD = bytes(range(1, 256))
+_SEQ = struct.Struct("!L")
+_PAD = PAD
+# _PAD_CHECK[n]: the n padding octets followed by the pad length octet itself.
+_PAD_CHECK = tuple(_PAD[:n] + bytes((n,)) for n in range(256))
+# SecurityAssociation.next_seq() raises SEQ_NEAR_LIMIT at limit - limit // 8.
+_NEAR_32 = MAX_SEQ_32 - (MAX_SEQ_32 >> 3)
+_NEAR_64 = MAX_SEQ_64 - (MAX_SEQ_64 >> 3)
 
 
 class Drop(enum.Enum):
@@ -60,26 +66,22 @@ def encapsulate(
     tfc_pad: int = 0,
 ) -> bytearray | Drop:
     """Protect ``payload`` on outbound SA ``sa``; returns the ESP packet (SPI .. ICV)."""
-    if sa.dead or sa.expired(now):
+    if sa.dead or (sa.hard.seconds is not None and sa.expired(now)):
         return Drop.LIFETIME
-    seq = sa.next_seq()
-    if seq is None:
-        if not sa.rekey_requested:
-            from .sad import SAEvent
-
-            sa.rekey_requested = True
-            sa.events.append(SAEvent.SEQ_EXHAUSTED)
-        return Drop.SEQ_EXHAUSTED
-    t = sa.transform
-    n = len(payload) + tfc_pad
-    padlen = (-(n + 2)) % t.block
-    pt = bytearray(payload)
-    if tfc_pad:
-        pt += bytes(tfc_pad)
-    pt += _PAD[:padlen]
-    pt.append(padlen)
-    pt.append(next_header)
-    out = t.seal(_HDR.pack(sa.spi, seq & 0xFFFFFFFF), seq, pt, sa.esn)
+    # Fast path of SecurityAssociation.next_seq(): far below the limit and the near-limit mark
+    # it only increments the counter. Anything else goes through next_seq() itself.
+    seq = sa.seq + 1
+    if seq < (_NEAR_64 if sa.esn else _NEAR_32):
+        sa.seq = seq
+    else:
+        nxt = sa.next_seq()
+        if nxt is None:
+            if not sa.rekey_requested:
+                sa.rekey_requested = True
+                sa.events.append(SAEvent.SEQ_EXHAUSTED)
+            return Drop.SEQ_EXHAUSTED
+        seq = nxt
+    out = sa.transform.seal_payload(sa.spi, seq, payload, next_header, tfc_pad, sa.esn)
     sa.account(len(payload), now)
     return out
 
@@ -94,27 +96,28 @@ def decapsulate(
     """
     if len(packet) < 8:
         return Drop.MALFORMED
-    if sa.dead or sa.expired(now):
+    if sa.dead or (sa.hard.seconds is not None and sa.expired(now)):
         return Drop.LIFETIME
-    seq_low = _HDR.unpack_from(packet)[1]
     window = sa.window
-    seq = window.infer(seq_low)
+    seq = _SEQ.unpack_from(packet, 4)[0]
+    if window.esn:
+        seq = window.infer(seq)
     if not window.check(seq):
         return Drop.REPLAY
-    mv = packet if isinstance(packet, memoryview) else memoryview(packet)
     try:
-        pt = sa.transform.open(mv, seq, sa.esn)
+        pt = sa.transform.open_payload(packet, seq, sa.esn)
     except IntegrityFailure:
         return Drop.ICV
     window.update(seq)
-    if len(pt) < 2:
+    n = len(pt)
+    if n < 2:
         return Drop.PADDING
     padlen = pt[-2]
-    nh = pt[-1]
-    end = len(pt) - 2 - padlen
-    if end < 0 or pt[end:-2] != _PAD[:padlen]:
+    # pt[n - 2 - padlen : n - 1] must be 1, 2, ..., padlen, padlen (and fit in pt)
+    if not pt.endswith(_PAD_CHECK[padlen], 0, n - 1):
         return Drop.PADDING
+    end = n - 2 - padlen
     sa.account(end, now)
-    if nh == NH_NONE:
+    if pt[-1] == NH_NONE:
         return Drop.DUMMY
-    return nh, pt[:end]
+    return pt[-1], pt[:end]

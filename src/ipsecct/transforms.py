@@ -6,6 +6,12 @@ IV can repeat only if a sequence number does, which the SA never allows. AES-CBC
 uses a random IV and HMAC-SHA2 (RFC 4868) or HMAC-SHA1-96 (RFC 2404) over header, IV and
 ciphertext (plus the high-order sequence bits with ESN, RFC 4303 §2.2.1).
 
+Two levels of interface: :meth:`EspTransform.seal` / :meth:`EspTransform.open` work on an
+already padded plaintext; :meth:`EspTransform.seal_payload` / :meth:`EspTransform.open_payload`
+are the data path's fused fast path (RFC 4303 padding and trailer built here, one allocation for
+the plaintext and one for the packet). The hot path avoids per-packet objects it does not need:
+precompiled ``struct.Struct`` objects, one AEAD object per SA, a pre-keyed HMAC that is copied.
+
 All primitives come from ``cryptography``.
 """
 
@@ -25,6 +31,25 @@ from .algorithms import ENC, INTEG, EncAlg, IntegAlg, check_esp_combination
 
 _Q = struct.Struct("!Q")
 _L = struct.Struct("!L")
+_HDR = struct.Struct("!LL")  # SPI | sequence number (low 32 bits)
+_HDR_IV = struct.Struct("!LLQ")  # SPI | sequence number | 64-bit IV
+_SPI_SEQ64 = struct.Struct("!LQ")  # ESN AAD: SPI | seq-high | seq-low
+_SALT_IV = struct.Struct("!4sQ")  # AEAD nonce: salt | IV
+_MASK32 = 0xFFFFFFFF
+
+# RFC 4303 §2.4 padding: 1, 2, 3, ...
+PAD = bytes(range(1, 256))
+# The ESP trailer (padding | pad length | next header), keyed by pad length << 8 | next header.
+_TRAILERS: dict[int, bytes] = {}
+
+
+def trailer(padlen: int, next_header: int) -> bytes:
+    """``padding | pad length | next header`` (RFC 4303 §2.4-2.6), cached."""
+    key = padlen << 8 | next_header
+    t = _TRAILERS.get(key)
+    if t is None:
+        t = _TRAILERS[key] = PAD[:padlen] + bytes((padlen, next_header))
+    return t
 
 
 class IntegrityFailure(Exception):
@@ -46,9 +71,29 @@ class EspTransform:
         """Given the whole ESP packet, return the padded plaintext or raise IntegrityFailure."""
         raise NotImplementedError
 
+    def seal_payload(
+        self,
+        spi: int,
+        seq: int,
+        payload: bytes | bytearray | memoryview,
+        next_header: int,
+        tfc_pad: int,
+        esn: bool,
+    ) -> bytearray:
+        """The whole ESP packet (SPI .. ICV) for ``payload``: TFC padding (``tfc_pad`` zero
+        octets), RFC 4303 padding and trailer added, then sealed with sequence number ``seq``."""
+        n = len(payload) + tfc_pad
+        tr = trailer((-(n + 2)) % self.block, next_header)
+        pt = b"".join((payload, bytes(tfc_pad), tr)) if tfc_pad else b"".join((payload, tr))
+        return self.seal(_HDR.pack(spi, seq & _MASK32), seq, pt, esn)
+
+    def open_payload(self, packet: bytes | bytearray | memoryview, seq: int, esn: bool) -> bytes:
+        """Like :meth:`open` for any buffer: the padded plaintext, or raise IntegrityFailure."""
+        return self.open(packet if isinstance(packet, memoryview) else memoryview(packet), seq, esn)
+
 
 class AeadTransform(EspTransform):
-    __slots__ = ("_aead", "_salt", "_use_into")
+    __slots__ = ("_aead", "_salt")
 
     def __init__(self, alg: EncAlg, key: bytes) -> None:
         info = ENC[alg]
@@ -61,87 +106,104 @@ class AeadTransform(EspTransform):
             self._aead = AESGCM(cipher_key)
         else:
             self._aead = ChaCha20Poly1305(cipher_key)
-        self._use_into = hasattr(self._aead, "encrypt_into")
 
     def seal(self, header: bytes, seq: int, plaintext: bytes | bytearray, esn: bool) -> bytearray:
-        iv = _Q.pack(seq)
-        nonce = self._salt + iv
         # AAD is SPI | seq (RFC 4106 §5); with ESN, SPI | seq-high | seq-low.
-        aad = header[:4] + iv if esn else header
-        out = bytearray(16 + len(plaintext) + 16)
-        out[0:8] = header
-        out[8:16] = iv
-        if self._use_into:
-            self._aead.encrypt_into(nonce, plaintext, aad, memoryview(out)[16:])
-        else:  # pragma: no cover - cryptography < 47
-            out[16:] = self._aead.encrypt(nonce, bytes(plaintext), aad)
+        aad = _SPI_SEQ64.pack(_L.unpack_from(header)[0], seq) if esn else header
+        out = bytearray(header)
+        out += _Q.pack(seq)
+        out += self._aead.encrypt(_SALT_IV.pack(self._salt, seq), plaintext, aad)
         return out
 
     def open(self, packet: memoryview, seq: int, esn: bool) -> bytes:
-        if len(packet) < 8 + 8 + 16:
+        return self.open_payload(packet, seq, esn)
+
+    def seal_payload(
+        self,
+        spi: int,
+        seq: int,
+        payload: bytes | bytearray | memoryview,
+        next_header: int,
+        tfc_pad: int,
+        esn: bool,
+    ) -> bytearray:
+        n = len(payload) + tfc_pad
+        # block is 4 for both AEAD transforms: (-(n + 2)) % 4 == -(n + 2) & 3
+        key = ((-(n + 2)) & 3) << 8 | next_header
+        tr = _TRAILERS.get(key) or trailer(key >> 8, next_header)
+        if tfc_pad or isinstance(payload, memoryview):
+            pt: bytes | bytearray = b"".join((payload, bytes(tfc_pad), tr))
+        else:
+            pt = payload + tr
+        out = bytearray(_HDR_IV.pack(spi, seq & _MASK32, seq))
+        aad = _SPI_SEQ64.pack(spi, seq) if esn else _HDR.pack(spi, seq & _MASK32)
+        out += self._aead.encrypt(_SALT_IV.pack(self._salt, seq), pt, aad)
+        return out
+
+    def open_payload(self, packet: bytes | bytearray | memoryview, seq: int, esn: bool) -> bytes:
+        if len(packet) < 32:  # header, IV, ICV
             raise IntegrityFailure
-        iv = packet[8:16]
-        nonce = self._salt + iv
-        aad = bytes(packet[0:4]) + _Q.pack(seq) if esn else packet[0:8]
-        data = packet[16:]
+        aad = _SPI_SEQ64.pack(_L.unpack_from(packet)[0], seq) if esn else packet[:8]
         try:
-            if self._use_into:
-                buf = bytearray(len(data) - 16)
-                self._aead.decrypt_into(nonce, data, aad, buf)
-                return bytes(buf)
-            return self._aead.decrypt(nonce, bytes(data), bytes(aad))  # pragma: no cover
+            return self._aead.decrypt(self._salt + packet[8:16], packet[16:], aad)
         except InvalidTag:
             raise IntegrityFailure from None
 
 
+_HASHES: dict[str, type[hashes.HashAlgorithm]] = {
+    "sha1": hashes.SHA1,
+    "sha256": hashes.SHA256,
+    "sha384": hashes.SHA384,
+    "sha512": hashes.SHA512,
+}
+
+
 class _Hmac:
-    __slots__ = ("_algo", "_key", "icv_len")
+    """HMAC truncated to the ICV length (RFC 4868 §2.3, RFC 2404)."""
+
+    __slots__ = ("_base", "icv_len")
 
     def __init__(self, alg: IntegAlg, key: bytes) -> None:
         info = INTEG[alg]
-        self._key = key
         self.icv_len = info.icv_len
-        self._algo: hashes.HashAlgorithm = {
-            "sha1": hashes.SHA1(),
-            "sha256": hashes.SHA256(),
-            "sha384": hashes.SHA384(),
-            "sha512": hashes.SHA512(),
-        }[info.hash_name]
+        # Keyed once; each MAC copies the keyed state instead of re-hashing the padded key.
+        self._base = c_hmac.HMAC(key, _HASHES[info.hash_name]())
 
     def mac(self, *parts: bytes | bytearray | memoryview) -> bytes:
-        h = c_hmac.HMAC(self._key, self._algo)
+        h = self._base.copy()
         for p in parts:
             h.update(p)
         return h.finalize()[: self.icv_len]
+
+    def __repr__(self) -> str:
+        return f"_Hmac(icv_len={self.icv_len})"
 
 
 class CbcHmacTransform(EspTransform):
     """AES-CBC (RFC 3602) or NULL encryption (RFC 2410) with an HMAC."""
 
-    __slots__ = ("_hmac", "_key", "_null")
+    __slots__ = ("_aes", "_hmac", "_null")
 
     def __init__(self, alg: EncAlg, key: bytes, integ: IntegAlg, integ_key: bytes) -> None:
         info = ENC[alg]
         self._null = alg is EncAlg.NULL
-        self._key = key
+        self._aes = None if self._null else algorithms.AES(key)
         self.iv_len = info.iv_len
         self.block = info.block
         self._hmac = _Hmac(integ, integ_key)
         self.icv_len = self._hmac.icv_len
 
     def seal(self, header: bytes, seq: int, plaintext: bytes | bytearray, esn: bool) -> bytearray:
-        if self._null:
-            body = bytes(plaintext)
-            iv = b""
+        out = bytearray(header)
+        if self._aes is None:
+            out += plaintext
         else:
             iv = os.urandom(16)
-            enc = Cipher(algorithms.AES(self._key), modes.CBC(iv)).encryptor()
-            body = enc.update(plaintext) + enc.finalize()
-        out = bytearray(header)
-        out += iv
-        out += body
-        icv = self._hmac.mac(out, _L.pack(seq >> 32)) if esn else self._hmac.mac(out)
-        out += icv
+            enc = Cipher(self._aes, modes.CBC(iv)).encryptor()
+            out += iv
+            out += enc.update(plaintext)
+            out += enc.finalize()
+        out += self._hmac.mac(out, _L.pack(seq >> 32)) if esn else self._hmac.mac(out)
         return out
 
     def open(self, packet: memoryview, seq: int, esn: bool) -> bytes:
@@ -154,11 +216,11 @@ class CbcHmacTransform(EspTransform):
         if not _hmac.compare_digest(want, packet[end:]):
             raise IntegrityFailure
         body = packet[8 + self.iv_len : end]
-        if self._null:
+        if self._aes is None:
             return bytes(body)
         if len(body) == 0 or len(body) % 16:
             return b""  # authentic but not whole blocks: the caller reports bad padding
-        dec = Cipher(algorithms.AES(self._key), modes.CBC(packet[8:24])).decryptor()
+        dec = Cipher(self._aes, modes.CBC(packet[8:24])).decryptor()
         return dec.update(body) + dec.finalize()
 
 
