@@ -19,7 +19,7 @@ from collections.abc import Callable
 from typing import Any, cast
 
 from .config import Endpoint, NodeConfig
-from .engine import Bypass, Engine, ToInner, ToPeer
+from .engine import Bypass, Engine, Forward, Held, Result, Signal, ToInner, ToPeer
 from .esp import Drop
 from .ippacket import PROTO_ESP
 from .log import event
@@ -67,7 +67,10 @@ class Node:
         # Hooks for the context-transfer layer: messages on the outer port that are not ESP
         # (returning True when consumed), and inbound ESP for an SA this node no longer has.
         self.outer_hooks: list[OuterHook] = []
-        self.miss_hooks: list[Callable[[bytes, tuple[Any, ...]], bool]] = []
+        # The transfer layer takes held packets, forwards moved traffic and reads signals.
+        self.on_held: Callable[[Held], None] | None = None
+        self.on_forward: Callable[[Forward], None] | None = None
+        self.on_signal: Callable[[Signal, tuple[Any, ...]], None] | None = None
         self.inner_peer: Endpoint | None = cfg.inner.peer
         self.extensions: dict[str, Any] = {}
         for p in cfg.policies:
@@ -182,11 +185,27 @@ class Node:
 
     def from_inner(self, packet: bytes) -> None:
         """A packet from the inner side: protect and send it (or answer/drop it)."""
-        res = self.engine.outbound(packet, self.clock())
+        self.act(self.engine.outbound(packet, self.clock()), None)
+
+    def act(self, res: Result, addr: tuple[Any, ...] | None) -> None:
+        """Carry out what the engine decided."""
         if isinstance(res, ToPeer):
             self.send_esp(res.sa, res.data)
         elif isinstance(res, ToInner):
             self.to_inner(res.packet)
+        elif isinstance(res, Held):
+            if self.on_held is not None:
+                self.on_held(res)
+            else:
+                self.engine.stats.drops[Drop.POLICY.value] += 1
+        elif isinstance(res, Forward):
+            if self.on_forward is not None:
+                self.on_forward(res)
+            else:
+                self.engine.stats.drops[Drop.NO_SA.value] += 1
+        elif isinstance(res, Signal):
+            if self.on_signal is not None:
+                self.on_signal(res, addr or ())
         elif isinstance(res, Bypass):
             self.engine.stats.drops[Drop.POLICY.value] += 1  # no clear outer path here
         if self.engine.events:
@@ -245,18 +264,7 @@ class Node:
             self.from_outer(data, addr)
 
     def from_outer(self, data: bytes, addr: tuple[Any, ...]) -> None:
-        res = self.engine.inbound(data, self.cfg.outer.host, self.clock())
-        if isinstance(res, ToInner):
-            self.to_inner(res.packet)
-        elif res is Drop.NO_SA and self.miss_hooks:
-            # Reverse the NO_SA count if a hook takes the packet (e.g. forwarding after a
-            # handover), so drops only count what was really lost.
-            for hook in self.miss_hooks:
-                if hook(data, addr):
-                    self.engine.stats.drops[Drop.NO_SA.value] -= 1
-                    break
-        if self.engine.events:
-            self._log_events()
+        self.act(self.engine.inbound(data, self.cfg.outer.host, self.clock()), addr)
 
     # -- information ---------------------------------------------------------------------
     def status(self) -> dict[str, Any]:

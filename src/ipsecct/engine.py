@@ -10,9 +10,9 @@ Perspective: selectors are seen from this node, "local" being the traffic on its
 
 from __future__ import annotations
 
+import enum
 import ipaddress
 from collections import Counter
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from . import esp, ippacket, processing
@@ -45,7 +45,64 @@ class Bypass:
     packet: bytes
 
 
-Result = ToPeer | ToInner | Bypass | Drop
+@dataclass(frozen=True)
+class Held:
+    """The packet belongs to a tunnel that is being transferred: the single-sender rule says
+    nobody may process it now. The caller keeps it until the transfer commits (then forwards it
+    to the new gateway) or rolls back (then hands it to the engine again)."""
+
+    tunnel: Tunnel
+    packet: bytes
+    inbound: bool  # True: an ESP packet from the outer side; False: a packet from inside
+
+
+@dataclass(frozen=True)
+class Forward:
+    """The tunnel moved to another gateway: send the packet there (over the protected
+    inter-gateway channel) for a while after the handover."""
+
+    peer: str
+    packet: bytes
+    inbound: bool
+
+
+@dataclass(frozen=True)
+class Signal:
+    """An authenticated, replay-checked control message from the peer (ESP next header 253)."""
+
+    sa: SecurityAssociation
+    payload: bytes
+    source: object = None
+
+
+NH_SIGNAL = 253  # RFC 3692 experimental protocol number: ipsecct's in-SA signalling
+
+Result = ToPeer | ToInner | Bypass | Held | Forward | Signal | Drop
+
+
+class TunnelState(enum.Enum):
+    ACTIVE = "active"
+    HELD = "held"  # being transferred: packets are held, nothing is sent or accepted
+    MOVED = "moved"  # transferred away: packets are forwarded to ``forward_to``
+
+
+@dataclass(eq=False)
+class Tunnel:
+    """A PROTECT policy with its SA pair: the unit a context transfer moves."""
+
+    entry: SPDEntry
+    outbound: SecurityAssociation
+    inbound: SecurityAssociation | None
+    state: TunnelState = TunnelState.ACTIVE
+    forward_to: str | None = None
+    forward_until: float = 0.0
+
+    @property
+    def name(self) -> str:
+        return self.entry.name or self.outbound.name
+
+    def sas(self) -> list[SecurityAssociation]:
+        return [self.outbound] + ([self.inbound] if self.inbound is not None else [])
 
 
 @dataclass
@@ -85,11 +142,10 @@ class Engine:
         self.stats = Stats()
         self.address = address  # this node's outer address (source of ICMP errors)
         self.default_mtu = default_mtu
-        self._outbound: dict[int, SecurityAssociation] = {}  # id(SPDEntry) -> outbound SA
-        self._entry_of: dict[int, SPDEntry] = {}
+        self._tunnel_of_entry: dict[int, Tunnel] = {}  # id(SPDEntry) -> tunnel
+        self._tunnel_of_sa: dict[int, Tunnel] = {}  # id(SA) -> tunnel
+        self._moved_in: dict[int, Tunnel] = {}  # inbound SPI of a moved tunnel -> tunnel
         self.events: list[EngineEvent] = []
-        # SAs held back from sending (during a context transfer): the single-sender rule.
-        self.frozen: set[int] = set()
 
     # -- configuration -----------------------------------------------------------------
     def add_policy(self, entry: SPDEntry, *, index: int | None = None) -> None:
@@ -102,7 +158,7 @@ class Engine:
         inbound: SecurityAssociation | None,
         *,
         index: int | None = None,
-    ) -> None:
+    ) -> Tunnel:
         """A PROTECT policy with its outbound SA (and the inbound SA of the pair)."""
         if entry.action is not Action.PROTECT:
             raise SAError("a tunnel's policy must PROTECT")
@@ -120,45 +176,94 @@ class Engine:
             raise
         entry.sa_ids = [outbound.spi]
         self.spd.add(entry, index=index)
-        self._outbound[id(entry)] = outbound
-        self._entry_of[id(outbound)] = entry
+        t = Tunnel(entry, outbound, inbound)
+        self._tunnel_of_entry[id(entry)] = t
+        for sa in t.sas():
+            self._tunnel_of_sa[id(sa)] = t
+        return t
 
-    def remove_tunnel(self, entry: SPDEntry) -> list[SecurityAssociation]:
-        """Remove a PROTECT policy, its outbound SA and inbound SAs with the same selectors."""
-        removed = []
-        out = self._outbound.pop(id(entry), None)
-        if out is not None:
-            self._entry_of.pop(id(out), None)
-            self.sad.remove(out)
-            removed.append(out)
-        for sa in list(self.sad):
-            if sa.direction is Direction.INBOUND and sa.selectors == entry.selectors:
+    def remove_tunnel(self, tunnel: Tunnel) -> None:
+        """Remove a tunnel's policy and SAs from the databases."""
+        for sa in tunnel.sas():
+            if self.sad.lookup(sa.dst, sa.protocol, sa.spi) is sa:
                 self.sad.remove(sa)
-                removed.append(sa)
-        self.spd.remove(entry)
-        return removed
+            self._tunnel_of_sa.pop(id(sa), None)
+        self._tunnel_of_entry.pop(id(tunnel.entry), None)
+        if tunnel.entry in list(self.spd):
+            self.spd.remove(tunnel.entry)
+        if tunnel.inbound is not None and self._moved_in.get(tunnel.inbound.spi) is tunnel:
+            del self._moved_in[tunnel.inbound.spi]
 
-    def replace_outbound(self, entry: SPDEntry, sa: SecurityAssociation) -> None:
-        old = self._outbound.get(id(entry))
-        if old is not None:
-            self.sad.remove(old)
-            self._entry_of.pop(id(old), None)
-        self.sad.add(sa)
-        self._outbound[id(entry)] = sa
-        self._entry_of[id(sa)] = entry
-        entry.sa_ids = [sa.spi]
+    def move_tunnel(self, tunnel: Tunnel, peer: str, until: float) -> None:
+        """The tunnel now lives at ``peer``: drop its SAs (their keys go with them) but keep its
+        policy, so that traffic still reaching this node is forwarded there until ``until``."""
+        for sa in tunnel.sas():
+            if self.sad.lookup(sa.dst, sa.protocol, sa.spi) is sa:
+                self.sad.remove(sa)
+        tunnel.state = TunnelState.MOVED
+        tunnel.forward_to = peer
+        tunnel.forward_until = until
+        if tunnel.inbound is not None:
+            self._moved_in[tunnel.inbound.spi] = tunnel
 
-    def outbound_sa(self, entry: SPDEntry) -> SecurityAssociation | None:
-        return self._outbound.get(id(entry))
+    def expire_moved(self, now: float) -> list[Tunnel]:
+        gone = [
+            t
+            for t in self._tunnel_of_entry.values()
+            if t.state is TunnelState.MOVED and now >= t.forward_until
+        ]
+        for t in gone:
+            self.remove_tunnel(t)
+        return gone
+
+    def tunnel_of(self, sa: SecurityAssociation) -> Tunnel | None:
+        return self._tunnel_of_sa.get(id(sa))
+
+    def tunnel_by_spi(self, spi: int) -> Tunnel | None:
+        for sa in self.find_sa(spi):
+            t = self._tunnel_of_sa.get(id(sa))
+            if t is not None:
+                return t
+        return None
+
+    def tunnels(self) -> list[Tunnel]:
+        return [t for t in self._tunnel_of_entry.values() if t.state is not TunnelState.MOVED]
 
     def entry_of(self, sa: SecurityAssociation) -> SPDEntry | None:
-        return self._entry_of.get(id(sa))
+        t = self._tunnel_of_sa.get(id(sa))
+        return t.entry if t is not None else None
 
-    def tunnels(self) -> Iterable[tuple[SPDEntry, SecurityAssociation]]:
-        for e in self.spd:
-            sa = self._outbound.get(id(e))
-            if sa is not None:
-                yield e, sa
+    def rekey_sa(
+        self,
+        sa: SecurityAssociation,
+        *,
+        spi: int | None = None,
+        dst: IPAddress | None = None,
+        src: IPAddress | None = None,
+    ) -> None:
+        """Change an SA's SPI or addresses atomically (they are its SAD key)."""
+        present = self.sad.lookup(sa.dst, sa.protocol, sa.spi) is sa
+        new_dst = dst if dst is not None else sa.dst
+        new_spi = spi if spi is not None else sa.spi
+        if (
+            present
+            and (new_dst, sa.protocol, new_spi) != sa.key
+            and self.sad.in_use(new_dst, sa.protocol, new_spi)
+        ):
+            raise SAError(
+                f"SPI 0x{new_spi:08x} is already in use for {sa.protocol.name} to {new_dst}"
+            )
+        if present:
+            self.sad.remove(sa)
+        sa.spi = new_spi
+        sa.dst = new_dst
+        if src is not None:
+            sa.src = src
+        if present:
+            self.sad.add(sa)
+        t = self._tunnel_of_sa.get(id(sa))
+        if t is not None and sa is t.outbound:
+            t.entry.sa_ids = [sa.spi]
 
     def find_sa(self, spi: int) -> list[SecurityAssociation]:
         return [sa for sa in self.sad if sa.spi == spi]
@@ -180,11 +285,16 @@ class Engine:
             return self._drop(Drop.POLICY)
         if entry.action is Action.BYPASS:
             return Bypass(packet)
-        sa = self._outbound.get(id(entry))
-        if sa is None:
+        t = self._tunnel_of_entry.get(id(entry))
+        if t is None:
             return self._drop(Drop.NO_SA)
-        if sa.spi in self.frozen:
-            return self._drop(Drop.POLICY)
+        if t.state is not TunnelState.ACTIVE:
+            if t.state is TunnelState.HELD:
+                return Held(t, packet, False)
+            if now < t.forward_until and t.forward_to is not None:
+                return Forward(t.forward_to, packet, False)
+            return self._drop(Drop.NO_SA)
+        sa = t.outbound
         if hdr.total_len < len(packet):
             packet = packet[: hdr.total_len]
         mtu = sa.effective_mtu(now, self.default_mtu)
@@ -237,18 +347,40 @@ class Engine:
         sa = self.sad.lookup(dst, protocol, spi) if dst is not None else None
         if sa is None:
             sa = self.sad.lookup_spi(protocol, spi)
-        if sa is None or sa.direction is not Direction.INBOUND:
+        if sa is None:
+            moved = self._moved_in.get(spi)
+            if moved is not None and moved.forward_to is not None and now < moved.forward_until:
+                return Forward(moved.forward_to, bytes(data), True)
             return self._drop(Drop.NO_SA)
-        if sa.mode is Mode.TUNNEL:
-            res = processing.tunnel_decapsulate(sa, data, now)
-        else:
+        if sa.direction is not Direction.INBOUND:
+            return self._drop(Drop.NO_SA)
+        t = self._tunnel_of_sa.get(id(sa))
+        if t is not None and t.state is TunnelState.HELD:
+            return Held(t, bytes(data), True)
+        if sa.mode is not Mode.TUNNEL:
             return self._drop(Drop.POLICY)  # transport mode needs the outer header: raw path
+        res = esp.decapsulate(sa, data, now)
         self._collect(sa)
         if isinstance(res, Drop):
             return self._drop(res)
+        nh, payload = res
+        if nh == NH_SIGNAL:
+            return Signal(sa, payload)
+        inner = processing.inner_packet(sa, nh, payload)
+        if isinstance(inner, Drop):
+            return self._drop(inner)
         self.stats.in_packets += 1
-        self.stats.in_bytes += len(res)
-        return ToInner(res)
+        self.stats.in_bytes += len(inner)
+        return ToInner(inner)
+
+    def signal(self, sa: SecurityAssociation, payload: bytes, now: float) -> ToPeer | Drop:
+        """Send ``payload`` to the peer inside ``sa`` (outbound) as ESP next header 253:
+        authenticated by the SA's keys and replay-protected by its sequence numbers."""
+        res = esp.encapsulate(sa, NH_SIGNAL, payload, now)
+        self._collect(sa)
+        if isinstance(res, Drop):
+            return self._drop(res)
+        return ToPeer(sa, res)
 
     def _collect(self, sa: SecurityAssociation) -> None:
         if sa.events:

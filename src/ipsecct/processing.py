@@ -61,7 +61,14 @@ def tunnel_decapsulate(
     res = esp.decapsulate(sa, packet, now)
     if isinstance(res, Drop):
         return res
-    nh, payload = res
+    return inner_packet(sa, res[0], res[1], check_selectors=check_selectors)
+
+
+def inner_packet(
+    sa: SecurityAssociation, nh: int, payload: bytes, *, check_selectors: bool = True
+) -> bytes | Drop:
+    """Check a decrypted tunnel-mode payload: an IP packet of the family ``nh`` says, within
+    the SA's selectors; returns it with TFC padding removed."""
     if nh not in (PROTO_IPIP, PROTO_IPV6):
         return Drop.POLICY
     try:

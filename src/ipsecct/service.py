@@ -148,9 +148,9 @@ class Service:
         eng = self.node.engine
         out = []
         for sa in self._find(args):
-            entry = eng.entry_of(sa)
-            if entry is not None:
-                eng.remove_tunnel(entry)
+            tunnel = eng.tunnel_of(sa)
+            if tunnel is not None:
+                eng.remove_tunnel(tunnel)
             elif eng.sad.lookup(sa.dst, sa.protocol, sa.spi) is sa:
                 eng.sad.remove(sa)
             out.append(f"0x{sa.spi:08x}")
