@@ -1,0 +1,341 @@
+"""The channel between gateways: CXTP over TLS 1.3 over TCP, with mutual certificate auth.
+
+A thin asyncio adapter around :mod:`ipsecct.cxtp` (which does all the parsing, sans-I/O):
+
+* :func:`server_context` and :func:`client_context` make :class:`ssl.SSLContext` objects that
+  speak TLS 1.3 only and require a certificate from the peer, signed by the configured CA, in
+  both directions. The client also checks the server's name (a DNS or IP SAN).
+* :func:`peer_identity` reads the verified peer certificate's CN and SANs after the handshake;
+  what a peer may do is the caller's decision (its policy names peers by these names).
+* :class:`CxtpConnection` sends and receives whole CXTP messages over a StreamReader/Writer, and
+  every wait has a timeout. :func:`connect` and :func:`serve` set them up.
+
+Nothing here reads the clock beyond asyncio's own timeouts, and nothing logs message contents.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import ssl
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.x509.oid import NameOID
+
+from . import cxtp
+from .errors import IpsecctError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TIMEOUT = 2.0  # seconds, per wait (CT_REQUEST_RETRY); callers pass their own
+DEFAULT_HANDSHAKE_TIMEOUT = 5.0
+READ_CHUNK = 65536
+CXTP_TLS_PORT = 5091  # RFC 4067's SCTP port, reused for TCP/TLS
+
+
+class ChannelError(IpsecctError):
+    """The TLS channel to a peer failed: handshake, authentication, I/O or a closed peer."""
+
+
+class ChannelTimeout(ChannelError):
+    """A wait on the channel took longer than its timeout."""
+
+
+class ChannelClosed(ChannelError):
+    """The peer closed the connection (or it was reset)."""
+
+
+PathLike = str | Path
+
+
+def _base_context(server: bool, cert: PathLike, key: PathLike, ca: PathLike) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server else ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_3
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    try:
+        ctx.load_verify_locations(cafile=str(ca))
+        ctx.load_cert_chain(certfile=str(cert), keyfile=str(key))
+    except ssl.SSLError as exc:
+        raise ChannelError(f"cannot load certificate, key or CA ({exc.reason or exc})") from None
+    return ctx
+
+
+def server_context(cert: PathLike, key: PathLike, ca: PathLike) -> ssl.SSLContext:
+    """A TLS 1.3 server context that requires a client certificate signed by ``ca``."""
+    return _base_context(True, cert, key, ca)
+
+
+def client_context(
+    cert: PathLike, key: PathLike, ca: PathLike, *, check_hostname: bool = True
+) -> ssl.SSLContext:
+    """A TLS 1.3 client context presenting ``cert`` and requiring a server cert from ``ca``.
+
+    With ``check_hostname`` (the default) the server's certificate must name the
+    ``server_hostname`` given to :func:`connect` in a DNS or IP SAN.
+    """
+    ctx = _base_context(False, cert, key, ca)
+    ctx.check_hostname = check_hostname
+    return ctx
+
+
+@dataclass(frozen=True, slots=True)
+class PeerIdentity:
+    """Names in the peer's verified certificate."""
+
+    common_name: str | None
+    dns_names: tuple[str, ...]
+    ip_addresses: tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, ...]
+    fingerprint: str  # SHA-256 of the DER certificate, hex
+
+    @property
+    def name(self) -> str | None:
+        """The gateway name: the first DNS SAN, else the CN."""
+        return self.dns_names[0] if self.dns_names else self.common_name
+
+    def matches(self, name: str) -> bool:
+        return name == self.common_name or name in self.dns_names
+
+
+def identity_from_der(der: bytes) -> PeerIdentity:
+    try:
+        cert = x509.load_der_x509_certificate(der)
+    except ValueError:
+        raise ChannelError("peer certificate cannot be parsed") from None
+    cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    cn = cns[0].value if cns else None
+    dns: list[str] = []
+    ips: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = []
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        dns = list(san.get_values_for_type(x509.DNSName))
+        for a in san.get_values_for_type(x509.IPAddress):
+            if isinstance(a, ipaddress.IPv4Address | ipaddress.IPv6Address):
+                ips.append(a)
+    except x509.ExtensionNotFound:
+        pass
+    return PeerIdentity(
+        cn if isinstance(cn, str) else None,
+        tuple(dns),
+        tuple(ips),
+        cert.fingerprint(hashes.SHA256()).hex(),
+    )
+
+
+def peer_identity(obj: ssl.SSLObject | ssl.SSLSocket | asyncio.StreamWriter) -> PeerIdentity:
+    """The peer's identity after a completed handshake (the certificate was verified)."""
+    sslobj: ssl.SSLObject | ssl.SSLSocket | None = (
+        obj.get_extra_info("ssl_object") if isinstance(obj, asyncio.StreamWriter) else obj
+    )
+    if sslobj is None:
+        raise ChannelError("not a TLS connection")
+    der = sslobj.getpeercert(binary_form=True)
+    if not der:
+        raise ChannelError("the peer presented no certificate")
+    return identity_from_der(der)
+
+
+class CxtpConnection:
+    """Whole CXTP messages over an asyncio stream pair; every wait is bounded by ``timeout``."""
+
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        max_message: int = cxtp.MAX_MESSAGE_LEN,
+    ) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.timeout = timeout
+        self._decoder = cxtp.StreamDecoder(max_message)
+        self._inbox: deque[cxtp.Message] = deque()
+        self._closed = False
+        self.peer: PeerIdentity = peer_identity(writer)
+        address = writer.get_extra_info("peername")
+        self.peer_address: str = f"{address[0]}:{address[1]}" if address else "?"
+
+    def __repr__(self) -> str:
+        return f"CxtpConnection(peer={self.peer.name!r}, address={self.peer_address!r})"
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    async def send(self, msg: cxtp.Message, *, timeout: float | None = None) -> None:
+        await self.send_raw(cxtp.encode(msg), timeout=timeout)
+
+    async def send_many(self, msgs: list[cxtp.Message], *, timeout: float | None = None) -> None:
+        await self.send_raw(b"".join(cxtp.encode(m) for m in msgs), timeout=timeout)
+
+    async def send_raw(self, data: bytes, *, timeout: float | None = None) -> None:
+        """Write bytes as they are (tests use it to send malformed messages)."""
+        if self._closed:
+            raise ChannelClosed(f"connection to {self.peer_address} is closed")
+        try:
+            self.writer.write(data)
+            async with asyncio.timeout(self.timeout if timeout is None else timeout):
+                await self.writer.drain()
+        except TimeoutError:
+            raise ChannelTimeout(f"sending to {self.peer_address} timed out") from None
+        except (ConnectionError, ssl.SSLError) as exc:
+            self._closed = True
+            raise ChannelClosed(f"connection to {self.peer_address} lost: {_reason(exc)}") from None
+
+    async def recv(self, *, timeout: float | None = None) -> cxtp.Message:
+        """The next message. Raises ChannelTimeout, ChannelClosed or cxtp.CxtpError.
+
+        A peer that hangs up in mid-message sent a truncated message: CxtpError. After a
+        CxtpError the stream has lost its framing; close the connection.
+        """
+        limit = self.timeout if timeout is None else timeout
+        try:
+            async with asyncio.timeout(limit):
+                while not self._inbox:
+                    if self._closed:
+                        raise ChannelClosed(f"connection to {self.peer_address} is closed")
+                    try:
+                        data = await self.reader.read(READ_CHUNK)
+                    except (ConnectionError, ssl.SSLError) as exc:
+                        self._closed = True
+                        raise ChannelClosed(
+                            f"connection to {self.peer_address} lost: {_reason(exc)}"
+                        ) from None
+                    if not data:
+                        self._closed = True
+                        if not self._decoder.at_boundary():
+                            raise cxtp.CxtpError(
+                                f"truncated message: {self.peer_address} closed the connection"
+                                " in mid-message"
+                            )
+                        raise ChannelClosed(f"{self.peer_address} closed the connection")
+                    self._inbox.extend(self._decoder.feed(data))
+        except TimeoutError:
+            raise ChannelTimeout(
+                f"no message from {self.peer_address} within {limit:g} s"
+            ) from None
+        return self._inbox.popleft()
+
+    async def request(
+        self, msg: cxtp.Message, *, timeout: float | None = None
+    ) -> cxtp.Message:
+        """Send one message and wait for the next one from the peer."""
+        await self.send(msg, timeout=timeout)
+        return await self.recv(timeout=timeout)
+
+    async def close(self) -> None:
+        self._closed = True
+        self.writer.close()
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(self.timeout):
+                await self.writer.wait_closed()
+
+    async def __aenter__(self) -> CxtpConnection:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, ssl.SSLError) and exc.reason:
+        return str(exc.reason)
+    if isinstance(exc, ConnectionResetError):
+        return "connection reset by peer"
+    return str(exc) or type(exc).__name__
+
+
+async def connect(
+    host: str,
+    port: int,
+    ctx: ssl.SSLContext,
+    *,
+    server_hostname: str | None = None,
+    timeout: float = DEFAULT_TIMEOUT,
+    handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+) -> CxtpConnection:
+    """Open a TLS connection to a peer gateway. ``server_hostname`` is the name its certificate
+    must carry (defaults to ``host``)."""
+    try:
+        async with asyncio.timeout(handshake_timeout):
+            reader, writer = await asyncio.open_connection(
+                host,
+                port,
+                ssl=ctx,
+                server_hostname=server_hostname or host,
+                ssl_handshake_timeout=handshake_timeout,
+            )
+    except TimeoutError:
+        raise ChannelTimeout(f"TLS connection to {host}:{port} timed out") from None
+    except ssl.SSLError as exc:
+        raise ChannelError(f"TLS handshake with {host}:{port} failed: {_reason(exc)}") from None
+    except (ConnectionResetError, ConnectionAbortedError, EOFError) as exc:
+        # A peer that refuses us during the handshake may just drop the connection.
+        raise ChannelError(f"TLS handshake with {host}:{port} failed: {_reason(exc)}") from None
+    except OSError as exc:
+        raise ChannelError(f"cannot connect to {host}:{port}: {exc.strerror or exc}") from None
+    try:
+        return CxtpConnection(reader, writer, timeout=timeout)
+    except ChannelError:
+        writer.close()
+        raise
+
+
+Handler = Callable[[CxtpConnection], Awaitable[None]]
+
+
+async def serve(
+    handler: Handler,
+    host: str,
+    port: int,
+    ctx: ssl.SSLContext,
+    *,
+    timeout: float = DEFAULT_TIMEOUT,
+    handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+) -> asyncio.Server:
+    """Accept TLS connections and run ``handler`` on each, then close it.
+
+    Peers that fail the handshake never reach ``handler``. An IpsecctError (a malformed message,
+    a timeout, a closed peer) or OSError out of ``handler`` is logged in one line and ends that
+    connection only; the server keeps accepting.
+    """
+
+    async def on_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            conn = CxtpConnection(reader, writer, timeout=timeout)
+        except ChannelError as exc:
+            log.warning("refused connection: %s", exc)
+            writer.close()
+            return
+        try:
+            await handler(conn)
+        except (IpsecctError, OSError) as exc:
+            log.warning(
+                "connection from %s (%s) ended: %s: %s",
+                conn.peer.name,
+                conn.peer_address,
+                type(exc).__name__,
+                exc,
+            )
+        except Exception:
+            log.exception("handler failed for %s (%s)", conn.peer.name, conn.peer_address)
+        finally:
+            await conn.close()
+
+    return await asyncio.start_server(
+        on_client, host, port, ssl=ctx, ssl_handshake_timeout=handshake_timeout
+    )

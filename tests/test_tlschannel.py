@@ -1,0 +1,359 @@
+"""The TLS 1.3 channel between gateways, on real loopback sockets with certificates from pki."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import ipaddress
+import logging
+import ssl
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TypeVar
+
+import pytest
+
+from ipsecct import cxtp, pki, tlschannel
+from ipsecct.cxtp import CTD, CTDR, CxtpError, StatusEntry
+from ipsecct.tlschannel import ChannelClosed, ChannelError, ChannelTimeout, CxtpConnection
+
+NOW = dt.datetime.now(dt.UTC)
+MN = ipaddress.IPv4Address("10.0.0.7")
+SA = bytes.fromhex("8001020000000000") + bytes(8)
+T = TypeVar("T")
+
+
+@pytest.fixture(scope="module")
+def pkidir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("pki")
+    pki.init_pki(d, ["sg1", "sg2"], NOW)
+    pki.init_pki(d / "other", ["sg1", "rogue"], NOW)
+    return d
+
+
+def server_ctx(d: Path, name: str = "sg2") -> ssl.SSLContext:
+    return tlschannel.server_context(d / f"{name}.pem", d / f"{name}.key", d / "ca.pem")
+
+
+def client_ctx(d: Path, name: str = "sg1") -> ssl.SSLContext:
+    return tlschannel.client_context(d / f"{name}.pem", d / f"{name}.key", d / "ca.pem")
+
+
+def run(coro: Awaitable[T]) -> T:
+    async def main() -> T:
+        async with asyncio.timeout(30):  # a hung test fails instead of hanging CI
+            return await coro
+
+    return asyncio.run(main())
+
+
+class Echo:
+    """A server handler that answers every CTD with a CTDR and records what happened."""
+
+    def __init__(self) -> None:
+        self.peers: list[str | None] = []
+        self.errors: list[BaseException] = []
+        self.failed = asyncio.Event()
+
+    async def __call__(self, conn: CxtpConnection) -> None:
+        self.peers.append(conn.peer.name)
+        while True:
+            try:
+                msg = await conn.recv(timeout=5)
+            except ChannelClosed:
+                return
+            except (CxtpError, ChannelError) as exc:
+                self.errors.append(exc)
+                self.failed.set()
+                raise
+            assert isinstance(msg, CTD)
+            await conn.send(CTDR(msg.mn_prev, True, (StatusEntry(0x8001, 0),)))
+
+
+async def with_server(
+    d: Path, body: Callable[[int, Echo], Awaitable[T]], ctx: ssl.SSLContext | None = None
+) -> T:
+    echo = Echo()
+    server = await tlschannel.serve(echo, "127.0.0.1", 0, ctx or server_ctx(d), timeout=5)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        return await body(port, echo)
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+def test_contexts_are_tls13_mutual(pkidir: Path) -> None:
+    s, c = server_ctx(pkidir), client_ctx(pkidir)
+    for ctx in (s, c):
+        assert ctx.minimum_version == ssl.TLSVersion.TLSv1_3
+        assert ctx.maximum_version == ssl.TLSVersion.TLSv1_3
+        assert ctx.verify_mode == ssl.CERT_REQUIRED
+    assert c.check_hostname
+
+
+def test_mutual_auth_and_round_trip(pkidir: Path) -> None:
+    async def body(port: int, echo: Echo) -> None:
+        conn = await tlschannel.connect(
+            "127.0.0.1", port, client_ctx(pkidir), server_hostname="sg2"
+        )
+        async with conn:
+            assert conn.peer.name == "sg2" and conn.peer.matches("sg2")
+            assert ipaddress.ip_address("127.0.0.1") in conn.peer.ip_addresses
+            ssl_obj = conn.writer.get_extra_info("ssl_object")
+            assert ssl_obj.version() == "TLSv1.3"
+            tag = cxtp.TransferTag(1234, 0).encode()
+            reply = await conn.request(CTD(MN, 3, (tag, SA), ack_requested=True))
+            assert reply == CTDR(MN, True, (StatusEntry(0x8001, 0),))
+            # Several messages in one write, and a bulk batch, all answered in order.
+            batch = cxtp.batch_cdbs(CTD(MN, 0), [SA] * 9000, transfer_id=5)
+            assert len(batch) > 1
+            await conn.send_many(list(batch))
+            for _ in batch:
+                assert isinstance(await conn.recv(), CTDR)
+        assert echo.peers == ["sg1"]  # the server saw the client's certificate name
+        assert echo.errors == []
+
+    run(with_server(pkidir, body))
+
+
+def test_ipv6_loopback(pkidir: Path) -> None:
+    async def main() -> None:
+        echo = Echo()
+        server = await tlschannel.serve(echo, "::1", 0, server_ctx(pkidir))
+        port = server.sockets[0].getsockname()[1]
+        try:
+            async with await tlschannel.connect(
+                "::1", port, client_ctx(pkidir), server_hostname="::1"
+            ) as conn:
+                reply = await conn.request(CTD(MN, 0, (SA,)))
+                assert isinstance(reply, CTDR) and reply.all_ok
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    try:
+        run(main())
+    except OSError as exc:  # pragma: no cover - a host without IPv6 loopback
+        pytest.skip(f"no IPv6 loopback: {exc}")
+
+
+def test_wrong_server_name_refused(pkidir: Path) -> None:
+    async def body(port: int, echo: Echo) -> None:
+        with pytest.raises(ChannelError, match="handshake"):
+            await tlschannel.connect("127.0.0.1", port, client_ctx(pkidir), server_hostname="sg9")
+        assert echo.peers == []
+
+    run(with_server(pkidir, body))
+
+
+async def _refused_client(port: int, ctx: ssl.SSLContext) -> None:
+    """A client the server must refuse: the handshake fails, or the first read does (in TLS 1.3
+    the client finishes its side before the server has checked the client certificate)."""
+    try:
+        conn = await tlschannel.connect("127.0.0.1", port, ctx, server_hostname="sg2", timeout=5)
+    except ChannelError:
+        return
+    async with conn:
+        with pytest.raises(ChannelClosed):
+            await conn.send(CTD(MN, 0, (SA,)))
+            await conn.recv()
+
+
+def test_client_from_another_ca_refused(pkidir: Path) -> None:
+    other = pkidir / "other"
+    # Trusts our CA (so it would accept the server) but presents a certificate from another CA.
+    ctx = tlschannel.client_context(other / "rogue.pem", other / "rogue.key", pkidir / "ca.pem")
+
+    async def body(port: int, echo: Echo) -> None:
+        await _refused_client(port, ctx)
+        assert echo.peers == []
+
+    run(with_server(pkidir, body))
+
+
+def test_same_name_from_another_ca_refused(pkidir: Path) -> None:
+    other = pkidir / "other"
+    ctx = tlschannel.client_context(other / "sg1.pem", other / "sg1.key", pkidir / "ca.pem")
+
+    async def body(port: int, echo: Echo) -> None:
+        await _refused_client(port, ctx)
+        assert echo.peers == []
+
+    run(with_server(pkidir, body))
+
+
+def test_client_without_certificate_refused(pkidir: Path) -> None:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.load_verify_locations(cafile=str(pkidir / "ca.pem"))
+
+    async def no_cert_client(port: int) -> bytes:
+        # In TLS 1.3 the client's handshake completes before the server has checked for a
+        # client certificate; the server then drops the connection without reading anything.
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", port, ssl=ctx, server_hostname="sg2"
+        )
+        writer.write(cxtp.encode(CTD(MN, 0, (SA,))))
+        try:
+            return await reader.read(100)
+        except (ssl.SSLError, ConnectionError):
+            return b""
+        finally:
+            writer.close()
+
+    async def main() -> None:
+        # The bare context: the TLS layer itself refuses, the application never sees the peer.
+        accepted: list[object] = []
+
+        async def record(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            accepted.append(w.get_extra_info("peercert"))
+            w.close()
+
+        server = await asyncio.start_server(record, "127.0.0.1", 0, ssl=server_ctx(pkidir))
+        port = server.sockets[0].getsockname()[1]
+        try:
+            assert await no_cert_client(port) == b""
+            assert accepted == []
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    run(main())
+
+    async def body(port: int, echo: Echo) -> None:
+        assert await no_cert_client(port) == b""
+        assert echo.peers == []
+
+    run(with_server(pkidir, body))
+
+
+def test_server_from_another_ca_refused_by_client(pkidir: Path) -> None:
+    other = pkidir / "other"
+    sctx = tlschannel.server_context(other / "sg1.pem", other / "sg1.key", pkidir / "ca.pem")
+
+    async def body(port: int, echo: Echo) -> None:
+        with pytest.raises(ChannelError, match="handshake"):
+            await tlschannel.connect("127.0.0.1", port, client_ctx(pkidir), server_hostname="sg1")
+
+    run(with_server(pkidir, body, ctx=sctx))
+
+
+def test_tls12_client_refused(pkidir: Path) -> None:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_verify_locations(cafile=str(pkidir / "ca.pem"))
+    ctx.load_cert_chain(str(pkidir / "sg1.pem"), str(pkidir / "sg1.key"))
+
+    async def body(port: int, echo: Echo) -> None:
+        with pytest.raises(ChannelError, match="handshake"):
+            await tlschannel.connect("127.0.0.1", port, ctx, server_hostname="sg2")
+        assert echo.peers == []
+
+    run(with_server(pkidir, body))
+
+
+def test_tls12_server_refused_by_client(pkidir: Path) -> None:
+    sctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    sctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    sctx.load_cert_chain(str(pkidir / "sg2.pem"), str(pkidir / "sg2.key"))
+
+    async def main() -> None:
+        async def nothing(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            w.close()
+
+        server = await asyncio.start_server(nothing, "127.0.0.1", 0, ssl=sctx)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            with pytest.raises(ChannelError, match="handshake"):
+                await tlschannel.connect(
+                    "127.0.0.1", port, client_ctx(pkidir), server_hostname="sg2"
+                )
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    run(main())
+
+
+@pytest.mark.parametrize(
+    ("garbage", "hang_up"),
+    [
+        (b"GET / HTTP/1.1\r\nHost: sg2\r\n\r\n", False),
+        (cxtp.encode(CTD(MN, 0, (SA,)))[:-3], True),  # truncated, then the peer hangs up
+        (bytes([0x23, 0x80, 0x00, 0x20]) + bytes(28), False),  # CTD whose CDB has length 0
+    ],
+)
+def test_garbage_from_trusted_peer(
+    pkidir: Path, garbage: bytes, hang_up: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="ipsecct.tlschannel")
+
+    async def body(port: int, echo: Echo) -> None:
+        conn = await tlschannel.connect(
+            "127.0.0.1", port, client_ctx(pkidir), server_hostname="sg2"
+        )
+        await conn.send_raw(garbage)
+        if not hang_up:
+            # The server refuses and closes: we see the connection end, not an answer.
+            with pytest.raises(ChannelClosed):
+                await conn.recv(timeout=5)
+            await conn.close()
+        else:
+            await conn.close()  # hang up in mid-message
+        # The server is still running and serves the next (well-behaved) client.
+        async with await tlschannel.connect(
+            "127.0.0.1", port, client_ctx(pkidir), server_hostname="sg2"
+        ) as ok:
+            assert isinstance(await ok.request(CTD(MN, 1, (SA,))), CTDR)
+        assert echo.peers == ["sg1", "sg1"]
+        await asyncio.wait_for(echo.failed.wait(), 5)
+        assert [type(e) for e in echo.errors] == [CxtpError]
+
+    run(with_server(pkidir, body))
+    text = caplog.text
+    assert "ended" in text
+    assert "CxtpError" in text
+    # Nothing of the message body is logged.
+    assert "Host: sg2" not in text
+
+
+def test_recv_timeout(pkidir: Path) -> None:
+    async def main() -> None:
+        async def silent(conn: CxtpConnection) -> None:
+            await asyncio.sleep(10)
+
+        server = await tlschannel.serve(silent, "127.0.0.1", 0, server_ctx(pkidir))
+        port = server.sockets[0].getsockname()[1]
+        try:
+            async with await tlschannel.connect(
+                "127.0.0.1", port, client_ctx(pkidir), server_hostname="sg2", timeout=0.2
+            ) as conn:
+                with pytest.raises(ChannelTimeout):
+                    await conn.recv()
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    run(main())
+
+
+def test_connect_to_closed_port(pkidir: Path) -> None:
+    async def main() -> None:
+        server = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        server.close()
+        await server.wait_closed()
+        with pytest.raises(ChannelError, match="cannot connect"):
+            await tlschannel.connect("127.0.0.1", port, client_ctx(pkidir), server_hostname="sg2")
+
+    run(main())
+
+
+def test_bad_certificate_files(tmp_path: Path, pkidir: Path) -> None:
+    junk = tmp_path / "junk.pem"
+    junk.write_text("not a certificate\n")
+    with pytest.raises(ChannelError, match="cannot load"):
+        tlschannel.server_context(junk, pkidir / "sg2.key", pkidir / "ca.pem")
+    with pytest.raises(ChannelError, match="cannot load"):
+        tlschannel.client_context(pkidir / "sg1.pem", pkidir / "sg2.key", pkidir / "ca.pem")
