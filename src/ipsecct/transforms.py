@@ -36,6 +36,7 @@ _HDR_IV = struct.Struct("!LLQ")  # SPI | sequence number | 64-bit IV
 _SPI_SEQ64 = struct.Struct("!LQ")  # ESN AAD: SPI | seq-high | seq-low
 _SALT_IV = struct.Struct("!4sQ")  # AEAD nonce: salt | IV
 _MASK32 = 0xFFFFFFFF
+_BA_JOIN = bytearray().join  # the cheapest way found to make a new bytearray of two parts
 
 # RFC 4303 §2.4 padding: 1, 2, 3, ...
 PAD = bytes(range(1, 256))
@@ -110,10 +111,8 @@ class AeadTransform(EspTransform):
     def seal(self, header: bytes, seq: int, plaintext: bytes | bytearray, esn: bool) -> bytearray:
         # AAD is SPI | seq (RFC 4106 §5); with ESN, SPI | seq-high | seq-low.
         aad = _SPI_SEQ64.pack(_L.unpack_from(header)[0], seq) if esn else header
-        out = bytearray(header)
-        out += _Q.pack(seq)
-        out += self._aead.encrypt(_SALT_IV.pack(self._salt, seq), plaintext, aad)
-        return out
+        ct = self._aead.encrypt(_SALT_IV.pack(self._salt, seq), plaintext, aad)
+        return _BA_JOIN((header, _Q.pack(seq), ct))
 
     def open(self, packet: memoryview, seq: int, esn: bool) -> bytes:
         return self.open_payload(packet, seq, esn)
@@ -135,10 +134,13 @@ class AeadTransform(EspTransform):
             pt: bytes | bytearray = b"".join((payload, bytes(tfc_pad), tr))
         else:
             pt = payload + tr
-        out = bytearray(_HDR_IV.pack(spi, seq & _MASK32, seq))
-        aad = _SPI_SEQ64.pack(spi, seq) if esn else _HDR.pack(spi, seq & _MASK32)
-        out += self._aead.encrypt(_SALT_IV.pack(self._salt, seq), pt, aad)
-        return out
+        head = _HDR_IV.pack(spi, seq & _MASK32, seq)  # SPI | seq | IV (= the 64-bit seq)
+        # Measured: encrypt() and one join beat encrypt_into() into a memoryview of a
+        # preallocated bytearray (cryptography 50), and bytearray(head) += ct.
+        ct = self._aead.encrypt(
+            _SALT_IV.pack(self._salt, seq), pt, _SPI_SEQ64.pack(spi, seq) if esn else head[:8]
+        )
+        return _BA_JOIN((head, ct))
 
     def open_payload(self, packet: bytes | bytearray | memoryview, seq: int, esn: bool) -> bytes:
         if len(packet) < 32:  # header, IV, ICV
