@@ -145,6 +145,10 @@ class Engine:
         self._tunnel_of_entry: dict[int, Tunnel] = {}  # id(SPDEntry) -> tunnel
         self._tunnel_of_sa: dict[int, Tunnel] = {}  # id(SA) -> tunnel
         self._moved_in: dict[int, Tunnel] = {}  # inbound SPI of a moved tunnel -> tunnel
+        # Inbound SAs reachable under a (dst, protocol, SPI) that another SA owns: after an
+        # SPI collision ("renegotiate"), or under the old SPI while the peer learns a new one
+        # ("reassign"). Tried only when the owner does not verify the packet.
+        self._shadows: dict[tuple[IPAddress, Protocol, int], list[SecurityAssociation]] = {}
         self.events: list[EngineEvent] = []
 
     # -- configuration -----------------------------------------------------------------
@@ -187,6 +191,7 @@ class Engine:
         for sa in tunnel.sas():
             if self.sad.lookup(sa.dst, sa.protocol, sa.spi) is sa:
                 self.sad.remove(sa)
+            self.remove_shadows(sa)
             self._tunnel_of_sa.pop(id(sa), None)
         self._tunnel_of_entry.pop(id(tunnel.entry), None)
         if tunnel.entry in list(self.spd):
@@ -200,6 +205,7 @@ class Engine:
         for sa in tunnel.sas():
             if self.sad.lookup(sa.dst, sa.protocol, sa.spi) is sa:
                 self.sad.remove(sa)
+            self.remove_shadows(sa)
         tunnel.state = TunnelState.MOVED
         tunnel.forward_to = peer
         tunnel.forward_until = until
@@ -215,6 +221,20 @@ class Engine:
         for t in gone:
             self.remove_tunnel(t)
         return gone
+
+    def add_shadow(self, sa: SecurityAssociation, spi: int | None = None) -> None:
+        key = (sa.dst, sa.protocol, sa.spi if spi is None else spi)
+        self._shadows.setdefault(key, []).append(sa)
+
+    def remove_shadows(self, sa: SecurityAssociation) -> None:
+        for key in [k for k, v in self._shadows.items() if sa in v]:
+            lst = self._shadows[key]
+            lst.remove(sa)
+            if not lst:
+                del self._shadows[key]
+
+    def shadows(self) -> list[SecurityAssociation]:
+        return [sa for lst in self._shadows.values() for sa in lst]
 
     def tunnel_of(self, sa: SecurityAssociation) -> Tunnel | None:
         return self._tunnel_of_sa.get(id(sa))
@@ -347,6 +367,10 @@ class Engine:
         sa = self.sad.lookup(dst, protocol, spi) if dst is not None else None
         if sa is None:
             sa = self.sad.lookup_spi(protocol, spi)
+        if sa is None and self._shadows:
+            found = self._try_shadows(data, dst, protocol, spi, now)
+            if found is not None:
+                return found
         if sa is None:
             moved = self._moved_in.get(spi)
             if moved is not None and moved.forward_to is not None and now < moved.forward_until:
@@ -359,11 +383,45 @@ class Engine:
             return Held(t, bytes(data), True)
         if sa.mode is not Mode.TUNNEL:
             return self._drop(Drop.POLICY)  # transport mode needs the outer header: raw path
-        res = esp.decapsulate(sa, data, now)
+        dec = esp.decapsulate(sa, data, now)
         self._collect(sa)
-        if isinstance(res, Drop):
-            return self._drop(res)
-        nh, payload = res
+        if (dec is Drop.ICV or dec is Drop.REPLAY) and self._shadows:
+            alt = self._try_shadows(data, dst, protocol, spi, now)
+            if alt is not None:
+                return alt
+        if isinstance(dec, Drop):
+            return self._drop(dec)
+        return self._deliver(sa, dec[0], dec[1])
+
+    def _try_shadows(
+        self,
+        data: bytes | bytearray | memoryview,
+        dst: IPAddress | None,
+        protocol: Protocol,
+        spi: int,
+        now: float,
+    ) -> Result | None:
+        cands = self._shadows.get((dst, protocol, spi), []) if dst is not None else []
+        if not cands:
+            cands = [
+                s
+                for (_, p, i), lst in self._shadows.items()
+                if p is protocol and i == spi
+                for s in lst
+            ]
+        for sa in cands:
+            t = self._tunnel_of_sa.get(id(sa))
+            if t is not None and t.state is TunnelState.HELD:
+                return Held(t, bytes(data), True)
+            res = esp.decapsulate(sa, data, now)
+            self._collect(sa)
+            if not isinstance(res, Drop):
+                return self._deliver(sa, res[0], res[1])
+            if res is not Drop.ICV and res is not Drop.REPLAY:
+                return self._drop(res)
+        return None
+
+    def _deliver(self, sa: SecurityAssociation, nh: int, payload: bytes) -> Result:
         if nh == NH_SIGNAL:
             return Signal(sa, payload)
         inner = processing.inner_packet(sa, nh, payload)

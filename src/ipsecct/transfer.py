@@ -1,0 +1,837 @@
+"""Context transfer between gateways (the draft, over CXTP RFC 4067): the sans-I/O protocol.
+
+One transfer moves a set of tunnels (a policy and its SA pair each) from a *source* gateway to a
+*target*. :class:`TransferCore` runs both roles; the adapter (:mod:`ipsecct.handover`) feeds it
+CXTP messages, held packets and timer ticks, and carries out the outputs. Three messages make a
+transfer, so that an SA is never active in two places and never lost:
+
+1. source: holds the tunnels (the single-sender rule: from here on it neither sends nor accepts
+   on them; packets that arrive are held), snapshots them (exact outbound sequence number and
+   inbound replay window) and sends **PCTD** (predictive) or **CTD** (reactive, answering a
+   **CT-Req**) carrying a TRANSFER tag and one feature-context CDB per SA.
+2. target: checks the peer may send contexts, checks each tunnel (algorithms it supports, SPI
+   collisions under its conflict policy), installs the accepted ones *held* (pending), answers
+   **CTDR** with a status per tunnel (and SA_RESULT CDBs, e.g. a reassigned SPI).
+3. source: for the accepted tunnels, sends the COMMIT decision, turns them into forwarders
+   (traffic that still reaches it goes to the target over the protected channel for
+   ``forward_time``) and forwards what it held; the rest it reactivates. On the COMMIT the
+   target activates its tunnels, replays what it held, and (direct SG identity) tells the MN
+   its new address inside the SA.
+
+No CTDR within ``max_transfer_time``, a refusal, or a lost connection: the source rolls back
+(reactivates the tunnels, processes the packets it held) and sends CTC. The target keeps a
+pending transfer until it hears COMMIT or CTC; it re-sends its CTDR every ``retry`` seconds,
+which asks the source for its decision again, and gives up after ``retry_max``. Because the
+target never sends on a pending tunnel and the source never sends on a committed one, no
+(key, sequence number) pair is ever used twice.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+import secrets
+import struct
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from . import context, cxtp, signalling
+from .algorithms import ENC, EncAlg, IntegAlg
+from .engine import Engine, Held, Tunnel, TunnelState
+from .errors import ContextError, IpsecctError, SAError
+from .sad import Direction, Protocol, SecurityAssociation, UdpEncap
+from .spd import Action, IPAddress, SPDEntry
+
+FPT_DECISION = 0x8005  # COMMIT (1) or ABORT (2) of a transfer
+FPT_FORWARD = 0x8006  # a packet forwarded after the cut-over
+FPT_SYNC = 0x8007  # fail-over replication: heartbeat and state (see failover.py)
+DECISION_COMMIT = 1
+MAX_FORWARD_PACKET = cxtp.MAX_CDB_LEN - 8
+
+
+class ConflictPolicy(enum.Enum):
+    """What a target does when a transferred inbound SA's SPI is taken (draft §8)."""
+
+    DENY = "deny"
+    RENEGOTIATE = "renegotiate"
+    REASSIGN = "reassign"
+
+
+class Identity(enum.Enum):
+    """How the MN learns who serves it (draft §7.1)."""
+
+    DIRECT = "direct"  # the MN is told the new gateway's address
+    INDIRECT = "indirect"  # a virtual gateway address moves with the SAs
+
+
+class TransferError(IpsecctError):
+    """A transfer cannot start (unknown SPI, busy, unknown peer)."""
+
+
+@dataclass
+class Settings:
+    conflict: ConflictPolicy = ConflictPolicy.REASSIGN
+    identity: Identity = Identity.DIRECT
+    max_transfer_time: float = cxtp.CT_MAX_TRANSFER_TIME_MS / 1000
+    retry: float = cxtp.CT_REQUEST_RETRY_MS / 1000
+    retry_max: float = cxtp.CT_RETRY_MAX_MS / 1000
+    forward_time: float = cxtp.CT_MAX_HANDOVER_TIME_MS / 1000
+    supported_enc: frozenset[EncAlg] = frozenset(EncAlg)
+    supported_integ: frozenset[IntegAlg] = frozenset(IntegAlg)
+    path_mtu: int | None = None  # this gateway's path MTU for installed SAs (None: keep)
+    max_held: int = 20000  # packets held per transfer before new ones are dropped
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    address: IPAddress
+    port: int
+
+
+# -- outputs ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Send:
+    peer: str
+    msg: cxtp.Message
+
+
+@dataclass(frozen=True)
+class Inject:
+    """Hand a held packet back to the engine (after a rollback, or on the target's commit)."""
+
+    packet: bytes
+    inbound: bool
+
+
+@dataclass(frozen=True)
+class Transmit:
+    """Send an ESP packet (a signal to the MN) on an SA."""
+
+    sa: SecurityAssociation
+    data: bytes | bytearray
+
+
+@dataclass
+class Record:
+    """One finished (or failed) transfer, for ``ipsecct status`` and the demo."""
+
+    transfer_id: int
+    role: str  # "source" or "target"
+    peer: str
+    mode: str
+    started: float
+    ended: float = 0.0
+    outcome: str = "in progress"
+    tunnels: int = 0
+    accepted: int = 0
+    detail: str = ""
+    spis: list[int] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "id": f"{self.transfer_id:016x}",
+            "role": self.role,
+            "peer": self.peer,
+            "mode": self.mode,
+            "outcome": self.outcome,
+            "tunnels": self.tunnels,
+            "accepted": self.accepted,
+            "ms": round((self.ended - self.started) * 1000, 3),
+            "detail": self.detail,
+        }
+
+
+@dataclass(frozen=True)
+class Finished:
+    record: Record
+
+
+Output = Send | Inject | Transmit | Finished
+
+
+def token_key(tunnel_or_sas: Tunnel | Iterable[SecurityAssociation]) -> bytes:
+    """The key an MN and its gateway share for RFC 4067's authorization token, derived from the
+    keys of the MN's SA pair (both ends hold them): HKDF-SHA256 over the keys of the SA from MN
+    to gateway, then of the SA from gateway to MN."""
+    sas = tunnel_or_sas.sas() if isinstance(tunnel_or_sas, Tunnel) else list(tunnel_or_sas)
+    # Order: the SA whose SPI the gateway chose (gateway inbound = MN outbound) first, which
+    # both sides can tell apart by comparing SPIs (lower first) without knowing roles.
+    material = b"".join(sa.enc_key + sa.integ_key for sa in sorted(sas, key=lambda s: s.spi))
+    return HKDF(hashes.SHA256(), 20, None, b"ipsecct ctar token").derive(material)
+
+
+def frame(fpt: int, payload: bytes) -> bytes:
+    total = 4 + len(payload)
+    total += -total % 8
+    if total > cxtp.MAX_CDB_LEN:
+        raise cxtp.CxtpError("CDB too long")
+    return struct.pack("!HBB", fpt, total // 8, 0) + payload + bytes(total - 4 - len(payload))
+
+
+def unframe(cdb: bytes) -> bytes:
+    return cdb[4:]
+
+
+def forward_cdb(packet: bytes, inbound: bool) -> bytes:
+    return frame(FPT_FORWARD, struct.pack("!BxH", 1 if inbound else 0, len(packet)) + packet)
+
+
+def parse_forward(cdb: bytes) -> tuple[bytes, bool]:
+    p = unframe(cdb)
+    if len(p) < 4:
+        raise cxtp.CxtpError("FORWARD CDB too short")
+    inbound, n = struct.unpack_from("!BxH", p)
+    if inbound not in (0, 1) or 4 + n > len(p) or any(p[4 + n :]):
+        raise cxtp.CxtpError("FORWARD CDB malformed")
+    return bytes(p[4 : 4 + n]), bool(inbound)
+
+
+def decision_cdb(decision: int) -> bytes:
+    return frame(FPT_DECISION, bytes([decision, 0, 0, 0]))
+
+
+# -- state ---------------------------------------------------------------------------------
+@dataclass
+class _Outgoing:
+    tid: int
+    peer: str
+    tunnels: list[Tunnel]
+    mn: IPAddress
+    deadline: float
+    record: Record
+    candidates: list[str]
+    held: list[Held] = field(default_factory=list)
+    seq: int = 0
+    state: str = "sent"  # sent | committed | aborted
+
+
+@dataclass
+class _Incoming:
+    tid: int
+    peer: str
+    mn: IPAddress
+    record: Record
+    cdbs: list[bytes] = field(default_factory=list)
+    tunnels: list[Tunnel] = field(default_factory=list)
+    signals: dict[int, list[signalling.SignalItem]] = field(default_factory=dict)
+    held: list[Held] = field(default_factory=list)
+    ctdr: cxtp.CTDR | None = None
+    next_retry: float = 0.0
+    give_up: float = 0.0
+    state: str = "receiving"  # receiving | pending | active | cancelled
+    seq: int = 0
+
+
+class TransferCore:
+    """Both roles of context transfer for one gateway, over its :class:`Engine`."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        endpoint: Endpoint,
+        settings: Settings | None = None,
+        *,
+        rng: Callable[[int], int] = secrets.randbits,
+        on_install: Callable[[Tunnel], None] | None = None,
+    ) -> None:
+        self.engine = engine
+        self.endpoint = endpoint
+        self.settings = settings or Settings()
+        self.rng = rng
+        self.on_install = on_install
+        self.outgoing: dict[int, _Outgoing] = {}
+        self.incoming: dict[tuple[str, int], _Incoming] = {}
+        self.decided: dict[int, tuple[int, float]] = {}  # tid -> (decision, until)
+        self.records: deque[Record] = deque(maxlen=1000)
+        self.seen: dict[tuple[str, int, int], float] = {}  # replay protection
+        self.ctar_seq: dict[IPAddress, int] = {}  # highest CTAR/CT-Req sequence per MN
+        self.counters = {"refused": 0, "replayed": 0, "malformed": 0, "forwarded": 0}
+
+    # -- source side -----------------------------------------------------------------
+    def start(
+        self,
+        tunnels: list[Tunnel],
+        peer: str,
+        now: float,
+        *,
+        mode: str = "predictive",
+        candidates: Iterable[str] = (),
+        reply_to: tuple[int, int] | None = None,
+    ) -> tuple[int, list[Output]]:
+        """Begin moving ``tunnels`` to ``peer``. Raises TransferError if one is busy."""
+        if not tunnels:
+            raise TransferError("nothing to transfer")
+        for t in tunnels:
+            if t.state is not TunnelState.ACTIVE:
+                raise TransferError(
+                    f"tunnel {t.name or hex(t.outbound.spi)} is {t.state.value}: busy"
+                )
+        tid = self.rng(64) if reply_to is None else reply_to[0]
+        rec = Record(
+            tid,
+            "source",
+            peer,
+            mode,
+            now,
+            tunnels=len(tunnels),
+            spis=[sa.spi for t in tunnels for sa in t.sas()],
+        )
+        for t in tunnels:
+            t.state = TunnelState.HELD
+        og = _Outgoing(
+            tid,
+            peer,
+            tunnels,
+            tunnels[0].outbound.dst,
+            now + self.settings.max_transfer_time,
+            rec,
+            list(candidates),
+        )
+        self.outgoing[tid] = og
+        return tid, self._send_contexts(og, now, reactive=reply_to is not None)
+
+    def _send_contexts(self, og: _Outgoing, now: float, *, reactive: bool) -> list[Output]:
+        cdbs: list[bytes] = []
+        for t in og.tunnels:
+            cdbs.append(context.encode(t.outbound, now))
+            if t.inbound is not None:
+                cdbs.append(context.encode(t.inbound, now))
+        template: cxtp.CTD | cxtp.PCTD = (
+            cxtp.CTD(og.mn, 0) if reactive else cxtp.PCTD(og.mn, 0, token_key(og.tunnels[0]))
+        )
+        msgs = cxtp.batch_cdbs(template, cdbs, og.tid, first_seq=og.seq)
+        og.seq += len(msgs)
+        return [Send(og.peer, m) for m in msgs]
+
+    def hold(self, held: Held) -> bool:
+        """Keep a packet of a held tunnel; False when over the limit (the caller drops it)."""
+        for og in self.outgoing.values():
+            if held.tunnel in og.tunnels and og.state == "sent":
+                if len(og.held) >= self.settings.max_held:
+                    return False
+                og.held.append(held)
+                return True
+        for inc in self.incoming.values():
+            if held.tunnel in inc.tunnels and inc.state in ("receiving", "pending"):
+                if len(inc.held) >= self.settings.max_held:
+                    return False
+                inc.held.append(held)
+                return True
+        return False
+
+    def _rollback(
+        self,
+        og: _Outgoing,
+        now: float,
+        outcome: str,
+        detail: str,
+        tunnels: list[Tunnel] | None = None,
+    ) -> list[Output]:
+        out: list[Output] = []
+        back = og.tunnels if tunnels is None else tunnels
+        for t in back:
+            if t.state is TunnelState.HELD:
+                t.state = TunnelState.ACTIVE
+        keep = [h for h in og.held if h.tunnel not in back]
+        out += [Inject(h.packet, h.inbound) for h in og.held if h.tunnel in back]
+        og.held = keep
+        if tunnels is None:
+            og.state = "aborted"
+            self.decided[og.tid] = (2, now + self.settings.retry_max)
+            self.outgoing.pop(og.tid, None)
+            og.record.outcome, og.record.detail, og.record.ended = outcome, detail, now
+            self.records.append(og.record)
+            out.append(Send(og.peer, cxtp.CTC(og.mn, (self._tag(og),))))
+            out.append(Finished(og.record))
+        return out
+
+    def _tag(self, og: _Outgoing | _Incoming) -> bytes:
+        tag = cxtp.TransferTag(og.tid, og.seq).encode()
+        og.seq += 1
+        return tag
+
+    def _on_ctdr(
+        self, peer: str, msg: cxtp.CTDR, tag: cxtp.TransferTag, now: float
+    ) -> list[Output]:
+        og = self.outgoing.get(tag.transfer_id)
+        if og is None or og.peer != peer:
+            # A CTDR re-sent by a target that missed our decision: repeat it.
+            dec = self.decided.get(tag.transfer_id)
+            if dec is None:
+                return [
+                    Send(
+                        peer,
+                        cxtp.CTC(msg.mn_prev, (cxtp.TransferTag(tag.transfer_id, 0).encode(),)),
+                    )
+                ]
+            d = dec[0]
+            ttag = cxtp.TransferTag(tag.transfer_id, 0).encode()
+            if d == DECISION_COMMIT:
+                return [Send(peer, cxtp.CTD(msg.mn_prev, 0, (ttag, decision_cdb(d))))]
+            return [Send(peer, cxtp.CTC(msg.mn_prev, (ttag,)))]
+        results = [
+            cxtp.SaResult.decode(c) for c in msg.ext[1:] if cxtp.cdb_fpt(c) == cxtp.FPT_SA_RESULT
+        ]
+        status_by_spi = {r.spi: r.status for r in results}
+        accepted: list[Tunnel] = []
+        refused: list[Tunnel] = []
+        worst = 0
+        for t in og.tunnels:
+            st = status_by_spi.get(t.outbound.spi, cxtp.Status.INTERNAL_ERROR)
+            if cxtp.is_success(st):
+                accepted.append(t)
+            else:
+                refused.append(t)
+                worst = worst or st
+        out: list[Output] = []
+        if not accepted:
+            # Nothing taken: try the next candidate for unsupported algorithms, else roll back.
+            if worst == cxtp.Status.UNSUPPORTED_ALGORITHM and og.candidates:
+                nxt = og.candidates.pop(0)
+                out += [Send(og.peer, cxtp.CTC(og.mn, (self._tag(og),)))]
+                og.record.detail += f"{og.peer}: unsupported algorithm; "
+                og.peer = nxt
+                og.record.peer = nxt
+                og.deadline = now + self.settings.max_transfer_time
+                return out + self._send_contexts(og, now, reactive=False)
+            name = _status_name(worst)
+            return self._rollback(og, now, "refused", f"{og.record.detail}{peer}: {name}")
+        # Commit what was accepted; reactivate the rest here.
+        if refused:
+            out += self._rollback(og, now, "partial", "", refused)
+        og.tunnels = accepted
+        og.state = "committed"
+        self.decided[og.tid] = (DECISION_COMMIT, now + self.settings.retry_max)
+        self.outgoing.pop(og.tid, None)
+        out.append(Send(peer, cxtp.CTD(og.mn, 0, (self._tag(og), decision_cdb(DECISION_COMMIT)))))
+        for t in accepted:
+            self.engine.move_tunnel(t, peer, now + self.settings.forward_time)
+        for h in og.held:
+            out += self.forward(peer, h.packet, h.inbound, og)
+        og.held = []
+        og.record.outcome = "committed" if not refused else "partial"
+        og.record.accepted = len(accepted)
+        og.record.ended = now
+        if refused:
+            og.record.detail += f"{len(refused)} refused: {_status_name(worst)}"
+        self.records.append(og.record)
+        out.append(Finished(og.record))
+        return out
+
+    def forward(
+        self, peer: str, packet: bytes, inbound: bool, og: _Outgoing | None = None
+    ) -> list[Output]:
+        """Wrap a packet that reached us after the cut-over for the new gateway."""
+        if len(packet) > MAX_FORWARD_PACKET:
+            return []
+        self.counters["forwarded"] += 1
+        tid = og.tid if og is not None else 0
+        seq = 0
+        if og is not None:
+            seq = og.seq
+            og.seq += 1
+        tag = cxtp.TransferTag(tid, seq).encode()
+        mn = ipaddress.ip_address("0.0.0.0") if og is None else og.mn
+        return [Send(peer, cxtp.CTD(mn, 0, (tag, forward_cdb(packet, inbound))))]
+
+    # -- target side -----------------------------------------------------------------
+    def receive(
+        self,
+        peer: str,
+        msg: cxtp.Message,
+        now: float,
+        *,
+        may_send: bool = True,
+        may_request: bool = True,
+    ) -> list[Output]:
+        """A CXTP message from an authenticated peer."""
+        try:
+            tag = cxtp.transfer_tag(msg)
+        except cxtp.CxtpError:
+            self.counters["malformed"] += 1
+            return []
+        if isinstance(msg, cxtp.CTReq):
+            return self._on_ctreq(peer, msg, tag, now, may_request)
+        if tag is None:
+            self.counters["malformed"] += 1
+            return []
+        forwarded = (
+            isinstance(msg, cxtp.CTD)
+            and len(msg.cdbs) == 2
+            and cxtp.cdb_fpt(msg.cdbs[1]) == FPT_FORWARD
+        )
+        key = (peer, tag.transfer_id, tag.seq)
+        if key in self.seen and not forwarded and not isinstance(msg, cxtp.CTDR):
+            self.counters["replayed"] += 1
+            return []
+        self.seen[key] = now + self.settings.retry_max * 2
+        if forwarded:
+            assert isinstance(msg, cxtp.CTD)
+            pkt, inbound = parse_forward(msg.cdbs[1])
+            return [Inject(pkt, inbound)]
+        if isinstance(msg, cxtp.PCTD | cxtp.CTD) and self._is_decision(msg):
+            return self._on_commit(peer, tag, now)
+        if isinstance(msg, cxtp.PCTD | cxtp.CTD):
+            if not may_send:
+                self.counters["refused"] += 1
+                return [
+                    Send(
+                        peer,
+                        cxtp.CTDR(
+                            msg.mn_prev,
+                            False,
+                            (cxtp.StatusEntry(context.FPT_IPSEC_SA, cxtp.Status.UNAUTHORISED),),
+                            (cxtp.TransferTag(tag.transfer_id, 0).encode(),),
+                        ),
+                    )
+                ]
+            return self._on_data(peer, msg, tag, now)
+        if isinstance(msg, cxtp.CTDR):
+            return self._on_ctdr(peer, msg, tag, now)
+        if isinstance(msg, cxtp.CTC):
+            return self._on_cancel(peer, tag, now)
+        self.counters["malformed"] += 1
+        return []
+
+    @staticmethod
+    def _is_decision(msg: cxtp.PCTD | cxtp.CTD) -> bool:
+        return len(msg.cdbs) == 2 and cxtp.cdb_fpt(msg.cdbs[1]) == FPT_DECISION
+
+    def _on_data(
+        self, peer: str, msg: cxtp.PCTD | cxtp.CTD, tag: cxtp.TransferTag, now: float
+    ) -> list[Output]:
+        k = (peer, tag.transfer_id)
+        inc = self.incoming.get(k)
+        if inc is None:
+            mode = "predictive" if isinstance(msg, cxtp.PCTD) else "reactive"
+            inc = _Incoming(
+                tag.transfer_id,
+                peer,
+                msg.mn_prev,
+                Record(tag.transfer_id, "target", peer, mode, now),
+            )
+            self.incoming[k] = inc
+        elif inc.state != "receiving":
+            return []
+        inc.cdbs.extend(msg.cdbs[1:])
+        if not tag.last:
+            return []
+        return self._install(inc, now)
+
+    def _check_supported(self, sa: SecurityAssociation) -> bool:
+        s = self.settings
+        return sa.enc in s.supported_enc and sa.integ in s.supported_integ
+
+    def _install(self, inc: _Incoming, now: float) -> list[Output]:
+        """Decide on each transferred tunnel; install the accepted ones held (pending)."""
+        sas: list[SecurityAssociation] = []
+        statuses: list[cxtp.StatusEntry] = []
+        results: list[bytes] = []
+        try:
+            for c in inc.cdbs:
+                sas.append(context.decode(c, now))
+        except ContextError as exc:
+            inc.state = "cancelled"
+            inc.record.outcome, inc.record.detail, inc.record.ended = "refused", str(exc), now
+            self.records.append(inc.record)
+            return [
+                Send(
+                    inc.peer,
+                    self._ctdr(
+                        inc,
+                        False,
+                        [cxtp.StatusEntry(context.FPT_IPSEC_SA, cxtp.Status.MALFORMED)],
+                        [],
+                    ),
+                )
+            ]
+        pairs = _pair_up(sas)
+        inc.record.tunnels = len(pairs)
+        for out_sa, in_sa in pairs:
+            status, new_spi = self._install_one(inc, out_sa, in_sa, now)
+            statuses.append(cxtp.StatusEntry(context.FPT_IPSEC_SA, status))
+            results.append(
+                cxtp.SaResult(
+                    status, int(out_sa.protocol), out_sa.spi, out_sa.spi, out_sa.dst
+                ).encode()
+            )
+            if in_sa is not None:
+                results.append(
+                    cxtp.SaResult(
+                        status,
+                        int(in_sa.protocol),
+                        in_sa.spi,
+                        new_spi if new_spi is not None else in_sa.spi,
+                        in_sa.dst,
+                    ).encode()
+                )
+        ok = all(cxtp.is_success(s.status) for s in statuses)
+        inc.record.accepted = sum(cxtp.is_success(s.status) for s in statuses)
+        inc.state = "pending" if inc.tunnels else "cancelled"
+        inc.ctdr = self._ctdr(inc, ok, statuses, results)
+        inc.next_retry = now + self.settings.retry
+        inc.give_up = now + self.settings.retry_max
+        if not inc.tunnels:
+            inc.record.outcome, inc.record.ended = "refused", now
+            inc.record.detail = ", ".join(sorted({_status_name(s.status) for s in statuses}))
+            self.records.append(inc.record)
+        return [Send(inc.peer, inc.ctdr)]
+
+    def _ctdr(
+        self, inc: _Incoming, ok: bool, statuses: list[cxtp.StatusEntry], results: list[bytes]
+    ) -> cxtp.CTDR:
+        return cxtp.CTDR(inc.mn, ok, tuple(statuses), (self._tag(inc), *results))
+
+    def _install_one(
+        self,
+        inc: _Incoming,
+        out_sa: SecurityAssociation,
+        in_sa: SecurityAssociation | None,
+        now: float,
+    ) -> tuple[int, int | None]:
+        for sa in (out_sa, in_sa):
+            if sa is not None and not self._check_supported(sa):
+                return cxtp.Status.UNSUPPORTED_ALGORITHM, None
+        if out_sa.selectors is None:
+            return cxtp.Status.MALFORMED, None
+        for t in self.engine.tunnels():
+            if t.outbound.spi == out_sa.spi and t.outbound.dst == out_sa.dst:
+                return cxtp.Status.BUSY, None  # we hold this SA already
+        direct = self.settings.identity is Identity.DIRECT
+        if direct:
+            out_sa.src = self.endpoint.address
+            if out_sa.encap is not None:
+                out_sa.encap = UdpEncap(self.endpoint.port, out_sa.encap.dport)
+            if in_sa is not None:
+                in_sa.dst = self.endpoint.address
+                if in_sa.encap is not None:
+                    in_sa.encap = UdpEncap(in_sa.encap.sport, self.endpoint.port)
+        mtu = self.settings.path_mtu
+        if mtu is not None:
+            for sa in (out_sa, in_sa):
+                if sa is not None:
+                    sa.path_mtu = mtu
+                    sa.pmtu_expires = None
+        status: int = cxtp.Status.SUCCESS
+        new_spi: int | None = None
+        shadow_old = False
+        signals: list[signalling.SignalItem] = []
+        if in_sa is not None and self.engine.sad.in_use(in_sa.dst, in_sa.protocol, in_sa.spi):
+            policy = self.settings.conflict
+            if policy is ConflictPolicy.DENY:
+                return cxtp.Status.SPI_COLLISION, None
+            if policy is ConflictPolicy.RENEGOTIATE:
+                status = cxtp.Status.ACCEPTED_RENEGOTIATE
+                in_sa.rekey_requested = True
+                out_sa.rekey_requested = True
+            else:
+                status = cxtp.Status.ACCEPTED_SPI_REASSIGNED
+                old = in_sa.spi
+                new_spi = self.engine.sad.free_spi(
+                    in_sa.dst, in_sa.protocol, iter(lambda: self.rng(32), -1)
+                )
+                in_sa.spi = new_spi
+                shadow_old = True
+                signals.append(signalling.SpiReassign(int(in_sa.protocol), old, new_spi))
+        entry = SPDEntry(out_sa.selectors, Action.PROTECT, name=out_sa.name, static=False)
+        try:
+            if status == cxtp.Status.ACCEPTED_RENEGOTIATE and in_sa is not None:
+                tunnel = self.engine.add_tunnel(entry, out_sa, None, index=0)
+                tunnel.inbound = in_sa
+                self.engine._tunnel_of_sa[id(in_sa)] = tunnel
+                self.engine.add_shadow(in_sa)
+            else:
+                tunnel = self.engine.add_tunnel(entry, out_sa, in_sa, index=0)
+        except SAError:
+            return cxtp.Status.SPI_COLLISION, None
+        if shadow_old and in_sa is not None and signals:
+            item = signals[0]
+            assert isinstance(item, signalling.SpiReassign)
+            self.engine.add_shadow(in_sa, item.old_spi)  # until the MN has switched
+        tunnel.state = TunnelState.HELD
+        if direct:
+            signals.insert(0, signalling.SgUpdate(self.endpoint.address, self.endpoint.port))
+        inc.tunnels.append(tunnel)
+        if signals:
+            inc.signals[id(tunnel)] = signals
+        return status, new_spi
+
+    def _on_commit(self, peer: str, tag: cxtp.TransferTag, now: float) -> list[Output]:
+        inc = self.incoming.get((peer, tag.transfer_id))
+        if inc is None or inc.state != "pending":
+            return []
+        inc.state = "active"
+        out: list[Output] = []
+        for t in inc.tunnels:
+            t.state = TunnelState.ACTIVE
+            items = inc.signals.get(id(t))
+            if items:
+                res = self.engine.signal(t.outbound, signalling.encode(items), now)
+                if not isinstance(res, type(None)) and hasattr(res, "data"):
+                    out.append(Transmit(res.sa, res.data))  # type: ignore[union-attr]
+            if self.on_install is not None:
+                self.on_install(t)
+        out += [Inject(h.packet, h.inbound) for h in inc.held]
+        inc.held = []
+        inc.record.outcome, inc.record.ended = "committed", now
+        inc.record.spis = [sa.spi for t in inc.tunnels for sa in t.sas()]
+        self.records.append(inc.record)
+        out.append(Finished(inc.record))
+        return out
+
+    def _on_cancel(self, peer: str, tag: cxtp.TransferTag, now: float) -> list[Output]:
+        inc = self.incoming.get((peer, tag.transfer_id))
+        if inc is not None and inc.state in ("receiving", "pending"):
+            return self._discard(inc, now, "cancelled by source")
+        og = self.outgoing.get(tag.transfer_id)
+        if og is not None and og.peer == peer and og.state == "sent":
+            return self._rollback(og, now, "cancelled", f"{peer} cancelled")
+        return []
+
+    def _discard(self, inc: _Incoming, now: float, why: str) -> list[Output]:
+        for t in inc.tunnels:
+            self.engine.remove_tunnel(t)
+        inc.tunnels = []
+        inc.state = "cancelled"
+        inc.record.outcome, inc.record.detail, inc.record.ended = "cancelled", why, now
+        self.records.append(inc.record)
+        return [Finished(inc.record)]
+
+    # -- reactive: CT-Req ------------------------------------------------------------
+    def request(
+        self, peer: str, mn: IPAddress, token: bytes, seq: int, now: float
+    ) -> tuple[int, list[Output]]:
+        """Target side: ask ``peer`` for the contexts of the MN at ``mn`` (reactive mode)."""
+        tid = self.rng(64)
+        tag = cxtp.TransferTag(tid, 0).encode()
+        return tid, [Send(peer, cxtp.CTReq(mn, seq, token, (tag,)))]
+
+    def _on_ctreq(
+        self,
+        peer: str,
+        msg: cxtp.CTReq,
+        tag: cxtp.TransferTag | None,
+        now: float,
+        may_request: bool,
+    ) -> list[Output]:
+        tid = tag.transfer_id if tag is not None else self.rng(64)
+
+        def refuse(status: int) -> list[Output]:
+            self.counters["refused"] += 1
+            ttag = cxtp.TransferTag(tid, 0).encode()
+            return [
+                Send(
+                    peer,
+                    cxtp.CTD(msg.mn_prev, 0, (ttag, cxtp.Detail(_status_name(status)).encode())),
+                )
+            ]
+
+        if not may_request:
+            return refuse(cxtp.Status.UNAUTHORISED)
+        tunnels = [t for t in self.engine.tunnels() if t.outbound.dst == msg.mn_prev]
+        if not tunnels:
+            return refuse(cxtp.Status.UNKNOWN_CONTEXT)
+        # RFC 4067: the token proves the MN asked; a (sequence, MN) pair is used once.
+        if not cxtp.verify_token(token_key(tunnels[0]), msg.mn_prev, msg.seq, (), msg.token):
+            return refuse(cxtp.Status.UNAUTHORISED)
+        if msg.seq <= self.ctar_seq.get(msg.mn_prev, -1):
+            self.counters["replayed"] += 1
+            return refuse(cxtp.Status.UNAUTHORISED)
+        self.ctar_seq[msg.mn_prev] = msg.seq
+        try:
+            _, out = self.start(tunnels, peer, now, mode="reactive", reply_to=(tid, 0))
+        except TransferError:
+            return refuse(cxtp.Status.BUSY)
+        return out
+
+    # -- timers ----------------------------------------------------------------------
+    def next_deadline(self) -> float | None:
+        ds = [og.deadline for og in self.outgoing.values()]
+        ds += [inc.next_retry for inc in self.incoming.values() if inc.state == "pending"]
+        return min(ds) if ds else None
+
+    def tick(self, now: float) -> list[Output]:
+        out: list[Output] = []
+        for og in list(self.outgoing.values()):
+            if og.state == "sent" and now >= og.deadline:
+                out += self._rollback(
+                    og,
+                    now,
+                    "timeout",
+                    f"no answer from {og.peer} within "
+                    f"{self.settings.max_transfer_time * 1000:.0f} ms",
+                )
+        for k, inc in list(self.incoming.items()):
+            if inc.state == "pending":
+                if now >= inc.give_up:
+                    out += self._discard(inc, now, "no decision from the source")
+                elif now >= inc.next_retry and inc.ctdr is not None:
+                    inc.next_retry = now + self.settings.retry
+                    out.append(Send(inc.peer, inc.ctdr))
+            if inc.state in ("active", "cancelled") and now >= inc.give_up:
+                del self.incoming[k]
+        for tid, (_, until) in list(self.decided.items()):
+            if now >= until:
+                del self.decided[tid]
+        for key, until in list(self.seen.items()):
+            if now >= until:
+                del self.seen[key]
+        self.engine.expire_moved(now)
+        return out
+
+    def peer_lost(self, peer: str, now: float) -> list[Output]:
+        """The connection to ``peer`` broke: roll back what we were sending it."""
+        out: list[Output] = []
+        for og in list(self.outgoing.values()):
+            if og.peer == peer and og.state == "sent":
+                out += self._rollback(og, now, "peer lost", f"connection to {peer} lost")
+        return out
+
+    def in_progress(self) -> int:
+        return len(self.outgoing) + sum(
+            1 for i in self.incoming.values() if i.state in ("receiving", "pending")
+        )
+
+
+def _pair_up(
+    sas: list[SecurityAssociation],
+) -> list[tuple[SecurityAssociation, SecurityAssociation | None]]:
+    """Group decoded SAs into (outbound, inbound) pairs: each outbound SA is followed by the
+    inbound SA of its tunnel (the order the source writes them in)."""
+    out: list[tuple[SecurityAssociation, SecurityAssociation | None]] = []
+    i = 0
+    while i < len(sas):
+        sa = sas[i]
+        if sa.direction is not Direction.OUTBOUND:
+            raise ContextError("transferred contexts must start each tunnel with its outbound SA")
+        nxt = sas[i + 1] if i + 1 < len(sas) else None
+        if nxt is not None and nxt.direction is Direction.INBOUND:
+            out.append((sa, nxt))
+            i += 2
+        else:
+            out.append((sa, None))
+            i += 1
+    return out
+
+
+def _status_name(status: int) -> str:
+    try:
+        return cxtp.Status(status).name.lower().replace("_", " ")
+    except ValueError:
+        return f"status {status}"
+
+
+__all__ = [
+    "ENC",
+    "ConflictPolicy",
+    "Identity",
+    "Protocol",
+    "Settings",
+    "TransferCore",
+    "TransferError",
+]
