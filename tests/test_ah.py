@@ -20,7 +20,8 @@ from ipsecct import ah
 from ipsecct.algorithms import INTEG, EncAlg, IntegAlg
 from ipsecct.esp import Drop
 from ipsecct.ippacket import checksum, parse
-from ipsecct.sad import Direction, Mode, Protocol, SAEvent, SecurityAssociation
+from ipsecct.processing import outer_header
+from ipsecct.sad import DfPolicy, Direction, Mode, Protocol, SAEvent, SecurityAssociation
 from ipsecct.spd import Selectors
 
 ALGS = [
@@ -497,3 +498,40 @@ def test_mutated_packets_never_raise(data: st.DataObject) -> None:
     assert isinstance(res, bytes | Drop)
     # random packets offered for protection never raise either
     assert isinstance(ah.protect(out, bytes(wire[:cut]), 0.0), bytes | Drop)
+
+
+@pytest.mark.parametrize("version", [4, 6])
+@pytest.mark.parametrize("df_policy", list(DfPolicy))
+@pytest.mark.parametrize("copy_dscp", [True, False])
+def test_outer_header_follows_processing_rules(
+    version: int, df_policy: DfPolicy, copy_dscp: bool
+) -> None:
+    """AH's tunnel header is what processing.outer_header makes for ESP: DSCP copied or not,
+    ECN copied, DF copied, cleared or set."""
+    out, _ = ah_pair(version=version, df=df_policy, copy_dscp=copy_dscp)
+    for tos, df in ((0xB9, True), (0x02, False), (0x00, True)):
+        inner = bytearray(bytes(scapy_inner(4)))
+        inner[1] = tos
+        inner[6] = 0x40 if df else 0
+        _reset_v4_checksum(inner)
+        wire = ah.protect(out, bytes(inner), 0.0)
+        assert isinstance(wire, bytes)
+        hlen = 20 if version == 4 else 40
+        want = outer_header(out, parse(bytes(inner)), len(wire) - hlen, 51)
+        assert wire[:hlen] == want
+        got_tos = wire[1] if version == 4 else ((wire[0] & 0x0F) << 4) | (wire[1] >> 4)
+        assert got_tos == (tos if copy_dscp else tos & 0x03)
+
+
+@pytest.mark.parametrize(("proto", "body"), [(4, b"garbage"), (41, bytes(scapy_inner(4)))])
+def test_tunnel_inner_malformed_or_wrong_family(proto: int, body: bytes) -> None:
+    """An authentic packet whose inner packet is not an IP packet of the family its next
+    header names is a malformed drop, after the ICV verified (the window moved)."""
+    key = os.urandom(32)
+    tout, _ = ah_pair(mode=Mode.TRANSPORT, key=key)
+    _, tin = ah_pair(mode=Mode.TUNNEL, key=key)
+    s, d = OUTER[4]
+    w = ah.protect(tout, bytes(IP(src=s, dst=d, proto=proto) / Raw(body)), 0.0)
+    assert isinstance(w, bytes)
+    assert ah.unprotect(tin, w, 0.0) is Drop.MALFORMED
+    assert tin.window.top == 1

@@ -42,15 +42,15 @@ from __future__ import annotations
 import hmac
 import struct
 import weakref
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from . import ippacket
 from .algorithms import INTEG, IntegAlg
 from .errors import PacketError
 from .esp import Drop
 from .ippacket import PROTO_AH, PROTO_IPIP, PROTO_IPV6
-from .processing import inner_allowed, outer_header
-from .sad import Mode, SAEvent, SecurityAssociation
+from .processing import inner_allowed
+from .sad import DfPolicy, Mode, SAEvent, SecurityAssociation
 from .transforms import make_integrity
 
 AH_FIXED_LEN = 12  # next header, payload length, reserved, SPI, sequence number
@@ -88,6 +88,49 @@ def overhead(sa: SecurityAssociation) -> int:
     if sa.mode is Mode.TUNNEL:
         n += 20 if v == 4 else 40
     return n
+
+
+# -- a light header reader (no address objects: this is the per-packet path) ------------------
+class _Peek(NamedTuple):
+    version: int
+    header_len: int  # IPv4 header with options; IPv6 fixed header (40)
+    total_len: int
+    protocol: int  # IPv4 protocol / IPv6 fixed header's next header
+    tos: int  # IPv4 TOS / IPv6 traffic class
+    df: bool  # IPv4 DF (IPv6: False; never fragmented en route)
+    fragment: bool  # IPv4: MF set or a fragment offset
+
+
+def _peek(packet: bytes | bytearray | memoryview) -> _Peek | None:
+    """The fields AH needs of an IP header, with :func:`ippacket.parse`'s length checks; None
+    when malformed or truncated."""
+    n = len(packet)
+    if n < 20:
+        return None
+    version = packet[0] >> 4
+    if version == 4:
+        ihl = (packet[0] & 0x0F) * 4
+        total = (packet[2] << 8) | packet[3]
+        if ihl < 20 or total < ihl or total > n:
+            return None
+        flags = packet[6]
+        return _Peek(4, ihl, total, packet[9], packet[1], bool(flags & 0x40),
+                     bool(flags & 0x3F or packet[7]))
+    if version == 6 and n >= 40:
+        total = 40 + ((packet[4] << 8) | packet[5])
+        if total > n:
+            return None
+        tclass = ((packet[0] & 0x0F) << 4) | (packet[1] >> 4)
+        return _Peek(6, 40, total, packet[6], tclass, False, False)
+    return None
+
+
+def _outer(sa: SecurityAssociation, inner: _Peek, payload_len: int) -> bytes:
+    """The tunnel-mode outer header, with exactly the DSCP/ECN and DF rules of
+    :func:`ipsecct.processing.outer_header` (a test holds the two to the same bytes)."""
+    tos = inner.tos if sa.copy_dscp else inner.tos & 0x03
+    df = inner.df if sa.df is DfPolicy.COPY else sa.df is DfPolicy.SET
+    return ippacket.build_ip(sa.src, sa.dst, PROTO_AH, payload_len, tos=tos, df=df)
 
 
 # -- mutable fields ---------------------------------------------------------------------------
@@ -265,9 +308,8 @@ def protect(
     """
     if sa.dead or sa.expired(now):
         return Drop.LIFETIME
-    try:
-        hdr = ippacket.parse(packet)
-    except PacketError:
+    hdr = _peek(packet)
+    if hdr is None:
         return Drop.MALFORMED
     total = hdr.total_len
     if sa.mode is Mode.TUNNEL:
@@ -275,13 +317,13 @@ def protect(
         version: int = sa.dst.version
         payload: bytes | memoryview = bytes(packet[:total])
         ah_len = header_length(sa.integ, version)
-        head = bytearray(outer_header(sa, hdr, ah_len + total, PROTO_AH))
+        head = bytearray(_outer(sa, hdr, ah_len + total))
         ip_len = len(head)
         nh_pos = 9 if version == 4 else 6
     else:
         version = hdr.version
         if version == 4:
-            if packet[6] & 0x3F or packet[7]:  # MF or a fragment offset
+            if hdr.fragment:  # MF or a fragment offset
                 return Drop.MALFORMED
             ip_len = hdr.header_len
             nh_pos = 9
@@ -326,14 +368,13 @@ def unprotect(
     Tunnel mode returns the inner IP packet (checked against the SA's selectors); transport
     mode returns the original packet rebuilt without AH (mutable fields as received).
     """
-    try:
-        hdr = ippacket.parse(packet)
-    except PacketError:
+    hdr = _peek(packet)
+    if hdr is None:
         return Drop.MALFORMED
     total = hdr.total_len
     version = hdr.version
     if version == 4:
-        if packet[6] & 0x3F or packet[7] or hdr.protocol != PROTO_AH:
+        if hdr.fragment or hdr.protocol != PROTO_AH:
             return Drop.MALFORMED
         ip_len = hdr.header_len
         nh_pos = 9
@@ -383,14 +424,16 @@ def unprotect(
 def _inner(sa: SecurityAssociation, next_header: int, inner: bytes) -> bytes | Drop:
     if next_header not in (PROTO_IPIP, PROTO_IPV6):
         return Drop.POLICY
-    try:
-        hdr = ippacket.parse(inner)
-    except PacketError:
+    peek = _peek(inner)
+    if peek is None or (peek.version == 4) != (next_header == PROTO_IPIP):
         return Drop.MALFORMED
-    if (hdr.version == 4) != (next_header == PROTO_IPIP):
-        return Drop.MALFORMED
-    if hdr.total_len < len(inner):
-        inner = inner[: hdr.total_len]
-    if sa.selectors is not None and not inner_allowed(sa, hdr, inner):
-        return Drop.POLICY
+    if peek.total_len < len(inner):
+        inner = inner[: peek.total_len]
+    if sa.selectors is not None:
+        try:
+            hdr = ippacket.parse(inner)
+        except PacketError:  # pragma: no cover - _peek made the same checks
+            return Drop.MALFORMED
+        if not inner_allowed(sa, hdr, inner):
+            return Drop.POLICY
     return inner
