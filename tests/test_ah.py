@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from scapy.layers.inet import IP, UDP, IPOption_Router_Alert, IPOption_RR
-from scapy.layers.inet6 import HBHOptUnknown, IPv6, IPv6ExtHdrHopByHop
+from scapy.layers.inet6 import HBHOptUnknown, IPv6, IPv6ExtHdrHopByHop, IPv6ExtHdrRouting
 from scapy.layers.ipsec import AH as ScapyAH
 from scapy.layers.ipsec import SecurityAssociation as ScapySA
 from scapy.packet import Raw
@@ -535,3 +535,22 @@ def test_tunnel_inner_malformed_or_wrong_family(proto: int, body: bytes) -> None
     assert isinstance(w, bytes)
     assert ah.unprotect(tin, w, 0.0) is Drop.MALFORMED
     assert tin.window.top == 1
+
+
+def test_ipv6_routing_header_segments_left_zero_only() -> None:
+    """A Routing header before AH is covered as received when Segments Left is 0; with
+    segments left the sender would have to predict it, which is not done: dropped."""
+    out, inn = ah_pair(version=6, mode=Mode.TRANSPORT)
+    ssa = scapy_sa("SHA2-256-128", out.integ_key, 6, Mode.TRANSPORT, seq_num=50)
+    s, d = OUTER[6]
+    rh = IPv6ExtHdrRouting(addresses=[], segleft=0)
+    done = bytes(IPv6(src=s, dst=d) / rh / UDP() / Raw(b"r"))
+    wire = ah.protect(out, done, 0.0)
+    assert isinstance(wire, bytes) and wire[6] == 43 and wire[40] == 51
+    assert bytes(ssa.decrypt(IPv6(wire))) == done
+    assert ah.unprotect(inn, bytes(ssa.encrypt(IPv6(done))), 0.0) == done
+    routed = bytes(
+        IPv6(src=s, dst=d) / IPv6ExtHdrRouting(addresses=["2001:db8::99"], segleft=1) / UDP()
+    )
+    assert ah.protect(out, routed, 0.0) is Drop.MALFORMED
+    assert ah.unprotect(inn, bytes(ssa.encrypt(IPv6(routed))), 0.0) is Drop.MALFORMED
