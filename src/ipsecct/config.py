@@ -15,7 +15,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .algorithms import ENC, IntegAlg, enc_from_name, integ_from_name
+from .algorithms import (
+    ENC,
+    INTEG,
+    EncAlg,
+    IntegAlg,
+    enc_from_name,
+    enc_name,
+    integ_from_name,
+    integ_name,
+)
 from .errors import ConfigError, IpsecctError
 from .sad import Direction, Lifetime, Mode, SecurityAssociation, UdpEncap
 from .spd import Action, AddressRange, IPAddress, PortRange, Selectors, SPDEntry
@@ -228,6 +237,40 @@ def load_keys(source: str, *, from_env: bool, ctx: _Ctx, where: str) -> dict[str
     return out
 
 
+def _check_key_lengths(
+    keys: dict[str, bytes], enc: EncAlg, integ: IntegAlg, ctx: _Ctx, where: str, label: str
+) -> None:
+    """Every key the algorithms need is there and has the right length (the message names the
+    key file and the key, never the key's value)."""
+    enc_lens = ENC[enc].key_lengths
+    for k in ("in_enc", "out_enc"):
+        if enc_lens == (0,):
+            if keys.get(k):
+                raise ctx.err(where, f"{label}: {k}: {enc_name(enc)} takes no key")
+            continue
+        if k not in keys:
+            raise ctx.err(where, f"{label} has no {k}")
+        if len(keys[k]) not in enc_lens:
+            want = " or ".join(str(n) for n in enc_lens)
+            salt = " (key and 4-octet salt)" if ENC[enc].aead else ""
+            raise ctx.err(
+                where,
+                f"{label}: {k}: {enc_name(enc)} takes a key of {want} octets{salt},"
+                f" not {len(keys[k])}",
+            )
+    if integ is not IntegAlg.NONE:
+        want_i = INTEG[integ].key_length
+        for k in ("in_integ", "out_integ"):
+            if k not in keys:
+                raise ctx.err(where, f"{label} has no {k}")
+            if len(keys[k]) != want_i:
+                raise ctx.err(
+                    where,
+                    f"{label}: {k}: {integ_name(integ)} takes a key of {want_i} octets,"
+                    f" not {len(keys[k])}",
+                )
+
+
 _TUNNEL_KEYS = {
     "name",
     "local_ts",
@@ -289,18 +332,16 @@ def _tunnel(d: Any, i: int, ctx: _Ctx, outer: Endpoint, raw_esp: bool) -> Tunnel
     if "keys" in d and "keys_env" in d:
         raise ctx.err(where + "keys", "give keys or keys_env, not both")
     if "keys" in d:
-        keys = load_keys(ctx.get(d, "keys", where, str), from_env=False, ctx=ctx, where=where)
+        source = ctx.get(d, "keys", where, str)
+        keys = load_keys(source, from_env=False, ctx=ctx, where=where)
+        kwhere, klabel = where + "keys", f"key file {source}"
     elif "keys_env" in d:
-        keys = load_keys(ctx.get(d, "keys_env", where, str), from_env=True, ctx=ctx, where=where)
+        source = ctx.get(d, "keys_env", where, str)
+        keys = load_keys(source, from_env=True, ctx=ctx, where=where)
+        kwhere, klabel = where + "keys_env", f"${source}"
     else:
         raise ctx.err(where + "keys", "missing (a key file, or keys_env naming a variable)")
-    for k in ("in_enc", "out_enc"):
-        if k not in keys and ENC[enc].key_lengths != (0,):
-            raise ctx.err(where + "keys", f"key file has no {k}")
-    if integ is not IntegAlg.NONE:
-        for k in ("in_integ", "out_integ"):
-            if k not in keys:
-                raise ctx.err(where + "keys", f"key file has no {k}")
+    _check_key_lengths(keys, enc, integ, ctx, kwhere, klabel)
     soft = _lifetime(d.get("soft_lifetime"), ctx, where + "soft_lifetime")
     hard = _lifetime(d.get("hard_lifetime"), ctx, where + "hard_lifetime")
     df_s = ctx.get(d, "df", where, str, "copy")
@@ -436,12 +477,17 @@ def from_dict(data: dict[str, Any], path: str = "<config>") -> NodeConfig:
             raise ctx.err("inner.name", "interface names are 1-15 characters")
         inner.tun_addresses = ctx.get(inner_d, "addresses", "inner.", list, [])
         inner.tun_mtu = ctx.get(inner_d, "mtu", "inner.", int, 1400)
+        if not 68 <= inner.tun_mtu <= 65535:
+            raise ctx.err("inner.mtu", "out of range 68-65535")
         inner.routes = ctx.get(inner_d, "routes", "inner.", list, [])
-        for i, a in enumerate(inner.tun_addresses + inner.routes):
-            try:
-                ipaddress.ip_network(a, strict=False)
-            except (ValueError, TypeError):
-                raise ctx.err("inner.addresses/routes", f"bad prefix {a!r} (item {i})") from None
+        for key, items in (("addresses", inner.tun_addresses), ("routes", inner.routes)):
+            for i, a in enumerate(items):
+                if not isinstance(a, str):
+                    raise ctx.err(f"inner.{key}[{i}]", "must be a prefix such as 10.1.0.1/24")
+                try:
+                    ipaddress.ip_network(a, strict=False)
+                except ValueError:
+                    raise ctx.err(f"inner.{key}[{i}]", f"bad prefix {a!r}") from None
     else:
         raise ctx.err("inner.kind", 'must be "udp" (virtual link) or "tun"')
     control_d = ctx.get(data, "control", "", dict, {})
@@ -456,6 +502,7 @@ def from_dict(data: dict[str, Any], path: str = "<config>") -> NodeConfig:
         if not metrics.host.is_loopback:
             raise ctx.err("control.metrics", "metrics are served on a loopback address only")
     log_d = ctx.get(data, "log", "", dict, {})
+    _check_keys_allowed(log_d, ctx, "log.", {"level"})
     level = ctx.get(log_d, "level", "log.", str, "info").lower()
     if level not in ("debug", "info", "warning", "error"):
         raise ctx.err("log.level", "must be debug, info, warning or error")
