@@ -1,0 +1,273 @@
+"""Configuration files: the shipped examples load, and every kind of bad file is a ConfigError
+that names the file and the key (and, at the command line, one line on stderr, exit status 2)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ipsecct import config
+from ipsecct.errors import ConfigError
+from ipsecct.sad import Direction, Mode
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "gateway"
+
+GOOD = """\
+name = "sg1"
+
+[outer]
+address = "127.0.0.2"
+port = 24500
+
+[inner]
+kind = "udp"
+listen = "127.0.0.2:25000"
+peer = "127.0.0.2:25001"
+
+[control]
+socket = "/tmp/x.sock"
+
+[log]
+level = "info"
+
+[[policy]]
+name = "drop-printer"
+local = "10.2.0.0/24"
+remote = "10.1.0.99"
+action = "discard"
+
+[[tunnel]]
+name = "t1"
+local_ts = "10.2.0.0/24"
+remote_ts = "10.1.0.2/32"
+peer = "127.0.0.1:14500"
+spi_in = 0x10000001
+spi_out = 0x20000001
+keys = "t1.keys"
+"""
+
+KEYS = 'in_enc = "{}"\nout_enc = "{}"\n'.format("11" * 20, "22" * 20)
+
+
+def copy_keys(dst: Path) -> None:
+    """Copy the example key files, mode 0600 (git cannot keep that mode)."""
+    (dst / "keys").mkdir(exist_ok=True)
+    for f in (EXAMPLES / "keys").glob("*.keys"):
+        shutil.copy(f, dst / "keys" / f.name)
+        os.chmod(dst / "keys" / f.name, 0o600)
+
+
+def write(tmp: Path, text: str, keys: str | None = KEYS) -> Path:
+    if keys is not None:
+        k = tmp / "t1.keys"
+        k.write_text(keys)
+        os.chmod(k, 0o600)
+    p = tmp / "cfg.toml"
+    p.write_text(text)
+    return p
+
+
+@pytest.mark.parametrize("name", ["mn", "sg1", "sg2"])
+def test_examples_load(name: str, tmp_path: Path) -> None:
+    shutil.copy(EXAMPLES / f"{name}.toml", tmp_path)
+    copy_keys(tmp_path)
+    cfg = config.load(tmp_path / f"{name}.toml")
+    assert cfg.name == name
+    assert cfg.inner.kind == "udp"
+    assert cfg.control_socket == f"/tmp/ipsecct-{name}.sock"
+    for t in cfg.tunnels:
+        assert t.outbound.direction is Direction.OUTBOUND
+        assert t.inbound.direction is Direction.INBOUND
+        assert t.outbound.mode is Mode.TUNNEL
+        assert t.outbound.esn and t.outbound.replay_window == 1024
+        assert len(t.outbound.enc_key) == 20 and t.outbound.encap is not None
+        # the key is nowhere in what an operator or a log sees
+        assert t.outbound.enc_key.hex() not in repr(t.outbound)
+
+
+def test_examples_agree_with_each_other(tmp_path: Path) -> None:
+    """Each gateway's tunnel is the mirror image of the MN's: SPIs, keys, addresses, ports."""
+    for n in ("mn", "sg1", "sg2"):
+        shutil.copy(EXAMPLES / f"{n}.toml", tmp_path)
+    copy_keys(tmp_path)
+    mn = config.load(tmp_path / "mn.toml")
+    for sg_name, t_mn in zip(("sg1", "sg2"), mn.tunnels, strict=True):
+        sg = config.load(tmp_path / f"{sg_name}.toml")
+        (t_sg,) = sg.tunnels
+        assert t_mn.peer == sg.outer and t_sg.peer == mn.outer
+        assert t_mn.outbound.spi == t_sg.inbound.spi
+        assert t_mn.inbound.spi == t_sg.outbound.spi
+        assert t_mn.outbound.enc_key == t_sg.inbound.enc_key
+        assert t_mn.inbound.enc_key == t_sg.outbound.enc_key
+        assert t_mn.outbound.enc_key != t_mn.inbound.enc_key
+        assert t_mn.outbound.dst == t_sg.inbound.dst == sg.outer.host
+        assert t_mn.policy.selectors.local == t_sg.policy.selectors.remote
+
+
+def test_good_config_loads(tmp_path: Path) -> None:
+    cfg = config.load(write(tmp_path, GOOD))
+    (t,) = cfg.tunnels
+    assert t.outbound.spi == 0x20000001 and t.inbound.spi == 0x10000001
+    assert t.outbound.enc_key == bytes.fromhex("22" * 20)
+    assert t.inbound.enc_key == bytes.fromhex("11" * 20)
+    assert len(cfg.policies) == 1 and cfg.policies[0].static
+    assert not t.policy.static
+
+
+def test_keys_from_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("IPSECCT_TEST_KEYS", KEYS)
+    cfg = config.load(
+        write(
+            tmp_path, GOOD.replace('keys = "t1.keys"', 'keys_env = "IPSECCT_TEST_KEYS"'), keys=None
+        )
+    )
+    assert cfg.tunnels[0].inbound.enc_key == bytes.fromhex("11" * 20)
+
+
+# (replace this, with that, the error names these) -- each a separate bad file
+BAD: list[tuple[str, str, str, list[str]]] = [
+    ("missing name", 'name = "sg1"\n', "", ["name", "missing"]),
+    ("missing tunnel key", "spi_in = 0x10000001\n", "", ["spi_in", "missing"]),
+    ("missing peer", 'peer = "127.0.0.1:14500"\n', "", ["peer", "missing"]),
+    ("wrong type", "port = 24500", 'port = "24500"', ["outer.port", "int", "str"]),
+    ("wrong type bool", "spi_out = 0x20000001", "spi_out = true", ["spi_out", "int"]),
+    ("unknown top key", 'name = "sg1"', 'name = "sg1"\nfoo = 1', ["foo", "unknown key"]),
+    ("unknown tunnel key", 'name = "t1"', 'name = "t1"\nreplay = 3', ["replay", "unknown"]),
+    ("unknown outer key", "port = 24500", "port = 24500\nprot = 1", ["outer.prot", "unknown"]),
+    ("unknown log key", 'level = "info"', 'level = "info"\nlevle = "x"', ["log.levle"]),
+    ("bad level", 'level = "info"', 'level = "loud"', ["log.level"]),
+    ("bad outer address", '"127.0.0.2"', '"127.0.0.256"', ["outer.address"]),
+    ("bad peer", '"127.0.0.1:14500"', '"127.0.0.1:99999"', ["peer", "bad address"]),
+    ("bad listen", '"127.0.0.2:25000"', '"localhost:25000"', ["inner.listen"]),
+    ("bad ts", '"10.1.0.2/32"', '"10.1.0.300/32"', ["remote_ts", "10.1.0.300"]),
+    ("mixed family", '"127.0.0.1:14500"', '"[::1]:14500"', ["peer", "family"]),
+    ("bad enc", 'keys = "t1.keys"', 'keys = "t1.keys"\nenc = "des"', ["enc", "des"]),
+    ("bad integ", 'keys = "t1.keys"', 'keys = "t1.keys"\ninteg = "md5"', ["integ", "md5"]),
+    ("bad mode", 'keys = "t1.keys"', 'keys = "t1.keys"\nmode = "bent"', ["mode"]),
+    ("bad df", 'keys = "t1.keys"', 'keys = "t1.keys"\ndf = "maybe"', ["df"]),
+    ("bad action", '"discard"', '"protect"', ["policy[0].action"]),
+    ("bad kind", 'kind = "udp"', 'kind = "pipe"', ["inner.kind"]),
+    ("reserved spi", "spi_in = 0x10000001", "spi_in = 7", ["tunnel[0]", "SPI"]),
+    (
+        "bad lifetime",
+        'keys = "t1.keys"',
+        'keys = "t1.keys"\nhard_lifetime = {packets = -1}',
+        ["hard_lifetime.packets", "positive"],
+    ),
+    (
+        "metrics not loopback",
+        'socket = "/tmp/x.sock"',
+        'socket = "/tmp/x.sock"\nmetrics = "0.0.0.0:9000"',
+        ["control.metrics", "loopback"],
+    ),
+    ("key file missing", '"t1.keys"', '"nope.keys"', ["keys", "nope.keys"]),
+    ("keys and keys_env", 'keys = "t1.keys"', 'keys = "t1.keys"\nkeys_env = "X"', ["keys"]),
+    ("no keys", 'keys = "t1.keys"\n', "", ["keys", "missing"]),
+    (
+        "keys_env unset",
+        'keys = "t1.keys"',
+        'keys_env = "IPSECCT_SURELY_UNSET_VAR"',
+        ["keys_env", "IPSECCT_SURELY_UNSET_VAR", "not set"],
+    ),
+    (
+        "tun addresses not strings",
+        'kind = "udp"\nlisten = "127.0.0.2:25000"\npeer = "127.0.0.2:25001"',
+        'kind = "tun"\naddresses = [5]',
+        ["inner.addresses"],
+    ),
+    (
+        "duplicate tunnel",
+        "[[tunnel]]",
+        "[[tunnel]]\n" + GOOD.split("[[tunnel]]\n")[1] + "\n[[tunnel]]",
+        ["tunnel", "unique"],
+    ),
+]
+
+
+@pytest.mark.parametrize(("what", "old", "new", "names"), BAD, ids=[b[0] for b in BAD])
+def test_bad_config_names_file_and_key(
+    what: str, old: str, new: str, names: list[str], tmp_path: Path
+) -> None:
+    assert old in GOOD, what
+    p = write(tmp_path, GOOD.replace(old, new, 1))
+    with pytest.raises(ConfigError) as ei:
+        config.load(p)
+    msg = str(ei.value)
+    assert msg.startswith(f"{p}: "), msg
+    for n in names:
+        assert n in msg, (n, msg)
+    assert "\n" not in msg
+
+
+BAD_KEYS: list[tuple[str, str, list[str]]] = [
+    ("short key", 'in_enc = "1111"\nout_enc = "{}"\n'.format("22" * 20), ["in_enc", "20", "not 2"]),
+    ("no out key", 'in_enc = "{}"\n'.format("11" * 20), ["keys", "out_enc"]),
+    (
+        "not hex",
+        'in_enc = "zz{}"\nout_enc = "{}"\n'.format("11" * 19, "22" * 20),
+        ["in_enc", "hex"],
+    ),
+    ("unknown key", KEYS + 'extra = "00"\n', ["extra", "unknown"]),
+    ("not toml", "in_enc = \n", ["not valid TOML"]),
+    (
+        "hmac key missing",
+        'in_enc = "{}"\nout_enc = "{}"\n'.format("11" * 16, "22" * 16),
+        ["in_integ"],
+    ),
+    (
+        "hmac key short",
+        'in_enc = "{0}"\nout_enc = "{0}"\nin_integ = "{1}"\nout_integ = "{2}"\n'.format(
+            "11" * 16, "22" * 32, "22" * 31
+        ),
+        ["out_integ", "32 octets, not 31"],
+    ),
+]
+
+
+@pytest.mark.parametrize(("what", "keys", "names"), BAD_KEYS, ids=[b[0] for b in BAD_KEYS])
+def test_bad_key_file(what: str, keys: str, names: list[str], tmp_path: Path) -> None:
+    text = GOOD
+    if what.startswith("hmac"):
+        text = GOOD.replace(
+            'keys = "t1.keys"', 'keys = "t1.keys"\nenc = "aes-cbc"\ninteg = "hmac-sha2-256-128"'
+        )
+    p = write(tmp_path, text, keys=keys)
+    with pytest.raises(ConfigError) as ei:
+        config.load(p)
+    msg = str(ei.value)
+    assert "t1.keys" in msg, msg
+    for n in names:
+        assert n in msg, (n, msg)
+    # a key value is never echoed
+    assert "2222222222" not in msg and "1111111111" not in msg
+
+
+def test_not_toml_and_missing_file(tmp_path: Path) -> None:
+    p = tmp_path / "x.toml"
+    p.write_text("name = \n")
+    with pytest.raises(ConfigError, match=f"^{p}: not valid TOML"):
+        config.load(p)
+    with pytest.raises(ConfigError, match="cannot read"):
+        config.load(tmp_path / "absent.toml")
+
+
+@pytest.mark.parametrize("role", ["gateway", "node"])
+def test_cli_bad_config_is_one_line_exit_2(role: str, tmp_path: Path) -> None:
+    p = write(tmp_path, GOOD.replace('"10.1.0.2/32"', '"10.1.0.2/33"'))
+    r = subprocess.run(
+        [sys.executable, "-m", "ipsecct", role, "run", "--config", str(p)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 2
+    assert r.stdout == ""
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith(f"ipsecct: error: {p}: tunnel[0] (t1).remote_ts")
+    assert "Traceback" not in r.stderr
