@@ -315,11 +315,6 @@ def test_no_limits_no_events() -> None:
     assert Lifetime().unlimited and not Lifetime(packets=1).unlimited
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="sad.py bug: poll() runs account(0, now), which counts a packet before checking, "
-    "so a packet limit fires one packet early on a timer tick",
-)
 def test_poll_does_not_fire_packet_limits_early() -> None:
     sa = gcm(soft=Lifetime(packets=3))
     sa.account(10, 0.0)
@@ -328,11 +323,6 @@ def test_poll_does_not_fire_packet_limits_early() -> None:
     assert sa.events == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="sad.py bug: expired() marks the SA dead on its hard time limit without queueing "
-    "HARD_EXPIRED, and account()/poll() then never fire it because the SA is already dead",
-)
 def test_hard_time_expiry_found_by_expired_fires_event_once() -> None:
     sa = gcm(hard=Lifetime(seconds=10.0))
     assert sa.expired(11.0)

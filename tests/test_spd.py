@@ -189,11 +189,6 @@ def test_icmp_type_and_code() -> None:
     assert m.local == echo.remote and m.remote == echo.local
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="spd.py bug: Selectors.__post_init__ rejects an ICMP type with ANY code (the other "
-    "range is 0-65535, so 'last > 255' trips) unless both are ANY",
-)
 def test_icmp_type_with_any_code() -> None:
     s = Selectors.between("10.0.0.0/8", "10.0.0.0/8", protocol=ICMP, local_ports=8)
     assert s.matches(ip("10.0.0.1"), ip("10.0.0.2"), ICMP, 8, 0)

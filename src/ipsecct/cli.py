@@ -16,7 +16,7 @@ from . import __version__
 from .errors import IpsecctError
 
 # Modules under ipsecct.commands; each defines register(subparsers).
-COMMAND_MODULES = ("daemon", "sa", "demo", "context", "pcap", "bench")
+COMMAND_MODULES = ("daemon", "sa", "transfer", "demo", "context", "pcap", "bench", "pki")
 
 Handler = Callable[[argparse.Namespace], int]
 

@@ -218,8 +218,11 @@ class SecurityAssociation:
         c = self.counters
         c.packets += 1
         c.bytes += nbytes
-        if self._limits_unset:
-            return
+        if not self._limits_unset:
+            self._check_limits(now)
+
+    def _check_limits(self, now: float) -> None:
+        c = self.counters
         age = now - self.created
         if not self.soft_fired and self.soft.exceeded(age, c.bytes, c.packets):
             self.soft_fired = True
@@ -230,8 +233,8 @@ class SecurityAssociation:
 
     def poll(self, now: float) -> None:
         """Fire time-based lifetime events without a packet (call from a timer)."""
-        self.account(0, now)
-        self.counters.packets -= 1
+        if not self._limits_unset:
+            self._check_limits(now)
 
     def expired(self, now: float) -> bool:
         """Is the SA past its hard lifetime (checked before using it)?"""
@@ -239,6 +242,7 @@ class SecurityAssociation:
             return True
         if self.hard.seconds is not None and now - self.created >= self.hard.seconds:
             self.dead = True
+            self.events.append(SAEvent.HARD_EXPIRED)
         return self.dead
 
     def effective_mtu(self, now: float, default: int = 1500) -> int:

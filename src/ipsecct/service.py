@@ -47,6 +47,8 @@ class Service:
         )
         self.stopped = asyncio.Event()
         self.cleanups: list[Callable[[], Any]] = []
+        self.transfer: Any = None  # handover.TransferService when [transfer] is configured
+        self.agent: Any = None  # handover.MobileAgent on a mobile node
         if self.control is not None:
             for name, h in {
                 "status": self._status,
@@ -65,7 +67,9 @@ class Service:
             await self.control.start()
         if self.metrics is not None:
             await self.metrics.start()
-        for ext in EXTENSIONS:
+        from . import handover
+
+        for ext in [handover.attach, *EXTENSIONS]:
             r = ext(self)
             if asyncio.iscoroutine(r):
                 await r

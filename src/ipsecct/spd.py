@@ -141,10 +141,8 @@ class Selectors:
             raise SAError("selectors need at least one local and one remote address range")
         if not 0 <= self.protocol <= 255:
             raise SAError(f"bad next-layer protocol {self.protocol}")
-        if (
-            self.protocol in ICMP_PROTOCOLS
-            and (self.local_ports.last > 255 or self.remote_ports.last > 255)
-            and not (self.local_ports.is_any and self.remote_ports.is_any)
+        if self.protocol in ICMP_PROTOCOLS and any(
+            not r.is_any and r.last > 255 for r in (self.local_ports, self.remote_ports)
         ):
             raise SAError("ICMP type and code selectors must be 0-255")
 

@@ -1,0 +1,68 @@
+"""``ipsecct transfer`` and ``ipsecct rebalance``: move SAs of a running gateway to a peer."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from ..control import request
+from .sa import add_target
+
+
+def _print(rec: dict[str, Any], as_json: bool) -> int:
+    if as_json:
+        json.dump(rec, sys.stdout)
+        sys.stdout.write("\n")
+    else:
+        print(
+            f"transfer {rec['id']} to {rec['peer']} ({rec['mode']}): {rec['outcome']},"
+            f" {rec['accepted']}/{rec['tunnels']} tunnel(s) in {rec['ms']:.3f} ms"
+            + (f" ({rec['detail']})" if rec.get("detail") else "")
+        )
+    return 0 if rec["outcome"] in ("committed",) else 1
+
+
+def cmd_transfer(args: argparse.Namespace) -> int:
+    from .sa import socket_path
+
+    rec = request(
+        socket_path(args),
+        "transfer",
+        {"spi": args.spi, "to": args.to, "mode": args.mode},
+        timeout=30,
+    )
+    return _print(rec, args.json)
+
+
+def cmd_rebalance(args: argparse.Namespace) -> int:
+    from .sa import socket_path
+
+    rec = request(socket_path(args), "rebalance", {"to": args.to, "count": args.count}, timeout=120)
+    return _print(rec, args.json)
+
+
+def register(sub: Any) -> None:
+    p: argparse.ArgumentParser = sub.add_parser(
+        "transfer", help="move the tunnel of an SA to a peer gateway (context transfer)"
+    )
+    p.add_argument("spi", help="SPI of either SA of the tunnel (0x... for hex)")
+    p.add_argument("--to", required=True, help="peer gateway name ([[peers]] in the config)")
+    p.add_argument(
+        "--mode",
+        choices=["predictive", "reactive"],
+        default="predictive",
+        help="predictive: push the contexts (PCTD); reactive: the peer pulls (CT-Req)",
+    )
+    p.add_argument("--json", action="store_true")
+    add_target(p)
+    p.set_defaults(handler=cmd_transfer)
+    r: argparse.ArgumentParser = sub.add_parser(
+        "rebalance", help="move N tunnels to a peer gateway in one batched exchange"
+    )
+    r.add_argument("--to", required=True)
+    r.add_argument("--count", type=int, required=True)
+    r.add_argument("--json", action="store_true")
+    add_target(r)
+    r.set_defaults(handler=cmd_rebalance)
