@@ -1,0 +1,567 @@
+"""A real mobile node and a real gateway (``ipsecct node run`` / ``ipsecct gateway run``
+subprocesses) on loopback, unprivileged: the inner sides are virtual links (IP packets in UDP),
+the outer side ESP in UDP. Traffic both ways, the control socket commands, PMTU signalling,
+rejection counters, metrics, SIGTERM and restart.
+
+Between the MN and the SG sits a small UDP relay in this process: it forwards the MN's ESP to
+the SG and keeps a copy, which is the "capture" that ``ipsecct pcap decrypt`` decrypts with
+the keys ``ipsecct sa export --wireshark`` printed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import json
+import os
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ipsecct import ippacket
+from ipsecct.control import ControlError, request
+from ipsecct.ippacket import build_udp
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples" / "gateway"
+MN_INNER = "10.1.0.2"
+HOST = "10.2.0.1"
+SPI_UP = 0x10000001  # MN -> SG
+SPI_DOWN = 0x20000001  # SG -> MN
+KEY_UP = bytes.fromhex("11111111111111111111111111111111feed0001")  # examples/gateway/keys
+START_TIMEOUT = 20.0
+RECV_TIMEOUT = 5.0
+
+
+def free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def free_tcp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def ipsecct(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "ipsecct", *args], capture_output=True, text=True, timeout=timeout
+    )
+
+
+def ok(*args: str) -> str:
+    r = ipsecct(*args)
+    assert r.returncode == 0, (args, r.stdout, r.stderr)
+    return r.stdout
+
+
+def copy_keys(dst: Path, *names: str) -> None:
+    """The example key files, mode 0600 (a git checkout cannot keep that mode)."""
+    for n in names:
+        shutil.copy(EXAMPLES / "keys" / n, dst / n)
+        os.chmod(dst / n, 0o600)
+
+
+def node_toml(
+    name: str,
+    outer_port: int,
+    listen: int,
+    peer: int,
+    sock: str,
+    tunnels: list[dict[str, Any]],
+    *,
+    metrics: int | None = None,
+) -> str:
+    lines = [
+        f'name = "{name}"',
+        "[outer]",
+        'address = "127.0.0.1"',
+        f"port = {outer_port}",
+        "[inner]",
+        'kind = "udp"',
+        f'listen = "127.0.0.1:{listen}"',
+        f'peer = "127.0.0.1:{peer}"',
+        "[control]",
+        f'socket = "{sock}"',
+    ]
+    if metrics is not None:
+        lines.append(f'metrics = "127.0.0.1:{metrics}"')
+    lines += ["[log]", 'level = "debug"']
+    for t in tunnels:
+        lines.append("[[tunnel]]")
+        for k, v in t.items():
+            lines.append(f"{k} = {json.dumps(v)}")
+    return "\n".join(lines) + "\n"
+
+
+@dataclass
+class Daemon:
+    role: str
+    config: Path
+    sock: str
+    log: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with open(self.log, "ab") as logf:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "ipsecct", self.role, "run", "--config", str(self.config)],
+                stdout=subprocess.DEVNULL,
+                stderr=logf,
+            )
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"{self.role} exited {self.proc.returncode}: {self.logtext()}")
+            if os.path.exists(self.sock):
+                with contextlib.suppress(ControlError):
+                    request(self.sock, "status", timeout=2)
+                    return
+            time.sleep(0.05)
+        raise AssertionError(f"{self.role} did not come up: {self.logtext()}")
+
+    def logtext(self) -> str:
+        return self.log.read_text(errors="replace")[-3000:]
+
+    def terminate(self, timeout: float = 15.0) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+            raise AssertionError(f"{self.role} ignored SIGTERM: {self.logtext()}") from None
+
+    def cleanup(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+
+    def status(self) -> dict[str, Any]:
+        return json.loads(ok("status", "--json", "-s", self.sock))  # type: ignore[no-any-return]
+
+    def counters(self) -> dict[str, Any]:
+        return self.status()["counters"]  # type: ignore[no-any-return]
+
+
+class Relay:
+    """Forwards UDP datagrams to ``target`` and keeps a copy of each (a capture)."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.settimeout(0.1)
+        self.port = int(self.sock.getsockname()[1])
+        self.seen: list[bytes] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                data = self.sock.recv(65535)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.seen.append(data)
+            with contextlib.suppress(OSError):
+                self.sock.sendto(data, self.target)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.sock.close()
+
+
+def app_socket(port: int) -> socket.socket:
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("127.0.0.1", port))
+    s.settimeout(RECV_TIMEOUT)
+    return s
+
+
+@dataclass
+class Topo:
+    dir: Path
+    mn: Daemon
+    sg: Daemon
+    relay: Relay
+    mn_app: socket.socket  # the MN's application, at the end of the MN's virtual link
+    host: socket.socket  # the end host behind the SG, at the end of the SG's virtual link
+    mn_link: tuple[str, int]
+    sg_link: tuple[str, int]
+    sg_outer: tuple[str, int]
+    metrics_port: int
+    extra: list[Any] = field(default_factory=list)
+
+    def up(self, pkt: bytes) -> None:
+        self.mn_app.sendto(pkt, self.mn_link)
+
+    def down(self, pkt: bytes) -> None:
+        self.host.sendto(pkt, self.sg_link)
+
+
+def sock_dir() -> Path:
+    """A short directory for Unix sockets (their path is limited to 107 octets)."""
+    return Path(tempfile.mkdtemp(prefix="ipsecct-t-", dir="/tmp"))
+
+
+@pytest.fixture
+def topo(tmp_path: Path) -> Iterator[Topo]:
+    sdir = sock_dir()
+    copy_keys(tmp_path, "mn-sg1.keys", "sg1-mn.keys")
+    mn_outer, mn_link, mn_app_port = free_udp_port(), free_udp_port(), free_udp_port()
+    sg_outer, sg_link, host_port = free_udp_port(), free_udp_port(), free_udp_port()
+    metrics = free_tcp_port()
+    relay = Relay(("127.0.0.1", sg_outer))
+    common = {"enc": "aes-gcm-16", "esn": True, "replay_window": 1024}
+    (tmp_path / "mn.toml").write_text(
+        node_toml(
+            "mn",
+            mn_outer,
+            mn_link,
+            mn_app_port,
+            str(sdir / "mn.sock"),
+            [
+                {
+                    "name": "mn-sg1",
+                    "local_ts": f"{MN_INNER}/32",
+                    "remote_ts": "10.2.0.0/24",
+                    "peer": f"127.0.0.1:{relay.port}",
+                    "spi_out": SPI_UP,
+                    "spi_in": SPI_DOWN,
+                    "keys": "mn-sg1.keys",
+                    **common,
+                }
+            ],
+        )
+    )
+    (tmp_path / "sg.toml").write_text(
+        node_toml(
+            "sg1",
+            sg_outer,
+            sg_link,
+            host_port,
+            str(sdir / "sg.sock"),
+            [
+                {
+                    "name": "sg1-mn",
+                    "local_ts": "10.2.0.0/24",
+                    "remote_ts": f"{MN_INNER}/32",
+                    "peer": f"127.0.0.1:{mn_outer}",
+                    "spi_out": SPI_DOWN,
+                    "spi_in": SPI_UP,
+                    "keys": "sg1-mn.keys",
+                    **common,
+                }
+            ],
+            metrics=metrics,
+        )
+    )
+    mn = Daemon("node", tmp_path / "mn.toml", str(sdir / "mn.sock"), tmp_path / "mn.log")
+    sg = Daemon("gateway", tmp_path / "sg.toml", str(sdir / "sg.sock"), tmp_path / "sg.log")
+    mn_app, host = app_socket(mn_app_port), app_socket(host_port)
+    t = Topo(
+        tmp_path,
+        mn,
+        sg,
+        relay,
+        mn_app,
+        host,
+        ("127.0.0.1", mn_link),
+        ("127.0.0.1", sg_link),
+        ("127.0.0.1", sg_outer),
+        metrics,
+    )
+    try:
+        sg.start()
+        mn.start()
+        yield t
+    finally:
+        for d in (mn, sg):
+            d.cleanup()
+        relay.close()
+        mn_app.close()
+        host.close()
+        shutil.rmtree(sdir, ignore_errors=True)
+
+
+def ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    return ipaddress.ip_address(text)
+
+
+def packet(i: int, src: str = MN_INNER, dst: str = HOST, size: int = 64) -> bytes:
+    body = struct.pack("!I", i) + bytes(max(0, size - 4))
+    return build_udp(ip(src), ip(dst), 5000 + i % 7, 7000, body)
+
+
+def with_df(pkt: bytes) -> bytes:
+    b = bytearray(pkt)
+    b[6] |= 0x40
+    struct.pack_into("!H", b, 10, 0)
+    struct.pack_into("!H", b, 10, ippacket.checksum(b[:20]))
+    return bytes(b)
+
+
+def recv_all(s: socket.socket, n: int) -> list[bytes]:
+    out = []
+    for _ in range(n):
+        out.append(s.recv(65535))
+    return out
+
+
+def wait_for(pred: Any, what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+# -- tests ------------------------------------------------------------------------------------
+
+
+def test_traffic_both_ways_and_counters(topo: Topo) -> None:
+    n = 50
+    sent_up = [packet(i, size=64 + 20 * i) for i in range(n)]
+    for p in sent_up:
+        topo.up(p)
+    got_up = recv_all(topo.host, n)
+    assert sorted(got_up) == sorted(sent_up)  # the very same IP packets come out at the host
+    sent_down = [packet(i, HOST, MN_INNER, 100) for i in range(n)]
+    for p in sent_down:
+        topo.down(p)
+    assert sorted(recv_all(topo.mn_app, n)) == sorted(sent_down)
+
+    mn, sg = topo.mn.counters(), topo.sg.counters()
+    assert mn["out_packets"] == n and mn["in_packets"] == n
+    assert sg["in_packets"] == n and sg["out_packets"] == n
+    assert sg["in_bytes"] == sum(len(p) for p in sent_up)
+    assert mn["in_bytes"] == sum(len(p) for p in sent_down)
+    assert not any(mn["drops"].values()) and not any(sg["drops"].values())
+    st = topo.sg.status()
+    assert st["name"] == "sg1" and st["role"] == "gateway" and st["sas"] == 2
+    assert topo.mn.status()["role"] == "node"
+    # the ESP really went through the relay, encrypted
+    esp = [d for d in topo.relay.seen if d[:4] == struct.pack("!L", SPI_UP)]
+    assert len(esp) == n
+    assert all(struct.pack("!I", 7) + bytes(60) not in d for d in esp)
+
+    sas = json.loads(ok("sa", "list", "--json", "-s", topo.sg.sock))
+    by_dir = {s["direction"]: s for s in sas}
+    assert by_dir["in"]["spi"] == f"0x{SPI_UP:08x}" and by_dir["in"]["packets"] == n
+    assert by_dir["out"]["spi"] == f"0x{SPI_DOWN:08x}" and by_dir["out"]["seq"] == n
+    assert by_dir["in"]["replay_top"] == n
+    assert by_dir["in"]["enc"] == "aes-gcm-16" and by_dir["in"]["esn"] is True
+    for s in sas:
+        text = json.dumps(s)
+        assert KEY_UP.hex() not in text  # never a key in sa list
+    table = ok("sa", "list", "-s", topo.sg.sock)
+    assert f"0x{SPI_UP:08x}" in table and "sg1-mn" in table
+    shown = json.loads(ok("sa", "show", hex(SPI_UP), "--json", "-s", topo.sg.sock))
+    assert [s["spi"] for s in shown] == [f"0x{SPI_UP:08x}"]
+    human = ok("status", "-s", topo.sg.sock)
+    assert "sg1 (gateway)" in human and f"in {n} packets" in human
+
+
+def test_rejections_are_counted(topo: Topo) -> None:
+    from ipsecct import processing
+    from ipsecct.sad import Direction, SecurityAssociation
+
+    # matches no policy at the MN: dropped there
+    topo.up(packet(1, "10.9.9.9", HOST))
+    topo.up(packet(2, MN_INNER, "10.3.0.1"))
+    wait_for(lambda: topo.mn.counters()["drops"]["policy"] == 2, "MN policy drops")
+    # ESP forged with the example keys, sent straight to the SG's outer port
+    forger = SecurityAssociation(
+        SPI_UP,
+        Direction.OUTBOUND,
+        ip("127.0.0.1"),
+        ip("127.0.0.1"),
+        enc_key=KEY_UP,
+        esn=True,
+        seq=1000,
+    )
+    good = processing.tunnel_encapsulate(forger, packet(3), 0.0)
+    spoof = processing.tunnel_encapsulate(forger, packet(4, "10.1.0.66", HOST), 0.0)
+    assert isinstance(good, bytearray) and isinstance(spoof, bytearray)
+    bad = bytearray(good)
+    bad[-1] ^= 1
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.sendto(bytes(bad), topo.sg_outer)  # ICV
+        s.sendto(bytes(good), topo.sg_outer)  # accepted
+        s.sendto(bytes(good), topo.sg_outer)  # replay
+        s.sendto(b"\x00\x00\x99\x99" + bytes(good[4:]), topo.sg_outer)  # no SA
+        s.sendto(bytes(spoof), topo.sg_outer)  # inner source outside the SA's selectors
+        s.sendto(b"\x00\x00\x00\x00garbage", topo.sg_outer)  # non-ESP marker, nobody takes it
+        s.sendto(b"\xff", topo.sg_outer)  # NAT keep-alive: ignored, not counted
+    assert topo.host.recv(65535) == packet(3)
+
+    def drops() -> dict[str, int]:
+        return topo.sg.counters()["drops"]  # type: ignore[no-any-return]
+
+    wait_for(lambda: drops()["malformed"] == 1, "SG drops")
+    d = drops()
+    assert (d["icv"], d["replay"], d["no_sa"], d["policy"]) == (1, 1, 1, 1), d
+    # the daemons are still fine
+    topo.up(packet(5))
+    assert topo.host.recv(65535) == packet(5)
+
+
+def test_export_wireshark_keys_decrypt_the_capture(topo: Topo) -> None:
+    pytest.importorskip("ipsecct.pcapdecrypt")
+    from ipsecct.keyfile import parse_keyfile
+    from ipsecct.pcap import LINKTYPE_RAW, PcapWriter
+
+    sent = [packet(i, size=200) for i in range(5)]
+    for p in sent:
+        topo.up(p)
+    recv_all(topo.host, len(sent))
+    out = ok("sa", "export", "--wireshark", "-s", topo.mn.sock)
+    lines = out.splitlines()
+    assert len(lines) == 2
+    parsed = parse_keyfile(out)
+    up = [k for k in parsed if k.spi == SPI_UP]
+    assert len(up) == 1 and up[0].enc_key == KEY_UP and up[0].esn
+    assert all(line.startswith('"IPv4","127.0.0.1","127.0.0.1",') for line in lines)
+    assert "AES-GCM with 16 octet ICV [RFC4106]" in lines[0]
+    # export needs the format named
+    r = ipsecct("sa", "export", "-s", topo.mn.sock)
+    assert r.returncode == 2 and "--wireshark" in r.stderr
+
+    keys = topo.dir / "exported.keys"
+    keys.write_text(out)
+    cap = topo.dir / "esp.pcap"
+    with open(cap, "wb") as f:
+        w = PcapWriter(f, LINKTYPE_RAW)
+        for d in topo.relay.seen:
+            udp = struct.pack("!HHHH", 4500, 4500, 8 + len(d), 0) + d
+            w.write(ippacket.build_ip(ip("127.0.0.1"), ip("127.0.0.1"), 17, len(udp)) + udp)
+    dec = topo.dir / "dec.pcap"
+    r = ipsecct("pcap", "decrypt", "--keys", str(keys), str(cap), str(dec))
+    assert r.returncode == 0, r.stderr
+    from ipsecct.pcap import PcapReader
+
+    with open(dec, "rb") as f:
+        got = [bytes(rec.data) for rec in PcapReader(f)]
+    assert got == sent
+
+
+def test_pmtu_set_at_run_time_sends_icmp_back(topo: Topo) -> None:
+    big = with_df(packet(1, size=1000))
+    topo.up(big)
+    assert topo.host.recv(65535) == big
+    r = ok("pmtu", "set", hex(SPI_UP), "600", "-s", topo.mn.sock)
+    assert "600" in r
+    (shown,) = json.loads(ok("sa", "show", hex(SPI_UP), "--json", "-s", topo.mn.sock))
+    assert shown["path_mtu"] == 600
+    topo.up(big)
+    icmp = topo.mn_app.recv(65535)
+    hdr = ippacket.parse(icmp)
+    assert hdr.protocol == 1 and hdr.dst == ip(MN_INNER)
+    typ, code, _, _, mtu = struct.unpack_from("!BBHHH", icmp, 20)
+    assert (typ, code) == (3, 4)
+    assert 500 < mtu < 600
+    assert icmp[28:] == big[:28]  # the original header and 8 octets of its payload
+    small = with_df(packet(2, size=mtu - 28))
+    topo.up(small)
+    assert topo.host.recv(65535) == small
+    c = topo.mn.counters()
+    assert c["icmp_sent"] == 1 and c["drops"]["mtu"] == 1
+    # a packet without DF is still sent (the outer packet may be fragmented)
+    topo.up(packet(3, size=1000))
+    assert topo.host.recv(65535) == packet(3, size=1000)
+    # errors: unknown SPI, MTU out of range
+    r2 = ipsecct("pmtu", "set", "0x1234", "600", "-s", topo.mn.sock)
+    assert r2.returncode == 2 and "no SA" in r2.stderr
+    r3 = ipsecct("pmtu", "set", hex(SPI_UP), "20", "-s", topo.mn.sock)
+    assert r3.returncode == 2 and "68" in r3.stderr
+
+
+def test_metrics_endpoint(topo: Topo) -> None:
+    for i in range(3):
+        topo.up(packet(i))
+    recv_all(topo.host, 3)
+    with urllib.request.urlopen(f"http://127.0.0.1:{topo.metrics_port}/metrics", timeout=10) as r:
+        assert r.status == 200
+        assert r.headers["Content-Type"].startswith("text/plain")
+        text = r.read().decode()
+    assert "# TYPE ipsecct_packets_total counter" in text
+    assert 'ipsecct_packets_total{node="sg1",direction="in"} 3' in text
+    assert 'ipsecct_drops_total{node="sg1",reason="replay"} 0' in text
+    assert 'ipsecct_sas{node="sg1"} 2' in text
+
+
+def test_sigterm_exits_cleanly_and_restart_works(topo: Topo) -> None:
+    topo.up(packet(1))
+    assert topo.host.recv(65535) == packet(1)
+    assert os.path.exists(topo.sg.sock)
+    assert topo.sg.terminate() == 0
+    assert not os.path.exists(topo.sg.sock)
+    assert "event=shutdown" in topo.sg.logtext()
+    r = ipsecct("status", "-s", topo.sg.sock)
+    assert r.returncode == 2 and "daemon running" in r.stderr
+    topo.sg.start()  # same configuration
+    c = topo.sg.counters()
+    assert c["in_packets"] == 0
+    # the MN goes on with its sequence numbers; the restarted SG's window starts afresh
+    for i in range(2, 5):
+        topo.up(packet(i))
+    assert sorted(recv_all(topo.host, 3)) == sorted(packet(i) for i in range(2, 5))
+    topo.down(packet(9, HOST, MN_INNER))
+    # the restarted SG starts its outbound sequence at 1 again, which the MN's window
+    # (which never saw these numbers) accepts
+    assert topo.mn_app.recv(65535) == packet(9, HOST, MN_INNER)
+    assert topo.mn.terminate() == 0
+    assert not os.path.exists(topo.mn.sock)
+
+
+def test_sa_delete_and_add(topo: Topo) -> None:
+    from ipsecct import context
+    from ipsecct.sad import Direction, SecurityAssociation
+
+    res = json.loads(ok("sa", "delete", hex(SPI_UP), "--json", "-s", topo.sg.sock))
+    assert res == [f"0x{SPI_UP:08x}"]
+    sas = json.loads(ok("sa", "list", "--json", "-s", topo.sg.sock))
+    assert sas == []  # the tunnel went with its inbound SA: both SAs gone
+    topo.up(packet(1))
+    wait_for(lambda: topo.sg.counters()["drops"]["no_sa"] == 1, "no_sa drop after delete")
+    # put the inbound SA back from a context file
+    sa = SecurityAssociation(
+        SPI_UP,
+        Direction.INBOUND,
+        ip("127.0.0.1"),
+        ip("127.0.0.1"),
+        enc_key=KEY_UP,
+        esn=True,
+        replay_window=1024,
+    )
+    f = topo.dir / "sa.json"
+    f.write_text(json.dumps(context.to_json(sa, 0.0)))
+    added = json.loads(ok("sa", "add", str(f), "--json", "-s", topo.sg.sock))
+    assert added[0]["spi"] == f"0x{SPI_UP:08x}"
+    topo.up(packet(2))
+    assert topo.host.recv(65535) == packet(2)
+    r = ipsecct("sa", "delete", "0x4242", "-s", topo.sg.sock)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1
