@@ -153,3 +153,16 @@ def test_lines_encode_reports_errors_per_line() -> None:
     assert out[0] == out[3] and not out[0].startswith("error")
     assert out[1] == "error: missing field 'spi'"
     assert out[2].startswith("error: field 'spi'")
+
+
+def test_lines_split_on_newlines_only() -> None:
+    obj = json.loads(EXAMPLES[0].read_text())
+    obj["name"] = "a\u2028b\x85c"
+    line = json.dumps(obj, ensure_ascii=False)
+    assert "\u2028" in line
+    p = run("encode", "--lines", "-", stdin=(line + "\r\n" + line + "\n").encode())
+    assert p.returncode == 0, p.stdout
+    out = p.stdout.decode().splitlines()
+    assert len(out) == 2 and out[0] == out[1]
+    dec = run("decode", "--lines", "-", stdin=p.stdout)
+    assert json.loads(dec.stdout.decode().split("\n")[0])["name"] == "a\u2028b\x85c"

@@ -115,7 +115,11 @@ def decode_one(text: str, *, indent: int | None) -> str:
 
 def _run_lines(text: str, convert: Callable[[str], str]) -> int:
     status = 0
-    for line in text.splitlines():
+    lines = text.split("\n")  # not splitlines(): U+2028 and friends may sit inside JSON strings
+    if lines[-1] == "":
+        lines.pop()
+    for raw in lines:
+        line = raw.removesuffix("\r")
         try:
             out = convert(line)
         except IpsecctError as exc:
