@@ -1,0 +1,75 @@
+"""`ipsecct bench codec`: the command runs and prints the documented JSON (no timing checks)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from ipsecct.bench import codec
+from ipsecct.commands.bench import BENCHES
+
+TINY = ["--time", "0.001", "--rounds", "1"]
+
+
+def _run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "ipsecct", "bench", *args],
+        capture_output=True, text=True, timeout=300, check=False,
+    )
+
+
+def test_codec_json_schema() -> None:
+    proc = _run("codec", "--json", *TINY)
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert list(doc) == ["results"]
+    rows = doc["results"]
+    seen = set()
+    for row in rows:
+        assert list(row) == ["impl", "transform", "size", "op", "pps"]
+        assert row["impl"] in ("ipsecct", "raw-aead", "scapy")
+        assert row["transform"] in ("aes-gcm-128", "chacha20-poly1305")
+        assert row["size"] in (64, 1400)
+        assert row["op"] in ("encrypt", "decrypt")
+        assert isinstance(row["pps"], float) and row["pps"] > 0
+        seen.add((row["impl"], row["transform"], row["size"], row["op"]))
+    impls = 3 if codec.scapy_available() else 2
+    assert len(seen) == len(rows) == impls * 2 * 2 * 2  # every case, once
+
+
+def test_codec_table_and_filters() -> None:
+    proc = _run("codec", *TINY, "--impl", "ipsecct", "--impl", "raw-aead",
+                "--transform", "aes-gcm-128", "--size", "64")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert "ipsecct/raw" in lines[0] and "ipsecct/scapy" in lines[0]
+    rows = [ln for ln in lines if ln.startswith("aes-gcm-128")]
+    assert [r.split()[1:3] for r in rows] == [["64", "encrypt"], ["64", "decrypt"]]
+    assert all(float(r.split()[6]) > 0 for r in rows)  # ipsecct/raw ratio
+    assert all(r.split()[7] == "-" for r in rows)  # no Scapy measured: no ratio
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["codec", "--time", "0"], ["codec", "--rounds", "x"], ["codec", "--size", "65"],
+     ["codec", "--impl", "nope"], []],
+)
+def test_bad_arguments_exit_2(args: list[str]) -> None:
+    proc = _run(*args)
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    assert "Traceback" not in proc.stderr
+
+
+def test_registry_and_in_process_measure() -> None:
+    assert BENCHES["codec"] == "ipsecct.bench.codec"
+    results = codec.measure(impls=["ipsecct", "raw-aead"], transforms=["chacha20-poly1305"],
+                            sizes=[1400], run_time=0.001, rounds=1)
+    assert {(r.impl, r.op) for r in results} == {
+        ("ipsecct", "encrypt"), ("ipsecct", "decrypt"),
+        ("raw-aead", "encrypt"), ("raw-aead", "decrypt"),
+    }
+    assert json.loads(codec.to_json(results))["results"][0]["transform"] == "chacha20-poly1305"
