@@ -1,0 +1,291 @@
+"""The control socket is robust: clients that send garbage get error answers, and the server
+keeps serving everyone else. Its file is mode 0600."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ipsecct.control import MAX_LINE, ControlError, ControlServer, MetricsServer, request
+from ipsecct.errors import SAError
+from tests.test_gateway_loopback import Daemon, free_udp_port, node_toml
+
+Client = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+
+
+def short_path() -> str:
+    d = tempfile.mkdtemp(prefix="ipsecct-c-", dir="/tmp")
+    return os.path.join(d, "ctl.sock")
+
+
+async def _echo(args: dict[str, Any]) -> Any:
+    return {"echo": args}
+
+
+async def _boom(args: dict[str, Any]) -> Any:
+    raise RuntimeError("a bug")
+
+
+async def _sa_error(args: dict[str, Any]) -> Any:
+    raise SAError("no such SA")
+
+
+async def _needs_key(args: dict[str, Any]) -> Any:
+    return args["spi"]
+
+
+def with_server(test: Callable[[ControlServer, str], Awaitable[None]]) -> None:
+    path = short_path()
+
+    async def main() -> None:
+        srv = ControlServer(path)
+        srv.register("echo", _echo)
+        srv.register("boom", _boom)
+        srv.register("sa", _sa_error)
+        srv.register("needs", _needs_key)
+        await srv.start()
+        try:
+            await asyncio.wait_for(test(srv, path), 30)
+        finally:
+            await srv.stop()
+        assert not os.path.exists(path)
+
+    try:
+        asyncio.run(main())
+    finally:
+        os.rmdir(os.path.dirname(path))
+
+
+async def connect(path: str) -> Client:
+    return await asyncio.open_unix_connection(path, limit=4 * MAX_LINE)
+
+
+async def ask(c: Client, line: bytes) -> dict[str, Any]:
+    r, w = c
+    w.write(line)
+    await w.drain()
+    ans = json.loads(await r.readline())
+    assert isinstance(ans, dict)
+    return ans
+
+
+GARBAGE: list[tuple[bytes, str]] = [
+    (b"hello\n", "not JSON"),
+    (b"{\n", "not JSON"),
+    (b"\xff\xfe\x00\x01\x80binary\n", "not JSON"),
+    (b"[1, 2, 3]\n", "object"),
+    (b'"status"\n', "object"),
+    (b"42\n", "object"),
+    (b"null\n", "object"),
+    (b"{}\n", "object"),
+    (b'{"cmd": 7}\n', "object"),
+    (b'{"cmd": "nope"}\n', "unknown command 'nope'"),
+    (b'{"cmd": "echo", "args": [1]}\n', '"args" must be an object'),
+    (b'{"cmd": "boom"}\n', "internal error (RuntimeError)"),
+    (b'{"cmd": "sa"}\n', "no such SA"),
+    (b'{"cmd": "needs", "args": {}}\n', "bad arguments: KeyError"),
+    (b"\n", "not JSON"),
+]
+
+
+def test_garbage_gets_errors_and_the_connection_goes_on() -> None:
+    async def t(srv: ControlServer, path: str) -> None:
+        c = await connect(path)
+        for line, err in GARBAGE:
+            ans = await ask(c, line)
+            assert ans["ok"] is False, line
+            assert err in ans["error"], (line, ans)
+            # after each bad request a good one on the same connection still works
+            good = await ask(c, b'{"cmd": "echo", "args": {"n": 1}}\n')
+            assert good == {"ok": True, "result": {"echo": {"n": 1}}}
+        c[1].close()
+
+    with_server(t)
+
+
+def test_huge_line_closes_only_that_connection() -> None:
+    async def t(srv: ControlServer, path: str) -> None:
+        bystander = await connect(path)
+        big = await connect(path)
+        r, w = big
+        w.write(b"x" * (MAX_LINE + 10))  # no newline
+        await w.drain()
+        ans = json.loads(await r.readline())
+        assert ans == {"ok": False, "error": "request too long"}
+        assert await r.read() == b""  # the server closed it
+        w.close()
+        # the other client, connected all along, is still served; so is a new one
+        assert (await ask(bystander, b'{"cmd": "echo"}\n'))["ok"] is True
+        fresh = await connect(path)
+        assert (await ask(fresh, b'{"cmd": "echo"}\n'))["ok"] is True
+        for c in (bystander, fresh):
+            c[1].close()
+
+    with_server(t)
+
+
+def test_idle_and_half_finished_clients_do_not_block_others() -> None:
+    async def t(srv: ControlServer, path: str) -> None:
+        idle = await connect(path)  # connects, says nothing
+        partial = await connect(path)
+        partial[1].write(b'{"cmd": "ec')  # half a line, then nothing
+        await partial[1].drain()
+        gone = await connect(path)
+        gone[1].write(b'{"cmd": "echo"')
+        gone[1].close()  # hangs up mid-line
+        # a client that sends many requests and never reads its answers
+        greedy = await connect(path)
+        greedy[1].write(b'{"cmd": "echo", "args": {"pad": "' + b"y" * 1000 + b'"}}\n' * 2000)
+        others = [await connect(path) for _ in range(5)]
+        answers = await asyncio.gather(*(ask(c, b'{"cmd": "echo"}\n') for c in others))
+        assert all(a["ok"] for a in answers)
+        for c in (idle, partial, greedy, *others):
+            c[1].close()
+
+    with_server(t)
+
+
+def test_many_clients_concurrently() -> None:
+    async def t(srv: ControlServer, path: str) -> None:
+        async def one(i: int) -> dict[str, Any]:
+            c = await connect(path)
+            try:
+                if i % 2:
+                    await ask(c, b"garbage\n")
+                return await ask(c, json.dumps({"cmd": "echo", "args": {"i": i}}).encode() + b"\n")
+            finally:
+                c[1].close()
+
+        res = await asyncio.gather(*(one(i) for i in range(40)))
+        assert [r["result"]["echo"]["i"] for r in res] == list(range(40))
+
+    with_server(t)
+
+
+def test_socket_is_mode_0600_whatever_the_umask() -> None:
+    async def t(srv: ControlServer, path: str) -> None:
+        st = os.stat(path)
+        assert stat.S_ISSOCK(st.st_mode)
+        assert stat.S_IMODE(st.st_mode) == 0o600
+
+    old = os.umask(0)
+    try:
+        with_server(t)
+    finally:
+        os.umask(old)
+
+
+def test_a_stale_socket_file_is_replaced() -> None:
+    path = short_path()
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(path)  # left behind by a crashed daemon
+    try:
+
+        async def main() -> None:
+            srv = ControlServer(path)
+            srv.register("echo", _echo)
+            await srv.start()
+            try:
+                res = await asyncio.to_thread(request, path, "echo", {"a": 1})
+                assert res == {"echo": {"a": 1}}
+            finally:
+                await srv.stop()
+
+        asyncio.run(main())
+    finally:
+        os.rmdir(os.path.dirname(path))
+
+
+def test_request_client_errors() -> None:
+    with pytest.raises(ControlError, match="is the daemon running"):
+        request("/nonexistent/ipsecct.sock", "status")
+
+    async def t(srv: ControlServer, path: str) -> None:
+        with pytest.raises(ControlError, match="unknown command"):
+            await asyncio.to_thread(request, path, "nope")
+        with pytest.raises(ControlError, match="no such SA"):
+            await asyncio.to_thread(request, path, "sa")
+
+    with_server(t)
+
+
+def test_metrics_server_answers_get_and_refuses_the_rest() -> None:
+    status = {
+        "name": "n1",
+        "counters": {
+            "out_packets": 5,
+            "in_packets": 6,
+            "out_bytes": 7,
+            "in_bytes": 8,
+            "drops": {"replay": 2},
+        },
+        "sas": 3,
+        "uptime_s": 1.5,
+    }
+
+    async def main() -> None:
+        m = MetricsServer("127.0.0.1", 0, lambda: status)
+        await m.start()
+        try:
+            port = m.bound_port
+
+            async def http(req: bytes) -> bytes:
+                r, w = await asyncio.open_connection("127.0.0.1", port)
+                w.write(req)
+                await w.drain()
+                data = await r.read()
+                w.close()
+                return data
+
+            ok = await http(b"GET /metrics HTTP/1.0\r\n\r\n")
+            assert ok.startswith(b"HTTP/1.0 200 OK")
+            assert b'ipsecct_packets_total{node="n1",direction="out"} 5' in ok
+            assert b'ipsecct_drops_total{node="n1",reason="replay"} 2' in ok
+            assert (await http(b"POST / HTTP/1.0\r\n\r\n")).startswith(b"HTTP/1.0 405")
+            assert await http(b"\x00\x01garbage") == b""  # never a full request: closed
+            assert (await http(b"GET / HTTP/1.0\r\n\r\n")).startswith(b"HTTP/1.0 200")
+        finally:
+            await m.stop()
+
+    asyncio.run(main())
+
+
+def test_real_daemon_socket_mode_and_garbage(tmp_path: Path) -> None:
+    d = tempfile.mkdtemp(prefix="ipsecct-c-", dir="/tmp")
+    sock = os.path.join(d, "gw.sock")
+    cfg = tmp_path / "gw.toml"
+    cfg.write_text(node_toml("gw", free_udp_port(), free_udp_port(), free_udp_port(), sock, []))
+    gw = Daemon("gateway", cfg, sock, tmp_path / "gw.log")
+    try:
+        gw.start()
+        assert stat.S_IMODE(os.stat(sock).st_mode) == 0o600
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(10)
+            s.connect(sock)
+            s.sendall(b"\x00\xff garbage\n")
+            ans = json.loads(s.makefile("rb").readline())
+            assert ans["ok"] is False and "not JSON" in ans["error"]
+        r = subprocess.run(
+            [sys.executable, "-m", "ipsecct", "status", "--json", "-s", sock],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert r.returncode == 0 and json.loads(r.stdout)["name"] == "gw"
+        assert gw.terminate() == 0
+        assert not os.path.exists(sock)
+    finally:
+        gw.cleanup()
+        shutil.rmtree(d, ignore_errors=True)
