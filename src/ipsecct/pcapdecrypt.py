@@ -241,6 +241,21 @@ class Decryptor:
     def __init__(self, keys: Sequence[KeyLine]) -> None:
         self.keys = list(keys)
         self._flows: dict[tuple[int, IPAddress, IPAddress, int], _Flow] = {}
+        # Lines by SPI, and the SPI-wildcard lines, to keep matching cheap with many keys.
+        self._by_spi: dict[int, list[KeyLine]] = {}
+        self._any_spi: list[KeyLine] = []
+        for kl in self.keys:
+            if kl.spi is None:
+                self._any_spi.append(kl)
+            else:
+                self._by_spi.setdefault(kl.spi, []).append(kl)
+
+    def matching(self, src: IPAddress, dst: IPAddress, spi: int) -> list[KeyLine]:
+        """The key lines for a packet, in file order."""
+        cands = self._by_spi.get(spi, [])
+        if self._any_spi:
+            cands = sorted(cands + self._any_spi, key=lambda k: k.lineno)
+        return [k for k in cands if k.matches(src, dst, spi)]
 
     def process(self, pkt: memoryview | bytes) -> Result:
         """Decrypt one IP packet (trailing octets after the IP packet are ignored)."""
@@ -257,7 +272,7 @@ class Decryptor:
             return Result(Outcome.FAILED, reason="ESP packet shorter than its 8-octet header")
         spi, seq_low = hdr
         where = f"SPI 0x{spi:08x} {loc.src} -> {loc.dst}" + (" (UDP 4500)" if loc.udp else "")
-        lines = [k for k in self.keys if k.matches(loc.src, loc.dst, spi)]
+        lines = self.matching(loc.src, loc.dst, spi)
         if not lines:
             return Result(Outcome.FAILED, reason=f"no key for {where}")
         reasons: list[str] = []
@@ -382,17 +397,18 @@ class Stats:
 
 
 def decrypt_pcap(
-    src: BinaryIO,
+    reader: PcapReader,
     dst: BinaryIO,
     keys: Sequence[KeyLine],
     on_failure: Callable[[int, str], None] | None = None,
 ) -> Stats:
-    """Read a pcap from ``src``, write the decrypted packets as a raw-IP pcap to ``dst``.
+    """Decrypt the records of ``reader`` (``PcapReader(stream)`` checked the file header),
+    writing the decrypted packets as a raw-IP pcap to ``dst``, in the input's timestamp
+    resolution.
 
     ``on_failure(record number, reason)`` is called for every ESP packet that could not be
-    decrypted, as it happens. Raises PcapError for an unusable input file (the records before
-    the fault are already written)."""
-    reader = PcapReader(src)
+    decrypted, as it happens. Raises PcapError for a malformed record (the packets before it
+    are already written)."""
     hdr = reader.header
     writer = PcapWriter(dst, LINKTYPE_RAW, nanosecond=hdr.nanosecond)
     dec = Decryptor(keys)

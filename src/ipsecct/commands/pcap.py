@@ -16,6 +16,7 @@ from typing import Any
 
 from ..errors import PcapError
 from ..keyfile import load_keyfile
+from ..pcap import PcapReader
 from ..pcapdecrypt import DUPLICATE_WINDOW, decrypt_pcap
 
 
@@ -56,11 +57,18 @@ def decrypt_command(args: argparse.Namespace) -> int:
     def report(number: int, reason: str) -> None:
         print(f"ipsecct: packet {number}: {reason}", file=sys.stderr)
 
-    with open(args.input, "rb") as src, open(args.output, "wb") as dst:
+    with open(args.input, "rb") as src:
         try:
-            stats = decrypt_pcap(src, dst, keys, report)
+            reader = PcapReader(src)  # a bad file header: OUT is not even created
         except PcapError as exc:
             raise PcapError(f"{args.input}: {exc}") from None
+        with open(args.output, "wb") as dst:
+            try:
+                stats = decrypt_pcap(reader, dst, keys, report)
+            except PcapError as exc:
+                raise PcapError(
+                    f"{args.input}: {exc} (packets decrypted before it are in {args.output})"
+                ) from None
     if stats.duplicates:
         print(
             f"ipsecct: note: {stats.duplicates} decrypted packet(s) repeat a sequence number"
