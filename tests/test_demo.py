@@ -1,0 +1,55 @@
+"""``ipsecct demo --json``: one JSON object with issue 3's exact schema, nothing lost."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+
+def test_demo_json_schema_and_no_loss() -> None:
+    r = subprocess.run(
+        [sys.executable, "-m", "ipsecct", "demo", "--seconds", "2", "--rate", "200", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert len(lines) == 1, r.stdout  # only the summary
+    s = json.loads(lines[0])
+    assert list(s) == ["packets", "drops", "handovers"]
+    assert list(s["packets"]) == ["sent", "received", "lost", "duplicated"]
+    assert list(s["drops"]) == ["replay", "icv", "no_sa", "policy"]
+    for group in ("packets", "drops"):
+        assert all(type(v) is int for v in s[group].values()), s
+    p = s["packets"]
+    assert p["sent"] == 2 * 200 * 2  # both directions
+    assert p["received"] == p["sent"] and p["lost"] == 0 and p["duplicated"] == 0
+    assert s["drops"] == {"replay": 0, "icv": 0, "no_sa": 0, "policy": 0}
+    assert s["handovers"] == []
+
+
+def test_demo_human_output_has_live_lines_and_summary() -> None:
+    r = subprocess.run(
+        [sys.executable, "-m", "ipsecct", "demo", "--seconds", "1", "--rate", "100"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    assert "mn->host" in out and "via sg1" in out
+    assert "summary" in out and "packets lost" in out
+    lost = next(line for line in out.splitlines() if "packets lost" in line)
+    assert lost.split()[-1] == "0"
+
+
+def test_demo_rejects_bad_arguments() -> None:
+    r = subprocess.run(
+        [sys.executable, "-m", "ipsecct", "demo", "--rate", "0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 2 and "Traceback" not in r.stderr
