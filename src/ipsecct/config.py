@@ -79,6 +79,13 @@ class NodeConfig:
     policies: list[SPDEntry]
     tunnels: list[TunnelConfig]
     extra: dict[str, Any] = field(default_factory=dict)  # sections other modules read
+    # A virtual gateway address (indirect SG identity, draft §7.1): the SAs' local address,
+    # owned by whichever gateway serves them; the node still sends from ``outer``.
+    virtual: IPAddress | None = None
+
+    @property
+    def local_address(self) -> IPAddress:
+        return self.virtual if self.virtual is not None else self.outer.host
 
 
 class _Ctx:
@@ -449,7 +456,7 @@ def from_dict(data: dict[str, Any], path: str = "<config>") -> NodeConfig:
     _check_keys_allowed(data, ctx, "", KNOWN_SECTIONS)
     name = ctx.get(data, "name", "", str)
     outer_d = ctx.get(data, "outer", "", dict)
-    _check_keys_allowed(outer_d, ctx, "outer.", {"address", "port", "raw_esp"})
+    _check_keys_allowed(outer_d, ctx, "outer.", {"address", "port", "raw_esp", "virtual"})
     try:
         outer = Endpoint(
             ipaddress.ip_address(ctx.get(outer_d, "address", "outer.", str)),
@@ -460,6 +467,15 @@ def from_dict(data: dict[str, Any], path: str = "<config>") -> NodeConfig:
     if not 0 <= outer.port <= 65535:
         raise ctx.err("outer.port", "out of range 0-65535")
     raw_esp = ctx.get(outer_d, "raw_esp", "outer.", bool, False)
+    virtual = None
+    if "virtual" in outer_d:
+        try:
+            virtual = ipaddress.ip_address(ctx.get(outer_d, "virtual", "outer.", str))
+        except ValueError as exc:
+            raise ctx.err("outer.virtual", str(exc)) from None
+        if virtual.version != outer.host.version:
+            raise ctx.err("outer.virtual", "address family differs from outer.address")
+    local = Endpoint(virtual, outer.port) if virtual is not None else outer
     inner_d = ctx.get(data, "inner", "", dict, {})
     _check_keys_allowed(
         inner_d, ctx, "inner.", {"kind", "listen", "peer", "name", "addresses", "mtu", "routes"}
@@ -508,7 +524,7 @@ def from_dict(data: dict[str, Any], path: str = "<config>") -> NodeConfig:
         raise ctx.err("log.level", "must be debug, info, warning or error")
     policies = [_policy(p, i, ctx) for i, p in enumerate(ctx.get(data, "policy", "", list, []))]
     tunnels = [
-        _tunnel(t, i, ctx, outer, raw_esp)
+        _tunnel(t, i, ctx, local, raw_esp)
         for i, t in enumerate(ctx.get(data, "tunnel", "", list, []))
     ]
     names = [t.name for t in tunnels]
@@ -518,5 +534,6 @@ def from_dict(data: dict[str, Any], path: str = "<config>") -> NodeConfig:
         k: data[k] for k in ("transfer", "peers", "failover", "mobility") if k in data
     }
     return NodeConfig(
-        path, name, outer, raw_esp, inner, sock, metrics, level, policies, tunnels, extra
+        path, name, outer, raw_esp, inner, sock, metrics, level, policies, tunnels, extra,
+        virtual,
     )

@@ -264,7 +264,7 @@ class Node:
             self.from_outer(data, addr)
 
     def from_outer(self, data: bytes, addr: tuple[Any, ...]) -> None:
-        self.act(self.engine.inbound(data, self.cfg.outer.host, self.clock()), addr)
+        self.act(self.engine.inbound(data, self.cfg.local_address, self.clock()), addr)
 
     # -- information ---------------------------------------------------------------------
     def status(self) -> dict[str, Any]:

@@ -117,6 +117,9 @@ class Demo:
         """The access network's route towards the MN now goes through gateway ``gw``."""
         self.serving = gw
         self.extra["host_peer"] = ("127.0.0.1", self.gateways[gw].inner_port)
+        relay = self.extra.get("relay")
+        if relay is not None:
+            relay.owner = (ADDRESS[gw], self.gateways[gw].outer_port)
 
     def all_nodes(self) -> list[Node]:
         return [self.mn.node] + [g.node for g in self.gateways.values()]
@@ -134,7 +137,7 @@ def load_plugins() -> None:
     import importlib
 
     with contextlib.suppress(ModuleNotFoundError):
-        importlib.import_module("ipsecct.handover")
+        importlib.import_module("ipsecct.demo_handover")
 
 
 def _keys_file(d: Path, name: str, in_key: bytes, out_key: bytes) -> str:
@@ -147,15 +150,22 @@ def _keys_file(d: Path, name: str, in_key: bytes, out_key: bytes) -> str:
 
 def node_config(
     name: str,
+    address: str,
     outer_port: int,
     inner_port: int,
     inner_peer: int,
     tunnels: list[dict[str, Any]],
     extra: dict[str, Any] | None = None,
+    *,
+    virtual: str | None = None,
 ) -> config_mod.NodeConfig:
     data: dict[str, Any] = {
         "name": name,
-        "outer": {"address": "127.0.0.1", "port": outer_port},
+        "outer": {
+            "address": address,
+            "port": outer_port,
+            **({"virtual": virtual} if virtual else {}),
+        },
         "inner": {
             "kind": "udp",
             "listen": f"127.0.0.1:{inner_port}",
@@ -167,23 +177,66 @@ def node_config(
     return config_mod.from_dict(data, f"<demo {name}>")
 
 
+# Each node has its own loopback address (all of 127/8 is local on Linux), so a handover really
+# changes the address the mobile node talks to.
+ADDRESS = {"mn": "127.0.1.10", "sg1": "127.0.1.1", "sg2": "127.0.1.2", "sg3": "127.0.1.3"}
+VIRTUAL = "127.0.1.100"  # the virtual gateway address of indirect SG identity
+
+
+class _Relay(asyncio.DatagramProtocol):
+    """Emulates the access network for indirect SG identity: datagrams sent to the virtual
+    gateway address reach whichever gateway owns it now (a route or ARP change in a real
+    network; in network namespaces the address itself moves)."""
+
+    def __init__(self) -> None:
+        self.owner: tuple[str, int] | None = None
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.DatagramTransport, transport)
+
+    def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
+        if self.owner is not None and self.transport is not None:
+            self.transport.sendto(data, self.owner)
+
+
 async def build(
     workdir: Path,
     *,
     enc: str = "aes-gcm-16",
     window: int = 1024,
     gateways: tuple[str, ...] = ("sg1", "sg2"),
+    identity: str = "direct",
+    transfer: dict[str, Any] | None = None,
 ) -> Demo:
-    """Start the MN, the gateways and the two applications; the MN's SAs are on sg1."""
-    ports = {n: (free_udp_port(), free_udp_port()) for n in ("mn", *gateways)}
+    """Start the MN, the gateways and the two applications; the MN's SAs are on sg1. Each
+    gateway also runs context transfer (TLS with certificates from a fresh test CA)."""
+    from . import pki
+
+    ports = {n: (free_udp_port(ADDRESS[n]), free_udp_port()) for n in ("mn", *gateways)}
+    ct_ports = {g: free_tcp_port(ADDRESS[g]) for g in gateways}
     host_port, mn_app_port = free_udp_port(), free_udp_port()
     k_up, k_down = os.urandom(20), os.urandom(20)  # AES-GCM-128 key + salt, each direction
     spi_up, spi_down = 0x10000001, 0x20000001  # MN -> SG, SG -> MN
     mn_keys = _keys_file(workdir, "mn", in_key=k_down, out_key=k_up)
     sg_keys = _keys_file(workdir, "sg1", in_key=k_up, out_key=k_down)
+    import datetime as dt
+
+    pki.init_pki(workdir / "pki", list(gateways), dt.datetime.now(dt.UTC))
+    indirect = identity == "indirect"
+    relay: _Relay | None = None
+    loop = asyncio.get_running_loop()
+    if indirect:
+        relay = _Relay()
+        vport = free_udp_port(VIRTUAL)
+        await loop.create_datagram_endpoint(lambda: relay, local_addr=(VIRTUAL, vport))
+        sg_contact = f"{VIRTUAL}:{vport}"
+    else:
+        sg_contact = f"{ADDRESS['sg1']}:{ports['sg1'][0]}"
     common = {"enc": enc, "esn": True, "replay_window": window, "mode": "tunnel"}
     mn_cfg = node_config(
         "mn",
+        ADDRESS["mn"],
         *ports["mn"],
         mn_app_port,
         [
@@ -191,7 +244,7 @@ async def build(
                 "name": "mn-home",
                 "local_ts": f"{MN_INNER}/32",
                 "remote_ts": "10.2.0.0/24",
-                "peer": f"127.0.0.1:{ports['sg1'][0]}",
+                "peer": sg_contact,
                 "spi_in": spi_down,
                 "spi_out": spi_up,
                 "keys": mn_keys,
@@ -209,27 +262,53 @@ async def build(
                     "name": "mn1",
                     "local_ts": "10.2.0.0/24",
                     "remote_ts": f"{MN_INNER}/32",
-                    "peer": f"127.0.0.1:{ports['mn'][0]}",
+                    "peer": f"{ADDRESS['mn']}:{ports['mn'][0]}",
                     "spi_in": spi_up,
                     "spi_out": spi_down,
                     "keys": sg_keys,
                     **common,
                 }
             )
-        cfg = node_config(g, *ports[g], host_port, tunnels)
+        extra: dict[str, Any] = {
+            "transfer": {
+                "listen": f"{ADDRESS[g]}:{ct_ports[g]}",
+                "cert": str(workdir / "pki" / f"{g}.pem"),
+                "key": str(workdir / "pki" / f"{g}.key"),
+                "ca": str(workdir / "pki" / "ca.pem"),
+                "identity": identity if identity in ("direct", "indirect") else "direct",
+                **(transfer or {}),
+            },
+            "peers": [
+                {"name": p, "address": f"{ADDRESS[p]}:{ct_ports[p]}", "outer": ADDRESS[p]}
+                for p in gateways
+                if p != g
+            ],
+        }
+        cfg = node_config(
+            g,
+            ADDRESS[g],
+            *ports[g],
+            host_port,
+            tunnels,
+            extra,
+            virtual=VIRTUAL if indirect else None,
+        )
         gws[g] = DemoNode(g, Node(cfg), *ports[g])
-    loop = asyncio.get_running_loop()
     host_app, mn_app = _App("host", 1), _App("mn-app", 0)
     await loop.create_datagram_endpoint(lambda: host_app, local_addr=("127.0.0.1", host_port))
     await loop.create_datagram_endpoint(lambda: mn_app, local_addr=("127.0.0.1", mn_app_port))
     for n in [mn, *gws.values()]:
         await n.node.start()
     demo = Demo(workdir, mn, gws, host_app, mn_app, host_port, mn_app_port)
+    demo.extra["relay"] = relay
+    demo.extra["identity"] = identity
     demo.host_route("sg1")
     return demo
 
 
 async def stop(demo: Demo) -> None:
+    for cleanup in reversed(demo.extra.get("cleanups", [])):
+        await cleanup()
     for n in demo.all_nodes():
         if not n._stopping.is_set():
             await n.stop()
@@ -316,6 +395,11 @@ def _report(demo: Demo, elapsed: float, out: TextIO) -> None:
 def summary(demo: Demo) -> dict[str, Any]:
     sent = demo.sent[0] + demo.sent[1]
     received = len(demo.host_app.received) + len(demo.mn_app.received)
+    for h in demo.handovers:
+        # One handover a run: the stream's longest pause (either direction) and its losses
+        # are the handover's.
+        h["gap_ms"] = round(1000 * max(demo.host_app.max_gap, demo.mn_app.max_gap), 3)
+        h["lost"] = sent - received
     return {
         "packets": {
             "sent": sent,
@@ -356,7 +440,8 @@ async def run(
     out: TextIO = sys.stdout,
 ) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="ipsecct-demo-") as tmp:
-        demo = await build(Path(tmp))
+        identity = handover if handover in ("direct", "indirect") else "direct"
+        demo = await build(Path(tmp), identity=identity)
         try:
             for setup in SETUP_PLUGINS:
                 await setup(demo, handover)

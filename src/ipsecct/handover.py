@@ -220,7 +220,8 @@ class Channels:
         self.on_lost = on_lost
         self.server_ctx = tlschannel.server_context(tcfg.cert, tcfg.key, tcfg.ca)
         self.client_ctx = tlschannel.client_context(tcfg.cert, tcfg.key, tcfg.ca)
-        self.conns: dict[str, tlschannel.CxtpConnection] = {}
+        self.conns: dict[str, tlschannel.CxtpConnection] = {}  # the one used to send
+        self.all_conns: set[tlschannel.CxtpConnection] = set()
         self.queues: dict[str, asyncio.Queue[cxtp.Message]] = {}
         self.writers: dict[str, asyncio.Task[None]] = {}
         self.readers: set[asyncio.Task[None]] = set()
@@ -239,14 +240,20 @@ class Channels:
     async def stop(self) -> None:
         if self.server is not None:
             self.server.close()
-        for t in [*self.writers.values(), *self.readers]:
-            t.cancel()
-        for t in [*self.writers.values(), *self.readers]:
+        for w in self.writers.values():
+            w.cancel()
+        for w in self.writers.values():
             with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
-        for c in list(self.conns.values()):
+                await w
+        # Closing the connections ends their reader tasks; cancel only what does not end.
+        for c in list(self.all_conns):
+            c.timeout = 0.5  # do not wait long for the peer's close_notify
             await c.close()
         self.conns.clear()
+        if self.readers:
+            _, pending = await asyncio.wait(list(self.readers), timeout=1.0)
+            for t in pending:
+                t.cancel()
 
     def peer_of(self, conn: tlschannel.CxtpConnection) -> PeerSpec | None:
         for p in self.tcfg.peers.values():
@@ -255,6 +262,10 @@ class Channels:
         return None
 
     async def _accepted(self, conn: tlschannel.CxtpConnection) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self.readers.add(task)
+            task.add_done_callback(self.readers.discard)
         peer = self.peer_of(conn)
         if peer is None:
             self.refused += 1
@@ -272,6 +283,7 @@ class Channels:
         await self._read(peer.name, conn)
 
     async def _read(self, peer: str, conn: tlschannel.CxtpConnection) -> None:
+        self.all_conns.add(conn)
         try:
             while True:
                 try:
@@ -286,6 +298,7 @@ class Channels:
         finally:
             if self.conns.get(peer) is conn:
                 del self.conns[peer]
+            self.all_conns.discard(conn)
             await conn.close()
             self.on_lost(peer)
 
@@ -314,6 +327,17 @@ class Channels:
         return c
 
     def send(self, peer: str, msg: cxtp.Message) -> None:
+        # Fast path: an open connection with nothing queued ahead: write now (the transport
+        # buffers; the writer task drains when the buffer grows), no task switch on the way.
+        c = self.conns.get(peer)
+        q = self.queues.get(peer)
+        if c is not None and not c.closed and (q is None or q.empty()):
+            w = self.writers.get(peer)
+            if w is None or w.done():
+                c.writer.write(cxtp.encode(msg))
+                if c.writer.transport.get_write_buffer_size() > 1 << 20:
+                    self.writers[peer] = asyncio.create_task(self._drain(peer, c))
+                return
         q = self.queues.get(peer)
         if q is None:
             q = self.queues[peer] = asyncio.Queue()
@@ -321,6 +345,13 @@ class Channels:
         w = self.writers.get(peer)
         if w is None or w.done():
             self.writers[peer] = asyncio.create_task(self._writer(peer, q))
+
+    async def _drain(self, peer: str, conn: tlschannel.CxtpConnection) -> None:
+        try:
+            async with asyncio.timeout(30):
+                await conn.writer.drain()
+        except (TimeoutError, ConnectionError, OSError):
+            self.on_lost(peer)
 
     async def _writer(self, peer: str, q: asyncio.Queue[cxtp.Message]) -> None:
         while True:
@@ -452,7 +483,8 @@ class TransferService:
             wait = 0.05 if d is None else max(0.0, min(0.05, d - now))
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), wait)
+                async with asyncio.timeout(wait):
+                    await self._wake.wait()
             self.run(self.core.tick(self.node.clock()))
             self._wake.clear()
 

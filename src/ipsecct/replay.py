@@ -16,6 +16,12 @@ from .errors import SAError
 MAX_WINDOW = 65536
 _BLOCK_BITS = 64
 _MASK32 = 0xFFFFFFFF
+_M64 = (1 << 64) - 1
+
+
+def _reverse(x: int, width: int) -> int:
+    """``x`` with its low ``width`` bits in reverse order."""
+    return int(format(x, f"0{width}b")[::-1], 2)
 
 
 class ReplayWindow:
@@ -101,39 +107,48 @@ class ReplayWindow:
         """(top, bitmap): bit i of the bitmap (LSB of byte 0 is i = 0) is set when sequence
         number ``top - i`` was received, for i in 0 .. size-1. Canonical: bits for sequence
         numbers below 1 are always clear."""
-        if self.size == 0:
+        size = self.size
+        if size == 0:
             return self.top, b""
-        bits = 0
         top = self.top
-        for i in range(min(self.size, top)):
-            seq = top - i
-            if (self._blocks[(seq >> 6) % self._nblocks] >> (seq & 63)) & 1:
-                bits |= 1 << i
-        return top, bits.to_bytes(self.size // 8, "little")
+        n = self._nblocks
+        top_block = top >> 6
+        first_block = top_block - n + 1
+        acc = 0
+        for b in range(top_block, first_block - 1, -1):
+            acc = (acc << 64) | (self._blocks[b % n] if b >= 0 else 0)
+        # acc holds sequence number s at bit (s - 64 * first_block); take top-size+1 .. top.
+        window = (acc >> (top - size + 1 - 64 * first_block)) & ((1 << size) - 1)
+        bits = _reverse(window, size)  # bit i <-> top - i
+        return top, bits.to_bytes(size // 8, "little")
 
     def restore(self, top: int, bitmap: bytes) -> None:
         """Load a state made by :meth:`snapshot` (of a window of the same size)."""
-        if len(bitmap) != self.size // 8:
+        size = self.size
+        if len(bitmap) != size // 8:
             raise SAError(
-                f"replay bitmap has {len(bitmap)} octets,"
-                f" a window of {self.size} needs {self.size // 8}"
+                f"replay bitmap has {len(bitmap)} octets, a window of {size} needs {size // 8}"
             )
         if top < 0 or top >= 1 << 64 or (not self.esn and top > _MASK32):
             raise SAError("replay window top is out of range")
+        if size == 0:
+            self.top = top
+            return
         bits = int.from_bytes(bitmap, "little")
-        if bits >> min(self.size, top) if self.size else 0:
+        if bits >> min(size, top):
             raise SAError("replay bitmap marks sequence numbers below 1")
-        if top and self.size and not bits & 1:
+        if top and not bits & 1:
             raise SAError("replay bitmap does not mark its own top sequence number")
-        self._blocks = [0] * self._nblocks
+        n = self._nblocks
+        blocks = [0] * n
+        base = top - size + 1  # the sequence number at bit 0 of ``window``
+        window = _reverse(bits, size)
+        for b in range(max(base, 0) >> 6, (top >> 6) + 1):
+            lo = 64 * b - base
+            word = window >> lo if lo >= 0 else window << -lo
+            blocks[b % n] = word & _M64
+        self._blocks = blocks
         self.top = top
-        i = 0
-        while bits:
-            if bits & 1:
-                seq = top - i
-                self._blocks[(seq >> 6) % self._nblocks] |= 1 << (seq & 63)
-            bits >>= 1
-            i += 1
 
     def copy(self) -> ReplayWindow:
         other = ReplayWindow(self.size, esn=self.esn)

@@ -599,9 +599,8 @@ class TransferCore:
                 return cxtp.Status.UNSUPPORTED_ALGORITHM, None
         if out_sa.selectors is None:
             return cxtp.Status.MALFORMED, None
-        for t in self.engine.tunnels():
-            if t.outbound.spi == out_sa.spi and t.outbound.dst == out_sa.dst:
-                return cxtp.Status.BUSY, None  # we hold this SA already
+        if self.engine.sad.in_use(out_sa.dst, out_sa.protocol, out_sa.spi):
+            return cxtp.Status.BUSY, None  # we hold this SA already
         direct = self.settings.identity is Identity.DIRECT
         if direct:
             out_sa.src = self.endpoint.address
