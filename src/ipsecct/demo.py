@@ -208,6 +208,7 @@ async def build(
     gateways: tuple[str, ...] = ("sg1", "sg2"),
     identity: str = "direct",
     transfer: dict[str, Any] | None = None,
+    failover: bool = False,
 ) -> Demo:
     """Start the MN, the gateways and the two applications; the MN's SAs are on sg1. Each
     gateway also runs context transfer (TLS with certificates from a fresh test CA)."""
@@ -284,6 +285,11 @@ async def build(
                 if p != g
             ],
         }
+        if failover and g in ("sg1", "sg2"):
+            extra["failover"] = {
+                "role": "active" if g == "sg1" else "standby",
+                "peer": "sg2" if g == "sg1" else "sg1",
+            }
         cfg = node_config(
             g,
             ADDRESS[g],
@@ -441,7 +447,7 @@ async def run(
 ) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="ipsecct-demo-") as tmp:
         identity = handover if handover in ("direct", "indirect") else "direct"
-        demo = await build(Path(tmp), identity=identity)
+        demo = await build(Path(tmp), identity=identity, failover=handover == "failover")
         try:
             for setup in SETUP_PLUGINS:
                 await setup(demo, handover)

@@ -64,6 +64,36 @@ async def handover(demo: demo_mod.Demo, mode: str) -> None:
     demo.handovers.append(entry)
 
 
+async def failover(demo: demo_mod.Demo, mode: str) -> None:
+    """Kill sg1 (its sockets and channels close, no goodbye); sg2, its standby, notices the
+    silence after the detection time and takes over with the replicated contexts."""
+    services: dict[str, TransferService] = demo.extra["transfer"]
+    loop = asyncio.get_running_loop()
+    took_over: asyncio.Future[Record] = loop.create_future()
+
+    def on_takeover(rec: Record) -> None:
+        if rec.role == "standby" and not took_over.done():
+            demo.host_route("sg2")
+            took_over.set_result(rec)
+
+    services["sg2"].listeners.append(on_takeover)
+    t0 = time.monotonic()
+    await services["sg1"].stop()
+    await demo.gateways["sg1"].node.stop()
+    rec = await asyncio.wait_for(took_over, 10)
+    demo.handovers.append(
+        {
+            "from": "sg1",
+            "to": "sg2",
+            "mode": "failover",
+            "transfer_ms": round((rec.ended - t0) * 1000, 3),
+            "gap_ms": None,
+            "lost": None,
+        }
+    )
+
+
 demo_mod.SETUP_PLUGINS.append(setup)
+demo_mod.HANDOVER_PLUGINS["failover"] = failover
 demo_mod.HANDOVER_PLUGINS["direct"] = handover
 demo_mod.HANDOVER_PLUGINS["indirect"] = handover

@@ -41,15 +41,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import cxtp, signalling, tlschannel
+from . import cxtp, failover, signalling, tlschannel
 from .algorithms import ENC_NAMES, INTEG_NAMES, enc_from_name
 from .config import Endpoint, NodeConfig, parse_endpoint
 from .daemon import Node
 from .engine import Forward, Held, Signal, TunnelState
 from .errors import ConfigError, IpsecctError
+from .esp import Drop
 from .log import event
 from .spd import IPAddress
 from .transfer import (
+    FPT_SYNC,
     ConflictPolicy,
     Finished,
     Identity,
@@ -400,10 +402,27 @@ class TransferService:
         node.outer_hooks.append(self._on_outer_message)
         node.extensions["peers"] = self._peers_status
         node.extensions["transfers"] = self._transfers_status
+        self.failover = failover.parse_config(node.cfg.extra, node.cfg.path, set(tcfg.peers))
+        self.replicator: failover.Replicator | None = None
+        self.standby: failover.Standby | None = None
+        self._failover_task: asyncio.Task[None] | None = None
+        if self.failover is not None:
+            if self.failover.role == "active":
+                self.replicator = failover.Replicator(node.engine, self.failover)
+            else:
+                self.standby = failover.Standby(
+                    node.engine,
+                    self.failover,
+                    TEndpoint(node.cfg.outer.host, node.cfg.outer.port),
+                    tcfg.settings.identity,
+                )
+            node.extensions["failover"] = self._failover_status
 
     async def start(self) -> None:
         await self.channels.start()
         self._timer = asyncio.create_task(self._timers())
+        if self.failover is not None:
+            self._failover_task = asyncio.create_task(self._failover_loop())
         event(
             log,
             "transfer-listening",
@@ -413,6 +432,10 @@ class TransferService:
         )
 
     async def stop(self) -> None:
+        if self._failover_task is not None:
+            self._failover_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._failover_task
         if self._timer is not None:
             self._timer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -460,6 +483,19 @@ class TransferService:
         if isinstance(msg, cxtp.CTAR):
             self.run(self._ctar(msg, now, via=peer))
             return
+        if (
+            isinstance(msg, cxtp.CTD)
+            and len(msg.cdbs) >= 2
+            and cxtp.cdb_fpt(msg.cdbs[1]) == FPT_SYNC
+        ):
+            if self.standby is None or self.failover is None or peer != self.failover.peer:
+                self.core.counters["refused"] += 1
+                return
+            try:
+                self.standby.receive(msg, now)
+            except cxtp.CxtpError as exc:
+                event(log, "sync-malformed", logging.WARNING, node=self.node.name, error=str(exc))
+            return
         self.run(
             self.core.receive(
                 peer, msg, now, may_send="send" in spec.allow, may_request="request" in spec.allow
@@ -487,6 +523,52 @@ class TransferService:
                     await self._wake.wait()
             self.run(self.core.tick(self.node.clock()))
             self._wake.clear()
+
+    # -- fail-over ---------------------------------------------------------------------
+    async def _failover_loop(self) -> None:
+        assert self.failover is not None
+        period = self.failover.tick_ms / 1000
+        while True:
+            await asyncio.sleep(period)
+            now = self.node.clock()
+            if self.replicator is not None:
+                for m in self.replicator.poll(now):
+                    self.channels.send(self.failover.peer, m)
+            elif self.standby is not None and self.standby.dead(now):
+                self.take_over(now)
+
+    def take_over(self, now: float) -> Record:
+        assert self.standby is not None
+        _tunnels, signals, rec = self.standby.take_over(now)
+        for sa, payload in signals:
+            res = self.node.engine.signal(sa, payload, now)
+            if not isinstance(res, Drop):
+                self.node.send_esp(res.sa, res.data)
+        # From now on this gateway is the active one; it replicates to nobody until an
+        # operator configures a new standby.
+        self.standby = None
+        self._finished(rec)
+        return rec
+
+    def _failover_status(self) -> dict[str, Any]:
+        assert self.failover is not None
+        if self.replicator is not None:
+            return {
+                "role": "active",
+                "peer": self.failover.peer,
+                "messages": self.replicator.messages,
+                "contexts": self.replicator.contexts,
+            }
+        if self.standby is not None:
+            now = self.node.clock()
+            heard = self.standby.last_heard
+            return {
+                "role": "standby",
+                "peer": self.failover.peer,
+                "replicated_tunnels": len(self.standby.replica),
+                "last_heard_ms_ago": None if heard is None else round((now - heard) * 1000),
+            }
+        return {"role": "took over", "peer": self.failover.peer}
 
     # -- reactive mode: CTAR ----------------------------------------------------------
     def _on_outer_message(self, data: bytes, addr: tuple[Any, ...]) -> bool:
