@@ -6,6 +6,7 @@ and routes with iproute2's ``ip``. Needs root (CAP_NET_ADMIN).
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import struct
@@ -50,6 +51,11 @@ def ip(*args: str) -> None:
 
 def configure(name: str, addresses: list[str], mtu: int, routes: list[str]) -> None:
     ip("link", "set", "dev", name, "mtu", str(mtu))
+    # No IPv6 link-local address: without one the kernel sends no router solicitations or
+    # MLD reports into the tunnel, packets that no policy covers (configured IPv6 addresses
+    # still work). A kernel without IPv6 refuses the setting: nothing to prevent then.
+    with contextlib.suppress(TunError):
+        ip("link", "set", "dev", name, "addrgenmode", "none")
     for a in addresses:
         ip("addr", "replace", a, "dev", name)
     ip("link", "set", "dev", name, "up")
