@@ -116,11 +116,21 @@ class Daemon:
     sock: str
     log: Path
     proc: subprocess.Popen[bytes] | None = None
+    prefix: list[str] = field(default_factory=list)  # e.g. ip netns exec NS
 
     def start(self) -> None:
         with open(self.log, "ab") as logf:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "ipsecct", self.role, "run", "--config", str(self.config)],
+                [
+                    *self.prefix,
+                    sys.executable,
+                    "-m",
+                    "ipsecct",
+                    self.role,
+                    "run",
+                    "--config",
+                    str(self.config),
+                ],
                 stdout=subprocess.DEVNULL,
                 stderr=logf,
             )
