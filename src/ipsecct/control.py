@@ -158,13 +158,18 @@ def request(path: str, cmd: str, args: dict[str, Any] | None = None, timeout: fl
                 f"cannot reach the control socket {path}: {exc.strerror or exc}"
                 " (is the daemon running?)"
             ) from None
-        s.sendall(json.dumps({"cmd": cmd, "args": args or {}}).encode() + b"\n")
         buf = b""
+        try:
+            s.sendall(json.dumps({"cmd": cmd, "args": args or {}}).encode() + b"\n")
+        except OSError as exc:  # the daemon went away between connect and send
+            raise ControlError(f"cannot send to {path}: {exc.strerror or exc}") from None
         while not buf.endswith(b"\n"):
             try:
                 chunk = s.recv(1 << 16)
             except TimeoutError:
                 raise ControlError(f"no answer from {path} within {timeout:g} s") from None
+            except OSError as exc:  # e.g. reset by a daemon that is exiting
+                raise ControlError(f"lost the connection to {path}: {exc.strerror}") from None
             if not chunk:
                 raise ControlError("the daemon closed the control connection")
             buf += chunk
