@@ -289,3 +289,28 @@ def test_real_daemon_socket_mode_and_garbage(tmp_path: Path) -> None:
     finally:
         gw.cleanup()
         shutil.rmtree(d, ignore_errors=True)
+
+
+def test_request_when_the_daemon_drops_the_connection() -> None:
+    """A daemon that closes without reading (exiting) resets the connection: ControlError."""
+    import threading
+
+    path = short_path()
+    srv = socket.socket(socket.AF_UNIX)
+    srv.bind(path)
+    srv.listen(1)
+
+    def serve() -> None:
+        c, _ = srv.accept()
+        c.recv(1)  # read one octet of the request, leave the rest unread, hang up
+        c.close()
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    try:
+        with pytest.raises(ControlError):
+            request(path, "status", {"pad": "x" * 100000}, timeout=10)
+    finally:
+        t.join(10)
+        srv.close()
+        shutil.rmtree(os.path.dirname(path), ignore_errors=True)
