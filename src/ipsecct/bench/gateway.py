@@ -42,6 +42,10 @@ from typing import Any
 from ..ippacket import build_udp
 
 IMPLS = ("ipsecct", "plain-relay")
+# Further relays for diagnosis (``--impl``), not measured by default: an asyncio relay built like
+# the daemon (one datagram per DatagramProtocol callback), and one that reads up to 64 datagrams
+# per readiness event (loop.add_reader and non-blocking recv until EAGAIN).
+EXTRA_IMPLS = ("asyncio-relay", "asyncio-batch-relay")
 SIZES = (64, 1400)
 WARMUP = 0.3  # seconds of load before the window opens
 HOST = ipaddress.ip_address("10.2.0.1")  # the end host behind the gateway sends ...
@@ -93,6 +97,52 @@ def plain_relay(listen: int, target: int, ready: Any, cpus: set[int] | None) -> 
         data = recv(65535)
         with contextlib.suppress(OSError):
             send(data)
+
+
+def asyncio_relay(
+    listen: int, target: int, ready: Any, cpus: set[int] | None, batch: bool = False
+) -> None:
+    """A relay on an asyncio event loop: what the daemon's I/O costs without any IPsec."""
+    import asyncio
+
+    _pin(cpus)
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+    rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    rx.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)
+    rx.bind(("127.0.0.1", listen))
+    rx.setblocking(False)
+    dest = ("127.0.0.1", target)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        tx, _ = await loop.create_datagram_endpoint(asyncio.DatagramProtocol, family=socket.AF_INET)
+        if batch:
+            raw = tx.get_extra_info("socket")
+            sock = socket.socket(fileno=os.dup(raw.fileno()))
+            sock.setblocking(False)
+            recv, sendto = rx.recv, sock.sendto
+
+            def readable() -> None:
+                for _ in range(64):
+                    try:
+                        data = recv(65535)
+                    except BlockingIOError:
+                        return
+                    with contextlib.suppress(OSError):
+                        sendto(data, dest)
+
+            loop.add_reader(rx.fileno(), readable)
+        else:
+
+            class P(asyncio.DatagramProtocol):
+                def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
+                    tx.sendto(data, dest)
+
+            await loop.create_datagram_endpoint(P, sock=rx)
+        ready.set()
+        await asyncio.Event().wait()
+
+    asyncio.run(main())
 
 
 def generator(target: int, packet: bytes, start: float, stop: float, cpus: set[int] | None) -> None:
@@ -153,14 +203,17 @@ class Gateway:
 
 
 class RelayGateway(Gateway):
-    def __init__(self, sink_port: int, cpus: set[int] | None) -> None:
-        self.impl = "plain-relay"
+    def __init__(self, sink_port: int, cpus: set[int] | None, impl: str = "plain-relay") -> None:
+        self.impl = impl
         self.listen = _free_port()
         ctx = multiprocessing.get_context("fork")
         ready = ctx.Event()
-        self.proc = ctx.Process(
-            target=plain_relay, args=(self.listen, sink_port, ready, cpus), daemon=True
-        )
+        args: tuple[Any, ...] = (self.listen, sink_port, ready, cpus)
+        if impl == "plain-relay":
+            target: Callable[..., None] = plain_relay
+        else:
+            target, args = asyncio_relay, (*args, impl == "asyncio-batch-relay")
+        self.proc = ctx.Process(target=target, args=args, daemon=True)
         self.proc.start()
         if not ready.wait(START_TIMEOUT):
             self.stop()
@@ -176,8 +229,15 @@ class IpsecctGateway(Gateway):
     """A real ``ipsecct gateway run`` subprocess with one AES-GCM-128 tunnel to the sink."""
 
     def __init__(
-        self, sink_port: int, workdir: Path, cpus: set[int] | None, profile: str | None
+        self,
+        sink_port: int,
+        workdir: Path,
+        cpus: set[int] | None,
+        profile: str | None,
+        command: Sequence[str] = ("-m", "ipsecct", "gateway", "run"),
     ) -> None:
+        """``command``: the Python arguments that run a gateway given ``--config FILE`` (to
+        measure another build, e.g. a script that patches the daemon)."""
         from ..control import ControlError, request
 
         self.impl = "ipsecct"
@@ -220,7 +280,7 @@ class IpsecctGateway(Gateway):
         cmd = [sys.executable]
         if profile:
             cmd += ["-m", "cProfile", "-o", profile]
-        cmd += ["-m", "ipsecct", "gateway", "run", "--config", str(cfg)]
+        cmd += [*command, "--config", str(cfg)]
         self.log = open(workdir / "gw.log", "wb")  # noqa: SIM115 -- closed in stop()
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=self.log)
         if cpus:
@@ -332,8 +392,8 @@ def measure(
             port = int(s.getsockname()[1])
             if impl == "ipsecct":
                 gateways[impl] = IpsecctGateway(port, workdir, gw_cpus, profile)
-            elif impl == "plain-relay":
-                gateways[impl] = RelayGateway(port, gw_cpus)
+            elif impl in ("plain-relay", *EXTRA_IMPLS):
+                gateways[impl] = RelayGateway(port, gw_cpus, impl)
             else:
                 raise ValueError(f"unknown implementation {impl!r}")
         for r in range(rounds):
@@ -426,9 +486,10 @@ def add_parser(sub: Any) -> None:
     p.add_argument(
         "--impl",
         action="append",
-        choices=IMPLS,
+        choices=IMPLS + EXTRA_IMPLS,
         metavar="IMPL",
-        help=f"measure only this implementation (repeatable; {', '.join(IMPLS)})",
+        help=f"measure this implementation (repeatable; {', '.join(IMPLS + EXTRA_IMPLS)};"
+        f" default: {' and '.join(IMPLS)})",
     )
     p.add_argument(
         "--size",
