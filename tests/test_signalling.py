@@ -155,12 +155,6 @@ def test_apply_refuses_outbound_or_foreign_sa() -> None:
         signalling.apply(eng, other, [SgUpdate(ip("192.0.2.2"), 1)])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: signalling.apply lets engine.rekey_sa's SAError escape when the new "
-    "(gateway, SPI) is already used by another outbound SA of the MN; MobileAgent catches only "
-    "SignalError, so the exception escapes from the datagram callback",
-)
 def test_apply_collision_at_the_mn_is_a_signal_error() -> None:
     eng, mn_out, mn_in = mn_engine()
     # The MN also has a tunnel to sg2, sending with SPI_UP (sg2 picked the same SPI).

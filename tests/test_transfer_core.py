@@ -364,12 +364,6 @@ def test_resent_ctdr_after_abort_gets_ctc() -> None:
     assert state(w.tunnel) is TunnelState.ACTIVE
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: the source re-sends its decision (COMMIT or CTC) with TRANSFER seq 0, which "
-    "the target already saw in the PCTD: the target drops it as a replay, stays pending, gives "
-    "up after retry_max and the SA is lost at both gateways",
-)
 def test_lost_commit_is_recovered_by_the_retry() -> None:
     w = World(settings={"sg2": Settings(retry=1.0, retry_max=5.0)})
     w.transfer()
@@ -482,11 +476,6 @@ def test_conflict_reassign() -> None:
     assert sorted(stream_seq(p) for p in w.gw["sg2"].delivered) == [0, 1, 2, 77]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: _install builds the inbound SA's SA_RESULT after _install_one has already "
-    "changed in_sa.spi, so it reports spi == new_spi == the new SPI and the old SPI is lost",
-)
 def test_reassign_sa_result_names_old_and_new_spi() -> None:
     w = World(settings={"sg2": Settings(conflict=ConflictPolicy.REASSIGN)})
     collide(w, "sg2", SPI_UP)
@@ -649,12 +638,6 @@ def test_unauthorised_refusal_is_reported_at_the_source() -> None:
     assert "unauthorised" in w.gw["sg1"].finished[-1].detail
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: TransferCore.receive injects FORWARD CDBs from any authenticated peer, even "
-    "one not allowed to send contexts (may_send=False): it can make the gateway encrypt and "
-    "send packets of its choice to an MN",
-)
 def test_forwarded_packets_from_unauthorised_peer_are_refused() -> None:
     w = World()
     pkt = udp_packet(1, up=False)
@@ -693,12 +676,6 @@ def test_malformed_cdbs_install_nothing(make) -> None:  # type: ignore[no-untype
     assert sg2.core.in_progress() == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: _install calls _pair_up outside its try/except ContextError: contexts that do "
-    "not start with an outbound SA raise ContextError out of receive() (no MALFORMED CTDR, "
-    "the incoming transfer stays 'receiving' forever)",
-)
 def test_inbound_only_contexts_are_malformed() -> None:
     w = World()
     sg2 = w.gw["sg2"]
@@ -833,12 +810,6 @@ def test_ping_pong_transfer() -> None:
     assert no_duplicates([(s, q) for _, s, q in w.all_wire()]) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: token_key orders the SA pair by SPI only; when both directions use the same "
-    "SPI (each end picks its inbound SPI independently) the MN and the gateway derive "
-    "different keys and every CTAR/CT-Req token fails",
-)
 def test_token_key_agrees_when_both_spis_are_equal() -> None:
     from tests.transfer_helpers import tunnel_sas
 

@@ -193,8 +193,7 @@ class Engine:
                 self.sad.remove(sa)
             self.remove_shadows(sa)
             self._tunnel_of_sa.pop(id(sa), None)
-        self._tunnel_of_entry.pop(id(tunnel.entry), None)
-        if tunnel.entry in list(self.spd):
+        if self._tunnel_of_entry.pop(id(tunnel.entry), None) is not None:
             self.spd.remove(tunnel.entry)
         if tunnel.inbound is not None and self._moved_in.get(tunnel.inbound.spi) is tunnel:
             del self._moved_in[tunnel.inbound.spi]
@@ -286,7 +285,7 @@ class Engine:
             t.entry.sa_ids = [sa.spi]
 
     def find_sa(self, spi: int) -> list[SecurityAssociation]:
-        return [sa for sa in self.sad if sa.spi == spi]
+        return self.sad.by_spi(spi)
 
     # -- data path ---------------------------------------------------------------------
     def _drop(self, reason: Drop) -> Drop:

@@ -336,7 +336,13 @@ class Channels:
         if c is not None and not c.closed and (q is None or q.empty()):
             w = self.writers.get(peer)
             if w is None or w.done():
-                c.writer.write(cxtp.encode(msg))
+                try:
+                    data = cxtp.encode(msg)
+                except cxtp.CxtpError as exc:  # a bug: never let it stop the caller's loop
+                    event(log, "message-unencodable", logging.ERROR, node=self.name, peer=peer,
+                          error=str(exc))
+                    return
+                c.writer.write(data)
                 if c.writer.transport.get_write_buffer_size() > 1 << 20:
                     self.writers[peer] = asyncio.create_task(self._drain(peer, c))
                 return

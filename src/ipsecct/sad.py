@@ -298,6 +298,10 @@ class SAD:
             return lst[0]
         return None
 
+    def by_spi(self, spi: int) -> list[SecurityAssociation]:
+        """Every SA with this SPI, ESP and AH."""
+        return self._by_spi.get((Protocol.ESP, spi), []) + self._by_spi.get((Protocol.AH, spi), [])
+
     def in_use(self, dst: IPAddress, protocol: Protocol, spi: int) -> bool:
         return (dst, protocol, spi) in self._by_key
 

@@ -24,7 +24,7 @@ import struct
 from dataclasses import dataclass
 
 from .engine import Engine
-from .errors import IpsecctError
+from .errors import IpsecctError, SAError
 from .sad import Direction, Protocol, SecurityAssociation, UdpEncap
 from .spd import IPAddress
 
@@ -125,7 +125,10 @@ def apply(engine: Engine, via: SecurityAssociation, items: list[SignalItem]) -> 
                 raise SignalError("SPI_REASSIGN names an SPI this tunnel does not send with")
             new_spi = it.new_spi
     changes = []
-    engine.rekey_sa(out_sa, spi=new_spi, dst=new_dst)
+    try:
+        engine.rekey_sa(out_sa, spi=new_spi, dst=new_dst)
+    except SAError as exc:
+        raise SignalError(str(exc)) from None
     if new_dst is not None:
         via.src = new_dst
         changes.append(f"gateway now {new_dst}:{new_port}")

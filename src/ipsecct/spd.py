@@ -257,7 +257,12 @@ class SPD:
             self._entries.insert(index, entry)
 
     def remove(self, entry: SPDEntry) -> None:
-        self._entries.remove(entry)
+        """Remove this very entry (not one that merely compares equal)."""
+        for i, e in enumerate(self._entries):
+            if e is entry:
+                del self._entries[i]
+                return
+        raise SAError("no such SPD entry")
 
     def lookup(
         self,

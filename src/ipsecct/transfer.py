@@ -161,7 +161,10 @@ def token_key(tunnel_or_sas: Tunnel | Iterable[SecurityAssociation]) -> bytes:
     sas = tunnel_or_sas.sas() if isinstance(tunnel_or_sas, Tunnel) else list(tunnel_or_sas)
     # Order: the SA whose SPI the gateway chose (gateway inbound = MN outbound) first, which
     # both sides can tell apart by comparing SPIs (lower first) without knowing roles.
-    material = b"".join(sa.enc_key + sa.integ_key for sa in sorted(sas, key=lambda s: s.spi))
+    material = b"".join(
+        sa.enc_key + sa.integ_key
+        for sa in sorted(sas, key=lambda s: (s.spi, s.enc_key + s.integ_key))
+    )
     return HKDF(hashes.SHA256(), 20, None, b"ipsecct ctar token").derive(material)
 
 
@@ -208,6 +211,7 @@ class _Outgoing:
     held: list[Held] = field(default_factory=list)
     seq: int = 0
     state: str = "sent"  # sent | committed | aborted
+    results: dict[int, int] = field(default_factory=dict)  # SPI -> status, over the CTDRs
 
 
 @dataclass
@@ -220,7 +224,7 @@ class _Incoming:
     tunnels: list[Tunnel] = field(default_factory=list)
     signals: dict[int, list[signalling.SignalItem]] = field(default_factory=dict)
     held: list[Held] = field(default_factory=list)
-    ctdr: cxtp.CTDR | None = None
+    ctdrs: list[cxtp.CTDR] = field(default_factory=list)
     next_retry: float = 0.0
     give_up: float = 0.0
     state: str = "receiving"  # receiving | pending | active | cancelled
@@ -293,7 +297,11 @@ class TransferCore:
             list(candidates),
         )
         self.outgoing[tid] = og
-        return tid, self._send_contexts(og, now, reactive=reply_to is not None)
+        out = self._send_contexts(og, now, reactive=reply_to is not None)
+        # CT_MAX_TRANSFER_TIME bounds one exchange; a batched (bulk) transfer gets it once per
+        # message it takes, so thousands of tunnels are not cut off by a per-message budget.
+        og.deadline = now + self.settings.max_transfer_time * max(1, len(out))
+        return tid, out
 
     def _send_contexts(self, og: _Outgoing, now: float, *, reactive: bool) -> list[Output]:
         cdbs: list[bytes] = []
@@ -374,15 +382,24 @@ class TransferCore:
             if d == DECISION_COMMIT:
                 return [Send(peer, cxtp.CTD(msg.mn_prev, 0, (ttag, decision_cdb(d))))]
             return [Send(peer, cxtp.CTC(msg.mn_prev, (ttag,)))]
-        results = [
-            cxtp.SaResult.decode(c) for c in msg.ext[1:] if cxtp.cdb_fpt(c) == cxtp.FPT_SA_RESULT
-        ]
-        status_by_spi = {r.spi: r.status for r in results}
+        for c in msg.ext[1:]:
+            if cxtp.cdb_fpt(c) == cxtp.FPT_SA_RESULT:
+                r = cxtp.SaResult.decode(c)
+                og.results[r.spi] = r.status
+        if not tag.last:
+            return []
+        if msg.all_ok:
+            default: int = cxtp.Status.SUCCESS
+        elif msg.statuses:
+            default = msg.statuses[0].status
+        else:
+            default = cxtp.Status.INTERNAL_ERROR
+        status_by_spi, og.results = og.results, {}
         accepted: list[Tunnel] = []
         refused: list[Tunnel] = []
         worst = 0
         for t in og.tunnels:
-            st = status_by_spi.get(t.outbound.spi, cxtp.Status.INTERNAL_ERROR)
+            st = status_by_spi.get(t.outbound.spi, default)
             if cxtp.is_success(st):
                 accepted.append(t)
             else:
@@ -397,8 +414,9 @@ class TransferCore:
                 og.record.detail += f"{og.peer}: unsupported algorithm; "
                 og.peer = nxt
                 og.record.peer = nxt
-                og.deadline = now + self.settings.max_transfer_time
-                return out + self._send_contexts(og, now, reactive=False)
+                more = self._send_contexts(og, now, reactive=False)
+                og.deadline = now + self.settings.max_transfer_time * max(1, len(more))
+                return out + more
             name = _status_name(worst)
             return self._rollback(og, now, "refused", f"{og.record.detail}{peer}: {name}")
         # Commit what was accepted; reactivate the rest here.
@@ -466,12 +484,23 @@ class TransferCore:
             and cxtp.cdb_fpt(msg.cdbs[1]) == FPT_FORWARD
         )
         key = (peer, tag.transfer_id, tag.seq)
-        if key in self.seen and not forwarded and not isinstance(msg, cxtp.CTDR):
+        # Decisions (COMMIT, CTC) and CTDRs are idempotent and may legitimately come again
+        # (a re-sent CTDR asks for the decision again): only data messages are deduplicated.
+        decision = isinstance(msg, cxtp.PCTD | cxtp.CTD) and self._is_decision(msg)
+        if (
+            key in self.seen
+            and not forwarded
+            and not decision
+            and not isinstance(msg, cxtp.CTDR | cxtp.CTC)
+        ):
             self.counters["replayed"] += 1
             return []
         self.seen[key] = now + self.settings.retry_max * 2
         if forwarded:
             assert isinstance(msg, cxtp.CTD)
+            if not may_send:  # only a peer that may hand us SAs may hand us their traffic
+                self.counters["refused"] += 1
+                return []
             pkt, inbound = parse_forward(msg.cdbs[1])
             return [Inject(pkt, inbound)]
         if isinstance(msg, cxtp.PCTD | cxtp.CTD) and self._is_decision(msg):
@@ -486,7 +515,7 @@ class TransferCore:
                             msg.mn_prev,
                             False,
                             (cxtp.StatusEntry(context.FPT_IPSEC_SA, cxtp.Status.UNAUTHORISED),),
-                            (cxtp.TransferTag(tag.transfer_id, 0).encode(),),
+                            (cxtp.TransferTag(tag.transfer_id, 0, last=True).encode(),),
                         ),
                     )
                 ]
@@ -530,31 +559,28 @@ class TransferCore:
     def _install(self, inc: _Incoming, now: float) -> list[Output]:
         """Decide on each transferred tunnel; install the accepted ones held (pending)."""
         sas: list[SecurityAssociation] = []
-        statuses: list[cxtp.StatusEntry] = []
+        statuses: list[int] = []
         results: list[bytes] = []
         try:
             for c in inc.cdbs:
                 sas.append(context.decode(c, now))
+            pairs = _pair_up(sas)
         except ContextError as exc:
             inc.state = "cancelled"
             inc.record.outcome, inc.record.detail, inc.record.ended = "refused", str(exc), now
             self.records.append(inc.record)
-            return [
-                Send(
-                    inc.peer,
-                    self._ctdr(
-                        inc,
-                        False,
-                        [cxtp.StatusEntry(context.FPT_IPSEC_SA, cxtp.Status.MALFORMED)],
-                        [],
-                    ),
-                )
-            ]
-        pairs = _pair_up(sas)
+            return [Send(inc.peer, m) for m in self._ctdr(inc, False, [cxtp.Status.MALFORMED], [])]
         inc.record.tunnels = len(pairs)
+        outcomes = []
         for out_sa, in_sa in pairs:
+            old_in = in_sa.spi if in_sa is not None else 0
             status, new_spi = self._install_one(inc, out_sa, in_sa, now)
-            statuses.append(cxtp.StatusEntry(context.FPT_IPSEC_SA, status))
+            outcomes.append((out_sa, in_sa, status, new_spi, old_in))
+        ok = all(o[2] == cxtp.Status.SUCCESS for o in outcomes)
+        for out_sa, in_sa, status, new_spi, old_in in outcomes:
+            statuses.append(status)
+            if ok:
+                continue  # S bit set: every SA not listed was installed as it came
             results.append(
                 cxtp.SaResult(
                     status, int(out_sa.protocol), out_sa.spi, out_sa.spi, out_sa.dst
@@ -565,27 +591,44 @@ class TransferCore:
                     cxtp.SaResult(
                         status,
                         int(in_sa.protocol),
-                        in_sa.spi,
-                        new_spi if new_spi is not None else in_sa.spi,
+                        old_in,
+                        new_spi if new_spi is not None else old_in,
                         in_sa.dst,
                     ).encode()
                 )
-        ok = all(cxtp.is_success(s.status) for s in statuses)
-        inc.record.accepted = sum(cxtp.is_success(s.status) for s in statuses)
+        inc.record.accepted = sum(cxtp.is_success(st) for st in statuses)
         inc.state = "pending" if inc.tunnels else "cancelled"
-        inc.ctdr = self._ctdr(inc, ok, statuses, results)
+        inc.ctdrs = self._ctdr(inc, ok, statuses, results)
         inc.next_retry = now + self.settings.retry
         inc.give_up = now + self.settings.retry_max
         if not inc.tunnels:
             inc.record.outcome, inc.record.ended = "refused", now
-            inc.record.detail = ", ".join(sorted({_status_name(s.status) for s in statuses}))
+            inc.record.detail = ", ".join(sorted({_status_name(st) for st in statuses}))
             self.records.append(inc.record)
-        return [Send(inc.peer, inc.ctdr)]
+        return [Send(inc.peer, m) for m in inc.ctdrs]
 
     def _ctdr(
-        self, inc: _Incoming, ok: bool, statuses: list[cxtp.StatusEntry], results: list[bytes]
-    ) -> cxtp.CTDR:
-        return cxtp.CTDR(inc.mn, ok, tuple(statuses), (self._tag(inc), *results))
+        self, inc: _Incoming, ok: bool, statuses: list[int], results: list[bytes]
+    ) -> list[cxtp.CTDR]:
+        """The reply, in as many CTDRs as the SA_RESULTs need (64 KiB each at most).
+
+        The status entries name each distinct status once (RFC 4067 lists failed FPTs; all
+        our contexts share one FPT), the most frequent failure first. With the S bit set
+        every SA was installed as it came and none is listed; otherwise every SA has an
+        SA_RESULT, except when nothing could be decoded: then the first status applies to all.
+        """
+        distinct = sorted(
+            set(statuses) - {cxtp.Status.SUCCESS}, key=lambda st: -statuses.count(st)
+        ) or [cxtp.Status.SUCCESS]
+        entries = tuple(cxtp.StatusEntry(context.FPT_IPSEC_SA, st) for st in distinct)
+        per_msg = 1500
+        chunks = [results[i : i + per_msg] for i in range(0, len(results), per_msg)] or [[]]
+        msgs = []
+        for i, chunk in enumerate(chunks):
+            tag = cxtp.TransferTag(inc.tid, inc.seq, last=i == len(chunks) - 1).encode()
+            inc.seq += 1
+            msgs.append(cxtp.CTDR(inc.mn, ok, entries, (tag, *chunk)))
+        return msgs
 
     def _install_one(
         self,
@@ -769,9 +812,9 @@ class TransferCore:
             if inc.state == "pending":
                 if now >= inc.give_up:
                     out += self._discard(inc, now, "no decision from the source")
-                elif now >= inc.next_retry and inc.ctdr is not None:
+                elif now >= inc.next_retry and inc.ctdrs:
                     inc.next_retry = now + self.settings.retry
-                    out.append(Send(inc.peer, inc.ctdr))
+                    out += [Send(inc.peer, m) for m in inc.ctdrs]
             if inc.state in ("active", "cancelled") and now >= inc.give_up:
                 del self.incoming[k]
         for tid, (_, until) in list(self.decided.items()):
