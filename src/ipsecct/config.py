@@ -82,6 +82,10 @@ class NodeConfig:
     # A virtual gateway address (indirect SG identity, draft §7.1): the SAs' local address,
     # owned by whichever gateway serves them; the node still sends from ``outer``.
     virtual: IPAddress | None = None
+    # Where the virtual address really lives (network namespaces, real links): the gateway
+    # adds it to this interface when it takes the SAs and announces it (gratuitous ARP).
+    virtual_interface: str | None = None
+    virtual_owner: bool = False  # this gateway holds the virtual address at start
 
     @property
     def local_address(self) -> IPAddress:
@@ -456,7 +460,12 @@ def from_dict(data: dict[str, Any], path: str = "<config>") -> NodeConfig:
     _check_keys_allowed(data, ctx, "", KNOWN_SECTIONS)
     name = ctx.get(data, "name", "", str)
     outer_d = ctx.get(data, "outer", "", dict)
-    _check_keys_allowed(outer_d, ctx, "outer.", {"address", "port", "raw_esp", "virtual"})
+    _check_keys_allowed(
+        outer_d,
+        ctx,
+        "outer.",
+        {"address", "port", "raw_esp", "virtual", "virtual_interface", "virtual_owner"},
+    )
     try:
         outer = Endpoint(
             ipaddress.ip_address(ctx.get(outer_d, "address", "outer.", str)),
@@ -476,6 +485,10 @@ def from_dict(data: dict[str, Any], path: str = "<config>") -> NodeConfig:
         if virtual.version != outer.host.version:
             raise ctx.err("outer.virtual", "address family differs from outer.address")
     local = Endpoint(virtual, outer.port) if virtual is not None else outer
+    vif = ctx.get(outer_d, "virtual_interface", "outer.", str, None)
+    vowner = ctx.get(outer_d, "virtual_owner", "outer.", bool, False)
+    if (vif is not None or vowner) and virtual is None:
+        raise ctx.err("outer.virtual_interface", "needs outer.virtual")
     inner_d = ctx.get(data, "inner", "", dict, {})
     _check_keys_allowed(
         inner_d, ctx, "inner.", {"kind", "listen", "peer", "name", "addresses", "mtu", "routes"}
@@ -534,6 +547,18 @@ def from_dict(data: dict[str, Any], path: str = "<config>") -> NodeConfig:
         k: data[k] for k in ("transfer", "peers", "failover", "mobility") if k in data
     }
     return NodeConfig(
-        path, name, outer, raw_esp, inner, sock, metrics, level, policies, tunnels, extra,
+        path,
+        name,
+        outer,
+        raw_esp,
+        inner,
+        sock,
+        metrics,
+        level,
+        policies,
+        tunnels,
+        extra,
         virtual,
+        vif,
+        vowner,
     )

@@ -59,6 +59,7 @@ class Node:
         self.engine = Engine(cfg.outer.host)
         self.started = clock()
         self.outer_transport: asyncio.DatagramTransport | None = None
+        self.virtual_transport: asyncio.DatagramTransport | None = None
         self.inner_transport: asyncio.DatagramTransport | None = None
         self._raw: socket.socket | None = None
         self._tun_fd: int | None = None
@@ -89,6 +90,19 @@ class Node:
         self.outer_transport = tr
         if self.cfg.raw_esp:
             self._open_raw(loop, fam)
+        if self.cfg.virtual is not None and self.cfg.virtual_interface is not None:
+            # Listen on the virtual address too (IP_FREEBIND: before this node owns it).
+            vs = socket.socket(fam, socket.SOCK_DGRAM)
+            vs.setsockopt(socket.IPPROTO_IP, 15, 1)  # IP_FREEBIND
+            vs.bind((str(self.cfg.virtual), self.cfg.outer.port))
+            self.virtual_transport, _ = await loop.create_datagram_endpoint(
+                lambda: _Datagram(self._on_outer), sock=vs
+            )
+            if self.cfg.virtual_owner:
+                from . import vip
+
+                vip.claim(self.cfg.virtual, self.cfg.virtual_interface)
+                event(log, "virtual-address-claimed", node=self.name, address=self.cfg.virtual)
         inner = self.cfg.inner
         if inner.kind == "udp":
             assert inner.listen is not None
@@ -140,7 +154,7 @@ class Node:
             self._raw.close()
             self._raw = None
         await asyncio.sleep(0)  # let the transports flush what they queued
-        for tr in (self.inner_transport, self.outer_transport):
+        for tr in (self.inner_transport, self.outer_transport, self.virtual_transport):
             if tr is not None:
                 tr.close()
         event(

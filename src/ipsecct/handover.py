@@ -339,8 +339,14 @@ class Channels:
                 try:
                     data = cxtp.encode(msg)
                 except cxtp.CxtpError as exc:  # a bug: never let it stop the caller's loop
-                    event(log, "message-unencodable", logging.ERROR, node=self.name, peer=peer,
-                          error=str(exc))
+                    event(
+                        log,
+                        "message-unencodable",
+                        logging.ERROR,
+                        node=self.name,
+                        peer=peer,
+                        error=str(exc),
+                    )
                     return
                 c.writer.write(data)
                 if c.writer.transport.get_write_buffer_size() > 1 << 20:
@@ -464,7 +470,30 @@ class TransferService:
                 self._finished(o.record)
         self._wake.set()
 
+    def _move_virtual_address(self, rec: Record) -> None:
+        """Indirect identity on a real link: the virtual address follows the SAs."""
+        cfg = self.node.cfg
+        if cfg.virtual is None or cfg.virtual_interface is None:
+            return
+        from . import vip
+
+        uses = [
+            t
+            for t in self.node.engine.tunnels()
+            if t.state is TunnelState.ACTIVE and t.outbound.src == cfg.virtual
+        ]
+        try:
+            if rec.role in ("target", "standby") and rec.outcome in ("committed", "took over"):
+                vip.claim(cfg.virtual, cfg.virtual_interface)
+                event(log, "virtual-address-claimed", node=self.node.name, address=cfg.virtual)
+            elif rec.role == "source" and rec.outcome in ("committed", "partial") and not uses:
+                vip.release(cfg.virtual, cfg.virtual_interface)
+                event(log, "virtual-address-released", node=self.node.name, address=cfg.virtual)
+        except IpsecctError as exc:
+            event(log, "virtual-address-failed", logging.ERROR, node=self.node.name, error=str(exc))
+
     def _finished(self, rec: Record) -> None:
+        self._move_virtual_address(rec)
         event(
             log,
             "transfer-" + rec.outcome.replace(" ", "-"),
