@@ -68,19 +68,56 @@ def inner_packet(
     sa: SecurityAssociation, nh: int, payload: bytes, *, check_selectors: bool = True
 ) -> bytes | Drop:
     """Check a decrypted tunnel-mode payload: an IP packet of the family ``nh`` says, within
-    the SA's selectors; returns it with TFC padding removed."""
-    if nh not in (PROTO_IPIP, PROTO_IPV6):
+    the SA's selectors (RFC 4301 §5.2 step 4); returns it with TFC padding removed.
+
+    The data path's hot spot: the header is read straight from the bytes, addresses as
+    integers, without building address objects."""
+    n = len(payload)
+    if nh == PROTO_IPIP:
+        if n < 20 or payload[0] >> 4 != 4:
+            return Drop.MALFORMED
+        hlen = (payload[0] & 0x0F) * 4
+        total = (payload[2] << 8) | payload[3]
+        if hlen < 20 or total < hlen or total > n:
+            return Drop.MALFORMED
+        version = 4
+        proto = payload[9]
+        fragment = bool(((payload[6] & 0x1F) << 8) | payload[7])
+        src_b, dst_b = payload[12:16], payload[16:20]
+    elif nh == PROTO_IPV6:
+        if n < 40 or payload[0] >> 4 != 6:
+            return Drop.MALFORMED
+        hlen = 40
+        total = 40 + ((payload[4] << 8) | payload[5])
+        if total > n:
+            return Drop.MALFORMED
+        version = 6
+        proto = payload[6]
+        fragment = False
+        src_b, dst_b = payload[8:24], payload[24:40]
+    else:
         return Drop.POLICY
-    try:
-        hdr = ippacket.parse(payload)
-    except PacketError:
-        return Drop.MALFORMED
-    if (hdr.version == 4) != (nh == PROTO_IPIP):
-        return Drop.MALFORMED
-    if hdr.total_len < len(payload):
-        payload = payload[: hdr.total_len]
-    if check_selectors and sa.selectors is not None and not inner_allowed(sa, hdr, payload):
-        return Drop.POLICY
+    if total < n:
+        payload = payload[:total]
+    sel = sa.selectors
+    if check_selectors and sel is not None:
+        sport: int | None = None
+        dport: int | None = None
+        if not fragment and total >= hlen + 4:
+            if proto in (1, 58):  # ICMP type and code do not swap sides
+                sport, dport = payload[hlen], payload[hlen + 1]
+            elif proto in (6, 17, 132):
+                sport = (payload[hlen + 2] << 8) | payload[hlen + 3]  # local: destination port
+                dport = (payload[hlen] << 8) | payload[hlen + 1]
+        if not sel.matches_int(
+            version,
+            int.from_bytes(dst_b, "big"),
+            int.from_bytes(src_b, "big"),
+            proto,
+            sport,
+            dport,
+        ):
+            return Drop.POLICY
     return payload
 
 

@@ -171,6 +171,36 @@ class Selectors:
             label,
         )
 
+    def _int_ranges(self) -> tuple[tuple[tuple[int, int, int], ...], ...]:
+        """(version, first, last) of the local and remote ranges as integers (cached)."""
+        cached: tuple[tuple[tuple[int, int, int], ...], ...] | None = self.__dict__.get("_ints")
+        if cached is None:
+            cached = tuple(
+                tuple((r.version, int(r.first), int(r.last)) for r in side)
+                for side in (self.local, self.remote)
+            )
+            object.__setattr__(self, "_ints", cached)
+        return cached
+
+    def matches_int(
+        self,
+        version: int,
+        local: int,
+        remote: int,
+        protocol: int,
+        local_port: int | None = None,
+        remote_port: int | None = None,
+    ) -> bool:
+        """:meth:`matches` for addresses given as integers (the data path's fast form)."""
+        if self.protocol != PROTO_ANY and self.protocol != protocol:
+            return False
+        loc, rem = self._int_ranges()
+        if not any(v == version and a <= local <= b for v, a, b in loc):
+            return False
+        if not any(v == version and a <= remote <= b for v, a, b in rem):
+            return False
+        return self._ports_match(local_port, remote_port)
+
     def _ports_match(self, local_port: int | None, remote_port: int | None) -> bool:
         if self.local_ports.is_any and self.remote_ports.is_any:
             return True
