@@ -10,13 +10,14 @@ are in :mod:`ipsecct.control`.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import os
 import socket
 import time
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any
 
 from .config import Endpoint, NodeConfig
 from .engine import Bypass, Engine, Forward, Held, Result, Signal, ToInner, ToPeer
@@ -31,19 +32,110 @@ Clock = Callable[[], float]
 OuterHook = Callable[[bytes, tuple[Any, ...]], bool]
 
 
-class _Datagram(asyncio.DatagramProtocol):
-    def __init__(self, on_data: Callable[[bytes, tuple[Any, ...]], None]) -> None:
+class UdpEndpoint:
+    """A UDP socket on the event loop that reads in batches.
+
+    asyncio's datagram transport wakes the loop once per datagram; here one readiness event
+    drains up to ``batch`` datagrams, which is what lets a Python gateway keep up with a plain
+    relay. Sends go straight to the socket; only when the kernel buffer is full are they
+    queued until it drains (bounded: beyond ``max_queue`` a datagram is dropped, as a full
+    interface queue would).
+    """
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        on_data: Callable[[bytes, tuple[Any, ...]], None],
+        *,
+        batch: int = 64,
+        max_queue: int = 4096,
+    ) -> None:
+        self.sock = sock
         self.on_data = on_data
-        self.transport: asyncio.DatagramTransport | None = None
+        self.batch = batch
+        self.max_queue = max_queue
+        self.queue: collections.deque[tuple[bytes, tuple[Any, ...]]] = collections.deque()
+        self.dropped = 0
+        self.loop = asyncio.get_running_loop()
+        sock.setblocking(False)
+        self.loop.add_reader(sock.fileno(), self._readable)
+        self._writing = False
+        self.closed = False
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.DatagramTransport, transport)
+    @classmethod
+    def bind(
+        cls,
+        addr: tuple[str, int],
+        on_data: Callable[[bytes, tuple[Any, ...]], None],
+        *,
+        freebind: bool = False,
+    ) -> UdpEndpoint:
+        fam = socket.AF_INET6 if ":" in addr[0] else socket.AF_INET
+        s = socket.socket(fam, socket.SOCK_DGRAM)
+        try:
+            if freebind:
+                s.setsockopt(socket.IPPROTO_IP, 15, 1)  # IP_FREEBIND
+            s.bind(addr)
+        except OSError:
+            s.close()
+            raise
+        return cls(s, on_data)
 
-    def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
-        self.on_data(data, addr)
+    def _readable(self) -> None:
+        recv = self.sock.recvfrom
+        for _ in range(self.batch):
+            try:
+                data, addr = recv(65535)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:  # e.g. ICMP port unreachable reported on the socket
+                continue
+            self.on_data(data, addr)
 
-    def error_received(self, exc: Exception) -> None:  # ICMP port unreachable etc.
-        log.debug("event=socket-error error=%s", exc)
+    def sendto(self, data: bytes | bytearray, addr: tuple[Any, ...]) -> None:
+        if self.queue:
+            self._enqueue(data, addr)
+            return
+        try:
+            self.sock.sendto(data, addr)
+        except (BlockingIOError, InterruptedError):
+            self._enqueue(data, addr)
+        except OSError:
+            self.dropped += 1
+
+    def _enqueue(self, data: bytes | bytearray, addr: tuple[Any, ...]) -> None:
+        if len(self.queue) >= self.max_queue:
+            self.dropped += 1
+            return
+        self.queue.append((bytes(data), addr))
+        if not self._writing:
+            self._writing = True
+            self.loop.add_writer(self.sock.fileno(), self._writable)
+
+    def _writable(self) -> None:
+        while self.queue:
+            data, addr = self.queue[0]
+            try:
+                self.sock.sendto(data, addr)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                self.dropped += 1
+            self.queue.popleft()
+        self.loop.remove_writer(self.sock.fileno())
+        self._writing = False
+
+    def getsockname(self) -> tuple[Any, ...]:
+        return tuple(self.sock.getsockname())
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.loop.remove_reader(self.sock.fileno())
+        if self._writing:
+            self.loop.remove_writer(self.sock.fileno())
+        self.sock.close()
 
 
 class Node:
@@ -58,9 +150,11 @@ class Node:
         self.clock = clock
         self.engine = Engine(cfg.outer.host)
         self.started = clock()
-        self.outer_transport: asyncio.DatagramTransport | None = None
-        self.virtual_transport: asyncio.DatagramTransport | None = None
-        self.inner_transport: asyncio.DatagramTransport | None = None
+        self.outer_transport: UdpEndpoint | None = None
+        self.virtual_transport: UdpEndpoint | None = None
+        # (address, port, sockaddr) per SA: the sockaddr tuple made once, not per packet
+        self._dest: dict[int, tuple[Any, int, tuple[str, int]]] = {}
+        self.inner_transport: UdpEndpoint | None = None
         self._raw: socket.socket | None = None
         self._tun_fd: int | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -84,19 +178,13 @@ class Node:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         fam = socket.AF_INET if self.cfg.outer.host.version == 4 else socket.AF_INET6
-        tr, _ = await loop.create_datagram_endpoint(
-            lambda: _Datagram(self._on_outer), local_addr=self.cfg.outer.sockaddr, family=fam
-        )
-        self.outer_transport = tr
+        self.outer_transport = UdpEndpoint.bind(self.cfg.outer.sockaddr, self._on_outer)
         if self.cfg.raw_esp:
             self._open_raw(loop, fam)
         if self.cfg.virtual is not None and self.cfg.virtual_interface is not None:
             # Listen on the virtual address too (IP_FREEBIND: before this node owns it).
-            vs = socket.socket(fam, socket.SOCK_DGRAM)
-            vs.setsockopt(socket.IPPROTO_IP, 15, 1)  # IP_FREEBIND
-            vs.bind((str(self.cfg.virtual), self.cfg.outer.port))
-            self.virtual_transport, _ = await loop.create_datagram_endpoint(
-                lambda: _Datagram(self._on_outer), sock=vs
+            self.virtual_transport = UdpEndpoint.bind(
+                (str(self.cfg.virtual), self.cfg.outer.port), self._on_outer, freebind=True
             )
             if self.cfg.virtual_owner:
                 from . import vip
@@ -106,11 +194,7 @@ class Node:
         inner = self.cfg.inner
         if inner.kind == "udp":
             assert inner.listen is not None
-            ifam = socket.AF_INET if inner.listen.host.version == 4 else socket.AF_INET6
-            itr, _ = await loop.create_datagram_endpoint(
-                lambda: _Datagram(self._on_inner_udp), local_addr=inner.listen.sockaddr, family=ifam
-            )
-            self.inner_transport = itr
+            self.inner_transport = UdpEndpoint.bind(inner.listen.sockaddr, self._on_inner_udp)
         else:
             from . import tun
 
@@ -153,7 +237,7 @@ class Node:
             loop.remove_reader(self._raw.fileno())
             self._raw.close()
             self._raw = None
-        await asyncio.sleep(0)  # let the transports flush what they queued
+        await asyncio.sleep(0.01)  # let the sockets flush what they queued
         for tr in (self.inner_transport, self.outer_transport, self.virtual_transport):
             if tr is not None:
                 tr.close()
@@ -238,7 +322,11 @@ class Node:
     def send_esp(self, sa: SecurityAssociation, data: bytes | bytearray) -> None:
         if sa.encap is not None:
             if self.outer_transport is not None:
-                self.outer_transport.sendto(data, (str(sa.dst), sa.encap.dport))
+                dest = self._dest.get(id(sa))
+                if dest is None or dest[0] is not sa.dst or dest[1] != sa.encap.dport:
+                    dest = (sa.dst, sa.encap.dport, (str(sa.dst), sa.encap.dport))
+                    self._dest[id(sa)] = dest
+                self.outer_transport.sendto(data, dest[2])
         elif self._raw is not None:
             try:
                 self._raw.sendto(data, (str(sa.dst), 0))

@@ -149,10 +149,15 @@ class Engine:
         # SPI collision ("renegotiate"), or under the old SPI while the peer learns a new one
         # ("reassign"). Tried only when the owner does not verify the packet.
         self._shadows: dict[tuple[IPAddress, Protocol, int], list[SecurityAssociation]] = {}
+        # Flow cache: plain IPv4 packets of a flow that matched a PROTECT policy go straight to
+        # its tunnel. Cleared whenever policies or tunnels change; a tunnel that is not ACTIVE
+        # (held, moved) sends its packets down the full path.
+        self._flows: dict[bytes, Tunnel] = {}
         self.events: list[EngineEvent] = []
 
     # -- configuration -----------------------------------------------------------------
     def add_policy(self, entry: SPDEntry, *, index: int | None = None) -> None:
+        self._flows.clear()
         self.spd.add(entry, index=index)
 
     def add_tunnel(
@@ -179,6 +184,7 @@ class Engine:
                 self.sad.remove(inbound)
             raise
         entry.sa_ids = [outbound.spi]
+        self._flows.clear()
         self.spd.add(entry, index=index)
         t = Tunnel(entry, outbound, inbound)
         self._tunnel_of_entry[id(entry)] = t
@@ -188,6 +194,7 @@ class Engine:
 
     def remove_tunnel(self, tunnel: Tunnel) -> None:
         """Remove a tunnel's policy and SAs from the databases."""
+        self._flows.clear()
         for sa in tunnel.sas():
             if self.sad.lookup(sa.dst, sa.protocol, sa.spi) is sa:
                 self.sad.remove(sa)
@@ -206,6 +213,7 @@ class Engine:
                 self.sad.remove(sa)
             self.remove_shadows(sa)
         tunnel.state = TunnelState.MOVED
+        self._flows.clear()
         tunnel.forward_to = peer
         tunnel.forward_until = until
         if tunnel.inbound is not None:
@@ -261,6 +269,7 @@ class Engine:
         src: IPAddress | None = None,
     ) -> None:
         """Change an SA's SPI or addresses atomically (they are its SAD key)."""
+        self._flows.clear()
         present = self.sad.lookup(sa.dst, sa.protocol, sa.spi) is sa
         new_dst = dst if dst is not None else sa.dst
         new_spi = spi if spi is not None else sa.spi
@@ -292,8 +301,54 @@ class Engine:
         self.stats.drops[reason.value] += 1
         return reason
 
+    def _flow_key(self, packet: bytes) -> bytes | None:
+        """The cache key of a plain IPv4 packet (protocol, addresses, ports or ICMP type and
+        code: what the SPD looks at), or None when the packet needs the full path."""
+        if len(packet) < 24 or packet[0] != 0x45 or packet[6] & 0x3F or packet[7]:
+            return None
+        if ((packet[2] << 8) | packet[3]) != len(packet):
+            return None
+        proto = packet[9]
+        if proto == 6 or proto == 17:
+            return packet[9:10] + packet[12:24]
+        if proto == 1:
+            return packet[9:10] + packet[12:22]
+        return packet[9:10] + packet[12:20]
+
     def outbound(self, packet: bytes, now: float) -> Result:
         """A packet from the inner side: protect it, bypass it or drop it."""
+        key = self._flow_key(packet)
+        if key is not None:
+            t = self._flows.get(key)
+            if t is not None and t.state is TunnelState.ACTIVE:
+                sa = t.outbound
+                if sa.mode is Mode.TUNNEL and sa.dst.version == 4:
+                    n = len(packet)
+                    tr = sa.transform
+                    padded = n + 2
+                    padded += -padded % tr.block
+                    needed = 8 + tr.iv_len + padded + tr.icv_len
+                    needed += 28 if sa.encap is not None else 20
+                    if needed <= sa.effective_mtu(now, self.default_mtu):
+                        res = esp.encapsulate(sa, 4, packet, now)
+                        if sa.events:
+                            self._collect(sa)
+                        if isinstance(res, Drop):
+                            return self._drop(res)
+                        st = self.stats
+                        st.out_packets += 1
+                        st.out_bytes += n
+                        return ToPeer(sa, res)
+        res2 = self._outbound_slow(packet, now)
+        if key is not None and isinstance(res2, ToPeer):
+            tunnel = self._tunnel_of_sa.get(id(res2.sa))
+            if tunnel is not None:
+                if len(self._flows) >= 65536:
+                    self._flows.clear()
+                self._flows[key] = tunnel
+        return res2
+
+    def _outbound_slow(self, packet: bytes, now: float) -> Result:
         try:
             hdr = ippacket.parse(packet)
         except PacketError:

@@ -16,6 +16,7 @@ from typing import Any
 BENCHES: dict[str, str] = {
     "codec": "ipsecct.bench.codec",
     "transfer": "ipsecct.bench.transfer",
+    "gateway": "ipsecct.bench.gateway",
 }
 
 
