@@ -136,7 +136,10 @@ DF_BY_CODE = {v: k for k, v in DF_CODES.items()}
 
 
 def _mask(bit: Bit) -> int:
-    return 1 << (31 - bit)
+    return _MASKS[bit]
+
+
+_MASKS = tuple(1 << (31 - b) for b in range(32))
 
 
 # -- the fields of one context, independent of any clock --------------------------------------
@@ -598,8 +601,8 @@ def _parse(data: bytes) -> _Fields:
     if pv & ~KNOWN_BITS:
         raise ContextError(f"unknown presence-vector bits 0x{pv & ~KNOWN_BITS:08x}")
 
-    def has(bit: Bit) -> bool:
-        return bool(pv & _mask(bit))
+    def has(bit: Bit, _masks: tuple[int, ...] = _MASKS) -> bool:
+        return bool(pv & _masks[bit])
 
     version = r.u8("format version")
     if version != VERSION:
@@ -710,13 +713,13 @@ def _parse(data: bytes) -> _Fields:
         if nlocal == 0 or nremote == 0:
             raise ContextError("selectors need at least one local and one remote address range")
         ranges = []
-        for _ in range(nlocal + nremote):
-            fam = r.u8("selector address family")
-            if fam not in (4, 6):
-                raise ContextError(f"unknown selector address family {fam} (4 or 6)")
-            first = r.addr(fam, "selector address")
-            last = r.addr(fam, "selector address")
-            with _as_context_error("selector"):
+        with _as_context_error("selector"):
+            for _ in range(nlocal + nremote):
+                fam = r.u8("selector address family")
+                if fam not in (4, 6):
+                    raise ContextError(f"unknown selector address family {fam} (4 or 6)")
+                first = r.addr(fam, "selector address")
+                last = r.addr(fam, "selector address")
                 ranges.append(AddressRange(first, last))
         f.local, f.remote = tuple(ranges[:nlocal]), tuple(ranges[nlocal:])
     elif pv & sum(_mask(b) for b in SELECTOR_PARTS):

@@ -42,7 +42,7 @@ class AddressRange:
     def __post_init__(self) -> None:
         if self.first.version != self.last.version:
             raise SAError("an address range mixes IPv4 and IPv6")
-        if self.first > self.last:  # type: ignore[operator]
+        if int(self.first) > int(self.last):
             raise SAError(f"address range {self.first}-{self.last} is empty")
 
     @classmethod
