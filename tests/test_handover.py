@@ -222,12 +222,6 @@ def test_client_from_another_ca_is_refused(tmp_path: Path) -> None:
     run_demo(tmp_path, body)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a connection whose certificate is from another CA fails in the TLS handshake "
-    "inside asyncio's server and is neither counted (refused_connections) nor logged by "
-    "Channels; only trusted certificates with unknown names are counted",
-)
 def test_client_from_another_ca_is_counted(tmp_path: Path) -> None:
     other = foreign_pki(tmp_path, ["sg2"])
 

@@ -237,6 +237,7 @@ class Channels:
             self.tcfg.listen.port,
             self.server_ctx,
             timeout=3600,
+            on_refused=self._refused_handshake,
         )
 
     async def stop(self) -> None:
@@ -256,6 +257,10 @@ class Channels:
             _, pending = await asyncio.wait(list(self.readers), timeout=1.0)
             for t in pending:
                 t.cancel()
+
+    def _refused_handshake(self, address: str, reason: str) -> None:
+        self.refused += 1
+        event(log, "peer-refused", logging.WARNING, node=self.name, address=address, reason=reason)
 
     def peer_of(self, conn: tlschannel.CxtpConnection) -> PeerSpec | None:
         for p in self.tcfg.peers.values():

@@ -225,9 +225,7 @@ class CxtpConnection:
             ) from None
         return self._inbox.popleft()
 
-    async def request(
-        self, msg: cxtp.Message, *, timeout: float | None = None
-    ) -> cxtp.Message:
+    async def request(self, msg: cxtp.Message, *, timeout: float | None = None) -> cxtp.Message:
         """Send one message and wait for the next one from the peer."""
         await self.send(msg, timeout=timeout)
         return await self.recv(timeout=timeout)
@@ -298,6 +296,9 @@ async def connect(
 Handler = Callable[[CxtpConnection], Awaitable[None]]
 
 
+Refused = Callable[[str, str], None]
+
+
 async def serve(
     handler: Handler,
     host: str,
@@ -306,20 +307,40 @@ async def serve(
     *,
     timeout: float = DEFAULT_TIMEOUT,
     handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+    on_refused: Refused | None = None,
 ) -> asyncio.Server:
     """Accept TLS connections and run ``handler`` on each, then close it.
 
-    Peers that fail the handshake never reach ``handler``. An IpsecctError (a malformed message,
-    a timeout, a closed peer) or OSError out of ``handler`` is logged in one line and ends that
-    connection only; the server keeps accepting.
+    Peers that fail the handshake (no certificate, one from another CA, an old TLS version)
+    never reach ``handler``: ``on_refused(address, reason)`` hears of each, so they can be
+    counted and logged. An IpsecctError (a malformed message, a timeout, a closed peer) or
+    OSError out of ``handler`` is logged in one line and ends that connection only; the server
+    keeps accepting.
     """
 
+    def refused(writer: asyncio.StreamWriter, reason: str) -> None:
+        peer = writer.get_extra_info("peername")
+        address = f"{peer[0]}:{peer[1]}" if peer else "?"
+        log.warning("refused connection from %s: %s", address, reason)
+        if on_refused is not None:
+            on_refused(address, reason)
+        writer.close()
+
     async def on_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # The handshake runs here, not inside asyncio's server, so that a failed one is seen.
+        try:
+            async with asyncio.timeout(handshake_timeout):
+                await writer.start_tls(ctx, ssl_handshake_timeout=handshake_timeout)
+        except ssl.SSLError as exc:
+            refused(writer, f"TLS handshake failed: {_reason(exc)}")
+            return
+        except (TimeoutError, ConnectionError, OSError) as exc:
+            refused(writer, f"TLS handshake did not complete: {_reason(exc)}")
+            return
         try:
             conn = CxtpConnection(reader, writer, timeout=timeout)
         except ChannelError as exc:
-            log.warning("refused connection: %s", exc)
-            writer.close()
+            refused(writer, str(exc))
             return
         try:
             await handler(conn)
@@ -336,6 +357,4 @@ async def serve(
         finally:
             await conn.close()
 
-    return await asyncio.start_server(
-        on_client, host, port, ssl=ctx, ssl_handshake_timeout=handshake_timeout
-    )
+    return await asyncio.start_server(on_client, host, port)
