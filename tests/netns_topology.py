@@ -33,10 +33,10 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -303,13 +303,15 @@ while True:
 print(json.dumps({"received": len(seen), "duplicates": dups}), flush=True)
 """
 
-# The MN sends COUNT datagrams at RATE per second (paced against the clock, numbered) and
-# counts the echoes; it prints a JSON summary: how many came back, duplicates, the longest run
-# of sequence numbers that did not come back, and the longest pause between echoes (ms).
+# The MN sends numbered datagrams at RATE per second (paced against the clock) and counts the
+# echoes. It goes on until the file MARKER exists (the test creates it once the handover is
+# done), then sends AFTER more and stops (at most LIMIT in all). It prints a JSON summary: how
+# many it sent, how many came back, duplicates, the longest run of sequence numbers that did
+# not come back, and the longest pause between echoes (ms).
 STREAM = r"""
-import json, socket, sys, threading, time
-src, dst = sys.argv[1], sys.argv[2]
-port, count, rate = int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5])
+import json, os, socket, sys, threading, time
+src, dst, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+rate, marker, after, limit = float(sys.argv[4]), sys.argv[5], int(sys.argv[6]), int(sys.argv[7])
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 s.bind((src, 0))
 s.settimeout(0.2)
@@ -330,11 +332,15 @@ def rx():
 t = threading.Thread(target=rx)
 t.start()
 start = time.monotonic()
-for i in range(count):
-    delay = start + i / rate - time.monotonic()
+count, stop_at = 0, limit
+while count < stop_at:
+    delay = start + count / rate - time.monotonic()
     if delay > 0:
         time.sleep(delay)
-    s.sendto(i.to_bytes(4, "big") + bytes(96), (dst, port))
+    s.sendto(count.to_bytes(4, "big") + bytes(96), (dst, port))
+    count += 1
+    if stop_at == limit and os.path.exists(marker):
+        stop_at = min(limit, count + after)
 deadline = time.monotonic() + 3
 while len(got) < count and time.monotonic() < deadline:
     time.sleep(0.05)
@@ -351,32 +357,46 @@ for m in missing:
 gaps = [b - a for a, b in zip(times, times[1:])]
 print(json.dumps({"sent": count, "echoed": len(got), "duplicates": dups,
                   "missing": missing[:50], "longest_missing_run": best,
+                  "marker_seen": stop_at < limit,
                   "max_gap_ms": round(max(gaps, default=0) * 1000, 1)}), flush=True)
 """
 
 
 @dataclass
+class PingResult:
+    transmitted: int
+    replied: set[int]
+
+    @property
+    def lost(self) -> list[int]:
+        """Echo requests that got no reply, except the last one (still in flight when ping
+        was interrupted)."""
+        return [i for i in range(1, self.transmitted) if i not in self.replied]
+
+
+@dataclass
 class Traffic:
-    """A ping and an echoed UDP stream from the MN's inner address to the host, running."""
+    """A ping and an echoed UDP stream from the MN's inner address to the host, running until
+    :meth:`finish` (the stream sends ``after`` more datagrams after that)."""
 
     world: HandoverWorld
     ping: subprocess.Popen[bytes]
     echo: subprocess.Popen[bytes]
     stream: subprocess.Popen[bytes]
-    ping_count: int
-    started: float = field(default_factory=time.monotonic)
+    marker: Path
 
     @classmethod
     def start(
         cls,
         world: HandoverWorld,
         *,
-        udp_count: int,
         udp_rate: float,
-        ping_count: int,
+        after: int,
+        limit: int,
         ping_interval: float,
     ) -> Traffic:
         ns = world.ns
+        marker = world.dir / "handover-done"
         echo = ns.popen("host", sys.executable, "-c", ECHO, "9000", stdout=subprocess.PIPE)
         assert echo.stdout is not None
         assert echo.stdout.readline().strip() == b"ready"
@@ -388,39 +408,40 @@ class Traffic:
             MN_INNER,
             HOST,
             "9000",
-            str(udp_count),
             str(udp_rate),
+            str(marker),
+            str(after),
+            str(limit),
             stdout=subprocess.PIPE,
         )
         ping = ns.popen(
             "mn",
             "ping",
             "-n",
-            "-c",
-            str(ping_count),
             "-i",
             str(ping_interval),
-            "-W",
-            "2",
             "-I",
             MN_INNER,
             HOST,
             stdout=subprocess.PIPE,
         )
-        return cls(world, ping, echo, stream, ping_count)
+        return cls(world, ping, echo, stream, marker)
 
-    def finish(self, timeout: float = 30) -> tuple[dict[str, Any], dict[str, Any], int]:
-        """Wait for the stream and the ping to end: (MN's stream summary, host's summary,
-        ping replies received)."""
+    def finish(self, timeout: float = 60) -> tuple[dict[str, Any], dict[str, Any], PingResult]:
+        """Let the stream send its last datagrams and end, then stop the ping (SIGINT: it
+        prints its statistics). Returns (MN's stream summary, host's summary, ping)."""
+        self.marker.touch()
         out, _ = self.stream.communicate(timeout=timeout)
         mn = json.loads(out.decode().strip().splitlines()[-1])
         out, _ = self.echo.communicate(timeout=timeout)
         host = json.loads(out.decode().strip().splitlines()[-1])
-        out, _ = self.ping.communicate(timeout=timeout)
-        m = re.search(rb"(\d+) packets transmitted, (\d+) received", out)
+        stop_process(self.ping, signal.SIGINT)
+        assert self.ping.stdout is not None
+        out = self.ping.stdout.read()
+        m = re.search(rb"(\d+) packets transmitted", out)
         assert m is not None, out
-        assert int(m.group(1)) == self.ping_count, out
-        return mn, host, int(m.group(2))
+        replied = {int(x) for x in re.findall(rb"icmp_seq=(\d+) ", out)}
+        return mn, host, PingResult(int(m.group(1)), replied)
 
     def stop(self) -> None:
         for p in (self.ping, self.stream, self.echo):
