@@ -467,7 +467,17 @@ class TransferCore:
         may_send: bool = True,
         may_request: bool = True,
     ) -> list[Output]:
-        """A CXTP message from an authenticated peer."""
+        """A CXTP message from an authenticated peer. A malformed one is counted and dropped;
+        nothing that arrives raises out of here."""
+        try:
+            return self._receive(peer, msg, now, may_send, may_request)
+        except (cxtp.CxtpError, ContextError):
+            self.counters["malformed"] += 1
+            return []
+
+    def _receive(
+        self, peer: str, msg: cxtp.Message, now: float, may_send: bool, may_request: bool
+    ) -> list[Output]:
         try:
             tag = cxtp.transfer_tag(msg)
         except cxtp.CxtpError:
@@ -505,6 +515,15 @@ class TransferCore:
             return [Inject(pkt, inbound)]
         if isinstance(msg, cxtp.PCTD | cxtp.CTD) and self._is_decision(msg):
             return self._on_commit(peer, tag, now)
+        if isinstance(msg, cxtp.CTD) and all(
+            cxtp.cdb_fpt(c) == cxtp.FPT_DETAIL for c in msg.cdbs[1:]
+        ):
+            # The answer to our CT-Req was a refusal (unknown MN, bad token, busy, ...).
+            detail = " ".join(cxtp.Detail.decode(c).text for c in msg.cdbs[1:]) or "refused"
+            rec = Record(tag.transfer_id, "target", peer, "reactive", now, now, "refused")
+            rec.detail = detail
+            self.records.append(rec)
+            return [Finished(rec)]
         if isinstance(msg, cxtp.PCTD | cxtp.CTD):
             if not may_send:
                 self.counters["refused"] += 1
