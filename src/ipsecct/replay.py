@@ -47,10 +47,11 @@ class ReplayWindow:
         top = self.top
         tl = top & _MASK32
         th = top >> 32
-        w = self.size if self.size else 1
+        # Without a window (anti-replay off) take the candidate nearest the top.
+        w = self.size if self.size else 1 << 31
         if tl >= w - 1:
             # Case A: the window lies inside one 2^32 subspace.
-            if seq_low < tl - w + 1:
+            if seq_low < tl - w + 1 and th < _MASK32:
                 th += 1
         else:
             # Case B: the window spans two subspaces.
@@ -80,6 +81,10 @@ class ReplayWindow:
                 self.top = seq
             return
         top = self.top
+        if seq > top and (seq ^ top) >> 6 == 0:  # in order, same block: nothing to clear
+            self.top = seq
+            self._blocks[(seq >> 6) % self._nblocks] |= 1 << (seq & 63)
+            return
         n = self._nblocks
         blocks = self._blocks
         if seq > top:
