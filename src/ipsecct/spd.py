@@ -220,13 +220,11 @@ class Selectors:
 
         For ICMP, pass the type as ``local_port`` and the code as ``remote_port``.
         """
-        if self.protocol != PROTO_ANY and self.protocol != protocol:
+        if local.version != remote.version:
             return False
-        if not any(r.contains(local) for r in self.local):
-            return False
-        if not any(r.contains(remote) for r in self.remote):
-            return False
-        return self._ports_match(local_port, remote_port)
+        return self.matches_int(
+            local.version, int(local), int(remote), protocol, local_port, remote_port
+        )
 
     def overlaps(self, other: Selectors) -> bool:
         if (

@@ -33,6 +33,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
 from .. import processing
 from ..algorithms import EncAlg
+from ..commands.args import number
 from ..esp import Drop
 from ..ippacket import build_udp
 from ..sad import Direction, SecurityAssociation
@@ -152,7 +153,10 @@ def _scapy_cases(name: str, key: bytes, size: int) -> dict[str, Runner]:
 
     def sa() -> Any:
         return ScapySA(  # type: ignore[no-untyped-call]
-            ESP, spi=_SPI, crypt_algo=name, crypt_key=key,
+            ESP,
+            spi=_SPI,
+            crypt_algo=name,
+            crypt_key=key,
             tunnel_header=IP(src=str(_SRC), dst=str(_DST)),
         )
 
@@ -260,26 +264,6 @@ def format_table(results: Sequence[Result]) -> str:
     return "\n".join(lines)
 
 
-def _positive_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not v > 0 or v > 60:
-        raise argparse.ArgumentTypeError("must be more than 0 and at most 60")
-    return v
-
-
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if not 1 <= v <= 1000:
-        raise argparse.ArgumentTypeError("must be 1 to 1000")
-    return v
-
-
 def add_parser(sub: Any) -> None:
     """Add ``ipsecct bench codec`` to the ``bench`` subparsers."""
     p: argparse.ArgumentParser = sub.add_parser(
@@ -290,23 +274,39 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.add_argument(
-        "--time", type=_positive_float, default=0.2, metavar="SECONDS",
+        "--time",
+        type=number(float, high=60),
+        default=0.2,
+        metavar="SECONDS",
         help="length of one run of one case (default 0.2)",
     )
     p.add_argument(
-        "--rounds", type=_positive_int, default=5, metavar="N",
+        "--rounds",
+        type=number(int, high=1000),
+        default=5,
+        metavar="N",
         help="runs of each case, interleaved; the best counts (default 5)",
     )
     p.add_argument(
-        "--impl", action="append", choices=IMPLS, metavar="IMPL",
+        "--impl",
+        action="append",
+        choices=IMPLS,
+        metavar="IMPL",
         help=f"measure only this implementation (repeatable; {', '.join(IMPLS)})",
     )
     p.add_argument(
-        "--transform", action="append", choices=tuple(TRANSFORMS), metavar="NAME",
+        "--transform",
+        action="append",
+        choices=tuple(TRANSFORMS),
+        metavar="NAME",
         help=f"only this transform (repeatable; {', '.join(TRANSFORMS)})",
     )
     p.add_argument(
-        "--size", action="append", type=int, choices=SIZES, metavar="OCTETS",
+        "--size",
+        action="append",
+        type=int,
+        choices=SIZES,
+        metavar="OCTETS",
         help="only this inner packet size (repeatable; 64, 1400)",
     )
     p.set_defaults(handler=run_cli)
@@ -327,5 +327,3 @@ def run_cli(args: argparse.Namespace) -> int:
     )
     print(to_json(results) if args.json else format_table(results))
     return 0
-
-

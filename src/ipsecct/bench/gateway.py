@@ -39,6 +39,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from ..commands.args import number
 from ..ippacket import build_udp
 
 IMPLS = ("ipsecct", "plain-relay")
@@ -441,26 +442,6 @@ def format_table(results: Sequence[Result]) -> str:
 # -- command line -----------------------------------------------------------------------------
 
 
-def _positive_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not v > 0:
-        raise argparse.ArgumentTypeError("must be positive")
-    return v
-
-
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if v <= 0:
-        raise argparse.ArgumentTypeError("must be positive")
-    return v
-
-
 def add_parser(sub: Any) -> None:
     """Add ``ipsecct bench gateway`` to the ``bench`` subparsers."""
     p: argparse.ArgumentParser = sub.add_parser(
@@ -471,14 +452,14 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.add_argument(
         "--time",
-        type=_positive_float,
+        type=number(float),
         default=1.0,
         metavar="SECONDS",
         help="measurement window of one case (default 1.0)",
     )
     p.add_argument(
         "--rounds",
-        type=_positive_int,
+        type=number(int),
         default=3,
         metavar="N",
         help="runs of each case, interleaved; the best counts (default 3)",

@@ -33,6 +33,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from ..commands.args import number
 from ..engine import Engine
 from ..sad import Direction, SecurityAssociation, UdpEncap
 from ..spd import Action, Selectors, SPDEntry
@@ -190,23 +191,16 @@ def run_cli(args: argparse.Namespace) -> int:
     return 0
 
 
-def _positive(text: str) -> int:
-    v = int(text)
-    if v <= 0:
-        raise argparse.ArgumentTypeError("must be positive")
-    return v
-
-
 def add_parser(sub: Any) -> None:
     p: argparse.ArgumentParser = sub.add_parser(
         "transfer", help="handover time, bulk transfer rate and memory per SA", description=__doc__
     )
     p.add_argument("--json", action="store_true", help="print the results as JSON")
-    p.add_argument("--handovers", type=_positive, default=41, help="single handovers (41)")
-    p.add_argument("--bulk", type=_positive, default=10000, help="SAs in the bulk transfer")
+    p.add_argument("--handovers", type=number(int), default=41, help="single handovers (41)")
+    p.add_argument("--bulk", type=number(int), default=10000, help="SAs in the bulk transfer")
     p.add_argument(
         "--memory-sas",
-        type=_positive,
+        type=number(int),
         default=100000,
         help="SAs held for the memory figure (100000)",
     )

@@ -7,19 +7,7 @@ import asyncio
 from typing import Any
 
 from ..errors import IpsecctError
-
-
-def _positive(kind: type) -> Any:
-    def conv(text: str) -> Any:
-        try:
-            v = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-        if v <= 0:
-            raise argparse.ArgumentTypeError("must be positive")
-        return v
-
-    return conv
+from .args import number
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -37,8 +25,8 @@ def register(sub: Any) -> None:
     p: argparse.ArgumentParser = sub.add_parser(
         "demo", help="run a mobile node, two gateways and a host on loopback, with a stream"
     )
-    p.add_argument("--rate", type=_positive(int), default=1000, help="packets/s each way (1000)")
-    p.add_argument("--seconds", type=_positive(float), default=5.0, help="stream length (5)")
+    p.add_argument("--rate", type=number(int), default=1000, help="packets/s each way (1000)")
+    p.add_argument("--seconds", type=number(float), default=5.0, help="stream length (5)")
     p.add_argument(
         "--handover",
         choices=["direct", "indirect", "none"],
