@@ -86,7 +86,7 @@ class UdpEncap:
     dport: int = 4500
 
 
-@dataclass
+@dataclass(slots=True)
 class Counters:
     packets: int = 0
     bytes: int = 0
@@ -99,7 +99,7 @@ class SAEvent(enum.Enum):
     SEQ_NEAR_LIMIT = "seq-near-limit"  # past 7/8 of the counter: rekey soon
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True, weakref_slot=True)
 class SecurityAssociation:
     """One SAD entry. ``seq`` is the last outbound sequence number sent (outbound SAs); the
     replay window holds the inbound state."""

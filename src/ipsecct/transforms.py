@@ -20,6 +20,7 @@ from __future__ import annotations
 import hmac as _hmac
 import os
 import struct
+from typing import Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -60,6 +61,8 @@ class IntegrityFailure(Exception):
 class EspTransform:
     """Seals and opens the part of an ESP packet after the SPI and sequence number."""
 
+    __slots__ = ("block", "icv_len", "iv_len")
+
     iv_len: int
     icv_len: int
     block: int  # payload alignment: pad so (payload + 2) is a multiple of this
@@ -94,19 +97,30 @@ class EspTransform:
 
 
 class AeadTransform(EspTransform):
-    __slots__ = ("_aead", "_salt")
+    """AES-GCM-16 or ChaCha20-Poly1305. The cipher object (an OpenSSL context of about 2.5 KiB)
+    is made on the SA's first packet, not when the SA is installed: a gateway holding 100,000
+    SAs, most of them idle, or receiving thousands in a bulk transfer, pays for it only when
+    the SA carries traffic."""
+
+    __slots__ = ("_aead", "_alg", "_cipher_key", "_salt")
 
     def __init__(self, alg: EncAlg, key: bytes) -> None:
         info = ENC[alg]
         self.iv_len = 8
         self.icv_len = 16
         self.block = info.block
-        cipher_key, self._salt = key[:-4], key[-4:]
+        self._alg = alg
+        self._cipher_key, self._salt = key[:-4], key[-4:]
         self._aead: AESGCM | ChaCha20Poly1305
-        if alg is EncAlg.AES_GCM_16:
-            self._aead = AESGCM(cipher_key)
-        else:
-            self._aead = ChaCha20Poly1305(cipher_key)
+
+    def __getattr__(self, name: str) -> Any:
+        # Called only while ``_aead`` is unset: make it once, then it is a plain slot.
+        if name != "_aead":
+            raise AttributeError(name)
+        cls = AESGCM if self._alg is EncAlg.AES_GCM_16 else ChaCha20Poly1305
+        aead = cls(self._cipher_key)
+        self._aead = aead
+        return aead
 
     def seal(self, header: bytes, seq: int, plaintext: bytes | bytearray, esn: bool) -> bytearray:
         # AAD is SPI | seq (RFC 4106 §5); with ESN, SPI | seq-high | seq-low.

@@ -63,16 +63,22 @@ def make_tunnel(engine: Engine, i: int, local: str, peer: str) -> None:
     engine.add_tunnel(SPDEntry(sel, Action.PROTECT, name=f"t{i}", static=False), out, inn)
 
 
-def bytes_per_sa(n_sas: int) -> float:
+def bytes_per_sa(n_sas: int) -> tuple[float, float]:
+    """Resident bytes per SA as installed, and once every SA has carried a packet (which
+    makes its cipher context, about 2.5 KiB of OpenSSL state)."""
     gc.collect()
     e = Engine()
     before = _rss()
     for i in range(n_sas // 2):
         make_tunnel(e, i, "127.0.1.1", "127.0.1.10")
     gc.collect()
-    after = _rss()
+    installed = _rss()
     assert len(e.sad) == n_sas
-    return (after - before) / n_sas
+    for sa in e.sad:
+        sa.transform.seal_payload(sa.spi, 1, b"x", 59, 0, sa.esn)  # what a first packet does
+    gc.collect()
+    active = _rss()
+    return (installed - before) / n_sas, (active - before) / n_sas
 
 
 def baseline(n_sas: int) -> float:
@@ -155,18 +161,20 @@ async def _transfers(handovers: int, bulk: int) -> tuple[list[float], float]:
             await demo.stop(dm)
 
 
-def run(handovers: int, bulk: int, memory_sas: int) -> dict[str, float]:
+def run(handovers: int, bulk: int, memory_sas: int) -> tuple[dict[str, float], float]:
+    """The results of the issue's JSON schema, and the bytes per SA once all are active."""
     times, bulk_rate = asyncio.run(_transfers(handovers, bulk))
+    idle, active = bytes_per_sa(memory_sas)
     return {
         "handover_ms": round(statistics.median(times), 3),
         "bulk_sas_per_s": round(bulk_rate, 1),
         "baseline_sas_per_s": round(baseline(min(bulk, 4000)), 1),
-        "bytes_per_sa": round(bytes_per_sa(memory_sas), 1),
-    }
+        "bytes_per_sa": round(idle, 1),
+    }, active
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    res = run(args.handovers, args.bulk, args.memory_sas)
+    res, active = run(args.handovers, args.bulk, args.memory_sas)
     if args.json:
         json.dump(res, sys.stdout)
         sys.stdout.write("\n")
@@ -186,7 +194,7 @@ def run_cli(args: argparse.Namespace) -> int:
     )
     print(
         f"  memory: {res['bytes_per_sa']:,.0f} bytes per SA with {args.memory_sas} SAs"
-        "  (goal <= 4096)"
+        f" installed (goal <= 4096), {active:,.0f} once every SA has carried a packet"
     )
     return 0
 
