@@ -651,11 +651,13 @@ class TransferService:
         if to not in self.tcfg.peers:
             raise TransferError(f"unknown peer {to!r} (known: {', '.join(self.tcfg.peers)})")
         tunnels = []
+        seen: set[int] = set()
         for spi in spis:
             t = self.node.engine.tunnel_by_spi(spi)
             if t is None or t.state is TunnelState.MOVED:
                 raise TransferError(f"no tunnel with SPI 0x{spi:08x} here")
-            if t not in tunnels:
+            if id(t) not in seen:
+                seen.add(id(t))
                 tunnels.append(t)
         now = self.node.clock()
         if mode == "reactive":
