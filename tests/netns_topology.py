@@ -15,10 +15,12 @@ an end host, joined by two Linux bridges, with real ``ipsecct`` processes and TU
 The access bridge puts the MN and both gateways on one L2 segment, so ARP and the move of the
 virtual gateway address (indirect SG identity, with its gratuitous ARP) really happen. Each
 gateway's inner side is a TUN device with a route to the MN's inner address; the gateways
-forward (``ip_forward=1``) between it and the core bridge, where the host is. The host routes
-the MN's inner prefix via the gateway that serves the MN: after a transfer the test moves that
-route (:meth:`HandoverWorld.route_host_via`), the routing update a real access network makes
-when a mobile node's gateway changes (what still reaches the old gateway meanwhile is
+forward (``ip_forward=1``) between it and the core bridge, where the host is, but not what
+arrives on the access side (a security gateway routes no cleartext from the access network;
+``access_forwarding=True`` turns that on). The host routes the MN's inner prefix via the
+gateway that serves the MN: after a transfer the test moves that route
+(:meth:`HandoverWorld.route_host_via`), the routing update a real access network makes when a
+mobile node's gateway changes (what still reaches the old gateway meanwhile is
 forwarded to the new one for ``forward_ms``).
 
 The gateways talk CXTP over TLS 1.3 on the core link, with certificates from
@@ -42,7 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.netns import Namespaces, stop_process
+from tests.netns import Namespaces, stop_process, wait_until
 from tests.test_gateway_loopback import Daemon
 
 MN_OUTER = "192.168.20.10"
@@ -95,6 +97,7 @@ class HandoverWorld:
     dir: Path
     sockdir: Path
     identity: str  # "direct" or "indirect"
+    access_forwarding: bool = False  # the gateways IP-forward what arrives on the access side
     daemons: dict[str, Daemon] = field(default_factory=dict)
 
     # -- building ------------------------------------------------------------------------
@@ -113,7 +116,11 @@ class HandoverWorld:
         for g in ("sg1", "sg2"):
             port(g, ACCESS_IF, f"{SG_OUTER[g]}/24", "acc")
             port(g, CORE_IF, f"{SG_CORE[g]}/24", "core")
-            ns.sysctl(g, "net.ipv4.ip_forward=1")
+            ns.sysctl(g, "net.ipv4.ip_forward=1")  # between the TUN device and the core
+            if not self.access_forwarding:
+                # A security gateway routes no cleartext arriving from the access network:
+                # what reaches it there is ESP for itself or nothing.
+                ns.sysctl(g, f"net.ipv4.conf.{ACCESS_IF}.forwarding=0")
         port("host", "eth0", f"{HOST}/24", "core")
         self.route_host_via("sg1")
 
@@ -272,10 +279,50 @@ class HandoverWorld:
         out = self.ns.run(role, "ip", "-o", "-4", "addr", "show", "dev", dev).stdout
         return re.findall(r"inet (\S+)", out)
 
+    def capture(self, role: str, name: str, bpf: str, dev: str = ACCESS_IF) -> Capture:
+        """Start tcpdump on ``dev`` in ``role``'s namespace; it is listening on return."""
+        pcap, err_path = self.dir / f"{name}.pcap", self.dir / f"{name}.err"
+        with open(err_path, "w") as err:
+            p = self.ns.popen(
+                role,
+                "tcpdump",
+                "-n",
+                "-U",
+                "--immediate-mode",
+                "-Z",
+                "root",
+                "-i",
+                dev,
+                "-w",
+                str(pcap),
+                bpf,
+                stderr=err,
+            )
+        wait_until(lambda: "listening on" in err_path.read_text(), "tcpdump to listen")
+        return Capture(p, pcap)
+
     def neigh_mac(self, role: str, address: str, dev: str = ACCESS_IF) -> str | None:
         out = self.ns.run(role, "ip", "neigh", "show", address, "dev", dev).stdout
         m = re.search(r"lladdr ([0-9a-f:]{17})", out)
         return m.group(1).lower() if m else None
+
+
+@dataclass
+class Capture:
+    proc: subprocess.Popen[bytes]
+    pcap: Path
+
+    def stop(self) -> None:
+        stop_process(self.proc, signal.SIGINT)
+
+    def fields(self, *names: str) -> list[list[str]]:
+        """The capture's packets as rows of tshark fields."""
+        args = ["tshark", "-n", "-r", str(self.pcap), "-T", "fields", "-E", "separator=|"]
+        for n in names:
+            args += ["-e", n]
+        r = subprocess.run(args, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        return [line.split("|") for line in r.stdout.splitlines() if line.strip()]
 
 
 # -- traffic ---------------------------------------------------------------------------------
@@ -449,7 +496,9 @@ class Traffic:
 
 
 @contextlib.contextmanager
-def handover_world(tmp: Path, identity: str) -> Iterator[HandoverWorld]:
+def handover_world(
+    tmp: Path, identity: str, *, access_forwarding: bool = False
+) -> Iterator[HandoverWorld]:
     """The whole topology with its daemons running; everything is removed on exit, also when
     building or the test fails (the namespaces, with their devices, and the daemons)."""
     if shutil.which("ip") is None or shutil.which("ping") is None:
@@ -457,7 +506,7 @@ def handover_world(tmp: Path, identity: str) -> Iterator[HandoverWorld]:
     sockdir = Path(tempfile.mkdtemp(prefix="ipsecct-h-", dir="/tmp"))
     try:
         with Namespaces("mn", "sg1", "sg2", "host", "br") as ns:
-            world = HandoverWorld(ns, tmp, sockdir, identity)
+            world = HandoverWorld(ns, tmp, sockdir, identity, access_forwarding)
             try:
                 world.build_links()
                 world.write_configs()

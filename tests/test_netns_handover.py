@@ -62,9 +62,26 @@ def direct(tmp_path: Path) -> Iterator[HandoverWorld]:
 
 
 @pytest.fixture
-def indirect(tmp_path: Path) -> Iterator[HandoverWorld]:
-    with handover_world(tmp_path, "indirect") as w:
+def vworld(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[HandoverWorld]:
+    with handover_world(tmp_path, "indirect", access_forwarding=request.param) as w:
         yield w
+
+
+# The source gateway releases the virtual address as soon as the target has accepted the SAs
+# (handover.py, TransferService._move_virtual_address, on the source's "committed" record),
+# before the target has claimed it and before its gratuitous ARP has reached the MN. What the MN
+# sends to the address in between still goes to the source's MAC, but the source no longer has
+# the address: it neither receives those packets nor forwards them over the CXTP channel
+# (forward_ms exists for exactly these), so a gateway that does not IP-forward from its access
+# side drops them (measured: 5-6 consecutive datagrams of the 200/s stream, ~30 ms, and a
+# ping). A gateway that does IP-forward there hides the loss: its kernel routes the packets to
+# the address's new owner (ARP, then delivery).
+VIP_RELEASED_TOO_EARLY = pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="the source releases the virtual address before the target's gratuitous ARP has"
+    " moved the MN's traffic, and what still reaches it is lost instead of forwarded",
+)
 
 
 def outbound(sas: list[dict[str, Any]]) -> dict[str, Any]:
@@ -150,8 +167,16 @@ def test_direct_handover_with_ping_and_udp_stream(direct: HandoverWorld) -> None
     assert "gateway-changed" in w.log("mn")
 
 
-def test_indirect_handover_moves_the_virtual_address(indirect: HandoverWorld) -> None:
-    w = indirect
+@pytest.mark.parametrize(
+    "vworld",
+    [
+        pytest.param(False, id="gateways-route-no-access-traffic", marks=VIP_RELEASED_TOO_EARLY),
+        pytest.param(True, id="gateways-route-access-traffic"),
+    ],
+    indirect=True,
+)
+def test_indirect_handover_moves_the_virtual_address(vworld: HandoverWorld) -> None:
+    w = vworld
     vip = f"{VIP}/32"
     assert vip in w.addresses("sg1") and vip not in w.addresses("sg2")
     mn_before = outbound(w.sa_list("mn"))
@@ -162,10 +187,21 @@ def test_indirect_handover_moves_the_virtual_address(indirect: HandoverWorld) ->
     w.ns.run("mn", "ping", "-n", "-c1", "-W5", "-I", MN_INNER, HOST, timeout=30)
     assert w.neigh_mac("mn", VIP) == sg1_mac
     sg2_before = w.status("sg2")["counters"]
-    rec, mn, host, ping = handover(w)
+    arp = w.capture("mn", "mn-arp", "arp")
+    try:
+        rec, mn, host, ping = handover(w)
+    finally:
+        arp.stop()
     check_common(w, rec, mn, host, ping, sg2_before)
+    # the MN saw sg2 announce the address: an ARP with the virtual address as sender and
+    # target, from sg2's MAC (sent on the commit)
+    rows = arp.fields("arp.opcode", "arp.src.hw_mac", "arp.src.proto_ipv4", "arp.dst.proto_ipv4")
+    garps = [r for r in rows if r[2] == VIP and r[3] == VIP]
+    assert garps and all(r[1].lower() == sg2_mac for r in garps), rows
+    print("ARP seen at the MN:", rows)
     assert vip in w.addresses("sg2"), w.logs()
-    assert vip not in w.addresses("sg1"), w.logs()
+    # sg1 lets go of it (at the latest when it stops forwarding for the moved SAs)
+    wait_until(lambda: vip not in w.addresses("sg1"), "sg1 to release the address", 20)
     # the gratuitous ARP updated the MN's cache: the address is at sg2's MAC now
     assert w.neigh_mac("mn", VIP) == sg2_mac, (w.neigh_mac("mn", VIP), sg2_mac, sg1_mac)
     # nothing changed at the MN: same gateway address, same SPI; no signal was sent
