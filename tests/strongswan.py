@@ -1,0 +1,519 @@
+"""strongSwan as an independent IPsec peer for tests (root, Debian's strongSwan 5.9.8).
+
+Two unmodified ``charon`` daemons, each in its own network namespace, joined by a veth pair,
+negotiate an IKEv2 SA with a pre-shared key and one tunnel-mode CHILD_SA between two inner
+addresses. This kernel has no ESP, so charon's ``kernel-libipsec`` plugin does ESP in user
+space over a TUN device (``ipsec0``), always in UDP port 4500::
+
+    namespace "a"                                          namespace "b"
+    lo 10.201.1.1/32 (inner)                               lo 10.201.2.1/32 (inner)
+    sa0 10.200.0.1/24  <------ veth, ESP in UDP 4500 ----> sb0 10.200.0.2/24
+
+What a test needs to know about charon here (``/work/shared/notes/strongswan-netns.sh``):
+
+- charon writes its pid file under /run: each instance gets a private /run, a directory
+  bind-mounted over /run inside ``ip netns exec`` (which already gives it its own mount
+  namespace). ``STRONGSWAN_CONF`` points at a configuration written for the run, with an
+  explicit ``charon.load`` list (Debian does not load kernel-libipsec by default).
+- The log is written with ``chd = 4`` and ``flush_line = yes``: at level 4 charon dumps the
+  CHILD_SA's keys ("encryption initiator key => 20 bytes @ ...", followed by hex-dump lines),
+  which is how a test learns them (:func:`parse_child_sa`). Without ``flush_line`` the file
+  lags behind.
+- ``swanctl`` takes ``--uri`` after the command: ``swanctl --initiate ... --uri unix://...``.
+
+Nothing of strongSwan is in the repository: configurations are written at test time, and
+:class:`Charon` always stops its daemon (SIGTERM, then SIGKILL) when its ``with`` block ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Any
+
+from tests.netns import Namespaces, stop_process, wait_until
+
+CHARON = "/usr/lib/ipsec/charon"
+SWANCTL = "swanctl"
+PSK = "ipsecct-interop-test-psk-0123456789"
+PLUGINS = (
+    "random nonce openssl pem pkcs1 x509 pubkey aes sha1 sha2 hmac gmp curve25519 kdf"
+    " kernel-libipsec kernel-netlink socket-default vici updown"
+)
+MAX_UNIX_PATH = 100  # sun_path holds 108 octets; keep a margin
+
+
+def available() -> bool:
+    """Root, and strongSwan's charon and swanctl installed."""
+    return os.geteuid() == 0 and os.path.exists(CHARON) and shutil.which(SWANCTL) is not None
+
+
+def skip_reason() -> str:
+    if os.geteuid() != 0:
+        return "needs root (network namespaces; CI runs as root)"
+    return f"needs strongSwan ({CHARON} and {SWANCTL}; scripts/install installs them)"
+
+
+# -- configuration -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Side:
+    """One peer's view of the tunnel."""
+
+    name: str  # "A" or "B": the connection is c<name>, the directory <dir>/<name>
+    outer: str
+    remote_outer: str
+    inner: str
+    remote_inner: str
+    id: str
+    remote_id: str
+
+
+A = Side("A", "10.200.0.1", "10.200.0.2", "10.201.1.1", "10.201.2.1", "a.test", "b.test")
+B = Side("B", "10.200.0.2", "10.200.0.1", "10.201.2.1", "10.201.1.1", "b.test", "a.test")
+
+
+def strongswan_conf(d: Path, vici: str) -> str:
+    return f"""charon {{
+  load = {PLUGINS}
+  install_routes = yes
+  plugins {{
+    vici {{
+      socket = unix://{vici}
+    }}
+  }}
+  filelog {{
+    main {{
+      path = {d}/charon.log
+      time_format = %T
+      time_add_ms = yes
+      flush_line = yes
+      default = 1
+      ike = 2
+      chd = 4
+      esp = 2
+    }}
+  }}
+  syslog {{
+    daemon {{
+      default = -1
+    }}
+  }}
+}}
+"""
+
+
+def swanctl_conf(side: Side, esp_proposal: str) -> str:
+    return f"""connections {{
+  c{side.name} {{
+    version = 2
+    local_addrs = {side.outer}
+    remote_addrs = {side.remote_outer}
+    encap = yes
+    mobike = no
+    proposals = aes128gcm16-prfsha256-x25519
+    local {{
+      auth = psk
+      id = {side.id}
+    }}
+    remote {{
+      auth = psk
+      id = {side.remote_id}
+    }}
+    children {{
+      net {{
+        local_ts = {side.inner}/32
+        remote_ts = {side.remote_inner}/32
+        esp_proposals = {esp_proposal}
+        mode = tunnel
+      }}
+    }}
+  }}
+}}
+secrets {{
+  ike-ab {{
+    id-a = {A.id}
+    id-b = {B.id}
+    secret = "{PSK}"
+  }}
+}}
+"""
+
+
+# -- the CHILD_SA from charon's log ----------------------------------------------------------
+
+# strongSwan's names (as in "selected proposal: ESP:AES_GCM_16_128/NO_EXT_SEQ" and "using
+# AES_GCM_16 for encryption") -> (Wireshark esp_sa name, ipsecct name)
+ENC_NAMES = {
+    "AES_GCM_16": ("AES-GCM with 16 octet ICV [RFC4106]", "aes-gcm-16"),
+    "AES_CBC": ("AES-CBC [RFC3602]", "aes-cbc"),
+    "CHACHA20_POLY1305": ("CHACHA20-POLY1305 [RFC7634]", "chacha20-poly1305"),
+}
+INTEG_NAMES = {
+    "HMAC_SHA1_96": ("HMAC-SHA-1-96 [RFC2404]", "hmac-sha1-96"),
+    "HMAC_SHA2_256_128": ("HMAC-SHA-256-128 [RFC4868]", "hmac-sha2-256-128"),
+    "HMAC_SHA2_384_192": ("HMAC-SHA-384-192 [RFC4868]", "hmac-sha2-384-192"),
+    "HMAC_SHA2_512_256": ("HMAC-SHA-512-256 [RFC4868]", "hmac-sha2-512-256"),
+}
+
+_LINE = re.compile(r"^\S+ (\d+)\[(\w+)\] (.*)$")
+_KEY_HEAD = re.compile(r"^(encryption|integrity) (initiator|responder) key => (\d+) bytes @")
+_DUMP = re.compile(r"^\s*\d+: (.*)$")
+_USING = re.compile(r"^\s*using (\S+) for (encryption|integrity)$")
+_ADDING = re.compile(r"^adding (inbound|outbound) ESP SA$")
+_SPI = re.compile(r"^\s*SPI 0x([0-9a-fA-F]{8}), src (\S+) dst (\S+)$")
+_PROPOSAL = re.compile(r"selected proposal: ESP:(\S+)")
+_INITIATOR = re.compile(r"\binitiating IKE_SA \S+ to ")
+
+
+@dataclass(frozen=True)
+class EspSA:
+    """One direction of a CHILD_SA as charon installed it."""
+
+    spi: int
+    src: str
+    dst: str
+    enc: str  # strongSwan's name, a key of ENC_NAMES
+    enc_key: bytes = field(repr=False)  # AEAD: key || 4-octet salt, as charon hands it over
+    integ: str | None  # a key of INTEG_NAMES, None for AEAD
+    integ_key: bytes = field(repr=False)
+
+    def esp_sa_line(self) -> str:
+        """Wireshark's ``esp_sa`` line for this SA (written here by hand, from Wireshark's
+        format, not with ipsecct's own writer)."""
+        ikey = "0x" + self.integ_key.hex() if self.integ_key else ""
+        fields = [
+            "IPv4",
+            self.src,
+            self.dst,
+            f"0x{self.spi:08x}",
+            ENC_NAMES[self.enc][0],
+            "0x" + self.enc_key.hex(),
+            INTEG_NAMES[self.integ][0] if self.integ else "NULL",
+            ikey,
+        ]
+        return ",".join(f'"{f}"' for f in fields)
+
+
+@dataclass(frozen=True)
+class ChildSA:
+    """A CHILD_SA seen from one peer: the SA it receives on and the one it sends on."""
+
+    initiator: bool
+    proposal: str  # e.g. "AES_GCM_16_128/NO_EXT_SEQ"
+    inbound: EspSA
+    outbound: EspSA
+
+    @property
+    def esn(self) -> bool:
+        return "NO_EXT_SEQ" not in self.proposal.split("/")
+
+
+def parse_child_sa(log: str) -> ChildSA:
+    """The (first) CHILD_SA in a charon log written with ``chd = 4``: keys, SPIs, algorithms.
+
+    Keys are hex dumps over several lines; lines are grouped by charon's thread number so that
+    another thread's line in between does no harm. The initiator's outbound SA uses the
+    "initiator" keys (RFC 7296 §2.17: KEYMAT's first keys protect initiator -> responder)."""
+    keys: dict[tuple[str, str], bytes] = {}
+    collecting: dict[str, tuple[tuple[str, str], int, bytearray]] = {}
+    using: dict[str, str] = {}
+    adding: dict[str, str] = {}
+    sas: dict[str, tuple[int, str, str]] = {}
+    proposal = ""
+    initiator = False
+    for raw in log.splitlines():
+        m = _LINE.match(raw)
+        if m is None:
+            continue
+        thread, group, msg = m.groups()
+        if _INITIATOR.search(msg):
+            initiator = True
+        if group == "CFG" and not proposal:
+            pm = _PROPOSAL.search(msg)
+            if pm:
+                proposal = pm.group(1)
+        if group != "CHD":
+            continue
+        if thread in collecting:
+            dm = _DUMP.match(msg)
+            if dm is not None:
+                which, want, buf = collecting[thread]
+                need = min(16, want - len(buf))
+                buf += bytes.fromhex("".join(dm.group(1).split()[:need]))
+                if len(buf) >= want:
+                    keys.setdefault(which, bytes(buf))
+                    del collecting[thread]
+                continue
+            del collecting[thread]  # a truncated dump: ignore it
+        km = _KEY_HEAD.match(msg)
+        if km is not None:
+            collecting[thread] = ((km.group(1), km.group(2)), int(km.group(3)), bytearray())
+            continue
+        um = _USING.match(msg)
+        if um is not None:
+            using.setdefault(um.group(2), um.group(1))
+            continue
+        am = _ADDING.match(msg)
+        if am is not None:
+            adding[thread] = am.group(1)
+            continue
+        sm = _SPI.match(msg)
+        if sm is not None and thread in adding:
+            sas.setdefault(adding.pop(thread), (int(sm.group(1), 16), sm.group(2), sm.group(3)))
+    if "inbound" not in sas or "outbound" not in sas:
+        raise AssertionError("no CHILD_SA (inbound and outbound ESP SA) in charon's log")
+    if "encryption" not in using:
+        raise AssertionError("charon's log does not say which encryption the CHILD_SA uses")
+    enc = using["encryption"]
+    integ = using.get("integrity")
+    if enc not in ENC_NAMES or (integ is not None and integ not in INTEG_NAMES):
+        raise AssertionError(f"unexpected algorithms in charon's log: {enc} / {integ}")
+    mine, theirs = ("initiator", "responder") if initiator else ("responder", "initiator")
+
+    def key(kind: str, who: str) -> bytes:
+        if (kind, who) not in keys:
+            if kind == "integrity" and integ is None:
+                return b""
+            raise AssertionError(f"no {kind} {who} key in charon's log (chd = 4?)")
+        return keys[(kind, who)]
+
+    def esp_sa(direction: str, who: str) -> EspSA:
+        spi, src, dst = sas[direction]
+        return EspSA(spi, src, dst, enc, key("encryption", who), integ, key("integrity", who))
+
+    return ChildSA(initiator, proposal, esp_sa("inbound", theirs), esp_sa("outbound", mine))
+
+
+_COUNTS = re.compile(r"^\s*(in|out)\s+([0-9a-f]{8}),\s+(\d+) bytes,\s+(\d+) packets", re.M)
+
+
+def sa_packet_counts(list_sas: str) -> dict[int, int]:
+    """SPI -> packets, from ``swanctl --list-sas`` output."""
+    return {int(m.group(2), 16): int(m.group(4)) for m in _COUNTS.finditer(list_sas)}
+
+
+# -- running charon ----------------------------------------------------------------------
+
+
+class Charon:
+    """One charon daemon in a namespace; stopped (SIGTERM, then SIGKILL) when the ``with``
+    block ends, whatever happened."""
+
+    def __init__(
+        self, ns: Namespaces, role: str, side: Side, workdir: Path, esp_proposal: str
+    ) -> None:
+        self.ns = ns
+        self.role = role
+        self.side = side
+        self.dir = workdir / side.name
+        self.esp_proposal = esp_proposal
+        self.vici = str(self.dir / "charon.vici")
+        if len(self.vici) > MAX_UNIX_PATH:
+            raise ValueError(f"{self.vici}: too long for a Unix socket path")
+        self.proc: subprocess.Popen[Any] | None = None
+        self._out: IO[bytes] | None = None
+
+    @property
+    def uri(self) -> str:
+        return f"unix://{self.vici}"
+
+    @property
+    def logfile(self) -> Path:
+        return self.dir / "charon.log"
+
+    def write_config(self) -> None:
+        (self.dir / "run").mkdir(parents=True, exist_ok=True)
+        (self.dir / "strongswan.conf").write_text(strongswan_conf(self.dir, self.vici))
+        path = self.dir / "swanctl.conf"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # holds the PSK
+        with os.fdopen(fd, "w") as f:
+            f.write(swanctl_conf(self.side, self.esp_proposal))
+
+    def start(self) -> None:
+        self.write_config()
+        for stale in (Path(self.vici), self.logfile):  # from an earlier run in this directory
+            stale.unlink(missing_ok=True)
+        script = (
+            f"mount --bind {shlex.quote(str(self.dir / 'run'))} /run && exec {shlex.quote(CHARON)}"
+        )
+        self._out = open(self.dir / "stdout.log", "wb")  # noqa: SIM115 - closed in stop()
+        # ip netns exec -> env -> sh -> charon, each exec'ing the next: the pid is charon's.
+        self.proc = self.ns.popen(
+            self.role,
+            "env",
+            f"STRONGSWAN_CONF={self.dir / 'strongswan.conf'}",
+            "sh",
+            "-c",
+            script,
+            stdout=self._out,
+            stderr=subprocess.STDOUT,
+        )
+        proc = self.proc
+
+        def up() -> bool:
+            if proc.poll() is not None:
+                raise AssertionError(f"charon {self.side.name} exited: {self.logtail()}")
+            return os.path.exists(self.vici)
+
+        wait_until(up, f"charon {self.side.name}'s vici socket", timeout=15)
+        self.swanctl("--load-all", "--file", str(self.dir / "swanctl.conf"))
+
+    def swanctl(self, *args: str, timeout: float = 20) -> str:
+        """Run one swanctl command against this daemon; AssertionError if it fails."""
+        r = subprocess.run(
+            [SWANCTL, *args, "--uri", self.uri], capture_output=True, text=True, timeout=timeout
+        )
+        if r.returncode != 0:
+            raise AssertionError(
+                f"swanctl {' '.join(args)} failed ({r.returncode}): {r.stdout}{r.stderr}\n"
+                + self.logtail()
+            )
+        return r.stdout
+
+    def initiate(self) -> None:
+        self.swanctl("--initiate", "--ike", f"c{self.side.name}", "--child", "net")
+
+    def list_sas(self) -> str:
+        return self.swanctl("--list-sas")
+
+    def log(self) -> str:
+        try:
+            return self.logfile.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def logtail(self, n: int = 4000) -> str:
+        return f"--- charon {self.side.name} log (tail) ---\n" + self.log()[-n:]
+
+    def child_sa(self) -> ChildSA:
+        return parse_child_sa(self.log())
+
+    def kill(self) -> None:
+        """SIGKILL: charon sends no DELETE, so its peer keeps the SAs."""
+        if self.proc is not None:
+            stop_process(self.proc, signal.SIGKILL)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_process(self.proc, signal.SIGTERM, timeout=5)
+        if self._out is not None:
+            self._out.close()
+            self._out = None
+
+    def __enter__(self) -> Charon:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+# -- a pair of peers ---------------------------------------------------------------------
+
+VETH = {"a": "sa0", "b": "sb0"}
+
+
+def build_namespaces(ns: Namespaces) -> None:
+    """The veth between roles "a" and "b", the inner addresses on lo, IPv6 off (otherwise
+    libipsec logs policy misses for link-local traffic)."""
+    for role in ("a", "b"):
+        ns.run(role, "sh", "-c", "echo 1 > /proc/sys/net/ipv6/conf/all/disable_ipv6;"
+               " echo 1 > /proc/sys/net/ipv6/conf/default/disable_ipv6")  # fmt: skip
+    ns.veth("a", VETH["a"], f"{A.outer}/24", "b", VETH["b"], f"{B.outer}/24")
+    ns.run("a", "ip", "addr", "add", f"{A.inner}/32", "dev", "lo")
+    ns.run("b", "ip", "addr", "add", f"{B.inner}/32", "dev", "lo")
+
+
+class Capture:
+    """tcpdump on one interface of a namespace, writing a pcap file (UDP 4500 only)."""
+
+    def __init__(self, ns: Namespaces, role: str, iface: str, path: Path) -> None:
+        self.path = path
+        self._err = path.with_suffix(".tcpdump.txt")
+        self._errf = open(self._err, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = ns.popen(
+            role,
+            "tcpdump", "-i", iface, "-n", "-U", "--immediate-mode", "-s", "0", "-w", str(path),
+            "udp port 4500",
+            stdout=subprocess.DEVNULL,
+            stderr=self._errf,
+        )  # fmt: skip
+        proc = self.proc
+
+        def listening() -> bool:
+            if proc.poll() is not None:
+                raise AssertionError(f"tcpdump exited: {self._err.read_text(errors='replace')}")
+            return b"listening on" in self._err.read_bytes()
+
+        wait_until(listening, "tcpdump to listen", timeout=15)
+
+    def stop(self) -> None:
+        """Stop tcpdump (it writes what it has); stopping twice does no harm."""
+        stop_process(self.proc, signal.SIGINT)
+        if not self._errf.closed:
+            self._errf.close()
+
+
+@dataclass
+class Pair:
+    """Two charons in namespaces "a" and "b" with one CHILD_SA between them, and the capture
+    that runs from before the IKE exchanges (if one was asked for)."""
+
+    ns: Namespaces
+    a: Charon
+    b: Charon
+    capture: Capture | None = None
+
+
+def ping(ns: Namespaces, role: str, dst: str, count: int) -> int:
+    """Ping ``dst`` from a namespace; returns how many replies came back."""
+    r = ns.run(
+        role, "ping", "-n", "-c", str(count), "-i", "0.2", "-W", "2", dst, check=False, timeout=60
+    )
+    m = re.search(r"(\d+) received", r.stdout)
+    return int(m.group(1)) if m else 0
+
+
+def wait_log(charon: Charon, pattern: str, timeout: float = 10) -> None:
+    rx = re.compile(pattern)
+    wait_until(lambda: rx.search(charon.log()) is not None, f"{pattern!r} in charon's log", timeout)
+
+
+@contextlib.contextmanager
+def start_pair(
+    ns: Namespaces, workdir: Path, esp_proposal: str, capture: tuple[str, Path] | None = None
+) -> Iterator[Pair]:
+    """Build the namespaces, start both charons and initiate the CHILD_SA from A (both
+    charons stop when the ``with`` block ends). ``capture`` = (role, pcap file): tcpdump on
+    that namespace's veth from before the IKE exchanges on; the caller stops it."""
+    build_namespaces(ns)
+    with (
+        Charon(ns, "a", A, workdir, esp_proposal) as a,
+        Charon(ns, "b", B, workdir, esp_proposal) as b,
+    ):
+        a.start()
+        b.start()
+        cap = Capture(ns, capture[0], VETH[capture[0]], capture[1]) if capture else None
+        try:
+            a.initiate()
+            # the responder installs its SAs before answering, so its log already has them
+            wait_log(b, r"CHILD_SA net\{\d+\} established")
+            yield Pair(ns, a, b, cap)
+        finally:
+            if cap is not None:
+                cap.stop()
