@@ -67,23 +67,6 @@ def vworld(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[HandoverW
         yield w
 
 
-# The source gateway releases the virtual address as soon as the target has accepted the SAs
-# (handover.py, TransferService._move_virtual_address, on the source's "committed" record),
-# before the target has claimed it and before its gratuitous ARP has reached the MN. What the MN
-# sends to the address in between still goes to the source's MAC, but the source no longer has
-# the address: it neither receives those packets nor forwards them over the CXTP channel
-# (forward_ms exists for exactly these), so a gateway that does not IP-forward from its access
-# side drops them (measured: 5-6 consecutive datagrams of the 200/s stream, ~30 ms, and a
-# ping). A gateway that does IP-forward there hides the loss: its kernel routes the packets to
-# the address's new owner (ARP, then delivery).
-VIP_RELEASED_TOO_EARLY = pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="the source releases the virtual address before the target's gratuitous ARP has"
-    " moved the MN's traffic, and what still reaches it is lost instead of forwarded",
-)
-
-
 def outbound(sas: list[dict[str, Any]]) -> dict[str, Any]:
     (sa,) = [s for s in sas if s["direction"] == "out"]
     return sa
@@ -170,7 +153,7 @@ def test_direct_handover_with_ping_and_udp_stream(direct: HandoverWorld) -> None
 @pytest.mark.parametrize(
     "vworld",
     [
-        pytest.param(False, id="gateways-route-no-access-traffic", marks=VIP_RELEASED_TOO_EARLY),
+        pytest.param(False, id="gateways-route-no-access-traffic"),
         pytest.param(True, id="gateways-route-access-traffic"),
     ],
     indirect=True,

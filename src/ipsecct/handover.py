@@ -413,6 +413,7 @@ class TransferService:
         self.waiters: dict[int, asyncio.Future[Record]] = {}
         self.listeners: list[Callable[[Record], None]] = []
         self._wake = asyncio.Event()
+        self._release_timer: asyncio.TimerHandle | None = None
         self._timer: asyncio.Task[None] | None = None
         node.on_held = self._on_held
         node.on_forward = self._on_forward
@@ -449,6 +450,9 @@ class TransferService:
         )
 
     async def stop(self) -> None:
+        if self._release_timer is not None:
+            self._release_timer.cancel()
+            self._release_timer = None
         if self._failover_task is not None:
             self._failover_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -475,27 +479,67 @@ class TransferService:
                 self._finished(o.record)
         self._wake.set()
 
+    def _virtual_in_use(self) -> bool:
+        v = self.node.cfg.virtual
+        return any(
+            t.state is TunnelState.ACTIVE and t.outbound.src == v
+            for t in self.node.engine.tunnels()
+        )
+
     def _move_virtual_address(self, rec: Record) -> None:
-        """Indirect identity on a real link: the virtual address follows the SAs."""
+        """Indirect identity on a real link: the virtual address follows the SAs.
+
+        The new owner claims it (address + gratuitous ARP) as it activates; the old one lets go
+        only after ``forward_ms``, so that what neighbours still send it meanwhile is received
+        and forwarded, not lost. ``ip`` runs off the event loop."""
         cfg = self.node.cfg
         if cfg.virtual is None or cfg.virtual_interface is None:
             return
         from . import vip
 
-        uses = [
-            t
-            for t in self.node.engine.tunnels()
-            if t.state is TunnelState.ACTIVE and t.outbound.src == cfg.virtual
-        ]
-        try:
-            if rec.role in ("target", "standby") and rec.outcome in ("committed", "took over"):
-                vip.claim(cfg.virtual, cfg.virtual_interface)
-                event(log, "virtual-address-claimed", node=self.node.name, address=cfg.virtual)
-            elif rec.role == "source" and rec.outcome in ("committed", "partial") and not uses:
-                vip.release(cfg.virtual, cfg.virtual_interface)
-                event(log, "virtual-address-released", node=self.node.name, address=cfg.virtual)
-        except IpsecctError as exc:
-            event(log, "virtual-address-failed", logging.ERROR, node=self.node.name, error=str(exc))
+        loop = asyncio.get_running_loop()
+        if rec.role in ("target", "standby") and rec.outcome in ("committed", "took over"):
+            if self._release_timer is not None:
+                self._release_timer.cancel()
+                self._release_timer = None
+            self._vip_job(vip.claim, "virtual-address-claimed")
+        elif (
+            rec.role == "source"
+            and rec.outcome in ("committed", "partial")
+            and not self._virtual_in_use()
+            and self._release_timer is None
+        ):
+            self._release_timer = loop.call_later(
+                self.tcfg.settings.forward_time, self._release_virtual_address
+            )
+
+    def _release_virtual_address(self) -> None:
+        from . import vip
+
+        self._release_timer = None
+        if not self._virtual_in_use():
+            self._vip_job(vip.release, "virtual-address-released")
+
+    def _vip_job(self, fn: Callable[[IPAddress, str], None], what: str) -> None:
+        cfg = self.node.cfg
+        assert cfg.virtual is not None and cfg.virtual_interface is not None
+        address, interface = cfg.virtual, cfg.virtual_interface
+
+        def done(fut: asyncio.Future[None]) -> None:
+            exc = fut.exception()
+            if exc is None:
+                event(log, what, node=self.node.name, address=address)
+            else:
+                event(
+                    log,
+                    "virtual-address-failed",
+                    logging.ERROR,
+                    node=self.node.name,
+                    error=str(exc),
+                )
+
+        fut = asyncio.get_running_loop().run_in_executor(None, fn, address, interface)
+        fut.add_done_callback(done)
 
     def _finished(self, rec: Record) -> None:
         self._move_virtual_address(rec)
