@@ -54,7 +54,8 @@ MAX_UNIX_PATH = 100  # sun_path holds 108 octets; keep a margin
 
 def available() -> bool:
     """Root, and strongSwan's charon and swanctl installed."""
-    return os.geteuid() == 0 and os.path.exists(CHARON) and shutil.which(SWANCTL) is not None
+    tools = (shutil.which(CHARON), shutil.which(SWANCTL))
+    return os.geteuid() == 0 and None not in tools
 
 
 def skip_reason() -> str:
