@@ -87,6 +87,18 @@ class TransferConfig:
     settings: Settings
     peers: dict[str, PeerSpec]
     candidates: list[str] = field(default_factory=list)
+    balance: Balance | None = None
+
+
+@dataclass(frozen=True)
+class Balance:
+    """Load balancing by the gateway itself: above ``above`` active tunnels, move the excess
+    (at most ``batch`` a round, every ``interval`` seconds) to ``to`` in one exchange."""
+
+    above: int
+    to: str
+    batch: int = 1000
+    interval: float = 1.0
 
 
 def parse_config(cfg: NodeConfig) -> TransferConfig | None:
@@ -115,6 +127,7 @@ def parse_config(cfg: NodeConfig) -> TransferConfig | None:
         "algorithms",
         "candidates",
         "max_held",
+        "balance",
     }
     for k in t:
         if k not in allowed:
@@ -203,7 +216,23 @@ def parse_config(cfg: NodeConfig) -> TransferConfig | None:
     cands = t.get("candidates", [])
     if not isinstance(cands, list) or any(c not in peers for c in cands):
         raise err("transfer.candidates", "must list names of [[peers]]")
-    return TransferConfig(listen, file("cert"), file("key"), file("ca"), s, peers, list(cands))
+    balance = None
+    if "balance" in t:
+        b = t["balance"]
+        keys = {"above", "to", "batch", "interval_ms"}
+        if not isinstance(b, dict) or not set(b) <= keys or "above" not in b or "to" not in b:
+            raise err("transfer.balance", "must be a table with above and to (batch, interval_ms)")
+        if b["to"] not in peers:
+            raise err("transfer.balance.to", "must name one of the [[peers]]")
+        for k in ("above", "batch", "interval_ms"):
+            if k in b and (isinstance(b[k], bool) or not isinstance(b[k], int) or b[k] <= 0):
+                raise err(f"transfer.balance.{k}", "must be a positive whole number")
+        balance = Balance(
+            b["above"], b["to"], b.get("batch", 1000), b.get("interval_ms", 1000) / 1000
+        )
+    return TransferConfig(
+        listen, file("cert"), file("key"), file("ca"), s, peers, list(cands), balance
+    )
 
 
 class Channels:
@@ -424,6 +453,7 @@ class TransferService:
         self.replicator: failover.Replicator | None = None
         self.standby: failover.Standby | None = None
         self._failover_task: asyncio.Task[None] | None = None
+        self._balance_task: asyncio.Task[None] | None = None
         if self.failover is not None:
             if self.failover.role == "active":
                 self.replicator = failover.Replicator(node.engine, self.failover)
@@ -441,6 +471,8 @@ class TransferService:
         self._timer = asyncio.create_task(self._timers())
         if self.failover is not None:
             self._failover_task = asyncio.create_task(self._failover_loop())
+        if self.tcfg.balance is not None:
+            self._balance_task = asyncio.create_task(self._balance_loop(self.tcfg.balance))
         event(
             log,
             "transfer-listening",
@@ -453,6 +485,10 @@ class TransferService:
         if self._release_timer is not None:
             self._release_timer.cancel()
             self._release_timer = None
+        if self._balance_task is not None:
+            self._balance_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._balance_task
         if self._failover_task is not None:
             self._failover_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -607,6 +643,30 @@ class TransferService:
                     await self._wake.wait()
             self.run(self.core.tick(self.node.clock()))
             self._wake.clear()
+
+    # -- load balancing by the gateway itself -----------------------------------------
+    async def _balance_loop(self, b: Balance) -> None:
+        while True:
+            await asyncio.sleep(b.interval)
+            active = [t for t in self.node.engine.tunnels() if t.state is TunnelState.ACTIVE]
+            excess = min(len(active) - b.above, b.batch)
+            if excess <= 0 or self.core.in_progress():
+                continue
+            event(
+                log,
+                "rebalance-start",
+                node=self.node.name,
+                to=b.to,
+                tunnels=excess,
+                active=len(active),
+                above=b.above,
+            )
+            try:
+                await self.transfer(
+                    [t.outbound.spi for t in active[:excess]], b.to, timeout=max(5.0, excess * 0.01)
+                )
+            except IpsecctError as exc:
+                event(log, "rebalance-failed", logging.WARNING, node=self.node.name, error=str(exc))
 
     # -- fail-over ---------------------------------------------------------------------
     async def _failover_loop(self) -> None:

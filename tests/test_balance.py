@@ -1,0 +1,66 @@
+"""Load balancing started by the gateway itself ([transfer] balance): above a threshold of
+active tunnels, the excess moves to a peer in one batched exchange."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from ipsecct import demo, demo_handover
+from ipsecct.bench.transfer import make_tunnel
+from ipsecct.config import ConfigError
+from ipsecct.engine import TunnelState
+from ipsecct.handover import parse_config
+
+
+def active(world: demo.Demo, name: str) -> int:
+    eng = world.gateways[name].node.engine
+    return sum(1 for t in eng.tunnels() if t.state is TunnelState.ACTIVE)
+
+
+def test_gateway_moves_its_excess_tunnels(tmp_path: Path) -> None:
+    async def main() -> tuple[int, int, int]:
+        world = await demo.build(tmp_path)
+        try:
+            world.gateways["sg1"].node.cfg.extra["transfer"]["balance"] = {
+                "above": 20, "to": "sg2", "batch": 50, "interval_ms": 100,
+            }
+            await demo_handover.setup(world, "direct")
+            eng = world.gateways["sg1"].node.engine
+            for i in range(100):  # 1 demo tunnel + 100 more: 81 too many, two rounds of 50
+                make_tunnel(eng, i, demo.ADDRESS["sg1"], demo.ADDRESS["mn"])
+            before = active(world, "sg1")
+            for _ in range(100):
+                await asyncio.sleep(0.1)
+                if active(world, "sg1") <= 20:
+                    break
+            return before, active(world, "sg1"), active(world, "sg2")
+        finally:
+            await demo.stop(world)
+
+    before, sg1, sg2 = asyncio.run(main())
+    assert before == 101
+    assert sg1 == 20  # the threshold, no fewer: balancing moves only the excess
+    assert sg2 == 81  # and nothing is lost or duplicated
+
+
+def test_balance_configuration_errors(tmp_path: Path) -> None:
+    async def main() -> None:
+        world = await demo.build(tmp_path)
+        try:
+            cfg = world.gateways["sg1"].node.cfg
+            for bad, key in (
+                ({"above": 0, "to": "sg2"}, "balance.above"),
+                ({"above": 5, "to": "nobody"}, "balance.to"),
+                ({"above": 5}, "balance"),
+                ({"above": 5, "to": "sg2", "speed": 1}, "balance"),
+            ):
+                cfg.extra["transfer"]["balance"] = bad
+                with pytest.raises(ConfigError, match=key):
+                    parse_config(cfg)
+        finally:
+            await demo.stop(world)
+
+    asyncio.run(main())
