@@ -301,6 +301,7 @@ _TUNNEL_KEYS = {
     "keys",
     "keys_env",
     "soft_lifetime",
+    "seq_out",
     "hard_lifetime",
     "df",
     "copy_dscp",
@@ -336,6 +337,11 @@ def _tunnel(d: Any, i: int, ctx: _Ctx, outer: Endpoint, raw_esp: bool) -> Tunnel
     except IpsecctError as exc:
         raise ctx.err(where + "integ", str(exc)) from None
     esn = ctx.get(d, "esn", where, bool, False)
+    # The last sequence number already sent on the outbound SA: for taking over an SA that
+    # another implementation was using (its peer's replay window has moved that far).
+    seq_out = ctx.get(d, "seq_out", where, int, 0)
+    if not 0 <= seq_out <= ((1 << 64) - 1 if esn else 0xFFFFFFFF):
+        raise ctx.err(where + "seq_out", "must be 0 .. the last number of the sequence space")
     window = ctx.get(d, "replay_window", where, int, 64)
     mtu = ctx.get(d, "path_mtu", where, int, 1500)
     spi_in = ctx.get(d, "spi_in", where, int)
@@ -388,6 +394,7 @@ def _tunnel(d: Any, i: int, ctx: _Ctx, outer: Endpoint, raw_esp: bool) -> Tunnel
             enc_key=keys.get("out_enc", b""),
             integ_key=keys.get("out_integ", b""),
             selectors=sel,
+            seq=seq_out,
             **common,
         )
         inn = SecurityAssociation(
