@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from .engine import Engine
 from .errors import IpsecctError, SAError
-from .sad import Direction, Protocol, SecurityAssociation, UdpEncap
+from .sad import Direction, SecurityAssociation, UdpEncap
 from .spd import IPAddress
 
 T_SG_UPDATE = 1
@@ -137,6 +137,3 @@ def apply(engine: Engine, via: SecurityAssociation, items: list[SignalItem]) -> 
     if new_spi is not None:
         changes.append(f"outbound SPI now 0x{new_spi:08x}")
     return changes
-
-
-__all__ = ["Protocol", "SgUpdate", "SignalError", "SpiReassign", "apply", "decode", "encode"]

@@ -41,10 +41,10 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from . import context, cxtp, signalling
-from .algorithms import ENC, EncAlg, IntegAlg
+from .algorithms import EncAlg, IntegAlg
 from .engine import Engine, Held, Tunnel, TunnelState
 from .errors import ContextError, IpsecctError, SAError
-from .sad import Direction, Protocol, SecurityAssociation, UdpEncap
+from .sad import Direction, SecurityAssociation, UdpEncap
 from .spd import Action, IPAddress, SPDEntry
 
 FPT_DECISION = 0x8005  # COMMIT (1) or ABORT (2) of a transfer
@@ -885,14 +885,3 @@ def _status_name(status: int) -> str:
         return cxtp.Status(status).name.lower().replace("_", " ")
     except ValueError:
         return f"status {status}"
-
-
-__all__ = [
-    "ENC",
-    "ConflictPolicy",
-    "Identity",
-    "Protocol",
-    "Settings",
-    "TransferCore",
-    "TransferError",
-]
