@@ -25,7 +25,10 @@ def test_gateway_moves_its_excess_tunnels(tmp_path: Path) -> None:
         world = await demo.build(tmp_path)
         try:
             world.gateways["sg1"].node.cfg.extra["transfer"]["balance"] = {
-                "above": 20, "to": "sg2", "batch": 50, "interval_ms": 100,
+                "above": 20,
+                "to": "sg2",
+                "batch": 50,
+                "interval_ms": 100,
             }
             await demo_handover.setup(world, "direct")
             eng = world.gateways["sg1"].node.engine
@@ -64,3 +67,43 @@ def test_balance_configuration_errors(tmp_path: Path) -> None:
             await demo.stop(world)
 
     asyncio.run(main())
+
+
+def test_a_context_too_large_to_encode_leaves_the_tunnel_active() -> None:
+    """A 65536-packet replay window does not fit a CDB (2040 octets): the transfer must be
+    refused up front, and the tunnel must go on carrying traffic (not stay held)."""
+    import ipaddress
+    import os
+
+    from ipsecct.engine import Engine
+    from ipsecct.sad import Direction, SecurityAssociation
+    from ipsecct.spd import Action, Selectors, SPDEntry
+    from ipsecct.transfer import Endpoint, TransferCore, TransferError
+
+    a = ipaddress.ip_address
+    sel = Selectors.between("10.2.0.0/24", "10.1.0.2")
+    eng = Engine()
+    out = SecurityAssociation(
+        0x1001,
+        Direction.OUTBOUND,
+        a("192.0.2.1"),
+        a("192.0.2.2"),
+        enc_key=os.urandom(20),
+        selectors=sel,
+    )
+    inn = SecurityAssociation(
+        0x1002,
+        Direction.INBOUND,
+        a("192.0.2.2"),
+        a("192.0.2.1"),
+        enc_key=os.urandom(20),
+        selectors=sel,
+        replay_window=65536,
+    )
+    inn.window.update(1)  # a packet received: the 8 KiB bitmap must travel
+    t = eng.add_tunnel(SPDEntry(sel, Action.PROTECT, static=False), out, inn)
+    core = TransferCore(eng, Endpoint(a("192.0.2.1"), 4500))
+    with pytest.raises(TransferError, match="cannot encode"):
+        core.start([t], "sg2", 0.0)
+    assert t.state is TunnelState.ACTIVE
+    assert not core.outgoing

@@ -296,8 +296,14 @@ class TransferCore:
             rec,
             list(candidates),
         )
+        try:
+            out = self._send_contexts(og, now, reactive=reply_to is not None)
+        except (ContextError, cxtp.CxtpError) as exc:
+            # Nothing was sent: the tunnels stay here, active, as if nothing had happened.
+            for t in tunnels:
+                t.state = TunnelState.ACTIVE
+            raise TransferError(f"cannot encode the contexts: {exc}") from None
         self.outgoing[tid] = og
-        out = self._send_contexts(og, now, reactive=reply_to is not None)
         # CT_MAX_TRANSFER_TIME bounds one exchange; a batched (bulk) transfer gets it once per
         # message it takes, so thousands of tunnels are not cut off by a per-message budget.
         og.deadline = now + self.settings.max_transfer_time * max(1, len(out))
