@@ -139,6 +139,7 @@ class Replicator:
         self.last_sent = -1e9
         self.messages = 0
         self.contexts = 0
+        self.unreplicable = 0  # tunnels whose contexts cannot be encoded (counted, skipped)
 
     def _counter(self, t: Tunnel) -> int:
         return sum(sa.counters.packets for sa in t.sas())
@@ -171,9 +172,12 @@ class Replicator:
             return []
         cdbs: list[bytes] = []
         for t in due:
-            cdbs.append(context.encode(t.outbound, now))
-            if t.inbound is not None:
-                cdbs.append(context.encode(t.inbound, now))
+            try:
+                pair = [context.encode(sa, now) for sa in t.sas()]
+            except ContextError:
+                self.unreplicable += 1  # e.g. a replay window too large for a CDB
+                continue
+            cdbs.extend(pair)
             self.synced[id(t)] = _Synced(self._counter(t), None)
             self.spi_of[id(t)] = t.outbound.spi
         self.contexts += len(cdbs)

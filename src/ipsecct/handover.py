@@ -702,6 +702,7 @@ class TransferService:
                 "peer": self.failover.peer,
                 "messages": self.replicator.messages,
                 "contexts": self.replicator.contexts,
+                "unreplicable": self.replicator.unreplicable,
             }
         if self.standby is not None:
             now = self.node.clock()
