@@ -9,6 +9,7 @@ environment variable holding the same text (``keys_env = "NAME"``). See ``exampl
 from __future__ import annotations
 
 import ipaddress
+import logging
 import os
 import tomllib
 from dataclasses import dataclass, field
@@ -235,6 +236,14 @@ def load_keys(source: str, *, from_env: bool, ctx: _Ctx, where: str) -> dict[str
         except OSError as exc:
             raise ctx.err(where + "keys", f"cannot read key file {p}: {exc.strerror}") from None
         label = str(p)
+        try:
+            if p.stat().st_mode & 0o077:
+                logging.getLogger("ipsecct.config").warning(
+                    "event=key-file-readable-by-others file=%s mode=%o (chmod 600 it)",
+                    p, p.stat().st_mode & 0o777,
+                )
+        except OSError:
+            pass
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
