@@ -1,0 +1,988 @@
+"""Fail-over (issue 4): the active gateway replicates its tunnels to a standby, dies, and the
+standby takes over with every outbound sequence number advanced by ``seq_margin``.
+
+Four levels, each with real parts:
+
+1. sans-I/O: :class:`~ipsecct.failover.Replicator` and :class:`~ipsecct.failover.Standby`
+   with the test owning ``now``; messages go through the CXTP wire form; ESP between real
+   engines (the world of ``tests/transfer_helpers.py``). A hypothesis property kills the active
+   at a random point of a random stream and checks that no sequence number is ever reused.
+2. configuration errors of ``[failover]``.
+3. in one process: the demo's topology (real UDP sockets, TLS 1.3 between the gateways), the
+   active stopped mid-stream.
+4. ``ipsecct demo --failover --json``, and ``examples/failover`` as real processes with the
+   active gateway killed with SIGKILL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import weakref
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ipsecct import context, cxtp, demo, demo_handover, failover, signalling
+from ipsecct.engine import Engine, ToPeer, Tunnel
+from ipsecct.errors import ConfigError
+from ipsecct.esp import Drop
+from ipsecct.ippacket import build_udp, udp_payload
+from ipsecct.ippacket import parse as parse_ip
+from ipsecct.sad import Direction
+from ipsecct.spd import Action, SPDEntry
+from ipsecct.transfer import FPT_SYNC, Endpoint, Identity, Record
+from tests.test_transfer_processes import cli, free_port
+from tests.transfer_helpers import (
+    PORT,
+    SG_ADDR,
+    World,
+    esp_seq,
+    ip,
+    tunnel_sas,
+    udp_packet,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# -- sans-I/O helpers ------------------------------------------------------------------------
+
+
+def cfg(role: str = "active", **kw: Any) -> failover.FailoverConfig:
+    base: dict[str, Any] = {
+        "sync_packets": 16,
+        "sync_ms": 100.0,
+        "heartbeat_ms": 50.0,
+        "dead_ms": 300.0,
+        "seq_margin": 1000,
+        "tick_ms": 10.0,
+    }
+    base.update(kw)
+    return failover.FailoverConfig(role, "sg2" if role == "active" else "sg1", **base)
+
+
+def add_tunnel(engine: Engine, i: int, **kw: Any) -> Tunnel:
+    (o, n, s), _ = tunnel_sas(
+        "sg1",
+        spi_up=0x1000 + i,
+        spi_down=0x2000 + i,
+        mn_inner=f"10.1.{i // 250}.{i % 250 + 1}",
+        name=f"t{i}",
+        **kw,
+    )
+    return engine.add_tunnel(SPDEntry(s, Action.PROTECT, name=f"t{i}", static=False), o, n)
+
+
+def wire(msgs: list[cxtp.Message]) -> list[cxtp.CTD]:
+    """Through the wire form, as the TLS channel carries them."""
+    out = []
+    for m in msgs:
+        d = cxtp.decode(cxtp.encode(m))
+        assert isinstance(d, cxtp.CTD)
+        out.append(d)
+    return out
+
+
+def contexts(msgs: list[cxtp.CTD]) -> list[tuple[int, bool]]:
+    """(SPI, inbound?) of every feature context in the messages, in order."""
+    return [
+        failover._peek(c)
+        for m in msgs
+        for c in m.cdbs[1:]
+        if cxtp.cdb_fpt(c) == context.FPT_IPSEC_SA
+    ]
+
+
+def removed(msgs: list[cxtp.CTD]) -> list[int]:
+    return [
+        spi
+        for m in msgs
+        for c in m.cdbs[1:]
+        if cxtp.cdb_fpt(c) == FPT_SYNC
+        for spi in failover.parse_sync(c)
+    ]
+
+
+def send_down(engine: Engine, n: int, now: float) -> list[int]:
+    """n packets host -> MN through ``engine``; their ESP sequence numbers."""
+    seqs = []
+    for i in range(n):
+        res = engine.outbound(udp_packet(i, up=False), now)
+        assert isinstance(res, ToPeer), res
+        seqs.append(esp_seq(res.data)[1])
+    return seqs
+
+
+def standby(engine: Engine, identity: Identity = Identity.DIRECT, **kw: Any) -> failover.Standby:
+    return failover.Standby(
+        engine, cfg("standby", **kw), Endpoint(ip(SG_ADDR["sg2"]), 4600), identity
+    )
+
+
+# -- 1. sans-I/O: Replicator ----------------------------------------------------------------
+
+
+def test_replicator_sends_a_new_tunnel_at_once_with_its_exact_state() -> None:
+    eng = Engine(ip(SG_ADDR["sg1"]))
+    t = add_tunnel(eng, 1)
+    send_down(eng, 5, 0.0)
+    rep = failover.Replicator(eng, cfg(), session=42)
+    msgs = wire(rep.poll(0.0))
+    assert len(msgs) == 1
+    tag = cxtp.transfer_tag(msgs[0])
+    assert tag is not None and tag.transfer_id == 42
+    assert cxtp.cdb_fpt(msgs[0].cdbs[1]) == FPT_SYNC
+    assert contexts(msgs) == [(0x2001, False), (0x1001, True)]
+    out = context.decode(msgs[0].cdbs[2], 0.0)
+    assert out.seq == t.outbound.seq == 5 and out.enc_key == t.outbound.enc_key
+    assert rep.contexts == 2 and rep.messages == 1
+    # Nothing changed, no heartbeat due yet: nothing to send.
+    assert rep.poll(0.01) == []
+    # A tunnel added later is sent on the next poll, alone.
+    add_tunnel(eng, 2)
+    assert contexts(wire(rep.poll(0.02))) == [(0x2002, False), (0x1002, True)]
+
+
+def test_replicator_syncs_after_sync_packets() -> None:
+    eng = Engine(ip(SG_ADDR["sg1"]))
+    t = add_tunnel(eng, 1)
+    c = cfg(sync_packets=16, sync_ms=10_000.0, heartbeat_ms=10_000.0, dead_ms=20_000.0)
+    rep = failover.Replicator(eng, c, session=1)
+    rep.poll(0.0)
+    now = 0.0
+    for _ in range(15):  # 15 packets, one per tick: below the threshold
+        now += 0.01
+        send_down(eng, 1, now)
+        assert rep.poll(now) == [], t.outbound.seq
+    now += 0.01
+    send_down(eng, 1, now)
+    msgs = wire(rep.poll(now))
+    assert contexts(msgs) == [(0x2001, False), (0x1001, True)]
+    assert context.decode(msgs[0].cdbs[2], now).seq == 16
+    assert rep.poll(now + 0.01) == []
+
+
+def test_replicator_syncs_sync_ms_after_a_change() -> None:
+    eng = Engine(ip(SG_ADDR["sg1"]))
+    add_tunnel(eng, 1)
+    # Times exact in binary floating point: the rule compares milliseconds with >=.
+    c = cfg(sync_packets=1000, sync_ms=125.0, heartbeat_ms=10_000.0, dead_ms=20_000.0)
+    rep = failover.Replicator(eng, c, session=1)
+    rep.poll(0.0)
+    assert rep.poll(5.0) == []  # idle: nothing changed
+    send_down(eng, 3, 5.0)
+    assert rep.poll(5.0) == []  # the change is noticed ...
+    assert rep.poll(5.0625) == []
+    send_down(eng, 1, 5.0625)  # more traffic does not push the deadline back
+    assert rep.poll(5.12) == []
+    msgs = wire(rep.poll(5.125))  # ... and sent sync_ms after it was noticed
+    assert contexts(msgs)[0] == (0x2001, False)
+    assert context.decode(msgs[0].cdbs[2], 5.125).seq == 4
+    assert rep.poll(5.5) == []
+
+
+def test_replicator_heartbeats_every_heartbeat_ms_when_idle() -> None:
+    eng = Engine(ip(SG_ADDR["sg1"]))
+    add_tunnel(eng, 1)
+    # Ticks of 1/128 s and a heartbeat of 8 ticks: exact in binary floating point.
+    rep = failover.Replicator(eng, cfg(heartbeat_ms=62.5), session=1)
+    sent_at = []
+    for k in range(129):  # one second
+        now = k / 128
+        msgs = wire(rep.poll(now))
+        if msgs:
+            sent_at.append(now)
+            if k > 0:
+                assert contexts(msgs) == [] and removed(msgs) == []  # an empty heartbeat
+                assert len(msgs[0].cdbs) == 2
+    gaps = [b - a for a, b in itertools.pairwise(sent_at)]
+    assert len(sent_at) == 17 and set(gaps) == {0.0625}, sent_at
+    # Sequence numbers of the TRANSFER tags are consecutive (the standby may check them).
+    assert rep.seq == rep.messages == 17
+
+
+def test_replicator_reports_a_removed_tunnel() -> None:
+    eng = Engine(ip(SG_ADDR["sg1"]))
+    t1 = add_tunnel(eng, 1)
+    add_tunnel(eng, 2)
+    rep = failover.Replicator(eng, cfg(), session=1)
+    rep.poll(0.0)
+    eng.remove_tunnel(t1)
+    msgs = wire(rep.poll(0.01))
+    assert removed(msgs) == [0x2001] and contexts(msgs) == []
+    assert removed(wire(rep.poll(1.0))) == []  # said once
+
+
+def test_replicator_removal_and_addition_between_two_polls() -> None:
+    eng = Engine(ip(SG_ADDR["sg1"]))
+    rep = failover.Replicator(eng, cfg(), session=1)
+    add_tunnel(eng, 0)
+    rep.poll(0.0)
+    gone = []  # kept alive, so that no id() is reused (that hazard: the xfail test below)
+    for i in range(1, 20):
+        gone.append(eng.tunnels()[0])
+        eng.remove_tunnel(gone[-1])
+        add_tunnel(eng, i)
+        msgs = wire(rep.poll(i * 1.0))
+        assert removed(msgs) == [0x2000 + i - 1]
+        assert contexts(msgs) == [(0x2000 + i, False), (0x1000 + i, True)]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: Replicator keys its state by id(tunnel) without keeping the tunnel alive; "
+    "when a removed tunnel's id() is handed to a new one (seen in about half of the runs of "
+    "50 remove/add/gc cycles), the removal is never reported and the new tunnel is taken for "
+    "the old one: not sent until its counters move, so an idle one is lost at take-over. "
+    "Fix: key by the Tunnel object (eq=False, so hashed by identity): "
+    "synced: dict[Tunnel, _Synced], spi_of: dict[Tunnel, int].",
+)
+def test_replicator_tracked_tunnel_identity_is_not_reusable_before_reported() -> None:
+    """Deterministic form of the id() reuse hazard: until its removal has been reported, a
+    tunnel the Replicator tracks must stay alive (so that no new tunnel can take its id())."""
+    eng = Engine(ip(SG_ADDR["sg1"]))
+    rep = failover.Replicator(eng, cfg(), session=1)
+    t = add_tunnel(eng, 0)
+    rep.poll(0.0)
+    ref = weakref.ref(t)
+    eng.remove_tunnel(t)
+    del t
+    assert ref() is not None
+    assert removed(wire(rep.poll(1.0))) == [0x2000]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: a sync larger than one CXTP message (about 370 tunnels) is split by "
+    "batch_cdbs and only the first message starts with the SYNC CDB; TransferService routes "
+    "CTDs to the standby only when cdbs[1] is SYNC, so the rest go to TransferCore and are "
+    "never replicated. Fix: Replicator.poll puts a SYNC CDB at the head of every message.",
+)
+def test_every_replication_message_is_recognisable_as_a_sync() -> None:
+    eng = Engine(ip(SG_ADDR["sg1"]))
+    for i in range(600):
+        add_tunnel(eng, i)
+    msgs = wire(failover.Replicator(eng, cfg(), session=1).poll(0.0))
+    assert len(contexts(msgs)) == 1200
+    # handover.TransferService._on_message's test for "this CTD is a sync":
+    assert all(len(m.cdbs) >= 2 and cxtp.cdb_fpt(m.cdbs[1]) == FPT_SYNC for m in msgs)
+
+
+# -- 1. sans-I/O: Standby -----------------------------------------------------------------
+
+
+def test_standby_keeps_the_latest_pair_per_outbound_spi_and_applies_removals() -> None:
+    act = Engine(ip(SG_ADDR["sg1"]))
+    t1, t2 = add_tunnel(act, 1), add_tunnel(act, 2)
+    rep = failover.Replicator(act, cfg(sync_packets=4), session=9)
+    sb = standby(Engine(ip(SG_ADDR["sg2"])))
+    for m in wire(rep.poll(0.0)):
+        sb.receive(m, 0.0)
+    assert set(sb.replica) == {0x2001, 0x2002}
+    assert sb.seen_session == 9 and sb.last_heard == 0.0
+    first_t2 = sb.replica[0x2002]
+    send_down(act, 4, 0.01)
+    for m in wire(rep.poll(0.01)):
+        sb.receive(m, 0.01)
+    assert len(sb.replica[0x2001]) == 2
+    assert context.decode(sb.replica[0x2001][0], 0.01).seq == t1.outbound.seq == 4
+    assert context.decode(sb.replica[0x2001][1], 0.01).direction is Direction.INBOUND
+    assert sb.replica[0x2002] == first_t2  # untouched
+    act.remove_tunnel(t2)
+    for m in wire(rep.poll(0.02)):
+        sb.receive(m, 0.02)
+    assert set(sb.replica) == {0x2001}
+    assert sb.last_heard == 0.02
+
+
+def test_standby_refuses_what_is_not_a_sync() -> None:
+    sb = standby(Engine(ip(SG_ADDR["sg2"])))
+    with pytest.raises(cxtp.CxtpError):
+        sb.receive(cxtp.CTD(ip("0.0.0.0"), 0), 0.0)  # no TRANSFER tag
+    eng = Engine(ip(SG_ADDR["sg1"]))
+    t = add_tunnel(eng, 1)
+    tag = wire(failover.Replicator(eng, cfg(), session=1).poll(0.0))[0].cdbs[0]
+    inbound_first = cxtp.CTD(
+        ip("0.0.0.0"),
+        0,
+        (tag, failover.sync_cdb([], 0), context.encode(t.inbound, 0.0)),  # type: ignore[arg-type]
+    )
+    with pytest.raises(cxtp.CxtpError):
+        sb.receive(inbound_first, 0.0)
+    assert sb.replica == {}
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.binary(max_size=64))
+def test_parse_sync_fuzz(data: bytes) -> None:
+    """parse_sync reads bytes from the network: a CxtpError or a list of SPIs, nothing else."""
+    cdb = failover.sync_cdb([], 0)[:4] + data
+    try:
+        spis = failover.parse_sync(cdb)
+    except cxtp.CxtpError:
+        return
+    assert all(0 <= s <= 0xFFFFFFFF for s in spis)
+
+
+def test_standby_dead_after_dead_ms_of_silence_only() -> None:
+    sb = standby(Engine(ip(SG_ADDR["sg2"])), dead_ms=300.0)
+    assert not sb.dead(1e6)  # never heard from the active: nothing to take over
+    eng = Engine(ip(SG_ADDR["sg1"]))
+    add_tunnel(eng, 1)
+    rep = failover.Replicator(eng, cfg(), session=1)
+    for m in wire(rep.poll(10.0)):
+        sb.receive(m, 10.0)
+    assert not sb.dead(10.0)
+    assert not sb.dead(10.299)
+    for m in wire(rep.poll(10.25)):  # a heartbeat resets the clock
+        sb.receive(m, 10.25)
+    assert not sb.dead(10.3)
+    assert not sb.dead(10.549)
+    assert sb.dead(10.55)
+    sb.take_over(10.55)
+    assert not sb.dead(100.0)  # once
+
+
+def replicate(active: Engine, sb: failover.Standby, now: float) -> None:
+    rep = failover.Replicator(active, cfg(), session=5)
+    for m in wire(rep.poll(now)):
+        sb.receive(m, now)
+
+
+@pytest.mark.parametrize("identity", [Identity.DIRECT, Identity.INDIRECT])
+def test_take_over_installs_tunnels_with_seq_advanced(identity: Identity) -> None:
+    act = Engine(ip(SG_ADDR["sg1"]))
+    t = add_tunnel(act, 1)
+    send_down(act, 7, 0.0)
+    # The active accepted some packets from the MN: its window is replicated as it is.
+    world_in = t.inbound
+    assert world_in is not None
+    snap_in = world_in.window.snapshot()
+    sb_eng = Engine(ip(SG_ADDR["sg2"]))
+    sb = standby(sb_eng, identity, seq_margin=1000)
+    replicate(act, sb, 1.0)
+    assert sb.dead(1.5)
+    tunnels, signals, rec = sb.take_over(1.5)
+    assert [x.outbound.spi for x in sb_eng.tunnels()] == [0x2001] and len(tunnels) == 1
+    out, inn = tunnels[0].outbound, tunnels[0].inbound
+    assert inn is not None
+    assert out.seq == 7 + 1000
+    assert inn.window.snapshot() == snap_in
+    assert out.enc_key == t.outbound.enc_key
+    assert isinstance(rec, Record)
+    assert rec.role == "standby" and rec.outcome == "took over" and rec.mode == "failover"
+    assert rec.tunnels == rec.accepted == 1 and rec.peer == "sg1" and rec.transfer_id == 5
+    assert sorted(rec.spis) == [0x1001, 0x2001]
+    assert sb.replica == {}
+    if identity is Identity.DIRECT:
+        assert out.src == ip(SG_ADDR["sg2"]) and inn.dst == ip(SG_ADDR["sg2"])
+        assert out.encap is not None and out.encap.sport == 4600
+        assert out.encap.dport == t.outbound.encap.dport  # type: ignore[union-attr]
+        assert out.dst == t.outbound.dst
+        assert len(signals) == 1 and signals[0][0] is out
+        (item,) = signalling.decode(signals[0][1])
+        assert item == signalling.SgUpdate(ip(SG_ADDR["sg2"]), 4600)
+        # The new gateway's inbound SA is found at its own address.
+        assert sb_eng.sad.lookup(ip(SG_ADDR["sg2"]), inn.protocol, 0x1001) is inn
+    else:
+        assert out.src == t.outbound.src and inn.dst == world_in.dst
+        assert out.encap == t.outbound.encap
+        assert signals == []
+
+
+def test_take_over_caps_seq_at_the_limit() -> None:
+    act = Engine(ip(SG_ADDR["sg1"]))
+    t = add_tunnel(act, 1, esn=False)
+    t.outbound.seq = 2**32 - 10
+    sb_eng = Engine(ip(SG_ADDR["sg2"]))
+    sb = standby(sb_eng, seq_margin=1000)
+    replicate(act, sb, 0.0)
+    (nt,), _signals, _rec = sb.take_over(1.0)
+    assert nt.outbound.seq == nt.outbound.seq_limit == 2**32 - 1
+    # Exhausted: it refuses to send rather than wrap (and reuse a nonce).
+    res = sb_eng.outbound(udp_packet(1, up=False), 1.0)
+    assert isinstance(res, Drop)
+
+
+def test_take_over_skips_unusable_contexts() -> None:
+    act = Engine(ip(SG_ADDR["sg1"]))
+    add_tunnel(act, 1)
+    add_tunnel(act, 2)
+    sb_eng = Engine(ip(SG_ADDR["sg2"]))
+    sb = standby(sb_eng)
+    replicate(act, sb, 0.0)
+    good = sb.replica[0x2002][0]
+    sb.replica[0x2001] = [good[:-8] + bytes(8)]  # corrupt: fails to decode
+    tunnels, signals, rec = sb.take_over(1.0)
+    assert [t.outbound.spi for t in tunnels] == [0x2002] and len(signals) == 1
+    assert rec.tunnels == 2 and rec.accepted == 1 and "1 context" in rec.detail
+
+
+# -- 1. the property: no sequence number is ever sent twice ---------------------------------
+
+TICK = 0.01
+P_SYNC_PACKETS, P_MARGIN, P_MAX_DOWN = 16, 64, 20
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    steps=st.lists(
+        st.tuples(st.integers(0, P_MAX_DOWN), st.integers(0, 3)), min_size=1, max_size=25
+    ),
+    tail=st.integers(0, P_MAX_DOWN),
+    lose_last=st.booleans(),
+)
+def test_property_standby_never_reuses_a_sequence_number(
+    steps: list[tuple[int, int]], tail: int, lose_last: bool
+) -> None:
+    """Random traffic on the active (``down`` packets to the MN and ``up`` from it per tick),
+    the Replicator polled every ``tick_ms`` (the cadence its rule assumes), messages delivered
+    one tick later; the active dies at a random point (possibly with a sync in flight, lost,
+    and with ``tail`` packets sent after its last poll). The standby takes over: every
+    sequence number it sends is above every one the active sent, and the MN drops nothing as a
+    replay and follows it to the new address."""
+    world = World(window=128)
+    sg1, sg2 = world.gw["sg1"], world.gw["sg2"]
+    c = cfg(
+        sync_packets=P_SYNC_PACKETS,
+        sync_ms=50.0,
+        heartbeat_ms=30.0,
+        dead_ms=100.0,
+        seq_margin=P_MARGIN,
+        tick_ms=TICK * 1000,
+    )
+    rep = failover.Replicator(sg1.engine, c, session=3)
+    sb = failover.Standby(
+        sg2.engine,
+        cfg("standby", seq_margin=P_MARGIN, dead_ms=100.0, heartbeat_ms=30.0),
+        Endpoint(sg2.address, PORT),
+        Identity.DIRECT,
+    )
+    for m in wire(rep.poll(world.now)):  # the tunnel is new: replicated before any traffic
+        sb.receive(m, world.now)
+    in_flight: list[cxtp.CTD] = []
+    seq = 0
+    for down, up in steps:
+        for _ in range(down):
+            seq += 1
+            world.host_send("sg1", seq)
+        for _ in range(up):
+            seq += 1
+            world.mn_send(seq)
+        world.flush_to_mn()
+        world.now += TICK
+        for m in in_flight:
+            sb.receive(m, world.now)
+        in_flight = wire(rep.poll(world.now))
+    if not lose_last:
+        for m in in_flight:
+            sb.receive(m, world.now)
+    for _ in range(tail):
+        seq += 1
+        world.host_send("sg1", seq)
+    world.flush_to_mn()
+    active_sent = [s for _spi, s in sg1.wire]
+    active_last = sg1.engine.tunnels()[0].outbound.seq
+    assert active_sent == list(range(1, active_last + 1))
+    # The rule's bound on what the standby has not seen (the documented guarantee needs it
+    # below seq_margin): sync_packets - 1, plus a tick's worth if the last sync was lost,
+    # plus what was sent after the last poll.
+    replicated = context.decode(sb.replica[0x2002][0], world.now).seq
+    unsynced = active_last - replicated
+    assert unsynced <= P_SYNC_PACKETS - 1 + (P_MAX_DOWN if lose_last else 0) + tail
+    assert unsynced < P_MARGIN
+
+    world.now += 0.1
+    assert sb.dead(world.now)
+    tunnels, signals, _rec = sb.take_over(world.now)
+    assert len(tunnels) == 1
+    for sa, payload in signals:
+        sg2.act(sg2.engine.signal(sa, payload, world.now))
+    for _ in range(5):
+        seq += 1
+        world.host_send("sg2", seq)
+    results = world.flush_to_mn()
+    standby_sent = [s for _spi, s in sg2.wire]
+    assert len(standby_sent) == 6
+    assert min(standby_sent) == replicated + P_MARGIN + 1
+    assert min(standby_sent) > max(active_sent, default=0)
+    assert not [d for d in world.mn.dropped if d is Drop.REPLAY]
+    assert all(not isinstance(r, Drop) for r in results), results
+    assert world.mn.applied and world.mn.out_sa.dst == sg2.address
+    # And the MN's traffic reaches the standby, accepted by the replicated inbound window.
+    before = len(sg2.delivered)
+    for _ in range(3):
+        seq += 1
+        world.mn_send(seq)
+    assert len(sg2.delivered) == before + 3 and sg2.dropped == []
+
+
+# -- 2. configuration ---------------------------------------------------------------------
+
+
+def parse_fo(f: dict[str, Any]) -> failover.FailoverConfig | None:
+    return failover.parse_config({"failover": f}, "/etc/sg1.toml", {"sg2", "sg3"})
+
+
+def test_config_defaults_and_values() -> None:
+    assert failover.parse_config({}, "x.toml", {"sg2"}) is None
+    c = parse_fo({"role": "active", "peer": "sg2"})
+    assert c is not None
+    assert (c.sync_packets, c.sync_ms, c.heartbeat_ms, c.dead_ms, c.seq_margin) == (
+        1024,
+        100.0,
+        100.0,
+        500.0,
+        16384,
+    )
+    assert c.dead_ms <= 1000  # issue 4: detection time <= 1 s by default
+    c = parse_fo(
+        {
+            "role": "standby",
+            "peer": "sg3",
+            "dead_ms": 250,
+            "heartbeat_ms": 50,
+            "seq_margin": 4096,
+            "sync_packets": 64,
+        }
+    )
+    assert c is not None and c.role == "standby" and c.peer == "sg3"
+    assert (c.dead_ms, c.heartbeat_ms, c.seq_margin, c.sync_packets) == (250.0, 50.0, 4096, 64)
+    assert isinstance(c.seq_margin, int) and isinstance(c.dead_ms, float)
+
+
+@pytest.mark.parametrize(
+    ("table", "key"),
+    [
+        ({"role": "primary", "peer": "sg2"}, "role"),
+        ({"peer": "sg2"}, "role"),
+        ({"role": "active", "peer": "sg9"}, "peer"),
+        ({"role": "active"}, "peer"),
+        ({"role": "active", "peer": "sg2", "dead_ms": 100, "heartbeat_ms": 100}, "dead_ms"),
+        ({"role": "active", "peer": "sg2", "dead_ms": 50}, "dead_ms"),
+        ({"role": "active", "peer": "sg2", "detection_ms": 50}, "detection_ms"),
+        ({"role": "active", "peer": "sg2", "seq_margin": 0}, "seq_margin"),
+        ({"role": "active", "peer": "sg2", "sync_ms": -1}, "sync_ms"),
+        ({"role": "active", "peer": "sg2", "sync_packets": True}, "sync_packets"),
+        ({"role": "active", "peer": "sg2", "heartbeat_ms": "100"}, "heartbeat_ms"),
+    ],
+)
+def test_config_errors_name_file_and_key(table: dict[str, Any], key: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        parse_fo(table)
+    msg = str(e.value)
+    assert "/etc/sg1.toml" in msg and f"failover.{key}" in msg, msg
+
+
+def test_config_not_a_table() -> None:
+    with pytest.raises(ConfigError, match=r"x\.toml: failover"):
+        failover.parse_config({"failover": 3}, "x.toml", {"sg2"})
+
+
+def test_gateway_run_with_bad_failover_exits_2_with_one_line(tmp_path: Path) -> None:
+    d = tmp_path / "ex"
+    shutil.copytree(ROOT / "examples" / "failover", d, ignore=shutil.ignore_patterns("pki"))
+    for k in (d / "keys").iterdir():
+        os.chmod(k, 0o600)
+    r = cli("pki", "init", "--dir", str(d / "pki"), "--gateways", "sg1,sg2")
+    assert r.returncode == 0, r.stderr
+    f = d / "sg2.toml"
+    text = f.read_text().replace('role = "standby"', 'role = "backup"')
+    text = text.replace("/tmp/ipsecct-fo-", str(tmp_path / "ctl-"))
+    f.write_text(text)
+    r = cli("gateway", "run", "--config", str(f), timeout=30)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    # (The section is checked when context transfer attaches, just after the node started,
+    # so a "started" log line may come first; the error is the one last line.)
+    lines = r.stderr.strip().splitlines()
+    assert "Traceback" not in r.stderr, r.stderr
+    assert lines[-1].startswith("ipsecct: error: ") and str(f) in lines[-1], r.stderr
+    assert "failover.role" in lines[-1]
+    assert not any("error" in x.lower() for x in lines[:-1]), r.stderr
+
+
+# -- 3. in one process: the demo's topology, real sockets and TLS ---------------------------
+
+
+def test_failover_in_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    rate, seconds = 200, 2.0
+
+    async def main() -> dict[str, Any]:
+        d = await demo.build(tmp_path, failover=True)
+        try:
+            await demo_handover.setup(d, "failover")
+            services = d.extra["transfer"]
+            fo = services["sg2"].failover
+            assert fo is not None and services["sg1"].replicator is not None
+            mn = d.mn.node
+            arrivals: list[tuple[str, int]] = []  # (gateway address, ESP sequence number)
+            orig = mn.from_outer
+
+            def recording(data: bytes, addr: tuple[Any, ...]) -> None:
+                arrivals.append((addr[0], esp_seq(data)[1]))
+                orig(data, addr)
+
+            monkeypatch.setattr(mn, "from_outer", recording)
+            loop = asyncio.get_running_loop()
+            took: asyncio.Future[Record] = loop.create_future()
+            records: list[Record] = []
+            info: dict[str, Any] = {}
+
+            def on_record(rec: Record) -> None:
+                records.append(rec)
+                if rec.role == "standby" and not took.done():
+                    d.host_route("sg2")
+                    took.set_result(rec)
+
+            services["sg2"].listeners.append(on_record)
+
+            async def kill() -> None:
+                sg1 = d.gateways["sg1"].node
+                # Abrupt: no transfer, no goodbye; replication and data stop together.
+                info["t_kill"] = d.gateways["sg2"].node.clock()
+                info["records_before"] = list(records)
+                await services["sg1"].stop()
+                await sg1.stop()
+                info["sg1_seq"] = sg1.engine.tunnels()[0].outbound.seq
+                info["sg1_sent"] = sg1.engine.stats.out_packets
+
+            await demo.stream(d, rate, seconds, out=None, at_half=kill)
+            rec = await asyncio.wait_for(took, 5)
+            info.update(
+                rec=rec,
+                fo=fo,
+                arrivals=arrivals,
+                mn_drops=dict(mn.engine.stats.drops),
+                mn_tunnel=mn.engine.tunnels()[0],
+                sg2_stats=d.gateways["sg2"].node.engine.stats,
+                sg2_status=d.gateways["sg2"].node.status(),
+                agent=d.extra["agent"],
+                summary=demo.summary(d),
+                total=d.sent[0],
+                host_rx=set(d.host_app.received),
+                mn_rx=set(d.mn_app.received),
+            )
+            return info
+        finally:
+            await asyncio.wait_for(demo.stop(d), 20)
+
+    info = asyncio.run(main())
+    rec, fo = info["rec"], info["fo"]
+    assert info["records_before"] == []  # the standby did not take over while sg1 lived
+    assert rec.outcome == "took over" and rec.accepted == 1
+    # Within the detection time (minus at most a heartbeat and a tick) plus generous slack.
+    waited = rec.ended - info["t_kill"]
+    assert (fo.dead_ms - fo.heartbeat_ms - 2 * fo.tick_ms) / 1000 <= waited
+    assert waited <= (fo.dead_ms + 1500) / 1000
+    assert info["sg2_status"]["failover"]["role"] == "took over"
+    assert info["sg2_status"]["sas"] == 2
+    # The MN was told the new address inside the SA, and sends there.
+    assert info["agent"].applied and info["agent"].rejected == 0
+    assert str(info["mn_tunnel"].outbound.dst) == demo.ADDRESS["sg2"]
+    # Traffic flows through the standby, to the end of the stream both ways.
+    assert info["sg2_stats"].in_packets > 0 and info["sg2_stats"].out_packets > 0
+    assert info["total"] in info["host_rx"] and info["total"] in info["mn_rx"]
+    # No replay drop at the MN; every sequence number from the standby is above every one
+    # the active ever sent (not only those that arrived).
+    assert info["mn_drops"].get("replay", 0) == 0
+    from_sg1 = [s for a, s in info["arrivals"] if a == demo.ADDRESS["sg1"]]
+    from_sg2 = [s for a, s in info["arrivals"] if a == demo.ADDRESS["sg2"]]
+    assert from_sg1 and from_sg2
+    assert max(from_sg1) <= info["sg1_seq"]
+    assert min(from_sg2) > info["sg1_seq"]
+    assert from_sg2 == sorted(from_sg2)  # loopback keeps order: no reuse within the standby
+    assert len(set(from_sg2)) == len(from_sg2)
+    s = info["summary"]
+    assert s["drops"]["replay"] == 0 and s["packets"]["duplicated"] == 0
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: the Replicator marks a tunnel synced when it emits the message, even if the "
+    "channel could not deliver it (standby not up yet, restarted, unreachable); an idle "
+    "tunnel is then never sent again and is lost at take-over. Fix: Replicator.resync() "
+    "(every live tunnel due on the next poll), called by TransferService._on_lost for the "
+    "failover peer.",
+)
+def test_standby_started_after_the_active_gets_idle_tunnels(tmp_path: Path) -> None:
+    async def main() -> int:
+        d = await demo.build(tmp_path, failover=True)
+        try:
+            from ipsecct.handover import TransferService, parse_config
+
+            services = {}
+            for name in ("sg1", "sg2"):
+                tcfg = parse_config(d.gateways[name].node.cfg)
+                assert tcfg is not None
+                services[name] = TransferService(d.gateways[name].node, tcfg)
+            d.extra["cleanups"] = [ts.stop for ts in services.values()]
+            await services["sg1"].start()  # the active first: its standby is not there yet
+            await asyncio.sleep(0.3)
+            await services["sg2"].start()
+            sb = services["sg2"].standby
+            assert sb is not None
+            deadline = time.monotonic() + 2
+            while time.monotonic() < deadline and not sb.replica:
+                await asyncio.sleep(0.05)
+            assert sb.last_heard is not None  # heartbeats do arrive
+            return len(sb.replica)
+        finally:
+            await asyncio.wait_for(demo.stop(d), 20)
+
+    assert asyncio.run(main()) == 1
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="GAP: the take-over's Record is logged and given to listeners but not kept in "
+    "TransferCore.records, so `ipsecct status` lists no take-over under transfers.recent "
+    "(its failover section only says 'took over'). Fix: TransferService.take_over appends "
+    "rec to self.core.records before self._finished(rec).",
+)
+def test_take_over_is_listed_in_status_transfers(tmp_path: Path) -> None:
+    async def main() -> dict[str, Any]:
+        d = await demo.build(tmp_path, failover=True)
+        try:
+            await demo_handover.setup(d, "failover")
+            services = d.extra["transfer"]
+            await asyncio.sleep(0.2)
+            assert services["sg2"].standby.replica
+            await services["sg1"].stop()
+            await d.gateways["sg1"].node.stop()
+            deadline = time.monotonic() + 5
+            while services["sg2"].standby is not None and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            status: dict[str, Any] = d.gateways["sg2"].node.status()
+            return status
+        finally:
+            await asyncio.wait_for(demo.stop(d), 20)
+
+    st2 = asyncio.run(main())
+    assert st2["failover"]["role"] == "took over" and st2["sas"] == 2
+    recent = [r for r in st2["transfers"]["recent"] if r["role"] == "standby"]
+    assert [r["outcome"] for r in recent] == ["took over"]
+
+
+# -- 4. ipsecct demo --failover --------------------------------------------------------------
+
+
+def test_demo_failover_json() -> None:
+    rate = 200
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ipsecct",
+            "demo",
+            "--failover",
+            "--json",
+            "--seconds",
+            "2",
+            "--rate",
+            str(rate),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr
+    (line,) = r.stdout.splitlines()
+    s = json.loads(line)
+    (h,) = s["handovers"]
+    assert h["mode"] == "failover" and h["from"] == "sg1" and h["to"] == "sg2"
+    assert s["drops"]["replay"] == 0 and s["drops"]["icv"] == 0
+    assert s["packets"]["duplicated"] == 0
+    # What was sent during the detection time is lost, and only that: both directions at
+    # `rate` for dead_ms (500 ms by default) plus a generous slack.
+    dead_ms, slack_ms = 500, 700
+    assert 0 < h["lost"] == s["packets"]["lost"]
+    assert h["lost"] <= 2 * rate * (dead_ms + slack_ms) / 1000, s
+    assert h["transfer_ms"] >= 300  # dead_ms - heartbeat_ms - ticks: not a premature take-over
+    assert h["gap_ms"] >= 300
+
+
+# -- 5. real processes: examples/failover, kill -9 the active --------------------------------
+
+EXAMPLE = ROOT / "examples" / "failover"
+PORTS = (14600, 15100, 15101, 24600, 25100, 25191, 34600, 35100, 35191, 45101)
+ADDR = {"mn": "127.0.4.10", "sg1": "127.0.4.1", "sg2": "127.0.4.2", "host": "127.0.4.20"}
+INNER = {"sg1": 25100, "sg2": 35100}
+
+
+class Procs:
+    def __init__(self, d: Path) -> None:
+        self.dir = d
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        shutil.copytree(EXAMPLE, d, dirs_exist_ok=True, ignore=shutil.ignore_patterns("pki"))
+        for k in (d / "keys").iterdir():
+            os.chmod(k, 0o600)
+        self.port = {p: free_port(socket.SOCK_DGRAM) for p in PORTS}
+        for p in (25191, 35191):
+            self.port[p] = free_port(socket.SOCK_STREAM)
+        pat = re.compile(r"\b(" + "|".join(str(p) for p in PORTS) + r")\b")
+        for name in ("sg1", "sg2", "mn"):
+            f = d / f"{name}.toml"
+            text = pat.sub(lambda m: str(self.port[int(m.group(1))]), f.read_text())
+            f.write_text(text.replace("/tmp/ipsecct-fo-", str(d / "ctl-")))
+        r = cli("pki", "init", "--dir", str(d / "pki"), "--gateways", "sg1,sg2")
+        assert r.returncode == 0, r.stderr
+        self.host = self.udp(ADDR["host"], self.port[45101])
+        self.mn_app = self.udp(ADDR["mn"], self.port[15101])
+
+    @staticmethod
+    def udp(host: str, port: int) -> socket.socket:
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.bind((host, port))
+        s.settimeout(0.2)
+        return s
+
+    def config(self, name: str) -> str:
+        return str(self.dir / f"{name}.toml")
+
+    def start(self, name: str) -> None:
+        role = "node" if name == "mn" else "gateway"
+        log = open(self.dir / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process
+        self.procs[name] = subprocess.Popen(
+            [sys.executable, "-m", "ipsecct", role, "run", "--config", self.config(name)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        log.close()
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if self.procs[name].poll() is not None:
+                raise AssertionError(f"{name} exited: {self.log(name)}")
+            if cli("status", "--config", self.config(name), timeout=10).returncode == 0:
+                return
+            time.sleep(0.1)
+        raise AssertionError(f"{name} did not start: {self.log(name)}")
+
+    def log(self, name: str) -> str:
+        return (self.dir / f"{name}.log").read_text(errors="replace")[-3000:]
+
+    def status(self, name: str) -> dict[str, Any]:
+        r = cli("status", "--json", "--config", self.config(name))
+        assert r.returncode == 0, r.stderr
+        out: dict[str, Any] = json.loads(r.stdout)
+        return out
+
+    def sas(self, name: str) -> list[dict[str, Any]]:
+        r = cli("sa", "list", "--json", "--config", self.config(name))
+        assert r.returncode == 0, r.stderr
+        out: list[dict[str, Any]] = json.loads(r.stdout)
+        return out
+
+    def wait(self, name: str, pred: Any, what: str, timeout: float = 10) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            st_ = self.status(name)
+            if pred(st_):
+                return st_
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{what}: {st_}\n{self.log(name)}")
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.terminate()
+        for p in self.procs.values():
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        self.host.close()
+        self.mn_app.close()
+
+    def exchange(self, n: int, tag: int, up: bool, via: str) -> int:
+        """Send n packets one way through the tunnel; how many arrived."""
+        src, dst = ("10.1.0.2", "10.2.0.1") if up else ("10.2.0.1", "10.1.0.2")
+        sender, receiver = (self.mn_app, self.host) if up else (self.host, self.mn_app)
+        to = (ADDR["mn"], self.port[15100]) if up else (ADDR[via], self.port[INNER[via]])
+        for i in range(n):
+            body = bytes([tag]) + i.to_bytes(4, "big") + bytes(27)
+            pkt = build_udp(ip(src), ip(dst), 7000, 7000, body)
+            sender.sendto(pkt, to)
+        got: set[int] = set()
+        deadline = time.monotonic() + 3
+        while len(got) < n and time.monotonic() < deadline:
+            try:
+                data = receiver.recv(65535)
+            except TimeoutError:
+                continue
+            _, _, payload = udp_payload(data, parse_ip(data))
+            if payload[0] == tag:
+                got.add(int.from_bytes(payload[1:5], "big"))
+        return len(got)
+
+    def traffic_ok(self, via: str, tag: int, n: int = 20) -> None:
+        assert self.exchange(n, tag, True, via) == n, self.log(via)
+        assert self.exchange(n, tag + 1, False, via) == n, self.log(via)
+
+
+@pytest.fixture
+def procs(tmp_path: Path) -> Iterator[Procs]:
+    p = Procs(tmp_path)
+    try:
+        yield p
+    finally:
+        p.stop()
+
+
+def test_failover_between_processes_active_killed(procs: Procs) -> None:
+    # The standby first, so that the active's first sync has somewhere to go.
+    for n in ("sg2", "sg1", "mn"):
+        procs.start(n)
+    procs.traffic_ok("sg1", 10)
+    st2 = procs.wait(
+        "sg2",
+        lambda s: s["failover"]["replicated_tunnels"] == 1,
+        "the standby holds the MN's tunnel",
+    )
+    assert st2["failover"]["role"] == "standby" and st2["failover"]["peer"] == "sg1"
+    assert st2["sas"] == 0  # replicated, not installed
+    st1 = procs.status("sg1")
+    assert st1["failover"]["role"] == "active" and st1["failover"]["contexts"] >= 2
+    procs.traffic_ok("sg1", 20)
+    time.sleep(0.3)  # idle for a while: the last packets are replicated too (sync_ms)
+    sg1_seq = next(s["seq"] for s in procs.sas("sg1") if s["direction"] == "out")
+    assert sg1_seq >= 40
+
+    os.kill(procs.procs["sg1"].pid, signal.SIGKILL)
+    procs.procs["sg1"].wait(10)
+    st2 = procs.wait(
+        "sg2", lambda s: s["failover"]["role"] == "took over", "the standby takes over"
+    )
+    assert st2["sas"] == 2 and st2["policies"] == 1
+    assert st2["peers"][0]["name"] == "sg1" and st2["peers"][0]["connected"] is False
+    sas2 = procs.sas("sg2")
+    out2 = next(s for s in sas2 if s["direction"] == "out")
+    in2 = next(s for s in sas2 if s["direction"] == "in")
+    assert out2["spi"] == "0x20000001" and in2["spi"] == "0x10000001"
+    assert out2["src"] == ADDR["sg2"] and in2["dst"] == ADDR["sg2"]
+    # The SG_UPDATE already used one sequence number above the margin.
+    assert sg1_seq < out2["seq"] <= sg1_seq + 16384 + 1
+
+    procs.traffic_ok("sg2", 30)
+    mn = procs.status("mn")
+    assert mn["counters"]["drops"]["replay"] == 0 and mn["counters"]["drops"]["icv"] == 0
+    mn_sas = procs.sas("mn")
+    mn_out = next(s for s in mn_sas if s["direction"] == "out")
+    mn_in = next(s for s in mn_sas if s["direction"] == "in")
+    assert mn_out["dst"] == ADDR["sg2"]
+    assert mn_in["replay_top"] > sg1_seq + 16384
+    assert procs.status("sg2")["counters"]["drops"]["replay"] == 0
