@@ -241,15 +241,6 @@ def test_replicator_removal_and_addition_between_two_polls() -> None:
         assert contexts(msgs) == [(0x2000 + i, False), (0x1000 + i, True)]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: Replicator keys its state by id(tunnel) without keeping the tunnel alive; "
-    "when a removed tunnel's id() is handed to a new one (seen in about half of the runs of "
-    "50 remove/add/gc cycles), the removal is never reported and the new tunnel is taken for "
-    "the old one: not sent until its counters move, so an idle one is lost at take-over. "
-    "Fix: key by the Tunnel object (eq=False, so hashed by identity): "
-    "synced: dict[Tunnel, _Synced], spi_of: dict[Tunnel, int].",
-)
 def test_replicator_tracked_tunnel_identity_is_not_reusable_before_reported() -> None:
     """Deterministic form of the id() reuse hazard: until its removal has been reported, a
     tunnel the Replicator tracks must stay alive (so that no new tunnel can take its id())."""
@@ -264,13 +255,6 @@ def test_replicator_tracked_tunnel_identity_is_not_reusable_before_reported() ->
     assert removed(wire(rep.poll(1.0))) == [0x2000]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a sync larger than one CXTP message (about 370 tunnels) is split by "
-    "batch_cdbs and only the first message starts with the SYNC CDB; TransferService routes "
-    "CTDs to the standby only when cdbs[1] is SYNC, so the rest go to TransferCore and are "
-    "never replicated. Fix: Replicator.poll puts a SYNC CDB at the head of every message.",
-)
 def test_every_replication_message_is_recognisable_as_a_sync() -> None:
     eng = Engine(ip(SG_ADDR["sg1"]))
     for i in range(600):
@@ -709,14 +693,6 @@ def test_failover_in_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     assert s["drops"]["replay"] == 0 and s["packets"]["duplicated"] == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: the Replicator marks a tunnel synced when it emits the message, even if the "
-    "channel could not deliver it (standby not up yet, restarted, unreachable); an idle "
-    "tunnel is then never sent again and is lost at take-over. Fix: Replicator.resync() "
-    "(every live tunnel due on the next poll), called by TransferService._on_lost for the "
-    "failover peer.",
-)
 def test_standby_started_after_the_active_gets_idle_tunnels(tmp_path: Path) -> None:
     async def main() -> int:
         d = await demo.build(tmp_path, failover=True)
@@ -745,13 +721,6 @@ def test_standby_started_after_the_active_gets_idle_tunnels(tmp_path: Path) -> N
     assert asyncio.run(main()) == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="GAP: the take-over's Record is logged and given to listeners but not kept in "
-    "TransferCore.records, so `ipsecct status` lists no take-over under transfers.recent "
-    "(its failover section only says 'took over'). Fix: TransferService.take_over appends "
-    "rec to self.core.records before self._finished(rec).",
-)
 def test_take_over_is_listed_in_status_transfers(tmp_path: Path) -> None:
     async def main() -> dict[str, Any]:
         d = await demo.build(tmp_path, failover=True)

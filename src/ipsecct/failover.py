@@ -45,7 +45,8 @@ from .sad import Direction, SecurityAssociation, UdpEncap
 from .spd import Action, SPDEntry
 from .transfer import FPT_SYNC, Endpoint, Identity, Record, frame, unframe
 
-SYNC_HEARTBEAT = 1
+SYNC_HEARTBEAT = 1  # removals, then contexts to merge into what the standby holds
+SYNC_FULL = 2  # the whole state follows (this poll's messages): replace what the standby holds
 _SYNC = struct.Struct("!BxHI")  # kind, number of removed SPIs, active's packet counter
 
 
@@ -102,22 +103,29 @@ def parse_config(extra: dict[str, Any], path: str, peers: set[str]) -> FailoverC
     return cfg
 
 
-def sync_cdb(removed: list[int], packets: int) -> bytes:
+def sync_cdb(removed: list[int], packets: int, *, full: bool = False) -> bytes:
     return frame(
         FPT_SYNC,
-        _SYNC.pack(SYNC_HEARTBEAT, len(removed), packets & 0xFFFFFFFF)
+        _SYNC.pack(SYNC_FULL if full else SYNC_HEARTBEAT, len(removed), packets & 0xFFFFFFFF)
         + b"".join(struct.pack("!I", s) for s in removed),
     )
 
 
 def parse_sync(cdb: bytes) -> list[int]:
+    """The outbound SPIs a SYNC CDB reports removed."""
+    return parse_sync_full(cdb)[1]
+
+
+def parse_sync_full(cdb: bytes) -> tuple[bool, list[int]]:
+    """(FULL mark, removed outbound SPIs) of a SYNC CDB."""
     p = unframe(cdb)
     if len(p) < _SYNC.size:
         raise cxtp.CxtpError("SYNC CDB too short")
     kind, n, _ = _SYNC.unpack_from(p)
-    if kind != SYNC_HEARTBEAT or _SYNC.size + 4 * n > len(p):
+    if kind not in (SYNC_HEARTBEAT, SYNC_FULL) or _SYNC.size + 4 * n > len(p):
         raise cxtp.CxtpError("SYNC CDB malformed")
-    return [struct.unpack_from("!I", p, _SYNC.size + 4 * i)[0] for i in range(n)]
+    removed = [struct.unpack_from("!I", p, _SYNC.size + 4 * i)[0] for i in range(n)]
+    return kind == SYNC_FULL, removed
 
 
 @dataclass
@@ -134,26 +142,36 @@ class Replicator:
         self.cfg = cfg
         self.session = session if session is not None else secrets.randbits(64)
         self.seq = 0
-        self.synced: dict[int, _Synced] = {}  # id(tunnel) -> state at last sync
-        self.spi_of: dict[int, int] = {}
+        # Keyed by the Tunnel itself (eq=False: identity), which keeps a removed tunnel alive
+        # until its removal is reported: an id() could be handed to a new tunnel meanwhile.
+        self.synced: dict[Tunnel, _Synced] = {}
+        self.spi_of: dict[Tunnel, int] = {}
+        self._full = True  # the next poll sends the whole state (first one, or after a loss)
         self.last_sent = -1e9
         self.messages = 0
         self.contexts = 0
         self.unreplicable = 0  # tunnels whose contexts cannot be encoded (counted, skipped)
 
+    def resync(self) -> None:
+        """The standby may have missed messages (the channel broke, it restarted): the next
+        poll sends the whole state again, marked FULL so that the standby replaces (not merges)
+        what it holds, which also carries any removal it missed."""
+        self._full = True
+
     def _counter(self, t: Tunnel) -> int:
         return sum(sa.counters.packets for sa in t.sas())
 
     def poll(self, now: float) -> list[cxtp.Message]:
+        full = self._full
         due: list[Tunnel] = []
-        live: set[int] = set()
+        live: set[Tunnel] = set()
         for t in self.engine.tunnels():
             if t.state is not TunnelState.ACTIVE:
                 continue
-            live.add(id(t))
+            live.add(t)
             c = self._counter(t)
-            st = self.synced.get(id(t))
-            if st is None:
+            st = self.synced.get(t)
+            if st is None or full:
                 due.append(t)
                 continue
             if c != st.packets:
@@ -168,26 +186,45 @@ class Replicator:
         for k in list(self.synced):
             if k not in live:
                 del self.synced[k]
-        if not due and not removed and (now - self.last_sent) * 1000 < self.cfg.heartbeat_ms:
+        if (
+            not full
+            and not due
+            and not removed
+            and (now - self.last_sent) * 1000 < self.cfg.heartbeat_ms
+        ):
             return []
-        cdbs: list[bytes] = []
+        self._full = False
+        pairs: list[list[bytes]] = []
         for t in due:
             try:
                 pair = [context.encode(sa, now) for sa in t.sas()]
             except ContextError:
                 self.unreplicable += 1  # e.g. a replay window too large for a CDB
                 continue
-            cdbs.extend(pair)
-            self.synced[id(t)] = _Synced(self._counter(t), None)
-            self.spi_of[id(t)] = t.outbound.spi
-        self.contexts += len(cdbs)
+            pairs.append(pair)
+            self.synced[t] = _Synced(self._counter(t), None)
+            self.spi_of[t] = t.outbound.spi
+        self.contexts += sum(len(p) for p in pairs)
         self.last_sent = now
-        template = cxtp.CTD(next(iter(due)).outbound.dst if due else _ANY, 0)
-        head = sync_cdb(removed, 0)
-        msgs = cxtp.batch_cdbs(template, [head, *cdbs], self.session, first_seq=self.seq)
+        template = cxtp.CTD(due[0].outbound.dst if due else _ANY, 0)
+        # Every message starts with a SYNC CDB (removals and the FULL mark in the first), so
+        # the standby tells each from a transfer, and a tunnel's pair never straddles two.
+        budget = cxtp.MAX_MESSAGE_LEN - 1024  # room for the header and the TRANSFER CDB
+        groups: list[list[bytes]] = [[sync_cdb(removed, 0, full=full)]]
+        size = len(groups[0][0])
+        for pair in pairs:
+            psize = sum(len(c) for c in pair)
+            if size + psize > budget:
+                groups.append([sync_cdb([], 0)])
+                size = len(groups[-1][0])
+            groups[-1].extend(pair)
+            size += psize
+        msgs: list[cxtp.Message] = []
+        for g in groups:
+            msgs += cxtp.batch_cdbs(template, g, self.session, first_seq=self.seq + len(msgs))
         self.seq += len(msgs)
         self.messages += len(msgs)
-        return list(msgs)
+        return msgs
 
 
 _ANY = ipaddress.ip_address("0.0.0.0")
@@ -214,7 +251,10 @@ class Standby:
         self.seen_session = tag.transfer_id
         cdbs = list(msg.cdbs[1:])
         if cdbs and cxtp.cdb_fpt(cdbs[0]) == FPT_SYNC:
-            for spi in parse_sync(cdbs[0]):
+            full, removed = parse_sync_full(cdbs[0])
+            if full:
+                self.replica.clear()
+            for spi in removed:
                 self.replica.pop(spi, None)
             cdbs = cdbs[1:]
         # Contexts come as (outbound, inbound) pairs; remember the latest of each tunnel.

@@ -258,6 +258,7 @@ class Channels:
         self.readers: set[asyncio.Task[None]] = set()
         self.server: asyncio.Server | None = None
         self.refused = 0
+        self._quiet_until: dict[str, float] = {}
 
     async def start(self) -> None:
         self.server = await tlschannel.serve(
@@ -411,14 +412,17 @@ class Channels:
                 conn = await self.connection(peer)
                 await conn.send_many(list(batch))
             except (IpsecctError, OSError) as exc:
-                event(
-                    log,
-                    "peer-unreachable",
-                    logging.WARNING,
-                    node=self.name,
-                    peer=peer,
-                    error=str(exc),
-                )
+                now = time.monotonic()
+                if now >= self._quiet_until.get(peer, 0.0):  # at most one line per 10 s
+                    self._quiet_until[peer] = now + 10.0
+                    event(
+                        log,
+                        "peer-unreachable",
+                        logging.WARNING,
+                        node=self.name,
+                        peer=peer,
+                        error=str(exc),
+                    )
                 while not q.empty():
                     q.get_nowait()
                 self.on_lost(peer)
@@ -623,6 +627,8 @@ class TransferService:
         )
 
     def _on_lost(self, peer: str) -> None:
+        if self.replicator is not None and self.failover is not None and peer == self.failover.peer:
+            self.replicator.resync()  # the standby may have missed syncs: send it everything
         self.run(self.core.peer_lost(peer, self.node.clock()))
 
     def _on_held(self, held: Held) -> None:
@@ -691,6 +697,7 @@ class TransferService:
         # From now on this gateway is the active one; it replicates to nobody until an
         # operator configures a new standby.
         self.standby = None
+        self.core.records.append(rec)
         self._finished(rec)
         return rec
 
