@@ -9,7 +9,19 @@ import sys
 
 def test_demo_json_schema_and_no_loss() -> None:
     r = subprocess.run(
-        [sys.executable, "-m", "ipsecct", "demo", "--seconds", "2", "--rate", "200", "--json"],
+        [
+            sys.executable,
+            "-m",
+            "ipsecct",
+            "demo",
+            "--seconds",
+            "2",
+            "--rate",
+            "200",
+            "--json",
+            "--handover",
+            "none",
+        ],
         capture_output=True,
         text=True,
         timeout=120,
@@ -30,9 +42,36 @@ def test_demo_json_schema_and_no_loss() -> None:
     assert s["handovers"] == []
 
 
+def test_demo_default_is_a_direct_handover() -> None:
+    """Issue 4: the demo hands the MN over half-way by default (direct identity)."""
+    r = subprocess.run(
+        [sys.executable, "-m", "ipsecct", "demo", "--seconds", "2", "--rate", "200", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr
+    s = json.loads(r.stdout)
+    (h,) = s["handovers"]
+    assert (h["from"], h["to"], h["mode"]) == ("sg1", "sg2", "direct")
+    assert list(h) == ["from", "to", "mode", "transfer_ms", "gap_ms", "lost"]
+    assert h["lost"] == 0 and s["packets"]["lost"] == 0
+
+
 def test_demo_human_output_has_live_lines_and_summary() -> None:
     r = subprocess.run(
-        [sys.executable, "-m", "ipsecct", "demo", "--seconds", "1", "--rate", "100"],
+        [
+            sys.executable,
+            "-m",
+            "ipsecct",
+            "demo",
+            "--seconds",
+            "1",
+            "--rate",
+            "100",
+            "--handover",
+            "none",
+        ],
         capture_output=True,
         text=True,
         timeout=120,

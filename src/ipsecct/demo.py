@@ -441,7 +441,7 @@ async def run(
     rate: int,
     seconds: float,
     *,
-    handover: str = "none",
+    handover: str = "direct",
     as_json: bool = False,
     out: TextIO = sys.stdout,
 ) -> dict[str, Any]:

@@ -30,8 +30,9 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--handover",
         choices=["direct", "indirect", "none"],
-        default="none",
-        help="move the MN's SAs from sg1 to sg2 half-way (default: none until context transfer)",
+        default="direct",
+        help="move the MN's SAs from sg1 to sg2 half-way: direct (the MN is told, default),"
+        " indirect (a virtual gateway address moves) or none (the plain tunnel)",
     )
     p.add_argument("--failover", action="store_true", help="kill sg1 half-way instead")
     p.add_argument("--json", action="store_true", help="print only the summary as JSON")
