@@ -11,7 +11,6 @@ Perspective: selectors are seen from this node, "local" being the traffic on its
 from __future__ import annotations
 
 import enum
-import ipaddress
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -228,6 +227,12 @@ class Engine:
         for t in gone:
             self.remove_tunnel(t)
         return gone
+
+    def attach_shadow_inbound(self, tunnel: Tunnel, sa: SecurityAssociation) -> None:
+        """Give ``tunnel`` an inbound SA whose (destination, protocol, SPI) another SA owns."""
+        tunnel.inbound = sa
+        self._tunnel_of_sa[id(sa)] = tunnel
+        self.add_shadow(sa)
 
     def add_shadow(self, sa: SecurityAssociation, spi: int | None = None) -> None:
         key = (sa.dst, sa.protocol, sa.spi if spi is None else spi)
@@ -521,10 +526,3 @@ class Engine:
             sa.pmtu_expires = expires
             n += 1
         return n
-
-
-def parse_address(text: str) -> IPAddress:
-    try:
-        return ipaddress.ip_address(text)
-    except ValueError:
-        raise SAError(f"bad IP address {text!r}") from None

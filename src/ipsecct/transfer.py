@@ -708,10 +708,10 @@ class TransferCore:
         entry = SPDEntry(out_sa.selectors, Action.PROTECT, name=out_sa.name, static=False)
         try:
             if status == cxtp.Status.ACCEPTED_RENEGOTIATE and in_sa is not None:
+                # Its SPI is taken here: it is reachable only as a shadow, tried when the
+                # SPI's owner does not verify a packet.
                 tunnel = self.engine.add_tunnel(entry, out_sa, None, index=0)
-                tunnel.inbound = in_sa
-                self.engine._tunnel_of_sa[id(in_sa)] = tunnel
-                self.engine.add_shadow(in_sa)
+                self.engine.attach_shadow_inbound(tunnel, in_sa)
             else:
                 tunnel = self.engine.add_tunnel(entry, out_sa, in_sa, index=0)
         except SAError:
