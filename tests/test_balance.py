@@ -37,7 +37,12 @@ def test_gateway_moves_its_excess_tunnels(tmp_path: Path) -> None:
             before = active(world, "sg1")
             for _ in range(100):
                 await asyncio.sleep(0.1)
-                if active(world, "sg1") <= 20:
+                # done when the source has let go and the target has activated (the target
+                # activates on the COMMIT, a moment after the source has sent it)
+                if (
+                    active(world, "sg1") <= 20
+                    and active(world, "sg1") + active(world, "sg2") >= 101
+                ):
                     break
             return before, active(world, "sg1"), active(world, "sg2")
         finally:
