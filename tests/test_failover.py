@@ -20,10 +20,8 @@ import asyncio
 import itertools
 import json
 import os
-import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -40,12 +38,10 @@ from ipsecct import context, cxtp, demo, demo_handover, failover, signalling
 from ipsecct.engine import Engine, ToPeer, Tunnel
 from ipsecct.errors import ConfigError
 from ipsecct.esp import Drop
-from ipsecct.ippacket import build_udp, udp_payload
-from ipsecct.ippacket import parse as parse_ip
 from ipsecct.sad import Direction
 from ipsecct.spd import Action, SPDEntry
 from ipsecct.transfer import FPT_SYNC, Endpoint, Identity, Record
-from tests.test_transfer_processes import cli, free_port
+from tests.example_deployment import ExampleDeployment, cli
 from tests.transfer_helpers import (
     PORT,
     SG_ADDR,
@@ -791,116 +787,26 @@ ADDR = {"mn": "127.0.4.10", "sg1": "127.0.4.1", "sg2": "127.0.4.2", "host": "127
 INNER = {"sg1": 25100, "sg2": 35100}
 
 
-class Procs:
+class Procs(ExampleDeployment):
     def __init__(self, d: Path) -> None:
-        self.dir = d
-        self.procs: dict[str, subprocess.Popen[bytes]] = {}
-        shutil.copytree(EXAMPLE, d, dirs_exist_ok=True, ignore=shutil.ignore_patterns("pki"))
-        for k in (d / "keys").iterdir():
-            os.chmod(k, 0o600)
-        self.port = {p: free_port(socket.SOCK_DGRAM) for p in PORTS}
-        for p in (25191, 35191):
-            self.port[p] = free_port(socket.SOCK_STREAM)
-        pat = re.compile(r"\b(" + "|".join(str(p) for p in PORTS) + r")\b")
-        for name in ("sg1", "sg2", "mn"):
-            f = d / f"{name}.toml"
-            text = pat.sub(lambda m: str(self.port[int(m.group(1))]), f.read_text())
-            f.write_text(text.replace("/tmp/ipsecct-fo-", str(d / "ctl-")))
-        r = cli("pki", "init", "--dir", str(d / "pki"), "--gateways", "sg1,sg2")
-        assert r.returncode == 0, r.stderr
-        self.host = self.udp(ADDR["host"], self.port[45101])
-        self.mn_app = self.udp(ADDR["mn"], self.port[15101])
-
-    @staticmethod
-    def udp(host: str, port: int) -> socket.socket:
-        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        s.bind((host, port))
-        s.settimeout(0.2)
-        return s
-
-    def config(self, name: str) -> str:
-        return str(self.dir / f"{name}.toml")
-
-    def start(self, name: str) -> None:
-        role = "node" if name == "mn" else "gateway"
-        log = open(self.dir / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process
-        self.procs[name] = subprocess.Popen(
-            [sys.executable, "-m", "ipsecct", role, "run", "--config", self.config(name)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
+        super().__init__(
+            d,
+            EXAMPLE,
+            udp_ports=tuple(p for p in PORTS if p not in (25191, 35191)),
+            tcp_ports=(25191, 35191),
+            ctl_prefix="/tmp/ipsecct-fo-",
+            host=(ADDR["host"], 45101),
+            mn_app=(ADDR["mn"], 15101),
         )
-        log.close()
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            if self.procs[name].poll() is not None:
-                raise AssertionError(f"{name} exited: {self.log(name)}")
-            if cli("status", "--config", self.config(name), timeout=10).returncode == 0:
-                return
-            time.sleep(0.1)
-        raise AssertionError(f"{name} did not start: {self.log(name)}")
 
-    def log(self, name: str) -> str:
-        return (self.dir / f"{name}.log").read_text(errors="replace")[-3000:]
-
-    def status(self, name: str) -> dict[str, Any]:
-        r = cli("status", "--json", "--config", self.config(name))
-        assert r.returncode == 0, r.stderr
-        out: dict[str, Any] = json.loads(r.stdout)
-        return out
-
-    def sas(self, name: str) -> list[dict[str, Any]]:
-        r = cli("sa", "list", "--json", "--config", self.config(name))
-        assert r.returncode == 0, r.stderr
-        out: list[dict[str, Any]] = json.loads(r.stdout)
-        return out
-
-    def wait(self, name: str, pred: Any, what: str, timeout: float = 10) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while True:
-            st_ = self.status(name)
-            if pred(st_):
-                return st_
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{what}: {st_}\n{self.log(name)}")
-            time.sleep(0.1)
-
-    def stop(self) -> None:
-        for p in self.procs.values():
-            if p.poll() is None:
-                p.terminate()
-        for p in self.procs.values():
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-        self.host.close()
-        self.mn_app.close()
-
-    def exchange(self, n: int, tag: int, up: bool, via: str) -> int:
+    def exchange_via(self, n: int, tag: int, up: bool, via: str) -> int:
         """Send n packets one way through the tunnel; how many arrived."""
-        src, dst = ("10.1.0.2", "10.2.0.1") if up else ("10.2.0.1", "10.1.0.2")
-        sender, receiver = (self.mn_app, self.host) if up else (self.host, self.mn_app)
         to = (ADDR["mn"], self.port[15100]) if up else (ADDR[via], self.port[INNER[via]])
-        for i in range(n):
-            body = bytes([tag]) + i.to_bytes(4, "big") + bytes(27)
-            pkt = build_udp(ip(src), ip(dst), 7000, 7000, body)
-            sender.sendto(pkt, to)
-        got: set[int] = set()
-        deadline = time.monotonic() + 3
-        while len(got) < n and time.monotonic() < deadline:
-            try:
-                data = receiver.recv(65535)
-            except TimeoutError:
-                continue
-            _, _, payload = udp_payload(data, parse_ip(data))
-            if payload[0] == tag:
-                got.add(int.from_bytes(payload[1:5], "big"))
-        return len(got)
+        return self.exchange(n, tag, up, to)
 
     def traffic_ok(self, via: str, tag: int, n: int = 20) -> None:
-        assert self.exchange(n, tag, True, via) == n, self.log(via)
-        assert self.exchange(n, tag + 1, False, via) == n, self.log(via)
+        assert self.exchange_via(n, tag, True, via) == n, self.log(via)
+        assert self.exchange_via(n, tag + 1, False, via) == n, self.log(via)
 
 
 @pytest.fixture

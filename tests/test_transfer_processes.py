@@ -8,23 +8,18 @@ Ports and socket paths of the example are replaced by free ones in a temporary d
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import os
-import re
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from ipsecct.ippacket import build_udp, parse, udp_payload
+from tests.example_deployment import ExampleDeployment, cli
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "transfer"
@@ -33,119 +28,22 @@ ADDR = {"mn": "127.0.3.10", "sg1": "127.0.3.1", "sg2": "127.0.3.2", "host": "127
 SPI = "0x20000001"
 
 
-def cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "ipsecct", *args], capture_output=True, text=True, timeout=timeout
-    )
-
-
-def free_port(kind: int) -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Setup:
+class Setup(ExampleDeployment):
     def __init__(self, d: Path) -> None:
-        self.dir = d
-        self.procs: dict[str, subprocess.Popen[bytes]] = {}
-        shutil.copytree(EXAMPLE, d, dirs_exist_ok=True, ignore=shutil.ignore_patterns("pki"))
-        for k in (d / "keys").iterdir():
-            os.chmod(k, 0o600)
-        self.port = {p: free_port(socket.SOCK_DGRAM) for p in PORTS}
-        for p in (25091, 35091):
-            self.port[p] = free_port(socket.SOCK_STREAM)
-        pat = re.compile(r"\b(" + "|".join(str(p) for p in PORTS) + r")\b")
-        for name in ("sg1", "sg2", "mn"):
-            f = d / f"{name}.toml"
-            text = pat.sub(lambda m: str(self.port[int(m.group(1))]), f.read_text())
-            text = text.replace("/tmp/ipsecct-xfer-", str(d / "ctl-"))
-            text = text.replace('level = "info"', 'level = "debug"')
-            f.write_text(text)
-        r = cli("pki", "init", "--dir", str(d / "pki"), "--gateways", "sg1,sg2")
-        assert r.returncode == 0, r.stderr
-        self.host = self.udp(ADDR["host"], self.port[45001])
-        self.mn_app = self.udp(ADDR["mn"], self.port[15001])
-
-    @staticmethod
-    def udp(host: str, port: int) -> socket.socket:
-        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        s.bind((host, port))
-        s.settimeout(0.2)
-        return s
-
-    def config(self, name: str) -> str:
-        return str(self.dir / f"{name}.toml")
-
-    def set(self, name: str, key: str, value: str) -> None:
-        f = self.dir / f"{name}.toml"
-        f.write_text(re.sub(rf"(?m)^{key} = .*$", f"{key} = {value}", f.read_text()))
-
-    def start(self, name: str) -> None:
-        role = "node" if name == "mn" else "gateway"
-        log = open(self.dir / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process
-        self.procs[name] = subprocess.Popen(
-            [sys.executable, "-m", "ipsecct", role, "run", "--config", self.config(name)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
+        super().__init__(
+            d,
+            EXAMPLE,
+            udp_ports=tuple(p for p in PORTS if p not in (25091, 35091)),
+            tcp_ports=(25091, 35091),
+            ctl_prefix="/tmp/ipsecct-xfer-",
+            host=(ADDR["host"], 45001),
+            mn_app=(ADDR["mn"], 15001),
+            edit=lambda text: text.replace('level = "info"', 'level = "debug"'),
         )
-        log.close()
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            if self.procs[name].poll() is not None:
-                raise AssertionError(f"{name} exited: {self.log(name)}")
-            if cli("status", "--config", self.config(name), timeout=10).returncode == 0:
-                return
-            time.sleep(0.1)
-        raise AssertionError(f"{name} did not start: {self.log(name)}")
 
-    def log(self, name: str) -> str:
-        return (self.dir / f"{name}.log").read_text(errors="replace")[-3000:]
-
-    def status(self, name: str) -> dict[str, Any]:
-        r = cli("status", "--json", "--config", self.config(name))
-        assert r.returncode == 0, r.stderr
-        out: dict[str, Any] = json.loads(r.stdout)
-        return out
-
-    def stop(self) -> None:
-        for p in self.procs.values():
-            if p.poll() is None:
-                os.kill(p.pid, signal.SIGCONT)
-                p.terminate()
-        for p in self.procs.values():
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-        self.host.close()
-        self.mn_app.close()
-
-    # -- traffic through the tunnel ---------------------------------------------------
     def _exchange(self, n: int, tag: int, up: bool, via: str) -> int:
-        """Send n packets one way (no retries); return how many arrived."""
-        src, dst = ("10.1.0.2", "10.2.0.1") if up else ("10.2.0.1", "10.1.0.2")
-        sender = self.mn_app if up else self.host
-        receiver = self.host if up else self.mn_app
         to = (ADDR["mn"], self.port[15000]) if up else (ADDR[via], self.port[inner_port(via)])
-        want: set[int] = set()
-        for i in range(n):
-            body = bytes([tag]) + i.to_bytes(4, "big") + bytes(27)
-            pkt = build_udp(ipaddress.ip_address(src), ipaddress.ip_address(dst), 7000, 7000, body)
-            sender.sendto(pkt, to)
-            want.add(i)
-        got: set[int] = set()
-        deadline = time.monotonic() + 3
-        while got != want and time.monotonic() < deadline:
-            try:
-                data = receiver.recv(65535)
-            except TimeoutError:
-                continue
-            _, _, payload = udp_payload(data, parse(data))
-            if payload[0] == tag:
-                got.add(int.from_bytes(payload[1:5], "big"))
-        return len(got)
+        return self.exchange(n, tag, up, to)
 
     def traffic_ok(self, via: str, tag: int, n: int = 20) -> None:
         assert self._exchange(n, tag, True, via) == n, self.log(via)
