@@ -255,6 +255,7 @@ class TransferCore:
         self.seen: dict[tuple[str, int, int], float] = {}  # replay protection
         self.ctar_seq: dict[IPAddress, int] = {}  # highest CTAR/CT-Req sequence per MN
         self.counters = {"refused": 0, "replayed": 0, "malformed": 0, "forwarded": 0}
+        self._next_housekeeping = 0.0
 
     # -- source side -----------------------------------------------------------------
     def start(
@@ -511,7 +512,6 @@ class TransferCore:
         ):
             self.counters["replayed"] += 1
             return []
-        self.seen[key] = now + self.settings.retry_max * 2
         if forwarded:
             assert isinstance(msg, cxtp.CTD)
             if not may_send:  # only a peer that may hand us SAs may hand us their traffic
@@ -519,6 +519,7 @@ class TransferCore:
                 return []
             pkt, inbound = parse_forward(msg.cdbs[1])
             return [Inject(pkt, inbound)]
+        self.seen[key] = now + self.settings.retry_max * 2
         if isinstance(msg, cxtp.PCTD | cxtp.CTD) and self._is_decision(msg):
             return self._on_commit(peer, tag, now)
         if isinstance(msg, cxtp.CTD) and all(
@@ -842,13 +843,17 @@ class TransferCore:
                     out += [Send(inc.peer, m) for m in inc.ctdrs]
             if inc.state in ("active", "cancelled") and now >= inc.give_up:
                 del self.incoming[k]
-        for tid, (_, until) in list(self.decided.items()):
-            if now >= until:
-                del self.decided[tid]
-        for key, until in list(self.seen.items()):
-            if now >= until:
-                del self.seen[key]
-        self.engine.expire_moved(now)
+        if now >= self._next_housekeeping:
+            # Expiring old records walks whole tables: twice a second is plenty, and keeps
+            # the work per message small while thousands of packets are being forwarded.
+            self._next_housekeeping = now + 0.5
+            for tid, (_, until) in list(self.decided.items()):
+                if now >= until:
+                    del self.decided[tid]
+            for key, until in list(self.seen.items()):
+                if now >= until:
+                    del self.seen[key]
+            self.engine.expire_moved(now)
         return out
 
     def peer_lost(self, peer: str, now: float) -> list[Output]:
