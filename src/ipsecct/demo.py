@@ -60,7 +60,6 @@ class _App(asyncio.DatagramProtocol):
         self.duplicates = 0
         self.last_rx: float | None = None
         self.max_gap = 0.0
-        self.gaps: list[tuple[float, float]] = []  # (start, length) of pauses over 50 ms
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.DatagramTransport, transport)
@@ -83,8 +82,6 @@ class _App(asyncio.DatagramProtocol):
             gap = now - self.last_rx
             if gap > self.max_gap:
                 self.max_gap = gap
-            if gap > 0.05:
-                self.gaps.append((self.last_rx, gap))
         self.last_rx = now
 
 

@@ -778,14 +778,12 @@ class TransferService:
             seq = int(time.time() * 1000) & 0xFFFFFFFF
             mn = t.outbound.dst
             token = cxtp.compute_token(token_key(t), mn, seq)
-            fut = asyncio.get_running_loop().create_future()
-            holder: dict[str, Any] = {}
+            fut: asyncio.Future[Record] = asyncio.get_running_loop().create_future()
 
             def watch(rec: Record) -> None:
                 if rec.role == "source" and set(rec.spis) & set(spis) and not fut.done():
                     fut.set_result(rec)
 
-            holder["cb"] = watch
             self.listeners.append(watch)
             try:
                 self.channels.send(to, cxtp.CTAR(mn, self.node.cfg.outer.host, seq, token))

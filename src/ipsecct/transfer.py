@@ -42,7 +42,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from . import context, cxtp, signalling
 from .algorithms import EncAlg, IntegAlg
-from .engine import Engine, Held, Tunnel, TunnelState
+from .engine import Engine, Held, ToPeer, Tunnel, TunnelState
 from .errors import ContextError, IpsecctError, SAError
 from .sad import Direction, SecurityAssociation, UdpEncap
 from .spd import Action, IPAddress, SPDEntry
@@ -740,8 +740,8 @@ class TransferCore:
             items = inc.signals.get(id(t))
             if items:
                 res = self.engine.signal(t.outbound, signalling.encode(items), now)
-                if not isinstance(res, type(None)) and hasattr(res, "data"):
-                    out.append(Transmit(res.sa, res.data))  # type: ignore[union-attr]
+                if isinstance(res, ToPeer):
+                    out.append(Transmit(res.sa, res.data))
             if self.on_install is not None:
                 self.on_install(t)
         out += [Inject(h.packet, h.inbound) for h in inc.held]
