@@ -10,6 +10,18 @@ import pytest
 from ipsecct.algorithms import EncAlg, IntegAlg
 from ipsecct.sad import Direction, Mode, SecurityAssociation
 
+# (encryption, integrity, encryption key length): every ESP transform with each key size.
+ESP_TRANSFORMS: list[tuple[EncAlg, IntegAlg, int]] = [
+    (EncAlg.AES_GCM_16, IntegAlg.NONE, 20),
+    (EncAlg.AES_GCM_16, IntegAlg.NONE, 36),
+    (EncAlg.CHACHA20_POLY1305, IntegAlg.NONE, 36),
+    (EncAlg.AES_CBC, IntegAlg.HMAC_SHA2_256_128, 16),
+    (EncAlg.AES_CBC, IntegAlg.HMAC_SHA2_384_192, 24),
+    (EncAlg.AES_CBC, IntegAlg.HMAC_SHA2_512_256, 32),
+    (EncAlg.NULL, IntegAlg.HMAC_SHA2_256_128, 0),
+    (EncAlg.AES_CBC, IntegAlg.HMAC_SHA1_96, 16),
+]
+
 
 def sa_pair(
     enc: EncAlg = EncAlg.AES_GCM_16,

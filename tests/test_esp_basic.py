@@ -8,17 +8,9 @@ from ipsecct import esp, processing
 from ipsecct.algorithms import EncAlg, IntegAlg
 from ipsecct.esp import Drop
 from ipsecct.ippacket import build_udp, parse
-from tests.conftest import sa_pair
+from tests.conftest import ESP_TRANSFORMS, sa_pair
 
-TRANSFORMS = [
-    (EncAlg.AES_GCM_16, IntegAlg.NONE, 20),
-    (EncAlg.AES_GCM_16, IntegAlg.NONE, 36),
-    (EncAlg.CHACHA20_POLY1305, IntegAlg.NONE, 36),
-    (EncAlg.AES_CBC, IntegAlg.HMAC_SHA2_256_128, 16),
-    (EncAlg.AES_CBC, IntegAlg.HMAC_SHA2_384_192, 24),
-    (EncAlg.AES_CBC, IntegAlg.HMAC_SHA2_512_256, 32),
-    (EncAlg.NULL, IntegAlg.HMAC_SHA2_256_128, 0),
-]
+TRANSFORMS = ESP_TRANSFORMS
 
 
 def inner_packet(n: int = 100) -> bytes:

@@ -14,7 +14,7 @@ from ipsecct.algorithms import ENC, INTEG, EncAlg, IntegAlg
 from ipsecct.errors import KeyFileError, SAError
 from ipsecct.keyfile import format_line, parse_keyfile, parse_line
 from ipsecct.sad import Direction, Protocol, SecurityAssociation
-from tests.conftest import sa_pair
+from tests.conftest import ESP_TRANSFORMS, sa_pair
 
 GCM_KEY = bytes(range(20))
 CBC_KEY = bytes(range(16))
@@ -193,16 +193,7 @@ def test_misplaced_key_is_not_echoed() -> None:
     assert "not shown" in str(info.value)
 
 
-TRANSFORMS = [
-    (EncAlg.AES_GCM_16, IntegAlg.NONE, 20),
-    (EncAlg.AES_GCM_16, IntegAlg.NONE, 36),
-    (EncAlg.CHACHA20_POLY1305, IntegAlg.NONE, 36),
-    (EncAlg.AES_CBC, IntegAlg.HMAC_SHA2_256_128, 16),
-    (EncAlg.AES_CBC, IntegAlg.HMAC_SHA2_384_192, 24),
-    (EncAlg.AES_CBC, IntegAlg.HMAC_SHA2_512_256, 32),
-    (EncAlg.NULL, IntegAlg.HMAC_SHA2_256_128, 0),
-    (EncAlg.AES_CBC, IntegAlg.HMAC_SHA1_96, 16),
-]
+TRANSFORMS = ESP_TRANSFORMS
 
 
 @pytest.mark.parametrize(("enc", "integ", "klen"), TRANSFORMS)
