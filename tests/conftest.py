@@ -7,8 +7,8 @@ import os
 
 import pytest
 
-from ipsecct.algorithms import EncAlg, IntegAlg
-from ipsecct.sad import Direction, Mode, SecurityAssociation
+from ipsecct.ipsec.algorithms import EncAlg, IntegAlg
+from ipsecct.ipsec.sad import Direction, Mode, SecurityAssociation
 
 # (encryption, integrity, encryption key length): every ESP transform with each key size.
 ESP_TRANSFORMS: list[tuple[EncAlg, IntegAlg, int]] = [
@@ -37,7 +37,7 @@ def sa_pair(
     window: int = 64,
 ) -> tuple[SecurityAssociation, SecurityAssociation]:
     """An (outbound, inbound) pair of SAs sharing keys, as two peers would hold them."""
-    from ipsecct.algorithms import ENC, INTEG
+    from ipsecct.ipsec.algorithms import ENC, INTEG
 
     ek = os.urandom(enc_key_len if enc_key_len is not None else ENC[enc].key_lengths[0])
     ik = os.urandom(integ_key_len if integ_key_len is not None else INTEG[integ].key_length)

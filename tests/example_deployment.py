@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ipsecct.ippacket import build_udp, parse, udp_payload
+from ipsecct.ipsec.ippacket import build_udp, parse, udp_payload
 
 MN_INNER, HOST_INNER = "10.1.0.2", "10.2.0.1"
 

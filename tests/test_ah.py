@@ -16,13 +16,13 @@ from scapy.layers.ipsec import AH as ScapyAH
 from scapy.layers.ipsec import SecurityAssociation as ScapySA
 from scapy.packet import Raw
 
-from ipsecct import ah
-from ipsecct.algorithms import INTEG, EncAlg, IntegAlg
-from ipsecct.esp import Drop
-from ipsecct.ippacket import checksum, parse
-from ipsecct.processing import outer_header
-from ipsecct.sad import DfPolicy, Direction, Mode, Protocol, SAEvent, SecurityAssociation
-from ipsecct.spd import Selectors
+from ipsecct.ipsec import ah
+from ipsecct.ipsec.algorithms import INTEG, EncAlg, IntegAlg
+from ipsecct.ipsec.esp import Drop
+from ipsecct.ipsec.ippacket import checksum, parse
+from ipsecct.ipsec.processing import outer_header
+from ipsecct.ipsec.sad import DfPolicy, Direction, Mode, Protocol, SAEvent, SecurityAssociation
+from ipsecct.ipsec.spd import Selectors
 
 ALGS = [
     (IntegAlg.HMAC_SHA2_256_128, "SHA2-256-128"),
@@ -396,7 +396,7 @@ def test_sequence_rollover_when_overflow_permitted() -> None:
 
 # -- lifetimes and accounting ----------------------------------------------------------------
 def test_lifetimes_and_accounting() -> None:
-    from ipsecct.sad import Lifetime
+    from ipsecct.ipsec.sad import Lifetime
 
     out, inn = ah_pair(soft=Lifetime(packets=2), hard=Lifetime(packets=3, seconds=100.0))
     inner = bytes(scapy_inner(4, 60))

@@ -8,11 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from ipsecct import demo, demo_handover
 from ipsecct.bench.transfer import make_tunnel
-from ipsecct.config import ConfigError
-from ipsecct.engine import TunnelState
-from ipsecct.handover import parse_config
+from ipsecct.demo import handover as demo_handover
+from ipsecct.demo import tour as demo
+from ipsecct.gateway.config import ConfigError
+from ipsecct.gateway.handover import parse_config
+from ipsecct.ipsec.engine import TunnelState
 
 
 def active(world: demo.Demo, name: str) -> int:
@@ -80,10 +81,10 @@ def test_a_context_too_large_to_encode_leaves_the_tunnel_active() -> None:
     import ipaddress
     import os
 
-    from ipsecct.engine import Engine
-    from ipsecct.sad import Direction, SecurityAssociation
-    from ipsecct.spd import Action, Selectors, SPDEntry
-    from ipsecct.transfer import Endpoint, TransferCore, TransferError
+    from ipsecct.ct.transfer import Endpoint, TransferCore, TransferError
+    from ipsecct.ipsec.engine import Engine
+    from ipsecct.ipsec.sad import Direction, SecurityAssociation
+    from ipsecct.ipsec.spd import Action, Selectors, SPDEntry
 
     a = ipaddress.ip_address
     sel = Selectors.between("10.2.0.0/24", "10.1.0.2")

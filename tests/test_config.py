@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from ipsecct import config
 from ipsecct.errors import ConfigError
-from ipsecct.sad import Direction, Mode
+from ipsecct.gateway import config
+from ipsecct.ipsec.sad import Direction, Mode
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "gateway"
 

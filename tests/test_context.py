@@ -12,13 +12,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ipsecct import context, processing
-from ipsecct.algorithms import ENC, INTEG, EncAlg, IntegAlg
-from ipsecct.context import FPT_IPSEC_SA, Bit
+from ipsecct.ct import context
+from ipsecct.ct.context import FPT_IPSEC_SA, Bit
 from ipsecct.errors import ContextError
-from ipsecct.esp import Drop
-from ipsecct.ippacket import build_udp
-from ipsecct.sad import (
+from ipsecct.ipsec import processing
+from ipsecct.ipsec.algorithms import ENC, INTEG, EncAlg, IntegAlg
+from ipsecct.ipsec.esp import Drop
+from ipsecct.ipsec.ippacket import build_udp
+from ipsecct.ipsec.sad import (
     Counters,
     DfPolicy,
     Direction,
@@ -28,7 +29,7 @@ from ipsecct.sad import (
     SecurityAssociation,
     UdpEncap,
 )
-from ipsecct.spd import AddressRange, PortRange, Selectors
+from ipsecct.ipsec.spd import AddressRange, PortRange, Selectors
 
 EXAMPLES = sorted((Path(__file__).parent.parent / "examples" / "contexts").glob("*.json"))
 A = ipaddress.ip_address

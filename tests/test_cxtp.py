@@ -13,8 +13,8 @@ from cryptography.hazmat.primitives import hashes, hmac
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ipsecct import cxtp
-from ipsecct.cxtp import (
+from ipsecct.ct import cxtp
+from ipsecct.ct.cxtp import (
     CTAA,
     CTAR,
     CTC,

@@ -7,13 +7,13 @@ import struct
 
 import pytest
 
-from ipsecct import ippacket, processing
-from ipsecct.engine import Bypass, Engine, ToInner, ToPeer
 from ipsecct.errors import SAError
-from ipsecct.esp import Drop
-from ipsecct.ippacket import IPAddress, build_udp
-from ipsecct.sad import Lifetime, SAEvent, SecurityAssociation, UdpEncap
-from ipsecct.spd import Action, AddressRange, Selectors, SPDEntry
+from ipsecct.ipsec import ippacket, processing
+from ipsecct.ipsec.engine import Bypass, Engine, ToInner, ToPeer
+from ipsecct.ipsec.esp import Drop
+from ipsecct.ipsec.ippacket import IPAddress, build_udp
+from ipsecct.ipsec.sad import Lifetime, SAEvent, SecurityAssociation, UdpEncap
+from ipsecct.ipsec.spd import Action, AddressRange, Selectors, SPDEntry
 from tests.conftest import sa_pair
 
 MN = "10.1.0.2"

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from ipsecct import esp, processing
-from ipsecct.algorithms import EncAlg, IntegAlg
-from ipsecct.esp import Drop
-from ipsecct.ippacket import build_udp, parse
+from ipsecct.ipsec import esp, processing
+from ipsecct.ipsec.algorithms import EncAlg, IntegAlg
+from ipsecct.ipsec.esp import Drop
+from ipsecct.ipsec.ippacket import build_udp, parse
 from tests.conftest import ESP_TRANSFORMS, sa_pair
 
 TRANSFORMS = ESP_TRANSFORMS
@@ -49,7 +49,7 @@ def test_tampered_packet_is_icv_drop_and_does_not_move_window(
 
 
 def test_transport_mode_round_trip() -> None:
-    from ipsecct.sad import Mode
+    from ipsecct.ipsec.sad import Mode
 
     out, inn = sa_pair(mode=Mode.TRANSPORT)
     pkt = inner_packet(50)

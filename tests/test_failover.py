@@ -3,7 +3,7 @@ standby takes over with every outbound sequence number advanced by ``seq_margin`
 
 Four levels, each with real parts:
 
-1. sans-I/O: :class:`~ipsecct.failover.Replicator` and :class:`~ipsecct.failover.Standby`
+1. sans-I/O: :class:`~ipsecct.ct.failover.Replicator` and :class:`~ipsecct.ct.failover.Standby`
    with the test owning ``now``; messages go through the CXTP wire form; ESP between real
    engines (the world of ``tests/transfer_helpers.py``). A hypothesis property kills the active
    at a random point of a random stream and checks that no sequence number is ever reused.
@@ -34,13 +34,16 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ipsecct import context, cxtp, demo, demo_handover, failover, signalling
-from ipsecct.engine import Engine, ToPeer, Tunnel
+from ipsecct.ct import context, cxtp, failover
+from ipsecct.ct.transfer import FPT_SYNC, Endpoint, Identity, Record
+from ipsecct.demo import handover as demo_handover
+from ipsecct.demo import tour as demo
 from ipsecct.errors import ConfigError
-from ipsecct.esp import Drop
-from ipsecct.sad import Direction
-from ipsecct.spd import Action, SPDEntry
-from ipsecct.transfer import FPT_SYNC, Endpoint, Identity, Record
+from ipsecct.ipsec import signalling
+from ipsecct.ipsec.engine import Engine, ToPeer, Tunnel
+from ipsecct.ipsec.esp import Drop
+from ipsecct.ipsec.sad import Direction
+from ipsecct.ipsec.spd import Action, SPDEntry
 from tests.example_deployment import ExampleDeployment, cli
 from tests.transfer_helpers import (
     PORT,
@@ -693,7 +696,7 @@ def test_standby_started_after_the_active_gets_idle_tunnels(tmp_path: Path) -> N
     async def main() -> int:
         d = await demo.build(tmp_path, failover=True)
         try:
-            from ipsecct.handover import TransferService, parse_config
+            from ipsecct.gateway.handover import TransferService, parse_config
 
             services = {}
             for name in ("sg1", "sg2"):

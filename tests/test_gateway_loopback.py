@@ -31,9 +31,9 @@ from typing import Any
 
 import pytest
 
-from ipsecct import ippacket
-from ipsecct.control import ControlError, request
-from ipsecct.ippacket import build_udp
+from ipsecct.gateway.control import ControlError, request
+from ipsecct.ipsec import ippacket
+from ipsecct.ipsec.ippacket import build_udp
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples" / "gateway"
@@ -396,8 +396,8 @@ def test_traffic_both_ways_and_counters(topo: Topo) -> None:
 
 
 def test_rejections_are_counted(topo: Topo) -> None:
-    from ipsecct import processing
-    from ipsecct.sad import Direction, SecurityAssociation
+    from ipsecct.ipsec import processing
+    from ipsecct.ipsec.sad import Direction, SecurityAssociation
 
     # matches no policy at the MN: dropped there
     topo.up(packet(1, "10.9.9.9", HOST))
@@ -440,9 +440,9 @@ def test_rejections_are_counted(topo: Topo) -> None:
 
 
 def test_export_wireshark_keys_decrypt_the_capture(topo: Topo) -> None:
-    pytest.importorskip("ipsecct.pcapdecrypt")
-    from ipsecct.keyfile import parse_keyfile
-    from ipsecct.pcap import LINKTYPE_RAW, PcapWriter
+    pytest.importorskip("ipsecct.tools.pcapdecrypt")
+    from ipsecct.tools.keyfile import parse_keyfile
+    from ipsecct.tools.pcap import LINKTYPE_RAW, PcapWriter
 
     sent = [packet(i, size=200) for i in range(5)]
     for p in sent:
@@ -471,7 +471,7 @@ def test_export_wireshark_keys_decrypt_the_capture(topo: Topo) -> None:
     dec = topo.dir / "dec.pcap"
     r = ipsecct("pcap", "decrypt", "--keys", str(keys), str(cap), str(dec))
     assert r.returncode == 0, r.stderr
-    from ipsecct.pcap import PcapReader
+    from ipsecct.tools.pcap import PcapReader
 
     with open(dec, "rb") as f:
         got = [bytes(rec.data) for rec in PcapReader(f)]
@@ -548,8 +548,8 @@ def test_sigterm_exits_cleanly_and_restart_works(topo: Topo) -> None:
 
 
 def test_sa_delete_and_add(topo: Topo) -> None:
-    from ipsecct import context
-    from ipsecct.sad import Direction, SecurityAssociation
+    from ipsecct.ct import context
+    from ipsecct.ipsec.sad import Direction, SecurityAssociation
 
     res = json.loads(ok("sa", "delete", hex(SPI_UP), "--json", "-s", topo.sg.sock))
     assert res == [f"0x{SPI_UP:08x}"]

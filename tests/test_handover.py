@@ -1,6 +1,6 @@
 """Context transfer between running gateways, in one process: real UDP sockets for ESP, real
 TLS 1.3 with mutual certificate authentication between the gateways (a fresh test CA from
-:func:`ipsecct.pki.init_pki`), the demo's topology (a mobile node, sg1, sg2, an end host and a
+:func:`ipsecct.tools.pki.init_pki`), the demo's topology (a mobile node, sg1, sg2, an end host and a
 constant-rate UDP stream both ways). Then the ``ipsecct demo --handover`` command itself.
 """
 
@@ -23,12 +23,16 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509 import load_pem_x509_certificate
 
-from ipsecct import cxtp, demo, demo_handover, pki, tlschannel
-from ipsecct.engine import TunnelState
-from ipsecct.handover import MobileAgent, TransferService
-from ipsecct.sad import Direction, SecurityAssociation, UdpEncap
-from ipsecct.spd import Action, SPDEntry
-from ipsecct.transfer import Record
+from ipsecct.ct import cxtp
+from ipsecct.ct.transfer import Record
+from ipsecct.demo import handover as demo_handover
+from ipsecct.demo import tour as demo
+from ipsecct.gateway import tlschannel
+from ipsecct.gateway.handover import MobileAgent, TransferService
+from ipsecct.ipsec.engine import TunnelState
+from ipsecct.ipsec.sad import Direction, SecurityAssociation, UdpEncap
+from ipsecct.ipsec.spd import Action, SPDEntry
+from ipsecct.tools import pki
 from tests.transfer_helpers import sel
 
 Main = Callable[[demo.Demo], Awaitable[None]]

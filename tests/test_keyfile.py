@@ -10,10 +10,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ipsecct.algorithms import ENC, INTEG, EncAlg, IntegAlg
 from ipsecct.errors import KeyFileError, SAError
-from ipsecct.keyfile import format_line, parse_keyfile, parse_line
-from ipsecct.sad import Direction, Protocol, SecurityAssociation
+from ipsecct.ipsec.algorithms import ENC, INTEG, EncAlg, IntegAlg
+from ipsecct.ipsec.sad import Direction, Protocol, SecurityAssociation
+from ipsecct.tools.keyfile import format_line, parse_keyfile, parse_line
 from tests.conftest import ESP_TRANSFORMS, sa_pair
 
 GCM_KEY = bytes(range(20))

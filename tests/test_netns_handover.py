@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from ipsecct.control import request
+from ipsecct.gateway.control import request
 from tests.netns import wait_until
 from tests.netns_topology import (
     HOST,

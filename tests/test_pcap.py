@@ -31,13 +31,13 @@ from scapy.layers.l2 import ARP, CookedLinux, CookedLinuxV2, Dot1Q, Ether
 from scapy.packet import Packet, Raw
 from scapy.utils import rdpcap, wrpcap
 
-from ipsecct import esp, processing
-from ipsecct.algorithms import EncAlg, IntegAlg
 from ipsecct.errors import PcapError
-from ipsecct.esp import Drop
-from ipsecct.ippacket import build_udp
-from ipsecct.keyfile import format_line
-from ipsecct.pcap import (
+from ipsecct.ipsec import esp, processing
+from ipsecct.ipsec.algorithms import EncAlg, IntegAlg
+from ipsecct.ipsec.esp import Drop
+from ipsecct.ipsec.ippacket import build_udp
+from ipsecct.tools.keyfile import format_line
+from ipsecct.tools.pcap import (
     LINKTYPE_ETHERNET,
     LINKTYPE_IPV4,
     LINKTYPE_IPV6,
@@ -51,7 +51,7 @@ from ipsecct.pcap import (
     ip_packet,
     read_pcap,
 )
-from ipsecct.pcapdecrypt import Decryptor, Outcome, esn_candidates
+from ipsecct.tools.pcapdecrypt import Decryptor, Outcome, esn_candidates
 from tests.conftest import sa_pair
 
 # Explicit addresses everywhere: otherwise Scapy looks up routes and MAC addresses (slowly).
@@ -562,7 +562,7 @@ def test_esn_reordered_around_the_boundary() -> None:
         wire = processing.tunnel_encapsulate(out, inner, 0.0)
         assert not isinstance(wire, Drop)
         wires.append((inner, processing.outer_header(out, None, len(wire)) + bytes(wire)))
-    from ipsecct.keyfile import parse_line
+    from ipsecct.tools.keyfile import parse_line
 
     kl = parse_line(kl_text)
     assert kl is not None
@@ -591,8 +591,8 @@ GCM_KEY = bytes(range(20))
 
 
 def gcm_setup(mode: str = "tunnel") -> tuple[Any, Decryptor]:
-    from ipsecct.keyfile import parse_line
-    from ipsecct.sad import Mode
+    from ipsecct.ipsec.sad import Mode
+    from ipsecct.tools.keyfile import parse_line
 
     out, _ = sa_pair(mode=Mode.TUNNEL if mode == "tunnel" else Mode.TRANSPORT, spi=0x5000)
     kl = parse_line(format_line(out))
@@ -624,7 +624,7 @@ def test_transport_with_ipv6_extension_header() -> None:
     orig = IPv6(bytes(IPv6(src="2001:db8::1", dst="2001:db8::2") / IPv6ExtHdrDestOpt()
                       / UDP(sport=5, dport=6) / Raw(b"ext")))
     enc = sa.encrypt(orig)
-    from ipsecct.keyfile import parse_line
+    from ipsecct.tools.keyfile import parse_line
 
     kl = parse_line(q("IPv6", "2001:db8::1", "2001:db8::2", "0x00006000",
                       "AES-GCM with 16 octet ICV [RFC4106]", "0x" + ek.hex(), "NULL", ""))

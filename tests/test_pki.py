@@ -15,8 +15,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from ipsecct import cli, pki
-from ipsecct.pki import PkiError
+from ipsecct import cli
+from ipsecct.tools import pki
+from ipsecct.tools.pki import PkiError
 
 NOW = dt.datetime.now(dt.UTC)
 Main = Callable[[Sequence[str] | None], int]

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ipsecct.errors import SAError
-from ipsecct.replay import ReplayWindow
+from ipsecct.ipsec.replay import ReplayWindow
 
 SIZES = st.integers(1, 128).map(lambda n: n * 32)  # 32 .. 4096
 # Steps relative to the highest accepted number: mostly near the window, sometimes far ahead.

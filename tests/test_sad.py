@@ -8,9 +8,9 @@ import itertools
 
 import pytest
 
-from ipsecct.algorithms import EncAlg, IntegAlg
 from ipsecct.errors import AlgorithmError, SAError, SPICollisionError
-from ipsecct.sad import (
+from ipsecct.ipsec.algorithms import EncAlg, IntegAlg
+from ipsecct.ipsec.sad import (
     MAX_SEQ_32,
     MAX_SEQ_64,
     SAD,

@@ -19,10 +19,10 @@ scapy_ipsec = pytest.importorskip("scapy.layers.ipsec")
 from scapy.layers.inet import IP  # noqa: E402
 from scapy.layers.inet6 import IPv6  # noqa: E402
 
-from ipsecct import ippacket, processing  # noqa: E402
-from ipsecct.algorithms import ENC, INTEG, EncAlg, IntegAlg  # noqa: E402
-from ipsecct.esp import Drop  # noqa: E402
-from ipsecct.sad import Direction, Mode, SecurityAssociation  # noqa: E402
+from ipsecct.ipsec import ippacket, processing  # noqa: E402
+from ipsecct.ipsec.algorithms import ENC, INTEG, EncAlg, IntegAlg  # noqa: E402
+from ipsecct.ipsec.esp import Drop  # noqa: E402
+from ipsecct.ipsec.sad import Direction, Mode, SecurityAssociation  # noqa: E402
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,5 @@
-"""In-SA signals from a gateway to the mobile node (:mod:`ipsecct.signalling`): the TLV codec
-(round trip, fuzzed decoder) and the MN side's :func:`~ipsecct.signalling.apply`, which must
+"""In-SA signals from a gateway to the mobile node (:mod:`ipsecct.ipsec.signalling`): the TLV codec
+(round trip, fuzzed decoder) and the MN side's :func:`~ipsecct.ipsec.signalling.apply`, which must
 change the MN's SAD all at once or not at all."""
 
 from __future__ import annotations
@@ -10,11 +10,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ipsecct import signalling
-from ipsecct.engine import Engine
-from ipsecct.sad import Protocol, SecurityAssociation, UdpEncap
-from ipsecct.signalling import SgUpdate, SignalError, SpiReassign
-from ipsecct.spd import Action, SPDEntry
+from ipsecct.ipsec import signalling
+from ipsecct.ipsec.engine import Engine
+from ipsecct.ipsec.sad import Protocol, SecurityAssociation, UdpEncap
+from ipsecct.ipsec.signalling import SgUpdate, SignalError, SpiReassign
+from ipsecct.ipsec.spd import Action, SPDEntry
 from tests.transfer_helpers import MN_ADDR, SG_ADDR, SPI_DOWN, SPI_UP, ip, tunnel_sas
 
 V4 = st.builds(ipaddress.IPv4Address, st.integers(0, 2**32 - 1))

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ipsecct.errors import SAError
-from ipsecct.spd import (
+from ipsecct.ipsec.spd import (
     PROTO_ANY,
     SPD,
     Action,

@@ -358,7 +358,7 @@ def test_strongswan_accepts_ipsecct_after_transfer_from_strongswan(
         sock = str(workdir / "b.sock")
         cfg = workdir / "b.toml"
         cfg.write_text(node_config(sock))
-        node = Daemon("node", cfg, sock, workdir / "b-ipsecct.log", prefix=ns.cmd("b"))
+        node = Daemon("node", cfg, sock, workdir / "b-ipsecct.gateway.log", prefix=ns.cmd("b"))
         with running(node):
             ctx = workdir / "b-sa.json"
             fd = os.open(ctx, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # holds keys
@@ -397,7 +397,7 @@ def test_strongswan_accepts_ipsecct_after_transfer_from_strongswan(
             # A accepted ipsecct's packets as the next ones on the same SA
             assert a_counts == {ca.outbound.spi: 2 * PINGS, ca.inbound.spi: 2 * PINGS}
             assert "verification failed" not in pair.a.log()
-            log = (workdir / "b-ipsecct.log").read_text(errors="replace").lower()
+            log = (workdir / "b-ipsecct.gateway.log").read_text(errors="replace").lower()
             assert "sa-added" in log and not any(k in log for k in secrets)
 
             # ipsecct also took B's replay window: a packet A sent to B before the transfer,

@@ -13,9 +13,11 @@ from typing import TypeVar
 
 import pytest
 
-from ipsecct import cxtp, pki, tlschannel
-from ipsecct.cxtp import CTD, CTDR, CxtpError, StatusEntry
-from ipsecct.tlschannel import ChannelClosed, ChannelError, ChannelTimeout, CxtpConnection
+from ipsecct.ct import cxtp
+from ipsecct.ct.cxtp import CTD, CTDR, CxtpError, StatusEntry
+from ipsecct.gateway import tlschannel
+from ipsecct.gateway.tlschannel import ChannelClosed, ChannelError, ChannelTimeout, CxtpConnection
+from ipsecct.tools import pki
 
 NOW = dt.datetime.now(dt.UTC)
 MN = ipaddress.IPv4Address("10.0.0.7")
@@ -287,7 +289,7 @@ def test_tls12_server_refused_by_client(pkidir: Path) -> None:
 def test_garbage_from_trusted_peer(
     pkidir: Path, garbage: bytes, hang_up: bool, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="ipsecct.tlschannel")
+    caplog.set_level(logging.WARNING, logger="ipsecct.gateway.tlschannel")
 
     async def body(port: int, echo: Echo) -> None:
         conn = await tlschannel.connect(

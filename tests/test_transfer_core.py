@@ -1,5 +1,6 @@
-"""The sans-I/O context-transfer core (:class:`ipsecct.transfer.TransferCore`) between two and
-three real :class:`~ipsecct.engine.Engine` s. Every CXTP message goes through ``cxtp.encode`` and
+"""The sans-I/O context-transfer core (:class:`ipsecct.ct.transfer.TransferCore`) between two and
+three real :class:`~ipsecct.ipsec.engine.Engine` s.
+Every CXTP message goes through ``cxtp.encode`` and
 ``cxtp.decode``; the test owns the clock and the network (it delivers, drops and reorders).
 
 What must always hold (issue 4): one sender per outbound SA (no (SPI, sequence number) pair is
@@ -16,12 +17,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ipsecct import context, cxtp, signalling
-from ipsecct.algorithms import EncAlg
-from ipsecct.engine import Signal, ToInner, Tunnel, TunnelState
-from ipsecct.errors import IpsecctError
-from ipsecct.esp import Drop
-from ipsecct.transfer import (
+from ipsecct.ct import context, cxtp
+from ipsecct.ct.transfer import (
     ConflictPolicy,
     Identity,
     Inject,
@@ -30,6 +27,11 @@ from ipsecct.transfer import (
     forward_cdb,
     token_key,
 )
+from ipsecct.errors import IpsecctError
+from ipsecct.ipsec import signalling
+from ipsecct.ipsec.algorithms import EncAlg
+from ipsecct.ipsec.engine import Signal, ToInner, Tunnel, TunnelState
+from ipsecct.ipsec.esp import Drop
 from tests.transfer_helpers import (
     MN_ADDR,
     SG_ADDR,
@@ -748,7 +750,7 @@ def test_target_path_mtu_replaces_transferred_one() -> None:
     # An inner packet that no longer fits (DF set) gets an ICMP "fragmentation needed".
     big = bytearray(udp_packet(1, up=False, size=1000))
     big[6] |= 0x40
-    from ipsecct import ippacket
+    from ipsecct.ipsec import ippacket
 
     big[10:12] = b"\0\0"
     big[10:12] = ippacket.checksum(bytes(big[:20])).to_bytes(2, "big")

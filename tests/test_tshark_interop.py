@@ -1,8 +1,8 @@
 """tshark (Wireshark 4.0, an independent ESP implementation) decrypts and verifies what
 ipsecct's core sends, for every transform both know: AES-GCM-16 with 128 and 256-bit keys,
 AES-CBC with HMAC-SHA-256-128 / 384-192 / 512-256 and HMAC-SHA-1-96, NULL with HMAC. Keys reach
-tshark as ``esp_sa`` lines written by :func:`ipsecct.keyfile.format_line`, the capture is
-written by :class:`ipsecct.pcap.PcapWriter`.
+tshark as ``esp_sa`` lines written by :func:`ipsecct.tools.keyfile.format_line`, the capture is
+written by :class:`ipsecct.tools.pcap.PcapWriter`.
 
 tshark 4.0 lacks ChaCha20-Poly1305 and ESN (see ../shared/notes/platform.md); those are checked
 against Scapy and ipsecct's own ``pcap decrypt`` in test_pcap.py.
@@ -19,13 +19,13 @@ from pathlib import Path
 
 import pytest
 
-from ipsecct import processing
-from ipsecct.algorithms import EncAlg, IntegAlg
-from ipsecct.esp import Drop
-from ipsecct.ippacket import build_udp
-from ipsecct.keyfile import format_line
-from ipsecct.pcap import LINKTYPE_ETHERNET, LINKTYPE_RAW, PcapWriter
-from ipsecct.sad import Mode, SecurityAssociation, UdpEncap
+from ipsecct.ipsec import processing
+from ipsecct.ipsec.algorithms import EncAlg, IntegAlg
+from ipsecct.ipsec.esp import Drop
+from ipsecct.ipsec.ippacket import build_udp
+from ipsecct.ipsec.sad import Mode, SecurityAssociation, UdpEncap
+from ipsecct.tools.keyfile import format_line
+from ipsecct.tools.pcap import LINKTYPE_ETHERNET, LINKTYPE_RAW, PcapWriter
 from tests.conftest import sa_pair
 
 TSHARK = shutil.which("tshark") or "/usr/bin/tshark"

@@ -16,12 +16,12 @@ from scapy.layers.inet import IP, UDP
 from scapy.layers.inet6 import IPv6
 from scapy.layers.ipsec import ESP as ScapyESP
 
-from ipsecct import processing, udpencap
 from ipsecct.errors import PacketError
-from ipsecct.esp import Drop
-from ipsecct.ippacket import build_udp, checksum, parse, udp_payload
-from ipsecct.sad import SecurityAssociation
-from ipsecct.udpencap import KEEPALIVE, Classified, Kind, classify, frame_esp, frame_ike
+from ipsecct.ipsec import processing, udpencap
+from ipsecct.ipsec.esp import Drop
+from ipsecct.ipsec.ippacket import build_udp, checksum, parse, udp_payload
+from ipsecct.ipsec.sad import SecurityAssociation
+from ipsecct.ipsec.udpencap import KEEPALIVE, Classified, Kind, classify, frame_esp, frame_ike
 from tests.conftest import sa_pair
 
 IKE_HDR = bytes(range(1, 29))  # 28 octets standing for an IKE header (SPIs, version, ...)

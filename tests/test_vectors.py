@@ -23,11 +23,16 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ipsecct import esp, transforms
-from ipsecct.algorithms import EncAlg, IntegAlg
-from ipsecct.esp import Drop
-from ipsecct.sad import Direction, SecurityAssociation
-from ipsecct.transforms import AeadTransform, CbcHmacTransform, IntegrityFailure, make_integrity
+from ipsecct.ipsec import esp, transforms
+from ipsecct.ipsec.algorithms import EncAlg, IntegAlg
+from ipsecct.ipsec.esp import Drop
+from ipsecct.ipsec.sad import Direction, SecurityAssociation
+from ipsecct.ipsec.transforms import (
+    AeadTransform,
+    CbcHmacTransform,
+    IntegrityFailure,
+    make_integrity,
+)
 
 
 def h(text: str) -> bytes:
@@ -293,7 +298,9 @@ def test_rfc3602_cbc_encrypt_through_transform(
     key: str, iv: str, pt: str, ct: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     t = CbcHmacTransform(EncAlg.AES_CBC, h(key), IntegAlg.HMAC_SHA2_256_128, _INTEG_KEY)
-    monkeypatch.setattr("ipsecct.transforms.os.urandom", lambda n: h(iv) if n == 16 else bytes(n))
+    monkeypatch.setattr(
+        "ipsecct.ipsec.transforms.os.urandom", lambda n: h(iv) if n == 16 else bytes(n)
+    )
     out = t.seal(_HEADER, 7, h(pt), False)
     assert bytes(out[:8]) == _HEADER
     assert bytes(out[8:24]) == h(iv)

@@ -1,5 +1,6 @@
 """A sans-I/O world for context-transfer tests: a mobile node and gateways, each an
-:class:`~ipsecct.engine.Engine`, the gateways with a :class:`~ipsecct.transfer.TransferCore`.
+:class:`~ipsecct.ipsec.engine.Engine`, the gateways with a
+:class:`~ipsecct.ct.transfer.TransferCore`.
 
 Nothing here has sockets or a clock: the test owns ``now``. CXTP messages between gateways go
 through ``cxtp.encode``/``cxtp.decode`` (the wire form) and wait in per-link queues until the
@@ -16,23 +17,8 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ipsecct import cxtp, signalling
-from ipsecct.algorithms import EncAlg, IntegAlg
-from ipsecct.engine import (
-    Bypass,
-    Engine,
-    Forward,
-    Held,
-    Result,
-    Signal,
-    ToInner,
-    ToPeer,
-)
-from ipsecct.esp import Drop
-from ipsecct.ippacket import IPAddress, build_udp
-from ipsecct.sad import Direction, Mode, SecurityAssociation, UdpEncap
-from ipsecct.spd import Action, AddressRange, Selectors, SPDEntry
-from ipsecct.transfer import (
+from ipsecct.ct import cxtp
+from ipsecct.ct.transfer import (
     Endpoint,
     Finished,
     Inject,
@@ -43,6 +29,22 @@ from ipsecct.transfer import (
     TransferCore,
     Transmit,
 )
+from ipsecct.ipsec import signalling
+from ipsecct.ipsec.algorithms import EncAlg, IntegAlg
+from ipsecct.ipsec.engine import (
+    Bypass,
+    Engine,
+    Forward,
+    Held,
+    Result,
+    Signal,
+    ToInner,
+    ToPeer,
+)
+from ipsecct.ipsec.esp import Drop
+from ipsecct.ipsec.ippacket import IPAddress, build_udp
+from ipsecct.ipsec.sad import Direction, Mode, SecurityAssociation, UdpEncap
+from ipsecct.ipsec.spd import Action, AddressRange, Selectors, SPDEntry
 
 MN_INNER = "10.1.0.2"
 HOST = "10.2.0.1"
@@ -97,7 +99,7 @@ def tunnel_sas(
 ]:
     """The two halves of one MN <-> gateway tunnel: (gateway out, gateway in, gateway
     selectors) and (MN out, MN in, MN selectors), sharing keys."""
-    from ipsecct.algorithms import ENC, INTEG
+    from ipsecct.ipsec.algorithms import ENC, INTEG
 
     k_up = os.urandom(ENC[enc].key_lengths[0])
     k_down = os.urandom(ENC[enc].key_lengths[0])

@@ -3,8 +3,8 @@
 Three implementations are measured in the same run, on the same inner packets (an IPv4/UDP
 packet of exactly 64 or 1400 octets), with AES-GCM-128 and ChaCha20-Poly1305:
 
-- ``ipsecct``: :func:`ipsecct.processing.tunnel_encapsulate` and
-  :func:`~ipsecct.processing.tunnel_decapsulate` on real SAs (64-packet replay window, checked
+- ``ipsecct``: :func:`ipsecct.ipsec.processing.tunnel_encapsulate` and
+  :func:`~ipsecct.ipsec.processing.tunnel_decapsulate` on real SAs (64-packet replay window, checked
   and updated for every packet; decryption gets freshly sequenced packets made beforehand);
 - ``raw-aead``: ``cryptography``'s ``encrypt_into`` / ``decrypt_into`` with the AEAD object
   reused and a preallocated output buffer, on as many octets as ipsecct's own AEAD call (the
@@ -31,12 +31,12 @@ from typing import Any
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
-from .. import processing
-from ..algorithms import EncAlg
 from ..commands.args import number
-from ..esp import Drop
-from ..ippacket import build_udp
-from ..sad import Direction, SecurityAssociation
+from ..ipsec import processing
+from ..ipsec.algorithms import EncAlg
+from ..ipsec.esp import Drop
+from ..ipsec.ippacket import build_udp
+from ..ipsec.sad import Direction, SecurityAssociation
 
 IMPLS = ("ipsecct", "raw-aead", "scapy")
 TRANSFORMS: dict[str, tuple[EncAlg, int, str]] = {

@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from ..commands.args import number
-from ..ippacket import build_udp
+from ..ipsec.ippacket import build_udp
 
 IMPLS = ("ipsecct", "plain-relay")
 # Further relays for diagnosis (``--impl``), not measured by default: an asyncio relay built like
@@ -239,7 +239,7 @@ class IpsecctGateway(Gateway):
     ) -> None:
         """``command``: the Python arguments that run a gateway given ``--config FILE`` (to
         measure another build, e.g. a script that patches the daemon)."""
-        from ..control import ControlError, request
+        from ..gateway.control import ControlError, request
 
         self.impl = "ipsecct"
         self.listen = _free_port()
@@ -303,7 +303,7 @@ class IpsecctGateway(Gateway):
             time.sleep(0.05)
 
     def out_packets(self) -> int:
-        from ..control import request
+        from ..gateway.control import request
 
         return int(request(self.sock, "status")["counters"]["out_packets"])
 

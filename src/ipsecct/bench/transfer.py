@@ -34,10 +34,10 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from ..commands.args import number
-from ..engine import Engine
-from ..sad import Direction, SecurityAssociation, UdpEncap
-from ..spd import Action, Selectors, SPDEntry
-from ..transfer import Record
+from ..ct.transfer import Record
+from ..ipsec.engine import Engine
+from ..ipsec.sad import Direction, SecurityAssociation, UdpEncap
+from ..ipsec.spd import Action, Selectors, SPDEntry
 
 
 def _rss() -> int:
@@ -116,7 +116,8 @@ def baseline(n_sas: int) -> float:
 
 
 async def _transfers(handovers: int, bulk: int) -> tuple[list[float], float]:
-    from .. import demo, demo_handover
+    from ..demo import handover as demo_handover
+    from ..demo import tour as demo
 
     with tempfile.TemporaryDirectory(prefix="ipsecct-bench-") as tmp:
         dm = await demo.build(Path(tmp))

@@ -19,7 +19,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from .. import context
+from ..ct import context
 from ..errors import ContextError, IpsecctError
 
 NOW = 0.0  # the JSON form holds durations only, so any fixed clock gives the same bytes

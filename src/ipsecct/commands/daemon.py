@@ -8,7 +8,7 @@ from typing import Any
 
 def _run(role: str) -> Any:
     def handler(args: argparse.Namespace) -> int:
-        from .. import service
+        from ..gateway import service
 
         return service.run(args.config, role)
 

@@ -1,4 +1,4 @@
-"""``ipsecct demo``: the one-command tour (see :mod:`ipsecct.demo`)."""
+"""``ipsecct demo``: the one-command tour (see :mod:`ipsecct.demo.tour`)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from .args import number
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .. import demo
+    from ..demo import tour as demo
 
     demo.load_plugins()
     mode = "failover" if args.failover else args.handover

@@ -1,6 +1,6 @@
 """`ipsecct pcap decrypt --keys KEYFILE IN.pcap OUT.pcap`: decrypt the ESP packets of a
-capture with keys in Wireshark's ``esp_sa`` format (see :mod:`ipsecct.keyfile` and
-:mod:`ipsecct.pcapdecrypt`).
+capture with keys in Wireshark's ``esp_sa`` format (see :mod:`ipsecct.tools.keyfile` and
+:mod:`ipsecct.tools.pcapdecrypt`).
 
 Exit status: 0 when every ESP packet decrypted, 1 when some did not (one line each on stderr,
 with the packet number as Wireshark counts frames), 2 when the input is unusable (not a pcap
@@ -15,9 +15,9 @@ import sys
 from typing import Any
 
 from ..errors import PcapError
-from ..keyfile import load_keyfile
-from ..pcap import PcapReader
-from ..pcapdecrypt import DUPLICATE_WINDOW, decrypt_pcap
+from ..tools.keyfile import load_keyfile
+from ..tools.pcap import PcapReader
+from ..tools.pcapdecrypt import DUPLICATE_WINDOW, decrypt_pcap
 
 
 def register(sub: Any) -> None:

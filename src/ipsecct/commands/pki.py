@@ -6,7 +6,7 @@ import argparse
 import datetime as dt
 from typing import Any
 
-from .. import pki
+from ..tools import pki
 
 
 def register(sub: Any) -> None:

@@ -9,7 +9,7 @@ import os
 import sys
 from typing import Any
 
-from ..control import ControlError, request
+from ..gateway.control import ControlError, request
 
 DEFAULT_SOCKET = "/run/ipsecct/ipsecct.sock"
 
@@ -18,7 +18,7 @@ def socket_path(args: argparse.Namespace) -> str:
     if args.socket:
         return str(args.socket)
     if args.config:
-        from .. import config
+        from ..gateway import config
 
         cfg = config.load(args.config)
         if not cfg.control_socket:

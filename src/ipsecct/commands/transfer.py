@@ -7,7 +7,7 @@ import json
 import sys
 from typing import Any
 
-from ..control import request
+from ..gateway.control import request
 from .sa import add_target
 
 

@@ -1,4 +1,4 @@
-"""Runs a node as a service: the :class:`~ipsecct.daemon.Node`, its control socket, metrics,
+"""Runs a node as a service: the :class:`~ipsecct.gateway.node.Node`, its control socket, metrics,
 and signal handling (SIGTERM/SIGINT drain and exit cleanly)."""
 
 from __future__ import annotations
@@ -9,15 +9,15 @@ import signal
 from collections.abc import Callable
 from typing import Any
 
+from ..errors import IpsecctError
+from ..ipsec.sad import Direction, SecurityAssociation
+from ..ipsec.spd import Action, SPDEntry
 from . import config as config_mod
 from .control import ControlError, ControlServer, MetricsServer, sa_summary
-from .daemon import Node
-from .errors import IpsecctError
 from .log import event
-from .sad import Direction, SecurityAssociation
-from .spd import Action, SPDEntry
+from .node import Node
 
-log = logging.getLogger("ipsecct.service")
+log = logging.getLogger("ipsecct.gateway.service")
 
 # Extensions (context transfer) attach to a running service through these callbacks.
 Extension = Callable[["Service"], Any]
@@ -118,13 +118,13 @@ class Service:
         return [sa_summary(sa, now) for sa in self._find(args)]
 
     async def _sa_export(self, args: dict[str, Any]) -> Any:
-        from .keyfile import format_line
+        from ..tools.keyfile import format_line
 
         # Keys leave the process only here, on the operator's request, over the 0600 socket.
         return [format_line(sa) for sa in self.node.engine.sad]
 
     async def _sa_add(self, args: dict[str, Any]) -> Any:
-        from . import context
+        from ..ct import context
 
         now = self.node.clock()
         try:

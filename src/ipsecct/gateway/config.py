@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .algorithms import (
+from ..errors import ConfigError, IpsecctError
+from ..ipsec.algorithms import (
     ENC,
     INTEG,
     EncAlg,
@@ -26,9 +27,8 @@ from .algorithms import (
     integ_from_name,
     integ_name,
 )
-from .errors import ConfigError, IpsecctError
-from .sad import Direction, Lifetime, Mode, SecurityAssociation, UdpEncap
-from .spd import Action, AddressRange, IPAddress, PortRange, Selectors, SPDEntry
+from ..ipsec.sad import Direction, Lifetime, Mode, SecurityAssociation, UdpEncap
+from ..ipsec.spd import Action, AddressRange, IPAddress, PortRange, Selectors, SPDEntry
 
 DEFAULT_PORT = 4500
 
@@ -238,7 +238,7 @@ def load_keys(source: str, *, from_env: bool, ctx: _Ctx, where: str) -> dict[str
         label = str(p)
         try:
             if p.stat().st_mode & 0o077:
-                logging.getLogger("ipsecct.config").warning(
+                logging.getLogger("ipsecct.gateway.config").warning(
                     "event=key-file-readable-by-others file=%s mode=%o (chmod 600 it)",
                     p, p.stat().st_mode & 0o777,
                 )
@@ -371,7 +371,7 @@ def _tunnel(d: Any, i: int, ctx: _Ctx, outer: Endpoint, raw_esp: bool) -> Tunnel
     soft = _lifetime(d.get("soft_lifetime"), ctx, where + "soft_lifetime")
     hard = _lifetime(d.get("hard_lifetime"), ctx, where + "hard_lifetime")
     df_s = ctx.get(d, "df", where, str, "copy")
-    from .sad import DfPolicy
+    from ..ipsec.sad import DfPolicy
 
     try:
         df = DfPolicy(df_s)

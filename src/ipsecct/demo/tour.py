@@ -1,6 +1,6 @@
 """``ipsecct demo``: a mobile node, two gateways and an end host in one process on loopback.
 
-Everything is real but local: each node is a :class:`~ipsecct.daemon.Node` with its own UDP
+Everything is real but local: each node is a :class:`~ipsecct.gateway.node.Node` with its own UDP
 sockets (ESP in UDP on the outer side, a virtual link on the inner side), configured through
 the same TOML schema a user writes (built here as a dictionary, keys in 0600 files in a
 temporary directory). A constant-rate UDP stream runs both ways between the mobile node's
@@ -26,10 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO, cast
 
-from . import config as config_mod
-from .daemon import Node
-from .errors import PacketError
-from .ippacket import IPAddress, build_udp, parse, udp_payload
+from ..errors import PacketError
+from ..gateway import config as config_mod
+from ..gateway.node import Node
+from ..ipsec.ippacket import IPAddress, build_udp, parse, udp_payload
 
 MN_INNER = "10.1.0.2"
 HOST_INNER = "10.2.0.1"
@@ -134,7 +134,7 @@ def load_plugins() -> None:
     import importlib
 
     with contextlib.suppress(ModuleNotFoundError):
-        importlib.import_module("ipsecct.demo_handover")
+        importlib.import_module("ipsecct.demo.handover")
 
 
 def _keys_file(d: Path, name: str, in_key: bytes, out_key: bytes) -> str:
@@ -209,7 +209,7 @@ async def build(
 ) -> Demo:
     """Start the MN, the gateways and the two applications; the MN's SAs are on sg1. Each
     gateway also runs context transfer (TLS with certificates from a fresh test CA)."""
-    from . import pki
+    from ..tools import pki
 
     ports = {n: (free_udp_port(ADDRESS[n]), free_udp_port()) for n in ("mn", *gateways)}
     ct_ports = {g: free_tcp_port(ADDRESS[g]) for g in gateways}
@@ -450,7 +450,7 @@ async def run(
                 await setup(demo, handover)
             plugin = HANDOVER_PLUGINS.get(handover) if handover != "none" else None
             if handover != "none" and plugin is None:
-                from .errors import IpsecctError
+                from ..errors import IpsecctError
 
                 raise IpsecctError(f"handover mode {handover!r} is not available")
 

@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from .errors import IpsecctError
+from ..errors import IpsecctError
 
 CA_DAYS = 3650
 GATEWAY_DAYS = 825

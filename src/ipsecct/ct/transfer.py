@@ -1,7 +1,8 @@
 """Context transfer between gateways (the draft, over CXTP RFC 4067): the sans-I/O protocol.
 
 One transfer moves a set of tunnels (a policy and its SA pair each) from a *source* gateway to a
-*target*. :class:`TransferCore` runs both roles; the adapter (:mod:`ipsecct.handover`) feeds it
+*target*. :class:`TransferCore` runs both roles; the adapter
+(:mod:`ipsecct.gateway.handover`) feeds it
 CXTP messages, held packets and timer ticks, and carries out the outputs. Three messages make a
 transfer, so that an SA is never active in two places and never lost:
 
@@ -40,12 +41,13 @@ from typing import Any
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from . import context, cxtp, signalling
-from .algorithms import EncAlg, IntegAlg
-from .engine import Engine, Held, ToPeer, Tunnel, TunnelState
-from .errors import ContextError, IpsecctError, SAError
-from .sad import Direction, SecurityAssociation, UdpEncap
-from .spd import Action, IPAddress, SPDEntry
+from ..errors import ContextError, IpsecctError, SAError
+from ..ipsec import signalling
+from ..ipsec.algorithms import EncAlg, IntegAlg
+from ..ipsec.engine import Engine, Held, ToPeer, Tunnel, TunnelState
+from ..ipsec.sad import Direction, SecurityAssociation, UdpEncap
+from ..ipsec.spd import Action, IPAddress, SPDEntry
+from . import context, cxtp
 
 FPT_DECISION = 0x8005  # COMMIT (1) or ABORT (2) of a transfer
 FPT_FORWARD = 0x8006  # a packet forwarded after the cut-over

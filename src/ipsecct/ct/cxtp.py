@@ -29,7 +29,7 @@ from dataclasses import dataclass, field, replace
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives import hmac as _hmac
 
-from .errors import IpsecctError
+from ..errors import IpsecctError
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -51,7 +51,7 @@ CT_RETRY_MAX_MS = 15_000
 CT_REQUEST_RATE = 10  # CTARs per second a router accepts from one MN
 CT_MAX_HANDOVER_TIME_MS = 2_000
 
-# Feature Profile Types. 0x8001 is the IPsec SA context (ipsecct.context); ours follow it.
+# Feature Profile Types. 0x8001 is the IPsec SA context (ipsecct.ct.context); ours follow it.
 FPT_IPSEC_SA = 0x8001
 FPT_TRANSFER = 0x8002  # transfer identifier and message sequence number
 FPT_SA_RESULT = 0x8003  # outcome for one SA, including an SPI reassignment

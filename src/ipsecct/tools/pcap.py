@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
-from .errors import PcapError
+from ..errors import PcapError
 
 LINKTYPE_ETHERNET = 1
 LINKTYPE_RAW = 101

@@ -1,7 +1,7 @@
 """The asyncio side of context transfer: TLS channels to peer gateways, timers, control
 commands, the mobile node's agent, and the demo's handover plugins.
 
-All protocol decisions are in :class:`~ipsecct.transfer.TransferCore`; this module moves its
+All protocol decisions are in :class:`~ipsecct.ct.transfer.TransferCore`; this module moves its
 messages over persistent, mutually authenticated TLS 1.3 connections (one per peer, reused),
 checks what each peer may do, and applies the core's outputs to the node.
 
@@ -41,16 +41,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import cxtp, failover, signalling, tlschannel
-from .algorithms import ENC_NAMES, INTEG_NAMES, enc_from_name
-from .config import Endpoint, NodeConfig, parse_endpoint
-from .daemon import Node
-from .engine import Forward, Held, Signal, TunnelState
-from .errors import ConfigError, IpsecctError
-from .esp import Drop
-from .log import event
-from .spd import IPAddress
-from .transfer import (
+from ..ct import cxtp, failover
+from ..ct.transfer import (
     FPT_SYNC,
     ConflictPolicy,
     Finished,
@@ -65,9 +57,19 @@ from .transfer import (
     Transmit,
     token_key,
 )
-from .transfer import Endpoint as TEndpoint
+from ..ct.transfer import Endpoint as TEndpoint
+from ..errors import ConfigError, IpsecctError
+from ..ipsec import signalling
+from ..ipsec.algorithms import ENC_NAMES, INTEG_NAMES, enc_from_name
+from ..ipsec.engine import Forward, Held, Signal, TunnelState
+from ..ipsec.esp import Drop
+from ..ipsec.spd import IPAddress
+from . import tlschannel
+from .config import Endpoint, NodeConfig, parse_endpoint
+from .log import event
+from .node import Node
 
-log = logging.getLogger("ipsecct.transfer")
+log = logging.getLogger("ipsecct.ct.transfer")
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """The channel between gateways: CXTP over TLS 1.3 over TCP, with mutual certificate auth.
 
-A thin asyncio adapter around :mod:`ipsecct.cxtp` (which does all the parsing, sans-I/O):
+A thin asyncio adapter around :mod:`ipsecct.ct.cxtp` (which does all the parsing, sans-I/O):
 
 * :func:`server_context` and :func:`client_context` make :class:`ssl.SSLContext` objects that
   speak TLS 1.3 only and require a certificate from the peer, signed by the configured CA, in
@@ -30,8 +30,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.x509.oid import NameOID
 
-from . import cxtp
-from .errors import IpsecctError
+from ..ct import cxtp
+from ..errors import IpsecctError
 
 log = logging.getLogger(__name__)
 

@@ -43,14 +43,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
-from . import esp, ippacket
-from .errors import PacketError, SAError
-from .esp import Drop
-from .ippacket import PROTO_ESP, PROTO_IPIP, PROTO_IPV6, PROTO_UDP, IPAddress
+from ..errors import PacketError, SAError
+from ..ipsec import esp, ippacket
+from ..ipsec.esp import Drop
+from ..ipsec.ippacket import PROTO_ESP, PROTO_IPIP, PROTO_IPV6, PROTO_UDP, IPAddress
+from ..ipsec.replay import ReplayWindow
+from ..ipsec.sad import SecurityAssociation
 from .keyfile import KeyLine
 from .pcap import LINKTYPE_RAW, PcapReader, PcapWriter, ip_packet
-from .replay import ReplayWindow
-from .sad import SecurityAssociation
 
 NAT_T_PORT = 4500
 DUPLICATE_WINDOW = 4096

@@ -4,7 +4,8 @@ Tunnel mode wraps the whole inner packet (next header 4 or 41); transport mode p
 the IP header and its payload. Inbound, the inner packet is checked against the SA's selectors
 (RFC 4301 §5.2 step 4) and TFC padding is stripped using the inner packet's own length.
 
-Like :mod:`ipsecct.esp`, nothing here raises on a bad packet: a :class:`~ipsecct.esp.Drop` is
+Like :mod:`ipsecct.ipsec.esp`, nothing here raises on a bad packet: a
+:class:`~ipsecct.ipsec.esp.Drop` is
 returned instead.
 """
 
@@ -12,8 +13,8 @@ from __future__ import annotations
 
 import struct
 
+from ..errors import PacketError
 from . import esp, ippacket
-from .errors import PacketError
 from .esp import Drop
 from .ippacket import PROTO_ESP, PROTO_IPIP, PROTO_IPV6, IPHeader
 from .sad import DfPolicy, Mode, SecurityAssociation

@@ -8,7 +8,7 @@ import ipaddress
 import struct
 from dataclasses import dataclass
 
-from .errors import PacketError
+from ..errors import PacketError
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 

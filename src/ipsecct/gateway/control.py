@@ -20,12 +20,12 @@ import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from .algorithms import enc_name, integ_name
-from .errors import IpsecctError
+from ..errors import IpsecctError
+from ..ipsec.algorithms import enc_name, integ_name
+from ..ipsec.sad import Direction, SecurityAssociation
 from .log import event
-from .sad import Direction, SecurityAssociation
 
-log = logging.getLogger("ipsecct.control")
+log = logging.getLogger("ipsecct.gateway.control")
 
 MAX_LINE = 1 << 20
 Handler = Callable[[dict[str, Any]], Awaitable[Any]]

@@ -1,6 +1,6 @@
 """The IPsec engine of a gateway or mobile node: SPD and SAD together, packets in, actions out.
 
-It is sans-I/O: the adapter (:mod:`ipsecct.daemon`) hands it packets from the inner side
+It is sans-I/O: the adapter (:mod:`ipsecct.gateway.node`) hands it packets from the inner side
 (``outbound``) and ESP packets from the outer side (``inbound``) with the current time, and gets
 back what to do: send ESP to a peer, deliver a packet to the inner side, send an ICMP error back,
 or drop (counted by reason). Nothing here raises on a bad packet.
@@ -14,8 +14,8 @@ import enum
 from collections import Counter
 from dataclasses import dataclass, field
 
+from ..errors import PacketError, SAError
 from . import esp, ippacket, processing
-from .errors import PacketError, SAError
 from .esp import Drop
 from .ippacket import IPAddress
 from .sad import SAD, Direction, Mode, Protocol, SAEvent, SecurityAssociation

@@ -29,10 +29,10 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .algorithms import ENC, INTEG, EncAlg, IntegAlg, check_esp_combination
-from .errors import AlgorithmError, KeyFileError, SAError
-from .ippacket import IPAddress
-from .sad import Direction, Mode, Protocol, SecurityAssociation
+from ..errors import AlgorithmError, KeyFileError, SAError
+from ..ipsec.algorithms import ENC, INTEG, EncAlg, IntegAlg, check_esp_combination
+from ..ipsec.ippacket import IPAddress
+from ..ipsec.sad import Direction, Mode, Protocol, SecurityAssociation
 
 WILDCARD = "*"
 

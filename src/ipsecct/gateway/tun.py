@@ -12,7 +12,7 @@ import os
 import struct
 import subprocess
 
-from .errors import IpsecctError
+from ..errors import IpsecctError
 
 TUNSETIFF = 0x400454CA
 IFF_TUN = 0x0001

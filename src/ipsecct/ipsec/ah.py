@@ -33,7 +33,8 @@ Limits, documented rather than guessed at:
   Destination Options header that precedes a Routing header (Linux's and Scapy's placement).
   Extension headers after AH are payload and covered as they are.
 
-Like :mod:`ipsecct.esp`, nothing here raises on a bad packet: a :class:`~ipsecct.esp.Drop` is
+Like :mod:`ipsecct.ipsec.esp`, nothing here raises on a bad packet: a
+:class:`~ipsecct.ipsec.esp.Drop` is
 returned. The replay window is checked before the ICV and updated only after it verified.
 """
 
@@ -44,9 +45,9 @@ import struct
 import weakref
 from typing import NamedTuple, Protocol
 
+from ..errors import PacketError
 from . import ippacket
 from .algorithms import INTEG, IntegAlg
-from .errors import PacketError
 from .esp import Drop
 from .ippacket import PROTO_AH, PROTO_IPIP, PROTO_IPV6
 from .processing import inner_allowed
@@ -127,7 +128,7 @@ def _peek(packet: bytes | bytearray | memoryview) -> _Peek | None:
 
 def _outer(sa: SecurityAssociation, inner: _Peek, payload_len: int) -> bytes:
     """The tunnel-mode outer header, with exactly the DSCP/ECN and DF rules of
-    :func:`ipsecct.processing.outer_header` (a test holds the two to the same bytes)."""
+    :func:`ipsecct.ipsec.processing.outer_header` (a test holds the two to the same bytes)."""
     tos = inner.tos if sa.copy_dscp else inner.tos & 0x03
     df = inner.df if sa.df is DfPolicy.COPY else sa.df is DfPolicy.SET
     return ippacket.build_ip(sa.src, sa.dst, PROTO_AH, payload_len, tos=tos, df=df)
@@ -302,7 +303,8 @@ def protect(
     """Protect an IP packet on outbound AH SA ``sa``.
 
     Tunnel mode: ``packet`` is the inner IP packet; returns the outer packet (outer header from
-    the SA's tunnel addresses, DSCP and DF as :func:`ipsecct.processing.outer_header` decides).
+    the SA's tunnel addresses, DSCP and DF as
+    :func:`ipsecct.ipsec.processing.outer_header` decides).
     Transport mode: returns ``packet`` with AH inserted after its IP header (and, IPv6, after
     the extension headers that go before AH).
     """

@@ -1,10 +1,11 @@
-"""The asyncio adapter around :class:`~ipsecct.engine.Engine`: a gateway or mobile-node process.
+"""The asyncio adapter around :class:`~ipsecct.ipsec.engine.Engine`: a gateway or mobile-node
+process.
 
 It owns the sockets and devices and holds no IPsec logic: the outer side is ESP in UDP
 (RFC 3948, port 4500 by default) and, as root, raw ESP (IP protocol 50); the inner side is a TUN
 device or a *virtual link* (IP packets carried in UDP datagrams on loopback, so that everything
 runs unprivileged on one machine). A timer drives SA lifetimes. The control socket and metrics
-are in :mod:`ipsecct.control`.
+are in :mod:`ipsecct.gateway.control`.
 """
 
 from __future__ import annotations
@@ -19,14 +20,14 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from ..ipsec.engine import Bypass, Engine, Forward, Held, Result, Signal, ToInner, ToPeer
+from ..ipsec.esp import Drop
+from ..ipsec.ippacket import PROTO_ESP
+from ..ipsec.sad import SecurityAssociation
 from .config import Endpoint, NodeConfig
-from .engine import Bypass, Engine, Forward, Held, Result, Signal, ToInner, ToPeer
-from .esp import Drop
-from .ippacket import PROTO_ESP
 from .log import event
-from .sad import SecurityAssociation
 
-log = logging.getLogger("ipsecct.daemon")
+log = logging.getLogger("ipsecct.gateway.node")
 
 Clock = Callable[[], float]
 OuterHook = Callable[[bytes, tuple[Any, ...]], bool]

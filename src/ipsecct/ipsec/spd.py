@@ -18,7 +18,7 @@ import ipaddress
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
-from .errors import SAError
+from ..errors import SAError
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 

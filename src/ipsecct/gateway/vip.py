@@ -13,8 +13,8 @@ import ipaddress
 import socket
 import struct
 
-from .errors import IpsecctError
-from .spd import IPAddress
+from ..errors import IpsecctError
+from ..ipsec.spd import IPAddress
 from .tun import TunError, ip
 
 ETH_P_ARP = 0x0806

@@ -32,7 +32,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from .algorithms import (
+from ..errors import AlgorithmError, ContextError, SAError
+from ..ipsec.algorithms import (
     ENC_NAMES,
     INTEG_NAMES,
     EncAlg,
@@ -42,8 +43,7 @@ from .algorithms import (
     integ_from_number,
     integ_name,
 )
-from .errors import AlgorithmError, ContextError, SAError
-from .sad import (
+from ..ipsec.sad import (
     Counters,
     DfPolicy,
     Direction,
@@ -53,7 +53,7 @@ from .sad import (
     SecurityAssociation,
     UdpEncap,
 )
-from .spd import PROTO_ANY, AddressRange, IPAddress, PortRange, Selectors
+from ..ipsec.spd import PROTO_ANY, AddressRange, IPAddress, PortRange, Selectors
 
 # Not assigned by IANA: the "Context Transfer Profile Type" registry (Expert Review) holds only
 # 0x00 (reserved) and 0x01. 0x8001 sits far above the values IANA hands out in sequence, so it

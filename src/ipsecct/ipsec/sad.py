@@ -17,8 +17,8 @@ import ipaddress
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from ..errors import AlgorithmError, SAError, SPICollisionError
 from .algorithms import ENC, EncAlg, IntegAlg, check_esp_combination, check_integ_key
-from .errors import AlgorithmError, SAError, SPICollisionError
 from .replay import ReplayWindow
 from .spd import IPAddress, Selectors
 from .transforms import EspTransform, make_transform

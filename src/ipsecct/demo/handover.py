@@ -1,8 +1,9 @@
-"""The demo's handover and fail-over (registered into :mod:`ipsecct.demo`'s plugin tables).
+"""The demo's handover and fail-over (registered into :mod:`ipsecct.demo.tour`'s plugin tables).
 
-Every gateway of the demo runs a real :class:`~ipsecct.handover.TransferService` (TLS 1.3 with
+Every gateway of the demo runs a real :class:`~ipsecct.gateway.handover.TransferService`
+(TLS 1.3 with
 mutual certificate authentication between the gateways, on loopback) and the mobile node runs
-the :class:`~ipsecct.handover.MobileAgent`. Half-way through the stream the operator's
+the :class:`~ipsecct.gateway.handover.MobileAgent`. Half-way through the stream the operator's
 ``ipsecct transfer`` is issued on sg1 (predictive, make-before-break); with ``--failover`` sg1
 is killed instead and its standby takes over.
 """
@@ -13,9 +14,9 @@ import asyncio
 import time
 from typing import Any
 
-from . import demo as demo_mod
-from .handover import MobileAgent, TransferService, parse_config
-from .transfer import Record
+from ..ct.transfer import Record
+from ..gateway.handover import MobileAgent, TransferService, parse_config
+from . import tour as demo_mod
 
 
 async def setup(demo: demo_mod.Demo, mode: str) -> None:

@@ -23,8 +23,8 @@ import ipaddress
 import struct
 from dataclasses import dataclass
 
+from ..errors import IpsecctError, SAError
 from .engine import Engine
-from .errors import IpsecctError, SAError
 from .sad import Direction, SecurityAssociation, UdpEncap
 from .spd import IPAddress
 

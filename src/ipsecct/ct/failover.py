@@ -38,11 +38,12 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import context, cxtp, signalling
-from .engine import Engine, Tunnel, TunnelState
-from .errors import ConfigError, ContextError, IpsecctError
-from .sad import Direction, SecurityAssociation, UdpEncap
-from .spd import Action, SPDEntry
+from ..errors import ConfigError, ContextError, IpsecctError
+from ..ipsec import signalling
+from ..ipsec.engine import Engine, Tunnel, TunnelState
+from ..ipsec.sad import Direction, SecurityAssociation, UdpEncap
+from ..ipsec.spd import Action, SPDEntry
+from . import context, cxtp
 from .transfer import FPT_SYNC, Endpoint, Identity, Record, frame, unframe
 
 SYNC_HEARTBEAT = 1  # removals, then contexts to merge into what the standby holds

@@ -11,7 +11,7 @@ transfer moves it.
 
 from __future__ import annotations
 
-from .errors import SAError
+from ..errors import SAError
 
 MAX_WINDOW = 65536
 _BLOCK_BITS = 64

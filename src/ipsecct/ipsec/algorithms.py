@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from .errors import AlgorithmError
+from ..errors import AlgorithmError
 
 
 class EncAlg(enum.IntEnum):

@@ -1,0 +1,1 @@
+"""``ipsecct demo``: a mobile node, two gateways and a host in one process on loopback."""
