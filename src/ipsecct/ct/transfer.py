@@ -46,7 +46,7 @@ from ..ipsec import signalling
 from ..ipsec.algorithms import EncAlg, IntegAlg
 from ..ipsec.engine import Engine, Held, ToPeer, Tunnel, TunnelState
 from ..ipsec.sad import Direction, SecurityAssociation, UdpEncap
-from ..ipsec.spd import Action, IPAddress, SPDEntry
+from ..ipsec.spd import Action, AddressRange, IPAddress, OverlapIndex, Selectors, SPDEntry
 from . import context, cxtp
 
 FPT_DECISION = 0x8005  # COMMIT (1) or ABORT (2) of a transfer
@@ -87,6 +87,18 @@ class Settings:
     supported_integ: frozenset[IntegAlg] = frozenset(IntegAlg)
     path_mtu: int | None = None  # this gateway's path MTU for installed SAs (None: keep)
     max_held: int = 20000  # packets held per transfer before new ones are dropped
+    max_held_bytes: int = 32 << 20  # ... and octets held per transfer
+    held_per_tunnel: int = 1024  # packets held per tunnel
+    held_bytes_per_tunnel: int = 2 << 20  # octets held per tunnel
+    # What the operator lets a peer hand over: a transferred tunnel's local and remote
+    # selectors must lie inside these ranges. None: no restriction (the gateway's
+    # configuration always sets them; see ipsecct.gateway's [transfer] accept_local_ts).
+    accept_local: tuple[AddressRange, ...] | None = None
+    accept_remote: tuple[AddressRange, ...] | None = None
+    max_incoming_per_peer: int = 4  # transfers from one peer being received or pending
+    max_contexts_per_message: int = 1024  # CDBs in one PCTD/CTD
+    max_contexts_per_transfer: int = 40000  # CDBs in one transfer (two per tunnel)
+    max_transfer_octets: int = 16 << 20  # octets of CDBs buffered for one transfer
 
 
 @dataclass(frozen=True)
@@ -211,6 +223,8 @@ class _Outgoing:
     record: Record
     candidates: list[str]
     held: list[Held] = field(default_factory=list)
+    held_bytes: int = 0
+    held_per_tunnel: dict[Tunnel, tuple[int, int]] = field(default_factory=dict)
     seq: int = 0
     state: str = "sent"  # sent | committed | aborted
     results: dict[int, int] = field(default_factory=dict)  # SPI -> status, over the CTDRs
@@ -226,11 +240,14 @@ class _Incoming:
     tunnels: list[Tunnel] = field(default_factory=list)
     signals: dict[int, list[signalling.SignalItem]] = field(default_factory=dict)
     held: list[Held] = field(default_factory=list)
+    held_bytes: int = 0
+    held_per_tunnel: dict[Tunnel, tuple[int, int]] = field(default_factory=dict)
     ctdrs: list[cxtp.CTDR] = field(default_factory=list)
     next_retry: float = 0.0
     give_up: float = 0.0
     state: str = "receiving"  # receiving | pending | active | cancelled
     seq: int = 0
+    octets: int = 0  # of the CDBs received so far
 
 
 class TransferCore:
@@ -256,7 +273,20 @@ class TransferCore:
         self.records: deque[Record] = deque(maxlen=1000)
         self.seen: dict[tuple[str, int, int], float] = {}  # replay protection
         self.ctar_seq: dict[IPAddress, int] = {}  # highest CTAR/CT-Req sequence per MN
-        self.counters = {"refused": 0, "replayed": 0, "malformed": 0, "forwarded": 0}
+        self.counters = {
+            "refused": 0,
+            "replayed": 0,
+            "malformed": 0,
+            "forwarded": 0,
+            "held_refused": 0,  # packets of held tunnels over the queue bounds
+            "forward_refused": 0,  # FORWARDs for no tunnel this peer moved here just now
+            "policy_refused": 0,  # transferred tunnels outside this gateway's policy
+            "over_limit": 0,  # transfers or contexts beyond a peer's limits
+            "expired": 0,  # incoming transfers that never finished
+        }
+        # Tunnels that arrived from a peer: FORWARDs from that peer are taken for them until
+        # the time given (this gateway's forward_time after the commit).
+        self.arrived: dict[Tunnel, tuple[str, float]] = {}
         self._next_housekeeping = 0.0
 
     # -- source side -----------------------------------------------------------------
@@ -326,20 +356,46 @@ class TransferCore:
         return [Send(og.peer, m) for m in msgs]
 
     def hold(self, held: Held) -> bool:
-        """Keep a packet of a held tunnel; False when over the limit (the caller drops it)."""
+        """Keep a packet of a held tunnel; False when over a bound (the caller drops it).
+
+        Bounds: per tunnel in packets and octets, per transfer in packets and octets. Inbound
+        ESP reaches here only after its ICV verified (the engine checks), so forgeries take
+        no room; what is refused is counted (``held_refused``)."""
         for og in self.outgoing.values():
             if held.tunnel in og.tunnels and og.state == "sent":
-                if len(og.held) >= self.settings.max_held:
-                    return False
-                og.held.append(held)
-                return True
+                return self._keep(og, held)
         for inc in self.incoming.values():
             if held.tunnel in inc.tunnels and inc.state in ("receiving", "pending"):
-                if len(inc.held) >= self.settings.max_held:
-                    return False
-                inc.held.append(held)
-                return True
+                return self._keep(inc, held)
+        self.counters["held_refused"] += 1
         return False
+
+    def _keep(self, owner: _Outgoing | _Incoming, held: Held) -> bool:
+        s = self.settings
+        n = len(held.packet)
+        packets, octets = owner.held_per_tunnel.get(held.tunnel, (0, 0))
+        if (
+            len(owner.held) >= s.max_held
+            or owner.held_bytes + n > s.max_held_bytes
+            or packets >= s.held_per_tunnel
+            or octets + n > s.held_bytes_per_tunnel
+        ):
+            self.counters["held_refused"] += 1
+            return False
+        owner.held.append(held)
+        owner.held_bytes += n
+        owner.held_per_tunnel[held.tunnel] = (packets + 1, octets + n)
+        return True
+
+    @staticmethod
+    def _release_held(owner: _Outgoing | _Incoming, keep: list[Held]) -> None:
+        owner.held = keep
+        owner.held_bytes = sum(len(h.packet) for h in keep)
+        per: dict[Tunnel, tuple[int, int]] = {}
+        for h in keep:
+            p, o = per.get(h.tunnel, (0, 0))
+            per[h.tunnel] = (p + 1, o + len(h.packet))
+        owner.held_per_tunnel = per
 
     def _rollback(
         self,
@@ -356,7 +412,7 @@ class TransferCore:
                 t.state = TunnelState.ACTIVE
         keep = [h for h in og.held if h.tunnel not in back]
         out += [Inject(h.packet, h.inbound) for h in og.held if h.tunnel in back]
-        og.held = keep
+        self._release_held(og, keep)
         if tunnels is None:
             og.state = "aborted"
             self.decided[og.tid] = (2, now + self.settings.retry_max)
@@ -440,7 +496,7 @@ class TransferCore:
             self.engine.move_tunnel(t, peer, now + self.settings.forward_time)
         for h in og.held:
             out += self.forward(peer, h.packet, h.inbound, og)
-        og.held = []
+        self._release_held(og, [])
         og.record.outcome = "committed" if not refused else "partial"
         og.record.accepted = len(accepted)
         og.record.ended = now
@@ -520,6 +576,9 @@ class TransferCore:
                 self.counters["refused"] += 1
                 return []
             pkt, inbound = parse_forward(msg.cdbs[1])
+            if not self._forward_allowed(peer, pkt, inbound, now):
+                self.counters["forward_refused"] += 1
+                return []
             return [Inject(pkt, inbound)]
         self.seen[key] = now + self.settings.retry_max * 2
         if isinstance(msg, cxtp.PCTD | cxtp.CTD) and self._is_decision(msg):
@@ -555,6 +614,22 @@ class TransferCore:
         self.counters["malformed"] += 1
         return []
 
+    def _forward_allowed(self, peer: str, packet: bytes, inbound: bool, now: float) -> bool:
+        """A FORWARD is taken only for a tunnel that ``peer`` itself moved here, within this
+        gateway's forward window after the commit, and only a packet that belongs to that
+        tunnel: ESP under its inbound SPI, or an inner packet its policy (and no other entry
+        ahead of it) selects. Anything else would let a peer inject into others' tunnels."""
+        if inbound:
+            if len(packet) < 8:
+                return False
+            tunnel = self.engine.inbound_tunnel(int.from_bytes(packet[0:4], "big"))
+        else:
+            tunnel = self.engine.policy_tunnel(packet)
+        if tunnel is None:
+            return False
+        came = self.arrived.get(tunnel)
+        return came is not None and came[0] == peer and now < came[1]
+
     @staticmethod
     def _is_decision(msg: cxtp.PCTD | cxtp.CTD) -> bool:
         return len(msg.cdbs) == 2 and cxtp.cdb_fpt(msg.cdbs[1]) == FPT_DECISION
@@ -563,8 +638,19 @@ class TransferCore:
         self, peer: str, msg: cxtp.PCTD | cxtp.CTD, tag: cxtp.TransferTag, now: float
     ) -> list[Output]:
         k = (peer, tag.transfer_id)
+        s = self.settings
         inc = self.incoming.get(k)
         if inc is None:
+            busy = sum(
+                1
+                for i in self.incoming.values()
+                if i.peer == peer and i.state in ("receiving", "pending")
+            )
+            if busy >= s.max_incoming_per_peer:
+                # Refused before anything is kept: not even the message's replay record.
+                self.counters["over_limit"] += 1
+                self.seen.pop((peer, tag.transfer_id, tag.seq), None)
+                return [self._refusal(peer, msg.mn_prev, tag.transfer_id, cxtp.Status.BUSY)]
             mode = "predictive" if isinstance(msg, cxtp.PCTD) else "reactive"
             inc = _Incoming(
                 tag.transfer_id,
@@ -572,13 +658,50 @@ class TransferCore:
                 msg.mn_prev,
                 Record(tag.transfer_id, "target", peer, mode, now),
             )
+            # An unfinished transfer expires: whatever a peer sends, it cannot keep contexts
+            # (or a place among its in-progress transfers) here for longer than this.
+            inc.give_up = now + s.retry_max
             self.incoming[k] = inc
         elif inc.state != "receiving":
             return []
-        inc.cdbs.extend(msg.cdbs[1:])
+        cdbs = msg.cdbs[1:]
+        octets = sum(len(c) for c in cdbs)
+        if (
+            len(cdbs) > s.max_contexts_per_message
+            or len(inc.cdbs) + len(cdbs) > s.max_contexts_per_transfer
+            or inc.octets + octets > s.max_transfer_octets
+        ):
+            self.counters["over_limit"] += 1
+            out = self._cancel_incoming(inc, now, "refused", "too many contexts")
+            return [*out, self._refusal(peer, msg.mn_prev, tag.transfer_id, cxtp.Status.BUSY)]
+        inc.cdbs.extend(cdbs)
+        inc.octets += octets
         if not tag.last:
             return []
         return self._install(inc, now)
+
+    def _refusal(self, peer: str, mn: IPAddress, tid: int, status: int) -> Send:
+        return Send(
+            peer,
+            cxtp.CTDR(
+                mn,
+                False,
+                (cxtp.StatusEntry(context.FPT_IPSEC_SA, status),),
+                (cxtp.TransferTag(tid, 0, last=True).encode(),),
+            ),
+        )
+
+    def _cancel_incoming(self, inc: _Incoming, now: float, outcome: str, why: str) -> list[Output]:
+        """Give up an incoming transfer that is still being received: free what it holds.
+        It stays known (cancelled, without its contexts) for a while so that its late
+        messages are recognised and dropped rather than starting it again."""
+        inc.cdbs = []
+        inc.octets = 0
+        inc.state = "cancelled"
+        inc.give_up = now + self.settings.retry_max
+        inc.record.outcome, inc.record.detail, inc.record.ended = outcome, why, now
+        self.records.append(inc.record)
+        return [Finished(inc.record)]
 
     def _check_supported(self, sa: SecurityAssociation) -> bool:
         s = self.settings
@@ -595,14 +718,18 @@ class TransferCore:
             pairs = _pair_up(sas)
         except ContextError as exc:
             inc.state = "cancelled"
+            inc.cdbs, inc.octets = [], 0
+            inc.give_up = now + self.settings.retry_max
             inc.record.outcome, inc.record.detail, inc.record.ended = "refused", str(exc), now
             self.records.append(inc.record)
             return [Send(inc.peer, m) for m in self._ctdr(inc, False, [cxtp.Status.MALFORMED], [])]
+        inc.cdbs, inc.octets = [], 0
         inc.record.tunnels = len(pairs)
         outcomes = []
+        index = self._overlap_index(inc.peer)
         for out_sa, in_sa in pairs:
             old_in = in_sa.spi if in_sa is not None else 0
-            status, new_spi = self._install_one(inc, out_sa, in_sa, now)
+            status, new_spi = self._install_one(inc, out_sa, in_sa, now, index)
             outcomes.append((out_sa, in_sa, status, new_spi, old_in))
         ok = all(o[2] == cxtp.Status.SUCCESS for o in outcomes)
         for out_sa, in_sa, status, new_spi, old_in in outcomes:
@@ -658,18 +785,51 @@ class TransferCore:
             msgs.append(cxtp.CTDR(inc.mn, ok, entries, (tag, *chunk)))
         return msgs
 
+    def _overlap_index(self, peer: str) -> OverlapIndex:
+        """The selectors of every tunnel here, to refuse transferred ones that overlap them.
+        A tunnel this gateway moved to ``peer`` and still forwards for may come back: it is
+        left out (and replaced when it does)."""
+        index = OverlapIndex()
+        for e in self.engine.spd:
+            t = self.engine.tunnel_of_entry(e)
+            if t is None:
+                continue
+            if t.state is TunnelState.MOVED and t.forward_to == peer:
+                continue
+            index.add(e.selectors, t)
+        return index
+
+    def _policy_allows(self, sa: SecurityAssociation) -> bool:
+        s = self.settings
+        sel = sa.selectors
+        if sel is None:
+            return False
+        if s.accept_local is None and s.accept_remote is None:
+            return True
+        return sel.within(s.accept_local or (), s.accept_remote or ())
+
     def _install_one(
         self,
         inc: _Incoming,
         out_sa: SecurityAssociation,
         in_sa: SecurityAssociation | None,
         now: float,
+        index: OverlapIndex,
     ) -> tuple[int, int | None]:
         for sa in (out_sa, in_sa):
             if sa is not None and not self._check_supported(sa):
                 return cxtp.Status.UNSUPPORTED_ALGORITHM, None
-        if out_sa.selectors is None:
+        if out_sa.selectors is None or (in_sa is not None and in_sa.selectors is None):
             return cxtp.Status.MALFORMED, None
+        # This gateway's policy, not the peer's, decides what traffic a tunnel may carry:
+        # inside what the operator allows for transferred tunnels, and nobody else's.
+        if not all(self._policy_allows(sa) for sa in (out_sa, in_sa) if sa is not None):
+            self.counters["policy_refused"] += 1
+            return cxtp.Status.UNAUTHORISED, None
+        sels = [sa.selectors for sa in (out_sa, in_sa) if sa is not None and sa.selectors]
+        if any(index.overlapping(sl) for sl in sels):
+            self.counters["policy_refused"] += 1
+            return cxtp.Status.UNAUTHORISED, None
         if self.engine.sad.in_use(out_sa.dst, out_sa.protocol, out_sa.spi):
             return cxtp.Status.BUSY, None  # we hold this SA already
         direct = self.settings.identity is Identity.DIRECT
@@ -709,16 +869,25 @@ class TransferCore:
                 shadow_old = True
                 signals.append(signalling.SpiReassign(int(in_sa.protocol), old, new_spi))
         entry = SPDEntry(out_sa.selectors, Action.PROTECT, name=out_sa.name, static=False)
+        # A tunnel coming back to us while we still forward its traffic to that peer: the
+        # forwarder goes, the tunnel takes its place.
+        for sl in sels:
+            for t in self._overlapping_moved(inc.peer, sl):
+                self.engine.remove_tunnel(t)
         try:
+            # Appended: the operator's own entries (DISCARD, BYPASS, the configured tunnels)
+            # stay ahead of anything a peer hands over.
             if status == cxtp.Status.ACCEPTED_RENEGOTIATE and in_sa is not None:
                 # Its SPI is taken here: it is reachable only as a shadow, tried when the
                 # SPI's owner does not verify a packet.
-                tunnel = self.engine.add_tunnel(entry, out_sa, None, index=0)
+                tunnel = self.engine.add_tunnel(entry, out_sa, None)
                 self.engine.attach_shadow_inbound(tunnel, in_sa)
             else:
-                tunnel = self.engine.add_tunnel(entry, out_sa, in_sa, index=0)
+                tunnel = self.engine.add_tunnel(entry, out_sa, in_sa)
         except SAError:
             return cxtp.Status.SPI_COLLISION, None
+        for sl in sels:
+            index.add(sl, tunnel)
         if shadow_old and in_sa is not None and signals:
             item = signals[0]
             assert isinstance(item, signalling.SpiReassign)
@@ -731,14 +900,23 @@ class TransferCore:
             inc.signals[id(tunnel)] = signals
         return status, new_spi
 
+    def _overlapping_moved(self, peer: str, sel: Selectors) -> list[Tunnel]:
+        return [
+            t
+            for t in list(self.engine.moved_tunnels())
+            if t.forward_to == peer and t.entry.selectors.overlaps(sel)
+        ]
+
     def _on_commit(self, peer: str, tag: cxtp.TransferTag, now: float) -> list[Output]:
         inc = self.incoming.get((peer, tag.transfer_id))
         if inc is None or inc.state != "pending":
             return []
         inc.state = "active"
         out: list[Output] = []
+        until = now + self.settings.forward_time
         for t in inc.tunnels:
             t.state = TunnelState.ACTIVE
+            self.arrived[t] = (peer, until)
             items = inc.signals.get(id(t))
             if items:
                 res = self.engine.signal(t.outbound, signalling.encode(items), now)
@@ -747,7 +925,7 @@ class TransferCore:
             if self.on_install is not None:
                 self.on_install(t)
         out += [Inject(h.packet, h.inbound) for h in inc.held]
-        inc.held = []
+        self._release_held(inc, [])
         inc.record.outcome, inc.record.ended = "committed", now
         inc.record.spis = [sa.spi for t in inc.tunnels for sa in t.sas()]
         self.records.append(inc.record)
@@ -823,6 +1001,7 @@ class TransferCore:
     def next_deadline(self) -> float | None:
         ds = [og.deadline for og in self.outgoing.values()]
         ds += [inc.next_retry for inc in self.incoming.values() if inc.state == "pending"]
+        ds += [inc.give_up for inc in self.incoming.values() if inc.state == "receiving"]
         return min(ds) if ds else None
 
     def tick(self, now: float) -> list[Output]:
@@ -837,6 +1016,10 @@ class TransferCore:
                     f"{self.settings.max_transfer_time * 1000:.0f} ms",
                 )
         for k, inc in list(self.incoming.items()):
+            if inc.state == "receiving" and now >= inc.give_up:
+                self.counters["expired"] += 1
+                out += self._cancel_incoming(inc, now, "expired", "never finished")
+                continue
             if inc.state == "pending":
                 if now >= inc.give_up:
                     out += self._discard(inc, now, "no decision from the source")
@@ -855,6 +1038,9 @@ class TransferCore:
             for key, until in list(self.seen.items()):
                 if now >= until:
                     del self.seen[key]
+            for t, (_, until) in list(self.arrived.items()):
+                if now >= until or t.state is TunnelState.MOVED:
+                    del self.arrived[t]
             self.engine.expire_moved(now)
         return out
 
@@ -865,6 +1051,11 @@ class TransferCore:
             if og.peer == peer and og.state == "sent":
                 out += self._rollback(og, now, "peer lost", f"connection to {peer} lost")
         return out
+
+    def outgoing_in_progress(self) -> int:
+        """Transfers this gateway started that are not decided yet (what load balancing waits
+        for; a peer's transfers towards us never stall it)."""
+        return len(self.outgoing)
 
     def in_progress(self) -> int:
         return len(self.outgoing) + sum(

@@ -248,6 +248,12 @@ class Engine:
     def shadows(self) -> list[SecurityAssociation]:
         return [sa for lst in self._shadows.values() for sa in lst]
 
+    def tunnel_of_entry(self, entry: SPDEntry) -> Tunnel | None:
+        return self._tunnel_of_entry.get(id(entry))
+
+    def moved_tunnels(self) -> list[Tunnel]:
+        return [t for t in self._tunnel_of_entry.values() if t.state is TunnelState.MOVED]
+
     def tunnel_of(self, sa: SecurityAssociation) -> Tunnel | None:
         return self._tunnel_of_sa.get(id(sa))
 
@@ -257,6 +263,31 @@ class Engine:
             if t is not None:
                 return t
         return None
+
+    def inbound_tunnel(self, spi: int) -> Tunnel | None:
+        """The tunnel whose inbound SA answers to ``spi`` (as owner or as a shadow)."""
+        for sa in self.sad.by_spi(spi):
+            if sa.direction is Direction.INBOUND:
+                t = self._tunnel_of_sa.get(id(sa))
+                if t is not None:
+                    return t
+        for (_, _, i), lst in self._shadows.items():
+            if i == spi:
+                for sa in lst:
+                    t = self._tunnel_of_sa.get(id(sa))
+                    if t is not None:
+                        return t
+        return None
+
+    def policy_tunnel(self, packet: bytes) -> Tunnel | None:
+        """The tunnel the SPD sends an inner packet to (None: another policy, or none)."""
+        try:
+            hdr = ippacket.parse(packet)
+        except PacketError:
+            return None
+        sport, dport = hdr.ports(packet)
+        entry = self.spd.lookup(hdr.src, hdr.dst, hdr.protocol, sport, dport)
+        return None if entry is None else self._tunnel_of_entry.get(id(entry))
 
     def tunnels(self) -> list[Tunnel]:
         return [t for t in self._tunnel_of_entry.values() if t.state is not TunnelState.MOVED]
@@ -439,6 +470,15 @@ class Engine:
             return self._drop(Drop.NO_SA)
         t = self._tunnel_of_sa.get(id(sa))
         if t is not None and t.state is TunnelState.HELD:
+            # Keep only what the peer really sent: anyone who saw the SPI could send forgeries
+            # to fill the held queue. The ICV is checked, the replay window left alone.
+            bad = esp.authenticate(sa, data, now)
+            if bad is not None:
+                if (bad is Drop.ICV or bad is Drop.REPLAY) and self._shadows:
+                    alt = self._try_shadows(data, dst, protocol, spi, now)
+                    if alt is not None:
+                        return alt
+                return self._drop(bad)
             return Held(t, bytes(data), True)
         if sa.mode is not Mode.TUNNEL:
             return self._drop(Drop.POLICY)  # transport mode needs the outer header: raw path
@@ -471,7 +511,12 @@ class Engine:
         for sa in cands:
             t = self._tunnel_of_sa.get(id(sa))
             if t is not None and t.state is TunnelState.HELD:
-                return Held(t, bytes(data), True)
+                bad = esp.authenticate(sa, data, now)
+                if bad is None:
+                    return Held(t, bytes(data), True)
+                if bad is not Drop.ICV and bad is not Drop.REPLAY:
+                    return self._drop(bad)
+                continue
             res = esp.decapsulate(sa, data, now)
             self._collect(sa)
             if not isinstance(res, Drop):

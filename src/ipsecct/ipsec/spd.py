@@ -13,6 +13,7 @@ operator entries (``static=True``) are not transferred; per-SA entries are (draf
 
 from __future__ import annotations
 
+import bisect
 import enum
 import ipaddress
 from collections.abc import Iterable, Iterator
@@ -73,6 +74,14 @@ class AddressRange:
             self.version == other.version
             and self.first <= other.last  # type: ignore[operator]
             and other.first <= self.last  # type: ignore[operator]
+        )
+
+    def covers(self, other: AddressRange) -> bool:
+        """Is ``other`` wholly inside this range?"""
+        return (
+            self.version == other.version
+            and self.first <= other.first  # type: ignore[operator]
+            and other.last <= self.last  # type: ignore[operator]
         )
 
     def __str__(self) -> str:
@@ -241,6 +250,14 @@ class Selectors:
             other.remote_ports
         )
 
+    def within(self, local: Iterable[AddressRange], remote: Iterable[AddressRange]) -> bool:
+        """Does every local range lie inside one of ``local``, and every remote range inside
+        one of ``remote``? (What an operator allows for transferred tunnels.)"""
+        loc, rem = list(local), list(remote)
+        return all(any(a.covers(r) for a in loc) for r in self.local) and all(
+            any(a.covers(r) for a in rem) for r in self.remote
+        )
+
     def mirrored(self) -> Selectors:
         """The same traffic seen from the other end (local and remote swapped)."""
         ports = (self.remote_ports, self.local_ports)
@@ -317,3 +334,54 @@ class SPD:
 
     def transferable(self) -> list[SPDEntry]:
         return [e for e in self._entries if not e.static]
+
+
+class OverlapIndex:
+    """Which of many selectors overlap a given one, without comparing against each.
+
+    Tunnels' remote ranges are mostly narrow (one mobile node's inner address): those are kept
+    sorted by their first address and found by bisection; the few wide ones are compared one
+    by one. Used to refuse a transferred tunnel whose traffic another tunnel already carries.
+    """
+
+    WIDE = 1 << 16  # remote ranges with more addresses than this are compared one by one
+
+    def __init__(self) -> None:
+        self._firsts: list[tuple[int, int]] = []  # (version, first) sorted, parallel to _items
+        self._items: list[tuple[int, Selectors, object]] = []  # (last, selectors, value)
+        self._wide: list[tuple[Selectors, object]] = []
+
+    def add(self, sel: Selectors, value: object) -> None:
+        for r in sel.remote:
+            first, last = int(r.first), int(r.last)
+            if last - first >= self.WIDE:
+                self._wide.append((sel, value))
+                continue
+            key = (r.version, first)
+            i = bisect.bisect_right(self._firsts, key)
+            self._firsts.insert(i, key)
+            self._items.insert(i, (last, sel, value))
+
+    def overlapping(self, sel: Selectors) -> list[object]:
+        found: list[object] = []
+        seen: set[int] = set()
+
+        def hit(other: Selectors, value: object) -> None:
+            if id(value) not in seen and other.overlaps(sel):
+                seen.add(id(value))
+                found.append(value)
+
+        for other, value in self._wide:
+            hit(other, value)
+        for r in sel.remote:
+            a, b = int(r.first), int(r.last)
+            i = bisect.bisect_right(self._firsts, (r.version, b))
+            while i > 0:
+                i -= 1
+                ver, first = self._firsts[i]
+                if ver != r.version or first < a - self.WIDE:
+                    break
+                last, other, value = self._items[i]
+                if last >= a:
+                    hit(other, value)
+        return found

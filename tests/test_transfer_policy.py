@@ -1,0 +1,381 @@
+"""Issue 8 §2 and §3 in the sans-I/O core: a trusted but compromised peer (``allow = ["send"]``)
+and an outsider who saw an SPI on the wire, against :class:`~ipsecct.ct.transfer.TransferCore`
+and :class:`~ipsecct.ipsec.engine.Engine`. Each test is the attack from the issue; before the
+fix, each of them succeeded.
+
+The victim is sg1 (it serves the MN, 10.1.0.2, for the network 10.2.0.0/24); sg2 is the peer
+that may send contexts and turns against it.
+"""
+
+from __future__ import annotations
+
+import os
+
+from ipsecct.ct import context, cxtp
+from ipsecct.ct.transfer import Settings, forward_cdb
+from ipsecct.ipsec.algorithms import EncAlg
+from ipsecct.ipsec.engine import Held, TunnelState
+from ipsecct.ipsec.ippacket import build_udp
+from ipsecct.ipsec.sad import Direction, Mode, SecurityAssociation, UdpEncap
+from ipsecct.ipsec.spd import Action, AddressRange, Selectors, SPDEntry
+from tests.transfer_helpers import (
+    HOST,
+    MN_ADDR,
+    MN_INNER,
+    SG_ADDR,
+    SPI_DOWN,
+    SPI_UP,
+    World,
+    ip,
+    sel,
+    stream_seq,
+    udp_packet,
+)
+
+MN = ip(MN_ADDR)
+ACCEPT = Settings(
+    accept_local=(AddressRange.parse("10.2.0.0/24"),),
+    accept_remote=(AddressRange.parse("10.1.0.0/16"),),
+)
+DISCARDED = "10.2.0.99"  # an address sg1's operator DISCARDs
+
+
+def victim_world() -> World:
+    w = World(settings={"sg1": ACCEPT, "sg2": Settings()})
+    w.gw["sg1"].engine.add_policy(
+        SPDEntry(sel(f"{DISCARDED}/32", "0.0.0.0/0"), Action.DISCARD, name="no"), index=0
+    )
+    return w
+
+
+def rogue_cdbs(
+    selectors: Selectors, *, spi_out: int = 0x6660001, spi_in: int = 0x6660002
+) -> list[bytes]:
+    """A tunnel the attacker made up: its own keys, whatever selectors it likes."""
+    g, m = ip(SG_ADDR["sg2"]), ip("192.0.2.66")
+    out = []
+    for spi, d, src, dst in (
+        (spi_out, Direction.OUTBOUND, g, m),
+        (spi_in, Direction.INBOUND, m, g),
+    ):
+        sa = SecurityAssociation(
+            spi,
+            d,
+            src,
+            dst,
+            enc=EncAlg.AES_GCM_16,
+            enc_key=os.urandom(20),
+            mode=Mode.TUNNEL,
+            esn=True,
+            replay_window=64,
+            encap=UdpEncap(4500, 4500),
+            selectors=selectors,
+            name="rogue",
+        )
+        out.append(context.encode(sa, 1000.0))
+    return out
+
+
+def send_pctd(w: World, cdbs: list[bytes], tid: int = 0x5EED, *, last: bool = True) -> None:
+    tag = cxtp.TransferTag(tid, 0, last=last).encode()
+    w.post("sg2", "sg1", cxtp.encode(cxtp.PCTD(MN, 0, b"k" * 20, (tag, *cdbs))))
+    w.deliver("sg2", "sg1")
+
+
+def commit(w: World, tid: int) -> None:
+    tag = cxtp.TransferTag(tid, 1).encode()
+    dec = (0x8005).to_bytes(2, "big") + bytes([1, 0, 1, 0, 0, 0])
+    w.post("sg2", "sg1", cxtp.encode(cxtp.CTD(MN, 0, (tag, dec))))
+    w.deliver("sg2", "sg1")
+
+
+def ctdr_ok(w: World) -> bool:
+    msg = w.drop("sg1", "sg2")
+    assert isinstance(msg, cxtp.CTDR)
+    return msg.all_ok
+
+
+def host_to(w: World, dst: str) -> None:
+    w.gw["sg1"].from_inner(build_udp(ip(HOST), ip(dst), 7000, 5000, b"secret"))
+
+
+def spis_sent(w: World) -> list[int]:
+    return [spi for spi, _ in w.gw["sg1"].wire]
+
+
+# -- §2: a PCTD that would take over traffic ----------------------------------------------
+def test_catch_all_selectors_from_a_peer_are_refused() -> None:
+    w = victim_world()
+    spd_before = list(w.gw["sg1"].engine.spd)
+    send_pctd(w, rogue_cdbs(sel("0.0.0.0/0", "0.0.0.0/0")))
+    assert not ctdr_ok(w)
+    commit(w, 0x5EED)  # the attacker commits anyway
+    assert list(w.gw["sg1"].engine.spd) == spd_before
+    assert len(w.gw["sg1"].engine.sad) == 2
+    # The MN's traffic still goes to the MN, and the DISCARDed address stays discarded.
+    host_to(w, MN_INNER)
+    host_to(w, DISCARDED)
+    assert spis_sent(w) == [SPI_DOWN]
+    assert w.gw["sg1"].core.counters["policy_refused"] == 1
+
+
+def test_selectors_outside_what_the_operator_accepts_are_refused() -> None:
+    w = victim_world()
+    send_pctd(w, rogue_cdbs(sel("10.2.0.0/24", "172.16.0.1/32")))  # remote outside 10.1/16
+    assert not ctdr_ok(w)
+    send_pctd(w, rogue_cdbs(sel("10.3.0.0/24", "10.1.0.7/32")), tid=2)  # local outside
+    assert not ctdr_ok(w)
+    assert len(w.gw["sg1"].engine.sad) == 2
+
+
+def test_selectors_overlapping_another_tunnel_are_refused() -> None:
+    w = victim_world()
+    # Inside what sg1 accepts, but it is the MN's traffic (10.1.0.2 is inside 10.1.0.0/28).
+    send_pctd(w, rogue_cdbs(sel("10.2.0.0/24", "10.1.0.0/28")))
+    assert not ctdr_ok(w)
+    commit(w, 0x5EED)
+    host_to(w, MN_INNER)
+    assert spis_sent(w) == [SPI_DOWN]
+
+
+def test_accepted_tunnel_stays_behind_the_operators_entries() -> None:
+    w = victim_world()
+    # A legitimate, non-overlapping tunnel for another MN: accepted ...
+    send_pctd(w, rogue_cdbs(sel("10.2.0.0/24", "10.1.0.66/32")))
+    assert ctdr_ok(w)
+    commit(w, 0x5EED)
+    eng = w.gw["sg1"].engine
+    entries = list(eng.spd)
+    assert entries[-1].name == "rogue"
+    assert [e.action for e in entries[:1]] == [Action.DISCARD]
+    # ... and it carries its own traffic only; the DISCARD entry still wins for its address.
+    w.gw["sg1"].wire.clear()  # (the signal that told its MN about sg1)
+    w.gw["sg1"].from_inner(build_udp(ip(HOST), ip("10.1.0.66"), 7000, 5000, b"x"))
+    assert spis_sent(w) == [0x6660001]
+    w.gw["sg1"].from_inner(build_udp(ip(DISCARDED), ip("10.1.0.66"), 7000, 5000, b"x"))
+    assert spis_sent(w) == [0x6660001]
+    assert eng.stats.drops["policy"] == 1
+
+
+def test_inbound_sa_selectors_are_checked_too() -> None:
+    w = victim_world()
+    cdbs = rogue_cdbs(sel("10.2.0.0/24", "10.1.0.66/32"))
+    wide = rogue_cdbs(sel("0.0.0.0/0", "0.0.0.0/0"))
+    send_pctd(w, [cdbs[0], wide[1]])  # a fine outbound SA, a catch-all inbound one
+    assert not ctdr_ok(w)
+    assert len(w.gw["sg1"].engine.sad) == 2
+
+
+def test_many_tunnels_are_checked_against_each_other() -> None:
+    w = victim_world()
+    a = rogue_cdbs(sel("10.2.0.0/24", "10.1.1.1/32"), spi_out=0x100, spi_in=0x101)
+    b = rogue_cdbs(sel("10.2.0.0/24", "10.1.1.0/24"), spi_out=0x200, spi_in=0x201)
+    send_pctd(w, a + b)
+    msg = w.drop("sg1", "sg2")
+    assert isinstance(msg, cxtp.CTDR) and not msg.all_ok
+    results = {cxtp.SaResult.decode(c).spi: cxtp.SaResult.decode(c).status for c in msg.ext[1:]}
+    assert results[0x100] == cxtp.Status.SUCCESS
+    assert results[0x200] == cxtp.Status.UNAUTHORISED
+
+
+# -- §2: FORWARD ----------------------------------------------------------------------------
+def forward(w: World, packet: bytes, inbound: bool, src: str = "sg2", dst: str = "sg1") -> None:
+    tag = cxtp.TransferTag(0, 0).encode()
+    w.post(src, dst, cxtp.encode(cxtp.CTD(ip("0.0.0.0"), 0, (tag, forward_cdb(packet, inbound)))))
+    w.deliver(src, dst)
+
+
+def test_forward_into_another_mns_tunnel_is_refused() -> None:
+    w = victim_world()
+    forward(w, build_udp(ip(HOST), ip(MN_INNER), 7000, 5000, b"attacker's text"), False)
+    assert w.gw["sg1"].wire == []
+    w.flush_to_mn()
+    assert w.mn.delivered == []
+    assert w.gw["sg1"].core.counters["forward_refused"] == 1
+
+
+def test_forward_of_esp_for_a_tunnel_not_moved_by_that_peer_is_refused() -> None:
+    w = victim_world()
+    data = w.mn.send(udp_packet(1, up=True))
+    assert data is not None
+    forward(w, data, True)  # a copy of the MN's packet, "forwarded" by sg2
+    assert w.gw["sg1"].delivered == []
+    assert w.gw["sg1"].core.counters["forward_refused"] == 1
+    w.route_mn(data)  # the real one still arrives (the replay window did not move)
+    assert [stream_seq(p) for p in w.gw["sg1"].delivered] == [1]
+
+
+def test_forward_only_for_a_tunnel_moved_between_these_two_within_the_window() -> None:
+    w = World(("sg1", "sg2", "sg3"))
+    w.transfer("sg1", "sg2")
+    w.deliver("sg1", "sg2")
+    w.deliver("sg2", "sg1")
+    w.deliver("sg1", "sg2")  # COMMIT: the tunnel lives at sg2 now
+    sg2 = w.gw["sg2"]
+    sg2.wire.clear()  # (the signal that told the MN about sg2)
+    # From sg1 (who moved it) the MN's traffic is taken ...
+    forward(w, udp_packet(1, up=False), False, "sg1", "sg2")
+    assert len(sg2.wire) == 1
+    # ... from sg3 it is not, nor traffic that is not the tunnel's ...
+    forward(w, udp_packet(2, up=False), False, "sg3", "sg2")
+    forward(w, build_udp(ip(HOST), ip("10.1.0.77"), 7000, 5000, b"x"), False, "sg1", "sg2")
+    assert len(sg2.wire) == 1
+    # ... and after the forward window, not from sg1 either.
+    w.now += Settings().forward_time + 0.01
+    sg2.tick()
+    forward(w, udp_packet(3, up=False), False, "sg1", "sg2")
+    assert len(sg2.wire) == 1
+    assert sg2.core.counters["forward_refused"] == 3
+
+
+# -- §2: unfinished transfers, limits ----------------------------------------------------------
+def test_pctds_without_last_are_bounded_and_expire() -> None:
+    w = victim_world()
+    core = w.gw["sg1"].core
+    cdbs = rogue_cdbs(sel("10.2.0.0/24", "10.1.0.66/32"))
+    for tid in range(1, 3001):
+        send_pctd(w, cdbs, tid, last=False)
+    assert core.in_progress() == Settings().max_incoming_per_peer
+    assert core.counters["over_limit"] == 3000 - Settings().max_incoming_per_peer
+    # Every refusal was answered BUSY; nothing was installed, nothing waits for sg1's own
+    # transfers (what [transfer] balance waits for).
+    assert w.pending("sg1", "sg2") == 3000 - Settings().max_incoming_per_peer
+    assert core.outgoing_in_progress() == 0
+    assert len(core.seen) == Settings().max_incoming_per_peer
+    w.now += Settings().retry_max + 0.01
+    w.gw["sg1"].tick()
+    assert core.in_progress() == 0
+    assert core.counters["expired"] == Settings().max_incoming_per_peer
+    assert all(not inc.cdbs for inc in core.incoming.values())
+    # Then the peer gets room again, and sg1 can still hand its MN over.
+    send_pctd(w, cdbs, 9999)
+    assert core.in_progress() == 1
+    w.links.clear()
+    w.transfer("sg1", "sg2")
+    assert core.outgoing_in_progress() == 1
+
+
+def test_too_many_contexts_in_one_message_are_refused() -> None:
+    w = victim_world()
+    tiny = (0x8001).to_bytes(2, "big") + bytes([1, 0, 0, 0, 0, 0])
+    send_pctd(w, [tiny] * (Settings().max_contexts_per_message + 1), last=False)
+    msg = w.drop("sg1", "sg2")
+    assert isinstance(msg, cxtp.CTDR) and msg.statuses[0].status == cxtp.Status.BUSY
+    assert w.gw["sg1"].core.in_progress() == 0
+
+
+def test_too_many_contexts_in_one_transfer_are_refused() -> None:
+    w = World(settings={"sg1": Settings(max_contexts_per_transfer=10)})
+    one = rogue_cdbs(sel("10.2.0.0/24", "10.1.0.66/32"))[0]
+    send_pctd(w, [one] * 6, 7, last=False)
+    assert w.gw["sg1"].core.in_progress() == 1
+    tag = cxtp.TransferTag(7, 1, last=True).encode()
+    w.post("sg2", "sg1", cxtp.encode(cxtp.PCTD(MN, 0, b"k" * 20, (tag, *[one] * 6))))
+    w.deliver("sg2", "sg1")
+    assert w.gw["sg1"].core.in_progress() == 0
+    assert len(w.gw["sg1"].engine.sad) == 2
+
+
+# -- §3: the held queue --------------------------------------------------------------------
+def held_world(**kw: int) -> World:
+    w = World(settings={"sg1": Settings(**kw)})  # type: ignore[arg-type]
+    w.transfer()  # sg1 holds the MN's tunnel; the PCTD waits on the link
+    return w
+
+
+def test_forgeries_for_a_held_tunnel_are_not_kept() -> None:
+    w = held_world()
+    sg1 = w.gw["sg1"]
+    forged = SPI_UP.to_bytes(4, "big") + (5).to_bytes(4, "big") + os.urandom(60_000)
+    for _ in range(200):
+        sg1.from_mn(forged)
+    og = next(iter(sg1.core.outgoing.values()))
+    assert og.held == [] and og.held_bytes == 0
+    assert sg1.engine.stats.drops["icv"] == 200
+    # The real MN's packets are still kept, and the replay window has not moved.
+    w.mn_send(1)
+    w.mn_send(2)
+    assert len(og.held) == 2
+    assert sg1.engine.tunnels()[0].inbound.window.top == 0  # type: ignore[union-attr]
+
+
+def test_replayed_packet_for_a_held_tunnel_is_not_kept() -> None:
+    w = World(settings={"sg1": Settings()})
+    data = w.mn_send(1)
+    assert data is not None
+    w.transfer()
+    w.route_mn(data)
+    og = next(iter(w.gw["sg1"].core.outgoing.values()))
+    assert og.held == []
+    assert w.gw["sg1"].engine.stats.drops["replay"] == 1
+
+
+def test_held_queue_is_bounded_per_tunnel_in_packets() -> None:
+    w = held_world(held_per_tunnel=5)
+    for i in range(1, 9):
+        w.host_send("sg1", i)
+    core = w.gw["sg1"].core
+    og = next(iter(core.outgoing.values()))
+    assert len(og.held) == 5
+    assert core.counters["held_refused"] == 3
+
+
+def test_held_queue_is_bounded_per_tunnel_in_octets() -> None:
+    w = held_world(held_bytes_per_tunnel=3000)
+    for i in range(1, 9):
+        w.gw["sg1"].from_inner(udp_packet(i, up=False, size=1000))
+    core = w.gw["sg1"].core
+    og = next(iter(core.outgoing.values()))
+    assert len(og.held) == 2 and og.held_bytes <= 3000
+    assert core.counters["held_refused"] == 6
+    assert all(isinstance(h, Held) for h in og.held)
+
+
+def test_held_packets_of_the_real_mn_survive_a_flood_of_forgeries() -> None:
+    w = held_world(held_per_tunnel=50)
+    sg1 = w.gw["sg1"]
+    for i in range(20_000):
+        forged = SPI_UP.to_bytes(4, "big") + (i + 1).to_bytes(4, "big") + os.urandom(40)
+        sg1.from_mn(forged)
+    for i in range(1, 11):
+        w.mn_send(i)
+    w.deliver("sg1", "sg2")
+    w.deliver("sg2", "sg1")
+    w.deliver("sg1", "sg2")
+    while w.pending("sg1", "sg2"):
+        w.deliver("sg1", "sg2")  # the held packets, forwarded to sg2
+    assert sorted(stream_seq(p) for p in w.gw["sg2"].delivered) == list(range(1, 11))
+    assert w.gw["sg2"].engine.tunnels()[0].state is TunnelState.ACTIVE
+
+
+def test_overlap_index_agrees_with_pairwise_overlaps() -> None:
+    from ipsecct.ipsec.spd import OverlapIndex
+
+    idx = OverlapIndex()
+    sels = [sel("10.2.0.0/24", f"10.1.{i // 250}.{i % 250}/32") for i in range(600)]
+    sels.append(sel("10.9.0.0/24", "0.0.0.0/0"))
+    for i, s in enumerate(sels):
+        idx.add(s, i)
+    for q in (
+        sel("10.2.0.0/24", "10.1.0.5/32"),
+        sel("10.2.0.0/24", "10.1.1.0/24"),
+        sel("10.9.0.1/32", "10.1.0.0/16"),
+        sel("10.3.0.0/24", "10.1.0.0/16"),
+        sel("0.0.0.0/0", "0.0.0.0/0"),
+    ):
+        assert sorted(idx.overlapping(q)) == [i for i, s in enumerate(sels) if s.overlaps(q)]  # type: ignore[type-var]
+
+
+def test_a_tunnel_coming_back_replaces_its_forwarder() -> None:
+    w = World(settings={"sg1": ACCEPT, "sg2": ACCEPT})
+    for src, dst in (("sg1", "sg2"), ("sg2", "sg1")):
+        w.transfer(src, dst)
+        w.deliver(src, dst)
+        w.deliver(dst, src)
+        w.deliver(src, dst)
+    eng = w.gw["sg1"].engine
+    assert [t.state for t in eng.tunnels()] == [TunnelState.ACTIVE]
+    assert eng.moved_tunnels() == []
+    w.gw["sg1"].wire.clear()
+    w.host_send("sg1", 1)
+    assert [spi for spi, _ in w.gw["sg1"].wire] == [SPI_DOWN]
