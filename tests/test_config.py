@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from ipsecct.errors import ConfigError
-from ipsecct.gateway import config
+from ipsecct.gateway import config, control
 from ipsecct.ipsec.sad import Direction, Mode
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "gateway"
@@ -79,7 +79,8 @@ def test_examples_load(name: str, tmp_path: Path) -> None:
     cfg = config.load(tmp_path / f"{name}.toml")
     assert cfg.name == name
     assert cfg.inner.kind == "udp"
-    assert cfg.control_socket == f"/tmp/ipsecct-{name}.sock"
+    # A bare name: the socket lives in the private runtime directory the client looks in.
+    assert cfg.control_socket == str(control.runtime_dir() / f"{name}.sock")
     for t in cfg.tunnels:
         assert t.outbound.direction is Direction.OUTBOUND
         assert t.inbound.direction is Direction.INBOUND

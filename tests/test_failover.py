@@ -584,7 +584,7 @@ def test_gateway_run_with_bad_failover_exits_2_with_one_line(tmp_path: Path) -> 
     assert r.returncode == 0, r.stderr
     f = d / "sg2.toml"
     text = f.read_text().replace('role = "standby"', 'role = "backup"')
-    text = text.replace("/tmp/ipsecct-fo-", str(tmp_path / "ctl-"))
+    text = text.replace("\"fo-", "\"" + str(tmp_path / "ctl-"))
     f.write_text(text)
     r = cli("gateway", "run", "--config", str(f), timeout=30)
     assert r.returncode == 2, (r.stdout, r.stderr)
@@ -797,7 +797,7 @@ class Procs(ExampleDeployment):
             EXAMPLE,
             udp_ports=tuple(p for p in PORTS if p not in (25191, 35191)),
             tcp_ports=(25191, 35191),
-            ctl_prefix="/tmp/ipsecct-fo-",
+            ctl_prefix="fo-",
             host=(ADDR["host"], 45101),
             mn_app=(ADDR["mn"], 15101),
         )

@@ -35,7 +35,7 @@ class Setup(ExampleDeployment):
             EXAMPLE,
             udp_ports=tuple(p for p in PORTS if p not in (25091, 35091)),
             tcp_ports=(25091, 35091),
-            ctl_prefix="/tmp/ipsecct-xfer-",
+            ctl_prefix="xfer-",
             host=(ADDR["host"], 45001),
             mn_app=(ADDR["mn"], 15001),
             edit=lambda text: text.replace('level = "info"', 'level = "debug"'),

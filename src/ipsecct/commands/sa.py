@@ -11,26 +11,26 @@ from typing import Any
 
 from ..gateway.control import ControlError, request
 
-DEFAULT_SOCKET = "/run/ipsecct/ipsecct.sock"
-
 
 def socket_path(args: argparse.Namespace) -> str:
+    from ..gateway import control
+
     if args.socket:
         return str(args.socket)
     if args.config:
         from ..gateway import config
 
-        cfg = config.load(args.config)
-        if not cfg.control_socket:
-            raise ControlError(f"{args.config}: control.socket is not set")
-        return cfg.control_socket
-    return os.environ.get("IPSECCT_SOCKET", DEFAULT_SOCKET)
+        return config.control_socket_of(args.config)  # reads [control] only, no key file
+    return os.environ.get("IPSECCT_SOCKET") or control.socket_path(None)
 
 
 def add_target(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("which daemon")
     g.add_argument(
-        "--socket", "-s", help=f"control socket (default $IPSECCT_SOCKET or {DEFAULT_SOCKET})"
+        "--socket",
+        "-s",
+        help="control socket (default $IPSECCT_SOCKET, else ipsecct.sock in /run/ipsecct for"
+        " root or $XDG_RUNTIME_DIR/ipsecct, as the daemon)",
     )
     g.add_argument("--config", "-c", help="take the control socket from this configuration")
 

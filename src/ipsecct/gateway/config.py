@@ -220,6 +220,24 @@ def _hex_key(text: Any, ctx: _Ctx, key: str) -> bytes:
         raise ctx.err(key, "is not valid hex") from None  # never echo the value
 
 
+def warn_if_readable(path: str | Path, what: str) -> bool:
+    """Warn (one log line) when a secret file (tunnel keys, a TLS private key) can be read by
+    its group or others; returns whether it warned. The file's content is never read here."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False
+    if not mode & 0o077:
+        return False
+    logging.getLogger("ipsecct.gateway.config").warning(
+        "event=key-file-readable-by-others file=%s what=%s mode=%o (chmod 600 it)",
+        path,
+        what.replace(" ", "-"),
+        mode & 0o777,
+    )
+    return True
+
+
 def load_keys(source: str, *, from_env: bool, ctx: _Ctx, where: str) -> dict[str, bytes]:
     """Read a tunnel's keys from a file or an environment variable (TOML text)."""
     if from_env:
@@ -236,14 +254,7 @@ def load_keys(source: str, *, from_env: bool, ctx: _Ctx, where: str) -> dict[str
         except OSError as exc:
             raise ctx.err(where + "keys", f"cannot read key file {p}: {exc.strerror}") from None
         label = str(p)
-        try:
-            if p.stat().st_mode & 0o077:
-                logging.getLogger("ipsecct.gateway.config").warning(
-                    "event=key-file-readable-by-others file=%s mode=%o (chmod 600 it)",
-                    p, p.stat().st_mode & 0o777,
-                )
-        except OSError:
-            pass
+        warn_if_readable(p, "tunnel keys")
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -443,6 +454,32 @@ def _policy(d: Any, i: int, ctx: _Ctx) -> SPDEntry:
     return SPDEntry(sel, action, name=ctx.get(d, "name", where, str, ""), static=True)
 
 
+def _socket_path(value: str, ctx: _Ctx) -> str:
+    from .control import socket_path
+
+    if not value:
+        raise ctx.err("control.socket", "must not be empty")
+    return socket_path(value)
+
+
+def control_socket_of(path: str | Path) -> str:
+    """The control socket a configuration names (the default one if it names none), reading
+    nothing else: client commands use it, and they have no business opening key files."""
+    from .control import socket_path
+
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    ctx = _Ctx(str(path))
+    control = ctx.get(data, "control", "", dict, {})
+    sock = ctx.get(control, "socket", "control.", str, None)
+    return socket_path(None) if sock is None else _socket_path(sock, ctx)
+
+
 def load(path: str | Path) -> NodeConfig:
     path = str(path)
     _Ctx(path)
@@ -538,6 +575,8 @@ def from_dict(data: dict[str, Any], path: str = "<config>") -> NodeConfig:
     control_d = ctx.get(data, "control", "", dict, {})
     _check_keys_allowed(control_d, ctx, "control.", {"socket", "metrics"})
     sock = ctx.get(control_d, "socket", "control.", str, None)
+    if sock is not None:
+        sock = _socket_path(sock, ctx)
     metrics = None
     if "metrics" in control_d:
         try:

@@ -7,6 +7,13 @@ server carries on; a line longer than 1 MiB closes that connection.
 
 Commands register themselves in :attr:`ControlServer.handlers`, so the context-transfer layer
 adds its own (``transfer``, ``rebalance``) without this module knowing about them.
+
+Where the socket lives: by default in a directory only the gateway's user can write
+(:func:`runtime_dir`: ``/run/ipsecct`` for root, ``$XDG_RUNTIME_DIR/ipsecct`` otherwise, made
+with mode 0700), as ``ipsecct.sock``; a ``control.socket`` without a slash names a socket in that
+directory. The client (:func:`request`) talks only to a socket, in a directory, that belong to
+its own user, and checks the daemon's credentials on the connection (SO_PEERCRED): a socket
+planted by another user never receives a request (``sa add`` carries keys).
 """
 
 from __future__ import annotations
@@ -17,22 +24,99 @@ import json
 import logging
 import os
 import socket
+import stat
+import struct
+import tempfile
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 from ..errors import IpsecctError
 from ..ipsec.algorithms import enc_name, integ_name
 from ..ipsec.sad import Direction, SecurityAssociation
-from .log import event
+from .limits import ConnectionLimits, source_of
+from .log import RateLimited, event
 
 log = logging.getLogger("ipsecct.gateway.control")
 
 MAX_LINE = 1 << 20
+SOCKET_NAME = "ipsecct.sock"
 Handler = Callable[[dict[str, Any]], Awaitable[Any]]
 
 
 class ControlError(IpsecctError):
     """A control request failed (the message is shown to the operator)."""
+
+
+def runtime_dir() -> Path:
+    """The directory for control sockets: ``/run/ipsecct`` for root, else
+    ``$XDG_RUNTIME_DIR/ipsecct`` (or, without it, ``ipsecct-UID`` in the temporary directory).
+    ``$IPSECCT_RUNTIME_DIR`` replaces it (containers, tests)."""
+    override = os.environ.get("IPSECCT_RUNTIME_DIR")
+    if override:
+        return Path(override)
+    if os.geteuid() == 0:
+        return Path("/run/ipsecct")
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    if xdg:
+        return Path(xdg) / "ipsecct"
+    return Path(tempfile.gettempdir()) / f"ipsecct-{os.geteuid()}"
+
+
+def socket_path(value: str | None) -> str:
+    """Where a ``control.socket`` setting puts the socket: unset, the default one; a bare
+    name, that name in :func:`runtime_dir`; anything with a slash, as given."""
+    if not value:
+        return str(runtime_dir() / SOCKET_NAME)
+    if "/" not in value:
+        return str(runtime_dir() / value)
+    return value
+
+
+def _check_directory(d: Path) -> None:
+    """The socket's directory must belong to us (or root) and nobody else may replace what is
+    in it: not writable by group or others, unless sticky (as /tmp is)."""
+    try:
+        st = d.stat()
+    except OSError as exc:
+        raise ControlError(f"cannot use the directory {d}: {exc.strerror}") from None
+    me = os.geteuid()
+    if st.st_uid not in (me, 0):
+        raise ControlError(
+            f"the directory {d} belongs to uid {st.st_uid}, not to you (uid {me}): refusing it"
+        )
+    if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+        raise ControlError(f"the directory {d} is writable by others: refusing it")
+
+
+def check_socket(path: str) -> None:
+    """Refuse a control socket that another user could have put there (client side)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        raise ControlError(
+            f"cannot reach the control socket {path}: no such file (is the daemon running?)"
+        ) from None
+    except OSError as exc:
+        raise ControlError(f"cannot reach the control socket {path}: {exc.strerror}") from None
+    me = os.geteuid()
+    if not stat.S_ISSOCK(st.st_mode):
+        raise ControlError(f"{path} is not a socket")
+    if st.st_uid != me:
+        raise ControlError(
+            f"the control socket {path} belongs to uid {st.st_uid}, not to you (uid {me}):"
+            " refusing to talk to it (run the command as the gateway's user)"
+        )
+    _check_directory(Path(path).parent)
+
+
+def _peer_uid(s: socket.socket) -> int | None:
+    try:
+        creds = s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except (OSError, AttributeError):
+        return None
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    return int(uid)
 
 
 def sa_summary(sa: SecurityAssociation, now: float) -> dict[str, Any]:
@@ -70,13 +154,39 @@ class ControlServer:
         self.path = path
         self.handlers: dict[str, Handler] = {}
         self._server: asyncio.Server | None = None
+        self.refused = 0  # requests answered with an error before reaching a handler
+        self._quiet = RateLimited()
 
     def register(self, name: str, handler: Handler) -> None:
         self.handlers[name] = handler
 
-    async def start(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
+    def _prepare_directory(self) -> None:
+        d = Path(self.path).parent
+        if d == runtime_dir():
+            d.mkdir(mode=0o700, parents=True, exist_ok=True)
+            if d.stat().st_uid == os.geteuid():
+                os.chmod(d, 0o700)
+        _check_directory(d)
+        try:
+            st = os.lstat(self.path)
+        except FileNotFoundError:
+            return
+        if st.st_uid != os.geteuid():
+            raise ControlError(f"{self.path} belongs to uid {st.st_uid}: refusing to replace it")
+        # A socket left by a daemon that died is replaced; a live daemon's is not stolen.
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        probe.settimeout(1.0)
+        try:
+            probe.connect(self.path)
+        except OSError:
             os.unlink(self.path)
+            return
+        finally:
+            probe.close()
+        raise ControlError(f"another daemon is already listening on {self.path}")
+
+    async def start(self) -> None:
+        self._prepare_directory()
         old = os.umask(0o177)
         try:
             self._server = await asyncio.start_unix_server(
@@ -107,6 +217,8 @@ class ControlServer:
                 await self._answer(writer, await self._handle(line))
         except (TimeoutError, ConnectionError):
             return
+        except Exception as exc:  # a bug: one line, the server carries on
+            self._quiet.event(log, "control-client-failed", logging.ERROR, error=type(exc).__name__)
         finally:
             writer.close()
             with contextlib.suppress(Exception):
@@ -116,25 +228,33 @@ class ControlServer:
         writer.write(json.dumps(obj).encode() + b"\n")
         await writer.drain()
 
+    def _refuse(self, why: str) -> dict[str, Any]:
+        """The answer to a request that is not one: an error line, and one log line."""
+        self.refused += 1
+        self._quiet.event(log, "control-request-refused", logging.WARNING, reason=why)
+        return {"ok": False, "error": why}
+
     async def _handle(self, line: bytes) -> dict[str, Any]:
         try:
             req = json.loads(line)
         except (ValueError, UnicodeDecodeError):
-            return {"ok": False, "error": "request is not JSON"}
+            return self._refuse("request is not JSON")
+        except RecursionError:
+            return self._refuse("request is nested too deeply")
         if not isinstance(req, dict) or not isinstance(req.get("cmd"), str):
-            return {"ok": False, "error": 'request must be an object with a string "cmd"'}
+            return self._refuse('request must be an object with a string "cmd"')
         args = req.get("args", {})
         if not isinstance(args, dict):
-            return {"ok": False, "error": '"args" must be an object'}
+            return self._refuse('"args" must be an object')
         handler = self.handlers.get(req["cmd"])
         if handler is None:
-            return {"ok": False, "error": f"unknown command {req['cmd']!r}"}
+            return self._refuse(f"unknown command {req['cmd'][:64]!r}")
         try:
             return {"ok": True, "result": await handler(args)}
         except IpsecctError as exc:
             return {"ok": False, "error": str(exc)}
-        except (KeyError, TypeError, ValueError) as exc:
-            return {"ok": False, "error": f"bad arguments: {type(exc).__name__}"}
+        except (KeyError, TypeError, ValueError, RecursionError) as exc:
+            return self._refuse(f"bad arguments: {type(exc).__name__}")
         except Exception as exc:  # a bug: report it, keep serving
             event(
                 log,
@@ -147,7 +267,11 @@ class ControlServer:
 
 
 def request(path: str, cmd: str, args: dict[str, Any] | None = None, timeout: float = 30.0) -> Any:
-    """Send one control request (blocking); return its result or raise ControlError."""
+    """Send one control request (blocking); return its result or raise ControlError.
+
+    Only to a socket of our own user, in a directory nobody else can write, answered by a
+    process of our own user (see :func:`check_socket`)."""
+    check_socket(path)
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.settimeout(timeout)
     try:
@@ -158,6 +282,11 @@ def request(path: str, cmd: str, args: dict[str, Any] | None = None, timeout: fl
                 f"cannot reach the control socket {path}: {exc.strerror or exc}"
                 " (is the daemon running?)"
             ) from None
+        uid = _peer_uid(s)
+        if uid is not None and uid != os.geteuid():
+            raise ControlError(
+                f"the daemon on {path} runs as uid {uid}, not as you: refusing to talk to it"
+            )
         buf = b""
         try:
             s.sendall(json.dumps({"cmd": cmd, "args": args or {}}).encode() + b"\n")
@@ -221,9 +350,19 @@ def prometheus_text(status: dict[str, Any]) -> str:
 class MetricsServer:
     """A minimal HTTP/1.0 server answering every GET with the metrics text."""
 
-    def __init__(self, host: str, port: int, status: Callable[[], dict[str, Any]]) -> None:
+    TIMEOUT = 2.0  # for the whole request: a client that idles is closed
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        status: Callable[[], dict[str, Any]],
+        limits: ConnectionLimits | None = None,
+    ) -> None:
         self.host, self.port, self.status = host, port, status
         self._server: asyncio.Server | None = None
+        self.limits = limits if limits is not None else ConnectionLimits(per_source=16, total=32)
+        self._quiet = RateLimited()
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._client, self.host, self.port)
@@ -239,8 +378,21 @@ class MetricsServer:
             await self._server.wait_closed()
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        source = source_of(writer.get_extra_info("peername"))
+        if not self.limits.admit(source):
+            self._quiet.event(
+                log, "metrics-connection-refused", logging.WARNING, reason="too many connections"
+            )
+            writer.close()
+            return
         try:
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=5)
+            await self._serve(reader, writer)
+        finally:
+            self.limits.release(source)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=self.TIMEOUT)
             if head.startswith(b"GET "):
                 body = prometheus_text(self.status()).encode()
                 writer.write(
@@ -250,7 +402,8 @@ class MetricsServer:
                 )
             else:
                 writer.write(b"HTTP/1.0 405 Method Not Allowed\r\nContent-Length: 0\r\n\r\n")
-            await writer.drain()
+            async with asyncio.timeout(self.TIMEOUT):
+                await writer.drain()
         except (
             TimeoutError,
             asyncio.IncompleteReadError,

@@ -34,3 +34,47 @@ def setup(level: str = "info", *, stream: object = None) -> None:
         h._ipsecct = True  # type: ignore[attr-defined]
         root.addHandler(h)
     root.propagate = False
+
+
+class RateLimited:
+    """At most ``burst`` log lines per ``interval`` seconds for each key; the next line after a
+    quiet spell says how many were left out (``suppressed=N``). Whatever floods a listener
+    (refused handshakes, forged CTARs, garbage requests) cannot flood the log with it."""
+
+    def __init__(self, burst: int = 5, interval: float = 10.0, *, max_keys: int = 1024) -> None:
+        self.burst = burst
+        self.interval = interval
+        self.max_keys = max_keys
+        self._windows: dict[str, tuple[float, int, int]] = {}  # key -> (start, lines, dropped)
+
+    def event(
+        self,
+        logger: logging.Logger,
+        name: str,
+        level: int,
+        *,
+        key: str = "",
+        now: float | None = None,
+        **fields: object,
+    ) -> bool:
+        """Log like :func:`event` unless ``key`` (default: the event name) is over its
+        budget; returns whether a line was written."""
+        import time
+
+        t = time.monotonic() if now is None else now
+        k = f"{name}/{key}"
+        start, lines, dropped = self._windows.get(k, (t, 0, 0))
+        if t - start >= self.interval:
+            start, lines = t, 0
+        if lines >= self.burst:
+            if k not in self._windows and len(self._windows) >= self.max_keys:
+                self._windows.clear()  # a key per source: never an unbounded table
+            self._windows[k] = (start, lines, dropped + 1)
+            return False
+        if len(self._windows) >= self.max_keys and k not in self._windows:
+            self._windows.clear()
+        self._windows[k] = (start, lines + 1, 0)
+        if dropped:
+            fields = {**fields, "suppressed": dropped}
+        event(logger, name, level, **fields)
+        return True

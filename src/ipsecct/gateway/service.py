@@ -14,7 +14,7 @@ from ..ipsec.sad import Direction, SecurityAssociation
 from ..ipsec.spd import Action, SPDEntry
 from . import config as config_mod
 from .control import ControlError, ControlServer, MetricsServer, sa_summary
-from .log import event
+from .log import RateLimited, event
 from .node import Node
 
 log = logging.getLogger("ipsecct.gateway.service")
@@ -88,6 +88,22 @@ class Service:
 
     async def run_forever(self) -> None:
         loop = asyncio.get_running_loop()
+        quiet = RateLimited()
+
+        def on_loop_error(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+            # asyncio reports accept() failures (EMFILE, ...) here, once per attempt, with a
+            # traceback: one line instead, and only a few of them.
+            exc = context.get("exception")
+            quiet.event(
+                log,
+                "event-loop-error",
+                logging.ERROR,
+                key=str(context.get("message", "")),
+                message=context.get("message", ""),
+                error="" if exc is None else f"{type(exc).__name__}: {exc}",
+            )
+
+        loop.set_exception_handler(on_loop_error)
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
@@ -176,11 +192,21 @@ class Service:
         return {"changed": n}
 
 
+# What the listeners may hold open at once (CXTP, metrics, control) plus the gateway's own
+# sockets, TUN device and files: RLIMIT_NOFILE must leave room for all of it.
+NOFILE_NEEDED = 1024
+
+
 def run(path: str, role: str) -> int:
-    cfg = config_mod.load(path)
+    from .control import socket_path
+    from .limits import raise_nofile
     from .log import setup
 
+    cfg = config_mod.load(path)
     setup(cfg.log_level)
+    if cfg.control_socket is None:
+        cfg.control_socket = socket_path(None)  # the one the client commands look for
+    raise_nofile(NOFILE_NEEDED)
     svc = Service(cfg, role=role)
     asyncio.run(svc.run_forever())
     return 0

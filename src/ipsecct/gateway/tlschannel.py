@@ -32,11 +32,13 @@ from cryptography.x509.oid import NameOID
 
 from ..ct import cxtp
 from ..errors import IpsecctError
+from .limits import ConnectionLimits, source_of
+from .log import RateLimited
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT = 2.0  # seconds, per wait (CT_REQUEST_RETRY); callers pass their own
-DEFAULT_HANDSHAKE_TIMEOUT = 5.0
+DEFAULT_HANDSHAKE_TIMEOUT = 3.0  # an unauthenticated connection holds a descriptor this long
 READ_CHUNK = 65536
 CXTP_TLS_PORT = 5091  # RFC 4067's SCTP port, reused for TCP/TLS
 
@@ -308,6 +310,7 @@ async def serve(
     timeout: float = DEFAULT_TIMEOUT,
     handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
     on_refused: Refused | None = None,
+    limits: ConnectionLimits | None = None,
 ) -> asyncio.Server:
     """Accept TLS connections and run ``handler`` on each, then close it.
 
@@ -316,17 +319,41 @@ async def serve(
     counted and logged. An IpsecctError (a malformed message, a timeout, a closed peer) or
     OSError out of ``handler`` is logged in one line and ends that connection only; the server
     keeps accepting.
+
+    ``limits`` (default: :class:`ConnectionLimits`' defaults) bounds the connections open per
+    source address and in total, handshakes included: the rest are closed on arrival and
+    reported to ``on_refused``. A handshake gets ``handshake_timeout``; the log lines about
+    refusals are rate-limited.
     """
+    lim = limits if limits is not None else ConnectionLimits()
+    quiet = RateLimited()
 
     def refused(writer: asyncio.StreamWriter, reason: str) -> None:
         peer = writer.get_extra_info("peername")
         address = f"{peer[0]}:{peer[1]}" if peer else "?"
-        log.warning("refused connection from %s: %s", address, reason)
+        quiet.event(
+            log,
+            "connection-refused",
+            logging.WARNING,
+            key=source_of(peer),
+            address=address,
+            reason=reason,
+        )
         if on_refused is not None:
             on_refused(address, reason)
         writer.close()
 
     async def on_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        source = source_of(writer.get_extra_info("peername"))
+        if not lim.admit(source):
+            refused(writer, "too many connections")
+            return
+        try:
+            await _serve_one(reader, writer)
+        finally:
+            lim.release(source)
+
+    async def _serve_one(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         # The handshake runs here, not inside asyncio's server, so that a failed one is seen.
         try:
             async with asyncio.timeout(handshake_timeout):
@@ -345,15 +372,24 @@ async def serve(
         try:
             await handler(conn)
         except (IpsecctError, OSError) as exc:
-            log.warning(
-                "connection from %s (%s) ended: %s: %s",
-                conn.peer.name,
-                conn.peer_address,
-                type(exc).__name__,
-                exc,
+            quiet.event(
+                log,
+                "connection-ended",
+                logging.WARNING,
+                key=conn.peer_address,
+                peer=conn.peer.name,
+                address=conn.peer_address,
+                error=f"{type(exc).__name__}: {exc}",
             )
-        except Exception:
-            log.exception("handler failed for %s (%s)", conn.peer.name, conn.peer_address)
+        except Exception as exc:  # a bug: one line, and the listener carries on
+            quiet.event(
+                log,
+                "handler-failed",
+                logging.ERROR,
+                peer=conn.peer.name,
+                address=conn.peer_address,
+                error=type(exc).__name__,
+            )
         finally:
             await conn.close()
 

@@ -1,0 +1,78 @@
+"""Limits that keep a listener alive when someone floods it: connections per source and in
+total, and the process's file-descriptor limit.
+
+Every listening socket of a gateway (CXTP over TLS, metrics) admits a connection only while the
+source has fewer than ``per_source`` open and the listener fewer than ``total``; the rest are
+closed as soon as they are accepted, and counted. With the file-descriptor limit raised (or at
+least checked) at start, the connections a listener can hold never use up the descriptors that
+sockets, TUN devices and real peers need.
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+from dataclasses import dataclass, field
+
+log = logging.getLogger("ipsecct.gateway.limits")
+
+
+@dataclass
+class ConnectionLimits:
+    """Open connections per source address and in total, for one listener."""
+
+    per_source: int = 8
+    total: int = 128
+    open: dict[str, int] = field(default_factory=dict)
+    refused: int = 0
+
+    @property
+    def count(self) -> int:
+        return sum(self.open.values())
+
+    def admit(self, source: str) -> bool:
+        """Take a place for a connection from ``source``; False (and counted) if none."""
+        n = self.open.get(source, 0)
+        if n >= self.per_source or self.count >= self.total:
+            self.refused += 1
+            return False
+        self.open[source] = n + 1
+        return True
+
+    def release(self, source: str) -> None:
+        n = self.open.get(source, 0) - 1
+        if n > 0:
+            self.open[source] = n
+        else:
+            self.open.pop(source, None)
+
+
+def source_of(peername: object) -> str:
+    """The address part of a socket's peer name (the port does not make another source)."""
+    if isinstance(peername, tuple) and peername:
+        return str(peername[0])
+    return "?"
+
+
+def raise_nofile(needed: int) -> tuple[int, int]:
+    """Raise the soft RLIMIT_NOFILE to the hard limit; return (soft, hard) afterwards.
+
+    Warns when even the hard limit is below ``needed`` (what the listeners may hold open plus
+    room for the gateway's own sockets and files)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 65536)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    if soft < needed:
+        log.warning(
+            "event=nofile-limit-low soft=%d hard=%d needed=%d"
+            " (raise the hard limit, e.g. LimitNOFILE= in the systemd unit)",
+            soft,
+            hard,
+            needed,
+        )
+    return soft, hard
