@@ -379,3 +379,58 @@ def test_a_tunnel_coming_back_replaces_its_forwarder() -> None:
     w.gw["sg1"].wire.clear()
     w.host_send("sg1", 1)
     assert [spi for spi, _ in w.gw["sg1"].wire] == [SPI_DOWN]
+
+
+# -- §5: forged CTARs ----------------------------------------------------------------------
+def ctar(mn: str = MN_ADDR, seq: int = 1) -> cxtp.CTAR:
+    return cxtp.CTAR(ip(mn), ip(SG_ADDR["sg1"]), seq, os.urandom(4))
+
+
+def test_forged_ctars_from_one_source_are_rate_limited() -> None:
+    w = World()
+    core = w.gw["sg2"].core
+    sent = 0
+    for i in range(7000):
+        why, out = core.ctar("sg1", ctar(seq=i), ("192.0.2.66", 4500), w.now + i * 1e-4)
+        sent += len(out)
+        assert (why is None) == bool(out)
+    # 0.7 s of them: the burst, then CT_REQUEST_RATE a second (before: one CT-Req each).
+    assert sent <= cxtp.CT_REQUEST_RATE * 1.7 + 1
+    assert core.counters["ctar_limited"] >= 7000 - sent - 1
+
+
+def test_forged_ctars_from_many_sources_are_capped_per_peer() -> None:
+    w = World()
+    core = w.gw["sg2"].core
+    sent = 0
+    for i in range(7000):
+        mn = f"198.51.{i // 250}.{i % 250 + 1}"
+        _, out = core.ctar("sg1", ctar(mn, i), (f"203.0.{i // 250}.{i % 250}", 4500), w.now)
+        sent += len(out)
+    assert sent <= 20 * cxtp.CT_REQUEST_RATE
+    assert len(core._ctar_source) <= 4096 and len(core._ctar_mn) <= 4096
+
+
+def test_ctar_replayed_or_for_a_tunnel_already_here_sends_nothing() -> None:
+    w = World()
+    core = w.gw["sg2"].core
+    assert core.ctar("sg1", ctar(seq=5), "a", w.now)[1]
+    assert core.ctar("sg1", ctar(seq=5), "b", w.now + 1) == ("sequence number already used", [])
+    core1 = w.gw["sg1"].core  # sg1 serves the MN: a CTAR there asks for nothing
+    assert core1.ctar("sg2", ctar(seq=6), "c", w.now)[0] == "the MN's tunnel is already here"
+
+
+def test_source_checks_the_token_before_any_work_and_limits_a_flooding_peer() -> None:
+    w = World()
+    sg1 = w.gw["sg1"]
+    for i in range(500):
+        tag = cxtp.TransferTag(1000 + i, 0).encode()
+        msg = cxtp.CTReq(MN, i, os.urandom(4), (tag,))
+        w.post("sg2", "sg1", cxtp.encode(msg))
+        w.deliver("sg2", "sg1")
+    # Nothing held, nothing sent but refusals, and only as many as the per-peer rate allows.
+    assert sg1.engine.tunnels()[0].state is TunnelState.ACTIVE
+    assert sg1.core.outgoing == {}
+    answers = w.pending("sg1", "sg2")
+    assert answers <= 20 * cxtp.CT_REQUEST_RATE
+    assert sg1.core.counters["ctar_limited"] == 500 - answers

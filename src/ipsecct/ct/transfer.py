@@ -48,6 +48,7 @@ from ..ipsec.engine import Engine, Held, ToPeer, Tunnel, TunnelState
 from ..ipsec.sad import Direction, SecurityAssociation, UdpEncap
 from ..ipsec.spd import Action, AddressRange, IPAddress, OverlapIndex, Selectors, SPDEntry
 from . import context, cxtp
+from .ratelimit import RateLimiter
 
 FPT_DECISION = 0x8005  # COMMIT (1) or ABORT (2) of a transfer
 FPT_FORWARD = 0x8006  # a packet forwarded after the cut-over
@@ -283,7 +284,15 @@ class TransferCore:
             "policy_refused": 0,  # transferred tunnels outside this gateway's policy
             "over_limit": 0,  # transfers or contexts beyond a peer's limits
             "expired": 0,  # incoming transfers that never finished
+            "ctar_limited": 0,  # CTARs and CT-Reqs over their rate
         }
+        # Reactive mode: CTARs per source and per MN (RFC 4067 §2.5 CT_REQUEST_RATE), CT-Reqs
+        # per peer (both directions), (MN, sequence) pairs already requested.
+        rate = cxtp.CT_REQUEST_RATE
+        self._ctar_source = RateLimiter(rate, rate)
+        self._ctar_mn = RateLimiter(rate, rate)
+        self._ctreq_peer = RateLimiter(10 * rate, 20 * rate)
+        self._ctar_seen: dict[tuple[IPAddress, int], float] = {}
         # Tunnels that arrived from a peer: FORWARDs from that peer are taken for them until
         # the time given (this gateway's forward_time after the commit).
         self.arrived: dict[Tunnel, tuple[str, float]] = {}
@@ -959,6 +968,38 @@ class TransferCore:
         tag = cxtp.TransferTag(tid, 0).encode()
         return tid, [Send(peer, cxtp.CTReq(mn, seq, token, (tag,)))]
 
+    def ctar(
+        self, peer: str, msg: cxtp.CTAR, source: object, now: float
+    ) -> tuple[str | None, list[Output]]:
+        """Target side: an MN's CTAR (RFC 4067), from ``source`` (its address as seen on the
+        wire), asks us to fetch its contexts from ``peer``. Returns (why it was refused, or
+        None; the CT-Req to send).
+
+        The token cannot be checked here: its key is shared by the MN and the router that
+        holds its SAs, which checks it (:meth:`_on_ctreq`) before doing anything. So this
+        side bounds what forged CTARs can cost: CT_REQUEST_RATE per source and per MN
+        (RFC 4067 §2.5), a cap on CT-Reqs per peer, one CT-Req per (MN, sequence number),
+        and none for an MN whose tunnel is already here."""
+        if not self._ctar_source.allow(source, now) or not self._ctar_mn.allow(msg.mn_prev, now):
+            self.counters["ctar_limited"] += 1
+            return "over CT_REQUEST_RATE", []
+        key = (msg.mn_prev, msg.seq)
+        if key in self._ctar_seen:
+            self.counters["replayed"] += 1
+            return "sequence number already used", []
+        if any(
+            t.outbound.dst == msg.mn_prev and t.state is not TunnelState.MOVED
+            for t in self.engine.tunnels()
+        ):
+            self.counters["refused"] += 1
+            return "the MN's tunnel is already here", []
+        if not self._ctreq_peer.allow(peer, now):
+            self.counters["ctar_limited"] += 1
+            return f"too many requests to {peer}", []
+        self._ctar_seen[key] = now + self.settings.retry_max
+        _tid, out = self.request(peer, msg.mn_prev, msg.token, msg.seq, now)
+        return None, out
+
     def _on_ctreq(
         self,
         peer: str,
@@ -981,6 +1022,9 @@ class TransferCore:
 
         if not may_request:
             return refuse(cxtp.Status.UNAUTHORISED)
+        if not self._ctreq_peer.allow(peer, now):
+            self.counters["ctar_limited"] += 1
+            return []  # not even an answer: the peer is flooding us
         tunnels = [t for t in self.engine.tunnels() if t.outbound.dst == msg.mn_prev]
         if not tunnels:
             return refuse(cxtp.Status.UNKNOWN_CONTEXT)
@@ -1038,6 +1082,9 @@ class TransferCore:
             for key, until in list(self.seen.items()):
                 if now >= until:
                     del self.seen[key]
+            for k2, until in list(self._ctar_seen.items()):
+                if now >= until:
+                    del self._ctar_seen[k2]
             for t, (_, until) in list(self.arrived.items()):
                 if now >= until or t.state is TunnelState.MOVED:
                     del self.arrived[t]
