@@ -10,9 +10,10 @@ import pytest
 
 from ipsecct.bench.transfer import make_tunnel
 from ipsecct.demo import handover as demo_handover
-from ipsecct.demo import tour as demo
-from ipsecct.gateway.config import ConfigError
-from ipsecct.gateway.handover import parse_config
+from ipsecct.demo import topology as demo
+from ipsecct.gateway import config as config_mod
+from ipsecct.gateway.balancer import Balancer
+from ipsecct.gateway.config import BalanceConfig, ConfigError
 from ipsecct.ipsec.engine import TunnelState
 
 
@@ -25,13 +26,10 @@ def test_gateway_moves_its_excess_tunnels(tmp_path: Path) -> None:
     async def main() -> tuple[int, int, int]:
         world = await demo.build(tmp_path)
         try:
-            world.gateways["sg1"].node.cfg.extra["transfer"]["balance"] = {
-                "above": 20,
-                "to": "sg2",
-                "batch": 50,
-                "interval_ms": 100,
-            }
-            await demo_handover.setup(world, "direct")
+            sg1 = world.services["sg1"]
+            assert sg1.transfer is not None
+            sg1.balancer = Balancer(sg1.node, BalanceConfig(20, "sg2", 50, 0.1), sg1.transfer)
+            await demo_handover.setup(world)
             eng = world.gateways["sg1"].node.engine
             for i in range(100):  # 1 demo tunnel + 100 more: 81 too many, two rounds of 50
                 make_tunnel(eng, i, demo.ADDRESS["sg1"], demo.ADDRESS["mn"])
@@ -55,24 +53,27 @@ def test_gateway_moves_its_excess_tunnels(tmp_path: Path) -> None:
     assert sg2 == 81  # and nothing is lost or duplicated
 
 
-def test_balance_configuration_errors(tmp_path: Path) -> None:
-    async def main() -> None:
-        world = await demo.build(tmp_path)
-        try:
-            cfg = world.gateways["sg1"].node.cfg
-            for bad, key in (
-                ({"above": 0, "to": "sg2"}, "balance.above"),
-                ({"above": 5, "to": "nobody"}, "balance.to"),
-                ({"above": 5}, "balance"),
-                ({"above": 5, "to": "sg2", "speed": 1}, "balance"),
-            ):
-                cfg.extra["transfer"]["balance"] = bad
-                with pytest.raises(ConfigError, match=key):
-                    parse_config(cfg)
-        finally:
-            await demo.stop(world)
-
-    asyncio.run(main())
+def test_balance_configuration_errors() -> None:
+    pem = __file__  # any existing file: [transfer] checks the paths only
+    base = {
+        "name": "sg1",
+        "outer": {"address": "127.0.1.1"},
+        "inner": {"kind": "udp", "listen": "127.0.0.1:1", "peer": "127.0.0.1:2"},
+        "peers": [{"name": "sg2", "address": "127.0.1.2:5091"}],
+    }
+    transfer = {"listen": "127.0.1.1:5091", "cert": pem, "key": pem, "ca": pem}
+    ok = config_mod.from_dict(
+        {**base, "transfer": {**transfer, "balance": {"above": 5, "to": "sg2"}}}, "sg1.toml"
+    )
+    assert ok.transfer is not None and ok.transfer.balance == BalanceConfig(5, "sg2", 1000, 1.0)
+    for bad, key in (
+        ({"above": 0, "to": "sg2"}, "balance.above"),
+        ({"above": 5, "to": "nobody"}, "balance.to"),
+        ({"above": 5}, "balance"),
+        ({"above": 5, "to": "sg2", "speed": 1}, "balance"),
+    ):
+        with pytest.raises(ConfigError, match=f"sg1.toml: transfer.{key}"):
+            config_mod.from_dict({**base, "transfer": {**transfer, "balance": bad}}, "sg1.toml")
 
 
 def test_a_context_too_large_to_encode_leaves_the_tunnel_active() -> None:

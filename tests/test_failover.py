@@ -37,8 +37,10 @@ from hypothesis import strategies as st
 from ipsecct.ct import context, cxtp, failover
 from ipsecct.ct.transfer import FPT_SYNC, Endpoint, Identity, Record
 from ipsecct.demo import handover as demo_handover
-from ipsecct.demo import tour as demo
+from ipsecct.demo import topology as demo
 from ipsecct.errors import ConfigError
+from ipsecct.gateway import config as config_mod
+from ipsecct.gateway.failover_driver import is_sync
 from ipsecct.ipsec import signalling
 from ipsecct.ipsec.engine import Engine, ToPeer, Tunnel
 from ipsecct.ipsec.esp import Drop
@@ -260,8 +262,9 @@ def test_every_replication_message_is_recognisable_as_a_sync() -> None:
         add_tunnel(eng, i)
     msgs = wire(failover.Replicator(eng, cfg(), session=1).poll(0.0))
     assert len(contexts(msgs)) == 1200
-    # handover.TransferService._on_message's test for "this CTD is a sync":
+    # the gateway's test for "this CTD is a sync" (the service routes these to fail-over):
     assert all(len(m.cdbs) >= 2 and cxtp.cdb_fpt(m.cdbs[1]) == FPT_SYNC for m in msgs)
+    assert msgs and all(is_sync(m) for m in msgs)
 
 
 # -- 1. sans-I/O: Standby -----------------------------------------------------------------
@@ -516,12 +519,29 @@ def test_property_standby_never_reuses_a_sequence_number(
 # -- 2. configuration ---------------------------------------------------------------------
 
 
-def parse_fo(f: dict[str, Any]) -> failover.FailoverConfig | None:
-    return failover.parse_config({"failover": f}, "/etc/sg1.toml", {"sg2", "sg3"})
+def gateway_config(sections: dict[str, Any], path: str = "/etc/sg1.toml") -> dict[str, Any]:
+    """A gateway configuration with [transfer] (certificate paths only need to exist) and
+    two peers, sg2 and sg3, plus ``sections``."""
+    pem = str(Path(__file__))  # any existing file: [transfer] checks the paths only
+    return {
+        "name": "sg1",
+        "outer": {"address": "127.0.1.1"},
+        "inner": {"kind": "udp", "listen": "127.0.0.1:1", "peer": "127.0.0.1:2"},
+        "transfer": {"listen": "127.0.1.1:5091", "cert": pem, "key": pem, "ca": pem},
+        "peers": [
+            {"name": "sg2", "address": "127.0.1.2:5091"},
+            {"name": "sg3", "address": "127.0.1.3:5091"},
+        ],
+        **sections,
+    }
+
+
+def parse_fo(f: Any, path: str = "/etc/sg1.toml") -> failover.FailoverConfig | None:
+    return config_mod.from_dict(gateway_config({"failover": f}), path).failover
 
 
 def test_config_defaults_and_values() -> None:
-    assert failover.parse_config({}, "x.toml", {"sg2"}) is None
+    assert config_mod.from_dict(gateway_config({}), "x.toml").failover is None
     c = parse_fo({"role": "active", "peer": "sg2"})
     assert c is not None
     assert (c.sync_packets, c.sync_ms, c.heartbeat_ms, c.dead_ms, c.seq_margin) == (
@@ -572,7 +592,14 @@ def test_config_errors_name_file_and_key(table: dict[str, Any], key: str) -> Non
 
 def test_config_not_a_table() -> None:
     with pytest.raises(ConfigError, match=r"x\.toml: failover"):
-        failover.parse_config({"failover": 3}, "x.toml", {"sg2"})
+        parse_fo(3, "x.toml")
+
+
+def test_failover_needs_transfer() -> None:
+    data = gateway_config({"failover": {"role": "active", "peer": "sg2"}})
+    del data["transfer"], data["peers"]
+    with pytest.raises(ConfigError, match=r"x\.toml: failover: needs a \[transfer\]"):
+        config_mod.from_dict(data, "x.toml")
 
 
 def test_gateway_run_with_bad_failover_exits_2_with_one_line(tmp_path: Path) -> None:
@@ -606,10 +633,11 @@ def test_failover_in_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     async def main() -> dict[str, Any]:
         d = await demo.build(tmp_path, failover=True)
         try:
-            await demo_handover.setup(d, "failover")
-            services = d.extra["transfer"]
-            fo = services["sg2"].failover
-            assert fo is not None and services["sg1"].replicator is not None
+            await demo_handover.setup(d)
+            services = d.services
+            driver, active = services["sg2"].failover, services["sg1"].failover
+            assert driver is not None and active is not None and active.replicator is not None
+            fo = driver.cfg
             mn = d.mn.node
             arrivals: list[tuple[str, int]] = []  # (gateway address, ESP sequence number)
             orig = mn.from_outer
@@ -630,14 +658,14 @@ def test_failover_in_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
                     d.host_route("sg2")
                     took.set_result(rec)
 
-            services["sg2"].listeners.append(on_record)
+            demo_handover.transfer_service(d, "sg2").listeners.append(on_record)
 
             async def kill() -> None:
                 sg1 = d.gateways["sg1"].node
                 # Abrupt: no transfer, no goodbye; replication and data stop together.
                 info["t_kill"] = d.gateways["sg2"].node.clock()
                 info["records_before"] = list(records)
-                await services["sg1"].stop()
+                await services["sg1"].stop_context_transfer()
                 await sg1.stop()
                 info["sg1_seq"] = sg1.engine.tunnels()[0].outbound.seq
                 info["sg1_sent"] = sg1.engine.stats.out_packets
@@ -652,7 +680,7 @@ def test_failover_in_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
                 mn_tunnel=mn.engine.tunnels()[0],
                 sg2_stats=d.gateways["sg2"].node.engine.stats,
                 sg2_status=d.gateways["sg2"].node.status(),
-                agent=d.extra["agent"],
+                agent=d.agent,
                 summary=demo.summary(d),
                 total=d.sent[0],
                 host_rx=set(d.host_app.received),
@@ -696,18 +724,14 @@ def test_standby_started_after_the_active_gets_idle_tunnels(tmp_path: Path) -> N
     async def main() -> int:
         d = await demo.build(tmp_path, failover=True)
         try:
-            from ipsecct.gateway.handover import TransferService, parse_config
-
-            services = {}
-            for name in ("sg1", "sg2"):
-                tcfg = parse_config(d.gateways[name].node.cfg)
-                assert tcfg is not None
-                services[name] = TransferService(d.gateways[name].node, tcfg)
-            d.extra["cleanups"] = [ts.stop for ts in services.values()]
-            await services["sg1"].start()  # the active first: its standby is not there yet
+            services = d.services
+            # the active first: its standby is not there yet
+            await services["sg1"].start_context_transfer()
             await asyncio.sleep(0.3)
-            await services["sg2"].start()
-            sb = services["sg2"].standby
+            await services["sg2"].start_context_transfer()
+            driver = services["sg2"].failover
+            assert driver is not None
+            sb = driver.standby
             assert sb is not None
             deadline = time.monotonic() + 2
             while time.monotonic() < deadline and not sb.replica:
@@ -724,14 +748,15 @@ def test_take_over_is_listed_in_status_transfers(tmp_path: Path) -> None:
     async def main() -> dict[str, Any]:
         d = await demo.build(tmp_path, failover=True)
         try:
-            await demo_handover.setup(d, "failover")
-            services = d.extra["transfer"]
+            await demo_handover.setup(d)
+            driver = d.services["sg2"].failover
+            assert driver is not None
             await asyncio.sleep(0.2)
-            assert services["sg2"].standby.replica
-            await services["sg1"].stop()
+            assert driver.standby is not None and driver.standby.replica
+            await d.services["sg1"].stop_context_transfer()
             await d.gateways["sg1"].node.stop()
             deadline = time.monotonic() + 5
-            while services["sg2"].standby is not None and time.monotonic() < deadline:
+            while driver.standby is not None and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
             status: dict[str, Any] = d.gateways["sg2"].node.status()
             return status

@@ -26,9 +26,10 @@ from cryptography.x509 import load_pem_x509_certificate
 from ipsecct.ct import cxtp
 from ipsecct.ct.transfer import Record
 from ipsecct.demo import handover as demo_handover
-from ipsecct.demo import tour as demo
+from ipsecct.demo import topology as demo
 from ipsecct.gateway import tlschannel
-from ipsecct.gateway.handover import MobileAgent, TransferService
+from ipsecct.gateway.mobile_agent import MobileAgent
+from ipsecct.gateway.transfer_service import TransferService
 from ipsecct.ipsec.engine import TunnelState
 from ipsecct.ipsec.sad import Direction, SecurityAssociation, UdpEncap
 from ipsecct.ipsec.spd import Action, SPDEntry
@@ -51,7 +52,7 @@ def run_demo(
         try:
             if before_setup is not None:
                 before_setup(d)
-            await demo_handover.setup(d, identity)
+            await demo_handover.setup(d)
             await body(d)
         finally:
             await asyncio.wait_for(demo.stop(d), 20)
@@ -60,8 +61,7 @@ def run_demo(
 
 
 def services(d: demo.Demo) -> dict[str, TransferService]:
-    s: dict[str, TransferService] = d.extra["transfer"]
-    return s
+    return {g: demo_handover.transfer_service(d, g) for g in d.gateways}
 
 
 def mn_tunnel_spi(d: demo.Demo) -> int:
@@ -119,7 +119,7 @@ def test_predictive_handover_while_streaming(tmp_path: Path, identity: str) -> N
         assert s["packets"]["duplicated"] == 0, s
         assert s["drops"]["replay"] == 0 and s["drops"]["icv"] == 0, s
         mn_out = d.mn.node.engine.tunnels()[0].outbound
-        agent: MobileAgent = d.extra["agent"]
+        agent: MobileAgent = d.agent
         if identity == "direct":
             assert mn_out.dst == ipaddress.ip_address(demo.ADDRESS["sg2"])
             assert len(agent.applied) == 1
@@ -152,7 +152,7 @@ def test_mobile_node_ctar(tmp_path: Path) -> None:
     async def body(d: demo.Demo) -> None:
         spi = mn_tunnel_spi(d)
         committed = route_on_commit(d, "sg2")
-        agent: MobileAgent = d.extra["agent"]
+        agent: MobileAgent = d.agent
         sg2 = d.gateways["sg2"]
         agent.ctar(
             (demo.ADDRESS["sg2"], sg2.outer_port), ipaddress.ip_address(demo.ADDRESS["sg1"]), 42

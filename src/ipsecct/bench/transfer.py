@@ -117,13 +117,13 @@ def baseline(n_sas: int) -> float:
 
 async def _transfers(handovers: int, bulk: int) -> tuple[list[float], float]:
     from ..demo import handover as demo_handover
-    from ..demo import tour as demo
+    from ..demo import topology as demo
 
     with tempfile.TemporaryDirectory(prefix="ipsecct-bench-") as tmp:
         dm = await demo.build(Path(tmp))
         try:
-            await demo_handover.setup(dm, "direct")
-            ts = dm.extra["transfer"]
+            await demo_handover.setup(dm)
+            ts = {g: demo_handover.transfer_service(dm, g) for g in dm.gateways}
             loop = asyncio.get_running_loop()
             times: list[float] = []
 

@@ -13,7 +13,6 @@ from .args import number
 def cmd_demo(args: argparse.Namespace) -> int:
     from ..demo import tour as demo
 
-    demo.load_plugins()
     mode = "failover" if args.failover else args.handover
     if args.rate > 20000:
         raise IpsecctError("--rate above 20000 packets/s is more than one Python process sends")

@@ -36,9 +36,8 @@ import ipaddress
 import secrets
 import struct
 from dataclasses import dataclass, field
-from typing import Any
 
-from ..errors import ConfigError, ContextError, IpsecctError
+from ..errors import ContextError, IpsecctError
 from ..ipsec import signalling
 from ..ipsec.engine import Engine, Tunnel, TunnelState
 from ..ipsec.sad import Direction, SecurityAssociation, UdpEncap
@@ -61,47 +60,6 @@ class FailoverConfig:
     dead_ms: float = 500.0
     seq_margin: int = 16384
     tick_ms: float = 10.0
-
-
-def parse_config(extra: dict[str, Any], path: str, peers: set[str]) -> FailoverConfig | None:
-    f = extra.get("failover")
-    if f is None:
-        return None
-
-    def err(key: str, msg: str) -> ConfigError:
-        return ConfigError(f"{path}: failover.{key}: {msg}")
-
-    if not isinstance(f, dict):
-        raise ConfigError(f"{path}: failover: must be a table")
-    known = {
-        "role",
-        "peer",
-        "sync_packets",
-        "sync_ms",
-        "heartbeat_ms",
-        "dead_ms",
-        "seq_margin",
-        "tick_ms",
-    }
-    for k in f:
-        if k not in known:
-            raise err(k, f"unknown key (expected one of: {', '.join(sorted(known))})")
-    role = f.get("role")
-    if role not in ("active", "standby"):
-        raise err("role", "must be active or standby")
-    peer = f.get("peer")
-    if peer not in peers:
-        raise err("peer", "must name one of the [[peers]]")
-    cfg = FailoverConfig(role, peer)
-    for k in ("sync_packets", "sync_ms", "heartbeat_ms", "dead_ms", "seq_margin", "tick_ms"):
-        if k in f:
-            v = f[k]
-            if isinstance(v, bool) or not isinstance(v, int | float) or v <= 0:
-                raise err(k, "must be a positive number")
-            setattr(cfg, k, type(getattr(cfg, k))(v))
-    if cfg.dead_ms <= cfg.heartbeat_ms:
-        raise err("dead_ms", "must be longer than heartbeat_ms")
-    return cfg
 
 
 def sync_cdb(removed: list[int], packets: int, *, full: bool = False) -> bytes:

@@ -2,7 +2,7 @@
 
 One transfer moves a set of tunnels (a policy and its SA pair each) from a *source* gateway to a
 *target*. :class:`TransferCore` runs both roles; the adapter
-(:mod:`ipsecct.gateway.handover`) feeds it
+(:mod:`ipsecct.gateway.transfer_service`) feeds it
 CXTP messages, held packets and timer ticks, and carries out the outputs. Three messages make a
 transfer, so that an SA is never active in two places and never lost:
 

@@ -1,9 +1,9 @@
-"""The demo's handover and fail-over (registered into :mod:`ipsecct.demo.tour`'s plugin tables).
+"""The demo's handover and fail-over, run half-way through the stream.
 
-Every gateway of the demo runs a real :class:`~ipsecct.gateway.handover.TransferService`
-(TLS 1.3 with
-mutual certificate authentication between the gateways, on loopback) and the mobile node runs
-the :class:`~ipsecct.gateway.handover.MobileAgent`. Half-way through the stream the operator's
+Every gateway of the demo runs real context transfer (its service's
+:class:`~ipsecct.gateway.transfer_service.TransferService`: TLS 1.3 with mutual certificate
+authentication between the gateways, on loopback) and the mobile node runs the
+:class:`~ipsecct.gateway.mobile_agent.MobileAgent`. Half-way through the stream the operator's
 ``ipsecct transfer`` is issued on sg1 (predictive, make-before-break); with ``--failover`` sg1
 is killed instead and its standby takes over.
 """
@@ -15,30 +15,28 @@ import time
 from typing import Any
 
 from ..ct.transfer import Record
-from ..gateway.handover import MobileAgent, TransferService, parse_config
-from . import tour as demo_mod
+from ..gateway.transfer_service import TransferService
+from .topology import Demo
 
 
-async def setup(demo: demo_mod.Demo, mode: str) -> None:
-    services: dict[str, TransferService] = {}
-    for name, g in demo.gateways.items():
-        tcfg = parse_config(g.node.cfg)
-        assert tcfg is not None
-        ts = TransferService(g.node, tcfg)
-        await ts.start()
-        services[name] = ts
-    demo.extra["transfer"] = services
-    demo.extra["agent"] = MobileAgent(demo.mn.node)
-    cleanups = demo.extra.setdefault("cleanups", [])
-    cleanups.extend(ts.stop for ts in services.values())
-    # Open the inter-gateway connections now: a handover reuses them (no TLS handshake).
-    for ts in services.values():
-        await ts.channels.connect_all()
+def transfer_service(demo: Demo, gateway: str) -> TransferService:
+    ts = demo.services[gateway].transfer
+    assert ts is not None, f"{gateway} runs no context transfer"
+    return ts
 
 
-async def handover(demo: demo_mod.Demo, mode: str) -> None:
+async def setup(demo: Demo) -> None:
+    """Start context transfer on every gateway and open the inter-gateway connections now:
+    a handover reuses them (no TLS handshake)."""
+    for svc in demo.services.values():
+        await svc.start_context_transfer()
+    for svc in demo.services.values():
+        assert svc.peers is not None
+        await svc.peers.connect_all()
+
+
+async def handover(demo: Demo, mode: str) -> None:
     src, dst = "sg1", "sg2"
-    services: dict[str, TransferService] = demo.extra["transfer"]
     loop = asyncio.get_running_loop()
     activated: asyncio.Future[Record] = loop.create_future()
 
@@ -49,10 +47,11 @@ async def handover(demo: demo_mod.Demo, mode: str) -> None:
             demo.host_route(dst)
             activated.set_result(rec)
 
-    services[dst].listeners.append(on_target)
-    tunnel = services[src].node.engine.tunnels()[0]
+    transfer_service(demo, dst).listeners.append(on_target)
+    source = transfer_service(demo, src)
+    tunnel = source.node.engine.tunnels()[0]
     t0 = time.monotonic()
-    await services[src].transfer([tunnel.outbound.spi], dst)
+    await source.transfer([tunnel.outbound.spi], dst)
     rec = await asyncio.wait_for(activated, 5)
     entry: dict[str, Any] = {
         "from": src,
@@ -65,10 +64,9 @@ async def handover(demo: demo_mod.Demo, mode: str) -> None:
     demo.handovers.append(entry)
 
 
-async def failover(demo: demo_mod.Demo, mode: str) -> None:
+async def failover(demo: Demo, mode: str) -> None:
     """Kill sg1 (its sockets and channels close, no goodbye); sg2, its standby, notices the
     silence after the detection time and takes over with the replicated contexts."""
-    services: dict[str, TransferService] = demo.extra["transfer"]
     loop = asyncio.get_running_loop()
     took_over: asyncio.Future[Record] = loop.create_future()
 
@@ -77,9 +75,9 @@ async def failover(demo: demo_mod.Demo, mode: str) -> None:
             demo.host_route("sg2")
             took_over.set_result(rec)
 
-    services["sg2"].listeners.append(on_takeover)
+    transfer_service(demo, "sg2").listeners.append(on_takeover)
     t0 = time.monotonic()
-    await services["sg1"].stop()
+    await demo.services["sg1"].stop_context_transfer()
     await demo.gateways["sg1"].node.stop()
     rec = await asyncio.wait_for(took_over, 10)
     demo.handovers.append(
@@ -92,9 +90,3 @@ async def failover(demo: demo_mod.Demo, mode: str) -> None:
             "lost": None,
         }
     )
-
-
-demo_mod.SETUP_PLUGINS.append(setup)
-demo_mod.HANDOVER_PLUGINS["failover"] = failover
-demo_mod.HANDOVER_PLUGINS["direct"] = handover
-demo_mod.HANDOVER_PLUGINS["indirect"] = handover

@@ -16,10 +16,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..ct.failover import FailoverConfig
+from ..ct.transfer import ConflictPolicy, Identity, Settings
 from ..errors import ConfigError, IpsecctError
 from ..ipsec.algorithms import (
     ENC,
+    ENC_NAMES,
     INTEG,
+    INTEG_NAMES,
     EncAlg,
     IntegAlg,
     enc_from_name,
@@ -31,6 +35,7 @@ from ..ipsec.sad import Direction, Lifetime, Mode, SecurityAssociation, UdpEncap
 from ..ipsec.spd import Action, AddressRange, IPAddress, PortRange, Selectors, SPDEntry
 
 DEFAULT_PORT = 4500
+DEFAULT_CXTP_PORT = 5091  # RFC 4067's port (CXTP over TLS here: no SCTP)
 
 
 @dataclass(frozen=True)
@@ -67,6 +72,43 @@ class TunnelConfig:
     peer: Endpoint
 
 
+@dataclass(frozen=True)
+class PeerConfig:
+    """A peer gateway (``[[peers]]``): its name (as in its certificate), its ``[transfer]``
+    listen address, its outer address (CTARs name routers by it) and what it may do."""
+
+    name: str
+    address: Endpoint
+    outer: IPAddress | None
+    allow: frozenset[str]
+
+
+@dataclass(frozen=True)
+class BalanceConfig:
+    """Load balancing by the gateway itself (``[transfer.balance]``): above ``above`` active
+    tunnels, move the excess (at most ``batch`` a round, every ``interval`` seconds) to ``to``
+    in one exchange."""
+
+    above: int
+    to: str
+    batch: int = 1000
+    interval: float = 1.0
+
+
+@dataclass
+class TransferConfig:
+    """``[transfer]`` and its ``[[peers]]``: context transfer over TLS between gateways."""
+
+    listen: Endpoint
+    cert: str
+    key: str
+    ca: str
+    settings: Settings
+    peers: dict[str, PeerConfig]
+    candidates: list[str] = field(default_factory=list)
+    balance: BalanceConfig | None = None
+
+
 @dataclass
 class NodeConfig:
     path: str
@@ -79,7 +121,8 @@ class NodeConfig:
     log_level: str
     policies: list[SPDEntry]
     tunnels: list[TunnelConfig]
-    extra: dict[str, Any] = field(default_factory=dict)  # sections other modules read
+    transfer: TransferConfig | None = None  # [transfer] and [[peers]]
+    failover: FailoverConfig | None = None  # [failover] (needs [transfer]: its channel)
     # A virtual gateway address (indirect SG identity, draft §7.1): the SAs' local address,
     # owned by whichever gateway serves them; the node still sends from ``outer``.
     virtual: IPAddress | None = None
@@ -504,7 +547,6 @@ KNOWN_SECTIONS = {
     "transfer",
     "peers",
     "failover",
-    "mobility",
 }
 
 
@@ -598,9 +640,8 @@ def from_dict(data: dict[str, Any], path: str = "<config>") -> NodeConfig:
     names = [t.name for t in tunnels]
     if len(set(names)) != len(names):
         raise ctx.err("tunnel", "tunnel names must be unique")
-    extra: dict[str, Any] = {
-        k: data[k] for k in ("transfer", "peers", "failover", "mobility") if k in data
-    }
+    transfer = _transfer(data, ctx)
+    failover = _failover(data.get("failover"), ctx, transfer)
     return NodeConfig(
         path,
         name,
@@ -612,8 +653,185 @@ def from_dict(data: dict[str, Any], path: str = "<config>") -> NodeConfig:
         level,
         policies,
         tunnels,
-        extra,
+        transfer,
+        failover,
         virtual,
         vif,
         vowner,
     )
+
+
+_TRANSFER_KEYS = {
+    "listen",
+    "cert",
+    "key",
+    "ca",
+    "conflict",
+    "identity",
+    "max_transfer_ms",
+    "forward_ms",
+    "retry_ms",
+    "retry_max_ms",
+    "path_mtu",
+    "algorithms",
+    "candidates",
+    "max_held",
+    "balance",
+}
+
+
+def _positive(v: Any) -> bool:
+    return not isinstance(v, bool) and isinstance(v, int | float) and v > 0
+
+
+def _transfer(data: dict[str, Any], ctx: _Ctx) -> TransferConfig | None:
+    """``[transfer]`` and ``[[peers]]`` (the gateway's context-transfer service)."""
+    t = data.get("transfer")
+    if t is None:
+        if "peers" in data:
+            raise ctx.err("peers", "[[peers]] needs a [transfer] section (the channel to them)")
+        return None
+    if not isinstance(t, dict):
+        raise ctx.err("transfer", "must be a table")
+    _check_keys_allowed(t, ctx, "transfer.", _TRANSFER_KEYS)
+    base = Path(ctx.path).parent
+
+    def file(k: str) -> str:
+        v = t.get(k)
+        if not isinstance(v, str):
+            raise ctx.err(f"transfer.{k}", "missing (a file path)")
+        p = Path(v) if Path(v).is_absolute() else base / v
+        if not p.is_file():
+            raise ctx.err(f"transfer.{k}", f"no such file {p}")
+        return str(p)
+
+    try:
+        listen = parse_endpoint(str(t.get("listen", "")), DEFAULT_CXTP_PORT)
+    except ValueError as exc:
+        raise ctx.err("transfer.listen", f"bad address: {exc}") from None
+    s = Settings()
+    try:
+        s.conflict = ConflictPolicy(t.get("conflict", "reassign"))
+    except ValueError:
+        raise ctx.err("transfer.conflict", "must be deny, renegotiate or reassign") from None
+    try:
+        s.identity = Identity(t.get("identity", "direct"))
+    except ValueError:
+        raise ctx.err("transfer.identity", "must be direct or indirect") from None
+    for key, attr in (
+        ("max_transfer_ms", "max_transfer_time"),
+        ("forward_ms", "forward_time"),
+        ("retry_ms", "retry"),
+        ("retry_max_ms", "retry_max"),
+    ):
+        if key in t:
+            if not _positive(t[key]):
+                raise ctx.err(f"transfer.{key}", "must be a positive number of milliseconds")
+            setattr(s, attr, float(t[key]) / 1000)
+    if "path_mtu" in t:
+        v = t["path_mtu"]
+        if isinstance(v, bool) or not isinstance(v, int) or not 576 <= v <= 65535:
+            raise ctx.err("transfer.path_mtu", "must be 576-65535")
+        s.path_mtu = v
+    if "max_held" in t:
+        v = t["max_held"]
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ctx.err("transfer.max_held", "must be a number >= 0")
+        s.max_held = v
+    if "algorithms" in t:
+        algs = t["algorithms"]
+        if not isinstance(algs, list) or not all(isinstance(a, str) for a in algs):
+            raise ctx.err("transfer.algorithms", "must be a list of algorithm names")
+        enc, integ = set(), set()
+        for a in algs:
+            if a.lower() in ENC_NAMES:
+                enc.add(enc_from_name(a))
+            elif a.lower() in INTEG_NAMES:
+                integ.add(INTEG_NAMES[a.lower()])
+            else:
+                raise ctx.err("transfer.algorithms", f"unknown algorithm {a!r}")
+        s.supported_enc = frozenset(enc)
+        s.supported_integ = frozenset(integ | {INTEG_NAMES["none"]})
+    peers = _peers(data.get("peers", []), ctx)
+    cands = t.get("candidates", [])
+    if not isinstance(cands, list) or any(c not in peers for c in cands):
+        raise ctx.err("transfer.candidates", "must list names of [[peers]]")
+    balance = _balance(t["balance"], ctx, peers) if "balance" in t else None
+    return TransferConfig(
+        listen, file("cert"), file("key"), file("ca"), s, peers, list(cands), balance
+    )
+
+
+def _peers(plist: Any, ctx: _Ctx) -> dict[str, PeerConfig]:
+    if not isinstance(plist, list):
+        raise ctx.err("peers", "must be an array of tables ([[peers]])")
+    peers: dict[str, PeerConfig] = {}
+    for i, p in enumerate(plist):
+        where = f"peers[{i}]"
+        if not isinstance(p, dict) or not isinstance(p.get("name"), str):
+            raise ctx.err(where, "needs a name")
+        for k in p:
+            if k not in ("name", "address", "outer", "allow"):
+                raise ctx.err(f"{where}.{k}", "unknown key (expected name, address, outer, allow)")
+        try:
+            addr = parse_endpoint(str(p.get("address", "")), DEFAULT_CXTP_PORT)
+            outer = ipaddress.ip_address(p["outer"]) if "outer" in p else None
+        except ValueError as exc:
+            raise ctx.err(where, f"bad address: {exc}") from None
+        allow = p.get("allow", ["send", "request"])
+        if not isinstance(allow, list) or not set(allow) <= {"send", "request"}:
+            raise ctx.err(f"{where}.allow", 'must be a list of "send" and "request"')
+        peers[p["name"]] = PeerConfig(p["name"], addr, outer, frozenset(allow))
+    return peers
+
+
+def _balance(b: Any, ctx: _Ctx, peers: dict[str, PeerConfig]) -> BalanceConfig:
+    keys = {"above", "to", "batch", "interval_ms"}
+    if not isinstance(b, dict) or not set(b) <= keys or "above" not in b or "to" not in b:
+        raise ctx.err("transfer.balance", "must be a table with above and to (batch, interval_ms)")
+    if b["to"] not in peers:
+        raise ctx.err("transfer.balance.to", "must name one of the [[peers]]")
+    for k in ("above", "batch", "interval_ms"):
+        if k in b and (isinstance(b[k], bool) or not isinstance(b[k], int) or b[k] <= 0):
+            raise ctx.err(f"transfer.balance.{k}", "must be a positive whole number")
+    return BalanceConfig(
+        b["above"], b["to"], b.get("batch", 1000), b.get("interval_ms", 1000) / 1000
+    )
+
+
+_FAILOVER_KEYS = {
+    "role",
+    "peer",
+    "sync_packets",
+    "sync_ms",
+    "heartbeat_ms",
+    "dead_ms",
+    "seq_margin",
+    "tick_ms",
+}
+
+
+def _failover(f: Any, ctx: _Ctx, transfer: TransferConfig | None) -> FailoverConfig | None:
+    """``[failover]``: replication to (or from) a standby over the ``[transfer]`` channel."""
+    if f is None:
+        return None
+    if not isinstance(f, dict):
+        raise ctx.err("failover", "must be a table")
+    _check_keys_allowed(f, ctx, "failover.", _FAILOVER_KEYS)
+    role = f.get("role")
+    if role not in ("active", "standby"):
+        raise ctx.err("failover.role", "must be active or standby")
+    peer = f.get("peer")
+    if transfer is None:
+        raise ctx.err("failover", "needs a [transfer] section (its channel to the peer)")
+    if peer not in transfer.peers:
+        raise ctx.err("failover.peer", "must name one of the [[peers]]")
+    cfg = FailoverConfig(role, peer)
+    for k in ("sync_packets", "sync_ms", "heartbeat_ms", "dead_ms", "seq_margin", "tick_ms"):
+        if k in f:
+            if not _positive(f[k]):
+                raise ctx.err(f"failover.{k}", "must be a positive number")
+            setattr(cfg, k, type(getattr(cfg, k))(f[k]))
+    if cfg.dead_ms <= cfg.heartbeat_ms:
+        raise ctx.err("failover.dead_ms", "must be longer than heartbeat_ms")
+    return cfg

@@ -1,27 +1,31 @@
 """Runs a node as a service: the :class:`~ipsecct.gateway.node.Node`, its control socket, metrics,
-and signal handling (SIGTERM/SIGINT drain and exit cleanly)."""
+signal handling (SIGTERM/SIGINT drain and exit cleanly) and, on a gateway with ``[transfer]``,
+context transfer: the peer channel pool, the transfer service, fail-over, the balancer and the
+virtual-address mover; on a mobile node, the mobile-node agent."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import signal
-from collections.abc import Callable
 from typing import Any
 
+from ..ct import cxtp
 from ..errors import IpsecctError
 from ..ipsec.sad import Direction, SecurityAssociation
 from ..ipsec.spd import Action, SPDEntry
 from . import config as config_mod
+from .balancer import Balancer
 from .control import ControlError, ControlServer, MetricsServer, sa_summary
+from .failover_driver import FailoverDriver, is_sync
 from .log import RateLimited, event
+from .mobile_agent import MobileAgent
 from .node import Node
+from .peers import PeerChannels
+from .transfer_service import TransferService
+from .vip import VipMover
 
 log = logging.getLogger("ipsecct.gateway.service")
-
-# Extensions (context transfer) attach to a running service through these callbacks.
-Extension = Callable[["Service"], Any]
-EXTENSIONS: list[Extension] = []
 
 
 def _parse_spi(v: Any) -> int:
@@ -46,9 +50,32 @@ class Service:
             else None
         )
         self.stopped = asyncio.Event()
-        self.cleanups: list[Callable[[], Any]] = []
-        self.transfer: Any = None  # handover.TransferService when [transfer] is configured
-        self.agent: Any = None  # handover.MobileAgent on a mobile node
+        # A mobile node's side of context transfer.
+        self.agent: MobileAgent | None = MobileAgent(self.node) if role == "node" else None
+        # A gateway's context transfer ([transfer]), fail-over ([failover]), load balancing
+        # ([transfer.balance]) and virtual address (outer.virtual_interface).
+        self.peers: PeerChannels | None = None
+        self.transfer: TransferService | None = None
+        self.failover: FailoverDriver | None = None
+        self.balancer: Balancer | None = None
+        self.vip: VipMover | None = None
+        tcfg = cfg.transfer
+        if role != "node" and tcfg is not None:
+            self.peers = PeerChannels(tcfg, self.node.name, clock=self.node.clock)
+            self.transfer = TransferService(self.node, tcfg, self.peers)
+            if cfg.virtual is not None and cfg.virtual_interface is not None:
+                self.vip = VipMover(
+                    self.node, cfg.virtual, cfg.virtual_interface, tcfg.settings.forward_time
+                )
+                self.transfer.listeners.append(self.vip.on_record)
+            if cfg.failover is not None:
+                self.failover = FailoverDriver(
+                    self.node, cfg.failover, self.peers, self.transfer, tcfg.settings.identity
+                )
+            if tcfg.balance is not None:
+                self.balancer = Balancer(self.node, tcfg.balance, self.transfer)
+            self.peers.on_message = self._peer_message
+            self.peers.on_lost = self._peer_lost
         if self.control is not None:
             for name, h in {
                 "status": self._status,
@@ -60,25 +87,71 @@ class Service:
                 "pmtu.set": self._pmtu_set,
             }.items():
                 self.control.register(name, h)
+            if self.transfer is not None:
+                self.control.register("transfer", self.transfer.control_transfer)
+                self.control.register("rebalance", self.transfer.control_rebalance)
 
     async def start(self) -> None:
+        if self.peers is not None:
+            self.peers.load_credentials()  # before any socket is bound
         await self.node.start()
         if self.control is not None:
             await self.control.start()
         if self.metrics is not None:
             await self.metrics.start()
-        from . import handover
+        await self.start_context_transfer()
 
-        for ext in [handover.attach, *EXTENSIONS]:
-            r = ext(self)
-            if asyncio.iscoroutine(r):
-                await r
+    async def start_context_transfer(self) -> None:
+        """Listen for peer gateways and start the transfer, fail-over and balancing timers
+        (nothing on a node without ``[transfer]``)."""
+        if self.peers is None or self.transfer is None:
+            return
+        await self.peers.start()
+        await self.transfer.start()
+        if self.failover is not None:
+            await self.failover.start()
+        if self.balancer is not None:
+            await self.balancer.start()
+        tcfg = self.peers.tcfg
+        event(
+            log,
+            "transfer-listening",
+            node=self.node.name,
+            listen=tcfg.listen,
+            peers=",".join(tcfg.peers),
+        )
+
+    async def stop_context_transfer(self) -> None:
+        if self.vip is not None:
+            self.vip.stop()
+        if self.balancer is not None:
+            await self.balancer.stop()
+        if self.failover is not None:
+            await self.failover.stop()
+        if self.transfer is not None:
+            await self.transfer.stop()
+        if self.peers is not None:
+            await self.peers.stop()
+
+    def _peer_message(self, peer: str, msg: cxtp.Message) -> None:
+        assert self.transfer is not None
+        if is_sync(msg):
+            assert isinstance(msg, cxtp.CTD)
+            if self.failover is None:
+                self.transfer.refuse()
+            else:
+                self.failover.receive(peer, msg)
+            return
+        self.transfer.receive(peer, msg)
+
+    def _peer_lost(self, peer: str) -> None:
+        assert self.transfer is not None
+        if self.failover is not None:
+            self.failover.peer_lost(peer)
+        self.transfer.peer_lost(peer)
 
     async def stop(self) -> None:
-        for c in reversed(self.cleanups):
-            r = c()
-            if asyncio.iscoroutine(r):
-                await r
+        await self.stop_context_transfer()
         if self.metrics is not None:
             await self.metrics.stop()
         if self.control is not None:

@@ -9,13 +9,22 @@ NA is left for later). Needs root (CAP_NET_ADMIN, CAP_NET_RAW).
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
+import logging
 import socket
 import struct
+from collections.abc import Callable
 
+from ..ct.transfer import Record
 from ..errors import IpsecctError
+from ..ipsec.engine import TunnelState
 from ..ipsec.spd import IPAddress
+from .log import event
+from .node import Node
 from .tun import TunError, ip
+
+log = logging.getLogger("ipsecct.ct.transfer")
 
 ETH_P_ARP = 0x0806
 
@@ -69,3 +78,70 @@ def release(address: IPAddress, interface: str) -> None:
     except TunError as exc:
         if "Cannot assign" not in str(exc) and "not found" not in str(exc):
             raise VipError(str(exc)) from None
+
+
+class VipMover:
+    """Indirect identity on a real link: the virtual address follows the SAs.
+
+    The new owner claims it (address + gratuitous ARP) as it activates; the old one lets go
+    only after ``forward_time``, so that what neighbours still send it meanwhile is received
+    and forwarded, not lost. ``ip`` runs off the event loop. Fed every finished transfer or
+    take-over (:meth:`on_record`)."""
+
+    def __init__(
+        self, node: Node, address: IPAddress, interface: str, forward_time: float
+    ) -> None:
+        self.node = node
+        self.address = address
+        self.interface = interface
+        self.forward_time = forward_time
+        self._release_timer: asyncio.TimerHandle | None = None
+
+    def stop(self) -> None:
+        if self._release_timer is not None:
+            self._release_timer.cancel()
+            self._release_timer = None
+
+    def _in_use(self) -> bool:
+        return any(
+            t.state is TunnelState.ACTIVE and t.outbound.src == self.address
+            for t in self.node.engine.tunnels()
+        )
+
+    def on_record(self, rec: Record) -> None:
+        if rec.role in ("target", "standby") and rec.outcome in ("committed", "took over"):
+            self.stop()
+            self._job(claim, "virtual-address-claimed")
+        elif (
+            rec.role == "source"
+            and rec.outcome in ("committed", "partial")
+            and not self._in_use()
+            and self._release_timer is None
+        ):
+            self._release_timer = asyncio.get_running_loop().call_later(
+                self.forward_time, self._release
+            )
+
+    def _release(self) -> None:
+        self._release_timer = None
+        if not self._in_use():
+            self._job(release, "virtual-address-released")
+
+    def _job(self, fn: Callable[[IPAddress, str], None], what: str) -> None:
+        address, interface = self.address, self.interface
+
+        def done(fut: asyncio.Future[None]) -> None:
+            exc = fut.exception()
+            if exc is None:
+                event(log, what, node=self.node.name, address=address)
+            else:
+                event(
+                    log,
+                    "virtual-address-failed",
+                    logging.ERROR,
+                    node=self.node.name,
+                    error=str(exc),
+                )
+
+        fut = asyncio.get_running_loop().run_in_executor(None, fn, address, interface)
+        fut.add_done_callback(done)

@@ -1,0 +1,433 @@
+"""The demo's topology: a mobile node, two gateways and an end host in one process on loopback.
+
+Everything is real but local: each node is a :class:`~ipsecct.gateway.node.Node` with its own UDP
+sockets (ESP in UDP on the outer side, a virtual link on the inner side), configured through
+the same TOML schema a user writes (built here as a dictionary, keys in 0600 files in a
+temporary directory). A constant-rate UDP stream runs both ways between the mobile node's
+application and the end host while a line per second reports progress.
+
+Each gateway is a :class:`~ipsecct.gateway.service.Service` (its node, and context transfer
+started by :mod:`ipsecct.demo.handover`); :mod:`ipsecct.demo.tour` runs the whole thing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import struct
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO, cast
+
+from ..errors import PacketError
+from ..gateway import config as config_mod
+from ..gateway.mobile_agent import MobileAgent
+from ..gateway.node import Node
+from ..gateway.service import Service
+from ..ipsec.ippacket import IPAddress, build_udp, parse, udp_payload
+
+MN_INNER = "10.1.0.2"
+HOST_INNER = "10.2.0.1"
+STREAM_PORT = 7000
+_PAYLOAD = struct.Struct("!BIQ")  # direction, sequence number, send time (ns)
+
+
+def free_udp_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def free_tcp_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+class _App(asyncio.DatagramProtocol):
+    """An application endpoint at the end of a virtual link: sends and counts the stream."""
+
+    def __init__(self, name: str, direction: int) -> None:
+        self.name = name
+        self.direction = direction  # 0: MN -> host, 1: host -> MN (the direction it *sends*)
+        self.transport: asyncio.DatagramTransport | None = None
+        self.received: set[int] = set()
+        self.duplicates = 0
+        self.last_rx: float | None = None
+        self.max_gap = 0.0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.DatagramTransport, transport)
+
+    def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
+        try:
+            hdr = parse(data)
+            _, _, body = udp_payload(data, hdr)
+            d, seq, _ = _PAYLOAD.unpack_from(body)
+        except (PacketError, struct.error):
+            return
+        if d == self.direction:
+            return
+        if seq in self.received:
+            self.duplicates += 1
+            return
+        self.received.add(seq)
+        now = time.monotonic()
+        if self.last_rx is not None:
+            gap = now - self.last_rx
+            if gap > self.max_gap:
+                self.max_gap = gap
+        self.last_rx = now
+
+
+@dataclass
+class DemoNode:
+    name: str
+    service: Service
+    outer_port: int
+    inner_port: int
+
+    @property
+    def node(self) -> Node:
+        return self.service.node
+
+
+@dataclass
+class Demo:
+    """The running topology; plugins (handover, fail-over) reach everything from here."""
+
+    workdir: Path
+    mn: DemoNode
+    gateways: dict[str, DemoNode]
+    host_app: _App
+    mn_app: _App
+    host_port: int
+    mn_app_port: int
+    serving: str = "sg1"
+    handovers: list[dict[str, Any]] = field(default_factory=list)
+    started: float = 0.0
+    sent: list[int] = field(default_factory=lambda: [0, 0])
+    identity: str = "direct"
+    relay: _Relay | None = None  # the access network of indirect identity
+    host_peer: tuple[str, int] = ("127.0.0.1", 0)  # where the host's packets go (a gateway)
+
+    def host_route(self, gw: str) -> None:
+        """The access network's route towards the MN now goes through gateway ``gw``."""
+        self.serving = gw
+        self.host_peer = ("127.0.0.1", self.gateways[gw].inner_port)
+        if self.relay is not None:
+            self.relay.owner = (ADDRESS[gw], self.gateways[gw].outer_port)
+
+    @property
+    def services(self) -> dict[str, Service]:
+        """Each gateway's service (context transfer, fail-over)."""
+        return {name: g.service for name, g in self.gateways.items()}
+
+    @property
+    def agent(self) -> MobileAgent:
+        """The mobile node's agent (applies its gateway's signals)."""
+        assert self.mn.service.agent is not None
+        return self.mn.service.agent
+
+    def all_nodes(self) -> list[Node]:
+        return [self.mn.node] + [g.node for g in self.gateways.values()]
+
+
+def _keys_file(d: Path, name: str, in_key: bytes, out_key: bytes) -> str:
+    p = d / f"{name}.keys"
+    fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(f'in_enc = "{in_key.hex()}"\nout_enc = "{out_key.hex()}"\n')
+    return str(p)
+
+
+def node_config(
+    name: str,
+    address: str,
+    outer_port: int,
+    inner_port: int,
+    inner_peer: int,
+    tunnels: list[dict[str, Any]],
+    sections: dict[str, Any] | None = None,
+    *,
+    virtual: str | None = None,
+) -> config_mod.NodeConfig:
+    data: dict[str, Any] = {
+        "name": name,
+        "outer": {
+            "address": address,
+            "port": outer_port,
+            **({"virtual": virtual} if virtual else {}),
+        },
+        "inner": {
+            "kind": "udp",
+            "listen": f"127.0.0.1:{inner_port}",
+            "peer": f"127.0.0.1:{inner_peer}",
+        },
+        "tunnel": tunnels,
+    }
+    data.update(sections or {})
+    return config_mod.from_dict(data, f"<demo {name}>")
+
+
+# Each node has its own loopback address (all of 127/8 is local on Linux), so a handover really
+# changes the address the mobile node talks to.
+ADDRESS = {"mn": "127.0.1.10", "sg1": "127.0.1.1", "sg2": "127.0.1.2", "sg3": "127.0.1.3"}
+VIRTUAL = "127.0.1.100"  # the virtual gateway address of indirect SG identity
+
+
+class _Relay(asyncio.DatagramProtocol):
+    """Emulates the access network for indirect SG identity: datagrams sent to the virtual
+    gateway address reach whichever gateway owns it now (a route or ARP change in a real
+    network; in network namespaces the address itself moves)."""
+
+    def __init__(self) -> None:
+        self.owner: tuple[str, int] | None = None
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.DatagramTransport, transport)
+
+    def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
+        if self.owner is not None and self.transport is not None:
+            self.transport.sendto(data, self.owner)
+
+
+async def build(
+    workdir: Path,
+    *,
+    enc: str = "aes-gcm-16",
+    window: int = 1024,
+    gateways: tuple[str, ...] = ("sg1", "sg2"),
+    identity: str = "direct",
+    transfer: dict[str, Any] | None = None,
+    failover: bool = False,
+) -> Demo:
+    """Start the MN, the gateways and the two applications; the MN's SAs are on sg1. Each
+    gateway also runs context transfer (TLS with certificates from a fresh test CA)."""
+    from ..tools import pki
+
+    ports = {n: (free_udp_port(ADDRESS[n]), free_udp_port()) for n in ("mn", *gateways)}
+    ct_ports = {g: free_tcp_port(ADDRESS[g]) for g in gateways}
+    host_port, mn_app_port = free_udp_port(), free_udp_port()
+    k_up, k_down = os.urandom(20), os.urandom(20)  # AES-GCM-128 key + salt, each direction
+    spi_up, spi_down = 0x10000001, 0x20000001  # MN -> SG, SG -> MN
+    mn_keys = _keys_file(workdir, "mn", in_key=k_down, out_key=k_up)
+    sg_keys = _keys_file(workdir, "sg1", in_key=k_up, out_key=k_down)
+    import datetime as dt
+
+    pki.init_pki(workdir / "pki", list(gateways), dt.datetime.now(dt.UTC))
+    indirect = identity == "indirect"
+    relay: _Relay | None = None
+    loop = asyncio.get_running_loop()
+    if indirect:
+        relay = _Relay()
+        vport = free_udp_port(VIRTUAL)
+        await loop.create_datagram_endpoint(lambda: relay, local_addr=(VIRTUAL, vport))
+        sg_contact = f"{VIRTUAL}:{vport}"
+    else:
+        sg_contact = f"{ADDRESS['sg1']}:{ports['sg1'][0]}"
+    common = {"enc": enc, "esn": True, "replay_window": window, "mode": "tunnel"}
+    mn_cfg = node_config(
+        "mn",
+        ADDRESS["mn"],
+        *ports["mn"],
+        mn_app_port,
+        [
+            {
+                "name": "mn-home",
+                "local_ts": f"{MN_INNER}/32",
+                "remote_ts": "10.2.0.0/24",
+                "peer": sg_contact,
+                "spi_in": spi_down,
+                "spi_out": spi_up,
+                "keys": mn_keys,
+                **common,
+            }
+        ],
+    )
+    mn = DemoNode("mn", Service(mn_cfg, role="node"), *ports["mn"])
+    gws: dict[str, DemoNode] = {}
+    for g in gateways:
+        tunnels: list[dict[str, Any]] = []
+        if g == "sg1":
+            tunnels.append(
+                {
+                    "name": "mn1",
+                    "local_ts": "10.2.0.0/24",
+                    "remote_ts": f"{MN_INNER}/32",
+                    "peer": f"{ADDRESS['mn']}:{ports['mn'][0]}",
+                    "spi_in": spi_up,
+                    "spi_out": spi_down,
+                    "keys": sg_keys,
+                    **common,
+                }
+            )
+        sections: dict[str, Any] = {
+            "transfer": {
+                "listen": f"{ADDRESS[g]}:{ct_ports[g]}",
+                "cert": str(workdir / "pki" / f"{g}.pem"),
+                "key": str(workdir / "pki" / f"{g}.key"),
+                "ca": str(workdir / "pki" / "ca.pem"),
+                "identity": identity if identity in ("direct", "indirect") else "direct",
+                **(transfer or {}),
+            },
+            "peers": [
+                {"name": p, "address": f"{ADDRESS[p]}:{ct_ports[p]}", "outer": ADDRESS[p]}
+                for p in gateways
+                if p != g
+            ],
+        }
+        if failover and g in ("sg1", "sg2"):
+            sections["failover"] = {
+                "role": "active" if g == "sg1" else "standby",
+                "peer": "sg2" if g == "sg1" else "sg1",
+            }
+        cfg = node_config(
+            g,
+            ADDRESS[g],
+            *ports[g],
+            host_port,
+            tunnels,
+            sections,
+            virtual=VIRTUAL if indirect else None,
+        )
+        gws[g] = DemoNode(g, Service(cfg), *ports[g])
+    host_app, mn_app = _App("host", 1), _App("mn-app", 0)
+    await loop.create_datagram_endpoint(lambda: host_app, local_addr=("127.0.0.1", host_port))
+    await loop.create_datagram_endpoint(lambda: mn_app, local_addr=("127.0.0.1", mn_app_port))
+    for n in [mn, *gws.values()]:
+        await n.node.start()
+    demo = Demo(workdir, mn, gws, host_app, mn_app, host_port, mn_app_port)
+    demo.relay = relay
+    demo.identity = identity
+    demo.host_route("sg1")
+    return demo
+
+
+async def stop(demo: Demo) -> None:
+    for svc in demo.services.values():
+        await svc.stop_context_transfer()
+    for n in demo.all_nodes():
+        if not n._stopping.is_set():
+            await n.stop()
+    for app in (demo.host_app, demo.mn_app):
+        if app.transport is not None:
+            app.transport.close()
+
+
+def _packet(direction: int, seq: int) -> bytes:
+    import ipaddress
+
+    src, dst = (MN_INNER, HOST_INNER) if direction == 0 else (HOST_INNER, MN_INNER)
+    payload = _PAYLOAD.pack(direction, seq, time.monotonic_ns()) + bytes(32)
+    a: IPAddress = ipaddress.ip_address(src)
+    b: IPAddress = ipaddress.ip_address(dst)
+    return build_udp(a, b, STREAM_PORT, STREAM_PORT, payload)
+
+
+async def stream(
+    demo: Demo,
+    rate: int,
+    seconds: float,
+    *,
+    out: TextIO | None,
+    at_half: Callable[[], Coroutine[Any, Any, None]] | None = None,
+) -> None:
+    """Send ``rate`` packets/s each way for ``seconds``, a status line per second on ``out``."""
+    loop = asyncio.get_running_loop()
+    total = int(rate * seconds)
+    tick = 0.01
+    per_tick = rate * tick
+    start = loop.time()
+    demo.started = start
+    budget = 0.0
+    half_task: asyncio.Task[None] | None = None
+    next_report = 1.0
+    sent = 0
+    assert demo.mn_app.transport is not None and demo.host_app.transport is not None
+    mn_link = ("127.0.0.1", demo.mn.inner_port)
+    while sent < total:
+        budget += per_tick
+        n = int(budget)
+        budget -= n
+        for _ in range(min(n, total - sent)):
+            sent += 1
+            demo.mn_app.transport.sendto(_packet(0, sent), mn_link)
+            demo.host_app.transport.sendto(_packet(1, sent), demo.host_peer)
+        demo.sent = [sent, sent]
+        elapsed = loop.time() - start
+        if at_half is not None and half_task is None and elapsed >= seconds / 2:
+            half_task = asyncio.create_task(at_half())
+        if out is not None and elapsed >= next_report:
+            _report(demo, elapsed, out)
+            next_report += 1.0
+        target = start + (sent / rate) if sent < total else loop.time()
+        await asyncio.sleep(max(0.0, min(tick, target - loop.time() + tick)))
+    if half_task is not None:
+        await half_task
+    await asyncio.sleep(0.3)  # let the last packets arrive
+    if out is not None:
+        _report(demo, loop.time() - start, out)
+
+
+def _drops(demo: Demo) -> dict[str, int]:
+    out: dict[str, int] = {"replay": 0, "icv": 0, "no_sa": 0, "policy": 0}
+    for n in demo.all_nodes():
+        for k in out:
+            out[k] += n.engine.stats.drops.get(k, 0)
+    return out
+
+
+def _report(demo: Demo, elapsed: float, out: TextIO) -> None:
+    up, down = len(demo.host_app.received), len(demo.mn_app.received)
+    d = _drops(demo)
+    dtxt = " ".join(f"{k}={v}" for k, v in d.items())
+    out.write(
+        f"t={elapsed:4.1f}s  mn->host {up:6d}/{demo.sent[0]:<6d}"
+        f" host->mn {down:6d}/{demo.sent[1]:<6d}"
+        f" drops {dtxt}  via {demo.serving}\n"
+    )
+    out.flush()
+
+
+def summary(demo: Demo) -> dict[str, Any]:
+    sent = demo.sent[0] + demo.sent[1]
+    received = len(demo.host_app.received) + len(demo.mn_app.received)
+    for h in demo.handovers:
+        # One handover a run: the stream's longest pause (either direction) and its losses
+        # are the handover's.
+        h["gap_ms"] = round(1000 * max(demo.host_app.max_gap, demo.mn_app.max_gap), 3)
+        h["lost"] = sent - received
+    return {
+        "packets": {
+            "sent": sent,
+            "received": received,
+            "lost": sent - received,
+            "duplicated": demo.host_app.duplicates + demo.mn_app.duplicates,
+        },
+        "drops": _drops(demo),
+        "handovers": demo.handovers,
+    }
+
+
+def print_summary(s: dict[str, Any], out: TextIO) -> None:
+    p = s["packets"]
+    out.write("\nsummary\n")
+    rows = [
+        ("packets sent", p["sent"]),
+        ("packets received", p["received"]),
+        ("packets lost", p["lost"]),
+        ("packets duplicated", p["duplicated"]),
+    ] + [(f"drops: {k}", v) for k, v in s["drops"].items()]
+    for k, v in rows:
+        out.write(f"  {k:<22} {v:>8}\n")
+    for h in s["handovers"]:
+        out.write(
+            f"  handover {h['from']} -> {h['to']} ({h['mode']}):"
+            f" transfer {h['transfer_ms']:.2f} ms,"
+            f" longest gap {h['gap_ms']:.1f} ms, lost {h['lost']}\n"
+        )

@@ -1,0 +1,56 @@
+"""The mobile node's side of context transfer: applies its gateway's in-SA signals (a new
+gateway address after a handover) and can ask a gateway to pull its contexts (a CTAR)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from ..ct import cxtp
+from ..ct.transfer import TransferError, token_key
+from ..ipsec import signalling
+from ..ipsec.engine import Signal
+from ..ipsec.spd import IPAddress
+from .log import event
+from .node import Node
+
+log = logging.getLogger("ipsecct.ct.transfer")
+
+
+class MobileAgent:
+    """The MN's side: applies signals from its gateway and can send a CTAR (reactive)."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self.applied: list[tuple[float, list[str]]] = []
+        self.rejected = 0
+        node.on_signal = self._on_signal
+
+    def _on_signal(self, sig: Signal, addr: tuple[Any, ...]) -> None:
+        try:
+            items = signalling.decode(sig.payload)
+            changes = signalling.apply(self.node.engine, sig.sa, items)
+        except signalling.SignalError as exc:
+            self.rejected += 1
+            event(log, "signal-rejected", logging.WARNING, node=self.node.name, error=str(exc))
+            return
+        self.applied.append((self.node.clock(), changes))
+        event(
+            log,
+            "gateway-changed",
+            node=self.node.name,
+            spi=f"0x{sig.sa.spi:08x}",
+            changes="; ".join(changes),
+        )
+
+    def ctar(self, target: tuple[str, int], router: IPAddress, seq: int) -> None:
+        """Ask the gateway at ``target`` to fetch our contexts from ``router`` (RFC 4067 CTAR,
+        sent on the outer UDP port behind the non-ESP marker)."""
+        tunnels = self.node.engine.tunnels()
+        if not tunnels:
+            raise TransferError("no tunnel to hand over")
+        t = tunnels[0]
+        mn = t.inbound.dst if t.inbound is not None else t.outbound.src
+        token = cxtp.compute_token(token_key(t), mn, seq)
+        msg = cxtp.CTAR(mn, router, seq, token)
+        self.node.send_outer(b"\0\0\0\0" + cxtp.encode(msg), target)

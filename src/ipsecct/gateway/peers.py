@@ -1,0 +1,243 @@
+"""The pool of TLS channels to peer gateways (CXTP over TLS 1.3, mutual certificates).
+
+One persistent connection per peer, reused by every transfer and by fail-over replication;
+incoming connections are checked against ``[[peers]]`` (the certificate names the peer).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+import time
+from collections.abc import Callable
+
+from ..ct import cxtp
+from ..ct.transfer import TransferError
+from ..errors import IpsecctError
+from . import tlschannel
+from .config import PeerConfig, TransferConfig
+from .log import event
+
+log = logging.getLogger("ipsecct.ct.transfer")
+
+
+def _ignore_message(peer: str, msg: cxtp.Message) -> None:
+    pass
+
+
+def _ignore_lost(peer: str) -> None:
+    pass
+
+
+class PeerChannels:
+    """One reused TLS connection per peer; messages in go to ``on_message``, a lost connection
+    to ``on_lost`` (both set by whoever owns the pool: the gateway's service)."""
+
+    def __init__(
+        self,
+        tcfg: TransferConfig,
+        name: str,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.tcfg = tcfg
+        self.name = name
+        self.clock = clock
+        self.on_message: Callable[[str, cxtp.Message], None] = _ignore_message
+        self.on_lost: Callable[[str], None] = _ignore_lost
+        # Loaded by load_credentials() (the service does it before it binds anything).
+        self.server_ctx: ssl.SSLContext | None = None
+        self.client_ctx: ssl.SSLContext | None = None
+        self.conns: dict[str, tlschannel.CxtpConnection] = {}  # the one used to send
+        self.all_conns: set[tlschannel.CxtpConnection] = set()
+        self.queues: dict[str, asyncio.Queue[cxtp.Message]] = {}
+        self.writers: dict[str, asyncio.Task[None]] = {}
+        self.readers: set[asyncio.Task[None]] = set()
+        self.server: asyncio.Server | None = None
+        self.refused = 0
+        self._quiet_until: dict[str, float] = {}
+
+    def load_credentials(self) -> None:
+        """Read the certificate, key and CA (a problem is a one-line error naming the file)."""
+        tcfg = self.tcfg
+        self.server_ctx = tlschannel.server_context(tcfg.cert, tcfg.key, tcfg.ca)
+        self.client_ctx = tlschannel.client_context(tcfg.cert, tcfg.key, tcfg.ca)
+
+    async def start(self) -> None:
+        if self.server_ctx is None:
+            self.load_credentials()
+        assert self.server_ctx is not None
+        self.server = await tlschannel.serve(
+            self._accepted,
+            str(self.tcfg.listen.host),
+            self.tcfg.listen.port,
+            self.server_ctx,
+            timeout=3600,
+            on_refused=self._refused_handshake,
+        )
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+        for w in self.writers.values():
+            w.cancel()
+        for w in self.writers.values():
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await w
+        # Closing the connections ends their reader tasks; cancel only what does not end.
+        for c in list(self.all_conns):
+            c.timeout = 0.5  # do not wait long for the peer's close_notify
+            await c.close()
+        self.conns.clear()
+        if self.readers:
+            _, pending = await asyncio.wait(list(self.readers), timeout=1.0)
+            for t in pending:
+                t.cancel()
+
+    def _refused_handshake(self, address: str, reason: str) -> None:
+        self.refused += 1
+        event(log, "peer-refused", logging.WARNING, node=self.name, address=address, reason=reason)
+
+    def peer_of(self, conn: tlschannel.CxtpConnection) -> PeerConfig | None:
+        for p in self.tcfg.peers.values():
+            if conn.peer.matches(p.name):
+                return p
+        return None
+
+    async def _accepted(self, conn: tlschannel.CxtpConnection) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self.readers.add(task)
+            task.add_done_callback(self.readers.discard)
+        peer = self.peer_of(conn)
+        if peer is None:
+            self.refused += 1
+            event(
+                log,
+                "peer-refused",
+                logging.WARNING,
+                node=self.name,
+                certificate=conn.peer.name,
+                address=conn.peer_address,
+            )
+            return
+        if peer.name not in self.conns or self.conns[peer.name].closed:
+            self.conns[peer.name] = conn
+        await self._read(peer.name, conn)
+
+    async def _read(self, peer: str, conn: tlschannel.CxtpConnection) -> None:
+        self.all_conns.add(conn)
+        try:
+            while True:
+                try:
+                    msg = await conn.recv(timeout=3600)
+                except tlschannel.ChannelTimeout:
+                    continue
+                self.on_message(peer, msg)
+        except cxtp.CxtpError as exc:
+            event(log, "peer-malformed", logging.WARNING, node=self.name, peer=peer, error=str(exc))
+        except tlschannel.ChannelError:
+            pass
+        finally:
+            if self.conns.get(peer) is conn:
+                del self.conns[peer]
+            self.all_conns.discard(conn)
+            await conn.close()
+            self.on_lost(peer)
+
+    async def connection(self, peer: str) -> tlschannel.CxtpConnection:
+        c = self.conns.get(peer)
+        if c is not None and not c.closed:
+            return c
+        spec = self.tcfg.peers.get(peer)
+        if spec is None:
+            raise TransferError(f"unknown peer {peer!r}")
+        if self.client_ctx is None:
+            raise TransferError("the peer channels are not started")
+        c = await tlschannel.connect(
+            str(spec.address.host),
+            spec.address.port,
+            self.client_ctx,
+            server_hostname=peer,
+            timeout=30,
+            handshake_timeout=self.tcfg.settings.max_transfer_time * 10,
+        )
+        if not c.peer.matches(peer):
+            await c.close()
+            raise TransferError(f"{spec.address} is not {peer}")
+        self.conns[peer] = c
+        task = asyncio.create_task(self._read(peer, c))
+        self.readers.add(task)
+        task.add_done_callback(self.readers.discard)
+        return c
+
+    def send(self, peer: str, msg: cxtp.Message) -> None:
+        # Fast path: an open connection with nothing queued ahead: write now (the transport
+        # buffers; the writer task drains when the buffer grows), no task switch on the way.
+        c = self.conns.get(peer)
+        q = self.queues.get(peer)
+        if c is not None and not c.closed and (q is None or q.empty()):
+            w = self.writers.get(peer)
+            if w is None or w.done():
+                try:
+                    data = cxtp.encode(msg)
+                except cxtp.CxtpError as exc:  # a bug: never let it stop the caller's loop
+                    event(
+                        log,
+                        "message-unencodable",
+                        logging.ERROR,
+                        node=self.name,
+                        peer=peer,
+                        error=str(exc),
+                    )
+                    return
+                c.writer.write(data)
+                if c.writer.transport.get_write_buffer_size() > 1 << 20:
+                    self.writers[peer] = asyncio.create_task(self._drain(peer, c))
+                return
+        q = self.queues.get(peer)
+        if q is None:
+            q = self.queues[peer] = asyncio.Queue()
+        q.put_nowait(msg)
+        w = self.writers.get(peer)
+        if w is None or w.done():
+            self.writers[peer] = asyncio.create_task(self._writer(peer, q))
+
+    async def _drain(self, peer: str, conn: tlschannel.CxtpConnection) -> None:
+        try:
+            async with asyncio.timeout(30):
+                await conn.writer.drain()
+        except (TimeoutError, ConnectionError, OSError):
+            self.on_lost(peer)
+
+    async def _writer(self, peer: str, q: asyncio.Queue[cxtp.Message]) -> None:
+        while True:
+            msg = await q.get()
+            batch = [msg]
+            while not q.empty() and len(batch) < 256:
+                batch.append(q.get_nowait())
+            try:
+                conn = await self.connection(peer)
+                await conn.send_many(list(batch))
+            except (IpsecctError, OSError) as exc:
+                now = self.clock()
+                if now >= self._quiet_until.get(peer, 0.0):  # at most one line per 10 s
+                    self._quiet_until[peer] = now + 10.0
+                    event(
+                        log,
+                        "peer-unreachable",
+                        logging.WARNING,
+                        node=self.name,
+                        peer=peer,
+                        error=str(exc),
+                    )
+                while not q.empty():
+                    q.get_nowait()
+                self.on_lost(peer)
+
+    async def connect_all(self) -> None:
+        for p in self.tcfg.peers:
+            with contextlib.suppress(IpsecctError, OSError):
+                await self.connection(p)

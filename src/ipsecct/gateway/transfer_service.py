@@ -1,0 +1,288 @@
+"""Context transfer for one running gateway: the asyncio side of
+:class:`~ipsecct.ct.transfer.TransferCore` (transfer, rebalance, reactive CTAR).
+
+All protocol decisions are in the core; this adapter feeds it the CXTP messages that arrive on
+the peer channels (:mod:`ipsecct.gateway.peers`), the packets the engine holds or forwards, the
+CTARs that arrive on the outer UDP port, and timer ticks, and carries out what the core asks
+(send a message, inject a packet, transmit a signal, report a finished transfer).
+
+Configuration: ``[transfer]`` and ``[[peers]]`` (see :mod:`ipsecct.gateway.config` and the
+README).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from ..ct import cxtp
+from ..ct.transfer import Endpoint as TEndpoint
+from ..ct.transfer import (
+    Finished,
+    Inject,
+    Output,
+    Record,
+    Send,
+    TransferCore,
+    TransferError,
+    Transmit,
+    token_key,
+)
+from ..ipsec.engine import Forward, Held, TunnelState
+from .config import TransferConfig
+from .control import ControlError
+from .log import event
+from .node import Node
+from .peers import PeerChannels
+
+log = logging.getLogger("ipsecct.ct.transfer")
+
+
+class TransferService:
+    """Context transfer for one running gateway."""
+
+    def __init__(self, node: Node, tcfg: TransferConfig, channels: PeerChannels) -> None:
+        self.node = node
+        self.tcfg = tcfg
+        self.channels = channels
+        self.core = TransferCore(
+            node.engine, TEndpoint(node.cfg.outer.host, node.cfg.outer.port), tcfg.settings
+        )
+        self.waiters: dict[int, asyncio.Future[Record]] = {}
+        # Called with every finished transfer or take-over (the virtual-address mover, the
+        # demo, tests).
+        self.listeners: list[Callable[[Record], None]] = []
+        self._wake = asyncio.Event()
+        self._timer: asyncio.Task[None] | None = None
+        node.on_held = self._on_held
+        node.on_forward = self._on_forward
+        node.outer_hooks.append(self._on_outer_message)
+        node.extensions["peers"] = self._peers_status
+        node.extensions["transfers"] = self._transfers_status
+
+    async def start(self) -> None:
+        self._timer = asyncio.create_task(self._timers())
+
+    async def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._timer
+
+    # -- plumbing ------------------------------------------------------------------------
+    def run(self, outputs: list[Output]) -> None:
+        for o in outputs:
+            if isinstance(o, Send):
+                self.channels.send(o.peer, o.msg)
+            elif isinstance(o, Inject):
+                if o.inbound:
+                    self.node.from_outer(o.packet, ())
+                else:
+                    self.node.from_inner(o.packet)
+            elif isinstance(o, Transmit):
+                self.node.send_esp(o.sa, o.data)
+            elif isinstance(o, Finished):
+                self.finished(o.record)
+        self._wake.set()
+
+    def report(self, rec: Record) -> None:
+        """A record from outside the core (a fail-over take-over): listed and announced like
+        a transfer's."""
+        self.core.records.append(rec)
+        self.finished(rec)
+
+    def finished(self, rec: Record) -> None:
+        event(
+            log,
+            "transfer-" + rec.outcome.replace(" ", "-"),
+            node=self.node.name,
+            role=rec.role,
+            peer=rec.peer,
+            id=f"{rec.transfer_id:016x}",
+            tunnels=rec.tunnels,
+            accepted=rec.accepted,
+            ms=f"{(rec.ended - rec.started) * 1000:.3f}",
+            detail=rec.detail,
+        )
+        fut = self.waiters.pop(rec.transfer_id, None)
+        if fut is not None and not fut.done():
+            fut.set_result(rec)
+        for cb in list(self.listeners):
+            cb(rec)
+
+    def receive(self, peer: str, msg: cxtp.Message) -> None:
+        """A CXTP message from a peer gateway (fail-over syncs are not for us)."""
+        spec = self.tcfg.peers[peer]
+        now = self.node.clock()
+        if isinstance(msg, cxtp.CTAR):
+            self.run(self._ctar(msg, now, via=peer))
+            return
+        self.run(
+            self.core.receive(
+                peer, msg, now, may_send="send" in spec.allow, may_request="request" in spec.allow
+            )
+        )
+
+    def refuse(self) -> None:
+        """A message this gateway does not take from that peer (counted)."""
+        self.core.counters["refused"] += 1
+
+    def peer_lost(self, peer: str) -> None:
+        self.run(self.core.peer_lost(peer, self.node.clock()))
+
+    def _on_held(self, held: Held) -> None:
+        if not self.core.hold(held):
+            self.node.engine.stats.drops["policy"] += 1
+
+    def _on_forward(self, fwd: Forward) -> None:
+        self.run(self.core.forward(fwd.peer, fwd.packet, fwd.inbound))
+
+    async def _timers(self) -> None:
+        while True:
+            d = self.core.next_deadline()
+            now = self.node.clock()
+            wait = 0.05 if d is None else max(0.0, min(0.05, d - now))
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait):
+                    await self._wake.wait()
+            self.run(self.core.tick(self.node.clock()))
+            self._wake.clear()
+
+    # -- reactive mode: CTAR ----------------------------------------------------------
+    def _on_outer_message(self, data: bytes, addr: tuple[Any, ...]) -> bool:
+        """A non-ESP message on the outer UDP port: an MN's CTAR (RFC 4067) for us."""
+        try:
+            msg = cxtp.decode(data)
+        except cxtp.CxtpError:
+            return False
+        if not isinstance(msg, cxtp.CTAR):
+            return False
+        self.run(self._ctar(msg, self.node.clock(), via=None))
+        return True
+
+    def _ctar(self, msg: cxtp.CTAR, now: float, via: str | None) -> list[Output]:
+        """An MN (or, for ``transfer --mode reactive``, the source on its behalf) asks us to
+        fetch its contexts from the router named in the CTAR: send that router a CT-Req."""
+        peer = via
+        if peer is None:
+            for p in self.tcfg.peers.values():
+                if p.outer == msg.router or (p.outer is None and p.address.host == msg.router):
+                    peer = p.name
+                    break
+        if peer is None or "send" not in self.tcfg.peers[peer].allow:
+            event(
+                log,
+                "ctar-refused",
+                logging.WARNING,
+                node=self.node.name,
+                router=msg.router,
+                reason="router is not a peer that may send contexts",
+            )
+            return []
+        _tid, out = self.core.request(peer, msg.mn_prev, msg.token, msg.seq, now)
+        return out
+
+    # -- operator commands ----------------------------------------------------------
+    async def transfer(
+        self, spis: list[int], to: str, *, mode: str = "predictive", timeout: float = 5.0
+    ) -> Record:
+        if to not in self.tcfg.peers:
+            raise TransferError(f"unknown peer {to!r} (known: {', '.join(self.tcfg.peers)})")
+        tunnels = []
+        seen: set[int] = set()
+        for spi in spis:
+            t = self.node.engine.tunnel_by_spi(spi)
+            if t is None or t.state is TunnelState.MOVED:
+                raise TransferError(f"no tunnel with SPI 0x{spi:08x} here")
+            if id(t) not in seen:
+                seen.add(id(t))
+                tunnels.append(t)
+        now = self.node.clock()
+        if mode == "reactive":
+            # Ask the target to pull, exactly as an MN's CTAR would (with a valid token).
+            t = tunnels[0]
+            seq = int(time.time() * 1000) & 0xFFFFFFFF
+            mn = t.outbound.dst
+            token = cxtp.compute_token(token_key(t), mn, seq)
+            fut: asyncio.Future[Record] = asyncio.get_running_loop().create_future()
+
+            def watch(rec: Record) -> None:
+                if rec.role == "source" and set(rec.spis) & set(spis) and not fut.done():
+                    fut.set_result(rec)
+
+            self.listeners.append(watch)
+            try:
+                self.channels.send(to, cxtp.CTAR(mn, self.node.cfg.outer.host, seq, token))
+                return await asyncio.wait_for(fut, timeout)
+            except TimeoutError:
+                raise TransferError(
+                    f"{to} did not pull the contexts within {timeout:g} s"
+                ) from None
+            finally:
+                self.listeners.remove(watch)
+        if mode != "predictive":
+            raise TransferError("mode must be predictive or reactive")
+        tid, out = self.core.start(
+            tunnels, to, now, candidates=[c for c in self.tcfg.candidates if c != to]
+        )
+        fut2: asyncio.Future[Record] = asyncio.get_running_loop().create_future()
+        self.waiters[tid] = fut2
+        self.run(out)
+        try:
+            return await asyncio.wait_for(fut2, timeout)
+        except TimeoutError:
+            raise TransferError("transfer did not finish in time") from None
+
+    async def rebalance(self, to: str, count: int, timeout: float = 60.0) -> Record:
+        spis = [
+            t.outbound.spi for t in self.node.engine.tunnels() if t.state is TunnelState.ACTIVE
+        ][:count]
+        if not spis:
+            raise TransferError("no tunnels to move")
+        return await self.transfer(spis, to, timeout=timeout)
+
+    # -- control socket ---------------------------------------------------------------
+    async def control_transfer(self, args: dict[str, Any]) -> Any:
+        """``ipsecct transfer``: move one tunnel (by SPI) to a peer."""
+        spi = args.get("spi")
+        to = args.get("to")
+        if not isinstance(to, str):
+            raise ControlError("say where to: --to PEER")
+        try:
+            spi_i = int(spi, 0) if isinstance(spi, str) else int(spi)  # type: ignore[arg-type]
+            rec = await self.transfer([spi_i], to, mode=str(args.get("mode", "predictive")))
+        except (TypeError, ValueError):
+            raise ControlError(f"bad SPI {spi!r}") from None
+        return rec.as_dict()
+
+    async def control_rebalance(self, args: dict[str, Any]) -> Any:
+        """``ipsecct rebalance``: move COUNT active tunnels to a peer in one exchange."""
+        to, count = args.get("to"), args.get("count")
+        if not isinstance(to, str) or not isinstance(count, int) or count <= 0:
+            raise ControlError("rebalance needs --to PEER and --count N > 0")
+        return (await self.rebalance(to, count)).as_dict()
+
+    def _peers_status(self) -> list[dict[str, Any]]:
+        return [
+            {
+                "name": p.name,
+                "address": str(p.address),
+                "allow": sorted(p.allow),
+                "connected": p.name in self.channels.conns,
+            }
+            for p in self.tcfg.peers.values()
+        ]
+
+    def _transfers_status(self) -> dict[str, Any]:
+        recent = list(self.core.records)[-20:]
+        return {
+            "in_progress": self.core.in_progress(),
+            "recent": [r.as_dict() for r in recent],
+            **self.core.counters,
+            "refused_connections": self.channels.refused,
+        }
