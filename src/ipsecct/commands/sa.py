@@ -88,12 +88,52 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ike_sas(path: str) -> list[dict[str, Any]] | None:
+    """The node's IKE SAs, or None when it runs no IKE."""
+    try:
+        res: list[dict[str, Any]] = request(path, "ike.list")
+    except ControlError as exc:
+        if "unknown command" in str(exc):
+            return None
+        raise
+    return res
+
+
+def _print_ike(sas: list[dict[str, Any]]) -> None:
+    """Like ``swanctl --list-sas``: each IKE SA, then its CHILD SAs indented."""
+    for ike in sas:
+        print(f"{ike['name']}: #{ike['uid']}, {ike['state'].upper()}, IKEv2, "
+              f"{ike['spi_i']}_i {ike['spi_r']}_r ({ike['role']})")  # fmt: skip
+        print(f"  local  {ike['local']}")
+        print(f"  remote {ike['remote']} id {ike['remote_id']!s}")
+        print(f"  {ike['proposal']}, established {ike['established_s']} s ago")
+        for c in ike["children"]:
+            print(f"  {c['name']}: #{c['uid']}, INSTALLED, TUNNEL, ESP in {c['spi_in']}, "
+                  f"out {c['spi_out']}, {c['proposal']}")  # fmt: skip
+            print(f"    local  {' '.join(c['local_ts'])}")
+            print(f"    remote {' '.join(c['remote_ts'])}")
+
+
 def cmd_sa_list(args: argparse.Namespace) -> int:
-    res = request(socket_path(args), "sa.list")
+    path = socket_path(args)
+    if args.ike:
+        ike = _ike_sas(path)
+        if ike is None:
+            raise ControlError("this node runs no IKEv2 (no [connections] configured)")
+        if args.json:
+            _print_json(ike)
+        else:
+            _print_ike(ike)
+        return 0
+    res = request(path, "sa.list")
     if args.json:
         _print_json(res)
-    else:
-        _table(_sa_rows(res), SA_COLS)
+        return 0
+    ike = _ike_sas(path)
+    if ike:
+        _print_ike(ike)
+        print()
+    _table(_sa_rows(res), SA_COLS)
     return 0
 
 
@@ -181,7 +221,9 @@ def register(sub: Any) -> None:
     sa = sub.add_parser("sa", help="list, show, export, add or delete SAs of a running node")
     ss = sa.add_subparsers(dest="action", metavar="ACTION")
     ss.required = True
-    leaf(ss, "list", "list SAs (never their keys)", cmd_sa_list)
+    lst = leaf(ss, "list", "list IKE SAs with their CHILD SAs, and all SAs (never keys)",
+               cmd_sa_list)  # fmt: skip
+    lst.add_argument("--ike", action="store_true", help="only the IKE SAs (IKEv2)")
     leaf(ss, "show", "one SA in detail", cmd_sa_show).add_argument("spi", type=_spi)
     e = leaf(ss, "export", "print keys for tshark / ipsecct pcap decrypt", cmd_sa_export)
     e.add_argument("--wireshark", action="store_true", help="Wireshark esp_sa lines")

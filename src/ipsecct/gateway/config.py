@@ -19,6 +19,7 @@ from typing import Any
 from ..ct.failover import FailoverConfig
 from ..ct.transfer import ConflictPolicy, Identity, Settings
 from ..errors import ConfigError, IpsecctError
+from ..ikev2.config import Connection, parse_connections
 from ..ipsec.algorithms import (
     ENC,
     ENC_NAMES,
@@ -130,6 +131,7 @@ class NodeConfig:
     # adds it to this interface when it takes the SAs and announces it (gratuitous ARP).
     virtual_interface: str | None = None
     virtual_owner: bool = False  # this gateway holds the virtual address at start
+    connections: list[Connection] = field(default_factory=list)  # IKEv2 [connections.NAME]
 
     @property
     def local_address(self) -> IPAddress:
@@ -547,6 +549,8 @@ KNOWN_SECTIONS = {
     "transfer",
     "peers",
     "failover",
+    "connections",
+    "secrets",
 }
 
 
@@ -642,6 +646,7 @@ def from_dict(data: dict[str, Any], path: str = "<config>") -> NodeConfig:
         raise ctx.err("tunnel", "tunnel names must be unique")
     transfer = _transfer(data, ctx)
     failover = _failover(data.get("failover"), ctx, transfer)
+    connections = load_connections(data, path) if data.get("connections") else []
     return NodeConfig(
         path,
         name,
@@ -658,6 +663,7 @@ def from_dict(data: dict[str, Any], path: str = "<config>") -> NodeConfig:
         virtual,
         vif,
         vowner,
+        connections,
     )
 
 
@@ -835,3 +841,74 @@ def _failover(f: Any, ctx: _Ctx, transfer: TransferConfig | None) -> FailoverCon
     if cfg.dead_ms <= cfg.heartbeat_ms:
         raise ctx.err("failover.dead_ms", "must be longer than heartbeat_ms")
     return cfg
+
+
+# -- IKEv2 ------------------------------------------------------------------------------
+
+
+def _secret_text(text: str) -> bytes:
+    t = text.strip()
+    if t.lower().startswith("0x"):
+        try:
+            return bytes.fromhex(t[2:])
+        except ValueError:
+            raise ConfigError("a secret starting with 0x must be hex") from None
+    return t.encode()
+
+
+def load_secrets(data: dict[str, Any], path: str) -> dict[str, bytes]:
+    """``[secrets.ike-NAME]`` tables: ``id`` (a string or a list) and ``file`` or ``env``."""
+    secrets = data.get("secrets", {})
+    if not isinstance(secrets, dict):
+        raise ConfigError(f"{path}: secrets: must be a table")
+    out: dict[str, bytes] = {}
+    for name, d in secrets.items():
+        where = f"{path}: secrets.{name}"
+        if not name.startswith("ike") or not isinstance(d, dict):
+            raise ConfigError(f"{where}: only [secrets.ike-NAME] tables are supported")
+        for k in d:
+            if k not in ("id", "file", "env"):
+                if k == "secret":
+                    raise ConfigError(f"{where}.secret: never inline: use file = or env =")
+                raise ConfigError(f"{where}.{k}: unknown key (expected id, file, env)")
+        ids = d.get("id", "%any")
+        ids = [ids] if isinstance(ids, str) else ids
+        if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+            raise ConfigError(f"{where}.id: must be a string or a list of strings")
+        if ("file" in d) == ("env" in d):
+            raise ConfigError(f"{where}: give file = or env = (one of them)")
+        if "file" in d:
+            if not isinstance(d["file"], str):
+                raise ConfigError(f"{where}.file: must be a path")
+            p = Path(d["file"])
+            if not p.is_absolute():
+                p = Path(path).parent / p
+            try:
+                text = p.read_text()
+                mode = p.stat().st_mode & 0o777
+            except OSError as exc:
+                raise ConfigError(f"{where}.file: cannot read {p}: {exc.strerror}") from None
+            if mode & 0o077:
+                logging.getLogger("ipsecct.gateway.config").warning(
+                    "event=key-file-readable-by-others file=%s mode=%o (chmod 600 it)", p, mode
+                )
+        else:
+            if not isinstance(d["env"], str):
+                raise ConfigError(f"{where}.env: must be a variable name")
+            env = os.environ.get(d["env"])
+            if env is None:
+                raise ConfigError(f"{where}.env: environment variable {d['env']} is not set")
+            text = env
+        try:
+            secret = _secret_text(text)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+        if not secret:
+            raise ConfigError(f"{where}: the secret is empty")
+        for i in ids:
+            out[i] = secret
+    return out
+
+
+def load_connections(data: dict[str, Any], path: str) -> list[Connection]:
+    return parse_connections(data, path, load_secrets(data, path))

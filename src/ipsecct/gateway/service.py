@@ -18,6 +18,7 @@ from . import config as config_mod
 from .balancer import Balancer
 from .control import ControlError, ControlServer, MetricsServer, sa_summary
 from .failover_driver import FailoverDriver, is_sync
+from .ike import IkeService
 from .log import RateLimited, event
 from .mobile_agent import MobileAgent
 from .node import Node
@@ -76,7 +77,13 @@ class Service:
                 self.balancer = Balancer(self.node, tcfg.balance, self.transfer)
             self.peers.on_message = self._peer_message
             self.peers.on_lost = self._peer_lost
+        # IKEv2 ([connections.NAME]): CHILD SAs keyed by IKE, beside the manual ones.
+        self.ike: IkeService | None = (
+            IkeService(self.node, cfg.connections) if cfg.connections else None
+        )
         if self.control is not None:
+            if self.ike is not None:
+                self.control.register("ike.list", self._ike_list)
             for name, h in {
                 "status": self._status,
                 "sa.list": self._sa_list,
@@ -99,6 +106,8 @@ class Service:
             await self.control.start()
         if self.metrics is not None:
             await self.metrics.start()
+        if self.ike is not None:
+            await self.ike.start()
         await self.start_context_transfer()
 
     async def start_context_transfer(self) -> None:
@@ -151,6 +160,8 @@ class Service:
         self.transfer.peer_lost(peer)
 
     async def stop(self) -> None:
+        if self.ike is not None:
+            await self.ike.stop()  # DELETEs to the IKE peers
         await self.stop_context_transfer()
         if self.metrics is not None:
             await self.metrics.stop()
@@ -188,6 +199,10 @@ class Service:
             await self.stop()
 
     # -- control handlers --------------------------------------------------------------
+    async def _ike_list(self, args: dict[str, Any]) -> Any:
+        assert self.ike is not None
+        return self.ike.list()
+
     async def _status(self, args: dict[str, Any]) -> Any:
         return self.node.status()
 

@@ -1,0 +1,182 @@
+"""The IKEv2 adapter of a gateway: UDP 500, and UDP 4500 with the non-ESP marker (RFC 3948
+§2.2) on the node's outer socket, one timer, and the CHILD SAs the
+:class:`~ipsecct.ikev2.responder.IkeEngine` negotiates installed into the node's SAD/SPD the
+same way manually keyed tunnels are. All IKE logic is in :mod:`ipsecct.ikev2`.
+
+Configured by ``[connections.NAME]`` and ``[secrets.ike-NAME]`` (see
+:mod:`ipsecct.ikev2.config`); secrets come from a file (warned about when others may read
+it) or an environment variable, never from the configuration itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+from typing import Any
+
+from ..errors import IpsecctError
+from ..ikev2.config import Connection
+from ..ikev2.ikesa import Address, IkeSA
+from ..ikev2.responder import (
+    ChildDown,
+    ChildUp,
+    IkeDown,
+    IkeEngine,
+    IkeUp,
+    Output,
+    PeerMoved,
+    Send,
+)
+from ..ipsec.sad import UdpEncap
+from .log import event
+from .node import Node, UdpEndpoint
+
+log = logging.getLogger("ipsecct.gateway.ike")
+
+IKE_PORT = 500
+MARKER = b"\0\0\0\0"
+
+
+class IkeService:
+    """Runs the IKEv2 engine of one node."""
+
+    def __init__(self, node: Node, connections: list[Connection]) -> None:
+        self.node = node
+        self.engine = IkeEngine(connections, spi_in_use=lambda spi: bool(node.engine.find_sa(spi)))
+        self.sock500: UdpEndpoint | None = None
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        host = node.cfg.local_address
+        self.local_host = host
+        node.outer_hooks.append(self._on_4500)
+        node.extensions["ike"] = self.status
+
+    async def start(self) -> None:
+        self.sock500 = UdpEndpoint.bind((str(self.local_host), IKE_PORT), self._on_500)
+        self._task = asyncio.create_task(self._timer())
+        event(log, "ike-listening", node=self.node.name, ports=f"{IKE_PORT},"
+              f"{self.node.cfg.outer.port}", connections=len(self.engine.connections))
+
+    async def stop(self) -> None:
+        now = self.node.clock()
+        for ike in self.engine.ike_sas():
+            self._act(self.engine.delete(ike, now))
+        await asyncio.sleep(0.05)  # let the DELETEs go out
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self.sock500 is not None:
+            self.sock500.close()
+
+    # -- I/O ----------------------------------------------------------------------------
+    def _local(self, port: int) -> Address:
+        return Address(self.local_host, port)
+
+    def _peer(self, addr: tuple[Any, ...]) -> Address | None:
+        try:
+            return Address(ipaddress.ip_address(addr[0]), int(addr[1]))
+        except (ValueError, IndexError, TypeError):
+            return None
+
+    def _on_500(self, data: bytes, addr: tuple[Any, ...]) -> None:
+        src = self._peer(addr)
+        if src is not None:
+            self._act(self.engine.receive(data, src, self._local(IKE_PORT), self.node.clock()))
+
+    def _on_4500(self, data: bytes, addr: tuple[Any, ...]) -> bool:
+        # the node removed the marker; IKE's header has version 2.x at octet 17
+        if len(data) < 28 or data[17] >> 4 != 2:
+            return False
+        src = self._peer(addr)
+        if src is not None:
+            self._act(self.engine.receive(data, src, self._local(self.node.cfg.outer.port),
+                                          self.node.clock()))  # fmt: skip
+        return True
+
+    def _send(self, s: Send) -> None:
+        dst = (str(s.dst.host), s.dst.port)
+        if s.src.port == IKE_PORT:
+            if self.sock500 is not None:
+                self.sock500.sendto(s.data, dst)
+        else:
+            self.node.send_outer(MARKER + s.data, dst)
+
+    async def _timer(self) -> None:
+        while True:
+            deadline = self.engine.next_deadline()
+            now = self.node.clock()
+            wait = 5.0 if deadline is None else min(5.0, max(0.0, deadline - now))
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), wait)
+            self._act(self.engine.tick(self.node.clock()))
+
+    # -- what the engine decided ------------------------------------------------------------
+    def _act(self, outputs: list[Output]) -> None:
+        for o in outputs:
+            try:
+                self._one(o)
+            except IpsecctError as exc:  # e.g. an SPI clash in the SAD: log, keep running
+                event(log, "ike-install-failed", logging.WARNING, node=self.node.name,
+                      error=str(exc))  # fmt: skip
+        self._wake.set()
+
+    def _encap(self, ike: IkeSA) -> UdpEncap | None:
+        if ike.encap or not self.node.cfg.raw_esp:
+            port = ike.remote.port if ike.remote.port != IKE_PORT else 4500
+            return UdpEncap(self.node.cfg.outer.port, port)
+        return None
+
+    def _one(self, o: Output) -> None:
+        eng = self.node.engine
+        if isinstance(o, Send):
+            self._send(o)
+        elif isinstance(o, ChildUp):
+            ike, child = o.ike, o.child
+            label = f"{ike.conn.name}/{child.name}#{child.uid}"
+            enc = self._encap(ike)
+            local = Address(self.local_host, enc.sport if enc else 0)
+            remote = Address(ike.remote.host, enc.dport if enc else 0)
+            entry, out, inn = child.sas(local, remote, enc is not None, label)
+            out.created = inn.created = self.node.clock()
+            child.handle = eng.add_tunnel(entry, out, inn, index=0)
+            event(log, "child-sa-installed", node=self.node.name, child=label,
+                  spi_in=f"0x{child.spi_in:08x}", spi_out=f"0x{child.spi_out:08x}",
+                  encap=enc is not None)  # fmt: skip
+        elif isinstance(o, ChildDown):
+            t = o.child.handle
+            if t is not None:
+                eng.remove_tunnel(t)  # type: ignore[arg-type]
+                o.child.handle = None
+            event(log, "child-sa-removed", node=self.node.name, child=o.child.name,
+                  spi_in=f"0x{o.child.spi_in:08x}", reason=o.reason)  # fmt: skip
+        elif isinstance(o, PeerMoved):
+            enc = self._encap(o.ike)
+            for c in o.ike.children:
+                t = c.handle
+                if t is None:
+                    continue
+                for sa in t.sas():  # type: ignore[attr-defined]
+                    sa.encap = enc
+                    if sa is t.outbound:  # type: ignore[attr-defined]
+                        eng.rekey_sa(sa, dst=o.ike.remote.host)
+                    else:
+                        eng.rekey_sa(sa, src=o.ike.remote.host)
+            event(log, "ike-peer-moved", node=self.node.name, peer=o.ike.remote)
+        elif isinstance(o, IkeUp):
+            event(log, "ike-sa-up", node=self.node.name, conn=o.ike.conn.name,
+                  peer=o.ike.remote, id=o.ike.peer_id)  # fmt: skip
+        elif isinstance(o, IkeDown):
+            event(log, "ike-sa-down", node=self.node.name, conn=o.ike.conn.name,
+                  peer=o.ike.remote, reason=o.reason)  # fmt: skip
+
+    # -- control ----------------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        return {"ike_sas": len(self.engine.ike_sas()), "counters": dict(self.engine.stats)}
+
+    def list(self) -> list[dict[str, object]]:
+        now = self.node.clock()
+        return [ike.summary(now) for ike in self.engine.ike_sas()]

@@ -1,0 +1,276 @@
+"""IKEv2 connections as a strongSwan user writes them, in TOML with swanctl.conf's key names::
+
+    [connections.home]
+    version = 2
+    local_addrs = ["192.0.2.1"]
+    remote_addrs = ["%any"]
+    proposals = ["aes128gcm16-prfsha256-x25519"]
+    local.auth = "psk"
+    local.id = "gw.example"
+    remote.auth = "psk"
+    remote.id = "%any"
+    encap = true
+    dpd_delay = 30
+    children.net.local_ts = ["10.1.0.0/16"]
+    children.net.remote_ts = ["10.2.0.0/24"]
+    children.net.esp_proposals = ["aes128gcm16"]
+
+    [secrets.ike-home]
+    id = "gw.example"
+    file = "home.psk"          # or env = "HOME_PSK"; never the secret itself
+
+Parsing is pure: the caller reads secret files (it knows the paths) and passes them in.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import ConfigError, IpsecctError
+from .message import IDPayload, IdType, ProtocolId, TrafficSelector
+from .proposal import Offer, parse_list
+from .ts import from_text
+
+IPAddr = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNet = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass
+class ChildConfig:
+    name: str
+    local_ts: list[TrafficSelector]
+    remote_ts: list[TrafficSelector]
+    esp_proposals: list[Offer]
+    rekey_time: float | None = 3600.0
+    life_time: float | None = None
+    start_action: str = "none"
+    mode: str = "tunnel"
+
+
+@dataclass
+class Identity:
+    """An IKE identity from its text form (``gw.example``, ``192.0.2.1``, ``a@b``, ``%any``)."""
+
+    text: str
+
+    @property
+    def any(self) -> bool:
+        return self.text in ("%any", "")
+
+    def payload(self, initiator: bool) -> IDPayload:
+        try:
+            a = ipaddress.ip_address(self.text)
+            t = IdType.IPV4_ADDR if a.version == 4 else IdType.IPV6_ADDR
+            return IDPayload(initiator, t, a.packed)
+        except ValueError:
+            pass
+        t = IdType.RFC822_ADDR if "@" in self.text else IdType.FQDN
+        return IDPayload(initiator, t, self.text.encode())
+
+    def matches(self, p: IDPayload) -> bool:
+        if self.any:
+            return True
+        mine = self.payload(p.initiator)
+        return (mine.id_type, mine.data) == (p.id_type, p.data)
+
+
+@dataclass
+class Connection:
+    name: str
+    local_addrs: list[IPNet]
+    remote_addrs: list[IPNet]  # empty: any
+    proposals: list[Offer]
+    local_auth: str
+    local_id: Identity | None  # None: our IP address
+    remote_auth: str
+    remote_id: Identity
+    psk: bytes = field(repr=False, default=b"")
+    encap: bool = False
+    dpd_delay: float = 0.0
+    rekey_time: float | None = 14400.0
+    children: list[ChildConfig] = field(default_factory=list)
+
+    def accepts(self, local: IPAddr, remote: IPAddr) -> bool:
+        def ok(nets: list[IPNet], a: IPAddr) -> bool:
+            return not nets or any(a.version == n.version and a in n for n in nets)
+
+        return ok(self.local_addrs, local) and ok(self.remote_addrs, remote)
+
+
+_CONN_KEYS = {"version", "local_addrs", "remote_addrs", "proposals", "local", "remote", "encap",
+              "dpd_delay", "rekey_time", "children", "mobike", "over_time",
+              "reauth_time"}  # fmt: skip
+_CHILD_KEYS = {"local_ts", "remote_ts", "esp_proposals", "rekey_time", "life_time",
+               "start_action", "mode"}  # fmt: skip
+_AUTH_KEYS = {"auth", "id"}
+
+
+class _Ctx:
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def err(self, key: str, msg: str) -> ConfigError:
+        return ConfigError(f"{self.path}: {key}: {msg}")
+
+    def keys(self, d: dict[str, Any], where: str, allowed: set[str]) -> None:
+        for k in d:
+            if k not in allowed:
+                raise self.err(where + k, f"unknown key (expected one of: "
+                                          f"{', '.join(sorted(allowed))})")  # fmt: skip
+
+
+def _strings(v: Any, ctx: _Ctx, key: str) -> list[str]:
+    if isinstance(v, str):
+        v = [s.strip() for s in v.split(",") if s.strip()]
+    if not isinstance(v, list) or not all(isinstance(s, str) for s in v):
+        raise ctx.err(key, "must be a string or a list of strings")
+    return v
+
+
+def _addrs(v: Any, ctx: _Ctx, key: str) -> list[IPNet]:
+    out: list[IPNet] = []
+    for s in _strings(v, ctx, key):
+        if s in ("%any", "%any4", "%any6"):
+            return []
+        try:
+            out.append(ipaddress.ip_network(s, strict=False))
+        except ValueError:
+            raise ctx.err(key, f"bad address {s!r} (an address, a prefix or %any)") from None
+    return out
+
+
+def _seconds(v: Any, ctx: _Ctx, key: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, int | float | str):
+        raise ctx.err(key, "must be a number of seconds or a string like 30s, 1h")
+    if isinstance(v, str):
+        units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+        t = v.strip().lower()
+        mult = units.get(t[-1:])
+        try:
+            n = float(t[:-1]) * mult if mult else float(t)
+        except ValueError:
+            raise ctx.err(key, f"bad duration {v!r}") from None
+    else:
+        n = float(v)
+    if n < 0:
+        raise ctx.err(key, "must not be negative")
+    return n
+
+
+def _proposals(v: Any, ctx: _Ctx, key: str, proto: int) -> list[Offer]:
+    try:
+        return parse_list(_strings(v, ctx, key), proto)
+    except ConfigError as exc:
+        raise ctx.err(key, str(exc)) from None
+
+
+def _ts_list(v: Any, ctx: _Ctx, key: str) -> list[TrafficSelector]:
+    try:
+        return [from_text(s) for s in _strings(v, ctx, key)]
+    except IpsecctError as exc:
+        raise ctx.err(key, str(exc)) from None
+
+
+ESP = ProtocolId.ESP
+
+
+def _child(name: str, d: Any, ctx: _Ctx, where: str) -> ChildConfig:
+    if not isinstance(d, dict):
+        raise ctx.err(where.rstrip("."), "must be a table")
+    ctx.keys(d, where, _CHILD_KEYS)
+    mode = d.get("mode", "tunnel")
+    if mode != "tunnel":
+        raise ctx.err(where + "mode", 'only "tunnel" is supported')
+    start = d.get("start_action", "none")
+    if start not in ("none", "trap", "start"):
+        raise ctx.err(where + "start_action", "must be none, trap or start")
+    if start != "none":
+        raise ctx.err(where + "start_action", "a responder only supports none (yet)")
+    for k in ("local_ts", "remote_ts"):
+        if k not in d:
+            raise ctx.err(where + k, "missing (this gateway does not use dynamic selectors)")
+    rekey = _seconds(d["rekey_time"], ctx, where + "rekey_time") if "rekey_time" in d else 3600.0
+    life = _seconds(d["life_time"], ctx, where + "life_time") if "life_time" in d else None
+    return ChildConfig(
+        name,
+        _ts_list(d["local_ts"], ctx, where + "local_ts"),
+        _ts_list(d["remote_ts"], ctx, where + "remote_ts"),
+        _proposals(d.get("esp_proposals", ["default"]), ctx, where + "esp_proposals", ESP),
+        rekey or None,
+        life or None,
+        start,
+        mode,
+    )
+
+
+def _auth(d: Any, ctx: _Ctx, where: str) -> tuple[str, str | None]:
+    if d is None:
+        d = {}
+    if not isinstance(d, dict):
+        raise ctx.err(where.rstrip("."), "must be a table")
+    ctx.keys(d, where, _AUTH_KEYS)
+    auth = d.get("auth", "psk")
+    if auth not in ("psk", "pubkey"):
+        raise ctx.err(where + "auth", 'must be "psk" or "pubkey"')
+    if auth == "pubkey":
+        raise ctx.err(where + "auth", "pubkey (certificates) is not supported yet: use psk")
+    ident = d.get("id")
+    if ident is not None and not isinstance(ident, str):
+        raise ctx.err(where + "id", "must be a string")
+    return auth, ident
+
+
+def parse_connections(data: dict[str, Any], path: str,
+                      secrets: dict[str, bytes]) -> list[Connection]:  # fmt: skip
+    """``data`` is the whole configuration; ``secrets`` maps an identity (as written in
+    ``[secrets.ike-*] id``) to its pre-shared key, already read by the caller."""
+    ctx = _Ctx(path)
+    conns = data.get("connections", {})
+    if not isinstance(conns, dict):
+        raise ctx.err("connections", "must be a table of connections")
+    out: list[Connection] = []
+    for name, d in conns.items():
+        where = f"connections.{name}."
+        if not isinstance(d, dict):
+            raise ctx.err(where.rstrip("."), "must be a table")
+        ctx.keys(d, where, _CONN_KEYS)
+        if d.get("version", 2) != 2:
+            raise ctx.err(where + "version", "only IKEv2 (version = 2) is supported")
+        if d.get("mobike", False):
+            raise ctx.err(where + "mobike", "MOBIKE is not supported yet (mobike = false)")
+        la, lid = _auth(d.get("local"), ctx, where + "local.")
+        ra, rid = _auth(d.get("remote"), ctx, where + "remote.")
+        children_d = d.get("children", {})
+        if not isinstance(children_d, dict) or not children_d:
+            raise ctx.err(where + "children", "needs at least one child (children.NAME)")
+        children = [_child(cn, cd, ctx, f"{where}children.{cn}.")
+                    for cn, cd in children_d.items()]  # fmt: skip
+        encap = d.get("encap", False)
+        if not isinstance(encap, bool):
+            raise ctx.err(where + "encap", "must be true or false")
+        local_id = Identity(lid) if lid else None
+        remote_id = Identity(rid or "%any")
+        # the PSK: strongSwan picks the secret whose ids match the two identities
+        psk = b""
+        for ident in [x for x in (rid, lid) if x and x != "%any"]:
+            if ident in secrets:
+                psk = secrets[ident]
+                break
+        if not psk and len(secrets) == 1 and "%any" in secrets:
+            psk = secrets["%any"]
+        if not psk:
+            raise ctx.err(where.rstrip("."),
+                          "no [secrets.ike-*] entry whose id is local.id or remote.id")
+        out.append(Connection(
+            name,
+            _addrs(d.get("local_addrs", "%any"), ctx, where + "local_addrs"),
+            _addrs(d.get("remote_addrs", "%any"), ctx, where + "remote_addrs"),
+            _proposals(d.get("proposals", ["default"]), ctx, where + "proposals", ProtocolId.IKE),
+            la, local_id, ra, remote_id, psk, encap,
+            _seconds(d.get("dpd_delay", 0), ctx, where + "dpd_delay"),
+            _seconds(d.get("rekey_time", 14400), ctx, where + "rekey_time") or None,
+            children,
+        ))  # fmt: skip
+    return out

@@ -1,0 +1,189 @@
+"""IKE SAs and CHILD SAs as the IKEv2 engine keeps them (RFC 7296 §2), and the CHILD SA's
+entries for the SAD and SPD (the same :class:`~ipsecct.ipsec.sad.SecurityAssociation` objects
+that manual keying makes)."""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+import itertools
+from dataclasses import dataclass, field
+
+from ..ipsec.algorithms import EncAlg, IntegAlg
+from ..ipsec.sad import Direction, Lifetime, SecurityAssociation, UdpEncap
+from ..ipsec.spd import Action, SPDEntry
+from .config import ChildConfig, Connection
+from .keys import ChildKeys, IkeKeys
+from .message import TrafficSelector
+from .proposal import Suite
+from .protection import Protection
+from .ts import to_selectors
+
+IPAddr = ipaddress.IPv4Address | ipaddress.IPv6Address
+_ids = itertools.count(1)
+
+NAT_T_PORT = 4500
+IKE_PORT = 500
+
+
+@dataclass(frozen=True)
+class Address:
+    host: IPAddr
+    port: int
+
+    def __str__(self) -> str:
+        h = f"[{self.host}]" if self.host.version == 6 else str(self.host)
+        return f"{h}:{self.port}"
+
+
+class IkeState(enum.Enum):
+    HALF_OPEN = "half-open"  # IKE_SA_INIT answered, IKE_AUTH not yet
+    ESTABLISHED = "established"
+    DELETING = "deleting"  # our DELETE is on its way
+    DEAD = "dead"
+
+
+@dataclass(eq=False)
+class ChildSA:
+    """One CHILD SA: the ESP SA pair with its negotiated suite, keys and selectors."""
+
+    config: ChildConfig
+    suite: Suite
+    spi_in: int  # ours: the peer sends with it
+    spi_out: int  # the peer's
+    keys: ChildKeys = field(repr=False)
+    we_initiated: bool
+    local_ts: list[TrafficSelector]
+    remote_ts: list[TrafficSelector]
+    created: float
+    uid: int = field(default_factory=lambda: next(_ids))
+    handle: object = field(default=None, repr=False)  # the adapter's (the engine tunnel)
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    def sas(self, local: Address, remote: Address, encap: bool,
+            label: str) -> tuple[SPDEntry, SecurityAssociation, SecurityAssociation]:  # fmt: skip
+        """The policy and the (outbound, inbound) SAs to install, as manual keying makes
+        them. ``encap``: ESP in UDP between ``local`` and ``remote``'s ports (RFC 3948)."""
+        k = self.keys
+        if self.we_initiated:
+            out_e, out_i, in_e, in_i = k.enc_i, k.integ_i, k.enc_r, k.integ_r
+        else:
+            out_e, out_i, in_e, in_i = k.enc_r, k.integ_r, k.enc_i, k.integ_i
+        sel = to_selectors(self.local_ts, self.remote_ts, label)
+        hard = Lifetime(seconds=self.config.life_time) if self.config.life_time else Lifetime()
+        common = dict(
+            enc=EncAlg(self.suite.encr),
+            integ=IntegAlg(self.suite.integ or 0),
+            esn=self.suite.esn,
+            encap=UdpEncap(local.port, remote.port) if encap else None,
+            selectors=sel,
+            name=label,
+            hard=hard,
+        )
+        out = SecurityAssociation(self.spi_out, Direction.OUTBOUND, local.host, remote.host,
+                                  enc_key=out_e, integ_key=out_i, **common)  # type: ignore[arg-type]
+        inn = SecurityAssociation(self.spi_in, Direction.INBOUND, remote.host, local.host,
+                                  enc_key=in_e, integ_key=in_i, **common)  # type: ignore[arg-type]
+        return SPDEntry(sel, Action.PROTECT, name=label, static=False), out, inn
+
+
+@dataclass
+class Pending:
+    """A request we sent and wait the answer for."""
+
+    kind: str  # "liveness" | "delete"
+    message_id: int
+    data: bytes = field(repr=False)
+    sent: float
+    tries: int = 1
+    deadline: float = 0.0
+
+
+@dataclass(eq=False)
+class IkeSA:
+    spi_i: bytes
+    spi_r: bytes
+    we_initiated: bool
+    conn: Connection
+    candidates: list[Connection]
+    suite: Suite
+    local: Address
+    remote: Address
+    created: float
+    keys: IkeKeys = field(repr=False)
+    nonce_i: bytes = field(repr=False)
+    nonce_r: bytes = field(repr=False)
+    init_request: bytes = field(repr=False)
+    init_response: bytes = field(repr=False)
+    nat_local: bool = False  # we are (or pretend to be) behind a NAT
+    nat_remote: bool = False
+    state: IkeState = IkeState.HALF_OPEN
+    peer_id: str = ""
+    peer_next_mid: int = 1  # the next request ID we expect from the peer
+    last_response: bytes = field(default=b"", repr=False)  # answer to request peer_next_mid-1
+    my_next_mid: int = 0  # the ID of our next request
+    pending: Pending | None = None
+    last_heard: float = 0.0
+    children: list[ChildSA] = field(default_factory=list)
+    initial_contact: bool = False
+    uid: int = field(default_factory=lambda: next(_ids))
+    extensions: set[str] = field(default_factory=set)
+
+    @property
+    def our_spi(self) -> bytes:
+        return self.spi_i if self.we_initiated else self.spi_r
+
+    @property
+    def inbound(self) -> Protection:
+        k = self.keys
+        if self.we_initiated:
+            return Protection(self.suite, k.sk_er, k.sk_ar)
+        return Protection(self.suite, k.sk_ei, k.sk_ai)
+
+    @property
+    def outbound(self) -> Protection:
+        k = self.keys
+        if self.we_initiated:
+            return Protection(self.suite, k.sk_ei, k.sk_ai)
+        return Protection(self.suite, k.sk_er, k.sk_ar)
+
+    @property
+    def encap(self) -> bool:
+        """ESP in UDP: a NAT was detected (or faked), or IKE moved to port 4500."""
+        return self.nat_local or self.nat_remote or self.remote.port != IKE_PORT
+
+    def describe(self) -> str:
+        return f"{self.conn.name}[{self.uid}] {self.local} <-> {self.remote}"
+
+    def summary(self, now: float) -> dict[str, object]:
+        """What ``ipsecct sa list`` shows (never keys)."""
+        return {
+            "name": self.conn.name,
+            "uid": self.uid,
+            "state": self.state.value,
+            "role": "initiator" if self.we_initiated else "responder",
+            "spi_i": self.spi_i.hex(),
+            "spi_r": self.spi_r.hex(),
+            "local": str(self.local),
+            "remote": str(self.remote),
+            "remote_id": self.peer_id,
+            "proposal": self.suite.name(),
+            "nat": {"local": self.nat_local, "remote": self.nat_remote},
+            "established_s": round(now - self.created, 1),
+            "children": [
+                {
+                    "name": c.name,
+                    "uid": c.uid,
+                    "spi_in": f"{c.spi_in:08x}",
+                    "spi_out": f"{c.spi_out:08x}",
+                    "proposal": c.suite.name(),
+                    "local_ts": [str(t) for t in c.local_ts],
+                    "remote_ts": [str(t) for t in c.remote_ts],
+                    "installed_s": round(now - c.created, 1),
+                }
+                for c in self.children
+            ],
+        }

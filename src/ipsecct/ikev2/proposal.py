@@ -1,0 +1,334 @@
+"""IKEv2 transforms and proposals (RFC 7296 §3.3): IANA numbers, strongSwan's proposal
+strings (``aes128gcm16-prfsha256-x25519``), and the responder's choice among the initiator's
+proposals (§2.7), configured order first, as strongSwan does by default."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import ConfigError
+from .message import Proposal, ProtocolId, Transform, TransformType
+
+# ENCR (Transform Type 1)
+ENCR_AES_CBC = 12
+ENCR_AES_GCM_16 = 20
+ENCR_CHACHA20_POLY1305 = 28
+# PRF (Type 2)
+PRF_HMAC_SHA1 = 2
+PRF_HMAC_SHA2_256 = 5
+PRF_HMAC_SHA2_384 = 6
+PRF_HMAC_SHA2_512 = 7
+# INTEG (Type 3)
+AUTH_HMAC_SHA1_96 = 2
+AUTH_HMAC_SHA2_256_128 = 12
+AUTH_HMAC_SHA2_384_192 = 13
+AUTH_HMAC_SHA2_512_256 = 14
+# ESN (Type 5)
+ESN_NO = 0
+ESN_YES = 1
+
+AEAD = {ENCR_AES_GCM_16, ENCR_CHACHA20_POLY1305}
+KEYED_ENCR = {ENCR_AES_CBC, ENCR_AES_GCM_16}  # carry a Key Length attribute
+PRF_HASH = {
+    PRF_HMAC_SHA1: "sha1",
+    PRF_HMAC_SHA2_256: "sha256",
+    PRF_HMAC_SHA2_384: "sha384",
+    PRF_HMAC_SHA2_512: "sha512",
+}
+# integrity: (hash, key octets, ICV octets)
+INTEG = {
+    AUTH_HMAC_SHA1_96: ("sha1", 20, 12),
+    AUTH_HMAC_SHA2_256_128: ("sha256", 32, 16),
+    AUTH_HMAC_SHA2_384_192: ("sha384", 48, 24),
+    AUTH_HMAC_SHA2_512_256: ("sha512", 64, 32),
+}
+DH_GROUPS = {14, 15, 16, 19, 20, 21, 31, 32}
+
+_ENCR_WORDS: dict[str, tuple[int, int]] = {
+    "aes128": (ENCR_AES_CBC, 128),
+    "aes192": (ENCR_AES_CBC, 192),
+    "aes256": (ENCR_AES_CBC, 256),
+    "aes": (ENCR_AES_CBC, 128),
+    "aes128gcm16": (ENCR_AES_GCM_16, 128),
+    "aes192gcm16": (ENCR_AES_GCM_16, 192),
+    "aes256gcm16": (ENCR_AES_GCM_16, 256),
+    "aes128gcm128": (ENCR_AES_GCM_16, 128),
+    "aes192gcm128": (ENCR_AES_GCM_16, 192),
+    "aes256gcm128": (ENCR_AES_GCM_16, 256),
+    "aes128gcm": (ENCR_AES_GCM_16, 128),
+    "aes192gcm": (ENCR_AES_GCM_16, 192),
+    "aes256gcm": (ENCR_AES_GCM_16, 256),
+    "chacha20poly1305": (ENCR_CHACHA20_POLY1305, 256),
+}
+_INTEG_WORDS = {
+    "sha1": AUTH_HMAC_SHA1_96,
+    "sha": AUTH_HMAC_SHA1_96,
+    "sha256": AUTH_HMAC_SHA2_256_128,
+    "sha2_256": AUTH_HMAC_SHA2_256_128,
+    "sha384": AUTH_HMAC_SHA2_384_192,
+    "sha2_384": AUTH_HMAC_SHA2_384_192,
+    "sha512": AUTH_HMAC_SHA2_512_256,
+    "sha2_512": AUTH_HMAC_SHA2_512_256,
+}
+_PRF_OF_INTEG = {
+    AUTH_HMAC_SHA1_96: PRF_HMAC_SHA1,
+    AUTH_HMAC_SHA2_256_128: PRF_HMAC_SHA2_256,
+    AUTH_HMAC_SHA2_384_192: PRF_HMAC_SHA2_384,
+    AUTH_HMAC_SHA2_512_256: PRF_HMAC_SHA2_512,
+}
+_PRF_WORDS = {
+    "prfsha1": PRF_HMAC_SHA1,
+    "prfsha256": PRF_HMAC_SHA2_256,
+    "prfsha384": PRF_HMAC_SHA2_384,
+    "prfsha512": PRF_HMAC_SHA2_512,
+}
+_DH_WORDS = {
+    "modp2048": 14,
+    "modp3072": 15,
+    "modp4096": 16,
+    "ecp256": 19,
+    "ecp384": 20,
+    "ecp521": 21,
+    "x25519": 31,
+    "curve25519": 31,
+    "x448": 32,
+    "curve448": 32,
+}
+
+# What strongSwan 5.9.8 proposes and accepts by default ("default" in a proposal list).
+DEFAULT_IKE = [
+    "aes128-aes192-aes256-sha256-sha384-sha512-prfsha256-prfsha384-prfsha512"
+    "-x25519-x448-ecp256-ecp384-ecp521-modp3072-modp4096-modp2048",
+    "aes128gcm16-aes192gcm16-aes256gcm16-chacha20poly1305-prfsha256-prfsha384-prfsha512"
+    "-x25519-x448-ecp256-ecp384-ecp521-modp3072-modp4096-modp2048",
+]
+DEFAULT_ESP = [
+    "aes128gcm16-aes192gcm16-aes256gcm16-chacha20poly1305",
+    "aes128-aes192-aes256-sha256-sha384-sha512-sha1",
+]
+
+
+@dataclass(frozen=True)
+class Offer:
+    """One configured proposal: the acceptable transforms of each type, in preference order."""
+
+    protocol: int
+    encr: tuple[tuple[int, int], ...]  # (transform id, key bits)
+    integ: tuple[int, ...] = ()
+    prf: tuple[int, ...] = ()
+    dh: tuple[int, ...] = ()
+    esn: tuple[int, ...] = (ESN_NO,)
+
+    def transforms(self) -> tuple[Transform, ...]:
+        """This offer as transforms (for an initiator's SA payload)."""
+        out = [Transform(TransformType.ENCR, e, k if e in KEYED_ENCR else None)
+               for e, k in self.encr]  # fmt: skip
+        out += [Transform(TransformType.PRF, p) for p in self.prf]
+        out += [Transform(TransformType.INTEG, i) for i in self.integ]
+        out += [Transform(TransformType.DH, d) for d in self.dh]
+        if self.protocol != ProtocolId.IKE:
+            out += [Transform(TransformType.ESN, e) for e in self.esn]
+        return tuple(out)
+
+
+@dataclass(frozen=True)
+class Suite:
+    """What was negotiated: one transform of each type."""
+
+    protocol: int
+    encr: int
+    key_bits: int
+    integ: int | None = None
+    prf: int | None = None
+    dh: int | None = None
+    esn: bool = False
+
+    @property
+    def aead(self) -> bool:
+        return self.encr in AEAD
+
+    @property
+    def enc_key_len(self) -> int:
+        """Octets of encryption key material (AEAD: the key and its 4-octet salt)."""
+        return self.key_bits // 8 + (4 if self.aead else 0)
+
+    @property
+    def integ_key_len(self) -> int:
+        return INTEG[self.integ][1] if self.integ is not None else 0
+
+    def proposal(self, num: int, spi: bytes) -> Proposal:
+        tr = [Transform(TransformType.ENCR, self.encr,
+                        self.key_bits if self.encr in KEYED_ENCR else None)]  # fmt: skip
+        if self.prf is not None:
+            tr.append(Transform(TransformType.PRF, self.prf))
+        if self.integ is not None:
+            tr.append(Transform(TransformType.INTEG, self.integ))
+        if self.dh is not None:
+            tr.append(Transform(TransformType.DH, self.dh))
+        if self.protocol != ProtocolId.IKE:
+            tr.append(Transform(TransformType.ESN, ESN_YES if self.esn else ESN_NO))
+        return Proposal(num, self.protocol, spi, tuple(tr))
+
+    def name(self) -> str:
+        enc = {ENCR_AES_CBC: "AES_CBC", ENCR_AES_GCM_16: "AES_GCM_16",
+               ENCR_CHACHA20_POLY1305: "CHACHA20_POLY1305"}[self.encr]  # fmt: skip
+        parts = [enc if self.encr == ENCR_CHACHA20_POLY1305 else f"{enc}_{self.key_bits}"]
+        if self.integ is not None:
+            parts.append({AUTH_HMAC_SHA1_96: "HMAC_SHA1_96",
+                          AUTH_HMAC_SHA2_256_128: "HMAC_SHA2_256_128",
+                          AUTH_HMAC_SHA2_384_192: "HMAC_SHA2_384_192",
+                          AUTH_HMAC_SHA2_512_256: "HMAC_SHA2_512_256"}[self.integ])  # fmt: skip
+        if self.prf is not None:
+            parts.append({PRF_HMAC_SHA1: "PRF_HMAC_SHA1", PRF_HMAC_SHA2_256: "PRF_HMAC_SHA2_256",
+                          PRF_HMAC_SHA2_384: "PRF_HMAC_SHA2_384",
+                          PRF_HMAC_SHA2_512: "PRF_HMAC_SHA2_512"}[self.prf])  # fmt: skip
+        if self.dh is not None:
+            parts.append({31: "CURVE_25519", 32: "CURVE_448", 19: "ECP_256", 20: "ECP_384",
+                          21: "ECP_521", 14: "MODP_2048", 15: "MODP_3072",
+                          16: "MODP_4096"}[self.dh])  # fmt: skip
+        if self.protocol != ProtocolId.IKE:
+            parts.append("EXT_SEQ" if self.esn else "NO_EXT_SEQ")
+        return "/".join(parts)
+
+
+def parse(text: str, protocol: int) -> Offer:
+    """One strongSwan proposal string, e.g. ``aes128gcm16-prfsha256-x25519`` (IKE) or
+    ``aes128-sha256-esn`` (ESP). Raises ConfigError naming the word it does not know."""
+    encr: list[tuple[int, int]] = []
+    integ: list[int] = []
+    prf: list[int] = []
+    dh: list[int] = []
+    esn: list[int] = []
+    for word in text.strip().lower().split("-"):
+        if word in _ENCR_WORDS:
+            encr.append(_ENCR_WORDS[word])
+        elif word in _INTEG_WORDS:
+            integ.append(_INTEG_WORDS[word])
+        elif word in _PRF_WORDS and protocol == ProtocolId.IKE:
+            prf.append(_PRF_WORDS[word])
+        elif word in _DH_WORDS:
+            dh.append(_DH_WORDS[word])
+        elif word in ("esn", "noesn") and protocol == ProtocolId.ESP:
+            esn.append(ESN_YES if word == "esn" else ESN_NO)
+        else:
+            raise ConfigError(f"proposal {text!r}: unknown or unsupported algorithm {word!r}")
+    if not encr:
+        raise ConfigError(f"proposal {text!r}: no encryption algorithm")
+    aead = [e for e, _ in encr if e in AEAD]
+    if aead and len(aead) != len(encr):
+        raise ConfigError(f"proposal {text!r}: mixes AEAD and non-AEAD encryption")
+    if aead and integ:
+        raise ConfigError(f"proposal {text!r}: an AEAD proposal takes no integrity algorithm")
+    if not aead and not integ:
+        raise ConfigError(f"proposal {text!r}: needs an integrity algorithm")
+    if protocol == ProtocolId.IKE:
+        if not prf:
+            prf = [_PRF_OF_INTEG[i] for i in integ]
+            if not prf:
+                raise ConfigError(f"proposal {text!r}: an AEAD IKE proposal needs a prf")
+        if not dh:
+            raise ConfigError(f"proposal {text!r}: an IKE proposal needs a DH group")
+    return Offer(protocol, tuple(encr), tuple(dict.fromkeys(integ)), tuple(dict.fromkeys(prf)),
+                 tuple(dh), tuple(esn) or (ESN_NO,))  # fmt: skip
+
+
+def parse_list(items: list[str], protocol: int) -> list[Offer]:
+    """A configured list; ``default`` expands to strongSwan's default proposals."""
+    out: list[Offer] = []
+    for it in items:
+        if it.strip().lower() == "default":
+            dflt = DEFAULT_IKE if protocol == ProtocolId.IKE else DEFAULT_ESP
+            out += [parse(d, protocol) for d in dflt]
+        else:
+            out.append(parse(it, protocol))
+    return out
+
+
+def _pick(mine: tuple[int, ...], theirs: list[int]) -> int | None:
+    for m in mine:
+        if m in theirs:
+            return m
+    return None
+
+
+def _by_type(p: Proposal) -> dict[int, list[Transform]]:
+    out: dict[int, list[Transform]] = {}
+    for t in p.transforms:
+        out.setdefault(t.type, []).append(t)
+    return out
+
+
+def match(offer: Offer, p: Proposal, *, ke_group: int | None = None,
+          ignore_dh: bool = False) -> Suite | None:  # fmt: skip
+    """The suite that both ``offer`` and the peer's proposal ``p`` allow, or None."""
+    if p.protocol != offer.protocol:
+        return None
+    bt = _by_type(p)
+    for t in p.transforms:
+        if t.type not in TransformType.__members__.values():
+            return None  # an unknown transform type: the proposal cannot be accepted
+    encr = None
+    for e, k in offer.encr:
+        for t in bt.get(TransformType.ENCR, []):
+            tk = t.key_length if t.key_length is not None else (
+                256 if t.id == ENCR_CHACHA20_POLY1305 else None)
+            if t.id == e and tk == k:
+                encr = (e, k)
+                break
+        if encr is not None:
+            break
+    if encr is None:
+        return None
+    aead = encr[0] in AEAD
+    theirs_integ = [t.id for t in bt.get(TransformType.INTEG, []) if t.key_length is None]
+    integ = None
+    if aead:
+        if any(i != 0 for i in theirs_integ):
+            return None
+    else:
+        integ = _pick(offer.integ, theirs_integ)
+        if integ is None:
+            return None
+    prf = None
+    dh = None
+    esn = False
+    if offer.protocol == ProtocolId.IKE:
+        prf = _pick(offer.prf, [t.id for t in bt.get(TransformType.PRF, [])])
+        if prf is None:
+            return None
+        theirs_dh = [t.id for t in bt.get(TransformType.DH, [])]
+        if ke_group is not None and ke_group in offer.dh and ke_group in theirs_dh:
+            dh = ke_group
+        else:
+            dh = _pick(offer.dh, theirs_dh)
+        if dh is None:
+            return None
+    else:
+        theirs_dh = [t.id for t in bt.get(TransformType.DH, []) if t.id != 0]
+        if theirs_dh and not ignore_dh:
+            dh = _pick(offer.dh, theirs_dh)
+            if dh is None:
+                return None
+        esn_id = _pick(offer.esn, [t.id for t in bt.get(TransformType.ESN, [])])
+        if esn_id is None:
+            return None
+        esn = esn_id == ESN_YES
+    return Suite(offer.protocol, encr[0], encr[1], integ, prf, dh, esn)
+
+
+def choose(offers: list[Offer], proposals: tuple[Proposal, ...], *, ke_group: int | None = None,
+           ignore_dh: bool = False) -> tuple[Proposal, Suite] | None:  # fmt: skip
+    """Our configured order first; within it the peer's order. Prefers a suite whose DH group
+    is the one the peer's KE payload already carries (saves a round trip)."""
+    if ke_group is not None:
+        for offer in offers:
+            for p in proposals:
+                s = match(offer, p, ke_group=ke_group, ignore_dh=ignore_dh)
+                if s is not None and s.dh == ke_group:
+                    return p, s
+    for offer in offers:
+        for p in proposals:
+            s = match(offer, p, ke_group=ke_group, ignore_dh=ignore_dh)
+            if s is not None:
+                return p, s
+    return None

@@ -1,0 +1,566 @@
+"""The IKEv2 engine of a gateway (RFC 7296), sans I/O: datagrams and ``now`` in; datagrams to
+send, events and the next deadline out.
+
+It answers IKE_SA_INIT and IKE_AUTH (pre-shared keys) and creates the first CHILD SA with
+narrowed traffic selectors (§2.9); it detects NATs (§2.23) and can fake one so that ESP is
+always UDP-encapsulated (strongSwan's ``encap = yes``); it keeps the message-ID window of one
+request and answers a retransmitted request with the cached response (§2.1, §2.2); it answers
+INFORMATIONAL requests (liveness checks, DELETE of CHILD and IKE SAs) and sends its own
+liveness checks (``dpd_delay``) and DELETEs, retransmitting with back-off. CREATE_CHILD_SA is
+answered with NO_ADDITIONAL_SAS (rekeying is not implemented yet).
+
+Everything received is untrusted: malformed messages, wrong SPIs, bad ICVs, unexpected
+message IDs are counted in :attr:`IkeEngine.stats` and dropped, never raised.
+"""
+
+from __future__ import annotations
+
+import hmac as _hmac
+import logging
+import os
+import struct
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from cryptography.hazmat.primitives import hashes
+
+from .config import Connection
+from .ikesa import Address, ChildSA, IkeSA, IkeState, Pending
+from .keys import KeyExchange, child_keys, ike_keys, psk_auth, signed_octets
+from .message import (
+    IKE_HEADER_LEN,
+    AuthMethod,
+    AuthPayload,
+    DeletePayload,
+    ExchangeType,
+    Flag,
+    Header,
+    IDPayload,
+    IkeParseError,
+    IkeProtocolError,
+    KEPayload,
+    NoncePayload,
+    Notify,
+    NotifyPayload,
+    Payload,
+    ProtocolId,
+    SAPayload,
+    SKFPayload,
+    SKPayload,
+    TSPayload,
+    decode,
+    decode_payloads,
+    encode_plain,
+    find,
+    notifies,
+)
+from .proposal import choose
+from .ts import narrow
+
+log = logging.getLogger("ipsecct.ikev2")
+
+RETRANSMIT = (2.0, 4.0, 8.0, 16.0)  # then the peer is declared dead (30 s)
+HALF_OPEN_TIMEOUT = 30.0
+MAX_HALF_OPEN = 1000
+MAX_HALF_OPEN_PER_SOURCE = 20
+MAX_IKE_SAS_PER_SOURCE = 200
+
+
+# -- outputs --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Send:
+    data: bytes
+    src: Address
+    dst: Address
+
+
+@dataclass(frozen=True)
+class IkeUp:
+    ike: IkeSA
+
+
+@dataclass(frozen=True)
+class IkeDown:
+    ike: IkeSA
+    reason: str
+
+
+@dataclass(frozen=True)
+class ChildUp:
+    ike: IkeSA
+    child: ChildSA
+
+
+@dataclass(frozen=True)
+class ChildDown:
+    ike: IkeSA
+    child: ChildSA
+    reason: str
+
+
+@dataclass(frozen=True)
+class PeerMoved:
+    """The peer's address or port changed (NAT mapping, float to 4500): update its SAs."""
+
+    ike: IkeSA
+
+
+Output = Send | IkeUp | IkeDown | ChildUp | ChildDown | PeerMoved
+
+
+def _natd(spi_i: bytes, spi_r: bytes, a: Address) -> bytes:
+    h = hashes.Hash(hashes.SHA1())
+    h.update(spi_i + spi_r + a.host.packed + struct.pack("!H", a.port))
+    return h.finalize()
+
+
+class IkeEngine:
+    """All IKE SAs of one gateway, as responder."""
+
+    def __init__(
+        self,
+        connections: list[Connection],
+        *,
+        random: Callable[[int], bytes] = os.urandom,
+        spi_in_use: Callable[[int], bool] | None = None,
+    ) -> None:
+        self.connections = connections
+        self.random = random
+        self.spi_in_use = spi_in_use or (lambda spi: False)
+        self.by_spi: dict[bytes, IkeSA] = {}  # our SPI -> IKE SA
+        self.half_open: dict[tuple[bytes, object], IkeSA] = {}  # (SPIi, peer host)
+        self.stats: Counter[str] = Counter()
+        self._child_spis: set[int] = set()
+
+    # -- public interface ---------------------------------------------------------------
+    def ike_sas(self) -> list[IkeSA]:
+        return list(self.by_spi.values())
+
+    def receive(self, data: bytes, src: Address, dst: Address, now: float) -> list[Output]:
+        """One IKE message (non-ESP marker removed) from ``src`` to our ``dst``."""
+        out: list[Output] = []
+        try:
+            self._receive(data, src, dst, now, out)
+        except IkeParseError as exc:
+            self.stats["malformed"] += 1
+            log.debug("event=ike-drop reason=%s src=%s", exc, src)
+        except IkeProtocolError as exc:
+            self.stats["refused"] += 1
+            log.debug("event=ike-refused reason=%s src=%s", exc, src)
+        return out
+
+    def tick(self, now: float) -> list[Output]:
+        out: list[Output] = []
+        for key, ike in list(self.half_open.items()):
+            if now - ike.created >= HALF_OPEN_TIMEOUT:
+                del self.half_open[key]
+                self.by_spi.pop(ike.our_spi, None)
+                ike.state = IkeState.DEAD
+                self.stats["half-open-expired"] += 1
+        for ike in list(self.by_spi.values()):
+            if ike.state is IkeState.HALF_OPEN:
+                continue
+            p = ike.pending
+            if p is not None:
+                if now >= p.deadline:
+                    if p.tries > len(RETRANSMIT):
+                        self.stats["peer-dead"] += 1
+                        self._kill(ike, "peer-dead" if p.kind == "liveness" else "deleted", out)
+                        continue
+                    p.tries += 1
+                    p.deadline = now + RETRANSMIT[min(p.tries - 1, len(RETRANSMIT) - 1)]
+                    self.stats["retransmitted"] += 1
+                    out.append(Send(p.data, ike.local, ike.remote))
+            elif ike.conn.dpd_delay and now - ike.last_heard >= ike.conn.dpd_delay:
+                self._request(ike, "liveness", [], now, out)
+        return out
+
+    def next_deadline(self) -> float | None:
+        ds: list[float] = [ike.created + HALF_OPEN_TIMEOUT for ike in self.half_open.values()]
+        for ike in self.by_spi.values():
+            if ike.state is IkeState.HALF_OPEN:
+                continue
+            if ike.pending is not None:
+                ds.append(ike.pending.deadline)
+            elif ike.conn.dpd_delay:
+                ds.append(ike.last_heard + ike.conn.dpd_delay)
+        return min(ds) if ds else None
+
+    def delete(self, ike: IkeSA, now: float) -> list[Output]:
+        """Send a DELETE for the IKE SA (and so all its CHILD SAs)."""
+        out: list[Output] = []
+        if ike.state is not IkeState.ESTABLISHED:
+            self._kill(ike, "deleted", out)
+            return out
+        if ike.pending is not None:  # window of one: the delete replaces the pending check
+            ike.pending = None
+        self._request(ike, "delete", [DeletePayload(ProtocolId.IKE)], now, out)
+        ike.state = IkeState.DELETING
+        return out
+
+    def liveness(self, ike: IkeSA, now: float) -> list[Output]:
+        """Send a liveness check (an empty INFORMATIONAL request) now."""
+        out: list[Output] = []
+        if ike.state is IkeState.ESTABLISHED and ike.pending is None:
+            self._request(ike, "liveness", [], now, out)
+        return out
+
+    # -- receiving ----------------------------------------------------------------------
+    def _receive(self, data: bytes, src: Address, dst: Address, now: float,
+                 out: list[Output]) -> None:  # fmt: skip
+        hdr, payloads = decode(data)
+        if hdr.exchange == ExchangeType.IKE_SA_INIT:
+            if hdr.is_response:
+                self.stats["unexpected-response"] += 1
+                return
+            self._sa_init(data, hdr, payloads, src, dst, now, out)
+            return
+        ike = self.by_spi.get(hdr.spi_r)
+        if ike is None or ike.spi_i != hdr.spi_i or ike.state is IkeState.DEAD:
+            self.stats["unknown-spi"] += 1
+            return
+        if hdr.is_response:
+            self._response(ike, data, hdr, payloads, src, now, out)
+            return
+        if not hdr.from_initiator:  # requests from the original initiator only (no rekey)
+            self.stats["bad-flags"] += 1
+            return
+        if hdr.message_id == ike.peer_next_mid - 1 and ike.last_response:
+            self._open(ike, data, hdr, payloads)  # authenticate before answering again
+            self.stats["retransmit-answered"] += 1
+            out.append(Send(ike.last_response, ike.local, ike.remote))
+            return
+        if hdr.message_id != ike.peer_next_mid:
+            self.stats["bad-message-id"] += 1
+            return
+        inner = self._open(ike, data, hdr, payloads)
+        self._float(ike, src, dst, out)
+        ike.last_heard = now
+        if hdr.exchange == ExchangeType.IKE_AUTH and ike.state is IkeState.HALF_OPEN:
+            reply = self._ike_auth(ike, inner, now, out)
+        elif ike.state is IkeState.HALF_OPEN:
+            self.stats["bad-exchange"] += 1
+            return
+        elif hdr.exchange == ExchangeType.INFORMATIONAL:
+            reply = self._informational(ike, inner, out)
+        elif hdr.exchange == ExchangeType.CREATE_CHILD_SA:
+            self.stats["create-child-refused"] += 1
+            reply = [NotifyPayload(Notify.NO_ADDITIONAL_SAS)]
+        else:
+            self.stats["bad-exchange"] += 1
+            reply = [NotifyPayload(Notify.INVALID_SYNTAX)]
+        self._answer(ike, hdr, reply, out)
+        if _dead(ike):
+            self._kill(ike, "deleted by peer" if ike.peer_id else "authentication failed", out)
+
+    def _open(self, ike: IkeSA, data: bytes, hdr: Header, payloads: list[Payload]) -> list[Payload]:
+        if len(payloads) != 1 or not isinstance(payloads[-1], SKPayload):
+            if payloads and isinstance(payloads[-1], SKFPayload):
+                self.stats["fragment-unsupported"] += 1
+                raise IkeProtocolError("IKE fragmentation is not supported")
+            raise IkeParseError("a protected exchange without a single Encrypted payload")
+        sk = payloads[-1]
+        plain = ike.inbound.open(data, sk)
+        return decode_payloads(plain, sk.first)
+
+    def _float(self, ike: IkeSA, src: Address, dst: Address, out: list[Output]) -> None:
+        if src != ike.remote or dst != ike.local:
+            ike.remote, ike.local = src, dst
+            out.append(PeerMoved(ike))
+
+    def _answer(self, ike: IkeSA, req: Header, payloads: list[Payload],
+                out: list[Output]) -> None:  # fmt: skip
+        hdr = Header(ike.spi_i, ike.spi_r, 0, req.exchange,
+                     Flag.RESPONSE | (0 if not ike.we_initiated else Flag.INITIATOR),
+                     req.message_id, 0)  # fmt: skip
+        msg = ike.outbound.seal(hdr, payloads)
+        ike.last_response = msg
+        ike.peer_next_mid = req.message_id + 1
+        out.append(Send(msg, ike.local, ike.remote))
+
+    # -- IKE_SA_INIT ----------------------------------------------------------------------
+    def _plain_reply(self, hdr: Header, spi_r: bytes, payloads: list[Payload], src: Address,
+                     dst: Address, out: list[Output]) -> None:  # fmt: skip
+        h = Header(hdr.spi_i, spi_r, 0, hdr.exchange, Flag.RESPONSE, hdr.message_id, 0)
+        out.append(Send(encode_plain(h, payloads), dst, src))
+
+    def _sa_init(self, data: bytes, hdr: Header, payloads: list[Payload], src: Address,
+                 dst: Address, now: float, out: list[Output]) -> None:  # fmt: skip
+        if hdr.spi_r != bytes(8) or hdr.message_id != 0 or not hdr.from_initiator:
+            self.stats["bad-init"] += 1
+            return
+        key = (hdr.spi_i, src.host)
+        old = self.half_open.get(key)
+        if old is not None:
+            if old.init_request == data:
+                self.stats["retransmit-answered"] += 1
+                out.append(Send(old.init_response, dst, src))
+            else:
+                self.stats["bad-init"] += 1
+            return
+        sa = find(payloads, SAPayload)
+        ke = find(payloads, KEPayload)
+        ni = find(payloads, NoncePayload)
+        if sa is None or ke is None or ni is None:
+            self.stats["bad-init"] += 1
+            self._plain_reply(hdr, bytes(8), [NotifyPayload(Notify.INVALID_SYNTAX)], src, dst, out)
+            return
+        cands = [c for c in self.connections if c.accepts(dst.host, src.host)]
+        chosen = None
+        for c in cands:
+            chosen = choose(c.proposals, sa.proposals, ke_group=ke.group)
+            if chosen is not None:
+                conn = c
+                break
+        if chosen is None:
+            self.stats["no-proposal-chosen"] += 1
+            self._plain_reply(hdr, bytes(8), [NotifyPayload(Notify.NO_PROPOSAL_CHOSEN)], src,
+                              dst, out)  # fmt: skip
+            return
+        proposal, suite = chosen
+        assert suite.dh is not None
+        if ke.group != suite.dh:
+            self.stats["invalid-ke"] += 1
+            self._plain_reply(hdr, bytes(8), [NotifyPayload(
+                Notify.INVALID_KE_PAYLOAD, data=struct.pack("!H", suite.dh))], src, dst, out)
+            return
+        per_source = sum(1 for (_s, h) in self.half_open if h == src.host)
+        if len(self.half_open) >= MAX_HALF_OPEN or per_source >= MAX_HALF_OPEN_PER_SOURCE:
+            self.stats["half-open-limit"] += 1
+            return
+        if sum(1 for i in self.by_spi.values() if i.remote.host == src.host) >= (
+            MAX_IKE_SAS_PER_SOURCE
+        ):
+            self.stats["ike-sa-limit"] += 1
+            return
+        kx = KeyExchange(suite.dh)
+        shared = kx.shared(ke.data)
+        spi_r = self.random(8)
+        while spi_r == bytes(8) or spi_r in self.by_spi:
+            spi_r = self.random(8)
+        nr = self.random(32)
+        n = notifies(payloads)
+        nat_local = nat_remote = False
+        resp: list[Payload] = [
+            SAPayload((suite.proposal(proposal.num, b""),)),
+            KEPayload(suite.dh, kx.public),
+            NoncePayload(nr),
+        ]
+        if Notify.NAT_DETECTION_SOURCE_IP in n and Notify.NAT_DETECTION_DESTINATION_IP in n:
+            srcs = [p.data for p in payloads if isinstance(p, NotifyPayload)
+                    and p.type == Notify.NAT_DETECTION_SOURCE_IP]  # fmt: skip
+            nat_remote = _natd(hdr.spi_i, bytes(8), src) not in srcs
+            nat_local = n[Notify.NAT_DETECTION_DESTINATION_IP].data != _natd(
+                hdr.spi_i, bytes(8), dst)
+            my_src = self.random(20) if conn.encap else _natd(hdr.spi_i, spi_r, dst)
+            if conn.encap:
+                nat_local = True
+            resp += [
+                NotifyPayload(Notify.NAT_DETECTION_SOURCE_IP, data=my_src),
+                NotifyPayload(Notify.NAT_DETECTION_DESTINATION_IP,
+                              data=_natd(hdr.spi_i, spi_r, src)),
+            ]  # fmt: skip
+        reply_hdr = Header(hdr.spi_i, spi_r, 0, hdr.exchange, Flag.RESPONSE, 0, 0)
+        response = encode_plain(reply_hdr, resp)
+        keys = ike_keys(suite, shared, ni.data, nr, hdr.spi_i, spi_r)
+        ike = IkeSA(
+            hdr.spi_i, spi_r, False, conn, cands, suite, dst, src, now, keys, ni.data, nr,
+            data, response, nat_local, nat_remote,
+        )  # fmt: skip
+        ike.last_heard = now
+        self.by_spi[spi_r] = ike
+        self.half_open[key] = ike
+        self.stats["ike-sa-init"] += 1
+        out.append(Send(response, dst, src))
+
+    # -- IKE_AUTH -------------------------------------------------------------------------
+    def _ike_auth(self, ike: IkeSA, inner: list[Payload], now: float,
+                  out: list[Output]) -> list[Payload]:  # fmt: skip
+        self.half_open.pop((ike.spi_i, ike.remote.host), None)
+        self.half_open = {k: v for k, v in self.half_open.items() if v is not ike}
+        idi = next((p for p in inner if isinstance(p, IDPayload) and p.initiator), None)
+        idr = next((p for p in inner if isinstance(p, IDPayload) and not p.initiator), None)
+        auth = find(inner, AuthPayload)
+        if idi is None or auth is None:
+            self.stats["auth-failed"] += 1
+            ike.state = IkeState.DEAD
+            return [NotifyPayload(Notify.AUTHENTICATION_FAILED)]
+        conn = None
+        for c in ike.candidates:
+            if c.remote_id.matches(idi) and (
+                idr is None or c.local_id is None or c.local_id.matches(idr)
+            ) and choose(c.proposals, (ike.suite.proposal(1, b""),)) is not None:
+                conn = c
+                break
+        prf_alg = ike.suite.prf
+        assert prf_alg is not None
+        ok = False
+        if conn is not None and auth.method == AuthMethod.SHARED_KEY:
+            octets = signed_octets(ike.init_request, ike.nonce_r, prf_alg, ike.keys.sk_pi,
+                                   idi.body)  # fmt: skip
+            ok = _hmac.compare_digest(auth.data, psk_auth(prf_alg, conn.psk, octets))
+        if conn is None or not ok:
+            self.stats["auth-failed"] += 1
+            log.info("event=ike-auth-failed peer=%s id=%s", ike.remote, idi.text())
+            ike.state = IkeState.DEAD
+            return [NotifyPayload(Notify.AUTHENTICATION_FAILED)]
+        ike.conn = conn
+        ike.peer_id = idi.text()
+        our_id = (conn.local_id.payload(False) if conn.local_id is not None
+                  else IDPayload(False, 1 if ike.local.host.version == 4 else 5,
+                                 ike.local.host.packed))  # fmt: skip
+        octets = signed_octets(ike.init_response, ike.nonce_i, prf_alg, ike.keys.sk_pr,
+                               our_id.body)  # fmt: skip
+        reply: list[Payload] = [
+            our_id,
+            AuthPayload(AuthMethod.SHARED_KEY, psk_auth(prf_alg, conn.psk, octets)),
+        ]
+        ike.state = IkeState.ESTABLISHED
+        n = notifies(inner)
+        if Notify.INITIAL_CONTACT in n:
+            ike.initial_contact = True
+            for other in list(self.by_spi.values()):
+                if (other is not ike and other.conn is conn and other.peer_id == ike.peer_id
+                        and other.state is not IkeState.HALF_OPEN):  # fmt: skip
+                    self.stats["initial-contact-replaced"] += 1
+                    self._kill(other, "replaced (INITIAL_CONTACT)", out)
+        self.stats["ike-sa-established"] += 1
+        log.info("event=ike-sa-established conn=%s peer=%s id=%s proposal=%s", conn.name,
+                 ike.remote, ike.peer_id, ike.suite.name())  # fmt: skip
+        out.append(IkeUp(ike))
+        reply += self._first_child(ike, inner, now, out)
+        return reply
+
+    def _first_child(self, ike: IkeSA, inner: list[Payload], now: float,
+                     out: list[Output]) -> list[Payload]:  # fmt: skip
+        sa = find(inner, SAPayload)
+        tsi = next((p for p in inner if isinstance(p, TSPayload) and p.initiator), None)
+        tsr = next((p for p in inner if isinstance(p, TSPayload) and not p.initiator), None)
+        if sa is None or tsi is None or tsr is None:
+            return []  # an IKE SA without a CHILD SA (RFC 7296 §1.2 allows none)
+        for cc in ike.conn.children:
+            remote = narrow(tsi.selectors, cc.remote_ts)
+            local = narrow(tsr.selectors, cc.local_ts)
+            if remote and local:
+                break
+        else:
+            self.stats["ts-unacceptable"] += 1
+            return [NotifyPayload(Notify.TS_UNACCEPTABLE)]
+        chosen = choose(cc.esp_proposals, sa.proposals, ignore_dh=True)
+        if chosen is None:
+            self.stats["child-no-proposal"] += 1
+            return [NotifyPayload(Notify.NO_PROPOSAL_CHOSEN)]
+        proposal, suite = chosen
+        if len(proposal.spi) != 4 or int.from_bytes(proposal.spi, "big") < 256:
+            self.stats["child-bad-spi"] += 1
+            return [NotifyPayload(Notify.INVALID_SYNTAX)]
+        spi_in = self._new_child_spi()
+        prf_alg = ike.suite.prf
+        assert prf_alg is not None
+        keys = child_keys(prf_alg, ike.keys.sk_d, suite, ike.nonce_i, ike.nonce_r)
+        child = ChildSA(cc, suite, spi_in, int.from_bytes(proposal.spi, "big"), keys, False,
+                        local, remote, now)  # fmt: skip
+        ike.children.append(child)
+        self.stats["child-sa-established"] += 1
+        log.info("event=child-sa-established conn=%s child=%s spi_in=%08x spi_out=%08x "
+                 "proposal=%s local_ts=%s remote_ts=%s", ike.conn.name, cc.name, spi_in,
+                 child.spi_out, suite.name(), ",".join(map(str, local)),
+                 ",".join(map(str, remote)))  # fmt: skip
+        out.append(ChildUp(ike, child))
+        return [
+            SAPayload((suite.proposal(proposal.num, spi_in.to_bytes(4, "big")),)),
+            TSPayload(True, tuple(remote)),
+            TSPayload(False, tuple(local)),
+        ]
+
+    def _new_child_spi(self) -> int:
+        while True:
+            spi = int.from_bytes(self.random(4), "big")
+            if spi >= 256 and spi not in self._child_spis and not self.spi_in_use(spi):
+                self._child_spis.add(spi)
+                return spi
+
+    # -- INFORMATIONAL ----------------------------------------------------------------------
+    def _informational(self, ike: IkeSA, inner: list[Payload],
+                       out: list[Output]) -> list[Payload]:  # fmt: skip
+        reply: list[Payload] = []
+        deletes = [p for p in inner if isinstance(p, DeletePayload)]
+        if not inner:
+            self.stats["liveness-answered"] += 1
+        for d in deletes:
+            if d.protocol == ProtocolId.IKE:
+                self.stats["ike-deleted-by-peer"] += 1
+                ike.state = IkeState.DEAD
+                return []
+            if d.protocol != ProtocolId.ESP:
+                continue
+            ours = []
+            for spi in d.spis:
+                if len(spi) != 4:
+                    continue
+                v = int.from_bytes(spi, "big")
+                for c in list(ike.children):
+                    if c.spi_out == v:
+                        ike.children.remove(c)
+                        self._child_spis.discard(c.spi_in)
+                        ours.append(c.spi_in.to_bytes(4, "big"))
+                        self.stats["child-deleted-by-peer"] += 1
+                        out.append(ChildDown(ike, c, "deleted by peer"))
+            if ours:
+                reply.append(DeletePayload(ProtocolId.ESP, tuple(ours)))
+        return reply
+
+    # -- our requests -----------------------------------------------------------------------
+    def _request(self, ike: IkeSA, kind: str, payloads: list[Payload], now: float,
+                 out: list[Output]) -> None:  # fmt: skip
+        mid = ike.my_next_mid
+        ike.my_next_mid += 1
+        flags = Flag.INITIATOR if ike.we_initiated else 0
+        hdr = Header(ike.spi_i, ike.spi_r, 0, ExchangeType.INFORMATIONAL, flags, mid, 0)
+        msg = ike.outbound.seal(hdr, payloads)
+        ike.pending = Pending(kind, mid, msg, now, 1, now + RETRANSMIT[0])
+        self.stats[f"{kind}-sent"] += 1
+        out.append(Send(msg, ike.local, ike.remote))
+
+    def _response(self, ike: IkeSA, data: bytes, hdr: Header, payloads: list[Payload],
+                  src: Address, now: float, out: list[Output]) -> None:  # fmt: skip
+        p = ike.pending
+        if p is None or hdr.message_id != p.message_id or hdr.from_initiator == ike.we_initiated:
+            self.stats["unexpected-response"] += 1
+            return
+        self._open(ike, data, hdr, payloads)
+        ike.pending = None
+        ike.last_heard = now
+        if p.kind == "delete":
+            self._kill(ike, "deleted", out)
+
+    def _kill(self, ike: IkeSA, reason: str, out: list[Output]) -> None:
+        if self.by_spi.get(ike.our_spi) is ike:
+            del self.by_spi[ike.our_spi]
+        self.half_open = {k: v for k, v in self.half_open.items() if v is not ike}
+        was_up = ike.peer_id != ""
+        ike.state = IkeState.DEAD
+        ike.pending = None
+        for c in ike.children:
+            self._child_spis.discard(c.spi_in)
+            out.append(ChildDown(ike, c, reason))
+        ike.children = []
+        if was_up:
+            log.info("event=ike-sa-down conn=%s peer=%s reason=%s", ike.conn.name, ike.remote,
+                     reason)  # fmt: skip
+            out.append(IkeDown(ike, reason))
+
+
+def _dead(ike: IkeSA) -> bool:
+    return ike.state is IkeState.DEAD
+
+
+def strip_marker(data: bytes) -> bytes | None:
+    """An IKE message on port 4500 starts with four zero octets (RFC 3948 §2.2); returns it
+    without them, or None when ``data`` is not one."""
+    if len(data) >= 4 + IKE_HEADER_LEN and data[:4] == b"\0\0\0\0" and data[21] >> 4 == 2:
+        return data[4:]
+    return None

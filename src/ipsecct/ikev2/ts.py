@@ -1,0 +1,98 @@
+"""Traffic selectors (RFC 7296 §3.13) and the responder's narrowing (§2.9)."""
+
+from __future__ import annotations
+
+import ipaddress
+
+from ..errors import IpsecctError
+from ..ipsec.spd import AddressRange, PortRange, Selectors
+from .message import TrafficSelector, TsType
+
+IPAddr = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def from_text(text: str) -> TrafficSelector:
+    """``10.0.0.0/24``, ``10.0.0.1-10.0.0.9``, ``0.0.0.0/0`` or ``dynamic``-free strongSwan
+    forms with an optional ``[proto/port]`` suffix: ``10.1.0.0/16[udp/53]``."""
+    t = text.strip()
+    proto, ports = 0, (0, 65535)
+    if t.endswith("]") and "[" in t:
+        t, spec = t[:-1].split("[", 1)
+        p, _, port = spec.partition("/")
+        names = {"tcp": 6, "udp": 17, "icmp": 1, "icmpv6": 58, "any": 0, "": 0}
+        try:
+            proto = names[p.lower()] if p.lower() in names else int(p)
+            if port and port.lower() not in ("any", "%any"):
+                a, _, b = port.partition("-")
+                ports = (int(a), int(b or a))
+        except ValueError:
+            raise IpsecctError(f"bad traffic selector {text!r}") from None
+        if not (0 <= proto <= 255 and 0 <= ports[0] <= ports[1] <= 65535):
+            raise IpsecctError(f"bad traffic selector {text!r}")
+    try:
+        r = AddressRange.parse(t)
+    except IpsecctError:
+        raise IpsecctError(f"bad traffic selector {text!r}") from None
+    ttype = TsType.IPV4_ADDR_RANGE if r.version == 4 else TsType.IPV6_ADDR_RANGE
+    return TrafficSelector(ttype, proto, ports[0], ports[1], r.first, r.last)
+
+
+def host(addr: IPAddr) -> TrafficSelector:
+    ttype = TsType.IPV4_ADDR_RANGE if addr.version == 4 else TsType.IPV6_ADDR_RANGE
+    return TrafficSelector(ttype, 0, 0, 65535, addr, addr)
+
+
+def intersect(a: TrafficSelector, b: TrafficSelector) -> TrafficSelector | None:
+    if a.ts_type != b.ts_type:
+        return None
+    if a.ip_protocol and b.ip_protocol and a.ip_protocol != b.ip_protocol:
+        return None
+    proto = a.ip_protocol or b.ip_protocol
+    sp, ep = max(a.start_port, b.start_port), min(a.end_port, b.end_port)
+    if sp > ep:
+        return None
+    if a.start.version != b.start.version:
+        return None
+    start = max(int(a.start), int(b.start))
+    end = min(int(a.end), int(b.end))
+    if start > end:
+        return None
+    cls = type(a.start)
+    return TrafficSelector(a.ts_type, proto, sp, ep, cls(start), cls(end))
+
+
+def narrow(proposed: tuple[TrafficSelector, ...],
+           configured: list[TrafficSelector]) -> list[TrafficSelector]:  # fmt: skip
+    """The part of what the peer proposed that our configuration allows (§2.9), in the peer's
+    order, duplicates removed."""
+    out: list[TrafficSelector] = []
+    for p in proposed:
+        for c in configured:
+            x = intersect(p, c)
+            if x is not None and x not in out:
+                out.append(x)
+    return out
+
+
+def to_selectors(local: list[TrafficSelector], remote: list[TrafficSelector],
+                 name: str) -> Selectors:  # fmt: skip
+    """The SPD selectors of a CHILD SA: every address range; protocol and ports when all the
+    selectors agree on them (otherwise any)."""
+    both = local + remote
+    protos = {t.ip_protocol for t in both}
+    proto = protos.pop() if len(protos) == 1 else 0
+    if proto == 0:
+        protos = {0}
+
+    def ports(ts: list[TrafficSelector]) -> PortRange:
+        ps = {(t.start_port, t.end_port) for t in ts}
+        return PortRange(*ps.pop()) if len(ps) == 1 and proto else PortRange()
+
+    return Selectors(
+        tuple(AddressRange(t.start, t.end) for t in local),
+        tuple(AddressRange(t.start, t.end) for t in remote),
+        proto,
+        ports(local),
+        ports(remote),
+        name=name,
+    )

@@ -1,0 +1,303 @@
+"""IKEv2 interoperability: an unmodified strongSwan 5.9.8 initiator (kernel-libipsec, in a
+network namespace) connects to an ``ipsecct gateway`` with a pre-shared key (root).
+
+    namespace "a": charon (initiator)        namespace "b": ipsecct gateway (responder)
+    lo 10.201.1.1/32  sa0 10.200.0.1  <--- veth --->  sb0 10.200.0.2  TUN ipsecct0 10.201.2.1
+
+For each IKE/ESP transform set the test checks that the IKE SA and the CHILD SA come up with
+what was asked, that ping and a UDP stream pass both ways through the tunnel, and, once, that
+liveness checks from both sides are answered and that a DELETE from either side removes the
+SAs on the other.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests import strongswan
+from tests.netns import Namespaces, wait_until
+from tests.strongswan import A, B, Charon, build_namespaces, ping
+from tests.test_gateway_loopback import Daemon
+
+needs_strongswan = pytest.mark.skipif(not strongswan.available(), reason=strongswan.skip_reason())
+PSK = "ipsecct-ikev2-interop-psk-0123456789"
+PINGS = 5
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Iterator[Path]:
+    if len(str(tmp_path)) <= 80:
+        yield tmp_path
+        return
+    d = Path(tempfile.mkdtemp(prefix="ict-ike-"))
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+class Initiator(Charon):
+    """strongSwan A with a swanctl.conf made for connecting to the ipsecct gateway."""
+
+    def __init__(self, ns: Namespaces, workdir: Path, *, ike: str | None, esp: str | None,
+                 encap: bool = True, dpd: int = 0) -> None:  # fmt: skip
+        super().__init__(ns, "a", A, workdir, esp or "default")
+        self.ike, self.esp, self.encap, self.dpd = ike, esp, encap, dpd
+
+    def write_config(self) -> None:
+        super().write_config()
+        props = f"proposals = {self.ike}" if self.ike else ""
+        esp = f"esp_proposals = {self.esp}" if self.esp else ""
+        conf = f"""connections {{
+  cA {{
+    version = 2
+    local_addrs = {A.outer}
+    remote_addrs = {B.outer}
+    encap = {"yes" if self.encap else "no"}
+    mobike = no
+    dpd_delay = {self.dpd}s
+    {props}
+    local {{
+      auth = psk
+      id = {A.id}
+    }}
+    remote {{
+      auth = psk
+      id = {B.id}
+    }}
+    children {{
+      net {{
+        local_ts = {A.inner}/32
+        remote_ts = {B.inner}/32
+        {esp}
+        mode = tunnel
+      }}
+    }}
+  }}
+}}
+secrets {{
+  ike-ab {{
+    id-a = {A.id}
+    id-b = {B.id}
+    secret = "{PSK}"
+  }}
+}}
+"""
+        fd = os.open(self.dir / "swanctl.conf", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(conf)
+
+
+def gateway_config(d: Path, *, ike: str, esp: str, encap: bool, dpd: int) -> Path:
+    psk = d / "ab.psk"
+    fd = os.open(psk, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(PSK + "\n")
+    conf = d / "gw.toml"
+    conf.write_text(f"""name = "b-ipsecct"
+[outer]
+address = "{B.outer}"
+port = 4500
+[inner]
+kind = "tun"
+name = "ipsecct0"
+addresses = ["{B.inner}/32"]
+mtu = 1400
+routes = ["{A.inner}/32"]
+[control]
+socket = "{d}/gw.sock"
+[log]
+level = "debug"
+
+[connections.roadwarrior]
+version = 2
+local_addrs = ["{B.outer}"]
+remote_addrs = ["%any"]
+proposals = ["{ike}"]
+encap = {"true" if encap else "false"}
+dpd_delay = {dpd}
+local.auth = "psk"
+local.id = "{B.id}"
+remote.auth = "psk"
+remote.id = "{A.id}"
+children.net.local_ts = ["{B.inner}/32"]
+children.net.remote_ts = ["{A.inner}/32"]
+children.net.esp_proposals = ["{esp}"]
+
+[secrets.ike-ab]
+id = ["{A.id}", "{B.id}"]
+file = "ab.psk"
+""")
+    return conf
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "ipsecct", *args], capture_output=True,
+                          text=True, timeout=60)  # fmt: skip
+
+
+def ike_list(sock: str) -> list[dict[str, Any]]:
+    r = cli("sa", "list", "--ike", "--json", "-s", sock)
+    assert r.returncode == 0, r.stderr
+    res: list[dict[str, Any]] = json.loads(r.stdout)
+    return res
+
+
+UDP_RECV = """
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind((sys.argv[1], 5555)); s.settimeout(5)
+print("ready", flush=True)
+n = 0
+try:
+    while n < int(sys.argv[2]):
+        s.recv(2048); n += 1
+except OSError:
+    pass
+print(n, flush=True)
+"""
+UDP_SEND = """
+import socket, sys, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind((sys.argv[1], 0))
+for i in range(int(sys.argv[3])):
+    s.sendto(b"x" * 200, (sys.argv[2], 5555)); time.sleep(0.002)
+"""
+
+
+def udp_stream(ns: Namespaces, src_role: str, src: str, dst_role: str, dst: str, n: int) -> int:
+    """Send ``n`` UDP datagrams through the tunnel; how many arrived."""
+    recv = ns.popen(dst_role, sys.executable, "-c", UDP_RECV, dst, str(n),
+                    stdout=subprocess.PIPE)  # fmt: skip
+    assert recv.stdout is not None
+    assert recv.stdout.readline().strip() == b"ready"
+    ns.run(src_role, sys.executable, "-c", UDP_SEND, src, dst, str(n), timeout=30)
+    out, _ = recv.communicate(timeout=30)
+    return int(out.strip() or 0)
+
+
+def start(ns: Namespaces, workdir: Path, *, ike: str, esp: str, ss_ike: str | None,
+          ss_esp: str | None, encap: bool = False, ss_encap: bool = True, dpd: int = 0,
+          ss_dpd: int = 0) -> tuple[Initiator, Daemon]:  # fmt: skip
+    build_namespaces(ns)
+    conf = gateway_config(workdir, ike=ike, esp=esp, encap=encap, dpd=dpd)
+    gw = Daemon("gateway", conf, str(workdir / "gw.sock"), workdir / "gw.log",
+                prefix=["ip", "netns", "exec", ns.names["b"]])  # fmt: skip
+    gw.start()
+    ss = Initiator(ns, workdir, ike=ss_ike, esp=ss_esp, encap=ss_encap, dpd=ss_dpd)
+    return ss, gw
+
+
+CASES = [
+    # (strongSwan IKE proposal, strongSwan ESP proposal, gateway IKE, gateway ESP,
+    #  expected IKE proposal, expected ESP proposal); None: strongSwan's defaults
+    (None, None, "default", "default",
+     "AES_CBC_128/HMAC_SHA2_256_128/PRF_HMAC_SHA2_256/CURVE_25519", "AES_GCM_16_128"),
+    ("aes128gcm16-prfsha256-x25519", "aes128gcm16", "aes128gcm16-prfsha256-x25519",
+     "aes128gcm16", "AES_GCM_16_128/PRF_HMAC_SHA2_256/CURVE_25519", "AES_GCM_16_128"),
+    ("chacha20poly1305-prfsha512-ecp256", "chacha20poly1305", "default", "default",
+     "CHACHA20_POLY1305/PRF_HMAC_SHA2_512/ECP_256", "CHACHA20_POLY1305"),
+    ("aes256-sha384-ecp384", "aes256-sha384", "aes256-sha384-ecp384", "aes256-sha384",
+     "AES_CBC_256/HMAC_SHA2_384_192/PRF_HMAC_SHA2_384/ECP_384",
+     "AES_CBC_256/HMAC_SHA2_384_192"),
+    ("aes192-sha512-ecp521", "aes256gcm16", "default", "default",
+     "AES_CBC_192/HMAC_SHA2_512_256/PRF_HMAC_SHA2_512/ECP_521", "AES_GCM_16_256"),
+    ("aes256gcm16-prfsha384-modp2048", "aes128-sha256", "aes256gcm16-prfsha384-modp2048",
+     "aes128-sha256", "AES_GCM_16_256/PRF_HMAC_SHA2_384/MODP_2048",
+     "AES_CBC_128/HMAC_SHA2_256_128"),
+]  # fmt: skip
+
+
+@pytest.mark.root
+@pytest.mark.slow
+@needs_strongswan
+@pytest.mark.parametrize(("ss_ike", "ss_esp", "ike", "esp", "expect_ike", "expect"), CASES)
+def test_strongswan_connects_to_ipsecct_gateway(
+    workdir: Path, ss_ike: str | None, ss_esp: str | None, ike: str, esp: str, expect_ike: str,
+    expect: str,
+) -> None:
+    with Namespaces("a", "b") as ns:
+        ss, gw = start(ns, workdir, ike=ike, esp=esp, ss_ike=ss_ike, ss_esp=ss_esp)
+        try:
+            with ss:
+                ss.start()
+                ss.initiate()
+                log = ss.log()
+                assert re.search(r"IKE_SA cA\[\d+\] established", log), ss.logtail()
+                assert re.search(r"CHILD_SA net\{\d+\} established", log), ss.logtail()
+                m = re.search(r"selected proposal: IKE:(\S+)", log)
+                assert m and m.group(1) == expect_ike, ss.logtail()
+                m = re.search(r"selected proposal: ESP:(\S+)", log)
+                assert m and m.group(1).startswith(expect), ss.logtail()
+                assert ping(ns, "a", B.inner, PINGS) == PINGS, ss.logtail() + gw.logtext()
+                assert ping(ns, "b", A.inner, PINGS) == PINGS, gw.logtext()
+                assert udp_stream(ns, "a", A.inner, "b", B.inner, 200) == 200
+                assert udp_stream(ns, "b", B.inner, "a", A.inner, 200) == 200
+                sas = ike_list(str(workdir / "gw.sock"))
+                assert len(sas) == 1 and sas[0]["state"] == "established"
+                assert sas[0]["remote_id"] == A.id
+                assert [c["name"] for c in sas[0]["children"]] == ["net"]
+                assert sas[0]["children"][0]["proposal"].startswith(expect)
+                assert sas[0]["proposal"] == expect_ike
+                text = cli("sa", "list", "-s", str(workdir / "gw.sock"))
+                assert text.returncode == 0 and "roadwarrior" in text.stdout, text.stderr
+        finally:
+            gw.cleanup()
+
+
+@pytest.mark.root
+@pytest.mark.slow
+@needs_strongswan
+def test_liveness_and_delete_both_ways(workdir: Path) -> None:
+    """strongSwan's and the gateway's liveness checks are answered; strongSwan's DELETE
+    removes the gateway's SAs; after a new connection, the gateway's DELETE (on SIGTERM)
+    removes strongSwan's. The gateway fakes NAT-D (encap = true) for a strongSwan that does
+    not ask for encapsulation itself: IKE moves to port 4500 all the same."""
+    sock = ""
+    with Namespaces("a", "b") as ns:
+        ss, gw = start(ns, workdir, ike="default", esp="default", ss_ike=None, ss_esp=None,
+                       encap=True, ss_encap=False, dpd=1, ss_dpd=1)  # fmt: skip
+        sock = str(workdir / "gw.sock")
+        try:
+            with ss:
+                ss.start()
+                ss.initiate()
+                log = ss.log()
+                assert "faking NAT situation" not in log
+                assert re.search(r"remote host is behind NAT", log), ss.logtail()
+                assert ping(ns, "a", B.inner, 3) == 3, gw.logtext()
+
+                def counters() -> dict[str, int]:
+                    st = gw.status()
+                    c: dict[str, int] = st["ike"]["counters"]
+                    return c
+
+                wait_until(lambda: counters().get("liveness-answered", 0) >= 1
+                           and counters().get("liveness-sent", 0) >= 1,
+                           "liveness checks both ways", timeout=15)  # fmt: skip
+                c = counters()
+                assert c.get("peer-dead", 0) == 0 and c.get("retransmitted", 0) == 0, c
+                assert "retransmit" not in ss.log(), ss.logtail()
+                # strongSwan deletes
+                ss.swanctl("--terminate", "--ike", "cA")
+                wait_until(lambda: not ike_list(sock) and gw.status()["sas"] == 0,
+                           "the gateway to remove the deleted SAs")  # fmt: skip
+                # again, and the gateway deletes
+                ss.initiate()
+                assert len(ike_list(sock)) == 1
+                assert gw.terminate() == 0
+                strongswan.wait_log(ss, r"received DELETE for IKE_SA cA")
+                wait_until(lambda: "cA" not in ss.list_sas(), "strongSwan to drop the IKE SA")
+        finally:
+            gw.cleanup()
