@@ -1,6 +1,6 @@
 """The IKEv2 adapter of a gateway: UDP 500, and UDP 4500 with the non-ESP marker (RFC 3948
 §2.2) on the node's outer socket, one timer, and the CHILD SAs the
-:class:`~ipsecct.ikev2.responder.IkeEngine` negotiates installed into the node's SAD/SPD the
+:class:`~ipsecct.ikev2.engine.IkeEngine` negotiates installed into the node's SAD/SPD the
 same way manually keyed tunnels are. All IKE logic is in :mod:`ipsecct.ikev2`.
 
 Configured by ``[connections.NAME]`` and ``[secrets.ike-NAME]`` (see
@@ -18,8 +18,7 @@ from typing import Any
 
 from ..errors import IpsecctError
 from ..ikev2.config import Connection
-from ..ikev2.ikesa import Address, IkeSA
-from ..ikev2.responder import (
+from ..ikev2.engine import (
     ChildDown,
     ChildUp,
     IkeDown,
@@ -29,6 +28,7 @@ from ..ikev2.responder import (
     PeerMoved,
     Send,
 )
+from ..ikev2.ikesa import Address, IkeSA
 from ..ipsec.sad import UdpEncap
 from .log import event
 from .node import Node, UdpEndpoint
@@ -44,7 +44,11 @@ class IkeService:
 
     def __init__(self, node: Node, connections: list[Connection]) -> None:
         self.node = node
-        self.engine = IkeEngine(connections, spi_in_use=lambda spi: bool(node.engine.find_sa(spi)))
+        self.engine = IkeEngine(
+            connections,
+            spi_in_use=lambda spi: bool(node.engine.find_sa(spi)),
+            natt_port=node.cfg.outer.port,
+        )
         self.sock500: UdpEndpoint | None = None
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None

@@ -131,6 +131,7 @@ class IkeSA:
     initial_contact: bool = False
     uid: int = field(default_factory=lambda: next(_ids))
     extensions: set[str] = field(default_factory=set)
+    auth_child: tuple[ChildConfig, int] | None = None  # initiator: CHILD asked in IKE_AUTH
 
     @property
     def our_spi(self) -> bytes:

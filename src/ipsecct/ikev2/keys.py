@@ -12,12 +12,15 @@ No value computed here is ever logged or put in a ``repr``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, hmac
 from cryptography.hazmat.primitives.asymmetric import dh, ec, x448, x25519
+from cryptography.utils import CryptographyDeprecationWarning
 
 from .message import IkeProtocolError, Notify
 from .proposal import INTEG, PRF_HASH, Suite
@@ -152,6 +155,14 @@ _EC_LEN = {19: 32, 20: 48, 21: 66}
 SUPPORTED_GROUPS = {14, 19, 20, 21, 31, 32}
 
 
+@contextlib.contextmanager
+def _no_ffdh_warning() -> Iterator[None]:
+    """cryptography deprecates finite-field DH; IKEv2 group 14 is still what peers use."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CryptographyDeprecationWarning)
+        yield
+
+
 class KeyExchange:
     """Our half of a DH exchange: ``public`` goes into the KE payload, :meth:`shared` takes the
     peer's KE data and returns g^ir (§2.14: padded to the group's length)."""
@@ -177,8 +188,8 @@ class KeyExchange:
             self.public = nums.x.to_bytes(n, "big") + nums.y.to_bytes(n, "big")
         else:
             p = MODP[group]
-            params = dh.DHParameterNumbers(p, 2).parameters()
-            kdh = params.generate_private_key()
+            with _no_ffdh_warning():
+                kdh = dh.DHParameterNumbers(p, 2).parameters().generate_private_key()
             self._priv = kdh
             self._plen = (p.bit_length() + 7) // 8
             self.public = kdh.public_key().public_numbers().y.to_bytes(self._plen, "big")
@@ -206,12 +217,14 @@ class KeyExchange:
                     _EC[self.group](), b"\x04" + peer
                 )
                 return priv.exchange(ec.ECDH(), pub)
-            assert isinstance(priv, dh.DHPrivateKey)
+            with _no_ffdh_warning():
+                assert isinstance(priv, dh.DHPrivateKey)
             p = MODP[self.group]
             y = int.from_bytes(peer, "big")
             if len(peer) != self._plen or not 1 < y < p - 1:
                 raise bad
-            pub_dh = dh.DHPublicNumbers(y, dh.DHParameterNumbers(p, 2)).public_key()
-            return priv.exchange(pub_dh).rjust(self._plen, b"\0")
+            with _no_ffdh_warning():
+                pub_dh = dh.DHPublicNumbers(y, dh.DHParameterNumbers(p, 2)).public_key()
+                return priv.exchange(pub_dh).rjust(self._plen, b"\0")
         except (ValueError, UnsupportedAlgorithm):
             raise bad from None

@@ -1,7 +1,10 @@
-"""The IKEv2 engine of a gateway (RFC 7296), sans I/O: datagrams and ``now`` in; datagrams to
-send, events and the next deadline out.
+"""The IKEv2 engine of a gateway or mobile node (RFC 7296), sans I/O: datagrams and ``now``
+in; datagrams to send, events and the next deadline out.
 
-It answers IKE_SA_INIT and IKE_AUTH (pre-shared keys) and creates the first CHILD SA with
+As initiator (:meth:`IkeEngine.initiate`) it runs IKE_SA_INIT (answering INVALID_KE_PAYLOAD
+and COOKIE) and IKE_AUTH for a connection's first CHILD SA, floating to port 4500 when a NAT
+is detected or faked. As responder it answers IKE_SA_INIT and IKE_AUTH (pre-shared keys) and
+creates the first CHILD SA with
 narrowed traffic selectors (§2.9); it detects NATs (§2.23) and can fake one so that ESP is
 always UDP-encapsulated (strongSwan's ``encap = yes``); it keeps the message-ID window of one
 request and answers a retransmitted request with the cached response (§2.1, §2.2); it answers
@@ -21,11 +24,11 @@ import os
 import struct
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from cryptography.hazmat.primitives import hashes
 
-from .config import Connection
+from .config import ChildConfig, Connection
 from .ikesa import Address, ChildSA, IkeSA, IkeState, Pending
 from .keys import KeyExchange, child_keys, ike_keys, psk_auth, signed_octets
 from .message import (
@@ -44,6 +47,7 @@ from .message import (
     Notify,
     NotifyPayload,
     Payload,
+    Proposal,
     ProtocolId,
     SAPayload,
     SKFPayload,
@@ -108,7 +112,34 @@ class PeerMoved:
     ike: IkeSA
 
 
-Output = Send | IkeUp | IkeDown | ChildUp | ChildDown | PeerMoved
+@dataclass(frozen=True)
+class ConnectFailed:
+    """An initiation that never got an IKE SA (no answer, refused, bad answer)."""
+
+    conn: Connection
+    reason: str
+
+
+Output = Send | IkeUp | IkeDown | ChildUp | ChildDown | PeerMoved | ConnectFailed
+
+
+@dataclass(eq=False)
+class Connecting:
+    """Our IKE_SA_INIT request, before its answer makes an IKE SA."""
+
+    conn: Connection
+    child: ChildConfig | None
+    spi_i: bytes
+    local: Address
+    remote: Address
+    kx: KeyExchange
+    nonce: bytes = field(repr=False)
+    created: float
+    cookie: bytes = b""
+    request: bytes = field(default=b"", repr=False)
+    tries: int = 1
+    deadline: float = 0.0
+    attempts: int = 0  # INVALID_KE / COOKIE restarts
 
 
 def _natd(spi_i: bytes, spi_r: bytes, a: Address) -> bytes:
@@ -118,7 +149,7 @@ def _natd(spi_i: bytes, spi_r: bytes, a: Address) -> bytes:
 
 
 class IkeEngine:
-    """All IKE SAs of one gateway, as responder."""
+    """All IKE SAs of one gateway or mobile node, in both roles."""
 
     def __init__(
         self,
@@ -126,8 +157,11 @@ class IkeEngine:
         *,
         random: Callable[[int], bytes] = os.urandom,
         spi_in_use: Callable[[int], bool] | None = None,
+        natt_port: int = 4500,
     ) -> None:
         self.connections = connections
+        self.natt_port = natt_port
+        self.connecting: dict[bytes, Connecting] = {}  # our SPIi -> IKE_SA_INIT in flight
         self.random = random
         self.spi_in_use = spi_in_use or (lambda spi: False)
         self.by_spi: dict[bytes, IkeSA] = {}  # our SPI -> IKE SA
@@ -160,14 +194,29 @@ class IkeEngine:
                 self.by_spi.pop(ike.our_spi, None)
                 ike.state = IkeState.DEAD
                 self.stats["half-open-expired"] += 1
+        for c in list(self.connecting.values()):
+            if now >= c.deadline:
+                if c.tries > len(RETRANSMIT):
+                    del self.connecting[c.spi_i]
+                    self.stats["connect-timeout"] += 1
+                    out.append(ConnectFailed(c.conn, "no answer to IKE_SA_INIT"))
+                    continue
+                c.tries += 1
+                c.deadline = now + RETRANSMIT[min(c.tries - 1, len(RETRANSMIT) - 1)]
+                self.stats["retransmitted"] += 1
+                out.append(Send(c.request, c.local, c.remote))
         for ike in list(self.by_spi.values()):
-            if ike.state is IkeState.HALF_OPEN:
+            if ike.state is IkeState.HALF_OPEN and not ike.we_initiated:
                 continue
             p = ike.pending
             if p is not None:
                 if now >= p.deadline:
                     if p.tries > len(RETRANSMIT):
                         self.stats["peer-dead"] += 1
+                        log.info("event=ike-peer-dead conn=%s peer=%s", ike.conn.name,
+                                 ike.remote)  # fmt: skip
+                        if p.kind == "auth":
+                            out.append(ConnectFailed(ike.conn, "no answer to IKE_AUTH"))
                         self._kill(ike, "peer-dead" if p.kind == "liveness" else "deleted", out)
                         continue
                     p.tries += 1
@@ -180,8 +229,9 @@ class IkeEngine:
 
     def next_deadline(self) -> float | None:
         ds: list[float] = [ike.created + HALF_OPEN_TIMEOUT for ike in self.half_open.values()]
+        ds += [c.deadline for c in self.connecting.values()]
         for ike in self.by_spi.values():
-            if ike.state is IkeState.HALF_OPEN:
+            if ike.state is IkeState.HALF_OPEN and not ike.we_initiated:
                 continue
             if ike.pending is not None:
                 ds.append(ike.pending.deadline)
@@ -201,6 +251,23 @@ class IkeEngine:
         ike.state = IkeState.DELETING
         return out
 
+    def delete_child(self, ike: IkeSA, child: ChildSA, now: float) -> list[Output]:
+        """Send a DELETE for one CHILD SA; it is removed at once (§1.4.1: we stop using it,
+        the peer answers with its half)."""
+        out: list[Output] = []
+        if ike.state is not IkeState.ESTABLISHED or child not in ike.children:
+            return out
+        if ike.pending is not None and ike.pending.kind == "liveness":
+            ike.pending = None
+        if ike.pending is not None:
+            raise IkeProtocolError("an exchange is in progress: try again")
+        ike.children.remove(child)
+        self._child_spis.discard(child.spi_in)
+        out.append(ChildDown(ike, child, "deleted"))
+        self._request(ike, "delete-child", [DeletePayload(
+            ProtocolId.ESP, (child.spi_in.to_bytes(4, "big"),))], now, out)  # fmt: skip
+        return out
+
     def liveness(self, ike: IkeSA, now: float) -> list[Output]:
         """Send a liveness check (an empty INFORMATIONAL request) now."""
         out: list[Output] = []
@@ -214,19 +281,19 @@ class IkeEngine:
         hdr, payloads = decode(data)
         if hdr.exchange == ExchangeType.IKE_SA_INIT:
             if hdr.is_response:
-                self.stats["unexpected-response"] += 1
+                self._sa_init_response(data, hdr, payloads, src, dst, now, out)
                 return
             self._sa_init(data, hdr, payloads, src, dst, now, out)
             return
-        ike = self.by_spi.get(hdr.spi_r)
-        if ike is None or ike.spi_i != hdr.spi_i or ike.state is IkeState.DEAD:
+        # the SPI we chose: the responder's when the sender is the original initiator
+        ours, theirs = (hdr.spi_r, hdr.spi_i) if hdr.from_initiator else (hdr.spi_i, hdr.spi_r)
+        ike = self.by_spi.get(ours)
+        if (ike is None or ike.state is IkeState.DEAD or ike.we_initiated == hdr.from_initiator
+                or (ike.spi_r if ike.we_initiated else ike.spi_i) != theirs):  # fmt: skip
             self.stats["unknown-spi"] += 1
             return
         if hdr.is_response:
             self._response(ike, data, hdr, payloads, src, now, out)
-            return
-        if not hdr.from_initiator:  # requests from the original initiator only (no rekey)
-            self.stats["bad-flags"] += 1
             return
         if hdr.message_id == ike.peer_next_mid - 1 and ike.last_response:
             self._open(ike, data, hdr, payloads)  # authenticate before answering again
@@ -239,7 +306,8 @@ class IkeEngine:
         inner = self._open(ike, data, hdr, payloads)
         self._float(ike, src, dst, out)
         ike.last_heard = now
-        if hdr.exchange == ExchangeType.IKE_AUTH and ike.state is IkeState.HALF_OPEN:
+        if (hdr.exchange == ExchangeType.IKE_AUTH and ike.state is IkeState.HALF_OPEN
+                and not ike.we_initiated):  # fmt: skip
             reply = self._ike_auth(ike, inner, now, out)
         elif ike.state is IkeState.HALF_OPEN:
             self.stats["bad-exchange"] += 1
@@ -513,13 +581,202 @@ class IkeEngine:
                 reply.append(DeletePayload(ProtocolId.ESP, tuple(ours)))
         return reply
 
+    # -- initiator ----------------------------------------------------------------------------
+    def initiate(self, conn: Connection, local: Address, remote: Address, now: float,
+                 child: ChildConfig | None = None) -> list[Output]:  # fmt: skip
+        """Start an IKE SA (and ``child``, by default the connection's first) to ``remote``
+        (port 500: the exchange floats to 4500 when a NAT is found or faked)."""
+        out: list[Output] = []
+        spi_i = self.random(8)
+        while spi_i == bytes(8) or spi_i in self.by_spi or spi_i in self.connecting:
+            spi_i = self.random(8)
+        offer = conn.proposals[0]
+        c = Connecting(conn, child or (conn.children[0] if conn.children else None), spi_i,
+                       local, remote, KeyExchange(offer.dh[0]), self.random(32), now)  # fmt: skip
+        self.connecting[spi_i] = c
+        self._send_init(c, now, out)
+        return out
+
+    def _send_init(self, c: Connecting, now: float, out: list[Output]) -> None:
+        props = tuple(Proposal(i + 1, ProtocolId.IKE, b"", o.transforms())
+                      for i, o in enumerate(c.conn.proposals))  # fmt: skip
+        payloads: list[Payload] = []
+        if c.cookie:
+            payloads.append(NotifyPayload(Notify.COOKIE, data=c.cookie))
+        src_hash = self.random(20) if c.conn.encap else _natd(c.spi_i, bytes(8), c.local)
+        payloads += [
+            SAPayload(props),
+            KEPayload(c.kx.group, c.kx.public),
+            NoncePayload(c.nonce),
+            NotifyPayload(Notify.NAT_DETECTION_SOURCE_IP, data=src_hash),
+            NotifyPayload(Notify.NAT_DETECTION_DESTINATION_IP,
+                          data=_natd(c.spi_i, bytes(8), c.remote)),
+        ]  # fmt: skip
+        hdr = Header(c.spi_i, bytes(8), 0, ExchangeType.IKE_SA_INIT, Flag.INITIATOR, 0, 0)
+        c.request = encode_plain(hdr, payloads)
+        c.tries = 1
+        c.deadline = now + RETRANSMIT[0]
+        self.stats["ike-sa-init-sent"] += 1
+        out.append(Send(c.request, c.local, c.remote))
+
+    def _sa_init_response(self, data: bytes, hdr: Header, payloads: list[Payload],
+                          src: Address, dst: Address, now: float,
+                          out: list[Output]) -> None:  # fmt: skip
+        c = self.connecting.get(hdr.spi_i)
+        if c is None or hdr.from_initiator or hdr.message_id != 0 or src.host != c.remote.host:
+            self.stats["unexpected-response"] += 1
+            return
+        n = notifies(payloads)
+        if Notify.COOKIE in n and c.attempts < 3:
+            c.attempts += 1
+            c.cookie = n[Notify.COOKIE].data
+            self._send_init(c, now, out)
+            return
+        if Notify.INVALID_KE_PAYLOAD in n and c.attempts < 3:
+            d = n[Notify.INVALID_KE_PAYLOAD].data
+            group = struct.unpack("!H", d)[0] if len(d) == 2 else 0
+            if any(group in o.dh for o in c.conn.proposals):
+                c.attempts += 1
+                c.kx = KeyExchange(group)
+                self._send_init(c, now, out)
+                return
+        errors = [t for t in n if t < 16384]
+        sa = find(payloads, SAPayload)
+        ke = find(payloads, KEPayload)
+        nr = find(payloads, NoncePayload)
+        del self.connecting[c.spi_i]
+        if errors or sa is None or ke is None or nr is None or hdr.spi_r == bytes(8):
+            why = (f"refused: {_notify_name(errors[0])}" if errors
+                   else "bad IKE_SA_INIT response")  # fmt: skip
+            self.stats["connect-refused"] += 1
+            out.append(ConnectFailed(c.conn, why))
+            return
+        chosen = (choose(c.conn.proposals, sa.proposals, ke_group=ke.group)
+                  if len(sa.proposals) == 1 else None)  # fmt: skip
+        if chosen is None or chosen[1].dh != c.kx.group or ke.group != c.kx.group:
+            self.stats["connect-refused"] += 1
+            out.append(ConnectFailed(c.conn, "the responder chose a proposal we did not offer"))
+            return
+        suite = chosen[1]
+        try:
+            shared = c.kx.shared(ke.data)
+        except IkeProtocolError as exc:
+            out.append(ConnectFailed(c.conn, str(exc)))
+            return
+        keys = ike_keys(suite, shared, c.nonce, nr.data, c.spi_i, hdr.spi_r)
+        ike = IkeSA(c.spi_i, hdr.spi_r, True, c.conn, [c.conn], suite, c.local, c.remote, now,
+                    keys, c.nonce, nr.data, c.request, data)  # fmt: skip
+        ike.peer_next_mid = 0
+        ike.my_next_mid = 1
+        ike.last_heard = now
+        if Notify.NAT_DETECTION_SOURCE_IP in n and Notify.NAT_DETECTION_DESTINATION_IP in n:
+            srcs = [p.data for p in payloads if isinstance(p, NotifyPayload)
+                    and p.type == Notify.NAT_DETECTION_SOURCE_IP]  # fmt: skip
+            ike.nat_remote = _natd(c.spi_i, hdr.spi_r, src) not in srcs
+            ike.nat_local = c.conn.encap or n[Notify.NAT_DETECTION_DESTINATION_IP].data != (
+                _natd(c.spi_i, hdr.spi_r, dst))
+            if ike.nat_local or ike.nat_remote:  # §2.23: float to port 4500
+                ike.local = Address(c.local.host, self.natt_port)
+                ike.remote = Address(src.host, 4500)
+        self.by_spi[c.spi_i] = ike
+        self._auth_request(ike, c.child, now, out)
+
+    def _auth_request(self, ike: IkeSA, child: ChildConfig | None, now: float,
+                      out: list[Output]) -> None:  # fmt: skip
+        conn = ike.conn
+        prf_alg = ike.suite.prf
+        assert prf_alg is not None
+        idi = (conn.local_id.payload(True) if conn.local_id is not None
+               else IDPayload(True, 1 if ike.local.host.version == 4 else 5,
+                              ike.local.host.packed))  # fmt: skip
+        octets = signed_octets(ike.init_request, ike.nonce_r, prf_alg, ike.keys.sk_pi, idi.body)
+        payloads: list[Payload] = [idi, NotifyPayload(Notify.INITIAL_CONTACT)]
+        if not conn.remote_id.any:
+            payloads.append(conn.remote_id.payload(False))
+        payloads.append(AuthPayload(AuthMethod.SHARED_KEY, psk_auth(prf_alg, conn.psk, octets)))
+        if child is not None:
+            spi = self._new_child_spi()
+            ike.auth_child = (child, spi)
+            sb = spi.to_bytes(4, "big")
+            props = tuple(Proposal(i + 1, ProtocolId.ESP, sb, o.transforms())
+                          for i, o in enumerate(child.esp_proposals))  # fmt: skip
+            payloads += [SAPayload(props), TSPayload(True, tuple(child.local_ts)),
+                         TSPayload(False, tuple(child.remote_ts))]  # fmt: skip
+        self._request(ike, "auth", payloads, now, out, ExchangeType.IKE_AUTH)
+
+    def _auth_response(self, ike: IkeSA, inner: list[Payload], now: float,
+                       out: list[Output]) -> None:  # fmt: skip
+        conn = ike.conn
+        prf_alg = ike.suite.prf
+        assert prf_alg is not None
+        n = notifies(inner)
+        idr = next((p for p in inner if isinstance(p, IDPayload) and not p.initiator), None)
+        auth = find(inner, AuthPayload)
+        ok = False
+        if idr is not None and auth is not None and conn.remote_id.matches(idr) and (
+            auth.method == AuthMethod.SHARED_KEY
+        ):
+            octets = signed_octets(ike.init_response, ike.nonce_i, prf_alg, ike.keys.sk_pr,
+                                   idr.body)  # fmt: skip
+            ok = _hmac.compare_digest(auth.data, psk_auth(prf_alg, conn.psk, octets))
+        if not ok:
+            errs = [t for t in n if t < 16384]
+            why = f"refused: {_notify_name(errs[0])}" if errs else "responder not authenticated"
+            self.stats["auth-failed"] += 1
+            self._release_auth_spi(ike)
+            out.append(ConnectFailed(conn, why))
+            self._kill(ike, why, out)
+            return
+        assert idr is not None
+        ike.peer_id = idr.text()
+        ike.state = IkeState.ESTABLISHED
+        self.stats["ike-sa-established"] += 1
+        log.info("event=ike-sa-established conn=%s peer=%s id=%s proposal=%s role=initiator",
+                 conn.name, ike.remote, ike.peer_id, ike.suite.name())  # fmt: skip
+        out.append(IkeUp(ike))
+        if ike.auth_child is None:
+            return
+        cc, spi_in = ike.auth_child
+        ike.auth_child = None
+        sa = find(inner, SAPayload)
+        tsi = next((p for p in inner if isinstance(p, TSPayload) and p.initiator), None)
+        tsr = next((p for p in inner if isinstance(p, TSPayload) and not p.initiator), None)
+        chosen = (choose(cc.esp_proposals, sa.proposals, ignore_dh=True)
+                  if sa is not None and len(sa.proposals) == 1 else None)  # fmt: skip
+        local = narrow(tsi.selectors, cc.local_ts) if tsi else []
+        remote = narrow(tsr.selectors, cc.remote_ts) if tsr else []
+        spi_ok = chosen is not None and len(chosen[0].spi) == 4 and (
+            int.from_bytes(chosen[0].spi, "big") >= 256)
+        if (chosen is None or not spi_ok or tsi is None or tsr is None
+                or local != list(tsi.selectors) or remote != list(tsr.selectors)):  # fmt: skip
+            self._child_spis.discard(spi_in)
+            errs = [t for t in n if t < 16384]
+            self.stats["child-failed"] += 1
+            log.info("event=child-sa-failed conn=%s child=%s reason=%s", conn.name, cc.name,
+                     _notify_name(errs[0]) if errs else "bad answer")  # fmt: skip
+            return
+        assert chosen is not None
+        proposal, suite = chosen
+        keys = child_keys(prf_alg, ike.keys.sk_d, suite, ike.nonce_i, ike.nonce_r)
+        child = ChildSA(cc, suite, spi_in, int.from_bytes(proposal.spi, "big"), keys, True,
+                        local, remote, now)  # fmt: skip
+        ike.children.append(child)
+        self.stats["child-sa-established"] += 1
+        out.append(ChildUp(ike, child))
+
+    def _release_auth_spi(self, ike: IkeSA) -> None:
+        if ike.auth_child is not None:
+            self._child_spis.discard(ike.auth_child[1])
+            ike.auth_child = None
+
     # -- our requests -----------------------------------------------------------------------
     def _request(self, ike: IkeSA, kind: str, payloads: list[Payload], now: float,
-                 out: list[Output]) -> None:  # fmt: skip
+                 out: list[Output],
+                 exchange: int = ExchangeType.INFORMATIONAL) -> None:  # fmt: skip
         mid = ike.my_next_mid
         ike.my_next_mid += 1
         flags = Flag.INITIATOR if ike.we_initiated else 0
-        hdr = Header(ike.spi_i, ike.spi_r, 0, ExchangeType.INFORMATIONAL, flags, mid, 0)
+        hdr = Header(ike.spi_i, ike.spi_r, 0, exchange, flags, mid, 0)
         msg = ike.outbound.seal(hdr, payloads)
         ike.pending = Pending(kind, mid, msg, now, 1, now + RETRANSMIT[0])
         self.stats[f"{kind}-sent"] += 1
@@ -531,11 +788,14 @@ class IkeEngine:
         if p is None or hdr.message_id != p.message_id or hdr.from_initiator == ike.we_initiated:
             self.stats["unexpected-response"] += 1
             return
-        self._open(ike, data, hdr, payloads)
+        inner = self._open(ike, data, hdr, payloads)
         ike.pending = None
         ike.last_heard = now
         if p.kind == "delete":
             self._kill(ike, "deleted", out)
+        elif p.kind == "auth":
+            self._float(ike, src, ike.local, out)
+            self._auth_response(ike, inner, now, out)
 
     def _kill(self, ike: IkeSA, reason: str, out: list[Output]) -> None:
         if self.by_spi.get(ike.our_spi) is ike:
@@ -552,6 +812,13 @@ class IkeEngine:
             log.info("event=ike-sa-down conn=%s peer=%s reason=%s", ike.conn.name, ike.remote,
                      reason)  # fmt: skip
             out.append(IkeDown(ike, reason))
+
+
+def _notify_name(t: int) -> str:
+    try:
+        return Notify(t).name
+    except ValueError:
+        return str(t)
 
 
 def _dead(ike: IkeSA) -> bool:

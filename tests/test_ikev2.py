@@ -1,0 +1,501 @@
+"""IKEv2 sans-I/O: codec (round trips and hypothesis fuzzing), key derivation against RFC
+vectors, proposals, traffic selector narrowing, and two engines (initiator and responder)
+talking to each other in memory: every transform set and DH group, INVALID_KE_PAYLOAD, cached
+responses to retransmitted requests, authentication failure, NAT-T and faked NAT-D, liveness
+checks, dead peers and DELETEs. The interop with a real strongSwan is in
+``test_ikev2_strongswan.py``."""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import struct
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ipsecct.errors import ConfigError
+from ipsecct.ikev2 import keys as K
+from ipsecct.ikev2 import message as M
+from ipsecct.ikev2.config import ChildConfig, Connection, Identity, parse_connections
+from ipsecct.ikev2.engine import (
+    ChildDown,
+    ChildUp,
+    ConnectFailed,
+    IkeDown,
+    IkeEngine,
+    IkeUp,
+    Output,
+    Send,
+    strip_marker,
+)
+from ipsecct.ikev2.ikesa import Address, IkeState
+from ipsecct.ikev2.proposal import ENCR_AES_GCM_16, choose, parse, parse_list
+from ipsecct.ikev2.ts import from_text, narrow
+from ipsecct.ipsec.sad import Direction
+
+IP_I = ipaddress.ip_address("192.0.2.10")
+IP_R = ipaddress.ip_address("192.0.2.1")
+I500, R500 = Address(IP_I, 500), Address(IP_R, 500)
+PSK = b"a pre-shared key for the tests"
+
+# -- codec -------------------------------------------------------------------------------------
+
+
+def test_rfc4231_hmac_sha256_prf() -> None:
+    # RFC 4231 test case 2
+    assert K.prf(5, b"Jefe", b"what do ya want for nothing?").hex() == (
+        "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+    )
+    # RFC 4231 test case 2, SHA-512
+    assert K.prf(7, b"Jefe", b"what do ya want for nothing?").hex().startswith("164b7a7bfcf819e2")
+
+
+def test_prf_plus_is_t1_t2_chained() -> None:
+    k, s = b"k" * 32, b"seed"
+    t1 = K.prf(5, k, s + b"\x01")
+    t2 = K.prf(5, k, t1 + s + b"\x02")
+    assert K.prf_plus(5, k, s, 40) == (t1 + t2)[:40]
+
+
+def test_child_keymat_order() -> None:
+    """§2.17: initiator->responder encryption, its integrity, then the other direction."""
+    esp = parse("aes128-sha256", M.ProtocolId.ESP)
+    suite = choose([esp], (M.Proposal(1, 3, b"1234", esp.transforms()),))
+    assert suite is not None
+    ck = K.child_keys(5, b"d" * 32, suite[1], b"n" * 32, b"m" * 32)
+    km = K.prf_plus(5, b"d" * 32, b"n" * 32 + b"m" * 32, 2 * (16 + 32))
+    assert ck.enc_i == km[:16] and ck.integ_i == km[16:48]
+    assert ck.enc_r == km[48:64] and ck.integ_r == km[64:96]
+    assert km.hex()[:16] not in repr(ck)
+
+
+def sample_payloads() -> list[M.Payload]:
+    offers = parse_list(["default"], M.ProtocolId.IKE)
+    return [
+        M.SAPayload(tuple(M.Proposal(i + 1, 1, b"", o.transforms()) for i, o in enumerate(offers))),
+        M.KEPayload(31, bytes(32)),
+        M.NoncePayload(b"n" * 32),
+        M.IDPayload(True, M.IdType.FQDN, b"a.test"),
+        M.IDPayload(False, M.IdType.IPV4_ADDR, IP_R.packed),
+        M.AuthPayload(2, b"a" * 32),
+        M.CertPayload(4, b"cert"),
+        M.CertReqPayload(4, b"x" * 20),
+        M.NotifyPayload(M.Notify.REKEY_SA, 3, b"\x00\x00\x10\x00"),
+        M.NotifyPayload(M.Notify.NAT_DETECTION_SOURCE_IP, data=b"h" * 20),
+        M.DeletePayload(3, (b"\0\0\1\0", b"\0\0\2\0")),
+        M.DeletePayload(1),
+        M.VendorPayload(b"vendor"),
+        M.TSPayload(True, (from_text("10.0.0.0/8"), from_text("10.1.0.1[udp/53]"))),
+        M.TSPayload(False, (from_text("2001:db8::/32"),)),
+        M.CPPayload(1, ((1, b""), (3, b""))),
+    ]
+
+
+def test_every_payload_round_trips() -> None:
+    ps = sample_payloads()
+    hdr = M.Header(b"i" * 8, b"r" * 8, 0, M.ExchangeType.IKE_AUTH, M.Flag.INITIATOR, 1, 0)
+    data = M.encode_plain(hdr, ps)
+    h2, ps2 = M.decode(data)
+    assert ps2 == ps
+    assert (h2.spi_i, h2.spi_r, h2.exchange, h2.message_id, h2.length) == (
+        b"i" * 8, b"r" * 8, 35, 1, len(data))
+
+
+@pytest.mark.parametrize(
+    ("mutate", "match"),
+    [
+        (lambda d: d[:20], "shorter than the IKE header"),
+        (lambda d: d[:17] + b"\x30" + d[18:], "major version 3"),
+        (lambda d: d + b"x", "header says"),
+        (lambda d: d[:-1], "header says"),
+        (lambda d: bytes(8) + d[8:], "initiator SPI is zero"),
+    ],
+)
+def test_header_errors(mutate: object, match: str) -> None:
+    hdr = M.Header(b"i" * 8, bytes(8), 0, 34, M.Flag.INITIATOR, 0, 0)
+    data = M.encode_plain(hdr, [M.NoncePayload(b"n" * 32)])
+    with pytest.raises(M.IkeParseError, match=match):
+        M.decode(mutate(data))  # type: ignore[operator]
+
+
+def test_truncated_and_oversized_payloads() -> None:
+    hdr = M.Header(b"i" * 8, bytes(8), 0, 34, M.Flag.INITIATOR, 0, 0)
+    data = bytearray(M.encode_plain(hdr, [M.NoncePayload(b"n" * 32)]))
+    data[30:32] = struct.pack("!H", 200)  # payload longer than the message
+    with pytest.raises(M.IkeParseError, match="does not fit"):
+        M.decode(bytes(data))
+    with pytest.raises(M.IkeParseError, match="nonce of 8"):
+        M.decode(M.encode_plain(hdr, [M.NoncePayload(b"n" * 8)]))
+    # an unknown critical payload is refused, an unknown non-critical one skipped
+    body = struct.pack("!BBH", 0, 0x80, 8) + b"abcd"
+    crit = M.Header(b"i" * 8, bytes(8), 99, 34, 8, 0, 28 + len(body)).encode() + body
+    with pytest.raises(M.IkeProtocolError, match="critical"):
+        M.decode(crit)
+    body = struct.pack("!BBH", 0, 0, 8) + b"abcd"
+    ok = M.Header(b"i" * 8, bytes(8), 99, 34, 8, 0, 28 + len(body)).encode() + body
+    assert M.decode(ok)[1] == []
+
+
+@settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow], deadline=None)
+@given(st.binary(max_size=600))
+def test_fuzz_decode_raises_only_typed_errors(data: bytes) -> None:
+    with contextlib.suppress(M.IkeParseError, M.IkeProtocolError):
+        M.decode(M.Header(b"i" * 8, bytes(8), 33, 34, 8, 0, 28 + len(data)).encode() + data)
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow], deadline=None)
+@given(st.data())
+def test_fuzz_mutated_messages(data: st.DataObject) -> None:
+    hdr = M.Header(b"i" * 8, b"r" * 8, 0, 35, 8, 1, 0)
+    msg = bytearray(M.encode_plain(hdr, sample_payloads()))
+    for _ in range(data.draw(st.integers(1, 8))):
+        i = data.draw(st.integers(28, len(msg) - 1))
+        msg[i] = data.draw(st.integers(0, 255))
+    with contextlib.suppress(M.IkeParseError, M.IkeProtocolError):
+        M.decode(bytes(msg))
+
+
+# -- proposals and selectors -------------------------------------------------------------------
+
+
+def test_proposal_strings() -> None:
+    o = parse("aes128gcm16-prfsha256-x25519", M.ProtocolId.IKE)
+    assert o.encr == ((ENCR_AES_GCM_16, 128),) and o.prf == (5,) and o.dh == (31,)
+    o = parse("aes256-sha384-ecp384", M.ProtocolId.IKE)
+    assert o.integ == (13,) and o.prf == (6,) and o.dh == (20,)  # prf from the integrity
+    assert parse("aes128-sha256-esn", M.ProtocolId.ESP).esn == (1,)
+    for bad, why in [("aes128-foo-x25519", "'foo'"), ("sha256-x25519", "no encryption"),
+                     ("aes128gcm16-sha256-x25519", "AEAD"), ("aes128-sha256", "DH group"),
+                     ("aes128gcm16-x25519", "needs a prf")]:  # fmt: skip
+        with pytest.raises(ConfigError, match=why):
+            parse(bad, M.ProtocolId.IKE)
+
+
+def test_choice_prefers_the_ke_group_and_our_order() -> None:
+    ours = parse_list(["aes128-sha256-ecp256-x25519"], M.ProtocolId.IKE)
+    theirs = (M.Proposal(1, 1, b"", parse("aes256-aes128-sha256-x25519-ecp256", 1).transforms()),)
+    chosen = choose(ours, theirs, ke_group=31)
+    assert chosen is not None and chosen[1].dh == 31 and chosen[1].key_bits == 128
+    assert choose(ours, theirs, ke_group=21) is not None  # -> INVALID_KE with ecp256
+    assert choose(parse_list(["aes128gcm16-prfsha256-x25519"], 1), theirs) is None
+
+
+def test_traffic_selector_narrowing() -> None:
+    proposed = (from_text("10.0.0.0/8"), from_text("192.168.0.1"))
+    assert narrow(proposed, [from_text("10.1.0.0/16[udp/53]")]) == [
+        from_text("10.1.0.0/16[udp/53]")]
+    assert narrow(proposed, [from_text("172.16.0.0/12")]) == []
+    assert narrow((from_text("10.0.0.0/8[tcp]"),), [from_text("10.0.0.1[udp]")]) == []
+
+
+# -- two engines ---------------------------------------------------------------------------------
+
+
+def conn(name: str = "c", *, ike: str = "aes128gcm16-prfsha256-x25519",
+         esp: str = "aes128gcm16", local_ts: str = "10.1.0.0/16", remote_ts: str = "10.2.0.0/16",
+         local_id: str = "gw.test", remote_id: str = "%any", psk: bytes = PSK,
+         encap: bool = False, dpd: float = 0.0) -> Connection:  # fmt: skip
+    child = ChildConfig("net", [from_text(local_ts)], [from_text(remote_ts)],
+                        parse_list([esp], M.ProtocolId.ESP))  # fmt: skip
+    return Connection(name, [], [], parse_list([ike], M.ProtocolId.IKE), "psk",
+                      Identity(local_id), "psk", Identity(remote_id), psk, encap, dpd,
+                      None, [child])  # fmt: skip
+
+
+def mn_conn(**kw: object) -> Connection:
+    kw.setdefault("local_ts", "10.2.0.5/32")
+    kw.setdefault("remote_ts", "10.1.0.0/16")
+    kw.setdefault("local_id", "mn.test")
+    kw.setdefault("remote_id", "gw.test")
+    return conn("mn", **kw)  # type: ignore[arg-type]
+
+
+class Wire:
+    """Carries the datagrams between an initiator and a responder engine."""
+
+    def __init__(self, ini: IkeEngine, resp: IkeEngine) -> None:
+        self.ini, self.resp = ini, resp
+        self.events: dict[str, list[Output]] = {"i": [], "r": []}
+        self.sent: list[Send] = []
+        self.nat: Address | None = None  # the initiator's address as the responder sees it
+
+    def deliver(self, outs: list[Output], frm: str, now: float = 0.0, *,
+                drop: bool = False) -> None:  # fmt: skip
+        pending = [(frm, o) for o in outs]
+        while pending:
+            side, o = pending.pop(0)
+            if not isinstance(o, Send):
+                self.events[side].append(o)
+                continue
+            self.sent.append(o)
+            if drop:
+                continue
+            src, dst = o.src, o.dst
+            if side == "i" and self.nat is not None:
+                src = Address(self.nat.host, self.nat.port + (o.src.port != 500))
+            if side == "r" and self.nat is not None:
+                dst = Address(IP_I, 500 if o.dst.port == self.nat.port else 4500)
+            target, other = (self.resp, "r") if side == "i" else (self.ini, "i")
+            pending += [(other, x) for x in target.receive(o.data, src, dst, now)]
+
+    def of(self, side: str, cls: type) -> list[Output]:
+        return [e for e in self.events[side] if isinstance(e, cls)]
+
+
+def pair(ic: Connection | None = None, rc: Connection | None = None) -> Wire:
+    return Wire(IkeEngine([ic or mn_conn()]), IkeEngine([rc or conn()]))
+
+
+def connect(w: Wire, now: float = 0.0) -> None:
+    w.deliver(w.ini.initiate(w.ini.connections[0], I500, R500, now), "i", now)
+
+
+TRANSFORMS = [
+    ("aes128gcm16-prfsha256-x25519", "aes128gcm16"),
+    ("aes256gcm16-prfsha384-ecp384", "aes256gcm16"),
+    ("chacha20poly1305-prfsha512-ecp256", "chacha20poly1305"),
+    ("aes128-sha256-modp2048", "aes128-sha256"),
+    ("aes256-sha384-ecp521", "aes256-sha384"),
+    ("aes192-sha512-x448", "aes192-sha512-esn"),
+    ("aes128-sha1-x25519", "aes128-sha1"),
+]
+
+
+@pytest.mark.parametrize(("ike", "esp"), TRANSFORMS)
+def test_engines_establish_a_child_sa(ike: str, esp: str) -> None:
+    w = pair(mn_conn(ike=ike, esp=esp), conn(ike=ike, esp=esp))
+    connect(w)
+    (ci,), (cr,) = w.of("i", ChildUp), w.of("r", ChildUp)
+    assert isinstance(ci, ChildUp) and isinstance(cr, ChildUp)
+    assert (ci.child.spi_in, ci.child.spi_out) == (cr.child.spi_out, cr.child.spi_in)
+    assert ci.ike.state is cr.ike.state is IkeState.ESTABLISHED
+    assert ci.ike.peer_id == "gw.test" and cr.ike.peer_id == "mn.test"
+    assert ci.child.suite == cr.child.suite
+    assert str(ci.child.local_ts[0]) == "10.2.0.5-10.2.0.5"
+    # the SAs they install mirror each other: the same path as manual keys
+    _, out_i, in_i = ci.child.sas(I500, R500, True, "mn")
+    _, out_r, in_r = cr.child.sas(R500, I500, True, "gw")
+    assert (out_i.spi, out_i.enc_key, out_i.integ_key) == (in_r.spi, in_r.enc_key, in_r.integ_key)
+    assert (out_r.spi, out_r.enc_key) == (in_i.spi, in_i.enc_key)
+    assert out_i.direction is Direction.OUTBOUND and out_i.esn == esp.endswith("esn")
+    packet = bytes.fromhex("4500001c0000000040110000") + IP_I.packed + IP_R.packed + bytes(8)
+    sealed = out_i.transform.seal_payload(out_i.spi, 1, packet, 4, 0, out_i.esn)
+    assert in_r.transform.open_payload(sealed, 1, in_r.esn)[: len(packet)] == packet
+    assert len(w.sent) == 4  # two exchanges, nothing repeated
+
+
+def test_invalid_ke_payload_then_success() -> None:
+    w = pair(mn_conn(ike="aes128gcm16-prfsha256-x25519-ecp256"),
+             conn(ike="aes128gcm16-prfsha256-ecp256"))  # fmt: skip
+    connect(w)
+    assert w.resp.stats["invalid-ke"] == 1
+    (up,) = w.of("i", IkeUp)
+    assert isinstance(up, IkeUp) and up.ike.suite.dh == 19
+    assert len(w.of("r", ChildUp)) == 1
+
+
+def test_no_proposal_chosen_and_wrong_psk_fail_cleanly() -> None:
+    w = pair(mn_conn(ike="aes128-sha256-x25519"), conn(ike="aes128gcm16-prfsha256-x25519"))
+    connect(w)
+    (f,) = w.of("i", ConnectFailed)
+    assert isinstance(f, ConnectFailed) and "NO_PROPOSAL_CHOSEN" in f.reason
+    w = pair(mn_conn(psk=b"another key"), conn())
+    connect(w)
+    (f,) = w.of("i", ConnectFailed)
+    assert isinstance(f, ConnectFailed) and "AUTHENTICATION_FAILED" in f.reason
+    assert not w.of("r", ChildUp) and not w.resp.ike_sas() and not w.ini.ike_sas()
+    w = pair(mn_conn(remote_id="other.test"), conn())
+    connect(w)
+    assert w.of("i", ConnectFailed) and not w.of("i", ChildUp)
+
+
+def test_ts_narrowing_and_ts_unacceptable() -> None:
+    w = pair(mn_conn(local_ts="10.2.0.0/16", remote_ts="10.0.0.0/8"),
+             conn(local_ts="10.1.0.0/16", remote_ts="10.2.3.0/24"))  # fmt: skip
+    connect(w)
+    (cr,) = w.of("r", ChildUp)
+    assert isinstance(cr, ChildUp)
+    assert [str(t) for t in cr.child.local_ts] == ["10.1.0.0-10.1.255.255"]
+    assert [str(t) for t in cr.child.remote_ts] == ["10.2.3.0-10.2.3.255"]
+    assert len(w.of("i", ChildUp)) == 1
+    w = pair(mn_conn(remote_ts="172.16.0.0/12"), conn())
+    connect(w)
+    assert w.of("i", IkeUp) and not w.of("i", ChildUp) and w.resp.stats["ts-unacceptable"] == 1
+
+
+def test_retransmitted_requests_get_the_cached_response() -> None:
+    w = pair()
+    outs = w.ini.initiate(w.ini.connections[0], I500, R500, 0.0)
+    (init,) = outs
+    assert isinstance(init, Send)
+    r1 = w.resp.receive(init.data, I500, R500, 0.0)
+    r2 = w.resp.receive(init.data, I500, R500, 0.5)
+    assert [o.data for o in r1 if isinstance(o, Send)] == [o.data for o in r2
+                                                           if isinstance(o, Send)]  # fmt: skip
+    auth = [o for o in w.ini.receive(r1[0].data, R500, I500, 0.1) if isinstance(o, Send)]  # type: ignore[union-attr]
+    a1 = w.resp.receive(auth[0].data, I500, R500, 0.2)
+    a2 = w.resp.receive(auth[0].data, I500, R500, 0.3)
+    assert len([o for o in a1 if isinstance(o, ChildUp)]) == 1
+    assert [o for o in a2 if not isinstance(o, Send)] == []  # no second CHILD SA
+    assert [o.data for o in a1 if isinstance(o, Send)] == [o.data for o in a2
+                                                           if isinstance(o, Send)]  # fmt: skip
+    assert w.resp.stats["retransmit-answered"] == 2
+    # an old message ID or a bad ICV is dropped, not answered
+    bad = bytearray(auth[0].data)
+    bad[-1] ^= 1
+    assert w.resp.receive(bytes(bad), I500, R500, 0.4) == []
+    assert w.resp.stats["malformed"] == 1
+
+
+def test_initiator_retransmits_with_back_off_and_gives_up() -> None:
+    w = pair()
+    outs = w.ini.initiate(w.ini.connections[0], I500, R500, 0.0)
+    assert len(outs) == 1
+    times = []
+    now = 0.0
+    while True:
+        d = w.ini.next_deadline()
+        if d is None:
+            break
+        now = d
+        res = w.ini.tick(now)
+        if any(isinstance(o, ConnectFailed) for o in res):
+            break
+        times.append(now)
+    assert times == [2.0, 6.0, 14.0, 30.0]
+    assert w.ini.stats["connect-timeout"] == 1 and not w.ini.connecting
+
+
+def test_nat_detected_and_faked() -> None:
+    w = pair()
+    w.nat = Address(ipaddress.ip_address("198.51.100.7"), 31000)
+    connect(w)
+    (ui,), (ur,) = w.of("i", IkeUp), w.of("r", IkeUp)
+    assert isinstance(ui, IkeUp) and isinstance(ur, IkeUp)
+    assert ui.ike.nat_local and not ui.ike.nat_remote and ui.ike.remote.port == 4500
+    assert ur.ike.nat_remote and ur.ike.remote == Address(w.nat.host, 31001)
+    assert ur.ike.encap
+    w = pair(mn_conn(), conn(encap=True))
+    connect(w)
+    (ui,) = w.of("i", IkeUp)
+    assert isinstance(ui, IkeUp) and ui.ike.nat_remote and ui.ike.local.port == 4500
+    assert [s.src.port for s in w.sent] == [500, 500, 4500, 4500]
+
+
+def test_liveness_checks_both_ways_and_dead_peer() -> None:
+    w = pair(mn_conn(dpd=10), conn(dpd=10))
+    connect(w)
+    assert w.resp.next_deadline() == 10.0
+    w.deliver(w.resp.tick(10.0), "r", 10.0)
+    assert w.ini.tick(10.5) == []  # it heard from the gateway at 10.0
+    w.deliver(w.ini.tick(20.0), "i", 20.0)
+    assert w.resp.stats["liveness-sent"] == w.ini.stats["liveness-sent"] == 1
+    assert w.resp.stats["liveness-answered"] == w.ini.stats["liveness-answered"] == 1
+    assert w.ini.ike_sas()[0].pending is None
+    # the initiator goes silent: the gateway retransmits, then declares it dead
+    now = 30.0
+    w.deliver(w.resp.tick(now), "r", now, drop=True)
+    while (d := w.resp.next_deadline()) is not None and d < 100:
+        w.deliver(w.resp.tick(d), "r", d, drop=True)
+    (down,) = w.of("r", IkeDown)
+    assert isinstance(down, IkeDown) and down.reason == "peer-dead"
+    assert len(w.of("r", ChildDown)) == 1 and not w.resp.ike_sas()
+    assert w.resp.stats["retransmitted"] == 4
+
+
+def test_delete_ike_sa_and_child_sa() -> None:
+    w = pair()
+    connect(w)
+    ike_i = w.ini.ike_sas()[0]
+    w.deliver(w.ini.delete_child(ike_i, ike_i.children[0], 1.0), "i", 1.0)
+    assert len(w.of("i", ChildDown)) == len(w.of("r", ChildDown)) == 1
+    assert not w.resp.ike_sas()[0].children
+    w.deliver(w.resp.delete(w.resp.ike_sas()[0], 2.0), "r", 2.0)
+    assert len(w.of("i", IkeDown)) == len(w.of("r", IkeDown)) == 1
+    assert not w.ini.ike_sas() and not w.resp.ike_sas()
+
+
+def test_initial_contact_replaces_the_old_ike_sa() -> None:
+    w = pair()
+    connect(w)
+    connect(w, 5.0)
+    assert len(w.resp.ike_sas()) == 1
+    assert w.resp.stats["initial-contact-replaced"] == 1
+    assert len(w.of("r", ChildDown)) == 1
+
+
+@settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow], deadline=None)
+@given(st.data())
+def test_fuzzed_messages_never_disturb_an_established_sa(data: st.DataObject) -> None:
+    w = pair()
+    connect(w)
+    ike = w.resp.ike_sas()[0]
+    msgs = [s.data for s in w.sent]
+    base = bytearray(data.draw(st.sampled_from(msgs)))
+    for _ in range(data.draw(st.integers(1, 6))):
+        i = data.draw(st.integers(0, len(base) - 1))
+        base[i] = data.draw(st.integers(0, 255))
+    cut = data.draw(st.integers(0, len(base)))
+    for m in (bytes(base), bytes(base[:cut])):
+        w.resp.receive(m, I500, R500, 1.0)
+        w.ini.receive(m, R500, I500, 1.0)
+    assert ike.state is IkeState.ESTABLISHED and len(ike.children) == 1
+
+
+def test_half_open_limit_per_source() -> None:
+    resp = IkeEngine([conn()])
+    for _ in range(30):
+        ini = IkeEngine([mn_conn()])
+        (s,) = ini.initiate(ini.connections[0], I500, R500, 0.0)
+        assert isinstance(s, Send)
+        resp.receive(s.data, I500, R500, 0.0)
+    assert len(resp.half_open) == 20 and resp.stats["half-open-limit"] == 10
+    resp.tick(31.0)
+    assert not resp.half_open and not resp.ike_sas()
+
+
+def test_non_esp_marker() -> None:
+    hdr = M.Header(b"i" * 8, bytes(8), 0, 34, 8, 0, 0)
+    msg = M.encode_plain(hdr, [M.NoncePayload(b"n" * 32)])
+    assert strip_marker(b"\0\0\0\0" + msg) == msg
+    assert strip_marker(b"\0\0\0\1" + msg) is None and strip_marker(b"\xff") is None
+
+
+# -- configuration -------------------------------------------------------------------------------
+
+
+def test_connections_from_toml_tables() -> None:
+    data = {
+        "connections": {
+            "rw": {
+                "version": 2,
+                "local_addrs": ["192.0.2.1"],
+                "remote_addrs": "%any",
+                "proposals": ["aes128gcm16-prfsha256-x25519", "default"],
+                "local": {"auth": "psk", "id": "gw.test"},
+                "remote": {"auth": "psk", "id": "%any"},
+                "encap": True,
+                "dpd_delay": "30s",
+                "children": {"net": {"local_ts": ["10.1.0.0/16"], "remote_ts": "10.2.0.0/16",
+                                     "esp_proposals": ["aes128gcm16"]}},
+            }
+        }
+    }  # fmt: skip
+    (c,) = parse_connections(data, "gw.toml", {"gw.test": PSK})
+    assert c.encap and c.dpd_delay == 30 and len(c.proposals) == 3
+    assert c.accepts(IP_R, IP_I) and not c.accepts(IP_I, IP_R)
+    assert PSK.decode() not in repr(c)
+    for patch, why in [
+        ({"version": 1}, "only IKEv2"),
+        ({"proposals": ["aes128-foo"]}, "unknown or unsupported algorithm 'foo'"),
+        ({"local": {"auth": "eap"}}, "psk"),
+        ({"bogus": 1}, "unknown key"),
+        ({"children": {}}, "at least one child"),
+    ]:
+        d = {"connections": {"rw": {**data["connections"]["rw"], **patch}}}
+        with pytest.raises(ConfigError, match=why):
+            parse_connections(d, "gw.toml", {"gw.test": PSK})
+    with pytest.raises(ConfigError, match="no \\[secrets"):
+        parse_connections(data, "gw.toml", {})
