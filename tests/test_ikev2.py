@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import os
 import struct
 
 import pytest
@@ -499,3 +500,45 @@ def test_connections_from_toml_tables() -> None:
             parse_connections(d, "gw.toml", {"gw.test": PSK})
     with pytest.raises(ConfigError, match="no \\[secrets"):
         parse_connections(data, "gw.toml", {})
+
+
+def test_gateway_config_reads_secrets_from_file_or_env(
+    tmp_path: object, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from pathlib import Path
+
+    from ipsecct.gateway import config
+
+    d = Path(str(tmp_path))
+    (d / "rw.psk").write_text(PSK.decode() + "\n")
+    os.chmod(d / "rw.psk", 0o644)
+    base = """name = "gw"
+[outer]
+address = "192.0.2.1"
+[inner]
+kind = "udp"
+listen = "127.0.0.1:7000"
+peer = "127.0.0.1:7001"
+[connections.rw]
+local.id = "gw.test"
+children.net.local_ts = ["10.1.0.0/16"]
+children.net.remote_ts = ["10.2.0.0/16"]
+[secrets.ike-rw]
+id = "gw.test"
+"""
+    (d / "a.toml").write_text(base + 'file = "rw.psk"\n')
+    with caplog.at_level("WARNING"):
+        cfg = config.load(d / "a.toml")
+    assert cfg.connections[0].psk == PSK
+    assert "key-file-readable-by-others" in caplog.text and PSK.decode() not in caplog.text
+    monkeypatch.setenv("RW_PSK", "0x" + PSK.hex())
+    (d / "b.toml").write_text(base + 'env = "RW_PSK"\n')
+    assert config.load(d / "b.toml").connections[0].psk == PSK
+    for extra, why in [('secret = "inline"\n', "never inline"),
+                       ('env = "NO_SUCH_VARIABLE_X"\n', "is not set"),
+                       ('file = "missing.psk"\n', "cannot read"),
+                       ("", "give file = or env =")]:  # fmt: skip
+        (d / "c.toml").write_text(base + extra)
+        with pytest.raises(ConfigError, match=why) as ei:
+            config.load(d / "c.toml")
+        assert PSK.decode() not in str(ei.value)
