@@ -70,6 +70,9 @@ def cfg(role: str = "active", **kw: Any) -> failover.FailoverConfig:
         "dead_ms": 300.0,
         "seq_margin": 1000,
         "tick_ms": 10.0,
+        # Replication alone: no lease (tests/test_lease.py covers fencing; the property
+        # below runs with it).
+        "fencing": False,
     }
     base.update(kw)
     return failover.FailoverConfig(role, "sg2" if role == "active" else "sg1", **base)
@@ -304,7 +307,7 @@ def test_standby_refuses_what_is_not_a_sync() -> None:
     inbound_first = cxtp.CTD(
         ip("0.0.0.0"),
         0,
-        (tag, failover.sync_cdb([], 0), context.encode(t.inbound, 0.0)),  # type: ignore[arg-type]
+        (tag, failover.sync_cdb([], 1), context.encode(t.inbound, 0.0)),  # type: ignore[arg-type]
     )
     with pytest.raises(cxtp.CxtpError):
         sb.receive(inbound_first, 0.0)
@@ -449,16 +452,18 @@ def test_property_standby_never_reuses_a_sequence_number(
         dead_ms=100.0,
         seq_margin=P_MARGIN,
         tick_ms=TICK * 1000,
+        fencing=True,
     )
     rep = failover.Replicator(sg1.engine, c, session=3)
     sb = failover.Standby(
         sg2.engine,
-        cfg("standby", seq_margin=P_MARGIN, dead_ms=100.0, heartbeat_ms=30.0),
+        cfg("standby", seq_margin=P_MARGIN, dead_ms=100.0, heartbeat_ms=30.0, fencing=True),
         Endpoint(sg2.address, PORT),
         Identity.DIRECT,
     )
     for m in wire(rep.poll(world.now)):  # the tunnel is new: replicated before any traffic
-        sb.receive(m, world.now)
+        for r in sb.receive(m, world.now):  # the standby's ACK grants the lease
+            rep.receive(r, world.now)
     in_flight: list[cxtp.CTD] = []
     seq = 0
     for down, up in steps:
@@ -471,7 +476,8 @@ def test_property_standby_never_reuses_a_sequence_number(
         world.flush_to_mn()
         world.now += TICK
         for m in in_flight:
-            sb.receive(m, world.now)
+            for r in wire(sb.receive(m, world.now)):  # type: ignore[arg-type]
+                rep.receive(r, world.now)
         in_flight = wire(rep.poll(world.now))
     if not lose_last:
         for m in in_flight:
@@ -756,7 +762,7 @@ def test_take_over_is_listed_in_status_transfers(tmp_path: Path) -> None:
             await d.services["sg1"].stop_context_transfer()
             await d.gateways["sg1"].node.stop()
             deadline = time.monotonic() + 5
-            while driver.standby is not None and time.monotonic() < deadline:
+            while driver.standby.took_over is None and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
             status: dict[str, Any] = d.gateways["sg2"].node.status()
             return status

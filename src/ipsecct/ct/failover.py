@@ -28,11 +28,31 @@ Configuration (gateway TOML)::
     heartbeat_ms = 100
     dead_ms = 500          # detection time: the standby takes over after this much silence
     seq_margin = 16384
+    drift_ppm = 1000       # clock-rate bound for the lease (ipsecct.ct.lease)
+    guard_ms = 50
+
+Fencing (issue 9). The active sends only under a lease that the standby renews by
+acknowledging its messages (an ACK SYNC per message): the lease runs ``lease`` from the sending
+of the acknowledged message, with ``lease = (dead_ms - guard_ms) * (1 - rho) / (1 + rho)``
+(:mod:`ipsecct.ct.lease` gives the reasoning), and the standby takes over only once
+``dead_ms`` has passed since the last message it acknowledged. When the lease runs out the
+active's engine holds every outbound packet; a late acknowledgement gives it back. And a
+tunnel may send at most ``seq_margin`` sequence numbers past the lowest value the standby may
+hold for it (the last acknowledged replication, else the first one sent): the standby restarts
+above that value plus the margin, so no sequence number is sent twice even when the margin is
+spent within one lease.
+
+Epochs. Both start in epoch 1; a take-over starts the next epoch. The standby that took over
+answers the old active's messages with TAKEN (its epoch): the old active gives up its lease
+for good and removes its tunnels (the taker owns them). The taker then runs alone: it needs no
+lease, since nobody else holds a replica; a new standby is attached by restarting the old
+active with ``role = "standby"``.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import math
 import secrets
 import struct
 from dataclasses import dataclass, field
@@ -43,11 +63,16 @@ from ..ipsec.engine import Engine, Tunnel, TunnelState
 from ..ipsec.sad import Direction, SecurityAssociation, UdpEncap
 from ..ipsec.spd import Action, SPDEntry
 from . import context, cxtp
+from .lease import Grant, Lease, LeaseEvent, LeaseTiming, timing
 from .transfer import FPT_SYNC, Endpoint, Identity, Record, frame, unframe
 
 SYNC_HEARTBEAT = 1  # removals, then contexts to merge into what the standby holds
 SYNC_FULL = 2  # the whole state follows (this poll's messages): replace what the standby holds
-_SYNC = struct.Struct("!BxHI")  # kind, number of removed SPIs, active's packet counter
+SYNC_ACK = 3  # standby -> active: the message numbered in the TRANSFER tag was applied
+SYNC_TAKEN = 4  # standby that took over -> old active: give up (epoch of the take-over)
+_SYNC_KINDS = (SYNC_HEARTBEAT, SYNC_FULL, SYNC_ACK, SYNC_TAKEN)
+_SYNC = struct.Struct("!BxHI")  # kind, number of removed SPIs, epoch
+FIRST_EPOCH = 1
 
 
 @dataclass
@@ -60,14 +85,48 @@ class FailoverConfig:
     dead_ms: float = 500.0
     seq_margin: int = 16384
     tick_ms: float = 10.0
+    drift_ppm: float = 1000.0
+    guard_ms: float = 50.0
+    fencing: bool = True  # tests of replication alone turn the lease off
+    state: str | None = None  # the epoch file (gateway.fencing); default beside the config
+
+    def lease_timing(self) -> LeaseTiming:
+        return timing(self.dead_ms, self.drift_ppm, self.guard_ms)
 
 
-def sync_cdb(removed: list[int], packets: int, *, full: bool = False) -> bytes:
+def sync_cdb(
+    removed: list[int], epoch: int, *, full: bool = False, kind: int | None = None
+) -> bytes:
+    k = kind if kind is not None else SYNC_FULL if full else SYNC_HEARTBEAT
     return frame(
         FPT_SYNC,
-        _SYNC.pack(SYNC_FULL if full else SYNC_HEARTBEAT, len(removed), packets & 0xFFFFFFFF)
+        _SYNC.pack(k, len(removed), epoch & 0xFFFFFFFF)
         + b"".join(struct.pack("!I", s) for s in removed),
     )
+
+
+def parse_sync_kind(cdb: bytes) -> tuple[int, int, list[int]]:
+    """(kind, epoch, removed outbound SPIs) of a SYNC CDB."""
+    p = unframe(cdb)
+    if len(p) < _SYNC.size:
+        raise cxtp.CxtpError("SYNC CDB too short")
+    kind, n, epoch = _SYNC.unpack_from(p)
+    if kind not in _SYNC_KINDS or _SYNC.size + 4 * n > len(p):
+        raise cxtp.CxtpError("SYNC CDB malformed")
+    removed = [struct.unpack_from("!I", p, _SYNC.size + 4 * i)[0] for i in range(n)]
+    return kind, epoch, removed
+
+
+def reply_kind(msg: cxtp.Message) -> int | None:
+    """SYNC_ACK or SYNC_TAKEN for a standby's reply, None for anything else."""
+    cdbs = cxtp.message_cdbs(msg)
+    if len(cdbs) < 2 or cxtp.cdb_fpt(cdbs[1]) != FPT_SYNC:
+        return None
+    try:
+        kind = parse_sync_kind(cdbs[1])[0]
+    except cxtp.CxtpError:
+        return None
+    return kind if kind in (SYNC_ACK, SYNC_TAKEN) else None
 
 
 def parse_sync(cdb: bytes) -> list[int]:
@@ -76,14 +135,9 @@ def parse_sync(cdb: bytes) -> list[int]:
 
 
 def parse_sync_full(cdb: bytes) -> tuple[bool, list[int]]:
-    """(FULL mark, removed outbound SPIs) of a SYNC CDB."""
-    p = unframe(cdb)
-    if len(p) < _SYNC.size:
-        raise cxtp.CxtpError("SYNC CDB too short")
-    kind, n, _ = _SYNC.unpack_from(p)
-    if kind not in (SYNC_HEARTBEAT, SYNC_FULL) or _SYNC.size + 4 * n > len(p):
-        raise cxtp.CxtpError("SYNC CDB malformed")
-    removed = [struct.unpack_from("!I", p, _SYNC.size + 4 * i)[0] for i in range(n)]
+    kind, _epoch, removed = parse_sync_kind(cdb)
+    if kind not in (SYNC_HEARTBEAT, SYNC_FULL):
+        raise cxtp.CxtpError("SYNC CDB is a reply, not state")
     return kind == SYNC_FULL, removed
 
 
@@ -110,6 +164,62 @@ class Replicator:
         self.messages = 0
         self.contexts = 0
         self.unreplicable = 0  # tunnels whose contexts cannot be encoded (counted, skipped)
+        self.epoch = FIRST_EPOCH
+        # Fencing: the lease, and per tunnel the lowest outbound sequence number the standby
+        # may hold (first replicated, then raised by acknowledgements) and, per message
+        # number, the (tunnel, sequence number) pairs it carried.
+        self.lease: Lease | None = Lease(cfg.lease_timing()) if cfg.fencing else None
+        self.floor: dict[Tunnel, int] = {}
+        self._carried: dict[int, list[tuple[Tunnel, int]]] = {}
+        self.superseded_by: int | None = None  # epoch of a standby's take-over
+        self.acks = 0
+        if self.lease is not None:
+            engine.send_until = self.lease.expiry
+
+    # -- fencing -------------------------------------------------------------------------
+    def _fence(self) -> None:
+        if self.lease is not None:
+            self.engine.send_until = self.lease.expiry
+
+    def receive(self, msg: cxtp.Message, now: float) -> list[LeaseEvent]:
+        """A reply from the standby: ACK (renews the lease, raises ceilings) or TAKEN."""
+        tag = cxtp.transfer_tag(msg)
+        cdbs = cxtp.message_cdbs(msg)
+        if tag is None or len(cdbs) < 2 or cxtp.cdb_fpt(cdbs[1]) != FPT_SYNC:
+            raise cxtp.CxtpError("sync reply without a TRANSFER tag and a SYNC CDB")
+        kind, epoch, _ = parse_sync_kind(cdbs[1])
+        if kind == SYNC_TAKEN:
+            if epoch <= self.epoch or self.superseded_by is not None:
+                return []
+            self.superseded_by = epoch
+            if self.lease is not None:
+                self.lease.revoke()
+            self.engine.send_until = -math.inf
+            return [LeaseEvent.SUPERSEDED]
+        if kind != SYNC_ACK:
+            raise cxtp.CxtpError("not a sync reply")
+        if tag.transfer_id != self.session or epoch != self.epoch:
+            return []  # for an earlier session of ours: it says nothing about this one
+        if self.superseded_by is not None:
+            return []
+        self.acks += 1
+        for t, seq in self._carried.pop(tag.seq, []):
+            if t in self.floor and seq > self.floor[t]:
+                self.floor[t] = seq
+                t.seq_ceiling = seq + self.cfg.seq_margin
+        for k in [k for k in self._carried if k < tag.seq - 4096]:
+            del self._carried[k]  # never acknowledged (connection lost): forget
+        if self.lease is None:
+            return []
+        events = self.lease.granted(tag.seq, now)
+        self._fence()
+        return events
+
+    def tick(self, now: float) -> list[LeaseEvent]:
+        """Lease changes by the passing of time (loss); the engine enforces it by itself."""
+        if self.lease is None or self.superseded_by is not None:
+            return []
+        return self.lease.poll(now)
 
     def resync(self) -> None:
         """The standby may have missed messages (the channel broke, it restarted): the next
@@ -139,12 +249,18 @@ class Replicator:
                 if (
                     c - st.packets >= self.cfg.sync_packets
                     or (now - st.changed_at) * 1000 >= self.cfg.sync_ms
+                    # half-way to its ceiling: sync now, or the tunnel will stall
+                    or t.seq_ceiling - t.outbound.seq <= self.cfg.seq_margin // 2
                 ):
                     due.append(t)
+        if self.superseded_by is not None:
+            return []  # the standby took over: nothing more to replicate
         removed = [self.spi_of.pop(k) for k in list(self.synced) if k not in live]
         for k in list(self.synced):
             if k not in live:
                 del self.synced[k]
+        for k in [k for k in self.floor if k not in live]:
+            del self.floor[k]
         if (
             not full
             and not due
@@ -154,6 +270,7 @@ class Replicator:
             return []
         self._full = False
         pairs: list[list[bytes]] = []
+        carried: list[tuple[Tunnel, int]] = []
         for t in due:
             try:
                 pair = [context.encode(sa, now) for sa in t.sas()]
@@ -161,6 +278,12 @@ class Replicator:
                 self.unreplicable += 1  # e.g. a replay window too large for a CDB
                 continue
             pairs.append(pair)
+            seq = t.outbound.seq
+            carried.append((t, seq))
+            if self.cfg.fencing and t not in self.floor:
+                # From now on the standby may hold this tunnel, at this number or later.
+                self.floor[t] = seq
+                t.seq_ceiling = seq + self.cfg.seq_margin
             self.synced[t] = _Synced(self._counter(t), None)
             self.spi_of[t] = t.outbound.spi
         self.contexts += sum(len(p) for p in pairs)
@@ -169,18 +292,31 @@ class Replicator:
         # Every message starts with a SYNC CDB (removals and the FULL mark in the first), so
         # the standby tells each from a transfer, and a tunnel's pair never straddles two.
         budget = cxtp.MAX_MESSAGE_LEN - 1024  # room for the header and the TRANSFER CDB
-        groups: list[list[bytes]] = [[sync_cdb(removed, 0, full=full)]]
+        groups: list[list[bytes]] = [[sync_cdb(removed, self.epoch, full=full)]]
+        gcarried: list[list[tuple[Tunnel, int]]] = [[]]
         size = len(groups[0][0])
-        for pair in pairs:
-            psize = sum(len(c) for c in pair)
+        for pair, tc in zip(pairs, carried, strict=True):
+            psize = sum(len(x) for x in pair)
             if size + psize > budget:
-                groups.append([sync_cdb([], 0)])
+                groups.append([sync_cdb([], self.epoch)])
+                gcarried.append([])
                 size = len(groups[-1][0])
             groups[-1].extend(pair)
+            gcarried[-1].append(tc)
             size += psize
         msgs: list[cxtp.Message] = []
-        for g in groups:
-            msgs += cxtp.batch_cdbs(template, g, self.session, first_seq=self.seq + len(msgs))
+        for g, gc in zip(groups, gcarried, strict=True):
+            part = cxtp.batch_cdbs(template, g, self.session, first_seq=self.seq + len(msgs))
+            if len(part) != 1:  # cannot happen within the budget; a split would misattribute
+                raise cxtp.CxtpError("a sync group did not fit one message")
+            if self.cfg.fencing:
+                self._carried[self.seq + len(msgs)] = gc
+                while len(self._carried) > 4096:  # acknowledgements stopped coming: forget
+                    del self._carried[next(iter(self._carried))]
+            msgs += part
+        if self.lease is not None:
+            for i in range(len(msgs)):
+                self.lease.sent(self.seq + i, now)
         self.seq += len(msgs)
         self.messages += len(msgs)
         return msgs
@@ -201,22 +337,41 @@ class Standby:
     last_heard: float | None = None
     took_over: float | None = None
     seen_session: int | None = None
+    epoch: int = FIRST_EPOCH
+    grant: Grant | None = None
+    acks: int = 0
 
-    def receive(self, msg: cxtp.CTD, now: float) -> None:
+    def __post_init__(self) -> None:
+        if self.cfg.fencing and self.grant is None:
+            self.grant = Grant(self.cfg.lease_timing())
+
+    def _reply(self, msg: cxtp.CTD, tag: cxtp.TransferTag, kind: int) -> cxtp.CTD:
+        return cxtp.CTD(
+            msg.mn_prev,
+            0,
+            cdbs=(
+                cxtp.TransferTag(tag.transfer_id, tag.seq).encode(),
+                sync_cdb([], self.epoch, kind=kind),
+            ),
+        )
+
+    def receive(self, msg: cxtp.CTD, now: float) -> list[cxtp.CTD]:
+        """Apply a sync message; returns the replies for the active: an ACK that grants it
+        its lease, or TAKEN once this standby has taken over (nothing is applied then)."""
         tag = cxtp.transfer_tag(msg)
         if tag is None or len(msg.cdbs) < 2:
             raise cxtp.CxtpError("sync message without a TRANSFER tag")
-        self.last_heard = now
-        self.seen_session = tag.transfer_id
         cdbs = list(msg.cdbs[1:])
+        epoch = self.epoch
+        full, removed = False, list[int]()
         if cdbs and cxtp.cdb_fpt(cdbs[0]) == FPT_SYNC:
-            full, removed = parse_sync_full(cdbs[0])
-            if full:
-                self.replica.clear()
-            for spi in removed:
-                self.replica.pop(spi, None)
+            kind, epoch, removed = parse_sync_kind(cdbs[0])
+            if kind not in (SYNC_HEARTBEAT, SYNC_FULL):
+                raise cxtp.CxtpError("a sync reply sent to the standby")
+            full = kind == SYNC_FULL
             cdbs = cdbs[1:]
         # Contexts come as (outbound, inbound) pairs; remember the latest of each tunnel.
+        pairs: list[tuple[int, list[bytes]]] = []
         i = 0
         while i < len(cdbs):
             out = cdbs[i]
@@ -229,13 +384,34 @@ class Standby:
                 i += 2
             else:
                 i += 1
+            pairs.append((spi, pair))
+        if self.took_over is not None or epoch < self.epoch:
+            # We own these tunnels now: tell the old active, apply nothing.
+            return [self._reply(msg, tag, SYNC_TAKEN)]
+        if self.grant is not None and self.grant.closed:
+            return []  # deciding to take over: no more grants, no more state
+        self.last_heard = now
+        self.seen_session = tag.transfer_id
+        self.epoch = epoch
+        if full:
+            self.replica.clear()
+        for spi in removed:
+            self.replica.pop(spi, None)
+        for spi, pair in pairs:
             self.replica[spi] = pair
+        if self.grant is None or not self.grant.grant(now):
+            return []
+        self.acks += 1
+        return [self._reply(msg, tag, SYNC_ACK)]
 
     def dead(self, now: float) -> bool:
+        """Has the active been silent for ``dead_ms``, and has every lease this standby
+        granted surely run out? Then it may take over."""
         return (
             self.took_over is None
             and self.last_heard is not None
             and (now - self.last_heard) * 1000 >= self.cfg.dead_ms
+            and (self.grant is None or self.grant.expired(now))
         )
 
     def take_over(
@@ -244,7 +420,12 @@ class Standby:
         """Install every replicated tunnel, outbound counters advanced by the margin.
 
         Returns the tunnels, the signals to send the MNs (direct identity) and a record."""
+        if self.grant is not None:
+            if not self.grant.expired(now):
+                raise IpsecctError("the active's lease may still run: not taking over")
+            self.grant.close()
         self.took_over = now
+        self.epoch += 1
         rec = Record(
             self.seen_session or 0, "standby", self.cfg.peer, "failover", self.last_heard or now
         )

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import enum
 import ipaddress
+import itertools
 import secrets
 import struct
 from collections import deque
@@ -47,6 +48,7 @@ from ..ipsec.algorithms import EncAlg, IntegAlg
 from ..ipsec.engine import Engine, Held, ToPeer, Tunnel, TunnelState
 from ..ipsec.sad import Direction, SecurityAssociation, UdpEncap
 from ..ipsec.spd import Action, AddressRange, IPAddress, OverlapIndex, Selectors, SPDEntry
+from ..ipsec.spi import SpiBlock
 from . import context, cxtp
 from .ratelimit import RateLimiter
 
@@ -100,6 +102,8 @@ class Settings:
     max_contexts_per_message: int = 1024  # CDBs in one PCTD/CTD
     max_contexts_per_transfer: int = 40000  # CDBs in one transfer (two per tunnel)
     max_transfer_octets: int = 16 << 20  # octets of CDBs buffered for one transfer
+    # Cluster-unique SPIs (ipsecct.ipsec.spi): a reassigned inbound SPI comes from this block.
+    spi_block: SpiBlock | None = None
 
 
 @dataclass(frozen=True)
@@ -871,9 +875,18 @@ class TransferCore:
             else:
                 status = cxtp.Status.ACCEPTED_SPI_REASSIGNED
                 old = in_sa.spi
-                new_spi = self.engine.sad.free_spi(
-                    in_sa.dst, in_sa.protocol, iter(lambda: self.rng(32), -1)
+                blk = self.settings.spi_block
+                cands = (
+                    blk.candidates(lambda n: self.rng(32) % n)
+                    if blk is not None
+                    else iter(lambda: self.rng(32), -1)
                 )
+                try:  # a bounded search: a full block refuses, it never spins
+                    new_spi = self.engine.sad.free_spi(
+                        in_sa.dst, in_sa.protocol, itertools.islice(cands, 4096)
+                    )
+                except SAError:
+                    return cxtp.Status.SPI_COLLISION, None
                 in_sa.spi = new_spi
                 shadow_old = True
                 signals.append(signalling.SpiReassign(int(in_sa.protocol), old, new_spi))

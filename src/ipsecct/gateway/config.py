@@ -34,6 +34,9 @@ from ..ipsec.algorithms import (
 )
 from ..ipsec.sad import Direction, Lifetime, Mode, SecurityAssociation, UdpEncap
 from ..ipsec.spd import Action, AddressRange, IPAddress, PortRange, Selectors, SPDEntry
+from ..ipsec.spi import MAX_BLOCKS as MAX_SPI_BLOCKS
+from ..ipsec.spi import SpiBlock
+from ..ipsec.spi import block as spi_block_of
 
 DEFAULT_PORT = 4500
 DEFAULT_CXTP_PORT = 5091  # RFC 4067's port (CXTP over TLS here: no SCTP)
@@ -110,6 +113,17 @@ class TransferConfig:
     balance: BalanceConfig | None = None
 
 
+@dataclass(frozen=True)
+class ClusterConfig:
+    """``[cluster]``: this gateway's block of the SPI space (ipsecct.ipsec.spi)."""
+
+    spi_block: int | None = None  # fixed per gateway (pair mode)
+    spi_blocks: int = 16
+
+    def block(self) -> SpiBlock | None:
+        return None if self.spi_block is None else spi_block_of(self.spi_block, self.spi_blocks)
+
+
 @dataclass
 class NodeConfig:
     path: str
@@ -132,6 +146,7 @@ class NodeConfig:
     virtual_interface: str | None = None
     virtual_owner: bool = False  # this gateway holds the virtual address at start
     connections: list[Connection] = field(default_factory=list)  # IKEv2 [connections.NAME]
+    cluster: ClusterConfig | None = None  # [cluster]
 
     @property
     def local_address(self) -> IPAddress:
@@ -551,6 +566,7 @@ KNOWN_SECTIONS = {
     "failover",
     "connections",
     "secrets",
+    "cluster",
 }
 
 
@@ -647,6 +663,15 @@ def from_dict(data: dict[str, Any], path: str = "<config>") -> NodeConfig:
     transfer = _transfer(data, ctx)
     failover = _failover(data.get("failover"), ctx, transfer)
     connections = load_connections(data, path) if data.get("connections") else []
+    cluster = _cluster(data.get("cluster"), ctx)
+    if cluster is not None and (blk := cluster.block()) is not None:
+        for t in tunnels:
+            if t.inbound.spi not in blk:
+                raise ctx.err(
+                    "cluster.spi_block",
+                    f"tunnel {t.name}'s spi_in 0x{t.inbound.spi:08x} is outside this"
+                    f" gateway's SPI block {blk}",
+                )
     return NodeConfig(
         path,
         name,
@@ -664,7 +689,24 @@ def from_dict(data: dict[str, Any], path: str = "<config>") -> NodeConfig:
         vif,
         vowner,
         connections,
+        cluster,
     )
+
+
+def _cluster(c: Any, ctx: _Ctx) -> ClusterConfig | None:
+    """``[cluster]``: cluster-unique SPIs."""
+    if c is None:
+        return None
+    if not isinstance(c, dict):
+        raise ctx.err("cluster", "must be a table")
+    _check_keys_allowed(c, ctx, "cluster.", {"spi_block", "spi_blocks"})
+    n = c.get("spi_blocks", 16)
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_SPI_BLOCKS:
+        raise ctx.err("cluster.spi_blocks", f"must be a whole number 1-{MAX_SPI_BLOCKS}")
+    i = c.get("spi_block")
+    if i is not None and (isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n):
+        raise ctx.err("cluster.spi_block", f"must be a whole number 0-{n - 1} (of spi_blocks)")
+    return ClusterConfig(i, n)
 
 
 _TRANSFER_KEYS = {
@@ -814,6 +856,9 @@ _FAILOVER_KEYS = {
     "dead_ms",
     "seq_margin",
     "tick_ms",
+    "drift_ppm",
+    "guard_ms",
+    "state",
 }
 
 
@@ -838,8 +883,25 @@ def _failover(f: Any, ctx: _Ctx, transfer: TransferConfig | None) -> FailoverCon
             if not _positive(f[k]):
                 raise ctx.err(f"failover.{k}", "must be a positive number")
             setattr(cfg, k, type(getattr(cfg, k))(f[k]))
+    for k in ("drift_ppm", "guard_ms"):  # the lease (ipsecct.ct.lease)
+        if k in f:
+            v = f[k]
+            if isinstance(v, bool) or not isinstance(v, int | float) or not 0 <= v < 1e6:
+                raise ctx.err(f"failover.{k}", "must be a number >= 0 (and below 1,000,000)")
+            setattr(cfg, k, float(v))
+    if "state" in f:
+        if not isinstance(f["state"], str) or not f["state"]:
+            raise ctx.err("failover.state", "must be a file path")
+        cfg.state = f["state"]
     if cfg.dead_ms <= cfg.heartbeat_ms:
         raise ctx.err("failover.dead_ms", "must be longer than heartbeat_ms")
+    lt = cfg.lease_timing() if cfg.dead_ms > cfg.guard_ms else None
+    if lt is None or lt.lease * 1000 <= 2 * cfg.heartbeat_ms:
+        raise ctx.err(
+            "failover.dead_ms",
+            "too short: the active's lease, (dead_ms - guard_ms) less the drift allowance,"
+            " must span more than two heartbeats",
+        )
     return cfg
 
 

@@ -342,6 +342,29 @@ def prometheus_text(status: dict[str, Any]) -> str:
         "# TYPE ipsecct_uptime_seconds gauge",
         f'ipsecct_uptime_seconds{{node="{node}"}} {status["uptime_s"]}',
     ]
+    lease = (status.get("failover") or {}).get("lease")
+    if isinstance(lease, dict):
+        # Fail-over fencing (issue 9): may this gateway send, and how often it had to stop.
+        valid = 1 if lease.get("state") in ("held", "taken over") else 0
+        lines += [
+            "# HELP ipsecct_failover_lease_valid 1 while this gateway may send (lease held, or"
+            " it took over), else 0.",
+            "# TYPE ipsecct_failover_lease_valid gauge",
+            f'ipsecct_failover_lease_valid{{node="{node}",state="{lease.get("state")}"}} {valid}',
+            "# HELP ipsecct_failover_lease_epoch Fail-over epoch (one more per take-over).",
+            "# TYPE ipsecct_failover_lease_epoch gauge",
+            f'ipsecct_failover_lease_epoch{{node="{node}"}} {lease.get("epoch", 0)}',
+        ]
+        if "losses" in lease:
+            lines += [
+                "# HELP ipsecct_failover_lease_losses_total Times the lease ran out.",
+                "# TYPE ipsecct_failover_lease_losses_total counter",
+                f'ipsecct_failover_lease_losses_total{{node="{node}"}} {lease["losses"]}',
+                "# HELP ipsecct_failover_lease_remaining_seconds Time left on the lease.",
+                "# TYPE ipsecct_failover_lease_remaining_seconds gauge",
+                f'ipsecct_failover_lease_remaining_seconds{{node="{node}"}} '
+                f"{(lease.get('remaining_ms') or 0) / 1000}",
+            ]
     for k, v in status.get("metrics", {}).items():
         lines.append(f'ipsecct_{k}{{node="{node}"}} {v}')
     return "\n".join(lines) + "\n"

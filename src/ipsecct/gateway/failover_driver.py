@@ -11,10 +11,11 @@ import logging
 from typing import Any
 
 from ..ct import cxtp
-from ..ct.failover import FailoverConfig, Replicator, Standby
+from ..ct.failover import FailoverConfig, Replicator, Standby, reply_kind
 from ..ct.transfer import FPT_SYNC, Identity, Record
 from ..ct.transfer import Endpoint as TEndpoint
 from ..ipsec.esp import Drop
+from .fencing import PairFencing, state_path
 from .log import event
 from .node import Node
 from .peers import PeerChannels
@@ -53,6 +54,16 @@ class FailoverDriver:
             self.standby = Standby(
                 node.engine, cfg, TEndpoint(node.cfg.outer.host, node.cfg.outer.port), identity
             )
+        self.fencing: PairFencing | None = None
+        if cfg.fencing:
+            self.fencing = PairFencing(
+                node,
+                cfg,
+                state_path(cfg, node.cfg.path, node.name),
+                self.replicator,
+                self.standby,
+            )
+            transfer.hold_hooks.append(self.fencing.hold)
         self._task: asyncio.Task[None] | None = None
         node.extensions["failover"] = self.status
 
@@ -70,12 +81,24 @@ class FailoverDriver:
                 await self._task
 
     def receive(self, peer: str, msg: cxtp.CTD) -> None:
-        """A sync message from ``peer``: only the standby takes them, only from its active."""
-        if self.standby is None or peer != self.cfg.peer:
+        """A sync message from ``peer``: the standby takes state from its active (and answers
+        ACK, or TAKEN once it took over); the active takes the standby's answers."""
+        if peer != self.cfg.peer:
             self.transfer.refuse()
             return
+        now = self.node.clock()
         try:
-            self.standby.receive(msg, self.node.clock())
+            if reply_kind(msg) is not None:
+                if self.replicator is None or self.fencing is None:
+                    self.transfer.refuse()
+                    return
+                self.fencing.on_reply(msg, now)
+                return
+            if self.standby is None:
+                self.transfer.refuse()
+                return
+            for r in self.standby.receive(msg, now):
+                self.channels.send(peer, r)
         except cxtp.CxtpError as exc:
             event(log, "sync-malformed", logging.WARNING, node=self.node.name, error=str(exc))
 
@@ -91,38 +114,46 @@ class FailoverDriver:
             if self.replicator is not None:
                 for m in self.replicator.poll(now):
                     self.channels.send(self.cfg.peer, m)
+                if self.fencing is not None:
+                    self.fencing.tick(now)
             elif self.standby is not None and self.standby.dead(now):
                 self.take_over(now)
 
     def take_over(self, now: float) -> Record:
         assert self.standby is not None
+        if self.fencing is not None:
+            self.fencing.before_take_over()  # on disk before anything is sent
         _tunnels, signals, rec = self.standby.take_over(now)
         for sa, payload in signals:
             res = self.node.engine.signal(sa, payload, now)
             if not isinstance(res, Drop):
                 self.node.send_esp(res.sa, res.data)
         # From now on this gateway is the active one; it replicates to nobody until an
-        # operator configures a new standby.
-        self.standby = None
+        # operator configures a new standby. The Standby stays, to answer the old active
+        # with TAKEN.
         self.transfer.report(rec)
         return rec
 
     def status(self) -> dict[str, Any]:
+        now = self.node.clock()
+        lease = {} if self.fencing is None else {"lease": self.fencing.status(now)}
         if self.replicator is not None:
+            superseded = self.replicator.superseded_by is not None
             return {
-                "role": "active",
+                "role": "superseded" if superseded else "active",
                 "peer": self.cfg.peer,
                 "messages": self.replicator.messages,
                 "contexts": self.replicator.contexts,
                 "unreplicable": self.replicator.unreplicable,
+                **lease,
             }
-        if self.standby is not None:
-            now = self.node.clock()
+        if self.standby is not None and self.standby.took_over is None:
             heard = self.standby.last_heard
             return {
                 "role": "standby",
                 "peer": self.cfg.peer,
                 "replicated_tunnels": len(self.standby.replica),
                 "last_heard_ms_ago": None if heard is None else round((now - heard) * 1000),
+                **lease,
             }
-        return {"role": "took over", "peer": self.cfg.peer}
+        return {"role": "took over", "peer": self.cfg.peer, **lease}

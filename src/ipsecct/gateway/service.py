@@ -62,6 +62,8 @@ class Service:
         self.vip: VipMover | None = None
         tcfg = cfg.transfer
         if role != "node" and tcfg is not None:
+            if cfg.cluster is not None and cfg.cluster.block() is not None:
+                tcfg.settings.spi_block = cfg.cluster.block()  # cluster-unique SPIs
             self.peers = PeerChannels(tcfg, self.node.name, clock=self.node.clock)
             self.transfer = TransferService(self.node, tcfg, self.peers)
             if cfg.virtual is not None and cfg.virtual_interface is not None:

@@ -59,6 +59,8 @@ class TransferService:
         self._wake = asyncio.Event()
         self._timer: asyncio.Task[None] | None = None
         node.on_held = self._on_held
+        # Others that hold packets (fail-over fencing): each says whether it kept one.
+        self.hold_hooks: list[Callable[[Held], bool]] = []
         node.on_forward = self._on_forward
         node.outer_hooks.append(self._on_outer_message)
         node.extensions["peers"] = self._peers_status
@@ -135,8 +137,11 @@ class TransferService:
         self.run(self.core.peer_lost(peer, self.node.clock()))
 
     def _on_held(self, held: Held) -> None:
-        if not self.core.hold(held):
-            self.node.engine.stats.drops["policy"] += 1
+        if self.core.hold(held):
+            return
+        if any(hook(held) for hook in self.hold_hooks):  # e.g. fail-over fencing
+            return
+        self.node.engine.stats.drops["policy"] += 1
 
     def _on_forward(self, fwd: Forward) -> None:
         self.run(self.core.forward(fwd.peer, fwd.packet, fwd.inbound))

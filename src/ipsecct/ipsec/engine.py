@@ -11,6 +11,7 @@ Perspective: selectors are seen from this node, "local" being the traffic on its
 from __future__ import annotations
 
 import enum
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -95,6 +96,9 @@ class Tunnel:
     state: TunnelState = TunnelState.ACTIVE
     forward_to: str | None = None
     forward_until: float = 0.0
+    # Fencing (fail-over): the highest outbound sequence number this tunnel may send; beyond
+    # it a standby could restart from a number this gateway already used.
+    seq_ceiling: int = 1 << 64
 
     @property
     def name(self) -> str:
@@ -153,6 +157,9 @@ class Engine:
         # (held, moved) sends its packets down the full path.
         self._flows: dict[bytes, Tunnel] = {}
         self.events: list[EngineEvent] = []
+        # Fencing (fail-over): nothing is sent at or after ``send_until`` (the end of this
+        # gateway's lease, see ipsecct.ct.lease); outbound packets are Held instead.
+        self.send_until = math.inf
 
     # -- configuration -----------------------------------------------------------------
     def add_policy(self, entry: SPDEntry, *, index: int | None = None) -> None:
@@ -356,7 +363,12 @@ class Engine:
         key = self._flow_key(packet)
         if key is not None:
             t = self._flows.get(key)
-            if t is not None and t.state is TunnelState.ACTIVE:
+            if (
+                t is not None
+                and t.state is TunnelState.ACTIVE
+                and now < self.send_until
+                and t.outbound.seq < t.seq_ceiling
+            ):
                 sa = t.outbound
                 if sa.mode is Mode.TUNNEL and sa.dst.version == 4:
                     n = len(packet)
@@ -404,6 +416,8 @@ class Engine:
             if now < t.forward_until and t.forward_to is not None:
                 return Forward(t.forward_to, packet, False)
             return self._drop(Drop.NO_SA)
+        if self.fenced(t, now):
+            return Held(t, packet, False)
         sa = t.outbound
         if hdr.total_len < len(packet):
             packet = packet[: hdr.total_len]
@@ -535,9 +549,16 @@ class Engine:
         self.stats.in_bytes += len(inner)
         return ToInner(inner)
 
+    def fenced(self, tunnel: Tunnel, now: float) -> bool:
+        """May ``tunnel`` not send now (lease run out, or sequence ceiling reached)?"""
+        return now >= self.send_until or tunnel.outbound.seq >= tunnel.seq_ceiling
+
     def signal(self, sa: SecurityAssociation, payload: bytes, now: float) -> ToPeer | Drop:
         """Send ``payload`` to the peer inside ``sa`` (outbound) as ESP next header 253:
         authenticated by the SA's keys and replay-protected by its sequence numbers."""
+        t = self._tunnel_of_sa.get(id(sa))
+        if now >= self.send_until or (t is not None and sa.seq >= t.seq_ceiling):
+            return self._drop(Drop.FENCED)
         res = esp.encapsulate(sa, NH_SIGNAL, payload, now)
         self._collect(sa)
         if isinstance(res, Drop):

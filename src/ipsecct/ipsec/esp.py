@@ -43,6 +43,7 @@ class Drop(enum.Enum):
     SEQ_EXHAUSTED = "seq_exhausted"
     DUMMY = "dummy"
     MTU = "mtu"
+    FENCED = "fenced"  # this gateway's lease on the SA ran out (fail-over fencing)
 
 
 def spi_seq(packet: bytes | bytearray | memoryview) -> tuple[int, int] | None:

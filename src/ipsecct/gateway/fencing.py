@@ -1,0 +1,233 @@
+"""The asyncio side of fail-over fencing (pair mode): what the driver does with the lease.
+
+The decisions are in :mod:`ipsecct.ct.lease` and :mod:`ipsecct.ct.failover`; the engine
+enforces the lease on every packet by itself (``Engine.send_until``). This module carries out
+the rest for one gateway of a pair:
+
+* the standby's replies (ACK, TAKEN) go back to the active over the same TLS channel;
+* the active logs the loss and regain of its lease (``lease-lost`` at WARNING: it has stopped
+  sending and says why), keeps what it held meanwhile in a bounded queue and sends it when the
+  lease comes back; told that the standby took over (``lease-superseded``, ERROR), it removes
+  its tunnels for good: the taker owns them;
+* the epoch, and whether this gateway took over, are kept in a small state file written
+  (and synced to disk) *before* anything is sent on a taken-over tunnel: a taker that restarts
+  still answers TAKEN and never lets the old active send again on SAs it used.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from ..ct import failover
+from ..ct.lease import LeaseEvent
+from ..ipsec.engine import Held, TunnelState
+from .log import event
+from .node import Node
+
+log = logging.getLogger("ipsecct.gateway.fencing")
+
+
+def state_path(cfg: failover.FailoverConfig, config_path: str, name: str) -> Path | None:
+    """Where the epoch is kept: ``[failover] state``, else beside the configuration file;
+    None for a configuration that is no file (the demo's): kept in memory only."""
+    if cfg.state:
+        p = Path(cfg.state)
+        return p if p.is_absolute() else Path(config_path).parent / p
+    if not Path(config_path).is_file():
+        return None
+    return Path(config_path).parent / f"{name}.failover-state.json"
+
+
+def load_state(path: Path | None) -> tuple[int, bool]:
+    """(epoch, took over?) from the state file; (first epoch, False) when there is none."""
+    if path is None:
+        return failover.FIRST_EPOCH, False
+    try:
+        d = json.loads(path.read_text())
+        epoch, took = d["epoch"], d["took_over"]
+        if isinstance(epoch, int) and epoch >= failover.FIRST_EPOCH and isinstance(took, bool):
+            return epoch, took
+    except FileNotFoundError:
+        return failover.FIRST_EPOCH, False
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    # A damaged state file: assume the worst (we took over), so we never hand a lease back.
+    return failover.FIRST_EPOCH + 1, True
+
+
+def save_state(path: Path | None, epoch: int, took_over: bool) -> None:
+    if path is None:
+        return
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w") as f:
+        json.dump({"epoch": epoch, "took_over": took_over}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    with contextlib.suppress(OSError):
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+class PairFencing:
+    """Lease bookkeeping of one gateway of a fail-over pair."""
+
+    def __init__(
+        self,
+        node: Node,
+        cfg: failover.FailoverConfig,
+        path: Path | None,
+        replicator: failover.Replicator | None,
+        standby: failover.Standby | None,
+    ) -> None:
+        self.node = node
+        self.cfg = cfg
+        self.path = path
+        self.replicator = replicator
+        self.standby = standby
+        self.held: collections.deque[Held] = collections.deque()
+        self.max_held = 4096
+        self.fenced_drops = 0
+        self.released = 0
+        self.lost_at: float | None = None
+        epoch, took = load_state(path)
+        if standby is not None:
+            standby.epoch = epoch
+            if took:
+                standby.took_over = node.clock()
+                if standby.grant is not None:
+                    standby.grant.close()
+                event(
+                    log,
+                    "failover-state",
+                    logging.WARNING,
+                    node=node.name,
+                    epoch=epoch,
+                    detail="this gateway took over before it restarted: it answers TAKEN and "
+                    "grants no lease (delete the state file to pair again)",
+                )
+        if replicator is not None:
+            replicator.epoch = epoch
+
+    # -- the active ------------------------------------------------------------------------
+    def on_reply(self, msg: Any, now: float) -> None:
+        assert self.replicator is not None
+        self._events(self.replicator.receive(msg, now), now)
+
+    def tick(self, now: float) -> None:
+        if self.replicator is not None:
+            self._events(self.replicator.tick(now), now)
+
+    def _events(self, events: list[LeaseEvent], now: float) -> None:
+        for ev in events:
+            if ev is LeaseEvent.LOST:
+                self.lost_at = now
+                event(
+                    log,
+                    ev.value,
+                    logging.WARNING,
+                    node=self.node.name,
+                    peer=self.cfg.peer,
+                    detail="no acknowledgement from the standby within the lease: "
+                    "this gateway stopped sending (packets held)",
+                )
+            elif ev is LeaseEvent.REGAINED or ev is LeaseEvent.GRANTED:
+                gap = "" if self.lost_at is None else f"{(now - self.lost_at) * 1000:.0f}"
+                self.lost_at = None
+                event(log, ev.value, node=self.node.name, peer=self.cfg.peer, fenced_ms=gap)
+                self._release()
+            elif ev is LeaseEvent.SUPERSEDED:
+                self._superseded()
+
+    def hold(self, held: Held) -> bool:
+        """A packet the engine held because of the fence: keep it (bounded) for the lease's
+        return. False when it is not ours to keep."""
+        if held.inbound or not self.node.engine.fenced(held.tunnel, self.node.clock()):
+            return False
+        if self.replicator is None or self.replicator.superseded_by is not None:
+            self.fenced_drops += 1
+            return True
+        if len(self.held) >= self.max_held:
+            self.fenced_drops += 1
+            return True
+        self.held.append(held)
+        return True
+
+    def _release(self) -> None:
+        pending, self.held = self.held, collections.deque()
+        for h in pending:
+            if h.tunnel.state is TunnelState.ACTIVE:
+                self.released += 1
+                self.node.from_inner(h.packet)
+
+    def _superseded(self) -> None:
+        assert self.replicator is not None
+        epoch = self.replicator.superseded_by or 0
+        save_state(self.path, epoch, False)
+        tunnels = list(self.node.engine.tunnels())
+        for t in tunnels:
+            self.node.engine.remove_tunnel(t)
+        self.fenced_drops += len(self.held)
+        self.held.clear()
+        event(
+            log,
+            LeaseEvent.SUPERSEDED.value,
+            logging.ERROR,
+            node=self.node.name,
+            peer=self.cfg.peer,
+            epoch=epoch,
+            tunnels=len(tunnels),
+            detail="the standby took over: this gateway removed its tunnels and sends nothing; "
+            "restart it as the standby to pair again",
+        )
+
+    # -- the standby -----------------------------------------------------------------------
+    def before_take_over(self) -> None:
+        """Record the take-over on disk before anything is sent on a taken-over SA."""
+        assert self.standby is not None
+        save_state(self.path, self.standby.epoch + 1, True)
+
+    # -- information -----------------------------------------------------------------------
+    def status(self, now: float) -> dict[str, Any]:
+        if self.replicator is not None:
+            lease = self.replicator.lease
+            if self.replicator.superseded_by is not None:
+                state = "superseded"
+            elif lease is None:
+                state = "off"
+            else:
+                state = "held" if lease.valid(now) else "lost"
+            out: dict[str, Any] = {
+                "state": state,
+                "epoch": self.replicator.epoch,
+                "remaining_ms": (
+                    round(lease.remaining(now) * 1000) if lease is not None else None
+                ),
+                "lease_ms": round(lease.timing.lease * 1000, 3) if lease is not None else None,
+                "losses": lease.losses if lease is not None else 0,
+                "acks": self.replicator.acks,
+                "held_packets": len(self.held),
+                "fenced_drops": self.fenced_drops + self.node.engine.stats.drops["fenced"],
+            }
+            return out
+        assert self.standby is not None
+        g = self.standby.grant
+        d = g.deadline() if g is not None else None
+        return {
+            "state": "taken over" if self.standby.took_over is not None else "granting",
+            "epoch": self.standby.epoch,
+            "granted": self.standby.acks,
+            "takeover_possible_in_ms": (
+                None if d is None or self.standby.took_over else max(0, round((d - now) * 1000))
+            ),
+            "wait_ms": round(self.cfg.dead_ms, 3),
+        }

@@ -1,0 +1,171 @@
+"""The partition of issue 9, run inside a network namespace by tests/test_failover_partition.py.
+
+examples/failover as real processes on the namespace's own loopback: a steady stream from the
+host to the MN through sg1 (and the same stream offered to sg2: traffic reaching both
+gateways), captured on the wire with tcpdump; then the TLS channel between sg1 and sg2 is cut
+with an nftables rule while both stay up and the MN still reaches sg1. Prints one JSON object:
+what each gateway sent on the wire (per (SPI, sequence number)), when the isolated gateway sent
+its last ESP packet, the MN's drop counters and what the gateways' status and logs say.
+
+Usage: python tests/failover_partition.py DIR   (as root, inside a fresh network namespace)
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from ipsecct.ipsec.ippacket import build_udp  # noqa: E402
+from ipsecct.tools.pcap import ip_packet, read_pcap  # noqa: E402
+from tests.example_deployment import HOST_INNER, MN_INNER, ExampleDeployment  # noqa: E402
+
+EXAMPLE = ROOT / "examples" / "failover"
+PORTS = (14600, 15100, 15101, 24600, 25100, 25191, 34600, 35100, 35191, 45101)
+ADDR = {"mn": "127.0.4.10", "sg1": "127.0.4.1", "sg2": "127.0.4.2", "host": "127.0.4.20"}
+INNER = {"sg1": 25100, "sg2": 35100}
+RATE = 1000  # packets per second, host -> MN
+
+
+def main(d: Path) -> dict[str, Any]:
+    dep = ExampleDeployment(
+        d,
+        EXAMPLE,
+        udp_ports=tuple(p for p in PORTS if p not in (25191, 35191)),
+        tcp_ports=(25191, 35191),
+        ctl_prefix="/tmp/ipsecct-fo-",
+        host=(ADDR["host"], 45101),
+        mn_app=(ADDR["mn"], 15101),
+    )
+    out: dict[str, Any] = {}
+    pcap = d / "wire.pcap"
+    dump: subprocess.Popen[bytes] | None = None
+    try:
+        for n in ("sg2", "sg1", "mn"):
+            dep.start(n)
+        dep.wait(
+            "sg1",
+            lambda s: s["failover"].get("lease", {}).get("state") == "held",
+            "sg1 holds its lease",
+        )
+        lease_ms = dep.status("sg1")["failover"]["lease"]["lease_ms"]
+        mn_port = dep.port[14600]
+        dump = subprocess.Popen(
+            [
+                "tcpdump",
+                "-i",
+                "lo",
+                "-U",
+                "-n",
+                "-s",
+                "128",
+                "-w",
+                str(pcap),
+                f"udp and dst host {ADDR['mn']} and dst port {mn_port}",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        time.sleep(1.0)  # tcpdump is listening
+        stop = threading.Event()
+        sent = [0]
+
+        host_ip, mn_ip = ipaddress.ip_address(HOST_INNER), ipaddress.ip_address(MN_INNER)
+
+        def stream() -> None:
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            t0 = time.monotonic()
+            i = 0
+            while not stop.is_set():
+                body = struct.pack("!I", i) + bytes(28)
+                pkt = build_udp(host_ip, mn_ip, 7000, 7000, body)
+                for g in ("sg1", "sg2"):
+                    s.sendto(pkt, (ADDR[g], dep.port[INNER[g]]))
+                i += 1
+                delay = t0 + i / RATE - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
+            sent[0] = i
+            s.close()
+
+        th = threading.Thread(target=stream, daemon=True)
+        th.start()
+        time.sleep(1.5)
+        # Cut the inter-gateway channel (TLS over TCP) both ways; ESP and the MN untouched.
+        ports = f"{{ {dep.port[25191]}, {dep.port[35191]} }}"
+        rules = (
+            "add table inet ipsecct_cut\n"
+            "add chain inet ipsecct_cut out { type filter hook output priority 0; }\n"
+            f"add rule inet ipsecct_cut out tcp dport {ports} drop\n"
+            f"add rule inet ipsecct_cut out tcp sport {ports} drop\n"
+        )
+        subprocess.run(["nft", "-f", "-"], input=rules, text=True, check=True)
+        t_cut = time.time()
+        out["cut_at"] = t_cut
+        dep.wait(
+            "sg2",
+            lambda s: s["failover"]["role"] == "took over",
+            "sg2 takes over",
+            timeout=15,
+        )
+        st1 = dep.wait(
+            "sg1",
+            lambda s: s["failover"]["lease"]["state"] == "lost",
+            "sg1 says it lost its lease",
+            timeout=15,
+        )
+        time.sleep(2.0)  # both up, both offered traffic, for a while
+        out["sg1_status"] = dep.status("sg1")["failover"]
+        out["sg1_status_when_lost"] = st1["failover"]
+        out["sg2_status"] = dep.status("sg2")["failover"]
+        stop.set()
+        th.join(5)
+        time.sleep(0.5)
+        out["stream_sent"] = sent[0]
+        out["mn_drops"] = dep.status("mn")["counters"]["drops"]
+        out["mn_in_packets"] = dep.status("mn")["counters"]["in_packets"]
+        out["lease_ms"] = lease_ms
+        out["sg1_log"] = (d / "sg1.log").read_text(errors="replace")
+        metrics = subprocess.run(
+            [sys.executable, "-m", "ipsecct", "status", "--json", "--config", dep.config("sg1")],
+            capture_output=True,
+            text=True,
+        )
+        out["sg1_status_json_ok"] = metrics.returncode == 0
+    finally:
+        if dump is not None:
+            dump.terminate()
+            dump.wait(10)
+        dep.stop()
+    # What went on the wire to the MN, by sender.
+    header, records = read_pcap(pcap.read_bytes())
+    by_sender: dict[str, list[tuple[int, int, float]]] = {"sg1": [], "sg2": []}
+    for r in records:
+        ipp = ip_packet(header.linktype, r.data)
+        if ipp is None or len(ipp) < 36:
+            continue
+        src = ".".join(str(b) for b in ipp[12:16])
+        ihl = (ipp[0] & 0x0F) * 4
+        udp = bytes(ipp[ihl : ihl + 16])
+        if len(udp) < 16 or udp[8:12] == b"\0\0\0\0":
+            continue  # a non-ESP message (signalling outside ESP, keep-alive)
+        spi, seq = struct.unpack("!II", udp[8:16])
+        ts = r.ts_sec + r.ts_frac / (1e9 if header.nanosecond else 1e6)
+        who = "sg1" if src == ADDR["sg1"] else "sg2" if src == ADDR["sg2"] else src
+        by_sender.setdefault(who, []).append((spi, seq, ts))
+    out["wire"] = {k: [[a, b, c] for a, b, c in v] for k, v in by_sender.items()}
+    return out
+
+
+if __name__ == "__main__":
+    print(json.dumps(main(Path(sys.argv[1]))))
