@@ -51,14 +51,20 @@ class Initiator(Charon):
     """strongSwan A with a swanctl.conf made for connecting to the ipsecct gateway."""
 
     def __init__(self, ns: Namespaces, workdir: Path, *, ike: str | None, esp: str | None,
-                 encap: bool = True, dpd: int = 0) -> None:  # fmt: skip
+                 encap: bool = True, dpd: int = 0, rekey: tuple[int, int] | None = None,
+                 ) -> None:  # fmt: skip
         super().__init__(ns, "a", A, workdir, esp or "default")
         self.ike, self.esp, self.encap, self.dpd = ike, esp, encap, dpd
+        self.rekey = rekey  # (IKE, CHILD) rekey_time in seconds
 
     def write_config(self) -> None:
         super().write_config()
         props = f"proposals = {self.ike}" if self.ike else ""
         esp = f"esp_proposals = {self.esp}" if self.esp else ""
+        ike_rekey = child_rekey = ""
+        if self.rekey is not None:
+            ike_rekey = f"rekey_time = {self.rekey[0]}s\n    over_time = 2s\n    rand_time = 1s"
+            child_rekey = f"rekey_time = {self.rekey[1]}s\n        rand_time = 1s"
         conf = f"""connections {{
   cA {{
     version = 2
@@ -68,6 +74,7 @@ class Initiator(Charon):
     mobike = no
     dpd_delay = {self.dpd}s
     {props}
+    {ike_rekey}
     local {{
       auth = psk
       id = {A.id}
@@ -81,6 +88,7 @@ class Initiator(Charon):
         local_ts = {A.inner}/32
         remote_ts = {B.inner}/32
         {esp}
+        {child_rekey}
         mode = tunnel
       }}
     }}
@@ -189,13 +197,14 @@ def udp_stream(ns: Namespaces, src_role: str, src: str, dst_role: str, dst: str,
 
 def start(ns: Namespaces, workdir: Path, *, ike: str, esp: str, ss_ike: str | None,
           ss_esp: str | None, encap: bool = False, ss_encap: bool = True, dpd: int = 0,
-          ss_dpd: int = 0) -> tuple[Initiator, Daemon]:  # fmt: skip
+          ss_dpd: int = 0, rekey: tuple[int, int] | None = None,
+          ) -> tuple[Initiator, Daemon]:  # fmt: skip
     build_namespaces(ns)
     conf = gateway_config(workdir, ike=ike, esp=esp, encap=encap, dpd=dpd)
     gw = Daemon("gateway", conf, str(workdir / "gw.sock"), workdir / "gw.log",
                 prefix=["ip", "netns", "exec", ns.names["b"]])  # fmt: skip
     gw.start()
-    ss = Initiator(ns, workdir, ike=ss_ike, esp=ss_esp, encap=ss_encap, dpd=ss_dpd)
+    ss = Initiator(ns, workdir, ike=ss_ike, esp=ss_esp, encap=ss_encap, dpd=ss_dpd, rekey=rekey)
     return ss, gw
 
 
@@ -299,5 +308,37 @@ def test_liveness_and_delete_both_ways(workdir: Path) -> None:
                 assert gw.terminate() == 0
                 strongswan.wait_log(ss, r"received DELETE for IKE_SA cA")
                 wait_until(lambda: "cA" not in ss.list_sas(), "strongSwan to drop the IKE SA")
+        finally:
+            gw.cleanup()
+
+
+@pytest.mark.root
+@pytest.mark.slow
+@needs_strongswan
+def test_strongswan_rekeys_child_and_ike_sa(workdir: Path) -> None:
+    """strongSwan rekeys its CHILD SA (with PFS: a KE payload in CREATE_CHILD_SA) every ~4 s
+    and its IKE SA every ~7 s; the gateway answers, installs the new CHILD SA before the old
+    one is deleted, moves the CHILD SAs to the new IKE SA, and a ping runs through it all
+    without loss."""
+    with Namespaces("a", "b") as ns:
+        ss, gw = start(ns, workdir, ike="default", esp="aes128gcm16-x25519", ss_ike=None,
+                       ss_esp="aes128gcm16-x25519", rekey=(7, 4))  # fmt: skip
+        sock = str(workdir / "gw.sock")
+        try:
+            with ss:
+                ss.start()
+                ss.initiate()
+                n = 50
+                assert ping(ns, "a", B.inner, n) == n, ss.logtail() + gw.logtext()
+                log = ss.log()
+                assert len(re.findall(r"CHILD_SA net\{\d+\} established", log)) >= 3, log
+                assert re.search(r"IKE_SA cA\[\d+\] rekeyed|rekeying IKE_SA", log), log
+                assert "failed" not in log.lower(), ss.logtail()
+                c = gw.status()["ike"]["counters"]
+                assert c.get("child-sa-rekeyed", 0) >= 2 and c.get("ike-sa-rekeyed", 0) >= 1, c
+                sas = ike_list(sock)
+                assert len(sas) == 1 and len(sas[0]["children"]) == 1, sas
+                assert gw.status()["sas"] == 2  # the old CHILD SAs are gone
+                assert udp_stream(ns, "b", B.inner, "a", A.inner, 100) == 100
         finally:
             gw.cleanup()

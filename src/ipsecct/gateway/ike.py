@@ -23,6 +23,7 @@ from ..ikev2.engine import (
     ChildUp,
     IkeDown,
     IkeEngine,
+    IkeRekeyed,
     IkeUp,
     Output,
     PeerMoved,
@@ -173,6 +174,9 @@ class IkeService:
         elif isinstance(o, IkeUp):
             event(log, "ike-sa-up", node=self.node.name, conn=o.ike.conn.name,
                   peer=o.ike.remote, id=o.ike.peer_id)  # fmt: skip
+        elif isinstance(o, IkeRekeyed):
+            event(log, "ike-sa-rekeyed", node=self.node.name, conn=o.new.conn.name,
+                  peer=o.new.remote, spi_i=o.new.spi_i.hex(), spi_r=o.new.spi_r.hex())  # fmt: skip
         elif isinstance(o, IkeDown):
             event(log, "ike-sa-down", node=self.node.name, conn=o.ike.conn.name,
                   peer=o.ike.remote, reason=o.reason)  # fmt: skip

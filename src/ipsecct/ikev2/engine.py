@@ -69,6 +69,8 @@ HALF_OPEN_TIMEOUT = 30.0
 MAX_HALF_OPEN = 1000
 MAX_HALF_OPEN_PER_SOURCE = 20
 MAX_IKE_SAS_PER_SOURCE = 200
+REKEYED_GRACE = 60.0  # how long a rekeyed IKE SA waits for the peer's DELETE
+MAX_CHILD_SAS = 16  # per IKE SA (rekeying needs room for two of each for a while)
 
 
 # -- outputs --------------------------------------------------------------------------------
@@ -120,7 +122,15 @@ class ConnectFailed:
     reason: str
 
 
-Output = Send | IkeUp | IkeDown | ChildUp | ChildDown | PeerMoved | ConnectFailed
+@dataclass(frozen=True)
+class IkeRekeyed:
+    """The IKE SA was rekeyed: ``new`` took over the CHILD SAs of ``old``."""
+
+    old: IkeSA
+    new: IkeSA
+
+
+Output = Send | IkeUp | IkeDown | ChildUp | ChildDown | PeerMoved | ConnectFailed | IkeRekeyed
 
 
 @dataclass(eq=False)
@@ -208,6 +218,10 @@ class IkeEngine:
         for ike in list(self.by_spi.values()):
             if ike.state is IkeState.HALF_OPEN and not ike.we_initiated:
                 continue
+            if ike.state is IkeState.REKEYED:
+                if now - ike.last_heard >= REKEYED_GRACE:  # the peer never deleted it
+                    self._kill(ike, "rekeyed", out)
+                continue
             p = ike.pending
             if p is not None:
                 if now >= p.deadline:
@@ -232,6 +246,9 @@ class IkeEngine:
         ds += [c.deadline for c in self.connecting.values()]
         for ike in self.by_spi.values():
             if ike.state is IkeState.HALF_OPEN and not ike.we_initiated:
+                continue
+            if ike.state is IkeState.REKEYED:
+                ds.append(ike.last_heard + REKEYED_GRACE)
                 continue
             if ike.pending is not None:
                 ds.append(ike.pending.deadline)
@@ -315,8 +332,7 @@ class IkeEngine:
         elif hdr.exchange == ExchangeType.INFORMATIONAL:
             reply = self._informational(ike, inner, out)
         elif hdr.exchange == ExchangeType.CREATE_CHILD_SA:
-            self.stats["create-child-refused"] += 1
-            reply = [NotifyPayload(Notify.NO_ADDITIONAL_SAS)]
+            reply = self._create_child(ike, inner, now, out)
         else:
             self.stats["bad-exchange"] += 1
             reply = [NotifyPayload(Notify.INVALID_SYNTAX)]
@@ -509,7 +525,18 @@ class IkeEngine:
         tsr = next((p for p in inner if isinstance(p, TSPayload) and not p.initiator), None)
         if sa is None or tsi is None or tsr is None:
             return []  # an IKE SA without a CHILD SA (RFC 7296 §1.2 allows none)
-        for cc in ike.conn.children:
+        return self._child_for_peer(ike, sa, tsi, tsr, ike.nonce_i, ike.nonce_r, None, now, out,
+                                    in_auth=True)  # fmt: skip
+
+    def _child_for_peer(self, ike: IkeSA, sa: SAPayload, tsi: TSPayload, tsr: TSPayload,
+                        ni: bytes, nr: bytes, ke: KEPayload | None, now: float,
+                        out: list[Output], rekeyed: ChildSA | None = None,
+                        in_auth: bool = False) -> list[Payload]:
+        """A CHILD SA the peer asks for (in IKE_AUTH, or CREATE_CHILD_SA with its nonce
+        ``ni`` and ours ``nr``): narrowed selectors, chosen proposal, keys; the reply
+        payloads (without the nonce and KE, which the caller adds)."""  # fmt: skip
+        configs = [rekeyed.config] if rekeyed is not None else ike.conn.children
+        for cc in configs:
             remote = narrow(tsi.selectors, cc.remote_ts)
             local = narrow(tsr.selectors, cc.local_ts)
             if remote and local:
@@ -517,7 +544,9 @@ class IkeEngine:
         else:
             self.stats["ts-unacceptable"] += 1
             return [NotifyPayload(Notify.TS_UNACCEPTABLE)]
-        chosen = choose(cc.esp_proposals, sa.proposals, ignore_dh=True)
+        # IKE_AUTH's CHILD SA takes its keys from the IKE SA's exchange: no DH of its own
+        chosen = choose(cc.esp_proposals, sa.proposals, ignore_dh=in_auth,
+                        ke_group=ke.group if ke else None)  # fmt: skip
         if chosen is None:
             self.stats["child-no-proposal"] += 1
             return [NotifyPayload(Notify.NO_PROPOSAL_CHOSEN)]
@@ -525,23 +554,114 @@ class IkeEngine:
         if len(proposal.spi) != 4 or int.from_bytes(proposal.spi, "big") < 256:
             self.stats["child-bad-spi"] += 1
             return [NotifyPayload(Notify.INVALID_SYNTAX)]
+        extra: list[Payload] = []
+        shared = b""
+        if suite.dh is not None:  # PFS (CREATE_CHILD_SA only)
+            if ke is None or ke.group != suite.dh:
+                self.stats["invalid-ke"] += 1
+                return [NotifyPayload(Notify.INVALID_KE_PAYLOAD,
+                                      data=struct.pack("!H", suite.dh))]  # fmt: skip
+            kx = KeyExchange(suite.dh)
+            shared = kx.shared(ke.data)
+            extra.append(KEPayload(suite.dh, kx.public))
         spi_in = self._new_child_spi()
         prf_alg = ike.suite.prf
         assert prf_alg is not None
-        keys = child_keys(prf_alg, ike.keys.sk_d, suite, ike.nonce_i, ike.nonce_r)
+        keys = child_keys(prf_alg, ike.keys.sk_d, suite, ni, nr, shared)
         child = ChildSA(cc, suite, spi_in, int.from_bytes(proposal.spi, "big"), keys, False,
                         local, remote, now)  # fmt: skip
         ike.children.append(child)
-        self.stats["child-sa-established"] += 1
-        log.info("event=child-sa-established conn=%s child=%s spi_in=%08x spi_out=%08x "
-                 "proposal=%s local_ts=%s remote_ts=%s", ike.conn.name, cc.name, spi_in,
+        self.stats["child-sa-rekeyed" if rekeyed else "child-sa-established"] += 1
+        log.info("event=child-sa-%s conn=%s child=%s spi_in=%08x spi_out=%08x "
+                 "proposal=%s local_ts=%s remote_ts=%s",
+                 "rekeyed" if rekeyed else "established", ike.conn.name, cc.name, spi_in,
                  child.spi_out, suite.name(), ",".join(map(str, local)),
                  ",".join(map(str, remote)))  # fmt: skip
         out.append(ChildUp(ike, child))
         return [
             SAPayload((suite.proposal(proposal.num, spi_in.to_bytes(4, "big")),)),
+            *extra,
             TSPayload(True, tuple(remote)),
             TSPayload(False, tuple(local)),
+        ]
+
+    # -- CREATE_CHILD_SA (§1.3) -------------------------------------------------------------
+    def _create_child(self, ike: IkeSA, inner: list[Payload], now: float,
+                      out: list[Output]) -> list[Payload]:  # fmt: skip
+        sa = find(inner, SAPayload)
+        ni = find(inner, NoncePayload)
+        ke = find(inner, KEPayload)
+        if sa is None or ni is None:
+            self.stats["bad-create-child"] += 1
+            return [NotifyPayload(Notify.INVALID_SYNTAX)]
+        if ike.state is not IkeState.ESTABLISHED:
+            return [NotifyPayload(Notify.TEMPORARY_FAILURE)]
+        if sa.proposals and sa.proposals[0].protocol == ProtocolId.IKE:
+            return self._rekey_ike(ike, sa, ni, ke, now, out)
+        tsi = next((p for p in inner if isinstance(p, TSPayload) and p.initiator), None)
+        tsr = next((p for p in inner if isinstance(p, TSPayload) and not p.initiator), None)
+        if tsi is None or tsr is None:
+            self.stats["bad-create-child"] += 1
+            return [NotifyPayload(Notify.INVALID_SYNTAX)]
+        n = notifies(inner)
+        rekeyed = None
+        if Notify.REKEY_SA in n:
+            spi = int.from_bytes(n[Notify.REKEY_SA].spi, "big")
+            rekeyed = next((c for c in ike.children if spi in (c.spi_out, c.spi_in)), None)
+            if rekeyed is None:
+                self.stats["rekey-unknown-child"] += 1
+                return [NotifyPayload(Notify.CHILD_SA_NOT_FOUND, ProtocolId.ESP,
+                                      n[Notify.REKEY_SA].spi)]  # fmt: skip
+        elif len(ike.children) >= MAX_CHILD_SAS:
+            self.stats["child-limit"] += 1
+            return [NotifyPayload(Notify.NO_ADDITIONAL_SAS)]
+        nr = self.random(32)
+        reply = self._child_for_peer(ike, sa, tsi, tsr, ni.data, nr, ke, now, out, rekeyed)
+        if reply and isinstance(reply[0], SAPayload):
+            reply.insert(1, NoncePayload(nr))
+        return reply
+
+    def _rekey_ike(self, ike: IkeSA, sa: SAPayload, ni: NoncePayload, ke: KEPayload | None,
+                   now: float, out: list[Output]) -> list[Payload]:  # fmt: skip
+        """The peer rekeys the IKE SA (§1.3.2, §2.18): a new IKE SA with new SPIs and keys
+        from the old SK_d takes over the CHILD SAs; the peer then deletes the old one."""
+        if ke is None:
+            return [NotifyPayload(Notify.INVALID_SYNTAX)]
+        chosen = choose(ike.conn.proposals, sa.proposals, ke_group=ke.group)
+        if chosen is None:
+            self.stats["ike-rekey-no-proposal"] += 1
+            return [NotifyPayload(Notify.NO_PROPOSAL_CHOSEN)]
+        proposal, suite = chosen
+        if len(proposal.spi) != 8 or proposal.spi == bytes(8):
+            return [NotifyPayload(Notify.INVALID_SYNTAX)]
+        assert suite.dh is not None
+        if ke.group != suite.dh:
+            return [NotifyPayload(Notify.INVALID_KE_PAYLOAD, data=struct.pack("!H", suite.dh))]
+        kx = KeyExchange(suite.dh)
+        shared = kx.shared(ke.data)
+        spi_r = self.random(8)
+        while spi_r == bytes(8) or spi_r in self.by_spi:
+            spi_r = self.random(8)
+        nr = self.random(32)
+        keys = ike_keys(suite, shared, ni.data, nr, proposal.spi, spi_r,
+                        old_sk_d=ike.keys.sk_d, old_prf=ike.suite.prf)  # fmt: skip
+        new = IkeSA(proposal.spi, spi_r, False, ike.conn, ike.candidates, suite, ike.local,
+                    ike.remote, now, keys, ni.data, nr, b"", b"", ike.nat_local,
+                    ike.nat_remote, IkeState.ESTABLISHED, ike.peer_id)  # fmt: skip
+        new.peer_next_mid = 0
+        new.last_heard = now
+        new.children, ike.children = ike.children, []
+        ike.state = IkeState.REKEYED
+        self.by_spi[spi_r] = new
+        self.stats["ike-sa-rekeyed"] += 1
+        log.info("event=ike-sa-rekeyed conn=%s peer=%s old=%s_i/%s_r new=%s_i/%s_r proposal=%s",
+                 ike.conn.name, ike.remote, ike.spi_i.hex(), ike.spi_r.hex(),
+                 new.spi_i.hex(), new.spi_r.hex(), suite.name())  # fmt: skip
+        out.append(IkeRekeyed(ike, new))
+        return [
+            SAPayload((suite.proposal(proposal.num, spi_r),)),
+            NoncePayload(nr),
+            KEPayload(suite.dh, kx.public),
         ]
 
     def _new_child_spi(self) -> int:
@@ -560,7 +680,10 @@ class IkeEngine:
             self.stats["liveness-answered"] += 1
         for d in deletes:
             if d.protocol == ProtocolId.IKE:
-                self.stats["ike-deleted-by-peer"] += 1
+                if ike.state is IkeState.REKEYED:
+                    ike.peer_id = ""  # replaced, not gone: no IkeDown
+                else:
+                    self.stats["ike-deleted-by-peer"] += 1
                 ike.state = IkeState.DEAD
                 return []
             if d.protocol != ProtocolId.ESP:
@@ -801,7 +924,7 @@ class IkeEngine:
         if self.by_spi.get(ike.our_spi) is ike:
             del self.by_spi[ike.our_spi]
         self.half_open = {k: v for k, v in self.half_open.items() if v is not ike}
-        was_up = ike.peer_id != ""
+        was_up = ike.peer_id != "" and ike.state is not IkeState.REKEYED
         ike.state = IkeState.DEAD
         ike.pending = None
         for c in ike.children:

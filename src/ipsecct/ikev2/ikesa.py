@@ -40,6 +40,7 @@ class IkeState(enum.Enum):
     HALF_OPEN = "half-open"  # IKE_SA_INIT answered, IKE_AUTH not yet
     ESTABLISHED = "established"
     DELETING = "deleting"  # our DELETE is on its way
+    REKEYED = "rekeyed"  # replaced by a new IKE SA: waits for its DELETE
     DEAD = "dead"
 
 
