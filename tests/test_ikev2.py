@@ -197,12 +197,13 @@ def test_traffic_selector_narrowing() -> None:
 def conn(name: str = "c", *, ike: str = "aes128gcm16-prfsha256-x25519",
          esp: str = "aes128gcm16", local_ts: str = "10.1.0.0/16", remote_ts: str = "10.2.0.0/16",
          local_id: str = "gw.test", remote_id: str = "%any", psk: bytes = PSK,
-         encap: bool = False, dpd: float = 0.0) -> Connection:  # fmt: skip
+         encap: bool = False, dpd: float = 0.0, rekey: float | None = None,
+         child_rekey: float | None = None) -> Connection:  # fmt: skip
     child = ChildConfig("net", [from_text(local_ts)], [from_text(remote_ts)],
-                        parse_list([esp], M.ProtocolId.ESP))  # fmt: skip
+                        parse_list([esp], M.ProtocolId.ESP), child_rekey)  # fmt: skip
     return Connection(name, [], [], parse_list([ike], M.ProtocolId.IKE), "psk",
                       Identity(local_id), "psk", Identity(remote_id), psk, encap, dpd,
-                      None, [child])  # fmt: skip
+                      rekey, [child])  # fmt: skip
 
 
 def mn_conn(**kw: object) -> Connection:
@@ -542,3 +543,99 @@ id = "gw.test"
         with pytest.raises(ConfigError, match=why) as ei:
             config.load(d / "c.toml")
         assert PSK.decode() not in str(ei.value)
+
+
+def mirrored(w: Wire) -> None:
+    """Each side has one IKE SA with one CHILD SA, and they are the same SAs."""
+    (ii,), (ir,) = w.ini.ike_sas(), w.resp.ike_sas()
+    assert (ii.spi_i, ii.spi_r) == (ir.spi_i, ir.spi_r)
+    assert ii.state is ir.state is IkeState.ESTABLISHED
+    assert ii.keys == ir.keys
+    (ci,), (cr,) = ii.children, ir.children
+    assert (ci.spi_in, ci.spi_out) == (cr.spi_out, cr.spi_in)
+    _, out_i, in_i = ci.sas(I500, R500, True, "i")
+    _, out_r, in_r = cr.sas(R500, I500, True, "r")
+    assert out_i.enc_key == in_r.enc_key and out_r.enc_key == in_i.enc_key
+
+
+@pytest.mark.parametrize("esp", ["aes128gcm16", "aes128gcm16-x25519", "aes256-sha256-ecp256"])
+def test_child_rekey_by_either_side(esp: str) -> None:
+    w = pair(mn_conn(esp=esp), conn(esp=esp, child_rekey=100))
+    connect(w)
+    first = w.resp.ike_sas()[0].children[0]
+    assert w.resp.next_deadline() is not None and w.resp.next_deadline() <= 100  # type: ignore[operator]
+    w.deliver(w.resp.tick(100.0), "r", 100.0)  # the gateway rekeys
+    mirrored(w)
+    assert w.resp.ike_sas()[0].children[0].spi_in != first.spi_in
+    assert len(w.of("i", ChildDown)) == len(w.of("r", ChildDown)) == 1
+    ike_i = w.ini.ike_sas()[0]
+    w.deliver(w.ini.rekey_child(ike_i, ike_i.children[0], 150.0), "i", 150.0)  # the MN rekeys
+    mirrored(w)
+    assert w.resp.stats["child-sa-rekeyed"] == w.ini.stats["child-sa-rekeyed"] == 2
+    if "x25519" in esp or "ecp" in esp:  # PFS: a KE in each CREATE_CHILD_SA
+        assert w.ini.ike_sas()[0].children[0].suite.dh is not None
+
+
+def test_ike_rekey_by_either_side_keeps_the_child_sas() -> None:
+    w = pair(mn_conn(rekey=200), conn(dpd=10))
+    connect(w)
+    child = w.resp.ike_sas()[0].children[0]
+    old = w.resp.ike_sas()[0].spi_r
+    w.deliver(w.ini.tick(200.0), "i", 200.0)
+    mirrored(w)
+    assert w.resp.ike_sas()[0].spi_r != old and w.resp.ike_sas()[0].children[0] is child
+    assert not w.of("r", ChildDown) and not w.of("r", IkeDown) and not w.of("i", IkeDown)
+    ike_r = w.resp.ike_sas()[0]
+    w.deliver(w.resp.rekey_ike(ike_r, 250.0), "r", 250.0)  # now the gateway
+    mirrored(w)
+    w.deliver(w.resp.tick(261.0), "r", 261.0)  # a liveness check over the newest IKE SA
+    assert w.resp.stats["liveness-sent"] == 1 and w.ini.stats["liveness-answered"] == 1
+    assert w.resp.ike_sas()[0].pending is None
+
+
+def crossed(w: Wire, outs_i: list[Output], outs_r: list[Output], now: float) -> None:
+    """Both requests are on the wire before either answer."""
+    w.deliver(outs_i, "i", now, drop=True)
+    w.deliver(outs_r, "r", now, drop=True)
+    reqs = w.sent[-2:]
+    answer_r = w.resp.receive(reqs[0].data, I500, R500, now)
+    answer_i = w.ini.receive(reqs[1].data, R500, I500, now)
+    w.deliver(answer_r, "r", now)
+    w.deliver(answer_i, "i", now)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_simultaneous_child_rekey(seed: int) -> None:
+    """§2.8.1: both sides rekey the same CHILD SA at once; whatever the nonces, one CHILD SA
+    survives on both sides, the same one."""
+    w = pair()
+    connect(w)
+    import random as _r
+
+    rnd = _r.Random(seed)
+    w.ini.random = w.resp.random = lambda n: rnd.randbytes(n)
+    ii, ir = w.ini.ike_sas()[0], w.resp.ike_sas()[0]
+    crossed(w, w.ini.rekey_child(ii, ii.children[0], 10.0),
+            w.resp.rekey_child(ir, ir.children[0], 10.0), 10.0)  # fmt: skip
+    mirrored(w)
+    assert w.ini.stats["rekey-collision"] == w.resp.stats["rekey-collision"] == 1
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_simultaneous_ike_rekey(seed: int) -> None:
+    """§2.8.2: both sides rekey the IKE SA at once: one new IKE SA survives on both sides, with
+    the CHILD SA, and it works."""
+    w = pair(mn_conn(dpd=10), conn())
+    connect(w)
+    import random as _r
+
+    rnd = _r.Random(seed)
+    w.ini.random = w.resp.random = lambda n: rnd.randbytes(n)
+    crossed(w, w.ini.rekey_ike(w.ini.ike_sas()[0], 10.0),
+            w.resp.rekey_ike(w.resp.ike_sas()[0], 10.0), 10.0)  # fmt: skip
+    for t in (70.0, 71.0):  # the rekeyed IKE SAs left over time out if nobody deleted them
+        w.deliver(w.ini.tick(t), "i", t)
+        w.deliver(w.resp.tick(t), "r", t)
+    mirrored(w)
+    assert not w.of("i", IkeDown) and not w.of("r", IkeDown)
+    assert not w.of("i", ChildDown) and not w.of("r", ChildDown)

@@ -1,16 +1,16 @@
 """The IKEv2 engine of a gateway or mobile node (RFC 7296), sans I/O: datagrams and ``now``
 in; datagrams to send, events and the next deadline out.
 
-As initiator (:meth:`IkeEngine.initiate`) it runs IKE_SA_INIT (answering INVALID_KE_PAYLOAD
+As initiator (:meth:`IkeEngine.initiate`) it runs IKE_SA_INIT (following INVALID_KE_PAYLOAD
 and COOKIE) and IKE_AUTH for a connection's first CHILD SA, floating to port 4500 when a NAT
 is detected or faked. As responder it answers IKE_SA_INIT and IKE_AUTH (pre-shared keys) and
-creates the first CHILD SA with
-narrowed traffic selectors (§2.9); it detects NATs (§2.23) and can fake one so that ESP is
-always UDP-encapsulated (strongSwan's ``encap = yes``); it keeps the message-ID window of one
-request and answers a retransmitted request with the cached response (§2.1, §2.2); it answers
-INFORMATIONAL requests (liveness checks, DELETE of CHILD and IKE SAs) and sends its own
-liveness checks (``dpd_delay``) and DELETEs, retransmitting with back-off. CREATE_CHILD_SA is
-answered with NO_ADDITIONAL_SAS (rekeying is not implemented yet).
+creates the first CHILD SA with narrowed traffic selectors (§2.9); it detects NATs (§2.23) and
+can fake one so that ESP is always UDP-encapsulated (strongSwan's ``encap = yes``). In both
+roles it keeps the message-ID window of one request and answers a retransmitted request with
+the cached response (§2.1, §2.2); answers and sends INFORMATIONAL requests (liveness checks,
+DELETE of CHILD and IKE SAs), retransmitting with back-off; and runs CREATE_CHILD_SA: CHILD
+and IKE SA rekeys (with PFS when configured) started by either side, with the collision rules
+of §2.8.1 and §2.8.2, and extra CHILD SAs asked by the peer.
 
 Everything received is untrusted: malformed messages, wrong SPIs, bad ICVs, unexpected
 message IDs are counted in :attr:`IkeEngine.stats` and dropped, never raised.
@@ -237,6 +237,12 @@ class IkeEngine:
                     p.deadline = now + RETRANSMIT[min(p.tries - 1, len(RETRANSMIT) - 1)]
                     self.stats["retransmitted"] += 1
                     out.append(Send(p.data, ike.local, ike.remote))
+            elif ike.state is not IkeState.ESTABLISHED:
+                continue
+            elif ike.rekey_at is not None and now >= ike.rekey_at:
+                self._rekey_ike_request(ike, now, out)
+            elif (due := self._child_due(ike, now)) is not None:
+                self._rekey_child_request(ike, due, now, out)
             elif ike.conn.dpd_delay and now - ike.last_heard >= ike.conn.dpd_delay:
                 self._request(ike, "liveness", [], now, out)
         return out
@@ -252,8 +258,14 @@ class IkeEngine:
                 continue
             if ike.pending is not None:
                 ds.append(ike.pending.deadline)
-            elif ike.conn.dpd_delay:
+                continue
+            if ike.state is not IkeState.ESTABLISHED:
+                continue
+            if ike.conn.dpd_delay:
                 ds.append(ike.last_heard + ike.conn.dpd_delay)
+            if ike.rekey_at is not None:
+                ds.append(ike.rekey_at)
+            ds += [c.rekey_at for c in ike.children if c.rekey_at is not None and not c.rekeyed]
         return min(ds) if ds else None
 
     def delete(self, ike: IkeSA, now: float) -> list[Output]:
@@ -493,6 +505,7 @@ class IkeEngine:
             return [NotifyPayload(Notify.AUTHENTICATION_FAILED)]
         ike.conn = conn
         ike.peer_id = idi.text()
+        ike.rekey_at = self._rekey_time(now, conn.rekey_time)
         our_id = (conn.local_id.payload(False) if conn.local_id is not None
                   else IDPayload(False, 1 if ike.local.host.version == 4 else 5,
                                  ike.local.host.packed))  # fmt: skip
@@ -570,7 +583,14 @@ class IkeEngine:
         keys = child_keys(prf_alg, ike.keys.sk_d, suite, ni, nr, shared)
         child = ChildSA(cc, suite, spi_in, int.from_bytes(proposal.spi, "big"), keys, False,
                         local, remote, now)  # fmt: skip
+        child.rekey_at = self._rekey_time(now, cc.rekey_time)
         ike.children.append(child)
+        if rekeyed is not None:
+            rekeyed.rekeyed = True
+            p = ike.pending
+            if p is not None and p.kind == "rekey-child" and p.old_child is rekeyed:
+                rekeyed.collided = (child, ni, nr)  # both sides rekey it: §2.8.1
+                self.stats["rekey-collision"] += 1
         self.stats["child-sa-rekeyed" if rekeyed else "child-sa-established"] += 1
         log.info("event=child-sa-%s conn=%s child=%s spi_in=%08x spi_out=%08x "
                  "proposal=%s local_ts=%s remote_ts=%s",
@@ -650,7 +670,12 @@ class IkeEngine:
                     ike.nat_remote, IkeState.ESTABLISHED, ike.peer_id)  # fmt: skip
         new.peer_next_mid = 0
         new.last_heard = now
+        new.rekey_at = self._rekey_time(now, ike.conn.rekey_time)
         new.children, ike.children = ike.children, []
+        p = ike.pending
+        if p is not None and p.kind == "rekey-ike":  # both sides rekey it: §2.8.2
+            ike.collided = (new, ni.data, nr)
+            self.stats["rekey-collision"] += 1
         ike.state = IkeState.REKEYED
         self.by_spi[spi_r] = new
         self.stats["ike-sa-rekeyed"] += 1
@@ -680,7 +705,16 @@ class IkeEngine:
             self.stats["liveness-answered"] += 1
         for d in deletes:
             if d.protocol == ProtocolId.IKE:
-                if ike.state is IkeState.REKEYED:
+                parent = next((o for o in self.by_spi.values() if o.collided is not None
+                               and o.collided[0] is ike), None)  # fmt: skip
+                if parent is not None:
+                    # §2.8.2: the peer lost a rekey collision and deletes the IKE SA its
+                    # request made here; our own rekey, still in flight, takes the CHILD SAs
+                    parent.children += ike.children
+                    ike.children = []
+                    parent.collided = None
+                    ike.peer_id = ""
+                elif ike.state is IkeState.REKEYED:
                     ike.peer_id = ""  # replaced, not gone: no IkeDown
                 else:
                     self.stats["ike-deleted-by-peer"] += 1
@@ -852,6 +886,7 @@ class IkeEngine:
             return
         assert idr is not None
         ike.peer_id = idr.text()
+        ike.rekey_at = self._rekey_time(now, conn.rekey_time)
         ike.state = IkeState.ESTABLISHED
         self.stats["ike-sa-established"] += 1
         log.info("event=ike-sa-established conn=%s peer=%s id=%s proposal=%s role=initiator",
@@ -883,6 +918,7 @@ class IkeEngine:
         keys = child_keys(prf_alg, ike.keys.sk_d, suite, ike.nonce_i, ike.nonce_r)
         child = ChildSA(cc, suite, spi_in, int.from_bytes(proposal.spi, "big"), keys, True,
                         local, remote, now)  # fmt: skip
+        child.rekey_at = self._rekey_time(now, cc.rekey_time)
         ike.children.append(child)
         self.stats["child-sa-established"] += 1
         out.append(ChildUp(ike, child))
@@ -891,6 +927,207 @@ class IkeEngine:
         if ike.auth_child is not None:
             self._child_spis.discard(ike.auth_child[1])
             ike.auth_child = None
+
+    # -- our rekeys (§1.3.2, §1.3.3, collisions §2.8.1/§2.8.2) --------------------------------
+    def _rekey_time(self, now: float, period: float | None) -> float | None:
+        """When to rekey: ``period`` less up to 10 % at random (so that two peers with the same
+        settings rarely collide)."""
+        if not period:
+            return None
+        jitter = int.from_bytes(self.random(2), "big") / 65535 * 0.1 * period
+        return now + period - jitter
+
+    def _child_due(self, ike: IkeSA, now: float) -> ChildSA | None:
+        for c in ike.children:
+            if c.rekey_at is not None and now >= c.rekey_at and not c.rekeyed:
+                return c
+        return None
+
+    def rekey_child(self, ike: IkeSA, child: ChildSA, now: float) -> list[Output]:
+        """Rekey a CHILD SA now (CREATE_CHILD_SA with REKEY_SA)."""
+        out: list[Output] = []
+        if ike.state is IkeState.ESTABLISHED and ike.pending is None and child in ike.children:
+            self._rekey_child_request(ike, child, now, out)
+        return out
+
+    def rekey_ike(self, ike: IkeSA, now: float) -> list[Output]:
+        """Rekey the IKE SA now."""
+        out: list[Output] = []
+        if ike.state is IkeState.ESTABLISHED and ike.pending is None:
+            self._rekey_ike_request(ike, now, out)
+        return out
+
+    def _rekey_child_request(self, ike: IkeSA, child: ChildSA, now: float,
+                             out: list[Output]) -> None:  # fmt: skip
+        cc = child.config
+        spi = self._new_child_spi()
+        sb = spi.to_bytes(4, "big")
+        props = tuple(Proposal(i + 1, ProtocolId.ESP, sb, o.transforms())
+                      for i, o in enumerate(cc.esp_proposals))  # fmt: skip
+        nonce = self.random(32)
+        payloads: list[Payload] = [
+            NotifyPayload(Notify.REKEY_SA, ProtocolId.ESP, child.spi_in.to_bytes(4, "big")),
+            SAPayload(props),
+            NoncePayload(nonce),
+        ]
+        kx = None
+        groups = [g for o in cc.esp_proposals for g in o.dh]
+        if groups:  # PFS
+            kx = KeyExchange(groups[0])
+            payloads.append(KEPayload(kx.group, kx.public))
+        payloads += [TSPayload(True, tuple(child.local_ts)),
+                     TSPayload(False, tuple(child.remote_ts))]  # fmt: skip
+        self._request(ike, "rekey-child", payloads, now, out, ExchangeType.CREATE_CHILD_SA)
+        assert ike.pending is not None
+        ike.pending.old_child, ike.pending.nonce, ike.pending.kx = child, nonce, kx
+        ike.pending.spi = sb
+
+    def _rekey_child_response(self, ike: IkeSA, p: Pending, inner: list[Payload], now: float,
+                              out: list[Output]) -> None:  # fmt: skip
+        old = p.old_child
+        assert old is not None
+        spi_in = int.from_bytes(p.spi, "big")
+        n = notifies(inner)
+        sa = find(inner, SAPayload)
+        nr = find(inner, NoncePayload)
+        ke = find(inner, KEPayload)
+        tsi = next((x for x in inner if isinstance(x, TSPayload) and x.initiator), None)
+        tsr = next((x for x in inner if isinstance(x, TSPayload) and not x.initiator), None)
+        chosen = (choose(old.config.esp_proposals, sa.proposals,
+                         ke_group=ke.group if ke else None)
+                  if sa is not None and len(sa.proposals) == 1 else None)  # fmt: skip
+        shared = b""
+        ok = chosen is not None and nr is not None and tsi is not None and tsr is not None
+        if ok and chosen is not None and chosen[1].dh is not None:
+            kx = p.kx
+            ok = isinstance(kx, KeyExchange) and ke is not None and ke.group == kx.group
+            if ok:
+                assert isinstance(kx, KeyExchange) and ke is not None
+                try:
+                    shared = kx.shared(ke.data)
+                except IkeProtocolError:
+                    ok = False
+        if ok and chosen is not None and (len(chosen[0].spi) != 4
+                                          or int.from_bytes(chosen[0].spi, "big") < 256):
+            ok = False  # fmt: skip
+        if not ok or chosen is None or nr is None or tsi is None or tsr is None:
+            self._child_spis.discard(spi_in)
+            errs = [t for t in n if t < 16384]
+            self.stats["rekey-failed"] += 1
+            log.info("event=child-rekey-failed conn=%s child=%s reason=%s", ike.conn.name,
+                     old.name, _notify_name(errs[0]) if errs else "bad answer")  # fmt: skip
+            if old in ike.children and not old.rekeyed:
+                old.rekey_at = now + 30.0  # try again later
+            return
+        prf_alg = ike.suite.prf
+        assert prf_alg is not None
+        keys = child_keys(prf_alg, ike.keys.sk_d, chosen[1], p.nonce, nr.data, shared)
+        child = ChildSA(old.config, chosen[1], spi_in, int.from_bytes(chosen[0].spi, "big"),
+                        keys, True, list(tsi.selectors), list(tsr.selectors), now)  # fmt: skip
+        child.rekey_at = self._rekey_time(now, old.config.rekey_time)
+        ike.children.append(child)
+        self.stats["child-sa-rekeyed"] += 1
+        out.append(ChildUp(ike, child))
+        # §2.8.1: when the peer rekeyed the same SA meanwhile, the exchange with the lowest
+        # nonce made the redundant SA; whoever started that exchange deletes what it made.
+        if old.collided is not None:
+            _theirs, ni2, nr2 = old.collided
+            old.collided = None
+            if min(p.nonce, nr.data) < min(ni2, nr2):
+                self.stats["rekey-collision-lost"] += 1
+                self._delete_children(ike, [child], now, out)  # ours is redundant
+                return
+            self.stats["rekey-collision-won"] += 1
+        old.rekeyed = True
+        if old in ike.children:
+            self._delete_children(ike, [old], now, out)
+
+    def _delete_children(self, ike: IkeSA, children: list[ChildSA], now: float,
+                         out: list[Output]) -> None:  # fmt: skip
+        for c in children:
+            if c in ike.children:
+                ike.children.remove(c)
+                self._child_spis.discard(c.spi_in)
+                out.append(ChildDown(ike, c, "rekeyed"))
+        spis = tuple(c.spi_in.to_bytes(4, "big") for c in children)
+        if ike.pending is None:
+            self._request(ike, "delete-child", [DeletePayload(ProtocolId.ESP, spis)], now, out)
+        else:
+            ike.queued_deletes += list(spis)
+
+    def _rekey_ike_request(self, ike: IkeSA, now: float, out: list[Output]) -> None:
+        spi = self.random(8)
+        while spi == bytes(8) or spi in self.by_spi:
+            spi = self.random(8)
+        props = tuple(Proposal(i + 1, ProtocolId.IKE, spi, o.transforms())
+                      for i, o in enumerate(ike.conn.proposals))  # fmt: skip
+        kx = KeyExchange(ike.suite.dh or ike.conn.proposals[0].dh[0])
+        nonce = self.random(32)
+        self._request(ike, "rekey-ike", [SAPayload(props), NoncePayload(nonce),
+                                         KEPayload(kx.group, kx.public)], now, out,
+                      ExchangeType.CREATE_CHILD_SA)  # fmt: skip
+        assert ike.pending is not None
+        ike.pending.nonce, ike.pending.kx, ike.pending.spi = nonce, kx, spi
+
+    def _rekey_ike_response(self, ike: IkeSA, p: Pending, inner: list[Payload], now: float,
+                            out: list[Output]) -> None:  # fmt: skip
+        sa = find(inner, SAPayload)
+        nr = find(inner, NoncePayload)
+        ke = find(inner, KEPayload)
+        kx = p.kx
+        chosen = (choose(ike.conn.proposals, sa.proposals, ke_group=ke.group if ke else None)
+                  if sa is not None and len(sa.proposals) == 1 else None)  # fmt: skip
+        shared = None
+        if (chosen is not None and nr is not None and ke is not None
+                and isinstance(kx, KeyExchange) and ke.group == kx.group
+                and chosen[1].dh == kx.group and len(chosen[0].spi) == 8
+                and chosen[0].spi != bytes(8)):  # fmt: skip
+            try:
+                shared = kx.shared(ke.data)
+            except IkeProtocolError:
+                shared = None
+        if shared is None or chosen is None or nr is None:
+            n = notifies(inner)
+            errs = [t for t in n if t < 16384]
+            self.stats["rekey-failed"] += 1
+            log.info("event=ike-rekey-failed conn=%s reason=%s", ike.conn.name,
+                     _notify_name(errs[0]) if errs else "bad answer")  # fmt: skip
+            ike.rekey_at = now + 30.0
+            return
+        suite = chosen[1]
+        keys = ike_keys(suite, shared, p.nonce, nr.data, p.spi, chosen[0].spi,
+                        old_sk_d=ike.keys.sk_d, old_prf=ike.suite.prf)  # fmt: skip
+        new = IkeSA(p.spi, chosen[0].spi, True, ike.conn, ike.candidates, suite, ike.local,
+                    ike.remote, now, keys, p.nonce, nr.data, b"", b"", ike.nat_local,
+                    ike.nat_remote, IkeState.ESTABLISHED, ike.peer_id)  # fmt: skip
+        new.peer_next_mid = 0
+        new.last_heard = now
+        new.rekey_at = self._rekey_time(now, ike.conn.rekey_time)
+        if ike.collided is not None:
+            theirs, ni2, nr2 = ike.collided
+            ike.collided = None
+            if min(p.nonce, nr.data) < min(ni2, nr2):
+                # ours is redundant: the peer deletes the old one; we delete ours at once
+                self.stats["rekey-collision-lost"] += 1
+                hdr = Header(new.spi_i, new.spi_r, 0, ExchangeType.INFORMATIONAL,
+                             Flag.INITIATOR, 0, 0)  # fmt: skip
+                out.append(Send(new.outbound.seal(hdr, [DeletePayload(ProtocolId.IKE)]),
+                                new.local, new.remote))  # fmt: skip
+                return
+            # theirs is redundant: the CHILD SAs went to it; take them to ours
+            self.stats["rekey-collision-won"] += 1
+            new.children, theirs.children = theirs.children + ike.children, []
+            ike.children = []
+            theirs.state = IkeState.REKEYED
+        else:
+            new.children, ike.children = ike.children, []
+        self.by_spi[p.spi] = new
+        self.stats["ike-sa-rekeyed"] += 1
+        log.info("event=ike-sa-rekeyed conn=%s peer=%s new=%s_i/%s_r role=initiator",
+                 ike.conn.name, ike.remote, new.spi_i.hex(), new.spi_r.hex())  # fmt: skip
+        out.append(IkeRekeyed(ike, new))
+        ike.state = IkeState.REKEYED
+        self._request(ike, "delete-rekeyed", [DeletePayload(ProtocolId.IKE)], now, out)
 
     # -- our requests -----------------------------------------------------------------------
     def _request(self, ike: IkeSA, kind: str, payloads: list[Payload], now: float,
@@ -919,6 +1156,15 @@ class IkeEngine:
         elif p.kind == "auth":
             self._float(ike, src, ike.local, out)
             self._auth_response(ike, inner, now, out)
+        elif p.kind == "rekey-child":
+            self._rekey_child_response(ike, p, inner, now, out)
+        elif p.kind == "rekey-ike":
+            self._rekey_ike_response(ike, p, inner, now, out)
+        elif p.kind == "delete-rekeyed":
+            self._kill(ike, "rekeyed", out)
+        if ike.pending is None and ike.queued_deletes and ike.state is IkeState.ESTABLISHED:
+            spis, ike.queued_deletes = tuple(ike.queued_deletes), []
+            self._request(ike, "delete-child", [DeletePayload(ProtocolId.ESP, spis)], now, out)
 
     def _kill(self, ike: IkeSA, reason: str, out: list[Output]) -> None:
         if self.by_spi.get(ike.our_spi) is ike:

@@ -59,6 +59,10 @@ class ChildSA:
     created: float
     uid: int = field(default_factory=lambda: next(_ids))
     handle: object = field(default=None, repr=False)  # the adapter's (the engine tunnel)
+    rekey_at: float | None = None  # when we rekey it (None: never, the peer does)
+    # a rekey of this SA by the peer that crossed ours (§2.8.1): (new CHILD SA, its nonces)
+    collided: tuple[ChildSA, bytes, bytes] | None = field(default=None, repr=False)
+    rekeyed: bool = False  # replaced by a new CHILD SA: its DELETE is due
 
     @property
     def name(self) -> str:
@@ -95,12 +99,17 @@ class ChildSA:
 class Pending:
     """A request we sent and wait the answer for."""
 
-    kind: str  # "liveness" | "delete"
+    kind: str  # "liveness" | "delete" | "delete-child" | "auth" | "rekey-child" | "rekey-ike"
     message_id: int
     data: bytes = field(repr=False)
     sent: float
     tries: int = 1
     deadline: float = 0.0
+    # a rekey in flight: the SA it replaces, our nonce, DH and new SPI
+    old_child: ChildSA | None = None
+    nonce: bytes = field(default=b"", repr=False)
+    kx: object = field(default=None, repr=False)
+    spi: bytes = b""
 
 
 @dataclass(eq=False)
@@ -133,6 +142,10 @@ class IkeSA:
     uid: int = field(default_factory=lambda: next(_ids))
     extensions: set[str] = field(default_factory=set)
     auth_child: tuple[ChildConfig, int] | None = None  # initiator: CHILD asked in IKE_AUTH
+    rekey_at: float | None = None  # when we rekey the IKE SA (None: never)
+    queued_deletes: list[bytes] = field(default_factory=list)  # CHILD SPIs to delete next
+    # a rekey of this IKE SA by the peer that crossed ours (§2.8.2): (new IKE SA, nonces)
+    collided: tuple[IkeSA, bytes, bytes] | None = field(default=None, repr=False)
 
     @property
     def our_spi(self) -> bytes:
