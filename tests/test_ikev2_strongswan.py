@@ -353,3 +353,133 @@ def test_rekey_child_and_ike_sa(
                 assert udp_stream(ns, "b", B.inner, "a", A.inner, 100) == 100
         finally:
             gw.cleanup()
+
+
+class Responder(Charon):
+    """strongSwan B as a gateway the ipsecct mobile node connects to."""
+
+    def __init__(self, ns: Namespaces, workdir: Path) -> None:
+        super().__init__(ns, "b", B, workdir, "default")
+
+    def write_config(self) -> None:
+        super().write_config()
+        conf = f"""connections {{
+  cB {{
+    version = 2
+    local_addrs = {B.outer}
+    remote_addrs = {A.outer}
+    encap = yes
+    mobike = no
+    dpd_delay = 1s
+    local {{
+      auth = psk
+      id = {B.id}
+    }}
+    remote {{
+      auth = psk
+      id = {A.id}
+    }}
+    children {{
+      net {{
+        local_ts = {B.inner}/32
+        remote_ts = {A.inner}/32
+        mode = tunnel
+      }}
+    }}
+  }}
+}}
+secrets {{
+  ike-ab {{
+    id-a = {A.id}
+    id-b = {B.id}
+    secret = "{PSK}"
+  }}
+}}
+"""
+        fd = os.open(self.dir / "swanctl.conf", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(conf)
+
+
+def node_config(d: Path) -> Path:
+    psk = d / "ab.psk"
+    fd = os.open(psk, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(PSK + "\n")
+    conf = d / "mn.toml"
+    conf.write_text(f"""name = "a-ipsecct"
+[outer]
+address = "{A.outer}"
+port = 4500
+[inner]
+kind = "tun"
+name = "ipsecct0"
+addresses = ["{A.inner}/32"]
+mtu = 1400
+routes = ["{B.inner}/32"]
+[control]
+socket = "{d}/mn.sock"
+[log]
+level = "debug"
+
+[connections.home]
+remote_addrs = ["{B.outer}"]
+proposals = ["aes256gcm16-prfsha384-ecp384"]
+dpd_delay = 1
+local.id = "{A.id}"
+remote.id = "{B.id}"
+children.net.local_ts = ["{A.inner}/32"]
+children.net.remote_ts = ["{B.inner}/32"]
+children.net.esp_proposals = ["aes128-sha256"]
+children.net.start_action = "start"
+
+[secrets.ike-ab]
+id = ["{A.id}", "{B.id}"]
+file = "ab.psk"
+""")
+    return conf
+
+
+@pytest.mark.root
+@pytest.mark.slow
+@needs_strongswan
+def test_ipsecct_node_connects_to_strongswan_gateway(workdir: Path) -> None:
+    """``ipsecct node run`` with ``start_action = "start"`` initiates to an unmodified
+    strongSwan responder (strongSwan asks nothing of it but its defaults): ping and a UDP
+    stream both ways, liveness checks both ways, strongSwan's DELETE removes the node's SAs;
+    strongSwan then connects to the node (the node as responder), and on SIGTERM the node
+    deletes that IKE SA at strongSwan."""
+    with Namespaces("a", "b") as ns:
+        build_namespaces(ns)
+        with Responder(ns, workdir) as ss:
+            ss.start()
+            sock = str(workdir / "mn.sock")
+            mn = Daemon("node", node_config(workdir), sock, workdir / "mn.log",
+                        prefix=["ip", "netns", "exec", ns.names["a"]])  # fmt: skip
+            try:
+                mn.start()
+                strongswan.wait_log(ss, r"CHILD_SA net\{\d+\} established")
+                log = ss.log()
+                assert "selected proposal: IKE:AES_GCM_16_256/PRF_HMAC_SHA2_384/ECP_384" in log
+                assert "selected proposal: ESP:AES_CBC_128/HMAC_SHA2_256_128" in log
+                wait_until(lambda: mn.status()["sas"] == 2, "the node's CHILD SA")
+                assert ping(ns, "a", B.inner, PINGS) == PINGS, mn.logtext() + ss.logtail()
+                assert ping(ns, "b", A.inner, PINGS) == PINGS
+                assert udp_stream(ns, "a", A.inner, "b", B.inner, 200) == 200
+                assert udp_stream(ns, "b", B.inner, "a", A.inner, 200) == 200
+                (sa,) = ike_list(sock)
+                assert sa["role"] == "initiator" and sa["remote_id"] == B.id
+                wait_until(lambda: mn.status()["ike"]["counters"].get("liveness-answered", 0)
+                           >= 1 and mn.status()["ike"]["counters"].get("liveness-sent", 0)
+                           >= 1, "liveness checks both ways", timeout=15)  # fmt: skip
+                ss.swanctl("--terminate", "--ike", "cB")
+                wait_until(lambda: mn.status()["sas"] == 0 and not ike_list(sock),
+                           "the node to drop the SAs")  # fmt: skip
+                ss.swanctl("--initiate", "--ike", "cB", "--child", "net")
+                (sa,) = ike_list(sock)
+                assert sa["role"] == "responder" and len(sa["children"]) == 1
+                assert ping(ns, "a", B.inner, 2) == 2
+                assert mn.terminate() == 0
+                strongswan.wait_log(ss, r"received DELETE for IKE_SA cB")
+            finally:
+                mn.cleanup()

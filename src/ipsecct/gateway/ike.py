@@ -17,7 +17,7 @@ import logging
 from typing import Any
 
 from ..errors import IpsecctError
-from ..ikev2.config import Connection
+from ..ikev2.config import ChildConfig, Connection
 from ..ikev2.engine import (
     ChildDown,
     ChildUp,
@@ -53,6 +53,9 @@ class IkeService:
         self.sock500: UdpEndpoint | None = None
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._retry: dict[str, asyncio.TimerHandle] = {}
+        self._backoff: dict[str, float] = {}
+        self._stopping = False
         host = node.cfg.local_address
         self.local_host = host
         node.outer_hooks.append(self._on_4500)
@@ -63,8 +66,32 @@ class IkeService:
         self._task = asyncio.create_task(self._timer())
         event(log, "ike-listening", node=self.node.name, ports=f"{IKE_PORT},"
               f"{self.node.cfg.outer.port}", connections=len(self.engine.connections))
+        for conn in self.engine.connections:
+            for child in conn.children:
+                if child.start_action == "start":
+                    self.initiate(conn, child)
+
+    def initiate(self, conn: Connection, child: ChildConfig | None = None) -> None:
+        """Connect to the connection's (single) remote address, as ``start_action = start``
+        does; retried with back-off (5 s, doubling to 60 s) while it fails."""
+        remote = Address(conn.remote_addrs[0].network_address, IKE_PORT)
+        self._retry.pop(conn.name, None)
+        self._act(self.engine.initiate(conn, self._local(IKE_PORT), remote, self.node.clock(),
+                                       child))  # fmt: skip
+
+    def _retry_later(self, conn: Connection) -> None:
+        if self._stopping or not any(c.start_action == "start" for c in conn.children):
+            return
+        delay = min(60.0, self._backoff.get(conn.name, 2.5) * 2)
+        self._backoff[conn.name] = delay
+        loop = asyncio.get_running_loop()
+        self._retry[conn.name] = loop.call_later(delay, self.initiate, conn)
+        event(log, "ike-retry", node=self.node.name, conn=conn.name, delay_s=delay)
 
     async def stop(self) -> None:
+        self._stopping = True
+        for h in self._retry.values():
+            h.cancel()
         now = self.node.clock()
         for ike in self.engine.ike_sas():
             self._act(self.engine.delete(ike, now))
