@@ -288,6 +288,14 @@ def test_engines_establish_a_child_sa(ike: str, esp: str) -> None:
     assert len(w.sent) == 4  # two exchanges, nothing repeated
 
 
+def test_child_spis_from_a_cluster_block() -> None:
+    w = pair()
+    w.resp.spi_range = (0x10000000, 0x1FFFFFFF)
+    connect(w)
+    (cr,) = w.of("r", ChildUp)
+    assert isinstance(cr, ChildUp) and 0x10000000 <= cr.child.spi_in <= 0x1FFFFFFF
+
+
 def test_invalid_ke_payload_then_success() -> None:
     w = pair(mn_conn(ike="aes128gcm16-prfsha256-x25519-ecp256"),
              conn(ike="aes128gcm16-prfsha256-ecp256"))  # fmt: skip
@@ -639,3 +647,31 @@ def test_simultaneous_ike_rekey(seed: int) -> None:
     mirrored(w)
     assert not w.of("i", IkeDown) and not w.of("r", IkeDown)
     assert not w.of("i", ChildDown) and not w.of("r", ChildDown)
+
+
+def test_cookies_under_load() -> None:
+    """§2.6: past the threshold IKE_SA_INIT is answered statelessly with a COOKIE; the
+    initiator repeats its request with it and gets through; a wrong cookie gets a new one."""
+    w = pair()
+    w.resp.cookie_threshold = 0
+    connect(w)
+    assert w.resp.stats["cookie-sent"] == 1 and w.resp.stats["cookie-accepted"] == 1
+    assert len(w.of("i", ChildUp)) == 1 and len(w.sent) == 6
+    ini = IkeEngine([mn_conn()])
+    (s,) = ini.initiate(ini.connections[0], I500, R500, 0.0)
+    assert isinstance(s, Send)
+    (ans,) = w.resp.receive(s.data, I500, R500, 1.0)
+    assert isinstance(ans, Send)
+    _, ps = M.decode(ans.data)
+    cookie = ps[0]
+    assert isinstance(cookie, M.NotifyPayload) and cookie.type == M.Notify.COOKIE
+    assert not w.resp.half_open or len(w.resp.half_open) == 0  # nothing kept
+    # the cookie is bound to the address: from elsewhere it does not pass
+    forged = bytearray(ini.connecting[next(iter(ini.connecting))].request)
+    hdr, rest = M.decode(bytes(forged))
+    with_cookie = M.encode_plain(hdr, [cookie, *rest])
+    other = Address(ipaddress.ip_address("192.0.2.99"), 500)
+    (again,) = w.resp.receive(with_cookie, other, R500, 1.0)
+    assert isinstance(again, Send) and M.decode(again.data)[1][0] != cookie
+    res = w.resp.receive(with_cookie, I500, R500, 1.0)
+    assert any(isinstance(o, Send) for o in res) and len(w.resp.half_open) == 1

@@ -108,7 +108,7 @@ secrets {{
 
 
 def gateway_config(d: Path, *, ike: str, esp: str, encap: bool, dpd: int,
-                   rekey: tuple[int, int] = (0, 0)) -> Path:  # fmt: skip
+                   rekey: tuple[int, int] = (0, 0), cookies: int = 100) -> Path:  # fmt: skip
     psk = d / "ab.psk"
     fd = os.open(psk, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
@@ -128,6 +128,8 @@ routes = ["{A.inner}/32"]
 socket = "{d}/gw.sock"
 [log]
 level = "debug"
+[ike]
+cookie_threshold = {cookies}
 
 [connections.roadwarrior]
 version = 2
@@ -201,9 +203,11 @@ def udp_stream(ns: Namespaces, src_role: str, src: str, dst_role: str, dst: str,
 def start(ns: Namespaces, workdir: Path, *, ike: str, esp: str, ss_ike: str | None,
           ss_esp: str | None, encap: bool = False, ss_encap: bool = True, dpd: int = 0,
           ss_dpd: int = 0, rekey: tuple[int, int] | None = None,
-          gw_rekey: tuple[int, int] = (0, 0)) -> tuple[Initiator, Daemon]:  # fmt: skip
+          gw_rekey: tuple[int, int] = (0, 0), cookies: int = 100,
+          ) -> tuple[Initiator, Daemon]:  # fmt: skip
     build_namespaces(ns)
-    conf = gateway_config(workdir, ike=ike, esp=esp, encap=encap, dpd=dpd, rekey=gw_rekey)
+    conf = gateway_config(workdir, ike=ike, esp=esp, encap=encap, dpd=dpd, rekey=gw_rekey,
+                          cookies=cookies)  # fmt: skip
     gw = Daemon("gateway", conf, str(workdir / "gw.sock"), workdir / "gw.log",
                 prefix=["ip", "netns", "exec", ns.names["b"]])  # fmt: skip
     gw.start()
@@ -264,6 +268,27 @@ def test_strongswan_connects_to_ipsecct_gateway(
                 assert sas[0]["proposal"] == expect_ike
                 text = cli("sa", "list", "-s", str(workdir / "gw.sock"))
                 assert text.returncode == 0 and "roadwarrior" in text.stdout, text.stderr
+        finally:
+            gw.cleanup()
+
+
+@pytest.mark.root
+@pytest.mark.slow
+@needs_strongswan
+def test_strongswan_answers_a_cookie(workdir: Path) -> None:
+    """A gateway under load (here: ``cookie_threshold = 0``) asks for a cookie (§2.6);
+    strongSwan repeats its IKE_SA_INIT with it and connects."""
+    with Namespaces("a", "b") as ns:
+        ss, gw = start(ns, workdir, ike="default", esp="default", ss_ike=None, ss_esp=None,
+                       cookies=0)  # fmt: skip
+        try:
+            with ss:
+                ss.start()
+                ss.initiate()
+                assert "N(COOKIE)" in ss.log(), ss.logtail()
+                assert ping(ns, "a", B.inner, 3) == 3, gw.logtext()
+                c = gw.status()["ike"]["counters"]
+                assert c["cookie-sent"] == 1 and c["cookie-accepted"] == 1, c
         finally:
             gw.cleanup()
 

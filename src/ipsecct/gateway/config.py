@@ -146,6 +146,7 @@ class NodeConfig:
     virtual_interface: str | None = None
     virtual_owner: bool = False  # this gateway holds the virtual address at start
     connections: list[Connection] = field(default_factory=list)  # IKEv2 [connections.NAME]
+    cookie_threshold: int = 100  # [ike]: half-open IKE SAs before cookies are asked (§2.6)
     cluster: ClusterConfig | None = None  # [cluster]
 
     @property
@@ -567,6 +568,7 @@ KNOWN_SECTIONS = {
     "connections",
     "secrets",
     "cluster",
+    "ike",
 }
 
 
@@ -663,6 +665,11 @@ def from_dict(data: dict[str, Any], path: str = "<config>") -> NodeConfig:
     transfer = _transfer(data, ctx)
     failover = _failover(data.get("failover"), ctx, transfer)
     connections = load_connections(data, path) if data.get("connections") else []
+    ike_d = ctx.get(data, "ike", "", dict, {})
+    _check_keys_allowed(ike_d, ctx, "ike.", {"cookie_threshold"})
+    cookie_threshold = ctx.get(ike_d, "cookie_threshold", "ike.", int, 100)
+    if cookie_threshold < 0:
+        raise ctx.err("ike.cookie_threshold", "must be 0 (always) or more")
     cluster = _cluster(data.get("cluster"), ctx)
     if cluster is not None and (blk := cluster.block()) is not None:
         for t in tunnels:
@@ -689,7 +696,8 @@ def from_dict(data: dict[str, Any], path: str = "<config>") -> NodeConfig:
         vif,
         vowner,
         connections,
-        cluster,
+        cluster=cluster,
+        cookie_threshold=cookie_threshold,
     )
 
 

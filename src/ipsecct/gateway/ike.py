@@ -49,7 +49,11 @@ class IkeService:
             connections,
             spi_in_use=lambda spi: bool(node.engine.find_sa(spi)),
             natt_port=node.cfg.outer.port,
+            cookie_threshold=node.cfg.cookie_threshold,
         )
+        blk = node.cfg.cluster.block() if node.cfg.cluster is not None else None
+        if blk is not None:  # cluster-unique inbound SPIs, as for transferred tunnels
+            self.engine.spi_range = (blk.first, blk.last)
         self.sock500: UdpEndpoint | None = None
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None

@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives import hashes
 
 from .config import ChildConfig, Connection
 from .ikesa import Address, ChildSA, IkeSA, IkeState, Pending
-from .keys import KeyExchange, child_keys, ike_keys, psk_auth, signed_octets
+from .keys import KeyExchange, child_keys, hmac_digest, ike_keys, psk_auth, signed_octets
 from .message import (
     IKE_HEADER_LEN,
     AuthMethod,
@@ -67,6 +67,8 @@ log = logging.getLogger("ipsecct.ikev2")
 RETRANSMIT = (2.0, 4.0, 8.0, 16.0)  # then the peer is declared dead (30 s)
 HALF_OPEN_TIMEOUT = 30.0
 MAX_HALF_OPEN = 1000
+COOKIE_THRESHOLD = 100  # half-open IKE SAs before IKE_SA_INIT needs a cookie (§2.6)
+COOKIE_SECRET_LIFETIME = 120.0
 MAX_HALF_OPEN_PER_SOURCE = 20
 MAX_IKE_SAS_PER_SOURCE = 200
 REKEYED_GRACE = 60.0  # how long a rekeyed IKE SA waits for the peer's DELETE
@@ -168,6 +170,8 @@ class IkeEngine:
         random: Callable[[int], bytes] = os.urandom,
         spi_in_use: Callable[[int], bool] | None = None,
         natt_port: int = 4500,
+        cookie_threshold: int = COOKIE_THRESHOLD,
+        spi_range: tuple[int, int] = (0x100, 0xFFFFFFFF),
     ) -> None:
         self.connections = connections
         self.natt_port = natt_port
@@ -178,6 +182,13 @@ class IkeEngine:
         self.half_open: dict[tuple[bytes, object], IkeSA] = {}  # (SPIi, peer host)
         self.stats: Counter[str] = Counter()
         self._child_spis: set[int] = set()
+        # inbound CHILD SPIs come from this range (a cluster member's block, ipsec.spi)
+        self.spi_range = spi_range
+        # §2.6: answer IKE_SA_INIT with a COOKIE once this many IKE SAs are half-open
+        self.cookie_threshold = cookie_threshold
+        self._cookie_cur: tuple[int, bytes] = (0, random(32))
+        self._cookie_prev = self._cookie_cur
+        self._cookie_next = 0.0
 
     # -- public interface ---------------------------------------------------------------
     def ike_sas(self) -> list[IkeSA]:
@@ -404,6 +415,17 @@ class IkeEngine:
             self.stats["bad-init"] += 1
             self._plain_reply(hdr, bytes(8), [NotifyPayload(Notify.INVALID_SYNTAX)], src, dst, out)
             return
+        if len(self.half_open) >= self.cookie_threshold:  # under load: §2.6 cookies
+            first = payloads[0]
+            offered = (first.data if isinstance(first, NotifyPayload)
+                       and first.type == Notify.COOKIE else b"")  # fmt: skip
+            if not self._cookie_ok(offered, ni.data, src, hdr.spi_i, now):
+                self.stats["cookie-sent"] += 1
+                self._plain_reply(hdr, bytes(8), [NotifyPayload(
+                    Notify.COOKIE, data=self._cookie(ni.data, src, hdr.spi_i, now))], src, dst,
+                    out)  # fmt: skip
+                return
+            self.stats["cookie-accepted"] += 1
         cands = [c for c in self.connections if c.accepts(dst.host, src.host)]
         chosen = None
         for c in cands:
@@ -471,6 +493,31 @@ class IkeEngine:
         self.half_open[key] = ike
         self.stats["ike-sa-init"] += 1
         out.append(Send(response, dst, src))
+
+    def _cookie_secrets(self, now: float) -> list[tuple[int, bytes]]:
+        """(version, secret): the current secret and the one before it (§2.6: a cookie made
+        just before a change still works)."""
+        if now >= self._cookie_next:
+            self._cookie_prev = self._cookie_cur
+            self._cookie_cur = ((self._cookie_cur[0] + 1) % 256, self.random(32))
+            self._cookie_next = now + COOKIE_SECRET_LIFETIME
+        return [self._cookie_cur, self._cookie_prev]
+
+    def _cookie(self, ni: bytes, src: Address, spi_i: bytes, now: float,
+                secret: tuple[int, bytes] | None = None) -> bytes:  # fmt: skip
+        """Cookie = VersionIDofSecret | Hash(Ni | IPi | SPIi | <secret>) (§2.6)."""
+        version, key = secret or self._cookie_secrets(now)[0]
+        mac = hmac_digest("sha256", key, ni + src.host.packed + spi_i)
+        return bytes((version,)) + mac[:16]
+
+    def _cookie_ok(self, cookie: bytes, ni: bytes, src: Address, spi_i: bytes,
+                   now: float) -> bool:  # fmt: skip
+        if len(cookie) != 17:
+            return False
+        return any(
+            s[0] == cookie[0] and _hmac.compare_digest(cookie, self._cookie(ni, src, spi_i, now, s))
+            for s in self._cookie_secrets(now)
+        )
 
     # -- IKE_AUTH -------------------------------------------------------------------------
     def _ike_auth(self, ike: IkeSA, inner: list[Payload], now: float,
@@ -690,8 +737,9 @@ class IkeEngine:
         ]
 
     def _new_child_spi(self) -> int:
+        first, last = self.spi_range
         while True:
-            spi = int.from_bytes(self.random(4), "big")
+            spi = first + int.from_bytes(self.random(4), "big") % (last - first + 1)
             if spi >= 256 and spi not in self._child_spis and not self.spi_in_use(spi):
                 self._child_spis.add(spi)
                 return spi
