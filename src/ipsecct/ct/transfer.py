@@ -47,7 +47,7 @@ from ..ipsec import signalling
 from ..ipsec.algorithms import EncAlg, IntegAlg
 from ..ipsec.engine import Engine, Held, ToPeer, Tunnel, TunnelState
 from ..ipsec.sad import Direction, SecurityAssociation, UdpEncap
-from ..ipsec.spd import Action, AddressRange, IPAddress, OverlapIndex, Selectors, SPDEntry
+from ..ipsec.spd import Action, AddressRange, IPAddress, OverlapIndex, SPDEntry
 from ..ipsec.spi import SpiBlock
 from . import context, cxtp
 from .ratelimit import RateLimiter
@@ -739,10 +739,10 @@ class TransferCore:
         inc.cdbs, inc.octets = [], 0
         inc.record.tunnels = len(pairs)
         outcomes = []
-        index = self._overlap_index(inc.peer)
+        indexes = self._overlap_index(inc.peer)
         for out_sa, in_sa in pairs:
             old_in = in_sa.spi if in_sa is not None else 0
-            status, new_spi = self._install_one(inc, out_sa, in_sa, now, index)
+            status, new_spi = self._install_one(inc, out_sa, in_sa, now, indexes)
             outcomes.append((out_sa, in_sa, status, new_spi, old_in))
         ok = all(o[2] == cxtp.Status.SUCCESS for o in outcomes)
         for out_sa, in_sa, status, new_spi, old_in in outcomes:
@@ -798,19 +798,20 @@ class TransferCore:
             msgs.append(cxtp.CTDR(inc.mn, ok, entries, (tag, *chunk)))
         return msgs
 
-    def _overlap_index(self, peer: str) -> OverlapIndex:
-        """The selectors of every tunnel here, to refuse transferred ones that overlap them.
-        A tunnel this gateway moved to ``peer`` and still forwards for may come back: it is
-        left out (and replaced when it does)."""
-        index = OverlapIndex()
+    def _overlap_index(self, peer: str) -> tuple[OverlapIndex, OverlapIndex]:
+        """The selectors of every tunnel here, to refuse transferred ones that overlap them,
+        and apart from them the tunnels this gateway moved to ``peer`` and still forwards
+        for: those may come back (and are then replaced)."""
+        index, returning = OverlapIndex(), OverlapIndex()
         for e in self.engine.spd:
             t = self.engine.tunnel_of_entry(e)
             if t is None:
                 continue
             if t.state is TunnelState.MOVED and t.forward_to == peer:
-                continue
-            index.add(e.selectors, t)
-        return index
+                returning.add(e.selectors, t)
+            else:
+                index.add(e.selectors, t)
+        return index, returning
 
     def _policy_allows(self, sa: SecurityAssociation) -> bool:
         s = self.settings
@@ -827,8 +828,9 @@ class TransferCore:
         out_sa: SecurityAssociation,
         in_sa: SecurityAssociation | None,
         now: float,
-        index: OverlapIndex,
+        indexes: tuple[OverlapIndex, OverlapIndex],
     ) -> tuple[int, int | None]:
+        index, returning = indexes
         for sa in (out_sa, in_sa):
             if sa is not None and not self._check_supported(sa):
                 return cxtp.Status.UNSUPPORTED_ALGORITHM, None
@@ -894,8 +896,10 @@ class TransferCore:
         # A tunnel coming back to us while we still forward its traffic to that peer: the
         # forwarder goes, the tunnel takes its place.
         for sl in sels:
-            for t in self._overlapping_moved(inc.peer, sl):
-                self.engine.remove_tunnel(t)
+            for t in returning.overlapping(sl):
+                assert isinstance(t, Tunnel)
+                if t.state is TunnelState.MOVED:
+                    self.engine.remove_tunnel(t)
         try:
             # Appended: the operator's own entries (DISCARD, BYPASS, the configured tunnels)
             # stay ahead of anything a peer hands over.
@@ -921,13 +925,6 @@ class TransferCore:
         if signals:
             inc.signals[id(tunnel)] = signals
         return status, new_spi
-
-    def _overlapping_moved(self, peer: str, sel: Selectors) -> list[Tunnel]:
-        return [
-            t
-            for t in list(self.engine.moved_tunnels())
-            if t.forward_to == peer and t.entry.selectors.overlaps(sel)
-        ]
 
     def _on_commit(self, peer: str, tag: cxtp.TransferTag, now: float) -> list[Output]:
         inc = self.incoming.get((peer, tag.transfer_id))

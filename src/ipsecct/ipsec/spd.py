@@ -340,8 +340,9 @@ class OverlapIndex:
     """Which of many selectors overlap a given one, without comparing against each.
 
     Tunnels' remote ranges are mostly narrow (one mobile node's inner address): those are kept
-    sorted by their first address and found by bisection; the few wide ones are compared one
-    by one. Used to refuse a transferred tunnel whose traffic another tunnel already carries.
+    sorted by their first address and found by bisection, looking back only as far as the
+    widest of them spans; the few wide ones are compared one by one. Used to refuse a
+    transferred tunnel whose traffic another tunnel already carries.
     """
 
     WIDE = 1 << 16  # remote ranges with more addresses than this are compared one by one
@@ -350,6 +351,7 @@ class OverlapIndex:
         self._firsts: list[tuple[int, int]] = []  # (version, first) sorted, parallel to _items
         self._items: list[tuple[int, Selectors, object]] = []  # (last, selectors, value)
         self._wide: list[tuple[Selectors, object]] = []
+        self._span = 0  # the widest narrow range: last - first
 
     def add(self, sel: Selectors, value: object) -> None:
         for r in sel.remote:
@@ -357,7 +359,8 @@ class OverlapIndex:
             if last - first >= self.WIDE:
                 self._wide.append((sel, value))
                 continue
-            key = (r.version, first)
+            self._span = max(self._span, last - first)
+            key = (r.first.version, first)
             i = bisect.bisect_right(self._firsts, key)
             self._firsts.insert(i, key)
             self._items.insert(i, (last, sel, value))
@@ -373,15 +376,16 @@ class OverlapIndex:
 
         for other, value in self._wide:
             hit(other, value)
+        firsts, items, span = self._firsts, self._items, self._span
         for r in sel.remote:
-            a, b = int(r.first), int(r.last)
-            i = bisect.bisect_right(self._firsts, (r.version, b))
+            ver, a, b = r.first.version, int(r.first), int(r.last)
+            i = bisect.bisect_right(firsts, (ver, b))
             while i > 0:
                 i -= 1
-                ver, first = self._firsts[i]
-                if ver != r.version or first < a - self.WIDE:
+                v, first = firsts[i]
+                if v != ver or first < a - span:
                     break
-                last, other, value = self._items[i]
+                last, other, value = items[i]
                 if last >= a:
                     hit(other, value)
         return found
