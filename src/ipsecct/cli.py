@@ -17,7 +17,17 @@ from . import __version__
 from .errors import IpsecctError
 
 # Modules under ipsecct.commands; each defines register(subparsers).
-COMMAND_MODULES = ("daemon", "sa", "transfer", "demo", "context", "pcap", "bench", "pki")
+COMMAND_MODULES = (
+    "daemon",
+    "sa",
+    "transfer",
+    "demo",
+    "context",
+    "pcap",
+    "bench",
+    "pki",
+    "cluster",
+)
 
 Handler = Callable[[argparse.Namespace], int]
 

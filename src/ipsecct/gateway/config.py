@@ -119,6 +119,12 @@ class ClusterConfig:
 
     spi_block: int | None = None  # fixed per gateway (pair mode)
     spi_blocks: int = 16
+    # etcd mode: endpoints, cluster name, member lease TTL (whole seconds, etcd's unit)
+    etcd: tuple[str, ...] = ()
+    name: str = "default"
+    ttl_s: int = 2
+    drift_ppm: float = 1000.0
+    guard_ms: float = 50.0
 
     def block(self) -> SpiBlock | None:
         return None if self.spi_block is None else spi_block_of(self.spi_block, self.spi_blocks)
@@ -523,6 +529,21 @@ def _socket_path(value: str, ctx: _Ctx) -> str:
     return socket_path(value)
 
 
+def cluster_of(path: str | Path) -> ClusterConfig:
+    """The ``[cluster]`` table of a configuration, reading nothing else (no key file)."""
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    c = _cluster(data.get("cluster"), _Ctx(str(path)))
+    if c is None or not c.etcd:
+        raise ConfigError(f"{path}: cluster.etcd: no etcd endpoints (not in etcd mode)")
+    return c
+
+
 def control_socket_of(path: str | Path) -> str:
     """The control socket a configuration names (the default one if it names none), reading
     nothing else: client commands use it, and they have no business opening key files."""
@@ -671,6 +692,8 @@ def from_dict(data: dict[str, Any], path: str = "<config>") -> NodeConfig:
     if cookie_threshold < 0:
         raise ctx.err("ike.cookie_threshold", "must be 0 (always) or more")
     cluster = _cluster(data.get("cluster"), ctx)
+    if cluster is not None and cluster.etcd and failover is not None:
+        raise ctx.err("cluster.etcd", "etcd mode replaces [failover]: configure one of them")
     if cluster is not None and (blk := cluster.block()) is not None:
         for t in tunnels:
             if t.inbound.spi not in blk:
@@ -707,14 +730,44 @@ def _cluster(c: Any, ctx: _Ctx) -> ClusterConfig | None:
         return None
     if not isinstance(c, dict):
         raise ctx.err("cluster", "must be a table")
-    _check_keys_allowed(c, ctx, "cluster.", {"spi_block", "spi_blocks"})
+    _check_keys_allowed(
+        c,
+        ctx,
+        "cluster.",
+        {"spi_block", "spi_blocks", "etcd", "name", "ttl_s", "drift_ppm", "guard_ms"},
+    )
     n = c.get("spi_blocks", 16)
     if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_SPI_BLOCKS:
         raise ctx.err("cluster.spi_blocks", f"must be a whole number 1-{MAX_SPI_BLOCKS}")
     i = c.get("spi_block")
     if i is not None and (isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n):
         raise ctx.err("cluster.spi_block", f"must be a whole number 0-{n - 1} (of spi_blocks)")
-    return ClusterConfig(i, n)
+    etcd = c.get("etcd", [])
+    if not isinstance(etcd, list) or not all(
+        isinstance(e, str) and e.startswith("http://") for e in etcd
+    ):
+        raise ctx.err("cluster.etcd", 'must be a list of "http://HOST:PORT" endpoints')
+    name = c.get("name", "default")
+    if not isinstance(name, str) or not name or "/" in name:
+        raise ctx.err("cluster.name", "must be a name without /")
+    ttl = c.get("ttl_s", 2)
+    if isinstance(ttl, bool) or not isinstance(ttl, int) or not 2 <= ttl <= 3600:
+        raise ctx.err("cluster.ttl_s", "must be whole seconds, 2-3600 (etcd's lease unit)")
+    extra: dict[str, float] = {}
+    for k, dflt in (("drift_ppm", 1000.0), ("guard_ms", 50.0)):
+        v = c.get(k, dflt)
+        if isinstance(v, bool) or not isinstance(v, int | float) or not 0 <= v < 1e6:
+            raise ctx.err(f"cluster.{k}", "must be a number >= 0")
+        extra[k] = float(v)
+    cc = ClusterConfig(i, n, tuple(etcd), name, ttl, extra["drift_ppm"], extra["guard_ms"])
+    if etcd:
+        from ..ct.ownership import fence_timing
+
+        try:
+            fence_timing(ttl, cc.drift_ppm, cc.guard_ms)
+        except ValueError as exc:
+            raise ctx.err("cluster.ttl_s", str(exc)) from None
+    return cc
 
 
 _TRANSFER_KEYS = {

@@ -16,6 +16,7 @@ from ..ipsec.sad import Direction, SecurityAssociation
 from ..ipsec.spd import Action, SPDEntry
 from . import config as config_mod
 from .balancer import Balancer
+from .cluster_driver import ClusterDriver
 from .control import ControlError, ControlServer, MetricsServer, sa_summary
 from .failover_driver import FailoverDriver, is_sync
 from .ike import IkeService
@@ -79,6 +80,17 @@ class Service:
                 self.balancer = Balancer(self.node, tcfg.balance, self.transfer)
             self.peers.on_message = self._peer_message
             self.peers.on_lost = self._peer_lost
+        # etcd mode ([cluster] etcd): membership, the lease that fences sending, owner keys.
+        self.cluster: ClusterDriver | None = None
+        if role != "node" and cfg.cluster is not None and cfg.cluster.etcd:
+            self.cluster = ClusterDriver(
+                self.node,
+                cfg.cluster,
+                address=str(tcfg.listen) if tcfg is not None else "",
+                settings=tcfg.settings if tcfg is not None else None,
+            )
+            if self.transfer is not None:
+                self.transfer.hold_hooks.append(self.cluster.hold)
         # IKEv2 ([connections.NAME]): CHILD SAs keyed by IKE, beside the manual ones.
         self.ike: IkeService | None = (
             IkeService(self.node, cfg.connections) if cfg.connections else None
@@ -110,6 +122,8 @@ class Service:
             await self.metrics.start()
         if self.ike is not None:
             await self.ike.start()
+        if self.cluster is not None:
+            await self.cluster.start()
         await self.start_context_transfer()
 
     async def start_context_transfer(self) -> None:
@@ -164,6 +178,8 @@ class Service:
     async def stop(self) -> None:
         if self.ike is not None:
             await self.ike.stop()  # DELETEs to the IKE peers
+        if self.cluster is not None:
+            await self.cluster.stop()  # revokes the lease: the survivors may take over at once
         await self.stop_context_transfer()
         if self.metrics is not None:
             await self.metrics.stop()

@@ -1,0 +1,41 @@
+"""``ipsecct cluster status``: members, leases, owners and tunnel counts, as etcd has them."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from typing import Any
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from ..gateway.cluster_driver import cluster_status
+    from ..gateway.config import cluster_of
+
+    st = asyncio.run(cluster_status(cluster_of(args.config)))
+    if args.json:
+        json.dump(st, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return 0
+    print(f"cluster {st['cluster']} (etcd {', '.join(st['etcd'])})")
+    print(f"{'member':<16} {'lease':<18} {'ttl_s':>5} {'tunnels':>8}  address")
+    for name, m in sorted(st["members"].items()):
+        print(f"{name:<16} {m['lease']:<18} {m['ttl_s']:>5} {m['tunnels']:>8}  {m['address']}")
+    if st["owners_without_member"]:
+        print(f"{st['owners_without_member']} owner key(s) of members that are gone")
+    for i, b in st["spi_blocks"].items():
+        print(f"spi block {i}: {b['range']} {b['member']}")
+    return 0
+
+
+def register(sub: Any) -> None:
+    p: argparse.ArgumentParser = sub.add_parser(
+        "cluster", help="a cluster of gateways on etcd: members, leases, owners"
+    )
+    ss = p.add_subparsers(dest="cluster_command", metavar="SUBCOMMAND")
+    ss.required = True
+    s: argparse.ArgumentParser = ss.add_parser("status", help="what etcd says about the cluster")
+    s.add_argument("--config", "-c", required=True, help="a gateway configuration with [cluster]")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(handler=cmd_status)

@@ -1,0 +1,296 @@
+"""etcd mode (``[cluster] etcd = [...]``): this gateway's membership, its lease as a fence,
+its owner keys and its SPI block, kept in etcd (decisions in :mod:`ipsecct.ct.ownership`).
+
+One timer: every ``ttl_s / 4`` the driver renews the member lease (a keep-alive), and on
+success moves the engine's fence (``Engine.send_until``) to ``sent + fence`` where ``fence``
+is the etcd TTL shortened for clock drift and a guard: if etcd cannot be reached, the engine
+stops sending by itself before etcd can expire the lease and let another member create this
+gateway's owner keys. A tunnel whose owner key this gateway does not hold (another member
+owns it, or an earlier life of this gateway still does) is fenced by its sequence ceiling
+until the key is ours.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+from typing import Any
+
+from ..ct import ownership
+from ..ct.lease import Lease, LeaseEvent
+from ..ct.transfer import Settings
+from ..ipsec import spi as spimod
+from ..ipsec.engine import Held, Tunnel, TunnelState
+from .config import ClusterConfig
+from .etcd import EtcdClient, EtcdError
+from .log import event
+from .node import Node
+
+log = logging.getLogger("ipsecct.gateway.cluster")
+
+UNFENCED = 1 << 64
+
+
+class ClusterDriver:
+    def __init__(
+        self,
+        node: Node,
+        cfg: ClusterConfig,
+        *,
+        address: str = "",
+        settings: Settings | None = None,
+    ) -> None:
+        self.node = node
+        self.settings = settings  # the transfer settings: reassigned SPIs from our block
+        self.cfg = cfg
+        self.address = address
+        self.keys = ownership.keys(cfg.name)
+        self.timing = ownership.fence_timing(cfg.ttl_s, cfg.drift_ppm, cfg.guard_ms)
+        self.client = EtcdClient(list(cfg.etcd), timeout=max(0.2, min(1.0, cfg.ttl_s / 4)))
+        self.lease = Lease(self.timing)
+        self.lease_id = 0
+        self.block: spimod.SpiBlock | None = cfg.block()
+        self.owned: set[int] = set()  # outbound SPIs whose owner key we hold
+        self.lost_for_good = 0
+        self._n = 0
+        self._task: asyncio.Task[None] | None = None
+        self.last_error = ""
+        node.engine.send_until = -math.inf  # nothing is sent before we are a member
+        for t in node.engine.tunnels():
+            t.seq_ceiling = t.outbound.seq  # nor on a tunnel before we own it
+        node.extensions["cluster"] = self.status
+
+    # -- life cycle ------------------------------------------------------------------------
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._loop())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        self.node.engine.send_until = -math.inf
+        if self.lease_id:
+            with contextlib.suppress(EtcdError):
+                await self.client.revoke(self.lease_id)  # hand our tunnels over at once
+
+    async def _register(self) -> None:
+        lid, ttl = await self.client.grant(self.cfg.ttl_s)
+        self.lease_id = lid
+        self.owned.clear()
+        await self.client.put(
+            self.keys["members"] + self.node.name,
+            json.dumps({"address": self.address, "lease": str(lid)}),
+            lease=lid,
+        )
+        if self.block is None:
+            self.block = await self._claim_block()
+        if self.settings is not None:
+            self.settings.spi_block = self.block
+        event(
+            log,
+            "cluster-joined",
+            node=self.node.name,
+            cluster=self.cfg.name,
+            lease=f"{lid:x}",
+            ttl_s=ttl,
+            spi_block=self.block,
+        )
+
+    async def _claim_block(self) -> spimod.SpiBlock:
+        """Our block of the SPI space: the one we claimed before, else the first free one."""
+        n = self.cfg.spi_blocks
+        claims = {
+            kv.key.rsplit("/", 1)[-1]: kv.value.decode()
+            for kv in await self.client.get_prefix(self.keys["blocks"])
+        }
+        for i in range(n):
+            if claims.get(str(i)) == self.node.name:
+                return spimod.block(i, n)
+        for i in range(n):
+            if str(i) not in claims and await self.client.create(
+                self.keys["blocks"] + str(i), self.node.name
+            ):
+                return spimod.block(i, n)
+        raise EtcdError(f"no free SPI block among {n} (spi_blocks)")
+
+    async def _loop(self) -> None:
+        period = self.cfg.ttl_s / 4
+        while True:
+            try:
+                if not self.lease_id:
+                    await self._register()
+                await self._renew()
+                await self._own_tunnels()
+                self.last_error = ""
+            except EtcdError as exc:
+                if str(exc) != self.last_error:
+                    event(
+                        log,
+                        "cluster-etcd-error",
+                        logging.WARNING,
+                        node=self.node.name,
+                        error=str(exc),
+                    )
+                self.last_error = str(exc)
+            self._events(self.lease.poll(self.node.clock()))
+            await asyncio.sleep(period)
+
+    async def _renew(self) -> None:
+        self._n += 1
+        n = self._n
+        self.lease.sent(n, self.node.clock())
+        ttl = await self.client.keepalive(self.lease_id)
+        now = self.node.clock()
+        if ttl <= 0:
+            self._lease_gone()
+            return
+        self._events(self.lease.granted(n, now))
+        self.node.engine.send_until = self.lease.expiry
+
+    def _lease_gone(self) -> None:
+        """etcd expired our lease: our owner keys are gone and others may hold our tunnels
+        now. Remove them for good and join again, empty."""
+        self.lease.revoke()
+        self.node.engine.send_until = -math.inf
+        gone = [t for t in self.node.engine.tunnels() if t.outbound.spi in self.owned]
+        for t in gone:
+            self.node.engine.remove_tunnel(t)
+        self.lost_for_good += len(gone)
+        event(
+            log,
+            "cluster-lease-expired",
+            logging.ERROR,
+            node=self.node.name,
+            tunnels=len(gone),
+            detail="etcd expired this gateway's lease: its tunnels may have moved; they were"
+            " removed here, and the gateway joins again without them",
+        )
+        self.owned.clear()
+        self.lease_id = 0
+        self.lease = Lease(self.timing)
+
+    async def _own_tunnels(self) -> None:
+        for t in self.node.engine.tunnels():
+            if t.state is not TunnelState.ACTIVE:
+                continue
+            spi = t.outbound.spi
+            if spi in self.owned:
+                continue
+            key = ownership.owner_key(self.cfg.name, spi)
+            if await self.client.create(key, self.node.name, lease=self.lease_id):
+                self.owned.add(spi)
+                t.seq_ceiling = UNFENCED
+            else:
+                self._fence(t)
+
+    def _fence(self, t: Tunnel) -> None:
+        if t.seq_ceiling != t.outbound.seq:
+            t.seq_ceiling = t.outbound.seq
+            event(
+                log,
+                "cluster-not-owner",
+                logging.WARNING,
+                node=self.node.name,
+                spi=f"0x{spi_hex(t)}",
+                detail="another member holds its owner key: not sent",
+            )
+
+    def _events(self, events: list[LeaseEvent]) -> None:
+        for ev in events:
+            level = logging.WARNING if ev is LeaseEvent.LOST else logging.INFO
+            detail = (
+                "etcd did not renew the lease in time: this gateway stopped sending"
+                if ev is LeaseEvent.LOST
+                else ""
+            )
+            event(log, "cluster-" + ev.value, level, node=self.node.name, detail=detail)
+
+    def hold(self, held: Held) -> bool:
+        """An outbound packet the fence stopped: dropped and counted as ``fenced`` (etcd mode
+        keeps no queue: a lost lease may mean the tunnel moves)."""
+        if held.inbound or not self.node.engine.fenced(held.tunnel, self.node.clock()):
+            return False
+        self.node.engine.stats.drops["fenced"] += 1
+        return True
+
+    # -- information -----------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        now = self.node.clock()
+        tunnels = [t for t in self.node.engine.tunnels() if t.state is TunnelState.ACTIVE]
+        return {
+            "mode": "etcd",
+            "cluster": self.cfg.name,
+            "member": self.node.name,
+            "lease": {
+                "state": "held" if self.lease.valid(now) else "lost",
+                "id": f"{self.lease_id:x}",
+                "ttl_s": self.cfg.ttl_s,
+                "fence_ms": round(self.timing.lease * 1000, 3),
+                "remaining_ms": round(self.lease.remaining(now) * 1000),
+                "losses": self.lease.losses,
+            },
+            "spi_block": str(self.block) if self.block is not None else None,
+            "owned_tunnels": sum(1 for t in tunnels if t.outbound.spi in self.owned),
+            "unowned_tunnels": sum(1 for t in tunnels if t.outbound.spi not in self.owned),
+            "removed_on_expiry": self.lost_for_good,
+            "etcd_error": self.last_error,
+        }
+
+
+def spi_hex(t: Tunnel) -> str:
+    return f"{t.outbound.spi:08x}"
+
+
+async def cluster_status(cfg: ClusterConfig) -> dict[str, Any]:
+    """What etcd says about the cluster: members (with their lease's time to live), owners
+    and tunnel counts per member, SPI blocks. For ``ipsecct cluster status``."""
+    client = EtcdClient(list(cfg.etcd), timeout=2.0)
+    keys = ownership.keys(cfg.name)
+    members: dict[str, dict[str, Any]] = {}
+    for kv in await client.get_prefix(keys["members"]):
+        name = kv.key[len(keys["members"]) :]
+        try:
+            info = json.loads(kv.value)
+        except ValueError:
+            info = {}
+        ttl = await client.call("/v3/lease/timetolive", {"ID": str(kv.lease)})
+        members[name] = {
+            "address": info.get("address", "") if isinstance(info, dict) else "",
+            "lease": f"{kv.lease:x}",
+            "ttl_s": int(ttl.get("TTL", 0))
+            if str(ttl.get("TTL", "0")).lstrip("-").isdigit()
+            else 0,
+            "tunnels": 0,
+        }
+    owners: dict[str, str] = {}
+    orphaned = 0
+    for kv in await client.get_prefix(keys["owners"]):
+        spi = ownership.spi_of_owner_key(kv.key)
+        if spi is None:
+            continue
+        who = kv.value.decode(errors="replace")
+        owners[f"0x{spi:08x}"] = who
+        if who in members:
+            members[who]["tunnels"] += 1
+        else:
+            orphaned += 1
+    blocks = {
+        kv.key.rsplit("/", 1)[-1]: kv.value.decode(errors="replace")
+        for kv in await client.get_prefix(keys["blocks"])
+    }
+    return {
+        "cluster": cfg.name,
+        "etcd": list(cfg.etcd),
+        "members": members,
+        "owners": owners,
+        "owners_without_member": orphaned,
+        "spi_blocks": {
+            i: {"member": m, "range": str(spimod.block(int(i), cfg.spi_blocks))}
+            for i, m in sorted(blocks.items(), key=lambda x: int(x[0]) if x[0].isdigit() else -1)
+            if i.isdigit() and int(i) < cfg.spi_blocks
+        },
+    }

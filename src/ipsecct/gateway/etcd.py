@@ -1,0 +1,249 @@
+"""A small asyncio client for etcd's v3 API, spoken as JSON over HTTP (etcd's gRPC gateway).
+
+Why not a library: ipsecct needs six calls (lease grant / keep-alive / revoke, put, range,
+transaction). The maintained asyncio client on PyPI, ``aetcd``, speaks gRPC and brings
+``grpcio`` and ``protobuf`` (tens of megabytes of compiled code) for them; the older ones
+(``aioetcd3``, ``aio-etcd``, ``aetcd3``) are unmaintained or speak the v2 API. etcd serves the
+same v3 API as JSON on its client port (``/v3/kv/range``, ``/v3/lease/grant``, ...; byte
+fields in base64, 64-bit integers as strings), which is all this module uses: one short HTTP/1.1
+request per call, with a timeout, tried on each configured endpoint in turn.
+
+Everything etcd answers is checked before use (types, sizes): a malformed or unexpected answer
+is an :class:`EtcdError`, never a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+from ..errors import IpsecctError
+
+MAX_RESPONSE = 16 << 20
+
+
+class EtcdError(IpsecctError):
+    """etcd could not be reached or answered something unusable."""
+
+
+@dataclass(frozen=True)
+class KeyValue:
+    key: str
+    value: bytes
+    lease: int
+    create_revision: int
+    mod_revision: int
+
+
+def _b64(s: str | bytes) -> str:
+    return base64.b64encode(s.encode() if isinstance(s, str) else s).decode()
+
+
+def _unb64(v: Any) -> bytes:
+    if not isinstance(v, str):
+        raise EtcdError("etcd answered a non-string where base64 was expected")
+    try:
+        return base64.b64decode(v, validate=True)
+    except ValueError:
+        raise EtcdError("etcd answered bad base64") from None
+
+
+def _int(v: Any, default: int = 0) -> int:
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, int | str):
+        raise EtcdError("etcd answered a non-integer where an integer was expected")
+    try:
+        return int(v)
+    except ValueError:
+        raise EtcdError("etcd answered a bad integer") from None
+
+
+def _kvs(d: dict[str, Any]) -> list[KeyValue]:
+    out = []
+    kvs = d.get("kvs", [])
+    if not isinstance(kvs, list):
+        raise EtcdError("etcd answered a bad key list")
+    for kv in kvs:
+        if not isinstance(kv, dict):
+            raise EtcdError("etcd answered a bad key")
+        try:
+            key = _unb64(kv.get("key")).decode()
+        except UnicodeDecodeError:
+            raise EtcdError("etcd answered a key that is not UTF-8") from None
+        out.append(
+            KeyValue(
+                key,
+                _unb64(kv.get("value", "")),
+                _int(kv.get("lease")),
+                _int(kv.get("create_revision")),
+                _int(kv.get("mod_revision")),
+            )
+        )
+    return out
+
+
+def prefix_end(prefix: str) -> str:
+    """The range end that selects every key starting with ``prefix`` (etcd's convention)."""
+    b = bytearray(prefix.encode())
+    while b and b[-1] == 0xFF:
+        b.pop()
+    if not b:
+        return "\0"
+    b[-1] += 1
+    return b.decode("latin-1")
+
+
+class EtcdClient:
+    """Calls etcd's v3 JSON API on the first endpoint that answers."""
+
+    def __init__(self, endpoints: list[str], *, timeout: float = 1.0) -> None:
+        if not endpoints:
+            raise EtcdError("no etcd endpoint")
+        self.endpoints: list[tuple[str, int]] = []
+        for e in endpoints:
+            u = urlsplit(e)
+            if u.scheme != "http" or not u.hostname or u.path not in ("", "/"):
+                raise EtcdError(f"etcd endpoint {e!r}: only http://HOST:PORT is supported")
+            self.endpoints.append((u.hostname, u.port or 2379))
+        self.timeout = timeout
+        self._preferred = 0
+        self.calls = 0
+        self.failures = 0
+
+    async def call(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        """POST ``body`` to ``path`` on one endpoint after another until one answers."""
+        errors = []
+        n = len(self.endpoints)
+        for k in range(n):
+            i = (self._preferred + k) % n
+            host, port = self.endpoints[i]
+            self.calls += 1
+            try:
+                async with asyncio.timeout(self.timeout):
+                    ans = await self._post(host, port, path, body)
+            except (OSError, TimeoutError, EtcdError) as exc:
+                self.failures += 1
+                errors.append(f"{host}:{port}: {exc or type(exc).__name__}")
+                continue
+            self._preferred = i
+            return ans
+        raise EtcdError("etcd unreachable (" + "; ".join(errors) + ")")
+
+    async def _post(self, host: str, port: int, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        data = json.dumps(body).encode()
+        reader, writer = await asyncio.open_connection(host, port)
+        try:
+            writer.write(
+                f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
+                f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n"
+                "Connection: close\r\n\r\n".encode()
+                + data
+            )
+            await writer.drain()
+            status = await reader.readline()
+            parts = status.split()
+            if len(parts) < 2 or not parts[0].startswith(b"HTTP/1."):
+                raise EtcdError("not an HTTP answer")
+            code = int(parts[1]) if parts[1].isdigit() else 0
+            length: int | None = None
+            chunked = False
+            while True:
+                line = await reader.readline()
+                if line in (b"\r\n", b"\n", b""):
+                    break
+                name, _, value = line.decode("latin-1").partition(":")
+                if name.strip().lower() == "content-length":
+                    length = int(value.strip())
+                elif name.strip().lower() == "transfer-encoding":
+                    chunked = "chunked" in value.lower()
+            if chunked:  # the streaming calls (keep-alive): the first chunk is the answer
+                size = int((await reader.readline()).split(b";")[0], 16)
+                if size > MAX_RESPONSE:
+                    raise EtcdError("answer too large")
+                payload = await reader.readexactly(size)
+            elif length is not None:
+                if length > MAX_RESPONSE:
+                    raise EtcdError("answer too large")
+                payload = await reader.readexactly(length)
+            else:
+                payload = await reader.read(MAX_RESPONSE)
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError, ConnectionError):
+                await writer.wait_closed()
+        try:
+            ans = json.loads(payload)
+        except ValueError:
+            raise EtcdError(f"HTTP {code}: not JSON") from None
+        if not isinstance(ans, dict):
+            raise EtcdError("answer is not a JSON object")
+        if "result" in ans and isinstance(ans["result"], dict):
+            ans = ans["result"]
+        if code != 200 or "error" in ans:
+            msg = ans.get("message") or ans.get("error") or f"HTTP {code}"
+            raise EtcdError(f"etcd refused {path}: {msg}")
+        return ans
+
+    # -- leases ----------------------------------------------------------------------------
+    async def grant(self, ttl: int) -> tuple[int, int]:
+        ans = await self.call("/v3/lease/grant", {"TTL": ttl})
+        lid, got = _int(ans.get("ID")), _int(ans.get("TTL"))
+        if lid == 0 or got <= 0:
+            raise EtcdError("etcd granted no lease")
+        return lid, got
+
+    async def keepalive(self, lease: int) -> int:
+        """Renew ``lease``; its TTL in seconds, 0 when it is gone."""
+        ans = await self.call("/v3/lease/keepalive", {"ID": str(lease)})
+        return _int(ans.get("TTL"))
+
+    async def revoke(self, lease: int) -> None:
+        await self.call("/v3/lease/revoke", {"ID": str(lease)})
+
+    # -- keys ------------------------------------------------------------------------------
+    async def put(self, key: str, value: bytes | str, *, lease: int = 0) -> None:
+        body: dict[str, Any] = {"key": _b64(key), "value": _b64(value)}
+        if lease:
+            body["lease"] = str(lease)
+        await self.call("/v3/kv/put", body)
+
+    async def get(self, key: str) -> KeyValue | None:
+        kvs = _kvs(await self.call("/v3/kv/range", {"key": _b64(key)}))
+        return kvs[0] if kvs else None
+
+    async def get_prefix(self, prefix: str) -> list[KeyValue]:
+        body = {"key": _b64(prefix), "range_end": _b64(prefix_end(prefix).encode("latin-1"))}
+        return _kvs(await self.call("/v3/kv/range", body))
+
+    async def delete(self, key: str) -> None:
+        await self.call("/v3/kv/deleterange", {"key": _b64(key)})
+
+    async def create(self, key: str, value: bytes | str, *, lease: int = 0) -> bool:
+        """Put ``key`` only if it does not exist (a transaction); True if it was created."""
+        put: dict[str, Any] = {"key": _b64(key), "value": _b64(value)}
+        if lease:
+            put["lease"] = str(lease)
+        ans = await self.call(
+            "/v3/kv/txn",
+            {
+                "compare": [
+                    {
+                        "key": _b64(key),
+                        "target": "CREATE",
+                        "create_revision": "0",
+                        "result": "EQUAL",
+                    }
+                ],
+                "success": [{"request_put": put}],
+            },
+        )
+        return bool(ans.get("succeeded", False))
+
+    async def status(self) -> dict[str, Any]:
+        return await self.call("/v3/maintenance/status", {})

@@ -1,0 +1,194 @@
+"""etcd mode (issue 9), against real etcd members on loopback.
+
+1. The client (``gateway/etcd.py``): leases, keys, create-if-absent transactions, against one
+   member; against three, one killed: calls go on through the others.
+2. The ownership core (``ct/ownership.py``): the member's fence is shorter than etcd's lease
+   by the drift and the guard; a dead member's tunnels spread over the survivors.
+3. A gateway in etcd mode (a real process with the MN of examples/failover): it registers,
+   owns its tunnel's key under its lease, claims an SPI block, and ``ipsecct cluster status``
+   shows it; cut off from etcd (the member stopped), it stops sending within its fence and
+   says so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from ipsecct.ct import ownership
+from ipsecct.gateway.etcd import EtcdClient, EtcdError
+from tests.etcd_server import EtcdCluster
+from tests.example_deployment import ExampleDeployment, cli
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# -- 1. the client -------------------------------------------------------------------------
+
+
+def test_client_against_one_member(tmp_path: Path) -> None:
+    async def run(endpoints: list[str]) -> None:
+        c = EtcdClient(["http://127.0.0.1:9", *endpoints])  # the first one refuses
+        lid, ttl = await c.grant(5)
+        assert ttl == 5
+        assert await c.keepalive(lid) == 5
+        assert await c.create("/t/owners/00000001", "sg1", lease=lid)
+        assert not await c.create("/t/owners/00000001", "sg2")  # taken: a transaction fails
+        await c.put("/t/members/sg1", "x", lease=lid)
+        await c.put("/u/other", "y")
+        kvs = await c.get_prefix("/t/")
+        assert [(k.key, k.value, k.lease) for k in kvs] == [
+            ("/t/members/sg1", b"x", lid),
+            ("/t/owners/00000001", b"sg1", lid),
+        ]
+        await c.revoke(lid)
+        assert await c.keepalive(lid) == 0  # gone
+        assert await c.get("/t/owners/00000001") is None  # with its keys
+        assert await c.create("/t/owners/00000001", "sg2")  # now anyone may take it
+        assert c.failures >= 1
+
+    with EtcdCluster(tmp_path) as e:
+        asyncio.run(run(e.endpoints))
+
+
+def test_client_errors() -> None:
+    with pytest.raises(EtcdError):
+        EtcdClient([])
+    with pytest.raises(EtcdError):
+        EtcdClient(["https://127.0.0.1:2379"])
+
+    async def run() -> None:
+        with pytest.raises(EtcdError, match="unreachable"):
+            await EtcdClient(["http://127.0.0.1:9"], timeout=0.5).grant(5)
+
+    asyncio.run(run())
+
+
+def test_client_goes_on_when_a_member_dies(tmp_path: Path) -> None:
+    with EtcdCluster(tmp_path, 3) as e:
+
+        async def first() -> int:
+            c = EtcdClient(e.endpoints)
+            lid, _ = await c.grant(10)
+            await c.put("/k", "v", lease=lid)
+            return lid
+
+        lid = asyncio.run(first())
+        e.kill("e0")  # the endpoint the client tries first
+
+        async def after() -> None:
+            c = EtcdClient(e.endpoints, timeout=2.0)
+            assert await c.keepalive(lid) == 10  # the lease lives on in the cluster
+            kv = await c.get("/k")
+            assert kv is not None and kv.value == b"v"
+            assert c.failures >= 1
+
+        asyncio.run(after())
+
+
+# -- 2. the ownership core -----------------------------------------------------------------
+
+
+def test_fence_is_shorter_than_the_etcd_lease() -> None:
+    t = ownership.fence_timing(2, 1000, 50)
+    assert t.lease == pytest.approx(2 * 0.999 / 1.001 - 0.05)
+    with pytest.raises(ValueError):
+        ownership.fence_timing(2, 1000, 2500)
+
+
+@given(
+    spis=st.sets(st.integers(0x100, 0xFFFFFFFF), min_size=50, max_size=300),
+    n=st.integers(2, 6),
+)
+def test_plan_spreads_a_dead_members_tunnels(spis: set[int], n: int) -> None:
+    members = [f"sg{i}" for i in range(n)]
+    p = ownership.plan(spis, members)
+    assert sorted(s for v in p.values() for s in v) == sorted(spis)
+    assert ownership.plan(spis, list(reversed(members))) == p  # everyone computes the same
+    # Removing a member moves only its tunnels (rendezvous hashing).
+    q = ownership.plan(spis, members[1:])
+    for m in members[1:]:
+        assert set(p[m]) <= set(q[m])
+    # Spread: no survivor takes everything when there are several.
+    assert max(len(v) for v in p.values()) < len(spis)
+
+
+def test_owner_keys() -> None:
+    k = ownership.owner_key("c1", 0x20000001)
+    assert k == "/ipsecct/c1/owners/20000001"
+    assert ownership.spi_of_owner_key(k) == 0x20000001
+    assert ownership.spi_of_owner_key("/ipsecct/c1/owners/xyz") is None
+
+
+# -- 3. a gateway in etcd mode ---------------------------------------------------------------
+
+EXAMPLE = ROOT / "examples" / "failover"
+PORTS = (14600, 15100, 15101, 24600, 25100, 25191, 34600, 35100, 35191, 45101)
+
+
+def test_gateway_in_etcd_mode_owns_and_fences(tmp_path: Path) -> None:
+    with EtcdCluster(tmp_path) as e:
+        endpoints = json.dumps(e.endpoints)
+
+        def edit(text: str) -> str:
+            if 'name = "sg1"' not in text:
+                return text
+            text = re.sub(r"(?ms)^\[failover\].*\Z", "", text)
+            return text + f'\n[cluster]\netcd = {endpoints}\nname = "t"\nttl_s = 2\n'
+
+        dep = ExampleDeployment(
+            tmp_path / "dep",
+            EXAMPLE,
+            udp_ports=tuple(p for p in PORTS if p not in (25191, 35191)),
+            tcp_ports=(25191, 35191),
+            ctl_prefix="/tmp/ipsecct-fo-",
+            host=("127.0.4.20", 45101),
+            mn_app=("127.0.4.10", 15101),
+            edit=edit,
+        )
+        try:
+            dep.start("sg1")
+            dep.start("mn")
+            st1 = dep.wait(
+                "sg1",
+                lambda s: s["cluster"]["lease"]["state"] == "held"
+                and s["cluster"]["owned_tunnels"] == 1,
+                "sg1 joins and owns its tunnel",
+            )
+            assert st1["cluster"]["spi_block"] is not None
+            to_sg1 = ("127.0.4.1", dep.port[25100])
+            assert dep.exchange(20, 1, False, to_sg1) == 20  # host -> MN through sg1
+            r = cli("cluster", "status", "--json", "--config", dep.config("sg1"))
+            assert r.returncode == 0, r.stderr
+            cs = json.loads(r.stdout)
+            assert cs["members"]["sg1"]["tunnels"] == 1
+            assert cs["owners"] == {"0x20000001": "sg1"}
+            assert cs["spi_blocks"]["0"]["member"] == "sg1"
+            r = cli("cluster", "status", "--config", dep.config("sg1"))
+            assert r.returncode == 0 and "sg1" in r.stdout
+            # Cut off from etcd: the member stops answering. Within its fence (counted from
+            # its last keep-alive, before the cut) sg1 sends nothing any more.
+            e.pause("e0")
+            fence_s = st1["cluster"]["lease"]["fence_ms"] / 1000
+            time.sleep(fence_s + 0.1)
+            assert dep.exchange(10, 2, False, to_sg1) == 0
+            st = dep.status("sg1")
+            assert st["cluster"]["lease"]["state"] == "lost", st["cluster"]
+            assert st["counters"]["drops"]["fenced"] >= 10  # counted as fenced
+            log = (dep.dir / "sg1.log").read_text()
+            assert "event=cluster-lease-lost" in log and "stopped sending" in log
+        finally:
+            dep.stop()
+
+
+def test_cluster_status_needs_etcd_mode(tmp_path: Path) -> None:
+    cfg = tmp_path / "x.toml"
+    cfg.write_text('name = "x"\n')
+    r = cli("cluster", "status", "--config", str(cfg))
+    assert r.returncode == 2 and "not in etcd mode" in r.stderr and "Traceback" not in r.stderr
