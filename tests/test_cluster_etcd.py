@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
+import signal
 import time
 from pathlib import Path
 
@@ -157,8 +159,9 @@ def test_gateway_in_etcd_mode_owns_and_fences(tmp_path: Path) -> None:
             dep.start("mn")
             st1 = dep.wait(
                 "sg1",
-                lambda s: s["cluster"]["lease"]["state"] == "held"
-                and s["cluster"]["owned_tunnels"] == 1,
+                lambda s: (
+                    s["cluster"]["lease"]["state"] == "held" and s["cluster"]["owned_tunnels"] == 1
+                ),
                 "sg1 joins and owns its tunnel",
             )
             assert st1["cluster"]["spi_block"] is not None
@@ -183,6 +186,69 @@ def test_gateway_in_etcd_mode_owns_and_fences(tmp_path: Path) -> None:
             assert st["counters"]["drops"]["fenced"] >= 10  # counted as fenced
             log = (dep.dir / "sg1.log").read_text()
             assert "event=cluster-lease-lost" in log and "stopped sending" in log
+        finally:
+            dep.stop()
+
+
+def test_etcd_mode_take_over_after_sigkill(tmp_path: Path) -> None:
+    """sg1 and sg2 of examples/failover, both in etcd mode (each replicates to the other over
+    TLS). sg1 is killed with SIGKILL under traffic: once etcd expires its lease, sg2 creates
+    the owner key of sg1's tunnel and installs it from its replica; the MN follows (SG_UPDATE
+    inside the SA), with no replay or ICV drop, and every sequence number sg2 sends is above
+    every one sg1 sent."""
+    with EtcdCluster(tmp_path) as e:
+        endpoints = json.dumps(e.endpoints)
+
+        def edit(text: str) -> str:
+            if "[failover]" not in text:
+                return text
+            text = re.sub(r"(?ms)^\[failover\].*\Z", "", text)
+            return text + f'\n[cluster]\netcd = {endpoints}\nname = "t"\nttl_s = 2\n'
+
+        dep = ExampleDeployment(
+            tmp_path / "dep",
+            EXAMPLE,
+            udp_ports=tuple(p for p in PORTS if p not in (25191, 35191)),
+            tcp_ports=(25191, 35191),
+            ctl_prefix="/tmp/ipsecct-fo-",
+            host=("127.0.4.20", 45101),
+            mn_app=("127.0.4.10", 15101),
+            edit=edit,
+        )
+        try:
+            for n in ("sg2", "sg1", "mn"):
+                dep.start(n)
+            dep.wait(
+                "sg1",
+                lambda s: s["cluster"]["owned_tunnels"] == 1,
+                "sg1 owns its tunnel",
+            )
+            to = {
+                g: (f"127.0.4.{i}", dep.port[p])
+                for g, i, p in (("sg1", 1, 25100), ("sg2", 2, 35100))
+            }
+            assert dep.exchange(50, 1, False, to["sg1"]) == 50
+            dep.wait("sg2", lambda s: s["cluster"]["replicas"]["sg1"] == 1, "sg2 has a replica")
+            time.sleep(0.3)  # the last packets replicated too
+            sg1_seq = next(s["seq"] for s in dep.sas("sg1") if s["direction"] == "out")
+            os.kill(dep.procs["sg1"].pid, signal.SIGKILL)
+            dep.procs["sg1"].wait(10)
+            t0 = time.monotonic()
+            st2 = dep.wait(
+                "sg2", lambda s: s["cluster"]["taken_over"] == 1, "sg2 takes over", timeout=10
+            )
+            took = time.monotonic() - t0
+            assert 1.0 <= took <= 6.0, took  # after etcd expired sg1's lease (ttl 2 s)
+            assert st2["cluster"]["owned_tunnels"] == 1
+            r = cli("cluster", "status", "--json", "--config", dep.config("sg2"))
+            cs = json.loads(r.stdout)
+            assert cs["owners"] == {"0x20000001": "sg2"} and "sg1" not in cs["members"]
+            out2 = next(s for s in dep.sas("sg2") if s["direction"] == "out")
+            assert sg1_seq < out2["seq"] <= sg1_seq + 16384 + 1
+            assert dep.exchange(30, 2, False, to["sg2"]) == 30
+            assert dep.exchange(30, 3, True, ("127.0.4.10", dep.port[15100])) == 30
+            mn = dep.status("mn")["counters"]["drops"]
+            assert mn["replay"] == 0 and mn["icv"] == 0, mn
         finally:
             dep.stop()
 

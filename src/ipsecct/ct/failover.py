@@ -55,6 +55,7 @@ import ipaddress
 import math
 import secrets
 import struct
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from ..errors import ContextError, IpsecctError
@@ -150,7 +151,19 @@ class _Synced:
 class Replicator:
     """Active side: decides what to send to the standby (sans-I/O)."""
 
-    def __init__(self, engine: Engine, cfg: FailoverConfig, session: int | None = None) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        cfg: FailoverConfig,
+        session: int | None = None,
+        *,
+        peer_lease: bool = True,
+        on_floor: Callable[[Tunnel], None] | None = None,
+    ) -> None:
+        """``peer_lease``: the standby's ACKs also grant the right to send (pair mode); in
+        the etcd mode the lease is etcd's and the ACKs only raise the ceilings. ``on_floor``:
+        called when a tunnel's floor changes, instead of setting its ceiling (a member
+        replicating to several peers takes the lowest floor of all)."""
         self.engine = engine
         self.cfg = cfg
         self.session = session if session is not None else secrets.randbits(64)
@@ -168,7 +181,10 @@ class Replicator:
         # Fencing: the lease, and per tunnel the lowest outbound sequence number the standby
         # may hold (first replicated, then raised by acknowledgements) and, per message
         # number, the (tunnel, sequence number) pairs it carried.
-        self.lease: Lease | None = Lease(cfg.lease_timing()) if cfg.fencing else None
+        self.lease: Lease | None = (
+            Lease(cfg.lease_timing()) if cfg.fencing and peer_lease else None
+        )
+        self.on_floor = on_floor
         self.floor: dict[Tunnel, int] = {}
         self._carried: dict[int, list[tuple[Tunnel, int]]] = {}
         self.superseded_by: int | None = None  # epoch of a standby's take-over
@@ -177,6 +193,12 @@ class Replicator:
             engine.send_until = self.lease.expiry
 
     # -- fencing -------------------------------------------------------------------------
+    def _ceiling(self, t: Tunnel) -> None:
+        if self.on_floor is not None:
+            self.on_floor(t)
+        else:
+            t.seq_ceiling = self.floor[t] + self.cfg.seq_margin
+
     def _fence(self) -> None:
         if self.lease is not None:
             self.engine.send_until = self.lease.expiry
@@ -206,7 +228,7 @@ class Replicator:
         for t, seq in self._carried.pop(tag.seq, []):
             if t in self.floor and seq > self.floor[t]:
                 self.floor[t] = seq
-                t.seq_ceiling = seq + self.cfg.seq_margin
+                self._ceiling(t)
         for k in [k for k in self._carried if k < tag.seq - 4096]:
             del self._carried[k]  # never acknowledged (connection lost): forget
         if self.lease is None:
@@ -283,7 +305,7 @@ class Replicator:
             if self.cfg.fencing and t not in self.floor:
                 # From now on the standby may hold this tunnel, at this number or later.
                 self.floor[t] = seq
-                t.seq_ceiling = seq + self.cfg.seq_margin
+                self._ceiling(t)
             self.synced[t] = _Synced(self._counter(t), None)
             self.spi_of[t] = t.outbound.spi
         self.contexts += sum(len(p) for p in pairs)
@@ -340,9 +362,10 @@ class Standby:
     epoch: int = FIRST_EPOCH
     grant: Grant | None = None
     acks: int = 0
+    peer_lease: bool = True  # False in the etcd mode: ACKs raise ceilings, grant nothing
 
     def __post_init__(self) -> None:
-        if self.cfg.fencing and self.grant is None:
+        if self.cfg.fencing and self.peer_lease and self.grant is None:
             self.grant = Grant(self.cfg.lease_timing())
 
     def _reply(self, msg: cxtp.CTD, tag: cxtp.TransferTag, kind: int) -> cxtp.CTD:
@@ -399,7 +422,9 @@ class Standby:
             self.replica.pop(spi, None)
         for spi, pair in pairs:
             self.replica[spi] = pair
-        if self.grant is None or not self.grant.grant(now):
+        if not self.cfg.fencing:
+            return []
+        if self.grant is not None and not self.grant.grant(now):
             return []
         self.acks += 1
         return [self._reply(msg, tag, SYNC_ACK)]
@@ -415,24 +440,36 @@ class Standby:
         )
 
     def take_over(
-        self, now: float
+        self, now: float, spis: Iterable[int] | None = None
     ) -> tuple[list[Tunnel], list[tuple[SecurityAssociation, bytes]], Record]:
-        """Install every replicated tunnel, outbound counters advanced by the margin.
+        """Install every replicated tunnel (or those with these outbound SPIs: the etcd
+        mode's share), outbound counters advanced by the margin.
 
         Returns the tunnels, the signals to send the MNs (direct identity) and a record."""
         if self.grant is not None:
             if not self.grant.expired(now):
                 raise IpsecctError("the active's lease may still run: not taking over")
             self.grant.close()
+        if spis is not None:
+            share = {s: self.replica[s] for s in spis if s in self.replica}
+            for s in share:
+                del self.replica[s]
+            return self._install(share, now)
         self.took_over = now
         self.epoch += 1
+        replica, self.replica = self.replica, {}
+        return self._install(replica, now)
+
+    def _install(
+        self, replica: dict[int, list[bytes]], now: float
+    ) -> tuple[list[Tunnel], list[tuple[SecurityAssociation, bytes]], Record]:
         rec = Record(
             self.seen_session or 0, "standby", self.cfg.peer, "failover", self.last_heard or now
         )
         tunnels: list[Tunnel] = []
         signals: list[tuple[SecurityAssociation, bytes]] = []
         failed = 0
-        for pair in self.replica.values():
+        for pair in replica.values():
             try:
                 sas = [context.decode(c, now) for c in pair]
             except ContextError:
@@ -462,13 +499,12 @@ class Standby:
                     [signalling.SgUpdate(self.endpoint.address, self.endpoint.port)]
                 )
                 signals.append((out_sa, payload))
-        rec.tunnels = len(self.replica)
+        rec.tunnels = len(replica)
         rec.accepted = len(tunnels)
         rec.outcome = "took over"
         rec.ended = now
         rec.detail = f"{failed} context(s) unusable" if failed else ""
         rec.spis = [sa.spi for t in tunnels for sa in t.sas()]
-        self.replica.clear()
         return tunnels, signals, rec
 
 

@@ -8,6 +8,17 @@ stops sending by itself before etcd can expire the lease and let another member 
 gateway's owner keys. A tunnel whose owner key this gateway does not hold (another member
 owns it, or an earlier life of this gateway still does) is fenced by its sequence ceiling
 until the key is ours.
+
+Replication stays gateway to gateway over the mutually authenticated [transfer] channel (keys
+never go into etcd): every member replicates its tunnels to every [[peers]] entry with the
+fail-over Replicator, whose ACKs only raise sequence ceilings here (each tunnel may run at
+most ``seq_margin`` past the lowest value any peer holds); every member keeps what its peers
+replicate. When a peer's member key disappears (its lease ended), its tunnels are spread over
+the survivors by rendezvous hashing (:func:`ipsecct.ct.ownership.plan`); each survivor
+creates the owner keys of its share in etcd transactions (which succeed only while nobody
+owns them, i.e. after the dead member's lease is gone) and installs those tunnels from its
+replica, sequence numbers advanced by the margin. A share nobody took within a grace period
+goes to whichever survivor holds a replica and asks first.
 """
 
 from __future__ import annotations
@@ -17,21 +28,28 @@ import contextlib
 import json
 import logging
 import math
+from dataclasses import replace
 from typing import Any
 
-from ..ct import ownership
+from ..ct import cxtp, ownership
+from ..ct.failover import FailoverConfig, Replicator, Standby, reply_kind
 from ..ct.lease import Lease, LeaseEvent
-from ..ct.transfer import Settings
+from ..ct.transfer import Endpoint as TEndpoint
+from ..ct.transfer import Identity, Settings
 from ..ipsec import spi as spimod
 from ..ipsec.engine import Held, Tunnel, TunnelState
+from ..ipsec.esp import Drop
 from .config import ClusterConfig
-from .etcd import EtcdClient, EtcdError
+from .etcd import MAX_TXN_OPS, EtcdClient, EtcdError
 from .log import event
 from .node import Node
+from .peers import PeerChannels
+from .transfer_service import TransferService
 
 log = logging.getLogger("ipsecct.gateway.cluster")
 
 UNFENCED = 1 << 64
+SCAN_PERIOD = 0.1  # seconds between looks at the member list (when holding replicas)
 
 
 class ClusterDriver:
@@ -57,21 +75,90 @@ class ClusterDriver:
         self.lost_for_good = 0
         self._n = 0
         self._task: asyncio.Task[None] | None = None
+        self._repl_task: asyncio.Task[None] | None = None
         self.last_error = ""
+        # Replication to and from the other members (attach()).
+        self.channels: PeerChannels | None = None
+        self.transfer: TransferService | None = None
+        self.replicators: dict[str, Replicator] = {}
+        self.standbys: dict[str, Standby] = {}
+        self.margin = 16384
+        self.tick = 0.01
+        self.dead_since: dict[str, float] = {}
+        self.grace = 1.0
+        self.taken = 0
+        self.takeovers: list[dict[str, Any]] = []
+        self._next_keepalive = 0.0
         node.engine.send_until = -math.inf  # nothing is sent before we are a member
         for t in node.engine.tunnels():
             t.seq_ceiling = t.outbound.seq  # nor on a tunnel before we own it
         node.extensions["cluster"] = self.status
 
+    def attach(
+        self,
+        channels: PeerChannels,
+        transfer: TransferService,
+        identity: Identity,
+        peers: list[str],
+        fcfg: FailoverConfig | None = None,
+    ) -> None:
+        """Replicate to (and keep replicas of) these peers, over ``channels``."""
+        self.channels = channels
+        self.transfer = transfer
+        ep = TEndpoint(self.node.cfg.outer.host, self.node.cfg.outer.port)
+        for p in peers:
+            c = replace(fcfg, peer=p) if fcfg is not None else FailoverConfig("active", p)
+            self.margin = c.seq_margin
+            self.tick = c.tick_ms / 1000
+            self.replicators[p] = Replicator(
+                self.node.engine, c, peer_lease=False, on_floor=self._ceiling
+            )
+            self.standbys[p] = Standby(
+                self.node.engine, replace(c, role="standby"), ep, identity, peer_lease=False
+            )
+
+    def receive(self, peer: str, msg: cxtp.CTD) -> bool:
+        """A sync message from a peer member; False when it is not one."""
+        rep, sb = self.replicators.get(peer), self.standbys.get(peer)
+        if rep is None or sb is None or self.channels is None:
+            return False
+        now = self.node.clock()
+        try:
+            if reply_kind(msg) is not None:
+                rep.receive(msg, now)
+            else:
+                for r in sb.receive(msg, now):
+                    self.channels.send(peer, r)
+        except cxtp.CxtpError as exc:
+            event(log, "sync-malformed", logging.WARNING, node=self.node.name, error=str(exc))
+        return True
+
+    def peer_lost(self, peer: str) -> None:
+        rep = self.replicators.get(peer)
+        if rep is not None:
+            rep.resync()
+
+    def _ceiling(self, t: Tunnel) -> None:
+        """A tunnel may send only while we own it, and at most ``margin`` past the lowest
+        value any peer may hold for it (any of them may be the one to take it over)."""
+        if t.outbound.spi not in self.owned:
+            t.seq_ceiling = t.outbound.seq
+            return
+        floors = [r.floor[t] for r in self.replicators.values() if t in r.floor]
+        t.seq_ceiling = min(floors) + self.margin if floors else UNFENCED
+
     # -- life cycle ------------------------------------------------------------------------
     async def start(self) -> None:
         self._task = asyncio.create_task(self._loop())
+        if self.replicators:
+            self._repl_task = asyncio.create_task(self._replicate())
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        for task in (self._task, self._repl_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         self.node.engine.send_until = -math.inf
         if self.lease_id:
             with contextlib.suppress(EtcdError):
@@ -123,8 +210,12 @@ class ClusterDriver:
             try:
                 if not self.lease_id:
                     await self._register()
-                await self._renew()
-                await self._own_tunnels()
+                if self.node.clock() >= self._next_keepalive:
+                    self._next_keepalive = self.node.clock() + period
+                    await self._renew()
+                    await self._own_tunnels()
+                if self.lease_id and self.lease.valid(self.node.clock()):
+                    await self._scan()
                 self.last_error = ""
             except EtcdError as exc:
                 if str(exc) != self.last_error:
@@ -136,8 +227,90 @@ class ClusterDriver:
                         error=str(exc),
                     )
                 self.last_error = str(exc)
+                self._next_keepalive = 0.0  # try again at once
             self._events(self.lease.poll(self.node.clock()))
-            await asyncio.sleep(period)
+            await asyncio.sleep(SCAN_PERIOD if self.standbys else period)
+
+    async def _replicate(self) -> None:
+        assert self.channels is not None
+        while True:
+            await asyncio.sleep(self.tick)
+            now = self.node.clock()
+            for p, rp in self.replicators.items():
+                for m in rp.poll(now):
+                    self.channels.send(p, m)
+
+    async def _scan(self) -> None:
+        """Take this member's share of the tunnels of peers whose member key is gone."""
+        if not any(sb.replica for sb in self.standbys.values()):
+            return
+        members = {
+            kv.key[len(self.keys["members"]) :]
+            for kv in await self.client.get_prefix(self.keys["members"])
+        }
+        dead = [p for p, sb in self.standbys.items() if sb.replica and p not in members]
+        if not dead:
+            self.dead_since.clear()
+            return
+        owners: set[int] = set()
+        for kv in await self.client.get_prefix(self.keys["owners"]):
+            spi = ownership.spi_of_owner_key(kv.key)
+            if spi is not None:
+                owners.add(spi)
+        now = self.node.clock()
+        for p in dead:
+            sb = self.standbys[p]
+            for spi in [s for s in sb.replica if s in owners]:
+                del sb.replica[spi]  # someone owns it now: this replica must never be used
+            orphans = sorted(sb.replica)
+            if not orphans:
+                continue
+            first = self.dead_since.setdefault(p, now)
+            share = (
+                orphans
+                if now - first >= self.grace
+                else ownership.plan(orphans, members | {self.node.name})[self.node.name]
+            )
+            await self._take(p, share)
+
+    async def _take(self, peer: str, share: list[int]) -> None:
+        sb = self.standbys[peer]
+        taken: list[int] = []
+        for i in range(0, len(share), MAX_TXN_OPS):
+            batch = share[i : i + MAX_TXN_OPS]
+            keys = [ownership.owner_key(self.cfg.name, s) for s in batch]
+            if await self.client.create_many(keys, self.node.name, lease=self.lease_id):
+                taken += batch
+                continue
+            for s, k in zip(batch, keys, strict=True):  # someone got some: one by one
+                if await self.client.create(k, self.node.name, lease=self.lease_id):
+                    taken.append(s)
+        if not taken:
+            return
+        now = self.node.clock()
+        tunnels, signals, rec = sb.take_over(now, taken)
+        for t in tunnels:
+            self.owned.add(t.outbound.spi)
+            self._ceiling(t)
+        for sa, payload in signals:
+            res = self.node.engine.signal(sa, payload, now)
+            if not isinstance(res, Drop):
+                self.node.send_esp(res.sa, res.data)
+        self.taken += len(tunnels)
+        rec.peer = peer
+        rec.detail = (rec.detail + "; " if rec.detail else "") + "etcd mode"
+        self.takeovers.append({"from": peer, "tunnels": len(tunnels), "at": round(now, 3)})
+        del self.takeovers[:-20]
+        if self.transfer is not None:
+            self.transfer.report(rec)
+        event(
+            log,
+            "cluster-took-over",
+            node=self.node.name,
+            peer=peer,
+            tunnels=len(tunnels),
+            asked=len(share),
+        )
 
     async def _renew(self) -> None:
         self._n += 1
@@ -174,18 +347,28 @@ class ClusterDriver:
         self.lease = Lease(self.timing)
 
     async def _own_tunnels(self) -> None:
-        for t in self.node.engine.tunnels():
-            if t.state is not TunnelState.ACTIVE:
-                continue
-            spi = t.outbound.spi
-            if spi in self.owned:
-                continue
-            key = ownership.owner_key(self.cfg.name, spi)
-            if await self.client.create(key, self.node.name, lease=self.lease_id):
-                self.owned.add(spi)
-                t.seq_ceiling = UNFENCED
+        """Create the owner keys of our tunnels that have none yet (at start, and tunnels
+        that arrived by a transfer), in batches."""
+        todo = [
+            t
+            for t in self.node.engine.tunnels()
+            if t.state is TunnelState.ACTIVE and t.outbound.spi not in self.owned
+        ]
+        for i in range(0, len(todo), MAX_TXN_OPS):
+            batch = todo[i : i + MAX_TXN_OPS]
+            keys = [ownership.owner_key(self.cfg.name, t.outbound.spi) for t in batch]
+            if await self.client.create_many(keys, self.node.name, lease=self.lease_id):
+                won = batch
             else:
-                self._fence(t)
+                won = []
+                for t, k in zip(batch, keys, strict=True):
+                    if await self.client.create(k, self.node.name, lease=self.lease_id):
+                        won.append(t)
+                    else:
+                        self._fence(t)
+            for t in won:
+                self.owned.add(t.outbound.spi)
+                self._ceiling(t)
 
     def _fence(self, t: Tunnel) -> None:
         if t.seq_ceiling != t.outbound.seq:
@@ -238,6 +421,9 @@ class ClusterDriver:
             "unowned_tunnels": sum(1 for t in tunnels if t.outbound.spi not in self.owned),
             "removed_on_expiry": self.lost_for_good,
             "etcd_error": self.last_error,
+            "replicas": {p: len(sb.replica) for p, sb in self.standbys.items()},
+            "taken_over": self.taken,
+            "takeovers": list(self.takeovers),
         }
 
 

@@ -25,6 +25,7 @@ from urllib.parse import urlsplit
 from ..errors import IpsecctError
 
 MAX_RESPONSE = 16 << 20
+MAX_TXN_OPS = 128  # etcd's default --max-txn-ops
 
 
 class EtcdError(IpsecctError):
@@ -241,6 +242,31 @@ class EtcdClient:
                     }
                 ],
                 "success": [{"request_put": put}],
+            },
+        )
+        return bool(ans.get("succeeded", False))
+
+    async def create_many(self, keys: list[str], value: bytes | str, *, lease: int = 0) -> bool:
+        """Create all of ``keys`` (at most ``MAX_TXN_OPS``) in one transaction, or none if any
+        exists already."""
+        if not keys:
+            return True
+        if len(keys) > MAX_TXN_OPS:
+            raise EtcdError(f"at most {MAX_TXN_OPS} keys per transaction")
+        puts = []
+        for k in keys:
+            put: dict[str, Any] = {"key": _b64(k), "value": _b64(value)}
+            if lease:
+                put["lease"] = str(lease)
+            puts.append({"request_put": put})
+        ans = await self.call(
+            "/v3/kv/txn",
+            {
+                "compare": [
+                    {"key": _b64(k), "target": "CREATE", "create_revision": "0", "result": "EQUAL"}
+                    for k in keys
+                ],
+                "success": puts,
             },
         )
         return bool(ans.get("succeeded", False))

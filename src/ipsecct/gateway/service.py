@@ -89,8 +89,12 @@ class Service:
                 address=str(tcfg.listen) if tcfg is not None else "",
                 settings=tcfg.settings if tcfg is not None else None,
             )
-            if self.transfer is not None:
+            if self.transfer is not None and self.peers is not None and tcfg is not None:
                 self.transfer.hold_hooks.append(self.cluster.hold)
+                # Replication to every peer member, over the [transfer] channels.
+                self.cluster.attach(
+                    self.peers, self.transfer, tcfg.settings.identity, list(tcfg.peers)
+                )
         # IKEv2 ([connections.NAME]): CHILD SAs keyed by IKE, beside the manual ones.
         self.ike: IkeService | None = (
             IkeService(self.node, cfg.connections) if cfg.connections else None
@@ -162,10 +166,10 @@ class Service:
         assert self.transfer is not None
         if is_sync(msg):
             assert isinstance(msg, cxtp.CTD)
-            if self.failover is None:
-                self.transfer.refuse()
-            else:
+            if self.failover is not None:
                 self.failover.receive(peer, msg)
+            elif self.cluster is None or not self.cluster.receive(peer, msg):
+                self.transfer.refuse()
             return
         self.transfer.receive(peer, msg)
 
@@ -173,6 +177,8 @@ class Service:
         assert self.transfer is not None
         if self.failover is not None:
             self.failover.peer_lost(peer)
+        if self.cluster is not None:
+            self.cluster.peer_lost(peer)
         self.transfer.peer_lost(peer)
 
     async def stop(self) -> None:
