@@ -55,7 +55,7 @@ def main(d: Path) -> dict[str, Any]:
             dep.start(n)
         dep.wait(
             "sg1",
-            lambda s: s["failover"].get("lease", {}).get("state") == "held",
+            lambda s: s.get("failover", {}).get("lease", {}).get("state") == "held",
             "sg1 holds its lease",
         )
         lease_ms = dep.status("sg1")["failover"]["lease"]["lease_ms"]
