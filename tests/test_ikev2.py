@@ -675,3 +675,140 @@ def test_cookies_under_load() -> None:
     assert isinstance(again, Send) and M.decode(again.data)[1][0] != cookie
     res = w.resp.receive(with_cookie, I500, R500, 1.0)
     assert any(isinstance(o, Send) for o in res) and len(w.resp.half_open) == 1
+
+
+# -- certificates and fragmentation ---------------------------------------------------------------
+
+
+def _pki(kind: str) -> tuple[object, object, object, object]:
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+    from cryptography.x509.oid import NameOID
+
+    def key() -> object:
+        if kind == "rsa":
+            return rsa.generate_private_key(65537, 2048)
+        curve = {"p256": ec.SECP256R1, "p384": ec.SECP384R1, "p521": ec.SECP521R1}[kind]
+        return ec.generate_private_key(curve())
+
+    now = dt.datetime.now(dt.UTC)
+
+    def cert(cn: str, k: object, issuer: object, ikey: object, ca: bool, days: int = 30) -> object:
+        b = (x509.CertificateBuilder()
+             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
+             .issuer_name(issuer).public_key(k.public_key())  # type: ignore[attr-defined]
+             .serial_number(x509.random_serial_number())
+             .not_valid_before(now - dt.timedelta(days=1))
+             .not_valid_after(now + dt.timedelta(days=days))
+             .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        if not ca:
+            b = b.add_extension(x509.SubjectAlternativeName([x509.DNSName(cn)]), critical=False)
+        return b.sign(ikey, hashes.SHA256())  # type: ignore[arg-type]  # fmt: skip
+
+    ca_key = key()
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "CA")])
+    ca = cert("CA", ca_key, ca_name, ca_key, True)
+    k = key()
+    return ca, cert("peer.test", k, ca_name, ca_key, False), k, ca_key
+
+
+@pytest.mark.parametrize("kind", ["rsa", "p256", "p384", "p521"])
+@pytest.mark.parametrize("rfc7427", [True, False])
+def test_signatures_sign_and_verify(kind: str, rfc7427: bool) -> None:
+    import datetime as dt
+
+    from ipsecct.ikev2 import auth
+
+    ca, cert, key, _ = _pki(kind)
+    octets = b"signed octets" * 10
+    method, data = auth.sign(key, octets, (2, 3, 4) if rfc7427 else ())  # type: ignore[arg-type]
+    assert (method == M.AuthMethod.DIGITAL_SIGNATURE) == rfc7427
+    auth.verify(cert, method, data, octets)  # type: ignore[arg-type]
+    with pytest.raises(auth.AuthError):
+        auth.verify(cert, method, data, octets + b"x")  # type: ignore[arg-type]
+    with pytest.raises(auth.AuthError):
+        auth.verify(cert, method, data[:-3], octets)  # type: ignore[arg-type]
+    auth.validate_chain(cert, [], [ca], dt.datetime.now(dt.UTC))  # type: ignore[list-item,arg-type]
+    other_ca, *_ = _pki(kind)
+    with pytest.raises(auth.AuthError, match="no trusted CA"):
+        auth.validate_chain(cert, [], [other_ca], dt.datetime.now(dt.UTC))  # type: ignore[list-item,arg-type]
+    with pytest.raises(auth.AuthError, match="not valid now"):
+        auth.validate_chain(cert, [], [ca], dt.datetime.now(dt.UTC)  # type: ignore[list-item,arg-type]
+                            + dt.timedelta(days=60))  # fmt: skip
+    assert auth.id_matches_cert(M.IDPayload(True, M.IdType.FQDN, b"peer.test"), cert)  # type: ignore[arg-type]
+    assert not auth.id_matches_cert(M.IDPayload(True, M.IdType.FQDN, b"other.test"), cert)  # type: ignore[arg-type]
+    assert len(auth.certreq([ca])) == 20  # type: ignore[list-item]
+
+
+def test_fragmented_exchanges(monkeypatch: pytest.MonkeyPatch) -> None:
+    """RFC 7383: with a small fragment size every protected message is fragmented both ways;
+    the exchanges still complete, and a lost fragment is recovered by retransmission."""
+    import ipsecct.ikev2.engine as E
+
+    monkeypatch.setattr(E, "FRAGMENT_SIZE", 150)
+    w = pair(mn_conn(dpd=10), conn())
+    connect(w)
+    assert len(w.of("i", ChildUp)) == 1
+    assert w.resp.stats["fragmented-received"] == 1 and w.ini.stats["fragmented-received"] == 1
+    ike_i = w.ini.ike_sas()[0]
+    w.deliver(w.ini.rekey_child(ike_i, ike_i.children[0], 1.0), "i", 1.0)
+    mirrored(w)
+    # the first fragment of a request is lost: nothing happens until the retransmission
+    (ir,) = w.resp.ike_sas()
+    before = len(w.sent)
+    w.deliver(w.resp.rekey_child(ir, ir.children[0], 2.0), "r", 2.0, drop=True)
+    frags = w.sent[before:]
+    assert len(frags) >= 2
+    for f in frags[1:]:
+        assert w.ini.receive(f.data, R500, I500, 2.0) == []
+    w.deliver(w.resp.tick(4.0), "r", 4.0)
+    mirrored(w)
+
+
+def test_gateway_config_with_certificates(tmp_path: object) -> None:
+    from pathlib import Path
+
+    from cryptography.hazmat.primitives import serialization
+
+    from ipsecct.gateway import config
+
+    d = Path(str(tmp_path))
+    ca, cert, key, ca_key = _pki("p256")
+    (d / "ca.pem").write_bytes(ca.public_bytes(serialization.Encoding.PEM))  # type: ignore[attr-defined]
+    (d / "gw.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))  # type: ignore[attr-defined]
+    for name, k in (("gw.key", key), ("ca.key", ca_key)):
+        (d / name).write_bytes(k.private_bytes(  # type: ignore[attr-defined]
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption()))  # fmt: skip
+        os.chmod(d / name, 0o600)
+    base = """name = "gw"
+[outer]
+address = "192.0.2.1"
+[inner]
+kind = "udp"
+listen = "127.0.0.1:7000"
+peer = "127.0.0.1:7001"
+[connections.rw]
+local.auth = "pubkey"
+local.certs = ["gw.pem"]
+remote.auth = "pubkey"
+remote.cacerts = ["ca.pem"]
+children.net.local_ts = ["10.1.0.0/16"]
+children.net.remote_ts = ["10.2.0.0/16"]
+"""
+    (d / "a.toml").write_text(base + '[secrets.private-gw]\nfile = "gw.key"\n')
+    (c,) = config.load(d / "a.toml").connections
+    assert c.credentials is not None and c.cacerts == [ca] and not c.psk
+    for text, why in [
+        (base + '[secrets.private-gw]\nfile = "ca.key"\n', "no \\[secrets.private-\\*\\] key"),
+        (base.replace('local.certs = ["gw.pem"]\n', ""), "needs our certificate"),
+        (base.replace('remote.cacerts = ["ca.pem"]\n', ""), "needs the CAs"),
+        (base.replace('"ca.pem"', '"missing.pem"'), "cannot read certificate file"),
+        (base + '[secrets.private-gw]\nfile = "gw.pem"\n', "not an unencrypted PEM private key"),
+    ]:
+        (d / "b.toml").write_text(text)
+        with pytest.raises(ConfigError, match=why):
+            config.load(d / "b.toml")

@@ -508,3 +508,142 @@ def test_ipsecct_node_connects_to_strongswan_gateway(workdir: Path) -> None:
                 strongswan.wait_log(ss, r"received DELETE for IKE_SA cB")
             finally:
                 mn.cleanup()
+
+
+# -- certificates --------------------------------------------------------------------------
+
+
+def make_pki(d: Path, kind: str) -> None:
+    """A CA, a gateway certificate (gw.test) and a client certificate (CN=client.test), with
+    RSA-3072 (big enough for the IKE_AUTH messages to be fragmented) or ECDSA P-256 keys."""
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+    from cryptography.x509.oid import NameOID
+
+    def key() -> Any:
+        if kind == "rsa":
+            return rsa.generate_private_key(65537, 3072)
+        return ec.generate_private_key(ec.SECP256R1())
+
+    now = dt.datetime.now(dt.UTC)
+
+    def cert(cn: str, k: Any, issuer: Any, ikey: Any, ca: bool) -> Any:
+        b = (x509.CertificateBuilder()
+             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
+             .issuer_name(issuer).public_key(k.public_key())
+             .serial_number(x509.random_serial_number())
+             .not_valid_before(now - dt.timedelta(days=1))
+             .not_valid_after(now + dt.timedelta(days=30))
+             .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        if not ca:
+            b = b.add_extension(x509.SubjectAlternativeName([x509.DNSName(cn)]), critical=False)
+        return b.sign(ikey, hashes.SHA256())  # fmt: skip
+
+    ca_key = key()
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "ipsecct IKE test CA")])
+    ca = cert("ipsecct IKE test CA", ca_key, ca_name, ca_key, True)
+    for name, cn in (("gw", B.id), ("client", "client.test")):
+        k = key()
+        c = cert(cn, k, ca_name, ca_key, False)
+        (d / f"{name}.pem").write_bytes(c.public_bytes(serialization.Encoding.PEM))
+        fd = os.open(d / f"{name}.key", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(k.private_bytes(serialization.Encoding.PEM,
+                                    serialization.PrivateFormat.TraditionalOpenSSL,
+                                    serialization.NoEncryption()))  # fmt: skip
+    (d / "ca.pem").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+
+
+class CertInitiator(Charon):
+    """strongSwan A authenticating with its certificate, trusting the test CA."""
+
+    def __init__(self, ns: Namespaces, workdir: Path, pki: Path) -> None:
+        super().__init__(ns, "a", A, workdir, "default")
+        self.pki = pki
+
+    def write_config(self) -> None:
+        super().write_config()
+        p = self.pki
+        conf = f"""connections {{
+  cA {{
+    version = 2
+    local_addrs = {A.outer}
+    remote_addrs = {B.outer}
+    encap = yes
+    mobike = no
+    fragmentation = yes
+    local {{
+      auth = pubkey
+      certs = client.pem
+    }}
+    remote {{
+      auth = pubkey
+      id = {B.id}
+      cacerts = ca.pem
+    }}
+    children {{
+      net {{
+        local_ts = {A.inner}/32
+        remote_ts = {B.inner}/32
+        mode = tunnel
+      }}
+    }}
+  }}
+}}
+"""
+        (self.dir / "swanctl.conf").write_text(conf)
+        # swanctl reads certificates and keys from x509/, x509ca/, private/ beside the file
+        for sub, name in (("x509", "client.pem"), ("x509ca", "ca.pem"),
+                          ("private", "client.key")):  # fmt: skip
+            (self.dir / sub).mkdir(exist_ok=True)
+            shutil.copy(p / name, self.dir / sub / name)
+
+
+@pytest.mark.root
+@pytest.mark.slow
+@needs_strongswan
+@pytest.mark.parametrize("kind", ["rsa", "ecdsa"])
+def test_strongswan_connects_with_certificates(workdir: Path, kind: str) -> None:
+    """strongSwan and the gateway authenticate each other with X.509 certificates (RSA-3072 or
+    ECDSA P-256) by RFC 7427 signatures (both announce SIGNATURE_HASH_ALGORITHMS); the gateway
+    asks for the client's certificate with a CERTREQ, validates it against its CA, matches the
+    client's DN, and with RSA both IKE_AUTH messages are fragmented (RFC 7383)."""
+    pki = workdir / "pki"
+    pki.mkdir()
+    make_pki(pki, kind)
+    with Namespaces("a", "b") as ns:
+        build_namespaces(ns)
+        conf = gateway_config(workdir, ike="default", esp="default", encap=False, dpd=0)
+        text = conf.read_text().replace('local.auth = "psk"', 'local.auth = "pubkey"\n'
+                                        f'local.certs = ["{pki}/gw.pem"]')
+        text = text.replace('remote.auth = "psk"', 'remote.auth = "pubkey"\n'
+                            f'remote.cacerts = ["{pki}/ca.pem"]')
+        text = text.replace(f'remote.id = "{A.id}"', 'remote.id = "CN=client.test"')
+        text += f'\n[secrets.private-gw]\nfile = "{pki}/gw.key"\n'
+        conf.write_text(text)  # fmt: skip
+        gw = Daemon("gateway", conf, str(workdir / "gw.sock"), workdir / "gw.log",
+                    prefix=["ip", "netns", "exec", ns.names["b"]])  # fmt: skip
+        gw.start()
+        try:
+            with CertInitiator(ns, workdir, pki) as ss:
+                ss.start()
+                ss.initiate()
+                log = ss.log()
+                m = re.search(rf"authentication of '{B.id}' with (\S+) successful", log)
+                assert m, ss.logtail()
+                # RFC 7427 signatures, not the classic methods
+                want = "RSA_EMSA_PKCS1_SHA2_256" if kind == "rsa" else "ECDSA_WITH_SHA256_DER"
+                assert m.group(1) == want, m.group(1)
+                assert ping(ns, "a", B.inner, 3) == 3, ss.logtail() + gw.logtext()
+                (sa,) = ike_list(str(workdir / "gw.sock"))
+                assert sa["remote_id"] == "CN=client.test"
+                c = gw.status()["ike"]["counters"]
+                if kind == "rsa":
+                    assert c.get("fragmented-received", 0) == 1, c
+                    assert c.get("fragmented-sent", 0) == 1, c
+                    assert "reassembled fragmented IKE message" in log, ss.logtail()
+        finally:
+            gw.cleanup()

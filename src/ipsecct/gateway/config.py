@@ -19,6 +19,7 @@ from typing import Any
 from ..ct.failover import FailoverConfig
 from ..ct.transfer import ConflictPolicy, Identity, Settings
 from ..errors import ConfigError, IpsecctError
+from ..ikev2.auth import PrivateKey
 from ..ikev2.config import Connection, parse_connections
 from ..ipsec.algorithms import (
     ENC,
@@ -987,8 +988,11 @@ def load_secrets(data: dict[str, Any], path: str) -> dict[str, bytes]:
     out: dict[str, bytes] = {}
     for name, d in secrets.items():
         where = f"{path}: secrets.{name}"
+        if name.startswith(_KEY_SECRETS) and isinstance(d, dict):
+            continue  # private keys: load_private_keys
         if not name.startswith("ike") or not isinstance(d, dict):
-            raise ConfigError(f"{where}: only [secrets.ike-NAME] tables are supported")
+            raise ConfigError(f"{where}: only [secrets.ike-NAME] and [secrets.private-NAME]"
+                              " tables are supported")  # fmt: skip
         for k in d:
             if k not in ("id", "file", "env"):
                 if k == "secret":
@@ -1033,5 +1037,60 @@ def load_secrets(data: dict[str, Any], path: str) -> dict[str, bytes]:
     return out
 
 
+_KEY_SECRETS = ("private", "rsa", "ecdsa")
+
+
+def _file(path: str, name: str) -> Path:
+    p = Path(name)
+    return p if p.is_absolute() else Path(path).parent / p
+
+
+def load_private_keys(data: dict[str, Any], path: str) -> list[PrivateKey]:
+    """``[secrets.private-NAME]`` (as swanctl's ``secrets.private<suffix>``): ``file``, an
+    unencrypted PEM private key (RSA or EC), mode 0600 (warned about otherwise)."""
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    out: list[PrivateKey] = []
+    for name, d in data.get("secrets", {}).items():
+        if not name.startswith(_KEY_SECRETS):
+            continue
+        where = f"{path}: secrets.{name}"
+        if not isinstance(d, dict) or set(d) != {"file"} or not isinstance(d["file"], str):
+            raise ConfigError(f"{where}: give file = (a PEM private key) and nothing else")
+        p = _file(path, d["file"])
+        try:
+            pem = p.read_bytes()
+            mode = p.stat().st_mode & 0o777
+        except OSError as exc:
+            raise ConfigError(f"{where}.file: cannot read {p}: {exc.strerror}") from None
+        if mode & 0o077:
+            logging.getLogger("ipsecct.gateway.config").warning(
+                "event=key-file-readable-by-others file=%s mode=%o (chmod 600 it)", p, mode
+            )
+        try:
+            key = load_pem_private_key(pem, password=None)
+        except (ValueError, TypeError):
+            raise ConfigError(f"{where}.file: {p} is not an unencrypted PEM private key") from None
+        if not isinstance(key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey):
+            raise ConfigError(f"{where}.file: only RSA and ECDSA keys are supported")
+        out.append(key)
+    return out
+
+
 def load_connections(data: dict[str, Any], path: str) -> list[Connection]:
-    return parse_connections(data, path, load_secrets(data, path))
+    from cryptography import x509
+
+    def certs(name: str) -> list[x509.Certificate]:
+        p = _file(path, name)
+        try:
+            pem = p.read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"cannot read certificate file {p}: {exc.strerror}") from None
+        try:
+            return x509.load_pem_x509_certificates(pem)
+        except ValueError:
+            raise ConfigError(f"{p} holds no PEM certificate") from None
+
+    return parse_connections(data, path, load_secrets(data, path), certs,
+                             load_private_keys(data, path))  # fmt: skip

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import time
 from typing import Any
 
 from ..errors import IpsecctError
@@ -50,6 +51,7 @@ class IkeService:
             spi_in_use=lambda spi: bool(node.engine.find_sa(spi)),
             natt_port=node.cfg.outer.port,
             cookie_threshold=node.cfg.cookie_threshold,
+            wall_offset=time.time() - node.clock(),
         )
         blk = node.cfg.cluster.block() if node.cfg.cluster is not None else None
         if blk is not None:  # cluster-unique inbound SPIs, as for transferred tunnels

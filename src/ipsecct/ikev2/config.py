@@ -25,10 +25,15 @@ Parsing is pure: the caller reads secret files (it knows the paths) and passes t
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
 from ..errors import ConfigError, IpsecctError
+from .auth import Credentials, PrivateKey
 from .message import IDPayload, IdType, ProtocolId, TrafficSelector
 from .proposal import Offer, parse_list
 from .ts import from_text
@@ -69,11 +74,21 @@ class Identity:
         t = IdType.RFC822_ADDR if "@" in self.text else IdType.FQDN
         return IDPayload(initiator, t, self.text.encode())
 
-    def matches(self, p: IDPayload) -> bool:
+    def matches(self, p: IDPayload, cert: x509.Certificate | None = None) -> bool:
+        """Does the peer's ID payload (proven by ``cert`` for a DN) name this identity?"""
         if self.any:
             return True
+        if "=" in self.text:  # a distinguished name, compared attribute by attribute
+            if cert is None or p.id_type != IdType.DER_ASN1_DN:
+                return False
+            return _dn_set(self.text) == _dn_set(cert.subject.rfc4514_string())
         mine = self.payload(p.initiator)
         return (mine.id_type, mine.data) == (p.id_type, p.data)
+
+
+def _dn_set(text: str) -> set[tuple[str, str]]:
+    parts = [x.strip() for x in text.replace(";", ",").split(",") if x.strip()]
+    return {(k.strip().upper(), v.strip()) for k, _, v in (x.partition("=") for x in parts)}
 
 
 @dataclass
@@ -91,6 +106,8 @@ class Connection:
     dpd_delay: float = 0.0
     rekey_time: float | None = 14400.0
     children: list[ChildConfig] = field(default_factory=list)
+    credentials: Credentials | None = None  # local.auth = pubkey: our certificate and key
+    cacerts: list[x509.Certificate] = field(default_factory=list)  # remote.cacerts
 
     def accepts(self, local: IPAddr, remote: IPAddr) -> bool:
         def ok(nets: list[IPNet], a: IPAddr) -> bool:
@@ -104,7 +121,7 @@ _CONN_KEYS = {"version", "local_addrs", "remote_addrs", "proposals", "local", "r
               "reauth_time"}  # fmt: skip
 _CHILD_KEYS = {"local_ts", "remote_ts", "esp_proposals", "rekey_time", "life_time",
                "start_action", "mode"}  # fmt: skip
-_AUTH_KEYS = {"auth", "id"}
+_AUTH_KEYS = {"auth", "id", "certs", "cacerts"}
 
 
 class _Ctx:
@@ -205,7 +222,8 @@ def _child(name: str, d: Any, ctx: _Ctx, where: str) -> ChildConfig:
     )
 
 
-def _auth(d: Any, ctx: _Ctx, where: str) -> tuple[str, str | None]:
+def _auth(d: Any, ctx: _Ctx, where: str) -> tuple[str, str | None, list[str], list[str]]:
+    """(auth, id, certs, cacerts) of ``local`` or ``remote``."""
     if d is None:
         d = {}
     if not isinstance(d, dict):
@@ -214,18 +232,31 @@ def _auth(d: Any, ctx: _Ctx, where: str) -> tuple[str, str | None]:
     auth = d.get("auth", "psk")
     if auth not in ("psk", "pubkey"):
         raise ctx.err(where + "auth", 'must be "psk" or "pubkey"')
-    if auth == "pubkey":
-        raise ctx.err(where + "auth", "pubkey (certificates) is not supported yet: use psk")
     ident = d.get("id")
     if ident is not None and not isinstance(ident, str):
         raise ctx.err(where + "id", "must be a string")
-    return auth, ident
+    certs = _strings(d.get("certs", []), ctx, where + "certs")
+    cacerts = _strings(d.get("cacerts", []), ctx, where + "cacerts")
+    if where.endswith("local.") and cacerts:
+        raise ctx.err(where + "cacerts", "belongs to remote (the CAs we trust for the peer)")
+    if where.endswith("remote.") and certs:
+        raise ctx.err(where + "certs", "belongs to local (our own certificate)")
+    if auth == "pubkey" and where.endswith("local.") and not certs:
+        raise ctx.err(where + "certs", "local.auth = pubkey needs our certificate")
+    if auth == "pubkey" and where.endswith("remote.") and not cacerts:
+        raise ctx.err(where + "cacerts", "remote.auth = pubkey needs the CAs to trust")
+    return auth, ident, certs, cacerts
 
 
-def parse_connections(data: dict[str, Any], path: str,
-                      secrets: dict[str, bytes]) -> list[Connection]:  # fmt: skip
+def parse_connections(
+    data: dict[str, Any], path: str, secrets: dict[str, bytes],
+    load_certs: Callable[[str], list[x509.Certificate]] | None = None,
+    private_keys: list[PrivateKey] | None = None,
+) -> list[Connection]:  # fmt: skip
     """``data`` is the whole configuration; ``secrets`` maps an identity (as written in
-    ``[secrets.ike-*] id``) to its pre-shared key, already read by the caller."""
+    ``[secrets.ike-*] id``) to its pre-shared key, already read by the caller, as are the
+    ``[secrets.private-*]`` keys; ``load_certs`` reads a certificate file (PEM, one or more
+    certificates) named in ``local.certs`` or ``remote.cacerts``."""
     ctx = _Ctx(path)
     conns = data.get("connections", {})
     if not isinstance(conns, dict):
@@ -240,8 +271,24 @@ def parse_connections(data: dict[str, Any], path: str,
             raise ctx.err(where + "version", "only IKEv2 (version = 2) is supported")
         if d.get("mobike", False):
             raise ctx.err(where + "mobike", "MOBIKE is not supported yet (mobike = false)")
-        la, lid = _auth(d.get("local"), ctx, where + "local.")
-        ra, rid = _auth(d.get("remote"), ctx, where + "remote.")
+        la, lid, lcerts, _ = _auth(d.get("local"), ctx, where + "local.")
+        ra, rid, _, rcas = _auth(d.get("remote"), ctx, where + "remote.")
+        creds = None
+        cas: list[x509.Certificate] = []
+        if lcerts or rcas:
+            if load_certs is None:
+                raise ctx.err(where.rstrip("."), "certificates cannot be loaded here")
+            try:
+                chain = [c for f in lcerts for c in load_certs(f)]
+                cas = [c for f in rcas for c in load_certs(f)]
+            except IpsecctError as exc:
+                raise ctx.err(where.rstrip("."), str(exc)) from None
+            if chain:
+                key = next((k for k in private_keys or [] if _same_key(k, chain[0])), None)
+                if key is None:
+                    raise ctx.err(where + "local.certs", "no [secrets.private-*] key for the "
+                                  f"certificate {chain[0].subject.rfc4514_string()}")  # fmt: skip
+                creds = Credentials(tuple(chain), key)
         children_d = d.get("children", {})
         if not isinstance(children_d, dict) or not children_d:
             raise ctx.err(where + "children", "needs at least one child (children.NAME)")
@@ -254,13 +301,14 @@ def parse_connections(data: dict[str, Any], path: str,
         remote_id = Identity(rid or "%any")
         # the PSK: strongSwan picks the secret whose ids match the two identities
         psk = b""
+        needs_psk = "psk" in (la, ra)
         for ident in [x for x in (rid, lid) if x and x != "%any"]:
             if ident in secrets:
                 psk = secrets[ident]
                 break
         if not psk and len(secrets) == 1 and "%any" in secrets:
             psk = secrets["%any"]
-        if not psk:
+        if not psk and needs_psk:
             raise ctx.err(where.rstrip("."),
                           "no [secrets.ike-*] entry whose id is local.id or remote.id")
         conn_children_start = [c for c in children if c.start_action == "start"]
@@ -276,6 +324,11 @@ def parse_connections(data: dict[str, Any], path: str,
             la, local_id, ra, remote_id, psk, encap,
             _seconds(d.get("dpd_delay", 0), ctx, where + "dpd_delay"),
             _seconds(d.get("rekey_time", 14400), ctx, where + "rekey_time") or None,
-            children,
+            children, creds, cas,
         ))  # fmt: skip
     return out
+
+
+def _same_key(key: PrivateKey, cert: x509.Certificate) -> bool:
+    fmt = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return bool(key.public_key().public_bytes(*fmt) == cert.public_key().public_bytes(*fmt))

@@ -18,6 +18,7 @@ message IDs are counted in :attr:`IkeEngine.stats` and dropped, never raised.
 
 from __future__ import annotations
 
+import datetime as dt
 import hmac as _hmac
 import logging
 import os
@@ -28,6 +29,17 @@ from dataclasses import dataclass, field
 
 from cryptography.hazmat.primitives import hashes
 
+from .auth import (
+    CERT_X509_SIGNATURE,
+    SUPPORTED_HASHES,
+    AuthError,
+    certreq,
+    id_matches_cert,
+    parse_cert,
+    sign,
+    validate_chain,
+    verify,
+)
 from .config import ChildConfig, Connection
 from .ikesa import Address, ChildSA, IkeSA, IkeState, Pending
 from .keys import KeyExchange, child_keys, hmac_digest, ike_keys, psk_auth, signed_octets
@@ -35,11 +47,14 @@ from .message import (
     IKE_HEADER_LEN,
     AuthMethod,
     AuthPayload,
+    CertPayload,
+    CertReqPayload,
     DeletePayload,
     ExchangeType,
     Flag,
     Header,
     IDPayload,
+    IdType,
     IkeParseError,
     IkeProtocolError,
     KEPayload,
@@ -47,6 +62,7 @@ from .message import (
     Notify,
     NotifyPayload,
     Payload,
+    PayloadType,
     Proposal,
     ProtocolId,
     SAPayload,
@@ -55,8 +71,10 @@ from .message import (
     TSPayload,
     decode,
     decode_payloads,
+    encode_payloads,
     encode_plain,
     find,
+    first_type,
     notifies,
 )
 from .proposal import choose
@@ -73,6 +91,9 @@ MAX_HALF_OPEN_PER_SOURCE = 20
 MAX_IKE_SAS_PER_SOURCE = 200
 REKEYED_GRACE = 60.0  # how long a rekeyed IKE SA waits for the peer's DELETE
 MAX_CHILD_SAS = 16  # per IKE SA (rekeying needs room for two of each for a while)
+MAX_CERTS = 5  # CERT payloads looked at: the peer's certificate and its chain
+MAX_FRAGMENTS = 32  # RFC 7383: fragments of one message we reassemble at most
+FRAGMENT_SIZE = 1200  # largest IKE message (without IP/UDP) before we fragment
 
 
 # -- outputs --------------------------------------------------------------------------------
@@ -172,6 +193,7 @@ class IkeEngine:
         natt_port: int = 4500,
         cookie_threshold: int = COOKIE_THRESHOLD,
         spi_range: tuple[int, int] = (0x100, 0xFFFFFFFF),
+        wall_offset: float = 0.0,
     ) -> None:
         self.connections = connections
         self.natt_port = natt_port
@@ -184,6 +206,8 @@ class IkeEngine:
         self._child_spis: set[int] = set()
         # inbound CHILD SPIs come from this range (a cluster member's block, ipsec.spi)
         self.spi_range = spi_range
+        # ``now`` + this = seconds since the epoch (certificate validity); set by the adapter
+        self.wall_offset = wall_offset
         # §2.6: answer IKE_SA_INIT with a COOKIE once this many IKE SAs are half-open
         self.cookie_threshold = cookie_threshold
         self._cookie_cur: tuple[int, bytes] = (0, random(32))
@@ -247,7 +271,7 @@ class IkeEngine:
                     p.tries += 1
                     p.deadline = now + RETRANSMIT[min(p.tries - 1, len(RETRANSMIT) - 1)]
                     self.stats["retransmitted"] += 1
-                    out.append(Send(p.data, ike.local, ike.remote))
+                    out += [Send(m, ike.local, ike.remote) for m in p.messages]
             elif ike.state is not IkeState.ESTABLISHED:
                 continue
             elif ike.rekey_at is not None and now >= ike.rekey_at:
@@ -336,14 +360,18 @@ class IkeEngine:
             self._response(ike, data, hdr, payloads, src, now, out)
             return
         if hdr.message_id == ike.peer_next_mid - 1 and ike.last_response:
-            self._open(ike, data, hdr, payloads)  # authenticate before answering again
-            self.stats["retransmit-answered"] += 1
-            out.append(Send(ike.last_response, ike.local, ike.remote))
+            # authenticate before answering again; a fragmented request: on its first fragment
+            if self._authentic_retransmit(ike, data, payloads):
+                self.stats["retransmit-answered"] += 1
+                out += [Send(m, ike.local, ike.remote) for m in ike.last_response]
             return
         if hdr.message_id != ike.peer_next_mid:
             self.stats["bad-message-id"] += 1
             return
-        inner = self._open(ike, data, hdr, payloads)
+        opened = self._open(ike, data, hdr, payloads)
+        if opened is None:
+            return  # more fragments to come
+        inner = opened
         self._float(ike, src, dst, out)
         ike.last_heard = now
         if (hdr.exchange == ExchangeType.IKE_AUTH and ike.state is IkeState.HALF_OPEN
@@ -363,15 +391,46 @@ class IkeEngine:
         if _dead(ike):
             self._kill(ike, "deleted by peer" if ike.peer_id else "authentication failed", out)
 
-    def _open(self, ike: IkeSA, data: bytes, hdr: Header, payloads: list[Payload]) -> list[Payload]:
+    def _open(self, ike: IkeSA, data: bytes, hdr: Header,
+              payloads: list[Payload]) -> list[Payload] | None:  # fmt: skip
+        """The payloads inside the Encrypted payload; for an Encrypted Fragment (RFC 7383),
+        None until the last fragment of the message is in."""
+        if len(payloads) == 1 and isinstance(payloads[0], SKFPayload):
+            skf = payloads[0]
+            if skf.number != 1 and skf.first != 0:
+                raise IkeParseError("only the first fragment names the first payload")
+            if not ike.fragmentation or skf.total > MAX_FRAGMENTS:
+                self.stats["fragment-refused"] += 1
+                raise IkeProtocolError("unexpected or too many IKE fragments")
+            plain = ike.inbound.open(data, SKPayload(skf.first, skf.body, skf.offset))
+            f = ike.fragments
+            if f is None or f[0] != hdr.message_id or f[1] != skf.total:
+                f = ike.fragments = (hdr.message_id, skf.total, 0, {})
+            if skf.number == 1:
+                f = ike.fragments = (f[0], f[1], skf.first, f[3])
+            f[3][skf.number] = plain
+            if len(f[3]) < f[1]:
+                return None
+            ike.fragments = None
+            self.stats["fragmented-received"] += 1
+            return decode_payloads(b"".join(f[3][i] for i in range(1, f[1] + 1)), f[2])
         if len(payloads) != 1 or not isinstance(payloads[-1], SKPayload):
-            if payloads and isinstance(payloads[-1], SKFPayload):
-                self.stats["fragment-unsupported"] += 1
-                raise IkeProtocolError("IKE fragmentation is not supported")
             raise IkeParseError("a protected exchange without a single Encrypted payload")
         sk = payloads[-1]
         plain = ike.inbound.open(data, sk)
         return decode_payloads(plain, sk.first)
+
+    def _authentic_retransmit(self, ike: IkeSA, data: bytes, payloads: list[Payload]) -> bool:
+        p = payloads[0] if len(payloads) == 1 else None
+        if isinstance(p, SKFPayload):
+            if p.number != 1:
+                return False
+            ike.inbound.open(data, SKPayload(p.first, p.body, p.offset))
+            return True
+        if not isinstance(p, SKPayload):
+            raise IkeParseError("a protected exchange without a single Encrypted payload")
+        ike.inbound.open(data, p)
+        return True
 
     def _float(self, ike: IkeSA, src: Address, dst: Address, out: list[Output]) -> None:
         if src != ike.remote or dst != ike.local:
@@ -383,10 +442,26 @@ class IkeEngine:
         hdr = Header(ike.spi_i, ike.spi_r, 0, req.exchange,
                      Flag.RESPONSE | (0 if not ike.we_initiated else Flag.INITIATOR),
                      req.message_id, 0)  # fmt: skip
-        msg = ike.outbound.seal(hdr, payloads)
-        ike.last_response = msg
+        msgs = self._seal(ike, hdr, payloads)
+        ike.last_response = msgs
         ike.peer_next_mid = req.message_id + 1
-        out.append(Send(msg, ike.local, ike.remote))
+        out += [Send(m, ike.local, ike.remote) for m in msgs]
+
+    def _seal(self, ike: IkeSA, hdr: Header, payloads: list[Payload]) -> list[bytes]:
+        """One message, or RFC 7383 fragments when it is too big and both sides can."""
+        msg = ike.outbound.seal(hdr, payloads)
+        if not ike.fragmentation or len(msg) <= FRAGMENT_SIZE:
+            return [msg]
+        plain = encode_payloads(payloads)
+        chunk = FRAGMENT_SIZE - IKE_HEADER_LEN - 8 - ike.outbound.overhead()
+        parts = [plain[i : i + chunk] for i in range(0, len(plain), chunk)]
+        self.stats["fragmented-sent"] += 1
+        return [
+            ike.outbound.seal(hdr, [], inner_first=first_type(payloads) if i == 0 else 0,
+                              plain=part, prefix=struct.pack("!HH", i + 1, len(parts)),
+                              payload_type=PayloadType.SKF)
+            for i, part in enumerate(parts)
+        ]  # fmt: skip
 
     # -- IKE_SA_INIT ----------------------------------------------------------------------
     def _plain_reply(self, hdr: Header, spi_r: bytes, payloads: list[Payload], src: Address,
@@ -481,6 +556,19 @@ class IkeEngine:
                 NotifyPayload(Notify.NAT_DETECTION_DESTINATION_IP,
                               data=_natd(hdr.spi_i, spi_r, src)),
             ]  # fmt: skip
+        fragmentation = Notify.IKEV2_FRAGMENTATION_SUPPORTED in n
+        if fragmentation:
+            resp.append(NotifyPayload(Notify.IKEV2_FRAGMENTATION_SUPPORTED))
+        peer_hashes: tuple[int, ...] = ()
+        if Notify.SIGNATURE_HASH_ALGORITHMS in n:
+            d = n[Notify.SIGNATURE_HASH_ALGORITHMS].data
+            peer_hashes = tuple(struct.unpack(f"!{len(d) // 2}H", d[: len(d) // 2 * 2]))
+            if any("pubkey" in (c.local_auth, c.remote_auth) for c in cands):
+                resp.append(NotifyPayload(Notify.SIGNATURE_HASH_ALGORITHMS,
+                                          data=struct.pack("!3H", *SUPPORTED_HASHES)))
+        cas = [ca for c in cands if c.remote_auth == "pubkey" for ca in c.cacerts]
+        if cas:
+            resp.append(CertReqPayload(CERT_X509_SIGNATURE, certreq(cas)))
         reply_hdr = Header(hdr.spi_i, spi_r, 0, hdr.exchange, Flag.RESPONSE, 0, 0)
         response = encode_plain(reply_hdr, resp)
         keys = ike_keys(suite, shared, ni.data, nr, hdr.spi_i, spi_r)
@@ -489,10 +577,15 @@ class IkeEngine:
             data, response, nat_local, nat_remote,
         )  # fmt: skip
         ike.last_heard = now
+        ike.fragmentation = fragmentation
+        ike.peer_hashes = peer_hashes
         self.by_spi[spi_r] = ike
         self.half_open[key] = ike
         self.stats["ike-sa-init"] += 1
         out.append(Send(response, dst, src))
+
+    def _wall(self, now: float) -> dt.datetime:
+        return dt.datetime.fromtimestamp(now + self.wall_offset, dt.UTC)
 
     def _cookie_secrets(self, now: float) -> list[tuple[int, bytes]]:
         """(version, secret): the current secret and the one before it (§2.6: a cookie made
@@ -531,37 +624,73 @@ class IkeEngine:
             self.stats["auth-failed"] += 1
             ike.state = IkeState.DEAD
             return [NotifyPayload(Notify.AUTHENTICATION_FAILED)]
-        conn = None
-        for c in ike.candidates:
-            if c.remote_id.matches(idi) and (
-                idr is None or c.local_id is None or c.local_id.matches(idr)
-            ) and choose(c.proposals, (ike.suite.proposal(1, b""),)) is not None:
-                conn = c
-                break
         prf_alg = ike.suite.prf
         assert prf_alg is not None
+        octets = signed_octets(ike.init_request, ike.nonce_r, prf_alg, ike.keys.sk_pi, idi.body)
+        psk = auth.method == AuthMethod.SHARED_KEY
+        cert = None
+        why = "no connection for this identity and method"
+        if not psk:
+            # the peer's certificate (then its chain) in CERT payloads (§3.6)
+            ders = [p.data for p in inner
+                    if isinstance(p, CertPayload) and p.encoding == CERT_X509_SIGNATURE]
+            try:
+                certs = [parse_cert(d) for d in ders[:MAX_CERTS]]
+            except AuthError as exc:
+                certs, why = [], str(exc)
+            cert = certs[0] if certs else None
+        conn = None
+        for c in ike.candidates:
+            if (c.remote_auth == ("psk" if psk else "pubkey")
+                    and c.remote_id.matches(idi, cert)
+                    and (idr is None or c.local_id is None or c.local_id.matches(idr)
+                         or (c.credentials is not None
+                             and idr.data == c.credentials.certs[0].subject.public_bytes()))
+                    and choose(c.proposals, (ike.suite.proposal(1, b""),)) is not None):
+                conn = c
+                break  # fmt: skip
         ok = False
-        if conn is not None and auth.method == AuthMethod.SHARED_KEY:
-            octets = signed_octets(ike.init_request, ike.nonce_r, prf_alg, ike.keys.sk_pi,
-                                   idi.body)  # fmt: skip
+        if conn is not None and psk:
             ok = _hmac.compare_digest(auth.data, psk_auth(prf_alg, conn.psk, octets))
+            why = "pre-shared key does not match"
+        elif conn is not None and cert is not None:
+            try:
+                validate_chain(cert, certs[1:], conn.cacerts, self._wall(now))
+                if not id_matches_cert(idi, cert):
+                    raise AuthError("the identity is not in the certificate")
+                verify(cert, auth.method, auth.data, octets)
+                ok = True
+            except AuthError as exc:
+                why = str(exc)
+        elif conn is not None:
+            why = "no certificate"
         if conn is None or not ok:
             self.stats["auth-failed"] += 1
-            log.info("event=ike-auth-failed peer=%s id=%s", ike.remote, idi.text())
+            log.info("event=ike-auth-failed peer=%s id=%s reason=%s", ike.remote, idi.text(),
+                     _quote(why))  # fmt: skip
             ike.state = IkeState.DEAD
             return [NotifyPayload(Notify.AUTHENTICATION_FAILED)]
         ike.conn = conn
-        ike.peer_id = idi.text()
+        ike.peer_id = cert.subject.rfc4514_string() if (
+            cert is not None and idi.id_type == IdType.DER_ASN1_DN) else idi.text()
         ike.rekey_at = self._rekey_time(now, conn.rekey_time)
-        our_id = (conn.local_id.payload(False) if conn.local_id is not None
-                  else IDPayload(False, 1 if ike.local.host.version == 4 else 5,
-                                 ike.local.host.packed))  # fmt: skip
+        creds = conn.credentials
+        if conn.local_auth == "pubkey" and creds is not None:
+            our_id = (conn.local_id.payload(False) if conn.local_id is not None
+                      and "=" not in conn.local_id.text else creds.subject_id(False))
+        else:
+            our_id = (conn.local_id.payload(False) if conn.local_id is not None
+                      else IDPayload(False, 1 if ike.local.host.version == 4 else 5,
+                                     ike.local.host.packed))  # fmt: skip
         octets = signed_octets(ike.init_response, ike.nonce_i, prf_alg, ike.keys.sk_pr,
                                our_id.body)  # fmt: skip
-        reply: list[Payload] = [
-            our_id,
-            AuthPayload(AuthMethod.SHARED_KEY, psk_auth(prf_alg, conn.psk, octets)),
-        ]
+        reply: list[Payload] = [our_id]
+        if conn.local_auth == "pubkey" and creds is not None:
+            reply += [CertPayload(CERT_X509_SIGNATURE, d) for d in creds.der()]
+            method, data = sign(creds.key, octets, ike.peer_hashes)
+            reply.append(AuthPayload(method, data))
+        else:
+            reply.append(AuthPayload(AuthMethod.SHARED_KEY, psk_auth(prf_alg, conn.psk, octets)))
         ike.state = IkeState.ESTABLISHED
         n = notifies(inner)
         if Notify.INITIAL_CONTACT in n:
@@ -816,6 +945,7 @@ class IkeEngine:
             NotifyPayload(Notify.NAT_DETECTION_SOURCE_IP, data=src_hash),
             NotifyPayload(Notify.NAT_DETECTION_DESTINATION_IP,
                           data=_natd(c.spi_i, bytes(8), c.remote)),
+            NotifyPayload(Notify.IKEV2_FRAGMENTATION_SUPPORTED),
         ]  # fmt: skip
         hdr = Header(c.spi_i, bytes(8), 0, ExchangeType.IKE_SA_INIT, Flag.INITIATOR, 0, 0)
         c.request = encode_plain(hdr, payloads)
@@ -874,6 +1004,7 @@ class IkeEngine:
         ike.peer_next_mid = 0
         ike.my_next_mid = 1
         ike.last_heard = now
+        ike.fragmentation = Notify.IKEV2_FRAGMENTATION_SUPPORTED in n
         if Notify.NAT_DETECTION_SOURCE_IP in n and Notify.NAT_DETECTION_DESTINATION_IP in n:
             srcs = [p.data for p in payloads if isinstance(p, NotifyPayload)
                     and p.type == Notify.NAT_DETECTION_SOURCE_IP]  # fmt: skip
@@ -1185,10 +1316,10 @@ class IkeEngine:
         ike.my_next_mid += 1
         flags = Flag.INITIATOR if ike.we_initiated else 0
         hdr = Header(ike.spi_i, ike.spi_r, 0, exchange, flags, mid, 0)
-        msg = ike.outbound.seal(hdr, payloads)
-        ike.pending = Pending(kind, mid, msg, now, 1, now + RETRANSMIT[0])
+        msgs = self._seal(ike, hdr, payloads)
+        ike.pending = Pending(kind, mid, msgs, now, 1, now + RETRANSMIT[0])
         self.stats[f"{kind}-sent"] += 1
-        out.append(Send(msg, ike.local, ike.remote))
+        out += [Send(m, ike.local, ike.remote) for m in msgs]
 
     def _response(self, ike: IkeSA, data: bytes, hdr: Header, payloads: list[Payload],
                   src: Address, now: float, out: list[Output]) -> None:  # fmt: skip
@@ -1196,7 +1327,10 @@ class IkeEngine:
         if p is None or hdr.message_id != p.message_id or hdr.from_initiator == ike.we_initiated:
             self.stats["unexpected-response"] += 1
             return
-        inner = self._open(ike, data, hdr, payloads)
+        opened = self._open(ike, data, hdr, payloads)
+        if opened is None:
+            return
+        inner = opened
         ike.pending = None
         ike.last_heard = now
         if p.kind == "delete":
@@ -1229,6 +1363,10 @@ class IkeEngine:
             log.info("event=ike-sa-down conn=%s peer=%s reason=%s", ike.conn.name, ike.remote,
                      reason)  # fmt: skip
             out.append(IkeDown(ike, reason))
+
+
+def _quote(text: str) -> str:
+    return '"' + text.replace('"', "'") + '"'
 
 
 def _notify_name(t: int) -> str:

@@ -101,7 +101,7 @@ class Pending:
 
     kind: str  # "liveness" | "delete" | "delete-child" | "auth" | "rekey-child" | "rekey-ike"
     message_id: int
-    data: bytes = field(repr=False)
+    messages: list[bytes] = field(repr=False)  # the request (its fragments, RFC 7383)
     sent: float
     tries: int = 1
     deadline: float = 0.0
@@ -133,7 +133,8 @@ class IkeSA:
     state: IkeState = IkeState.HALF_OPEN
     peer_id: str = ""
     peer_next_mid: int = 1  # the next request ID we expect from the peer
-    last_response: bytes = field(default=b"", repr=False)  # answer to request peer_next_mid-1
+    # the answer to request peer_next_mid-1 (several messages when fragmented, RFC 7383)
+    last_response: list[bytes] = field(default_factory=list, repr=False)
     my_next_mid: int = 0  # the ID of our next request
     pending: Pending | None = None
     last_heard: float = 0.0
@@ -144,6 +145,10 @@ class IkeSA:
     auth_child: tuple[ChildConfig, int] | None = None  # initiator: CHILD asked in IKE_AUTH
     rekey_at: float | None = None  # when we rekey the IKE SA (None: never)
     queued_deletes: list[bytes] = field(default_factory=list)  # CHILD SPIs to delete next
+    peer_hashes: tuple[int, ...] = ()  # RFC 7427 SIGNATURE_HASH_ALGORITHMS of the peer
+    fragmentation: bool = False  # RFC 7383 negotiated
+    # fragments of the request being received: message ID, total, first payload, parts
+    fragments: tuple[int, int, int, dict[int, bytes]] | None = field(default=None, repr=False)
     # a rekey of this IKE SA by the peer that crossed ours (§2.8.2): (new IKE SA, nonces)
     collided: tuple[IkeSA, bytes, bytes] | None = field(default=None, repr=False)
 

@@ -1,0 +1,219 @@
+"""Authentication with certificates (RFC 7296 §2.15, §3.6-3.8; RFC 7427 digital signatures;
+RFC 4754 ECDSA): signing and verifying AUTH payloads, matching an identity to its
+certificate, validating a certificate chain to configured CAs, and CERTREQ contents. All with
+``cryptography``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.hazmat.primitives.asymmetric.utils import (
+    decode_dss_signature,
+    encode_dss_signature,
+)
+
+from ..errors import IpsecctError
+from .message import AuthMethod, IDPayload, IdType
+
+CERT_X509_SIGNATURE = 4  # CERT/CERTREQ encoding (§3.6)
+
+# RFC 7427 hash algorithms (IANA "IKEv2 Hash Algorithms") we sign and verify with
+HASH_SHA256, HASH_SHA384, HASH_SHA512 = 2, 3, 4
+SUPPORTED_HASHES = (HASH_SHA256, HASH_SHA384, HASH_SHA512)
+
+# AlgorithmIdentifier DER encodings (RFC 7427 Appendix A) -> (key type, hash)
+HashMaker = Callable[[], hashes.HashAlgorithm]
+_ALG_IDS: dict[bytes, tuple[str, HashMaker]] = {
+    bytes.fromhex("300d06092a864886f70d01010b0500"): ("rsa", hashes.SHA256),
+    bytes.fromhex("300d06092a864886f70d01010c0500"): ("rsa", hashes.SHA384),
+    bytes.fromhex("300d06092a864886f70d01010d0500"): ("rsa", hashes.SHA512),
+    bytes.fromhex("300a06082a8648ce3d040302"): ("ecdsa", hashes.SHA256),
+    bytes.fromhex("300a06082a8648ce3d040303"): ("ecdsa", hashes.SHA384),
+    bytes.fromhex("300a06082a8648ce3d040304"): ("ecdsa", hashes.SHA512),
+}
+_ALG_OF = {v: k for k, v in _ALG_IDS.items()}
+_ECDSA_METHOD: dict[str, tuple[int, HashMaker, int]] = {
+    "secp256r1": (AuthMethod.ECDSA_256, hashes.SHA256, 32),
+    "secp384r1": (AuthMethod.ECDSA_384, hashes.SHA384, 48),
+    "secp521r1": (AuthMethod.ECDSA_521, hashes.SHA512, 66),
+}
+
+PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
+
+
+class AuthError(IpsecctError):
+    """A certificate, chain, identity or signature that does not verify."""
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """Our certificate (then its chain) and the private key that goes with it."""
+
+    certs: tuple[x509.Certificate, ...]
+    key: PrivateKey = field(repr=False)
+
+    def __post_init__(self) -> None:
+        if not self.certs:
+            raise AuthError("no certificate")
+        if self.certs[0].public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        ) != self.key.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        ):
+            raise AuthError("the private key does not belong to the first certificate")
+
+    def der(self) -> list[bytes]:
+        return [c.public_bytes(serialization.Encoding.DER) for c in self.certs]
+
+    def subject_id(self, initiator: bool) -> IDPayload:
+        return IDPayload(initiator, IdType.DER_ASN1_DN, self.certs[0].subject.public_bytes())
+
+
+def sign(key: PrivateKey, octets: bytes, peer_hashes: tuple[int, ...]) -> tuple[int, bytes]:
+    """(AUTH method, AUTH data): RFC 7427 when the peer announced hash algorithms we share
+    (SHA-256 first), else the classic RSA (SHA-1) or ECDSA (RFC 4754) method."""
+    shared = [h for h in SUPPORTED_HASHES if h in peer_hashes]
+    if isinstance(key, rsa.RSAPrivateKey):
+        if shared:
+            halg: HashMaker = {2: hashes.SHA256, 3: hashes.SHA384, 4: hashes.SHA512}[shared[0]]
+            sig = key.sign(octets, padding.PKCS1v15(), halg())
+            alg = _ALG_OF[("rsa", halg)]
+            return AuthMethod.DIGITAL_SIGNATURE, bytes((len(alg),)) + alg + sig
+        return AuthMethod.RSA_SIG, key.sign(octets, padding.PKCS1v15(), hashes.SHA1())
+    curve = key.curve.name
+    if curve not in _ECDSA_METHOD:
+        raise AuthError(f"ECDSA on {curve} is not supported")
+    method, halg, n = _ECDSA_METHOD[curve]
+    if shared:
+        sig = key.sign(octets, ec.ECDSA(halg()))
+        alg = _ALG_OF[("ecdsa", halg)]
+        return AuthMethod.DIGITAL_SIGNATURE, bytes((len(alg),)) + alg + sig
+    r, s = decode_dss_signature(key.sign(octets, ec.ECDSA(halg())))
+    return method, r.to_bytes(n, "big") + s.to_bytes(n, "big")
+
+
+def verify(cert: x509.Certificate, method: int, data: bytes, octets: bytes) -> None:
+    """Raise AuthError unless ``data`` is a valid AUTH signature of ``octets`` by ``cert``."""
+    pub = cert.public_key()
+    try:
+        if method == AuthMethod.DIGITAL_SIGNATURE:
+            if not data or len(data) < 1 + data[0]:
+                raise AuthError("malformed RFC 7427 AUTH data")
+            alg = _ALG_IDS.get(data[1 : 1 + data[0]])
+            if alg is None:
+                raise AuthError("unsupported signature algorithm in AUTH (RSA-PSS?)")
+            sig = data[1 + data[0] :]
+            kind, halg = alg
+            if kind == "rsa" and isinstance(pub, rsa.RSAPublicKey):
+                pub.verify(sig, octets, padding.PKCS1v15(), halg())
+            elif kind == "ecdsa" and isinstance(pub, ec.EllipticCurvePublicKey):
+                pub.verify(sig, octets, ec.ECDSA(halg()))
+            else:
+                raise AuthError("the AUTH signature algorithm does not fit the certificate key")
+        elif method == AuthMethod.RSA_SIG and isinstance(pub, rsa.RSAPublicKey):
+            pub.verify(data, octets, padding.PKCS1v15(), hashes.SHA1())
+        elif method in (9, 10, 11) and isinstance(pub, ec.EllipticCurvePublicKey):
+            want = {9: "secp256r1", 10: "secp384r1", 11: "secp521r1"}[method]
+            if pub.curve.name != want:
+                raise AuthError("the ECDSA AUTH method does not fit the certificate's curve")
+            _m, halg, n = _ECDSA_METHOD[want]
+            if len(data) != 2 * n:
+                raise AuthError("malformed ECDSA AUTH data")
+            der = encode_dss_signature(int.from_bytes(data[:n], "big"),
+                                       int.from_bytes(data[n:], "big"))  # fmt: skip
+            pub.verify(der, octets, ec.ECDSA(halg()))
+        else:
+            raise AuthError(f"AUTH method {method} does not fit the certificate")
+    except InvalidSignature:
+        raise AuthError("the AUTH signature does not verify") from None
+    except (ValueError, UnsupportedAlgorithm) as exc:
+        raise AuthError(f"the AUTH signature cannot be checked: {exc}") from None
+
+
+def parse_cert(der: bytes) -> x509.Certificate:
+    try:
+        return x509.load_der_x509_certificate(der)
+    except ValueError:
+        raise AuthError("a CERT payload is not an X.509 certificate") from None
+
+
+def validate_chain(cert: x509.Certificate, intermediates: list[x509.Certificate],
+                   cas: list[x509.Certificate], now: dt.datetime) -> None:  # fmt: skip
+    """The certificate leads, through at most 4 intermediates, to one of ``cas``; each one in
+    its validity period and each issuer a CA."""
+    chain = [cert]
+    current = cert
+    for _ in range(5):
+        for c in chain:
+            if not c.not_valid_before_utc <= now <= c.not_valid_after_utc:
+                raise AuthError(f"certificate {c.subject.rfc4514_string()} is not valid now")
+        for ca in cas:
+            if _issued_by(current, ca):
+                return
+        nxt = next((i for i in intermediates if i not in chain and _issued_by(current, i)
+                    and _is_ca(i)), None)  # fmt: skip
+        if nxt is None:
+            break
+        chain.append(nxt)
+        current = nxt
+    raise AuthError(f"no trusted CA for {cert.subject.rfc4514_string()}")
+
+
+def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+    if cert.issuer != issuer.subject or not _is_ca(issuer):
+        return False
+    try:
+        cert.verify_directly_issued_by(issuer)
+    except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
+        return False
+    return True
+
+
+def _is_ca(cert: x509.Certificate) -> bool:
+    try:
+        return bool(cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
+    except x509.ExtensionNotFound:
+        return False
+
+
+def id_matches_cert(idp: IDPayload, cert: x509.Certificate) -> bool:
+    """The identity is the certificate's subject DN or one of its subjectAltNames."""
+    if idp.id_type == IdType.DER_ASN1_DN:
+        return idp.data == cert.subject.public_bytes()
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return False
+    try:
+        if idp.id_type == IdType.FQDN:
+            return idp.data.decode().lower() in [d.lower() for d in
+                                                 san.get_values_for_type(x509.DNSName)]
+        if idp.id_type == IdType.RFC822_ADDR:
+            return idp.data.decode().lower() in [d.lower() for d in
+                                                 san.get_values_for_type(x509.RFC822Name)]
+        if idp.id_type in (IdType.IPV4_ADDR, IdType.IPV6_ADDR):
+            return ipaddress.ip_address(idp.data) in san.get_values_for_type(x509.IPAddress)
+    except (UnicodeDecodeError, ValueError):
+        return False
+    return False  # fmt: skip
+
+
+def certreq(cas: list[x509.Certificate]) -> bytes:
+    """CERTREQ data: the SHA-1 hashes of the trusted CAs' public keys (§3.7)."""
+    out = b""
+    for ca in cas:
+        spki = ca.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        h = hashes.Hash(hashes.SHA1())
+        h.update(spki)
+        out += h.finalize()
+    return out
