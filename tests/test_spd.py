@@ -15,6 +15,7 @@ from ipsecct.ipsec.spd import (
     SPD,
     Action,
     AddressRange,
+    OverlapIndex,
     PortRange,
     Selectors,
     SPDEntry,
@@ -323,3 +324,33 @@ def test_parse_random_text_raises_only_sa_error(text: str) -> None:
     for parse in (AddressRange.parse, PortRange.parse):
         with contextlib.suppress(SAError):
             parse(text)  # anything but SAError fails the test
+
+
+@st.composite
+def _narrow_or_wide_selectors(draw: st.DrawFn) -> Selectors:
+    def ranges() -> tuple[AddressRange, ...]:
+        out = []
+        for _ in range(draw(st.integers(1, 2))):
+            v6 = draw(st.integers(0, 4)) == 0
+            mk = ipaddress.IPv6Address if v6 else ipaddress.IPv4Address
+            first = draw(st.integers(0, 5000)) + (0x0A000000 if not v6 else 1 << 100)
+            width = draw(st.sampled_from([0, 0, 0, 1, 3, 255, 256, 4095, 1 << 16, 1 << 20]))
+            out.append(AddressRange(mk(first), mk(first + width)))
+        return tuple(out)
+
+    return Selectors(ranges(), ranges(), draw(st.sampled_from([0, 6, 17])))
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(_narrow_or_wide_selectors(), max_size=60), _narrow_or_wide_selectors())
+def test_overlap_index_finds_exactly_the_overlapping(
+    stored: list[Selectors], query: Selectors
+) -> None:
+    """Whatever the widths of the stored ranges (the index sorts them by width class), a lookup
+    returns exactly the stored selectors that overlap the query, each once."""
+    idx = OverlapIndex()
+    for i, s in enumerate(stored):
+        idx.add(s, i)
+    got = idx.overlapping(query)
+    assert len(got) == len(set(got))  # type: ignore[arg-type]
+    assert sorted(got) == [i for i, s in enumerate(stored) if s.overlaps(query)]  # type: ignore[type-var]

@@ -803,6 +803,7 @@ _MODES = (Mode.TUNNEL, Mode.TRANSPORT)
 _DIRECTIONS = (Direction.OUTBOUND, Direction.INBOUND)
 _DF = (DfPolicy.COPY, DfPolicy.CLEAR, DfPolicy.SET, None)
 _NO_LIMIT = Lifetime()
+_ANY_PORTS = PortRange()
 _CACHE_MAX = 4096  # entries per cache of shared immutable parts; a full cache starts over
 _addresses: dict[bytes, IPAddress] = {}
 _selectors: dict[tuple[int, bytes], Selectors] = {}
@@ -1035,8 +1036,8 @@ def _read(data: bytes, now: float) -> SecurityAssociation | None:
                     tuple(ranges[: data[start]]),
                     tuple(ranges[data[start] :]),
                     sel_proto,
-                    PortRange() if lp is None else PortRange(*lp),
-                    PortRange() if rp is None else PortRange(*rp),
+                    _ANY_PORTS if lp is None else PortRange(*lp),
+                    _ANY_PORTS if rp is None else PortRange(*rp),
                     None if name_raw is None else name_raw.decode("utf-8"),
                     label,
                 )
