@@ -53,6 +53,7 @@ async def handover(demo: Demo, mode: str) -> None:
     t0 = time.monotonic()
     await source.transfer([tunnel.outbound.spi], dst)
     rec = await asyncio.wait_for(activated, 5)
+    demo.handover_times.append((t0, rec.ended))
     entry: dict[str, Any] = {
         "from": src,
         "to": dst,
@@ -80,6 +81,7 @@ async def failover(demo: Demo, mode: str) -> None:
     await demo.services["sg1"].stop_context_transfer()
     await demo.gateways["sg1"].node.stop()
     rec = await asyncio.wait_for(took_over, 10)
+    demo.handover_times.append((t0, rec.ended))
     demo.handovers.append(
         {
             "from": "sg1",
