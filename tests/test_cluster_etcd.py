@@ -49,6 +49,9 @@ def test_client_against_one_member(tmp_path: Path) -> None:
             ("/t/members/sg1", b"x", lid),
             ("/t/owners/00000001", b"sg1", lid),
         ]
+        other, _ = await c.grant(5)
+        assert not await c.delete_if_lease("/t/owners/00000001", other)  # not that lease's
+        assert await c.get("/t/owners/00000001") is not None
         await c.revoke(lid)
         assert await c.keepalive(lid) == 0  # gone
         assert await c.get("/t/owners/00000001") is None  # with its keys

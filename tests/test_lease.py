@@ -528,3 +528,53 @@ def test_simulation_exercises_the_worst_moment() -> None:
     assert not sim.reused
     assert a.replicator is not None and a.replicator.superseded_by == 2
     assert sim.owners() == {0x2000 + i: ["sg2"] for i in range(TUNNELS)}
+
+
+# -- 4. take-over speed: replicas decoded ahead ------------------------------------------------
+
+
+def test_prepared_replicas_are_used_only_while_current() -> None:
+    a, b = Engine(ip(SG_ADDR["sg1"])), Engine(ip(SG_ADDR["sg2"]))
+    t0, t1 = add_tunnel(a, 0), add_tunnel(a, 1)
+    rep = failover.Replicator(a, failover.FailoverConfig("active", "sg2", fencing=False))
+    sb = failover.Standby(
+        b,
+        failover.FailoverConfig("standby", "sg1", fencing=False, seq_margin=100),
+        Endpoint(ip(SG_ADDR["sg2"]), PORT),
+        Identity.DIRECT,
+    )
+    for m in rep.poll(0.0):
+        sb.receive(m, 0.0)  # type: ignore[arg-type]
+    assert sb.prepare(1) == 1 and sb.prepared == 1
+    assert sb.prepare(10) == 1 and sb.prepared == 2
+    # Tunnel 1 changes: its prepared SAs are stale and must not be used.
+    t1.outbound.seq = 50
+    rep.resync()
+    for m in rep.poll(1.0):
+        sb.receive(m, 1.0)  # type: ignore[arg-type]
+    assert sb.prepared == 0  # FULL replaced everything
+    assert sb.prepare(1) == 1
+    tunnels, _signals, _rec = sb.take_over(2.0)
+    seqs = sorted(t.outbound.seq for t in tunnels)
+    assert seqs == [t0.outbound.seq + 100, 50 + 100]
+    assert sb.prepare(10) == 0  # nothing left
+
+
+def test_bench_failover_json_schema() -> None:
+    import json
+    import subprocess
+    import sys
+
+    r = subprocess.run(
+        [sys.executable, "-m", "ipsecct", "bench", "failover", "--json", "--tunnels", "40"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert [x["mode"] for x in doc["results"]] == ["pair", "etcd"]
+    for x in doc["results"]:
+        assert {"mode", "tunnels", "takeover_ms", "lost", "replay_drops", "reused_nonces"} <= set(x)
+        assert x["tunnels"] == 40 and x["takeover_ms"] > 0
+        assert x["lost"] == 0 and x["replay_drops"] == 0 and x["reused_nonces"] == 0

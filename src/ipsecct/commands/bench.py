@@ -17,6 +17,7 @@ BENCHES: dict[str, str] = {
     "codec": "ipsecct.bench.codec",
     "transfer": "ipsecct.bench.transfer",
     "gateway": "ipsecct.bench.gateway",
+    "failover": "ipsecct.bench.failover",
 }
 
 

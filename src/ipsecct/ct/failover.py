@@ -55,13 +55,14 @@ import ipaddress
 import math
 import secrets
 import struct
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from ..errors import ContextError, IpsecctError
 from ..ipsec import signalling
 from ..ipsec.engine import Engine, Tunnel, TunnelState
-from ..ipsec.sad import Direction, SecurityAssociation, UdpEncap
+from ..ipsec.sad import Direction, Protocol, SecurityAssociation, UdpEncap
 from ..ipsec.spd import Action, SPDEntry
 from . import context, cxtp
 from .lease import Grant, Lease, LeaseEvent, LeaseTiming, timing
@@ -363,6 +364,12 @@ class Standby:
     grant: Grant | None = None
     acks: int = 0
     peer_lease: bool = True  # False in the etcd mode: ACKs raise ceilings, grant nothing
+    # Replicas decoded ahead of a take-over (prepare()): outbound SPI -> (the CDBs they were
+    # decoded from, the SAs), and the SPIs received since, with when.
+    _ready: dict[int, tuple[list[bytes], list[SecurityAssociation]]] = field(
+        default_factory=dict, repr=False
+    )
+    _dirty: deque[tuple[int, float]] = field(default_factory=deque, repr=False)
 
     def __post_init__(self) -> None:
         if self.cfg.fencing and self.peer_lease and self.grant is None:
@@ -418,16 +425,43 @@ class Standby:
         self.epoch = epoch
         if full:
             self.replica.clear()
+            self._ready.clear()
         for spi in removed:
             self.replica.pop(spi, None)
+            self._ready.pop(spi, None)
         for spi, pair in pairs:
             self.replica[spi] = pair
+            self._dirty.append((spi, now))
         if not self.cfg.fencing:
             return []
         if self.grant is not None and not self.grant.grant(now):
             return []
         self.acks += 1
         return [self._reply(msg, tag, SYNC_ACK)]
+
+    def prepare(self, max_pairs: int) -> int:
+        """Decode up to ``max_pairs`` replicas that changed since they were last decoded (as
+        of when they arrived), so that a take-over only installs them. Returns how many."""
+        done = 0
+        while self._dirty and done < max_pairs:
+            spi, at = self._dirty.popleft()
+            pair = self.replica.get(spi)
+            ready = self._ready.get(spi)
+            if pair is None or (ready is not None and ready[0] is pair):
+                continue
+            try:
+                sas = [context.decode(c, at) for c in pair]
+                if sas and sas[0].protocol is Protocol.ESP:
+                    sas[0].transform.warm()  # the take-over's SG_UPDATE needs it at once
+                self._ready[spi] = (pair, sas)
+            except ContextError:
+                self._ready.pop(spi, None)  # take_over counts it as unusable
+            done += 1
+        return done
+
+    @property
+    def prepared(self) -> int:
+        return sum(1 for spi, (pair, _) in self._ready.items() if self.replica.get(spi) is pair)
 
     def dead(self, now: float) -> bool:
         """Has the active been silent for ``dead_ms``, and has every lease this standby
@@ -469,9 +503,14 @@ class Standby:
         tunnels: list[Tunnel] = []
         signals: list[tuple[SecurityAssociation, bytes]] = []
         failed = 0
-        for pair in replica.values():
+        for spi, pair in replica.items():
+            ready = self._ready.pop(spi, None)
             try:
-                sas = [context.decode(c, now) for c in pair]
+                sas = (
+                    ready[1]
+                    if ready is not None and ready[0] is pair
+                    else [context.decode(c, now) for c in pair]
+                )
             except ContextError:
                 failed += 1
                 continue

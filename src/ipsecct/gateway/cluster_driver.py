@@ -41,6 +41,7 @@ from ..ipsec.engine import Held, Tunnel, TunnelState
 from ..ipsec.esp import Drop
 from .config import ClusterConfig
 from .etcd import MAX_TXN_OPS, EtcdClient, EtcdError
+from .failover_driver import PREPARE_PER_TICK
 from .log import event
 from .node import Node
 from .peers import PeerChannels
@@ -239,6 +240,9 @@ class ClusterDriver:
             for p, rp in self.replicators.items():
                 for m in rp.poll(now):
                     self.channels.send(p, m)
+            budget = PREPARE_PER_TICK
+            for sb in self.standbys.values():
+                budget -= sb.prepare(budget)
 
     async def _scan(self) -> None:
         """Take this member's share of the tunnels of peers whose member key is gone."""
@@ -253,7 +257,7 @@ class ClusterDriver:
             self.dead_since.clear()
             return
         owners: set[int] = set()
-        for kv in await self.client.get_prefix(self.keys["owners"]):
+        for kv in await self.client.get_prefix(self.keys["owners"], keys_only=True):
             spi = ownership.spi_of_owner_key(kv.key)
             if spi is not None:
                 owners.add(spi)
@@ -275,16 +279,9 @@ class ClusterDriver:
 
     async def _take(self, peer: str, share: list[int]) -> None:
         sb = self.standbys[peer]
-        taken: list[int] = []
-        for i in range(0, len(share), MAX_TXN_OPS):
-            batch = share[i : i + MAX_TXN_OPS]
-            keys = [ownership.owner_key(self.cfg.name, s) for s in batch]
-            if await self.client.create_many(keys, self.node.name, lease=self.lease_id):
-                taken += batch
-                continue
-            for s, k in zip(batch, keys, strict=True):  # someone got some: one by one
-                if await self.client.create(k, self.node.name, lease=self.lease_id):
-                    taken.append(s)
+        by_key = {ownership.owner_key(self.cfg.name, s): s for s in share}
+        created = await self.client.create_all(list(by_key), self.node.name, lease=self.lease_id)
+        taken = [by_key[k] for k in created]
         if not taken:
             return
         now = self.node.clock()
@@ -348,7 +345,18 @@ class ClusterDriver:
 
     async def _own_tunnels(self) -> None:
         """Create the owner keys of our tunnels that have none yet (at start, and tunnels
-        that arrived by a transfer), in batches."""
+        that arrived by a transfer), in batches; release those of tunnels that left (moved
+        to another member by a transfer, or deleted)."""
+        here = {
+            t.outbound.spi
+            for t in self.node.engine.tunnels()
+            if t.state in (TunnelState.ACTIVE, TunnelState.HELD)
+        }
+        for spi in sorted(self.owned - here):
+            await self.client.delete_if_lease(
+                ownership.owner_key(self.cfg.name, spi), self.lease_id
+            )
+            self.owned.discard(spi)
         todo = [
             t
             for t in self.node.engine.tunnels()

@@ -218,12 +218,31 @@ class EtcdClient:
         kvs = _kvs(await self.call("/v3/kv/range", {"key": _b64(key)}))
         return kvs[0] if kvs else None
 
-    async def get_prefix(self, prefix: str) -> list[KeyValue]:
-        body = {"key": _b64(prefix), "range_end": _b64(prefix_end(prefix).encode("latin-1"))}
+    async def get_prefix(self, prefix: str, *, keys_only: bool = False) -> list[KeyValue]:
+        body: dict[str, Any] = {
+            "key": _b64(prefix),
+            "range_end": _b64(prefix_end(prefix).encode("latin-1")),
+        }
+        if keys_only:
+            body["keys_only"] = True
         return _kvs(await self.call("/v3/kv/range", body))
 
     async def delete(self, key: str) -> None:
         await self.call("/v3/kv/deleterange", {"key": _b64(key)})
+
+    async def delete_if_lease(self, key: str, lease: int) -> bool:
+        """Delete ``key`` only if it is still attached to ``lease`` (ours): never someone
+        else's key of the same name."""
+        ans = await self.call(
+            "/v3/kv/txn",
+            {
+                "compare": [
+                    {"key": _b64(key), "target": "LEASE", "lease": str(lease), "result": "EQUAL"}
+                ],
+                "success": [{"request_delete_range": {"key": _b64(key)}}],
+            },
+        )
+        return bool(ans.get("succeeded", False))
 
     async def create(self, key: str, value: bytes | str, *, lease: int = 0) -> bool:
         """Put ``key`` only if it does not exist (a transaction); True if it was created."""
@@ -270,6 +289,25 @@ class EtcdClient:
             },
         )
         return bool(ans.get("succeeded", False))
+
+    async def create_all(
+        self, keys: list[str], value: bytes | str, *, lease: int = 0, parallel: int = 8
+    ) -> list[str]:
+        """Create as many of ``keys`` as do not exist yet, in transactions of
+        ``MAX_TXN_OPS`` with up to ``parallel`` in flight (etcd commits concurrent proposals
+        together); a batch that fails (someone holds one of its keys) is retried key by key.
+        Returns the keys created."""
+        sem = asyncio.Semaphore(parallel)
+
+        async def batch(ks: list[str]) -> list[str]:
+            async with sem:
+                if await self.create_many(ks, value, lease=lease):
+                    return ks
+                return [k for k in ks if await self.create(k, value, lease=lease)]
+
+        parts = [keys[i : i + MAX_TXN_OPS] for i in range(0, len(keys), MAX_TXN_OPS)]
+        done = await asyncio.gather(*(batch(p) for p in parts))
+        return [k for part in done for k in part]
 
     async def status(self) -> dict[str, Any]:
         return await self.call("/v3/maintenance/status", {})

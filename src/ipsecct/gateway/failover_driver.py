@@ -23,6 +23,8 @@ from .transfer_service import TransferService
 
 log = logging.getLogger("ipsecct.ct.failover")
 
+PREPARE_PER_TICK = 8  # replicas decoded ahead per tick (~125 us per SA)
+
 
 def is_sync(msg: cxtp.Message) -> bool:
     """A fail-over sync (a CTD whose first CDB after the TRANSFER tag is a SYNC CDB)."""
@@ -118,6 +120,9 @@ class FailoverDriver:
                     self.fencing.tick(now)
             elif self.standby is not None and self.standby.dead(now):
                 self.take_over(now)
+            elif self.standby is not None and self.standby.took_over is None:
+                # Decode what changed ahead of a take-over, a few a tick (about 2 ms).
+                self.standby.prepare(PREPARE_PER_TICK)
 
     def take_over(self, now: float) -> Record:
         assert self.standby is not None

@@ -71,6 +71,10 @@ class EspTransform:
         """Return ``header | IV | ciphertext | ICV`` for a padded plaintext."""
         raise NotImplementedError
 
+    def warm(self) -> None:
+        """Make now what the first packet would otherwise make (a take-over prepares SAs
+        ahead, so that it only installs them)."""
+
     def open(self, packet: memoryview, seq: int, esn: bool) -> bytes:
         """Given the whole ESP packet, return the padded plaintext or raise IntegrityFailure."""
         raise NotImplementedError
@@ -112,6 +116,9 @@ class AeadTransform(EspTransform):
         self._alg = alg
         self._cipher_key, self._salt = key[:-4], key[-4:]
         self._aead: AESGCM | ChaCha20Poly1305
+
+    def warm(self) -> None:
+        self._aead  # noqa: B018 - made on first access
 
     def __getattr__(self, name: str) -> Any:
         # Called only while ``_aead`` is unset: make it once, then it is a plain slot.
