@@ -14,9 +14,11 @@ import enum
 import math
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..errors import PacketError, SAError
 from . import esp, ippacket, processing
+from . import native as native_mod
 from .esp import Drop
 from .ippacket import IPAddress
 from .sad import SAD, Direction, Mode, Protocol, SAEvent, SecurityAssociation
@@ -76,6 +78,9 @@ class Signal:
 
 
 NH_SIGNAL = 253  # RFC 3692 experimental protocol number: ipsecct's in-SA signalling
+_DROPS = tuple(Drop)  # the native path's drop codes, in this order
+# IPv6 next headers that are extension headers (or ESP/AH, or experimental): no flow key
+_V6_EXT = frozenset((0, 43, 44, 50, 51, 60, 135, 139, 140, 253, 254))
 
 Result = ToPeer | ToInner | Bypass | Held | Forward | Signal | Drop
 
@@ -106,6 +111,27 @@ class Tunnel:
 
     def sas(self) -> list[SecurityAssociation]:
         return [self.outbound] + ([self.inbound] if self.inbound is not None else [])
+
+
+def _tunnel_state_freezes() -> None:
+    """A tunnel that leaves ACTIVE (held for a transfer, moved) is frozen in the native data
+    path at that moment: its SAs' exact state comes back from C, and C hands their packets up
+    to the engine, which holds, forwards or drops them. Whoever changes the state."""
+
+    def get_state(self: Tunnel) -> TunnelState:
+        st: TunnelState = self.__dict__["_state"]
+        return st
+
+    def set_state(self: Tunnel, value: TunnelState) -> None:
+        if value is not TunnelState.ACTIVE:
+            for sa in self.sas():
+                native_mod.reclaim(sa)
+        self.__dict__["_state"] = value
+
+    Tunnel.state = property(get_state, set_state)  # type: ignore[assignment]
+
+
+_tunnel_state_freezes()
 
 
 @dataclass
@@ -139,7 +165,13 @@ class EngineEvent:
 class Engine:
     """SPD + SAD + counters for one node."""
 
-    def __init__(self, address: IPAddress | None = None, *, default_mtu: int = 1500) -> None:
+    def __init__(
+        self,
+        address: IPAddress | None = None,
+        *,
+        default_mtu: int = 1500,
+        native: bool | None = None,
+    ) -> None:
         self.spd = SPD()
         self.sad = SAD()
         self.stats = Stats()
@@ -160,10 +192,75 @@ class Engine:
         # Fencing (fail-over): nothing is sent at or after ``send_until`` (the end of this
         # gateway's lease, see ipsecct.ct.lease); outbound packets are Held instead.
         self.send_until = math.inf
+        # The native data path (ipsecct.ipsec.native): an SA table in C that the engine fills
+        # after the Python path has handled a packet of an SA it may carry, and empties when
+        # anything about that SA changes. None: the pure-Python path.
+        self.native: Any = native_mod.make_table() if native_mod.wanted(native) else None
+        self._offloaded: dict[int, SecurityAssociation] = {}  # id(SA) -> SA with a C object
 
     # -- configuration -----------------------------------------------------------------
-    def add_policy(self, entry: SPDEntry, *, index: int | None = None) -> None:
+    def _clear_flows(self) -> None:
         self._flows.clear()
+        if self.native is not None:
+            self.native.clear_flows()
+
+    # -- the native data path -------------------------------------------------------------
+    def _native_out(self, sa: SecurityAssociation, key: bytes) -> None:
+        """After the Python path sent a packet of flow ``key`` on ``sa``: let C carry the
+        flow when it can."""
+        t = self._tunnel_of_sa.get(id(sa))
+        if t is None or t.state is not TunnelState.ACTIVE or sa.pmtu_expires is not None:
+            return
+        c = native_mod.push(sa, mtu=sa.path_mtu)
+        if c is not None:
+            self._offloaded[id(sa)] = sa
+            self.native.add_flow(key, c)
+
+    def _native_in(self, sa: SecurityAssociation) -> None:
+        """After the Python path handled a packet on inbound ``sa``: let C carry its SPI when
+        nothing else answers to that SPI."""
+        t = self._tunnel_of_sa.get(id(sa))
+        if (
+            t is None
+            or t.state is not TunnelState.ACTIVE
+            or t.inbound is not sa
+            or self.sad.lookup_spi(Protocol.ESP, sa.spi) is not sa
+            or any(k[2] == sa.spi for k in self._shadows)
+        ):
+            return
+        c = native_mod.push(sa)
+        if c is not None:
+            self._offloaded[id(sa)] = sa
+            self.native.add_spi(c)
+
+    def _native_drop(self, sa: SecurityAssociation) -> None:
+        """Take ``sa`` out of the C table (its exact state back in Python)."""
+        native_mod.reclaim(sa)
+        if sa.native is not None and self.native is not None:
+            self.native.remove(sa.native)
+        self._offloaded.pop(id(sa), None)
+
+    def sync_native(self) -> None:
+        """Copy every SA's exact state from C into its Python fields (C keeps it)."""
+        for sa in self._offloaded.values():
+            native_mod.sync(sa)
+
+    def fold_native_stats(self) -> None:
+        """Add what the native batch calls counted to :attr:`stats`."""
+        if self.native is None:
+            return
+        ip, ib, op, ob, drops = self.native.take_stats()
+        st = self.stats
+        st.in_packets += ip
+        st.in_bytes += ib
+        st.out_packets += op
+        st.out_bytes += ob
+        for i, n in enumerate(drops):
+            if n:
+                st.drops[_DROPS[i].value] += n
+
+    def add_policy(self, entry: SPDEntry, *, index: int | None = None) -> None:
+        self._clear_flows()
         self.spd.add(entry, index=index)
 
     def add_tunnel(
@@ -190,7 +287,7 @@ class Engine:
                 self.sad.remove(inbound)
             raise
         entry.sa_ids = [outbound.spi]
-        self._flows.clear()
+        self._clear_flows()
         self.spd.add(entry, index=index)
         t = Tunnel(entry, outbound, inbound)
         self._tunnel_of_entry[id(entry)] = t
@@ -200,8 +297,9 @@ class Engine:
 
     def remove_tunnel(self, tunnel: Tunnel) -> None:
         """Remove a tunnel's policy and SAs from the databases."""
-        self._flows.clear()
+        self._clear_flows()
         for sa in tunnel.sas():
+            self._native_drop(sa)
             if self.sad.lookup(sa.dst, sa.protocol, sa.spi) is sa:
                 self.sad.remove(sa)
             self.remove_shadows(sa)
@@ -215,11 +313,12 @@ class Engine:
         """The tunnel now lives at ``peer``: drop its SAs (their keys go with them) but keep its
         policy, so that traffic still reaching this node is forwarded there until ``until``."""
         for sa in tunnel.sas():
+            self._native_drop(sa)
             if self.sad.lookup(sa.dst, sa.protocol, sa.spi) is sa:
                 self.sad.remove(sa)
             self.remove_shadows(sa)
         tunnel.state = TunnelState.MOVED
-        self._flows.clear()
+        self._clear_flows()
         tunnel.forward_to = peer
         tunnel.forward_until = until
         if tunnel.inbound is not None:
@@ -237,12 +336,18 @@ class Engine:
 
     def attach_shadow_inbound(self, tunnel: Tunnel, sa: SecurityAssociation) -> None:
         """Give ``tunnel`` an inbound SA whose (destination, protocol, SPI) another SA owns."""
+        old = tunnel.inbound
+        if old is not None:
+            self._native_drop(old)
         tunnel.inbound = sa
         self._tunnel_of_sa[id(sa)] = tunnel
         self.add_shadow(sa)
 
     def add_shadow(self, sa: SecurityAssociation, spi: int | None = None) -> None:
         key = (sa.dst, sa.protocol, sa.spi if spi is None else spi)
+        # Python tries shadows after the owner of the SPI fails: nothing with this SPI in C.
+        for other in [sa, *self.sad.by_spi(key[2])]:
+            self._native_drop(other)
         self._shadows.setdefault(key, []).append(sa)
 
     def remove_shadows(self, sa: SecurityAssociation) -> None:
@@ -312,7 +417,9 @@ class Engine:
         src: IPAddress | None = None,
     ) -> None:
         """Change an SA's SPI or addresses atomically (they are its SAD key)."""
-        self._flows.clear()
+        self._clear_flows()
+        self._native_drop(sa)
+        sa.native = None  # its C object is keyed by the SPI: a new one on next use
         present = self.sad.lookup(sa.dst, sa.protocol, sa.spi) is sa
         new_dst = dst if dst is not None else sa.dst
         new_spi = spi if spi is not None else sa.spi
@@ -345,21 +452,49 @@ class Engine:
         return reason
 
     def _flow_key(self, packet: bytes) -> bytes | None:
-        """The cache key of a plain IPv4 packet (protocol, addresses, ports or ICMP type and
-        code: what the SPD looks at), or None when the packet needs the full path."""
-        if len(packet) < 24 or packet[0] != 0x45 or packet[6] & 0x3F or packet[7]:
-            return None
-        if ((packet[2] << 8) | packet[3]) != len(packet):
-            return None
-        proto = packet[9]
-        if proto == 6 or proto == 17:
-            return packet[9:10] + packet[12:24]
-        if proto == 1:
-            return packet[9:10] + packet[12:22]
-        return packet[9:10] + packet[12:20]
+        """The cache key of a plain IPv4 packet or an IPv6 packet without extension headers
+        (protocol, addresses, ports or ICMP type and code: what the SPD looks at), or None
+        when the packet needs the full path. The native path computes the same key."""
+        n = len(packet)
+        if n >= 24 and packet[0] == 0x45:
+            if packet[6] & 0x3F or packet[7] or ((packet[2] << 8) | packet[3]) != n:
+                return None
+            proto = packet[9]
+            if proto == 6 or proto == 17 or proto == 132:
+                return packet[9:10] + packet[12:24]
+            if proto == 1:
+                return packet[9:10] + packet[12:22]
+            return packet[9:10] + packet[12:20]
+        if n >= 44 and packet[0] >> 4 == 6 and self.native is not None:
+            if 40 + ((packet[4] << 8) | packet[5]) != n or packet[6] in _V6_EXT:
+                return None
+            nh = packet[6]
+            if nh == 6 or nh == 17 or nh == 132:
+                return packet[6:7] + packet[8:44]
+            if nh == 1 or nh == 58:
+                return packet[6:7] + packet[8:42]
+            return packet[6:7] + packet[8:40]
+        return None
 
     def outbound(self, packet: bytes, now: float) -> Result:
         """A packet from the inner side: protect it, bypass it or drop it."""
+        nt = self.native
+        if nt is not None:
+            r = nt.seal_flow(packet, now)
+            if r is not None:
+                st = self.stats
+                st.out_packets += 1
+                st.out_bytes += len(packet)
+                return ToPeer(r[0], r[1])
+            res = self._outbound_py(packet, now)
+            if isinstance(res, ToPeer):
+                key = self._flow_key(packet)
+                if key is not None:
+                    self._native_out(res.sa, key)
+            return res
+        return self._outbound_py(packet, now)
+
+    def _outbound_py(self, packet: bytes, now: float) -> Result:
         key = self._flow_key(packet)
         if key is not None:
             t = self._flows.get(key)
@@ -370,7 +505,7 @@ class Engine:
                 and t.outbound.seq < t.seq_ceiling
             ):
                 sa = t.outbound
-                if sa.mode is Mode.TUNNEL and sa.dst.version == 4:
+                if sa.mode is Mode.TUNNEL and sa.dst.version == 4 and packet[0] == 0x45:
                     n = len(packet)
                     tr = sa.transform
                     padded = n + 2
@@ -392,7 +527,7 @@ class Engine:
             tunnel = self._tunnel_of_sa.get(id(res2.sa))
             if tunnel is not None:
                 if len(self._flows) >= 65536:
-                    self._flows.clear()
+                    self._clear_flows()
                 self._flows[key] = tunnel
         return res2
 
@@ -465,6 +600,19 @@ class Engine:
         protocol: Protocol = Protocol.ESP,
     ) -> Result:
         """An ESP packet (SPI .. ICV) from the outer side, sent to ``dst``."""
+        nt = self.native
+        if nt is not None and protocol is Protocol.ESP:
+            r = nt.open_spi(data, now)
+            if r is not None:
+                out = r[1]
+                if type(out) is bytes:
+                    st = self.stats
+                    st.in_packets += 1
+                    st.in_bytes += len(out)
+                    return ToInner(out)
+                if type(out) is int:
+                    return self._drop(_DROPS[out])
+                return Signal(r[0], out[1])
         if len(data) < 8:
             return self._drop(Drop.MALFORMED)
         spi = int.from_bytes(data[0:4], "big")
@@ -498,6 +646,8 @@ class Engine:
             return self._drop(Drop.POLICY)  # transport mode needs the outer header: raw path
         dec = esp.decapsulate(sa, data, now)
         self._collect(sa)
+        if nt is not None:
+            self._native_in(sa)
         if (dec is Drop.ICV or dec is Drop.REPLAY) and self._shadows:
             alt = self._try_shadows(data, dst, protocol, spi, now)
             if alt is not None:
@@ -573,6 +723,7 @@ class Engine:
 
     def tick(self, now: float) -> None:
         """Timer: fire time-based lifetime events and expire dead SAs' PMTU state."""
+        self.sync_native()
         for sa in self.sad:
             sa.poll(now)
             sa.effective_mtu(now, self.default_mtu)
@@ -588,6 +739,7 @@ class Engine:
             raise SAError(f"path MTU {mtu} out of range 68-65535")
         n = 0
         for sa in self.find_sa(spi):
+            native_mod.reclaim(sa)  # pushed again with the new MTU on its next packet
             sa.path_mtu = mtu
             sa.pmtu_expires = expires
             n += 1

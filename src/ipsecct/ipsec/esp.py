@@ -16,6 +16,7 @@ from __future__ import annotations
 import enum
 import struct
 
+from .native import reclaim
 from .sad import MAX_SEQ_32, MAX_SEQ_64, SAEvent, SecurityAssociation
 from .transforms import PAD, IntegrityFailure
 
@@ -71,6 +72,9 @@ def encapsulate(
     tfc_pad: int = 0,
 ) -> bytearray | Drop:
     """Protect ``payload`` on outbound SA ``sa``; returns the ESP packet (SPI .. ICV)."""
+    c = sa.native
+    if c is not None and c.active:  # the native path owns its state: take it back first
+        reclaim(sa)
     if sa.dead or (sa.hard.seconds is not None and sa.expired(now)):
         return Drop.LIFETIME
     # Fast path of SecurityAssociation.next_seq(): far below the limit and the near-limit mark
@@ -139,6 +143,9 @@ def decapsulate(
     Returns (next header, payload with padding removed; TFC padding, if any, still there).
     The replay window is checked before and updated only after the ICV verified.
     """
+    c = sa.native
+    if c is not None and c.active:  # the native path owns its state: take it back first
+        reclaim(sa)
     if len(packet) < 8:
         return Drop.MALFORMED
     if sa.dead or (sa.hard.seconds is not None and sa.expired(now)):

@@ -16,6 +16,7 @@ import enum
 import ipaddress
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..errors import AlgorithmError, SAError, SPICollisionError
 from .algorithms import ENC, EncAlg, IntegAlg, check_esp_combination, check_integ_key
@@ -104,6 +105,9 @@ class SecurityAssociation:
     """One SAD entry. ``seq`` is the last outbound sequence number sent (outbound SAs); the
     replay window holds the inbound state."""
 
+    # The SA's object in the native data path (ipsecct.ipsec.native), made on first use.
+    # First, so that it is set before ``seq`` and ``counters``, which read it.
+    native: Any = field(init=False, repr=False, compare=False, default=None)
     spi: int
     direction: Direction
     src: IPAddress  # outer (tunnel header) source
@@ -167,6 +171,11 @@ class SecurityAssociation:
 
     @property
     def window(self) -> ReplayWindow:
+        c = self.native
+        if c is not None and c.active:  # the native path owns it: copy its exact state
+            top, blocks = c.window()
+            self._window.top = top
+            self._window._blocks = blocks
         return self._window
 
     @property
@@ -256,6 +265,48 @@ class SecurityAssociation:
             f"SA 0x{self.spi:08x} {self.direction.value} {self.protocol.name} {self.mode.value} "
             f"{self.src} -> {self.dst}"
         )
+
+
+def _read_through() -> None:
+    """While the native data path owns an SA (``sa.native.active``), its C object holds the
+    exact outbound sequence number and counters: ``seq`` and ``counters`` read them there, so
+    that nothing (``sa show``, a context snapshot, fail-over replication) can see an older
+    sequence number than the one last sent. A ``seq`` written meanwhile goes to both."""
+    seq_slot = SecurityAssociation.seq  # the dataclass's slot descriptors
+    counters_slot = SecurityAssociation.counters
+
+    def get_seq(self: SecurityAssociation) -> int:
+        c = self.native
+        if c is not None and c.active:
+            return int(c.seq)
+        return int(seq_slot.__get__(self, SecurityAssociation))
+
+    def set_seq(self: SecurityAssociation, value: int) -> None:
+        c = self.native
+        if c is not None and c.active:
+            c.seq = value
+        seq_slot.__set__(self, value)
+
+    def get_counters(self: SecurityAssociation) -> Counters:
+        cnt: Counters = counters_slot.__get__(self, SecurityAssociation)
+        c = self.native
+        if c is not None and c.active:
+            cnt.packets = c.packets
+            cnt.bytes = c.bytes
+        return cnt
+
+    def set_counters(self: SecurityAssociation, value: Counters) -> None:
+        c = self.native
+        if c is not None and c.active:
+            c.packets = value.packets
+            c.bytes = value.bytes
+        counters_slot.__set__(self, value)
+
+    SecurityAssociation.seq = property(get_seq, set_seq)  # type: ignore[assignment]
+    SecurityAssociation.counters = property(get_counters, set_counters)  # type: ignore[assignment]
+
+
+_read_through()
 
 
 class SAD:
