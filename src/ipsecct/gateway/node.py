@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import logging
 import os
 import socket
@@ -31,6 +32,7 @@ log = logging.getLogger("ipsecct.gateway.node")
 
 Clock = Callable[[], float]
 OuterHook = Callable[[bytes, tuple[Any, ...]], bool]
+_BATCH = 64  # datagrams per readiness event
 
 
 class UdpEndpoint:
@@ -126,6 +128,11 @@ class UdpEndpoint:
         self.loop.remove_writer(self.sock.fileno())
         self._writing = False
 
+    def set_reader(self, callback: Callable[[], None]) -> None:
+        """Read with ``callback`` instead (the native data path's batch call)."""
+        self.loop.remove_reader(self.sock.fileno())
+        self.loop.add_reader(self.sock.fileno(), callback)
+
     def getsockname(self) -> tuple[Any, ...]:
         return tuple(self.sock.getsockname())
 
@@ -158,6 +165,7 @@ class Node:
         self.inner_transport: UdpEndpoint | None = None
         self._raw: socket.socket | None = None
         self._tun_fd: int | None = None
+        self._native_inner: tuple[int, bool, tuple[bytes, int] | None] = (-1, False, None)
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = asyncio.Event()
         # Hooks for the context-transfer layer: messages on the outer port that are not ESP
@@ -203,6 +211,7 @@ class Node:
             self._tun_fd = fd
             tun.configure(name, inner.tun_addresses, inner.tun_mtu, inner.routes)
             loop.add_reader(fd, self._on_tun_readable)
+        self._start_native(loop)
         self._tasks.append(asyncio.create_task(self._ticker()))
         event(
             log,
@@ -212,6 +221,59 @@ class Node:
             outer=self.cfg.outer,
             tunnels=len(self.cfg.tunnels),
         )
+
+    # -- the native data path (ipsecct.ipsec.native) ------------------------------------
+    def _start_native(self, loop: asyncio.AbstractEventLoop) -> None:
+        """With the native data path, one C call per readiness event reads a batch, seals or
+        opens the packets of SAs the C table carries, and writes them; the rest comes back
+        here and takes the Python path exactly as before."""
+        if self.engine.native is None:
+            return
+        if self._tun_fd is not None:
+            self._native_inner = (self._tun_fd, True, None)
+            loop.remove_reader(self._tun_fd)
+            loop.add_reader(self._tun_fd, self._native_inner_readable)
+        elif self.inner_transport is not None and self.inner_peer is not None:
+            peer = self.inner_peer
+            self._native_inner = (
+                self.inner_transport.sock.fileno(),
+                False,
+                (peer.host.packed, peer.port),
+            )
+            self.inner_transport.set_reader(self._native_inner_readable)
+        else:
+            return
+        for ep in (self.outer_transport, self.virtual_transport):
+            if ep is not None:
+                ep.set_reader(functools.partial(self._native_outer_readable, ep))
+        event(log, "native-data-path", node=self.name)
+
+    def _native_outer_readable(self, ep: UdpEndpoint) -> None:
+        fd, is_tun, dest = self._native_inner
+        up, _ = self.engine.native.from_outer(
+            ep.sock.fileno(), fd, is_tun, dest, _BATCH, self.clock()
+        )
+        for item in up:
+            kind = item[0]
+            if kind == 1:  # not for the C table: the Python path
+                self._on_outer(item[1], item[2])
+            elif kind == 3:  # a signal (ESP next header 253) for the transfer layer
+                self.act(Signal(item[1], item[2]), item[3])
+            elif self.inner_transport is not None:  # the inner socket had no room
+                self.inner_transport.sendto(item[1], item[2])
+        self.engine.fold_native_stats()
+
+    def _native_inner_readable(self) -> None:
+        fd, is_tun, _ = self._native_inner
+        out = self.outer_transport
+        assert out is not None
+        up, _ = self.engine.native.from_inner(fd, is_tun, out.sock.fileno(), _BATCH, self.clock())
+        for item in up:
+            if item[0] == 0:  # not for the C table: the Python path
+                self.from_inner(item[1])
+            else:  # the outer socket had no room: queue it
+                out.sendto(item[1], item[2])
+        self.engine.fold_native_stats()
 
     def _open_raw(self, loop: asyncio.AbstractEventLoop, fam: int) -> None:
         s = socket.socket(fam, socket.SOCK_RAW, PROTO_ESP)

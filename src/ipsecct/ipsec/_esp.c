@@ -519,7 +519,8 @@ sa_export(SAObject *self, PyObject *unused)
 {
     return Py_BuildValue("(KKKKy#)", (unsigned long long)self->seq,
                          (unsigned long long)self->packets, (unsigned long long)self->bytes,
-                         (unsigned long long)self->top, (const char *)self->blocks,
+                         (unsigned long long)self->top,
+                         self->blocks ? (const char *)self->blocks : "",
                          (Py_ssize_t)(self->nblocks * sizeof(uint64_t)));
 }
 

@@ -128,7 +128,7 @@ def _tunnel_state_freezes() -> None:
                 native_mod.reclaim(sa)
         self.__dict__["_state"] = value
 
-    Tunnel.state = property(get_state, set_state)  # type: ignore[assignment]
+    setattr(Tunnel, "state", property(get_state, set_state))  # noqa: B010
 
 
 _tunnel_state_freezes()

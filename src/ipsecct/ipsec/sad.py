@@ -172,7 +172,8 @@ class SecurityAssociation:
     @property
     def window(self) -> ReplayWindow:
         c = self.native
-        if c is not None and c.active:  # the native path owns it: copy its exact state
+        if c is not None and c.active and self.direction is Direction.INBOUND:
+            # the native path owns it: copy its exact state
             top, blocks = c.window()
             self._window.top = top
             self._window._blocks = blocks
@@ -272,8 +273,9 @@ def _read_through() -> None:
     exact outbound sequence number and counters: ``seq`` and ``counters`` read them there, so
     that nothing (``sa show``, a context snapshot, fail-over replication) can see an older
     sequence number than the one last sent. A ``seq`` written meanwhile goes to both."""
-    seq_slot = SecurityAssociation.seq  # the dataclass's slot descriptors
-    counters_slot = SecurityAssociation.counters
+    members: Any = vars(SecurityAssociation)
+    seq_slot = members["seq"]  # the dataclass's slot descriptors
+    counters_slot = members["counters"]
 
     def get_seq(self: SecurityAssociation) -> int:
         c = self.native
@@ -302,8 +304,8 @@ def _read_through() -> None:
             c.bytes = value.bytes
         counters_slot.__set__(self, value)
 
-    SecurityAssociation.seq = property(get_seq, set_seq)  # type: ignore[assignment]
-    SecurityAssociation.counters = property(get_counters, set_counters)  # type: ignore[assignment]
+    setattr(SecurityAssociation, "seq", property(get_seq, set_seq))  # noqa: B010
+    setattr(SecurityAssociation, "counters", property(get_counters, set_counters))  # noqa: B010
 
 
 _read_through()
