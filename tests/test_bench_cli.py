@@ -1,4 +1,5 @@
-"""`ipsecct bench codec`: the command runs and prints the documented JSON (no timing checks)."""
+"""`ipsecct bench codec` and `bench tunnel`: the commands run and print the documented JSON (no
+timing checks)."""
 
 from __future__ import annotations
 
@@ -30,13 +31,13 @@ def test_codec_json_schema() -> None:
     seen = set()
     for row in rows:
         assert list(row) == ["impl", "transform", "size", "op", "pps"]
-        assert row["impl"] in ("ipsecct", "raw-aead", "scapy")
+        assert row["impl"] in ("ipsecct", "raw-aead", "scapy", "native")
         assert row["transform"] in ("aes-gcm-128", "chacha20-poly1305")
         assert row["size"] in (64, 1400)
         assert row["op"] in ("encrypt", "decrypt")
         assert isinstance(row["pps"], float) and row["pps"] > 0
         seen.add((row["impl"], row["transform"], row["size"], row["op"]))
-    impls = 3 if codec.scapy_available() else 2
+    impls = (3 if codec.scapy_available() else 2) + (1 if codec.native_available() else 0)
     assert len(seen) == len(rows) == impls * 2 * 2 * 2  # every case, once
 
 
@@ -73,3 +74,16 @@ def test_registry_and_in_process_measure() -> None:
         ("raw-aead", "encrypt"), ("raw-aead", "decrypt"),
     }
     assert json.loads(codec.to_json(results))["results"][0]["transform"] == "chacha20-poly1305"
+
+
+@pytest.mark.root
+@pytest.mark.slow
+def test_tunnel_json_schema() -> None:
+    proc = _run("tunnel", "--json", "--rounds", "1", "--time", "0.3", "--warmup", "0.2",
+                "--size", "64")
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(proc.stdout)["results"]
+    assert sorted(r["impl"] for r in rows) == ["ipsecct", "ipsecct-python", "strongswan"]
+    for row in rows:
+        assert list(row)[:4] == ["impl", "size", "pps", "us_per_packet"]
+        assert row["size"] == 64 and row["pps"] > 0 and row["us_per_packet"] > 0

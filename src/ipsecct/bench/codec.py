@@ -10,7 +10,11 @@ packet of exactly 64 or 1400 octets), with AES-GCM-128 and ChaCha20-Poly1305:
   reused and a preallocated output buffer, on as many octets as ipsecct's own AEAD call (the
   inner packet plus the ESP trailer): the floor for any Python ESP;
 - ``scapy``: ``scapy.layers.ipsec.SecurityAssociation.encrypt`` / ``decrypt`` on prebuilt Scapy
-  packets (skipped, with a note, when Scapy is not installed).
+  packets (skipped, with a note, when Scapy is not installed);
+- ``native``: the native data path's per-SA calls (``ipsecct.ipsec._esp``: seal / open with
+  the SA's EVP context keyed once, sequence number, replay window, padding, inner header and
+  counters), on the same SAs (skipped, with a note, when the extension is not built or
+  IPSECCT_PURE_PYTHON is set).
 
 Every (implementation, transform, size, operation) case is run in short runs, the cases
 interleaved round after round so that machine noise hits all of them alike; a case's rate is
@@ -38,7 +42,7 @@ from ..ipsec.esp import Drop
 from ..ipsec.ippacket import build_udp
 from ..ipsec.sad import Direction, SecurityAssociation
 
-IMPLS = ("ipsecct", "raw-aead", "scapy")
+IMPLS = ("ipsecct", "raw-aead", "scapy", "native")
 TRANSFORMS: dict[str, tuple[EncAlg, int, str]] = {
     # name: (ipsecct algorithm, key octets with the 4-octet salt, Scapy's name)
     "aes-gcm-128": (EncAlg.AES_GCM_16, 20, "AES-GCM"),
@@ -117,6 +121,49 @@ def _ipsecct_cases(alg: EncAlg, key: bytes, size: int) -> dict[str, Runner]:
         return elapsed
 
     return {"encrypt": encrypt, "decrypt": decrypt}
+
+
+def _native_cases(alg: EncAlg, key: bytes, size: int) -> dict[str, Runner]:
+    from ..ipsec import native
+
+    pkt = inner_packet(size)
+    out, _ = _sa_pair(alg, key)
+    c_out = native.push(out, mtu=65535)
+    maker = native.push(_sa_pair(alg, key)[0], mtu=65535)
+    pool: list[bytes] = []
+
+    def encrypt(n: int) -> float:
+        seal = c_out.seal
+        t0 = time.perf_counter()
+        for _ in range(n):
+            seal(pkt, 0.0)
+        return time.perf_counter() - t0
+
+    def decrypt(n: int) -> float:
+        while len(pool) < min(n, _POOL_MAX):
+            pool.append(maker.seal(pkt, 0.0))
+        elapsed = 0.0
+        left = n
+        while left:
+            packets = pool[: min(left, len(pool))]
+            left -= len(packets)
+            c_in = native.push(_sa_pair(alg, key)[1])  # an empty replay window
+            opener = c_in.open
+            t0 = time.perf_counter()
+            for wire in packets:
+                opener(wire, 0.0)
+            elapsed += time.perf_counter() - t0
+            if c_in.packets != len(packets):
+                raise AssertionError("the native path dropped its own packets")
+        return elapsed
+
+    return {"encrypt": encrypt, "decrypt": decrypt}
+
+
+def native_available() -> bool:
+    from ..ipsec import native
+
+    return native.AVAILABLE
 
 
 def _raw_cases(alg: EncAlg, key: bytes, size: int) -> dict[str, Runner]:
@@ -211,6 +258,8 @@ def measure(
                     runners = _ipsecct_cases(alg, key, size)
                 elif impl == "raw-aead":
                     runners = _raw_cases(alg, key, size)
+                elif impl == "native":
+                    runners = _native_cases(alg, key, size)
                 else:
                     runners = _scapy_cases(scapy_name, key, size)
                 for op in ops:
@@ -243,7 +292,8 @@ def format_table(results: Sequence[Result]) -> str:
     )
     head = (
         f"{'transform':<18} {'size':>5} {'op':<8} {'ipsecct':>10} {'raw-aead':>10}"
-        f" {'scapy':>9} {'ipsecct/raw':>12} {'ipsecct/scapy':>14}"
+        f" {'scapy':>9} {'ipsecct/raw':>12} {'ipsecct/scapy':>14} {'native':>10}"
+        f" {'native/raw':>11}"
     )
     lines = [head, "-" * len(head)]
 
@@ -256,9 +306,11 @@ def format_table(results: Sequence[Result]) -> str:
         scapy = rates.get(("scapy", t, size, op))
         r_raw = f"{ours / raw:.2f}" if ours and raw else "-"
         r_scapy = f"{ours / scapy:.0f}x" if ours and scapy else "-"
+        nat = rates.get(("native", t, size, op))
+        r_nat = f"{nat / raw:.2f}" if nat and raw else "-"
         lines.append(
             f"{t:<18} {size:>5} {op:<8} {fmt(ours):>10} {fmt(raw):>10} {fmt(scapy):>9}"
-            f" {r_raw:>12} {r_scapy:>14}"
+            f" {r_raw:>12} {r_scapy:>14} {fmt(nat):>10} {r_nat:>11}"
         )
     lines.append("packets per second, best run of each case; sizes are inner IP packets (octets)")
     return "\n".join(lines)
@@ -317,6 +369,13 @@ def run_cli(args: argparse.Namespace) -> int:
     if "scapy" in impls and not scapy_available():
         print("ipsecct bench codec: Scapy is not installed: skipping it", file=sys.stderr)
         impls.remove("scapy")
+    if "native" in impls and not native_available():
+        print(
+            "ipsecct bench codec: the native data path is not available (not built, or"
+            " IPSECCT_PURE_PYTHON is set): skipping it",
+            file=sys.stderr,
+        )
+        impls.remove("native")
     results = measure(
         impls=impls,
         transforms=list(dict.fromkeys(args.transform or TRANSFORMS)),

@@ -18,6 +18,7 @@ BENCHES: dict[str, str] = {
     "transfer": "ipsecct.bench.transfer",
     "gateway": "ipsecct.bench.gateway",
     "failover": "ipsecct.bench.failover",
+    "tunnel": "ipsecct.bench.tunnel",
 }
 
 

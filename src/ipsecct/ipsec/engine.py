@@ -131,7 +131,8 @@ def _tunnel_state_freezes() -> None:
     setattr(Tunnel, "state", property(get_state, set_state))  # noqa: B010
 
 
-_tunnel_state_freezes()
+if native_mod.AVAILABLE:
+    _tunnel_state_freezes()
 
 
 @dataclass

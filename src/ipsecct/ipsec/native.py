@@ -35,7 +35,15 @@ import struct
 from typing import Any
 
 from .algorithms import EncAlg, IntegAlg
-from .sad import MAX_SEQ_32, MAX_SEQ_64, Direction, Mode, Protocol, SecurityAssociation
+from .sad import (
+    MAX_SEQ_32,
+    MAX_SEQ_64,
+    Direction,
+    Mode,
+    Protocol,
+    SecurityAssociation,
+    install_read_through,
+)
 
 _esp: Any
 try:
@@ -46,6 +54,8 @@ except ImportError:
     _esp = None
 
 AVAILABLE = _esp is not None
+if AVAILABLE:
+    install_read_through()
 NO_LIMIT = (1 << 64) - 1
 _ALG = {EncAlg.AES_GCM_16: 0, EncAlg.CHACHA20_POLY1305: 1}
 MAX_RANGES = 64

@@ -268,11 +268,16 @@ class SecurityAssociation:
         )
 
 
-def _read_through() -> None:
+def install_read_through() -> None:
     """While the native data path owns an SA (``sa.native.active``), its C object holds the
     exact outbound sequence number and counters: ``seq`` and ``counters`` read them there, so
     that nothing (``sa show``, a context snapshot, fail-over replication) can see an older
-    sequence number than the one last sent. A ``seq`` written meanwhile goes to both."""
+    sequence number than the one last sent. A ``seq`` written meanwhile goes to both.
+
+    Installed by :mod:`ipsecct.ipsec.native` when the extension is there (the pure-Python
+    path keeps plain attributes, which its per-packet code reads faster)."""
+    if isinstance(vars(SecurityAssociation)["seq"], property):
+        return
     members: Any = vars(SecurityAssociation)
     seq_slot = members["seq"]  # the dataclass's slot descriptors
     counters_slot = members["counters"]
@@ -307,8 +312,6 @@ def _read_through() -> None:
     setattr(SecurityAssociation, "seq", property(get_seq, set_seq))  # noqa: B010
     setattr(SecurityAssociation, "counters", property(get_counters, set_counters))  # noqa: B010
 
-
-_read_through()
 
 
 class SAD:
