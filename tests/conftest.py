@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
+from collections.abc import Iterator
 
 import pytest
 
@@ -56,3 +58,23 @@ def gcm_pair() -> tuple[SecurityAssociation, SecurityAssociation]:
 
 def needs_root() -> pytest.MarkDecorator:
     return pytest.mark.skipif(os.geteuid() != 0, reason="needs root (CI runs as root)")
+
+
+DATA_PATHS = ("native", "python")
+
+
+@contextlib.contextmanager
+def data_path(name: str) -> Iterator[None]:
+    """Engines made inside use the native data path ("native") or the pure-Python one."""
+    from ipsecct.ipsec import native
+
+    if name == "native":
+        if os.environ.get("IPSECCT_PURE_PYTHON", "") not in ("", "0"):
+            pytest.skip("IPSECCT_PURE_PYTHON forces the Python path")
+        assert native.AVAILABLE, "the native data path is not built (scripts/install builds it)"
+    saved = native.AVAILABLE
+    native.AVAILABLE = name == "native"
+    try:
+        yield
+    finally:
+        native.AVAILABLE = saved

@@ -46,6 +46,7 @@ from ipsecct.ipsec.engine import Engine, ToPeer, Tunnel
 from ipsecct.ipsec.esp import Drop
 from ipsecct.ipsec.sad import Direction
 from ipsecct.ipsec.spd import Action, SPDEntry
+from tests.conftest import DATA_PATHS, data_path
 from tests.example_deployment import ExampleDeployment, cli
 from tests.transfer_helpers import (
     PORT,
@@ -520,6 +521,14 @@ def test_property_standby_never_reuses_a_sequence_number(
         seq += 1
         world.mn_send(seq)
     assert len(sg2.delivered) == before + 3 and sg2.dropped == []
+
+
+@pytest.mark.parametrize("path", DATA_PATHS)
+def test_property_standby_never_reuses_a_sequence_number_on_each_data_path(path: str) -> None:
+    """The property above on the native data path (replication reads C's exact sequence
+    numbers) and on the pure-Python one."""
+    with data_path(path):
+        test_property_standby_never_reuses_a_sequence_number()
 
 
 # -- 2. configuration ---------------------------------------------------------------------

@@ -32,6 +32,7 @@ from ipsecct.ipsec import signalling
 from ipsecct.ipsec.algorithms import EncAlg
 from ipsecct.ipsec.engine import Signal, ToInner, Tunnel, TunnelState
 from ipsecct.ipsec.esp import Drop
+from tests.conftest import DATA_PATHS, data_path
 from tests.transfer_helpers import (
     MN_ADDR,
     SG_ADDR,
@@ -252,6 +253,14 @@ def check_reinjected(w: World) -> None:
     assert sorted(stream_seq(p) for p in sg1.delivered) == [600, 601, 602]
     res = w.flush_to_mn()
     assert sorted(stream_seq(r.packet) for r in res if isinstance(r, ToInner)) == [500, 501, 502]
+
+
+@pytest.mark.parametrize("path", DATA_PATHS)
+def test_no_sequence_number_is_ever_used_twice_on_each_data_path(path: str) -> None:
+    """The property above on the native data path (C seals the established flows and must
+    be frozen before each snapshot) and on the pure-Python one."""
+    with data_path(path):
+        test_no_sequence_number_is_ever_used_twice()
 
 
 def test_rollback_on_unsupported_algorithm() -> None:
