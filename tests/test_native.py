@@ -10,6 +10,7 @@ and replay windows after every step.
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import struct
 from typing import Any
@@ -344,3 +345,41 @@ def test_the_ceiling_is_never_passed() -> None:
     assert side.s.native.seal_flow(pkt, 0.0) is not None  # near + 5
     assert side.s.native.seal_flow(pkt, 0.0) is None  # would be near + 6: up to Python
     assert side.up_out.seq == near + 5
+
+
+def test_fencing_reaches_the_native_path() -> None:
+    """The fail-over fence (Engine.send_until, Tunnel.seq_ceiling) holds in C too: at the
+    lease's end, after a revocation, and at a lowered ceiling, C sends nothing more."""
+    from ipsecct.ipsec.engine import Held
+
+    cfg = {
+        "enc": EncAlg.AES_GCM_16, "key": bytes(20), "esn": True, "window": 64, "outer": 4,
+        "ports": PortRange(), "soft": Lifetime(), "hard": Lifetime(),
+    }
+    side = Side(cfg, True)
+    eng, t = side.s, side.s.tunnels()[0]
+    pkt = _inner(4, 17, 64, 7000, S_INNER[4], R_INNER[4])
+    eng.send_until = 10.0  # a lease that ends at t = 10
+    for _ in range(3):
+        assert isinstance(eng.outbound(pkt, 1.0), ToPeer)
+    assert side.up_out.native.active
+    assert eng.native.seal_flow(pkt, 9.9) is not None  # seq 4, in C
+    assert eng.native.seal_flow(pkt, 10.0) is None  # the lease's end: up to Python ...
+    assert isinstance(eng.outbound(pkt, 10.0), Held)  # ... which holds it
+    eng.send_until = 20.0  # renewed
+    assert isinstance(eng.outbound(pkt, 11.0), ToPeer)  # Python, then C again
+    assert eng.native.seal_flow(pkt, 11.0) is not None
+    eng.send_until = -math.inf  # revoked: C is frozen at once
+    assert not side.up_out.native.active
+    assert isinstance(eng.outbound(pkt, 11.0), Held)
+    eng.send_until = 30.0
+    assert isinstance(eng.outbound(pkt, 12.0), ToPeer)
+    assert side.up_out.native.active and side.up_out.seq == 7
+    t.seq_ceiling = 9  # lowered: frozen, then C stops at 9
+    assert not side.up_out.native.active
+    seqs = []
+    for _ in range(4):
+        r = eng.outbound(pkt, 12.0)
+        seqs.append(struct.unpack_from("!L", r.data, 4)[0] if isinstance(r, ToPeer) else r)
+    assert seqs[:2] == [8, 9] and all(isinstance(x, Held) for x in seqs[2:])
+    assert side.up_out.seq == 9

@@ -46,7 +46,7 @@ IMPLS = ("ipsecct", "plain-relay")
 # Further relays for diagnosis (``--impl``), not measured by default: an asyncio relay built like
 # the daemon (one datagram per DatagramProtocol callback), and one that reads up to 64 datagrams
 # per readiness event (loop.add_reader and non-blocking recv until EAGAIN).
-EXTRA_IMPLS = ("asyncio-relay", "asyncio-batch-relay")
+EXTRA_IMPLS = ("asyncio-relay", "asyncio-batch-relay", "ipsecct-python")
 SIZES = (64, 1400)
 WARMUP = 0.3  # seconds of load before the window opens
 HOST = ipaddress.ip_address("10.2.0.1")  # the end host behind the gateway sends ...
@@ -236,12 +236,15 @@ class IpsecctGateway(Gateway):
         cpus: set[int] | None,
         profile: str | None,
         command: Sequence[str] = ("-m", "ipsecct", "gateway", "run"),
+        *,
+        pure_python: bool = False,
     ) -> None:
         """``command``: the Python arguments that run a gateway given ``--config FILE`` (to
         measure another build, e.g. a script that patches the daemon)."""
         from ..gateway.control import ControlError, request
 
-        self.impl = "ipsecct"
+        self.impl = "ipsecct-python" if pure_python else "ipsecct"
+        workdir.mkdir(parents=True, exist_ok=True)
         self.listen = _free_port()
         self.sock = str(workdir / "gw.sock")
         keys = workdir / "bench.keys"
@@ -283,7 +286,10 @@ class IpsecctGateway(Gateway):
             cmd += ["-m", "cProfile", "-o", profile]
         cmd += [*command, "--config", str(cfg)]
         self.log = open(workdir / "gw.log", "wb")  # noqa: SIM115 -- closed in stop()
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=self.log)
+        env = {k: v for k, v in os.environ.items() if k != "IPSECCT_PURE_PYTHON"}
+        if pure_python:  # the Python data path, for comparison
+            env["IPSECCT_PURE_PYTHON"] = "1"
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=self.log, env=env)
         if cpus:
             with contextlib.suppress(OSError):
                 os.sched_setaffinity(self.proc.pid, cpus)
@@ -391,8 +397,10 @@ def measure(
             s.bind(("127.0.0.1", 0))
             sinks[impl] = s
             port = int(s.getsockname()[1])
-            if impl == "ipsecct":
-                gateways[impl] = IpsecctGateway(port, workdir, gw_cpus, profile)
+            if impl in ("ipsecct", "ipsecct-python"):
+                gateways[impl] = IpsecctGateway(
+                    port, workdir / impl, gw_cpus, profile, pure_python=impl == "ipsecct-python"
+                )
             elif impl in ("plain-relay", *EXTRA_IMPLS):
                 gateways[impl] = RelayGateway(port, gw_cpus, impl)
             else:

@@ -441,6 +441,7 @@ class Node:
             "outer": str(self.cfg.outer),
             "sas": len(self.engine.sad),
             "policies": len(self.engine.spd),
+            "data_path": "python" if self.engine.native is None else "native",
             "counters": self.engine.stats.as_dict(),
             **{k: v() for k, v in self.extensions.items() if callable(v)},
         }

@@ -22,6 +22,7 @@
 #include <errno.h>
 #include <netinet/in.h>
 #include <netinet/udp.h>
+#include <openssl/crypto.h>
 #include <openssl/evp.h>
 #include <stdint.h>
 #include <string.h>
@@ -70,9 +71,9 @@ typedef struct {
     socklen_t destlen;
     int sel_proto, ports_any;
     int lp_first, lp_last, rp_first, rp_last;
-    Range local[MAX_RANGES];
+    Range *local; /* PyMem, nlocal entries (only SAs with selectors pay for them) */
     int nlocal;
-    Range remote[MAX_RANGES];
+    Range *remote;
     int nremote;
 } SAObject;
 
@@ -171,8 +172,11 @@ sa_dealloc(SAObject *self)
     PyObject_GC_UnTrack(self);
     sa_clear(self);
     if (self->ctx)
-        EVP_CIPHER_CTX_free(self->ctx);
+        EVP_CIPHER_CTX_free(self->ctx); /* which cleanses the key schedule */
+    OPENSSL_cleanse(self->salt, sizeof(self->salt));
     PyMem_Free(self->blocks);
+    PyMem_Free(self->local);
+    PyMem_Free(self->remote);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -614,7 +618,7 @@ sa_set_dest(SAObject *self, PyObject *args)
 }
 
 static int
-parse_ranges(PyObject *seq, Range *out, int *n)
+parse_ranges(PyObject *seq, Range **outp, int *n)
 {
     PyObject *fast = PySequence_Fast(seq, "ranges must be a sequence");
     if (fast == NULL)
@@ -625,6 +629,15 @@ parse_ranges(PyObject *seq, Range *out, int *n)
         PyErr_SetString(PyExc_ValueError, "too many address ranges");
         return -1;
     }
+    PyMem_Free(*outp);
+    *n = 0;
+    *outp = PyMem_Calloc(len ? (size_t)len : 1, sizeof(Range));
+    if (*outp == NULL) {
+        Py_DECREF(fast);
+        PyErr_NoMemory();
+        return -1;
+    }
+    Range *out = *outp;
     for (Py_ssize_t i = 0; i < len; i++) {
         int version;
         Py_buffer a, b;
@@ -666,8 +679,8 @@ sa_set_selectors(SAObject *self, PyObject *args)
                           &self->lp_last, &self->rp_first, &self->rp_last, &loc, &rem))
         return NULL;
     self->sel_on = 0;
-    if (parse_ranges(loc, self->local, &self->nlocal) < 0 ||
-        parse_ranges(rem, self->remote, &self->nremote) < 0)
+    if (parse_ranges(loc, &self->local, &self->nlocal) < 0 ||
+        parse_ranges(rem, &self->remote, &self->nremote) < 0)
         return NULL;
     self->sel_on = 1;
     Py_RETURN_NONE;

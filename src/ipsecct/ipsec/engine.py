@@ -116,7 +116,8 @@ class Tunnel:
 def _tunnel_state_freezes() -> None:
     """A tunnel that leaves ACTIVE (held for a transfer, moved) is frozen in the native data
     path at that moment: its SAs' exact state comes back from C, and C hands their packets up
-    to the engine, which holds, forwards or drops them. Whoever changes the state."""
+    to the engine, which holds, forwards or drops them. Whoever changes the state. Likewise a
+    lowered fencing ceiling (``seq_ceiling``)."""
 
     def get_state(self: Tunnel) -> TunnelState:
         st: TunnelState = self.__dict__["_state"]
@@ -129,6 +130,21 @@ def _tunnel_state_freezes() -> None:
         self.__dict__["_state"] = value
 
     setattr(Tunnel, "state", property(get_state, set_state))  # noqa: B010
+
+    def get_ceiling(self: Tunnel) -> int:
+        c: int = self.__dict__["_seq_ceiling"]
+        return c
+
+    def set_ceiling(self: Tunnel, value: int) -> None:
+        # A lower fencing ceiling takes effect in C at once: freeze the outbound SA (its next
+        # packet goes through Python, which hands it back with the new ceiling). A higher one
+        # needs nothing: C hands up the packet at the old ceiling.
+        old = self.__dict__.get("_seq_ceiling")
+        self.__dict__["_seq_ceiling"] = value
+        if old is not None and value < old:
+            native_mod.reclaim(self.outbound)
+
+    setattr(Tunnel, "seq_ceiling", property(get_ceiling, set_ceiling))  # noqa: B010
 
 
 if native_mod.AVAILABLE:
@@ -212,7 +228,9 @@ class Engine:
         t = self._tunnel_of_sa.get(id(sa))
         if t is None or t.state is not TunnelState.ACTIVE or sa.pmtu_expires is not None:
             return
-        c = native_mod.push(sa, mtu=sa.path_mtu)
+        c = native_mod.push(
+            sa, mtu=sa.path_mtu, seq_ceiling=t.seq_ceiling, send_until=self.send_until
+        )
         if c is not None:
             self._offloaded[id(sa)] = sa
             self.native.add_flow(key, c)
@@ -700,6 +718,21 @@ class Engine:
         self.stats.in_bytes += len(inner)
         return ToInner(inner)
 
+    @property
+    def send_until(self) -> float:
+        """Fencing (fail-over): nothing is sent at or after this time (the end of this
+        gateway's lease, see ipsecct.ct.lease); outbound packets are Held instead."""
+        return self._send_until
+
+    @send_until.setter
+    def send_until(self, value: float) -> None:
+        old = self.__dict__.get("_send_until", math.inf)
+        self._send_until = value
+        if value < old:  # C was told the old end: freeze what it sends (pushed back anew)
+            for sa in list(self.__dict__.get("_offloaded", {}).values()):
+                if sa.direction is Direction.OUTBOUND:
+                    native_mod.reclaim(sa)
+
     def fenced(self, tunnel: Tunnel, now: float) -> bool:
         """May ``tunnel`` not send now (lease run out, or sequence ceiling reached)?"""
         return now >= self.send_until or tunnel.outbound.seq >= tunnel.seq_ceiling
@@ -724,7 +757,6 @@ class Engine:
 
     def tick(self, now: float) -> None:
         """Timer: fire time-based lifetime events and expire dead SAs' PMTU state."""
-        self.sync_native()
         for sa in self.sad:
             sa.poll(now)
             sa.effective_mtu(now, self.default_mtu)

@@ -30,6 +30,7 @@ time), selects the pure-Python path, which stays the reference.
 
 from __future__ import annotations
 
+import math
 import os
 import struct
 from typing import Any
@@ -91,14 +92,16 @@ def supported(sa: SecurityAssociation) -> bool:
     return sel is None or (len(sel.local) <= MAX_RANGES and len(sel.remote) <= MAX_RANGES)
 
 
-def ceiling(sa: SecurityAssociation) -> int:
-    """The highest sequence number C may send on outbound ``sa``."""
+def ceiling(sa: SecurityAssociation, seq_ceiling: int | None = None) -> int:
+    """The highest sequence number C may send on outbound ``sa``: below the 7/8 mark (the
+    near-limit event is Python's), then up to the counter's end, and never above
+    ``seq_ceiling`` (the tunnel's fencing ceiling, :attr:`ipsecct.ipsec.engine.Tunnel.seq_ceiling`:
+    the highest number it may send)."""
     limit = MAX_SEQ_64 if sa.esn else MAX_SEQ_32
     near = limit - (limit >> 3)
     top = near - 1 if sa.seq < near else limit
-    durable: int | None = getattr(sa, "seq_ceiling", None)
-    if durable is not None:
-        top = min(top, durable)
+    if seq_ceiling is not None:
+        top = min(top, seq_ceiling)
     return max(top, 0)
 
 
@@ -141,9 +144,17 @@ def attach(sa: SecurityAssociation) -> Any:
     return c
 
 
-def push(sa: SecurityAssociation, *, mtu: int | None = None) -> Any:
+def push(
+    sa: SecurityAssociation,
+    *,
+    mtu: int | None = None,
+    seq_ceiling: int | None = None,
+    send_until: float = math.inf,
+) -> Any:
     """Hand the SA's state to C and make it active; returns the C object (None: not
-    supported, or dead). Outbound SAs need ``mtu`` (the path MTU the engine uses)."""
+    supported, or dead). Outbound SAs take ``mtu`` (the path MTU the engine uses), the
+    tunnel's ``seq_ceiling`` and the engine's ``send_until`` (fencing: C hands up every
+    packet at or after it)."""
     if sa.dead:
         return None
     c = attach(sa)
@@ -162,7 +173,10 @@ def push(sa: SecurityAssociation, *, mtu: int | None = None) -> Any:
     packets, nbytes, deadline = _limits(sa)
     if outbound:
         overhead = (20 if sa.dst.version == 4 else 40) + (8 if sa.encap is not None else 0)
-        c.configure(ceiling(sa), packets, nbytes, deadline, mtu or sa.path_mtu, overhead)
+        deadline = min(deadline, send_until)
+        c.configure(
+            ceiling(sa, seq_ceiling), packets, nbytes, deadline, mtu or sa.path_mtu, overhead
+        )
         if sa.encap is not None:
             c.set_dest(sa.dst.packed, sa.encap.dport)
         else:
