@@ -812,3 +812,78 @@ children.net.remote_ts = ["10.2.0.0/16"]
         (d / "b.toml").write_text(text)
         with pytest.raises(ConfigError, match=why):
             config.load(d / "b.toml")
+
+
+# -- the IKE SA context: moving an IKE SA with its CHILD SAs -----------------------------------
+
+
+def test_ike_sa_context_round_trip_and_move() -> None:
+    """The gateway's IKE SA moves to a second gateway (same address: indirect identity); the
+    peer notices nothing: the new gateway answers its liveness check and a retransmitted
+    request, rekeys with it, and the first gateway has forgotten it."""
+    from ipsecct.ikev2 import context
+
+    w = pair(mn_conn(dpd=10), conn(dpd=10))
+    connect(w)
+    w.deliver(w.ini.tick(10.0), "i", 10.0)  # one liveness check: message IDs move on
+    (old,) = w.resp.ike_sas()
+    cdbs = w.resp.export_ike(old, 11.0)
+    assert {context.is_ike_cdb(c) for c in cdbs} == {True} and len(cdbs) >= 3
+    assert all(len(c) % 8 == 0 and len(c) <= 2040 for c in cdbs)
+    assert not w.resp.ike_sas()
+    sg2 = IkeEngine([conn(dpd=10)])
+    new = sg2.import_ike(cdbs, 11.0)
+    assert (new.spi_i, new.spi_r, new.keys, new.peer_next_mid, new.my_next_mid) == (
+        old.spi_i, old.spi_r, old.keys, old.peer_next_mid, old.my_next_mid)
+    assert new.last_response == old.last_response and new.peer_id == "mn.test"
+    (c_old,), (c_new,) = old.children, new.children
+    assert (c_new.spi_in, c_new.spi_out, c_new.keys, c_new.suite) == (
+        c_old.spi_in, c_old.spi_out, c_old.keys, c_old.suite)
+    # the peer retransmits its last request: the new gateway answers it from the cache
+    last_req = [s for s in w.sent if s.src.host == IP_I][-1]
+    (again,) = sg2.receive(last_req.data, I500, R500, 12.0)
+    assert isinstance(again, Send) and again.data == old.last_response[0]
+    # from now on the peer talks to sg2
+    w2 = Wire(w.ini, sg2)
+    w2.deliver(w.ini.tick(30.0), "i", 30.0)
+    assert sg2.stats["liveness-answered"] == 1
+    ike_i = w.ini.ike_sas()[0]
+    w2.deliver(w.ini.rekey_child(ike_i, ike_i.children[0], 31.0), "i", 31.0)
+    w2.deliver(sg2.rekey_ike(sg2.ike_sas()[0], 32.0), "r", 32.0)
+    mirrored(w2)
+    assert w.resp.receive(last_req.data, I500, R500, 33.0) == []  # sg1 forgot it
+    # a second import of the same context is refused
+    with pytest.raises(context.IkeContextError, match="in use"):
+        sg2.import_ike(context.encode(sg2.ike_sas()[0], 34.0), 34.0)
+    with pytest.raises(context.IkeContextError, match="no connection"):
+        IkeEngine([conn("other")]).import_ike(cdbs, 11.0)
+
+
+def test_ike_sa_context_refused_while_an_exchange_is_in_flight() -> None:
+    from ipsecct.ikev2 import context
+
+    w = pair()
+    connect(w)
+    ike = w.resp.ike_sas()[0]
+    w.resp.rekey_child(ike, ike.children[0], 1.0)  # sent, not answered
+    with pytest.raises(context.IkeContextError, match="in flight"):
+        w.resp.export_ike(ike, 1.5)
+    assert w.resp.ike_sas() == [ike]
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow], deadline=None)
+@given(st.data())
+def test_fuzz_ike_sa_context(data: st.DataObject) -> None:
+    from ipsecct.ikev2 import context
+
+    w = pair()
+    connect(w)
+    cdbs = [bytearray(c) for c in context.encode(w.resp.ike_sas()[0], 0.0)]
+    i = data.draw(st.integers(0, len(cdbs) - 1))
+    for _ in range(data.draw(st.integers(1, 5))):
+        j = data.draw(st.integers(0, len(cdbs[i]) - 1))
+        cdbs[i][j] = data.draw(st.integers(0, 255))
+    if data.draw(st.booleans()):
+        cdbs[i] = cdbs[i][: data.draw(st.integers(0, len(cdbs[i])))]
+    with contextlib.suppress(context.IkeContextError):
+        IkeEngine([conn()]).import_ike([bytes(c) for c in cdbs], 0.0)

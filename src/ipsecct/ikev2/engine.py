@@ -315,6 +315,47 @@ class IkeEngine:
         ike.state = IkeState.DELETING
         return out
 
+    # -- moving an IKE SA to another gateway (its context, ikev2.context) ------------------
+    def export_ike(self, ike: IkeSA, now: float) -> list[bytes]:
+        """The IKE SA's context CDBs; the IKE SA is then forgotten here without a DELETE (it
+        lives on at the gateway that imports it). An exchange we started must be finished
+        first (a liveness check is simply dropped); a request of the peer answered here is
+        answered there too (the cached response travels)."""
+        from . import context
+
+        p = ike.pending
+        if p is not None and p.kind != "liveness":
+            raise context.IkeContextError(f"a {p.kind} exchange is in flight: try again")
+        cdbs = context.encode(ike, now)
+        ike.pending = None
+        if self.by_spi.get(ike.our_spi) is ike:
+            del self.by_spi[ike.our_spi]
+        for c in ike.children:
+            self._child_spis.discard(c.spi_in)
+        ike.state = IkeState.DEAD
+        self.stats["ike-sa-exported"] += 1
+        return cdbs
+
+    def import_ike(self, cdbs: list[bytes], now: float,
+                   local: Address | None = None) -> IkeSA:  # fmt: skip
+        """Take over an IKE SA (and its CHILD SAs) from its context CDBs: from now on this
+        engine answers and rekeys it. Raises IkeContextError when the context is malformed,
+        names a connection this gateway does not have, or its SPIs are in use here."""
+        from . import context
+
+        ike = context.decode(cdbs, self.connections, now, local)
+        if ike.our_spi in self.by_spi:
+            raise context.IkeContextError("the IKE SA's SPI is in use here")
+        spis = [c.spi_in for c in ike.children]
+        if len(set(spis)) != len(spis) or any(s in self._child_spis for s in spis):
+            raise context.IkeContextError("a CHILD SA's SPI is in use here")
+        self.by_spi[ike.our_spi] = ike
+        self._child_spis.update(spis)
+        self.stats["ike-sa-imported"] += 1
+        log.info("event=ike-sa-imported conn=%s peer=%s id=%s children=%d", ike.conn.name,
+                 ike.remote, ike.peer_id, len(ike.children))  # fmt: skip
+        return ike
+
     def delete_child(self, ike: IkeSA, child: ChildSA, now: float) -> list[Output]:
         """Send a DELETE for one CHILD SA; it is removed at once (§1.4.1: we stop using it,
         the peer answers with its half)."""

@@ -1,0 +1,294 @@
+"""The IKE SA context: extension CDBs that carry an IKE SA with its CHILD SAs from one
+gateway to another (issue 10), so that the peer keeps talking to the same IKE SA.
+
+Three kinds of Context Data Block, each with the draft's CDB header
+``FPT(16) | Length(8, 8-octet units, header included) | P | Rsvd(7)`` (at most 2040 octets):
+
+- ``FPT_IKE_SA`` (0x8010): SPIs, role, connection name, negotiated transforms, SK_d, SK_ai/ar,
+  SK_ei/er, SK_pi/pr, nonces, message IDs (ours and the peer's), addresses and ports, NAT
+  flags, negotiated extensions (fragmentation, signature hashes), peer identity, seconds left
+  to the IKE SA's rekey;
+- ``FPT_IKE_CHILD`` (0x8011): one per CHILD SA: config name, transforms, SPIs, KEYMAT, who
+  initiated it, narrowed selectors, seconds left to its rekey (the ESP SAs themselves travel
+  in the ordinary SA CDBs);
+- ``FPT_IKE_RESPONSE`` (0x8012): the cached last response, cut into pieces, so that a
+  retransmitted request reaching the new gateway is answered as the old one would have.
+
+Inside, a CDB is a list of ``Tag(8) | Length(16) | Value`` items (tag 0 ends the list: the
+CDB's zero padding). Decoding is strict and raises :class:`IkeContextError` only. Keys are in
+the clear: these CDBs travel only over the TLS channel between gateways.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import struct
+
+from ..errors import IpsecctError
+from .config import ChildConfig, Connection
+from .ikesa import Address, ChildSA, IkeSA, IkeState
+from .keys import ChildKeys, IkeKeys
+from .message import TrafficSelector, TsType
+from .proposal import AEAD, INTEG, PRF_HASH, Suite
+
+FPT_IKE_SA = 0x8010
+FPT_IKE_CHILD = 0x8011
+FPT_IKE_RESPONSE = 0x8012
+MAX_CDB = 2040
+_HDR = struct.Struct("!HBB")
+_ITEM = struct.Struct("!BH")
+VERSION = 1
+
+
+class IkeContextError(IpsecctError):
+    """An IKE SA context CDB that is malformed or does not fit this gateway."""
+
+
+def _frame(fpt: int, payload: bytes) -> bytes:
+    total = 4 + len(payload)
+    total += -total % 8
+    if total > MAX_CDB:
+        raise IkeContextError("IKE context CDB too long")
+    return _HDR.pack(fpt, total // 8, 0) + payload + bytes(total - 4 - len(payload))
+
+
+def _items(pairs: list[tuple[int, bytes]]) -> bytes:
+    return b"".join(_ITEM.pack(t, len(v)) + v for t, v in pairs)
+
+
+def _parse(cdb: bytes) -> tuple[int, dict[int, list[bytes]]]:
+    if len(cdb) < 4:
+        raise IkeContextError("CDB shorter than its header")
+    fpt, units, flags = _HDR.unpack_from(cdb)
+    if units * 8 != len(cdb) or flags:
+        raise IkeContextError("CDB length or flags wrong")
+    out: dict[int, list[bytes]] = {}
+    pos = 4
+    while pos < len(cdb):
+        tag = cdb[pos]
+        if tag == 0:
+            if any(cdb[pos:]):
+                raise IkeContextError("octets after the end of the CDB's items")
+            break
+        if pos + 3 > len(cdb):
+            raise IkeContextError("truncated item")
+        _t, n = _ITEM.unpack_from(cdb, pos)
+        if pos + 3 + n > len(cdb):
+            raise IkeContextError("truncated item")
+        out.setdefault(tag, []).append(cdb[pos + 3 : pos + 3 + n])
+        pos += 3 + n
+    return fpt, out
+
+
+def _one(d: dict[int, list[bytes]], tag: int, size: int | None = None) -> bytes:
+    v = d.get(tag)
+    if not v or len(v) != 1:
+        raise IkeContextError(f"item {tag} missing or repeated")
+    if size is not None and len(v[0]) != size:
+        raise IkeContextError(f"item {tag} has the wrong length")
+    return v[0]
+
+
+def _u(d: dict[int, list[bytes]], tag: int, size: int) -> int:
+    return int.from_bytes(_one(d, tag, size), "big")
+
+
+def _addr(a: Address) -> bytes:
+    return a.host.packed + struct.pack("!H", a.port)
+
+
+def _unaddr(b: bytes) -> Address:
+    if len(b) not in (6, 18):
+        raise IkeContextError("bad address item")
+    return Address(ipaddress.ip_address(b[:-2]), struct.unpack("!H", b[-2:])[0])
+
+
+def _suite(s: Suite) -> bytes:
+    return struct.pack("!BHHHHHB", s.protocol, s.encr, s.key_bits, s.integ or 0, s.prf or 0,
+                       s.dh or 0, s.esn)  # fmt: skip
+
+
+def _unsuite(b: bytes) -> Suite:
+    if len(b) != 12:
+        raise IkeContextError("bad transform item")
+    proto, encr, bits, integ, prf, dh, esn = struct.unpack("!BHHHHHB", b)
+    if encr not in (12, 20, 28) or bits not in (128, 192, 256):
+        raise IkeContextError("unsupported encryption in the context")
+    if (integ and integ not in INTEG) or (prf and prf not in PRF_HASH):
+        raise IkeContextError("unsupported integrity or PRF in the context")
+    if (encr in AEAD) == bool(integ):
+        raise IkeContextError("inconsistent transforms in the context")
+    return Suite(proto, encr, bits, integ or None, prf or None, dh or None, bool(esn))
+
+
+def _ts(ts: list[TrafficSelector]) -> bytes:
+    return b"".join(struct.pack("!BBHHB", t.ts_type, t.ip_protocol, t.start_port, t.end_port,
+                                len(t.start.packed)) + t.start.packed + t.end.packed
+                    for t in ts)  # fmt: skip
+
+
+def _unts(b: bytes) -> list[TrafficSelector]:
+    out = []
+    pos = 0
+    while pos < len(b):
+        if pos + 7 > len(b):
+            raise IkeContextError("truncated selector")
+        ttype, proto, sp, ep, n = struct.unpack_from("!BBHHB", b, pos)
+        if n not in (4, 16) or pos + 7 + 2 * n > len(b) or sp > ep:
+            raise IkeContextError("bad selector")
+        a = ipaddress.ip_address(b[pos + 7 : pos + 7 + n])
+        z = ipaddress.ip_address(b[pos + 7 + n : pos + 7 + 2 * n])
+        want = TsType.IPV4_ADDR_RANGE if n == 4 else TsType.IPV6_ADDR_RANGE
+        if ttype != want or int(a) > int(z):
+            raise IkeContextError("bad selector")
+        out.append(TrafficSelector(ttype, proto, sp, ep, a, z))
+        pos += 7 + 2 * n
+    if not out:
+        raise IkeContextError("a CHILD SA without selectors")
+    return out
+
+
+def _left(at: float | None, now: float) -> bytes:
+    return struct.pack("!I", 0 if at is None else max(1, int(at - now)))
+
+
+def _at(b: bytes, now: float) -> float | None:
+    v = struct.unpack("!I", b)[0]
+    return None if v == 0 else now + v
+
+
+_STATE = {IkeState.ESTABLISHED: 1, IkeState.REKEYED: 2}
+
+
+def encode(ike: IkeSA, now: float) -> list[bytes]:
+    """The CDBs of an established IKE SA and its CHILD SAs."""
+    if ike.state is not IkeState.ESTABLISHED:
+        raise IkeContextError(f"IKE SA is {ike.state.value}: only established ones move")
+    k = ike.keys
+    main = [
+        (1, bytes((VERSION,))),
+        (2, ike.spi_i), (3, ike.spi_r),
+        (4, bytes((ike.we_initiated,))),
+        (5, ike.conn.name.encode()),
+        (6, _suite(ike.suite)),
+        (7, k.sk_d), (8, k.sk_ai), (9, k.sk_ar), (10, k.sk_ei), (11, k.sk_er),
+        (12, k.sk_pi), (13, k.sk_pr),
+        (14, ike.nonce_i), (15, ike.nonce_r),
+        (16, struct.pack("!II", ike.peer_next_mid, ike.my_next_mid)),
+        (17, _addr(ike.local)), (18, _addr(ike.remote)),
+        (19, bytes((ike.nat_local << 1 | ike.nat_remote, ike.fragmentation))),
+        (20, ike.peer_id.encode()),
+        (21, _left(ike.rekey_at, now)),
+        (22, struct.pack(f"!{len(ike.peer_hashes)}H", *ike.peer_hashes)),
+        (23, struct.pack("!H", len(ike.last_response))),
+    ]  # fmt: skip
+    out = [_frame(FPT_IKE_SA, _items(main))]
+    for c in ike.children:
+        ck = c.keys
+        items = [
+            (2, ike.spi_i), (3, ike.spi_r),
+            (5, c.config.name.encode()),
+            (6, _suite(c.suite)),
+            (7, struct.pack("!II", c.spi_in, c.spi_out)),
+            (8, ck.enc_i), (9, ck.integ_i), (10, ck.enc_r), (11, ck.integ_r),
+            (12, bytes((c.we_initiated,))),
+            (13, _ts(c.local_ts)), (14, _ts(c.remote_ts)),
+            (15, _left(c.rekey_at, now)),
+        ]  # fmt: skip
+        out.append(_frame(FPT_IKE_CHILD, _items(items)))
+    piece = MAX_CDB - 64
+    for i, msg in enumerate(ike.last_response):
+        parts = [msg[j : j + piece] for j in range(0, len(msg), piece)] or [b""]
+        for j, part in enumerate(parts):
+            items = [(2, ike.spi_i), (3, ike.spi_r),
+                     (4, struct.pack("!HHH", i, j, len(parts))), (5, part)]  # fmt: skip
+            out.append(_frame(FPT_IKE_RESPONSE, _items(items)))
+    return out
+
+
+def is_ike_cdb(cdb: bytes) -> bool:
+    return len(cdb) >= 2 and struct.unpack_from("!H", cdb)[0] in (
+        FPT_IKE_SA, FPT_IKE_CHILD, FPT_IKE_RESPONSE)
+
+
+def decode(cdbs: list[bytes], connections: list[Connection], now: float,
+           local: Address | None = None) -> IkeSA:  # fmt: skip
+    """The IKE SA (with its CHILD SAs) the CDBs describe, for one of ``connections`` (by name:
+    a gateway only takes IKE SAs of connections it has). ``local`` replaces our address (a
+    direct handover: the new gateway's own address)."""
+    parsed = [_parse(c) for c in cdbs]
+    mains = [d for f, d in parsed if f == FPT_IKE_SA]
+    if len(mains) != 1:
+        raise IkeContextError("exactly one IKE_SA CDB expected")
+    m = mains[0]
+    if _u(m, 1, 1) != VERSION:
+        raise IkeContextError("unknown IKE context version")
+    name = _one(m, 5).decode(errors="replace")
+    conn = next((c for c in connections if c.name == name), None)
+    if conn is None:
+        raise IkeContextError(f"no connection {name!r} here")
+    suite = _unsuite(_one(m, 6))
+    if suite.prf is None or suite.dh is None:
+        raise IkeContextError("an IKE suite without PRF or DH")
+    plen = {"sha1": 20, "sha256": 32, "sha384": 48, "sha512": 64}[PRF_HASH[suite.prf]]
+    ilen, elen = suite.integ_key_len, suite.enc_key_len
+    keys = IkeKeys(_one(m, 7, plen), _one(m, 8, ilen), _one(m, 9, ilen), _one(m, 10, elen),
+                   _one(m, 11, elen), _one(m, 12, plen), _one(m, 13, plen))  # fmt: skip
+    spi_i, spi_r = _one(m, 2, 8), _one(m, 3, 8)
+    peer_mid, my_mid = struct.unpack("!II", _one(m, 16, 8))
+    flags = _one(m, 19, 2)
+    hashes_b = _one(m, 22)
+    if len(hashes_b) % 2:
+        raise IkeContextError("bad signature hash item")
+    ike = IkeSA(
+        spi_i, spi_r, bool(_u(m, 4, 1)), conn, [conn], suite,
+        local or _unaddr(_one(m, 17)), _unaddr(_one(m, 18)), now, keys,
+        _one(m, 14), _one(m, 15), b"", b"", bool(flags[0] & 2), bool(flags[0] & 1),
+        IkeState.ESTABLISHED, _one(m, 20).decode(errors="replace"),
+    )  # fmt: skip
+    ike.peer_next_mid, ike.my_next_mid = peer_mid, my_mid
+    ike.fragmentation = bool(flags[1])
+    ike.peer_hashes = struct.unpack(f"!{len(hashes_b) // 2}H", hashes_b)
+    ike.rekey_at = _at(_one(m, 21, 4), now)
+    ike.last_heard = now
+    n_responses = _u(m, 23, 2)
+    for f, d in parsed:
+        if f == FPT_IKE_SA:
+            continue
+        if (_one(d, 2, 8), _one(d, 3, 8)) != (spi_i, spi_r):
+            raise IkeContextError("a CDB of another IKE SA")
+        if f == FPT_IKE_CHILD:
+            ike.children.append(_child(d, conn, now))
+        elif f != FPT_IKE_RESPONSE:
+            raise IkeContextError(f"unexpected CDB 0x{f:04x} among the IKE context")
+    pieces: dict[tuple[int, int], bytes] = {}
+    counts: dict[int, int] = {}
+    for f, d in parsed:
+        if f == FPT_IKE_RESPONSE:
+            i, j, total = struct.unpack("!HHH", _one(d, 4, 6))
+            if i >= n_responses or j >= total or counts.setdefault(i, total) != total:
+                raise IkeContextError("bad cached response piece")
+            pieces[(i, j)] = _one(d, 5)
+    for i in range(n_responses):
+        total = counts.get(i, 0)
+        if total == 0 or any((i, j) not in pieces for j in range(total)):
+            raise IkeContextError("cached response incomplete")
+        ike.last_response.append(b"".join(pieces[(i, j)] for j in range(total)))
+    return ike
+
+
+def _child(d: dict[int, list[bytes]], conn: Connection, now: float) -> ChildSA:
+    name = _one(d, 5).decode(errors="replace")
+    cc: ChildConfig | None = next((c for c in conn.children if c.name == name), None)
+    if cc is None:
+        raise IkeContextError(f"no child {name!r} in connection {conn.name!r} here")
+    suite = _unsuite(_one(d, 6))
+    spi_in, spi_out = struct.unpack("!II", _one(d, 7, 8))
+    if spi_in < 256 or spi_out < 256:
+        raise IkeContextError("reserved SPI in the context")
+    el, il = suite.enc_key_len, suite.integ_key_len
+    keys = ChildKeys(_one(d, 8, el), _one(d, 9, il), _one(d, 10, el), _one(d, 11, il))
+    child = ChildSA(cc, suite, spi_in, spi_out, keys, bool(_u(d, 12, 1)), _unts(_one(d, 13)),
+                    _unts(_one(d, 14)), now)  # fmt: skip
+    child.rekey_at = _at(_one(d, 15, 4), now)
+    return child
