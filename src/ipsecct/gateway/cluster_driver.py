@@ -42,7 +42,7 @@ from ..ipsec.esp import Drop
 from .config import ClusterConfig
 from .etcd import MAX_TXN_OPS, EtcdClient, EtcdError
 from .failover_driver import PREPARE_PER_TICK
-from .log import event
+from .log import RateLimited, event
 from .node import Node
 from .peers import PeerChannels
 from .transfer_service import TransferService
@@ -90,6 +90,7 @@ class ClusterDriver:
         self.taken = 0
         self.takeovers: list[dict[str, Any]] = []
         self._next_keepalive = 0.0
+        self._quiet = RateLimited(burst=2, interval=10.0)  # etcd errors repeat every round
         node.engine.send_until = -math.inf  # nothing is sent before we are a member
         for t in node.engine.tunnels():
             t.seq_ceiling = t.outbound.seq  # nor on a tunnel before we own it
@@ -219,14 +220,13 @@ class ClusterDriver:
                     await self._scan()
                 self.last_error = ""
             except EtcdError as exc:
-                if str(exc) != self.last_error:
-                    event(
-                        log,
-                        "cluster-etcd-error",
-                        logging.WARNING,
-                        node=self.node.name,
-                        error=str(exc),
-                    )
+                self._quiet.event(
+                    log,
+                    "cluster-etcd-error",
+                    logging.WARNING,
+                    node=self.node.name,
+                    error=str(exc),
+                )
                 self.last_error = str(exc)
                 self._next_keepalive = 0.0  # try again at once
             self._events(self.lease.poll(self.node.clock()))
