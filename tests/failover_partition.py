@@ -43,7 +43,7 @@ def main(d: Path) -> dict[str, Any]:
         EXAMPLE,
         udp_ports=tuple(p for p in PORTS if p not in (25191, 35191)),
         tcp_ports=(25191, 35191),
-        ctl_prefix="/tmp/ipsecct-fo-",
+        ctl_prefix="fo-",
         host=(ADDR["host"], 45101),
         mn_app=(ADDR["mn"], 15101),
     )
