@@ -15,6 +15,7 @@ import contextlib
 import ipaddress
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from ..errors import IpsecctError
@@ -62,13 +63,17 @@ class IkeService:
         self._retry: dict[str, asyncio.TimerHandle] = {}
         self._backoff: dict[str, float] = {}
         self._stopping = False
+        # set by the service when context transfer runs: (peer, CDBs, the peer's address)
+        self.send_context: Callable[[str, list[bytes], Any], None] | None = None
         host = node.cfg.local_address
         self.local_host = host
         node.outer_hooks.append(self._on_4500)
         node.extensions["ike"] = self.status
 
     async def start(self) -> None:
-        self.sock500 = UdpEndpoint.bind((str(self.local_host), IKE_PORT), self._on_500)
+        # on a virtual (indirect identity) address this gateway may not hold yet: IP_FREEBIND
+        self.sock500 = UdpEndpoint.bind((str(self.local_host), IKE_PORT), self._on_500,
+                                        freebind=self.node.cfg.virtual is not None)  # fmt: skip
         self._task = asyncio.create_task(self._timer())
         event(log, "ike-listening", node=self.node.name, ports=f"{IKE_PORT},"
               f"{self.node.cfg.outer.port}", connections=len(self.engine.connections))
@@ -139,6 +144,8 @@ class IkeService:
         if s.src.port == IKE_PORT:
             if self.sock500 is not None:
                 self.sock500.sendto(s.data, dst)
+        elif self.node.virtual_transport is not None and s.src.host == self.node.cfg.virtual:
+            self.node.virtual_transport.sendto(MARKER + s.data, dst)  # from the virtual address
         else:
             self.node.send_outer(MARKER + s.data, dst)
 
@@ -213,6 +220,61 @@ class IkeService:
         elif isinstance(o, IkeDown):
             event(log, "ike-sa-down", node=self.node.name, conn=o.ike.conn.name,
                   peer=o.ike.remote, reason=o.reason)  # fmt: skip
+
+    # -- moving IKE SAs with their CHILD SAs (context transfer) ------------------------------
+    def on_transfer(self, rec: Any) -> None:
+        """A finished transfer (ct.transfer.Record): when this gateway handed over every CHILD
+        SA of an IKE SA, the IKE SA follows them (its context CDBs to the same peer)."""
+        if rec.role != "source" or rec.outcome != "committed" or self.send_context is None:
+            return
+        moved = set(rec.spis)
+        for ike in self.engine.ike_sas():
+            spis = {c.spi_in for c in ike.children}
+            if not spis or not spis <= moved:
+                if spis & moved:
+                    event(log, "ike-sa-stays", logging.WARNING, node=self.node.name,
+                          conn=ike.conn.name, reason="not all its CHILD SAs moved")  # fmt: skip
+                continue
+            self._export(ike, rec.peer, 0)
+
+    def _export(self, ike: IkeSA, peer: str, attempt: int) -> None:
+        from ..ikev2.context import IkeContextError
+
+        assert self.send_context is not None
+        try:
+            cdbs = self.engine.export_ike(ike, self.node.clock())
+        except IkeContextError as exc:  # an exchange in flight: once it is done
+            if attempt < 20:
+                asyncio.get_running_loop().call_later(0.25, self._export, ike, peer, attempt + 1)
+            else:
+                event(log, "ike-sa-stays", logging.WARNING, node=self.node.name,
+                      conn=ike.conn.name, reason=str(exc))  # fmt: skip
+            return
+        for c in ike.children:
+            c.handle = None  # the tunnels moved with the transfer
+        self.send_context(peer, cdbs, ike.remote.host)
+        event(log, "ike-sa-sent", node=self.node.name, conn=ike.conn.name, peer=peer,
+              spi_i=ike.spi_i.hex(), spi_r=ike.spi_r.hex(), children=len(ike.children))  # fmt: skip
+
+    def receive_context(self, peer: str, cdbs: list[bytes]) -> None:
+        """An IKE SA a peer gateway handed over: take it and its CHILD SAs' tunnels (which
+        arrived before it, by the ordinary transfer)."""
+        from ..ikev2.context import IkeContextError
+
+        now = self.node.clock()
+        try:
+            ike = self.engine.import_ike(cdbs, now)
+        except IkeContextError as exc:
+            self.engine.stats["ike-context-refused"] += 1
+            event(log, "ike-sa-refused", logging.WARNING, node=self.node.name, peer=peer,
+                  error=str(exc))  # fmt: skip
+            return
+        for c in ike.children:
+            c.handle = self.node.engine.tunnel_by_spi(c.spi_in)
+        event(log, "ike-sa-received", node=self.node.name, conn=ike.conn.name, peer=peer,
+              spi_i=ike.spi_i.hex(), spi_r=ike.spi_r.hex(), children=len(ike.children),
+              tunnels=sum(c.handle is not None for c in ike.children))  # fmt: skip
+        self._wake.set()
 
     # -- control ----------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:

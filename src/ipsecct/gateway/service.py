@@ -12,6 +12,7 @@ from typing import Any
 
 from ..ct import cxtp
 from ..errors import IpsecctError
+from ..ikev2.context import is_ike_cdb
 from ..ipsec.sad import Direction, SecurityAssociation
 from ..ipsec.spd import Action, SPDEntry
 from . import config as config_mod
@@ -99,6 +100,15 @@ class Service:
         self.ike: IkeService | None = (
             IkeService(self.node, cfg.connections) if cfg.connections else None
         )
+        if self.ike is not None and self.transfer is not None and self.peers is not None:
+            # an IKE SA follows its CHILD SAs when a transfer hands all of them over
+            peers = self.peers
+
+            def send_context(peer: str, cdbs: list[bytes], mn: Any) -> None:
+                peers.send(peer, cxtp.CTD(mn, 0, tuple(cdbs)))
+
+            self.ike.send_context = send_context
+            self.transfer.listeners.append(self.ike.on_transfer)
         if self.control is not None:
             if self.ike is not None:
                 self.control.register("ike.list", self._ike_list)
@@ -163,6 +173,10 @@ class Service:
             await self.peers.stop()
 
     def _peer_message(self, peer: str, msg: cxtp.Message) -> None:
+        if (self.ike is not None and isinstance(msg, cxtp.CTD) and msg.cdbs
+                and all(is_ike_cdb(c) for c in msg.cdbs)):  # fmt: skip
+            self.ike.receive_context(peer, list(msg.cdbs))
+            return
         assert self.transfer is not None
         if is_sync(msg):
             assert isinstance(msg, cxtp.CTD)

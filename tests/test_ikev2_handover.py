@@ -1,0 +1,215 @@
+"""An unmodified strongSwan client handed over between two ipsecct gateways with its IKE SA
+(indirect SG identity, root): strongSwan 5.9.8 (kernel-libipsec) in the MN's namespace
+connects by IKEv2 (PSK) to the virtual gateway address, which sg1 holds; ``ipsecct transfer``
+moves the CHILD SA to sg2, the virtual address follows (gratuitous ARP) and the IKE SA follows
+its CHILD SA (the IKE SA context CDBs over the gateways' TLS channel). strongSwan changes
+nothing and runs no new key exchange: sg2 answers its liveness checks and completes an IKE and
+a CHILD rekey with it, and ping keeps passing. The topology is :mod:`tests.netns_topology`'s.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests import strongswan
+from tests.netns import Namespaces, wait_until
+from tests.netns_topology import (
+    ACCESS_IF,
+    HOST,
+    HOST_NET,
+    MN_INNER,
+    MN_OUTER,
+    SG_CORE,
+    SG_OUTER,
+    VIP,
+    XFER_PORT,
+    HandoverWorld,
+    _section,
+    cli,
+)
+from tests.strongswan import Charon, Side
+from tests.test_gateway_loopback import Daemon
+
+needs_strongswan = pytest.mark.skipif(not strongswan.available(), reason=strongswan.skip_reason())
+PSK = "ipsecct-ikev2-handover-psk-0123456789"
+CLIENT = Side("A", MN_OUTER, VIP, MN_INNER, HOST, "client.test", "gw.test")
+
+
+class Client(Charon):
+    def write_config(self) -> None:
+        super().write_config()
+        conf = f"""connections {{
+  cA {{
+    version = 2
+    local_addrs = {MN_OUTER}
+    remote_addrs = {VIP}
+    encap = yes
+    mobike = no
+    dpd_delay = 2s
+    proposals = aes128gcm16-prfsha256-x25519
+    local {{
+      auth = psk
+      id = {CLIENT.id}
+    }}
+    remote {{
+      auth = psk
+      id = {CLIENT.remote_id}
+    }}
+    children {{
+      net {{
+        local_ts = {MN_INNER}/32
+        remote_ts = {HOST_NET}
+        esp_proposals = aes128gcm16
+        mode = tunnel
+      }}
+    }}
+  }}
+}}
+secrets {{
+  ike-gw {{
+    id-1 = {CLIENT.id}
+    id-2 = {CLIENT.remote_id}
+    secret = "{PSK}"
+  }}
+}}
+"""
+        fd = os.open(self.dir / "swanctl.conf", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(conf)
+
+
+class IkeWorld(HandoverWorld):
+    """The handover topology with IKEv2 keying: no [[tunnel]] anywhere, a [connections] table
+    on both gateways, and strongSwan instead of ``ipsecct node`` in the MN's namespace."""
+
+    def write_configs(self) -> None:
+        d = self.dir
+        r = cli("pki", "init", "--dir", str(d / "pki"), "--gateways", "sg1,sg2")
+        assert r.returncode == 0, r.stderr
+        fd = os.open(d / "gw.psk", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(PSK + "\n")
+        for g, other in (("sg1", "sg2"), ("sg2", "sg1")):
+            outer = {"address": SG_OUTER[g], "port": 4500, "virtual": VIP,
+                     "virtual_interface": ACCESS_IF, "virtual_owner": g == "sg1"}  # fmt: skip
+            text = (
+                _section(f'name = "{g}"\n[outer]', outer)
+                + _section("[inner]", {"kind": "tun", "name": "ipsecct0", "addresses": [],
+                                       "mtu": 1400, "routes": [f"{MN_INNER}/32"]})
+                + _section("[control]", {"socket": self.sock(g)})
+                + _section("[log]", {"level": "debug"})
+                + _section("[transfer]", {
+                    "listen": f"{SG_CORE[g]}:{XFER_PORT}", "cert": f"pki/{g}.pem",
+                    "key": f"pki/{g}.key", "ca": "pki/ca.pem", "conflict": "reassign",
+                    "identity": "indirect", "max_transfer_ms": 1000, "forward_ms": 5000})
+                + _section("[[peers]]", {
+                    "name": other, "address": f"{SG_CORE[other]}:{XFER_PORT}",
+                    "outer": SG_OUTER[other], "allow": ["send", "request"]})
+                + _section("[connections.rw]", {
+                    "local_addrs": [VIP], "remote_addrs": ["%any"],
+                    "proposals": ["aes128gcm16-prfsha256-x25519"],
+                    "local.id": CLIENT.remote_id, "remote.id": CLIENT.id,
+                    "children.net.local_ts": [HOST_NET],
+                    "children.net.remote_ts": [f"{MN_INNER}/32"],
+                    "children.net.esp_proposals": ["aes128gcm16"]})
+                + _section("[secrets.ike-rw]", {"id": [CLIENT.id, CLIENT.remote_id],
+                                                "file": "gw.psk"})
+            )  # fmt: skip
+            (d / f"{g}.toml").write_text(text)
+
+    def start(self) -> None:
+        for name in ("sg1", "sg2"):
+            dmn = Daemon("gateway", self.dir / f"{name}.toml", self.sock(name),
+                         self.dir / f"{name}.log", prefix=self.ns.cmd(name))  # fmt: skip
+            self.daemons[name] = dmn
+            dmn.start()
+        self.ns.run("mn", "sh", "-c", "echo 1 > /proc/sys/net/ipv6/conf/all/disable_ipv6;"
+                    " echo 1 > /proc/sys/net/ipv6/conf/default/disable_ipv6")  # fmt: skip
+        self.ns.run("mn", "ip", "addr", "add", f"{MN_INNER}/32", "dev", "lo")
+        for g in ("sg1", "sg2"):
+            self.ns.run("host", "ping", "-c1", "-W2", SG_CORE[g])
+            self.ns.run("mn", "ping", "-c1", "-W2", SG_OUTER[g])
+
+    def ike_sas(self, name: str) -> list[dict[str, Any]]:
+        r = cli("sa", "list", "--ike", "--json", "-s", self.sock(name))
+        assert r.returncode == 0, r.stderr
+        out: list[dict[str, Any]] = json.loads(r.stdout)
+        return out
+
+    def counters(self, name: str) -> dict[str, int]:
+        c: dict[str, int] = self.status(name)["ike"]["counters"]
+        return c
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> Iterator[IkeWorld]:
+    sockdir = Path(tempfile.mkdtemp(prefix="ipsecct-ike-", dir="/tmp"))
+    workdir = tmp_path if len(str(tmp_path)) <= 70 else Path(tempfile.mkdtemp(prefix="ict-"))
+    try:
+        with Namespaces("mn", "sg1", "sg2", "host", "br") as ns:
+            w = IkeWorld(ns, workdir, sockdir, "indirect")
+            try:
+                w.build_links()
+                w.write_configs()
+                w.start()
+                yield w
+            finally:
+                w.stop()
+    finally:
+        shutil.rmtree(sockdir, ignore_errors=True)
+        if workdir != tmp_path:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def ping(w: IkeWorld, n: int) -> int:
+    return strongswan.ping(w.ns, "mn", HOST, n)
+
+
+@pytest.mark.root
+@pytest.mark.slow
+@needs_strongswan
+def test_strongswan_client_handed_over_with_its_ike_sa(world: IkeWorld) -> None:
+    w = world
+    with Client(w.ns, "mn", CLIENT, w.dir, "aes128gcm16") as ss:
+        ss.start()
+        ss.initiate()
+        assert ping(w, 3) == 3, ss.logtail() + w.logs()
+        (ike1,) = w.ike_sas("sg1")
+        assert not w.ike_sas("sg2")
+        (child,) = ike1["children"]
+        spi_out = int(child["spi_out"], 16)
+        r = cli("transfer", f"0x{spi_out:08x}", "--to", "sg2", "--json", "-s", w.sock("sg1"))
+        assert r.returncode == 0, (r.stdout, r.stderr, w.logs())
+        assert json.loads(r.stdout)["outcome"] == "committed"
+        w.route_host_via("sg2")
+        wait_until(lambda: len(w.ike_sas("sg2")) == 1 and not w.ike_sas("sg1"),
+                   "the IKE SA to move to sg2", 10)  # fmt: skip
+        (ike2,) = w.ike_sas("sg2")
+        assert (ike2["spi_i"], ike2["spi_r"]) == (ike1["spi_i"], ike1["spi_r"])
+        assert [c["spi_in"] for c in ike2["children"]] == [child["spi_in"]]
+        assert ping(w, 5) == 5, ss.logtail() + w.logs()
+        # strongSwan's liveness check (dpd_delay 2 s, no IKE traffic) reaches sg2
+        wait_until(lambda: w.counters("sg2").get("liveness-answered", 0) >= 1,
+                   "sg2 to answer strongSwan's liveness check", 15)  # fmt: skip
+        # an IKE rekey and a CHILD rekey with sg2
+        ss.swanctl("--rekey", "--ike", "cA")
+        wait_until(lambda: w.counters("sg2").get("ike-sa-rekeyed", 0) >= 1, "IKE rekey", 10)
+        ss.swanctl("--rekey", "--child", "net")
+        wait_until(lambda: w.counters("sg2").get("child-sa-rekeyed", 0) >= 1, "CHILD rekey", 10)
+        assert ping(w, 5) == 5, ss.logtail() + w.logs()
+        log = ss.log()
+        # the client never started over: one IKE_SA_INIT, one IKE_AUTH, no retransmissions
+        assert len(re.findall(r"generating IKE_SA_INIT request", log)) == 1, log
+        assert len(re.findall(r"generating IKE_AUTH request", log)) == 1, log
+        assert "retransmit" not in log, ss.logtail()
+        assert not w.ike_sas("sg1") and len(w.ike_sas("sg2")) == 1
+        print("sg1:", w.counters("sg1"), "\nsg2:", w.counters("sg2"))
