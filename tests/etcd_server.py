@@ -24,7 +24,9 @@ def _free_port() -> int:
 class EtcdCluster:
     """``n`` etcd members forming one cluster; ``endpoints`` are their client URLs."""
 
-    def __init__(self, d: Path, n: int = 1) -> None:
+    def __init__(self, d: Path, n: int = 1, *, also_on: str | None = None) -> None:
+        """``also_on``: a second loopback address every member also serves clients on (so
+        that a firewall rule can cut one client's path only)."""
         etcd = shutil.which("etcd")
         assert etcd, "etcd is missing: run scripts/install (Debian package etcd-server)"
         self.etcd = etcd
@@ -33,6 +35,7 @@ class EtcdCluster:
         self.client = {m: _free_port() for m in self.names}
         self.peer = {m: _free_port() for m in self.names}
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.also_on = also_on
 
     @property
     def endpoints(self) -> list[str]:
@@ -48,7 +51,7 @@ class EtcdCluster:
                         self.etcd,
                         "--name", m,
                         "--data-dir", str(self.dir / f"etcd-{m}"),
-                        "--listen-client-urls", f"http://127.0.0.1:{self.client[m]}",
+                        "--listen-client-urls", self._listen(m),
                         "--advertise-client-urls", f"http://127.0.0.1:{self.client[m]}",
                         "--listen-peer-urls", f"http://127.0.0.1:{self.peer[m]}",
                         "--initial-advertise-peer-urls", f"http://127.0.0.1:{self.peer[m]}",
@@ -67,6 +70,12 @@ class EtcdCluster:
             self.stop()
             raise
         return self
+
+    def _listen(self, m: str) -> str:
+        urls = [f"http://127.0.0.1:{self.client[m]}"]
+        if self.also_on:
+            urls.append(f"http://{self.also_on}:{self.client[m]}")
+        return ",".join(urls)
 
     def wait_healthy(self, m: str, timeout: float = 30) -> None:
         deadline = time.monotonic() + timeout

@@ -7,19 +7,25 @@ with an nftables rule while both stay up and the MN still reaches sg1. Prints on
 what each gateway sent on the wire (per (SPI, sequence number)), when the isolated gateway sent
 its last ESP packet, the MN's drop counters and what the gateways' status and logs say.
 
-Usage: python tests/failover_partition.py DIR   (as root, inside a fresh network namespace)
+With ``etcd`` as second argument, both gateways run in the etcd mode instead (a one-member
+etcd in the namespace; sg1 reaches it on its own address) and the nftables rule cuts sg1 from
+etcd instead: sg1 must stop within its fence, sg2 takes over once etcd expired sg1's lease.
+
+Usage: python tests/failover_partition.py DIR [pair|etcd]   (as root, in a fresh namespace)
 """
 
 from __future__ import annotations
 
 import ipaddress
 import json
+import re
 import socket
 import struct
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 from ipsecct.ipsec.ippacket import build_udp  # noqa: E402
 from ipsecct.tools.pcap import ip_packet, read_pcap  # noqa: E402
+from tests.etcd_server import EtcdCluster  # noqa: E402
 from tests.example_deployment import HOST_INNER, MN_INNER, ExampleDeployment  # noqa: E402
 
 EXAMPLE = ROOT / "examples" / "failover"
@@ -37,7 +44,33 @@ INNER = {"sg1": 25100, "sg2": 35100}
 RATE = 1000  # packets per second, host -> MN
 
 
-def main(d: Path) -> dict[str, Any]:
+ETCD_SG1 = "127.0.7.1"  # sg1's way to etcd, the one the rule cuts
+
+
+def main(d: Path, mode: str = "pair") -> dict[str, Any]:
+    etcd: EtcdCluster | None = None
+    edit: Callable[[str], str] = lambda text: text  # noqa: E731
+    if mode == "etcd":
+        etcd = EtcdCluster(d, 1, also_on=ETCD_SG1).__enter__()
+        port = etcd.client["e0"]
+
+        def edit(text: str) -> str:
+            if "[failover]" not in text:
+                return text
+            first = re.search(r'(?m)^name = "(\w+)"', text)
+            host = ETCD_SG1 if first and first.group(1) == "sg1" else "127.0.0.1"
+            text = re.sub(r"(?ms)^\[failover\].*\Z", "", text)
+            return text + f'\n[cluster]\netcd = ["http://{host}:{port}"]\nttl_s = 3\n'
+
+    try:
+        return _main(d, mode, edit)
+    finally:
+        if etcd is not None:
+            etcd.stop()
+
+
+def _main(d: Path, mode: str, edit: Callable[[str], str]) -> dict[str, Any]:
+    section = "cluster" if mode == "etcd" else "failover"
     dep = ExampleDeployment(
         d,
         EXAMPLE,
@@ -46,8 +79,9 @@ def main(d: Path) -> dict[str, Any]:
         ctl_prefix="fo-",
         host=(ADDR["host"], 45101),
         mn_app=(ADDR["mn"], 15101),
+        edit=edit,
     )
-    out: dict[str, Any] = {}
+    out: dict[str, Any] = {"mode": mode}
     pcap = d / "wire.pcap"
     dump: subprocess.Popen[bytes] | None = None
     try:
@@ -55,10 +89,12 @@ def main(d: Path) -> dict[str, Any]:
             dep.start(n)
         dep.wait(
             "sg1",
-            lambda s: s.get("failover", {}).get("lease", {}).get("state") == "held",
+            lambda s: s.get(section, {}).get("lease", {}).get("state") == "held"
+            and (mode == "pair" or s[section]["owned_tunnels"] == 1),
             "sg1 holds its lease",
         )
-        lease_ms = dep.status("sg1")["failover"]["lease"]["lease_ms"]
+        lease = dep.status("sg1")[section]["lease"]
+        lease_ms = lease["lease_ms"] if mode == "pair" else lease["fence_ms"]
         mn_port = dep.port[14600]
         dump = subprocess.Popen(
             [
@@ -101,33 +137,42 @@ def main(d: Path) -> dict[str, Any]:
         th = threading.Thread(target=stream, daemon=True)
         th.start()
         time.sleep(1.5)
-        # Cut the inter-gateway channel (TLS over TCP) both ways; ESP and the MN untouched.
-        ports = f"{{ {dep.port[25191]}, {dep.port[35191]} }}"
+        if mode == "pair":
+            # Cut the inter-gateway channel (TLS over TCP) both ways; ESP and the MN untouched.
+            ports = f"{{ {dep.port[25191]}, {dep.port[35191]} }}"
+            cut = f"tcp dport {ports} drop", f"tcp sport {ports} drop"
+        else:
+            # Cut sg1 from etcd (its own address to it), nothing else.
+            cut = f"ip daddr {ETCD_SG1} tcp dport {port_of(dep, sg='sg1')} drop", (
+                f"ip saddr {ETCD_SG1} tcp sport {port_of(dep, sg='sg1')} drop"
+            )
         rules = (
             "add table inet ipsecct_cut\n"
             "add chain inet ipsecct_cut out { type filter hook output priority 0; }\n"
-            f"add rule inet ipsecct_cut out tcp dport {ports} drop\n"
-            f"add rule inet ipsecct_cut out tcp sport {ports} drop\n"
+            f"add rule inet ipsecct_cut out {cut[0]}\n"
+            f"add rule inet ipsecct_cut out {cut[1]}\n"
         )
         subprocess.run(["nft", "-f", "-"], input=rules, text=True, check=True)
         t_cut = time.time()
         out["cut_at"] = t_cut
         dep.wait(
             "sg2",
-            lambda s: s["failover"]["role"] == "took over",
+            lambda s: s["failover"]["role"] == "took over"
+            if mode == "pair"
+            else s["cluster"]["taken_over"] == 1,
             "sg2 takes over",
             timeout=15,
         )
         st1 = dep.wait(
             "sg1",
-            lambda s: s["failover"]["lease"]["state"] == "lost",
+            lambda s: s[section]["lease"]["state"] == "lost",
             "sg1 says it lost its lease",
             timeout=15,
         )
         time.sleep(2.0)  # both up, both offered traffic, for a while
-        out["sg1_status"] = dep.status("sg1")["failover"]
-        out["sg1_status_when_lost"] = st1["failover"]
-        out["sg2_status"] = dep.status("sg2")["failover"]
+        out["sg1_status"] = dep.status("sg1")[section]
+        out["sg1_status_when_lost"] = st1[section]
+        out["sg2_status"] = dep.status("sg2")[section]
         stop.set()
         th.join(5)
         time.sleep(0.5)
@@ -167,5 +212,13 @@ def main(d: Path) -> dict[str, Any]:
     return out
 
 
+def port_of(dep: ExampleDeployment, sg: str) -> int:
+    """The etcd client port sg's configuration names."""
+    text = Path(dep.config(sg)).read_text()
+    m = re.search(r"etcd = \[\"http://[0-9.]+:(\d+)\"\]", text)
+    assert m, text
+    return int(m.group(1))
+
+
 if __name__ == "__main__":
-    print(json.dumps(main(Path(sys.argv[1]))))
+    print(json.dumps(main(Path(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else "pair")))

@@ -2,7 +2,11 @@
 a steady stream through sg1, the TLS channel between sg1 and sg2 cut with an nftables rule
 while both stay up. With fencing: not one (SPI, sequence number) pair on the wire from both
 gateways, no ICV (or replay) drop at the MN, and the isolated sg1 stops sending within its
-lease and says so (status, metrics, log). The scenario runs in tests/failover_partition.py."""
+lease and says so (status, metrics, log). The scenario runs in tests/failover_partition.py.
+
+In the etcd mode (both gateways on a one-member etcd in the namespace) the rule cuts sg1 from
+etcd instead: sg1 stops within its fence, sg2 takes over once etcd expired sg1's lease, and
+again not one pair is sent by both."""
 
 from __future__ import annotations
 
@@ -21,14 +25,19 @@ ROOT = Path(__file__).resolve().parent.parent
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
 
-def test_partition_between_the_pair_reuses_no_nonce(tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", ["pair", "etcd"])
+def test_partition_between_the_pair_reuses_no_nonce(tmp_path: Path, mode: str) -> None:
     assert have_root(), "needs root (network namespaces, nftables)"
     for tool in ("nft", "tcpdump"):
         assert shutil.which(tool), f"{tool} is missing: run scripts/install"
     with Namespaces("pair") as ns:
         r = subprocess.run(
             ns.cmd(
-                "pair", sys.executable, str(ROOT / "tests" / "failover_partition.py"), str(tmp_path)
+                "pair",
+                sys.executable,
+                str(ROOT / "tests" / "failover_partition.py"),
+                str(tmp_path),
+                mode,
             ),
             capture_output=True,
             text=True,
@@ -61,6 +70,10 @@ def test_partition_between_the_pair_reuses_no_nonce(tmp_path: Path) -> None:
     # And said so: status, and a WARNING in the log.
     assert out["sg1_status_when_lost"]["lease"]["state"] == "lost"
     assert out["sg1_status_when_lost"]["lease"]["losses"] >= 1
-    assert "event=lease-lost" in out["sg1_log"] and "stopped sending" in out["sg1_log"]
-    assert out["sg2_status"]["role"] == "took over"
-    assert out["sg2_status"]["lease"]["state"] == "taken over"
+    lost = "event=lease-lost" if mode == "pair" else "event=cluster-lease-lost"
+    assert lost in out["sg1_log"] and "stopped sending" in out["sg1_log"]
+    if mode == "pair":
+        assert out["sg2_status"]["role"] == "took over"
+        assert out["sg2_status"]["lease"]["state"] == "taken over"
+    else:
+        assert out["sg2_status"]["taken_over"] == 1 and out["sg2_status"]["owned_tunnels"] == 1

@@ -130,7 +130,7 @@ class EtcdClient:
                     ans = await self._post(host, port, path, body)
             except (OSError, TimeoutError, EtcdError) as exc:
                 self.failures += 1
-                errors.append(f"{host}:{port}: {exc or type(exc).__name__}")
+                errors.append(f"{host}:{port}: {str(exc) or type(exc).__name__}")
                 continue
             self._preferred = i
             return ans
