@@ -578,3 +578,42 @@ def test_bench_failover_json_schema() -> None:
         assert {"mode", "tunnels", "takeover_ms", "lost", "replay_drops", "reused_nonces"} <= set(x)
         assert x["tunnels"] == 40 and x["takeover_ms"] > 0
         assert x["lost"] == 0 and x["replay_drops"] == 0 and x["reused_nonces"] == 0
+
+
+def test_prometheus_text_has_the_lease() -> None:
+    from ipsecct.gateway.control import prometheus_text
+
+    base: dict[str, object] = {
+        "name": "sg1",
+        "counters": {
+            "out_packets": 0,
+            "in_packets": 0,
+            "out_bytes": 0,
+            "in_bytes": 0,
+            "drops": {"fenced": 3},
+        },
+        "sas": 2,
+        "uptime_s": 1.0,
+    }
+    pair = prometheus_text(
+        {
+            **base,
+            "failover": {"lease": {"state": "lost", "epoch": 1, "losses": 2, "remaining_ms": 0}},
+        }
+    )
+    assert 'ipsecct_failover_lease_valid{node="sg1",state="lost"} 0' in pair
+    assert 'ipsecct_failover_lease_losses_total{node="sg1"} 2' in pair
+    assert 'ipsecct_drops_total{node="sg1",reason="fenced"} 3' in pair
+    etcd = prometheus_text(
+        {
+            **base,
+            "cluster": {
+                "lease": {"state": "held", "losses": 0},
+                "owned_tunnels": 5,
+                "taken_over": 4,
+            },
+        }
+    )
+    assert 'ipsecct_cluster_lease_valid{node="sg1"} 1' in etcd
+    assert 'ipsecct_cluster_owned_tunnels{node="sg1"} 5' in etcd
+    assert 'ipsecct_cluster_taken_over_total{node="sg1"} 4' in etcd

@@ -365,6 +365,25 @@ def prometheus_text(status: dict[str, Any]) -> str:
                 f'ipsecct_failover_lease_remaining_seconds{{node="{node}"}} '
                 f"{(lease.get('remaining_ms') or 0) / 1000}",
             ]
+    cl = status.get("cluster")
+    if isinstance(cl, dict) and isinstance(cl.get("lease"), dict):
+        # etcd mode (issue 9): the member lease that fences sending, and ownership.
+        cle = cl["lease"]
+        lines += [
+            "# HELP ipsecct_cluster_lease_valid 1 while this member's etcd lease lets it send.",
+            "# TYPE ipsecct_cluster_lease_valid gauge",
+            f'ipsecct_cluster_lease_valid{{node="{node}"}} '
+            f"{1 if cle.get('state') == 'held' else 0}",
+            "# HELP ipsecct_cluster_lease_losses_total Times the member lease ran out.",
+            "# TYPE ipsecct_cluster_lease_losses_total counter",
+            f'ipsecct_cluster_lease_losses_total{{node="{node}"}} {cle.get("losses", 0)}',
+            "# HELP ipsecct_cluster_owned_tunnels Tunnels whose owner key this member holds.",
+            "# TYPE ipsecct_cluster_owned_tunnels gauge",
+            f'ipsecct_cluster_owned_tunnels{{node="{node}"}} {cl.get("owned_tunnels", 0)}',
+            "# HELP ipsecct_cluster_taken_over_total Tunnels taken over from dead members.",
+            "# TYPE ipsecct_cluster_taken_over_total counter",
+            f'ipsecct_cluster_taken_over_total{{node="{node}"}} {cl.get("taken_over", 0)}',
+        ]
     for k, v in status.get("metrics", {}).items():
         lines.append(f'ipsecct_{k}{{node="{node}"}} {v}')
     return "\n".join(lines) + "\n"
