@@ -231,6 +231,26 @@ def test_etcd_mode_take_over_after_sigkill(tmp_path: Path) -> None:
                 for g, i, p in (("sg1", 1, 25100), ("sg2", 2, 35100))
             }
             assert dep.exchange(50, 1, False, to["sg1"]) == 50
+            # A handover records the new owner as it commits: sg1 hands its owner key to sg2
+            # in one transaction, and back.
+            for src, dst in (("sg1", "sg2"), ("sg2", "sg1")):
+                r = cli(
+                    "transfer", "0x20000001", "--to", dst, "--json", "--config", dep.config(src)
+                )
+                assert r.returncode == 0, r.stderr + dep.log(src)
+                t0 = time.monotonic()
+                while True:
+                    r = cli("cluster", "status", "--json", "--config", dep.config("sg2"))
+                    if json.loads(r.stdout)["owners"] == {"0x20000001": dst}:
+                        break
+                    assert time.monotonic() - t0 < 5, r.stdout
+                    time.sleep(0.05)
+                dep.wait(
+                    dst, lambda s: s["cluster"]["owned_tunnels"] == 1, f"{dst} owns the tunnel"
+                )
+                assert dep.exchange(20, 5, False, to[dst]) == 20
+                assert dep.exchange(20, 6, True, ("127.0.4.10", dep.port[15100])) == 20
+            assert "event=cluster-handed-over" in (dep.dir / "sg1.log").read_text()
             dep.wait("sg2", lambda s: s["cluster"]["replicas"]["sg1"] == 1, "sg2 has a replica")
             time.sleep(0.3)  # the last packets replicated too
             sg1_seq = next(s["seq"] for s in dep.sas("sg1") if s["direction"] == "out")

@@ -35,7 +35,7 @@ from ..ct import cxtp, ownership
 from ..ct.failover import FailoverConfig, Replicator, Standby, reply_kind
 from ..ct.lease import Lease, LeaseEvent
 from ..ct.transfer import Endpoint as TEndpoint
-from ..ct.transfer import Identity, Settings
+from ..ct.transfer import Identity, Record, Settings
 from ..ipsec import spi as spimod
 from ..ipsec.engine import Held, Tunnel, TunnelState
 from ..ipsec.esp import Drop
@@ -92,6 +92,9 @@ class ClusterDriver:
         self._next_keepalive = 0.0
         self._quiet = RateLimited(burst=2, interval=10.0)  # etcd errors repeat every round
         node.engine.send_until = -math.inf  # nothing is sent before we are a member
+        node.engine.fence_new_tunnels = True  # nor on a new tunnel before we own it
+        self._own_now = False
+        self._handovers: set[asyncio.Task[None]] = set()
         for t in node.engine.tunnels():
             t.seq_ceiling = t.outbound.seq  # nor on a tunnel before we own it
         node.extensions["cluster"] = self.status
@@ -107,6 +110,7 @@ class ClusterDriver:
         """Replicate to (and keep replicas of) these peers, over ``channels``."""
         self.channels = channels
         self.transfer = transfer
+        transfer.listeners.append(self._on_record)
         ep = TEndpoint(self.node.cfg.outer.host, self.node.cfg.outer.port)
         for p in peers:
             c = replace(fcfg, peer=p) if fcfg is not None else FailoverConfig("active", p)
@@ -139,6 +143,37 @@ class ClusterDriver:
         rep = self.replicators.get(peer)
         if rep is not None:
             rep.resync()
+
+    def _on_record(self, rec: Record) -> None:
+        """A transfer finished: the source hands the owner keys of what moved to the target
+        (one transaction each: "still ours" -> the target's, under the target's lease); the
+        target records its new tunnels at once."""
+        if rec.role == "source" and rec.outcome in ("committed", "partial"):
+            spis = [s for s in rec.spis if s in self.owned]
+            task = asyncio.get_running_loop().create_task(self._hand_over(spis, rec.peer))
+            self._handovers.add(task)
+            task.add_done_callback(self._handovers.discard)
+        elif rec.role == "target" and rec.outcome == "committed":
+            self._own_now = True
+
+    async def _hand_over(self, spis: list[int], peer: str) -> None:
+        try:
+            kv = await self.client.get(self.keys["members"] + peer)
+            lease = int(json.loads(kv.value).get("lease", "0")) if kv is not None else 0
+            for spi in spis:
+                key = ownership.owner_key(self.cfg.name, spi)
+                if lease and await self.client.hand_over(key, self.lease_id, peer, lease):
+                    self.owned.discard(spi)
+            event(log, "cluster-handed-over", node=self.node.name, peer=peer, tunnels=len(spis))
+        except (EtcdError, ValueError, TypeError, AttributeError) as exc:
+            # The next round releases what is still ours; the target waits for it.
+            event(
+                log,
+                "cluster-etcd-error",
+                logging.WARNING,
+                node=self.node.name,
+                error=f"handing over to {peer}: {exc}",
+            )
 
     def _ceiling(self, t: Tunnel) -> None:
         """A tunnel may send only while we own it, and at most ``margin`` past the lowest
@@ -215,6 +250,9 @@ class ClusterDriver:
                 if self.node.clock() >= self._next_keepalive:
                     self._next_keepalive = self.node.clock() + period
                     await self._renew()
+                    await self._own_tunnels()
+                elif self._own_now and self.lease.valid(self.node.clock()):
+                    self._own_now = False
                     await self._own_tunnels()
                 if self.lease_id and self.lease.valid(self.node.clock()):
                     await self._scan()
@@ -371,6 +409,10 @@ class ClusterDriver:
                 won = []
                 for t, k in zip(batch, keys, strict=True):
                     if await self.client.create(k, self.node.name, lease=self.lease_id):
+                        won.append(t)
+                        continue
+                    kv = await self.client.get(k)  # handed to us by a transfer's source?
+                    if kv is not None and kv.lease == self.lease_id:
                         won.append(t)
                     else:
                         self._fence(t)

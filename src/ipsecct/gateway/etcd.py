@@ -244,6 +244,28 @@ class EtcdClient:
         )
         return bool(ans.get("succeeded", False))
 
+    async def hand_over(self, key: str, lease: int, value: str, new_lease: int) -> bool:
+        """Give ``key`` (ours: attached to ``lease``) to another member, under its lease, in
+        one transaction."""
+        ans = await self.call(
+            "/v3/kv/txn",
+            {
+                "compare": [
+                    {"key": _b64(key), "target": "LEASE", "lease": str(lease), "result": "EQUAL"}
+                ],
+                "success": [
+                    {
+                        "request_put": {
+                            "key": _b64(key),
+                            "value": _b64(value),
+                            "lease": str(new_lease),
+                        }
+                    }
+                ],
+            },
+        )
+        return bool(ans.get("succeeded", False))
+
     async def create(self, key: str, value: bytes | str, *, lease: int = 0) -> bool:
         """Put ``key`` only if it does not exist (a transaction); True if it was created."""
         put: dict[str, Any] = {"key": _b64(key), "value": _b64(value)}

@@ -209,6 +209,9 @@ class Engine:
         # Fencing (fail-over): nothing is sent at or after ``send_until`` (the end of this
         # gateway's lease, see ipsecct.ct.lease); outbound packets are Held instead.
         self.send_until = math.inf
+        # Cluster (etcd) mode: a new tunnel may send nothing until its owner is recorded
+        # (its ceiling starts at its current number; the cluster driver lifts it).
+        self.fence_new_tunnels = False
         # The native data path (ipsecct.ipsec.native): an SA table in C that the engine fills
         # after the Python path has handled a packet of an SA it may carry, and empties when
         # anything about that SA changes. None: the pure-Python path.
@@ -309,6 +312,8 @@ class Engine:
         self._clear_flows()
         self.spd.add(entry, index=index)
         t = Tunnel(entry, outbound, inbound)
+        if self.fence_new_tunnels:
+            t.seq_ceiling = outbound.seq
         self._tunnel_of_entry[id(entry)] = t
         for sa in t.sas():
             self._tunnel_of_sa[id(sa)] = t
