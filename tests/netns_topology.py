@@ -194,6 +194,9 @@ class HandoverWorld:
                         "identity": self.identity,
                         "max_transfer_ms": 1000,
                         "forward_ms": FORWARD_MS,
+                        # what a peer may hand over (sg2 has no tunnel to take it from)
+                        "accept_local_ts": HOST_NET,
+                        "accept_remote_ts": f"{MN_INNER}/32",
                     },
                 )
                 + _section(

@@ -27,6 +27,7 @@ import pytest
 from ipsecct.gateway import control
 from tests.example_deployment import cli
 from tests.test_gateway_loopback import Daemon, free_udp_port, node_toml
+from tests.test_transfer_processes import SPI, Setup
 
 NOBODY = pwd.getpwnam("nobody")
 
@@ -245,3 +246,47 @@ def test_default_socket_is_private_and_found_without_c(tmp_path: Path) -> None:
         proc.terminate()
         proc.wait(10)
         log.close()
+
+
+# -- listeners ------------------------------------------------------------------------------
+def test_idle_connections_do_not_exhaust_the_gateway(tmp_path: Path, many_fds: None) -> None:
+    metrics_port = free_udp_port()  # any free number; TCP and UDP spaces are separate anyway
+    setup = Setup(tmp_path)
+    sg2 = setup.dir / "sg2.toml"
+    sg2.write_text(
+        sg2.read_text().replace("[control]\n", f'[control]\nmetrics = "127.0.0.1:{metrics_port}"\n')
+    )
+    socks: list[socket.socket] = []
+    try:
+        for n in ("sg1", "sg2", "mn"):
+            setup.start(n)
+        pid = setup.procs["sg2"].pid
+        # The gateway raised its descriptor limit to the hard limit at start.
+        limits = Path(f"/proc/{pid}/limits").read_text()
+        line = next(x for x in limits.splitlines() if x.startswith("Max open files"))
+        soft, hard = line.split()[3:5]
+        assert soft == hard, line
+        before = open_fds(pid)
+        cxtp_port = setup.port[35091]
+        socks += flood("127.0.3.2", cxtp_port, 1100, "127.0.0.5")
+        socks += flood("127.0.0.1", metrics_port, 1100, "127.0.0.6")
+        assert len(socks) > 2000  # the kernel accepted them; the gateway did not keep them
+        time.sleep(0.5)
+        assert open_fds(pid) < before + 100, open_fds(pid)
+        # A real peer's handshake still succeeds at once: sg1 moves the MN's tunnel to sg2 ...
+        r = cli("transfer", SPI, "--to", "sg2", "--json", "--config", setup.config("sg1"))
+        assert r.returncode == 0, (r.stdout, r.stderr, setup.log("sg2"))
+        assert json.loads(r.stdout)["outcome"] == "committed"
+        # ... and the metrics answer a scrape from another source.
+        with socket.create_connection(("127.0.0.1", metrics_port), timeout=5) as s:
+            s.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+            assert s.recv(100).startswith(b"HTTP/1.0 200")
+        # The log says so in a few lines, not one per connection.
+        log = (setup.dir / "sg2.log").read_text()
+        refused = [x for x in log.splitlines() if "refused" in x and "connection" in x]
+        assert 0 < len(refused) < 40, len(refused)
+        assert "Traceback" not in log
+    finally:
+        for s in socks:
+            s.close()
+        setup.stop()

@@ -380,8 +380,7 @@ class TransferCore:
         for inc in self.incoming.values():
             if held.tunnel in inc.tunnels and inc.state in ("receiving", "pending"):
                 return self._keep(inc, held)
-        self.counters["held_refused"] += 1
-        return False
+        return False  # not ours (fail-over fencing may hold it)
 
     def _keep(self, owner: _Outgoing | _Incoming, held: Held) -> bool:
         s = self.settings

@@ -289,6 +289,10 @@ async def build(
                 "key": str(workdir / "pki" / f"{g}.key"),
                 "ca": str(workdir / "pki" / "ca.pem"),
                 "identity": identity if identity in ("direct", "indirect") else "direct",
+                # What a peer may hand over: tunnels between the host's side and the MNs'
+                # (sg2 starts without a tunnel to take the defaults from).
+                "accept_local_ts": "10.2.0.0/16",
+                "accept_remote_ts": "10.0.0.0/8",
                 **(transfer or {}),
             },
             "peers": [

@@ -23,23 +23,35 @@ class Balancer:
         self.cfg = cfg
         self.transfer = transfer
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
 
     async def start(self) -> None:
+        self._stopping = False
         self._task = asyncio.create_task(self._loop())
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        # A cancellation that lands just as a transfer finishes can be swallowed on the way
+        # (asyncio.wait_for returns the result instead): the loop also checks a flag, and the
+        # task is cancelled again until it is done, so stopping never hangs.
+        self._stopping = True
+        task = self._task
+        if task is None:
+            return
+        while not task.done():
+            task.cancel()
+            await asyncio.wait({task}, timeout=1.0)
+        with contextlib.suppress(asyncio.CancelledError):
+            task.result()
 
     async def _loop(self) -> None:
         b = self.cfg
-        while True:
+        while not self._stopping:
             await asyncio.sleep(b.interval)
             active = [t for t in self.node.engine.tunnels() if t.state is TunnelState.ACTIVE]
             excess = min(len(active) - b.above, b.batch)
-            if excess <= 0 or self.transfer.core.in_progress():
+            # Only this gateway's own transfers make it wait: a peer's unfinished ones (which
+            # a peer could keep coming) never stall balancing.
+            if excess <= 0 or self.transfer.core.outgoing_in_progress():
                 continue
             event(
                 log,

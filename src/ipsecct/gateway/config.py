@@ -684,7 +684,7 @@ def from_dict(data: dict[str, Any], path: str = "<config>") -> NodeConfig:
     names = [t.name for t in tunnels]
     if len(set(names)) != len(names):
         raise ctx.err("tunnel", "tunnel names must be unique")
-    transfer = _transfer(data, ctx)
+    transfer = _transfer(data, ctx, tunnels)
     failover = _failover(data.get("failover"), ctx, transfer)
     connections = load_connections(data, path) if data.get("connections") else []
     ike_d = ctx.get(data, "ike", "", dict, {})
@@ -787,6 +787,24 @@ _TRANSFER_KEYS = {
     "candidates",
     "max_held",
     "balance",
+    "accept_local_ts",
+    "accept_remote_ts",
+    "max_held_bytes",
+    "held_per_tunnel",
+    "held_bytes_per_tunnel",
+    "max_incoming_per_peer",
+    "max_contexts_per_message",
+    "max_contexts_per_transfer",
+}
+
+# [transfer] limits: key -> Settings attribute (whole numbers >= 1)
+_TRANSFER_LIMITS = {
+    "max_held_bytes": "max_held_bytes",
+    "held_per_tunnel": "held_per_tunnel",
+    "held_bytes_per_tunnel": "held_bytes_per_tunnel",
+    "max_incoming_per_peer": "max_incoming_per_peer",
+    "max_contexts_per_message": "max_contexts_per_message",
+    "max_contexts_per_transfer": "max_contexts_per_transfer",
 }
 
 
@@ -794,7 +812,9 @@ def _positive(v: Any) -> bool:
     return not isinstance(v, bool) and isinstance(v, int | float) and v > 0
 
 
-def _transfer(data: dict[str, Any], ctx: _Ctx) -> TransferConfig | None:
+def _transfer(
+    data: dict[str, Any], ctx: _Ctx, tunnels: list[TunnelConfig] | None = None
+) -> TransferConfig | None:
     """``[transfer]`` and ``[[peers]]`` (the gateway's context-transfer service)."""
     t = data.get("transfer")
     if t is None:
@@ -848,6 +868,13 @@ def _transfer(data: dict[str, Any], ctx: _Ctx) -> TransferConfig | None:
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
             raise ctx.err("transfer.max_held", "must be a number >= 0")
         s.max_held = v
+    for key, attr in _TRANSFER_LIMITS.items():
+        if key in t:
+            v = t[key]
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ctx.err(f"transfer.{key}", "must be a whole number >= 1")
+            setattr(s, attr, v)
+    _accept(t, ctx, s, tunnels or [])
     if "algorithms" in t:
         algs = t["algorithms"]
         if not isinstance(algs, list) or not all(isinstance(a, str) for a in algs):
@@ -867,9 +894,29 @@ def _transfer(data: dict[str, Any], ctx: _Ctx) -> TransferConfig | None:
     if not isinstance(cands, list) or any(c not in peers for c in cands):
         raise ctx.err("transfer.candidates", "must list names of [[peers]]")
     balance = _balance(t["balance"], ctx, peers) if "balance" in t else None
-    return TransferConfig(
-        listen, file("cert"), file("key"), file("ca"), s, peers, list(cands), balance
-    )
+    key = file("key")
+    warn_if_readable(key, "TLS private key")  # as for tunnel key files
+    return TransferConfig(listen, file("cert"), key, file("ca"), s, peers, list(cands), balance)
+
+
+def _accept(t: dict[str, Any], ctx: _Ctx, s: Settings, tunnels: list[TunnelConfig]) -> None:
+    """What a peer may hand over: transferred tunnels' local and remote selectors must lie
+    inside ``accept_local_ts`` / ``accept_remote_ts``; by default, inside what this gateway's
+    own tunnels protect. A gateway with neither accepts nothing (and says so)."""
+    local = [r for tc in tunnels for r in tc.policy.selectors.local]
+    remote = [r for tc in tunnels for r in tc.policy.selectors.remote]
+    if "accept_local_ts" in t:
+        local = list(_ranges(t["accept_local_ts"], ctx, "transfer.accept_local_ts"))
+    if "accept_remote_ts" in t:
+        remote = list(_ranges(t["accept_remote_ts"], ctx, "transfer.accept_remote_ts"))
+    s.accept_local, s.accept_remote = tuple(local), tuple(remote)
+    if not local or not remote:
+        logging.getLogger("ipsecct.gateway.config").warning(
+            "event=transfer-accepts-nothing file=%s (no [[tunnel]] to take the defaults"
+            " from: set [transfer] accept_local_ts and accept_remote_ts to the traffic"
+            " this gateway may take over)",
+            ctx.path,
+        )
 
 
 def _peers(plist: Any, ctx: _Ctx) -> dict[str, PeerConfig]:

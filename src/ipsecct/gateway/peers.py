@@ -18,7 +18,8 @@ from ..ct.transfer import TransferError
 from ..errors import IpsecctError
 from . import tlschannel
 from .config import PeerConfig, TransferConfig
-from .log import event
+from .limits import ConnectionLimits
+from .log import RateLimited, event
 
 log = logging.getLogger("ipsecct.ct.transfer")
 
@@ -58,6 +59,10 @@ class PeerChannels:
         self.server: asyncio.Server | None = None
         self.refused = 0
         self._quiet_until: dict[str, float] = {}
+        # Connections open on the listener per source address and in total, handshakes
+        # included: anyone who reaches the port can open them, without a certificate.
+        self.limits = ConnectionLimits()
+        self._quiet = RateLimited()
 
     def load_credentials(self) -> None:
         """Read the certificate, key and CA (a problem is a one-line error naming the file)."""
@@ -76,6 +81,7 @@ class PeerChannels:
             self.server_ctx,
             timeout=3600,
             on_refused=self._refused_handshake,
+            limits=self.limits,
         )
 
     async def stop(self) -> None:
@@ -97,8 +103,7 @@ class PeerChannels:
                 t.cancel()
 
     def _refused_handshake(self, address: str, reason: str) -> None:
-        self.refused += 1
-        event(log, "peer-refused", logging.WARNING, node=self.name, address=address, reason=reason)
+        self.refused += 1  # tlschannel logs it (rate-limited); here it is only counted
 
     def peer_of(self, conn: tlschannel.CxtpConnection) -> PeerConfig | None:
         for p in self.tcfg.peers.values():
@@ -114,10 +119,11 @@ class PeerChannels:
         peer = self.peer_of(conn)
         if peer is None:
             self.refused += 1
-            event(
+            self._quiet.event(
                 log,
                 "peer-refused",
                 logging.WARNING,
+                key=conn.peer_address.rsplit(":", 1)[0],
                 node=self.name,
                 certificate=conn.peer.name,
                 address=conn.peer_address,

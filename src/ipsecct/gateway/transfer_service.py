@@ -35,7 +35,7 @@ from ..ct.transfer import (
 from ..ipsec.engine import Forward, Held, TunnelState
 from .config import TransferConfig
 from .control import ControlError
-from .log import event
+from .log import RateLimited, event
 from .node import Node
 from .peers import PeerChannels
 
@@ -65,6 +65,7 @@ class TransferService:
         node.outer_hooks.append(self._on_outer_message)
         node.extensions["peers"] = self._peers_status
         node.extensions["transfers"] = self._transfers_status
+        self._quiet = RateLimited()
 
     async def start(self) -> None:
         self._timer = asyncio.create_task(self._timers())
@@ -121,7 +122,7 @@ class TransferService:
         spec = self.tcfg.peers[peer]
         now = self.node.clock()
         if isinstance(msg, cxtp.CTAR):
-            self.run(self._ctar(msg, now, via=peer))
+            self.run(self._ctar(msg, now, via=peer, source=f"peer {peer}"))
             return
         self.run(
             self.core.receive(
@@ -167,29 +168,40 @@ class TransferService:
             return False
         if not isinstance(msg, cxtp.CTAR):
             return False
-        self.run(self._ctar(msg, self.node.clock(), via=None))
+        source = str(addr[0]) if addr else "?"
+        self.run(self._ctar(msg, self.node.clock(), via=None, source=source))
         return True
 
-    def _ctar(self, msg: cxtp.CTAR, now: float, via: str | None) -> list[Output]:
+    def _ctar(self, msg: cxtp.CTAR, now: float, via: str | None, source: str) -> list[Output]:
         """An MN (or, for ``transfer --mode reactive``, the source on its behalf) asks us to
-        fetch its contexts from the router named in the CTAR: send that router a CT-Req."""
+        fetch its contexts from the router named in the CTAR: send that router a CT-Req,
+        within the core's limits (CT_REQUEST_RATE per source and MN, per peer). Refusals are
+        counted; their log lines are rate-limited (forged CTARs cost little and come in
+        floods)."""
         peer = via
         if peer is None:
             for p in self.tcfg.peers.values():
                 if p.outer == msg.router or (p.outer is None and p.address.host == msg.router):
                     peer = p.name
                     break
+        why: str | None
+        out: list[Output] = []
         if peer is None or "send" not in self.tcfg.peers[peer].allow:
-            event(
+            self.core.counters["refused"] += 1
+            why = "router is not a peer that may send contexts"
+        else:
+            why, out = self.core.ctar(peer, msg, source, now)
+        if why is not None:
+            self._quiet.event(
                 log,
                 "ctar-refused",
                 logging.WARNING,
+                key=why,
                 node=self.node.name,
+                source=source,
                 router=msg.router,
-                reason="router is not a peer that may send contexts",
+                reason=why,
             )
-            return []
-        _tid, out = self.core.request(peer, msg.mn_prev, msg.token, msg.seq, now)
         return out
 
     # -- operator commands ----------------------------------------------------------
@@ -290,4 +302,5 @@ class TransferService:
             "recent": [r.as_dict() for r in recent],
             **self.core.counters,
             "refused_connections": self.channels.refused,
+            "open_connections": self.channels.limits.count,
         }

@@ -1,0 +1,184 @@
+"""Issue 8 §2 and §5 against running gateways: a trusted but compromised peer over real TLS
+(the demo's gateways in one process, certificates from a fresh test CA), and forged CTARs
+against ``examples/transfer`` as processes. Each test is the attack from the issue; before the
+fix each of them succeeded (or, for the CTAR flood, cost the peer one CT-Req per datagram).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import os
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+from ipsecct.bench.transfer import make_tunnel
+from ipsecct.ct import cxtp
+from ipsecct.ct.transfer import decision_cdb, forward_cdb
+from ipsecct.demo import topology as demo
+from ipsecct.gateway import config
+from ipsecct.gateway.balancer import Balancer
+from ipsecct.gateway.config import BalanceConfig
+from ipsecct.ipsec.engine import TunnelState
+from ipsecct.ipsec.ippacket import build_udp
+from tests.test_handover import connect_as, flow, run_demo, services
+from tests.test_transfer_policy import rogue_cdbs
+from tests.test_transfer_processes import Setup
+from tests.transfer_helpers import sel
+
+
+async def until(pred: object, what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():  # type: ignore[operator]
+        if time.monotonic() > deadline:
+            raise AssertionError(what)
+        await asyncio.sleep(0.02)
+
+
+def mn_addr() -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    return ipaddress.ip_address(demo.ADDRESS["mn"])
+
+
+def test_catch_all_pctd_over_tls_is_refused(tmp_path: Path) -> None:
+    async def body(d: demo.Demo) -> None:
+        sg1 = d.gateways["sg1"].node
+        spd_before, sad_before = list(sg1.engine.spd), len(sg1.engine.sad)
+        core = services(d)["sg1"].core
+        conn = await connect_as(tmp_path, d, "sg1", tmp_path / "pki", "sg2")
+        tid = 0x5EED
+        tag = cxtp.TransferTag(tid, 0, last=True).encode()
+        cdbs = rogue_cdbs(sel("0.0.0.0/0", "0.0.0.0/0"))
+        await conn.send(cxtp.PCTD(mn_addr(), 0, b"k" * 20, (tag, *cdbs)))
+        # ... and commits it at once, whatever sg1 answered.
+        commit = (cxtp.TransferTag(tid, 1).encode(), decision_cdb(1))
+        await conn.send(cxtp.CTD(mn_addr(), 0, commit))
+        await until(lambda: core.counters["policy_refused"] == 1, "the PCTD is refused")
+        await asyncio.sleep(0.2)
+        await conn.close()
+        assert list(sg1.engine.spd) == spd_before and len(sg1.engine.sad) == sad_before
+        # The MN's traffic still flows both ways through sg1, nothing to the attacker.
+        sent, got = await flow(d)
+        assert got == sent
+
+    run_demo(tmp_path, body)
+
+
+def test_forward_injection_over_tls_is_refused(tmp_path: Path) -> None:
+    async def body(d: demo.Demo) -> None:
+        mn = d.mn.node.engine.stats
+        core = services(d)["sg1"].core
+        before = mn.in_packets
+        conn = await connect_as(tmp_path, d, "sg1", tmp_path / "pki", "sg2")
+        packet = build_udp(
+            ipaddress.ip_address("10.2.0.1"),
+            ipaddress.ip_address(demo.MN_INNER),
+            7000,
+            7000,
+            b"the attacker's own plaintext",
+        )
+        tag = cxtp.TransferTag(0, 0).encode()
+        for _ in range(5):
+            await conn.send(
+                cxtp.CTD(ipaddress.ip_address("0.0.0.0"), 0, (tag, forward_cdb(packet, False)))
+            )
+        await until(lambda: core.counters["forward_refused"] == 5, "the FORWARDs are refused")
+        await asyncio.sleep(0.3)
+        await conn.close()
+        assert mn.in_packets == before  # nothing reached the MN through its tunnel
+
+    run_demo(tmp_path, body)
+
+
+def test_balance_goes_on_while_a_peer_sends_garbage(tmp_path: Path) -> None:
+    async def body(d: demo.Demo) -> None:
+        sg1 = d.services["sg1"]
+        assert sg1.transfer is not None
+        core = services(d)["sg1"].core
+        conn = await connect_as(tmp_path, d, "sg1", tmp_path / "pki", "sg2")
+        # 3,000 transfers that never finish (no LAST flag), each with a context of sorts.
+        tiny = (0x8001).to_bytes(2, "big") + bytes([1, 0, 0, 0, 0, 0])
+        for tid in range(1, 3001):
+            tag = cxtp.TransferTag(tid, 0, last=False).encode()
+            await conn.send(cxtp.PCTD(mn_addr(), 0, b"k" * 20, (tag, tiny)))
+        await until(
+            lambda: core.counters["over_limit"] >= 2990, f"held to its limit: {core.counters}"
+        )
+        assert core.in_progress() <= 4
+        eng = d.gateways["sg1"].node.engine
+        for i in range(60):
+            make_tunnel(eng, i, demo.ADDRESS["sg1"], demo.ADDRESS["mn"])
+        sg1.balancer = Balancer(sg1.node, BalanceConfig(20, "sg2", 50, 0.1), sg1.transfer)
+        await sg1.balancer.start()
+
+        def active() -> int:
+            return sum(1 for t in eng.tunnels() if t.state is TunnelState.ACTIVE)
+
+        try:
+            await until(lambda: active() <= 20, "balancing moved the excess", timeout=20)
+        finally:
+            await sg1.balancer.stop()
+            await conn.close()
+
+    run_demo(tmp_path, body)
+
+
+def test_forged_ctar_flood_costs_the_peer_little(tmp_path: Path) -> None:
+    setup = Setup(tmp_path)
+    try:
+        for n in ("sg1", "sg2"):
+            setup.start(n)
+        sg2_outer = ("127.0.3.2", setup.port[34500])
+        mn, sg1 = ipaddress.ip_address("127.0.3.10"), ipaddress.ip_address("127.0.3.1")
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.bind(("127.0.0.7", 0))
+            for i in range(7000):
+                msg = cxtp.CTAR(mn, sg1, i, os.urandom(4))
+                s.sendto(b"\0\0\0\0" + cxtp.encode(msg), sg2_outer)
+                if i % 200 == 199:
+                    time.sleep(0.01)  # (so that the kernel drops few of them)
+        st2 = setup.wait(
+            "sg2",
+            lambda st: st["transfers"]["ctar_limited"] > 3000,
+            "sg2 counted the CTARs it did not pass on",
+        )
+        time.sleep(1.0)
+        refused_at_sg1 = setup.status("sg1")["transfers"]["refused"]
+        # Each CT-Req that did reach sg1 was refused there (a forged token) before any work.
+        assert 0 < refused_at_sg1 <= 60, refused_at_sg1
+        assert setup.status("sg1")["transfers"]["in_progress"] == 0
+        log = (setup.dir / "sg2.log").read_text()
+        assert log.count("event=ctar-refused") <= 40, st2
+    finally:
+        setup.stop()
+
+
+def test_world_readable_tls_key_is_warned_about(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    for f in ("sg1.pem", "sg1.key", "ca.pem"):
+        (tmp_path / f).write_text("x")
+    os.chmod(tmp_path / "sg1.key", 0o644)
+    data = {
+        "name": "sg1",
+        "outer": {"address": "127.0.1.1"},
+        "inner": {"kind": "udp", "listen": "127.0.1.1:5000", "peer": "127.0.1.2:5000"},
+        "transfer": {
+            "listen": "127.0.1.1:5091",
+            "cert": "sg1.pem",
+            "key": "sg1.key",
+            "ca": "ca.pem",
+        },
+    }
+    with caplog.at_level(logging.WARNING, logger="ipsecct.gateway.config"):
+        config.from_dict(data, str(tmp_path / "sg1.toml"))
+    lines = [r.getMessage() for r in caplog.records if "readable-by-others" in r.getMessage()]
+    assert len(lines) == 1 and "TLS-private-key" in lines[0] and "mode=644" in lines[0]
+    caplog.clear()
+    os.chmod(tmp_path / "sg1.key", 0o600)
+    with caplog.at_level(logging.WARNING, logger="ipsecct.gateway.config"):
+        config.from_dict(data, str(tmp_path / "sg1.toml"))
+    assert not [r for r in caplog.records if "readable-by-others" in r.getMessage()]
