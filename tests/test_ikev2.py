@@ -887,3 +887,54 @@ def test_fuzz_ike_sa_context(data: st.DataObject) -> None:
         cdbs[i] = cdbs[i][: data.draw(st.integers(0, len(cdbs[i])))]
     with contextlib.suppress(context.IkeContextError):
         IkeEngine([conn()]).import_ike([bytes(c) for c in cdbs], 0.0)
+
+
+@pytest.mark.parametrize("kind", ["rsa", "p256"])
+def test_engines_with_certificates_both_ways(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Initiator and responder both authenticate with certificates from one CA (RFC 7427,
+    both announce SIGNATURE_HASH_ALGORITHMS); a certificate from another CA is refused."""
+    import dataclasses
+    import time
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.x509.oid import NameOID
+
+    from ipsecct.ikev2.auth import Credentials
+
+    ca, gw_cert, gw_key, ca_key = _pki(kind)
+    _, _, mn_key, _ = _pki(kind)
+    import datetime as dt
+
+    now = dt.datetime.now(dt.UTC)
+    mn_cert = (x509.CertificateBuilder()
+               .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "mn.test")]))
+               .issuer_name(ca.subject).public_key(mn_key.public_key())  # type: ignore[attr-defined]
+               .serial_number(x509.random_serial_number())
+               .not_valid_before(now - dt.timedelta(days=1))
+               .not_valid_after(now + dt.timedelta(days=3))
+               .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+               .sign(ca_key, hashes.SHA256()))  # type: ignore[arg-type]  # fmt: skip
+
+    def pk(c: Connection, cert: object, key: object, remote_id: str) -> Connection:
+        return dataclasses.replace(c, local_auth="pubkey", remote_auth="pubkey", local_id=None,
+                                   remote_id=Identity(remote_id),
+                                   credentials=Credentials((cert,), key),  # type: ignore[arg-type]
+                                   cacerts=[ca])  # type: ignore[list-item]  # fmt: skip
+
+    ini = IkeEngine([pk(mn_conn(), mn_cert, mn_key, "peer.test")], wall_offset=time.time())
+    resp = IkeEngine([pk(conn(), gw_cert, gw_key, "CN=mn.test")], wall_offset=time.time())
+    w = Wire(ini, resp)
+    w.deliver(ini.initiate(ini.connections[0], I500, R500, 0.0), "i", 0.0)
+    (ui,), (ur,) = w.of("i", IkeUp), w.of("r", IkeUp)
+    assert isinstance(ui, IkeUp) and isinstance(ur, IkeUp)
+    assert ur.ike.peer_id == "CN=mn.test" and ui.ike.peer_id == "peer.test"
+    assert len(w.of("i", ChildUp)) == 1
+    # a client certificate from another CA is not accepted
+    _, other_cert, other_key, _ = _pki(kind)
+    ini2 = IkeEngine([pk(mn_conn(), other_cert, other_key, "peer.test")],
+                     wall_offset=time.time())  # fmt: skip
+    w2 = Wire(ini2, IkeEngine([pk(conn(), gw_cert, gw_key, "%any")], wall_offset=time.time()))
+    w2.deliver(ini2.initiate(ini2.connections[0], I500, R500, 0.0), "i", 0.0)
+    assert w2.of("i", ConnectFailed) and not w2.of("r", IkeUp)
+    assert w2.resp.stats["auth-failed"] == 1

@@ -647,3 +647,90 @@ def test_strongswan_connects_with_certificates(workdir: Path, kind: str) -> None
                     assert "reassembled fragmented IKE message" in log, ss.logtail()
         finally:
             gw.cleanup()
+
+
+class CertResponder(Charon):
+    """strongSwan B as a gateway that authenticates with its certificate and wants the
+    client's, from the test CA."""
+
+    def __init__(self, ns: Namespaces, workdir: Path, pki: Path) -> None:
+        super().__init__(ns, "b", B, workdir, "default")
+        self.pki = pki
+
+    def write_config(self) -> None:
+        super().write_config()
+        conf = f"""connections {{
+  cB {{
+    version = 2
+    local_addrs = {B.outer}
+    remote_addrs = {A.outer}
+    encap = yes
+    mobike = no
+    local {{
+      auth = pubkey
+      certs = gw.pem
+      id = {B.id}
+    }}
+    remote {{
+      auth = pubkey
+      id = "CN=client.test"
+      cacerts = ca.pem
+    }}
+    children {{
+      net {{
+        local_ts = {B.inner}/32
+        remote_ts = {A.inner}/32
+        mode = tunnel
+      }}
+    }}
+  }}
+}}
+"""
+        (self.dir / "swanctl.conf").write_text(conf)
+        for sub, name in (("x509", "gw.pem"), ("x509ca", "ca.pem"), ("private", "gw.key")):
+            (self.dir / sub).mkdir(exist_ok=True)
+            shutil.copy(self.pki / name, self.dir / sub / name)
+
+
+@pytest.mark.root
+@pytest.mark.slow
+@needs_strongswan
+@pytest.mark.parametrize("kind", ["rsa", "ecdsa"])
+def test_ipsecct_node_connects_with_certificates(workdir: Path, kind: str) -> None:
+    """``ipsecct node`` authenticates to a strongSwan gateway with its certificate and
+    checks the gateway's (RFC 7427 both ways; RSA-3072 IKE_AUTH messages fragmented)."""
+    pki = workdir / "pki"
+    pki.mkdir()
+    make_pki(pki, kind)
+    with Namespaces("a", "b") as ns:
+        build_namespaces(ns)
+        with CertResponder(ns, workdir, pki) as ss:
+            ss.start()
+            conf = node_config(workdir)
+            text = conf.read_text()
+            text = text.replace('local.id = "a.test"', 'local.auth = "pubkey"\n'
+                                f'local.certs = ["{pki}/client.pem"]')
+            text = text.replace(f'remote.id = "{B.id}"', f'remote.id = "{B.id}"\n'
+                                'remote.auth = "pubkey"\n'
+                                f'remote.cacerts = ["{pki}/ca.pem"]')
+            text = text.replace('[secrets.ike-ab]\nid = ["a.test", "b.test"]\nfile = "ab.psk"\n',
+                                f'[secrets.private-mn]\nfile = "{pki}/client.key"\n')
+            conf.write_text(text)  # fmt: skip
+            sock = str(workdir / "mn.sock")
+            mn = Daemon("node", conf, sock, workdir / "mn.log",
+                        prefix=["ip", "netns", "exec", ns.names["a"]])  # fmt: skip
+            try:
+                mn.start()
+                strongswan.wait_log(ss, r"CHILD_SA net\{\d+\} established")
+                log = ss.log()
+                m = re.search(r"authentication of 'CN=client.test' with (\S+) successful", log)
+                want = "RSA_EMSA_PKCS1_SHA2_256" if kind == "rsa" else "ECDSA_WITH_SHA256_DER"
+                assert m and m.group(1) == want, ss.logtail()
+                wait_until(lambda: mn.status()["sas"] == 2, "the node's CHILD SA")
+                assert ping(ns, "a", B.inner, 3) == 3, mn.logtext() + ss.logtail()
+                (sa,) = ike_list(sock)
+                assert sa["remote_id"] == B.id and sa["role"] == "initiator"
+                if kind == "rsa":
+                    assert "reassembled fragmented IKE message" in log, ss.logtail()
+            finally:
+                mn.cleanup()

@@ -83,6 +83,12 @@ class Identity:
                 return False
             return _dn_set(self.text) == _dn_set(cert.subject.rfc4514_string())
         mine = self.payload(p.initiator)
+        if cert is not None and p.id_type == IdType.DER_ASN1_DN:
+            # the peer names itself by its DN; the name we want is among its certificate's
+            # subjectAltNames
+            from .auth import id_matches_cert
+
+            return id_matches_cert(mine, cert)
         return (mine.id_type, mine.data) == (p.id_type, p.data)
 
 

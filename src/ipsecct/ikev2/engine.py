@@ -719,6 +719,8 @@ class IkeEngine:
         if conn.local_auth == "pubkey" and creds is not None:
             our_id = (conn.local_id.payload(False) if conn.local_id is not None
                       and "=" not in conn.local_id.text else creds.subject_id(False))
+            if idr is not None and id_matches_cert(idr, creds.certs[0]):
+                our_id = IDPayload(False, idr.id_type, idr.data)  # the name it asked for
         else:
             our_id = (conn.local_id.payload(False) if conn.local_id is not None
                       else IDPayload(False, 1 if ike.local.host.version == 4 else 5,
@@ -988,6 +990,9 @@ class IkeEngine:
                           data=_natd(c.spi_i, bytes(8), c.remote)),
             NotifyPayload(Notify.IKEV2_FRAGMENTATION_SUPPORTED),
         ]  # fmt: skip
+        if "pubkey" in (c.conn.local_auth, c.conn.remote_auth):
+            payloads.append(NotifyPayload(Notify.SIGNATURE_HASH_ALGORITHMS,
+                                          data=struct.pack("!3H", *SUPPORTED_HASHES)))
         hdr = Header(c.spi_i, bytes(8), 0, ExchangeType.IKE_SA_INIT, Flag.INITIATOR, 0, 0)
         c.request = encode_plain(hdr, payloads)
         c.tries = 1
@@ -1046,6 +1051,9 @@ class IkeEngine:
         ike.my_next_mid = 1
         ike.last_heard = now
         ike.fragmentation = Notify.IKEV2_FRAGMENTATION_SUPPORTED in n
+        if Notify.SIGNATURE_HASH_ALGORITHMS in n:
+            d = n[Notify.SIGNATURE_HASH_ALGORITHMS].data
+            ike.peer_hashes = tuple(struct.unpack(f"!{len(d) // 2}H", d[: len(d) // 2 * 2]))
         if Notify.NAT_DETECTION_SOURCE_IP in n and Notify.NAT_DETECTION_DESTINATION_IP in n:
             srcs = [p.data for p in payloads if isinstance(p, NotifyPayload)
                     and p.type == Notify.NAT_DETECTION_SOURCE_IP]  # fmt: skip
@@ -1063,14 +1071,28 @@ class IkeEngine:
         conn = ike.conn
         prf_alg = ike.suite.prf
         assert prf_alg is not None
-        idi = (conn.local_id.payload(True) if conn.local_id is not None
-               else IDPayload(True, 1 if ike.local.host.version == 4 else 5,
-                              ike.local.host.packed))  # fmt: skip
+        creds = conn.credentials if conn.local_auth == "pubkey" else None
+        if creds is not None and (conn.local_id is None or "=" in conn.local_id.text):
+            idi = creds.subject_id(True)
+        else:
+            idi = (conn.local_id.payload(True) if conn.local_id is not None
+                   else IDPayload(True, 1 if ike.local.host.version == 4 else 5,
+                                  ike.local.host.packed))  # fmt: skip
         octets = signed_octets(ike.init_request, ike.nonce_r, prf_alg, ike.keys.sk_pi, idi.body)
-        payloads: list[Payload] = [idi, NotifyPayload(Notify.INITIAL_CONTACT)]
-        if not conn.remote_id.any:
+        payloads: list[Payload] = [idi]
+        if creds is not None:
+            payloads += [CertPayload(CERT_X509_SIGNATURE, d) for d in creds.der()]
+        payloads.append(NotifyPayload(Notify.INITIAL_CONTACT))
+        if conn.remote_auth == "pubkey" and conn.cacerts:
+            payloads.append(CertReqPayload(CERT_X509_SIGNATURE, certreq(conn.cacerts)))
+        if not conn.remote_id.any and "=" not in conn.remote_id.text:
             payloads.append(conn.remote_id.payload(False))
-        payloads.append(AuthPayload(AuthMethod.SHARED_KEY, psk_auth(prf_alg, conn.psk, octets)))
+        if creds is not None:
+            method, data = sign(creds.key, octets, ike.peer_hashes)
+            payloads.append(AuthPayload(method, data))
+        else:
+            payloads.append(AuthPayload(AuthMethod.SHARED_KEY,
+                                        psk_auth(prf_alg, conn.psk, octets)))  # fmt: skip
         if child is not None:
             spi = self._new_child_spi()
             ike.auth_child = (child, spi)
@@ -1090,22 +1112,39 @@ class IkeEngine:
         idr = next((p for p in inner if isinstance(p, IDPayload) and not p.initiator), None)
         auth = find(inner, AuthPayload)
         ok = False
-        if idr is not None and auth is not None and conn.remote_id.matches(idr) and (
-            auth.method == AuthMethod.SHARED_KEY
-        ):
+        cert = None
+        why = "responder not authenticated"
+        if idr is not None and auth is not None:
             octets = signed_octets(ike.init_response, ike.nonce_i, prf_alg, ike.keys.sk_pr,
                                    idr.body)  # fmt: skip
-            ok = _hmac.compare_digest(auth.data, psk_auth(prf_alg, conn.psk, octets))
+            if conn.remote_auth == "psk" and auth.method == AuthMethod.SHARED_KEY:
+                ok = conn.remote_id.matches(idr) and _hmac.compare_digest(
+                    auth.data, psk_auth(prf_alg, conn.psk, octets))
+            elif conn.remote_auth == "pubkey" and auth.method != AuthMethod.SHARED_KEY:
+                try:
+                    certs = [parse_cert(p.data) for p in inner if isinstance(p, CertPayload)
+                             and p.encoding == CERT_X509_SIGNATURE][:MAX_CERTS]  # fmt: skip
+                    if not certs:
+                        raise AuthError("no certificate")
+                    cert = certs[0]
+                    validate_chain(cert, certs[1:], conn.cacerts, self._wall(now))
+                    if not id_matches_cert(idr, cert) or not conn.remote_id.matches(idr, cert):
+                        raise AuthError("the identity is not the certificate's or not wanted")
+                    verify(cert, auth.method, auth.data, octets)
+                    ok = True
+                except AuthError as exc:
+                    why = str(exc)
         if not ok:
             errs = [t for t in n if t < 16384]
-            why = f"refused: {_notify_name(errs[0])}" if errs else "responder not authenticated"
+            why = f"refused: {_notify_name(errs[0])}" if errs else why
             self.stats["auth-failed"] += 1
             self._release_auth_spi(ike)
             out.append(ConnectFailed(conn, why))
             self._kill(ike, why, out)
             return
         assert idr is not None
-        ike.peer_id = idr.text()
+        ike.peer_id = cert.subject.rfc4514_string() if (
+            cert is not None and idr.id_type == IdType.DER_ASN1_DN) else idr.text()
         ike.rekey_at = self._rekey_time(now, conn.rekey_time)
         ike.state = IkeState.ESTABLISHED
         self.stats["ike-sa-established"] += 1
