@@ -174,6 +174,19 @@ def test_proposal_strings() -> None:
             parse(bad, M.ProtocolId.IKE)
 
 
+def test_default_proposals_hold_only_groups_we_compute() -> None:
+    from ipsecct.ikev2.keys import SUPPORTED_GROUPS
+
+    for o in parse_list(["default"], M.ProtocolId.IKE):
+        assert set(o.dh) <= SUPPORTED_GROUPS
+    with pytest.raises(ConfigError, match="modp3072"):
+        parse("aes128-sha256-modp3072", M.ProtocolId.IKE)
+    # a peer whose KE uses a group we do not compute is asked for one we do
+    w = pair(mn_conn(ike="aes128-sha256-x25519"), conn(ike="default"))
+    connect(w)
+    assert w.of("i", IkeUp)
+
+
 def test_choice_prefers_the_ke_group_and_our_order() -> None:
     ours = parse_list(["aes128-sha256-ecp256-x25519"], M.ProtocolId.IKE)
     theirs = (M.Proposal(1, 1, b"", parse("aes256-aes128-sha256-x25519-ecp256", 1).transforms()),)

@@ -42,7 +42,7 @@ INTEG = {
     AUTH_HMAC_SHA2_384_192: ("sha384", 48, 24),
     AUTH_HMAC_SHA2_512_256: ("sha512", 64, 32),
 }
-DH_GROUPS = {14, 15, 16, 19, 20, 21, 31, 32}
+DH_GROUPS = {14, 19, 20, 21, 31, 32}  # what ikev2.keys.KeyExchange computes
 
 _ENCR_WORDS: dict[str, tuple[int, int]] = {
     "aes128": (ENCR_AES_CBC, 128),
@@ -84,8 +84,6 @@ _PRF_WORDS = {
 }
 _DH_WORDS = {
     "modp2048": 14,
-    "modp3072": 15,
-    "modp4096": 16,
     "ecp256": 19,
     "ecp384": 20,
     "ecp521": 21,
@@ -95,12 +93,13 @@ _DH_WORDS = {
     "curve448": 32,
 }
 
-# What strongSwan 5.9.8 proposes and accepts by default ("default" in a proposal list).
+# strongSwan 5.9.8's default proposals ("default" in a proposal list), less the DH groups we
+# do not compute (MODP-3072 and larger): a peer offering only those gets INVALID_KE_PAYLOAD.
 DEFAULT_IKE = [
     "aes128-aes192-aes256-sha256-sha384-sha512-prfsha256-prfsha384-prfsha512"
-    "-x25519-x448-ecp256-ecp384-ecp521-modp3072-modp4096-modp2048",
+    "-x25519-x448-ecp256-ecp384-ecp521-modp2048",
     "aes128gcm16-aes192gcm16-aes256gcm16-chacha20poly1305-prfsha256-prfsha384-prfsha512"
-    "-x25519-x448-ecp256-ecp384-ecp521-modp3072-modp4096-modp2048",
+    "-x25519-x448-ecp256-ecp384-ecp521-modp2048",
 ]
 DEFAULT_ESP = [
     "aes128gcm16-aes192gcm16-aes256gcm16-chacha20poly1305",
