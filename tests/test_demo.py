@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 
 def test_demo_json_schema_and_no_loss() -> None:
     r = subprocess.run(
@@ -92,3 +94,15 @@ def test_demo_rejects_bad_arguments() -> None:
         timeout=60,
     )
     assert r.returncode == 2 and "Traceback" not in r.stderr
+
+
+def test_longest_gap_counts_the_pauses_that_span_the_window() -> None:
+    """A handover's gap_ms: the longest pause between arrivals in its window, the pauses that
+    cross either end of it included."""
+    from ipsecct.demo.topology import _App
+
+    app = _App("x", 0)
+    app.rx_times.extend([1.0, 1.001, 1.010, 1.011, 1.5])
+    assert app.longest_gap(1.0005, 1.0105) == pytest.approx(0.009)
+    assert app.longest_gap(1.02, 1.03) == pytest.approx(0.489)
+    assert _App("y", 0).longest_gap(0.0, 1.0) == 0.0

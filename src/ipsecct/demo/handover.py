@@ -50,6 +50,7 @@ async def handover(demo: Demo, mode: str) -> None:
     transfer_service(demo, dst).listeners.append(on_target)
     source = transfer_service(demo, src)
     tunnel = source.node.engine.tunnels()[0]
+    demo.watch_gaps()
     t0 = time.monotonic()
     await source.transfer([tunnel.outbound.spi], dst)
     rec = await asyncio.wait_for(activated, 5)
@@ -77,6 +78,7 @@ async def failover(demo: Demo, mode: str) -> None:
             took_over.set_result(rec)
 
     transfer_service(demo, "sg2").listeners.append(on_takeover)
+    demo.watch_gaps()
     t0 = time.monotonic()
     await demo.services["sg1"].stop_context_transfer()
     await demo.gateways["sg1"].node.stop()

@@ -50,6 +50,9 @@ def free_tcp_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
+MAX_WATCHED = 1 << 20  # arrival times kept per receiver for the handover gaps (8 MiB)
+
+
 class _App(asyncio.DatagramProtocol):
     """An application endpoint at the end of a virtual link: sends and counts the stream."""
 
@@ -61,7 +64,10 @@ class _App(asyncio.DatagramProtocol):
         self.duplicates = 0
         self.last_rx: float | None = None
         self.max_gap = 0.0
-        self.rx_times = array("d")  # monotonic arrival of each new packet, in order
+        # Arrival times (monotonic) of new packets while a handover is watched, in order;
+        # bounded, so that a long run at a high rate does not grow without limit.
+        self.rx_times = array("d")
+        self.watching = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.DatagramTransport, transport)
@@ -85,7 +91,14 @@ class _App(asyncio.DatagramProtocol):
             if gap > self.max_gap:
                 self.max_gap = gap
         self.last_rx = now
-        self.rx_times.append(now)
+        if self.watching and len(self.rx_times) < MAX_WATCHED:
+            self.rx_times.append(now)
+
+    def watch(self) -> None:
+        """Record arrivals from now on (the one just before included) for :meth:`longest_gap`."""
+        if not self.watching and self.last_rx is not None:
+            self.rx_times.append(self.last_rx)
+        self.watching = True
 
     def longest_gap(self, lo: float, hi: float) -> float:
         """The longest pause between arrivals from ``lo`` to ``hi``, the pauses that span
@@ -129,6 +142,11 @@ class Demo:
     identity: str = "direct"
     relay: _Relay | None = None  # the access network of indirect identity
     host_peer: tuple[str, int] = ("127.0.0.1", 0)  # where the host's packets go (a gateway)
+
+    def watch_gaps(self) -> None:
+        """A handover starts: the receivers record arrivals so that its gap can be measured."""
+        self.host_app.watch()
+        self.mn_app.watch()
 
     def host_route(self, gw: str) -> None:
         """The access network's route towards the MN now goes through gateway ``gw``."""
