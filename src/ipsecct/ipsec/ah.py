@@ -51,7 +51,7 @@ from .algorithms import INTEG, IntegAlg
 from .esp import Drop
 from .ippacket import PROTO_AH, PROTO_IPIP, PROTO_IPV6
 from .processing import inner_allowed
-from .sad import DfPolicy, Mode, SAEvent, SecurityAssociation
+from .sad import DfPolicy, Mode, SecurityAssociation
 from .transforms import make_integrity
 
 AH_FIXED_LEN = 12  # next header, payload length, reserved, SPI, sequence number
@@ -345,10 +345,7 @@ def protect(
         return Drop.MALFORMED
     seq = sa.next_seq()
     if seq is None:
-        if not sa.rekey_requested:
-            sa.rekey_requested = True
-            sa.events.append(SAEvent.SEQ_EXHAUSTED)
-        return Drop.SEQ_EXHAUSTED
+        return Drop.SEQ_EXHAUSTED if sa.seq_unavailable() else Drop.SEQ_UNRESERVED
     ah = _AH.pack(next_header, ah_len // 4 - 2, 0, sa.spi, seq & 0xFFFFFFFF) + bytes(
         ah_len - AH_FIXED_LEN
     )

@@ -17,7 +17,7 @@ import enum
 import struct
 
 from .native import reclaim
-from .sad import MAX_SEQ_32, MAX_SEQ_64, SAEvent, SecurityAssociation
+from .sad import MAX_SEQ_32, MAX_SEQ_64, SecurityAssociation
 from .transforms import PAD, IntegrityFailure
 
 NH_NONE = 59
@@ -42,6 +42,7 @@ class Drop(enum.Enum):
     LIFETIME = "lifetime"
     MALFORMED = "malformed"
     SEQ_EXHAUSTED = "seq_exhausted"
+    SEQ_UNRESERVED = "seq_unreserved"  # above the durable ceiling: waiting for a reservation
     DUMMY = "dummy"
     MTU = "mtu"
     FENCED = "fenced"  # this gateway's lease on the SA ran out (fail-over fencing)
@@ -78,17 +79,19 @@ def encapsulate(
     if sa.dead or (sa.hard.seconds is not None and sa.expired(now)):
         return Drop.LIFETIME
     # Fast path of SecurityAssociation.next_seq(): far below the limit and the near-limit mark
-    # it only increments the counter. Anything else goes through next_seq() itself.
+    # it only increments the counter; below the reservation's low-water mark (and ceiling) it
+    # needs no durable reservation either. Anything else goes through next_seq() itself.
     seq = sa.seq + 1
-    if seq < (_NEAR_64 if sa.esn else _NEAR_32):
+    if (
+        seq < (_NEAR_64 if sa.esn else _NEAR_32)
+        and seq < sa.seq_low_water
+        and seq <= sa.seq_ceiling
+    ):
         sa.seq = seq
     else:
         nxt = sa.next_seq()
         if nxt is None:
-            if not sa.rekey_requested:
-                sa.rekey_requested = True
-                sa.events.append(SAEvent.SEQ_EXHAUSTED)
-            return Drop.SEQ_EXHAUSTED
+            return Drop.SEQ_EXHAUSTED if sa.seq_unavailable() else Drop.SEQ_UNRESERVED
         seq = nxt
     t = sa._transform
     if t is None:  # an AH SA

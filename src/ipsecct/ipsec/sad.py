@@ -98,12 +98,25 @@ class SAEvent(enum.Enum):
     HARD_EXPIRED = "hard-expired"
     SEQ_EXHAUSTED = "seq-exhausted"  # the outbound counter hit its limit: rekey
     SEQ_NEAR_LIMIT = "seq-near-limit"  # past 7/8 of the counter: rekey soon
+    SEQ_RESERVE = "seq-reserve"  # past the low-water mark: make the next block durable
 
 
 @dataclass(eq=False, slots=True, weakref_slot=True)
 class SecurityAssociation:
     """One SAD entry. ``seq`` is the last outbound sequence number sent (outbound SAs); the
-    replay window holds the inbound state."""
+    replay window holds the inbound state.
+
+    Durable reservations (:mod:`ipsecct.ipsec.sequence`) bound the outbound counter with two
+    plain integers that every data path (this one, a native one) must honour:
+
+    - ``seq_ceiling``: the highest sequence number that may be sent, because a reservation up
+      to it is on stable storage. A packet that would need a number above it is not sent (it is
+      dropped and counted as ``seq_unreserved``), so that a crash and restart never send a
+      number twice. ``MAX_SEQ_64`` (the default) means no reservation is in force.
+    - ``seq_low_water``: from this number on, ask for the next block (once: the
+      ``seq_reserve_pending`` flag is set and a ``SEQ_RESERVE`` event is queued); always at or
+      below ``seq_ceiling``.
+    """
 
     # The SA's object in the native data path (ipsecct.ipsec.native), made on first use.
     # First, so that it is set before ``seq`` and ``counters``, which read it.
@@ -121,6 +134,9 @@ class SecurityAssociation:
     esn: bool = False
     replay_window: int = 64
     seq: int = 0
+    seq_ceiling: int = MAX_SEQ_64
+    seq_low_water: int = MAX_SEQ_64
+    seq_reserve_pending: bool = False
     overflow_permitted: bool = False  # the draft's "sequence number overflow flag"
     soft: Lifetime = field(default_factory=Lifetime)
     hard: Lifetime = field(default_factory=Lifetime)
@@ -211,11 +227,30 @@ class SecurityAssociation:
                 self.seq = 1
                 return 1
             return None
+        if seq >= self.seq_ceiling:
+            return None  # not durably reserved yet: see seq_unavailable()
         seq += 1
         self.seq = seq
         if seq == self._near_limit:
             self.events.append(SAEvent.SEQ_NEAR_LIMIT)
+        if seq >= self.seq_low_water and not self.seq_reserve_pending:
+            self.seq_reserve_pending = True
+            self.events.append(SAEvent.SEQ_RESERVE)
         return seq
+
+    def seq_unavailable(self) -> bool:
+        """After :meth:`next_seq` returned None: True when the counter is exhausted (a rekey
+        is requested), False when only the reservation ceiling stops it (the next block is
+        requested; the packet waits for no one and is dropped by the caller)."""
+        if self.seq < self.seq_limit and self.seq >= self.seq_ceiling:
+            if not self.seq_reserve_pending:
+                self.seq_reserve_pending = True
+                self.events.append(SAEvent.SEQ_RESERVE)
+            return False
+        if not self.rekey_requested:
+            self.rekey_requested = True
+            self.events.append(SAEvent.SEQ_EXHAUSTED)
+        return True
 
     @property
     def _near_limit(self) -> int:
