@@ -51,6 +51,16 @@ def sa_pair(
     return out, inn
 
 
+@pytest.fixture(autouse=True)
+def _state_home(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every test's gateways (in-process or child processes, which inherit the environment)
+    keep their durable state in a directory of that test's own, never in /var/lib/ipsecct:
+    names such as sg1 recur across tests, and their state (tunnels given away) must not."""
+    monkeypatch.setenv("IPSECCT_STATE_HOME", str(tmp_path_factory.mktemp("state")))
+
+
 @pytest.fixture
 def gcm_pair() -> tuple[SecurityAssociation, SecurityAssociation]:
     return sa_pair()

@@ -267,6 +267,8 @@ class IpsecctGateway(Gateway):
                     f'socket = "{self.sock}"',
                     "[log]",
                     'level = "warning"',
+                    "[state]",  # throw-away keys: throw-away state too
+                    f'dir = "{workdir / "state"}"',
                     "[[tunnel]]",
                     'name = "bench"',
                     f'local_ts = "{HOST}/32"',

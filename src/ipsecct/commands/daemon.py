@@ -10,7 +10,7 @@ def _run(role: str) -> Any:
     def handler(args: argparse.Namespace) -> int:
         from ..gateway import service
 
-        return service.run(args.config, role)
+        return service.run(args.config, role, fresh_state=args.fresh_state)
 
     return handler
 
@@ -22,4 +22,10 @@ def register(sub: Any) -> None:
         s.required = True
         r = s.add_parser("run", help=f"run {what} until SIGTERM")
         r.add_argument("--config", "-c", required=True, help="TOML configuration file")
+        r.add_argument(
+            "--fresh-state",
+            action="store_true",
+            help="start with a new durable state (the old one is kept aside); refused while"
+            " any AEAD tunnel still has keys the old state knows: re-key first",
+        )
         r.set_defaults(handler=_run(role))

@@ -65,6 +65,7 @@ from ..ipsec.engine import Engine, Tunnel, TunnelState
 from ..ipsec.sad import Direction, Protocol, SecurityAssociation, UdpEncap
 from ..ipsec.spd import Action, SPDEntry
 from . import context, cxtp
+from .journal import Journal
 from .lease import Grant, Lease, LeaseEvent, LeaseTiming, timing
 from .transfer import FPT_SYNC, Endpoint, Identity, Record, frame, unframe
 
@@ -370,6 +371,8 @@ class Standby:
         default_factory=dict, repr=False
     )
     _dirty: deque[tuple[int, float]] = field(default_factory=deque, repr=False)
+    # Records the take-over (and reserves past the margin) before the tunnels send.
+    journal: Journal | None = None
 
     def __post_init__(self) -> None:
         if self.cfg.fencing and self.peer_lease and self.grant is None:
@@ -539,10 +542,22 @@ class Standby:
                 )
                 signals.append((out_sa, payload))
         rec.tunnels = len(replica)
-        rec.accepted = len(tunnels)
         rec.outcome = "took over"
+        if tunnels and self.journal is not None:
+            # Nothing is sent before this returns: the tunnels were installed just now, on
+            # this thread. If the take-over cannot be recorded, none of them may send.
+            try:
+                self.journal.taken_over(tunnels, self.cfg.peer, pending=False)
+            except IpsecctError as exc:
+                for t in tunnels:
+                    self.engine.remove_tunnel(t)
+                failed += len(tunnels)
+                tunnels, signals = [], []
+                rec.outcome = "refused"
+                rec.detail = f"take-over not recorded: {exc}; "
+        rec.accepted = len(tunnels)
         rec.ended = now
-        rec.detail = f"{failed} context(s) unusable" if failed else ""
+        rec.detail += f"{failed} context(s) unusable" if failed else ""
         rec.spis = [sa.spi for t in tunnels for sa in t.sas()]
         return tunnels, signals, rec
 

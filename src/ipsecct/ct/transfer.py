@@ -50,6 +50,7 @@ from ..ipsec.sad import Direction, SecurityAssociation, UdpEncap
 from ..ipsec.spd import Action, AddressRange, IPAddress, OverlapIndex, SPDEntry
 from ..ipsec.spi import SpiBlock
 from . import context, cxtp
+from .journal import Journal, JournalError
 from .ratelimit import RateLimiter
 
 FPT_DECISION = 0x8005  # COMMIT (1) or ABORT (2) of a transfer
@@ -266,8 +267,14 @@ class TransferCore:
         *,
         rng: Callable[[int], int] = secrets.randbits,
         on_install: Callable[[Tunnel], None] | None = None,
+        journal: Journal | None = None,
     ) -> None:
         self.engine = engine
+        # Makes ownership changes durable before they take effect (gateway/state.py): the
+        # source records "given away" before it commits, the target "taken over" (with a
+        # reservation past the transferred sequence number) before it answers and again
+        # before it activates. None: nothing is recorded (the demo, in-process tests).
+        self.journal = journal
         self.endpoint = endpoint
         self.settings = settings or Settings()
         self.rng = rng
@@ -289,6 +296,7 @@ class TransferCore:
             "over_limit": 0,  # transfers or contexts beyond a peer's limits
             "expired": 0,  # incoming transfers that never finished
             "ctar_limited": 0,  # CTARs and CT-Reqs over their rate
+            "unrecorded": 0,  # commits whose "taken over" could not be written
         }
         # Reactive mode: CTARs per source and per MN (RFC 4067 §2.5 CT_REQUEST_RATE), CT-Reqs
         # per peer (both directions), (MN, sequence) pairs already requested.
@@ -496,7 +504,14 @@ class TransferCore:
                 return out + more
             name = _status_name(worst)
             return self._rollback(og, now, "refused", f"{og.record.detail}{peer}: {name}")
-        # Commit what was accepted; reactivate the rest here.
+        # Commit what was accepted; reactivate the rest here. "Given away" is on stable
+        # storage before the COMMIT goes out: after a crash, this gateway never sends on
+        # them again, whatever the target did.
+        if self.journal is not None:
+            try:
+                self.journal.given_away(accepted, peer, og.tid)
+            except JournalError as exc:
+                return self._rollback(og, now, "failed", f"not committed: {exc}")
         if refused:
             out += self._rollback(og, now, "partial", "", refused)
         og.tunnels = accepted
@@ -517,6 +532,14 @@ class TransferCore:
         self.records.append(og.record)
         out.append(Finished(og.record))
         return out
+
+    def recall_commits(self, transfer_ids: Iterable[int], now: float) -> None:
+        """After a restart: transfers this gateway committed (recorded their tunnels as given
+        away) before it died, perhaps before the COMMIT left. A target still waiting asks
+        again (its CTDR is re-sent every ``retry``) and gets the COMMIT, instead of a CTC that
+        would leave the tunnels with nobody."""
+        for tid in transfer_ids:
+            self.decided.setdefault(tid, (DECISION_COMMIT, now + self.settings.retry_max))
 
     def forward(
         self, peer: str, packet: bytes, inbound: bool, og: _Outgoing | None = None
@@ -743,6 +766,19 @@ class TransferCore:
             old_in = in_sa.spi if in_sa is not None else 0
             status, new_spi = self._install_one(inc, out_sa, in_sa, now, indexes)
             outcomes.append((out_sa, in_sa, status, new_spi, old_in))
+        if inc.tunnels and self.journal is not None:
+            # Recorded (pending) and reserved past the transferred sequence number before the
+            # CTDR: the source may commit as soon as it reads it.
+            try:
+                self.journal.taken_over(inc.tunnels, inc.peer, pending=True)
+            except JournalError:
+                for t in inc.tunnels:
+                    self.engine.remove_tunnel(t)
+                inc.tunnels = []
+                inc.signals.clear()
+                outcomes = [
+                    (o, i, cxtp.Status.INTERNAL_ERROR, None, old) for o, i, _, _, old in outcomes
+                ]
         ok = all(o[2] == cxtp.Status.SUCCESS for o in outcomes)
         for out_sa, in_sa, status, new_spi, old_in in outcomes:
             statuses.append(status)
@@ -930,6 +966,13 @@ class TransferCore:
         if inc is None or inc.state != "pending":
             return []
         inc.state = "active"
+        if self.journal is not None:
+            try:
+                self.journal.taken_over(inc.tunnels, peer, pending=False)
+            except JournalError:
+                # Their first block is durable already (pending): activating is safe; after a
+                # restart they would stay away, as pending ones do.
+                self.counters["unrecorded"] += 1
         out: list[Output] = []
         until = now + self.settings.forward_time
         for t in inc.tunnels:
@@ -960,6 +1003,8 @@ class TransferCore:
         return []
 
     def _discard(self, inc: _Incoming, now: float, why: str) -> list[Output]:
+        if self.journal is not None and inc.tunnels:
+            self.journal.cancelled(inc.tunnels, inc.peer)
         for t in inc.tunnels:
             self.engine.remove_tunnel(t)
         inc.tunnels = []

@@ -155,6 +155,10 @@ class NodeConfig:
     connections: list[Connection] = field(default_factory=list)  # IKEv2 [connections.NAME]
     cookie_threshold: int = 100  # [ike]: half-open IKE SAs before cookies are asked (§2.6)
     cluster: ClusterConfig | None = None  # [cluster]
+    # Durable state (gateway/state.py): the directory (None: the default for this user and
+    # node name) and how many sequence numbers one reservation covers.
+    state_dir: str | None = None
+    seq_block: int = 1 << 16
 
     @property
     def local_address(self) -> IPAddress:
@@ -591,6 +595,7 @@ KNOWN_SECTIONS = {
     "secrets",
     "cluster",
     "ike",
+    "state",
 }
 
 
@@ -681,6 +686,17 @@ def from_dict(data: dict[str, Any], path: str = "<config>") -> NodeConfig:
         _tunnel(t, i, ctx, local, raw_esp)
         for i, t in enumerate(ctx.get(data, "tunnel", "", list, []))
     ]
+    state_d = ctx.get(data, "state", "", dict, {})
+    _check_keys_allowed(state_d, ctx, "state.", {"dir", "seq_block"})
+    state_dir = ctx.get(state_d, "dir", "state.", str, None)
+    if state_dir is not None:
+        if not state_dir:
+            raise ctx.err("state.dir", "must name a directory")
+        if not Path(state_dir).is_absolute():
+            state_dir = str(Path(path).parent / state_dir)
+    seq_block = ctx.get(state_d, "seq_block", "state.", int, 1 << 16)
+    if not 2 <= seq_block <= 1 << 32:
+        raise ctx.err("state.seq_block", "must be 2 .. 4294967296 sequence numbers")
     names = [t.name for t in tunnels]
     if len(set(names)) != len(names):
         raise ctx.err("tunnel", "tunnel names must be unique")
@@ -722,6 +738,8 @@ def from_dict(data: dict[str, Any], path: str = "<config>") -> NodeConfig:
         connections,
         cluster=cluster,
         cookie_threshold=cookie_threshold,
+        state_dir=state_dir,
+        seq_block=seq_block,
     )
 
 

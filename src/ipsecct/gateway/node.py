@@ -24,7 +24,7 @@ from typing import Any
 from ..ipsec.engine import Bypass, Engine, Forward, Held, Result, Signal, ToInner, ToPeer
 from ..ipsec.esp import Drop
 from ..ipsec.ippacket import PROTO_ESP
-from ..ipsec.sad import SecurityAssociation
+from ..ipsec.sad import SAEvent, SecurityAssociation
 from .config import Endpoint, NodeConfig
 from .log import event
 
@@ -175,6 +175,9 @@ class Node:
         self.on_held: Callable[[Held], None] | None = None
         self.on_forward: Callable[[Forward], None] | None = None
         self.on_signal: Callable[[Signal, tuple[Any, ...]], None] | None = None
+        # The durable state (gateway/state.py) takes the SAs that need their next block of
+        # sequence numbers reserved.
+        self.on_reserve: Callable[[SecurityAssociation], None] | None = None
         self.inner_peer: Endpoint | None = cfg.inner.peer
         self.extensions: dict[str, Any] = {}
         for p in cfg.policies:
@@ -320,6 +323,10 @@ class Node:
 
     def _log_events(self) -> None:
         for ev in self.engine.drain_events():
+            if ev.event is SAEvent.SEQ_RESERVE:
+                if self.on_reserve is not None:
+                    self.on_reserve(ev.sa)
+                continue
             event(
                 log,
                 "sa-" + ev.event.value,

@@ -16,6 +16,7 @@ from ..ikev2.context import is_ike_cdb
 from ..ipsec.sad import Direction, SecurityAssociation
 from ..ipsec.spd import Action, SPDEntry
 from . import config as config_mod
+from . import state as state_mod
 from .balancer import Balancer
 from .cluster_driver import ClusterDriver
 from .control import ControlError, ControlServer, MetricsServer, sa_summary
@@ -43,9 +44,14 @@ def _parse_spi(v: Any) -> int:
 
 
 class Service:
-    def __init__(self, cfg: config_mod.NodeConfig, *, role: str = "gateway") -> None:
+    def __init__(
+        self, cfg: config_mod.NodeConfig, *, role: str = "gateway", fresh_state: bool = False
+    ) -> None:
         self.cfg = cfg
         self.node = Node(cfg, role=role)
+        # Before any socket opens: merge the configuration with the durable state (tunnels
+        # given away stay away, counters resume past what was sent) or refuse to start.
+        self.state = state_mod.open_for(self.node, cfg, fresh=fresh_state)
         self.control = ControlServer(cfg.control_socket) if cfg.control_socket else None
         self.metrics = (
             MetricsServer(str(cfg.metrics.host), cfg.metrics.port, self.node.status)
@@ -79,6 +85,13 @@ class Service:
                 )
             if tcfg.balance is not None:
                 self.balancer = Balancer(self.node, tcfg.balance, self.transfer)
+            # Transfers and take-overs record who sends on a tunnel before they change it.
+            self.transfer.core.journal = self.state
+            self.transfer.core.recall_commits(
+                self.state.committed_transfers(), self.node.clock()
+            )
+            if self.failover is not None and self.failover.standby is not None:
+                self.failover.standby.journal = self.state
             self.peers.on_message = self._peer_message
             self.peers.on_lost = self._peer_lost
         # etcd mode ([cluster] etcd): membership, the lease that fences sending, owner keys.
@@ -129,6 +142,7 @@ class Service:
     async def start(self) -> None:
         if self.peers is not None:
             self.peers.load_credentials()  # before any socket is bound
+        await self.state.start()
         await self.node.start()
         if self.control is not None:
             await self.control.start()
@@ -206,6 +220,7 @@ class Service:
         if self.control is not None:
             await self.control.stop()
         await self.node.stop()
+        await self.state.stop()
         self.stopped.set()
 
     async def run_forever(self) -> None:
@@ -278,7 +293,12 @@ class Service:
             if sa.selectors is None:
                 raise ControlError("an outbound SA needs selectors to make its policy")
             entry = SPDEntry(sa.selectors, Action.PROTECT, name=sa.name, static=False)
-            eng.add_tunnel(entry, sa, None, index=0)
+            tunnel = eng.add_tunnel(entry, sa, None, index=0)
+            try:
+                self.state.added(sa)  # reserved and recorded before it can send
+            except IpsecctError as exc:
+                eng.remove_tunnel(tunnel)
+                raise ControlError(str(exc)) from None
         else:
             eng.sad.add(sa)
         event(
@@ -299,6 +319,11 @@ class Service:
                 eng.remove_tunnel(tunnel)
             elif eng.sad.lookup(sa.dst, sa.protocol, sa.spi) is sa:
                 eng.sad.remove(sa)
+            if sa.direction is Direction.OUTBOUND:
+                try:
+                    self.state.deleted(sa)  # stays deleted across a restart
+                except IpsecctError as exc:
+                    raise ControlError(f"deleted, but {exc}") from None
             out.append(f"0x{sa.spi:08x}")
             event(log, "sa-deleted", node=self.node.name, spi=f"0x{sa.spi:08x}")
         return out
@@ -323,7 +348,7 @@ class Service:
 NOFILE_NEEDED = 1024
 
 
-def run(path: str, role: str) -> int:
+def run(path: str, role: str, *, fresh_state: bool = False) -> int:
     from .control import socket_path
     from .limits import raise_nofile
     from .log import setup
@@ -333,6 +358,6 @@ def run(path: str, role: str) -> int:
     if cfg.control_socket is None:
         cfg.control_socket = socket_path(None)  # the one the client commands look for
     raise_nofile(NOFILE_NEEDED)
-    svc = Service(cfg, role=role)
+    svc = Service(cfg, role=role, fresh_state=fresh_state)
     asyncio.run(svc.run_forever())
     return 0

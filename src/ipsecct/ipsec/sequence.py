@@ -22,6 +22,8 @@ storage that cannot keep up stops the SA's traffic, counted, instead of risking 
 
 from __future__ import annotations
 
+import hmac
+
 from .sad import MAX_SEQ_64, SecurityAssociation
 
 DEFAULT_BLOCK = 1 << 16
@@ -69,3 +71,12 @@ class Reservations:
     def headroom(sa: SecurityAssociation) -> int:
         """Numbers ``sa`` may still send before it needs another block."""
         return max(0, sa.seq_ceiling - sa.seq)
+
+
+def fingerprint(salt: bytes, sa: SecurityAssociation) -> str:
+    """A keyed fingerprint of ``sa``'s keys (HMAC-SHA256 under ``salt``, 128 bits in hex):
+    the identity under which its sequence numbers must never repeat. Never the keys."""
+    mac = hmac.new(salt, digestmod="sha256")
+    for part in (b"ipsecct outbound SA keys", sa.enc_key, sa.integ_key):
+        mac.update(len(part).to_bytes(2, "big") + part)
+    return mac.hexdigest()[:32]

@@ -1,0 +1,119 @@
+"""Who sends on a tunnel, across transfers, fail-overs and restarts (sans-I/O).
+
+A gateway's configuration says which tunnels it serves when it first starts; what happened
+since (a tunnel given away by a transfer or a rebalance, taken over from a peer or a failed
+active, deleted by the operator) and how far each outbound counter went is *state*, which the
+adapter (:mod:`ipsecct.gateway.state`) keeps on stable storage. This module is the pure part:
+the record kept per outbound SA, the :class:`Journal` the transfer and fail-over cores call
+before they change who sends, and :func:`merge`, which decides on start what of the
+configuration may run.
+
+An outbound SA is known by a keyed fingerprint of its keys (never the keys): sequence numbers
+must be unique per key, whatever SPI or name the SA has.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from ..errors import IpsecctError
+from ..ipsec.engine import Tunnel
+
+
+class Owner(enum.Enum):
+    OWNED = "owned"  # this gateway sends on it
+    AWAY = "away"  # given away (transfer, rebalance): another gateway sends on it
+    PENDING = "pending"  # received by a transfer not committed when last recorded
+    DELETED = "deleted"  # removed by the operator (``sa delete``)
+
+
+@dataclass
+class SAState:
+    """What is kept per outbound SA: its highest reserved sequence number and its owner."""
+
+    fingerprint: str
+    name: str
+    spi: int
+    peer: str
+    aead: bool
+    ceiling: int
+    owner: Owner
+    detail: str = ""
+    changed: float = 0.0  # wall-clock time of the last change of owner
+    transfer: int = 0  # AWAY: the transfer that gave it away (its COMMIT can be repeated)
+
+
+class JournalError(IpsecctError):
+    """A change of ownership could not be made durable: the caller must not go ahead."""
+
+
+class Journal(Protocol):
+    """Makes ownership changes durable. Each call returns only once the change is on stable
+    storage, or raises :class:`JournalError`; the cores call it before the change takes effect
+    (before the source commits, before the target or the standby sends)."""
+
+    def taken_over(self, tunnels: Sequence[Tunnel], peer: str, *, pending: bool) -> None:
+        """``tunnels`` arrive from ``peer``: record them (``pending`` until the transfer is
+        committed) and reserve their first block past the sequence number they came with."""
+
+    def given_away(self, tunnels: Sequence[Tunnel], peer: str, transfer_id: int) -> None:
+        """``tunnels`` go to ``peer`` by transfer ``transfer_id``: from the commit on, this
+        gateway never sends on them."""
+
+    def cancelled(self, tunnels: Sequence[Tunnel], peer: str) -> None:
+        """A pending arrival from ``peer`` was cancelled: the tunnels stay with the peer."""
+
+
+@dataclass(frozen=True)
+class Configured:
+    """A configured tunnel as :func:`merge` sees it."""
+
+    name: str
+    fingerprint: str
+    aead: bool
+
+
+@dataclass
+class Plan:
+    """What may run of the configuration, given the state."""
+
+    start: dict[str, int] = field(default_factory=dict)  # name -> stored ceiling (0: new)
+    away: dict[str, SAState] = field(default_factory=dict)  # name -> why it stays away
+    refused: dict[str, str] = field(default_factory=dict)  # name -> reason
+    not_restored: list[SAState] = field(default_factory=list)  # owned, not configured
+
+
+def merge(
+    configured: Iterable[Configured],
+    stored: dict[str, SAState],
+) -> Plan:
+    """Merge the configuration with the stored state.
+
+    A tunnel recorded as given away, deleted or pending stays away; one recorded as owned
+    resumes after its stored ceiling; one never seen starts as configured. Two tunnels with
+    the same keys are both refused: their sequence numbers would share one nonce space."""
+    plan = Plan()
+    conf = list(configured)
+    seen: dict[str, str] = {}
+    for c in conf:
+        if c.fingerprint in seen:
+            why = f"same outbound keys as tunnel {seen[c.fingerprint]}"
+            plan.refused[c.name] = why
+            plan.refused.setdefault(seen[c.fingerprint], f"same outbound keys as tunnel {c.name}")
+        else:
+            seen[c.fingerprint] = c.name
+    for c in conf:
+        if c.name in plan.refused:
+            continue
+        row = stored.get(c.fingerprint)
+        if row is not None and row.owner is not Owner.OWNED:
+            plan.away[c.name] = row
+        else:
+            plan.start[c.name] = row.ceiling if row is not None else 0
+    plan.not_restored = [
+        r for fp, r in stored.items() if r.owner is Owner.OWNED and fp not in seen
+    ]
+    return plan

@@ -1,0 +1,643 @@
+"""Durable state of a gateway beside its configuration: SQLite in WAL mode (the adapter).
+
+What it keeps, per outbound SA (known by a keyed fingerprint of its keys, never the keys):
+the highest sequence number reserved (see :mod:`ipsecct.ipsec.sequence`) and who owns it
+(:mod:`ipsecct.ct.journal`). On start, :func:`open_for` merges the configuration with it:
+tunnels given away stay away, counters resume past everything a previous run may have sent,
+and a missing or damaged store stops the gateway rather than guess (``--fresh-state`` starts
+afresh only when every AEAD tunnel was re-keyed). See docs/state.md.
+
+Layout of the directory (``[state] dir``; default :func:`default_dir`), mode 0700:
+
+- ``state.db`` (+ ``-wal``, ``-shm``): the SQLite database, ``synchronous=FULL``: a commit
+  returns once it is on stable storage.
+- ``ipsecct-state``: a marker written when the directory is first used, so that a deleted
+  database is told from a first start.
+- ``lock``: held (``flock``) while a process uses the directory: one process per state.
+
+Every write that must precede an action (a reservation before its numbers are used, "given
+away" before a transfer commits, "taken over" before a tunnel sends) is one transaction,
+committed before the action. Reservations are written by a worker thread well before they are
+needed (low-water mark); ownership changes are written synchronously, on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import re
+import secrets
+import sqlite3
+import threading
+import time
+import weakref
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from ..ct.journal import Configured, JournalError, Owner, Plan, SAState, merge
+from ..errors import IpsecctError
+from ..ipsec.engine import Tunnel
+from ..ipsec.sad import MAX_SEQ_64, SecurityAssociation
+from ..ipsec.sequence import Reservations, fingerprint
+from .config import NodeConfig
+from .log import event
+from .node import Node
+
+log = logging.getLogger("ipsecct.gateway.state")
+
+SCHEMA = 1
+DB_NAME = "state.db"
+MARKER = "ipsecct-state"
+LOCK = "lock"
+_NAME_OK = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+class StateError(IpsecctError):
+    """The state cannot be used (damaged, missing, in use, refused): the message says why and
+    what the operator can do."""
+
+
+class _Damaged(Exception):
+    pass
+
+
+def default_dir(name: str) -> Path:
+    """Where a node named ``name`` keeps its state when ``[state] dir`` is not given:
+    ``$IPSECCT_STATE_HOME/NAME`` if set, else ``/var/lib/ipsecct/NAME`` for root, else
+    ``$XDG_STATE_HOME/ipsecct/NAME`` (``~/.local/state/ipsecct/NAME``)."""
+    if not _NAME_OK.fullmatch(name):
+        raise StateError(
+            f"node name {name!r} cannot name a state directory: set [state] dir"
+        )
+    base = os.environ.get("IPSECCT_STATE_HOME")
+    if base:
+        return Path(base) / name
+    if os.geteuid() == 0:
+        return Path("/var/lib/ipsecct") / name
+    xdg = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(xdg) / "ipsecct" / name
+
+
+def _fsync_dir(d: Path) -> None:
+    fd = os.open(d, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _hex(n: int) -> str:
+    # Fixed-width hex: SQLite compares it as text in numeric order (max() works), and it
+    # holds all 64 bits, which a signed SQLite INTEGER does not.
+    return f"{n:016x}"
+
+
+_UPSERT = (
+    "INSERT INTO sa (fingerprint, name, spi, peer, aead, ceiling, owner, detail, changed, "
+    "transfer) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (fingerprint) DO UPDATE SET "
+    "name = excluded.name, spi = excluded.spi, peer = excluded.peer, aead = excluded.aead, "
+    "ceiling = max(ceiling, excluded.ceiling), owner = excluded.owner, "
+    "detail = excluded.detail, changed = excluded.changed, transfer = excluded.transfer"
+)
+
+
+class StateStore:
+    """The SQLite database of one state directory. Thread-safe (one lock): reservations are
+    written from a worker thread, ownership changes from the event loop."""
+
+    def __init__(self, conn: sqlite3.Connection, path: Path, salt: bytes, created: bool) -> None:
+        self.conn = conn
+        self.path = path
+        self.salt = salt
+        self.created = created  # made by this start (a first start)
+        self._lock = threading.Lock()
+
+    # -- opening ---------------------------------------------------------------------------
+    @staticmethod
+    def _connect(path: Path) -> sqlite3.Connection:
+        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        return conn
+
+    @classmethod
+    def open_existing(cls, path: Path, node: str) -> StateStore:
+        """Open and check a database; raises _Damaged with the reason."""
+        try:
+            conn = cls._connect(path)
+        except sqlite3.Error as exc:
+            raise _Damaged(str(exc)) from None
+        try:
+            check = conn.execute("PRAGMA quick_check").fetchone()[0]
+            if check != "ok":
+                raise _Damaged(f"integrity check: {check}")
+            ver = conn.execute("PRAGMA user_version").fetchone()[0]
+            if ver != SCHEMA:
+                raise _Damaged(f"schema version {ver}, this ipsecct reads {SCHEMA}")
+            meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+            if meta.get("node") != node:
+                raise _Damaged(f"it belongs to node {meta.get('node')!r}, not {node!r}")
+            salt = bytes.fromhex(meta["salt"])
+            if len(salt) != 32:
+                raise _Damaged("bad fingerprint salt")
+            store = cls(conn, path, salt, False)
+            store.load()  # every row must decode
+            return store
+        except (sqlite3.Error, KeyError, ValueError, _Damaged) as exc:
+            conn.close()
+            raise _Damaged(str(exc) or type(exc).__name__) from None
+
+    @classmethod
+    def create(cls, path: Path, node: str) -> StateStore:
+        salt = secrets.token_bytes(32)
+        conn = cls._connect(path)
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+        conn.execute(
+            "CREATE TABLE sa (fingerprint TEXT PRIMARY KEY, name TEXT NOT NULL, "
+            "spi INTEGER NOT NULL, peer TEXT NOT NULL, aead INTEGER NOT NULL, "
+            "ceiling TEXT NOT NULL, owner TEXT NOT NULL, detail TEXT NOT NULL, "
+            "changed REAL NOT NULL, transfer TEXT NOT NULL)"
+        )
+        conn.executemany(
+            "INSERT INTO meta VALUES (?, ?)",
+            [
+                ("node", node),
+                ("salt", salt.hex()),
+                ("created", datetime.now(UTC).isoformat(timespec="seconds")),
+            ],
+        )
+        conn.execute(f"PRAGMA user_version = {SCHEMA}")
+        conn.execute("COMMIT")
+        _fsync_dir(path.parent)
+        return cls(conn, path, salt, True)
+
+    def close(self) -> None:
+        with self._lock:
+            self.conn.close()
+
+    # -- reading and writing ---------------------------------------------------------------
+    def fingerprint(self, sa: SecurityAssociation) -> str:
+        return fingerprint(self.salt, sa)
+
+    def load(self) -> dict[str, SAState]:
+        with self._lock:
+            rows = self.conn.execute(
+                "SELECT fingerprint, name, spi, peer, aead, ceiling, owner, detail, changed, "
+                "transfer FROM sa"
+            ).fetchall()
+        out = {}
+        for fp, name, spi, peer, aead, ceiling, owner, detail, changed, transfer in rows:
+            out[fp] = SAState(
+                fp, name, int(spi), peer, bool(aead), int(ceiling, 16), Owner(owner), detail,
+                float(changed), int(transfer, 16),
+            )
+        return out
+
+    def put(self, rows: Iterable[SAState]) -> None:
+        """Write ``rows`` in one transaction; returns once it is on stable storage. A row's
+        ceiling never goes down."""
+        params = [
+            (
+                r.fingerprint, r.name, r.spi, r.peer, int(r.aead), _hex(r.ceiling),
+                r.owner.value, r.detail, r.changed, _hex(r.transfer),
+            )
+            for r in rows
+        ]
+        with self._lock:
+            self._write(lambda: self.conn.executemany(_UPSERT, params))
+
+    def raise_ceilings(self, items: Sequence[tuple[str, int]]) -> None:
+        """Raise the ceilings of existing rows (never lower them), in one synced transaction."""
+        params = [(_hex(c), fp) for fp, c in items]
+        with self._lock:
+            self._write(
+                lambda: self.conn.executemany(
+                    "UPDATE sa SET ceiling = max(ceiling, ?) WHERE fingerprint = ?", params
+                )
+            )
+
+    def _write(self, fn: Any) -> None:
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            fn()
+            self.conn.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                self.conn.execute("ROLLBACK")
+            raise
+
+
+def _read_fingerprints(path: Path) -> tuple[bytes, set[str]] | None:
+    """The salt and fingerprints of an old, perhaps damaged, database; None if unreadable."""
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    except sqlite3.Error:
+        return None
+    try:
+        meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+        salt = bytes.fromhex(meta["salt"])
+        fps = {r[0] for r in conn.execute("SELECT fingerprint FROM sa")}
+        return salt, fps
+    except (sqlite3.Error, KeyError, ValueError):
+        return None
+    finally:
+        conn.close()
+
+
+def _lock_dir(d: Path) -> int:
+    fd = os.open(d / LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise StateError(
+            f"state directory {d} is in use by another ipsecct process"
+            " (two processes must never send on the same SAs)"
+        ) from None
+    return fd
+
+
+def _move_aside(d: Path) -> Path:
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
+    old = d / f"old-{stamp}"
+    old.mkdir(mode=0o700, exist_ok=True)
+    for suffix in ("", "-wal", "-shm"):
+        p = d / (DB_NAME + suffix)
+        if p.exists():
+            p.rename(old / p.name)
+    _fsync_dir(d)
+    return old
+
+
+def open_store(
+    directory: Path, node: str, aead: Sequence[tuple[str, SecurityAssociation]], *, fresh: bool
+) -> tuple[StateStore, int]:
+    """Open (or make) the store of ``directory`` and lock it; returns it and the lock's fd.
+
+    ``aead``: the configured AEAD tunnels' (name, outbound SA), which a missing or damaged
+    store refuses, and which ``fresh`` checks were re-keyed."""
+    try:
+        directory.mkdir(parents=True, mode=0o700, exist_ok=True)
+    except OSError as exc:
+        raise StateError(f"cannot make state directory {directory}: {exc.strerror}") from None
+    if directory.stat().st_mode & 0o022:
+        event(log, "state-dir-writable-by-others", logging.WARNING, dir=directory)
+    lock = _lock_dir(directory)
+    try:
+        return _open_locked(directory, node, aead, fresh), lock
+    except BaseException:
+        os.close(lock)
+        raise
+
+
+def _open_locked(
+    directory: Path, node: str, aead: Sequence[tuple[str, SecurityAssociation]], fresh: bool
+) -> StateStore:
+    db = directory / DB_NAME
+    marker = directory / MARKER
+    names = ", ".join(n for n, _ in aead)
+    problem: str | None = None
+    store: StateStore | None = None
+    if db.exists():
+        try:
+            store = StateStore.open_existing(db, node)
+        except _Damaged as exc:
+            problem = f"is damaged ({exc})"
+    elif marker.exists():
+        problem = "is missing (the directory has held state before)"
+    else:
+        marker.write_text(
+            f"ipsecct state of node {node}, since"
+            f" {datetime.now(UTC).isoformat(timespec='seconds')}. Do not delete: see"
+            " docs/state.md.\n"
+        )
+        with open(marker, "rb+") as f:
+            os.fsync(f.fileno())
+        return StateStore.create(db, node)
+    if store is not None and not fresh:
+        return store
+    if not fresh:
+        if aead:
+            raise StateError(
+                f"state {db} {problem}: refusing to start AEAD tunnel(s) {names}, whose last"
+                " sequence numbers are unknown (re-key them, then run with --fresh-state)"
+            )
+        event(log, "state-replaced", logging.WARNING, db=db, problem=problem)
+        _move_aside(directory)
+        return StateStore.create(db, node)
+    # --fresh-state: allowed only when no AEAD tunnel still has keys the old state knows.
+    if store is not None:
+        old: tuple[bytes, set[str]] | None = (store.salt, set(store.load()))
+        store.close()
+    else:
+        old = _read_fingerprints(db) if db.exists() else None
+    if old is None and aead:
+        raise StateError(
+            f"--fresh-state: the old state in {directory} cannot be read, so ipsecct cannot"
+            f" tell whether tunnel(s) {names} were re-keyed; re-key them, then move"
+            f" {directory} away by hand"
+        )
+    if old is not None:
+        salt, fps = old
+        same = [n for n, sa in aead if fingerprint(salt, sa) in fps]
+        if same:
+            raise StateError(
+                f"--fresh-state refused: tunnel(s) {', '.join(same)} still have keys this"
+                " node has sent under (a fresh start would repeat their sequence numbers);"
+                " re-key them first"
+            )
+    moved = _move_aside(directory)
+    event(log, "state-fresh-start", logging.WARNING, dir=directory, old=moved)
+    return StateStore.create(db, node)
+
+
+class DurableState:
+    """A node's durable state at run time: the configuration merged with the store on start,
+    reservations written ahead, and the ownership :class:`~ipsecct.ct.journal.Journal` the
+    transfer and fail-over services call."""
+
+    def __init__(self, node: Node, store: StateStore, lock_fd: int, block: int) -> None:
+        self.node = node
+        self.store = store
+        self.lock_fd = lock_fd
+        self.reservations = Reservations(block)
+        self.rows = store.load()
+        self.tracked: weakref.WeakKeyDictionary[SecurityAssociation, str] = (
+            weakref.WeakKeyDictionary()
+        )
+        self.queue: dict[SecurityAssociation, int] = {}
+        self.plan = Plan()
+        self.counters = {
+            "reservation_writes": 0,
+            "failed_writes": 0,
+            "ownership_writes": 0,
+        }
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._quiet_until = 0.0
+        node.on_reserve = self._on_reserve
+        node.extensions["state"] = self.status
+        node.extensions["metrics"] = self.metrics
+
+    # -- start -----------------------------------------------------------------------------
+    def merge_configuration(self, cfg: NodeConfig) -> Plan:
+        """Decide what of the configuration runs; enrol and reserve what does (synced before
+        anything is sent) and take the rest out of the engine."""
+        eng = self.node.engine
+        fps = {t.name: self.store.fingerprint(t.outbound) for t in cfg.tunnels}
+        plan = merge(
+            [Configured(t.name, fps[t.name], t.outbound.aead) for t in cfg.tunnels],
+            self.rows,
+        )
+        now = time.time()
+        started: list[tuple[SecurityAssociation, SAState]] = []
+        for t in cfg.tunnels:
+            sa = t.outbound
+            tunnel = eng.tunnel_of(sa)
+            if t.name in plan.start:
+                self.reservations.enrol(sa, plan.start[t.name])
+                prev = self.rows.get(fps[t.name])
+                row = self._row(sa, fps[t.name], Owner.OWNED, "configured", now, prev)
+                row.ceiling = self.reservations.request(sa)
+                started.append((sa, row))
+                continue
+            if tunnel is not None:
+                eng.remove_tunnel(tunnel)
+            if t.name in plan.away:
+                r = plan.away[t.name]
+                event(
+                    log, "tunnel-kept-away", logging.WARNING, node=self.node.name, tunnel=t.name,
+                    owner=r.owner.value, detail=r.detail,
+                )
+            else:
+                event(
+                    log, "tunnel-refused", logging.ERROR, node=self.node.name, tunnel=t.name,
+                    reason=plan.refused[t.name],
+                )
+        for r in plan.not_restored:
+            event(
+                log, "tunnel-not-restored", logging.WARNING, node=self.node.name, tunnel=r.name,
+                spi=f"0x{r.spi:08x}", detail=r.detail,
+                reason="not in the configuration (its keys were never written to disk)",
+            )
+        try:
+            self.store.put(r for _, r in started)
+        except (sqlite3.Error, OSError) as exc:
+            raise StateError(f"cannot write state {self.store.path}: {exc}") from None
+        for sa, row in started:
+            self.reservations.granted(sa, row.ceiling)
+            self.rows[row.fingerprint] = row
+            self.tracked[sa] = row.fingerprint
+        self.plan = plan
+        event(
+            log, "state-loaded", node=self.node.name, db=self.store.path,
+            first_start=self.store.created, started=len(plan.start), away=len(plan.away),
+            refused=len(plan.refused), not_restored=len(plan.not_restored),
+        )
+        return plan
+
+    def _row(
+        self, sa: SecurityAssociation, fp: str, owner: Owner, detail: str, now: float,
+        prev: SAState | None,
+    ) -> SAState:
+        changed = prev.changed if prev is not None and prev.owner is owner else now
+        ceiling = prev.ceiling if prev is not None else 0
+        if sa.seq_ceiling != MAX_SEQ_64:
+            ceiling = max(ceiling, sa.seq_ceiling)
+        return SAState(
+            fp, sa.name, sa.spi, str(sa.dst), sa.aead, max(ceiling, sa.seq), owner, detail,
+            changed,
+        )
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._flusher())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        self.store.close()
+        os.close(self.lock_fd)
+
+    # -- reservations ----------------------------------------------------------------------
+    def _on_reserve(self, sa: SecurityAssociation) -> None:
+        if sa not in self.tracked:
+            return
+        self.queue[sa] = self.reservations.request(sa)
+        self._wake.set()
+
+    async def _flusher(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            batch, self.queue = self.queue, {}
+            items = [(self.tracked[sa], c) for sa, c in batch.items() if sa in self.tracked]
+            try:
+                await asyncio.to_thread(self.store.raise_ceilings, items)
+            except (sqlite3.Error, OSError) as exc:
+                self.counters["failed_writes"] += 1
+                now = time.monotonic()
+                if now >= self._quiet_until:
+                    self._quiet_until = now + 10.0
+                    event(
+                        log, "reservation-failed", logging.ERROR, node=self.node.name,
+                        error=str(exc), sas=len(items),
+                        effect="their traffic stops at the reserved ceiling",
+                    )
+                for sa, c in batch.items():
+                    self.queue.setdefault(sa, c)
+                await asyncio.sleep(1.0)
+                self._wake.set()
+                continue
+            self.counters["reservation_writes"] += 1
+            for sa, c in batch.items():
+                self.reservations.granted(sa, c)
+                fp = self.tracked.get(sa)
+                if fp is not None and fp in self.rows:
+                    self.rows[fp].ceiling = max(self.rows[fp].ceiling, c)
+
+    # -- ownership (the Journal) -------------------------------------------------------------
+    def _put(self, rows: list[SAState]) -> None:
+        try:
+            self.store.put(rows)
+        except (sqlite3.Error, OSError) as exc:
+            self.counters["failed_writes"] += 1
+            raise JournalError(f"state not written: {exc}") from None
+        self.counters["ownership_writes"] += 1
+        for r in rows:
+            self.rows[r.fingerprint] = r
+
+    def _adopt(self, sas: Sequence[SecurityAssociation], owner: Owner, detail: str) -> None:
+        """Record ``sas`` as ``owner``; those not yet under reservations get their first block
+        past both the number they came with and anything stored for their keys."""
+        now = time.time()
+        fresh: list[tuple[SecurityAssociation, SAState]] = []
+        rows = []
+        for sa in sas:
+            fp = self.tracked.get(sa) or self.store.fingerprint(sa)
+            prev = self.rows.get(fp)
+            row = self._row(sa, fp, owner, detail, now, prev)
+            if sa not in self.tracked:
+                self.reservations.enrol(sa, prev.ceiling if prev is not None else 0)
+                row.ceiling = self.reservations.request(sa)
+                fresh.append((sa, row))
+            rows.append(row)
+        try:
+            self._put(rows)
+        except JournalError:
+            for sa, _ in fresh:
+                self.reservations.failed(sa)
+            raise
+        for sa, row in fresh:
+            self.reservations.granted(sa, row.ceiling)
+            self.tracked[sa] = row.fingerprint
+
+    def taken_over(self, tunnels: Sequence[Tunnel], peer: str, *, pending: bool) -> None:
+        how = f"from {peer} (transfer pending)" if pending else f"taken over from {peer}"
+        self._adopt([t.outbound for t in tunnels], Owner.PENDING if pending else Owner.OWNED, how)
+
+    def given_away(self, tunnels: Sequence[Tunnel], peer: str, transfer_id: int) -> None:
+        now = time.time()
+        rows = []
+        for t in tunnels:
+            sa = t.outbound
+            fp = self.tracked.get(sa) or self.store.fingerprint(sa)
+            row = self._row(sa, fp, Owner.AWAY, f"given to {peer}", now, self.rows.get(fp))
+            row.transfer = transfer_id
+            rows.append(row)
+        self._put(rows)
+
+    def committed_transfers(self) -> set[int]:
+        """Transfers that gave tunnels away (whose COMMIT a waiting target may ask for)."""
+        return {r.transfer for r in self.rows.values() if r.owner is Owner.AWAY and r.transfer}
+
+    def cancelled(self, tunnels: Sequence[Tunnel], peer: str) -> None:
+        now = time.time()
+        rows = []
+        for t in tunnels:
+            sa = t.outbound
+            fp = self.tracked.get(sa) or self.store.fingerprint(sa)
+            rows.append(
+                self._row(sa, fp, Owner.AWAY, f"stayed with {peer} (transfer cancelled)", now,
+                          self.rows.get(fp))
+            )
+        with contextlib.suppress(JournalError):  # pending rows stay away anyway
+            self._put(rows)
+
+    def added(self, sa: SecurityAssociation) -> None:
+        """An outbound SA added at run time (``sa add``)."""
+        self._adopt([sa], Owner.OWNED, "added by sa add")
+
+    def deleted(self, sa: SecurityAssociation) -> None:
+        fp = self.tracked.get(sa) or self.store.fingerprint(sa)
+        self._put([self._row(sa, fp, Owner.DELETED, "deleted by sa delete", time.time(),
+                             self.rows.get(fp))])
+
+    # -- information -----------------------------------------------------------------------
+    def _live(self) -> list[SecurityAssociation]:
+        sad = self.node.engine.sad
+        return [sa for sa in self.tracked if sad.lookup(sa.dst, sa.protocol, sa.spi) is sa]
+
+    def status(self) -> dict[str, Any]:
+        live = self._live()
+        return {
+            "dir": str(self.store.path.parent),
+            "db": str(self.store.path),
+            "schema": SCHEMA,
+            "first_start": self.store.created,
+            "seq_block": self.reservations.block,
+            "reservations": {
+                "sas": len(live),
+                "waiting": sum(1 for sa in live if sa.seq_reserve_pending),
+                "min_headroom": min((Reservations.headroom(sa) for sa in live), default=None),
+                **self.counters,
+            },
+            "kept_away": [
+                {"name": n, "spi": f"0x{r.spi:08x}", "owner": r.owner.value, "detail": r.detail}
+                for n, r in self.plan.away.items()
+            ],
+            "refused": [{"name": n, "reason": why} for n, why in self.plan.refused.items()],
+            "not_restored": [
+                {"name": r.name, "spi": f"0x{r.spi:08x}", "detail": r.detail}
+                for r in self.plan.not_restored
+            ],
+        }
+
+    def metrics(self) -> dict[str, int]:
+        live = self._live()
+        return {
+            "state_reservation_writes_total": self.counters["reservation_writes"],
+            "state_ownership_writes_total": self.counters["ownership_writes"],
+            "state_failed_writes_total": self.counters["failed_writes"],
+            "state_reservations_waiting": sum(1 for sa in live if sa.seq_reserve_pending),
+            "state_min_seq_headroom": min(
+                (Reservations.headroom(sa) for sa in live), default=0
+            ),
+            "state_tunnels_kept_away": len(self.plan.away),
+            "state_tunnels_refused": len(self.plan.refused),
+            "state_tunnels_not_restored": len(self.plan.not_restored),
+        }
+
+
+def open_for(node: Node, cfg: NodeConfig, *, fresh: bool = False) -> DurableState:
+    """Open the node's state, merge its configuration, and reserve before anything is sent.
+    Raises :class:`StateError` (one line for the operator) when it must not start."""
+    directory = Path(cfg.state_dir) if cfg.state_dir is not None else default_dir(cfg.name)
+    aead = [(t.name, t.outbound) for t in cfg.tunnels if t.outbound.aead]
+    store, lock = open_store(directory, cfg.name, aead, fresh=fresh)
+    state = DurableState(node, store, lock, cfg.seq_block)
+    try:
+        state.merge_configuration(cfg)
+    except BaseException:
+        store.close()
+        os.close(lock)
+        raise
+    return state

@@ -1,0 +1,363 @@
+"""Durable state (issue 8 §1): the merge of configuration and state, the SQLite store, and
+gateways as real processes killed with SIGKILL under traffic, restarted, and checked on the
+wire: no (SPI, sequence number) pair is ever sent twice."""
+
+from __future__ import annotations
+
+import os
+import random
+import sqlite3
+import time
+from pathlib import Path
+
+import pytest
+
+from ipsecct.ct.journal import Configured, Owner, SAState, merge
+from ipsecct.gateway import state as state_mod
+from ipsecct.gateway.state import SCHEMA, StateStore
+
+from .state_helpers import Capture, Gateways, Traffic
+
+
+def row(fp: str, owner: Owner, ceiling: int = 100, name: str = "t") -> SAState:
+    return SAState(fp, name, 0x1000, "192.0.2.2", True, ceiling, owner)
+
+
+# -- merge (pure) ---------------------------------------------------------------------------
+def test_merge_resumes_owned_keeps_away_the_rest_and_reports_the_unconfigured() -> None:
+    stored = {
+        "a": row("a", Owner.OWNED, 500),
+        "b": row("b", Owner.AWAY),
+        "c": row("c", Owner.DELETED),
+        "d": row("d", Owner.PENDING),
+        "x": row("x", Owner.OWNED, name="taken"),
+    }
+    conf = [Configured(n, n, True) for n in "abcde"]
+    plan = merge(conf, stored)
+    assert plan.start == {"a": 500, "e": 0}
+    assert {n: r.owner for n, r in plan.away.items()} == {
+        "b": Owner.AWAY, "c": Owner.DELETED, "d": Owner.PENDING
+    }
+    assert [r.name for r in plan.not_restored] == ["taken"]
+
+
+def test_merge_refuses_two_tunnels_with_the_same_keys() -> None:
+    plan = merge([Configured("a", "k", True), Configured("b", "k", True)], {})
+    assert set(plan.refused) == {"a", "b"} and not plan.start
+
+
+# -- the store ------------------------------------------------------------------------------
+def test_store_is_wal_synchronous_full_versioned_and_ceilings_never_go_down(
+    tmp_path: Path,
+) -> None:
+    st = StateStore.create(tmp_path / "state.db", "sg1")
+    assert st.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert st.conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    assert st.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA
+    st.put([row("a", Owner.OWNED, 2**64 - 1), row("b", Owner.OWNED, 70000)])
+    st.put([row("b", Owner.AWAY, 5)])  # an ownership write with an older ceiling
+    st.raise_ceilings([("b", 60000), ("a", 3)])
+    st.close()
+    st2 = StateStore.open_existing(tmp_path / "state.db", "sg1")
+    rows = st2.load()
+    assert rows["a"].ceiling == 2**64 - 1
+    assert (rows["b"].ceiling, rows["b"].owner) == (70000, Owner.AWAY)
+    # the salt makes the fingerprints; the keys are nowhere in the file
+    st2.close()
+
+
+def test_damaged_stores_are_told_apart(tmp_path: Path) -> None:
+    db = tmp_path / "state.db"
+    StateStore.create(db, "sg1").close()
+    with pytest.raises(state_mod._Damaged, match="belongs to node 'sg1'"):
+        StateStore.open_existing(db, "sg2")
+    c = sqlite3.connect(db)
+    c.execute("PRAGMA user_version = 7")
+    c.commit()
+    c.close()
+    with pytest.raises(state_mod._Damaged, match="schema version 7"):
+        StateStore.open_existing(db, "sg1")
+    db.write_bytes(b"not a database at all" * 100)
+    with pytest.raises(state_mod._Damaged):
+        StateStore.open_existing(db, "sg1")
+
+
+def test_default_directory(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("IPSECCT_STATE_HOME", "/x")
+    assert state_mod.default_dir("sg1") == Path("/x/sg1")
+    monkeypatch.delenv("IPSECCT_STATE_HOME")
+    if os.geteuid() == 0:
+        assert state_mod.default_dir("sg1") == Path("/var/lib/ipsecct/sg1")
+    monkeypatch.setenv("XDG_STATE_HOME", "/home/u/.st")
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    assert state_mod.default_dir("sg1") == Path("/home/u/.st/ipsecct/sg1")
+    with pytest.raises(state_mod.StateError, match="cannot name a state directory"):
+        state_mod.default_dir("../etc")
+
+
+# -- processes ------------------------------------------------------------------------------
+@pytest.fixture
+def gws(tmp_path: Path):  # type: ignore[no-untyped-def]
+    cap = Capture()
+    g = Gateways(tmp_path, cap.port, tunnels=20, block=32)
+    g.capture = cap  # type: ignore[attr-defined]
+    yield g
+    g.stop()
+    cap.close()
+
+
+def wait_for(pred, what: str, timeout: float = 15.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise AssertionError(what)
+        time.sleep(0.02)
+
+
+@pytest.mark.slow
+def test_kill_9_under_traffic_never_repeats_a_sequence_number(gws: Gateways) -> None:
+    """The gateway is killed with SIGKILL at random moments while 20 AEAD tunnels carry
+    traffic and reserve blocks of 32 numbers (a reservation write is almost always in
+    flight), then restarted; every ESP datagram it ever sent is read off the wire. Then the
+    state directory is removed and the same restart repeats numbers: the check can fail."""
+    cap: Capture = gws.capture  # type: ignore[attr-defined]
+    gws.write("sg1")
+    traffic = Traffic(20, [gws.ports["sg1"]["inner"]], pps=3000)
+    rnd = random.Random(8)
+    try:
+        for _ in range(5):
+            n = len(cap.seen)
+            gws.start("sg1")
+            wait_for(lambda n=n: len(cap.seen) > n + 200, "no traffic after the start")
+            time.sleep(rnd.uniform(0.0, 0.8))
+            gws.kill("sg1")
+        assert cap.duplicates() == []
+        assert len({spi for spi, *_ in cap.seen}) == 20
+        # restarts skipped ahead: at most one block per run, never back
+        st = StateStore.open_existing(gws.dir / "state-sg1" / "state.db", "sg1")
+        assert all(r.owner is Owner.OWNED for r in st.load().values())
+        st.close()
+        # the same with the state removed: numbers repeat on the wire
+        import shutil
+
+        shutil.rmtree(gws.dir / "state-sg1")
+        n = len(cap.seen)
+        gws.start("sg1")
+        wait_for(lambda: len(cap.seen) > n + 200, "no traffic after the start")
+        assert cap.duplicates() != []
+    finally:
+        traffic.close()
+
+
+@pytest.mark.slow
+def test_a_damaged_state_refuses_aead_tunnels_with_one_line_and_status_2(
+    gws: Gateways,
+) -> None:
+    gws.write("sg1")
+    gws.start("sg1")
+    gws.kill("sg1")
+    db = gws.dir / "state-sg1" / "state.db"
+    with open(db, "r+b") as f:  # a torn page in the middle of the file
+        f.seek(100)
+        f.write(os.urandom(3000))
+    for p in (db.with_name("state.db-wal"), db.with_name("state.db-shm")):
+        p.unlink(missing_ok=True)
+    r = gws.run("sg1")
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert lines[-1].startswith("ipsecct: error: state ") and "is damaged" in lines[-1]
+    assert "refusing to start AEAD tunnel(s) t0, t1" in lines[-1]
+    assert "Traceback" not in r.stderr
+    # removed database, directory used before: missing, refused the same way
+    db.unlink()
+    r = gws.run("sg1")
+    assert r.returncode == 2 and "is missing" in r.stderr, r.stderr
+    # --fresh-state cannot tell whether the keys changed: refused
+    r = gws.run("sg1", "--fresh-state")
+    assert r.returncode == 2 and "cannot be read" in r.stderr, r.stderr
+
+
+@pytest.mark.slow
+def test_fresh_state_only_with_rekeyed_tunnels(gws: Gateways) -> None:
+    cap: Capture = gws.capture  # type: ignore[attr-defined]
+    gws.write("sg1")
+    gws.start("sg1")
+    gws.kill("sg1")
+    db = gws.dir / "state-sg1" / "state.db"
+    c = sqlite3.connect(db)
+    c.execute("PRAGMA user_version = 99")  # a schema this ipsecct does not read
+    c.commit()
+    c.close()
+    r = gws.run("sg1")
+    assert r.returncode == 2 and "schema version 99" in r.stderr, r.stderr
+    r = gws.run("sg1", "--fresh-state")
+    assert r.returncode == 2
+    assert "--fresh-state refused: tunnel(s) t0, t1" in r.stderr, r.stderr
+    for i in range(20):
+        if i != 3:
+            gws.rekey(i)
+    r = gws.run("sg1", "--fresh-state")
+    assert r.returncode == 2 and "tunnel(s) t3 still have keys" in r.stderr, r.stderr
+    gws.rekey(3)
+    gws.start("sg1", "--fresh-state")
+    st = gws.status("sg1")["state"]
+    assert st["first_start"] is True
+    assert list((gws.dir / "state-sg1").glob("old-*/state.db"))
+    assert cap.duplicates() == []
+
+
+@pytest.mark.slow
+def test_one_process_per_state_directory(gws: Gateways) -> None:
+    gws.write("sg1")
+    gws.start("sg1")
+    text = Path(gws.config("sg1")).read_text().replace(
+        f'socket = "{gws.dir}/sg1.sock"', f'socket = "{gws.dir}/other.sock"'
+    )
+    other = gws.dir / "other.toml"
+    other.write_text(text.replace(f"port = {gws.ports['sg1']['outer']}", "port = 0"))
+    from .example_deployment import cli
+
+    r = cli("gateway", "run", "-c", str(other), timeout=30)
+    assert r.returncode == 2 and "is in use by another ipsecct process" in r.stderr, r.stderr
+
+
+@pytest.mark.slow
+def test_restart_resumes_counters_and_a_deleted_sa_stays_deleted(gws: Gateways) -> None:
+    from .example_deployment import cli
+
+    gws.write("sg1")
+    gws.start("sg1")
+    st = gws.status("sg1")
+    assert st["state"]["reservations"]["sas"] == 20
+    assert st["state"]["seq_block"] == 32
+    r = cli("sa", "delete", "0x20000005", "-c", gws.config("sg1"))
+    assert r.returncode == 0, r.stderr
+    gws.kill("sg1")
+    gws.start("sg1")
+    st = gws.status("sg1")
+    assert [a["name"] for a in st["state"]["kept_away"]] == ["t5"]
+    assert st["state"]["kept_away"][0]["owner"] == "deleted"
+    assert 0x20000005 not in gws.active_spis("sg1")
+    r = cli("sa", "list", "--json", "-c", gws.config("sg1"))
+    import json
+
+    seqs = {s["name"]: s["seq"] for s in json.loads(r.stdout) if s["direction"] == "out"}
+    assert seqs["t0"] == 32  # resumed at the first run's ceiling (one block)
+    metrics = st["metrics"]
+    assert metrics["state_tunnels_kept_away"] == 1
+
+
+# -- the transfer core calls the journal before ownership changes (sans-I/O) ----------------
+class Recorder:
+    """A Journal that records calls (with how many messages were on the links then)."""
+
+    def __init__(self, world: object, fail: str = "") -> None:
+        self.world = world
+        self.fail = fail
+        self.calls: list[tuple[str, int]] = []
+
+    def _note(self, what: str) -> None:
+        links = self.world.links  # type: ignore[attr-defined]
+        self.calls.append((what, sum(len(q) for q in links.values())))
+        if what == self.fail:
+            from ipsecct.ct.journal import JournalError
+
+            raise JournalError("disk full")
+
+    def taken_over(self, tunnels, peer, *, pending):  # type: ignore[no-untyped-def]
+        for t in tunnels:  # what a real journal does: reserve before the tunnel may send
+            from ipsecct.ipsec.sequence import Reservations
+
+            r = Reservations(64)
+            if t.outbound.seq_ceiling == 2**64 - 1:
+                r.enrol(t.outbound, 0)
+                r.granted(t.outbound, r.request(t.outbound))
+        self._note("pending" if pending else "taken")
+
+    def given_away(self, tunnels, peer, transfer_id):  # type: ignore[no-untyped-def]
+        self._note("given")
+
+    def cancelled(self, tunnels, peer):  # type: ignore[no-untyped-def]
+        self._note("cancelled")
+
+
+def test_transfer_core_records_before_each_change_of_owner() -> None:
+    from ipsecct.ct import cxtp
+    from ipsecct.ipsec.engine import TunnelState
+
+    from .transfer_helpers import World
+
+    w = World()
+    j1, j2 = Recorder(w), Recorder(w)
+    w.gw["sg1"].core.journal = j1
+    w.gw["sg2"].core.journal = j2
+    w.transfer()
+    w.deliver("sg1", "sg2")  # PCTD: the target records "pending" before its CTDR is posted
+    assert j2.calls == [("pending", 0)]
+    assert isinstance(w.peek("sg2", "sg1"), cxtp.CTDR)
+    w.deliver("sg2", "sg1")  # CTDR: "given away" before the COMMIT is posted
+    assert j1.calls == [("given", 0)]
+    assert isinstance(w.peek("sg1", "sg2"), cxtp.CTD)
+    w.deliver("sg1", "sg2")
+    assert j2.calls[-1][0] == "taken"
+    (t2,) = w.gw["sg2"].engine.tunnels()
+    assert t2.state is TunnelState.ACTIVE and t2.outbound.seq_ceiling < 2**64 - 1
+
+
+def test_a_source_that_cannot_record_does_not_commit() -> None:
+    from ipsecct.ct import cxtp
+    from ipsecct.ipsec.engine import TunnelState
+
+    from .transfer_helpers import World
+
+    w = World()
+    w.gw["sg1"].core.journal = Recorder(w, fail="given")
+    w.transfer()
+    w.deliver("sg1", "sg2")
+    w.deliver("sg2", "sg1")
+    assert isinstance(w.peek("sg1", "sg2"), cxtp.CTC)  # rolled back, not committed
+    assert w.tunnel.state is TunnelState.ACTIVE
+    assert w.gw["sg1"].finished[-1].outcome == "failed"
+    w.deliver("sg1", "sg2")
+    assert w.gw["sg2"].engine.tunnels() == []
+
+
+def test_a_target_that_cannot_record_refuses() -> None:
+    from ipsecct.ct import cxtp
+
+    from .transfer_helpers import World
+
+    w = World()
+    w.gw["sg2"].core.journal = Recorder(w, fail="pending")
+    w.transfer()
+    w.deliver("sg1", "sg2")
+    msg = w.peek("sg2", "sg1")
+    assert isinstance(msg, cxtp.CTDR) and not msg.all_ok
+    assert w.gw["sg2"].engine.tunnels() == []
+
+
+def test_a_restarted_source_repeats_the_commit_it_recorded() -> None:
+    """The source recorded "given away" and died before its COMMIT left: restarted, it
+    answers the target's re-sent CTDR with COMMIT (not CTC), so the tunnel is not lost."""
+    from ipsecct.ct import cxtp
+    from ipsecct.ct.transfer import TransferCore
+    from ipsecct.ipsec.engine import Engine, TunnelState
+
+    from .transfer_helpers import SG_ADDR, World, ip
+
+    w = World()
+    tid = w.transfer()
+    w.deliver("sg1", "sg2")
+    w.deliver("sg2", "sg1")
+    w.drop("sg1", "sg2")  # the COMMIT never left: sg1 died
+    g1 = w.gw["sg1"]
+    g1.core = TransferCore(Engine(ip(SG_ADDR["sg1"])), w.gw["sg1"].core.endpoint)
+    g1.engine = g1.core.engine
+    g1.core.recall_commits([tid], w.now)
+    w.now += 3.0  # sg2 re-sends its CTDR
+    w.gw["sg2"].run(w.gw["sg2"].core.tick(w.now))
+    w.deliver("sg2", "sg1")
+    assert isinstance(w.peek("sg1", "sg2"), cxtp.CTD)  # the decision: COMMIT
+    w.deliver("sg1", "sg2")
+    (t2,) = w.gw["sg2"].engine.tunnels()
+    assert t2.state is TunnelState.ACTIVE
