@@ -245,6 +245,11 @@ def test_restart_resumes_counters_and_a_deleted_sa_stays_deleted(gws: Gateways) 
     assert seqs["t0"] == 32  # resumed at the first run's ceiling (one block)
     metrics = st["metrics"]
     assert metrics["state_tunnels_kept_away"] == 1
+    from ipsecct.gateway.control import prometheus_text
+
+    text = prometheus_text(st)
+    assert 'ipsecct_state_tunnels_kept_away{node="sg1"} 1' in text
+    assert 'ipsecct_drops_total{node="sg1",reason="seq_unreserved"}' in text
 
 
 # -- the transfer core calls the journal before ownership changes (sans-I/O) ----------------
@@ -361,3 +366,15 @@ def test_a_restarted_source_repeats_the_commit_it_recorded() -> None:
     w.deliver("sg1", "sg2")
     (t2,) = w.gw["sg2"].engine.tunnels()
     assert t2.state is TunnelState.ACTIVE
+
+
+@pytest.mark.slow
+def test_an_unusable_state_directory_is_one_line_and_status_2(gws: Gateways) -> None:
+    gws.write("sg1")
+    (gws.dir / "blocker").write_text("a file, not a directory")
+    cfg = Path(gws.config("sg1"))
+    cfg.write_text(cfg.read_text().replace('dir = "state-sg1"', 'dir = "blocker/state"'))
+    r = gws.run("sg1")
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("ipsecct: error: cannot use state")
+    assert "Traceback" not in r.stderr

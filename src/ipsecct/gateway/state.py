@@ -284,13 +284,16 @@ def open_store(
     store refuses, and which ``fresh`` checks were re-keyed."""
     try:
         directory.mkdir(parents=True, mode=0o700, exist_ok=True)
+        if directory.stat().st_mode & 0o022:
+            event(log, "state-dir-writable-by-others", logging.WARNING, dir=directory)
+        lock = _lock_dir(directory)
     except OSError as exc:
-        raise StateError(f"cannot make state directory {directory}: {exc.strerror}") from None
-    if directory.stat().st_mode & 0o022:
-        event(log, "state-dir-writable-by-others", logging.WARNING, dir=directory)
-    lock = _lock_dir(directory)
+        raise StateError(f"cannot use state directory {directory}: {exc.strerror}") from None
     try:
         return _open_locked(directory, node, aead, fresh), lock
+    except (OSError, sqlite3.Error) as exc:
+        os.close(lock)
+        raise StateError(f"cannot use state directory {directory}: {exc}") from None
     except BaseException:
         os.close(lock)
         raise

@@ -116,6 +116,9 @@ class SecurityAssociation:
     - ``seq_low_water``: from this number on, ask for the next block (once: the
       ``seq_reserve_pending`` flag is set and a ``SEQ_RESERVE`` event is queued); always at or
       below ``seq_ceiling``.
+
+    (The fail-over fence, :attr:`ipsecct.ipsec.engine.Tunnel.seq_ceiling`, is another bound,
+    kept per tunnel by the engine; a packet is sent only below both.)
     """
 
     # The SA's object in the native data path (ipsecct.ipsec.native), made on first use.
