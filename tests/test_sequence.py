@@ -197,3 +197,58 @@ def test_no_sequence_number_is_reused_across_crashes(
             sa = boot()
     assert len(sent) == len(set(sent))
     assert sent == sorted(sent)
+
+
+def test_the_native_path_honours_the_durable_ceiling() -> None:
+    """C sends only up to the SA's durable ceiling and hands the packet at the low-water mark
+    to Python, which asks for the next block; granted late, nothing is sent above what was
+    durable at the time."""
+    import struct
+
+    from ipsecct.ipsec import native
+    from ipsecct.ipsec.esp import Drop
+    from ipsecct.ipsec.sad import Lifetime
+    from ipsecct.ipsec.spd import PortRange
+
+    if not native.AVAILABLE:
+        pytest.skip("the native extension is not built (IPSECCT_PURE_PYTHON or no compiler)")
+    from .test_native import R_INNER, S_INNER, Side, _inner
+
+    cfg = {
+        "enc": EncAlg.AES_GCM_16, "key": bytes(20), "esn": False, "window": 64, "outer": 4,
+        "ports": PortRange(), "soft": Lifetime(), "hard": Lifetime(),
+    }
+    side = Side(cfg, True)
+    sa = side.up_out
+    r = Reservations(block=16)
+    r.enrol(sa, 0)
+    durable = r.request(sa)
+    r.granted(sa, durable)
+    pkt = _inner(4, 17, 64, 7000, S_INNER[4], R_INNER[4])
+    sent: list[int] = []
+    pending: list[int] = []
+    in_c = 0
+    for i in range(400):
+        got = side.s.native.seal_flow(pkt, 0.0)
+        data: bytes | bytearray | None = None
+        if got is not None:
+            in_c += 1
+            data = got[1]
+        else:
+            res = side.s.outbound(pkt, 0.0)
+            if isinstance(res, ToPeer):
+                data = res.data
+            else:
+                assert res is Drop.SEQ_UNRESERVED
+        if data is not None:
+            seq = struct.unpack_from("!L", data, 4)[0]
+            assert seq <= durable
+            sent.append(seq)
+        for ev in side.s.drain_events():
+            if ev.event is SAEvent.SEQ_RESERVE:
+                pending.append(r.request(ev.sa))
+        if i % 7 == 6 and pending:  # the write lands, late
+            durable = max(durable, pending.pop(0))
+            r.granted(sa, durable)
+    assert sent == sorted(set(sent)) and len(sent) > 100
+    assert in_c > len(sent) // 2  # most of them in C

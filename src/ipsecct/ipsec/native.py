@@ -96,12 +96,19 @@ def ceiling(sa: SecurityAssociation, seq_ceiling: int | None = None) -> int:
     """The highest sequence number C may send on outbound ``sa``: below the 7/8 mark (the
     near-limit event is Python's), then up to the counter's end, and never above
     ``seq_ceiling`` (the tunnel's fencing ceiling, :attr:`ipsecct.ipsec.engine.Tunnel.seq_ceiling`:
-    the highest number it may send)."""
+    the highest number it may send) nor the SA's own durable ``seq_ceiling``; below its
+    ``seq_low_water`` until the next block is asked for."""
     limit = MAX_SEQ_64 if sa.esn else MAX_SEQ_32
     near = limit - (limit >> 3)
     top = near - 1 if sa.seq < near else limit
     if seq_ceiling is not None:
         top = min(top, seq_ceiling)
+    # Durable reservations (ipsec/sequence.py): never above what is on stable storage, and
+    # the packet at the low-water mark goes up to Python, which asks for the next block (once
+    # asked, C may run on to the ceiling while the write is under way).
+    top = min(top, sa.seq_ceiling)
+    if not sa.seq_reserve_pending:
+        top = min(top, sa.seq_low_water - 1)
     return max(top, 0)
 
 
