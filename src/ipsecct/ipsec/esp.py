@@ -42,10 +42,11 @@ class Drop(enum.Enum):
     LIFETIME = "lifetime"
     MALFORMED = "malformed"
     SEQ_EXHAUSTED = "seq_exhausted"
-    SEQ_UNRESERVED = "seq_unreserved"  # above the durable ceiling: waiting for a reservation
     DUMMY = "dummy"
     MTU = "mtu"
     FENCED = "fenced"  # this gateway's lease on the SA ran out (fail-over fencing)
+    # (New reasons go last: the native path's drop codes are indices in this order.)
+    SEQ_UNRESERVED = "seq_unreserved"  # above the durable ceiling: waiting for a reservation
 
 
 def spi_seq(packet: bytes | bytearray | memoryview) -> tuple[int, int] | None:
