@@ -61,7 +61,10 @@ class ExampleDeployment:
     ) -> None:
         self.dir = d
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
-        shutil.copytree(example, d, dirs_exist_ok=True, ignore=shutil.ignore_patterns("pki"))
+        # (not the example's pki/ nor its state/, which a local run of the example leaves)
+        shutil.copytree(
+            example, d, dirs_exist_ok=True, ignore=shutil.ignore_patterns("pki", "state")
+        )
         for k in (d / "keys").iterdir():
             os.chmod(k, 0o600)
         self.port = {p: free_port(socket.SOCK_DGRAM) for p in udp_ports}

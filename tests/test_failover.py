@@ -619,7 +619,9 @@ def test_failover_needs_transfer() -> None:
 
 def test_gateway_run_with_bad_failover_exits_2_with_one_line(tmp_path: Path) -> None:
     d = tmp_path / "ex"
-    shutil.copytree(ROOT / "examples" / "failover", d, ignore=shutil.ignore_patterns("pki"))
+    shutil.copytree(
+        ROOT / "examples" / "failover", d, ignore=shutil.ignore_patterns("pki", "state")
+    )
     for k in (d / "keys").iterdir():
         os.chmod(k, 0o600)
     r = cli("pki", "init", "--dir", str(d / "pki"), "--gateways", "sg1,sg2")
