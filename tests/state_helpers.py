@@ -166,6 +166,8 @@ identity = "direct"
 max_transfer_ms = 2000
 retry_ms = 500
 retry_max_ms = 3000
+accept_local_ts = "10.2.0.0/24"
+accept_remote_ts = "10.1.0.0/16"
 """
             for peer in peers:
                 q = self.ports[peer]
