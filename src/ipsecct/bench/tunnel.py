@@ -128,6 +128,7 @@ class Result:
     us_per_packet: float
     us_per_packet_enc: float
     us_per_packet_dec: float
+    offered_pps: float  # what the generator sent: delivered close to it means load-bound
 
 
 class BenchError(Exception):
@@ -342,7 +343,7 @@ def _loadgen(workdir: Path) -> Path:
 
 
 def measure_one(
-    pair: Pair, impl: str, loadgen: Path, size: int, warm: float, meas: float
+    pair: Pair, impl: str, loadgen: Path, size: int, warm: float, meas: float, nice: int = 19
 ) -> Result:
     topo = pair.topo
     counter = topo.popen(
@@ -352,21 +353,23 @@ def measure_one(
     assert counter.stdout is not None
     if counter.stdout.readline().strip() != "ready":
         raise BenchError("the packet counter did not start")
+    gen_time = warm + meas + 1.0
     gen = topo.popen(
-        topo.a, "nice", "-n", "19", str(loadgen), "gen", INNER_A, INNER_B, str(PORT),
-        str(size), str(warm + meas + 1.0), stdout=subprocess.DEVNULL,
+        topo.a, "nice", "-n", str(nice), str(loadgen), "gen", INNER_A, INNER_B, str(PORT),
+        str(size), str(gen_time), stdout=subprocess.PIPE, text=True,
     )
     time.sleep(warm)
     c0 = [_cpu_seconds(p) for p in pair.pids]
     time.sleep(meas)
     c1 = [_cpu_seconds(p) for p in pair.pids]
     out, _ = counter.communicate(timeout=30)
-    gen.wait(30)
+    gen_out, _ = gen.communicate(timeout=30)
     n = int(out.strip().splitlines()[-1])
+    offered = int(gen_out.strip().splitlines()[-1]) / gen_time
     if n == 0:
         raise BenchError(f"{impl}: no packet went through the tunnel")
     enc, dec = ((b - a) * 1e6 / n for a, b in zip(c0, c1, strict=True))
-    return Result(impl, size, n / meas, (enc + dec) / 2, enc, dec)
+    return Result(impl, size, n / meas, (enc + dec) / 2, enc, dec, offered)
 
 
 @contextlib.contextmanager
@@ -391,6 +394,7 @@ def measure(
     rounds: int = 3,
     warm: float = 0.5,
     meas: float = 2.0,
+    nice: int = 19,
     progress: Callable[[str], None] | None = None,
 ) -> list[Result]:
     if os.geteuid() != 0:
@@ -405,7 +409,7 @@ def measure(
                     progress(f"round {r + 1}/{rounds}")
                 for size in sizes:
                     for impl in impls:
-                        res = measure_one(pairs[impl], impl, loadgen, size, warm, meas)
+                        res = measure_one(pairs[impl], impl, loadgen, size, warm, meas, nice)
                         runs.setdefault((impl, size), []).append(res)
     out = []
     for (impl, size), rs in runs.items():
@@ -417,6 +421,7 @@ def measure(
                 statistics.median(x.us_per_packet for x in rs),
                 statistics.median(x.us_per_packet_enc for x in rs),
                 statistics.median(x.us_per_packet_dec for x in rs),
+                statistics.median(x.offered_pps for x in rs),
             )
         )
     return out
@@ -430,7 +435,7 @@ def format_table(results: Sequence[Result]) -> str:
     by = {(r.impl, r.size): r for r in results}
     head = (
         f"{'impl':<15} {'size':>5} {'packets/s':>11} {'us/packet':>10} {'enc us':>8}"
-        f" {'dec us':>8} {'pps vs strongswan':>18} {'cpu vs strongswan':>18}"
+        f" {'dec us':>8} {'pps vs strongswan':>18} {'cpu vs strongswan':>18} {'offered/s':>10}"
     )
     lines = [head, "-" * len(head)]
     for r in sorted(results, key=lambda r: (r.size, IMPLS.index(r.impl))):
@@ -442,11 +447,13 @@ def format_table(results: Sequence[Result]) -> str:
         lines.append(
             f"{r.impl:<15} {r.size:>5} {r.pps:>11,.0f} {r.us_per_packet:>10.1f}"
             f" {r.us_per_packet_enc:>8.1f} {r.us_per_packet_dec:>8.1f} {pps_ratio:>18}"
-            f" {cpu_ratio:>18}"
+            f" {cpu_ratio:>18} {r.offered_pps:>10,.0f}"
         )
     lines.append(
         "delivered packets per second and gateway CPU per packet (mean of the encrypting and"
-        " the decrypting gateway), medians of the rounds; sizes are inner IP packets"
+        " the decrypting gateway), medians of the rounds; sizes are inner IP packets;"
+        " offered: what the generator sent (delivered close to it: the load, not the"
+        " gateways, was the limit)"
     )
     return "\n".join(lines)
 
@@ -468,6 +475,8 @@ def add_parser(sub: Any) -> None:
                    help="measured window of one case (default 2)")
     p.add_argument("--warmup", type=number(float, high=60), default=0.5, metavar="SECONDS",
                    help="traffic before the window (default 0.5)")
+    p.add_argument("--nice", type=int, choices=range(20), default=19, metavar="N",
+                   help="niceness of the load generator (default 19)")
     p.add_argument("--impl", action="append", choices=IMPLS, metavar="IMPL",
                    help=f"only this implementation (repeatable; {', '.join(IMPLS)})")
     p.add_argument("--size", action="append", type=int, choices=SIZES, metavar="OCTETS",
@@ -483,6 +492,7 @@ def run_cli(args: argparse.Namespace) -> int:
             rounds=args.rounds,
             warm=args.warmup,
             meas=args.time,
+            nice=args.nice,
             progress=None if args.json else lambda s: print(s, file=sys.stderr, flush=True),
         )
     except BenchError as exc:
