@@ -32,6 +32,7 @@ log = logging.getLogger("ipsecct.gateway.node")
 
 Clock = Callable[[], float]
 OuterHook = Callable[[bytes, tuple[Any, ...]], bool]
+_SOCKET_BUFFER = 1 << 22  # octets, per UDP socket and direction
 _BATCH = 64  # datagrams per readiness event
 
 
@@ -75,6 +76,11 @@ class UdpEndpoint:
     ) -> UdpEndpoint:
         fam = socket.AF_INET6 if ":" in addr[0] else socket.AF_INET
         s = socket.socket(fam, socket.SOCK_DGRAM)
+        # Room for the bursts between two readiness events (the kernel caps it at
+        # net.core.rmem_max / wmem_max); the default 208 KiB holds about 90 full-size packets.
+        with contextlib.suppress(OSError):
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _SOCKET_BUFFER)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SOCKET_BUFFER)
         try:
             if freebind:
                 s.setsockopt(socket.IPPROTO_IP, 15, 1)  # IP_FREEBIND
