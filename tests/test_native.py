@@ -50,7 +50,10 @@ SPI_DOWN = 0x2002
 
 def test_the_extension_is_built() -> None:
     # CI builds it (scripts/install brings gcc and the headers): a missing build is a failure.
-    assert native.AVAILABLE
+    assert native.AVAILABLE, (
+        "ipsecct.ipsec._esp is not built: run scripts/install (or .venv/bin/pip install -e"
+        " '.[dev]') with gcc, libssl-dev and the Python headers"
+    )
 
 
 def _ip(t: str) -> Any:

@@ -142,7 +142,7 @@ async def _exchange(tmp: Path, use_native: bool, enc: str) -> dict[str, Any]:
 
 @pytest.mark.parametrize("enc", ["aes-gcm-16", "chacha20-poly1305"])
 def test_native_batch_path_delivers_like_the_python_path(tmp_path: Path, enc: str) -> None:
-    assert native.AVAILABLE
+    assert native.AVAILABLE, "ipsecct.ipsec._esp is not built: run scripts/install"
     (tmp_path / "n").mkdir()
     (tmp_path / "p").mkdir()
     nat = asyncio.run(_exchange(tmp_path / "n", True, enc))
