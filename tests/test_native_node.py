@@ -105,7 +105,7 @@ async def _exchange(tmp: Path, use_native: bool, enc: str) -> dict[str, Any]:
         for i in range(N):
             up = build_udp(
                 *(__import__("ipaddress").ip_address(x) for x in ("10.1.0.2", "10.2.0.1")),
-                # half of them of one size: the sender's UDP GSO runs (same size, same peer)
+                # half of them of one size (full batches), half of changing sizes
                 5000 + i % 4, 7000, bytes([i % 256]) * (100 if i < N // 2 else i % 1300),
             )
             down = build_udp(

@@ -21,7 +21,6 @@
 #include <arpa/inet.h>
 #include <errno.h>
 #include <netinet/in.h>
-#include <netinet/udp.h>
 #include <openssl/crypto.h>
 #include <openssl/evp.h>
 #include <stdint.h>
@@ -793,7 +792,6 @@ typedef struct {
     uint8_t *out;
     unsigned long long in_packets, in_bytes, out_packets, out_bytes;
     unsigned long long drops[N_DROPS];
-    int gso_off; /* the kernel refused UDP GSO once: plain sendmmsg from then on */
 } TableObject;
 
 static PyTypeObject TableType;
@@ -1119,84 +1117,6 @@ flush(int fd, struct mmsghdr *msgs, struct iovec *iov, int n, PyObject *up, int 
     return 0;
 }
 
-#ifndef UDP_SEGMENT
-#define UDP_SEGMENT 103
-#endif
-#define GSO_MAX_SEGS 64
-#define GSO_MAX_BYTES 65000
-
-/* Like flush, with UDP GSO (UDP_SEGMENT, Linux 4.18): runs of datagrams to one destination,
- * all of one size but the last, leave as one send each, which the kernel cuts into the same
- * datagrams; a receiver sees no difference. Falls back to flush for good when the kernel
- * refuses it. */
-static int
-flush_gso(int *gso_off, int fd, struct mmsghdr *msgs, struct iovec *iov, int n, PyObject *up,
-          unsigned long long *failed)
-{
-    if (*gso_off)
-        return flush(fd, msgs, iov, n, up, 2, failed);
-    struct mmsghdr g[BATCH];
-    int first[BATCH], count[BATCH];
-    union {
-        char buf[CMSG_SPACE(sizeof(uint16_t))];
-        struct cmsghdr align;
-    } ctrl[BATCH];
-    int ng = 0;
-    for (int i = 0; i < n;) {
-        size_t seg = iov[i].iov_len, total = seg;
-        int c = 1;
-        while (i + c < n && c < GSO_MAX_SEGS && iov[i + c].iov_len <= seg &&
-               total + iov[i + c].iov_len <= GSO_MAX_BYTES &&
-               msgs[i + c].msg_hdr.msg_namelen == msgs[i].msg_hdr.msg_namelen &&
-               !memcmp(msgs[i + c].msg_hdr.msg_name, msgs[i].msg_hdr.msg_name,
-                       msgs[i].msg_hdr.msg_namelen)) {
-            int last = iov[i + c].iov_len < seg; /* a shorter one ends the run */
-            total += iov[i + c].iov_len;
-            c++;
-            if (last)
-                break;
-        }
-        memset(&g[ng], 0, sizeof(g[ng]));
-        g[ng].msg_hdr.msg_name = msgs[i].msg_hdr.msg_name;
-        g[ng].msg_hdr.msg_namelen = msgs[i].msg_hdr.msg_namelen;
-        g[ng].msg_hdr.msg_iov = &iov[i];
-        g[ng].msg_hdr.msg_iovlen = (size_t)c;
-        if (c > 1) {
-            g[ng].msg_hdr.msg_control = ctrl[ng].buf;
-            g[ng].msg_hdr.msg_controllen = sizeof(ctrl[ng].buf);
-            struct cmsghdr *cm = CMSG_FIRSTHDR(&g[ng].msg_hdr);
-            cm->cmsg_level = IPPROTO_UDP;
-            cm->cmsg_type = UDP_SEGMENT;
-            cm->cmsg_len = CMSG_LEN(sizeof(uint16_t));
-            uint16_t s16 = (uint16_t)seg;
-            memcpy(CMSG_DATA(cm), &s16, sizeof(s16));
-        }
-        first[ng] = i;
-        count[ng] = c;
-        ng++;
-        i += c;
-    }
-    int j = 0;
-    while (j < ng) {
-        int r = sendmmsg(fd, g + j, (unsigned)(ng - j), MSG_DONTWAIT);
-        if (r > 0) {
-            j += r;
-            continue;
-        }
-        if (r < 0 && errno == EINTR)
-            continue;
-        if (r < 0 && no_room())
-            return give_back(msgs, iov, first[j], n, up, 2);
-        if (count[j] > 1) { /* no GSO here (or not for this route): one datagram a send */
-            *gso_off = 1;
-            return flush(fd, msgs + first[j], iov + first[j], n - first[j], up, 2, failed);
-        }
-        (*failed)++;
-        j++;
-    }
-    return 0;
-}
-
 /* from_inner(in_fd, in_is_tun, outer_fd, max, now) -> list
  * Reads up to max packets from the inner side; sealed packets of known flows go out with
  * sendmmsg; the rest come back as (0, packet), unsent ESP as (2, esp, addr). */
@@ -1215,6 +1135,7 @@ table_from_inner(TableObject *self, PyObject *args)
     int total = 0;
     for (int round = 0; round < ROUNDS; round++) {
     struct mmsghdr rmsgs[BATCH], smsgs[BATCH];
+    struct sockaddr_storage dests[BATCH];
     struct iovec riov[BATCH], siov[BATCH];
     Py_ssize_t lens[BATCH];
     int got = 0;
@@ -1262,11 +1183,13 @@ table_from_inner(TableObject *self, PyObject *args)
         siov[ns].iov_len = (size_t)r;
         smsgs[ns].msg_hdr.msg_iov = &siov[ns];
         smsgs[ns].msg_hdr.msg_iovlen = 1;
-        smsgs[ns].msg_hdr.msg_name = &sa->dest;
+        /* a copy: the batch is sent after later packets may have run Python code */
+        memcpy(&dests[ns], &sa->dest, sizeof(dests[ns]));
+        smsgs[ns].msg_hdr.msg_name = &dests[ns];
         smsgs[ns].msg_hdr.msg_namelen = sa->destlen;
         ns++;
     }
-    if (ns && flush_gso(&self->gso_off, out_fd, smsgs, siov, ns, up, &failed) < 0)
+    if (ns && flush(out_fd, smsgs, siov, ns, up, 2, &failed) < 0)
         goto fail;
     total += got;
     if (got < max)
