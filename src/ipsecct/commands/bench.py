@@ -19,6 +19,7 @@ BENCHES: dict[str, str] = {
     "gateway": "ipsecct.bench.gateway",
     "failover": "ipsecct.bench.failover",
     "tunnel": "ipsecct.bench.tunnel",
+    "ikev2": "ipsecct.bench.ikev2",
 }
 
 
