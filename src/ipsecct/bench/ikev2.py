@@ -79,7 +79,8 @@ PROPOSAL, ESP_PROPOSAL = "aes128gcm16-prfsha256-x25519", "aes128gcm16"
 STREAM_PY = r"""
 import json, select, socket, struct, sys, time
 local, peer = sys.argv[1], sys.argv[2]
-port, seconds, rate, linger = int(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5]), float(sys.argv[6])
+port, rate = int(sys.argv[3]), int(sys.argv[5])
+seconds, linger = float(sys.argv[4]), float(sys.argv[6])
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 s.bind((local, port))
 s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)
@@ -519,12 +520,27 @@ def add_parser(sub: Any) -> None:
         " ipsecct's context transfer. Needs root and strongSwan. See benchmarks/README.md.",
     )
     p.add_argument("--json", action="store_true", help="print the results as JSON")
-    p.add_argument("--rounds", type=number(int, high=50), default=3, metavar="N",
-                   help="interleaved runs per method; the median counts (default 3)")
-    p.add_argument("--time", type=number(float, high=60), default=3.0, metavar="SECONDS",
-                   help="length of the stream, handover after 1 s (default 3)")
-    p.add_argument("--method", action="append", choices=METHODS, metavar="METHOD",
-                   help=f"only this method (repeatable; {', '.join(METHODS)})")
+    p.add_argument(
+        "--rounds",
+        type=number(int, high=50),
+        default=3,
+        metavar="N",
+        help="interleaved runs per method; the median counts (default 3)",
+    )
+    p.add_argument(
+        "--time",
+        type=number(float, high=60),
+        default=3.0,
+        metavar="SECONDS",
+        help="length of the stream, handover after 1 s (default 3)",
+    )
+    p.add_argument(
+        "--method",
+        action="append",
+        choices=METHODS,
+        metavar="METHOD",
+        help=f"only this method (repeatable; {', '.join(METHODS)})",
+    )
     p.set_defaults(handler=run_cli)
 
 
