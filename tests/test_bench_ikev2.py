@@ -1,0 +1,49 @@
+"""`ipsecct bench ikev2` (root, strongSwan): one round of each method prints the documented JSON,
+and context transfer costs the client no key exchange and no IKE message (no timing checks)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests import strongswan
+
+needs_strongswan = pytest.mark.skipif(not strongswan.available(), reason=strongswan.skip_reason())
+
+
+@pytest.mark.root
+@pytest.mark.slow
+@needs_strongswan
+def test_ikev2_bench_json() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "ipsecct", "bench", "ikev2", "--json", "--rounds", "1",
+         "--time", "2"],
+        capture_output=True, text=True, timeout=180, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    rows = {r["method"]: r for r in json.loads(proc.stdout)["results"]}
+    assert sorted(rows) == ["ct-indirect", "strongswan-redirect", "strongswan-reinitiate"]
+    for row in rows.values():
+        assert list(row)[:5] == ["method", "interrupt_ms", "lost", "mn_ike_messages",
+                                 "key_exchanges"]  # fmt: skip
+        assert isinstance(row["interrupt_ms"], float) and row["interrupt_ms"] > 0
+        assert all(isinstance(row[k], int) and row[k] >= 0
+                   for k in ("lost", "mn_ike_messages", "key_exchanges"))  # fmt: skip
+    # the context transfer: the client does nothing, computes nothing
+    assert rows["ct-indirect"]["key_exchanges"] == 0
+    assert rows["ct-indirect"]["mn_ike_messages"] == 0
+    # strongSwan's ways start over: a new IKE_SA_INIT (a key exchange) and IKE messages
+    for m in ("strongswan-redirect", "strongswan-reinitiate"):
+        assert rows[m]["key_exchanges"] >= 1 and rows[m]["mn_ike_messages"] >= 4, rows[m]
+
+
+def test_ikev2_bench_refuses_a_short_stream() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "ipsecct", "bench", "ikev2", "--time", "1"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 2 and "at least 2 seconds" in proc.stderr
+    assert "Traceback" not in proc.stderr
