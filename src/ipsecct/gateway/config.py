@@ -700,9 +700,9 @@ def from_dict(data: dict[str, Any], path: str = "<config>") -> NodeConfig:
     names = [t.name for t in tunnels]
     if len(set(names)) != len(names):
         raise ctx.err("tunnel", "tunnel names must be unique")
-    transfer = _transfer(data, ctx, tunnels)
-    failover = _failover(data.get("failover"), ctx, transfer)
     connections = load_connections(data, path) if data.get("connections") else []
+    transfer = _transfer(data, ctx, tunnels, connections)
+    failover = _failover(data.get("failover"), ctx, transfer)
     ike_d = ctx.get(data, "ike", "", dict, {})
     _check_keys_allowed(ike_d, ctx, "ike.", {"cookie_threshold"})
     cookie_threshold = ctx.get(ike_d, "cookie_threshold", "ike.", int, 100)
@@ -831,7 +831,10 @@ def _positive(v: Any) -> bool:
 
 
 def _transfer(
-    data: dict[str, Any], ctx: _Ctx, tunnels: list[TunnelConfig] | None = None
+    data: dict[str, Any],
+    ctx: _Ctx,
+    tunnels: list[TunnelConfig] | None = None,
+    connections: list[Connection] | None = None,
 ) -> TransferConfig | None:
     """``[transfer]`` and ``[[peers]]`` (the gateway's context-transfer service)."""
     t = data.get("transfer")
@@ -892,7 +895,7 @@ def _transfer(
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ctx.err(f"transfer.{key}", "must be a whole number >= 1")
             setattr(s, attr, v)
-    _accept(t, ctx, s, tunnels or [])
+    _accept(t, ctx, s, tunnels or [], connections or [])
     if "algorithms" in t:
         algs = t["algorithms"]
         if not isinstance(algs, list) or not all(isinstance(a, str) for a in algs):
@@ -917,12 +920,23 @@ def _transfer(
     return TransferConfig(listen, file("cert"), key, file("ca"), s, peers, list(cands), balance)
 
 
-def _accept(t: dict[str, Any], ctx: _Ctx, s: Settings, tunnels: list[TunnelConfig]) -> None:
+def _accept(
+    t: dict[str, Any],
+    ctx: _Ctx,
+    s: Settings,
+    tunnels: list[TunnelConfig],
+    connections: list[Connection],
+) -> None:
     """What a peer may hand over: transferred tunnels' local and remote selectors must lie
     inside ``accept_local_ts`` / ``accept_remote_ts``; by default, inside what this gateway's
-    own tunnels protect. A gateway with neither accepts nothing (and says so)."""
+    own tunnels protect and what its IKEv2 connections' children would. A gateway with
+    neither accepts nothing (and says so)."""
     local = [r for tc in tunnels for r in tc.policy.selectors.local]
     remote = [r for tc in tunnels for r in tc.policy.selectors.remote]
+    for conn in connections:
+        for child in conn.children:
+            local += [AddressRange(ts.start, ts.end) for ts in child.local_ts]
+            remote += [AddressRange(ts.start, ts.end) for ts in child.remote_ts]
     if "accept_local_ts" in t:
         local = list(_ranges(t["accept_local_ts"], ctx, "transfer.accept_local_ts"))
     if "accept_remote_ts" in t:
