@@ -137,26 +137,32 @@ EXAMPLE = ROOT / "examples" / "failover"
 PORTS = (14600, 15100, 15101, 24600, 25100, 25191, 34600, 35100, 35191, 45101)
 
 
+def etcd_deployment(tmp_path: Path, e: EtcdCluster, only_sg1: bool = False) -> ExampleDeployment:
+    """examples/failover with [cluster] on etcd instead of [failover] (sg1 only, or both)."""
+    endpoints = json.dumps(e.endpoints)
+
+    def edit(text: str) -> str:
+        first = re.search(r'(?m)^name = "(\w+)"', text)
+        if "[failover]" not in text or (only_sg1 and (not first or first.group(1) != "sg1")):
+            return text
+        text = re.sub(r"(?ms)^\[failover\].*\Z", "", text)
+        return text + f'\n[cluster]\netcd = {endpoints}\nname = "t"\nttl_s = 2\n'
+
+    return ExampleDeployment(
+        tmp_path / "dep",
+        EXAMPLE,
+        udp_ports=tuple(p for p in PORTS if p not in (25191, 35191)),
+        tcp_ports=(25191, 35191),
+        ctl_prefix="fo-",
+        host=("127.0.4.20", 45101),
+        mn_app=("127.0.4.10", 15101),
+        edit=edit,
+    )
+
+
 def test_gateway_in_etcd_mode_owns_and_fences(tmp_path: Path) -> None:
     with EtcdCluster(tmp_path) as e:
-        endpoints = json.dumps(e.endpoints)
-
-        def edit(text: str) -> str:
-            if 'name = "sg1"' not in text:
-                return text
-            text = re.sub(r"(?ms)^\[failover\].*\Z", "", text)
-            return text + f'\n[cluster]\netcd = {endpoints}\nname = "t"\nttl_s = 2\n'
-
-        dep = ExampleDeployment(
-            tmp_path / "dep",
-            EXAMPLE,
-            udp_ports=tuple(p for p in PORTS if p not in (25191, 35191)),
-            tcp_ports=(25191, 35191),
-            ctl_prefix="fo-",
-            host=("127.0.4.20", 45101),
-            mn_app=("127.0.4.10", 15101),
-            edit=edit,
-        )
+        dep = etcd_deployment(tmp_path, e, only_sg1=True)
         try:
             dep.start("sg1")
             dep.start("mn")
@@ -200,24 +206,7 @@ def test_etcd_mode_take_over_after_sigkill(tmp_path: Path) -> None:
     inside the SA), with no replay or ICV drop, and every sequence number sg2 sends is above
     every one sg1 sent."""
     with EtcdCluster(tmp_path) as e:
-        endpoints = json.dumps(e.endpoints)
-
-        def edit(text: str) -> str:
-            if "[failover]" not in text:
-                return text
-            text = re.sub(r"(?ms)^\[failover\].*\Z", "", text)
-            return text + f'\n[cluster]\netcd = {endpoints}\nname = "t"\nttl_s = 2\n'
-
-        dep = ExampleDeployment(
-            tmp_path / "dep",
-            EXAMPLE,
-            udp_ports=tuple(p for p in PORTS if p not in (25191, 35191)),
-            tcp_ports=(25191, 35191),
-            ctl_prefix="fo-",
-            host=("127.0.4.20", 45101),
-            mn_app=("127.0.4.10", 15101),
-            edit=edit,
-        )
+        dep = etcd_deployment(tmp_path, e)
         try:
             for n in ("sg2", "sg1", "mn"):
                 dep.start(n)
@@ -249,6 +238,13 @@ def test_etcd_mode_take_over_after_sigkill(tmp_path: Path) -> None:
                     dst, lambda s: s["cluster"]["owned_tunnels"] == 1, f"{dst} owns the tunnel"
                 )
                 assert dep.exchange(20, 5, False, to[dst]) == 20
+                # The MN was told inside the SA (SG_UPDATE, sent once dst owned the tunnel).
+                t0 = time.monotonic()
+                while (
+                    next(s["dst"] for s in dep.sas("mn") if s["direction"] == "out") != to[dst][0]
+                ):
+                    assert time.monotonic() - t0 < 5, dep.sas("mn")
+                    time.sleep(0.1)
                 assert dep.exchange(20, 6, True, ("127.0.4.10", dep.port[15100])) == 20
             assert "event=cluster-handed-over" in (dep.dir / "sg1.log").read_text()
             dep.wait("sg2", lambda s: s["cluster"]["replicas"]["sg1"] == 1, "sg2 has a replica")

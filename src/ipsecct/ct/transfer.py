@@ -308,6 +308,9 @@ class TransferCore:
         # Tunnels that arrived from a peer: FORWARDs from that peer are taken for them until
         # the time given (this gateway's forward_time after the commit).
         self.arrived: dict[Tunnel, tuple[str, float]] = {}
+        # Signals a fenced tunnel could not send at its commit (a cluster member that does
+        # not own it yet): sent by resend() once it may.
+        self.unsent_signals: dict[Tunnel, list[signalling.SignalItem]] = {}
         self._next_housekeeping = 0.0
 
     # -- source side -----------------------------------------------------------------
@@ -983,6 +986,8 @@ class TransferCore:
                 res = self.engine.signal(t.outbound, signalling.encode(items), now)
                 if isinstance(res, ToPeer):
                     out.append(Transmit(res.sa, res.data))
+                elif self.engine.fenced(t, now) and len(self.unsent_signals) < 65536:
+                    self.unsent_signals[t] = list(items)
             if self.on_install is not None:
                 self.on_install(t)
         out += [Inject(h.packet, h.inbound) for h in inc.held]
@@ -992,6 +997,14 @@ class TransferCore:
         self.records.append(inc.record)
         out.append(Finished(inc.record))
         return out
+
+    def resend(self, t: Tunnel, now: float) -> list[Output]:
+        """The signals ``t`` could not send at its commit, now that it may send."""
+        items = self.unsent_signals.pop(t, None)
+        if not items or t.state is not TunnelState.ACTIVE:
+            return []
+        res = self.engine.signal(t.outbound, signalling.encode(items), now)
+        return [Transmit(res.sa, res.data)] if isinstance(res, ToPeer) else []
 
     def _on_cancel(self, peer: str, tag: cxtp.TransferTag, now: float) -> list[Output]:
         inc = self.incoming.get((peer, tag.transfer_id))

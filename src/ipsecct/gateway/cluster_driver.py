@@ -24,6 +24,7 @@ goes to whichever survivor holds a replica and asks first.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import logging
@@ -50,6 +51,7 @@ from .transfer_service import TransferService
 log = logging.getLogger("ipsecct.gateway.cluster")
 
 UNFENCED = 1 << 64
+WAITING_MAX = 4096  # packets kept for tunnels waiting for their owner key
 SCAN_PERIOD = 0.1  # seconds between looks at the member list (when holding replicas)
 
 
@@ -94,6 +96,9 @@ class ClusterDriver:
         node.engine.send_until = -math.inf  # nothing is sent before we are a member
         node.engine.fence_new_tunnels = True  # nor on a new tunnel before we own it
         self._own_now = False
+        # Outbound packets of tunnels we do not own yet (a transfer just committed here),
+        # kept until we do: bounded.
+        self._waiting: collections.deque[Held] = collections.deque()
         self._handovers: set[asyncio.Task[None]] = set()
         for t in node.engine.tunnels():
             t.seq_ceiling = t.outbound.seq  # nor on a tunnel before we own it
@@ -419,8 +424,12 @@ class ClusterDriver:
             for t in won:
                 self.owned.add(t.outbound.spi)
                 self._ceiling(t)
+            self._now_owned(won)
 
     def _fence(self, t: Tunnel) -> None:
+        n = len(self._waiting)
+        self._waiting = collections.deque(h for h in self._waiting if h.tunnel is not t)
+        self.node.engine.stats.drops["fenced"] += n - len(self._waiting)
         if t.seq_ceiling != t.outbound.seq:
             t.seq_ceiling = t.outbound.seq
             event(
@@ -443,12 +452,37 @@ class ClusterDriver:
             event(log, "cluster-" + ev.value, level, node=self.node.name, detail=detail)
 
     def hold(self, held: Held) -> bool:
-        """An outbound packet the fence stopped: dropped and counted as ``fenced`` (etcd mode
-        keeps no queue: a lost lease may mean the tunnel moves)."""
-        if held.inbound or not self.node.engine.fenced(held.tunnel, self.node.clock()):
+        """An outbound packet the fence stopped. A tunnel waiting for its owner key keeps it
+        (bounded) until we own the key; otherwise (the lease ran out: the tunnel may move)
+        it is dropped and counted as ``fenced``."""
+        now = self.node.clock()
+        if held.inbound or not self.node.engine.fenced(held.tunnel, now):
             return False
+        t = held.tunnel
+        if (
+            t.outbound.spi not in self.owned
+            and self.lease.valid(now)
+            and len(self._waiting) < WAITING_MAX
+        ):
+            self._waiting.append(held)
+            return True
         self.node.engine.stats.drops["fenced"] += 1
         return True
+
+    def _now_owned(self, tunnels: list[Tunnel]) -> None:
+        """Send what waited for these tunnels' owner keys: the commit's signals, the packets."""
+        now = self.node.clock()
+        if self.transfer is not None:
+            for t in tunnels:
+                self.transfer.run(self.transfer.core.resend(t, now))
+        mine = set(tunnels)
+        keep: collections.deque[Held] = collections.deque()
+        for h in self._waiting:
+            if h.tunnel in mine:
+                self.node.from_inner(h.packet)
+            else:
+                keep.append(h)
+        self._waiting = keep
 
     # -- information -----------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
