@@ -12,7 +12,9 @@ from .args import number
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from ..demo import tour as demo
+    from ..gateway import gcpolicy
 
+    gcpolicy.POLICY.enabled = True  # the demo's process holds gateways
     mode = "failover" if args.failover else args.handover
     if args.rate > 20000:
         raise IpsecctError("--rate above 20000 packets/s is more than one Python process sends")

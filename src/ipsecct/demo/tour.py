@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from ..errors import IpsecctError
+from ..gateway import gcpolicy
 from . import handover as ho
 from .topology import HOST_INNER, MN_INNER, Demo, build, print_summary, stop, stream, summary
 
@@ -39,6 +40,7 @@ async def run(
         demo = await build(Path(tmp), identity=identity, failover=handover == "failover")
         try:
             await ho.setup(demo)
+            gcpolicy.POLICY.settle()  # as a gateway does after start-up (when the policy is on)
 
             async def half() -> None:
                 assert step is not None

@@ -16,6 +16,7 @@ from ..ikev2.context import is_ike_cdb
 from ..ipsec.sad import Direction, SecurityAssociation
 from ..ipsec.spd import Action, SPDEntry
 from . import config as config_mod
+from . import gcpolicy
 from . import state as state_mod
 from .balancer import Balancer
 from .cluster_driver import ClusterDriver
@@ -245,6 +246,7 @@ class Service:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         await self.start()
+        gcpolicy.POLICY.settle()  # start-up state leaves the collector's generations
         try:
             await stop.wait()
         finally:
@@ -358,6 +360,7 @@ def run(path: str, role: str, *, fresh_state: bool = False) -> int:
     if cfg.control_socket is None:
         cfg.control_socket = socket_path(None)  # the one the client commands look for
     raise_nofile(NOFILE_NEEDED)
+    gcpolicy.POLICY.enabled = True  # this process is a gateway
     svc = Service(cfg, role=role, fresh_state=fresh_state)
     asyncio.run(svc.run_forever())
     return 0

@@ -33,6 +33,7 @@ from ..ct.transfer import (
     token_key,
 )
 from ..ipsec.engine import Forward, Held, TunnelState
+from . import gcpolicy
 from .config import TransferConfig
 from .control import ControlError
 from .log import RateLimited, event
@@ -124,11 +125,13 @@ class TransferService:
         if isinstance(msg, cxtp.CTAR):
             self.run(self._ctar(msg, now, via=peer, source=f"peer {peer}"))
             return
-        self.run(
-            self.core.receive(
+        # One message may decode and install up to 1,024 contexts: the collector waits, and
+        # a bulk install's new objects are frozen (see gcpolicy).
+        with gcpolicy.POLICY.batch():
+            out = self.core.receive(
                 peer, msg, now, may_send="send" in spec.allow, may_request="request" in spec.allow
             )
-        )
+        self.run(out)
 
     def refuse(self) -> None:
         """A message this gateway does not take from that peer (counted)."""
@@ -158,6 +161,7 @@ class TransferService:
                     await self._wake.wait()
             self.run(self.core.tick(self.node.clock()))
             self._wake.clear()
+            gcpolicy.POLICY.maintain(busy=self.core.in_progress() > 0)
 
     # -- reactive mode: CTAR ----------------------------------------------------------
     def _on_outer_message(self, data: bytes, addr: tuple[Any, ...]) -> bool:
@@ -244,9 +248,10 @@ class TransferService:
                 self.listeners.remove(watch)
         if mode != "predictive":
             raise TransferError("mode must be predictive or reactive")
-        tid, out = self.core.start(
-            tunnels, to, now, candidates=[c for c in self.tcfg.candidates if c != to]
-        )
+        with gcpolicy.POLICY.batch():  # encodes every context of the transfer
+            tid, out = self.core.start(
+                tunnels, to, now, candidates=[c for c in self.tcfg.candidates if c != to]
+            )
         fut2: asyncio.Future[Record] = asyncio.get_running_loop().create_future()
         self.waiters[tid] = fut2
         self.run(out)
