@@ -243,6 +243,9 @@ def test_restart_resumes_counters_and_a_deleted_sa_stays_deleted(gws: Gateways) 
 
     seqs = {s["name"]: s["seq"] for s in json.loads(r.stdout) if s["direction"] == "out"}
     assert seqs["t0"] == 32  # resumed at the first run's ceiling (one block)
+    r = cli("status", "-c", gws.config("sg1"))
+    assert "kept away: 1 tunnel(s): t5" in r.stdout and "20 SA(s) reserved" not in r.stdout
+    assert "19 SA(s) reserved (blocks of 32" in r.stdout, r.stdout
     metrics = st["metrics"]
     assert metrics["state_tunnels_kept_away"] == 1
     from ipsecct.gateway.control import prometheus_text

@@ -85,6 +85,20 @@ def cmd_status(args: argparse.Namespace) -> int:
     for key in ("peers", "transfers", "failover"):
         if key in res:
             print(f"  {key}: {json.dumps(res[key])}")
+    st = res.get("state")
+    if isinstance(st, dict):
+        r = st["reservations"]
+        print(
+            f"  state: {st['dir']}, {r['sas']} SA(s) reserved (blocks of {st['seq_block']},"
+            f" fewest left {r['min_headroom']}, {r['waiting']} waiting,"
+            f" {r['failed_writes']} failed writes)"
+        )
+        for what in ("kept_away", "refused", "not_restored"):
+            items = st.get(what) or []
+            if items:
+                names = ", ".join(i["name"] for i in items[:10])
+                more = f" and {len(items) - 10} more" if len(items) > 10 else ""
+                print(f"  {what.replace('_', ' ')}: {len(items)} tunnel(s): {names}{more}")
     return 0
 
 
