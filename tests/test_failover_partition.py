@@ -75,5 +75,8 @@ def test_partition_between_the_pair_reuses_no_nonce(tmp_path: Path, mode: str) -
     if mode == "pair":
         assert out["sg2_status"]["role"] == "took over"
         assert out["sg2_status"]["lease"]["state"] == "taken over"
+        # The taker's epoch is on disk, in its state directory, before it sent anything.
+        epoch = json.loads((tmp_path / "state" / "sg2" / "failover-epoch.json").read_text())
+        assert epoch == {"epoch": 2, "took_over": True}
     else:
         assert out["sg2_status"]["taken_over"] == 1 and out["sg2_status"]["owned_tunnels"] == 1

@@ -61,7 +61,7 @@ class FailoverDriver:
             self.fencing = PairFencing(
                 node,
                 cfg,
-                state_path(cfg, node.cfg.path, node.name),
+                state_path(cfg, node.cfg.path, node.name, node.cfg.state_dir),
                 self.replicator,
                 self.standby,
             )

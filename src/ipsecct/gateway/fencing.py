@@ -33,15 +33,24 @@ from .node import Node
 log = logging.getLogger("ipsecct.gateway.fencing")
 
 
-def state_path(cfg: failover.FailoverConfig, config_path: str, name: str) -> Path | None:
-    """Where the epoch is kept: ``[failover] state``, else beside the configuration file;
-    None for a configuration that is no file (the demo's): kept in memory only."""
+def state_path(
+    cfg: failover.FailoverConfig, config_path: str, name: str, state_dir: str | None = None
+) -> Path | None:
+    """Where the epoch is kept: ``[failover] state``, else ``failover-epoch.json`` in the
+    node's state directory (``[state] dir``, else the default one, see gateway.state); None
+    for a configuration that is no file (the demo's): kept in memory only."""
     if cfg.state:
         p = Path(cfg.state)
         return p if p.is_absolute() else Path(config_path).parent / p
     if not Path(config_path).is_file():
         return None
-    return Path(config_path).parent / f"{name}.failover-state.json"
+    from .state import StateError, default_dir
+
+    try:
+        base = Path(state_dir) if state_dir is not None else default_dir(name)
+    except StateError:
+        return Path(config_path).parent / f"{name}.failover-epoch.json"
+    return base / "failover-epoch.json"
 
 
 def load_state(path: Path | None) -> tuple[int, bool]:
@@ -64,6 +73,7 @@ def load_state(path: Path | None) -> tuple[int, bool]:
 def save_state(path: Path | None, epoch: int, took_over: bool) -> None:
     if path is None:
         return
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     with open(tmp, "w") as f:
         json.dump({"epoch": epoch, "took_over": took_over}, f)
