@@ -106,3 +106,26 @@ def test_longest_gap_counts_the_pauses_that_span_the_window() -> None:
     assert app.longest_gap(1.0005, 1.0105) == pytest.approx(0.009)
     assert app.longest_gap(1.02, 1.03) == pytest.approx(0.489)
     assert _App("y", 0).longest_gap(0.0, 1.0) == 0.0
+
+
+def test_demo_keeps_its_durable_state_in_its_work_directory(tmp_path: object) -> None:
+    """A demo starts from fresh state and leaves none behind: nothing in the state home (a
+    second run would resume the first one's counters and ownership, and two runs at once
+    would fight over one state directory's lock)."""
+    import os
+    from pathlib import Path
+
+    home = Path(str(tmp_path)) / "home"
+    home.mkdir()
+    env = {**os.environ, "IPSECCT_STATE_HOME": str(home)}
+    for _ in range(2):
+        r = subprocess.run(
+            [sys.executable, "-m", "ipsecct", "demo", "--seconds", "1", "--rate", "50", "--json"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=env,
+        )
+        assert r.returncode == 0, r.stderr
+        assert "not-restored" not in r.stderr and "kept-away" not in r.stderr, r.stderr
+        assert list(home.iterdir()) == []

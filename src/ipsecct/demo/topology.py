@@ -283,6 +283,9 @@ async def build(
             }
         ],
     )
+    # Each run's durable state lives and dies with its work directory: a demo never resumes
+    # an earlier run's counters or ownership, and demos run side by side do not share it.
+    mn_cfg.state_dir = str(workdir / "state" / "mn")
     mn = DemoNode("mn", Service(mn_cfg, role="node"), *ports["mn"])
     gws: dict[str, DemoNode] = {}
     for g in gateways:
@@ -333,6 +336,7 @@ async def build(
             sections,
             virtual=VIRTUAL if indirect else None,
         )
+        cfg.state_dir = str(workdir / "state" / g)
         gws[g] = DemoNode(g, Service(cfg), *ports[g])
     host_app, mn_app = _App("host", 1), _App("mn-app", 0)
     await loop.create_datagram_endpoint(lambda: host_app, local_addr=("127.0.0.1", host_port))
