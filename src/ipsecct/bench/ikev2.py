@@ -140,7 +140,8 @@ class BenchError(Exception):
 def _sh(*cmd: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess[str]:
     r = subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout)
     if check and r.returncode != 0:
-        raise BenchError(f"{' '.join(cmd)}: {(r.stderr or r.stdout).strip() or r.returncode}")
+        lines = (r.stderr + r.stdout).strip().splitlines()[:3]
+        raise BenchError(f"{' '.join(cmd)}: exit {r.returncode}: {' / '.join(lines)}")
     return r
 
 
