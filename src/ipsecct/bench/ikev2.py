@@ -345,6 +345,7 @@ def _ct_gateways(world: World) -> dict[str, str]:
             + _toml("[inner]", {"kind": "tun", "name": "ipsecct0", "addresses": [],
                                 "mtu": 1400, "routes": [f"{MN_INNER}/32"]})
             + _toml("[control]", {"socket": sock})
+            + _toml("[state]", {"dir": str(d / f"state-{g}")})
             + _toml("[log]", {"level": "info"})
             + _toml("[transfer]", {
                 "listen": f"{SG_CORE[g]}:{XFER_PORT}", "cert": f"{d}/pki/{g}.pem",
