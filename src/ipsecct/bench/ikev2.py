@@ -519,11 +519,10 @@ def format_table(results: Sequence[Result]) -> str:
     )
     lines = [head, "-" * len(head)]
     for r in results:
-        ratio = (
-            f"{base.interrupt_ms / r.interrupt_ms:.1f}x less"
-            if base is not None and r.interrupt_ms > 0
-            else "-"
-        )
+        ratio = "-"
+        if base is not None and r.interrupt_ms > 0 and base.interrupt_ms > 0:
+            x = base.interrupt_ms / r.interrupt_ms
+            ratio = f"{x:.1f}x shorter" if x >= 1 else f"{1 / x:.1f}x longer"
         lines.append(
             f"{r.method:<22} {r.interrupt_ms:>12.1f} {r.lost:>6} {r.mn_ike_messages:>12}"
             f" {r.key_exchanges:>13} {ratio:>22} {r.baseline_ms:>12.1f}"
