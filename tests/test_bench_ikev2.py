@@ -47,3 +47,24 @@ def test_ikev2_bench_refuses_a_short_stream() -> None:
     )  # fmt: skip
     assert proc.returncode == 2 and "at least 2 seconds" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+LOG = """\
+20:49:19.498 08[ENC] generating IKE_SA_INIT request 0 [ SA KE No N(NATD_S_IP) N(NATD_D_IP) ]
+20:49:19.498 08[NET] sending packet: from 192.168.20.10[500] to 192.168.20.2[500] (232 bytes)
+20:49:19.525 09[NET] received packet: from 192.168.20.2[500] to 192.168.20.10[500] (208 bytes)
+20:49:19.525 09[ENC] parsed IKE_SA_INIT response 0 [ SA KE No N(NATD_S_IP) N(NATD_D_IP) ]
+20:49:20.001 10[ENC] parsed CREATE_CHILD_SA request 2 [ SA No KE TSi TSr ]
+20:49:20.002 10[ENC] generating CREATE_CHILD_SA response 2 [ SA No KE TSi TSr ]
+20:49:21.001 11[ENC] generating CREATE_CHILD_SA request 3 [ N(REKEY_SA) SA No TSi TSr ]
+20:49:21.002 11[IKE] sending keep alive to 192.168.20.2[4500]
+"""
+
+
+def test_client_figures_from_a_strongswan_log() -> None:
+    from ipsecct.bench.ikev2 import _client_figures
+
+    # two packets; an IKE_SA_INIT and a CREATE_CHILD_SA with KE are key exchanges, a CHILD
+    # rekey without KE and a NAT keep-alive are not
+    assert _client_figures(LOG) == (2, 2)
+    assert _client_figures("") == (0, 0)
