@@ -186,9 +186,9 @@ class World:
         self.dir = workdir
         self.procs: list[subprocess.Popen[Any]] = []
         self.psk = secrets.token_hex(16)
-        for r in self.ROLES:
-            _sh("ip", "netns", "add", self.names[r])
         try:
+            for r in self.ROLES:
+                _sh("ip", "netns", "add", self.names[r])
             self._links()
         except BaseException:
             self.close()
