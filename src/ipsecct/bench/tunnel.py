@@ -240,6 +240,7 @@ class IpsecctPair(Pair):
                     f'name = "bench-{name}"\n[outer]\naddress = "{outer}"\nport = 4500\n'
                     f'[inner]\nkind = "tun"\nname = "ict0"\nmtu = 1400\n'
                     f'routes = ["{remote}/32"]\n[control]\nsocket = "{sock}"\n'
+                    f'[state]\ndir = "{d / "state"}"\n'
                     f'[log]\nlevel = "warning"\n[[tunnel]]\nname = "t"\n'
                     f'local_ts = "{local}/32"\nremote_ts = "{remote}/32"\n'
                     f'peer = "{peer}:4500"\nenc = "aes-gcm-16"\nesn = false\n'
