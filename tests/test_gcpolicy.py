@@ -114,7 +114,9 @@ def test_frozen_cyclic_garbage_is_reclaimed_by_the_sweep() -> None:
     assert not p.maintain(busy=False)  # the frozen set did not grow enough, and not due yet
     clock.t += p.sweep_interval
     assert not p.maintain(busy=True)  # never while a transfer is in progress
+    assert not p.maintain(busy=False)  # ... in any gateway of the process, for a second
     assert ref() is not None
+    clock.t += 1.5
     assert p.maintain(busy=False)
     assert ref() is None
     assert p.sweeps == 1

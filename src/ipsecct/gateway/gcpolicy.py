@@ -96,16 +96,20 @@ class GcPolicy:
             if young >= self.freeze_after:
                 gc.freeze()
                 self._frozen_since += young
-                self._last_batch = self.clock()
+            self._last_batch = self.clock()
             gc.enable()
 
     def maintain(self, busy: bool) -> bool:
-        """The periodic check (from a timer, at least every few seconds): sweep the frozen set
-        when it is due and nothing is in progress (``busy``) for a second. True if it swept."""
-        if not self.enabled or busy or self._depth or not gc.isenabled():
+        """The periodic check (from each gateway's timer, at least every few seconds): sweep
+        the frozen set when it is due, no gateway of the process said ``busy`` (a transfer in
+        progress) and no batch ran for a second. True if it swept."""
+        if not self.enabled or self._depth or not gc.isenabled():
             return False
         now = self.clock()
-        if now - self._last_batch < 1.0:
+        if busy:  # the collector is process-wide: one busy gateway holds back every sweep
+            self._last_batch = now
+            return False
+        if now - self._last_batch < 1.0:  # any protocol work in the last second
             return False
         grown = self._frozen_since > self.sweep_growth * max(self._swept_size, 10000)
         if not grown and now - self._swept_at < self.sweep_interval:
