@@ -12,6 +12,8 @@ import pytest
 from ipsecct.ipsec.algorithms import EncAlg, IntegAlg
 from ipsecct.ipsec.sad import Direction, Mode, SecurityAssociation
 
+pytest_plugins = ["pytester", "tests.require_all"]
+
 # (encryption, integrity, encryption key length): every ESP transform with each key size.
 ESP_TRANSFORMS: list[tuple[EncAlg, IntegAlg, int]] = [
     (EncAlg.AES_GCM_16, IntegAlg.NONE, 20),
