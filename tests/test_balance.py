@@ -11,6 +11,7 @@ import pytest
 from ipsecct.bench.transfer import make_tunnel
 from ipsecct.demo import handover as demo_handover
 from ipsecct.demo import topology as demo
+from ipsecct.errors import TransferError
 from ipsecct.gateway import config as config_mod
 from ipsecct.gateway.balancer import Balancer
 from ipsecct.gateway.config import BalanceConfig, ConfigError
@@ -82,7 +83,7 @@ def test_a_context_too_large_to_encode_leaves_the_tunnel_active() -> None:
     import ipaddress
     import os
 
-    from ipsecct.ct.transfer import Endpoint, TransferCore, TransferError
+    from ipsecct.ct.transfer import Endpoint, TransferCore
     from ipsecct.ipsec.engine import Engine
     from ipsecct.ipsec.sad import Direction, SecurityAssociation
     from ipsecct.ipsec.spd import Action, Selectors, SPDEntry

@@ -18,8 +18,8 @@ from typing import Any
 
 import pytest
 
-from ipsecct.errors import SAError
-from ipsecct.gateway.control import MAX_LINE, ControlError, ControlServer, MetricsServer, request
+from ipsecct.errors import ControlError, SAError
+from ipsecct.gateway.control import MAX_LINE, ControlServer, MetricsServer, request
 from tests.test_gateway_loopback import Daemon, free_udp_port, node_toml
 
 Client = tuple[asyncio.StreamReader, asyncio.StreamWriter]

@@ -22,7 +22,6 @@ from ipsecct.ct.cxtp import (
     CTDR,
     PCTD,
     CTReq,
-    CxtpError,
     Detail,
     MsgType,
     SaResult,
@@ -31,7 +30,7 @@ from ipsecct.ct.cxtp import (
     StreamDecoder,
     TransferTag,
 )
-from ipsecct.errors import IpsecctError
+from ipsecct.errors import CxtpError, IpsecctError
 
 V4 = ipaddress.IPv4Address("192.0.2.10")
 V4R = ipaddress.IPv4Address("198.51.100.1")

@@ -38,7 +38,7 @@ from ipsecct.ct import context, cxtp, failover
 from ipsecct.ct.transfer import FPT_SYNC, Endpoint, Identity, Record
 from ipsecct.demo import handover as demo_handover
 from ipsecct.demo import topology as demo
-from ipsecct.errors import ConfigError
+from ipsecct.errors import ConfigError, CxtpError
 from ipsecct.gateway import config as config_mod
 from ipsecct.gateway.failover_driver import is_sync
 from ipsecct.ipsec import signalling
@@ -300,7 +300,7 @@ def test_standby_keeps_the_latest_pair_per_outbound_spi_and_applies_removals() -
 
 def test_standby_refuses_what_is_not_a_sync() -> None:
     sb = standby(Engine(ip(SG_ADDR["sg2"])))
-    with pytest.raises(cxtp.CxtpError):
+    with pytest.raises(CxtpError):
         sb.receive(cxtp.CTD(ip("0.0.0.0"), 0), 0.0)  # no TRANSFER tag
     eng = Engine(ip(SG_ADDR["sg1"]))
     t = add_tunnel(eng, 1)
@@ -310,7 +310,7 @@ def test_standby_refuses_what_is_not_a_sync() -> None:
         0,
         (tag, failover.sync_cdb([], 1), context.encode(t.inbound, 0.0)),  # type: ignore[arg-type]
     )
-    with pytest.raises(cxtp.CxtpError):
+    with pytest.raises(CxtpError):
         sb.receive(inbound_first, 0.0)
     assert sb.replica == {}
 
@@ -322,7 +322,7 @@ def test_parse_sync_fuzz(data: bytes) -> None:
     cdb = failover.sync_cdb([], 0)[:4] + data
     try:
         spis = failover.parse_sync(cdb)
-    except cxtp.CxtpError:
+    except CxtpError:
         return
     assert all(0 <= s <= 0xFFFFFFFF for s in spis)
 

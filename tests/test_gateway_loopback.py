@@ -31,7 +31,8 @@ from typing import Any
 
 import pytest
 
-from ipsecct.gateway.control import ControlError, request
+from ipsecct.errors import ControlError
+from ipsecct.gateway.control import request
 from ipsecct.ipsec import ippacket
 from ipsecct.ipsec.ippacket import build_udp
 

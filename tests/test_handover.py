@@ -27,6 +27,7 @@ from ipsecct.ct import cxtp
 from ipsecct.ct.transfer import Record
 from ipsecct.demo import handover as demo_handover
 from ipsecct.demo import topology as demo
+from ipsecct.errors import ChannelError
 from ipsecct.gateway import tlschannel
 from ipsecct.gateway.mobile_agent import MobileAgent
 from ipsecct.gateway.transfer_service import TransferService
@@ -216,7 +217,7 @@ def test_client_from_another_ca_is_refused(tmp_path: Path) -> None:
     other = foreign_pki(tmp_path, ["sg2"])
 
     async def body(d: demo.Demo) -> None:
-        with pytest.raises(tlschannel.ChannelError):
+        with pytest.raises(ChannelError):
             conn = await connect_as(tmp_path, d, "sg1", other, "sg2")
             # TLS 1.3: the server may refuse the client certificate after the handshake.
             await conn.send(cxtp.CTC(ipaddress.ip_address("10.0.0.1"), ()))
@@ -230,7 +231,7 @@ def test_client_from_another_ca_is_counted(tmp_path: Path) -> None:
     other = foreign_pki(tmp_path, ["sg2"])
 
     async def body(d: demo.Demo) -> None:
-        with pytest.raises(tlschannel.ChannelError):
+        with pytest.raises(ChannelError):
             conn = await connect_as(tmp_path, d, "sg1", other, "sg2")
             await conn.send(cxtp.CTC(ipaddress.ip_address("10.0.0.1"), ()))
             await conn.recv(timeout=2)
@@ -252,7 +253,7 @@ def test_trusted_certificate_with_unknown_name_is_refused_and_counted(tmp_path: 
         (pki_dir / "sg9.key").write_bytes(pki.key_pem(issued.key))
         conn = await connect_as(tmp_path, d, "sg1", pki_dir, "sg9")
         await conn.send(cxtp.CTC(ipaddress.ip_address("10.0.0.1"), ()))
-        with pytest.raises(tlschannel.ChannelError):
+        with pytest.raises(ChannelError):
             await conn.recv(timeout=2)
         await conn.close()
         status = d.gateways["sg1"].node.status()

@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 
 from ipsecct.ct import cxtp, failover, lease
 from ipsecct.ct.transfer import Endpoint, Identity
-from ipsecct.errors import IpsecctError
+from ipsecct.errors import CxtpError, IpsecctError
 from ipsecct.ipsec.engine import Engine, Held, ToPeer, Tunnel, TunnelState
 from ipsecct.ipsec.esp import Drop
 from ipsecct.ipsec.spd import Action, SPDEntry
@@ -221,7 +221,7 @@ def test_sync_reply_fuzz_is_refused_cleanly() -> None:
             0,
             cdbs=(cxtp.TransferTag(1, 0).encode(), failover.sync_cdb([], 1)[:4] + junk),
         )
-        with pytest.raises(cxtp.CxtpError):
+        with pytest.raises(CxtpError):
             rep.receive(bad, 0.0)
 
 

@@ -16,8 +16,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from ipsecct import cli
+from ipsecct.errors import PkiError
 from ipsecct.tools import pki
-from ipsecct.tools.pki import PkiError
 
 NOW = dt.datetime.now(dt.UTC)
 Main = Callable[[Sequence[str] | None], int]

@@ -10,10 +10,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from ipsecct.errors import SignalError
 from ipsecct.ipsec import signalling
 from ipsecct.ipsec.engine import Engine
 from ipsecct.ipsec.sad import Protocol, SecurityAssociation, UdpEncap
-from ipsecct.ipsec.signalling import SgUpdate, SignalError, SpiReassign
+from ipsecct.ipsec.signalling import SgUpdate, SpiReassign
 from ipsecct.ipsec.spd import Action, SPDEntry
 from tests.transfer_helpers import MN_ADDR, SG_ADDR, SPI_DOWN, SPI_UP, ip, tunnel_sas
 

@@ -14,9 +14,10 @@ from typing import TypeVar
 import pytest
 
 from ipsecct.ct import cxtp
-from ipsecct.ct.cxtp import CTD, CTDR, CxtpError, StatusEntry
+from ipsecct.ct.cxtp import CTD, CTDR, StatusEntry
+from ipsecct.errors import ChannelClosed, ChannelError, ChannelTimeout, CxtpError
 from ipsecct.gateway import tlschannel
-from ipsecct.gateway.tlschannel import ChannelClosed, ChannelError, ChannelTimeout, CxtpConnection
+from ipsecct.gateway.tlschannel import CxtpConnection
 from ipsecct.tools import pki
 
 NOW = dt.datetime.now(dt.UTC)

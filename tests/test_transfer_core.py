@@ -23,11 +23,10 @@ from ipsecct.ct.transfer import (
     Identity,
     Inject,
     Settings,
-    TransferError,
     forward_cdb,
     token_key,
 )
-from ipsecct.errors import IpsecctError
+from ipsecct.errors import IpsecctError, TransferError
 from ipsecct.ipsec import signalling
 from ipsecct.ipsec.algorithms import EncAlg
 from ipsecct.ipsec.engine import Signal, ToInner, Tunnel, TunnelState

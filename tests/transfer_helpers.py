@@ -29,6 +29,7 @@ from ipsecct.ct.transfer import (
     TransferCore,
     Transmit,
 )
+from ipsecct.errors import SignalError
 from ipsecct.ipsec import signalling
 from ipsecct.ipsec.algorithms import EncAlg, IntegAlg
 from ipsecct.ipsec.engine import (
@@ -232,7 +233,7 @@ class Mn:
             try:
                 items = signalling.decode(res.payload)
                 self.applied.append(signalling.apply(self.engine, res.sa, items))
-            except signalling.SignalError as exc:
+            except SignalError as exc:
                 self.signal_errors.append(str(exc))
         elif isinstance(res, Drop):
             self.dropped.append(res)

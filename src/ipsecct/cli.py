@@ -32,10 +32,6 @@ COMMAND_MODULES = (
 Handler = Callable[[argparse.Namespace], int]
 
 
-class UsageError(IpsecctError):
-    """Command-line usage that argparse could not catch."""
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ipsecct",

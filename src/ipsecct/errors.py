@@ -41,3 +41,57 @@ class PacketError(IpsecctError):
 
 class ConfigError(IpsecctError):
     """A configuration file is invalid."""
+
+
+# -- IPsec core (ipsec/) ---------------------------------------------------------------------
+
+class SignalError(IpsecctError):
+    """A signal payload is malformed."""
+
+
+class TunnelStateError(SAError):
+    """A tunnel state change the transfer protocol does not allow (a bug, not bad input)."""
+
+
+# -- context transfer (ct/) -------------------------------------------------------------------
+
+class CxtpError(IpsecctError):
+    """A CXTP message or an extension CDB is malformed, or cannot be encoded."""
+
+
+class TransferError(IpsecctError):
+    """A transfer cannot start (unknown SPI, busy, unknown peer)."""
+
+
+# -- tools, gateway, command line -------------------------------------------------------------
+
+class PkiError(IpsecctError):
+    """A certificate or key file that cannot be read, or a PKI request that cannot be met."""
+
+
+class ChannelError(IpsecctError):
+    """The TLS channel to a peer failed: handshake, authentication, I/O or a closed peer."""
+
+
+class ChannelTimeout(ChannelError):
+    """A wait on the channel took longer than its timeout."""
+
+
+class ChannelClosed(ChannelError):
+    """The peer closed the connection (or it was reset)."""
+
+
+class ControlError(IpsecctError):
+    """A control request failed (the message is shown to the operator)."""
+
+
+class TunError(IpsecctError):
+    """A TUN device could not be opened or configured."""
+
+
+class VipError(IpsecctError):
+    """The virtual address could not be claimed or released."""
+
+
+class UsageError(IpsecctError):
+    """Command-line usage that argparse could not catch."""

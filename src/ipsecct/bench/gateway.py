@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from ..commands.args import number
+from ..errors import ControlError
 from ..ipsec.ippacket import build_udp
 
 IMPLS = ("ipsecct", "plain-relay")
@@ -241,7 +242,7 @@ class IpsecctGateway(Gateway):
     ) -> None:
         """``command``: the Python arguments that run a gateway given ``--config FILE`` (to
         measure another build, e.g. a script that patches the daemon)."""
-        from ..gateway.control import ControlError, request
+        from ..gateway.control import request
 
         self.impl = "ipsecct-python" if pure_python else "ipsecct"
         workdir.mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,8 @@ import os
 import sys
 from typing import Any
 
-from ..gateway.control import ControlError, request
+from ..errors import ControlError
+from ..gateway.control import request
 
 
 def socket_path(args: argparse.Namespace) -> str:

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field, replace
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives import hmac as _hmac
 
-from ..errors import IpsecctError
+from ..errors import CxtpError
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -58,10 +58,6 @@ FPT_SA_RESULT = 0x8003  # outcome for one SA, including an SPI reassignment
 FPT_DETAIL = 0x8004  # short human-readable status detail
 EXT_FPT_MIN = 0x8002  # extension CDBs: 0x8002..0x80FF; never used in status entries
 EXT_FPT_MAX = 0x80FF
-
-
-class CxtpError(IpsecctError):
-    """A CXTP message or an extension CDB is malformed, or cannot be encoded."""
 
 
 class MsgType(enum.IntEnum):

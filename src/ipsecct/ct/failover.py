@@ -59,7 +59,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from ..errors import ContextError, IpsecctError
+from ..errors import ContextError, CxtpError, IpsecctError
 from ..ipsec import signalling
 from ..ipsec.engine import Engine, Tunnel, TunnelState
 from ..ipsec.sad import Direction, Protocol, SecurityAssociation, UdpEncap
@@ -112,10 +112,10 @@ def parse_sync_kind(cdb: bytes) -> tuple[int, int, list[int]]:
     """(kind, epoch, removed outbound SPIs) of a SYNC CDB."""
     p = unframe(cdb)
     if len(p) < _SYNC.size:
-        raise cxtp.CxtpError("SYNC CDB too short")
+        raise CxtpError("SYNC CDB too short")
     kind, n, epoch = _SYNC.unpack_from(p)
     if kind not in _SYNC_KINDS or _SYNC.size + 4 * n > len(p):
-        raise cxtp.CxtpError("SYNC CDB malformed")
+        raise CxtpError("SYNC CDB malformed")
     removed = [struct.unpack_from("!I", p, _SYNC.size + 4 * i)[0] for i in range(n)]
     return kind, epoch, removed
 
@@ -127,7 +127,7 @@ def reply_kind(msg: cxtp.Message) -> int | None:
         return None
     try:
         kind = parse_sync_kind(cdbs[1])[0]
-    except cxtp.CxtpError:
+    except CxtpError:
         return None
     return kind if kind in (SYNC_ACK, SYNC_TAKEN) else None
 
@@ -140,7 +140,7 @@ def parse_sync(cdb: bytes) -> list[int]:
 def parse_sync_full(cdb: bytes) -> tuple[bool, list[int]]:
     kind, _epoch, removed = parse_sync_kind(cdb)
     if kind not in (SYNC_HEARTBEAT, SYNC_FULL):
-        raise cxtp.CxtpError("SYNC CDB is a reply, not state")
+        raise CxtpError("SYNC CDB is a reply, not state")
     return kind == SYNC_FULL, removed
 
 
@@ -210,7 +210,7 @@ class Replicator:
         tag = cxtp.transfer_tag(msg)
         cdbs = cxtp.message_cdbs(msg)
         if tag is None or len(cdbs) < 2 or cxtp.cdb_fpt(cdbs[1]) != FPT_SYNC:
-            raise cxtp.CxtpError("sync reply without a TRANSFER tag and a SYNC CDB")
+            raise CxtpError("sync reply without a TRANSFER tag and a SYNC CDB")
         kind, epoch, _ = parse_sync_kind(cdbs[1])
         if kind == SYNC_TAKEN:
             if epoch <= self.epoch or self.superseded_by is not None:
@@ -221,7 +221,7 @@ class Replicator:
             self.engine.send_until = -math.inf
             return [LeaseEvent.SUPERSEDED]
         if kind != SYNC_ACK:
-            raise cxtp.CxtpError("not a sync reply")
+            raise CxtpError("not a sync reply")
         if tag.transfer_id != self.session or epoch != self.epoch:
             return []  # for an earlier session of ours: it says nothing about this one
         if self.superseded_by is not None:
@@ -332,7 +332,7 @@ class Replicator:
         for g, gc in zip(groups, gcarried, strict=True):
             part = cxtp.batch_cdbs(template, g, self.session, first_seq=self.seq + len(msgs))
             if len(part) != 1:  # cannot happen within the budget; a split would misattribute
-                raise cxtp.CxtpError("a sync group did not fit one message")
+                raise CxtpError("a sync group did not fit one message")
             if self.cfg.fencing:
                 self._carried[self.seq + len(msgs)] = gc
                 while len(self._carried) > 4096:  # acknowledgements stopped coming: forget
@@ -393,14 +393,14 @@ class Standby:
         its lease, or TAKEN once this standby has taken over (nothing is applied then)."""
         tag = cxtp.transfer_tag(msg)
         if tag is None or len(msg.cdbs) < 2:
-            raise cxtp.CxtpError("sync message without a TRANSFER tag")
+            raise CxtpError("sync message without a TRANSFER tag")
         cdbs = list(msg.cdbs[1:])
         epoch = self.epoch
         full, removed = False, list[int]()
         if cdbs and cxtp.cdb_fpt(cdbs[0]) == FPT_SYNC:
             kind, epoch, removed = parse_sync_kind(cdbs[0])
             if kind not in (SYNC_HEARTBEAT, SYNC_FULL):
-                raise cxtp.CxtpError("a sync reply sent to the standby")
+                raise CxtpError("a sync reply sent to the standby")
             full = kind == SYNC_FULL
             cdbs = cdbs[1:]
         # Contexts come as (outbound, inbound) pairs; remember the latest of each tunnel.
@@ -411,7 +411,7 @@ class Standby:
             pair = [out]
             spi, inbound = _peek(out)
             if inbound:
-                raise cxtp.CxtpError("a replicated tunnel must start with its outbound SA")
+                raise CxtpError("a replicated tunnel must start with its outbound SA")
             if i + 1 < len(cdbs) and _peek(cdbs[i + 1])[1]:
                 pair.append(cdbs[i + 1])
                 i += 2
@@ -567,6 +567,6 @@ def _peek(cdb: bytes) -> tuple[int, bool]:
     header, optional presence vector, then version, protocol, flags(16), SPI(32))."""
     off = 8 if len(cdb) > 3 and cdb[3] & 0x80 else 4
     if len(cdb) < off + 8 or cxtp.cdb_fpt(cdb) != context.FPT_IPSEC_SA:
-        raise cxtp.CxtpError("not a feature-context CDB")
+        raise CxtpError("not a feature-context CDB")
     _, _, flags, spi = struct.unpack_from("!BBHI", cdb, off)
     return int(spi), bool(flags & context.F_INBOUND)

@@ -42,7 +42,7 @@ from typing import Any
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from ..errors import ContextError, IpsecctError, SAError
+from ..errors import ContextError, CxtpError, SAError, TransferError
 from ..ipsec import signalling
 from ..ipsec.algorithms import EncAlg, IntegAlg
 from ..ipsec.engine import Engine, Held, ToPeer, Tunnel, TunnelState
@@ -73,10 +73,6 @@ class Identity(enum.Enum):
 
     DIRECT = "direct"  # the MN is told the new gateway's address
     INDIRECT = "indirect"  # a virtual gateway address moves with the SAs
-
-
-class TransferError(IpsecctError):
-    """A transfer cannot start (unknown SPI, busy, unknown peer)."""
 
 
 @dataclass
@@ -192,7 +188,7 @@ def frame(fpt: int, payload: bytes) -> bytes:
     total = 4 + len(payload)
     total += -total % 8
     if total > cxtp.MAX_CDB_LEN:
-        raise cxtp.CxtpError("CDB too long")
+        raise CxtpError("CDB too long")
     return struct.pack("!HBB", fpt, total // 8, 0) + payload + bytes(total - 4 - len(payload))
 
 
@@ -207,10 +203,10 @@ def forward_cdb(packet: bytes, inbound: bool) -> bytes:
 def parse_forward(cdb: bytes) -> tuple[bytes, bool]:
     p = unframe(cdb)
     if len(p) < 4:
-        raise cxtp.CxtpError("FORWARD CDB too short")
+        raise CxtpError("FORWARD CDB too short")
     inbound, n = struct.unpack_from("!BxH", p)
     if inbound not in (0, 1) or 4 + n > len(p) or any(p[4 + n :]):
-        raise cxtp.CxtpError("FORWARD CDB malformed")
+        raise CxtpError("FORWARD CDB malformed")
     return bytes(p[4 : 4 + n]), bool(inbound)
 
 
@@ -343,7 +339,7 @@ class TransferCore:
             spis=[sa.spi for t in tunnels for sa in t.sas()],
         )
         for t in tunnels:
-            t.state = TunnelState.HELD
+            self.engine.hold(t)
         og = _Outgoing(
             tid,
             peer,
@@ -355,10 +351,10 @@ class TransferCore:
         )
         try:
             out = self._send_contexts(og, now, reactive=reply_to is not None)
-        except (ContextError, cxtp.CxtpError) as exc:
+        except (ContextError, CxtpError) as exc:
             # Nothing was sent: the tunnels stay here, active, as if nothing had happened.
             for t in tunnels:
-                t.state = TunnelState.ACTIVE
+                self.engine.activate(t)
             raise TransferError(f"cannot encode the contexts: {exc}") from None
         self.outgoing[tid] = og
         # CT_MAX_TRANSFER_TIME bounds one exchange; a batched (bulk) transfer gets it once per
@@ -432,7 +428,7 @@ class TransferCore:
         back = og.tunnels if tunnels is None else tunnels
         for t in back:
             if t.state is TunnelState.HELD:
-                t.state = TunnelState.ACTIVE
+                self.engine.activate(t)
         keep = [h for h in og.held if h.tunnel not in back]
         out += [Inject(h.packet, h.inbound) for h in og.held if h.tunnel in back]
         self._release_held(og, keep)
@@ -574,7 +570,7 @@ class TransferCore:
         nothing that arrives raises out of here."""
         try:
             return self._receive(peer, msg, now, may_send, may_request)
-        except (cxtp.CxtpError, ContextError):
+        except (CxtpError, ContextError):
             self.counters["malformed"] += 1
             return []
 
@@ -583,7 +579,7 @@ class TransferCore:
     ) -> list[Output]:
         try:
             tag = cxtp.transfer_tag(msg)
-        except cxtp.CxtpError:
+        except CxtpError:
             self.counters["malformed"] += 1
             return []
         if isinstance(msg, cxtp.CTReq):
@@ -956,7 +952,7 @@ class TransferCore:
             item = signals[0]
             assert isinstance(item, signalling.SpiReassign)
             self.engine.add_shadow(in_sa, item.old_spi)  # until the MN has switched
-        tunnel.state = TunnelState.HELD
+        self.engine.hold(tunnel)
         if direct:
             signals.insert(0, signalling.SgUpdate(self.endpoint.address, self.endpoint.port))
         inc.tunnels.append(tunnel)
@@ -979,7 +975,7 @@ class TransferCore:
         out: list[Output] = []
         until = now + self.settings.forward_time
         for t in inc.tunnels:
-            t.state = TunnelState.ACTIVE
+            self.engine.activate(t)
             self.arrived[t] = (peer, until)
             items = inc.signals.get(id(t))
             if items:

@@ -37,6 +37,7 @@ from ..ct.failover import FailoverConfig, Replicator, Standby, reply_kind
 from ..ct.lease import Lease, LeaseEvent
 from ..ct.transfer import Endpoint as TEndpoint
 from ..ct.transfer import Identity, Record, Settings
+from ..errors import CxtpError
 from ..ipsec import spi as spimod
 from ..ipsec.engine import Held, Tunnel, TunnelState
 from ..ipsec.esp import Drop
@@ -140,7 +141,7 @@ class ClusterDriver:
             else:
                 for r in sb.receive(msg, now):
                     self.channels.send(peer, r)
-        except cxtp.CxtpError as exc:
+        except CxtpError as exc:
             event(log, "sync-malformed", logging.WARNING, node=self.node.name, error=str(exc))
         return True
 

@@ -31,7 +31,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from ..errors import IpsecctError
+from ..errors import ControlError, IpsecctError
 from ..ipsec.algorithms import enc_name, integ_name
 from ..ipsec.sad import Direction, SecurityAssociation
 from .limits import ConnectionLimits, source_of
@@ -42,10 +42,6 @@ log = logging.getLogger("ipsecct.gateway.control")
 MAX_LINE = 1 << 20
 SOCKET_NAME = "ipsecct.sock"
 Handler = Callable[[dict[str, Any]], Awaitable[Any]]
-
-
-class ControlError(IpsecctError):
-    """A control request failed (the message is shown to the operator)."""
 
 
 def runtime_dir() -> Path:

@@ -14,6 +14,7 @@ from ..ct import cxtp
 from ..ct.failover import FailoverConfig, Replicator, Standby, reply_kind
 from ..ct.transfer import FPT_SYNC, Identity, Record
 from ..ct.transfer import Endpoint as TEndpoint
+from ..errors import CxtpError
 from ..ipsec.esp import Drop
 from .fencing import PairFencing, state_path
 from .log import event
@@ -101,7 +102,7 @@ class FailoverDriver:
                 return
             for r in self.standby.receive(msg, now):
                 self.channels.send(peer, r)
-        except cxtp.CxtpError as exc:
+        except CxtpError as exc:
             event(log, "sync-malformed", logging.WARNING, node=self.node.name, error=str(exc))
 
     def peer_lost(self, peer: str) -> None:

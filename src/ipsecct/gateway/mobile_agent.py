@@ -7,7 +7,8 @@ import logging
 from typing import Any
 
 from ..ct import cxtp
-from ..ct.transfer import TransferError, token_key
+from ..ct.transfer import token_key
+from ..errors import SignalError, TransferError
 from ..ipsec import signalling
 from ..ipsec.engine import Signal
 from ..ipsec.spd import IPAddress
@@ -30,7 +31,7 @@ class MobileAgent:
         try:
             items = signalling.decode(sig.payload)
             changes = signalling.apply(self.node.engine, sig.sa, items)
-        except signalling.SignalError as exc:
+        except SignalError as exc:
             self.rejected += 1
             event(log, "signal-rejected", logging.WARNING, node=self.node.name, error=str(exc))
             return

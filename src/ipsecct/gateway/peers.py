@@ -14,8 +14,7 @@ import time
 from collections.abc import Callable
 
 from ..ct import cxtp
-from ..ct.transfer import TransferError
-from ..errors import IpsecctError
+from ..errors import ChannelError, ChannelTimeout, CxtpError, IpsecctError, TransferError
 from . import tlschannel
 from .config import PeerConfig, TransferConfig
 from .limits import ConnectionLimits
@@ -139,12 +138,12 @@ class PeerChannels:
             while True:
                 try:
                     msg = await conn.recv(timeout=3600)
-                except tlschannel.ChannelTimeout:
+                except ChannelTimeout:
                     continue
                 self.on_message(peer, msg)
-        except cxtp.CxtpError as exc:
+        except CxtpError as exc:
             event(log, "peer-malformed", logging.WARNING, node=self.name, peer=peer, error=str(exc))
-        except tlschannel.ChannelError:
+        except ChannelError:
             pass
         finally:
             if self.conns.get(peer) is conn:
@@ -189,7 +188,7 @@ class PeerChannels:
             if w is None or w.done():
                 try:
                     data = cxtp.encode(msg)
-                except cxtp.CxtpError as exc:  # a bug: never let it stop the caller's loop
+                except CxtpError as exc:  # a bug: never let it stop the caller's loop
                     event(
                         log,
                         "message-unencodable",

@@ -11,7 +11,7 @@ import signal
 from typing import Any
 
 from ..ct import cxtp
-from ..errors import IpsecctError
+from ..errors import ControlError, IpsecctError
 from ..ikev2.context import is_ike_cdb
 from ..ipsec.sad import Direction, SecurityAssociation
 from ..ipsec.spd import Action, SPDEntry
@@ -20,7 +20,7 @@ from . import gcpolicy
 from . import state as state_mod
 from .balancer import Balancer
 from .cluster_driver import ClusterDriver
-from .control import ControlError, ControlServer, MetricsServer, sa_summary
+from .control import ControlServer, MetricsServer, sa_summary
 from .failover_driver import FailoverDriver, is_sync
 from .ike import IkeService
 from .log import RateLimited, event

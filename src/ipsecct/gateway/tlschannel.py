@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.x509.oid import NameOID
 
 from ..ct import cxtp
-from ..errors import IpsecctError
+from ..errors import ChannelClosed, ChannelError, ChannelTimeout, CxtpError, IpsecctError
 from .limits import ConnectionLimits, source_of
 from .log import RateLimited
 
@@ -41,18 +41,6 @@ DEFAULT_TIMEOUT = 2.0  # seconds, per wait (CT_REQUEST_RETRY); callers pass thei
 DEFAULT_HANDSHAKE_TIMEOUT = 3.0  # an unauthenticated connection holds a descriptor this long
 READ_CHUNK = 65536
 CXTP_TLS_PORT = 5091  # RFC 4067's SCTP port, reused for TCP/TLS
-
-
-class ChannelError(IpsecctError):
-    """The TLS channel to a peer failed: handshake, authentication, I/O or a closed peer."""
-
-
-class ChannelTimeout(ChannelError):
-    """A wait on the channel took longer than its timeout."""
-
-
-class ChannelClosed(ChannelError):
-    """The peer closed the connection (or it was reset)."""
 
 
 PathLike = str | Path
@@ -194,7 +182,7 @@ class CxtpConnection:
             raise ChannelClosed(f"connection to {self.peer_address} lost: {_reason(exc)}") from None
 
     async def recv(self, *, timeout: float | None = None) -> cxtp.Message:
-        """The next message. Raises ChannelTimeout, ChannelClosed or cxtp.CxtpError.
+        """The next message. Raises ChannelTimeout, ChannelClosed or CxtpError.
 
         A peer that hangs up in mid-message sent a truncated message: CxtpError. After a
         CxtpError the stream has lost its framing; close the connection.
@@ -215,7 +203,7 @@ class CxtpConnection:
                     if not data:
                         self._closed = True
                         if not self._decoder.at_boundary():
-                            raise cxtp.CxtpError(
+                            raise CxtpError(
                                 f"truncated message: {self.peer_address} closed the connection"
                                 " in mid-message"
                             )

@@ -28,14 +28,13 @@ from ..ct.transfer import (
     Record,
     Send,
     TransferCore,
-    TransferError,
     Transmit,
     token_key,
 )
+from ..errors import ControlError, CxtpError, TransferError
 from ..ipsec.engine import Forward, Held, TunnelState
 from . import gcpolicy
 from .config import TransferConfig
-from .control import ControlError
 from .log import RateLimited, event
 from .node import Node
 from .peers import PeerChannels
@@ -168,7 +167,7 @@ class TransferService:
         """A non-ESP message on the outer UDP port: an MN's CTAR (RFC 4067) for us."""
         try:
             msg = cxtp.decode(data)
-        except cxtp.CxtpError:
+        except CxtpError:
             return False
         if not isinstance(msg, cxtp.CTAR):
             return False

@@ -12,15 +12,11 @@ import os
 import struct
 import subprocess
 
-from ..errors import IpsecctError
+from ..errors import TunError
 
 TUNSETIFF = 0x400454CA
 IFF_TUN = 0x0001
 IFF_NO_PI = 0x1000
-
-
-class TunError(IpsecctError):
-    """A TUN device could not be opened or configured."""
 
 
 def open_tun(name: str) -> tuple[int, str]:

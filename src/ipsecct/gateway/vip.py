@@ -17,20 +17,16 @@ import struct
 from collections.abc import Callable
 
 from ..ct.transfer import Record
-from ..errors import IpsecctError
+from ..errors import TunError, VipError
 from ..ipsec.engine import TunnelState
 from ..ipsec.spd import IPAddress
 from .log import event
 from .node import Node
-from .tun import TunError, ip
+from .tun import ip
 
 log = logging.getLogger("ipsecct.ct.transfer")
 
 ETH_P_ARP = 0x0806
-
-
-class VipError(IpsecctError):
-    """The virtual address could not be claimed or released."""
 
 
 def interface_mac(interface: str) -> bytes:

@@ -16,7 +16,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import PacketError, SAError
+from ..errors import PacketError, SAError, TunnelStateError
 from . import esp, ippacket, processing
 from . import native as native_mod
 from .esp import Drop
@@ -89,6 +89,16 @@ class TunnelState(enum.Enum):
     ACTIVE = "active"
     HELD = "held"  # being transferred: packets are held, nothing is sent or accepted
     MOVED = "moved"  # transferred away: packets are forwarded to ``forward_to``
+
+
+# The only changes of a tunnel's state (Engine.hold, activate, move_tunnel make them):
+TUNNEL_TRANSITIONS: frozenset[tuple[TunnelState, TunnelState]] = frozenset(
+    {
+        (TunnelState.ACTIVE, TunnelState.HELD),  # a transfer starts (source), or installed held
+        (TunnelState.HELD, TunnelState.ACTIVE),  # rolled back (source), or committed (target)
+        (TunnelState.HELD, TunnelState.MOVED),  # committed (source): forward what still comes
+    }
+)
 
 
 @dataclass(eq=False)
@@ -341,12 +351,30 @@ class Engine:
             if self.sad.lookup(sa.dst, sa.protocol, sa.spi) is sa:
                 self.sad.remove(sa)
             self.remove_shadows(sa)
-        tunnel.state = TunnelState.MOVED
+        self._transition(tunnel, TunnelState.MOVED)
         self._clear_flows()
         tunnel.forward_to = peer
         tunnel.forward_until = until
         if tunnel.inbound is not None:
             self._moved_in[tunnel.inbound.spi] = tunnel
+
+    @staticmethod
+    def _transition(tunnel: Tunnel, to: TunnelState) -> None:
+        """The one place a tunnel's state changes, checked against TUNNEL_TRANSITIONS."""
+        if (tunnel.state, to) not in TUNNEL_TRANSITIONS:
+            raise TunnelStateError(
+                f"tunnel {tunnel.name or hex(tunnel.outbound.spi)}:"
+                f" {tunnel.state.value} -> {to.value} is not allowed"
+            )
+        tunnel.state = to
+
+    def hold(self, tunnel: Tunnel) -> None:
+        """Stop sending and accepting on ``tunnel`` (its packets are held: Held results)."""
+        self._transition(tunnel, TunnelState.HELD)
+
+    def activate(self, tunnel: Tunnel) -> None:
+        """A held tunnel carries traffic again (rolled back here, or committed here)."""
+        self._transition(tunnel, TunnelState.ACTIVE)
 
     def expire_moved(self, now: float) -> list[Tunnel]:
         gone = [

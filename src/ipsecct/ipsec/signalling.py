@@ -23,7 +23,7 @@ import ipaddress
 import struct
 from dataclasses import dataclass
 
-from ..errors import IpsecctError, SAError
+from ..errors import SAError, SignalError
 from .engine import Engine
 from .sad import Direction, SecurityAssociation, UdpEncap
 from .spd import IPAddress
@@ -31,10 +31,6 @@ from .spd import IPAddress
 T_SG_UPDATE = 1
 T_SPI_REASSIGN = 2
 _HDR = struct.Struct("!BBH")
-
-
-class SignalError(IpsecctError):
-    """A signal payload is malformed."""
 
 
 @dataclass(frozen=True)

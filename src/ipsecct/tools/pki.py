@@ -24,16 +24,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from ..errors import IpsecctError
+from ..errors import PkiError
 
 CA_DAYS = 3650
 GATEWAY_DAYS = 825
 ORGANIZATION = "ipsecct test PKI"
 _NAME_RE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
-
-
-class PkiError(IpsecctError):
-    """A certificate or key file that cannot be read, or a PKI request that cannot be met."""
 
 
 @dataclass(frozen=True, slots=True)
