@@ -381,6 +381,10 @@ def test_take_over_installs_tunnels_with_seq_advanced(identity: Identity) -> Non
         assert out.src == ip(SG_ADDR["sg2"]) and inn.dst == ip(SG_ADDR["sg2"])
         assert out.encap is not None and out.encap.sport == 4600
         assert out.encap.dport == t.outbound.encap.dport  # type: ignore[union-attr]
+        # The inbound SA's encapsulation is ours too: the MN now sends to port 4600 (the
+        # fail-over copy once left the active's port here; one function now does both).
+        assert world_in.encap is not None and inn.encap is not None
+        assert (inn.encap.sport, inn.encap.dport) == (world_in.encap.sport, 4600)
         assert out.dst == t.outbound.dst
         assert len(signals) == 1 and signals[0][0] is out
         (item,) = signalling.decode(signals[0][1])
@@ -389,7 +393,7 @@ def test_take_over_installs_tunnels_with_seq_advanced(identity: Identity) -> Non
         assert sb_eng.sad.lookup(ip(SG_ADDR["sg2"]), inn.protocol, 0x1001) is inn
     else:
         assert out.src == t.outbound.src and inn.dst == world_in.dst
-        assert out.encap == t.outbound.encap
+        assert out.encap == t.outbound.encap and inn.encap == world_in.encap
         assert signals == []
 
 

@@ -62,12 +62,12 @@ from dataclasses import dataclass, field
 from ..errors import ContextError, CxtpError, IpsecctError
 from ..ipsec import signalling
 from ..ipsec.engine import Engine, Tunnel, TunnelState
-from ..ipsec.sad import Direction, Protocol, SecurityAssociation, UdpEncap
+from ..ipsec.sad import Direction, Protocol, SecurityAssociation
 from ..ipsec.spd import Action, SPDEntry
 from . import context, cxtp
 from .journal import Journal
 from .lease import Grant, Lease, LeaseEvent, LeaseTiming, timing
-from .transfer import FPT_SYNC, Endpoint, Identity, Record, frame, unframe
+from .transfer import FPT_SYNC, Endpoint, Identity, Record, frame, take_over_pair, unframe
 
 SYNC_HEARTBEAT = 1  # removals, then contexts to merge into what the standby holds
 SYNC_FULL = 2  # the whole state follows (this poll's messages): replace what the standby holds
@@ -523,12 +523,7 @@ class Standby:
                 failed += 1
                 continue
             out_sa.seq = min(out_sa.seq + self.cfg.seq_margin, out_sa.seq_limit)
-            if self.identity is Identity.DIRECT:
-                out_sa.src = self.endpoint.address
-                if out_sa.encap is not None:
-                    out_sa.encap = UdpEncap(self.endpoint.port, out_sa.encap.dport)
-                if in_sa is not None:
-                    in_sa.dst = self.endpoint.address
+            take_over_pair(out_sa, in_sa, self.endpoint, self.identity)
             entry = SPDEntry(out_sa.selectors, Action.PROTECT, name=out_sa.name, static=False)
             try:
                 t = self.engine.add_tunnel(entry, out_sa, in_sa, index=0)

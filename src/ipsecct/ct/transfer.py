@@ -170,6 +170,37 @@ class Finished:
 Output = Send | Inject | Transmit | Finished
 
 
+def take_over_pair(
+    out_sa: SecurityAssociation,
+    in_sa: SecurityAssociation | None,
+    endpoint: Endpoint,
+    identity: Identity,
+    *,
+    path_mtu: int | None = None,
+) -> None:
+    """Make an SA pair that another gateway used this gateway's own, before it is installed:
+    the one function a transfer's target and a fail-over's standby both use.
+
+    Direct identity (draft §7.1): the MN is told our address, so the outbound SA is sent from
+    it and the inbound SA is addressed to it, and the UDP encapsulation's local port (source
+    port out, destination port in) becomes ours. Indirect identity: the virtual address moves
+    with the SAs, nothing changes. ``path_mtu`` replaces the transferred path MTU (this
+    gateway's path is not the old one's)."""
+    if identity is Identity.DIRECT:
+        out_sa.src = endpoint.address
+        if out_sa.encap is not None:
+            out_sa.encap = UdpEncap(endpoint.port, out_sa.encap.dport)
+        if in_sa is not None:
+            in_sa.dst = endpoint.address
+            if in_sa.encap is not None:
+                in_sa.encap = UdpEncap(in_sa.encap.sport, endpoint.port)
+    if path_mtu is not None:
+        for sa in (out_sa, in_sa):
+            if sa is not None:
+                sa.path_mtu = path_mtu
+                sa.pmtu_expires = None
+
+
 def token_key(tunnel_or_sas: Tunnel | Iterable[SecurityAssociation]) -> bytes:
     """The key an MN and its gateway share for RFC 4067's authorization token, derived from the
     keys of the MN's SA pair (both ends hold them): HKDF-SHA256 over the keys of the SA from MN
@@ -882,20 +913,9 @@ class TransferCore:
         if self.engine.sad.in_use(out_sa.dst, out_sa.protocol, out_sa.spi):
             return cxtp.Status.BUSY, None  # we hold this SA already
         direct = self.settings.identity is Identity.DIRECT
-        if direct:
-            out_sa.src = self.endpoint.address
-            if out_sa.encap is not None:
-                out_sa.encap = UdpEncap(self.endpoint.port, out_sa.encap.dport)
-            if in_sa is not None:
-                in_sa.dst = self.endpoint.address
-                if in_sa.encap is not None:
-                    in_sa.encap = UdpEncap(in_sa.encap.sport, self.endpoint.port)
-        mtu = self.settings.path_mtu
-        if mtu is not None:
-            for sa in (out_sa, in_sa):
-                if sa is not None:
-                    sa.path_mtu = mtu
-                    sa.pmtu_expires = None
+        take_over_pair(
+            out_sa, in_sa, self.endpoint, self.settings.identity, path_mtu=self.settings.path_mtu
+        )
         status: int = cxtp.Status.SUCCESS
         new_spi: int | None = None
         shadow_old = False
