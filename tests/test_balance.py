@@ -83,8 +83,9 @@ def test_a_context_too_large_to_encode_leaves_the_tunnel_active() -> None:
     import ipaddress
     import os
 
-    from ipsecct.ct.transfer import Endpoint, TransferCore
+    from ipsecct.ct.transfer import TransferCore
     from ipsecct.ipsec.engine import Engine
+    from ipsecct.ipsec.ippacket import Endpoint
     from ipsecct.ipsec.sad import Direction, SecurityAssociation
     from ipsecct.ipsec.spd import Action, Selectors, SPDEntry
 

@@ -35,7 +35,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ipsecct.ct import context, cxtp, failover
-from ipsecct.ct.transfer import FPT_SYNC, Endpoint, Identity, Record
+from ipsecct.ct.transfer import FPT_SYNC, Identity, Record
 from ipsecct.demo import handover as demo_handover
 from ipsecct.demo import topology as demo
 from ipsecct.errors import ConfigError, CxtpError
@@ -44,6 +44,7 @@ from ipsecct.gateway.failover_driver import is_sync
 from ipsecct.ipsec import signalling
 from ipsecct.ipsec.engine import Engine, ToPeer, Tunnel
 from ipsecct.ipsec.esp import Drop
+from ipsecct.ipsec.ippacket import Endpoint
 from ipsecct.ipsec.sad import Direction
 from ipsecct.ipsec.spd import Action, SPDEntry
 from tests.conftest import DATA_PATHS, data_path

@@ -25,10 +25,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ipsecct.ct import cxtp, failover, lease
-from ipsecct.ct.transfer import Endpoint, Identity
+from ipsecct.ct.transfer import Identity
 from ipsecct.errors import CxtpError, IpsecctError
 from ipsecct.ipsec.engine import Engine, Held, ToPeer, Tunnel, TunnelState
 from ipsecct.ipsec.esp import Drop
+from ipsecct.ipsec.ippacket import Endpoint
 from ipsecct.ipsec.spd import Action, SPDEntry
 from tests.transfer_helpers import PORT, SG_ADDR, esp_seq, ip, tunnel_sas, udp_packet
 

@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 
 from ipsecct.ct import cxtp
 from ipsecct.ct.transfer import (
-    Endpoint,
     Finished,
     Inject,
     Output,
@@ -43,7 +42,7 @@ from ipsecct.ipsec.engine import (
     ToPeer,
 )
 from ipsecct.ipsec.esp import Drop
-from ipsecct.ipsec.ippacket import IPAddress, build_udp
+from ipsecct.ipsec.ippacket import Endpoint, IPAddress, build_udp
 from ipsecct.ipsec.sad import Direction, Mode, SecurityAssociation, UdpEncap
 from ipsecct.ipsec.spd import Action, AddressRange, Selectors, SPDEntry
 

@@ -60,7 +60,7 @@ _POOL_MAX = 16384  # decrypt pre-made packets: at most this many kept, reused wi
 
 
 @dataclass(frozen=True)
-class Result:
+class CodecFigure:
     impl: str
     transform: str
     size: int
@@ -245,7 +245,7 @@ def measure(
     run_time: float = 0.2,
     rounds: int = 5,
     progress: Callable[[str], None] | None = None,
-) -> list[Result]:
+) -> list[CodecFigure]:
     """Measure every case; the cases are interleaved, ``rounds`` runs of about ``run_time``
     seconds each, and a case's rate is its best run (packets per second)."""
     cases: list[tuple[tuple[str, str, int, str], Runner]] = []
@@ -276,14 +276,14 @@ def measure(
             pps = n / elapsed if elapsed > 0 else float("inf")
             if rate is None or pps > rate:
                 best[case] = pps
-    return [Result(*case, pps=best[case]) for case, _ in cases]
+    return [CodecFigure(*case, pps=best[case]) for case, _ in cases]
 
 
-def to_json(results: Iterable[Result]) -> str:
+def to_json(results: Iterable[CodecFigure]) -> str:
     return json.dumps({"results": [asdict(r) for r in results]})
 
 
-def format_table(results: Sequence[Result]) -> str:
+def format_table(results: Sequence[CodecFigure]) -> str:
     """One row per (transform, size, operation): each implementation's rate and the ratios."""
     rates = {(r.impl, r.transform, r.size, r.op): r.pps for r in results}
     keys = sorted(

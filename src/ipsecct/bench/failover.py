@@ -39,10 +39,11 @@ from typing import Any
 
 from ..commands.args import number
 from ..ct import cxtp, failover, ownership
-from ..ct.transfer import Endpoint, Identity
+from ..ct.transfer import Identity
 from ..ipsec import processing
 from ..ipsec.engine import Engine, Signal, ToInner, ToPeer, Tunnel
 from ..ipsec.esp import Drop
+from ..ipsec.ippacket import Endpoint
 from ..ipsec.sad import Direction, SecurityAssociation, UdpEncap
 from ..ipsec.spd import Action, Selectors, SPDEntry
 

@@ -56,7 +56,7 @@ START_TIMEOUT = 30.0
 
 
 @dataclass(frozen=True)
-class Result:
+class GatewayFigure:
     impl: str
     size: int
     pps: float
@@ -387,7 +387,7 @@ def measure(
     pin: bool = True,
     profile: str | None = None,
     progress: Callable[[str], None] | None = None,
-) -> list[Result]:
+) -> list[GatewayFigure]:
     gw_cpus, load_cpus = _cpu_split(pin)
     workdir = Path(tempfile.mkdtemp(prefix="ipsecct-bench-"))
     sinks: dict[str, socket.socket] = {}
@@ -422,14 +422,14 @@ def measure(
         for s in sinks.values():
             s.close()
         shutil.rmtree(workdir, ignore_errors=True)
-    return [Result(i, s, round(best[(i, s)], 1)) for s in sizes for i in impls]
+    return [GatewayFigure(i, s, round(best[(i, s)], 1)) for s in sizes for i in impls]
 
 
-def to_json(results: Sequence[Result]) -> str:
+def to_json(results: Sequence[GatewayFigure]) -> str:
     return json.dumps({"results": [asdict(r) for r in results]})
 
 
-def format_table(results: Sequence[Result]) -> str:
+def format_table(results: Sequence[GatewayFigure]) -> str:
     rates = {(r.impl, r.size): r.pps for r in results}
     sizes = list(dict.fromkeys(r.size for r in results))
     impls = list(dict.fromkeys(r.impl for r in results))

@@ -218,7 +218,8 @@ class Pair:
 
 class IpsecctPair(Pair):
     def __init__(self, workdir: Path, pure_python: bool) -> None:
-        from ..gateway.control import ControlError, request
+        from ..errors import ControlError
+        from ..gateway.control import request
 
         self.topo = Topology("p" if pure_python else "n").__enter__()
         try:

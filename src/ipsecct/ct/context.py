@@ -48,6 +48,7 @@ from ..ipsec.algorithms import (
     integ_from_number,
     integ_name,
 )
+from ..ipsec.ippacket import IPAddress
 from ..ipsec.sad import (
     Counters,
     DfPolicy,
@@ -58,7 +59,7 @@ from ..ipsec.sad import (
     SecurityAssociation,
     UdpEncap,
 )
-from ..ipsec.spd import PROTO_ANY, AddressRange, IPAddress, PortRange, Selectors
+from ..ipsec.spd import PROTO_ANY, AddressRange, PortRange, Selectors
 
 # Not assigned by IANA: the "Context Transfer Profile Type" registry (Expert Review) holds only
 # 0x00 (reserved) and 0x01. 0x8001 sits far above the values IANA hands out in sequence, so it

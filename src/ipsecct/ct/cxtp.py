@@ -30,8 +30,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives import hmac as _hmac
 
 from ..errors import CxtpError
-
-Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+from ..ipsec.ippacket import IPAddress
 
 VERSION = 1
 HEADER_LEN = 4
@@ -111,8 +110,8 @@ class StatusEntry:
 class CTAR:
     """MN -> nAR: activate the context transferred from (or to be fetched from) ``router``."""
 
-    mn_prev: Address
-    router: Address  # the other router's address (pAR when sent to nAR)
+    mn_prev: IPAddress
+    router: IPAddress  # the other router's address (pAR when sent to nAR)
     seq: int
     token: bytes
     requested: tuple[bytes, ...] = ()
@@ -123,7 +122,7 @@ class CTAR:
 class CTAA:
     """nAR -> MN: acknowledge; ``statuses`` lists the FPTs that failed."""
 
-    mn_prev: Address
+    mn_prev: IPAddress
     statuses: tuple[StatusEntry, ...] = ()
     ext: tuple[bytes, ...] = field(default=(), repr=False)
 
@@ -132,7 +131,7 @@ class CTAA:
 class CTD:
     """pAR -> nAR: context data (reactive, or the second half of a predictive transfer)."""
 
-    mn_prev: Address
+    mn_prev: IPAddress
     elapsed_ms: int
     cdbs: tuple[bytes, ...] = field(default=(), repr=False)
     ack_requested: bool = False
@@ -142,7 +141,7 @@ class CTD:
 class PCTD:
     """pAR -> nAR: predictive context data with the MN's authorization key."""
 
-    mn_prev: Address
+    mn_prev: IPAddress
     elapsed_ms: int
     key: bytes = field(repr=False)
     cdbs: tuple[bytes, ...] = field(default=(), repr=False)
@@ -154,7 +153,7 @@ class PCTD:
 class CTDR:
     """nAR -> pAR: reply to CTD/PCTD; ``all_ok`` is the S bit."""
 
-    mn_prev: Address
+    mn_prev: IPAddress
     all_ok: bool
     statuses: tuple[StatusEntry, ...] = ()
     ext: tuple[bytes, ...] = field(default=(), repr=False)
@@ -164,7 +163,7 @@ class CTDR:
 class CTC:
     """nAR -> pAR: cancel a context transfer (``ext`` names it with a TRANSFER CDB)."""
 
-    mn_prev: Address
+    mn_prev: IPAddress
     ext: tuple[bytes, ...] = field(default=(), repr=False)
 
 
@@ -172,7 +171,7 @@ class CTC:
 class CTReq:
     """nAR -> pAR: request the MN's contexts (reactive mode)."""
 
-    mn_prev: Address
+    mn_prev: IPAddress
     seq: int
     token: bytes
     requested: tuple[bytes, ...] = ()
@@ -241,8 +240,8 @@ def _is_ext(fpt: int) -> bool:
 # Encoding
 
 
-def _addr_bytes(addr: Address, v4: bool, what: str) -> bytes:
-    if not isinstance(addr, ipaddress.IPv4Address | ipaddress.IPv6Address):
+def _addr_bytes(addr: IPAddress, v4: bool, what: str) -> bytes:
+    if not isinstance(addr, IPAddress):
         raise CxtpError(f"{what} is not an IP address")
     if (addr.version == 4) != v4:
         raise CxtpError(f"{what} is not of the same address family as the MN's address")
@@ -331,7 +330,7 @@ def encode(msg: Message) -> bytes:
     if mtype is None:
         raise CxtpError(f"not a CXTP message: {type(msg).__name__}")
     prev = msg.mn_prev
-    if not isinstance(prev, ipaddress.IPv4Address | ipaddress.IPv6Address):
+    if not isinstance(prev, IPAddress):
         raise CxtpError("the MN's previous address is not an IP address")
     v4 = prev.version == 4
     body, flag = _body(msg, v4)
@@ -418,7 +417,7 @@ def decode(data: bytes | bytearray | memoryview) -> Message:
     flag = bool(first & 0x40)
     alen = 4 if v4 else 16
 
-    def addr(off: int) -> Address:
+    def addr(off: int) -> IPAddress:
         raw = bytes(mv[off : off + alen])
         return ipaddress.IPv4Address(raw) if v4 else ipaddress.IPv6Address(raw)
 
@@ -467,11 +466,11 @@ def decode(data: bytes | bytearray | memoryview) -> Message:
 # The MN authorization token (RFC 4067 §2.5.1)
 
 
-def _token_input(prev: Address, seq: int, cdbs: Sequence[bytes]) -> bytes:
+def _token_input(prev: IPAddress, seq: int, cdbs: Sequence[bytes]) -> bytes:
     return prev.packed + _u32(seq, "sequence number") + b"".join(cdbs)
 
 
-def compute_token(key: bytes, prev: Address, seq: int, cdbs: Sequence[bytes] = ()) -> bytes:
+def compute_token(key: bytes, prev: IPAddress, seq: int, cdbs: Sequence[bytes] = ()) -> bytes:
     """First 32 bits of HMAC-SHA1(key, previous address | sequence number | CDBs)."""
     if not key:
         raise CxtpError("empty token key")
@@ -481,7 +480,7 @@ def compute_token(key: bytes, prev: Address, seq: int, cdbs: Sequence[bytes] = (
 
 
 def verify_token(
-    key: bytes, prev: Address, seq: int, cdbs: Sequence[bytes], token: bytes
+    key: bytes, prev: IPAddress, seq: int, cdbs: Sequence[bytes], token: bytes
 ) -> bool:
     """Constant-time check of a CTAR's or CT-Req's token."""
     expected = compute_token(key, prev, seq, cdbs)
@@ -616,12 +615,12 @@ class SaResult:
     protocol: int
     spi: int
     new_spi: int
-    dst: Address
+    dst: IPAddress
 
     def encode(self) -> bytes:
         if not 0 <= self.status <= 0xFF or self.protocol not in (50, 51):
             raise CxtpError("SA_RESULT status or protocol out of range")
-        if not isinstance(self.dst, ipaddress.IPv4Address | ipaddress.IPv6Address):
+        if not isinstance(self.dst, IPAddress):
             raise CxtpError("SA_RESULT destination is not an IP address")
         v4 = self.dst.version == 4
         payload = (
@@ -647,7 +646,7 @@ class SaResult:
         if len(p) != expect + (-(expect + CDB_HEADER_LEN) % 8) or any(p[expect:]):
             raise CxtpError("SA_RESULT CDB has the wrong length or padding")
         raw = p[12:expect]
-        dst: Address = ipaddress.IPv4Address(raw) if alen == 4 else ipaddress.IPv6Address(raw)
+        dst: IPAddress = ipaddress.IPv4Address(raw) if alen == 4 else ipaddress.IPv6Address(raw)
         return cls(status, proto, spi, new_spi, dst)
 
 

@@ -62,12 +62,13 @@ from dataclasses import dataclass, field
 from ..errors import ContextError, CxtpError, IpsecctError
 from ..ipsec import signalling
 from ..ipsec.engine import Engine, Tunnel, TunnelState
+from ..ipsec.ippacket import Endpoint
 from ..ipsec.sad import Direction, Protocol, SecurityAssociation
 from ..ipsec.spd import Action, SPDEntry
 from . import context, cxtp
 from .journal import Journal
 from .lease import Grant, Lease, LeaseEvent, LeaseTiming, timing
-from .transfer import FPT_SYNC, Endpoint, Identity, Record, frame, take_over_pair, unframe
+from .transfer import FPT_SYNC, Identity, Record, frame, take_over_pair, unframe
 
 SYNC_HEARTBEAT = 1  # removals, then contexts to merge into what the standby holds
 SYNC_FULL = 2  # the whole state follows (this poll's messages): replace what the standby holds
@@ -533,7 +534,7 @@ class Standby:
             tunnels.append(t)
             if self.identity is Identity.DIRECT:
                 payload = signalling.encode(
-                    [signalling.SgUpdate(self.endpoint.address, self.endpoint.port)]
+                    [signalling.SgUpdate(self.endpoint.host, self.endpoint.port)]
                 )
                 signals.append((out_sa, payload))
         rec.tunnels = len(replica)

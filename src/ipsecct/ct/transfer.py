@@ -46,8 +46,9 @@ from ..errors import ContextError, CxtpError, SAError, TransferError
 from ..ipsec import signalling
 from ..ipsec.algorithms import EncAlg, IntegAlg
 from ..ipsec.engine import Engine, Held, ToPeer, Tunnel, TunnelState
+from ..ipsec.ippacket import Endpoint, IPAddress
 from ..ipsec.sad import Direction, SecurityAssociation, UdpEncap
-from ..ipsec.spd import Action, AddressRange, IPAddress, OverlapIndex, SPDEntry
+from ..ipsec.spd import Action, AddressRange, OverlapIndex, SPDEntry
 from ..ipsec.spi import SpiBlock
 from . import context, cxtp
 from .journal import Journal, JournalError
@@ -101,12 +102,6 @@ class Settings:
     max_transfer_octets: int = 16 << 20  # octets of CDBs buffered for one transfer
     # Cluster-unique SPIs (ipsecct.ipsec.spi): a reassigned inbound SPI comes from this block.
     spi_block: SpiBlock | None = None
-
-
-@dataclass(frozen=True)
-class Endpoint:
-    address: IPAddress
-    port: int
 
 
 # -- outputs ------------------------------------------------------------------------------
@@ -187,11 +182,11 @@ def take_over_pair(
     with the SAs, nothing changes. ``path_mtu`` replaces the transferred path MTU (this
     gateway's path is not the old one's)."""
     if identity is Identity.DIRECT:
-        out_sa.src = endpoint.address
+        out_sa.src = endpoint.host
         if out_sa.encap is not None:
             out_sa.encap = UdpEncap(endpoint.port, out_sa.encap.dport)
         if in_sa is not None:
-            in_sa.dst = endpoint.address
+            in_sa.dst = endpoint.host
             if in_sa.encap is not None:
                 in_sa.encap = UdpEncap(in_sa.encap.sport, endpoint.port)
     if path_mtu is not None:
@@ -974,7 +969,7 @@ class TransferCore:
             self.engine.add_shadow(in_sa, item.old_spi)  # until the MN has switched
         self.engine.hold(tunnel)
         if direct:
-            signals.insert(0, signalling.SgUpdate(self.endpoint.address, self.endpoint.port))
+            signals.insert(0, signalling.SgUpdate(self.endpoint.host, self.endpoint.port))
         inc.tunnels.append(tunnel)
         if signals:
             inc.signals[id(tunnel)] = signals

@@ -35,7 +35,6 @@ from typing import Any
 from ..ct import cxtp, ownership
 from ..ct.failover import FailoverConfig, Replicator, Standby, reply_kind
 from ..ct.lease import Lease, LeaseEvent
-from ..ct.transfer import Endpoint as TEndpoint
 from ..ct.transfer import Identity, Record, Settings
 from ..errors import CxtpError
 from ..ipsec import spi as spimod
@@ -117,7 +116,7 @@ class ClusterDriver:
         self.channels = channels
         self.transfer = transfer
         transfer.listeners.append(self._on_record)
-        ep = TEndpoint(self.node.cfg.outer.host, self.node.cfg.outer.port)
+        ep = self.node.cfg.outer
         for p in peers:
             c = replace(fcfg, peer=p) if fcfg is not None else FailoverConfig("active", p)
             self.margin = c.seq_margin

@@ -33,28 +33,15 @@ from ..ipsec.algorithms import (
     integ_from_name,
     integ_name,
 )
+from ..ipsec.ippacket import Endpoint, IPAddress
 from ..ipsec.sad import Direction, Lifetime, Mode, SecurityAssociation, UdpEncap
-from ..ipsec.spd import Action, AddressRange, IPAddress, PortRange, Selectors, SPDEntry
+from ..ipsec.spd import Action, AddressRange, PortRange, Selectors, SPDEntry
 from ..ipsec.spi import MAX_BLOCKS as MAX_SPI_BLOCKS
 from ..ipsec.spi import SpiBlock
 from ..ipsec.spi import block as spi_block_of
 
 DEFAULT_PORT = 4500
 DEFAULT_CXTP_PORT = 5091  # RFC 4067's port (CXTP over TLS here: no SCTP)
-
-
-@dataclass(frozen=True)
-class Endpoint:
-    host: IPAddress
-    port: int
-
-    def __str__(self) -> str:
-        h = f"[{self.host}]" if self.host.version == 6 else str(self.host)
-        return f"{h}:{self.port}"
-
-    @property
-    def sockaddr(self) -> tuple[str, int]:
-        return (str(self.host), self.port)
 
 
 @dataclass

@@ -13,7 +13,6 @@ from typing import Any
 from ..ct import cxtp
 from ..ct.failover import FailoverConfig, Replicator, Standby, reply_kind
 from ..ct.transfer import FPT_SYNC, Identity, Record
-from ..ct.transfer import Endpoint as TEndpoint
 from ..errors import CxtpError
 from ..ipsec.esp import Drop
 from .fencing import PairFencing, state_path
@@ -55,7 +54,7 @@ class FailoverDriver:
             self.replicator = Replicator(node.engine, cfg)
         else:
             self.standby = Standby(
-                node.engine, cfg, TEndpoint(node.cfg.outer.host, node.cfg.outer.port), identity
+                node.engine, cfg, node.cfg.outer, identity
             )
         self.fencing: PairFencing | None = None
         if cfg.fencing:

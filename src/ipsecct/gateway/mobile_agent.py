@@ -11,7 +11,7 @@ from ..ct.transfer import token_key
 from ..errors import SignalError, TransferError
 from ..ipsec import signalling
 from ..ipsec.engine import Signal
-from ..ipsec.spd import IPAddress
+from ..ipsec.ippacket import IPAddress
 from .log import event
 from .node import Node
 

@@ -23,9 +23,9 @@ from typing import Any
 
 from ..ipsec.engine import Bypass, Engine, Forward, Held, Result, Signal, ToInner, ToPeer
 from ..ipsec.esp import Drop
-from ..ipsec.ippacket import PROTO_ESP
+from ..ipsec.ippacket import PROTO_ESP, Endpoint
 from ..ipsec.sad import SAEvent, SecurityAssociation
-from .config import Endpoint, NodeConfig
+from .config import NodeConfig
 from .log import event
 
 log = logging.getLogger("ipsecct.gateway.node")

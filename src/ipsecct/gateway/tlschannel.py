@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
 import ssl
 from collections import deque
@@ -32,6 +31,7 @@ from cryptography.x509.oid import NameOID
 
 from ..ct import cxtp
 from ..errors import ChannelClosed, ChannelError, ChannelTimeout, CxtpError, IpsecctError
+from ..ipsec.ippacket import IPAddress
 from .limits import ConnectionLimits, source_of
 from .log import RateLimited
 
@@ -83,7 +83,7 @@ class PeerIdentity:
 
     common_name: str | None
     dns_names: tuple[str, ...]
-    ip_addresses: tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, ...]
+    ip_addresses: tuple[IPAddress, ...]
     fingerprint: str  # SHA-256 of the DER certificate, hex
 
     @property
@@ -103,12 +103,12 @@ def identity_from_der(der: bytes) -> PeerIdentity:
     cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     cn = cns[0].value if cns else None
     dns: list[str] = []
-    ips: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = []
+    ips: list[IPAddress] = []
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         dns = list(san.get_values_for_type(x509.DNSName))
         for a in san.get_values_for_type(x509.IPAddress):
-            if isinstance(a, ipaddress.IPv4Address | ipaddress.IPv6Address):
+            if isinstance(a, IPAddress):
                 ips.append(a)
     except x509.ExtensionNotFound:
         pass

@@ -20,7 +20,6 @@ from collections.abc import Callable
 from typing import Any
 
 from ..ct import cxtp
-from ..ct.transfer import Endpoint as TEndpoint
 from ..ct.transfer import (
     Finished,
     Inject,
@@ -50,7 +49,7 @@ class TransferService:
         self.tcfg = tcfg
         self.channels = channels
         self.core = TransferCore(
-            node.engine, TEndpoint(node.cfg.outer.host, node.cfg.outer.port), tcfg.settings
+            node.engine, node.cfg.outer, tcfg.settings
         )
         self.waiters: dict[int, asyncio.Future[Record]] = {}
         # Called with every finished transfer or take-over (the virtual-address mover, the

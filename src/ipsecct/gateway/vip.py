@@ -19,7 +19,7 @@ from collections.abc import Callable
 from ..ct.transfer import Record
 from ..errors import TunError, VipError
 from ..ipsec.engine import TunnelState
-from ..ipsec.spd import IPAddress
+from ..ipsec.ippacket import IPAddress
 from .log import event
 from .node import Node
 from .tun import ip

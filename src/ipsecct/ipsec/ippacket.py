@@ -10,7 +10,24 @@ from dataclasses import dataclass
 
 from ..errors import PacketError
 
+# The one IP address type of the package.
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """An IP address and a port: a socket address (``host:port``, ``[v6]:port``)."""
+
+    host: IPAddress
+    port: int
+
+    def __str__(self) -> str:
+        h = f"[{self.host}]" if self.host.version == 6 else str(self.host)
+        return f"{h}:{self.port}"
+
+    @property
+    def sockaddr(self) -> tuple[str, int]:
+        return (str(self.host), self.port)
 
 PROTO_ICMP = 1
 PROTO_IPIP = 4

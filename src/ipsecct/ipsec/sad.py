@@ -13,15 +13,15 @@ collide (RFC 4301 §4.1, draft §8).
 from __future__ import annotations
 
 import enum
-import ipaddress
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import AlgorithmError, SAError, SPICollisionError
 from .algorithms import ENC, EncAlg, IntegAlg, check_esp_combination, check_integ_key
+from .ippacket import IPAddress
 from .replay import ReplayWindow
-from .spd import IPAddress, Selectors
+from .spd import Selectors
 from .transforms import EspTransform, make_transform
 
 MAX_SEQ_32 = 0xFFFFFFFF
@@ -199,7 +199,7 @@ class SecurityAssociation:
         return self._window
 
     @property
-    def key(self) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, Protocol, int]:
+    def key(self) -> tuple[IPAddress, Protocol, int]:
         return (self.dst, self.protocol, self.spi)
 
     @property

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 
 from ..errors import SAError, SignalError
 from .engine import Engine
+from .ippacket import IPAddress
 from .sad import Direction, SecurityAssociation, UdpEncap
-from .spd import IPAddress
 
 T_SG_UPDATE = 1
 T_SPI_REASSIGN = 2

@@ -20,8 +20,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from ..errors import SAError
-
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+from .ippacket import IPAddress
 
 PROTO_ANY = 0  # "ANY" next-layer protocol (0 is IPv6 hop-by-hop, never a selector value)
 PROTO_ICMP = 1

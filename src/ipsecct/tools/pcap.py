@@ -70,7 +70,7 @@ class PcapHeader:
 
 
 @dataclass(frozen=True)
-class Record:
+class CapturedPacket:
     """One captured packet. ``ts_frac`` is micro- or nanoseconds, as the file header says."""
 
     number: int  # 1-based position in the file
@@ -130,7 +130,7 @@ class PcapReader:
         self._rec = struct.Struct(order + "IIII")
         self._frac_limit = 1_000_000_000 if self.header.nanosecond else 1_000_000
 
-    def __iter__(self) -> Iterator[Record]:
+    def __iter__(self) -> Iterator[CapturedPacket]:
         number = 0
         read = self._stream.read
         rec = self._rec
@@ -159,7 +159,7 @@ class PcapReader:
                     f"record {number}: file ends inside the packet data"
                     f" ({len(data)} of {incl_len} octets)"
                 )
-            yield Record(number, ts_sec, ts_frac, data, orig_len)
+            yield CapturedPacket(number, ts_sec, ts_frac, data, orig_len)
 
 
 class PcapWriter:
@@ -204,7 +204,7 @@ class PcapWriter:
         self.count += 1
 
 
-def read_pcap(data: bytes) -> tuple[PcapHeader, list[Record]]:
+def read_pcap(data: bytes) -> tuple[PcapHeader, list[CapturedPacket]]:
     """Parse a whole pcap file held in memory."""
     import io
 

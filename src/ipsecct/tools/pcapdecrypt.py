@@ -77,7 +77,7 @@ class Outcome(enum.Enum):
 
 
 @dataclass
-class Result:
+class Decrypted:
     outcome: Outcome
     packet: bytes = b""  # the decrypted packet (DECRYPTED)
     reason: str = ""  # why it failed (FAILED)
@@ -257,37 +257,37 @@ class Decryptor:
             cands = sorted(cands + self._any_spi, key=lambda k: k.lineno)
         return [k for k in cands if k.matches(src, dst, spi)]
 
-    def process(self, pkt: memoryview | bytes) -> Result:
+    def process(self, pkt: memoryview | bytes) -> Decrypted:
         """Decrypt one IP packet (trailing octets after the IP packet are ignored)."""
         try:
             loc = locate_esp(pkt)
         except _EspProblem as exc:
-            return Result(Outcome.FAILED, reason=str(exc))
+            return Decrypted(Outcome.FAILED, reason=str(exc))
         if loc is None:
-            return Result(Outcome.NOT_ESP)
+            return Decrypted(Outcome.NOT_ESP)
         mv = memoryview(pkt)
         esp_bytes = mv[loc.esp_start : loc.esp_end]
         hdr = esp.spi_seq(esp_bytes)
         if hdr is None:
-            return Result(Outcome.FAILED, reason="ESP packet shorter than its 8-octet header")
+            return Decrypted(Outcome.FAILED, reason="ESP packet shorter than its 8-octet header")
         spi, seq_low = hdr
         where = f"SPI 0x{spi:08x} {loc.src} -> {loc.dst}" + (" (UDP 4500)" if loc.udp else "")
         lines = self.matching(loc.src, loc.dst, spi)
         if not lines:
-            return Result(Outcome.FAILED, reason=f"no key for {where}")
+            return Decrypted(Outcome.FAILED, reason=f"no key for {where}")
         reasons: list[str] = []
         for kl in lines:
             res = self._try(kl, loc, spi, seq_low, esp_bytes, mv)
-            if isinstance(res, Result):
+            if isinstance(res, Decrypted):
                 return res
             reasons.append(res)
         if len(lines) == 1:
-            return Result(
+            return Decrypted(
                 Outcome.FAILED, reason=f"{reasons[0]}: {where} seq {seq_low}, key line"
                 f" {lines[0].lineno}"
             )
         tried = ", ".join(str(k.lineno) for k in lines)
-        return Result(
+        return Decrypted(
             Outcome.FAILED,
             reason=f"{reasons[0]}: {where} seq {seq_low}, with each of key lines {tried}",
         )
@@ -312,7 +312,7 @@ class Decryptor:
         seq_low: int,
         esp_bytes: memoryview,
         pkt: memoryview,
-    ) -> Result | str:
+    ) -> Decrypted | str:
         flow = self._flow(kl, loc, spi)
         if isinstance(flow, str):
             return flow
@@ -333,14 +333,14 @@ class Decryptor:
                     continue  # with ESN, the next candidate may verify
                 if res is Drop.DUMMY:
                     self._seen(flow, seq)
-                    return Result(Outcome.DUMMY)
+                    return Decrypted(Outcome.DUMMY)
                 break
             nh, payload = res
             dup = self._seen(flow, seq)
             out = self._output(nh, payload, loc, pkt)
             if isinstance(out, str):
                 return out
-            return Result(Outcome.DECRYPTED, out, duplicate=dup)
+            return Decrypted(Outcome.DECRYPTED, out, duplicate=dup)
         if first is None:
             first = Drop.REPLAY
         return _DROP_TEXT.get(first, first.value)
@@ -382,7 +382,7 @@ class Decryptor:
 
 
 @dataclass
-class Stats:
+class DecryptStats:
     packets: int = 0
     esp: int = 0
     decrypted: int = 0
@@ -401,7 +401,7 @@ def decrypt_pcap(
     dst: BinaryIO,
     keys: Sequence[KeyLine],
     on_failure: Callable[[int, str], None] | None = None,
-) -> Stats:
+) -> DecryptStats:
     """Decrypt the records of ``reader`` (``PcapReader(stream)`` checked the file header),
     writing the decrypted packets as a raw-IP pcap to ``dst``, in the input's timestamp
     resolution.
@@ -412,7 +412,7 @@ def decrypt_pcap(
     hdr = reader.header
     writer = PcapWriter(dst, LINKTYPE_RAW, nanosecond=hdr.nanosecond)
     dec = Decryptor(keys)
-    stats = Stats()
+    stats = DecryptStats()
     for rec in reader:
         stats.packets += 1
         ip = ip_packet(hdr.linktype, rec.data, hdr.fcs_len)
