@@ -34,8 +34,8 @@ sys.path.insert(0, str(ROOT))
 
 from ipsecct.ipsec.ippacket import build_udp  # noqa: E402
 from ipsecct.tools.pcap import ip_packet, read_pcap  # noqa: E402
-from tests.etcd_server import EtcdCluster  # noqa: E402
-from tests.example_deployment import HOST_INNER, MN_INNER, ExampleDeployment  # noqa: E402
+from tests.helpers.deployment import HOST_INNER, MN_INNER, ExampleDeployment  # noqa: E402
+from tests.helpers.etcd_server import EtcdCluster  # noqa: E402
 
 EXAMPLE = ROOT / "examples" / "failover"
 PORTS = (14600, 15100, 15101, 24600, 25100, 25191, 34600, 35100, 35191, 45101)

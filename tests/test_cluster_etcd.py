@@ -26,8 +26,8 @@ from hypothesis import strategies as st
 
 from ipsecct.ct import ownership
 from ipsecct.gateway.etcd import EtcdClient, EtcdError
-from tests.etcd_server import EtcdCluster
-from tests.example_deployment import ExampleDeployment, cli
+from tests.helpers.deployment import ExampleDeployment, cli
+from tests.helpers.etcd_server import EtcdCluster
 
 ROOT = Path(__file__).resolve().parent.parent
 

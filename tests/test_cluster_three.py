@@ -32,8 +32,8 @@ import pytest
 
 from ipsecct.ct import ownership
 from ipsecct.ipsec.ippacket import build_udp, parse, udp_payload
-from tests.etcd_server import EtcdCluster
-from tests.example_deployment import cli, free_port
+from tests.helpers.deployment import cli, free_port
+from tests.helpers.etcd_server import EtcdCluster
 
 pytestmark = [pytest.mark.slow]
 

@@ -20,7 +20,7 @@ import pytest
 
 from ipsecct.errors import ControlError, SAError
 from ipsecct.gateway.control import MAX_LINE, ControlServer, MetricsServer, request
-from tests.test_gateway_loopback import Daemon, free_udp_port, node_toml
+from tests.helpers.daemon import Daemon, free_udp_port, node_toml
 
 Client = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 
@@ -289,6 +289,50 @@ def test_real_daemon_socket_mode_and_garbage(tmp_path: Path) -> None:
     finally:
         gw.cleanup()
         shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.mark.parametrize(
+    ("config_level", "args", "shown", "hidden"),
+    [
+        ("debug", ["--log-level", "warning"], [], [" INFO ", " DEBUG "]),
+        ("error", ["--log-level", "info"], [" INFO "], [" DEBUG "]),
+        ("error", ["-v"], [" INFO "], []),
+        ("error", [], [], [" INFO ", " DEBUG "]),
+    ],
+)
+def test_daemon_log_level_overrides_the_configuration(
+    tmp_path: Path, config_level: str, args: list[str], shown: list[str], hidden: list[str]
+) -> None:
+    d = tempfile.mkdtemp(prefix="ipsecct-c-", dir="/tmp")
+    sock = os.path.join(d, "gw.sock")
+    cfg = tmp_path / "gw.toml"
+    text = node_toml("gw", free_udp_port(), free_udp_port(), free_udp_port(), sock, [])
+    cfg.write_text(text.replace('level = "debug"', f'level = "{config_level}"'))
+    gw = Daemon("gateway", cfg, sock, tmp_path / "gw.log", args=args)
+    try:
+        gw.start()
+        assert gw.terminate() == 0
+        log = gw.logtext()
+        assert "event=started" in log or not shown  # the start line is logged at info
+        for level in shown:
+            assert level in log, log
+        for level in hidden:
+            assert level not in log, log
+    finally:
+        gw.cleanup()
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def test_daemon_bad_log_level_is_a_usage_error(tmp_path: Path) -> None:
+    cfg = tmp_path / "gw.toml"
+    cfg.write_text(node_toml("gw", 1, 2, 3, str(tmp_path / "s"), []))
+    r = subprocess.run(
+        [sys.executable, "-m", "ipsecct", "gateway", "run", "-c", str(cfg), "--log-level", "loud"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 2 and "--log-level" in r.stderr, r.stderr
 
 
 def test_request_when_the_daemon_drops_the_connection() -> None:

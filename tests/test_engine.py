@@ -14,7 +14,7 @@ from ipsecct.ipsec.esp import Drop
 from ipsecct.ipsec.ippacket import IPAddress, build_udp
 from ipsecct.ipsec.sad import Lifetime, SAEvent, SecurityAssociation, UdpEncap
 from ipsecct.ipsec.spd import Action, AddressRange, Selectors, SPDEntry
-from tests.conftest import sa_pair
+from tests.helpers.sas import sa_pair
 
 MN = "10.1.0.2"
 HOST = "10.2.0.1"

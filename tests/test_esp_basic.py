@@ -8,7 +8,7 @@ from ipsecct.ipsec import esp, processing
 from ipsecct.ipsec.algorithms import EncAlg, IntegAlg
 from ipsecct.ipsec.esp import Drop
 from ipsecct.ipsec.ippacket import build_udp, parse
-from tests.conftest import ESP_TRANSFORMS, sa_pair
+from tests.helpers.sas import ESP_TRANSFORMS, sa_pair
 
 TRANSFORMS = ESP_TRANSFORMS
 

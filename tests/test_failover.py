@@ -5,7 +5,7 @@ Four levels, each with real parts:
 
 1. sans-I/O: :class:`~ipsecct.ct.failover.Replicator` and :class:`~ipsecct.ct.failover.Standby`
    with the test owning ``now``; messages go through the CXTP wire form; ESP between real
-   engines (the world of ``tests/transfer_helpers.py``). A hypothesis property kills the active
+   engines (the world of ``tests/helpers/transfer.py``). A hypothesis property kills the active
    at a random point of a random stream and checks that no sequence number is ever reused.
 2. configuration errors of ``[failover]``.
 3. in one process: the demo's topology (real UDP sockets, TLS 1.3 between the gateways), the
@@ -47,9 +47,9 @@ from ipsecct.ipsec.esp import Drop
 from ipsecct.ipsec.ippacket import Endpoint
 from ipsecct.ipsec.sad import Direction
 from ipsecct.ipsec.spd import Action, SPDEntry
-from tests.conftest import DATA_PATHS, data_path
-from tests.example_deployment import ExampleDeployment, cli
-from tests.transfer_helpers import (
+from tests.helpers.data_path import DATA_PATHS, data_path
+from tests.helpers.deployment import ExampleDeployment, cli
+from tests.helpers.transfer import (
     PORT,
     SG_ADDR,
     World,

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.netns import Namespaces, have_root
+from tests.helpers.netns import Namespaces, have_root
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -35,7 +35,7 @@ from ipsecct.ipsec.engine import TunnelState
 from ipsecct.ipsec.sad import Direction, SecurityAssociation, UdpEncap
 from ipsecct.ipsec.spd import Action, SPDEntry
 from ipsecct.tools import pki
-from tests.transfer_helpers import sel
+from tests.helpers.transfer import sel
 
 Main = Callable[[demo.Demo], Awaitable[None]]
 

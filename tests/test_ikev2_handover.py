@@ -4,7 +4,8 @@ connects by IKEv2 (PSK) to the virtual gateway address, which sg1 holds; ``ipsec
 moves the CHILD SA to sg2, the virtual address follows (gratuitous ARP) and the IKE SA follows
 its CHILD SA (the IKE SA context CDBs over the gateways' TLS channel). strongSwan changes
 nothing and runs no new key exchange: sg2 answers its liveness checks and completes an IKE and
-a CHILD rekey with it, and ping keeps passing. The topology is :mod:`tests.netns_topology`'s.
+a CHILD rekey with it, and ping keeps passing. The topology is
+:mod:`tests.helpers.netns_topology`'s.
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ from typing import Any
 
 import pytest
 
-from tests import strongswan
-from tests.netns import Namespaces, wait_until
-from tests.netns_topology import (
+from tests.helpers import strongswan
+from tests.helpers.daemon import Daemon
+from tests.helpers.netns import Namespaces, wait_until
+from tests.helpers.netns_topology import (
     ACCESS_IF,
     HOST,
     HOST_NET,
@@ -36,8 +38,7 @@ from tests.netns_topology import (
     _section,
     cli,
 )
-from tests.strongswan import Charon, Side
-from tests.test_gateway_loopback import Daemon
+from tests.helpers.strongswan import Charon, Side
 
 needs_strongswan = pytest.mark.skipif(not strongswan.available(), reason=strongswan.skip_reason())
 PSK = "ipsecct-ikev2-handover-psk-0123456789"

@@ -25,10 +25,10 @@ from typing import Any
 
 import pytest
 
-from tests import strongswan
-from tests.netns import Namespaces, wait_until
-from tests.strongswan import A, B, Charon, build_namespaces, ping
-from tests.test_gateway_loopback import Daemon
+from tests.helpers import strongswan
+from tests.helpers.daemon import Daemon
+from tests.helpers.netns import Namespaces, wait_until
+from tests.helpers.strongswan import A, B, Charon, build_namespaces, ping
 
 needs_strongswan = pytest.mark.skipif(not strongswan.available(), reason=strongswan.skip_reason())
 PSK = "ipsecct-ikev2-interop-psk-0123456789"

@@ -14,7 +14,7 @@ from ipsecct.errors import KeyFileError, SAError
 from ipsecct.ipsec.algorithms import ENC, INTEG, EncAlg, IntegAlg
 from ipsecct.ipsec.sad import Direction, Protocol, SecurityAssociation
 from ipsecct.tools.keyfile import format_line, parse_keyfile, parse_line
-from tests.conftest import ESP_TRANSFORMS, sa_pair
+from tests.helpers.sas import ESP_TRANSFORMS, sa_pair
 
 GCM_KEY = bytes(range(20))
 CBC_KEY = bytes(range(16))

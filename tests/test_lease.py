@@ -31,7 +31,7 @@ from ipsecct.ipsec.engine import Engine, Held, ToPeer, Tunnel, TunnelState
 from ipsecct.ipsec.esp import Drop
 from ipsecct.ipsec.ippacket import Endpoint
 from ipsecct.ipsec.spd import Action, SPDEntry
-from tests.transfer_helpers import PORT, SG_ADDR, esp_seq, ip, tunnel_sas, udp_packet
+from tests.helpers.transfer import PORT, SG_ADDR, esp_seq, ip, tunnel_sas, udp_packet
 
 # -- 1. the arithmetic -----------------------------------------------------------------------
 

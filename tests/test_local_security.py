@@ -25,8 +25,8 @@ from pathlib import Path
 import pytest
 
 from ipsecct.gateway import control
-from tests.example_deployment import cli
-from tests.test_gateway_loopback import Daemon, free_udp_port, node_toml
+from tests.helpers.daemon import Daemon, free_udp_port, node_toml
+from tests.helpers.deployment import cli
 from tests.test_transfer_processes import SPI, Setup
 
 NOBODY = pwd.getpwnam("nobody")

@@ -27,8 +27,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.netns import Namespaces, have_root, leftover_namespaces, stop_process, wait_until
-from tests.test_gateway_loopback import Daemon
+from tests.helpers.daemon import Daemon
+from tests.helpers.netns import Namespaces, have_root, leftover_namespaces, stop_process, wait_until
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (CI runs as root)")
 

@@ -1,7 +1,7 @@
 """A handover in network namespaces (root): a mobile node's tunnel moves from gateway sg1 to
 gateway sg2 (``ipsecct transfer``) while ``ping`` and an echoed UDP stream run through it, with
 TUN devices on every inner side and ESP in UDP 4500 on a real L2 access segment. The topology
-is in :mod:`tests.netns_topology`.
+is in :mod:`tests.helpers.netns_topology`.
 
 - **direct** SG identity: the MN's SA names sg1's address; after the transfer sg2 tells the MN
   (inside the SA) its own address, and the MN's outbound SA goes there.
@@ -24,8 +24,8 @@ from typing import Any
 import pytest
 
 from ipsecct.gateway.control import request
-from tests.netns import wait_until
-from tests.netns_topology import (
+from tests.helpers.netns import wait_until
+from tests.helpers.netns_topology import (
     HOST,
     MN_INNER,
     MN_OUTER,

@@ -52,7 +52,7 @@ from ipsecct.tools.pcap import (
     read_pcap,
 )
 from ipsecct.tools.pcapdecrypt import Decryptor, Outcome, esn_candidates
-from tests.conftest import sa_pair
+from tests.helpers.sas import sa_pair
 
 # Explicit addresses everywhere: otherwise Scapy looks up routes and MAC addresses (slowly).
 ETH = {"src": "02:00:00:00:00:01", "dst": "02:00:00:00:00:02"}

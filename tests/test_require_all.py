@@ -43,7 +43,11 @@ def run(
         monkeypatch.setenv("IPSECCT_REQUIRE_ALL", value)
     pytester.makepyfile(test_suite=SUITE, test_module_skip=MODULE_SKIP)
     return pytester.runpytest(
-        "-p", "tests.require_all", "-p", "no:cacheprovider", "--continue-on-collection-errors"
+        "-p",
+        "tests.helpers.require_all",
+        "-p",
+        "no:cacheprovider",
+        "--continue-on-collection-errors",
     )
 
 

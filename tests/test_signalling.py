@@ -16,7 +16,7 @@ from ipsecct.ipsec.engine import Engine
 from ipsecct.ipsec.sad import Protocol, SecurityAssociation, UdpEncap
 from ipsecct.ipsec.signalling import SgUpdate, SpiReassign
 from ipsecct.ipsec.spd import Action, SPDEntry
-from tests.transfer_helpers import MN_ADDR, SG_ADDR, SPI_DOWN, SPI_UP, ip, tunnel_sas
+from tests.helpers.transfer import MN_ADDR, SG_ADDR, SPI_DOWN, SPI_UP, ip, tunnel_sas
 
 V4 = st.builds(ipaddress.IPv4Address, st.integers(0, 2**32 - 1))
 V6 = st.builds(ipaddress.IPv6Address, st.integers(0, 2**128 - 1))

@@ -1,7 +1,7 @@
 """Interoperability with an independent IPsec implementation: strongSwan 5.9.8 (root).
 
 Two charon daemons in two network namespaces negotiate a CHILD_SA (IKEv2, PSK) and carry ping
-in ESP in UDP 4500 (kernel-libipsec, user-space ESP over TUN); see :mod:`tests.strongswan`.
+in ESP in UDP 4500 (kernel-libipsec, user-space ESP over TUN); see :mod:`tests.helpers.strongswan`.
 
 1. ``ipsecct pcap decrypt`` decrypts a capture of strongSwan's ESP with the keys charon logs
    (``chd = 4``), written as Wireshark ``esp_sa`` lines: AES-GCM-16 with 128- and 256-bit keys,
@@ -31,10 +31,10 @@ from scapy.layers.inet import ICMP, IP, UDP
 from scapy.packet import Packet
 from scapy.utils import rdpcap
 
-from tests import strongswan
-from tests.netns import Namespaces, wait_until
-from tests.strongswan import A, B, ChildSA, ping, sa_packet_counts, start_pair
-from tests.test_gateway_loopback import Daemon
+from tests.helpers import strongswan
+from tests.helpers.daemon import Daemon
+from tests.helpers.netns import Namespaces, wait_until
+from tests.helpers.strongswan import A, B, ChildSA, ping, sa_packet_counts, start_pair
 
 needs_strongswan = pytest.mark.skipif(not strongswan.available(), reason=strongswan.skip_reason())
 

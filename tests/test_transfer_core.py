@@ -31,8 +31,8 @@ from ipsecct.ipsec import signalling
 from ipsecct.ipsec.algorithms import EncAlg
 from ipsecct.ipsec.engine import Signal, ToInner, Tunnel, TunnelState
 from ipsecct.ipsec.esp import Drop
-from tests.conftest import DATA_PATHS, data_path
-from tests.transfer_helpers import (
+from tests.helpers.data_path import DATA_PATHS, data_path
+from tests.helpers.transfer import (
     MN_ADDR,
     SG_ADDR,
     SPI_DOWN,
@@ -821,7 +821,7 @@ def test_ping_pong_transfer() -> None:
 
 
 def test_token_key_agrees_when_both_spis_are_equal() -> None:
-    from tests.transfer_helpers import tunnel_sas
+    from tests.helpers.transfer import tunnel_sas
 
     (g_out, g_in, _), (m_out, m_in, _) = tunnel_sas("sg1", spi_up=0x5005, spi_down=0x5005)
     assert token_key([g_out, g_in]) == token_key([m_out, m_in])

@@ -18,7 +18,7 @@ from ipsecct.ipsec.engine import Held, TunnelState
 from ipsecct.ipsec.ippacket import build_udp
 from ipsecct.ipsec.sad import Direction, Mode, SecurityAssociation, UdpEncap
 from ipsecct.ipsec.spd import Action, AddressRange, Selectors, SPDEntry
-from tests.transfer_helpers import (
+from tests.helpers.transfer import (
     HOST,
     MN_ADDR,
     MN_INNER,

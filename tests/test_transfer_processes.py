@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.example_deployment import ExampleDeployment, cli
+from tests.helpers.deployment import ExampleDeployment, cli
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "transfer"

@@ -26,7 +26,7 @@ from ipsecct.ipsec.ippacket import build_udp
 from ipsecct.ipsec.sad import Mode, SecurityAssociation, UdpEncap
 from ipsecct.tools.keyfile import format_line
 from ipsecct.tools.pcap import LINKTYPE_ETHERNET, LINKTYPE_RAW, PcapWriter
-from tests.conftest import sa_pair
+from tests.helpers.sas import sa_pair
 
 TSHARK = shutil.which("tshark") or "/usr/bin/tshark"
 

@@ -22,7 +22,7 @@ from ipsecct.ipsec.esp import Drop
 from ipsecct.ipsec.ippacket import build_udp, checksum, parse, udp_payload
 from ipsecct.ipsec.sad import SecurityAssociation
 from ipsecct.ipsec.udpencap import KEEPALIVE, Classified, Kind, classify, frame_esp, frame_ike
-from tests.conftest import sa_pair
+from tests.helpers.sas import sa_pair
 
 IKE_HDR = bytes(range(1, 29))  # 28 octets standing for an IKE header (SPIs, version, ...)
 

@@ -328,7 +328,8 @@ def _toml(header: str, kv: dict[str, object]) -> str:
 def _ct_gateways(world: World) -> dict[str, str]:
     """sg1 and sg2 as ipsecct gateways with the [connections.rw] for the client; returns the
     control sockets."""
-    from ..gateway.control import ControlError, request
+    from ..errors import ControlError
+    from ..gateway.control import request
 
     d = world.dir
     r = _cli("pki", "init", "--dir", str(d / "pki"), "--gateways", "sg1,sg2")
@@ -570,7 +571,7 @@ def add_parser(sub: Any) -> None:
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    from ..gateway.control import ControlError
+    from ..errors import ControlError
 
     if args.time < 2.0:
         print("ipsecct bench ikev2: --time must be at least 2 seconds", file=sys.stderr)

@@ -39,6 +39,7 @@ from ..ipsec.spd import Action, AddressRange, PortRange, Selectors, SPDEntry
 from ..ipsec.spi import MAX_BLOCKS as MAX_SPI_BLOCKS
 from ..ipsec.spi import SpiBlock
 from ..ipsec.spi import block as spi_block_of
+from .log import LOG_LEVELS
 
 DEFAULT_PORT = 4500
 DEFAULT_CXTP_PORT = 5091  # RFC 4067's port (CXTP over TLS here: no SCTP)
@@ -666,7 +667,7 @@ def from_dict(data: dict[str, Any], path: str = "<config>") -> NodeConfig:
     log_d = ctx.get(data, "log", "", dict, {})
     _check_keys_allowed(log_d, ctx, "log.", {"level"})
     level = ctx.get(log_d, "level", "log.", str, "info").lower()
-    if level not in ("debug", "info", "warning", "error"):
+    if level not in LOG_LEVELS:
         raise ctx.err("log.level", "must be debug, info, warning or error")
     policies = [_policy(p, i, ctx) for i, p in enumerate(ctx.get(data, "policy", "", list, []))]
     tunnels = [

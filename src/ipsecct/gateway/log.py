@@ -25,6 +25,9 @@ def event(logger: logging.Logger, name: str, *args: int, **fields: object) -> No
         logger.log(level, " ".join(parts))
 
 
+LOG_LEVELS = ("debug", "info", "warning", "error")  # [log] level, --log-level
+
+
 def setup(level: str = "info", *, stream: object = None) -> None:
     root = logging.getLogger("ipsecct")
     root.setLevel(getattr(logging, level.upper(), logging.INFO))

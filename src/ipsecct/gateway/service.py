@@ -11,7 +11,7 @@ import signal
 from typing import Any
 
 from ..ct import cxtp
-from ..errors import ControlError, IpsecctError
+from ..errors import ConfigError, ControlError, IpsecctError
 from ..ikev2.context import is_ike_cdb
 from ..ipsec.sad import Direction, SecurityAssociation
 from ..ipsec.spd import Action, SPDEntry
@@ -350,12 +350,20 @@ class Service:
 NOFILE_NEEDED = 1024
 
 
-def run(path: str, role: str, *, fresh_state: bool = False) -> int:
+def run(
+    path: str, role: str, *, fresh_state: bool = False, log_level: str | None = None
+) -> int:
+    """Run the node of configuration ``path`` until SIGTERM/SIGINT. ``log_level`` (the
+    command line's ``--log-level`` or ``-v``) overrides the configuration's ``[log] level``."""
     from .control import socket_path
     from .limits import raise_nofile
-    from .log import setup
+    from .log import LOG_LEVELS, setup
 
     cfg = config_mod.load(path)
+    if log_level is not None:
+        if log_level not in LOG_LEVELS:
+            raise ConfigError(f"--log-level must be one of {', '.join(LOG_LEVELS)}")
+        cfg.log_level = log_level
     setup(cfg.log_level)
     if cfg.control_socket is None:
         cfg.control_socket = socket_path(None)  # the one the client commands look for

@@ -24,8 +24,9 @@ mobile node's gateway changes (what still reaches the old gateway meanwhile is
 forwarded to the new one for ``forward_ms``).
 
 The gateways talk CXTP over TLS 1.3 on the core link, with certificates from
-``ipsecct pki init``. All names carry the run's random suffix (:class:`tests.netns.Namespaces`);
-deleting the namespaces removes every device, bridge and address, whatever happened.
+``ipsecct pki init``. All names carry the run's random suffix
+(:class:`tests.helpers.netns.Namespaces`); deleting the namespaces removes every device,
+bridge and address, whatever happened.
 """
 
 from __future__ import annotations
@@ -44,8 +45,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.netns import Namespaces, stop_process, wait_until
-from tests.test_gateway_loopback import Daemon
+from tests.helpers.daemon import Daemon
+from tests.helpers.netns import Namespaces, stop_process, wait_until
 
 MN_OUTER = "192.168.20.10"
 SG_OUTER = {"sg1": "192.168.20.1", "sg2": "192.168.20.2"}

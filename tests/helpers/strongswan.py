@@ -40,7 +40,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
-from tests.netns import Namespaces, stop_process, wait_until
+from tests.helpers.netns import Namespaces, stop_process, wait_until
 
 CHARON = "/usr/lib/ipsec/charon"
 SWANCTL = "swanctl"

@@ -1,0 +1,11 @@
+"""Shared test helpers: the one place tests import common code from (never from another test
+file, never from conftest).
+
+- :mod:`.sas`: SA pairs and the ESP transform list
+- :mod:`.transfer`: the sans-I/O world of gateways and an MN for the transfer core
+- :mod:`.daemon`: ``ipsecct gateway/node run`` as subprocesses on loopback
+- :mod:`.deployment`: the examples/ deployments as processes
+- :mod:`.netns`, :mod:`.netns_topology`: network namespaces (root)
+- :mod:`.strongswan`: strongSwan peers in namespaces (root)
+- :mod:`.require_all`: the pytest plugin that fails skips under IPSECCT_REQUIRE_ALL=1
+"""
