@@ -9,8 +9,10 @@ import sys
 
 import pytest
 
+from ipsecct import cli
 from ipsecct.bench import codec
 from ipsecct.commands.bench import BENCHES
+from ipsecct.errors import BenchError, ConfigError
 
 TINY = ["--time", "0.001", "--rounds", "1"]
 
@@ -87,3 +89,30 @@ def test_tunnel_json_schema() -> None:
     for row in rows:
         assert list(row)[:4] == ["impl", "size", "pps", "us_per_packet"]
         assert row["size"] == 64 and row["pps"] > 0 and row["us_per_packet"] > 0
+
+
+@pytest.mark.parametrize(
+    ("error", "status", "message"),
+    [
+        (BenchError("the ipsecct gateway exited (bind: address in use)"), 1, "gateway exited"),
+        (RuntimeError("first line\nsecond line"), 1, "RuntimeError: first line | second line"),
+        (AssertionError("ipsecct dropped its own packets"), 1, "AssertionError: ipsecct"),
+        (ConfigError("x.toml: outer.port: out of range"), 2, "x.toml: outer.port"),
+    ],
+)
+def test_a_failing_benchmark_is_one_line(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    error: Exception,
+    status: int,
+    message: str,
+) -> None:
+    def fail(**kw: object) -> None:
+        raise error
+
+    monkeypatch.setattr(codec, "measure", fail)
+    assert cli.main(["bench", "codec", *TINY]) == status
+    err = capsys.readouterr().err
+    lines = [x for x in err.splitlines() if x.startswith("ipsecct")]
+    assert len(lines) == 1 and message in lines[0], err
+    assert "Traceback" not in err

@@ -1,7 +1,9 @@
 """The ``ipsecct`` command. Each group of subcommands lives in :mod:`ipsecct.commands`.
 
-Errors the user can fix (bad input, bad files) print one line on stderr and exit with status 2;
-nothing prints a traceback for them.
+Exit statuses (README, "Exit statuses"): 0 success; 1 the operation ran but failed (a transfer
+not committed, packets not decrypted, a benchmark that could not finish); 2 usage, a
+configuration or input error, or a request the gateway refused. Errors print one line on
+stderr, never a traceback.
 """
 
 from __future__ import annotations

@@ -93,5 +93,9 @@ class VipError(IpsecctError):
     """The virtual address could not be claimed or released."""
 
 
+class BenchError(IpsecctError):
+    """A benchmark could not be run to the end (a process did not start, a transfer failed)."""
+
+
 class UsageError(IpsecctError):
     """Command-line usage that argparse could not catch."""

@@ -36,6 +36,7 @@ from typing import Any
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
 from ..commands.args import number
+from ..errors import BenchError
 from ..ipsec import processing
 from ..ipsec.algorithms import EncAlg
 from ..ipsec.esp import Drop
@@ -117,7 +118,7 @@ def _ipsecct_cases(alg: EncAlg, key: bytes, size: int) -> dict[str, Runner]:
                 dec(sa, wire, 0.0)
             elapsed += time.perf_counter() - t0
             if sa.counters.packets != len(packets):
-                raise AssertionError("ipsecct dropped its own packets")
+                raise BenchError("ipsecct dropped its own packets")
         return elapsed
 
     return {"encrypt": encrypt, "decrypt": decrypt}
@@ -154,7 +155,7 @@ def _native_cases(alg: EncAlg, key: bytes, size: int) -> dict[str, Runner]:
                 opener(wire, 0.0)
             elapsed += time.perf_counter() - t0
             if c_in.packets != len(packets):
-                raise AssertionError("the native path dropped its own packets")
+                raise BenchError("the native path dropped its own packets")
         return elapsed
 
     return {"encrypt": encrypt, "decrypt": decrypt}

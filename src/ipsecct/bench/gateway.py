@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from ..commands.args import number
-from ..errors import ControlError
+from ..errors import BenchError, ControlError
 from ..ipsec.ippacket import build_udp
 
 IMPLS = ("ipsecct", "plain-relay")
@@ -219,7 +219,7 @@ class RelayGateway(Gateway):
         self.proc.start()
         if not ready.wait(START_TIMEOUT):
             self.stop()
-            raise RuntimeError("the plain relay did not start")
+            raise BenchError("the plain relay did not start")
 
     def stop(self) -> None:
         if self.proc.is_alive():
@@ -300,15 +300,16 @@ class IpsecctGateway(Gateway):
         while True:
             if self.proc.poll() is not None:
                 self.log.close()
-                text = (workdir / "gw.log").read_text(errors="replace").strip()
-                raise RuntimeError(f"the ipsecct gateway exited: {text[-500:]}")
+                lines = (workdir / "gw.log").read_text(errors="replace").strip().splitlines()
+                last = lines[-1][-300:] if lines else "no output"
+                raise BenchError(f"the ipsecct gateway exited ({last})")
             if os.path.exists(self.sock):
                 with contextlib.suppress(ControlError):
                     request(self.sock, "status", timeout=2)
                     break
             if time.monotonic() > deadline:
                 self.stop()
-                raise RuntimeError("the ipsecct gateway did not start")
+                raise BenchError("the ipsecct gateway did not start")
             time.sleep(0.05)
 
     def out_packets(self) -> int:
@@ -358,7 +359,7 @@ def measure_one(
     tx.close()
     try:
         if not rx.poll(stop - time.monotonic() + START_TIMEOUT):
-            raise RuntimeError("the sink did not report")
+            raise BenchError("the sink did not report")
         n = int(rx.recv())
     finally:
         gen.join(10)

@@ -38,6 +38,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from ..commands.args import number
 from ..ct.transfer import Record
+from ..errors import BenchError
 from ..gateway import gcpolicy
 from ..ipsec.engine import Engine
 from ..ipsec.sad import Direction, SecurityAssociation, UdpEncap
@@ -177,7 +178,7 @@ async def _transfers(handovers: int, bulk: int) -> tuple[list[float], float]:
                     t0 = time.monotonic()
                     srec = await ts[src].transfer(spis, dst, timeout=120)
                     if srec.outcome != "committed":
-                        raise RuntimeError(f"transfer {srec.outcome}: {srec.detail}")
+                        raise BenchError(f"transfer {srec.outcome}: {srec.detail}")
                     rec = await asyncio.wait_for(fut, 120)
                     return rec.ended - t0
                 finally:

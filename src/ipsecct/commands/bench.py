@@ -11,7 +11,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import sys
+from collections.abc import Callable
 from typing import Any
+
+from ..errors import BenchError, IpsecctError
 
 BENCHES: dict[str, str] = {
     "codec": "ipsecct.bench.codec",
@@ -34,3 +38,29 @@ def register(sub: Any) -> None:
         mod.add_parser(benches)
         if name not in benches.choices:
             raise RuntimeError(f"{module}.add_parser did not add 'bench {name}'")
+        sp = benches.choices[name]
+        sp.set_defaults(handler=_one_line(name, sp.get_default("handler")))
+
+
+def _one_line(name: str, handler: Callable[[argparse.Namespace], int]) -> Any:
+    """A benchmark that fails says so in one line and exits 1 (the operation failed); a usage
+    or configuration error stays the command line's (one line, exit 2). Never a traceback."""
+
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return handler(args)
+        except BenchError as exc:
+            print(f"ipsecct: error: bench {name}: {_line(str(exc))}", file=sys.stderr)
+            return 1
+        except (IpsecctError, OSError, KeyboardInterrupt):
+            raise
+        except Exception as exc:  # a bug or an environment problem: still one line
+            what = f"{type(exc).__name__}: {_line(str(exc))}"
+            print(f"ipsecct: error: bench {name}: {what}", file=sys.stderr)
+            return 1
+
+    return run
+
+
+def _line(text: str) -> str:
+    return " | ".join(x.strip() for x in text.splitlines() if x.strip())
