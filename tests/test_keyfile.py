@@ -165,7 +165,7 @@ BAD = [
     (lambda: _replace_field(GCM_LINE, 5, "0x" + GCM_KEY.hex()[:-2]), "takes a key of"),
     (lambda: _replace_field(GCM_LINE, 6, "HMAC-SHA-256-128 [RFC4868]"), "AEAD"),
     (lambda: _replace_field(CBC_LINE, 7, ""), "takes a key of"),
-    (lambda: _replace_field(CBC_LINE, 6, "NULL"), "needs an integrity"),
+    (lambda: line("IPv4", "*", "*", "*", "NULL", "", "NULL", ""), "needs an integrity"),
     (lambda: GCM_LINE + ',"ESN:0x1234"', "9th field"),
     (lambda: GCM_LINE + ',"esn"', "9th field"),
 ]
@@ -268,3 +268,12 @@ def test_random_fields_never_crash(fields: list[str]) -> None:
         return
     if kl is not None:
         assert len(fields) in (8, 9)
+
+
+def test_encryption_only_line_is_read_as_wireshark_reads_it() -> None:
+    kl = parse_line(_replace_field(_replace_field(CBC_LINE, 6, "NULL"), 7, ""))
+    assert kl is not None and kl.encryption_only and kl.integ is IntegAlg.NONE
+    src, dst = ipaddress.ip_address("192.0.2.1"), ipaddress.ip_address("192.0.2.2")
+    assert kl.make_sa(src, dst, 0x1000).decrypt_only
+    gcm = parse_line(GCM_LINE)
+    assert gcm is not None and not gcm.encryption_only

@@ -749,3 +749,44 @@ def test_reader_is_lazy(tmp_path: Path) -> None:
         for r in reader:
             got.append(r.number)
     assert got == [1, 2, 3]
+
+
+# -- encryption-only ESP (AES-CBC with NULL authentication) ---------------------------------
+
+
+def test_encryption_only_esp_decrypts_with_a_warning(tmp_path: Path) -> None:
+    """RFC 3602's test cases are AES-CBC ESP without integrity; Wireshark reads such key lines
+    and so does pcap decrypt: the packets decrypt (unauthenticated), with a warning."""
+    src, dst = OUTER[4]
+    ek = os.urandom(16)
+    sa = ScapySA(
+        ESP, spi=0x4321, crypt_algo="AES-CBC", crypt_key=ek, auth_algo="NULL",
+        tunnel_header=IP(src=src, dst=dst),
+    )  # fmt: skip
+    origs = [inner_packet(i, 4 if i % 2 else 6) for i in range(1, 5)]
+    pcap = tmp_path / "in.pcap"
+    write_capture(pcap, LINKTYPE_RAW, [sa.encrypt(o) for o in origs])
+    line = q("IPv4", src, dst, "0x00004321", "AES-CBC [RFC3602]", "0x" + ek.hex(), "NULL", "")
+    rc, err, out = run_decrypt(tmp_path, [line], pcap)
+    assert rc == 0, err
+    assert out_packets(out) == [bytes(o) for o in origs]
+    warnings = [x for x in err.splitlines() if "warning" in x]
+    assert len(warnings) == 1 and "line 2: encryption-only ESP" in warnings[0], err
+    assert ek.hex() not in err
+
+
+def test_encryption_only_sa_never_carries_traffic() -> None:
+    """The gateway still refuses encryption-only ESP (RFC 8221 §3): an SA for it can be made
+    only for decrypting a capture, and then no SAD takes it and it seals nothing."""
+    from ipsecct.errors import AlgorithmError, SAError
+    from ipsecct.ipsec.sad import SAD, Direction, SecurityAssociation
+
+    a, b = ipaddress.ip_address("192.0.2.1"), ipaddress.ip_address("192.0.2.2")
+    common: dict[str, Any] = {"enc": EncAlg.AES_CBC, "enc_key": bytes(16), "integ": IntegAlg.NONE}
+    with pytest.raises(AlgorithmError, match="encryption-only ESP is refused"):
+        SecurityAssociation(0x1000, Direction.INBOUND, a, b, **common)
+    sa = SecurityAssociation(0x1000, Direction.INBOUND, a, b, decrypt_only=True, **common)
+    with pytest.raises(SAError, match="decrypt-only"):
+        SAD().add(sa)
+    with pytest.raises(AlgorithmError, match="never sends"):
+        sa.transform.seal(bytes(8), 1, bytes(16), False)

@@ -47,6 +47,13 @@ def register(sub: Any) -> None:
 
 def decrypt_command(args: argparse.Namespace) -> int:
     keys = load_keyfile(args.keys)
+    for kl in keys:
+        if kl.encryption_only:
+            print(
+                f"ipsecct: warning: {args.keys}: line {kl.lineno}: encryption-only ESP"
+                " (no integrity): packets are decrypted without being authenticated",
+                file=sys.stderr,
+            )
     if (
         os.path.exists(args.output)
         and os.path.exists(args.input)

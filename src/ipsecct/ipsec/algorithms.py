@@ -136,9 +136,18 @@ def integ_from_number(number: int) -> IntegAlg:
 
 
 def check_esp_combination(
-    enc: EncAlg, enc_key_len: int, integ: IntegAlg, integ_key_len: int
+    enc: EncAlg,
+    enc_key_len: int,
+    integ: IntegAlg,
+    integ_key_len: int,
+    *,
+    encryption_only_ok: bool = False,
 ) -> None:
-    """Raise AlgorithmError unless (enc, integ) and the key lengths make a usable ESP SA."""
+    """Raise AlgorithmError unless (enc, integ) and the key lengths make a usable ESP SA.
+
+    ``encryption_only_ok`` lets a non-AEAD cipher go without integrity (RFC 3602's test
+    cases, old captures): only for decrypting a capture offline, never for an SA that sends
+    or receives (RFC 8221 §3 forbids it)."""
     info = ENC[enc]
     if enc_key_len not in info.key_lengths:
         raise AlgorithmError(
@@ -147,7 +156,7 @@ def check_esp_combination(
         )
     if info.aead and integ is not IntegAlg.NONE:
         raise AlgorithmError(f"{enc_name(enc)} is an AEAD transform: integrity must be none")
-    if not info.aead and integ is IntegAlg.NONE:
+    if not info.aead and integ is IntegAlg.NONE and (enc is EncAlg.NULL or not encryption_only_ok):
         raise AlgorithmError(
             f"{enc_name(enc)} needs an integrity algorithm (encryption-only ESP is refused,"
             " RFC 8221 §3)"

@@ -155,6 +155,9 @@ class SecurityAssociation:
     soft_fired: bool = False
     dead: bool = False
     rekey_requested: bool = False
+    # Only for decrypting a capture offline (pcap decrypt): allows encryption-only ESP (AES-CBC
+    # with no integrity). The SAD refuses such an SA; no configuration or context sets it.
+    decrypt_only: bool = False
     events: list[SAEvent] = field(default_factory=list, repr=False)
     _limits_unset: bool = field(init=False, repr=False, default=True)
     _window: ReplayWindow = field(init=False, repr=False)
@@ -171,8 +174,20 @@ class SecurityAssociation:
         if not 0 <= self.seq <= limit:
             raise SAError("sequence number out of range")
         if self.protocol is Protocol.ESP:
-            check_esp_combination(self.enc, len(self.enc_key), self.integ, len(self.integ_key))
-            self._transform = make_transform(self.enc, self.enc_key, self.integ, self.integ_key)
+            check_esp_combination(
+                self.enc,
+                len(self.enc_key),
+                self.integ,
+                len(self.integ_key),
+                encryption_only_ok=self.decrypt_only,
+            )
+            self._transform = make_transform(
+                self.enc,
+                self.enc_key,
+                self.integ,
+                self.integ_key,
+                encryption_only_ok=self.decrypt_only,
+            )
         else:
             if self.enc is not EncAlg.NULL or self.enc_key:
                 raise AlgorithmError("an AH SA has no encryption algorithm (use enc = null)")
@@ -366,6 +381,8 @@ class SAD:
         return iter(list(self._by_key.values()))
 
     def add(self, sa: SecurityAssociation) -> None:
+        if sa.decrypt_only:
+            raise SAError("a decrypt-only SA (for captures) cannot carry traffic")
         if sa.key in self._by_key:
             raise SPICollisionError(
                 f"SPI 0x{sa.spi:08x} is already in use for {sa.protocol.name} to {sa.dst}"

@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives import hmac as c_hmac
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
+from ..errors import AlgorithmError
 from .algorithms import ENC, INTEG, EncAlg, IntegAlg, check_esp_combination
 
 _Q = struct.Struct("!Q")
@@ -247,11 +248,48 @@ class CbcHmacTransform(EspTransform):
         return dec.update(body) + dec.finalize()
 
 
-def make_transform(enc: EncAlg, enc_key: bytes, integ: IntegAlg, integ_key: bytes) -> EspTransform:
+class CbcOnlyTransform(EspTransform):
+    """AES-CBC without integrity (RFC 3602's test cases): opens packets of a capture, offline,
+    and never seals one (RFC 8221 §3: encryption-only ESP must not be used)."""
+
+    __slots__ = ("_aes",)
+
+    def __init__(self, alg: EncAlg, key: bytes) -> None:
+        info = ENC[alg]
+        self._aes = algorithms.AES(key)
+        self.iv_len = info.iv_len
+        self.block = info.block
+        self.icv_len = 0
+
+    def seal(self, header: bytes, seq: int, plaintext: bytes | bytearray, esn: bool) -> bytearray:
+        raise AlgorithmError("encryption-only ESP never sends (RFC 8221 §3)")
+
+    def open(self, packet: memoryview, seq: int, esn: bool) -> bytes:
+        if len(packet) < 8 + self.iv_len:
+            raise IntegrityFailure  # too short to hold an IV: nothing to decrypt
+        body = packet[8 + self.iv_len :]
+        if len(body) == 0 or len(body) % 16:
+            return b""  # not whole blocks: the caller reports bad padding
+        dec = Cipher(self._aes, modes.CBC(packet[8 : 8 + self.iv_len])).decryptor()
+        return dec.update(body) + dec.finalize()
+
+
+def make_transform(
+    enc: EncAlg,
+    enc_key: bytes,
+    integ: IntegAlg,
+    integ_key: bytes,
+    *,
+    encryption_only_ok: bool = False,
+) -> EspTransform:
     """Build the transform object for an ESP SA (validates algorithms and key lengths)."""
-    check_esp_combination(enc, len(enc_key), integ, len(integ_key))
+    check_esp_combination(
+        enc, len(enc_key), integ, len(integ_key), encryption_only_ok=encryption_only_ok
+    )
     if ENC[enc].aead:
         return AeadTransform(enc, enc_key)
+    if integ is IntegAlg.NONE:
+        return CbcOnlyTransform(enc, enc_key)
     return CbcHmacTransform(enc, enc_key, integ, integ_key)
 
 

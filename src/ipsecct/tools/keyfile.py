@@ -18,6 +18,10 @@ or ``"ESN:0x<16 hex digits>"``, the highest 64-bit sequence number already recei
 which the high-order bits of the packets that follow are inferred (default 0). tshark 4.0
 warns about the extra field and ignores it (it cannot do ESN anyway).
 
+Encryption-only ESP (AES-CBC with ``NULL`` authentication, as in RFC 3602's test cases) is
+read, as Wireshark reads it, for decrypting captures (:attr:`KeyLine.encryption_only`; ``pcap
+decrypt`` warns); an SA made from such a line cannot be installed in a gateway (RFC 8221 §3).
+
 Lines starting with ``#`` and blank lines are ignored. Every malformed line raises
 :class:`KeyFileError` naming the line number and the field; key bytes are never echoed.
 """
@@ -63,6 +67,11 @@ class KeyLine:
     esn: bool = False
     esn_top: int = 0  # highest 64-bit sequence number already received (ESN only)
 
+    @property
+    def encryption_only(self) -> bool:
+        """No integrity at all (AES-CBC with NULL authentication): decrypts, unauthenticated."""
+        return not ENC[self.enc].aead and self.integ is IntegAlg.NONE
+
     def matches(self, src: IPAddress, dst: IPAddress, spi: int) -> bool:
         return (
             src.version == self.version
@@ -88,6 +97,7 @@ class KeyLine:
             integ_key=self.integ_key,
             esn=self.esn,
             replay_window=replay_window,
+            decrypt_only=self.encryption_only,
         )
 
     def describe(self) -> str:
@@ -221,7 +231,7 @@ def parse_line(text: str, lineno: int = 1) -> KeyLine | None:
     enc_key = _key(ekey_t, lineno, "encryption")
     integ_key = _key(ikey_t, lineno, "authentication")
     try:
-        check_esp_combination(enc, len(enc_key), integ, len(integ_key))
+        check_esp_combination(enc, len(enc_key), integ, len(integ_key), encryption_only_ok=True)
     except AlgorithmError as exc:
         raise KeyFileError(f"line {lineno}: {exc}") from None
     esn = False
