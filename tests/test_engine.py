@@ -303,9 +303,9 @@ def test_hard_lifetime_by_packets_kills_the_sa_and_events_are_drained() -> None:
 def test_hard_lifetime_by_time_fires_on_tick() -> None:
     p = Pair(hard=Lifetime(seconds=30))
     p.up(udp(), now=1.0)
-    p.mn.tick(10.0)
+    p.mn.handle_timer(10.0)
     assert p.mn.drain_events() == []
-    p.mn.tick(31.0)
+    p.mn.handle_timer(31.0)
     assert {(e.sa.spi, e.event) for e in p.mn.drain_events()} == {
         (0x1001, SAEvent.HARD_EXPIRED),
         (0x2002, SAEvent.HARD_EXPIRED),

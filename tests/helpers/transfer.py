@@ -198,7 +198,7 @@ class Gw:
         self.act(self.engine.inbound(data, self.address, self.world.now))
 
     def tick(self) -> None:
-        self.run(self.core.tick(self.world.now))
+        self.run(self.core.handle_timer(self.world.now))
 
 
 @dataclass

@@ -192,6 +192,7 @@ class Replicator:
         self._carried: dict[int, list[tuple[Tunnel, int]]] = {}
         self.superseded_by: int | None = None  # epoch of a standby's take-over
         self.acks = 0
+        self._next_check = 0.0  # the first check sends the whole state at once
         if self.lease is not None:
             engine.send_until = self.lease.expiry
 
@@ -251,6 +252,16 @@ class Replicator:
         poll sends the whole state again, marked FULL so that the standby replaces (not merges)
         what it holds, which also carries any removal it missed."""
         self._full = True
+
+    def next_deadline(self) -> float | None:
+        """The next check (every ``tick_ms``): new tunnels, ``sync_packets`` packets or
+        ``sync_ms`` since a change, a removal, or a heartbeat due."""
+        return self._next_check
+
+    def handle_timer(self, now: float) -> list[cxtp.Message]:
+        """What to send the standby now (:meth:`poll`), and the next check in ``tick_ms``."""
+        self._next_check = now + self.cfg.tick_ms / 1000
+        return self.poll(now)
 
     def _counter(self, t: Tunnel) -> int:
         return sum(sa.counters.packets for sa in t.sas())
@@ -467,13 +478,33 @@ class Standby:
     def prepared(self) -> int:
         return sum(1 for spi, (pair, _) in self._ready.items() if self.replica.get(spi) is pair)
 
+    @property
+    def unprepared(self) -> bool:
+        """Replicas changed since they were last decoded (:meth:`prepare` has work)."""
+        return bool(self._dirty)
+
+    def next_deadline(self) -> float | None:
+        """When the active will have been silent for ``dead_ms`` and every lease granted will
+        have run out (None before the first sync and after the take-over)."""
+        if self.took_over is not None or self.last_heard is None:
+            return None
+        d = self.last_heard + self.cfg.dead_ms / 1000
+        g = self.grant.deadline() if self.grant is not None else None
+        return d if g is None else max(d, g)
+
+    def handle_timer(
+        self, now: float
+    ) -> tuple[list[Tunnel], list[tuple[SecurityAssociation, bytes]], Record] | None:
+        """Take over if the active has been silent for ``dead_ms`` (see :meth:`take_over`)."""
+        return self.take_over(now) if self.dead(now) else None
+
     def dead(self, now: float) -> bool:
         """Has the active been silent for ``dead_ms``, and has every lease this standby
         granted surely run out? Then it may take over."""
+        deadline = self.next_deadline()  # the same arithmetic: a timer set for it finds it
         return (
-            self.took_over is None
-            and self.last_heard is not None
-            and (now - self.last_heard) * 1000 >= self.cfg.dead_ms
+            deadline is not None
+            and now >= deadline
             and (self.grant is None or self.grant.expired(now))
         )
 

@@ -1119,14 +1119,31 @@ class TransferCore:
             return refuse(cxtp.Status.BUSY)
         return out
 
+    def next_ctar_seq(self, mn: IPAddress) -> int:
+        """A sequence number for a CTAR sent on ``mn``'s behalf to make a peer pull its
+        contexts from us (``transfer --mode reactive``): one above the highest this gateway
+        has taken for that MN, so a counter, not a clock (a clock stepping back or wrapping
+        would make the CT-Req look replayed). It is this gateway that checks it when the
+        CT-Req comes back."""
+        return (self.ctar_seq.get(mn, 0) + 1) & 0xFFFFFFFF
+
     # -- timers ----------------------------------------------------------------------
     def next_deadline(self) -> float | None:
+        """When :meth:`handle_timer` is next due (None: nothing waits for the clock)."""
         ds = [og.deadline for og in self.outgoing.values()]
-        ds += [inc.next_retry for inc in self.incoming.values() if inc.state == "pending"]
-        ds += [inc.give_up for inc in self.incoming.values() if inc.state == "receiving"]
+        for inc in self.incoming.values():
+            if inc.state == "pending":
+                ds += [inc.next_retry, inc.give_up]
+            else:
+                ds.append(inc.give_up)
+        if self.decided or self.seen or self._ctar_seen or self.arrived or any(
+            True for _ in self.engine.moved_tunnels()
+        ):
+            ds.append(self._next_housekeeping)
         return min(ds) if ds else None
 
-    def tick(self, now: float) -> list[Output]:
+    def handle_timer(self, now: float) -> list[Output]:
+        """Time-outs, CTDR re-sends, and the expiry of what is remembered for a while."""
         out: list[Output] = []
         for og in list(self.outgoing.values()):
             if og.state == "sent" and now >= og.deadline:

@@ -5,8 +5,6 @@ silent). Configuration: ``[failover]`` (see :mod:`ipsecct.ct.failover`)."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 from typing import Any
 
@@ -14,7 +12,9 @@ from ..ct import cxtp
 from ..ct.failover import FailoverConfig, Replicator, Standby, reply_kind
 from ..ct.transfer import FPT_SYNC, Identity, Record
 from ..errors import CxtpError
+from ..ipsec.engine import Tunnel
 from ..ipsec.esp import Drop
+from ..ipsec.sad import SecurityAssociation
 from .fencing import PairFencing, state_path
 from .log import event
 from .node import Node
@@ -66,7 +66,7 @@ class FailoverDriver:
                 self.standby,
             )
             transfer.hold_hooks.append(self.fencing.hold)
-        self._task: asyncio.Task[None] | None = None
+        self._next_prepare = 0.0
         node.extensions["failover"] = self.status
 
     @property
@@ -74,13 +74,38 @@ class FailoverDriver:
         return self.cfg.peer
 
     async def start(self) -> None:
-        self._task = asyncio.create_task(self._loop())
+        self.node.timers.add("failover", self._next_deadline, self._on_timer)
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        self.node.timers.remove("failover")
+
+    def _next_deadline(self) -> float | None:
+        if self.replicator is not None:
+            return self.replicator.next_deadline()
+        sb = self.standby
+        if sb is None or sb.took_over is not None:
+            return None
+        d = sb.next_deadline()
+        if sb.unprepared:  # decode what changed ahead of a take-over, a few every tick_ms
+            d = self._next_prepare if d is None else min(d, self._next_prepare)
+        return d
+
+    def _on_timer(self, now: float) -> None:
+        if self.replicator is not None:
+            for m in self.replicator.handle_timer(now):
+                self.channels.send(self.cfg.peer, m)
+            if self.fencing is not None:
+                self.fencing.tick(now)  # the lease, by the passing of time
+        elif self.standby is not None and self.standby.dead(now):
+            self.take_over(now)
+        elif (
+            self.standby is not None
+            and self.standby.took_over is None
+            and self.standby.unprepared
+            and now >= self._next_prepare
+        ):
+            self.standby.prepare(PREPARE_PER_TICK)  # about 2 ms of decoding
+            self._next_prepare = now + self.cfg.tick_ms / 1000
 
     def receive(self, peer: str, msg: cxtp.CTD) -> None:
         """A sync message from ``peer``: the standby takes state from its active (and answers
@@ -108,27 +133,19 @@ class FailoverDriver:
         if self.replicator is not None and peer == self.cfg.peer:
             self.replicator.resync()  # the standby may have missed syncs: send it everything
 
-    async def _loop(self) -> None:
-        period = self.cfg.tick_ms / 1000
-        while True:
-            await asyncio.sleep(period)
-            now = self.node.clock()
-            if self.replicator is not None:
-                for m in self.replicator.poll(now):
-                    self.channels.send(self.cfg.peer, m)
-                if self.fencing is not None:
-                    self.fencing.tick(now)
-            elif self.standby is not None and self.standby.dead(now):
-                self.take_over(now)
-            elif self.standby is not None and self.standby.took_over is None:
-                # Decode what changed ahead of a take-over, a few a tick (about 2 ms).
-                self.standby.prepare(PREPARE_PER_TICK)
-
     def take_over(self, now: float) -> Record:
+        """Take over now (the timer does it when the active falls silent)."""
         assert self.standby is not None
         if self.fencing is not None:
             self.fencing.before_take_over()  # on disk before anything is sent
-        _tunnels, signals, rec = self.standby.take_over(now)
+        return self._took_over(self.standby.take_over(now), now)
+
+    def _took_over(
+        self,
+        taken: tuple[list[Tunnel], list[tuple[SecurityAssociation, bytes]], Record],
+        now: float,
+    ) -> Record:
+        _tunnels, signals, rec = taken
         for sa, payload in signals:
             res = self.node.engine.signal(sa, payload, now)
             if not isinstance(res, Drop):

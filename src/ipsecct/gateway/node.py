@@ -27,6 +27,7 @@ from ..ipsec.ippacket import PROTO_ESP, Endpoint
 from ..ipsec.sad import SAEvent, SecurityAssociation
 from .config import NodeConfig
 from .log import event
+from .timers import Scheduler
 
 log = logging.getLogger("ipsecct.gateway.node")
 
@@ -164,6 +165,9 @@ class Node:
         self.clock = clock
         self.engine = Engine(cfg.outer.host)
         self.started = clock()
+        # The node's one timer: the engine's, and those of the cores the services add.
+        self.timers = Scheduler(clock, cfg.name)
+        self.timers.add("engine", self.engine.next_deadline, self._engine_timer)
         self.outer_transport: UdpEndpoint | None = None
         self.virtual_transport: UdpEndpoint | None = None
         # (address, port, sockaddr) per SA: the sockaddr tuple made once, not per packet
@@ -221,7 +225,7 @@ class Node:
             tun.configure(name, inner.tun_addresses, inner.tun_mtu, inner.routes)
             loop.add_reader(fd, self._on_tun_readable)
         self._start_native(loop)
-        self._tasks.append(asyncio.create_task(self._ticker()))
+        self.timers.start()
         event(
             log,
             "started",
@@ -294,6 +298,7 @@ class Node:
     async def stop(self) -> None:
         """Drain and close: stop reading, let queued sends go, close everything."""
         self._stopping.set()
+        self.timers.stop()
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:
@@ -320,12 +325,9 @@ class Node:
             **{k: v for k, v in self.engine.stats.as_dict().items() if k != "drops"},
         )
 
-    async def _ticker(self) -> None:
-        while True:
-            await asyncio.sleep(1.0)
-            now = self.clock()
-            self.engine.tick(now)
-            self._log_events()
+    def _engine_timer(self, now: float) -> None:
+        self.engine.handle_timer(now)
+        self._log_events()
 
     def _log_events(self) -> None:
         for ev in self.engine.drain_events():

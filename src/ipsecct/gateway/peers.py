@@ -19,6 +19,7 @@ from . import tlschannel
 from .config import PeerConfig, TransferConfig
 from .limits import ConnectionLimits
 from .log import RateLimited, event
+from .timers import supervise
 
 log = logging.getLogger("ipsecct.ct.transfer")
 
@@ -173,7 +174,7 @@ class PeerChannels:
             await c.close()
             raise TransferError(f"{spec.address} is not {peer}")
         self.conns[peer] = c
-        task = asyncio.create_task(self._read(peer, c))
+        task = supervise(self._read(peer, c), f"read from {peer}", self.name)
         self.readers.add(task)
         task.add_done_callback(self.readers.discard)
         return c
@@ -200,7 +201,8 @@ class PeerChannels:
                     return
                 c.writer.write(data)
                 if c.writer.transport.get_write_buffer_size() > 1 << 20:
-                    self.writers[peer] = asyncio.create_task(self._drain(peer, c))
+                    what = f"write to {peer}"
+                    self.writers[peer] = supervise(self._drain(peer, c), what, self.name)
                 return
         q = self.queues.get(peer)
         if q is None:
@@ -208,7 +210,7 @@ class PeerChannels:
         q.put_nowait(msg)
         w = self.writers.get(peer)
         if w is None or w.done():
-            self.writers[peer] = asyncio.create_task(self._writer(peer, q))
+            self.writers[peer] = supervise(self._writer(peer, q), f"write to {peer}", self.name)
 
     async def _drain(self, peer: str, conn: tlschannel.CxtpConnection) -> None:
         try:

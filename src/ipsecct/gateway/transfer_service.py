@@ -13,9 +13,7 @@ README).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -40,6 +38,8 @@ from .peers import PeerChannels
 
 log = logging.getLogger("ipsecct.ct.transfer")
 
+GC_CHECK_INTERVAL = 1.0  # seconds between the collector policy's checks (gcpolicy.maintain)
+
 
 class TransferService:
     """Context transfer for one running gateway."""
@@ -55,8 +55,7 @@ class TransferService:
         # Called with every finished transfer or take-over (the virtual-address mover, the
         # demo, tests).
         self.listeners: list[Callable[[Record], None]] = []
-        self._wake = asyncio.Event()
-        self._timer: asyncio.Task[None] | None = None
+        self._next_gc = 0.0
         node.on_held = self._on_held
         # Others that hold packets (fail-over fencing): each says whether it kept one.
         self.hold_hooks: list[Callable[[Held], bool]] = []
@@ -67,13 +66,21 @@ class TransferService:
         self._quiet = RateLimited()
 
     async def start(self) -> None:
-        self._timer = asyncio.create_task(self._timers())
+        self.node.timers.add("transfer", self.core.next_deadline, self._on_timer)
+        self._next_gc = self.node.clock() + GC_CHECK_INTERVAL
+        self.node.timers.add("gc", lambda: self._next_gc, self._on_gc_timer)
 
     async def stop(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._timer
+        self.node.timers.remove("transfer")
+        self.node.timers.remove("gc")
+
+    def _on_gc_timer(self, now: float) -> None:
+        """The collector's sweep, when due and no transfer is in progress (gcpolicy)."""
+        self._next_gc = now + GC_CHECK_INTERVAL
+        gcpolicy.POLICY.maintain(busy=self.core.in_progress() > 0)
+
+    def _on_timer(self, now: float) -> None:
+        self.run(self.core.handle_timer(now))
 
     # -- plumbing ------------------------------------------------------------------------
     def run(self, outputs: list[Output]) -> None:
@@ -89,7 +96,7 @@ class TransferService:
                 self.node.send_esp(o.sa, o.data)
             elif isinstance(o, Finished):
                 self.finished(o.record)
-        self._wake.set()
+        self.node.timers.poke()  # a new exchange, a retry or a time-out may have moved
 
     def report(self, rec: Record) -> None:
         """A record from outside the core (a fail-over take-over): listed and announced like
@@ -147,19 +154,6 @@ class TransferService:
 
     def _on_forward(self, fwd: Forward) -> None:
         self.run(self.core.forward(fwd.peer, fwd.packet, fwd.inbound))
-
-    async def _timers(self) -> None:
-        while True:
-            d = self.core.next_deadline()
-            now = self.node.clock()
-            wait = 0.05 if d is None else max(0.0, min(0.05, d - now))
-            self._wake.clear()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(wait):
-                    await self._wake.wait()
-            self.run(self.core.tick(self.node.clock()))
-            self._wake.clear()
-            gcpolicy.POLICY.maintain(busy=self.core.in_progress() > 0)
 
     # -- reactive mode: CTAR ----------------------------------------------------------
     def _on_outer_message(self, data: bytes, addr: tuple[Any, ...]) -> bool:
@@ -225,8 +219,8 @@ class TransferService:
         if mode == "reactive":
             # Ask the target to pull, exactly as an MN's CTAR would (with a valid token).
             t = tunnels[0]
-            seq = int(time.time() * 1000) & 0xFFFFFFFF
             mn = t.outbound.dst
+            seq = self.core.next_ctar_seq(mn)
             token = cxtp.compute_token(token_key(t), mn, seq)
             fut: asyncio.Future[Record] = asyncio.get_running_loop().create_future()
 

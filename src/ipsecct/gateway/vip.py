@@ -91,12 +91,11 @@ class VipMover:
         self.address = address
         self.interface = interface
         self.forward_time = forward_time
-        self._release_timer: asyncio.TimerHandle | None = None
+        self._release_at: float | None = None  # when to let go (on the node's timer)
+        node.timers.add("vip", lambda: self._release_at, self._on_timer)
 
     def stop(self) -> None:
-        if self._release_timer is not None:
-            self._release_timer.cancel()
-            self._release_timer = None
+        self._release_at = None
 
     def _in_use(self) -> bool:
         return any(
@@ -112,14 +111,13 @@ class VipMover:
             rec.role == "source"
             and rec.outcome in ("committed", "partial")
             and not self._in_use()
-            and self._release_timer is None
+            and self._release_at is None
         ):
-            self._release_timer = asyncio.get_running_loop().call_later(
-                self.forward_time, self._release
-            )
+            self._release_at = self.node.clock() + self.forward_time
+            self.node.timers.poke()
 
-    def _release(self) -> None:
-        self._release_timer = None
+    def _on_timer(self, now: float) -> None:
+        self._release_at = None
         if not self._in_use():
             self._job(release, "virtual-address-released")
 

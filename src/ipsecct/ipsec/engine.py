@@ -192,6 +192,9 @@ class EngineEvent:
 class Engine:
     """SPD + SAD + counters for one node."""
 
+    TIMER_INTERVAL = 1.0  # seconds between lifetime / PMTU checks
+    _next_timer = 0.0
+
     def __init__(
         self,
         address: IPAddress | None = None,
@@ -788,8 +791,16 @@ class Engine:
                 self.events.append(EngineEvent(sa, ev))
             sa.events.clear()
 
-    def tick(self, now: float) -> None:
-        """Timer: fire time-based lifetime events and expire dead SAs' PMTU state."""
+    def next_deadline(self) -> float | None:
+        """When :meth:`handle_timer` is next due: once a second while there are SAs (their
+        time-based lifetimes and PMTU aging are checked that often)."""
+        if not len(self.sad):
+            return None
+        return self._next_timer
+
+    def handle_timer(self, now: float) -> None:
+        """Fire time-based lifetime events and expire dead SAs' PMTU state."""
+        self._next_timer = now + self.TIMER_INTERVAL
         for sa in self.sad:
             sa.poll(now)
             sa.effective_mtu(now, self.default_mtu)
