@@ -16,6 +16,7 @@ from ipsecct.gateway import config as config_mod
 from ipsecct.gateway.balancer import Balancer
 from ipsecct.gateway.config import BalanceConfig, ConfigError
 from ipsecct.ipsec.engine import TunnelState
+from tests.helpers.waiting import eventually
 
 
 def active(world: demo.Demo, name: str) -> int:
@@ -35,15 +36,14 @@ def test_gateway_moves_its_excess_tunnels(tmp_path: Path) -> None:
             for i in range(100):  # 1 demo tunnel + 100 more: 81 too many, two rounds of 50
                 make_tunnel(eng, i, demo.ADDRESS["sg1"], demo.ADDRESS["mn"])
             before = active(world, "sg1")
-            for _ in range(100):
-                await asyncio.sleep(0.1)
-                # done when the source has let go and the target has activated (the target
-                # activates on the COMMIT, a moment after the source has sent it)
-                if (
-                    active(world, "sg1") <= 20
-                    and active(world, "sg1") + active(world, "sg2") >= 101
-                ):
-                    break
+            # done when the source has let go and the target has activated (the target
+            # activates on the COMMIT, a moment after the source has sent it)
+            await eventually(
+                lambda: active(world, "sg1") <= 20
+                and active(world, "sg1") + active(world, "sg2") >= 101,
+                "two rounds of balancing",
+                timeout=20,
+            )
             return before, active(world, "sg1"), active(world, "sg2")
         finally:
             await demo.stop(world)

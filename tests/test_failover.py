@@ -58,6 +58,7 @@ from tests.helpers.transfer import (
     tunnel_sas,
     udp_packet,
 )
+from tests.helpers.waiting import eventually
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -755,15 +756,17 @@ def test_standby_started_after_the_active_gets_idle_tunnels(tmp_path: Path) -> N
             services = d.services
             # the active first: its standby is not there yet
             await services["sg1"].start_context_transfer()
-            await asyncio.sleep(0.3)
+            active = services["sg1"].failover
+            assert active is not None and active.replicator is not None
+            rep = active.replicator
+            # its first messages (the full state, then heartbeats) go to nobody
+            await eventually(lambda: rep.messages >= 3, "the active to replicate to nobody")
             await services["sg2"].start_context_transfer()
             driver = services["sg2"].failover
             assert driver is not None
             sb = driver.standby
             assert sb is not None
-            deadline = time.monotonic() + 2
-            while time.monotonic() < deadline and not sb.replica:
-                await asyncio.sleep(0.05)
+            await eventually(lambda: sb.replica, "the idle tunnel to reach the standby", 5)
             assert sb.last_heard is not None  # heartbeats do arrive
             return len(sb.replica)
         finally:
@@ -779,13 +782,12 @@ def test_take_over_is_listed_in_status_transfers(tmp_path: Path) -> None:
             await demo_handover.setup(d)
             driver = d.services["sg2"].failover
             assert driver is not None
-            await asyncio.sleep(0.2)
-            assert driver.standby is not None and driver.standby.replica
+            sb = driver.standby
+            assert sb is not None
+            await eventually(lambda: sb.replica, "the standby to hold the tunnel")
             await d.services["sg1"].stop_context_transfer()
             await d.gateways["sg1"].node.stop()
-            deadline = time.monotonic() + 5
-            while driver.standby.took_over is None and time.monotonic() < deadline:
-                await asyncio.sleep(0.05)
+            await eventually(lambda: sb.took_over is not None, "the take-over", 5)
             status: dict[str, Any] = d.gateways["sg2"].node.status()
             return status
         finally:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import json
+import math
 import os
 import shutil
 import socket
@@ -21,7 +22,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -47,6 +47,7 @@ from tests.helpers.daemon import (
     node_toml,
     ok,
 )
+from tests.helpers.waiting import until
 
 
 class Relay:
@@ -219,12 +220,7 @@ def recv_all(s: socket.socket, n: int) -> list[bytes]:
 
 
 def wait_for(pred: Any, what: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
+    until(pred, what, timeout)
 
 
 # -- tests ------------------------------------------------------------------------------------
@@ -468,9 +464,11 @@ def _check_bench_json(stdout: str) -> None:
         assert list(r) == ["impl", "size", "pps"]
         assert r["impl"] in ("ipsecct", "plain-relay")
         assert r["size"] in (64, 1400)
-        assert isinstance(r["pps"], float) and r["pps"] >= 0
+        # a 0.1 s round on a loaded machine may forward nothing for one case (0.0)
+        assert isinstance(r["pps"], float) and math.isfinite(r["pps"]) and r["pps"] >= 0.0
         seen.add((r["impl"], r["size"]))
     assert seen == {(i, s) for i in ("ipsecct", "plain-relay") for s in (64, 1400)}
+    assert sum(r["pps"] for r in obj["results"]) > 0  # something was measured
 
 
 def test_bench_gateway_json_schema() -> None:

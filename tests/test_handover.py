@@ -36,6 +36,7 @@ from ipsecct.ipsec.sad import Direction, SecurityAssociation, UdpEncap
 from ipsecct.ipsec.spd import Action, SPDEntry
 from ipsecct.tools import pki
 from tests.helpers.transfer import sel
+from tests.helpers.waiting import eventually
 
 Main = Callable[[demo.Demo], Awaitable[None]]
 
@@ -163,12 +164,19 @@ def test_mobile_node_ctar(tmp_path: Path) -> None:
         assert state_at(d, "sg2", spi) is TunnelState.ACTIVE
         # The same CTAR again (a replay) moves nothing back and installs nothing.
         before = len(services(d)["sg1"].core.records)
+        # sg2 asks sg1 again; sg1, which no longer has the tunnel and has seen that
+        # sequence number, refuses (counted) and nothing moves.
+        source = services(d)["sg1"].core
+        seen = source.counters["replayed"] + source.counters["refused"]
         agent.ctar(
             (demo.ADDRESS["sg2"], sg2.outer_port), ipaddress.ip_address(demo.ADDRESS["sg1"]), 42
         )
-        await asyncio.sleep(0.3)
+        await eventually(
+            lambda: source.counters["replayed"] + source.counters["refused"] == seen + 1,
+            "sg1 to refuse the replayed request",
+        )
         assert state_at(d, "sg2", spi) is TunnelState.ACTIVE
-        assert all(r.outcome != "committed" for r in list(services(d)["sg1"].core.records)[before:])
+        assert list(services(d)["sg1"].core.records)[before:] == []  # nothing moved back
         sent, got = await flow(d)
         assert got == sent
 
@@ -235,8 +243,10 @@ def test_client_from_another_ca_is_counted(tmp_path: Path) -> None:
             conn = await connect_as(tmp_path, d, "sg1", other, "sg2")
             await conn.send(cxtp.CTC(ipaddress.ip_address("10.0.0.1"), ()))
             await conn.recv(timeout=2)
-        await asyncio.sleep(0.2)
-        assert d.gateways["sg1"].node.status()["transfers"]["refused_connections"] >= 1
+        await eventually(
+            lambda: d.gateways["sg1"].node.status()["transfers"]["refused_connections"] == 1,
+            "the refused connection to be counted",
+        )
 
     run_demo(tmp_path, body)
 
@@ -276,12 +286,20 @@ def test_trusted_peer_sending_malformed_cxtp(tmp_path: Path, raw: bytes) -> None
     async def body(d: demo.Demo) -> None:
         sg1 = d.gateways["sg1"].node
         sad_before = len(sg1.engine.sad)
+        peers = d.services["sg1"].peers
+        assert peers is not None
         conn = await connect_as(tmp_path, d, "sg1", tmp_path / "pki", "sg2")
+        host, port = conn.writer.get_extra_info("sockname")[:2]
+
+        def reading() -> bool:  # sg1's end of this very connection is open
+            return any(c.peer_address == f"{host}:{port}" for c in peers.all_conns)
+
+        await eventually(reading, "sg1 to read from the connection")
         await conn.send_raw(raw)
-        await asyncio.sleep(0.1)
         await conn.close()
-        await asyncio.sleep(0.1)
+        await eventually(lambda: not reading(), "sg1 to close its end")
         assert len(sg1.engine.sad) == sad_before
+        assert sg1.engine.tunnels()
         assert all(t.state is TunnelState.ACTIVE for t in sg1.engine.tunnels())
         # The gateway goes on: traffic flows and a transfer to sg2 still works.
         sent, got = await flow(d, 0.4)
@@ -300,7 +318,10 @@ def test_trusted_peer_sending_malformed_contexts(tmp_path: Path) -> None:
         bad_cdb = (0x8001).to_bytes(2, "big") + bytes([3, 0]) + os.urandom(20)
         tag = cxtp.TransferTag(12345, 0).encode()
         await conn.send(cxtp.PCTD(mn, 0, b"k" * 20, (tag, bad_cdb)))
-        await asyncio.sleep(0.3)
+        await eventually(
+            lambda: any(r.transfer_id == 12345 for r in services(d)["sg2"].core.records),
+            "sg2 to refuse the transfer",
+        )
         await conn.close()
         assert len(sg2.engine.sad) == 0
         recs = [r for r in services(d)["sg2"].core.records if r.transfer_id == 12345]
@@ -319,13 +340,9 @@ def test_target_killed_mid_transfer(tmp_path: Path) -> None:
         # sg2 hangs: it reads the PCTD but never answers ...
         sg2.channels.on_message = lambda peer, msg: None
         task = asyncio.create_task(services(d)["sg1"].transfer([spi], "sg2", timeout=15))
-        for _ in range(200):
-            await asyncio.sleep(0.01)
-            if state_at(d, "sg1", spi) is TunnelState.HELD:
-                break
-        assert state_at(d, "sg1", spi) is TunnelState.HELD
-        # ... then it dies (its transfer service and its node stop).
-        await sg2.stop()
+        await eventually(lambda: state_at(d, "sg1", spi) is TunnelState.HELD, "sg1 to hold")
+        # ... then it dies (its context transfer, channels included, and its node stop).
+        await d.services["sg2"].stop_context_transfer()
         await d.gateways["sg2"].node.stop()
         rec = await asyncio.wait_for(task, 15)
         assert rec.outcome in ("peer lost", "timeout")

@@ -20,10 +20,11 @@ import os
 import secrets
 import signal
 import subprocess
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from types import TracebackType
 from typing import IO, Any
+
+from tests.helpers.waiting import until
 
 IP = "ip"
 
@@ -147,14 +148,7 @@ def stop_process(p: subprocess.Popen[Any], sig: int = signal.SIGTERM, timeout: f
     return int(p.returncode)
 
 
-def wait_until(pred: Callable[[], bool], what: str, timeout: float = 15.0) -> None:
-    """Poll ``pred`` every 50 ms until it holds; AssertionError after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+wait_until = until  # the one polling wait (tests.helpers.waiting)
 
 
 def leftover_namespaces(names: Sequence[str]) -> list[str]:
