@@ -14,45 +14,9 @@ import pytest
 from ipsecct.errors import ConfigError
 from ipsecct.gateway import config, control
 from ipsecct.ipsec.sad import Direction, Mode
+from tests.helpers.config_files import GOOD, KEYS, write
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "gateway"
-
-GOOD = """\
-name = "sg1"
-
-[outer]
-address = "127.0.0.2"
-port = 24500
-
-[inner]
-kind = "udp"
-listen = "127.0.0.2:25000"
-peer = "127.0.0.2:25001"
-
-[control]
-socket = "/tmp/x.sock"
-
-[log]
-level = "info"
-
-[[policy]]
-name = "drop-printer"
-local = "10.2.0.0/24"
-remote = "10.1.0.99"
-action = "discard"
-
-[[tunnel]]
-name = "t1"
-local_ts = "10.2.0.0/24"
-remote_ts = "10.1.0.2/32"
-peer = "127.0.0.1:14500"
-spi_in = 0x10000001
-spi_out = 0x20000001
-keys = "t1.keys"
-"""
-
-KEYS = 'in_enc = "{}"\nout_enc = "{}"\n'.format("11" * 20, "22" * 20)
-
 
 def copy_keys(dst: Path) -> None:
     """Copy the example key files, mode 0600 (git cannot keep that mode)."""
@@ -60,16 +24,6 @@ def copy_keys(dst: Path) -> None:
     for f in (EXAMPLES / "keys").glob("*.keys"):
         shutil.copy(f, dst / "keys" / f.name)
         os.chmod(dst / "keys" / f.name, 0o600)
-
-
-def write(tmp: Path, text: str, keys: str | None = KEYS) -> Path:
-    if keys is not None:
-        k = tmp / "t1.keys"
-        k.write_text(keys)
-        os.chmod(k, 0o600)
-    p = tmp / "cfg.toml"
-    p.write_text(text)
-    return p
 
 
 @pytest.mark.parametrize("name", ["mn", "sg1", "sg2"])

@@ -14,8 +14,8 @@ from ipsecct.ct.transfer import ConflictPolicy, Settings
 from ipsecct.errors import ConfigError
 from ipsecct.gateway import config as gcfg
 from ipsecct.ipsec import spi
+from tests.helpers.config_files import GOOD, write
 from tests.helpers.transfer import SPI_UP, World, collide
-from tests.test_config import GOOD, write
 
 
 @given(count=st.integers(1, spi.MAX_BLOCKS), data=st.data())

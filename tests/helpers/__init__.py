@@ -7,5 +7,8 @@ file, never from conftest).
 - :mod:`.deployment`: the examples/ deployments as processes
 - :mod:`.netns`, :mod:`.netns_topology`: network namespaces (root)
 - :mod:`.strongswan`: strongSwan peers in namespaces (root)
+- :mod:`.config_files`: a valid gateway configuration to vary
+- :mod:`.etcd_server`: a real etcd (one member or three)
+- :mod:`.waiting`: waits on a condition (never a fixed sleep)
 - :mod:`.require_all`: the pytest plugin that fails skips under IPSECCT_REQUIRE_ALL=1
 """
