@@ -838,3 +838,26 @@ def test_engine_signal_is_authenticated() -> None:
     assert w.mn.applied == []
     assert w.mn.receive(pkt) is not Drop.ICV
     assert len(w.mn.applied) == 1
+
+
+def test_transfer_states_change_only_as_the_table_says() -> None:
+    from types import SimpleNamespace
+
+    from ipsecct.ct.transfer import TRANSITIONS, IncomingState, OutgoingState, _move
+    from ipsecct.errors import TransferStateError
+
+    og = SimpleNamespace(tid=7, state=OutgoingState.SENT)
+    _move(og, OutgoingState.COMMITTED)  # type: ignore[arg-type]
+    assert og.state is OutgoingState.COMMITTED
+    with pytest.raises(TransferStateError, match="committed -> aborted"):
+        _move(og, OutgoingState.ABORTED)  # type: ignore[arg-type]
+    inc = SimpleNamespace(tid=8, state=IncomingState.ACTIVE)
+    with pytest.raises(TransferStateError, match="active -> pending"):
+        _move(inc, IncomingState.PENDING)  # type: ignore[arg-type]
+    # nothing leaves a final state; everything but the first is reachable
+    finals = {OutgoingState.COMMITTED, OutgoingState.ABORTED, IncomingState.ACTIVE,
+              IncomingState.CANCELLED}  # fmt: skip
+    assert not {a for a, _ in TRANSITIONS} & finals
+    assert {b for _, b in TRANSITIONS} == set(OutgoingState) - {OutgoingState.SENT} | set(
+        IncomingState
+    ) - {IncomingState.RECEIVING}

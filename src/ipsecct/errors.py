@@ -63,6 +63,10 @@ class TransferError(IpsecctError):
     """A transfer cannot start (unknown SPI, busy, unknown peer)."""
 
 
+class TransferStateError(IpsecctError):
+    """A transfer state change the protocol does not allow (a bug, not bad input)."""
+
+
 # -- tools, gateway, command line -------------------------------------------------------------
 
 class PkiError(IpsecctError):

@@ -42,7 +42,7 @@ from typing import Any
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from ..errors import ContextError, CxtpError, SAError, TransferError
+from ..errors import ContextError, CxtpError, SAError, TransferError, TransferStateError
 from ..ipsec import signalling
 from ..ipsec.algorithms import EncAlg, IntegAlg
 from ..ipsec.engine import Engine, Held, ToPeer, Tunnel, TunnelState
@@ -241,6 +241,48 @@ def decision_cdb(decision: int) -> bytes:
 
 
 # -- state ---------------------------------------------------------------------------------
+class OutgoingState(enum.Enum):
+    """A transfer this gateway started (source)."""
+
+    SENT = "sent"  # contexts sent, tunnels held, waiting for the CTDR
+    COMMITTED = "committed"  # COMMIT sent: the tunnels live at the target now
+    ABORTED = "aborted"  # rolled back (refused, timed out, peer lost, cancelled)
+
+
+class IncomingState(enum.Enum):
+    """A transfer towards this gateway (target)."""
+
+    RECEIVING = "receiving"  # contexts arriving
+    PENDING = "pending"  # installed held, CTDR sent, waiting for COMMIT or CTC
+    ACTIVE = "active"  # committed: the tunnels carry traffic here
+    CANCELLED = "cancelled"  # refused, cancelled, expired (remembered for a while)
+
+
+OPEN_INCOMING = (IncomingState.RECEIVING, IncomingState.PENDING)  # not decided yet
+
+# The only changes of a transfer's state, made by _move.
+TRANSITIONS: frozenset[tuple[enum.Enum, enum.Enum]] = frozenset(
+    {
+        (OutgoingState.SENT, OutgoingState.COMMITTED),
+        (OutgoingState.SENT, OutgoingState.ABORTED),
+        (IncomingState.RECEIVING, IncomingState.PENDING),
+        (IncomingState.RECEIVING, IncomingState.CANCELLED),
+        (IncomingState.PENDING, IncomingState.ACTIVE),
+        (IncomingState.PENDING, IncomingState.CANCELLED),
+    }
+)
+
+
+def _move(x: _Outgoing | _Incoming, to: OutgoingState | IncomingState) -> None:
+    """The one place a transfer's state changes, checked against TRANSITIONS (a change
+    outside it is a bug: TransferStateError)."""
+    if (x.state, to) not in TRANSITIONS:
+        raise TransferStateError(
+            f"transfer {x.tid:016x}: {x.state.value} -> {to.value} is not allowed"
+        )
+    x.state = to
+
+
 @dataclass
 class _Outgoing:
     tid: int
@@ -254,7 +296,7 @@ class _Outgoing:
     held_bytes: int = 0
     held_per_tunnel: dict[Tunnel, tuple[int, int]] = field(default_factory=dict)
     seq: int = 0
-    state: str = "sent"  # sent | committed | aborted
+    state: OutgoingState = OutgoingState.SENT
     results: dict[int, int] = field(default_factory=dict)  # SPI -> status, over the CTDRs
 
 
@@ -273,7 +315,7 @@ class _Incoming:
     ctdrs: list[cxtp.CTDR] = field(default_factory=list)
     next_retry: float = 0.0
     give_up: float = 0.0
-    state: str = "receiving"  # receiving | pending | active | cancelled
+    state: IncomingState = IncomingState.RECEIVING
     seq: int = 0
     octets: int = 0  # of the CDBs received so far
 
@@ -408,10 +450,10 @@ class TransferCore:
         ESP reaches here only after its ICV verified (the engine checks), so forgeries take
         no room; what is refused is counted (``held_refused``)."""
         for og in self.outgoing.values():
-            if held.tunnel in og.tunnels and og.state == "sent":
+            if held.tunnel in og.tunnels and og.state is OutgoingState.SENT:
                 return self._keep(og, held)
         for inc in self.incoming.values():
-            if held.tunnel in inc.tunnels and inc.state in ("receiving", "pending"):
+            if held.tunnel in inc.tunnels and inc.state in OPEN_INCOMING:
                 return self._keep(inc, held)
         return False  # not ours (fail-over fencing may hold it)
 
@@ -459,7 +501,7 @@ class TransferCore:
         out += [Inject(h.packet, h.inbound) for h in og.held if h.tunnel in back]
         self._release_held(og, keep)
         if tunnels is None:
-            og.state = "aborted"
+            _move(og, OutgoingState.ABORTED)
             self.decided[og.tid] = (2, now + self.settings.retry_max)
             self.outgoing.pop(og.tid, None)
             og.record.outcome, og.record.detail, og.record.ended = outcome, detail, now
@@ -540,7 +582,7 @@ class TransferCore:
         if refused:
             out += self._rollback(og, now, "partial", "", refused)
         og.tunnels = accepted
-        og.state = "committed"
+        _move(og, OutgoingState.COMMITTED)
         self.decided[og.tid] = (DECISION_COMMIT, now + self.settings.retry_max)
         self.outgoing.pop(og.tid, None)
         out.append(Send(peer, cxtp.CTD(og.mn, 0, (self._tag(og), decision_cdb(DECISION_COMMIT)))))
@@ -704,7 +746,7 @@ class TransferCore:
             busy = sum(
                 1
                 for i in self.incoming.values()
-                if i.peer == peer and i.state in ("receiving", "pending")
+                if i.peer == peer and i.state in OPEN_INCOMING
             )
             if busy >= s.max_incoming_per_peer:
                 # Refused before anything is kept: not even the message's replay record.
@@ -722,7 +764,7 @@ class TransferCore:
             # (or a place among its in-progress transfers) here for longer than this.
             inc.give_up = now + s.retry_max
             self.incoming[k] = inc
-        elif inc.state != "receiving":
+        elif inc.state is not IncomingState.RECEIVING:
             return []
         cdbs = msg.cdbs[1:]
         octets = sum(len(c) for c in cdbs)
@@ -757,7 +799,7 @@ class TransferCore:
         messages are recognised and dropped rather than starting it again."""
         inc.cdbs = []
         inc.octets = 0
-        inc.state = "cancelled"
+        _move(inc, IncomingState.CANCELLED)
         inc.give_up = now + self.settings.retry_max
         inc.record.outcome, inc.record.detail, inc.record.ended = outcome, why, now
         self.records.append(inc.record)
@@ -777,7 +819,7 @@ class TransferCore:
                 sas.append(context.decode(c, now))
             pairs = _pair_up(sas)
         except ContextError as exc:
-            inc.state = "cancelled"
+            _move(inc, IncomingState.CANCELLED)
             inc.cdbs, inc.octets = [], 0
             inc.give_up = now + self.settings.retry_max
             inc.record.outcome, inc.record.detail, inc.record.ended = "refused", str(exc), now
@@ -825,7 +867,7 @@ class TransferCore:
                     ).encode()
                 )
         inc.record.accepted = sum(cxtp.is_success(st) for st in statuses)
-        inc.state = "pending" if inc.tunnels else "cancelled"
+        _move(inc, IncomingState.PENDING if inc.tunnels else IncomingState.CANCELLED)
         inc.ctdrs = self._ctdr(inc, ok, statuses, results)
         inc.next_retry = now + self.settings.retry
         inc.give_up = now + self.settings.retry_max
@@ -977,9 +1019,9 @@ class TransferCore:
 
     def _on_commit(self, peer: str, tag: cxtp.TransferTag, now: float) -> list[Output]:
         inc = self.incoming.get((peer, tag.transfer_id))
-        if inc is None or inc.state != "pending":
+        if inc is None or inc.state is not IncomingState.PENDING:
             return []
-        inc.state = "active"
+        _move(inc, IncomingState.ACTIVE)
         if self.journal is not None:
             try:
                 self.journal.taken_over(inc.tunnels, peer, pending=False)
@@ -1019,10 +1061,10 @@ class TransferCore:
 
     def _on_cancel(self, peer: str, tag: cxtp.TransferTag, now: float) -> list[Output]:
         inc = self.incoming.get((peer, tag.transfer_id))
-        if inc is not None and inc.state in ("receiving", "pending"):
+        if inc is not None and inc.state in OPEN_INCOMING:
             return self._discard(inc, now, "cancelled by source")
         og = self.outgoing.get(tag.transfer_id)
-        if og is not None and og.peer == peer and og.state == "sent":
+        if og is not None and og.peer == peer and og.state is OutgoingState.SENT:
             return self._rollback(og, now, "cancelled", f"{peer} cancelled")
         return []
 
@@ -1032,7 +1074,7 @@ class TransferCore:
         for t in inc.tunnels:
             self.engine.remove_tunnel(t)
         inc.tunnels = []
-        inc.state = "cancelled"
+        _move(inc, IncomingState.CANCELLED)
         inc.record.outcome, inc.record.detail, inc.record.ended = "cancelled", why, now
         self.records.append(inc.record)
         return [Finished(inc.record)]
@@ -1132,7 +1174,7 @@ class TransferCore:
         """When :meth:`handle_timer` is next due (None: nothing waits for the clock)."""
         ds = [og.deadline for og in self.outgoing.values()]
         for inc in self.incoming.values():
-            if inc.state == "pending":
+            if inc.state is IncomingState.PENDING:
                 ds += [inc.next_retry, inc.give_up]
             else:
                 ds.append(inc.give_up)
@@ -1146,7 +1188,7 @@ class TransferCore:
         """Time-outs, CTDR re-sends, and the expiry of what is remembered for a while."""
         out: list[Output] = []
         for og in list(self.outgoing.values()):
-            if og.state == "sent" and now >= og.deadline:
+            if og.state is OutgoingState.SENT and now >= og.deadline:
                 out += self._rollback(
                     og,
                     now,
@@ -1155,17 +1197,17 @@ class TransferCore:
                     f"{self.settings.max_transfer_time * 1000:.0f} ms",
                 )
         for k, inc in list(self.incoming.items()):
-            if inc.state == "receiving" and now >= inc.give_up:
+            if inc.state is IncomingState.RECEIVING and now >= inc.give_up:
                 self.counters["expired"] += 1
                 out += self._cancel_incoming(inc, now, "expired", "never finished")
                 continue
-            if inc.state == "pending":
+            if inc.state is IncomingState.PENDING:
                 if now >= inc.give_up:
                     out += self._discard(inc, now, "no decision from the source")
                 elif now >= inc.next_retry and inc.ctdrs:
                     inc.next_retry = now + self.settings.retry
                     out += [Send(inc.peer, m) for m in inc.ctdrs]
-            if inc.state in ("active", "cancelled") and now >= inc.give_up:
+            if inc.state in (IncomingState.ACTIVE, IncomingState.CANCELLED) and now >= inc.give_up:
                 del self.incoming[k]
         if now >= self._next_housekeeping:
             # Expiring old records walks whole tables: twice a second is plenty, and keeps
@@ -1190,7 +1232,7 @@ class TransferCore:
         """The connection to ``peer`` broke: roll back what we were sending it."""
         out: list[Output] = []
         for og in list(self.outgoing.values()):
-            if og.peer == peer and og.state == "sent":
+            if og.peer == peer and og.state is OutgoingState.SENT:
                 out += self._rollback(og, now, "peer lost", f"connection to {peer} lost")
         return out
 
@@ -1201,7 +1243,7 @@ class TransferCore:
 
     def in_progress(self) -> int:
         return len(self.outgoing) + sum(
-            1 for i in self.incoming.values() if i.state in ("receiving", "pending")
+            1 for i in self.incoming.values() if i.state in OPEN_INCOMING
         )
 
 
