@@ -19,6 +19,7 @@ from ipsecct.gateway.timers import RETRY_AFTER_FAILURE, Scheduler, supervise
 from ipsecct.ipsec.engine import Engine
 from ipsecct.ipsec.ippacket import Endpoint
 from tests.helpers.transfer import SG_ADDR, ip
+from tests.helpers.waiting import eventually
 
 
 class Core:
@@ -203,3 +204,27 @@ def test_standby_gateway_wakes_for_deadlines_not_to_poll(tmp_path: Path) -> None
     # at most: the engine and the collector policy once a second each, the dead-time check
     # every dead_ms (500 ms) as the heartbeats push it on, twice that for a slow machine
     assert fired <= 2 * (2 * elapsed / 1.0 + elapsed / 0.5) + 2, fired
+
+
+def test_standby_takes_over_when_the_channel_goes_silent_without_closing(tmp_path: Path) -> None:
+    """A partition: the TLS connection stays open, nothing arrives any more. The standby's
+    timer (armed by the syncs it received, not by a lost connection) fires the take-over."""
+
+    async def main() -> float | None:
+        d = await demo.build(tmp_path, failover=True)
+        try:
+            await demo_handover.setup(d)
+            driver = d.services["sg2"].failover
+            assert driver is not None and driver.standby is not None
+            sb = driver.standby
+            await eventually(lambda: sb.replica, "the tunnel replicated")
+            for g in ("sg1", "sg2"):  # both ways, the channel drops everything
+                peers = d.services[g].peers
+                assert peers is not None
+                peers.send = lambda peer, msg: None  # type: ignore[method-assign]
+            await eventually(lambda: sb.took_over is not None, "the take-over", 10)
+            return sb.took_over
+        finally:
+            await asyncio.wait_for(demo.stop(d), 20)
+
+    assert asyncio.run(main()) is not None

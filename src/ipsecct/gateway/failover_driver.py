@@ -126,6 +126,7 @@ class FailoverDriver:
                 return
             for r in self.standby.receive(msg, now):
                 self.channels.send(peer, r)
+            self.node.timers.poke()  # the dead-time deadline has moved (or now exists)
         except CxtpError as exc:
             event(log, "sync-malformed", logging.WARNING, node=self.node.name, error=str(exc))
 
