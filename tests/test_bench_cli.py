@@ -113,6 +113,6 @@ def test_a_failing_benchmark_is_one_line(
     monkeypatch.setattr(codec, "measure", fail)
     assert cli.main(["bench", "codec", *TINY]) == status
     err = capsys.readouterr().err
-    lines = [x for x in err.splitlines() if x.startswith("ipsecct")]
+    lines = [x for x in err.splitlines() if x.startswith("ipsecct: error")]
     assert len(lines) == 1 and message in lines[0], err
     assert "Traceback" not in err
