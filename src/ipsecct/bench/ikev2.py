@@ -63,6 +63,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from ..errors import BenchError
+
 METHODS = ("strongswan-redirect", "strongswan-reinitiate", "ct-indirect")
 CHARON = "/usr/lib/ipsec/charon"
 SWANCTL = "swanctl"
@@ -132,9 +134,6 @@ class Result:
     key_exchanges: int
     baseline_ms: float  # the longest gap before the handover, same run
 
-
-class BenchError(Exception):
-    """The benchmark cannot run here (not root, a tool missing, a peer that did not start)."""
 
 
 def _sh(*cmd: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess[str]:

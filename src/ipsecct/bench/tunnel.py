@@ -40,6 +40,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from ..errors import BenchError
+
 IMPLS = ("ipsecct", "strongswan", "ipsecct-python")
 SIZES = (64, 1400)
 OUTER_A, OUTER_B = "10.200.0.1", "10.200.0.2"
@@ -130,9 +132,6 @@ class Result:
     us_per_packet_dec: float
     offered_pps: float  # what the generator sent: delivered close to it means load-bound
 
-
-class BenchError(Exception):
-    """The benchmark cannot run here (not root, a tool missing, a peer that did not start)."""
 
 
 def _sh(*cmd: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess[str]:
