@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from tests import strongswan
+from tests.helpers import strongswan
 
 needs_strongswan = pytest.mark.skipif(not strongswan.available(), reason=strongswan.skip_reason())
 

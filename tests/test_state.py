@@ -15,8 +15,7 @@ import pytest
 from ipsecct.ct.journal import Configured, Owner, SAState, merge
 from ipsecct.gateway import state as state_mod
 from ipsecct.gateway.state import SCHEMA, StateStore
-
-from .state_helpers import Capture, Gateways, Traffic
+from tests.helpers.state import Capture, Gateways, Traffic
 
 
 def row(fp: str, owner: Owner, ceiling: int = 100, name: str = "t") -> SAState:
@@ -215,7 +214,7 @@ def test_one_process_per_state_directory(gws: Gateways) -> None:
     )
     other = gws.dir / "other.toml"
     other.write_text(text.replace(f"port = {gws.ports['sg1']['outer']}", "port = 0"))
-    from .example_deployment import cli
+    from tests.helpers.deployment import cli
 
     r = cli("gateway", "run", "-c", str(other), timeout=30)
     assert r.returncode == 2 and "is in use by another ipsecct process" in r.stderr, r.stderr
@@ -223,7 +222,7 @@ def test_one_process_per_state_directory(gws: Gateways) -> None:
 
 @pytest.mark.slow
 def test_restart_resumes_counters_and_a_deleted_sa_stays_deleted(gws: Gateways) -> None:
-    from .example_deployment import cli
+    from tests.helpers.deployment import cli
 
     gws.write("sg1")
     gws.start("sg1")
@@ -292,8 +291,7 @@ class Recorder:
 def test_transfer_core_records_before_each_change_of_owner() -> None:
     from ipsecct.ct import cxtp
     from ipsecct.ipsec.engine import TunnelState
-
-    from .transfer_helpers import World
+    from tests.helpers.transfer import World
 
     w = World()
     j1, j2 = Recorder(w), Recorder(w)
@@ -315,8 +313,7 @@ def test_transfer_core_records_before_each_change_of_owner() -> None:
 def test_a_source_that_cannot_record_does_not_commit() -> None:
     from ipsecct.ct import cxtp
     from ipsecct.ipsec.engine import TunnelState
-
-    from .transfer_helpers import World
+    from tests.helpers.transfer import World
 
     w = World()
     w.gw["sg1"].core.journal = Recorder(w, fail="given")
@@ -332,8 +329,7 @@ def test_a_source_that_cannot_record_does_not_commit() -> None:
 
 def test_a_target_that_cannot_record_refuses() -> None:
     from ipsecct.ct import cxtp
-
-    from .transfer_helpers import World
+    from tests.helpers.transfer import World
 
     w = World()
     w.gw["sg2"].core.journal = Recorder(w, fail="pending")
@@ -350,8 +346,7 @@ def test_a_restarted_source_repeats_the_commit_it_recorded() -> None:
     from ipsecct.ct import cxtp
     from ipsecct.ct.transfer import TransferCore
     from ipsecct.ipsec.engine import Engine, TunnelState
-
-    from .transfer_helpers import SG_ADDR, World, ip
+    from tests.helpers.transfer import SG_ADDR, World, ip
 
     w = World()
     tid = w.transfer()

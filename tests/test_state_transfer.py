@@ -18,8 +18,7 @@ from pathlib import Path
 import pytest
 
 from ipsecct.gateway.control import ControlError, request
-
-from .state_helpers import Capture, Gateways, Traffic
+from tests.helpers.state import Capture, Gateways, Traffic
 
 pytestmark = pytest.mark.slow
 
@@ -125,7 +124,7 @@ def test_a_receiver_restart_keeps_transferred_tunnels_away(gws: Gateways) -> Non
     gws.start("sg1")
     traffic = Traffic(TUNNELS, [gws.ports["sg1"]["inner"], gws.ports["sg2"]["inner"]])
     try:
-        from .example_deployment import cli
+        from tests.helpers.deployment import cli
 
         r = cli("rebalance", "--to", "sg2", "--count", str(TUNNELS), "-c", gws.config("sg1"))
         assert r.returncode == 0, r.stderr

@@ -21,8 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ipsecct.ipsec.ippacket import build_udp
-
-from .example_deployment import cli, free_port
+from tests.helpers.deployment import cli, free_port
 
 
 def remote(i: int) -> str:
