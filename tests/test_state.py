@@ -358,7 +358,7 @@ def test_a_restarted_source_repeats_the_commit_it_recorded() -> None:
     g1.engine = g1.core.engine
     g1.core.recall_commits([tid], w.now)
     w.now += 3.0  # sg2 re-sends its CTDR
-    w.gw["sg2"].run(w.gw["sg2"].core.tick(w.now))
+    w.gw["sg2"].run(w.gw["sg2"].core.handle_timer(w.now))
     w.deliver("sg2", "sg1")
     assert isinstance(w.peek("sg1", "sg2"), cxtp.CTD)  # the decision: COMMIT
     w.deliver("sg1", "sg2")
