@@ -167,7 +167,7 @@ class Three:
             f"{tunnels}"
             f'[transfer]\nlisten = "{GW[g]}:{self.ct[g]}"\ncert = "pki/{g}.pem"\n'
             f'key = "pki/{g}.key"\nca = "pki/ca.pem"\nidentity = "direct"\n\n{peers}'
-            f'[cluster]\netcd = {json.dumps(endpoints)}\nname = "three"\nttl_s = 2\n'
+            f'[cluster]\netcd = {json.dumps(endpoints)}\nname = "three"\nttl_s = 3\n'
         )
 
     def _mn(self) -> None:
