@@ -36,7 +36,7 @@ def gws(tmp_path: Path):  # type: ignore[no-untyped-def]
     cap.close()
 
 
-def wait_for(pred, what: str, timeout: float = 20.0) -> None:  # type: ignore[no-untyped-def]
+def wait_for(pred, what: str, timeout: float = 45.0) -> None:  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + timeout
     while not pred():
         if time.monotonic() > deadline:

@@ -164,7 +164,7 @@ ca = "pki/ca.pem"
 identity = "direct"
 max_transfer_ms = 2000
 retry_ms = 500
-retry_max_ms = 3000
+retry_max_ms = 20000
 accept_local_ts = "10.2.0.0/24"
 accept_remote_ts = "10.1.0.0/16"
 """
