@@ -25,7 +25,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ipsecct.ct import ownership
-from ipsecct.gateway.etcd import EtcdClient, EtcdError
+from ipsecct.errors import EtcdError
+from ipsecct.gateway.etcd import EtcdClient
 from tests.helpers.deployment import ExampleDeployment, cli
 from tests.helpers.etcd_server import EtcdCluster
 

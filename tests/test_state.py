@@ -267,7 +267,7 @@ class Recorder:
         links = self.world.links  # type: ignore[attr-defined]
         self.calls.append((what, sum(len(q) for q in links.values())))
         if what == self.fail:
-            from ipsecct.ct.journal import JournalError
+            from ipsecct.errors import JournalError
 
             raise JournalError("disk full")
 

@@ -103,3 +103,47 @@ class BenchError(IpsecctError):
 
 class UsageError(IpsecctError):
     """Command-line usage that argparse could not catch."""
+
+
+# -- gateway state and cluster (gateway/) -----------------------------------------------------
+
+class EtcdError(IpsecctError):
+    """etcd could not be reached or answered something unusable."""
+
+
+class StateError(IpsecctError):
+    """The state cannot be used (damaged, missing, in use, refused): the message says why and
+    what the operator can do."""
+
+
+# -- IKEv2 (ikev2/) ---------------------------------------------------------------------------
+
+class AuthError(IpsecctError):
+    """A certificate, chain, identity or signature that does not verify."""
+
+
+class IkeParseError(IpsecctError):
+    """An IKEv2 message that does not follow RFC 7296's layout."""
+
+
+class IkeProtocolError(IpsecctError):
+    """A well-formed IKEv2 message that breaks the protocol or local policy; ``notify`` is the
+    error type to answer with (0: answer nothing)."""
+
+    def __init__(self, message: str, notify: int = 0) -> None:
+        super().__init__(message)
+        self.notify = notify
+
+
+class IkeContextError(IpsecctError):
+    """An IKE SA context CDB that is malformed or does not fit this gateway."""
+
+
+class IntegrityError(IkeParseError):
+    """The Encrypted payload's ICV did not verify (or its padding is wrong)."""
+
+
+# -- context transfer: ownership journal (ct/) ------------------------------------------------
+
+class JournalError(IpsecctError):
+    """A change of ownership could not be made durable: the caller must not go ahead."""

@@ -19,7 +19,6 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from ..errors import IpsecctError
 from ..ipsec.engine import Tunnel
 
 
@@ -44,10 +43,6 @@ class SAState:
     detail: str = ""
     changed: float = 0.0  # wall-clock time of the last change of owner
     transfer: int = 0  # AWAY: the transfer that gave it away (its COMMIT can be repeated)
-
-
-class JournalError(IpsecctError):
-    """A change of ownership could not be made durable: the caller must not go ahead."""
 
 
 class Journal(Protocol):

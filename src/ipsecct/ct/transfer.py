@@ -42,7 +42,14 @@ from typing import Any
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from ..errors import ContextError, CxtpError, SAError, TransferError, TransferStateError
+from ..errors import (
+    ContextError,
+    CxtpError,
+    JournalError,
+    SAError,
+    TransferError,
+    TransferStateError,
+)
 from ..ipsec import signalling
 from ..ipsec.algorithms import EncAlg, IntegAlg
 from ..ipsec.engine import Engine, Held, ToPeer, Tunnel, TunnelState
@@ -51,7 +58,7 @@ from ..ipsec.sad import Direction, SecurityAssociation, UdpEncap
 from ..ipsec.spd import Action, AddressRange, OverlapIndex, SPDEntry
 from ..ipsec.spi import SpiBlock
 from . import context, cxtp
-from .journal import Journal, JournalError
+from .journal import Journal
 from .ratelimit import RateLimiter
 
 FPT_DECISION = 0x8005  # COMMIT (1) or ABORT (2) of a transfer

@@ -36,12 +36,12 @@ from ..ct import cxtp, ownership
 from ..ct.failover import FailoverConfig, Replicator, Standby, reply_kind
 from ..ct.lease import Lease, LeaseEvent
 from ..ct.transfer import Identity, Record, Settings
-from ..errors import CxtpError
+from ..errors import CxtpError, EtcdError
 from ..ipsec import spi as spimod
 from ..ipsec.engine import Held, Tunnel, TunnelState
 from ..ipsec.esp import Drop
 from .config import ClusterConfig
-from .etcd import MAX_TXN_OPS, EtcdClient, EtcdError
+from .etcd import MAX_TXN_OPS, EtcdClient
 from .failover_driver import PREPARE_PER_TICK
 from .log import RateLimited, event
 from .node import Node

@@ -22,14 +22,10 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from ..errors import IpsecctError
+from ..errors import EtcdError
 
 MAX_RESPONSE = 16 << 20
 MAX_TXN_OPS = 128  # etcd's default --max-txn-ops
-
-
-class EtcdError(IpsecctError):
-    """etcd could not be reached or answered something unusable."""
 
 
 @dataclass(frozen=True)

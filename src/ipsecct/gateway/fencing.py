@@ -44,7 +44,8 @@ def state_path(
         return p if p.is_absolute() else Path(config_path).parent / p
     if not Path(config_path).is_file():
         return None
-    from .state import StateError, default_dir
+    from ..errors import StateError
+    from .state import default_dir
 
     try:
         base = Path(state_dir) if state_dir is not None else default_dir(name)

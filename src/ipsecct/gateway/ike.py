@@ -238,7 +238,7 @@ class IkeService:
             self._export(ike, rec.peer, 0)
 
     def _export(self, ike: IkeSA, peer: str, attempt: int) -> None:
-        from ..ikev2.context import IkeContextError
+        from ..errors import IkeContextError
 
         assert self.send_context is not None
         try:
@@ -259,7 +259,7 @@ class IkeService:
     def receive_context(self, peer: str, cdbs: list[bytes]) -> None:
         """An IKE SA a peer gateway handed over: take it and its CHILD SAs' tunnels (which
         arrived before it, by the ordinary transfer)."""
-        from ..ikev2.context import IkeContextError
+        from ..errors import IkeContextError
 
         now = self.node.clock()
         try:

@@ -39,8 +39,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from ..ct.journal import Configured, JournalError, Owner, Plan, SAState, merge
-from ..errors import IpsecctError
+from ..ct.journal import Configured, Owner, Plan, SAState, merge
+from ..errors import JournalError, StateError
 from ..ipsec.engine import Tunnel
 from ..ipsec.sad import MAX_SEQ_64, SecurityAssociation
 from ..ipsec.sequence import Reservations, fingerprint
@@ -55,11 +55,6 @@ DB_NAME = "state.db"
 MARKER = "ipsecct-state"
 LOCK = "lock"
 _NAME_OK = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-
-
-class StateError(IpsecctError):
-    """The state cannot be used (damaged, missing, in use, refused): the message says why and
-    what the operator can do."""
 
 
 class _Damaged(Exception):

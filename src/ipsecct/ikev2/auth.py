@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
     encode_dss_signature,
 )
 
-from ..errors import IpsecctError
+from ..errors import AuthError
 from .message import AuthMethod, IDPayload, IdType
 
 CERT_X509_SIGNATURE = 4  # CERT/CERTREQ encoding (§3.6)
@@ -47,10 +47,6 @@ _ECDSA_METHOD: dict[str, tuple[int, HashMaker, int]] = {
 }
 
 PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
-
-
-class AuthError(IpsecctError):
-    """A certificate, chain, identity or signature that does not verify."""
 
 
 @dataclass(frozen=True)

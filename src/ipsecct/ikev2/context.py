@@ -24,7 +24,7 @@ from __future__ import annotations
 import ipaddress
 import struct
 
-from ..errors import IpsecctError
+from ..errors import IkeContextError
 from .config import ChildConfig, Connection
 from .ikesa import Address, ChildSA, IkeSA, IkeState
 from .keys import ChildKeys, IkeKeys
@@ -38,10 +38,6 @@ MAX_CDB = 2040
 _HDR = struct.Struct("!HBB")
 _ITEM = struct.Struct("!BH")
 VERSION = 1
-
-
-class IkeContextError(IpsecctError):
-    """An IKE SA context CDB that is malformed or does not fit this gateway."""
 
 
 def _frame(fpt: int, payload: bytes) -> bytes:

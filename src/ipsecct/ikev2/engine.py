@@ -29,10 +29,10 @@ from dataclasses import dataclass, field
 
 from cryptography.hazmat.primitives import hashes
 
+from ..errors import AuthError, IkeContextError, IkeParseError, IkeProtocolError
 from .auth import (
     CERT_X509_SIGNATURE,
     SUPPORTED_HASHES,
-    AuthError,
     certreq,
     id_matches_cert,
     parse_cert,
@@ -55,8 +55,6 @@ from .message import (
     Header,
     IDPayload,
     IdType,
-    IkeParseError,
-    IkeProtocolError,
     KEPayload,
     NoncePayload,
     Notify,
@@ -325,7 +323,7 @@ class IkeEngine:
 
         p = ike.pending
         if p is not None and p.kind != "liveness":
-            raise context.IkeContextError(f"a {p.kind} exchange is in flight: try again")
+            raise IkeContextError(f"a {p.kind} exchange is in flight: try again")
         cdbs = context.encode(ike, now)
         ike.pending = None
         if self.by_spi.get(ike.our_spi) is ike:
@@ -345,10 +343,10 @@ class IkeEngine:
 
         ike = context.decode(cdbs, self.connections, now, local)
         if ike.our_spi in self.by_spi:
-            raise context.IkeContextError("the IKE SA's SPI is in use here")
+            raise IkeContextError("the IKE SA's SPI is in use here")
         spis = [c.spi_in for c in ike.children]
         if len(set(spis)) != len(spis) or any(s in self._child_spis for s in spis):
-            raise context.IkeContextError("a CHILD SA's SPI is in use here")
+            raise IkeContextError("a CHILD SA's SPI is in use here")
         self.by_spi[ike.our_spi] = ike
         self._child_spis.update(spis)
         self.stats["ike-sa-imported"] += 1

@@ -22,7 +22,8 @@ from cryptography.hazmat.primitives import hashes, hmac
 from cryptography.hazmat.primitives.asymmetric import dh, ec, x448, x25519
 from cryptography.utils import CryptographyDeprecationWarning
 
-from .message import IkeProtocolError, Notify
+from ..errors import IkeProtocolError
+from .message import Notify
 from .proposal import INTEG, PRF_HASH, Suite
 
 _HASHES: dict[str, type[hashes.HashAlgorithm]] = {

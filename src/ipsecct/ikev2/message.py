@@ -16,25 +16,12 @@ import struct
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from ..errors import IpsecctError
+from ..errors import IkeParseError, IkeProtocolError
 
 IKE_HEADER_LEN = 28
 VERSION = 0x20  # major 2, minor 0
 MAX_MESSAGE = 65535
 _P = TypeVar("_P")
-
-
-class IkeParseError(IpsecctError):
-    """An IKEv2 message that does not follow RFC 7296's layout."""
-
-
-class IkeProtocolError(IpsecctError):
-    """A well-formed IKEv2 message that breaks the protocol or local policy; ``notify`` is the
-    error type to answer with (0: answer nothing)."""
-
-    def __init__(self, message: str, notify: int = 0) -> None:
-        super().__init__(message)
-        self.notify = notify
 
 
 class ExchangeType(enum.IntEnum):

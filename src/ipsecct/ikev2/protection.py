@@ -18,11 +18,11 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
+from ..errors import IkeParseError, IntegrityError
 from .keys import integ_icv
 from .message import (
     IKE_HEADER_LEN,
     Header,
-    IkeParseError,
     Payload,
     PayloadType,
     SKPayload,
@@ -30,10 +30,6 @@ from .message import (
     first_type,
 )
 from .proposal import ENCR_AES_GCM_16, INTEG, Suite
-
-
-class IntegrityError(IkeParseError):
-    """The Encrypted payload's ICV did not verify (or its padding is wrong)."""
 
 
 @dataclass(frozen=True)
