@@ -70,7 +70,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except OSError as exc:
         where = f": {exc.filename}" if getattr(exc, "filename", None) else ""
-        print(f"ipsecct: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        what = exc.strerror or str(exc) or ("timed out" if isinstance(exc, TimeoutError) else "")
+        print(f"ipsecct: error: {what or type(exc).__name__}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

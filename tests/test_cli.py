@@ -1,0 +1,36 @@
+"""The command line's error contract: one line on stderr and a documented exit status."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from ipsecct import cli
+
+
+def _parser_raising(exc: BaseException) -> argparse.ArgumentParser:
+    def handler(args: argparse.Namespace) -> int:
+        raise exc
+
+    p = argparse.ArgumentParser(prog="ipsecct")
+    p.add_argument("-v", "--verbose", action="count", default=0)
+    p.set_defaults(handler=handler)
+    return p
+
+
+@pytest.mark.parametrize(
+    ("exc", "message"),
+    [
+        (TimeoutError(), "ipsecct: error: timed out\n"),
+        (ConnectionResetError(), "ipsecct: error: ConnectionResetError\n"),
+        (FileNotFoundError(2, "No such file or directory", "/x"),
+         "ipsecct: error: No such file or directory: /x\n"),
+    ],
+)
+def test_an_os_error_without_text_still_says_what_happened(
+    exc: OSError, message: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(cli, "build_parser", lambda: _parser_raising(exc))
+    assert cli.main([]) == 2
+    assert capsys.readouterr().err == message
