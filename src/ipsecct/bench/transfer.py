@@ -15,6 +15,10 @@ nodes, with TLS 1.3 and mutual certificate authentication on persistent connecti
 - ``encode_us``, ``decode_us``: CPU microseconds per SA of the context codec the transfers use,
   and ``encode_reference_us``, ``decode_reference_us``: the same by the reference codec, in the
   same run (the ratio is the gain of the fast reader and writer).
+
+The process runs the gateway's garbage-collector policy (:mod:`ipsecct.gateway.gcpolicy`), as
+``ipsecct gateway run`` does; ``--default-gc`` leaves CPython's collector as it is, for the
+comparison.
 """
 
 from __future__ import annotations
