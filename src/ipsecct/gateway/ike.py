@@ -11,7 +11,6 @@ it) or an environment variable, never from the configuration itself.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ipaddress
 import logging
 import time
@@ -58,8 +57,6 @@ class IkeService:
         if blk is not None:  # cluster-unique inbound SPIs, as for transferred tunnels
             self.engine.spi_range = (blk.first, blk.last)
         self.sock500: UdpEndpoint | None = None
-        self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
         self._retry: dict[str, asyncio.TimerHandle] = {}
         self._backoff: dict[str, float] = {}
         self._stopping = False
@@ -74,7 +71,7 @@ class IkeService:
         # on a virtual (indirect identity) address this gateway may not hold yet: IP_FREEBIND
         self.sock500 = UdpEndpoint.bind((str(self.local_host), IKE_PORT), self._on_500,
                                         freebind=self.node.cfg.virtual is not None)  # fmt: skip
-        self._task = asyncio.create_task(self._timer())
+        self.node.timers.add("ike", self.engine.next_deadline, self._on_timer)
         event(log, "ike-listening", node=self.node.name, ports=f"{IKE_PORT},"
               f"{self.node.cfg.outer.port}", connections=len(self.engine.connections))
         for conn in self.engine.connections:
@@ -107,10 +104,7 @@ class IkeService:
         for ike in self.engine.ike_sas():
             self._act(self.engine.delete(ike, now))
         await asyncio.sleep(0.05)  # let the DELETEs go out
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        self.node.timers.remove("ike")
         if self.sock500 is not None:
             self.sock500.close()
 
@@ -149,15 +143,8 @@ class IkeService:
         else:
             self.node.send_outer(MARKER + s.data, dst)
 
-    async def _timer(self) -> None:
-        while True:
-            deadline = self.engine.next_deadline()
-            now = self.node.clock()
-            wait = 5.0 if deadline is None else min(5.0, max(0.0, deadline - now))
-            self._wake.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), wait)
-            self._act(self.engine.tick(self.node.clock()))
+    def _on_timer(self, now: float) -> None:
+        self._act(self.engine.tick(now))
 
     # -- what the engine decided ------------------------------------------------------------
     def _act(self, outputs: list[Output]) -> None:
@@ -167,7 +154,7 @@ class IkeService:
             except IpsecctError as exc:  # e.g. an SPI clash in the SAD: log, keep running
                 event(log, "ike-install-failed", logging.WARNING, node=self.node.name,
                       error=str(exc))  # fmt: skip
-        self._wake.set()
+        self.node.timers.poke()  # the engine's next deadline may have moved
 
     def _encap(self, ike: IkeSA) -> UdpEncap | None:
         if ike.encap or not self.node.cfg.raw_esp:
@@ -274,7 +261,7 @@ class IkeService:
         event(log, "ike-sa-received", node=self.node.name, conn=ike.conn.name, peer=peer,
               spi_i=ike.spi_i.hex(), spi_r=ike.spi_r.hex(), children=len(ike.children),
               tunnels=sum(c.handle is not None for c in ike.children))  # fmt: skip
-        self._wake.set()
+        self.node.timers.poke()  # the engine's next deadline may have moved
 
     # -- control ----------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
