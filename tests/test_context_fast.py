@@ -27,7 +27,7 @@ from ipsecct.ct.context import FPT_IPSEC_SA
 from ipsecct.errors import ContextError
 from ipsecct.ipsec.sad import Counters, Lifetime, Protocol, SecurityAssociation, UdpEncap
 from ipsecct.ipsec.spd import AddressRange, Selectors
-from tests.test_context import (
+from tests.helpers.contexts import (
     CONTRADICTIONS,
     MALFORMED,
     MUTATIONS,

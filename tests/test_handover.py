@@ -14,7 +14,6 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,45 +24,21 @@ from cryptography.x509 import load_pem_x509_certificate
 
 from ipsecct.ct import cxtp
 from ipsecct.ct.transfer import Record
-from ipsecct.demo import handover as demo_handover
 from ipsecct.demo import topology as demo
 from ipsecct.errors import ChannelError
-from ipsecct.gateway import tlschannel
 from ipsecct.gateway.mobile_agent import MobileAgent
-from ipsecct.gateway.transfer_service import TransferService
 from ipsecct.ipsec.engine import TunnelState
 from ipsecct.ipsec.sad import Direction, SecurityAssociation, UdpEncap
 from ipsecct.ipsec.spd import Action, SPDEntry
 from ipsecct.tools import pki
+from tests.helpers.handover import (
+    connect_as,
+    flow,
+    run_demo,
+    services,
+)
 from tests.helpers.transfer import sel
 from tests.helpers.waiting import eventually
-
-Main = Callable[[demo.Demo], Awaitable[None]]
-
-
-def run_demo(
-    tmp: Path,
-    body: Main,
-    *,
-    identity: str = "direct",
-    transfer: dict[str, Any] | None = None,
-    before_setup: Callable[[demo.Demo], None] | None = None,
-) -> None:
-    async def main() -> None:
-        d = await demo.build(tmp, identity=identity, transfer=transfer)
-        try:
-            if before_setup is not None:
-                before_setup(d)
-            await demo_handover.setup(d)
-            await body(d)
-        finally:
-            await asyncio.wait_for(demo.stop(d), 20)
-
-    asyncio.run(main())
-
-
-def services(d: demo.Demo) -> dict[str, TransferService]:
-    return {g: demo_handover.transfer_service(d, g) for g in d.gateways}
 
 
 def mn_tunnel_spi(d: demo.Demo) -> int:
@@ -75,14 +50,6 @@ def state_at(d: demo.Demo, gw: str, spi: int) -> TunnelState | None:
         if t.outbound.spi == spi:
             return t.state
     return None
-
-
-async def flow(d: demo.Demo, seconds: float = 0.6, rate: int = 200) -> tuple[int, int]:
-    """Run the demo's stream; return (sent, received) over both directions."""
-    d.host_app.received.clear()
-    d.mn_app.received.clear()
-    await demo.stream(d, rate, seconds, out=None)
-    return d.sent[0] + d.sent[1], len(d.host_app.received) + len(d.mn_app.received)
 
 
 def route_on_commit(d: demo.Demo, target: str) -> asyncio.Future[Record]:
@@ -211,16 +178,6 @@ def test_peer_with_certificate_from_another_ca_gets_no_transfer(tmp_path: Path) 
         assert got == sent
 
     run_demo(tmp_path, body, before_setup=swap)
-
-
-async def connect_as(tmp: Path, d: demo.Demo, to: str, cert_dir: Path, name: str) -> Any:
-    ctx = tlschannel.client_context(
-        cert_dir / f"{name}.pem", cert_dir / f"{name}.key", cert_dir / "ca.pem"
-    )
-    listen = services(d)[to].tcfg.listen
-    return await tlschannel.connect(
-        str(listen.host), listen.port, ctx, server_hostname=to, timeout=2
-    )
 
 
 def test_client_from_another_ca_is_refused(tmp_path: Path) -> None:

@@ -27,7 +27,7 @@ import pytest
 from ipsecct.gateway import control
 from tests.helpers.daemon import Daemon, free_udp_port, node_toml
 from tests.helpers.deployment import cli
-from tests.test_transfer_processes import SPI, Setup
+from tests.helpers.transfer_processes import SPI, Setup
 
 NOBODY = pwd.getpwnam("nobody")
 

@@ -25,10 +25,10 @@ from ipsecct.gateway.balancer import Balancer
 from ipsecct.gateway.config import BalanceConfig
 from ipsecct.ipsec.engine import TunnelState
 from ipsecct.ipsec.ippacket import build_udp
+from tests.helpers.handover import connect_as, flow, run_demo, services
 from tests.helpers.transfer import sel
-from tests.test_handover import connect_as, flow, run_demo, services
-from tests.test_transfer_policy import rogue_cdbs
-from tests.test_transfer_processes import Setup
+from tests.helpers.transfer_policy import rogue_cdbs
+from tests.helpers.transfer_processes import Setup
 
 
 async def until(pred: object, what: str, timeout: float = 10.0) -> None:

@@ -212,7 +212,7 @@ def test_the_native_path_honours_the_durable_ceiling() -> None:
 
     if not native.AVAILABLE:
         pytest.skip("the native extension is not built (IPSECCT_PURE_PYTHON or no compiler)")
-    from .test_native import R_INNER, S_INNER, Side, _inner
+    from tests.helpers.native import R_INNER, S_INNER, Side, _inner
 
     cfg = {
         "enc": EncAlg.AES_GCM_16, "key": bytes(20), "esn": False, "window": 64, "outer": 4,

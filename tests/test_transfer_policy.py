@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import os
 
-from ipsecct.ct import context, cxtp
+from ipsecct.ct import cxtp
 from ipsecct.ct.transfer import Settings, forward_cdb
-from ipsecct.ipsec.algorithms import EncAlg
 from ipsecct.ipsec.engine import Held, TunnelState
 from ipsecct.ipsec.ippacket import build_udp
-from ipsecct.ipsec.sad import Direction, Mode, SecurityAssociation, UdpEncap
-from ipsecct.ipsec.spd import Action, AddressRange, Selectors, SPDEntry
+from ipsecct.ipsec.spd import Action, AddressRange, SPDEntry
 from tests.helpers.transfer import (
     HOST,
     MN_ADDR,
@@ -31,6 +29,7 @@ from tests.helpers.transfer import (
     stream_seq,
     udp_packet,
 )
+from tests.helpers.transfer_policy import rogue_cdbs
 
 MN = ip(MN_ADDR)
 ACCEPT = Settings(
@@ -46,34 +45,6 @@ def victim_world() -> World:
         SPDEntry(sel(f"{DISCARDED}/32", "0.0.0.0/0"), Action.DISCARD, name="no"), index=0
     )
     return w
-
-
-def rogue_cdbs(
-    selectors: Selectors, *, spi_out: int = 0x6660001, spi_in: int = 0x6660002
-) -> list[bytes]:
-    """A tunnel the attacker made up: its own keys, whatever selectors it likes."""
-    g, m = ip(SG_ADDR["sg2"]), ip("192.0.2.66")
-    out = []
-    for spi, d, src, dst in (
-        (spi_out, Direction.OUTBOUND, g, m),
-        (spi_in, Direction.INBOUND, m, g),
-    ):
-        sa = SecurityAssociation(
-            spi,
-            d,
-            src,
-            dst,
-            enc=EncAlg.AES_GCM_16,
-            enc_key=os.urandom(20),
-            mode=Mode.TUNNEL,
-            esn=True,
-            replay_window=64,
-            encap=UdpEncap(4500, 4500),
-            selectors=selectors,
-            name="rogue",
-        )
-        out.append(context.encode(sa, 1000.0))
-    return out
 
 
 def send_pctd(w: World, cdbs: list[bytes], tid: int = 0x5EED, *, last: bool = True) -> None:

@@ -1,0 +1,59 @@
+"""The in-process handover demo for tests: run it, its transfer services, its stream, and a
+TLS client with a chosen certificate."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from ipsecct.demo import handover as demo_handover
+from ipsecct.demo import topology as demo
+from ipsecct.gateway import tlschannel
+from ipsecct.gateway.transfer_service import TransferService
+
+Main = Callable[[demo.Demo], Awaitable[None]]
+
+
+def run_demo(
+    tmp: Path,
+    body: Main,
+    *,
+    identity: str = "direct",
+    transfer: dict[str, Any] | None = None,
+    before_setup: Callable[[demo.Demo], None] | None = None,
+) -> None:
+    async def main() -> None:
+        d = await demo.build(tmp, identity=identity, transfer=transfer)
+        try:
+            if before_setup is not None:
+                before_setup(d)
+            await demo_handover.setup(d)
+            await body(d)
+        finally:
+            await asyncio.wait_for(demo.stop(d), 20)
+
+    asyncio.run(main())
+
+
+def services(d: demo.Demo) -> dict[str, TransferService]:
+    return {g: demo_handover.transfer_service(d, g) for g in d.gateways}
+
+
+async def flow(d: demo.Demo, seconds: float = 0.6, rate: int = 200) -> tuple[int, int]:
+    """Run the demo's stream; return (sent, received) over both directions."""
+    d.host_app.received.clear()
+    d.mn_app.received.clear()
+    await demo.stream(d, rate, seconds, out=None)
+    return d.sent[0] + d.sent[1], len(d.host_app.received) + len(d.mn_app.received)
+
+
+async def connect_as(tmp: Path, d: demo.Demo, to: str, cert_dir: Path, name: str) -> Any:
+    ctx = tlschannel.client_context(
+        cert_dir / f"{name}.pem", cert_dir / f"{name}.key", cert_dir / "ca.pem"
+    )
+    listen = services(d)[to].tcfg.listen
+    return await tlschannel.connect(
+        str(listen.host), listen.port, ctx, server_hostname=to, timeout=2
+    )
