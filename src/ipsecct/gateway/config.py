@@ -1079,13 +1079,9 @@ def load_secrets(data: dict[str, Any], path: str) -> dict[str, bytes]:
                 p = Path(path).parent / p
             try:
                 text = p.read_text()
-                mode = p.stat().st_mode & 0o777
             except OSError as exc:
                 raise ConfigError(f"{where}.file: cannot read {p}: {exc.strerror}") from None
-            if mode & 0o077:
-                logging.getLogger("ipsecct.gateway.config").warning(
-                    "event=key-file-readable-by-others file=%s mode=%o (chmod 600 it)", p, mode
-                )
+            warn_if_readable(p, "IKE secret")
         else:
             if not isinstance(d["env"], str):
                 raise ConfigError(f"{where}.env: must be a variable name")
@@ -1128,13 +1124,9 @@ def load_private_keys(data: dict[str, Any], path: str) -> list[PrivateKey]:
         p = _file(path, d["file"])
         try:
             pem = p.read_bytes()
-            mode = p.stat().st_mode & 0o777
         except OSError as exc:
             raise ConfigError(f"{where}.file: cannot read {p}: {exc.strerror}") from None
-        if mode & 0o077:
-            logging.getLogger("ipsecct.gateway.config").warning(
-                "event=key-file-readable-by-others file=%s mode=%o (chmod 600 it)", p, mode
-            )
+        warn_if_readable(p, "IKE private key")
         try:
             key = load_pem_private_key(pem, password=None)
         except (ValueError, TypeError):
