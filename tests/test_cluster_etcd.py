@@ -200,6 +200,63 @@ def test_gateway_in_etcd_mode_owns_and_fences(tmp_path: Path) -> None:
             dep.stop()
 
 
+def test_no_replica_leaves_before_the_member_key(tmp_path: Path) -> None:
+    """A member replicates its tunnels to its peers only once its member key is in etcd. A
+    peer that held a replica of a member it could not find in etcd took it for dead and took
+    its tunnel: the new member then found the owner key taken and never sent (a start-up race
+    seen in CI when sg2 started just before sg1)."""
+    from ipsecct.ct.transfer import Identity
+    from ipsecct.gateway.cluster_driver import ClusterDriver
+    from ipsecct.gateway.config import ClusterConfig, load
+    from ipsecct.gateway.node import Node
+
+    class Channels:  # records what would go to the peers over TLS
+        def __init__(self) -> None:
+            self.sent: list[str] = []
+
+        def send(self, peer: str, msg: object) -> None:
+            self.sent.append(peer)
+
+    class Transfer:
+        def __init__(self) -> None:
+            self.listeners: list[object] = []
+
+    # sg1 of examples/failover with its tunnel, without its [transfer] and later sections
+    text = (ROOT / "examples" / "failover" / "sg1.toml").read_text()
+    (tmp_path / "sg1.toml").write_text(text[: text.index("[transfer]")])
+    (tmp_path / "keys").mkdir()
+    src = ROOT / "examples" / "failover" / "keys" / "sg1.keys"
+    (tmp_path / "keys" / "sg1.keys").write_bytes(src.read_bytes())
+    (tmp_path / "keys" / "sg1.keys").chmod(0o600)
+
+    async def run(endpoints: list[str]) -> None:
+        node = Node(load(tmp_path / "sg1.toml"))
+        drv = ClusterDriver(node, ClusterConfig(etcd=tuple(endpoints), ttl_s=2))
+        ch = Channels()
+        drv.attach(ch, Transfer(), Identity.DIRECT, ["sg2"])  # type: ignore[arg-type]
+        drv.transfer = None  # no transfer service here: nothing to resend once owned
+        await drv.start()
+        try:
+            t0 = time.monotonic()
+            while not drv.last_error:  # etcd does not answer: not a member
+                assert time.monotonic() - t0 < 10, "no etcd error seen"
+                await asyncio.sleep(0.02)
+            await asyncio.sleep(20 * drv.tick)  # twenty replication rounds
+            assert ch.sent == [] and drv.lease_id == 0
+            e.resume("e0")
+            while not ch.sent:  # a member now: the replica goes out
+                assert time.monotonic() - t0 < 20, "nothing replicated after joining"
+                await asyncio.sleep(0.02)
+            kv = await drv.client.get(drv.keys["members"] + "sg1")
+            assert kv is not None and kv.lease == drv.lease_id
+        finally:
+            await drv.stop()
+
+    with EtcdCluster(tmp_path) as e:
+        e.pause("e0")
+        asyncio.run(run(e.endpoints))
+
+
 def test_etcd_mode_take_over_after_sigkill(tmp_path: Path) -> None:
     """sg1 and sg2 of examples/failover, both in etcd mode (each replicates to the other over
     TLS). sg1 is killed with SIGKILL under traffic: once etcd expires its lease, sg2 creates

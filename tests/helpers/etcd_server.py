@@ -105,6 +105,9 @@ class EtcdCluster:
     def pause(self, m: str) -> None:
         os.kill(self.procs[m].pid, signal.SIGSTOP)
 
+    def resume(self, m: str) -> None:
+        os.kill(self.procs[m].pid, signal.SIGCONT)
+
     def stop(self) -> None:
         for p in self.procs.values():
             if p.poll() is None:

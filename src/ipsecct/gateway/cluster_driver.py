@@ -96,6 +96,7 @@ class ClusterDriver:
         node.engine.send_until = -math.inf  # nothing is sent before we are a member
         node.engine.fence_new_tunnels = True  # nor on a new tunnel before we own it
         self._own_now = False
+        self._not_owner: set[int] = set()  # fenced because another member owns them: told
         # Outbound packets of tunnels we do not own yet (a transfer just committed here),
         # kept until we do: bounded.
         self._waiting: collections.deque[Held] = collections.deque()
@@ -208,15 +209,18 @@ class ClusterDriver:
 
     async def _register(self) -> None:
         lid, ttl = await self.client.grant(self.cfg.ttl_s)
-        self.lease_id = lid
         self.owned.clear()
         await self.client.put(
             self.keys["members"] + self.node.name,
             json.dumps({"address": self.address, "lease": str(lid)}),
             lease=lid,
         )
+        # Only now are we a member: replication starts (see _replicate) and our tunnels
+        # may be owned. A peer that received replicas of ours before our member key existed
+        # would take us for dead and take our tunnels.
         if self.block is None:
             self.block = await self._claim_block()
+        self.lease_id = lid
         if self.settings is not None:
             self.settings.spi_block = self.block
         event(
@@ -280,9 +284,10 @@ class ClusterDriver:
         while True:
             await asyncio.sleep(self.tick)
             now = self.node.clock()
-            for p, rp in self.replicators.items():
-                for m in rp.poll(now):
-                    self.channels.send(p, m)
+            if self.lease_id:  # a member: peers see our member key before our replicas
+                for p, rp in self.replicators.items():
+                    for m in rp.poll(now):
+                        self.channels.send(p, m)
             budget = PREPARE_PER_TICK
             for sb in self.standbys.values():
                 budget -= sb.prepare(budget)
@@ -423,6 +428,7 @@ class ClusterDriver:
                         self._fence(t)
             for t in won:
                 self.owned.add(t.outbound.spi)
+                self._not_owner.discard(t.outbound.spi)
                 self._ceiling(t)
             self._now_owned(won)
 
@@ -430,7 +436,9 @@ class ClusterDriver:
         n = len(self._waiting)
         self._waiting = collections.deque(h for h in self._waiting if h.tunnel is not t)
         self.node.engine.stats.drops["fenced"] += n - len(self._waiting)
-        if t.seq_ceiling != t.outbound.seq:
+        told = t.outbound.spi in self._not_owner
+        self._not_owner.add(t.outbound.spi)
+        if t.seq_ceiling != t.outbound.seq or not told:
             t.seq_ceiling = t.outbound.seq
             event(
                 log,
