@@ -252,3 +252,32 @@ def test_the_native_path_honours_the_durable_ceiling() -> None:
             r.granted(sa, durable)
     assert sent == sorted(set(sent)) and len(sent) > 100
     assert in_c > len(sent) // 2  # most of them in C
+
+
+@given(
+    salt=st.binary(min_size=32, max_size=32),
+    enc_key=st.sampled_from([bytes(range(20)), bytes(36), b"\x07" * 20]),
+    integ=st.booleans(),
+)
+def test_fingerprint_is_the_documented_hmac(salt: bytes, enc_key: bytes, integ: bool) -> None:
+    """The fingerprint names rows already on disk: the fast form (a keyed HMAC copied per SA)
+    must stay exactly HMAC-SHA256(salt, each part length-prefixed), first 128 bits in hex."""
+    import hmac
+
+    from ipsecct.ipsec.sequence import fingerprint
+
+    if integ:
+        sa = SecurityAssociation(
+            0x1234, Direction.OUTBOUND, ip("192.0.2.1"), ip("192.0.2.2"),
+            enc=EncAlg.AES_CBC, enc_key=bytes(16), integ=IntegAlg.HMAC_SHA2_256_128,
+            integ_key=enc_key[:16] + bytes(16),
+        )  # fmt: skip
+    else:
+        sa = SecurityAssociation(
+            0x1234, Direction.OUTBOUND, ip("192.0.2.1"), ip("192.0.2.2"), enc_key=enc_key
+        )
+    mac = hmac.new(salt, digestmod="sha256")
+    for part in (b"ipsecct outbound SA keys", sa.enc_key, sa.integ_key):
+        mac.update(len(part).to_bytes(2, "big") + part)
+    assert fingerprint(salt, sa) == mac.hexdigest()[:32]
+    assert fingerprint(salt, sa) == fingerprint(salt, sa)  # the cached keyed HMAC is not spent

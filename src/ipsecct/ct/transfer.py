@@ -55,7 +55,7 @@ from ..ipsec.algorithms import EncAlg, IntegAlg
 from ..ipsec.engine import Engine, Held, ToPeer, Tunnel, TunnelState
 from ..ipsec.ippacket import Endpoint, IPAddress
 from ..ipsec.sad import Direction, SecurityAssociation, UdpEncap
-from ..ipsec.spd import Action, AddressRange, OverlapIndex, SPDEntry
+from ..ipsec.spd import Action, AddressRange, OverlapIndex, RangeSet, Selectors, SPDEntry
 from ..ipsec.spi import SpiBlock
 from . import context, cxtp
 from .journal import Journal
@@ -264,6 +264,10 @@ class IncomingState(enum.Enum):
     ACTIVE = "active"  # committed: the tunnels carry traffic here
     CANCELLED = "cancelled"  # refused, cancelled, expired (remembered for a while)
 
+
+# A target's policy for one install: the accepted (local, remote) ranges (None: no limit)
+# and what was decided so far per Selectors object.
+_Accept = tuple[tuple[RangeSet, RangeSet] | None, dict[int, bool]]
 
 OPEN_INCOMING = (IncomingState.RECEIVING, IncomingState.PENDING)  # not decided yet
 
@@ -593,8 +597,7 @@ class TransferCore:
         self.decided[og.tid] = (DECISION_COMMIT, now + self.settings.retry_max)
         self.outgoing.pop(og.tid, None)
         out.append(Send(peer, cxtp.CTD(og.mn, 0, (self._tag(og), decision_cdb(DECISION_COMMIT)))))
-        for t in accepted:
-            self.engine.move_tunnel(t, peer, now + self.settings.forward_time)
+        self.engine.move_tunnels(accepted, peer, now + self.settings.forward_time)
         for h in og.held:
             out += self.forward(peer, h.packet, h.inbound, og)
         self._release_held(og, [])
@@ -836,9 +839,16 @@ class TransferCore:
         inc.record.tunnels = len(pairs)
         outcomes = []
         indexes = self._overlap_index(inc.peer)
+        s = self.settings
+        accept = (
+            None
+            if s.accept_local is None and s.accept_remote is None
+            else (RangeSet(s.accept_local or ()), RangeSet(s.accept_remote or ()))
+        )
+        accepted: _Accept = (accept, {})
         for out_sa, in_sa in pairs:
             old_in = in_sa.spi if in_sa is not None else 0
-            status, new_spi = self._install_one(inc, out_sa, in_sa, now, indexes)
+            status, new_spi = self._install_one(inc, out_sa, in_sa, now, indexes, accepted)
             outcomes.append((out_sa, in_sa, status, new_spi, old_in))
         if inc.tunnels and self.journal is not None:
             # Recorded (pending) and reserved past the transferred sequence number before the
@@ -922,14 +932,18 @@ class TransferCore:
                 index.add(e.selectors, t)
         return index, returning
 
-    def _policy_allows(self, sa: SecurityAssociation) -> bool:
-        s = self.settings
-        sel = sa.selectors
-        if sel is None:
-            return False
-        if s.accept_local is None and s.accept_remote is None:
-            return True
-        return sel.within(s.accept_local or (), s.accept_remote or ())
+    @staticmethod
+    def _policy_allows(sel: Selectors, policy: _Accept) -> bool:
+        """Are ``sel`` inside what the operator allows for transferred tunnels (``policy``:
+        the accepted local and remote ranges, None for no limit)? Memoized per Selectors
+        object (the decoder shares one object among the SAs whose selectors are encoded
+        alike, e.g. both SAs of a tunnel); the caller keeps the objects alive meanwhile."""
+        accept, allowed = policy
+        ok = allowed.get(id(sel))
+        if ok is None:
+            ok = accept is None or sel.within(*accept)
+            allowed[id(sel)] = ok
+        return ok
 
     def _install_one(
         self,
@@ -938,19 +952,24 @@ class TransferCore:
         in_sa: SecurityAssociation | None,
         now: float,
         indexes: tuple[OverlapIndex, OverlapIndex],
+        accepted: _Accept,
     ) -> tuple[int, int | None]:
         index, returning = indexes
-        for sa in (out_sa, in_sa):
-            if sa is not None and not self._check_supported(sa):
-                return cxtp.Status.UNSUPPORTED_ALGORITHM, None
-        if out_sa.selectors is None or (in_sa is not None and in_sa.selectors is None):
+        if not self._check_supported(out_sa) or (
+            in_sa is not None and not self._check_supported(in_sa)
+        ):
+            return cxtp.Status.UNSUPPORTED_ALGORITHM, None
+        out_sel = out_sa.selectors
+        in_sel = in_sa.selectors if in_sa is not None else out_sel
+        if out_sel is None or in_sel is None:
             return cxtp.Status.MALFORMED, None
+        # Both SAs' selectors, once each (usually one object for both).
+        sels = [out_sel] if in_sel is out_sel else [out_sel, in_sel]
         # This gateway's policy, not the peer's, decides what traffic a tunnel may carry:
         # inside what the operator allows for transferred tunnels, and nobody else's.
-        if not all(self._policy_allows(sa) for sa in (out_sa, in_sa) if sa is not None):
+        if not all(self._policy_allows(sl, accepted) for sl in sels):
             self.counters["policy_refused"] += 1
             return cxtp.Status.UNAUTHORISED, None
-        sels = [sa.selectors for sa in (out_sa, in_sa) if sa is not None and sa.selectors]
         if any(index.overlapping(sl) for sl in sels):
             self.counters["policy_refused"] += 1
             return cxtp.Status.UNAUTHORISED, None
@@ -990,7 +1009,7 @@ class TransferCore:
                 in_sa.spi = new_spi
                 shadow_old = True
                 signals.append(signalling.SpiReassign(int(in_sa.protocol), old, new_spi))
-        entry = SPDEntry(out_sa.selectors, Action.PROTECT, name=out_sa.name, static=False)
+        entry = SPDEntry(out_sel, Action.PROTECT, name=out_sa.name, static=False)
         # A tunnel coming back to us while we still forward its traffic to that peer: the
         # forwarder goes, the tunnel takes its place.
         for sl in sels:

@@ -76,7 +76,19 @@ class Reservations:
 def fingerprint(salt: bytes, sa: SecurityAssociation) -> str:
     """A keyed fingerprint of ``sa``'s keys (HMAC-SHA256 under ``salt``, 128 bits in hex):
     the identity under which its sequence numbers must never repeat. Never the keys."""
-    mac = hmac.new(salt, digestmod="sha256")
-    for part in (b"ipsecct outbound SA keys", sa.enc_key, sa.integ_key):
-        mac.update(len(part).to_bytes(2, "big") + part)
-    return mac.hexdigest()[:32]
+    # Each part length-prefixed (two octets). A bulk transfer records thousands of SAs at
+    # once: the HMAC keyed with the salt and fed the label is made once per salt and copied.
+    keyed = _KEYED.get(salt)
+    if keyed is None:
+        keyed = hmac.new(salt, _FP_LABEL, "sha256")
+        if len(_KEYED) >= 16:
+            _KEYED.clear()
+        _KEYED[salt] = keyed
+    mac = keyed.copy()
+    ek, ik = sa.enc_key, sa.integ_key
+    mac.update(b"".join((len(ek).to_bytes(2, "big"), ek, len(ik).to_bytes(2, "big"), ik)))
+    return mac.digest()[:16].hex()
+
+
+_FP_LABEL = len(b"ipsecct outbound SA keys").to_bytes(2, "big") + b"ipsecct outbound SA keys"
+_KEYED: dict[bytes, hmac.HMAC] = {}  # salt -> HMAC-SHA256 keyed with it, the label fed

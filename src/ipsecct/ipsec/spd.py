@@ -77,10 +77,13 @@ class AddressRange:
 
     def covers(self, other: AddressRange) -> bool:
         """Is ``other`` wholly inside this range?"""
+        # Integers, not the addresses' rich comparisons (each ``<=`` is three Python calls):
+        # a bulk transfer checks every transferred tunnel's ranges against the policy.
+        first, ofirst = self.first, other.first
         return (
-            self.version == other.version
-            and self.first <= other.first  # type: ignore[operator]
-            and other.last <= self.last  # type: ignore[operator]
+            first.version == ofirst.version
+            and int(first) <= int(ofirst)
+            and int(other.last) <= int(self.last)
         )
 
     def __str__(self) -> str:
@@ -90,6 +93,23 @@ class AddressRange:
         if len(nets) == 1:
             return str(nets[0])
         return f"{self.first}-{self.last}"
+
+
+class RangeSet:
+    """A few address ranges as integers, to check many ranges against (a bulk transfer checks
+    every tunnel's selectors against the operator's accepted ranges)."""
+
+    def __init__(self, ranges: Iterable[AddressRange]) -> None:
+        self._spans = tuple((r.first.version, int(r.first), int(r.last)) for r in ranges)
+
+    def covers(self, r: AddressRange) -> bool:
+        """Is ``r`` wholly inside one of the ranges?"""
+        first = r.first
+        version, a, b = first.version, int(first), int(r.last)
+        for v, lo, hi in self._spans:  # noqa: SIM110 (no generator per range checked)
+            if v == version and lo <= a and b <= hi:
+                return True
+        return False
 
 
 @dataclass(frozen=True)
@@ -249,13 +269,15 @@ class Selectors:
             other.remote_ports
         )
 
-    def within(self, local: Iterable[AddressRange], remote: Iterable[AddressRange]) -> bool:
+    def within(
+        self, local: Iterable[AddressRange] | RangeSet, remote: Iterable[AddressRange] | RangeSet
+    ) -> bool:
         """Does every local range lie inside one of ``local``, and every remote range inside
-        one of ``remote``? (What an operator allows for transferred tunnels.)"""
-        loc, rem = list(local), list(remote)
-        return all(any(a.covers(r) for a in loc) for r in self.local) and all(
-            any(a.covers(r) for a in rem) for r in self.remote
-        )
+        one of ``remote``? (What an operator allows for transferred tunnels.) A caller that
+        checks many selectors against the same ranges passes :class:`RangeSet` s."""
+        loc = local if isinstance(local, RangeSet) else RangeSet(local)
+        rem = remote if isinstance(remote, RangeSet) else RangeSet(remote)
+        return all(loc.covers(r) for r in self.local) and all(rem.covers(r) for r in self.remote)
 
     def mirrored(self) -> Selectors:
         """The same traffic seen from the other end (local and remote swapped)."""
