@@ -28,6 +28,7 @@ from ipsecct.ikev2.engine import (
     IkeEngine,
     IkeUp,
     Output,
+    PeerMoved,
     Send,
     strip_marker,
 )
@@ -870,6 +871,86 @@ def test_ike_sa_context_round_trip_and_move() -> None:
         sg2.import_ike(context.encode(sg2.ike_sas()[0], 34.0), 34.0)
     with pytest.raises(context.IkeContextError, match="no connection"):
         IkeEngine([conn("other")]).import_ike(cdbs, 11.0)
+
+
+@pytest.mark.parametrize("how", ["mobike", "nat-float", "unheeded"])
+def test_direct_handover_moves_the_peer_to_the_new_gateway(how: str) -> None:
+    """Direct SG identity: the IKE SA moves to a gateway at another address, which tells the
+    peer with an INFORMATIONAL from there (MOBIKE's address list, or an authenticated request
+    after a faked NAT-D); the peer follows and then rekeys and checks liveness with it."""
+    ic, rc = mn_conn(dpd=10), conn(dpd=10, encap=how == "nat-float")
+    if how != "mobike":
+        rc.mobike = False
+    w = pair(ic, rc)
+    connect(w)
+    (ii,), (old,) = w.ini.ike_sas(), w.resp.ike_sas()
+    assert ii.mobike is old.mobike is (how == "mobike")
+    assert old.nat_local is (how == "nat-float")
+    sg2 = IkeEngine([rc])
+    new = sg2.import_ike(w.resp.export_ike(old, 1.0), 1.0)
+    assert new.mobike is old.mobike  # the MOBIKE flag travels in the context
+    here = Address(ipaddress.ip_address("192.0.2.2"), new.local.port)
+    outs = sg2.announce_move(new, here, 1.0)
+    (req,) = [o for o in outs if isinstance(o, Send)]
+    assert req.src == here and new.local == here
+    hdr, payloads = M.decode(req.data)
+    sk = payloads[0]
+    assert isinstance(sk, M.SKPayload)
+    inner = M.decode_payloads(ii.inbound.open(req.data, sk), sk.first)
+    want = [M.Notify.NO_ADDITIONAL_ADDRESSES] if how == "mobike" else []
+    assert [p.type for p in inner if isinstance(p, M.NotifyPayload)] == want
+    assert hdr.exchange == M.ExchangeType.INFORMATIONAL and not hdr.is_response
+    w2 = Wire(w.ini, sg2)
+    w2.deliver(outs, "r", 1.0)
+    assert ii.remote.host == here.host and w2.of("i", PeerMoved)
+    assert sg2.stats["address-update-answered"] == 1
+    assert sg2.stats["address-update-unheeded"] == (how == "unheeded")
+    # the peer rekeys its CHILD SA with the new gateway, and checks its liveness there
+    w2.deliver(w.ini.rekey_child(ii, ii.children[0], 2.0), "i", 2.0)
+    assert sg2.stats["child-sa-rekeyed"] == 1 and all(s.dst == here for s in w2.sent
+                                                       if s.src.host == IP_I)  # fmt: skip
+    w2.deliver(w.ini.tick(30.0), "i", 30.0)
+    assert sg2.stats["liveness-answered"] == 1
+    mirrored(w2)
+
+
+def test_mobike_update_sa_addresses_is_answered() -> None:
+    """A MOBIKE peer's UPDATE_SA_ADDRESSES (RFC 4555 §3.5) from a new address: the IKE SA
+    follows it, the answer has the NAT-D notifies of the new path and echoes COOKIE2."""
+    w = pair(mn_conn(), conn())
+    connect(w)
+    (ii,), (ir,) = w.ini.ike_sas(), w.resp.ike_sas()
+    assert ii.mobike and ir.mobike
+    cookie2 = os.urandom(16)
+    moved = Address(ipaddress.ip_address("192.0.2.99"), 4500)
+    out: list[Output] = []
+    ii.local = moved
+    w.ini._request(ii, "liveness", [
+        M.NotifyPayload(M.Notify.UPDATE_SA_ADDRESSES),
+        M.NotifyPayload(M.Notify.COOKIE2, data=cookie2),
+    ], 1.0, out)  # fmt: skip
+    (req,) = out
+    assert isinstance(req, Send)
+    answer = w.resp.receive(req.data, moved, R500, 1.0)
+    assert ir.remote == moved and any(isinstance(o, PeerMoved) for o in answer)
+    (resp,) = [o for o in answer if isinstance(o, Send)]
+    assert resp.dst == moved
+    _hdr, payloads = M.decode(resp.data)
+    sk = payloads[0]
+    assert isinstance(sk, M.SKPayload)
+    inner = M.decode_payloads(ii.inbound.open(resp.data, sk), sk.first)
+    n = M.notifies(inner)
+    assert n[M.Notify.COOKIE2].data == cookie2
+    assert M.Notify.NAT_DETECTION_SOURCE_IP in n and M.Notify.NAT_DETECTION_DESTINATION_IP in n
+    assert w.resp.stats["mobike-update-answered"] == 1
+
+
+def test_no_mobike_when_the_gateway_has_it_off() -> None:
+    rc = conn()
+    rc.mobike = False
+    w = pair(mn_conn(), rc)
+    connect(w)
+    assert not w.ini.ike_sas()[0].mobike and not w.resp.ike_sas()[0].mobike
 
 
 def test_ike_sa_context_refused_while_an_exchange_is_in_flight() -> None:

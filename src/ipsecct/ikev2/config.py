@@ -114,6 +114,7 @@ class Connection:
     children: list[ChildConfig] = field(default_factory=list)
     credentials: Credentials | None = None  # local.auth = pubkey: our certificate and key
     cacerts: list[x509.Certificate] = field(default_factory=list)  # remote.cacerts
+    mobike: bool = True  # RFC 4555 offered to a peer that announces it (as responder)
 
     def accepts(self, local: IPAddr, remote: IPAddr) -> bool:
         def ok(nets: list[IPNet], a: IPAddr) -> bool:
@@ -275,8 +276,9 @@ def parse_connections(
         ctx.keys(d, where, _CONN_KEYS)
         if d.get("version", 2) != 2:
             raise ctx.err(where + "version", "only IKEv2 (version = 2) is supported")
-        if d.get("mobike", False):
-            raise ctx.err(where + "mobike", "MOBIKE is not supported yet (mobike = false)")
+        mobike = d.get("mobike", True)  # swanctl.conf's default
+        if not isinstance(mobike, bool):
+            raise ctx.err(where + "mobike", "must be true or false")
         la, lid, lcerts, _ = _auth(d.get("local"), ctx, where + "local.")
         ra, rid, _, rcas = _auth(d.get("remote"), ctx, where + "remote.")
         creds = None
@@ -330,7 +332,7 @@ def parse_connections(
             la, local_id, ra, remote_id, psk, encap,
             _seconds(d.get("dpd_delay", 0), ctx, where + "dpd_delay"),
             _seconds(d.get("rekey_time", 14400), ctx, where + "rekey_time") or None,
-            children, creds, cas,
+            children, creds, cas, mobike,
         ))  # fmt: skip
     return out
 

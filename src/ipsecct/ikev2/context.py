@@ -6,8 +6,8 @@ Three kinds of Context Data Block, each with the draft's CDB header
 
 - ``FPT_IKE_SA`` (0x8010): SPIs, role, connection name, negotiated transforms, SK_d, SK_ai/ar,
   SK_ei/er, SK_pi/pr, nonces, message IDs (ours and the peer's), addresses and ports, NAT
-  flags, negotiated extensions (fragmentation, signature hashes), peer identity, seconds left
-  to the IKE SA's rekey;
+  flags, negotiated extensions (fragmentation, signature hashes, MOBIKE), peer identity,
+  seconds left to the IKE SA's rekey;
 - ``FPT_IKE_CHILD`` (0x8011): one per CHILD SA: config name, transforms, SPIs, KEYMAT, who
   initiated it, narrowed selectors, seconds left to its rekey (the ESP SAs themselves travel
   in the ordinary SA CDBs);
@@ -177,6 +177,7 @@ def encode(ike: IkeSA, now: float) -> list[bytes]:
         (21, _left(ike.rekey_at, now)),
         (22, struct.pack(f"!{len(ike.peer_hashes)}H", *ike.peer_hashes)),
         (23, struct.pack("!H", len(ike.last_response))),
+        (24, bytes((ike.mobike,))),
     ]  # fmt: skip
     out = [_frame(FPT_IKE_SA, _items(main))]
     for c in ike.children:
@@ -244,6 +245,8 @@ def decode(cdbs: list[bytes], connections: list[Connection], now: float,
     )  # fmt: skip
     ike.peer_next_mid, ike.my_next_mid = peer_mid, my_mid
     ike.fragmentation = bool(flags[1])
+    if 24 in m:  # RFC 4555 negotiated (absent from a gateway that predates MOBIKE)
+        ike.mobike = bool(_u(m, 24, 1))
     ike.peer_hashes = struct.unpack(f"!{len(hashes_b) // 2}H", hashes_b)
     ike.rekey_at = _at(_one(m, 21, 4), now)
     ike.last_heard = now

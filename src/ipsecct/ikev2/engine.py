@@ -264,7 +264,8 @@ class IkeEngine:
                                  ike.remote)  # fmt: skip
                         if p.kind == "auth":
                             out.append(ConnectFailed(ike.conn, "no answer to IKE_AUTH"))
-                        self._kill(ike, "peer-dead" if p.kind == "liveness" else "deleted", out)
+                        dead = p.kind in ("liveness", "address-update")
+                        self._kill(ike, "peer-dead" if dead else "deleted", out)
                         continue
                     p.tries += 1
                     p.deadline = now + RETRANSMIT[min(p.tries - 1, len(RETRANSMIT) - 1)]
@@ -734,6 +735,9 @@ class IkeEngine:
             reply.append(AuthPayload(AuthMethod.SHARED_KEY, psk_auth(prf_alg, conn.psk, octets)))
         ike.state = IkeState.ESTABLISHED
         n = notifies(inner)
+        if Notify.MOBIKE_SUPPORTED in n and conn.mobike:  # RFC 4555 §3.2
+            ike.mobike = True
+            reply.append(NotifyPayload(Notify.MOBIKE_SUPPORTED))
         if Notify.INITIAL_CONTACT in n:
             ike.initial_contact = True
             for other in list(self.by_spi.values()):
@@ -742,8 +746,9 @@ class IkeEngine:
                     self.stats["initial-contact-replaced"] += 1
                     self._kill(other, "replaced (INITIAL_CONTACT)", out)
         self.stats["ike-sa-established"] += 1
-        log.info("event=ike-sa-established conn=%s peer=%s id=%s proposal=%s", conn.name,
-                 ike.remote, ike.peer_id, ike.suite.name())  # fmt: skip
+        log.info("event=ike-sa-established conn=%s peer=%s id=%s proposal=%s mobike=%s",
+                 conn.name, ike.remote, ike.peer_id, ike.suite.name(),
+                 "yes" if ike.mobike else "no")  # fmt: skip
         out.append(IkeUp(ike))
         reply += self._first_child(ike, inner, now, out)
         return reply
@@ -921,6 +926,8 @@ class IkeEngine:
         deletes = [p for p in inner if isinstance(p, DeletePayload)]
         if not inner:
             self.stats["liveness-answered"] += 1
+        if ike.mobike:
+            reply += self._mobike_answer(ike, inner)
         for d in deletes:
             if d.protocol == ProtocolId.IKE:
                 parent = next((o for o in self.by_spi.values() if o.collided is not None
@@ -955,6 +962,63 @@ class IkeEngine:
             if ours:
                 reply.append(DeletePayload(ProtocolId.ESP, tuple(ours)))
         return reply
+
+    def _mobike_answer(self, ike: IkeSA, inner: list[Payload]) -> list[Payload]:
+        """RFC 4555 in an INFORMATIONAL request of a MOBIKE peer: its UPDATE_SA_ADDRESSES (the
+        IKE SA's addresses already follow the request, :meth:`_float`) is answered with the
+        NAT-D notifies of the new path (§3.5; a faked source hash with ``encap``, as in
+        IKE_SA_INIT), and its COOKIE2 is echoed (§3.8: else the peer closes the IKE SA). A
+        liveness check that only carries NAT-D notifies gets no NAT-D back: the NAT state the
+        peer found at IKE_SA_INIT stays (so a faked NAT keeps its ESP in UDP). Its address list
+        (ADDITIONAL_*_ADDRESS, NO_ADDITIONAL_ADDRESSES) is not used: a moved peer is followed
+        by the address its requests come from."""
+        n = notifies(inner)
+        out: list[Payload] = []
+        if Notify.UPDATE_SA_ADDRESSES in n:
+            self.stats["mobike-update-answered"] += 1
+            log.info("event=ike-mobike-update conn=%s peer=%s", ike.conn.name, ike.remote)
+            src = self.random(20) if ike.conn.encap else _natd(ike.spi_i, ike.spi_r, ike.local)
+            out += [NotifyPayload(Notify.NAT_DETECTION_SOURCE_IP, data=src),
+                    NotifyPayload(Notify.NAT_DETECTION_DESTINATION_IP,
+                                  data=_natd(ike.spi_i, ike.spi_r, ike.remote))]  # fmt: skip
+        cookie2 = n.get(Notify.COOKIE2)
+        if cookie2 is not None and 8 <= len(cookie2.data) <= 64:
+            out.append(NotifyPayload(Notify.COOKIE2, data=cookie2.data))
+        return out
+
+    # -- direct SG identity: the peer follows this gateway (RFC 4555 §3.6, RFC 7296 §2.23) ---
+    def announce_move(self, ike: IkeSA, local: Address, now: float) -> list[Output]:
+        """This gateway took ``ike`` over from another at a different address (a handover
+        with direct SG identity): from now on it is ``local``, and the peer is told so with an
+        INFORMATIONAL request from ``local`` under the moved IKE SA. With MOBIKE it carries
+        NO_ADDITIONAL_ADDRESSES, the responder's new address list (RFC 4555 §3.6): a MOBIKE
+        initiator receiving it from a new address moves the IKE SA there (strongSwan does at
+        once, and then rekeys or updates its CHILD SAs). Without MOBIKE it is an empty request:
+        RFC 7296 §2.23 lets a peer follow the address of an authenticated request when the
+        other side is behind a NAT, which a faked NAT-D at IKE_SA_INIT (``encap``) made the
+        peer believe. Without either, the peer cannot be moved: the request is still sent
+        (nothing is lost by it) and ``stats["address-update-unheeded"]`` counts it. The answer
+        or its absence is handled as for a liveness check (30 s: the peer is dead)."""
+        out: list[Output] = []
+        if ike.state is not IkeState.ESTABLISHED:
+            return out
+        if ike.pending is not None and ike.pending.kind != "liveness":
+            raise IkeProtocolError(f"a {ike.pending.kind} exchange is in flight")
+        ike.pending = None
+        old, ike.local = ike.local, local
+        payloads: list[Payload] = []
+        if ike.mobike:
+            payloads.append(NotifyPayload(Notify.NO_ADDITIONAL_ADDRESSES))
+        elif not ike.nat_local:
+            self.stats["address-update-unheeded"] += 1
+            log.warning("event=ike-address-update-unheeded conn=%s peer=%s reason=%s",
+                        ike.conn.name, ike.remote,
+                        _quote("the peer has no MOBIKE and sees no NAT here (encap = false)"))
+        log.info("event=ike-address-update conn=%s peer=%s old=%s new=%s how=%s",
+                 ike.conn.name, ike.remote, old, local,
+                 "mobike" if ike.mobike else "nat-float")  # fmt: skip
+        self._request(ike, "address-update", payloads, now, out)
+        return out
 
     # -- initiator ----------------------------------------------------------------------------
     def initiate(self, conn: Connection, local: Address, remote: Address, now: float,
@@ -1081,6 +1145,8 @@ class IkeEngine:
         if creds is not None:
             payloads += [CertPayload(CERT_X509_SIGNATURE, d) for d in creds.der()]
         payloads.append(NotifyPayload(Notify.INITIAL_CONTACT))
+        if conn.mobike:
+            payloads.append(NotifyPayload(Notify.MOBIKE_SUPPORTED))
         if conn.remote_auth == "pubkey" and conn.cacerts:
             payloads.append(CertReqPayload(CERT_X509_SIGNATURE, certreq(conn.cacerts)))
         if not conn.remote_id.any and "=" not in conn.remote_id.text:
@@ -1145,6 +1211,7 @@ class IkeEngine:
             cert is not None and idr.id_type == IdType.DER_ASN1_DN) else idr.text()
         ike.rekey_at = self._rekey_time(now, conn.rekey_time)
         ike.state = IkeState.ESTABLISHED
+        ike.mobike = conn.mobike and Notify.MOBIKE_SUPPORTED in n
         self.stats["ike-sa-established"] += 1
         log.info("event=ike-sa-established conn=%s peer=%s id=%s proposal=%s role=initiator",
                  conn.name, ike.remote, ike.peer_id, ike.suite.name())  # fmt: skip
@@ -1422,6 +1489,10 @@ class IkeEngine:
             self._rekey_ike_response(ike, p, inner, now, out)
         elif p.kind == "delete-rekeyed":
             self._kill(ike, "rekeyed", out)
+        elif p.kind == "address-update":
+            self.stats["address-update-answered"] += 1
+            log.info("event=ike-address-updated conn=%s peer=%s local=%s", ike.conn.name,
+                     ike.remote, ike.local)  # fmt: skip
         if ike.pending is None and ike.queued_deletes and ike.state is IkeState.ESTABLISHED:
             spis, ike.queued_deletes = tuple(ike.queued_deletes), []
             self._request(ike, "delete-child", [DeletePayload(ProtocolId.ESP, spis)], now, out)

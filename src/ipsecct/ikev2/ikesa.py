@@ -99,7 +99,9 @@ class ChildSA:
 class Pending:
     """A request we sent and wait the answer for."""
 
-    kind: str  # "liveness" | "delete" | "delete-child" | "auth" | "rekey-child" | "rekey-ike"
+    # "liveness" | "delete" | "delete-child" | "auth" | "rekey-child" | "rekey-ike"
+    # | "address-update"
+    kind: str
     message_id: int
     messages: list[bytes] = field(repr=False)  # the request (its fragments, RFC 7383)
     sent: float
@@ -147,6 +149,7 @@ class IkeSA:
     queued_deletes: list[bytes] = field(default_factory=list)  # CHILD SPIs to delete next
     peer_hashes: tuple[int, ...] = ()  # RFC 7427 SIGNATURE_HASH_ALGORITHMS of the peer
     fragmentation: bool = False  # RFC 7383 negotiated
+    mobike: bool = False  # RFC 4555 negotiated (both sent MOBIKE_SUPPORTED in IKE_AUTH)
     # fragments of the request being received: message ID, total, first payload, parts
     fragments: tuple[int, int, int, dict[int, bytes]] | None = field(default=None, repr=False)
     # a rekey of this IKE SA by the peer that crossed ours (§2.8.2): (new IKE SA, nonces)
@@ -192,6 +195,7 @@ class IkeSA:
             "remote_id": self.peer_id,
             "proposal": self.suite.name(),
             "nat": {"local": self.nat_local, "remote": self.nat_remote},
+            "mobike": self.mobike,
             "established_s": round(now - self.created, 1),
             "children": [
                 {
