@@ -10,10 +10,12 @@ a CHILD rekey with it, and ping keeps passing. The topology is
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
+import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -46,15 +48,18 @@ CLIENT = Side("A", MN_OUTER, VIP, MN_INNER, HOST, "client.test", "gw.test")
 
 
 class Client(Charon):
+    gateway = VIP  # where the client connects: the virtual address (indirect) or sg1's
+    mobike = "no"
+
     def write_config(self) -> None:
         super().write_config()
         conf = f"""connections {{
   cA {{
     version = 2
     local_addrs = {MN_OUTER}
-    remote_addrs = {VIP}
+    remote_addrs = {self.gateway}
     encap = yes
-    mobike = no
+    mobike = {self.mobike}
     dpd_delay = 2s
     proposals = aes128gcm16-prfsha256-x25519
     local {{
@@ -90,7 +95,10 @@ secrets {{
 
 class IkeWorld(HandoverWorld):
     """The handover topology with IKEv2 keying: no [[tunnel]] anywhere, a [connections] table
-    on both gateways, and strongSwan instead of ``ipsecct node`` in the MN's namespace."""
+    on both gateways, and strongSwan instead of ``ipsecct node`` in the MN's namespace. With
+    direct identity each gateway is at its own address; ``gw_encap`` fakes NAT-D there."""
+
+    gw_encap = False
 
     def write_configs(self) -> None:
         d = self.dir
@@ -100,8 +108,11 @@ class IkeWorld(HandoverWorld):
         with os.fdopen(fd, "w") as f:
             f.write(PSK + "\n")
         for g, other in (("sg1", "sg2"), ("sg2", "sg1")):
-            outer = {"address": SG_OUTER[g], "port": 4500, "virtual": VIP,
-                     "virtual_interface": ACCESS_IF, "virtual_owner": g == "sg1"}  # fmt: skip
+            direct = self.identity == "direct"
+            outer: dict[str, object] = {"address": SG_OUTER[g], "port": 4500}
+            if not direct:
+                outer |= {"virtual": VIP, "virtual_interface": ACCESS_IF,
+                          "virtual_owner": g == "sg1"}  # fmt: skip
             text = (
                 _section(f'name = "{g}"\n[outer]', outer)
                 + _section("[inner]", {"kind": "tun", "name": "ipsecct0", "addresses": [],
@@ -111,12 +122,13 @@ class IkeWorld(HandoverWorld):
                 + _section("[transfer]", {
                     "listen": f"{SG_CORE[g]}:{XFER_PORT}", "cert": f"pki/{g}.pem",
                     "key": f"pki/{g}.key", "ca": "pki/ca.pem", "conflict": "reassign",
-                    "identity": "indirect", "max_transfer_ms": 1000, "forward_ms": 5000})
+                    "identity": self.identity, "max_transfer_ms": 1000, "forward_ms": 5000})
                 + _section("[[peers]]", {
                     "name": other, "address": f"{SG_CORE[other]}:{XFER_PORT}",
                     "outer": SG_OUTER[other], "allow": ["send", "request"]})
                 + _section("[connections.rw]", {
-                    "local_addrs": [VIP], "remote_addrs": ["%any"],
+                    "local_addrs": [SG_OUTER[g] if direct else VIP], "remote_addrs": ["%any"],
+                    "encap": self.gw_encap,
                     "proposals": ["aes128gcm16-prfsha256-x25519"],
                     "local.id": CLIENT.remote_id, "remote.id": CLIENT.id,
                     "children.net.local_ts": [HOST_NET],
@@ -151,13 +163,14 @@ class IkeWorld(HandoverWorld):
         return c
 
 
-@pytest.fixture
-def world(tmp_path: Path) -> Iterator[IkeWorld]:
+@contextlib.contextmanager
+def ike_world(tmp_path: Path, identity: str, gw_encap: bool = False) -> Iterator[IkeWorld]:
     sockdir = Path(tempfile.mkdtemp(prefix="ipsecct-ike-", dir="/tmp"))
     workdir = tmp_path if len(str(tmp_path)) <= 70 else Path(tempfile.mkdtemp(prefix="ict-"))
     try:
         with Namespaces("mn", "sg1", "sg2", "host", "br") as ns:
-            w = IkeWorld(ns, workdir, sockdir, "indirect")
+            w = IkeWorld(ns, workdir, sockdir, identity)
+            w.gw_encap = gw_encap
             try:
                 w.build_links()
                 w.write_configs()
@@ -169,6 +182,12 @@ def world(tmp_path: Path) -> Iterator[IkeWorld]:
         shutil.rmtree(sockdir, ignore_errors=True)
         if workdir != tmp_path:
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> Iterator[IkeWorld]:
+    with ike_world(tmp_path, "indirect") as w:
+        yield w
 
 
 def ping(w: IkeWorld, n: int) -> int:
@@ -214,3 +233,67 @@ def test_strongswan_client_handed_over_with_its_ike_sa(world: IkeWorld) -> None:
         assert "retransmit" not in log, ss.logtail()
         assert not w.ike_sas("sg1") and len(w.ike_sas("sg2")) == 1
         print("sg1:", w.counters("sg1"), "\nsg2:", w.counters("sg2"))
+
+
+@pytest.mark.root
+@pytest.mark.slow
+@needs_strongswan
+@pytest.mark.parametrize("how", ["mobike", "nat-float"])
+def test_strongswan_client_handed_over_with_direct_identity(tmp_path: Path, how: str) -> None:
+    """Direct SG identity: the client connects to sg1's own address; after the transfer sg2,
+    at its own address, sends an INFORMATIONAL under the moved IKE SA (with MOBIKE: its
+    address list, RFC 4555 §3.6; without: an authenticated request after the faked NAT-D of
+    IKE_SA_INIT, RFC 7296 §2.23), and strongSwan moves its IKE SA to sg2 without a new
+    IKE_SA_INIT or IKE_AUTH. kernel-libipsec cannot change a CHILD SA's addresses, so
+    strongSwan rekeys the CHILD SA with sg2; until then sg1 forwards what still reaches it.
+    A ping runs through the whole handover."""
+    with ike_world(tmp_path, "direct", gw_encap=how == "nat-float") as w:
+        client = Client(w.ns, "mn", CLIENT, w.dir, "aes128gcm16")
+        client.gateway = SG_OUTER["sg1"]
+        client.mobike = "yes" if how == "mobike" else "no"
+        with client as ss:
+            ss.start()
+            ss.initiate()
+            assert ping(w, 3) == 3, ss.logtail() + w.logs()
+            (ike1,) = w.ike_sas("sg1")
+            assert ike1["mobike"] is (how == "mobike")
+            assert ike1["local"] == f"{SG_OUTER['sg1']}:4500"
+            (child,) = ike1["children"]
+            stream = w.ns.popen("mn", "ping", "-n", "-c", "150", "-i", "0.02", "-W", "1", HOST,
+                                stdout=subprocess.PIPE)  # fmt: skip
+            r = cli("transfer", f"0x{int(child['spi_out'], 16):08x}", "--to", "sg2", "--json",
+                    "-s", w.sock("sg1"))  # fmt: skip
+            assert r.returncode == 0, (r.stdout, r.stderr, w.logs())
+            assert json.loads(r.stdout)["outcome"] == "committed"
+            w.route_host_via("sg2")
+            # strongSwan follows sg2 and rekeys its CHILD SA there (kernel-libipsec)
+            wait_until(lambda: w.counters("sg2").get("address-update-answered", 0) == 1,
+                       "strongSwan to answer sg2's address update", 10)  # fmt: skip
+            strongswan.wait_log(ss, re.escape(f"remote endpoint changed from {SG_OUTER['sg1']}"
+                                              f"[4500] to {SG_OUTER['sg2']}[4500]"))  # fmt: skip
+            wait_until(lambda: w.counters("sg2").get("child-sa-rekeyed", 0) >= 1,
+                       "strongSwan's CHILD rekey with sg2", 10)  # fmt: skip
+            out, _ = stream.communicate(timeout=30)
+            m = re.search(r"(\d+) received", out.decode())
+            got = int(m.group(1)) if m else 0
+            print(f"ping through the handover: {got}/150")
+            assert got >= 140, out.decode() + ss.logtail() + w.logs()
+            (ike2,) = w.ike_sas("sg2")
+            assert (ike2["spi_i"], ike2["spi_r"]) == (ike1["spi_i"], ike1["spi_r"])
+            assert ike2["local"] == f"{SG_OUTER['sg2']}:4500" and not w.ike_sas("sg1")
+            assert ping(w, 5) == 5, ss.logtail() + w.logs()
+            # strongSwan's SAs now point at sg2
+            sas = ss.list_sas()
+            assert f"@ {SG_OUTER['sg2']}[4500]" in sas and f"{SG_OUTER['sg1']}[" not in sas, sas
+            # strongSwan's liveness check (dpd_delay 2 s) and an IKE rekey, with sg2
+            n = w.counters("sg2").get("liveness-answered", 0)
+            wait_until(lambda: w.counters("sg2").get("liveness-answered", 0) > n,
+                       "sg2 to answer strongSwan's liveness check", 15)  # fmt: skip
+            ss.swanctl("--rekey", "--ike", "cA")
+            wait_until(lambda: w.counters("sg2").get("ike-sa-rekeyed", 0) >= 1, "IKE rekey", 10)
+            assert ping(w, 5) == 5, ss.logtail() + w.logs()
+            log = ss.log()
+            assert len(re.findall(r"generating IKE_SA_INIT request", log)) == 1, log
+            assert len(re.findall(r"generating IKE_AUTH request", log)) == 1, log
+            assert "retransmit" not in log, ss.logtail()
+            print("sg1:", w.counters("sg1"), "\nsg2:", w.counters("sg2"))

@@ -62,6 +62,9 @@ class IkeService:
         self._stopping = False
         # set by the service when context transfer runs: (peer, CDBs, the peer's address)
         self.send_context: Callable[[str, list[bytes], Any], None] | None = None
+        # direct SG identity ([transfer] identity = "direct"): an IKE SA taken over from a
+        # peer gateway is moved to this gateway's own address (IkeEngine.announce_move)
+        self.direct = False
         host = node.cfg.local_address
         self.local_host = host
         node.outer_hooks.append(self._on_4500)
@@ -261,6 +264,12 @@ class IkeService:
         event(log, "ike-sa-received", node=self.node.name, conn=ike.conn.name, peer=peer,
               spi_i=ike.spi_i.hex(), spi_r=ike.spi_r.hex(), children=len(ike.children),
               tunnels=sum(c.handle is not None for c in ike.children))  # fmt: skip
+        here = Address(self.local_host, ike.local.port)
+        if self.direct and here != ike.local:
+            # the peer learns our address from an INFORMATIONAL sent from it (MOBIKE, or a
+            # faked NAT-D float); its CHILD SAs' ESP already goes out from here (the transfer
+            # made them ours) and what it still sends to the old gateway is forwarded
+            self._act(self.engine.announce_move(ike, here, now))
         self.node.timers.poke()  # the engine's next deadline may have moved
 
     # -- control ----------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import signal
 from typing import Any
 
 from ..ct import cxtp
+from ..ct.transfer import Identity
 from ..errors import ConfigError, ControlError, IpsecctError
 from ..ikev2.context import is_ike_cdb
 from ..ipsec.sad import Direction, SecurityAssociation
@@ -122,6 +123,8 @@ class Service:
                 peers.send(peer, cxtp.CTD(mn, 0, tuple(cdbs)))
 
             self.ike.send_context = send_context
+            # direct SG identity: an IKE SA that arrives is moved to this gateway's address
+            self.ike.direct = tcfg is not None and tcfg.settings.identity is Identity.DIRECT
             self.transfer.listeners.append(self.ike.on_transfer)
         if self.control is not None:
             if self.ike is not None:
