@@ -20,7 +20,12 @@ for a few seconds (``--time``); in its middle, the client is handed over from sg
   with sg2 (the detection time of a real failure, DPD and retransmissions, is not counted);
 - ``ct-indirect``: both gateways are ipsecct; ``ipsecct transfer`` moves the CHILD SA and the
   IKE SA to sg2 over the gateways' TLS channel and the virtual gateway address follows; the
-  host's route is moved when the command returns (sg1 forwards meanwhile).
+  host's route is moved when the command returns (sg1 forwards meanwhile);
+- ``ct-direct``: the same with direct SG identity: the client connects to sg1's own address
+  with MOBIKE (strongSwan's default); after the transfer sg2 sends it, from sg2's address and
+  under the moved IKE SA, an INFORMATIONAL with its address list (RFC 4555 §3.6) and the client
+  moves its IKE SA to sg2; kernel-libipsec cannot move a CHILD SA, so the client then rekeys
+  it with sg2 (no PFS configured: no key exchange); sg1 forwards what reaches it meanwhile.
 
 With strongSwan gateways, sg1 routes the client's inner address via sg2 once its own SA is gone
 (its kernel-libipsec route in table 220 goes first while the SA lives), so the host needs no
@@ -39,8 +44,6 @@ are the median of its runs (methods interleaved round after round). The stream's
 processes run under SCHED_FIFO (``chrt``) so that they measure the tunnel, not their own
 scheduling; the gateways and strongSwan run as usual.
 
-``ct-direct`` (direct SG identity: the new gateway moves the client's peer address with a
-MOBIKE UPDATE_SA_ADDRESSES) is not measured: that part is not implemented yet.
 """
 
 from __future__ import annotations
@@ -65,7 +68,7 @@ from typing import Any
 
 from ..errors import BenchError
 
-METHODS = ("strongswan-redirect", "strongswan-reinitiate", "ct-indirect")
+METHODS = ("strongswan-redirect", "strongswan-reinitiate", "ct-indirect", "ct-direct")
 CHARON = "/usr/lib/ipsec/charon"
 SWANCTL = "swanctl"
 PLUGINS = (
@@ -285,10 +288,11 @@ class Charon:
             return ""
 
 
-def _conn(name: str, local: str, remote: str, me: str, peer: str, lts: str, rts: str) -> str:
+def _conn(name: str, local: str, remote: str, me: str, peer: str, lts: str, rts: str,
+          mobike: bool = False) -> str:  # fmt: skip
     return (
         f"  {name} {{\n    version = 2\n    local_addrs = {local}\n    remote_addrs = {remote}\n"
-        f"    encap = yes\n    mobike = no\n    proposals = {PROPOSAL}\n"
+        f"    encap = yes\n    mobike = {'yes' if mobike else 'no'}\n    proposals = {PROPOSAL}\n"
         f"    local {{ auth = psk\n id = {me} }}\n    remote {{ auth = psk\n id = {peer} }}\n"
         f"    children {{ net {{ local_ts = {lts}\n remote_ts = {rts}\n"
         f"      esp_proposals = {ESP_PROPOSAL}\n mode = tunnel }} }}\n  }}\n"
@@ -299,9 +303,9 @@ def _secrets(psk: str) -> str:
     return f'secrets {{ ike-gw {{ id-1 = {CLIENT_ID}\n id-2 = {GW_ID}\n secret = "{psk}" }} }}\n'
 
 
-def _client(world: World, targets: Sequence[tuple[str, str]]) -> Charon:
+def _client(world: World, targets: Sequence[tuple[str, str]], mobike: bool = False) -> Charon:
     conns = "".join(
-        _conn(name, MN_OUTER, addr, CLIENT_ID, GW_ID, f"{MN_INNER}/32", HOST_NET)
+        _conn(name, MN_OUTER, addr, CLIENT_ID, GW_ID, f"{MN_INNER}/32", HOST_NET, mobike)
         for name, addr in targets
     )
     return Charon(world, "mn", "connections {\n" + conns + "}\n" + _secrets(world.psk))
@@ -324,9 +328,9 @@ def _toml(header: str, kv: dict[str, object]) -> str:
     return header + "\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in kv.items())
 
 
-def _ct_gateways(world: World) -> dict[str, str]:
-    """sg1 and sg2 as ipsecct gateways with the [connections.rw] for the client; returns the
-    control sockets."""
+def _ct_gateways(world: World, direct: bool) -> dict[str, str]:
+    """sg1 and sg2 as ipsecct gateways with the [connections.rw] for the client, with direct
+    or indirect SG identity; returns the control sockets."""
     from ..errors import ControlError
     from ..gateway.control import request
 
@@ -338,10 +342,11 @@ def _ct_gateways(world: World) -> dict[str, str]:
     socks = {}
     for g, other in (("sg1", "sg2"), ("sg2", "sg1")):
         sock = socks[g] = str(d / f"{g}.sock")
+        outer: dict[str, object] = {"address": SG_OUTER[g], "port": 4500}
+        if not direct:
+            outer |= {"virtual": VIP, "virtual_interface": "acc0", "virtual_owner": g == "sg1"}
         text = (
-            _toml(f'name = "{g}"\n[outer]', {
-                "address": SG_OUTER[g], "port": 4500, "virtual": VIP,
-                "virtual_interface": "acc0", "virtual_owner": g == "sg1"})
+            _toml(f'name = "{g}"\n[outer]', outer)
             + _toml("[inner]", {"kind": "tun", "name": "ipsecct0", "addresses": [],
                                 "mtu": 1400, "routes": [f"{MN_INNER}/32"]})
             + _toml("[control]", {"socket": sock})
@@ -350,13 +355,15 @@ def _ct_gateways(world: World) -> dict[str, str]:
             + _toml("[transfer]", {
                 "listen": f"{SG_CORE[g]}:{XFER_PORT}", "cert": f"{d}/pki/{g}.pem",
                 "key": f"{d}/pki/{g}.key", "ca": f"{d}/pki/ca.pem", "conflict": "reassign",
-                "identity": "indirect", "max_transfer_ms": 1000, "forward_ms": 5000,
+                "identity": "direct" if direct else "indirect", "max_transfer_ms": 1000,
+                "forward_ms": 5000,
                 "accept_local_ts": HOST_NET, "accept_remote_ts": f"{MN_INNER}/32"})
             + _toml("[[peers]]", {
                 "name": other, "address": f"{SG_CORE[other]}:{XFER_PORT}",
                 "outer": SG_OUTER[other], "allow": ["send", "request"]})
             + _toml("[connections.rw]", {
-                "local_addrs": [VIP], "remote_addrs": ["%any"], "proposals": [PROPOSAL],
+                "local_addrs": [SG_OUTER[g] if direct else VIP], "remote_addrs": ["%any"],
+                "proposals": [PROPOSAL],
                 "local.id": GW_ID, "remote.id": CLIENT_ID,
                 "children.net.local_ts": [HOST_NET],
                 "children.net.remote_ts": [f"{MN_INNER}/32"],
@@ -417,8 +424,9 @@ def run_once(method: str, workdir: Path, seconds: float, at: float) -> Result:
             client.swanctl("--initiate", "--ike", "c1", "--child", "net")
             socks: dict[str, str] = {}
         else:
-            socks = _ct_gateways(world)
-            client = _client(world, [("c1", VIP)])
+            direct = method == "ct-direct"
+            socks = _ct_gateways(world, direct)
+            client = _client(world, [("c1", SG_OUTER["sg1"] if direct else VIP)], mobike=direct)
             client.swanctl("--initiate", "--ike", "c1", "--child", "net")
             _wait(lambda: len(_ike_sas(socks["sg1"])) == 1, "the IKE SA at sg1", 10)
         streams = {}
@@ -457,8 +465,10 @@ def run_once(method: str, workdir: Path, seconds: float, at: float) -> Result:
             outs[role] = json.loads(out.strip().splitlines()[-1])
         if method.startswith("strongswan") and SG_OUTER["sg2"] not in client.swanctl("--list-sas"):
             raise BenchError(f"{method}: the client has no SA with sg2")
-        if method == "ct-indirect" and len(_ike_sas(socks["sg2"])) != 1:
+        if method.startswith("ct-") and len(_ike_sas(socks["sg2"])) != 1:
             raise BenchError("the IKE SA did not move to sg2")
+        if method == "ct-direct" and f"@ {SG_OUTER['sg2']}[" not in client.swanctl("--list-sas"):
+            raise BenchError("ct-direct: the client's IKE SA did not move to sg2")
         # the handover's interrupt: gaps that end after the command started; the baseline:
         # the longest gap before it, in the same run (the noise floor of the same path)
         gaps = [b - a for o in outs.values() for a, b in o["gaps"] if b >= t_trigger]
