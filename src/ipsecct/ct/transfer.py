@@ -54,7 +54,7 @@ from ..ipsec import signalling
 from ..ipsec.algorithms import EncAlg, IntegAlg
 from ..ipsec.engine import Engine, Held, ToPeer, Tunnel, TunnelState
 from ..ipsec.ippacket import Endpoint, IPAddress
-from ..ipsec.sad import Direction, SecurityAssociation, UdpEncap
+from ..ipsec.sad import Direction, Protocol, SecurityAssociation, UdpEncap
 from ..ipsec.spd import Action, AddressRange, OverlapIndex, RangeSet, Selectors, SPDEntry
 from ..ipsec.spi import SpiBlock
 from . import context, cxtp
@@ -329,6 +329,24 @@ class _Incoming:
     state: IncomingState = IncomingState.RECEIVING
     seq: int = 0
     octets: int = 0  # of the CDBs received so far
+
+
+@dataclass
+class _Batch:
+    """Tunnels of one install that passed every check and wait to be added together (one
+    engine call, :meth:`TransferCore._flush`). ``keys``: their SAs' (destination, protocol,
+    SPI), which later tunnels of the install must not take either; ``failed``: id() of the
+    outbound SAs the engine refused after all."""
+
+    items: list[tuple[SPDEntry, SecurityAssociation, SecurityAssociation | None]] = field(
+        default_factory=list
+    )
+    signals: list[list[signalling.SignalItem]] = field(default_factory=list)
+    keys: set[tuple[IPAddress, Protocol, int]] = field(default_factory=set)
+    failed: set[int] = field(default_factory=set)
+    # The signals of a tunnel that needs only the new address (direct identity): one list
+    # shared by all of them (never changed once made).
+    sg_only: list[signalling.SignalItem] | None = None
 
 
 class TransferCore:
@@ -846,10 +864,19 @@ class TransferCore:
             else (RangeSet(s.accept_local or ()), RangeSet(s.accept_remote or ()))
         )
         accepted: _Accept = (accept, {})
+        batch = _Batch()
         for out_sa, in_sa in pairs:
             old_in = in_sa.spi if in_sa is not None else 0
-            status, new_spi = self._install_one(inc, out_sa, in_sa, now, indexes, accepted)
+            status, new_spi = self._install_one(
+                inc, out_sa, in_sa, now, indexes, accepted, batch
+            )
             outcomes.append((out_sa, in_sa, status, new_spi, old_in))
+        self._flush(inc, batch)
+        if batch.failed:  # refused by the engine after all (not expected: checked above)
+            outcomes = [
+                (o, i, cxtp.Status.SPI_COLLISION if id(o) in batch.failed else st, spi, old)
+                for o, i, st, spi, old in outcomes
+            ]
         if inc.tunnels and self.journal is not None:
             # Recorded (pending) and reserved past the transferred sequence number before the
             # CTDR: the source may commit as soon as it reads it.
@@ -953,7 +980,12 @@ class TransferCore:
         now: float,
         indexes: tuple[OverlapIndex, OverlapIndex],
         accepted: _Accept,
+        batch: _Batch,
     ) -> tuple[int, int | None]:
+        """Check one transferred tunnel and install it held, or say why not. A tunnel that
+        needs nothing special joins ``batch`` (added with the others in one engine call); one
+        whose inbound SPI is taken, or that replaces a forwarder, is installed at once, after
+        the batch so far (so every check sees what was installed before it)."""
         index, returning = indexes
         if not self._check_supported(out_sa) or (
             in_sa is not None and not self._check_supported(in_sa)
@@ -973,12 +1005,36 @@ class TransferCore:
         if any(index.overlapping(sl) for sl in sels):
             self.counters["policy_refused"] += 1
             return cxtp.Status.UNAUTHORISED, None
-        if self.engine.sad.in_use(out_sa.dst, out_sa.protocol, out_sa.spi):
+        sad = self.engine.sad
+        out_key = (out_sa.dst, out_sa.protocol, out_sa.spi)
+        if out_key in batch.keys or sad.in_use(*out_key):
             return cxtp.Status.BUSY, None  # we hold this SA already
         direct = self.settings.identity is Identity.DIRECT
         take_over_pair(
             out_sa, in_sa, self.endpoint, self.settings.identity, path_mtu=self.settings.path_mtu
         )
+        in_key = (in_sa.dst, in_sa.protocol, in_sa.spi) if in_sa is not None else None
+        if (
+            in_key is None
+            or (in_key != out_key and in_key not in batch.keys and not sad.in_use(*in_key))
+        ) and not any(returning.overlapping(sl) for sl in sels):
+            # The common case: no conflict, nothing to replace. Checked against the engine
+            # and the batch; added with the batch.
+            entry = SPDEntry(out_sel, Action.PROTECT, name=out_sa.name, static=False)
+            batch.items.append((entry, out_sa, in_sa))
+            batch.keys.add(out_key)
+            if in_key is not None:
+                batch.keys.add(in_key)
+            for sl in sels:
+                index.add(sl, entry)  # stands for its tunnel: later tunnels must not overlap
+            if direct:
+                if batch.sg_only is None:
+                    batch.sg_only = [signalling.SgUpdate(self.endpoint.host, self.endpoint.port)]
+                batch.signals.append(batch.sg_only)
+            else:
+                batch.signals.append([])
+            return cxtp.Status.SUCCESS, None
+        self._flush(inc, batch)  # what came before is in the engine before this one
         status: int = cxtp.Status.SUCCESS
         new_spi: int | None = None
         shadow_old = False
@@ -1042,6 +1098,22 @@ class TransferCore:
         if signals:
             inc.signals[id(tunnel)] = signals
         return status, new_spi
+
+    def _flush(self, inc: _Incoming, batch: _Batch) -> None:
+        """Add the batch's tunnels in one engine call, held, in the order they came."""
+        if not batch.items:
+            return
+        tunnels = self.engine.add_tunnels(batch.items, held=True)
+        for (_, out_sa, _), tunnel, signals in zip(
+            batch.items, tunnels, batch.signals, strict=True
+        ):
+            if tunnel is None:
+                batch.failed.add(id(out_sa))
+                continue
+            inc.tunnels.append(tunnel)
+            if signals:
+                inc.signals[id(tunnel)] = signals
+        batch.items, batch.signals, batch.keys = [], [], set()
 
     def _on_commit(self, peer: str, tag: cxtp.TransferTag, now: float) -> list[Output]:
         inc = self.incoming.get((peer, tag.transfer_id))

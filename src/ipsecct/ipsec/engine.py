@@ -13,7 +13,7 @@ from __future__ import annotations
 import enum
 import math
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -333,6 +333,59 @@ class Engine:
             self._tunnel_of_sa[id(sa)] = t
         return t
 
+    def add_tunnels(
+        self,
+        items: Sequence[tuple[SPDEntry, SecurityAssociation, SecurityAssociation | None]],
+        *,
+        held: bool = False,
+    ) -> list[Tunnel | None]:
+        """Many tunnels in one call (a bulk transfer's install): each added as
+        :meth:`add_tunnel` adds it (its policy appended), in order, the flow caches cleared
+        once. A tunnel that :meth:`add_tunnel` would refuse (an SA whose SPI is taken, by
+        the SAD or by a tunnel earlier in ``items``) is not added: None in its place.
+        ``held``: the tunnels start HELD (installed for a transfer that is not committed)."""
+        out: list[Tunnel | None] = []
+        entries: list[SPDEntry] = []
+        sad = self.sad
+        state = TunnelState.HELD if held else TunnelState.ACTIVE
+        fence = self.fence_new_tunnels
+        by_entry, by_sa = self._tunnel_of_entry, self._tunnel_of_sa
+        try:
+            for entry, outbound, inbound in items:
+                if (
+                    entry.action is not Action.PROTECT
+                    or outbound.direction is not Direction.OUTBOUND
+                    or (inbound is not None and inbound.direction is not Direction.INBOUND)
+                ):
+                    out.append(None)
+                    continue
+                try:
+                    if inbound is not None:
+                        sad.add(inbound)
+                    try:
+                        sad.add(outbound)
+                    except SAError:
+                        if inbound is not None:
+                            sad.remove(inbound)
+                        raise
+                except SAError:
+                    out.append(None)
+                    continue
+                entry.sa_ids = [outbound.spi]
+                entries.append(entry)
+                t = Tunnel(entry, outbound, inbound, state)
+                if fence:
+                    t.seq_ceiling = outbound.seq
+                by_entry[id(entry)] = t
+                by_sa[id(outbound)] = t
+                if inbound is not None:
+                    by_sa[id(inbound)] = t
+                out.append(t)
+        finally:
+            self._clear_flows()
+            self.spd.extend(entries)
+        return out
+
     def remove_tunnel(self, tunnel: Tunnel) -> None:
         """Remove a tunnel's policy and SAs from the databases."""
         self._clear_flows()
@@ -404,9 +457,29 @@ class Engine:
             for t in self._tunnel_of_entry.values()
             if t.state is TunnelState.MOVED and now >= t.forward_until
         ]
-        for t in gone:
-            self.remove_tunnel(t)
+        self.remove_tunnels(gone)
         return gone
+
+    def remove_tunnels(self, tunnels: Sequence[Tunnel]) -> None:
+        """:meth:`remove_tunnel` for many (forwarders of a bulk transfer expiring): the same
+        per tunnel, the policies removed in one pass over the SPD."""
+        if not tunnels:
+            return
+        self._clear_flows()
+        entries = []
+        for tunnel in tunnels:
+            for sa in tunnel.sas():
+                self._native_drop(sa)
+                if self.sad.lookup(sa.dst, sa.protocol, sa.spi) is sa:
+                    self.sad.remove(sa)
+                if self._shadows:
+                    self.remove_shadows(sa)
+                self._tunnel_of_sa.pop(id(sa), None)
+            if self._tunnel_of_entry.pop(id(tunnel.entry), None) is not None:
+                entries.append(tunnel.entry)
+            if tunnel.inbound is not None and self._moved_in.get(tunnel.inbound.spi) is tunnel:
+                del self._moved_in[tunnel.inbound.spi]
+        self.spd.remove_many(entries)
 
     def attach_shadow_inbound(self, tunnel: Tunnel, sa: SecurityAssociation) -> None:
         """Give ``tunnel`` an inbound SA whose (destination, protocol, SPI) another SA owns."""

@@ -20,8 +20,13 @@ _M64 = (1 << 64) - 1
 
 
 def _reverse(x: int, width: int) -> int:
-    """``x`` with its low ``width`` bits in reverse order."""
+    """``x`` with its low ``width`` bits in reverse order (the reference form)."""
     return int(format(x, f"0{width}b")[::-1], 2)
+
+
+# Each octet with its bits reversed: reversing all the bits of a number whose width is whole
+# octets is reversing its octets and the bits of each (C-level, not a 1024-digit string).
+_REV8 = bytes(int(f"{i:08b}"[::-1], 2) for i in range(256))
 
 
 class ReplayWindow:
@@ -124,8 +129,10 @@ class ReplayWindow:
             acc = (acc << 64) | (self._blocks[b % n] if b >= 0 else 0)
         # acc holds sequence number s at bit (s - 64 * first_block); take top-size+1 .. top.
         window = (acc >> (top - size + 1 - 64 * first_block)) & ((1 << size) - 1)
-        bits = _reverse(window, size)  # bit i <-> top - i
-        return top, bits.to_bytes(size // 8, "little")
+        # Bit i of the bitmap <-> top - i: the window's bits reversed, as little-endian
+        # octets, which is its big-endian octets with each octet's bits reversed (the size
+        # is a multiple of 32).
+        return top, window.to_bytes(size // 8, "big").translate(_REV8)
 
     def restore(self, top: int, bitmap: bytes) -> None:
         """Load a state made by :meth:`snapshot` (of a window of the same size)."""
@@ -147,7 +154,7 @@ class ReplayWindow:
         n = self._nblocks
         blocks = [0] * n
         base = top - size + 1  # the sequence number at bit 0 of ``window``
-        window = _reverse(bits, size)
+        window = int.from_bytes(bitmap.translate(_REV8), "big")  # _reverse(bits, size)
         for b in range(max(base, 0) >> 6, (top >> 6) + 1):
             lo = 64 * b - base
             word = window >> lo if lo >= 0 else window << -lo

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import AlgorithmError, SAError, SPICollisionError
-from .algorithms import ENC, EncAlg, IntegAlg, check_esp_combination, check_integ_key
+from .algorithms import ENC, EncAlg, IntegAlg, check_integ_key
 from .ippacket import IPAddress
 from .replay import ReplayWindow
 from .spd import Selectors
@@ -174,13 +174,7 @@ class SecurityAssociation:
         if not 0 <= self.seq <= limit:
             raise SAError("sequence number out of range")
         if self.protocol is Protocol.ESP:
-            check_esp_combination(
-                self.enc,
-                len(self.enc_key),
-                self.integ,
-                len(self.integ_key),
-                encryption_only_ok=self.decrypt_only,
-            )
+            # make_transform checks the algorithms and key lengths (check_esp_combination)
             self._transform = make_transform(
                 self.enc,
                 self.enc_key,

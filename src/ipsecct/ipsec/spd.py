@@ -322,6 +322,17 @@ class SPD:
         else:
             self._entries.insert(index, entry)
 
+    def extend(self, entries: Iterable[SPDEntry]) -> None:
+        """Append ``entries`` in order (a bulk install)."""
+        self._entries.extend(entries)
+
+    def remove_many(self, entries: Iterable[SPDEntry]) -> None:
+        """Remove these very entries in one pass over the database (removing thousands one by
+        one would walk it once each). Entries not in it are ignored."""
+        gone = {id(e) for e in entries}
+        if gone:
+            self._entries = [e for e in self._entries if id(e) not in gone]
+
     def remove(self, entry: SPDEntry) -> None:
         """Remove this very entry (not one that merely compares equal)."""
         for i, e in enumerate(self._entries):
