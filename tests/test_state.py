@@ -254,41 +254,87 @@ def test_restart_resumes_counters_and_a_deleted_sa_stays_deleted(gws: Gateways) 
     assert 'ipsecct_drops_total{node="sg1",reason="seq_unreserved"}' in text
 
 
-# -- the transfer core calls the journal before ownership changes (sans-I/O) ----------------
+# -- the transfer core submits ownership changes and waits only where it must (sans-I/O) -----
 class Recorder:
-    """A Journal that records calls (with how many messages were on the links then)."""
+    """A Journal that records what is submitted (with how many messages were on the links
+    then) and leaves each write unsettled until the test settles it, as a disk would.
+    ``fail``: the kind whose writes fail on the disk; ``refuse``: the kind refused at once."""
 
-    def __init__(self, world: object, fail: str = "") -> None:
+    def __init__(self, world: object, fail: str = "", refuse: str = "") -> None:
+        from ipsecct.ct.journal import Write
+
         self.world = world
         self.fail = fail
+        self.refuse = refuse
         self.calls: list[tuple[str, int]] = []
+        self.writes: list[tuple[str, Write, list[object]]] = []
 
-    def _note(self, what: str) -> None:
+    def _submit(self, what: str, then: list[object] | None = None):  # type: ignore[no-untyped-def]
+        from ipsecct.ct.journal import Write
+        from ipsecct.errors import JournalError
+
         links = self.world.links  # type: ignore[attr-defined]
         self.calls.append((what, sum(len(q) for q in links.values())))
-        if what == self.fail:
-            from ipsecct.errors import JournalError
-
+        if what == self.refuse:
             raise JournalError("disk full")
+        w = Write()
+        self.writes.append((what, w, then or []))
+        return w
+
+    def settle(self) -> list[str]:
+        """Every write submitted so far reaches the disk (or fails): what a real journal does
+        on success (grant the first block) included. Returns their kinds."""
+        from ipsecct.ipsec.sequence import Reservations
+
+        kinds = []
+        for what, w, sas in self.writes:
+            if what == self.fail:
+                w.fail("disk full")
+                continue
+            for sa in sas:  # what a real journal does: the first block, once durable
+                r = Reservations(64)
+                r.granted(sa, r.request(sa))  # type: ignore[arg-type]
+            w.succeed()
+            kinds.append(what)
+        self.writes = []
+        return kinds
 
     def taken_over(self, tunnels, peer, *, pending):  # type: ignore[no-untyped-def]
-        for t in tunnels:  # what a real journal does: reserve before the tunnel may send
-            from ipsecct.ipsec.sequence import Reservations
+        raise AssertionError("the transfer core submits; taken_over is the fail-over's")
 
-            r = Reservations(64)
-            if t.outbound.seq_ceiling == 2**64 - 1:
-                r.enrol(t.outbound, 0)
-                r.granted(t.outbound, r.request(t.outbound))
-        self._note("pending" if pending else "taken")
+    def arriving(self, tunnels, peer):  # type: ignore[no-untyped-def]
+        from ipsecct.ipsec.sequence import Reservations
 
-    def given_away(self, tunnels, peer, transfer_id):  # type: ignore[no-untyped-def]
-        self._note("given")
+        for t in tunnels:  # enrolled: nothing may be sent before the write is done
+            Reservations.enrol(t.outbound, 0)
+        return self._submit("pending", [t.outbound for t in tunnels])
+
+    def arrived(self, tunnels, peer):  # type: ignore[no-untyped-def]
+        return self._submit("taken")
+
+    def leaving(self, tunnels, peer, transfer_id):  # type: ignore[no-untyped-def]
+        return self._submit("given")
+
+    def staying(self, tunnels, peer):  # type: ignore[no-untyped-def]
+        return self._submit("kept")
 
     def cancelled(self, tunnels, peer):  # type: ignore[no-untyped-def]
-        self._note("cancelled")
+        return self._submit("cancelled")
 
 
-def test_transfer_core_records_before_each_change_of_owner() -> None:
+def settle(w: object, name: str, j: Recorder) -> list[str]:
+    """``j``'s writes land; gateway ``name``'s core is told (as the adapter does)."""
+    kinds = j.settle()
+    gw = w.gw[name]  # type: ignore[attr-defined]
+    gw.run(gw.core.settled(w.now))  # type: ignore[attr-defined]
+    return kinds
+
+
+def test_transfer_core_writes_in_parallel_with_the_exchange_and_waits_where_it_must() -> None:
+    """The source submits "given away" when it holds the tunnel and the target "pending" when
+    it installs it: both are written while messages travel. The COMMIT waits for "given
+    away"; the target's tunnel sends nothing until "pending" (its first block) is durable;
+    "owned" at the commit is not waited for."""
     from ipsecct.ct import cxtp
     from ipsecct.ipsec.engine import TunnelState
     from tests.helpers.transfer import World
@@ -298,33 +344,95 @@ def test_transfer_core_records_before_each_change_of_owner() -> None:
     w.gw["sg1"].core.journal = j1
     w.gw["sg2"].core.journal = j2
     w.transfer()
-    w.deliver("sg1", "sg2")  # PCTD: the target records "pending" before its CTDR is posted
-    assert j2.calls == [("pending", 0)]
+    assert j1.calls == [("given", 0)] and j1.writes  # submitted, not durable yet
+    assert isinstance(w.peek("sg1", "sg2"), cxtp.PCTD)  # the contexts go at once
+    assert w.tunnel.state is TunnelState.HELD
+    w.deliver("sg1", "sg2")  # PCTD: "pending" submitted, the CTDR posted without waiting
+    assert j2.calls == [("pending", 0)] and j2.writes
     assert isinstance(w.peek("sg2", "sg1"), cxtp.CTDR)
-    w.deliver("sg2", "sg1")  # CTDR: "given away" before the COMMIT is posted
-    assert j1.calls == [("given", 0)]
-    assert isinstance(w.peek("sg1", "sg2"), cxtp.CTD)
-    w.deliver("sg1", "sg2")
-    assert j2.calls[-1][0] == "taken"
+    w.deliver("sg2", "sg1")  # CTDR: "given away" is not durable yet: no COMMIT
+    assert w.pending("sg1", "sg2") == 0
+    assert settle(w, "sg1", j1) == ["given"]
+    msg = w.peek("sg1", "sg2")  # now the COMMIT
+    assert isinstance(msg, cxtp.CTD) and w.gw["sg1"].finished[-1].outcome == "committed"
+    w.deliver("sg1", "sg2")  # COMMIT: "pending" is not durable yet: held, nothing to send
     (t2,) = w.gw["sg2"].engine.tunnels()
-    assert t2.state is TunnelState.ACTIVE and t2.outbound.seq_ceiling < 2**64 - 1
+    assert t2.state is TunnelState.HELD and t2.outbound.seq_ceiling == t2.outbound.seq
+    assert settle(w, "sg2", j2) == ["pending"]
+    assert t2.state is TunnelState.ACTIVE and t2.outbound.seq_ceiling > t2.outbound.seq
+    assert w.gw["sg2"].finished[-1].outcome == "committed"
+    assert j2.calls[-1][0] == "taken" and j2.writes  # submitted, not waited for
+
+
+def test_a_target_whose_writes_are_durable_first_activates_at_the_commit() -> None:
+    from ipsecct.ipsec.engine import TunnelState
+    from tests.helpers.transfer import World
+
+    w = World()
+    j1, j2 = Recorder(w), Recorder(w)
+    w.gw["sg1"].core.journal = j1
+    w.gw["sg2"].core.journal = j2
+    w.transfer()
+    settle(w, "sg1", j1)  # durable before the CTDR arrives: the COMMIT goes at once
+    w.deliver("sg1", "sg2")
+    settle(w, "sg2", j2)
+    w.deliver("sg2", "sg1")
+    w.deliver("sg1", "sg2")
+    (t2,) = w.gw["sg2"].engine.tunnels()
+    assert t2.state is TunnelState.ACTIVE
 
 
 def test_a_source_that_cannot_record_does_not_commit() -> None:
+    """"Given away" failed on the disk: no COMMIT; the tunnel sends again only once "owned"
+    again is durable (the failed write may have reached the disk after all)."""
     from ipsecct.ct import cxtp
     from ipsecct.ipsec.engine import TunnelState
     from tests.helpers.transfer import World
 
     w = World()
-    w.gw["sg1"].core.journal = Recorder(w, fail="given")
+    j1 = Recorder(w, fail="given")
+    w.gw["sg1"].core.journal = j1
     w.transfer()
     w.deliver("sg1", "sg2")
     w.deliver("sg2", "sg1")
+    assert settle(w, "sg1", j1) == []  # "given" failed: rolled back, "kept" submitted
     assert isinstance(w.peek("sg1", "sg2"), cxtp.CTC)  # rolled back, not committed
-    assert w.tunnel.state is TunnelState.ACTIVE
     assert w.gw["sg1"].finished[-1].outcome == "failed"
+    assert w.tunnel.state is TunnelState.HELD  # until "owned" again is durable
+    assert settle(w, "sg1", j1) == ["kept"]
+    assert w.tunnel.state is TunnelState.ACTIVE
     w.deliver("sg1", "sg2")
     assert w.gw["sg2"].engine.tunnels() == []
+
+
+def test_a_rolled_back_source_sends_again_only_once_it_owns_the_tunnel_again() -> None:
+    """A time-out after "given away" was submitted: CTC at once, but the tunnel stays held
+    (its packets kept) until "owned" again is durable, and is dropped if that fails."""
+    from ipsecct.ct import cxtp
+    from ipsecct.ipsec.engine import TunnelState
+    from tests.helpers.transfer import World
+
+    for fail in ("", "kept"):
+        w = World()
+        j1 = Recorder(w, fail=fail)
+        w.gw["sg1"].core.journal = j1
+        w.transfer()
+        settle(w, "sg1", j1)
+        w.drop("sg1", "sg2")  # the PCTD is lost
+        w.now += 10.0
+        w.gw["sg1"].run(w.gw["sg1"].core.handle_timer(w.now))
+        assert isinstance(w.peek("sg1", "sg2"), cxtp.CTC)
+        assert w.tunnel.state is TunnelState.HELD
+        w.host_send("sg1", 1)  # held, not sent
+        assert w.gw["sg1"].wire == []
+        settle(w, "sg1", j1)
+        if fail:
+            assert w.gw["sg1"].engine.tunnels() == []  # out of service: the invariant wins
+            assert w.gw["sg1"].core.counters["unrecorded"] == 1
+            assert w.gw["sg1"].wire == []
+        else:
+            assert w.tunnel.state is TunnelState.ACTIVE
+            assert len(w.gw["sg1"].wire) == 1  # the held packet, sent now
 
 
 def test_a_target_that_cannot_record_refuses() -> None:
@@ -332,12 +440,31 @@ def test_a_target_that_cannot_record_refuses() -> None:
     from tests.helpers.transfer import World
 
     w = World()
-    w.gw["sg2"].core.journal = Recorder(w, fail="pending")
+    w.gw["sg2"].core.journal = Recorder(w, refuse="pending")
     w.transfer()
     w.deliver("sg1", "sg2")
     msg = w.peek("sg2", "sg1")
     assert isinstance(msg, cxtp.CTDR) and not msg.all_ok
     assert w.gw["sg2"].engine.tunnels() == []
+
+
+def test_a_target_whose_pending_write_fails_never_sends() -> None:
+    """It answered before the write failed: at the COMMIT its tunnels, without a durable
+    first block, are dropped (the tunnel is with nobody: the invariant wins)."""
+    from tests.helpers.transfer import World
+
+    w = World()
+    j2 = Recorder(w, fail="pending")
+    w.gw["sg2"].core.journal = j2
+    w.transfer()
+    w.deliver("sg1", "sg2")
+    settle(w, "sg2", j2)
+    w.deliver("sg2", "sg1")
+    w.deliver("sg1", "sg2")  # the COMMIT
+    assert w.gw["sg2"].engine.tunnels() == []
+    assert w.gw["sg2"].finished[-1].outcome == "failed"
+    w.host_send("sg2", 1)
+    assert w.gw["sg2"].wire == []
 
 
 def test_a_restarted_source_repeats_the_commit_it_recorded() -> None:

@@ -45,20 +45,71 @@ class SAState:
     transfer: int = 0  # AWAY: the transfer that gave it away (its COMMIT can be repeated)
 
 
+class Write:
+    """One journal write under way (sans-I/O): ``done`` once it is on stable storage,
+    ``failed`` if it could not be made durable (then it may or may not have reached the
+    disk: whoever relied on it must assume either). The adapter settles it and then tells
+    the core (:meth:`~ipsecct.ct.transfer.TransferCore.settled`)."""
+
+    __slots__ = ("done", "error", "failed")
+
+    def __init__(self) -> None:
+        self.done = False
+        self.failed = False
+        self.error = ""
+
+    @property
+    def settled(self) -> bool:
+        return self.done or self.failed
+
+    def succeed(self) -> None:
+        self.done = True
+
+    def fail(self, error: str) -> None:
+        self.failed = True
+        self.error = error
+
+    @classmethod
+    def durable(cls) -> Write:
+        """A write that needs no waiting (nothing to record)."""
+        w = cls()
+        w.done = True
+        return w
+
+
 class Journal(Protocol):
-    """Makes ownership changes durable. Each call returns only once the change is on stable
-    storage, or raises :class:`JournalError`; the cores call it before the change takes effect
-    (before the source commits, before the target or the standby sends)."""
+    """Makes ownership changes durable.
+
+    The transfer core *submits* its changes and goes on: each call returns a :class:`Write`
+    at once, and the core waits for it only where the change must be on stable storage
+    before something happens (see docs/state.md, "what is written when"). Writes are made
+    durable in the order they were submitted (several may share one transaction).
+    :meth:`taken_over` is the synchronous form (fail-over): it returns once the change is
+    on stable storage, or raises :class:`JournalError`."""
 
     def taken_over(self, tunnels: Sequence[Tunnel], peer: str, *, pending: bool) -> None:
         """``tunnels`` arrive from ``peer``: record them (``pending`` until the transfer is
         committed) and reserve their first block past the sequence number they came with."""
 
-    def given_away(self, tunnels: Sequence[Tunnel], peer: str, transfer_id: int) -> None:
-        """``tunnels`` go to ``peer`` by transfer ``transfer_id``: from the commit on, this
-        gateway never sends on them."""
+    def arriving(self, tunnels: Sequence[Tunnel], peer: str) -> Write:
+        """Target: ``tunnels`` are installed held (transfer pending): record them pending
+        and reserve their first block past the sequence number they came with. Their
+        outbound SAs may send nothing until this write is done (their ceiling is raised
+        only then); the core activates them only once it is done."""
 
-    def cancelled(self, tunnels: Sequence[Tunnel], peer: str) -> None:
+    def arrived(self, tunnels: Sequence[Tunnel], peer: str) -> Write:
+        """Target: the transfer committed: ``tunnels`` are owned here. Not waited for (a
+        crash before it lands leaves them pending: kept away after a restart)."""
+
+    def leaving(self, tunnels: Sequence[Tunnel], peer: str, transfer_id: int) -> Write:
+        """Source: ``tunnels`` (held) go to ``peer`` by transfer ``transfer_id``: record them
+        given away. Submitted when they are held; the COMMIT waits for it."""
+
+    def staying(self, tunnels: Sequence[Tunnel], peer: str) -> Write:
+        """Source: a transfer recorded by :meth:`leaving` did not commit these tunnels:
+        owned here again. They send again only once this write is done."""
+
+    def cancelled(self, tunnels: Sequence[Tunnel], peer: str) -> Write:
         """A pending arrival from ``peer`` was cancelled: the tunnels stay with the peer."""
 
 

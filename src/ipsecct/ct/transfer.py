@@ -58,7 +58,7 @@ from ..ipsec.sad import Direction, Protocol, SecurityAssociation, UdpEncap
 from ..ipsec.spd import Action, AddressRange, OverlapIndex, RangeSet, Selectors, SPDEntry
 from ..ipsec.spi import SpiBlock
 from . import context, cxtp
-from .journal import Journal
+from .journal import Journal, Write
 from .ratelimit import RateLimiter
 
 FPT_DECISION = 0x8005  # COMMIT (1) or ABORT (2) of a transfer
@@ -309,6 +309,23 @@ class _Outgoing:
     seq: int = 0
     state: OutgoingState = OutgoingState.SENT
     results: dict[int, int] = field(default_factory=dict)  # SPI -> status, over the CTDRs
+    # "Given away", submitted when the tunnels were held; the COMMIT waits for it.
+    away: Write | None = None
+    # The CTDR's answer, while the COMMIT waits for ``away`` (None: no answer yet).
+    answer: tuple[list[Tunnel], list[Tunnel], int] | None = None
+
+
+@dataclass
+class _Reverting:
+    """Tunnels of a transfer that did not commit, recorded "given away" already: held until
+    "owned" again is on stable storage (``write``), then active here again."""
+
+    tid: int
+    tunnels: list[Tunnel]
+    write: Write
+    held: list[Held] = field(default_factory=list)
+    held_bytes: int = 0
+    held_per_tunnel: dict[Tunnel, tuple[int, int]] = field(default_factory=dict)
 
 
 @dataclass
@@ -329,6 +346,10 @@ class _Incoming:
     state: IncomingState = IncomingState.RECEIVING
     seq: int = 0
     octets: int = 0  # of the CDBs received so far
+    # "Pending" and the first block, submitted at install: the tunnels are activated only
+    # once it is done. ``committing``: the COMMIT came and waits for it.
+    recorded: Write | None = None
+    committing: bool = False
 
 
 @dataclass
@@ -363,11 +384,16 @@ class TransferCore:
         journal: Journal | None = None,
     ) -> None:
         self.engine = engine
-        # Makes ownership changes durable before they take effect (gateway/state.py): the
-        # source records "given away" before it commits, the target "taken over" (with a
-        # reservation past the transferred sequence number) before it answers and again
-        # before it activates. None: nothing is recorded (the demo, in-process tests).
+        # Makes ownership changes durable before they take effect (gateway/state.py), off
+        # the critical path where that is safe: the source submits "given away" when it holds
+        # the tunnels and sends the COMMIT once it is durable; the target submits "pending"
+        # (with a reservation past the transferred sequence number) when it installs them,
+        # answers at once, and activates them once it is durable; "owned" at the commit is
+        # not waited for. After a call to the journal the adapter calls settled() when
+        # writes are done. None: nothing is recorded (in-process tests).
         self.journal = journal
+        self.reverting: list[_Reverting] = []  # tunnels waiting to be owned here again
+        self._unawaited: list[Write] = []  # "owned" and "cancelled" writes, for the counters
         self.endpoint = endpoint
         self.settings = settings or Settings()
         self.rng = rng
@@ -454,6 +480,10 @@ class TransferCore:
                 self.engine.activate(t)
             raise TransferError(f"cannot encode the contexts: {exc}") from None
         self.outgoing[tid] = og
+        if self.journal is not None:
+            # Made durable while the contexts travel and the target installs them; the COMMIT
+            # waits for it. Until then the tunnels are held: nothing is sent on them here.
+            og.away = self._journal_write(lambda j: j.leaving(tunnels, peer, tid))
         # CT_MAX_TRANSFER_TIME bounds one exchange; a batched (bulk) transfer gets it once per
         # message it takes, so thousands of tunnels are not cut off by a per-message budget.
         og.deadline = now + self.settings.max_transfer_time * max(1, len(out))
@@ -484,9 +514,12 @@ class TransferCore:
         for inc in self.incoming.values():
             if held.tunnel in inc.tunnels and inc.state in OPEN_INCOMING:
                 return self._keep(inc, held)
+        for rv in self.reverting:
+            if held.tunnel in rv.tunnels:
+                return self._keep(rv, held)
         return False  # not ours (fail-over fencing may hold it)
 
-    def _keep(self, owner: _Outgoing | _Incoming, held: Held) -> bool:
+    def _keep(self, owner: _Outgoing | _Incoming | _Reverting, held: Held) -> bool:
         s = self.settings
         n = len(held.packet)
         packets, octets = owner.held_per_tunnel.get(held.tunnel, (0, 0))
@@ -504,7 +537,7 @@ class TransferCore:
         return True
 
     @staticmethod
-    def _release_held(owner: _Outgoing | _Incoming, keep: list[Held]) -> None:
+    def _release_held(owner: _Outgoing | _Incoming | _Reverting, keep: list[Held]) -> None:
         owner.held = keep
         owner.held_bytes = sum(len(h.packet) for h in keep)
         per: dict[Tunnel, tuple[int, int]] = {}
@@ -523,12 +556,23 @@ class TransferCore:
     ) -> list[Output]:
         out: list[Output] = []
         back = og.tunnels if tunnels is None else tunnels
-        for t in back:
-            if t.state is TunnelState.HELD:
-                self.engine.activate(t)
         keep = [h for h in og.held if h.tunnel not in back]
-        out += [Inject(h.packet, h.inbound) for h in og.held if h.tunnel in back]
+        mine = [h for h in og.held if h.tunnel in back]
         self._release_held(og, keep)
+        if og.away is not None:
+            # "Given away" was submitted (it may be on disk, with this transfer's id, which a
+            # restarted source would answer COMMIT for): these tunnels send again only once
+            # "owned" is durable again. Until then they stay held, with what they held.
+            w = self._journal_write(lambda j: j.staying(back, og.peer))
+            rv = _Reverting(og.tid, list(back), w)
+            self._release_held(rv, mine)
+            self.reverting.append(rv)
+            out += self._settle_reverting(now)
+        else:
+            for t in back:
+                if t.state is TunnelState.HELD:
+                    self.engine.activate(t)
+            out += [Inject(h.packet, h.inbound) for h in mine]
         if tunnels is None:
             _move(og, OutgoingState.ABORTED)
             self.decided[og.tid] = (2, now + self.settings.retry_max)
@@ -595,19 +639,30 @@ class TransferCore:
                 og.record.detail += f"{og.peer}: unsupported algorithm; "
                 og.peer = nxt
                 og.record.peer = nxt
+                if og.away is not None and self.journal is not None:
+                    og.away = self._journal_write(lambda j: j.leaving(og.tunnels, nxt, og.tid))
                 more = self._send_contexts(og, now, reactive=False)
                 og.deadline = now + self.settings.max_transfer_time * max(1, len(more))
                 return out + more
             name = _status_name(worst)
             return self._rollback(og, now, "refused", f"{og.record.detail}{peer}: {name}")
-        # Commit what was accepted; reactivate the rest here. "Given away" is on stable
-        # storage before the COMMIT goes out: after a crash, this gateway never sends on
-        # them again, whatever the target did.
-        if self.journal is not None:
-            try:
-                self.journal.given_away(accepted, peer, og.tid)
-            except JournalError as exc:
-                return self._rollback(og, now, "failed", f"not committed: {exc}")
+        # Commit what was accepted; reactivate the rest here. "Given away" (submitted when
+        # the tunnels were held) is on stable storage before the COMMIT goes out: after a
+        # crash, this gateway never sends on them again, whatever the target did.
+        og.answer = (accepted, refused, worst)
+        return out + self._commit_when_recorded(og, now)
+
+    def _commit_when_recorded(self, og: _Outgoing, now: float) -> list[Output]:
+        """Send the COMMIT for the CTDR's answer if "given away" is durable; roll back if it
+        could not be made so; else wait (settled() comes back here)."""
+        assert og.answer is not None
+        if og.away is not None and not og.away.done:
+            if og.away.failed:
+                return self._rollback(og, now, "failed", f"not committed: {og.away.error}")
+            return []
+        accepted, refused, worst = og.answer
+        peer = og.peer
+        out: list[Output] = []
         if refused:
             out += self._rollback(og, now, "partial", "", refused)
         og.tunnels = accepted
@@ -626,6 +681,64 @@ class TransferCore:
             og.record.detail += f"{len(refused)} refused: {_status_name(worst)}"
         self.records.append(og.record)
         out.append(Finished(og.record))
+        return out
+
+    def _journal_write(self, submit: Callable[[Journal], Write]) -> Write:
+        """Submit a change to the journal; a journal that refuses at once gives a failed
+        Write (the same as a write that failed on the disk)."""
+        assert self.journal is not None
+        try:
+            return submit(self.journal)
+        except JournalError as exc:
+            w = Write()
+            w.fail(str(exc))
+            return w
+
+    def _settle_reverting(self, now: float) -> list[Output]:
+        """Tunnels of transfers that did not commit, "owned" again on stable storage: active
+        here again, with the packets they held. If that could not be written they stay out
+        of service (recorded given away, perhaps: after a restart nobody would know
+        whether they had sent past the transferred number)."""
+        out: list[Output] = []
+        for rv in [r for r in self.reverting if r.write.settled]:
+            self.reverting.remove(rv)
+            if rv.write.done:
+                for t in rv.tunnels:
+                    if t.state is TunnelState.HELD:
+                        self.engine.activate(t)
+                out += [Inject(h.packet, h.inbound) for h in rv.held]
+            else:
+                self.counters["unrecorded"] += len(rv.tunnels)
+                for t in rv.tunnels:
+                    self.engine.remove_tunnel(t)
+            self._release_held(rv, [])
+        return out
+
+    def _unawaited_write(self, w: Write) -> None:
+        if w.failed:
+            self.counters["unrecorded"] += 1
+        elif not w.done:
+            self._unawaited.append(w)
+
+    def settled(self, now: float) -> list[Output]:
+        """Journal writes were settled (done or failed): go on with what waited for them
+        (a COMMIT to send, tunnels to activate or to take back)."""
+        out: list[Output] = []
+        for og in list(self.outgoing.values()):
+            if og.state is OutgoingState.SENT and og.answer is not None and (
+                og.away is None or og.away.settled
+            ):
+                out += self._commit_when_recorded(og, now)
+        for inc in list(self.incoming.values()):
+            if inc.committing and inc.state is IncomingState.PENDING and (
+                inc.recorded is None or inc.recorded.settled
+            ):
+                out += self._activate(inc, now)
+        out += self._settle_reverting(now)
+        for w in [w for w in self._unawaited if w.settled]:
+            self._unawaited.remove(w)
+            if w.failed:
+                self.counters["unrecorded"] += 1
         return out
 
     def recall_commits(self, transfer_ids: Iterable[int], now: float) -> None:
@@ -878,10 +991,11 @@ class TransferCore:
                 for o, i, st, spi, old in outcomes
             ]
         if inc.tunnels and self.journal is not None:
-            # Recorded (pending) and reserved past the transferred sequence number before the
-            # CTDR: the source may commit as soon as it reads it.
+            # Recorded pending and reserved past the transferred sequence number while the
+            # CTDR travels: the tunnels are activated (and their SAs may send) only once that
+            # is durable. A journal that refuses at once refuses the tunnels.
             try:
-                self.journal.taken_over(inc.tunnels, inc.peer, pending=True)
+                inc.recorded = self.journal.arriving(inc.tunnels, inc.peer)
             except JournalError:
                 for t in inc.tunnels:
                     self.engine.remove_tunnel(t)
@@ -1117,16 +1231,28 @@ class TransferCore:
 
     def _on_commit(self, peer: str, tag: cxtp.TransferTag, now: float) -> list[Output]:
         inc = self.incoming.get((peer, tag.transfer_id))
-        if inc is None or inc.state is not IncomingState.PENDING:
+        if inc is None or inc.state is not IncomingState.PENDING or inc.committing:
             return []
+        inc.committing = True
+        if inc.recorded is not None and not inc.recorded.settled:
+            return []  # activated by settled() once "pending" and the first block are durable
+        return self._activate(inc, now)
+
+    def _activate(self, inc: _Incoming, now: float) -> list[Output]:
+        """The COMMIT came and the tunnels' pending record is settled: activate them (or, if
+        it could not be written, drop them: their SAs have no durable block to send in)."""
+        peer = inc.peer
+        if inc.recorded is not None and inc.recorded.failed:
+            self.counters["unrecorded"] += len(inc.tunnels)
+            why = f"state not written: {inc.recorded.error}"
+            failed = self._discard(inc, now, why, journal=False)
+            inc.record.outcome = "failed"
+            return failed
         _move(inc, IncomingState.ACTIVE)
         if self.journal is not None:
-            try:
-                self.journal.taken_over(inc.tunnels, peer, pending=False)
-            except JournalError:
-                # Their first block is durable already (pending): activating is safe; after a
-                # restart they would stay away, as pending ones do.
-                self.counters["unrecorded"] += 1
+            # Their first block is durable already (pending): activating is safe without
+            # waiting for this; a crash before it lands leaves them pending (kept away).
+            self._unawaited_write(self._journal_write(lambda j: j.arrived(inc.tunnels, peer)))
         out: list[Output] = []
         until = now + self.settings.forward_time
         for t in inc.tunnels:
@@ -1159,16 +1285,19 @@ class TransferCore:
 
     def _on_cancel(self, peer: str, tag: cxtp.TransferTag, now: float) -> list[Output]:
         inc = self.incoming.get((peer, tag.transfer_id))
-        if inc is not None and inc.state in OPEN_INCOMING:
+        if inc is not None and inc.state in OPEN_INCOMING and not inc.committing:
             return self._discard(inc, now, "cancelled by source")
         og = self.outgoing.get(tag.transfer_id)
         if og is not None and og.peer == peer and og.state is OutgoingState.SENT:
             return self._rollback(og, now, "cancelled", f"{peer} cancelled")
         return []
 
-    def _discard(self, inc: _Incoming, now: float, why: str) -> list[Output]:
-        if self.journal is not None and inc.tunnels:
-            self.journal.cancelled(inc.tunnels, inc.peer)
+    def _discard(
+        self, inc: _Incoming, now: float, why: str, *, journal: bool = True
+    ) -> list[Output]:
+        if self.journal is not None and inc.tunnels and journal:
+            tunnels = list(inc.tunnels)
+            self._unawaited_write(self._journal_write(lambda j: j.cancelled(tunnels, inc.peer)))
         for t in inc.tunnels:
             self.engine.remove_tunnel(t)
         inc.tunnels = []
@@ -1272,6 +1401,8 @@ class TransferCore:
         """When :meth:`handle_timer` is next due (None: nothing waits for the clock)."""
         ds = [og.deadline for og in self.outgoing.values()]
         for inc in self.incoming.values():
+            if inc.committing:
+                continue  # waits for its write, not for the clock
             if inc.state is IncomingState.PENDING:
                 ds += [inc.next_retry, inc.give_up]
             else:
@@ -1299,7 +1430,7 @@ class TransferCore:
                 self.counters["expired"] += 1
                 out += self._cancel_incoming(inc, now, "expired", "never finished")
                 continue
-            if inc.state is IncomingState.PENDING:
+            if inc.state is IncomingState.PENDING and not inc.committing:
                 if now >= inc.give_up:
                     out += self._discard(inc, now, "no decision from the source")
                 elif now >= inc.next_retry and inc.ctdrs:
@@ -1340,8 +1471,10 @@ class TransferCore:
         return len(self.outgoing)
 
     def in_progress(self) -> int:
-        return len(self.outgoing) + sum(
-            1 for i in self.incoming.values() if i.state in OPEN_INCOMING
+        return (
+            len(self.outgoing)
+            + len(self.reverting)
+            + sum(1 for i in self.incoming.values() if i.state in OPEN_INCOMING)
         )
 
 

@@ -89,6 +89,7 @@ class Service:
                 self.balancer = Balancer(self.node, tcfg.balance, self.transfer)
             # Transfers and take-overs record who sends on a tunnel before they change it.
             self.transfer.core.journal = self.state
+            self.state.settled_hooks.append(self.transfer.on_settled)
             self.transfer.core.recall_commits(
                 self.state.committed_transfers(), self.node.clock()
             )

@@ -16,9 +16,14 @@ Layout of the directory (``[state] dir``; default :func:`default_dir`), mode 070
 - ``lock``: held (``flock``) while a process uses the directory: one process per state.
 
 Every write that must precede an action (a reservation before its numbers are used, "given
-away" before a transfer commits, "taken over" before a tunnel sends) is one transaction,
-committed before the action. Reservations are written by a worker thread well before they are
-needed (low-water mark); ownership changes are written synchronously, on the event loop.
+away" before a transfer commits, "pending" with its first block before a transferred tunnel
+sends) is committed before the action. Reservations are written by a worker thread well before
+they are needed (low-water mark). A transfer's ownership changes are *submitted* (a
+:class:`~ipsecct.ct.journal.Write`) and written in submission order by another worker thread,
+several per transaction when they queue up, while the event loop goes on; the transfer core
+waits for a write only where the action needs it (docs/state.md, "what is written when").
+Fail-over take-overs, ``sa add`` and ``sa delete`` write synchronously (after everything
+submitted before them).
 """
 
 from __future__ import annotations
@@ -34,12 +39,12 @@ import sqlite3
 import threading
 import time
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from ..ct.journal import Configured, Owner, Plan, SAState, merge
+from ..ct.journal import Configured, Owner, Plan, SAState, Write, merge
 from ..errors import JournalError, StateError
 from ..ipsec.engine import Tunnel
 from ..ipsec.sad import MAX_SEQ_64, SecurityAssociation
@@ -355,6 +360,17 @@ def _open_locked(
     return StateStore.create(db, node)
 
 
+class _Submitted:
+    __slots__ = ("rows", "then", "write")
+
+    def __init__(
+        self, rows: list[SAState], write: Write, then: Callable[[bool], None] | None
+    ) -> None:
+        self.rows = rows
+        self.write = write
+        self.then = then
+
+
 class DurableState:
     """A node's durable state at run time: the configuration merged with the store on start,
     reservations written ahead, and the ownership :class:`~ipsecct.ct.journal.Journal` the
@@ -379,6 +395,16 @@ class DurableState:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._quiet_until = 0.0
+        # Submitted ownership changes, in order: (rows, write, called with success on the loop).
+        self._owq: list[_Submitted] = []
+        self._qlock = threading.Lock()  # the queue (the loop appends, a writer takes)
+        self._wlock = threading.Lock()  # one writer at a time: submission order on disk
+        self._owake = asyncio.Event()
+        self._otask: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        # Called on the loop after submitted writes settled (the transfer service: the core
+        # may go on with what waited for them).
+        self.settled_hooks: list[Callable[[], None]] = []
         node.on_reserve = self._on_reserve
         node.extensions["state"] = self.status
         node.extensions["metrics"] = self.metrics
@@ -454,14 +480,22 @@ class DurableState:
         )
 
     async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
         self._task = asyncio.create_task(self._flusher())
+        self._otask = asyncio.create_task(self._ownership_writer())
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        for task in (self._task, self._otask):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._task = self._otask = None
+        # What was submitted and not yet written is written now (or fails): a clean stop
+        # leaves nothing half-recorded.
+        with contextlib.suppress(JournalError):
+            self._put([])
+        self._loop = None
         self.store.close()
         os.close(self.lock_fd)
 
@@ -503,19 +537,106 @@ class DurableState:
                     self.rows[fp].ceiling = max(self.rows[fp].ceiling, c)
 
     # -- ownership (the Journal) -------------------------------------------------------------
-    def _put(self, rows: list[SAState]) -> None:
-        try:
-            self.store.put(rows)
-        except (sqlite3.Error, OSError) as exc:
+    def _take_queue(self) -> list[_Submitted]:
+        with self._qlock:
+            batch, self._owq = self._owq, []
+        return batch
+
+    def _write_batch(self, extra: list[SAState]) -> tuple[list[_Submitted], str | None]:
+        """Write what is queued (in order), then ``extra``, in one synced transaction."""
+        with self._wlock:
+            batch = self._take_queue()
+            rows = [r for item in batch for r in item.rows] + extra
+            if not rows:
+                return batch, None
+            try:
+                self.store.put(rows)
+            except (sqlite3.Error, OSError) as exc:
+                return batch, str(exc) or type(exc).__name__
+            return batch, None
+
+    def _settle(self, batch: list[_Submitted], error: str | None) -> None:
+        """On the loop: the writes of ``batch`` are on stable storage (or failed)."""
+        if not batch:
+            return
+        for item in batch:
+            if error is None:
+                item.write.succeed()
+            else:
+                item.write.fail(error)
+            if item.then is not None:
+                item.then(error is None)
+        for hook in list(self.settled_hooks):
+            hook()
+
+    def _count(self, error: str | None) -> None:
+        if error is None:
+            self.counters["ownership_writes"] += 1
+        else:
             self.counters["failed_writes"] += 1
-            raise JournalError(f"state not written: {exc}") from None
-        self.counters["ownership_writes"] += 1
+
+    async def _ownership_writer(self) -> None:
+        while True:
+            await self._owake.wait()
+            self._owake.clear()
+            batch, error = await asyncio.to_thread(self._write_batch, [])
+            if batch:
+                self._count(error)
+                if error is not None:
+                    event(
+                        log, "ownership-write-failed", logging.ERROR, node=self.node.name,
+                        error=error, changes=len(batch),
+                    )
+            self._settle(batch, error)
+
+    def _submit(
+        self, rows: list[SAState], then: Callable[[bool], None] | None = None
+    ) -> Write:
+        """Queue ``rows`` for the ownership writer; returns at once. Without a running writer
+        (no event loop yet) the write is made here, and the Write is settled on return."""
+        w = Write()
+        for r in rows:  # what is being recorded: later changes build on it
+            self.rows[r.fingerprint] = r
+        with self._qlock:
+            self._owq.append(_Submitted(rows, w, then))
+        if self._otask is None:
+            batch, error = self._write_batch([])
+            self._count(error)
+            for item in batch:
+                if error is None:
+                    item.write.succeed()
+                else:
+                    item.write.fail(error)
+                if item.then is not None:
+                    item.then(error is None)
+            return w
+        self._owake.set()
+        return w
+
+    def _put(self, rows: list[SAState]) -> None:
+        """Write ``rows`` now, after everything submitted before (synchronous: fail-over,
+        ``sa add``, ``sa delete``). Raises JournalError."""
+        batch, error = self._write_batch(rows)
+        if batch or rows:
+            self._count(error)
+        if batch:
+            # Those who waited for the earlier writes hear of them from the loop, not from
+            # inside whatever core called us.
+            if self._loop is not None and not self._loop.is_closed():
+                self._loop.call_soon(self._settle, batch, error)
+            else:
+                self._settle(batch, error)
+        if error is not None:
+            raise JournalError(f"state not written: {error}")
         for r in rows:
             self.rows[r.fingerprint] = r
 
-    def _adopt(self, sas: Sequence[SecurityAssociation], owner: Owner, detail: str) -> None:
-        """Record ``sas`` as ``owner``; those not yet under reservations get their first block
-        past both the number they came with and anything stored for their keys."""
+    def _adoption(
+        self, sas: Sequence[SecurityAssociation], owner: Owner, detail: str
+    ) -> tuple[list[SAState], Callable[[bool], None]]:
+        """The rows recording ``sas`` as ``owner``, and what to do once written: those not
+        yet under reservations get their first block past both the number they came with
+        and anything stored for their keys (they send nothing before)."""
         now = time.time()
         fresh: list[tuple[SecurityAssociation, SAState]] = []
         rows = []
@@ -528,47 +649,70 @@ class DurableState:
                 row.ceiling = self.reservations.request(sa)
                 fresh.append((sa, row))
             rows.append(row)
+
+        def then(ok: bool) -> None:
+            for sa, row in fresh:
+                if ok:
+                    self.reservations.granted(sa, row.ceiling)
+                    self.tracked[sa] = row.fingerprint
+                else:
+                    self.reservations.failed(sa)
+
+        return rows, then
+
+    def _adopt(self, sas: Sequence[SecurityAssociation], owner: Owner, detail: str) -> None:
+        rows, then = self._adoption(sas, owner, detail)
         try:
             self._put(rows)
         except JournalError:
-            for sa, _ in fresh:
-                self.reservations.failed(sa)
+            then(False)
             raise
-        for sa, row in fresh:
-            self.reservations.granted(sa, row.ceiling)
-            self.tracked[sa] = row.fingerprint
+        then(True)
+
+    def _rows(
+        self, tunnels: Sequence[Tunnel], owner: Owner, detail: str, transfer: int = 0
+    ) -> list[SAState]:
+        now = time.time()
+        rows = []
+        for t in tunnels:
+            sa = t.outbound
+            fp = self.tracked.get(sa) or self.store.fingerprint(sa)
+            row = self._row(sa, fp, owner, detail, now, self.rows.get(fp))
+            row.transfer = transfer
+            rows.append(row)
+        return rows
 
     def taken_over(self, tunnels: Sequence[Tunnel], peer: str, *, pending: bool) -> None:
         how = f"from {peer} (transfer pending)" if pending else f"taken over from {peer}"
         self._adopt([t.outbound for t in tunnels], Owner.PENDING if pending else Owner.OWNED, how)
 
-    def given_away(self, tunnels: Sequence[Tunnel], peer: str, transfer_id: int) -> None:
-        now = time.time()
-        rows = []
-        for t in tunnels:
-            sa = t.outbound
-            fp = self.tracked.get(sa) or self.store.fingerprint(sa)
-            row = self._row(sa, fp, Owner.AWAY, f"given to {peer}", now, self.rows.get(fp))
-            row.transfer = transfer_id
-            rows.append(row)
-        self._put(rows)
+    def arriving(self, tunnels: Sequence[Tunnel], peer: str) -> Write:
+        rows, then = self._adoption(
+            [t.outbound for t in tunnels], Owner.PENDING, f"from {peer} (transfer pending)"
+        )
+        return self._submit(rows, then)
+
+    def arrived(self, tunnels: Sequence[Tunnel], peer: str) -> Write:
+        # Their SAs are tracked (and reserved) since their pending row was written.
+        return self._submit(self._rows(tunnels, Owner.OWNED, f"taken over from {peer}"))
+
+    def leaving(self, tunnels: Sequence[Tunnel], peer: str, transfer_id: int) -> Write:
+        return self._submit(self._rows(tunnels, Owner.AWAY, f"given to {peer}", transfer_id))
+
+    def staying(self, tunnels: Sequence[Tunnel], peer: str) -> Write:
+        return self._submit(
+            self._rows(tunnels, Owner.OWNED, f"kept (transfer to {peer} not committed)")
+        )
 
     def committed_transfers(self) -> set[int]:
         """Transfers that gave tunnels away (whose COMMIT a waiting target may ask for)."""
         return {r.transfer for r in self.rows.values() if r.owner is Owner.AWAY and r.transfer}
 
-    def cancelled(self, tunnels: Sequence[Tunnel], peer: str) -> None:
-        now = time.time()
-        rows = []
-        for t in tunnels:
-            sa = t.outbound
-            fp = self.tracked.get(sa) or self.store.fingerprint(sa)
-            rows.append(
-                self._row(sa, fp, Owner.AWAY, f"stayed with {peer} (transfer cancelled)", now,
-                          self.rows.get(fp))
-            )
-        with contextlib.suppress(JournalError):  # pending rows stay away anyway
-            self._put(rows)
+    def cancelled(self, tunnels: Sequence[Tunnel], peer: str) -> Write:
+        # Pending rows stay away anyway: a failure changes nothing.
+        return self._submit(
+            self._rows(tunnels, Owner.AWAY, f"stayed with {peer} (transfer cancelled)")
+        )
 
     def added(self, sa: SecurityAssociation) -> None:
         """An outbound SA added at run time (``sa add``)."""

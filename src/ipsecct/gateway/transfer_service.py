@@ -98,6 +98,10 @@ class TransferService:
                 self.finished(o.record)
         self.node.timers.poke()  # a new exchange, a retry or a time-out may have moved
 
+    def on_settled(self) -> None:
+        """Journal writes (gateway/state.py) were settled: what waited for them goes on."""
+        self.run(self.core.settled(self.node.clock()))
+
     def report(self, rec: Record) -> None:
         """A record from outside the core (a fail-over take-over): listed and announced like
         a transfer's."""
