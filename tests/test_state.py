@@ -331,10 +331,10 @@ def settle(w: object, name: str, j: Recorder) -> list[str]:
 
 
 def test_transfer_core_writes_in_parallel_with_the_exchange_and_waits_where_it_must() -> None:
-    """The source submits "given away" when it holds the tunnel and the target "pending" when
-    it installs it: both are written while messages travel. The COMMIT waits for "given
-    away"; the target's tunnel sends nothing until "pending" (its first block) is durable;
-    "owned" at the commit is not waited for."""
+    """The target submits "pending" when it installs the tunnel and answers at once: it is
+    written while the CTDR travels and the source records "given away". The COMMIT waits
+    for "given away"; the target's tunnel sends nothing until "pending" (its first block) is
+    durable; "owned" at the commit is not waited for."""
     from ipsecct.ct import cxtp
     from ipsecct.ipsec.engine import TunnelState
     from tests.helpers.transfer import World
@@ -344,14 +344,13 @@ def test_transfer_core_writes_in_parallel_with_the_exchange_and_waits_where_it_m
     w.gw["sg1"].core.journal = j1
     w.gw["sg2"].core.journal = j2
     w.transfer()
-    assert j1.calls == [("given", 0)] and j1.writes  # submitted, not durable yet
-    assert isinstance(w.peek("sg1", "sg2"), cxtp.PCTD)  # the contexts go at once
-    assert w.tunnel.state is TunnelState.HELD
+    assert j1.calls == [] and w.tunnel.state is TunnelState.HELD
     w.deliver("sg1", "sg2")  # PCTD: "pending" submitted, the CTDR posted without waiting
     assert j2.calls == [("pending", 0)] and j2.writes
     assert isinstance(w.peek("sg2", "sg1"), cxtp.CTDR)
-    w.deliver("sg2", "sg1")  # CTDR: "given away" is not durable yet: no COMMIT
-    assert w.pending("sg1", "sg2") == 0
+    w.deliver("sg2", "sg1")  # CTDR: "given away" submitted, not durable yet: no COMMIT
+    assert j1.calls == [("given", 0)] and w.pending("sg1", "sg2") == 0
+    assert w.tunnel.state is TunnelState.HELD
     assert settle(w, "sg1", j1) == ["given"]
     msg = w.peek("sg1", "sg2")  # now the COMMIT
     assert isinstance(msg, cxtp.CTD) and w.gw["sg1"].finished[-1].outcome == "committed"
@@ -373,10 +372,10 @@ def test_a_target_whose_writes_are_durable_first_activates_at_the_commit() -> No
     w.gw["sg1"].core.journal = j1
     w.gw["sg2"].core.journal = j2
     w.transfer()
-    settle(w, "sg1", j1)  # durable before the CTDR arrives: the COMMIT goes at once
     w.deliver("sg1", "sg2")
-    settle(w, "sg2", j2)
+    settle(w, "sg2", j2)  # "pending" durable before the COMMIT arrives
     w.deliver("sg2", "sg1")
+    settle(w, "sg1", j1)
     w.deliver("sg1", "sg2")
     (t2,) = w.gw["sg2"].engine.tunnels()
     assert t2.state is TunnelState.ACTIVE
@@ -406,7 +405,7 @@ def test_a_source_that_cannot_record_does_not_commit() -> None:
 
 
 def test_a_rolled_back_source_sends_again_only_once_it_owns_the_tunnel_again() -> None:
-    """A time-out after "given away" was submitted: CTC at once, but the tunnel stays held
+    """A time-out while "given away" is being written: CTC at once, but the tunnel stays held
     (its packets kept) until "owned" again is durable, and is dropped if that fails."""
     from ipsecct.ct import cxtp
     from ipsecct.ipsec.engine import TunnelState
@@ -417,8 +416,8 @@ def test_a_rolled_back_source_sends_again_only_once_it_owns_the_tunnel_again() -
         j1 = Recorder(w, fail=fail)
         w.gw["sg1"].core.journal = j1
         w.transfer()
-        settle(w, "sg1", j1)
-        w.drop("sg1", "sg2")  # the PCTD is lost
+        w.deliver("sg1", "sg2")
+        w.deliver("sg2", "sg1")  # "given away" submitted; the disk is slow
         w.now += 10.0
         w.gw["sg1"].run(w.gw["sg1"].core.handle_timer(w.now))
         assert isinstance(w.peek("sg1", "sg2"), cxtp.CTC)

@@ -309,8 +309,10 @@ class _Outgoing:
     seq: int = 0
     state: OutgoingState = OutgoingState.SENT
     results: dict[int, int] = field(default_factory=dict)  # SPI -> status, over the CTDRs
-    # "Given away", submitted when the tunnels were held; the COMMIT waits for it.
+    # "Given away", submitted when the CTDR accepted ``away_tunnels``; the COMMIT waits for
+    # it (the target's "pending" is being written meanwhile).
     away: Write | None = None
+    away_tunnels: list[Tunnel] = field(default_factory=list)
     # The CTDR's answer, while the COMMIT waits for ``away`` (None: no answer yet).
     answer: tuple[list[Tunnel], list[Tunnel], int] | None = None
 
@@ -480,10 +482,6 @@ class TransferCore:
                 self.engine.activate(t)
             raise TransferError(f"cannot encode the contexts: {exc}") from None
         self.outgoing[tid] = og
-        if self.journal is not None:
-            # Made durable while the contexts travel and the target installs them; the COMMIT
-            # waits for it. Until then the tunnels are held: nothing is sent on them here.
-            og.away = self._journal_write(lambda j: j.leaving(tunnels, peer, tid))
         # CT_MAX_TRANSFER_TIME bounds one exchange; a batched (bulk) transfer gets it once per
         # message it takes, so thousands of tunnels are not cut off by a per-message budget.
         og.deadline = now + self.settings.max_transfer_time * max(1, len(out))
@@ -556,23 +554,24 @@ class TransferCore:
     ) -> list[Output]:
         out: list[Output] = []
         back = og.tunnels if tunnels is None else tunnels
+        # "Given away" submitted for some (it may be on disk, with this transfer's id, which
+        # a restarted source would answer COMMIT for): those send again only once "owned"
+        # is durable again. Until then they stay held, with what they held.
+        revert = [t for t in back if t in og.away_tunnels]
         keep = [h for h in og.held if h.tunnel not in back]
-        mine = [h for h in og.held if h.tunnel in back]
+        mine = [h for h in og.held if h.tunnel in back and h.tunnel not in revert]
+        theirs = [h for h in og.held if h.tunnel in revert]
         self._release_held(og, keep)
-        if og.away is not None:
-            # "Given away" was submitted (it may be on disk, with this transfer's id, which a
-            # restarted source would answer COMMIT for): these tunnels send again only once
-            # "owned" is durable again. Until then they stay held, with what they held.
-            w = self._journal_write(lambda j: j.staying(back, og.peer))
-            rv = _Reverting(og.tid, list(back), w)
-            self._release_held(rv, mine)
+        for t in back:
+            if t.state is TunnelState.HELD and t not in revert:
+                self.engine.activate(t)
+        out += [Inject(h.packet, h.inbound) for h in mine]
+        if revert:
+            w = self._journal_write(lambda j: j.staying(revert, og.peer))
+            rv = _Reverting(og.tid, revert, w)
+            self._release_held(rv, theirs)
             self.reverting.append(rv)
             out += self._settle_reverting(now)
-        else:
-            for t in back:
-                if t.state is TunnelState.HELD:
-                    self.engine.activate(t)
-            out += [Inject(h.packet, h.inbound) for h in mine]
         if tunnels is None:
             _move(og, OutgoingState.ABORTED)
             self.decided[og.tid] = (2, now + self.settings.retry_max)
@@ -639,16 +638,18 @@ class TransferCore:
                 og.record.detail += f"{og.peer}: unsupported algorithm; "
                 og.peer = nxt
                 og.record.peer = nxt
-                if og.away is not None and self.journal is not None:
-                    og.away = self._journal_write(lambda j: j.leaving(og.tunnels, nxt, og.tid))
                 more = self._send_contexts(og, now, reactive=False)
                 og.deadline = now + self.settings.max_transfer_time * max(1, len(more))
                 return out + more
             name = _status_name(worst)
             return self._rollback(og, now, "refused", f"{og.record.detail}{peer}: {name}")
-        # Commit what was accepted; reactivate the rest here. "Given away" (submitted when
-        # the tunnels were held) is on stable storage before the COMMIT goes out: after a
-        # crash, this gateway never sends on them again, whatever the target did.
+        # Commit what was accepted; reactivate the rest here. "Given away" is on stable
+        # storage before the COMMIT goes out: after a crash, this gateway never sends on
+        # them again, whatever the target did. (Not earlier: a source that dies before the
+        # target accepted keeps its tunnels, see docs/state.md.)
+        if self.journal is not None and og.away is None:
+            og.away_tunnels = list(accepted)
+            og.away = self._journal_write(lambda j: j.leaving(accepted, peer, og.tid))
         og.answer = (accepted, refused, worst)
         return out + self._commit_when_recorded(og, now)
 
