@@ -56,7 +56,9 @@ def test_demo_default_is_a_direct_handover() -> None:
     s = json.loads(r.stdout)
     (h,) = s["handovers"]
     assert (h["from"], h["to"], h["mode"]) == ("sg1", "sg2", "direct")
-    assert list(h) == ["from", "to", "mode", "transfer_ms", "gap_ms", "lost"]
+    assert list(h) == [
+        "from", "to", "mode", "transfer_ms", "gap_ms", "lost", "gap_at_ms", "handover_gap_ms"
+    ]
     assert h["lost"] == 0 and s["packets"]["lost"] == 0
 
 
@@ -106,6 +108,22 @@ def test_longest_gap_counts_the_pauses_that_span_the_window() -> None:
     assert app.longest_gap(1.0005, 1.0105) == pytest.approx(0.009)
     assert app.longest_gap(1.02, 1.03) == pytest.approx(0.489)
     assert _App("y", 0).longest_gap(0.0, 1.0) == 0.0
+
+
+def test_the_stream_gap_is_the_longest_pause_of_the_whole_stream() -> None:
+    """gap_ms: the longest pause between new packets over the whole stream, wherever it is,
+    and a stream that stopped arriving before its end counts the pause until that end."""
+    from ipsecct.demo.topology import _App, _packet
+
+    app = _App("x", 0)
+    clock = iter([1.0, 1.001, 1.4, 1.401, 1.402])
+    app.clock = lambda: next(clock)
+    for seq in range(1, 6):
+        app.datagram_received(_packet(1, seq), ("127.0.0.1", 1))
+    gap, start = app.stream_gap(1.402)
+    assert gap == pytest.approx(0.399) and start == pytest.approx(1.001)
+    gap, start = app.stream_gap(2.0)  # nothing arrived after 1.402 until the end at 2.0
+    assert gap == pytest.approx(0.598) and start == pytest.approx(1.402)
 
 
 def test_demo_keeps_its_durable_state_in_its_work_directory(tmp_path: object) -> None:

@@ -387,7 +387,9 @@ def test_demo_handover_json(mode: str) -> None:
     (line,) = r.stdout.splitlines()
     s = json.loads(line)
     (h,) = s["handovers"]
-    assert list(h) == ["from", "to", "mode", "transfer_ms", "gap_ms", "lost"]
+    assert list(h) == [
+        "from", "to", "mode", "transfer_ms", "gap_ms", "lost", "gap_at_ms", "handover_gap_ms"
+    ]
     assert (h["from"], h["to"], h["mode"]) == ("sg1", "sg2", mode)
     assert isinstance(h["transfer_ms"], float) and h["transfer_ms"] > 0
     assert isinstance(h["gap_ms"], float)
