@@ -114,6 +114,81 @@ def test_rebalance_with_the_source_killed_mid_transfer_never_repeats_a_number(
         traffic.close()
 
 
+def wait_for_line(path: Path, offset: int, words: tuple[str, ...], timeout: float = 30.0) -> None:
+    """Poll ``path`` from ``offset`` until a line holds every one of ``words`` (at once: the
+    caller kills the process the moment it says so)."""
+    deadline = time.monotonic() + timeout
+    with open(path, "rb") as f:
+        f.seek(offset)
+        buf = b""
+        while time.monotonic() < deadline:
+            buf += f.read()
+            for line in buf.split(b"\n"):
+                if all(w.encode() in line for w in words):
+                    return
+            time.sleep(0.0005)
+    raise AssertionError(f"no line with {words} in {path}")
+
+
+def test_a_source_killed_right_after_its_commit_never_sends_on_the_moved_tunnel(
+    gws: Gateways,
+) -> None:
+    """sg1 hands one tunnel at a time to sg2 (``ipsecct transfer``) under traffic and is killed
+    by SIGKILL the moment its log says the transfer committed (the COMMIT was handed to the
+    socket; "given away" was durable before it), then restarted: it keeps the tunnel away
+    and never sends with that SA again, sg2 serves it, and no (SPI, sequence number) pair
+    is sent twice."""
+    cap: Capture = gws.capture  # type: ignore[attr-defined]
+    gws.write("sg1", peers=["sg2"])
+    gws.write("sg2", peers=["sg1"], with_tunnels=False)
+    gws.start("sg2")
+    gws.start("sg1")
+    traffic = Traffic(
+        TUNNELS, [gws.ports["sg1"]["inner"], gws.ports["sg2"]["inner"]], pps=3000
+    )
+    sg1_port = gws.ports["sg1"]["outer"]
+    moved: set[int] = set()
+    try:
+        wait_for(lambda: len(cap.seen) > 500, "no traffic")
+        sock = str(gws.dir / "sg1.sock")
+        log = gws.dir / "sg1.log"
+        for i in (0, 1, 2):
+            spi = 0x20000000 + i
+            offset = log.stat().st_size
+
+            def transfer(spi: int = spi) -> None:
+                with contextlib.suppress(ControlError, OSError):
+                    request(sock, "transfer", {"spi": hex(spi), "to": "sg2"}, 30)
+
+            th = threading.Thread(target=transfer)
+            th.start()
+            wait_for_line(log, offset, ("event=transfer-committed", "role=source"))
+            gws.kill("sg1")
+            th.join(30)
+            moved.add(spi)
+            restarted = time.monotonic()
+            gws.start("sg1")
+            wait_for(lambda: settled(gws, ["sg1", "sg2"]), "transfers did not settle")
+            wait_for(lambda: moved <= gws.active_spis("sg2"), "sg2 does not serve them")
+            # sg1 sends on its other tunnels again, never on a moved one
+            wait_for(
+                lambda: any(p == sg1_port and t >= restarted for _, _, p, t in list(cap.seen)),
+                "sg1 sends nothing after its restart",
+            )
+            after = {spi for spi, _, p, t in list(cap.seen) if p == sg1_port and t >= restarted}
+            assert not after & moved, f"sg1 sent on moved tunnels: {sorted(after & moved)}"
+        st1 = gws.status("sg1")["state"]
+        assert {0x20000000 + int(a["name"][1:]) for a in st1["kept_away"]} == moved
+        assert moved.isdisjoint(gws.active_spis("sg1"))
+        t0 = time.monotonic()
+        time.sleep(1.0)
+        late = {spi for spi, _, p, t in list(cap.seen) if p == sg1_port and t >= t0}
+        assert not late & moved
+        assert cap.duplicates() == []
+    finally:
+        traffic.close()
+
+
 def test_a_receiver_restart_keeps_transferred_tunnels_away(gws: Gateways) -> None:
     """sg2 takes every tunnel over by transfer, is killed and restarted: it has no
     configuration (and no keys on disk) for them, so it does not restore them and says so;
