@@ -171,10 +171,10 @@ def test_a_source_killed_right_after_its_commit_never_sends_on_the_moved_tunnel(
             wait_for(lambda: settled(gws, ["sg1", "sg2"]), "transfers did not settle")
             wait_for(lambda: moved <= gws.active_spis("sg2"), "sg2 does not serve them")
             # sg1 sends on its other tunnels again, never on a moved one
-            wait_for(
-                lambda: any(p == sg1_port and t >= restarted for _, _, p, t in list(cap.seen)),
-                "sg1 sends nothing after its restart",
-            )
+            def resumed(since: float = restarted) -> bool:
+                return any(p == sg1_port and t >= since for _, _, p, t in list(cap.seen))
+
+            wait_for(resumed, "sg1 sends nothing after its restart")
             after = {spi for spi, _, p, t in list(cap.seen) if p == sg1_port and t >= restarted}
             assert not after & moved, f"sg1 sent on moved tunnels: {sorted(after & moved)}"
         st1 = gws.status("sg1")["state"]
