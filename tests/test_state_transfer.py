@@ -36,11 +36,11 @@ def gws(tmp_path: Path):  # type: ignore[no-untyped-def]
     cap.close()
 
 
-def wait_for(pred, what: str, timeout: float = 45.0) -> None:  # type: ignore[no-untyped-def]
+def wait_for(pred, what: str, timeout: float = 45.0, detail=None) -> None:  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + timeout
     while not pred():
         if time.monotonic() > deadline:
-            raise AssertionError(what)
+            raise AssertionError(what + (f": {detail()}" if detail is not None else ""))
         time.sleep(0.05)
 
 
@@ -241,6 +241,10 @@ def test_a_restarted_failover_active_does_not_send_beside_its_standby(gws: Gatew
         wait_for(
             lambda: gws.status("sg2")["failover"].get("replicated_tunnels") == TUNNELS,
             "nothing replicated",
+            detail=lambda: (
+                f"sg2 {gws.status('sg2')['failover']}\nsg1 {gws.status('sg1')['failover']}"
+                f"\n{gws.log('sg1')[-3000:]}\n{gws.log('sg2')[-3000:]}"
+            ),
         )
         gws.kill("sg1")
         wait_for(lambda: gws.status("sg2")["failover"]["role"] == "took over", "no take-over")
