@@ -156,6 +156,10 @@ def test_sad_add_lookup_remove() -> None:
     with pytest.raises(SAError):
         sad.remove(gcm(0x2000))
     assert sad.lookup(B, Protocol.ESP, 0x2000) is s2
+    assert not sad.discard(gcm(0x2000)) and sad.lookup(B, Protocol.ESP, 0x2000) is s2
+    assert sad.lookup_spi(Protocol.ESP, 0x2000) is s2
+    assert sad.discard(s2) and not sad.discard(s2) and not sad.in_use(B, Protocol.ESP, 0x2000)
+    assert sad.lookup_spi(Protocol.ESP, 0x2000) is None
     # iteration is a snapshot: removing while iterating is safe
     for sa in sad:
         sad.remove(sa)

@@ -54,7 +54,7 @@ from ..ipsec import signalling
 from ..ipsec.algorithms import EncAlg, IntegAlg
 from ..ipsec.engine import Engine, Held, ToPeer, Tunnel, TunnelState
 from ..ipsec.ippacket import Endpoint, IPAddress
-from ..ipsec.sad import Direction, Protocol, SecurityAssociation, UdpEncap
+from ..ipsec.sad import Direction, SecurityAssociation, UdpEncap
 from ..ipsec.spd import Action, AddressRange, OverlapIndex, RangeSet, Selectors, SPDEntry
 from ..ipsec.spi import SpiBlock
 from . import context, cxtp
@@ -354,6 +354,13 @@ class _Incoming:
     committing: bool = False
 
 
+def _sa_key(sa: SecurityAssociation) -> tuple[int, int, int, int]:
+    """An SA's SAD key (outer destination, protocol, SPI) as integers: hashed without the
+    address's Python-level hash."""
+    dst = sa.dst
+    return (dst.version, int(dst), int(sa.protocol), sa.spi)
+
+
 @dataclass
 class _Batch:
     """Tunnels of one install that passed every check and wait to be added together (one
@@ -365,7 +372,7 @@ class _Batch:
         default_factory=list
     )
     signals: list[list[signalling.SignalItem]] = field(default_factory=list)
-    keys: set[tuple[IPAddress, Protocol, int]] = field(default_factory=set)
+    keys: set[tuple[int, int, int, int]] = field(default_factory=set)  # see _sa_key
     failed: set[int] = field(default_factory=set)
     # The signals of a tunnel that needs only the new address (direct identity): one list
     # shared by all of them (never changed once made).
@@ -1121,17 +1128,21 @@ class TransferCore:
             self.counters["policy_refused"] += 1
             return cxtp.Status.UNAUTHORISED, None
         sad = self.engine.sad
-        out_key = (out_sa.dst, out_sa.protocol, out_sa.spi)
-        if out_key in batch.keys or sad.in_use(*out_key):
+        out_key = _sa_key(out_sa)
+        if out_key in batch.keys or sad.in_use(out_sa.dst, out_sa.protocol, out_sa.spi):
             return cxtp.Status.BUSY, None  # we hold this SA already
         direct = self.settings.identity is Identity.DIRECT
         take_over_pair(
             out_sa, in_sa, self.endpoint, self.settings.identity, path_mtu=self.settings.path_mtu
         )
-        in_key = (in_sa.dst, in_sa.protocol, in_sa.spi) if in_sa is not None else None
+        in_key = _sa_key(in_sa) if in_sa is not None else None
         if (
-            in_key is None
-            or (in_key != out_key and in_key not in batch.keys and not sad.in_use(*in_key))
+            in_sa is None
+            or (
+                in_key != out_key
+                and in_key not in batch.keys
+                and not sad.in_use(in_sa.dst, in_sa.protocol, in_sa.spi)
+            )
         ) and not any(returning.overlapping(sl) for sl in sels):
             # The common case: no conflict, nothing to replace. Checked against the engine
             # and the batch; added with the batch.

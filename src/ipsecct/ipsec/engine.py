@@ -422,8 +422,7 @@ class Engine:
         for tunnel in tunnels:
             for sa in tunnel.sas():
                 self._native_drop(sa)
-                if sad.lookup(sa.dst, sa.protocol, sa.spi) is sa:
-                    sad.remove(sa)
+                sad.discard(sa)
                 if self._shadows:
                     self.remove_shadows(sa)
             self._transition(tunnel, TunnelState.MOVED)
@@ -470,8 +469,7 @@ class Engine:
         for tunnel in tunnels:
             for sa in tunnel.sas():
                 self._native_drop(sa)
-                if self.sad.lookup(sa.dst, sa.protocol, sa.spi) is sa:
-                    self.sad.remove(sa)
+                self.sad.discard(sa)
                 if self._shadows:
                     self.remove_shadows(sa)
                 self._tunnel_of_sa.pop(id(sa), None)

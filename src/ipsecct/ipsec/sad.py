@@ -374,24 +374,38 @@ class SAD:
     def __iter__(self) -> Iterator[SecurityAssociation]:
         return iter(list(self._by_key.values()))
 
+    # Each key is hashed once per call: an address's hash is computed in Python (about a
+    # microsecond for the key), and a bulk transfer adds and removes thousands of SAs.
     def add(self, sa: SecurityAssociation) -> None:
         if sa.decrypt_only:
             raise SAError("a decrypt-only SA (for captures) cannot carry traffic")
-        if sa.key in self._by_key:
+        by_key = self._by_key
+        n = len(by_key)
+        if by_key.setdefault((sa.dst, sa.protocol, sa.spi), sa) is not sa or len(by_key) == n:
             raise SPICollisionError(
                 f"SPI 0x{sa.spi:08x} is already in use for {sa.protocol.name} to {sa.dst}"
             )
-        self._by_key[sa.key] = sa
         self._by_spi.setdefault((sa.protocol, sa.spi), []).append(sa)
 
     def remove(self, sa: SecurityAssociation) -> None:
-        if self._by_key.get(sa.key) is not sa:
+        if not self.discard(sa):
             raise SAError(f"{sa.describe()} is not in the SAD")
-        del self._by_key[sa.key]
-        lst = self._by_spi[(sa.protocol, sa.spi)]
+
+    def discard(self, sa: SecurityAssociation) -> bool:
+        """Remove this very SA if it is in the SAD (not another under its key): whether it
+        was."""
+        key = (sa.dst, sa.protocol, sa.spi)
+        cur = self._by_key.pop(key, None)
+        if cur is not sa:
+            if cur is not None:
+                self._by_key[key] = cur  # another SA under that key: it stays
+            return False
+        skey = (sa.protocol, sa.spi)
+        lst = self._by_spi[skey]
         lst.remove(sa)
         if not lst:
-            del self._by_spi[(sa.protocol, sa.spi)]
+            del self._by_spi[skey]
+        return True
 
     def lookup(self, dst: IPAddress, protocol: Protocol, spi: int) -> SecurityAssociation | None:
         return self._by_key.get((dst, protocol, spi))
