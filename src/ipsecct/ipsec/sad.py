@@ -166,7 +166,8 @@ class SecurityAssociation:
     def __post_init__(self) -> None:
         if not 256 <= self.spi <= 0xFFFFFFFF:
             raise SAError(f"SPI {self.spi} is reserved (1-255) or out of range")
-        if self.src.version != self.dst.version:
+        src, dst = self.src, self.dst
+        if type(src) is not type(dst) and src.version != dst.version:
             raise SAError("SA source and destination mix IPv4 and IPv6")
         if not 68 <= self.path_mtu <= 65535:
             raise SAError(f"path MTU {self.path_mtu} out of range 68-65535")
@@ -329,11 +330,14 @@ def install_read_through() -> None:
     seq_slot = members["seq"]  # the dataclass's slot descriptors
     counters_slot = members["counters"]
 
+    read_seq = seq_slot.__get__
+
     def get_seq(self: SecurityAssociation) -> int:
         c = self.native
         if c is not None and c.active:
             return int(c.seq)
-        return int(seq_slot.__get__(self, SecurityAssociation))
+        seq: int = read_seq(self, SecurityAssociation)
+        return seq
 
     def set_seq(self: SecurityAssociation, value: int) -> None:
         c = self.native
