@@ -125,11 +125,11 @@ def test_plan_spreads_a_dead_members_tunnels(spis: set[int], n: int) -> None:
     assert max(len(v) for v in p.values()) < len(spis)
 
 
-def test_owner_keys() -> None:
-    k = ownership.owner_key("c1", 0x20000001)
-    assert k == "/ipsecct/c1/owners/20000001"
-    assert ownership.spi_of_owner_key(k) == 0x20000001
-    assert ownership.spi_of_owner_key("/ipsecct/c1/owners/xyz") is None
+def test_tunnel_keys() -> None:
+    k = ownership.tunnel_key("c1", 0x20000001)
+    assert k == "/ipsecct/c1/tunnels/20000001"
+    assert ownership.spi_of_key(k) == 0x20000001
+    assert ownership.spi_of_key("/ipsecct/c1/tunnels/xyz") is None
 
 
 # -- 3. a gateway in etcd mode ---------------------------------------------------------------

@@ -9,10 +9,13 @@ windows), with one peer engine holding the other end of every tunnel (the mobile
   on every tunnel, then dies. When the standby's wait after its last grant has passed, the
   clock starts: ``Standby.take_over`` installs every tunnel (sequence numbers advanced by the
   margin) and one SG_UPDATE per tunnel is encrypted for the peers.
-- ``etcd``: a real etcd member (Debian's etcd-server) on loopback. The failed member's N owner
-  keys are created under its lease; the survivor holds the replicas. The lease is revoked
-  (what its expiry does) and the clock starts: the survivor reads the member and owner lists,
-  plans its share, creates the owner keys in transactions of 128 and installs its tunnels.
+- ``etcd``: a real etcd member (Debian's etcd-server) on loopback. The failed member joined
+  with its home groups (owner keys under its lease) and recorded its N tunnels in them; the
+  survivor holds the replicas. The lease is revoked (what its expiry does) and the clock
+  starts: the survivor reads the member, group and tunnel keys, plans its share of the
+  orphaned groups, creates their owner keys (one transaction) and installs their tunnels,
+  as the gateway does (``gateway/cluster_driver.py``). ``--per-tunnel`` measures the former
+  scheme instead: one owner key per tunnel, created in transactions of 128.
 
 After the take-over every tunnel carries one more packet from its new gateway to its peer.
 ``takeover_ms``: from lease expiry to the last tunnel installed and signalled; ``lost``:
@@ -242,9 +245,7 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def bench_etcd(n: int, cold: bool = False) -> dict[str, Any]:
-    from ..gateway.etcd import MAX_TXN_OPS, EtcdClient
-
+def bench_etcd(n: int, cold: bool = False, per_tunnel: bool = False) -> dict[str, Any]:
     etcd = shutil.which("etcd")
     if etcd is None:
         raise SystemExit("ipsecct: error: bench failover --mode etcd needs etcd (etcd-server)")
@@ -283,18 +284,8 @@ def bench_etcd(n: int, cold: bool = False) -> dict[str, Any]:
                     if time.monotonic() > deadline:
                         raise SystemExit("ipsecct: error: etcd did not start") from None
                     time.sleep(0.1)
-            r = asyncio.run(
-                _etcd_takeover(
-                    n,
-                    f"http://127.0.0.1:{cport}",
-                    sb_engine,
-                    sb,
-                    wire,
-                    now,
-                    MAX_TXN_OPS,
-                    EtcdClient,
-                )
-            )
+            takeover = _etcd_per_tunnel if per_tunnel else _etcd_grouped
+            r = asyncio.run(takeover(n, f"http://127.0.0.1:{cport}", sb_engine, sb, wire, now))
             r["prepared"] = prepared
             return r
         finally:
@@ -302,47 +293,81 @@ def bench_etcd(n: int, cold: bool = False) -> dict[str, Any]:
             proc.wait(10)
 
 
-async def _etcd_takeover(
-    n: int,
-    endpoint: str,
-    sb_engine: Engine,
-    sb: failover.Standby,
-    wire: Wire,
-    now: float,
-    max_ops: int,
-    client_cls: Any,
+async def _etcd_grouped(
+    n: int, endpoint: str, sb_engine: Engine, sb: failover.Standby, wire: Wire, now: float
 ) -> dict[str, Any]:
-    c = client_cls([endpoint], timeout=5.0)
+    from ..gateway.cluster_driver import read_ownership
+    from ..gateway.etcd import EtcdClient
+
+    c = EtcdClient([endpoint], timeout=5.0)
     keys = ownership.keys("bench")
+    dead, me = ownership.Ownership("bench", "sg1"), ownership.Ownership("bench", "sg2")
     dead_lease, _ = await c.grant(60)
-    me, _ = await c.grant(60)
-    await c.put(keys["members"] + "sg1", "{}", lease=dead_lease)
-    await c.put(keys["members"] + "sg2", "{}", lease=me)
+    my_lease, _ = await c.grant(60)
+    assert await c.txn(dead.join(dead_lease, ""))
+    dead.joined()
+    assert await c.txn(me.join(my_lease, ""))
+    me.joined()
     spis = sorted(sb.replica)
-    for i in range(0, n, max_ops):
-        setup = [ownership.owner_key("bench", s) for s in spis[i : i + max_ops]]
-        assert await c.create_many(setup, "sg1", lease=dead_lease)
+    per = ownership.MAX_TXN_OPS - 1
+    for i in range(0, n, per):
+        assert await c.txn(dead.place(spis[i : i + per]))
     await c.revoke(dead_lease)  # the failed member's lease ends here
     t0 = time.perf_counter()
     members = {kv.key[len(keys["members"]) :] for kv in await c.get_prefix(keys["members"])}
-    owned = {
-        ownership.spi_of_owner_key(kv.key)
-        for kv in await c.get_prefix(keys["owners"], keys_only=True)
-    }
+    groups, tunnels = await read_ownership(c, keys)
+    orphans = ownership.orphans(groups, tunnels)
+    share = ownership.plan(sorted(orphans), members | {"sg2"})["sg2"]
+    assert await c.txn(me.adopt(share))
+    taken = me.adopted(share, tunnels)
+    tunnels_, signals, _rec = sb.take_over(now, taken)
+    assert len(tunnels_) == n, (len(tunnels_), n)
+    r = _finish("etcd", n, sb_engine, wire, signals, t0, now, 0)
+    r["owner_keys"] = len(share)
+    r["etcd_requests"] = c.calls
+    return r
+
+
+async def _etcd_per_tunnel(
+    n: int, endpoint: str, sb_engine: Engine, sb: failover.Standby, wire: Wire, now: float
+) -> dict[str, Any]:
+    """The former scheme: one owner key per tunnel (``owners/<spi>``), for comparison."""
+    from ..gateway.etcd import MAX_TXN_OPS, EtcdClient
+
+    c = EtcdClient([endpoint], timeout=5.0)
+    base = ownership.keys("bench")["members"].rsplit("/", 2)[0] + "/"
+    owners, members_p = base + "owners/", base + "members/"
+    dead_lease, _ = await c.grant(60)
+    me, _ = await c.grant(60)
+    await c.put(members_p + "sg1", "{}", lease=dead_lease)
+    await c.put(members_p + "sg2", "{}", lease=me)
+    spis = sorted(sb.replica)
+    for i in range(0, n, MAX_TXN_OPS):
+        setup = [f"{owners}{s:08x}" for s in spis[i : i + MAX_TXN_OPS]]
+        assert await c.create_many(setup, "sg1", lease=dead_lease)
+    await c.revoke(dead_lease)
+    t0 = time.perf_counter()
+    members = {kv.key[len(members_p) :] for kv in await c.get_prefix(members_p)}
+    owned = {ownership.spi_of_key(kv.key) for kv in await c.get_prefix(owners, keys_only=True)}
     orphans = [s for s in spis if s not in owned]
     share = ownership.plan(orphans, members)["sg2"]
-    by_key = {ownership.owner_key("bench", s): s for s in share}
+    by_key = {f"{owners}{s:08x}": s for s in share}
     taken = [by_key[k] for k in await c.create_all(list(by_key), "sg2", lease=me)]
     tunnels, signals, _rec = sb.take_over(now, taken)
     assert len(tunnels) == n, (len(tunnels), n)
-    return _finish("etcd", n, sb_engine, wire, signals, t0, now, 0)
+    r = _finish("etcd", n, sb_engine, wire, signals, t0, now, 0)
+    r["owner_keys"] = len(share)
+    r["scheme"] = "per-tunnel"
+    return r
 
 
 def run_cli(args: argparse.Namespace) -> int:
     results = []
     for mode in args.mode:
-        fn = bench_pair if mode == "pair" else bench_etcd
-        results.append(fn(args.tunnels, args.cold))
+        if mode == "pair":
+            results.append(bench_pair(args.tunnels, args.cold))
+        else:
+            results.append(bench_etcd(args.tunnels, args.cold, args.per_tunnel))
     if args.json:
         json.dump({"results": results}, sys.stdout)
         sys.stdout.write("\n")
@@ -369,6 +394,11 @@ def add_parser(sub: Any) -> None:
         "--cold",
         action="store_true",
         help="every replica changed just before the failure (none decoded ahead)",
+    )
+    p.add_argument(
+        "--per-tunnel",
+        action="store_true",
+        help="etcd mode: one owner key per tunnel (the former scheme), for comparison",
     )
     p.add_argument(
         "--mode",

@@ -14,11 +14,12 @@ never go into etcd): every member replicates its tunnels to every [[peers]] entr
 fail-over Replicator, whose ACKs only raise sequence ceilings here (each tunnel may run at
 most ``seq_margin`` past the lowest value any peer holds); every member keeps what its peers
 replicate. When a peer's member key disappears (its lease ended), its tunnels are spread over
-the survivors by rendezvous hashing (:func:`ipsecct.ct.ownership.plan`); each survivor
-creates the owner keys of its share in etcd transactions (which succeed only while nobody
-owns them, i.e. after the dead member's lease is gone) and installs those tunnels from its
-replica, sequence numbers advanced by the margin. A share nobody took within a grace period
-goes to whichever survivor holds a replica and asks first.
+the survivors by groups: the owner keys of the groups it held are gone with its lease, and the
+groups are planned by rendezvous hashing (:func:`ipsecct.ct.ownership.plan`); each survivor
+creates the owner keys of its share of groups in one etcd transaction (which succeeds only
+while nobody owns them, i.e. after the dead member's lease is gone) and installs those groups'
+tunnels from its replicas, sequence numbers advanced by the margin. A share nobody took within
+a grace period goes to whichever survivor holds a replica and asks first.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import json
 import logging
 import math
 from dataclasses import replace
@@ -41,7 +41,7 @@ from ..ipsec import spi as spimod
 from ..ipsec.engine import Held, Tunnel, TunnelState
 from ..ipsec.esp import Drop
 from .config import ClusterConfig
-from .etcd import MAX_TXN_OPS, EtcdClient
+from .etcd import EtcdClient
 from .failover_driver import PREPARE_PER_TICK
 from .log import RateLimited, event
 from .node import Node
@@ -73,8 +73,9 @@ class ClusterDriver:
         self.client = EtcdClient(list(cfg.etcd), timeout=max(0.2, min(1.0, cfg.ttl_s / 4)))
         self.lease = Lease(self.timing)
         self.lease_id = 0
+        # What we own: groups (owner keys under our lease) and our tunnels' groups.
+        self.own = ownership.Ownership(cfg.name, node.name, cfg.groups)
         self.block: spimod.SpiBlock | None = cfg.block()
-        self.owned: set[int] = set()  # outbound SPIs whose owner key we hold
         self.lost_for_good = 0
         self._n = 0
         self._task: asyncio.Task[None] | None = None
@@ -88,6 +89,7 @@ class ClusterDriver:
         self.margin = 16384
         self.tick = 0.01
         self.dead_since: dict[str, float] = {}
+        self._lease_names: dict[int, str] = {}  # member lease -> member, as last seen
         self.grace = 1.0
         self.taken = 0
         self.takeovers: list[dict[str, Any]] = []
@@ -155,7 +157,7 @@ class ClusterDriver:
         (one transaction each: "still ours" -> the target's, under the target's lease); the
         target records its new tunnels at once."""
         if rec.role == "source" and rec.outcome in ("committed", "partial"):
-            spis = [s for s in rec.spis if s in self.owned]
+            spis = [s for s in rec.spis if self.own.owns(s)]
             task = asyncio.get_running_loop().create_task(self._hand_over(spis, rec.peer))
             self._handovers.add(task)
             task.add_done_callback(self._handovers.discard)
@@ -165,13 +167,22 @@ class ClusterDriver:
     async def _hand_over(self, spis: list[int], peer: str) -> None:
         try:
             kv = await self.client.get(self.keys["members"] + peer)
-            lease = int(json.loads(kv.value).get("lease", "0")) if kv is not None else 0
-            for spi in spis:
-                key = ownership.owner_key(self.cfg.name, spi)
-                if lease and await self.client.hand_over(key, self.lease_id, peer, lease):
-                    self.owned.discard(spi)
-            event(log, "cluster-handed-over", node=self.node.name, peer=peer, tunnels=len(spis))
-        except (EtcdError, ValueError, TypeError, AttributeError) as exc:
+            _, lease, groups = ownership.parse_member(kv.value) if kv else ("", 0, 0)
+            moved = 0
+            if lease:
+                for txn in self.own.hand_over(spis, lease, groups):
+                    if await self.client.txn(txn):
+                        self.own.handed_over(txn)
+                        moved += len(txn.success)
+            event(
+                log,
+                "cluster-handed-over",
+                node=self.node.name,
+                peer=peer,
+                tunnels=moved,
+                asked=len(spis),
+            )
+        except EtcdError as exc:
             # The next round releases what is still ours; the target waits for it.
             event(
                 log,
@@ -184,7 +195,7 @@ class ClusterDriver:
     def _ceiling(self, t: Tunnel) -> None:
         """A tunnel may send only while we own it, and at most ``margin`` past the lowest
         value any peer may hold for it (any of them may be the one to take it over)."""
-        if t.outbound.spi not in self.owned:
+        if not self.own.owns(t.outbound.spi):
             t.seq_ceiling = t.outbound.seq
             return
         floors = [r.floor[t] for r in self.replicators.values() if t in r.floor]
@@ -209,12 +220,9 @@ class ClusterDriver:
 
     async def _register(self) -> None:
         lid, ttl = await self.client.grant(self.cfg.ttl_s)
-        self.owned.clear()
-        await self.client.put(
-            self.keys["members"] + self.node.name,
-            json.dumps({"address": self.address, "lease": str(lid)}),
-            lease=lid,
-        )
+        if not await self.client.txn(self.own.join(lid, self.address)):
+            raise EtcdError("joining: the new lease's groups exist already")
+        self.own.joined()
         # Only now are we a member: replication starts (see _replicate) and our tunnels
         # may be owned. A peer that received replicas of ours before our member key existed
         # would take us for dead and take our tunnels.
@@ -293,49 +301,117 @@ class ClusterDriver:
                 budget -= sb.prepare(budget)
 
     async def _scan(self) -> None:
-        """Take this member's share of the tunnels of peers whose member key is gone."""
+        """Take this member's share of the groups of peers whose member key is gone."""
         if not any(sb.replica for sb in self.standbys.values()):
             return
-        members = {
-            kv.key[len(self.keys["members"]) :]
-            for kv in await self.client.get_prefix(self.keys["members"])
-        }
+        mkvs = await self.client.get_prefix(self.keys["members"])
+        members = {kv.key[len(self.keys["members"]) :] for kv in mkvs}
+        for kv in mkvs:
+            lease = ownership.parse_member(kv.value)[1]
+            if lease:
+                self._lease_names[lease] = kv.key[len(self.keys["members"]) :]
         dead = [p for p, sb in self.standbys.items() if sb.replica and p not in members]
         if not dead:
             self.dead_since.clear()
             return
-        owners: set[int] = set()
-        for kv in await self.client.get_prefix(self.keys["owners"], keys_only=True):
-            spi = ownership.spi_of_owner_key(kv.key)
-            if spi is not None:
-                owners.add(spi)
-        now = self.node.clock()
+        groups, tunnels = await read_ownership(self.client, self.keys)
         for p in dead:
             sb = self.standbys[p]
-            for spi in [s for s in sb.replica if s in owners]:
+            for spi in [s for s in sb.replica if tunnels.get(s, "") in groups]:
                 del sb.replica[spi]  # someone owns it now: this replica must never be used
-            orphans = sorted(sb.replica)
-            if not orphans:
-                continue
-            first = self.dead_since.setdefault(p, now)
-            share = (
-                orphans
-                if now - first >= self.grace
-                else ownership.plan(orphans, members | {self.node.name})[self.node.name]
-            )
-            await self._take(p, share)
-
-    async def _take(self, peer: str, share: list[int]) -> None:
-        sb = self.standbys[peer]
-        by_key = {ownership.owner_key(self.cfg.name, s): s for s in share}
-        created = await self.client.create_all(list(by_key), self.node.name, lease=self.lease_id)
-        taken = [by_key[k] for k in created]
-        if not taken:
-            return
         now = self.node.clock()
-        tunnels, signals, rec = sb.take_over(now, taken)
+        first = min(self.dead_since.setdefault(p, now) for p in dead)
+        graced = now - first >= self.grace
+        live = members | {self.node.name}
+        held = {s for p in dead for s in self.standbys[p].replica}
+        orphans = {
+            g: spis
+            for g, spis in ownership.orphans(groups, tunnels).items()
+            if any(s in held for s in spis)
+        }
+        if orphans:
+            gids = sorted(orphans)
+            share = gids if graced else ownership.plan(gids, live)[self.node.name]
+            await self._adopt(share, tunnels, dead)
+        # Tunnels a dead peer had but never recorded (it never owned them, so never sent on
+        # them): whoever records them first.
+        loose = sorted(s for s in held if s not in tunnels)
+        if loose:
+            share_t = loose if graced else ownership.plan(loose, live)[self.node.name]
+            won: list[int] = []
+            for i in range(0, len(share_t), ownership.MAX_TXN_OPS - 1):
+                batch = share_t[i : i + ownership.MAX_TXN_OPS - 1]
+                if await self.client.txn(self.own.place(batch)):
+                    self.own.placed_ok(batch)
+                    won += batch
+            self._install(won, dead)
+
+    async def _adopt(self, gids: list[str], tunnels: dict[int, str], dead: list[str]) -> None:
+        """Create the owner keys of these orphaned groups (one transaction, or one per group
+        if someone was faster for some) and install their tunnels from our replicas."""
+        got: list[str] = []
+        for i in range(0, len(gids), ownership.MAX_TXN_OPS - 1):
+            batch = gids[i : i + ownership.MAX_TXN_OPS - 1]
+            if await self.client.txn(self.own.adopt(batch)):
+                got += batch
+            else:
+                for g in batch:
+                    if await self.client.txn(self.own.adopt([g])):
+                        got.append(g)
+        if not got:
+            return
+        spis = self.own.adopted(got, tunnels)
+        lost = self._install(spis, dead, creators=got)
+        for spi in lost:  # in a group we own now, but nobody replicated it to us: gone
+            txn = self.own.release(spi)
+            if txn is not None and await self.client.txn(txn):
+                self.own.released(spi)
+        if lost:
+            event(
+                log,
+                "cluster-tunnels-lost",
+                logging.WARNING,
+                node=self.node.name,
+                tunnels=len(lost),
+                detail="in a group taken over, but no replica here: their keys were deleted",
+            )
+
+    def _install(
+        self, spis: list[int], dead: list[str], creators: list[str] | None = None
+    ) -> list[int]:
+        """Install these tunnels (ours now) from the dead peers' replicas: the replica from
+        the member that created the tunnel's group first. Returns those without a replica."""
+        order = list(dead)
+        for g in creators or []:
+            name = self._lease_names.get(ownership.lease_of_group(g))
+            if name in order:
+                order.remove(name)
+                order.insert(0, name)
+        todo = set(spis)
+        now = self.node.clock()
+        for p in order:
+            sb = self.standbys[p]
+            mine = [s for s in spis if s in todo and s in sb.replica]
+            if not mine:
+                continue
+            todo -= set(mine)
+            tunnels, signals, rec = sb.take_over(now, mine)
+            for other in order:  # a second copy elsewhere is stale: never use it
+                for s in mine:
+                    self.standbys[other].replica.pop(s, None)
+            self._took(p, tunnels, signals, rec, len(mine))
+        return sorted(todo)
+
+    def _took(
+        self,
+        peer: str,
+        tunnels: list[Tunnel],
+        signals: list[tuple[Any, bytes]],
+        rec: Record,
+        asked: int,
+    ) -> None:
+        now = self.node.clock()
         for t in tunnels:
-            self.owned.add(t.outbound.spi)
             self._ceiling(t)
         for sa, payload in signals:
             res = self.node.engine.signal(sa, payload, now)
@@ -354,7 +430,7 @@ class ClusterDriver:
             node=self.node.name,
             peer=peer,
             tunnels=len(tunnels),
-            asked=len(share),
+            asked=asked,
         )
 
     async def _renew(self) -> None:
@@ -374,7 +450,8 @@ class ClusterDriver:
         now. Remove them for good and join again, empty."""
         self.lease.revoke()
         self.node.engine.send_until = -math.inf
-        gone = [t for t in self.node.engine.tunnels() if t.outbound.spi in self.owned]
+        owned = self.own.lease_gone()
+        gone = [t for t in self.node.engine.tunnels() if t.outbound.spi in owned]
         for t in gone:
             self.node.engine.remove_tunnel(t)
         self.lost_for_good += len(gone)
@@ -387,47 +464,51 @@ class ClusterDriver:
             detail="etcd expired this gateway's lease: its tunnels may have moved; they were"
             " removed here, and the gateway joins again without them",
         )
-        self.owned.clear()
         self.lease_id = 0
         self.lease = Lease(self.timing)
 
     async def _own_tunnels(self) -> None:
-        """Create the owner keys of our tunnels that have none yet (at start, and tunnels
-        that arrived by a transfer), in batches; release those of tunnels that left (moved
-        to another member by a transfer, or deleted)."""
+        """Record our tunnels that have no key yet (at start, and tunnels new here) in our
+        home groups, in batches; learn the groups of those that have one (handed to us by a
+        transfer's source?); release the keys of tunnels that left (moved to another member
+        by a transfer, or deleted)."""
         here = {
             t.outbound.spi
             for t in self.node.engine.tunnels()
             if t.state in (TunnelState.ACTIVE, TunnelState.HELD)
         }
-        for spi in sorted(self.owned - here):
-            await self.client.delete_if_lease(
-                ownership.owner_key(self.cfg.name, spi), self.lease_id
-            )
-            self.owned.discard(spi)
+        for spi in sorted(self.own.owned() - here):
+            txn = self.own.release(spi)
+            if txn is not None:
+                await self.client.txn(txn)
+            self.own.released(spi)
         todo = [
             t
             for t in self.node.engine.tunnels()
-            if t.state is TunnelState.ACTIVE and t.outbound.spi not in self.owned
+            if t.state is TunnelState.ACTIVE and not self.own.owns(t.outbound.spi)
         ]
-        for i in range(0, len(todo), MAX_TXN_OPS):
-            batch = todo[i : i + MAX_TXN_OPS]
-            keys = [ownership.owner_key(self.cfg.name, t.outbound.spi) for t in batch]
-            if await self.client.create_many(keys, self.node.name, lease=self.lease_id):
+        per = ownership.MAX_TXN_OPS - 1
+        for i in range(0, len(todo), per):
+            batch = todo[i : i + per]
+            spis = [t.outbound.spi for t in batch]
+            if await self.client.txn(self.own.place(spis)):
+                self.own.placed_ok(spis)
                 won = batch
             else:
                 won = []
-                for t, k in zip(batch, keys, strict=True):
-                    if await self.client.create(k, self.node.name, lease=self.lease_id):
+                for t in batch:
+                    spi = t.outbound.spi
+                    if await self.client.txn(self.own.place([spi])):
+                        self.own.placed_ok([spi])
                         won.append(t)
                         continue
-                    kv = await self.client.get(k)  # handed to us by a transfer's source?
-                    if kv is not None and kv.lease == self.lease_id:
+                    kv = await self.client.get(self.own.tunnel_key(spi))
+                    self.own.learn(spi, kv.value.decode(errors="replace") if kv else None)
+                    if self.own.owns(spi):
                         won.append(t)
                     else:
                         self._fence(t)
             for t in won:
-                self.owned.add(t.outbound.spi)
                 self._not_owner.discard(t.outbound.spi)
                 self._ceiling(t)
             self._now_owned(won)
@@ -468,7 +549,7 @@ class ClusterDriver:
             return False
         t = held.tunnel
         if (
-            t.outbound.spi not in self.owned
+            not self.own.owns(t.outbound.spi)
             and self.lease.valid(now)
             and len(self._waiting) < WAITING_MAX
         ):
@@ -509,8 +590,9 @@ class ClusterDriver:
                 "losses": self.lease.losses,
             },
             "spi_block": str(self.block) if self.block is not None else None,
-            "owned_tunnels": sum(1 for t in tunnels if t.outbound.spi in self.owned),
-            "unowned_tunnels": sum(1 for t in tunnels if t.outbound.spi not in self.owned),
+            "groups": len(self.own.groups),
+            "owned_tunnels": sum(1 for t in tunnels if self.own.owns(t.outbound.spi)),
+            "unowned_tunnels": sum(1 for t in tunnels if not self.own.owns(t.outbound.spi)),
             "removed_on_expiry": self.lost_for_good,
             "etcd_error": self.last_error,
             "replicas": {p: len(sb.replica) for p, sb in self.standbys.items()},
@@ -523,36 +605,52 @@ def spi_hex(t: Tunnel) -> str:
     return f"{t.outbound.spi:08x}"
 
 
+async def read_ownership(
+    client: EtcdClient, keys: dict[str, str]
+) -> tuple[dict[str, str], dict[int, str]]:
+    """The owner of every group, and the group of every tunnel, as etcd has them."""
+    groups = {
+        kv.key[len(keys["groups"]) :]: kv.value.decode(errors="replace")
+        for kv in await client.get_prefix(keys["groups"])
+    }
+    tunnels: dict[int, str] = {}
+    for kv in await client.get_prefix(keys["tunnels"]):
+        spi = ownership.spi_of_key(kv.key)
+        if spi is not None:
+            tunnels[spi] = kv.value.decode(errors="replace")
+    return groups, tunnels
+
+
 async def cluster_status(cfg: ClusterConfig) -> dict[str, Any]:
     """What etcd says about the cluster: members (with their lease's time to live), owners
-    and tunnel counts per member, SPI blocks. For ``ipsecct cluster status``."""
+    (of each tunnel: the owner of its group) and tunnel and group counts per member, SPI
+    blocks. For ``ipsecct cluster status``."""
     client = EtcdClient(list(cfg.etcd), timeout=2.0)
     keys = ownership.keys(cfg.name)
     members: dict[str, dict[str, Any]] = {}
     for kv in await client.get_prefix(keys["members"]):
         name = kv.key[len(keys["members"]) :]
-        try:
-            info = json.loads(kv.value)
-        except ValueError:
-            info = {}
+        address = ownership.parse_member(kv.value)[0]
         ttl = await client.call("/v3/lease/timetolive", {"ID": str(kv.lease)})
         members[name] = {
-            "address": info.get("address", "") if isinstance(info, dict) else "",
+            "address": address,
             "lease": f"{kv.lease:x}",
             "ttl_s": int(ttl.get("TTL", 0))
             if str(ttl.get("TTL", "0")).lstrip("-").isdigit()
             else 0,
+            "groups": 0,
             "tunnels": 0,
         }
+    groups, tunnels = await read_ownership(client, keys)
+    for who in groups.values():
+        if who in members:
+            members[who]["groups"] += 1
     owners: dict[str, str] = {}
     orphaned = 0
-    for kv in await client.get_prefix(keys["owners"]):
-        spi = ownership.spi_of_owner_key(kv.key)
-        if spi is None:
-            continue
-        who = kv.value.decode(errors="replace")
-        owners[f"0x{spi:08x}"] = who
-        if who in members:
+    for spi, holder in sorted(ownership.owners(groups, tunnels).items()):
+        if holder is not None and holder in members:
+            who = holder
+            owners[f"0x{spi:08x}"] = who
             members[who]["tunnels"] += 1
         else:
             orphaned += 1
@@ -565,6 +663,7 @@ async def cluster_status(cfg: ClusterConfig) -> dict[str, Any]:
         "etcd": list(cfg.etcd),
         "members": members,
         "owners": owners,
+        "tunnel_groups": {f"0x{spi:08x}": g for spi, g in sorted(tunnels.items())},
         "owners_without_member": orphaned,
         "spi_blocks": {
             i: {"member": m, "range": str(spimod.block(int(i), cfg.spi_blocks))}

@@ -114,6 +114,7 @@ class ClusterConfig:
     ttl_s: int = 2
     drift_ppm: float = 1000.0
     guard_ms: float = 50.0
+    groups: int = 32  # home groups per member: one owner key each (ct/ownership.py)
 
     def block(self) -> SpiBlock | None:
         return None if self.spi_block is None else spi_block_of(self.spi_block, self.spi_blocks)
@@ -741,7 +742,7 @@ def _cluster(c: Any, ctx: _Ctx) -> ClusterConfig | None:
         c,
         ctx,
         "cluster.",
-        {"spi_block", "spi_blocks", "etcd", "name", "ttl_s", "drift_ppm", "guard_ms"},
+        {"spi_block", "spi_blocks", "etcd", "name", "ttl_s", "drift_ppm", "guard_ms", "groups"},
     )
     n = c.get("spi_blocks", 16)
     if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_SPI_BLOCKS:
@@ -766,7 +767,10 @@ def _cluster(c: Any, ctx: _Ctx) -> ClusterConfig | None:
         if isinstance(v, bool) or not isinstance(v, int | float) or not 0 <= v < 1e6:
             raise ctx.err(f"cluster.{k}", "must be a number >= 0")
         extra[k] = float(v)
-    cc = ClusterConfig(i, n, tuple(etcd), name, ttl, extra["drift_ppm"], extra["guard_ms"])
+    groups = c.get("groups", 32)
+    if isinstance(groups, bool) or not isinstance(groups, int) or not 1 <= groups <= 127:
+        raise ctx.err("cluster.groups", "must be a whole number 1-127")
+    cc = ClusterConfig(i, n, tuple(etcd), name, ttl, extra["drift_ppm"], extra["guard_ms"], groups)
     if etcd:
         from ..ct.ownership import fence_timing
 

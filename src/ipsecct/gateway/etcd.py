@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+from ..ct.ownership import Compare, Delete, Put, Txn
 from ..errors import EtcdError
 
 MAX_RESPONSE = 16 << 20
@@ -327,5 +328,35 @@ class EtcdClient:
         done = await asyncio.gather(*(batch(p) for p in parts))
         return [k for part in done for k in part]
 
+    async def txn(self, t: Txn) -> bool:
+        """Run a transaction built by :mod:`ipsecct.ct.ownership`; True if its compares held
+        (and its operations were applied)."""
+        ans = await self.call(
+            "/v3/kv/txn",
+            {"compare": [_compare(c) for c in t.compare], "success": [_op(o) for o in t.success]},
+        )
+        ok = ans.get("succeeded", False)
+        if not isinstance(ok, bool):
+            raise EtcdError("etcd answered a bad transaction result")
+        return ok
+
     async def status(self) -> dict[str, Any]:
         return await self.call("/v3/maintenance/status", {})
+
+
+_COMPARE_FIELD = {"CREATE": "create_revision", "LEASE": "lease", "VALUE": "value"}
+
+
+def _compare(c: Compare) -> dict[str, Any]:
+    field = _COMPARE_FIELD[c.target]
+    value = _b64(c.value) if c.target == "VALUE" and isinstance(c.value, str) else str(c.value)
+    return {"key": _b64(c.key), "target": c.target, field: value, "result": "EQUAL"}
+
+
+def _op(o: Put | Delete) -> dict[str, Any]:
+    if isinstance(o, Delete):
+        return {"request_delete_range": {"key": _b64(o.key)}}
+    put: dict[str, Any] = {"key": _b64(o.key), "value": _b64(o.value)}
+    if o.lease:
+        put["lease"] = str(o.lease)
+    return {"request_put": put}
