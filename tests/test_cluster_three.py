@@ -297,7 +297,13 @@ def leader(e: EtcdCluster) -> str:
 
 def test_three_gateways_three_etcd_members(tmp_path: Path) -> None:
     # The six tunnels' rendezvous shares between sg2 and sg3: both get some.
-    plan = ownership.plan([spi_out(i) for i in range(K)], ["sg2", "sg3"])
+    # (By groups: a tunnel goes with its group, ranked by the group's bucket.)
+    plan: dict[str, list[int]] = {"sg2": [], "sg3": []}
+    for i in range(K):
+        gid = ownership.home_group(0, ownership.bucket(spi_out(i), ownership.GROUPS))
+        taker = ownership.successor(ownership.group_rank(gid), ["sg2", "sg3"])
+        assert taker is not None
+        plan[taker].append(spi_out(i))
     assert plan["sg2"] and plan["sg3"]
     with EtcdCluster(tmp_path, 3) as e:
         proxy = Proxy([e.client[m] for m in e.names])

@@ -204,7 +204,7 @@ class Sim:
             self.scan(i)
         members, groups, tunnels = self.snap.pop(i)
         orphans = sorted(ownership.orphans(groups, tunnels))
-        share = orphans if graced else ownership.plan(orphans, members | {m.name})[m.name]
+        share = orphans if graced else ownership.plan_groups(orphans, members | {m.name})[m.name]
         got = [g for g in share if self.run(m, m.own.adopt([g]))]
         for spi in m.own.adopted(got, tunnels):
             m.tunnels.add(spi)
@@ -358,7 +358,7 @@ def test_grouped_takeover_on_real_etcd(tmp_path: Path) -> None:
         groups, tunnels = await read_ownership(c, keys)
         orphans = ownership.orphans(groups, tunnels)
         assert len(orphans) == 16 and moved not in {s for v in orphans.values() for s in v}
-        plans = ownership.plan(sorted(orphans), members)
+        plans = ownership.plan_groups(sorted(orphans), members)
         assert plans["sg2"] and plans["sg3"]
         before = c.calls
         taken = {}

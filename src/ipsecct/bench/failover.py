@@ -317,7 +317,7 @@ async def _etcd_grouped(
     members = {kv.key[len(keys["members"]) :] for kv in await c.get_prefix(keys["members"])}
     groups, tunnels = await read_ownership(c, keys)
     orphans = ownership.orphans(groups, tunnels)
-    share = ownership.plan(sorted(orphans), members | {"sg2"})["sg2"]
+    share = ownership.plan_groups(sorted(orphans), members | {"sg2"})["sg2"]
     assert await c.txn(me.adopt(share))
     taken = me.adopted(share, tunnels)
     tunnels_, signals, _rec = sb.take_over(now, taken)

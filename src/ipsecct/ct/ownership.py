@@ -143,6 +143,24 @@ def plan(orphans: Iterable[T], survivors: Iterable[str]) -> dict[str, list[T]]:
     return out
 
 
+def group_rank(gid: str) -> str:
+    """What rendezvous hashing ranks a group by: its bucket (``k`` of ``<lease>-<k>``), so
+    that which survivor takes a tunnel depends on the tunnel's SPI and the member list only,
+    not on the dead member's lease."""
+    return "group-" + gid.rpartition("-")[2]
+
+
+def plan_groups(orphans: Iterable[str], survivors: Iterable[str]) -> dict[str, list[str]]:
+    """Which survivor takes which orphaned group."""
+    members = sorted(set(survivors))
+    out: dict[str, list[str]] = {m: [] for m in members}
+    for gid in orphans:
+        m = successor(group_rank(gid), members)
+        if m is not None:
+            out[m].append(gid)
+    return out
+
+
 # -- transactions (what the etcd client executes) ---------------------------------------------
 
 

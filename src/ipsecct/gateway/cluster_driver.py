@@ -331,7 +331,7 @@ class ClusterDriver:
         }
         if orphans:
             gids = sorted(orphans)
-            share = gids if graced else ownership.plan(gids, live)[self.node.name]
+            share = gids if graced else ownership.plan_groups(gids, live)[self.node.name]
             await self._adopt(share, tunnels, dead)
         # Tunnels a dead peer had but never recorded (it never owned them, so never sent on
         # them): whoever records them first.
