@@ -19,11 +19,14 @@ def cmd_status(args: argparse.Namespace) -> int:
         sys.stdout.write("\n")
         return 0
     print(f"cluster {st['cluster']} (etcd {', '.join(st['etcd'])})")
-    print(f"{'member':<16} {'lease':<18} {'ttl_s':>5} {'tunnels':>8}  address")
+    print(f"{'member':<16} {'lease':<18} {'ttl_s':>5} {'groups':>6} {'tunnels':>8}  address")
     for name, m in sorted(st["members"].items()):
-        print(f"{name:<16} {m['lease']:<18} {m['ttl_s']:>5} {m['tunnels']:>8}  {m['address']}")
+        print(
+            f"{name:<16} {m['lease']:<18} {m['ttl_s']:>5} {m['groups']:>6} {m['tunnels']:>8}"
+            f"  {m['address']}"
+        )
     if st["owners_without_member"]:
-        print(f"{st['owners_without_member']} owner key(s) of members that are gone")
+        print(f"{st['owners_without_member']} tunnel(s) whose group has no owner (yet)")
     for i, b in st["spi_blocks"].items():
         print(f"spi block {i}: {b['range']} {b['member']}")
     return 0

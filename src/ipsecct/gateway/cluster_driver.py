@@ -97,7 +97,9 @@ class ClusterDriver:
         self._quiet = RateLimited(burst=2, interval=10.0)  # etcd errors repeat every round
         node.engine.send_until = -math.inf  # nothing is sent before we are a member
         node.engine.fence_new_tunnels = True  # nor on a new tunnel before we own it
+        node.engine.on_new_tunnel = self._new_tunnel  # which we record at once
         self._own_now = False
+        self._wake = asyncio.Event()
         self._not_owner: set[int] = set()  # fenced because another member owns them: told
         # Outbound packets of tunnels we do not own yet (a transfer just committed here),
         # kept until we do: bounded.
@@ -163,6 +165,13 @@ class ClusterDriver:
             task.add_done_callback(self._handovers.discard)
         elif rec.role == "target" and rec.outcome == "committed":
             self._own_now = True
+            self._wake.set()
+
+    def _new_tunnel(self, t: Tunnel) -> None:
+        """A tunnel new here (an IKEv2 CHILD SA, ``sa add``, a transfer, a take-over): record
+        it now rather than at the next round (up to ``ttl_s / 4`` away)."""
+        self._own_now = True
+        self._wake.set()
 
     async def _hand_over(self, spis: list[int], peer: str) -> None:
         try:
@@ -261,6 +270,7 @@ class ClusterDriver:
     async def _loop(self) -> None:
         period = self.cfg.ttl_s / 4
         while True:
+            self._wake.clear()
             try:
                 if not self.lease_id:
                     await self._register()
@@ -285,7 +295,8 @@ class ClusterDriver:
                 self.last_error = str(exc)
                 self._next_keepalive = 0.0  # try again at once
             self._events(self.lease.poll(self.node.clock()))
-            await asyncio.sleep(SCAN_PERIOD if self.standbys else period)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), SCAN_PERIOD if self.standbys else period)
 
     async def _replicate(self) -> None:
         assert self.channels is not None

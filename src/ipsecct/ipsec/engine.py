@@ -13,7 +13,7 @@ from __future__ import annotations
 import enum
 import math
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -226,6 +226,7 @@ class Engine:
         # Cluster (etcd) mode: a new tunnel may send nothing until its owner is recorded
         # (its ceiling starts at its current number; the cluster driver lifts it).
         self.fence_new_tunnels = False
+        self.on_new_tunnel: Callable[[Tunnel], None] | None = None  # ...and is told at once
         # The native data path (ipsecct.ipsec.native): an SA table in C that the engine fills
         # after the Python path has handled a packet of an SA it may carry, and empties when
         # anything about that SA changes. None: the pure-Python path.
@@ -331,6 +332,8 @@ class Engine:
         self._tunnel_of_entry[id(entry)] = t
         for sa in t.sas():
             self._tunnel_of_sa[id(sa)] = t
+        if self.on_new_tunnel is not None:
+            self.on_new_tunnel(t)
         return t
 
     def add_tunnels(
@@ -384,6 +387,10 @@ class Engine:
         finally:
             self._clear_flows()
             self.spd.extend(entries)
+        if self.on_new_tunnel is not None:
+            for t in out:
+                if t is not None:
+                    self.on_new_tunnel(t)
         return out
 
     def remove_tunnel(self, tunnel: Tunnel) -> None:
