@@ -320,9 +320,11 @@ async def _etcd_grouped(
     share = ownership.plan_groups(sorted(orphans), members | {"sg2"})["sg2"]
     assert await c.txn(me.adopt(share))
     taken = me.adopted(share, tunnels)
+    etcd_ms = (time.perf_counter() - t0) * 1000
     tunnels_, signals, _rec = sb.take_over(now, taken)
     assert len(tunnels_) == n, (len(tunnels_), n)
     r = _finish("etcd", n, sb_engine, wire, signals, t0, now, 0)
+    r["etcd_ms"] = round(etcd_ms, 3)
     r["owner_keys"] = len(share)
     r["etcd_requests"] = c.calls
     return r
@@ -353,9 +355,11 @@ async def _etcd_per_tunnel(
     share = ownership.plan(orphans, members)["sg2"]
     by_key = {f"{owners}{s:08x}": s for s in share}
     taken = [by_key[k] for k in await c.create_all(list(by_key), "sg2", lease=me)]
+    etcd_ms = (time.perf_counter() - t0) * 1000
     tunnels, signals, _rec = sb.take_over(now, taken)
     assert len(tunnels) == n, (len(tunnels), n)
     r = _finish("etcd", n, sb_engine, wire, signals, t0, now, 0)
+    r["etcd_ms"] = round(etcd_ms, 3)
     r["owner_keys"] = len(share)
     r["scheme"] = "per-tunnel"
     return r
