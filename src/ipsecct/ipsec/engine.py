@@ -388,9 +388,9 @@ class Engine:
             self._clear_flows()
             self.spd.extend(entries)
         if self.on_new_tunnel is not None:
-            for t in out:
-                if t is not None:
-                    self.on_new_tunnel(t)
+            for added in out:
+                if added is not None:
+                    self.on_new_tunnel(added)
         return out
 
     def remove_tunnel(self, tunnel: Tunnel) -> None:
