@@ -300,6 +300,73 @@ def test_standby_keeps_the_latest_pair_per_outbound_spi_and_applies_removals() -
     assert sb.last_heard == 0.02
 
 
+def test_replicator_select_keeps_a_floor_until_the_removal_is_acknowledged() -> None:
+    """The etcd mode replicates a tunnel only to the peers that would take it: a tunnel that
+    leaves one standby's selection (it stays here, sending) is removed there, and its floor
+    there (what that standby may hold) still bounds its ceiling until the standby
+    acknowledged the removal; then only the other floors do."""
+    act = Engine(ip(SG_ADDR["sg1"]))
+    t1, t2 = add_tunnel(act, 1), add_tunnel(act, 2)
+    seen: list[Tunnel] = []
+    rep = failover.Replicator(
+        act, cfg(fencing=True), session=9, peer_lease=False, on_floor=seen.append
+    )
+    chosen = {t1, t2}
+    rep.select = lambda t: t in chosen
+    sb = failover.Standby(
+        Engine(ip(SG_ADDR["sg2"])),
+        cfg("standby", fencing=True),
+        Endpoint(ip(SG_ADDR["sg2"]), 4600),
+        Identity.DIRECT,
+        peer_lease=False,
+    )
+    first = wire(rep.poll(0.0))
+    assert {rep.floor[t1], rep.floor[t2]} == {0}
+    send_down(act, 5, 0.01)
+    chosen.discard(t2)  # t2 now goes to another peer only
+    msgs = wire(rep.poll(0.02))
+    assert removed(msgs) == [0x2002] and t2 not in rep.synced
+    assert rep.floor[t2] == 0  # the removal is not acknowledged yet
+    assert wire(rep.poll(0.03)) == [] and rep.floor[t2] == 0  # nor forgotten meanwhile
+    seen.clear()
+    for m in first + msgs:
+        for r in sb.receive(m, 0.03):
+            rep.receive(r, 0.03)
+    assert set(sb.replica) == {0x2001}
+    assert t2 not in rep.floor and t2 in seen  # the driver recomputes its ceiling
+    assert rep.floor[t1] == 0
+    chosen.add(t2)  # selected again: replicated anew, floor from now
+    msgs = wire(rep.poll(0.04))
+    assert (0x2002, False) in contexts(msgs) and rep.floor[t2] == t2.outbound.seq
+
+
+def test_replicator_selected_again_before_the_acknowledgement_keeps_the_old_floor() -> None:
+    act = Engine(ip(SG_ADDR["sg1"]))
+    t1 = add_tunnel(act, 1)
+    rep = failover.Replicator(act, cfg(fencing=True), session=9, peer_lease=False)
+    chosen = {t1}
+    rep.select = lambda t: t in chosen
+    sb = failover.Standby(
+        Engine(ip(SG_ADDR["sg2"])),
+        cfg("standby", fencing=True),
+        Endpoint(ip(SG_ADDR["sg2"]), 4600),
+        Identity.DIRECT,
+        peer_lease=False,
+    )
+    msgs = wire(rep.poll(0.0))
+    chosen.clear()
+    msgs += wire(rep.poll(0.01))
+    send_down(act, 5, 0.015)
+    chosen.add(t1)
+    msgs += wire(rep.poll(0.02))
+    for m in msgs:
+        for r in sb.receive(m, 0.03):
+            rep.receive(r, 0.03)
+    # The acknowledgement of the removal does not drop the floor of the replica sent since;
+    # it is raised by that replica's own acknowledgement.
+    assert rep.floor[t1] == 5 and 0x2001 in sb.replica
+
+
 def test_standby_refuses_what_is_not_a_sync() -> None:
     sb = standby(Engine(ip(SG_ADDR["sg2"])))
     with pytest.raises(CxtpError):

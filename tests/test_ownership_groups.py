@@ -75,6 +75,21 @@ def test_groups_spread_tunnels_and_orphans_are_found() -> None:
     assert ownership.parse_member(b'{"lease": "5", "groups": 1000}')[1] == 0
 
 
+def test_replication_targets_are_the_takers() -> None:
+    """A tunnel is replicated to the peers ranked highest for its group: the first is the
+    one the take-over plan gives the group to when this member dies, the second the one it
+    gives it to when the first is dead too."""
+    members = ["sg1", "sg2", "sg3", "sg4", "sg5"]
+    for k in range(32):
+        gid = ownership.home_group(0xBEEF, k)
+        peers = [m for m in members if m != "sg1"]
+        first, second = ownership.successors(ownership.group_rank(gid), peers, 2)
+        assert ownership.plan_groups([gid], peers)[first] == [gid]
+        rest = [m for m in peers if m != first]
+        assert ownership.plan_groups([gid], rest)[second] == [gid]
+        assert ownership.successors(ownership.group_rank(gid), peers, 9)[:1] == [first]
+
+
 # -- 2. the simulation ----------------------------------------------------------------------
 
 

@@ -193,6 +193,12 @@ class Replicator:
         self.superseded_by: int | None = None  # epoch of a standby's take-over
         self.acks = 0
         self._next_check = 0.0  # the first check sends the whole state at once
+        # Which tunnels go to this standby (the etcd mode replicates each tunnel to the
+        # members that would take it); None: all. A tunnel that stays here but leaves the
+        # selection keeps its floor until the standby acknowledges its removal: message
+        # number -> those tunnels.
+        self.select: Callable[[Tunnel], bool] | None = None
+        self._leaving: dict[int, list[Tunnel]] = {}
         if self.lease is not None:
             engine.send_until = self.lease.expiry
 
@@ -233,6 +239,11 @@ class Replicator:
             if t in self.floor and seq > self.floor[t]:
                 self.floor[t] = seq
                 self._ceiling(t)
+        for k in [k for k in self._leaving if k <= tag.seq]:
+            for t in self._leaving.pop(k):
+                if t in self.floor and t not in self.synced:  # not replicated again since
+                    del self.floor[t]
+                    self._ceiling(t)
         for k in [k for k in self._carried if k < tag.seq - 4096]:
             del self._carried[k]  # never acknowledged (connection lost): forget
         if self.lease is None:
@@ -270,8 +281,13 @@ class Replicator:
         full = self._full
         due: list[Tunnel] = []
         live: set[Tunnel] = set()
+        staying: set[Tunnel] = set()  # here, but not for this standby
+        select = self.select
         for t in self.engine.tunnels():
             if t.state is not TunnelState.ACTIVE:
+                continue
+            if select is not None and not select(t):
+                staying.add(t)
                 continue
             live.add(t)
             c = self._counter(t)
@@ -291,12 +307,18 @@ class Replicator:
                     due.append(t)
         if self.superseded_by is not None:
             return []  # the standby took over: nothing more to replicate
-        removed = [self.spi_of.pop(k) for k in list(self.synced) if k not in live]
-        for k in list(self.synced):
-            if k not in live:
-                del self.synced[k]
+        gone = [k for k in self.synced if k not in live]
+        removed = [self.spi_of.pop(k) for k in gone]
+        for k in gone:
+            del self.synced[k]
+        leaving: list[Tunnel] = []
+        gone_set = set(gone)
         for k in [k for k in self.floor if k not in live]:
-            del self.floor[k]
+            if k not in staying:
+                del self.floor[k]  # gone from here: it sends nothing more
+            elif k in gone_set:
+                leaving.append(k)  # its floor holds until the standby acknowledges this
+            # else its removal is on its way (``_leaving``)
         if (
             not full
             and not due
@@ -353,6 +375,8 @@ class Replicator:
         if self.lease is not None:
             for i in range(len(msgs)):
                 self.lease.sent(self.seq + i, now)
+        if leaving:
+            self._leaving.setdefault(self.seq, []).extend(leaving)  # the first carries them
         self.seq += len(msgs)
         self.messages += len(msgs)
         return msgs

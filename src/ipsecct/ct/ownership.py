@@ -132,6 +132,12 @@ def successor(item: int | str, members: Iterable[str]) -> str | None:
     return None if best is None else best[1]
 
 
+def successors(item: str, members: Iterable[str], n: int) -> list[str]:
+    """The ``n`` members ranked highest for ``item`` (:func:`successor` is the first): whom
+    a member replicates a group's tunnels to, so that whoever would take them holds them."""
+    return [m for _, m in sorted(((_weight(m, item), m) for m in members), reverse=True)[:n]]
+
+
 def plan(orphans: Iterable[T], survivors: Iterable[str]) -> dict[str, list[T]]:
     """Which survivor takes which orphaned group (or tunnel)."""
     members = sorted(set(survivors))

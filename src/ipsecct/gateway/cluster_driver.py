@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import logging
 import math
 from dataclasses import replace
@@ -90,6 +91,11 @@ class ClusterDriver:
         self.tick = 0.01
         self.dead_since: dict[str, float] = {}
         self._lease_names: dict[int, str] = {}  # member lease -> member, as last seen
+        # Live members (name -> lease) as last read; None before the first reading. Each
+        # tunnel is replicated to the peers that would take its group (``replicas`` of
+        # them), by the group's rank: rank -> those peers, for the members as last read.
+        self._live: dict[str, int] | None = None
+        self._targets: dict[str, frozenset[str]] = {}
         self.grace = 1.0
         self.taken = 0
         self.takeovers: list[dict[str, Any]] = []
@@ -129,6 +135,7 @@ class ClusterDriver:
             self.replicators[p] = Replicator(
                 self.node.engine, c, peer_lease=False, on_floor=self._ceiling
             )
+            self.replicators[p].select = functools.partial(self._replicate_to, p)
             self.standbys[p] = Standby(
                 self.node.engine, replace(c, role="standby"), ep, identity, peer_lease=False
             )
@@ -311,16 +318,50 @@ class ClusterDriver:
             for sb in self.standbys.values():
                 budget -= sb.prepare(budget)
 
+    def _replicate_to(self, peer: str, t: Tunnel) -> bool:
+        """Whether tunnel ``t`` goes to ``peer``: the ``replicas`` live peers ranked highest
+        for its group, which are those that take it if this member dies (every peer when
+        ``replicas`` is 0, or before the first reading of the member list)."""
+        live = self._live
+        if live is None or self.cfg.replicas == 0:
+            return True
+        if peer not in live:
+            return False
+        g = self.own.placed.get(t.outbound.spi)
+        if g is None:
+            if not self.own.home:
+                return True
+            g = self.own.home_of(t.outbound.spi)
+        rank = ownership.group_rank(g)
+        targets = self._targets.get(rank)
+        if targets is None:
+            peers = [m for m in live if m in self.replicators and m != self.node.name]
+            targets = frozenset(ownership.successors(rank, peers, self.cfg.replicas))
+            self._targets[rank] = targets
+        return peer in targets
+
+    def _members_seen(self, now: dict[str, int]) -> None:
+        """The member list (name -> lease) as just read: who replicates what changes with it.
+        A peer that no longer gets a tunnel is told to drop it, and the tunnel's floor there
+        holds until it acknowledged that (``Replicator.select``)."""
+        if self._live is None or set(self._live) != set(now):
+            self._targets.clear()
+        self._live = now
+
     async def _scan(self) -> None:
-        """Take this member's share of the groups of peers whose member key is gone."""
-        if not any(sb.replica for sb in self.standbys.values()):
-            return
+        """Read the member list; take this member's share of the groups of peers whose
+        member key is gone."""
         mkvs = await self.client.get_prefix(self.keys["members"])
         members = {kv.key[len(self.keys["members"]) :] for kv in mkvs}
+        seen: dict[str, int] = {}
         for kv in mkvs:
             lease = ownership.parse_member(kv.value)[1]
             if lease:
                 self._lease_names[lease] = kv.key[len(self.keys["members"]) :]
+            seen[kv.key[len(self.keys["members"]) :]] = kv.lease
+        self._members_seen(seen)
+        if not any(sb.replica for sb in self.standbys.values()):
+            return
         dead = [p for p, sb in self.standbys.items() if sb.replica and p not in members]
         if not dead:
             self.dead_since.clear()

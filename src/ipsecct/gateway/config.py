@@ -115,6 +115,7 @@ class ClusterConfig:
     drift_ppm: float = 1000.0
     guard_ms: float = 50.0
     groups: int = 32  # home groups per member: one owner key each (ct/ownership.py)
+    replicas: int = 2  # peers each tunnel is replicated to (its takers); 0: every peer
 
     def block(self) -> SpiBlock | None:
         return None if self.spi_block is None else spi_block_of(self.spi_block, self.spi_blocks)
@@ -742,7 +743,17 @@ def _cluster(c: Any, ctx: _Ctx) -> ClusterConfig | None:
         c,
         ctx,
         "cluster.",
-        {"spi_block", "spi_blocks", "etcd", "name", "ttl_s", "drift_ppm", "guard_ms", "groups"},
+        {
+            "spi_block",
+            "spi_blocks",
+            "etcd",
+            "name",
+            "ttl_s",
+            "drift_ppm",
+            "guard_ms",
+            "groups",
+            "replicas",
+        },
     )
     n = c.get("spi_blocks", 16)
     if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_SPI_BLOCKS:
@@ -770,7 +781,20 @@ def _cluster(c: Any, ctx: _Ctx) -> ClusterConfig | None:
     groups = c.get("groups", 32)
     if isinstance(groups, bool) or not isinstance(groups, int) or not 1 <= groups <= 127:
         raise ctx.err("cluster.groups", "must be a whole number 1-127")
-    cc = ClusterConfig(i, n, tuple(etcd), name, ttl, extra["drift_ppm"], extra["guard_ms"], groups)
+    replicas = c.get("replicas", 2)
+    if isinstance(replicas, bool) or not isinstance(replicas, int) or not 0 <= replicas <= 64:
+        raise ctx.err("cluster.replicas", "must be a whole number 0-64 (0: every peer)")
+    cc = ClusterConfig(
+        i,
+        n,
+        tuple(etcd),
+        name,
+        ttl,
+        extra["drift_ppm"],
+        extra["guard_ms"],
+        groups=groups,
+        replicas=replicas,
+    )
     if etcd:
         from ..ct.ownership import fence_timing
 
