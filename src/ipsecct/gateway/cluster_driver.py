@@ -413,7 +413,17 @@ class ClusterDriver:
         if not got:
             return
         spis = self.own.adopted(got, tunnels)
-        lost = self._install(spis, dead, creators=got)
+        # A tunnel already here (a transfer committed to us, whose source died before it
+        # handed over the key) is ours now as it is: newer than any replica of it.
+        wanted = set(spis)
+        here = [t for t in self.node.engine.tunnels() if t.outbound.spi in wanted]
+        for t in here:
+            for sb in self.standbys.values():
+                sb.replica.pop(t.outbound.spi, None)
+            self._ceiling(t)
+        self._now_owned(here)
+        have = {t.outbound.spi for t in here}
+        lost = self._install([s for s in spis if s not in have], dead, creators=got)
         for spi in lost:  # in a group we own now, but nobody replicated it to us: gone
             txn = self.own.release(spi)
             if txn is not None and await self.client.txn(txn):
