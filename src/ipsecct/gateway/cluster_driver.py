@@ -638,6 +638,9 @@ class ClusterDriver:
     # -- information -----------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
         now = self.node.clock()
+        # The loop notices a lapsed lease only between etcd calls (which may wait for a
+        # timeout): report it now, so that "lost" always comes with its loss counted.
+        self._events(self.lease.poll(now))
         tunnels = [t for t in self.node.engine.tunnels() if t.state is TunnelState.ACTIVE]
         return {
             "mode": "etcd",
