@@ -1267,12 +1267,18 @@ class TransferCore:
             self._unawaited_write(self._journal_write(lambda j: j.arrived(inc.tunnels, peer)))
         out: list[Output] = []
         until = now + self.settings.forward_time
+        # A bulk install shares one signal list among its tunnels (the new address only):
+        # encoded once per list, not once per tunnel.
+        encoded: dict[int, bytes] = {}
         for t in inc.tunnels:
             self.engine.activate(t)
             self.arrived[t] = (peer, until)
             items = inc.signals.get(id(t))
             if items:
-                res = self.engine.signal(t.outbound, signalling.encode(items), now)
+                data = encoded.get(id(items))
+                if data is None:
+                    data = encoded[id(items)] = signalling.encode(items)
+                res = self.engine.signal(t.outbound, data, now)
                 if isinstance(res, ToPeer):
                     out.append(Transmit(res.sa, res.data))
                 elif self.engine.fenced(t, now) and len(self.unsent_signals) < 65536:

@@ -468,15 +468,22 @@ class DurableState:
 
     def _row(
         self, sa: SecurityAssociation, fp: str, owner: Owner, detail: str, now: float,
-        prev: SAState | None,
+        prev: SAState | None, texts: dict[int, tuple[object, str]] | None = None,
     ) -> SAState:
         changed = prev.changed if prev is not None and prev.owner is owner else now
         ceiling = prev.ceiling if prev is not None else 0
         if sa.seq_ceiling != MAX_SEQ_64:
             ceiling = max(ceiling, sa.seq_ceiling)
+        dst = sa.dst
+        if texts is None:
+            peer = str(dst)
+        else:  # many rows at once: an address object shared by SAs is written out once
+            hit = texts.get(id(dst))
+            if hit is None:
+                hit = texts[id(dst)] = (dst, str(dst))  # (holds the object: its id stays)
+            peer = hit[1]
         return SAState(
-            fp, sa.name, sa.spi, str(sa.dst), sa.aead, max(ceiling, sa.seq), owner, detail,
-            changed,
+            fp, sa.name, sa.spi, peer, sa.aead, max(ceiling, sa.seq), owner, detail, changed
         )
 
     async def start(self) -> None:
@@ -640,11 +647,13 @@ class DurableState:
         now = time.time()
         fresh: list[tuple[SecurityAssociation, SAState]] = []
         rows = []
+        texts: dict[int, tuple[object, str]] = {}
         for sa in sas:
-            fp = self.tracked.get(sa) or self.store.fingerprint(sa)
+            known = self.tracked.get(sa)
+            fp = known or self.store.fingerprint(sa)
             prev = self.rows.get(fp)
-            row = self._row(sa, fp, owner, detail, now, prev)
-            if sa not in self.tracked:
+            row = self._row(sa, fp, owner, detail, now, prev, texts)
+            if known is None:
                 self.reservations.enrol(sa, prev.ceiling if prev is not None else 0)
                 row.ceiling = self.reservations.request(sa)
                 fresh.append((sa, row))
@@ -674,10 +683,11 @@ class DurableState:
     ) -> list[SAState]:
         now = time.time()
         rows = []
+        texts: dict[int, tuple[object, str]] = {}
         for t in tunnels:
             sa = t.outbound
             fp = self.tracked.get(sa) or self.store.fingerprint(sa)
-            row = self._row(sa, fp, owner, detail, now, self.rows.get(fp))
+            row = self._row(sa, fp, owner, detail, now, self.rows.get(fp), texts)
             row.transfer = transfer
             rows.append(row)
         return rows
