@@ -245,8 +245,9 @@ def test_strongswan_client_handed_over_with_direct_identity(tmp_path: Path, how:
     address list, RFC 4555 §3.6; without: an authenticated request after the faked NAT-D of
     IKE_SA_INIT, RFC 7296 §2.23), and strongSwan moves its IKE SA to sg2 without a new
     IKE_SA_INIT or IKE_AUTH. kernel-libipsec cannot change a CHILD SA's addresses, so
-    strongSwan rekeys the CHILD SA with sg2; until then sg1 forwards what still reaches it.
-    A ping runs through the whole handover."""
+    strongSwan rekeys the CHILD SA with sg2; until then sg1 forwards what still reaches it,
+    and what it forwards after the rekey goes out on the new CHILD SA. A ping runs through
+    the whole handover."""
     with ike_world(tmp_path, "direct", gw_encap=how == "nat-float") as w:
         client = Client(w.ns, "mn", CLIENT, w.dir, "aes128gcm16")
         client.gateway = SG_OUTER["sg1"]
@@ -277,7 +278,9 @@ def test_strongswan_client_handed_over_with_direct_identity(tmp_path: Path, how:
             m = re.search(r"(\d+) received", out.decode())
             got = int(m.group(1)) if m else 0
             print(f"ping through the handover: {got}/150")
-            assert got >= 140, out.decode() + ss.logtail() + w.logs()
+            # (150 of 150 in the runs so far; a reply that crosses strongSwan's DELETE of the
+            # old CHILD SA on its way through sg1 could still be lost)
+            assert got >= 147, out.decode() + ss.logtail() + w.logs()
             (ike2,) = w.ike_sas("sg2")
             assert (ike2["spi_i"], ike2["spi_r"]) == (ike1["spi_i"], ike1["spi_r"])
             assert ike2["local"] == f"{SG_OUTER['sg2']}:4500" and not w.ike_sas("sg1")
@@ -297,3 +300,5 @@ def test_strongswan_client_handed_over_with_direct_identity(tmp_path: Path, how:
             assert len(re.findall(r"generating IKE_AUTH request", log)) == 1, log
             assert "retransmit" not in log, ss.logtail()
             print("sg1:", w.counters("sg1"), "\nsg2:", w.counters("sg2"))
+            print("forwarded by sg1:", w.status("sg1")["transfers"]["forwarded"],
+                  "refused by sg2:", w.status("sg2")["transfers"]["forward_refused"])

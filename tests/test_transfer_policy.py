@@ -199,6 +199,33 @@ def test_forward_only_for_a_tunnel_moved_between_these_two_within_the_window() -
     assert sg2.core.counters["forward_refused"] == 3
 
 
+def test_forward_for_the_successor_of_a_moved_tunnel_within_the_window() -> None:
+    """A tunnel that arrived from sg1 is replaced at sg2 by a successor with the same policy
+    (an IKEv2 CHILD SA the MN rekeyed right after the handover): what sg1 still forwards for
+    that traffic goes out on the successor, within the window, from sg1 only."""
+    w = World(("sg1", "sg2", "sg3"))
+    w.transfer("sg1", "sg2")
+    w.deliver("sg1", "sg2")
+    w.deliver("sg2", "sg1")
+    w.deliver("sg1", "sg2")  # COMMIT
+    sg2 = w.gw["sg2"]
+    sg2.wire.clear()
+    (moved,) = sg2.engine.tunnels()
+    sg2.engine.remove_tunnel(moved)
+    sg2.engine.add_tunnel(moved.entry, moved.outbound, moved.inbound)  # its successor
+    forward(w, udp_packet(1, up=False), False, "sg1", "sg2")
+    assert len(sg2.wire) == 1
+    forward(w, udp_packet(2, up=False), False, "sg3", "sg2")
+    forward(w, build_udp(ip(HOST), ip("10.1.0.77"), 7000, 5000, b"x"), False, "sg1", "sg2")
+    forward(w, udp_packet(3, up=True), True, "sg1", "sg2")  # ESP: only for the arrived SA
+    assert len(sg2.wire) == 1
+    w.now += Settings().forward_time + 0.01
+    sg2.tick()
+    forward(w, udp_packet(4, up=False), False, "sg1", "sg2")
+    assert len(sg2.wire) == 1
+    assert sg2.core.counters["forward_refused"] == 4
+
+
 # -- §2: unfinished transfers, limits ----------------------------------------------------------
 def test_pctds_without_last_are_bounded_and_expire() -> None:
     w = victim_world()

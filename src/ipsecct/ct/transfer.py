@@ -46,11 +46,12 @@ from ..errors import (
     ContextError,
     CxtpError,
     JournalError,
+    PacketError,
     SAError,
     TransferError,
     TransferStateError,
 )
-from ..ipsec import signalling
+from ..ipsec import ippacket, signalling
 from ..ipsec.algorithms import EncAlg, IntegAlg
 from ..ipsec.engine import Engine, Held, ToPeer, Tunnel, TunnelState
 from ..ipsec.ippacket import Endpoint, IPAddress
@@ -879,7 +880,24 @@ class TransferCore:
         if tunnel is None:
             return False
         came = self.arrived.get(tunnel)
-        return came is not None and came[0] == peer and now < came[1]
+        if came is not None:
+            return came[0] == peer and now < came[1]
+        if inbound or tunnel.state is not TunnelState.ACTIVE:
+            return False
+        # The tunnel that arrived may have been replaced here since, its traffic now carried by
+        # a successor (an IKEv2 CHILD SA the MN rekeyed with us right after a handover with
+        # direct identity, while the access network still routed its traffic to the old
+        # gateway): an inner packet the arrived tunnel's own policy selects is still taken.
+        try:
+            hdr = ippacket.parse(packet)
+        except PacketError:
+            return False
+        sport, dport = hdr.ports(packet)
+        return any(
+            p == peer and now < until
+            and t.entry.selectors.matches(hdr.src, hdr.dst, hdr.protocol, sport, dport)
+            for t, (p, until) in self.arrived.items()
+        )
 
     @staticmethod
     def _is_decision(msg: cxtp.PCTD | cxtp.CTD) -> bool:

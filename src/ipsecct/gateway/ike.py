@@ -165,6 +165,19 @@ class IkeService:
             return UdpEncap(self.node.cfg.outer.port, port)
         return None
 
+    def _position(self, o: ChildUp) -> int:
+        """Where a new CHILD SA's policy goes: first (it takes the traffic from now on), except
+        when the peer rekeyed: then right after the SA it replaces, which carries the traffic
+        until the peer, having installed the new SA, deletes it (strongSwan as responder
+        waits for the DELETE the same way)."""
+        old = o.replaces.handle if o.replaces is not None else None
+        if old is not None:
+            entry = old.entry  # type: ignore[attr-defined]
+            for i, e in enumerate(self.node.engine.spd):
+                if e is entry:
+                    return i + 1
+        return 0
+
     def _one(self, o: Output) -> None:
         eng = self.node.engine
         if isinstance(o, Send):
@@ -177,7 +190,7 @@ class IkeService:
             remote = Address(ike.remote.host, enc.dport if enc else 0)
             entry, out, inn = child.sas(local, remote, enc is not None, label)
             out.created = inn.created = self.node.clock()
-            child.handle = eng.add_tunnel(entry, out, inn, index=0)
+            child.handle = eng.add_tunnel(entry, out, inn, index=self._position(o))
             event(log, "child-sa-installed", node=self.node.name, child=label,
                   spi_in=f"0x{child.spi_in:08x}", spi_out=f"0x{child.spi_out:08x}",
                   encap=enc is not None)  # fmt: skip

@@ -119,6 +119,10 @@ class IkeDown:
 class ChildUp:
     ike: IkeSA
     child: ChildSA
+    # the peer rekeyed this CHILD SA and ``child`` replaces it: the peer installs ``child``
+    # only when it reads our answer, so ours keeps sending on the old one until the peer
+    # deletes it (no packet sent on an SA the peer does not have yet)
+    replaces: ChildSA | None = None
 
 
 @dataclass(frozen=True)
@@ -819,7 +823,7 @@ class IkeEngine:
                  "rekeyed" if rekeyed else "established", ike.conn.name, cc.name, spi_in,
                  child.spi_out, suite.name(), ",".join(map(str, local)),
                  ",".join(map(str, remote)))  # fmt: skip
-        out.append(ChildUp(ike, child))
+        out.append(ChildUp(ike, child, rekeyed))
         return [
             SAPayload((suite.proposal(proposal.num, spi_in.to_bytes(4, "big")),)),
             *extra,
