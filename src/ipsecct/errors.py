@@ -105,6 +105,11 @@ class UsageError(IpsecctError):
     """Command-line usage that argparse could not catch."""
 
 
+class DemoError(IpsecctError):
+    """``ipsecct demo`` could not run its scenario (e.g. its IKE SA was not established in
+    time): the message says what did not happen."""
+
+
 # -- gateway state and cluster (gateway/) -----------------------------------------------------
 
 class EtcdError(IpsecctError):

@@ -18,7 +18,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     mode = "failover" if args.failover else args.handover
     if args.rate > 20000:
         raise IpsecctError("--rate above 20000 packets/s is more than one Python process sends")
-    s = asyncio.run(demo.run(args.rate, args.seconds, handover=mode, as_json=args.json))
+    keying = args.keying or ("manual" if args.failover else "ike")
+    s = asyncio.run(demo.run(args.rate, args.seconds, handover=mode, keying=keying,
+                             ike_timeout=args.ike_timeout, as_json=args.json))  # fmt: skip
     return 0 if s["packets"]["sent"] else 1
 
 
@@ -36,5 +38,19 @@ def register(sub: Any) -> None:
         " indirect (a virtual gateway address moves) or none (the plain tunnel)",
     )
     p.add_argument("--failover", action="store_true", help="kill sg1 half-way instead")
+    p.add_argument(
+        "--keying",
+        choices=["ike", "manual"],
+        default=None,
+        help="ike: the MN's agent sets up the tunnel with IKEv2 and a PSK made for the run,"
+        " and the IKE SA moves at the handover (default); manual: SAs keyed by hand"
+        " (the default with --failover, which does not carry IKE SAs yet)",
+    )
+    p.add_argument(
+        "--ike-timeout",
+        type=number(float),
+        default=10.0,
+        help="seconds to wait for each IKE step: set-up, move, liveness check (10)",
+    )
     p.add_argument("--json", action="store_true", help="print only the summary as JSON")
     p.set_defaults(handler=cmd_demo)

@@ -153,6 +153,7 @@ class Demo:
     ended: float = 0.0  # when the stream's last packet was sent (monotonic)
     sent: list[int] = field(default_factory=lambda: [0, 0])
     identity: str = "direct"
+    keying: str = "manual"  # or "ike": the MN's agent initiates IKEv2 to sg1 (demo/ike.py)
     relay: _Relay | None = None  # the access network of indirect identity
     host_peer: tuple[str, int] = ("127.0.0.1", 0)  # where the host's packets go (a gateway)
 
@@ -189,6 +190,41 @@ def _keys_file(d: Path, name: str, in_key: bytes, out_key: bytes) -> str:
     with os.fdopen(fd, "w") as f:
         f.write(f'in_enc = "{in_key.hex()}"\nout_enc = "{out_key.hex()}"\n')
     return str(p)
+
+
+IKE_PROPOSAL = "aes128gcm16-prfsha256-x25519"  # IKE SA: AES-GCM-128, PRF SHA-256, X25519
+ESP_PROPOSAL = "aes128gcm16-esn"  # CHILD SA: AES-GCM-128 with extended sequence numbers
+MN_ID, SG_ID = "mn.demo.ipsecct", "sg.demo.ipsecct"
+
+
+def _psk_file(d: Path) -> str:
+    """A pre-shared key made for this run (256 random bits), in a 0600 file of the run's
+    directory: never on a command line, never logged."""
+    p = d / "ike.psk"
+    fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write("0x" + os.urandom(32).hex() + "\n")
+    return str(p)
+
+
+def _ike_sections(
+    psk: str, local_id: str, remote_id: str, conn: str, conn_d: dict[str, Any]
+) -> dict[str, Any]:
+    """The ``[ike]``, ``[connections.NAME]`` and ``[secrets.ike-NAME]`` tables of one demo
+    node: IKE on its outer (NAT-T) port only, so nothing needs a privileged port."""
+    return {
+        "ike": {"port": 0},
+        "connections": {
+            conn: {
+                "version": 2,
+                "proposals": [IKE_PROPOSAL],
+                "local": {"auth": "psk", "id": local_id},
+                "remote": {"auth": "psk", "id": remote_id},
+                **conn_d,
+            }
+        },
+        "secrets": {f"ike-{conn}": {"id": [local_id, remote_id], "file": psk}},
+    }
 
 
 def node_config(
@@ -229,17 +265,27 @@ VIRTUAL = "127.0.1.100"  # the virtual gateway address of indirect SG identity
 class _Relay(asyncio.DatagramProtocol):
     """Emulates the access network for indirect SG identity: datagrams sent to the virtual
     gateway address reach whichever gateway owns it now (a route or ARP change in a real
-    network; in network namespaces the address itself moves)."""
+    network; in network namespaces the address itself moves).
 
-    def __init__(self) -> None:
+    With ``client`` set (IKEv2 keying) it relays both ways, like a NAT in front of the MN:
+    what comes from the client goes to the owner, everything else to the client, so that
+    the MN talks to one address and port (the virtual one) whichever gateway answers, as it
+    does in a real network."""
+
+    def __init__(self, client: tuple[str, int] | None = None) -> None:
         self.owner: tuple[str, int] | None = None
+        self.client = client
         self.transport: asyncio.DatagramTransport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.DatagramTransport, transport)
 
     def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
-        if self.owner is not None and self.transport is not None:
+        if self.transport is None:
+            return
+        if self.client is not None and tuple(addr[:2]) != self.client:
+            self.transport.sendto(data, self.client)
+        elif self.owner is not None:
             self.transport.sendto(data, self.owner)
 
 
@@ -252,9 +298,17 @@ async def build(
     identity: str = "direct",
     transfer: dict[str, Any] | None = None,
     failover: bool = False,
+    keying: str = "manual",
 ) -> Demo:
     """Start the MN, the gateways and the two applications; the MN's SAs are on sg1. Each
-    gateway also runs context transfer (TLS with certificates from a fresh test CA)."""
+    gateway also runs context transfer (TLS with certificates from a fresh test CA).
+
+    ``keying = "manual"``: the SAs are configured on the MN and sg1 (``[[tunnel]]`` with keys
+    in 0600 files). ``"ike"``: no tunnel is configured; the MN's agent has an IKEv2
+    connection to sg1 (``start_action = start``, PSK made for the run) and every gateway a
+    responder connection of the same name (what a handover moves the IKE SA to); the IKE
+    SA is started by :func:`ipsecct.demo.ike.establish`."""
+    ike = keying == "ike"
     from ..tools import pki
 
     ports = {n: (free_udp_port(ADDRESS[n]), free_udp_port()) for n in ("mn", *gateways)}
@@ -271,19 +325,30 @@ async def build(
     relay: _Relay | None = None
     loop = asyncio.get_running_loop()
     if indirect:
-        relay = _Relay()
+        relay = _Relay((ADDRESS["mn"], ports["mn"][0]) if ike else None)
         vport = free_udp_port(VIRTUAL)
         await loop.create_datagram_endpoint(lambda: relay, local_addr=(VIRTUAL, vport))
         sg_contact = f"{VIRTUAL}:{vport}"
     else:
         sg_contact = f"{ADDRESS['sg1']}:{ports['sg1'][0]}"
     common = {"enc": enc, "esn": True, "replay_window": window, "mode": "tunnel"}
+    psk = _psk_file(workdir) if ike else ""
+    mn_sections: dict[str, Any] = {}
+    if ike:
+        host, _, port = sg_contact.rpartition(":")
+        mn_sections = _ike_sections(psk, MN_ID, SG_ID, "home", {
+            "local_addrs": [ADDRESS["mn"]], "remote_addrs": [host],
+            "local_port": ports["mn"][0], "remote_port": int(port),
+            "children": {"home": {
+                "local_ts": [f"{MN_INNER}/32"], "remote_ts": ["10.2.0.0/24"],
+                "esp_proposals": [ESP_PROPOSAL], "start_action": "start"}},
+        })  # fmt: skip
     mn_cfg = node_config(
         "mn",
         ADDRESS["mn"],
         *ports["mn"],
         mn_app_port,
-        [
+        [] if ike else [
             {
                 "name": "mn-home",
                 "local_ts": f"{MN_INNER}/32",
@@ -295,6 +360,7 @@ async def build(
                 **common,
             }
         ],
+        mn_sections,
     )
     # Each run's durable state lives and dies with its work directory: a demo never resumes
     # an earlier run's counters or ownership, and demos run side by side do not share it.
@@ -303,7 +369,7 @@ async def build(
     gws: dict[str, DemoNode] = {}
     for g in gateways:
         tunnels: list[dict[str, Any]] = []
-        if g == "sg1":
+        if g == "sg1" and not ike:
             tunnels.append(
                 {
                     "name": "mn1",
@@ -335,6 +401,13 @@ async def build(
                 if p != g
             ],
         }
+        if ike:  # every gateway answers the MN's connection (and so can take its IKE SA)
+            sections.update(_ike_sections(psk, SG_ID, MN_ID, "home", {
+                "remote_addrs": ["%any"],
+                "children": {"home": {
+                    "local_ts": ["10.2.0.0/24"], "remote_ts": [f"{MN_INNER}/32"],
+                    "esp_proposals": [ESP_PROPOSAL]}},
+            }))  # fmt: skip
         if failover and g in ("sg1", "sg2"):
             sections["failover"] = {
                 "role": "active" if g == "sg1" else "standby",
@@ -359,11 +432,15 @@ async def build(
     demo = Demo(workdir, mn, gws, host_app, mn_app, host_port, mn_app_port)
     demo.relay = relay
     demo.identity = identity
+    demo.keying = keying
     demo.host_route("sg1")
     return demo
 
 
 async def stop(demo: Demo) -> None:
+    for svc in [demo.mn.service, *demo.services.values()]:  # the MN's DELETE goes first
+        if svc.ike is not None:
+            await svc.ike.stop()
     for svc in demo.services.values():
         await svc.stop_context_transfer()
     for n in demo.all_nodes():

@@ -1,5 +1,6 @@
 """``ipsecct demo``: the one-command tour. Builds the topology (:mod:`ipsecct.demo.topology`),
-starts context transfer, runs the stream and, half-way, the handover or fail-over
+starts context transfer, sets up the tunnel with IKEv2 (:mod:`ipsecct.demo.ike`; or keyed by
+hand), runs the stream and, half-way, the handover or fail-over
 (:mod:`ipsecct.demo.handover`), then prints the summary."""
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any, TextIO
 from ..errors import IpsecctError
 from ..gateway import gcpolicy
 from . import handover as ho
+from . import ike as ike_mod
 from .topology import HOST_INNER, MN_INNER, Demo, build, print_summary, stop, stream, summary
 
 # What ``--handover`` / ``--failover`` run half-way through the stream.
@@ -29,15 +31,25 @@ async def run(
     seconds: float,
     *,
     handover: str = "direct",
+    keying: str = "ike",
+    ike_timeout: float = 10.0,
     as_json: bool = False,
     out: TextIO = sys.stdout,
 ) -> dict[str, Any]:
     if handover != "none" and handover not in HALFWAY:
         raise IpsecctError(f"handover mode {handover!r} is not available")
+    if keying not in ("ike", "manual"):
+        raise IpsecctError(f"keying {keying!r} is not available (ike or manual)")
+    if keying == "ike" and handover == "failover":
+        raise IpsecctError("a fail-over does not carry IKE SAs to the standby yet"
+                           " (docs/ikev2.md): use --keying manual")  # fmt: skip
     step = HALFWAY.get(handover)
+    ike_info: dict[str, Any] | None = None
     with tempfile.TemporaryDirectory(prefix="ipsecct-demo-") as tmp:
         identity = handover if handover in ("direct", "indirect") else "direct"
-        demo = await build(Path(tmp), identity=identity, failover=handover == "failover")
+        demo = await build(
+            Path(tmp), identity=identity, failover=handover == "failover", keying=keying
+        )
         try:
             await ho.setup(demo)
             gcpolicy.POLICY.settle()  # as a gateway does after start-up (when the policy is on)
@@ -45,21 +57,32 @@ async def run(
             async def half() -> None:
                 assert step is not None
                 await step(demo, handover)
+                if ike_info is not None and handover in ("direct", "indirect"):
+                    await ike_mod.after_handover(demo, ike_info, "sg1", "sg2", ike_timeout,
+                                                 None if as_json else out)  # fmt: skip
 
             if not as_json:
                 out.write(
                     f"ipsecct demo: MN {MN_INNER} <-> host {HOST_INNER}"
                     " through sg1/sg2 on loopback,"
-                    f" {rate} packets/s each way for {seconds:g} s, handover: {handover}\n"
+                    f" {rate} packets/s each way for {seconds:g} s, handover: {handover}"
+                    + (", keying: IKEv2\n" if keying == "ike" else "\n")
                 )
+            if keying == "ike":
+                ike_info = await ike_mod.establish(demo, ike_timeout, None if as_json else out)
             await stream(
                 demo, rate, seconds, out=None if as_json else out, at_half=half if step else None
             )
         finally:
             await stop(demo)
         s = summary(demo)
+        if ike_info is not None:
+            ike_mod.finish(demo, ike_info)
+            s["ike"] = ike_info
     if as_json:
         out.write(json.dumps(s) + "\n")
     else:
         print_summary(s, out)
+        if ike_info is not None:
+            ike_mod.print_summary(ike_info, out)
     return s

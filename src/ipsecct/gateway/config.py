@@ -144,6 +144,9 @@ class NodeConfig:
     virtual_owner: bool = False  # this gateway holds the virtual address at start
     connections: list[Connection] = field(default_factory=list)  # IKEv2 [connections.NAME]
     cookie_threshold: int = 100  # [ike]: half-open IKE SAs before cookies are asked (§2.6)
+    # [ike] port: IKE's own UDP port (500; 0: none, IKE only on the outer NAT-T port, which
+    # needs no privileges; the connections then use local_port/remote_port)
+    ike_port: int = 500
     cluster: ClusterConfig | None = None  # [cluster]
     # Durable state (gateway/state.py): the directory (None: the default for this user and
     # node name) and how many sequence numbers one reservation covers.
@@ -694,10 +697,20 @@ def from_dict(data: dict[str, Any], path: str = "<config>") -> NodeConfig:
     transfer = _transfer(data, ctx, tunnels, connections)
     failover = _failover(data.get("failover"), ctx, transfer)
     ike_d = ctx.get(data, "ike", "", dict, {})
-    _check_keys_allowed(ike_d, ctx, "ike.", {"cookie_threshold"})
+    _check_keys_allowed(ike_d, ctx, "ike.", {"cookie_threshold", "port"})
     cookie_threshold = ctx.get(ike_d, "cookie_threshold", "ike.", int, 100)
     if cookie_threshold < 0:
         raise ctx.err("ike.cookie_threshold", "must be 0 (always) or more")
+    ike_port = ctx.get(ike_d, "port", "ike.", int, 500)
+    if not 0 <= ike_port <= 65535:
+        raise ctx.err("ike.port", "must be a UDP port, or 0 (IKE on the outer port only)")
+    for conn in connections:
+        # an initiator sends from the IKE port or from the outer (NAT-T) port: nothing else
+        # is bound
+        starts = any(c.start_action == "start" for c in conn.children)
+        if starts and conn.local_port not in (ike_port, outer.port):
+            raise ctx.err(f"connections.{conn.name}.local_port",
+                          f"must be [ike] port ({ike_port}) or the outer port ({outer.port})")
     cluster = _cluster(data.get("cluster"), ctx)
     if cluster is not None and cluster.etcd and failover is not None:
         raise ctx.err("cluster.etcd", "etcd mode replaces [failover]: configure one of them")
@@ -728,6 +741,7 @@ def from_dict(data: dict[str, Any], path: str = "<config>") -> NodeConfig:
         connections,
         cluster=cluster,
         cookie_threshold=cookie_threshold,
+        ike_port=ike_port,
         state_dir=state_dir,
         seq_block=seq_block,
     )

@@ -22,6 +22,7 @@ from ..ikev2.config import ChildConfig, Connection
 from ..ikev2.engine import (
     ChildDown,
     ChildUp,
+    ConnectFailed,
     IkeDown,
     IkeEngine,
     IkeRekeyed,
@@ -65,6 +66,11 @@ class IkeService:
         # direct SG identity ([transfer] identity = "direct"): an IKE SA taken over from a
         # peer gateway is moved to this gateway's own address (IkeEngine.announce_move)
         self.direct = False
+        # called with every event the engine reports (not Send): IKE SAs up and down,
+        # failed initiations, ... (the demo watches them)
+        self.listeners: list[Callable[[Output], None]] = []
+        # IKE's own port ([ike] port; 0: none, IKE only on the outer NAT-T port)
+        self.ike_port = node.cfg.ike_port
         host = node.cfg.local_address
         self.local_host = host
         node.outer_hooks.append(self._on_4500)
@@ -72,23 +78,26 @@ class IkeService:
 
     async def start(self) -> None:
         # on a virtual (indirect identity) address this gateway may not hold yet: IP_FREEBIND
-        self.sock500 = UdpEndpoint.bind((str(self.local_host), IKE_PORT), self._on_500,
-                                        freebind=self.node.cfg.virtual is not None)  # fmt: skip
+        if self.ike_port:
+            self.sock500 = UdpEndpoint.bind((str(self.local_host), self.ike_port), self._on_500,
+                                            freebind=self.node.cfg.virtual is not None)  # fmt: skip
         self.node.timers.add("ike", self.engine.next_deadline, self._on_timer)
-        event(log, "ike-listening", node=self.node.name, ports=f"{IKE_PORT},"
-              f"{self.node.cfg.outer.port}", connections=len(self.engine.connections))
+        ports = [p for p in (self.ike_port, self.node.cfg.outer.port) if p]
+        event(log, "ike-listening", node=self.node.name, ports=",".join(map(str, ports)),
+              connections=len(self.engine.connections))  # fmt: skip
         for conn in self.engine.connections:
             for child in conn.children:
                 if child.start_action == "start":
                     self.initiate(conn, child)
 
     def initiate(self, conn: Connection, child: ChildConfig | None = None) -> None:
-        """Connect to the connection's (single) remote address, as ``start_action = start``
+        """Connect to the connection's (single) remote address and ``remote_port``, from its
+        ``local_port`` (the IKE port or the outer NAT-T port), as ``start_action = start``
         does; retried with back-off (5 s, doubling to 60 s) while it fails."""
-        remote = Address(conn.remote_addrs[0].network_address, IKE_PORT)
+        remote = Address(conn.remote_addrs[0].network_address, conn.remote_port)
         self._retry.pop(conn.name, None)
-        self._act(self.engine.initiate(conn, self._local(IKE_PORT), remote, self.node.clock(),
-                                       child))  # fmt: skip
+        self._act(self.engine.initiate(conn, self._local(conn.local_port), remote,
+                                       self.node.clock(), child))  # fmt: skip
 
     def _retry_later(self, conn: Connection) -> None:
         if self._stopping or not any(c.start_action == "start" for c in conn.children):
@@ -124,7 +133,8 @@ class IkeService:
     def _on_500(self, data: bytes, addr: tuple[Any, ...]) -> None:
         src = self._peer(addr)
         if src is not None:
-            self._act(self.engine.receive(data, src, self._local(IKE_PORT), self.node.clock()))
+            self._act(self.engine.receive(data, src, self._local(self.ike_port),
+                                          self.node.clock()))  # fmt: skip
 
     def _on_4500(self, data: bytes, addr: tuple[Any, ...]) -> bool:
         # the node removed the marker; IKE's header has version 2.x at octet 17
@@ -138,9 +148,8 @@ class IkeService:
 
     def _send(self, s: Send) -> None:
         dst = (str(s.dst.host), s.dst.port)
-        if s.src.port == IKE_PORT:
-            if self.sock500 is not None:
-                self.sock500.sendto(s.data, dst)
+        if self.sock500 is not None and s.src.port == self.ike_port:
+            self.sock500.sendto(s.data, dst)
         elif self.node.virtual_transport is not None and s.src.host == self.node.cfg.virtual:
             self.node.virtual_transport.sendto(MARKER + s.data, dst)  # from the virtual address
         else:
@@ -182,6 +191,13 @@ class IkeService:
         eng = self.node.engine
         if isinstance(o, Send):
             self._send(o)
+            return
+        for listener in self.listeners:
+            listener(o)
+        if isinstance(o, ConnectFailed):
+            event(log, "ike-connect-failed", logging.WARNING, node=self.node.name,
+                  conn=o.conn.name, reason=o.reason)  # fmt: skip
+            self._retry_later(o.conn)
         elif isinstance(o, ChildUp):
             ike, child = o.ike, o.child
             label = f"{ike.conn.name}/{child.name}#{child.uid}"
@@ -215,6 +231,7 @@ class IkeService:
                         eng.rekey_sa(sa, src=o.ike.remote.host)
             event(log, "ike-peer-moved", node=self.node.name, peer=o.ike.remote)
         elif isinstance(o, IkeUp):
+            self._backoff.pop(o.ike.conn.name, None)
             event(log, "ike-sa-up", node=self.node.name, conn=o.ike.conn.name,
                   peer=o.ike.remote, id=o.ike.peer_id)  # fmt: skip
         elif isinstance(o, IkeRekeyed):
@@ -223,6 +240,8 @@ class IkeService:
         elif isinstance(o, IkeDown):
             event(log, "ike-sa-down", node=self.node.name, conn=o.ike.conn.name,
                   peer=o.ike.remote, reason=o.reason)  # fmt: skip
+            if o.reason == "peer-dead" and o.ike.we_initiated:
+                self._retry_later(o.ike.conn)  # like strongSwan's dpd_action = restart
 
     # -- moving IKE SAs with their CHILD SAs (context transfer) ------------------------------
     def on_transfer(self, rec: Any) -> None:
@@ -284,6 +303,20 @@ class IkeService:
             # made them ours) and what it still sends to the old gateway is forwarded
             self._act(self.engine.announce_move(ike, here, now))
         self.node.timers.poke()  # the engine's next deadline may have moved
+
+    def liveness(self, ike: IkeSA) -> None:
+        """Send a liveness check (an empty INFORMATIONAL) on ``ike`` now."""
+        self._act(self.engine.liveness(ike, self.node.clock()))
+
+    def gateway_moved(self, spi_out: int, host: Any, port: int | None) -> None:
+        """The mobile node's gateway now is ``host:port`` for the CHILD SA that sends with
+        ``spi_out`` (an authenticated signal of context transfer, direct SG identity): the
+        IKE SA that owns that CHILD SA follows it, so its next request (a liveness check, a
+        rekey, a DELETE) reaches the gateway that now holds the IKE SA."""
+        for ike in self.engine.ike_sas():
+            if any(c.spi_out == spi_out for c in ike.children):
+                remote = Address(host, port if port else ike.remote.port)
+                self._act(self.engine.peer_moved(ike, remote))
 
     # -- control ----------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:

@@ -115,6 +115,10 @@ class Connection:
     credentials: Credentials | None = None  # local.auth = pubkey: our certificate and key
     cacerts: list[x509.Certificate] = field(default_factory=list)  # remote.cacerts
     mobike: bool = True  # RFC 4555 offered to a peer that announces it (as responder)
+    # swanctl's local_port/remote_port: IKE starts on these (500 by default); any other port
+    # is a NAT-T port, with the non-ESP marker from the first message (RFC 7296 §2.23)
+    local_port: int = 500
+    remote_port: int = 500
 
     def accepts(self, local: IPAddr, remote: IPAddr) -> bool:
         def ok(nets: list[IPNet], a: IPAddr) -> bool:
@@ -125,7 +129,7 @@ class Connection:
 
 _CONN_KEYS = {"version", "local_addrs", "remote_addrs", "proposals", "local", "remote", "encap",
               "dpd_delay", "rekey_time", "children", "mobike", "over_time",
-              "reauth_time"}  # fmt: skip
+              "reauth_time", "local_port", "remote_port"}  # fmt: skip
 _CHILD_KEYS = {"local_ts", "remote_ts", "esp_proposals", "rekey_time", "life_time",
                "start_action", "mode"}  # fmt: skip
 _AUTH_KEYS = {"auth", "id", "certs", "cacerts"}
@@ -181,6 +185,12 @@ def _seconds(v: Any, ctx: _Ctx, key: str) -> float:
     if n < 0:
         raise ctx.err(key, "must not be negative")
     return n
+
+
+def _port(v: Any, ctx: _Ctx, key: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 65535:
+        raise ctx.err(key, "must be a UDP port (1-65535)")
+    return v
 
 
 def _proposals(v: Any, ctx: _Ctx, key: str, proto: int) -> list[Offer]:
@@ -333,6 +343,8 @@ def parse_connections(
             _seconds(d.get("dpd_delay", 0), ctx, where + "dpd_delay"),
             _seconds(d.get("rekey_time", 14400), ctx, where + "rekey_time") or None,
             children, creds, cas, mobike,
+            _port(d.get("local_port", 500), ctx, where + "local_port"),
+            _port(d.get("remote_port", 500), ctx, where + "remote_port"),
         ))  # fmt: skip
     return out
 

@@ -376,6 +376,16 @@ class IkeEngine:
             ProtocolId.ESP, (child.spi_in.to_bytes(4, "big"),))], now, out)  # fmt: skip
         return out
 
+    def peer_moved(self, ike: IkeSA, remote: Address) -> list[Output]:
+        """The peer is now at ``remote``, learnt out of band (an authenticated context-transfer
+        signal naming the gateway that took our SAs over): our requests go there, and its
+        CHILD SAs' addresses are updated (PeerMoved)."""
+        if ike.state is IkeState.DEAD or remote == ike.remote:
+            return []
+        ike.remote = remote
+        self.stats["peer-moved"] += 1
+        return [PeerMoved(ike)]
+
     def liveness(self, ike: IkeSA, now: float) -> list[Output]:
         """Send a liveness check (an empty INFORMATIONAL request) now."""
         out: list[Output] = []
@@ -1128,7 +1138,8 @@ class IkeEngine:
                 _natd(c.spi_i, hdr.spi_r, dst))
             if ike.nat_local or ike.nat_remote:  # §2.23: float to port 4500
                 ike.local = Address(c.local.host, self.natt_port)
-                ike.remote = Address(src.host, 4500)
+                # (an exchange that started on a NAT-T port stays on it)
+                ike.remote = Address(src.host, 4500 if src.port == 500 else src.port)
         self.by_spi[c.spi_i] = ike
         self._auth_request(ike, c.child, now, out)
 
