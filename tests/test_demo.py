@@ -32,7 +32,8 @@ def test_demo_json_schema_and_no_loss() -> None:
     lines = r.stdout.splitlines()
     assert len(lines) == 1, r.stdout  # only the summary
     s = json.loads(lines[0])
-    assert list(s) == ["packets", "drops", "handovers"]
+    # issue 3's keys first; the IKE SA's figures after them (IKEv2 keying, the default)
+    assert list(s) == ["packets", "drops", "handovers", "ike"]
     assert list(s["packets"]) == ["sent", "received", "lost", "duplicated"]
     assert list(s["drops"]) == ["replay", "icv", "no_sa", "policy"]
     for group in ("packets", "drops"):

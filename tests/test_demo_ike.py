@@ -1,0 +1,167 @@
+"""``ipsecct demo`` keyed by IKEv2 (the default) and by hand (``--keying manual``).
+
+With IKEv2 the MN's agent sets up the tunnel with sg1 (IKE_SA_INIT, IKE_AUTH with a PSK made for
+the run) before the stream starts; at the handover the IKE SA moves to sg2 with its CHILD SA,
+the MN's IKE_SA_INIT is the run's only one, and sg2 answers the MN's liveness check. Real
+nodes on loopback, no privileges (IKE on the nodes' NAT-T ports).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ipsecct import cli
+from ipsecct.demo import ike as demo_ike
+from ipsecct.demo import tour
+from ipsecct.gateway.ike import IkeService
+
+
+def _demo(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "ipsecct", "demo", "--seconds", "2", "--rate", "200", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def _check_ike_moved(s: dict[str, Any]) -> None:
+    ike = s["ike"]
+    # established once: one IKE_SA_INIT from the MN, answered by sg1 only; no second one
+    # after the handover (sg2 took the IKE SA over instead of negotiating a new one)
+    assert ike["ike_sa_init"] == 1, ike
+    assert ike["ike_sa_init_answered"] == {"sg1": 1, "sg2": 0}, ike
+    assert ike["proposal"] == "AES_GCM_16_128/PRF_HMAC_SHA2_256/CURVE_25519"
+    assert ike["child"]["proposal"] == "AES_GCM_16_128/EXT_SEQ"
+    assert len(ike["spi_i"]) == len(ike["spi_r"]) == 16
+    (m,) = ike["moves"]
+    assert (m["from"], m["to"]) == ("sg1", "sg2")
+    # the message IDs came along: sg2 expected exactly the MN's next request (IKE_SA_INIT 0,
+    # IKE_AUTH 1: the liveness check is message 2), and answered it
+    assert m["message_ids"]["sg_next_expected"] == m["dpd_message_id"] == 2, m
+    assert m["dpd_ms"] > 0
+    # the stream continued through the handover, nothing lost
+    (h,) = s["handovers"]
+    assert h["lost"] == 0 and s["packets"]["lost"] == 0, s
+    assert s["packets"]["received"] == s["packets"]["sent"] == 2 * 2 * 200, s
+    assert s["drops"]["replay"] == 0 and s["drops"]["icv"] == 0, s
+
+
+@pytest.mark.parametrize("mode", ["direct", "indirect"])
+def test_demo_ike_sa_established_once_and_moved(mode: str) -> None:
+    r = _demo("--json", "--handover", mode)
+    assert r.returncode == 0, r.stderr
+    (line,) = r.stdout.splitlines()
+    s = json.loads(line)
+    assert list(s) == ["packets", "drops", "handovers", "ike"]
+    assert s["handovers"][0]["mode"] == mode
+    _check_ike_moved(s)
+
+
+def test_demo_ike_human_output_shows_the_ike_sa_set_up_then_moving() -> None:
+    r = _demo()
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert "keying: IKEv2" in lines[0]
+
+    def at(text: str) -> int:
+        return next(i for i, x in enumerate(lines) if text in x)
+
+    up = at("IKE SA established")
+    moved = at("moved sg1 -> sg2")
+    dpd = at("answered by sg2")
+    first_stream = at("mn->host")
+    assert up < first_stream < moved < dpd < at("summary"), r.stdout  # set up before the stream
+    assert "AES_GCM_16_128/PRF_HMAC_SHA2_256/CURVE_25519" in lines[up]
+    assert "sg2 holds it, sg1 none" in lines[moved]
+    assert "IKE_SA_INIT sent 1" in r.stdout
+
+
+def test_demo_manual_keying_keeps_the_old_output() -> None:
+    r = _demo("--json", "--keying", "manual")
+    assert r.returncode == 0, r.stderr
+    s = json.loads(r.stdout)
+    assert list(s) == ["packets", "drops", "handovers"]  # issue 3's schema, no IKE
+    (h,) = s["handovers"]
+    assert list(h) == ["from", "to", "mode", "transfer_ms", "gap_ms", "lost"]
+    assert h["lost"] == 0 and s["packets"]["lost"] == 0, s
+    r = _demo("--keying", "manual", "--handover", "none")
+    assert r.returncode == 0, r.stderr
+    assert "IKE" not in r.stdout and "keying" not in r.stdout
+    assert "via sg1" in r.stdout and "packets lost" in r.stdout
+
+
+def test_demo_psk_is_made_for_the_run_in_a_0600_file_and_never_shown(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The PSK is random per run, in a 0600 file of the run's directory, and appears in no
+    output or log line (debug included); the run's directory is gone afterwards."""
+    seen: list[tuple[Path, str, int]] = []
+    real = demo_ike.establish
+
+    async def spy(demo: Any, timeout: float, out: Any) -> dict[str, Any]:
+        p = demo.workdir / "ike.psk"
+        seen.append((p, p.read_text().strip(), stat.S_IMODE(os.stat(p).st_mode)))
+        return await real(demo, timeout, out)
+
+    caplog.set_level(logging.DEBUG)
+    out = io.StringIO()
+    for _ in range(2):
+        mp = pytest.MonkeyPatch()
+        mp.setattr(demo_ike, "establish", spy)
+        try:
+            s = asyncio.run(tour.run(100, 1.0, handover="direct", out=out))
+        finally:
+            mp.undo()
+        assert s["ike"]["ike_sa_init"] == 1
+    (p1, psk1, mode1), (p2, psk2, mode2) = seen
+    assert mode1 == mode2 == 0o600
+    assert psk1 != psk2 and len(psk1) == 2 + 64  # 0x + 256 bits
+    assert not p1.exists() and not p2.exists()
+    text = out.getvalue() + "\n".join(r.getMessage() for r in caplog.records)
+    assert "IKE SA established" in text  # the output was captured
+    for psk in (psk1, psk2):
+        assert psk[2:] not in text.lower() and psk[2:18] not in text.lower()
+
+
+def test_demo_ike_setup_timing_out_is_one_line_and_exit_2(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The gateways never answer (their IKE input is lost: loopback cannot lose packets for
+    one process only without root): the demo stops after --ike-timeout with one line on
+    stderr naming what did not happen, and exit status 2; no stream is started."""
+    monkeypatch.setattr(IkeService, "_on_4500", lambda self, data, addr: True)
+    rc = cli.main(["demo", "--seconds", "1", "--rate", "50", "--ike-timeout", "0.5"])
+    out, err = capsys.readouterr()
+    assert rc == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("ipsecct: error: the demo's IKE SA was not established within 0.5 s")
+    assert "ike-sa-init-sent=1" in lines[0] and "Traceback" not in err
+    assert "mn->host" not in out  # the stream never started
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--failover", "--keying", "ike"], "use --keying manual"),
+        (["--keying", "psk"], "invalid choice"),
+        (["--ike-timeout", "0"], "must be positive"),
+    ],
+)
+def test_demo_bad_keying_arguments(args: list[str], message: str) -> None:
+    r = _demo(*args)
+    assert r.returncode == 2, r
+    assert message in r.stderr and "Traceback" not in r.stderr
+    assert r.stdout == ""
