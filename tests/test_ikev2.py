@@ -1032,3 +1032,81 @@ def test_engines_with_certificates_both_ways(kind: str, monkeypatch: pytest.Monk
     w2.deliver(ini2.initiate(ini2.connections[0], I500, R500, 0.0), "i", 0.0)
     assert w2.of("i", ConnectFailed) and not w2.of("r", IkeUp)
     assert w2.resp.stats["auth-failed"] == 1
+
+
+def test_an_exchange_started_on_a_natt_port_stays_on_it() -> None:
+    """swanctl's local_port/remote_port: an initiator may start on NAT-T ports (what the demo
+    does, unprivileged); a NAT (here faked by the responder's encap) keeps those ports instead
+    of floating to 4500."""
+    w = pair(mn_conn(), conn(encap=True))
+    i, r = Address(IP_I, 40001), Address(IP_R, 40002)
+    w.deliver(w.ini.initiate(w.ini.connections[0], i, r, 0.0), "i")
+    (ui,), (ur,) = w.of("i", IkeUp), w.of("r", IkeUp)
+    assert isinstance(ui, IkeUp) and isinstance(ur, IkeUp)
+    assert ui.ike.nat_remote and ui.ike.remote == r
+    assert ur.ike.remote == i
+    assert {(s.src.port, s.dst.port) for s in w.sent} == {(40001, 40002), (40002, 40001)}
+
+
+def test_peer_moved_out_of_band_redirects_the_requests() -> None:
+    """The MN's agent learns its gateway's new address from an authenticated signal: the IKE
+    SA's requests go there from then on (its CHILD SAs are updated: PeerMoved)."""
+    w = pair()
+    connect(w)
+    (ike,) = w.ini.ike_sas()
+    new = Address(ipaddress.ip_address("192.0.2.2"), 4500)
+    (moved,) = w.ini.peer_moved(ike, new)
+    assert isinstance(moved, PeerMoved) and ike.remote == new
+    assert w.ini.peer_moved(ike, new) == []  # already there
+    (send,) = w.ini.liveness(ike, 1.0)
+    assert isinstance(send, Send) and send.dst == new
+
+
+def test_ike_port_and_connection_ports_in_the_configuration(tmp_path: object) -> None:
+    from pathlib import Path
+
+    from ipsecct.gateway import config
+
+    d = Path(str(tmp_path))
+    fd = os.open(d / "rw.psk", os.O_WRONLY | os.O_CREAT, 0o600)
+    os.write(fd, PSK + b"\n")
+    os.close(fd)
+
+    def load(ike: str, conn_extra: str) -> config.NodeConfig:
+        (d / "n.toml").write_text(f"""name = "mn"
+[outer]
+address = "192.0.2.10"
+port = 40001
+[inner]
+kind = "udp"
+listen = "127.0.0.1:7000"
+peer = "127.0.0.1:7001"
+{ike}
+[connections.home]
+remote_addrs = ["192.0.2.1"]
+local.id = "mn.test"
+remote.id = "gw.test"
+{conn_extra}
+children.net.local_ts = ["10.2.0.5/32"]
+children.net.remote_ts = ["10.1.0.0/16"]
+children.net.start_action = "start"
+[secrets.ike-home]
+id = "gw.test"
+file = "rw.psk"
+""")
+        return config.load(d / "n.toml")
+
+    cfg = load("[ike]\nport = 0", "local_port = 40001\nremote_port = 40002")
+    assert cfg.ike_port == 0
+    (c,) = cfg.connections
+    assert (c.local_port, c.remote_port) == (40001, 40002)
+    assert load("", "").connections[0].local_port == 500  # swanctl's defaults
+    for ike, extra, why in [
+        ("[ike]\nport = 0", "", "local_port: must be \\[ike\\] port \\(0\\) or the outer port"),
+        ("", "local_port = 40003", "local_port: must be"),
+        ("", "remote_port = 0", "remote_port: must be a UDP port"),
+        ("", 'remote_port = "x"', "remote_port: must be a UDP port"),
+        ("[ike]\nport = 70000", "", "ike.port: must be a UDP port"),
+    ]:
+        with pytest.raises(ConfigError, match=why):
+            load(ike, extra)

@@ -1137,8 +1137,9 @@ class IkeEngine:
             ike.nat_local = c.conn.encap or n[Notify.NAT_DETECTION_DESTINATION_IP].data != (
                 _natd(c.spi_i, hdr.spi_r, dst))
             if ike.nat_local or ike.nat_remote:  # §2.23: float to port 4500
-                ike.local = Address(c.local.host, self.natt_port)
-                # (an exchange that started on a NAT-T port stays on it)
+                # (an exchange that started on NAT-T ports stays on them)
+                ike.local = Address(c.local.host,
+                                    self.natt_port if c.local.port == 500 else c.local.port)
                 ike.remote = Address(src.host, 4500 if src.port == 500 else src.port)
         self.by_spi[c.spi_i] = ike
         self._auth_request(ike, c.child, now, out)
