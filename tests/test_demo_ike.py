@@ -165,3 +165,31 @@ def test_demo_bad_keying_arguments(args: list[str], message: str) -> None:
     assert r.returncode == 2, r
     assert message in r.stderr and "Traceback" not in r.stderr
     assert r.stdout == ""
+
+
+def test_demo_ike_refused_is_one_line_and_exit_2(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The gateways hold another PSK than the MN: sg1 refuses the MN's IKE_AUTH and the demo
+    says so at once, in one line, without waiting for the timeout."""
+    from ipsecct.demo import topology
+
+    real = topology._ike_sections
+
+    def other_psk(psk: str, local_id: str, *rest: Any) -> dict[str, Any]:
+        if local_id == topology.SG_ID:
+            p = Path(psk).with_name("gateways.psk")
+            fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write("0x" + os.urandom(32).hex() + "\n")
+            psk = str(p)
+        return real(psk, local_id, *rest)
+
+    monkeypatch.setattr(topology, "_ike_sections", other_psk)
+    rc = cli.main(["demo", "--seconds", "1", "--rate", "50", "--ike-timeout", "20"])
+    out, err = capsys.readouterr()
+    assert rc == 2
+    (line,) = err.strip().splitlines()
+    assert line.startswith("ipsecct: error: the demo's IKE SA was not established"), err
+    assert "AUTHENTICATION_FAILED" in line, line
+    assert "mn->host" not in out
