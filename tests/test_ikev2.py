@@ -1048,20 +1048,6 @@ def test_an_exchange_started_on_a_natt_port_stays_on_it() -> None:
     assert {(s.src.port, s.dst.port) for s in w.sent} == {(40001, 40002), (40002, 40001)}
 
 
-def test_peer_moved_out_of_band_redirects_the_requests() -> None:
-    """The MN's agent learns its gateway's new address from an authenticated signal: the IKE
-    SA's requests go there from then on (its CHILD SAs are updated: PeerMoved)."""
-    w = pair()
-    connect(w)
-    (ike,) = w.ini.ike_sas()
-    new = Address(ipaddress.ip_address("192.0.2.2"), 4500)
-    (moved,) = w.ini.peer_moved(ike, new)
-    assert isinstance(moved, PeerMoved) and ike.remote == new
-    assert w.ini.peer_moved(ike, new) == []  # already there
-    (send,) = w.ini.liveness(ike, 1.0)
-    assert isinstance(send, Send) and send.dst == new
-
-
 def test_ike_port_and_connection_ports_in_the_configuration(tmp_path: object) -> None:
     from pathlib import Path
 

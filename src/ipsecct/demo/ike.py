@@ -4,9 +4,9 @@ Before the stream starts, the mobile node's agent initiates IKEv2 to sg1 (IKE_SA
 IKE_AUTH with a pre-shared key made for the run, the CHILD SA in IKE_AUTH) and the CHILD SA
 goes into both SADs. At the handover the IKE SA follows its CHILD SA to sg2 (its context over
 the gateways' TLS channel, :mod:`ipsecct.gateway.ike`), with its message IDs; with direct SG
-identity the MN's agent learns sg2's address from sg2's signal and its IKE SA follows. Then the
-MN sends a liveness check (an empty INFORMATIONAL, what strongSwan's DPD sends) and sg2 must
-answer it.
+identity sg2 announces its address under the moved IKE SA (MOBIKE) and the MN's IKE SA
+follows. Then the MN sends a liveness check (an empty INFORMATIONAL, what strongSwan's DPD
+sends) and sg2 must answer it.
 
 Everything waits on conditions with a deadline; what did not happen in time is a
 :class:`~ipsecct.errors.DemoError` (one line at the command line).
@@ -146,11 +146,16 @@ async def after_handover(
                f" ({dst} expects {there.peer_next_mid} from the MN, the MN sends"
                f" {ike.my_next_mid})")  # fmt: skip
     if demo.identity == "direct":
-        # the MN's agent learns sg2's address from sg2's signal; its IKE SA follows
+        # sg2 tells the MN its address under the moved IKE SA (IkeEngine.announce_move: with
+        # MOBIKE an INFORMATIONAL with NO_ADDITIONAL_ADDRESSES from sg2's address)
         host = ADDRESS[dst]
         if not await _until(lambda: str(ike.remote.host) == host, timeout):
             raise DemoError(f"the MN's IKE SA did not follow the handover to {dst} within"
                             f" {timeout:g} s (still at {ike.remote})")  # fmt: skip
+        how = ("MOBIKE, NO_ADDITIONAL_ADDRESSES" if ike.mobike
+               else "an authenticated request, NAT float")  # fmt: skip
+        _line(out, f"{dst} announced its address under the moved IKE SA ({how}): the MN's"
+                   f" IKE SA now talks to {ike.remote}")  # fmt: skip
     answered_before = target.engine.stats["liveness-answered"]
     mid = ike.my_next_mid
     t0 = time.monotonic()

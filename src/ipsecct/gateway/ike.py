@@ -296,7 +296,10 @@ class IkeService:
         event(log, "ike-sa-received", node=self.node.name, conn=ike.conn.name, peer=peer,
               spi_i=ike.spi_i.hex(), spi_r=ike.spi_r.hex(), children=len(ike.children),
               tunnels=sum(c.handle is not None for c in ike.children))  # fmt: skip
-        here = Address(self.local_host, ike.local.port)
+        # our own NAT-T port when the IKE SA was on the old gateway's (the gateways' outer
+        # ports need not be the same number; the demo's are not)
+        port = ike.local.port if ike.local.port == self.ike_port else self.node.cfg.outer.port
+        here = Address(self.local_host, port)
         if self.direct and here != ike.local:
             # the peer learns our address from an INFORMATIONAL sent from it (MOBIKE, or a
             # faked NAT-D float); its CHILD SAs' ESP already goes out from here (the transfer
@@ -307,16 +310,6 @@ class IkeService:
     def liveness(self, ike: IkeSA) -> None:
         """Send a liveness check (an empty INFORMATIONAL) on ``ike`` now."""
         self._act(self.engine.liveness(ike, self.node.clock()))
-
-    def gateway_moved(self, spi_out: int, host: Any, port: int | None) -> None:
-        """The mobile node's gateway now is ``host:port`` for the CHILD SA that sends with
-        ``spi_out`` (an authenticated signal of context transfer, direct SG identity): the
-        IKE SA that owns that CHILD SA follows it, so its next request (a liveness check, a
-        rekey, a DELETE) reaches the gateway that now holds the IKE SA."""
-        for ike in self.engine.ike_sas():
-            if any(c.spi_out == spi_out for c in ike.children):
-                remote = Address(host, port if port else ike.remote.port)
-                self._act(self.engine.peer_moved(ike, remote))
 
     # -- control ----------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:

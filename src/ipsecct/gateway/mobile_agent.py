@@ -4,7 +4,6 @@ gateway address after a handover) and can ask a gateway to pull its contexts (a 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from typing import Any
 
 from ..ct import cxtp
@@ -26,14 +25,9 @@ class MobileAgent:
         self.node = node
         self.applied: list[tuple[float, list[str]]] = []
         self.rejected = 0
-        # told (outbound SPI before the change, new gateway address, its port) when a
-        # signal names a new gateway: the IKE SA of that CHILD SA follows (gateway/ike.py)
-        self.gateway_listeners: list[Callable[[int, IPAddress, int | None], None]] = []
         node.on_signal = self._on_signal
 
     def _on_signal(self, sig: Signal, addr: tuple[Any, ...]) -> None:
-        tunnel = self.node.engine.tunnel_of(sig.sa)
-        spi_out = tunnel.outbound.spi if tunnel is not None else None
         try:
             items = signalling.decode(sig.payload)
             changes = signalling.apply(self.node.engine, sig.sa, items)
@@ -42,10 +36,6 @@ class MobileAgent:
             event(log, "signal-rejected", logging.WARNING, node=self.node.name, error=str(exc))
             return
         self.applied.append((self.node.clock(), changes))
-        for it in items:
-            if isinstance(it, signalling.SgUpdate) and spi_out is not None:
-                for listener in self.gateway_listeners:
-                    listener(spi_out, it.address, it.port)
         event(
             log,
             "gateway-changed",

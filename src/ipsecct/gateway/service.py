@@ -127,9 +127,6 @@ class Service:
             # direct SG identity: an IKE SA that arrives is moved to this gateway's address
             self.ike.direct = tcfg is not None and tcfg.settings.identity is Identity.DIRECT
             self.transfer.listeners.append(self.ike.on_transfer)
-        if self.ike is not None and self.agent is not None:
-            # a mobile node's IKE SA follows its gateway's signals (direct SG identity)
-            self.agent.gateway_listeners.append(self.ike.gateway_moved)
         if self.control is not None:
             if self.ike is not None:
                 self.control.register("ike.list", self._ike_list)

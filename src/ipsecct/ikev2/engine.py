@@ -376,16 +376,6 @@ class IkeEngine:
             ProtocolId.ESP, (child.spi_in.to_bytes(4, "big"),))], now, out)  # fmt: skip
         return out
 
-    def peer_moved(self, ike: IkeSA, remote: Address) -> list[Output]:
-        """The peer is now at ``remote``, learnt out of band (an authenticated context-transfer
-        signal naming the gateway that took our SAs over): our requests go there, and its
-        CHILD SAs' addresses are updated (PeerMoved)."""
-        if ike.state is IkeState.DEAD or remote == ike.remote:
-            return []
-        ike.remote = remote
-        self.stats["peer-moved"] += 1
-        return [PeerMoved(ike)]
-
     def liveness(self, ike: IkeSA, now: float) -> list[Output]:
         """Send a liveness check (an empty INFORMATIONAL request) now."""
         out: list[Output] = []
