@@ -18,6 +18,11 @@ windows), with one peer engine holding the other end of every tunnel (the mobile
   scheme instead: one owner key per tunnel, created in transactions of 128.
 
 After the take-over every tunnel carries one more packet from its new gateway to its peer.
+Like a gateway process (``ipsecct daemon``), the benchmark runs with the gateway's collector
+policy (``gateway/gcpolicy.py``): the state built before the failure is frozen, and the
+take-over runs as one batch with the collector paused, as the drivers run it;
+``--default-gc`` leaves CPython's collector as it is, for comparison.
+
 ``takeover_ms``: from lease expiry to the last tunnel installed and signalled; ``lost``:
 tunnels whose packet did not reach the peer; ``replay_drops``: packets the peers dropped as
 replays; ``reused_nonces``: (SPI, sequence number) pairs sent by both gateways.
@@ -43,6 +48,7 @@ from typing import Any
 from ..commands.args import number
 from ..ct import cxtp, failover, ownership
 from ..ct.transfer import Identity
+from ..gateway import gcpolicy
 from ..ipsec import processing
 from ..ipsec.engine import Engine, Signal, ToInner, ToPeer, Tunnel
 from ..ipsec.esp import Drop
@@ -233,10 +239,12 @@ def bench_pair(n: int, cold: bool = False) -> dict[str, Any]:
     assert deadline is not None
     now = max(now + 0.5, deadline)  # the standby's wait after its last grant has passed
     assert sb.dead(now)
+    gcpolicy.POLICY.settle()  # what a gateway holds before the failure is frozen
     t0 = time.perf_counter()
-    tunnels, signals, _rec = sb.take_over(now)
-    assert len(tunnels) == n
-    return _finish("pair", n, sb_engine, wire, signals, t0, now, prepared)
+    with gcpolicy.POLICY.batch():  # as gateway/failover_driver.py takes over
+        tunnels, signals, _rec = sb.take_over(now)
+        assert len(tunnels) == n
+        return _finish("pair", n, sb_engine, wire, signals, t0, now, prepared)
 
 
 def _free_port() -> int:
@@ -313,17 +321,19 @@ async def _etcd_grouped(
     for i in range(0, n, per):
         assert await c.txn(dead.place(spis[i : i + per]))
     await c.revoke(dead_lease)  # the failed member's lease ends here
+    gcpolicy.POLICY.settle()
     t0 = time.perf_counter()
     members = {kv.key[len(keys["members"]) :] for kv in await c.get_prefix(keys["members"])}
     groups, tunnels = await read_ownership(c, keys)
     orphans = ownership.orphans(groups, tunnels)
     share = ownership.plan_groups(sorted(orphans), members | {"sg2"})["sg2"]
     assert await c.txn(me.adopt(share))
-    taken = me.adopted(share, tunnels)
     etcd_ms = (time.perf_counter() - t0) * 1000
-    tunnels_, signals, _rec = sb.take_over(now, taken)
-    assert len(tunnels_) == n, (len(tunnels_), n)
-    r = _finish("etcd", n, sb_engine, wire, signals, t0, now, 0)
+    with gcpolicy.POLICY.batch():  # as gateway/cluster_driver.py installs
+        taken = me.adopted(share, tunnels)
+        tunnels_, signals, _rec = sb.take_over(now, taken)
+        assert len(tunnels_) == n, (len(tunnels_), n)
+        r = _finish("etcd", n, sb_engine, wire, signals, t0, now, 0)
     r["etcd_ms"] = round(etcd_ms, 3)
     r["owner_keys"] = len(share)
     r["etcd_requests"] = c.calls
@@ -348,6 +358,7 @@ async def _etcd_per_tunnel(
         setup = [f"{owners}{s:08x}" for s in spis[i : i + MAX_TXN_OPS]]
         assert await c.create_many(setup, "sg1", lease=dead_lease)
     await c.revoke(dead_lease)
+    gcpolicy.POLICY.settle()
     t0 = time.perf_counter()
     members = {kv.key[len(members_p) :] for kv in await c.get_prefix(members_p)}
     owned = {ownership.spi_of_key(kv.key) for kv in await c.get_prefix(owners, keys_only=True)}
@@ -356,9 +367,10 @@ async def _etcd_per_tunnel(
     by_key = {f"{owners}{s:08x}": s for s in share}
     taken = [by_key[k] for k in await c.create_all(list(by_key), "sg2", lease=me)]
     etcd_ms = (time.perf_counter() - t0) * 1000
-    tunnels, signals, _rec = sb.take_over(now, taken)
-    assert len(tunnels) == n, (len(tunnels), n)
-    r = _finish("etcd", n, sb_engine, wire, signals, t0, now, 0)
+    with gcpolicy.POLICY.batch():
+        tunnels, signals, _rec = sb.take_over(now, taken)
+        assert len(tunnels) == n, (len(tunnels), n)
+        r = _finish("etcd", n, sb_engine, wire, signals, t0, now, 0)
     r["etcd_ms"] = round(etcd_ms, 3)
     r["owner_keys"] = len(share)
     r["scheme"] = "per-tunnel"
@@ -366,6 +378,7 @@ async def _etcd_per_tunnel(
 
 
 def run_cli(args: argparse.Namespace) -> int:
+    gcpolicy.POLICY.enabled = not args.default_gc  # a gateway process's collector policy
     results = []
     for mode in args.mode:
         if mode == "pair":
@@ -398,6 +411,11 @@ def add_parser(sub: Any) -> None:
         "--cold",
         action="store_true",
         help="every replica changed just before the failure (none decoded ahead)",
+    )
+    p.add_argument(
+        "--default-gc",
+        action="store_true",
+        help="leave CPython's collector as it is (not the gateway's policy), for comparison",
     )
     p.add_argument(
         "--per-tunnel",
