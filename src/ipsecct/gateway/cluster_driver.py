@@ -94,7 +94,8 @@ class ClusterDriver:
         self._lease_names: dict[int, str] = {}  # member lease -> member, as last seen
         # Live members (name -> lease) as last read; None before the first reading. Each
         # tunnel is replicated to the peers that would take its group (``replicas`` of
-        # them), by the group's rank: rank -> those peers, for the members as last read.
+        # them, ranked by the group's rank): group -> those peers, for the members as last
+        # read.
         self._live: dict[str, int] | None = None
         self._targets: dict[str, frozenset[str]] = {}
         self.grace = 1.0
@@ -333,12 +334,12 @@ class ClusterDriver:
             if not self.own.home:
                 return True
             g = self.own.home_of(t.outbound.spi)
-        rank = ownership.group_rank(g)
-        targets = self._targets.get(rank)
+        targets = self._targets.get(g)
         if targets is None:
             peers = [m for m in live if m in self.replicators and m != self.node.name]
+            rank = ownership.group_rank(g)
             targets = frozenset(ownership.successors(rank, peers, self.cfg.replicas))
-            self._targets[rank] = targets
+            self._targets[g] = targets
         return peer in targets
 
     def _members_seen(self, now: dict[str, int]) -> None:
