@@ -226,6 +226,28 @@ def test_forward_for_the_successor_of_a_moved_tunnel_within_the_window() -> None
     assert sg2.core.counters["forward_refused"] == 4
 
 
+def test_forward_of_esp_for_a_moved_tunnel_gone_since() -> None:
+    """The tunnel that arrived from sg1 was deleted at sg2 since (the MN rekeyed and deleted
+    it), its inbound SA kept a moment as a shadow: ESP that sg1 still forwards under its SPI is
+    taken from sg1, not from another peer."""
+    w = World(("sg1", "sg2", "sg3"))
+    w.transfer("sg1", "sg2")
+    w.deliver("sg1", "sg2")
+    w.deliver("sg2", "sg1")
+    w.deliver("sg1", "sg2")  # COMMIT
+    sg2 = w.gw["sg2"]
+    (moved,) = sg2.engine.tunnels()
+    assert moved.inbound is not None
+    sg2.engine.remove_tunnel(moved)
+    sg2.engine.add_shadow(moved.inbound)
+    data = w.mn.send(udp_packet(1, up=True))
+    assert data is not None
+    forward(w, data, True, "sg3", "sg2")
+    forward(w, data, True, "sg1", "sg2")
+    assert [stream_seq(p) for p in sg2.delivered] == [1]
+    assert sg2.core.counters["forward_refused"] == 1
+
+
 # -- §2: unfinished transfers, limits ----------------------------------------------------------
 def test_pctds_without_last_are_bounded_and_expire() -> None:
     w = victim_world()

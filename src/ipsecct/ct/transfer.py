@@ -874,7 +874,17 @@ class TransferCore:
         if inbound:
             if len(packet) < 8:
                 return False
-            tunnel = self.engine.inbound_tunnel(int.from_bytes(packet[0:4], "big"))
+            spi = int.from_bytes(packet[0:4], "big")
+            tunnel = self.engine.inbound_tunnel(spi)
+            if tunnel is None:
+                # The tunnel that arrived has gone since (an IKEv2 CHILD SA the MN rekeyed with
+                # us right after a handover with direct identity, and then deleted): ESP under
+                # its SPI is still taken, for what the engine kept of it (the adapter keeps a
+                # peer-deleted inbound SA a moment for packets on their way).
+                return any(
+                    p == peer and now < until and t.inbound is not None and t.inbound.spi == spi
+                    for t, (p, until) in self.arrived.items()
+                )
         else:
             tunnel = self.engine.policy_tunnel(packet)
         if tunnel is None:
@@ -885,9 +895,8 @@ class TransferCore:
         if inbound or tunnel.state is not TunnelState.ACTIVE:
             return False
         # The tunnel that arrived may have been replaced here since, its traffic now carried by
-        # a successor (an IKEv2 CHILD SA the MN rekeyed with us right after a handover with
-        # direct identity, while the access network still routed its traffic to the old
-        # gateway): an inner packet the arrived tunnel's own policy selects is still taken.
+        # a successor (as above, while the access network still routed the MN's traffic to the
+        # old gateway): an inner packet the arrived tunnel's own policy selects is still taken.
         try:
             hdr = ippacket.parse(packet)
         except PacketError:

@@ -39,6 +39,7 @@ from .node import Node, UdpEndpoint
 log = logging.getLogger("ipsecct.gateway.ike")
 
 IKE_PORT = 500
+INBOUND_GRACE = 2.0  # seconds a peer-deleted, rekeyed CHILD SA still takes what was on its way
 MARKER = b"\0\0\0\0"
 
 
@@ -215,6 +216,14 @@ class IkeService:
             if t is not None:
                 eng.remove_tunnel(t)  # type: ignore[arg-type]
                 o.child.handle = None
+                inbound = t.inbound  # type: ignore[attr-defined]
+                if o.child.rekeyed and o.reason == "deleted by peer" and inbound is not None:
+                    # The peer deleted the SA it rekeyed: what it sent on it just before may
+                    # still be on its way (by the old gateway after a handover): our inbound
+                    # half takes it for a moment longer (replay-checked, never sent on).
+                    eng.add_shadow(inbound)
+                    asyncio.get_running_loop().call_later(INBOUND_GRACE, eng.remove_shadows,
+                                                          inbound)  # fmt: skip
             event(log, "child-sa-removed", node=self.node.name, child=o.child.name,
                   spi_in=f"0x{o.child.spi_in:08x}", reason=o.reason)  # fmt: skip
         elif isinstance(o, PeerMoved):
