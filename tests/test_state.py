@@ -363,6 +363,45 @@ def test_transfer_core_writes_in_parallel_with_the_exchange_and_waits_where_it_m
     assert j2.calls[-1][0] == "taken" and j2.writes  # submitted, not waited for
 
 
+def test_forwards_that_arrive_while_the_commit_waits_for_pending_are_held() -> None:
+    """The COMMIT came, "pending" is not durable yet: what the source forwards meanwhile (ESP
+    from the MN, traffic for it) is held with the tunnel, not refused, and goes on when the
+    tunnel activates."""
+    from ipsecct.ct import cxtp
+    from ipsecct.ct.transfer import forward_cdb
+    from ipsecct.ipsec.engine import TunnelState
+    from tests.helpers.transfer import World, ip, stream_seq, udp_packet
+
+    w = World()
+    j1, j2 = Recorder(w), Recorder(w)
+    w.gw["sg1"].core.journal = j1
+    w.gw["sg2"].core.journal = j2
+    w.transfer()
+    w.deliver("sg1", "sg2")
+    w.deliver("sg2", "sg1")
+    settle(w, "sg1", j1)
+    w.deliver("sg1", "sg2")  # COMMIT: "pending" is not durable yet
+    sg2 = w.gw["sg2"]
+    (t2,) = sg2.engine.tunnels()
+    assert t2.state is TunnelState.HELD
+
+    def forward(packet: bytes, inbound: bool) -> None:
+        tag = cxtp.TransferTag(0, 0).encode()
+        cdb = forward_cdb(packet, inbound)
+        w.post("sg1", "sg2", cxtp.encode(cxtp.CTD(ip("0.0.0.0"), 0, (tag, cdb))))
+        w.deliver("sg1", "sg2")
+
+    data = w.mn.send(udp_packet(1, up=True))
+    assert data is not None
+    forward(data, True)
+    forward(udp_packet(2, up=False), False)
+    assert sg2.core.counters["forward_refused"] == 0
+    assert sg2.delivered == [] and sg2.wire == []
+    settle(w, "sg2", j2)
+    assert t2.state is TunnelState.ACTIVE
+    assert [stream_seq(p) for p in sg2.delivered] == [1] and len(sg2.wire) >= 1
+
+
 def test_a_target_whose_writes_are_durable_first_activates_at_the_commit() -> None:
     from ipsecct.ipsec.engine import TunnelState
     from tests.helpers.transfer import World

@@ -892,6 +892,15 @@ class TransferCore:
         came = self.arrived.get(tunnel)
         if came is not None:
             return came[0] == peer and now < came[1]
+        if tunnel.state is TunnelState.HELD:
+            # The COMMIT came but its activation waits for the durable "pending" record: what
+            # the source forwards meanwhile is held with the tunnel's other packets (the
+            # engine checks inbound ESP's ICV first) and injected when it activates.
+            return any(
+                inc.peer == peer and inc.committing and inc.state is IncomingState.PENDING
+                and tunnel in inc.tunnels
+                for inc in self.incoming.values()
+            )  # fmt: skip
         if inbound or tunnel.state is not TunnelState.ACTIVE:
             return False
         # The tunnel that arrived may have been replaced here since, its traffic now carried by
