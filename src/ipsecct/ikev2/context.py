@@ -6,8 +6,8 @@ Three kinds of Context Data Block, each with the draft's CDB header
 
 - ``FPT_IKE_SA`` (0x8010): SPIs, role, connection name, negotiated transforms, SK_d, SK_ai/ar,
   SK_ei/er, SK_pi/pr, nonces, message IDs (ours and the peer's), addresses and ports, NAT
-  flags, negotiated extensions (fragmentation, signature hashes, MOBIKE), peer identity,
-  seconds left to the IKE SA's rekey;
+  flags, negotiated extensions (fragmentation, signature hashes, MOBIKE, RFC 6311
+  message-ID and replay-counter sync), peer identity, seconds left to the IKE SA's rekey;
 - ``FPT_IKE_CHILD`` (0x8011): one per CHILD SA: config name, transforms, SPIs, KEYMAT, who
   initiated it, narrowed selectors, seconds left to its rekey (the ESP SAs themselves travel
   in the ordinary SA CDBs);
@@ -178,6 +178,7 @@ def encode(ike: IkeSA, now: float) -> list[bytes]:
         (22, struct.pack(f"!{len(ike.peer_hashes)}H", *ike.peer_hashes)),
         (23, struct.pack("!H", len(ike.last_response))),
         (24, bytes((ike.mobike,))),
+        (25, bytes((ike.mid_sync | ike.replay_sync << 1,))),
     ]  # fmt: skip
     out = [_frame(FPT_IKE_SA, _items(main))]
     for c in ike.children:
@@ -249,6 +250,9 @@ def decode(cdbs: list[bytes], connections: list[Connection], now: float,
         ike.mobike = bool(_u(m, 24, 1))
     ike.peer_hashes = struct.unpack(f"!{len(hashes_b) // 2}H", hashes_b)
     ike.rekey_at = _at(_one(m, 21, 4), now)
+    if 25 in m:  # RFC 6311 extensions (absent from contexts of older versions)
+        ext = _u(m, 25, 1)
+        ike.mid_sync, ike.replay_sync = bool(ext & 1), bool(ext & 2)
     ike.last_heard = now
     n_responses = _u(m, 23, 2)
     for f, d in parsed:

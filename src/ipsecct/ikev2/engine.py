@@ -75,6 +75,7 @@ from .message import (
     first_type,
     notifies,
 )
+from .mid_sync import MidSync, ReplayCounterSync, sync_request
 from .proposal import choose
 from .ts import narrow
 
@@ -92,6 +93,12 @@ MAX_CHILD_SAS = 16  # per IKE SA (rekeying needs room for two of each for a whil
 MAX_CERTS = 5  # CERT payloads looked at: the peer's certificate and its chain
 MAX_FRAGMENTS = 32  # RFC 7383: fragments of one message we reassemble at most
 FRAGMENT_SIZE = 1200  # largest IKE message (without IP/UDP) before we fragment
+# RFC 6311 after a take-over: our next request ID leaps this far past the replicated one (the
+# old member may have sent requests after its last replication; the peer drops a sync whose
+# ID is below what it expects, and takes a higher one as it is)
+MID_SYNC_LEAP = 64
+# without RFC 6311: how far ahead of the replicated ID the peer's first request may be
+RESYNC_AHEAD = 16
 
 
 # -- outputs --------------------------------------------------------------------------------
@@ -268,7 +275,7 @@ class IkeEngine:
                                  ike.remote)  # fmt: skip
                         if p.kind == "auth":
                             out.append(ConnectFailed(ike.conn, "no answer to IKE_AUTH"))
-                        dead = p.kind in ("liveness", "address-update")
+                        dead = p.kind in ("liveness", "address-update", "mid-sync")
                         self._kill(ike, "peer-dead" if dead else "deleted", out)
                         continue
                     p.tries += 1
@@ -403,19 +410,31 @@ class IkeEngine:
         if hdr.is_response:
             self._response(ike, data, hdr, payloads, src, now, out)
             return
+        if (hdr.message_id == 0 and hdr.exchange == ExchangeType.INFORMATIONAL and ike.mid_sync
+                and ike.state is IkeState.ESTABLISHED and len(payloads) == 1
+                and isinstance(payloads[0], SKPayload)
+                and self._mid_sync_request(ike, data, hdr, payloads, now, out)):  # fmt: skip
+            return
         if hdr.message_id == ike.peer_next_mid - 1 and ike.last_response:
             # authenticate before answering again; a fragmented request: on its first fragment
             if self._authentic_retransmit(ike, data, payloads):
                 self.stats["retransmit-answered"] += 1
                 out += [Send(m, ike.local, ike.remote) for m in ike.last_response]
             return
-        if hdr.message_id != ike.peer_next_mid:
+        ahead = 0 < hdr.message_id - ike.peer_next_mid <= ike.resync_ahead
+        if hdr.message_id != ike.peer_next_mid and not ahead:
             self.stats["bad-message-id"] += 1
             return
         opened = self._open(ike, data, hdr, payloads)
         if opened is None:
             return  # more fragments to come
         inner = opened
+        if ahead:  # after a take-over without RFC 6311: the old member answered requests
+            self.stats["message-id-resynced"] += 1  # after its last replication
+            log.info("event=ike-message-id-resynced conn=%s peer=%s expected=%d got=%d",
+                     ike.conn.name, ike.remote, ike.peer_next_mid, hdr.message_id)  # fmt: skip
+            ike.last_response = []
+        ike.resync_ahead = 0
         self._float(ike, src, dst, out)
         ike.last_heard = now
         if (hdr.exchange == ExchangeType.IKE_AUTH and ike.state is IkeState.HALF_OPEN
@@ -742,6 +761,12 @@ class IkeEngine:
         if Notify.MOBIKE_SUPPORTED in n and conn.mobike:  # RFC 4555 §3.2
             ike.mobike = True
             reply.append(NotifyPayload(Notify.MOBIKE_SUPPORTED))
+        if Notify.IKEV2_MESSAGE_ID_SYNC_SUPPORTED in n:  # RFC 6311 (strongSwan announces it)
+            ike.mid_sync = True
+            reply.append(NotifyPayload(Notify.IKEV2_MESSAGE_ID_SYNC_SUPPORTED))
+        if Notify.IPSEC_REPLAY_COUNTER_SYNC_SUPPORTED in n:
+            ike.replay_sync = True
+            reply.append(NotifyPayload(Notify.IPSEC_REPLAY_COUNTER_SYNC_SUPPORTED))
         if Notify.INITIAL_CONTACT in n:
             ike.initial_contact = True
             for other in list(self.by_spi.values()):
@@ -897,6 +922,7 @@ class IkeEngine:
         new.peer_next_mid = 0
         new.last_heard = now
         new.rekey_at = self._rekey_time(now, ike.conn.rekey_time)
+        new.mid_sync, new.replay_sync = ike.mid_sync, ike.replay_sync  # inherited (§2.18)
         new.children, ike.children = ike.children, []
         p = ike.pending
         if p is not None and p.kind == "rekey-ike":  # both sides rekey it: §2.8.2
@@ -1153,6 +1179,7 @@ class IkeEngine:
         payloads.append(NotifyPayload(Notify.INITIAL_CONTACT))
         if conn.mobike:
             payloads.append(NotifyPayload(Notify.MOBIKE_SUPPORTED))
+        payloads.append(NotifyPayload(Notify.IKEV2_MESSAGE_ID_SYNC_SUPPORTED))  # RFC 6311
         if conn.remote_auth == "pubkey" and conn.cacerts:
             payloads.append(CertReqPayload(CERT_X509_SIGNATURE, certreq(conn.cacerts)))
         if not conn.remote_id.any and "=" not in conn.remote_id.text:
@@ -1218,6 +1245,7 @@ class IkeEngine:
         ike.rekey_at = self._rekey_time(now, conn.rekey_time)
         ike.state = IkeState.ESTABLISHED
         ike.mobike = conn.mobike and Notify.MOBIKE_SUPPORTED in n
+        ike.mid_sync = Notify.IKEV2_MESSAGE_ID_SYNC_SUPPORTED in n
         self.stats["ike-sa-established"] += 1
         log.info("event=ike-sa-established conn=%s peer=%s id=%s proposal=%s role=initiator",
                  conn.name, ike.remote, ike.peer_id, ike.suite.name())  # fmt: skip
@@ -1433,6 +1461,7 @@ class IkeEngine:
         new.peer_next_mid = 0
         new.last_heard = now
         new.rekey_at = self._rekey_time(now, ike.conn.rekey_time)
+        new.mid_sync, new.replay_sync = ike.mid_sync, ike.replay_sync  # inherited (§2.18)
         if ike.collided is not None:
             theirs, ni2, nr2 = ike.collided
             ike.collided = None
@@ -1459,6 +1488,103 @@ class IkeEngine:
         ike.state = IkeState.REKEYED
         self._request(ike, "delete-rekeyed", [DeletePayload(ProtocolId.IKE)], now, out)
 
+    # -- RFC 6311: message-ID synchronisation after a fail-over -----------------------------
+    def start_mid_sync(self, ike: IkeSA, now: float, leap: int = MID_SYNC_LEAP,
+                       esp_delta: int = 0) -> list[Output]:  # fmt: skip
+        """After taking over ``ike`` from a replica: send the RFC 6311 INFORMATIONAL (message
+        ID 0) that tells the peer our next request ID (the replicated one plus ``leap``) and
+        the next one we expect (the replicated one), with IPSEC_REPLAY_COUNTER_SYNC
+        (``esp_delta``) when the peer announced it. Without RFC 6311 the replicated IDs are
+        kept, and the peer's next request may be up to RESYNC_AHEAD IDs ahead of them."""
+        out: list[Output] = []
+        if ike.state is not IkeState.ESTABLISHED:
+            return out
+        if not ike.mid_sync:
+            ike.resync_ahead = RESYNC_AHEAD
+            self.stats["mid-sync-unsupported"] += 1
+            return out
+        nonce = self.random(4)
+        m1 = (ike.my_next_mid + leap) & 0xFFFFFFFF
+        p1 = ike.peer_next_mid
+        payloads: list[Payload] = [MidSync(nonce, m1, p1).payload()]
+        if ike.replay_sync and esp_delta:
+            payloads.append(ReplayCounterSync(esp_delta).payload())
+        flags = Flag.INITIATOR if ike.we_initiated else 0
+        hdr = Header(ike.spi_i, ike.spi_r, 0, ExchangeType.INFORMATIONAL, flags, 0, 0)
+        msgs = self._seal(ike, hdr, payloads)
+        ike.pending = Pending("mid-sync", 0, msgs, now, 1, now + RETRANSMIT[0],
+                              payloads=payloads, mid_sync=(nonce, m1, p1))  # fmt: skip
+        self.stats["mid-sync-sent"] += 1
+        log.info("event=ike-mid-sync-sent conn=%s peer=%s send=%d recv=%d", ike.conn.name,
+                 ike.remote, m1, p1)  # fmt: skip
+        out += [Send(m, ike.local, ike.remote) for m in msgs]
+        return out
+
+    def _mid_sync_response(self, ike: IkeSA, p: Pending, inner: list[Payload]) -> None:
+        assert p.mid_sync is not None
+        nonce, m1, p1 = p.mid_sync
+        n = notifies(inner)
+        got = None
+        if Notify.IKEV2_MESSAGE_ID_SYNC in n:
+            try:
+                got = MidSync.parse(n[Notify.IKEV2_MESSAGE_ID_SYNC])
+            except IkeParseError:
+                got = None
+        # P2 >= P1, M2 >= M1 (RFC 6311 §5.1): anything else is not an answer to our request
+        if got is None or got.nonce != nonce or got.send < p1 or got.recv < m1:
+            self.stats["mid-sync-failed"] += 1
+            log.warning("event=ike-mid-sync-failed conn=%s peer=%s", ike.conn.name, ike.remote)
+            ike.my_next_mid = max(ike.my_next_mid, m1)
+            return
+        if got.send != ike.peer_next_mid:
+            ike.last_response = []  # the peer's next request is a new one
+        ike.peer_next_mid = got.send
+        ike.my_next_mid = got.recv
+        self.stats["mid-sync-done"] += 1
+        log.info("event=ike-mid-sync-done conn=%s peer=%s send=%d recv=%d", ike.conn.name,
+                 ike.remote, ike.my_next_mid, ike.peer_next_mid)  # fmt: skip
+
+    def _mid_sync_request(self, ike: IkeSA, data: bytes, hdr: Header, payloads: list[Payload],
+                          now: float, out: list[Output]) -> bool:  # fmt: skip
+        """The peer's member that took over asks us to synchronise message IDs (we are the
+        IKE SA's peer, as strongSwan is). False when the message is not such a request (the
+        normal path then decides)."""
+        if hdr.is_response:
+            return False
+        inner = self._open(ike, data, hdr, payloads)
+        assert inner is not None
+        got = sync_request(inner)
+        if got is None:
+            return False
+        mid, _replay = got
+        ike.last_heard = now
+        if mid.send < ike.peer_next_mid:  # RFC 6311 §5.1: below what we expect: stale
+            self.stats["mid-sync-stale"] += 1
+            return True
+        m2 = max(mid.send, ike.peer_next_mid)
+        p2 = max(mid.recv, ike.my_next_mid)
+        if m2 != ike.peer_next_mid:
+            ike.last_response = []
+        ike.peer_next_mid = m2
+        ike.my_next_mid = p2
+        self.stats["mid-sync-answered"] += 1
+        log.info("event=ike-mid-sync-answered conn=%s peer=%s send=%d recv=%d", ike.conn.name,
+                 ike.remote, p2, m2)  # fmt: skip
+        rhdr = Header(ike.spi_i, ike.spi_r, 0, ExchangeType.INFORMATIONAL,
+                      Flag.RESPONSE | (Flag.INITIATOR if ike.we_initiated else 0), 0, 0)
+        out += [Send(m, ike.local, ike.remote)
+                for m in self._seal(ike, rhdr, [MidSync(mid.nonce, p2, m2).payload()])]
+        p = ike.pending
+        if p is not None:  # our request in flight went to the old member: again, under P2
+            ike.my_next_mid = p2 + 1
+            flags = Flag.INITIATOR if ike.we_initiated else 0
+            phdr = Header(ike.spi_i, ike.spi_r, 0, p.exchange, flags, p2, 0)
+            p.message_id = p2
+            p.messages = self._seal(ike, phdr, p.payloads)
+            p.tries, p.deadline = 1, now + RETRANSMIT[0]
+            out += [Send(m, ike.local, ike.remote) for m in p.messages]
+        return True
+
     # -- our requests -----------------------------------------------------------------------
     def _request(self, ike: IkeSA, kind: str, payloads: list[Payload], now: float,
                  out: list[Output],
@@ -1468,7 +1594,8 @@ class IkeEngine:
         flags = Flag.INITIATOR if ike.we_initiated else 0
         hdr = Header(ike.spi_i, ike.spi_r, 0, exchange, flags, mid, 0)
         msgs = self._seal(ike, hdr, payloads)
-        ike.pending = Pending(kind, mid, msgs, now, 1, now + RETRANSMIT[0])
+        ike.pending = Pending(kind, mid, msgs, now, 1, now + RETRANSMIT[0],
+                              payloads=list(payloads), exchange=exchange)  # fmt: skip
         self.stats[f"{kind}-sent"] += 1
         out += [Send(m, ike.local, ike.remote) for m in msgs]
 
@@ -1499,6 +1626,8 @@ class IkeEngine:
             self.stats["address-update-answered"] += 1
             log.info("event=ike-address-updated conn=%s peer=%s local=%s", ike.conn.name,
                      ike.remote, ike.local)  # fmt: skip
+        elif p.kind == "mid-sync":
+            self._mid_sync_response(ike, p, inner)
         if ike.pending is None and ike.queued_deletes and ike.state is IkeState.ESTABLISHED:
             spis, ike.queued_deletes = tuple(ike.queued_deletes), []
             self._request(ike, "delete-child", [DeletePayload(ProtocolId.ESP, spis)], now, out)

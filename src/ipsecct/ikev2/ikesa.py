@@ -14,7 +14,7 @@ from ..ipsec.sad import Direction, Lifetime, SecurityAssociation, UdpEncap
 from ..ipsec.spd import Action, SPDEntry
 from .config import ChildConfig, Connection
 from .keys import ChildKeys, IkeKeys
-from .message import TrafficSelector
+from .message import Payload, TrafficSelector
 from .proposal import Suite
 from .protection import Protection
 from .ts import to_selectors
@@ -112,6 +112,10 @@ class Pending:
     nonce: bytes = field(default=b"", repr=False)
     kx: object = field(default=None, repr=False)
     spi: bytes = b""
+    # what was sealed, so that an RFC 6311 resync can send it again under a new message ID
+    payloads: list[Payload] = field(default_factory=list, repr=False)
+    exchange: int = 37  # INFORMATIONAL
+    mid_sync: tuple[bytes, int, int] | None = None  # our RFC 6311 request: nonce, M1, P1
 
 
 @dataclass(eq=False)
@@ -154,6 +158,13 @@ class IkeSA:
     fragments: tuple[int, int, int, dict[int, bytes]] | None = field(default=None, repr=False)
     # a rekey of this IKE SA by the peer that crossed ours (§2.8.2): (new IKE SA, nonces)
     collided: tuple[IkeSA, bytes, bytes] | None = field(default=None, repr=False)
+    # RFC 6311: the peer announced IKEV2_MESSAGE_ID_SYNC_SUPPORTED (and we answered it), and
+    # IPSEC_REPLAY_COUNTER_SYNC_SUPPORTED
+    mid_sync: bool = False
+    replay_sync: bool = False
+    # after a take-over from a replica, without RFC 6311: accept the peer's next authenticated
+    # request up to this many message IDs ahead of the replicated one (0: exact IDs only)
+    resync_ahead: int = 0
 
     @property
     def our_spi(self) -> bytes:

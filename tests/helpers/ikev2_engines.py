@@ -1,0 +1,80 @@
+"""Two IKEv2 engines talking to each other in memory (an initiator, the MN, and a responder,
+the gateway): connections for them and the wire between them."""
+
+from __future__ import annotations
+
+import ipaddress
+
+from ipsecct.ikev2 import message as M
+from ipsecct.ikev2.config import ChildConfig, Connection, Identity
+from ipsecct.ikev2.engine import IkeEngine, Output, Send
+from ipsecct.ikev2.ikesa import Address
+from ipsecct.ikev2.proposal import parse_list
+from ipsecct.ikev2.ts import from_text
+
+IP_I = ipaddress.ip_address("192.0.2.10")
+IP_R = ipaddress.ip_address("192.0.2.1")
+I500, R500 = Address(IP_I, 500), Address(IP_R, 500)
+PSK = b"a pre-shared key for the tests"
+
+
+def conn(name: str = "c", *, ike: str = "aes128gcm16-prfsha256-x25519",
+         esp: str = "aes128gcm16", local_ts: str = "10.1.0.0/16", remote_ts: str = "10.2.0.0/16",
+         local_id: str = "gw.test", remote_id: str = "%any", psk: bytes = PSK,
+         encap: bool = False, dpd: float = 0.0, rekey: float | None = None,
+         child_rekey: float | None = None) -> Connection:  # fmt: skip
+    child = ChildConfig("net", [from_text(local_ts)], [from_text(remote_ts)],
+                        parse_list([esp], M.ProtocolId.ESP), child_rekey)  # fmt: skip
+    return Connection(name, [], [], parse_list([ike], M.ProtocolId.IKE), "psk",
+                      Identity(local_id), "psk", Identity(remote_id), psk, encap, dpd,
+                      rekey, [child])  # fmt: skip
+
+
+def mn_conn(**kw: object) -> Connection:
+    kw.setdefault("local_ts", "10.2.0.5/32")
+    kw.setdefault("remote_ts", "10.1.0.0/16")
+    kw.setdefault("local_id", "mn.test")
+    kw.setdefault("remote_id", "gw.test")
+    return conn("mn", **kw)  # type: ignore[arg-type]
+
+
+class Wire:
+    """Carries the datagrams between an initiator and a responder engine."""
+
+    def __init__(self, ini: IkeEngine, resp: IkeEngine) -> None:
+        self.ini, self.resp = ini, resp
+        self.events: dict[str, list[Output]] = {"i": [], "r": []}
+        self.sent: list[Send] = []
+        self.nat: Address | None = None  # the initiator's address as the responder sees it
+
+    def deliver(self, outs: list[Output], frm: str, now: float = 0.0, *,
+                drop: bool = False) -> None:  # fmt: skip
+        pending = [(frm, o) for o in outs]
+        while pending:
+            side, o = pending.pop(0)
+            if not isinstance(o, Send):
+                self.events[side].append(o)
+                continue
+            self.sent.append(o)
+            if drop:
+                continue
+            src, dst = o.src, o.dst
+            if side == "i" and self.nat is not None:
+                src = Address(self.nat.host, self.nat.port + (o.src.port != 500))
+            if side == "r" and self.nat is not None:
+                dst = Address(IP_I, 500 if o.dst.port == self.nat.port else 4500)
+            target, other = (self.resp, "r") if side == "i" else (self.ini, "i")
+            pending += [(other, x) for x in target.receive(o.data, src, dst, now)]
+
+    def of(self, side: str, cls: type) -> list[Output]:
+        return [e for e in self.events[side] if isinstance(e, cls)]
+
+
+def pair(ic: Connection | None = None, rc: Connection | None = None) -> Wire:
+    return Wire(IkeEngine([ic or mn_conn()]), IkeEngine([rc or conn()]))
+
+
+def connect(w: Wire, now: float = 0.0) -> None:
+    w.deliver(w.ini.initiate(w.ini.connections[0], I500, R500, now), "i", now)
+
+

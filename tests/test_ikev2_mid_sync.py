@@ -1,0 +1,217 @@
+"""RFC 6311 message-ID synchronisation, sans I/O: the codec of the four notifies, their
+negotiation in IKE_AUTH, and the INFORMATIONAL exchange (message ID 0) that a gateway which
+took over an IKE SA from a stale replica runs with the peer, in both roles (our engine as the
+peer answers like strongSwan's ``ike_mid_sync.c``). Without RFC 6311 the taker keeps the
+replicated IDs and accepts the peer's next request a little ahead of them."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from ipsecct.errors import IkeParseError
+from ipsecct.ikev2 import context
+from ipsecct.ikev2 import message as M
+from ipsecct.ikev2.engine import MID_SYNC_LEAP, RESYNC_AHEAD, IkeEngine, Send
+from ipsecct.ikev2.ikesa import IkeSA
+from ipsecct.ikev2.mid_sync import MidSync, ReplayCounterSync, sync_request
+from tests.helpers.ikev2_engines import I500, R500, Wire, conn, connect, mn_conn, pair
+
+N = M.Notify
+
+
+# -- codec ---------------------------------------------------------------------------------------
+
+
+def test_mid_sync_notify_layout() -> None:
+    p = MidSync(b"\x01\x02\x03\x04", 7, 0x01020304).payload()
+    assert (p.type, p.protocol, p.spi) == (16422, 0, b"")
+    assert p.data == b"\x01\x02\x03\x04" + struct.pack("!II", 7, 0x01020304)
+    # through the IKE payload codec and back
+    (q,) = M.decode_payloads(M.encode_payloads([p]), M.PayloadType.NOTIFY)
+    assert isinstance(q, M.NotifyPayload)
+    assert MidSync.parse(q) == MidSync(b"\1\2\3\4", 7, 0x01020304)
+    r = ReplayCounterSync(16384).payload()
+    assert (r.type, r.data) == (16423, struct.pack("!Q", 16384))
+    assert ReplayCounterSync.parse(r).delta == 16384
+    assert ReplayCounterSync.parse(M.NotifyPayload(16423, data=struct.pack("!I", 9))).delta == 9
+    assert N.IKEV2_MESSAGE_ID_SYNC_SUPPORTED == 16420
+    assert N.IPSEC_REPLAY_COUNTER_SYNC_SUPPORTED == 16421
+    with pytest.raises(ValueError, match="4 octets"):
+        MidSync(b"\0" * 8, 1, 1).payload()
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        M.NotifyPayload(16422, data=b"\0" * 11),
+        M.NotifyPayload(16422, data=b"\0" * 13),
+        M.NotifyPayload(16422, protocol=1, data=b"\0" * 12),
+        M.NotifyPayload(16422, spi=b"\0" * 4, data=b"\0" * 12),
+        M.NotifyPayload(16423, data=b"\0" * 12),
+    ],
+)
+def test_malformed_sync_notifies_raise_parse_errors(bad: M.NotifyPayload) -> None:
+    with pytest.raises(IkeParseError):
+        sync_request([bad])
+
+
+def test_sync_request_holds_only_sync_notifies() -> None:
+    mid = MidSync(b"abcd", 5, 6).payload()
+    assert sync_request([mid]) == (MidSync(b"abcd", 5, 6), None)
+    assert sync_request([mid, ReplayCounterSync(3).payload()]) == (
+        MidSync(b"abcd", 5, 6), ReplayCounterSync(3))  # fmt: skip
+    assert sync_request([]) is None  # an empty INFORMATIONAL is a liveness check
+    assert sync_request([mid, M.NotifyPayload(N.INITIAL_CONTACT)]) is None
+    with pytest.raises(IkeParseError):
+        sync_request([mid, mid])
+    with pytest.raises(IkeParseError):
+        sync_request([ReplayCounterSync(3).payload()])
+
+
+@given(st.binary(max_size=20), st.sampled_from([16422, 16423]), st.integers(0, 3))
+def test_fuzz_sync_notifies(data: bytes, ntype: int, proto: int) -> None:
+    try:
+        got = sync_request([M.NotifyPayload(ntype, protocol=proto, data=data)])
+    except IkeParseError:
+        return
+    assert got is not None and len(data) == 12 and proto == 0
+
+
+# -- negotiation --------------------------------------------------------------------------------
+
+
+def test_negotiated_in_ike_auth_and_carried_in_the_context() -> None:
+    w = pair()
+    connect(w)
+    (ii,), (ir,) = w.ini.ike_sas(), w.resp.ike_sas()
+    assert ii.mid_sync and ir.mid_sync
+    assert not ii.replay_sync and not ir.replay_sync  # we do not announce replay-counter sync
+    moved = IkeEngine([conn()]).import_ike(context.encode(ir, 1.0), 1.0)
+    assert moved.mid_sync and not moved.replay_sync
+
+
+# -- the exchange after a fail-over ----------------------------------------------------------
+
+
+def _stale_takeover(dpd_by_gateway: bool = True) -> tuple[Wire, IkeEngine, IkeSA, list[bytes]]:
+    """sg1 (w.resp) replicates its IKE SA, then answers a liveness check of the MN and sends
+    one of its own after the replication, and dies: sg2 holds a replica whose message IDs are
+    behind in both directions."""
+    w = pair(mn_conn(dpd=10), conn(dpd=10))
+    connect(w)
+    (ir,) = w.resp.ike_sas()
+    replica = context.encode(ir, 5.0)
+    w.deliver(w.ini.tick(10.0), "i", 10.0)  # the MN's liveness check, answered by sg1
+    if dpd_by_gateway:
+        w.deliver(w.resp.liveness(ir, 11.0), "r", 11.0)  # sg1's, answered by the MN
+    sg2 = IkeEngine([conn(dpd=10)])
+    ike = sg2.import_ike(replica, 12.0)
+    return w, sg2, ike, replica
+
+
+def test_taker_synchronises_message_ids_with_the_peer() -> None:
+    w, sg2, ike, _ = _stale_takeover()
+    (ii,) = w.ini.ike_sas()
+    assert (ike.my_next_mid, ike.peer_next_mid) == (0, 2)  # replica: before both exchanges
+    assert (ii.peer_next_mid, ii.my_next_mid) == (1, 3)
+    # with the replica's IDs the MN would ignore sg2's request and sg2 the MN's
+    out = sg2.start_mid_sync(ike, 12.0)
+    (req,) = out
+    assert isinstance(req, Send) and struct.unpack_from("!I", req.data, 20)[0] == 0  # MID 0
+    w2 = Wire(w.ini, sg2)
+    w2.deliver(out, "r", 12.0)
+    assert w.ini.stats["mid-sync-answered"] == 1 and sg2.stats["mid-sync-done"] == 1
+    # M2 = max(M1, expected) = replica + leap; P2 = the MN's next request
+    assert ike.my_next_mid == ii.peer_next_mid == MID_SYNC_LEAP
+    assert ike.peer_next_mid == ii.my_next_mid == 3
+    # now both directions work with sg2: liveness checks, IKE and CHILD rekeys
+    w2.deliver(sg2.liveness(ike, 13.0), "r", 13.0)
+    w2.deliver(w.ini.liveness(ii, 14.0), "i", 14.0)
+    assert sg2.stats["liveness-answered"] == 1 and ike.pending is None and ii.pending is None
+    w2.deliver(sg2.rekey_ike(ike, 15.0), "r", 15.0)
+    (new,) = sg2.ike_sas()
+    w2.deliver(w.ini.rekey_child(w.ini.ike_sas()[0], w.ini.ike_sas()[0].children[0], 16.0),
+               "i", 16.0)  # fmt: skip
+    assert sg2.stats["ike-sa-rekeyed"] == 1 and sg2.stats["child-sa-rekeyed"] == 1
+    assert new.mid_sync and w.ini.stats["unknown-spi"] == w.ini.stats["bad-message-id"] == 0
+
+
+def test_peers_request_in_flight_is_sent_again_under_the_new_id() -> None:
+    """The MN's liveness check went to the dead sg1: after the sync it goes again, under the
+    message ID the MN announced (strongSwan re-queues its active task the same way)."""
+    w, sg2, ike, _ = _stale_takeover(dpd_by_gateway=False)
+    (ii,) = w.ini.ike_sas()
+    lost = w.ini.liveness(ii, 12.0)
+    assert lost and ii.pending is not None  # sent, never answered
+    w2 = Wire(w.ini, sg2)
+    w2.deliver(sg2.start_mid_sync(ike, 13.0), "r", 13.0)
+    assert ii.pending is None and sg2.stats["liveness-answered"] == 1
+    # IKE_AUTH was 1, the answered check 2, the lost one 3, sent again as 4: next is 5
+    assert ike.peer_next_mid == ii.my_next_mid == 5
+
+
+def test_stale_and_repeated_sync_requests() -> None:
+    w, sg2, ike, _ = _stale_takeover()
+    (ii,) = w.ini.ike_sas()
+    # a sync below what the MN expects from the cluster is dropped without an answer
+    out = sg2.start_mid_sync(ike, 12.0, leap=0)
+    assert [o for o in out if isinstance(o, Send)]
+    answers = w.ini.receive(out[0].data, R500, I500, 12.0)  # type: ignore[union-attr]
+    assert answers == [] and w.ini.stats["mid-sync-stale"] == 1
+    # retransmitted with back-off, then the peer is declared dead
+    assert sg2.next_deadline() == 14.0
+    assert len(sg2.tick(14.0)) == 1 and sg2.stats["retransmitted"] == 1
+    # a proper one; its retransmission (the answer was lost) is answered the same way
+    ike.pending = None
+    out = sg2.start_mid_sync(ike, 20.0)
+    first = w.ini.receive(out[0].data, R500, I500, 20.0)  # type: ignore[union-attr]
+    again = w.ini.receive(out[0].data, R500, I500, 21.0)  # type: ignore[union-attr]
+    assert len(first) == len(again) == 1 and w.ini.stats["mid-sync-answered"] == 2
+    Wire(w.ini, sg2).deliver([], "i")
+    sg2.receive(again[0].data, I500, R500, 21.0)  # type: ignore[union-attr]
+    assert sg2.stats["mid-sync-done"] == 1 and ike.my_next_mid == ii.peer_next_mid
+
+
+def test_a_forged_answer_is_not_taken() -> None:
+    w, sg2, ike, _ = _stale_takeover()
+    out = sg2.start_mid_sync(ike, 12.0)
+    assert ike.pending is not None and ike.pending.mid_sync is not None
+    nonce = ike.pending.mid_sync[0]
+    # an answer with another nonce (authentic, but not to this request) changes nothing
+    hdr = M.Header(ike.spi_i, ike.spi_r, 0, M.ExchangeType.INFORMATIONAL, M.Flag.RESPONSE
+                   | M.Flag.INITIATOR, 0, 0)  # fmt: skip
+    bogus = MidSync(bytes(b ^ 0xFF for b in nonce), 1000, 1000).payload()
+    (ii,) = w.ini.ike_sas()
+    sg2.receive(ii.outbound.seal(hdr, [bogus]), I500, R500, 12.5)
+    assert sg2.stats["mid-sync-failed"] == 1 and ike.peer_next_mid == 2
+    assert ike.my_next_mid == MID_SYNC_LEAP  # never below what we announced
+    assert out
+
+
+def test_without_rfc_6311_the_peers_next_request_may_be_a_little_ahead() -> None:
+    w, sg2, ike, _ = _stale_takeover(dpd_by_gateway=False)
+    ike.mid_sync = False  # a peer that did not announce it
+    assert sg2.start_mid_sync(ike, 12.0) == [] and ike.resync_ahead == RESYNC_AHEAD
+    (ii,) = w.ini.ike_sas()
+    w2 = Wire(w.ini, sg2)
+    w2.deliver(w.ini.liveness(ii, 13.0), "i", 13.0)  # ID 2; the replica expects 1
+    assert sg2.stats["message-id-resynced"] == 1 and sg2.stats["liveness-answered"] == 1
+    assert ike.resync_ahead == 0 and ii.pending is None
+    # only once: from now on the IDs are exact again
+    ii.my_next_mid += 5
+    w2.deliver(w.ini.liveness(ii, 14.0), "i", 14.0)
+    assert sg2.stats["bad-message-id"] == 1
+
+
+def test_too_far_ahead_without_rfc_6311_is_refused() -> None:
+    w, sg2, ike, _ = _stale_takeover(dpd_by_gateway=False)
+    ike.mid_sync = False
+    sg2.start_mid_sync(ike, 12.0)
+    (ii,) = w.ini.ike_sas()
+    ii.my_next_mid += RESYNC_AHEAD
+    Wire(w.ini, sg2).deliver(w.ini.liveness(ii, 13.0), "i", 13.0)
+    assert sg2.stats["bad-message-id"] == 1 and sg2.stats["message-id-resynced"] == 0
