@@ -22,6 +22,7 @@ import json
 import os
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -394,6 +395,66 @@ def test_parse_sync_fuzz(data: bytes) -> None:
     except CxtpError:
         return
     assert all(0 <= s <= 0xFFFFFFFF for s in spis)
+
+
+class FakeExtra:
+    """An extra-context source (the IKE service's role): what changed since the last poll."""
+
+    def __init__(self) -> None:
+        self.state: dict[bytes, list[bytes]] = {}
+        self.sent: dict[bytes, list[bytes]] = {}
+
+    def poll_extra(self, now: float, full: bool) -> tuple[list[tuple[bytes, list[bytes]]],
+                                                          list[bytes]]:  # fmt: skip
+        ups = [(k, v) for k, v in self.state.items() if full or self.sent.get(k) != v]
+        gone = [k for k in self.sent if k not in self.state]
+        self.sent = dict(self.state)
+        return ups, [] if full else gone
+
+
+def _ike_cdb(fpt: int, n: int) -> bytes:
+    return struct.pack("!HBB", fpt, 1 + n, 0) + bytes(range(4 + 8 * n))[4:] + bytes(4)
+
+
+def test_extra_contexts_replicated_beside_the_tunnels_and_removed() -> None:
+    """IKE SA contexts ride in the sync messages as a SYNC_EXTRA CDB and the CDBs it counts:
+    sent when they change, replaced on a FULL sync, removed when gone."""
+    act = Engine(ip(SG_ADDR["sg1"]))
+    add_tunnel(act, 1)
+    extra = FakeExtra()
+    ike_a = [_ike_cdb(0x8010, 3), _ike_cdb(0x8011, 2)]
+    extra.state[b"A" * 8] = ike_a
+    rep = failover.Replicator(act, cfg(), session=3, extra=extra)
+    sb = standby(Engine(ip(SG_ADDR["sg2"])))
+    for m in wire(rep.poll(0.0)):
+        sb.receive(m, 0.0)
+    assert set(sb.replica) == {0x2001} and sb.extra == {b"A" * 8: ike_a}
+    assert rep.poll(0.001) == []  # nothing changed
+    ike_b = [_ike_cdb(0x8010, 5)]
+    extra.state[b"B\0" * 4] = ike_b  # keys may end in zero octets
+    msgs = wire(rep.poll(0.002))
+    assert len(msgs) == 1 and contexts(msgs) == []  # the tunnels did not change
+    for m in msgs:
+        sb.receive(m, 0.002)
+    assert sb.extra == {b"A" * 8: ike_a, b"B\0" * 4: ike_b}
+    del extra.state[b"A" * 8]
+    for m in wire(rep.poll(0.003)):
+        sb.receive(m, 0.003)
+    assert sb.extra == {b"B\0" * 4: ike_b}
+    # the standby missed messages: a FULL sync replaces everything
+    sb.extra[b"stale"] = [b"x" * 8]
+    rep.resync()
+    for m in wire(rep.poll(0.004)):
+        sb.receive(m, 0.004)
+    assert sb.extra == {b"B\0" * 4: ike_b} and set(sb.replica) == {0x2001}
+    # a count that runs past the message is refused
+    tag = wire(rep.poll(1.0))[0].cdbs[0]
+    bad = cxtp.CTD(ip("0.0.0.0"), 0, (tag, failover.sync_cdb([], 1),
+                                       failover.extra_cdb(b"k", 2, 1), ike_b[0]))  # fmt: skip
+    with pytest.raises(CxtpError, match="past"):
+        sb.receive(bad, 1.0)
+    with pytest.raises(CxtpError):
+        failover.extra_cdb(b"", 1, 1)
 
 
 def test_standby_dead_after_dead_ms_of_silence_only() -> None:

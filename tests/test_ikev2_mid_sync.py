@@ -21,6 +21,8 @@ from ipsecct.ikev2.mid_sync import MidSync, ReplayCounterSync, sync_request
 from tests.helpers.ikev2_engines import I500, R500, Wire, conn, connect, mn_conn, pair
 
 N = M.Notify
+GCM = "aes128gcm16-prfsha256-x25519"
+CBC = "aes128-sha256-x25519"
 
 
 # -- codec ---------------------------------------------------------------------------------------
@@ -97,18 +99,22 @@ def test_negotiated_in_ike_auth_and_carried_in_the_context() -> None:
 # -- the exchange after a fail-over ----------------------------------------------------------
 
 
-def _stale_takeover(dpd_by_gateway: bool = True) -> tuple[Wire, IkeEngine, IkeSA, list[bytes]]:
-    """sg1 (w.resp) replicates its IKE SA, then answers a liveness check of the MN and sends
-    one of its own after the replication, and dies: sg2 holds a replica whose message IDs are
+def _stale_takeover(dpd_by_gateway: bool = True, *, before: int = 0, ike: str = GCM,
+                    ) -> tuple[Wire, IkeEngine, IkeSA, list[bytes]]:  # fmt: skip
+    """sg1 (w.resp) replicates its IKE SA (after ``before`` liveness checks of its own), then
+    answers a liveness check of the MN and sends one of its own after the replication
+    (``dpd_by_gateway``: 1, or that many), and dies: sg2 holds a replica whose message IDs are
     behind in both directions."""
-    w = pair(mn_conn(dpd=10), conn(dpd=10))
+    w = pair(mn_conn(dpd=10, ike=ike), conn(dpd=10, ike=ike))
     connect(w)
     (ir,) = w.resp.ike_sas()
+    for i in range(before):
+        w.deliver(w.resp.liveness(ir, 2.0 + i), "r", 2.0 + i)
     replica = context.encode(ir, 5.0)
     w.deliver(w.ini.tick(10.0), "i", 10.0)  # the MN's liveness check, answered by sg1
-    if dpd_by_gateway:
-        w.deliver(w.resp.liveness(ir, 11.0), "r", 11.0)  # sg1's, answered by the MN
-    sg2 = IkeEngine([conn(dpd=10)])
+    for i in range(int(dpd_by_gateway)):
+        w.deliver(w.resp.liveness(ir, 11.0 + i / 10), "r", 11.0 + i / 10)  # answered by the MN
+    sg2 = IkeEngine([conn(dpd=10, ike=ike)])
     ike = sg2.import_ike(replica, 12.0)
     return w, sg2, ike, replica
 
@@ -195,9 +201,13 @@ def test_a_forged_answer_is_not_taken() -> None:
 def test_without_rfc_6311_the_peers_next_request_may_be_a_little_ahead() -> None:
     w, sg2, ike, _ = _stale_takeover(dpd_by_gateway=False)
     ike.mid_sync = False  # a peer that did not announce it
-    assert sg2.start_mid_sync(ike, 12.0) == [] and ike.resync_ahead == RESYNC_AHEAD
+    (check,) = sg2.start_mid_sync(ike, 12.0)  # a liveness check at once, under the replica's ID
+    assert ike.resync_ahead == ike.probe_ahead == RESYNC_AHEAD
+    assert sg2.stats["mid-sync-unsupported"] == 1
     (ii,) = w.ini.ike_sas()
     w2 = Wire(w.ini, sg2)
+    w2.deliver([check], "r", 12.0)
+    assert sg2.stats["liveness-ok"] == 1 and ike.probe_ahead == 0
     w2.deliver(w.ini.liveness(ii, 13.0), "i", 13.0)  # ID 2; the replica expects 1
     assert sg2.stats["message-id-resynced"] == 1 and sg2.stats["liveness-answered"] == 1
     assert ike.resync_ahead == 0 and ii.pending is None
@@ -211,7 +221,38 @@ def test_too_far_ahead_without_rfc_6311_is_refused() -> None:
     w, sg2, ike, _ = _stale_takeover(dpd_by_gateway=False)
     ike.mid_sync = False
     sg2.start_mid_sync(ike, 12.0)
+    ike.pending = None
     (ii,) = w.ini.ike_sas()
     ii.my_next_mid += RESYNC_AHEAD
     Wire(w.ini, sg2).deliver(w.ini.liveness(ii, 13.0), "i", 13.0)
     assert sg2.stats["bad-message-id"] == 1 and sg2.stats["message-id-resynced"] == 0
+
+
+def test_rfc_6311_with_a_cbc_ike_sa_after_our_own_requests() -> None:
+    w, sg2, ike, _ = _stale_takeover(before=2, ike=CBC)
+    assert ike.my_next_mid == 2
+    w2 = Wire(w.ini, sg2)
+    w2.deliver(sg2.start_mid_sync(ike, 12.0), "r", 12.0)
+    assert sg2.stats["mid-sync-done"] == 1 and ike.my_next_mid == 2 + MID_SYNC_LEAP
+    w2.deliver(sg2.liveness(ike, 13.0), "r", 13.0)
+    assert sg2.stats["liveness-ok"] == 1
+
+
+def test_aead_ike_sa_after_our_own_requests_probes_instead() -> None:
+    """strongSwan cannot answer a sync under AES-GCM once it answered one of our requests
+    (its sequential IVs): keep the replicated IDs and probe ours. sg1 sent two liveness checks
+    after its last replication: sg2's first request (the replica's ID) is dropped by the MN,
+    the next try goes under the following ID (answered from the MN's cache, like any
+    retransmission: RFC 7296 §2.1), and from then on the IDs agree."""
+    w, sg2, ike, _ = _stale_takeover(dpd_by_gateway=2, before=1)  # type: ignore[arg-type]
+    (ii,) = w.ini.ike_sas()
+    assert (ike.my_next_mid, ii.peer_next_mid) == (1, 3)
+    w2 = Wire(w.ini, sg2)
+    w2.deliver(sg2.start_mid_sync(ike, 12.0), "r", 12.0)
+    assert sg2.stats["mid-sync-aead-skipped"] == 1 and sg2.stats["mid-sync-sent"] == 0
+    assert w.ini.stats["bad-message-id"] == 1 and ike.pending is not None
+    w2.deliver(sg2.tick(14.0), "r", 14.0)  # retransmitted under the next ID
+    assert sg2.stats["message-id-probed"] == 1 and ike.pending is None
+    assert ike.my_next_mid == ii.peer_next_mid == 3
+    w2.deliver(sg2.rekey_ike(ike, 15.0), "r", 15.0)
+    assert sg2.stats["ike-sa-rekeyed"] == 1 and w.ini.stats["ike-sa-rekeyed"] == 1

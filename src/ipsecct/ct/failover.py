@@ -58,6 +58,7 @@ import struct
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Protocol as TypingProtocol
 
 from ..errors import ContextError, CxtpError, IpsecctError
 from ..ipsec import signalling
@@ -74,7 +75,13 @@ SYNC_HEARTBEAT = 1  # removals, then contexts to merge into what the standby hol
 SYNC_FULL = 2  # the whole state follows (this poll's messages): replace what the standby holds
 SYNC_ACK = 3  # standby -> active: the message numbered in the TRANSFER tag was applied
 SYNC_TAKEN = 4  # standby that took over -> old active: give up (epoch of the take-over)
+# Inside a HEARTBEAT/FULL message: an extra context (an IKE SA with its CHILD SAs: opaque CDBs
+# the gateway's IKE service makes and takes) under a key; the count is of the CDBs that follow
+# (0: the context is gone). Its fixed part is a SYNC CDB's, the key follows.
+SYNC_EXTRA = 5
 _SYNC_KINDS = (SYNC_HEARTBEAT, SYNC_FULL, SYNC_ACK, SYNC_TAKEN)
+MAX_EXTRA_KEY = 64
+MAX_EXTRA_CDBS = 64
 _SYNC = struct.Struct("!BxHI")  # kind, number of removed SPIs, epoch
 FIRST_EPOCH = 1
 
@@ -107,6 +114,39 @@ def sync_cdb(
         _SYNC.pack(k, len(removed), epoch & 0xFFFFFFFF)
         + b"".join(struct.pack("!I", s) for s in removed),
     )
+
+
+def extra_cdb(key: bytes, count: int, epoch: int) -> bytes:
+    """The SYNC CDB that announces an extra context (``count`` CDBs follow; 0: removed)."""
+    if not key or len(key) > MAX_EXTRA_KEY or count > MAX_EXTRA_CDBS:
+        raise CxtpError("extra context key or size out of range")
+    return frame(FPT_SYNC, _SYNC.pack(SYNC_EXTRA, count, epoch & 0xFFFFFFFF)
+                 + bytes((len(key),)) + key)  # fmt: skip
+
+
+def parse_extra(cdb: bytes) -> tuple[bytes, int] | None:
+    """(key, count) of a SYNC_EXTRA CDB, None for any other CDB."""
+    if cxtp.cdb_fpt(cdb) != FPT_SYNC:
+        return None
+    p = unframe(cdb)
+    if len(p) < _SYNC.size or p[0] != SYNC_EXTRA:
+        return None
+    _kind, count, _epoch = _SYNC.unpack_from(p)
+    n = p[_SYNC.size] if len(p) > _SYNC.size else 0
+    key = p[_SYNC.size + 1 : _SYNC.size + 1 + n]
+    if not key or len(key) != n or n > MAX_EXTRA_KEY or count > MAX_EXTRA_CDBS:
+        raise CxtpError("extra context CDB malformed")
+    return key, count
+
+
+class ExtraSource(TypingProtocol):
+    """What the active replicates beside its tunnels (the IKE service: IKE SA contexts)."""
+
+    def poll_extra(self, now: float, full: bool) -> tuple[list[tuple[bytes, list[bytes]]],
+                                                          list[bytes]]:  # fmt: skip
+        """(contexts new or changed since the last call, keys of those gone); with ``full``
+        every context (the standby replaces what it holds)."""
+        ...
 
 
 def parse_sync_kind(cdb: bytes) -> tuple[int, int, list[int]]:
@@ -162,6 +202,7 @@ class Replicator:
         *,
         peer_lease: bool = True,
         on_floor: Callable[[Tunnel], None] | None = None,
+        extra: ExtraSource | None = None,
     ) -> None:
         """``peer_lease``: the standby's ACKs also grant the right to send (pair mode); in
         the etcd mode the lease is etcd's and the ACKs only raise the ceilings. ``on_floor``:
@@ -188,6 +229,8 @@ class Replicator:
             Lease(cfg.lease_timing()) if cfg.fencing and peer_lease else None
         )
         self.on_floor = on_floor
+        self.extra = extra  # IKE SA contexts, replicated when they change
+        self.extras = 0  # extra contexts sent
         self.floor: dict[Tunnel, int] = {}
         self._carried: dict[int, list[tuple[Tunnel, int]]] = {}
         self.superseded_by: int | None = None  # epoch of a standby's take-over
@@ -307,6 +350,8 @@ class Replicator:
                     due.append(t)
         if self.superseded_by is not None:
             return []  # the standby took over: nothing more to replicate
+        upserts, extra_gone = (self.extra.poll_extra(now, full) if self.extra is not None
+                               else ([], []))  # fmt: skip
         gone = [k for k in self.synced if k not in live]
         removed = [self.spi_of.pop(k) for k in gone]
         for k in gone:
@@ -323,12 +368,14 @@ class Replicator:
             not full
             and not due
             and not removed
+            and not upserts
+            and not extra_gone
             and (now - self.last_sent) * 1000 < self.cfg.heartbeat_ms
         ):
             return []
         self._full = False
         pairs: list[list[bytes]] = []
-        carried: list[tuple[Tunnel, int]] = []
+        carried: list[tuple[Tunnel, int] | None] = []
         for t in due:
             try:
                 pair = [context.encode(sa, now) for sa in t.sas()]
@@ -345,6 +392,14 @@ class Replicator:
             self.synced[t] = _Synced(self._counter(t), None)
             self.spi_of[t] = t.outbound.spi
         self.contexts += sum(len(p) for p in pairs)
+        self.extras += len(upserts)
+        # an extra context travels as its SYNC_EXTRA CDB and its own CDBs, never split
+        for key, cdbs in upserts:
+            pairs.append([extra_cdb(key, len(cdbs), self.epoch), *cdbs])
+            carried.append(None)
+        for key in extra_gone:
+            pairs.append([extra_cdb(key, 0, self.epoch)])
+            carried.append(None)
         self.last_sent = now
         template = cxtp.CTD(due[0].outbound.dst if due else _ANY, 0)
         # Every message starts with a SYNC CDB (removals and the FULL mark in the first), so
@@ -360,7 +415,8 @@ class Replicator:
                 gcarried.append([])
                 size = len(groups[-1][0])
             groups[-1].extend(pair)
-            gcarried[-1].append(tc)
+            if tc is not None:
+                gcarried[-1].append(tc)
             size += psize
         msgs: list[cxtp.Message] = []
         for g, gc in zip(groups, gcarried, strict=True):
@@ -394,6 +450,7 @@ class Standby:
     endpoint: Endpoint
     identity: Identity
     replica: dict[int, list[bytes]] = field(default_factory=dict)  # outbound SPI -> CDBs
+    extra: dict[bytes, list[bytes]] = field(default_factory=dict)  # IKE SA contexts, by key
     last_heard: float | None = None
     took_over: float | None = None
     seen_session: int | None = None
@@ -439,10 +496,20 @@ class Standby:
                 raise CxtpError("a sync reply sent to the standby")
             full = kind == SYNC_FULL
             cdbs = cdbs[1:]
-        # Contexts come as (outbound, inbound) pairs; remember the latest of each tunnel.
+        # Contexts come as (outbound, inbound) pairs; remember the latest of each tunnel. Extra
+        # contexts come as a SYNC_EXTRA CDB and the CDBs it counts.
         pairs: list[tuple[int, list[bytes]]] = []
+        extras: list[tuple[bytes, list[bytes] | None]] = []
         i = 0
         while i < len(cdbs):
+            ex = parse_extra(cdbs[i])
+            if ex is not None:
+                key, count = ex
+                if i + 1 + count > len(cdbs):
+                    raise CxtpError("an extra context runs past its message")
+                extras.append((key, list(cdbs[i + 1 : i + 1 + count]) if count else None))
+                i += 1 + count
+                continue
             out = cdbs[i]
             pair = [out]
             spi, inbound = _peek(out)
@@ -465,6 +532,12 @@ class Standby:
         if full:
             self.replica.clear()
             self._ready.clear()
+            self.extra.clear()
+        for key, value in extras:
+            if value is None:
+                self.extra.pop(key, None)
+            else:
+                self.extra[key] = value
         for spi in removed:
             self.replica.pop(spi, None)
             self._ready.pop(spi, None)

@@ -17,6 +17,7 @@ from ..ipsec.esp import Drop
 from ..ipsec.sad import SecurityAssociation
 from . import gcpolicy
 from .fencing import PairFencing, state_path
+from .ike import IkeService
 from .log import event
 from .node import Node
 from .peers import PeerChannels
@@ -68,7 +69,23 @@ class FailoverDriver:
             )
             transfer.hold_hooks.append(self.fencing.hold)
         self._next_prepare = 0.0
+        self.ike: IkeService | None = None
         node.extensions["failover"] = self.status
+
+    def attach_ike(self, ike: IkeService) -> None:
+        """IKE SAs too: the active replicates their contexts beside the tunnels; the standby
+        takes them over with the tunnels; a stopping active leaves them to its standby."""
+        self.ike = ike
+        if self.replicator is not None:
+            self.replicator.extra = ike
+        ike.replicated = self.replicating
+
+    def replicating(self) -> bool:
+        """Does a standby hold (and will take over) this gateway's state?"""
+        r = self.replicator
+        if r is None or r.superseded_by is not None:
+            return False
+        return r.acks > 0 if self.cfg.fencing else r.messages > 0
 
     @property
     def peer(self) -> str:
@@ -153,6 +170,12 @@ class FailoverDriver:
             res = self.node.engine.signal(sa, payload, now)
             if not isinstance(res, Drop):
                 self.node.send_esp(res.sa, res.data)
+        sb = self.standby
+        if sb is not None and sb.extra:
+            extra, sb.extra = sb.extra, {}
+            if self.ike is not None:
+                n = self.ike.take_over(list(extra.values()), now, self.cfg.seq_margin)
+                rec.detail += f"{'; ' if rec.detail else ''}{n} IKE SA(s)"
         # From now on this gateway is the active one; it replicates to nobody until an
         # operator configures a new standby. The Standby stays, to answer the old active
         # with TAKEN.
@@ -169,6 +192,7 @@ class FailoverDriver:
                 "peer": self.cfg.peer,
                 "messages": self.replicator.messages,
                 "contexts": self.replicator.contexts,
+                "ike_contexts": self.replicator.extras,
                 "unreplicable": self.replicator.unreplicable,
                 **lease,
             }
@@ -178,6 +202,7 @@ class FailoverDriver:
                 "role": "standby",
                 "peer": self.cfg.peer,
                 "replicated_tunnels": len(self.standby.replica),
+                "replicated_ike_sas": len(self.standby.extra),
                 "last_heard_ms_ago": None if heard is None else round((now - heard) * 1000),
                 **lease,
             }

@@ -17,7 +17,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ..errors import IpsecctError
+from ..ct.failover import MAX_EXTRA_CDBS
+from ..errors import IkeContextError, IpsecctError
+from ..ikev2 import context as ike_context
 from ..ikev2.config import ChildConfig, Connection
 from ..ikev2.engine import (
     ChildDown,
@@ -31,7 +33,7 @@ from ..ikev2.engine import (
     PeerMoved,
     Send,
 )
-from ..ikev2.ikesa import Address, IkeSA
+from ..ikev2.ikesa import Address, IkeSA, IkeState
 from ..ipsec.sad import UdpEncap
 from .log import event
 from .node import Node, UdpEndpoint
@@ -72,6 +74,12 @@ class IkeService:
         self.listeners: list[Callable[[Output], None]] = []
         # IKE's own port ([ike] port; 0: none, IKE only on the outer NAT-T port)
         self.ike_port = node.cfg.ike_port
+        # fail-over (pair mode): True while a standby holds replicas of our IKE SAs, so that a
+        # stop leaves them to it instead of deleting them (set by the service)
+        self.replicated: Callable[[], bool] | None = None
+        self._changes = 0  # engine calls so far: the replication looks only after one
+        self._extra_seen = -1
+        self._extra_fp: dict[bytes, tuple[object, ...]] = {}
         host = node.cfg.local_address
         self.local_host = host
         node.outer_hooks.append(self._on_4500)
@@ -114,8 +122,14 @@ class IkeService:
         for h in self._retry.values():
             h.cancel()
         now = self.node.clock()
-        for ike in self.engine.ike_sas():
-            self._act(self.engine.delete(ike, now))
+        if self.replicated is not None and self.replicated():
+            # A standby holds our IKE SAs and takes them over when we fall silent: a DELETE
+            # would end the sessions it is about to continue.
+            event(log, "ike-sas-left-to-standby", node=self.node.name,
+                  ike_sas=len(self.engine.ike_sas()))  # fmt: skip
+        else:
+            for ike in self.engine.ike_sas():
+                self._act(self.engine.delete(ike, now))
         await asyncio.sleep(0.05)  # let the DELETEs go out
         self.node.timers.remove("ike")
         if self.sock500 is not None:
@@ -161,6 +175,7 @@ class IkeService:
 
     # -- what the engine decided ------------------------------------------------------------
     def _act(self, outputs: list[Output]) -> None:
+        self._changes += 1
         for o in outputs:
             try:
                 self._one(o)
@@ -319,6 +334,65 @@ class IkeService:
     def liveness(self, ike: IkeSA) -> None:
         """Send a liveness check (an empty INFORMATIONAL) on ``ike`` now."""
         self._act(self.engine.liveness(ike, self.node.clock()))
+    # -- fail-over (pair mode): IKE SAs replicated to the standby, taken over by it ------------
+    def poll_extra(self, now: float, full: bool) -> tuple[list[tuple[bytes, list[bytes]]],
+                                                          list[bytes]]:  # fmt: skip
+        """The IKE SA contexts (with their CHILD SAs) new or changed since the last call, and
+        the IKE SAs gone (keyed by our SPI): what the fail-over Replicator sends the standby
+        beside the tunnels. An IKE SA changes when its message IDs move (every exchange), its
+        CHILD SAs are rekeyed, it is rekeyed (a new SA, the old one gone) or its peer moves."""
+        if not full and self._changes == self._extra_seen:
+            return [], []
+        self._extra_seen = self._changes
+        upserts: list[tuple[bytes, list[bytes]]] = []
+        live: set[bytes] = set()
+        for ike in self.engine.ike_sas():
+            if ike.state is not IkeState.ESTABLISHED:
+                continue
+            key = ike.our_spi
+            live.add(key)
+            fp = (ike.uid, ike.my_next_mid, ike.peer_next_mid, ike.local, ike.remote,
+                  ike.nat_local, ike.nat_remote, ike.rekey_at,
+                  tuple(c.uid for c in ike.children))  # fmt: skip
+            if not full and self._extra_fp.get(key) == fp:
+                continue
+            try:
+                cdbs = ike_context.encode(ike, now)
+            except IkeContextError:
+                cdbs = []
+            if not cdbs or len(cdbs) > MAX_EXTRA_CDBS:
+                self.engine.stats["ike-unreplicable"] += 1
+                continue
+            self._extra_fp[key] = fp
+            upserts.append((key, cdbs))
+        gone = [k for k in self._extra_fp if k not in live]
+        for k in gone:
+            del self._extra_fp[k]
+        return upserts, [] if full else gone
+
+    def take_over(self, contexts: list[list[bytes]], now: float, esp_delta: int) -> int:
+        """The standby took over: install the replicated IKE SAs (their CHILD SAs' tunnels
+        were installed just before, from the tunnel replicas) and resynchronise message IDs
+        with each peer (RFC 6311 where the peer announced it). Returns how many it took."""
+        taken = 0
+        for cdbs in contexts:
+            try:
+                ike = self.engine.import_ike(cdbs, now)
+            except IkeContextError as exc:
+                self.engine.stats["ike-context-refused"] += 1
+                event(log, "ike-sa-refused", logging.WARNING, node=self.node.name,
+                      peer="replica", error=str(exc))  # fmt: skip
+                continue
+            taken += 1
+            for c in ike.children:
+                c.handle = self.node.engine.tunnel_by_spi(c.spi_in)
+            event(log, "ike-sa-taken-over", node=self.node.name, conn=ike.conn.name,
+                  peer=ike.remote, spi_i=ike.spi_i.hex(), spi_r=ike.spi_r.hex(),
+                  children=len(ike.children),
+                  tunnels=sum(c.handle is not None for c in ike.children),
+                  mid_sync="rfc6311" if ike.mid_sync else "none")  # fmt: skip
+            self._act(self.engine.start_mid_sync(ike, now, esp_delta=esp_delta))
+        return taken
 
     # -- control ----------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:

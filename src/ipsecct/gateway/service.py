@@ -127,6 +127,8 @@ class Service:
             # direct SG identity: an IKE SA that arrives is moved to this gateway's address
             self.ike.direct = tcfg is not None and tcfg.settings.identity is Identity.DIRECT
             self.transfer.listeners.append(self.ike.on_transfer)
+        if self.ike is not None and self.failover is not None:
+            self.failover.attach_ike(self.ike)  # IKE SAs replicated and taken over too
         if self.control is not None:
             if self.ike is not None:
                 self.control.register("ike.list", self._ike_list)
@@ -216,7 +218,7 @@ class Service:
 
     async def stop(self) -> None:
         if self.ike is not None:
-            await self.ike.stop()  # DELETEs to the IKE peers
+            await self.ike.stop()  # DELETEs to the IKE peers (not when a standby holds them)
         if self.cluster is not None:
             await self.cluster.stop()  # revokes the lease: the survivors may take over at once
         await self.stop_context_transfer()

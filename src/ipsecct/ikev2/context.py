@@ -156,6 +156,18 @@ def _at(b: bytes, now: float) -> float | None:
 _STATE = {IkeState.ESTABLISHED: 1, IkeState.REKEYED: 2}
 
 
+def _my_mid(ike: IkeSA) -> int:
+    """Our next request ID as the context carries it: that of our request in flight, if any.
+    The gateway that takes the context over does not have that request (it is dropped, or
+    its sender died): if the peer never got it, the ID is the one it expects; if it did, the
+    peer takes the new request for a retransmission and ignores it (strongSwan compares it
+    with what it answered), and the new gateway's next try moves on (``probe_ahead``)."""
+    p = ike.pending
+    if p is not None and p.message_id == ike.my_next_mid - 1:
+        return p.message_id
+    return ike.my_next_mid
+
+
 def encode(ike: IkeSA, now: float) -> list[bytes]:
     """The CDBs of an established IKE SA and its CHILD SAs."""
     if ike.state is not IkeState.ESTABLISHED:
@@ -170,7 +182,7 @@ def encode(ike: IkeSA, now: float) -> list[bytes]:
         (7, k.sk_d), (8, k.sk_ai), (9, k.sk_ar), (10, k.sk_ei), (11, k.sk_er),
         (12, k.sk_pi), (13, k.sk_pr),
         (14, ike.nonce_i), (15, ike.nonce_r),
-        (16, struct.pack("!II", ike.peer_next_mid, ike.my_next_mid)),
+        (16, struct.pack("!II", ike.peer_next_mid, _my_mid(ike))),
         (17, _addr(ike.local)), (18, _addr(ike.remote)),
         (19, bytes((ike.nat_local << 1 | ike.nat_remote, ike.fragmentation))),
         (20, ike.peer_id.encode()),

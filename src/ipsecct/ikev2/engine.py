@@ -76,7 +76,7 @@ from .message import (
     notifies,
 )
 from .mid_sync import MidSync, ReplayCounterSync, sync_request
-from .proposal import choose
+from .proposal import AEAD, choose
 from .ts import narrow
 
 log = logging.getLogger("ipsecct.ikev2")
@@ -281,6 +281,12 @@ class IkeEngine:
                     p.tries += 1
                     p.deadline = now + RETRANSMIT[min(p.tries - 1, len(RETRANSMIT) - 1)]
                     self.stats["retransmitted"] += 1
+                    if ike.probe_ahead > 0 and p.message_id == ike.my_next_mid - 1:
+                        # after a take-over without RFC 6311: perhaps the old member sent
+                        # requests after its last replication; try the next ID
+                        ike.probe_ahead -= 1
+                        self.stats["message-id-probed"] += 1
+                        self._reissue(ike, p, p.message_id + 1)
                     out += [Send(m, ike.local, ike.remote) for m in p.messages]
             elif ike.state is not IkeState.ESTABLISHED:
                 continue
@@ -1499,9 +1505,20 @@ class IkeEngine:
         out: list[Output] = []
         if ike.state is not IkeState.ESTABLISHED:
             return out
-        if not ike.mid_sync:
-            ike.resync_ahead = RESYNC_AHEAD
-            self.stats["mid-sync-unsupported"] += 1
+        # strongSwan (5.9.8) encrypts with an AEAD cipher under a sequential IV made of the
+        # message ID, used at most once as a request's and once as a response's: once it has
+        # answered one of our requests it cannot encrypt its answer to a sync (ID 0 again),
+        # and destroys the IKE SA. Then, as with peers without RFC 6311, we keep the
+        # replicated IDs, accept the peer's next request a little ahead, and probe ours.
+        aead_used = ike.suite.encr in AEAD and ike.my_next_mid > 0
+        if not ike.mid_sync or aead_used:
+            ike.resync_ahead = ike.probe_ahead = RESYNC_AHEAD
+            self.stats["mid-sync-aead-skipped" if ike.mid_sync else "mid-sync-unsupported"] += 1
+            log.info("event=ike-mid-resync conn=%s peer=%s how=%s send=%d recv=%d",
+                     ike.conn.name, ike.remote, "probe" if ike.mid_sync else "no-rfc6311",
+                     ike.my_next_mid, ike.peer_next_mid)  # fmt: skip
+            if ike.pending is None:  # find our message ID now rather than at the next check
+                self._request(ike, "liveness", [], now, out)
             return out
         nonce = self.random(4)
         m1 = (ike.my_next_mid + leap) & 0xFFFFFFFF
@@ -1576,14 +1593,18 @@ class IkeEngine:
                 for m in self._seal(ike, rhdr, [MidSync(mid.nonce, p2, m2).payload()])]
         p = ike.pending
         if p is not None:  # our request in flight went to the old member: again, under P2
-            ike.my_next_mid = p2 + 1
-            flags = Flag.INITIATOR if ike.we_initiated else 0
-            phdr = Header(ike.spi_i, ike.spi_r, 0, p.exchange, flags, p2, 0)
-            p.message_id = p2
-            p.messages = self._seal(ike, phdr, p.payloads)
+            self._reissue(ike, p, p2)
             p.tries, p.deadline = 1, now + RETRANSMIT[0]
             out += [Send(m, ike.local, ike.remote) for m in p.messages]
         return True
+
+    def _reissue(self, ike: IkeSA, p: Pending, mid: int) -> None:
+        """Our pending request, sealed again under message ID ``mid``."""
+        flags = Flag.INITIATOR if ike.we_initiated else 0
+        p.message_id = mid
+        ike.my_next_mid = mid + 1
+        p.messages = self._seal(ike, Header(ike.spi_i, ike.spi_r, 0, p.exchange, flags, mid, 0),
+                                p.payloads)  # fmt: skip
 
     # -- our requests -----------------------------------------------------------------------
     def _request(self, ike: IkeSA, kind: str, payloads: list[Payload], now: float,
@@ -1611,6 +1632,8 @@ class IkeEngine:
         inner = opened
         ike.pending = None
         ike.last_heard = now
+        ike.probe_ahead = 0  # our message IDs agree with the peer's
+        self.stats[f"{p.kind}-ok"] += 1  # our request answered
         if p.kind == "delete":
             self._kill(ike, "deleted", out)
         elif p.kind == "auth":

@@ -165,6 +165,9 @@ class IkeSA:
     # after a take-over from a replica, without RFC 6311: accept the peer's next authenticated
     # request up to this many message IDs ahead of the replicated one (0: exact IDs only)
     resync_ahead: int = 0
+    # ... and send our requests under the next message ID when one is not answered, this many
+    # times at most (the peer drops a request whose ID is not the one it expects, silently)
+    probe_ahead: int = 0
 
     @property
     def our_spi(self) -> bytes:

@@ -1,0 +1,155 @@
+"""The IKEv2 handover topology (:mod:`tests.helpers.netns_topology`'s namespaces) with an
+unmodified strongSwan client in the MN's namespace and two ipsecct gateways that key by IKEv2:
+the world of ``test_ikev2_handover.py`` and ``test_ikev2_failover.py``."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from tests.helpers.daemon import Daemon
+from tests.helpers.netns_topology import (
+    ACCESS_IF,
+    HOST,
+    HOST_NET,
+    MN_INNER,
+    MN_OUTER,
+    SG_CORE,
+    SG_OUTER,
+    VIP,
+    XFER_PORT,
+    HandoverWorld,
+    _section,
+    cli,
+)
+from tests.helpers.strongswan import Charon, Side
+
+PSK = "ipsecct-ikev2-handover-psk-0123456789"
+CLIENT = Side("A", MN_OUTER, VIP, MN_INNER, HOST, "client.test", "gw.test")
+
+
+class Client(Charon):
+    gateway = VIP  # where the client connects: the virtual address (indirect) or sg1's
+    mobike = "no"
+    ike_proposal = "aes128gcm16-prfsha256-x25519"
+
+    def write_config(self) -> None:
+        super().write_config()
+        conf = f"""connections {{
+  cA {{
+    version = 2
+    local_addrs = {MN_OUTER}
+    remote_addrs = {self.gateway}
+    encap = yes
+    mobike = {self.mobike}
+    dpd_delay = 2s
+    proposals = {self.ike_proposal}
+    local {{
+      auth = psk
+      id = {CLIENT.id}
+    }}
+    remote {{
+      auth = psk
+      id = {CLIENT.remote_id}
+    }}
+    children {{
+      net {{
+        local_ts = {MN_INNER}/32
+        remote_ts = {HOST_NET}
+        esp_proposals = aes128gcm16
+        mode = tunnel
+      }}
+    }}
+  }}
+}}
+secrets {{
+  ike-gw {{
+    id-1 = {CLIENT.id}
+    id-2 = {CLIENT.remote_id}
+    secret = "{PSK}"
+  }}
+}}
+"""
+        fd = os.open(self.dir / "swanctl.conf", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(conf)
+
+
+class IkeWorld(HandoverWorld):
+    """The handover topology with IKEv2 keying: no [[tunnel]] anywhere, a [connections] table
+    on both gateways, and strongSwan instead of ``ipsecct node`` in the MN's namespace. With
+    direct identity each gateway is at its own address; ``gw_encap`` fakes NAT-D there. With
+    ``failover``, sg1 is the active gateway of a fail-over pair and sg2 its standby."""
+
+    gw_encap = False
+    failover = False
+    ike_proposal = "aes128gcm16-prfsha256-x25519"
+
+    def write_configs(self) -> None:
+        d = self.dir
+        r = cli("pki", "init", "--dir", str(d / "pki"), "--gateways", "sg1,sg2")
+        assert r.returncode == 0, r.stderr
+        fd = os.open(d / "gw.psk", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(PSK + "\n")
+        for g, other in (("sg1", "sg2"), ("sg2", "sg1")):
+            direct = self.identity == "direct"
+            outer: dict[str, object] = {"address": SG_OUTER[g], "port": 4500}
+            if not direct:
+                outer |= {"virtual": VIP, "virtual_interface": ACCESS_IF,
+                          "virtual_owner": g == "sg1"}  # fmt: skip
+            text = (
+                _section(f'name = "{g}"\n[outer]', outer)
+                + _section("[inner]", {"kind": "tun", "name": "ipsecct0", "addresses": [],
+                                       "mtu": 1400, "routes": [f"{MN_INNER}/32"]})
+                + _section("[control]", {"socket": self.sock(g)})
+                + _section("[log]", {"level": "debug"})
+                + _section("[transfer]", {
+                    "listen": f"{SG_CORE[g]}:{XFER_PORT}", "cert": f"pki/{g}.pem",
+                    "key": f"pki/{g}.key", "ca": "pki/ca.pem", "conflict": "reassign",
+                    "identity": self.identity, "max_transfer_ms": 1000, "forward_ms": 5000})
+                + _section("[[peers]]", {
+                    "name": other, "address": f"{SG_CORE[other]}:{XFER_PORT}",
+                    "outer": SG_OUTER[other], "allow": ["send", "request"]})
+                + _section("[connections.rw]", {
+                    "local_addrs": [SG_OUTER[g] if direct else VIP], "remote_addrs": ["%any"],
+                    "encap": self.gw_encap,
+                    "proposals": [self.ike_proposal],
+                    "local.id": CLIENT.remote_id, "remote.id": CLIENT.id,
+                    "children.net.local_ts": [HOST_NET],
+                    "children.net.remote_ts": [f"{MN_INNER}/32"],
+                    "children.net.esp_proposals": ["aes128gcm16"]})
+                + _section("[secrets.ike-rw]", {"id": [CLIENT.id, CLIENT.remote_id],
+                                                "file": "gw.psk"})
+            )  # fmt: skip
+            if self.failover:
+                # the gateway's own liveness checks (every second without an IKE message)
+                text = text.replace("[connections.rw]\n", "[connections.rw]\ndpd_delay = 1\n")
+                text += _section("[failover]", {
+                    "role": "active" if g == "sg1" else "standby", "peer": other,
+                    "state": str(d / f"{g}-failover.json")})  # fmt: skip
+            (d / f"{g}.toml").write_text(text)
+
+    def start(self) -> None:
+        for name in ("sg1", "sg2"):
+            dmn = Daemon("gateway", self.dir / f"{name}.toml", self.sock(name),
+                         self.dir / f"{name}.log", prefix=self.ns.cmd(name))  # fmt: skip
+            self.daemons[name] = dmn
+            dmn.start()
+        self.ns.run("mn", "sh", "-c", "echo 1 > /proc/sys/net/ipv6/conf/all/disable_ipv6;"
+                    " echo 1 > /proc/sys/net/ipv6/conf/default/disable_ipv6")  # fmt: skip
+        self.ns.run("mn", "ip", "addr", "add", f"{MN_INNER}/32", "dev", "lo")
+        for g in ("sg1", "sg2"):
+            self.ns.run("host", "ping", "-c1", "-W2", SG_CORE[g])
+            self.ns.run("mn", "ping", "-c1", "-W2", SG_OUTER[g])
+
+    def ike_sas(self, name: str) -> list[dict[str, Any]]:
+        r = cli("sa", "list", "--ike", "--json", "-s", self.sock(name))
+        assert r.returncode == 0, r.stderr
+        out: list[dict[str, Any]] = json.loads(r.stdout)
+        return out
+
+    def counters(self, name: str) -> dict[str, int]:
+        c: dict[str, int] = self.status(name)["ike"]["counters"]
+        return c

@@ -1,0 +1,129 @@
+"""Fail-over under an unmodified strongSwan client, with its IKE SA (root, indirect SG
+identity): strongSwan 5.9.8 (kernel-libipsec) in the MN's namespace connects by IKEv2 (PSK) to
+the virtual gateway address held by sg1, the active gateway of a fail-over pair; sg1
+replicates the tunnel and the IKE SA context to its standby sg2. sg1 is killed (SIGKILL) under
+a ping and a UDP stream: sg2 takes over the tunnel (sequence numbers leapt) and the IKE SA,
+claims the virtual address and synchronises the message IDs with strongSwan (RFC 6311, which
+strongSwan announced in IKE_AUTH). strongSwan keeps its IKE SA: no second IKE_SA_INIT or
+IKE_AUTH in its log; it answers sg2's liveness checks and completes an IKE rekey with it.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import signal
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import strongswan
+from tests.helpers.ike_world import CLIENT, Client, IkeWorld
+from tests.helpers.netns import Namespaces
+from tests.helpers.netns import wait_until as until
+from tests.helpers.netns_topology import HOST, Traffic
+
+needs_strongswan = pytest.mark.skipif(not strongswan.available(), reason=strongswan.skip_reason())
+
+
+@pytest.fixture
+def world(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[IkeWorld]:
+    sockdir = Path(tempfile.mkdtemp(prefix="ipsecct-ikefo-", dir="/tmp"))
+    workdir = tmp_path if len(str(tmp_path)) <= 70 else Path(tempfile.mkdtemp(prefix="ict-"))
+    try:
+        with Namespaces("mn", "sg1", "sg2", "host", "br") as ns:
+            w = IkeWorld(ns, workdir, sockdir, "indirect")
+            w.failover = True
+            w.ike_proposal = request.param
+            try:
+                w.build_links()
+                w.write_configs()
+                w.start()
+                yield w
+            finally:
+                w.stop()
+    finally:
+        shutil.rmtree(sockdir, ignore_errors=True)
+        if workdir != tmp_path:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.mark.root
+@pytest.mark.slow
+@needs_strongswan
+@pytest.mark.parametrize(
+    "world",
+    [
+        # CBC: strongSwan answers the RFC 6311 sync (message ID 0)
+        pytest.param("aes128-sha256-x25519", id="rfc6311"),
+        # AES-GCM after sg1's liveness checks: strongSwan's sequential IVs cannot encrypt a
+        # second response with ID 0, so sg2 keeps the replicated IDs and probes (no sync)
+        pytest.param("aes128gcm16-prfsha256-x25519", id="probe"),
+    ],
+    indirect=True,
+)
+def test_strongswan_client_keeps_its_ike_sa_across_a_fail_over(world: IkeWorld) -> None:
+    w = world
+    how = "probe" if "gcm" in w.ike_proposal else "rfc6311"
+    client = Client(w.ns, "mn", CLIENT, w.dir, "aes128gcm16")
+    client.ike_proposal = w.ike_proposal
+    with client as ss:
+
+        def wait_until(pred: Callable[[], object], what: str, timeout: float) -> None:
+            try:
+                until(pred, what, timeout)
+            except AssertionError as exc:
+                ike_log = "\n".join(x for x in ss.log().splitlines() if "[ESP]" not in x)
+                diag = f"{ike_log[-20000:]}\n{w.logs()}\n{w.counters('sg2')}"
+                raise AssertionError(f"{exc}\n{diag}") from None
+
+        ss.start()
+        ss.initiate()
+        assert strongswan.ping(w.ns, "mn", HOST, 3) == 3, ss.logtail() + w.logs()
+        (ike1,) = w.ike_sas("sg1")
+        assert not w.ike_sas("sg2")
+        # the standby holds the IKE SA's context (and the tunnel's) before anything happens
+        wait_until(lambda: w.status("sg2")["failover"].get("replicated_ike_sas") == 1,
+                   "sg2 to hold a replica of the IKE SA", 10)  # fmt: skip
+        traffic = Traffic.start(w, udp_rate=200, after=200, limit=100_000, ping_interval=0.1)
+        try:
+            wait_until(lambda: w.counters("sg1").get("liveness-ok", 0) >= 2,
+                       "sg1's liveness checks (message IDs move)", 15)  # fmt: skip
+            proc = w.daemons["sg1"].proc
+            assert proc is not None
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(5)
+            w.route_host_via("sg2")
+            wait_until(lambda: len(w.ike_sas("sg2")) == 1, "sg2 to take over the IKE SA", 10)
+            if how == "rfc6311":
+                wait_until(lambda: w.counters("sg2").get("mid-sync-done", 0) == 1,
+                           "the RFC 6311 message-ID sync with strongSwan", 15)  # fmt: skip
+            else:
+                assert w.counters("sg2").get("mid-sync-aead-skipped") == 1
+            (ike2,) = w.ike_sas("sg2")
+            assert (ike2["spi_i"], ike2["spi_r"]) == (ike1["spi_i"], ike1["spi_r"])
+            assert [c["spi_in"] for c in ike2["children"]] == [
+                c["spi_in"] for c in ike1["children"]]  # fmt: skip
+            # sg2's liveness checks (dpd_delay 1 s) are answered: the message IDs agree
+            wait_until(lambda: w.counters("sg2").get("liveness-ok", 0) >= 2,
+                       "strongSwan to answer sg2's liveness checks", 15)  # fmt: skip
+            ss.swanctl("--rekey", "--ike", "cA")
+            wait_until(lambda: w.counters("sg2").get("ike-sa-rekeyed", 0) >= 1, "IKE rekey", 15)
+            assert strongswan.ping(w.ns, "mn", HOST, 5) == 5, ss.logtail() + w.logs()
+            mn, host, ping = traffic.finish()
+        finally:
+            traffic.stop()
+        log = ss.log()
+        assert ("responder requested MID sync" in log) == (how == "rfc6311"), ss.logtail()
+        # the client never started over: one IKE_SA_INIT, one IKE_AUTH
+        assert len(re.findall(r"generating IKE_SA_INIT request", log)) == 1, log
+        assert len(re.findall(r"generating IKE_AUTH request", log)) == 1, log
+        # never torn down (after the rekey the old IKE SA goes REKEYING => DELETING)
+        assert "ESTABLISHED => DESTROYING" not in log, ss.logtail()
+        assert "ESTABLISHED => DELETING" not in log, ss.logtail()
+        # the stream went on through sg2 after the take-over
+        assert mn["echoed"] > 0 and mn["duplicates"] == 0, mn
+        assert mn["sent"] - mn["echoed"] < mn["sent"] // 2, (mn, host)
+        print("stream:", mn, "\nping lost:", len(ping.lost), "\nsg2:", w.counters("sg2"))
