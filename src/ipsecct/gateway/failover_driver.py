@@ -78,7 +78,17 @@ class FailoverDriver:
         self.ike = ike
         if self.replicator is not None:
             self.replicator.extra = ike
+            if self.fencing is not None:
+                ike.fenced = self.fenced
+                self.fencing.on_superseded.append(ike.forget_all)
         ike.replicated = self.replicating
+
+    def fenced(self, now: float) -> bool:
+        """May this (active) gateway not send now: its lease is not valid, or the standby
+        took over?"""
+        r = self.replicator
+        return r is not None and (r.superseded_by is not None
+                                  or now >= self.node.engine.send_until)  # fmt: skip
 
     def replicating(self) -> bool:
         """Does a standby hold (and will take over) this gateway's state?"""

@@ -21,6 +21,7 @@ import contextlib
 import json
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +111,7 @@ class PairFencing:
         self.fenced_drops = 0
         self.released = 0
         self.lost_at: float | None = None
+        self.on_superseded: list[Callable[[], None]] = []  # e.g. the IKE SAs go too
         epoch, took = load_state(path)
         if standby is not None:
             standby.epoch = epoch
@@ -189,6 +191,8 @@ class PairFencing:
             self.node.engine.remove_tunnel(t)
         self.fenced_drops += len(self.held)
         self.held.clear()
+        for hook in self.on_superseded:
+            hook()
         event(
             log,
             LeaseEvent.SUPERSEDED.value,

@@ -77,6 +77,9 @@ class IkeService:
         # fail-over (pair mode): True while a standby holds replicas of our IKE SAs, so that a
         # stop leaves them to it instead of deleting them (set by the service)
         self.replicated: Callable[[], bool] | None = None
+        # ... and while this gateway may not send (its lease lost, or the standby took over)
+        # it neither answers nor starts IKE exchanges: the standby may be running them
+        self.fenced: Callable[[float], bool] | None = None
         self._changes = 0  # engine calls so far: the replication looks only after one
         self._extra_seen = -1
         self._extra_fp: dict[bytes, tuple[object, ...]] = {}
@@ -90,7 +93,7 @@ class IkeService:
         if self.ike_port:
             self.sock500 = UdpEndpoint.bind((str(self.local_host), self.ike_port), self._on_500,
                                             freebind=self.node.cfg.virtual is not None)  # fmt: skip
-        self.node.timers.add("ike", self.engine.next_deadline, self._on_timer)
+        self.node.timers.add("ike", self._next_deadline, self._on_timer)
         ports = [p for p in (self.ike_port, self.node.cfg.outer.port) if p]
         event(log, "ike-listening", node=self.node.name, ports=",".join(map(str, ports)),
               connections=len(self.engine.connections))  # fmt: skip
@@ -145,9 +148,15 @@ class IkeService:
         except (ValueError, IndexError, TypeError):
             return None
 
+    def _is_fenced(self, now: float) -> bool:
+        if self.fenced is not None and self.fenced(now):
+            self.engine.stats["fenced"] += 1
+            return True
+        return False
+
     def _on_500(self, data: bytes, addr: tuple[Any, ...]) -> None:
         src = self._peer(addr)
-        if src is not None:
+        if src is not None and not self._is_fenced(self.node.clock()):
             self._act(self.engine.receive(data, src, self._local(self.ike_port),
                                           self.node.clock()))  # fmt: skip
 
@@ -156,7 +165,7 @@ class IkeService:
         if len(data) < 28 or data[17] >> 4 != 2:
             return False
         src = self._peer(addr)
-        if src is not None:
+        if src is not None and not self._is_fenced(self.node.clock()):
             self._act(self.engine.receive(data, src, self._local(self.node.cfg.outer.port),
                                           self.node.clock()))  # fmt: skip
         return True
@@ -170,7 +179,17 @@ class IkeService:
         else:
             self.node.send_outer(MARKER + s.data, dst)
 
+    def _next_deadline(self) -> float | None:
+        d = self.engine.next_deadline()
+        if d is not None and self.fenced is not None:
+            now = self.node.clock()
+            if self.fenced(now):
+                return max(d, now + 0.1)  # look again later: nothing is sent meanwhile
+        return d
+
     def _on_timer(self, now: float) -> None:
+        if self.fenced is not None and self.fenced(now):
+            return
         self._act(self.engine.tick(now))
 
     # -- what the engine decided ------------------------------------------------------------
@@ -369,6 +388,17 @@ class IkeService:
         for k in gone:
             del self._extra_fp[k]
         return upserts, [] if full else gone
+
+    def forget_all(self) -> None:
+        """The standby took over our IKE SAs: drop them all without a DELETE (the fencing
+        removed their tunnels)."""
+        for ike in self.engine.ike_sas():
+            self.engine.forget(ike)
+            for c in ike.children:
+                c.handle = None
+        self._extra_fp.clear()
+        event(log, "ike-sas-forgotten", logging.WARNING, node=self.node.name,
+              detail="the standby took them over")  # fmt: skip
 
     def take_over(self, contexts: list[list[bytes]], now: float, esp_delta: int) -> int:
         """The standby took over: install the replicated IKE SAs (their CHILD SAs' tunnels

@@ -372,6 +372,17 @@ class IkeEngine:
                  ike.remote, ike.peer_id, len(ike.children))  # fmt: skip
         return ike
 
+    def forget(self, ike: IkeSA) -> None:
+        """Drop an IKE SA without a word to the peer: another gateway took it over (the
+        standby of a fail-over pair). Its CHILD SAs' tunnels are the caller's to remove."""
+        if self.by_spi.get(ike.our_spi) is ike:
+            del self.by_spi[ike.our_spi]
+        for c in ike.children:
+            self._child_spis.discard(c.spi_in)
+        ike.state = IkeState.DEAD
+        ike.pending = None
+        self.stats["ike-sa-forgotten"] += 1
+
     def delete_child(self, ike: IkeSA, child: ChildSA, now: float) -> list[Output]:
         """Send a DELETE for one CHILD SA; it is removed at once (§1.4.1: we stop using it,
         the peer answers with its half)."""
