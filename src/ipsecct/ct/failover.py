@@ -5,7 +5,10 @@ same TLS channel as context transfer: a tunnel's contexts are sent when it is ne
 ``sync_packets`` packets on it, or ``sync_ms`` after it last changed, like Linux's XFRM aevents
 (replay-thresh / etimer). Every message doubles as a heartbeat, and an empty one goes out every
 ``heartbeat_ms``. The standby keeps the latest contexts (as bytes: nothing is installed) and
-takes over when it has heard nothing for ``dead_ms``.
+takes over when it has heard nothing for ``dead_ms``. Beside the tunnels, an
+:class:`ExtraSource` (the gateway's IKE service) adds contexts of its own, opaque CDBs under a
+key (an IKE SA with its CHILD SAs), sent when they change and reported when gone; the standby
+keeps the latest of each (``Standby.extra``) and hands them over with the tunnels it installs.
 
 On take-over every outbound sequence number is advanced by ``seq_margin``: the active may have
 sent packets after its last sync, and reusing a sequence number would reuse an AES-GCM or
