@@ -256,3 +256,22 @@ def test_aead_ike_sa_after_our_own_requests_probes_instead() -> None:
     assert ike.my_next_mid == ii.peer_next_mid == 3
     w2.deliver(sg2.rekey_ike(ike, 15.0), "r", 15.0)
     assert sg2.stats["ike-sa-rekeyed"] == 1 and w.ini.stats["ike-sa-rekeyed"] == 1
+
+
+def test_probing_survives_a_lost_first_check() -> None:
+    """The replicated ID was right but the first liveness check was lost (the virtual address
+    had not moved yet): the retransmission carries it under that ID and the next one; the peer
+    answers both (it processes the first, then the second as the next request), and the taker
+    ends with the peer's next expected ID."""
+    w, sg2, ike, _ = _stale_takeover(dpd_by_gateway=False, before=1)
+    (ii,) = w.ini.ike_sas()
+    assert ike.my_next_mid == ii.peer_next_mid == 1
+    first = sg2.start_mid_sync(ike, 12.0)  # AEAD, our requests before: no RFC 6311
+    assert len(first) == 1 and sg2.stats["mid-sync-aead-skipped"] == 1  # ... and lost
+    w2 = Wire(w.ini, sg2)
+    w2.deliver(sg2.tick(14.0), "r", 14.0)
+    assert sg2.stats["message-id-probed"] == 1 and ike.pending is None
+    assert w.ini.stats["liveness-answered"] == 3  # sg1's check, and both probes
+    assert ike.my_next_mid == ii.peer_next_mid == 3 and sg2.stats["message-id-probe-late"] == 1
+    w2.deliver(sg2.liveness(ike, 20.0), "r", 20.0)
+    assert ike.pending is None and sg2.stats["liveness-ok"] == 2

@@ -281,13 +281,20 @@ class IkeEngine:
                     p.tries += 1
                     p.deadline = now + RETRANSMIT[min(p.tries - 1, len(RETRANSMIT) - 1)]
                     self.stats["retransmitted"] += 1
-                    if ike.probe_ahead > 0 and p.message_id == ike.my_next_mid - 1:
+                    if ike.probe_ahead > 0 and p.kind == "liveness":
                         # after a take-over without RFC 6311: perhaps the old member sent
-                        # requests after its last replication; try the next ID
+                        # requests after its last replication. The check goes again under
+                        # every ID tried so far (the first may just have been lost) and the
+                        # next one; the peer processes the one it expects, drops the others
                         ike.probe_ahead -= 1
                         self.stats["message-id-probed"] += 1
-                        self._reissue(ike, p, p.message_id + 1)
+                        mid = max([p.message_id, *p.alt]) + 1
+                        hdr = Header(ike.spi_i, ike.spi_r, 0, p.exchange,
+                                     Flag.INITIATOR if ike.we_initiated else 0, mid, 0)
+                        p.alt[mid] = self._seal(ike, hdr, p.payloads)
+                        ike.my_next_mid = mid + 1
                     out += [Send(m, ike.local, ike.remote) for m in p.messages]
+                    out += [Send(m, ike.local, ike.remote) for ms in p.alt.values() for m in ms]
             elif ike.state is not IkeState.ESTABLISHED:
                 continue
             elif ike.rekey_at is not None and now >= ike.rekey_at:
@@ -1634,7 +1641,15 @@ class IkeEngine:
     def _response(self, ike: IkeSA, data: bytes, hdr: Header, payloads: list[Payload],
                   src: Address, now: float, out: list[Output]) -> None:  # fmt: skip
         p = ike.pending
-        if p is None or hdr.message_id != p.message_id or hdr.from_initiator == ike.we_initiated:
+        if hdr.message_id in ike.probe_late and hdr.from_initiator != ike.we_initiated:
+            # the peer processed a later probe of the same liveness check too
+            if self._open(ike, data, hdr, payloads) is not None:
+                ike.probe_late.discard(hdr.message_id)
+                ike.my_next_mid = max(ike.my_next_mid, hdr.message_id + 1)
+                self.stats["message-id-probe-late"] += 1
+            return
+        if (p is None or (hdr.message_id != p.message_id and hdr.message_id not in p.alt)
+                or hdr.from_initiator == ike.we_initiated):  # fmt: skip
             self.stats["unexpected-response"] += 1
             return
         opened = self._open(ike, data, hdr, payloads)
@@ -1643,6 +1658,9 @@ class IkeEngine:
         inner = opened
         ike.pending = None
         ike.last_heard = now
+        if p.alt:  # a probe answered: the peer expects the ID after this one
+            ike.my_next_mid = hdr.message_id + 1
+            ike.probe_late = {m for m in [p.message_id, *p.alt] if m > hdr.message_id}
         ike.probe_ahead = 0  # our message IDs agree with the peer's
         self.stats[f"{p.kind}-ok"] += 1  # our request answered
         if p.kind == "delete":

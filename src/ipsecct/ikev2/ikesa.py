@@ -116,6 +116,8 @@ class Pending:
     payloads: list[Payload] = field(default_factory=list, repr=False)
     exchange: int = 37  # INFORMATIONAL
     mid_sync: tuple[bytes, int, int] | None = None  # our RFC 6311 request: nonce, M1, P1
+    # a liveness check probing message IDs after a take-over: the same request under more IDs
+    alt: dict[int, list[bytes]] = field(default_factory=dict, repr=False)
 
 
 @dataclass(eq=False)
@@ -168,6 +170,7 @@ class IkeSA:
     # ... and send our requests under the next message ID when one is not answered, this many
     # times at most (the peer drops a request whose ID is not the one it expects, silently)
     probe_ahead: int = 0
+    probe_late: set[int] = field(default_factory=set)  # later probes still unanswered
 
     @property
     def our_spi(self) -> bytes:
