@@ -55,6 +55,8 @@ log = logging.getLogger("ipsecct.gateway.cluster")
 UNFENCED = 1 << 64
 WAITING_MAX = 4096  # packets kept for tunnels waiting for their owner key
 SCAN_PERIOD = 0.1  # seconds between looks at the member list (when holding replicas)
+HANDOVER_WAIT = 1.0  # seconds a transfer's target waits for the source's key hand-over
+HANDOVER_RETRY = 0.02  # seconds between its looks
 
 
 class ClusterDriver:
@@ -109,6 +111,10 @@ class ClusterDriver:
         self._own_now = False
         self._wake = asyncio.Event()
         self._not_owner: set[int] = set()  # fenced because another member owns them: told
+        # Tunnels here whose key names another member's group, since when: a transfer's
+        # target looks again every HANDOVER_RETRY for HANDOVER_WAIT (keeping their packets)
+        # before it takes them for someone else's.
+        self._unowned_since: dict[int, float] = {}
         # Outbound packets of tunnels we do not own yet (a transfer just committed here),
         # kept until we do: bounded.
         self._waiting: collections.deque[Held] = collections.deque()
@@ -176,7 +182,7 @@ class ClusterDriver:
             self._own_now = True
             self._wake.set()
 
-    def _new_tunnel(self, t: Tunnel) -> None:
+    def _new_tunnel(self, t: Tunnel | None) -> None:
         """A tunnel new here (an IKEv2 CHILD SA, ``sa add``, a transfer, a take-over): record
         it now rather than at the next round (up to ``ttl_s / 4`` away)."""
         self._own_now = True
@@ -558,6 +564,9 @@ class ClusterDriver:
             if t.state is TunnelState.ACTIVE and not self.own.owns(t.outbound.spi)
         ]
         per = ownership.MAX_TXN_OPS - 1
+        now = self.node.clock()
+        retry = False
+        known: dict[int, str] | None = None  # tunnel -> group, read once when needed
         for i in range(0, len(todo), per):
             batch = todo[i : i + per]
             spis = [t.outbound.spi for t in batch]
@@ -565,23 +574,47 @@ class ClusterDriver:
                 self.own.placed_ok(spis)
                 won = batch
             else:
+                # Some have a key already: which group each is in (one read), then record
+                # the others.
+                found: dict[int, str] = {}
+                if len(batch) <= 8:
+                    for spi in spis:
+                        kv = await self.client.get(self.own.tunnel_key(spi))
+                        if kv is not None:
+                            found[spi] = kv.value.decode(errors="replace")
+                else:
+                    if known is None:
+                        known = (await read_ownership(self.client, self.keys))[1]
+                    found = known
+                free = [s for s in spis if s not in found]
                 won = []
+                if free:
+                    if await self.client.txn(self.own.place(free)):
+                        self.own.placed_ok(free)
+                        mine = set(free)
+                        won = [t for t in batch if t.outbound.spi in mine]
+                    else:
+                        retry = True  # someone recorded one meanwhile: look again
                 for t in batch:
                     spi = t.outbound.spi
-                    if await self.client.txn(self.own.place([spi])):
-                        self.own.placed_ok([spi])
-                        won.append(t)
+                    if spi not in found:
                         continue
-                    kv = await self.client.get(self.own.tunnel_key(spi))
-                    self.own.learn(spi, kv.value.decode(errors="replace") if kv else None)
+                    self.own.learn(spi, found[spi])
                     if self.own.owns(spi):
                         won.append(t)
+                    elif now - self._unowned_since.setdefault(spi, now) < HANDOVER_WAIT:
+                        retry = True  # a transfer's source may not have handed it over yet
                     else:
                         self._fence(t)
             for t in won:
                 self._not_owner.discard(t.outbound.spi)
+                self._unowned_since.pop(t.outbound.spi, None)
                 self._ceiling(t)
             self._now_owned(won)
+        if retry:  # look again soon, not at the next round (up to ttl_s / 4 away)
+            asyncio.get_running_loop().call_later(HANDOVER_RETRY, self._new_tunnel, None)
+        for spi in [s for s in self._unowned_since if s not in here]:
+            del self._unowned_since[spi]
 
     def _fence(self, t: Tunnel) -> None:
         n = len(self._waiting)
