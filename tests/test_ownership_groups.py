@@ -406,3 +406,67 @@ def test_grouped_takeover_on_real_etcd(tmp_path: Path) -> None:
 
     with EtcdCluster(tmp_path) as e:
         asyncio.run(run(e.endpoints))
+
+
+def _gateway_config(tmp_path: Path) -> Path:
+    """sg1 of examples/failover with its one tunnel, without [transfer] and later sections."""
+    root = Path(__file__).resolve().parent.parent / "examples" / "failover"
+    text = (root / "sg1.toml").read_text()
+    (tmp_path / "sg1.toml").write_text(text[: text.index("[transfer]")])
+    (tmp_path / "keys").mkdir()
+    (tmp_path / "keys" / "sg1.keys").write_bytes((root / "keys" / "sg1.keys").read_bytes())
+    (tmp_path / "keys" / "sg1.keys").chmod(0o600)
+    return tmp_path / "sg1.toml"
+
+
+def test_driver_records_a_transferred_tunnel_when_its_key_is_handed_over(tmp_path: Path) -> None:
+    """A gateway in etcd mode whose tunnel's key names another member's group (a transfer's
+    source that has not handed the key over yet) does not send on it, keeps looking, and owns
+    it as soon as the source moves the key into its group: long before its next round (the
+    lease's TTL is a minute here, so a round is 15 s away)."""
+    import time
+
+    from ipsecct.gateway.cluster_driver import ClusterDriver
+    from ipsecct.gateway.config import load
+    from ipsecct.gateway.node import Node
+
+    cfg_path = _gateway_config(tmp_path)
+
+    async def run(endpoints: list[str]) -> None:
+        c = EtcdClient(endpoints, timeout=5.0)
+        node = Node(load(cfg_path))
+        [t] = node.engine.tunnels()
+        spi = t.outbound.spi
+        src = Ownership("default", "sg2", 8)  # the transfer's source holds the key
+        src_lease, _ = await c.grant(60)
+        assert await c.txn(src.join(src_lease, ""))
+        src.joined()
+        assert await c.txn(src.place([spi]))
+        src.placed_ok([spi])
+        drv = ClusterDriver(node, ClusterConfig(etcd=tuple(endpoints), ttl_s=60, groups=8))
+        drv.transfer = None
+        await drv.start()
+        try:
+            t0 = time.monotonic()
+            while not drv.lease_id or not drv.lease.valid(node.clock()):
+                assert time.monotonic() - t0 < 10, "not a member"
+                await asyncio.sleep(0.02)
+            await asyncio.sleep(0.2)
+            assert not drv.own.owns(spi) and t.seq_ceiling == t.outbound.seq  # not ours
+            # The source hands the key over (as after a transfer's commit).
+            kv = await c.get(src.member_key("sg1"))
+            assert kv is not None
+            _, lease, groups = ownership.parse_member(kv.value)
+            [txn] = src.hand_over([spi], lease, groups)
+            assert await c.txn(txn)
+            while not drv.own.owns(spi):
+                assert time.monotonic() - t0 < 5, "the handed-over key was not seen"
+                await asyncio.sleep(0.01)
+            assert t.seq_ceiling > t.outbound.seq  # it may send now
+            st = await cluster_status(ClusterConfig(etcd=tuple(endpoints)))
+            assert st["owners"] == {f"0x{spi:08x}": "sg1"}
+        finally:
+            await drv.stop()
+
+    with EtcdCluster(tmp_path) as e:
+        asyncio.run(run(e.endpoints))
