@@ -470,3 +470,40 @@ def test_driver_records_a_transferred_tunnel_when_its_key_is_handed_over(tmp_pat
 
     with EtcdCluster(tmp_path) as e:
         asyncio.run(run(e.endpoints))
+
+
+def test_driver_records_a_new_tunnel_at_once(tmp_path: Path) -> None:
+    """A tunnel new at a member (an IKEv2 CHILD SA, ``sa add``) is recorded in one of its
+    groups as soon as the engine has it, not at the member's next round (15 s away here)."""
+    import time
+
+    from ipsecct.gateway.cluster_driver import ClusterDriver
+    from ipsecct.gateway.config import load
+    from ipsecct.gateway.node import Node
+
+    cfg_path = _gateway_config(tmp_path)
+
+    async def run(endpoints: list[str]) -> None:
+        node = Node(load(cfg_path))
+        [t] = node.engine.tunnels()
+        node.engine.remove_tunnel(t)  # it comes later, as a new CHILD SA would
+        drv = ClusterDriver(node, ClusterConfig(etcd=tuple(endpoints), ttl_s=60))
+        drv.transfer = None
+        await drv.start()
+        try:
+            t0 = time.monotonic()
+            while not drv.lease_id or not drv.lease.valid(node.clock()):
+                assert time.monotonic() - t0 < 10, "not a member"
+                await asyncio.sleep(0.02)
+            await asyncio.sleep(0.2)  # its first round is over
+            new = node.engine.add_tunnel(t.entry, t.outbound, t.inbound)
+            assert new.seq_ceiling == new.outbound.seq  # fenced until recorded
+            while not drv.own.owns(new.outbound.spi):
+                assert time.monotonic() - t0 < 5, "the new tunnel was not recorded"
+                await asyncio.sleep(0.01)
+            assert new.seq_ceiling > new.outbound.seq
+        finally:
+            await drv.stop()
+
+    with EtcdCluster(tmp_path) as e:
+        asyncio.run(run(e.endpoints))
