@@ -115,6 +115,9 @@ class ClusterDriver:
         # target looks again every HANDOVER_RETRY for HANDOVER_WAIT (keeping their packets)
         # before it takes them for someone else's.
         self._unowned_since: dict[int, float] = {}
+        # SPIs of tunnels a transfer committed here in this life (until we own them): the
+        # newest state of them, should their source die before it hands their keys over.
+        self._transferred_in: set[int] = set()
         # Outbound packets of tunnels we do not own yet (a transfer just committed here),
         # kept until we do: bounded.
         self._waiting: collections.deque[Held] = collections.deque()
@@ -179,6 +182,7 @@ class ClusterDriver:
             self._handovers.add(task)
             task.add_done_callback(self._handovers.discard)
         elif rec.role == "target" and rec.outcome == "committed":
+            self._transferred_in.update(rec.spis)
             self._own_now = True
             self._wake.set()
 
@@ -440,16 +444,28 @@ class ClusterDriver:
     def _adopted(self, got: list[str], tunnels: dict[int, str], dead: list[str]) -> list[int]:
         """We own these groups now: install their tunnels. Returns those we have no copy of."""
         spis = self.own.adopted(got, tunnels)
-        # A tunnel already here (a transfer committed to us, whose source died before it
-        # handed over the key) is ours now as it is: newer than any replica of it.
+        # A tunnel a transfer committed here in this life, whose source died before it handed
+        # over the key, is ours now as it is: its source stopped at the commit, so this copy
+        # is the newest. Any other copy here (restored from our durable state after a
+        # restart: someone may have sent on it since) is older than what the group's owner
+        # sent, and is replaced by a replica or dropped, never sent on.
         wanted = set(spis)
-        here = [t for t in self.node.engine.tunnels() if t.outbound.spi in wanted]
+        here, busy = [], set()
+        for t in self.node.engine.tunnels():
+            if t.outbound.spi not in wanted:
+                continue
+            if t.state is not TunnelState.ACTIVE:
+                busy.add(t.outbound.spi)  # in a transfer: the transfer decides
+            elif t.outbound.spi in self._transferred_in:
+                here.append(t)
+            else:
+                self.node.engine.remove_tunnel(t)
         for t in here:
             for sb in self.standbys.values():
                 sb.replica.pop(t.outbound.spi, None)
             self._ceiling(t)
         self._now_owned(here)
-        have = {t.outbound.spi for t in here}
+        have = {t.outbound.spi for t in here} | busy
         return self._install([s for s in spis if s not in have], dead, creators=got)
 
     def _install(
@@ -609,12 +625,16 @@ class ClusterDriver:
             for t in won:
                 self._not_owner.discard(t.outbound.spi)
                 self._unowned_since.pop(t.outbound.spi, None)
+                self._transferred_in.discard(t.outbound.spi)
                 self._ceiling(t)
             self._now_owned(won)
         if retry:  # look again soon, not at the next round (up to ttl_s / 4 away)
             asyncio.get_running_loop().call_later(HANDOVER_RETRY, self._new_tunnel, None)
         for spi in [s for s in self._unowned_since if s not in here]:
             del self._unowned_since[spi]
+        if self._transferred_in:
+            inbound = {t.inbound.spi for t in self.node.engine.tunnels() if t.inbound}
+            self._transferred_in &= here | inbound
 
     def _fence(self, t: Tunnel) -> None:
         n = len(self._waiting)
