@@ -188,3 +188,43 @@ def test_expiring_forwarders_leave_the_others(n: int) -> None:
     assert eng.expire_moved(10.0) == moved
     assert [e.name for e in eng.spd] == [t.name for t in tunnels[1::2]]
     assert eng.inbound_tunnel(0x100000) is None and eng.inbound_tunnel(0x100001) is tunnels[1]
+
+
+def test_held_packets_find_their_transfer_among_thousands_of_tunnels() -> None:
+    """A held packet's transfer is found by set membership (a bulk transfer holds thousands
+    of tunnels); the set follows the transfer's list as tunnels are installed and as the list
+    is replaced."""
+    from ipsecct.ct.journal import Write
+    from ipsecct.ct.transfer import _has, _Reverting
+    from ipsecct.ipsec.engine import Held
+
+    core = _target(ConflictPolicy.REASSIGN, [])
+    core.settings.max_contexts_per_message = 4000
+    cdbs = []
+    for i in range(1500):
+        sel = Selectors.between("10.2.0.0/16", str(ip("10.64.0.0") + i))
+        cdbs += [
+            context.encode(_sa(0x10000 + i, Direction.OUTBOUND, sel, f"t{i}"), 1000.0),
+            context.encode(_sa(0x20000 + i, Direction.INBOUND, sel, f"t{i}"), 1000.0),
+        ]
+    tag = cxtp.TransferTag(1, 0, last=True).encode()
+    core.receive(PEER, cxtp.PCTD(MN, 0, b"k" * 20, (tag, *cdbs)), 1000.0)
+    inc = core.incoming[(PEER, 1)]
+    assert len(inc.tunnels) == 1500
+    last = inc.tunnels[-1]
+    assert core.hold(Held(last, b"x" * 60, False))
+    assert inc.held and inc.held[-1].tunnel is last
+    other = Engine().add_tunnel(
+        SPDEntry(Selectors.between("10.3.0.0/16", "10.9.0.1"), Action.PROTECT, static=False),
+        _sa(0x999, Direction.OUTBOUND, Selectors.between("10.3.0.0/16", "10.9.0.1"), "o"),
+        None,
+    )
+    assert not core.hold(Held(other, b"x" * 60, False))  # not in any transfer here
+    # The list grows (an install appends) or is replaced: membership follows.
+    assert not _has(inc, other)
+    inc.tunnels.append(other)
+    assert _has(inc, other)
+    rv = _Reverting(2, [last], Write())
+    assert _has(rv, last) and not _has(rv, other)
+    rv.tunnels = [other]
+    assert _has(rv, other) and not _has(rv, last)

@@ -295,6 +295,20 @@ def _move(x: _Outgoing | _Incoming, to: OutgoingState | IncomingState) -> None:
     x.state = to
 
 
+# The tunnels of a transfer as a set, for finding a held packet's transfer without walking
+# every transfer's list: (the list it was made from, its length then, the set). A transfer's
+# ``tunnels`` list is only ever replaced or appended to, so that pair says when it is stale.
+_Members = tuple[list[Tunnel], int, set[Tunnel]]
+
+
+def _has(owner: _Outgoing | _Incoming | _Reverting, tunnel: Tunnel) -> bool:
+    tunnels = owner.tunnels
+    m = owner.members
+    if m is None or m[0] is not tunnels or m[1] != len(tunnels):
+        m = owner.members = (tunnels, len(tunnels), set(tunnels))
+    return tunnel in m[2]
+
+
 @dataclass
 class _Outgoing:
     tid: int
@@ -316,6 +330,7 @@ class _Outgoing:
     away_tunnels: list[Tunnel] = field(default_factory=list)
     # The CTDR's answer, while the COMMIT waits for ``away`` (None: no answer yet).
     answer: tuple[list[Tunnel], list[Tunnel], int] | None = None
+    members: _Members | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass
@@ -329,6 +344,7 @@ class _Reverting:
     held: list[Held] = field(default_factory=list)
     held_bytes: int = 0
     held_per_tunnel: dict[Tunnel, tuple[int, int]] = field(default_factory=dict)
+    members: _Members | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass
@@ -353,6 +369,7 @@ class _Incoming:
     # once it is done. ``committing``: the COMMIT came and waits for it.
     recorded: Write | None = None
     committing: bool = False
+    members: _Members | None = field(default=None, repr=False, compare=False)
 
 
 def _sa_key(sa: SecurityAssociation) -> tuple[int, int, int, int]:
@@ -514,14 +531,15 @@ class TransferCore:
         Bounds: per tunnel in packets and octets, per transfer in packets and octets. Inbound
         ESP reaches here only after its ICV verified (the engine checks), so forgeries take
         no room; what is refused is counted (``held_refused``)."""
+        # (A bulk transfer holds thousands of tunnels: membership by set, not list.)
         for og in self.outgoing.values():
-            if held.tunnel in og.tunnels and og.state is OutgoingState.SENT:
+            if og.state is OutgoingState.SENT and _has(og, held.tunnel):
                 return self._keep(og, held)
         for inc in self.incoming.values():
-            if held.tunnel in inc.tunnels and inc.state in OPEN_INCOMING:
+            if inc.state in OPEN_INCOMING and _has(inc, held.tunnel):
                 return self._keep(inc, held)
         for rv in self.reverting:
-            if held.tunnel in rv.tunnels:
+            if _has(rv, held.tunnel):
                 return self._keep(rv, held)
         return False  # not ours (fail-over fencing may hold it)
 
