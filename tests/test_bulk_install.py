@@ -228,3 +228,29 @@ def test_held_packets_find_their_transfer_among_thousands_of_tunnels() -> None:
     assert _has(rv, last) and not _has(rv, other)
     rv.tunnels = [other]
     assert _has(rv, other) and not _has(rv, last)
+
+
+def test_a_rolled_back_bulk_transfer_reactivates_all_and_gives_back_what_it_held() -> None:
+    from ipsecct.ct.transfer import Inject
+    from ipsecct.ipsec.engine import Held
+
+    eng = Engine()
+    tunnels = []
+    for i in range(2000):
+        sel = Selectors.between("10.2.0.0/16", str(ip("10.64.0.0") + i))
+        tunnels.append(
+            eng.add_tunnel(
+                SPDEntry(sel, Action.PROTECT, name=f"t{i}", static=False),
+                _sa(0x10000 + i, Direction.OUTBOUND, sel, f"t{i}"),
+                _sa(0x20000 + i, Direction.INBOUND, sel, f"t{i}"),
+            )
+        )
+    src = TransferCore(eng, Endpoint(SG, 4500), Settings())
+    src.start(tunnels, PEER, 1000.0)
+    assert all(t.state is TunnelState.HELD for t in tunnels)
+    packets = [(tunnels[i], bytes([i % 256]) * 40) for i in (5, 1999, 5, 700)]
+    for t, p in packets:
+        assert src.hold(Held(t, p, False))
+    out = src.peer_lost(PEER, 1000.1)
+    assert all(t.state is TunnelState.ACTIVE for t in tunnels)
+    assert [o.packet for o in out if isinstance(o, Inject)] == [p for _, p in packets]

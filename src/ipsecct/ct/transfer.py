@@ -583,13 +583,17 @@ class TransferCore:
         # "Given away" submitted for some (it may be on disk, with this transfer's id, which
         # a restarted source would answer COMMIT for): those send again only once "owned"
         # is durable again. Until then they stay held, with what they held.
-        revert = [t for t in back if t in og.away_tunnels]
-        keep = [h for h in og.held if h.tunnel not in back]
-        mine = [h for h in og.held if h.tunnel in back and h.tunnel not in revert]
-        theirs = [h for h in og.held if h.tunnel in revert]
+        # (Sets for the membership tests: a bulk transfer rolls back thousands of tunnels
+        # with up to max_held packets.)
+        away = set(og.away_tunnels)
+        revert = [t for t in back if t in away]
+        back_set, revert_set = set(back), set(revert)
+        keep = [h for h in og.held if h.tunnel not in back_set]
+        mine = [h for h in og.held if h.tunnel in back_set and h.tunnel not in revert_set]
+        theirs = [h for h in og.held if h.tunnel in revert_set]
         self._release_held(og, keep)
         for t in back:
-            if t.state is TunnelState.HELD and t not in revert:
+            if t.state is TunnelState.HELD and t not in revert_set:
                 self.engine.activate(t)
         out += [Inject(h.packet, h.inbound) for h in mine]
         if revert:
@@ -916,7 +920,7 @@ class TransferCore:
             # engine checks inbound ESP's ICV first) and injected when it activates.
             return any(
                 inc.peer == peer and inc.committing and inc.state is IncomingState.PENDING
-                and tunnel in inc.tunnels
+                and _has(inc, tunnel)
                 for inc in self.incoming.values()
             )  # fmt: skip
         if inbound or tunnel.state is not TunnelState.ACTIVE:
