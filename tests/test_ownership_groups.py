@@ -361,6 +361,9 @@ def test_grouped_takeover_on_real_etcd(tmp_path: Path) -> None:
         assert kv is not None
         o["sg3"].learn(moved, kv.value.decode())
         assert o["sg3"].owns(moved)
+        kvs = await c.get_prefix(keys["tunnels"])
+        assert len(kvs) == 500
+        assert await c.get_prefix_values(keys["tunnels"]) == [(k.key, k.value) for k in kvs]
         st = await cluster_status(ClusterConfig(etcd=tuple(endpoints), name="g"))
         assert st["members"]["sg1"]["tunnels"] == 499 and st["members"]["sg3"]["tunnels"] == 1
         assert st["members"]["sg1"]["groups"] == 16

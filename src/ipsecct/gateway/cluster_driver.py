@@ -736,14 +736,14 @@ async def read_ownership(
 ) -> tuple[dict[str, str], dict[int, str]]:
     """The owner of every group, and the group of every tunnel, as etcd has them."""
     groups = {
-        kv.key[len(keys["groups"]) :]: kv.value.decode(errors="replace")
-        for kv in await client.get_prefix(keys["groups"])
+        key[len(keys["groups"]) :]: value.decode(errors="replace")
+        for key, value in await client.get_prefix_values(keys["groups"])
     }
     tunnels: dict[int, str] = {}
-    for kv in await client.get_prefix(keys["tunnels"]):
-        spi = ownership.spi_of_key(kv.key)
+    for key, value in await client.get_prefix_values(keys["tunnels"]):
+        spi = ownership.spi_of_key(key)
         if spi is not None:
-            tunnels[spi] = kv.value.decode(errors="replace")
+            tunnels[spi] = value.decode(errors="replace")
     return groups, tunnels
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import binascii
 import contextlib
 import json
 from dataclasses import dataclass
@@ -223,6 +224,33 @@ class EtcdClient:
         if keys_only:
             body["keys_only"] = True
         return _kvs(await self.call("/v3/kv/range", body))
+
+    async def get_prefix_values(self, prefix: str) -> list[tuple[str, bytes]]:
+        """(key, value) of every key under ``prefix``: :meth:`get_prefix` without the
+        revisions and leases, parsed in a third of the time (a take-over reads the group of
+        every tunnel of the cluster in one such call)."""
+        ans = await self.call(
+            "/v3/kv/range",
+            {"key": _b64(prefix), "range_end": _b64(prefix_end(prefix).encode("latin-1"))},
+        )
+        kvs = ans.get("kvs", [])
+        if not isinstance(kvs, list):
+            raise EtcdError("etcd answered a bad key list")
+        out = []
+        unb64 = binascii.a2b_base64
+        try:
+            for kv in kvs:
+                key, value = kv["key"], kv.get("value", "")
+                if not isinstance(key, str) or not isinstance(value, str):
+                    raise EtcdError("etcd answered a non-string where base64 was expected")
+                out.append((unb64(key, strict_mode=True).decode(), unb64(value, strict_mode=True)))
+        except (TypeError, KeyError):
+            raise EtcdError("etcd answered a bad key") from None
+        except binascii.Error:
+            raise EtcdError("etcd answered bad base64") from None
+        except UnicodeDecodeError:
+            raise EtcdError("etcd answered a key that is not UTF-8") from None
+        return out
 
     async def delete(self, key: str) -> None:
         await self.call("/v3/kv/deleterange", {"key": _b64(key)})
