@@ -276,7 +276,15 @@ class Charon:
             return self.vici.exists()
 
         _wait(up, f"charon in {role}", START_TIMEOUT)
-        self.swanctl("--load-all", "--file", str(self.dir / "swanctl.conf"))
+        # the socket file appears a moment before charon accepts on it
+        for attempt in range(50):
+            try:
+                self.swanctl("--load-all", "--file", str(self.dir / "swanctl.conf"))
+                break
+            except BenchError:
+                if attempt == 49:
+                    raise
+                time.sleep(0.1)
 
     def swanctl(self, *args: str, timeout: float = 30) -> str:
         return _sh(SWANCTL, *args, "--uri", f"unix://{self.vici}", timeout=timeout).stdout
