@@ -428,6 +428,9 @@ async def build(
     await loop.create_datagram_endpoint(lambda: host_app, local_addr=("127.0.0.1", host_port))
     await loop.create_datagram_endpoint(lambda: mn_app, local_addr=("127.0.0.1", mn_app_port))
     for n in [mn, *gws.values()]:
+        # Its durable state's writers (reservations, ownership changes), as a gateway run
+        # starts them: without them every write would be made synchronously, on the loop.
+        await n.service.state.start()
         await n.node.start()
     demo = Demo(workdir, mn, gws, host_app, mn_app, host_port, mn_app_port)
     demo.relay = relay
@@ -446,6 +449,8 @@ async def stop(demo: Demo) -> None:
     for n in demo.all_nodes():
         if not n._stopping.is_set():
             await n.stop()
+    for dn in [demo.mn, *demo.gateways.values()]:
+        await dn.service.state.stop()
     for app in (demo.host_app, demo.mn_app):
         if app.transport is not None:
             app.transport.close()
