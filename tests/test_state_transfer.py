@@ -189,6 +189,61 @@ def test_a_source_killed_right_after_its_commit_never_sends_on_the_moved_tunnel(
         traffic.close()
 
 
+def test_a_target_killed_after_taking_a_tunnel_back_never_repeats_a_number(
+    gws: Gateways,
+) -> None:
+    """A tunnel configured at sg1 goes to sg2 and comes back to sg1 (sent on at each), then sg1
+    is killed by SIGKILL: once the moment its log says it took the tunnel back (its "owned"
+    row may not have landed: the tunnel then stays away), once half a second later (it
+    resumes past its recorded ceiling). Nothing is ever sent twice."""
+    cap: Capture = gws.capture  # type: ignore[attr-defined]
+    gws.write("sg1", peers=["sg2"])
+    gws.write("sg2", peers=["sg1"], with_tunnels=False)
+    gws.start("sg2")
+    gws.start("sg1")
+    traffic = Traffic(
+        TUNNELS, [gws.ports["sg1"]["inner"], gws.ports["sg2"]["inner"]], pps=3000
+    )
+    sg1_port = gws.ports["sg1"]["outer"]
+    try:
+        wait_for(lambda: len(cap.seen) > 500, "no traffic")
+        log = gws.dir / "sg1.log"
+        for i, pause in ((3, 0.0), (4, 0.5)):
+            spi = 0x20000000 + i
+            request(str(gws.dir / "sg1.sock"), "transfer", {"spi": hex(spi), "to": "sg2"}, 30)
+            t_there = time.monotonic()
+
+            def sent_since(since: float, port: int | None = None, spi: int = spi) -> list[int]:
+                return [
+                    q for s_, q, p, t in list(cap.seen)
+                    if s_ == spi and t >= since and (port is None or p == port)
+                ]
+
+            wait_for(lambda t=t_there: len(sent_since(t)) > 3, "sg2 does not send on it")
+            offset = log.stat().st_size
+            request(str(gws.dir / "sg2.sock"), "transfer", {"spi": hex(spi), "to": "sg1"}, 30)
+            wait_for_line(log, offset, ("event=transfer-committed", "role=target"))
+            if pause:
+                time.sleep(pause)
+            gws.kill("sg1")
+            time.sleep(0.2)  # what it sent before it died is read off the wire by now
+            before = max(q for s_, q, _, _ in list(cap.seen) if s_ == spi)
+            restarted = time.monotonic()
+            gws.start("sg1")
+            wait_for(lambda: settled(gws, ["sg1", "sg2"]), "transfers did not settle")
+            if pause:
+                # "owned" landed: it resumes, past everything sent under its keys
+                wait_for(lambda s=spi: s in gws.active_spis("sg1"), "sg1 did not resume it")
+                wait_for(
+                    lambda t=restarted: len(sent_since(t, sg1_port)) > 3, "it sends nothing"
+                )
+                assert min(sent_since(restarted, sg1_port)) > before
+            assert spi not in gws.active_spis("sg2")
+        assert cap.duplicates() == []
+    finally:
+        traffic.close()
+
+
 def test_a_receiver_restart_keeps_transferred_tunnels_away(gws: Gateways) -> None:
     """sg2 takes every tunnel over by transfer, is killed and restarted: it has no
     configuration (and no keys on disk) for them, so it does not restore them and says so;
