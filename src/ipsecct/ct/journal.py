@@ -103,7 +103,7 @@ class Journal(Protocol):
 
     def leaving(self, tunnels: Sequence[Tunnel], peer: str, transfer_id: int) -> Write:
         """Source: ``tunnels`` (held) go to ``peer`` by transfer ``transfer_id``: record them
-        given away. Submitted when they are held; the COMMIT waits for it."""
+        given away. Submitted when the target's CTDR accepts them; the COMMIT waits for it."""
 
     def staying(self, tunnels: Sequence[Tunnel], peer: str) -> Write:
         """Source: a transfer recorded by :meth:`leaving` did not commit these tunnels:

@@ -412,10 +412,10 @@ class TransferCore:
     ) -> None:
         self.engine = engine
         # Makes ownership changes durable before they take effect (gateway/state.py), off
-        # the critical path where that is safe: the source submits "given away" when it holds
-        # the tunnels and sends the COMMIT once it is durable; the target submits "pending"
-        # (with a reservation past the transferred sequence number) when it installs them,
-        # answers at once, and activates them once it is durable; "owned" at the commit is
+        # the critical path where that is safe: the source submits "given away" when the
+        # CTDR accepts the tunnels and sends the COMMIT once it is durable; the target submits
+        # "pending" (with a reservation past the transferred sequence number) when it installs
+        # them, answers at once, and activates them once it is durable; "owned" at the commit is
         # not waited for. After a call to the journal the adapter calls settled() when
         # writes are done. None: nothing is recorded (in-process tests).
         self.journal = journal
