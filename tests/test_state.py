@@ -420,6 +420,34 @@ def test_a_target_whose_writes_are_durable_first_activates_at_the_commit() -> No
     assert t2.state is TunnelState.ACTIVE
 
 
+def test_what_the_source_forwards_after_its_commit_waits_for_the_targets_write() -> None:
+    """The COMMIT and the packets the source held behind it arrive before the target's
+    "pending" write is durable: the FORWARDs are taken and held with the tunnel, and
+    delivered when it is activated (not refused as traffic for a tunnel not yet here)."""
+    from ipsecct.ipsec.engine import TunnelState
+    from tests.helpers.transfer import World
+
+    w = World()
+    j1, j2 = Recorder(w), Recorder(w)
+    w.gw["sg1"].core.journal = j1
+    w.gw["sg2"].core.journal = j2
+    w.transfer()
+    w.mn_send(1)  # held at sg1 during the exchange
+    w.deliver("sg1", "sg2")
+    w.deliver("sg2", "sg1")
+    settle(w, "sg1", j1)  # the COMMIT, then the held packet as a FORWARD
+    assert w.pending("sg1", "sg2") == 2
+    w.deliver("sg1", "sg2")  # COMMIT: "pending" not durable yet
+    w.deliver("sg1", "sg2")  # FORWARD
+    g2 = w.gw["sg2"]
+    (t2,) = g2.engine.tunnels()
+    assert t2.state is TunnelState.HELD and g2.delivered == []
+    assert g2.core.counters["forward_refused"] == 0
+    settle(w, "sg2", j2)
+    assert t2.state is TunnelState.ACTIVE
+    assert len(g2.delivered) == 1  # delivered once active
+
+
 def test_a_source_that_cannot_record_does_not_commit() -> None:
     """"Given away" failed on the disk: no COMMIT; the tunnel sends again only once "owned"
     again is durable (the failed write may have reached the disk after all)."""
