@@ -42,6 +42,10 @@ log = logging.getLogger("ipsecct.gateway.ike")
 
 IKE_PORT = 500
 INBOUND_GRACE = 2.0  # seconds a peer-deleted, rekeyed CHILD SA still takes what was on its way
+# after a transfer to us: how long (s) IKE messages for an IKE SA we do not have yet are kept
+# for it (its context follows the commit over the TLS channel), and how many at most
+EARLY_IKE_TIME = 1.0
+EARLY_IKE_MAX = 64
 MARKER = b"\0\0\0\0"
 
 
@@ -69,6 +73,9 @@ class IkeService:
         # direct SG identity ([transfer] identity = "direct"): an IKE SA taken over from a
         # peer gateway is moved to this gateway's own address (IkeEngine.announce_move)
         self.direct = False
+        # IKE messages that came, just after a transfer to us, for an IKE SA not here yet
+        self._early_until = 0.0
+        self._early: list[tuple[float, bytes, Address, Address]] = []
         # called with every event the engine reports (not Send): IKE SAs up and down,
         # failed initiations, ... (the demo watches them)
         self.listeners: list[Callable[[Output], None]] = []
@@ -157,8 +164,7 @@ class IkeService:
     def _on_500(self, data: bytes, addr: tuple[Any, ...]) -> None:
         src = self._peer(addr)
         if src is not None and not self._is_fenced(self.node.clock()):
-            self._act(self.engine.receive(data, src, self._local(self.ike_port),
-                                          self.node.clock()))  # fmt: skip
+            self._receive(data, src, self._local(self.ike_port))
 
     def _on_4500(self, data: bytes, addr: tuple[Any, ...]) -> bool:
         # the node removed the marker; IKE's header has version 2.x at octet 17
@@ -166,9 +172,26 @@ class IkeService:
             return False
         src = self._peer(addr)
         if src is not None and not self._is_fenced(self.node.clock()):
-            self._act(self.engine.receive(data, src, self._local(self.node.cfg.outer.port),
-                                          self.node.clock()))  # fmt: skip
+            self._receive(data, src, self._local(self.node.cfg.outer.port))
         return True
+
+    def _receive(self, data: bytes, src: Address, dst: Address) -> None:
+        now = self.node.clock()
+        if now < self._early_until and self._not_here_yet(data):
+            # A transfer to us just committed: the peer's request may be here (the virtual
+            # address moved, or a retransmission) before the IKE SA's context: kept for it
+            if len(self._early) < EARLY_IKE_MAX:
+                self._early.append((now, data, src, dst))
+                self.engine.stats["early-kept"] += 1
+            return
+        self._act(self.engine.receive(data, src, dst, now))
+
+    def _not_here_yet(self, data: bytes) -> bool:
+        """An IKE message (not IKE_SA_INIT) whose SPI we chose is not one of our IKE SAs."""
+        if len(data) < 28 or data[18] == 34:
+            return False
+        ours = data[8:16] if data[19] & 0x08 else data[0:8]  # the I(nitiator) flag
+        return ours not in self.engine.by_spi
 
     def _send(self, s: Send) -> None:
         dst = (str(s.dst.host), s.dst.port)
@@ -290,6 +313,9 @@ class IkeService:
     def on_transfer(self, rec: Any) -> None:
         """A finished transfer (ct.transfer.Record): when this gateway handed over every CHILD
         SA of an IKE SA, the IKE SA follows them (its context CDBs to the same peer)."""
+        if rec.role == "target" and rec.outcome == "committed":
+            self._early_until = self.node.clock() + EARLY_IKE_TIME
+            return
         if rec.role != "source" or rec.outcome != "committed" or self.send_context is None:
             return
         moved = set(rec.spis)
@@ -348,6 +374,15 @@ class IkeService:
             # faked NAT-D float); its CHILD SAs' ESP already goes out from here (the transfer
             # made them ours) and what it still sends to the old gateway is forwarded
             self._act(self.engine.announce_move(ike, here, now))
+        early, self._early = self._early, []
+        for t, data, src, dst in early:  # what came for it before it
+            if now - t >= EARLY_IKE_TIME:
+                continue
+            if self._not_here_yet(data):  # another IKE SA's, still on its way
+                self._early.append((t, data, src, dst))
+            else:
+                self.engine.stats["early-replayed"] += 1
+                self._act(self.engine.receive(data, src, dst, now))
         self.node.timers.poke()  # the engine's next deadline may have moved
 
     def liveness(self, ike: IkeSA) -> None:
