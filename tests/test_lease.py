@@ -611,10 +611,12 @@ def test_prometheus_text_has_the_lease() -> None:
             "cluster": {
                 "lease": {"state": "held", "losses": 0},
                 "owned_tunnels": 5,
+                "groups": 32,
                 "taken_over": 4,
             },
         }
     )
     assert 'ipsecct_cluster_lease_valid{node="sg1"} 1' in etcd
     assert 'ipsecct_cluster_owned_tunnels{node="sg1"} 5' in etcd
+    assert 'ipsecct_cluster_groups{node="sg1"} 32' in etcd
     assert 'ipsecct_cluster_taken_over_total{node="sg1"} 4' in etcd
