@@ -569,3 +569,47 @@ def test_an_unusable_state_directory_is_one_line_and_status_2(gws: Gateways) -> 
     assert r.returncode == 2, r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith("ipsecct: error: cannot use state")
     assert "Traceback" not in r.stderr
+
+
+def test_ownership_writes_run_on_the_states_own_thread_started_before_any_write(
+    tmp_path: Path,
+) -> None:
+    """The writer's thread exists once the state is started (a handover's "given away" write
+    does not wait for a thread to be made), every ownership write is made on it, in order,
+    and a stop ends it."""
+    import asyncio
+    import threading
+    from types import SimpleNamespace
+
+    from ipsecct.ct.journal import Write
+
+    async def main() -> None:
+        store, lock = state_mod.open_store(tmp_path / "s", "gw", [], fresh=False)
+        node = SimpleNamespace(name="gw", extensions={}, on_reserve=None)
+        st = state_mod.DurableState(node, store, lock, 1024)  # type: ignore[arg-type]
+        threads: list[str] = []
+        put = store.put
+
+        def recording_put(rows: list[SAState]) -> None:
+            threads.append(threading.current_thread().name)
+            put(rows)
+
+        store.put = recording_put  # type: ignore[method-assign]
+        await st.start()
+        mine = [t for t in threading.enumerate() if t.name.startswith("ipsecct-state-gw")]
+        assert len(mine) == 1 and mine[0].is_alive()
+        writes: list[Write] = []
+        for i in range(3):
+            writes.append(st._submit([row(f"fp{i}", Owner.AWAY, 10 + i)]))
+        async with asyncio.timeout(10):
+            while not all(w.done for w in writes):
+                await asyncio.sleep(0.01)
+        assert threads and set(threads) == {mine[0].name}
+        loaded = st.store.load()
+        assert {fp: (r.owner, r.ceiling) for fp, r in loaded.items()} == {
+            f"fp{i}": (Owner.AWAY, 10 + i) for i in range(3)
+        }
+        await st.stop()
+        assert not mine[0].is_alive()
+
+    asyncio.run(main())
