@@ -404,8 +404,6 @@ class DurableState:
         self._owq: list[_Submitted] = []
         self._qlock = threading.Lock()  # the queue (the loop appends, a writer takes)
         self._wlock = threading.Lock()  # one writer at a time: submission order on disk
-        self._owake = asyncio.Event()
-        self._otask: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         # The ownership writer's own thread, started (and running) before any transfer: the
         # "given away" write is on a handover's path, and handing it to the loop's default
@@ -504,21 +502,19 @@ class DurableState:
         )
         await self._loop.run_in_executor(self._writer, _ready)  # the thread exists from now
         self._task = asyncio.create_task(self._flusher())
-        self._otask = asyncio.create_task(self._ownership_writer())
 
     async def stop(self) -> None:
-        for task in (self._task, self._otask):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-        self._task = self._otask = None
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        self._task = None
         # What was submitted and not yet written is written now (or fails): a clean stop
         # leaves nothing half-recorded.
         with contextlib.suppress(JournalError):
             self._put([])
         if self._writer is not None:
-            self._writer.shutdown(wait=True)  # a write cancelled above finished (under _wlock)
+            self._writer.shutdown(wait=True)  # jobs still queued find nothing left to write
             self._writer = None
         self._loop = None
         self.store.close()
@@ -600,20 +596,19 @@ class DurableState:
         else:
             self.counters["failed_writes"] += 1
 
-    async def _ownership_writer(self) -> None:
-        while True:
-            await self._owake.wait()
-            self._owake.clear()
-            assert self._loop is not None and self._writer is not None
-            batch, error = await self._loop.run_in_executor(self._writer, self._write_batch, [])
-            if batch:
-                self._count(error)
-                if error is not None:
-                    event(
-                        log, "ownership-write-failed", logging.ERROR, node=self.node.name,
-                        error=error, changes=len(batch),
-                    )
-            self._settle(batch, error)
+    def _written(self, fut: asyncio.Future[tuple[list[_Submitted], str | None]]) -> None:
+        """On the loop: a write job of the ownership writer's thread ended."""
+        if fut.cancelled():
+            return
+        batch, error = fut.result()
+        if batch:
+            self._count(error)
+            if error is not None:
+                event(
+                    log, "ownership-write-failed", logging.ERROR, node=self.node.name,
+                    error=error, changes=len(batch),
+                )
+        self._settle(batch, error)
 
     def _submit(
         self, rows: list[SAState], then: Callable[[bool], None] | None = None
@@ -625,7 +620,7 @@ class DurableState:
             self.rows[r.fingerprint] = r
         with self._qlock:
             self._owq.append(_Submitted(rows, w, then))
-        if self._otask is None:
+        if self._writer is None or self._loop is None:
             batch, error = self._write_batch([])
             self._count(error)
             for item in batch:
@@ -636,7 +631,11 @@ class DurableState:
                 if item.then is not None:
                     item.then(error is None)
             return w
-        self._owake.set()
+        # Straight to the writer's thread (no hop through a task on the loop first). It
+        # writes whatever is queued when the job runs: a job that finds the queue emptied by
+        # the one before it writes nothing. One thread, jobs in order: settled in order.
+        job = self._loop.run_in_executor(self._writer, self._write_batch, [])
+        job.add_done_callback(self._written)
         return w
 
     def _put(self, rows: list[SAState]) -> None:
