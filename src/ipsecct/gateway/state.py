@@ -576,8 +576,10 @@ class DurableState:
                 return batch, str(exc) or type(exc).__name__
             return batch, None
 
-    def _settle(self, batch: list[_Submitted], error: str | None) -> None:
-        """On the loop: the writes of ``batch`` are on stable storage (or failed)."""
+    def _settle(self, batch: list[_Submitted], error: str | None, *, hooks: bool = True) -> None:
+        """On the loop: the writes of ``batch`` are on stable storage (or failed). ``hooks``:
+        tell the settled hooks (not for a write made inside ``_submit``, whose caller reads
+        the settled Write on return)."""
         if not batch:
             return
         for item in batch:
@@ -587,8 +589,9 @@ class DurableState:
                 item.write.fail(error)
             if item.then is not None:
                 item.then(error is None)
-        for hook in list(self.settled_hooks):
-            hook()
+        if hooks:
+            for hook in list(self.settled_hooks):
+                hook()
 
     def _count(self, error: str | None) -> None:
         if error is None:
@@ -623,13 +626,7 @@ class DurableState:
         if self._writer is None or self._loop is None:
             batch, error = self._write_batch([])
             self._count(error)
-            for item in batch:
-                if error is None:
-                    item.write.succeed()
-                else:
-                    item.write.fail(error)
-                if item.then is not None:
-                    item.then(error is None)
+            self._settle(batch, error, hooks=False)
             return w
         # Straight to the writer's thread (no hop through a task on the loop first). It
         # writes whatever is queued when the job runs: a job that finds the queue emptied by
