@@ -34,6 +34,7 @@ from ipsecct.ct import ownership
 from ipsecct.ipsec.ippacket import build_udp, parse, udp_payload
 from tests.helpers.deployment import cli, free_port
 from tests.helpers.etcd_server import EtcdCluster
+from tests.helpers.processes import stop_all
 
 pytestmark = [pytest.mark.slow]
 
@@ -265,15 +266,7 @@ class Three:
         return len(got)
 
     def stop(self) -> None:
-        for p in self.procs.values():
-            if p.poll() is None:
-                p.terminate()
-        for p in self.procs.values():
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        stop_all(self.procs.values())
         self.host.close()
         self.app.close()
 

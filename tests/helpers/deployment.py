@@ -13,7 +13,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ipsecct.ipsec.ippacket import build_udp, parse, udp_payload
+from tests.helpers.processes import stop_all
 
 MN_INNER, HOST_INNER = "10.1.0.2", "10.2.0.1"
 
@@ -131,16 +131,7 @@ class ExampleDeployment:
             time.sleep(0.1)
 
     def stop(self) -> None:
-        for p in self.procs.values():
-            if p.poll() is None:
-                os.kill(p.pid, signal.SIGCONT)  # a stopped process cannot act on SIGTERM
-                p.terminate()
-        for p in self.procs.values():
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        stop_all(self.procs.values())
         self.host.close()
         self.mn_app.close()
 

@@ -14,6 +14,8 @@ import urllib.request
 from pathlib import Path
 from types import TracebackType
 
+from tests.helpers.processes import stop_all
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -109,16 +111,7 @@ class EtcdCluster:
         os.kill(self.procs[m].pid, signal.SIGCONT)
 
     def stop(self) -> None:
-        for p in self.procs.values():
-            if p.poll() is None:
-                os.kill(p.pid, signal.SIGCONT)
-                p.terminate()
-        for p in self.procs.values():
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        stop_all(self.procs.values())
         for m in self.names:
             shutil.rmtree(self.dir / f"etcd-{m}", ignore_errors=True)
 

@@ -22,6 +22,7 @@ from typing import Any
 
 from ipsecct.ipsec.ippacket import build_udp
 from tests.helpers.deployment import cli, free_port
+from tests.helpers.processes import stop_all
 
 
 def remote(i: int) -> str:
@@ -235,14 +236,6 @@ keys = "keys/t{i}.keys"
         return {int(s["spi"], 16) for s in json.loads(r.stdout) if s["direction"] == "out"}
 
     def stop(self) -> None:
-        for p in self.procs.values():
-            if p.poll() is None:
-                p.terminate()
-        for p in self.procs.values():
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        stop_all(self.procs.values())
         self.procs.clear()
         self.sink.close()
