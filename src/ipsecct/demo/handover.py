@@ -28,7 +28,7 @@ def transfer_service(demo: Demo, gateway: str) -> TransferService:
 async def setup(demo: Demo) -> None:
     """Start context transfer on every gateway and open the inter-gateway connections now:
     a handover reuses them (no TLS handshake)."""
-    for svc in demo.services.values():
+    for svc in reversed(demo.services.values()):  # a standby listens before its active calls
         await svc.start_context_transfer()
     for svc in demo.services.values():
         assert svc.peers is not None
