@@ -23,6 +23,9 @@ from .timers import supervise
 
 log = logging.getLogger("ipsecct.ct.transfer")
 
+KEEP_CONNECTED_CHECK = 1.0  # seconds between checks that every peer's channel is open
+KEEP_CONNECTED_MAX = 30.0  # longest wait before trying an unreachable peer again
+
 
 def _ignore_message(peer: str, msg: cxtp.Message) -> None:
     pass
@@ -57,6 +60,9 @@ class PeerChannels:
         self.writers: dict[str, asyncio.Task[None]] = {}
         self.readers: set[asyncio.Task[None]] = set()
         self.server: asyncio.Server | None = None
+        # Connections being opened, one per peer: whoever needs one meanwhile waits for it.
+        self._opening: dict[str, asyncio.Future[tlschannel.CxtpConnection]] = {}
+        self._keeper: asyncio.Task[None] | None = None
         self.refused = 0
         self._quiet_until: dict[str, float] = {}
         # Connections open on the listener per source address and in total, handshakes
@@ -83,8 +89,35 @@ class PeerChannels:
             on_refused=self._refused_handshake,
             limits=self.limits,
         )
+        self._keeper = supervise(self._keep_connected(), "connect to peers", self.name)
+
+    async def _keep_connected(self) -> None:
+        """Open the channel to every peer at start and again whenever it is lost, so that a
+        transfer never waits for a TCP and TLS handshake (8-16 ms measured in ``bench
+        ikev2``) while its tunnels are held. A peer that is not up is tried again after
+        0.5 s, doubling to 30 s; a channel the peer opened to us serves as well."""
+        loop = asyncio.get_running_loop()
+        backoff: dict[str, float] = {}
+        next_try: dict[str, float] = {}
+        while True:
+            for p in self.tcfg.peers:
+                c = self.conns.get(p)
+                if (c is not None and not c.closed) or loop.time() < next_try.get(p, 0.0):
+                    continue
+                try:
+                    await self.connection(p)
+                    backoff.pop(p, None)
+                except (IpsecctError, OSError):
+                    b = backoff[p] = min(KEEP_CONNECTED_MAX, backoff.get(p, 0.25) * 2)
+                    next_try[p] = loop.time() + b
+            await asyncio.sleep(KEEP_CONNECTED_CHECK)
 
     async def stop(self) -> None:
+        if self._keeper is not None:
+            self._keeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._keeper
+            self._keeper = None
         if self.server is not None:
             self.server.close()
         for w in self.writers.values():
@@ -157,6 +190,29 @@ class PeerChannels:
         c = self.conns.get(peer)
         if c is not None and not c.closed:
             return c
+        opening = self._opening.get(peer)
+        if opening is not None:  # one handshake at a time per peer
+            return await asyncio.shield(opening)
+        fut: asyncio.Future[tlschannel.CxtpConnection] = (
+            asyncio.get_running_loop().create_future()
+        )
+        self._opening[peer] = fut
+        try:
+            c = await self._open(peer)
+        except BaseException as exc:
+            if isinstance(exc, Exception):
+                fut.set_exception(exc)
+                fut.exception()  # retrieved: nobody else may be waiting
+            else:
+                fut.cancel()
+            raise
+        else:
+            fut.set_result(c)
+            return c
+        finally:
+            self._opening.pop(peer, None)
+
+    async def _open(self, peer: str) -> tlschannel.CxtpConnection:
         spec = self.tcfg.peers.get(peer)
         if spec is None:
             raise TransferError(f"unknown peer {peer!r}")
