@@ -928,6 +928,19 @@ def test_fuzz_ike_sa_context(data: st.DataObject) -> None:
         cdbs[i] = cdbs[i][: data.draw(st.integers(0, len(cdbs[i])))]
     with contextlib.suppress(context.IkeContextError):
         IkeEngine([conn()]).import_ike([bytes(c) for c in cdbs], 0.0)
+    with contextlib.suppress(context.IkeContextError):  # the etcd mode's peek
+        for spi_in, spi_out in context.child_spis([bytes(c) for c in cdbs]):
+            assert 0 <= spi_in < 1 << 32 and 0 <= spi_out < 1 << 32
+
+
+def test_child_spis_of_an_ike_sa_context() -> None:
+    from ipsecct.ikev2 import context
+
+    w = pair()
+    connect(w)
+    ike = w.resp.ike_sas()[0]
+    assert context.child_spis(context.encode(ike, 0.0)) == [
+        (c.spi_in, c.spi_out) for c in ike.children]  # fmt: skip
 
 
 @pytest.mark.parametrize("kind", ["rsa", "p256"])

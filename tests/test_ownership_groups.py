@@ -25,7 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ipsecct.ct import ownership
-from ipsecct.ct.ownership import Ownership, Txn
+from ipsecct.ct.ownership import Ownership, Put, Txn
 from ipsecct.gateway.cluster_driver import cluster_status, read_ownership
 from ipsecct.gateway.config import ClusterConfig
 from ipsecct.gateway.etcd import EtcdClient
@@ -145,6 +145,22 @@ class Sim:
         m.tunnels.add(spi)
         self.own_tunnels(i)
 
+    def new_sibling(self, i: int, pick: int) -> None:
+        """A tunnel new here that belongs with one we own (another CHILD SA of its IKE SA, a
+        rekey's successor): recorded into that tunnel's group (home or taken over)."""
+        m = self.m[i]
+        mine = sorted(s for s in m.tunnels if m.own.owns(s))
+        if not m.alive or not mine:
+            return
+        g = m.own.placed[mine[pick % len(mine)]]
+        spi = self.next_spi
+        self.next_spi += 1
+        m.tunnels.add(spi)
+        if self.run(m, m.own.place_into([spi], g)):
+            m.own.placed_into([spi], g)
+        else:
+            self.own_tunnels(i)
+
     def own_tunnels(self, i: int) -> None:
         m = self.m[i]
         if not m.alive:
@@ -260,6 +276,7 @@ STEP = st.one_of(
     st.tuples(st.just("restart"), st.integers(0, 3)),
     st.tuples(st.just("new"), st.integers(0, 3)),
     st.tuples(st.just("own"), st.integers(0, 3)),
+    st.tuples(st.just("sibling"), st.integers(0, 3), st.integers(0, 99)),
     st.tuples(st.just("hand_key"), st.integers(0, 99)),
     st.tuples(st.just("delete"), st.integers(0, 3), st.integers(0, 99)),
     st.tuples(st.just("take_over"), st.integers(0, 3), st.booleans()),
@@ -279,7 +296,8 @@ def test_property_no_two_members_own_a_tunnel(
             sim.new_tunnel(i)
     for step in steps:
         name, *args = step
-        getattr(sim, {"new": "new_tunnel", "own": "own_tunnels"}.get(name, name))(*args)
+        getattr(sim, {"new": "new_tunnel", "own": "own_tunnels",
+                      "sibling": "new_sibling"}.get(name, name))(*args)  # fmt: skip
         sim.check()
     # Healing: the survivors take what is orphaned, the key hand-overs still pending run
     # (their source may be dead: refused), everyone joins again and scans.
@@ -294,6 +312,47 @@ def test_property_no_two_members_own_a_tunnel(
             sim.join(i)
             sim.own_tunnels(i)
         sim.check()
+
+
+def test_siblings_stay_in_one_group() -> None:
+    """The CHILD SAs of one IKE SA: a new one is recorded into its sibling's group (only
+    while that group's owner key is under our lease), and a transfer moves them all into
+    one of the target's groups (their anchor's bucket), so that a take-over moves them as
+    one unit with their IKE SA."""
+    sim = Sim(2, 8)
+    sim.join(0)
+    sim.join(1)
+    a, b = sim.m
+    sim.new_tunnel(0)
+    first = next(iter(a.tunnels))
+    g = a.own.placed[first]
+    sim.new_sibling(0, 0)
+    assert len(a.tunnels) == 2 and {a.own.placed[s] for s in a.tunnels} == {g}
+    with pytest.raises(ValueError):
+        a.own.place_into([0x9999], "not-ours")
+    # a group not under our lease: refused by etcd
+    stale = Ownership("c", "sg0", 8)
+    stale.lease, stale.groups = a.own.lease + 1000, {g}
+    assert not sim.kv.txn(stale.place_into([0x9998], g))
+    # a transfer: without anchors the siblings may land in two groups, with them in one
+    spis = sorted(a.tunnels)
+    info = sim.kv.get(a.own.member_key("sg1"))
+    assert info is not None
+    _, lease, groups = ownership.parse_member(info.encode())
+    plain = a.own.hand_over(spis, lease, groups)
+    assert len({op.value for t in plain for op in t.success if isinstance(op, Put)}) == 2
+    txns = a.own.hand_over(spis, lease, groups, {s: spis[0] for s in spis})
+    targets = {op.value for t in txns for op in t.success if isinstance(op, Put)}
+    assert len(targets) == 1
+    for t in txns:
+        assert sim.kv.txn(t)
+        a.own.handed_over(t)
+    b.tunnels |= set(spis)
+    a.tunnels.clear()
+    sim.own_tunnels(1)
+    assert all(b.own.owns(s) for s in spis)
+    assert {b.own.placed[s] for s in spis} == targets
+    sim.check()
 
 
 def test_simulation_moved_tunnel_is_not_taken_with_its_old_group() -> None:

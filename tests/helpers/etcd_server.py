@@ -16,6 +16,11 @@ from types import TracebackType
 
 from tests.helpers.processes import stop_all
 
+_HEALTH = """import json, sys, urllib.request
+with urllib.request.urlopen(sys.argv[1], timeout=1) as r:
+    sys.exit(0 if json.loads(r.read()).get("health") == "true" else 1)
+"""
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -26,9 +31,21 @@ def _free_port() -> int:
 class EtcdCluster:
     """``n`` etcd members forming one cluster; ``endpoints`` are their client URLs."""
 
-    def __init__(self, d: Path, n: int = 1, *, also_on: str | None = None) -> None:
+    def __init__(
+        self,
+        d: Path,
+        n: int = 1,
+        *,
+        also_on: str | None = None,
+        host: str = "127.0.0.1",
+        prefix: list[str] | None = None,
+    ) -> None:
         """``also_on``: a second loopback address every member also serves clients on (so
-        that a firewall rule can cut one client's path only)."""
+        that a firewall rule can cut one client's path only). ``host``: the address the
+        members serve clients on, and ``prefix`` what runs them (``ip netns exec NS``: in a
+        network namespace, where ``host`` is one of its addresses)."""
+        self.host = host
+        self.prefix = list(prefix or [])
         etcd = shutil.which("etcd")
         assert etcd, "etcd is missing: run scripts/install (Debian package etcd-server)"
         self.etcd = etcd
@@ -41,7 +58,7 @@ class EtcdCluster:
 
     @property
     def endpoints(self) -> list[str]:
-        return [f"http://127.0.0.1:{self.client[m]}" for m in self.names]
+        return [f"http://{self.host}:{self.client[m]}" for m in self.names]
 
     def __enter__(self) -> EtcdCluster:
         initial = ",".join(f"{m}=http://127.0.0.1:{self.peer[m]}" for m in self.names)
@@ -50,11 +67,12 @@ class EtcdCluster:
                 log = open(self.dir / f"etcd-{m}.log", "wb")
                 self.procs[m] = subprocess.Popen(
                     [
+                        *self.prefix,
                         self.etcd,
                         "--name", m,
                         "--data-dir", str(self.dir / f"etcd-{m}"),
                         "--listen-client-urls", self._listen(m),
-                        "--advertise-client-urls", f"http://127.0.0.1:{self.client[m]}",
+                        "--advertise-client-urls", f"http://{self.host}:{self.client[m]}",
                         "--listen-peer-urls", f"http://127.0.0.1:{self.peer[m]}",
                         "--initial-advertise-peer-urls", f"http://127.0.0.1:{self.peer[m]}",
                         "--initial-cluster", initial,
@@ -74,7 +92,7 @@ class EtcdCluster:
         return self
 
     def _listen(self, m: str) -> str:
-        urls = [f"http://127.0.0.1:{self.client[m]}"]
+        urls = [f"http://{self.host}:{self.client[m]}"]
         if self.also_on:
             urls.append(f"http://{self.also_on}:{self.client[m]}")
         return ",".join(urls)
@@ -85,12 +103,21 @@ class EtcdCluster:
             if self.procs[m].poll() is not None:
                 raise AssertionError(f"etcd {m} exited: {self.log(m)}")
             try:
-                with urllib.request.urlopen(
-                    f"http://127.0.0.1:{self.client[m]}/health", timeout=1
-                ) as r:
-                    if json.loads(r.read()).get("health") == "true":
+                if self.prefix:  # not reachable from here: ask from its namespace
+                    r = subprocess.run(
+                        [*self.prefix, "python3", "-c", _HEALTH, f"http://{self.host}:"
+                         f"{self.client[m]}/health"],
+                        capture_output=True, timeout=10,
+                    )  # fmt: skip
+                    if r.returncode == 0:
                         return
-            except (OSError, ValueError):
+                else:
+                    with urllib.request.urlopen(
+                        f"http://127.0.0.1:{self.client[m]}/health", timeout=1
+                    ) as r:
+                        if json.loads(r.read()).get("health") == "true":
+                            return
+            except (OSError, ValueError, subprocess.TimeoutExpired):
                 pass
             time.sleep(0.1)
         raise AssertionError(f"etcd {m} not healthy: {self.log(m)}")

@@ -80,10 +80,13 @@ class IkeWorld(HandoverWorld):
     """The handover topology with IKEv2 keying: no [[tunnel]] anywhere, a [connections] table
     on both gateways, and strongSwan instead of ``ipsecct node`` in the MN's namespace. With
     direct identity each gateway is at its own address; ``gw_encap`` fakes NAT-D there. With
-    ``failover``, sg1 is the active gateway of a fail-over pair and sg2 its standby."""
+    ``failover``, sg1 is the active gateway of a fail-over pair and sg2 its standby; with
+    ``etcd``, both are members of a cluster on those etcd endpoints."""
 
     gw_encap = False
     failover = False
+    # etcd mode instead of the pair: [cluster] with these endpoints (both gateways members)
+    etcd: list[str] | None = None
     ike_proposal = "aes128gcm16-prfsha256-x25519"
 
     def write_configs(self) -> None:
@@ -123,7 +126,10 @@ class IkeWorld(HandoverWorld):
                 + _section("[secrets.ike-rw]", {"id": [CLIENT.id, CLIENT.remote_id],
                                                 "file": "gw.psk"})
             )  # fmt: skip
-            if self.failover:
+            if self.etcd:
+                text = text.replace("[connections.rw]\n", "[connections.rw]\ndpd_delay = 1\n")
+                text += _section("[cluster]", {"etcd": self.etcd, "name": "ike", "ttl_s": 2})
+            elif self.failover:
                 # the gateway's own liveness checks (every second without an IKE message)
                 text = text.replace("[connections.rw]\n", "[connections.rw]\ndpd_delay = 1\n")
                 text += _section("[failover]", {

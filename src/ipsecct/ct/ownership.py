@@ -314,6 +314,26 @@ class Ownership:
         for s in spis:
             self.placed[s] = self.home_of(s)
 
+    def place_into(self, spis: list[int], gid: str) -> Txn:
+        """Record tunnels new here (none has a key yet) in group ``gid``, one we hold (a
+        home group or one taken over), while that group's owner key is under our lease:
+        the CHILD SAs of one IKE SA go into the group of their siblings, so that they move
+        as one unit. At most ``MAX_TXN_OPS - 2`` tunnels."""
+        if gid not in self.groups:
+            raise ValueError(f"group {gid} is not ours")
+        return Txn(
+            (
+                Compare(self.member_key(), "LEASE", self.lease),
+                Compare(self.group_key(gid), "LEASE", self.lease),
+                *(absent(self.tunnel_key(s)) for s in spis),
+            ),
+            tuple(Put(self.tunnel_key(s), gid) for s in spis),
+        )
+
+    def placed_into(self, spis: list[int], gid: str) -> None:
+        for s in spis:
+            self.placed[s] = gid
+
     def learn(self, spi: int, gid: str | None) -> None:
         """What etcd says ``tunnels/<spi>`` holds (None: absent)."""
         if gid is None:
@@ -339,10 +359,19 @@ class Ownership:
         self.placed.pop(spi, None)
 
     # -- transfers: the new owner in the same step ----------------------------------------------
-    def hand_over(self, spis: list[int], target_lease: int, target_groups: int) -> list[Txn]:
+    def hand_over(
+        self,
+        spis: list[int],
+        target_lease: int,
+        target_groups: int,
+        anchor: dict[int, int] | None = None,
+    ) -> list[Txn]:
         """Move these tunnels (ours) into the target's home groups, each conditioned on the
         tunnel still being in our group, that group still ours, and the target's group held
-        under the target's lease. Transactions of a bounded size; each is all or nothing."""
+        under the target's lease. Transactions of a bounded size; each is all or nothing.
+        ``anchor``: the SPI whose bucket picks a tunnel's group (the CHILD SAs of one IKE SA
+        share one, so that they land in one group), by default its own."""
+        anchor = anchor or {}
         mine = [s for s in spis if self.owns(s)]
         out = []
         per = (MAX_TXN_OPS - 1) // 3  # each tunnel: its key, its group, the target's group
@@ -352,7 +381,7 @@ class Ownership:
             ops = []
             for s in batch:
                 g = self.placed[s]
-                to = home_group(target_lease, bucket(s, target_groups))
+                to = home_group(target_lease, bucket(anchor.get(s, s), target_groups))
                 for c in (
                     Compare(self.tunnel_key(s), "VALUE", g),
                     Compare(self.group_key(g), "LEASE", self.lease),

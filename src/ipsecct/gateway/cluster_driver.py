@@ -37,7 +37,9 @@ from ..ct import cxtp, ownership
 from ..ct.failover import FailoverConfig, Replicator, Standby, reply_kind
 from ..ct.lease import Lease, LeaseEvent
 from ..ct.transfer import Identity, Record, Settings
-from ..errors import CxtpError, EtcdError
+from ..errors import CxtpError, EtcdError, IkeContextError
+from ..ikev2 import context as ike_context
+from ..ikev2.ikesa import IkeSA
 from ..ipsec import spi as spimod
 from ..ipsec.engine import Held, Tunnel, TunnelState
 from ..ipsec.esp import Drop
@@ -45,6 +47,7 @@ from . import gcpolicy
 from .config import ClusterConfig
 from .etcd import EtcdClient
 from .failover_driver import PREPARE_PER_TICK
+from .ike import IkeService
 from .log import RateLimited, event
 from .node import Node
 from .peers import PeerChannels
@@ -122,6 +125,12 @@ class ClusterDriver:
         # kept until we do: bounded.
         self._waiting: collections.deque[Held] = collections.deque()
         self._handovers: set[asyncio.Task[None]] = set()
+        # IKE SAs (attach_ike): replicated with their CHILD SAs' tunnels to the peers that
+        # would take them, kept in the CHILD SAs' group, taken over with them
+        self.ike: IkeService | None = None
+        self._layout = 0  # moves whenever which peer gets which tunnel may have changed
+        self.ike_taken = 0
+        self.ike_split = 0  # IKE SAs whose CHILD SAs we took only in part (not taken)
         for t in node.engine.tunnels():
             t.seq_ceiling = t.outbound.seq  # nor on a tunnel before we own it
         node.extensions["cluster"] = self.status
@@ -151,6 +160,60 @@ class ClusterDriver:
                 self.node.engine, replace(c, role="standby"), ep, identity, peer_lease=False
             )
 
+    def attach_ike(self, ike: IkeService) -> None:
+        """IKE SAs too: each goes, with its CHILD SAs, to the peers that would take their
+        group; the CHILD SAs of one IKE SA are kept in one group (so that a take-over moves
+        them and the IKE SA as one unit); a member takes an IKE SA over with the tunnels of
+        all its CHILD SAs. IKE stops with the fence: another member may be running it."""
+        self.ike = ike
+        for p, rep in self.replicators.items():
+            rep.extra = ike.new_feed(functools.partial(self._replicate_ike_to, p),
+                                     lambda: self._layout)  # fmt: skip
+        ike.fenced = self._ike_fenced
+        ike.replicated = self._ike_replicated
+        if self.block is not None:
+            ike.engine.spi_range = (self.block.first, self.block.last)
+
+    def _ike_fenced(self, now: float) -> bool:
+        """No IKE while our lease is not valid: etcd may end it and another member take our
+        IKE SAs over (IKE message IDs used by one gateway at a time, as sequence numbers)."""
+        return now >= self.node.engine.send_until
+
+    def _ike_replicated(self) -> bool:
+        """Do peers hold replicas of ours (then a stop leaves our IKE SAs to them)?"""
+        return any(r.acks > 0 for r in self.replicators.values())
+
+    def _replicate_ike_to(self, peer: str, ike: IkeSA) -> bool:
+        """An IKE SA goes where its CHILD SAs' tunnels go (one group: the same peers)."""
+        for c in ike.children:
+            t = c.handle
+            if isinstance(t, Tunnel):
+                return self._replicate_to(peer, t)
+        return False  # no CHILD SA: no group to follow (not replicated)
+
+    def _sibling_group(self, spi: int) -> str | None:
+        """A group of ours holding a sibling of this tunnel (another CHILD SA of its IKE SA),
+        where the tunnel belongs too."""
+        if self.ike is None:
+            return None
+        for s in self.ike.siblings(spi):
+            g = self.own.placed.get(s)
+            if g is not None and g in self.own.groups:
+                return g
+        return None
+
+    def _anchors(self, spis: list[int]) -> dict[int, int]:
+        """For a transfer: the SPI whose bucket picks each moved tunnel's group at the
+        target, the same for every CHILD SA of one IKE SA (their lowest outbound SPI)."""
+        out: dict[int, int] = {}
+        if self.ike is None:
+            return out
+        for s in spis:
+            ike = self.ike.ike_of(s)
+            if ike is not None and ike.children:
+                out[s] = min(c.spi_out for c in ike.children)
+        return out
+
     def receive(self, peer: str, msg: cxtp.CTD) -> bool:
         """A sync message from a peer member; False when it is not one."""
         rep, sb = self.replicators.get(peer), self.standbys.get(peer)
@@ -176,9 +239,13 @@ class ClusterDriver:
         """A transfer finished: the source hands the owner keys of what moved to the target
         (one transaction each: "still ours" -> the target's, under the target's lease); the
         target records its new tunnels at once."""
+        self._layout += 1
         if rec.role == "source" and rec.outcome in ("committed", "partial"):
             spis = [s for s in rec.spis if self.own.owns(s)]
-            task = asyncio.get_running_loop().create_task(self._hand_over(spis, rec.peer))
+            anchors = self._anchors(spis)  # now: the IKE SA leaves right after this
+            task = asyncio.get_running_loop().create_task(
+                self._hand_over(spis, rec.peer, anchors)
+            )
             self._handovers.add(task)
             task.add_done_callback(self._handovers.discard)
         elif rec.role == "target" and rec.outcome == "committed":
@@ -192,13 +259,15 @@ class ClusterDriver:
         self._own_now = True
         self._wake.set()
 
-    async def _hand_over(self, spis: list[int], peer: str) -> None:
+    async def _hand_over(
+        self, spis: list[int], peer: str, anchors: dict[int, int] | None = None
+    ) -> None:
         try:
             kv = await self.client.get(self.keys["members"] + peer)
             _, lease, groups = ownership.parse_member(kv.value) if kv else ("", 0, 0)
             moved = 0
             if lease:
-                for txn in self.own.hand_over(spis, lease, groups):
+                for txn in self.own.hand_over(spis, lease, groups, anchors):
                     if await self.client.txn(txn):
                         self.own.handed_over(txn)
                         moved += len(txn.success)
@@ -259,6 +328,8 @@ class ClusterDriver:
         self.lease_id = lid
         if self.settings is not None:
             self.settings.spi_block = self.block
+        if self.ike is not None:  # CHILD SAs' inbound SPIs from our block too
+            self.ike.engine.spi_range = (self.block.first, self.block.last)
         event(
             log,
             "cluster-joined",
@@ -343,7 +414,7 @@ class ClusterDriver:
         if g is None:
             if not self.own.home:
                 return True
-            g = self.own.home_of(t.outbound.spi)
+            g = self._sibling_group(t.outbound.spi) or self.own.home_of(t.outbound.spi)
         targets = self._targets.get(g)
         if targets is None:
             peers = [m for m in live if m in self.replicators and m != self.node.name]
@@ -358,6 +429,7 @@ class ClusterDriver:
         holds until it acknowledged that (``Replicator.select``)."""
         if self._live is None or set(self._live) != set(now):
             self._targets.clear()
+            self._layout += 1
         self._live = now
 
     async def _scan(self) -> None:
@@ -383,6 +455,7 @@ class ClusterDriver:
             sb = self.standbys[p]
             for spi in [s for s in sb.replica if tunnels.get(s, "") in groups]:
                 del sb.replica[spi]  # someone owns it now: this replica must never be used
+            self._prune_ike(sb.extra, lambda outs, sb=sb: not any(o in sb.replica for o in outs))
         now = self.node.clock()
         first = min(self.dead_since.setdefault(p, now) for p in dead)
         graced = now - first >= self.grace
@@ -425,6 +498,7 @@ class ClusterDriver:
                         got.append(g)
         if not got:
             return
+        self._layout += 1
         with gcpolicy.POLICY.batch():  # a bulk install: no walk of the heap in the middle
             lost = self._adopted(got, tunnels, dead)
         for spi in lost:  # in a group we own now, but nobody replicated it to us: gone
@@ -510,6 +584,9 @@ class ClusterDriver:
             if not isinstance(res, Drop):
                 self.node.send_esp(res.sa, res.data)
         self.taken += len(tunnels)
+        n_ike = self._take_ike(peer, now)
+        if n_ike:
+            rec.detail = (rec.detail + "; " if rec.detail else "") + f"{n_ike} IKE SA(s)"
         rec.peer = peer
         rec.detail = (rec.detail + "; " if rec.detail else "") + "etcd mode"
         self.takeovers.append({"from": peer, "tunnels": len(tunnels), "at": round(now, 3)})
@@ -524,6 +601,54 @@ class ClusterDriver:
             tunnels=len(tunnels),
             asked=asked,
         )
+
+    def _take_ike(self, peer: str, now: float) -> int:
+        """Take over the IKE SAs of ``peer``'s replica whose CHILD SAs' tunnels are all ours
+        now (installed just before), and drop every other copy of them. An IKE SA whose
+        CHILD SAs we own only in part stays (counted, logged): another member may hold the
+        rest, and two gateways must never run one IKE SA."""
+        if self.ike is None:
+            return 0
+        sb = self.standbys[peer]
+        here = {t.outbound.spi for t in self.node.engine.tunnels()}
+        take: list[list[bytes]] = []
+        taken: set[int] = set()
+        for key, cdbs in list(sb.extra.items()):
+            try:
+                outs = [o for _, o in ike_context.child_spis(cdbs)]
+            except IkeContextError:
+                del sb.extra[key]
+                continue
+            mine = [o for o in outs if o in here and self.own.owns(o)]
+            if not mine:
+                continue
+            del sb.extra[key]
+            if len(mine) < len(outs):
+                self.ike_split += 1
+                event(log, "cluster-ike-sa-split", logging.WARNING, node=self.node.name,
+                      peer=peer, children=len(outs), here=len(mine),
+                      detail="only some of its CHILD SAs were taken here: the IKE SA was"
+                      " not taken over (its client will re-establish it)")  # fmt: skip
+                continue
+            take.append(cdbs)
+            taken.update(outs)
+        for other in self.standbys.values():  # any other copy is stale: never use it
+            self._prune_ike(other.extra, lambda outs: any(o in taken for o in outs))
+        if not take:
+            return 0
+        n = self.ike.take_over(take, now, self.margin)
+        self.ike_taken += n
+        return n
+
+    @staticmethod
+    def _prune_ike(extra: dict[bytes, list[bytes]], drop: Any) -> None:
+        for key, cdbs in list(extra.items()):
+            try:
+                outs = [o for _, o in ike_context.child_spis(cdbs)]
+            except IkeContextError:
+                outs = []
+            if not outs or drop(outs):
+                del extra[key]
 
     async def _renew(self) -> None:
         self._n += 1
@@ -547,6 +672,9 @@ class ClusterDriver:
         for t in gone:
             self.node.engine.remove_tunnel(t)
         self.lost_for_good += len(gone)
+        self._layout += 1
+        if self.ike is not None:  # others may run them now: never a message more from here
+            self.ike.forget_all("etcd ended this gateway's lease: its IKE SAs may have moved")
         event(
             log,
             "cluster-lease-expired",
@@ -569,6 +697,16 @@ class ClusterDriver:
             for t in self.node.engine.tunnels()
             if t.state in (TunnelState.ACTIVE, TunnelState.HELD)
         }
+        # Before a rekeyed CHILD SA's predecessor is released below: the group of each new
+        # tunnel's siblings (the other CHILD SAs of its IKE SA), where it goes too.
+        hints: dict[int, str] = {}
+        if self.ike is not None:
+            for t in self.node.engine.tunnels():
+                spi = t.outbound.spi
+                if t.state is TunnelState.ACTIVE and spi not in self.own.placed:
+                    g = self._sibling_group(spi)
+                    if g is not None:
+                        hints[spi] = g
         for spi in sorted(self.own.owned() - here):
             txn = self.own.release(spi)
             if txn is not None:
@@ -579,6 +717,8 @@ class ClusterDriver:
             for t in self.node.engine.tunnels()
             if t.state is TunnelState.ACTIVE and not self.own.owns(t.outbound.spi)
         ]
+        if hints:
+            todo = await self._place_with_siblings(todo, hints)
         per = ownership.MAX_TXN_OPS - 1
         now = self.node.clock()
         retry = False
@@ -622,6 +762,8 @@ class ClusterDriver:
                         retry = True  # a transfer's source may not have handed it over yet
                     else:
                         self._fence(t)
+            if won:
+                self._layout += 1
             for t in won:
                 self._not_owner.discard(t.outbound.spi)
                 self._unowned_since.pop(t.outbound.spi, None)
@@ -635,6 +777,36 @@ class ClusterDriver:
         if self._transferred_in:
             inbound = {t.inbound.spi for t in self.node.engine.tunnels() if t.inbound}
             self._transferred_in &= here | inbound
+
+    async def _place_with_siblings(self, todo: list[Tunnel], hints: dict[int, str]) -> list[Tunnel]:
+        """Record the tunnels that have siblings in a group of ours into that group; returns
+        the others (and any whose transaction failed: a key exists, or the group is no longer
+        ours), for the ordinary way."""
+        rest: list[Tunnel] = []
+        by_group: dict[str, list[Tunnel]] = {}
+        for t in todo:
+            g = hints.get(t.outbound.spi)
+            if g is not None and g in self.own.groups:
+                by_group.setdefault(g, []).append(t)
+            else:
+                rest.append(t)
+        per = ownership.MAX_TXN_OPS - 2
+        for g, ts in by_group.items():
+            for i in range(0, len(ts), per):
+                batch = ts[i : i + per]
+                spis = [t.outbound.spi for t in batch]
+                if not await self.client.txn(self.own.place_into(spis, g)):
+                    rest += batch
+                    continue
+                self.own.placed_into(spis, g)
+                self._layout += 1
+                for t in batch:
+                    self._not_owner.discard(t.outbound.spi)
+                    self._unowned_since.pop(t.outbound.spi, None)
+                    self._transferred_in.discard(t.outbound.spi)
+                    self._ceiling(t)
+                self._now_owned(batch)
+        return rest
 
     def _fence(self, t: Tunnel) -> None:
         n = len(self._waiting)
@@ -723,6 +895,9 @@ class ClusterDriver:
             "etcd_error": self.last_error,
             "replicas": {p: len(sb.replica) for p, sb in self.standbys.items()},
             "taken_over": self.taken,
+            "ike_taken_over": self.ike_taken,
+            "ike_split": self.ike_split,
+            "replicated_ike_sas": {p: len(sb.extra) for p, sb in self.standbys.items()},
             "takeovers": list(self.takeovers),
         }
 

@@ -46,6 +46,7 @@ INBOUND_GRACE = 2.0  # seconds a peer-deleted, rekeyed CHILD SA still takes what
 # for it (its context follows the commit over the TLS channel), and how many at most
 EARLY_IKE_TIME = 1.0
 EARLY_IKE_MAX = 64
+BORN_WITH_MAX = 65536  # CHILD SAs whose siblings at birth are remembered
 MARKER = b"\0\0\0\0"
 
 
@@ -88,8 +89,14 @@ class IkeService:
         # it neither answers nor starts IKE exchanges: the standby may be running them
         self.fenced: Callable[[float], bool] | None = None
         self._changes = 0  # engine calls so far: the replication looks only after one
-        self._extra_seen = -1
-        self._extra_fp: dict[bytes, tuple[object, ...]] = {}
+        self.feed = IkeFeed(self)  # the pair mode's replication (etcd mode: one per peer)
+        self.feeds: list[IkeFeed] = [self.feed]
+        # CHILD SAs' siblings when they were made (outbound SPI -> the other CHILD SAs'
+        # outbound SPIs then): a rekeyed CHILD SA joins its predecessor's cluster group even
+        # when the predecessor is gone by the time the new one is recorded
+        self._born_with: dict[int, list[int]] = {}
+        self._index: dict[int, IkeSA] = {}  # outbound SPI -> IKE SA, as of _index_at
+        self._index_at = -1
         host = node.cfg.local_address
         self.local_host = host
         node.outer_hooks.append(self._on_4500)
@@ -264,12 +271,16 @@ class IkeService:
             remote = Address(ike.remote.host, enc.dport if enc else 0)
             entry, out, inn = child.sas(local, remote, enc is not None, label)
             out.created = inn.created = self.node.clock()
+            self._born_with[child.spi_out] = [c.spi_out for c in ike.children if c is not child]
+            while len(self._born_with) > BORN_WITH_MAX:
+                del self._born_with[next(iter(self._born_with))]
             child.handle = eng.add_tunnel(entry, out, inn, index=self._position(o))
             event(log, "child-sa-installed", node=self.node.name, child=label,
                   spi_in=f"0x{child.spi_in:08x}", spi_out=f"0x{child.spi_out:08x}",
                   encap=enc is not None)  # fmt: skip
         elif isinstance(o, ChildDown):
             t = o.child.handle
+            self._born_with.pop(o.child.spi_out, None)
             if t is not None:
                 eng.remove_tunnel(t)  # type: ignore[arg-type]
                 o.child.handle = None
@@ -343,6 +354,7 @@ class IkeService:
             return
         for c in ike.children:
             c.handle = None  # the tunnels moved with the transfer
+        self._changes += 1  # gone from here: the replication reports it
         self.send_context(peer, cdbs, ike.remote.host)
         event(log, "ike-sa-sent", node=self.node.name, conn=ike.conn.name, peer=peer,
               spi_i=ike.spi_i.hex(), spi_r=ike.spi_r.hex(), children=len(ike.children))  # fmt: skip
@@ -362,6 +374,7 @@ class IkeService:
             return
         for c in ike.children:
             c.handle = self.node.engine.tunnel_by_spi(c.spi_in)
+        self._changes += 1  # new here: replicated
         event(log, "ike-sa-received", node=self.node.name, conn=ike.conn.name, peer=peer,
               spi_i=ike.spi_i.hex(), spi_r=ike.spi_r.hex(), children=len(ike.children),
               tunnels=sum(c.handle is not None for c in ike.children))  # fmt: skip
@@ -388,52 +401,54 @@ class IkeService:
     def liveness(self, ike: IkeSA) -> None:
         """Send a liveness check (an empty INFORMATIONAL) on ``ike`` now."""
         self._act(self.engine.liveness(ike, self.node.clock()))
-    # -- fail-over (pair mode): IKE SAs replicated to the standby, taken over by it ------------
+    # -- fail-over: IKE SAs replicated to the standby (pair mode) or to the members that would
+    # take their CHILD SAs (etcd mode), and taken over there ----------------------------------
     def poll_extra(self, now: float, full: bool) -> tuple[list[tuple[bytes, list[bytes]]],
                                                           list[bytes]]:  # fmt: skip
-        """The IKE SA contexts (with their CHILD SAs) new or changed since the last call, and
-        the IKE SAs gone (keyed by our SPI): what the fail-over Replicator sends the standby
-        beside the tunnels. An IKE SA changes when its message IDs move (every exchange), its
-        CHILD SAs are rekeyed, it is rekeyed (a new SA, the old one gone) or its peer moves."""
-        if not full and self._changes == self._extra_seen:
-            return [], []
-        self._extra_seen = self._changes
-        upserts: list[tuple[bytes, list[bytes]]] = []
-        live: set[bytes] = set()
-        for ike in self.engine.ike_sas():
-            if ike.state is not IkeState.ESTABLISHED:
-                continue
-            key = ike.our_spi
-            live.add(key)
-            fp = (ike.uid, ike.my_next_mid, ike.peer_next_mid, ike.local, ike.remote,
-                  ike.nat_local, ike.nat_remote, ike.rekey_at,
-                  tuple(c.uid for c in ike.children))  # fmt: skip
-            if not full and self._extra_fp.get(key) == fp:
-                continue
-            try:
-                cdbs = ike_context.encode(ike, now)
-            except IkeContextError:
-                cdbs = []
-            if not cdbs or len(cdbs) > MAX_EXTRA_CDBS:
-                self.engine.stats["ike-unreplicable"] += 1
-                continue
-            self._extra_fp[key] = fp
-            upserts.append((key, cdbs))
-        gone = [k for k in self._extra_fp if k not in live]
-        for k in gone:
-            del self._extra_fp[k]
-        return upserts, [] if full else gone
+        """The pair mode's replication: see :meth:`IkeFeed.poll_extra`."""
+        return self.feed.poll_extra(now, full)
 
-    def forget_all(self) -> None:
-        """The standby took over our IKE SAs: drop them all without a DELETE (the fencing
-        removed their tunnels)."""
+    def new_feed(self, select: Callable[[IkeSA], bool], token: Callable[[], object]) -> IkeFeed:
+        """A replication of the IKE SAs ``select`` picks (etcd mode: one per peer member);
+        ``token`` changes whenever the selection may have (the member list, groups)."""
+        f = IkeFeed(self, select, token)
+        self.feeds.append(f)
+        return f
+
+    def changed(self) -> int:
+        """A number that moves whenever an IKE SA may have changed (every engine call)."""
+        return self._changes
+
+    def ike_of(self, spi_out: int) -> IkeSA | None:
+        """The IKE SA a CHILD SA belongs to, by the CHILD SA's outbound SPI."""
+        if self._index_at != self._changes:
+            self._index = {c.spi_out: ike for ike in self.engine.ike_sas() for c in ike.children}
+            self._index_at = self._changes
+        return self._index.get(spi_out)
+
+    def siblings(self, spi_out: int) -> list[int]:
+        """The outbound SPIs of the other CHILD SAs of this CHILD SA's IKE SA (now, and when
+        it was made): they belong in one cluster group, so that a take-over moves them and
+        their IKE SA as one unit."""
+        out = list(self._born_with.get(spi_out, ()))
+        ike = self.ike_of(spi_out)
+        if ike is not None:
+            out += [c.spi_out for c in ike.children if c.spi_out != spi_out]
+        return out
+
+    def forget_all(self, detail: str = "the standby took them over") -> None:
+        """Another gateway took over our IKE SAs (the standby, or etcd ended our lease): drop
+        them all without a DELETE (the fencing removed their tunnels)."""
+        n = len(self.engine.ike_sas())
         for ike in self.engine.ike_sas():
             self.engine.forget(ike)
             for c in ike.children:
                 c.handle = None
-        self._extra_fp.clear()
-        event(log, "ike-sas-forgotten", logging.WARNING, node=self.node.name,
-              detail="the standby took them over")  # fmt: skip
+        self._changes += 1
+        for f in self.feeds:
+            f.reset()
+        event(log, "ike-sas-forgotten", logging.WARNING, node=self.node.name, ike_sas=n,
+              detail=detail)  # fmt: skip
 
     def take_over(self, contexts: list[list[bytes]], now: float, esp_delta: int) -> int:
         """The standby took over: install the replicated IKE SAs (their CHILD SAs' tunnels
@@ -449,6 +464,7 @@ class IkeService:
                       peer="replica", error=str(exc))  # fmt: skip
                 continue
             taken += 1
+            self._changes += 1
             for c in ike.children:
                 c.handle = self.node.engine.tunnel_by_spi(c.spi_in)
             event(log, "ike-sa-taken-over", node=self.node.name, conn=ike.conn.name,
@@ -466,3 +482,63 @@ class IkeService:
     def list(self) -> list[dict[str, object]]:
         now = self.node.clock()
         return [ike.summary(now) for ike in self.engine.ike_sas()]
+
+
+class IkeFeed:
+    """The IKE SA contexts one replica holder gets (an :class:`~ipsecct.ct.failover.ExtraSource`):
+    each established IKE SA ``select`` picks, with its CHILD SAs, sent when new or changed,
+    and reported gone when it is gone or no longer picked."""
+
+    def __init__(
+        self,
+        service: IkeService,
+        select: Callable[[IkeSA], bool] | None = None,
+        token: Callable[[], object] | None = None,
+    ) -> None:
+        self.service = service
+        self.select = select
+        self.token = token
+        self._seen: object = None
+        self._fp: dict[bytes, tuple[object, ...]] = {}
+
+    def reset(self) -> None:
+        self._fp.clear()
+        self._seen = None
+
+    def poll_extra(self, now: float, full: bool) -> tuple[list[tuple[bytes, list[bytes]]],
+                                                          list[bytes]]:  # fmt: skip
+        """The IKE SA contexts (with their CHILD SAs) new or changed since the last call, and
+        the IKE SAs gone (keyed by our SPI): what the fail-over Replicator sends beside the
+        tunnels. An IKE SA changes when its message IDs move (every exchange), its CHILD SAs
+        are rekeyed, it is rekeyed (a new SA, the old one gone) or its peer moves."""
+        seen = (self.service.changed(), self.token() if self.token is not None else None)
+        if not full and seen == self._seen:
+            return [], []
+        self._seen = seen
+        upserts: list[tuple[bytes, list[bytes]]] = []
+        live: set[bytes] = set()
+        for ike in self.service.engine.ike_sas():
+            if ike.state is not IkeState.ESTABLISHED:
+                continue
+            if self.select is not None and not self.select(ike):
+                continue
+            key = ike.our_spi
+            live.add(key)
+            fp = (ike.uid, ike.my_next_mid, ike.peer_next_mid, ike.local, ike.remote,
+                  ike.nat_local, ike.nat_remote, ike.rekey_at,
+                  tuple(c.uid for c in ike.children))  # fmt: skip
+            if not full and self._fp.get(key) == fp:
+                continue
+            try:
+                cdbs = ike_context.encode(ike, now)
+            except IkeContextError:
+                cdbs = []
+            if not cdbs or len(cdbs) > MAX_EXTRA_CDBS:
+                self.service.engine.stats["ike-unreplicable"] += 1
+                continue
+            self._fp[key] = fp
+            upserts.append((key, cdbs))
+        gone = [k for k in self._fp if k not in live]
+        for k in gone:
+            del self._fp[k]
+        return upserts, [] if full else gone

@@ -129,6 +129,8 @@ class Service:
             self.transfer.listeners.append(self.ike.on_transfer)
         if self.ike is not None and self.failover is not None:
             self.failover.attach_ike(self.ike)  # IKE SAs replicated and taken over too
+        if self.ike is not None and self.cluster is not None and self.cluster.replicators:
+            self.cluster.attach_ike(self.ike)  # ... in the etcd mode, with their group
         if self.control is not None:
             if self.ike is not None:
                 self.control.register("ike.list", self._ike_list)

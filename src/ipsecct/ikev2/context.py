@@ -221,6 +221,18 @@ def is_ike_cdb(cdb: bytes) -> bool:
         FPT_IKE_SA, FPT_IKE_CHILD, FPT_IKE_RESPONSE)
 
 
+def child_spis(cdbs: list[bytes]) -> list[tuple[int, int]]:
+    """(inbound, outbound) SPIs of the CHILD SAs an IKE context holds, without decoding the
+    rest (which of a replica's IKE SAs go with the tunnels a gateway took over)."""
+    out = []
+    for cdb in cdbs:
+        fpt, d = _parse(cdb)
+        if fpt == FPT_IKE_CHILD:
+            spi_in, spi_out = struct.unpack("!II", _one(d, 7, 8))
+            out.append((spi_in, spi_out))
+    return out
+
+
 def decode(cdbs: list[bytes], connections: list[Connection], now: float,
            local: Address | None = None) -> IkeSA:  # fmt: skip
     """The IKE SA (with its CHILD SAs) the CDBs describe, for one of ``connections`` (by name:

@@ -1,0 +1,146 @@
+"""IKE SA fail-over in the etcd mode under an unmodified strongSwan client (root, indirect SG
+identity): sg1 and sg2 are members of a cluster on a real etcd (in the host's namespace, on the
+core network); strongSwan 5.9.8 (kernel-libipsec) in the MN's namespace connects by IKEv2 to
+the virtual address held by sg1. sg1 replicates the tunnel and its IKE SA (one unit: the IKE SA
+goes where its CHILD SAs' group goes) to sg2. sg1 is killed (SIGKILL) under a ping and a UDP
+stream: once etcd has expired sg1's lease, sg2 creates the owner key of the group, installs
+the tunnel (sequence numbers leapt) and takes the IKE SA over with it, claims the virtual
+address and synchronises message IDs with strongSwan (RFC 6311). strongSwan keeps its IKE SA
+(one IKE_SA_INIT, one IKE_AUTH in its log), answers sg2's liveness checks and completes an IKE
+rekey with it, and no (SPI, sequence number) pair appears twice on the wire.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import signal
+import tempfile
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import strongswan
+from tests.helpers.etcd_server import EtcdCluster
+from tests.helpers.ike_world import CLIENT, Client, IkeWorld
+from tests.helpers.netns import Namespaces
+from tests.helpers.netns import wait_until as until
+from tests.helpers.netns_topology import HOST, MN_OUTER, Traffic
+
+needs_strongswan = pytest.mark.skipif(not strongswan.available(), reason=strongswan.skip_reason())
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> Iterator[IkeWorld]:
+    sockdir = Path(tempfile.mkdtemp(prefix="ipsecct-ikecl-", dir="/tmp"))
+    workdir = tmp_path if len(str(tmp_path)) <= 70 else Path(tempfile.mkdtemp(prefix="ict-"))
+    try:
+        with Namespaces("mn", "sg1", "sg2", "host", "br") as ns:
+            w = IkeWorld(ns, workdir, sockdir, "indirect")
+            w.ike_proposal = "aes128-sha256-x25519"  # CBC: strongSwan answers RFC 6311
+            try:
+                w.build_links()
+                # etcd on the core network, where both gateways reach it
+                with EtcdCluster(workdir, 1, host=HOST, prefix=ns.cmd("host")) as etcd:
+                    w.etcd = etcd.endpoints
+                    w.write_configs()
+                    w.start()
+                    yield w
+            finally:
+                w.stop()
+    finally:
+        shutil.rmtree(sockdir, ignore_errors=True)
+        if workdir != tmp_path:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def esp_pairs(cap_fields: list[list[str]]) -> Counter[tuple[str, str]]:
+    return Counter((spi, seq) for spi, seq in cap_fields if spi and seq)
+
+
+@pytest.mark.root
+@pytest.mark.slow
+@needs_strongswan
+def test_strongswan_client_keeps_its_ike_sa_when_its_cluster_member_dies(
+    world: IkeWorld,
+) -> None:
+    w = world
+    client = Client(w.ns, "mn", CLIENT, w.dir, "aes128gcm16")
+    client.ike_proposal = w.ike_proposal
+    with client as ss:
+
+        def wait_until(pred: Callable[[], object], what: str, timeout: float) -> None:
+            try:
+                until(pred, what, timeout)
+            except AssertionError as exc:
+                ike_log = "\n".join(x for x in ss.log().splitlines() if "[ESP]" not in x)
+                diag = f"{ike_log[-20000:]}\n{w.logs()}\n{w.status('sg2').get('cluster')}"
+                raise AssertionError(f"{exc}\n{diag}") from None
+
+        # both members joined (IKE is fenced until a member holds its lease)
+        for g in ("sg1", "sg2"):
+            wait_until(lambda g=g: w.status(g)["cluster"]["lease"]["state"] == "held",
+                       f"{g} to join the cluster", 30)  # fmt: skip
+        ss.start()
+        ss.initiate()
+        assert strongswan.ping(w.ns, "mn", HOST, 3) == 3, ss.logtail() + w.logs()
+        (ike1,) = w.ike_sas("sg1")
+        assert not w.ike_sas("sg2")
+        # sg1 owns the tunnel; sg2 holds replicas of the tunnel and of its IKE SA
+        wait_until(lambda: w.status("sg1")["cluster"]["owned_tunnels"] == 1,
+                   "sg1 to own the CHILD SA's tunnel", 15)  # fmt: skip
+        wait_until(lambda: w.status("sg2")["cluster"]["replicated_ike_sas"].get("sg1") == 1,
+                   "sg2 to hold a replica of the IKE SA", 15)  # fmt: skip
+        cap = w.capture("mn", "esp-to-mn", f"udp dst port 4500 and dst host {MN_OUTER}")
+        traffic = Traffic.start(w, udp_rate=200, after=200, limit=100_000, ping_interval=0.1)
+        try:
+            wait_until(lambda: w.counters("sg1").get("liveness-ok", 0) >= 2,
+                       "sg1's liveness checks (message IDs move)", 15)  # fmt: skip
+            proc = w.daemons["sg1"].proc
+            assert proc is not None
+            proc.send_signal(signal.SIGKILL)
+            assert proc.wait(15) == -signal.SIGKILL
+            w.route_host_via("sg2")
+            wait_until(lambda: len(w.ike_sas("sg2")) == 1, "sg2 to take over the IKE SA", 30)
+            cl = w.status("sg2")["cluster"]
+            assert cl["taken_over"] == 1 and cl["ike_taken_over"] == 1, cl
+            assert cl["ike_split"] == 0, cl
+            wait_until(lambda: w.counters("sg2").get("mid-sync-done", 0) == 1,
+                       "the RFC 6311 message-ID sync with strongSwan", 20)  # fmt: skip
+            (ike2,) = w.ike_sas("sg2")
+            assert (ike2["spi_i"], ike2["spi_r"]) == (ike1["spi_i"], ike1["spi_r"])
+            assert [c["spi_in"] for c in ike2["children"]] == [
+                c["spi_in"] for c in ike1["children"]]  # fmt: skip
+            # sg2's liveness checks (dpd_delay 1 s) are answered: the message IDs agree
+            wait_until(lambda: w.counters("sg2").get("liveness-ok", 0) >= 2,
+                       "strongSwan to answer sg2's liveness checks", 20)  # fmt: skip
+            ss.swanctl("--rekey", "--ike", "cA")
+            wait_until(lambda: w.counters("sg2").get("ike-sa-rekeyed", 0) >= 1, "IKE rekey", 20)
+            assert strongswan.ping(w.ns, "mn", HOST, 5) == 5, ss.logtail() + w.logs()
+            mn, host, ping = traffic.finish()
+        finally:
+            traffic.stop()
+            cap.stop()
+        log = ss.log()
+        assert "responder requested MID sync" in log, ss.logtail()
+        # the client never started over: one IKE_SA_INIT, one IKE_AUTH
+        assert len(re.findall(r"generating IKE_SA_INIT request", log)) == 1, log
+        assert len(re.findall(r"generating IKE_AUTH request", log)) == 1, log
+        assert "ESTABLISHED => DESTROYING" not in log, ss.logtail()
+        assert "ESTABLISHED => DELETING" not in log, ss.logtail()
+        assert "received DELETE" not in log, ss.logtail()
+        assert "event=ike-sa-taken-over" in w.log("sg2"), w.log("sg2")
+        # the wire: ESP to the MN from sg1, then from sg2, and no (SPI, sequence) twice
+        pairs = esp_pairs(cap.fields("esp.spi", "esp.sequence"))
+        assert sum(pairs.values()) > 200, pairs.most_common(3)
+        repeated = [p for p, n in pairs.items() if n > 1]
+        assert not repeated, repeated[:10]
+        assert mn["duplicates"] == 0 and host["duplicates"] == 0, (mn, host)
+        # one gap: etcd's lease (2 s) and the scan, then everything comes back
+        assert mn["longest_missing_run"] < 6 * 200, mn
+        assert mn["sent"] - mn["echoed"] <= mn["longest_missing_run"] + 5, mn
+        print("stream:", mn, "\nping lost:", len(ping.lost), "\nsg2:", w.counters("sg2"),
+              "\ncluster:", w.status("sg2")["cluster"],
+              "\nesp pairs:", sum(pairs.values()))  # fmt: skip
