@@ -63,8 +63,17 @@ def esp_pairs(cap_fields: list[list[str]]) -> Counter[tuple[str, str]]:
 @pytest.mark.root
 @pytest.mark.slow
 @needs_strongswan
+@pytest.mark.parametrize(
+    "sig",
+    [
+        pytest.param(signal.SIGKILL, id="sigkill"),
+        # stopped: it leaves its IKE SAs to the members holding replicas (no DELETE) and
+        # revokes its lease, so that they take over at once
+        pytest.param(signal.SIGTERM, id="sigterm"),
+    ],
+)
 def test_strongswan_client_keeps_its_ike_sa_when_its_cluster_member_dies(
-    world: IkeWorld,
+    world: IkeWorld, sig: signal.Signals
 ) -> None:
     w = world
     client = Client(w.ns, "mn", CLIENT, w.dir, "aes128gcm16")
@@ -100,8 +109,8 @@ def test_strongswan_client_keeps_its_ike_sa_when_its_cluster_member_dies(
                        "sg1's liveness checks (message IDs move)", 15)  # fmt: skip
             proc = w.daemons["sg1"].proc
             assert proc is not None
-            proc.send_signal(signal.SIGKILL)
-            assert proc.wait(15) == -signal.SIGKILL
+            proc.send_signal(sig)
+            assert proc.wait(15) == (0 if sig == signal.SIGTERM else -signal.SIGKILL)
             w.route_host_via("sg2")
             wait_until(lambda: len(w.ike_sas("sg2")) == 1, "sg2 to take over the IKE SA", 30)
             cl = w.status("sg2")["cluster"]
@@ -132,6 +141,8 @@ def test_strongswan_client_keeps_its_ike_sa_when_its_cluster_member_dies(
         assert "ESTABLISHED => DELETING" not in log, ss.logtail()
         assert "received DELETE" not in log, ss.logtail()
         assert "event=ike-sa-taken-over" in w.log("sg2"), w.log("sg2")
+        if sig == signal.SIGTERM:
+            assert "event=ike-sas-left-to-standby" in w.log("sg1"), w.log("sg1")
         # the wire: ESP to the MN from sg1, then from sg2, and no (SPI, sequence) twice
         pairs = esp_pairs(cap.fields("esp.spi", "esp.sequence"))
         assert sum(pairs.values()) > 200, pairs.most_common(3)
