@@ -24,13 +24,18 @@ from ipsecct.ipsec.ippacket import build_udp
 from tests.helpers.deployment import cli, free_port
 from tests.helpers.processes import stop_all
 
+MARK = b"\0\0\0\0capture-sync "  # a non-ESP marker (RFC 3948): never counted as ESP
+
 
 def remote(i: int) -> str:
     return f"10.1.{i // 200}.{i % 200 + 1}"
 
 
 class Capture:
-    """The MN's outer UDP socket: records (SPI, sequence number, sender) of every datagram."""
+    """The MN's outer UDP socket: records (SPI, sequence number, sender) of every datagram.
+
+    A datagram's time is when this thread read it, which on a loaded machine can be well after
+    it was sent: :meth:`sync` before taking a time that separates "before" from "after"."""
 
     def __init__(self) -> None:
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -39,6 +44,8 @@ class Capture:
         self.sock.settimeout(0.1)
         self.port = self.sock.getsockname()[1]
         self.seen: list[tuple[int, int, int, float]] = []  # spi, seq, sender port, time
+        self._marks = 0  # markers sent by sync()
+        self._marked = 0  # the last marker read
         self._stop = False
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -49,9 +56,24 @@ class Capture:
                 data, addr = self.sock.recvfrom(65535)
             except (TimeoutError, OSError):
                 continue
-            if len(data) >= 8 and data[:4] != b"\0\0\0\0":
+            if data.startswith(MARK):
+                self._marked = int(data[len(MARK):])
+            elif len(data) >= 8 and data[:4] != b"\0\0\0\0":
                 spi, seq = struct.unpack_from("!II", data)
                 self.seen.append((spi, seq, addr[1], time.monotonic()))
+
+    def sync(self, timeout: float = 30.0) -> None:
+        """Return once every datagram that reached the socket before this call has been read
+        into ``seen``: a marker of our own is sent to the socket and awaited (one socket's
+        queue is read in order)."""
+        self._marks += 1
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.sendto(MARK + str(self._marks).encode(), ("127.0.0.1", self.port))
+        deadline = time.monotonic() + timeout
+        while self._marked < self._marks:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the capture did not read its marker within {timeout} s")
+            time.sleep(0.005)
 
     def duplicates(self) -> list[tuple[int, int]]:
         c = Counter((spi, seq) for spi, seq, _, _ in self.seen)
