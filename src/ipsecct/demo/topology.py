@@ -503,9 +503,34 @@ async def stream(
     demo.ended = loop.time()
     if half_task is not None:
         await half_task
-    await asyncio.sleep(0.3)  # let the last packets arrive
+    await _last_packets(demo, sent)
     if out is not None:
         _report(demo, loop.time() - start, out)
+
+
+async def _last_packets(demo: Demo, sent: int, quiet: float = 0.3, limit: float = 5.0) -> None:
+    """Let the last packets of a stream of ``sent`` each way arrive: until all have, or none
+    has for ``quiet`` seconds (what a handover lost), at most ``limit`` seconds. Quiet counts
+    polls of the running loop too (one every 10 ms), not only time: a process the machine
+    did not run for a while has received nothing meanwhile, and its packets are still
+    queued in its sockets, a loop iteration or two per hop away."""
+    loop = asyncio.get_running_loop()
+    step = 0.01
+
+    def arrived() -> int:
+        return len(demo.mn_app.received) + len(demo.host_app.received)
+
+    start = last_change = loop.time()
+    seen, polls = arrived(), 0
+    while seen < 2 * sent and loop.time() - start < limit:
+        await asyncio.sleep(step)
+        n = arrived()
+        if n != seen:
+            seen, polls, last_change = n, 0, loop.time()
+            continue
+        polls += 1
+        if polls * step >= quiet and loop.time() - last_change >= quiet:
+            return
 
 
 def _drops(demo: Demo) -> dict[str, int]:
