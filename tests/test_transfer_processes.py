@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from ipsecct.gateway.control import request
 from tests.helpers.deployment import cli
 from tests.helpers.transfer_processes import (
     SPI,
@@ -92,13 +93,18 @@ def test_target_stopped_then_killed_mid_transfer(setup: Setup) -> None:
         stderr=subprocess.PIPE,
         text=True,
     )
-    # Wait until sg1 is in the middle of it (the tunnel held, the transfer in progress).
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        if setup.status("sg1")["transfers"]["in_progress"] == 1:
-            break
-        time.sleep(0.05)
-    assert setup.status("sg1")["transfers"]["in_progress"] == 1
+    # Wait until sg1 is in the middle of it (the tunnel held, the transfer in progress). The
+    # transfer is in progress for max_transfer_ms only: sg1 is asked over its control socket
+    # from here (an `ipsecct status` process per poll took a second or more to start on a
+    # loaded machine, and the window closed between two of them: CI saw 0 == 1), and what
+    # the poll saw is what is asserted (not a second, later status).
+    sock = str(setup.dir / "ctl-sg1.sock")
+    deadline = time.monotonic() + 30  # the `ipsecct transfer` process starting, loaded
+    in_progress = 0
+    while in_progress != 1 and time.monotonic() < deadline and p.poll() is None:
+        in_progress = request(sock, "status", timeout=10)["transfers"]["in_progress"]
+        time.sleep(0.01)
+    assert in_progress == 1, (p.poll(), setup.log("sg1"))
     os.kill(setup.procs["sg2"].pid, signal.SIGKILL)
     setup.procs["sg2"].wait(10)
     out, err = p.communicate(timeout=30)
