@@ -96,7 +96,7 @@ class ExampleDeployment:
             stderr=subprocess.STDOUT,
         )
         log.close()
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 30  # a Python process starting on a loaded machine
         while time.monotonic() < deadline:
             if self.procs[name].poll() is not None:
                 raise AssertionError(f"{name} exited: {self.log(name)}")
@@ -120,7 +120,7 @@ class ExampleDeployment:
         out: list[dict[str, Any]] = json.loads(r.stdout)
         return out
 
-    def wait(self, name: str, pred: Any, what: str, timeout: float = 10) -> dict[str, Any]:
+    def wait(self, name: str, pred: Any, what: str, timeout: float = 30) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
         while True:
             st = self.status(name)
