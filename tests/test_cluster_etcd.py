@@ -290,7 +290,7 @@ def test_etcd_mode_take_over_after_sigkill(tmp_path: Path) -> None:
                     r = cli("cluster", "status", "--json", "--config", dep.config("sg2"))
                     if json.loads(r.stdout)["owners"] == {"0x20000001": dst}:
                         break
-                    assert time.monotonic() - t0 < 5, r.stdout
+                    assert time.monotonic() - t0 < 30, r.stdout
                     time.sleep(0.05)
                 dep.wait(
                     dst, lambda s: s["cluster"]["owned_tunnels"] == 1, f"{dst} owns the tunnel"
@@ -301,7 +301,7 @@ def test_etcd_mode_take_over_after_sigkill(tmp_path: Path) -> None:
                 while (
                     next(s["dst"] for s in dep.sas("mn") if s["direction"] == "out") != to[dst][0]
                 ):
-                    assert time.monotonic() - t0 < 5, dep.sas("mn")
+                    assert time.monotonic() - t0 < 30, dep.sas("mn")
                     time.sleep(0.1)
                 assert dep.exchange(20, 6, True, ("127.0.4.10", dep.port[15100])) == 20
             assert "event=cluster-handed-over" in (dep.dir / "sg1.log").read_text()
@@ -311,11 +311,12 @@ def test_etcd_mode_take_over_after_sigkill(tmp_path: Path) -> None:
             os.kill(dep.procs["sg1"].pid, signal.SIGKILL)
             dep.procs["sg1"].wait(10)
             t0 = time.monotonic()
-            st2 = dep.wait(
-                "sg2", lambda s: s["cluster"]["taken_over"] == 1, "sg2 takes over", timeout=10
-            )
+            st2 = dep.wait("sg2", lambda s: s["cluster"]["taken_over"] == 1, "sg2 takes over")
             took = time.monotonic() - t0
-            assert 1.0 <= took <= 6.0, took  # after etcd expired sg1's lease (ttl 2 s)
+            # Not before etcd expired sg1's lease (ttl 2 s). The upper bound is generous: it
+            # is measured through `ipsecct status` processes, a second or more each to start on
+            # a loaded machine, and etcd's own expiry runs late there too.
+            assert 1.0 <= took <= 20.0, took
             assert st2["cluster"]["owned_tunnels"] == 1
             r = cli("cluster", "status", "--json", "--config", dep.config("sg2"))
             cs = json.loads(r.stdout)
