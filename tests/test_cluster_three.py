@@ -333,7 +333,7 @@ def test_three_gateways_three_etcd_members(tmp_path: Path) -> None:
             assert {spi for spi, g in owned.items() if g == "sg2"} == set(plan["sg2"])
             assert {spi for spi, g in owned.items() if g == "sg3"} == set(plan["sg3"])
             owners = {i: owned[spi_out(i)] for i in range(K)}
-            t.wait(lambda: t.up(3) == K, "the MN follows every tunnel", timeout=10)
+            t.wait(lambda: t.up(3) == K, "the MN follows every tunnel", timeout=30)
             assert t.down(owners, 4) == K
 
             # 2. SIGKILL the etcd leader: nobody with a valid lease stops.
@@ -383,7 +383,7 @@ def test_three_gateways_three_etcd_members(tmp_path: Path) -> None:
                 timeout=20,
             )
             everywhere = {i: "sg3" for i in range(K)}
-            t.wait(lambda: t.up(50) == K, "the MN follows to sg3", timeout=10)
+            t.wait(lambda: t.up(50) == K, "the MN follows to sg3", timeout=30)
             assert t.down(everywhere, 51) == K
             drops = t.status("mn")["counters"]["drops"]
             assert drops["replay"] == 0 and drops["icv"] == 0, drops

@@ -894,7 +894,7 @@ def test_standby_started_after_the_active_gets_idle_tunnels(tmp_path: Path) -> N
             assert driver is not None
             sb = driver.standby
             assert sb is not None
-            await eventually(lambda: sb.replica, "the idle tunnel to reach the standby", 5)
+            await eventually(lambda: sb.replica, "the idle tunnel to reach the standby", 15)
             assert sb.last_heard is not None  # heartbeats do arrive
             return len(sb.replica)
         finally:
@@ -915,7 +915,7 @@ def test_take_over_is_listed_in_status_transfers(tmp_path: Path) -> None:
             await eventually(lambda: sb.replica, "the standby to hold the tunnel")
             await d.services["sg1"].stop_context_transfer()
             await d.gateways["sg1"].node.stop()
-            await eventually(lambda: sb.took_over is not None, "the take-over", 5)
+            await eventually(lambda: sb.took_over is not None, "the take-over", 15)
             status: dict[str, Any] = d.gateways["sg2"].node.status()
             return status
         finally:

@@ -91,7 +91,7 @@ def test_strongswan_client_keeps_its_ike_sa_across_a_fail_over(
         assert not w.ike_sas("sg2")
         # the standby holds the IKE SA's context (and the tunnel's) before anything happens
         wait_until(lambda: w.status("sg2")["failover"].get("replicated_ike_sas") == 1,
-                   "sg2 to hold a replica of the IKE SA", 10)  # fmt: skip
+                   "sg2 to hold a replica of the IKE SA", 30)  # fmt: skip
         traffic = Traffic.start(w, udp_rate=200, after=200, limit=100_000, ping_interval=0.1)
         try:
             wait_until(lambda: w.counters("sg1").get("liveness-ok", 0) >= 2,
@@ -101,7 +101,7 @@ def test_strongswan_client_keeps_its_ike_sa_across_a_fail_over(
             proc.send_signal(sig)
             assert proc.wait(15) == (0 if sig == signal.SIGTERM else -signal.SIGKILL)
             w.route_host_via("sg2")
-            wait_until(lambda: len(w.ike_sas("sg2")) == 1, "sg2 to take over the IKE SA", 10)
+            wait_until(lambda: len(w.ike_sas("sg2")) == 1, "sg2 to take over the IKE SA", 30)
             if how == "rfc6311":
                 wait_until(lambda: w.counters("sg2").get("mid-sync-done", 0) == 1,
                            "the RFC 6311 message-ID sync with strongSwan", 15)  # fmt: skip

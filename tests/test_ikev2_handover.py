@@ -76,7 +76,7 @@ def test_strongswan_client_handed_over_with_its_ike_sa(world: IkeWorld) -> None:
         assert json.loads(r.stdout)["outcome"] == "committed"
         w.route_host_via("sg2")
         wait_until(lambda: len(w.ike_sas("sg2")) == 1 and not w.ike_sas("sg1"),
-                   "the IKE SA to move to sg2", 10)  # fmt: skip
+                   "the IKE SA to move to sg2", 30)  # fmt: skip
         (ike2,) = w.ike_sas("sg2")
         assert (ike2["spi_i"], ike2["spi_r"]) == (ike1["spi_i"], ike1["spi_r"])
         assert [c["spi_in"] for c in ike2["children"]] == [child["spi_in"]]
@@ -86,9 +86,9 @@ def test_strongswan_client_handed_over_with_its_ike_sa(world: IkeWorld) -> None:
                    "sg2 to answer strongSwan's liveness check", 15)  # fmt: skip
         # an IKE rekey and a CHILD rekey with sg2
         ss.swanctl("--rekey", "--ike", "cA")
-        wait_until(lambda: w.counters("sg2").get("ike-sa-rekeyed", 0) >= 1, "IKE rekey", 10)
+        wait_until(lambda: w.counters("sg2").get("ike-sa-rekeyed", 0) >= 1, "IKE rekey", 30)
         ss.swanctl("--rekey", "--child", "net")
-        wait_until(lambda: w.counters("sg2").get("child-sa-rekeyed", 0) >= 1, "CHILD rekey", 10)
+        wait_until(lambda: w.counters("sg2").get("child-sa-rekeyed", 0) >= 1, "CHILD rekey", 30)
         assert ping(w, 5) == 5, ss.logtail() + w.logs()
         log = ss.log()
         # the client never started over: one IKE_SA_INIT, one IKE_AUTH, no retransmissions
@@ -133,11 +133,11 @@ def test_strongswan_client_handed_over_with_direct_identity(tmp_path: Path, how:
             w.route_host_via("sg2")
             # strongSwan follows sg2 and rekeys its CHILD SA there (kernel-libipsec)
             wait_until(lambda: w.counters("sg2").get("address-update-answered", 0) == 1,
-                       "strongSwan to answer sg2's address update", 10)  # fmt: skip
+                       "strongSwan to answer sg2's address update", 30)  # fmt: skip
             strongswan.wait_log(ss, re.escape(f"remote endpoint changed from {SG_OUTER['sg1']}"
                                               f"[4500] to {SG_OUTER['sg2']}[4500]"))  # fmt: skip
             wait_until(lambda: w.counters("sg2").get("child-sa-rekeyed", 0) >= 1,
-                       "strongSwan's CHILD rekey with sg2", 10)  # fmt: skip
+                       "strongSwan's CHILD rekey with sg2", 30)  # fmt: skip
             out, _ = stream.communicate(timeout=30)
             m = re.search(r"(\d+) received", out.decode())
             got = int(m.group(1)) if m else 0
@@ -157,7 +157,7 @@ def test_strongswan_client_handed_over_with_direct_identity(tmp_path: Path, how:
             wait_until(lambda: w.counters("sg2").get("liveness-answered", 0) > n,
                        "sg2 to answer strongSwan's liveness check", 15)  # fmt: skip
             ss.swanctl("--rekey", "--ike", "cA")
-            wait_until(lambda: w.counters("sg2").get("ike-sa-rekeyed", 0) >= 1, "IKE rekey", 10)
+            wait_until(lambda: w.counters("sg2").get("ike-sa-rekeyed", 0) >= 1, "IKE rekey", 30)
             assert ping(w, 5) == 5, ss.logtail() + w.logs()
             log = ss.log()
             assert len(re.findall(r"generating IKE_SA_INIT request", log)) == 1, log

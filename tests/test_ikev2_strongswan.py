@@ -171,7 +171,7 @@ def ike_list(sock: str) -> list[dict[str, Any]]:
 UDP_RECV = """
 import socket, sys
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.bind((sys.argv[1], 5555)); s.settimeout(5)
+s.bind((sys.argv[1], 5555)); s.settimeout(30)  # the sender is a process starting
 print("ready", flush=True)
 n = 0
 try:
