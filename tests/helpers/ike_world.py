@@ -111,7 +111,7 @@ class IkeWorld(HandoverWorld):
                 + _section("[transfer]", {
                     "listen": f"{SG_CORE[g]}:{XFER_PORT}", "cert": f"pki/{g}.pem",
                     "key": f"pki/{g}.key", "ca": "pki/ca.pem", "conflict": "reassign",
-                    "identity": self.identity, "max_transfer_ms": 1000, "forward_ms": 5000})
+                    "identity": self.identity, "max_transfer_ms": 4000, "forward_ms": 5000})
                 + _section("[[peers]]", {
                     "name": other, "address": f"{SG_CORE[other]}:{XFER_PORT}",
                     "outer": SG_OUTER[other], "allow": ["send", "request"]})

@@ -193,7 +193,9 @@ class HandoverWorld:
                         "ca": "pki/ca.pem",
                         "conflict": "reassign",
                         "identity": self.identity,
-                        "max_transfer_ms": 1000,
+                        # (a transfer here waits for both ends' durable writes: 1 s was
+                        # tight on a loaded machine; under the control socket's 5 s wait)
+                        "max_transfer_ms": 4000,
                         "forward_ms": FORWARD_MS,
                         # what a peer may hand over (sg2 has no tunnel to take it from)
                         "accept_local_ts": HOST_NET,
