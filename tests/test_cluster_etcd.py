@@ -190,7 +190,7 @@ def test_gateway_in_etcd_mode_owns_and_fences(tmp_path: Path) -> None:
             e.pause("e0")
             fence_s = st1["cluster"]["lease"]["fence_ms"] / 1000
             time.sleep(fence_s + 0.1)
-            assert dep.exchange(10, 2, False, to_sg1) == 0
+            assert dep.exchange(10, 2, False, to_sg1, wait=3) == 0
             st = dep.status("sg1")
             assert st["cluster"]["lease"]["state"] == "lost", st["cluster"]
             assert st["counters"]["drops"]["fenced"] >= 10  # counted as fenced

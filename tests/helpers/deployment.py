@@ -135,9 +135,13 @@ class ExampleDeployment:
         self.host.close()
         self.mn_app.close()
 
-    def exchange(self, n: int, tag: int, up: bool, to: tuple[str, int]) -> int:
+    def exchange(
+        self, n: int, tag: int, up: bool, to: tuple[str, int], wait: float = 10.0
+    ) -> int:
         """Send n packets one way through the tunnel, MN to host (``up``) or back, into the
-        inner link at ``to``; return how many arrived (no retries)."""
+        inner link at ``to``; return how many arrived (no retries) within ``wait`` seconds
+        (they cross two processes a loaded machine may not run for a while; a test that
+        expects none to arrive waits less)."""
         src, dst = (MN_INNER, HOST_INNER) if up else (HOST_INNER, MN_INNER)
         sender, receiver = (self.mn_app, self.host) if up else (self.host, self.mn_app)
         for i in range(n):
@@ -145,7 +149,7 @@ class ExampleDeployment:
             pkt = build_udp(ipaddress.ip_address(src), ipaddress.ip_address(dst), 7000, 7000, body)
             sender.sendto(pkt, to)
         got: set[int] = set()
-        deadline = time.monotonic() + 3
+        deadline = time.monotonic() + wait
         while len(got) < n and time.monotonic() < deadline:
             try:
                 data = receiver.recv(65535)
