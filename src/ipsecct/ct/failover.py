@@ -82,7 +82,10 @@ SYNC_TAKEN = 4  # standby that took over -> old active: give up (epoch of the ta
 # the gateway's IKE service makes and takes) under a key; the count is of the CDBs that follow
 # (0: the context is gone). Its fixed part is a SYNC CDB's, the key follows.
 SYNC_EXTRA = 5
-_SYNC_KINDS = (SYNC_HEARTBEAT, SYNC_FULL, SYNC_ACK, SYNC_TAKEN)
+# A gateway that became the standby of the peer that took over from it (or restarted as one)
+# -> that peer: "replicate to me; I am your standby in this epoch" (issue 9: a pair re-forms).
+SYNC_JOIN = 6
+_SYNC_KINDS = (SYNC_HEARTBEAT, SYNC_FULL, SYNC_ACK, SYNC_TAKEN, SYNC_JOIN)
 MAX_EXTRA_KEY = 64
 MAX_EXTRA_CDBS = 64
 _SYNC = struct.Struct("!BxHI")  # kind, number of removed SPIs, epoch
@@ -174,6 +177,40 @@ def reply_kind(msg: cxtp.Message) -> int | None:
     except CxtpError:
         return None
     return kind if kind in (SYNC_ACK, SYNC_TAKEN) else None
+
+
+def join_message(epoch: int) -> cxtp.CTD:
+    """JOIN: the sender is (now) the standby of the receiver, in ``epoch``."""
+    return cxtp.CTD(
+        _ANY, 0, cdbs=(cxtp.TransferTag(0, 0).encode(), sync_cdb([], epoch, kind=SYNC_JOIN))
+    )
+
+
+def sync_header(msg: cxtp.Message) -> tuple[int, int] | None:
+    """(kind, epoch) of a sync message, None for anything else or a malformed one."""
+    cdbs = cxtp.message_cdbs(msg)
+    if len(cdbs) < 2 or cxtp.cdb_fpt(cdbs[1]) != FPT_SYNC:
+        return None
+    try:
+        kind, epoch, _ = parse_sync_kind(cdbs[1])
+    except CxtpError:
+        return None
+    return kind, epoch
+
+
+def taken_reply(msg: cxtp.CTD, epoch: int) -> cxtp.CTD:
+    """TAKEN in answer to a sync message: "I own your tunnels since ``epoch``"."""
+    tag = cxtp.transfer_tag(msg)
+    if tag is None:
+        raise CxtpError("sync message without a TRANSFER tag")
+    return cxtp.CTD(
+        msg.mn_prev,
+        0,
+        cdbs=(
+            cxtp.TransferTag(tag.transfer_id, tag.seq).encode(),
+            sync_cdb([], epoch, kind=SYNC_TAKEN),
+        ),
+    )
 
 
 def parse_sync(cdb: bytes) -> list[int]:
@@ -475,6 +512,8 @@ class Standby:
             self.grant = Grant(self.cfg.lease_timing())
 
     def _reply(self, msg: cxtp.CTD, tag: cxtp.TransferTag, kind: int) -> cxtp.CTD:
+        if kind == SYNC_TAKEN:
+            return taken_reply(msg, self.epoch)
         return cxtp.CTD(
             msg.mn_prev,
             0,
@@ -496,7 +535,7 @@ class Standby:
         if cdbs and cxtp.cdb_fpt(cdbs[0]) == FPT_SYNC:
             kind, epoch, removed = parse_sync_kind(cdbs[0])
             if kind not in (SYNC_HEARTBEAT, SYNC_FULL):
-                raise CxtpError("a sync reply sent to the standby")
+                raise CxtpError("a sync reply or JOIN sent to the standby")
             full = kind == SYNC_FULL
             cdbs = cdbs[1:]
         # Contexts come as (outbound, inbound) pairs; remember the latest of each tunnel. Extra

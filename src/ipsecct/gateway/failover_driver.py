@@ -1,27 +1,56 @@
 """Fail-over for one running gateway: drives :class:`~ipsecct.ct.failover.Replicator` (the
 active side sends its syncs to the standby over the peer channel) or
 :class:`~ipsecct.ct.failover.Standby` (keeps what arrives; takes over when the active falls
-silent). Configuration: ``[failover]`` (see :mod:`ipsecct.ct.failover`)."""
+silent). Configuration: ``[failover]`` (see :mod:`ipsecct.ct.failover`).
+
+The roles change at run time (issue 9: a pair re-forms by itself). The configured role is
+only the first one:
+
+* an active told TAKEN (its standby took over) gives its tunnels up and becomes the standby
+  of the taker, in the taker's epoch; it records that on disk, and asks the taker to
+  replicate to it (JOIN, repeated every ``heartbeat_ms`` until the first sync arrives);
+* a gateway that took over runs alone (no lease: nobody else holds a replica) until a JOIN
+  arrives; then it becomes the active of its epoch: a new Replicator, fenced until the new
+  standby's first acknowledgement (as any new active), and under its lease from then on;
+* on restart, the state file decides: the standby of X comes back as the standby of X (its
+  tunnels stay away), a gateway that took over comes back as the active of its epoch (fenced
+  until a standby acknowledges it, superseded if the peer took over meanwhile);
+* an active answers a sync of an earlier epoch with TAKEN, as the taker did.
+"""
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+import math
+from typing import TYPE_CHECKING, Any
 
 from ..ct import cxtp
-from ..ct.failover import FailoverConfig, Replicator, Standby, reply_kind
+from ..ct.failover import (
+    SYNC_ACK,
+    SYNC_JOIN,
+    SYNC_TAKEN,
+    FailoverConfig,
+    Replicator,
+    Standby,
+    join_message,
+    sync_header,
+    taken_reply,
+)
 from ..ct.transfer import FPT_SYNC, Identity, Record
-from ..errors import CxtpError
+from ..errors import CxtpError, IpsecctError
 from ..ipsec.engine import Tunnel
 from ..ipsec.esp import Drop
 from ..ipsec.sad import SecurityAssociation
 from . import gcpolicy
-from .fencing import PairFencing, state_path
+from .fencing import PairFencing, PairState, load_state, state_path
 from .ike import IkeService
 from .log import event
 from .node import Node
 from .peers import PeerChannels
 from .transfer_service import TransferService
+
+if TYPE_CHECKING:
+    from .state import DurableState
 
 log = logging.getLogger("ipsecct.ct.failover")
 
@@ -50,27 +79,74 @@ class FailoverDriver:
         self.cfg = cfg
         self.channels = channels
         self.transfer = transfer
+        self.identity = identity
         self.replicator: Replicator | None = None
         self.standby: Standby | None = None
-        if cfg.role == "active":
+        self.journal: DurableState | None = None  # records who sends (the service sets it)
+        path = (
+            state_path(cfg, node.cfg.path, node.name, node.cfg.state_dir)
+            if cfg.fencing
+            else None
+        )
+        self.state: PairState = load_state(path)
+        role = self.state.role or cfg.role
+        self.joining = False  # a standby asking its peer to replicate to it (JOIN)
+        self._next_join = 0.0
+        self.joins = 0  # JOINs sent
+        self.reformed = 0  # times this gateway became the other's standby or got one
+        self._given_up: list[Tunnel] = []
+        if role == "active":
             self.replicator = Replicator(node.engine, cfg)
+            self.replicator.epoch = self.state.epoch
         else:
-            self.standby = Standby(
-                node.engine, cfg, node.cfg.outer, identity
-            )
+            self.standby = self._new_standby(self.state.epoch)
+            if self.state.role == "standby":
+                # It became the standby of its peer before it stopped: the peer sends on its
+                # tunnels now. Nothing configured here may send; they go before any socket
+                # opens, and are recorded as away once the state runs (start()).
+                node.engine.send_until = -math.inf
+                self._given_up = list(node.engine.tunnels())
+                for t in self._given_up:
+                    node.engine.remove_tunnel(t)
+                self.joining = True
+                event(
+                    log,
+                    "failover-standby",
+                    logging.WARNING,
+                    node=node.name,
+                    peer=cfg.peer,
+                    epoch=self.state.epoch,
+                    removed=len(self._given_up),
+                    detail=f"this gateway is the standby of {cfg.peer} (it took over from "
+                    f"this gateway before the restart{'; the state file was damaged' if self.state.damaged else ''}): "  # noqa: E501
+                    f"it sends on none of {cfg.peer}'s tunnels and asks {cfg.peer} to "
+                    "replicate to it",
+                )
         self.fencing: PairFencing | None = None
         if cfg.fencing:
-            self.fencing = PairFencing(
-                node,
-                cfg,
-                state_path(cfg, node.cfg.path, node.name, node.cfg.state_dir),
-                self.replicator,
-                self.standby,
-            )
+            self.fencing = PairFencing(node, cfg, path, self.replicator, self.standby)
+            self.fencing.on_superseded.append(self._become_standby)
             transfer.hold_hooks.append(self.fencing.hold)
+            if self.replicator is not None and self.state.role == "active":
+                event(
+                    log,
+                    "failover-state",
+                    logging.WARNING,
+                    node=node.name,
+                    epoch=self.state.epoch,
+                    detail="this gateway took over before it restarted: it is the active of "
+                    "its epoch again, fenced until a standby acknowledges it (superseded if "
+                    f"{cfg.peer} took over meanwhile)",
+                )
         self._next_prepare = 0.0
         self.ike: IkeService | None = None
         node.extensions["failover"] = self.status
+
+    def _new_standby(self, epoch: int) -> Standby:
+        sb = Standby(self.node.engine, self.cfg, self.node.cfg.outer, self.identity)
+        sb.epoch = epoch
+        sb.journal = self.journal
+        return sb
 
     def attach_ike(self, ike: IkeService) -> None:
         """IKE SAs too: the active replicates their contexts beside the tunnels; the standby
@@ -78,9 +154,9 @@ class FailoverDriver:
         self.ike = ike
         if self.replicator is not None:
             self.replicator.extra = ike
-            if self.fencing is not None:
-                ike.fenced = self.fenced
-                self.fencing.on_superseded.append(ike.forget_all)
+        if self.fencing is not None:
+            ike.fenced = self.fenced
+            self.fencing.on_superseded.insert(0, lambda _epoch: ike.forget_all())
         ike.replicated = self.replicating
 
     def fenced(self, now: float) -> bool:
@@ -102,7 +178,22 @@ class FailoverDriver:
         return self.cfg.peer
 
     async def start(self) -> None:
+        if self.standby is not None:
+            self.standby.journal = self.journal
+        self._record_given_up()
         self.node.timers.add("failover", self._next_deadline, self._on_timer)
+
+    def _record_given_up(self) -> None:
+        """Record the tunnels the peer took over as away (not waited for by anything: this
+        gateway removed them already and, as a standby, never installs them again)."""
+        given, self._given_up = self._given_up, []
+        if not given or self.journal is None:
+            return
+        try:
+            self.journal.given_up(given, self.cfg.peer)
+        except IpsecctError as exc:
+            event(log, "failover-state-not-written", logging.ERROR, node=self.node.name,
+                  error=str(exc))  # fmt: skip
 
     async def stop(self) -> None:
         self.node.timers.remove("failover")
@@ -116,6 +207,8 @@ class FailoverDriver:
         d = sb.next_deadline()
         if sb.unprepared:  # decode what changed ahead of a take-over, a few every tick_ms
             d = self._next_prepare if d is None else min(d, self._next_prepare)
+        if self.joining:
+            d = self._next_join if d is None else min(d, self._next_join)
         return d
 
     def _on_timer(self, now: float) -> None:
@@ -124,39 +217,130 @@ class FailoverDriver:
                 self.channels.send(self.cfg.peer, m)
             if self.fencing is not None:
                 self.fencing.tick(now)  # the lease, by the passing of time
-        elif self.standby is not None and self.standby.dead(now):
+            return
+        sb = self.standby
+        if sb is None:
+            return
+        if sb.dead(now):
             self.take_over(now)
-        elif (
-            self.standby is not None
-            and self.standby.took_over is None
-            and self.standby.unprepared
-            and now >= self._next_prepare
-        ):
-            self.standby.prepare(PREPARE_PER_TICK)  # about 2 ms of decoding
+            return
+        if self.joining and sb.took_over is None:
+            if sb.last_heard is not None:
+                self.joining = False  # the active replicates to us
+            elif now >= self._next_join:
+                self.channels.send(self.cfg.peer, join_message(sb.epoch))
+                self.joins += 1
+                self._next_join = now + self.cfg.heartbeat_ms / 1000
+        if sb.took_over is None and sb.unprepared and now >= self._next_prepare:
+            sb.prepare(PREPARE_PER_TICK)  # about 2 ms of decoding
             self._next_prepare = now + self.cfg.tick_ms / 1000
 
     def receive(self, peer: str, msg: cxtp.CTD) -> None:
         """A sync message from ``peer``: the standby takes state from its active (and answers
-        ACK, or TAKEN once it took over); the active takes the standby's answers."""
+        ACK, or TAKEN once it took over); the active takes the standby's answers (and answers
+        an earlier epoch's active with TAKEN); a gateway that took over takes a JOIN (its
+        peer is now its standby)."""
         if peer != self.cfg.peer:
             self.transfer.refuse()
             return
         now = self.node.clock()
+        header = sync_header(msg)
+        if header is None:
+            event(log, "sync-malformed", logging.WARNING, node=self.node.name,
+                  error="a SYNC CDB that does not parse")  # fmt: skip
+            return
+        kind, epoch = header
         try:
-            if reply_kind(msg) is not None:
-                if self.replicator is None or self.fencing is None:
+            if kind == SYNC_JOIN:
+                self._on_join(epoch, now)
+                return
+            r = self.replicator
+            if kind in (SYNC_ACK, SYNC_TAKEN):
+                if r is None or self.fencing is None:
                     self.transfer.refuse()
                     return
                 self.fencing.on_reply(msg, now)
                 return
+            if r is not None:
+                if r.superseded_by is None and epoch < r.epoch and self.fencing is not None:
+                    # The peer still thinks itself the active of an earlier epoch (it
+                    # restarted from before our take-over): it must give up, as to the taker.
+                    self.channels.send(peer, taken_reply(msg, r.epoch))
+                else:
+                    self.transfer.refuse()
+                return
             if self.standby is None:
                 self.transfer.refuse()
                 return
-            for r in self.standby.receive(msg, now):
-                self.channels.send(peer, r)
+            for reply in self.standby.receive(msg, now):
+                self.channels.send(peer, reply)
             self.node.timers.poke()  # the dead-time deadline has moved (or now exists)
         except CxtpError as exc:
             event(log, "sync-malformed", logging.WARNING, node=self.node.name, error=str(exc))
+
+    def _on_join(self, epoch: int, now: float) -> None:
+        """The peer is (now) this gateway's standby, in ``epoch``."""
+        r = self.replicator
+        if r is not None:
+            if r.superseded_by is None and epoch <= r.epoch:
+                r.resync()  # it holds nothing of ours (restarted, or new): everything again
+                self.node.timers.poke()
+            return
+        sb = self.standby
+        if sb is None or sb.took_over is None or epoch > sb.epoch or self.fencing is None:
+            return  # a standby itself, or the peer knows a later epoch: nothing to do
+        self._become_active(now)
+
+    def _become_active(self, now: float) -> None:
+        """This gateway took over and runs alone; its peer asks to be its standby: replicate
+        to it, and from now on send only under the lease its acknowledgements grant."""
+        sb = self.standby
+        assert sb is not None and self.fencing is not None
+        r = Replicator(self.node.engine, self.cfg)  # fences the engine until the first ACK
+        r.epoch = sb.epoch
+        r.extra = self.ike
+        self.replicator, self.standby = r, None
+        self.fencing.replicator, self.fencing.standby = r, None
+        self.reformed += 1
+        event(
+            log,
+            "failover-paired",
+            node=self.node.name,
+            peer=self.cfg.peer,
+            epoch=r.epoch,
+            tunnels=sum(1 for _ in self.node.engine.tunnels()),
+            detail=f"{self.cfg.peer} is now the standby of this gateway: replicating to it; "
+            "this gateway sends under the lease it grants (packets held until its first "
+            "acknowledgement)",
+        )
+        self.node.timers.poke()
+
+    def _become_standby(self, epoch: int) -> None:
+        """The standby took over from this (active) gateway, which gave its tunnels up
+        (PairFencing): become the taker's standby, in its epoch, and ask it to replicate."""
+        self.replicator = None
+        sb = self._new_standby(epoch)
+        self.standby = sb
+        if self.fencing is not None:
+            self._given_up = self.fencing.given_up
+            self.fencing.given_up = []
+            self.fencing.replicator, self.fencing.standby = None, sb
+        self._record_given_up()
+        self.joining = True
+        self._next_join = 0.0
+        self.reformed += 1
+        event(
+            log,
+            "failover-standby",
+            logging.WARNING,
+            node=self.node.name,
+            peer=self.cfg.peer,
+            epoch=epoch,
+            detail=f"this gateway is now the standby of {self.cfg.peer}: it sends on none of "
+            f"its tunnels, asks {self.cfg.peer} to replicate to it, and takes over if "
+            f"{self.cfg.peer} falls silent",
+        )
+        self.node.timers.poke()
 
     def peer_lost(self, peer: str) -> None:
         if self.replicator is not None and peer == self.cfg.peer:
@@ -167,6 +351,10 @@ class FailoverDriver:
         assert self.standby is not None
         if self.fencing is not None:
             self.fencing.before_take_over()  # on disk before anything is sent
+        # Alone from now on: nobody else holds a replica (an engine that was an active's
+        # before it became the standby is still fenced by that old lease).
+        self.node.engine.send_until = math.inf
+        self.joining = False
         with gcpolicy.POLICY.batch():  # a bulk install: no walk of the heap in the middle
             return self._took_over(self.standby.take_over(now), now)
 
@@ -195,11 +383,15 @@ class FailoverDriver:
     def status(self) -> dict[str, Any]:
         now = self.node.clock()
         lease = {} if self.fencing is None else {"lease": self.fencing.status(now)}
+        common = {"peer": self.cfg.peer, "reformed": self.reformed}
         if self.replicator is not None:
             superseded = self.replicator.superseded_by is not None
             return {
                 "role": "superseded" if superseded else "active",
-                "peer": self.cfg.peer,
+                **common,
+                "epoch": self.replicator.epoch,
+                "standby": self.cfg.peer,
+                "standby_acknowledged": self.replicator.acks > 0,
                 "messages": self.replicator.messages,
                 "contexts": self.replicator.contexts,
                 "ike_contexts": self.replicator.extras,
@@ -210,10 +402,22 @@ class FailoverDriver:
             heard = self.standby.last_heard
             return {
                 "role": "standby",
-                "peer": self.cfg.peer,
+                **common,
+                "epoch": self.standby.epoch,
+                "standby_of": self.cfg.peer,
+                "joining": self.joining,
+                "joins_sent": self.joins,
                 "replicated_tunnels": len(self.standby.replica),
                 "replicated_ike_sas": len(self.standby.extra),
                 "last_heard_ms_ago": None if heard is None else round((now - heard) * 1000),
                 **lease,
             }
-        return {"role": "took over", "peer": self.cfg.peer, **lease}
+        return {
+            "role": "took over",
+            **common,
+            "epoch": self.standby.epoch if self.standby is not None else None,
+            "alone": True,
+            "detail": f"runs alone: no standby holds its tunnels until {self.cfg.peer} comes "
+            "back (it then becomes the standby by itself)",
+            **lease,
+        }

@@ -22,12 +22,13 @@ import json
 import logging
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..ct import failover
 from ..ct.lease import LeaseEvent
-from ..ipsec.engine import Held, TunnelState
+from ..ipsec.engine import Held, Tunnel, TunnelState
 from .log import event
 from .node import Node
 
@@ -55,30 +56,51 @@ def state_path(
     return base / "failover-epoch.json"
 
 
-def load_state(path: Path | None) -> tuple[int, bool]:
-    """(epoch, took over?) from the state file; (first epoch, False) when there is none."""
+@dataclass(frozen=True)
+class PairState:
+    """What the state file says this gateway was when it stopped: ``role`` "active" (it took
+    over in ``epoch``), "standby" (it became the standby of ``active`` in ``epoch``: the
+    peer took over from it), or None (no file: the configured role, first epoch)."""
+
+    epoch: int
+    role: str | None
+    active: str = ""
+    damaged: bool = False
+
+
+def load_state(path: Path | None) -> PairState:
+    """The state file's :class:`PairState`; the configured role when there is none."""
     if path is None:
-        return failover.FIRST_EPOCH, False
+        return PairState(failover.FIRST_EPOCH, None)
     try:
         d = json.loads(path.read_text())
         epoch, took = d["epoch"], d["took_over"]
         if isinstance(epoch, int) and epoch >= failover.FIRST_EPOCH and isinstance(took, bool):
-            return epoch, took
+            active = d.get("active", "")
+            return PairState(
+                epoch, "active" if took else "standby", active if isinstance(active, str) else ""
+            )
     except FileNotFoundError:
-        return failover.FIRST_EPOCH, False
+        return PairState(failover.FIRST_EPOCH, None)
     except (OSError, ValueError, KeyError, TypeError):
         pass
-    # A damaged state file: assume the worst (we took over), so we never hand a lease back.
-    return failover.FIRST_EPOCH + 1, True
+    # A damaged state file: assume the peer took over (we may have been superseded): come
+    # back as a standby, which sends nothing and never hands a lease back.
+    return PairState(failover.FIRST_EPOCH + 1, "standby", damaged=True)
 
 
-def save_state(path: Path | None, epoch: int, took_over: bool) -> None:
+def save_state(path: Path | None, epoch: int, took_over: bool, *, active: str = "") -> None:
+    """Record the epoch and the role: ``took_over`` (active by a take-over), else the
+    standby of ``active``. Synced to disk before it returns."""
     if path is None:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
+    d: dict[str, Any] = {"epoch": epoch, "took_over": took_over}
+    if not took_over:
+        d.update(role="standby", active=active)
     with open(tmp, "w") as f:
-        json.dump({"epoch": epoch, "took_over": took_over}, f)
+        json.dump(d, f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -111,25 +133,9 @@ class PairFencing:
         self.fenced_drops = 0
         self.released = 0
         self.lost_at: float | None = None
-        self.on_superseded: list[Callable[[], None]] = []  # e.g. the IKE SAs go too
-        epoch, took = load_state(path)
-        if standby is not None:
-            standby.epoch = epoch
-            if took:
-                standby.took_over = node.clock()
-                if standby.grant is not None:
-                    standby.grant.close()
-                event(
-                    log,
-                    "failover-state",
-                    logging.WARNING,
-                    node=node.name,
-                    epoch=epoch,
-                    detail="this gateway took over before it restarted: it answers TAKEN and "
-                    "grants no lease (delete the state file to pair again)",
-                )
-        if replicator is not None:
-            replicator.epoch = epoch
+        self.given_up: list[Tunnel] = []  # the tunnels the peer took over from this gateway
+        # Run when the standby took over: the IKE SAs go, the driver becomes its standby.
+        self.on_superseded: list[Callable[[int], None]] = []
 
     # -- the active ------------------------------------------------------------------------
     def on_reply(self, msg: Any, now: float) -> None:
@@ -183,16 +189,16 @@ class PairFencing:
                 self.node.from_inner(h.packet)
 
     def _superseded(self) -> None:
+        """The standby took over: this gateway gives its tunnels up for good (it sends
+        nothing, holds nothing) and becomes the standby of the taker (the driver's hook)."""
         assert self.replicator is not None
         epoch = self.replicator.superseded_by or 0
-        save_state(self.path, epoch, False)
+        save_state(self.path, epoch, False, active=self.cfg.peer)
         tunnels = list(self.node.engine.tunnels())
         for t in tunnels:
             self.node.engine.remove_tunnel(t)
         self.fenced_drops += len(self.held)
         self.held.clear()
-        for hook in self.on_superseded:
-            hook()
         event(
             log,
             LeaseEvent.SUPERSEDED.value,
@@ -201,9 +207,12 @@ class PairFencing:
             peer=self.cfg.peer,
             epoch=epoch,
             tunnels=len(tunnels),
-            detail="the standby took over: this gateway removed its tunnels and sends nothing; "
-            "restart it as the standby to pair again",
+            detail=f"{self.cfg.peer} took over: this gateway removed its tunnels and sends "
+            f"nothing on them; it becomes the standby of {self.cfg.peer}",
         )
+        self.given_up = tunnels
+        for hook in self.on_superseded:
+            hook(epoch)
 
     # -- the standby -----------------------------------------------------------------------
     def before_take_over(self) -> None:
@@ -245,4 +254,5 @@ class PairFencing:
                 None if d is None or self.standby.took_over else max(0, round((d - now) * 1000))
             ),
             "wait_ms": round(self.cfg.dead_ms, 3),
+            "fenced_drops": self.fenced_drops + self.node.engine.stats.drops["fenced"],
         }

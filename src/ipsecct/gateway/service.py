@@ -93,8 +93,10 @@ class Service:
             self.transfer.core.recall_commits(
                 self.state.committed_transfers(), self.node.clock()
             )
-            if self.failover is not None and self.failover.standby is not None:
-                self.failover.standby.journal = self.state
+            if self.failover is not None:
+                self.failover.journal = self.state
+                if self.failover.standby is not None:
+                    self.failover.standby.journal = self.state
             self.peers.on_message = self._peer_message
             self.peers.on_lost = self._peer_lost
         # etcd mode ([cluster] etcd): membership, the lease that fences sending, owner keys.

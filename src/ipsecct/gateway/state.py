@@ -729,6 +729,12 @@ class DurableState:
             self._rows(tunnels, Owner.OWNED, f"kept (transfer to {peer} not committed)")
         )
 
+    def given_up(self, tunnels: Sequence[Tunnel], peer: str) -> None:
+        """Fail-over: ``peer`` took these tunnels over from this gateway, now its standby:
+        they stay away after a restart (synchronous; raises JournalError)."""
+        self._put(self._rows(tunnels, Owner.AWAY, f"taken over by {peer} (this gateway is "
+                             "its standby)"))  # fmt: skip
+
     def committed_transfers(self) -> set[int]:
         """Transfers that gave tunnels away (whose COMMIT a waiting target may ask for)."""
         return {r.transfer for r in self.rows.values() if r.owner is Owner.AWAY and r.transfer}
