@@ -1057,3 +1057,34 @@ def test_failover_between_processes_active_killed(procs: Procs) -> None:
     assert mn_out["dst"] == ADDR["sg2"]
     assert mn_in["replay_top"] > sg1_seq + 16384
     assert procs.status("sg2")["counters"]["drops"]["replay"] == 0
+
+
+def test_the_epoch_file_keeps_the_role(tmp_path: Path) -> None:
+    """The role a gateway had when it stopped is what it restarts as: a taker is the active of
+    its epoch, a superseded active the standby of its peer; no file: as configured; a
+    damaged file: a standby (it sends nothing and hands no lease back)."""
+    from ipsecct.gateway.fencing import PairState, load_state, save_state
+
+    p = tmp_path / "failover-epoch.json"
+    assert load_state(p) == PairState(failover.FIRST_EPOCH, None)
+    save_state(p, 2, True)
+    assert json.loads(p.read_text()) == {"epoch": 2, "took_over": True}
+    assert load_state(p) == PairState(2, "active")
+    save_state(p, 3, False, active="sg2")
+    assert load_state(p) == PairState(3, "standby", "sg2")
+    p.write_text('{"epoch": 4, "took_over": false}')  # written by an earlier version
+    assert load_state(p) == PairState(4, "standby")
+    p.write_text('{"epoch": "x"')
+    assert load_state(p) == PairState(failover.FIRST_EPOCH + 1, "standby", damaged=True)
+
+
+def test_join_is_a_sync_that_neither_side_takes_for_state() -> None:
+    msg = failover.join_message(7)
+    assert is_sync(msg)
+    assert failover.sync_header(msg) == (failover.SYNC_JOIN, 7)
+    assert failover.reply_kind(msg) is None
+    data = cxtp.encode(msg)
+    back = cxtp.decode(data)
+    assert failover.sync_header(back) == (failover.SYNC_JOIN, 7)
+    with pytest.raises(CxtpError):
+        failover.parse_sync_full(msg.cdbs[1])

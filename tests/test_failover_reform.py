@@ -8,6 +8,7 @@ twice, only one gateway sends at a time, and the stream pauses only at the two k
 from __future__ import annotations
 
 import itertools
+import json
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -19,7 +20,7 @@ from tests.helpers.state import Capture, Gateways, Traffic
 pytestmark = pytest.mark.slow
 
 TUNNELS = 12
-DEAD_MS = 500
+DEAD_MS = 1500  # a loaded 2-core machine stalls a gateway for hundreds of ms at times
 PPS = 1200  # 100 packets a second per tunnel, into each gateway's inner link
 
 
@@ -105,6 +106,7 @@ def test_a_pair_reforms_after_each_failure_and_never_repeats_a_number(gws: Gatew
         gws.kill("sg1")
         wait_for(lambda: failover(gws, "sg2")["role"] == "took over", "no take-over",
                  detail=detail)  # fmt: skip
+        t_took1 = time.monotonic()
         assert failover(gws, "sg2")["alone"] is True
 
         # 2. sg1 restarted with its configuration (role = "active"): it becomes sg2's standby
@@ -114,7 +116,7 @@ def test_a_pair_reforms_after_each_failure_and_never_repeats_a_number(gws: Gatew
         wait_for(lambda: paired("sg2", "sg1"), "sg1 did not become sg2's standby",
                  detail=detail)  # fmt: skip
         t_paired1 = time.monotonic()
-        assert gws.active_spis("sg1") == set()
+        assert gws.active_spis("sg1") == set(), detail()
         assert "failover-standby" in gws.log("sg1")
         assert "failover-paired" in gws.log("sg2")
         time.sleep(1.0)  # sg2 streams with its new standby
@@ -125,6 +127,7 @@ def test_a_pair_reforms_after_each_failure_and_never_repeats_a_number(gws: Gatew
         gws.kill("sg2")
         wait_for(lambda: failover(gws, "sg1")["role"] == "took over", "no second take-over",
                  detail=detail)  # fmt: skip
+        t_took2 = time.monotonic()
         assert gws.active_spis("sg1") == {0x20000000 + i for i in range(TUNNELS)}
 
         # 4. sg2 restarted: the standby of sg1 in turn
@@ -157,10 +160,10 @@ def test_a_pair_reforms_after_each_failure_and_never_repeats_a_number(gws: Gatew
     # not dropped; fenced_drops above is 0).
     holes = 0
     for lo, hi in ((t_start, t_kill1), (t_kill1, t_kill2), (t_kill2, t_end)):
-        seqs: dict[int, list[int]] = defaultdict(list)
-        for spi, seq, _, t in list(cap.seen):
+        seqs: dict[tuple[int, int], list[int]] = defaultdict(list)
+        for spi, seq, port, t in list(cap.seen):
             if lo <= t < hi:
-                seqs[spi].append(seq)
+                seqs[spi, port].append(seq)  # a dying gateway's last packets may land late
         for v in seqs.values():
             holes += max(v) - min(v) + 1 - len(v)
     assert holes == 0, f"{holes} sequence numbers missing from the stream"
@@ -172,14 +175,15 @@ def test_a_pair_reforms_after_each_failure_and_never_repeats_a_number(gws: Gatew
     at_kill: list[float] = []
     at_reform: list[float] = []
     for start, length, spi in long:
-        if any(k - 0.3 <= start <= k + 0.3 for k in (t_kill1, t_kill2)):
+        if any(k - 0.3 <= start <= t + 0.5 for k, t in ((t_kill1, t_took1), (t_kill2, t_took2))):
             at_kill.append(length)
             assert length < DEAD_MS / 1000 + 4.0, f"tunnel {spi:#x} paused {length:.3f} s"
             continue
         assert any(r <= start <= p for r, p in ((t_restart1, t_paired1),
                                                  (t_restart2, t_paired2))), (  # fmt: skip
             f"tunnel {spi:#x} paused {length:.3f} s at {start - t_start:.3f} s, neither at a "
-            f"kill ({t_kill1 - t_start:.3f}, {t_kill2 - t_start:.3f}) nor while re-forming "
+            f"kill ({t_kill1 - t_start:.3f}-{t_took1 - t_start:.3f}, "
+            f"{t_kill2 - t_start:.3f}-{t_took2 - t_start:.3f}) nor while re-forming "
             f"({t_restart1 - t_start:.3f}-{t_paired1 - t_start:.3f}, "
             f"{t_restart2 - t_start:.3f}-{t_paired2 - t_start:.3f})"
         )
@@ -190,3 +194,76 @@ def test_a_pair_reforms_after_each_failure_and_never_repeats_a_number(gws: Gatew
         f"kill {max(at_kill, default=0):.3f} s (dead_ms {DEAD_MS}), while re-forming "
         f"{max(at_reform, default=0):.3f} s"
     )
+
+
+def test_etcd_mode_a_restarted_member_holds_the_survivors_replicas(
+    gws: Gateways, tmp_path: Path
+) -> None:
+    """The same cycle in the etcd mode: sg1 killed, sg2 takes its groups once etcd expired
+    sg1's lease; sg1 restarted joins again with nothing of its own (its configured tunnels'
+    keys name sg2's groups: fenced), holds sg2's replicas and says so; sg2 killed, sg1 takes
+    them back over. On the wire: no (SPI, sequence number) pair twice, one sender at a time."""
+    from tests.helpers.etcd_server import EtcdCluster
+
+    cap: Capture = gws.capture  # type: ignore[attr-defined]
+    with EtcdCluster(tmp_path) as e:
+        cl = f'[cluster]\netcd = {json.dumps(e.endpoints)}\nname = "re"\nttl_s = 2\n'
+        gws.write("sg1", peers=["sg2"], extra=cl)
+        gws.write("sg2", peers=["sg1"], with_tunnels=False, extra=cl)
+        port1, port2 = gws.ports["sg1"]["outer"], gws.ports["sg2"]["outer"]
+        every = {0x20000000 + i for i in range(TUNNELS)}
+
+        def cluster(name: str) -> dict:  # type: ignore[type-arg]
+            out: dict = gws.status(name)["cluster"]  # type: ignore[type-arg]
+            return out
+
+        def detail() -> str:
+            out = []
+            for n in ("sg1", "sg2"):
+                try:
+                    out.append(f"{n}: {cluster(n)}")
+                except AssertionError as exc:
+                    out.append(f"{n}: {exc}")
+                out.append(gws.log(n)[-2500:])
+            return "\n".join(out)
+
+        gws.start("sg2")
+        gws.start("sg1")
+        traffic = Traffic(TUNNELS, [gws.ports["sg1"]["inner"], gws.ports["sg2"]["inner"]], PPS)
+        try:
+            wait_for(lambda: cluster("sg1")["owned_tunnels"] == TUNNELS
+                     and cluster("sg2")["replicas"].get("sg1") == TUNNELS,
+                     "sg1 never owned and replicated its tunnels", detail=detail)  # fmt: skip
+            assert cluster("sg2")["standby_of"] == {"sg1": TUNNELS}
+            t_start = time.monotonic()
+            time.sleep(0.5)
+            t_kill1 = time.monotonic()
+            gws.kill("sg1")
+            wait_for(lambda: cluster("sg2")["owned_tunnels"] == TUNNELS, "no take-over",
+                     detail=detail)  # fmt: skip
+            time.sleep(0.5)
+            t_restart1 = time.monotonic()
+            gws.start("sg1")
+            wait_for(lambda: cluster("sg1")["replicas"].get("sg2") == TUNNELS,
+                     "the restarted sg1 holds no replica of sg2", detail=detail)  # fmt: skip
+            st1 = cluster("sg1")
+            assert st1["standby_of"] == {"sg2": TUNNELS}
+            assert st1["owned_tunnels"] == 0
+            assert "event=cluster-standby" in gws.log("sg1")
+            time.sleep(1.0)
+            t_kill2 = time.monotonic()
+            gws.kill("sg2")
+            wait_for(lambda: cluster("sg1")["owned_tunnels"] == TUNNELS,
+                     "no second take-over", detail=detail)  # fmt: skip
+            assert gws.active_spis("sg1") == every
+            time.sleep(1.0)
+            t_end = time.monotonic()
+        finally:
+            traffic.close()
+        time.sleep(0.2)
+    assert cap.duplicates() == [], "an (SPI, sequence number) pair was sent twice"
+    assert senders(cap, t_start, t_kill1) == {port1}
+    assert senders(cap, t_kill1 + 0.1, t_kill2) == {port2}
+    assert senders(cap, t_restart1, t_kill2) == {port2}  # the restarted sg1 sent nothing
+    assert senders(cap, t_kill2 + 0.1, t_end) == {port1}
+    assert {spi for spi, _, _, t in list(cap.seen) if t_end - 0.5 < t < t_end} == every

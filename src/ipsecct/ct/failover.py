@@ -48,8 +48,9 @@ spent within one lease.
 Epochs. Both start in epoch 1; a take-over starts the next epoch. The standby that took over
 answers the old active's messages with TAKEN (its epoch): the old active gives up its lease
 for good and removes its tunnels (the taker owns them). The taker then runs alone: it needs no
-lease, since nobody else holds a replica; a new standby is attached by restarting the old
-active with ``role = "standby"``.
+lease, since nobody else holds a replica, until the old active, now its standby, asks it to
+replicate (JOIN); it then becomes the active of its epoch, under the lease that standby grants
+(the roles change in :mod:`ipsecct.gateway.failover_driver`, docs/cluster.md).
 """
 
 from __future__ import annotations

@@ -224,8 +224,21 @@ class ClusterDriver:
             if reply_kind(msg) is not None:
                 rep.receive(msg, now)
             else:
+                had = bool(sb.replica)
                 for r in sb.receive(msg, now):
                     self.channels.send(peer, r)
+                if sb.replica and not had:
+                    # The operator's "what is this gateway now": e.g. restarted after a
+                    # failure, it holds the survivors' replicas (and owns nothing yet).
+                    event(
+                        log,
+                        "cluster-standby",
+                        node=self.node.name,
+                        peer=peer,
+                        tunnels=len(sb.replica),
+                        detail=f"this gateway holds replicas of {peer}'s tunnels and takes "
+                        f"them over if {peer}'s lease ends",
+                    )
         except CxtpError as exc:
             event(log, "sync-malformed", logging.WARNING, node=self.node.name, error=str(exc))
         return True
@@ -894,6 +907,8 @@ class ClusterDriver:
             "removed_on_expiry": self.lost_for_good,
             "etcd_error": self.last_error,
             "replicas": {p: len(sb.replica) for p, sb in self.standbys.items()},
+            # the members whose tunnels this gateway would take over (with how many)
+            "standby_of": {p: len(sb.replica) for p, sb in self.standbys.items() if sb.replica},
             "taken_over": self.taken,
             "ike_taken_over": self.ike_taken,
             "ike_split": self.ike_split,

@@ -8,10 +8,12 @@ the rest for one gateway of a pair:
 * the active logs the loss and regain of its lease (``lease-lost`` at WARNING: it has stopped
   sending and says why), keeps what it held meanwhile in a bounded queue and sends it when the
   lease comes back; told that the standby took over (``lease-superseded``, ERROR), it removes
-  its tunnels for good: the taker owns them;
-* the epoch, and whether this gateway took over, are kept in a small state file written
-  (and synced to disk) *before* anything is sent on a taken-over tunnel: a taker that restarts
-  still answers TAKEN and never lets the old active send again on SAs it used.
+  its tunnels for good (the taker owns them) and the driver makes it the taker's standby;
+* the epoch and the role (took over: the active of that epoch; or the standby of the peer)
+  are kept in a small state file written (and synced to disk) *before* anything is sent on a
+  taken-over tunnel and before a superseded active becomes a standby: a taker that restarts
+  still answers TAKEN and never lets the old active send again on SAs it used, and a standby
+  that restarts stays the standby.
 """
 
 from __future__ import annotations
