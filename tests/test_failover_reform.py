@@ -267,3 +267,69 @@ def test_etcd_mode_a_restarted_member_holds_the_survivors_replicas(
     assert senders(cap, t_restart1, t_kill2) == {port2}  # the restarted sg1 sent nothing
     assert senders(cap, t_kill2 + 0.1, t_end) == {port1}
     assert {spi for spi, _, _, t in list(cap.seen) if t_end - 0.5 < t < t_end} == every
+
+
+def test_a_lost_standby_the_operator_lets_the_active_run_alone(gws: Gateways) -> None:
+    """The standby dies for good: the active stops when its lease runs out (a dead standby
+    and a partition look alike) and says so. ``ipsecct failover alone`` is refused while
+    the lease is valid and without --standby-is-down; with it, the active sends again (what
+    it held first) in a new epoch, and the restarted standby pairs with it by itself."""
+    from tests.helpers.deployment import cli
+
+    cap: Capture = gws.capture  # type: ignore[attr-defined]
+    fo = f"[failover]\npeer = \"{{peer}}\"\nrole = \"{{role}}\"\ndead_ms = {DEAD_MS}\n"
+    gws.write("sg1", peers=["sg2"], extra=fo.format(peer="sg2", role="active"))
+    gws.write("sg2", peers=["sg1"], with_tunnels=False,
+              extra=fo.format(peer="sg1", role="standby"))  # fmt: skip
+    port1 = gws.ports["sg1"]["outer"]
+    every = {0x20000000 + i for i in range(TUNNELS)}
+
+    def detail() -> str:
+        return "\n".join(
+            f"{n}: {failover(gws, n) if n in gws.procs else '-'}\n{gws.log(n)[-2000:]}"
+            for n in ("sg1", "sg2")
+        )
+
+    def alone(*args: str) -> tuple[int, str]:
+        r = cli("failover", "alone", "--json", "-c", gws.config("sg1"), *args)
+        return r.returncode, r.stdout + r.stderr
+
+    gws.start("sg2")
+    gws.start("sg1")
+    traffic = Traffic(TUNNELS, [gws.ports["sg1"]["inner"], gws.ports["sg2"]["inner"]], PPS)
+    try:
+        wait_for(lambda: failover(gws, "sg1")["standby_acknowledged"]
+                 and failover(gws, "sg2")["replicated_tunnels"] == TUNNELS,
+                 "never paired", detail=detail)  # fmt: skip
+        rc, out = alone("--standby-is-down")
+        assert rc != 0 and "lease is valid" in out, out
+        gws.kill("sg2")
+        wait_for(lambda: failover(gws, "sg1")["lease"]["state"] == "lost", "lease not lost",
+                 detail=detail)  # fmt: skip
+        assert "event=lease-lost" in gws.log("sg1")
+        t_lost = time.monotonic()
+        time.sleep(1.0)
+        assert senders(cap, t_lost + 0.2, time.monotonic()) == set()  # fenced: nothing sent
+        rc, out = alone()
+        assert rc != 0 and "--standby-is-down" in out, out
+        rc, out = alone("--standby-is-down")
+        assert rc == 0, out
+        st = json.loads(out)
+        assert st["role"] == "took over" and st["epoch"] == 2 and st["alone"] is True
+        assert "event=failover-alone" in gws.log("sg1")
+        t_alone = time.monotonic()
+        wait_for(lambda: {s for s, _, _, t in list(cap.seen) if t > t_alone + 0.3} == every,
+                 "sg1 does not send again", detail=detail)  # fmt: skip
+        gws.start("sg2")
+        wait_for(lambda: failover(gws, "sg1")["role"] == "active"
+                 and failover(gws, "sg1")["standby_acknowledged"]
+                 and failover(gws, "sg2")["replicated_tunnels"] == TUNNELS,
+                 "the restarted standby did not pair again", detail=detail)  # fmt: skip
+        assert failover(gws, "sg1")["epoch"] == 2
+        time.sleep(0.5)
+        t_end = time.monotonic()
+        assert {s for s, _, _, t in list(cap.seen) if t_end - 0.3 < t < t_end} == every
+    finally:
+        traffic.close()
+    assert cap.duplicates() == []
+    assert senders(cap, 0, time.monotonic()) == {port1}

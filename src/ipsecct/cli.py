@@ -29,6 +29,7 @@ COMMAND_MODULES = (
     "bench",
     "pki",
     "cluster",
+    "failover",
 )
 
 Handler = Callable[[argparse.Namespace], int]

@@ -37,12 +37,12 @@ from ..ct.failover import (
     taken_reply,
 )
 from ..ct.transfer import FPT_SYNC, Identity, Record
-from ..errors import CxtpError, IpsecctError
+from ..errors import ControlError, CxtpError, IpsecctError
 from ..ipsec.engine import Tunnel
 from ..ipsec.esp import Drop
 from ..ipsec.sad import SecurityAssociation
 from . import gcpolicy
-from .fencing import PairFencing, PairState, load_state, state_path
+from .fencing import PairFencing, PairState, load_state, save_state, state_path
 from .ike import IkeService
 from .log import event
 from .node import Node
@@ -54,6 +54,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("ipsecct.ct.failover")
 
+UNFENCED = 1 << 64
 PREPARE_PER_TICK = 8  # replicas decoded ahead per tick (~125 us per SA)
 
 
@@ -90,7 +91,9 @@ class FailoverDriver:
         )
         self.state: PairState = load_state(path)
         role = self.state.role or cfg.role
-        self.joining = False  # a standby asking its peer to replicate to it (JOIN)
+        # A standby asks its peer to replicate to it (JOIN) until it hears from it: a peer
+        # that took over (or was told to run alone) has no other way to learn of it.
+        self.joining = False
         self._next_join = 0.0
         self.joins = 0  # JOINs sent
         self.reformed = 0  # times this gateway became the other's standby or got one
@@ -100,6 +103,7 @@ class FailoverDriver:
             self.replicator.epoch = self.state.epoch
         else:
             self.standby = self._new_standby(self.state.epoch)
+            self.joining = True
             if self.state.role == "standby":
                 # It became the standby of its peer before it stopped: the peer sends on its
                 # tunnels now. Nothing configured here may send; they go before any socket
@@ -228,8 +232,11 @@ class FailoverDriver:
             if sb.last_heard is not None:
                 self.joining = False  # the active replicates to us
             elif now >= self._next_join:
-                self.channels.send(self.cfg.peer, join_message(sb.epoch))
-                self.joins += 1
+                # only over an open channel (the channel pool keeps trying to open one): a
+                # peer that is down is not worth a warning every heartbeat
+                if self.channels.connected(self.cfg.peer):
+                    self.channels.send(self.cfg.peer, join_message(sb.epoch))
+                    self.joins += 1
                 self._next_join = now + self.cfg.heartbeat_ms / 1000
         if sb.took_over is None and sb.unprepared and now >= self._next_prepare:
             sb.prepare(PREPARE_PER_TICK)  # about 2 ms of decoding
@@ -314,6 +321,59 @@ class FailoverDriver:
             "acknowledgement)",
         )
         self.node.timers.poke()
+
+    def go_alone(self, now: float) -> dict[str, Any]:
+        """The operator says the standby is down (``ipsecct failover alone``): run alone, as a
+        gateway that took over does, in a new epoch. Refused while the lease is valid (the
+        standby acknowledged within the lease: it is alive). Safe only if the standby cannot
+        take over: its process is stopped, or restarted since it last heard from us (a
+        standby's replicas live in its memory only); ipsecct cannot tell that from a
+        partition, which is why it needs the operator."""
+        r, fencing = self.replicator, self.fencing
+        if r is None or r.superseded_by is not None or fencing is None:
+            raise ControlError(
+                "only the active gateway of a pair with fencing can be told to run alone "
+                f"(this one is {self.status()['role']})"
+            )
+        if r.lease is not None and r.lease.valid(now):
+            raise ControlError(
+                f"the lease is valid: {self.cfg.peer} acknowledged within the last "
+                f"{r.lease.timing.lease * 1000:.0f} ms, so it is alive; not running alone"
+            )
+        epoch = r.epoch + 1
+        try:
+            save_state(fencing.path, epoch, True)  # on disk before anything is sent
+        except OSError as exc:
+            raise ControlError(f"the epoch file could not be written: {exc}") from exc
+        if r.lease is not None:
+            r.lease.revoke()
+        sb = self._new_standby(epoch)
+        sb.took_over = now
+        if sb.grant is not None:
+            sb.grant.close()
+        self.replicator, self.standby = None, sb
+        fencing.replicator, fencing.standby = None, sb
+        self.joining = False
+        self.reformed += 1
+        tunnels = list(self.node.engine.tunnels())
+        for t in tunnels:
+            t.seq_ceiling = UNFENCED  # no standby's floor bounds them any more
+        self.node.engine.send_until = math.inf
+        held = len(fencing.held)
+        fencing.release()
+        event(
+            log,
+            "failover-alone",
+            logging.WARNING,
+            node=self.node.name,
+            peer=self.cfg.peer,
+            epoch=epoch,
+            tunnels=len(tunnels),
+            released=held,
+            detail=f"the operator said {self.cfg.peer} is down: this gateway runs alone and "
+            f"sends again; when {self.cfg.peer} comes back it becomes the standby",
+        )
+        return self.status()
 
     def _become_standby(self, epoch: int) -> None:
         """The standby took over from this (active) gateway, which gave its tunnels up

@@ -165,7 +165,7 @@ class PairFencing:
                 gap = "" if self.lost_at is None else f"{(now - self.lost_at) * 1000:.0f}"
                 self.lost_at = None
                 event(log, ev.value, node=self.node.name, peer=self.cfg.peer, fenced_ms=gap)
-                self._release()
+                self.release()
             elif ev is LeaseEvent.SUPERSEDED:
                 self._superseded()
 
@@ -183,7 +183,8 @@ class PairFencing:
         self.held.append(held)
         return True
 
-    def _release(self) -> None:
+    def release(self) -> None:
+        """Send what was held (the lease came back, or the gateway runs alone now)."""
         pending, self.held = self.held, collections.deque()
         for h in pending:
             if h.tunnel.state is TunnelState.ACTIVE:

@@ -235,6 +235,11 @@ class PeerChannels:
         task.add_done_callback(self.readers.discard)
         return c
 
+    def connected(self, peer: str) -> bool:
+        """Is a channel with ``peer`` open (either side's)?"""
+        c = self.conns.get(peer)
+        return c is not None and not c.closed
+
     def send(self, peer: str, msg: cxtp.Message) -> None:
         # Fast path: an open connection with nothing queued ahead: write now (the transport
         # buffers; the writer task drains when the buffer grows), no task switch on the way.

@@ -146,6 +146,8 @@ class Service:
                 "pmtu.set": self._pmtu_set,
             }.items():
                 self.control.register(name, h)
+            if self.failover is not None:
+                self.control.register("failover.alone", self._failover_alone)
             if self.transfer is not None:
                 self.control.register("transfer", self.transfer.control_transfer)
                 self.control.register("rebalance", self.transfer.control_rebalance)
@@ -211,6 +213,16 @@ class Service:
                 self.transfer.refuse()
             return
         self.transfer.receive(peer, msg)
+
+    async def _failover_alone(self, args: dict[str, Any]) -> Any:
+        """``ipsecct failover alone``: the standby is down for good; run without it."""
+        assert self.failover is not None
+        if args.get("standby_is_down") is not True:
+            raise ControlError(
+                "say --standby-is-down: only once the standby's process is stopped (a standby "
+                "alive behind a partition would take over too)"
+            )
+        return self.failover.go_alone(self.node.clock())
 
     def _peer_lost(self, peer: str) -> None:
         assert self.transfer is not None

@@ -1,0 +1,48 @@
+"""``ipsecct failover alone``: the active of a pair whose standby is down for good runs alone."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from ..gateway.control import request
+from .sa import add_target
+
+
+def cmd_alone(args: argparse.Namespace) -> int:
+    from .sa import socket_path
+
+    st = request(
+        socket_path(args), "failover.alone", {"standby_is_down": args.standby_is_down}, 30
+    )
+    if args.json:
+        json.dump(st, sys.stdout)
+        sys.stdout.write("\n")
+    else:
+        print(f"{st['role']}, epoch {st['epoch']}: runs alone; {st['peer']} becomes the standby "
+              "when it comes back")  # fmt: skip
+    return 0
+
+
+def register(sub: Any) -> None:
+    p: argparse.ArgumentParser = sub.add_parser(
+        "failover", help="a fail-over pair: operator commands"
+    )
+    ss = p.add_subparsers(dest="failover_command", metavar="SUBCOMMAND")
+    ss.required = True
+    a: argparse.ArgumentParser = ss.add_parser(
+        "alone",
+        help="the standby is down for good: the active stops waiting for its lease and runs "
+        "alone (refused while the lease is valid)",
+    )
+    a.add_argument(
+        "--standby-is-down",
+        action="store_true",
+        help="you have stopped the standby's process (a standby alive behind a partition "
+        "would take over too and reuse sequence numbers)",
+    )
+    a.add_argument("--json", action="store_true")
+    add_target(a)
+    a.set_defaults(handler=cmd_alone)
