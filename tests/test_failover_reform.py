@@ -167,32 +167,33 @@ def test_a_pair_reforms_after_each_failure_and_never_repeats_a_number(gws: Gatew
         for v in seqs.values():
             holes += max(v) - min(v) + 1 - len(v)
     assert holes == 0, f"{holes} sequence numbers missing from the stream"
-    # The stream pauses at the two kills (the detection gap: dead_ms, then the take-over)
-    # and, briefly, where the pair re-forms (the active holds its packets from the JOIN until
-    # its new standby's first acknowledgement: a TLS connection to a restarted peer); nowhere
-    # else. Generous bounds for a loaded 2-core machine; the figures are printed.
+    # The stream pauses at the two kills (the detection gap: dead_ms, then the take-over);
+    # anywhere else (e.g. while the pair re-forms: the active holds its packets from the JOIN
+    # until its new standby's first acknowledgement) only briefly. Generous bounds: a loaded
+    # 2-core machine stalls a gateway process for a few hundred ms at times; the figures
+    # are printed.
     long = gaps(cap, t_start, t_end)
     at_kill: list[float] = []
     at_reform: list[float] = []
+    elsewhere: list[float] = []
     for start, length, spi in long:
         if any(k - 0.3 <= start <= t + 0.5 for k, t in ((t_kill1, t_took1), (t_kill2, t_took2))):
             at_kill.append(length)
             assert length < DEAD_MS / 1000 + 4.0, f"tunnel {spi:#x} paused {length:.3f} s"
             continue
-        assert any(r <= start <= p for r, p in ((t_restart1, t_paired1),
-                                                 (t_restart2, t_paired2))), (  # fmt: skip
-            f"tunnel {spi:#x} paused {length:.3f} s at {start - t_start:.3f} s, neither at a "
+        if any(r <= start <= p for r, p in ((t_restart1, t_paired1), (t_restart2, t_paired2))):
+            at_reform.append(length)
+        else:
+            elsewhere.append(length)
+        assert length < 2.0, (
+            f"tunnel {spi:#x} paused {length:.3f} s at {start - t_start:.3f} s, not at a "
             f"kill ({t_kill1 - t_start:.3f}-{t_took1 - t_start:.3f}, "
-            f"{t_kill2 - t_start:.3f}-{t_took2 - t_start:.3f}) nor while re-forming "
-            f"({t_restart1 - t_start:.3f}-{t_paired1 - t_start:.3f}, "
-            f"{t_restart2 - t_start:.3f}-{t_paired2 - t_start:.3f})"
+            f"{t_kill2 - t_start:.3f}-{t_took2 - t_start:.3f})"
         )
-        at_reform.append(length)
-        assert length < 3.0, f"tunnel {spi:#x} paused {length:.3f} s while re-forming"
     print(
         f"\nre-form: {len(cap.seen)} ESP datagrams, 0 repeated, 0 holes; longest pause at a "
         f"kill {max(at_kill, default=0):.3f} s (dead_ms {DEAD_MS}), while re-forming "
-        f"{max(at_reform, default=0):.3f} s"
+        f"{max(at_reform, default=0):.3f} s, elsewhere {max(elsewhere, default=0):.3f} s"
     )
 
 
@@ -333,3 +334,69 @@ def test_a_lost_standby_the_operator_lets_the_active_run_alone(gws: Gateways) ->
         traffic.close()
     assert cap.duplicates() == []
     assert senders(cap, 0, time.monotonic()) == {port1}
+
+
+def test_etcd_mode_groups_orphaned_without_a_replica_are_reported_and_stay_silent(
+    gws: Gateways, tmp_path: Path
+) -> None:
+    """sg1 runs alone in the cluster (its peer sg2 is down: nobody holds a replica) and is
+    killed. Its groups have no owner and nobody can take them: sg2, started later, and sg1,
+    restarted with the same tunnels configured, both report them orphaned (status, log);
+    sg1 sends nothing on them (its durable ceilings cannot tell whether someone owned the
+    group and sent since); nothing is sent twice."""
+    from tests.helpers.etcd_server import EtcdCluster
+
+    cap: Capture = gws.capture  # type: ignore[attr-defined]
+    with EtcdCluster(tmp_path) as e:
+        cl = f'[cluster]\netcd = {json.dumps(e.endpoints)}\nname = "or"\nttl_s = 2\n'
+        gws.write("sg1", peers=["sg2"], extra=cl)
+        gws.write("sg2", peers=["sg1"], with_tunnels=False, extra=cl)
+
+        def cluster(name: str) -> dict:  # type: ignore[type-arg]
+            out: dict = gws.status(name)["cluster"]  # type: ignore[type-arg]
+            return out
+
+        def detail() -> str:
+            return "\n".join(
+                f"{n}: {cluster(n) if n in gws.procs else '-'}\n{gws.log(n)[-2000:]}"
+                for n in ("sg1", "sg2")
+            )
+
+        gws.start("sg1")
+        traffic = Traffic(TUNNELS, [gws.ports["sg1"]["inner"]], PPS)
+        try:
+            wait_for(lambda: cluster("sg1")["owned_tunnels"] == TUNNELS, "sg1 owns nothing",
+                     detail=detail)  # fmt: skip
+            assert cluster("sg1")["standby_of"] == {}  # we hold nobody's, nobody holds ours
+            gws.kill("sg1")
+            t_kill = time.monotonic()
+            gws.start("sg2")
+            wait_for(lambda: cluster("sg2")["orphaned"]["tunnels"] == TUNNELS,
+                     "sg2 does not report the orphaned groups", timeout=60,
+                     detail=detail)  # fmt: skip
+            assert cluster("sg2")["orphaned"]["groups"] > 0
+            assert "event=cluster-orphaned" in gws.log("sg2")
+            assert cluster("sg2")["owned_tunnels"] == 0
+            gws.start("sg1")
+            wait_for(lambda: cluster("sg1")["orphaned"]["here"] == TUNNELS,
+                     "the restarted sg1 does not report its tunnels orphaned", timeout=60,
+                     detail=detail)  # fmt: skip
+            st1 = cluster("sg1")
+            assert st1["owned_tunnels"] == 0 and st1["unowned_tunnels"] == TUNNELS
+            assert "event=cluster-orphaned" in gws.log("sg1")
+            time.sleep(1.0)
+        finally:
+            traffic.close()
+        r = cli_json("cluster", "status", "--json", "--config", gws.config("sg2"))
+        assert r["owners_without_member"] == TUNNELS
+    assert senders(cap, t_kill + 0.2, time.monotonic()) == set()
+    assert cap.duplicates() == []
+
+
+def cli_json(*args: str) -> dict:  # type: ignore[type-arg]
+    from tests.helpers.deployment import cli
+
+    r = cli(*args)
+    assert r.returncode == 0, r.stderr
+    out: dict = json.loads(r.stdout)  # type: ignore[type-arg]
+    return out

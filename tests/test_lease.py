@@ -613,6 +613,7 @@ def test_prometheus_text_has_the_lease() -> None:
                 "owned_tunnels": 5,
                 "groups": 32,
                 "taken_over": 4,
+                "orphaned": {"groups": 2, "tunnels": 7, "here": 0},
             },
         }
     )
@@ -620,3 +621,5 @@ def test_prometheus_text_has_the_lease() -> None:
     assert 'ipsecct_cluster_owned_tunnels{node="sg1"} 5' in etcd
     assert 'ipsecct_cluster_groups{node="sg1"} 32' in etcd
     assert 'ipsecct_cluster_taken_over_total{node="sg1"} 4' in etcd
+    assert 'ipsecct_cluster_orphaned_tunnels{node="sg1"} 7' in etcd
+    assert 'ipsecct_cluster_orphaned_groups{node="sg1"} 2' in etcd

@@ -60,6 +60,8 @@ WAITING_MAX = 4096  # packets kept for tunnels waiting for their owner key
 SCAN_PERIOD = 0.1  # seconds between looks at the member list (when holding replicas)
 HANDOVER_WAIT = 1.0  # seconds a transfer's target waits for the source's key hand-over
 HANDOVER_RETRY = 0.02  # seconds between its looks
+ORPHAN_CHECK = 5.0  # seconds between looks for groups nobody took over
+ORPHAN_AFTER = 4.0  # a group without an owner this long: no live member holds a replica
 
 
 class ClusterDriver:
@@ -107,6 +109,11 @@ class ClusterDriver:
         self.taken = 0
         self.takeovers: list[dict[str, Any]] = []
         self._next_keepalive = 0.0
+        # Groups without an owner key, since when (as this member saw them), and those
+        # reported orphaned for good (nobody took them within ORPHAN_AFTER): group -> tunnels.
+        self._orphan_since: dict[str, float] = {}
+        self.orphaned: dict[str, int] = {}
+        self._next_orphan_check = 0.0
         self._quiet = RateLimited(burst=2, interval=10.0)  # etcd errors repeat every round
         node.engine.send_until = -math.inf  # nothing is sent before we are a member
         node.engine.fence_new_tunnels = True  # nor on a new tunnel before we own it
@@ -386,6 +393,9 @@ class ClusterDriver:
                     await self._own_tunnels()
                 if self.lease_id and self.lease.valid(self.node.clock()):
                     await self._scan()
+                    if self.node.clock() >= self._next_orphan_check:
+                        self._next_orphan_check = self.node.clock() + ORPHAN_CHECK
+                        await self._check_orphans()
                 self.last_error = ""
             except EtcdError as exc:
                 self._quiet.event(
@@ -496,6 +506,42 @@ class ClusterDriver:
                     won += batch
             with gcpolicy.POLICY.batch():
                 self._install(won, dead)
+
+    async def _check_orphans(self) -> None:
+        """Groups whose owner died and that nobody took over: a member holding a replica of
+        any of their tunnels takes such a group within ``grace``, so one still without an
+        owner ``ORPHAN_AFTER`` later has no replica at any live member. Its tunnels' keys
+        died with their owner (they never go to etcd); nothing sends on them, and nothing
+        may: a member restarting with some of them configured cannot know whether someone
+        owned the group and sent past its durable ceiling since. The operator is told."""
+        groups, tunnels = await read_ownership(self.client, self.keys)
+        now = self.node.clock()
+        orph = ownership.orphans(groups, tunnels)
+        for g in [g for g in self._orphan_since if g not in orph]:
+            del self._orphan_since[g]
+        for g in orph:
+            self._orphan_since.setdefault(g, now)
+        mine = {s for sb in self.standbys.values() for s in sb.replica}
+        lasting = {
+            g: len(spis)
+            for g, spis in orph.items()
+            if now - self._orphan_since[g] >= ORPHAN_AFTER and not any(s in mine for s in spis)
+        }
+        new = {g: n for g, n in lasting.items() if g not in self.orphaned}
+        self.orphaned = lasting
+        if new:
+            event(
+                log,
+                "cluster-orphaned",
+                logging.WARNING,
+                node=self.node.name,
+                groups=len(new),
+                tunnels=sum(new.values()),
+                detail="groups of tunnels without an owner that no member took over (no live "
+                "member holds a replica: their keys died with their owner): nothing sends on "
+                "them, and nothing may; re-key them (an IKE peer does by itself; manual SAs "
+                "need new keys); ipsecct cluster status counts them",
+            )
 
     async def _adopt(self, gids: list[str], tunnels: dict[int, str], dead: list[str]) -> None:
         """Create the owner keys of these orphaned groups (one transaction, or one per group
@@ -909,6 +955,14 @@ class ClusterDriver:
             "replicas": {p: len(sb.replica) for p, sb in self.standbys.items()},
             # the members whose tunnels this gateway would take over (with how many)
             "standby_of": {p: len(sb.replica) for p, sb in self.standbys.items() if sb.replica},
+            "orphaned": {
+                "groups": len(self.orphaned),
+                "tunnels": sum(self.orphaned.values()),
+                # tunnels here (configured, restored) in such groups: fenced for good
+                "here": sum(
+                    1 for t in tunnels if self.own.placed.get(t.outbound.spi, "") in self.orphaned
+                ),
+            },
             "taken_over": self.taken,
             "ike_taken_over": self.ike_taken,
             "ike_split": self.ike_split,

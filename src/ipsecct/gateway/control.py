@@ -383,6 +383,16 @@ def prometheus_text(status: dict[str, Any]) -> str:
             "# HELP ipsecct_cluster_taken_over_total Tunnels taken over from dead members.",
             "# TYPE ipsecct_cluster_taken_over_total counter",
             f'ipsecct_cluster_taken_over_total{{node="{node}"}} {cl.get("taken_over", 0)}',
+            "# HELP ipsecct_cluster_orphaned_tunnels Tunnels in groups without an owner that"
+            " no member took over (no replica anywhere): nothing sends on them.",
+            "# TYPE ipsecct_cluster_orphaned_tunnels gauge",
+            f'ipsecct_cluster_orphaned_tunnels{{node="{node}"}} '
+            f"{cl.get('orphaned', {}).get('tunnels', 0)}",
+            "# HELP ipsecct_cluster_orphaned_groups Groups of tunnels without an owner that no"
+            " member took over.",
+            "# TYPE ipsecct_cluster_orphaned_groups gauge",
+            f'ipsecct_cluster_orphaned_groups{{node="{node}"}} '
+            f"{cl.get('orphaned', {}).get('groups', 0)}",
         ]
     for k, v in status.get("metrics", {}).items():
         lines.append(f'ipsecct_{k}{{node="{node}"}} {v}')
