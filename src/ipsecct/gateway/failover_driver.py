@@ -98,6 +98,7 @@ class FailoverDriver:
         self.joins = 0  # JOINs sent
         self.reformed = 0  # times this gateway became the other's standby or got one
         self._given_up: list[Tunnel] = []
+        self._stopping = False
         if role == "active":
             self.replicator = Replicator(node.engine, cfg)
             self.replicator.epoch = self.state.epoch
@@ -199,7 +200,15 @@ class FailoverDriver:
             event(log, "failover-state-not-written", logging.ERROR, node=self.node.name,
                   error=str(exc))  # fmt: skip
 
+    def stopping(self) -> None:
+        """The gateway is being stopped: it asks nobody to replicate to it any more. A JOIN
+        makes the taker fence itself until this gateway's first acknowledgement, which a
+        gateway on its way out would never send."""
+        self._stopping = True
+        self.joining = False
+
     async def stop(self) -> None:
+        self.stopping()
         self.node.timers.remove("failover")
 
     def _next_deadline(self) -> float | None:
@@ -386,7 +395,7 @@ class FailoverDriver:
             self.fencing.given_up = []
             self.fencing.replicator, self.fencing.standby = None, sb
         self._record_given_up()
-        self.joining = True
+        self.joining = not self._stopping
         self._next_join = 0.0
         self.reformed += 1
         event(

@@ -233,6 +233,8 @@ class Service:
         self.transfer.peer_lost(peer)
 
     async def stop(self) -> None:
+        if self.failover is not None:
+            self.failover.stopping()  # no JOIN from a gateway on its way out
         if self.ike is not None:
             await self.ike.stop()  # DELETEs to the IKE peers (not when a standby holds them)
         if self.cluster is not None:
