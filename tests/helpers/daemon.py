@@ -26,7 +26,7 @@ HOST = "10.2.0.1"
 SPI_UP = 0x10000001  # MN -> SG
 SPI_DOWN = 0x20000001  # SG -> MN
 KEY_UP = bytes.fromhex("11111111111111111111111111111111feed0001")  # examples/gateway/keys
-START_TIMEOUT = 20.0
+START_TIMEOUT = 30.0  # a Python daemon starting on a loaded 2-core machine
 RECV_TIMEOUT = 5.0
 
 

@@ -367,7 +367,7 @@ class Charon:
                 raise AssertionError(f"charon {self.side.name} exited: {self.logtail()}")
             return os.path.exists(self.vici)
 
-        wait_until(up, f"charon {self.side.name}'s vici socket", timeout=15)
+        wait_until(up, f"charon {self.side.name}'s vici socket", timeout=30)
         self.swanctl("--load-all", "--file", str(self.dir / "swanctl.conf"))
 
     def swanctl(self, *args: str, timeout: float = 20) -> str:
@@ -461,7 +461,7 @@ class Capture:
                 raise AssertionError(f"tcpdump exited: {self._err.read_text(errors='replace')}")
             return b"listening on" in self._err.read_bytes()
 
-        wait_until(listening, "tcpdump to listen", timeout=15)
+        wait_until(listening, "tcpdump to listen", timeout=30)
 
     def stop(self) -> None:
         """Stop tcpdump (it writes what it has); stopping twice does no harm."""
@@ -484,13 +484,13 @@ class Pair:
 def ping(ns: Namespaces, role: str, dst: str, count: int) -> int:
     """Ping ``dst`` from a namespace; returns how many replies came back."""
     r = ns.run(
-        role, "ping", "-n", "-c", str(count), "-i", "0.2", "-W", "2", dst, check=False, timeout=60
+        role, "ping", "-n", "-c", str(count), "-i", "0.2", "-W", "5", dst, check=False, timeout=60
     )
     m = re.search(r"(\d+) received", r.stdout)
     return int(m.group(1)) if m else 0
 
 
-def wait_log(charon: Charon, pattern: str, timeout: float = 10) -> None:
+def wait_log(charon: Charon, pattern: str, timeout: float = 30) -> None:
     rx = re.compile(pattern)
     wait_until(lambda: rx.search(charon.log()) is not None, f"{pattern!r} in charon's log", timeout)
 
