@@ -168,7 +168,7 @@ class Three:
             f"{tunnels}"
             f'[transfer]\nlisten = "{GW[g]}:{self.ct[g]}"\ncert = "pki/{g}.pem"\n'
             f'key = "pki/{g}.key"\nca = "pki/ca.pem"\nidentity = "direct"\n\n{peers}'
-            f'[cluster]\netcd = {json.dumps(endpoints)}\nname = "three"\nttl_s = 3\n'
+            f'[cluster]\netcd = {json.dumps(endpoints)}\nname = "three"\nttl_s = 5\n'
         )
 
     def _mn(self) -> None:
@@ -198,7 +198,7 @@ class Three:
             stderr=subprocess.STDOUT,
         )
         log.close()
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 30  # a Python process starting on a loaded machine
         while cli("status", "--config", self.config(n), timeout=10).returncode != 0:
             assert self.procs[n].poll() is None, self.log(n)
             assert time.monotonic() < deadline, self.log(n)
@@ -219,7 +219,7 @@ class Three:
         out: dict[str, Any] = json.loads(r.stdout)
         return out
 
-    def wait(self, pred: Any, what: str, timeout: float = 15) -> None:
+    def wait(self, pred: Any, what: str, timeout: float = 30) -> None:
         deadline = time.monotonic() + timeout
         while not pred():
             assert time.monotonic() < deadline, what
@@ -325,7 +325,7 @@ def test_three_gateways_three_etcd_members(tmp_path: Path) -> None:
                 lambda: len(t.cluster()["owners"]) == K
                 and set(t.cluster()["owners"].values()) == {"sg2", "sg3"},
                 "sg1's tunnels owned by sg2 and sg3",
-                timeout=20,
+                timeout=30,
             )
             cs = t.cluster()
             assert "sg1" not in cs["members"]
@@ -380,7 +380,7 @@ def test_three_gateways_three_etcd_members(tmp_path: Path) -> None:
                 lambda: set(t.cluster()["owners"].values()) == {"sg3"}
                 and len(t.cluster()["owners"]) == K,
                 "sg2's tunnels move to sg3",
-                timeout=20,
+                timeout=30,
             )
             everywhere = {i: "sg3" for i in range(K)}
             t.wait(lambda: t.up(50) == K, "the MN follows to sg3", timeout=30)
