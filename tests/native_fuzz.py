@@ -11,10 +11,13 @@ input here. Deterministic (seeded): a failure reproduces.
 from __future__ import annotations
 
 import importlib.util
+import os
 import random
 import socket
 import struct
 import sys
+import threading
+import time
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
@@ -42,6 +45,84 @@ def forge(rng: random.Random, alg: int, key: bytes, spi: int, seq: int, esn: boo
     aad = struct.pack("!LQ", spi, seq) if esn else hdr
     iv = struct.pack("!Q", seq)
     return hdr + iv + cipher.encrypt(key[-4:] + iv, bytes(plain), aad)
+
+
+def thread_fuzz(esp, table, sas, rng, rounds, outer, inner, sink, sink_port, tx):  # type: ignore[no-untyped-def]
+    """The forwarding thread (Table.run) on the same untrusted datagrams, while this thread
+    freezes and unfreezes the SAs and drains the queue, then a stop, a second run and a fault."""
+    wake = os.eventfd(0, os.EFD_NONBLOCK)
+    stop = os.eventfd(0, os.EFD_NONBLOCK)
+    errors: list[BaseException] = []
+
+    def body() -> None:
+        try:
+            table.run([outer.fileno()], inner.fileno(), False, (b"\x7f\0\0\x01", sink_port),
+                      wake, stop, 256)
+        except BaseException as exc:
+            errors.append(exc)
+
+    t = threading.Thread(target=body, daemon=True)
+    t.start()
+    sink.setblocking(False)
+    got = 0
+    for n in range(max(1, rounds // 32)):
+        for _ in range(32):
+            alg, key, esn, spi, _sa_in, sa_out = rng.choice(sas)
+            r = rng.random()
+            if r < 0.4:
+                d = forge(rng, alg, key, spi, rng.randrange(1 << 32), esn)
+            elif r < 0.5:
+                d = forge(rng, alg, key, spi, rng.randrange(1 << 32), esn)
+                d = d[: rng.randrange(len(d) + 1)]
+            else:
+                d = rng.randbytes(rng.randrange(0, 64))
+            tx.sendto(d, outer.getsockname())
+            inner_pkt = bytearray(rng.randbytes(rng.randrange(20, 120)))
+            inner_pkt[0] = rng.choice([0x45, 0x60, inner_pkt[0]])
+            inner_pkt[2:4] = struct.pack("!H", len(inner_pkt))
+            if rng.random() < 0.7:  # often a plausible header, so that flows are found
+                inner_pkt[6:8] = bytes(2)
+                if inner_pkt[0] == 0x60:
+                    inner_pkt[4:6] = struct.pack("!H", max(0, len(inner_pkt) - 40))
+            k = table.flow_key(bytes(inner_pkt))
+            if k is not None and rng.random() < 0.3:
+                table.add_flow(k, sa_out)
+            tx.sendto(bytes(inner_pkt), inner.getsockname())
+        victim = rng.choice(sas)[rng.choice([4, 5])]
+        victim.active = False  # a freeze while the thread runs
+        victim.export()
+        victim.active = True
+        if n % 3 == 0:
+            got += len(table.drain(wake))
+        if n % 7 == 0:
+            table.clear_flows()
+        try:
+            while True:
+                sink.recv(65535)
+        except BlockingIOError:
+            pass
+    deadline = time.monotonic() + 30
+    while table.running is False and time.monotonic() < deadline and not errors:
+        time.sleep(0.01)
+    os.eventfd_write(stop, 1)
+    t.join(30)
+    assert not t.is_alive() and not errors, errors
+    got += len(table.drain(wake))
+    assert got > 0
+    # a second run on the same table, ended by an injected fault
+    os.eventfd_read(stop)
+    t = threading.Thread(target=body, daemon=True)
+    t.start()
+    deadline = time.monotonic() + 30
+    while not table.running and time.monotonic() < deadline:
+        time.sleep(0.01)
+    table._inject_fault()
+    tx.sendto(b"\xff", outer.getsockname())
+    t.join(30)
+    assert not t.is_alive() and len(errors) == 1 and isinstance(errors[0], RuntimeError)
+    table.drain(wake)
+    os.close(wake)
+    os.close(stop)
 
 
 def main() -> None:
@@ -129,6 +210,7 @@ def main() -> None:
                 sink.recv(65535)
         except BlockingIOError:
             pass
+    thread_fuzz(esp, table, sas, rng, rounds, outer, inner, sink, sink_port, tx)
     table.take_stats()
     for sa in sas:
         sa[4].export()

@@ -1,24 +1,42 @@
 """Two in-process gateways (ipsecct.gateway.node.Node) on loopback: the native batch path
-(recvmmsg / sendmmsg in C) against the Python path, with real sockets.
+(recvmmsg / sendmmsg in C), in its forwarding thread and per readiness event, against the
+Python path, with real sockets.
 
 Both paths must deliver the same packets, in both directions, with the same counters; on
 the native path the Python side must see only the first packet of each flow and SA.
+
+The forwarding thread (``_esp.Table.run``): a tunnel frozen while it forwards a stream sends
+nothing above the sequence number its freeze read and no sequence number twice; a thread
+that fails hands the sockets back to the event loop; its queue to the loop is bounded.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import os
+import random
 import socket
+import struct
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from ipsecct.gateway import node as node_mod
 from ipsecct.gateway.config import from_dict
 from ipsecct.gateway.node import Node
 from ipsecct.ipsec import native
+from ipsecct.ipsec.engine import TunnelState
 from ipsecct.ipsec.ippacket import build_udp
+from tests.helpers.waiting import eventually
+
+pytestmark = pytest.mark.skipif(
+    os.environ.get("IPSECCT_PURE_PYTHON", "") not in ("", "0"),
+    reason="IPSECCT_PURE_PYTHON forces the Python path",
+)
 
 KEY_AB = "11111111111111111111111111111111feed0001"
 KEY_BA = "22222222222222222222222222222222feed0002"
@@ -92,6 +110,8 @@ async def _exchange(tmp: Path, use_native: bool, enc: str) -> dict[str, Any]:
     python_calls = {"a": 0, "b": 0}
     await a.start()
     await b.start()
+    want = ("native-thread" if node_mod._thread_wanted() else "native") if use_native else "python"
+    assert a.status()["data_path"] == b.status()["data_path"] == want
     try:
         for node, name in ((a, "a"), (b, "b")):
             orig = node.from_inner
@@ -140,9 +160,13 @@ async def _exchange(tmp: Path, use_native: bool, enc: str) -> dict[str, Any]:
         await b.stop()
 
 
+@pytest.mark.parametrize("thread", [True, False])
 @pytest.mark.parametrize("enc", ["aes-gcm-16", "chacha20-poly1305"])
-def test_native_batch_path_delivers_like_the_python_path(tmp_path: Path, enc: str) -> None:
+def test_native_batch_path_delivers_like_the_python_path(
+    tmp_path: Path, enc: str, thread: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     assert native.AVAILABLE, "ipsecct.ipsec._esp is not built: run scripts/install"
+    monkeypatch.setenv("IPSECCT_NATIVE_THREAD", "1" if thread else "0")
     (tmp_path / "n").mkdir()
     (tmp_path / "p").mkdir()
     nat = asyncio.run(_exchange(tmp_path / "n", True, enc))
@@ -155,3 +179,182 @@ def test_native_batch_path_delivers_like_the_python_path(tmp_path: Path, enc: st
     # (at most one batch of 64), C carries the rest
     assert nat["python_calls"]["a"] <= 68 and nat["python_calls"]["b"] <= 68
     assert py["python_calls"]["a"] == N
+
+
+# -- the forwarding thread -------------------------------------------------------------------
+
+
+def _sink() -> socket.socket:
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)
+    s.bind(("127.0.0.1", 0))
+    s.setblocking(False)
+    return s
+
+
+def _seqs(sink: socket.socket, spi: int) -> list[int]:
+    """The ESP sequence numbers waiting in ``sink`` (all of them: loopback delivers at send)."""
+    out = []
+    while True:
+        try:
+            d = sink.recv(65535)
+        except BlockingIOError:
+            return out
+        if len(d) >= 8:
+            got_spi, seq = struct.unpack("!LL", d[:8])
+            assert got_spi == spi
+            out.append(seq)
+
+
+class _Flood:
+    """A thread sending one flow's inner packets to a node's inner socket until stopped."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.port = port
+        self.stop = threading.Event()
+        self.pkt = build_udp(
+            ipaddress.ip_address("10.1.0.2"), ipaddress.ip_address("10.2.0.1"), 5000, 7000,
+            b"x" * 64,
+        )
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            for _ in range(16):
+                self.sock.sendto(self.pkt, ("127.0.0.1", self.port))
+            time.sleep(0.0005)
+
+    def __enter__(self) -> _Flood:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(30)
+        self.sock.close()
+
+
+def _node(tmp: Path, sink_port: int) -> tuple[Node, int, int]:
+    po, pi = _port(), _port()
+    return Node(_cfg(tmp, "a", po, pi, _port(), sink_port, False, "aes-gcm-16")), po, pi
+
+
+async def _freezes(tmp: Path, rounds: int, seed: int) -> dict[str, Any]:
+    rng = random.Random(seed)
+    sink = _sink()
+    a, _, pi = _node(tmp, sink.getsockname()[1])
+    await a.start()
+    assert a.status()["data_path"] == "native-thread"
+    t = a.engine.tunnels()[0]
+    seen: list[int] = []
+    in_c = 0
+    try:
+        with _Flood(pi):
+            await eventually(lambda: t.outbound.seq > 100, "the stream to run", 30)
+            for _ in range(rounds):
+                await asyncio.sleep(rng.uniform(0.002, 0.03))  # the thread forwards
+                before = a.engine.native.take_stats()
+                t.state = TunnelState.HELD  # the freeze: C's state comes back
+                frozen = t.outbound.seq
+                a.engine.stats.out_packets += before[2]
+                in_c += before[2]
+                # what C sealed before the freeze is on the wire; nothing after it may be
+                time.sleep(rng.uniform(0.0, 0.01))  # the thread keeps running meanwhile
+                await asyncio.sleep(rng.uniform(0.0, 0.01))
+                got = _seqs(sink, 0x1001)
+                assert not got or max(got) <= frozen, (max(got), frozen)
+                assert t.outbound.seq == frozen
+                seen += got
+                t.state = TunnelState.ACTIVE
+        await asyncio.sleep(0.05)
+        seen += _seqs(sink, 0x1001)
+        return {"seen": seen, "in_c": in_c, "seq": t.outbound.seq}
+    finally:
+        await a.stop()
+        sink.close()
+
+
+def test_a_freeze_stops_the_forwarding_thread_at_once(tmp_path: Path) -> None:
+    """Freezes at random moments of a stream the thread forwards: once the freeze returns, no
+    packet above the sequence number it read reaches the wire, and no (SPI, sequence number)
+    pair is ever sent twice."""
+    assert native.AVAILABLE, "ipsecct.ipsec._esp is not built: run scripts/install"
+    r = asyncio.run(_freezes(tmp_path, 25, 11))
+    seen = r["seen"]
+    assert len(seen) == len(set(seen)), "a sequence number was sent twice"
+    assert r["in_c"] > 0, "the thread sealed nothing between the freezes"
+    assert max(seen) <= r["seq"]
+
+
+async def _failing(tmp: Path) -> dict[str, Any]:
+    sink = _sink()
+    a, _, pi = _node(tmp, sink.getsockname()[1])
+    await a.start()
+    tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    pkt = _Flood(pi).pkt
+    kept: list[int] = []
+
+    def count() -> int:
+        kept.extend(_seqs(sink, 0x1001))
+        return len(kept)
+
+    try:
+        assert a.status()["data_path"] == "native-thread"
+        for _ in range(10):
+            tx.sendto(pkt, ("127.0.0.1", pi))
+        await eventually(lambda: count() >= 10, "the first packets", 30)
+        a.engine.native._inject_fault()
+        tx.sendto(pkt, ("127.0.0.1", pi))  # wakes the thread, which raises
+        await eventually(lambda: a.status()["data_path"] == "native", "the fallback", 30)
+        for _ in range(50):
+            tx.sendto(pkt, ("127.0.0.1", pi))
+        await eventually(lambda: count() >= 61, "packets after it", 30)
+        return {"seqs": kept, "running": a.engine.native.running}
+    finally:
+        tx.close()
+        await a.stop()
+        sink.close()
+
+
+def test_a_failed_forwarding_thread_hands_the_sockets_back(tmp_path: Path) -> None:
+    """The thread raises (a fault injected into its loop): the event loop reads the sockets
+    again, one C call per readiness event, and the stream goes on in order."""
+    assert native.AVAILABLE, "ipsecct.ipsec._esp is not built: run scripts/install"
+    r = asyncio.run(_failing(tmp_path))
+    assert not r["running"]
+    assert sorted(r["seqs"]) == list(range(1, 62))
+
+
+async def _flooded(tmp: Path, n: int) -> dict[str, Any]:
+    sink = _sink()
+    a, po, _ = _node(tmp, sink.getsockname()[1])
+    await a.start()
+    tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        table = a.engine.native
+        for i in range(n):  # ESP for an SPI nobody has: the Python path's no_sa drop
+            tx.sendto(struct.pack("!LL", 0x7777, i + 1) + bytes(40), ("127.0.0.1", po))
+        # the event loop is busy (blocked here): the thread's queue to it fills and stays bounded
+        deadline = time.monotonic() + 30
+        while table.up_dropped < n - node_mod._MAX_PENDING and time.monotonic() < deadline:
+            time.sleep(0.01)
+        dropped = table.up_dropped
+        await eventually(
+            lambda: a.status()["counters"]["drops"]["no_sa"] >= n - dropped, "the drain", 30
+        )
+        return {"dropped": dropped, "no_sa": a.status()["counters"]["drops"]["no_sa"]}
+    finally:
+        tx.close()
+        await a.stop()
+        sink.close()
+
+
+def test_the_queue_to_the_event_loop_is_bounded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert native.AVAILABLE, "ipsecct.ipsec._esp is not built: run scripts/install"
+    monkeypatch.setattr(node_mod, "_MAX_PENDING", 32)
+    r = asyncio.run(_flooded(tmp_path, 300))
+    assert r["dropped"] == 300 - 32
+    assert r["no_sa"] == 32

@@ -8,7 +8,9 @@ The topology (root; made for the run and removed after it), one per implementati
           10.200.0.1                                       10.200.0.2
 
 - ``ipsecct``: two ``ipsecct gateway run`` processes, TUN inner sides, one AES-GCM-128 tunnel
-  (the native data path when it is built; ``ipsecct-python`` forces the Python path);
+  (the native data path when it is built, its forwarding loop in a thread of its own;
+  ``ipsecct-batch`` runs the native path without that thread, one C call per readiness event
+  of the event loop, ``IPSECCT_NATIVE_THREAD=0``; ``ipsecct-python`` forces the Python path);
 - ``strongswan``: two strongSwan 5.9.8 ``charon`` daemons with kernel-libipsec (user-space
   ESP over its own TUN device), IKEv2 with a pre-shared key, ``esp_proposals = aes128gcm16``.
 
@@ -42,7 +44,7 @@ from typing import Any
 
 from ..errors import BenchError
 
-IMPLS = ("ipsecct", "strongswan", "ipsecct-python")
+IMPLS = ("ipsecct", "strongswan", "ipsecct-batch", "ipsecct-python")
 SIZES = (64, 1400)
 OUTER_A, OUTER_B = "10.200.0.1", "10.200.0.2"
 INNER_A, INNER_B = "10.201.1.1", "10.201.2.1"
@@ -216,11 +218,12 @@ class Pair:
 
 
 class IpsecctPair(Pair):
-    def __init__(self, workdir: Path, pure_python: bool) -> None:
+    def __init__(self, workdir: Path, pure_python: bool, thread: bool = True) -> None:
         from ..errors import ControlError
         from ..gateway.control import request
 
-        self.topo = Topology("p" if pure_python else "n").__enter__()
+        tag = "p" if pure_python else "n" if thread else "m"
+        self.topo = Topology(tag).__enter__()
         try:
             k1, k2 = os.urandom(20).hex(), os.urandom(20).hex()
             pids = []
@@ -228,7 +231,7 @@ class IpsecctPair(Pair):
                 ("a", self.topo.a, OUTER_A, OUTER_B, INNER_A, INNER_B, k1, k2, 0x1001, 0x2001),
                 ("b", self.topo.b, OUTER_B, OUTER_A, INNER_B, INNER_A, k2, k1, 0x2001, 0x1001),
             ):
-                d = workdir / ("py" if pure_python else "c") / name
+                d = workdir / tag / name
                 d.mkdir(parents=True)
                 keys = d / "keys"
                 fd = os.open(keys, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -250,6 +253,7 @@ class IpsecctPair(Pair):
                 env.pop("IPSECCT_PURE_PYTHON", None)
                 if pure_python:
                     env["IPSECCT_PURE_PYTHON"] = "1"
+                env["IPSECCT_NATIVE_THREAD"] = "1" if thread else "0"
                 log = open(d / "gw.log", "wb")  # noqa: SIM115 -- the child keeps it
                 p = self.topo.popen(
                     ns, sys.executable, "-m", "ipsecct", "gateway", "run", "--config", str(cfg),
@@ -381,7 +385,9 @@ def _pairs(impls: Sequence[str], workdir: Path) -> Iterator[dict[str, Pair]]:
             if impl == "strongswan":
                 pairs[impl] = StrongswanPair(workdir)
             else:
-                pairs[impl] = IpsecctPair(workdir, pure_python=impl == "ipsecct-python")
+                pairs[impl] = IpsecctPair(
+                    workdir, pure_python=impl == "ipsecct-python", thread=impl != "ipsecct-batch"
+                )
         yield pairs
     finally:
         for p in pairs.values():

@@ -17,6 +17,7 @@ import functools
 import logging
 import os
 import socket
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -35,6 +36,14 @@ Clock = Callable[[], float]
 OuterHook = Callable[[bytes, tuple[Any, ...]], bool]
 _SOCKET_BUFFER = 1 << 22  # octets, per UDP socket and direction
 _BATCH = 64  # datagrams per readiness event
+# The native forwarding thread's queue to the event loop (items: packets for the Python path)
+_MAX_PENDING = 4096
+_THREAD_STOP_TIMEOUT = 10.0  # seconds
+
+
+def _thread_wanted() -> bool:
+    """The native data path runs in a thread of its own unless IPSECCT_NATIVE_THREAD=0."""
+    return os.environ.get("IPSECCT_NATIVE_THREAD", "1") not in ("0", "")
 
 
 class UdpEndpoint:
@@ -176,6 +185,8 @@ class Node:
         self._raw: socket.socket | None = None
         self._tun_fd: int | None = None
         self._native_inner: tuple[int, bool, tuple[bytes, int] | None] = (-1, False, None)
+        # the native forwarding thread: (thread, wake eventfd, stop eventfd)
+        self._native_thread: tuple[threading.Thread, int, int] | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = asyncio.Event()
         # Hooks for the context-transfer layer: messages on the outer port that are not ESP
@@ -244,8 +255,6 @@ class Node:
             return
         if self._tun_fd is not None:
             self._native_inner = (self._tun_fd, True, None)
-            loop.remove_reader(self._tun_fd)
-            loop.add_reader(self._tun_fd, self._native_inner_readable)
         elif self.inner_transport is not None and self.inner_peer is not None:
             peer = self.inner_peer
             self._native_inner = (
@@ -253,13 +262,116 @@ class Node:
                 False,
                 (peer.host.packed, peer.port),
             )
-            self.inner_transport.set_reader(self._native_inner_readable)
         else:
             return
+        if _thread_wanted() and self.clock is time.monotonic:
+            self._start_native_thread(loop)
+            event(log, "native-data-path", node=self.name, thread=True)
+            return
+        self._native_readers(loop)
+        event(log, "native-data-path", node=self.name, thread=False)
+
+    def _native_readers(self, loop: asyncio.AbstractEventLoop) -> None:
+        """One C call per readiness event of the event loop (the native path without its
+        thread: IPSECCT_NATIVE_THREAD=0, a clock other than the monotonic one, or after the
+        thread failed)."""
+        fd, is_tun, _ = self._native_inner
+        if is_tun:
+            loop.remove_reader(fd)
+            loop.add_reader(fd, self._native_inner_readable)
+        elif self.inner_transport is not None:
+            self.inner_transport.set_reader(self._native_inner_readable)
         for ep in (self.outer_transport, self.virtual_transport):
             if ep is not None:
                 ep.set_reader(functools.partial(self._native_outer_readable, ep))
-        event(log, "native-data-path", node=self.name)
+
+    def _start_native_thread(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The established-SA forwarding loop in a thread of its own (``_esp.Table.run``): it
+        sleeps in epoll on the outer sockets and the inner side with the GIL released and
+        handles each batch in C with the GIL held, so a freeze (which runs under the GIL)
+        lands between two batches. What C does not handle comes back through a bounded
+        queue and an eventfd this loop watches (:meth:`_native_drain`)."""
+        fd, is_tun, dest = self._native_inner
+        outer = [ep.sock.fileno() for ep in (self.outer_transport, self.virtual_transport)
+                 if ep is not None]
+        wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        stop = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        table = self.engine.native
+
+        def body() -> None:
+            try:
+                table.run(outer, fd, is_tun, dest, wake, stop, _MAX_PENDING)
+            except BaseException as exc:  # reported to the loop, never lost
+                with contextlib.suppress(RuntimeError):  # the loop is closed: stopping anyway
+                    loop.call_soon_threadsafe(self._native_thread_failed, exc)
+
+        # nobody else reads these descriptors while the thread runs
+        loop.remove_reader(fd)
+        for ep in (self.outer_transport, self.virtual_transport):
+            if ep is not None:
+                loop.remove_reader(ep.sock.fileno())
+        thread = threading.Thread(target=body, name=f"ipsecct-esp-{self.name}", daemon=True)
+        self._native_thread = (thread, wake, stop)
+        loop.add_reader(wake, self._native_drain)
+        thread.start()
+
+    def _native_drain(self) -> None:
+        """What the forwarding thread handed up, in order: the Python path, signals, and
+        sends the kernel had no room for; then its counters."""
+        nt = self._native_thread
+        if nt is None:
+            return
+        self._native_items(self.engine.native.drain(nt[1]))
+
+    def _native_items(self, items: list[tuple[Any, ...]]) -> None:
+        for item in items:
+            kind = item[0]
+            if kind == 0:  # an inner packet not for the C table
+                self.from_inner(item[1])
+            elif kind == 1:  # a datagram from the outer side not for the C table
+                self._on_outer(item[1], item[2])
+            elif kind == 2:  # ESP the outer socket had no room for: queue it
+                if self.outer_transport is not None:
+                    self.outer_transport.sendto(item[1], item[2])
+            elif kind == 3:  # a signal (ESP next header 253) for the transfer layer
+                self.act(Signal(item[1], item[2]), item[3])
+            elif self.inner_transport is not None:  # the inner socket had no room
+                self.inner_transport.sendto(item[1], item[2])
+        self.engine.fold_native_stats()
+
+    def _native_thread_failed(self, exc: BaseException) -> None:
+        """The forwarding thread ended with an error: the event loop reads the sockets
+        again (one C call per readiness event), nothing waits on the thread."""
+        nt = self._native_thread
+        if nt is None or self._stopping.is_set():
+            return
+        _thread, wake, stop = nt
+        self._native_thread = None
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(wake)
+        items = self.engine.native.drain(wake)
+        os.close(wake)
+        os.close(stop)
+        event(log, "native-thread-failed", logging.ERROR, node=self.name, error=repr(exc))
+        self._native_readers(loop)
+        self._native_items(items)
+
+    def _stop_native_thread(self) -> None:
+        nt = self._native_thread
+        if nt is None:
+            return
+        thread, wake, stop = nt
+        self._native_thread = None
+        with contextlib.suppress(RuntimeError):
+            asyncio.get_running_loop().remove_reader(wake)
+        os.eventfd_write(stop, 1)
+        thread.join(_THREAD_STOP_TIMEOUT)
+        if thread.is_alive():
+            event(log, "native-thread-stuck", logging.ERROR, node=self.name)
+            return  # its descriptors stay open: it may still be in epoll on them
+        os.close(wake)
+        os.close(stop)
+        self.engine.fold_native_stats()
 
     def _native_outer_readable(self, ep: UdpEndpoint) -> None:
         fd, is_tun, dest = self._native_inner
@@ -306,6 +418,7 @@ class Node:
                 await t
         self._tasks.clear()
         loop = asyncio.get_running_loop()
+        self._stop_native_thread()
         if self._tun_fd is not None:
             loop.remove_reader(self._tun_fd)
             os.close(self._tun_fd)
@@ -449,6 +562,7 @@ class Node:
     # -- information ---------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
         now = self.clock()
+        self.engine.fold_native_stats()
         return {
             "name": self.name,
             "role": self.role,
@@ -456,7 +570,16 @@ class Node:
             "outer": str(self.cfg.outer),
             "sas": len(self.engine.sad),
             "policies": len(self.engine.spd),
-            "data_path": "python" if self.engine.native is None else "native",
+            "data_path": (
+                "python"
+                if self.engine.native is None
+                else "native-thread"
+                if self._native_thread is not None
+                else "native"
+            ),
+            "native_queue_drops": (
+                0 if self.engine.native is None else self.engine.native.up_dropped
+            ),
             "counters": self.engine.stats.as_dict(),
             **{k: v() for k, v in self.extensions.items() if callable(v)},
         }

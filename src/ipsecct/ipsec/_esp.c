@@ -25,7 +25,9 @@
 #include <openssl/evp.h>
 #include <stdint.h>
 #include <string.h>
+#include <sys/epoll.h>
 #include <sys/socket.h>
+#include <time.h>
 #include <unistd.h>
 
 #define BATCH 64
@@ -792,6 +794,11 @@ typedef struct {
     uint8_t *out;
     unsigned long long in_packets, in_bytes, out_packets, out_bytes;
     unsigned long long drops[N_DROPS];
+    /* the forwarding thread (run): what goes up to Python, bounded */
+    PyObject *pending;
+    Py_ssize_t up_limit;
+    unsigned long long up_dropped;
+    int running, fault, woken;
 } TableObject;
 
 static PyTypeObject TableType;
@@ -821,6 +828,7 @@ table_traverse(TableObject *self, visitproc visit, void *arg)
 {
     Py_VISIT(self->by_spi);
     Py_VISIT(self->by_flow);
+    Py_VISIT(self->pending);
     return 0;
 }
 
@@ -829,6 +837,7 @@ table_clear(TableObject *self)
 {
     Py_CLEAR(self->by_spi);
     Py_CLEAR(self->by_flow);
+    Py_CLEAR(self->pending);
     return 0;
 }
 
@@ -1061,11 +1070,30 @@ sockaddr_tuple(const struct sockaddr_storage *ss)
     return PyTuple_New(0);
 }
 
+/* A hand-up recorded during a batch and built into a Python object only after the batch's
+ * sends: between the first seal or open of a batch and its last send no Python object is made,
+ * so no Python code (a finalizer run by the garbage collector) can run and no other thread can
+ * take the GIL in between. A freeze (SA.active = False, under the GIL) therefore lands between
+ * two batches: once it returns, nothing sealed under that SA is still waiting to be sent. */
+typedef struct {
+    int kind, idx;   /* idx: the input slot (kinds 0, 1) or the output slot (kind 3) */
+    Py_ssize_t len;
+    SAObject *sa;    /* kind 3: a strong reference */
+} Up;
+
 static int
-append_up(PyObject *up, PyObject *item)
+append_up(TableObject *self, PyObject *up, PyObject *item)
 {
     if (item == NULL)
         return -1;
+    if (up == NULL) /* the forwarding thread: the pending list as it is now (see drain) */
+        up = self->pending;
+    if (up == self->pending && self->up_limit > 0 && PyList_GET_SIZE(up) >= self->up_limit) {
+        /* the queue to the Python side is bounded: what does not fit is dropped, counted */
+        self->up_dropped++;
+        Py_DECREF(item);
+        return 0;
+    }
     int r = PyList_Append(up, item);
     Py_DECREF(item);
     return r;
@@ -1074,7 +1102,8 @@ append_up(PyObject *up, PyObject *item)
 /* Hand msgs[from..n) back to Python (kind 2: the outer socket, 4: the inner one): the
  * kernel had no room for them; Python queues them until the socket is writable. */
 static int
-give_back(struct mmsghdr *msgs, struct iovec *iov, int from, int n, PyObject *up, int kind)
+give_back(TableObject *self, struct mmsghdr *msgs, struct iovec *iov, int from, int n,
+          PyObject *up, int kind)
 {
     for (int i = from; i < n; i++) {
         PyObject *addr = sockaddr_tuple((struct sockaddr_storage *)msgs[i].msg_hdr.msg_name);
@@ -1082,7 +1111,7 @@ give_back(struct mmsghdr *msgs, struct iovec *iov, int from, int n, PyObject *up
             return -1;
         PyObject *item = Py_BuildValue("(iy#N)", kind, iov[i].iov_base,
                                        (Py_ssize_t)iov[i].iov_len, addr);
-        if (append_up(up, item) < 0)
+        if (append_up(self, up, item) < 0)
             return -1;
     }
     return 0;
@@ -1094,11 +1123,10 @@ no_room(void)
     return errno == EAGAIN || errno == EWOULDBLOCK || errno == ENOBUFS;
 }
 
-/* Send msgs[0..n) with sendmmsg; what the kernel refuses for lack of room goes back to
- * Python (kind 2, or 4 for the inner side), other errors are dropped and counted in *failed. */
+/* Send msgs[0..n) with sendmmsg; returns the index of the first message the kernel had no
+ * room for (n: all went); other errors are dropped and counted in *failed. No Python here. */
 static int
-flush(int fd, struct mmsghdr *msgs, struct iovec *iov, int n, PyObject *up, int kind,
-      unsigned long long *failed)
+flush(int fd, struct mmsghdr *msgs, int n, unsigned long long *failed)
 {
     int i = 0;
     while (i < n) {
@@ -1110,38 +1138,28 @@ flush(int fd, struct mmsghdr *msgs, struct iovec *iov, int n, PyObject *up, int 
         if (r < 0 && errno == EINTR)
             continue;
         if (r < 0 && no_room())
-            return give_back(msgs, iov, i, n, up, kind);
+            return i;
         (*failed)++; /* this datagram is refused (e.g. unreachable): skip it */
         i++;
     }
-    return 0;
+    return n;
 }
 
-/* from_inner(in_fd, in_is_tun, outer_fd, max, now) -> list
- * Reads up to max packets from the inner side; sealed packets of known flows go out with
- * sendmmsg; the rest come back as (0, packet), unsent ESP as (2, esp, addr). */
-static PyObject *
-table_from_inner(TableObject *self, PyObject *args)
+/* One batch from the inner side into ibuf; sealed packets go out from obuf. Returns the
+ * number of packets read, -1 with an exception set. */
+static int
+inner_batch(TableObject *self, uint8_t *ibuf, uint8_t *obuf, int in_fd, int is_tun, int out_fd,
+            int max, double now, PyObject *up)
 {
-    int in_fd, is_tun, out_fd, max;
-    double now;
-    if (!PyArg_ParseTuple(args, "ipiid", &in_fd, &is_tun, &out_fd, &max, &now))
-        return NULL;
-    if (max < 1 || max > BATCH)
-        max = BATCH;
-    PyObject *up = PyList_New(0);
-    if (up == NULL)
-        return NULL;
-    int total = 0;
-    for (int round = 0; round < ROUNDS; round++) {
     struct mmsghdr rmsgs[BATCH], smsgs[BATCH];
     struct sockaddr_storage dests[BATCH];
     struct iovec riov[BATCH], siov[BATCH];
     Py_ssize_t lens[BATCH];
+    int punts[BATCH], np = 0;
     int got = 0;
     if (is_tun) {
         while (got < max) {
-            ssize_t r = read(in_fd, self->in + (size_t)got * BUFSZ, 65535);
+            ssize_t r = read(in_fd, ibuf + (size_t)got * BUFSZ, 65535);
             if (r < 0 && errno == EINTR)
                 continue;
             if (r < 0)
@@ -1151,7 +1169,7 @@ table_from_inner(TableObject *self, PyObject *args)
     } else {
         memset(rmsgs, 0, sizeof(rmsgs[0]) * (size_t)max);
         for (int i = 0; i < max; i++) {
-            riov[i].iov_base = self->in + (size_t)i * BUFSZ;
+            riov[i].iov_base = ibuf + (size_t)i * BUFSZ;
             riov[i].iov_len = 65535;
             rmsgs[i].msg_hdr.msg_iov = &riov[i];
             rmsgs[i].msg_hdr.msg_iovlen = 1;
@@ -1166,39 +1184,190 @@ table_from_inner(TableObject *self, PyObject *args)
     int ns = 0;
     unsigned long long failed = 0;
     for (int i = 0; i < got; i++) {
-        const uint8_t *p = self->in + (size_t)i * BUFSZ;
+        const uint8_t *p = ibuf + (size_t)i * BUFSZ;
         SAObject *sa = lookup_flow(self, p, lens[i]);
         Py_ssize_t r = PUNT;
         if (sa != NULL && sa->has_dest)
-            r = seal(sa, p, lens[i], now, self->out + (size_t)ns * BUFSZ);
+            r = seal(sa, p, lens[i], now, obuf + (size_t)ns * BUFSZ);
         if (r < 0) {
-            if (append_up(up, Py_BuildValue("(iy#)", 0, p, lens[i])) < 0)
-                goto fail;
+            punts[np++] = i;
             continue;
         }
         self->out_packets++;
         self->out_bytes += (unsigned long long)lens[i];
         memset(&smsgs[ns], 0, sizeof(smsgs[ns]));
-        siov[ns].iov_base = self->out + (size_t)ns * BUFSZ;
+        siov[ns].iov_base = obuf + (size_t)ns * BUFSZ;
         siov[ns].iov_len = (size_t)r;
         smsgs[ns].msg_hdr.msg_iov = &siov[ns];
         smsgs[ns].msg_hdr.msg_iovlen = 1;
-        /* a copy: the batch is sent after later packets may have run Python code */
         memcpy(&dests[ns], &sa->dest, sizeof(dests[ns]));
         smsgs[ns].msg_hdr.msg_name = &dests[ns];
         smsgs[ns].msg_hdr.msg_namelen = sa->destlen;
         ns++;
     }
-    if (ns && flush(out_fd, smsgs, siov, ns, up, 2, &failed) < 0)
-        goto fail;
-    total += got;
-    if (got < max)
-        break;
+    int sent = ns ? flush(out_fd, smsgs, ns, &failed) : 0;
+    /* the sends are done: now the Python objects */
+    for (int j = 0; j < np; j++) {
+        int i = punts[j];
+        if (append_up(self, up, Py_BuildValue("(iy#)", 0, ibuf + (size_t)i * BUFSZ, lens[i])) < 0)
+            return -1;
+    }
+    if (sent < ns && give_back(self, smsgs, siov, sent, ns, up, 2) < 0)
+        return -1;
+    return got;
+}
+
+/* One batch from an outer UDP socket into ibuf; inner packets are delivered from obuf (TUN
+ * writes, or sendmmsg to inner_addr). Returns the number of datagrams read, -1 with an
+ * exception set. */
+static int
+outer_batch(TableObject *self, uint8_t *ibuf, uint8_t *obuf, int out_fd, int in_fd, int is_tun,
+            const struct sockaddr_storage *inner_addr, socklen_t inner_len, int max, double now,
+            PyObject *up)
+{
+    struct mmsghdr rmsgs[BATCH], smsgs[BATCH];
+    struct iovec riov[BATCH], siov[BATCH];
+    struct sockaddr_storage from[BATCH];
+    Up ups[BATCH];
+    int nu = 0;
+    memset(rmsgs, 0, sizeof(rmsgs[0]) * (size_t)max);
+    for (int i = 0; i < max; i++) {
+        riov[i].iov_base = ibuf + (size_t)i * BUFSZ;
+        riov[i].iov_len = 65535;
+        rmsgs[i].msg_hdr.msg_iov = &riov[i];
+        rmsgs[i].msg_hdr.msg_iovlen = 1;
+        rmsgs[i].msg_hdr.msg_name = &from[i];
+        rmsgs[i].msg_hdr.msg_namelen = sizeof(from[i]);
+    }
+    int got;
+    do
+        got = recvmmsg(out_fd, rmsgs, (unsigned)max, MSG_DONTWAIT, NULL);
+    while (got < 0 && errno == EINTR);
+    if (got < 0)
+        got = 0;
+    int ns = 0;
+    unsigned long long failed = 0;
+    for (int i = 0; i < got; i++) {
+        const uint8_t *p = ibuf + (size_t)i * BUFSZ;
+        Py_ssize_t n = rmsgs[i].msg_len;
+        if (n == 1 && p[0] == 0xFF)
+            continue; /* NAT keep-alive (RFC 3948 2.3) */
+        SAObject *sa = (n >= 8 && get32(p) != 0) ? lookup_spi(self, p, n) : NULL;
+        /* output slot i: each input has its own, so a signal's payload stays until the end */
+        uint8_t *o = obuf + (size_t)i * BUFSZ;
+        Py_ssize_t olen = 0;
+        int r = sa != NULL ? open_esp(sa, p, n, now, o, &olen) : PUNT;
+        if (r == PUNT) {
+            ups[nu++] = (Up){1, i, n, NULL};
+        } else if (r == SIGNAL) {
+            Py_INCREF(sa);
+            ups[nu++] = (Up){3, i, olen, sa};
+        } else if (r == DELIVER) {
+            self->in_packets++;
+            self->in_bytes += (unsigned long long)olen;
+            if (is_tun) {
+                ssize_t w;
+                do
+                    w = write(in_fd, o, (size_t)olen);
+                while (w < 0 && errno == EINTR);
+                if (w < 0)
+                    failed++;
+            } else {
+                memset(&smsgs[ns], 0, sizeof(smsgs[ns]));
+                siov[ns].iov_base = o;
+                siov[ns].iov_len = (size_t)olen;
+                smsgs[ns].msg_hdr.msg_iov = &siov[ns];
+                smsgs[ns].msg_hdr.msg_iovlen = 1;
+                smsgs[ns].msg_hdr.msg_name = (void *)inner_addr;
+                smsgs[ns].msg_hdr.msg_namelen = inner_len;
+                ns++;
+            }
+        } else {
+            self->drops[r]++;
+        }
+    }
+    int sent = ns ? flush(in_fd, smsgs, ns, &failed) : 0;
+    /* the sends are done: now the Python objects */
+    int err = 0;
+    for (int j = 0; j < nu; j++) {
+        Up *u = &ups[j];
+        if (!err) {
+            PyObject *addr = sockaddr_tuple(&from[u->idx]);
+            PyObject *item = NULL;
+            if (addr != NULL && u->kind == 1)
+                item = Py_BuildValue("(iy#N)", 1, ibuf + (size_t)u->idx * BUFSZ, u->len, addr);
+            else if (addr != NULL)
+                item = Py_BuildValue("(iOy#N)", 3, u->sa->owner, obuf + (size_t)u->idx * BUFSZ,
+                                     u->len, addr);
+            err = append_up(self, up, item) < 0;
+        }
+        Py_XDECREF(u->sa);
+    }
+    if (err)
+        return -1;
+    if (sent < ns && give_back(self, smsgs, siov, sent, ns, up, 4) < 0)
+        return -1;
+    return got;
+}
+
+/* from_inner(in_fd, in_is_tun, outer_fd, max, now) -> (list, count)
+ * Reads up to max packets from the inner side (up to ROUNDS batches while they come full);
+ * sealed packets of known flows go out with sendmmsg; the rest come back as (0, packet),
+ * unsent ESP as (2, esp, addr). */
+static PyObject *
+table_from_inner(TableObject *self, PyObject *args)
+{
+    int in_fd, is_tun, out_fd, max;
+    double now;
+    if (!PyArg_ParseTuple(args, "ipiid", &in_fd, &is_tun, &out_fd, &max, &now))
+        return NULL;
+    if (max < 1 || max > BATCH)
+        max = BATCH;
+    PyObject *up = PyList_New(0);
+    if (up == NULL)
+        return NULL;
+    int total = 0;
+    for (int round = 0; round < ROUNDS; round++) {
+        int got = inner_batch(self, self->in, self->out, in_fd, is_tun, out_fd, max, now, up);
+        if (got < 0) {
+            Py_DECREF(up);
+            return NULL;
+        }
+        total += got;
+        if (got < max)
+            break;
     }
     return Py_BuildValue("(Ni)", up, total);
-fail:
-    Py_DECREF(up);
-    return NULL;
+}
+
+static int
+inner_dest(PyObject *idest, struct sockaddr_storage *inner_addr, socklen_t *inner_len)
+{
+    Py_buffer a;
+    unsigned int port;
+    memset(inner_addr, 0, sizeof(*inner_addr));
+    *inner_len = 0;
+    if (!PyArg_ParseTuple(idest, "y*I", &a, &port))
+        return -1;
+    if (a.len == 4) {
+        struct sockaddr_in *s4 = (struct sockaddr_in *)inner_addr;
+        s4->sin_family = AF_INET;
+        s4->sin_port = htons((uint16_t)port);
+        memcpy(&s4->sin_addr, a.buf, 4);
+        *inner_len = sizeof(*s4);
+    } else if (a.len == 16) {
+        struct sockaddr_in6 *s6 = (struct sockaddr_in6 *)inner_addr;
+        s6->sin6_family = AF_INET6;
+        s6->sin6_port = htons((uint16_t)port);
+        memcpy(&s6->sin6_addr, a.buf, 16);
+        *inner_len = sizeof(*s6);
+    }
+    PyBuffer_Release(&a);
+    if (*inner_len == 0) {
+        PyErr_SetString(PyExc_ValueError, "inner destination must be 4 or 16 octets");
+        return -1;
+    }
+    return 0;
 }
 
 /* from_outer(outer_fd, inner_fd, inner_is_tun, inner_dest (octets, port) or None, max, now)
@@ -1219,107 +1388,245 @@ table_from_outer(TableObject *self, PyObject *args)
     struct sockaddr_storage inner_addr;
     socklen_t inner_len = 0;
     memset(&inner_addr, 0, sizeof(inner_addr));
-    if (!is_tun) {
-        Py_buffer a;
-        unsigned int port;
-        if (!PyArg_ParseTuple(idest, "y*I", &a, &port))
-            return NULL;
-        if (a.len == 4) {
-            struct sockaddr_in *s4 = (struct sockaddr_in *)&inner_addr;
-            s4->sin_family = AF_INET;
-            s4->sin_port = htons((uint16_t)port);
-            memcpy(&s4->sin_addr, a.buf, 4);
-            inner_len = sizeof(*s4);
-        } else if (a.len == 16) {
-            struct sockaddr_in6 *s6 = (struct sockaddr_in6 *)&inner_addr;
-            s6->sin6_family = AF_INET6;
-            s6->sin6_port = htons((uint16_t)port);
-            memcpy(&s6->sin6_addr, a.buf, 16);
-            inner_len = sizeof(*s6);
-        }
-        PyBuffer_Release(&a);
-        if (inner_len == 0) {
-            PyErr_SetString(PyExc_ValueError, "inner destination must be 4 or 16 octets");
-            return NULL;
-        }
-    }
+    if (!is_tun && inner_dest(idest, &inner_addr, &inner_len) < 0)
+        return NULL;
     PyObject *up = PyList_New(0);
     if (up == NULL)
         return NULL;
     int total = 0;
     for (int round = 0; round < ROUNDS; round++) {
-    struct mmsghdr rmsgs[BATCH], smsgs[BATCH];
-    struct iovec riov[BATCH], siov[BATCH];
-    struct sockaddr_storage from[BATCH];
-    memset(rmsgs, 0, sizeof(rmsgs[0]) * (size_t)max);
-    for (int i = 0; i < max; i++) {
-        riov[i].iov_base = self->in + (size_t)i * BUFSZ;
-        riov[i].iov_len = 65535;
-        rmsgs[i].msg_hdr.msg_iov = &riov[i];
-        rmsgs[i].msg_hdr.msg_iovlen = 1;
-        rmsgs[i].msg_hdr.msg_name = &from[i];
-        rmsgs[i].msg_hdr.msg_namelen = sizeof(from[i]);
-    }
-    int got;
-    do
-        got = recvmmsg(out_fd, rmsgs, (unsigned)max, MSG_DONTWAIT, NULL);
-    while (got < 0 && errno == EINTR);
-    if (got < 0)
-        got = 0;
-    int ns = 0;
-    unsigned long long failed = 0;
-    for (int i = 0; i < got; i++) {
-        const uint8_t *p = self->in + (size_t)i * BUFSZ;
-        Py_ssize_t n = rmsgs[i].msg_len;
-        if (n == 1 && p[0] == 0xFF)
-            continue; /* NAT keep-alive (RFC 3948 2.3) */
-        SAObject *sa = (n >= 8 && get32(p) != 0) ? lookup_spi(self, p, n) : NULL;
-        uint8_t *o = self->out + (size_t)ns * BUFSZ;
-        Py_ssize_t olen = 0;
-        int r = sa != NULL ? open_esp(sa, p, n, now, o, &olen) : PUNT;
-        if (r == PUNT) {
-            PyObject *addr = sockaddr_tuple(&from[i]);
-            if (addr == NULL || append_up(up, Py_BuildValue("(iy#N)", 1, p, n, addr)) < 0)
-                goto fail;
-        } else if (r == SIGNAL) {
-            PyObject *addr = sockaddr_tuple(&from[i]);
-            if (addr == NULL ||
-                append_up(up, Py_BuildValue("(iOy#N)", 3, sa->owner, o, olen, addr)) < 0)
-                goto fail;
-        } else if (r == DELIVER) {
-            self->in_packets++;
-            self->in_bytes += (unsigned long long)olen;
-            if (is_tun) {
-                ssize_t w;
-                do
-                    w = write(in_fd, o, (size_t)olen);
-                while (w < 0 && errno == EINTR);
-                if (w < 0)
-                    failed++;
-            } else {
-                memset(&smsgs[ns], 0, sizeof(smsgs[ns]));
-                siov[ns].iov_base = o;
-                siov[ns].iov_len = (size_t)olen;
-                smsgs[ns].msg_hdr.msg_iov = &siov[ns];
-                smsgs[ns].msg_hdr.msg_iovlen = 1;
-                smsgs[ns].msg_hdr.msg_name = &inner_addr;
-                smsgs[ns].msg_hdr.msg_namelen = inner_len;
-                ns++;
-            }
-        } else {
-            self->drops[r]++;
+        int got = outer_batch(self, self->in, self->out, out_fd, in_fd, is_tun, &inner_addr,
+                              inner_len, max, now, up);
+        if (got < 0) {
+            Py_DECREF(up);
+            return NULL;
         }
-    }
-    if (ns && flush(in_fd, smsgs, siov, ns, up, 4, &failed) < 0)
-        goto fail;
-    total += got;
-    if (got < max)
-        break;
+        total += got;
+        if (got < max)
+            break;
     }
     return Py_BuildValue("(Ni)", up, total);
-fail:
-    Py_DECREF(up);
+}
+
+/* ---------------------------------------------------------------- the forwarding thread */
+
+#define MAX_OUTER 4
+#define EV_STOP 0xFFFFu
+#define EV_INNER 0xFFFEu
+#define STATS_WAKE 0.5 /* seconds: the Python side folds the counters at least this often */
+
+static double
+monotonic_now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts); /* time.monotonic()'s clock */
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+static int
+counted_anything(const TableObject *self)
+{
+    if (self->in_packets || self->out_packets)
+        return 1;
+    for (int i = 0; i < N_DROPS; i++)
+        if (self->drops[i])
+            return 1;
+    return 0;
+}
+
+/* run(outer_fds, inner_fd, inner_is_tun, inner_dest or None, wake_fd, stop_fd, max_pending)
+ *
+ * The forwarding loop of established SAs, for a thread of its own: it sleeps in epoll with
+ * the GIL released and handles each ready socket's batch (up to ROUNDS x BATCH packets) with
+ * the GIL held, exactly as from_outer / from_inner do, with buffers of its own. What goes up to
+ * Python is appended to a bounded list (max_pending; beyond it dropped and counted) that
+ * drain() takes, and wake_fd (an eventfd the event loop watches) is written when the list
+ * stops being empty, and every STATS_WAKE seconds while counters wait to be folded. Returns
+ * when stop_fd becomes readable (or raises, after a fault). */
+static PyObject *
+table_run(TableObject *self, PyObject *args)
+{
+    PyObject *ofds, *idest;
+    int in_fd, is_tun, wake_fd, stop_fd;
+    Py_ssize_t max_pending;
+    if (!PyArg_ParseTuple(args, "OipOiin", &ofds, &in_fd, &is_tun, &idest, &wake_fd, &stop_fd,
+                          &max_pending))
+        return NULL;
+    if (self->running) {
+        PyErr_SetString(PyExc_RuntimeError, "the forwarding loop already runs");
+        return NULL;
+    }
+    int outer[MAX_OUTER], nouter = 0;
+    PyObject *fast = PySequence_Fast(ofds, "outer_fds must be a sequence");
+    if (fast == NULL)
+        return NULL;
+    Py_ssize_t nfd = PySequence_Fast_GET_SIZE(fast);
+    if (nfd < 1 || nfd > MAX_OUTER) {
+        Py_DECREF(fast);
+        PyErr_SetString(PyExc_ValueError, "one to four outer sockets");
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < nfd; i++) {
+        long fd = PyLong_AsLong(PySequence_Fast_GET_ITEM(fast, i));
+        if (fd == -1 && PyErr_Occurred()) {
+            Py_DECREF(fast);
+            return NULL;
+        }
+        outer[nouter++] = (int)fd;
+    }
+    Py_DECREF(fast);
+    struct sockaddr_storage inner_addr;
+    socklen_t inner_len = 0;
+    memset(&inner_addr, 0, sizeof(inner_addr));
+    if (!is_tun && inner_dest(idest, &inner_addr, &inner_len) < 0)
+        return NULL;
+    uint8_t *ibuf = PyMem_RawMalloc((size_t)BATCH * BUFSZ);
+    uint8_t *obuf = PyMem_RawMalloc((size_t)BATCH * BUFSZ);
+    int ep = epoll_create1(EPOLL_CLOEXEC);
+    if (ibuf == NULL || obuf == NULL || ep < 0) {
+        if (ep < 0)
+            PyErr_SetFromErrno(PyExc_OSError);
+        else
+            PyErr_NoMemory();
+        goto out;
+    }
+    struct epoll_event ev;
+    memset(&ev, 0, sizeof(ev));
+    ev.events = EPOLLIN;
+    ev.data.u32 = EV_STOP;
+    int bad = epoll_ctl(ep, EPOLL_CTL_ADD, stop_fd, &ev) < 0;
+    ev.data.u32 = EV_INNER;
+    bad = bad || epoll_ctl(ep, EPOLL_CTL_ADD, in_fd, &ev) < 0;
+    for (int i = 0; i < nouter && !bad; i++) {
+        ev.data.u32 = (uint32_t)i;
+        bad = epoll_ctl(ep, EPOLL_CTL_ADD, outer[i], &ev) < 0;
+    }
+    if (bad) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        goto out;
+    }
+    if (self->pending == NULL && (self->pending = PyList_New(0)) == NULL)
+        goto out;
+    self->running = 1;
+    self->up_limit = max_pending > 0 ? max_pending : 1;
+    double last_wake = monotonic_now();
+    for (;;) {
+        struct epoll_event evs[MAX_OUTER + 2];
+        int n;
+        Py_BEGIN_ALLOW_THREADS
+        n = epoll_wait(ep, evs, MAX_OUTER + 2, (int)(STATS_WAKE * 1000));
+        Py_END_ALLOW_THREADS
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0) {
+            PyErr_SetFromErrno(PyExc_OSError);
+            break;
+        }
+        if (self->fault) {
+            self->fault = 0;
+            PyErr_SetString(PyExc_RuntimeError, "fault injected into the forwarding loop");
+            break;
+        }
+        double now = monotonic_now();
+        int stop = 0, err = 0;
+        for (int i = 0; i < n && !err; i++) {
+            uint32_t u = evs[i].data.u32;
+            if (u == EV_STOP) {
+                stop = 1;
+                continue;
+            }
+            /* one call's worth: up to ROUNDS batches while they come full */
+            for (int round = 0; round < ROUNDS; round++) {
+                int got;
+                if (u == EV_INNER)
+                    got = inner_batch(self, ibuf, obuf, in_fd, is_tun, outer[0], BATCH, now,
+                                      NULL);
+                else
+                    got = outer_batch(self, ibuf, obuf, outer[u], in_fd, is_tun, &inner_addr,
+                                      inner_len, BATCH, now, NULL);
+                if (got < 0)
+                    err = 1;
+                if (got < BATCH)
+                    break;
+            }
+        }
+        if (err)
+            break;
+        /* one wake-up per drain: drain() clears `woken` under the GIL */
+        int wake = (!self->woken && PyList_GET_SIZE(self->pending) > 0) ||
+                   (now - last_wake >= STATS_WAKE && counted_anything(self));
+        if (wake) {
+            self->woken = 1;
+            uint64_t one = 1;
+            ssize_t w = write(wake_fd, &one, sizeof(one));
+            (void)w; /* EAGAIN: the counter is already huge, a wake-up is pending anyway */
+            last_wake = now;
+        }
+        if (stop) {
+            self->running = 0;
+            self->up_limit = 0;
+            close(ep);
+            PyMem_RawFree(ibuf);
+            PyMem_RawFree(obuf);
+            Py_RETURN_NONE;
+        }
+    }
+out:
+    self->running = 0;
+    self->up_limit = 0;
+    if (ep >= 0)
+        close(ep);
+    PyMem_RawFree(ibuf);
+    PyMem_RawFree(obuf);
+    {
+        uint64_t one = 1; /* the Python side learns of the end through the failure itself */
+        ssize_t w = write(wake_fd, &one, sizeof(one));
+        (void)w;
+    }
     return NULL;
+}
+
+/* drain(wake_fd) -> list: what the forwarding loop handed up since the last call, in order
+ * (items as from_outer / from_inner return them). Reads the eventfd first, then takes the
+ * list, both under the GIL: an item appended after this call wakes the loop again. */
+static PyObject *
+table_drain(TableObject *self, PyObject *args)
+{
+    int wake_fd;
+    if (!PyArg_ParseTuple(args, "i", &wake_fd))
+        return NULL;
+    uint64_t v;
+    ssize_t r = read(wake_fd, &v, sizeof(v));
+    (void)r;
+    PyObject *fresh = PyList_New(0);
+    if (fresh == NULL)
+        return NULL;
+    PyObject *old = self->pending;
+    self->pending = fresh;
+    self->woken = 0;
+    if (old == NULL)
+        return PyList_New(0);
+    return old;
+}
+
+/* _inject_fault(): the next wake-up of the forwarding loop raises (tests only) */
+static PyObject *
+table_inject_fault(TableObject *self, PyObject *unused)
+{
+    self->fault = 1;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+table_get_running(TableObject *self, void *c)
+{
+    return PyBool_FromLong(self->running);
+}
+
+static PyObject *
+table_get_up_dropped(TableObject *self, void *c)
+{
+    return PyLong_FromUnsignedLongLong(self->up_dropped);
 }
 
 /* take_stats() -> (in_packets, in_bytes, out_packets, out_bytes, drops tuple); resets them */
@@ -1364,6 +1671,17 @@ static PyMethodDef table_methods[] = {
     {"from_outer", (PyCFunction)table_from_outer, METH_VARARGS, "batch from the outer side"},
     {"take_stats", (PyCFunction)table_take_stats, METH_NOARGS, "counters since last call"},
     {"sizes", (PyCFunction)table_sizes, METH_NOARGS, "(SPIs, flows)"},
+    {"run", (PyCFunction)table_run, METH_VARARGS,
+     "run(outer_fds, inner_fd, inner_is_tun, inner_dest, wake_fd, stop_fd, max_pending)"},
+    {"drain", (PyCFunction)table_drain, METH_VARARGS, "drain(wake_fd) -> handed-up items"},
+    {"_inject_fault", (PyCFunction)table_inject_fault, METH_NOARGS, "tests only"},
+    {NULL},
+};
+
+static PyGetSetDef table_getset[] = {
+    {"running", (getter)table_get_running, NULL, "does the forwarding loop run", NULL},
+    {"up_dropped", (getter)table_get_up_dropped, NULL,
+     "items the forwarding loop dropped because its queue to Python was full", NULL},
     {NULL},
 };
 
@@ -1378,6 +1696,7 @@ static PyTypeObject TableType = {
     .tp_traverse = (traverseproc)table_traverse,
     .tp_clear = (inquiry)table_clear,
     .tp_methods = table_methods,
+    .tp_getset = table_getset,
 };
 
 static struct PyModuleDef moduledef = {

@@ -278,9 +278,11 @@ class Engine:
         self._offloaded.pop(id(sa), None)
 
     def sync_native(self) -> None:
-        """Copy every SA's exact state from C into its Python fields (C keeps it)."""
+        """Copy every SA's exact state from C into its Python fields (C keeps it), and add
+        what C counted to :attr:`stats`."""
         for sa in self._offloaded.values():
             native_mod.sync(sa)
+        self.fold_native_stats()
 
     def fold_native_stats(self) -> None:
         """Add what the native batch calls counted to :attr:`stats`."""
