@@ -88,7 +88,9 @@ def test_tunnel_json_schema() -> None:
                 "--nice", "0", "--size", "64")
     assert proc.returncode == 0, proc.stderr
     rows = json.loads(proc.stdout)["results"]
-    assert sorted(r["impl"] for r in rows) == ["ipsecct", "ipsecct-python", "strongswan"]
+    assert sorted(r["impl"] for r in rows) == [
+        "ipsecct", "ipsecct-batch", "ipsecct-python", "strongswan"
+    ]
     for row in rows:
         assert list(row)[:4] == ["impl", "size", "pps", "us_per_packet"]
         assert row["size"] == 64 and row["pps"] > 0 and row["us_per_packet"] > 0
