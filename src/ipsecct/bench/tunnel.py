@@ -133,6 +133,8 @@ class Result:
     us_per_packet_enc: float
     us_per_packet_dec: float
     offered_pps: float  # what the generator sent: delivered close to it means load-bound
+    # CPUs idle over the window (whole machine, /proc/stat): what a second worker could use
+    idle_cpus: float = 0.0
 
 
 
@@ -148,6 +150,13 @@ def _cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _idle_seconds() -> float:
+    """Idle + iowait time of the whole machine, summed over its CPUs (from /proc/stat)."""
+    with open("/proc/stat") as f:
+        fields = f.readline().split()
+    return (int(fields[4]) + int(fields[5])) / os.sysconf("SC_CLK_TCK")
 
 
 def _stop(proc: subprocess.Popen[Any]) -> None:
@@ -365,8 +374,10 @@ def measure_one(
     )
     time.sleep(warm)
     c0 = [_cpu_seconds(p) for p in pair.pids]
+    i0 = _idle_seconds()
     time.sleep(meas)
     c1 = [_cpu_seconds(p) for p in pair.pids]
+    idle = (_idle_seconds() - i0) / meas
     out, _ = counter.communicate(timeout=30)
     gen_out, _ = gen.communicate(timeout=30)
     n = int(out.strip().splitlines()[-1])
@@ -374,7 +385,7 @@ def measure_one(
     if n == 0:
         raise BenchError(f"{impl}: no packet went through the tunnel")
     enc, dec = ((b - a) * 1e6 / n for a, b in zip(c0, c1, strict=True))
-    return Result(impl, size, n / meas, (enc + dec) / 2, enc, dec, offered)
+    return Result(impl, size, n / meas, (enc + dec) / 2, enc, dec, offered, idle)
 
 
 @contextlib.contextmanager
@@ -429,6 +440,7 @@ def measure(
                 statistics.median(x.us_per_packet_enc for x in rs),
                 statistics.median(x.us_per_packet_dec for x in rs),
                 statistics.median(x.offered_pps for x in rs),
+                statistics.median(x.idle_cpus for x in rs),
             )
         )
     return out
@@ -443,6 +455,7 @@ def format_table(results: Sequence[Result]) -> str:
     head = (
         f"{'impl':<15} {'size':>5} {'packets/s':>11} {'us/packet':>10} {'enc us':>8}"
         f" {'dec us':>8} {'pps vs strongswan':>18} {'cpu vs strongswan':>18} {'offered/s':>10}"
+        f" {'idle cpus':>9}"
     )
     lines = [head, "-" * len(head)]
     for r in sorted(results, key=lambda r: (r.size, IMPLS.index(r.impl))):
@@ -454,13 +467,14 @@ def format_table(results: Sequence[Result]) -> str:
         lines.append(
             f"{r.impl:<15} {r.size:>5} {r.pps:>11,.0f} {r.us_per_packet:>10.1f}"
             f" {r.us_per_packet_enc:>8.1f} {r.us_per_packet_dec:>8.1f} {pps_ratio:>18}"
-            f" {cpu_ratio:>18} {r.offered_pps:>10,.0f}"
+            f" {cpu_ratio:>18} {r.offered_pps:>10,.0f} {r.idle_cpus:>9.2f}"
         )
     lines.append(
         "delivered packets per second and gateway CPU per packet (mean of the encrypting and"
         " the decrypting gateway), medians of the rounds; sizes are inner IP packets;"
         " offered: what the generator sent (delivered close to it: the load, not the"
-        " gateways, was the limit)"
+        " gateways, was the limit); idle cpus: the whole machine's idle CPUs over the window"
+        " (what a second worker could have used)"
     )
     return "\n".join(lines)
 
