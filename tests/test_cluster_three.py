@@ -271,21 +271,27 @@ class Three:
         self.app.close()
 
 
-def leader(e: EtcdCluster) -> str:
-    for m in e.names:
-        if e.procs[m].poll() is not None:
-            continue
-        try:
-            req = urllib.request.Request(
-                f"http://127.0.0.1:{e.client[m]}/v3/maintenance/status", data=b"{}"
-            )
-            with urllib.request.urlopen(req, timeout=2) as r:
-                st = json.loads(r.read())
-        except OSError:
-            continue
-        if st.get("leader") == st.get("header", {}).get("member_id"):
-            return m
-    raise AssertionError("no etcd leader")
+def leader(e: EtcdCluster, timeout: float = 30) -> str:
+    """The member that says it leads, once one does (a loaded machine can be in the middle
+    of an election, even one nobody caused: the election timeout is 500 ms)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        for m in e.names:
+            if e.procs[m].poll() is not None:
+                continue
+            try:
+                req = urllib.request.Request(
+                    f"http://127.0.0.1:{e.client[m]}/v3/maintenance/status", data=b"{}"
+                )
+                with urllib.request.urlopen(req, timeout=2) as r:
+                    st = json.loads(r.read())
+            except OSError:
+                continue
+            if st.get("leader") == st.get("header", {}).get("member_id"):
+                return m
+        if time.monotonic() > deadline:
+            raise AssertionError("no etcd leader")
+        time.sleep(0.1)
 
 
 def test_three_gateways_three_etcd_members(tmp_path: Path) -> None:
