@@ -613,3 +613,59 @@ def test_ownership_writes_run_on_the_states_own_thread_started_before_any_write(
         assert not mine[0].is_alive()
 
     asyncio.run(main())
+
+
+def test_writes_not_waited_for_next_wake_the_writer_after_the_current_callback(
+    tmp_path: Path,
+) -> None:
+    """"pending" (target, before its CTDR) and "owned" (target, at the commit) are queued at
+    once but the writer's thread is woken only after the loop's current callback, so the
+    message the core answered with leaves first; an urgent write ("given away") wakes it at
+    once and takes everything queued before it, in submission order."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from ipsecct.ct.journal import Write
+
+    async def main() -> None:
+        store, lock = state_mod.open_store(tmp_path / "s", "gw", [], fresh=False)
+        node = SimpleNamespace(name="gw", extensions={}, on_reserve=None)
+        st = state_mod.DurableState(node, store, lock, 1024)  # type: ignore[arg-type]
+        jobs: list[int] = []
+        wake = st._wake_writer
+
+        def counting_wake() -> None:
+            jobs.append(len(st._owq))
+            wake()
+
+        st._wake_writer = counting_wake  # type: ignore[method-assign]
+        await st.start()
+        loop = asyncio.get_running_loop()
+        lazy: list[Write] = []
+        in_callback: list[int] = []
+
+        def callback() -> None:  # what the core does inside one loop callback
+            lazy.append(st._submit([row("fp0", Owner.PENDING, 10)], urgent=False))
+            lazy.append(st._submit([row("fp1", Owner.OWNED, 11)], urgent=False))
+            in_callback.append(len(jobs))
+
+        loop.call_soon(callback)
+        async with asyncio.timeout(10):
+            while len(lazy) < 2 or not all(w.done for w in lazy):
+                await asyncio.sleep(0.01)
+        assert in_callback == [0]  # nothing woken inside the callback
+        assert jobs == [2]  # one wake-up afterwards, for both (they are queued in order)
+        jobs.clear()
+        first = st._submit([row("fp2", Owner.PENDING, 12)], urgent=False)
+        urgent = st._submit([row("fp2", Owner.AWAY, 13)])
+        assert jobs == [2]  # woken at once, with the earlier write queued ahead of it
+        async with asyncio.timeout(10):
+            while not (first.done and urgent.done):
+                await asyncio.sleep(0.01)
+        loaded = st.store.load()
+        assert {fp: (r.owner, r.ceiling) for fp, r in loaded.items()} == {
+            "fp0": (Owner.PENDING, 10), "fp1": (Owner.OWNED, 11), "fp2": (Owner.AWAY, 13),
+        }  # fmt: skip
+        await st.stop()
+
+    asyncio.run(main())

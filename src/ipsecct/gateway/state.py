@@ -411,6 +411,7 @@ class DurableState:
         # the loop's time each, measured in the demo, plus the new thread's first wake-up).
         # One thread: the writes are made in submission order anyway (_wlock).
         self._writer: concurrent.futures.ThreadPoolExecutor | None = None
+        self._kick_due = False  # a non-urgent submission's wake-up is queued on the loop
         # Called on the loop after submitted writes settled (the transfer service: the core
         # may go on with what waited for them).
         self.settled_hooks: list[Callable[[], None]] = []
@@ -614,10 +615,22 @@ class DurableState:
         self._settle(batch, error)
 
     def _submit(
-        self, rows: list[SAState], then: Callable[[bool], None] | None = None
+        self,
+        rows: list[SAState],
+        then: Callable[[bool], None] | None = None,
+        *,
+        urgent: bool = True,
     ) -> Write:
         """Queue ``rows`` for the ownership writer; returns at once. Without a running writer
-        (no event loop yet) the write is made here, and the Write is settled on return."""
+        (no event loop yet) the write is made here, and the Write is settled on return.
+
+        ``urgent``: the writer's thread is woken now (what is waited for next is this
+        write: the COMMIT waits for "given away", held tunnels for "owned again"). Otherwise
+        it is woken once the loop's current callback has finished, so that what the core
+        answered with leaves first: waking a thread costs the loop a context switch (the
+        woken thread preempts it, then waits for the GIL), 30 us typically and milliseconds
+        on a loaded machine, and the target's CTDR and the mobile node's signal do not wait
+        for "pending" and "owned" to be *submitted* (the rows are queued now, in order)."""
         w = Write()
         for r in rows:  # what is being recorded: later changes build on it
             self.rows[r.fingerprint] = r
@@ -628,12 +641,26 @@ class DurableState:
             self._count(error)
             self._settle(batch, error, hooks=False)
             return w
-        # Straight to the writer's thread (no hop through a task on the loop first). It
-        # writes whatever is queued when the job runs: a job that finds the queue emptied by
-        # the one before it writes nothing. One thread, jobs in order: settled in order.
+        if urgent:
+            self._wake_writer()
+        elif not self._kick_due:
+            # After the current callback (no task: a plain callback in the loop's queue).
+            self._kick_due = True
+            self._loop.call_soon(self._kick)
+        return w
+
+    def _kick(self) -> None:
+        self._kick_due = False
+        if self._writer is not None and self._loop is not None:
+            self._wake_writer()
+
+    def _wake_writer(self) -> None:
+        """Hand the queue to the writer's thread (no hop through a task on the loop). A job
+        writes whatever is queued when it runs: a job that finds the queue emptied by the one
+        before it writes nothing. One thread, jobs in order: settled in order."""
+        assert self._writer is not None and self._loop is not None
         job = self._loop.run_in_executor(self._writer, self._write_batch, [])
         job.add_done_callback(self._written)
-        return w
 
     def _put(self, rows: list[SAState]) -> None:
         """Write ``rows`` now, after everything submitted before (synchronous: fail-over,
@@ -715,11 +742,16 @@ class DurableState:
         rows, then = self._adoption(
             [t.outbound for t in tunnels], Owner.PENDING, f"from {peer} (transfer pending)"
         )
-        return self._submit(rows, then)
+        # Not urgent: the core waits for it only at the COMMIT, a round trip away; the CTDR
+        # goes first.
+        return self._submit(rows, then, urgent=False)
 
     def arrived(self, tunnels: Sequence[Tunnel], peer: str) -> Write:
         # Their SAs are tracked (and reserved) since their pending row was written.
-        return self._submit(self._rows(tunnels, Owner.OWNED, f"taken over from {peer}"))
+        # Not waited for: the signals to the mobile nodes go first.
+        return self._submit(
+            self._rows(tunnels, Owner.OWNED, f"taken over from {peer}"), urgent=False
+        )
 
     def leaving(self, tunnels: Sequence[Tunnel], peer: str, transfer_id: int) -> Write:
         return self._submit(self._rows(tunnels, Owner.AWAY, f"given to {peer}", transfer_id))
@@ -742,7 +774,8 @@ class DurableState:
     def cancelled(self, tunnels: Sequence[Tunnel], peer: str) -> Write:
         # Pending rows stay away anyway: a failure changes nothing.
         return self._submit(
-            self._rows(tunnels, Owner.AWAY, f"stayed with {peer} (transfer cancelled)")
+            self._rows(tunnels, Owner.AWAY, f"stayed with {peer} (transfer cancelled)"),
+            urgent=False,
         )
 
     def added(self, sa: SecurityAssociation) -> None:
