@@ -25,8 +25,9 @@ from cryptography.x509 import load_pem_x509_certificate
 
 from ipsecct.ct import cxtp
 from ipsecct.ct.transfer import Record
+from ipsecct.demo import handover as demo_handover
 from ipsecct.demo import topology as demo
-from ipsecct.errors import ChannelError
+from ipsecct.errors import ChannelError, DemoError
 from ipsecct.gateway.mobile_agent import MobileAgent
 from ipsecct.ipsec.engine import TunnelState
 from ipsecct.ipsec.sad import Direction, SecurityAssociation, UdpEncap
@@ -432,3 +433,16 @@ def test_stream_counts_the_packets_a_stalled_process_still_has_queued(tmp_path: 
         assert got == sent
 
     run_demo(tmp_path, body)
+
+
+def test_a_demo_handover_that_does_not_commit_says_so(tmp_path: Path) -> None:
+    """The demo's handover that rolls back (here sg2 never answers within the draft's 200 ms)
+    ends the demo with one line that says so, not a bare "timed out" 5 s later."""
+
+    async def body(d: demo.Demo) -> None:
+        services(d)["sg2"].channels.on_message = lambda peer, msg: None
+        with pytest.raises(DemoError, match="sg1 -> sg2 did not commit: timeout"):
+            await demo_handover.handover(d, "direct")
+        assert state_at(d, "sg1", mn_tunnel_spi(d)) is TunnelState.ACTIVE
+
+    run_demo(tmp_path, body, transfer={"max_transfer_ms": 200})

@@ -15,6 +15,7 @@ import time
 from typing import Any
 
 from ..ct.transfer import Record
+from ..errors import DemoError
 from ..gateway.transfer_service import TransferService
 from .topology import Demo
 
@@ -52,7 +53,12 @@ async def handover(demo: Demo, mode: str) -> None:
     tunnel = source.node.engine.tunnels()[0]
     demo.watch_gaps()
     t0 = time.monotonic()
-    await source.transfer([tunnel.outbound.spi], dst)
+    done = await source.transfer([tunnel.outbound.spi], dst)
+    if done.outcome != "committed":
+        raise DemoError(
+            f"the handover {src} -> {dst} did not commit: {done.outcome}"
+            + (f" ({done.detail})" if done.detail else "")
+        )
     rec = await asyncio.wait_for(activated, 5)
     demo.handover_times.append((t0, rec.ended))
     entry: dict[str, Any] = {
