@@ -77,7 +77,9 @@ int main(int argc, char **argv) {
     struct mmsghdr m[V]; struct iovec iov[V];
     int fd = socket(AF_INET, SOCK_DGRAM, 0);
     int big = 8 << 20;
-    if (argc == 7 && !strcmp(argv[1], "gen")) {  /* gen SRC DST PORT SIZE SECONDS */
+    if ((argc == 7 || argc == 8) && !strcmp(argv[1], "gen")) {
+        /* gen SRC DST PORT SIZE SECONDS [RATE]: as fast as it can, or RATE packets/s in
+         * bursts of 8 */
         struct sockaddr_in src, dst; int size = atoi(argv[5]) - 28;
         double end = now() + atof(argv[6]);
         addr(&src, argv[2], 0); addr(&dst, argv[3], atoi(argv[4]));
@@ -91,7 +93,17 @@ int main(int argc, char **argv) {
             m[i].msg_hdr.msg_name = &dst; m[i].msg_hdr.msg_namelen = sizeof(dst);
         }
         unsigned long long sent = 0;
-        while (now() < end) { int r = sendmmsg(fd, m, V, 0); if (r > 0) sent += r; }
+        double rate = argc == 8 ? atof(argv[7]) : 0, start = now();
+        while (now() < end) {
+            if (rate > 0) {
+                double t = start + sent / rate - now();
+                if (t > 0) {
+                    struct timespec ts = {(time_t)t, (long)((t - (time_t)t) * 1e9)};
+                    nanosleep(&ts, NULL);
+                }
+            }
+            int r = sendmmsg(fd, m, rate > 0 ? 8 : V, 0); if (r > 0) sent += r;
+        }
         printf("%llu\n", sent); return 0;
     }
     if (argc == 6 && !strcmp(argv[1], "count")) {  /* count ADDR PORT WARM MEAS */
@@ -357,7 +369,14 @@ def _loadgen(workdir: Path) -> Path:
 
 
 def measure_one(
-    pair: Pair, impl: str, loadgen: Path, size: int, warm: float, meas: float, nice: int = 19
+    pair: Pair,
+    impl: str,
+    loadgen: Path,
+    size: int,
+    warm: float,
+    meas: float,
+    nice: int = 19,
+    rate: int = 0,
 ) -> Result:
     topo = pair.topo
     counter = topo.popen(
@@ -370,7 +389,8 @@ def measure_one(
     gen_time = warm + meas + 1.0
     gen = topo.popen(
         topo.a, "nice", "-n", str(nice), str(loadgen), "gen", INNER_A, INNER_B, str(PORT),
-        str(size), str(gen_time), stdout=subprocess.PIPE, text=True,
+        str(size), str(gen_time), *([str(rate)] if rate else []), stdout=subprocess.PIPE,
+        text=True,
     )
     time.sleep(warm)
     c0 = [_cpu_seconds(p) for p in pair.pids]
@@ -413,6 +433,7 @@ def measure(
     warm: float = 0.5,
     meas: float = 2.0,
     nice: int = 19,
+    rate: int = 0,
     progress: Callable[[str], None] | None = None,
 ) -> list[Result]:
     if os.geteuid() != 0:
@@ -427,7 +448,9 @@ def measure(
                     progress(f"round {r + 1}/{rounds}")
                 for size in sizes:
                     for impl in impls:
-                        res = measure_one(pairs[impl], impl, loadgen, size, warm, meas, nice)
+                        res = measure_one(
+                            pairs[impl], impl, loadgen, size, warm, meas, nice, rate
+                        )
                         runs.setdefault((impl, size), []).append(res)
     out = []
     for (impl, size), rs in runs.items():
@@ -498,6 +521,9 @@ def add_parser(sub: Any) -> None:
                    help="traffic before the window (default 0.5)")
     p.add_argument("--nice", type=int, choices=range(20), default=19, metavar="N",
                    help="niceness of the load generator (default 19)")
+    p.add_argument("--rate", type=number(int, high=10_000_000), default=0, metavar="PPS",
+                   help="offer this many packets/s (bursts of 8) instead of as many as the"
+                   " generator can: the CPU per packet at a load every implementation carries")
     p.add_argument("--impl", action="append", choices=IMPLS, metavar="IMPL",
                    help=f"only this implementation (repeatable; {', '.join(IMPLS)})")
     p.add_argument("--size", action="append", type=int, choices=SIZES, metavar="OCTETS",
@@ -514,6 +540,7 @@ def run_cli(args: argparse.Namespace) -> int:
             warm=args.warmup,
             meas=args.time,
             nice=args.nice,
+            rate=args.rate,
             progress=None if args.json else lambda s: print(s, file=sys.stderr, flush=True),
         )
     except BenchError as exc:
