@@ -246,6 +246,19 @@ def test_no_replica_leaves_before_the_member_key(tmp_path: Path) -> None:
             await asyncio.sleep(20 * drv.tick)  # twenty replication rounds
             assert ch.sent == [] and drv.lease_id == 0
             e.resume("e0")
+            # sg2 is a member too (replicas go only to members, for their lease)
+            from ipsecct.ct import ownership
+            from ipsecct.gateway.etcd import EtcdError
+
+            while True:
+                try:
+                    lid, _ = await drv.client.grant(30)
+                    break
+                except EtcdError:  # etcd coming back from its pause
+                    assert time.monotonic() - t0 < 20, "etcd did not come back"
+                    await asyncio.sleep(0.1)
+            info = ownership.member_info("127.0.0.1:1", lid, 32)
+            await drv.client.put(drv.keys["members"] + "sg2", info, lease=lid)
             while not ch.sent:  # a member now: the replica goes out
                 assert time.monotonic() - t0 < 20, "nothing replicated after joining"
                 await asyncio.sleep(0.02)

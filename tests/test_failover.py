@@ -1088,3 +1088,57 @@ def test_join_is_a_sync_that_neither_side_takes_for_state() -> None:
     assert failover.sync_header(back) == (failover.SYNC_JOIN, 7)
     with pytest.raises(CxtpError):
         failover.parse_sync_full(msg.cdbs[1])
+
+
+def test_etcd_mode_replicas_are_kept_only_under_the_members_lease() -> None:
+    """The etcd mode: every sync says which lease of the standby member it is for; the
+    standby keeps (and acknowledges) only what is for its current lease, and forgets all it
+    held when that lease goes. So once the owner saw the member's lease gone, it may drop
+    the floors that member's acknowledgements set: the replicas behind them can never be
+    used (a take-over needs the lease), and whatever was still on its way is refused."""
+    act = Engine(ip(SG_ADDR["sg1"]))
+    t1 = add_tunnel(act, 1)
+    ceilings: list[int] = []
+
+    def on_floor(t: Tunnel) -> None:
+        t.seq_ceiling = rep.floor[t] + 1000 if t in rep.floor else 1 << 64
+        ceilings.append(t.seq_ceiling)
+
+    rep = failover.Replicator(
+        act, cfg(fencing=True), session=9, peer_lease=False, on_floor=on_floor
+    )
+    sb = failover.Standby(
+        Engine(ip(SG_ADDR["sg2"])),
+        cfg("standby", fencing=True),
+        Endpoint(ip(SG_ADDR["sg2"]), 4600),
+        Identity.DIRECT,
+        peer_lease=False,
+        member_lease=0x71,
+    )
+    assert wire(rep.poll(0.0)) and not sb.replica  # no lease said: nothing for anyone
+    rep.target_lease = 0x71
+    rep.resync()
+    msgs = wire(rep.poll(0.01))
+    assert all(failover.sync_lease(m.cdbs[1]) == 0x71 for m in msgs)
+    replies = [r for m in msgs for r in sb.receive(m, 0.01)]
+    assert set(sb.replica) == {0x2001} and replies
+    assert t1.seq_ceiling == 1000
+    send_down(act, 20, 0.02)
+    in_flight = wire(rep.poll(0.2))  # sent for 0x71, not yet delivered
+    assert in_flight
+    # the member's lease expires; it learns so and forgets; the owner sees its key gone
+    sb.forget(0)
+    assert not sb.replica
+    assert rep.forget_floors() == [t1] and t1.seq_ceiling == 1 << 64 and not rep.floor
+    for m in in_flight:
+        assert sb.receive(m, 0.3) == []  # for the lease that is gone: refused
+    assert not sb.replica
+    for r in replies:  # a late acknowledgement of the old life raises nothing
+        rep.receive(r, 0.3)
+    assert not rep.floor
+    # the member joins again with a new lease: replicated anew, floors from now
+    sb.forget(0x72)
+    rep.target_lease = 0x72
+    msgs = wire(rep.poll(0.4))
+    assert [r for m in msgs for r in sb.receive(m, 0.4)]
+    assert set(sb.replica) == {0x2001} and rep.floor[t1] == t1.outbound.seq == 20

@@ -400,3 +400,72 @@ def cli_json(*args: str) -> dict:  # type: ignore[type-arg]
     assert r.returncode == 0, r.stderr
     out: dict = json.loads(r.stdout)  # type: ignore[type-arg]
     return out
+
+
+def test_etcd_mode_a_dead_peers_floors_are_dropped_once_its_lease_is_gone(
+    gws: Gateways, tmp_path: Path
+) -> None:
+    """sg2 holds sg1's replicas, and its acknowledgements bound sg1's sequence ceilings.
+    sg2 is frozen (SIGSTOP) until etcd expired its lease: sg1 drops sg2's floors (they can
+    never be used: a take-over needs that lease) and says so. sg2 resumes: it learns its
+    lease is gone, forgets every replica (what was sent for the old lease is refused),
+    joins again and is replicated to anew; sg1 killed, sg2 takes over. On the wire: no
+    (SPI, sequence number) pair twice."""
+    import os
+    import signal
+
+    from tests.helpers.etcd_server import EtcdCluster
+
+    cap: Capture = gws.capture  # type: ignore[attr-defined]
+    with EtcdCluster(tmp_path) as e:
+        cl = f'[cluster]\netcd = {json.dumps(e.endpoints)}\nname = "fl"\nttl_s = 2\n'
+        gws.write("sg1", peers=["sg2"], extra=cl)
+        gws.write("sg2", peers=["sg1"], with_tunnels=False, extra=cl)
+        every = {0x20000000 + i for i in range(TUNNELS)}
+
+        def cluster(name: str) -> dict:  # type: ignore[type-arg]
+            out: dict = gws.status(name)["cluster"]  # type: ignore[type-arg]
+            return out
+
+        def detail() -> str:
+            return "\n".join(f"{n}: {gws.log(n)[-2500:]}" for n in ("sg1", "sg2"))
+
+        gws.start("sg2")
+        gws.start("sg1")
+        traffic = Traffic(TUNNELS, [gws.ports["sg1"]["inner"], gws.ports["sg2"]["inner"]], PPS)
+        stopped = False
+        try:
+            wait_for(lambda: cluster("sg1")["owned_tunnels"] == TUNNELS
+                     and cluster("sg1")["floors"] == {"sg2": TUNNELS}
+                     and cluster("sg2")["replicas"].get("sg1") == TUNNELS,
+                     "sg1 never replicated to sg2", detail=detail)  # fmt: skip
+            lease2 = cluster("sg2")["lease"]["id"]
+            os.kill(gws.procs["sg2"].pid, signal.SIGSTOP)
+            stopped = True
+            wait_for(lambda: cluster("sg1")["floors"] == {}, "sg2's floors kept",
+                     detail=detail)  # fmt: skip
+            st1 = cluster("sg1")
+            assert st1["floors_dropped"] == TUNNELS and st1["owned_tunnels"] == TUNNELS
+            assert "event=cluster-floors-dropped" in gws.log("sg1")
+            os.kill(gws.procs["sg2"].pid, signal.SIGCONT)
+            stopped = False
+            wait_for(lambda: cluster("sg2")["lease"]["id"] not in ("0", lease2)
+                     and cluster("sg2")["replicas"].get("sg1") == TUNNELS
+                     and cluster("sg1")["floors"] == {"sg2": TUNNELS},
+                     "sg2 did not join again and get new replicas", detail=detail)  # fmt: skip
+            assert "event=cluster-lease-expired" in gws.log("sg2")
+            time.sleep(0.5)
+            t_kill = time.monotonic()
+            gws.kill("sg1")
+            wait_for(lambda: cluster("sg2")["owned_tunnels"] == TUNNELS, "no take-over",
+                     detail=detail)  # fmt: skip
+            time.sleep(1.0)
+            t_end = time.monotonic()
+        finally:
+            if stopped:
+                os.kill(gws.procs["sg2"].pid, signal.SIGCONT)
+            traffic.close()
+        time.sleep(0.2)
+    assert cap.duplicates() == [], "an (SPI, sequence number) pair was sent twice"
+    assert senders(cap, t_kill + 0.1, t_end) == {gws.ports["sg2"]["outer"]}
+    assert {spi for spi, _, _, t in list(cap.seen) if t_end - 0.5 < t < t_end} == every

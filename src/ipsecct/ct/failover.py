@@ -113,14 +113,32 @@ class FailoverConfig:
 
 
 def sync_cdb(
-    removed: list[int], epoch: int, *, full: bool = False, kind: int | None = None
+    removed: list[int],
+    epoch: int,
+    *,
+    full: bool = False,
+    kind: int | None = None,
+    lease: int | None = None,
 ) -> bytes:
+    """``lease`` (the etcd mode): the receiving member's etcd lease as the sender last read
+    it, after the removed SPIs; the receiver keeps the message only under that lease."""
     k = kind if kind is not None else SYNC_FULL if full else SYNC_HEARTBEAT
     return frame(
         FPT_SYNC,
         _SYNC.pack(k, len(removed), epoch & 0xFFFFFFFF)
-        + b"".join(struct.pack("!I", s) for s in removed),
+        + b"".join(struct.pack("!I", s) for s in removed)
+        + (struct.pack("!Q", lease & 0xFFFFFFFFFFFFFFFF) if lease is not None else b""),
     )
+
+
+def sync_lease(cdb: bytes) -> int | None:
+    """The receiver's lease a SYNC CDB was sent for (None: not said)."""
+    p = unframe(cdb)
+    if len(p) < _SYNC.size:
+        return None
+    n = _SYNC.unpack_from(p)[1]
+    off = _SYNC.size + 4 * n
+    return int(struct.unpack_from("!Q", p, off)[0]) if len(p) >= off + 8 else None
 
 
 def extra_cdb(key: bytes, count: int, epoch: int) -> bytes:
@@ -283,6 +301,9 @@ class Replicator:
         # number -> those tunnels.
         self.select: Callable[[Tunnel], bool] | None = None
         self._leaving: dict[int, list[Tunnel]] = {}
+        # The etcd mode: the standby member's lease as last read from etcd, sent with every
+        # message; its replicas are good only under that lease (forget_floors()).
+        self.target_lease: int | None = None
         if self.lease is not None:
             engine.send_until = self.lease.expiry
 
@@ -296,6 +317,22 @@ class Replicator:
     def _fence(self) -> None:
         if self.lease is not None:
             self.engine.send_until = self.lease.expiry
+
+    def forget_floors(self) -> list[Tunnel]:
+        """The etcd mode: the standby member's lease is gone (its member key was deleted, or
+        names a new lease): it can never use what it holds under the old one (a take-over
+        needs that lease; it discards its replicas when it learns the lease is gone, and
+        refuses messages sent for another lease). Its floors stop bounding the ceilings;
+        the next poll sends everything again (for its new lease). Returns the tunnels whose
+        floor went."""
+        gone = list(self.floor)
+        self.floor.clear()
+        self._carried.clear()
+        self._leaving.clear()
+        self._full = True
+        for t in gone:
+            self._ceiling(t)
+        return gone
 
     def receive(self, msg: cxtp.Message, now: float) -> list[LeaseEvent]:
         """A reply from the standby: ACK (renews the lease, raises ceilings) or TAKEN."""
@@ -446,13 +483,14 @@ class Replicator:
         # Every message starts with a SYNC CDB (removals and the FULL mark in the first), so
         # the standby tells each from a transfer, and a tunnel's pair never straddles two.
         budget = cxtp.MAX_MESSAGE_LEN - 1024  # room for the header and the TRANSFER CDB
-        groups: list[list[bytes]] = [[sync_cdb(removed, self.epoch, full=full)]]
+        lease = self.target_lease
+        groups: list[list[bytes]] = [[sync_cdb(removed, self.epoch, full=full, lease=lease)]]
         gcarried: list[list[tuple[Tunnel, int]]] = [[]]
         size = len(groups[0][0])
         for pair, tc in zip(pairs, carried, strict=True):
             psize = sum(len(x) for x in pair)
             if size + psize > budget:
-                groups.append([sync_cdb([], self.epoch)])
+                groups.append([sync_cdb([], self.epoch, lease=lease)])
                 gcarried.append([])
                 size = len(groups[-1][0])
             groups[-1].extend(pair)
@@ -499,6 +537,9 @@ class Standby:
     grant: Grant | None = None
     acks: int = 0
     peer_lease: bool = True  # False in the etcd mode: ACKs raise ceilings, grant nothing
+    # The etcd mode: this member's current lease (0: none): a message sent for another
+    # lease (an earlier life of this member) is neither applied nor acknowledged.
+    member_lease: int | None = None
     # Replicas decoded ahead of a take-over (prepare()): outbound SPI -> (the CDBs they were
     # decoded from, the SAs), and the SPIs received since, with when.
     _ready: dict[int, tuple[list[bytes], list[SecurityAssociation]]] = field(
@@ -533,10 +574,14 @@ class Standby:
         cdbs = list(msg.cdbs[1:])
         epoch = self.epoch
         full, removed = False, list[int]()
+        if self.member_lease is not None and not (cdbs and cxtp.cdb_fpt(cdbs[0]) == FPT_SYNC):
+            return []
         if cdbs and cxtp.cdb_fpt(cdbs[0]) == FPT_SYNC:
             kind, epoch, removed = parse_sync_kind(cdbs[0])
             if kind not in (SYNC_HEARTBEAT, SYNC_FULL):
                 raise CxtpError("a sync reply or JOIN sent to the standby")
+            if self.member_lease is not None and sync_lease(cdbs[0]) != self.member_lease:
+                return []  # for an earlier life of this member (or none): never kept
             full = kind == SYNC_FULL
             cdbs = cdbs[1:]
         # Contexts come as (outbound, inbound) pairs; remember the latest of each tunnel. Extra
@@ -593,6 +638,16 @@ class Standby:
             return []
         self.acks += 1
         return [self._reply(msg, tag, SYNC_ACK)]
+
+    def forget(self, member_lease: int) -> None:
+        """The etcd mode: this member's lease is gone (or new): drop every replica held
+        under the old one; keep only what is sent for ``member_lease`` from now on."""
+        self.replica.clear()
+        self._ready.clear()
+        self._dirty.clear()
+        self.extra.clear()
+        self.last_heard = None
+        self.member_lease = member_lease
 
     def prepare(self, max_pairs: int) -> int:
         """Decode up to ``max_pairs`` replicas that changed since they were last decoded (as

@@ -113,6 +113,7 @@ class ClusterDriver:
         # reported orphaned for good (nobody took them within ORPHAN_AFTER): group -> tunnels.
         self._orphan_since: dict[str, float] = {}
         self.orphaned: dict[str, int] = {}
+        self.floors_dropped = 0  # tunnels' floors dropped with a peer's lease
         self._next_orphan_check = 0.0
         self._quiet = RateLimited(burst=2, interval=10.0)  # etcd errors repeat every round
         node.engine.send_until = -math.inf  # nothing is sent before we are a member
@@ -164,7 +165,8 @@ class ClusterDriver:
             )
             self.replicators[p].select = functools.partial(self._replicate_to, p)
             self.standbys[p] = Standby(
-                self.node.engine, replace(c, role="standby"), ep, identity, peer_lease=False
+                self.node.engine, replace(c, role="standby"), ep, identity, peer_lease=False,
+                member_lease=self.lease_id,
             )
 
     def attach_ike(self, ike: IkeService) -> None:
@@ -346,6 +348,8 @@ class ClusterDriver:
         if self.block is None:
             self.block = await self._claim_block()
         self.lease_id = lid
+        for sb in self.standbys.values():
+            sb.forget(lid)  # replicas are kept only when sent for this lease
         if self.settings is not None:
             self.settings.spi_block = self.block
         if self.ike is not None:  # CHILD SAs' inbound SPIs from our block too
@@ -418,6 +422,8 @@ class ClusterDriver:
             now = self.node.clock()
             if self.lease_id:  # a member: peers see our member key before our replicas
                 for p, rp in self.replicators.items():
+                    if rp.target_lease is None:
+                        continue  # not a member (as last read): nothing it could keep
                     for m in rp.poll(now):
                         self.channels.send(p, m)
             budget = PREPARE_PER_TICK
@@ -453,6 +459,24 @@ class ClusterDriver:
         if self._live is None or set(self._live) != set(now):
             self._targets.clear()
             self._layout += 1
+        before = self._live or {}
+        for p, rep in self.replicators.items():
+            old, new = before.get(p), now.get(p)
+            if old and new != old and rep.floor:
+                # p's member key is gone or names a new lease: whatever p holds (or is on
+                # its way to it) was sent for the old lease, which p can never use again.
+                freed = rep.forget_floors()
+                self.floors_dropped += len(freed)
+                event(
+                    log,
+                    "cluster-floors-dropped",
+                    node=self.node.name,
+                    peer=p,
+                    tunnels=len(freed),
+                    detail=f"{p}'s lease is gone: its replicas can never be used, so they no "
+                    "longer bound these tunnels' sequence numbers",
+                )
+            rep.target_lease = new
         self._live = now
 
     async def _scan(self) -> None:
@@ -731,6 +755,11 @@ class ClusterDriver:
         for t in gone:
             self.node.engine.remove_tunnel(t)
         self.lost_for_good += len(gone)
+        # What we hold for others was sent under the lease that is gone: the owners stop
+        # counting on it (they see our member key gone) and may send past its floors, so it
+        # must never be used; what they sent us before noticing is refused (another lease).
+        for sb in self.standbys.values():
+            sb.forget(0)
         self._layout += 1
         if self.ike is not None:  # others may run them now: never a message more from here
             self.ike.forget_all("etcd ended this gateway's lease: its IKE SAs may have moved")
@@ -963,6 +992,9 @@ class ClusterDriver:
                     1 for t in tunnels if self.own.placed.get(t.outbound.spi, "") in self.orphaned
                 ),
             },
+            "floors_dropped": self.floors_dropped,
+            # peers whose acknowledgements bound some tunnel's sequence ceiling (and how many)
+            "floors": {p: len(r.floor) for p, r in self.replicators.items() if r.floor},
             "taken_over": self.taken,
             "ike_taken_over": self.ike_taken,
             "ike_split": self.ike_split,
