@@ -35,6 +35,7 @@ from ipsecct.ipsec.spd import Action, SPDEntry
 from ipsecct.tools import pki
 from tests.helpers.handover import (
     connect_as,
+    diagnose,
     flow,
     run_demo,
     services,
@@ -86,7 +87,7 @@ def test_predictive_handover_while_streaming(tmp_path: Path, identity: str) -> N
         assert state_at(d, "sg1", spi) is None  # moved away (forwarding only)
         s = demo.summary(d)
         # Make-before-break: nothing of the stream lost, nothing dropped as a replay or ICV.
-        assert s["packets"]["lost"] == 0, s
+        assert s["packets"]["lost"] == 0, f"{s}\n{diagnose(d)}"
         assert s["packets"]["duplicated"] == 0, s
         assert s["drops"]["replay"] == 0 and s["drops"]["icv"] == 0, s
         mn_out = d.mn.node.engine.tunnels()[0].outbound
@@ -358,7 +359,7 @@ def test_rebalance_500_tunnels_while_streaming(tmp_path: Path) -> None:
         assert sg1.engine.tunnels() == []
         assert len(sg2.engine.sad) == 1000
         s = demo.summary(d)
-        assert s["packets"]["lost"] == 0, s
+        assert s["packets"]["lost"] == 0, f"{s}\n{diagnose(d)}"
         assert s["drops"]["replay"] == 0 and s["drops"]["icv"] == 0, s
 
     run_demo(tmp_path, body)

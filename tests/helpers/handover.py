@@ -63,3 +63,23 @@ async def connect_as(tmp: Path, d: demo.Demo, to: str, cert_dir: Path, name: str
     return await tlschannel.connect(
         str(listen.host), listen.port, ctx, server_hostname=to, timeout=2
     )
+
+
+def diagnose(d: demo.Demo) -> str:
+    """What a failed stream assertion needs to say where packets went: every node's drop
+    counters (all reasons, not only the summary's four) and packet counts, each gateway's
+    transfer counters and transfers, and the first sequence numbers missing each way."""
+    lines = []
+    for n in d.all_nodes():
+        st = n.engine.stats
+        lines.append(f"{n.name}: in {st.in_packets} out {st.out_packets} drops {dict(st.drops)}")
+    for g in d.gateways:
+        ts = d.services[g].transfer
+        if ts is not None:
+            lines.append(f"{g} transfer counters {dict(ts.core.counters)}")
+            lines.append(f"{g} transfers {[str(r) for r in ts.core.records]}")
+    up = sorted(set(range(1, d.sent[0] + 1)) - d.host_app.received)
+    down = sorted(set(range(1, d.sent[1] + 1)) - d.mn_app.received)
+    lines.append(f"missing mn->host ({len(up)}): {up[:60]}")
+    lines.append(f"missing host->mn ({len(down)}): {down[:60]}")
+    return "\n".join(lines)
