@@ -57,7 +57,7 @@ def thread_fuzz(esp, table, sas, rng, rounds, outer, inner, sink, sink_port, tx)
     def body() -> None:
         try:
             table.run([outer.fileno()], inner.fileno(), False, (b"\x7f\0\0\x01", sink_port),
-                      wake, stop, 256)
+                      wake, stop, 256, 50)
         except BaseException as exc:
             errors.append(exc)
 

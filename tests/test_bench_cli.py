@@ -89,7 +89,7 @@ def test_tunnel_json_schema() -> None:
     assert proc.returncode == 0, proc.stderr
     rows = json.loads(proc.stdout)["results"]
     assert sorted(r["impl"] for r in rows) == [
-        "ipsecct", "ipsecct-batch", "ipsecct-python", "strongswan"
+        "ipsecct", "ipsecct-batch", "ipsecct-nocoalesce", "ipsecct-python", "strongswan"
     ]
     for row in rows:
         assert list(row)[:4] == ["impl", "size", "pps", "us_per_packet"]

@@ -10,7 +10,9 @@ The topology (root; made for the run and removed after it), one per implementati
 - ``ipsecct``: two ``ipsecct gateway run`` processes, TUN inner sides, one AES-GCM-128 tunnel
   (the native data path when it is built, its forwarding loop in a thread of its own;
   ``ipsecct-batch`` runs the native path without that thread, one C call per readiness event
-  of the event loop, ``IPSECCT_NATIVE_THREAD=0``; ``ipsecct-python`` forces the Python path);
+  of the event loop, ``IPSECCT_NATIVE_THREAD=0``; ``ipsecct-nocoalesce`` the thread without its
+  pause for a batch to gather, ``IPSECCT_NATIVE_COALESCE_US=0``; ``ipsecct-python`` forces the
+  Python path);
 - ``strongswan``: two strongSwan 5.9.8 ``charon`` daemons with kernel-libipsec (user-space
   ESP over its own TUN device), IKEv2 with a pre-shared key, ``esp_proposals = aes128gcm16``.
 
@@ -44,7 +46,7 @@ from typing import Any
 
 from ..errors import BenchError
 
-IMPLS = ("ipsecct", "strongswan", "ipsecct-batch", "ipsecct-python")
+IMPLS = ("ipsecct", "strongswan", "ipsecct-batch", "ipsecct-nocoalesce", "ipsecct-python")
 SIZES = (64, 1400)
 OUTER_A, OUTER_B = "10.200.0.1", "10.200.0.2"
 INNER_A, INNER_B = "10.201.1.1", "10.201.2.1"
@@ -239,11 +241,13 @@ class Pair:
 
 
 class IpsecctPair(Pair):
-    def __init__(self, workdir: Path, pure_python: bool, thread: bool = True) -> None:
+    def __init__(
+        self, workdir: Path, pure_python: bool, thread: bool = True, coalesce: bool = True
+    ) -> None:
         from ..errors import ControlError
         from ..gateway.control import request
 
-        tag = "p" if pure_python else "n" if thread else "m"
+        tag = "p" if pure_python else ("n" if coalesce else "o") if thread else "m"
         self.topo = Topology(tag).__enter__()
         try:
             k1, k2 = os.urandom(20).hex(), os.urandom(20).hex()
@@ -275,6 +279,8 @@ class IpsecctPair(Pair):
                 if pure_python:
                     env["IPSECCT_PURE_PYTHON"] = "1"
                 env["IPSECCT_NATIVE_THREAD"] = "1" if thread else "0"
+                if not coalesce:
+                    env["IPSECCT_NATIVE_COALESCE_US"] = "0"
                 log = open(d / "gw.log", "wb")  # noqa: SIM115 -- the child keeps it
                 p = self.topo.popen(
                     ns, sys.executable, "-m", "ipsecct", "gateway", "run", "--config", str(cfg),
@@ -417,7 +423,10 @@ def _pairs(impls: Sequence[str], workdir: Path) -> Iterator[dict[str, Pair]]:
                 pairs[impl] = StrongswanPair(workdir)
             else:
                 pairs[impl] = IpsecctPair(
-                    workdir, pure_python=impl == "ipsecct-python", thread=impl != "ipsecct-batch"
+                    workdir,
+                    pure_python=impl == "ipsecct-python",
+                    thread=impl != "ipsecct-batch",
+                    coalesce=impl != "ipsecct-nocoalesce",
                 )
         yield pairs
     finally:

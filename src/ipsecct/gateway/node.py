@@ -41,6 +41,16 @@ _MAX_PENDING = 4096
 _THREAD_STOP_TIMEOUT = 10.0  # seconds
 
 
+def _coalesce_us() -> int:
+    """How long the forwarding thread lets a batch gather when traffic is busy (microseconds,
+    IPSECCT_NATIVE_COALESCE_US, default 50; 0: never). See docs/native-data-path.md."""
+    try:
+        v = int(os.environ.get("IPSECCT_NATIVE_COALESCE_US", "50"))
+    except ValueError:
+        return 50
+    return min(max(v, 0), 1000)
+
+
 def _thread_wanted() -> bool:
     """The native data path runs in a thread of its own unless IPSECCT_NATIVE_THREAD=0."""
     return os.environ.get("IPSECCT_NATIVE_THREAD", "1") not in ("0", "")
@@ -300,7 +310,7 @@ class Node:
 
         def body() -> None:
             try:
-                table.run(outer, fd, is_tun, dest, wake, stop, _MAX_PENDING)
+                table.run(outer, fd, is_tun, dest, wake, stop, _MAX_PENDING, _coalesce_us())
             except BaseException as exc:  # reported to the loop, never lost
                 with contextlib.suppress(RuntimeError):  # the loop is closed: stopping anyway
                     loop.call_soon_threadsafe(self._native_thread_failed, exc)
