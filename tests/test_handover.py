@@ -302,13 +302,17 @@ def test_target_killed_mid_transfer(tmp_path: Path) -> None:
         # sg2 hangs: it reads the PCTD but never answers ...
         sg2.channels.on_message = lambda peer, msg: None
         task = asyncio.create_task(services(d)["sg1"].transfer([spi], "sg2", timeout=15))
-        await eventually(lambda: state_at(d, "sg1", spi) is TunnelState.HELD, "sg1 to hold")
+        core1 = services(d)["sg1"].core
+        await eventually(lambda: core1.outgoing, "sg1 to start the transfer")
+        # Make-before-break: sg1 goes on sending, below the transfer's cap.
+        (t1,) = (t for t in d.gateways["sg1"].node.engine.tunnels() if t.outbound.spi == spi)
+        assert t1.state is TunnelState.ACTIVE and t1.transfer_cap < 1 << 64
         # ... then it dies (its context transfer, channels included, and its node stop).
         await d.services["sg2"].stop_context_transfer()
         await d.gateways["sg2"].node.stop()
         rec = await asyncio.wait_for(task, 15)
         assert rec.outcome in ("peer lost", "timeout")
-        assert state_at(d, "sg1", spi) is TunnelState.ACTIVE
+        assert state_at(d, "sg1", spi) is TunnelState.ACTIVE and t1.transfer_cap == 1 << 64
         sent, got = await flow(d)
         assert got == sent
 

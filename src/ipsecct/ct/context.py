@@ -294,7 +294,7 @@ def _limits_from(lt: Lifetime, what: str) -> _Limits:
     )
 
 
-def _fields_from_sa(sa: SecurityAssociation, now: float) -> _Fields:
+def _fields_from_sa(sa: SecurityAssociation, now: float, seq: int | None = None) -> _Fields:
     esp = sa.protocol is Protocol.ESP
     inbound = sa.direction is Direction.INBOUND
     replay: tuple[int, bytes] | None = None
@@ -328,7 +328,7 @@ def _fields_from_sa(sa: SecurityAssociation, now: float) -> _Fields:
         enc=(sa.enc, sa.enc_key) if esp else None,
         esp_integ=(sa.integ, sa.integ_key) if esp and sa.integ is not IntegAlg.NONE else None,
         ah_integ=None if esp else (sa.integ, sa.integ_key),
-        seq=0 if inbound else sa.seq,
+        seq=0 if inbound else (sa.seq if seq is None else seq),
         window=sa.replay_window,
         replay=replay,
         age_ms=_duration_ms(age, "age"),
@@ -1168,8 +1168,9 @@ def _ms(seconds: float | None) -> int | None:
     return ms if ms <= MAX_DURATION_MS else -1
 
 
-def _write(sa: SecurityAssociation, now: float) -> bytes | None:
+def _write(sa: SecurityAssociation, now: float, seq: int | None = None) -> bytes | None:
     """The CDB of ``sa`` exactly as the reference writes it, or None where it would refuse."""
+    out_seq = sa.seq if seq is None else seq
     pv = 0
     parts: list[bytes] = []
     inbound = sa.direction is Direction.INBOUND
@@ -1182,11 +1183,11 @@ def _write(sa: SecurityAssociation, now: float) -> bytes | None:
     else:
         pv = _M_AH_INTEG
         parts.append(_ALG_KEY.pack(sa.integ, len(sa.integ_key)) + sa.integ_key)
-    if not inbound and sa.seq:
-        if not 0 < sa.seq <= MAX_U64:
+    if not inbound and out_seq:
+        if not 0 < out_seq <= MAX_U64:
             return None
         pv |= _M_SEQ
-        parts.append(_U64.pack(sa.seq))
+        parts.append(_U64.pack(out_seq))
     window = sa.replay_window
     if window != DEFAULT_WINDOW:
         if not 0 <= window <= 0xFFFFFFFF:
@@ -1277,16 +1278,18 @@ def _write(sa: SecurityAssociation, now: float) -> bytes | None:
 
 
 # -- public API ---------------------------------------------------------------------------------
-def encode(sa: SecurityAssociation, now: float) -> bytes:
-    """One CDB holding ``sa``'s feature context, its selectors and its replay state."""
-    cdb = _write(sa, now)
-    return cdb if cdb is not None else encode_reference(sa, now)
+def encode(sa: SecurityAssociation, now: float, *, seq: int | None = None) -> bytes:
+    """One CDB holding ``sa``'s feature context, its selectors and its replay state.
+    ``seq``: the outbound sequence number to send instead of the SA's own (a make-before-
+    break transfer hands over the number its source stops below)."""
+    cdb = _write(sa, now, seq)
+    return cdb if cdb is not None else encode_reference(sa, now, seq=seq)
 
 
-def encode_reference(sa: SecurityAssociation, now: float) -> bytes:
+def encode_reference(sa: SecurityAssociation, now: float, *, seq: int | None = None) -> bytes:
     """:func:`encode` by the reference path (the fields checked, then serialized): the
     specification of the fast writer, which must write exactly the same bytes."""
-    return _serialize(_fields_from_sa(sa, now))
+    return _serialize(_fields_from_sa(sa, now, seq))
 
 
 def decode(data: bytes, now: float) -> SecurityAssociation:

@@ -65,6 +65,7 @@ from .ratelimit import RateLimiter
 FPT_DECISION = 0x8005  # COMMIT (1) or ABORT (2) of a transfer
 FPT_FORWARD = 0x8006  # a packet forwarded after the cut-over
 FPT_SYNC = 0x8007  # fail-over replication: heartbeat and state (see failover.py)
+FPT_FINAL = 0x8008  # make-before-break: a tunnel's final state at the source (FINAL)
 DECISION_COMMIT = 1
 MAX_FORWARD_PACKET = cxtp.MAX_CDB_LEN - 8
 
@@ -110,6 +111,12 @@ class Settings:
     max_transfer_octets: int = 16 << 20  # octets of CDBs buffered for one transfer
     # Cluster-unique SPIs (ipsecct.ipsec.spi): a reassigned inbound SPI comes from this block.
     spi_block: SpiBlock | None = None
+    # Make-before-break (docs/cxtp.md): the source goes on sending and receiving on its
+    # tunnels while the transfer runs, sending no outbound number above its number at the
+    # start + ``mbb_margin`` (the target starts past that), and hands over its final
+    # anti-replay state with the COMMIT. False: the tunnels are held from the start.
+    make_before_break: bool = False
+    mbb_margin: int = 1 << 16
 
 
 # -- outputs ------------------------------------------------------------------------------
@@ -248,6 +255,26 @@ def decision_cdb(decision: int) -> bytes:
     return frame(FPT_DECISION, bytes([decision, 0, 0, 0]))
 
 
+def final_cdb(out_spi: int, in_spi: int, out_seq: int, top: int, bitmap: bytes) -> bytes:
+    """A tunnel's final state at the source (make-before-break): ``Out SPI (32) | In SPI
+    (32, 0: no inbound SA) | Out Seq (64): the last number it sent | Top (64, 0: no replay
+    state) | bitmap`` (the inbound SA's window, empty when Top is 0), SPIs as transferred."""
+    return frame(FPT_FINAL, struct.pack("!IIQQ", out_spi, in_spi, out_seq, top) + bitmap)
+
+
+def parse_final(cdb: bytes, size: int) -> tuple[int, int, int, int, bytes]:
+    """(out SPI, in SPI, out seq, top, bitmap) of a FINAL CDB whose inbound window has
+    ``size`` bits; the padding must be zero. CxtpError when it is malformed."""
+    p = unframe(cdb)
+    if len(p) < 24:
+        raise CxtpError("FINAL CDB too short")
+    out_spi, in_spi, out_seq, top = struct.unpack_from("!IIQQ", p)
+    n = size // 8 if top else 0
+    if len(p) < 24 + n or any(p[24 + n :]) or len(p) - 24 - n >= 8:
+        raise CxtpError("FINAL CDB malformed")
+    return out_spi, in_spi, out_seq, top, bytes(p[24 : 24 + n])
+
+
 # -- state ---------------------------------------------------------------------------------
 class OutgoingState(enum.Enum):
     """A transfer this gateway started (source)."""
@@ -330,6 +357,9 @@ class _Outgoing:
     away_tunnels: list[Tunnel] = field(default_factory=list)
     # The CTDR's answer, while the COMMIT waits for ``away`` (None: no answer yet).
     answer: tuple[list[Tunnel], list[Tunnel], int] | None = None
+    # Make-before-break: each tunnel's cap (it sends no number above it; the target starts
+    # past it). Empty: the tunnels are held.
+    caps: dict[Tunnel, int] = field(default_factory=dict)
     members: _Members | None = field(default=None, repr=False, compare=False)
 
 
@@ -369,6 +399,11 @@ class _Incoming:
     # once it is done. ``committing``: the COMMIT came and waits for it.
     recorded: Write | None = None
     committing: bool = False
+    # SA pairs by (outbound SPI, inbound SPI or 0) as transferred: where the source's final
+    # states (make-before-break) go.
+    pairs: dict[
+        tuple[int, int], tuple[SecurityAssociation, SecurityAssociation | None]
+    ] = field(default_factory=dict)
     members: _Members | None = field(default=None, repr=False, compare=False)
 
 
@@ -457,6 +492,9 @@ class TransferCore:
         # Signals a fenced tunnel could not send at its commit (a cluster member that does
         # not own it yet): sent by resend() once it may.
         self.unsent_signals: dict[Tunnel, list[signalling.SignalItem]] = {}
+        # Told the SPIs of every transfer this gateway starts as source, once its tunnels
+        # are held or capped (the IKE adapter quietens their IKE SAs).
+        self.on_start: Callable[[set[int]], None] | None = None
         self._next_housekeeping = 0.0
 
     # -- source side -----------------------------------------------------------------
@@ -473,11 +511,11 @@ class TransferCore:
         """Begin moving ``tunnels`` to ``peer``. Raises TransferError if one is busy."""
         if not tunnels:
             raise TransferError("nothing to transfer")
+        busy = self._capped()
         for t in tunnels:
-            if t.state is not TunnelState.ACTIVE:
-                raise TransferError(
-                    f"tunnel {t.name or hex(t.outbound.spi)} is {t.state.value}: busy"
-                )
+            if t.state is not TunnelState.ACTIVE or t in busy:
+                state = "being transferred" if t in busy else t.state.value
+                raise TransferError(f"tunnel {t.name or hex(t.outbound.spi)} is {state}: busy")
         tid = self.rng(64) if reply_to is None else reply_to[0]
         rec = Record(
             tid,
@@ -488,8 +526,18 @@ class TransferCore:
             tunnels=len(tunnels),
             spis=[sa.spi for t in tunnels for sa in t.sas()],
         )
+        margin = self.settings.mbb_margin
+        # Make-before-break when every tunnel has room for the margin below its counter's
+        # limit (else the tunnels are held, as without it).
+        mbb = self.settings.make_before_break and all(
+            t.outbound.seq + margin < t.outbound.seq_limit for t in tunnels
+        )
+        caps: dict[Tunnel, int] = {}
         for t in tunnels:
-            self.engine.hold(t)
+            if mbb:
+                caps[t] = self.engine.cap_sending(t, margin)
+            else:
+                self.engine.hold(t)
         og = _Outgoing(
             tid,
             peer,
@@ -498,15 +546,21 @@ class TransferCore:
             now + self.settings.max_transfer_time,
             rec,
             list(candidates),
+            caps=caps,
         )
         try:
             out = self._send_contexts(og, now, reactive=reply_to is not None)
         except (ContextError, CxtpError) as exc:
             # Nothing was sent: the tunnels stay here, active, as if nothing had happened.
             for t in tunnels:
-                self.engine.activate(t)
+                if mbb:
+                    self.engine.uncap(t)
+                else:
+                    self.engine.activate(t)
             raise TransferError(f"cannot encode the contexts: {exc}") from None
         self.outgoing[tid] = og
+        if self.on_start is not None:
+            self.on_start(set(rec.spis))
         # CT_MAX_TRANSFER_TIME bounds one exchange; a batched (bulk) transfer gets it once per
         # message it takes, so thousands of tunnels are not cut off by a per-message budget.
         og.deadline = now + self.settings.max_transfer_time * max(1, len(out))
@@ -515,7 +569,9 @@ class TransferCore:
     def _send_contexts(self, og: _Outgoing, now: float, *, reactive: bool) -> list[Output]:
         cdbs: list[bytes] = []
         for t in og.tunnels:
-            cdbs.append(context.encode(t.outbound, now))
+            # Make-before-break: the target's first number follows the cap, below which the
+            # source goes on sending until the COMMIT.
+            cdbs.append(context.encode(t.outbound, now, seq=og.caps.get(t)))
             if t.inbound is not None:
                 cdbs.append(context.encode(t.inbound, now))
         template: cxtp.CTD | cxtp.PCTD = (
@@ -524,6 +580,14 @@ class TransferCore:
         msgs = cxtp.batch_cdbs(template, cdbs, og.tid, first_seq=og.seq)
         og.seq += len(msgs)
         return [Send(og.peer, m) for m in msgs]
+
+    def _capped(self) -> set[Tunnel]:
+        """Tunnels that send below a transfer's cap here (make-before-break): active, but
+        being transferred (or waiting to be owned here again)."""
+        busy = {t for og in self.outgoing.values() for t in og.caps}
+        for rv in self.reverting:
+            busy.update(t for t in rv.tunnels if t.transfer_cap != 1 << 64)
+        return busy
 
     def hold(self, held: Held) -> bool:
         """Keep a packet of a held tunnel; False when over a bound (the caller drops it).
@@ -593,8 +657,12 @@ class TransferCore:
         theirs = [h for h in og.held if h.tunnel in revert_set]
         self._release_held(og, keep)
         for t in back:
-            if t.state is TunnelState.HELD and t not in revert_set:
+            if t in revert_set:
+                continue  # held, or capped (make-before-break), until "owned" is durable
+            if t.state is TunnelState.HELD:
                 self.engine.activate(t)
+            elif t in og.caps:
+                self.engine.uncap(t)
         out += [Inject(h.packet, h.inbound) for h in mine]
         if revert:
             w = self._journal_write(lambda j: j.staying(revert, og.peer))
@@ -700,8 +768,16 @@ class TransferCore:
         _move(og, OutgoingState.COMMITTED)
         self.decided[og.tid] = (DECISION_COMMIT, now + self.settings.retry_max)
         self.outgoing.pop(og.tid, None)
-        out.append(Send(peer, cxtp.CTD(og.mn, 0, (self._tag(og), decision_cdb(DECISION_COMMIT)))))
+        # From here on nothing is sent or accepted here on them (make-before-break: they
+        # sent and received until this moment): their final anti-replay states (exact, the
+        # native path hands them back as they move) go to the target ahead of the COMMIT.
         self.engine.move_tunnels(accepted, peer, now + self.settings.forward_time)
+        if og.caps:
+            windows = self._final_states(accepted)
+            for i in range(0, len(windows), 1000):
+                tag = self._tag(og)
+                out.append(Send(peer, cxtp.CTD(og.mn, 0, (tag, *windows[i : i + 1000]))))
+        out.append(Send(peer, cxtp.CTD(og.mn, 0, (self._tag(og), decision_cdb(DECISION_COMMIT)))))
         for h in og.held:
             out += self.forward(peer, h.packet, h.inbound, og)
         self._release_held(og, [])
@@ -712,6 +788,20 @@ class TransferCore:
             og.record.detail += f"{len(refused)} refused: {_status_name(worst)}"
         self.records.append(og.record)
         out.append(Finished(og.record))
+        return out
+
+    @staticmethod
+    def _final_states(tunnels: list[Tunnel]) -> list[bytes]:
+        """Each tunnel's last outbound number and inbound window, exact (the tunnels have
+        just left the native path)."""
+        out = []
+        for t in tunnels:
+            sa = t.inbound
+            top, bitmap = sa.window.snapshot() if sa is not None else (0, b"")
+            if not top or 28 + len(bitmap) > cxtp.MAX_CDB_LEN:
+                top, bitmap = 0, b""  # (a window that big could not have been transferred)
+            in_spi = sa.spi if sa is not None else 0
+            out.append(final_cdb(t.outbound.spi, in_spi, t.outbound.seq, top, bitmap))
         return out
 
     def _journal_write(self, submit: Callable[[Journal], Write]) -> Write:
@@ -737,6 +827,7 @@ class TransferCore:
                 for t in rv.tunnels:
                     if t.state is TunnelState.HELD:
                         self.engine.activate(t)
+                    self.engine.uncap(t)
                 out += [Inject(h.packet, h.inbound) for h in rv.held]
             else:
                 self.counters["unrecorded"] += len(rv.tunnels)
@@ -833,9 +924,12 @@ class TransferCore:
             and cxtp.cdb_fpt(msg.cdbs[1]) == FPT_FORWARD
         )
         key = (peer, tag.transfer_id, tag.seq)
-        # Decisions (COMMIT, CTC) and CTDRs are idempotent and may legitimately come again
-        # (a re-sent CTDR asks for the decision again): only data messages are deduplicated.
-        decision = isinstance(msg, cxtp.PCTD | cxtp.CTD) and self._is_decision(msg)
+        # Decisions (COMMIT, CTC), final replay states and CTDRs are idempotent and may
+        # legitimately come again (a re-sent CTDR asks for the decision again): only data
+        # messages are deduplicated.
+        decision = isinstance(msg, cxtp.PCTD | cxtp.CTD) and (
+            self._is_decision(msg) or self._is_final(msg)
+        )
         if (
             key in self.seen
             and not forwarded
@@ -857,6 +951,8 @@ class TransferCore:
         self.seen[key] = now + self.settings.retry_max * 2
         if isinstance(msg, cxtp.PCTD | cxtp.CTD) and self._is_decision(msg):
             return self._on_commit(peer, tag, now)
+        if isinstance(msg, cxtp.CTD) and self._is_final(msg):
+            return self._on_final(peer, tag, msg.cdbs[1:])
         if isinstance(msg, cxtp.CTD) and all(
             cxtp.cdb_fpt(c) == cxtp.FPT_DETAIL for c in msg.cdbs[1:]
         ):
@@ -942,6 +1038,54 @@ class TransferCore:
     @staticmethod
     def _is_decision(msg: cxtp.PCTD | cxtp.CTD) -> bool:
         return len(msg.cdbs) == 2 and cxtp.cdb_fpt(msg.cdbs[1]) == FPT_DECISION
+
+    @staticmethod
+    def _is_final(msg: cxtp.PCTD | cxtp.CTD) -> bool:
+        return (
+            isinstance(msg, cxtp.CTD)
+            and len(msg.cdbs) >= 2
+            and all(cxtp.cdb_fpt(c) == FPT_FINAL for c in msg.cdbs[1:])
+        )
+
+    def _on_final(self, peer: str, tag: cxtp.TransferTag, cdbs: Iterable[bytes]) -> list[Output]:
+        """The source's final states (make-before-break), just before its COMMIT, into the
+        pending tunnels (which send and accept nothing before they are activated):
+
+        - the inbound window is merged, so that nothing the source accepted after its
+          snapshot is accepted here again (a merge never unmarks a number: a repeated or
+          stale state changes nothing);
+        - the outbound SA goes on right after the last number the source sent instead of
+          past its cap: the MN then sees one run of numbers, as without make-before-break,
+          and its replay window still takes the source's last packets if they arrive after
+          our first ones. The source stopped at that number for good (it sends this only
+          when it has recorded the tunnel given away and stopped), and its word on it is
+          what the transferred number always was.
+
+        Only for a pending transfer from that peer; a malformed CDB is counted and left out
+        (the tunnel keeps the snapshot's window and the cap: docs/security.md)."""
+        inc = self.incoming.get((peer, tag.transfer_id))
+        if inc is None or inc.state is not IncomingState.PENDING:
+            self.counters["refused"] += 1
+            return []
+        for c in cdbs:
+            try:
+                body = unframe(c)
+                if len(body) < 8:
+                    raise CxtpError("FINAL CDB too short")
+                out_spi, in_spi = struct.unpack_from("!II", body)
+                pair = inc.pairs.get((out_spi, in_spi))
+                if pair is None:
+                    raise CxtpError("FINAL CDB for an SA not in this transfer")
+                out_sa, in_sa = pair
+                size = in_sa.replay_window if in_sa is not None else 0
+                _, _, out_seq, top, bitmap = parse_final(c, size)
+                if top and in_sa is not None:
+                    in_sa.window.merge(top, bitmap)
+                if out_seq < out_sa.seq_limit:
+                    out_sa.seq = out_seq
+            except (CxtpError, SAError):
+                self.counters["malformed"] += 1
+        return []
 
     def _on_data(
         self, peer: str, msg: cxtp.PCTD | cxtp.CTD, tag: cxtp.TransferTag, now: float
@@ -1046,6 +1190,7 @@ class TransferCore:
         batch = _Batch()
         for out_sa, in_sa in pairs:
             old_in = in_sa.spi if in_sa is not None else 0
+            inc.pairs[(out_sa.spi, old_in)] = (out_sa, in_sa)
             status, new_spi = self._install_one(
                 inc, out_sa, in_sa, now, indexes, accepted, batch
             )

@@ -843,6 +843,8 @@ _TRANSFER_KEYS = {
     "max_incoming_per_peer",
     "max_contexts_per_message",
     "max_contexts_per_transfer",
+    "make_before_break",
+    "mbb_margin",
 }
 
 # [transfer] limits: key -> Settings attribute (whole numbers >= 1)
@@ -919,6 +921,15 @@ def _transfer(
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
             raise ctx.err("transfer.max_held", "must be a number >= 0")
         s.max_held = v
+    mbb = t.get("make_before_break", True)  # the gateway's default (docs/cxtp.md)
+    if not isinstance(mbb, bool):
+        raise ctx.err("transfer.make_before_break", "must be true or false")
+    s.make_before_break = mbb
+    if "mbb_margin" in t:
+        v = t["mbb_margin"]
+        if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 1 << 31:
+            raise ctx.err("transfer.mbb_margin", "must be a whole number from 1 to 2^31")
+        s.mbb_margin = v
     for key, attr in _TRANSFER_LIMITS.items():
         if key in t:
             v = t[key]

@@ -98,6 +98,8 @@ TUNNEL_TRANSITIONS: frozenset[tuple[TunnelState, TunnelState]] = frozenset(
         (TunnelState.ACTIVE, TunnelState.HELD),  # a transfer starts (source), or installed held
         (TunnelState.HELD, TunnelState.ACTIVE),  # rolled back (source), or committed (target)
         (TunnelState.HELD, TunnelState.MOVED),  # committed (source): forward what still comes
+        # committed (source, make-before-break: it sent below the transfer's cap until now)
+        (TunnelState.ACTIVE, TunnelState.MOVED),
     }
 )
 
@@ -115,6 +117,15 @@ class Tunnel:
     # Fencing (fail-over): the highest outbound sequence number this tunnel may send; beyond
     # it a standby could restart from a number this gateway already used.
     seq_ceiling: int = 1 << 64
+    # Make-before-break (a transfer in progress at its source, Engine.cap_sending): the
+    # tunnel goes on sending, but no number above this one; the target starts past it.
+    transfer_cap: int = 1 << 64
+
+    @property
+    def send_limit(self) -> int:
+        """The highest outbound sequence number the tunnel may send now (both ceilings)."""
+        c = self.seq_ceiling
+        return c if c <= self.transfer_cap else self.transfer_cap
 
     @property
     def name(self) -> str:
@@ -247,7 +258,7 @@ class Engine:
         if t is None or t.state is not TunnelState.ACTIVE or sa.pmtu_expires is not None:
             return
         c = native_mod.push(
-            sa, mtu=sa.path_mtu, seq_ceiling=t.seq_ceiling, send_until=self.send_until
+            sa, mtu=sa.path_mtu, seq_ceiling=t.send_limit, send_until=self.send_until
         )
         if c is not None:
             self._offloaded[id(sa)] = sa
@@ -450,6 +461,25 @@ class Engine:
                 f" {tunnel.state.value} -> {to.value} is not allowed"
             )
         tunnel.state = to
+
+    def cap_sending(self, tunnel: Tunnel, margin: int) -> int:
+        """Make-before-break at a transfer's source: ``tunnel`` stays active, but sends no
+        number above ``cap`` = its exact outbound sequence number now + ``margin`` (its
+        state taken back from the native path first, so that nothing C sent is missed);
+        packets past the cap are Held. Its inbound SA's exact state is copied back too
+        (C keeps it), for the snapshot. Returns the cap (the number the target's first
+        packet follows)."""
+        native_mod.reclaim(tunnel.outbound)
+        if tunnel.inbound is not None:
+            native_mod.sync(tunnel.inbound)
+        cap = tunnel.outbound.seq + margin
+        tunnel.transfer_cap = cap
+        return cap
+
+    def uncap(self, tunnel: Tunnel) -> None:
+        """The transfer did not commit: ``tunnel`` sends as before (C hands up the packet at
+        the old cap and is told the new limit)."""
+        tunnel.transfer_cap = 1 << 64
 
     def hold(self, tunnel: Tunnel) -> None:
         """Stop sending and accepting on ``tunnel`` (its packets are held: Held results)."""
@@ -656,7 +686,7 @@ class Engine:
                 t is not None
                 and t.state is TunnelState.ACTIVE
                 and now < self.send_until
-                and t.outbound.seq < t.seq_ceiling
+                and t.outbound.seq < t.send_limit
             ):
                 sa = t.outbound
                 if sa.mode is Mode.TUNNEL and sa.dst.version == 4 and packet[0] == 0x45:
@@ -870,13 +900,13 @@ class Engine:
 
     def fenced(self, tunnel: Tunnel, now: float) -> bool:
         """May ``tunnel`` not send now (lease run out, or sequence ceiling reached)?"""
-        return now >= self.send_until or tunnel.outbound.seq >= tunnel.seq_ceiling
+        return now >= self.send_until or tunnel.outbound.seq >= tunnel.send_limit
 
     def signal(self, sa: SecurityAssociation, payload: bytes, now: float) -> ToPeer | Drop:
         """Send ``payload`` to the peer inside ``sa`` (outbound) as ESP next header 253:
         authenticated by the SA's keys and replay-protected by its sequence numbers."""
         t = self._tunnel_of_sa.get(id(sa))
-        if now >= self.send_until or (t is not None and sa.seq >= t.seq_ceiling):
+        if now >= self.send_until or (t is not None and sa.seq >= t.send_limit):
             return self._drop(Drop.FENCED)
         res = esp.encapsulate(sa, NH_SIGNAL, payload, now)
         self._collect(sa)

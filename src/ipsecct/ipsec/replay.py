@@ -162,6 +162,29 @@ class ReplayWindow:
         self._blocks = blocks
         self.top = top
 
+    def merge(self, top: int, bitmap: bytes) -> None:
+        """Add a state made by :meth:`snapshot` of a window of the same size (another
+        gateway's view of the same inbound SA, e.g. a transfer's source that went on
+        receiving after its snapshot): afterwards every number marked in either is marked
+        and the top is the higher one, so nothing either side accepted is accepted again.
+        Never unmarks anything. SAError (nothing changed) if the state is malformed."""
+        other = ReplayWindow(self.size, esn=self.esn)
+        other.restore(top, bitmap)
+        if self.size == 0:
+            self.top = max(self.top, other.top)
+            return
+        high, low = (other, self) if other.top > self.top else (self, other)
+        ltop, lbits = low.snapshot()
+        bits = int.from_bytes(lbits, "little")
+        while bits:
+            lowest = bits & -bits
+            seq = ltop - (lowest.bit_length() - 1)
+            if high.check(seq):
+                high.update(seq)
+            bits ^= lowest
+        if high is not self:
+            self.top, self._blocks = high.top, high._blocks
+
     def copy(self) -> ReplayWindow:
         other = ReplayWindow(self.size, esn=self.esn)
         other.top = self.top

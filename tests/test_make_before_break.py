@@ -1,0 +1,392 @@
+"""Make-before-break transfers (sans-I/O): the source goes on sending and receiving on its
+tunnels while the transfer runs, never sends a number above its cap, the target starts past
+the cap, and the source's final anti-replay state reaches the target before the COMMIT.
+
+Every test checks the invariant on what the gateways emitted: no (SPI, sequence number) pair
+twice, whatever the order of events (docs/cxtp.md, "Make-before-break")."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ipsecct.ct import cxtp
+from ipsecct.ct.journal import Write
+from ipsecct.ct.transfer import (
+    FPT_FINAL,
+    Settings,
+    final_cdb,
+    frame,
+    parse_final,
+)
+from ipsecct.errors import CxtpError, SAError, TransferError
+from ipsecct.ipsec.engine import TunnelState
+from ipsecct.ipsec.esp import Drop
+from ipsecct.ipsec.replay import ReplayWindow
+from tests.helpers.transfer import World
+
+CAP_MARGIN = 1000
+
+
+def mbb_world(margin: int = CAP_MARGIN, **kw: object) -> World:
+    s = {g: Settings(make_before_break=True, mbb_margin=margin, **kw) for g in ("sg1", "sg2")}  # type: ignore[arg-type]
+    return World(settings=s)
+
+
+def unique(w: World) -> None:
+    pairs = [(spi, seq) for _, spi, seq in w.all_wire()]
+    assert len(pairs) == len(set(pairs)), "an (SPI, sequence number) pair was sent twice"
+
+
+def out_seqs(w: World, gw: str) -> list[int]:
+    spi = w.sg_out.spi
+    return [seq for s, seq in w.gw[gw].wire if s == spi]
+
+
+def test_the_source_sends_and_receives_until_the_commit_the_target_starts_past_the_cap() -> None:
+    w = mbb_world()
+    for i in range(5):
+        w.host_send("sg1", i)
+        w.mn_send(i)
+    start_seq = w.tunnel.outbound.seq
+    w.transfer()
+    t = w.tunnel
+    assert t.state is TunnelState.ACTIVE and t.transfer_cap == start_seq + CAP_MARGIN
+    pctd = w.peek("sg1", "sg2")
+    assert isinstance(pctd, cxtp.PCTD)
+    # While the contexts travel and the target answers, the stream goes on at sg1, both ways.
+    late: list[bytes] = []
+    for i in range(5, 10):
+        w.host_send("sg1", i)
+        data = w.mn_send(i)
+        assert data is not None
+        late.append(data)
+    w.deliver("sg1", "sg2")  # PCTD: installed held at sg2, CTDR back
+    for i in range(10, 15):
+        w.host_send("sg1", i)
+        data = w.mn_send(i)
+        assert data is not None
+        late.append(data)
+    sg1 = w.gw["sg1"]
+    assert len(sg1.delivered) == 15 and len(out_seqs(w, "sg1")) == 15
+    assert not sg1.core.outgoing[next(iter(sg1.core.outgoing))].held
+    w.deliver("sg2", "sg1")  # CTDR: final replay state, then the COMMIT
+    final_msg = w.peek("sg1", "sg2")
+    assert isinstance(final_msg, cxtp.CTD) and cxtp.cdb_fpt(final_msg.cdbs[1]) == FPT_FINAL
+    assert t.state is TunnelState.MOVED
+    w.deliver_all()
+    sg2 = w.gw["sg2"]
+    (t2,) = sg2.engine.tunnels()
+    assert t2.state is TunnelState.ACTIVE
+    # The source never reached its cap; the target goes on right after the source's last
+    # number (its final state said which), so the MN sees one run of numbers.
+    w.host_send("sg2", 100)
+    assert max(out_seqs(w, "sg1")) < t.transfer_cap
+    assert min(out_seqs(w, "sg2")) == max(out_seqs(w, "sg1")) + 1
+    # What sg1 accepted after its snapshot is not accepted at sg2 again.
+    for data in late:
+        sg2.from_mn(data)
+    assert sg2.dropped.count(Drop.REPLAY) == len(late)
+    assert len(sg2.delivered) == 0
+    # ... while the MN's next packets are (direct identity: it follows sg2's signal first).
+    w.flush_to_mn()
+    w.mn_send(200)
+    assert len(sg2.delivered) == 1
+    unique(w)
+
+
+def test_packets_past_the_cap_are_held_and_sent_by_the_target() -> None:
+    w = mbb_world(margin=3)
+    w.transfer()
+    cap = w.tunnel.transfer_cap
+    for i in range(6):
+        w.host_send("sg1", i)
+    assert out_seqs(w, "sg1") == [1, 2, 3] and cap == 3  # then held: a gap, never a repeat
+    og = next(iter(w.gw["sg1"].core.outgoing.values()))
+    assert len(og.held) == 3
+    w.deliver_all()
+    w.flush_to_mn()
+    assert out_seqs(w, "sg2") == [4, 5, 6, 7]  # the SG_UPDATE signal first, then the 3 held
+    assert len(w.mn.delivered) == 6
+    unique(w)
+
+
+def test_the_cap_holds_on_the_native_path_too() -> None:
+    """A flow the native path carries when the transfer starts: its exact number comes back
+    from C for the cap, and C stops at the cap (the packet past it goes up, and is held)."""
+    w = mbb_world(margin=50)
+    eng = w.gw["sg1"].engine
+    for i in range(20):
+        w.host_send("sg1", i)
+    if eng.native is not None:
+        assert eng._offloaded, "the flow should be in the native path"
+    w.transfer()
+    assert w.tunnel.transfer_cap == 70
+    for i in range(20, 120):
+        w.host_send("sg1", i)
+    assert out_seqs(w, "sg1") == list(range(1, 71))
+    og = next(iter(w.gw["sg1"].core.outgoing.values()))
+    assert len(og.held) == 50
+    w.deliver_all()
+    assert min(out_seqs(w, "sg2")) == 71
+    unique(w)
+
+
+@pytest.mark.parametrize("how", ["timeout", "refused", "peer lost"])
+def test_a_transfer_that_does_not_commit_leaves_one_sender_and_loses_nothing(how: str) -> None:
+    w = mbb_world(margin=2)
+    if how == "refused":
+        w.gw["sg1"].may_send = False  # sg2 refuses what sg1 sends
+    w.transfer()
+    for i in range(4):
+        w.host_send("sg1", i)  # 2 sent, 2 held at the cap
+    sg1 = w.gw["sg1"]
+    if how == "timeout":
+        w.drop("sg1", "sg2")
+        w.now += 5
+        sg1.tick()
+    elif how == "refused":
+        w.deliver_all()
+    else:
+        w.drop("sg1", "sg2")
+        sg1.run(sg1.core.peer_lost("sg2", w.now))
+    assert not sg1.core.outgoing and w.tunnel.state is TunnelState.ACTIVE
+    assert w.tunnel.transfer_cap == 1 << 64
+    assert out_seqs(w, "sg1") == [1, 2, 3, 4]  # the held ones went out once uncapped
+    w.host_send("sg1", 10)
+    assert out_seqs(w, "sg1")[-1] == 5
+    w.deliver_all()
+    assert all(not g.engine.tunnels() for g in [w.gw["sg2"]])
+    assert out_seqs(w, "sg2") == []
+    w.flush_to_mn()
+    assert len(w.mn.delivered) == 5
+    unique(w)
+
+
+def test_a_tunnel_being_transferred_cannot_be_transferred_again() -> None:
+    w = mbb_world()
+    w.transfer()
+    with pytest.raises(TransferError, match="being transferred"):
+        w.transfer()
+
+
+def test_without_room_below_the_counters_limit_the_tunnel_is_held() -> None:
+    w = mbb_world(margin=1000)
+    w.tunnel.outbound.seq = w.tunnel.outbound.seq_limit - 10
+    w.transfer()
+    assert w.tunnel.state is TunnelState.HELD and w.tunnel.transfer_cap == 1 << 64
+
+
+# -- a hostile or buggy source ------------------------------------------------------------------
+def _pending(w: World) -> tuple[int, bytes]:
+    """A transfer installed at sg2 and waiting for its decision; the CTDR left unread."""
+    tid = w.transfer()
+    w.deliver("sg1", "sg2")
+    w.drop("sg2", "sg1")
+    return tid, cxtp.TransferTag(tid, 50).encode()
+
+
+def test_final_states_for_no_pending_transfer_are_refused() -> None:
+    w = mbb_world()
+    sg2 = w.gw["sg2"]
+    tag = cxtp.TransferTag(12345, 1).encode()
+    bitmap = bytes(16)
+    cdb = final_cdb(w.sg_out.spi, w.sg_in.spi, 5, 1000, bitmap)
+    msg = cxtp.CTD(w.sg_out.dst, 0, (tag, cdb))
+    sg2.run(sg2.core.receive("sg1", msg, w.now))
+    assert sg2.core.counters["refused"] == 1
+
+
+def test_malformed_or_foreign_final_states_change_nothing() -> None:
+    w = mbb_world()
+    for i in range(3):
+        w.mn_send(i)
+    _, tag = _pending(w)
+    sg2 = w.gw["sg2"]
+    (t2,) = sg2.engine.tunnels()
+    assert t2.inbound is not None
+    before = t2.inbound.window.snapshot()
+    out_spi, in_spi = w.sg_out.spi, w.sg_in.spi
+    size = t2.inbound.replay_window // 8
+    good_bits = b"\x01" + bytes(size - 1)
+    seq = t2.outbound.seq
+    bad = [
+        final_cdb(out_spi + 1, in_spi, 1, 50, good_bits),  # not an SA of this transfer
+        final_cdb(out_spi, in_spi, 1, 50, good_bits[:-4]),  # short bitmap
+        final_cdb(out_spi, in_spi, 1, 50, bytes(size)),  # top not marked
+        frame(FPT_FINAL, struct.pack("!IIQQ", out_spi, in_spi, 1, 50) + good_bits + b"\1" * 4),
+        frame(FPT_FINAL, b"\0\0\0\1"),  # too short
+    ]
+    msg = cxtp.CTD(w.sg_out.dst, 0, (tag, *bad))
+    sg2.run(sg2.core.receive("sg1", msg, w.now))
+    assert sg2.core.counters["malformed"] == len(bad)
+    assert t2.inbound.window.snapshot() == before
+    assert t2.outbound.seq == seq  # the cap stays: nothing was taken from them
+
+
+def test_a_stale_or_repeated_final_state_never_unmarks_a_number() -> None:
+    w = mbb_world()
+    for i in range(3):
+        w.mn_send(i)
+    _, tag = _pending(w)
+    sg2 = w.gw["sg2"]
+    (t2,) = sg2.engine.tunnels()
+    assert t2.inbound is not None
+    size = t2.inbound.replay_window // 8
+    top, _ = t2.inbound.window.snapshot()
+    higher = final_cdb(w.sg_out.spi, w.sg_in.spi, 7, top + 5, b"\x01" + bytes(size - 1))
+    lower = final_cdb(w.sg_out.spi, w.sg_in.spi, 7, 1, b"\x01" + bytes(size - 1))
+    for cdb in (higher, higher, lower):
+        sg2.run(sg2.core.receive("sg1", cxtp.CTD(w.sg_out.dst, 0, (tag, cdb)), w.now))
+    win = t2.inbound.window
+    assert win.top == top + 5
+    assert not any(win.check(s) for s in (1, 2, 3, top + 5))
+    assert win.check(top + 4) and win.check(top + 6)
+
+
+def test_parse_replay_checks_the_padding() -> None:
+    cdb = final_cdb(1, 2, 9, 3, b"\x01\0\0\0\0\0\0\0")
+    assert parse_final(cdb, 64) == (1, 2, 9, 3, b"\x01" + bytes(7))
+    with pytest.raises(CxtpError):
+        parse_final(cdb, 128)
+    body = struct.pack("!IIQQ", 1, 2, 9, 3) + b"\x01" + bytes(7) + b"\0\0\0\1"
+    with pytest.raises(CxtpError):
+        parse_final(frame(FPT_FINAL, body), 64)
+    # no inbound state: no bitmap
+    assert parse_final(final_cdb(1, 0, 9, 0, b""), 0) == (1, 0, 9, 0, b"")
+    with pytest.raises(CxtpError):
+        parse_final(frame(FPT_FINAL, b"\0" * 20), 0)
+
+
+def test_without_a_final_state_the_target_starts_past_the_cap() -> None:
+    """A COMMIT answered again from memory (the target missed the first) carries no final
+    state: the target starts past the cap, which the source never crossed."""
+    w = mbb_world()
+    for i in range(3):
+        w.host_send("sg1", i)
+    w.transfer()
+    cap = w.tunnel.transfer_cap
+    w.deliver("sg1", "sg2")
+    w.deliver("sg2", "sg1")  # the final state and the COMMIT are lost on the way
+    while w.pending("sg1", "sg2"):
+        w.drop("sg1", "sg2")
+    w.now += 3.0
+    w.gw["sg2"].tick()  # sg2 asks again (its CTDR re-sent), sg1 answers from memory
+    w.deliver_all()
+    w.host_send("sg2", 10)
+    assert out_seqs(w, "sg1") == [1, 2, 3] and min(out_seqs(w, "sg2")) == cap + 1
+    unique(w)
+
+
+# -- the merge itself -----------------------------------------------------------------------------
+@settings(max_examples=300, deadline=None)
+@given(
+    size=st.sampled_from([32, 64, 128, 1024]),
+    first=st.lists(st.integers(1, 3000), max_size=60),
+    later=st.lists(st.integers(1, 3000), max_size=60),
+    here=st.lists(st.integers(1, 3000), max_size=20),
+)
+def test_merge_keeps_every_number_either_side_accepted(
+    size: int, first: list[int], later: list[int], here: list[int]
+) -> None:
+    """The source accepts ``first``, snapshots, accepts ``later``; the target restores the
+    snapshot and (a buggy peer) accepts ``here``; after the merge of the source's final
+    state, nothing the source or the target accepted is accepted again, and whatever the
+    merged window accepts, one of the two windows alone would have accepted."""
+    src = ReplayWindow(size, esn=True)
+    for s in first:
+        src.check_and_update(s)
+    snap = src.snapshot()
+    for s in later:
+        src.check_and_update(s)
+    dst = ReplayWindow(size, esn=True)
+    if snap[0]:
+        dst.restore(*snap)
+    for s in here:
+        dst.check_and_update(s)
+    alone = dst.copy()
+    final = src.snapshot()
+    if final[0] == 0:
+        return
+    dst.merge(*final)
+    for s in range(1, 3100):
+        if dst.check(s):
+            assert src.check(s) and alone.check(s), s
+    assert dst.top == max(src.top, alone.top)
+    again = dst.copy()
+    dst.merge(*final)  # idempotent
+    assert dst.snapshot() == again.snapshot()
+
+
+def test_merge_refuses_a_malformed_state_and_changes_nothing() -> None:
+    w = ReplayWindow(64)
+    w.check_and_update(10)
+    before = w.snapshot()
+    with pytest.raises(SAError):
+        w.merge(20, bytes(8))  # its top is not marked
+    with pytest.raises(SAError):
+        w.merge(20, bytes(4))  # another size
+    assert w.snapshot() == before
+
+
+# -- with durable state: a rollback after "given away" was submitted ------------------------------
+class SlowJournal:
+    """Every write waits until the test settles it; ``fail`` names the kind that fails."""
+
+    def __init__(self, fail: str = "") -> None:
+        self.fail = fail
+        self.writes: list[tuple[str, Write]] = []
+
+    def _submit(self, what: str) -> Write:
+        w = Write()
+        self.writes.append((what, w))
+        return w
+
+    def settle(self) -> None:
+        for what, w in self.writes:
+            if what == self.fail:
+                w.fail("disk full")
+            else:
+                w.succeed()
+        self.writes = []
+
+    def leaving(self, tunnels: object, peer: str, transfer_id: int) -> Write:
+        return self._submit("given")
+
+    def staying(self, tunnels: object, peer: str) -> Write:
+        return self._submit("kept")
+
+
+@pytest.mark.parametrize("fail", ["", "kept"])
+def test_a_rollback_after_given_away_keeps_the_cap_until_owned_again(fail: str) -> None:
+    """"Given away" is on its way to the disk when the transfer times out: it may land, and a
+    source restarted then would answer COMMIT, so the tunnel goes on sending, but below its
+    cap, until "owned" again is durable; then past it. If that write fails, the tunnel goes
+    out of service (nobody could tell after a restart whether it sent past the cap)."""
+    w = mbb_world(margin=3)
+    j = SlowJournal(fail)
+    sg1 = w.gw["sg1"]
+    sg1.core.journal = j  # type: ignore[assignment]
+    w.transfer()
+    cap = w.tunnel.transfer_cap
+    w.deliver("sg1", "sg2")
+    w.deliver("sg2", "sg1")  # "given away" submitted; the disk is slow
+    w.now += 10.0
+    sg1.tick()
+    assert isinstance(w.peek("sg1", "sg2"), cxtp.CTC)
+    for i in range(5):
+        w.host_send("sg1", i)
+    assert out_seqs(w, "sg1") == [1, 2, 3] and w.tunnel.transfer_cap == cap
+    assert [what for what, _ in j.writes] == ["given", "kept"]
+    j.settle()  # both land ("kept" perhaps fails)
+    sg1.run(sg1.core.settled(w.now))
+    if fail:
+        assert sg1.engine.tunnels() == [] and sg1.core.counters["unrecorded"] == 1
+        assert out_seqs(w, "sg1") == [1, 2, 3]
+    else:
+        assert w.tunnel.transfer_cap == 1 << 64
+        assert out_seqs(w, "sg1") == [1, 2, 3, 4, 5]  # the held two, sent now
+    unique(w)
