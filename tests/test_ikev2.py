@@ -376,6 +376,25 @@ def test_liveness_checks_both_ways_and_dead_peer() -> None:
     assert w.resp.stats["retransmitted"] == 4
 
 
+def test_a_quiet_ike_sa_starts_no_exchange_but_answers() -> None:
+    """While its CHILD SAs are being transferred (IkeSA.quiet) the gateway starts neither a
+    liveness check nor a rekey, so that its message IDs are not used here and at the
+    target both; it still answers the peer; once quiet ends, what fell due goes out."""
+    w = pair(mn_conn(dpd=10), conn(dpd=10))
+    connect(w)
+    (ike,) = w.resp.ike_sas()
+    ike.quiet = True
+    ike.rekey_at = 5.0
+    assert w.resp.next_deadline() is None
+    assert w.resp.tick(20.0) == [] and w.resp.liveness(ike, 20.0) == []
+    mid = ike.my_next_mid
+    w.deliver(w.ini.tick(20.0), "i", 20.0)  # the peer's liveness check is answered
+    assert w.resp.stats["liveness-answered"] == 1 and ike.my_next_mid == mid
+    ike.quiet = False
+    assert w.resp.next_deadline() == 5.0
+    assert w.resp.tick(21.0) != [] and ike.my_next_mid == mid + 1
+
+
 def test_delete_ike_sa_and_child_sa() -> None:
     w = pair()
     connect(w)

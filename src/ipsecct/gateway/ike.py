@@ -321,13 +321,29 @@ class IkeService:
                 self._retry_later(o.ike.conn)  # like strongSwan's dpd_action = restart
 
     # -- moving IKE SAs with their CHILD SAs (context transfer) ------------------------------
+    def transfer_started(self, spis: set[int]) -> None:
+        """A transfer of tunnels with these SPIs starts here (source): the IKE SAs of their
+        CHILD SAs start no exchange until it ends (ikesa.IkeSA.quiet); an exchange already
+        in flight finishes (the export waits for it)."""
+        for ike in self.engine.ike_sas():
+            if any(c.spi_in in spis for c in ike.children):
+                ike.quiet = True
+
     def on_transfer(self, rec: Any) -> None:
         """A finished transfer (ct.transfer.Record): when this gateway handed over every CHILD
-        SA of an IKE SA, the IKE SA follows them (its context CDBs to the same peer)."""
+        SA of an IKE SA, the IKE SA follows them (its context CDBs to the same peer); if it
+        did not commit, the IKE SAs it quietened start their exchanges again."""
         if rec.role == "target" and rec.outcome == "committed":
             self._early_until = self.node.clock() + EARLY_IKE_TIME
             return
-        if rec.role != "source" or rec.outcome != "committed" or self.send_context is None:
+        if rec.role == "source" and rec.outcome not in ("committed", "partial"):
+            back = set(rec.spis)
+            for ike in self.engine.ike_sas():
+                if ike.quiet and any(c.spi_in in back for c in ike.children):
+                    ike.quiet = False
+            self.node.timers.poke()
+            return
+        if rec.role != "source" or self.send_context is None:
             return
         moved = set(rec.spis)
         for ike in self.engine.ike_sas():
@@ -336,6 +352,9 @@ class IkeService:
                 if spis & moved:
                     event(log, "ike-sa-stays", logging.WARNING, node=self.node.name,
                           conn=ike.conn.name, reason="not all its CHILD SAs moved")  # fmt: skip
+                if ike.quiet:
+                    ike.quiet = False  # it stays here: its exchanges go on
+                    self.node.timers.poke()
                 continue
             self._export(ike, rec.peer, 0)
 

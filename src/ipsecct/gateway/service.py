@@ -129,6 +129,7 @@ class Service:
             # direct SG identity: an IKE SA that arrives is moved to this gateway's address
             self.ike.direct = tcfg is not None and tcfg.settings.identity is Identity.DIRECT
             self.transfer.listeners.append(self.ike.on_transfer)
+            self.transfer.starting.append(self.ike.transfer_started)
         if self.ike is not None and self.failover is not None:
             self.failover.attach_ike(self.ike)  # IKE SAs replicated and taken over too
         if self.ike is not None and self.cluster is not None and self.cluster.replicators:

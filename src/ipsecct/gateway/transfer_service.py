@@ -55,6 +55,10 @@ class TransferService:
         # Called with every finished transfer or take-over (the virtual-address mover, the
         # demo, tests).
         self.listeners: list[Callable[[Record], None]] = []
+        # Called with the SPIs of every transfer this gateway starts as its source (the IKE
+        # service quietens their IKE SAs until the transfer ends).
+        self.starting: list[Callable[[set[int]], None]] = []
+        self.core.on_start = self._started
         self._next_gc = 0.0
         node.on_held = self._on_held
         # Others that hold packets (fail-over fencing): each says whether it kept one.
@@ -81,6 +85,10 @@ class TransferService:
 
     def _on_timer(self, now: float) -> None:
         self.run(self.core.handle_timer(now))
+
+    def _started(self, spis: set[int]) -> None:
+        for cb in list(self.starting):
+            cb(spis)
 
     # -- plumbing ------------------------------------------------------------------------
     def run(self, outputs: list[Output]) -> None:

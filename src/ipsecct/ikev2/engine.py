@@ -295,7 +295,7 @@ class IkeEngine:
                         ike.my_next_mid = mid + 1
                     out += [Send(m, ike.local, ike.remote) for m in p.messages]
                     out += [Send(m, ike.local, ike.remote) for ms in p.alt.values() for m in ms]
-            elif ike.state is not IkeState.ESTABLISHED:
+            elif ike.state is not IkeState.ESTABLISHED or ike.quiet:
                 continue
             elif ike.rekey_at is not None and now >= ike.rekey_at:
                 self._rekey_ike_request(ike, now, out)
@@ -317,7 +317,7 @@ class IkeEngine:
             if ike.pending is not None:
                 ds.append(ike.pending.deadline)
                 continue
-            if ike.state is not IkeState.ESTABLISHED:
+            if ike.state is not IkeState.ESTABLISHED or ike.quiet:
                 continue
             if ike.conn.dpd_delay:
                 ds.append(ike.last_heard + ike.conn.dpd_delay)
@@ -410,7 +410,7 @@ class IkeEngine:
     def liveness(self, ike: IkeSA, now: float) -> list[Output]:
         """Send a liveness check (an empty INFORMATIONAL request) now."""
         out: list[Output] = []
-        if ike.state is IkeState.ESTABLISHED and ike.pending is None:
+        if ike.state is IkeState.ESTABLISHED and ike.pending is None and not ike.quiet:
             self._request(ike, "liveness", [], now, out)
         return out
 

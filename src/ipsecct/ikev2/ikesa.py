@@ -152,6 +152,10 @@ class IkeSA:
     extensions: set[str] = field(default_factory=set)
     auth_child: tuple[ChildConfig, int] | None = None  # initiator: CHILD asked in IKE_AUTH
     rekey_at: float | None = None  # when we rekey the IKE SA (None: never)
+    # Its CHILD SAs are being transferred to another gateway: start no exchange (rekeys and
+    # liveness checks wait; the peer's requests are answered), so that its message IDs are
+    # never used here and at the target both. Cleared if the transfer does not commit.
+    quiet: bool = False
     queued_deletes: list[bytes] = field(default_factory=list)  # CHILD SPIs to delete next
     peer_hashes: tuple[int, ...] = ()  # RFC 7427 SIGNATURE_HASH_ALGORITHMS of the peer
     fragmentation: bool = False  # RFC 7383 negotiated
