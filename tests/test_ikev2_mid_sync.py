@@ -15,9 +15,18 @@ from hypothesis import strategies as st
 from ipsecct.errors import IkeParseError
 from ipsecct.ikev2 import context
 from ipsecct.ikev2 import message as M
-from ipsecct.ikev2.engine import MID_SYNC_LEAP, RESYNC_AHEAD, IkeEngine, Send
+from ipsecct.ikev2.engine import (
+    MAX_REPLAY_DELTA,
+    MID_SYNC_LEAP,
+    RESYNC_AHEAD,
+    IkeEngine,
+    ReplayCounterSynced,
+    Send,
+)
 from ipsecct.ikev2.ikesa import IkeSA
 from ipsecct.ikev2.mid_sync import MidSync, ReplayCounterSync, sync_request
+from ipsecct.ipsec.sad import SAEvent
+from tests.helpers.contexts import make_sa
 from tests.helpers.ikev2_engines import I500, R500, Wire, conn, connect, mn_conn, pair
 
 N = M.Notify
@@ -91,9 +100,11 @@ def test_negotiated_in_ike_auth_and_carried_in_the_context() -> None:
     connect(w)
     (ii,), (ir,) = w.ini.ike_sas(), w.resp.ike_sas()
     assert ii.mid_sync and ir.mid_sync
-    assert not ii.replay_sync and not ir.replay_sync  # we do not announce replay-counter sync
+    # the initiator announces replay-counter sync too (it takes it as the peer), the
+    # responder answers it
+    assert ii.replay_sync and ir.replay_sync
     moved = IkeEngine([conn()]).import_ike(context.encode(ir, 1.0), 1.0)
-    assert moved.mid_sync and not moved.replay_sync
+    assert moved.mid_sync and moved.replay_sync
 
 
 # -- the exchange after a fail-over ----------------------------------------------------------
@@ -275,3 +286,72 @@ def test_probing_survives_a_lost_first_check() -> None:
     assert ike.my_next_mid == ii.peer_next_mid == 3 and sg2.stats["message-id-probe-late"] == 1
     w2.deliver(sg2.liveness(ike, 20.0), "r", 20.0)
     assert ike.pending is None and sg2.stats["liveness-ok"] == 2
+
+
+# -- IPSEC_REPLAY_COUNTER_SYNC as the peer --------------------------------------------------------
+
+
+def _replay_sync(delta: int, *, announced: bool = True, leap: int = MID_SYNC_LEAP) -> tuple[
+        Wire, IkeEngine, list[object]]:  # fmt: skip
+    """sg2 took over from a stale replica and sends its sync with ``delta``; what the MN's
+    engine (the IKE SA's peer) outputs."""
+    w, sg2, ike, _ = _stale_takeover()
+    (ii,) = w.ini.ike_sas()
+    ii.replay_sync = announced
+    assert ike.replay_sync
+    out = sg2.start_mid_sync(ike, 12.0, leap=leap, esp_delta=delta)
+    (req,) = [o for o in out if isinstance(o, Send)]
+    return w, sg2, list(w.ini.receive(req.data, R500, I500, 12.0))
+
+
+def test_replay_counter_sync_is_taken_within_policy() -> None:
+    w, sg2, outs = _replay_sync(16384)
+    (ii,) = w.ini.ike_sas()
+    synced = [o for o in outs if isinstance(o, ReplayCounterSynced)]
+    assert synced == [ReplayCounterSynced(ii, 16384)]
+    assert w.ini.stats["replay-sync-applied"] == 1 and w.ini.stats["mid-sync-answered"] == 1
+    Wire(w.ini, sg2).deliver([o for o in outs if isinstance(o, Send)], "i", 12.0)
+    assert sg2.stats["mid-sync-done"] == 1
+
+
+@pytest.mark.parametrize(
+    ("delta", "announced", "counter"),
+    [
+        (MAX_REPLAY_DELTA + 1, True, "replay-sync-refused"),  # would burn our sequence space
+        ((1 << 64) - 1, True, "replay-sync-refused"),
+        (16384, False, "replay-sync-unannounced"),  # we never said we take it
+    ],
+)
+def test_replay_counter_sync_refused_by_policy(delta: int, announced: bool, counter: str) -> None:
+    """Refused (counted, logged, our counters untouched), the message-ID sync still answered."""
+    w, _sg2, outs = _replay_sync(delta, announced=announced)
+    assert not [o for o in outs if isinstance(o, ReplayCounterSynced)]
+    assert w.ini.stats[counter] == 1 and w.ini.stats["mid-sync-answered"] == 1
+    assert [o for o in outs if isinstance(o, Send)]
+
+
+def test_replay_counter_sync_in_a_stale_sync_is_ignored() -> None:
+    w, _sg2, outs = _replay_sync(16384, leap=0)
+    assert outs == [] and w.ini.stats["mid-sync-stale"] == 1
+    assert w.ini.stats["replay-sync-applied"] == 0
+
+
+@given(seq=st.integers(0, (1 << 64) - 1), delta=st.integers(-(1 << 65), 1 << 65),
+       esn=st.booleans())  # fmt: skip
+def test_advance_seq_only_moves_forward_and_never_past_the_limit(
+    seq: int, delta: int, esn: bool
+) -> None:
+    sa = make_sa(esn=esn)
+    seq = min(seq, sa.seq_limit)
+    sa.seq = seq
+    new = sa.advance_seq(delta)
+    assert new == sa.seq
+    assert seq <= new <= sa.seq_limit
+    assert new == min(seq + max(delta, 0), sa.seq_limit)
+
+
+def test_advance_seq_queues_the_events_a_step_by_step_advance_would() -> None:
+    sa = make_sa(esn=False)
+    sa.seq = sa.seq_limit - (sa.seq_limit >> 3) - 5
+    sa.advance_seq(1 << 20)  # past "near the limit": a rekey is asked for
+    assert SAEvent.SEQ_NEAR_LIMIT in sa.events

@@ -31,6 +31,7 @@ from ..ikev2.engine import (
     IkeUp,
     Output,
     PeerMoved,
+    ReplayCounterSynced,
     Send,
 )
 from ..ikev2.ikesa import Address, IkeSA, IkeState
@@ -307,6 +308,17 @@ class IkeService:
                     else:
                         eng.rekey_sa(sa, src=o.ike.remote.host)
             event(log, "ike-peer-moved", node=self.node.name, peer=o.ike.remote)
+        elif isinstance(o, ReplayCounterSynced):
+            # RFC 6311: the peer's new member asks us to move our outbound counters forward
+            # (the engine checked the delta against our policy; forward only here)
+            for c in o.ike.children:
+                t = c.handle
+                if t is not None:
+                    out_sa = t.outbound  # type: ignore[attr-defined]
+                    old = out_sa.seq
+                    new = out_sa.advance_seq(o.delta)
+                    event(log, "ike-replay-counter-advanced", node=self.node.name,
+                          spi_out=f"0x{out_sa.spi:08x}", seq_from=old, seq_to=new)  # fmt: skip
         elif isinstance(o, IkeUp):
             self._backoff.pop(o.ike.conn.name, None)
             event(log, "ike-sa-up", node=self.node.name, conn=o.ike.conn.name,

@@ -99,6 +99,10 @@ FRAGMENT_SIZE = 1200  # largest IKE message (without IP/UDP) before we fragment
 MID_SYNC_LEAP = 64
 # without RFC 6311: how far ahead of the replicated ID the peer's first request may be
 RESYNC_AHEAD = 16
+# RFC 6311 IPSEC_REPLAY_COUNTER_SYNC from the peer: the largest delta we apply to our outbound
+# ESP sequence numbers (RFC 6311 §4.2 names 2^30 as a delta safe for any sync interval; a
+# larger one would only burn our sequence space: refused, the sync answered all the same)
+MAX_REPLAY_DELTA = 1 << 30
 
 
 # -- outputs --------------------------------------------------------------------------------
@@ -162,7 +166,18 @@ class IkeRekeyed:
     new: IkeSA
 
 
-Output = Send | IkeUp | IkeDown | ChildUp | ChildDown | PeerMoved | ConnectFailed | IkeRekeyed
+@dataclass(frozen=True)
+class ReplayCounterSynced:
+    """RFC 6311: the peer's member that took over ``ike`` asked us to advance the outbound
+    ESP sequence numbers of its CHILD SAs by ``delta`` (validated: announced by us, within
+    MAX_REPLAY_DELTA). The adapter moves each one forward only, never past its limit."""
+
+    ike: IkeSA
+    delta: int
+
+
+Output = (Send | IkeUp | IkeDown | ChildUp | ChildDown | PeerMoved | ConnectFailed | IkeRekeyed
+          | ReplayCounterSynced)  # fmt: skip
 
 
 @dataclass(eq=False)
@@ -1204,6 +1219,7 @@ class IkeEngine:
         if conn.mobike:
             payloads.append(NotifyPayload(Notify.MOBIKE_SUPPORTED))
         payloads.append(NotifyPayload(Notify.IKEV2_MESSAGE_ID_SYNC_SUPPORTED))  # RFC 6311
+        payloads.append(NotifyPayload(Notify.IPSEC_REPLAY_COUNTER_SYNC_SUPPORTED))
         if conn.remote_auth == "pubkey" and conn.cacerts:
             payloads.append(CertReqPayload(CERT_X509_SIGNATURE, certreq(conn.cacerts)))
         if not conn.remote_id.any and "=" not in conn.remote_id.text:
@@ -1270,6 +1286,7 @@ class IkeEngine:
         ike.state = IkeState.ESTABLISHED
         ike.mobike = conn.mobike and Notify.MOBIKE_SUPPORTED in n
         ike.mid_sync = Notify.IKEV2_MESSAGE_ID_SYNC_SUPPORTED in n
+        ike.replay_sync = Notify.IPSEC_REPLAY_COUNTER_SYNC_SUPPORTED in n
         self.stats["ike-sa-established"] += 1
         log.info("event=ike-sa-established conn=%s peer=%s id=%s proposal=%s role=initiator",
                  conn.name, ike.remote, ike.peer_id, ike.suite.name())  # fmt: skip
@@ -1591,11 +1608,13 @@ class IkeEngine:
         got = sync_request(inner)
         if got is None:
             return False
-        mid, _replay = got
+        mid, replay = got
         ike.last_heard = now
         if mid.send < ike.peer_next_mid:  # RFC 6311 §5.1: below what we expect: stale
             self.stats["mid-sync-stale"] += 1
             return True
+        if replay is not None:
+            self._replay_counter_sync(ike, replay.delta, out)
         m2 = max(mid.send, ike.peer_next_mid)
         p2 = max(mid.recv, ike.my_next_mid)
         if m2 != ike.peer_next_mid:
@@ -1615,6 +1634,26 @@ class IkeEngine:
             p.tries, p.deadline = 1, now + RETRANSMIT[0]
             out += [Send(m, ike.local, ike.remote) for m in p.messages]
         return True
+
+    def _replay_counter_sync(self, ike: IkeSA, delta: int, out: list[Output]) -> None:
+        """IPSEC_REPLAY_COUNTER_SYNC in an authenticated, fresh sync request: checked against
+        our policy before the adapter advances our outbound sequence numbers (forward only)."""
+        if not ike.replay_sync:  # we never announced it: a peer may not ask
+            self.stats["replay-sync-unannounced"] += 1
+            log.warning("event=ike-replay-sync-refused conn=%s peer=%s delta=%d reason=%s",
+                        ike.conn.name, ike.remote, delta, "not-announced")  # fmt: skip
+            return
+        if delta == 0:
+            return
+        if delta > MAX_REPLAY_DELTA:
+            self.stats["replay-sync-refused"] += 1
+            log.warning("event=ike-replay-sync-refused conn=%s peer=%s delta=%d reason=%s",
+                        ike.conn.name, ike.remote, delta, "delta-too-large")  # fmt: skip
+            return
+        self.stats["replay-sync-applied"] += 1
+        log.info("event=ike-replay-sync conn=%s peer=%s delta=%d children=%d", ike.conn.name,
+                 ike.remote, delta, len(ike.children))  # fmt: skip
+        out.append(ReplayCounterSynced(ike, delta))
 
     def _reissue(self, ike: IkeSA, p: Pending, mid: int) -> None:
         """Our pending request, sealed again under message ID ``mid``."""

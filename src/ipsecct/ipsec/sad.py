@@ -269,6 +269,23 @@ class SecurityAssociation:
     def _near_limit(self) -> int:
         return self.seq_limit - (self.seq_limit >> 3)
 
+    def advance_seq(self, delta: int) -> int:
+        """Move the outbound counter ``delta`` forward (never backwards, never past the
+        limit), as a peer's RFC 6311 replay-counter sync asks; the events a packet-by-packet
+        advance would have queued are queued (near the limit: rekey; past the reservation:
+        the next block). Returns the new value."""
+        old = self.seq
+        new = min(old + max(delta, 0), self.seq_limit)
+        if new <= old:
+            return old
+        self.seq = new
+        if old < self._near_limit <= new:
+            self.events.append(SAEvent.SEQ_NEAR_LIMIT)
+        if new >= self.seq_low_water and not self.seq_reserve_pending:
+            self.seq_reserve_pending = True
+            self.events.append(SAEvent.SEQ_RESERVE)
+        return new
+
     # -- lifetimes -------------------------------------------------------------------------
     def account(self, nbytes: int, now: float) -> None:
         """Count one packet; queue the lifetime events it triggers (each fires once) on
