@@ -13,14 +13,14 @@ from ipsecct.ikev2.engine import Send
 from tests.helpers.ikev2_engines import I500, R500, conn, connect, mn_conn, pair
 
 
-def _service(tmp: Path) -> IkeService:
+def _service(tmp: Path, name: str = "sg2") -> IkeService:
     cfg = from_dict(
         {
-            "name": "sg2",
+            "name": name,
             "outer": {"address": "127.0.0.1", "port": 45000},
             "inner": {"kind": "udp", "listen": "127.0.0.1:45001", "peer": "127.0.0.1:45002"},
         },
-        str(tmp / "sg2.toml"),
+        str(tmp / f"{name}.toml"),
     )
     return IkeService(Node(cfg), [conn(dpd=10)])
 
@@ -73,3 +73,58 @@ def test_replay_counter_sync_moves_our_outbound_counters_forward(tmp_path: Path)
             svc._one(o)
     assert out_sa.seq == 1000 + 16384
     assert w.ini.stats["replay-sync-applied"] == 1
+
+
+
+def test_a_request_that_reaches_the_old_gateway_is_forwarded_to_the_new_one(
+    tmp_path: Path,
+) -> None:
+    """After a handover (direct identity), the client's request still reaches sg1 (it sent it
+    before it read sg2's address update): sg1 forwards it over the channel to sg2, which
+    answers it at once (instead of the client retransmitting to sg2 about 4 s later); bounded
+    per source, only for IKE SAs that moved, within the forward window; sg2 takes forwards
+    only from the gateway that handed it the IKE SA, from the IKE SA's own peer address."""
+    from ipsecct.ikev2 import context
+    from ipsecct.ikev2.ikesa import Address
+
+    w = pair(mn_conn(dpd=10), conn(dpd=10))
+    connect(w)
+    (ike_i,), (ike_r,) = w.ini.ike_sas(), w.resp.ike_sas()
+    sg1, sg2 = _service(tmp_path, "sg1"), _service(tmp_path, "sg2")
+    sg1.engine = w.resp
+    sg1.send_context = lambda peer, cdbs, mn: sg2.receive_context("sg1", cdbs)
+    forwarded: list[tuple[str, bytes]] = []
+    sg1.forward_ike = lambda peer, cdb, mn: forwarded.append((peer, cdb))
+    answers: list[Send] = []
+    sg2._send = answers.append  # type: ignore[method-assign]
+    sg1._export(ike_r, "sg2", 0)
+    assert not sg1.engine.ike_sas() and len(sg2.engine.ike_sas()) == 1
+    (req,) = [o for o in w.ini.liveness(ike_i, 1.0) if isinstance(o, Send)]
+    sg1._receive(req.data, I500, R500)
+    assert sg1.engine.stats["forwarded"] == 1 and sg1.engine.stats["unknown-spi"] == 0
+    ((peer, cdb),) = forwarded
+    assert peer == "sg2"
+    # from another gateway, or claiming another source address: refused
+    sg2.receive_context("sg3", [cdb])
+    other = Address(I500.host, 4500)
+    sg2.receive_context("sg1", [context.encode_forward(req.data, other, R500)])
+    sg2.receive_context("sg1", [cdb[:-8] + bytes(7) + b"\1"])  # malformed
+    assert sg2.engine.stats["forward-refused"] == 2
+    assert sg2.engine.stats["forward-malformed"] == 1 and not answers
+    sg2.receive_context("sg1", [cdb])
+    assert sg2.engine.stats["forward-received"] == 1
+    assert sg2.engine.stats["liveness-answered"] == 1
+    (answer,) = answers
+    assert answer.dst == I500
+    w.ini.receive(answer.data, answer.src, I500, 1.5)
+    assert ike_i.pending is None and w.ini.stats["liveness-ok"] == 1
+    # a flood through sg1 from one source: at most the burst is forwarded
+    forwarded.clear()
+    for _ in range(50):
+        sg1._receive(req.data, I500, R500)
+    assert len(forwarded) <= 11 and sg1.engine.stats["forward-rate-limited"] >= 39
+    # after the window nothing is forwarded any more
+    forwarded.clear()
+    sg1._moved = {k: (p, 0.0) for k, (p, _) in sg1._moved.items()}
+    sg1._receive(req.data, I500, R500)
+    assert not forwarded and sg1.engine.stats["unknown-spi"] == 1

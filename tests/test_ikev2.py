@@ -1075,3 +1075,24 @@ file = "rw.psk"
     ]:
         with pytest.raises(ConfigError, match=why):
             load(ike, extra)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=2100))
+def test_fuzz_ike_forward_cdb(data: bytes) -> None:
+    """The CDB a gateway forwards a client's IKE request in: only IkeContextError."""
+    from ipsecct.ikev2 import context
+
+    with contextlib.suppress(context.IkeContextError):
+        msg, _src, _dst = context.decode_forward(data)
+        assert 0 < len(msg) <= context.MAX_FORWARD
+
+
+def test_ike_forward_cdb_round_trip() -> None:
+    from ipsecct.ikev2 import context
+
+    cdb = context.encode_forward(b"x" * 300, I500, R500)
+    assert context.is_forward(cdb) and context.is_ike_cdb(cdb)
+    assert context.decode_forward(cdb) == (b"x" * 300, I500, R500)
+    with pytest.raises(context.IkeContextError):
+        context.encode_forward(b"x" * (context.MAX_FORWARD + 1), I500, R500)

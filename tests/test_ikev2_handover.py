@@ -166,3 +166,72 @@ def test_strongswan_client_handed_over_with_direct_identity(tmp_path: Path, how:
             print("sg1:", w.counters("sg1"), "\nsg2:", w.counters("sg2"))
             print("forwarded by sg1:", w.status("sg1")["transfers"]["forwarded"],
                   "refused by sg2:", w.status("sg2")["transfers"]["forward_refused"])
+
+
+NO_IKE_REQUESTS_FROM_SG2 = f"""table inet ict_noreq {{
+  chain input {{
+    type filter hook input priority 0; policy accept;
+    ip saddr {SG_OUTER['sg2']} udp sport 4500 @th,64,32 0 @th,248,8 & 0x20 == 0 drop
+  }}
+}}
+"""
+
+
+@pytest.mark.root
+@pytest.mark.slow
+@needs_strongswan
+def test_request_reaching_the_old_gateway_after_a_direct_handover_is_forwarded(
+    tmp_path: Path,
+) -> None:
+    """Direct SG identity, MOBIKE: sg2's address update does not reach the client at first
+    (an nftables rule in the client's namespace drops IKE requests from sg2), so the client
+    still talks IKE to sg1 when it rekeys its CHILD SA. sg1 no longer has the IKE SA: it
+    forwards the request over the gateways' channel to sg2, which answers it from its own
+    address; strongSwan takes the answer at once (no retransmission: without the forward
+    it would retransmit after 4 s), and once sg2's address update gets through (its own
+    retransmission) it moves to sg2 as in a plain direct handover."""
+    with ike_world(tmp_path, "direct") as w:
+        client = Client(w.ns, "mn", CLIENT, w.dir, "aes128gcm16")
+        client.gateway = SG_OUTER["sg1"]
+        client.mobike = "yes"
+        with client as ss:
+            ss.start()
+            ss.initiate()
+            assert ping(w, 3) == 3, ss.logtail() + w.logs()
+            (ike1,) = w.ike_sas("sg1")
+            (child,) = ike1["children"]
+            subprocess.run(w.ns.cmd("mn", "nft", "-f", "-"), input=NO_IKE_REQUESTS_FROM_SG2,
+                           text=True, check=True, timeout=30)  # fmt: skip
+            try:
+                r = cli("transfer", f"0x{int(child['spi_out'], 16):08x}", "--to", "sg2",
+                        "--json", "-s", w.sock("sg1"))  # fmt: skip
+                assert r.returncode == 0, (r.stdout, r.stderr, w.logs())
+                assert json.loads(r.stdout)["outcome"] == "committed"
+                w.route_host_via("sg2")
+                wait_until(lambda: len(w.ike_sas("sg2")) == 1, "sg2 to hold the IKE SA", 10)
+                ss.swanctl("--rekey", "--child", "net")  # to sg1: the client has not moved
+                wait_until(lambda: w.counters("sg1").get("forwarded", 0) >= 1,
+                           "sg1 to forward the client's request", 10)  # fmt: skip
+                wait_until(lambda: w.counters("sg2").get("child-sa-rekeyed", 0) >= 1,
+                           "the CHILD rekey answered by sg2", 10)  # fmt: skip
+                # answered on the first try (strongSwan retransmits after 4 s)
+                wait_until(lambda: len(re.findall(r"CHILD_SA net\{\d+\} established",
+                                                  ss.log())) >= 2,
+                           "strongSwan to install the rekeyed CHILD SA", 10)  # fmt: skip
+                assert "retransmit" not in ss.log(), ss.logtail()
+                assert f"{SG_OUTER['sg1']}[" in ss.list_sas()  # it has not moved yet
+            finally:
+                w.ns.run("mn", "nft", "delete", "table", "inet", "ict_noreq", check=False)
+            # sg2's address update, retransmitted, now gets through: the client moves
+            moved = re.escape(f"remote endpoint changed from {SG_OUTER['sg1']}[4500] to "
+                              f"{SG_OUTER['sg2']}[4500]")
+            strongswan.wait_log(ss, moved, 30)
+            wait_until(lambda: f"{SG_OUTER['sg1']}[" not in ss.list_sas(),
+                       "the client's SAs to point at sg2", 20)  # fmt: skip
+            assert ping(w, 5) == 5, ss.logtail() + w.logs()
+            log = ss.log()
+            assert len(re.findall(r"generating IKE_SA_INIT request", log)) == 1, log
+            assert len(re.findall(r"generating IKE_AUTH request", log)) == 1, log
+            assert "retransmit" not in log, ss.logtail()
+            assert w.counters("sg2").get("forward-received", 0) >= 1
+            print("sg1:", w.counters("sg1"), "\nsg2:", w.counters("sg2"))

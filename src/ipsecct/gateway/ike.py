@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..ct.failover import MAX_EXTRA_CDBS
+from ..ct.ratelimit import RateLimiter
 from ..errors import IkeContextError, IpsecctError
 from ..ikev2 import context as ike_context
 from ..ikev2.config import ChildConfig, Connection
@@ -48,6 +49,12 @@ INBOUND_GRACE = 2.0  # seconds a peer-deleted, rekeyed CHILD SA still takes what
 EARLY_IKE_TIME = 1.0
 EARLY_IKE_MAX = 64
 BORN_WITH_MAX = 65536  # CHILD SAs whose siblings at birth are remembered
+# after a handover: IKE requests that still reach the old gateway are forwarded to the new one
+# (for the transfer's forward_ms), at most FORWARD_RATE a second per source address (burst
+# FORWARD_BURST); at most MOVED_MAX IKE SAs remembered as moved
+FORWARD_RATE = 5.0
+FORWARD_BURST = 10.0
+MOVED_MAX = 65536
 MARKER = b"\0\0\0\0"
 
 
@@ -98,6 +105,14 @@ class IkeService:
         self._born_with: dict[int, list[int]] = {}
         self._index: dict[int, IkeSA] = {}  # outbound SPI -> IKE SA, as of _index_at
         self._index_at = -1
+        # Forwarding after a handover: IKE SAs that left (our SPI -> (peer, until)) and that
+        # arrived (the same), how long the window is (the transfer's forward_ms), and how a
+        # forwarding CDB goes to a peer gateway (set by the service).
+        self.forward_time = 2.0
+        self.forward_ike: Callable[[str, bytes, Any], None] | None = None
+        self._moved: dict[bytes, tuple[str, float]] = {}
+        self._arrived: dict[bytes, tuple[str, float]] = {}
+        self._forward_limit = RateLimiter(FORWARD_RATE, FORWARD_BURST, max_keys=1024)
         host = node.cfg.local_address
         self.local_host = host
         node.outer_hooks.append(self._on_4500)
@@ -192,14 +207,72 @@ class IkeService:
                 self._early.append((now, data, src, dst))
                 self.engine.stats["early-kept"] += 1
             return
+        if self._moved and self._forwarded(data, src, dst, now):
+            return
         self._act(self.engine.receive(data, src, dst, now))
+
+    @staticmethod
+    def _our_spi(data: bytes) -> bytes:
+        return data[8:16] if data[19] & 0x08 else data[0:8]  # the I(nitiator) flag
+
+    def _forwarded(self, data: bytes, src: Address, dst: Address, now: float) -> bool:
+        """A request for an IKE SA that a handover moved away in the last ``forward_time``:
+        sent on to the gateway that holds it (it answers, from its own address, as it does
+        ESP), instead of dropped here and retransmitted by the client seconds later. Rate
+        limited per source address. False when the message is not such a request."""
+        if len(data) < 28 or data[18] == 34 or data[19] & 0x20 or self.forward_ike is None:
+            return False  # IKE_SA_INIT or a response: nothing to forward
+        key = self._our_spi(data)
+        moved = self._moved.get(key)
+        if moved is None or key in self.engine.by_spi:
+            return False
+        peer, until = moved
+        if now >= until:
+            del self._moved[key]
+            return False
+        if len(data) > ike_context.MAX_FORWARD:
+            self.engine.stats["forward-too-long"] += 1
+            return False
+        if not self._forward_limit.allow(src.host, now):
+            self.engine.stats["forward-rate-limited"] += 1
+            return True
+        self.forward_ike(peer, ike_context.encode_forward(data, src, dst), src.host)
+        self.engine.stats["forwarded"] += 1
+        return True
+
+    def receive_forwarded(self, peer: str, cdb: bytes) -> None:
+        """An IKE request a peer gateway got for an IKE SA it handed over to us: processed as
+        if it had come here, only from the gateway that handed that IKE SA over, within the
+        forward window, from the IKE SA's own peer address (a forward never moves it)."""
+        now = self.node.clock()
+        try:
+            data, src, dst = ike_context.decode_forward(cdb)
+        except IkeContextError:
+            self.engine.stats["forward-malformed"] += 1
+            return
+        if len(data) < 28 or self._is_fenced(now):
+            self.engine.stats["forward-refused"] += 1
+            return
+        key = self._our_spi(data)
+        ike = self.engine.by_spi.get(key)
+        arrived = self._arrived.get(key)
+        if ike is None and now < self._early_until:  # its context still on its way: kept
+            if len(self._early) < EARLY_IKE_MAX:
+                self._early.append((now, data, src, dst))
+                self.engine.stats["early-kept"] += 1
+            return
+        if (ike is None or arrived is None or arrived[0] != peer or now >= arrived[1]
+                or src != ike.remote):  # fmt: skip
+            self.engine.stats["forward-refused"] += 1
+            return
+        self.engine.stats["forward-received"] += 1
+        self._act(self.engine.receive(data, src, ike.local, now))
 
     def _not_here_yet(self, data: bytes) -> bool:
         """An IKE message (not IKE_SA_INIT) whose SPI we chose is not one of our IKE SAs."""
         if len(data) < 28 or data[18] == 34:
             return False
-        ours = data[8:16] if data[19] & 0x08 else data[0:8]  # the I(nitiator) flag
-        return ours not in self.engine.by_spi
+        return self._our_spi(data) not in self.engine.by_spi
 
     def _send(self, s: Send) -> None:
         dst = (str(s.dst.host), s.dst.port)
@@ -386,15 +459,17 @@ class IkeService:
         for c in ike.children:
             c.handle = None  # the tunnels moved with the transfer
         self._changes += 1  # gone from here: the replication reports it
+        _remember(self._moved, ike.our_spi, (peer, self.node.clock() + self.forward_time))
         self.send_context(peer, cdbs, ike.remote.host)
         event(log, "ike-sa-sent", node=self.node.name, conn=ike.conn.name, peer=peer,
               spi_i=ike.spi_i.hex(), spi_r=ike.spi_r.hex(), children=len(ike.children))  # fmt: skip
 
     def receive_context(self, peer: str, cdbs: list[bytes]) -> None:
         """An IKE SA a peer gateway handed over: take it and its CHILD SAs' tunnels (which
-        arrived before it, by the ordinary transfer)."""
-        from ..errors import IkeContextError
-
+        arrived before it, by the ordinary transfer). Or an IKE request it forwarded."""
+        if len(cdbs) == 1 and ike_context.is_forward(cdbs[0]):
+            self.receive_forwarded(peer, cdbs[0])
+            return
         now = self.node.clock()
         try:
             ike = self.engine.import_ike(cdbs, now)
@@ -406,6 +481,8 @@ class IkeService:
         for c in ike.children:
             c.handle = self.node.engine.tunnel_by_spi(c.spi_in)
         self._changes += 1  # new here: replicated
+        # what still reaches the old gateway for it may come here for forward_time
+        _remember(self._arrived, ike.our_spi, (peer, now + self.forward_time))
         event(log, "ike-sa-received", node=self.node.name, conn=ike.conn.name, peer=peer,
               spi_i=ike.spi_i.hex(), spi_r=ike.spi_r.hex(), children=len(ike.children),
               tunnels=sum(c.handle is not None for c in ike.children))  # fmt: skip
@@ -573,3 +650,11 @@ class IkeFeed:
         for k in gone:
             del self._fp[k]
         return upserts, [] if full else gone
+
+
+def _remember(table: dict[bytes, tuple[str, float]], key: bytes, value: tuple[str, float]) -> None:
+    """Bounded: the oldest entries go first (they are the first to expire)."""
+    table.pop(key, None)
+    table[key] = value
+    while len(table) > MOVED_MAX:
+        del table[next(iter(table))]

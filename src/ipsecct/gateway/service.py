@@ -126,6 +126,12 @@ class Service:
                 peers.send(peer, cxtp.CTD(mn, 0, tuple(cdbs)))
 
             self.ike.send_context = send_context
+
+            def forward_ike(peer: str, cdb: bytes, mn: Any) -> None:
+                peers.send(peer, cxtp.CTD(mn, 0, (cdb,)))
+
+            self.ike.forward_ike = forward_ike
+            self.ike.forward_time = tcfg.settings.forward_time if tcfg is not None else 2.0
             # direct SG identity: an IKE SA that arrives is moved to this gateway's address
             self.ike.direct = tcfg is not None and tcfg.settings.identity is Identity.DIRECT
             self.transfer.listeners.append(self.ike.on_transfer)

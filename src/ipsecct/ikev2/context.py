@@ -34,6 +34,9 @@ from .proposal import AEAD, INTEG, PRF_HASH, Suite
 FPT_IKE_SA = 0x8010
 FPT_IKE_CHILD = 0x8011
 FPT_IKE_RESPONSE = 0x8012
+# an IKE message for an IKE SA that moved, forwarded by the gateway it reached to the one
+# that holds the IKE SA now (with the addresses it came from and to)
+FPT_IKE_FORWARD = 0x8013
 MAX_CDB = 2040
 _HDR = struct.Struct("!HBB")
 _ITEM = struct.Struct("!BH")
@@ -218,7 +221,33 @@ def encode(ike: IkeSA, now: float) -> list[bytes]:
 
 def is_ike_cdb(cdb: bytes) -> bool:
     return len(cdb) >= 2 and struct.unpack_from("!H", cdb)[0] in (
-        FPT_IKE_SA, FPT_IKE_CHILD, FPT_IKE_RESPONSE)
+        FPT_IKE_SA, FPT_IKE_CHILD, FPT_IKE_RESPONSE, FPT_IKE_FORWARD)
+
+
+def is_forward(cdb: bytes) -> bool:
+    return len(cdb) >= 2 and struct.unpack_from("!H", cdb)[0] == FPT_IKE_FORWARD
+
+
+MAX_FORWARD = MAX_CDB - 64  # the largest IKE message forwarded (one CDB)
+
+
+def encode_forward(data: bytes, src: Address, dst: Address) -> bytes:
+    """The CDB that forwards one IKE message (at most MAX_FORWARD octets)."""
+    if not data or len(data) > MAX_FORWARD:
+        raise IkeContextError("IKE message too long to forward")
+    return _frame(FPT_IKE_FORWARD, _items([(1, bytes((VERSION,))), (2, _addr(src)),
+                                           (3, _addr(dst)), (4, data)]))  # fmt: skip
+
+
+def decode_forward(cdb: bytes) -> tuple[bytes, Address, Address]:
+    """(message, its source, its destination) of a forwarding CDB."""
+    fpt, d = _parse(cdb)
+    if fpt != FPT_IKE_FORWARD or _u(d, 1, 1) != VERSION:
+        raise IkeContextError("not an IKE forwarding CDB")
+    data = _one(d, 4)
+    if not data or len(data) > MAX_FORWARD:
+        raise IkeContextError("forwarded IKE message empty or too long")
+    return data, _unaddr(_one(d, 2)), _unaddr(_one(d, 3))
 
 
 def child_spis(cdbs: list[bytes]) -> list[tuple[int, int]]:
