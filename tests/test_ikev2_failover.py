@@ -23,7 +23,7 @@ from tests.helpers import strongswan
 from tests.helpers.ike_world import CLIENT, Client, IkeWorld
 from tests.helpers.netns import Namespaces
 from tests.helpers.netns import wait_until as until
-from tests.helpers.netns_topology import HOST, Traffic
+from tests.helpers.netns_topology import HOST, SG_OUTER, Traffic
 
 needs_strongswan = pytest.mark.skipif(not strongswan.available(), reason=strongswan.skip_reason())
 
@@ -137,3 +137,85 @@ def test_strongswan_client_keeps_its_ike_sa_across_a_fail_over(
         assert mn["longest_missing_run"] < 2 * 200, mn  # under 2 s at 200 datagrams/s
         assert mn["sent"] - mn["echoed"] <= mn["longest_missing_run"] + 5, mn
         print("stream:", mn, "\nping lost:", len(ping.lost), "\nsg2:", w.counters("sg2"))
+
+
+@pytest.mark.root
+@pytest.mark.slow
+@needs_strongswan
+def test_direct_identity_fail_over_moves_the_client_to_the_standby(tmp_path: Path) -> None:
+    """Direct SG identity (each gateway at its own address): a MOBIKE strongSwan client
+    connects to sg1's address. sg1 is killed; sg2 takes over the tunnel and the IKE SA,
+    synchronises message IDs (RFC 6311) from its own address and then sends its address list
+    (MOBIKE, as after a direct handover): strongSwan moves its IKE SA to sg2 ("remote
+    endpoint changed"), rekeys its CHILD SA there (kernel-libipsec), and ping passes again;
+    one IKE_SA_INIT, one IKE_AUTH."""
+    sockdir = Path(tempfile.mkdtemp(prefix="ipsecct-ikefd-", dir="/tmp"))
+    workdir = tmp_path if len(str(tmp_path)) <= 70 else Path(tempfile.mkdtemp(prefix="ict-"))
+    try:
+        with Namespaces("mn", "sg1", "sg2", "host", "br") as ns:
+            w = IkeWorld(ns, workdir, sockdir, "direct")
+            w.failover = True
+            w.ike_proposal = "aes128-sha256-x25519"
+            try:
+                w.build_links()
+                w.write_configs()
+                w.start()
+                _direct_fail_over(w)
+            finally:
+                w.stop()
+    finally:
+        shutil.rmtree(sockdir, ignore_errors=True)
+        if workdir != tmp_path:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _direct_fail_over(w: IkeWorld) -> None:
+    client = Client(w.ns, "mn", CLIENT, w.dir, "aes128gcm16")
+    client.ike_proposal = w.ike_proposal
+    client.gateway = SG_OUTER["sg1"]
+    client.mobike = "yes"
+    with client as ss:
+
+        def wait_until(pred: Callable[[], object], what: str, timeout: float) -> None:
+            try:
+                until(pred, what, timeout)
+            except AssertionError as exc:
+                ike_log = "\n".join(x for x in ss.log().splitlines() if "[ESP]" not in x)
+                raise AssertionError(f"{exc}\n{ike_log[-20000:]}\n{w.logs()}") from None
+
+        ss.start()
+        ss.initiate()
+        assert strongswan.ping(w.ns, "mn", HOST, 3) == 3, ss.logtail() + w.logs()
+        (ike1,) = w.ike_sas("sg1")
+        assert ike1["mobike"] and ike1["local"] == f"{SG_OUTER['sg1']}:4500"
+        wait_until(lambda: w.status("sg2")["failover"].get("replicated_ike_sas") == 1,
+                   "sg2 to hold a replica of the IKE SA", 10)  # fmt: skip
+        proc = w.daemons["sg1"].proc
+        assert proc is not None
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait(15) == -signal.SIGKILL
+        w.route_host_via("sg2")
+        wait_until(lambda: len(w.ike_sas("sg2")) == 1, "sg2 to take over the IKE SA", 10)
+        wait_until(lambda: w.counters("sg2").get("mid-sync-done", 0) == 1,
+                   "the RFC 6311 message-ID sync with strongSwan", 15)  # fmt: skip
+        wait_until(lambda: w.counters("sg2").get("address-update-ok", 0) == 1,
+                   "strongSwan to answer sg2's address update", 15)  # fmt: skip
+        moved = re.escape(f"remote endpoint changed from {SG_OUTER['sg1']}[4500] to "
+                          f"{SG_OUTER['sg2']}[4500]")
+        strongswan.wait_log(ss, moved, 15)
+        (ike2,) = w.ike_sas("sg2")
+        assert (ike2["spi_i"], ike2["spi_r"]) == (ike1["spi_i"], ike1["spi_r"])
+        assert ike2["local"] == f"{SG_OUTER['sg2']}:4500"
+        # kernel-libipsec: the CHILD SA is rekeyed with sg2, then ping passes again
+        wait_until(lambda: w.counters("sg2").get("child-sa-rekeyed", 0) >= 1,
+                   "strongSwan's CHILD rekey with sg2", 15)  # fmt: skip
+        wait_until(lambda: strongswan.ping(w.ns, "mn", HOST, 1) == 1, "ping through sg2", 20)
+        assert strongswan.ping(w.ns, "mn", HOST, 5) == 5, ss.logtail() + w.logs()
+        sas = ss.list_sas()
+        assert f"@ {SG_OUTER['sg2']}[4500]" in sas and f"{SG_OUTER['sg1']}[" not in sas, sas
+        log = ss.log()
+        assert "responder requested MID sync" in log, ss.logtail()
+        assert len(re.findall(r"generating IKE_SA_INIT request", log)) == 1, log
+        assert len(re.findall(r"generating IKE_AUTH request", log)) == 1, log
+        assert "ESTABLISHED => DESTROYING" not in log, ss.logtail()
+        print("sg2:", w.counters("sg2"))

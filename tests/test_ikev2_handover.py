@@ -194,6 +194,9 @@ def test_request_reaching_the_old_gateway_after_a_direct_handover_is_forwarded(
         client = Client(w.ns, "mn", CLIENT, w.dir, "aes128gcm16")
         client.gateway = SG_OUTER["sg1"]
         client.mobike = "yes"
+        # no liveness checks of its own: its only requests are the ones the test makes (one
+        # sent to sg1 after the forward window would be dropped and retransmitted 4 s later)
+        client.dpd_delay = "120s"
         with client as ss:
             ss.start()
             ss.initiate()
@@ -228,6 +231,9 @@ def test_request_reaching_the_old_gateway_after_a_direct_handover_is_forwarded(
             strongswan.wait_log(ss, moved, 30)
             wait_until(lambda: f"{SG_OUTER['sg1']}[" not in ss.list_sas(),
                        "the client's SAs to point at sg2", 20)  # fmt: skip
+            # (its CHILD SA rekeyed with sg2: what it sent to sg1 after the forward window
+            # was lost meanwhile, nothing since)
+            wait_until(lambda: ping(w, 1) == 1, "ping through sg2", 20)
             assert ping(w, 5) == 5, ss.logtail() + w.logs()
             log = ss.log()
             assert len(re.findall(r"generating IKE_SA_INIT request", log)) == 1, log

@@ -314,6 +314,31 @@ def test_replay_counter_sync_is_taken_within_policy() -> None:
     assert sg2.stats["mid-sync-done"] == 1
 
 
+def test_replay_counter_sync_retransmitted_is_applied_once() -> None:
+    """The sync's answer was lost: its retransmission (same nonce) is answered again, and the
+    delta is not applied a second time."""
+    w, sg2, ike, _ = _stale_takeover()
+    out = sg2.start_mid_sync(ike, 12.0, esp_delta=16384)
+    (req,) = [o for o in out if isinstance(o, Send)]
+    first = w.ini.receive(req.data, R500, I500, 12.0)
+    again = w.ini.receive(req.data, R500, I500, 14.0)
+    assert len([o for o in first if isinstance(o, ReplayCounterSynced)]) == 1
+    assert not [o for o in again if isinstance(o, ReplayCounterSynced)]
+    assert [o for o in again if isinstance(o, Send)]
+    assert w.ini.stats["replay-sync-applied"] == 1 and w.ini.stats["mid-sync-answered"] == 2
+
+
+def test_sync_answer_goes_where_the_request_came_from() -> None:
+    """RFC 7296 §2.11: the member that took over may be at another address."""
+    from ipsecct.ikev2.ikesa import Address
+
+    w, sg2, ike, _ = _stale_takeover(ike=CBC)
+    there = Address(R500.host + 7, 4500)
+    (req,) = [o for o in sg2.start_mid_sync(ike, 12.0) if isinstance(o, Send)]
+    (ans,) = w.ini.receive(req.data, there, I500, 12.0)
+    assert isinstance(ans, Send) and ans.dst == there
+
+
 @pytest.mark.parametrize(
     ("delta", "announced", "counter"),
     [
@@ -355,3 +380,45 @@ def test_advance_seq_queues_the_events_a_step_by_step_advance_would() -> None:
     sa.seq = sa.seq_limit - (sa.seq_limit >> 3) - 5
     sa.advance_seq(1 << 20)  # past "near the limit": a rekey is asked for
     assert SAEvent.SEQ_NEAR_LIMIT in sa.events
+
+
+# -- direct SG identity: the taker is at another address ------------------------------------------
+
+
+@pytest.mark.parametrize("ike_alg", [CBC, GCM])
+def test_taker_at_its_own_address_moves_the_peer_once_the_ids_agree(ike_alg: str) -> None:
+    """The taker's sync (RFC 6311, CBC) or probe (AEAD after our own requests) goes from its
+    own address; once the message IDs agree it sends the address update (MOBIKE: its address
+    list) and the peer follows it there; nothing is lost on the way."""
+    from ipsecct.ikev2.ikesa import Address
+
+    if ike_alg == CBC:
+        w, sg2, ike, _ = _stale_takeover(ike=ike_alg)
+    else:  # after requests of sg1's own: no sync under AES-GCM, probing
+        w, sg2, ike, _ = _stale_takeover(dpd_by_gateway=2, before=1)  # type: ignore[arg-type]
+    (ii,) = w.ini.ike_sas()
+    assert ii.mobike and ike.mobike
+    here = Address(R500.host + 1, 500)
+    w2 = Wire(w.ini, sg2)
+    out = sg2.start_mid_sync(ike, 12.0, local=here)
+    assert all(o.src == here for o in out if isinstance(o, Send))
+    w2.deliver(out, "r", 12.0)
+    if ike_alg == CBC:
+        assert sg2.stats["mid-sync-done"] == 1
+    else:  # the first probe is under a stale ID: its retransmission tries the next one too
+        assert sg2.stats["address-update-sent"] == 0
+        w2.deliver(sg2.tick(14.0), "r", 14.0)
+        assert sg2.stats["message-id-probed"] == 1
+    assert sg2.stats["address-update-sent"] == 1 and sg2.stats["address-update-ok"] == 1
+    assert ii.remote == here and ike.local == here and ike.pending is None
+    assert not ike.move_after_sync
+    # and the IKE SA works from there: a liveness check each way, an IKE rekey
+    w2.deliver(w.ini.liveness(ii, 16.0), "i", 16.0)
+    w2.deliver(sg2.rekey_ike(ike, 17.0), "r", 17.0)
+    assert sg2.stats["ike-sa-rekeyed"] == 1 and sg2.stats["liveness-answered"] >= 1
+
+
+def test_taker_at_the_same_address_sends_no_address_update() -> None:
+    w, sg2, ike, _ = _stale_takeover(ike=CBC)
+    Wire(w.ini, sg2).deliver(sg2.start_mid_sync(ike, 12.0, local=ike.local), "r", 12.0)
+    assert sg2.stats["mid-sync-done"] == 1 and sg2.stats["address-update-sent"] == 0

@@ -33,6 +33,7 @@ class Client(Charon):
     gateway = VIP  # where the client connects: the virtual address (indirect) or sg1's
     mobike = "no"
     ike_proposal = "aes128gcm16-prfsha256-x25519"
+    dpd_delay = "2s"
 
     def write_config(self) -> None:
         super().write_config()
@@ -43,7 +44,7 @@ class Client(Charon):
     remote_addrs = {self.gateway}
     encap = yes
     mobike = {self.mobike}
-    dpd_delay = 2s
+    dpd_delay = {self.dpd_delay}
     proposals = {self.ike_proposal}
     local {{
       auth = psk

@@ -43,8 +43,8 @@ def register(sub: Any) -> None:
         choices=["ike", "manual"],
         default=None,
         help="ike: the MN's agent sets up the tunnel with IKEv2 and a PSK made for the run,"
-        " and the IKE SA moves at the handover (default); manual: SAs keyed by hand"
-        " (the default with --failover, which does not carry IKE SAs yet)",
+        " and the IKE SA moves at the handover, or is taken over by the standby (default);"
+        " manual: SAs keyed by hand (the default with --failover)",
     )
     p.add_argument(
         "--ike-timeout",

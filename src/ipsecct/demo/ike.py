@@ -122,29 +122,52 @@ def _holder(demo: Demo, spi_r: bytes) -> list[str]:
 
 
 async def after_handover(
-    demo: Demo, info: dict[str, Any], src: str, dst: str, timeout: float, out: TextIO | None
+    demo: Demo,
+    info: dict[str, Any],
+    src: str,
+    dst: str,
+    timeout: float,
+    out: TextIO | None,
+    *,
+    failover: bool = False,
 ) -> None:
     """The handover from ``src`` to ``dst`` is committed: wait until ``dst`` holds the IKE SA
     (and, with direct identity, until the MN's IKE SA follows sg2's signal), then send a
-    liveness check from the MN and wait for ``dst``'s answer."""
+    liveness check from the MN and wait for ``dst``'s answer. With ``failover``, ``src`` is
+    dead (its memory still holds the IKE SA: it is not asked) and ``dst`` took the IKE SA
+    over from its replica and synchronised message IDs with the MN (RFC 6311)."""
     mn = _ike(demo, "mn")
     ike = next((sa for sa in mn.engine.ike_sas() if sa.spi_r.hex() == info["spi_r"]), None)
     if ike is None:
         raise DemoError("the MN lost its IKE SA during the handover")
     spi_r = ike.spi_r
     target = _ike(demo, dst)
-    moved = await _until(lambda: _holder(demo, spi_r) == [dst], timeout)
+    if failover:
+        moved = await _until(lambda: dst in _holder(demo, spi_r) and any(
+            target.engine.stats[k] for k in ("mid-sync-done", "message-id-probed",
+                                             "liveness-ok")), timeout)  # fmt: skip
+    else:
+        moved = await _until(lambda: _holder(demo, spi_r) == [dst], timeout)
     if not moved:
         raise DemoError(
             f"the IKE SA did not move from {src} to {dst} within {timeout:g} s"
-            f" (held by: {', '.join(_holder(demo, spi_r)) or 'no gateway'})"
+            f" (held by: {', '.join(_holder(demo, spi_r)) or 'no gateway'};"
+            f" {dst}: {_counters(target)}; MN: {_counters(mn)})"
         )
     there = next(sa for sa in target.engine.ike_sas() if sa.spi_r == spi_r)
     mids = {"sg_next_request": there.my_next_mid, "sg_next_expected": there.peer_next_mid}
-    _line(out, f"IKE SA {ike.spi_i.hex()}_i {spi_r.hex()}_r moved {src} -> {dst} with its"
-               f" CHILD SA: {dst} holds it, {src} none; message IDs carried over"
-               f" ({dst} expects {there.peer_next_mid} from the MN, the MN sends"
-               f" {ike.my_next_mid})")  # fmt: skip
+    if failover:
+        how = ("synchronised by RFC 6311" if target.engine.stats["mid-sync-done"]
+               else "kept from the replica")  # fmt: skip
+        _line(out, f"IKE SA {ike.spi_i.hex()}_i {spi_r.hex()}_r taken over by {dst} from its"
+                   f" replica with its CHILD SA after {src} died; message IDs {how}"
+                   f" ({dst} expects {there.peer_next_mid} from the MN, the MN sends"
+                   f" {ike.my_next_mid})")  # fmt: skip
+    else:
+        _line(out, f"IKE SA {ike.spi_i.hex()}_i {spi_r.hex()}_r moved {src} -> {dst} with"
+                   f" its CHILD SA: {dst} holds it, {src} none; message IDs carried over"
+                   f" ({dst} expects {there.peer_next_mid} from the MN, the MN sends"
+                   f" {ike.my_next_mid})")  # fmt: skip
     if demo.identity == "direct":
         # sg2 tells the MN its address under the moved IKE SA (IkeEngine.announce_move: with
         # MOBIKE an INFORMATIONAL with NO_ADDITIONAL_ADDRESSES from sg2's address)
@@ -173,6 +196,7 @@ async def after_handover(
     info["moves"].append({
         "from": src,
         "to": dst,
+        "how": "failover" if failover else "handover",
         "message_ids": mids,
         "dpd_message_id": mid,
         "dpd_ms": round(dpd_ms, 3),

@@ -40,9 +40,6 @@ async def run(
         raise IpsecctError(f"handover mode {handover!r} is not available")
     if keying not in ("ike", "manual"):
         raise IpsecctError(f"keying {keying!r} is not available (ike or manual)")
-    if keying == "ike" and handover == "failover":
-        raise IpsecctError("a fail-over does not carry IKE SAs to the standby yet"
-                           " (docs/ikev2.md): use --keying manual")  # fmt: skip
     step = HALFWAY.get(handover)
     ike_info: dict[str, Any] | None = None
     with tempfile.TemporaryDirectory(prefix="ipsecct-demo-") as tmp:
@@ -57,9 +54,10 @@ async def run(
             async def half() -> None:
                 assert step is not None
                 await step(demo, handover)
-                if ike_info is not None and handover in ("direct", "indirect"):
+                if ike_info is not None:
                     await ike_mod.after_handover(demo, ike_info, "sg1", "sg2", ike_timeout,
-                                                 None if as_json else out)  # fmt: skip
+                                                 None if as_json else out,
+                                                 failover=handover == "failover")  # fmt: skip
 
             if not as_json:
                 out.write(

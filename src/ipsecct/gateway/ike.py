@@ -580,7 +580,12 @@ class IkeService:
                   children=len(ike.children),
                   tunnels=sum(c.handle is not None for c in ike.children),
                   mid_sync="rfc6311" if ike.mid_sync else "none")  # fmt: skip
-            self._act(self.engine.start_mid_sync(ike, now, esp_delta=esp_delta))
+            here = None
+            if self.direct:  # direct SG identity: the peer is told our own address
+                port = (ike.local.port if ike.local.port == self.ike_port
+                        else self.node.cfg.outer.port)  # fmt: skip
+                here = Address(self.local_host, port)
+            self._act(self.engine.start_mid_sync(ike, now, esp_delta=esp_delta, local=here))
         return taken
 
     # -- control ----------------------------------------------------------------------------

@@ -452,7 +452,7 @@ class IkeEngine:
         if (hdr.message_id == 0 and hdr.exchange == ExchangeType.INFORMATIONAL and ike.mid_sync
                 and ike.state is IkeState.ESTABLISHED and len(payloads) == 1
                 and isinstance(payloads[0], SKPayload)
-                and self._mid_sync_request(ike, data, hdr, payloads, now, out)):  # fmt: skip
+                and self._mid_sync_request(ike, data, hdr, payloads, src, now, out)):  # fmt: skip
             return
         if hdr.message_id == ike.peer_next_mid - 1 and ike.last_response:
             # authenticate before answering again; a fragmented request: on its first fragment
@@ -1531,15 +1531,23 @@ class IkeEngine:
 
     # -- RFC 6311: message-ID synchronisation after a fail-over -----------------------------
     def start_mid_sync(self, ike: IkeSA, now: float, leap: int = MID_SYNC_LEAP,
-                       esp_delta: int = 0) -> list[Output]:  # fmt: skip
+                       esp_delta: int = 0,
+                       local: Address | None = None) -> list[Output]:  # fmt: skip
         """After taking over ``ike`` from a replica: send the RFC 6311 INFORMATIONAL (message
         ID 0) that tells the peer our next request ID (the replicated one plus ``leap``) and
         the next one we expect (the replicated one), with IPSEC_REPLAY_COUNTER_SYNC
         (``esp_delta``) when the peer announced it. Without RFC 6311 the replicated IDs are
-        kept, and the peer's next request may be up to RESYNC_AHEAD IDs ahead of them."""
+        kept, and the peer's next request may be up to RESYNC_AHEAD IDs ahead of them.
+
+        ``local``: this gateway's own address when it is not the IKE SA's (direct SG
+        identity: the old gateway was elsewhere). The sync (or the probe) goes from it, and
+        once the message IDs agree the peer is told to move here (:meth:`announce_move`)."""
         out: list[Output] = []
         if ike.state is not IkeState.ESTABLISHED:
             return out
+        if local is not None and local != ike.local:
+            ike.local = local
+            ike.move_after_sync = True
         # strongSwan (5.9.8) encrypts with an AEAD cipher under a sequential IV made of the
         # message ID, used at most once as a request's and once as a response's: once it has
         # answered one of our requests it cannot encrypt its answer to a sync (ID 0 again),
@@ -1597,7 +1605,7 @@ class IkeEngine:
                  ike.remote, ike.my_next_mid, ike.peer_next_mid)  # fmt: skip
 
     def _mid_sync_request(self, ike: IkeSA, data: bytes, hdr: Header, payloads: list[Payload],
-                          now: float, out: list[Output]) -> bool:  # fmt: skip
+                          src: Address, now: float, out: list[Output]) -> bool:  # fmt: skip
         """The peer's member that took over asks us to synchronise message IDs (we are the
         IKE SA's peer, as strongSwan is). False when the message is not such a request (the
         normal path then decides)."""
@@ -1613,8 +1621,9 @@ class IkeEngine:
         if mid.send < ike.peer_next_mid:  # RFC 6311 §5.1: below what we expect: stale
             self.stats["mid-sync-stale"] += 1
             return True
-        if replay is not None:
+        if replay is not None and mid.nonce != ike.sync_nonce:  # not for a retransmission
             self._replay_counter_sync(ike, replay.delta, out)
+        ike.sync_nonce = mid.nonce
         m2 = max(mid.send, ike.peer_next_mid)
         p2 = max(mid.recv, ike.my_next_mid)
         if m2 != ike.peer_next_mid:
@@ -1626,7 +1635,9 @@ class IkeEngine:
                  ike.remote, p2, m2)  # fmt: skip
         rhdr = Header(ike.spi_i, ike.spi_r, 0, ExchangeType.INFORMATIONAL,
                       Flag.RESPONSE | (Flag.INITIATOR if ike.we_initiated else 0), 0, 0)
-        out += [Send(m, ike.local, ike.remote)
+        # to where the request came from (RFC 7296 §2.11): the member that took over may be
+        # at another address (direct SG identity), which it tells us next (MOBIKE)
+        out += [Send(m, ike.local, src)
                 for m in self._seal(ike, rhdr, [MidSync(mid.nonce, p2, m2).payload()])]
         p = ike.pending
         if p is not None:  # our request in flight went to the old member: again, under P2
@@ -1719,6 +1730,9 @@ class IkeEngine:
                      ike.remote, ike.local)  # fmt: skip
         elif p.kind == "mid-sync":
             self._mid_sync_response(ike, p, inner)
+        if ike.pending is None and ike.move_after_sync and ike.state is IkeState.ESTABLISHED:
+            ike.move_after_sync = False  # taken over at our own address: the peer follows
+            out += self.announce_move(ike, ike.local, now)
         if ike.pending is None and ike.queued_deletes and ike.state is IkeState.ESTABLISHED:
             spis, ike.queued_deletes = tuple(ike.queued_deletes), []
             self._request(ike, "delete-child", [DeletePayload(ProtocolId.ESP, spis)], now, out)

@@ -175,6 +175,10 @@ class IkeSA:
     # times at most (the peer drops a request whose ID is not the one it expects, silently)
     probe_ahead: int = 0
     probe_late: set[int] = field(default_factory=set)  # later probes still unanswered
+    # taken over at another address (direct SG identity): tell the peer once the message IDs
+    # agree (announce_move after the sync or the first answered probe)
+    move_after_sync: bool = False
+    sync_nonce: bytes = b""  # the last RFC 6311 sync request's nonce (a retransmission's too)
 
     @property
     def our_spi(self) -> bytes:
