@@ -43,7 +43,7 @@ from .node import Node, UdpEndpoint
 log = logging.getLogger("ipsecct.gateway.ike")
 
 IKE_PORT = 500
-INBOUND_GRACE = 2.0  # seconds a peer-deleted, rekeyed CHILD SA still takes what was on its way
+INBOUND_GRACE = 2.0  # seconds a rekeyed, deleted CHILD SA still takes what was on its way
 # after a transfer to us: how long (s) IKE messages for an IKE SA we do not have yet are kept
 # for it (its context follows the commit over the TLS channel), and how many at most
 EARLY_IKE_TIME = 1.0
@@ -359,10 +359,13 @@ class IkeService:
                 eng.remove_tunnel(t)  # type: ignore[arg-type]
                 o.child.handle = None
                 inbound = t.inbound  # type: ignore[attr-defined]
-                if o.child.rekeyed and o.reason == "deleted by peer" and inbound is not None:
-                    # The peer deleted the SA it rekeyed: what it sent on it just before may
-                    # still be on its way (by the old gateway after a handover): our inbound
-                    # half takes it for a moment longer (replay-checked, never sent on).
+                if (o.child.rekeyed and o.reason in ("deleted by peer", "rekeyed")
+                        and inbound is not None):  # fmt: skip
+                    # The peer deleted the SA it rekeyed, or we delete the one we rekeyed:
+                    # what the peer sent on it just before may still be on its way (by the
+                    # old gateway after a handover; and a peer answering our rekey goes on
+                    # sending on the old SA until our DELETE reaches it): our inbound half
+                    # takes it for a moment longer (replay-checked, never sent on).
                     eng.add_shadow(inbound)
                     asyncio.get_running_loop().call_later(INBOUND_GRACE, eng.remove_shadows,
                                                           inbound)  # fmt: skip
