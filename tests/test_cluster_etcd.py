@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ipsecct.ct import ownership
@@ -110,6 +110,7 @@ def test_fence_is_shorter_than_the_etcd_lease() -> None:
         ownership.fence_timing(2, 1000, 2500)
 
 
+@settings(deadline=None)  # a loaded 2-core machine took 407 ms once (200 ms is the default)
 @given(
     spis=st.sets(st.integers(0x100, 0xFFFFFFFF), min_size=50, max_size=300),
     n=st.integers(2, 6),
