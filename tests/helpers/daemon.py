@@ -18,6 +18,7 @@ from typing import Any
 
 from ipsecct.errors import ControlError
 from ipsecct.gateway.control import request
+from tests.helpers.ports import free_port
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 EXAMPLES = ROOT / "examples" / "gateway"
@@ -31,15 +32,11 @@ RECV_TIMEOUT = 5.0
 
 
 def free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return free_port(socket.SOCK_DGRAM)
 
 
 def free_tcp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return free_port(socket.SOCK_STREAM)
 
 
 def ipsecct(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:

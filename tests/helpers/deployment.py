@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ipsecct.ipsec.ippacket import build_udp, parse, udp_payload
+from tests.helpers.ports import free_port
 from tests.helpers.processes import stop_all
 
 MN_INNER, HOST_INNER = "10.1.0.2", "10.2.0.1"
@@ -31,12 +32,6 @@ def cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "ipsecct", *args], capture_output=True, text=True, timeout=timeout
     )
-
-
-def free_port(kind: int) -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def udp_socket(host: str, port: int) -> socket.socket:

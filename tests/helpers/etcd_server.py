@@ -14,6 +14,7 @@ import urllib.request
 from pathlib import Path
 from types import TracebackType
 
+from tests.helpers.ports import free_port
 from tests.helpers.processes import stop_all
 
 _HEALTH = """import json, sys, urllib.request
@@ -23,9 +24,7 @@ with urllib.request.urlopen(sys.argv[1], timeout=1) as r:
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return free_port(socket.SOCK_STREAM)
 
 
 class EtcdCluster:
