@@ -852,12 +852,7 @@ class ClusterDriver:
                         self._fence(t)
             if won:
                 self._layout += 1
-            for t in won:
-                self._not_owner.discard(t.outbound.spi)
-                self._unowned_since.pop(t.outbound.spi, None)
-                self._transferred_in.discard(t.outbound.spi)
-                self._ceiling(t)
-            self._now_owned(won)
+            self._owned(won)
         if retry:  # look again soon, not at the next round (up to ttl_s / 4 away)
             asyncio.get_running_loop().call_later(HANDOVER_RETRY, self._new_tunnel, None)
         for spi in [s for s in self._unowned_since if s not in here]:
@@ -888,12 +883,7 @@ class ClusterDriver:
                     continue
                 self.own.placed_into(spis, g)
                 self._layout += 1
-                for t in batch:
-                    self._not_owner.discard(t.outbound.spi)
-                    self._unowned_since.pop(t.outbound.spi, None)
-                    self._transferred_in.discard(t.outbound.spi)
-                    self._ceiling(t)
-                self._now_owned(batch)
+                self._owned(batch)
         return rest
 
     def _fence(self, t: Tunnel) -> None:
@@ -940,6 +930,16 @@ class ClusterDriver:
             return True
         self.node.engine.stats.drops["fenced"] += 1
         return True
+
+    def _owned(self, tunnels: list[Tunnel]) -> None:
+        """These tunnels' owner keys now name a group of ours: no longer waiting for one,
+        bounded by their replicas' ceilings, and what waited for them is sent."""
+        for t in tunnels:
+            self._not_owner.discard(t.outbound.spi)
+            self._unowned_since.pop(t.outbound.spi, None)
+            self._transferred_in.discard(t.outbound.spi)
+            self._ceiling(t)
+        self._now_owned(tunnels)
 
     def _now_owned(self, tunnels: list[Tunnel]) -> None:
         """Send what waited for these tunnels' owner keys: the commit's signals, the packets."""
