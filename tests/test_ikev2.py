@@ -819,6 +819,9 @@ def test_ike_sa_context_round_trip_and_move() -> None:
     (c_old,), (c_new,) = old.children, new.children
     assert (c_new.spi_in, c_new.spi_out, c_new.keys, c_new.suite) == (
         c_old.spi_in, c_old.spi_out, c_old.keys, c_old.suite)
+    # the SAs keep their age (``sa list``: "established ... ago"), to the millisecond
+    assert new.created == pytest.approx(old.created, abs=0.002) and new.created < 11.0
+    assert c_new.created == pytest.approx(c_old.created, abs=0.002)
     # the peer retransmits its last request: the new gateway answers it from the cache
     last_req = [s for s in w.sent if s.src.host == IP_I][-1]
     (again,) = sg2.receive(last_req.data, I500, R500, 12.0)

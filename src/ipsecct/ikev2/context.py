@@ -151,6 +151,17 @@ def _left(at: float | None, now: float) -> bytes:
     return struct.pack("!I", 0 if at is None else max(1, int(at - now)))
 
 
+def _age(created: float, now: float) -> bytes:
+    """How long ago an SA was established, in milliseconds: the target shows the same age
+    as the source (``sa list``), not the time of the transfer."""
+    return struct.pack("!I", min(max(0, int((now - created) * 1000)), 0xFFFFFFFF))
+
+
+def _created(d: dict[int, list[bytes]], tag: int, now: float) -> float:
+    """The creation time an age item gives (absent from contexts of older versions: now)."""
+    return now - struct.unpack("!I", _one(d, tag, 4))[0] / 1000 if tag in d else now
+
+
 def _at(b: bytes, now: float) -> float | None:
     v = struct.unpack("!I", b)[0]
     return None if v == 0 else now + v
@@ -194,6 +205,7 @@ def encode(ike: IkeSA, now: float) -> list[bytes]:
         (23, struct.pack("!H", len(ike.last_response))),
         (24, bytes((ike.mobike,))),
         (25, bytes((ike.mid_sync | ike.replay_sync << 1,))),
+        (26, _age(ike.created, now)),
     ]  # fmt: skip
     out = [_frame(FPT_IKE_SA, _items(main))]
     for c in ike.children:
@@ -207,6 +219,7 @@ def encode(ike: IkeSA, now: float) -> list[bytes]:
             (12, bytes((c.we_initiated,))),
             (13, _ts(c.local_ts)), (14, _ts(c.remote_ts)),
             (15, _left(c.rekey_at, now)),
+            (16, _age(c.created, now)),
         ]  # fmt: skip
         out.append(_frame(FPT_IKE_CHILD, _items(items)))
     piece = MAX_CDB - 64
@@ -306,6 +319,7 @@ def decode(cdbs: list[bytes], connections: list[Connection], now: float,
     if 25 in m:  # RFC 6311 extensions (absent from contexts of older versions)
         ext = _u(m, 25, 1)
         ike.mid_sync, ike.replay_sync = bool(ext & 1), bool(ext & 2)
+    ike.created = _created(m, 26, now)
     ike.last_heard = now
     n_responses = _u(m, 23, 2)
     for f, d in parsed:
@@ -347,4 +361,5 @@ def _child(d: dict[int, list[bytes]], conn: Connection, now: float) -> ChildSA:
     child = ChildSA(cc, suite, spi_in, spi_out, keys, bool(_u(d, 12, 1)), _unts(_one(d, 13)),
                     _unts(_one(d, 14)), now)  # fmt: skip
     child.rekey_at = _at(_one(d, 15, 4), now)
+    child.created = _created(d, 16, now)
     return child
