@@ -109,6 +109,31 @@ def test_selectors_overlapping_another_tunnel_are_refused() -> None:
     assert spis_sent(w) == [SPI_DOWN]
 
 
+def test_tunnels_of_one_mn_in_one_transfer_may_overlap_each_other_only() -> None:
+    """The CHILD SAs of one IKE SA may overlap each other (a UDP-only CHILD SA beside one for
+    all traffic): in one transfer, tunnels to the same MN may overlap as they did at the
+    source. A tunnel to another MN overlapping them, or one overlapping a tunnel already here,
+    is still refused."""
+    w = victim_world()
+    wide = sel("10.2.0.0/24", "10.1.0.64/28")
+    udp = sel("10.2.0.0/24", "10.1.0.66/32")
+    send_pctd(w, rogue_cdbs(wide) + rogue_cdbs(udp, spi_out=0x6660003, spi_in=0x6660004))
+    assert ctdr_ok(w)
+    assert len(w.gw["sg1"].engine.sad) == 6
+    # the same, but the second tunnel goes to another MN: refused
+    w = victim_world()
+    send_pctd(w, rogue_cdbs(wide) + rogue_cdbs(udp, spi_out=0x6660003, spi_in=0x6660004,
+                                               mn="192.0.2.67"))  # fmt: skip
+    msg = w.drop("sg1", "sg2")
+    assert isinstance(msg, cxtp.CTDR) and not msg.all_ok
+    assert len(w.gw["sg1"].engine.sad) == 4
+    assert w.gw["sg1"].core.counters["policy_refused"] == 1
+    # the same MN as a tunnel already here (sg1's own to 192.0.2.66 from the first): refused
+    send_pctd(w, rogue_cdbs(udp, spi_out=0x6660005, spi_in=0x6660006), tid=2)
+    assert not ctdr_ok(w)
+    assert w.gw["sg1"].core.counters["policy_refused"] == 2
+
+
 def test_accepted_tunnel_stays_behind_the_operators_entries() -> None:
     w = victim_world()
     # A legitimate, non-overlapping tunnel for another MN: accepted ...
@@ -139,8 +164,11 @@ def test_inbound_sa_selectors_are_checked_too() -> None:
 
 def test_many_tunnels_are_checked_against_each_other() -> None:
     w = victim_world()
+    # (two MNs: one MN's tunnels of one transfer may overlap each other, see above)
     a = rogue_cdbs(sel("10.2.0.0/24", "10.1.1.1/32"), spi_out=0x100, spi_in=0x101)
-    b = rogue_cdbs(sel("10.2.0.0/24", "10.1.1.0/24"), spi_out=0x200, spi_in=0x201)
+    b = rogue_cdbs(
+        sel("10.2.0.0/24", "10.1.1.0/24"), spi_out=0x200, spi_in=0x201, mn="192.0.2.67"
+    )
     send_pctd(w, a + b)
     msg = w.drop("sg1", "sg2")
     assert isinstance(msg, cxtp.CTDR) and not msg.all_ok

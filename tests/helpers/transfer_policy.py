@@ -12,10 +12,14 @@ from tests.helpers.transfer import SG_ADDR, ip
 
 
 def rogue_cdbs(
-    selectors: Selectors, *, spi_out: int = 0x6660001, spi_in: int = 0x6660002
+    selectors: Selectors,
+    *,
+    spi_out: int = 0x6660001,
+    spi_in: int = 0x6660002,
+    mn: str = "192.0.2.66",
 ) -> list[bytes]:
     """A tunnel the attacker made up: its own keys, whatever selectors it likes."""
-    g, m = ip(SG_ADDR["sg2"]), ip("192.0.2.66")
+    g, m = ip(SG_ADDR["sg2"]), ip(mn)
     out = []
     for spi, d, src, dst in (
         (spi_out, Direction.OUTBOUND, g, m),

@@ -405,6 +405,24 @@ class _Incoming:
         tuple[int, int], tuple[SecurityAssociation, SecurityAssociation | None]
     ] = field(default_factory=dict)
     members: _Members | None = field(default=None, repr=False, compare=False)
+    # The SPD entries this transfer installed, by id(), with the outer address of their peer
+    # (the MN): tunnels of one MN in one transfer (the CHILD SAs of one IKE SA) may overlap
+    # each other as they did at the source; nothing else may.
+    own: dict[int, tuple[SPDEntry, IPAddress]] = field(
+        default_factory=dict, repr=False, compare=False
+    )
+
+
+def _overlaps(inc: _Incoming, found: list[object], mn: IPAddress) -> bool:
+    """Does any of ``found`` (tunnels here, or entries of the install so far) stand for a
+    tunnel that a transferred one to ``mn`` must not overlap? Only this transfer's own tunnels
+    to the same MN may be overlapped."""
+    for item in found:
+        entry = item.entry if isinstance(item, Tunnel) else item
+        mine = inc.own.get(id(entry))
+        if mine is None or mine[0] is not entry or mine[1] != mn:
+            return True
+    return False
 
 
 def _sa_key(sa: SecurityAssociation) -> tuple[int, int, int, int]:
@@ -1327,7 +1345,7 @@ class TransferCore:
         if not all(self._policy_allows(sl, accepted) for sl in sels):
             self.counters["policy_refused"] += 1
             return cxtp.Status.UNAUTHORISED, None
-        if any(index.overlapping(sl) for sl in sels):
+        if any(_overlaps(inc, index.overlapping(sl), out_sa.dst) for sl in sels):
             self.counters["policy_refused"] += 1
             return cxtp.Status.UNAUTHORISED, None
         sad = self.engine.sad
@@ -1356,6 +1374,7 @@ class TransferCore:
                 batch.keys.add(in_key)
             for sl in sels:
                 index.add(sl, entry)  # stands for its tunnel: later tunnels must not overlap
+            inc.own[id(entry)] = (entry, out_sa.dst)  # ... unless they go to the same MN
             if direct:
                 if batch.sg_only is None:
                     batch.sg_only = [signalling.SgUpdate(self.endpoint.host, self.endpoint.port)]
@@ -1416,6 +1435,7 @@ class TransferCore:
             return cxtp.Status.SPI_COLLISION, None
         for sl in sels:
             index.add(sl, tunnel)
+        inc.own[id(entry)] = (entry, out_sa.dst)
         if shadow_old and in_sa is not None and signals:
             item = signals[0]
             assert isinstance(item, signalling.SpiReassign)
