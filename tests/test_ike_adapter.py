@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from ipsecct.ct.transfer import Record
 from ipsecct.gateway.config import from_dict
 from ipsecct.gateway.ike import IkeService
@@ -128,3 +130,36 @@ def test_a_request_that_reaches_the_old_gateway_is_forwarded_to_the_new_one(
     sg1._moved = {k: (p, 0.0) for k, (p, _) in sg1._moved.items()}
     sg1._receive(req.data, I500, R500)
     assert not forwarded and sg1.engine.stats["unknown-spi"] == 1
+
+
+def test_what_an_operator_names_moves_the_ike_sa_with_all_its_child_sas(tmp_path: Path) -> None:
+    """``ipsecct transfer WHAT``: a connection's name, an IKE SPI (either, with or without 0x)
+    or the SPI of any of its CHILD SAs names one IKE SA, and all its CHILD SAs move with it
+    (an IKE SA and its CHILD SAs are one unit); what names no IKE SA is left to the manual
+    tunnels (None); a connection with two IKE SAs is ambiguous."""
+    import dataclasses
+
+    w = pair(mn_conn(dpd=10), conn(dpd=10))
+    connect(w)
+    (ike_r,) = w.resp.ike_sas()
+    svc = _service(tmp_path)
+    ike = svc.engine.import_ike(w.resp.export_ike(ike_r, 1.0), 1.0)
+    (c1,) = ike.children
+    c2 = dataclasses.replace(c1, spi_in=0x7000_0001, spi_out=0x7000_0002)
+    ike.children.append(c2)
+    both = [c1.spi_in, 0x7000_0001]
+    name = ike.conn.name
+    for what in (name, ike.spi_i.hex(), "0x" + ike.spi_r.hex().upper(), hex(c1.spi_out),
+                 hex(c2.spi_in), str(c2.spi_out)):  # fmt: skip
+        assert svc.transfer_unit(what) == both, what
+    for what in ("other", "0x" + "ab" * 8, "0x12345678", "12:34"):
+        assert svc.transfer_unit(what) is None, what
+    ike.children.clear()
+    with pytest.raises(ValueError, match="no CHILD SA"):
+        svc.transfer_unit(name)
+    w2 = pair(mn_conn(dpd=10), conn(dpd=10))
+    connect(w2)
+    (ike_r2,) = w2.resp.ike_sas()
+    svc.engine.import_ike(w2.resp.export_ike(ike_r2, 2.0), 2.0)
+    with pytest.raises(ValueError, match="2 IKE SAs"):
+        svc.transfer_unit(name)

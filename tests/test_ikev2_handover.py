@@ -102,6 +102,55 @@ def test_strongswan_client_handed_over_with_its_ike_sa(world: IkeWorld) -> None:
 @pytest.mark.root
 @pytest.mark.slow
 @needs_strongswan
+def test_an_ike_sa_with_two_child_sas_moves_as_one_unit(world: IkeWorld) -> None:
+    """strongSwan adds a second CHILD SA (CREATE_CHILD_SA) to its IKE SA. A rebalance of ONE
+    tunnel moves both CHILD SAs with their IKE SA (an IKE SA and its CHILD SAs are one unit:
+    moving one CHILD SA without the others would leave the IKE SA at sg1 and its CHILD SAs
+    split), and so does ``ipsecct transfer`` naming one CHILD SA: back to sg1."""
+    w = world
+    client = Client(w.ns, "mn", CLIENT, w.dir, "aes128gcm16")
+    client.udp_child = True
+    with client as ss:
+        ss.start()
+        ss.initiate()
+        ss.swanctl("--initiate", "--ike", "cA", "--child", "udp")  # a second CHILD SA
+        wait_until(lambda: len(w.ike_sas("sg1")) == 1 and len(w.ike_sas("sg1")[0]["children"])
+                   == 2, "two CHILD SAs at sg1", 30)  # fmt: skip
+        assert ping(w, 3) == 3, ss.logtail() + w.logs()
+        (ike1,) = w.ike_sas("sg1")
+        spis = sorted(c["spi_in"] for c in ike1["children"])
+        r = cli("rebalance", "--to", "sg2", "--count", "1", "--json", "-s", w.sock("sg1"))
+        assert r.returncode == 0, (r.stdout, r.stderr, w.logs())
+        rec = json.loads(r.stdout)
+        assert rec["outcome"] == "committed" and rec["tunnels"] == 2, rec
+        w.route_host_via("sg2")
+        wait_until(lambda: len(w.ike_sas("sg2")) == 1 and not w.ike_sas("sg1"),
+                   "the IKE SA to move to sg2", 30)  # fmt: skip
+        (ike2,) = w.ike_sas("sg2")
+        assert (ike2["spi_i"], ike2["spi_r"]) == (ike1["spi_i"], ike1["spi_r"])
+        assert sorted(c["spi_in"] for c in ike2["children"]) == spis
+        assert ping(w, 5) == 5, ss.logtail() + w.logs()
+        # one CHILD SA named: both go back, with the IKE SA
+        one = ike2["children"][1]["spi_out"]
+        r = cli("transfer", f"0x{one}", "--to", "sg1", "--json", "-s", w.sock("sg2"))
+        assert r.returncode == 0, (r.stdout, r.stderr, w.logs())
+        assert json.loads(r.stdout)["tunnels"] == 2
+        w.route_host_via("sg1")
+        wait_until(lambda: len(w.ike_sas("sg1")) == 1 and not w.ike_sas("sg2"),
+                   "the IKE SA to move back to sg1", 30)  # fmt: skip
+        assert sorted(c["spi_in"] for c in w.ike_sas("sg1")[0]["children"]) == spis
+        assert ping(w, 5) == 5, ss.logtail() + w.logs()
+        ss.swanctl("--rekey", "--ike", "cA")
+        wait_until(lambda: w.counters("sg1").get("ike-sa-rekeyed", 0) >= 1, "IKE rekey", 30)
+        assert ping(w, 3) == 3, ss.logtail() + w.logs()
+        log = ss.log()
+        assert len(re.findall(r"generating IKE_SA_INIT request", log)) == 1, log
+        assert "retransmit" not in log, ss.logtail()
+
+
+@pytest.mark.root
+@pytest.mark.slow
+@needs_strongswan
 @pytest.mark.parametrize("how", ["mobike", "nat-float"])
 def test_strongswan_client_handed_over_with_direct_identity(tmp_path: Path, how: str) -> None:
     """Direct SG identity: the client connects to sg1's own address; after the transfer sg2,

@@ -34,9 +34,19 @@ class Client(Charon):
     mobike = "no"
     ike_proposal = "aes128gcm16-prfsha256-x25519"
     dpd_delay = "2s"
+    # a second child, "udp": UDP only (strongSwan refuses a duplicate of "net"), started by
+    # ``swanctl --initiate --child udp`` as an extra CHILD SA of the IKE SA
+    udp_child = False
 
     def write_config(self) -> None:
         super().write_config()
+        udp = f"""
+      udp {{
+        local_ts = {MN_INNER}/32[udp]
+        remote_ts = {HOST_NET}[udp]
+        esp_proposals = aes128gcm16
+        mode = tunnel
+      }}""" if self.udp_child else ""
         conf = f"""connections {{
   cA {{
     version = 2
@@ -60,7 +70,7 @@ class Client(Charon):
         remote_ts = {HOST_NET}
         esp_proposals = aes128gcm16
         mode = tunnel
-      }}
+      }}{udp}
     }}
   }}
 }}

@@ -45,9 +45,17 @@ def cmd_rebalance(args: argparse.Namespace) -> int:
 
 def register(sub: Any) -> None:
     p: argparse.ArgumentParser = sub.add_parser(
-        "transfer", help="move the tunnel of an SA to a peer gateway (context transfer)"
+        "transfer",
+        help="move the tunnel of an SA, or an IKE SA with its CHILD SAs, to a peer gateway"
+        " (context transfer)",
     )
-    p.add_argument("spi", help="SPI of either SA of the tunnel (0x... for hex)")
+    p.add_argument(
+        "spi",
+        metavar="SA",
+        help="what to move: the SPI of either SA of a tunnel (0x... for hex), or with IKEv2"
+        " an IKE SPI (16 hex digits) or a connection's name with one IKE SA (the IKE SA and"
+        " all its CHILD SAs move together)",
+    )
     p.add_argument("--to", required=True, help="peer gateway name ([[peers]] in the config)")
     p.add_argument(
         "--mode",

@@ -547,6 +547,36 @@ class IkeService:
             out += [c.spi_out for c in ike.children if c.spi_out != spi_out]
         return out
 
+    def transfer_unit(self, what: str) -> list[int] | None:
+        """The inbound SPIs of the CHILD SAs that move together when an operator names
+        ``what`` (``ipsecct transfer``): a connection with exactly one IKE SA, an IKE SPI (16
+        hex digits, initiator's or responder's), or the SPI of a CHILD SA (all the CHILD SAs
+        of its IKE SA: an IKE SA moves with its CHILD SAs, as one unit). None: ``what``
+        names no IKE SA here (a manually keyed tunnel's SPI, or nothing)."""
+        sas = self.engine.ike_sas()
+        found: list[IkeSA] = [ike for ike in sas if ike.conn.name == what]
+        if len(found) > 1:
+            raise ValueError(
+                f"connection {what!r} has {len(found)} IKE SAs here: name one by its IKE SPI"
+            )
+        if not found:
+            text = what.lower().removeprefix("0x")
+            if len(text) == 16:
+                found = [ike for ike in sas if text in (ike.spi_i.hex(), ike.spi_r.hex())]
+            else:
+                try:
+                    spi = int(what, 0)
+                except ValueError:
+                    return None
+                found = [ike for ike in sas
+                         if any(spi in (c.spi_in, c.spi_out) for c in ike.children)]  # fmt: skip
+        if not found:
+            return None
+        (ike,) = found
+        if not ike.children:
+            raise ValueError(f"IKE SA of {ike.conn.name!r} has no CHILD SA to move")
+        return [c.spi_in for c in ike.children]
+
     def forget_all(self, detail: str = "the standby took them over") -> None:
         """Another gateway took over our IKE SAs (the standby, or etcd ended our lease): drop
         them all without a DELETE (the fencing removed their tunnels)."""

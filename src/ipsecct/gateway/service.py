@@ -136,6 +136,8 @@ class Service:
             self.ike.direct = tcfg is not None and tcfg.settings.identity is Identity.DIRECT
             self.transfer.listeners.append(self.ike.on_transfer)
             self.transfer.starting.append(self.ike.transfer_started)
+            self.transfer.unit_of = self.ike.transfer_unit
+            self.transfer.siblings_of = self.ike.siblings
         if self.ike is not None and self.failover is not None:
             self.failover.attach_ike(self.ike)  # IKE SAs replicated and taken over too
         if self.ike is not None and self.cluster is not None and self.cluster.replicators:

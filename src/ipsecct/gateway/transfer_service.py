@@ -58,6 +58,12 @@ class TransferService:
         # Called with the SPIs of every transfer this gateway starts as its source (the IKE
         # service quietens their IKE SAs until the transfer ends).
         self.starting: list[Callable[[set[int]], None]] = []
+        # What ``ipsecct transfer NAME`` moves: the inbound SPIs of the CHILD SAs of the IKE SA
+        # a connection name, an IKE SPI or a CHILD SPI names (the IKE service), None if none.
+        self.unit_of: Callable[[str], list[int] | None] | None = None
+        # The outbound SPIs of the other CHILD SAs of a CHILD SA's IKE SA (the IKE service):
+        # a rebalance moves whole IKE SAs.
+        self.siblings_of: Callable[[int], list[int]] | None = None
         self.core.on_start = self._started
         self._next_gc = 0.0
         node.on_held = self._on_held
@@ -270,6 +276,16 @@ class TransferService:
         ][:count]
         if not spis:
             raise TransferError("no tunnels to move")
+        if self.siblings_of is not None:
+            # Whole IKE SAs: the other CHILD SAs of a chosen one's IKE SA go too (a few more
+            # than ``count`` when the last IKE SA's CHILD SAs straddle it).
+            chosen = set(spis)
+            for spi in list(spis):
+                for s in self.siblings_of(spi):
+                    t = self.node.engine.tunnel_by_spi(s)
+                    if s not in chosen and t is not None and t.state is TunnelState.ACTIVE:
+                        chosen.add(s)
+                        spis.append(s)
         return await self.transfer(spis, to, timeout=timeout)
 
     # -- control socket ---------------------------------------------------------------
@@ -279,11 +295,19 @@ class TransferService:
         to = args.get("to")
         if not isinstance(to, str):
             raise ControlError("say where to: --to PEER")
-        try:
-            spi_i = int(spi, 0) if isinstance(spi, str) else int(spi)  # type: ignore[arg-type]
-            rec = await self.transfer([spi_i], to, mode=str(args.get("mode", "predictive")))
-        except (TypeError, ValueError):
-            raise ControlError(f"bad SPI {spi!r}") from None
+        spis: list[int] | None = None
+        if self.unit_of is not None and isinstance(spi, str):
+            try:
+                spis = self.unit_of(spi)
+            except ValueError as exc:
+                raise ControlError(str(exc)) from None
+        if spis is None:
+            try:
+                spis = [int(spi, 0) if isinstance(spi, str) else int(spi)]  # type: ignore[arg-type]
+            except (TypeError, ValueError):
+                raise ControlError(f"bad SPI {spi!r} (and no IKE SA or connection of that name)"
+                                   ) from None  # fmt: skip
+        rec = await self.transfer(spis, to, mode=str(args.get("mode", "predictive")))
         return rec.as_dict()
 
     async def control_rebalance(self, args: dict[str, Any]) -> Any:

@@ -1,0 +1,120 @@
+"""``examples/ikev2`` as its README runs it: two ``ipsecct gateway run`` and one ``ipsecct node
+run`` on loopback; the node connects to sg1 with IKEv2 (PSK), and ``ipsecct transfer`` moves the
+IKE SA with its CHILD SA to sg2, named by the connection, then back, named by its IKE SPI. The
+node follows without a new IKE_SA_INIT, and traffic passes both ways after each move.
+
+Ports and socket paths of the example are replaced by free ones in a temporary directory.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.helpers.deployment import ExampleDeployment, cli
+
+ROOT = Path(__file__).resolve().parent.parent
+PORTS = (14500, 15000, 15001, 24500, 25000, 25091, 34500, 35000, 35091, 45001)
+ADDR = {"mn": "127.0.4.10", "sg1": "127.0.4.1", "sg2": "127.0.4.2", "host": "127.0.4.20"}
+INNER = {"sg1": 25000, "sg2": 35000}
+
+
+class Setup(ExampleDeployment):
+    def __init__(self, d: Path) -> None:
+        super().__init__(
+            d,
+            ROOT / "examples" / "ikev2",
+            udp_ports=tuple(p for p in PORTS if p not in (25091, 35091)),
+            tcp_ports=(25091, 35091),
+            ctl_prefix="ikev2-",
+            host=(ADDR["host"], 45001),
+            mn_app=(ADDR["mn"], 15001),
+            edit=lambda text: text.replace('level = "info"', 'level = "debug"'),
+        )
+
+    def traffic_ok(self, via: str, tag: int, n: int = 20) -> None:
+        up = self.exchange(n, tag, True, (ADDR["mn"], self.port[15000]))
+        assert up == n, self.log(via)
+        down = self.exchange(n, tag + 1, False, (ADDR[via], self.port[INNER[via]]))
+        assert down == n, self.log(via)
+
+    def ike(self, name: str) -> list[dict[str, Any]]:
+        r = cli("sa", "list", "--ike", "--json", "--config", self.config(name))
+        assert r.returncode == 0, r.stderr
+        out: list[dict[str, Any]] = json.loads(r.stdout)
+        return out
+
+    def wait_ike(self, name: str, pred: Any, what: str, timeout: float = 30) -> dict[str, Any]:
+        import time
+
+        deadline = time.monotonic() + timeout
+        while True:
+            sas = self.ike(name)
+            if len(sas) == 1 and pred(sas[0]):
+                return sas[0]
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{what}: {sas}\n{self.log(name)}")
+            time.sleep(0.1)
+
+
+@pytest.fixture
+def setup(tmp_path: Path) -> Iterator[Setup]:
+    s = Setup(tmp_path)
+    try:
+        yield s
+    finally:
+        s.stop()
+
+
+def test_ikev2_example_moves_the_ike_sa_there_and_back(setup: Setup) -> None:
+    for n in ("sg1", "sg2", "mn"):
+        setup.start(n)
+    sg1_addr = f"{ADDR['sg1']}:{setup.port[24500]}"
+    sg2_addr = f"{ADDR['sg2']}:{setup.port[34500]}"
+    mn_ike = setup.wait_ike("mn", lambda s: s["children"], "the MN's IKE SA with sg1")
+    assert mn_ike["remote"] == sg1_addr and mn_ike["role"] == "initiator"
+    ike1 = setup.wait_ike("sg1", lambda s: s["children"], "sg1's IKE SA")
+    assert ike1["name"] == "rw" and ike1["remote_id"] == "mn.example"
+    assert setup.ike("sg2") == []
+    setup.traffic_ok("sg1", 10)
+
+    # Named by the connection: the IKE SA and its CHILD SA go to sg2.
+    r = cli("transfer", "rw", "--to", "sg2", "--json", "--config", setup.config("sg1"))
+    assert r.returncode == 0, (r.stdout, r.stderr, setup.log("sg1"))
+    rec = json.loads(r.stdout)
+    assert rec["outcome"] == "committed" and rec["tunnels"] == 1, rec
+    ike2 = setup.wait_ike("sg2", lambda s: s["children"], "sg2's IKE SA")
+    assert (ike2["spi_i"], ike2["spi_r"]) == (ike1["spi_i"], ike1["spi_r"])
+    assert ike2["children"][0]["spi_in"] == ike1["children"][0]["spi_in"]
+    assert ike2["local"] == sg2_addr
+    # the SA keeps its age: established before the transfer, not at it
+    assert ike2["established_s"] >= ike1["established_s"]
+    setup.wait_ike("mn", lambda s: s["remote"] == sg2_addr, "the MN following sg2 (MOBIKE)")
+    setup.wait("sg1", lambda st: st["sas"] == 0, "sg1 without SAs")
+    assert setup.ike("sg1") == []
+    setup.traffic_ok("sg2", 20)
+
+    # Named by its IKE SPI (the responder's, as sa list shows it): back to sg1.
+    r = cli("transfer", ike2["spi_r"], "--to", "sg1", "--json", "--config", setup.config("sg2"))
+    assert r.returncode == 0, (r.stdout, r.stderr, setup.log("sg2"))
+    assert json.loads(r.stdout)["outcome"] == "committed"
+    setup.wait_ike("mn", lambda s: s["remote"] == sg1_addr, "the MN following sg1 again")
+    setup.wait_ike("sg1", lambda s: s["children"], "sg1's IKE SA back")
+    setup.traffic_ok("sg1", 30)
+
+    # Never re-negotiated: one IKE_SA_INIT from the MN, no replay or ICV drop anywhere.
+    mn = setup.status("mn")
+    assert mn["ike"]["counters"]["ike-sa-init-sent"] == 1, mn["ike"]
+    for n in ("mn", "sg1", "sg2"):
+        drops = setup.status(n)["counters"]["drops"]
+        assert drops["replay"] == 0 and drops["icv"] == 0, (n, drops)
+
+    # What names nothing: one line, exit status 2.
+    for what in ("nosuch", "0x0123456789abcdef", "0x77777777"):
+        r = cli("transfer", what, "--to", "sg2", "--config", setup.config("sg1"))
+        assert r.returncode == 2, (what, r.stdout, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
