@@ -9,6 +9,7 @@ import random
 import sqlite3
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -666,6 +667,64 @@ def test_writes_not_waited_for_next_wake_the_writer_after_the_current_callback(
         assert {fp: (r.owner, r.ceiling) for fp, r in loaded.items()} == {
             "fp0": (Owner.PENDING, 10), "fp1": (Owner.OWNED, 11), "fp2": (Owner.AWAY, 13),
         }  # fmt: skip
+        await st.stop()
+
+    asyncio.run(main())
+
+
+def test_an_ownership_write_is_settled_by_the_first_callback_after_its_thread_ends(
+    tmp_path: Path,
+) -> None:
+    """The writer's thread hands a write's outcome to the loop as one callback: the Write is
+    settled in the loop iteration right after the thread finished, ahead of anything the
+    loop schedules later (a future chained to the thread's settled it one iteration later,
+    behind that iteration's I/O; the COMMIT waits for "given away" that way)."""
+    import asyncio
+    import threading
+    from types import SimpleNamespace
+
+    async def main() -> None:
+        store, lock = state_mod.open_store(tmp_path / "s", "gw", [], fresh=False)
+        node = SimpleNamespace(name="gw", extensions={}, on_reserve=None)
+        st = state_mod.DurableState(node, store, lock, 1024)  # type: ignore[arg-type]
+        await st.start()
+        loop = asyncio.get_running_loop()
+        handed = threading.Event()  # the thread has handed something to the loop
+        threadsafe = loop.call_soon_threadsafe
+
+        def recording(cb: Any, *args: Any, **kw: Any) -> Any:
+            h = threadsafe(cb, *args, **kw)
+            handed.set()
+            return h
+
+        loop.call_soon_threadsafe = recording  # type: ignore[method-assign]
+        ticks: list[int] = []  # loop iterations after the thread's hand-over
+        settled_at: list[int] = []
+        done = loop.create_future()
+
+        def tick() -> None:
+            ticks.append(len(ticks))
+            if not done.done():
+                loop.call_soon(tick)
+
+        def then(ok: bool) -> None:
+            settled_at.append(len(ticks))
+            if not done.done():
+                done.set_result(ok)
+
+        def callback() -> None:  # the core's turn: "given away" submitted, waited for
+            st._submit([row("fp0", Owner.AWAY, 10)], then)
+            # Block this turn until the thread has written and handed the outcome over,
+            # then count the loop's iterations from here.
+            assert handed.wait(15)
+            loop.call_soon(tick)
+
+        loop.call_soon(callback)
+        async with asyncio.timeout(15):
+            assert await done is True
+        assert settled_at == [0]  # before the first iteration scheduled after the hand-over
+        assert st.store.load()["fp0"].owner is Owner.AWAY
+        loop.call_soon_threadsafe = threadsafe  # type: ignore[method-assign]
         await st.stop()
 
     asyncio.run(main())
