@@ -10,6 +10,9 @@ on a shared machine:
   submitted (before: the target's CTDR and the mobile node's signal left after it); B is
   the gateway as it runs (only the writes waited for next wake it at once, the others after
   the loop's current callback).
+- ``--compare settle``: A hands a write's outcome from the writer's thread back to the loop
+  through ``run_in_executor``'s future (before: settled by a first callback, whose
+  done-callback then ran one loop iteration later); B as the gateway runs (one callback).
 - ``--compare gil``: A runs with CPython's default GIL switch interval (5 ms), B with
   ``--interval``.
 
@@ -17,7 +20,8 @@ Printed (JSON): for each variant, the median handover time (trigger to target ac
 median loop-thread CPU time per handover, and the median longest pause of the stream around
 each handover (from the trigger until 50 ms after the target is active).
 
-    .venv/bin/python benchmarks/handover_ab.py [--compare wakeup] [--pairs 10] [--rate 1000]
+    .venv/bin/python benchmarks/handover_ab.py [--compare wakeup|settle|gil] [--pairs 10] \
+        [--rate 1000]
 """
 
 from __future__ import annotations
@@ -40,6 +44,8 @@ def _variant(compare: str, b: bool, interval: float, default: float) -> None:
 
     if compare == "gil":
         sys.setswitchinterval(interval if b else default)
+    elif compare == "settle":
+        DurableState._wake_writer = _WAKE if b else _chained  # type: ignore[method-assign]
     else:
         DurableState._submit = _SUBMIT if b else _urgent  # type: ignore[method-assign]
 
@@ -49,11 +55,18 @@ def _urgent(self: Any, rows: Any, then: Any = None, *, urgent: bool = True) -> A
     return _SUBMIT(self, rows, then, urgent=True)
 
 
+def _chained(self: Any) -> None:
+    """The write's outcome through run_in_executor's future (variant A of ``settle``)."""
+    job = self._loop.run_in_executor(self._writer, self._write_batch, [])
+    job.add_done_callback(lambda f: self._written(f.result()))
+
+
 _SUBMIT: Any = None
+_WAKE: Any = None
 
 
 async def _run(compare: str, pairs: int, interval: float, rate: int) -> dict[str, Any]:
-    global _SUBMIT
+    global _SUBMIT, _WAKE
     from ipsecct.ct.transfer import Record
     from ipsecct.demo import handover as demo_handover
     from ipsecct.demo import topology as demo
@@ -61,6 +74,7 @@ async def _run(compare: str, pairs: int, interval: float, rate: int) -> dict[str
 
     default = sys.getswitchinterval()
     _SUBMIT = DurableState._submit
+    _WAKE = DurableState._wake_writer
     with tempfile.TemporaryDirectory(prefix="ipsecct-bench-") as tmp:
         dm = await demo.build(Path(tmp), keying="manual")
         try:
@@ -134,7 +148,7 @@ async def _run(compare: str, pairs: int, interval: float, rate: int) -> dict[str
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    ap.add_argument("--compare", choices=("wakeup", "gil"), default="wakeup")
+    ap.add_argument("--compare", choices=("wakeup", "settle", "gil"), default="wakeup")
     ap.add_argument("--pairs", type=int, default=10, help="pairs of rounds (10)")
     ap.add_argument("--interval", type=float, default=0.0005, help="switch interval, s")
     ap.add_argument("--rate", type=int, default=1000, help="stream packets/s each way (1000)")
