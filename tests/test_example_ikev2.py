@@ -118,3 +118,29 @@ def test_ikev2_example_moves_the_ike_sa_there_and_back(setup: Setup) -> None:
         r = cli("transfer", what, "--to", "sg2", "--config", setup.config("sg1"))
         assert r.returncode == 2, (what, r.stdout, r.stderr)
         assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+
+
+def test_a_target_without_the_connection_refuses_the_ike_sa_and_its_child_sas(
+    setup: Setup,
+) -> None:
+    """sg2's connection has another name: it could not take the IKE SA, so it refuses its
+    CHILD SA before the commit (the transfer's UNIT CDB names the connection), and sg1 keeps
+    both and goes on serving; before, sg2 took the CHILD SA and dropped the IKE SA after the
+    commit, and the client's IKE SA was left with no gateway."""
+    f = setup.dir / "sg2.toml"
+    f.write_text(f.read_text().replace("[connections.rw]", "[connections.other]")
+                 .replace("[secrets.ike-rw]", "[secrets.ike-other]"))  # fmt: skip
+    for n in ("sg1", "sg2", "mn"):
+        setup.start(n)
+    setup.wait_ike("sg1", lambda s: s["children"], "sg1's IKE SA")
+    setup.traffic_ok("sg1", 10)
+    r = cli("transfer", "rw", "--to", "sg2", "--json", "--config", setup.config("sg1"))
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    rec = json.loads(r.stdout)
+    assert rec["outcome"] == "refused" and rec["accepted"] == 0, rec
+    assert "no connection 'rw' here" in setup.log("sg2")
+    (ike,) = setup.ike("sg1")
+    assert ike["children"] and setup.ike("sg2") == []
+    assert setup.status("sg2")["sas"] == 0
+    setup.traffic_ok("sg1", 20)
+    assert setup.ike("mn")[0]["remote"] == f"{ADDR['sg1']}:{setup.port[24500]}"

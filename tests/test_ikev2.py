@@ -8,6 +8,7 @@ checks, dead peers and DELETEs. The interop with a real strongSwan is in
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import ipaddress
 import os
 import struct
@@ -1099,3 +1100,24 @@ def test_ike_forward_cdb_round_trip() -> None:
     assert context.decode_forward(cdb) == (b"x" * 300, I500, R500)
     with pytest.raises(context.IkeContextError):
         context.encode_forward(b"x" * (context.MAX_FORWARD + 1), I500, R500)
+
+
+def test_ike_unit_payload_says_what_a_target_needs() -> None:
+    """The UNIT payload of an IKE SA (connection and CHILD configuration names): a gateway
+    with that connection and those children can take it; one without says why not; garbage
+    is refused, never raised."""
+    from ipsecct.ikev2 import context
+
+    w = pair(mn_conn(dpd=10), conn(dpd=10))
+    connect(w)
+    (ike,) = w.resp.ike_sas()
+    payload = context.unit_payload(ike, ike.children)
+    assert context.unit_refusal(payload, [conn("x"), conn(dpd=10)]) is None
+    assert context.unit_refusal(payload, [conn("x")]) == f"no connection {ike.conn.name!r} here"
+    child = ike.children[0].config.name
+    other = conn(dpd=10)
+    other.children[0] = dataclasses.replace(other.children[0], name="elsewhere")
+    assert context.unit_refusal(payload, [other]) == (
+        f"no child {child!r} in connection {ike.conn.name!r} here")
+    for junk in (b"", b"\x01\x00\x01\x07", payload[:-1], b"\xff" * 40):
+        assert context.unit_refusal(junk, [conn(dpd=10)]) is not None

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 
+import pytest
+
 from ipsecct.ct import cxtp
 from ipsecct.ct.transfer import Settings, forward_cdb
 from ipsecct.ipsec.engine import Held, TunnelState
@@ -482,3 +484,86 @@ def test_source_checks_the_token_before_any_work_and_limits_a_flooding_peer() ->
     answers = w.pending("sg1", "sg2")
     assert answers <= 20 * cxtp.CT_REQUEST_RATE
     assert sg1.core.counters["ctar_limited"] == 500 - answers
+
+
+# -- UNIT: tunnels that go with an IKE SA, all or none ---------------------------------------
+def test_a_unit_the_target_cannot_take_is_refused_whole_before_the_commit() -> None:
+    """The CHILD SAs of an IKE SA come with a UNIT CDB naming them: a target without a check
+    for that kind, or whose check refuses (no such connection), refuses all of them, and a
+    tunnel of the same transfer outside the unit is still taken."""
+    from ipsecct.ct.transfer import UNIT_IKEV2, unit_cdb
+
+    child_a = rogue_cdbs(sel("10.2.0.0/24", "10.1.0.66/32"))
+    child_b = rogue_cdbs(sel("10.2.0.0/24", "10.1.0.67/32"), spi_out=0x6660003, spi_in=0x6660004)
+    other = rogue_cdbs(sel("10.2.0.0/24", "10.1.0.68/32"), spi_out=0x6660005, spi_in=0x6660006)
+    unit = unit_cdb(UNIT_IKEV2, [0x6660001, 0x6660003], b"conn")
+    for check in (None, lambda peer, payload: "no connection 'conn' here"):
+        w = victim_world()
+        core = w.gw["sg1"].core
+        if check is not None:
+            core.unit_checks[UNIT_IKEV2] = check
+        send_pctd(w, child_a + child_b + other + [unit])
+        msg = w.drop("sg1", "sg2")
+        assert isinstance(msg, cxtp.CTDR) and not msg.all_ok
+        res = {cxtp.SaResult.decode(c).spi: cxtp.SaResult.decode(c).status for c in msg.ext[1:]}
+        assert res[0x6660001] == res[0x6660003] == cxtp.Status.UNAUTHORISED
+        assert res[0x6660005] == cxtp.Status.SUCCESS
+        assert {sa.spi for sa in core.engine.sad} == {SPI_UP, SPI_DOWN, 0x6660005, 0x6660006}
+        assert core.counters["unit_refused"] == 1
+    # a check that accepts: all three are taken
+    w = victim_world()
+    seen: list[tuple[str, bytes]] = []
+    w.gw["sg1"].core.unit_checks[UNIT_IKEV2] = lambda peer, p: seen.append((peer, p)) or None
+    send_pctd(w, child_a + child_b + other + [unit])
+    assert ctdr_ok(w) and seen == [("sg2", b"conn")]
+    assert len(w.gw["sg1"].engine.sad) == 8
+
+
+def test_a_unit_is_installed_all_or_none() -> None:
+    """One CHILD SA of the unit is refused by the target's policy (its selectors overlap a
+    tunnel already here): the other one, accepted and installed held, is removed and refused
+    too, so the source keeps the IKE SA with both."""
+    from ipsecct.ct.transfer import UNIT_IKEV2, unit_cdb
+
+    w = victim_world()
+    core = w.gw["sg1"].core
+    core.unit_checks[UNIT_IKEV2] = lambda peer, payload: None
+    fine = rogue_cdbs(sel("10.2.0.0/24", "10.1.0.66/32"))
+    bad = rogue_cdbs(sel("10.2.0.0/24", f"{MN_INNER}/32"), spi_out=0x6660003, spi_in=0x6660004)
+    send_pctd(w, fine + bad + [unit_cdb(UNIT_IKEV2, [0x6660001, 0x6660003], b"")])
+    msg = w.drop("sg1", "sg2")
+    assert isinstance(msg, cxtp.CTDR) and not msg.all_ok
+    res = {cxtp.SaResult.decode(c).spi: cxtp.SaResult.decode(c).status for c in msg.ext[1:]}
+    assert res[0x6660001] == res[0x6660003] == cxtp.Status.UNAUTHORISED
+    assert {sa.spi for sa in core.engine.sad} == {SPI_UP, SPI_DOWN}
+    assert [t.outbound.spi for t in core.engine.tunnels()] == [SPI_DOWN]
+    commit(w, 0x5EED)  # nothing to activate
+    host_to(w, "10.1.0.66")
+    assert spis_sent(w) == []
+
+
+def test_unit_cdb_round_trip_and_malformed() -> None:
+    from hypothesis import given
+    from hypothesis import strategies as st
+
+    from ipsecct.ct.transfer import parse_unit, unit_cdb
+    from ipsecct.errors import CxtpError
+
+    cdb = unit_cdb(1, [0x100, 0xFFFFFFFF], b"payload")
+    assert len(cdb) % 8 == 0 and parse_unit(cdb) == (1, [0x100, 0xFFFFFFFF], b"payload")
+    for bad in (cdb[:6], cdb[:4] + b"\x01\x00\x00\x00" + cdb[8:], cdb + bytes(8),
+                cdb[:-1] + b"\x01"):  # fmt: skip
+        with pytest.raises(CxtpError):
+            parse_unit(bad)
+    with pytest.raises(CxtpError):
+        unit_cdb(1, [], b"")
+
+    @given(st.binary(max_size=64))
+    def fuzz(data: bytes) -> None:
+        try:
+            _kind, spis, payload = parse_unit(data)
+        except CxtpError:
+            return
+        assert spis and len(payload) <= len(data)
+
+    fuzz()

@@ -66,6 +66,8 @@ FPT_DECISION = 0x8005  # COMMIT (1) or ABORT (2) of a transfer
 FPT_FORWARD = 0x8006  # a packet forwarded after the cut-over
 FPT_SYNC = 0x8007  # fail-over replication: heartbeat and state (see failover.py)
 FPT_FINAL = 0x8008  # make-before-break: a tunnel's final state at the source (FINAL)
+FPT_UNIT = 0x8009  # tunnels that move with a context of another kind (an IKE SA): UNIT
+UNIT_IKEV2 = 1  # a UNIT's kind: the CHILD SAs of one IKE SA (its context follows the COMMIT)
 DECISION_COMMIT = 1
 MAX_FORWARD_PACKET = cxtp.MAX_CDB_LEN - 8
 
@@ -251,6 +253,30 @@ def parse_forward(cdb: bytes) -> tuple[bytes, bool]:
     return bytes(p[4 : 4 + n]), bool(inbound)
 
 
+def unit_cdb(kind: int, out_spis: list[int], payload: bytes) -> bytes:
+    """A UNIT CDB (in a PCTD or the CTD of a pull, after the SA contexts): ``Kind (8) |
+    Count (8) | PayloadLen (16) | Out SPI (32) x Count | payload``. The tunnels whose
+    outbound SPIs (as transferred) it lists go with a context of ``kind`` that the target
+    must be able to take too (``payload`` says what it needs: for an IKE SA, its connection
+    and CHILD configurations by name): all of them, or none."""
+    if not 0 < len(out_spis) < 256 or len(payload) > 0xFFFF:
+        raise CxtpError("UNIT CDB: 1 to 255 tunnels")
+    body = struct.pack("!BBH", kind, len(out_spis), len(payload))
+    return frame(FPT_UNIT, body + struct.pack(f"!{len(out_spis)}I", *out_spis) + payload)
+
+
+def parse_unit(cdb: bytes) -> tuple[int, list[int], bytes]:
+    """(kind, outbound SPIs, payload) of a UNIT CDB; CxtpError when it is malformed."""
+    p = unframe(cdb)
+    if len(p) < 4:
+        raise CxtpError("UNIT CDB too short")
+    kind, n, plen = struct.unpack_from("!BBH", p)
+    end = 4 + 4 * n + plen
+    if n == 0 or end > len(p) or len(p) - end >= 8 or any(p[end:]):
+        raise CxtpError("UNIT CDB malformed")
+    return kind, list(struct.unpack_from(f"!{n}I", p, 4)), bytes(p[4 + 4 * n : end])
+
+
 def decision_cdb(decision: int) -> bytes:
     return frame(FPT_DECISION, bytes([decision, 0, 0, 0]))
 
@@ -425,6 +451,11 @@ def _overlaps(inc: _Incoming, found: list[object], mn: IPAddress) -> bool:
     return False
 
 
+# One transferred tunnel's outcome at the target: (outbound SA, inbound SA, status, the
+# inbound SPI it was reassigned to, the inbound SPI as transferred).
+_Outcome = tuple[SecurityAssociation, SecurityAssociation | None, int, int | None, int]
+
+
 def _sa_key(sa: SecurityAssociation) -> tuple[int, int, int, int]:
     """An SA's SAD key (outer destination, protocol, SPI) as integers: hashed without the
     address's Python-level hash."""
@@ -492,6 +523,7 @@ class TransferCore:
             "held_refused": 0,  # packets of held tunnels over the queue bounds
             "forward_refused": 0,  # FORWARDs for no tunnel this peer moved here just now
             "policy_refused": 0,  # transferred tunnels outside this gateway's policy
+            "unit_refused": 0,  # units (an IKE SA with its CHILD SAs) this gateway cannot take
             "over_limit": 0,  # transfers or contexts beyond a peer's limits
             "expired": 0,  # incoming transfers that never finished
             "ctar_limited": 0,  # CTARs and CT-Reqs over their rate
@@ -513,6 +545,12 @@ class TransferCore:
         # Told the SPIs of every transfer this gateway starts as source, once its tunnels
         # are held or capped (the IKE adapter quietens their IKE SAs).
         self.on_start: Callable[[set[int]], None] | None = None
+        # Source: UNIT CDBs for the tunnels of a transfer (the IKE adapter: one per IKE SA
+        # whose CHILD SAs go), sent after their contexts. Target: per UNIT kind, why this
+        # gateway cannot take such a unit from a peer (None: it can); a kind without a check
+        # here is refused. A unit's tunnels are installed all or none.
+        self.unit_cdbs: Callable[[list[Tunnel]], list[bytes]] | None = None
+        self.unit_checks: dict[int, Callable[[str, bytes], str | None]] = {}
         self._next_housekeeping = 0.0
 
     # -- source side -----------------------------------------------------------------
@@ -592,6 +630,8 @@ class TransferCore:
             cdbs.append(context.encode(t.outbound, now, seq=og.caps.get(t)))
             if t.inbound is not None:
                 cdbs.append(context.encode(t.inbound, now))
+        if self.unit_cdbs is not None:
+            cdbs += self.unit_cdbs(og.tunnels)
         template: cxtp.CTD | cxtp.PCTD = (
             cxtp.CTD(og.mn, 0) if reactive else cxtp.PCTD(og.mn, 0, token_key(og.tunnels[0]))
         )
@@ -1183,11 +1223,15 @@ class TransferCore:
         sas: list[SecurityAssociation] = []
         statuses: list[int] = []
         results: list[bytes] = []
+        units: list[tuple[int, list[int], bytes]] = []
         try:
             for c in inc.cdbs:
-                sas.append(context.decode(c, now))
+                if cxtp.cdb_fpt(c) == FPT_UNIT:
+                    units.append(parse_unit(c))
+                else:
+                    sas.append(context.decode(c, now))
             pairs = _pair_up(sas)
-        except ContextError as exc:
+        except (ContextError, CxtpError) as exc:
             _move(inc, IncomingState.CANCELLED)
             inc.cdbs, inc.octets = [], 0
             inc.give_up = now + self.settings.retry_max
@@ -1196,7 +1240,7 @@ class TransferCore:
             return [Send(inc.peer, m) for m in self._ctdr(inc, False, [cxtp.Status.MALFORMED], [])]
         inc.cdbs, inc.octets = [], 0
         inc.record.tunnels = len(pairs)
-        outcomes = []
+        outcomes: list[_Outcome] = []
         indexes = self._overlap_index(inc.peer)
         s = self.settings
         accept = (
@@ -1205,10 +1249,14 @@ class TransferCore:
             else (RangeSet(s.accept_local or ()), RangeSet(s.accept_remote or ()))
         )
         accepted: _Accept = (accept, {})
+        unit_refused = self._check_units(inc.peer, units)
         batch = _Batch()
         for out_sa, in_sa in pairs:
             old_in = in_sa.spi if in_sa is not None else 0
             inc.pairs[(out_sa.spi, old_in)] = (out_sa, in_sa)
+            if out_sa.spi in unit_refused:
+                outcomes.append((out_sa, in_sa, cxtp.Status.UNAUTHORISED, None, old_in))
+                continue
             status, new_spi = self._install_one(
                 inc, out_sa, in_sa, now, indexes, accepted, batch
             )
@@ -1219,6 +1267,8 @@ class TransferCore:
                 (o, i, cxtp.Status.SPI_COLLISION if id(o) in batch.failed else st, spi, old)
                 for o, i, st, spi, old in outcomes
             ]
+        if units:
+            outcomes = self._all_or_none(inc, units, outcomes)
         if inc.tunnels and self.journal is not None:
             # Recorded pending and reserved past the transferred sequence number while the
             # CTDR travels: the tunnels are activated (and their SAs may send) only once that
@@ -1286,6 +1336,46 @@ class TransferCore:
             inc.seq += 1
             msgs.append(cxtp.CTDR(inc.mn, ok, entries, (tag, *chunk)))
         return msgs
+
+    def _check_units(self, peer: str, units: list[tuple[int, list[int], bytes]]) -> set[int]:
+        """The outbound SPIs of the units this gateway cannot take (no check for their kind,
+        or the check says why not: an IKE SA of a connection it does not have)."""
+        refused: set[int] = set()
+        for kind, spis, payload in units:
+            check = self.unit_checks.get(kind)
+            why = f"no unit of kind {kind} here" if check is None else check(peer, payload)
+            if why is not None:
+                self.counters["unit_refused"] += 1
+                refused.update(spis)
+        return refused
+
+    def _all_or_none(
+        self,
+        inc: _Incoming,
+        units: list[tuple[int, list[int], bytes]],
+        outcomes: list[_Outcome],
+    ) -> list[_Outcome]:
+        """A unit's tunnels are installed all or none: if one of them was refused, the others
+        (installed held, nothing sent or accepted on them yet) are removed and refused too
+        (UNAUTHORISED), so that the source keeps the whole unit (an IKE SA with all its CHILD
+        SAs) rather than splitting it."""
+        status = {o[0].spi: o[2] for o in outcomes}
+        undo: set[int] = set()
+        for _, spis, _ in units:
+            present = [spi for spi in spis if spi in status]
+            if any(not cxtp.is_success(status[spi]) for spi in present):
+                undo.update(spi for spi in present if cxtp.is_success(status[spi]))
+        if not undo:
+            return outcomes
+        for t in [t for t in inc.tunnels if t.outbound.spi in undo]:
+            self.engine.remove_tunnel(t)
+            inc.tunnels.remove(t)
+            inc.signals.pop(id(t), None)
+        return [
+            (o, i, cxtp.Status.UNAUTHORISED if o.spi in undo else st, None if o.spi in undo
+             else spi, old)
+            for o, i, st, spi, old in outcomes
+        ]  # fmt: skip
 
     def _overlap_index(self, peer: str) -> tuple[OverlapIndex, OverlapIndex]:
         """The selectors of every tunnel here, to refuse transferred ones that overlap them,

@@ -19,6 +19,7 @@ from typing import Any
 
 from ..ct.failover import MAX_EXTRA_CDBS
 from ..ct.ratelimit import RateLimiter
+from ..ct.transfer import UNIT_IKEV2, unit_cdb
 from ..errors import IkeContextError, IpsecctError
 from ..ikev2 import context as ike_context
 from ..ikev2.config import ChildConfig, Connection
@@ -445,6 +446,29 @@ class IkeService:
                     self.node.timers.poke()
                 continue
             self._export(ike, rec.peer, 0)
+
+    def unit_cdbs(self, tunnels: list[Any]) -> list[bytes]:
+        """The UNIT CDBs of a transfer of ``tunnels`` (source): one per IKE SA whose CHILD SAs
+        go, with the SPIs of those that go and what the target needs to take the IKE SA, so
+        that a target that could not (no such connection) refuses them all before the
+        commit instead of taking the CHILD SAs and dropping their IKE SA after it."""
+        going = {t.outbound.spi for t in tunnels}
+        out = []
+        for ike in self.engine.ike_sas():
+            children = [c for c in ike.children if c.spi_out in going]
+            if children:
+                payload = ike_context.unit_payload(ike, children)
+                out.append(unit_cdb(UNIT_IKEV2, [c.spi_out for c in children], payload))
+        return out
+
+    def check_unit(self, peer: str, payload: bytes) -> str | None:
+        """Can this gateway take the IKE SA a peer's transfer announces (target)? None if so,
+        else why not (logged)."""
+        why = ike_context.unit_refusal(payload, self.engine.connections)
+        if why is not None:
+            event(log, "ike-sa-refused", logging.WARNING, node=self.node.name, peer=peer,
+                  error=why, when="before the transfer")  # fmt: skip
+        return why
 
     def _export(self, ike: IkeSA, peer: str, attempt: int) -> None:
         from ..errors import IkeContextError

@@ -11,7 +11,7 @@ import signal
 from typing import Any
 
 from ..ct import cxtp
-from ..ct.transfer import Identity
+from ..ct.transfer import UNIT_IKEV2, Identity
 from ..errors import ConfigError, ControlError, IpsecctError
 from ..ikev2.context import is_ike_cdb
 from ..ipsec.sad import Direction, SecurityAssociation
@@ -138,6 +138,9 @@ class Service:
             self.transfer.starting.append(self.ike.transfer_started)
             self.transfer.unit_of = self.ike.transfer_unit
             self.transfer.siblings_of = self.ike.siblings
+            # an IKE SA goes with its CHILD SAs, or they all stay (UNIT CDBs)
+            self.transfer.core.unit_cdbs = self.ike.unit_cdbs
+            self.transfer.core.unit_checks[UNIT_IKEV2] = self.ike.check_unit
         if self.ike is not None and self.failover is not None:
             self.failover.attach_ike(self.ike)  # IKE SAs replicated and taken over too
         if self.ike is not None and self.cluster is not None and self.cluster.replicators:

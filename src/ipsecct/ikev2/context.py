@@ -232,6 +232,35 @@ def encode(ike: IkeSA, now: float) -> list[bytes]:
     return out
 
 
+def unit_payload(ike: IkeSA, children: list[ChildSA]) -> bytes:
+    """What a target needs to take this IKE SA after its CHILD SAs (the payload of the
+    transfer's UNIT CDB, ``ct.transfer.unit_cdb``): its connection's name and the names of
+    its CHILD SAs' configurations."""
+    items = [(1, bytes((VERSION,))), (5, ike.conn.name.encode())]
+    items += [(6, c.config.name.encode()) for c in children]
+    return _items(items)
+
+
+def unit_refusal(payload: bytes, connections: list[Connection]) -> str | None:
+    """Why a gateway with ``connections`` cannot take the IKE SA a UNIT payload describes
+    (None: it can): no connection of that name, or no CHILD configuration of a name."""
+    try:
+        d = _parse(_frame(0, payload))[1]
+        if _u(d, 1, 1) != VERSION:
+            return "unknown IKE unit version"
+        name = _one(d, 5).decode()
+        children = [c.decode() for c in d.get(6, [])]
+    except (IkeContextError, UnicodeDecodeError):
+        return "malformed IKE unit"
+    conn = next((c for c in connections if c.name == name), None)
+    if conn is None:
+        return f"no connection {name!r} here"
+    for child in children:
+        if not any(cc.name == child for cc in conn.children):
+            return f"no child {child!r} in connection {name!r} here"
+    return None
+
+
 def is_ike_cdb(cdb: bytes) -> bool:
     return len(cdb) >= 2 and struct.unpack_from("!H", cdb)[0] in (
         FPT_IKE_SA, FPT_IKE_CHILD, FPT_IKE_RESPONSE, FPT_IKE_FORWARD)
