@@ -119,3 +119,24 @@ def test_target_stopped_then_killed_mid_transfer(setup: Setup) -> None:
     setup.traffic_ok("sg1", 40)
     assert setup.status("mn")["counters"]["drops"]["replay"] == 0
     assert setup.status("sg1")["counters"]["drops"]["replay"] == 0
+
+
+def test_the_transfer_command_reports_the_outcome_of_a_long_transfer(setup: Setup) -> None:
+    """``max_transfer_ms`` above the control request's old 5 s wait, the target stopped: the
+    command waits for the transfer's own outcome (timeout, rolled back, exit status 1)
+    instead of saying "did not finish in time" (exit 2) while the transfer went on."""
+    setup.set("sg1", "max_transfer_ms", "7000")
+    for n in ("sg1", "sg2", "mn"):
+        setup.start(n)
+    setup.traffic_ok("sg1", 50)
+    os.kill(setup.procs["sg2"].pid, signal.SIGSTOP)
+    try:
+        r = cli("transfer", SPI, "--to", "sg2", "--json", "--config", setup.config("sg1"))
+    finally:
+        os.kill(setup.procs["sg2"].pid, signal.SIGCONT)
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    rec = json.loads(r.stdout)
+    assert rec["outcome"] == "timeout" and rec["ms"] >= 7000, rec
+    st1 = setup.status("sg1")
+    assert st1["sas"] == 2 and st1["transfers"]["in_progress"] == 0
+    setup.traffic_ok("sg1", 60)

@@ -31,7 +31,7 @@ def cmd_transfer(args: argparse.Namespace) -> int:
         socket_path(args),
         "transfer",
         {"spi": args.spi, "to": args.to, "mode": args.mode},
-        timeout=30,
+        timeout=600,  # the gateway answers with the outcome, bounded by its own deadlines
     )
     return _print(rec, args.json)
 
@@ -39,7 +39,7 @@ def cmd_transfer(args: argparse.Namespace) -> int:
 def cmd_rebalance(args: argparse.Namespace) -> int:
     from .sa import socket_path
 
-    rec = request(socket_path(args), "rebalance", {"to": args.to, "count": args.count}, timeout=120)
+    rec = request(socket_path(args), "rebalance", {"to": args.to, "count": args.count}, timeout=600)
     return _print(rec, args.json)
 
 

@@ -265,10 +265,21 @@ class TransferService:
         fut2: asyncio.Future[Record] = asyncio.get_running_loop().create_future()
         self.waiters[tid] = fut2
         self.run(out)
+        # The core ends every transfer by its own deadlines (CT_MAX_TRANSFER_TIME per
+        # message, then each other candidate in turn): wait for that, not less, so that
+        # the answer is the outcome and not "still running" (a short wait said "did not
+        # finish" for a transfer that then committed).
+        own = (self.core.settings.max_transfer_time * max(1, len(out)) + 1.0) * (
+            1 + len(self.tcfg.candidates)
+        )
+        wait = max(timeout, own)
         try:
-            return await asyncio.wait_for(fut2, timeout)
+            return await asyncio.wait_for(asyncio.shield(fut2), wait)
         except TimeoutError:
-            raise TransferError("transfer did not finish in time") from None
+            raise TransferError(
+                f"transfer {tid:016x} has no outcome after {wait:g} s; it goes on"
+                " (ipsecct status shows it)"
+            ) from None
 
     async def rebalance(self, to: str, count: int, timeout: float = 60.0) -> Record:
         spis = [
