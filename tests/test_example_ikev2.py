@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from tests.helpers.deployment import ExampleDeployment, cli
+from tests.helpers.waiting import until
 
 ROOT = Path(__file__).resolve().parent.parent
 PORTS = (14500, 15000, 15001, 24500, 25000, 25091, 34500, 35000, 35091, 45001)
@@ -49,16 +50,19 @@ class Setup(ExampleDeployment):
         return out
 
     def wait_ike(self, name: str, pred: Any, what: str, timeout: float = 30) -> dict[str, Any]:
-        import time
+        """The one IKE SA of ``name`` once ``pred`` holds for it (processes on a loaded
+        machine: up to ``timeout`` seconds)."""
+        seen: list[dict[str, Any]] = []
 
-        deadline = time.monotonic() + timeout
-        while True:
-            sas = self.ike(name)
-            if len(sas) == 1 and pred(sas[0]):
-                return sas[0]
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{what}: {sas}\n{self.log(name)}")
-            time.sleep(0.1)
+        def ok() -> bool:
+            seen[:] = self.ike(name)
+            return len(seen) == 1 and bool(pred(seen[0]))
+
+        try:
+            until(ok, what, timeout)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}: {seen}\n{self.log(name)}") from None
+        return seen[0]
 
 
 @pytest.fixture
