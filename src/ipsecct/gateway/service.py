@@ -201,7 +201,7 @@ class Service:
 
     async def stop_context_transfer(self) -> None:
         if self.vip is not None:
-            self.vip.stop()
+            self.vip.close()
         if self.balancer is not None:
             await self.balancer.stop()
         if self.failover is not None:

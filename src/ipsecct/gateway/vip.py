@@ -1,7 +1,9 @@
 """Moving a virtual gateway address between gateways (indirect SG identity, draft §7.1).
 
 Thin adapter: the gateway that becomes responsible for the SAs adds the address to its
-interface (iproute2) and announces it with a gratuitous ARP (built here, sent on an AF_PACKET
+interface (one rtnetlink request, RTM_NEWADDR, answered by the kernel at once: no ``ip``
+process is started, which would stall the gateway for several milliseconds right when the
+moved traffic arrives) and announces it with a gratuitous ARP (built here, sent on an AF_PACKET
 socket), so that neighbours on the link update their ARP caches at once; the gateway that
 lets go removes it. IPv6 neighbours learn through their own neighbour discovery (an unsolicited
 NA is left for later). Needs root (CAP_NET_ADMIN, CAP_NET_RAW).
@@ -9,20 +11,21 @@ NA is left for later). Needs root (CAP_NET_ADMIN, CAP_NET_RAW).
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
+import errno
 import ipaddress
 import logging
+import os
 import socket
 import struct
 from collections.abc import Callable
 
 from ..ct.transfer import Record
-from ..errors import TunError, VipError
+from ..errors import VipError
 from ..ipsec.engine import TunnelState
 from ..ipsec.ippacket import IPAddress
 from .log import event
 from .node import Node
-from .tun import ip
 
 log = logging.getLogger("ipsecct.ct.transfer")
 
@@ -45,35 +48,108 @@ def garp_frame(mac: bytes, address: ipaddress.IPv4Address) -> bytes:
     return eth + arp
 
 
-def send_garp(interface: str, address: IPAddress, count: int = 2) -> None:
+def garp_socket(interface: str) -> socket.socket:
+    """A packet socket on ``interface`` for sending gratuitous ARPs (protocol 0: it receives
+    nothing). Keep it open: closing a packet socket waits for an RCU grace period (10-30 ms
+    measured), which a gateway cannot spend while it takes over traffic."""
+    s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
+    try:
+        s.bind((interface, 0))
+    except OSError:
+        s.close()
+        raise
+    return s
+
+
+def send_garp(
+    interface: str, address: IPAddress, count: int = 2, sock: socket.socket | None = None
+) -> None:
+    """Announce ``address`` on ``interface``, on ``sock`` (a :func:`garp_socket`) if given,
+    else on a socket opened for the purpose."""
     if not isinstance(address, ipaddress.IPv4Address):
         return
     frame = garp_frame(interface_mac(interface), address)
     try:
-        with socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ARP)) as s:
-            s.bind((interface, 0))
+        with contextlib.nullcontext(sock) if sock is not None else garp_socket(interface) as s:
             for _ in range(count):
                 s.send(frame)
     except OSError as exc:
         raise VipError(f"cannot send a gratuitous ARP on {interface}: {exc.strerror}") from None
 
 
-def claim(address: IPAddress, interface: str) -> None:
-    prefix = 32 if address.version == 4 else 128
+RTM_NEWADDR, RTM_DELADDR = 20, 21
+NLMSG_ERROR = 2
+NLM_F_REQUEST, NLM_F_ACK, NLM_F_REPLACE, NLM_F_CREATE = 0x1, 0x4, 0x100, 0x400
+IFA_ADDRESS, IFA_LOCAL = 1, 2
+NETLINK_TIMEOUT = 2.0  # seconds: the kernel answers an address change at once
+
+
+def _rtattr(kind: int, data: bytes) -> bytes:
+    n = 4 + len(data)
+    return struct.pack("=HH", n, kind) + data + b"\0" * (-n % 4)
+
+
+def address_request(kind: int, address: IPAddress, index: int, seq: int) -> bytes:
+    """An rtnetlink RTM_NEWADDR (add or replace) or RTM_DELADDR message for ``address`` as a
+    host address (/32, /128) on the interface with index ``index``, asking for an ack."""
+    fam = socket.AF_INET if address.version == 4 else socket.AF_INET6
+    flags = NLM_F_REQUEST | NLM_F_ACK
+    if kind == RTM_NEWADDR:
+        flags |= NLM_F_CREATE | NLM_F_REPLACE
+    body = struct.pack("=BBBBI", fam, address.max_prefixlen, 0, 0, index)
+    body += _rtattr(IFA_LOCAL, address.packed) + _rtattr(IFA_ADDRESS, address.packed)
+    return struct.pack("=IHHII", 16 + len(body), kind, flags, seq, 0) + body
+
+
+def parse_ack(data: bytes, seq: int) -> int:
+    """The errno of the kernel's answer to request ``seq`` (0: done); ValueError if
+    ``data`` holds no such answer."""
+    off = 0
+    while off + 16 <= len(data):
+        n, kind, _flags, s, _pid = struct.unpack_from("=IHHII", data, off)
+        if n < 16 or off + n > len(data):
+            break
+        if kind == NLMSG_ERROR and s == seq and n >= 20:
+            err: int = -struct.unpack_from("=i", data, off + 16)[0]
+            return err
+        off += (n + 3) & ~3
+    raise ValueError("no answer to the request")
+
+
+def _address_change(kind: int, address: IPAddress, interface: str) -> int:
     try:
-        ip("addr", "replace", f"{address}/{prefix}", "dev", interface)
-    except TunError as exc:
-        raise VipError(str(exc)) from None
-    send_garp(interface, address)
+        index = socket.if_nametoindex(interface)
+    except OSError:
+        raise VipError(f"no interface {interface!r}") from None
+    seq = int.from_bytes(os.urandom(4), "big") or 1
+    try:
+        with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE) as s:
+            s.settimeout(NETLINK_TIMEOUT)
+            s.bind((0, 0))
+            s.send(address_request(kind, address, index, seq))
+            while True:
+                try:
+                    return parse_ack(s.recv(65536), seq)
+                except ValueError:
+                    continue  # not our answer (nothing else is asked on this socket)
+    except OSError as exc:
+        raise VipError(f"cannot change the address {address} on {interface}: {exc}") from None
+
+
+def claim(address: IPAddress, interface: str, sock: socket.socket | None = None) -> None:
+    """Add ``address`` to ``interface`` (or keep it) and announce it (on ``sock``, see
+    :func:`send_garp`)."""
+    err = _address_change(RTM_NEWADDR, address, interface)
+    if err:
+        raise VipError(f"cannot add {address} to {interface}: {os.strerror(err)}")
+    send_garp(interface, address, sock=sock)
 
 
 def release(address: IPAddress, interface: str) -> None:
-    prefix = 32 if address.version == 4 else 128
-    try:
-        ip("addr", "del", f"{address}/{prefix}", "dev", interface)
-    except TunError as exc:
-        if "Cannot assign" not in str(exc) and "not found" not in str(exc):
-            raise VipError(str(exc)) from None
+    """Remove ``address`` from ``interface``; an address already gone is not an error."""
+    err = _address_change(RTM_DELADDR, address, interface)
+    if err and err not in (errno.EADDRNOTAVAIL, errno.ENOENT, errno.ESRCH):
+        raise VipError(f"cannot remove {address} from {interface}: {os.strerror(err)}")
 
 
 class VipMover:
@@ -81,7 +157,8 @@ class VipMover:
 
     The new owner claims it (address + gratuitous ARP) as it activates; the old one lets go
     only after ``forward_time``, so that what neighbours still send it meanwhile is received
-    and forwarded, not lost. ``ip`` runs off the event loop. Fed every finished transfer or
+    and forwarded, not lost. Both are one rtnetlink request, made on the event loop (no
+process, no thread: the kernel answers at once). Fed every finished transfer or
     take-over (:meth:`on_record`)."""
 
     def __init__(
@@ -93,9 +170,19 @@ class VipMover:
         self.forward_time = forward_time
         self._release_at: float | None = None  # when to let go (on the node's timer)
         node.timers.add("vip", lambda: self._release_at, self._on_timer)
+        self._sock: socket.socket | None = None  # the gratuitous ARPs' socket, kept open
+        # (without it, an error is reported when it is needed, by a socket opened then)
+        with contextlib.suppress(OSError):
+            self._sock = garp_socket(interface)
 
     def stop(self) -> None:
         self._release_at = None
+
+    def close(self) -> None:
+        self.stop()
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
 
     def _in_use(self) -> bool:
         return any(
@@ -106,7 +193,7 @@ class VipMover:
     def on_record(self, rec: Record) -> None:
         if rec.role in ("target", "standby") and rec.outcome in ("committed", "took over"):
             self.stop()
-            self._job(claim, "virtual-address-claimed")
+            self._job(lambda a, i: claim(a, i, self._sock), "virtual-address-claimed")
         elif (
             rec.role == "source"
             and rec.outcome in ("committed", "partial")
@@ -122,20 +209,10 @@ class VipMover:
             self._job(release, "virtual-address-released")
 
     def _job(self, fn: Callable[[IPAddress, str], None], what: str) -> None:
-        address, interface = self.address, self.interface
-
-        def done(fut: asyncio.Future[None]) -> None:
-            exc = fut.exception()
-            if exc is None:
-                event(log, what, node=self.node.name, address=address)
-            else:
-                event(
-                    log,
-                    "virtual-address-failed",
-                    logging.ERROR,
-                    node=self.node.name,
-                    error=str(exc),
-                )
-
-        fut = asyncio.get_running_loop().run_in_executor(None, fn, address, interface)
-        fut.add_done_callback(done)
+        try:
+            fn(self.address, self.interface)
+        except VipError as exc:
+            event(log, "virtual-address-failed", logging.ERROR, node=self.node.name,
+                  error=str(exc))  # fmt: skip
+            return
+        event(log, what, node=self.node.name, address=self.address)
