@@ -608,8 +608,10 @@ def print_summary(s: dict[str, Any], out: TextIO) -> None:
     for h in s["handovers"]:
         out.write(
             f"  handover {h['from']} -> {h['to']} ({h['mode']}):"
-            f" transfer {h['transfer_ms']:.2f} ms,"
-            f" longest gap {h['gap_ms']:.1f} ms"
+            f" transfer {h['transfer_ms']:.2f} ms"
+            + (f" (event loop CPU {h['transfer_cpu_ms']:.2f} ms)," if "transfer_cpu_ms" in h
+               else ",")
+            + f" longest gap {h['gap_ms']:.1f} ms"
             + (f" ({h['gap_at_ms']:+.0f} ms from the trigger;"
                f" {h['handover_gap_ms']:.1f} ms around the handover)" if "gap_at_ms" in h else "")
             + f", lost {h['lost']}\n"
