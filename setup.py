@@ -36,7 +36,14 @@ setup(
             extra_compile_args=["-Wall", "-Wextra", "-Wno-unused-parameter",
                                 "-Wno-missing-field-initializers", "-Werror", "-O2"],
             optional=True,
-        )
+        ),
+        Extension(
+            "ipsecct.ct._cdb",
+            sources=["src/ipsecct/ct/_cdb.c"],
+            extra_compile_args=["-Wall", "-Wextra", "-Wno-unused-parameter",
+                                "-Wno-missing-field-initializers", "-Werror", "-O2"],
+            optional=True,
+        ),
     ],
     cmdclass={"build_ext": OptionalBuildExt},
 )

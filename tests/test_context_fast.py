@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import math
+import os
 import struct
 from typing import Any
 
@@ -52,20 +53,36 @@ def identical(a: SecurityAssociation, b: SecurityAssociation) -> None:
         assert type(a.transform) is type(b.transform)
 
 
+# The one-pass readers: in Python, and in C (ipsecct.ct._cdb) where built, which decode()
+# uses then. Both are held to the reference.
+READERS = [context._read_python] + ([context._read_native] if context.NATIVE_READER else [])
+
+
+@pytest.mark.skipif(
+    os.environ.get("IPSECCT_PURE_PYTHON", "") not in ("", "0"),
+    reason="IPSECCT_PURE_PYTHON forces the Python paths",
+)
+def test_the_c_reader_is_built_and_used() -> None:
+    # scripts/install builds it (CI too): the differential tests below must cover it.
+    assert context.NATIVE_READER, "ipsecct.ct._cdb is not built: run scripts/install"
+    assert context._read is context._read_native
+
+
 def agree(data: bytes, now: float = NOW) -> bool:
-    """Fast reader and reference agree on ``data``; True if they accept it."""
+    """Each fast reader and the reference agree on ``data``; True if they accept it."""
     try:
         ref: SecurityAssociation | None = context.decode_reference(data, now)
     except ContextError:
         ref = None
-    fast = context._read(data, now)
-    if ref is None:
-        assert fast is None, "the fast reader accepts what the reference refuses"
-        return False
-    assert fast is not None, "the fast reader refuses what the reference accepts"
-    identical(fast, ref)
-    assert context.encode(fast, now) == data
-    return True
+    for read in READERS:
+        fast = read(data, now)
+        if ref is None:
+            assert fast is None, f"{read.__name__} accepts what the reference refuses"
+            continue
+        assert fast is not None, f"{read.__name__} refuses what the reference accepts"
+        identical(fast, ref)
+        assert context.encode(fast, now) == data
+    return ref is not None
 
 
 def test_samples_and_their_single_bit_flips() -> None:

@@ -27,12 +27,14 @@ from __future__ import annotations
 import enum
 import ipaddress
 import math
+import os
 import re
 import struct
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from dataclasses import fields as dataclass_fields
 from typing import Any, TypeVar
 
 from ..errors import AlgorithmError, ContextError, SAError
@@ -50,6 +52,7 @@ from ..ipsec.algorithms import (
 )
 from ..ipsec.ippacket import IPAddress
 from ..ipsec.sad import (
+    MAX_SEQ_64,
     Counters,
     DfPolicy,
     Direction,
@@ -835,7 +838,77 @@ def _lifetime(time_ms: int | None, nbytes: int | None, packets: int | None) -> L
     return lt
 
 
-def _read(data: bytes, now: float) -> SecurityAssociation | None:
+def _build_selectors(bits: int, raw: bytes) -> Selectors | None:
+    """The Selectors of a selector field (``raw``, laid out as ``bits`` say, its layout
+    already checked by the reader), or None if a range is reversed; kept for the SAs that
+    carry the same octets."""
+    nlocal, nremote = raw[0], raw[1]
+    pos = 2
+    ranges = []
+    for _ in range(nlocal + nremote):
+        alen = 4 if raw[pos] == 4 else 16
+        first_raw = raw[pos + 1 : pos + 1 + alen]
+        last_raw = raw[pos + 1 + alen : pos + 1 + 2 * alen]
+        if len(last_raw) != alen or first_raw > last_raw:
+            return None
+        ranges.append(AddressRange(_address(first_raw), _address(last_raw)))
+        pos += 1 + 2 * alen
+    sel_proto = PROTO_ANY
+    if bits & _M_SEL_PROTOCOL:
+        sel_proto = raw[pos]
+        pos += 1
+    ports = []
+    for m in (_M_SEL_LOCAL_PORTS, _M_SEL_REMOTE_PORTS):
+        if bits & m:
+            ports.append(PortRange(*_TWO16.unpack_from(raw, pos)))
+            pos += 4
+        else:
+            ports.append(_ANY_PORTS)
+    texts: list[bytes | None] = []
+    for m in (_M_SEL_NAME, _M_SEL_LABEL):
+        if bits & m:
+            tlen = raw[pos]
+            texts.append(raw[pos + 1 : pos + 1 + tlen])
+            pos += 1 + tlen
+        else:
+            texts.append(None)
+    name_raw, label = texts
+    selectors = Selectors(
+        tuple(ranges[:nlocal]),
+        tuple(ranges[nlocal:]),
+        sel_proto,
+        ports[0],
+        ports[1],
+        None if name_raw is None else name_raw.decode("utf-8"),
+        label,
+    )
+    if len(_selectors) >= _CACHE_MAX:
+        _selectors.clear()
+    _selectors[(bits, raw)] = selectors
+    return selectors
+
+
+def _check_new_sa_order() -> Callable[..., SecurityAssociation]:
+    """SecurityAssociation's constructor, called with its fields in order (positional: a
+    bulk decode builds thousands; keywords cost a microsecond more each). Checked here, at
+    import, against the dataclass's own field order."""
+    names = [f.name for f in dataclass_fields(SecurityAssociation) if f.init]
+    expected = [
+        "spi", "direction", "src", "dst", "protocol", "mode", "enc", "enc_key", "integ",
+        "integ_key", "esn", "replay_window", "seq", "seq_ceiling", "seq_low_water",
+        "seq_reserve_pending", "overflow_permitted", "soft", "hard", "path_mtu",
+        "pmtu_expires", "df", "copy_dscp", "encap", "selectors", "name", "created",
+        "counters", "soft_fired", "dead", "rekey_requested",
+    ]  # fmt: skip
+    if names[: len(expected)] != expected:
+        raise ImportError("SecurityAssociation's fields changed: update context._new_sa")
+    return SecurityAssociation
+
+
+_new_sa = _check_new_sa_order()
+
+
+def _read_python(data: bytes, now: float) -> SecurityAssociation | None:
     """The SA in one CDB, or None if the CDB is not exactly what :func:`encode` makes."""
     try:
         n = len(data)
@@ -986,65 +1059,34 @@ def _read(data: bytes, now: float) -> SecurityAssociation | None:
             if not data[pos] or not data[pos + 1]:
                 return None
             pos += 2
-            spans = []
             for _ in range(nranges):
                 fam = data[pos]
                 alen = 4 if fam == 4 else 16 if fam == 6 else 0
                 if not alen:
                     return None
-                spans.append((pos + 1, alen))
                 pos += 1 + 2 * alen
-            sel_proto = PROTO_ANY
             if pv & _M_SEL_PROTOCOL:
-                sel_proto = data[pos]
-                pos += 1
-                if sel_proto == PROTO_ANY:
+                if data[pos] == PROTO_ANY:
                     return None
-            port_ranges: list[tuple[int, int] | None] = []
+                pos += 1
             for m in (_M_SEL_LOCAL_PORTS, _M_SEL_REMOTE_PORTS):
                 if pv & m:
                     first, last = _TWO16.unpack_from(data, pos)
                     pos += 4
                     if first > last or (first == 0 and last == 65535):
                         return None
-                    port_ranges.append((first, last))
-                else:
-                    port_ranges.append(None)
-            texts: list[bytes | None] = []
             for m in (_M_SEL_NAME, _M_SEL_LABEL):
                 if pv & m:
                     tlen = data[pos]
                     if tlen == 0:
                         return None
-                    texts.append(data[pos + 1 : pos + 1 + tlen])
                     pos += 1 + tlen
-                else:
-                    texts.append(None)
             if pos > n:
                 return None
-            key = (pv & _M_SEL_PARTS, data[start:pos])
-            selectors = _selectors.get(key)
+            bits, raw = pv & _M_SEL_PARTS, data[start:pos]
+            selectors = _selectors.get((bits, raw)) or _build_selectors(bits, raw)
             if selectors is None:
-                ranges = []
-                for off, alen in spans:
-                    first_raw, last_raw = data[off : off + alen], data[off + alen : off + 2 * alen]
-                    if len(last_raw) != alen or first_raw > last_raw:
-                        return None
-                    ranges.append(AddressRange(_address(first_raw), _address(last_raw)))
-                name_raw, label = texts
-                lp, rp = port_ranges
-                selectors = Selectors(
-                    tuple(ranges[: data[start]]),
-                    tuple(ranges[data[start] :]),
-                    sel_proto,
-                    _ANY_PORTS if lp is None else PortRange(*lp),
-                    _ANY_PORTS if rp is None else PortRange(*rp),
-                    None if name_raw is None else name_raw.decode("utf-8"),
-                    label,
-                )
-                if len(_selectors) >= _CACHE_MAX:
-                    _selectors.clear()
-                _selectors[key] = selectors
+                return None
         elif pv & _M_SEL_PARTS:
             return None
         name = ""
@@ -1057,41 +1099,102 @@ def _read(data: bytes, now: float) -> SecurityAssociation | None:
         # what is left is padding: fewer than 8 octets, all zero
         if not 0 <= n - pos < CDB_UNIT or data[pos:] != _ZEROS[: n - pos]:
             return None
-        sa = SecurityAssociation(
-            spi,
-            _DIRECTIONS[inbound],
-            _address(rs),
-            _address(rd),
-            protocol=protocol,
-            mode=_MODES[bool(flags & F_TRANSPORT)],
-            enc=enc,
-            enc_key=enc_key,
-            integ=integ,
-            integ_key=integ_key,
-            esn=esn,
-            replay_window=window,
-            seq=seq,
-            overflow_permitted=bool(flags & F_OVERFLOW),
-            soft=soft,
-            hard=hard,
-            path_mtu=pmtu,
-            pmtu_expires=pmtu_expires,
-            df=df,
-            copy_dscp=not flags & F_NO_DSCP_COPY,
-            encap=encap,
-            selectors=selectors,
-            name=name,
-            created=now - age_ms / 1000,
-            counters=Counters(count_packets, count_bytes),
-            soft_fired=bool(flags & F_SOFT_FIRED),
-            dead=bool(flags & F_DEAD),
-            rekey_requested=bool(flags & F_REKEY),
-        )
+        sa = _new_sa(
+            spi, _DIRECTIONS[inbound], _address(rs), _address(rd), protocol,
+            _MODES[bool(flags & F_TRANSPORT)], enc, enc_key, integ, integ_key, esn, window, seq,
+            MAX_SEQ_64, MAX_SEQ_64, False, bool(flags & F_OVERFLOW), soft, hard, pmtu,
+            pmtu_expires, df, not flags & F_NO_DSCP_COPY, encap, selectors, name,
+            now - age_ms / 1000, Counters(count_packets, count_bytes),
+            bool(flags & F_SOFT_FIRED), bool(flags & F_DEAD), bool(flags & F_REKEY),
+        )  # fmt: skip
         if replay is not None:
             sa.window.restore(*replay)
         return sa
     except (IndexError, struct.error, ValueError, SAError, AlgorithmError):
         return None
+
+
+def _read_native(data: bytes, now: float) -> SecurityAssociation | None:
+    """:func:`_read_python` with the layout and canonical form checked in C
+    (``ipsecct.ct._cdb``); the algorithm tables, the shared parts and the SA are done here,
+    as the Python reader does them. Same verdicts, same SAs (tests/test_context_fast.py)."""
+    assert _cdb is not None
+    r = _cdb.read(data)
+    if r is None:
+        return None
+    (
+        spi, flags, proto, rs, rd, enc_no, enc_key, integ_no, integ_key, seq, window, top,
+        bitmap, age_ms, count_bytes, count_packets, limits, pmtu, expiry, ports, sel_bits,
+        sel_raw, name_raw,
+    ) = r  # fmt: skip
+    try:
+        integ, ikey = IntegAlg.NONE, b""
+        if proto == 50:
+            enc = _ENC_BY_NUMBER.get(enc_no)
+            if enc is None:
+                return None
+            info = ENC[enc]
+            if len(enc_key) not in info.key_lengths:
+                return None
+            if integ_no >= 0:
+                ialg = _INTEG_BY_NUMBER.get(integ_no)
+                if ialg is None or info.aead or len(integ_key) != INTEG[ialg].key_length:
+                    return None
+                integ, ikey = ialg, integ_key
+            elif not info.aead:
+                return None
+            protocol = Protocol.ESP
+        else:
+            ialg = _INTEG_BY_NUMBER.get(integ_no)
+            if ialg is None or len(integ_key) != INTEG[ialg].key_length:
+                return None
+            enc, enc_key = EncAlg.NULL, b""
+            integ, ikey = ialg, integ_key
+            protocol = Protocol.AH
+        soft = hard = _NO_LIMIT
+        if limits is not None:
+            st, sb, sp, ht, hb, hp = limits
+            soft, hard = _lifetime(st, sb, sp), _lifetime(ht, hb, hp)
+        encap = None
+        if ports >= 0:
+            encap = _encaps.get(ports)
+            if encap is None:  # the ports are not 0: checked in C
+                if len(_encaps) >= _CACHE_MAX:
+                    _encaps.clear()
+                encap = _encaps[ports] = UdpEncap(ports >> 16, ports & 0xFFFF)
+        selectors = None
+        if sel_raw is not None:
+            selectors = _selectors.get((sel_bits, sel_raw)) or _build_selectors(sel_bits, sel_raw)
+            if selectors is None:
+                return None
+        sa = _new_sa(
+            spi, _DIRECTIONS[bool(flags & F_INBOUND)], _address(rs), _address(rd), protocol,
+            _MODES[bool(flags & F_TRANSPORT)], enc, enc_key, integ, ikey, bool(flags & F_ESN),
+            window, seq, MAX_SEQ_64, MAX_SEQ_64, False, bool(flags & F_OVERFLOW), soft, hard,
+            pmtu, None if expiry < 0 else now + expiry / 1000,
+            _DF[(flags & F_DF_MASK) >> F_DF_SHIFT], not flags & F_NO_DSCP_COPY, encap,
+            selectors, "" if name_raw is None else name_raw.decode("utf-8"),
+            now - age_ms / 1000, Counters(count_packets, count_bytes),
+            bool(flags & F_SOFT_FIRED), bool(flags & F_DEAD), bool(flags & F_REKEY),
+        )  # fmt: skip
+        if bitmap is not None:
+            sa.window.restore(top, bitmap)
+        return sa
+    except (ValueError, SAError, AlgorithmError):
+        return None
+
+
+_cdb: Any
+try:
+    if os.environ.get("IPSECCT_PURE_PYTHON", "") not in ("", "0"):
+        raise ImportError("IPSECCT_PURE_PYTHON is set")
+    from . import _cdb  # type: ignore[attr-defined,no-redef]
+except ImportError:  # not built (no C compiler): the Python reader does it all
+    _cdb = None
+
+NATIVE_READER = _cdb is not None
+_read = _read_native if NATIVE_READER else _read_python
+"""The one-pass reader :func:`decode` uses: in C where built, else in Python."""
 
 
 # -- the fast writer ----------------------------------------------------------------------------
