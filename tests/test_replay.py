@@ -205,3 +205,44 @@ def test_octet_bit_reversal_is_the_reference_reversal(size: int, data: st.DataOb
     fast = x.to_bytes(size // 8, "big").translate(_REV8)
     assert fast == _reverse(x, size).to_bytes(size // 8, "little")
     assert int.from_bytes(fast.translate(_REV8), "big") == x
+
+
+# The ring <-> bitmap conversions before they were cut into words at once (a shift per block):
+# the reference that snapshot() and restore() must match exactly.
+def _snapshot_by_blocks(w: ReplayWindow) -> tuple[int, int]:
+    n, top = w._nblocks, w.top
+    first_block = (top >> 6) - n + 1
+    acc = 0
+    for b in range(top >> 6, first_block - 1, -1):
+        acc = (acc << 64) | (w._blocks[b % n] if b >= 0 else 0)
+    return top, (acc >> (top - w.size + 1 - 64 * first_block)) & ((1 << w.size) - 1)
+
+
+def _blocks_by_shifts(size: int, top: int, window: int) -> list[int]:
+    n = (size + 63) // 64 + 1
+    blocks = [0] * n
+    base = top - size + 1
+    for b in range(max(base, 0) >> 6, (top >> 6) + 1):
+        lo = 64 * b - base
+        blocks[b % n] = (window >> lo if lo >= 0 else window << -lo) & ((1 << 64) - 1)
+    return blocks
+
+
+@settings(max_examples=300, deadline=None)
+@given(size=SIZES, steps=STEPS, esn=st.booleans(), far=st.integers(0, 1 << 40))
+def test_snapshot_and_restore_match_the_block_by_block_reference(
+    size: int, steps: list[int], esn: bool, far: int
+) -> None:
+    from ipsecct.ipsec.replay import _REV8
+
+    w = ReplayWindow(size, esn=True)
+    if far:  # the ring at any rotation, not only near sequence number 1
+        w.restore(far, b"\x01" + bytes(size // 8 - 1))
+    _run(w, Model(size, far, {far}) if far else Model(size), steps)
+    top, bitmap = w.snapshot()
+    ref_top, ref_window = _snapshot_by_blocks(w)
+    assert top == ref_top
+    assert int.from_bytes(bitmap.translate(_REV8), "big") == ref_window
+    other = ReplayWindow(size, esn=True)
+    other.restore(top, bitmap)
+    assert other._blocks == _blocks_by_shifts(size, top, ref_window)

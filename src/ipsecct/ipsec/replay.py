@@ -11,12 +11,13 @@ transfer moves it.
 
 from __future__ import annotations
 
+import struct
+
 from ..errors import SAError
 
 MAX_WINDOW = 65536
 _BLOCK_BITS = 64
 _MASK32 = 0xFFFFFFFF
-_M64 = (1 << 64) - 1
 
 
 def _reverse(x: int, width: int) -> int:
@@ -27,6 +28,17 @@ def _reverse(x: int, width: int) -> int:
 # Each octet with its bits reversed: reversing all the bits of a number whose width is whole
 # octets is reversing its octets and the bits of each (C-level, not a 1024-digit string).
 _REV8 = bytes(int(f"{i:08b}"[::-1], 2) for i in range(256))
+
+
+_WORDS: dict[int, struct.Struct] = {}
+
+
+def _words(k: int) -> struct.Struct:
+    """``k`` little-endian 64-bit words."""
+    w = _WORDS.get(k)
+    if w is None:
+        w = _WORDS[k] = struct.Struct(f"<{k}Q")
+    return w
 
 
 class ReplayWindow:
@@ -124,14 +136,17 @@ class ReplayWindow:
         n = self._nblocks
         top_block = top >> 6
         first_block = top_block - n + 1
-        acc = 0
-        for b in range(top_block, first_block - 1, -1):
-            acc = (acc << 64) | (self._blocks[b % n] if b >= 0 else 0)
+        # The blocks from first_block up to top_block, as one number (C-level: one pack of
+        # the rotated ring, not a shift per block); blocks below 0 are empty.
+        blocks = self._blocks
+        if first_block >= 0:
+            r = first_block % n
+            ordered = blocks[r:] + blocks[:r]
+        else:
+            ordered = [0] * -first_block + blocks[: top_block + 1]
+        acc = int.from_bytes(_words(n).pack(*ordered), "little")
         # acc holds sequence number s at bit (s - 64 * first_block); take top-size+1 .. top.
         window = (acc >> (top - size + 1 - 64 * first_block)) & ((1 << size) - 1)
-        # Bit i of the bitmap <-> top - i: the window's bits reversed, as little-endian
-        # octets, which is its big-endian octets with each octet's bits reversed (the size
-        # is a multiple of 32).
         return top, window.to_bytes(size // 8, "big").translate(_REV8)
 
     def restore(self, top: int, bitmap: bytes) -> None:
@@ -152,14 +167,18 @@ class ReplayWindow:
         if top and not bits & 1:
             raise SAError("replay bitmap does not mark its own top sequence number")
         n = self._nblocks
-        blocks = [0] * n
         base = top - size + 1  # the sequence number at bit 0 of ``window``
         window = int.from_bytes(bitmap.translate(_REV8), "big")  # _reverse(bits, size)
-        for b in range(max(base, 0) >> 6, (top >> 6) + 1):
-            lo = 64 * b - base
-            word = window >> lo if lo >= 0 else window << -lo
-            blocks[b % n] = word & _M64
-        self._blocks = blocks
+        # Blocks first .. last hold the window; cut into 64-bit words at once (C-level) and
+        # placed on the ring (block b at b % n), the others empty.
+        first, last = max(base, 0) >> 6, top >> 6
+        k = last - first + 1
+        shift = 64 * first - base
+        aligned = window >> shift if shift >= 0 else window << -shift
+        words = list(_words(k).unpack((aligned & ((1 << 64 * k) - 1)).to_bytes(8 * k, "little")))
+        words += [0] * (n - k)
+        r = first % n
+        self._blocks = words[n - r :] + words[: n - r] if r else words
         self.top = top
 
     def merge(self, top: int, bitmap: bytes) -> None:
