@@ -1250,6 +1250,24 @@ def _selectors_field(sel: Selectors) -> tuple[int, bytes] | None:
     return bits, bytes(out)
 
 
+_names: dict[str, bytes] = {}
+_DF_FLAGS = {id(df): code << F_DF_SHIFT for df, code in DF_CODES.items()}  # members: singletons
+_addr_octets: dict[int, tuple[int, bytes, IPAddress]] = {}
+
+
+def _octets(a: IPAddress) -> tuple[int, bytes]:
+    """(IP version, packed octets) of an address, kept per address object (a gateway's SAs
+    share a few; ``ipaddress`` computes both in Python on every access)."""
+    hit = _addr_octets.get(id(a))
+    if hit is not None and hit[2] is a:
+        return hit[0], hit[1]
+    if len(_addr_octets) >= _CACHE_MAX:
+        _addr_octets.clear()
+    v, raw = a.version, a.packed
+    _addr_octets[id(a)] = (v, raw, a)  # (holds the object: its id stays its own)
+    return v, raw
+
+
 def _text_octets(text: str) -> bytes | None:
     """Length octet and UTF-8 of a 1-255 octet text; None if it cannot be sent."""
     try:
@@ -1316,7 +1334,9 @@ def _write(sa: SecurityAssociation, now: float, seq: int | None = None) -> bytes
             pv |= m
             parts.append(_U64.pack(value))
     for masks, lt in ((_M_SOFT, sa.soft), (_M_HARD, sa.hard)):
-        if lt is not _NO_LIMIT and not lt.unlimited:
+        if lt is not _NO_LIMIT and (
+            lt.seconds is not None or lt.bytes is not None or lt.packets is not None
+        ):
             ms = _ms(lt.seconds)
             for m, limit in zip(masks, (ms, lt.bytes, lt.packets), strict=True):
                 if limit is not None:
@@ -1346,23 +1366,32 @@ def _write(sa: SecurityAssociation, now: float, seq: int | None = None) -> bytes
             return None
         pv |= sel[0]
         parts.append(sel[1])
-    if sa.name:
-        raw = _text_octets(sa.name)
+    name = sa.name
+    if name:
+        raw = _names.get(name)  # (both SAs of a tunnel usually share their name)
         if raw is None:
-            return None
+            raw = _text_octets(name)
+            if raw is None:
+                return None
+            if len(_names) >= _CACHE_MAX:
+                _names.clear()
+            _names[name] = raw
         pv |= _M_SA_NAME
         parts.append(raw)
-    src, dst = sa.src, sa.dst
-    if src.version != dst.version:
+    src, dst = _octets(sa.src), _octets(sa.dst)
+    if src[0] != dst[0]:
+        return None
+    df = _DF_FLAGS.get(id(sa.df))
+    if df is None:
         return None
     flags = (
         (F_INBOUND if inbound else 0)
-        | (F_IPV6 if dst.version == 6 else 0)
+        | (F_IPV6 if dst[0] == 6 else 0)
         | (F_TRANSPORT if sa.mode is Mode.TRANSPORT else 0)
         | (F_ESN if sa.esn else 0)
         | (F_OVERFLOW if sa.overflow_permitted else 0)
         | (0 if sa.copy_dscp else F_NO_DSCP_COPY)
-        | (DF_CODES[sa.df] << F_DF_SHIFT)
+        | df
         | (F_SOFT_FIRED if sa.soft_fired else 0)
         | (F_DEAD if sa.dead else 0)
         | (F_REKEY if sa.rekey_requested else 0)
@@ -1375,7 +1404,7 @@ def _write(sa: SecurityAssociation, now: float, seq: int | None = None) -> bytes
         return None
     head = fixed.pack(
         FPT_IPSEC_SA, total // CDB_UNIT, 0x80, pv, VERSION, sa.protocol, flags, sa.spi,
-        src.packed, dst.packed,
+        src[1], dst[1],
     )  # fmt: skip
     return head + body + _ZEROS[: total - used]
 
