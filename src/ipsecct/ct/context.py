@@ -813,6 +813,7 @@ _addresses: dict[bytes, IPAddress] = {}
 _selectors: dict[tuple[int, bytes], Selectors] = {}
 _lifetimes: dict[tuple[int | None, int | None, int | None], Lifetime] = {}
 _encaps: dict[int, UdpEncap] = {}
+_ranges: dict[bytes, AddressRange] = {}
 
 
 def _address(raw: bytes) -> IPAddress:
@@ -851,7 +852,14 @@ def _build_selectors(bits: int, raw: bytes) -> Selectors | None:
         last_raw = raw[pos + 1 + alen : pos + 1 + 2 * alen]
         if len(last_raw) != alen or first_raw > last_raw:
             return None
-        ranges.append(AddressRange(_address(first_raw), _address(last_raw)))
+        rng = _ranges.get(first_raw + last_raw)
+        if rng is None:  # (immutable: shared by the selectors that carry the same range)
+            if len(_ranges) >= _CACHE_MAX:
+                _ranges.clear()
+            rng = _ranges[first_raw + last_raw] = AddressRange(
+                _address(first_raw), _address(last_raw)
+            )
+        ranges.append(rng)
         pos += 1 + 2 * alen
     sel_proto = PROTO_ANY
     if bits & _M_SEL_PROTOCOL:
@@ -1252,20 +1260,17 @@ def _selectors_field(sel: Selectors) -> tuple[int, bytes] | None:
 
 _names: dict[str, bytes] = {}
 _DF_FLAGS = {id(df): code << F_DF_SHIFT for df, code in DF_CODES.items()}  # members: singletons
-_addr_octets: dict[int, tuple[int, bytes, IPAddress]] = {}
 
 
 def _octets(a: IPAddress) -> tuple[int, bytes]:
-    """(IP version, packed octets) of an address, kept per address object (a gateway's SAs
-    share a few; ``ipaddress`` computes both in Python on every access)."""
-    hit = _addr_octets.get(id(a))
-    if hit is not None and hit[2] is a:
-        return hit[0], hit[1]
-    if len(_addr_octets) >= _CACHE_MAX:
-        _addr_octets.clear()
-    v, raw = a.version, a.packed
-    _addr_octets[id(a)] = (v, raw, a)  # (holds the object: its id stays its own)
-    return v, raw
+    """(IP version, packed octets) of an address (``ipaddress`` computes both in Python, in
+    properties: from its integer here, as ``packed`` does)."""
+    t = type(a)
+    if t is ipaddress.IPv4Address:
+        return 4, int(a).to_bytes(4, "big")
+    if t is ipaddress.IPv6Address:
+        return 6, int(a).to_bytes(16, "big")
+    return a.version, a.packed
 
 
 def _text_octets(text: str) -> bytes | None:
