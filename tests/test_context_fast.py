@@ -56,6 +56,7 @@ def identical(a: SecurityAssociation, b: SecurityAssociation) -> None:
 # The one-pass readers: in Python, and in C (ipsecct.ct._cdb) where built, which decode()
 # uses then. Both are held to the reference.
 READERS = [context._read_python] + ([context._read_native] if context.NATIVE_READER else [])
+WRITERS = [context._write_python] + ([context._write_native] if context.NATIVE_READER else [])
 
 
 @pytest.mark.skipif(
@@ -66,6 +67,7 @@ def test_the_c_reader_is_built_and_used() -> None:
     # scripts/install builds it (CI too): the differential tests below must cover it.
     assert context.NATIVE_READER, "ipsecct.ct._cdb is not built: run scripts/install"
     assert context._read is context._read_native
+    assert context._write is context._write_native
 
 
 def agree(data: bytes, now: float = NOW) -> bool:
@@ -402,7 +404,8 @@ def same_bytes(sa: SecurityAssociation, now: float = NOW) -> bytes | None:
         ref: bytes | None = context.encode_reference(sa, now)
     except ContextError:
         ref = None
-    assert context._write(sa, now) == ref
+    for write in WRITERS:
+        assert write(sa, now) == ref, write.__name__
     if ref is None:
         with pytest.raises(ContextError):
             context.encode(sa, now)

@@ -1294,7 +1294,9 @@ def _ms(seconds: float | None) -> int | None:
     return ms if ms <= MAX_DURATION_MS else -1
 
 
-def _write(sa: SecurityAssociation, now: float, seq: int | None = None) -> bytes | None:
+def _write_python(
+    sa: SecurityAssociation, now: float, seq: int | None = None
+) -> bytes | None:
     """The CDB of ``sa`` exactly as the reference writes it, or None where it would refuse."""
     out_seq = sa.seq if seq is None else seq
     pv = 0
@@ -1412,6 +1414,53 @@ def _write(sa: SecurityAssociation, now: float, seq: int | None = None) -> bytes
         src[1], dst[1],
     )  # fmt: skip
     return head + body + _ZEROS[: total - used]
+
+
+def _write_native(
+    sa: SecurityAssociation, now: float, seq: int | None = None
+) -> bytes | None:
+    """:func:`_write_python` with the fields read, checked and laid out in C
+    (``ipsecct.ct._cdb.write``); what needs Python's objects is done here: the outbound number
+    (read through the native data path), the replay snapshot, the selector field and name
+    (kept per object), the address octets and the DF code. Same bytes, same refusals
+    (tests/test_context_fast.py)."""
+    assert _cdb is not None
+    inbound = sa.direction is Direction.INBOUND
+    top, bitmap = sa.window.snapshot() if inbound else (0, b"")
+    sel_bits, sel_raw = 0, b""
+    if sa.selectors is not None:
+        field = _selectors_field(sa.selectors)
+        if field is None:
+            return None
+        sel_bits, sel_raw = field
+    name_raw = b""
+    name = sa.name
+    if name:
+        raw = _names.get(name)
+        if raw is None:
+            raw = _text_octets(name)
+            if raw is None:
+                return None
+            if len(_names) >= _CACHE_MAX:
+                _names.clear()
+            _names[name] = raw
+        name_raw = raw
+    sv, src = _octets(sa.src)
+    dv, dst = _octets(sa.dst)
+    df = _DF_FLAGS.get(id(sa.df))
+    if sv != dv or df is None:
+        return None
+    cdb: bytes | None = _cdb.write(
+        sa, now, sa.seq if seq is None else seq, inbound, top, bitmap, sel_bits, sel_raw,
+        name_raw, src, dst, dv == 6, df,
+    )  # fmt: skip
+    return cdb
+
+
+if _cdb is not None:
+    _cdb.setup(Mode.TRANSPORT)
+_write = _write_native if NATIVE_READER else _write_python
+"""The one-pass writer :func:`encode` uses: in C where built, else in Python."""
 
 
 # -- public API ---------------------------------------------------------------------------------
