@@ -396,6 +396,81 @@ def test_a_quiet_ike_sa_starts_no_exchange_but_answers() -> None:
     assert w.resp.tick(21.0) != [] and ike.my_next_mid == mid + 1
 
 
+def _quiet_with_held_rekey(kind: str) -> tuple[Wire, list[Send]]:
+    """The gateway's IKE SA is quiet (its CHILD SAs are being transferred) when the peer
+    sends a request that would change it: a CHILD rekey, an IKE rekey or a DELETE."""
+    w = pair(mn_conn(dpd=10), conn(dpd=10))
+    connect(w)
+    (ike,) = w.resp.ike_sas()
+    ike.quiet = True
+    ike_i = w.ini.ike_sas()[0]
+    if kind == "child":
+        req = w.ini.rekey_child(ike_i, ike_i.children[0], 5.0)
+    elif kind == "ike":
+        req = w.ini.rekey_ike(ike_i, 5.0)
+    else:
+        req = w.ini.delete_child(ike_i, ike_i.children[0], 5.0)
+    sends = [o for o in req if isinstance(o, Send)]
+    w.deliver(req, "i", 5.0)
+    return w, sends
+
+
+@pytest.mark.parametrize("kind", ["child", "ike", "delete"])
+def test_a_quiet_ike_sa_holds_the_peers_rekey_for_the_gateway_that_takes_it(kind: str) -> None:
+    """A request of the peer that would change a quiet IKE SA (a CHILD or IKE rekey, a
+    DELETE) is neither processed nor answered at the source: it goes with the IKE SA to the
+    gateway that takes it, which answers it, and the peer's exchange completes with no
+    retransmission and message IDs that both gateways agree on."""
+    w, (req,) = _quiet_with_held_rekey(kind)
+    (ike,) = w.resp.ike_sas()
+    mid = ike.peer_next_mid
+    assert w.resp.stats["request-held"] == 1 and len(w.of("r", ChildUp)) == 1  # IKE_AUTH's
+    assert w.sent[-1].data == req.data  # nothing answered
+    # a retransmission of it is held too (one request, not two)
+    assert w.resp.receive(req.data, I500, R500, 6.0) == []
+    assert w.resp.stats["request-held"] == 1 and ike.peer_next_mid == mid
+    cdbs = w.resp.export_ike(ike, 7.0)
+    held = w.resp.take_held(ike)
+    assert held is not None and held[0] == req.data
+    sg2 = IkeEngine([conn(dpd=10)])
+    sg2.import_ike(cdbs, 7.0)
+    w2 = Wire(w.ini, sg2)
+    w2.deliver(sg2.receive(*held, 7.5), "r", 7.5)
+    if kind == "delete":
+        assert not sg2.ike_sas()[0].children and not w.ini.ike_sas()[0].children
+        return
+    mirrored(w2)
+    assert w.ini.stats["retransmitted"] == 0
+    # and the message IDs go on: a liveness check both ways
+    w2.deliver(w.ini.liveness(w.ini.ike_sas()[0], 8.0), "i", 8.0)
+    w2.deliver(sg2.liveness(sg2.ike_sas()[0], 9.0), "r", 9.0)
+    assert sg2.stats["liveness-answered"] == 1 and w.ini.stats["liveness-answered"] == 1
+    assert sg2.stats["liveness-ok"] == 1 and sg2.stats["bad-message-id"] == 0
+
+
+def test_a_held_request_is_processed_where_the_ike_sa_stays() -> None:
+    """The transfer did not commit: the request kept while quiet is processed at the source
+    (IkeEngine.take_held, then receive) and the peer's CHILD rekey completes there."""
+    w, _ = _quiet_with_held_rekey("child")
+    (ike,) = w.resp.ike_sas()
+    ike.quiet = False
+    held = w.resp.take_held(ike)
+    assert held is not None and w.resp.take_held(ike) is None
+    w.deliver(w.resp.receive(*held, 8.0), "r", 8.0)
+    mirrored(w)
+    assert w.resp.stats["child-sa-rekeyed"] + w.ini.stats["child-sa-rekeyed"] >= 1
+
+
+def test_a_quiet_ike_sa_answers_the_peers_liveness_check_and_holds_nothing() -> None:
+    w = pair(mn_conn(dpd=10), conn(dpd=10))
+    connect(w)
+    (ike,) = w.resp.ike_sas()
+    ike.quiet = True
+    w.deliver(w.ini.liveness(w.ini.ike_sas()[0], 5.0), "i", 5.0)
+    assert w.resp.stats["liveness-answered"] == 1 and ike.held is None
+    assert w.resp.take_held(ike) is None
+
+
 def test_delete_ike_sa_and_child_sa() -> None:
     w = pair()
     connect(w)

@@ -4,11 +4,17 @@ the world of ``test_ikev2_handover.py`` and ``test_ikev2_failover.py``."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 from tests.helpers.daemon import Daemon
+from tests.helpers.netns import Namespaces
 from tests.helpers.netns_topology import (
     ACCESS_IF,
     HOST,
@@ -170,3 +176,29 @@ class IkeWorld(HandoverWorld):
     def counters(self, name: str) -> dict[str, int]:
         c: dict[str, int] = self.status(name)["ike"]["counters"]
         return c
+
+
+@contextlib.contextmanager
+def ike_world(tmp_path: Path, identity: str, gw_encap: bool = False,
+              edit: Callable[[IkeWorld], None] | None = None) -> Iterator[IkeWorld]:
+    """The IKE world built and both gateways started (stopped and removed at the end);
+    ``edit`` may change the written configuration files before the gateways start."""
+    sockdir = Path(tempfile.mkdtemp(prefix="ipsecct-ike-", dir="/tmp"))
+    workdir = tmp_path if len(str(tmp_path)) <= 70 else Path(tempfile.mkdtemp(prefix="ict-"))
+    try:
+        with Namespaces("mn", "sg1", "sg2", "host", "br") as ns:
+            w = IkeWorld(ns, workdir, sockdir, identity)
+            w.gw_encap = gw_encap
+            try:
+                w.build_links()
+                w.write_configs()
+                if edit is not None:
+                    edit(w)
+                w.start()
+                yield w
+            finally:
+                w.stop()
+    finally:
+        shutil.rmtree(sockdir, ignore_errors=True)
+        if workdir != tmp_path:
+            shutil.rmtree(workdir, ignore_errors=True)

@@ -50,6 +50,9 @@ INBOUND_GRACE = 2.0  # seconds a rekeyed, deleted CHILD SA still takes what was 
 EARLY_IKE_TIME = 1.0
 EARLY_IKE_MAX = 64
 BORN_WITH_MAX = 65536  # CHILD SAs whose siblings at birth are remembered
+# what waits for the virtual address to be claimed (messages, seconds)
+VIP_WAIT_MAX = 64
+VIP_WAIT_TIME = 2.0
 # after a handover: IKE requests that still reach the old gateway are forwarded to the new one
 # (for the transfer's forward_ms), at most FORWARD_RATE a second per source address (burst
 # FORWARD_BURST); at most MOVED_MAX IKE SAs remembered as moved
@@ -114,6 +117,11 @@ class IkeService:
         self._moved: dict[bytes, tuple[str, float]] = {}
         self._arrived: dict[bytes, tuple[str, float]] = {}
         self._forward_limit = RateLimiter(FORWARD_RATE, FORWARD_BURST, max_keys=1024)
+        # indirect identity: whether the virtual address is ours yet (set by the service).
+        # What we send from it before the claim is done (an answer to a request that came
+        # with the IKE SA's context, just after a transfer to us) waits for the claim.
+        self.vip_owned: Callable[[], bool] | None = None
+        self._vip_wait: list[tuple[float, Send]] = []
         host = node.cfg.local_address
         self.local_host = host
         node.outer_hooks.append(self._on_4500)
@@ -276,6 +284,16 @@ class IkeService:
         return self._our_spi(data) not in self.engine.by_spi
 
     def _send(self, s: Send) -> None:
+        if (s.src.host == self.node.cfg.virtual and self.vip_owned is not None
+                and not self.vip_owned()):  # fmt: skip
+            now = self.node.clock()
+            self._vip_wait = [(t, w) for t, w in self._vip_wait if now - t < VIP_WAIT_TIME]
+            if len(self._vip_wait) < VIP_WAIT_MAX:
+                self._vip_wait.append((now, s))
+                self.engine.stats["vip-wait"] += 1
+            else:
+                self.engine.stats["vip-wait-dropped"] += 1
+            return
         dst = (str(s.dst.host), s.dst.port)
         if self.sock500 is not None and s.src.port == self.ike_port:
             self.sock500.sendto(s.data, dst)
@@ -283,6 +301,16 @@ class IkeService:
             self.node.virtual_transport.sendto(MARKER + s.data, dst)  # from the virtual address
         else:
             self.node.send_outer(MARKER + s.data, dst)
+
+    def vip_claimed(self) -> None:
+        """The virtual address is ours now: what waited for it goes out."""
+        now = self.node.clock()
+        waiting, self._vip_wait = self._vip_wait, []
+        for t, s in waiting:
+            if now - t < VIP_WAIT_TIME:
+                self._send(s)
+            else:
+                self.engine.stats["vip-wait-dropped"] += 1
 
     def _next_deadline(self) -> float | None:
         d = self.engine.next_deadline()
@@ -429,7 +457,7 @@ class IkeService:
             back = set(rec.spis)
             for ike in self.engine.ike_sas():
                 if ike.quiet and any(c.spi_in in back for c in ike.children):
-                    ike.quiet = False
+                    self._unquiet(ike)
             self.node.timers.poke()
             return
         if rec.role != "source" or self.send_context is None:
@@ -442,7 +470,7 @@ class IkeService:
                     event(log, "ike-sa-stays", logging.WARNING, node=self.node.name,
                           conn=ike.conn.name, reason="not all its CHILD SAs moved")  # fmt: skip
                 if ike.quiet:
-                    ike.quiet = False  # it stays here: its exchanges go on
+                    self._unquiet(ike)  # it stays here: its exchanges go on
                     self.node.timers.poke()
                 continue
             self._export(ike, rec.peer, 0)
@@ -470,6 +498,15 @@ class IkeService:
                   error=why, when="before the transfer")  # fmt: skip
         return why
 
+    def _unquiet(self, ike: IkeSA) -> None:
+        """The IKE SA stays here after all: its exchanges go on, and the peer's request kept
+        while it was quiet (engine: IkeSA.held) is processed now."""
+        ike.quiet = False
+        held = self.engine.take_held(ike)
+        if held is not None:
+            self.engine.stats["held-processed"] += 1
+            self._act(self.engine.receive(*held, self.node.clock()))
+
     def _export(self, ike: IkeSA, peer: str, attempt: int) -> None:
         from ..errors import IkeContextError
 
@@ -482,12 +519,25 @@ class IkeService:
             else:
                 event(log, "ike-sa-stays", logging.WARNING, node=self.node.name,
                       conn=ike.conn.name, reason=str(exc))  # fmt: skip
+                self._unquiet(ike)
+                self.node.timers.poke()
             return
         for c in ike.children:
             c.handle = None  # the tunnels moved with the transfer
         self._changes += 1  # gone from here: the replication reports it
         _remember(self._moved, ike.our_spi, (peer, self.node.clock() + self.forward_time))
         self.send_context(peer, cdbs, ike.remote.host)
+        held = self.engine.take_held(ike)
+        if held is not None:
+            # the peer's request that reached us while the transfer ran (a CHILD or IKE
+            # rekey, a DELETE) goes to the new gateway right behind the context, on the same
+            # ordered channel, and is answered there as a forwarded request is
+            data, src, dst = held
+            if self.forward_ike is not None and len(data) <= ike_context.MAX_FORWARD:
+                self.forward_ike(peer, ike_context.encode_forward(data, src, dst), src.host)
+                self.engine.stats["held-forwarded"] += 1
+            else:  # the peer sends it again (to the new gateway, or here: forwarded)
+                self.engine.stats["held-dropped"] += 1
         event(log, "ike-sa-sent", node=self.node.name, conn=ike.conn.name, peer=peer,
               spi_i=ike.spi_i.hex(), spi_r=ike.spi_r.hex(), children=len(ike.children))  # fmt: skip
 

@@ -141,6 +141,10 @@ class Service:
             # an IKE SA goes with its CHILD SAs, or they all stay (UNIT CDBs)
             self.transfer.core.unit_cdbs = self.ike.unit_cdbs
             self.transfer.core.unit_checks[UNIT_IKEV2] = self.ike.check_unit
+            if self.vip is not None:  # answers from the virtual address wait for its claim
+                vip = self.vip
+                self.ike.vip_owned = lambda: vip.owned
+                vip.on_claimed.append(self.ike.vip_claimed)
         if self.ike is not None and self.failover is not None:
             self.failover.attach_ike(self.ike)  # IKE SAs replicated and taken over too
         if self.ike is not None and self.cluster is not None and self.cluster.replicators:

@@ -174,6 +174,10 @@ process, no thread: the kernel answers at once). Fed every finished transfer or
         # (without it, an error is reported when it is needed, by a socket opened then)
         with contextlib.suppress(OSError):
             self._sock = garp_socket(interface)
+        # Whether the address is ours now (the kernel sends from it only then: a socket bound
+        # to it with IP_FREEBIND receives before, but cannot send), and who waits for it.
+        self.owned = node.cfg.virtual_owner
+        self.on_claimed: list[Callable[[], None]] = []
 
     def stop(self) -> None:
         self._release_at = None
@@ -193,7 +197,10 @@ process, no thread: the kernel answers at once). Fed every finished transfer or
     def on_record(self, rec: Record) -> None:
         if rec.role in ("target", "standby") and rec.outcome in ("committed", "took over"):
             self.stop()
-            self._job(lambda a, i: claim(a, i, self._sock), "virtual-address-claimed")
+            if self._job(lambda a, i: claim(a, i, self._sock), "virtual-address-claimed"):
+                self.owned = True
+                for cb in list(self.on_claimed):
+                    cb()
         elif (
             rec.role == "source"
             and rec.outcome in ("committed", "partial")
@@ -206,13 +213,15 @@ process, no thread: the kernel answers at once). Fed every finished transfer or
     def _on_timer(self, now: float) -> None:
         self._release_at = None
         if not self._in_use():
+            self.owned = False
             self._job(release, "virtual-address-released")
 
-    def _job(self, fn: Callable[[IPAddress, str], None], what: str) -> None:
+    def _job(self, fn: Callable[[IPAddress, str], None], what: str) -> bool:
         try:
             fn(self.address, self.interface)
         except VipError as exc:
             event(log, "virtual-address-failed", logging.ERROR, node=self.node.name,
                   error=str(exc))  # fmt: skip
-            return
+            return False
         event(log, what, node=self.node.name, address=self.address)
+        return True

@@ -468,6 +468,9 @@ class IkeEngine:
         if opened is None:
             return  # more fragments to come
         inner = opened
+        if ike.quiet and ike.state is IkeState.ESTABLISHED and _changes_state(hdr, inner):
+            self._hold(ike, data, hdr, payloads, src, dst)
+            return
         if ahead:  # after a take-over without RFC 6311: the old member answered requests
             self.stats["message-id-resynced"] += 1  # after its last replication
             log.info("event=ike-message-id-resynced conn=%s peer=%s expected=%d got=%d",
@@ -521,6 +524,30 @@ class IkeEngine:
         sk = payloads[-1]
         plain = ike.inbound.open(data, sk)
         return decode_payloads(plain, sk.first)
+
+    def _hold(self, ike: IkeSA, data: bytes, hdr: Header, payloads: list[Payload],
+              src: Address, dst: Address) -> None:  # fmt: skip
+        """A request that would change a quiet IKE SA (its CHILD SAs are being transferred):
+        kept unanswered for the gateway that ends up with the IKE SA (:meth:`take_held`), so
+        that the CHILD SAs the transfer moves are the IKE SA's CHILD SAs. A fragmented one
+        (RFC 7383) is not kept (only its last fragment is at hand): the peer sends it again."""
+        if len(payloads) == 1 and isinstance(payloads[0], SKFPayload):
+            self.stats["held-fragmented-dropped"] += 1
+            return
+        if ike.held is None or ike.held[0] != hdr.message_id:
+            self.stats["request-held"] += 1
+            log.info("event=ike-request-held conn=%s peer=%s exchange=%d mid=%d",
+                     ike.conn.name, ike.remote, hdr.exchange, hdr.message_id)  # fmt: skip
+        ike.held = (hdr.message_id, data, src, dst)
+
+    def take_held(self, ike: IkeSA) -> tuple[bytes, Address, Address] | None:
+        """The peer's request kept while the IKE SA was quiet (none: None), now given to the
+        caller: to be sent on with the IKE SA's context, or passed to :meth:`receive` here
+        once the IKE SA is no longer quiet."""
+        held, ike.held = ike.held, None
+        if held is None or held[0] != ike.peer_next_mid:
+            return None  # (answered meanwhile: a stale copy)
+        return held[1], held[2], held[3]
 
     def _authentic_retransmit(self, ike: IkeSA, data: bytes, payloads: list[Payload]) -> bool:
         p = payloads[0] if len(payloads) == 1 else None
@@ -1763,6 +1790,15 @@ def _notify_name(t: int) -> str:
         return Notify(t).name
     except ValueError:
         return str(t)
+
+
+def _changes_state(hdr: Header, inner: list[Payload]) -> bool:
+    """A request that makes, rekeys or deletes SAs or moves the IKE SA: CREATE_CHILD_SA, an
+    INFORMATIONAL with payloads. An empty INFORMATIONAL (a liveness check) moves only the
+    message IDs, which the IKE SA's context carries, and is answered even while quiet."""
+    if hdr.exchange == ExchangeType.CREATE_CHILD_SA:
+        return True
+    return hdr.exchange == ExchangeType.INFORMATIONAL and bool(inner)
 
 
 def _dead(ike: IkeSA) -> bool:

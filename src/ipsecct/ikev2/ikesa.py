@@ -156,6 +156,11 @@ class IkeSA:
     # liveness checks wait; the peer's requests are answered), so that its message IDs are
     # never used here and at the target both. Cleared if the transfer does not commit.
     quiet: bool = False
+    # A request of the peer that would change the IKE SA or its CHILD SAs (CREATE_CHILD_SA,
+    # an INFORMATIONAL with payloads: a DELETE, MOBIKE) that reached it while quiet: neither
+    # processed nor answered here, but handed with the IKE SA to the gateway that takes it
+    # (or processed here if the transfer does not commit). Message ID, the datagram, from, to.
+    held: tuple[int, bytes, Address, Address] | None = field(default=None, repr=False)
     queued_deletes: list[bytes] = field(default_factory=list)  # CHILD SPIs to delete next
     peer_hashes: tuple[int, ...] = ()  # RFC 7427 SIGNATURE_HASH_ALGORITHMS of the peer
     fragmentation: bool = False  # RFC 7383 negotiated
