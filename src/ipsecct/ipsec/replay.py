@@ -188,21 +188,22 @@ class ReplayWindow:
         and the top is the higher one, so nothing either side accepted is accepted again.
         Never unmarks anything. SAError (nothing changed) if the state is malformed."""
         other = ReplayWindow(self.size, esn=self.esn)
-        other.restore(top, bitmap)
+        other.restore(top, bitmap)  # validated before anything here changes
         if self.size == 0:
             self.top = max(self.top, other.top)
             return
-        high, low = (other, self) if other.top > self.top else (self, other)
-        ltop, lbits = low.snapshot()
-        bits = int.from_bytes(lbits, "little")
-        while bits:
-            lowest = bits & -bits
-            seq = ltop - (lowest.bit_length() - 1)
-            if high.check(seq):
-                high.update(seq)
-            bits ^= lowest
-        if high is not self:
-            self.top, self._blocks = high.top, high._blocks
+        # Whole bitmaps, not number by number (a full 1024-packet window was 1024 checks and
+        # updates, 0.3-0.4 ms on the target between the COMMIT's arrival and activation):
+        # bit i of a snapshot is top - i, so the lower window's bits move up by the
+        # difference of the tops into the higher one's frame, where what falls out of the
+        # window is dropped, as a number that old would be refused anyway.
+        mine = self.snapshot()
+        (htop, hmap), (ltop, lmap) = sorted((mine, (top, bitmap)), reverse=True)
+        mask = (1 << self.size) - 1
+        bits = int.from_bytes(hmap, "little") | (
+            (int.from_bytes(lmap, "little") << (htop - ltop)) & mask
+        )
+        self.restore(htop, bits.to_bytes(self.size // 8, "little"))
 
     def copy(self) -> ReplayWindow:
         other = ReplayWindow(self.size, esn=self.esn)
