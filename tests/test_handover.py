@@ -395,7 +395,8 @@ def test_demo_handover_json(mode: str) -> None:
     s = json.loads(line)
     (h,) = s["handovers"]
     assert list(h) == [
-        "from", "to", "mode", "transfer_ms", "gap_ms", "lost", "gap_at_ms", "handover_gap_ms"
+        "from", "to", "mode", "transfer_ms", "gap_ms", "lost", "transfer_cpu_ms", "gap_at_ms",
+        "handover_gap_ms",
     ]
     assert (h["from"], h["to"], h["mode"]) == ("sg1", "sg2", mode)
     assert isinstance(h["transfer_ms"], float) and h["transfer_ms"] > 0
