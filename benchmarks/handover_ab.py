@@ -13,6 +13,9 @@ on a shared machine:
 - ``--compare settle``: A hands a write's outcome from the writer's thread back to the loop
   through ``run_in_executor``'s future (before: settled by a first callback, whose
   done-callback then ran one loop iteration later); B as the gateway runs (one callback).
+- ``--compare merge``: A merges the source's final inbound window into the target's number
+  by number (before), B merges whole bitmaps (as the gateway runs); the stream keeps the
+  1024-packet windows full.
 - ``--compare gil``: A runs with CPython's default GIL switch interval (5 ms), B with
   ``--interval``.
 
@@ -20,7 +23,7 @@ Printed (JSON): for each variant, the median handover time (trigger to target ac
 median loop-thread CPU time per handover, and the median longest pause of the stream around
 each handover (from the trigger until 50 ms after the target is active).
 
-    .venv/bin/python benchmarks/handover_ab.py [--compare wakeup|settle|gil] [--pairs 10] \
+    .venv/bin/python benchmarks/handover_ab.py [--compare wakeup|settle|merge|gil] [--pairs 10] \
         [--rate 1000]
 """
 
@@ -44,6 +47,10 @@ def _variant(compare: str, b: bool, interval: float, default: float) -> None:
 
     if compare == "gil":
         sys.setswitchinterval(interval if b else default)
+    elif compare == "merge":
+        from ipsecct.ipsec.replay import ReplayWindow
+
+        ReplayWindow.merge = _MERGE if b else _merge_by_number  # type: ignore[method-assign,assignment]
     elif compare == "settle":
         DurableState._wake_writer = _WAKE if b else _chained  # type: ignore[method-assign]
     else:
@@ -61,12 +68,31 @@ def _chained(self: Any) -> None:
     job.add_done_callback(lambda f: self._written(f.result()))
 
 
+def _merge_by_number(w: Any, top: int, bitmap: bytes) -> None:
+    """The merge before whole bitmaps (variant A of ``merge``): each number the other state
+    marks, checked and marked one by one in the window with the higher top."""
+    other = type(w)(w.size, esn=w.esn)
+    other.restore(top, bitmap)
+    high, low = (other, w) if other.top > w.top else (w, other)
+    ltop, lbits = low.snapshot()
+    bits = int.from_bytes(lbits, "little")
+    while bits:
+        lowest = bits & -bits
+        seq = ltop - (lowest.bit_length() - 1)
+        if high.check(seq):
+            high.update(seq)
+        bits ^= lowest
+    if high is not w:
+        w.restore(*high.snapshot())
+
+
 _SUBMIT: Any = None
 _WAKE: Any = None
+_MERGE: Any = None
 
 
 async def _run(compare: str, pairs: int, interval: float, rate: int) -> dict[str, Any]:
-    global _SUBMIT, _WAKE
+    global _SUBMIT, _WAKE, _MERGE
     from ipsecct.ct.transfer import Record
     from ipsecct.demo import handover as demo_handover
     from ipsecct.demo import topology as demo
@@ -75,6 +101,9 @@ async def _run(compare: str, pairs: int, interval: float, rate: int) -> dict[str
     default = sys.getswitchinterval()
     _SUBMIT = DurableState._submit
     _WAKE = DurableState._wake_writer
+    from ipsecct.ipsec.replay import ReplayWindow
+
+    _MERGE = ReplayWindow.merge
     with tempfile.TemporaryDirectory(prefix="ipsecct-bench-") as tmp:
         dm = await demo.build(Path(tmp), keying="manual")
         try:
@@ -148,7 +177,7 @@ async def _run(compare: str, pairs: int, interval: float, rate: int) -> dict[str
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    ap.add_argument("--compare", choices=("wakeup", "settle", "gil"), default="wakeup")
+    ap.add_argument("--compare", choices=("wakeup", "settle", "merge", "gil"), default="wakeup")
     ap.add_argument("--pairs", type=int, default=10, help="pairs of rounds (10)")
     ap.add_argument("--interval", type=float, default=0.0005, help="switch interval, s")
     ap.add_argument("--rate", type=int, default=1000, help="stream packets/s each way (1000)")
