@@ -182,6 +182,20 @@ class Finished:
 Output = Send | Inject | Transmit | Finished
 
 
+_ENCAPS: dict[tuple[int, int], UdpEncap] = {}
+
+
+def _encap(sport: int, dport: int) -> UdpEncap:
+    """The (immutable) UdpEncap of these ports, shared: a bulk transfer re-addresses thousands
+    of SAs, most of them to the same few ports."""
+    e = _ENCAPS.get((sport, dport))
+    if e is None:
+        if len(_ENCAPS) >= 4096:
+            _ENCAPS.clear()
+        e = _ENCAPS[(sport, dport)] = UdpEncap(sport, dport)
+    return e
+
+
 def take_over_pair(
     out_sa: SecurityAssociation,
     in_sa: SecurityAssociation | None,
@@ -201,11 +215,11 @@ def take_over_pair(
     if identity is Identity.DIRECT:
         out_sa.src = endpoint.host
         if out_sa.encap is not None:
-            out_sa.encap = UdpEncap(endpoint.port, out_sa.encap.dport)
+            out_sa.encap = _encap(endpoint.port, out_sa.encap.dport)
         if in_sa is not None:
             in_sa.dst = endpoint.host
             if in_sa.encap is not None:
-                in_sa.encap = UdpEncap(in_sa.encap.sport, endpoint.port)
+                in_sa.encap = _encap(in_sa.encap.sport, endpoint.port)
     if path_mtu is not None:
         for sa in (out_sa, in_sa):
             if sa is not None:

@@ -56,6 +56,22 @@ def _thread_wanted() -> bool:
     return os.environ.get("IPSECCT_NATIVE_THREAD", "1") not in ("0", "")
 
 
+
+_TEXTS: dict[int, tuple[Any, str]] = {}
+
+
+def _text(addr: Any) -> str:
+    """``str(addr)``, kept per address object (``ipaddress`` formats it in Python; a bulk
+    transfer's first packets go to thousands of SAs that share a few address objects)."""
+    hit = _TEXTS.get(id(addr))
+    if hit is not None and hit[0] is addr:
+        return hit[1]
+    if len(_TEXTS) >= 4096:
+        _TEXTS.clear()
+    text = str(addr)
+    _TEXTS[id(addr)] = (addr, text)  # (holds the object: its id stays its own)
+    return text
+
 class UdpEndpoint:
     """A UDP socket on the event loop that reads in batches.
 
@@ -525,7 +541,7 @@ class Node:
             if self.outer_transport is not None:
                 dest = self._dest.get(id(sa))
                 if dest is None or dest[0] is not sa.dst or dest[1] != sa.encap.dport:
-                    dest = (sa.dst, sa.encap.dport, (str(sa.dst), sa.encap.dport))
+                    dest = (sa.dst, sa.encap.dport, (_text(sa.dst), sa.encap.dport))
                     self._dest[id(sa)] = dest
                 self.outer_transport.sendto(data, dest[2])
         elif self._raw is not None:

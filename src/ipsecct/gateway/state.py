@@ -92,6 +92,11 @@ def _fsync_dir(d: Path) -> None:
         os.close(fd)
 
 
+# An Owner's text by identity (the members are singletons): ``.value`` and an enum's hash
+# are computed in Python, and a bulk transfer writes thousands of rows.
+_OWNER_TEXT = {id(o): o.value for o in Owner}
+
+
 def _hex(n: int) -> str:
     # Fixed-width hex: SQLite compares it as text in numeric order (max() works), and it
     # holds all 64 bits, which a signed SQLite INTEGER does not.
@@ -205,8 +210,8 @@ class StateStore:
         ceiling never goes down."""
         params = [
             (
-                r.fingerprint, r.name, r.spi, r.peer, int(r.aead), _hex(r.ceiling),
-                r.owner.value, r.detail, r.changed, _hex(r.transfer),
+                r.fingerprint, r.name, r.spi, r.peer, int(r.aead), f"{r.ceiling:016x}",
+                _OWNER_TEXT[id(r.owner)], r.detail, r.changed, f"{r.transfer:016x}",
             )
             for r in rows
         ]

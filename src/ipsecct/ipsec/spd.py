@@ -40,9 +40,11 @@ class AddressRange:
     last: IPAddress
 
     def __post_init__(self) -> None:
-        if self.first.version != self.last.version:
+        first, last = self.first, self.last
+        # (the versions are Python properties: asked only when the types differ)
+        if type(first) is not type(last) and first.version != last.version:
             raise SAError("an address range mixes IPv4 and IPv6")
-        if int(self.first) > int(self.last):
+        if int(first) > int(last):
             raise SAError(f"address range {self.first}-{self.last} is empty")
 
     @classmethod
