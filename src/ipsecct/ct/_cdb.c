@@ -388,10 +388,7 @@ u64_of(PyObject *v, uint64_t *out)
 {
     if (!PyLong_Check(v))
         return 0;
-    int neg = _PyLong_Sign(v) < 0;
-    if (neg)
-        return 0;
-    unsigned long long x = PyLong_AsUnsignedLongLong(v);
+    unsigned long long x = PyLong_AsUnsignedLongLong(v); /* negative: OverflowError too */
     if (x == (unsigned long long)-1 && PyErr_Occurred()) {
         if (!PyErr_ExceptionMatches(PyExc_OverflowError))
             return -1;
