@@ -29,7 +29,7 @@ import pytest
 from tests.helpers import strongswan
 from tests.helpers.ike_world import CLIENT, Client, IkeWorld, ike_world
 from tests.helpers.netns import wait_until as until
-from tests.helpers.netns_topology import HOST, MN_OUTER, Traffic
+from tests.helpers.netns_topology import HOST, MN_OUTER, VIP, Traffic
 
 needs_strongswan = pytest.mark.skipif(not strongswan.available(), reason=strongswan.skip_reason())
 
@@ -158,3 +158,95 @@ def test_client_rekeys_reaching_the_source_during_a_transfer_are_answered_by_the
             # nothing lost but what crossed the moment the host's route moved (ESP sg1
             # forwards meanwhile; the ping's reply on its way)
             assert mn["sent"] - mn["echoed"] <= 5, mn
+
+
+# CREATE_CHILD_SA requests from the virtual address (the gateway's own rekeys) dropped at
+# the client: UDP 4500, the non-ESP marker, exchange type 36, the R(esponse) flag clear
+NO_CHILD_REKEYS_FROM_GW = f"""table inet ict_norekey {{
+  chain input {{
+    type filter hook input priority 0; policy accept;
+    ip saddr {VIP} udp sport 4500 @th,64,32 0 @th,240,8 36 @th,248,8 & 0x20 == 0 drop
+  }}
+}}
+"""
+
+
+def _child_rekeys(w: IkeWorld) -> None:
+    _long_transfers(w)
+    for g in ("sg1", "sg2"):  # the gateways rekey their CHILD SAs every 7.2-8 s
+        p = w.dir / f"{g}.toml"
+        p.write_text(p.read_text().replace("[connections.rw]\n",
+                                           "[connections.rw]\nchildren.net.rekey_time = 8\n"))
+
+
+@pytest.mark.root
+@pytest.mark.slow
+@needs_strongswan
+def test_a_transfer_waits_for_the_gateways_own_rekey_in_flight(tmp_path: Path) -> None:
+    """sg1's own CHILD rekey is in flight (its request does not reach the client at first)
+    when a transfer of the IKE SA to sg2 is asked for: the transfer waits until the rekey
+    and the DELETE of the old CHILD SA are done, then moves the IKE SA with its new CHILD SA;
+    strongSwan sees consecutive message IDs from sg1 then sg2, keeps its IKE SA, and sg2
+    rekeys the CHILD SA on schedule after the handover."""
+    with (
+        ike_world(tmp_path, "indirect", edit=_child_rekeys) as w,
+        Client(w.ns, "mn", CLIENT, w.dir, "aes128gcm16") as ss,
+    ):
+
+        def wait_until(pred: Callable[[], object], what: str, timeout: float = 30) -> None:
+            try:
+                until(pred, what, timeout)
+            except AssertionError as exc:
+                ike_log = "\n".join(x for x in ss.log().splitlines() if "[ESP]" not in x)
+                raise AssertionError(f"{exc}\n{ike_log[-15000:]}\n{w.logs()}") from None
+
+        ss.start()
+        subprocess.run(w.ns.cmd("mn", "nft", "-f", "-"), input=NO_CHILD_REKEYS_FROM_GW,
+                       text=True, check=True, timeout=30)  # fmt: skip
+        try:
+            ss.initiate()
+            assert strongswan.ping(w.ns, "mn", HOST, 3) == 3, ss.logtail() + w.logs()
+            (ike1,) = w.ike_sas("sg1")
+            (child1,) = ike1["children"]
+            traffic = Traffic.start(w, udp_rate=100, after=100, limit=100_000,
+                                    ping_interval=0.1)  # fmt: skip
+            try:
+                # sg1's rekey falls due: its request is dropped at the client
+                wait_until(lambda: w.counters("sg1").get("rekey-child-sent", 0) >= 1,
+                           "sg1 to send its CHILD rekey")  # fmt: skip
+                cli = _start_transfer(w, "sg1", "sg2")
+                wait_until(lambda: w.counters("sg1").get("transfer-waited", 0) >= 1,
+                           "the transfer to wait for sg1's rekey")  # fmt: skip
+                assert cli.poll() is None and not w.ike_sas("sg2")
+            finally:
+                w.ns.run("mn", "nft", "delete", "table", "inet", "ict_norekey", check=False)
+            # sg1's retransmission gets through: the rekey, the DELETE, then the transfer
+            out, err = cli.communicate(timeout=60)
+            assert cli.returncode == 0, (out, err, w.logs())
+            assert json.loads(out)["outcome"] == "committed", out
+            w.route_host_via("sg2")
+            wait_until(lambda: len(w.ike_sas("sg2")) == 1 and not w.ike_sas("sg1"),
+                       "the IKE SA to be at sg2 only")  # fmt: skip
+            (ike2,) = w.ike_sas("sg2")
+            assert (ike2["spi_i"], ike2["spi_r"]) == (ike1["spi_i"], ike1["spi_r"])
+            (child2,) = ike2["children"]
+            assert child2["spi_in"] != child1["spi_in"]  # the rekeyed one moved
+            assert w.counters("sg1").get("child-sa-rekeyed", 0) == 1, w.counters("sg1")
+            # sg2 rekeys the CHILD SA on schedule: its own request under the next ID
+            wait_until(lambda: w.counters("sg2").get("child-sa-rekeyed", 0) >= 1,
+                       "sg2's own CHILD rekey")  # fmt: skip
+            assert strongswan.ping(w.ns, "mn", HOST, 5) == 5, ss.logtail() + w.logs()
+            mn, host, ping = traffic.finish()
+        finally:
+            w.ns.run("mn", "nft", "delete", "table", "inet", "ict_norekey", check=False)
+        log = ss.log()
+        assert len(re.findall(r"generating IKE_SA_INIT request", log)) == 1, log
+        assert len(re.findall(r"generating IKE_AUTH request", log)) == 1, log
+        for bad in ("INVALID_SYNTAX", "giving up", "ESTABLISHED => DESTROYING",
+                    "received message ID", "processing failed"):  # fmt: skip
+            assert bad not in log, (bad, ss.logtail())
+        assert "ike-sa-stays" not in w.log("sg1"), w.log("sg1")
+        assert mn["duplicates"] == 0 and host["duplicates"] == 0, (mn, host)
+        print("stream:", mn, "\nping lost:", len(ping.lost),
+              "\nsg1:", w.counters("sg1"), "\nsg2:", w.counters("sg2"))  # fmt: skip
+        assert mn["sent"] - mn["echoed"] <= 5, mn

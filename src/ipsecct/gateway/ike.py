@@ -20,7 +20,7 @@ from typing import Any
 from ..ct.failover import MAX_EXTRA_CDBS
 from ..ct.ratelimit import RateLimiter
 from ..ct.transfer import UNIT_IKEV2, unit_cdb
-from ..errors import IkeContextError, IpsecctError
+from ..errors import IkeContextError, IpsecctError, TransferError
 from ..ikev2 import context as ike_context
 from ..ikev2.config import ChildConfig, Connection
 from ..ikev2.engine import (
@@ -50,6 +50,10 @@ INBOUND_GRACE = 2.0  # seconds a rekeyed, deleted CHILD SA still takes what was 
 EARLY_IKE_TIME = 1.0
 EARLY_IKE_MAX = 64
 BORN_WITH_MAX = 65536  # CHILD SAs whose siblings at birth are remembered
+# a transfer waits at most this long (s) for an IKE exchange of ours in flight on its IKE SA,
+# looking every QUIESCE_POLL s
+QUIESCE_TIME = 10.0
+QUIESCE_POLL = 0.02
 # what waits for the virtual address to be claimed (messages, seconds)
 VIP_WAIT_MAX = 64
 VIP_WAIT_TIME = 2.0
@@ -438,6 +442,65 @@ class IkeService:
                 self._retry_later(o.ike.conn)  # like strongSwan's dpd_action = restart
 
     # -- moving IKE SAs with their CHILD SAs (context transfer) ------------------------------
+    async def quiesce(self, tunnels: list[Any]) -> list[Any]:
+        """Before a transfer of ``tunnels`` starts here (source): if an exchange this gateway
+        started is in flight on the IKE SA of one of their CHILD SAs (a rekey, a liveness
+        check, a DELETE), the IKE SA starts nothing new and the transfer waits until it is
+        done (at most QUIESCE_TIME; then TransferError, and nothing moved). Its outcome
+        may have changed the CHILD SAs: returns the tunnels to move now, those still here
+        and the successors of any rekeyed meanwhile. Without such an exchange, at once."""
+        spis = {sa.spi for t in tunnels for sa in t.sas()}
+        outs = {c.spi_out for ike in self.engine.ike_sas() for c in ike.children
+                if c.spi_in in spis or c.spi_out in spis}  # fmt: skip
+        first = set(outs)
+
+        def involved(known: list[IkeSA]) -> list[IkeSA]:
+            # the IKE SAs known so far (a CHILD rekey replaces their CHILD SAs) and any that
+            # holds one of those CHILD SAs (an IKE rekey moves them to a new IKE SA)
+            out = [ike for ike in known if ike.state is not IkeState.DEAD]
+            out += [ike for ike in self.engine.ike_sas() if ike.state is not IkeState.DEAD
+                    and ike not in out and any(c.spi_out in outs for c in ike.children)]
+            return out  # fmt: skip
+
+        def busy(ikes: list[IkeSA]) -> bool:
+            return any(i.pending is not None or i.queued_deletes for i in ikes)
+
+        ikes = involved([])
+        if not busy(ikes):
+            return tunnels
+        self.engine.stats["transfer-waited"] += 1
+        event(log, "ike-transfer-waits", node=self.node.name, ike_sas=len(ikes),
+              exchanges=",".join(i.pending.kind for i in ikes if i.pending))  # fmt: skip
+        deadline = self.node.clock() + QUIESCE_TIME
+        while True:
+            for ike in ikes:
+                ike.quiet = True
+                outs.update(c.spi_out for c in ike.children)  # a rekey's successor too
+            if not busy(ikes):
+                break
+            if self.node.clock() >= deadline:
+                for ike in ikes:
+                    self._unquiet(ike)
+                self.node.timers.poke()
+                raise TransferError("an IKE exchange of this gateway on the IKE SA is still "
+                                    "in flight: try again")  # fmt: skip
+            await asyncio.sleep(QUIESCE_POLL)
+            ikes = involved(ikes)
+        for ike in ikes:
+            # (quiet again from the transfer's start, which follows at once; a request of
+            # the peer held meanwhile goes with the IKE SA)
+            ike.quiet = False
+        eng = self.node.engine
+        now: list[Any] = [t for t in tunnels if eng.tunnel_by_spi(t.outbound.spi) is t]
+        for ike in ikes:
+            for c in ike.children:
+                t = c.handle
+                if c.spi_out not in first and t is not None and t not in now:
+                    now.append(t)
+        if not now:
+            raise TransferError("the tunnels went while an IKE exchange finished: try again")
+        return now
+
     def transfer_started(self, spis: set[int]) -> None:
         """A transfer of tunnels with these SPIs starts here (source): the IKE SAs of their
         CHILD SAs start no exchange until it ends (ikesa.IkeSA.quiet); an exchange already

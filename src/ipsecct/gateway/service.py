@@ -138,6 +138,8 @@ class Service:
             self.transfer.starting.append(self.ike.transfer_started)
             self.transfer.unit_of = self.ike.transfer_unit
             self.transfer.siblings_of = self.ike.siblings
+            # a transfer waits for an IKE exchange of ours in flight on its IKE SAs
+            self.transfer.quiesce = self.ike.quiesce
             # an IKE SA goes with its CHILD SAs, or they all stay (UNIT CDBs)
             self.transfer.core.unit_cdbs = self.ike.unit_cdbs
             self.transfer.core.unit_checks[UNIT_IKEV2] = self.ike.check_unit

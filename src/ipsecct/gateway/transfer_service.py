@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from ..ct import cxtp
@@ -29,7 +29,7 @@ from ..ct.transfer import (
     token_key,
 )
 from ..errors import ControlError, CxtpError, TransferError
-from ..ipsec.engine import Forward, Held, TunnelState
+from ..ipsec.engine import Forward, Held, Tunnel, TunnelState
 from . import gcpolicy
 from .config import TransferConfig
 from .log import RateLimited, event
@@ -64,6 +64,10 @@ class TransferService:
         # The outbound SPIs of the other CHILD SAs of a CHILD SA's IKE SA (the IKE service):
         # a rebalance moves whole IKE SAs.
         self.siblings_of: Callable[[int], list[int]] | None = None
+        # Waits until the IKE SAs of the tunnels about to move have no exchange of ours in
+        # flight (the IKE service), and says which tunnels to move then (a rekey that
+        # completed meanwhile replaced some CHILD SAs).
+        self.quiesce: Callable[[list[Tunnel]], Awaitable[list[Tunnel]]] | None = None
         self.core.on_start = self._started
         self._next_gc = 0.0
         node.on_held = self._on_held
@@ -258,6 +262,9 @@ class TransferService:
                 self.listeners.remove(watch)
         if mode != "predictive":
             raise TransferError("mode must be predictive or reactive")
+        if self.quiesce is not None:
+            tunnels = await self.quiesce(tunnels)
+            now = self.node.clock()
         with gcpolicy.POLICY.batch():  # encodes every context of the transfer
             tid, out = self.core.start(
                 tunnels, to, now, candidates=[c for c in self.tcfg.candidates if c != to]
