@@ -12,6 +12,7 @@ rekey with it, and no (SPI, sequence number) pair appears twice on the wire.
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import signal
@@ -27,7 +28,7 @@ from tests.helpers.etcd_server import EtcdCluster
 from tests.helpers.ike_world import CLIENT, Client, IkeWorld
 from tests.helpers.netns import Namespaces
 from tests.helpers.netns import wait_until as until
-from tests.helpers.netns_topology import HOST, MN_OUTER, Traffic
+from tests.helpers.netns_topology import HOST, MN_OUTER, Traffic, cli
 
 needs_strongswan = pytest.mark.skipif(not strongswan.available(), reason=strongswan.skip_reason())
 
@@ -154,4 +155,94 @@ def test_strongswan_client_keeps_its_ike_sa_when_its_cluster_member_dies(
         assert mn["sent"] - mn["echoed"] <= mn["longest_missing_run"] + 5, mn
         print("stream:", mn, "\nping lost:", len(ping.lost), "\nsg2:", w.counters("sg2"),
               "\ncluster:", w.status("sg2")["cluster"],
+              "\nesp pairs:", sum(pairs.values()))  # fmt: skip
+
+
+@pytest.mark.root
+@pytest.mark.slow
+@needs_strongswan
+def test_handover_then_the_target_dies_and_the_source_takes_the_ike_sa_back(
+    world: IkeWorld,
+) -> None:
+    """A make-before-break handover and a fail-over of its target, one after the other: the
+    strongSwan client's IKE SA and CHILD SA move from sg1 to sg2 (``ipsecct transfer``), sg2
+    replicates them back to sg1 and runs liveness checks (message IDs move at sg2), then sg2
+    is killed: sg1 adopts the group again, takes the IKE SA over from sg2's replica and
+    synchronises message IDs with the client (RFC 6311). The client keeps its IKE SA, and no
+    (SPI, sequence number) pair is sent twice: not by sg1 before the handover, sg2 after it,
+    or sg1 again after the take-over."""
+    w = world
+    client = Client(w.ns, "mn", CLIENT, w.dir, "aes128gcm16")
+    client.ike_proposal = w.ike_proposal
+    with client as ss:
+
+        def wait_until(pred: Callable[[], object], what: str, timeout: float = 30) -> None:
+            try:
+                until(pred, what, timeout)
+            except AssertionError as exc:
+                ike_log = "\n".join(x for x in ss.log().splitlines() if "[ESP]" not in x)
+                diag = f"{ike_log[-20000:]}\n{w.logs()}\n{w.status('sg1').get('cluster')}"
+                raise AssertionError(f"{exc}\n{diag}") from None
+
+        for g in ("sg1", "sg2"):
+            wait_until(lambda g=g: w.status(g)["cluster"]["lease"]["state"] == "held",
+                       f"{g} to join the cluster")  # fmt: skip
+        ss.start()
+        ss.initiate()
+        assert strongswan.ping(w.ns, "mn", HOST, 3) == 3, ss.logtail() + w.logs()
+        (ike1,) = w.ike_sas("sg1")
+        (child,) = ike1["children"]
+        wait_until(lambda: w.status("sg2")["cluster"]["replicated_ike_sas"].get("sg1") == 1,
+                   "sg2 to hold a replica of the IKE SA")  # fmt: skip
+        cap = w.capture("mn", "esp-to-mn", f"udp dst port 4500 and dst host {MN_OUTER}")
+        traffic = Traffic.start(w, udp_rate=200, after=200, limit=100_000, ping_interval=0.1)
+        try:
+            r = cli("transfer", f"0x{int(child['spi_out'], 16):08x}", "--to", "sg2", "--json",
+                    "-s", w.sock("sg1"))  # fmt: skip
+            assert r.returncode == 0, (r.stdout, r.stderr, w.logs())
+            assert json.loads(r.stdout)["outcome"] == "committed", r.stdout
+            w.route_host_via("sg2")
+            wait_until(lambda: len(w.ike_sas("sg2")) == 1 and not w.ike_sas("sg1"),
+                       "the IKE SA to move to sg2")  # fmt: skip
+            # sg2 replicates it to sg1 and checks liveness (dpd_delay 1 s): message IDs move
+            wait_until(lambda: w.status("sg1")["cluster"]["replicated_ike_sas"].get("sg2") == 1,
+                       "sg1 to hold a replica of the moved IKE SA")  # fmt: skip
+            wait_until(lambda: w.counters("sg2").get("liveness-ok", 0) >= 2,
+                       "sg2's liveness checks answered")  # fmt: skip
+            before = w.counters("sg1").get("liveness-ok", 0)
+            proc = w.daemons["sg2"].proc
+            assert proc is not None
+            proc.send_signal(signal.SIGKILL)
+            assert proc.wait(15) == -signal.SIGKILL
+            w.route_host_via("sg1")
+            wait_until(lambda: len(w.ike_sas("sg1")) == 1, "sg1 to take the IKE SA back")
+            wait_until(lambda: w.counters("sg1").get("mid-sync-done", 0) == 1,
+                       "the RFC 6311 message-ID sync with strongSwan")  # fmt: skip
+            (ike3,) = w.ike_sas("sg1")
+            assert (ike3["spi_i"], ike3["spi_r"]) == (ike1["spi_i"], ike1["spi_r"])
+            wait_until(lambda: w.counters("sg1").get("liveness-ok", 0) >= before + 2,
+                       "strongSwan to answer sg1's liveness checks")  # fmt: skip
+            ss.swanctl("--rekey", "--ike", "cA")
+            wait_until(lambda: w.counters("sg1").get("ike-sa-rekeyed", 0) >= 1, "IKE rekey")
+            assert strongswan.ping(w.ns, "mn", HOST, 5) == 5, ss.logtail() + w.logs()
+            mn, host, ping = traffic.finish()
+        finally:
+            traffic.stop()
+            cap.stop()
+        log = ss.log()
+        assert "responder requested MID sync" in log, ss.logtail()
+        assert len(re.findall(r"generating IKE_SA_INIT request", log)) == 1, log
+        assert len(re.findall(r"generating IKE_AUTH request", log)) == 1, log
+        for bad in ("ESTABLISHED => DESTROYING", "ESTABLISHED => DELETING", "received DELETE",
+                    "INVALID_SYNTAX", "received message ID"):  # fmt: skip
+            assert bad not in log, (bad, ss.logtail())
+        pairs = esp_pairs(cap.fields("esp.spi", "esp.sequence"))
+        assert sum(pairs.values()) > 200, pairs.most_common(3)
+        repeated = [p for p, n in pairs.items() if n > 1]
+        assert not repeated, repeated[:10]
+        assert mn["duplicates"] == 0 and host["duplicates"] == 0, (mn, host)
+        # one gap: etcd's lease (2 s) and the scan after sg2 died
+        assert mn["longest_missing_run"] < 6 * 200, mn
+        print("stream:", mn, "\nping lost:", len(ping.lost), "\nsg1:", w.counters("sg1"),
+              "\ncluster:", w.status("sg1")["cluster"],
               "\nesp pairs:", sum(pairs.values()))  # fmt: skip
