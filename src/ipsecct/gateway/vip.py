@@ -11,6 +11,8 @@ NA is left for later). Needs root (CAP_NET_ADMIN, CAP_NET_RAW).
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import contextlib
 import errno
 import ipaddress
@@ -157,8 +159,11 @@ class VipMover:
 
     The new owner claims it (address + gratuitous ARP) as it activates; the old one lets go
     only after ``forward_time``, so that what neighbours still send it meanwhile is received
-    and forwarded, not lost. Both are one rtnetlink request, made on the event loop (no
-process, no thread: the kernel answers at once). Fed every finished transfer or
+    and forwarded, not lost. Both are one rtnetlink request, made by a worker thread started
+    with the mover (no process; the event loop never waits: the kernel takes the rtnl lock
+    for an address change, which other work on the machine may hold for milliseconds, while
+    the new owner has moved traffic to carry); ``owned`` becomes true, and ``on_claimed``
+    are called, on the loop once the address is added. Fed every finished transfer or
     take-over (:meth:`on_record`)."""
 
     def __init__(
@@ -178,12 +183,15 @@ process, no thread: the kernel answers at once). Fed every finished transfer or
         # to it with IP_FREEBIND receives before, but cannot send), and who waits for it.
         self.owned = node.cfg.virtual_owner
         self.on_claimed: list[Callable[[], None]] = []
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ipsecct-vip")
+        self._pool.submit(lambda: None)  # its thread exists from now, not from the handover
 
     def stop(self) -> None:
         self._release_at = None
 
     def close(self) -> None:
         self.stop()
+        self._pool.shutdown(wait=True)  # (a request in progress ends within NETLINK_TIMEOUT)
         if self._sock is not None:
             self._sock.close()
             self._sock = None
@@ -197,10 +205,8 @@ process, no thread: the kernel answers at once). Fed every finished transfer or
     def on_record(self, rec: Record) -> None:
         if rec.role in ("target", "standby") and rec.outcome in ("committed", "took over"):
             self.stop()
-            if self._job(lambda a, i: claim(a, i, self._sock), "virtual-address-claimed"):
-                self.owned = True
-                for cb in list(self.on_claimed):
-                    cb()
+            self._job(lambda a, i: claim(a, i, self._sock), "virtual-address-claimed",
+                      self._claimed)  # fmt: skip
         elif (
             rec.role == "source"
             and rec.outcome in ("committed", "partial")
@@ -216,12 +222,38 @@ process, no thread: the kernel answers at once). Fed every finished transfer or
             self.owned = False
             self._job(release, "virtual-address-released")
 
-    def _job(self, fn: Callable[[IPAddress, str], None], what: str) -> bool:
+    def _claimed(self) -> None:
+        self.owned = True
+        for cb in list(self.on_claimed):
+            cb()
+
+    def _job(
+        self,
+        fn: Callable[[IPAddress, str], None],
+        what: str,
+        then: Callable[[], None] | None = None,
+    ) -> None:
+        """Run ``fn`` on the worker; log the outcome and, if it worked, call ``then`` on the
+        event loop."""
+        address, interface, name = self.address, self.interface, self.node.name
+        loop = asyncio.get_running_loop()
+
+        def done(fut: concurrent.futures.Future[None]) -> None:
+            exc = fut.exception()
+            if exc is None:
+                event(log, what, node=name, address=address)
+                if then is not None:
+                    then()
+            else:
+                event(log, "virtual-address-failed", logging.ERROR, node=name, error=str(exc))
+
         try:
-            fn(self.address, self.interface)
-        except VipError as exc:
-            event(log, "virtual-address-failed", logging.ERROR, node=self.node.name,
-                  error=str(exc))  # fmt: skip
-            return False
-        event(log, what, node=self.node.name, address=self.address)
-        return True
+            fut = self._pool.submit(fn, address, interface)
+        except RuntimeError:  # closed: the gateway is stopping
+            return
+
+        def back(f: concurrent.futures.Future[None]) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody to tell
+                loop.call_soon_threadsafe(done, f)
+
+        fut.add_done_callback(back)
