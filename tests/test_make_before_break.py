@@ -438,3 +438,137 @@ def test_a_rollback_after_given_away_keeps_the_cap_until_owned_again(fail: str) 
         assert w.tunnel.transfer_cap == 1 << 64
         assert out_seqs(w, "sg1") == [1, 2, 3, 4, 5]  # the held two, sent now
     unique(w)
+
+
+# -- the tail: numbers the source keeps after its COMMIT ------------------------------------------
+def test_the_source_sends_its_tail_itself_then_forwards_and_the_target_starts_past_it() -> None:
+    w = mbb_world(mbb_tail=4)
+    for i in range(3):
+        w.host_send("sg1", i)
+    w.transfer()
+    w.deliver("sg1", "sg2")  # PCTD
+    w.deliver("sg2", "sg1")  # CTDR: FINAL + COMMIT out, the tunnel moved
+    t = w.tunnel
+    assert t.state is TunnelState.MOVED and t.tail_end == 3 + 4
+    final_msg = w.peek("sg1", "sg2")
+    assert isinstance(final_msg, cxtp.CTD)
+    assert parse_final(final_msg.cdbs[1], 128)[2] == 7  # the FINAL names the tail's end
+    sg1 = w.gw["sg1"]
+    forwarded = sg1.core.counters["forwarded"]
+    # What still reaches sg1 from the host goes out from sg1 on the tail: no hop to sg2 ...
+    for i in range(3, 7):
+        w.host_send("sg1", i)
+    assert out_seqs(w, "sg1") == [1, 2, 3, 4, 5, 6, 7]
+    assert sg1.core.counters["forwarded"] == forwarded
+    # ... and once it is used up, is forwarded; sg2 sends it past the tail.
+    w.host_send("sg1", 7)
+    assert sg1.core.counters["forwarded"] == forwarded + 1
+    w.deliver_all()
+    w.host_send("sg2", 8)
+    assert out_seqs(w, "sg2") == [8, 9, 10]  # SG_UPDATE signal, the forwarded packet, then 8
+    w.flush_to_mn()
+    assert len(w.mn.delivered) == 9  # every packet, once
+    unique(w)
+
+
+def test_the_tail_never_passes_the_cap() -> None:
+    w = mbb_world(margin=5, mbb_tail=100)
+    w.transfer()
+    for i in range(3):
+        w.host_send("sg1", i)
+    w.deliver_all()
+    assert w.tunnel.tail_end == w.tunnel.transfer_cap == 5
+    for i in range(3, 10):
+        w.host_send("sg1", i)
+    assert out_seqs(w, "sg1") == [1, 2, 3, 4, 5]
+    w.deliver_all()
+    assert min(out_seqs(w, "sg2")) == 6
+    unique(w)
+
+
+def test_without_a_final_state_the_target_starts_past_the_cap_and_so_past_any_tail() -> None:
+    w = mbb_world(margin=50, mbb_tail=10)
+    w.transfer()
+    cap = w.tunnel.transfer_cap
+    w.deliver("sg1", "sg2")
+    w.deliver("sg2", "sg1")
+    while w.pending("sg1", "sg2"):
+        w.drop("sg1", "sg2")  # the FINAL and the COMMIT are lost
+    for i in range(20):
+        w.host_send("sg1", i)  # the tail (10), then forwards, which are lost too
+    w.now += 3.0
+    w.gw["sg2"].tick()
+    w.deliver_all()
+    w.host_send("sg2", 99)
+    assert max(out_seqs(w, "sg1")) == 10 and min(out_seqs(w, "sg2")) == cap + 1
+    unique(w)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    tail=st.integers(0, 8),
+    margin=st.integers(1, 12),
+    steps=st.lists(
+        st.sampled_from(["host1", "host2", "mn", "deliver12", "deliver21", "tick"]),
+        max_size=60,
+    ),
+)
+def test_no_pair_is_sent_twice_across_a_handover_whatever_the_order(
+    tail: int, margin: int, steps: list[str]
+) -> None:
+    """Traffic at both gateways in any order around a make-before-break transfer with a tail
+    (messages delivered one at a time either way, time passing, the target's traffic sent as
+    soon as it has the tunnel): no (SPI, sequence number) pair is ever sent twice, and no
+    packet the MN sent is delivered twice."""
+    w = mbb_world(margin=margin, mbb_tail=tail)
+    w.host_send("sg1", 0)
+    w.transfer()
+    n = 1
+    for step in steps:
+        if step == "host1":
+            w.host_send("sg1", n)
+        elif step == "host2":
+            w.host_send("sg2", n)  # dropped (no SA) until sg2 has the tunnel
+        elif step == "mn":
+            w.mn_send(n)
+        elif step == "deliver12" and w.pending("sg1", "sg2"):
+            w.deliver("sg1", "sg2")
+        elif step == "deliver21" and w.pending("sg2", "sg1"):
+            w.deliver("sg2", "sg1")
+        elif step == "tick":
+            w.now += 0.5
+            for g in w.gw.values():
+                g.tick()
+        n += 1
+    w.deliver_all()
+    for i in range(3):
+        w.host_send("sg1", n + i)
+        w.host_send("sg2", n + i)
+    unique(w)
+    delivered = w.gw["sg1"].delivered + w.gw["sg2"].delivered
+    assert len(delivered) == len(set(delivered)), "an inbound packet was accepted twice"
+
+
+def test_the_gateways_tail_setting() -> None:
+    from ipsecct.errors import ConfigError
+    from ipsecct.gateway import config as config_mod
+
+    pem = __file__  # any existing file: [transfer] checks the paths only
+    base = {
+        "name": "sg1",
+        "outer": {"address": "127.0.1.1"},
+        "inner": {"kind": "udp", "listen": "127.0.0.1:1", "peer": "127.0.0.1:2"},
+        "peers": [{"name": "sg2", "address": "127.0.1.2:5091"}],
+    }
+    transfer = {"listen": "127.0.1.1:5091", "cert": pem, "key": pem, "ca": pem}
+
+    def tail(extra: dict[str, object]) -> int:
+        cfg = config_mod.from_dict({**base, "transfer": {**transfer, **extra}}, "sg1.toml")
+        assert cfg.transfer is not None
+        return cfg.transfer.settings.mbb_tail
+
+    assert tail({}) == config_mod.MBB_TAIL == 16
+    assert tail({"mbb_tail": 0}) == 0 and tail({"mbb_tail": 40}) == 40
+    for bad in (-1, "16", True, 1 << 17):
+        with pytest.raises(ConfigError, match=r"sg1\.toml: transfer\.mbb_tail"):
+            tail({"mbb_tail": bad})

@@ -119,6 +119,11 @@ class Settings:
     # anti-replay state with the COMMIT. False: the tunnels are held from the start.
     make_before_break: bool = False
     mbb_margin: int = 1 << 16
+    # ... and after its COMMIT keeps the next ``mbb_tail`` numbers (at most up to the cap)
+    # for what still reaches it from the inner side: it sends those to the MN itself rather
+    # than forwarding them to the target, and its FINAL announces the last of them as its
+    # last number, so the target starts past them. 0: everything is forwarded.
+    mbb_tail: int = 0
 
 
 # -- outputs ------------------------------------------------------------------------------
@@ -862,18 +867,25 @@ class TransferCore:
         out.append(Finished(og.record))
         return out
 
-    @staticmethod
-    def _final_states(tunnels: list[Tunnel]) -> list[bytes]:
+    def _final_states(self, tunnels: list[Tunnel]) -> list[bytes]:
         """Each tunnel's last outbound number and inbound window, exact (the tunnels have
-        just left the native path)."""
+        just left the native path). The last number includes the tail this source keeps
+        (``mbb_tail``, never past the cap): it sends those numbers itself from now on
+        (Tunnel.tail_end), and the target starts after them."""
         out = []
+        tail = self.settings.mbb_tail
         for t in tunnels:
             sa = t.inbound
             top, bitmap = sa.window.snapshot() if sa is not None else (0, b"")
             if not top or 28 + len(bitmap) > cxtp.MAX_CDB_LEN:
                 top, bitmap = 0, b""  # (a window that big could not have been transferred)
             in_spi = sa.spi if sa is not None else 0
-            out.append(final_cdb(t.outbound.spi, in_spi, t.outbound.seq, top, bitmap))
+            last = t.outbound.seq
+            if tail > 0:
+                last = min(last + tail, t.transfer_cap, t.outbound.seq_limit - 1)
+                t.tail_end = max(last, t.outbound.seq)
+                last = t.tail_end
+            out.append(final_cdb(t.outbound.spi, in_spi, last, top, bitmap))
         return out
 
     def _journal_write(self, submit: Callable[[Journal], Write]) -> Write:

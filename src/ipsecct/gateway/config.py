@@ -845,7 +845,10 @@ _TRANSFER_KEYS = {
     "max_contexts_per_transfer",
     "make_before_break",
     "mbb_margin",
+    "mbb_tail",
 }
+
+MBB_TAIL = 16  # [transfer] mbb_tail's default
 
 # [transfer] limits: key -> Settings attribute (whole numbers >= 1)
 _TRANSFER_LIMITS = {
@@ -930,6 +933,13 @@ def _transfer(
         if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 1 << 31:
             raise ctx.err("transfer.mbb_margin", "must be a whole number from 1 to 2^31")
         s.mbb_margin = v
+    # the gateway's default: half of strongSwan's (and the kernel's) default replay window
+    # of 32, so that the MN still takes the source's tail if up to 16 of the target's first
+    # packets overtake it (docs/cxtp.md, "The tail")
+    tail = t.get("mbb_tail", MBB_TAIL)
+    if isinstance(tail, bool) or not isinstance(tail, int) or not 0 <= tail <= 1 << 16:
+        raise ctx.err("transfer.mbb_tail", "must be a whole number from 0 to 65536")
+    s.mbb_tail = tail
     for key, attr in _TRANSFER_LIMITS.items():
         if key in t:
             v = t[key]

@@ -120,6 +120,11 @@ class Tunnel:
     # Make-before-break (a transfer in progress at its source, Engine.cap_sending): the
     # tunnel goes on sending, but no number above this one; the target starts past it.
     transfer_cap: int = 1 << 64
+    # Make-before-break, after the COMMIT (MOVED at the source): the numbers up to this one
+    # are still this gateway's (its FINAL told the target to start past it): what reaches it
+    # from the inner side is sent on them, and forwarded to the target only once they are
+    # used up. 0: none.
+    tail_end: int = 0
 
     @property
     def send_limit(self) -> int:
@@ -729,13 +734,17 @@ class Engine:
         t = self._tunnel_of_entry.get(id(entry))
         if t is None:
             return self._drop(Drop.NO_SA)
+        tail = False
         if t.state is not TunnelState.ACTIVE:
             if t.state is TunnelState.HELD:
                 return Held(t, packet, False)
             if now < t.forward_until and t.forward_to is not None:
-                return Forward(t.forward_to, packet, False)
-            return self._drop(Drop.NO_SA)
-        if self.fenced(t, now):
+                if t.outbound.seq >= t.tail_end or self.fenced(t, now):
+                    return Forward(t.forward_to, packet, False)
+                tail = True  # a number of its tail: sent from here, as before the commit
+            else:
+                return self._drop(Drop.NO_SA)
+        elif self.fenced(t, now):
             return Held(t, packet, False)
         sa = t.outbound
         if hdr.total_len < len(packet):
@@ -755,6 +764,8 @@ class Engine:
             res = processing.transport_encapsulate(sa, packet, now)
         self._collect(sa)
         if isinstance(res, Drop):
+            if tail and t.forward_to is not None:
+                return Forward(t.forward_to, packet, False)  # (no durable number left here)
             return self._drop(res)
         self.stats.out_packets += 1
         self.stats.out_bytes += len(packet)
