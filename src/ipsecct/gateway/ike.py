@@ -536,7 +536,12 @@ class IkeService:
                     self._unquiet(ike)  # it stays here: its exchanges go on
                     self.node.timers.poke()
                 continue
-            self._export(ike, rec.peer, 0)
+            # After what is waiting on the event loop now (the packets that reached us while
+            # the transfer committed, forwarded to the target in this turn): the channel is
+            # ordered, and the target's import of the IKE SA (a millisecond or so) should not
+            # hold those up there. An IKE request meanwhile is answered here, as before the
+            # commit, and the export carries its outcome.
+            asyncio.get_running_loop().call_later(0, self._export, ike, rec.peer, 0)
 
     def unit_cdbs(self, tunnels: list[Any]) -> list[bytes]:
         """The UNIT CDBs of a transfer of ``tunnels`` (source): one per IKE SA whose CHILD SAs
