@@ -539,8 +539,8 @@ class IkeService:
             # After what is waiting on the event loop now (the packets that reached us while
             # the transfer committed, forwarded to the target in this turn): the channel is
             # ordered, and the target's import of the IKE SA (a millisecond or so) should not
-            # hold those up there. An IKE request meanwhile is answered here, as before the
-            # commit, and the export carries its outcome.
+            # hold those up there. The IKE SA stays quiet meanwhile, as while the transfer
+            # ran: a request that would change it is held and follows the context.
             asyncio.get_running_loop().call_later(0, self._export, ike, rec.peer, 0)
 
     def unit_cdbs(self, tunnels: list[Any]) -> list[bytes]:
