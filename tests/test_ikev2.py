@@ -448,6 +448,39 @@ def test_a_quiet_ike_sa_holds_the_peers_rekey_for_the_gateway_that_takes_it(kind
     assert sg2.stats["liveness-ok"] == 1 and sg2.stats["bad-message-id"] == 0
 
 
+@pytest.mark.parametrize("order", ["update-first", "answer-first"])
+def test_a_held_rekey_is_answered_from_the_new_address_after_a_direct_handover(
+    order: str,
+) -> None:
+    """Direct SG identity with MOBIKE: the peer's CHILD rekey held at the source is answered
+    by the new gateway from its own address, beside its own address update (an exchange of
+    its own, under its next message ID): the peer takes both, in either order, and both
+    gateways' message IDs go on agreeing."""
+    w, _ = _quiet_with_held_rekey("child")
+    (ike,) = w.resp.ike_sas()
+    cdbs = w.resp.export_ike(ike, 7.0)
+    held = w.resp.take_held(ike)
+    assert held is not None
+    sg2 = IkeEngine([conn(dpd=10)])
+    new = sg2.import_ike(cdbs, 7.0)
+    assert new.mobike
+    here = Address(ipaddress.ip_address("192.0.2.2"), new.local.port)
+    update = sg2.announce_move(new, here, 7.0)
+    answer = sg2.receive(held[0], held[1], new.local, 7.1)  # as the adapter passes it on
+    w2 = Wire(w.ini, sg2)
+    first, second = (update, answer) if order == "update-first" else (answer, update)
+    w2.deliver(first, "r", 7.2)
+    w2.deliver(second, "r", 7.3)
+    (ii,) = w.ini.ike_sas()
+    assert ii.remote.host == here.host and sg2.stats["address-update-answered"] == 1
+    assert sg2.stats["child-sa-rekeyed"] == 1 and w.ini.stats["retransmitted"] == 0
+    mirrored(w2)
+    w2.deliver(w.ini.liveness(ii, 8.0), "i", 8.0)
+    w2.deliver(sg2.liveness(sg2.ike_sas()[0], 9.0), "r", 9.0)
+    assert sg2.stats["liveness-answered"] == 1 and sg2.stats["liveness-ok"] == 1
+    assert w.ini.stats["bad-message-id"] == sg2.stats["bad-message-id"] == 0
+
+
 def test_a_held_request_is_processed_where_the_ike_sa_stays() -> None:
     """The transfer did not commit: the request kept while quiet is processed at the source
     (IkeEngine.take_held, then receive) and the peer's CHILD rekey completes there."""
