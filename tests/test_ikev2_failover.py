@@ -87,8 +87,9 @@ def test_strongswan_client_keeps_its_ike_sa_across_a_fail_over(
         ss.start()
         ss.initiate()
         assert strongswan.ping(w.ns, "mn", HOST, 3) == 3, ss.logtail() + w.logs()
-        (ike1,) = w.ike_sas("sg1")
-        assert not w.ike_sas("sg2")
+        sas1, sas2 = w.ike_sas("sg1"), w.ike_sas("sg2")
+        assert len(sas1) == 1 and not sas2, (sas1, sas2, w.logs())
+        (ike1,) = sas1
         # the standby holds the IKE SA's context (and the tunnel's) before anything happens
         wait_until(lambda: w.status("sg2")["failover"].get("replicated_ike_sas") == 1,
                    "sg2 to hold a replica of the IKE SA", 30)  # fmt: skip
@@ -134,7 +135,8 @@ def test_strongswan_client_keeps_its_ike_sa_across_a_fail_over(
         # the stream went on through sg2 after the take-over: one gap (detection, the
         # virtual address's move), then everything came back, nothing twice
         assert mn["duplicates"] == 0 and host["duplicates"] == 0, (mn, host)
-        assert mn["longest_missing_run"] < 2 * 200, mn  # under 2 s at 200 datagrams/s
+        # under detection time + 1.5 s at 200 datagrams/s
+        assert mn["longest_missing_run"] < (w.dead_ms + 1500) * 200 // 1000, mn
         assert mn["sent"] - mn["echoed"] <= mn["longest_missing_run"] + 5, mn
         print("stream:", mn, "\nping lost:", len(ping.lost), "\nsg2:", w.counters("sg2"))
 

@@ -105,6 +105,10 @@ class IkeWorld(HandoverWorld):
     # etcd mode instead of the pair: [cluster] with these endpoints (both gateways members)
     etcd: list[str] | None = None
     ike_proposal = "aes128gcm16-prfsha256-x25519"
+    # the pair's detection time: the default 500 ms let the standby take over from an active
+    # the loaded CI machine did not run for half a second, before the test killed it (sg1
+    # had no IKE SA left to show, once)
+    dead_ms = 1500
 
     def write_configs(self) -> None:
         d = self.dir
@@ -151,6 +155,7 @@ class IkeWorld(HandoverWorld):
                 text = text.replace("[connections.rw]\n", "[connections.rw]\ndpd_delay = 1\n")
                 text += _section("[failover]", {
                     "role": "active" if g == "sg1" else "standby", "peer": other,
+                    "dead_ms": self.dead_ms,
                     "state": str(d / f"{g}-failover.json")})  # fmt: skip
             (d / f"{g}.toml").write_text(text)
 
