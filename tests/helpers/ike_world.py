@@ -30,6 +30,7 @@ from tests.helpers.netns_topology import (
     cli,
 )
 from tests.helpers.strongswan import Charon, Side
+from tests.helpers.waiting import until
 
 PSK = "ipsecct-ikev2-handover-psk-0123456789"
 CLIENT = Side("A", MN_OUTER, VIP, MN_INNER, HOST, "client.test", "gw.test")
@@ -171,6 +172,15 @@ class IkeWorld(HandoverWorld):
         for g in ("sg1", "sg2"):
             self.ns.run("host", "ping", "-c1", "-W2", SG_CORE[g])
             self.ns.run("mn", "ping", "-c1", "-W2", SG_OUTER[g])
+        if self.failover:
+            # The pair formed before the test starts: sg2 starting seconds after sg1 (a
+            # loaded machine) must not look like a fail-over in the middle of the test.
+            def formed() -> bool:
+                a, b = self.status("sg1")["failover"], self.status("sg2")["failover"]
+                return (a.get("role") == "active" and bool(a.get("standby_acknowledged"))
+                        and b.get("role") == "standby" and b.get("last_heard_ms_ago") is not None)
+
+            until(formed, "the fail-over pair to form", 30)
 
     def ike_sas(self, name: str) -> list[dict[str, Any]]:
         r = cli("sa", "list", "--ike", "--json", "-s", self.sock(name))
