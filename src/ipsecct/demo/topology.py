@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import collections
 import itertools
 import os
 import socket
@@ -38,16 +39,30 @@ STREAM_PORT = 7000
 _PAYLOAD = struct.Struct("!BIQ")  # direction, sequence number, send time (ns)
 
 
+# Ports handed out lately, per (type, address): the kernel may give the same free port to two
+# bind(0) calls in a row (the socket is closed before the next pick), and a demo picks a
+# dozen before it binds any; two nodes given one port failed with "address in use" (once in
+# a CI-like run of the suite).
+_HANDED_OUT: collections.deque[tuple[int, str, int]] = collections.deque(maxlen=4096)
+
+
+def _free_port(kind: int, host: str) -> int:
+    for _ in range(64):
+        with socket.socket(socket.AF_INET, kind) as s:
+            s.bind((host, 0))
+            port = int(s.getsockname()[1])
+        if (kind, host, port) not in _HANDED_OUT:
+            _HANDED_OUT.append((kind, host, port))
+            return port
+    raise OSError(f"no new free port on {host}")
+
+
 def free_udp_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+    return _free_port(socket.SOCK_DGRAM, host)
 
 
 def free_tcp_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+    return _free_port(socket.SOCK_STREAM, host)
 
 
 MAX_WATCHED = 1 << 20  # arrival times kept per receiver for the handover gaps (8 MiB)
