@@ -11,17 +11,14 @@ IKE_AUTH in its log; it answers sg2's liveness checks and completes an IKE rekey
 from __future__ import annotations
 
 import re
-import shutil
 import signal
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.helpers import strongswan
-from tests.helpers.ike_world import CLIENT, Client, IkeWorld
-from tests.helpers.netns import Namespaces
+from tests.helpers.ike_world import CLIENT, Client, IkeWorld, ike_world
 from tests.helpers.netns import wait_until as until
 from tests.helpers.netns_topology import HOST, SG_OUTER, Traffic
 
@@ -30,24 +27,8 @@ needs_strongswan = pytest.mark.skipif(not strongswan.available(), reason=strongs
 
 @pytest.fixture
 def world(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[IkeWorld]:
-    sockdir = Path(tempfile.mkdtemp(prefix="ipsecct-ikefo-", dir="/tmp"))
-    workdir = tmp_path if len(str(tmp_path)) <= 70 else Path(tempfile.mkdtemp(prefix="ict-"))
-    try:
-        with Namespaces("mn", "sg1", "sg2", "host", "br") as ns:
-            w = IkeWorld(ns, workdir, sockdir, "indirect")
-            w.failover = True
-            w.ike_proposal = request.param[0]
-            try:
-                w.build_links()
-                w.write_configs()
-                w.start()
-                yield w
-            finally:
-                w.stop()
-    finally:
-        shutil.rmtree(sockdir, ignore_errors=True)
-        if workdir != tmp_path:
-            shutil.rmtree(workdir, ignore_errors=True)
+    with ike_world(tmp_path, "indirect", failover=True, ike_proposal=request.param[0]) as w:
+        yield w
 
 
 @pytest.mark.root
@@ -151,24 +132,9 @@ def test_direct_identity_fail_over_moves_the_client_to_the_standby(tmp_path: Pat
     (MOBIKE, as after a direct handover): strongSwan moves its IKE SA to sg2 ("remote
     endpoint changed"), rekeys its CHILD SA there (kernel-libipsec), and ping passes again;
     one IKE_SA_INIT, one IKE_AUTH."""
-    sockdir = Path(tempfile.mkdtemp(prefix="ipsecct-ikefd-", dir="/tmp"))
-    workdir = tmp_path if len(str(tmp_path)) <= 70 else Path(tempfile.mkdtemp(prefix="ict-"))
-    try:
-        with Namespaces("mn", "sg1", "sg2", "host", "br") as ns:
-            w = IkeWorld(ns, workdir, sockdir, "direct")
-            w.failover = True
-            w.ike_proposal = "aes128-sha256-x25519"
-            try:
-                w.build_links()
-                w.write_configs()
-                w.start()
-                _direct_fail_over(w)
-            finally:
-                w.stop()
-    finally:
-        shutil.rmtree(sockdir, ignore_errors=True)
-        if workdir != tmp_path:
-            shutil.rmtree(workdir, ignore_errors=True)
+    with ike_world(tmp_path, "direct", failover=True,
+                   ike_proposal="aes128-sha256-x25519") as w:  # fmt: skip
+        _direct_fail_over(w)
 
 
 def _direct_fail_over(w: IkeWorld) -> None:

@@ -10,44 +10,20 @@ a CHILD rekey with it, and ping keeps passing. The topology is
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
-import shutil
 import subprocess
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.helpers import strongswan
-from tests.helpers.ike_world import CLIENT, Client, IkeWorld
-from tests.helpers.netns import Namespaces, wait_until
+from tests.helpers.ike_world import CLIENT, Client, IkeWorld, ike_world
+from tests.helpers.netns import wait_until
 from tests.helpers.netns_topology import HOST, SG_OUTER, cli
 
 needs_strongswan = pytest.mark.skipif(not strongswan.available(), reason=strongswan.skip_reason())
-@contextlib.contextmanager
-def ike_world(tmp_path: Path, identity: str, gw_encap: bool = False) -> Iterator[IkeWorld]:
-    sockdir = Path(tempfile.mkdtemp(prefix="ipsecct-ike-", dir="/tmp"))
-    workdir = tmp_path if len(str(tmp_path)) <= 70 else Path(tempfile.mkdtemp(prefix="ict-"))
-    try:
-        with Namespaces("mn", "sg1", "sg2", "host", "br") as ns:
-            w = IkeWorld(ns, workdir, sockdir, identity)
-            w.gw_encap = gw_encap
-            try:
-                w.build_links()
-                w.write_configs()
-                w.start()
-                yield w
-            finally:
-                w.stop()
-    finally:
-        shutil.rmtree(sockdir, ignore_errors=True)
-        if workdir != tmp_path:
-            shutil.rmtree(workdir, ignore_errors=True)
-
-
 @pytest.fixture
 def world(tmp_path: Path) -> Iterator[IkeWorld]:
     with ike_world(tmp_path, "indirect") as w:

@@ -195,15 +195,21 @@ class IkeWorld(HandoverWorld):
 
 @contextlib.contextmanager
 def ike_world(tmp_path: Path, identity: str, gw_encap: bool = False,
-              edit: Callable[[IkeWorld], None] | None = None) -> Iterator[IkeWorld]:
+              edit: Callable[[IkeWorld], None] | None = None, *, failover: bool = False,
+              ike_proposal: str | None = None) -> Iterator[IkeWorld]:
     """The IKE world built and both gateways started (stopped and removed at the end);
-    ``edit`` may change the written configuration files before the gateways start."""
+    ``edit`` may change the written configuration files before the gateways start;
+    ``failover``: sg1 and sg2 a fail-over pair; ``ike_proposal``: the gateways' (and the
+    tests' clients') IKE proposal instead of the default."""
     sockdir = Path(tempfile.mkdtemp(prefix="ipsecct-ike-", dir="/tmp"))
     workdir = tmp_path if len(str(tmp_path)) <= 70 else Path(tempfile.mkdtemp(prefix="ict-"))
     try:
         with Namespaces("mn", "sg1", "sg2", "host", "br") as ns:
             w = IkeWorld(ns, workdir, sockdir, identity)
             w.gw_encap = gw_encap
+            w.failover = failover
+            if ike_proposal is not None:
+                w.ike_proposal = ike_proposal
             try:
                 w.build_links()
                 w.write_configs()
