@@ -1259,6 +1259,22 @@ def _selectors_field(sel: Selectors) -> tuple[int, bytes] | None:
 
 
 _names: dict[str, bytes] = {}
+
+
+def _name_octets(name: str) -> bytes | None:
+    """The name field's octets for ``name`` (None: it cannot be carried), kept per name: both
+    SAs of a tunnel usually share their name."""
+    raw = _names.get(name)
+    if raw is None:
+        raw = _text_octets(name)
+        if raw is None:
+            return None
+        if len(_names) >= _CACHE_MAX:
+            _names.clear()
+        _names[name] = raw
+    return raw
+
+
 _DF_FLAGS = {id(df): code << F_DF_SHIFT for df, code in DF_CODES.items()}  # members: singletons
 
 
@@ -1373,16 +1389,10 @@ def _write_python(
             return None
         pv |= sel[0]
         parts.append(sel[1])
-    name = sa.name
-    if name:
-        raw = _names.get(name)  # (both SAs of a tunnel usually share their name)
+    if sa.name:
+        raw = _name_octets(sa.name)
         if raw is None:
-            raw = _text_octets(name)
-            if raw is None:
-                return None
-            if len(_names) >= _CACHE_MAX:
-                _names.clear()
-            _names[name] = raw
+            return None
         pv |= _M_SA_NAME
         parts.append(raw)
     src, dst = _octets(sa.src), _octets(sa.dst)
@@ -1434,16 +1444,10 @@ def _write_native(
             return None
         sel_bits, sel_raw = field
     name_raw = b""
-    name = sa.name
-    if name:
-        raw = _names.get(name)
+    if sa.name:
+        raw = _name_octets(sa.name)
         if raw is None:
-            raw = _text_octets(name)
-            if raw is None:
-                return None
-            if len(_names) >= _CACHE_MAX:
-                _names.clear()
-            _names[name] = raw
+            return None
         name_raw = raw
     sv, src = _octets(sa.src)
     dv, dst = _octets(sa.dst)
