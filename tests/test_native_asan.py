@@ -13,49 +13,20 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import sysconfig
 from pathlib import Path
 
 import pytest
+
+from tests.helpers import asan
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCE = ROOT / "src" / "ipsecct" / "ipsec" / "_esp.c"
 
 
-def _build(tmp: Path) -> Path:
-    so = tmp / ("_esp" + str(sysconfig.get_config_var("EXT_SUFFIX")))
-    cmd = [
-        "gcc", "-shared", "-fPIC", "-O1", "-g", "-fno-omit-frame-pointer",
-        "-fsanitize=address", "-Wall", "-Wextra", "-Wno-unused-parameter",
-        "-Wno-missing-field-initializers", "-Werror",
-        f"-I{sysconfig.get_paths()['include']}", str(SOURCE), "-o", str(so), "-lcrypto",
-    ]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
-    return so
-
-
 @pytest.mark.slow
 def test_parsers_under_address_sanitizer(tmp_path: Path) -> None:
-    so = _build(tmp_path)
-    libasan = subprocess.run(
-        ["gcc", "-print-file-name=libasan.so"], capture_output=True, text=True, check=True
-    ).stdout.strip()
-    assert os.path.exists(libasan), "libasan is missing (Debian: libasan8, with gcc)"
-    env = dict(
-        os.environ,
-        LD_PRELOAD=libasan,
-        # CPython's own allocations are not ours to judge; every memory error still aborts.
-        ASAN_OPTIONS="detect_leaks=0:abort_on_error=1",
-        PYTHONMALLOC="malloc",
-    )
-    r = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "native_fuzz.py"), str(so), "4000"],
-        capture_output=True, text=True, timeout=300, env=env,
-    )
-    assert "AddressSanitizer" not in r.stderr, r.stderr[-4000:]
-    assert r.returncode == 0, r.stderr[-4000:]
-    assert "fuzz-ok" in r.stdout
+    so = asan.build(SOURCE, "_esp", tmp_path, ("-lcrypto",))
+    asan.run_fuzz(ROOT / "tests" / "native_fuzz.py", so, 4000, timeout=300)
 
 
 def test_setup_without_a_compiler_falls_back_to_python(tmp_path: Path) -> None:
