@@ -18,16 +18,15 @@ import shutil
 import signal
 import tempfile
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.helpers import strongswan
 from tests.helpers.etcd_server import EtcdCluster
-from tests.helpers.ike_world import CLIENT, Client, IkeWorld
+from tests.helpers.ike_world import CLIENT, Client, IkeWorld, waiting_with_logs
 from tests.helpers.netns import Namespaces
-from tests.helpers.netns import wait_until as until
 from tests.helpers.netns_topology import HOST, MN_OUTER, Traffic, cli
 
 needs_strongswan = pytest.mark.skipif(not strongswan.available(), reason=strongswan.skip_reason())
@@ -81,13 +80,7 @@ def test_strongswan_client_keeps_its_ike_sa_when_its_cluster_member_dies(
     client.ike_proposal = w.ike_proposal
     with client as ss:
 
-        def wait_until(pred: Callable[[], object], what: str, timeout: float) -> None:
-            try:
-                until(pred, what, timeout)
-            except AssertionError as exc:
-                ike_log = "\n".join(x for x in ss.log().splitlines() if "[ESP]" not in x)
-                diag = f"{ike_log[-20000:]}\n{w.logs()}\n{w.status('sg2').get('cluster')}"
-                raise AssertionError(f"{exc}\n{diag}") from None
+        wait_until = waiting_with_logs(w, ss, lambda: w.status("sg2").get("cluster"))
 
         # both members joined (IKE is fenced until a member holds its lease)
         for g in ("sg1", "sg2"):
@@ -176,13 +169,7 @@ def test_handover_then_the_target_dies_and_the_source_takes_the_ike_sa_back(
     client.ike_proposal = w.ike_proposal
     with client as ss:
 
-        def wait_until(pred: Callable[[], object], what: str, timeout: float = 30) -> None:
-            try:
-                until(pred, what, timeout)
-            except AssertionError as exc:
-                ike_log = "\n".join(x for x in ss.log().splitlines() if "[ESP]" not in x)
-                diag = f"{ike_log[-20000:]}\n{w.logs()}\n{w.status('sg1').get('cluster')}"
-                raise AssertionError(f"{exc}\n{diag}") from None
+        wait_until = waiting_with_logs(w, ss, lambda: w.status("sg1").get("cluster"))
 
         for g in ("sg1", "sg2"):
             wait_until(lambda g=g: w.status(g)["cluster"]["lease"]["state"] == "held",

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import re
 import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.helpers import strongswan
-from tests.helpers.ike_world import CLIENT, Client, IkeWorld, ike_world
-from tests.helpers.netns import wait_until as until
+from tests.helpers.ike_world import CLIENT, Client, IkeWorld, ike_world, waiting_with_logs
 from tests.helpers.netns_topology import HOST, SG_OUTER, Traffic
 
 needs_strongswan = pytest.mark.skipif(not strongswan.available(), reason=strongswan.skip_reason())
@@ -57,13 +56,7 @@ def test_strongswan_client_keeps_its_ike_sa_across_a_fail_over(
     client.ike_proposal = w.ike_proposal
     with client as ss:
 
-        def wait_until(pred: Callable[[], object], what: str, timeout: float) -> None:
-            try:
-                until(pred, what, timeout)
-            except AssertionError as exc:
-                ike_log = "\n".join(x for x in ss.log().splitlines() if "[ESP]" not in x)
-                diag = f"{ike_log[-20000:]}\n{w.logs()}\n{w.counters('sg2')}"
-                raise AssertionError(f"{exc}\n{diag}") from None
+        wait_until = waiting_with_logs(w, ss, lambda: w.counters("sg2"))
 
         ss.start()
         ss.initiate()
@@ -144,12 +137,7 @@ def _direct_fail_over(w: IkeWorld) -> None:
     client.mobike = "yes"
     with client as ss:
 
-        def wait_until(pred: Callable[[], object], what: str, timeout: float) -> None:
-            try:
-                until(pred, what, timeout)
-            except AssertionError as exc:
-                ike_log = "\n".join(x for x in ss.log().splitlines() if "[ESP]" not in x)
-                raise AssertionError(f"{exc}\n{ike_log[-20000:]}\n{w.logs()}") from None
+        wait_until = waiting_with_logs(w, ss)
 
         ss.start()
         ss.initiate()

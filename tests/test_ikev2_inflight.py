@@ -21,14 +21,12 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from tests.helpers import strongswan
-from tests.helpers.ike_world import CLIENT, Client, IkeWorld, ike_world
-from tests.helpers.netns import wait_until as until
+from tests.helpers.ike_world import CLIENT, Client, IkeWorld, ike_world, waiting_with_logs
 from tests.helpers.netns_topology import HOST, MN_OUTER, VIP, Traffic
 
 needs_strongswan = pytest.mark.skipif(not strongswan.available(), reason=strongswan.skip_reason())
@@ -65,12 +63,7 @@ def test_client_rekeys_reaching_the_source_during_a_transfer_are_answered_by_the
         client = Client(w.ns, "mn", CLIENT, w.dir, "aes128gcm16")
         with client as ss:
 
-            def wait_until(pred: Callable[[], object], what: str, timeout: float = 30) -> None:
-                try:
-                    until(pred, what, timeout)
-                except AssertionError as exc:
-                    ike_log = "\n".join(x for x in ss.log().splitlines() if "[ESP]" not in x)
-                    raise AssertionError(f"{exc}\n{ike_log[-15000:]}\n{w.logs()}") from None
+            wait_until = waiting_with_logs(w, ss)
 
             def move(src: str, dst: str, rekey: tuple[str, str], done: str) -> None:
                 """Transfer the client's IKE SA from src to dst with the client's rekey
@@ -193,12 +186,7 @@ def test_a_transfer_waits_for_the_gateways_own_rekey_in_flight(tmp_path: Path) -
         Client(w.ns, "mn", CLIENT, w.dir, "aes128gcm16") as ss,
     ):
 
-        def wait_until(pred: Callable[[], object], what: str, timeout: float = 30) -> None:
-            try:
-                until(pred, what, timeout)
-            except AssertionError as exc:
-                ike_log = "\n".join(x for x in ss.log().splitlines() if "[ESP]" not in x)
-                raise AssertionError(f"{exc}\n{ike_log[-15000:]}\n{w.logs()}") from None
+        wait_until = waiting_with_logs(w, ss)
 
         ss.start()
         subprocess.run(w.ns.cmd("mn", "nft", "-f", "-"), input=NO_CHILD_REKEYS_FROM_GW,

@@ -193,6 +193,24 @@ class IkeWorld(HandoverWorld):
         return c
 
 
+def waiting_with_logs(
+    w: IkeWorld, ss: Charon, extra: Callable[[], object] | None = None
+) -> Callable[..., None]:
+    """``wait_until(pred, what, timeout=30)`` for a test with strongSwan client ``ss``: on a
+    time-out the AssertionError carries the client's IKE log (without its per-packet ESP
+    lines), the gateways' logs and ``extra()`` (a status the test watches)."""
+
+    def wait_until(pred: Callable[[], object], what: str, timeout: float = 30) -> None:
+        try:
+            until(pred, what, timeout)
+        except AssertionError as exc:
+            ike_log = "\n".join(x for x in ss.log().splitlines() if "[ESP]" not in x)
+            more = "" if extra is None else f"\n{extra()}"
+            raise AssertionError(f"{exc}\n{ike_log[-20000:]}\n{w.logs()}{more}") from None
+
+    return wait_until
+
+
 @contextlib.contextmanager
 def ike_world(tmp_path: Path, identity: str, gw_encap: bool = False,
               edit: Callable[[IkeWorld], None] | None = None, *, failover: bool = False,
