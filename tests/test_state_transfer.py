@@ -13,6 +13,7 @@ import random
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -57,6 +58,46 @@ def settled(gws: Gateways, names: list[str]) -> bool:
     return all(gws.status(n).get("transfers", {}).get("in_progress", 0) == 0 for n in names)
 
 
+def rebalance_rounds(gws: Gateways, rnd: random.Random, victim: str) -> Iterator[None]:
+    """Up to four rounds: sg1 moves half its remaining tunnels to sg2 with a rebalance while
+    ``victim`` is killed by SIGKILL at a random moment of that exchange (the first at once),
+    then restarted; each round ends once no transfer is in progress (yielded then)."""
+    sock = str(gws.dir / "sg1.sock")
+    span = 0.12 * TUNNELS / 150  # a bigger exchange takes longer
+    for delay in (0.0, *sorted(rnd.uniform(0.0, span) for _ in range(3))):
+        left = TUNNELS - len(gws.status("sg1")["state"]["kept_away"])
+        if left == 0:
+            return
+
+        def rebalance(n: int = left) -> None:
+            with contextlib.suppress(ControlError, OSError):
+                request(sock, "rebalance", {"to": "sg2", "count": max(1, n // 2)}, 30)
+
+        th = threading.Thread(target=rebalance)
+        th.start()
+        time.sleep(delay)
+        gws.kill(victim)
+        th.join(30)
+        gws.start(victim)
+        wait_for(lambda: settled(gws, ["sg1", "sg2"]), "transfers did not settle")
+        yield
+
+
+def one_sender_each(gws: Gateways, cap: Capture) -> tuple[set[int], set[int]]:
+    """After the rounds: the SPIs active at sg1 and at sg2, once 1.5 s of traffic showed that
+    no tunnel is active on both and none was sent from both gateways' ports."""
+    cap.sync()  # what was sent before settling is not taken for what is sent after
+    t0 = time.monotonic()
+    time.sleep(1.5)
+    cap.sync()
+    one, two = gws.active_spis("sg1"), gws.active_spis("sg2")
+    assert not one & two, "a tunnel is active on both gateways"
+    ports = senders_since(cap, t0)
+    both = {hex(spi) for spi, p in ports.items() if len(p) > 1}
+    assert not both, f"sent by two gateways after settling: {sorted(both)[:5]}"
+    return one, two
+
+
 def test_rebalance_with_the_source_killed_mid_transfer_never_repeats_a_number(
     gws: Gateways,
 ) -> None:
@@ -74,38 +115,14 @@ def test_rebalance_with_the_source_killed_mid_transfer_never_repeats_a_number(
     rnd = random.Random(81)
     try:
         wait_for(lambda: len(cap.seen) > 500, "no traffic")
-        sock = str(gws.dir / "sg1.sock")
-        span = 0.12 * TUNNELS / 150  # a bigger exchange takes longer
-        for delay in (0.0, *sorted(rnd.uniform(0.0, span) for _ in range(3))):
-            left = TUNNELS - len(gws.status("sg1")["state"]["kept_away"])
-            if left == 0:
-                break
-
-            def rebalance(n: int = left) -> None:
-                with contextlib.suppress(ControlError, OSError):
-                    request(sock, "rebalance", {"to": "sg2", "count": max(1, n // 2)}, 30)
-
-            th = threading.Thread(target=rebalance)
-            th.start()
-            time.sleep(delay)
-            gws.kill("sg1")
-            th.join(30)
-            gws.start("sg1")
-            wait_for(lambda: settled(gws, ["sg1", "sg2"]), "transfers did not settle")
+        for _ in rebalance_rounds(gws, rnd, victim="sg1"):
+            pass
         # what sg1 gave away stays away; what it kept resumes; nothing was sent twice
         st1 = gws.status("sg1")["state"]
         away = {a["name"] for a in st1["kept_away"]}
         assert all(a["owner"] in ("away",) for a in st1["kept_away"]), st1["kept_away"]
         assert away, "no round got as far as a commit: the test proves nothing"
-        cap.sync()  # what was sent before settling is not taken for what is sent after
-        t0 = time.monotonic()
-        time.sleep(1.5)
-        cap.sync()
-        one, two = gws.active_spis("sg1"), gws.active_spis("sg2")
-        assert not one & two, "a tunnel is active on both gateways"
-        ports = senders_since(cap, t0)
-        both = {hex(spi) for spi, p in ports.items() if len(p) > 1}
-        assert not both, f"sent by two gateways after settling: {sorted(both)[:5]}"
+        _, two = one_sender_each(gws, cap)
         assert cap.duplicates() == []
         # the tunnels sg1 says it gave away are the ones sg2 serves: a kill between the
         # durable "given away" and the COMMIT leaving is answered after the restart, when sg2
@@ -137,34 +154,11 @@ def test_rebalance_with_the_target_killed_mid_transfer_never_repeats_a_number(
     outcomes: set[str] = set()
     try:
         wait_for(lambda: len(cap.seen) > 500, "no traffic")
-        sock = str(gws.dir / "sg1.sock")
-        span = 0.12 * TUNNELS / 150
-        for delay in (0.0, *sorted(rnd.uniform(0.0, span) for _ in range(3))):
-            left = TUNNELS - len(gws.status("sg1")["state"]["kept_away"])
-            if left == 0:
-                break
-
-            def rebalance(n: int = left) -> None:
-                with contextlib.suppress(ControlError, OSError):
-                    request(sock, "rebalance", {"to": "sg2", "count": max(1, n // 2)}, 30)
-
-            th = threading.Thread(target=rebalance)
-            th.start()
-            time.sleep(delay)
-            gws.kill("sg2")
-            th.join(30)
-            gws.start("sg2")
-            wait_for(lambda: settled(gws, ["sg1", "sg2"]), "transfers did not settle")
+        for _ in rebalance_rounds(gws, rnd, victim="sg2"):
             outcomes.update(r["outcome"] for r in gws.status("sg1")["transfers"]["recent"])
         # some transfers committed (and went with sg2's memory), some were rolled back
         assert "committed" in outcomes and outcomes - {"committed"}, outcomes
-        t0 = time.monotonic()
-        time.sleep(1.5)
-        one, two = gws.active_spis("sg1"), gws.active_spis("sg2")
-        assert not one & two, "a tunnel is active on both gateways"
-        ports = senders_since(cap, t0)
-        both = {hex(spi) for spi, p in ports.items() if len(p) > 1}
-        assert not both, f"sent by two gateways after settling: {sorted(both)[:5]}"
+        one, _ = one_sender_each(gws, cap)
         # every tunnel sg1 did not record as given away, it sends on (a restart of sg1
         # lists what it recorded)
         gws.kill("sg1")
