@@ -135,6 +135,8 @@ BAD: list[tuple[str, str, str, list[str]]] = [
         'kind = "tun"\naddresses = [5]',
         ["inner.addresses"],
     ),
+    # a NUL in a file name made open() raise ValueError: a traceback
+    ("nul in a path", 'keys = "t1.keys"', 'keys = "t1\\u0000.keys"', ["tunnel[0].keys", "NUL"]),
     (
         "duplicate tunnel",
         "[[tunnel]]",
@@ -209,6 +211,45 @@ def test_not_toml_and_missing_file(tmp_path: Path) -> None:
         config.load(p)
     with pytest.raises(ConfigError, match="cannot read"):
         config.load(tmp_path / "absent.toml")
+
+
+def test_files_that_are_not_utf8_are_config_errors(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A configuration, key or secret file that is not UTF-8 text made tomllib / read_text
+    raise UnicodeDecodeError: a traceback, which for a key file quoted one of its octets."""
+    from ipsecct import cli
+
+    p = tmp_path / "x.toml"
+    p.write_bytes(b'name = "\xff\xfe"\n')
+    for read in (config.load, config.control_socket_of, config.cluster_of):
+        with pytest.raises(ConfigError, match=f"^{p}: not valid TOML: not UTF-8"):
+            read(p)
+    assert cli.main(["status", "-c", str(p)]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+    secret = b"\x8f\xd3" + bytes(range(0xC0, 0xE0))
+    p = write(tmp_path, GOOD, keys=None)
+    (tmp_path / "t1.keys").write_bytes(b'in_enc = "' + secret + b'"\n')
+    with pytest.raises(ConfigError, match=r"t1\.keys: not UTF-8") as ei:
+        config.load(p)
+    assert "0x8f" not in str(ei.value) and "\\x8f" not in repr(ei.value)
+    (tmp_path / "rw.psk").write_bytes(secret)
+    data = {"secrets": {"ike-rw": {"id": "gw.test", "file": "rw.psk"}}}
+    with pytest.raises(ConfigError, match=r"rw\.psk: not UTF-8 text .* 0x\.\.\. hex"):
+        config.load_secrets(data, str(tmp_path / "gw.toml"))
+
+
+def test_wrong_types_in_lists_are_config_errors(tmp_path: Path) -> None:
+    """A list where a string belongs (peers.allow's items, failover.peer) raised TypeError
+    (unhashable type) instead of naming the key."""
+    xfer = GOOD + (
+        '[transfer]\nlisten = "127.0.0.2:25091"\ncert = "t1.keys"\nkey = "t1.keys"\n'
+        'ca = "t1.keys"\n[[peers]]\nname = "sg2"\naddress = "127.0.0.3:25091"\n'
+    )
+    for extra, key in (('allow = [["send"]]\n', "peers[0].allow"),
+                       ('[failover]\nrole = "active"\npeer = ["sg2"]\n', "failover.peer")):
+        with pytest.raises(ConfigError, match=key.replace("[", r"\[")):
+            config.load(write(tmp_path, xfer + extra))
 
 
 @pytest.mark.parametrize("role", ["gateway", "node"])

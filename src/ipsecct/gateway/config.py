@@ -315,7 +315,7 @@ def load_keys(source: str, *, from_env: bool, ctx: _Ctx, where: str) -> dict[str
         if not p.is_absolute():
             p = Path(ctx.path).parent / p
         try:
-            text = p.read_text()
+            text = _read_secret(p)
         except OSError as exc:
             raise ctx.err(where + "keys", f"cannot read key file {p}: {exc.strerror}") from None
         label = str(p)
@@ -527,15 +527,48 @@ def _socket_path(value: str, ctx: _Ctx) -> str:
     return socket_path(value)
 
 
-def cluster_of(path: str | Path) -> ClusterConfig:
-    """The ``[cluster]`` table of a configuration, reading nothing else (no key file)."""
+def _read_toml(path: str | Path) -> dict[str, Any]:
+    """A configuration file's tables; any file that is not UTF-8 TOML is a ConfigError."""
     try:
         with open(path, "rb") as f:
             data = tomllib.load(f)
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    except UnicodeDecodeError:  # tomllib decodes before it parses
+        raise ConfigError(f"{path}: not valid TOML: not UTF-8 text") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    _no_nul(data, _Ctx(str(path)), "")
+    return data
+
+
+def _no_nul(v: Any, ctx: _Ctx, key: str) -> None:
+    """No string of a configuration holds a NUL (TOML's \\u0000): none is meaningful, and
+    the operating system refuses such a file name with a ValueError."""
+    if isinstance(v, str) and "\0" in v:
+        raise ctx.err(key, "holds a NUL character")
+    items = v.items() if isinstance(v, dict) else enumerate(v) if isinstance(v, list) else ()
+    for k, x in items:
+        _no_nul(x, ctx, f"{key}.{k}" if isinstance(k, str) and key else
+                f"{key}[{k}]" if isinstance(k, int) else str(k))  # fmt: skip
+
+
+def _read_secret(p: Path) -> str:
+    """A secret file's text. Its bytes never reach an error: a UnicodeDecodeError would quote
+    one of them (and the file's path may hold a NUL, which open() refuses with ValueError)."""
+    try:
+        data = p.read_bytes()
+    except ValueError:
+        raise OSError(0, "bad file name") from None
+    try:
+        return data.decode()
+    except UnicodeDecodeError:
+        raise OSError(0, "not UTF-8 text (give a binary secret as 0x... hex)") from None
+
+
+def cluster_of(path: str | Path) -> ClusterConfig:
+    """The ``[cluster]`` table of a configuration, reading nothing else (no key file)."""
+    data = _read_toml(path)
     c = _cluster(data.get("cluster"), _Ctx(str(path)))
     if c is None or not c.etcd:
         raise ConfigError(f"{path}: cluster.etcd: no etcd endpoints (not in etcd mode)")
@@ -547,13 +580,7 @@ def control_socket_of(path: str | Path) -> str:
     nothing else: client commands use it, and they have no business opening key files."""
     from .control import socket_path
 
-    try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    data = _read_toml(path)
     ctx = _Ctx(str(path))
     control = ctx.get(data, "control", "", dict, {})
     sock = ctx.get(control, "socket", "control.", str, None)
@@ -563,13 +590,7 @@ def control_socket_of(path: str | Path) -> str:
 def load(path: str | Path) -> NodeConfig:
     path = str(path)
     _Ctx(path)
-    try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    data = _read_toml(path)
     return from_dict(data, path)
 
 
@@ -1019,7 +1040,7 @@ def _peers(plist: Any, ctx: _Ctx) -> dict[str, PeerConfig]:
         except ValueError as exc:
             raise ctx.err(where, f"bad address: {exc}") from None
         allow = p.get("allow", ["send", "request"])
-        if not isinstance(allow, list) or not set(allow) <= {"send", "request"}:
+        if not isinstance(allow, list) or not all(a in ("send", "request") for a in allow):
             raise ctx.err(f"{where}.allow", 'must be a list of "send" and "request"')
         peers[p["name"]] = PeerConfig(p["name"], addr, outer, frozenset(allow))
     return peers
@@ -1067,7 +1088,7 @@ def _failover(f: Any, ctx: _Ctx, transfer: TransferConfig | None) -> FailoverCon
     peer = f.get("peer")
     if transfer is None:
         raise ctx.err("failover", "needs a [transfer] section (its channel to the peer)")
-    if peer not in transfer.peers:
+    if not isinstance(peer, str) or peer not in transfer.peers:
         raise ctx.err("failover.peer", "must name one of the [[peers]]")
     cfg = FailoverConfig(role, peer)
     for k in ("sync_packets", "sync_ms", "heartbeat_ms", "dead_ms", "seq_margin", "tick_ms"):
@@ -1141,7 +1162,7 @@ def load_secrets(data: dict[str, Any], path: str) -> dict[str, bytes]:
             if not p.is_absolute():
                 p = Path(path).parent / p
             try:
-                text = p.read_text()
+                text = _read_secret(p)
             except OSError as exc:
                 raise ConfigError(f"{where}.file: cannot read {p}: {exc.strerror}") from None
             warn_if_readable(p, "IKE secret")
