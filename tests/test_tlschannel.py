@@ -6,6 +6,7 @@ import asyncio
 import datetime as dt
 import ipaddress
 import logging
+import socket
 import ssl
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -16,9 +17,11 @@ import pytest
 from ipsecct.ct import cxtp
 from ipsecct.ct.cxtp import CTD, CTDR, StatusEntry
 from ipsecct.errors import ChannelClosed, ChannelError, ChannelTimeout, CxtpError
-from ipsecct.gateway import tlschannel
+from ipsecct.gateway import config, tlschannel
+from ipsecct.gateway.limits import ConnectionLimits
 from ipsecct.gateway.tlschannel import CxtpConnection
 from ipsecct.tools import pki
+from tests.helpers.waiting import eventually
 
 NOW = dt.datetime.now(dt.UTC)
 MN = ipaddress.IPv4Address("10.0.0.7")
@@ -360,3 +363,55 @@ def test_bad_certificate_files(tmp_path: Path, pkidir: Path) -> None:
         tlschannel.server_context(junk, pkidir / "sg2.key", pkidir / "ca.pem")
     with pytest.raises(ChannelError, match="cannot load"):
         tlschannel.client_context(pkidir / "sg1.pem", pkidir / "sg2.key", pkidir / "ca.pem")
+
+
+def test_a_flood_from_many_sources_does_not_keep_a_peer_out(pkidir: Path) -> None:
+    """Idle connections from many addresses (no certificate needed: admission comes before
+    the handshake) filled the listener's total, and a real peer could not open its channel
+    again for as long as the flood reconnected. The peers' hosts are always admitted."""
+
+    async def main() -> None:
+        echo = Echo()
+        lim = ConnectionLimits(per_source=2, total=6, reserved=frozenset({"127.0.0.1"}))
+        refused: list[str] = []
+        server = await tlschannel.serve(echo, "127.0.0.1", 0, server_ctx(pkidir), limits=lim,
+                                        handshake_timeout=60,
+                                        on_refused=lambda a, r: refused.append(a))  # fmt: skip
+        port = server.sockets[0].getsockname()[1]
+        flood: list[socket.socket] = []
+        try:
+            for i in range(2, 6):  # 4 sources x 2: the total is full
+                for _ in range(2):
+                    s = socket.socket()
+                    s.bind((f"127.0.80.{i}", 0))
+                    s.connect(("127.0.0.1", port))
+                    flood.append(s)
+            await eventually(lambda: lim.count >= 6, "the flood to fill the listener", timeout=15)
+            async with await tlschannel.connect(
+                "127.0.0.1", port, client_ctx(pkidir), server_hostname="sg2", timeout=15
+            ) as conn:  # the peer's host gets in, and its channel works
+                tag = cxtp.TransferTag(1, 0).encode()
+                assert isinstance(await conn.request(CTD(MN, 3, (tag, SA))), CTDR)
+            assert not any(a.startswith("127.0.0.1:") for a in refused)
+            assert sum(a.startswith("127.0.80.") for a in refused) == 2  # 6 + 2 tried
+        finally:
+            for s in flood:
+                s.close()
+            server.close()
+            await server.wait_closed()
+
+    run(main())
+
+
+def test_the_peers_hosts_are_reserved_on_the_listener(tmp_path: Path) -> None:
+    from ipsecct.gateway.peers import PeerChannels
+    from tests.helpers.config_files import GOOD, write
+
+    text = GOOD + (
+        '[transfer]\nlisten = "127.0.0.2:25091"\ncert = "t1.keys"\nkey = "t1.keys"\n'
+        'ca = "t1.keys"\n[[peers]]\nname = "sg2"\naddress = "127.0.0.3:25091"\n'
+        'outer = "192.0.2.3"\n[[peers]]\nname = "sg3"\naddress = "[::1]:25091"\n'
+    )
+    tcfg = config.load(write(tmp_path, text)).transfer
+    assert tcfg is not None
+    assert PeerChannels(tcfg, "sg1").limits.reserved == {"127.0.0.3", "192.0.2.3", "::1"}

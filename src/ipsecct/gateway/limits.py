@@ -25,6 +25,11 @@ class ConnectionLimits:
     total: int = 128
     open: dict[str, int] = field(default_factory=dict)
     refused: int = 0
+    # Sources admitted whatever the total (still at most per_source each): the configured
+    # peers' hosts. Without them, anyone with a few dozen addresses (the handshake comes
+    # after admission, so no certificate is needed) kept the listener full by reconnecting
+    # each time a handshake timed out, and peers could never open their channel again.
+    reserved: frozenset[str] = frozenset()
 
     @property
     def count(self) -> int:
@@ -33,7 +38,7 @@ class ConnectionLimits:
     def admit(self, source: str) -> bool:
         """Take a place for a connection from ``source``; False (and counted) if none."""
         n = self.open.get(source, 0)
-        if n >= self.per_source or self.count >= self.total:
+        if n >= self.per_source or (source not in self.reserved and self.count >= self.total):
             self.refused += 1
             return False
         self.open[source] = n + 1

@@ -67,7 +67,10 @@ class PeerChannels:
         self._quiet_until: dict[str, float] = {}
         # Connections open on the listener per source address and in total, handshakes
         # included: anyone who reaches the port can open them, without a certificate.
-        self.limits = ConnectionLimits()
+        # A configured peer's host is always admitted (up to the per-source bound).
+        self.limits = ConnectionLimits(reserved=frozenset(
+            str(h) for p in tcfg.peers.values() for h in (p.address.host, p.outer) if h is not None
+        ))  # fmt: skip
         self._quiet = RateLimited()
 
     def load_credentials(self) -> None:
