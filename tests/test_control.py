@@ -284,6 +284,13 @@ def test_real_daemon_socket_mode_and_garbage(tmp_path: Path) -> None:
             timeout=60,
         )
         assert r.returncode == 0 and json.loads(r.stdout)["name"] == "gw"
+        # A command its configuration does not enable says what is missing (it said
+        # "unknown command 'failover.alone'"); "ike.list" stays unknown: sa list relies on it.
+        for cmd, section in (("failover.alone", "[failover]"), ("transfer", "[transfer]"),
+                             ("rebalance", "[transfer]"), ("ike.list", None)):  # fmt: skip
+            with pytest.raises(ControlError) as ei:
+                request(sock, cmd, {"standby_is_down": True})
+            assert (f"no {section} section" if section else "unknown command") in str(ei.value)
         assert gw.terminate() == 0
         assert not os.path.exists(sock)
     finally:

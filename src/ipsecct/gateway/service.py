@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from ..ct import cxtp
@@ -44,6 +45,15 @@ def _parse_spi(v: Any) -> int:
             pass
     raise ControlError(f"bad SPI {v!r} (a number, 0x... for hex)")
 
+
+
+def _lacks(section: str, what: str) -> Callable[[dict[str, Any]], Awaitable[Any]]:
+    """A control handler for a command this gateway's configuration does not enable."""
+
+    async def refuse(args: dict[str, Any]) -> Any:
+        raise ControlError(f"this gateway has no {section} section: it does no {what}")
+
+    return refuse
 
 class Service:
     def __init__(
@@ -166,9 +176,14 @@ class Service:
                 self.control.register(name, h)
             if self.failover is not None:
                 self.control.register("failover.alone", self._failover_alone)
+            else:  # say what is missing, not "unknown command 'failover.alone'"
+                self.control.register("failover.alone", _lacks("[failover]", "a fail-over pair"))
             if self.transfer is not None:
                 self.control.register("transfer", self.transfer.control_transfer)
                 self.control.register("rebalance", self.transfer.control_rebalance)
+            else:
+                for cmd in ("transfer", "rebalance"):
+                    self.control.register(cmd, _lacks("[transfer]", "context transfer"))
 
     async def start(self) -> None:
         if self.peers is not None:
