@@ -498,3 +498,23 @@ def test_bench_gateway_subcommand() -> None:
     }
     bad = ipsecct("bench", "gateway", "--time", "0")
     assert bad.returncode == 2 and "positive" in bad.stderr
+
+
+def test_a_port_in_use_is_named() -> None:
+    """A gateway whose outer or inner UDP address was taken said only "ipsecct: error:
+    Address already in use": the operator could not tell which of its addresses. The CLI
+    prints an OSError's file name after its reason."""
+    import errno
+
+    from ipsecct.gateway.node import UdpEndpoint
+
+    for host in ("127.0.0.1", "::1"):
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET,
+                           socket.SOCK_DGRAM) as taken:  # fmt: skip
+            taken.bind((host, 0))
+            port = taken.getsockname()[1]
+            with pytest.raises(OSError) as ei:
+                UdpEndpoint.bind((host, port), lambda data, addr: None)
+        assert ei.value.errno == errno.EADDRINUSE
+        assert ei.value.filename == (f"UDP [{host}]:{port}" if ":" in host else
+                                     f"UDP {host}:{port}")  # fmt: skip

@@ -121,9 +121,11 @@ class UdpEndpoint:
             if freebind:
                 s.setsockopt(socket.IPPROTO_IP, 15, 1)  # IP_FREEBIND
             s.bind(addr)
-        except OSError:
+        except OSError as exc:
             s.close()
-            raise
+            # which address: the operator has several (outer, inner link, IKE port)
+            host = f"[{addr[0]}]" if fam == socket.AF_INET6 else addr[0]
+            raise OSError(exc.errno, exc.strerror, f"UDP {host}:{addr[1]}") from None
         return cls(s, on_data)
 
     def _readable(self) -> None:
