@@ -857,6 +857,29 @@ def test_fragmented_exchanges(monkeypatch: pytest.MonkeyPatch) -> None:
     mirrored(w)
 
 
+def test_fragments_of_one_message_are_bounded_in_size() -> None:
+    """RFC 7383 reassembly kept every fragment (up to 32 of up to 64 KiB each, 2 MiB per IKE
+    SA) before the message was whole, and anyone can make a half-open IKE SA and know its
+    keys: 1000 half-open SAs held 2 GiB. A message that grows past an IKE message's 64 KiB is
+    dropped as it arrives."""
+    ini, resp = IkeEngine([mn_conn()]), IkeEngine([conn()])
+    (s,) = ini.initiate(ini.connections[0], I500, R500, 0.0)
+    (r,) = resp.receive(s.data, I500, R500, 0.0)
+    ini.receive(r.data, R500, I500, 0.0)  # its IKE_AUTH is never sent: we send fragments
+    ike, (half,) = ini.ike_sas()[0], resp.ike_sas()
+    assert half.fragmentation
+    hdr = M.Header(ike.spi_i, ike.spi_r, 0, M.ExchangeType.IKE_AUTH, M.Flag.INITIATOR, 1, 0)
+    for n in range(1, 32):
+        frag = ike.outbound.seal(hdr, [], inner_first=M.PayloadType.IDI if n == 1 else 0,
+                                 plain=bytes(20000), prefix=struct.pack("!HH", n, 32),
+                                 payload_type=M.PayloadType.SKF)  # fmt: skip
+        assert resp.receive(frag, I500, R500, 0.1) == []
+        held = sum(map(len, half.fragments[3].values())) if half.fragments else 0
+        assert held <= M.MAX_MESSAGE
+    assert resp.stats["fragment-refused"] >= 5  # every 4th fragment starts it over
+    assert half.state is IkeState.HALF_OPEN  # the rest of the exchange is not disturbed
+
+
 def test_gateway_config_with_certificates(tmp_path: object) -> None:
     from pathlib import Path
 

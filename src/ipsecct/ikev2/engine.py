@@ -45,6 +45,7 @@ from .ikesa import Address, ChildSA, IkeSA, IkeState, Pending
 from .keys import KeyExchange, child_keys, hmac_digest, ike_keys, psk_auth, signed_octets
 from .message import (
     IKE_HEADER_LEN,
+    MAX_MESSAGE,
     AuthMethod,
     AuthPayload,
     CertPayload,
@@ -514,6 +515,10 @@ class IkeEngine:
             if skf.number == 1:
                 f = ike.fragments = (f[0], f[1], skf.first, f[3])
             f[3][skf.number] = plain
+            if sum(map(len, f[3].values())) > MAX_MESSAGE:  # no IKE message is bigger: the
+                ike.fragments = None  # sender (perhaps anyone, on a half-open SA) only
+                self.stats["fragment-refused"] += 1  # wants our memory
+                raise IkeProtocolError("IKE fragments add up to more than an IKE message")
             if len(f[3]) < f[1]:
                 return None
             ike.fragments = None
