@@ -357,12 +357,24 @@ def test_connect_to_closed_port(pkidir: Path) -> None:
 
 
 def test_bad_certificate_files(tmp_path: Path, pkidir: Path) -> None:
+    """Each error names the file that is wrong (it said "cannot load certificate, key or CA
+    ([SSL] PEM lib)" whichever of the three it was)."""
     junk = tmp_path / "junk.pem"
     junk.write_text("not a certificate\n")
-    with pytest.raises(ChannelError, match="cannot load"):
-        tlschannel.server_context(junk, pkidir / "sg2.key", pkidir / "ca.pem")
-    with pytest.raises(ChannelError, match="cannot load"):
-        tlschannel.client_context(pkidir / "sg1.pem", pkidir / "sg2.key", pkidir / "ca.pem")
+    cert, key, ca = pkidir / "sg2.pem", pkidir / "sg2.key", pkidir / "ca.pem"
+    for args, says in (((junk, key, ca), f"certificate file {junk}: not a PEM certificate"),
+                       ((key, key, ca), f"certificate file {key}: not a PEM certificate"),
+                       ((cert, junk, ca), f"key file {junk}: not an unencrypted PEM"),
+                       ((cert, cert, ca), f"key file {cert}: not an unencrypted PEM"),
+                       ((cert, key, junk), f"the CA file {junk}"),
+                       ((pkidir / "sg1.pem", key, ca),
+                        f"key file {key} does not belong to the certificate in {pkidir}/sg1.pem"),
+                       ):  # fmt: skip
+        for make in (tlschannel.server_context, tlschannel.client_context):
+            with pytest.raises(ChannelError) as ei:
+                make(*args)
+            assert says in str(ei.value), (args, str(ei.value))
+            assert "PRIVATE KEY" not in str(ei.value)
 
 
 def test_a_flood_from_many_sources_does_not_keep_a_peer_out(pkidir: Path) -> None:

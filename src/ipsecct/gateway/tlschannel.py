@@ -46,6 +46,23 @@ CXTP_TLS_PORT = 5091  # RFC 4067's SCTP port, reused for TCP/TLS
 PathLike = str | Path
 
 
+def _cert_key_problem(cert: PathLike, key: PathLike, exc: ssl.SSLError) -> str:
+    """Which of the two files is wrong (OpenSSL's "PEM lib" named neither)."""
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    try:
+        x509.load_pem_x509_certificates(Path(cert).read_bytes())
+    except (OSError, ValueError):
+        return f"cannot load the certificate file {cert}: not a PEM certificate"
+    try:
+        load_pem_private_key(Path(key).read_bytes(), password=None)
+    except (OSError, ValueError, TypeError):  # never quote the file
+        return f"cannot load the key file {key}: not an unencrypted PEM private key"
+    if exc.reason == "KEY_VALUES_MISMATCH":
+        return f"the key file {key} does not belong to the certificate in {cert}"
+    return f"cannot load the certificate {cert} with the key {key} ({exc.reason or exc})"
+
+
 def _base_context(server: bool, cert: PathLike, key: PathLike, ca: PathLike) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server else ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
@@ -53,9 +70,12 @@ def _base_context(server: bool, cert: PathLike, key: PathLike, ca: PathLike) -> 
     ctx.verify_mode = ssl.CERT_REQUIRED
     try:
         ctx.load_verify_locations(cafile=str(ca))
+    except ssl.SSLError as exc:
+        raise ChannelError(f"cannot load the CA file {ca} ({exc.reason or exc})") from None
+    try:
         ctx.load_cert_chain(certfile=str(cert), keyfile=str(key))
     except ssl.SSLError as exc:
-        raise ChannelError(f"cannot load certificate, key or CA ({exc.reason or exc})") from None
+        raise ChannelError(_cert_key_problem(cert, key, exc)) from None
     return ctx
 
 
