@@ -880,6 +880,39 @@ def test_fragments_of_one_message_are_bounded_in_size() -> None:
     assert half.state is IkeState.HALF_OPEN  # the rest of the exchange is not disturbed
 
 
+def test_a_peers_identity_cannot_forge_log_lines_or_move_a_terminal() -> None:
+    """Anyone who ran IKE_SA_INIT could put a newline and a made-up log line (and terminal
+    escapes) into its IDi: the gateway logged ike-auth-failed with it, and the next line
+    of its log was the attacker's."""
+    import io
+    import logging
+
+    from ipsecct.gateway.log import OneLineFormatter
+
+    forged = "x\n2026-12-01 06:40:00,000 ERROR ipsecct event=lease-superseded \x1b[31mred"
+    assert M.IDPayload(True, M.IdType.FQDN, forged.encode()).text() == "0x" + forged.encode().hex()
+    assert M.IDPayload(True, M.IdType.FQDN, b"mn.example").text() == "mn.example"
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(OneLineFormatter("%(levelname)s %(message)s"))
+    logger = logging.getLogger("ipsecct")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        w = pair(mn_conn(local_id=forged, psk=b"wrong"), conn())
+        connect(w)
+        assert w.resp.stats["auth-failed"] == 1
+        logging.getLogger("ipsecct.test").info("id=%s", forged)  # any other way in
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    lines = out.getvalue().splitlines()
+    assert any("event=ike-auth-failed" in x for x in lines), lines
+    assert lines[-1] == "INFO id=" + forged.replace("\n", "\\n").replace("\x1b", "\\x1b")
+    assert all(x.startswith(("INFO ", "DEBUG ", "WARNING ")) for x in lines), lines
+
+
 def test_gateway_config_with_certificates(tmp_path: object) -> None:
     from pathlib import Path
 

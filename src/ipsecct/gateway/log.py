@@ -28,12 +28,25 @@ def event(logger: logging.Logger, name: str, *args: int, **fields: object) -> No
 LOG_LEVELS = ("debug", "info", "warning", "error")  # [log] level, --log-level
 
 
+# Control characters as escapes: what a peer sends (an identity, a reason) can neither end
+# a line and forge the next one nor move an operator's terminal.
+_ESCAPES = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F)} | {0x0A: "\\n", 0x0D: "\\r"}
+
+
+class OneLineFormatter(logging.Formatter):
+    """Each record's message on one line, control characters escaped (a traceback, which
+    only a bug logs, keeps its lines)."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return super().formatMessage(record).translate(_ESCAPES)
+
+
 def setup(level: str = "info", *, stream: object = None) -> None:
     root = logging.getLogger("ipsecct")
     root.setLevel(getattr(logging, level.upper(), logging.INFO))
     if not any(getattr(h, "_ipsecct", False) for h in root.handlers):
         h = logging.StreamHandler(stream or sys.stderr)  # type: ignore[arg-type]
-        h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+        h.setFormatter(OneLineFormatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
         h._ipsecct = True  # type: ignore[attr-defined]
         root.addHandler(h)
     root.propagate = False

@@ -198,7 +198,9 @@ class IDPayload:
             if self.id_type == IdType.IPV6_ADDR and len(self.data) == 16:
                 return str(ipaddress.IPv6Address(self.data))
             if self.id_type in (IdType.FQDN, IdType.RFC822_ADDR, IdType.KEY_ID):
-                return self.data.decode("ascii")
+                text = self.data.decode("ascii")
+                if text.isprintable():  # no newline or escape sequence into a log or a
+                    return text  # terminal: any peer can send any identity
         except (UnicodeDecodeError, ValueError):
             pass
         return "0x" + self.data.hex()
