@@ -457,6 +457,62 @@ def test_extra_contexts_replicated_beside_the_tunnels_and_removed() -> None:
         failover.extra_cdb(b"", 1, 1)
 
 
+@pytest.mark.parametrize("fencing", [False, True])
+def test_a_refused_extra_context_is_not_kept_and_the_active_is_told(fencing: bool) -> None:
+    """The standby checks each extra context (an IKE SA) as it arrives: one it could not
+    take over is not kept, and it answers SYNC_REFUSED (the key, why) beside its ACK; the
+    active hears it (``on_extra_refused``). When a later version passes, the active hears
+    an empty reason. Refusals for another session or epoch are ignored."""
+    act = Engine(ip(SG_ADDR["sg1"]))
+    add_tunnel(act, 1)
+    extra = FakeExtra()
+    ok, bad = [_ike_cdb(0x8010, 3)], [_ike_cdb(0x8010, 4)]
+    extra.state = {b"A" * 8: ok, b"B" * 8: bad}
+    rep = failover.Replicator(act, cfg(fencing=fencing), session=3, extra=extra)
+    heard: list[tuple[bytes, str]] = []
+    rep.on_extra_refused = lambda key, why: heard.append((key, why))
+    sb = standby(Engine(ip(SG_ADDR["sg2"])), fencing=fencing)
+    policy = {"B" * 8: "no connection 'c' here"}
+    sb.check_extra = lambda key, cdbs: policy.get(key.decode())
+
+    def sync(now: float) -> list[cxtp.CTD]:
+        replies = []
+        for m in wire(rep.poll(now)):
+            replies += wire(sb.receive(m, now))  # type: ignore[arg-type]
+        for r in replies:
+            assert failover.reply_kind(r) in (failover.SYNC_ACK, failover.SYNC_REFUSED)
+            rep.receive(r, now)
+        return replies
+
+    replies = sync(0.0)
+    assert sb.extra == {b"A" * 8: ok} and sb.refused == {b"B" * 8: "no connection 'c' here"}
+    assert heard == [(b"B" * 8, "no connection 'c' here")] and rep.extras_refused == 1
+    assert len(replies) == 1 + fencing and rep.acks == fencing
+    # a new version is refused again (the active decides what to log), then passes
+    extra.state[b"B" * 8] = [_ike_cdb(0x8010, 5)]
+    sync(0.01)
+    assert heard[-1] == (b"B" * 8, "no connection 'c' here")
+    policy.clear()
+    extra.state[b"B" * 8] = [_ike_cdb(0x8010, 6)]
+    sync(0.02)
+    assert heard[-1] == (b"B" * 8, "") and sb.refused == {}
+    assert set(sb.extra) == {b"A" * 8, b"B" * 8}
+    # a refusal of another session (an earlier life of the active) says nothing
+    n = len(heard)
+    stale = cxtp.CTD(ip("0.0.0.0"), 0, (cxtp.TransferTag(99, 0).encode(),
+                                        failover.refused_cdb(b"A" * 8, "x", 1)))  # fmt: skip
+    rep.receive(wire([stale])[0], 0.03)
+    assert len(heard) == n
+    # the refusal CDB: bounded text, malformed ones raise the typed error
+    key, why = failover.parse_refused(failover.refused_cdb(b"K", "é" * 300, 1))
+    assert key == b"K" and len(why.encode()) <= failover.MAX_REFUSAL_TEXT + 3
+    for junk in (failover.sync_cdb([], 1), failover.extra_cdb(b"k", 0, 1)):
+        with pytest.raises(CxtpError):
+            failover.parse_refused(junk)
+    with pytest.raises(CxtpError):
+        failover.refused_cdb(b"", "x", 1)
+
+
 def test_standby_dead_after_dead_ms_of_silence_only() -> None:
     sb = standby(Engine(ip(SG_ADDR["sg2"])), dead_ms=300.0)
     assert not sb.dead(1e6)  # never heard from the active: nothing to take over

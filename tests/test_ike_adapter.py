@@ -163,3 +163,69 @@ def test_what_an_operator_names_moves_the_ike_sa_with_all_its_child_sas(tmp_path
     svc.engine.import_ike(w2.resp.export_ike(ike_r2, 2.0), 2.0)
     with pytest.raises(ValueError, match="2 IKE SAs"):
         svc.transfer_unit(name)
+
+
+def test_a_replica_the_standby_cannot_take_is_refused_and_the_active_sees_which(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Fail-over replication of an IKE SA to a standby whose connections do not admit it
+    (its child is named otherwise): the standby does not keep it and logs
+    ``ike-replica-refused``; the active, told by SYNC_REFUSED, logs which IKE SA, which
+    standby and why (once, though every version is refused again) and lists it in
+    ``status()["replicas_refused"]``. A standby restarted with the active's connections
+    (a FULL sync) keeps it, and nothing is listed any more."""
+    import dataclasses
+    import functools
+    import logging
+
+    from ipsecct.ct import failover
+
+    w = pair(mn_conn(dpd=10), conn(dpd=10))
+    connect(w)
+    (ike_r,) = w.resp.ike_sas()
+    sg1 = _service(tmp_path, "sg1")
+    ike = sg1.engine.import_ike(w.resp.export_ike(ike_r, 1.0), 1.0)
+    fcfg = failover.FailoverConfig("active", "sg2", fencing=False)
+    rep = failover.Replicator(sg1.node.engine, fcfg, session=7, extra=sg1.feed)
+    rep.on_extra_refused = functools.partial(sg1.replica_refused, "sg2")
+    rep.on_extra_resync = functools.partial(sg1.replicas_resync, "sg2")
+    other = conn(dpd=10)
+    other.children[0] = dataclasses.replace(other.children[0], name="elsewhere")
+
+    def standby(connection: object) -> tuple[IkeService, failover.Standby]:
+        sg2 = _service(tmp_path, "sg2")
+        sg2.engine.connections[:] = [connection]
+        sb = failover.Standby(sg2.node.engine, dataclasses.replace(fcfg, role="standby"),
+                              sg2.node.cfg.outer, failover.Identity.INDIRECT)  # fmt: skip
+        sb.check_extra = sg2.check_replica
+        return sg2, sb
+
+    def sync(sb: failover.Standby, now: float) -> None:
+        for m in rep.poll(now):
+            for r in sb.receive(m, now):  # type: ignore[arg-type]
+                rep.receive(r, now)
+
+    def logged(node: str) -> list[str]:
+        return [r.getMessage() for r in caplog.records if "event=ike-replica-refused"
+                in r.getMessage() and f"node={node}" in r.getMessage()]  # fmt: skip
+
+    sg2, sb = standby(other)
+    with caplog.at_level(logging.INFO):
+        sync(sb, 2.0)
+        sg1.liveness(ike)  # the IKE SA changed: sent again, refused again
+        sync(sb, 3.0)
+    assert sb.extra == {} and list(sb.refused) == [ike.our_spi]
+    assert sg2.engine.stats["replica-refused"] == 2
+    why = f"no child 'net' in connection {ike.conn.name!r} here"
+    listed = sg1.status()["replicas_refused"]
+    assert [(x["standby"], x["conn"], x["spi_i"], x["spi_r"], x["reason"]) for x in listed] == [
+        ("sg2", ike.conn.name, ike.spi_i.hex(), ike.spi_r.hex(), why)]
+    (line,) = logged("sg1")
+    assert "standby=sg2" in line and ike.spi_i.hex() in line and "elsewhere" not in line
+    assert len(logged("sg2")) == 1
+    # the standby restarts with the right connection: the active sends everything again
+    sg2, sb = standby(conn(dpd=10))
+    rep.resync()
+    sync(sb, 4.0)
+    assert list(sb.extra) == [ike.our_spi] and sb.refused == {}
+    assert sg1.status()["replicas_refused"] == [] and sg2.engine.stats["replica-refused"] == 0

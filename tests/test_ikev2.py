@@ -1285,3 +1285,39 @@ def test_ike_unit_payload_says_what_a_target_needs() -> None:
         f"no child {child!r} in connection {ike.conn.name!r} here")
     for junk in (b"", b"\x01\x00\x01\x07", payload[:-1], b"\xff" * 40):
         assert context.unit_refusal(junk, [conn(dpd=10)]) is not None
+
+
+def test_a_replica_is_checked_against_the_holders_connections() -> None:
+    """What a standby checks when an IKE SA's replica arrives (``replica_refusal``): the
+    connection and CHILD configuration by name (what the import needs), and that their
+    policy admits the SA as negotiated: IKE proposal, ESP proposal, the peer's identity,
+    the CHILD SA's selectors. Damaged contexts are refused, never raised."""
+    from ipsecct.ikev2 import context
+
+    w = pair(mn_conn(dpd=10), conn(dpd=10))
+    connect(w)
+    (ike,) = w.resp.ike_sas()
+    cdbs = context.encode(ike, 0.0)
+    assert context.replica_refusal(cdbs, [conn("x"), conn(dpd=10)], 0.0) is None
+    assert context.replica_refusal(cdbs, [conn(remote_id="mn.test")], 0.0) is None
+    assert context.replica_refusal(cdbs, [conn("x")], 0.0) == "no connection 'c' here"
+    other = conn()
+    other.children[0] = dataclasses.replace(other.children[0], name="elsewhere")
+    assert context.replica_refusal(cdbs, [other], 0.0) == "no child 'net' in connection 'c' here"
+    why = {
+        "ike": context.replica_refusal(cdbs, [conn(ike="aes256-sha256-x25519")], 0.0),
+        "esp": context.replica_refusal(cdbs, [conn(esp="chacha20poly1305")], 0.0),
+        "id": context.replica_refusal(cdbs, [conn(remote_id="other.test")], 0.0),
+        "ts": context.replica_refusal(cdbs, [conn(local_ts="10.1.1.0/24")], 0.0),
+        "ts2": context.replica_refusal(cdbs, [conn(remote_ts="10.2.1.0/24")], 0.0),
+    }
+    assert why == {
+        "ike": "IKE proposal AES_GCM_16_128/PRF_HMAC_SHA2_256/CURVE_25519 not in connection "
+               "'c' here",
+        "esp": "ESP proposal AES_GCM_16_128/NO_EXT_SEQ not in child 'net' here",
+        "id": "peer identity 'mn.test' is not remote.id of 'c' here",
+        "ts": "traffic selectors outside local_ts of child 'net' here",
+        "ts2": "traffic selectors outside remote_ts of child 'net' here",
+    }
+    for junk in ([], [b""], [cdbs[0][:-8]], [b"\xff" * 40], cdbs[:1] + cdbs):
+        assert context.replica_refusal(junk, [conn()], 0.0) is not None

@@ -67,6 +67,9 @@ def test_strongswan_client_keeps_its_ike_sa_across_a_fail_over(
         # the standby holds the IKE SA's context (and the tunnel's) before anything happens
         wait_until(lambda: w.status("sg2")["failover"].get("replicated_ike_sas") == 1,
                    "sg2 to hold a replica of the IKE SA", 30)  # fmt: skip
+        # checked on arrival against sg2's own connection, which admits it
+        assert w.status("sg2")["failover"]["refused_ike_sas"] == 0
+        assert w.status("sg1")["ike"]["replicas_refused"] == []
         traffic = Traffic.start(w, udp_rate=200, after=200, limit=100_000, ping_interval=0.1)
         try:
             wait_until(lambda: w.counters("sg1").get("liveness-ok", 0) >= 2,
@@ -113,6 +116,44 @@ def test_strongswan_client_keeps_its_ike_sa_across_a_fail_over(
         assert mn["longest_missing_run"] < (w.dead_ms + 1500) * 200 // 1000, mn
         assert mn["sent"] - mn["echoed"] <= mn["longest_missing_run"] + 5, mn
         print("stream:", mn, "\nping lost:", len(ping.lost), "\nsg2:", w.counters("sg2"))
+
+
+@pytest.mark.root
+@pytest.mark.slow
+@needs_strongswan
+def test_a_standby_that_could_not_take_the_ike_sa_is_known_before_the_fail_over(
+    tmp_path: Path,
+) -> None:
+    """sg2, the standby, lacks the client's CHILD configuration (its child is named
+    otherwise): the IKE SA's replica is refused as it arrives, and sg1, the active, shows
+    which IKE SA, which standby and why (``ipsecct status``: ``ike.replicas_refused``;
+    log ``ike-replica-refused``) while the client is served, long before any fail-over."""
+
+    def other_child(w: IkeWorld) -> None:
+        f = w.dir / "sg2.toml"
+        f.write_text(f.read_text().replace("children.net.", "children.other."))
+
+    with ike_world(tmp_path, "indirect", edit=other_child, failover=True) as w:
+        client = Client(w.ns, "mn", CLIENT, w.dir, "aes128gcm16")
+        client.ike_proposal = w.ike_proposal
+        with client as ss:
+            wait_until = waiting_with_logs(w, ss)
+            ss.start()
+            ss.initiate()
+            assert strongswan.ping(w.ns, "mn", HOST, 2) == 2, ss.logtail() + w.logs()
+            (ike1,) = w.ike_sas("sg1")
+            wait_until(lambda: w.status("sg1")["ike"]["replicas_refused"] != [],
+                       "sg1 to learn that sg2 refused the IKE SA's replica", 30)  # fmt: skip
+            (r,) = w.status("sg1")["ike"]["replicas_refused"]
+            assert (r["standby"], r["conn"], r["spi_i"], r["spi_r"]) == (
+                "sg2", "rw", ike1["spi_i"], ike1["spi_r"])
+            assert r["reason"] == "no child 'net' in connection 'rw' here", r
+            sb = w.status("sg2")["failover"]
+            assert sb["refused_ike_sas"] == 1 and sb["replicated_ike_sas"] == 0, sb
+            assert w.status("sg1")["failover"]["ike_refused"] == 1
+            wait_until(lambda: "event=ike-replica-refused" in w.log("sg1"),
+                       "sg1's log line", 15)  # fmt: skip
+            assert "standby=sg2" in w.log("sg1") and "event=ike-replica-refused" in w.log("sg2")
 
 
 @pytest.mark.root

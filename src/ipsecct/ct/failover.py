@@ -86,7 +86,14 @@ SYNC_EXTRA = 5
 # A gateway that became the standby of the peer that took over from it (or restarted as one)
 # -> that peer: "replicate to me; I am your standby in this epoch" (issue 9: a pair re-forms).
 SYNC_JOIN = 6
-_SYNC_KINDS = (SYNC_HEARTBEAT, SYNC_FULL, SYNC_ACK, SYNC_TAKEN, SYNC_JOIN)
+# standby -> active: an extra context this standby could not take over (its key and why; an
+# empty reason: one refused before is now taken), checked when it arrives (issue 10: a
+# standby without the IKE SA's connection, or whose policy does not admit it), so that the
+# active's operator learns it before a take-over rather than after.
+SYNC_REFUSED = 7
+_SYNC_KINDS = (SYNC_HEARTBEAT, SYNC_FULL, SYNC_ACK, SYNC_TAKEN, SYNC_JOIN, SYNC_REFUSED)
+MAX_REFUSAL_TEXT = 200  # octets of a refusal's reason
+MAX_REFUSED_KEYS = 4096  # a standby remembers this many refused keys (to say when they pass)
 MAX_EXTRA_KEY = 64
 MAX_EXTRA_CDBS = 64
 _SYNC = struct.Struct("!BxHI")  # kind, number of removed SPIs, epoch
@@ -164,6 +171,29 @@ def parse_extra(cdb: bytes) -> tuple[bytes, int] | None:
     return key, count
 
 
+def refused_cdb(key: bytes, why: str, epoch: int) -> bytes:
+    """The SYNC CDB that says the extra context ``key`` was refused, and why ("": no more)."""
+    if not key or len(key) > MAX_EXTRA_KEY:
+        raise CxtpError("extra context key out of range")
+    text = why.encode()[:MAX_REFUSAL_TEXT]
+    return frame(FPT_SYNC, _SYNC.pack(SYNC_REFUSED, 0, epoch & 0xFFFFFFFF)
+                 + bytes((len(key),)) + key + text)  # fmt: skip
+
+
+def parse_refused(cdb: bytes) -> tuple[bytes, str]:
+    """(key, reason) of a SYNC_REFUSED CDB (an empty reason: the key is taken now)."""
+    p = unframe(cdb)
+    if len(p) <= _SYNC.size or p[0] != SYNC_REFUSED:
+        raise CxtpError("not a refusal CDB")
+    n = p[_SYNC.size]
+    key = p[_SYNC.size + 1 : _SYNC.size + 1 + n]
+    if not key or len(key) != n or n > MAX_EXTRA_KEY:
+        raise CxtpError("refusal CDB malformed")
+    # the CDB's zero padding follows the text
+    text = p[_SYNC.size + 1 + n :].rstrip(b"\0")[:MAX_REFUSAL_TEXT]
+    return key, text.decode(errors="replace")
+
+
 class ExtraSource(TypingProtocol):
     """What the active replicates beside its tunnels (the IKE service: IKE SA contexts)."""
 
@@ -187,7 +217,7 @@ def parse_sync_kind(cdb: bytes) -> tuple[int, int, list[int]]:
 
 
 def reply_kind(msg: cxtp.Message) -> int | None:
-    """SYNC_ACK or SYNC_TAKEN for a standby's reply, None for anything else."""
+    """SYNC_ACK, SYNC_TAKEN or SYNC_REFUSED for a standby's reply, None for anything else."""
     cdbs = cxtp.message_cdbs(msg)
     if len(cdbs) < 2 or cxtp.cdb_fpt(cdbs[1]) != FPT_SYNC:
         return None
@@ -195,7 +225,7 @@ def reply_kind(msg: cxtp.Message) -> int | None:
         kind = parse_sync_kind(cdbs[1])[0]
     except CxtpError:
         return None
-    return kind if kind in (SYNC_ACK, SYNC_TAKEN) else None
+    return kind if kind in (SYNC_ACK, SYNC_TAKEN, SYNC_REFUSED) else None
 
 
 def join_message(epoch: int) -> cxtp.CTD:
@@ -290,6 +320,12 @@ class Replicator:
         self.on_floor = on_floor
         self.extra = extra  # IKE SA contexts, replicated when they change
         self.extras = 0  # extra contexts sent
+        # The standby could not take this extra context over (key, why; "": it can now).
+        self.on_extra_refused: Callable[[bytes, str], None] | None = None
+        # Every extra context goes again (a FULL sync): what the standby refused before is
+        # unknown until it answers (it may have restarted with another configuration).
+        self.on_extra_resync: Callable[[], None] | None = None
+        self.extras_refused = 0  # refusals received
         self.floor: dict[Tunnel, int] = {}
         self._carried: dict[int, list[tuple[Tunnel, int]]] = {}
         self.superseded_by: int | None = None  # epoch of a standby's take-over
@@ -341,6 +377,16 @@ class Replicator:
         if tag is None or len(cdbs) < 2 or cxtp.cdb_fpt(cdbs[1]) != FPT_SYNC:
             raise CxtpError("sync reply without a TRANSFER tag and a SYNC CDB")
         kind, epoch, _ = parse_sync_kind(cdbs[1])
+        if kind == SYNC_REFUSED:
+            if tag.transfer_id == self.session and epoch == self.epoch and (
+                self.superseded_by is None
+            ):
+                for cdb in cdbs[1:]:
+                    key, why = parse_refused(cdb)
+                    self.extras_refused += bool(why)
+                    if self.on_extra_refused is not None:
+                        self.on_extra_refused(key, why)
+            return []
         if kind == SYNC_TAKEN:
             if epoch <= self.epoch or self.superseded_by is not None:
                 return []
@@ -430,6 +476,8 @@ class Replicator:
             return []  # the standby took over: nothing more to replicate
         upserts, extra_gone = (self.extra.poll_extra(now, full) if self.extra is not None
                                else ([], []))  # fmt: skip
+        if full and self.on_extra_resync is not None:
+            self.on_extra_resync()
         gone = [k for k in self.synced if k not in live]
         removed = [self.spi_of.pop(k) for k in gone]
         for k in gone:
@@ -548,6 +596,11 @@ class Standby:
     _dirty: deque[tuple[int, float]] = field(default_factory=deque, repr=False)
     # Records the take-over (and reserves past the margin) before the tunnels send.
     journal: Journal | None = None
+    # Could this gateway take over an extra context (key, CDBs)? None: yes; else why not. A
+    # refused one is not kept; the active is told (SYNC_REFUSED), and told again when a
+    # later version of it passes (``refused``: the keys refused last, bounded).
+    check_extra: Callable[[bytes, list[bytes]], str | None] | None = None
+    refused: dict[bytes, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.cfg.fencing and self.peer_lease and self.grant is None:
@@ -621,23 +674,49 @@ class Standby:
             self.replica.clear()
             self._ready.clear()
             self.extra.clear()
+        verdicts: list[tuple[bytes, str]] = []
         for key, value in extras:
             if value is None:
                 self.extra.pop(key, None)
-            else:
-                self.extra[key] = value
+                self.refused.pop(key, None)
+                continue
+            why = self.check_extra(key, value) if self.check_extra is not None else None
+            if why:
+                self.extra.pop(key, None)  # an older version is no better at a take-over
+                self.refused.pop(key, None)
+                self.refused[key] = why
+                while len(self.refused) > MAX_REFUSED_KEYS:
+                    del self.refused[next(iter(self.refused))]
+                verdicts.append((key, why))
+                continue
+            if self.refused.pop(key, None) is not None:
+                verdicts.append((key, ""))
+            self.extra[key] = value
         for spi in removed:
             self.replica.pop(spi, None)
             self._ready.pop(spi, None)
         for spi, pair in pairs:
             self.replica[spi] = pair
             self._dirty.append((spi, now))
+        replies = [self._refusals(msg, tag, verdicts)] if verdicts else []
         if not self.cfg.fencing:
-            return []
+            return replies
         if self.grant is not None and not self.grant.grant(now):
-            return []
+            return replies
         self.acks += 1
-        return [self._reply(msg, tag, SYNC_ACK)]
+        return [self._reply(msg, tag, SYNC_ACK), *replies]
+
+    def _refusals(
+        self, msg: cxtp.CTD, tag: cxtp.TransferTag, verdicts: list[tuple[bytes, str]]
+    ) -> cxtp.CTD:
+        return cxtp.CTD(
+            msg.mn_prev,
+            0,
+            cdbs=(
+                cxtp.TransferTag(tag.transfer_id, tag.seq).encode(),
+                *(refused_cdb(key, why, self.epoch) for key, why in verdicts),
+            ),
+        )
 
     def forget(self, member_lease: int) -> None:
         """The etcd mode: this member's lease is gone (or new): drop every replica held
@@ -646,6 +725,7 @@ class Standby:
         self._ready.clear()
         self._dirty.clear()
         self.extra.clear()
+        self.refused.clear()
         self.last_heard = None
         self.member_lease = member_lease
 

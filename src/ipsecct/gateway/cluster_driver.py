@@ -178,6 +178,10 @@ class ClusterDriver:
         for p, rep in self.replicators.items():
             rep.extra = ike.new_feed(functools.partial(self._replicate_ike_to, p),
                                      lambda: self._layout)  # fmt: skip
+            rep.on_extra_refused = functools.partial(ike.replica_refused, p)
+            rep.on_extra_resync = functools.partial(ike.replicas_resync, p)
+        for sb in self.standbys.values():  # replicas checked as they arrive
+            sb.check_extra = ike.check_replica
         ike.fenced = self._ike_fenced
         ike.replicated = self._ike_replicated
         if self.block is not None:
@@ -723,6 +727,13 @@ class ClusterDriver:
         self.ike_taken += n
         return n
 
+    def _ike_refused(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        if self.ike is not None:
+            for r in self.ike.refused_replicas():
+                out[r["standby"]] = out.get(r["standby"], 0) + 1
+        return out
+
     @staticmethod
     def _prune_ike(extra: dict[bytes, list[bytes]], drop: Any) -> None:
         for key, cdbs in list(extra.items()):
@@ -999,6 +1010,8 @@ class ClusterDriver:
             "ike_taken_over": self.ike_taken,
             "ike_split": self.ike_split,
             "replicated_ike_sas": {p: len(sb.extra) for p, sb in self.standbys.items()},
+            # our IKE SAs a peer member refused as replicas (ike.replicas_refused: which, why)
+            "ike_refused": self._ike_refused(),
             "takeovers": list(self.takeovers),
         }
 

@@ -20,6 +20,7 @@ only the first one:
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from typing import TYPE_CHECKING, Any
@@ -28,6 +29,7 @@ from ..ct import cxtp
 from ..ct.failover import (
     SYNC_ACK,
     SYNC_JOIN,
+    SYNC_REFUSED,
     SYNC_TAKEN,
     FailoverConfig,
     Replicator,
@@ -89,6 +91,7 @@ class FailoverDriver:
             if cfg.fencing
             else None
         )
+        self.ike: IkeService | None = None  # attach_ike()
         self.state: PairState = load_state(path)
         role = self.state.role or cfg.role
         # A standby asks its peer to replicate to it (JOIN) until it hears from it: a peer
@@ -144,13 +147,14 @@ class FailoverDriver:
                     f"{cfg.peer} took over meanwhile)",
                 )
         self._next_prepare = 0.0
-        self.ike: IkeService | None = None
         node.extensions["failover"] = self.status
 
     def _new_standby(self, epoch: int) -> Standby:
         sb = Standby(self.node.engine, self.cfg, self.node.cfg.outer, self.identity)
         sb.epoch = epoch
         sb.journal = self.journal
+        if self.ike is not None:  # IKE SA replicas are checked as they arrive
+            sb.check_extra = self.ike.check_replica
         return sb
 
     def attach_ike(self, ike: IkeService) -> None:
@@ -159,10 +163,19 @@ class FailoverDriver:
         self.ike = ike
         if self.replicator is not None:
             self.replicator.extra = ike
+            self._watch_refusals(self.replicator)
+        if self.standby is not None:
+            self.standby.check_extra = ike.check_replica
         if self.fencing is not None:
             ike.fenced = self.fenced
             self.fencing.on_superseded.insert(0, lambda _epoch: ike.forget_all())
         ike.replicated = self.replicating
+
+    def _watch_refusals(self, r: Replicator) -> None:
+        """The standby's refusals of our IKE SAs' replicas reach the IKE service."""
+        if self.ike is not None:
+            r.on_extra_refused = functools.partial(self.ike.replica_refused, self.cfg.peer)
+            r.on_extra_resync = functools.partial(self.ike.replicas_resync, self.cfg.peer)
 
     def fenced(self, now: float) -> bool:
         """May this (active) gateway not send now: its lease is not valid, or the standby
@@ -271,6 +284,10 @@ class FailoverDriver:
                 self._on_join(epoch, now)
                 return
             r = self.replicator
+            if kind == SYNC_REFUSED:  # the standby could not take an IKE SA of ours
+                if r is not None:
+                    r.receive(msg, now)
+                return
             if kind in (SYNC_ACK, SYNC_TAKEN):
                 if r is None or self.fencing is None:
                     self.transfer.refuse()
@@ -315,6 +332,7 @@ class FailoverDriver:
         r = Replicator(self.node.engine, self.cfg)  # fences the engine until the first ACK
         r.epoch = sb.epoch
         r.extra = self.ike
+        self._watch_refusals(r)
         self.replicator, self.standby = r, None
         self.fencing.replicator, self.fencing.standby = r, None
         self.reformed += 1
@@ -464,6 +482,8 @@ class FailoverDriver:
                 "messages": self.replicator.messages,
                 "contexts": self.replicator.contexts,
                 "ike_contexts": self.replicator.extras,
+                # IKE SAs the standby could not take over (ike.replicas_refused: which, why)
+                "ike_refused": len(self.ike.refused_replicas()) if self.ike is not None else 0,
                 "unreplicable": self.replicator.unreplicable,
                 **lease,
             }
@@ -478,6 +498,9 @@ class FailoverDriver:
                 "joins_sent": self.joins,
                 "replicated_tunnels": len(self.standby.replica),
                 "replicated_ike_sas": len(self.standby.extra),
+                # IKE SA replicas this gateway could not take over (not kept; the active
+                # was told)
+                "refused_ike_sas": len(self.standby.refused),
                 "last_heard_ms_ago": None if heard is None else round((now - heard) * 1000),
                 **lease,
             }

@@ -126,6 +126,10 @@ class IkeService:
         # with the IKE SA's context, just after a transfer to us) waits for the claim.
         self.vip_owned: Callable[[], bool] | None = None
         self._vip_wait: list[tuple[float, Send]] = []
+        # Replicas a holder could not take over, checked as they arrive: at the active,
+        # (holder, our IKE SPI) -> (why, since); at the holder, the reason last logged per key.
+        self.replicas_refused: dict[tuple[str, bytes], tuple[str, float]] = {}
+        self._refusing: dict[bytes, str] = {}
         host = node.cfg.local_address
         self.local_host = host
         node.outer_hooks.append(self._on_4500)
@@ -763,9 +767,81 @@ class IkeService:
             self._act(self.engine.start_mid_sync(ike, now, esp_delta=esp_delta, local=here))
         return taken
 
+    def check_replica(self, key: bytes, cdbs: list[bytes]) -> str | None:
+        """At a replica holder (a standby, or an etcd member): could this gateway take over
+        the IKE SA a replica holds, with its connections as they are? Checked when it
+        arrives (``ikev2.context.replica_refusal``); a refusal is logged here once per IKE SA
+        and reason, and the active is told (the fail-over protocol's SYNC_REFUSED)."""
+        why = ike_context.replica_refusal(cdbs, self.engine.connections, self.node.clock())
+        if why is None:
+            if self._refusing.pop(key, None) is not None:
+                event(log, "ike-replica-accepted", node=self.node.name, spi=key.hex())
+            return None
+        self.engine.stats["replica-refused"] += 1
+        if self._refusing.get(key) != why:
+            self._refusing.pop(key, None)
+            self._refusing[key] = why
+            while len(self._refusing) > MOVED_MAX:
+                del self._refusing[next(iter(self._refusing))]
+            event(log, "ike-replica-refused", logging.WARNING, node=self.node.name,
+                  spi=key.hex(), error=why,
+                  detail="this gateway could not take this IKE SA over (its connections "
+                  "do not admit it): not kept; the active is told")  # fmt: skip
+        return why
+
+    def replica_refused(self, holder: str, key: bytes, why: str) -> None:
+        """At the active: ``holder`` (the standby, or an etcd member) refused our IKE SA
+        ``key``'s replica (``why``; "": it takes it now). A fail-over to it would lose the
+        IKE SA: the operator is told now (log ``ike-replica-refused``, once per IKE SA,
+        holder and reason; ``ipsecct status``: ``ike.replicas_refused``)."""
+        ike = self.engine.by_spi.get(key)
+        k = (holder, key)
+        if not why:
+            if self.replicas_refused.pop(k, None) is not None:
+                event(log, "ike-replica-accepted", node=self.node.name, standby=holder,
+                      spi=key.hex(),
+                      conn=ike.conn.name if ike is not None else "")  # fmt: skip
+            return
+        if ike is None or ike.state is IkeState.DEAD:
+            return  # gone meanwhile: nothing to tell
+        old = self.replicas_refused.get(k)
+        if old is not None and old[0] == why:
+            return
+        self.engine.stats["replica-refused-by-standby"] += 1
+        self.replicas_refused.pop(k, None)
+        self.replicas_refused[k] = (why, self.node.clock())
+        while len(self.replicas_refused) > MOVED_MAX:
+            del self.replicas_refused[next(iter(self.replicas_refused))]
+        event(log, "ike-replica-refused", logging.WARNING, node=self.node.name,
+              standby=holder, conn=ike.conn.name, peer=ike.remote, id=ike.peer_id,
+              spi_i=ike.spi_i.hex(), spi_r=ike.spi_r.hex(), error=why,
+              detail=f"{holder} could not take this IKE SA over: if this gateway fails, "
+              "the client loses its IKE SA (check that gateway's [connections])")  # fmt: skip
+
+    def replicas_resync(self, holder: str) -> None:
+        """Everything goes to ``holder`` again (it may have restarted with other
+        connections): its refusals are forgotten until it repeats them."""
+        for k in [k for k in self.replicas_refused if k[0] == holder]:
+            del self.replicas_refused[k]
+
+    def refused_replicas(self) -> list[dict[str, Any]]:
+        """The refusals of IKE SAs still here (those gone are forgotten)."""
+        out = []
+        for (holder, key), (why, since) in list(self.replicas_refused.items()):
+            ike = self.engine.by_spi.get(key)
+            if ike is None or ike.state is IkeState.DEAD:
+                del self.replicas_refused[(holder, key)]
+                continue
+            out.append({"standby": holder, "conn": ike.conn.name, "peer": str(ike.remote),
+                        "id": ike.peer_id, "spi_i": ike.spi_i.hex(), "spi_r": ike.spi_r.hex(),
+                        "reason": why,
+                        "since_s": round(self.node.clock() - since, 1)})  # fmt: skip
+        return out
+
     # -- control ----------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
-        return {"ike_sas": len(self.engine.ike_sas()), "counters": dict(self.engine.stats)}
+        return {"ike_sas": len(self.engine.ike_sas()), "counters": dict(self.engine.stats),
+                "replicas_refused": self.refused_replicas()}  # fmt: skip
 
     def list(self) -> list[dict[str, object]]:
         now = self.node.clock()

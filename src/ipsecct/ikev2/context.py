@@ -25,11 +25,11 @@ import ipaddress
 import struct
 
 from ..errors import IkeContextError
-from .config import ChildConfig, Connection
+from .config import ChildConfig, Connection, _dn_set
 from .ikesa import Address, ChildSA, IkeSA, IkeState
 from .keys import ChildKeys, IkeKeys
 from .message import TrafficSelector, TsType
-from .proposal import AEAD, INTEG, PRF_HASH, Suite
+from .proposal import AEAD, INTEG, PRF_HASH, Suite, admits
 
 FPT_IKE_SA = 0x8010
 FPT_IKE_CHILD = 0x8011
@@ -259,6 +259,59 @@ def unit_refusal(payload: bytes, connections: list[Connection]) -> str | None:
         if not any(cc.name == child for cc in conn.children):
             return f"no child {child!r} in connection {name!r} here"
     return None
+
+
+def replica_refusal(cdbs: list[bytes], connections: list[Connection], now: float) -> str | None:
+    """Why a gateway with ``connections`` could not take over the IKE SA a replica holds
+    (None: it could), checked when the replica arrives rather than at the take-over: what
+    the import checks (a connection of that name, its CHILD configurations, a well-formed
+    context), and that the connection's policy admits the SA as it was negotiated: its IKE
+    proposal, each CHILD SA's ESP proposal, the peer's identity (``remote.id``) and each CHILD
+    SA's traffic selectors (within the configured ones)."""
+    try:
+        ike = decode(cdbs, connections, now)
+    except IkeContextError as exc:
+        return str(exc)
+    except (UnicodeDecodeError, ValueError, KeyError, struct.error):
+        return "malformed IKE context"
+    conn = ike.conn
+    if not admits(conn.proposals, ike.suite):
+        return f"IKE proposal {ike.suite.name()} not in connection {conn.name!r} here"
+    if not _id_admitted(conn, ike.peer_id):
+        return f"peer identity {ike.peer_id!r} is not remote.id of {conn.name!r} here"
+    for c in ike.children:
+        cc = c.config
+        if not admits(cc.esp_proposals, c.suite):
+            return f"ESP proposal {c.suite.name()} not in child {cc.name!r} here"
+        for have, allowed, side in ((c.local_ts, cc.local_ts, "local_ts"),
+                                    (c.remote_ts, cc.remote_ts, "remote_ts")):  # fmt: skip
+            if not all(any(_within(t, a) for a in allowed) for t in have):
+                return f"traffic selectors outside {side} of child {cc.name!r} here"
+    return None
+
+
+def _within(t: TrafficSelector, allowed: TrafficSelector) -> bool:
+    return (t.ts_type == allowed.ts_type
+            and allowed.ip_protocol in (0, t.ip_protocol)
+            and allowed.start_port <= t.start_port <= t.end_port <= allowed.end_port
+            and int(allowed.start) <= int(t.start) <= int(t.end) <= int(allowed.end))  # fmt: skip
+
+
+def _id_admitted(conn: Connection, peer_id: str) -> bool:
+    """Does ``remote.id`` admit the identity the peer authenticated as? A peer known by its
+    certificate's DN while ``remote.id`` names one of its subjectAltNames cannot be told from
+    the context (the certificate does not travel): admitted."""
+    want = conn.remote_id
+    if want.any:
+        return True
+    if "=" in want.text:
+        return "=" in peer_id and _dn_set(want.text) == _dn_set(peer_id)
+    if "=" in peer_id:
+        return True
+    try:
+        return ipaddress.ip_address(want.text) == ipaddress.ip_address(peer_id)
+    except ValueError:
+        return want.text == peer_id
 
 
 def is_ike_cdb(cdb: bytes) -> bool:

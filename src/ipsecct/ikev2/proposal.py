@@ -315,6 +315,27 @@ def match(offer: Offer, p: Proposal, *, ke_group: int | None = None,
     return Suite(offer.protocol, encr[0], encr[1], integ, prf, dh, esn)
 
 
+def admits(offers: list[Offer], suite: Suite) -> bool:
+    """Would one of ``offers`` have allowed this negotiated ``suite``? (A replicated or moved
+    SA checked against the local configuration.) A CHILD SA's DH group (PFS) is checked only
+    when it has one: the first CHILD SA, made in IKE_AUTH, never has."""
+    for o in offers:
+        if o.protocol != suite.protocol or (suite.encr, suite.key_bits) not in o.encr:
+            continue
+        if suite.integ is not None and suite.integ not in o.integ:
+            continue
+        if suite.protocol == ProtocolId.IKE:
+            if suite.prf not in o.prf or suite.dh not in o.dh:
+                continue
+        else:
+            if suite.dh is not None and suite.dh not in o.dh:
+                continue
+            if (ESN_YES if suite.esn else ESN_NO) not in o.esn:
+                continue
+        return True
+    return False
+
+
 def choose(offers: list[Offer], proposals: tuple[Proposal, ...], *, ke_group: int | None = None,
            ignore_dh: bool = False) -> tuple[Proposal, Suite] | None:  # fmt: skip
     """Our configured order first; within it the peer's order. Prefers a suite whose DH group
