@@ -229,3 +229,43 @@ def test_a_replica_the_standby_cannot_take_is_refused_and_the_active_sees_which(
     sync(sb, 4.0)
     assert list(sb.extra) == [ike.our_spi] and sb.refused == {}
     assert sg1.status()["replicas_refused"] == [] and sg2.engine.stats["replica-refused"] == 0
+
+
+def test_a_fragmented_request_held_during_a_transfer_follows_the_ike_sa_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The client's CHILD rekey reaches sg1 in RFC 7383 fragments while its IKE SA is
+    quiet (a transfer runs): sg1 holds the whole set and, when the IKE SA leaves, sends
+    each fragment right behind the context (one forwarding CDB each, in order); sg2
+    reassembles and answers it, and the client's rekey completes without a retransmission."""
+    import ipsecct.ikev2.engine as E
+    from ipsecct.ikev2.engine import ChildUp
+
+    monkeypatch.setattr(E, "FRAGMENT_SIZE", 150)
+    w = pair(mn_conn(dpd=10), conn(dpd=10))
+    connect(w)
+    (ike_i,), (ike_r,) = w.ini.ike_sas(), w.resp.ike_sas()
+    sg1, sg2 = _service(tmp_path, "sg1"), _service(tmp_path, "sg2")
+    sg1.engine = w.resp
+    channel: list[list[bytes]] = []  # the ordered TLS channel sg1 -> sg2
+    sg1.send_context = lambda peer, cdbs, mn: channel.append(cdbs)
+    sg1.forward_ike = lambda peer, cdb, mn: channel.append([cdb])
+    answers: list[Send] = []
+    sg2._send = answers.append  # type: ignore[method-assign]
+    ike_r.quiet = True
+    frags = [o for o in w.ini.rekey_child(ike_i, ike_i.children[0], 1.0) if isinstance(o, Send)]
+    assert len(frags) >= 2
+    for f in frags:
+        sg1._receive(f.data, I500, R500)
+    assert sg1.engine.stats["request-held-fragmented"] == 1
+    sg2.on_transfer(Record(1, "target", "sg1", "predictive", 0.0, 0.0, "committed"))
+    sg1._export(ike_r, "sg2", 0)
+    assert sg1.engine.stats["held-forwarded"] == 1 and len(channel) == 1 + len(frags)
+    for cdbs in channel:
+        sg2.receive_context("sg1", cdbs)
+    assert sg2.engine.stats["forward-received"] == len(frags)
+    assert sg2.engine.stats["fragmented-received"] == 1 and answers
+    ups = []
+    for a in answers:
+        ups += w.ini.receive(a.data, a.src, I500, 1.5)
+    assert any(isinstance(o, ChildUp) for o in ups) and w.ini.stats["retransmitted"] == 0

@@ -431,11 +431,11 @@ def test_a_quiet_ike_sa_holds_the_peers_rekey_for_the_gateway_that_takes_it(kind
     assert w.resp.stats["request-held"] == 1 and ike.peer_next_mid == mid
     cdbs = w.resp.export_ike(ike, 7.0)
     held = w.resp.take_held(ike)
-    assert held is not None and held[0] == req.data
+    assert held is not None and held[0] == [req.data]
     sg2 = IkeEngine([conn(dpd=10)])
     sg2.import_ike(cdbs, 7.0)
     w2 = Wire(w.ini, sg2)
-    w2.deliver(sg2.receive(*held, 7.5), "r", 7.5)
+    w2.deliver(sg2.receive(held[0][0], held[1], held[2], 7.5), "r", 7.5)
     if kind == "delete":
         assert not sg2.ike_sas()[0].children and not w.ini.ike_sas()[0].children
         return
@@ -466,7 +466,7 @@ def test_a_held_rekey_is_answered_from_the_new_address_after_a_direct_handover(
     assert new.mobike
     here = Address(ipaddress.ip_address("192.0.2.2"), new.local.port)
     update = sg2.announce_move(new, here, 7.0)
-    answer = sg2.receive(held[0], held[1], new.local, 7.1)  # as the adapter passes it on
+    answer = sg2.receive(held[0][0], held[1], new.local, 7.1)  # as the adapter passes it on
     w2 = Wire(w.ini, sg2)
     first, second = (update, answer) if order == "update-first" else (answer, update)
     w2.deliver(first, "r", 7.2)
@@ -489,9 +489,53 @@ def test_a_held_request_is_processed_where_the_ike_sa_stays() -> None:
     ike.quiet = False
     held = w.resp.take_held(ike)
     assert held is not None and w.resp.take_held(ike) is None
-    w.deliver(w.resp.receive(*held, 8.0), "r", 8.0)
+    w.deliver(w.resp.receive(held[0][0], held[1], held[2], 8.0), "r", 8.0)
     mirrored(w)
     assert w.resp.stats["child-sa-rekeyed"] + w.ini.stats["child-sa-rekeyed"] >= 1
+
+
+@pytest.mark.parametrize("where", ["target", "source"])
+def test_a_fragmented_request_is_held_whole_and_answered_on_the_first_try(
+    monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    """RFC 7383: the peer's CHILD rekey reaches the quiet IKE SA in fragments: every
+    fragment is kept (the set, in order, once the last is in; a retransmission replaces
+    it), and the gateway that ends up with the IKE SA (the target, or the source when the
+    transfer does not commit) reassembles and answers it: the peer never retransmits."""
+    import ipsecct.ikev2.engine as E
+
+    monkeypatch.setattr(E, "FRAGMENT_SIZE", 150)
+    w, sends = _quiet_with_held_rekey("child")
+    (ike,) = w.resp.ike_sas()
+    assert len(sends) >= 2 and w.resp.stats["fragmented-received"] == 2  # IKE_AUTH's too
+    assert w.resp.stats["request-held"] == w.resp.stats["request-held-fragmented"] == 1
+    assert w.sent[-1].data == sends[-1].data  # nothing answered
+    # retransmitted (fragments in another order): still one held request, the whole set
+    for s in reversed(sends):
+        assert w.resp.receive(s.data, I500, R500, 6.0) == []
+    assert w.resp.stats["request-held"] == 1
+    if where == "target":
+        cdbs = w.resp.export_ike(ike, 7.0)
+        held = w.resp.take_held(ike)
+        assert held is not None and sorted(held[0]) == sorted(s.data for s in sends)
+        gw = IkeEngine([conn(dpd=10)])
+        gw.import_ike(cdbs, 7.0)
+        w2 = Wire(w.ini, gw)
+    else:
+        ike.quiet = False
+        held = w.resp.take_held(ike)
+        assert held is not None
+        gw, w2 = w.resp, w
+    datagrams, src, _ = held
+    for i, d in enumerate(datagrams):  # as the adapter passes them on
+        out = gw.receive(d, src, gw.ike_sas()[0].local, 7.5)
+        assert (out == []) == (i < len(datagrams) - 1)
+        w2.deliver(out, "r", 7.5)
+    assert gw.stats["child-sa-rekeyed"] + w.ini.stats["child-sa-rekeyed"] >= 1
+    mirrored(w2)
+    assert w.ini.stats["retransmitted"] == 0
+    w2.deliver(w.ini.liveness(w.ini.ike_sas()[0], 8.0), "i", 8.0)
+    assert gw.stats["liveness-answered"] >= 1 and gw.stats["bad-message-id"] == 0
 
 
 def test_a_quiet_ike_sa_answers_the_peers_liveness_check_and_holds_nothing() -> None:

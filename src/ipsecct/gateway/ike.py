@@ -577,7 +577,9 @@ class IkeService:
         held = self.engine.take_held(ike)
         if held is not None:
             self.engine.stats["held-processed"] += 1
-            self._act(self.engine.receive(*held, self.node.clock()))
+            datagrams, src, dst = held
+            for data in datagrams:  # one, or its fragments in order
+                self._act(self.engine.receive(data, src, dst, self.node.clock()))
 
     def _export(self, ike: IkeSA, peer: str, attempt: int) -> None:
         from ..errors import IkeContextError
@@ -604,9 +606,13 @@ class IkeService:
             # the peer's request that reached us while the transfer ran (a CHILD or IKE
             # rekey, a DELETE) goes to the new gateway right behind the context, on the same
             # ordered channel, and is answered there as a forwarded request is
-            data, src, dst = held
-            if self.forward_ike is not None and len(data) <= ike_context.MAX_FORWARD:
-                self.forward_ike(peer, ike_context.encode_forward(data, src, dst), src.host)
+            # (a fragmented one as its fragments, one forwarding CDB each, in order: the new
+            # gateway reassembles them as if they had come to it)
+            datagrams, src, dst = held
+            fwd = self.forward_ike
+            if fwd is not None and all(len(d) <= ike_context.MAX_FORWARD for d in datagrams):
+                for data in datagrams:
+                    fwd(peer, ike_context.encode_forward(data, src, dst), src.host)
                 self.engine.stats["held-forwarded"] += 1
             else:  # the peer sends it again (to the new gateway, or here: forwarded)
                 self.engine.stats["held-dropped"] += 1

@@ -469,8 +469,12 @@ class IkeEngine:
         if opened is None:
             return  # more fragments to come
         inner = opened
+        # the whole message as it came: its fragments (just completed by _open), or itself
+        fragmented = len(payloads) == 1 and isinstance(payloads[0], SKFPayload)
+        datagrams = ike.fragment_set if fragmented and ike.fragment_set else [data]
+        ike.fragment_set = []
         if ike.quiet and ike.state is IkeState.ESTABLISHED and _changes_state(hdr, inner):
-            self._hold(ike, data, hdr, payloads, src, dst)
+            self._hold(ike, datagrams, hdr, src, dst)
             return
         if ahead:  # after a take-over without RFC 6311: the old member answered requests
             self.stats["message-id-resynced"] += 1  # after its last replication
@@ -512,16 +516,21 @@ class IkeEngine:
             f = ike.fragments
             if f is None or f[0] != hdr.message_id or f[1] != skf.total:
                 f = ike.fragments = (hdr.message_id, skf.total, 0, {})
+                ike.fragment_data = {}
             if skf.number == 1:
                 f = ike.fragments = (f[0], f[1], skf.first, f[3])
             f[3][skf.number] = plain
             if sum(map(len, f[3].values())) > MAX_MESSAGE:  # no IKE message is bigger: the
                 ike.fragments = None  # sender (perhaps anyone, on a half-open SA) only
+                ike.fragment_data = {}
                 self.stats["fragment-refused"] += 1  # wants our memory
                 raise IkeProtocolError("IKE fragments add up to more than an IKE message")
+            ike.fragment_data[skf.number] = data
             if len(f[3]) < f[1]:
                 return None
             ike.fragments = None
+            raw, ike.fragment_data = ike.fragment_data, {}
+            ike.fragment_set = [raw[i] for i in range(1, f[1] + 1)]
             self.stats["fragmented-received"] += 1
             return decode_payloads(b"".join(f[3][i] for i in range(1, f[1] + 1)), f[2])
         if len(payloads) != 1 or not isinstance(payloads[-1], SKPayload):
@@ -530,25 +539,27 @@ class IkeEngine:
         plain = ike.inbound.open(data, sk)
         return decode_payloads(plain, sk.first)
 
-    def _hold(self, ike: IkeSA, data: bytes, hdr: Header, payloads: list[Payload],
+    def _hold(self, ike: IkeSA, datagrams: list[bytes], hdr: Header,
               src: Address, dst: Address) -> None:  # fmt: skip
         """A request that would change a quiet IKE SA (its CHILD SAs are being transferred):
         kept unanswered for the gateway that ends up with the IKE SA (:meth:`take_held`), so
         that the CHILD SAs the transfer moves are the IKE SA's CHILD SAs. A fragmented one
-        (RFC 7383) is not kept (only its last fragment is at hand): the peer sends it again."""
-        if len(payloads) == 1 and isinstance(payloads[0], SKFPayload):
-            self.stats["held-fragmented-dropped"] += 1
-            return
+        (RFC 7383) is kept whole: every fragment's datagram, in order (at most MAX_FRAGMENTS,
+        each authenticated; one request per IKE SA, its window being one)."""
         if ike.held is None or ike.held[0] != hdr.message_id:
             self.stats["request-held"] += 1
-            log.info("event=ike-request-held conn=%s peer=%s exchange=%d mid=%d",
-                     ike.conn.name, ike.remote, hdr.exchange, hdr.message_id)  # fmt: skip
-        ike.held = (hdr.message_id, data, src, dst)
+            if len(datagrams) > 1:
+                self.stats["request-held-fragmented"] += 1
+            log.info("event=ike-request-held conn=%s peer=%s exchange=%d mid=%d fragments=%d",
+                     ike.conn.name, ike.remote, hdr.exchange, hdr.message_id,
+                     len(datagrams) if len(datagrams) > 1 else 0)  # fmt: skip
+        ike.held = (hdr.message_id, datagrams, src, dst)
 
-    def take_held(self, ike: IkeSA) -> tuple[bytes, Address, Address] | None:
+    def take_held(self, ike: IkeSA) -> tuple[list[bytes], Address, Address] | None:
         """The peer's request kept while the IKE SA was quiet (none: None), now given to the
-        caller: to be sent on with the IKE SA's context, or passed to :meth:`receive` here
-        once the IKE SA is no longer quiet."""
+        caller: its datagrams (one, or its RFC 7383 fragments in order) to be sent on with the
+        IKE SA's context, or passed to :meth:`receive` here, one by one, once the IKE SA is no
+        longer quiet."""
         held, ike.held = ike.held, None
         if held is None or held[0] != ike.peer_next_mid:
             return None  # (answered meanwhile: a stale copy)

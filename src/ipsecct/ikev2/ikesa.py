@@ -159,14 +159,19 @@ class IkeSA:
     # A request of the peer that would change the IKE SA or its CHILD SAs (CREATE_CHILD_SA,
     # an INFORMATIONAL with payloads: a DELETE, MOBIKE) that reached it while quiet: neither
     # processed nor answered here, but handed with the IKE SA to the gateway that takes it
-    # (or processed here if the transfer does not commit). Message ID, the datagram, from, to.
-    held: tuple[int, bytes, Address, Address] | None = field(default=None, repr=False)
+    # (or processed here if the transfer does not commit). Message ID, the datagrams (one, or
+    # every RFC 7383 fragment in order), from, to.
+    held: tuple[int, list[bytes], Address, Address] | None = field(default=None, repr=False)
     queued_deletes: list[bytes] = field(default_factory=list)  # CHILD SPIs to delete next
     peer_hashes: tuple[int, ...] = ()  # RFC 7427 SIGNATURE_HASH_ALGORITHMS of the peer
     fragmentation: bool = False  # RFC 7383 negotiated
     mobike: bool = False  # RFC 4555 negotiated (both sent MOBIKE_SUPPORTED in IKE_AUTH)
     # fragments of the request being received: message ID, total, first payload, parts
     fragments: tuple[int, int, int, dict[int, bytes]] | None = field(default=None, repr=False)
+    # ... their datagrams as they came (fragment number -> datagram), and, once the last one
+    # is in, all of them in order (what a quiet IKE SA holds: the whole set)
+    fragment_data: dict[int, bytes] = field(default_factory=dict, repr=False)
+    fragment_set: list[bytes] = field(default_factory=list, repr=False)
     # a rekey of this IKE SA by the peer that crossed ours (§2.8.2): (new IKE SA, nonces)
     collided: tuple[IkeSA, bytes, bytes] | None = field(default=None, repr=False)
     # RFC 6311: the peer announced IKEV2_MESSAGE_ID_SYNC_SUPPORTED (and we answered it), and
