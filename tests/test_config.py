@@ -239,17 +239,35 @@ def test_files_that_are_not_utf8_are_config_errors(
         config.load_secrets(data, str(tmp_path / "gw.toml"))
 
 
+XFER = GOOD + (
+    '[transfer]\nlisten = "127.0.0.2:25091"\ncert = "t1.keys"\nkey = "t1.keys"\n'
+    'ca = "t1.keys"\n[[peers]]\nname = "sg2"\naddress = "127.0.0.3:25091"\n'
+)
+
+
 def test_wrong_types_in_lists_are_config_errors(tmp_path: Path) -> None:
     """A list where a string belongs (peers.allow's items, failover.peer) raised TypeError
     (unhashable type) instead of naming the key."""
-    xfer = GOOD + (
-        '[transfer]\nlisten = "127.0.0.2:25091"\ncert = "t1.keys"\nkey = "t1.keys"\n'
-        'ca = "t1.keys"\n[[peers]]\nname = "sg2"\naddress = "127.0.0.3:25091"\n'
-    )
     for extra, key in (('allow = [["send"]]\n', "peers[0].allow"),
                        ('[failover]\nrole = "active"\npeer = ["sg2"]\n', "failover.peer")):
         with pytest.raises(ConfigError, match=key.replace("[", r"\[")):
-            config.load(write(tmp_path, xfer + extra))
+            config.load(write(tmp_path, XFER + extra))
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "1" + "0" * 400])
+def test_durations_and_counts_must_be_finite(tmp_path: Path, value: str) -> None:
+    """nan, inf and 10**400 passed "positive": sync_packets = inf was an OverflowError
+    traceback, 10**400 ms one in float(), and inf a transfer that never timed out."""
+    failover = '[failover]\nrole = "active"\npeer = "sg2"\n'
+    for extra, key in ((f"allow = [\"send\"]\n{failover}sync_packets = {value}\n",
+                        "failover.sync_packets"),
+                       (f"{failover}sync_ms = {value}\n", "failover.sync_ms"),
+                       ("", "transfer.max_transfer_ms"), ("", "transfer.forward_ms")):  # fmt: skip
+        text = XFER + extra
+        if key.startswith("transfer."):
+            text = text.replace("[transfer]\n", f"[transfer]\n{key[9:]} = {value}\n")
+        with pytest.raises(ConfigError, match=key):
+            config.load(write(tmp_path, text))
 
 
 @pytest.mark.parametrize("role", ["gateway", "node"])

@@ -636,6 +636,12 @@ def test_connections_from_toml_tables() -> None:
         ({"local": {"auth": "eap"}}, "psk"),
         ({"bogus": 1}, "unknown key"),
         ({"children": {}}, "at least one child"),
+        # nan / inf durations were taken: a liveness check or rekey that silently never came
+        ({"dpd_delay": float("nan")}, "finite"),
+        ({"dpd_delay": "nan"}, "finite"),
+        ({"dpd_delay": "1e400s"}, "finite"),
+        ({"rekey_time": float("inf")}, "finite"),
+        ({"dpd_delay": 10**400}, "finite"),  # was an OverflowError
     ]:
         d = {"connections": {"rw": {**data["connections"]["rw"], **patch}}}
         with pytest.raises(ConfigError, match=why):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import math
 import os
 import tomllib
 from dataclasses import dataclass, field
@@ -883,7 +884,14 @@ _TRANSFER_LIMITS = {
 
 
 def _positive(v: Any) -> bool:
-    return not isinstance(v, bool) and isinstance(v, int | float) and v > 0
+    """A number > 0 that is finite as a float (nan, inf and 10**400 would reach float() or
+    int() and the timers: an OverflowError, or a timer that never or always fires)."""
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        return False
+    try:
+        return 0 < float(v) < math.inf
+    except OverflowError:
+        return False
 
 
 def _transfer(

@@ -25,6 +25,7 @@ Parsing is pure: the caller reads secret files (it knows the paths) and passes t
 from __future__ import annotations
 
 import ipaddress
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -181,7 +182,12 @@ def _seconds(v: Any, ctx: _Ctx, key: str) -> float:
         except ValueError:
             raise ctx.err(key, f"bad duration {v!r}") from None
     else:
-        n = float(v)
+        try:
+            n = float(v)
+        except OverflowError:
+            n = math.inf
+    if not n < math.inf:  # "nan", "inf", 1e400: a timer that never (or always) fires
+        raise ctx.err(key, "must be a finite number of seconds")
     if n < 0:
         raise ctx.err(key, "must not be negative")
     return n
