@@ -271,6 +271,10 @@ def test_real_daemon_socket_mode_and_garbage(tmp_path: Path) -> None:
     try:
         gw.start()
         assert stat.S_IMODE(os.stat(sock).st_mode) == 0o600
+        assert gw.proc is not None  # no core file with its keys (limits.no_core_dumps)
+        limits = Path(f"/proc/{gw.proc.pid}/limits").read_text()
+        assert next(x for x in limits.splitlines() if x.startswith("Max core file size")
+                    ).split()[4:6] == ["0", "0"]  # fmt: skip
         with socket.socket(socket.AF_UNIX) as s:
             s.settimeout(10)
             s.connect(sock)
@@ -365,3 +369,23 @@ def test_request_when_the_daemon_drops_the_connection() -> None:
         t.join(10)
         srv.close()
         shutil.rmtree(os.path.dirname(path), ignore_errors=True)
+
+
+@pytest.mark.parametrize("env", ["", "1"])
+def test_no_core_dumps_unless_asked(env: str) -> None:
+    """A gateway or node that crashed could write its SA keys and pre-shared keys to a core
+    file (systemd-coredump keeps them on disk); other processes of its user could read its
+    memory and environment. IPSECCT_DUMPABLE=1 keeps them, to debug a crash."""
+    code = (
+        "import ctypes, resource; from ipsecct.gateway.limits import no_core_dumps;"
+        "print(no_core_dumps(), ctypes.CDLL(None).prctl(3, 0, 0, 0, 0),"  # PR_GET_DUMPABLE
+        " resource.getrlimit(resource.RLIMIT_CORE)[0])"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "IPSECCT_DUMPABLE": env})  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    applied, dumpable, core = r.stdout.split()
+    if env == "1":
+        assert applied == "False" and dumpable == "1"
+    else:
+        assert (applied, dumpable, core) == ("True", "0", "0")

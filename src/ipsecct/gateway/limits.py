@@ -10,7 +10,10 @@ sockets, TUN devices and real peers need.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import logging
+import os
 import resource
 from dataclasses import dataclass, field
 
@@ -81,3 +84,21 @@ def raise_nofile(needed: int) -> tuple[int, int]:
             needed,
         )
     return soft, hard
+
+
+PR_SET_DUMPABLE = 4  # <linux/prctl.h>
+
+
+def no_core_dumps() -> bool:
+    """Keep the process's key material (SA keys, pre-shared keys, private keys) out of core
+    files: RLIMIT_CORE 0, and not dumpable (no core even where a core_pattern pipe such as
+    systemd-coredump ignores the limit; nor can other processes of the same user ptrace it
+    or read its memory or environment, where ``keys_env`` keys live). ``IPSECCT_DUMPABLE=1``
+    leaves both as they were, to debug a crash. Returns whether it applied them."""
+    if os.environ.get("IPSECCT_DUMPABLE") == "1":
+        return False
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
+    return True

@@ -413,9 +413,10 @@ def run(
     """Run the node of configuration ``path`` until SIGTERM/SIGINT. ``log_level`` (the
     command line's ``--log-level`` or ``-v``) overrides the configuration's ``[log] level``."""
     from .control import socket_path
-    from .limits import raise_nofile
+    from .limits import no_core_dumps, raise_nofile
     from .log import LOG_LEVELS, setup
 
+    no_core_dumps()  # before any key is read
     cfg = config_mod.load(path)
     if log_level is not None:
         if log_level not in LOG_LEVELS:
