@@ -34,3 +34,15 @@ def test_an_os_error_without_text_still_says_what_happened(
     monkeypatch.setattr(cli, "build_parser", lambda: _parser_raising(exc))
     assert cli.main([]) == 2
     assert capsys.readouterr().err == message
+
+
+@pytest.mark.parametrize("value", ["inf", "1e999", "nan", "0", "-1"])
+def test_numeric_arguments_are_positive_and_finite(
+    value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``ipsecct demo --seconds inf`` was taken, and died in an OverflowError traceback."""
+    with pytest.raises(SystemExit) as ei:
+        cli.main(["demo", "--seconds", value])
+    assert ei.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --seconds: must be" in err and "Traceback" not in err

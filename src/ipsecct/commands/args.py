@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Callable
 
 
@@ -17,6 +18,8 @@ def number(kind: type[int] | type[float], *, high: float | None = None) -> Calla
             raise argparse.ArgumentTypeError(f"not {what}: {text!r}") from None
         if not v > 0:
             raise argparse.ArgumentTypeError("must be positive")
+        if v == math.inf:  # "inf" parses as a float: an OverflowError traceback later
+            raise argparse.ArgumentTypeError("must be finite")
         if high is not None and v > high:
             raise argparse.ArgumentTypeError(f"must be at most {high:g}")
         return v
