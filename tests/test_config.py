@@ -285,3 +285,19 @@ def test_cli_bad_config_is_one_line_exit_2(role: str, tmp_path: Path) -> None:
     assert len(lines) == 1, r.stderr
     assert lines[0].startswith(f"ipsecct: error: {p}: tunnel[0] (t1).remote_ts")
     assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("url", ["http://[::1", "http://127.0.0.1:99999", "http://h:x",
+                                 "https://h:2379", "http://h:2379/v3", "http://"])  # fmt: skip
+def test_bad_etcd_endpoints_are_config_errors(tmp_path: Path, url: str) -> None:
+    """An open bracket or a port past 65535 made urlsplit raise ValueError: a traceback from
+    gateway run and cluster status."""
+    from ipsecct.errors import EtcdError
+    from ipsecct.gateway.etcd import EtcdClient
+
+    p = write(tmp_path, XFER + f'[cluster]\netcd = ["{url}"]\n')
+    for read in (config.load, config.cluster_of):
+        with pytest.raises(ConfigError, match=r"cluster\.etcd: etcd endpoint .* only http://"):
+            read(p)
+    with pytest.raises(EtcdError):
+        EtcdClient([url])

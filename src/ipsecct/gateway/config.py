@@ -19,7 +19,7 @@ from typing import Any
 
 from ..ct.failover import FailoverConfig
 from ..ct.transfer import ConflictPolicy, Identity, Settings
-from ..errors import ConfigError, IpsecctError
+from ..errors import ConfigError, EtcdError, IpsecctError
 from ..ikev2.auth import PrivateKey
 from ..ikev2.config import Connection, parse_connections
 from ..ipsec.algorithms import (
@@ -797,11 +797,16 @@ def _cluster(c: Any, ctx: _Ctx) -> ClusterConfig | None:
     i = c.get("spi_block")
     if i is not None and (isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n):
         raise ctx.err("cluster.spi_block", f"must be a whole number 0-{n - 1} (of spi_blocks)")
+    from .etcd import endpoint
+
     etcd = c.get("etcd", [])
-    if not isinstance(etcd, list) or not all(
-        isinstance(e, str) and e.startswith("http://") for e in etcd
-    ):
+    if not isinstance(etcd, list) or not all(isinstance(e, str) for e in etcd):
         raise ctx.err("cluster.etcd", 'must be a list of "http://HOST:PORT" endpoints')
+    for e in etcd:
+        try:
+            endpoint(e)
+        except EtcdError as exc:
+            raise ctx.err("cluster.etcd", str(exc)) from None
     name = c.get("name", "default")
     if not isinstance(name, str) or not name or "/" in name:
         raise ctx.err("cluster.name", "must be a name without /")

@@ -98,6 +98,20 @@ def prefix_end(prefix: str) -> str:
     return b.decode("latin-1")
 
 
+def endpoint(url: str) -> tuple[str, int]:
+    """(host, port) of an ``http://HOST:PORT`` endpoint; EtcdError for anything else (a
+    bracket left open or a port past 65535 made urlsplit raise ValueError: a traceback)."""
+    bad = EtcdError(f"etcd endpoint {url!r}: only http://HOST:PORT is supported")
+    try:
+        u = urlsplit(url)
+        host, port = u.hostname, u.port or 2379
+    except ValueError:
+        raise bad from None
+    if u.scheme != "http" or not host or u.path not in ("", "/"):
+        raise bad
+    return host, port
+
+
 class EtcdClient:
     """Calls etcd's v3 JSON API on the first endpoint that answers."""
 
@@ -105,11 +119,7 @@ class EtcdClient:
         if not endpoints:
             raise EtcdError("no etcd endpoint")
         self.endpoints: list[tuple[str, int]] = []
-        for e in endpoints:
-            u = urlsplit(e)
-            if u.scheme != "http" or not u.hostname or u.path not in ("", "/"):
-                raise EtcdError(f"etcd endpoint {e!r}: only http://HOST:PORT is supported")
-            self.endpoints.append((u.hostname, u.port or 2379))
+        self.endpoints = [endpoint(e) for e in endpoints]
         self.timeout = timeout
         self._preferred = 0
         self.calls = 0
