@@ -131,16 +131,16 @@ class Daemon:
     def logtext(self) -> str:
         return self.log.read_text(errors="replace")[-3000:]
 
-    def terminate(self, timeout: float = 15.0) -> int:
+    def terminate(self, timeout: float = 15.0, sig: int = signal.SIGTERM) -> int:
         assert self.proc is not None
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+            self.proc.send_signal(sig)
         try:
             return self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait(5)
-            raise AssertionError(f"{self.role} ignored SIGTERM: {self.logtext()}") from None
+            raise AssertionError(f"{self.role} ignored signal {sig}: {self.logtext()}") from None
 
     def cleanup(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -1,7 +1,7 @@
 """Runs a node as a service: the :class:`~ipsecct.gateway.node.Node`, its control socket, metrics,
-signal handling (SIGTERM/SIGINT drain and exit cleanly) and, on a gateway with ``[transfer]``,
-context transfer: the peer channel pool, the transfer service, fail-over, the balancer and the
-virtual-address mover; on a mobile node, the mobile-node agent."""
+signal handling (SIGTERM/SIGINT/SIGHUP drain and exit cleanly) and, on a gateway with
+``[transfer]``, context transfer: the peer channel pool, the transfer service, fail-over, the
+balancer and the virtual-address mover; on a mobile node, the mobile-node agent."""
 
 from __future__ import annotations
 
@@ -300,7 +300,9 @@ class Service:
 
         loop.set_exception_handler(on_loop_error)
         stop = asyncio.Event()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        # SIGHUP too (a closed terminal, or a habit from daemons that reload on it): its
+        # default killed the process at once, without a word and leaving its socket behind
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.add_signal_handler(sig, stop.set)
         await self.start()
         gcpolicy.POLICY.settle()  # start-up state leaves the collector's generations
