@@ -717,6 +717,8 @@ def from_dict(data: dict[str, Any], path: str = "<config>") -> NodeConfig:
         raise ctx.err("tunnel", "tunnel names must be unique")
     connections = load_connections(data, path) if data.get("connections") else []
     transfer = _transfer(data, ctx, tunnels, connections)
+    if transfer is not None and name in transfer.peers:  # it connected to itself, and a
+        raise ctx.err("peers", f"{name!r} is this gateway's own name")  # transfer "to" it
     failover = _failover(data.get("failover"), ctx, transfer)
     ike_d = ctx.get(data, "ike", "", dict, {})
     _check_keys_allowed(ike_d, ctx, "ike.", {"cookie_threshold", "port"})
