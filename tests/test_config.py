@@ -247,11 +247,13 @@ XFER = GOOD + (
 
 def test_wrong_types_in_lists_are_config_errors(tmp_path: Path) -> None:
     """A list where a string belongs (peers.allow's items, failover.peer) raised TypeError
-    (unhashable type) instead of naming the key; a peer with the gateway's own name was
-    taken."""
+    (unhashable type) instead of naming the key; a peer with the gateway's own name, or
+    twice the same peer (the second replaced the first), was taken."""
     for extra, key in (('allow = [["send"]]\n', "peers[0].allow"),
                        # a peer named like this gateway: it connected to itself
                        ('[[peers]]\nname = "sg1"\naddress = "127.0.0.2:25091"\n', "peers: 'sg1'"),
+                       ('[[peers]]\nname = "sg2"\naddress = "127.0.0.4:25091"\n',
+                        "peers[1].name: 'sg2' is listed twice"),
                        ('[failover]\nrole = "active"\npeer = ["sg2"]\n', "failover.peer")):
         with pytest.raises(ConfigError, match=key.replace("[", r"\[")):
             config.load(write(tmp_path, XFER + extra))

@@ -1057,6 +1057,8 @@ def _peers(plist: Any, ctx: _Ctx) -> dict[str, PeerConfig]:
         allow = p.get("allow", ["send", "request"])
         if not isinstance(allow, list) or not all(a in ("send", "request") for a in allow):
             raise ctx.err(f"{where}.allow", 'must be a list of "send" and "request"')
+        if p["name"] in peers:  # the later entry replaced the earlier one without a word
+            raise ctx.err(f"{where}.name", f"{p['name']!r} is listed twice")
         peers[p["name"]] = PeerConfig(p["name"], addr, outer, frozenset(allow))
     return peers
 
