@@ -426,4 +426,5 @@ def test_the_peers_hosts_are_reserved_on_the_listener(tmp_path: Path) -> None:
     )
     tcfg = config.load(write(tmp_path, text)).transfer
     assert tcfg is not None
-    assert PeerChannels(tcfg, "sg1").limits.reserved == {"127.0.0.3", "192.0.2.3", "::1"}
+    assert PeerChannels(tcfg, "sg1").limits.reserved == {
+        "127.0.0.3", "192.0.2.3", "::1", "::ffff:127.0.0.3", "::ffff:192.0.2.3"}  # fmt: skip

@@ -68,8 +68,10 @@ class PeerChannels:
         # Connections open on the listener per source address and in total, handshakes
         # included: anyone who reaches the port can open them, without a certificate.
         # A configured peer's host is always admitted (up to the per-source bound).
+        hosts = {h for p in tcfg.peers.values() for h in (p.address.host, p.outer) if h}
         self.limits = ConnectionLimits(reserved=frozenset(
-            str(h) for p in tcfg.peers.values() for h in (p.address.host, p.outer) if h is not None
+            s for h in hosts  # an IPv4 peer as a listener on "::" sees it
+            for s in ((str(h), f"::ffff:{h}") if h.version == 4 else (str(h),))
         ))  # fmt: skip
         self._quiet = RateLimited()
 
