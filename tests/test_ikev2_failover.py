@@ -19,7 +19,7 @@ import pytest
 
 from tests.helpers import strongswan
 from tests.helpers.ike_world import CLIENT, Client, IkeWorld, ike_world, waiting_with_logs
-from tests.helpers.netns_topology import HOST, SG_OUTER, Traffic
+from tests.helpers.netns_topology import HOST, SG_OUTER, Traffic, cli
 
 needs_strongswan = pytest.mark.skipif(not strongswan.available(), reason=strongswan.skip_reason())
 
@@ -151,6 +151,9 @@ def test_a_standby_that_could_not_take_the_ike_sa_is_known_before_the_fail_over(
             sb = w.status("sg2")["failover"]
             assert sb["refused_ike_sas"] == 1 and sb["replicated_ike_sas"] == 0, sb
             assert w.status("sg1")["failover"]["ike_refused"] == 1
+            text = cli("status", "-s", w.sock("sg1")).stdout
+            assert (f"IKE SA {r['spi_i']}_i {r['spi_r']}_r (rw, client.test): sg2 refused its "
+                    "replica: no child 'net' in connection 'rw' here") in text, text
             wait_until(lambda: "event=ike-replica-refused" in w.log("sg1"),
                        "sg1's log line", 15)  # fmt: skip
             assert "standby=sg2" in w.log("sg1") and "event=ike-replica-refused" in w.log("sg2")

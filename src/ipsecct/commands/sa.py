@@ -86,6 +86,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     for key in ("peers", "transfers", "failover"):
         if key in res:
             print(f"  {key}: {json.dumps(res[key])}")
+    # IKE SAs a standby (or cluster member) could not take over: a fail-over would lose them
+    for r in (res.get("ike") or {}).get("replicas_refused") or []:
+        print(f"  IKE SA {r['spi_i']}_i {r['spi_r']}_r ({r['conn']}, {r['id']}): "
+              f"{r['standby']} refused its replica: {r['reason']}")  # fmt: skip
     st = res.get("state")
     if isinstance(st, dict):
         r = st["reservations"]
