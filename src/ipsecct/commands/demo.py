@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import signal
 from typing import Any
 
 from ..errors import IpsecctError
@@ -14,13 +15,26 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from ..demo import tour as demo
     from ..gateway import gcpolicy
 
-    gcpolicy.POLICY.enabled = True  # the demo's process holds gateways
+    gcpolicy.POLICY.enabled = True  # the demo's process holds the MN (its gateways their own)
     mode = "failover" if args.failover else args.handover
     if args.rate > 20000:
         raise IpsecctError("--rate above 20000 packets/s is more than one Python process sends")
     keying = args.keying or ("manual" if args.failover else "ike")
-    s = asyncio.run(demo.run(args.rate, args.seconds, handover=mode, keying=keying,
-                             ike_timeout=args.ike_timeout, as_json=args.json))  # fmt: skip
+
+    async def main() -> dict[str, Any]:
+        # SIGTERM ends the demo as Ctrl-C does: its gateways' processes are stopped on the
+        # way out (SIGKILL reaches them from the kernel if this process dies otherwise).
+        task = asyncio.current_task()
+        assert task is not None
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+        return await demo.run(args.rate, args.seconds, handover=mode, keying=keying,
+                              ike_timeout=args.ike_timeout, as_json=args.json,
+                              start_timeout=args.start_timeout)  # fmt: skip
+
+    try:
+        s = asyncio.run(main())
+    except asyncio.CancelledError:
+        return 128 + signal.SIGTERM
     return 0 if s["packets"]["sent"] else 1
 
 
@@ -51,6 +65,12 @@ def register(sub: Any) -> None:
         type=number(float),
         default=10.0,
         help="seconds to wait for each IKE step: set-up, move, liveness check (10)",
+    )
+    p.add_argument(
+        "--start-timeout",
+        type=number(float),
+        default=30.0,
+        help="seconds to wait for each gateway's process to answer on its control socket (30)",
     )
     p.add_argument("--json", action="store_true", help="print only the summary as JSON")
     p.set_defaults(handler=cmd_demo)

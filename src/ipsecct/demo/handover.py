@@ -15,8 +15,9 @@ import time
 from typing import Any
 
 from ..ct.transfer import Record
-from ..errors import DemoError
+from ..errors import ControlError, DemoError
 from ..gateway.transfer_service import TransferService
+from .processes import GatewayProcess
 from .topology import Demo
 
 
@@ -26,9 +27,13 @@ def transfer_service(demo: Demo, gateway: str) -> TransferService:
     return ts
 
 
-async def setup(demo: Demo) -> None:
+async def setup(demo: Demo, timeout: float = 15.0) -> None:
     """Start context transfer on every gateway and open the inter-gateway connections now:
-    a handover reuses them (no TLS handshake)."""
+    a handover reuses them (no TLS handshake). Gateways in processes of their own started
+    theirs and connect by themselves: wait until each has its peers connected."""
+    if demo.procs:
+        await _peers_connected(demo, timeout)
+        return
     for svc in reversed(demo.services.values()):  # a standby listens before its active calls
         await svc.start_context_transfer()
     for svc in demo.services.values():
@@ -36,7 +41,40 @@ async def setup(demo: Demo) -> None:
         await svc.peers.connect_all()
 
 
+async def _peers_connected(demo: Demo, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    waiting: list[str] = list(demo.procs)
+    while True:
+        waiting = []
+        for name, p in demo.procs.items():
+            st = await _ask(p, "status")
+            if not all(peer["connected"] for peer in st["peers"]):
+                waiting.append(name)
+        if not waiting:
+            return
+        if time.monotonic() >= deadline:
+            raise DemoError(
+                f"gateway(s) {', '.join(waiting)} did not connect to their peers within"
+                f" {timeout:g} s (their logs: "
+                + "; ".join(f"{n}: {demo.procs[n].tail()}" for n in waiting)
+                + ")"
+            )
+        await asyncio.sleep(0.05)
+
+
+async def _ask(p: GatewayProcess, cmd: str, args: dict[str, Any] | None = None,
+               timeout: float = 10.0) -> Any:  # fmt: skip
+    """A control request to a gateway of the demo; what fails is a DemoError (one line)."""
+    try:
+        return await p.request(cmd, args, timeout=timeout)
+    except ControlError as exc:
+        raise DemoError(f"gateway {p.name}: {cmd}: {exc}") from None
+
+
 async def handover(demo: Demo, mode: str) -> None:
+    if demo.procs:
+        await _handover_processes(demo, mode)
+        return
     src, dst = "sg1", "sg2"
     loop = asyncio.get_running_loop()
     activated: asyncio.Future[Record] = loop.create_future()
@@ -79,9 +117,101 @@ async def handover(demo: Demo, mode: str) -> None:
     demo.handovers.append(entry)
 
 
+async def _handover_processes(demo: Demo, mode: str) -> None:
+    """The handover as an operator makes it: ``ipsecct transfer SPI --to sg2`` on sg1's
+    control socket. Its time runs from the request to the target's activation, as sg2's
+    own transfer record gives it (``transfer.wait``; ``time.monotonic`` is one clock for
+    every process of the machine); once it is active the access network routes the MN's
+    traffic to sg2."""
+    src, dst = "sg1", "sg2"
+    s, d = demo.procs[src], demo.procs[dst]
+    sas = await _ask(s, "sa.list")
+    spi = next((x["spi"] for x in sas if x["direction"] == "out" and "state" not in x),
+               None)  # fmt: skip
+    if spi is None:
+        raise DemoError(f"{src} has no tunnel to hand over")
+    c_src, c_dst = await _ask(s, "clock"), await _ask(d, "clock")
+    demo.watch_gaps()
+    t0 = time.monotonic()
+
+    async def activated() -> Any:
+        rec = await _ask(d, "transfer.wait", {"role": "target", "since": t0, "timeout": 20},
+                         timeout=25)  # fmt: skip
+        demo.host_route(dst)  # the access network's route follows at once
+        return rec
+
+    target = asyncio.ensure_future(activated())
+    try:
+        done = await _ask(s, "transfer", {"spi": spi, "to": dst, "mode": "predictive"},
+                          timeout=60)  # fmt: skip
+        if done["outcome"] != "committed":
+            raise DemoError(
+                f"the handover {src} -> {dst} did not commit: {done['outcome']}"
+                + (f" ({done['detail']})" if done.get("detail") else "")
+            )
+        rec = await target
+    finally:
+        target.cancel()
+    own = await _ask(s, "transfer.wait", {"role": "source", "since": t0, "timeout": 5})
+    demo.handover_times.append((t0, float(rec["ended"])))
+    cpu = None
+    if rec.get("cpu_s") is not None and own.get("cpu_s") is not None:
+        cpu = (rec["cpu_s"] - c_dst["cpu_s"]) + (own["cpu_s"] - c_src["cpu_s"])
+    demo.handovers.append(
+        {
+            "from": src,
+            "to": dst,
+            "mode": mode,
+            "transfer_ms": round((float(rec["ended"]) - t0) * 1000, 3),
+            "gap_ms": None,
+            "lost": None,
+            # The gateways' event-loop CPU time, each from just before the request until its
+            # own record ended (the target's at its activation, the source's at the commit's
+            # acknowledgement): the work the handover took; not the forwarding and
+            # state-writer threads, nor the MN's and the stream's in this process.
+            "transfer_cpu_ms": None if cpu is None else round(cpu * 1000, 3),
+        }
+    )
+
+
+async def _failover_processes(demo: Demo) -> None:
+    """SIGKILL to sg1's process (no goodbye, nothing flushed); sg2, its standby, notices
+    the silence after the detection time and takes over with the replicated contexts, as
+    its take-over record says."""
+    from .topology import read_status
+
+    d = demo.procs["sg2"]
+    await read_status(demo)  # sg1's last counters (it will not answer again)
+    demo.watch_gaps()
+    t0 = time.monotonic()
+    waiter = asyncio.ensure_future(
+        _ask(d, "transfer.wait", {"role": "standby", "since": t0, "timeout": 30}, timeout=35)
+    )
+    try:
+        demo.procs["sg1"].kill()
+        rec = await waiter
+    finally:
+        waiter.cancel()
+    demo.host_route("sg2")
+    demo.handover_times.append((t0, float(rec["ended"])))
+    demo.handovers.append(
+        {
+            "from": "sg1",
+            "to": "sg2",
+            "mode": "failover",
+            "transfer_ms": round((float(rec["ended"]) - t0) * 1000, 3),
+            "gap_ms": None,
+            "lost": None,
+        }
+    )
+
+
 async def failover(demo: Demo, mode: str) -> None:
     """Kill sg1 (its sockets and channels close, no goodbye); sg2, its standby, notices the
     silence after the detection time and takes over with the replicated contexts."""
+    if demo.procs:
+        await _failover_processes(demo)
+        return
     loop = asyncio.get_running_loop()
     took_over: asyncio.Future[Record] = loop.create_future()
 

@@ -15,17 +15,19 @@ Everything waits on conditions with a deadline; what did not happen in time is a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, TextIO
 
-from ..errors import DemoError
+from ..errors import ControlError, DemoError
 from ..gateway.ike import IkeService
 from ..ikev2.engine import ConnectFailed, Output
 from ..ikev2.ikesa import IkeSA, IkeState
 from .topology import ADDRESS, Demo
 
-POLL = 0.002  # seconds between looks at a condition
+POLL = 0.002  # seconds between looks at a condition in this process
+REMOTE_POLL = 0.01  # ... at a condition that a gateway's control socket answers
 
 
 def _ike(demo: Demo, name: str) -> IkeService:
@@ -34,30 +36,73 @@ def _ike(demo: Demo, name: str) -> IkeService:
     return svc.ike
 
 
+def _installed(sa: IkeSA) -> bool:
+    return (sa.state is IkeState.ESTABLISHED and bool(sa.children)
+            and all(c.handle is not None for c in sa.children))  # fmt: skip
+
+
 def _established(ike: IkeService) -> IkeSA | None:
     """The node's IKE SA with its CHILD SA installed, if there is one."""
-    for sa in ike.engine.ike_sas():
-        if (
-            sa.state is IkeState.ESTABLISHED
-            and sa.children
-            and all(c.handle is not None for c in sa.children)
-        ):
-            return sa
-    return None
+    return next((sa for sa in ike.engine.ike_sas() if _installed(sa)), None)
 
 
-async def _until(cond: Callable[[], bool], timeout: float) -> bool:
+async def _ike_sas(demo: Demo, gw: str) -> list[dict[str, Any]]:
+    """A gateway's IKE SAs as ``ipsecct sa list`` shows them (``ike.list`` on its control
+    socket when it runs as a process; none from a gateway that was killed)."""
+    p = demo.procs.get(gw)
+    if p is None:
+        ike = _ike(demo, gw)
+        now = ike.node.clock()
+        return [sa.summary(now) for sa in ike.engine.ike_sas()]
+    if p.killed:
+        return []
+    try:
+        out: list[dict[str, Any]] = await p.request("ike.list", timeout=10)
+    except ControlError as exc:
+        raise DemoError(f"gateway {gw}: ike.list: {exc}") from None
+    return out
+
+
+def _sa_installed(sa: dict[str, Any]) -> bool:
+    return (sa["state"] == IkeState.ESTABLISHED.value and bool(sa["children"])
+            and all(c["installed"] for c in sa["children"]))  # fmt: skip
+
+
+async def _gw_counters(demo: Demo, gw: str) -> dict[str, int]:
+    """A gateway's IKE counters (``status``; what was read last from a gateway that is gone)."""
+    p = demo.procs.get(gw)
+    if p is None:
+        return dict(_ike(demo, gw).engine.stats)
+    if not p.killed:
+        with contextlib.suppress(ControlError):
+            demo.remote_status[gw] = await p.request("status", timeout=10)
+    st = demo.remote_status.get(gw, {})
+    return {str(k): int(v) for k, v in st.get("ike", {}).get("counters", {}).items()}
+
+
+async def _until(cond: Callable[[], Awaitable[bool]], timeout: float,
+                 poll: float = POLL) -> bool:  # fmt: skip
     deadline = time.monotonic() + timeout
-    while not cond():
+    while not await cond():
         if time.monotonic() >= deadline:
             return False
-        await asyncio.sleep(POLL)
+        await asyncio.sleep(poll)
     return True
 
 
-def _counters(ike: IkeService) -> str:
-    c = ike.engine.stats
+def _text(c: dict[str, int]) -> str:
     return ", ".join(f"{k}={v}" for k, v in sorted(c.items())) or "no IKE message"
+
+
+def _counters(ike: IkeService) -> str:
+    return _text(dict(ike.engine.stats))
+
+
+async def _gw_text(demo: Demo, gw: str) -> str:
+    try:
+        return _text(await _gw_counters(demo, gw))
+    except DemoError as exc:
+        return str(exc)
 
 
 def _line(out: TextIO | None, text: str) -> None:
@@ -77,19 +122,26 @@ async def establish(demo: Demo, timeout: float, out: TextIO | None) -> dict[str,
 
     mn = _ike(demo, "mn")
     mn.listeners.append(on_event)
-    for g in demo.gateways:
+    for g in demo.gateways:  # gateways in processes of their own started theirs
         await _ike(demo, g).start()
-    sg1 = _ike(demo, "sg1")
     t0 = time.monotonic()
     await mn.start()  # start_action = start: IKE_SA_INIT goes out now
-    ok = await _until(lambda: (_established(mn) is not None and _established(sg1) is not None)
-                      or bool(failures), timeout)  # fmt: skip
+
+    async def up() -> bool:
+        if failures:
+            return True
+        if _established(mn) is None:
+            return False
+        return any(_sa_installed(sa) for sa in await _ike_sas(demo, "sg1"))
+
+    poll = REMOTE_POLL if demo.procs else POLL
+    ok = await _until(up, timeout, poll) and not failures
     ike = _established(mn)
-    if not ok or ike is None or _established(sg1) is None:
+    if not ok or ike is None:
         why = f"; {failures[-1]}" if failures else ""
         raise DemoError(
             f"the demo's IKE SA was not established within {timeout:g} s{why}"
-            f" (MN: {_counters(mn)}; sg1: {_counters(sg1)})"
+            f" (MN: {_counters(mn)}; sg1: {await _gw_text(demo, 'sg1')})"
         )
     ms = (time.monotonic() - t0) * 1000
     child = ike.children[0]
@@ -115,10 +167,14 @@ async def establish(demo: Demo, timeout: float, out: TextIO | None) -> dict[str,
     return info
 
 
-def _holder(demo: Demo, spi_r: bytes) -> list[str]:
-    """The gateways that hold the IKE SA whose responder SPI is ``spi_r``."""
-    return [g for g in demo.gateways
-            if any(sa.spi_r == spi_r for sa in _ike(demo, g).engine.ike_sas())]  # fmt: skip
+async def _holders(demo: Demo, spi_r: str) -> dict[str, dict[str, Any]]:
+    """The gateways that hold the IKE SA whose responder SPI is ``spi_r`` (hex), with it."""
+    out: dict[str, dict[str, Any]] = {}
+    for g in demo.gw_ports:
+        sa = next((sa for sa in await _ike_sas(demo, g) if sa["spi_r"] == spi_r), None)
+        if sa is not None:
+            out[g] = sa
+    return out
 
 
 async def after_handover(
@@ -134,63 +190,81 @@ async def after_handover(
     """The handover from ``src`` to ``dst`` is committed: wait until ``dst`` holds the IKE SA
     (and, with direct identity, until the MN's IKE SA follows sg2's signal), then send a
     liveness check from the MN and wait for ``dst``'s answer. With ``failover``, ``src`` is
-    dead (its memory still holds the IKE SA: it is not asked) and ``dst`` took the IKE SA
-    over from its replica and synchronised message IDs with the MN (RFC 6311)."""
+    dead (it is not asked) and ``dst`` took the IKE SA over from its replica and
+    synchronised message IDs with the MN (RFC 6311). The gateways are asked over their
+    control sockets when they run as processes."""
     mn = _ike(demo, "mn")
     ike = next((sa for sa in mn.engine.ike_sas() if sa.spi_r.hex() == info["spi_r"]), None)
     if ike is None:
         raise DemoError("the MN lost its IKE SA during the handover")
     spi_r = ike.spi_r
-    target = _ike(demo, dst)
-    if failover:
-        moved = await _until(lambda: dst in _holder(demo, spi_r) and any(
-            target.engine.stats[k] for k in ("mid-sync-done", "message-id-probed",
-                                             "liveness-ok")), timeout)  # fmt: skip
-    else:
-        moved = await _until(lambda: _holder(demo, spi_r) == [dst], timeout)
-    if not moved:
+    held: dict[str, dict[str, Any]] = {}
+    counters: dict[str, int] = {}
+    poll = REMOTE_POLL if demo.procs else POLL
+
+    async def moved() -> bool:
+        nonlocal held, counters
+        held = await _holders(demo, spi_r.hex())
+        if failover:
+            if dst not in held:
+                return False
+            counters = await _gw_counters(demo, dst)
+            return any(counters.get(k) for k in ("mid-sync-done", "message-id-probed",
+                                                 "liveness-ok"))  # fmt: skip
+        return list(held) == [dst]
+
+    if not await _until(moved, timeout, poll):
         raise DemoError(
             f"the IKE SA did not move from {src} to {dst} within {timeout:g} s"
-            f" (held by: {', '.join(_holder(demo, spi_r)) or 'no gateway'};"
-            f" {dst}: {_counters(target)}; MN: {_counters(mn)})"
+            f" (held by: {', '.join(held) or 'no gateway'};"
+            f" {dst}: {await _gw_text(demo, dst)}; MN: {_counters(mn)})"
         )
-    there = next(sa for sa in target.engine.ike_sas() if sa.spi_r == spi_r)
-    mids = {"sg_next_request": there.my_next_mid, "sg_next_expected": there.peer_next_mid}
+    there = held[dst]["message_ids"]
+    mids = {"sg_next_request": there["next_request"], "sg_next_expected": there["next_expected"]}
     if failover:
-        how = ("synchronised by RFC 6311" if target.engine.stats["mid-sync-done"]
+        how = ("synchronised by RFC 6311" if counters.get("mid-sync-done")
                else "kept from the replica")  # fmt: skip
         _line(out, f"IKE SA {ike.spi_i.hex()}_i {spi_r.hex()}_r taken over by {dst} from its"
                    f" replica with its CHILD SA after {src} died; message IDs {how}"
-                   f" ({dst} expects {there.peer_next_mid} from the MN, the MN sends"
+                   f" ({dst} expects {there['next_expected']} from the MN, the MN sends"
                    f" {ike.my_next_mid})")  # fmt: skip
     else:
         _line(out, f"IKE SA {ike.spi_i.hex()}_i {spi_r.hex()}_r moved {src} -> {dst} with"
                    f" its CHILD SA: {dst} holds it, {src} none; message IDs carried over"
-                   f" ({dst} expects {there.peer_next_mid} from the MN, the MN sends"
+                   f" ({dst} expects {there['next_expected']} from the MN, the MN sends"
                    f" {ike.my_next_mid})")  # fmt: skip
     if demo.identity == "direct":
         # sg2 tells the MN its address under the moved IKE SA (IkeEngine.announce_move: with
         # MOBIKE an INFORMATIONAL with NO_ADDITIONAL_ADDRESSES from sg2's address)
         host = ADDRESS[dst]
-        if not await _until(lambda: str(ike.remote.host) == host, timeout):
+
+        async def followed() -> bool:
+            return str(ike.remote.host) == host
+
+        if not await _until(followed, timeout):
             raise DemoError(f"the MN's IKE SA did not follow the handover to {dst} within"
                             f" {timeout:g} s (still at {ike.remote})")  # fmt: skip
         how = ("MOBIKE, NO_ADDITIONAL_ADDRESSES" if ike.mobike
                else "an authenticated request, NAT float")  # fmt: skip
         _line(out, f"{dst} announced its address under the moved IKE SA ({how}): the MN's"
                    f" IKE SA now talks to {ike.remote}")  # fmt: skip
-    answered_before = target.engine.stats["liveness-answered"]
+    answered_before = (await _gw_counters(demo, dst)).get("liveness-answered", 0)
     mid = ike.my_next_mid
     t0 = time.monotonic()
     mn.liveness(ike)
-    ok = await _until(
-        lambda: ike.pending is None and target.engine.stats["liveness-answered"] > answered_before,
-        timeout,
-    )
-    if not ok:
-        raise DemoError(f"{dst} did not answer the MN's liveness check within {timeout:g} s"
-                        f" after the handover ({dst}: {_counters(target)})")  # fmt: skip
+
+    async def answered() -> bool:  # the MN has the answer to its check
+        return ike.pending is None
+
+    ok = await _until(answered, timeout)
     dpd_ms = (time.monotonic() - t0) * 1000
+
+    async def counted() -> bool:  # ... and it came from dst
+        return (await _gw_counters(demo, dst)).get("liveness-answered", 0) > answered_before
+
+    if not ok or not await _until(counted, timeout, poll):
+        raise DemoError(f"{dst} did not answer the MN's liveness check within {timeout:g} s"
+                        f" after the handover ({dst}: {await _gw_text(demo, dst)})")  # fmt: skip
     _line(out, f"liveness check (DPD) from the MN, message ID {mid}: answered by {dst}"
                f" in {dpd_ms:.1f} ms; no new IKE_SA_INIT")  # fmt: skip
     info["moves"].append({
@@ -203,11 +277,12 @@ async def after_handover(
     })  # fmt: skip
 
 
-def finish(demo: Demo, info: dict[str, Any]) -> None:
-    """The run's IKE_SA_INIT count: requests sent by the MN and answered by any gateway."""
+async def finish(demo: Demo, info: dict[str, Any]) -> None:
+    """The run's IKE_SA_INIT count: requests sent by the MN and answered by any gateway
+    (before the gateways stop; what was read last from a gateway that was killed)."""
     info["ike_sa_init"] = _ike(demo, "mn").engine.stats["ike-sa-init-sent"]
-    info["ike_sa_init_answered"] = {g: _ike(demo, g).engine.stats["ike-sa-init"]
-                                    for g in demo.gateways}  # fmt: skip
+    info["ike_sa_init_answered"] = {g: (await _gw_counters(demo, g)).get("ike-sa-init", 0)
+                                    for g in demo.gw_ports}  # fmt: skip
 
 
 def print_summary(info: dict[str, Any], out: TextIO) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import collections
+import contextlib
 import itertools
 import os
 import socket
@@ -26,12 +27,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO, cast
 
-from ..errors import PacketError
+from ..errors import IpsecctError, PacketError
 from ..gateway import config as config_mod
 from ..gateway.mobile_agent import MobileAgent
 from ..gateway.node import Node
 from ..gateway.service import Service
 from ..ipsec.ippacket import IPAddress, build_udp, parse, udp_payload
+from .processes import GatewayProcess, stop_all, wait_all
 
 MN_INNER = "10.1.0.2"
 HOST_INNER = "10.2.0.1"
@@ -171,6 +173,13 @@ class Demo:
     keying: str = "manual"  # or "ike": the MN's agent initiates IKEv2 to sg1 (demo/ike.py)
     relay: _Relay | None = None  # the access network of indirect identity
     host_peer: tuple[str, int] = ("127.0.0.1", 0)  # where the host's packets go (a gateway)
+    # Each gateway's (outer, inner) ports, whether it runs here or in a process of its own.
+    gw_ports: dict[str, tuple[int, int]] = field(default_factory=dict)
+    # The gateways run as processes of their own (``ipsecct demo``; :attr:`gateways` is then
+    # empty): each one's process, and its drop counters as last read over its control socket.
+    procs: dict[str, GatewayProcess] = field(default_factory=dict)
+    remote_drops: dict[str, dict[str, int]] = field(default_factory=dict)
+    remote_status: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def watch_gaps(self) -> None:
         """A handover starts: the receivers record arrivals so that its gap can be measured."""
@@ -180,9 +189,10 @@ class Demo:
     def host_route(self, gw: str) -> None:
         """The access network's route towards the MN now goes through gateway ``gw``."""
         self.serving = gw
-        self.host_peer = ("127.0.0.1", self.gateways[gw].inner_port)
+        outer, inner = self.gw_ports[gw]
+        self.host_peer = ("127.0.0.1", inner)
         if self.relay is not None:
-            self.relay.owner = (ADDRESS[gw], self.gateways[gw].outer_port)
+            self.relay.owner = (ADDRESS[gw], outer)
 
     @property
     def services(self) -> dict[str, Service]:
@@ -253,6 +263,23 @@ def node_config(
     *,
     virtual: str | None = None,
 ) -> config_mod.NodeConfig:
+    data = node_data(name, address, outer_port, inner_port, inner_peer, tunnels, sections,
+                     virtual=virtual)  # fmt: skip
+    return config_mod.from_dict(data, f"<demo {name}>")
+
+
+def node_data(
+    name: str,
+    address: str,
+    outer_port: int,
+    inner_port: int,
+    inner_peer: int,
+    tunnels: list[dict[str, Any]],
+    sections: dict[str, Any] | None = None,
+    *,
+    virtual: str | None = None,
+) -> dict[str, Any]:
+    """A demo node's configuration as the TOML schema's dictionary."""
     data: dict[str, Any] = {
         "name": name,
         "outer": {
@@ -268,7 +295,7 @@ def node_config(
         "tunnel": tunnels,
     }
     data.update(sections or {})
-    return config_mod.from_dict(data, f"<demo {name}>")
+    return data
 
 
 # Each node has its own loopback address (all of 127/8 is local on Linux), so a handover really
@@ -314,6 +341,8 @@ async def build(
     transfer: dict[str, Any] | None = None,
     failover: bool = False,
     keying: str = "manual",
+    processes: bool = False,
+    start_timeout: float = 30.0,
 ) -> Demo:
     """Start the MN, the gateways and the two applications; the MN's SAs are on sg1. Each
     gateway also runs context transfer (TLS with certificates from a fresh test CA).
@@ -322,7 +351,12 @@ async def build(
     in 0600 files). ``"ike"``: no tunnel is configured; the MN's agent has an IKEv2
     connection to sg1 (``start_action = start``, PSK made for the run) and every gateway a
     responder connection of the same name (what a handover moves the IKE SA to); the IKE
-    SA is started by :func:`ipsecct.demo.ike.establish`."""
+    SA is started by :func:`ipsecct.demo.ike.establish`.
+
+    ``processes``: each gateway is ``ipsecct gateway run`` in a process of its own
+    (:mod:`ipsecct.demo.processes`; started at once, waited for up to ``start_timeout``
+    seconds each, on its control socket); this process keeps the MN, the host and the relay.
+    Without it (the tests, ``ipsecct bench transfer``) everything runs here."""
     ike = keying == "ike"
     from ..tools import pki
 
@@ -382,6 +416,7 @@ async def build(
     mn_cfg.state_dir = str(workdir / "state" / "mn")
     mn = DemoNode("mn", Service(mn_cfg, role="node"), *ports["mn"])
     gws: dict[str, DemoNode] = {}
+    procs: dict[str, GatewayProcess] = {}
     for g in gateways:
         tunnels: list[dict[str, Any]] = []
         if g == "sg1" and not ike:
@@ -434,7 +469,7 @@ async def build(
                 "role": "active" if g == "sg1" else "standby",
                 "peer": "sg2" if g == "sg1" else "sg1",
             }
-        cfg = node_config(
+        data = node_data(
             g,
             ADDRESS[g],
             *ports[g],
@@ -443,17 +478,41 @@ async def build(
             sections,
             virtual=VIRTUAL if indirect else None,
         )
+        if processes:
+            data["state"] = {"dir": str(workdir / "state" / g)}
+            procs[g] = GatewayProcess(g, workdir, data)
+            continue
+        cfg = config_mod.from_dict(data, f"<demo {g}>")
         cfg.state_dir = str(workdir / "state" / g)
         gws[g] = DemoNode(g, Service(cfg), *ports[g])
-    host_app, mn_app = _App("host", 1), _App("mn-app", 0)
-    await loop.create_datagram_endpoint(lambda: host_app, local_addr=("127.0.0.1", host_port))
-    await loop.create_datagram_endpoint(lambda: mn_app, local_addr=("127.0.0.1", mn_app_port))
-    for n in [mn, *gws.values()]:
-        # Its durable state's writers (reservations, ownership changes), as a gateway run
-        # starts them: without them every write would be made synchronously, on the loop.
-        await n.service.state.start()
-        await n.node.start()
+    starting: asyncio.Future[None] | None = None
+    try:
+        # The gateways' processes first (forked before this process starts any thread; they
+        # start while this one does its part), then the MN and the applications here.
+        for p in procs.values():
+            p.start()
+        starting = asyncio.ensure_future(wait_all(list(procs.values()), start_timeout))
+        host_app, mn_app = _App("host", 1), _App("mn-app", 0)
+        await loop.create_datagram_endpoint(lambda: host_app, local_addr=("127.0.0.1", host_port))
+        await loop.create_datagram_endpoint(lambda: mn_app, local_addr=("127.0.0.1", mn_app_port))
+        for n in [mn, *gws.values()]:
+            # Its durable state's writers (reservations, ownership changes), as a gateway run
+            # starts them: without them every write would be made synchronously, on the loop.
+            await n.service.state.start()
+            await n.node.start()
+        await starting
+    except BaseException:
+        if starting is not None:
+            starting.cancel()
+        stop_all(list(procs.values()))
+        for n in [mn, *gws.values()]:
+            with contextlib.suppress(Exception):
+                await n.node.stop()
+                await n.service.state.stop()
+        raise
     demo = Demo(workdir, mn, gws, host_app, mn_app, host_port, mn_app_port)
+    demo.gw_ports = {g: ports[g] for g in gateways}
+    demo.procs = procs
     demo.relay = relay
     demo.identity = identity
     demo.keying = keying
@@ -465,6 +524,7 @@ async def stop(demo: Demo) -> None:
     for svc in [demo.mn.service, *demo.services.values()]:  # the MN's DELETE goes first
         if svc.ike is not None:
             await svc.ike.stop()
+    stop_all(list(demo.procs.values()))  # SIGTERM, as an operator's service manager does
     for svc in demo.services.values():
         await svc.stop_context_transfer()
     for n in demo.all_nodes():
@@ -501,6 +561,7 @@ async def stream(
     start = loop.time()
     demo.started = start
     half_task: asyncio.Task[None] | None = None
+    refresh: asyncio.Task[None] | None = None
     next_report = 1.0
     sent = 0
     assert demo.mn_app.transport is not None and demo.host_app.transport is not None
@@ -520,11 +581,16 @@ async def stream(
         if out is not None and elapsed >= next_report:
             _report(demo, elapsed, out)
             next_report += 1.0
+            if demo.procs and (refresh is None or refresh.done()):
+                refresh = asyncio.create_task(read_status(demo))  # for the next line
         await asyncio.sleep(max(0.0, start + sent / rate - loop.time()))
     demo.ended = loop.time()
     if half_task is not None:
         await half_task
     await _last_packets(demo, sent)
+    if refresh is not None:
+        await refresh
+    await read_status(demo)
     if out is not None:
         _report(demo, loop.time() - start, out)
 
@@ -559,7 +625,23 @@ def _drops(demo: Demo) -> dict[str, int]:
     for n in demo.all_nodes():
         for k in out:
             out[k] += n.engine.stats.drops.get(k, 0)
+    for drops in demo.remote_drops.values():
+        for k in out:
+            out[k] += drops.get(k, 0)
     return out
+
+
+async def read_status(demo: Demo) -> None:
+    """``status`` of the gateways that run as processes, over their control sockets, into
+    :attr:`Demo.remote_status` and :attr:`Demo.remote_drops` (a gateway that is gone keeps
+    what was read last)."""
+    for name, p in demo.procs.items():
+        if p.killed:
+            continue
+        with contextlib.suppress(IpsecctError):
+            st = await p.request("status", timeout=5)
+            demo.remote_status[name] = st
+            demo.remote_drops[name] = {str(k): int(v) for k, v in st["counters"]["drops"].items()}
 
 
 def _report(demo: Demo, elapsed: float, out: TextIO) -> None:

@@ -1,7 +1,8 @@
-"""``ipsecct demo``: the one-command tour. Builds the topology (:mod:`ipsecct.demo.topology`),
-starts context transfer, sets up the tunnel with IKEv2 (:mod:`ipsecct.demo.ike`; or keyed by
-hand), runs the stream and, half-way, the handover or fail-over
-(:mod:`ipsecct.demo.handover`), then prints the summary."""
+"""``ipsecct demo``: the one-command tour. Builds the topology (:mod:`ipsecct.demo.topology`:
+each gateway an ``ipsecct gateway run`` process of its own, :mod:`ipsecct.demo.processes`;
+the MN, the host and the stream in this process), waits for context transfer, sets up the
+tunnel with IKEv2 (:mod:`ipsecct.demo.ike`; or keyed by hand), runs the stream and, half-way,
+the handover or fail-over (:mod:`ipsecct.demo.handover`), then prints the summary."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from ..errors import IpsecctError
 from ..gateway import gcpolicy
 from . import handover as ho
 from . import ike as ike_mod
+from .processes import START_TIMEOUT
 from .topology import HOST_INNER, MN_INNER, Demo, build, print_summary, stop, stream, summary
 
 # What ``--handover`` / ``--failover`` run half-way through the stream.
@@ -35,6 +37,7 @@ async def run(
     ike_timeout: float = 10.0,
     as_json: bool = False,
     out: TextIO = sys.stdout,
+    start_timeout: float = START_TIMEOUT,
 ) -> dict[str, Any]:
     if handover != "none" and handover not in HALFWAY:
         raise IpsecctError(f"handover mode {handover!r} is not available")
@@ -44,9 +47,9 @@ async def run(
     ike_info: dict[str, Any] | None = None
     with tempfile.TemporaryDirectory(prefix="ipsecct-demo-") as tmp:
         identity = handover if handover in ("direct", "indirect") else "direct"
-        demo = await build(
-            Path(tmp), identity=identity, failover=handover == "failover", keying=keying
-        )
+        # Each gateway is ``ipsecct gateway run`` in a process of its own, as deployed.
+        demo = await build(Path(tmp), identity=identity, failover=handover == "failover",
+                           keying=keying, processes=True, start_timeout=start_timeout)  # fmt: skip
         try:
             await ho.setup(demo)
             gcpolicy.POLICY.settle()  # as a gateway does after start-up (when the policy is on)
@@ -71,11 +74,12 @@ async def run(
             await stream(
                 demo, rate, seconds, out=None if as_json else out, at_half=half if step else None
             )
+            if ike_info is not None:
+                await ike_mod.finish(demo, ike_info)  # read from the gateways while they run
         finally:
             await stop(demo)
         s = summary(demo)
         if ike_info is not None:
-            ike_mod.finish(demo, ike_info)
             s["ike"] = ike_info
     if as_json:
         out.write(json.dumps(s) + "\n")

@@ -302,6 +302,53 @@ def request(path: str, cmd: str, args: dict[str, Any] | None = None, timeout: fl
                 raise ControlError("answer too long")
     finally:
         s.close()
+    return _result(buf)
+
+
+async def request_async(
+    path: str, cmd: str, args: dict[str, Any] | None = None, timeout: float = 30.0
+) -> Any:
+    """:func:`request` for a caller on an event loop (the demo): the same checks (a socket of
+    our own user, answered by a process of our own user), the same errors, without blocking
+    the loop."""
+    check_socket(path)
+    try:
+        async with asyncio.timeout(timeout):
+            try:
+                reader, writer = await asyncio.open_unix_connection(path, limit=64 * MAX_LINE)
+            except OSError as exc:
+                raise ControlError(
+                    f"cannot reach the control socket {path}: {exc.strerror or exc}"
+                    " (is the daemon running?)"
+                ) from None
+            try:
+                sock = writer.get_extra_info("socket")
+                uid = None if sock is None else _peer_uid(sock)
+                if uid is not None and uid != os.geteuid():
+                    raise ControlError(
+                        f"the daemon on {path} runs as uid {uid}, not as you:"
+                        " refusing to talk to it"
+                    )
+                writer.write(json.dumps({"cmd": cmd, "args": args or {}}).encode() + b"\n")
+                try:
+                    await writer.drain()
+                    buf = await reader.readline()
+                except (asyncio.LimitOverrunError, ValueError):
+                    raise ControlError("answer too long") from None
+                except OSError as exc:
+                    raise ControlError(f"lost the connection to {path}: {exc.strerror}") from None
+            finally:
+                writer.close()
+                with contextlib.suppress(Exception):
+                    await writer.wait_closed()
+    except TimeoutError:
+        raise ControlError(f"no answer from {path} within {timeout:g} s") from None
+    if not buf.endswith(b"\n"):
+        raise ControlError("the daemon closed the control connection")
+    return _result(buf)
+
+
+def _result(buf: bytes) -> Any:
     try:
         ans = json.loads(buf)
     except ValueError:

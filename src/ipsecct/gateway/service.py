@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -172,6 +173,7 @@ class Service:
                 "sa.add": self._sa_add,
                 "sa.delete": self._sa_delete,
                 "pmtu.set": self._pmtu_set,
+                "clock": self._clock,
             }.items():
                 self.control.register(name, h)
             if self.failover is not None:
@@ -181,8 +183,9 @@ class Service:
             if self.transfer is not None:
                 self.control.register("transfer", self.transfer.control_transfer)
                 self.control.register("rebalance", self.transfer.control_rebalance)
+                self.control.register("transfer.wait", self.transfer.control_wait)
             else:
-                for cmd in ("transfer", "rebalance"):
+                for cmd in ("transfer", "rebalance", "transfer.wait"):
                     self.control.register(cmd, _lacks("[transfer]", "context transfer"))
 
     async def start(self) -> None:
@@ -316,6 +319,11 @@ class Service:
     async def _ike_list(self, args: dict[str, Any]) -> Any:
         assert self.ike is not None
         return self.ike.list()
+
+    async def _clock(self, args: dict[str, Any]) -> Any:
+        """This machine's monotonic clock (one for every process) and the event loop's CPU
+        time, read on the loop: what ``transfer.wait``'s times compare with."""
+        return {"monotonic": time.monotonic(), "cpu_s": time.thread_time()}
 
     async def _status(self, args: dict[str, Any]) -> Any:
         return self.node.status()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -37,6 +38,9 @@ from .node import Node
 from .peers import PeerChannels
 
 log = logging.getLogger("ipsecct.ct.transfer")
+
+CPU_STAMPS = 64  # finished records whose CPU stamp transfer.wait can still give
+WAIT_LIMIT = 60.0  # seconds a transfer.wait may hold its control connection
 
 GC_CHECK_INTERVAL = 1.0  # seconds between the collector policy's checks (gcpolicy.maintain)
 
@@ -78,6 +82,7 @@ class TransferService:
         node.extensions["peers"] = self._peers_status
         node.extensions["transfers"] = self._transfers_status
         self._quiet = RateLimited()
+        self._cpu_at: dict[int, tuple[Record, float]] = {}
 
     async def start(self) -> None:
         self.node.timers.add("transfer", self.core.next_deadline, self._on_timer)
@@ -139,6 +144,11 @@ class TransferService:
             ms=f"{(rec.ended - rec.started) * 1000:.3f}",
             detail=rec.detail,
         )
+        # The event loop's CPU time when the record finished (``transfer.wait``: what a
+        # handover cost this gateway, against a ``clock`` read before it started).
+        self._cpu_at[id(rec)] = (rec, time.thread_time())
+        while len(self._cpu_at) > CPU_STAMPS:
+            del self._cpu_at[next(iter(self._cpu_at))]
         fut = self.waiters.pop(rec.transfer_id, None)
         if fut is not None and not fut.done():
             fut.set_result(rec)
@@ -334,6 +344,49 @@ class TransferService:
         if not isinstance(to, str) or not isinstance(count, int) or count <= 0:
             raise ControlError("rebalance needs --to PEER and --count N > 0")
         return (await self.rebalance(to, count)).as_dict()
+
+    async def control_wait(self, args: dict[str, Any]) -> Any:
+        """``transfer.wait``: the first finished record of ``role`` (source, target or
+        standby) that ended at or after ``since`` (this machine's monotonic clock, which
+        every process shares), waiting up to ``timeout`` seconds (at most 60) for it. The
+        answer is the record as ``ipsecct status`` lists it, with its ``started`` and
+        ``ended`` times and the event loop's CPU time when it ended (``cpu_s``). The demo
+        times its handover from it."""
+        role, since, timeout = args.get("role"), args.get("since", 0.0), args.get("timeout", 0.0)
+        if role not in ("source", "target", "standby"):
+            raise ControlError("role must be source, target or standby")
+        if not isinstance(since, int | float) or not isinstance(timeout, int | float):
+            raise ControlError("since and timeout must be numbers (seconds)")
+        if not 0 <= timeout <= WAIT_LIMIT:
+            raise ControlError(f"timeout must be 0 .. {WAIT_LIMIT:g} s")
+
+        def wanted(rec: Record) -> bool:
+            return rec.role == role and rec.outcome != "in progress" and rec.ended >= since
+
+        found = next((r for r in self.core.records if wanted(r)), None)
+        if found is None:
+            fut: asyncio.Future[Record] = asyncio.get_running_loop().create_future()
+
+            def watch(rec: Record) -> None:
+                if wanted(rec) and not fut.done():
+                    fut.set_result(rec)
+
+            self.listeners.append(watch)
+            try:
+                found = await asyncio.wait_for(fut, timeout)
+            except TimeoutError:
+                raise TransferError(
+                    f"no {role} record within {timeout:g} s"
+                ) from None
+            finally:
+                self.listeners.remove(watch)
+        stamp = self._cpu_at.get(id(found))
+        return {
+            **found.as_dict(),
+            "started": found.started,
+            "ended": found.ended,
+            "cpu_s": stamp[1] if stamp is not None and stamp[0] is found else None,
+        }
 
     def _peers_status(self) -> list[dict[str, Any]]:
         return [

@@ -232,6 +232,7 @@ class IkeSA:
             "nat": {"local": self.nat_local, "remote": self.nat_remote},
             "mobike": self.mobike,
             "established_s": round(now - self.created, 1),
+            "message_ids": {"next_request": self.my_next_mid, "next_expected": self.peer_next_mid},
             "children": [
                 {
                     "name": c.name,
@@ -242,6 +243,7 @@ class IkeSA:
                     "local_ts": [str(t) for t in c.local_ts],
                     "remote_ts": [str(t) for t in c.remote_ts],
                     "installed_s": round(now - c.created, 1),
+                    "installed": c.handle is not None,
                 }
                 for c in self.children
             ],
