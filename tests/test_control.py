@@ -393,3 +393,39 @@ def test_no_core_dumps_unless_asked(env: str) -> None:
         assert applied == "False" and dumpable == "1"
     else:
         assert (applied, dumpable, core) == ("True", "0", "0")
+
+
+def test_request_async_answers_and_errors_like_request() -> None:
+    """The demo's client on an event loop: the same answers and the same one-line errors as
+    the blocking :func:`request`, and the loop goes on while it waits."""
+    from ipsecct.gateway.control import request_async
+
+    async def body(srv: ControlServer, path: str) -> None:
+        assert await request_async(path, "echo", {"a": 1}) == {"echo": {"a": 1}}
+        with pytest.raises(ControlError, match="no such SA"):
+            await request_async(path, "sa")
+        with pytest.raises(ControlError, match="unknown command"):
+            await request_async(path, "nope")
+        ticks = 0
+
+        async def tick() -> None:
+            nonlocal ticks
+            while True:
+                ticks += 1
+                await asyncio.sleep(0.001)
+
+        async def slow(args: dict[str, Any]) -> Any:
+            await asyncio.sleep(0.2)
+            return "late"
+
+        srv.register("slow", slow)
+        t = asyncio.create_task(tick())
+        assert await request_async(path, "slow") == "late"
+        t.cancel()
+        assert ticks > 10  # the loop ran meanwhile
+        with pytest.raises(ControlError, match=r"no answer .* within 0\.05 s"):
+            await request_async(path, "slow", timeout=0.05)
+        with pytest.raises(ControlError, match="no such file"):
+            await request_async(path + ".none", "echo")
+
+    with_server(body)

@@ -27,7 +27,7 @@ from ipsecct.ct import cxtp
 from ipsecct.ct.transfer import Record
 from ipsecct.demo import handover as demo_handover
 from ipsecct.demo import topology as demo
-from ipsecct.errors import ChannelError, DemoError
+from ipsecct.errors import ChannelError, ControlError, DemoError, TransferError
 from ipsecct.gateway.mobile_agent import MobileAgent
 from ipsecct.ipsec.engine import TunnelState
 from ipsecct.ipsec.sad import Direction, SecurityAssociation, UdpEncap
@@ -75,12 +75,27 @@ def test_predictive_handover_while_streaming(tmp_path: Path, identity: str) -> N
         spi = mn_tunnel_spi(d)
         committed = route_on_commit(d, "sg2")
         recs: list[Record] = []
+        t0: list[float] = []
 
         async def half() -> None:
+            t0.append(time.monotonic())
             recs.append(await services(d)["sg1"].transfer([spi], "sg2"))
 
         await demo.stream(d, 300, 1.0, out=None, at_half=half)
         (rec,) = recs
+        # transfer.wait (what ``ipsecct demo`` times its handover from): the target's record
+        # that ended after the trigger, with its times and the loop's CPU time when it ended;
+        # none before the trigger's time if asked for a later one; bad arguments refused.
+        sg2 = services(d)["sg2"]
+        got = await sg2.control_wait({"role": "target", "since": t0[0], "timeout": 0})
+        assert got["outcome"] == "committed" and t0[0] <= got["started"] <= got["ended"]
+        assert got["id"] == f"{rec.transfer_id:016x}" and isinstance(got["cpu_s"], float)
+        with pytest.raises(TransferError, match=r"no target record within 0\.05 s"):
+            await sg2.control_wait({"role": "target", "since": got["ended"] + 1, "timeout": 0.05})
+        for bad in ({"role": "x"}, {"role": "target", "timeout": 61}, {"role": "target",
+                                                                       "since": "now"}):
+            with pytest.raises(ControlError):
+                await sg2.control_wait(bad)
         assert rec.outcome == "committed" and rec.role == "source" and rec.accepted == 1
         assert (await committed).outcome == "committed"
         assert state_at(d, "sg2", spi) is TunnelState.ACTIVE
