@@ -137,7 +137,7 @@ def test_demo_manual_keying_keeps_the_old_output() -> None:
     (h,) = s["handovers"]
     assert list(h)[:6] == ["from", "to", "mode", "transfer_ms", "gap_ms", "lost"]
     assert h["lost"] == 0 and s["packets"]["lost"] == 0, s
-    r = _demo("--keying", "manual", "--handover", "none")
+    r = _demo("--keying", "manual", "--handover", "none", "--seconds", "1")
     assert r.returncode == 0, r.stderr
     assert "IKE" not in r.stdout and "keying" not in r.stdout
     assert "via sg1" in r.stdout and "packets lost" in r.stdout
