@@ -130,18 +130,21 @@ async def _handover_processes(demo: Demo, mode: str) -> None:
                None)  # fmt: skip
     if spi is None:
         raise DemoError(f"{src} has no tunnel to hand over")
-    c_src, c_dst = await _ask(s, "clock"), await _ask(d, "clock")
-    demo.watch_gaps()
-    t0 = time.monotonic()
+    since = time.monotonic()
 
     async def activated() -> Any:
-        rec = await _ask(d, "transfer.wait", {"role": "target", "since": t0, "timeout": 20},
-                         timeout=25)  # fmt: skip
+        rec = await _ask(d, "transfer.wait", {"role": "target", "since": since, "timeout": 30},
+                         timeout=35)  # fmt: skip
         demo.host_route(dst)  # the access network's route follows at once
         return rec
 
+    # The wait is sent first: sg2 takes it in (a connection, a request) before the two
+    # clock round trips end, not on its loop during the transfer.
     target = asyncio.ensure_future(activated())
     try:
+        c_src, c_dst = await _ask(s, "clock"), await _ask(d, "clock")
+        demo.watch_gaps()
+        t0 = time.monotonic()
         done = await _ask(s, "transfer", {"spi": spi, "to": dst, "mode": "predictive"},
                           timeout=60)  # fmt: skip
         if done["outcome"] != "committed":
