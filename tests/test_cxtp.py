@@ -20,7 +20,9 @@ from ipsecct.ct.cxtp import (
     CTC,
     CTD,
     CTDR,
+    DQ,
     PCTD,
+    Answer,
     CTReq,
     Detail,
     MsgType,
@@ -71,6 +73,8 @@ def all_messages(prev: cxtp.Address, router: cxtp.Address) -> list[cxtp.Message]
         CTC(prev),
         CTC(prev, (tag,)),
         CTReq(prev, 9, b"\xff" * 4, (REQ, REQ)),
+        DQ(prev, Answer.QUERY, (tag,)),
+        DQ(prev, Answer.NOT_TAKEN),
     ]
 
 
@@ -384,6 +388,8 @@ def messages(draw: st.DrawFn) -> cxtp.Message:
         return CTDR(prev, flag, draw(statuses_st), draw(ext_st))
     if kind is MsgType.CTC:
         return CTC(prev, draw(ext_st))
+    if kind is MsgType.DQ:
+        return DQ(prev, draw(st.sampled_from(list(Answer))), draw(ext_st))
     return CTReq(prev, draw(u32), draw(tok), draw(cdbs_st))
 
 
@@ -453,6 +459,56 @@ def test_fuzz_extension_decoders(
     except CxtpError:
         return
     assert obj.encode() == raw
+
+
+def test_decision_query_layout_and_strictness() -> None:
+    """The decision query (type 8): ``Answer(8) | Reserved(24) | extension CDBs``; an
+    unknown answer, non-zero reserved octets, a non-extension CDB and the A bit are refused."""
+    tag = TransferTag(0x0123456789ABCDEF, 3).encode()
+    wire = cxtp.encode(DQ(V4, Answer.TAKEN, (tag,)))
+    assert wire == struct.pack("!BBH", (1 << 5) | 8, 0x80, 4 + 4 + 4 + 24) + V4.packed + bytes(
+        [1, 0, 0, 0]
+    ) + tag
+    assert cxtp.transfer_tag(cxtp.decode(wire)) == TransferTag(0x0123456789ABCDEF, 3)
+    bad = {
+        "unknown decision query answer": wire[:8] + b"\x03" + wire[9:],
+        "reserved octets": wire[:9] + b"\x01" + wire[10:],
+        "A/S bit": wire[:1] + b"\xc0" + wire[2:],
+    }
+    for why, data in bad.items():
+        with pytest.raises(CxtpError, match=why):
+            cxtp.decode(data)
+    body = bytes([2, 0, 0, 0]) + SA1  # an IPsec SA context is not an extension CDB
+    data = struct.pack("!BBH", (1 << 5) | 8, 0x80, 8 + len(body)) + V4.packed + body
+    with pytest.raises(CxtpError, match="non-extension"):
+        cxtp.decode(data)
+    with pytest.raises(CxtpError, match="answer out of range"):
+        cxtp.encode(DQ(V4, 7))
+    with pytest.raises(CxtpError, match="too short"):
+        cxtp.decode(struct.pack("!BBH", (1 << 5) | 8, 0x80, 8) + V4.packed)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    answer=st.integers(0, 255),
+    rsvd=st.binary(min_size=3, max_size=3),
+    tail=st.binary(max_size=80),
+    v4=st.booleans(),
+)
+def test_fuzz_decision_query(answer: int, rsvd: bytes, tail: bytes, v4: bool) -> None:
+    """Any body after a decision query's header decodes only to what re-encodes to the same
+    octets (or raises CxtpError): never another exception, never a lenient parse."""
+    prev = V4 if v4 else V6
+    body = bytes([answer]) + rsvd + tail
+    data = struct.pack("!BBH", (1 << 5) | 8, 0x80 if v4 else 0, 4 + len(prev.packed) + len(body))
+    data += prev.packed + body
+    try:
+        msg = cxtp.decode(data)
+    except CxtpError:
+        return
+    assert isinstance(msg, DQ) and msg.answer in set(Answer) and rsvd == bytes(3)
+    assert all(cxtp.EXT_FPT_MIN <= cxtp.cdb_fpt(c) <= cxtp.EXT_FPT_MAX for c in msg.ext)
+    assert cxtp.encode(msg) == data
 
 
 def test_cxtp_error_is_ipsecct_error() -> None:

@@ -404,6 +404,9 @@ class SlowJournal:
     def leaving(self, tunnels: object, peer: str, transfer_id: int) -> Write:
         return self._submit("given")
 
+    def left(self, tunnels: object, peer: str, transfer_id: int) -> Write:
+        return self._submit("away")
+
     def staying(self, tunnels: object, peer: str) -> Write:
         return self._submit("kept")
 

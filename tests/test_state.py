@@ -269,6 +269,8 @@ class Recorder:
         self.refuse = refuse
         self.calls: list[tuple[str, int]] = []
         self.writes: list[tuple[str, Write, list[object]]] = []
+        self.arrivals: set[int] = set()
+        self.leaving_to: list[str] = []
 
     def _submit(self, what: str, then: list[object] | None = None):  # type: ignore[no-untyped-def]
         from ipsecct.ct.journal import Write
@@ -303,21 +305,32 @@ class Recorder:
     def taken_over(self, tunnels, peer, *, pending):  # type: ignore[no-untyped-def]
         raise AssertionError("the transfer core submits; taken_over is the fail-over's")
 
-    def arriving(self, tunnels, peer):  # type: ignore[no-untyped-def]
+    def arriving(self, tunnels, peer, transfer_id):  # type: ignore[no-untyped-def]
         from ipsecct.ipsec.sequence import Reservations
 
         for t in tunnels:  # enrolled: nothing may be sent before the write is done
             Reservations.enrol(t.outbound, 0)
+        self.arrivals.add(transfer_id)
         return self._submit("pending", [t.outbound for t in tunnels])
 
-    def arrived(self, tunnels, peer):  # type: ignore[no-untyped-def]
+    def arrived(self, tunnels, peer, transfer_id):  # type: ignore[no-untyped-def]
         return self._submit("taken")
 
+    def knows_arrival(self, transfer_id):  # type: ignore[no-untyped-def]
+        return transfer_id in self.arrivals
+
     def leaving(self, tunnels, peer, transfer_id):  # type: ignore[no-untyped-def]
+        self.leaving_to.append(peer)
+        return self._submit("leaving")
+
+    def left(self, tunnels, peer, transfer_id):  # type: ignore[no-untyped-def]
         return self._submit("given")
 
     def staying(self, tunnels, peer):  # type: ignore[no-untyped-def]
         return self._submit("kept")
+
+    def resumed(self, tunnels, peer):  # type: ignore[no-untyped-def]
+        return self._submit("resumed", [t.outbound for t in tunnels])
 
     def cancelled(self, tunnels, peer):  # type: ignore[no-untyped-def]
         return self._submit("cancelled")
@@ -332,10 +345,12 @@ def settle(w: object, name: str, j: Recorder) -> list[str]:
 
 
 def test_transfer_core_writes_in_parallel_with_the_exchange_and_waits_where_it_must() -> None:
-    """The target submits "pending" when it installs the tunnel and answers at once: it is
-    written while the CTDR travels and the source records "given away". The COMMIT waits
-    for "given away"; the target's tunnel sends nothing until "pending" (its first block) is
-    durable; "owned" at the commit is not waited for."""
+    """The source submits "leaving" when it holds the tunnel, before its contexts leave; the
+    target submits "pending" when it installs the tunnel and answers at once: both are
+    written while the messages travel. The COMMIT waits for "leaving" (not for the disk
+    once it is durable: "given away" follows the COMMIT, not waited for); the target's
+    tunnel sends nothing until "pending" (its first block) is durable; "owned" at the
+    commit is not waited for."""
     from ipsecct.ct import cxtp
     from ipsecct.ipsec.engine import TunnelState
     from tests.helpers.transfer import World
@@ -345,16 +360,20 @@ def test_transfer_core_writes_in_parallel_with_the_exchange_and_waits_where_it_m
     w.gw["sg1"].core.journal = j1
     w.gw["sg2"].core.journal = j2
     w.transfer()
-    assert j1.calls == [] and w.tunnel.state is TunnelState.HELD
+    # "leaving" submitted before the PCTD was handed on (no message on the links then)
+    assert j1.calls == [("leaving", 0)] and w.tunnel.state is TunnelState.HELD
     w.deliver("sg1", "sg2")  # PCTD: "pending" submitted, the CTDR posted without waiting
     assert j2.calls == [("pending", 0)] and j2.writes
     assert isinstance(w.peek("sg2", "sg1"), cxtp.CTDR)
-    w.deliver("sg2", "sg1")  # CTDR: "given away" submitted, not durable yet: no COMMIT
-    assert j1.calls == [("given", 0)] and w.pending("sg1", "sg2") == 0
+    w.deliver("sg2", "sg1")  # CTDR: "leaving" is not durable yet: no COMMIT
+    assert j1.calls == [("leaving", 0)] and w.pending("sg1", "sg2") == 0
     assert w.tunnel.state is TunnelState.HELD
-    assert settle(w, "sg1", j1) == ["given"]
-    msg = w.peek("sg1", "sg2")  # now the COMMIT
+    assert settle(w, "sg1", j1) == ["leaving"]
+    msg = w.peek("sg1", "sg2")  # now the COMMIT, and "given away" submitted after it
     assert isinstance(msg, cxtp.CTD) and w.gw["sg1"].finished[-1].outcome == "committed"
+    # "given away" submitted in the same step as the COMMIT, not waited for (the adapter
+    # hands the COMMIT to the socket before the writer's thread is woken)
+    assert j1.calls[-1][0] == "given" and j1.writes
     w.deliver("sg1", "sg2")  # COMMIT: "pending" is not durable yet: held, nothing to send
     (t2,) = w.gw["sg2"].engine.tunnels()
     assert t2.state is TunnelState.HELD and t2.outbound.seq_ceiling == t2.outbound.seq
@@ -450,19 +469,19 @@ def test_what_the_source_forwards_after_its_commit_waits_for_the_targets_write()
 
 
 def test_a_source_that_cannot_record_does_not_commit() -> None:
-    """"Given away" failed on the disk: no COMMIT; the tunnel sends again only once "owned"
+    """"Leaving" failed on the disk: no COMMIT; the tunnel sends again only once "owned"
     again is durable (the failed write may have reached the disk after all)."""
     from ipsecct.ct import cxtp
     from ipsecct.ipsec.engine import TunnelState
     from tests.helpers.transfer import World
 
     w = World()
-    j1 = Recorder(w, fail="given")
+    j1 = Recorder(w, fail="leaving")
     w.gw["sg1"].core.journal = j1
     w.transfer()
     w.deliver("sg1", "sg2")
     w.deliver("sg2", "sg1")
-    assert settle(w, "sg1", j1) == []  # "given" failed: rolled back, "kept" submitted
+    assert settle(w, "sg1", j1) == []  # "leaving" failed: rolled back, "kept" submitted
     assert isinstance(w.peek("sg1", "sg2"), cxtp.CTC)  # rolled back, not committed
     assert w.gw["sg1"].finished[-1].outcome == "failed"
     assert w.tunnel.state is TunnelState.HELD  # until "owned" again is durable
@@ -560,6 +579,201 @@ def test_a_restarted_source_repeats_the_commit_it_recorded() -> None:
     assert t2.state is TunnelState.ACTIVE
 
 
+# -- the decision query: a source restarted with "leaving" rows asks (sans-I/O) ---------------
+def restarted_source(w: Any, j: Recorder, tid: int, peer: str = "sg2") -> Any:
+    """sg1 "restarts" with its tunnel recorded leaving by ``tid`` to ``peer``: a fresh core
+    (nothing in memory) over the configuration's tunnel, which the state's merge installed
+    held at its stored ceiling; the core is told, and asks ``peer``."""
+    from ipsecct.ct.transfer import TransferCore
+    from ipsecct.ipsec.engine import TunnelState
+    from ipsecct.ipsec.sequence import Reservations
+
+    g1 = w.gw["sg1"]
+    old = g1.core
+    g1.core = TransferCore(g1.engine, old.endpoint, old.settings)
+    g1.core.journal = j
+    t = w.tunnel
+    Reservations.enrol(t.outbound, t.outbound.seq)  # no block reserved past it
+    if t.state is not TunnelState.HELD:
+        g1.engine.hold(t)
+    g1.run(g1.core.recall_unresolved([(tid, peer, [t])], w.now))
+    return g1
+
+
+def test_a_restarted_source_asks_and_a_pending_target_takes_the_query_as_its_commit() -> None:
+    """sg1 dies after "leaving" is durable and before its COMMIT: restarted, the tunnel is
+    held (never sent on) and sg2, which holds it pending, is asked; it takes the query as
+    the COMMIT and answers "taken": sg1 records it given away and removes it, sg2 sends."""
+    from ipsecct.ct import cxtp
+    from ipsecct.ipsec.engine import TunnelState
+    from tests.helpers.transfer import World
+
+    w = World()
+    j1, j2 = Recorder(w), Recorder(w)
+    w.gw["sg1"].core.journal = j1
+    w.gw["sg2"].core.journal = j2
+    w.host_send("sg1", 0)
+    tid = w.transfer()
+    w.deliver("sg1", "sg2")  # PCTD: installed pending
+    settle(w, "sg2", j2)
+    assert settle(w, "sg1", j1) == ["leaving"]
+    w.drop("sg2", "sg1")  # the CTDR never reached sg1: it died
+    g1 = restarted_source(w, j1, tid)
+    q = w.peek("sg1", "sg2")
+    assert isinstance(q, cxtp.DQ) and q.answer == cxtp.Answer.QUERY
+    assert cxtp.transfer_tag(q).transfer_id == tid  # type: ignore[union-attr]
+    w.host_send("sg1", 1)  # held by the query: dropped, counted, never sent
+    assert len(g1.wire) == 1 and g1.core.counters["unresolved_dropped"] == 1
+    w.deliver("sg1", "sg2")  # the query: taken as the COMMIT
+    (t2,) = w.gw["sg2"].engine.tunnels()
+    assert t2.state is TunnelState.ACTIVE
+    a = w.deliver("sg2", "sg1")
+    assert isinstance(a, cxtp.DQ) and a.answer == cxtp.Answer.TAKEN
+    assert g1.engine.tunnels() == [] and j1.calls[-1][0] == "given"
+    assert g1.finished[-1].outcome == "resolved" and "taken by sg2" in g1.finished[-1].detail
+    assert g1.core.unresolved == {}
+    w.host_send("sg2", 2)
+    wire = w.all_wire()
+    assert len(wire) == len(set(wire)) and {g for g, _, _ in wire} == {"sg1", "sg2"}
+
+
+def test_a_target_that_never_got_the_transfer_answers_not_taken_and_refuses_it_later() -> None:
+    """sg1 dies after "leaving" is durable, its PCTD still on its way: sg2 does not know the
+    transfer and answers "not taken"; the PCTD that arrives after that is refused. sg1 owns
+    the tunnel again once "owned" is durable, and only then sends (past its ceiling)."""
+    from ipsecct.ct import cxtp
+    from ipsecct.ipsec.engine import TunnelState
+    from tests.helpers.transfer import World
+
+    w = World()
+    j1, j2 = Recorder(w), Recorder(w)
+    w.gw["sg1"].core.journal = j1
+    w.gw["sg2"].core.journal = j2
+    w.host_send("sg1", 0)
+    tid = w.transfer()
+    settle(w, "sg1", j1)
+    late = w.links[("sg1", "sg2")].popleft()  # the PCTD, delayed on the dead connection
+    g1 = restarted_source(w, j1, tid)
+    w.deliver("sg1", "sg2")
+    a = w.deliver("sg2", "sg1")
+    assert isinstance(a, cxtp.DQ) and a.answer == cxtp.Answer.NOT_TAKEN
+    assert w.tunnel.state is TunnelState.HELD  # until "owned" again is durable
+    w.host_send("sg1", 1)
+    assert [seq for _, seq in g1.wire] == [1]  # (sent before the transfer)
+    assert settle(w, "sg1", j1) == ["resumed"]
+    assert w.tunnel.state is TunnelState.ACTIVE
+    w.host_send("sg1", 2)
+    # the packet kept while "owned" was written, then the new one: past its stored ceiling
+    assert [seq for _, seq in g1.wire] == [1, 2, 3]
+    w.post("sg1", "sg2", late)
+    w.deliver("sg1", "sg2")  # the late PCTD: refused, nothing installed, no CTDR
+    assert w.gw["sg2"].engine.tunnels() == [] and w.pending("sg2", "sg1") == 0
+    assert w.gw["sg2"].core.counters["refused"] == 1
+    assert g1.finished[-1].detail == "not taken by sg2: kept"
+
+
+def test_a_restarted_target_answers_from_its_durable_record_of_the_arrival() -> None:
+    """Both died around the COMMIT: sg2 restarted (its memory empty) knows from its durable
+    state that the transfer arrived (it may have sent on the tunnel): "taken"."""
+    from ipsecct.ct import cxtp
+    from ipsecct.ct.transfer import TransferCore
+    from tests.helpers.transfer import World
+
+    w = World()
+    j1, j2 = Recorder(w), Recorder(w)
+    w.gw["sg1"].core.journal = j1
+    w.gw["sg2"].core.journal = j2
+    tid = w.transfer()
+    w.deliver("sg1", "sg2")
+    settle(w, "sg2", j2)
+    settle(w, "sg1", j1)
+    w.drop("sg2", "sg1")
+    g2 = w.gw["sg2"]
+    g2.core = TransferCore(g2.engine, g2.core.endpoint, g2.core.settings)
+    g2.core.journal = j2  # (its record of arrivals survives; the core's memory does not)
+    restarted_source(w, j1, tid)
+    w.deliver("sg1", "sg2")
+    a = w.deliver("sg2", "sg1")
+    assert isinstance(a, cxtp.DQ) and a.answer == cxtp.Answer.TAKEN
+    assert w.gw["sg1"].engine.tunnels() == []
+
+
+def test_an_active_target_answers_taken_and_a_receiving_one_cancels() -> None:
+    """The answers from memory: a transfer committed here is "taken"; one whose contexts are
+    still arriving is cancelled and "not taken" (its later messages refused)."""
+    from ipsecct.ct import cxtp
+    from tests.helpers.transfer import World, ip
+
+    w = World()
+    tid = w.transfer()
+    w.deliver_all()
+    g2 = w.gw["sg2"]
+    tag = cxtp.TransferTag(tid, 0).encode()
+    out = g2.core.receive("sg1", cxtp.DQ(ip("192.0.2.10"), cxtp.Answer.QUERY, (tag,)), w.now)
+    assert [o.msg.answer for o in out] == [cxtp.Answer.TAKEN]  # type: ignore[union-attr]
+    # contexts of another transfer still arriving (not the last message)
+    data = cxtp.PCTD(ip("192.0.2.10"), 0, b"k" * 20, (cxtp.TransferTag(7, 0, last=False).encode(),))
+    g2.core.receive("sg1", data, w.now)
+    assert g2.core.incoming[("sg1", 7)].state.value == "receiving"
+    q = cxtp.DQ(ip("192.0.2.10"), cxtp.Answer.QUERY, (cxtp.TransferTag(7, 0).encode(),))
+    out = g2.core.receive("sg1", q, w.now)
+    assert [o.msg.answer for o in out if hasattr(o, "msg")] == [cxtp.Answer.NOT_TAKEN]
+    assert g2.core.incoming[("sg1", 7)].state.value == "cancelled"
+
+
+def test_an_unanswered_query_is_repeated_and_the_tunnel_stays_held() -> None:
+    """Nobody answers: the query goes again every ``retry``, the tunnel stays held (never
+    sent on), and an answer from another peer changes nothing."""
+    from ipsecct.ct import cxtp
+    from ipsecct.ipsec.engine import TunnelState
+    from tests.helpers.transfer import World
+
+    w = World(("sg1", "sg2", "sg3"))
+    j1 = Recorder(w)
+    w.gw["sg1"].core.journal = j1
+    tid = w.transfer()
+    settle(w, "sg1", j1)
+    w.links.clear()
+    g1 = restarted_source(w, j1, tid)
+    for _ in range(3):
+        w.drop("sg1", "sg2")
+        assert w.pending("sg1", "sg2") == 0
+        assert g1.core.next_deadline() == w.now + g1.core.settings.retry
+        w.now += g1.core.settings.retry
+        g1.tick()
+        assert isinstance(w.peek("sg1", "sg2"), cxtp.DQ)
+    tag = cxtp.TransferTag(tid, 0).encode()
+    g1.run(g1.core.receive("sg3", cxtp.DQ(w.tunnel.outbound.dst, 2, (tag,)), w.now))
+    assert w.tunnel.state is TunnelState.HELD and tid in g1.core.unresolved
+    w.host_send("sg1", 1)
+    assert g1.wire == []
+
+
+def test_a_new_candidate_gets_its_own_leaving_row_before_its_commit() -> None:
+    """The first peer refuses (unsupported algorithm), the transfer moves on to sg3: a new
+    "leaving" row names sg3, and the COMMIT to sg3 waits for it (a source restarted after
+    that COMMIT must ask sg3, not sg2, which would say "not taken")."""
+    from ipsecct.ct import cxtp
+    from ipsecct.ct.transfer import Settings
+    from ipsecct.ipsec.algorithms import EncAlg
+    from tests.helpers.transfer import World
+
+    s2 = Settings(supported_enc=frozenset({EncAlg.CHACHA20_POLY1305}))
+    w = World(("sg1", "sg2", "sg3"), settings={"sg2": s2})
+    j1 = Recorder(w)
+    w.gw["sg1"].core.journal = j1
+    w.transfer("sg1", "sg2", candidates=["sg3"])
+    settle(w, "sg1", j1)
+    w.deliver("sg1", "sg2")
+    w.deliver("sg2", "sg1")  # refused: CTC to sg2, PCTD to sg3, "leaving" to sg3 submitted
+    assert j1.leaving_to == ["sg2", "sg3"] and j1.writes
+    w.deliver("sg1", "sg3")
+    w.deliver("sg3", "sg1")  # accepted, but the new row is not durable: no COMMIT yet
+    assert w.pending("sg1", "sg3") == 0
+    settle(w, "sg1", j1)
+    assert isinstance(w.peek("sg1", "sg3"), cxtp.CTD)  # the COMMIT
+
+
 @pytest.mark.slow
 def test_an_unusable_state_directory_is_one_line_and_status_2(gws: Gateways) -> None:
     gws.write("sg1")
@@ -591,9 +805,9 @@ def test_ownership_writes_run_on_the_states_own_thread_started_before_any_write(
         threads: list[str] = []
         put = store.put
 
-        def recording_put(rows: list[SAState]) -> None:
+        def recording_put(rows: list[SAState], arrivals=()) -> None:  # type: ignore[no-untyped-def]
             threads.append(threading.current_thread().name)
-            put(rows)
+            put(rows, arrivals)
 
         store.put = recording_put  # type: ignore[method-assign]
         await st.start()

@@ -67,6 +67,15 @@ class MsgType(enum.IntEnum):
     CTDR = 5  # Context Transfer Data Reply (nAR -> pAR)
     CTC = 6  # Context Transfer Cancel (nAR -> pAR)
     CT_REQ = 7  # Context Transfer Request (nAR -> pAR)
+    DQ = 8  # Decision Query and its answer (ours: a restarted source <-> the target)
+
+
+class Answer(enum.IntEnum):
+    """A :class:`DQ`'s Answer field."""
+
+    QUERY = 0  # source -> target: did you take this transfer?
+    TAKEN = 1  # target -> source: yes (or it may have sent on its tunnels): never resume
+    NOT_TAKEN = 2  # target -> source: no, and it never will: the source may resume
 
 
 class Status(enum.IntEnum):
@@ -177,7 +186,18 @@ class CTReq:
     requested: tuple[bytes, ...] = ()
 
 
-Message = CTAR | CTAA | CTD | PCTD | CTDR | CTC | CTReq
+@dataclass(frozen=True, slots=True)
+class DQ:
+    """Decision query (ours, docs/cxtp.md): a source restarted with a transfer whose outcome
+    it does not know asks the target (``answer`` QUERY), which answers TAKEN or NOT_TAKEN;
+    ``ext`` names the transfer with a TRANSFER CDB (extension CDBs only)."""
+
+    mn_prev: IPAddress
+    answer: int = Answer.QUERY
+    ext: tuple[bytes, ...] = field(default=(), repr=False)
+
+
+Message = CTAR | CTAA | CTD | PCTD | CTDR | CTC | CTReq | DQ
 
 _TYPE_OF: dict[type, MsgType] = {
     CTAR: MsgType.CTAR,
@@ -187,6 +207,7 @@ _TYPE_OF: dict[type, MsgType] = {
     CTDR: MsgType.CTDR,
     CTC: MsgType.CTC,
     CTReq: MsgType.CT_REQ,
+    DQ: MsgType.DQ,
 }
 
 
@@ -230,6 +251,9 @@ def _check_cdb(cdb: bytes, what: str) -> None:
         raise CxtpError(f"{what} must be bytes")
     if len(cdb) < 8 or len(cdb) % 8 or len(cdb) > MAX_CDB_LEN or cdb[2] * 8 != len(cdb):
         raise CxtpError(f"{what} is not one framed CDB")
+
+
+_ANSWERS = frozenset(int(a) for a in Answer)
 
 
 def _is_ext(fpt: int) -> bool:
@@ -314,6 +338,11 @@ def _body(msg: Message, v4: bool) -> tuple[bytes, bool]:
         return _cdbs(msg.ext, "extension CDB", ext_only=True) + _statuses(msg.statuses), msg.all_ok
     if isinstance(msg, CTC):
         return _cdbs(msg.ext, "extension CDB", ext_only=True), False
+    if isinstance(msg, DQ):
+        if not isinstance(msg.answer, int) or msg.answer not in _ANSWERS:
+            raise CxtpError("decision query answer out of range")
+        body = struct.pack("!B3x", msg.answer) + _cdbs(msg.ext, "extension CDB", ext_only=True)
+        return body, False
     if isinstance(msg, CTReq):
         body = (
             _u32(msg.seq, "sequence number")
@@ -377,6 +406,7 @@ def _min_len(mtype: MsgType, addr_len: int) -> int:
         MsgType.CTDR: 0,
         MsgType.CTC: 0,
         MsgType.CT_REQ: 8,
+        MsgType.DQ: 4,  # Answer, Reserved
     }[mtype]
     return HEADER_LEN + addr_len + fixed
 
@@ -457,6 +487,16 @@ def decode(data: bytes | bytearray | memoryview) -> Message:
         if not all(_is_ext(cdb_fpt(c)) for c in cdbs):
             raise CxtpError("CTC carries a non-extension CDB")
         return CTC(prev, tuple(cdbs))
+    if mtype is MsgType.DQ:
+        answer = mv[pos]
+        if answer not in _ANSWERS:
+            raise CxtpError(f"unknown decision query answer {answer}")
+        if any(mv[pos + 1 : pos + 4]):
+            raise CxtpError("reserved octets of a decision query are not zero")
+        cdbs = split_cdb_stream(mv[pos + 4 :])
+        if not all(_is_ext(cdb_fpt(c)) for c in cdbs):
+            raise CxtpError("decision query carries a non-extension CDB")
+        return DQ(prev, Answer(answer), tuple(cdbs))
     # CT-Req
     seq, token = struct.unpack_from("!I4s", mv, pos)
     return CTReq(prev, seq, token, tuple(split_cdb_stream(mv[pos + 8 :])))
@@ -688,7 +728,7 @@ def message_cdbs(msg: Message) -> tuple[bytes, ...]:
         return msg.requested
     if isinstance(msg, CTD | PCTD):
         return msg.cdbs
-    if isinstance(msg, CTAA | CTDR | CTC):
+    if isinstance(msg, CTAA | CTDR | CTC | DQ):
         return msg.ext
     return ()
 

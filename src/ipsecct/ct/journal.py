@@ -26,6 +26,9 @@ class Owner(enum.Enum):
     OWNED = "owned"  # this gateway sends on it
     AWAY = "away"  # given away (transfer, rebalance): another gateway sends on it
     PENDING = "pending"  # received by a transfer not committed when last recorded
+    # being given away by a transfer (``gateway``, ``transfer``) whose outcome this gateway
+    # may not know: after a restart it asks that gateway before it sends again
+    LEAVING = "leaving"
     DELETED = "deleted"  # removed by the operator (``sa delete``)
 
 
@@ -42,7 +45,10 @@ class SAState:
     owner: Owner
     detail: str = ""
     changed: float = 0.0  # wall-clock time of the last change of owner
-    transfer: int = 0  # AWAY: the transfer that gave it away (its COMMIT can be repeated)
+    # AWAY, LEAVING: the transfer that gave it away (its COMMIT can be repeated); PENDING,
+    # OWNED after a transfer: the one it came by
+    transfer: int = 0
+    gateway: str = ""  # LEAVING, AWAY by transfer: the gateway it went to
 
 
 class Write:
@@ -91,23 +97,40 @@ class Journal(Protocol):
         """``tunnels`` arrive from ``peer``: record them (``pending`` until the transfer is
         committed) and reserve their first block past the sequence number they came with."""
 
-    def arriving(self, tunnels: Sequence[Tunnel], peer: str) -> Write:
-        """Target: ``tunnels`` are installed held (transfer pending): record them pending
-        and reserve their first block past the sequence number they came with. Their
-        outbound SAs may send nothing until this write is done (their ceiling is raised
-        only then); the core activates them only once it is done."""
+    def arriving(self, tunnels: Sequence[Tunnel], peer: str, transfer_id: int) -> Write:
+        """Target: ``tunnels`` are installed held (transfer ``transfer_id`` pending): record
+        them pending and reserve their first block past the sequence number they came with,
+        and record that this transfer arrived (:meth:`knows_arrival`). Their outbound SAs may
+        send nothing until this write is done (their ceiling is raised only then); the core
+        activates them only once it is done."""
 
-    def arrived(self, tunnels: Sequence[Tunnel], peer: str) -> Write:
+    def arrived(self, tunnels: Sequence[Tunnel], peer: str, transfer_id: int) -> Write:
         """Target: the transfer committed: ``tunnels`` are owned here. Not waited for (a
         crash before it lands leaves them pending: kept away after a restart)."""
 
+    def knows_arrival(self, transfer_id: int) -> bool:
+        """Target: was transfer ``transfer_id`` ever recorded arriving here (submitted
+        :meth:`arriving`, durable or on its way)? Then its tunnels may have been sent on
+        here, whatever became of them since."""
+
     def leaving(self, tunnels: Sequence[Tunnel], peer: str, transfer_id: int) -> Write:
-        """Source: ``tunnels`` (held) go to ``peer`` by transfer ``transfer_id``: record them
-        given away. Submitted when the target's CTDR accepts them; the COMMIT waits for it."""
+        """Source: ``tunnels`` are being given to ``peer`` by transfer ``transfer_id``:
+        record them leaving (a source restarted with such rows asks ``peer`` before it sends
+        on them again). Submitted when the transfer starts (and again, naming the new peer,
+        when it moves on to another candidate); the COMMIT waits for it."""
+
+    def left(self, tunnels: Sequence[Tunnel], peer: str, transfer_id: int) -> Write:
+        """Source: the COMMIT of ``transfer_id`` was sent: ``tunnels`` are away. Not waited
+        for (a crash before it lands leaves them leaving: resolved by asking ``peer``)."""
 
     def staying(self, tunnels: Sequence[Tunnel], peer: str) -> Write:
         """Source: a transfer recorded by :meth:`leaving` did not commit these tunnels:
         owned here again. They send again only once this write is done."""
+
+    def resumed(self, tunnels: Sequence[Tunnel], peer: str) -> Write:
+        """Source, after a restart: ``peer`` answered that it did not take these tunnels
+        (recorded leaving, installed held, not under reservations): owned here again, their
+        first block reserved past their stored ceiling. They send only once it is done."""
 
     def cancelled(self, tunnels: Sequence[Tunnel], peer: str) -> Write:
         """A pending arrival from ``peer`` was cancelled: the tunnels stay with the peer."""
@@ -130,6 +153,8 @@ class Plan:
     away: dict[str, SAState] = field(default_factory=dict)  # name -> why it stays away
     refused: dict[str, str] = field(default_factory=dict)  # name -> reason
     not_restored: list[SAState] = field(default_factory=list)  # owned, not configured
+    # name -> its LEAVING row: the outcome of the transfer that was moving it is unknown
+    unresolved: dict[str, SAState] = field(default_factory=dict)
 
 
 def merge(
@@ -138,8 +163,9 @@ def merge(
 ) -> Plan:
     """Merge the configuration with the stored state.
 
-    A tunnel recorded as given away, deleted or pending stays away; one recorded as owned
-    resumes after its stored ceiling; one never seen starts as configured. Two tunnels with
+    A tunnel recorded as given away, deleted or pending stays away; one recorded leaving is
+    unresolved (installed held until the gateway it was going to answers); one recorded as
+    owned resumes after its stored ceiling; one never seen starts as configured. Two tunnels with
     the same keys are both refused: their sequence numbers would share one nonce space."""
     plan = Plan()
     conf = list(configured)
@@ -155,7 +181,9 @@ def merge(
         if c.name in plan.refused:
             continue
         row = stored.get(c.fingerprint)
-        if row is not None and row.owner is not Owner.OWNED:
+        if row is not None and row.owner is Owner.LEAVING:
+            plan.unresolved[c.name] = row
+        elif row is not None and row.owner is not Owner.OWNED:
             plan.away[c.name] = row
         else:
             plan.start[c.name] = row.ceiling if row is not None else 0

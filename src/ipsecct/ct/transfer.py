@@ -423,6 +423,42 @@ class _Reverting:
 
 
 @dataclass
+class _Unresolved:
+    """After a restart: tunnels recorded "leaving" by transfer ``tid`` to ``peer``, whose
+    outcome this gateway does not know. Held (never sent on) until ``peer`` answers the
+    decision query sent every ``retry``: taken (they go away) or not taken ("owned" again,
+    durable, then active)."""
+
+    tid: int
+    peer: str
+    tunnels: list[Tunnel]
+    mn: IPAddress
+    since: float
+    next_query: float = 0.0
+    queries: int = 0
+
+
+class _Ids:
+    """A bounded set of transfer ids (the oldest forgotten first)."""
+
+    def __init__(self, limit: int = 65536) -> None:
+        self.limit = limit
+        self.order: deque[int] = deque()
+        self.ids: set[int] = set()
+
+    def remember(self, tid: int) -> None:
+        if tid in self.ids:
+            return
+        if len(self.order) >= self.limit:
+            self.ids.discard(self.order.popleft())
+        self.order.append(tid)
+        self.ids.add(tid)
+
+    def __contains__(self, tid: int) -> bool:
+        return tid in self.ids
+
+
+@dataclass
 class _Incoming:
     tid: int
     peer: str
@@ -523,6 +559,13 @@ class TransferCore:
         # writes are done. None: nothing is recorded (in-process tests).
         self.journal = journal
         self.reverting: list[_Reverting] = []  # tunnels waiting to be owned here again
+        # Source, after a restart: transfers recorded "leaving" whose outcome is unknown.
+        self.unresolved: dict[int, _Unresolved] = {}
+        # Target: transfers whose tunnels were installed here (in memory; the journal keeps
+        # them across restarts), and (peer, transfer) pairs answered "not taken", whose late
+        # data messages are refused until the time given.
+        self._arrivals = _Ids()
+        self.not_taken: dict[tuple[str, int], float] = {}
         self._unawaited: list[Write] = []  # "owned" and "cancelled" writes, for the counters
         self.endpoint = endpoint
         self.settings = settings or Settings()
@@ -547,6 +590,8 @@ class TransferCore:
             "expired": 0,  # incoming transfers that never finished
             "ctar_limited": 0,  # CTARs and CT-Reqs over their rate
             "unrecorded": 0,  # commits whose "taken over" could not be written
+            "unresolved_dropped": 0,  # packets of tunnels whose transfer's outcome is unknown
+            "queries_answered": 0,  # decision queries this gateway answered (target)
         }
         # Reactive mode: CTARs per source and per MN (RFC 4067 §2.5 CT_REQUEST_RATE), CT-Reqs
         # per peer (both directions), (MN, sequence) pairs already requested.
@@ -634,6 +679,12 @@ class TransferCore:
                     self.engine.activate(t)
             raise TransferError(f"cannot encode the contexts: {exc}") from None
         self.outgoing[tid] = og
+        if self.journal is not None:
+            # "Leaving" (to this peer, by this transfer) is written while the contexts
+            # travel; the COMMIT waits for it (docs/state.md): a source restarted with it
+            # asks the peer what became of the transfer before it sends on them again.
+            og.away_tunnels = list(tunnels)
+            og.away = self._journal_write(lambda j: j.leaving(tunnels, peer, tid))
         if self.on_start is not None:
             self.on_start(set(rec.spis))
         # CT_MAX_TRANSFER_TIME bounds one exchange; a batched (bulk) transfer gets it once per
@@ -682,6 +733,11 @@ class TransferCore:
         for rv in self.reverting:
             if _has(rv, held.tunnel):
                 return self._keep(rv, held)
+        for u in self.unresolved.values():
+            if held.tunnel in u.tunnels:
+                # Not kept: the answer may take long (or never come). Dropped, counted.
+                self.counters["unresolved_dropped"] += 1
+                return True
         return False  # not ours (fail-over fencing may hold it)
 
     def _keep(self, owner: _Outgoing | _Incoming | _Reverting, held: Held) -> bool:
@@ -767,6 +823,12 @@ class TransferCore:
     ) -> list[Output]:
         og = self.outgoing.get(tag.transfer_id)
         if og is None or og.peer != peer:
+            u = self.unresolved.get(tag.transfer_id)
+            if u is not None:
+                # A target still waiting for the COMMIT of a transfer whose outcome this
+                # restarted source does not know: ask it now (it takes the query for the
+                # COMMIT), rather than cancel or wait for the next query.
+                return self._query(u, now) if u.peer == peer else []
             # A CTDR re-sent by a target that missed our decision: repeat it.
             dec = self.decided.get(tag.transfer_id)
             if dec is None:
@@ -813,18 +875,20 @@ class TransferCore:
                 og.record.detail += f"{og.peer}: unsupported algorithm; "
                 og.peer = nxt
                 og.record.peer = nxt
+                if self.journal is not None:
+                    # "Leaving" names the new peer before the COMMIT may go to it: a source
+                    # restarted after that COMMIT must ask this peer, not the one that
+                    # refused (which would say "not taken").
+                    og.away = self._journal_write(lambda j: j.leaving(og.tunnels, nxt, og.tid))
                 more = self._send_contexts(og, now, reactive=False)
                 og.deadline = now + self.settings.max_transfer_time * max(1, len(more))
                 return out + more
             name = _status_name(worst)
             return self._rollback(og, now, "refused", f"{og.record.detail}{peer}: {name}")
-        # Commit what was accepted; reactivate the rest here. "Given away" is on stable
-        # storage before the COMMIT goes out: after a crash, this gateway never sends on
-        # them again, whatever the target did. (Not earlier: a source that dies before the
-        # target accepted keeps its tunnels, see docs/state.md.)
-        if self.journal is not None and og.away is None:
-            og.away_tunnels = list(accepted)
-            og.away = self._journal_write(lambda j: j.leaving(accepted, peer, og.tid))
+        # Commit what was accepted; reactivate the rest here. "Leaving" (submitted at the
+        # start, normally durable by now) is on stable storage before the COMMIT goes out:
+        # after a crash, this gateway never sends on them again before the target says it
+        # did not take them (docs/state.md).
         og.answer = (accepted, refused, worst)
         return out + self._commit_when_recorded(og, now)
 
@@ -855,6 +919,12 @@ class TransferCore:
                 tag = self._tag(og)
                 out.append(Send(peer, cxtp.CTD(og.mn, 0, (tag, *windows[i : i + 1000]))))
         out.append(Send(peer, cxtp.CTD(og.mn, 0, (self._tag(og), decision_cdb(DECISION_COMMIT)))))
+        if self.journal is not None:
+            # "Given away", not waited for: a crash before it lands leaves them "leaving",
+            # which a restarted source resolves by asking the target.
+            self._unawaited_write(
+                self._journal_write(lambda j: j.left(accepted, peer, og.tid))
+            )
         for h in og.held:
             out += self.forward(peer, h.packet, h.inbound, og)
         self._release_held(og, [])
@@ -955,6 +1025,99 @@ class TransferCore:
         for tid in transfer_ids:
             self.decided.setdefault(tid, (DECISION_COMMIT, now + self.settings.retry_max))
 
+    # -- the decision query (docs/state.md) ----------------------------------------------
+    def recall_unresolved(
+        self, transfers: Iterable[tuple[int, str, list[Tunnel]]], now: float
+    ) -> list[Output]:
+        """After a restart: tunnels recorded "leaving" by (transfer id, peer) before this
+        gateway died, whose outcome it does not know. They are held (never sent on: their
+        packets are dropped and counted) and ``peer`` is asked, now and every ``retry``
+        until it answers: "taken" (they go away) or "not taken" (owned here again once that
+        is durable, then active). Needs a journal."""
+        assert self.journal is not None, "unresolved transfers come from a journal"
+        out: list[Output] = []
+        for tid, peer, tunnels in transfers:
+            if not tunnels or tid in self.unresolved:
+                continue
+            for t in tunnels:
+                if t.state is not TunnelState.HELD:
+                    self.engine.hold(t)
+            u = _Unresolved(tid, peer, list(tunnels), tunnels[0].outbound.dst, now)
+            self.unresolved[tid] = u
+            out += self._query(u, now)
+        return out
+
+    def _query(self, u: _Unresolved, now: float) -> list[Output]:
+        u.next_query = now + self.settings.retry
+        u.queries += 1
+        tag = cxtp.TransferTag(u.tid, 0).encode()
+        return [Send(u.peer, cxtp.DQ(u.mn, cxtp.Answer.QUERY, (tag,)))]
+
+    def _on_answer(
+        self, peer: str, msg: cxtp.DQ, tag: cxtp.TransferTag, now: float
+    ) -> list[Output]:
+        """Source: the answer to a decision query."""
+        u = self.unresolved.get(tag.transfer_id)
+        if u is None or u.peer != peer:
+            return []  # not asked (or answered already): nothing changes
+        assert self.journal is not None
+        del self.unresolved[u.tid]
+        rec = Record(u.tid, "source", peer, "query", u.since, now, "resolved", len(u.tunnels))
+        rec.spis = [sa.spi for t in u.tunnels for sa in t.sas()]
+        out: list[Output] = []
+        if msg.answer == cxtp.Answer.TAKEN:
+            # The target has them (or may have sent on them): away for good.
+            self._unawaited_write(
+                self._journal_write(lambda j: j.left(u.tunnels, peer, u.tid))
+            )
+            for t in u.tunnels:
+                self.engine.remove_tunnel(t)
+            rec.accepted = len(u.tunnels)
+            rec.detail = f"taken by {peer}"
+        else:
+            # Not taken, and refused there from now on: ours again once "owned" (with a
+            # first block past the stored ceiling) is durable, held until then.
+            w = self._journal_write(lambda j: j.resumed(u.tunnels, peer))
+            self.reverting.append(_Reverting(u.tid, list(u.tunnels), w))
+            rec.detail = f"not taken by {peer}: kept"
+            out += self._settle_reverting(now)
+        self.records.append(rec)
+        out.append(Finished(rec))
+        return out
+
+    def _on_query(
+        self, peer: str, msg: cxtp.DQ, tag: cxtp.TransferTag, now: float
+    ) -> list[Output]:
+        """Target: ``peer`` restarted and asks whether this gateway took transfer
+        ``tag.transfer_id``. "Not taken" only when this gateway never sent on its tunnels
+        and never will: the asking source then sends on them again."""
+        tid = tag.transfer_id
+        inc = self.incoming.get((peer, tid))
+        out: list[Output] = []
+        if inc is not None and inc.state is IncomingState.ACTIVE:
+            taken = True
+        elif inc is not None and inc.state is IncomingState.PENDING:
+            # Installed, waiting for the COMMIT: the asking source sends nothing on them
+            # (its "leaving" row is durable), so the query is its COMMIT.
+            out += self._on_commit(peer, tag, now)
+            taken = True
+        elif inc is not None and inc.state is IncomingState.RECEIVING:
+            out += self._cancel_incoming(inc, now, "cancelled", "the source asked, restarted")
+            taken = False
+        elif inc is not None:
+            taken = False  # cancelled or refused: never activated here
+        else:
+            # Forgotten (or this gateway restarted): taken if it ever installed them.
+            taken = tid in self._arrivals or (
+                self.journal is not None and self.journal.knows_arrival(tid)
+            )
+        if not taken:
+            self.not_taken[(peer, tid)] = now + max(4 * self.settings.retry_max, 60.0)
+        self.counters["queries_answered"] += 1
+        answer = cxtp.Answer.TAKEN if taken else cxtp.Answer.NOT_TAKEN
+        ttag = cxtp.TransferTag(tid, 0).encode()
+        return [*out, Send(peer, cxtp.DQ(msg.mn_prev, answer, (ttag,)))]
+
     def forward(
         self, peer: str, packet: bytes, inbound: bool, og: _Outgoing | None = None
     ) -> list[Output]:
@@ -1018,7 +1181,7 @@ class TransferCore:
             key in self.seen
             and not forwarded
             and not decision
-            and not isinstance(msg, cxtp.CTDR | cxtp.CTC)
+            and not isinstance(msg, cxtp.CTDR | cxtp.CTC | cxtp.DQ)
         ):
             self.counters["replayed"] += 1
             return []
@@ -1033,6 +1196,10 @@ class TransferCore:
                 return []
             return [Inject(pkt, inbound)]
         self.seen[key] = now + self.settings.retry_max * 2
+        if isinstance(msg, cxtp.DQ):
+            if msg.answer == cxtp.Answer.QUERY:
+                return self._on_query(peer, msg, tag, now)
+            return self._on_answer(peer, msg, tag, now)
         if isinstance(msg, cxtp.PCTD | cxtp.CTD) and self._is_decision(msg):
             return self._on_commit(peer, tag, now)
         if isinstance(msg, cxtp.CTD) and self._is_final(msg):
@@ -1177,6 +1344,11 @@ class TransferCore:
         k = (peer, tag.transfer_id)
         s = self.settings
         inc = self.incoming.get(k)
+        if inc is None and k in self.not_taken:
+            # This transfer was answered "not taken" (its source restarted and asked): a
+            # late message of it from the dead connection must not install it now.
+            self.counters["refused"] += 1
+            return []
         if inc is None:
             busy = sum(
                 1
@@ -1295,12 +1467,14 @@ class TransferCore:
             ]
         if units:
             outcomes = self._all_or_none(inc, units, outcomes)
+        if inc.tunnels:
+            self._arrivals.remember(inc.tid)
         if inc.tunnels and self.journal is not None:
             # Recorded pending and reserved past the transferred sequence number while the
             # CTDR travels: the tunnels are activated (and their SAs may send) only once that
             # is durable. A journal that refuses at once refuses the tunnels.
             try:
-                inc.recorded = self.journal.arriving(inc.tunnels, inc.peer)
+                inc.recorded = self.journal.arriving(inc.tunnels, inc.peer, inc.tid)
             except JournalError:
                 for t in inc.tunnels:
                     self.engine.remove_tunnel(t)
@@ -1603,7 +1777,9 @@ class TransferCore:
         if self.journal is not None:
             # Their first block is durable already (pending): activating is safe without
             # waiting for this; a crash before it lands leaves them pending (kept away).
-            self._unawaited_write(self._journal_write(lambda j: j.arrived(inc.tunnels, peer)))
+            self._unawaited_write(
+                self._journal_write(lambda j: j.arrived(inc.tunnels, peer, inc.tid))
+            )
         out: list[Output] = []
         until = now + self.settings.forward_time
         # A bulk install shares one signal list among its tunnels (the new address only):
@@ -1757,6 +1933,7 @@ class TransferCore:
     def next_deadline(self) -> float | None:
         """When :meth:`handle_timer` is next due (None: nothing waits for the clock)."""
         ds = [og.deadline for og in self.outgoing.values()]
+        ds += [u.next_query for u in self.unresolved.values()]
         for inc in self.incoming.values():
             if inc.committing:
                 continue  # waits for its write, not for the clock
@@ -1764,7 +1941,7 @@ class TransferCore:
                 ds += [inc.next_retry, inc.give_up]
             else:
                 ds.append(inc.give_up)
-        if self.decided or self.seen or self._ctar_seen or self.arrived or any(
+        if self.decided or self.seen or self._ctar_seen or self.arrived or self.not_taken or any(
             True for _ in self.engine.moved_tunnels()
         ):
             ds.append(self._next_housekeeping)
@@ -1782,6 +1959,9 @@ class TransferCore:
                     f"no answer from {og.peer} within "
                     f"{self.settings.max_transfer_time * 1000:.0f} ms",
                 )
+        for u in list(self.unresolved.values()):
+            if now >= u.next_query:
+                out += self._query(u, now)
         for k, inc in list(self.incoming.items()):
             if inc.state is IncomingState.RECEIVING and now >= inc.give_up:
                 self.counters["expired"] += 1
@@ -1808,6 +1988,9 @@ class TransferCore:
             for k2, until in list(self._ctar_seen.items()):
                 if now >= until:
                     del self._ctar_seen[k2]
+            for k3, until in list(self.not_taken.items()):
+                if now >= until:
+                    del self.not_taken[k3]
             for t, (_, until) in list(self.arrived.items()):
                 if now >= until or t.state is TunnelState.MOVED:
                     del self.arrived[t]

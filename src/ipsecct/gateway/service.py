@@ -104,6 +104,12 @@ class Service:
             self.transfer.core.recall_commits(
                 self.state.committed_transfers(), self.node.clock()
             )
+            # Tunnels recorded leaving (held since the merge): the gateway each was going to
+            # is asked what became of its transfer once the service runs (docs/state.md).
+            for (tid, gw), sas in self.state.unresolved_transfers().items():
+                tunnels = [t for sa in sas if (t := self.node.engine.tunnel_of(sa)) is not None]
+                if gw in tcfg.peers and tunnels:
+                    self.transfer.unresolved.append((tid, gw, tunnels))
             if self.failover is not None:
                 self.failover.journal = self.state
                 if self.failover.standby is not None:

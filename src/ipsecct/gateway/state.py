@@ -56,7 +56,7 @@ from .node import Node
 
 log = logging.getLogger("ipsecct.gateway.state")
 
-SCHEMA = 1
+SCHEMA = 2  # 2: sa.gateway and the arrival table (1 is upgraded on open)
 DB_NAME = "state.db"
 MARKER = "ipsecct-state"
 LOCK = "lock"
@@ -105,10 +105,15 @@ def _hex(n: int) -> str:
 
 _UPSERT = (
     "INSERT INTO sa (fingerprint, name, spi, peer, aead, ceiling, owner, detail, changed, "
-    "transfer) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (fingerprint) DO UPDATE SET "
-    "name = excluded.name, spi = excluded.spi, peer = excluded.peer, aead = excluded.aead, "
-    "ceiling = max(ceiling, excluded.ceiling), owner = excluded.owner, "
-    "detail = excluded.detail, changed = excluded.changed, transfer = excluded.transfer"
+    "transfer, gateway) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (fingerprint) DO "
+    "UPDATE SET name = excluded.name, spi = excluded.spi, peer = excluded.peer, "
+    "aead = excluded.aead, ceiling = max(ceiling, excluded.ceiling), owner = excluded.owner, "
+    "detail = excluded.detail, changed = excluded.changed, transfer = excluded.transfer, "
+    "gateway = excluded.gateway"
+)
+_ARRIVAL = "INSERT OR IGNORE INTO arrival (transfer, peer, changed) VALUES (?, ?, ?)"
+_ARRIVAL_TABLE = (
+    "CREATE TABLE arrival (transfer TEXT PRIMARY KEY, peer TEXT NOT NULL, changed REAL NOT NULL)"
 )
 
 
@@ -143,6 +148,9 @@ class StateStore:
             if check != "ok":
                 raise _Damaged(f"integrity check: {check}")
             ver = conn.execute("PRAGMA user_version").fetchone()[0]
+            if ver == 1:
+                cls._upgrade_1(conn)
+                ver = SCHEMA
             if ver != SCHEMA:
                 raise _Damaged(f"schema version {ver}, this ipsecct reads {SCHEMA}")
             meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
@@ -158,6 +166,21 @@ class StateStore:
             conn.close()
             raise _Damaged(str(exc) or type(exc).__name__) from None
 
+    @staticmethod
+    def _upgrade_1(conn: sqlite3.Connection) -> None:
+        """Schema 1 -> 2: the gateway a transfer's rows name, and the transfers that arrived
+        (nothing else changes: every row keeps its meaning)."""
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.execute("ALTER TABLE sa ADD COLUMN gateway TEXT NOT NULL DEFAULT ''")
+            conn.execute(_ARRIVAL_TABLE)
+            conn.execute(f"PRAGMA user_version = {SCHEMA}")
+            conn.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            raise
+
     @classmethod
     def create(cls, path: Path, node: str) -> StateStore:
         salt = secrets.token_bytes(32)
@@ -168,8 +191,9 @@ class StateStore:
             "CREATE TABLE sa (fingerprint TEXT PRIMARY KEY, name TEXT NOT NULL, "
             "spi INTEGER NOT NULL, peer TEXT NOT NULL, aead INTEGER NOT NULL, "
             "ceiling TEXT NOT NULL, owner TEXT NOT NULL, detail TEXT NOT NULL, "
-            "changed REAL NOT NULL, transfer TEXT NOT NULL)"
+            "changed REAL NOT NULL, transfer TEXT NOT NULL, gateway TEXT NOT NULL DEFAULT '')"
         )
+        conn.execute(_ARRIVAL_TABLE)
         conn.executemany(
             "INSERT INTO meta VALUES (?, ?)",
             [
@@ -195,28 +219,43 @@ class StateStore:
         with self._lock:
             rows = self.conn.execute(
                 "SELECT fingerprint, name, spi, peer, aead, ceiling, owner, detail, changed, "
-                "transfer FROM sa"
+                "transfer, gateway FROM sa"
             ).fetchall()
         out = {}
-        for fp, name, spi, peer, aead, ceiling, owner, detail, changed, transfer in rows:
+        for fp, name, spi, peer, aead, ceiling, owner, detail, changed, transfer, gw in rows:
             out[fp] = SAState(
                 fp, name, int(spi), peer, bool(aead), int(ceiling, 16), Owner(owner), detail,
-                float(changed), int(transfer, 16),
+                float(changed), int(transfer, 16), str(gw),
             )
         return out
 
-    def put(self, rows: Iterable[SAState]) -> None:
-        """Write ``rows`` in one transaction; returns once it is on stable storage. A row's
-        ceiling never goes down."""
+    def arrivals(self) -> set[int]:
+        """The transfers recorded arriving here (:meth:`put`'s ``arrivals``)."""
+        with self._lock:
+            rows = self.conn.execute("SELECT transfer FROM arrival").fetchall()
+        return {int(t, 16) for (t,) in rows}
+
+    def put(self, rows: Iterable[SAState], arrivals: Sequence[tuple[int, str]] = ()) -> None:
+        """Write ``rows`` (and the transfers that ``arrivals`` records arriving from a peer)
+        in one transaction; returns once it is on stable storage. A row's ceiling never goes
+        down."""
         params = [
             (
                 r.fingerprint, r.name, r.spi, r.peer, int(r.aead), f"{r.ceiling:016x}",
-                _OWNER_TEXT[id(r.owner)], r.detail, r.changed, f"{r.transfer:016x}",
+                _OWNER_TEXT[id(r.owner)], r.detail, r.changed, f"{r.transfer:016x}", r.gateway,
             )
             for r in rows
         ]
+        now = time.time()
+        arr = [(_hex(tid), peer, now) for tid, peer in arrivals]
+
+        def write() -> None:
+            self.conn.executemany(_UPSERT, params)
+            if arr:
+                self.conn.executemany(_ARRIVAL, arr)
+
         with self._lock:
-            self._write(lambda: self.conn.executemany(_UPSERT, params))
+            self._write(write)
 
     def raise_ceilings(self, items: Sequence[tuple[str, int]]) -> None:
         """Raise the ceilings of existing rows (never lower them), in one synced transaction."""
@@ -371,14 +410,19 @@ def _ready() -> None:
 
 
 class _Submitted:
-    __slots__ = ("rows", "then", "write")
+    __slots__ = ("arrivals", "rows", "then", "write")
 
     def __init__(
-        self, rows: list[SAState], write: Write, then: Callable[[bool], None] | None
+        self,
+        rows: list[SAState],
+        write: Write,
+        then: Callable[[bool], None] | None,
+        arrivals: list[tuple[int, str]],
     ) -> None:
         self.rows = rows
         self.write = write
         self.then = then
+        self.arrivals = arrivals
 
 
 class DurableState:
@@ -392,11 +436,15 @@ class DurableState:
         self.lock_fd = lock_fd
         self.reservations = Reservations(block)
         self.rows = store.load()
+        # Transfers recorded arriving here (durable, or submitted): a restarted source that
+        # asks about one hears "taken" (docs/state.md, the decision query).
+        self.arrivals = store.arrivals()
         self.tracked: weakref.WeakKeyDictionary[SecurityAssociation, str] = (
             weakref.WeakKeyDictionary()
         )
         self.queue: dict[SecurityAssociation, int] = {}
         self.plan = Plan()
+        self._unresolved_sas: dict[str, SecurityAssociation] = {}  # name -> held outbound SA
         self.counters = {
             "reservation_writes": 0,
             "failed_writes": 0,
@@ -446,6 +494,22 @@ class DurableState:
                 row.ceiling = self.reservations.request(sa)
                 started.append((sa, row))
                 continue
+            if t.name in plan.unresolved:
+                if tunnel is None:
+                    continue
+                # Recorded leaving: it may be served elsewhere now. Installed held, never
+                # sent on (its counter enrolled at the stored ceiling, nothing reserved past
+                # it) until the gateway it was going to answers the decision query.
+                r = plan.unresolved[t.name]
+                self.reservations.enrol(sa, r.ceiling)
+                eng.hold(tunnel)
+                self._unresolved_sas[t.name] = sa
+                event(
+                    log, "transfer-outcome-unknown", logging.WARNING, node=self.node.name,
+                    tunnel=t.name, peer=r.gateway or "?", id=f"{r.transfer:016x}",
+                    effect="held (never sent on) until the peer answers",
+                )
+                continue
             if tunnel is not None:
                 eng.remove_tunnel(tunnel)
             if t.name in plan.away:
@@ -478,6 +542,7 @@ class DurableState:
             log, "state-loaded", node=self.node.name, db=self.store.path,
             first_start=self.store.created, started=len(plan.start), away=len(plan.away),
             refused=len(plan.refused), not_restored=len(plan.not_restored),
+            unresolved=len(plan.unresolved),
         )
         return plan
 
@@ -574,10 +639,11 @@ class DurableState:
         with self._wlock:
             batch = self._take_queue()
             rows = [r for item in batch for r in item.rows] + extra
-            if not rows:
+            arrivals = [a for item in batch for a in item.arrivals]
+            if not rows and not arrivals:
                 return batch, None
             try:
-                self.store.put(rows)
+                self.store.put(rows, arrivals)
             except (sqlite3.Error, OSError) as exc:
                 return batch, str(exc) or type(exc).__name__
             return batch, None
@@ -627,6 +693,7 @@ class DurableState:
         then: Callable[[bool], None] | None = None,
         *,
         urgent: bool = True,
+        arrivals: list[tuple[int, str]] | None = None,
     ) -> Write:
         """Queue ``rows`` for the ownership writer; returns at once. Without a running writer
         (no event loop yet) the write is made here, and the Write is settled on return.
@@ -642,7 +709,7 @@ class DurableState:
         for r in rows:  # what is being recorded: later changes build on it
             self.rows[r.fingerprint] = r
         with self._qlock:
-            self._owq.append(_Submitted(rows, w, then))
+            self._owq.append(_Submitted(rows, w, then, arrivals or []))
         if self._writer is None or self._loop is None:
             batch, error = self._write_batch([])
             self._count(error)
@@ -741,7 +808,8 @@ class DurableState:
         then(True)
 
     def _rows(
-        self, tunnels: Sequence[Tunnel], owner: Owner, detail: str, transfer: int = 0
+        self, tunnels: Sequence[Tunnel], owner: Owner, detail: str, transfer: int = 0,
+        gateway: str = "",
     ) -> list[SAState]:
         now = time.time()
         rows = []
@@ -751,6 +819,7 @@ class DurableState:
             fp = self.tracked.get(sa) or self.store.fingerprint(sa)
             row = self._row(sa, fp, owner, detail, now, self.rows.get(fp), texts)
             row.transfer = transfer
+            row.gateway = gateway
             rows.append(row)
         return rows
 
@@ -758,23 +827,69 @@ class DurableState:
         how = f"from {peer} (transfer pending)" if pending else f"taken over from {peer}"
         self._adopt([t.outbound for t in tunnels], Owner.PENDING if pending else Owner.OWNED, how)
 
-    def arriving(self, tunnels: Sequence[Tunnel], peer: str) -> Write:
+    def arriving(self, tunnels: Sequence[Tunnel], peer: str, transfer_id: int) -> Write:
         rows, then = self._adoption(
             [t.outbound for t in tunnels], Owner.PENDING, f"from {peer} (transfer pending)"
         )
+        for r in rows:
+            r.transfer = transfer_id
+        self.arrivals.add(transfer_id)
         # Not urgent: the core waits for it only at the COMMIT, a round trip away; the CTDR
-        # goes first.
-        return self._submit(rows, then, urgent=False)
+        # goes first. The transfer's arrival is recorded in the same transaction.
+        return self._submit(rows, then, urgent=False, arrivals=[(transfer_id, peer)])
 
-    def arrived(self, tunnels: Sequence[Tunnel], peer: str) -> Write:
+    def arrived(self, tunnels: Sequence[Tunnel], peer: str, transfer_id: int) -> Write:
         # Their SAs are tracked (and reserved) since their pending row was written.
         # Not waited for: the signals to the mobile nodes go first.
         return self._submit(
-            self._rows(tunnels, Owner.OWNED, f"taken over from {peer}"), urgent=False
+            self._rows(tunnels, Owner.OWNED, f"taken over from {peer}", transfer_id),
+            urgent=False,
         )
 
+    def knows_arrival(self, transfer_id: int) -> bool:
+        return transfer_id in self.arrivals
+
     def leaving(self, tunnels: Sequence[Tunnel], peer: str, transfer_id: int) -> Write:
-        return self._submit(self._rows(tunnels, Owner.AWAY, f"given to {peer}", transfer_id))
+        # Not urgent: the COMMIT waits for it a round trip later; the contexts go first.
+        return self._submit(
+            self._rows(tunnels, Owner.LEAVING, f"transferring to {peer}", transfer_id, peer),
+            urgent=False,
+        )
+
+    def left(self, tunnels: Sequence[Tunnel], peer: str, transfer_id: int) -> Write:
+        rows = self._rows(tunnels, Owner.AWAY, f"given to {peer}", transfer_id, peer)
+        self._resolved(tunnels, rows)
+        return self._submit(rows, urgent=False)
+
+    def resumed(self, tunnels: Sequence[Tunnel], peer: str) -> Write:
+        rows, then = self._adoption(
+            [t.outbound for t in tunnels], Owner.OWNED, f"kept (transfer to {peer} not taken)"
+        )
+        self._resolved(tunnels, None)
+        return self._submit(rows, then)
+
+    def _resolved(self, tunnels: Sequence[Tunnel], away: list[SAState] | None) -> None:
+        """Tunnels that were unresolved no longer are (listed kept away if ``away``)."""
+        if not self._unresolved_sas:
+            return
+        by_sa = {id(sa): n for n, sa in self._unresolved_sas.items()}
+        for i, t in enumerate(tunnels):
+            name = by_sa.get(id(t.outbound))
+            if name is not None:
+                del self._unresolved_sas[name]
+                self.plan.unresolved.pop(name, None)
+                if away is not None:
+                    self.plan.away[name] = away[i]
+
+    def unresolved_transfers(self) -> dict[tuple[int, str], list[SecurityAssociation]]:
+        """(transfer id, gateway) -> the outbound SAs of the configured tunnels recorded
+        leaving by it (installed held by :meth:`merge_configuration`)."""
+        out: dict[tuple[int, str], list[SecurityAssociation]] = {}
+        for name, row in self.plan.unresolved.items():
+            sa = self._unresolved_sas.get(name)
+            if sa is not None:
+                out.setdefault((row.transfer, row.gateway), []).append(sa)
+        return out
 
     def staying(self, tunnels: Sequence[Tunnel], peer: str) -> Write:
         return self._submit(
@@ -835,6 +950,15 @@ class DurableState:
                 {"name": r.name, "spi": f"0x{r.spi:08x}", "detail": r.detail}
                 for r in self.plan.not_restored
             ],
+            "unresolved": [
+                {
+                    "name": n, "spi": f"0x{r.spi:08x}", "peer": r.gateway,
+                    "transfer": f"{r.transfer:016x}", "detail": r.detail,
+                    "effect": "held, never sent on, until the peer answers (re-key if it"
+                    " never will)",
+                }
+                for n, r in self.plan.unresolved.items()
+            ],
         }
 
     def metrics(self) -> dict[str, int]:
@@ -850,6 +974,7 @@ class DurableState:
             "state_tunnels_kept_away": len(self.plan.away),
             "state_tunnels_refused": len(self.plan.refused),
             "state_tunnels_not_restored": len(self.plan.not_restored),
+            "state_tunnels_unresolved": len(self.plan.unresolved),
         }
 
 

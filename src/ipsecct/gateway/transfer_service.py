@@ -77,6 +77,9 @@ class TransferService:
         node.on_held = self._on_held
         # Others that hold packets (fail-over fencing): each says whether it kept one.
         self.hold_hooks: list[Callable[[Held], bool]] = []
+        # After a restart: (transfer id, peer, tunnels) recorded leaving, whose outcome this
+        # gateway does not know: the peer is asked once the service starts.
+        self.unresolved: list[tuple[int, str, list[Tunnel]]] = []
         node.on_forward = self._on_forward
         node.outer_hooks.append(self._on_outer_message)
         node.extensions["peers"] = self._peers_status
@@ -88,6 +91,9 @@ class TransferService:
         self.node.timers.add("transfer", self.core.next_deadline, self._on_timer)
         self._next_gc = self.node.clock() + GC_CHECK_INTERVAL
         self.node.timers.add("gc", lambda: self._next_gc, self._on_gc_timer)
+        if self.unresolved:
+            recall, self.unresolved = self.unresolved, []
+            self.run(self.core.recall_unresolved(recall, self.node.clock()))
 
     async def stop(self) -> None:
         self.node.timers.remove("transfer")
