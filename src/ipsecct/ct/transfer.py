@@ -1195,11 +1195,12 @@ class TransferCore:
                 self.counters["forward_refused"] += 1
                 return []
             return [Inject(pkt, inbound)]
-        self.seen[key] = now + self.settings.retry_max * 2
         if isinstance(msg, cxtp.DQ):
+            # (Not remembered as seen: it names the transfer, not one of its messages.)
             if msg.answer == cxtp.Answer.QUERY:
                 return self._on_query(peer, msg, tag, now)
             return self._on_answer(peer, msg, tag, now)
+        self.seen[key] = now + self.settings.retry_max * 2
         if isinstance(msg, cxtp.PCTD | cxtp.CTD) and self._is_decision(msg):
             return self._on_commit(peer, tag, now)
         if isinstance(msg, cxtp.CTD) and self._is_final(msg):
