@@ -66,6 +66,40 @@ def test_store_is_wal_synchronous_full_versioned_and_ceilings_never_go_down(
     st2.close()
 
 
+def test_a_schema_1_store_is_upgraded_and_keeps_its_rows(tmp_path: Path) -> None:
+    """A database of the previous schema (no gateway column, no arrival table) opens, is
+    upgraded in place (every row keeps its meaning), and records leaving rows and arrivals."""
+    db = tmp_path / "state.db"
+    c = sqlite3.connect(db, isolation_level=None)
+    c.execute("PRAGMA journal_mode=WAL")
+    c.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+    c.execute(
+        "CREATE TABLE sa (fingerprint TEXT PRIMARY KEY, name TEXT NOT NULL, "
+        "spi INTEGER NOT NULL, peer TEXT NOT NULL, aead INTEGER NOT NULL, "
+        "ceiling TEXT NOT NULL, owner TEXT NOT NULL, detail TEXT NOT NULL, "
+        "changed REAL NOT NULL, transfer TEXT NOT NULL)"
+    )
+    c.executemany("INSERT INTO meta VALUES (?, ?)", [("node", "sg1"), ("salt", "ab" * 32)])
+    c.execute(
+        "INSERT INTO sa VALUES ('a', 'a', 1, '192.0.2.1', 1, ?, 'away', 'given to sg2', 0, ?)",
+        (f"{70000:016x}", f"{5:016x}"),
+    )
+    c.execute("PRAGMA user_version = 1")
+    c.close()
+    st = StateStore.open_existing(db, "sg1")
+    assert st.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA == 2
+    a = st.load()["a"]
+    assert (a.owner, a.ceiling, a.transfer, a.gateway) == (Owner.AWAY, 70000, 5, "")
+    b = row("b", Owner.LEAVING, 10)
+    b.transfer, b.gateway = 9, "sg3"
+    st.put([b], [(9, "sg3")])
+    st.close()
+    st = StateStore.open_existing(db, "sg1")
+    assert (st.load()["b"].owner, st.load()["b"].gateway) == (Owner.LEAVING, "sg3")
+    assert st.arrivals() == {9}
+    st.close()
+
+
 def test_damaged_stores_are_told_apart(tmp_path: Path) -> None:
     db = tmp_path / "state.db"
     StateStore.create(db, "sg1").close()

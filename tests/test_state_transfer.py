@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import signal
 import threading
 import time
 from collections import defaultdict
@@ -55,7 +56,12 @@ def senders_since(cap: Capture, since: float) -> dict[int, set[int]]:
 
 
 def settled(gws: Gateways, names: list[str]) -> bool:
-    return all(gws.status(n).get("transfers", {}).get("in_progress", 0) == 0 for n in names)
+    """No transfer in progress, and no tunnel whose transfer's outcome is being asked."""
+    for n in names:
+        st = gws.status(n)
+        if st.get("transfers", {}).get("in_progress", 0) or st["state"]["unresolved"]:
+            return False
+    return True
 
 
 def rebalance_rounds(gws: Gateways, rnd: random.Random, victim: str) -> Iterator[None]:
@@ -385,3 +391,146 @@ def test_a_restarted_failover_active_does_not_send_beside_its_standby(gws: Gatew
         assert st2["reservations"]["sas"] == TUNNELS
     finally:
         traffic.close()
+
+
+# -- the decision query: a source restarted with "leaving" rows asks its target ----------------
+@pytest.fixture
+def few(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """Two gateways with a few tunnels (the moments below are hit one tunnel at a time)."""
+    cap = Capture()
+    g = Gateways(tmp_path, cap.port, tunnels=6, block=64)
+    g.capture = cap  # type: ignore[attr-defined]
+    g.write("sg1", peers=["sg2"])
+    g.write("sg2", peers=["sg1"], with_tunnels=False)
+    g.start("sg2")
+    g.start("sg1")
+    traffic = Traffic(6, [g.ports["sg1"]["inner"], g.ports["sg2"]["inner"]], pps=600)
+    yield g
+    traffic.close()
+    g.stop()
+    cap.close()
+
+
+def freeze(gws: Gateways, name: str, on: bool) -> None:
+    """SIGSTOP (or SIGCONT) a gateway: it reads nothing, answers nothing, writes nothing."""
+    os.kill(gws.procs[name].pid, signal.SIGSTOP if on else signal.SIGCONT)
+
+
+def start_transfer(gws: Gateways, spi: int) -> threading.Thread:
+    sock = str(gws.dir / "sg1.sock")
+
+    def transfer() -> None:
+        with contextlib.suppress(ControlError, OSError):
+            request(sock, "transfer", {"spi": hex(spi), "to": "sg2"}, 30)
+
+    th = threading.Thread(target=transfer)
+    th.start()
+    return th
+
+
+def served_by_one(gws: Gateways, cap: Capture, spi: int, port: dict[str, int]) -> str | None:
+    """Once settled: which gateway sends on ``spi`` (None: nobody), from 0.6 s of traffic;
+    never both, and the one active there is the one sending."""
+    cap.sync()
+    t0 = time.monotonic()
+    time.sleep(0.6)  # about 60 datagrams of each tunnel
+    cap.sync()
+    ports = senders_since(cap, t0).get(spi, set())
+    assert len(ports) <= 1, f"0x{spi:08x} sent by two gateways after settling"
+    active = {n for n in ("sg1", "sg2") if spi in gws.active_spis(n)}
+    assert len(active) <= 1, f"0x{spi:08x} active on {active}"
+    by = {n for n in ("sg1", "sg2") if port[n] in ports}
+    assert by == active, (by, active)
+    return next(iter(by), None)
+
+
+def test_a_source_restarted_with_a_leaving_row_asks_its_target(few: Gateways) -> None:
+    """The decision query with real processes, SIGKILL and every ESP datagram off the wire.
+
+    1. sg2 frozen (SIGSTOP: it answers nothing), sg1 starts moving a tunnel and is killed
+       0.4 s later ("leaving" durable, no CTDR, no COMMIT); sg2 thawed, sg1 restarted: it
+       holds the tunnel, logs that the outcome is unknown and asks sg2, which holds the
+       transfer pending (the query is its COMMIT: "taken") or, if the query overtook the
+       contexts still on the dead connection, "not taken" (and refuses them).
+    2. The same, but sg2 is killed too before it read the contexts, and sg1 restarted alone:
+       it holds the tunnel (never sends on it), lists it in ``status``
+       (``state.unresolved``), logs ``event=transfer-outcome-unknown`` and asks every
+       retry; once sg2 is back it answers "not taken" (it never installed the transfer) and
+       sg1 sends on the tunnel again, past everything it sent before.
+    3. sg1 killed the moment it sent its COMMIT, sg2 right after it: sg2 restarted answers
+       from its durable record of the arrival (the tunnel went with its memory: nobody
+       serves it) or, if its "pending" row had not landed, "not taken" (it never sent).
+
+    Every time: nothing sent twice, and once settled the tunnel is sent on by at most one
+    gateway (by none only when it went with sg2's memory)."""
+    gws = few
+    cap: Capture = gws.capture  # type: ignore[attr-defined]
+    port = {n: gws.ports[n]["outer"] for n in ("sg1", "sg2")}
+    log = gws.dir / "sg1.log"
+    wait_for(lambda: len(cap.seen) > 100, "no traffic")
+
+    def since(offset: int) -> str:
+        return log.read_bytes()[offset:].decode(errors="replace")
+
+    # 1. killed before the COMMIT, the target alive
+    spi = 0x20000000
+    offset = log.stat().st_size
+    freeze(gws, "sg2", True)
+    th = start_transfer(gws, spi)
+    time.sleep(0.4)  # "leaving" durable (a synced write: a few ms), the CTDR never comes
+    gws.kill("sg1")
+    th.join(30)
+    freeze(gws, "sg2", False)
+    gws.start("sg1")
+    wait_for(lambda: settled(gws, ["sg1", "sg2"]), "the query was not answered")
+    assert "event=transfer-outcome-unknown" in since(offset)
+    assert "event=transfer-resolved" in since(offset)
+    assert served_by_one(gws, cap, spi, port) is not None
+
+    # 2. the target down when the source restarts
+    spi = 0x20000000 + 1
+    freeze(gws, "sg2", True)
+    th = start_transfer(gws, spi)
+    offset = log.stat().st_size
+    time.sleep(0.4)
+    gws.kill("sg1")
+    gws.kill("sg2")
+    th.join(30)
+    cap.sync()
+    before = max(q for s_, q, _, _ in list(cap.seen) if s_ == spi)
+    restarted = time.monotonic()
+    gws.start("sg1")
+    st = gws.status("sg1")
+    (u,) = st["state"]["unresolved"]
+    assert (int(u["spi"], 16), u["peer"]) == (spi, "sg2"), u
+    assert st["metrics"]["state_tunnels_unresolved"] == 1
+    assert "event=transfer-outcome-unknown" in since(offset)
+    time.sleep(0.7)  # sg1 asks every retry_ms (500 ms); nobody answers
+    cap.sync()
+    assert not [q for s_, q, p, t in list(cap.seen) if s_ == spi and t >= restarted]
+    assert gws.status("sg1")["state"]["unresolved"]
+    gws.start("sg2")
+    wait_for(lambda: settled(gws, ["sg1", "sg2"]), "the query was not answered")
+    wait_for(
+        lambda: any(s_ == spi and p == port["sg1"] and t >= restarted
+                    for s_, _, p, t in list(cap.seen)),
+        "sg1 does not send on the tunnel again",
+    )
+    assert min(q for s_, q, _, t in list(cap.seen) if s_ == spi and t >= restarted) > before
+    details = [r["detail"] for r in gws.status("sg1")["transfers"]["recent"]]
+    assert "not taken by sg2: kept" in details
+
+    # 3. both killed around the COMMIT
+    spi = 0x20000000 + 2
+    offset = log.stat().st_size
+    th = start_transfer(gws, spi)
+    wait_for_line(log, offset, ("event=transfer-committed", "role=source"))
+    gws.kill("sg1")
+    gws.kill("sg2")
+    th.join(30)
+    gws.start("sg2")
+    gws.start("sg1")
+    wait_for(lambda: settled(gws, ["sg1", "sg2"]), "transfers did not settle")
+    served_by_one(gws, cap, spi, port)
+    assert spi not in gws.active_spis("sg2")  # not restored: its keys were never on disk
+    assert cap.duplicates() == []
