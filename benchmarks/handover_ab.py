@@ -57,9 +57,9 @@ def _variant(compare: str, b: bool, interval: float, default: float) -> None:
         DurableState._submit = _SUBMIT if b else _urgent  # type: ignore[method-assign]
 
 
-def _urgent(self: Any, rows: Any, then: Any = None, *, urgent: bool = True) -> Any:
+def _urgent(self: Any, rows: Any, then: Any = None, *, urgent: bool = True, **kw: Any) -> Any:
     """Every write wakes the writer as it is submitted (variant A of ``wakeup``)."""
-    return _SUBMIT(self, rows, then, urgent=True)
+    return _SUBMIT(self, rows, then, urgent=True, **kw)
 
 
 def _chained(self: Any) -> None:
