@@ -753,6 +753,14 @@ def test_an_active_target_answers_taken_and_a_receiving_one_cancels() -> None:
     out = g2.core.receive("sg1", q, w.now)
     assert [o.msg.answer for o in out if hasattr(o, "msg")] == [cxtp.Answer.NOT_TAKEN]
     assert g2.core.incoming[("sg1", 7)].state.value == "cancelled"
+    # what a peer can make this gateway remember by asking is bounded (per peer)
+    from ipsecct.ct.transfer import MAX_NOT_TAKEN_PER_PEER
+
+    for tid2 in range(1000, 1000 + MAX_NOT_TAKEN_PER_PEER + 50):
+        tag2 = cxtp.TransferTag(tid2, 0).encode()
+        g2.core.receive("sg1", cxtp.DQ(ip("192.0.2.10"), 0, (tag2,)), w.now)
+    assert len(g2.core.not_taken) == MAX_NOT_TAKEN_PER_PEER
+    assert ("sg1", 1000 + MAX_NOT_TAKEN_PER_PEER + 49) in g2.core.not_taken
 
 
 def test_an_unanswered_query_is_repeated_and_the_tunnel_stays_held() -> None:

@@ -70,6 +70,7 @@ FPT_UNIT = 0x8009  # tunnels that move with a context of another kind (an IKE SA
 UNIT_IKEV2 = 1  # a UNIT's kind: the CHILD SAs of one IKE SA (its context follows the COMMIT)
 DECISION_COMMIT = 1
 MAX_FORWARD_PACKET = cxtp.MAX_CDB_LEN - 8
+MAX_NOT_TAKEN_PER_PEER = 1024  # transfers answered "not taken" remembered per peer
 
 
 class ConflictPolicy(enum.Enum):
@@ -1112,6 +1113,10 @@ class TransferCore:
                 self.journal is not None and self.journal.knows_arrival(tid)
             )
         if not taken:
+            # Bounded per peer (a peer that floods queries evicts only its own entries).
+            mine = [k for k in self.not_taken if k[0] == peer]
+            for k in mine[: max(0, len(mine) - MAX_NOT_TAKEN_PER_PEER + 1)]:
+                del self.not_taken[k]
             self.not_taken[(peer, tid)] = now + max(4 * self.settings.retry_max, 60.0)
         self.counters["queries_answered"] += 1
         answer = cxtp.Answer.TAKEN if taken else cxtp.Answer.NOT_TAKEN
