@@ -437,6 +437,7 @@ class _Unresolved:
     since: float
     next_query: float = 0.0
     queries: int = 0
+    members: set[Tunnel] = field(default_factory=set, repr=False, compare=False)
 
 
 class _Ids:
@@ -735,7 +736,7 @@ class TransferCore:
             if _has(rv, held.tunnel):
                 return self._keep(rv, held)
         for u in self.unresolved.values():
-            if held.tunnel in u.tunnels:
+            if held.tunnel in u.members:
                 # Not kept: the answer may take long (or never come). Dropped, counted.
                 self.counters["unresolved_dropped"] += 1
                 return True
@@ -1043,7 +1044,9 @@ class TransferCore:
             for t in tunnels:
                 if t.state is not TunnelState.HELD:
                     self.engine.hold(t)
-            u = _Unresolved(tid, peer, list(tunnels), tunnels[0].outbound.dst, now)
+            u = _Unresolved(
+                tid, peer, list(tunnels), tunnels[0].outbound.dst, now, members=set(tunnels)
+            )
             self.unresolved[tid] = u
             out += self._query(u, now)
         return out
