@@ -7,7 +7,8 @@ The demo's topology (two gateways in one process, TLS 1.3 on loopback, durable s
 temporary directory), ``--handovers`` single-tunnel handovers back and forth, as ``ipsecct
 bench transfer`` does. For each handover, at the source: the time from the CTDR's arrival to
 the COMMIT being sent, not counting the COMMIT's own work (``commit_wait_ms``: 0 when
-"leaving" was durable before the CTDR came back), and the time from submitting "leaving" to its write being settled (``write_ms``).
+"leaving" was durable before the CTDR came back), and the time from submitting "leaving"
+to its write being settled (``write_ms``).
 Printed (JSON): medians and 90th percentiles of both, and how many COMMITs waited at all.
 
     .venv/bin/python benchmarks/commit_wait.py [--handovers 41]
