@@ -83,7 +83,9 @@ def test_registry_and_in_process_measure() -> None:
 def test_tunnel_json_schema() -> None:
     # The load generator at nice 0 and a whole second of measurement: at nice 19 on a loaded
     # machine it sent nothing within 0.3 s once, and the CPU time (read in 10 ms ticks) of a
-    # gateway rounded to 0.0 once. This test is about the schema, not the speed.
+    # gateway rounded to 0.0 once, and again with the whole second (a gateway the scheduler
+    # gave less than one 10 ms tick in the window). This test is about the schema, not the
+    # speed: a CPU figure is a number, never negative.
     proc = _run("tunnel", "--json", "--rounds", "1", "--time", "1.0", "--warmup", "0.3",
                 "--nice", "0", "--size", "64")
     assert proc.returncode == 0, proc.stderr
@@ -93,7 +95,8 @@ def test_tunnel_json_schema() -> None:
     ]
     for row in rows:
         assert list(row)[:4] == ["impl", "size", "pps", "us_per_packet"]
-        assert row["size"] == 64 and row["pps"] > 0 and row["us_per_packet"] > 0
+        assert row["size"] == 64 and row["pps"] > 0
+        assert isinstance(row["us_per_packet"], float) and row["us_per_packet"] >= 0, row
 
 
 @pytest.mark.parametrize(
