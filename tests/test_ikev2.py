@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ipsecct.errors import ConfigError
+from ipsecct.errors import ConfigError, IkeContextError
 from ipsecct.ikev2 import keys as K
 from ipsecct.ikev2 import message as M
 from ipsecct.ikev2.config import Connection, Identity, parse_connections
@@ -1335,6 +1335,32 @@ def test_ike_unit_payload_says_what_a_target_needs() -> None:
         f"no child {child!r} in connection {ike.conn.name!r} here")
     for junk in (b"", b"\x01\x00\x01\x07", payload[:-1], b"\xff" * 40):
         assert context.unit_refusal(junk, [conn(dpd=10)]) is not None
+
+
+def test_an_imported_ike_sa_must_be_admitted_by_this_gateways_policy() -> None:
+    """A handover's (or a take-over's) IKE SA is checked against the importing gateway's
+    connection as it was negotiated elsewhere, as a replica is on arrival: an authenticated
+    peer gateway that sends an IKE SA for a peer identity, proposal or selectors this
+    gateway's connection does not admit is refused (IkeContextError, nothing kept), and the
+    same context is taken by a gateway whose connection admits it."""
+    from ipsecct.ikev2 import context
+
+    w = pair(mn_conn(dpd=10), conn(dpd=10))
+    connect(w)
+    (ike,) = w.resp.ike_sas()
+    cdbs = context.encode(ike, 5.0)
+    for bad, why in (
+        (conn(remote_id="other.test"), "peer identity 'mn.test' is not remote.id"),
+        (conn(ike="aes256-sha256-x25519"), "IKE proposal"),
+        (conn(esp="chacha20poly1305"), "ESP proposal"),
+        (conn(remote_ts="10.2.1.0/24"), "outside remote_ts"),
+    ):
+        gw = IkeEngine([bad])
+        with pytest.raises(IkeContextError, match=why):
+            gw.import_ike(cdbs, 5.0)
+        assert gw.ike_sas() == [] and gw.stats["ike-sa-imported"] == 0
+    gw = IkeEngine([conn(remote_id="mn.test")])
+    assert gw.import_ike(cdbs, 5.0).peer_id == "mn.test"
 
 
 def test_a_replica_is_checked_against_the_holders_connections() -> None:

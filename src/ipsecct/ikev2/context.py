@@ -274,6 +274,16 @@ def replica_refusal(cdbs: list[bytes], connections: list[Connection], now: float
         return str(exc)
     except (UnicodeDecodeError, ValueError, KeyError, struct.error):
         return "malformed IKE context"
+    return policy_refusal(ike)
+
+
+def policy_refusal(ike: IkeSA) -> str | None:
+    """Why this gateway's connection would not admit ``ike`` as it was negotiated elsewhere
+    (None: it would): its IKE proposal, each CHILD SA's ESP proposal, the peer's identity
+    (``remote.id``) and each CHILD SA's traffic selectors (within the configured ones). A
+    replica is checked when it arrives, and every imported IKE SA (a handover's, a
+    take-over's) before it is taken: an authenticated peer gateway is trusted with the keys,
+    not with this gateway's policy."""
     conn = ike.conn
     if not admits(conn.proposals, ike.suite):
         return f"IKE proposal {ike.suite.name()} not in connection {conn.name!r} here"

@@ -379,10 +379,15 @@ class IkeEngine:
                    local: Address | None = None) -> IkeSA:  # fmt: skip
         """Take over an IKE SA (and its CHILD SAs) from its context CDBs: from now on this
         engine answers and rekeys it. Raises IkeContextError when the context is malformed,
-        names a connection this gateway does not have, or its SPIs are in use here."""
+        names a connection this gateway does not have or whose policy does not admit the SA
+        as negotiated (:func:`~ipsecct.ikev2.context.policy_refusal`), or its SPIs are in use
+        here."""
         from . import context
 
         ike = context.decode(cdbs, self.connections, now, local)
+        why = context.policy_refusal(ike)
+        if why is not None:
+            raise IkeContextError(why)
         if ike.our_spi in self.by_spi:
             raise IkeContextError("the IKE SA's SPI is in use here")
         spis = [c.spi_in for c in ike.children]
