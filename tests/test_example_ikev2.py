@@ -128,16 +128,23 @@ def test_ikev2_example_moves_the_ike_sa_there_and_back(setup: Setup) -> None:
         assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
 
 
+@pytest.mark.parametrize("why", ["name", "remote.id"])
 def test_a_target_without_the_connection_refuses_the_ike_sa_and_its_child_sas(
-    setup: Setup,
+    setup: Setup, why: str
 ) -> None:
-    """sg2's connection has another name: it could not take the IKE SA, so it refuses its
-    CHILD SA before the commit (the transfer's UNIT CDB names the connection), and sg1 keeps
-    both and goes on serving; before, sg2 took the CHILD SA and dropped the IKE SA after the
-    commit, and the client's IKE SA was left with no gateway."""
+    """sg2's connection has another name, or admits another peer identity: it could not take
+    the IKE SA, so it refuses its CHILD SA before the commit (the transfer's UNIT CDB names the
+    connection and carries the peer's identity), and sg1 keeps both and goes on serving;
+    before, sg2 took the CHILD SA and dropped the IKE SA after the commit (or, for the
+    identity, took an IKE SA its own policy does not admit)."""
     f = setup.dir / "sg2.toml"
-    f.write_text(f.read_text().replace("[connections.rw]", "[connections.other]")
-                 .replace("[secrets.ike-rw]", "[secrets.ike-other]"))  # fmt: skip
+    if why == "name":
+        f.write_text(f.read_text().replace("[connections.rw]", "[connections.other]")
+                     .replace("[secrets.ike-rw]", "[secrets.ike-other]"))  # fmt: skip
+        reason = "no connection 'rw' here"
+    else:
+        f.write_text(f.read_text().replace('remote.id = "%any"', 'remote.id = "someone.else"'))
+        reason = "is not remote.id of 'rw' here"
     for n in ("sg1", "sg2", "mn"):
         setup.start(n)
     setup.wait_ike("sg1", lambda s: s["children"], "sg1's IKE SA")
@@ -146,7 +153,7 @@ def test_a_target_without_the_connection_refuses_the_ike_sa_and_its_child_sas(
     assert r.returncode == 1, (r.stdout, r.stderr)
     rec = json.loads(r.stdout)
     assert rec["outcome"] == "refused" and rec["accepted"] == 0, rec
-    assert "no connection 'rw' here" in setup.log("sg2")
+    assert reason in setup.log("sg2")
     (ike,) = setup.ike("sg1")
     assert ike["children"] and setup.ike("sg2") == []
     assert setup.status("sg2")["sas"] == 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import ipaddress
 import os
 import struct
@@ -1335,6 +1336,71 @@ def test_ike_unit_payload_says_what_a_target_needs() -> None:
         f"no child {child!r} in connection {ike.conn.name!r} here")
     for junk in (b"", b"\x01\x00\x01\x07", payload[:-1], b"\xff" * 40):
         assert context.unit_refusal(junk, [conn(dpd=10)]) is not None
+
+
+def test_ike_unit_payload_carries_what_the_targets_policy_checks_before_the_commit() -> None:
+    """The UNIT payload also carries the IKE SA's suite, the peer's identity and each CHILD
+    SA's suite and selectors: a target whose connection does not admit them refuses the
+    transfer before the commit (the same reasons as the import after it). A payload without
+    them (a gateway that predates them) is judged by the names; damaged policy items are
+    refused, never raised."""
+    from ipsecct.ikev2 import context
+
+    w = pair(mn_conn(dpd=10), conn(dpd=10))
+    connect(w)
+    (ike,) = w.resp.ike_sas()
+    payload = context.unit_payload(ike, ike.children)
+    assert context.unit_refusal(payload, [conn(remote_id="mn.test")]) is None
+    why = {
+        k: context.unit_refusal(payload, [c])
+        for k, c in (("ike", conn(ike="aes256-sha256-x25519")),
+                     ("esp", conn(esp="chacha20poly1305")),
+                     ("id", conn(remote_id="other.test")),
+                     ("ts", conn(local_ts="10.1.1.0/24")))
+    }
+    assert why == {
+        "ike": "IKE proposal AES_GCM_16_128/PRF_HMAC_SHA2_256/CURVE_25519 not in connection "
+               "'c' here",
+        "esp": "ESP proposal AES_GCM_16_128/NO_EXT_SEQ not in child 'net' here",
+        "id": "peer identity 'mn.test' is not remote.id of 'c' here",
+        "ts": "traffic selectors outside local_ts of child 'net' here",
+    }
+    # what a gateway that predates the policy items sends: the names only
+    names = payload[: payload.index(bytes((7, 0, 12)))]
+    assert context.unit_refusal(names, [conn(remote_id="other.test")]) is None
+    assert context.unit_refusal(names, [conn("x")]) == "no connection 'c' here"
+    # damaged or inconsistent policy items
+    for junk in (payload[:-3], names + bytes((7, 0, 3)) + b"abc",
+                 payload.replace(b"net", b"nxt")):  # fmt: skip
+        assert context.unit_refusal(junk, [conn(dpd=10)]) is not None
+
+
+@functools.cache
+def _unit_payload() -> bytes:
+    """A real UNIT payload (one IKE SA with its CHILD SA), made once."""
+    from ipsecct.ikev2 import context
+
+    w = pair(mn_conn(dpd=10), conn(dpd=10))
+    connect(w)
+    (ike,) = w.resp.ike_sas()
+    return context.unit_payload(ike, ike.children)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_a_hostile_unit_payload_is_refused_or_judged_never_raised(data: st.DataObject) -> None:
+    """A peer gateway's UNIT payload, mutated (octets flipped, cut, spliced): unit_refusal
+    returns a reason or None, and never raises."""
+    from ipsecct.ikev2 import context
+
+    b = bytearray(_unit_payload())
+    for _ in range(data.draw(st.integers(0, 4))):
+        i = data.draw(st.integers(0, len(b) - 1))
+        b[i] = data.draw(st.integers(0, 255))
+    cut = data.draw(st.integers(0, len(b)))
+    junk = bytes(b[:cut]) + data.draw(st.binary(max_size=40))
+    why = context.unit_refusal(junk, [conn(dpd=10), conn("x")])
+    assert why is None or isinstance(why, str)
 
 
 def test_an_imported_ike_sa_must_be_admitted_by_this_gateways_policy() -> None:

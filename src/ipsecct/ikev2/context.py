@@ -232,25 +232,51 @@ def encode(ike: IkeSA, now: float) -> list[bytes]:
     return out
 
 
+# The UNIT payload's policy items (an IKE SA's negotiated suite, peer identity, and per CHILD
+# SA its suite and selectors) are left out above this size: the UNIT CDB must fit one CDB,
+# and the import after the commit checks the same (policy_refusal).
+UNIT_POLICY_MAX = 1200
+
+
 def unit_payload(ike: IkeSA, children: list[ChildSA]) -> bytes:
     """What a target needs to take this IKE SA after its CHILD SAs (the payload of the
     transfer's UNIT CDB, ``ct.transfer.unit_cdb``): its connection's name and the names of
-    its CHILD SAs' configurations."""
+    its CHILD SAs' configurations, then what the target's policy is checked against before
+    the commit (:func:`policy_refusal`): the IKE SA's suite (7), the peer's identity (8) and,
+    per CHILD SA, its configuration's name, suite and selectors (9). A gateway that predates
+    items 7-9 reads only the names."""
     items = [(1, bytes((VERSION,))), (5, ike.conn.name.encode())]
     items += [(6, c.config.name.encode()) for c in children]
-    return _items(items)
+    policy = [(7, _suite(ike.suite)), (8, ike.peer_id.encode())]
+    policy += [(9, _items([(1, c.config.name.encode()), (2, _suite(c.suite)),
+                           (3, _ts(c.local_ts)), (4, _ts(c.remote_ts))]))
+               for c in children]  # fmt: skip
+    extra = _items(policy)
+    return _items(items) + (extra if len(extra) <= UNIT_POLICY_MAX else b"")
 
 
 def unit_refusal(payload: bytes, connections: list[Connection]) -> str | None:
     """Why a gateway with ``connections`` cannot take the IKE SA a UNIT payload describes
-    (None: it can): no connection of that name, or no CHILD configuration of a name."""
+    (None: it can): no connection of that name, no CHILD configuration of a name, or (when
+    the payload carries them) a suite, identity or selectors its policy does not admit."""
     try:
         d = _parse(_frame(0, payload))[1]
         if _u(d, 1, 1) != VERSION:
             return "unknown IKE unit version"
         name = _one(d, 5).decode()
         children = [c.decode() for c in d.get(6, [])]
-    except (IkeContextError, UnicodeDecodeError):
+        policy: tuple[Suite, str, list[tuple[str, Suite, list[TrafficSelector],
+                                             list[TrafficSelector]]]] | None = None  # fmt: skip
+        if 7 in d or 8 in d or 9 in d:
+            kids = []
+            for blob in d.get(9, []):
+                k = _parse(_frame(0, blob))[1]
+                kids.append((_one(k, 1).decode(), _unsuite(_one(k, 2)), _unts(_one(k, 3)),
+                             _unts(_one(k, 4))))  # fmt: skip
+            if sorted(n for n, *_ in kids) != sorted(children):
+                return "malformed IKE unit"
+            policy = (_unsuite(_one(d, 7)), _one(d, 8).decode(), kids)
+    except (IkeContextError, UnicodeDecodeError, ValueError, struct.error):
         return "malformed IKE unit"
     conn = next((c for c in connections if c.name == name), None)
     if conn is None:
@@ -258,7 +284,12 @@ def unit_refusal(payload: bytes, connections: list[Connection]) -> str | None:
     for child in children:
         if not any(cc.name == child for cc in conn.children):
             return f"no child {child!r} in connection {name!r} here"
-    return None
+    if policy is None:
+        return None
+    suite, peer_id, kids = policy
+    by_name = {cc.name: cc for cc in conn.children}
+    return _refusal(conn, suite, peer_id,
+                    [(by_name[n], s_, lts, rts) for n, s_, lts, rts in kids])  # fmt: skip
 
 
 def replica_refusal(cdbs: list[bytes], connections: list[Connection], now: float) -> str | None:
@@ -281,20 +312,28 @@ def policy_refusal(ike: IkeSA) -> str | None:
     """Why this gateway's connection would not admit ``ike`` as it was negotiated elsewhere
     (None: it would): its IKE proposal, each CHILD SA's ESP proposal, the peer's identity
     (``remote.id``) and each CHILD SA's traffic selectors (within the configured ones). A
-    replica is checked when it arrives, and every imported IKE SA (a handover's, a
-    take-over's) before it is taken: an authenticated peer gateway is trusted with the keys,
-    not with this gateway's policy."""
-    conn = ike.conn
-    if not admits(conn.proposals, ike.suite):
-        return f"IKE proposal {ike.suite.name()} not in connection {conn.name!r} here"
-    if not _id_admitted(conn, ike.peer_id):
-        return f"peer identity {ike.peer_id!r} is not remote.id of {conn.name!r} here"
-    for c in ike.children:
-        cc = c.config
-        if not admits(cc.esp_proposals, c.suite):
-            return f"ESP proposal {c.suite.name()} not in child {cc.name!r} here"
-        for have, allowed, side in ((c.local_ts, cc.local_ts, "local_ts"),
-                                    (c.remote_ts, cc.remote_ts, "remote_ts")):  # fmt: skip
+    transfer's UNIT payload is checked before the commit, a replica when it arrives, and
+    every imported IKE SA (a handover's, a take-over's) before it is taken: an authenticated
+    peer gateway is trusted with the keys, not with this gateway's policy."""
+    kids = [(c.config, c.suite, c.local_ts, c.remote_ts) for c in ike.children]
+    return _refusal(ike.conn, ike.suite, ike.peer_id, kids)
+
+
+def _refusal(
+    conn: Connection,
+    suite: Suite,
+    peer_id: str,
+    children: list[tuple[ChildConfig, Suite, list[TrafficSelector], list[TrafficSelector]]],
+) -> str | None:
+    if not admits(conn.proposals, suite):
+        return f"IKE proposal {suite.name()} not in connection {conn.name!r} here"
+    if not _id_admitted(conn, peer_id):
+        return f"peer identity {peer_id!r} is not remote.id of {conn.name!r} here"
+    for cc, csuite, lts, rts in children:
+        if not admits(cc.esp_proposals, csuite):
+            return f"ESP proposal {csuite.name()} not in child {cc.name!r} here"
+        for have, allowed, side in ((lts, cc.local_ts, "local_ts"),
+                                    (rts, cc.remote_ts, "remote_ts")):  # fmt: skip
             if not all(any(_within(t, a) for a in allowed) for t in have):
                 return f"traffic selectors outside {side} of child {cc.name!r} here"
     return None
