@@ -88,7 +88,7 @@ def test_strongswan_client_keeps_its_ike_sa_when_its_cluster_member_dies(
                        f"{g} to join the cluster", 30)  # fmt: skip
         ss.start()
         ss.initiate()
-        assert strongswan.ping(w.ns, "mn", HOST, 3) == 3, ss.logtail() + w.logs()
+        assert strongswan.ping_once_up(w.ns, "mn", HOST, 3) == 3, ss.logtail() + w.logs()
         (ike1,) = w.ike_sas("sg1")
         assert not w.ike_sas("sg2")
         # sg1 owns the tunnel; sg2 holds replicas of the tunnel and of its IKE SA
@@ -176,7 +176,7 @@ def test_handover_then_the_target_dies_and_the_source_takes_the_ike_sa_back(
                        f"{g} to join the cluster")  # fmt: skip
         ss.start()
         ss.initiate()
-        assert strongswan.ping(w.ns, "mn", HOST, 3) == 3, ss.logtail() + w.logs()
+        assert strongswan.ping_once_up(w.ns, "mn", HOST, 3) == 3, ss.logtail() + w.logs()
         (ike1,) = w.ike_sas("sg1")
         (child,) = ike1["children"]
         wait_until(lambda: w.status("sg2")["cluster"]["replicated_ike_sas"].get("sg1") == 1,

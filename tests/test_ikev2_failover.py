@@ -60,7 +60,7 @@ def test_strongswan_client_keeps_its_ike_sa_across_a_fail_over(
 
         ss.start()
         ss.initiate()
-        assert strongswan.ping(w.ns, "mn", HOST, 3) == 3, ss.logtail() + w.logs()
+        assert strongswan.ping_once_up(w.ns, "mn", HOST, 3) == 3, ss.logtail() + w.logs()
         sas1, sas2 = w.ike_sas("sg1"), w.ike_sas("sg2")
         assert len(sas1) == 1 and not sas2, (sas1, sas2, w.logs())
         (ike1,) = sas1
@@ -140,7 +140,7 @@ def test_a_standby_that_could_not_take_the_ike_sa_is_known_before_the_fail_over(
             wait_until = waiting_with_logs(w, ss)
             ss.start()
             ss.initiate()
-            assert strongswan.ping(w.ns, "mn", HOST, 2) == 2, ss.logtail() + w.logs()
+            assert strongswan.ping_once_up(w.ns, "mn", HOST, 2) == 2, ss.logtail() + w.logs()
             (ike1,) = w.ike_sas("sg1")
             wait_until(lambda: w.status("sg1")["ike"]["replicas_refused"] != [],
                        "sg1 to learn that sg2 refused the IKE SA's replica", 30)  # fmt: skip
@@ -185,7 +185,7 @@ def _direct_fail_over(w: IkeWorld) -> None:
 
         ss.start()
         ss.initiate()
-        assert strongswan.ping(w.ns, "mn", HOST, 3) == 3, ss.logtail() + w.logs()
+        assert strongswan.ping_once_up(w.ns, "mn", HOST, 3) == 3, ss.logtail() + w.logs()
         (ike1,) = w.ike_sas("sg1")
         assert ike1["mobike"] and ike1["local"] == f"{SG_OUTER['sg1']}:4500"
         wait_until(lambda: w.status("sg2")["failover"].get("replicated_ike_sas") == 1,

@@ -42,7 +42,7 @@ def test_strongswan_client_handed_over_with_its_ike_sa(world: IkeWorld) -> None:
     with Client(w.ns, "mn", CLIENT, w.dir, "aes128gcm16") as ss:
         ss.start()
         ss.initiate()
-        assert ping(w, 3) == 3, ss.logtail() + w.logs()
+        assert strongswan.ping_once_up(w.ns, "mn", HOST, 3) == 3, ss.logtail() + w.logs()
         (ike1,) = w.ike_sas("sg1")
         assert not w.ike_sas("sg2")
         (child,) = ike1["children"]
@@ -144,7 +144,7 @@ def test_strongswan_client_handed_over_with_direct_identity(tmp_path: Path, how:
         with client as ss:
             ss.start()
             ss.initiate()
-            assert ping(w, 3) == 3, ss.logtail() + w.logs()
+            assert strongswan.ping_once_up(w.ns, "mn", HOST, 3) == 3, ss.logtail() + w.logs()
             (ike1,) = w.ike_sas("sg1")
             assert ike1["mobike"] is (how == "mobike")
             assert ike1["local"] == f"{SG_OUTER['sg1']}:4500"
@@ -225,7 +225,7 @@ def test_request_reaching_the_old_gateway_after_a_direct_handover_is_forwarded(
         with client as ss:
             ss.start()
             ss.initiate()
-            assert ping(w, 3) == 3, ss.logtail() + w.logs()
+            assert strongswan.ping_once_up(w.ns, "mn", HOST, 3) == 3, ss.logtail() + w.logs()
             (ike1,) = w.ike_sas("sg1")
             (child,) = ike1["children"]
             subprocess.run(w.ns.cmd("mn", "nft", "-f", "-"), input=NO_IKE_REQUESTS_FROM_SG2,

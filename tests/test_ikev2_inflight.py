@@ -106,7 +106,7 @@ def test_client_rekeys_reaching_the_source_during_a_transfer_are_answered_by_the
             held_for: list[float] = []  # how long each request waited at the source (s)
             ss.start()
             ss.initiate()
-            assert strongswan.ping(w.ns, "mn", HOST, 3) == 3, ss.logtail() + w.logs()
+            assert strongswan.ping_once_up(w.ns, "mn", HOST, 3) == 3, ss.logtail() + w.logs()
             (ike1,) = w.ike_sas("sg1")
             cap = w.capture("mn", "esp-to-mn", f"udp dst port 4500 and dst host {MN_OUTER}")
             traffic = Traffic.start(w, udp_rate=100, after=100, limit=100_000,
@@ -193,7 +193,7 @@ def test_a_transfer_waits_for_the_gateways_own_rekey_in_flight(tmp_path: Path) -
                        text=True, check=True, timeout=30)  # fmt: skip
         try:
             ss.initiate()
-            assert strongswan.ping(w.ns, "mn", HOST, 3) == 3, ss.logtail() + w.logs()
+            assert strongswan.ping_once_up(w.ns, "mn", HOST, 3) == 3, ss.logtail() + w.logs()
             (ike1,) = w.ike_sas("sg1")
             (child1,) = ike1["children"]
             traffic = Traffic.start(w, udp_rate=100, after=100, limit=100_000,

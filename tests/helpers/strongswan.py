@@ -490,6 +490,16 @@ def ping(ns: Namespaces, role: str, dst: str, count: int) -> int:
     return int(m.group(1)) if m else 0
 
 
+def ping_once_up(ns: Namespaces, role: str, dst: str, count: int, timeout: float = 20) -> int:
+    """Right after a tunnel came up: wait until one ping passes (the first packets through a
+    new tunnel meet neighbour resolution and routes still being installed, and on a loaded
+    machine one of three was lost once, before anything the test is about), then ping
+    ``dst`` ``count`` times; returns how many replies came back."""
+    wait_until(lambda: ping(ns, role, dst, 1) == 1, f"a first ping from {role} to {dst}",
+               timeout=timeout)  # fmt: skip
+    return ping(ns, role, dst, count)
+
+
 def wait_log(charon: Charon, pattern: str, timeout: float = 30) -> None:
     rx = re.compile(pattern)
     wait_until(lambda: rx.search(charon.log()) is not None, f"{pattern!r} in charon's log", timeout)
