@@ -370,6 +370,18 @@ class Recorder:
         return self._submit("cancelled")
 
 
+def journaled_world() -> tuple[Any, Recorder, Recorder]:
+    """The sans-I/O transfer world (sg1 the source, sg2 the target) with a journal on each
+    gateway whose writes settle when the test says so."""
+    from tests.helpers.transfer import World
+
+    w = World()
+    j1, j2 = Recorder(w), Recorder(w)
+    w.gw["sg1"].core.journal = j1
+    w.gw["sg2"].core.journal = j2
+    return w, j1, j2
+
+
 def settle(w: object, name: str, j: Recorder) -> list[str]:
     """``j``'s writes land; gateway ``name``'s core is told (as the adapter does)."""
     kinds = j.settle()
@@ -387,12 +399,8 @@ def test_transfer_core_writes_in_parallel_with_the_exchange_and_waits_where_it_m
     commit is not waited for."""
     from ipsecct.ct import cxtp
     from ipsecct.ipsec.engine import TunnelState
-    from tests.helpers.transfer import World
 
-    w = World()
-    j1, j2 = Recorder(w), Recorder(w)
-    w.gw["sg1"].core.journal = j1
-    w.gw["sg2"].core.journal = j2
+    w, j1, j2 = journaled_world()
     w.transfer()
     # "leaving" submitted before the PCTD was handed on (no message on the links then)
     assert j1.calls == [("leaving", 0)] and w.tunnel.state is TunnelState.HELD
@@ -424,12 +432,9 @@ def test_forwards_that_arrive_while_the_commit_waits_for_pending_are_held() -> N
     from ipsecct.ct import cxtp
     from ipsecct.ct.transfer import forward_cdb
     from ipsecct.ipsec.engine import TunnelState
-    from tests.helpers.transfer import World, ip, stream_seq, udp_packet
+    from tests.helpers.transfer import ip, stream_seq, udp_packet
 
-    w = World()
-    j1, j2 = Recorder(w), Recorder(w)
-    w.gw["sg1"].core.journal = j1
-    w.gw["sg2"].core.journal = j2
+    w, j1, j2 = journaled_world()
     w.transfer()
     w.deliver("sg1", "sg2")
     w.deliver("sg2", "sg1")
@@ -458,12 +463,8 @@ def test_forwards_that_arrive_while_the_commit_waits_for_pending_are_held() -> N
 
 def test_a_target_whose_writes_are_durable_first_activates_at_the_commit() -> None:
     from ipsecct.ipsec.engine import TunnelState
-    from tests.helpers.transfer import World
 
-    w = World()
-    j1, j2 = Recorder(w), Recorder(w)
-    w.gw["sg1"].core.journal = j1
-    w.gw["sg2"].core.journal = j2
+    w, j1, j2 = journaled_world()
     w.transfer()
     w.deliver("sg1", "sg2")
     settle(w, "sg2", j2)  # "pending" durable before the COMMIT arrives
@@ -479,12 +480,8 @@ def test_what_the_source_forwards_after_its_commit_waits_for_the_targets_write()
     "pending" write is durable: the FORWARDs are taken and held with the tunnel, and
     delivered when it is activated (not refused as traffic for a tunnel not yet here)."""
     from ipsecct.ipsec.engine import TunnelState
-    from tests.helpers.transfer import World
 
-    w = World()
-    j1, j2 = Recorder(w), Recorder(w)
-    w.gw["sg1"].core.journal = j1
-    w.gw["sg2"].core.journal = j2
+    w, j1, j2 = journaled_world()
     w.transfer()
     w.mn_send(1)  # held at sg1 during the exchange
     w.deliver("sg1", "sg2")
@@ -640,12 +637,8 @@ def test_a_restarted_source_asks_and_a_pending_target_takes_the_query_as_its_com
     the COMMIT and answers "taken": sg1 records it given away and removes it, sg2 sends."""
     from ipsecct.ct import cxtp
     from ipsecct.ipsec.engine import TunnelState
-    from tests.helpers.transfer import World
 
-    w = World()
-    j1, j2 = Recorder(w), Recorder(w)
-    w.gw["sg1"].core.journal = j1
-    w.gw["sg2"].core.journal = j2
+    w, j1, j2 = journaled_world()
     w.host_send("sg1", 0)
     tid = w.transfer()
     w.deliver("sg1", "sg2")  # PCTD: installed pending
@@ -677,12 +670,8 @@ def test_a_target_that_never_got_the_transfer_answers_not_taken_and_refuses_it_l
     the tunnel again once "owned" is durable, and only then sends (past its ceiling)."""
     from ipsecct.ct import cxtp
     from ipsecct.ipsec.engine import TunnelState
-    from tests.helpers.transfer import World
 
-    w = World()
-    j1, j2 = Recorder(w), Recorder(w)
-    w.gw["sg1"].core.journal = j1
-    w.gw["sg2"].core.journal = j2
+    w, j1, _j2 = journaled_world()
     w.host_send("sg1", 0)
     tid = w.transfer()
     settle(w, "sg1", j1)
@@ -711,12 +700,8 @@ def test_a_restarted_target_answers_from_its_durable_record_of_the_arrival() -> 
     state that the transfer arrived (it may have sent on the tunnel): "taken"."""
     from ipsecct.ct import cxtp
     from ipsecct.ct.transfer import TransferCore
-    from tests.helpers.transfer import World
 
-    w = World()
-    j1, j2 = Recorder(w), Recorder(w)
-    w.gw["sg1"].core.journal = j1
-    w.gw["sg2"].core.journal = j2
+    w, j1, j2 = journaled_world()
     tid = w.transfer()
     w.deliver("sg1", "sg2")
     settle(w, "sg2", j2)
