@@ -252,22 +252,6 @@ def _ike_sections(
     }
 
 
-def node_config(
-    name: str,
-    address: str,
-    outer_port: int,
-    inner_port: int,
-    inner_peer: int,
-    tunnels: list[dict[str, Any]],
-    sections: dict[str, Any] | None = None,
-    *,
-    virtual: str | None = None,
-) -> config_mod.NodeConfig:
-    data = node_data(name, address, outer_port, inner_port, inner_peer, tunnels, sections,
-                     virtual=virtual)  # fmt: skip
-    return config_mod.from_dict(data, f"<demo {name}>")
-
-
 def node_data(
     name: str,
     address: str,
@@ -392,7 +376,7 @@ async def build(
                 "local_ts": [f"{MN_INNER}/32"], "remote_ts": ["10.2.0.0/24"],
                 "esp_proposals": [ESP_PROPOSAL], "start_action": "start"}},
         })  # fmt: skip
-    mn_cfg = node_config(
+    mn_data = node_data(
         "mn",
         ADDRESS["mn"],
         *ports["mn"],
@@ -411,6 +395,7 @@ async def build(
         ],
         mn_sections,
     )
+    mn_cfg = config_mod.from_dict(mn_data, "<demo mn>")
     # Each run's durable state lives and dies with its work directory: a demo never resumes
     # an earlier run's counters or ownership, and demos run side by side do not share it.
     mn_cfg.state_dir = str(workdir / "state" / "mn")
