@@ -12,7 +12,6 @@ rest of ipsecct uses its Python paths and only this build of the extension is lo
 
 from __future__ import annotations
 
-import importlib.util
 import ipaddress
 import math
 import random
@@ -24,19 +23,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from ipsecct.ct import context
 from ipsecct.ipsec.sad import Counters, Lifetime, Mode, UdpEncap
 from ipsecct.ipsec.spd import AddressRange, Selectors
+from tests.helpers import asan
 from tests.helpers.contexts import NOW, sample_sas
 
 
-def load(path: str):  # type: ignore[no-untyped-def]
-    spec = importlib.util.spec_from_file_location("ipsecct.ct._cdb", path)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def main() -> None:
-    cdb = load(sys.argv[1])
+    cdb = asan.load("ipsecct.ct._cdb", sys.argv[1])
     rounds = int(sys.argv[2]) if len(sys.argv) > 2 else 2000
     assert not context.NATIVE_READER, "run with IPSECCT_PURE_PYTHON=1"
     rng = random.Random(11)

@@ -10,7 +10,6 @@ input here. Deterministic (seeded): a failure reproduces.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import random
 import socket
@@ -18,16 +17,13 @@ import struct
 import sys
 import threading
 import time
+from pathlib import Path
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-def load(path: str):  # type: ignore[no-untyped-def]
-    spec = importlib.util.spec_from_file_location("ipsecct.ipsec._esp", path)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from tests.helpers import asan
 
 
 def forge(rng: random.Random, alg: int, key: bytes, spi: int, seq: int, esn: bool) -> bytes:
@@ -126,7 +122,7 @@ def thread_fuzz(esp, table, sas, rng, rounds, outer, inner, sink, sink_port, tx)
 
 
 def main() -> None:
-    esp = load(sys.argv[1])
+    esp = asan.load("ipsecct.ipsec._esp", sys.argv[1])
     rounds = int(sys.argv[2]) if len(sys.argv) > 2 else 3000
     rng = random.Random(11)
     table = esp.Table()

@@ -4,6 +4,7 @@ out-of-bounds access, use after free or double free makes ASan abort that proces
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -24,6 +25,16 @@ def build(source: Path, module: str, tmp: Path, libs: tuple[str, ...] = ()) -> P
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     return so
+
+
+def load(module: str, path: str):  # type: ignore[no-untyped-def]
+    """In the fuzz script's process: the extension built by :func:`build` at ``path``, loaded
+    as ``module`` (instead of the installed one)."""
+    spec = importlib.util.spec_from_file_location(module, path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def run_fuzz(
