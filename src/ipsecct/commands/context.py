@@ -21,6 +21,7 @@ from typing import Any
 
 from ..ct import context
 from ..errors import ContextError, IpsecctError
+from ..tools.files import INPUT_LIMIT, read_limited, read_stream_limited
 
 NOW = 0.0  # the JSON form holds durations only, so any fixed clock gives the same bytes
 _HEX = frozenset(string.hexdigits)
@@ -56,10 +57,9 @@ def _usage(p: argparse.ArgumentParser) -> int:
 
 def _read_text(path: str) -> str:
     if path == "-":
-        raw = sys.stdin.buffer.read()
+        raw = read_stream_limited(sys.stdin.buffer, INPUT_LIMIT)
     else:
-        with open(path, "rb") as fh:
-            raw = fh.read()
+        raw = read_limited(path, INPUT_LIMIT)
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError:

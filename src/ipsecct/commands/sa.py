@@ -11,6 +11,7 @@ from typing import Any
 
 from ..errors import ControlError
 from ..gateway.control import request
+from ..tools.files import INPUT_LIMIT, read_limited, read_stream_limited
 
 
 def socket_path(args: argparse.Namespace) -> str:
@@ -183,10 +184,12 @@ def cmd_sa_export(args: argparse.Namespace) -> int:
 def cmd_sa_add(args: argparse.Namespace) -> int:
     try:
         if args.file == "-":
-            text = sys.stdin.read()
+            raw = read_stream_limited(sys.stdin.buffer, INPUT_LIMIT)
         else:
-            with open(args.file) as f:
-                text = f.read()
+            raw = read_limited(args.file, INPUT_LIMIT)
+        text = raw.decode()
+    except UnicodeDecodeError:
+        raise ControlError(f"{args.file}: not UTF-8 text") from None
     except OSError as exc:
         raise ControlError(f"cannot read {args.file}: {exc.strerror}") from None
     try:

@@ -40,6 +40,7 @@ from ..ipsec.spd import Action, AddressRange, PortRange, Selectors, SPDEntry
 from ..ipsec.spi import MAX_BLOCKS as MAX_SPI_BLOCKS
 from ..ipsec.spi import SpiBlock
 from ..ipsec.spi import block as spi_block_of
+from ..tools.files import CONFIG_LIMIT, SECRET_LIMIT, check_size, read_limited
 from .log import LOG_LEVELS
 
 DEFAULT_PORT = 4500
@@ -531,8 +532,7 @@ def _socket_path(value: str, ctx: _Ctx) -> str:
 def _read_toml(path: str | Path) -> dict[str, Any]:
     """A configuration file's tables; any file that is not UTF-8 TOML is a ConfigError."""
     try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
+        data = tomllib.loads(read_limited(path, CONFIG_LIMIT).decode())
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
     except UnicodeDecodeError:  # tomllib decodes before it parses
@@ -557,10 +557,7 @@ def _no_nul(v: Any, ctx: _Ctx, key: str) -> None:
 def _read_secret(p: Path) -> str:
     """A secret file's text. Its bytes never reach an error: a UnicodeDecodeError would quote
     one of them (and the file's path may hold a NUL, which open() refuses with ValueError)."""
-    try:
-        data = p.read_bytes()
-    except ValueError:
-        raise OSError(0, "bad file name") from None
+    data = read_limited(p, SECRET_LIMIT)
     try:
         return data.decode()
     except UnicodeDecodeError:
@@ -925,6 +922,10 @@ def _transfer(
         p = Path(v) if Path(v).is_absolute() else base / v
         if not p.is_file():
             raise ctx.err(f"transfer.{k}", f"no such file {p}")
+        try:
+            check_size(p, SECRET_LIMIT)  # OpenSSL reads it by name later
+        except OSError as exc:
+            raise ctx.err(f"transfer.{k}", f"cannot read {p}: {exc.strerror}") from None
         return str(p)
 
     try:
@@ -1224,7 +1225,7 @@ def load_private_keys(data: dict[str, Any], path: str) -> list[PrivateKey]:
             raise ConfigError(f"{where}: give file = (a PEM private key) and nothing else")
         p = _file(path, d["file"])
         try:
-            pem = p.read_bytes()
+            pem = read_limited(p, SECRET_LIMIT)
         except OSError as exc:
             raise ConfigError(f"{where}.file: cannot read {p}: {exc.strerror}") from None
         warn_if_readable(p, "IKE private key")
@@ -1244,7 +1245,7 @@ def load_connections(data: dict[str, Any], path: str) -> list[Connection]:
     def certs(name: str) -> list[x509.Certificate]:
         p = _file(path, name)
         try:
-            pem = p.read_bytes()
+            pem = read_limited(p, SECRET_LIMIT)
         except OSError as exc:
             raise ConfigError(f"cannot read certificate file {p}: {exc.strerror}") from None
         try:

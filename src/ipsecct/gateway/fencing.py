@@ -31,6 +31,7 @@ from typing import Any
 from ..ct import failover
 from ..ct.lease import LeaseEvent
 from ..ipsec.engine import Held, Tunnel, TunnelState
+from ..tools.files import SECRET_LIMIT, read_limited
 from .log import event
 from .node import Node
 
@@ -75,7 +76,7 @@ def load_state(path: Path | None) -> PairState:
     if path is None:
         return PairState(failover.FIRST_EPOCH, None)
     try:
-        d = json.loads(path.read_text())
+        d = json.loads(read_limited(path, SECRET_LIMIT).decode())
         epoch, took = d["epoch"], d["took_over"]
         if isinstance(epoch, int) and epoch >= failover.FIRST_EPOCH and isinstance(took, bool):
             active = d.get("active", "")

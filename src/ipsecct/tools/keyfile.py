@@ -37,6 +37,7 @@ from ..errors import AlgorithmError, KeyFileError, SAError
 from ..ipsec.algorithms import ENC, INTEG, EncAlg, IntegAlg, check_esp_combination
 from ..ipsec.ippacket import IPAddress
 from ..ipsec.sad import Direction, Mode, Protocol, SecurityAssociation
+from .files import INPUT_LIMIT, read_limited
 
 WILDCARD = "*"
 
@@ -263,7 +264,7 @@ def parse_keyfile(text: str) -> list[KeyLine]:
 
 def load_keyfile(path: str | Path) -> list[KeyLine]:
     """Read and parse a key file (UTF-8)."""
-    data = Path(path).read_bytes()
+    data = read_limited(path, INPUT_LIMIT)
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:

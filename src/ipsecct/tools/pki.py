@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from ..errors import PkiError
+from .files import SECRET_LIMIT, read_limited
 
 CA_DAYS = 3650
 GATEWAY_DAYS = 825
@@ -202,7 +203,7 @@ def init_pki(
 
 
 def load_certificate(path: str | Path) -> x509.Certificate:
-    data = Path(path).read_bytes()
+    data = read_limited(path, SECRET_LIMIT)
     try:
         return x509.load_pem_x509_certificate(data)
     except ValueError:
@@ -215,7 +216,7 @@ def load_certificate(path: str | Path) -> x509.Certificate:
 
 def describe_file(path: str | Path) -> list[str]:
     """Human-readable lines about a certificate or private key file (never the key itself)."""
-    data = Path(path).read_bytes()
+    data = read_limited(path, SECRET_LIMIT)
     if b"PRIVATE KEY-----" in data:
         try:
             key = serialization.load_pem_private_key(data, password=None)
