@@ -101,3 +101,63 @@ def test_endless_standard_input_is_cut_off() -> None:
     with open("/dev/zero", "rb") as zero:
         line = one_line(run("context", "decode", "-", stdin=zero.fileno()))
     assert "larger than 64 MiB" in line
+
+
+@pytest.fixture
+def failover_example(tmp_path: Path) -> Path:
+    """examples/failover/sg1.toml with its keys (0600) and placeholder certificate files (the
+    configuration checks only that they exist)."""
+    shutil.copytree(ROOT / "examples" / "failover", tmp_path, dirs_exist_ok=True,
+                    ignore=shutil.ignore_patterns("pki", "state"))  # fmt: skip
+    for k in (tmp_path / "keys").iterdir():
+        os.chmod(k, 0o600)
+    (tmp_path / "pki").mkdir()
+    for n in ("sg1.pem", "sg1.key", "ca.pem"):
+        (tmp_path / "pki" / n).write_text("placeholder\n")
+        os.chmod(tmp_path / "pki" / n, 0o600)
+    return tmp_path / "sg1.toml"
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value", "allowed"),
+    [
+        ("failover", "sync_ms", "0.001", "from 10 to 60,000"),
+        ("failover", "heartbeat_ms", "1", "from 10 to 60,000"),
+        ("failover", "heartbeat_ms", "1e9", "from 10 to 60,000"),
+        ("failover", "tick_ms", "0.01", "from 1 to 1,000"),
+        ("failover", "dead_ms", "20", "from 50 to 600,000"),
+        ("transfer", "retry_ms", "0.001", "from 10 to 600,000"),
+        ("transfer", "max_transfer_ms", "0.5", "from 10 to 600,000"),
+        ("transfer", "max_transfer_ms", "86400000", "from 10 to 600,000"),
+        ("transfer", "forward_ms", "0.001", "from 10 to 600,000"),
+        ("transfer", "balance", '{ above = 10, to = "sg2", interval_ms = 1 }',
+         "from 10 to 86,400,000"),
+    ],
+)
+def test_timing_settings_that_would_busy_loop_or_flap_are_refused(
+    failover_example: Path, section: str, key: str, value: str, allowed: str
+) -> None:
+    """sync_ms = 0.001 (a replication every microsecond), heartbeat_ms = 1 (a standby that
+    takes over at every scheduling hiccup), retry_ms = 0.001 were taken. The error names the
+    file, the key and the allowed range, on one line."""
+    f = failover_example
+    text = f.read_text()
+    f.write_text(text.replace(f"[{section}]\n", f"[{section}]\n{key} = {value}\n", 1)
+                 .replace("sync_ms = 100 ", "").replace("heartbeat_ms = 100 ", ""))  # fmt: skip
+    line = one_line(run("gateway", "run", "-c", str(f)))
+    full = f"{section}.{key}" + (".interval_ms" if key == "balance" else "")
+    assert line.startswith(f"ipsecct: error: {f}: {full}: "), line
+    assert allowed in line
+
+
+@pytest.mark.parametrize("key", ["dpd_delay", "rekey_time", "children.net.rekey_time"])
+def test_ike_timers_below_a_second_are_refused(tmp_path: Path, key: str) -> None:
+    """dpd_delay = 0.001 sent a liveness check every millisecond; 0 still turns it off."""
+    shutil.copytree(ROOT / "examples" / "ikev2", tmp_path, dirs_exist_ok=True,
+                    ignore=shutil.ignore_patterns("pki", "state"))  # fmt: skip
+    os.chmod(tmp_path / "keys" / "ike.psk", 0o600)
+    f = tmp_path / "sg1.toml"
+    text = f.read_text().replace("dpd_delay = 30\n", "")
+    f.write_text(text.replace("[connections.rw]\n", f"[connections.rw]\n{key} = 0.001\n"))
+    line = one_line(run("gateway", "run", "-c", str(f)))
+    assert f"connections.rw.{key}: must be 0 (off) or from 1 s up" in line, line

@@ -887,6 +887,31 @@ _TRANSFER_LIMITS = {
 }
 
 
+# Time settings in milliseconds: (lowest, highest). Below the lowest a timer fires so often
+# that the gateway busy-loops (a retry or sync every microsecond) or a fail-over flaps (a
+# heartbeat or detection time shorter than one scheduling delay of a loaded machine); above
+# the highest a wait is as good as endless.
+MS_RANGES: dict[str, tuple[float, float]] = {
+    "transfer.max_transfer_ms": (10, 600_000),
+    "transfer.forward_ms": (10, 600_000),
+    "transfer.retry_ms": (10, 600_000),
+    "transfer.retry_max_ms": (10, 3_600_000),
+    "transfer.balance.interval_ms": (10, 86_400_000),
+    "failover.sync_ms": (10, 60_000),
+    "failover.heartbeat_ms": (10, 60_000),
+    "failover.dead_ms": (50, 600_000),
+    "failover.tick_ms": (1, 1_000),
+}
+
+
+def _ms_in_range(v: Any, ctx: _Ctx, key: str) -> float:
+    """A number of milliseconds within ``MS_RANGES[key]`` (the message names both ends)."""
+    lo, hi = MS_RANGES[key]
+    if not _positive(v) or not lo <= float(v) <= hi:
+        raise ctx.err(key, f"must be a number of milliseconds from {lo:,.0f} to {hi:,.0f}")
+    return float(v)
+
+
 def _positive(v: Any) -> bool:
     """A number > 0 that is finite as a float (nan, inf and 10**400 would reach float() or
     int() and the timers: an OverflowError, or a timer that never or always fires)."""
@@ -948,9 +973,9 @@ def _transfer(
         ("retry_max_ms", "retry_max"),
     ):
         if key in t:
-            if not _positive(t[key]):
-                raise ctx.err(f"transfer.{key}", "must be a positive number of milliseconds")
-            setattr(s, attr, float(t[key]) / 1000)
+            setattr(s, attr, _ms_in_range(t[key], ctx, f"transfer.{key}") / 1000)
+    if s.retry_max < s.retry:
+        raise ctx.err("transfer.retry_max_ms", "must not be shorter than retry_ms")
     if "path_mtu" in t:
         v = t["path_mtu"]
         if isinstance(v, bool) or not isinstance(v, int) or not 576 <= v <= 65535:
@@ -1073,6 +1098,8 @@ def _balance(b: Any, ctx: _Ctx, peers: dict[str, PeerConfig]) -> BalanceConfig:
     for k in ("above", "batch", "interval_ms"):
         if k in b and (isinstance(b[k], bool) or not isinstance(b[k], int) or b[k] <= 0):
             raise ctx.err(f"transfer.balance.{k}", "must be a positive whole number")
+    if "interval_ms" in b:
+        _ms_in_range(b["interval_ms"], ctx, "transfer.balance.interval_ms")
     return BalanceConfig(
         b["above"], b["to"], b.get("batch", 1000), b.get("interval_ms", 1000) / 1000
     )
@@ -1111,7 +1138,9 @@ def _failover(f: Any, ctx: _Ctx, transfer: TransferConfig | None) -> FailoverCon
     cfg = FailoverConfig(role, peer)
     for k in ("sync_packets", "sync_ms", "heartbeat_ms", "dead_ms", "seq_margin", "tick_ms"):
         if k in f:
-            if not _positive(f[k]):
+            if f"failover.{k}" in MS_RANGES:
+                _ms_in_range(f[k], ctx, f"failover.{k}")
+            elif not _positive(f[k]):
                 raise ctx.err(f"failover.{k}", "must be a positive number")
             setattr(cfg, k, type(getattr(cfg, k))(f[k]))
     for k in ("drift_ppm", "guard_ms"):  # the lease (ipsecct.ct.lease)

@@ -190,6 +190,8 @@ def _seconds(v: Any, ctx: _Ctx, key: str) -> float:
         raise ctx.err(key, "must be a finite number of seconds")
     if n < 0:
         raise ctx.err(key, "must not be negative")
+    if 0 < n < 1:  # a liveness check or rekey every few milliseconds: a storm, not a setting
+        raise ctx.err(key, "must be 0 (off) or from 1 s up")
     return n
 
 
