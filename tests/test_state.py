@@ -87,7 +87,7 @@ def test_a_schema_1_store_is_upgraded_and_keeps_its_rows(tmp_path: Path) -> None
     c.execute("PRAGMA user_version = 1")
     c.close()
     st = StateStore.open_existing(db, "sg1")
-    assert st.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA == 2
+    assert st.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA == 3
     a = st.load()["a"]
     assert (a.owner, a.ceiling, a.transfer, a.gateway) == (Owner.AWAY, 70000, 5, "")
     b = row("b", Owner.LEAVING, 10)
@@ -97,6 +97,35 @@ def test_a_schema_1_store_is_upgraded_and_keeps_its_rows(tmp_path: Path) -> None
     st = StateStore.open_existing(db, "sg1")
     assert (st.load()["b"].owner, st.load()["b"].gateway) == (Owner.LEAVING, "sg3")
     assert st.arrivals() == {9}
+    st.close()
+
+
+def test_arrivals_are_pruned_by_age_and_per_peer_and_the_horizon_survives(
+    tmp_path: Path,
+) -> None:
+    """The arrival table is bounded: rows older than the retention go, and per peer all but
+    the newest ``cap``; per peer the newest arrival time pruned is kept in the same
+    transaction (never going down) and survives a reopen: the decision query answers
+    "taken" for a transfer that may have begun before it."""
+    import time as time_mod
+
+    st = StateStore.create(tmp_path / "state.db", "sg2")
+    now = time_mod.time()
+    old = [(i, "sg1") for i in range(1, 6)]
+    st.put([], old)
+    st.conn.execute("UPDATE arrival SET changed = ?", (now - 1000,))
+    st.put([], [(i, "sg1") for i in range(10, 20)] + [(i, "sg3") for i in range(30, 33)])
+    assert len(st.arrivals()) == 18
+    gone, upto = st.prune_arrivals(now - 500, cap=4)
+    assert gone >= set(range(1, 6)) and len(gone) == 5 + 6  # the old ones, then over the cap
+    assert st.arrival_counts() == {"sg1": 4, "sg3": 3}
+    assert set(upto) == {"sg1"} and now - 10 < upto["sg1"] <= time_mod.time()
+    st.conn.execute("UPDATE arrival SET changed = ? WHERE peer = 'sg3'", (now - 2000,))
+    gone, upto2 = st.prune_arrivals(now - 500, cap=4)
+    assert gone == {30, 31, 32} and upto2["sg1"] == upto["sg1"] and upto2["sg3"] < upto["sg1"]
+    st.close()
+    st = StateStore.open_existing(tmp_path / "state.db", "sg2")
+    assert st.pruned_upto() == upto2 and st.arrival_counts() == {"sg1": 4}
     st.close()
 
 
@@ -350,7 +379,8 @@ class Recorder:
     def arrived(self, tunnels, peer, transfer_id):  # type: ignore[no-untyped-def]
         return self._submit("taken")
 
-    def knows_arrival(self, transfer_id):  # type: ignore[no-untyped-def]
+    def may_have_arrived(self, transfer_id, peer, age):  # type: ignore[no-untyped-def]
+        self.asked_age = age
         return transfer_id in self.arrivals
 
     def leaving(self, tunnels, peer, transfer_id):  # type: ignore[no-untyped-def]
@@ -746,6 +776,56 @@ def test_an_active_target_answers_taken_and_a_receiving_one_cancels() -> None:
         g2.core.receive("sg1", cxtp.DQ(ip("192.0.2.10"), 0, (tag2,)), w.now)
     assert len(g2.core.not_taken) == MAX_NOT_TAKEN_PER_PEER
     assert ("sg1", 1000 + MAX_NOT_TAKEN_PER_PEER + 49) in g2.core.not_taken
+
+
+def test_the_query_says_how_old_the_transfer_is_and_the_target_decides_with_it(
+    tmp_path: Path,
+) -> None:
+    """The restarted source's query carries the transfer's AGE (seconds since its tunnels
+    were recorded leaving, growing with each repeat). A target that pruned arrivals from
+    that peer answers "not taken" only for a transfer begun after the newest one pruned
+    (with a margin for clock steps): one whose record may be gone is "taken"."""
+    import time as time_mod
+    from types import SimpleNamespace
+
+    from ipsecct.ct import cxtp
+    from ipsecct.ct.transfer import FPT_AGE, parse_age
+
+    w, j1, j2 = journaled_world()
+    tid = w.transfer()
+    settle(w, "sg1", j1)
+    w.links.clear()  # nothing reached sg2
+    g1 = w.gw["sg1"]
+    restarted_source(w, j1, tid)
+    g1.run(g1.core.recall_unresolved([], w.now))
+    g1.core.unresolved[tid].age = 100.0  # (what recall_unresolved's ages set)
+    w.drop("sg1", "sg2")
+    w.now += g1.core.settings.retry
+    g1.tick()
+    q = w.peek("sg1", "sg2")
+    assert isinstance(q, cxtp.DQ) and [cxtp.cdb_fpt(c) for c in q.ext[1:]] == [FPT_AGE]
+    assert parse_age(q.ext[1:]) == 100.0 + g1.core.settings.retry
+    w.deliver("sg1", "sg2")
+    assert j2.asked_age == 100.0 + g1.core.settings.retry
+    # The durable state's rule, with a real store: arrivals from sg1 pruned up to an hour ago.
+    store, lock = state_mod.open_store(tmp_path / "s", "sg2", [], fresh=False)
+    now = time_mod.time()
+    store.put([], [(1, "sg1"), (2, "sg1"), (3, "sg3")])
+    old = (now - 4 * 3600, f"{3:016x}")
+    store.conn.execute("UPDATE arrival SET changed = ? WHERE transfer != ?", old)
+    node = SimpleNamespace(name="sg2", extensions={}, on_reserve=None)
+    st = state_mod.DurableState(node, store, lock, 1024, 7200.0)  # type: ignore[arg-type]
+    assert st.arrival_margin == 3600.0 and st.arrivals == {1, 2, 3}
+    gone, upto = store.prune_arrivals(now - 3 * 3600)
+    st._pruned((gone, upto, store.arrival_counts()))
+    assert gone == {1, 2} and st.arrivals == {3} and st.arrival_upto == {"sg1": now - 4 * 3600}
+    assert st.may_have_arrived(3, "sg3", 10**6)  # recorded: taken
+    assert not st.may_have_arrived(9, "sg3", 10**6)  # nothing ever pruned from sg3
+    assert not st.may_have_arrived(9, "sg1", 60)  # begun after every pruned one (and margin)
+    assert st.may_have_arrived(9, "sg1", 4 * 3600)  # may be as old as a pruned one
+    assert st.may_have_arrived(9, "sg1", 3 * 3600 + 60)  # within the margin: unsure, taken
+    assert st.may_have_arrived(9, "sg1", None)  # age not said: taken
+    store.close()
 
 
 def test_an_unanswered_query_is_repeated_and_the_tunnel_stays_held() -> None:

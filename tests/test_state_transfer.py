@@ -534,3 +534,55 @@ def test_a_source_restarted_with_a_leaving_row_asks_its_target(few: Gateways) ->
     served_by_one(gws, cap, spi, port)
     assert spi not in gws.active_spis("sg2")  # not restored: its keys were never on disk
     assert cap.duplicates() == []
+
+
+def test_a_query_after_the_target_pruned_the_arrival_is_answered_taken(few: Gateways) -> None:
+    """The target keeps the ids of arrived transfers ``arrival_retention_s`` (2 s here, its
+    clock-step margin 1 s), then prunes them (``state.arrivals`` in ``status``) and keeps only
+    the newest arrival time pruned. sg1 moves a tunnel to sg2 and is killed after its COMMIT
+    with its row still "leaving" (the crash before "away" lands: the row is put back as it
+    was); sg2 serves the tunnel, prunes the arrival and is restarted (its memory gone, the
+    tunnel not restored: its keys were never on disk). sg1 restarted asks, saying how old
+    the transfer is: sg2, which no longer has its record but pruned arrivals as old as it,
+    answers "taken", and sg1 never sends on the tunnel again (had it resumed past its stored
+    ceiling, it would have repeated numbers sg2 sent)."""
+    import sqlite3
+
+    gws = few
+    cap: Capture = gws.capture  # type: ignore[attr-defined]
+    gws.write("sg2", peers=["sg1"], with_tunnels=False, extra="arrival_retention_s = 2")
+    gws.kill("sg2")
+    gws.start("sg2")
+    wait_for(lambda: len(cap.seen) > 100, "no traffic")
+    port = {n: gws.ports[n]["outer"] for n in ("sg1", "sg2")}
+    log = gws.dir / "sg1.log"
+    spi = 0x20000000 + 3
+    offset = log.stat().st_size
+    th = start_transfer(gws, spi)
+    wait_for_line(log, offset, ("event=transfer-committed", "role=source"))
+    gws.kill("sg1")
+    th.join(30)
+    db = sqlite3.connect(gws.dir / "state-sg1" / "state.db", isolation_level=None)
+    n = db.execute(
+        "UPDATE sa SET owner = 'leaving', detail = 'transferring to sg2' WHERE spi = ?", (spi,)
+    ).rowcount
+    db.close()
+    assert n == 1
+    wait_for(lambda: any(s_ == spi and p == port["sg2"] for s_, _, p, _ in list(cap.seen)),
+             "sg2 does not send on the tunnel")  # fmt: skip
+    arrivals = lambda: gws.status("sg2")["state"]["arrivals"]  # noqa: E731
+    wait_for(lambda: arrivals()["pruned"] >= 1 and arrivals()["kept"] == 0,
+             "sg2 never pruned the arrival", detail=arrivals)  # fmt: skip
+    gws.kill("sg2")
+    gws.start("sg2")
+    assert gws.status("sg2")["state"]["arrivals"]["kept"] == 0
+    offset = log.stat().st_size
+    gws.start("sg1")
+    lines = log.read_text()[offset:].splitlines()
+    unknown = [ln for ln in lines if "transfer-outcome-unknown" in ln]
+    assert len(unknown) == 1 and "tunnel=t3" in unknown[0], unknown
+    wait_for(lambda: settled(gws, ["sg1", "sg2"]), "the query was not answered")
+    details = [r["detail"] for r in gws.status("sg1")["transfers"]["recent"]]
+    assert "taken by sg2" in details, details
+    assert served_by_one(gws, cap, spi, port) is None  # went with sg2's memory
+    assert cap.duplicates() == []

@@ -100,7 +100,7 @@ class Journal(Protocol):
     def arriving(self, tunnels: Sequence[Tunnel], peer: str, transfer_id: int) -> Write:
         """Target: ``tunnels`` are installed held (transfer ``transfer_id`` pending): record
         them pending and reserve their first block past the sequence number they came with,
-        and record that this transfer arrived (:meth:`knows_arrival`). Their outbound SAs may
+        and record that this transfer arrived (:meth:`may_have_arrived`). Their outbound SAs may
         send nothing until this write is done (their ceiling is raised only then); the core
         activates them only once it is done."""
 
@@ -108,10 +108,13 @@ class Journal(Protocol):
         """Target: the transfer committed: ``tunnels`` are owned here. Not waited for (a
         crash before it lands leaves them pending: kept away after a restart)."""
 
-    def knows_arrival(self, transfer_id: int) -> bool:
-        """Target: was transfer ``transfer_id`` ever recorded arriving here (submitted
-        :meth:`arriving`, durable or on its way)? Then its tunnels may have been sent on
-        here, whatever became of them since."""
+    def may_have_arrived(self, transfer_id: int, peer: str, age: float | None) -> bool:
+        """Target: may transfer ``transfer_id`` from ``peer`` have been recorded arriving
+        here (submitted :meth:`arriving`, durable or on its way)? Then its tunnels may have
+        been sent on here, whatever became of them since. ``age``: how long ago the source
+        started it, by the source's clock (None: unknown). True also when the record may have
+        been pruned (the transfer may be older than the newest arrival pruned from ``peer``):
+        docs/state.md, "how long an arrival is remembered"."""
 
     def leaving(self, tunnels: Sequence[Tunnel], peer: str, transfer_id: int) -> Write:
         """Source: ``tunnels`` are being given to ``peer`` by transfer ``transfer_id``:

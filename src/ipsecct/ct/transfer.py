@@ -32,10 +32,11 @@ from __future__ import annotations
 import enum
 import ipaddress
 import itertools
+import math
 import secrets
 import struct
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -67,6 +68,7 @@ FPT_FORWARD = 0x8006  # a packet forwarded after the cut-over
 FPT_SYNC = 0x8007  # fail-over replication: heartbeat and state (see failover.py)
 FPT_FINAL = 0x8008  # make-before-break: a tunnel's final state at the source (FINAL)
 FPT_UNIT = 0x8009  # tunnels that move with a context of another kind (an IKE SA): UNIT
+FPT_AGE = 0x800A  # decision query: how long ago the source started the transfer (AGE)
 UNIT_IKEV2 = 1  # a UNIT's kind: the CHILD SAs of one IKE SA (its context follows the COMMIT)
 DECISION_COMMIT = 1
 MAX_FORWARD_PACKET = cxtp.MAX_CDB_LEN - 8
@@ -301,6 +303,27 @@ def decision_cdb(decision: int) -> bytes:
     return frame(FPT_DECISION, bytes([decision, 0, 0, 0]))
 
 
+def age_cdb(seconds: float) -> bytes:
+    """AGE (in a decision query): ``Seconds (32)``, how long ago the asking source recorded
+    the transfer's tunnels leaving, by its own clock, rounded up (saturating)."""
+    return frame(FPT_AGE, struct.pack("!I", min(0xFFFFFFFF, max(0, math.ceil(seconds)))))
+
+
+def parse_age(ext: Iterable[bytes]) -> float | None:
+    """The AGE of a decision query's extension CDBs (after its TRANSFER CDB); None when it
+    has none, or one that is malformed (then the target assumes the worst)."""
+    for c in ext:
+        if cxtp.cdb_fpt(c) == FPT_AGE:
+            try:
+                p = unframe(c)
+            except CxtpError:
+                return None
+            if len(p) != 4:
+                return None
+            return float(struct.unpack("!I", p)[0])
+    return None
+
+
 def final_cdb(out_spi: int, in_spi: int, out_seq: int, top: int, bitmap: bytes) -> bytes:
     """A tunnel's final state at the source (make-before-break): ``Out SPI (32) | In SPI
     (32, 0: no inbound SA) | Out Seq (64): the last number it sent | Top (64, 0: no replay
@@ -437,6 +460,8 @@ class _Unresolved:
     since: float
     next_query: float = 0.0
     queries: int = 0
+    # how long before ``since`` the tunnels were recorded leaving (None: unknown)
+    age: float | None = None
     members: set[Tunnel] = field(default_factory=set, repr=False, compare=False)
 
 
@@ -1029,13 +1054,19 @@ class TransferCore:
 
     # -- the decision query (docs/state.md) ----------------------------------------------
     def recall_unresolved(
-        self, transfers: Iterable[tuple[int, str, list[Tunnel]]], now: float
+        self,
+        transfers: Iterable[tuple[int, str, list[Tunnel]]],
+        now: float,
+        ages: Mapping[int, float] | None = None,
     ) -> list[Output]:
         """After a restart: tunnels recorded "leaving" by (transfer id, peer) before this
         gateway died, whose outcome it does not know. They are held (never sent on: their
         packets are dropped and counted) and ``peer`` is asked, now and every ``retry``
         until it answers: "taken" (they go away) or "not taken" (owned here again once that
-        is durable, then active). Needs a journal."""
+        is durable, then active). ``ages``: per transfer, how long ago (seconds, wall
+        clock) its tunnels were recorded leaving: each query says how old the transfer is
+        (AGE), so that a target that pruned old arrivals answers "taken" when unsure. Needs a
+        journal."""
         assert self.journal is not None, "unresolved transfers come from a journal"
         out: list[Output] = []
         for tid, peer, tunnels in transfers:
@@ -1045,7 +1076,8 @@ class TransferCore:
                 if t.state is not TunnelState.HELD:
                     self.engine.hold(t)
             u = _Unresolved(
-                tid, peer, list(tunnels), tunnels[0].outbound.dst, now, members=set(tunnels)
+                tid, peer, list(tunnels), tunnels[0].outbound.dst, now, members=set(tunnels),
+                age=None if ages is None else ages.get(tid),
             )
             self.unresolved[tid] = u
             out += self._query(u, now)
@@ -1055,7 +1087,10 @@ class TransferCore:
         u.next_query = now + self.settings.retry
         u.queries += 1
         tag = cxtp.TransferTag(u.tid, 0).encode()
-        return [Send(u.peer, cxtp.DQ(u.mn, cxtp.Answer.QUERY, (tag,)))]
+        ext: tuple[bytes, ...] = (tag,)
+        if u.age is not None:
+            ext += (age_cdb(u.age + (now - u.since)),)
+        return [Send(u.peer, cxtp.DQ(u.mn, cxtp.Answer.QUERY, ext))]
 
     def _on_answer(
         self, peer: str, msg: cxtp.DQ, tag: cxtp.TransferTag, now: float
@@ -1111,9 +1146,11 @@ class TransferCore:
         elif inc is not None:
             taken = False  # cancelled or refused: never activated here
         else:
-            # Forgotten (or this gateway restarted): taken if it ever installed them.
+            # Forgotten (or this gateway restarted): taken if it ever installed them, or if
+            # its record of that may have been pruned (the AGE the source says is too old).
             taken = tid in self._arrivals or (
-                self.journal is not None and self.journal.knows_arrival(tid)
+                self.journal is not None
+                and self.journal.may_have_arrived(tid, peer, parse_age(msg.ext[1:]))
             )
         if not taken:
             # Bounded per peer (a peer that floods queries evicts only its own entries).

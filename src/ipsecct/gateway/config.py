@@ -154,6 +154,9 @@ class NodeConfig:
     # node name) and how many sequence numbers one reservation covers.
     state_dir: str | None = None
     seq_block: int = 1 << 16
+    # How long the ids of transfers that arrived here are kept for the decision query
+    # (seconds; docs/state.md, "how long an arrival is remembered").
+    arrival_retention: float = 86400.0
 
     @property
     def local_address(self) -> IPAddress:
@@ -699,7 +702,7 @@ def from_dict(data: dict[str, Any], path: str = "<config>") -> NodeConfig:
         for i, t in enumerate(ctx.get(data, "tunnel", "", list, []))
     ]
     state_d = ctx.get(data, "state", "", dict, {})
-    _check_keys_allowed(state_d, ctx, "state.", {"dir", "seq_block"})
+    _check_keys_allowed(state_d, ctx, "state.", {"dir", "seq_block", "arrival_retention_s"})
     state_dir = ctx.get(state_d, "dir", "state.", str, None)
     if state_dir is not None:
         if not state_dir:
@@ -709,6 +712,9 @@ def from_dict(data: dict[str, Any], path: str = "<config>") -> NodeConfig:
     seq_block = ctx.get(state_d, "seq_block", "state.", int, 1 << 16)
     if not 2 <= seq_block <= 1 << 32:
         raise ctx.err("state.seq_block", "must be 2 .. 4294967296 sequence numbers")
+    retention = ctx.get(state_d, "arrival_retention_s", "state.", int, 86400)
+    if not 1 <= retention <= 366 * 86400:
+        raise ctx.err("state.arrival_retention_s", "must be 1 .. 31622400 seconds")
     names = [t.name for t in tunnels]
     if len(set(names)) != len(names):
         raise ctx.err("tunnel", "tunnel names must be unique")
@@ -765,6 +771,7 @@ def from_dict(data: dict[str, Any], path: str = "<config>") -> NodeConfig:
         ike_port=ike_port,
         state_dir=state_dir,
         seq_block=seq_block,
+        arrival_retention=float(retention),
     )
 
 

@@ -110,6 +110,7 @@ class Service:
                 tunnels = [t for sa in sas if (t := self.node.engine.tunnel_of(sa)) is not None]
                 if gw in tcfg.peers and tunnels:
                     self.transfer.unresolved.append((tid, gw, tunnels))
+            self.transfer.unresolved_ages = self.state.unresolved_ages()
             if self.failover is not None:
                 self.failover.journal = self.state
                 if self.failover.standby is not None:

@@ -56,7 +56,8 @@ from .node import Node
 
 log = logging.getLogger("ipsecct.gateway.state")
 
-SCHEMA = 2  # 2: sa.gateway and the arrival table (1 is upgraded on open)
+# 2: sa.gateway and the arrival table; 3: arrival_pruned (older ones are upgraded on open)
+SCHEMA = 3
 DB_NAME = "state.db"
 MARKER = "ipsecct-state"
 LOCK = "lock"
@@ -115,6 +116,13 @@ _ARRIVAL = "INSERT OR IGNORE INTO arrival (transfer, peer, changed) VALUES (?, ?
 _ARRIVAL_TABLE = (
     "CREATE TABLE arrival (transfer TEXT PRIMARY KEY, peer TEXT NOT NULL, changed REAL NOT NULL)"
 )
+# Schema 3: per peer, the newest arrival time of the arrivals pruned (a decision query about
+# a transfer that may have begun before it is answered "taken": docs/state.md).
+_PRUNED_TABLE = "CREATE TABLE arrival_pruned (peer TEXT PRIMARY KEY, upto REAL NOT NULL)"
+_ARRIVAL_INDEX = "CREATE INDEX arrival_by_peer ON arrival (peer, changed)"
+# Arrivals kept per peer at most, whatever their age: a peer that transfers more within the
+# retention has its oldest pruned early (queries about those are answered "taken").
+MAX_ARRIVALS_PER_PEER = 65536
 
 
 class StateStore:
@@ -150,7 +158,10 @@ class StateStore:
             ver = conn.execute("PRAGMA user_version").fetchone()[0]
             if ver == 1:
                 cls._upgrade_1(conn)
-                ver = SCHEMA
+                ver = 2
+            if ver == 2:
+                cls._upgrade_2(conn)
+                ver = 3
             if ver != SCHEMA:
                 raise _Damaged(f"schema version {ver}, this ipsecct reads {SCHEMA}")
             meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
@@ -174,7 +185,22 @@ class StateStore:
         try:
             conn.execute("ALTER TABLE sa ADD COLUMN gateway TEXT NOT NULL DEFAULT ''")
             conn.execute(_ARRIVAL_TABLE)
-            conn.execute(f"PRAGMA user_version = {SCHEMA}")
+            conn.execute("PRAGMA user_version = 2")
+            conn.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            raise
+
+    @staticmethod
+    def _upgrade_2(conn: sqlite3.Connection) -> None:
+        """Schema 2 -> 3: arrivals are pruned; the horizon of what was pruned is kept (an
+        older ipsecct, which would answer "not taken" for a pruned arrival, refuses it)."""
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.execute(_PRUNED_TABLE)
+            conn.execute(_ARRIVAL_INDEX)
+            conn.execute("PRAGMA user_version = 3")
             conn.execute("COMMIT")
         except BaseException:
             with contextlib.suppress(sqlite3.Error):
@@ -194,6 +220,8 @@ class StateStore:
             "changed REAL NOT NULL, transfer TEXT NOT NULL, gateway TEXT NOT NULL DEFAULT '')"
         )
         conn.execute(_ARRIVAL_TABLE)
+        conn.execute(_PRUNED_TABLE)
+        conn.execute(_ARRIVAL_INDEX)
         conn.executemany(
             "INSERT INTO meta VALUES (?, ?)",
             [
@@ -234,6 +262,55 @@ class StateStore:
         with self._lock:
             rows = self.conn.execute("SELECT transfer FROM arrival").fetchall()
         return {int(t, 16) for (t,) in rows}
+
+    def arrival_counts(self) -> dict[str, int]:
+        """Per peer, how many arrivals are kept."""
+        with self._lock:
+            rows = self.conn.execute("SELECT peer, count(*) FROM arrival GROUP BY peer").fetchall()
+        return {str(p): int(n) for p, n in rows}
+
+    def pruned_upto(self) -> dict[str, float]:
+        """Per peer, the newest arrival time (wall clock) of the arrivals pruned so far."""
+        with self._lock:
+            rows = self.conn.execute("SELECT peer, upto FROM arrival_pruned").fetchall()
+        return {str(p): float(t) for p, t in rows}
+
+    def prune_arrivals(
+        self, before: float, cap: int = MAX_ARRIVALS_PER_PEER
+    ) -> tuple[set[int], dict[str, float]]:
+        """Delete the arrivals recorded before ``before`` (wall clock) and, per peer, all
+        but the newest ``cap``; record per peer the newest arrival time pruned (never going
+        down), in the same synced transaction. Returns the ids deleted and the horizons of
+        the peers that had any."""
+        gone: set[int] = set()
+        upto: dict[str, float] = {}
+
+        def prune() -> None:
+            c = self.conn
+            peers = [p for (p,) in c.execute("SELECT DISTINCT peer FROM arrival")]
+            for peer in peers:
+                doomed = c.execute(
+                    "SELECT rowid, transfer, changed FROM arrival WHERE peer = ? AND "
+                    "(changed < ? OR rowid NOT IN (SELECT rowid FROM arrival WHERE peer = ? "
+                    "ORDER BY changed DESC, rowid DESC LIMIT ?))",
+                    (peer, before, peer, cap),
+                ).fetchall()
+                if not doomed:
+                    continue
+                gone.update(int(t, 16) for _, t, _ in doomed)
+                newest = max(float(t) for _, _, t in doomed)
+                c.executemany("DELETE FROM arrival WHERE rowid = ?", [(r,) for r, _, _ in doomed])
+                c.execute(
+                    "INSERT INTO arrival_pruned (peer, upto) VALUES (?, ?) ON CONFLICT (peer) "
+                    "DO UPDATE SET upto = max(upto, excluded.upto)", (peer, newest),
+                )
+            upto.update(
+                (str(p), float(t)) for p, t in c.execute("SELECT peer, upto FROM arrival_pruned")
+            )
+
+        with self._lock:
+            self._write(prune)
+        return gone, upto
 
     def put(self, rows: Iterable[SAState], arrivals: Sequence[tuple[int, str]] = ()) -> None:
         """Write ``rows`` (and the transfers that ``arrivals`` records arriving from a peer)
@@ -430,7 +507,10 @@ class DurableState:
     reservations written ahead, and the ownership :class:`~ipsecct.ct.journal.Journal` the
     transfer and fail-over services call."""
 
-    def __init__(self, node: Node, store: StateStore, lock_fd: int, block: int) -> None:
+    def __init__(
+        self, node: Node, store: StateStore, lock_fd: int, block: int,
+        arrival_retention: float = 86400.0,
+    ) -> None:
         self.node = node
         self.store = store
         self.lock_fd = lock_fd
@@ -439,6 +519,14 @@ class DurableState:
         # Transfers recorded arriving here (durable, or submitted): a restarted source that
         # asks about one hears "taken" (docs/state.md, the decision query).
         self.arrivals = store.arrivals()
+        # Arrivals are kept ``arrival_retention`` seconds (and at most MAX_ARRIVALS_PER_PEER
+        # per peer); per peer, the newest arrival time pruned: a query about a transfer that
+        # may have begun before it (its age says) is answered "taken" (docs/state.md).
+        self.arrival_retention = arrival_retention
+        self.arrival_upto = store.pruned_upto()
+        self._arrival_counts = store.arrival_counts()
+        self._prune_due = False
+        self._prune_task: asyncio.Task[None] | None = None
         self.tracked: weakref.WeakKeyDictionary[SecurityAssociation, str] = (
             weakref.WeakKeyDictionary()
         )
@@ -450,6 +538,7 @@ class DurableState:
             "failed_writes": 0,
             "ownership_writes": 0,
         }
+        self.arrivals_pruned = 0
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._quiet_until = 0.0
@@ -573,8 +662,14 @@ class DurableState:
         )
         await self._loop.run_in_executor(self._writer, _ready)  # the thread exists from now
         self._task = asyncio.create_task(self._flusher())
+        self._prune_task = asyncio.create_task(self._pruner())
 
     async def stop(self) -> None:
+        if self._prune_task is not None:
+            self._prune_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._prune_task
+            self._prune_task = None
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -590,6 +685,78 @@ class DurableState:
         self._loop = None
         self.store.close()
         os.close(self.lock_fd)
+
+    # -- arrivals: how long they are remembered ----------------------------------------------
+    @property
+    def arrival_margin(self) -> float:
+        """What the clocks of two gateways (or one across a restart) may be stepped by
+        without a pruned arrival being taken for one that never came: an hour, or half the
+        retention if that is shorter (tests)."""
+        return min(3600.0, self.arrival_retention / 2)
+
+    def may_have_arrived(self, transfer_id: int, peer: str, age: float | None) -> bool:
+        """Target: may transfer ``transfer_id`` from ``peer``, begun ``age`` seconds ago by
+        the asking source's clock (None: not said), have been installed here (then its
+        tunnels may have been sent on)? Yes if it is recorded; else yes only if it may have
+        begun before the newest arrival pruned from that peer (its record may be gone)."""
+        if transfer_id in self.arrivals:
+            return True
+        upto = self.arrival_upto.get(peer)
+        if upto is None:
+            return False  # nothing from that peer ever pruned: the record would be here
+        if age is None:
+            return True
+        return time.time() - age - self.arrival_margin <= upto
+
+    def _prune_interval(self) -> float:
+        return max(0.25, min(3600.0, self.arrival_retention / 4))
+
+    async def _pruner(self) -> None:
+        """Prunes the arrivals older than the retention (plus the margin) now and every
+        quarter of the retention (at most hourly), on the writer's thread."""
+        while True:
+            self._prune_now()
+            await asyncio.sleep(self._prune_interval())
+
+    def _prune_now(self) -> None:
+        if self._writer is None or self._loop is None or self._prune_due:
+            return
+        self._prune_due = True
+        self._writer.submit(self._prune_job, self._loop)
+
+    def _prune_job(self, loop: asyncio.AbstractEventLoop) -> None:
+        """On the writer's thread (after the writes queued before it): the prune, handed to
+        the loop as one callback when it deleted something (or failed)."""
+        before = time.time() - self.arrival_retention - self.arrival_margin
+        outcome: tuple[set[int], dict[str, float], dict[str, int]] | str
+        with self._wlock:
+            try:
+                gone, upto = self.store.prune_arrivals(before)
+                outcome = (gone, upto, self.store.arrival_counts() if gone else {})
+            except (sqlite3.Error, OSError) as exc:
+                outcome = str(exc) or type(exc).__name__
+        self._prune_due = False  # (a prune asked for meanwhile waits for the next tick)
+        if isinstance(outcome, str) or outcome[0]:
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(self._pruned, outcome)
+
+    def _pruned(self, outcome: tuple[set[int], dict[str, float], dict[str, int]] | str) -> None:
+        """On the loop: the horizons first, then the ids forgotten (until then they are still
+        known: "taken")."""
+        if isinstance(outcome, str):
+            self.counters["failed_writes"] += 1
+            event(log, "arrival-prune-failed", logging.ERROR, node=self.node.name,
+                  error=outcome, effect="the arrivals are kept (retried later)")  # fmt: skip
+            return
+        gone, upto, counts = outcome
+        for peer, t in upto.items():
+            self.arrival_upto[peer] = max(t, self.arrival_upto.get(peer, t))
+        self.arrivals -= gone
+        if gone:
+            self._arrival_counts = counts  # (as of the prune: those submitted since are few)
+            self.arrivals_pruned += len(gone)
+            event(log, "arrivals-pruned", node=self.node.name, pruned=len(gone),
+                  kept=len(self.arrivals))  # fmt: skip
 
     # -- reservations ----------------------------------------------------------------------
     def _on_reserve(self, sa: SecurityAssociation) -> None:
@@ -834,6 +1001,9 @@ class DurableState:
         for r in rows:
             r.transfer = transfer_id
         self.arrivals.add(transfer_id)
+        n = self._arrival_counts[peer] = self._arrival_counts.get(peer, 0) + 1
+        if n > MAX_ARRIVALS_PER_PEER + MAX_ARRIVALS_PER_PEER // 8 and self._loop is not None:
+            self._loop.call_soon(self._prune_now)  # bounded on write too, after this one
         # Not urgent: the core waits for it only at the COMMIT, a round trip away; the CTDR
         # goes first. The transfer's arrival is recorded in the same transaction.
         return self._submit(rows, then, urgent=False, arrivals=[(transfer_id, peer)])
@@ -845,9 +1015,6 @@ class DurableState:
             self._rows(tunnels, Owner.OWNED, f"taken over from {peer}", transfer_id),
             urgent=False,
         )
-
-    def knows_arrival(self, transfer_id: int) -> bool:
-        return transfer_id in self.arrivals
 
     def leaving(self, tunnels: Sequence[Tunnel], peer: str, transfer_id: int) -> Write:
         # Not urgent: the COMMIT waits for it a round trip later; the contexts go first.
@@ -889,6 +1056,16 @@ class DurableState:
             sa = self._unresolved_sas.get(name)
             if sa is not None:
                 out.setdefault((row.transfer, row.gateway), []).append(sa)
+        return out
+
+    def unresolved_ages(self) -> dict[int, float]:
+        """Per unresolved transfer, how long ago (seconds, wall clock) its tunnels were
+        recorded leaving (the oldest row: the query's AGE errs on the old side)."""
+        now = time.time()
+        out: dict[int, float] = {}
+        for row in self.plan.unresolved.values():
+            age = max(0.0, now - row.changed)
+            out[row.transfer] = max(age, out.get(row.transfer, 0.0))
         return out
 
     def staying(self, tunnels: Sequence[Tunnel], peer: str) -> Write:
@@ -941,6 +1118,11 @@ class DurableState:
                 "min_headroom": min((Reservations.headroom(sa) for sa in live), default=None),
                 **self.counters,
             },
+            "arrivals": {
+                "kept": len(self.arrivals),
+                "retention_s": self.arrival_retention,
+                "pruned": self.arrivals_pruned,
+            },
             "kept_away": [
                 {"name": n, "spi": f"0x{r.spi:08x}", "owner": r.owner.value, "detail": r.detail}
                 for n, r in self.plan.away.items()
@@ -984,7 +1166,7 @@ def open_for(node: Node, cfg: NodeConfig, *, fresh: bool = False) -> DurableStat
     directory = Path(cfg.state_dir) if cfg.state_dir is not None else default_dir(cfg.name)
     aead = [(t.name, t.outbound) for t in cfg.tunnels if t.outbound.aead]
     store, lock = open_store(directory, cfg.name, aead, fresh=fresh)
-    state = DurableState(node, store, lock, cfg.seq_block)
+    state = DurableState(node, store, lock, cfg.seq_block, cfg.arrival_retention)
     try:
         state.merge_configuration(cfg)
     except BaseException:

@@ -80,6 +80,7 @@ class TransferService:
         # After a restart: (transfer id, peer, tunnels) recorded leaving, whose outcome this
         # gateway does not know: the peer is asked once the service starts.
         self.unresolved: list[tuple[int, str, list[Tunnel]]] = []
+        self.unresolved_ages: dict[int, float] = {}  # their age (AGE in the query)
         node.on_forward = self._on_forward
         node.outer_hooks.append(self._on_outer_message)
         node.extensions["peers"] = self._peers_status
@@ -93,7 +94,9 @@ class TransferService:
         self.node.timers.add("gc", lambda: self._next_gc, self._on_gc_timer)
         if self.unresolved:
             recall, self.unresolved = self.unresolved, []
-            self.run(self.core.recall_unresolved(recall, self.node.clock()))
+            self.run(
+                self.core.recall_unresolved(recall, self.node.clock(), self.unresolved_ages)
+            )
 
     async def stop(self) -> None:
         self.node.timers.remove("transfer")
