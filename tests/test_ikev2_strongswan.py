@@ -61,60 +61,33 @@ class Initiator(Charon):
 
     def write_config(self) -> None:
         super().write_config()
-        props = f"proposals = {self.ike}" if self.ike else ""
-        esp = f"esp_proposals = {self.esp}" if self.esp else ""
         ike_rekey = child_rekey = ""
         if self.rekey is not None:
             ike_rekey = f"rekey_time = {self.rekey[0]}s\n    over_time = 2s\n    rand_time = 1s"
             child_rekey = f"rekey_time = {self.rekey[1]}s\n        rand_time = 1s"
-        conf = f"""connections {{
-  cA {{
-    version = 2
-    local_addrs = {A.outer}
-    remote_addrs = {B.outer}
-    encap = {"yes" if self.encap else "no"}
-    mobike = no
-    dpd_delay = {self.dpd}s
-    {props}
-    {ike_rekey}
-    local {{
-      auth = psk
-      id = {A.id}
-    }}
-    remote {{
-      auth = psk
-      id = {B.id}
-    }}
-    children {{
-      net {{
-        local_ts = {A.inner}/32
-        remote_ts = {B.inner}/32
-        {esp}
-        {child_rekey}
-        mode = tunnel
-      }}
-    }}
-  }}
-}}
-secrets {{
-  ike-ab {{
-    id-a = {A.id}
-    id-b = {B.id}
-    secret = "{PSK}"
-  }}
-}}
-"""
-        fd = os.open(self.dir / "swanctl.conf", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(conf)
+        conf = strongswan.swanctl_psk(
+            "cA",
+            local_addrs=A.outer,
+            remote_addrs=B.outer,
+            local_id=A.id,
+            remote_id=B.id,
+            local_ts=f"{A.inner}/32",
+            remote_ts=f"{B.inner}/32",
+            psk=PSK,
+            encap=self.encap,
+            dpd=f"{self.dpd}s",
+            proposals=self.ike,
+            esp_proposals=self.esp,
+            ike_extra=ike_rekey,
+            child_extra=child_rekey,
+        )
+        strongswan.write_private(self.dir / "swanctl.conf", conf)
 
 
 def gateway_config(d: Path, *, ike: str, esp: str, encap: bool, dpd: int,
                    rekey: tuple[int, int] = (0, 0), cookies: int = 100) -> Path:  # fmt: skip
     psk = d / "ab.psk"
-    fd = os.open(psk, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(PSK + "\n")
+    strongswan.write_private(psk, PSK + "\n")
     conf = d / "gw.toml"
     conf.write_text(f"""name = "b-ipsecct"
 [outer]
@@ -462,49 +435,23 @@ class Responder(Charon):
 
     def write_config(self) -> None:
         super().write_config()
-        conf = f"""connections {{
-  cB {{
-    version = 2
-    local_addrs = {B.outer}
-    remote_addrs = {A.outer}
-    encap = yes
-    mobike = no
-    dpd_delay = 1s
-    local {{
-      auth = psk
-      id = {B.id}
-    }}
-    remote {{
-      auth = psk
-      id = {A.id}
-    }}
-    children {{
-      net {{
-        local_ts = {B.inner}/32
-        remote_ts = {A.inner}/32
-        mode = tunnel
-      }}
-    }}
-  }}
-}}
-secrets {{
-  ike-ab {{
-    id-a = {A.id}
-    id-b = {B.id}
-    secret = "{PSK}"
-  }}
-}}
-"""
-        fd = os.open(self.dir / "swanctl.conf", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(conf)
+        conf = strongswan.swanctl_psk(
+            "cB",
+            local_addrs=B.outer,
+            remote_addrs=A.outer,
+            local_id=B.id,
+            remote_id=A.id,
+            local_ts=f"{B.inner}/32",
+            remote_ts=f"{A.inner}/32",
+            psk=PSK,
+            dpd="1s",
+        )
+        strongswan.write_private(self.dir / "swanctl.conf", conf)
 
 
 def node_config(d: Path) -> Path:
     psk = d / "ab.psk"
-    fd = os.open(psk, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(PSK + "\n")
+    strongswan.write_private(psk, PSK + "\n")
     conf = d / "mn.toml"
     conf.write_text(f"""name = "a-ipsecct"
 [outer]

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -29,7 +28,7 @@ from tests.helpers.netns_topology import (
     _section,
     cli,
 )
-from tests.helpers.strongswan import Charon, Side
+from tests.helpers.strongswan import Charon, Side, swanctl_psk, write_private
 from tests.helpers.waiting import until
 
 PSK = "ipsecct-ikev2-handover-psk-0123456789"
@@ -54,44 +53,22 @@ class Client(Charon):
         esp_proposals = aes128gcm16
         mode = tunnel
       }}""" if self.udp_child else ""
-        conf = f"""connections {{
-  cA {{
-    version = 2
-    local_addrs = {MN_OUTER}
-    remote_addrs = {self.gateway}
-    encap = yes
-    mobike = {self.mobike}
-    dpd_delay = {self.dpd_delay}
-    proposals = {self.ike_proposal}
-    local {{
-      auth = psk
-      id = {CLIENT.id}
-    }}
-    remote {{
-      auth = psk
-      id = {CLIENT.remote_id}
-    }}
-    children {{
-      net {{
-        local_ts = {MN_INNER}/32
-        remote_ts = {HOST_NET}
-        esp_proposals = aes128gcm16
-        mode = tunnel
-      }}{udp}
-    }}
-  }}
-}}
-secrets {{
-  ike-gw {{
-    id-1 = {CLIENT.id}
-    id-2 = {CLIENT.remote_id}
-    secret = "{PSK}"
-  }}
-}}
-"""
-        fd = os.open(self.dir / "swanctl.conf", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(conf)
+        conf = swanctl_psk(
+            "cA",
+            local_addrs=MN_OUTER,
+            remote_addrs=self.gateway,
+            local_id=CLIENT.id,
+            remote_id=CLIENT.remote_id,
+            local_ts=f"{MN_INNER}/32",
+            remote_ts=HOST_NET,
+            psk=PSK,
+            mobike=self.mobike == "yes",
+            dpd=self.dpd_delay,
+            proposals=self.ike_proposal,
+            esp_proposals="aes128gcm16",
+            more_children=udp,
+        )
+        write_private(self.dir / "swanctl.conf", conf)
 
 
 class IkeWorld(HandoverWorld):
@@ -115,9 +92,7 @@ class IkeWorld(HandoverWorld):
         d = self.dir
         r = cli("pki", "init", "--dir", str(d / "pki"), "--gateways", "sg1,sg2")
         assert r.returncode == 0, r.stderr
-        fd = os.open(d / "gw.psk", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(PSK + "\n")
+        write_private(d / "gw.psk", PSK + "\n")
         for g, other in (("sg1", "sg2"), ("sg2", "sg1")):
             direct = self.identity == "direct"
             outer: dict[str, object] = {"address": SG_OUTER[g], "port": 4500}

@@ -114,41 +114,94 @@ def strongswan_conf(d: Path, vici: str) -> str:
 """
 
 
-def swanctl_conf(side: Side, esp_proposal: str) -> str:
+def swanctl_psk(
+    name: str,
+    *,
+    local_addrs: str,
+    remote_addrs: str,
+    local_id: str,
+    remote_id: str,
+    local_ts: str,
+    remote_ts: str,
+    psk: str,
+    encap: bool = True,
+    mobike: bool = False,
+    dpd: str | None = None,
+    proposals: str | None = None,
+    esp_proposals: str | None = None,
+    ike_extra: str = "",
+    child_extra: str = "",
+    more_children: str = "",
+) -> str:
+    """A swanctl.conf with one PSK connection ``name`` and its CHILD ``net`` (tunnel mode),
+    the secret naming both identities. ``ike_extra`` and ``child_extra`` are lines added to the
+    connection and to ``net``; ``more_children``, whole CHILD sections after ``net``."""
+    ike = [f"encap = {'yes' if encap else 'no'}", f"mobike = {'yes' if mobike else 'no'}"]
+    if dpd:
+        ike.append(f"dpd_delay = {dpd}")
+    if proposals:
+        ike.append(f"proposals = {proposals}")
+    if ike_extra:
+        ike.append(ike_extra)
+    child = [f"local_ts = {local_ts}", f"remote_ts = {remote_ts}"]
+    if esp_proposals:
+        child.append(f"esp_proposals = {esp_proposals}")
+    if child_extra:
+        child.append(child_extra)
+    child.append("mode = tunnel")
+    ike_lines = "\n    ".join(ike)
+    child_lines = "\n        ".join(child)
     return f"""connections {{
-  c{side.name} {{
+  {name} {{
     version = 2
-    local_addrs = {side.outer}
-    remote_addrs = {side.remote_outer}
-    encap = yes
-    mobike = no
-    proposals = aes128gcm16-prfsha256-x25519
+    local_addrs = {local_addrs}
+    remote_addrs = {remote_addrs}
+    {ike_lines}
     local {{
       auth = psk
-      id = {side.id}
+      id = {local_id}
     }}
     remote {{
       auth = psk
-      id = {side.remote_id}
+      id = {remote_id}
     }}
     children {{
       net {{
-        local_ts = {side.inner}/32
-        remote_ts = {side.remote_inner}/32
-        esp_proposals = {esp_proposal}
-        mode = tunnel
-      }}
+        {child_lines}
+      }}{more_children}
     }}
   }}
 }}
 secrets {{
-  ike-ab {{
-    id-a = {A.id}
-    id-b = {B.id}
-    secret = "{PSK}"
+  ike-{name} {{
+    id-1 = {local_id}
+    id-2 = {remote_id}
+    secret = "{psk}"
   }}
 }}
 """
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write a file only its owner may read (a configuration holding a key)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+
+
+def swanctl_conf(side: Side, esp_proposal: str) -> str:
+    return swanctl_psk(
+        f"c{side.name}",
+        local_addrs=side.outer,
+        remote_addrs=side.remote_outer,
+        local_id=side.id,
+        remote_id=side.remote_id,
+        local_ts=f"{side.inner}/32",
+        remote_ts=f"{side.remote_inner}/32",
+        psk=PSK,
+        proposals="aes128gcm16-prfsha256-x25519",
+        esp_proposals=esp_proposal,
+    )
 
 
 # -- the CHILD_SA from charon's log ----------------------------------------------------------
@@ -336,10 +389,7 @@ class Charon:
     def write_config(self) -> None:
         (self.dir / "run").mkdir(parents=True, exist_ok=True)
         (self.dir / "strongswan.conf").write_text(strongswan_conf(self.dir, self.vici))
-        path = self.dir / "swanctl.conf"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # holds the PSK
-        with os.fdopen(fd, "w") as f:
-            f.write(swanctl_conf(self.side, self.esp_proposal))
+        write_private(self.dir / "swanctl.conf", swanctl_conf(self.side, self.esp_proposal))
 
     def start(self) -> None:
         self.write_config()
