@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -161,3 +163,40 @@ def test_ike_timers_below_a_second_are_refused(tmp_path: Path, key: str) -> None
     f.write_text(text.replace("[connections.rw]\n", f"[connections.rw]\n{key} = 0.001\n"))
     line = one_line(run("gateway", "run", "-c", str(f)))
     assert f"connections.rw.{key}: must be 0 (off) or from 1 s up" in line, line
+
+
+def test_transfer_to_a_stopped_target_gives_up_at_its_timeout(tmp_path: Path) -> None:
+    """A SIGSTOPped target and a long max_transfer_ms kept ``ipsecct transfer`` waiting up to
+    600 s. ``--timeout`` bounds it: the transfer is rolled back (exit status 1, one line),
+    the source goes on serving the tunnel, and the target, resumed, drops what it got
+    (never both sending)."""
+    from tests.helpers.transfer_processes import SPI, Setup
+
+    s = Setup(tmp_path)
+    try:
+        s.set("sg1", "max_transfer_ms", "600000")
+        for n in ("sg1", "sg2", "mn"):
+            s.start(n)
+        s.traffic_ok("sg1", 10)
+        os.kill(s.procs["sg2"].pid, signal.SIGSTOP)
+        try:
+            r = run("transfer", SPI, "--to", "sg2", "--timeout", "2", "-c", s.config("sg1"))
+            assert r.returncode == 1, (r.stdout, r.stderr, s.log("sg1"))
+            assert r.stderr == "" and len(r.stdout.splitlines()) == 1
+            assert ": timeout, 0/1 tunnel(s)" in r.stdout and "--timeout 2 s" in r.stdout
+            st = s.status("sg1")
+            assert st["sas"] == 2 and st["transfers"]["in_progress"] == 0
+            s.traffic_ok("sg1", 20)
+        finally:
+            os.kill(s.procs["sg2"].pid, signal.SIGCONT)
+        def cancelled(st: dict[str, Any]) -> bool:
+            return any(t["outcome"] == "cancelled" for t in st["transfers"]["recent"])
+
+        s.wait("sg2", cancelled, "sg2 dropping the cancelled transfer")
+        assert s.status("sg2")["sas"] == 0
+        s.traffic_ok("sg1", 30)
+        for bad in ("0", "-1", "inf", "3601"):  # argparse: its usage, then the error line
+            r = run("transfer", SPI, "--to", "sg2", "--timeout", bad, "-c", s.config("sg1"))
+            assert r.returncode == 2 and "argument --timeout: must be" in r.stderr
+    finally:
+        s.stop()

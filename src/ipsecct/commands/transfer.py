@@ -8,6 +8,8 @@ import sys
 from typing import Any
 
 from ..gateway.control import request
+from ..gateway.limits import TRANSFER_TIMEOUT_LIMIT
+from .args import number
 from .sa import add_target
 
 
@@ -30,8 +32,8 @@ def cmd_transfer(args: argparse.Namespace) -> int:
     rec = request(
         socket_path(args),
         "transfer",
-        {"spi": args.spi, "to": args.to, "mode": args.mode},
-        timeout=600,  # the gateway answers with the outcome, bounded by its own deadlines
+        {"spi": args.spi, "to": args.to, "mode": args.mode, "timeout": args.timeout},
+        timeout=args.timeout + GRACE,
     )
     return _print(rec, args.json)
 
@@ -39,8 +41,30 @@ def cmd_transfer(args: argparse.Namespace) -> int:
 def cmd_rebalance(args: argparse.Namespace) -> int:
     from .sa import socket_path
 
-    rec = request(socket_path(args), "rebalance", {"to": args.to, "count": args.count}, timeout=600)
+    rec = request(
+        socket_path(args),
+        "rebalance",
+        {"to": args.to, "count": args.count, "timeout": args.timeout},
+        timeout=args.timeout + GRACE,
+    )
     return _print(rec, args.json)
+
+
+# The gateway answers within --timeout (it rolls back what has no outcome by then); beyond
+# that, what it may spend first waiting for an IKE exchange in flight (QUIESCE_TIME, 10 s)
+# and answering. A gateway that does not answer even then is itself stuck: one line.
+GRACE = 15.0
+
+
+def _timeout(p: argparse.ArgumentParser, default: float) -> None:
+    p.add_argument(
+        "--timeout",
+        type=number(float, high=TRANSFER_TIMEOUT_LIMIT),
+        default=default,
+        metavar="SECONDS",
+        help=f"give up after this long ({default:g}): a transfer the target has not answered"
+        " by then is rolled back and the tunnels stay here (exit status 1)",
+    )
 
 
 def register(sub: Any) -> None:
@@ -64,6 +88,7 @@ def register(sub: Any) -> None:
         help="predictive: push the contexts (PCTD); reactive: the peer pulls (CT-Req)",
     )
     p.add_argument("--json", action="store_true")
+    _timeout(p, 60.0)
     add_target(p)
     p.set_defaults(handler=cmd_transfer)
     r: argparse.ArgumentParser = sub.add_parser(
@@ -72,5 +97,6 @@ def register(sub: Any) -> None:
     r.add_argument("--to", required=True)
     r.add_argument("--count", type=int, required=True)
     r.add_argument("--json", action="store_true")
+    _timeout(r, 300.0)
     add_target(r)
     r.set_defaults(handler=cmd_rebalance)

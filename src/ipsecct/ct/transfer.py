@@ -2043,6 +2043,15 @@ class TransferCore:
             self.engine.expire_moved(now)
         return out
 
+    def abandon(self, tid: int, now: float, detail: str) -> list[Output]:
+        """The operator stopped waiting for transfer ``tid`` (``ipsecct transfer --timeout``):
+        roll it back exactly as its own time-out would, if it still waits for the target's
+        answer. [] when it is decided or past the COMMIT (it ends by itself)."""
+        og = self.outgoing.get(tid)
+        if og is None or og.state is not OutgoingState.SENT:
+            return []
+        return self._rollback(og, now, "timeout", detail)
+
     def peer_lost(self, peer: str, now: float) -> list[Output]:
         """The connection to ``peer`` broke: roll back what we were sending it."""
         out: list[Output] = []

@@ -19,6 +19,9 @@ from dataclasses import dataclass, field
 
 log = logging.getLogger("ipsecct.gateway.limits")
 
+# The longest an operator's transfer or rebalance may be given to finish (``--timeout``, s).
+TRANSFER_TIMEOUT_LIMIT = 3600.0
+
 
 @dataclass
 class ConnectionLimits:

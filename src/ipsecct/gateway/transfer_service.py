@@ -33,6 +33,7 @@ from ..errors import ControlError, CxtpError, TransferError
 from ..ipsec.engine import Forward, Held, Tunnel, TunnelState
 from . import gcpolicy
 from .config import TransferConfig
+from .limits import TRANSFER_TIMEOUT_LIMIT
 from .log import RateLimited, event
 from .node import Node
 from .peers import PeerChannels
@@ -243,8 +244,19 @@ class TransferService:
 
     # -- operator commands ----------------------------------------------------------
     async def transfer(
-        self, spis: list[int], to: str, *, mode: str = "predictive", timeout: float = 5.0
+        self,
+        spis: list[int],
+        to: str,
+        *,
+        mode: str = "predictive",
+        timeout: float = 5.0,
+        limit: float | None = None,
     ) -> Record:
+        """Move the tunnels of ``spis`` to ``to`` and return the transfer's record. Without
+        ``limit`` the wait is the protocol's own deadlines (at least ``timeout``); with it
+        (the operator's ``--timeout``) a transfer still waiting for the target then is rolled
+        back (outcome "timeout"), and one past its COMMIT is a TransferError (it ends by
+        itself; status shows it)."""
         if to not in self.tcfg.peers:
             raise TransferError(f"unknown peer {to!r} (known: {', '.join(self.tcfg.peers)})")
         tunnels = []
@@ -270,12 +282,13 @@ class TransferService:
                     fut.set_result(rec)
 
             self.listeners.append(watch)
+            wait_r = timeout if limit is None else limit
             try:
                 self.channels.send(to, cxtp.CTAR(mn, self.node.cfg.outer.host, seq, token))
-                return await asyncio.wait_for(fut, timeout)
+                return await asyncio.wait_for(fut, wait_r)
             except TimeoutError:
                 raise TransferError(
-                    f"{to} did not pull the contexts within {timeout:g} s"
+                    f"{to} did not pull the contexts within {wait_r:g} s"
                 ) from None
             finally:
                 self.listeners.remove(watch)
@@ -298,16 +311,23 @@ class TransferService:
         own = (self.core.settings.max_transfer_time * max(1, len(out)) + 1.0) * (
             1 + len(self.tcfg.candidates)
         )
-        wait = max(timeout, own)
+        wait = max(timeout, own) if limit is None else limit
         try:
             return await asyncio.wait_for(asyncio.shield(fut2), wait)
         except TimeoutError:
+            if limit is not None:
+                self.run(self.core.abandon(tid, self.node.clock(),
+                                           f"no outcome within --timeout {limit:g} s"))  # fmt: skip
+                if fut2.done():  # rolled back: the tunnels are served here again
+                    return fut2.result()
             raise TransferError(
                 f"transfer {tid:016x} has no outcome after {wait:g} s; it goes on"
                 " (ipsecct status shows it)"
             ) from None
 
-    async def rebalance(self, to: str, count: int, timeout: float = 60.0) -> Record:
+    async def rebalance(
+        self, to: str, count: int, timeout: float = 60.0, limit: float | None = None
+    ) -> Record:
         spis = [
             t.outbound.spi for t in self.node.engine.tunnels() if t.state is TunnelState.ACTIVE
         ][:count]
@@ -323,7 +343,7 @@ class TransferService:
                     if s not in chosen and t is not None and t.state is TunnelState.ACTIVE:
                         chosen.add(s)
                         spis.append(s)
-        return await self.transfer(spis, to, timeout=timeout)
+        return await self.transfer(spis, to, timeout=timeout, limit=limit)
 
     # -- control socket ---------------------------------------------------------------
     async def control_transfer(self, args: dict[str, Any]) -> Any:
@@ -344,7 +364,9 @@ class TransferService:
             except (TypeError, ValueError):
                 raise ControlError(f"bad SPI {spi!r} (and no IKE SA or connection of that name)"
                                    ) from None  # fmt: skip
-        rec = await self.transfer(spis, to, mode=str(args.get("mode", "predictive")))
+        rec = await self.transfer(
+            spis, to, mode=str(args.get("mode", "predictive")), limit=_limit(args)
+        )
         return rec.as_dict()
 
     async def control_rebalance(self, args: dict[str, Any]) -> Any:
@@ -352,7 +374,7 @@ class TransferService:
         to, count = args.get("to"), args.get("count")
         if not isinstance(to, str) or not isinstance(count, int) or count <= 0:
             raise ControlError("rebalance needs --to PEER and --count N > 0")
-        return (await self.rebalance(to, count)).as_dict()
+        return (await self.rebalance(to, count, limit=_limit(args))).as_dict()
 
     async def control_wait(self, args: dict[str, Any]) -> Any:
         """``transfer.wait``: the first finished record of ``role`` (source, target or
@@ -417,3 +439,14 @@ class TransferService:
             "refused_connections": self.channels.refused,
             "open_connections": self.channels.limits.count,
         }
+
+
+def _limit(args: dict[str, Any]) -> float | None:
+    """A control request's ``timeout`` (seconds, 0 < t <= TRANSFER_TIMEOUT_LIMIT), or None."""
+    t = args.get("timeout")
+    if t is None:
+        return None
+    top = TRANSFER_TIMEOUT_LIMIT
+    if isinstance(t, bool) or not isinstance(t, int | float) or not 0 < t <= top:
+        raise ControlError(f"timeout must be a number of seconds from 0 to {top:g}")
+    return float(t)
