@@ -352,3 +352,22 @@ def test_cluster_status_needs_etcd_mode(tmp_path: Path) -> None:
     cfg.write_text('name = "x"\n')
     r = cli("cluster", "status", "--config", str(cfg))
     assert r.returncode == 2 and "not in etcd mode" in r.stderr and "Traceback" not in r.stderr
+
+
+@given(st.binary(max_size=80))
+@settings(max_examples=300, deadline=None)
+def test_a_child_less_ike_replicas_key_names_a_group_or_nothing(junk: bytes) -> None:
+    """The key of a replicated IKE SA without a CHILD SA: our SPI, then the group it is kept
+    in (a peer's bytes: any may come). It names a group exactly when the tail is one as
+    ``home_group`` writes it; anything else is None, never an error."""
+    from ipsecct.gateway.cluster_driver import ClusterDriver
+
+    spi = b"\x01" * 8
+    g = ownership.home_group(0x7C0CA23139B75106, 17)
+    assert ClusterDriver._key_group(spi + g.encode()) == g
+    assert ClusterDriver._key_group(spi) is None
+    for bad in (b"0-1", b"7c0ca23139b75106-", b"7c0ca23139b75106-017", b"x" * 16 + b"-1",
+                b"7c0ca23139b75106-1\0", b"0000000000000000-1", b"7C0CA23139B75106-1"):  # fmt: skip
+        assert ClusterDriver._key_group(spi + bad) is None, bad
+    got = ClusterDriver._key_group(spi + junk)
+    assert got is None or (spi + got.encode() == spi + junk and ownership.lease_of_group(got))

@@ -513,6 +513,37 @@ def test_a_refused_extra_context_is_not_kept_and_the_active_is_told(fencing: boo
         failover.refused_cdb(b"", "x", 1)
 
 
+def test_a_standby_keeps_a_bounded_number_of_extra_contexts() -> None:
+    """Extra contexts (IKE SAs, with or without CHILD SAs) are bounded per active: one more
+    than ``max_extra`` is refused as one the standby's policy does not admit (SYNC_REFUSED:
+    the active's operator is told); new versions of those kept still replace them."""
+    act = Engine(ip(SG_ADDR["sg1"]))
+    add_tunnel(act, 1)
+    extra = FakeExtra()
+    extra.state = {bytes([65 + i]) * 8: [_ike_cdb(0x8010, 3 + i)] for i in range(3)}
+    rep = failover.Replicator(act, cfg(fencing=False), session=3, extra=extra)
+    heard: list[tuple[bytes, str]] = []
+    rep.on_extra_refused = lambda key, why: heard.append((key, why))
+    sb = standby(Engine(ip(SG_ADDR["sg2"])), fencing=False)
+    sb.max_extra = 2
+
+    def sync(now: float) -> None:
+        for m in wire(rep.poll(now)):
+            for r in wire(sb.receive(m, now)):  # type: ignore[arg-type]
+                rep.receive(r, now)
+
+    sync(0.0)
+    assert set(sb.extra) == {b"A" * 8, b"B" * 8} and list(sb.refused) == [b"C" * 8]
+    assert heard == [(b"C" * 8, "this gateway keeps at most 2 IKE SA replicas of a peer")]
+    extra.state[b"A" * 8] = [_ike_cdb(0x8010, 9)]
+    sync(0.01)
+    assert sb.extra[b"A" * 8] == [_ike_cdb(0x8010, 9)] and len(sb.extra) == 2
+    del extra.state[b"B" * 8]  # room again: the refused one passes with its next version
+    extra.state[b"C" * 8] = [_ike_cdb(0x8010, 7)]
+    sync(0.02)
+    assert set(sb.extra) == {b"A" * 8, b"C" * 8} and heard[-1] == (b"C" * 8, "")
+
+
 def test_standby_dead_after_dead_ms_of_silence_only() -> None:
     sb = standby(Engine(ip(SG_ADDR["sg2"])), dead_ms=300.0)
     assert not sb.dead(1e6)  # never heard from the active: nothing to take over

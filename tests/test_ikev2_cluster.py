@@ -16,6 +16,7 @@ import json
 import re
 import shutil
 import signal
+import subprocess
 import tempfile
 from collections import Counter
 from collections.abc import Iterator
@@ -27,7 +28,7 @@ from tests.helpers import strongswan
 from tests.helpers.etcd_server import EtcdCluster
 from tests.helpers.ike_world import CLIENT, Client, IkeWorld, waiting_with_logs
 from tests.helpers.netns import Namespaces
-from tests.helpers.netns_topology import HOST, MN_OUTER, Traffic, cli
+from tests.helpers.netns_topology import HOST, MN_OUTER, SG_OUTER, Traffic, cli
 
 needs_strongswan = pytest.mark.skipif(not strongswan.available(), reason=strongswan.skip_reason())
 
@@ -233,3 +234,134 @@ def test_handover_then_the_target_dies_and_the_source_takes_the_ike_sa_back(
         print("stream:", mn, "\nping lost:", len(ping.lost), "\nsg1:", w.counters("sg1"),
               "\ncluster:", w.status("sg1")["cluster"],
               "\nesp pairs:", sum(pairs.values()))  # fmt: skip
+
+
+@pytest.fixture
+def direct_world(tmp_path: Path) -> Iterator[IkeWorld]:
+    """The cluster world with direct SG identity: each gateway at its own address."""
+    sockdir = Path(tempfile.mkdtemp(prefix="ipsecct-ikecd-", dir="/tmp"))
+    workdir = tmp_path if len(str(tmp_path)) <= 70 else Path(tempfile.mkdtemp(prefix="ict-"))
+    try:
+        with Namespaces("mn", "sg1", "sg2", "host", "br") as ns:
+            w = IkeWorld(ns, workdir, sockdir, "direct")
+            w.ike_proposal = "aes128-sha256-x25519"  # CBC: strongSwan answers RFC 6311
+            try:
+                w.build_links()
+                with EtcdCluster(workdir, 1, host=HOST, prefix=ns.cmd("host")) as etcd:
+                    w.etcd = etcd.endpoints
+                    w.write_configs()
+                    w.start()
+                    yield w
+            finally:
+                w.stop()
+    finally:
+        shutil.rmtree(sockdir, ignore_errors=True)
+        if workdir != tmp_path:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.mark.root
+@pytest.mark.slow
+@needs_strongswan
+def test_direct_identity_handover_then_a_child_less_ike_sa_is_taken_over(
+    direct_world: IkeWorld,
+) -> None:
+    """Direct SG identity in the etcd mode, and an IKE SA without a CHILD SA. A MOBIKE
+    strongSwan client connects to sg1's own address; ``ipsecct transfer`` hands it to sg2,
+    which tells it its address (MOBIKE): strongSwan moves its IKE SA to sg2 and rekeys its
+    CHILD SA there (kernel-libipsec); ping passes. The client then deletes its only CHILD SA:
+    sg2's IKE SA has none, and is replicated to sg1 all the same (kept in a group of sg2's,
+    named in the replica). sg2 is killed: once etcd expired its lease, sg1 adopts that group,
+    takes the IKE SA over, synchronises message IDs (RFC 6311) and tells the client its
+    address; the client moves back to sg1, creates a CHILD SA there under the same IKE SA,
+    and ping passes. One IKE_SA_INIT and one IKE_AUTH in the client's log; no (SPI, sequence
+    number) pair twice on the wire."""
+    w = direct_world
+    client = Client(w.ns, "mn", CLIENT, w.dir, "aes128gcm16")
+    client.ike_proposal = w.ike_proposal
+    client.gateway = SG_OUTER["sg1"]
+    client.mobike = "yes"
+    with client as ss:
+
+        def clusters() -> object:
+            return {g: w.status(g).get("cluster") for g, d in w.daemons.items()
+                    if d.proc is not None and d.proc.poll() is None}  # fmt: skip
+
+        wait_until = waiting_with_logs(w, ss, clusters)
+
+        for g in ("sg1", "sg2"):
+            wait_until(lambda g=g: w.status(g)["cluster"]["lease"]["state"] == "held",
+                       f"{g} to join the cluster")  # fmt: skip
+        ss.start()
+        ss.initiate()
+        assert strongswan.ping_once_up(w.ns, "mn", HOST, 3) == 3, ss.logtail() + w.logs()
+        (ike1,) = w.ike_sas("sg1")
+        assert ike1["mobike"] and ike1["local"] == f"{SG_OUTER['sg1']}:4500"
+        (child,) = ike1["children"]
+        cap = w.capture("mn", "esp-to-mn", f"udp dst port 4500 and dst host {MN_OUTER}")
+        try:
+            # the handover, direct: sg2 tells the client its address under the moved IKE SA
+            stream = w.ns.popen("mn", "ping", "-n", "-q", "-c", "150", "-i", "0.02", "-W", "1",
+                                HOST, stdout=subprocess.PIPE)  # fmt: skip
+            r = cli("transfer", f"0x{int(child['spi_out'], 16):08x}", "--to", "sg2", "--json",
+                    "-s", w.sock("sg1"))  # fmt: skip
+            assert r.returncode == 0, (r.stdout, r.stderr, w.logs())
+            assert json.loads(r.stdout)["outcome"] == "committed", r.stdout
+            w.route_host_via("sg2")
+            strongswan.wait_log(ss, re.escape(f"remote endpoint changed from {SG_OUTER['sg1']}"
+                                              f"[4500] to {SG_OUTER['sg2']}[4500]"))  # fmt: skip
+            wait_until(lambda: w.counters("sg2").get("child-sa-rekeyed", 0) >= 1,
+                       "strongSwan's CHILD rekey with sg2")  # fmt: skip
+            wait_until(lambda: strongswan.ping(w.ns, "mn", HOST, 1) == 1, "ping through sg2")
+            stream.communicate(timeout=30)
+            (ike2,) = w.ike_sas("sg2")
+            assert (ike2["spi_i"], ike2["spi_r"]) == (ike1["spi_i"], ike1["spi_r"])
+            assert ike2["local"] == f"{SG_OUTER['sg2']}:4500" and not w.ike_sas("sg1")
+            # the client deletes its only CHILD SA: the IKE SA stays, without one
+            ss.swanctl("--terminate", "--child", "net")
+            wait_until(lambda: [i["children"] for i in w.ike_sas("sg2")] == [[]],
+                       "sg2's IKE SA without a CHILD SA")  # fmt: skip
+            wait_until(lambda: w.status("sg1")["cluster"]["replicated_ike_sas_without_child"]
+                       .get("sg2") == 1, "sg1 to hold a replica of the CHILD-less IKE SA")
+            wait_until(lambda: w.counters("sg2").get("liveness-ok", 0) >= 2,
+                       "sg2's liveness checks (message IDs move)")  # fmt: skip
+            proc = w.daemons["sg2"].proc
+            assert proc is not None
+            proc.send_signal(signal.SIGKILL)
+            assert proc.wait(15) == -signal.SIGKILL
+            w.route_host_via("sg1")
+            wait_until(lambda: len(w.ike_sas("sg1")) == 1, "sg1 to take over the IKE SA")
+            (ike3,) = w.ike_sas("sg1")
+            assert (ike3["spi_i"], ike3["spi_r"]) == (ike1["spi_i"], ike1["spi_r"])
+            assert ike3["children"] == [] and ike3["local"] == f"{SG_OUTER['sg1']}:4500"
+            cl = w.status("sg1")["cluster"]
+            assert cl["ike_taken_over"] == 1 and cl["ike_split"] == 0, cl
+            wait_until(lambda: w.counters("sg1").get("mid-sync-done", 0) == 1,
+                       "the RFC 6311 message-ID sync with strongSwan")  # fmt: skip
+            strongswan.wait_log(ss, re.escape(f"remote endpoint changed from {SG_OUTER['sg2']}"
+                                              f"[4500] to {SG_OUTER['sg1']}[4500]"))  # fmt: skip
+            # a new CHILD SA under the same IKE SA, with sg1
+            ss.swanctl("--initiate", "--child", "net")
+            wait_until(lambda: strongswan.ping(w.ns, "mn", HOST, 1) == 1, "ping through sg1")
+            r2 = w.ns.run("mn", "ping", "-n", "-q", "-c", "100", "-i", "0.01", "-W", "1", HOST,
+                          check=False, timeout=30)  # fmt: skip
+            assert " 100 received" in r2.stdout, r2.stdout + ss.logtail() + w.logs()
+            (ike4,) = w.ike_sas("sg1")
+            assert (ike4["spi_i"], ike4["spi_r"]) == (ike1["spi_i"], ike1["spi_r"])
+            assert len(ike4["children"]) == 1, ike4
+        finally:
+            cap.stop()
+        sas = ss.list_sas()
+        assert f"@ {SG_OUTER['sg1']}[4500]" in sas and f"{SG_OUTER['sg2']}[" not in sas, sas
+        log = ss.log()
+        assert "responder requested MID sync" in log, ss.logtail()
+        assert len(re.findall(r"generating IKE_SA_INIT request", log)) == 1, log
+        assert len(re.findall(r"generating IKE_AUTH request", log)) == 1, log
+        for bad in ("ESTABLISHED => DESTROYING", "ESTABLISHED => DELETING"):
+            assert bad not in log, (bad, ss.logtail())
+        assert "event=ike-sa-taken-over" in w.log("sg1"), w.log("sg1")
+        pairs = esp_pairs(cap.fields("esp.spi", "esp.sequence"))
+        assert sum(pairs.values()) > 200, pairs.most_common(3)
+        repeated = [p for p, n in pairs.items() if n > 1]
+        assert not repeated, repeated[:10]
+        print("sg1:", w.counters("sg1"), "\ncluster:", w.status("sg1")["cluster"])

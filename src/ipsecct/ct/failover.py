@@ -96,6 +96,9 @@ MAX_REFUSAL_TEXT = 200  # octets of a refusal's reason
 MAX_REFUSED_KEYS = 4096  # a standby remembers this many refused keys (to say when they pass)
 MAX_EXTRA_KEY = 64
 MAX_EXTRA_CDBS = 64
+# A standby (an etcd member: per peer) keeps at most this many extra contexts; one more is
+# refused (SYNC_REFUSED), as one its connections do not admit: the active's operator is told.
+MAX_EXTRAS = 65536
 _SYNC = struct.Struct("!BxHI")  # kind, number of removed SPIs, epoch
 FIRST_EPOCH = 1
 
@@ -601,6 +604,7 @@ class Standby:
     # later version of it passes (``refused``: the keys refused last, bounded).
     check_extra: Callable[[bytes, list[bytes]], str | None] | None = None
     refused: dict[bytes, str] = field(default_factory=dict)
+    max_extra: int = MAX_EXTRAS
 
     def __post_init__(self) -> None:
         if self.cfg.fencing and self.peer_lease and self.grant is None:
@@ -675,12 +679,16 @@ class Standby:
             self._ready.clear()
             self.extra.clear()
         verdicts: list[tuple[bytes, str]] = []
-        for key, value in extras:
+        for key, value in extras:  # removals first: they make room (max_extra)
             if value is None:
                 self.extra.pop(key, None)
                 self.refused.pop(key, None)
+        for key, value in extras:
+            if value is None:
                 continue
             why = self.check_extra(key, value) if self.check_extra is not None else None
+            if not why and key not in self.extra and len(self.extra) >= self.max_extra:
+                why = f"this gateway keeps at most {self.max_extra} IKE SA replicas of a peer"
             if why:
                 self.extra.pop(key, None)  # an older version is no better at a take-over
                 self.refused.pop(key, None)

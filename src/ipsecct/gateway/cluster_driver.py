@@ -47,7 +47,7 @@ from . import gcpolicy
 from .config import ClusterConfig
 from .etcd import EtcdClient
 from .failover_driver import PREPARE_PER_TICK
-from .ike import IkeService
+from .ike import IKE_SPI_LEN, IkeService, replica_spi
 from .log import RateLimited, event
 from .node import Node
 from .peers import PeerChannels
@@ -177,11 +177,11 @@ class ClusterDriver:
         self.ike = ike
         for p, rep in self.replicators.items():
             rep.extra = ike.new_feed(functools.partial(self._replicate_ike_to, p),
-                                     lambda: self._layout)  # fmt: skip
+                                     lambda: self._layout, self._ike_key)  # fmt: skip
             rep.on_extra_refused = functools.partial(ike.replica_refused, p)
             rep.on_extra_resync = functools.partial(ike.replicas_resync, p)
         for sb in self.standbys.values():  # replicas checked as they arrive
-            sb.check_extra = ike.check_replica
+            sb.check_extra = self._check_ike_replica
         ike.fenced = self._ike_fenced
         ike.replicated = self._ike_replicated
         if self.block is not None:
@@ -197,12 +197,53 @@ class ClusterDriver:
         return any(r.acks > 0 for r in self.replicators.values())
 
     def _replicate_ike_to(self, peer: str, ike: IkeSA) -> bool:
-        """An IKE SA goes where its CHILD SAs' tunnels go (one group: the same peers)."""
+        """An IKE SA goes where its CHILD SAs' tunnels go (one group: the same peers); one
+        without a CHILD SA where its own group goes (:meth:`_ike_group`)."""
         for c in ike.children:
             t = c.handle
             if isinstance(t, Tunnel):
                 return self._replicate_to(peer, t)
-        return False  # no CHILD SA: no group to follow (not replicated)
+        if ike.children:
+            return False  # its CHILD SAs' tunnels are not here (yet): nothing to follow
+        g = self._ike_group(ike)
+        return g is not None and self._group_goes_to(peer, g)
+
+    def _ike_group(self, ike: IkeSA) -> str | None:
+        """The group an IKE SA without a CHILD SA is kept in (its client deleted its last
+        CHILD SA, or never asked for one): one of our home groups, by its SPI; None before we
+        joined. Its replicas name it (:meth:`_ike_key`), and the member that adopts the group
+        when we die takes the IKE SA over (as it takes a group's tunnels and their IKE SAs)."""
+        if not self.own.home:
+            return None
+        return self.own.home_of(int.from_bytes(ike.our_spi, "big"))
+
+    def _ike_key(self, ike: IkeSA) -> bytes:
+        """An IKE SA's key in its replicas: our SPI, followed for one without a CHILD SA by
+        its group (a CHILD SA new in it changes the key: the old one is reported gone)."""
+        g = None if ike.children else self._ike_group(ike)
+        return ike.our_spi if g is None else ike.our_spi + g.encode()
+
+    @staticmethod
+    def _key_group(key: bytes) -> str | None:
+        """The group a CHILD-less IKE SA's replica key names (None: the key has none, or it is
+        not a group's name)."""
+        tail = key[IKE_SPI_LEN:]
+        if not tail:
+            return None
+        text = tail.decode("ascii", errors="replace")
+        lease, k = ownership.lease_of_group(text), text.partition("-")[2]
+        if not lease or not k.isdecimal() or len(k) > 3:
+            return None
+        g = ownership.home_group(lease, int(k))
+        return g if g == text else None  # exactly as home_group writes it
+
+    def _check_ike_replica(self, key: bytes, cdbs: list[bytes]) -> str | None:
+        """A peer's IKE SA replica as it arrives: a key with a group must name one, and
+        this gateway's connections must admit the IKE SA (``IkeService.check_replica``)."""
+        if len(key) != IKE_SPI_LEN and self._key_group(key) is None:
+            return "the replica's key names no group"
+        assert self.ike is not None
+        return self.ike.check_replica(key, cdbs)
 
     def _sibling_group(self, spi: int) -> str | None:
         """A group of ours holding a sibling of this tunnel (another CHILD SA of its IKE SA),
@@ -346,6 +387,7 @@ class ClusterDriver:
         if not await self.client.txn(self.own.join(lid, self.address)):
             raise EtcdError("joining: the new lease's groups exist already")
         self.own.joined()
+        self._layout += 1  # CHILD-less IKE SAs have a group now (replicated from now on)
         # Only now are we a member: replication starts (see _replicate) and our tunnels
         # may be owned. A peer that received replicas of ours before our member key existed
         # would take us for dead and take our tunnels.
@@ -438,16 +480,20 @@ class ClusterDriver:
         """Whether tunnel ``t`` goes to ``peer``: the ``replicas`` live peers ranked highest
         for its group, which are those that take it if this member dies (every peer when
         ``replicas`` is 0, or before the first reading of the member list)."""
+        g = self.own.placed.get(t.outbound.spi)
+        if g is None:
+            if not self.own.home:
+                return self._live is None or self.cfg.replicas == 0 or peer in self._live
+            g = self._sibling_group(t.outbound.spi) or self.own.home_of(t.outbound.spi)
+        return self._group_goes_to(peer, g)
+
+    def _group_goes_to(self, peer: str, g: str) -> bool:
+        """Whether what is kept in group ``g`` goes to ``peer`` (see :meth:`_replicate_to`)."""
         live = self._live
         if live is None or self.cfg.replicas == 0:
             return True
         if peer not in live:
             return False
-        g = self.own.placed.get(t.outbound.spi)
-        if g is None:
-            if not self.own.home:
-                return True
-            g = self._sibling_group(t.outbound.spi) or self.own.home_of(t.outbound.spi)
         targets = self._targets.get(g)
         if targets is None:
             peers = [m for m in live if m in self.replicators and m != self.node.name]
@@ -495,9 +541,11 @@ class ClusterDriver:
                 self._lease_names[lease] = kv.key[len(self.keys["members"]) :]
             seen[kv.key[len(self.keys["members"]) :]] = kv.lease
         self._members_seen(seen)
-        if not any(sb.replica for sb in self.standbys.values()):
+        if not any(sb.replica or sb.extra for sb in self.standbys.values()):
             return
-        dead = [p for p, sb in self.standbys.items() if sb.replica and p not in members]
+        dead = [
+            p for p, sb in self.standbys.items() if (sb.replica or sb.extra) and p not in members
+        ]
         if not dead:
             self.dead_since.clear()
             return
@@ -506,7 +554,8 @@ class ClusterDriver:
             sb = self.standbys[p]
             for spi in [s for s in sb.replica if tunnels.get(s, "") in groups]:
                 del sb.replica[spi]  # someone owns it now: this replica must never be used
-            self._prune_ike(sb.extra, lambda outs, sb=sb: not any(o in sb.replica for o in outs))
+            self._prune_ike(sb.extra, lambda outs, sb=sb: not any(o in sb.replica for o in outs),
+                            lambda key, g: g in groups)  # fmt: skip
         now = self.node.clock()
         first = min(self.dead_since.setdefault(p, now) for p in dead)
         graced = now - first >= self.grace
@@ -517,6 +566,8 @@ class ClusterDriver:
             for g, spis in ownership.orphans(groups, tunnels).items()
             if any(s in held for s in spis)
         }
+        for g in self._ike_orphans(dead, groups):  # groups holding only CHILD-less IKE SAs
+            orphans.setdefault(g, [])
         if orphans:
             gids = sorted(orphans)
             share = gids if graced else ownership.plan_groups(gids, live)[self.node.name]
@@ -588,6 +639,7 @@ class ClusterDriver:
         self._layout += 1
         with gcpolicy.POLICY.batch():  # a bulk install: no walk of the heap in the middle
             lost = self._adopted(got, tunnels, dead)
+        self._take_childless(dead)
         for spi in lost:  # in a group we own now, but nobody replicated it to us: gone
             txn = self.own.release(spi)
             if txn is not None and await self.client.txn(txn):
@@ -700,7 +752,15 @@ class ClusterDriver:
         here = {t.outbound.spi for t in self.node.engine.tunnels()}
         take: list[list[bytes]] = []
         taken: set[int] = set()
+        spis: set[bytes] = set()
         for key, cdbs in list(sb.extra.items()):
+            g = self._key_group(key)
+            if g is not None:  # without a CHILD SA: it goes with its group, if we hold it
+                if g in self.own.groups and self._group_of_peer(g, peer):
+                    del sb.extra[key]
+                    take.append(cdbs)
+                    spis.add(replica_spi(key))
+                continue
             try:
                 outs = [o for _, o in ike_context.child_spis(cdbs)]
             except IkeContextError:
@@ -719,8 +779,9 @@ class ClusterDriver:
                 continue
             take.append(cdbs)
             taken.update(outs)
+            spis.add(replica_spi(key))
         for other in self.standbys.values():  # any other copy is stale: never use it
-            self._prune_ike(other.extra, lambda outs: any(o in taken for o in outs))
+            self._prune_ike(other.extra, lambda outs: any(o in taken for o in outs), spis=spis)
         if not take:
             return 0
         n = self.ike.take_over(take, now, self.margin)
@@ -734,9 +795,54 @@ class ClusterDriver:
                 out[r["standby"]] = out.get(r["standby"], 0) + 1
         return out
 
-    @staticmethod
-    def _prune_ike(extra: dict[bytes, list[bytes]], drop: Any) -> None:
+    def _group_of_peer(self, g: str, peer: str) -> bool:
+        """Is ``g`` one of ``peer``'s home groups (by its lease, as last seen)? A CHILD-less
+        IKE SA's replica names one of its sender's."""
+        return self._lease_names.get(ownership.lease_of_group(g)) == peer
+
+    def _ike_orphans(self, dead: list[str], groups: dict[str, str]) -> set[str]:
+        """Groups without an owner that dead peers keep CHILD-less IKE SAs in (replicated
+        here): orphaned as a group with tunnels is, though no tunnel key names them."""
+        out: set[str] = set()
+        for p in dead:
+            for key in self.standbys[p].extra:
+                g = self._key_group(key)
+                if g is not None and g not in groups and self._group_of_peer(g, p):
+                    out.add(g)
+        return out
+
+    def _take_childless(self, dead: list[str]) -> None:
+        """After adopting groups: take over the dead peers' CHILD-less IKE SAs kept in them
+        (those with CHILD SAs came with their tunnels)."""
+        now = self.node.clock()
+        for p in dead:
+            n = self._take_ike(p, now)
+            if n:
+                self.takeovers.append({"from": p, "tunnels": 0, "ike_sas": n,
+                                       "at": round(now, 3)})  # fmt: skip
+                del self.takeovers[:-20]
+                event(log, "cluster-took-over", node=self.node.name, peer=p, tunnels=0,
+                      ike_sas=n)  # fmt: skip
+
+    def _prune_ike(
+        self,
+        extra: dict[bytes, list[bytes]],
+        drop: Any,
+        drop_group: Any = None,
+        spis: set[bytes] | None = None,
+    ) -> None:
+        """Drop the IKE SA replicas in ``extra`` that ``drop`` picks by their CHILD SAs'
+        outbound SPIs (one without CHILD SAs and without a group always), those without a
+        CHILD SA that ``drop_group`` picks by key and group, and those of these IKE SPIs."""
         for key, cdbs in list(extra.items()):
+            if spis is not None and replica_spi(key) in spis:
+                del extra[key]
+                continue
+            g = self._key_group(key)
+            if g is not None:
+                if drop_group is not None and drop_group(key, g):
+                    del extra[key]
+                continue
             try:
                 outs = [o for _, o in ike_context.child_spis(cdbs)]
             except IkeContextError:
@@ -1010,6 +1116,10 @@ class ClusterDriver:
             "ike_taken_over": self.ike_taken,
             "ike_split": self.ike_split,
             "replicated_ike_sas": {p: len(sb.extra) for p, sb in self.standbys.items()},
+            # of which without a CHILD SA (kept in a group of their own, taken with it)
+            "replicated_ike_sas_without_child": {
+                p: sum(len(k) > IKE_SPI_LEN for k in sb.extra) for p, sb in self.standbys.items()
+            },
             # our IKE SAs a peer member refused as replicas (ike.replicas_refused: which, why)
             "ike_refused": self._ike_refused(),
             "takeovers": list(self.takeovers),

@@ -64,6 +64,7 @@ FORWARD_RATE = 5.0
 FORWARD_BURST = 10.0
 MOVED_MAX = 65536
 MARKER = b"\0\0\0\0"
+IKE_SPI_LEN = 8  # octets of an IKE SPI (RFC 7296 §3.1)
 
 
 class IkeService:
@@ -671,10 +672,16 @@ class IkeService:
         """The pair mode's replication: see :meth:`IkeFeed.poll_extra`."""
         return self.feed.poll_extra(now, full)
 
-    def new_feed(self, select: Callable[[IkeSA], bool], token: Callable[[], object]) -> IkeFeed:
+    def new_feed(
+        self,
+        select: Callable[[IkeSA], bool],
+        token: Callable[[], object],
+        key: Callable[[IkeSA], bytes] | None = None,
+    ) -> IkeFeed:
         """A replication of the IKE SAs ``select`` picks (etcd mode: one per peer member);
-        ``token`` changes whenever the selection may have (the member list, groups)."""
-        f = IkeFeed(self, select, token)
+        ``token`` changes whenever the selection may have (the member list, groups);
+        ``key``: each IKE SA's key in the replica (by default our SPI; it starts with it)."""
+        f = IkeFeed(self, select, token, key)
         self.feeds.append(f)
         return f
 
@@ -781,7 +788,8 @@ class IkeService:
         why = ike_context.replica_refusal(cdbs, self.engine.connections, self.node.clock())
         if why is None:
             if self._refusing.pop(key, None) is not None:
-                event(log, "ike-replica-accepted", node=self.node.name, spi=key.hex())
+                event(log, "ike-replica-accepted", node=self.node.name,
+                      spi=replica_spi(key).hex())  # fmt: skip
             return None
         self.engine.stats["replica-refused"] += 1
         if self._refusing.get(key) != why:
@@ -790,7 +798,7 @@ class IkeService:
             while len(self._refusing) > MOVED_MAX:
                 del self._refusing[next(iter(self._refusing))]
             event(log, "ike-replica-refused", logging.WARNING, node=self.node.name,
-                  spi=key.hex(), error=why,
+                  spi=replica_spi(key).hex(), error=why,
                   detail="this gateway could not take this IKE SA over (its connections "
                   "do not admit it): not kept; the active is told")  # fmt: skip
         return why
@@ -805,7 +813,7 @@ class IkeService:
         if not why:
             if self.replicas_refused.pop(k, None) is not None:
                 event(log, "ike-replica-accepted", node=self.node.name, standby=holder,
-                      spi=key.hex(),
+                      spi=replica_spi(key).hex(),
                       conn=ike.conn.name if ike is not None else "")  # fmt: skip
             return
         if ike is None or ike.state is IkeState.DEAD:
@@ -834,7 +842,7 @@ class IkeService:
         """The refusals of IKE SAs still here (those gone are forgotten)."""
         out = []
         for (holder, key), (why, since) in list(self.replicas_refused.items()):
-            ike = self.engine.by_spi.get(key)
+            ike = self.engine.by_spi.get(replica_spi(key))
             if ike is None or ike.state is IkeState.DEAD:
                 del self.replicas_refused[(holder, key)]
                 continue
@@ -864,10 +872,12 @@ class IkeFeed:
         service: IkeService,
         select: Callable[[IkeSA], bool] | None = None,
         token: Callable[[], object] | None = None,
+        key: Callable[[IkeSA], bytes] | None = None,
     ) -> None:
         self.service = service
         self.select = select
         self.token = token
+        self.key = key
         self._seen: object = None
         self._fp: dict[bytes, tuple[object, ...]] = {}
 
@@ -892,7 +902,7 @@ class IkeFeed:
                 continue
             if self.select is not None and not self.select(ike):
                 continue
-            key = ike.our_spi
+            key = self.key(ike) if self.key is not None else ike.our_spi
             live.add(key)
             fp = (ike.uid, ike.my_next_mid, ike.peer_next_mid, ike.local, ike.remote,
                   ike.nat_local, ike.nat_remote, ike.rekey_at,
@@ -912,6 +922,12 @@ class IkeFeed:
         for k in gone:
             del self._fp[k]
         return upserts, [] if full else gone
+
+
+def replica_spi(key: bytes) -> bytes:
+    """Our SPI of the IKE SA a replica's key names (the key starts with it: the etcd mode
+    adds the group a CHILD-less IKE SA is kept in)."""
+    return key[:IKE_SPI_LEN]
 
 
 def _remember(table: dict[bytes, tuple[str, float]], key: bytes, value: tuple[str, float]) -> None:
