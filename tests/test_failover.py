@@ -544,6 +544,41 @@ def test_a_standby_keeps_a_bounded_number_of_extra_contexts() -> None:
     assert set(sb.extra) == {b"A" * 8, b"C" * 8} and heard[-1] == (b"C" * 8, "")
 
 
+@pytest.mark.parametrize("share", [False, True])
+def test_the_child_sas_of_a_refused_ike_sa_are_not_taken_over(share: bool) -> None:
+    """An IKE SA and its CHILD SAs are one unit: when the standby refused the IKE SA's
+    replica, a take-over (the pair's, or an etcd member's share) installs none of its CHILD
+    SAs' tunnels either, and says which (``not_taken``); the tunnels of an IKE SA it kept,
+    and of one refused before but admitted since, are installed."""
+    act = Engine(ip(SG_ADDR["sg1"]))
+    for i in (1, 2, 3):
+        add_tunnel(act, i)
+    extra = FakeExtra()
+    extra.state = {b"A" * 8: [_ike_cdb(0x8010, 3)], b"B" * 8: [_ike_cdb(0x8010, 4)],
+                   b"C" * 8: [_ike_cdb(0x8010, 5)]}  # fmt: skip
+    owns = {b"A" * 8: [0x2001], b"B" * 8: [0x2002], b"C" * 8: [0x2003]}
+    rep = failover.Replicator(act, cfg(), session=3, extra=extra)
+    sb = standby(Engine(ip(SG_ADDR["sg2"])))
+    policy = {b"B" * 8: "no child 'net' here", b"C" * 8: "no connection 'rw' here"}
+    sb.check_extra = lambda key, cdbs: policy.get(key)
+    sb.extra_tunnels = lambda cdbs: next(owns[k] for k, v in extra.state.items() if v == cdbs)
+
+    def sync(now: float) -> None:
+        for m in wire(rep.poll(now)):
+            sb.receive(m, now)
+
+    sync(0.0)
+    assert set(sb.replica) == {0x2001, 0x2002, 0x2003} and set(sb.extra) == {b"A" * 8}
+    del policy[b"C" * 8]  # C's next version is admitted: its tunnels are takeable again
+    extra.state[b"C" * 8] = [_ike_cdb(0x8010, 6)]
+    sync(0.01)
+    assert set(sb.extra) == {b"A" * 8, b"C" * 8} and set(sb.refused_tunnels) == {b"B" * 8}
+    tunnels, _, rec = sb.take_over(1.0, [0x2001, 0x2002, 0x2003] if share else None)
+    assert sorted(t.outbound.spi for t in tunnels) == [0x2001, 0x2003]
+    assert sb.not_taken == [(b"B" * 8, "no child 'net' here", [0x2002])]
+    assert sb.engine.tunnel_by_spi(0x1002) is None and rec.accepted == 2
+
+
 def test_standby_dead_after_dead_ms_of_silence_only() -> None:
     sb = standby(Engine(ip(SG_ADDR["sg2"])), dead_ms=300.0)
     assert not sb.dead(1e6)  # never heard from the active: nothing to take over

@@ -127,7 +127,10 @@ def test_a_standby_that_could_not_take_the_ike_sa_is_known_before_the_fail_over(
     """sg2, the standby, lacks the client's CHILD configuration (its child is named
     otherwise): the IKE SA's replica is refused as it arrives, and sg1, the active, shows
     which IKE SA, which standby and why (``ipsecct status``: ``ike.replicas_refused``;
-    log ``ike-replica-refused``) while the client is served, long before any fail-over."""
+    log ``ike-replica-refused``) while the client is served, long before any fail-over.
+    When sg1 dies, sg2 takes neither the IKE SA nor its CHILD SA (one unit): it logs
+    ``ike-unit-not-taken`` and installs no tunnel the IKE SA's client could no longer
+    rekey or delete."""
 
     def other_child(w: IkeWorld) -> None:
         f = w.dir / "sg2.toml"
@@ -157,6 +160,19 @@ def test_a_standby_that_could_not_take_the_ike_sa_is_known_before_the_fail_over(
             wait_until(lambda: "event=ike-replica-refused" in w.log("sg1"),
                        "sg1's log line", 15)  # fmt: skip
             assert "standby=sg2" in w.log("sg1") and "event=ike-replica-refused" in w.log("sg2")
+            # sg1 dies: sg2 takes over, but neither the IKE SA nor its CHILD SA (one unit)
+            proc = w.daemons["sg1"].proc
+            assert proc is not None
+            proc.send_signal(signal.SIGKILL)
+            assert proc.wait(15) == -signal.SIGKILL
+            wait_until(lambda: "event=ike-unit-not-taken" in w.log("sg2"),
+                       "sg2's take-over to leave the IKE SA's CHILD SA out", 15)  # fmt: skip
+            assert w.status("sg2")["failover"]["role"] == "took over"
+            assert w.ike_sas("sg2") == [] and w.sa_list("sg2") == [], w.sa_list("sg2")
+            c = w.counters("sg2")
+            assert c.get("unit-not-taken") == 1 and c.get("unit-tunnels-not-taken") == 1, c
+            line = next(x for x in w.log("sg2").splitlines() if "ike-unit-not-taken" in x)
+            assert "peer=sg1" in line and "no child 'net'" in line, line
 
 
 @pytest.mark.root

@@ -605,6 +605,14 @@ class Standby:
     check_extra: Callable[[bytes, list[bytes]], str | None] | None = None
     refused: dict[bytes, str] = field(default_factory=dict)
     max_extra: int = MAX_EXTRAS
+    # The outbound SPIs of the tunnels an extra context owns (an IKE SA: its CHILD SAs).
+    # The tunnels of a refused one are not taken over: an IKE SA and its CHILD SAs are one
+    # unit, and CHILD SAs without their IKE SA would be tunnels nobody rekeys or deletes,
+    # whose selectors shadow the SAs the client makes when it starts over.
+    extra_tunnels: Callable[[list[bytes]], list[int]] | None = None
+    refused_tunnels: dict[bytes, frozenset[int]] = field(default_factory=dict)
+    # What the last take-over left out that way: (key, why, outbound SPIs).
+    not_taken: list[tuple[bytes, str, list[int]]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.cfg.fencing and self.peer_lease and self.grant is None:
@@ -678,11 +686,13 @@ class Standby:
             self.replica.clear()
             self._ready.clear()
             self.extra.clear()
+            self.refused_tunnels.clear()  # those still refused are in this message
         verdicts: list[tuple[bytes, str]] = []
         for key, value in extras:  # removals first: they make room (max_extra)
             if value is None:
                 self.extra.pop(key, None)
                 self.refused.pop(key, None)
+                self.refused_tunnels.pop(key, None)
         for key, value in extras:
             if value is None:
                 continue
@@ -695,10 +705,16 @@ class Standby:
                 self.refused[key] = why
                 while len(self.refused) > MAX_REFUSED_KEYS:
                     del self.refused[next(iter(self.refused))]
+                if self.extra_tunnels is not None:
+                    self.refused_tunnels.pop(key, None)
+                    self.refused_tunnels[key] = frozenset(self.extra_tunnels(value))
+                    while len(self.refused_tunnels) > MAX_REFUSED_KEYS:
+                        del self.refused_tunnels[next(iter(self.refused_tunnels))]
                 verdicts.append((key, why))
                 continue
             if self.refused.pop(key, None) is not None:
                 verdicts.append((key, ""))
+            self.refused_tunnels.pop(key, None)
             self.extra[key] = value
         for spi in removed:
             self.replica.pop(spi, None)
@@ -734,6 +750,7 @@ class Standby:
         self._dirty.clear()
         self.extra.clear()
         self.refused.clear()
+        self.refused_tunnels.clear()
         self.last_heard = None
         self.member_lease = member_lease
 
@@ -806,11 +823,23 @@ class Standby:
             share = {s: self.replica[s] for s in spis if s in self.replica}
             for s in share:
                 del self.replica[s]
-            return self._install(share, now)
+            return self._install(self._whole_units(share), now)
         self.took_over = now
         self.epoch += 1
         replica, self.replica = self.replica, {}
-        return self._install(replica, now)
+        return self._install(self._whole_units(replica), now)
+
+    def _whole_units(self, replica: dict[int, list[bytes]]) -> dict[int, list[bytes]]:
+        """``replica`` without the tunnels of refused extra contexts (IKE SAs this standby
+        could not take: their CHILD SAs are not taken either), noted in ``not_taken``."""
+        self.not_taken = []
+        for key, outs in self.refused_tunnels.items():
+            left = sorted(o for o in outs if o in replica)
+            for o in left:
+                del replica[o]
+            if left:
+                self.not_taken.append((key, self.refused.get(key, ""), left))
+        return replica
 
     def _install(
         self, replica: dict[int, list[bytes]], now: float

@@ -182,6 +182,7 @@ class ClusterDriver:
             rep.on_extra_resync = functools.partial(ike.replicas_resync, p)
         for sb in self.standbys.values():  # replicas checked as they arrive
             sb.check_extra = self._check_ike_replica
+            sb.extra_tunnels = ike.replica_tunnels
         ike.fenced = self._ike_fenced
         ike.replicated = self._ike_replicated
         if self.block is not None:
@@ -704,6 +705,9 @@ class ClusterDriver:
             for other in order:  # a second copy elsewhere is stale: never use it
                 for s in mine:
                     self.standbys[other].replica.pop(s, None)
+            if sb.not_taken and self.ike is not None:  # CHILD SAs of IKE SAs we refused
+                self.ike.units_not_taken(sb.not_taken, p)
+                todo.update(o for _, _, outs in sb.not_taken for o in outs)
             self._took(p, tunnels, signals, rec, len(mine))
         return sorted(todo)
 

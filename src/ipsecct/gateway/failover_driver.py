@@ -155,6 +155,7 @@ class FailoverDriver:
         sb.journal = self.journal
         if self.ike is not None:  # IKE SA replicas are checked as they arrive
             sb.check_extra = self.ike.check_replica
+            sb.extra_tunnels = self.ike.replica_tunnels
         return sb
 
     def attach_ike(self, ike: IkeService) -> None:
@@ -166,6 +167,7 @@ class FailoverDriver:
             self._watch_refusals(self.replicator)
         if self.standby is not None:
             self.standby.check_extra = ike.check_replica
+            self.standby.extra_tunnels = ike.replica_tunnels
         if self.fencing is not None:
             ike.fenced = self.fenced
             self.fencing.on_superseded.insert(0, lambda _epoch: ike.forget_all())
@@ -456,6 +458,8 @@ class FailoverDriver:
             if not isinstance(res, Drop):
                 self.node.send_esp(res.sa, res.data)
         sb = self.standby
+        if sb is not None and sb.not_taken and self.ike is not None:
+            self.ike.units_not_taken(sb.not_taken, self.cfg.peer)
         if sb is not None and sb.extra:
             extra, sb.extra = sb.extra, {}
             if self.ike is not None:

@@ -803,6 +803,27 @@ class IkeService:
                   "do not admit it): not kept; the active is told")  # fmt: skip
         return why
 
+    @staticmethod
+    def replica_tunnels(cdbs: list[bytes]) -> list[int]:
+        """The outbound SPIs of the CHILD SAs an IKE SA replica holds (none if unreadable)."""
+        try:
+            return [o for _, o in ike_context.child_spis(cdbs)]
+        except IkeContextError:
+            return []
+
+    def units_not_taken(self, units: list[tuple[bytes, str, list[int]]], peer: str) -> None:
+        """A take-over left out the CHILD SAs of IKE SAs whose replicas this gateway refused
+        (``units``: key, why, their tunnels' outbound SPIs): the IKE SA and its CHILD SAs are
+        one unit, taken whole or not at all. The client starts over (a new IKE SA)."""
+        for key, why, outs in units:
+            self.engine.stats["unit-not-taken"] += 1
+            self.engine.stats["unit-tunnels-not-taken"] += len(outs)
+            event(log, "ike-unit-not-taken", logging.WARNING, node=self.node.name, peer=peer,
+                  spi=replica_spi(key).hex(), tunnels=len(outs), error=why,
+                  detail="this gateway refused this IKE SA's replica, so neither it nor its "
+                  "CHILD SAs' tunnels were taken over: the client loses them and starts "
+                  "over with a new IKE SA")  # fmt: skip
+
     def replica_refused(self, holder: str, key: bytes, why: str) -> None:
         """At the active: ``holder`` (the standby, or an etcd member) refused our IKE SA
         ``key``'s replica (``why``; "": it takes it now). A fail-over to it would lose the
@@ -830,7 +851,8 @@ class IkeService:
               standby=holder, conn=ike.conn.name, peer=ike.remote, id=ike.peer_id,
               spi_i=ike.spi_i.hex(), spi_r=ike.spi_r.hex(), error=why,
               detail=f"{holder} could not take this IKE SA over: if this gateway fails, "
-              "the client loses its IKE SA (check that gateway's [connections])")  # fmt: skip
+              f"{holder} takes neither it nor its CHILD SAs (one unit), and the client starts "
+              "over with a new IKE SA (check that gateway's [connections])")  # fmt: skip
 
     def replicas_resync(self, holder: str) -> None:
         """Everything goes to ``holder`` again (it may have restarted with other
