@@ -876,7 +876,8 @@ class IkeService:
 
     # -- control ----------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
-        return {"ike_sas": len(self.engine.ike_sas()), "counters": dict(self.engine.stats),
+        return {"ike_sas": len(self.engine.ike_sas()), "half_open": len(self.engine.half_open),
+                "counters": dict(self.engine.stats),
                 "replicas_refused": self.refused_replicas()}  # fmt: skip
 
     def list(self) -> list[dict[str, object]]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hmac as _hmac
+import ipaddress
 import logging
 import os
 import struct
@@ -41,7 +42,7 @@ from .auth import (
     verify,
 )
 from .config import ChildConfig, Connection
-from .ikesa import Address, ChildSA, IkeSA, IkeState, Pending
+from .ikesa import Address, ChildSA, IkeSA, IkeState, IPAddr, Pending
 from .keys import KeyExchange, child_keys, hmac_digest, ike_keys, psk_auth, signed_octets
 from .message import (
     IKE_HEADER_LEN,
@@ -81,6 +82,16 @@ from .proposal import AEAD, choose
 from .ts import narrow
 
 log = logging.getLogger("ipsecct.ikev2")
+
+
+def _net(host: IPAddr) -> tuple[int, int]:
+    """The network a half-open IKE SA's source counts against: its /24 (IPv4, also when
+    IPv4-mapped) or /64 (IPv6), the blocks one attacker most easily has many addresses of."""
+    if isinstance(host, ipaddress.IPv6Address):
+        if host.ipv4_mapped is None:
+            return (6, int(host) >> 64)
+        host = host.ipv4_mapped
+    return (4, int(host) >> 8)
 
 RETRANSMIT = (2.0, 4.0, 8.0, 16.0)  # then the peer is declared dead (30 s)
 HALF_OPEN_TIMEOUT = 30.0
@@ -671,7 +682,9 @@ class IkeEngine:
                 Notify.INVALID_KE_PAYLOAD, data=struct.pack("!H", suite.dh))], src, dst, out)
             return
         per_source = sum(1 for (_s, h) in self.half_open if h == src.host)
-        if len(self.half_open) >= MAX_HALF_OPEN or per_source >= MAX_HALF_OPEN_PER_SOURCE:
+        if per_source >= MAX_HALF_OPEN_PER_SOURCE or (
+            len(self.half_open) >= MAX_HALF_OPEN and not self._evict_half_open(src)
+        ):
             self.stats["half-open-limit"] += 1
             return
         if sum(1 for i in self.by_spi.values() if i.remote.host == src.host) >= (
@@ -733,6 +746,27 @@ class IkeEngine:
         self.half_open[key] = ike
         self.stats["ike-sa-init"] += 1
         out.append(Send(response, dst, src))
+
+    def _evict_half_open(self, src: Address) -> bool:
+        """The half-open table is full: make room for an IKE_SA_INIT from ``src`` by dropping
+        the oldest half-open IKE SA of the network (/24, /64) that holds the most, if that is
+        not ``src``'s own. Past the cookie threshold every entry's source answered a cookie,
+        so a flood fills the table only from addresses the attacker really has: 50 of them,
+        20 each, left no room at all, and a legitimate client was dropped (RFC 8019 §4:
+        keep room for other sources). Now the flood evicts its own entries, and a client from
+        anywhere else still gets its IKE SA."""
+        per_net = Counter(_net(ike.remote.host) for ike in self.half_open.values())
+        mine = per_net.get(_net(src.host), 0)
+        net, most = per_net.most_common(1)[0]
+        if most <= mine:
+            return False
+        victim = min((ike for ike in self.half_open.values() if _net(ike.remote.host) == net),
+                     key=lambda ike: ike.created)  # fmt: skip
+        self.half_open.pop((victim.spi_i, victim.remote.host), None)
+        self.by_spi.pop(victim.our_spi, None)
+        victim.state = IkeState.DEAD
+        self.stats["half-open-evicted"] += 1
+        return True
 
     def _wall(self, now: float) -> dt.datetime:
         return dt.datetime.fromtimestamp(now + self.wall_offset, dt.UTC)
