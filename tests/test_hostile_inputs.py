@@ -304,3 +304,52 @@ def test_a_half_open_flood_from_many_addresses_leaves_room_for_a_client(tmp_path
             for sock in flood.socks:
                 sock.close()
         s.stop()
+
+
+def test_control_clients_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every control connection was kept (idle up to 300 s) and one that never read its
+    answers was waited for forever: a local client could hold thousands and use up the
+    gateway's file descriptors. Past MAX_CLIENTS a connection gets one error line and is
+    closed; a client that does not read is dropped after DRAIN_TIMEOUT."""
+    import asyncio
+    import json
+
+    from ipsecct.gateway import control
+    from tests.test_control import ask, connect, with_server
+
+    monkeypatch.setattr(control, "DRAIN_TIMEOUT", 0.5)
+
+    async def t(srv: control.ControlServer, path: str) -> None:
+        idle = [await connect(path) for _ in range(control.MAX_CLIENTS)]
+        assert (await ask(idle[0], b'{"cmd": "echo"}\n'))["ok"] is True
+        r, w = await connect(path)
+        ans = json.loads(await r.readline())
+        assert ans == {"ok": False, "error": "too many control clients"}
+        assert await r.read() == b""
+        w.close()
+        idle.pop()[1].close()
+        while srv.clients >= control.MAX_CLIENTS:
+            await asyncio.sleep(0.01)
+        fresh = await connect(path)
+        assert (await ask(fresh, b'{"cmd": "echo"}\n'))["ok"] is True
+        fresh[1].close()
+        for c in idle:
+            c[1].close()
+        while srv.clients:
+            await asyncio.sleep(0.01)
+        # many requests, answers never read: dropped, its place freed
+        greedy = await connect(path)
+        greedy[1].write(b'{"cmd": "echo", "args": {"pad": "' + b"y" * 4000 + b'"}}\n' * 4000)
+        while srv.clients:
+            await asyncio.sleep(0.05)
+        greedy[1].close()
+
+    with_server(t)
+
+
+@pytest.mark.parametrize("spi", ["-1", "0x100000000", "99999999999"])
+def test_an_spi_outside_32_bits_is_a_usage_error(spi: str) -> None:
+    """``sa show -1`` asked the gateway for "0x-0000001"."""
+    for cmd in (["sa", "show"], ["sa", "delete"], ["pmtu", "set"]):
+        r = run(*cmd, spi, *(["1400"] if cmd[0] == "pmtu" else []), "--socket", "/nonexistent")
+        assert r.returncode == 2 and "32 bits: 0 to 0xffffffff" in r.stderr, r.stderr

@@ -225,9 +225,11 @@ def cmd_pmtu_set(args: argparse.Namespace) -> int:
 
 def _spi(text: str) -> str:
     try:
-        int(text, 0)
+        v = int(text, 0)
     except ValueError:
         raise argparse.ArgumentTypeError(f"bad SPI {text!r} (decimal, or 0x... hex)") from None
+    if not 0 <= v <= 0xFFFFFFFF:  # -1 was looked up as "0x-0000001"
+        raise argparse.ArgumentTypeError(f"bad SPI {text!r} (32 bits: 0 to 0xffffffff)")
     return text
 
 

@@ -40,6 +40,9 @@ from .log import RateLimited, event
 log = logging.getLogger("ipsecct.gateway.control")
 
 MAX_LINE = 1 << 20
+MAX_CLIENTS = 64  # control connections at once (the socket is the gateway's user's only)
+IDLE_TIMEOUT = 300.0  # s a control connection may stay silent
+DRAIN_TIMEOUT = 30.0  # s an answer may wait for its reader
 SOCKET_NAME = "ipsecct.sock"
 Handler = Callable[[dict[str, Any]], Awaitable[Any]]
 
@@ -152,6 +155,7 @@ class ControlServer:
         self._server: asyncio.Server | None = None
         self.refused = 0  # requests answered with an error before reaching a handler
         self._quiet = RateLimited()
+        self.clients = 0  # connected now (at most MAX_CLIENTS)
 
     def register(self, name: str, handler: Handler) -> None:
         self.handlers[name] = handler
@@ -201,10 +205,17 @@ class ControlServer:
             os.unlink(self.path)
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.clients >= MAX_CLIENTS:
+            # Thousands of idle connections (each kept up to IDLE_TIMEOUT) used up the
+            # gateway's file descriptors: past MAX_CLIENTS one answer, and closed.
+            writer.write(json.dumps(self._refuse("too many control clients")).encode() + b"\n")
+            writer.close()
+            return
+        self.clients += 1
         try:
             while True:
                 try:
-                    line = await asyncio.wait_for(reader.readline(), timeout=300)
+                    line = await asyncio.wait_for(reader.readline(), timeout=IDLE_TIMEOUT)
                 except (asyncio.LimitOverrunError, ValueError):
                     await self._answer(writer, {"ok": False, "error": "request too long"})
                     return
@@ -216,13 +227,17 @@ class ControlServer:
         except Exception as exc:  # a bug: one line, the server carries on
             self._quiet.event(log, "control-client-failed", logging.ERROR, error=type(exc).__name__)
         finally:
+            self.clients -= 1
             writer.close()
             with contextlib.suppress(Exception):
-                await writer.wait_closed()
+                async with asyncio.timeout(5):
+                    await writer.wait_closed()
 
     async def _answer(self, writer: asyncio.StreamWriter, obj: dict[str, Any]) -> None:
         writer.write(json.dumps(obj).encode() + b"\n")
-        await writer.drain()
+        # a client that sends requests and never reads the answers is dropped, not waited for
+        async with asyncio.timeout(DRAIN_TIMEOUT):
+            await writer.drain()
 
     def _refuse(self, why: str) -> dict[str, Any]:
         """The answer to a request that is not one: an error line, and one log line."""

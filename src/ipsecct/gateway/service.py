@@ -186,7 +186,7 @@ class Service:
             if self.failover is not None:
                 self.control.register("failover.alone", self._failover_alone)
             else:  # say what is missing, not "unknown command 'failover.alone'"
-                self.control.register("failover.alone", _lacks("[failover]", "a fail-over pair"))
+                self.control.register("failover.alone", _lacks("[failover]", "fail-over"))
             if self.transfer is not None:
                 self.control.register("transfer", self.transfer.control_transfer)
                 self.control.register("rebalance", self.transfer.control_rebalance)
