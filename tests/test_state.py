@@ -828,6 +828,30 @@ def test_the_query_says_how_old_the_transfer_is_and_the_target_decides_with_it(
     store.close()
 
 
+def test_the_core_says_what_each_tunnel_in_a_transfer_is_doing() -> None:
+    """``sa list``'s source: the source's tunnel is leaving (held, or sending up to its cap),
+    the target's arriving until the COMMIT; a restarted source's is unresolved; discarded by
+    the operator, it is no longer asked about and an answer changes nothing."""
+    from ipsecct.ct import cxtp
+
+    w, j1, _j2 = journaled_world()
+    tid = w.transfer()
+    (role, why), = w.gw["sg1"].core.tunnel_roles().values()
+    assert role == "leaving" and "to sg2, held" in why
+    w.deliver("sg1", "sg2")
+    (role, why), = w.gw["sg2"].core.tunnel_roles().values()
+    assert role == "arriving" and "from sg1" in why
+    settle(w, "sg1", j1)
+    w.links.clear()
+    g1 = restarted_source(w, j1, tid)
+    assert [r for r, _ in g1.core.tunnel_roles().values()] == ["unresolved"]
+    assert g1.core.forget_unresolved(w.tunnel) and g1.core.unresolved == {}
+    assert not g1.core.forget_unresolved(w.tunnel)
+    tag = cxtp.TransferTag(tid, 0).encode()
+    out = g1.core.receive("sg2", cxtp.DQ(w.tunnel.outbound.dst, 2, (tag,)), w.now)
+    assert out == [] and j1.calls[-1][0] == "leaving"  # nothing resumed
+
+
 def test_an_unanswered_query_is_repeated_and_the_tunnel_stays_held() -> None:
     """Nobody answers: the query goes again every ``retry``, the tunnel stays held (never
     sent on), and an answer from another peer changes nothing."""

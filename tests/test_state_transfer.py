@@ -8,6 +8,7 @@ settled no tunnel is sent on by two gateways."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import random
 import signal
@@ -585,4 +586,77 @@ def test_a_query_after_the_target_pruned_the_arrival_is_answered_taken(few: Gate
     details = [r["detail"] for r in gws.status("sg1")["transfers"]["recent"]]
     assert "taken by sg2" in details, details
     assert served_by_one(gws, cap, spi, port) is None  # went with sg2's memory
+    assert cap.duplicates() == []
+
+
+def test_a_leaving_tunnel_whose_peer_is_no_longer_configured_is_shown_held_and_discarded(
+    few: Gateways,
+) -> None:
+    """``sa list`` shows a tunnel mid-transfer as leaving; sg1 is killed then (sg2 frozen,
+    then killed: the outcome is unknown) and restarted with sg2 removed from its [[peers]].
+    Nobody can be asked: the tunnel is held, never sent on, ``state.unresolved`` says it is
+    not asked and how to resolve it, the log says so (``transfer-outcome-unknowable``),
+    ``sa list`` shows it UNRESOLVED (text and JSON). ``ipsecct sa discard SPI`` gives it up:
+    recorded away, out of the engine, kept away after another restart, never sent on."""
+    from tests.helpers.deployment import cli
+
+    gws = few
+    cap: Capture = gws.capture  # type: ignore[attr-defined]
+    conf = gws.config("sg1")
+    log = gws.dir / "sg1.log"
+    wait_for(lambda: len(cap.seen) > 100, "no traffic")
+    spi = 0x20000000 + 4
+
+    def sa_state(name: str = "sg1") -> tuple[str, str] | None:
+        r = cli("sa", "list", "--json", "-c", gws.config(name))
+        assert r.returncode == 0, r.stderr
+        for s_ in json.loads(r.stdout):
+            if int(s_["spi"], 16) == spi:
+                return s_["state"], s_["state_detail"]
+        return None
+
+    assert sa_state() == ("installed", "")
+    freeze(gws, "sg2", True)
+    th = start_transfer(gws, spi)
+    wait_for(lambda: (sa_state() or ("",))[0] == "leaving", "not shown leaving")
+    st = sa_state()
+    assert st is not None and "to sg2" in st[1], st
+    gws.kill("sg1")
+    gws.kill("sg2")
+    th.join(30)
+    gws.write("sg1", peers=["sg3"])  # sg2 is no longer a peer
+    cap.sync()
+    restarted = time.monotonic()
+    offset = log.stat().st_size
+    gws.start("sg1")
+    (u,) = gws.status("sg1")["state"]["unresolved"]
+    assert (int(u["spi"], 16), u["peer"], u["asked"]) == (spi, "sg2", False), u
+    assert "sa discard" in u["effect"] and "not among [[peers]]" in u["effect"], u
+    text = log.read_text()[offset:]
+    assert "event=transfer-outcome-unknowable" in text and "tunnel=t4" in text
+    st = sa_state()
+    assert st is not None and st[0] == "unresolved" and "nobody asked" in st[1], st
+    r = cli("sa", "list", "-c", conf)
+    assert r.returncode == 0 and any(
+        f"0x{spi:08x}" in ln and "UNRESOLVED" in ln for ln in r.stdout.splitlines()
+    ), r.stdout
+    r = cli("status", "-c", conf)
+    assert "unresolved: t4" in r.stdout and "sa discard" in r.stdout, r.stdout
+    r = cli("sa", "discard", "0x20000000", "-c", conf)  # an installed tunnel: refused
+    assert r.returncode != 0 and "not unresolved" in r.stderr and "Traceback" not in r.stderr
+    time.sleep(0.6)
+    r = cli("sa", "discard", hex(spi), "-c", conf)
+    assert r.returncode == 0 and f"discarded 0x{spi:08x}" in r.stdout, (r.stdout, r.stderr)
+    st_ = gws.status("sg1")["state"]
+    assert st_["unresolved"] == []
+    (k,) = [k for k in st_["kept_away"] if int(k["spi"], 16) == spi]
+    assert k["owner"] == "away" and "discarded by the operator" in k["detail"], k
+    assert sa_state() is None and "event=transfer-discarded" in log.read_text()[offset:]
+    gws.kill("sg1")
+    gws.start("sg1")
+    st_ = gws.status("sg1")["state"]
+    assert st_["unresolved"] == [] and spi in {int(k["spi"], 16) for k in st_["kept_away"]}
+    time.sleep(0.6)
+    cap.sync()
+    assert not [q for s_, q, _, t in list(cap.seen) if s_ == spi and t >= restarted]
     assert cap.duplicates() == []

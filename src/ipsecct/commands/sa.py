@@ -52,6 +52,7 @@ def _table(rows: list[dict[str, Any]], cols: list[tuple[str, str]]) -> None:
 SA_COLS = [
     ("spi", "SPI"),
     ("direction", "DIR"),
+    ("state_upper", "STATE"),
     ("protocol", "PROTO"),
     ("mode", "MODE"),
     ("src", "SRC"),
@@ -67,6 +68,7 @@ SA_COLS = [
 def _sa_rows(result: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for r in result:
         r["seq_or_top"] = r.get("seq", r.get("replay_top", ""))
+        r["state_upper"] = str(r.get("state", "installed")).upper()
     return result
 
 
@@ -105,6 +107,9 @@ def cmd_status(args: argparse.Namespace) -> int:
                 names = ", ".join(i["name"] for i in items[:10])
                 more = f" and {len(items) - 10} more" if len(items) > 10 else ""
                 print(f"  {what.replace('_', ' ')}: {len(items)} tunnel(s): {names}{more}")
+        for u in st.get("unresolved") or []:
+            print(f"  unresolved: {u['name']} ({u['spi']}), transfer {u['transfer']} to"
+                  f" {u['peer'] or '?'}: {u['effect']}")  # fmt: skip
     return 0
 
 
@@ -119,8 +124,9 @@ def _ike_sas(path: str) -> list[dict[str, Any]] | None:
     return res
 
 
-def _print_ike(sas: list[dict[str, Any]]) -> None:
-    """Like ``swanctl --list-sas``: each IKE SA, then its CHILD SAs indented."""
+def _print_ike(sas: list[dict[str, Any]], states: dict[int, dict[str, Any]] | None = None) -> None:
+    """Like ``swanctl --list-sas``: each IKE SA, then its CHILD SAs indented, each with the
+    state of its outbound SA (``states``: SA rows by SPI), INSTALLED when it is simply so."""
     for ike in sas:
         print(f"{ike['name']}: #{ike['uid']}, {ike['state'].upper()}, IKEv2, "
               f"{ike['spi_i']}_i {ike['spi_r']}_r ({ike['role']})")  # fmt: skip
@@ -128,8 +134,12 @@ def _print_ike(sas: list[dict[str, Any]]) -> None:
         print(f"  remote {ike['remote']} id {ike['remote_id']!s}")
         print(f"  {ike['proposal']}, established {ike['established_s']} s ago")
         for c in ike["children"]:
-            print(f"  {c['name']}: #{c['uid']}, INSTALLED, TUNNEL, ESP in {c['spi_in']}, "
+            sa = (states or {}).get(int(str(c["spi_out"]), 16)) or {}
+            state = str(sa.get("state", "installed")).upper()
+            print(f"  {c['name']}: #{c['uid']}, {state}, TUNNEL, ESP in {c['spi_in']}, "
                   f"out {c['spi_out']}, {c['proposal']}")  # fmt: skip
+            if sa.get("state_detail"):
+                print(f"    {sa['state_detail']}")
             print(f"    local  {' '.join(c['local_ts'])}")
             print(f"    remote {' '.join(c['remote_ts'])}")
 
@@ -151,9 +161,14 @@ def cmd_sa_list(args: argparse.Namespace) -> int:
         return 0
     ike = _ike_sas(path)
     if ike:
-        _print_ike(ike)
+        out = {int(r["spi"], 16): r for r in res if r.get("direction") == "out"}
+        _print_ike(ike, out)
         print()
     _table(_sa_rows(res), SA_COLS)
+    # what is not simply installed, and why (held SAs send nothing)
+    for r in res:
+        if r.get("state_detail") and r.get("direction") == "out":
+            print(f"{r['spi']} {r.get('name', '')}: {r['state']}: {r['state_detail']}")
     return 0
 
 
@@ -214,6 +229,16 @@ def cmd_sa_delete(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sa_discard(args: argparse.Namespace) -> int:
+    params = {"peer": args.peer} if args.peer is not None else {"spi": args.spi}
+    res = request(socket_path(args), "sa.discard", params)
+    if args.json:
+        _print_json(res)
+    else:
+        print("discarded " + " ".join(res))
+    return 0
+
+
 def cmd_pmtu_set(args: argparse.Namespace) -> int:
     res = request(socket_path(args), "pmtu.set", {"spi": args.spi, "mtu": args.mtu})
     if args.json:
@@ -255,6 +280,15 @@ def register(sub: Any) -> None:
         ss, "add", "add SAs from a feature-context JSON file (- for stdin)", cmd_sa_add
     ).add_argument("file")
     leaf(ss, "delete", "delete the SAs with this SPI", cmd_sa_delete).add_argument("spi", type=_spi)
+    d = leaf(
+        ss, "discard",
+        "give up tunnels held because their transfer's outcome is unknown (state.unresolved):"
+        " never sent on here again",
+        cmd_sa_discard,
+    )  # fmt: skip
+    g = d.add_mutually_exclusive_group(required=True)
+    g.add_argument("spi", nargs="?", type=_spi, help="the tunnel's outbound SPI")
+    g.add_argument("--peer", help="every unresolved tunnel that was going to this peer")
     pm = sub.add_parser("pmtu", help="path MTU of a running node's SAs")
     ps = pm.add_subparsers(dest="action", metavar="ACTION")
     ps.required = True

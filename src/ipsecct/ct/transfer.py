@@ -1083,6 +1083,46 @@ class TransferCore:
             out += self._query(u, now)
         return out
 
+    def tunnel_roles(self) -> dict[Tunnel, tuple[str, str]]:
+        """What each tunnel in a transfer is doing, for ``sa list``: ("leaving", "to PEER,
+        held" or "..., sending up to N"), ("arriving", "from PEER, ..."), ("unresolved",
+        ...) or ("held", "kept, ...": a rolled-back transfer writing "owned" again)."""
+        out: dict[Tunnel, tuple[str, str]] = {}
+        for og in self.outgoing.values():
+            for t in og.tunnels:
+                cap = og.caps.get(t)
+                how = "held" if cap is None else f"sending up to {cap}"
+                out[t] = ("leaving", f"transfer {og.tid:016x} to {og.peer}, {how}")
+        for inc in self.incoming.values():
+            if inc.state in (IncomingState.RECEIVING, IncomingState.PENDING):
+                for t in inc.tunnels:
+                    out[t] = (
+                        "arriving",
+                        f"transfer {inc.tid:016x} from {inc.peer}, held until its COMMIT",
+                    )
+        for rv in self.reverting:
+            for t in rv.tunnels:
+                out[t] = ("held", f"transfer {rv.tid:016x} not taken: kept, owned again"
+                          " being recorded")  # fmt: skip
+        for u in self.unresolved.values():
+            for t in u.tunnels:
+                out[t] = ("unresolved", f"transfer {u.tid:016x} to {u.peer}: outcome unknown,"
+                          f" held, asked {u.queries} time(s)")  # fmt: skip
+        return out
+
+    def forget_unresolved(self, tunnel: Tunnel) -> bool:
+        """The operator discarded ``tunnel`` (recorded away or deleted, out of the engine):
+        no longer asked about; an answer that comes later changes nothing for it. False if
+        it was not unresolved here."""
+        for tid, u in list(self.unresolved.items()):
+            if tunnel in u.members:
+                u.members.discard(tunnel)
+                u.tunnels = [t for t in u.tunnels if t is not tunnel]
+                if not u.tunnels:
+                    del self.unresolved[tid]
+                return True
+        return False
+
     def _query(self, u: _Unresolved, now: float) -> list[Output]:
         u.next_query = now + self.settings.retry
         u.queries += 1

@@ -118,8 +118,11 @@ def _peer_uid(s: socket.socket) -> int | None:
     return int(uid)
 
 
-def sa_summary(sa: SecurityAssociation, now: float) -> dict[str, Any]:
-    """What ``sa list`` / ``sa show`` print about an SA: never its keys."""
+def sa_summary(
+    sa: SecurityAssociation, now: float, state: tuple[str, str] = ("installed", "")
+) -> dict[str, Any]:
+    """What ``sa list`` / ``sa show`` print about an SA: never its keys. ``state``: what
+    its tunnel is doing (installed, held, leaving, arriving, unresolved, moved) and why."""
     d: dict[str, Any] = {
         "spi": f"0x{sa.spi:08x}",
         "name": sa.name,
@@ -143,6 +146,7 @@ def sa_summary(sa: SecurityAssociation, now: float) -> dict[str, Any]:
         d["seq"] = sa.seq
     else:
         d["replay_top"] = sa.window.top
+    d["state"], d["state_detail"] = state
     if sa.dead:
         d["state"] = "expired"
     return d

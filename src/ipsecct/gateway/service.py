@@ -13,9 +13,11 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from ..ct import cxtp
+from ..ct.journal import Owner
 from ..ct.transfer import UNIT_IKEV2, Identity
 from ..errors import ConfigError, ControlError, IpsecctError
 from ..ikev2.context import is_ike_cdb
+from ..ipsec.engine import Tunnel, TunnelState
 from ..ipsec.sad import Direction, SecurityAssociation
 from ..ipsec.spd import Action, SPDEntry
 from . import config as config_mod
@@ -110,6 +112,8 @@ class Service:
                 tunnels = [t for sa in sas if (t := self.node.engine.tunnel_of(sa)) is not None]
                 if gw in tcfg.peers and tunnels:
                     self.transfer.unresolved.append((tid, gw, tunnels))
+                elif tunnels:
+                    self.state.not_asked(tid, gw, f"peer {gw!r} is not among [[peers]]")
             self.transfer.unresolved_ages = self.state.unresolved_ages()
             if self.failover is not None:
                 self.failover.journal = self.state
@@ -117,6 +121,9 @@ class Service:
                     self.failover.standby.journal = self.state
             self.peers.on_message = self._peer_message
             self.peers.on_lost = self._peer_lost
+        if self.transfer is None:
+            for tid, gw in self.state.unresolved_transfers():
+                self.state.not_asked(tid, gw, "no [transfer] configured")
         # etcd mode ([cluster] etcd): membership, the lease that fences sending, owner keys.
         self.cluster: ClusterDriver | None = None
         if role != "node" and cfg.cluster is not None and cfg.cluster.etcd:
@@ -179,6 +186,7 @@ class Service:
                 "sa.export": self._sa_export,
                 "sa.add": self._sa_add,
                 "sa.delete": self._sa_delete,
+                "sa.discard": self._sa_discard,
                 "pmtu.set": self._pmtu_set,
                 "clock": self._clock,
             }.items():
@@ -335,9 +343,36 @@ class Service:
     async def _status(self, args: dict[str, Any]) -> Any:
         return self.node.status()
 
+    def _sa_states(self) -> dict[int, tuple[str, str]]:
+        """id(SA) -> what its tunnel is doing, for those not simply installed: held because
+        its transfer's outcome is unknown (unresolved), in a transfer (leaving, arriving),
+        moved away (forwarding what still comes), or held otherwise (fencing)."""
+        roles = self.transfer.core.tunnel_roles() if self.transfer is not None else {}
+        unresolved = self.state.unresolved_states()
+        out: dict[int, tuple[str, str]] = {}
+        eng = self.node.engine
+        for sa in eng.sad:
+            t = eng.tunnel_of(sa)
+            if t is None:
+                continue
+            st = unresolved.get(id(t.outbound)) or roles.get(t)
+            if st is None:
+                if t.state is TunnelState.MOVED:
+                    st = ("moved", f"transferred to {t.forward_to}, forwarding what still comes")
+                elif t.state is TunnelState.HELD:
+                    st = ("held", "fenced or paused: nothing sent")
+                else:
+                    continue
+            out[id(sa)] = st
+        return out
+
     async def _sa_list(self, args: dict[str, Any]) -> Any:
         now = self.node.clock()
-        return [sa_summary(sa, now) for sa in self.node.engine.sad]
+        states = self._sa_states()
+        return [
+            sa_summary(sa, now, states.get(id(sa), ("installed", "")))
+            for sa in self.node.engine.sad
+        ]
 
     def _find(self, args: dict[str, Any]) -> list[SecurityAssociation]:
         spi = _parse_spi(args.get("spi"))
@@ -348,7 +383,11 @@ class Service:
 
     async def _sa_show(self, args: dict[str, Any]) -> Any:
         now = self.node.clock()
-        return [sa_summary(sa, now) for sa in self._find(args)]
+        states = self._sa_states()
+        return [
+            sa_summary(sa, now, states.get(id(sa), ("installed", "")))
+            for sa in self._find(args)
+        ]
 
     async def _sa_export(self, args: dict[str, Any]) -> Any:
         from ..tools.keyfile import format_line
@@ -386,11 +425,71 @@ class Service:
         )
         return sa_summary(sa, now)
 
+    def _discard_unresolved(self, tunnel: Tunnel, owner: Owner, detail: str) -> None:
+        """Out of the engine, no longer asked about, recorded ``owner`` (raises
+        ControlError if that could not be written: still leaving on disk)."""
+        if self.transfer is not None:
+            self.transfer.core.forget_unresolved(tunnel)
+        self.node.engine.remove_tunnel(tunnel)
+        try:
+            self.state.discard(tunnel, owner, detail)
+        except IpsecctError as exc:
+            raise ControlError(f"removed, but {exc}") from None
+
+    async def _sa_discard(self, args: dict[str, Any]) -> Any:
+        """``sa discard``: tunnels held because the outcome of the transfer that was moving
+        them is unknown (``state.unresolved``), by SPI or all those recorded going to one
+        peer, are given up: never sent on here again (safe whatever the outcome; at worst
+        nobody serves them until they are re-keyed). Resuming one is not offered: only the
+        peer's "not taken" makes that safe."""
+        eng = self.node.engine
+        peer = args.get("peer")
+        if peer is not None and not isinstance(peer, str):
+            raise ControlError("peer must be a name")
+        held = {r.spi: (n, r) for n, r in self.state.plan.unresolved.items()}
+        if peer is not None:
+            picked = [(n, r) for n, r in held.values() if r.gateway == peer]
+            if not picked:
+                raise ControlError(f"no unresolved tunnel was going to {peer!r}")
+        else:
+            spi = _parse_spi(args.get("spi"))
+            if spi not in held:
+                what = "no SA" if not eng.find_sa(spi) else "an SA that is not unresolved"
+                raise ControlError(
+                    f"0x{spi:08x} is {what} (sa discard gives up only tunnels held because"
+                    " their transfer's outcome is unknown; see state.unresolved)"
+                )
+            picked = [held[spi]]
+        out = []
+        for name, row in picked:
+            sa = self.state.held_sa(name)
+            tunnel = eng.tunnel_of(sa) if sa is not None else None
+            if tunnel is None:
+                continue
+            detail = (
+                f"discarded by the operator (transfer {row.transfer:016x} to"
+                f" {row.gateway or '?'}: outcome unknown)"
+            )
+            self._discard_unresolved(tunnel, Owner.AWAY, detail)
+            out.append(f"0x{row.spi:08x}")
+            event(
+                log, "transfer-discarded", logging.WARNING, node=self.node.name, tunnel=name,
+                spi=f"0x{row.spi:08x}", peer=row.gateway or "?", id=f"{row.transfer:016x}",
+                effect="never sent on here again (re-key it to serve it)",
+            )
+        return out
+
     async def _sa_delete(self, args: dict[str, Any]) -> Any:
         eng = self.node.engine
         out = []
         for sa in self._find(args):
             tunnel = eng.tunnel_of(sa)
+            if tunnel is not None and self.state.unresolved_sa(sa) is not None:
+                # held, its transfer's outcome unknown: deleted, and no longer asked about
+                self._discard_unresolved(tunnel, Owner.DELETED, "deleted by sa delete")
+                out.append(f"0x{sa.spi:08x}")
+                event(log, "sa-deleted", node=self.node.name, spi=f"0x{sa.spi:08x}")
+                continue
             if tunnel is not None:
                 eng.remove_tunnel(tunnel)
             elif eng.sad.lookup(sa.dst, sa.protocol, sa.spi) is sa:

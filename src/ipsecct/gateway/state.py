@@ -533,6 +533,9 @@ class DurableState:
         self.queue: dict[SecurityAssociation, int] = {}
         self.plan = Plan()
         self._unresolved_sas: dict[str, SecurityAssociation] = {}  # name -> held outbound SA
+        # name -> why nobody is asked about it (its peer is not configured): held until the
+        # operator discards it (or configures the peer again and restarts)
+        self.unasked: dict[str, str] = {}
         self.counters = {
             "reservation_writes": 0,
             "failed_writes": 0,
@@ -1058,6 +1061,63 @@ class DurableState:
                 out.setdefault((row.transfer, row.gateway), []).append(sa)
         return out
 
+    def not_asked(self, transfer_id: int, peer: str, why: str) -> None:
+        """The unresolved tunnels of (``transfer_id``, ``peer``) will not be asked about
+        (``why``): told to the operator (log, ``status``), held until discarded."""
+        for name, row in self.plan.unresolved.items():
+            if row.transfer == transfer_id and row.gateway == peer and name not in self.unasked:
+                self.unasked[name] = why
+                event(
+                    log, "transfer-outcome-unknowable", logging.ERROR, node=self.node.name,
+                    tunnel=name, spi=f"0x{row.spi:08x}", peer=peer or "?",
+                    id=f"{transfer_id:016x}", reason=why,
+                    effect="held (never sent on) until discarded: ipsecct sa discard "
+                    f"0x{row.spi:08x} (or configure the peer again and restart)",
+                )
+
+    def unresolved_states(self) -> dict[int, tuple[str, str]]:
+        """id(outbound SA) -> ("unresolved", why) for the tunnels held since the start
+        because their transfer's outcome is unknown (``sa list``)."""
+        out: dict[int, tuple[str, str]] = {}
+        for name, sa in self._unresolved_sas.items():
+            r = self.plan.unresolved.get(name)
+            if r is None:
+                continue
+            why = self.unasked.get(name)
+            tail = "asked until it answers" if why is None else f"nobody asked ({why})"
+            out[id(sa)] = (
+                "unresolved",
+                f"transfer {r.transfer:016x} to {r.gateway or '?'}: outcome unknown, held, {tail}",
+            )
+        return out
+
+    def held_sa(self, name: str) -> SecurityAssociation | None:
+        """The outbound SA of unresolved tunnel ``name`` (installed held)."""
+        return self._unresolved_sas.get(name)
+
+    def unresolved_sa(self, sa: SecurityAssociation) -> str | None:
+        """The tunnel name if ``sa`` is the outbound SA of an unresolved tunnel."""
+        for name, held in self._unresolved_sas.items():
+            if held is sa:
+                return name
+        return None
+
+    def discard(self, tunnel: Tunnel, owner: Owner, detail: str) -> None:
+        """An unresolved tunnel the operator discards (``sa discard``, or ``sa delete``):
+        recorded ``owner`` (away or deleted) with ``detail``, no longer unresolved. Never
+        sent on again here, whatever its transfer's outcome (safe: at worst nobody serves
+        it). Synchronous; raises JournalError (then it is still recorded leaving: held again
+        after a restart)."""
+        rows = self._rows([tunnel], owner, detail)
+        name = self.unresolved_sa(tunnel.outbound)
+        row = self.plan.unresolved.get(name) if name is not None else None
+        if row is not None:
+            rows[0].transfer, rows[0].gateway = row.transfer, row.gateway
+        self._put(rows)
+        self._resolved([tunnel], rows)
+        if name is not None:
+            self.unasked.pop(name, None)
+
     def unresolved_ages(self) -> dict[int, float]:
         """Per unresolved transfer, how long ago (seconds, wall clock) its tunnels were
         recorded leaving (the oldest row: the query's AGE errs on the old side)."""
@@ -1136,8 +1196,15 @@ class DurableState:
                 {
                     "name": n, "spi": f"0x{r.spi:08x}", "peer": r.gateway,
                     "transfer": f"{r.transfer:016x}", "detail": r.detail,
-                    "effect": "held, never sent on, until the peer answers (re-key if it"
-                    " never will)",
+                    "asked": n not in self.unasked,
+                    "effect": (
+                        "held, never sent on, until the peer answers (ipsecct sa discard"
+                        f" 0x{r.spi:08x} if it never will)"
+                        if n not in self.unasked
+                        else f"held, never sent on, nobody asked ({self.unasked[n]}):"
+                        f" ipsecct sa discard 0x{r.spi:08x}, or configure the peer again"
+                        " and restart"
+                    ),
                 }
                 for n, r in self.plan.unresolved.items()
             ],
@@ -1157,6 +1224,7 @@ class DurableState:
             "state_tunnels_refused": len(self.plan.refused),
             "state_tunnels_not_restored": len(self.plan.not_restored),
             "state_tunnels_unresolved": len(self.plan.unresolved),
+            "state_tunnels_unresolved_unasked": len(self.unasked),
         }
 
 
