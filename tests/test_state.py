@@ -1073,3 +1073,34 @@ def test_an_ownership_write_is_settled_by_the_first_callback_after_its_thread_en
         await st.stop()
 
     asyncio.run(main())
+
+
+def test_the_write_ahead_log_is_prepared_so_that_later_synced_writes_overwrite_it(
+    tmp_path: Path,
+) -> None:
+    """prepare_wal makes the log its pages long, checkpointed, and leaves nothing of its own:
+    the writes after it start the log again at its beginning (the file does not grow: a
+    synced commit flushes its data, not the file system's journal), everything written
+    before and after is there on reopening, and the scratch row is gone."""
+    db = tmp_path / "s" / state_mod.DB_NAME
+    wal = db.with_name(db.name + "-wal")
+    store, lock = state_mod.open_store(tmp_path / "s", "gw", [], fresh=False)
+    store.put([row("before", Owner.OWNED, 5)])
+    store.prepare_wal(64)
+    size = os.path.getsize(wal)
+    assert size >= 64 * 4096
+    assert store.conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 40
+    for i in range(40):  # within what was prepared: never appended past it
+        store.put([row(f"fp{i}", Owner.LEAVING, 100 + i)])
+    assert os.path.getsize(wal) == size
+    assert store.conn.execute("SELECT count(*) FROM meta WHERE key = 'wal'").fetchone()[0] == 0
+    store.close()
+    os.close(lock)
+    again, lock = state_mod.open_store(tmp_path / "s", "gw", [], fresh=False)
+    loaded = again.load()
+    assert loaded["before"].ceiling == 5
+    assert {fp: r.ceiling for fp, r in loaded.items() if fp.startswith("fp")} == {
+        f"fp{i}": 100 + i for i in range(40)
+    }
+    again.close()
+    os.close(lock)

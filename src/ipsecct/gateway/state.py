@@ -62,6 +62,11 @@ DB_NAME = "state.db"
 MARKER = "ipsecct-state"
 LOCK = "lock"
 _NAME_OK = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+# The write-ahead log is made this many pages (4 KiB each) long when the store opens, and
+# checkpointed before it grows past them (PRAGMA wal_autocheckpoint: 1000, SQLite's default,
+# as before), so that a synced write overwrites blocks the file system has already allocated
+# instead of growing the file (StateStore.prepare_wal).
+WAL_PAGES = 1024
 
 
 class _Damaged(Exception):
@@ -234,6 +239,43 @@ class StateStore:
         conn.execute("COMMIT")
         _fsync_dir(path.parent)
         return cls(conn, path, salt, True)
+
+    def prepare_wal(self, pages: int = WAL_PAGES) -> None:
+        """Make the write-ahead log ``pages`` frames long now, checkpointed, so that the
+        writes that follow start again at its beginning, over blocks already allocated.
+
+        Why: SQLite appends each commit's pages to the log, and (it is deleted when the
+        last connection closes) a freshly opened store's log grows with every commit until
+        the first checkpoint. A synced commit that grows the file makes ext4 commit its
+        journal (the file's new size and blocks), shared by every file of the file system,
+        before the ``fdatasync`` returns; a commit that overwrites allocated blocks flushes
+        only its data: 0.12-0.16 ms against 0.27-0.33 ms measured with two processes
+        committing at once on this machine (benchmarks/README.md, "latency, fourth
+        session"). The handover's synced writes (``leaving``, ``pending``) wait for that.
+
+        How: frames are appended by unsynced one-page commits of a scratch row (a power
+        loss meanwhile loses only those: the log's checksums end it at the last whole commit,
+        and nothing is checkpointed into the database file while it runs), then one synced
+        commit removes the row (every frame before it is on stable storage with it), and a
+        checkpoint copies the row's page into the database, so that the next write begins
+        the log again at its first frame. Every write after this one is synced as before."""
+        with self._lock:
+            c = self.conn
+            c.execute("PRAGMA wal_autocheckpoint = 0")
+            try:
+                c.execute("INSERT OR REPLACE INTO meta VALUES ('wal', '0')")
+                c.execute("PRAGMA synchronous = OFF")
+                try:
+                    for i in range(1, pages):
+                        c.execute("UPDATE meta SET value = ? WHERE key = 'wal'", (str(i),))
+                finally:
+                    c.execute("PRAGMA synchronous = FULL")
+                c.execute("DELETE FROM meta WHERE key = 'wal'")
+                c.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            finally:
+                # Checkpointed before the log outgrows what was prepared (a few pages of
+                # room: one commit may cross the mark by the pages it writes).
+                c.execute(f"PRAGMA wal_autocheckpoint = {max(1, pages - 24)}")
 
     def close(self) -> None:
         with self._lock:
@@ -1236,6 +1278,7 @@ def open_for(node: Node, cfg: NodeConfig, *, fresh: bool = False) -> DurableStat
     store, lock = open_store(directory, cfg.name, aead, fresh=fresh)
     state = DurableState(node, store, lock, cfg.seq_block, cfg.arrival_retention)
     try:
+        store.prepare_wal()
         state.merge_configuration(cfg)
     except BaseException:
         store.close()
