@@ -353,3 +353,40 @@ def test_an_spi_outside_32_bits_is_a_usage_error(spi: str) -> None:
     for cmd in (["sa", "show"], ["sa", "delete"], ["pmtu", "set"]):
         r = run(*cmd, spi, *(["1400"] if cmd[0] == "pmtu" else []), "--socket", "/nonexistent")
         assert r.returncode == 2 and "32 bits: 0 to 0xffffffff" in r.stderr, r.stderr
+
+
+def test_an_error_is_one_line_whatever_it_quotes(tmp_path: Path) -> None:
+    """A TOML key or a file name with a newline made the error two lines (the second one
+    could pass for another error)."""
+    f = tmp_path / "nl.toml"
+    f.write_text('name = "sg1"\n"a\\nipsecct: error: forged" = 1\n')
+    line = one_line(run("gateway", "run", "-c", str(f)))
+    assert "a\\nipsecct: error: forged: unknown key" in line
+    line = one_line(run("status", "-c", str(tmp_path / "a\nb.toml")))
+    assert "a\\nb.toml: cannot read" in line
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda t: t + t[t.index("[[tunnel]]"):t.index("[state]")]
+         .replace('name = "sg1-mn"', 'name = "x"').replace("0x20000001", "0x20000009")
+         .replace("10.1.0.2/32", "10.1.0.3/32"),
+         "tunnel[1] (x).spi_in: 0x10000001 is tunnel sg1-mn's spi_in too"),
+        (lambda t: t.replace('peer = "127.0.0.1:14500"', 'peer = "127.0.0.1:0"'),
+         "tunnel[0] (sg1-mn).peer: port must be 1-65535"),
+    ],
+)
+def test_conflicting_tunnels_are_configuration_errors(
+    tmp_path: Path, edit: Any, message: str
+) -> None:
+    """Two tunnels with one inbound SPI loaded and failed at start without naming the file or
+    the key; a peer at port 0 ran a tunnel that could never send."""
+    shutil.copytree(ROOT / "examples" / "gateway", tmp_path, dirs_exist_ok=True,
+                    ignore=shutil.ignore_patterns("state"))  # fmt: skip
+    for k in (tmp_path / "keys").iterdir():
+        os.chmod(k, 0o600)
+    f = tmp_path / "sg1.toml"
+    f.write_text(edit(f.read_text()))
+    line = one_line(run("gateway", "run", "-c", str(f)))
+    assert line == f"ipsecct: error: {f}: {message}", line

@@ -50,6 +50,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Control characters as escapes: a file name, a TOML key or a peer's text in an error made it
+# two lines (or moved the terminal); an error is one line.
+_ESCAPES = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F)} | {0x0A: "\\n", 0x0D: "\\r"}
+
+
+def _one_line(text: str) -> str:
+    return text.translate(_ESCAPES)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -67,12 +76,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(devnull, sys.stdout.fileno())
         return 141
     except IpsecctError as exc:
-        print(f"ipsecct: error: {exc}", file=sys.stderr)
+        print(_one_line(f"ipsecct: error: {exc}"), file=sys.stderr)
         return 2
     except OSError as exc:
         where = f": {exc.filename}" if getattr(exc, "filename", None) else ""
         what = exc.strerror or str(exc) or ("timed out" if isinstance(exc, TimeoutError) else "")
-        print(f"ipsecct: error: {what or type(exc).__name__}{where}", file=sys.stderr)
+        print(_one_line(f"ipsecct: error: {what or type(exc).__name__}{where}"), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -413,6 +413,8 @@ def _tunnel(d: Any, i: int, ctx: _Ctx, outer: Endpoint, raw_esp: bool) -> Tunnel
         raise ctx.err(where + "peer", f"bad address: {exc}") from None
     if peer.host.version != outer.host.version:
         raise ctx.err(where + "peer", "address family differs from outer.address")
+    if peer.port == 0:  # nothing can be sent to port 0: the tunnel would never carry a packet
+        raise ctx.err(where + "peer", "port must be 1-65535")
     mode_s = ctx.get(d, "mode", where, str, "tunnel")
     try:
         mode = Mode(mode_s)
@@ -718,6 +720,12 @@ def from_dict(data: dict[str, Any], path: str = "<config>") -> NodeConfig:
     names = [t.name for t in tunnels]
     if len(set(names)) != len(names):
         raise ctx.err("tunnel", "tunnel names must be unique")
+    first: dict[int, str] = {}
+    for i, t in enumerate(tunnels):  # (gateway run said only "SPI ... is already in use")
+        other = first.setdefault(t.inbound.spi, t.name)
+        if other != t.name:
+            raise ctx.err(f"tunnel[{i}] ({t.name}).spi_in",
+                          f"0x{t.inbound.spi:08x} is tunnel {other}'s spi_in too")  # fmt: skip
     connections = load_connections(data, path) if data.get("connections") else []
     transfer = _transfer(data, ctx, tunnels, connections)
     if transfer is not None and name in transfer.peers:  # it connected to itself, and a
