@@ -126,7 +126,10 @@ async def _handover_processes(demo: Demo, mode: str) -> None:
     src, dst = "sg1", "sg2"
     s, d = demo.procs[src], demo.procs[dst]
     sas = await _ask(s, "sa.list")
-    spi = next((x["spi"] for x in sas if x["direction"] == "out" and "state" not in x),
+    # (Every SA's summary says what its tunnel is doing: one installed here, not one being
+    # moved or held.)
+    spi = next((x["spi"] for x in sas
+                if x["direction"] == "out" and x.get("state", "installed") == "installed"),
                None)  # fmt: skip
     if spi is None:
         raise DemoError(f"{src} has no tunnel to hand over")
