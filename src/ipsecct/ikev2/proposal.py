@@ -169,22 +169,27 @@ class Suite:
         return Proposal(num, self.protocol, spi, tuple(tr))
 
     def name(self) -> str:
+        """strongSwan's way of naming the suite; a transform number with no name here (a
+        peer gateway's context may carry any) is shown as a number, never a KeyError."""
         enc = {ENCR_AES_CBC: "AES_CBC", ENCR_AES_GCM_16: "AES_GCM_16",
-               ENCR_CHACHA20_POLY1305: "CHACHA20_POLY1305"}[self.encr]  # fmt: skip
+               ENCR_CHACHA20_POLY1305: "CHACHA20_POLY1305"}.get(
+                   self.encr, f"ENCR_{self.encr}")  # fmt: skip
         parts = [enc if self.encr == ENCR_CHACHA20_POLY1305 else f"{enc}_{self.key_bits}"]
         if self.integ is not None:
             parts.append({AUTH_HMAC_SHA1_96: "HMAC_SHA1_96",
                           AUTH_HMAC_SHA2_256_128: "HMAC_SHA2_256_128",
                           AUTH_HMAC_SHA2_384_192: "HMAC_SHA2_384_192",
-                          AUTH_HMAC_SHA2_512_256: "HMAC_SHA2_512_256"}[self.integ])  # fmt: skip
+                          AUTH_HMAC_SHA2_512_256: "HMAC_SHA2_512_256"}.get(
+                              self.integ, f"INTEG_{self.integ}"))  # fmt: skip
         if self.prf is not None:
             parts.append({PRF_HMAC_SHA1: "PRF_HMAC_SHA1", PRF_HMAC_SHA2_256: "PRF_HMAC_SHA2_256",
                           PRF_HMAC_SHA2_384: "PRF_HMAC_SHA2_384",
-                          PRF_HMAC_SHA2_512: "PRF_HMAC_SHA2_512"}[self.prf])  # fmt: skip
+                          PRF_HMAC_SHA2_512: "PRF_HMAC_SHA2_512"}.get(
+                              self.prf, f"PRF_{self.prf}"))  # fmt: skip
         if self.dh is not None:
             parts.append({31: "CURVE_25519", 32: "CURVE_448", 19: "ECP_256", 20: "ECP_384",
                           21: "ECP_521", 14: "MODP_2048", 15: "MODP_3072",
-                          16: "MODP_4096"}[self.dh])  # fmt: skip
+                          16: "MODP_4096"}.get(self.dh, f"DH_{self.dh}"))  # fmt: skip
         if self.protocol != ProtocolId.IKE:
             parts.append("EXT_SEQ" if self.esn else "NO_EXT_SEQ")
         return "/".join(parts)
