@@ -390,3 +390,20 @@ def test_conflicting_tunnels_are_configuration_errors(
     f.write_text(edit(f.read_text()))
     line = one_line(run("gateway", "run", "-c", str(f)))
     assert line == f"ipsecct: error: {f}: {message}", line
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["bench", "transfer", "--bulk", "1000000000"],
+        ["bench", "transfer", "--memory-sas", "1000000000"],
+        ["bench", "failover", "--tunnels", "1000000000"],
+        ["demo", "--seconds", "1e9"],
+    ],
+)
+def test_sizes_that_would_exhaust_memory_or_run_for_ever_are_refused(
+    command: list[str],
+) -> None:
+    """``bench transfer --bulk 1000000000`` tried to build a billion SAs."""
+    r = run(*command)
+    assert r.returncode == 2 and f"argument {command[-2]}: must be at most" in r.stderr

@@ -406,7 +406,8 @@ def add_parser(sub: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--json", action="store_true", help="print the results as JSON")
-    p.add_argument("--tunnels", type=number(int), default=10000, help="tunnels (10000)")
+    p.add_argument("--tunnels", type=number(int, high=100_000), default=10000,
+                   help="tunnels (10000, at most 100000)")
     p.add_argument(
         "--cold",
         action="store_true",

@@ -266,11 +266,13 @@ def add_parser(sub: Any) -> None:
         action="store_true",
         help="leave CPython's collector as it is (no gateway GC policy): the comparison",
     )
-    p.add_argument("--handovers", type=number(int), default=41, help="single handovers (41)")
-    p.add_argument("--bulk", type=number(int), default=10000, help="SAs in the bulk transfer")
+    p.add_argument("--handovers", type=number(int, high=10_000), default=41,
+                   help="single handovers (41)")
+    p.add_argument("--bulk", type=number(int, high=100_000), default=10000,
+                   help="SAs in the bulk transfer (10000, at most 100000)")
     p.add_argument(
         "--memory-sas",
-        type=number(int),
+        type=number(int, high=1_000_000),
         default=100000,
         help="SAs held for the memory figure (100000)",
     )

@@ -43,7 +43,8 @@ def register(sub: Any) -> None:
         "demo", help="run a mobile node, two gateways and a host on loopback, with a stream"
     )
     p.add_argument("--rate", type=number(int), default=1000, help="packets/s each way (1000)")
-    p.add_argument("--seconds", type=number(float), default=5.0, help="stream length (5)")
+    p.add_argument("--seconds", type=number(float, high=3600), default=5.0,
+                   help="stream length (5, at most 3600)")
     p.add_argument(
         "--handover",
         choices=["direct", "indirect", "none"],
