@@ -569,3 +569,105 @@ def test_driver_records_a_new_tunnel_at_once(tmp_path: Path) -> None:
 
     with EtcdCluster(tmp_path) as e:
         asyncio.run(run(e.endpoints))
+
+
+@pytest.mark.parametrize("identity", ["indirect", "direct"])
+def test_a_dead_members_groups_go_to_one_survivor_with_indirect_identity(
+    tmp_path: Path, identity: str
+) -> None:
+    """Three members' drivers on a real etcd (one process: real engines, the sync messages
+    through their wire form), each tunnel replicated to one peer (``replicas = 1``). sg1 holds
+    twelve tunnels in several groups and stops (its lease revoked). With direct identity its
+    groups are split over sg2 and sg3, each taking its rendezvous share. With indirect
+    identity the members share one virtual address, which only one gateway can hold: a split
+    would leave the clients of one share behind the other's claim of the address. So every
+    tunnel is replicated to the one peer ranked first for the address and that one takes them
+    all; it replicates them to the last member, and when it stops too the last takes them all
+    (the address moves twice)."""
+    from ipsecct.ct import cxtp
+    from ipsecct.ct.transfer import Identity
+    from ipsecct.gateway.cluster_driver import ClusterDriver
+    from ipsecct.gateway.config import from_dict
+    from ipsecct.gateway.node import Node
+    from ipsecct.ipsec.spd import Action, SPDEntry
+    from tests.helpers.transfer import tunnel_sas
+
+    names = ("sg1", "sg2", "sg3")
+    ident = Identity.INDIRECT if identity == "indirect" else Identity.DIRECT
+
+    async def run(endpoints: list[str]) -> None:
+        loop = asyncio.get_running_loop()
+        drivers: dict[str, ClusterDriver] = {}
+        alive = set(names)
+
+        class Wire:  # what would go over the peers' TLS channels, delivered in order
+            def __init__(self, me: str) -> None:
+                self.me = me
+
+            def send(self, peer: str, msg: cxtp.Message) -> None:
+                m = cxtp.decode(cxtp.encode(msg))
+                if self.me in alive and peer in alive:
+                    loop.call_soon(lambda: peer in alive and drivers[peer].receive(self.me, m))
+
+        class Transfer:
+            def __init__(self) -> None:
+                self.listeners: list[object] = []
+
+        for i, n in enumerate(names):
+            cfg = from_dict({"name": n, "outer": {"address": "127.0.0.1", "port": 45000 + i},
+                             "inner": {"kind": "udp", "listen": f"127.0.0.1:{45010 + i}",
+                                       "peer": "127.0.0.1:45020"}},
+                            str(tmp_path / f"{n}.toml"))  # fmt: skip
+            node = Node(cfg)
+            if n == "sg1":
+                for k in range(12):
+                    (o, inb, s), _ = tunnel_sas("sg1", spi_up=0x1000 + k, spi_down=0x2000 + k,
+                                                mn_inner=f"10.1.0.{k + 2}", name=f"t{k}")
+                    node.engine.add_tunnel(SPDEntry(s, Action.PROTECT, name=f"t{k}",
+                                                    static=False), o, inb)  # fmt: skip
+            drv = ClusterDriver(node, ClusterConfig(etcd=tuple(endpoints), ttl_s=2,
+                                                    groups=8, replicas=1))  # fmt: skip
+            drv.attach(Wire(n), Transfer(), ident,  # type: ignore[arg-type]
+                       [p for p in names if p != n])  # fmt: skip
+            drv.transfer = None
+            drivers[n] = drv
+        for drv in drivers.values():
+            await drv.start()
+
+        async def until(pred: object, what: str, timeout: float = 20) -> None:
+            t0 = loop.time()
+            while not pred():  # type: ignore[operator]
+                assert loop.time() - t0 < timeout, f"timed out: {what}"
+                await asyncio.sleep(0.02)
+
+        def tunnels(n: str) -> int:
+            return len(drivers[n].own.owned() & {t.outbound.spi
+                                                 for t in drivers[n].node.engine.tunnels()})
+
+        def held(n: str) -> int:
+            return sum(len(sb.replica) for sb in drivers[n].standbys.values())
+
+        try:
+            await until(lambda: tunnels("sg1") == 12, "sg1 to own its twelve tunnels")
+            await until(lambda: held("sg2") + held("sg3") == 12, "the replicas")
+            alive.discard("sg1")
+            await drivers["sg1"].stop()
+            await until(lambda: tunnels("sg2") + tunnels("sg3") == 12, "the take-over")
+            got = {n: tunnels(n) for n in ("sg2", "sg3")}
+            if ident is Identity.DIRECT:
+                assert min(got.values()) > 0, got  # split by rendezvous over the groups
+                return
+            first = ownership.successor(ownership.ONE_RANK, ["sg2", "sg3"])
+            last = "sg3" if first == "sg2" else "sg2"
+            assert got == {first: 12, last: 0}, got
+            # the address moves again: the taker's replicas went to the last member
+            await until(lambda: held(last) == 12, "the taker's replicas at the last member")
+            alive.discard(first)
+            await drivers[first].stop()
+            await until(lambda: tunnels(last) == 12, "the second take-over")
+        finally:
+            for drv in drivers.values():
+                await drv.stop()
+
+    with EtcdCluster(tmp_path) as e:
+        asyncio.run(run(e.endpoints))

@@ -138,12 +138,19 @@ def successors(item: str, members: Iterable[str], n: int) -> list[str]:
     return [m for _, m in sorted(((_weight(m, item), m) for m in members), reverse=True)[:n]]
 
 
-def plan(orphans: Iterable[T], survivors: Iterable[str]) -> dict[str, list[T]]:
-    """Which survivor takes which orphaned group (or tunnel)."""
+# What every group is ranked by when the members share one virtual address (indirect SG
+# identity): one survivor takes all a dead member's groups, as only one can hold the address.
+ONE_RANK = "virtual-address"
+
+
+def plan(
+    orphans: Iterable[T], survivors: Iterable[str], *, one: bool = False
+) -> dict[str, list[T]]:
+    """Which survivor takes which orphaned group (or tunnel); ``one``: as :func:`plan_groups`."""
     members = sorted(set(survivors))
     out: dict[str, list[T]] = {m: [] for m in members}
     for item in orphans:
-        m = successor(item, members)
+        m = successor(ONE_RANK if one else item, members)
         if m is not None:
             out[m].append(item)
     return out
@@ -156,12 +163,15 @@ def group_rank(gid: str) -> str:
     return "group-" + gid.rpartition("-")[2]
 
 
-def plan_groups(orphans: Iterable[str], survivors: Iterable[str]) -> dict[str, list[str]]:
-    """Which survivor takes which orphaned group."""
+def plan_groups(
+    orphans: Iterable[str], survivors: Iterable[str], *, one: bool = False
+) -> dict[str, list[str]]:
+    """Which survivor takes which orphaned group (``one``: all go to one survivor, the
+    highest ranked for :data:`ONE_RANK`)."""
     members = sorted(set(survivors))
     out: dict[str, list[str]] = {m: [] for m in members}
     for gid in orphans:
-        m = successor(group_rank(gid), members)
+        m = successor(ONE_RANK if one else group_rank(gid), members)
         if m is not None:
             out[m].append(gid)
     return out

@@ -105,6 +105,7 @@ class ClusterDriver:
         # read.
         self._live: dict[str, int] | None = None
         self._targets: dict[str, frozenset[str]] = {}
+        self.one_taker = False  # attach(): indirect identity
         self.grace = 1.0
         self.taken = 0
         self.takeovers: list[dict[str, Any]] = []
@@ -154,6 +155,11 @@ class ClusterDriver:
         """Replicate to (and keep replicas of) these peers, over ``channels``."""
         self.channels = channels
         self.transfer = transfer
+        # Indirect SG identity: the members share one virtual address, which only one can
+        # hold, so a dead member's groups all go to one survivor (and are replicated first to
+        # the peer that would take them all), never split: a second survivor claiming the
+        # address for its share would take it from the first and its clients.
+        self.one_taker = identity is Identity.INDIRECT
         transfer.listeners.append(self._on_record)
         ep = self.node.cfg.outer
         for p in peers:
@@ -498,7 +504,7 @@ class ClusterDriver:
         targets = self._targets.get(g)
         if targets is None:
             peers = [m for m in live if m in self.replicators and m != self.node.name]
-            rank = ownership.group_rank(g)
+            rank = ownership.ONE_RANK if self.one_taker else ownership.group_rank(g)
             targets = frozenset(ownership.successors(rank, peers, self.cfg.replicas))
             self._targets[g] = targets
         return peer in targets
@@ -571,13 +577,15 @@ class ClusterDriver:
             orphans.setdefault(g, [])
         if orphans:
             gids = sorted(orphans)
-            share = gids if graced else ownership.plan_groups(gids, live)[self.node.name]
+            share = (gids if graced else
+                     ownership.plan_groups(gids, live, one=self.one_taker)[self.node.name])
             await self._adopt(share, tunnels, dead)
         # Tunnels a dead peer had but never recorded (it never owned them, so never sent on
         # them): whoever records them first.
         loose = sorted(s for s in held if s not in tunnels)
         if loose:
-            share_t = loose if graced else ownership.plan(loose, live)[self.node.name]
+            share_t = (loose if graced else
+                       ownership.plan(loose, live, one=self.one_taker)[self.node.name])
             won: list[int] = []
             for i in range(0, len(share_t), ownership.MAX_TXN_OPS - 1):
                 batch = share_t[i : i + ownership.MAX_TXN_OPS - 1]
