@@ -391,6 +391,12 @@ class ClusterDriver:
 
     async def _register(self) -> None:
         lid, ttl = await self.client.grant(self.cfg.ttl_s)
+        # Replicas sent for this lease are kept from now on: peers send them as soon as they
+        # read our member key, which the join below writes. Set after the join (past one more
+        # etcd round trip), a peer's first messages were ignored, never acknowledged nor sent
+        # again: a quiet tunnel was never replicated here.
+        for sb in self.standbys.values():
+            sb.forget(lid)
         if not await self.client.txn(self.own.join(lid, self.address)):
             raise EtcdError("joining: the new lease's groups exist already")
         self.own.joined()
@@ -401,8 +407,6 @@ class ClusterDriver:
         if self.block is None:
             self.block = await self._claim_block()
         self.lease_id = lid
-        for sb in self.standbys.values():
-            sb.forget(lid)  # replicas are kept only when sent for this lease
         if self.settings is not None:
             self.settings.spi_block = self.block
         if self.ike is not None:  # CHILD SAs' inbound SPIs from our block too
@@ -633,12 +637,17 @@ class ClusterDriver:
 
     async def _adopt(self, gids: list[str], tunnels: dict[int, str], dead: list[str]) -> None:
         """Create the owner keys of these orphaned groups (one transaction, or one per group
-        if someone was faster for some) and install their tunnels from our replicas."""
+        if someone was faster for some) and install their tunnels from our replicas. With
+        one taker (indirect identity) a member that was not the fastest takes none of them:
+        another holds some, and the clients must not be split between two holders of the
+        virtual address."""
         got: list[str] = []
         for i in range(0, len(gids), ownership.MAX_TXN_OPS - 1):
             batch = gids[i : i + ownership.MAX_TXN_OPS - 1]
             if await self.client.txn(self.own.adopt(batch)):
                 got += batch
+            elif self.one_taker:
+                break
             else:
                 for g in batch:
                     if await self.client.txn(self.own.adopt([g])):
