@@ -17,6 +17,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 from collections import Counter
 from collections.abc import Iterator
@@ -311,6 +312,19 @@ def test_direct_identity_handover_take_over_and_a_child_less_ike_sa(
             proc.send_signal(signal.SIGKILL)
             assert proc.wait(15) == -signal.SIGKILL
 
+        def owners() -> dict[str, str | None]:
+            """etcd's tunnel keys and their owners (``ipsecct cluster status``, from the core
+            network, where etcd is)."""
+            r = w.ns.run("host", sys.executable, "-m", "ipsecct", "cluster", "status", "--json",
+                         "--config", str(w.dir / "sg1.toml"), check=False)  # fmt: skip
+            assert r.returncode == 0, r.stdout + r.stderr
+            out: dict[str, str | None] = json.loads(r.stdout)["owners"]
+            return out
+
+        def child_out(g: str) -> str:
+            ((c,),) = [i["children"] for i in w.ike_sas(g)]
+            return f"0x{int(c['spi_out'], 16):08x}"
+
         def pings(n: int, interval: str = "0.01") -> int:
             r = w.ns.run("mn", "ping", "-n", "-q", "-c", str(n), "-i", interval, "-W", "1",
                          HOST, check=False, timeout=60)  # fmt: skip
@@ -344,6 +358,10 @@ def test_direct_identity_handover_take_over_and_a_child_less_ike_sa(
             (ike2,) = w.ike_sas("sg2")
             assert (ike2["spi_i"], ike2["spi_r"]) == spis and not w.ike_sas("sg1")
             assert ike2["local"] == f"{SG_OUTER['sg2']}:4500"
+            # etcd has the rekeyed CHILD SA's key only: the moved one's, which strongSwan
+            # deleted at sg2 before sg1 handed its key over, was deleted once it landed
+            wait_until(lambda: owners() == {child_out("sg2"): "sg2"},
+                       "etcd to hold the key of sg2's CHILD SA alone")  # fmt: skip
             # 2. sg2 dies with the tunnel: sg1 takes both, and tells the client its address
             wait_until(lambda: w.status("sg1")["cluster"]["replicated_ike_sas"].get("sg2") == 1,
                        "sg1 to hold a replica of the moved IKE SA")  # fmt: skip
@@ -394,6 +412,8 @@ def test_direct_identity_handover_take_over_and_a_child_less_ike_sa(
             assert pings(100) == 100, ss.logtail() + w.logs()
             (ike5,) = w.ike_sas("sg2")
             assert (ike5["spi_i"], ike5["spi_r"]) == spis and len(ike5["children"]) == 1
+            wait_until(lambda: owners() == {child_out("sg2"): "sg2"},
+                       "etcd to hold the key of the new CHILD SA alone")  # fmt: skip
         finally:
             cap.stop()
         sas = ss.list_sas()

@@ -60,6 +60,12 @@ WAITING_MAX = 4096  # packets kept for tunnels waiting for their owner key
 SCAN_PERIOD = 0.1  # seconds between looks at the member list (when holding replicas)
 HANDOVER_WAIT = 1.0  # seconds a transfer's target waits for the source's key hand-over
 HANDOVER_RETRY = 0.02  # seconds between its looks
+# A tunnel transferred here that left before its key was handed over (an IKE peer rekeyed
+# and deleted the moved CHILD SA within milliseconds): its key, should it land in one of our
+# groups, is deleted; looked for every LEFT_RETRY for LEFT_WAIT, at most LEFT_MAX of them.
+LEFT_WAIT = 5.0
+LEFT_RETRY = 0.1
+LEFT_MAX = 1024
 ORPHAN_CHECK = 5.0  # seconds between looks for groups nobody took over
 ORPHAN_AFTER = 4.0  # a group without an owner this long: no live member holds a replica
 
@@ -130,6 +136,7 @@ class ClusterDriver:
         # SPIs of tunnels a transfer committed here in this life (until we own them): the
         # newest state of them, should their source die before it hands their keys over.
         self._transferred_in: set[int] = set()
+        self._left_unowned: dict[int, float] = {}  # SPI -> since when (LEFT_WAIT)
         # Outbound packets of tunnels we do not own yet (a transfer just committed here),
         # kept until we do: bounded.
         self._waiting: collections.deque[Held] = collections.deque()
@@ -997,7 +1004,34 @@ class ClusterDriver:
             del self._unowned_since[spi]
         if self._transferred_in:
             inbound = {t.inbound.spi for t in self.node.engine.tunnels() if t.inbound}
+            for spi in self._transferred_in - here - inbound:
+                self._left_unowned[spi] = now
+            while len(self._left_unowned) > LEFT_MAX:
+                del self._left_unowned[next(iter(self._left_unowned))]
             self._transferred_in &= here | inbound
+        if self._left_unowned:
+            await self._release_left(here)
+
+    async def _release_left(self, here: set[int]) -> None:
+        """Delete the keys of tunnels that were transferred here and left before their
+        source handed the key over, once it lands in one of our groups (else the key stayed
+        there for good, and the group was reported orphaned after we died)."""
+        now = self.node.clock()
+        for spi, since in list(self._left_unowned.items()):
+            if spi in here or now - since > LEFT_WAIT:
+                del self._left_unowned[spi]
+                continue
+            kv = await self.client.get(self.own.tunnel_key(spi))
+            g = kv.value.decode(errors="replace") if kv is not None else None
+            if g is None or g not in self.own.groups:
+                continue  # not handed over yet (or an inbound SPI: no key)
+            self.own.learn(spi, g)
+            txn = self.own.release(spi)
+            if txn is not None and await self.client.txn(txn):
+                self.own.released(spi)
+            del self._left_unowned[spi]
+        if self._left_unowned:
+            asyncio.get_running_loop().call_later(LEFT_RETRY, self._new_tunnel, None)
 
     async def _place_with_siblings(self, todo: list[Tunnel], hints: dict[int, str]) -> list[Tunnel]:
         """Record the tunnels that have siblings in a group of ours into that group; returns
