@@ -644,6 +644,9 @@ def test_a_leaving_tunnel_whose_peer_is_no_longer_configured_is_shown_held_and_d
     assert "unresolved: t4" in r.stdout and "sa discard" in r.stdout, r.stdout
     r = cli("sa", "discard", "0x20000000", "-c", conf)  # an installed tunnel: refused
     assert r.returncode != 0 and "not unresolved" in r.stderr and "Traceback" not in r.stderr
+    r = cli("sa", "discard", "--peer", "sg9", "-c", conf)
+    assert r.returncode != 0 and "no unresolved tunnel" in r.stderr, r.stderr
+    assert gws.status("sg1")["metrics"]["state_tunnels_unresolved_unasked"] == 1
     time.sleep(0.6)
     r = cli("sa", "discard", hex(spi), "-c", conf)
     assert r.returncode == 0 and f"discarded 0x{spi:08x}" in r.stdout, (r.stdout, r.stderr)
