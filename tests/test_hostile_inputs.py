@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import select
 import shutil
 import signal
@@ -407,3 +408,35 @@ def test_sizes_that_would_exhaust_memory_or_run_for_ever_are_refused(
     """``bench transfer --bulk 1000000000`` tried to build a billion SAs."""
     r = run(*command)
     assert r.returncode == 2 and f"argument {command[-2]}: must be at most" in r.stderr
+
+
+def test_a_second_gateway_on_the_same_socket_runs_no_tunnel(tmp_path: Path) -> None:
+    """A second gateway started by mistake (its own state directory, perhaps the same keys)
+    ran its tunnels and only then failed on the control socket; now it stops before."""
+    from tests.helpers.ports import free_port
+
+    shutil.copytree(ROOT / "examples" / "gateway", tmp_path, dirs_exist_ok=True,
+                    ignore=shutil.ignore_patterns("state"))  # fmt: skip
+    for k in (tmp_path / "keys").iterdir():
+        os.chmod(k, 0o600)
+    text = (ROOT / "examples" / "gateway" / "sg1.toml").read_text()
+    text = text.replace('socket = "sg1.sock"', f'socket = "{tmp_path}/ctl.sock"')
+    text = re.sub(r'metrics = ".*"', "", text)
+    for n in ("a", "b"):
+        t = text.replace("24500", str(free_port(socket.SOCK_DGRAM)))
+        t = t.replace("25000", str(free_port(socket.SOCK_DGRAM)))
+        (tmp_path / f"{n}.toml").write_text(t.replace('dir = "state/sg1"', f'dir = "state/{n}"'))
+    first = subprocess.Popen([sys.executable, "-m", "ipsecct", "gateway", "run", "-c",
+                              str(tmp_path / "a.toml")], stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while run("status", "--socket", f"{tmp_path}/ctl.sock").returncode != 0:
+            assert first.poll() is None and time.monotonic() < deadline
+            time.sleep(0.1)
+        r = run("gateway", "run", "-c", str(tmp_path / "b.toml"))
+        assert r.returncode == 2, r.stderr
+        assert "another daemon is already listening" in r.stderr.splitlines()[-1]
+        assert "event=started" not in r.stderr  # its node never ran
+    finally:
+        first.terminate()
+        first.wait(10)

@@ -189,8 +189,17 @@ class ControlServer:
             probe.close()
         raise ControlError(f"another daemon is already listening on {self.path}")
 
-    async def start(self) -> None:
+    def check(self) -> None:
+        """What start() would refuse, found before the node sends anything: a path too long
+        for a Unix socket, a directory others can write, a daemon already listening there
+        (a second gateway started by mistake, perhaps with the same keys, ran its tunnels
+        and only then failed on the socket)."""
+        if len(os.fsencode(self.path)) >= 108:  # sun_path
+            raise ControlError(f"control socket path too long for a Unix socket: {self.path}")
         self._prepare_directory()
+
+    async def start(self) -> None:
+        self.check()
         old = os.umask(0o177)
         try:
             self._server = await asyncio.start_unix_server(

@@ -206,6 +206,8 @@ class Service:
     async def start(self) -> None:
         if self.peers is not None:
             self.peers.load_credentials()  # before any socket is bound
+        if self.control is not None:
+            self.control.check()  # another daemon on the socket: before any tunnel runs
         await self.state.start()
         await self.node.start()
         if self.control is not None:
