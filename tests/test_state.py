@@ -1104,3 +1104,28 @@ def test_the_write_ahead_log_is_prepared_so_that_later_synced_writes_overwrite_i
     }
     again.close()
     os.close(lock)
+
+
+def test_a_log_that_cannot_be_prepared_is_one_line_and_frees_the_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A disk that fails while the log is prepared at start stops the gateway with a
+    StateError (one line at the CLI), not an SQLite traceback, and leaves the directory
+    unlocked for the next start."""
+    from types import SimpleNamespace
+
+    def failing(self: StateStore, pages: int = 0) -> None:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(StateStore, "prepare_wal", failing)
+    node = SimpleNamespace(name="gw", extensions={}, on_reserve=None)
+    cfg = SimpleNamespace(
+        state_dir=str(tmp_path / "s"), name="gw", tunnels=[], seq_block=1024,
+        arrival_retention=86400.0,
+    )  # fmt: skip
+    with pytest.raises(state_mod.StateError, match=r"cannot use state directory .*disk I/O"):
+        state_mod.open_for(node, cfg)  # type: ignore[arg-type]
+    monkeypatch.undo()
+    store, lock = state_mod.open_store(tmp_path / "s", "gw", [], fresh=False)  # not locked
+    store.close()
+    os.close(lock)

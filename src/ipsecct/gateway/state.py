@@ -1278,7 +1278,10 @@ def open_for(node: Node, cfg: NodeConfig, *, fresh: bool = False) -> DurableStat
     store, lock = open_store(directory, cfg.name, aead, fresh=fresh)
     state = DurableState(node, store, lock, cfg.seq_block, cfg.arrival_retention)
     try:
-        store.prepare_wal()
+        try:
+            store.prepare_wal()
+        except (sqlite3.Error, OSError) as exc:  # a full or failing disk: one line
+            raise StateError(f"cannot use state directory {directory}: {exc}") from None
         state.merge_configuration(cfg)
     except BaseException:
         store.close()
