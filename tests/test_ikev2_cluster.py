@@ -14,11 +14,9 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,9 +24,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import strongswan
-from tests.helpers.etcd_server import EtcdCluster
-from tests.helpers.ike_world import CLIENT, Client, IkeWorld, waiting_with_logs
-from tests.helpers.netns import Namespaces
+from tests.helpers.ike_world import CLIENT, Client, IkeWorld, ike_world, waiting_with_logs
 from tests.helpers.netns_topology import HOST, MN_OUTER, SG_OUTER, Traffic, cli
 
 needs_strongswan = pytest.mark.skipif(not strongswan.available(), reason=strongswan.skip_reason())
@@ -36,26 +32,9 @@ needs_strongswan = pytest.mark.skipif(not strongswan.available(), reason=strongs
 
 @pytest.fixture
 def world(tmp_path: Path) -> Iterator[IkeWorld]:
-    sockdir = Path(tempfile.mkdtemp(prefix="ipsecct-ikecl-", dir="/tmp"))
-    workdir = tmp_path if len(str(tmp_path)) <= 70 else Path(tempfile.mkdtemp(prefix="ict-"))
-    try:
-        with Namespaces("mn", "sg1", "sg2", "host", "br") as ns:
-            w = IkeWorld(ns, workdir, sockdir, "indirect")
-            w.ike_proposal = "aes128-sha256-x25519"  # CBC: strongSwan answers RFC 6311
-            try:
-                w.build_links()
-                # etcd on the core network, where both gateways reach it
-                with EtcdCluster(workdir, 1, host=HOST, prefix=ns.cmd("host")) as etcd:
-                    w.etcd = etcd.endpoints
-                    w.write_configs()
-                    w.start()
-                    yield w
-            finally:
-                w.stop()
-    finally:
-        shutil.rmtree(sockdir, ignore_errors=True)
-        if workdir != tmp_path:
-            shutil.rmtree(workdir, ignore_errors=True)
+    # CBC: strongSwan answers RFC 6311 with it
+    with ike_world(tmp_path, "indirect", ike_proposal="aes128-sha256-x25519", etcd=True) as w:
+        yield w
 
 
 def esp_pairs(cap_fields: list[list[str]]) -> Counter[tuple[str, str]]:
@@ -240,25 +219,8 @@ def test_handover_then_the_target_dies_and_the_source_takes_the_ike_sa_back(
 @pytest.fixture
 def direct_world(tmp_path: Path) -> Iterator[IkeWorld]:
     """The cluster world with direct SG identity: each gateway at its own address."""
-    sockdir = Path(tempfile.mkdtemp(prefix="ipsecct-ikecd-", dir="/tmp"))
-    workdir = tmp_path if len(str(tmp_path)) <= 70 else Path(tempfile.mkdtemp(prefix="ict-"))
-    try:
-        with Namespaces("mn", "sg1", "sg2", "host", "br") as ns:
-            w = IkeWorld(ns, workdir, sockdir, "direct")
-            w.ike_proposal = "aes128-sha256-x25519"  # CBC: strongSwan answers RFC 6311
-            try:
-                w.build_links()
-                with EtcdCluster(workdir, 1, host=HOST, prefix=ns.cmd("host")) as etcd:
-                    w.etcd = etcd.endpoints
-                    w.write_configs()
-                    w.start()
-                    yield w
-            finally:
-                w.stop()
-    finally:
-        shutil.rmtree(sockdir, ignore_errors=True)
-        if workdir != tmp_path:
-            shutil.rmtree(workdir, ignore_errors=True)
+    with ike_world(tmp_path, "direct", ike_proposal="aes128-sha256-x25519", etcd=True) as w:
+        yield w
 
 
 def _moved(ss: strongswan.Charon, src: str, dst: str) -> int:

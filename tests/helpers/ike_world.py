@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.helpers.daemon import Daemon
+from tests.helpers.etcd_server import EtcdCluster
 from tests.helpers.netns import Namespaces
 from tests.helpers.netns_topology import (
     ACCESS_IF,
@@ -189,11 +190,12 @@ def waiting_with_logs(
 @contextlib.contextmanager
 def ike_world(tmp_path: Path, identity: str, gw_encap: bool = False,
               edit: Callable[[IkeWorld], None] | None = None, *, failover: bool = False,
-              ike_proposal: str | None = None) -> Iterator[IkeWorld]:
+              ike_proposal: str | None = None, etcd: bool = False) -> Iterator[IkeWorld]:
     """The IKE world built and both gateways started (stopped and removed at the end);
     ``edit`` may change the written configuration files before the gateways start;
     ``failover``: sg1 and sg2 a fail-over pair; ``ike_proposal``: the gateways' (and the
-    tests' clients') IKE proposal instead of the default."""
+    tests' clients') IKE proposal instead of the default; ``etcd``: the gateways a cluster
+    coordinated by a one-member etcd on the core network (at the host)."""
     sockdir = Path(tempfile.mkdtemp(prefix="ipsecct-ike-", dir="/tmp"))
     workdir = tmp_path if len(str(tmp_path)) <= 70 else Path(tempfile.mkdtemp(prefix="ict-"))
     try:
@@ -205,11 +207,15 @@ def ike_world(tmp_path: Path, identity: str, gw_encap: bool = False,
                 w.ike_proposal = ike_proposal
             try:
                 w.build_links()
-                w.write_configs()
-                if edit is not None:
-                    edit(w)
-                w.start()
-                yield w
+                with contextlib.ExitStack() as stack:
+                    if etcd:
+                        cluster = EtcdCluster(workdir, 1, host=HOST, prefix=ns.cmd("host"))
+                        w.etcd = stack.enter_context(cluster).endpoints
+                    w.write_configs()
+                    if edit is not None:
+                        edit(w)
+                    w.start()
+                    yield w
             finally:
                 w.stop()
     finally:
