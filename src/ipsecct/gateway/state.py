@@ -186,26 +186,26 @@ class StateStore:
     def _upgrade_1(conn: sqlite3.Connection) -> None:
         """Schema 1 -> 2: the gateway a transfer's rows name, and the transfers that arrived
         (nothing else changes: every row keeps its meaning)."""
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            conn.execute("ALTER TABLE sa ADD COLUMN gateway TEXT NOT NULL DEFAULT ''")
-            conn.execute(_ARRIVAL_TABLE)
-            conn.execute("PRAGMA user_version = 2")
-            conn.execute("COMMIT")
-        except BaseException:
-            with contextlib.suppress(sqlite3.Error):
-                conn.execute("ROLLBACK")
-            raise
+        StateStore._migrate(
+            conn,
+            "ALTER TABLE sa ADD COLUMN gateway TEXT NOT NULL DEFAULT ''",
+            _ARRIVAL_TABLE,
+            "PRAGMA user_version = 2",
+        )
 
     @staticmethod
     def _upgrade_2(conn: sqlite3.Connection) -> None:
         """Schema 2 -> 3: arrivals are pruned; the horizon of what was pruned is kept (an
         older ipsecct, which would answer "not taken" for a pruned arrival, refuses it)."""
+        StateStore._migrate(conn, _PRUNED_TABLE, _ARRIVAL_INDEX, "PRAGMA user_version = 3")
+
+    @staticmethod
+    def _migrate(conn: sqlite3.Connection, *statements: str) -> None:
+        """Run ``statements`` in one transaction: all of them or, on any error, none."""
         conn.execute("BEGIN IMMEDIATE")
         try:
-            conn.execute(_PRUNED_TABLE)
-            conn.execute(_ARRIVAL_INDEX)
-            conn.execute("PRAGMA user_version = 3")
+            for statement in statements:
+                conn.execute(statement)
             conn.execute("COMMIT")
         except BaseException:
             with contextlib.suppress(sqlite3.Error):
