@@ -15,8 +15,8 @@ import pytest
 
 from ipsecct.ct import cxtp
 from ipsecct.ct.transfer import Settings, forward_cdb
-from ipsecct.ipsec.engine import Held, TunnelState
-from ipsecct.ipsec.ippacket import build_udp
+from ipsecct.ipsec.engine import Held, Tunnel, TunnelState
+from ipsecct.ipsec.ippacket import IPAddress, build_udp
 from ipsecct.ipsec.spd import Action, AddressRange, SPDEntry
 from tests.helpers.transfer import (
     HOST,
@@ -484,6 +484,47 @@ def test_source_checks_the_token_before_any_work_and_limits_a_flooding_peer() ->
     answers = w.pending("sg1", "sg2")
     assert answers <= 20 * cxtp.CT_REQUEST_RATE
     assert sg1.core.counters["ctar_limited"] == 500 - answers
+
+
+def test_a_ct_req_cannot_take_the_transfer_id_of_a_transfer_of_ours() -> None:
+    """In reactive mode the requesting peer chooses the transfer id. sg2, a target of sg1's
+    predictive transfer of the MN (so it knows its id), pulls another MN whose keys it
+    knows (a tunnel it handed over earlier) under that same id, or under the id of its own
+    earlier CT-Req: before, the new transfer replaced the running one in sg1's table, and
+    the MN's tunnel stayed held for ever (no time-out, no record, its CTDR answered for the
+    other). Now the request is refused (busy) and each transfer ends on its own."""
+    from ipsecct.ct.transfer import token_key
+    from tests.helpers.transfer import collide
+
+    def pull(w: World, mn: IPAddress, tunnel: Tunnel, tid: int) -> None:
+        tok = cxtp.compute_token(token_key(tunnel), mn, 1)
+        msg = cxtp.CTReq(mn, 1, tok, (cxtp.TransferTag(tid, 0).encode(),))
+        w.post("sg2", "sg1", cxtp.encode(msg))
+        w.deliver("sg2", "sg1")
+
+    for first in ("predictive", "reactive"):
+        w = World()
+        sg1 = w.gw["sg1"]
+        collide(w, "sg1", 0x4444, peer="192.0.2.99")
+        other = next(t for t in sg1.engine.tunnels() if t.name == "other")
+        if first == "predictive":
+            tid = w.transfer()
+            w.drop("sg1", "sg2")  # sg2 reads the id and never answers
+        else:
+            tid = 0x7AB1E
+            pull(w, MN, w.tunnel, tid)
+            w.drop("sg1", "sg2")
+        assert w.tunnel.state is TunnelState.HELD
+        pull(w, ip("192.0.2.99"), other, tid)
+        answer = w.drop("sg1", "sg2")
+        assert isinstance(answer, cxtp.CTD)
+        assert [cxtp.Detail.decode(c).text for c in answer.cdbs[1:]] == ["busy"]
+        assert other.state is TunnelState.ACTIVE
+        assert [t.name for t in sg1.core.outgoing[tid].tunnels] == ["mn1"]
+        w.now += 1
+        sg1.tick()  # the MN's transfer times out and its tunnel is sent on again here
+        assert w.tunnel.state is TunnelState.ACTIVE and sg1.core.outgoing == {}
+        assert [(r.transfer_id, r.outcome) for r in sg1.finished] == [(tid, "timeout")]
 
 
 # -- UNIT: tunnels that go with an IKE SA, all or none ---------------------------------------

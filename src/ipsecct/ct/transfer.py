@@ -663,7 +663,18 @@ class TransferCore:
             if t.state is not TunnelState.ACTIVE or t in busy:
                 state = "being transferred" if t in busy else t.state.value
                 raise TransferError(f"tunnel {t.name or hex(t.outbound.spi)} is {state}: busy")
-        tid = self.rng(64) if reply_to is None else reply_to[0]
+        if reply_to is None:
+            tid = self.rng(64)
+            while self._tid_in_use(tid):
+                tid = self.rng(64)
+        else:
+            # Reactive: the requesting peer chose the id. One that names a transfer of ours
+            # still running or remembered (the id of a PCTD we sent that peer, or of its own
+            # earlier CT-Req) would replace it here: its tunnels would stay held, with no
+            # time-out to roll them back and its CTDR answered for the other.
+            tid = reply_to[0]
+            if self._tid_in_use(tid):
+                raise TransferError(f"transfer id {tid:016x} is in use: busy")
         rec = Record(
             tid,
             "source",
@@ -718,6 +729,16 @@ class TransferCore:
         # message it takes, so thousands of tunnels are not cut off by a per-message budget.
         og.deadline = now + self.settings.max_transfer_time * max(1, len(out))
         return tid, out
+
+    def _tid_in_use(self, tid: int) -> bool:
+        """Does ``tid`` name a transfer this gateway started (running, deciding, being
+        rolled back, unresolved after a restart, or decided and still remembered)?"""
+        return (
+            tid in self.outgoing
+            or tid in self.decided
+            or tid in self.unresolved
+            or any(rv.tid == tid for rv in self.reverting)
+        )
 
     def _send_contexts(self, og: _Outgoing, now: float, *, reactive: bool) -> list[Output]:
         cdbs: list[bytes] = []
