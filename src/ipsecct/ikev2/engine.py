@@ -79,7 +79,7 @@ from .message import (
 )
 from .mid_sync import MidSync, ReplayCounterSync, sync_request
 from .proposal import AEAD, choose
-from .ts import narrow
+from .ts import narrow, within
 
 log = logging.getLogger("ipsecct.ikev2")
 
@@ -1491,12 +1491,24 @@ class IkeEngine:
         if ok and chosen is not None and (len(chosen[0].spi) != 4
                                           or int.from_bytes(chosen[0].spi, "big") < 256):
             ok = False  # fmt: skip
-        if not ok or chosen is None or nr is None or tsi is None or tsr is None:
-            self._child_spis.discard(spi_in)
+        # the responder narrows what we proposed (§2.9), never widens it: a successor with
+        # wider selectors than the SA it replaces would take other peers' traffic (its policy
+        # goes first) and let this peer send from and to addresses it was never given
+        wider = (ok and tsi is not None and tsr is not None
+                 and not (within(tsi.selectors, old.local_ts)
+                          and within(tsr.selectors, old.remote_ts)))  # fmt: skip
+        if wider or not ok or chosen is None or nr is None or tsi is None or tsr is None:
             errs = [t for t in n if t < 16384]
             self.stats["rekey-failed"] += 1
+            why = ("wider traffic selectors" if wider
+                   else _notify_name(errs[0]) if errs else "bad answer")  # fmt: skip
             log.info("event=child-rekey-failed conn=%s child=%s reason=%s", ike.conn.name,
-                     old.name, _notify_name(errs[0]) if errs else "bad answer")  # fmt: skip
+                     old.name, why)  # fmt: skip
+            self._child_spis.discard(spi_in)
+            if wider:  # the peer made the SA: it is deleted there (our SPI names it)
+                self.stats["child-rekey-ts-refused"] += 1
+                self._request(ike, "delete-child", [DeletePayload(ProtocolId.ESP, (p.spi,))],
+                              now, out)  # fmt: skip
             if old in ike.children and not old.rekeyed:
                 old.rekey_at = now + 30.0  # try again later
             return

@@ -74,6 +74,12 @@ def narrow(proposed: tuple[TrafficSelector, ...],
     return out
 
 
+def within(answer: tuple[TrafficSelector, ...], ours: list[TrafficSelector]) -> bool:
+    """Is every selector of a responder's ``answer`` inside one of the selectors we proposed
+    (a narrowing, §2.9, never a widening)?"""
+    return all(any(intersect(a, o) == a for o in ours) for a in answer)
+
+
 def to_selectors(local: list[TrafficSelector], remote: list[TrafficSelector],
                  name: str) -> Selectors:  # fmt: skip
     """The SPD selectors of a CHILD SA: every address range; protocol and ports when all the

@@ -1,0 +1,44 @@
+"""An authenticated IKEv2 peer acting as an attacker, against the sans-I/O engine: what it
+may say in its answers and requests must never widen this gateway's policy or fill its tables.
+(The unauthenticated attacks, floods of IKE_SA_INIT and fragments, are in test_ikev2.py and
+test_hostile_inputs.py.)"""
+
+from __future__ import annotations
+
+from ipsecct.ikev2 import message as M
+from ipsecct.ikev2.engine import ChildUp, IkeEngine
+from ipsecct.ikev2.ts import from_text
+from tests.helpers.ikev2_engines import Wire, conn, connect, mn_conn
+
+EVERYTHING = from_text("0.0.0.0/0")
+
+
+class WideningPeer(IkeEngine):
+    """A peer that answers every CHILD SA request (a rekey of ours included) with traffic
+    selectors wider than asked: everything, both ways."""
+
+    def _child_for_peer(self, *args: object, **kw: object) -> list[M.Payload]:
+        reply = super()._child_for_peer(*args, **kw)  # type: ignore[arg-type]
+        return [M.TSPayload(p.initiator, (EVERYTHING,)) if isinstance(p, M.TSPayload) else p
+                for p in reply]  # fmt: skip
+
+
+def test_our_child_rekey_answered_with_wider_selectors_is_refused() -> None:
+    """The gateway rekeys a CHILD SA (children's rekey_time, an hour by default); the peer's
+    answer named 0.0.0.0/0 both ways and the successor was installed with it, first in the
+    SPD: every other peer's traffic went into this peer's tunnel, and it could send from and
+    to any address. The answer's selectors must be within what we proposed."""
+    w = Wire(WideningPeer([mn_conn()]), IkeEngine([conn(child_rekey=100)]))
+    connect(w)
+    (ir,) = w.resp.ike_sas()
+    (old,) = ir.children
+    w.deliver(w.resp.tick(100.0), "r", 100.0)
+    ups = [o for o in w.of("r", ChildUp) if isinstance(o, ChildUp) and o.child is not old]
+    assert not ups, [str(t) for o in ups for t in o.child.local_ts + o.child.remote_ts]
+    assert ir.children == [old] and w.resp.stats["rekey-failed"] == 1
+    # the SA the peer made for the refused answer is deleted there
+    (ii,) = w.ini.ike_sas()
+    assert [c.spi_out for c in ii.children] == [old.spi_in]
+    w.deliver(w.resp.tick(200.0), "r", 200.0)  # tried again later, refused again
+    assert ir.children == [old] and w.resp.stats["rekey-failed"] == 2
+    assert [c.spi_out for c in ii.children] == [old.spi_in]
