@@ -5,8 +5,12 @@ test_hostile_inputs.py.)"""
 
 from __future__ import annotations
 
+import dataclasses
+
+import pytest
+
 from ipsecct.ikev2 import message as M
-from ipsecct.ikev2.engine import ChildUp, IkeEngine
+from ipsecct.ikev2.engine import MAX_CHILD_SAS, ChildUp, IkeEngine, Output, Send
 from ipsecct.ikev2.ts import from_text
 from tests.helpers.ikev2_engines import Wire, conn, connect, mn_conn
 
@@ -42,3 +46,33 @@ def test_our_child_rekey_answered_with_wider_selectors_is_refused() -> None:
     w.deliver(w.resp.tick(200.0), "r", 200.0)  # tried again later, refused again
     assert ir.children == [old] and w.resp.stats["rekey-failed"] == 2
     assert [c.spi_out for c in ii.children] == [old.spi_in]
+
+
+def _rekey_requests(w: Wire, chain: bool, n: int) -> None:
+    """The MN sends ``n`` CREATE_CHILD_SA requests naming a CHILD SA in REKEY_SA (the first
+    one every time, or each time the newest, ``chain``) and never deletes the one it rekeyed."""
+    (ii,), (ir,) = w.ini.ike_sas(), w.resp.ike_sas()
+    child = ii.children[0]
+    for k in range(n):
+        out: list[Output] = []
+        w.ini._rekey_child_request(ii, child, 1.0 + k, out)
+        ii.pending = None  # the answer is never read: the next request goes at once
+        for s in out:
+            assert isinstance(s, Send)
+            w.resp.receive(s.data, s.src, s.dst, 1.0 + k)
+        if chain:  # name the SA the last request made (the gateway's newest)
+            child = dataclasses.replace(child, spi_in=ir.children[-1].spi_out)
+
+
+@pytest.mark.parametrize("chain", [False, True], ids=["same-sa", "chain"])
+def test_a_rekey_flood_under_a_valid_ike_sa_is_bounded(chain: bool) -> None:
+    """CREATE_CHILD_SA with REKEY_SA was not counted against the CHILD SAs an IKE SA may have
+    (16): naming the same SA again and again (or each new one in turn) and never deleting the
+    old, a peer installed as many SA pairs in the SAD as it sent requests."""
+    w = Wire(IkeEngine([mn_conn()]), IkeEngine([conn()]))
+    connect(w)
+    (ir,) = w.resp.ike_sas()
+    _rekey_requests(w, chain, 100)
+    assert len(ir.children) <= 2 * MAX_CHILD_SAS
+    assert len(w.resp._child_spis) == len(ir.children)
+    assert w.resp.stats["child-limit" if chain else "rekey-refused"] > 0

@@ -1004,7 +1004,12 @@ class IkeEngine:
                 self.stats["rekey-unknown-child"] += 1
                 return [NotifyPayload(Notify.CHILD_SA_NOT_FOUND, ProtocolId.ESP,
                                       n[Notify.REKEY_SA].spi)]  # fmt: skip
-        elif len(ike.children) >= MAX_CHILD_SAS:
+            if rekeyed.rekeyed:  # it has a successor already; its DELETE is due, not a rekey
+                self.stats["rekey-refused"] += 1
+                return [NotifyPayload(Notify.TEMPORARY_FAILURE)]
+        # a rekey needs room for the old SA until the peer deletes it: twice the limit in all
+        # (a peer rekeying each successor in turn and deleting nothing stops there)
+        if len(ike.children) >= (2 * MAX_CHILD_SAS if rekeyed else MAX_CHILD_SAS):
             self.stats["child-limit"] += 1
             return [NotifyPayload(Notify.NO_ADDITIONAL_SAS)]
         nr = self.random(32)
