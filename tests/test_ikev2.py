@@ -1329,6 +1329,8 @@ NOT_ADMITTED = {
     "ts": ({"local_ts": "10.1.1.0/24"}, "traffic selectors outside local_ts of child 'net' here"),
     "ts2": ({"remote_ts": "10.2.1.0/24"},
             "traffic selectors outside remote_ts of child 'net' here"),
+    "auth": ({"remote_auth": "pubkey"},
+             "peer authenticated with psk, remote.auth of 'c' here is pubkey"),
 }  # fmt: skip
 
 
@@ -1376,6 +1378,39 @@ def test_ike_unit_payload_carries_what_the_targets_policy_checks_before_the_comm
     for junk in (payload[:-3], names + bytes((7, 0, 3)) + b"abc",
                  payload.replace(b"net", b"nxt")):  # fmt: skip
         assert context.unit_refusal(junk, [conn(dpd=10)]) is not None
+
+
+def test_how_the_peer_authenticated_travels_and_an_older_gateways_context_is_admitted() -> None:
+    """How the peer authenticated (PSK here) travels in the IKE SA context (item 27) and the
+    UNIT payload (item 10), and a gateway whose connection wants certificates refuses it
+    (NOT_ADMITTED["auth"]). A context or payload without it (from a gateway that predates
+    it) is admitted as before; an unknown method is refused, never raised."""
+    from ipsecct.ikev2 import context
+
+    w = pair(mn_conn(dpd=10), conn(dpd=10))
+    connect(w)
+    (ike,) = w.resp.ike_sas()
+    pubkey = [conn(remote_auth="pubkey", remote_id="mn.test")]
+    taken = IkeEngine([conn(remote_id="mn.test")]).import_ike(context.encode(ike, 5.0), 5.0)
+    assert taken.peer_auth == "psk"
+    # the IKE SA passed on again from the gateway that took it: still known as PSK
+    again = context.encode(taken, 6.0)
+    assert context.replica_refusal(again, pubkey, 6.0) == NOT_ADMITTED["auth"][1]
+    item27 = bytes((27, 0, 1, 1))
+    main, *rest = context.encode(ike, 5.0)
+    assert main.count(item27) == 1
+    old = main.replace(item27, b"") + bytes(len(item27))  # same length: the padding grows
+    assert context.replica_refusal([old, *rest], pubkey, 5.0) is None
+    bad = main.replace(item27, bytes((27, 0, 1, 9)))
+    assert context.replica_refusal([bad, *rest], pubkey, 5.0) == (
+        "bad authentication method item")
+    payload = context.unit_payload(ike, ike.children)
+    item10 = bytes((10, 0, 1, 1))
+    assert payload.count(item10) == 1
+    assert context.unit_refusal(payload, pubkey) == NOT_ADMITTED["auth"][1]
+    assert context.unit_refusal(payload.replace(item10, b""), pubkey) is None
+    assert context.unit_refusal(payload.replace(item10, bytes((10, 0, 1, 3))), pubkey) == (
+        "malformed IKE unit")
 
 
 @functools.cache

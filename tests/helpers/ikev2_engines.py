@@ -22,11 +22,11 @@ def conn(name: str = "c", *, ike: str = "aes128gcm16-prfsha256-x25519",
          esp: str = "aes128gcm16", local_ts: str = "10.1.0.0/16", remote_ts: str = "10.2.0.0/16",
          local_id: str = "gw.test", remote_id: str = "%any", psk: bytes = PSK,
          encap: bool = False, dpd: float = 0.0, rekey: float | None = None,
-         child_rekey: float | None = None) -> Connection:  # fmt: skip
+         child_rekey: float | None = None, remote_auth: str = "psk") -> Connection:  # fmt: skip
     child = ChildConfig("net", [from_text(local_ts)], [from_text(remote_ts)],
                         parse_list([esp], M.ProtocolId.ESP), child_rekey)  # fmt: skip
     return Connection(name, [], [], parse_list([ike], M.ProtocolId.IKE), "psk",
-                      Identity(local_id), "psk", Identity(remote_id), psk, encap, dpd,
+                      Identity(local_id), remote_auth, Identity(remote_id), psk, encap, dpd,
                       rekey, [child])  # fmt: skip
 
 

@@ -168,6 +168,21 @@ def _at(b: bytes, now: float) -> float | None:
 
 
 _STATE = {IkeState.ESTABLISHED: 1, IkeState.REKEYED: 2}
+# how the peer authenticated (item 27 of the IKE SA CDB, item 10 of the UNIT payload)
+_AUTH = {"psk": 1, "pubkey": 2}
+_UNAUTH = {v: k for k, v in _AUTH.items()}
+
+
+def auth_of(ike: IkeSA) -> str:
+    """How the peer of ``ike`` authenticated: as its connection here requires, unless the
+    IKE SA came from another gateway whose context said otherwise."""
+    return ike.peer_auth or ike.conn.remote_auth
+
+
+def _unauth(b: bytes) -> str:
+    if len(b) != 1 or b[0] not in _UNAUTH:
+        raise IkeContextError("bad authentication method item")
+    return _UNAUTH[b[0]]
 
 
 def _my_mid(ike: IkeSA) -> int:
@@ -206,6 +221,7 @@ def encode(ike: IkeSA, now: float) -> list[bytes]:
         (24, bytes((ike.mobike,))),
         (25, bytes((ike.mid_sync | ike.replay_sync << 1,))),
         (26, _age(ike.created, now)),
+        (27, bytes((_AUTH[auth_of(ike)],))),
     ]  # fmt: skip
     out = [_frame(FPT_IKE_SA, _items(main))]
     for c in ike.children:
@@ -242,12 +258,13 @@ def unit_payload(ike: IkeSA, children: list[ChildSA]) -> bytes:
     """What a target needs to take this IKE SA after its CHILD SAs (the payload of the
     transfer's UNIT CDB, ``ct.transfer.unit_cdb``): its connection's name and the names of
     its CHILD SAs' configurations, then what the target's policy is checked against before
-    the commit (:func:`policy_refusal`): the IKE SA's suite (7), the peer's identity (8) and,
-    per CHILD SA, its configuration's name, suite and selectors (9). A gateway that predates
-    items 7-9 reads only the names."""
+    the commit (:func:`policy_refusal`): the IKE SA's suite (7), the peer's identity (8) and
+    how it authenticated (10), and, per CHILD SA, its configuration's name, suite and
+    selectors (9). A gateway that predates items 7-10 reads only the names."""
     items = [(1, bytes((VERSION,))), (5, ike.conn.name.encode())]
     items += [(6, c.config.name.encode()) for c in children]
-    policy = [(7, _suite(ike.suite)), (8, ike.peer_id.encode())]
+    policy = [(7, _suite(ike.suite)), (8, ike.peer_id.encode()),
+              (10, bytes((_AUTH[auth_of(ike)],)))]  # fmt: skip
     policy += [(9, _items([(1, c.config.name.encode()), (2, _suite(c.suite)),
                            (3, _ts(c.local_ts)), (4, _ts(c.remote_ts))]))
                for c in children]  # fmt: skip
@@ -265,9 +282,9 @@ def unit_refusal(payload: bytes, connections: list[Connection]) -> str | None:
             return "unknown IKE unit version"
         name = _one(d, 5).decode()
         children = [c.decode() for c in d.get(6, [])]
-        policy: tuple[Suite, str, list[tuple[str, Suite, list[TrafficSelector],
-                                             list[TrafficSelector]]]] | None = None  # fmt: skip
-        if 7 in d or 8 in d or 9 in d:
+        Kid = tuple[str, Suite, list[TrafficSelector], list[TrafficSelector]]
+        policy: tuple[Suite, str, str, list[Kid]] | None = None
+        if 7 in d or 8 in d or 9 in d or 10 in d:
             kids = []
             for blob in d.get(9, []):
                 k = _parse(_frame(0, blob))[1]
@@ -275,7 +292,9 @@ def unit_refusal(payload: bytes, connections: list[Connection]) -> str | None:
                              _unts(_one(k, 4))))  # fmt: skip
             if sorted(n for n, *_ in kids) != sorted(children):
                 return "malformed IKE unit"
-            policy = (_unsuite(_one(d, 7)), _one(d, 8).decode(), kids)
+            # 10: absent from a gateway that predates it (admitted, as before)
+            auth = _unauth(_one(d, 10)) if 10 in d else ""
+            policy = (_unsuite(_one(d, 7)), _one(d, 8).decode(), auth, kids)
     except (IkeContextError, UnicodeDecodeError, ValueError, struct.error):
         return "malformed IKE unit"
     conn = next((c for c in connections if c.name == name), None)
@@ -286,9 +305,9 @@ def unit_refusal(payload: bytes, connections: list[Connection]) -> str | None:
             return f"no child {child!r} in connection {name!r} here"
     if policy is None:
         return None
-    suite, peer_id, kids = policy
+    suite, peer_id, auth, kids = policy
     by_name = {cc.name: cc for cc in conn.children}
-    return _refusal(conn, suite, peer_id,
+    return _refusal(conn, suite, peer_id, auth,
                     [(by_name[n], s_, lts, rts) for n, s_, lts, rts in kids])  # fmt: skip
 
 
@@ -311,22 +330,28 @@ def replica_refusal(cdbs: list[bytes], connections: list[Connection], now: float
 def policy_refusal(ike: IkeSA) -> str | None:
     """Why this gateway's connection would not admit ``ike`` as it was negotiated elsewhere
     (None: it would): its IKE proposal, each CHILD SA's ESP proposal, the peer's identity
-    (``remote.id``) and each CHILD SA's traffic selectors (within the configured ones). A
-    transfer's UNIT payload is checked before the commit, a replica when it arrives, and
-    every imported IKE SA (a handover's, a take-over's) before it is taken: an authenticated
-    peer gateway is trusted with the keys, not with this gateway's policy."""
+    (``remote.id``), how it authenticated (``remote.auth``) and each CHILD SA's traffic
+    selectors (within the configured ones). A transfer's UNIT payload is checked before the
+    commit, a replica when it arrives, and every imported IKE SA (a handover's, a
+    take-over's) before it is taken: an authenticated peer gateway is trusted with the keys,
+    not with this gateway's policy."""
     kids = [(c.config, c.suite, c.local_ts, c.remote_ts) for c in ike.children]
-    return _refusal(ike.conn, ike.suite, ike.peer_id, kids)
+    return _refusal(ike.conn, ike.suite, ike.peer_id, ike.peer_auth, kids)
 
 
 def _refusal(
     conn: Connection,
     suite: Suite,
     peer_id: str,
+    auth: str,
     children: list[tuple[ChildConfig, Suite, list[TrafficSelector], list[TrafficSelector]]],
 ) -> str | None:
+    """``auth``: how the peer authenticated ("": not known, from an older gateway)."""
     if not admits(conn.proposals, suite):
         return f"IKE proposal {suite.name()} not in connection {conn.name!r} here"
+    if auth and auth != conn.remote_auth:
+        return (f"peer authenticated with {auth}, remote.auth of {conn.name!r} here is "
+                f"{conn.remote_auth}")  # fmt: skip
     if not _id_admitted(conn, peer_id):
         return f"peer identity {peer_id!r} is not remote.id of {conn.name!r} here"
     for cc, csuite, lts, rts in children:
@@ -451,6 +476,8 @@ def decode(cdbs: list[bytes], connections: list[Connection], now: float,
         ext = _u(m, 25, 1)
         ike.mid_sync, ike.replay_sync = bool(ext & 1), bool(ext & 2)
     ike.created = _created(m, 26, now)
+    if 27 in m:  # how the peer authenticated (absent from contexts of older versions)
+        ike.peer_auth = _unauth(_one(m, 27))
     ike.last_heard = now
     n_responses = _u(m, 23, 2)
     for f, d in parsed:

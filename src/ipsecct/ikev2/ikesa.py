@@ -140,6 +140,10 @@ class IkeSA:
     nat_remote: bool = False
     state: IkeState = IkeState.HALF_OPEN
     peer_id: str = ""
+    # how the peer authenticated ("psk" | "pubkey") when the IKE SA came from another gateway
+    # (its context says; "" in a context of an older version); "": as ``conn.remote_auth``,
+    # which an IKE SA negotiated here always matches
+    peer_auth: str = ""
     peer_next_mid: int = 1  # the next request ID we expect from the peer
     # the answer to request peer_next_mid-1 (several messages when fragmented, RFC 7383)
     last_response: list[bytes] = field(default_factory=list, repr=False)
