@@ -132,6 +132,39 @@ def test_a_request_that_reaches_the_old_gateway_is_forwarded_to_the_new_one(
     assert not forwarded and sg1.engine.stats["unknown-spi"] == 1
 
 
+def test_an_ike_sa_from_a_peer_takes_only_tunnels_that_peer_handed_over(tmp_path: Path) -> None:
+    """A peer gateway hands over an IKE SA (keys of its own making) whose CHILD SA names the
+    inbound SPI of a tunnel this gateway holds that the peer never handed over (made here,
+    or handed over by another gateway): before, the IKE SA took that tunnel as its CHILD
+    SA's, and the peer could delete it, rekey it or move its address with IKE messages.
+    Refused whole now; taken when that very peer handed the tunnel over."""
+    from tests.helpers.transfer import World
+
+    w = pair(mn_conn(dpd=10), conn(dpd=10))
+    connect(w)
+    (ike_r,) = w.resp.ike_sas()
+    (child,) = ike_r.children
+    cdbs = w.resp.export_ike(ike_r, 1.0)
+    for came_from in (None, "sg3", "sg1"):
+        svc = _service(tmp_path)
+        entry, out, inn = child.sas(R500, I500, False, "here")
+        victim = svc.node.engine.add_tunnel(entry, out, inn)
+        victim.came_from = came_from
+        svc.receive_context("sg1", cdbs)
+        if came_from == "sg1":
+            (ike,) = svc.engine.ike_sas()
+            assert ike.children[0].handle is victim
+            continue
+        assert svc.engine.ike_sas() == [] and svc.engine.stats["ike-context-refused"] == 1
+        assert svc.node.engine.tunnels() == [victim]
+    # the transfer core marks what it installs with the peer that sent it
+    tw = World()
+    tw.transfer()
+    tw.deliver("sg1", "sg2")
+    (t2,) = tw.gw["sg2"].engine.tunnels()
+    assert t2.came_from == "sg1" and tw.tunnel.came_from is None
+
+
 def test_what_an_operator_names_moves_the_ike_sa_with_all_its_child_sas(tmp_path: Path) -> None:
     """``ipsecct transfer WHAT``: a connection's name, an IKE SPI (either, with or without 0x)
     or the SPI of any of its CHILD SAs names one IKE SA, and all its CHILD SAs move with it

@@ -1574,6 +1574,8 @@ class TransferCore:
             ]
         if units:
             outcomes = self._all_or_none(inc, units, outcomes)
+        for t in inc.tunnels:
+            t.came_from = inc.peer  # (the IKE SA of a unit may follow the COMMIT and name it)
         if inc.tunnels:
             self._arrivals.remember(inc.tid)
         if inc.tunnels and self.journal is not None:

@@ -627,8 +627,22 @@ class IkeService:
             self.receive_forwarded(peer, cdbs[0])
             return
         now = self.node.clock()
+        tunnels = self.node.engine
+
+        def admit(ike: IkeSA) -> str | None:
+            # Its CHILD SAs' tunnels must be ones this very peer handed over (they came
+            # before it, by the transfer): a CHILD SA naming the inbound SPI of a tunnel
+            # made here, or handed over by another gateway, would give that peer, which
+            # made up the IKE SA's keys, the tunnel's rekeys, deletes and address updates.
+            for c in ike.children:
+                t = tunnels.tunnel_by_spi(c.spi_in)
+                if t is not None and t.came_from != peer:
+                    return (f"CHILD SA 0x{c.spi_in:08x} names a tunnel {peer} did not hand"
+                            " over")  # fmt: skip
+            return None
+
         try:
-            ike = self.engine.import_ike(cdbs, now)
+            ike = self.engine.import_ike(cdbs, now, admit=admit)
         except IkeContextError as exc:
             self.engine.stats["ike-context-refused"] += 1
             event(log, "ike-sa-refused", logging.WARNING, node=self.node.name, peer=peer,

@@ -386,17 +386,19 @@ class IkeEngine:
         self.stats["ike-sa-exported"] += 1
         return cdbs
 
-    def import_ike(self, cdbs: list[bytes], now: float,
-                   local: Address | None = None) -> IkeSA:  # fmt: skip
+    def import_ike(self, cdbs: list[bytes], now: float, local: Address | None = None,
+                   admit: Callable[[IkeSA], str | None] | None = None) -> IkeSA:  # fmt: skip
         """Take over an IKE SA (and its CHILD SAs) from its context CDBs: from now on this
         engine answers and rekeys it. Raises IkeContextError when the context is malformed,
         names a connection this gateway does not have or whose policy does not admit the SA
-        as negotiated (:func:`~ipsecct.ikev2.context.policy_refusal`), or its SPIs are in use
-        here."""
+        as negotiated (:func:`~ipsecct.ikev2.context.policy_refusal`), ``admit`` (the
+        caller's check) says why not, or its SPIs are in use here."""
         from . import context
 
         ike = context.decode(cdbs, self.connections, now, local)
         why = context.policy_refusal(ike)
+        if why is None and admit is not None:
+            why = admit(ike)
         if why is not None:
             raise IkeContextError(why)
         if ike.our_spi in self.by_spi:

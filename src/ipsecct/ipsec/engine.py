@@ -125,6 +125,9 @@ class Tunnel:
     # from the inner side is sent on them, and forwarded to the target only once they are
     # used up. 0: none.
     tail_end: int = 0
+    # The peer gateway that handed this tunnel over (a transfer's target installs it), None
+    # for one made here: an IKE SA that peer hands over after it may name it as a CHILD SA.
+    came_from: str | None = None
 
     @property
     def send_limit(self) -> int:
