@@ -6,13 +6,14 @@ test_hostile_inputs.py.)"""
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 
 import pytest
 
 from ipsecct.ikev2 import message as M
 from ipsecct.ikev2.engine import MAX_CHILD_SAS, ChildUp, IkeEngine, Output, Send
 from ipsecct.ikev2.ts import from_text
-from tests.helpers.ikev2_engines import Wire, conn, connect, mn_conn
+from tests.helpers.ikev2_engines import I500, R500, Wire, conn, connect, mn_conn
 
 EVERYTHING = from_text("0.0.0.0/0")
 
@@ -76,3 +77,33 @@ def test_a_rekey_flood_under_a_valid_ike_sa_is_bounded(chain: bool) -> None:
     assert len(ir.children) <= 2 * MAX_CHILD_SAS
     assert len(w.resp._child_spis) == len(ir.children)
     assert w.resp.stats["child-limit" if chain else "rekey-refused"] > 0
+
+
+@pytest.mark.parametrize("local_ts", [
+    ["10.1.0.0/16[tcp/80]"],
+    ["10.1.0.0/16[tcp/80]", "10.1.0.0/16[tcp/443]"],
+    ["10.1.0.0/16[tcp/80]", "10.1.0.0/16[udp/53]"],
+], ids=["one-port", "two-ports", "two-protocols"])  # fmt: skip
+def test_a_child_sa_never_covers_more_than_the_connection_allows(local_ts: list[str]) -> None:
+    """The connection gives peers only some ports of 10.1.0.0/16; the peer asks for all of it
+    (any protocol). The narrowed selectors were right, but the CHILD SA's policy held one
+    protocol and one port range per side: selectors that disagreed (tcp/80 here, any there;
+    two ports; two protocols) became any protocol and any port, and the peer reached every
+    port of 10.1.0.0/16. What is installed must be within the configuration, and be what the
+    peer was told."""
+    rc = conn()
+    rc.children[0].local_ts = [from_text(t) for t in local_ts]
+    w = Wire(IkeEngine([mn_conn()]), IkeEngine([rc]))
+    connect(w)
+    (cr,), (ci,) = w.of("r", ChildUp), w.of("i", ChildUp)
+    assert isinstance(cr, ChildUp) and isinstance(ci, ChildUp)
+    assert (ci.child.local_ts, ci.child.remote_ts) == (cr.child.remote_ts, cr.child.local_ts)
+    entry, _out, inn = cr.child.sas(R500, I500, False, "gw")
+    gw, mn = ipaddress.ip_address("10.1.0.1"), ipaddress.ip_address("10.2.0.5")
+    allowed = {(6, 80), (6, 443), (17, 53)}
+    for sel in (entry.selectors, inn.selectors):
+        for proto, port in [(6, 80), (6, 443), (6, 22), (17, 53), (17, 161), (1, 8)]:
+            if sel.matches(gw, mn, proto, port, 40000):
+                assert (proto, port) in allowed and any(
+                    f"[{'tcp' if proto == 6 else 'udp'}/{port}]" in t for t in local_ts)
+        assert sel.matches(gw, mn, 6, 80, 40000)  # the first selector's traffic is covered

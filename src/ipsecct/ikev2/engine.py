@@ -79,7 +79,7 @@ from .message import (
 )
 from .mid_sync import MidSync, ReplayCounterSync, sync_request
 from .proposal import AEAD, choose
-from .ts import narrow, within
+from .ts import narrow, representable, within
 
 log = logging.getLogger("ipsecct.ikev2")
 
@@ -924,8 +924,8 @@ class IkeEngine:
         payloads (without the nonce and KE, which the caller adds)."""  # fmt: skip
         configs = [rekeyed.config] if rekeyed is not None else ike.conn.children
         for cc in configs:
-            remote = narrow(tsi.selectors, cc.remote_ts)
-            local = narrow(tsr.selectors, cc.local_ts)
+            local, remote = representable(narrow(tsr.selectors, cc.local_ts),
+                                          narrow(tsi.selectors, cc.remote_ts))  # fmt: skip
             if remote and local:
                 break
         else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 
 from ..errors import IpsecctError
@@ -80,19 +81,42 @@ def within(answer: tuple[TrafficSelector, ...], ours: list[TrafficSelector]) -> 
     return all(any(intersect(a, o) == a for o in ours) for a in answer)
 
 
+def representable(local: list[TrafficSelector], remote: list[TrafficSelector],
+                   ) -> tuple[list[TrafficSelector], list[TrafficSelector]]:  # fmt: skip
+    """The part of a CHILD SA's selectors that one SPD entry (address ranges on each side, one
+    protocol, one port range on each side) holds exactly: the protocol of the first selector
+    that names one (selectors of any protocol take it, those of another are left out), and on
+    each side the ports of its first selector (those with other ports are left out). Never
+    more than given: selectors that disagree made the entry any protocol and any port, wider
+    than the configuration (``local_ts = ["10.1.0.0/16[tcp/80]"]`` gave every port). A
+    responder narrows to this (§2.9 lets it), so the peer is told what is installed."""
+    if not local or not remote:
+        return local, remote
+    proto = next((t.ip_protocol for t in local + remote if t.ip_protocol), 0)
+
+    def side(ts: list[TrafficSelector]) -> list[TrafficSelector]:
+        same = [dataclasses.replace(t, ip_protocol=proto) for t in ts
+                if t.ip_protocol in (0, proto)]  # fmt: skip
+        ports = (same[0].start_port, same[0].end_port)
+        out: list[TrafficSelector] = []
+        for t in same:
+            if (t.start_port, t.end_port) == ports and t not in out:
+                out.append(t)
+        return out
+
+    return side(local), side(remote)
+
+
 def to_selectors(local: list[TrafficSelector], remote: list[TrafficSelector],
                  name: str) -> Selectors:  # fmt: skip
-    """The SPD selectors of a CHILD SA: every address range; protocol and ports when all the
-    selectors agree on them (otherwise any)."""
-    both = local + remote
-    protos = {t.ip_protocol for t in both}
-    proto = protos.pop() if len(protos) == 1 else 0
-    if proto == 0:
-        protos = {0}
+    """The SPD selectors of a CHILD SA: its address ranges, protocol and ports, within
+    :func:`representable` (selectors that one entry cannot hold are left out, never widened
+    to any protocol or port)."""
+    local, remote = representable(local, remote)
+    proto = local[0].ip_protocol if local else 0
 
     def ports(ts: list[TrafficSelector]) -> PortRange:
-        ps = {(t.start_port, t.end_port) for t in ts}
-        return PortRange(*ps.pop()) if len(ps) == 1 and proto else PortRange()
+        return PortRange(ts[0].start_port, ts[0].end_port) if ts and proto else PortRange()
 
     return Selectors(
         tuple(AddressRange(t.start, t.end) for t in local),
