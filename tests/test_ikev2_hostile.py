@@ -12,8 +12,9 @@ import pytest
 
 from ipsecct.ikev2 import message as M
 from ipsecct.ikev2.engine import MAX_CHILD_SAS, ChildUp, IkeEngine, Output, Send
+from ipsecct.ikev2.ikesa import IkeSA, IkeState
 from ipsecct.ikev2.ts import from_text
-from tests.helpers.ikev2_engines import I500, R500, Wire, conn, connect, mn_conn
+from tests.helpers.ikev2_engines import I500, R500, Wire, conn, connect, mn_conn, pair
 
 EVERYTHING = from_text("0.0.0.0/0")
 
@@ -107,3 +108,34 @@ def test_a_child_sa_never_covers_more_than_the_connection_allows(local_ts: list[
                 assert (proto, port) in allowed and any(
                     f"[{'tcp' if proto == 6 else 'udp'}/{port}]" in t for t in local_ts)
         assert sel.matches(gw, mn, 6, 80, 40000)  # the first selector's traffic is covered
+
+
+class HoardingPeer(IkeEngine):
+    """A peer that rekeys IKE SAs and never deletes the one it replaced."""
+
+    def _request(self, ike: IkeSA, kind: str, *args: object, **kw: object) -> None:
+        if kind != "delete-rekeyed":
+            super()._request(ike, kind, *args, **kw)  # type: ignore[arg-type]
+
+
+def test_an_ike_rekey_flood_under_a_valid_ike_sa_is_bounded() -> None:
+    """The peer rekeys its IKE SA, then the new one, and so on, never deleting the IKE SA it
+    replaced: each waited 60 s for the DELETE, and a peer rekeying as fast as it could made
+    the gateway hold (and scan at every IKE_SA_INIT) as many IKE SAs as it sent requests. An
+    IKE SA whose predecessor still waits for its DELETE is not rekeyed again."""
+    w = Wire(HoardingPeer([mn_conn()]), IkeEngine([conn()]))
+    connect(w)
+    for k in range(40):
+        newest = max(w.ini.ike_sas(), key=lambda i: i.created)
+        w.deliver(w.ini.rekey_ike(newest, 1.0 + k), "i", 1.0 + k)
+    assert len(w.resp.ike_sas()) <= 2
+    assert w.resp.stats["ike-rekey-refused"] > 0
+    # a peer that deletes the IKE SA it replaced rekeys as often as it likes
+    w = pair()
+    connect(w)
+    for k in range(5):
+        (ii,) = [i for i in w.ini.ike_sas() if i.state is IkeState.ESTABLISHED]
+        w.deliver(w.ini.rekey_ike(ii, 1.0 + k), "i", 1.0 + k)
+    assert len(w.resp.ike_sas()) == 1 and w.resp.stats["ike-sa-rekeyed"] == 5
+    (ir,) = w.resp.ike_sas()
+    assert len(ir.children) == 1

@@ -1026,6 +1026,14 @@ class IkeEngine:
         from the old SK_d takes over the CHILD SAs; the peer then deletes the old one."""
         if ke is None:
             return [NotifyPayload(Notify.INVALID_SYNTAX)]
+        prev = ike.replaced
+        if prev is not None and prev.state is IkeState.REKEYED and self.by_spi.get(
+                prev.our_spi) is prev:  # fmt: skip
+            # the IKE SA this one replaced still waits for the peer's DELETE: a peer that
+            # rekeys on and never deletes made an IKE SA per request, each kept for 60 s
+            self.stats["ike-rekey-refused"] += 1
+            return [NotifyPayload(Notify.TEMPORARY_FAILURE)]
+        ike.replaced = None
         chosen = choose(ike.conn.proposals, sa.proposals, ke_group=ke.group)
         if chosen is None:
             self.stats["ike-rekey-no-proposal"] += 1
@@ -1052,6 +1060,7 @@ class IkeEngine:
         new.rekey_at = self._rekey_time(now, ike.conn.rekey_time)
         new.mid_sync, new.replay_sync = ike.mid_sync, ike.replay_sync  # inherited (§2.18)
         new.children, ike.children = ike.children, []
+        new.replaced = ike
         p = ike.pending
         if p is not None and p.kind == "rekey-ike":  # both sides rekey it: §2.8.2
             ike.collided = (new, ni.data, nr)

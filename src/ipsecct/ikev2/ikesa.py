@@ -193,6 +193,9 @@ class IkeSA:
     # agree (announce_move after the sync or the first answered probe)
     move_after_sync: bool = False
     sync_nonce: bytes = b""  # the last RFC 6311 sync request's nonce (a retransmission's too)
+    # made by the peer's rekey of this IKE SA: until the peer deletes it (or REKEYED_GRACE
+    # ends it), this one is not rekeyed again (a chain of undeleted IKE SAs has no end)
+    replaced: IkeSA | None = field(default=None, repr=False)
 
     @property
     def our_spi(self) -> bytes:
