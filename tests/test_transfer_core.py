@@ -518,6 +518,40 @@ def test_reassign_signal_replay_is_dropped() -> None:
 
 
 # -- concurrency, replay, authorisation, malformed input ----------------------------------------
+def test_an_inbound_spi_equal_to_another_tunnels_outbound_spi_does_not_mix_their_results() -> None:
+    """Outbound SPIs are the MNs' choice and inbound ones ours, so in a bulk transfer one
+    tunnel's outbound SPI may equal another's inbound SPI (about one 20,000-tunnel transfer in
+    ten). The target refuses the second tunnel (an algorithm it lacks) and takes the first and
+    a third; before, the source read the refusal of the second's inbound SA as the first's
+    outcome and kept the first tunnel, which the target activated at the COMMIT: both sent
+    under its key. The source now reads each SA_RESULT by (protocol, SPI, destination)."""
+    from ipsecct.ipsec.spd import Action, SPDEntry
+    from tests.helpers.transfer import tunnel_sas
+
+    w = World(settings={"sg2": Settings(supported_enc=frozenset({EncAlg.AES_GCM_16}))})
+    sg1, sg2 = w.gw["sg1"], w.gw["sg2"]
+
+    def add(name: str, out: int, inb: int, n: int, enc: EncAlg) -> Tunnel:
+        (o, i, s), _ = tunnel_sas(
+            "sg1", spi_down=out, spi_up=inb, mn_inner=f"10.1.0.{n}", mn_addr=f"192.0.2.{n}",
+            name=name, enc=enc,
+        )  # fmt: skip
+        return sg1.engine.add_tunnel(SPDEntry(s, Action.PROTECT, name=name, static=False), o, i)
+
+    b = add("b", 0x200, 0x300, 20, EncAlg.AES_GCM_16)
+    a = add("a", 0x100, 0x200, 11, EncAlg.CHACHA20_POLY1305)  # its inbound SPI is b's outbound
+    _, out = sg1.core.start([b, a, w.tunnel], "sg2", w.now)
+    sg1.run(out)
+    w.deliver_all()
+    at2 = {t.name: t.state for t in sg2.engine.tunnels()}
+    assert at2 == {"b": TunnelState.ACTIVE, "mn1": TunnelState.ACTIVE}
+    assert (state(a), state(b), state(w.tunnel)) == (
+        TunnelState.ACTIVE, TunnelState.MOVED, TunnelState.MOVED,
+    )  # fmt: skip
+    rec = sg1.finished[-1]
+    assert (rec.outcome, rec.accepted) == ("partial", 2)
+
+
 def test_second_start_of_the_same_tunnel_is_busy() -> None:
     w = World(("sg1", "sg2", "sg3"))
     w.transfer("sg1", "sg2")

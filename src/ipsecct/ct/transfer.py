@@ -419,7 +419,10 @@ class _Outgoing:
     held_per_tunnel: dict[Tunnel, tuple[int, int]] = field(default_factory=dict)
     seq: int = 0
     state: OutgoingState = OutgoingState.SENT
-    results: dict[int, int] = field(default_factory=dict)  # SPI -> status, over the CTDRs
+    # Status per outbound SA of the transfer, over the CTDRs, by its SAD triple (protocol,
+    # SPI, destination): an SPI alone may also be another tunnel's inbound SA's (outbound
+    # SPIs are the MNs' choice, inbound ones ours), whose SA_RESULT must not stand for it.
+    results: dict[tuple[int, int, IPAddress], int] = field(default_factory=dict)
     # "Given away", submitted when the CTDR accepted ``away_tunnels``; the COMMIT waits for
     # it (the target's "pending" is being written meanwhile).
     away: Write | None = None
@@ -430,6 +433,7 @@ class _Outgoing:
     # past it). Empty: the tunnels are held.
     caps: dict[Tunnel, int] = field(default_factory=dict)
     members: _Members | None = field(default=None, repr=False, compare=False)
+    out_keys: set[tuple[int, int, IPAddress]] | None = field(default=None, repr=False)
 
 
 @dataclass
@@ -891,10 +895,17 @@ class TransferCore:
             if d == DECISION_COMMIT:
                 return [Send(peer, cxtp.CTD(msg.mn_prev, 0, (ttag, decision_cdb(d))))]
             return [Send(peer, cxtp.CTC(msg.mn_prev, (ttag,)))]
+        outbound = og.out_keys
+        if outbound is None:
+            outbound = og.out_keys = {
+                (int(t.outbound.protocol), t.outbound.spi, t.outbound.dst) for t in og.tunnels
+            }
         for c in msg.ext[1:]:
             if cxtp.cdb_fpt(c) == cxtp.FPT_SA_RESULT:
                 r = cxtp.SaResult.decode(c)
-                og.results[r.spi] = r.status
+                key = (r.protocol, r.spi, r.dst)
+                if key in outbound:  # (an inbound SA's result, or one for no SA of ours)
+                    og.results[key] = r.status
         if not tag.last:
             return []
         if msg.all_ok:
@@ -903,12 +914,13 @@ class TransferCore:
             default = msg.statuses[0].status
         else:
             default = cxtp.Status.INTERNAL_ERROR
-        status_by_spi, og.results = og.results, {}
+        status_by_sa, og.results = og.results, {}
         accepted: list[Tunnel] = []
         refused: list[Tunnel] = []
         worst = 0
         for t in og.tunnels:
-            st = status_by_spi.get(t.outbound.spi, default)
+            o = t.outbound
+            st = status_by_sa.get((int(o.protocol), o.spi, o.dst), default)
             if cxtp.is_success(st):
                 accepted.append(t)
             else:
