@@ -139,3 +139,23 @@ def test_an_ike_rekey_flood_under_a_valid_ike_sa_is_bounded() -> None:
     assert len(w.resp.ike_sas()) == 1 and w.resp.stats["ike-sa-rekeyed"] == 5
     (ir,) = w.resp.ike_sas()
     assert len(ir.children) == 1
+
+
+def test_a_sync_request_cannot_exhaust_our_message_ids() -> None:
+    """RFC 6311 lets the peer's member that took over tell us our next message ID; any peer
+    that announced it (strongSwan does) may send one. Told 0xFFFFFFFF, the gateway sent its
+    next liveness check under it and then raised struct.error in every tick(): the adapter's
+    timer logged a failure a second and never reached the IKE SAs after this one (their
+    retransmissions, rekeys, liveness checks). A sync that leaves no message IDs is refused."""
+    cbc = "aes128-sha256-x25519"  # with AEAD and our own requests sent the MN would probe
+    w = pair(mn_conn(ike=cbc), conn(ike=cbc, dpd=10))
+    connect(w)
+    (ii,), (ir,) = w.ini.ike_sas(), w.resp.ike_sas()
+    before = ir.my_next_mid
+    ii.peer_next_mid = 0xFFFFFFFF  # what the MN's sync tells the gateway to use next
+    w.deliver(w.ini.start_mid_sync(ii, 1.0), "i", 1.0)
+    assert w.resp.stats["mid-sync-refused"] == 1 and ir.my_next_mid == before
+    ii.peer_next_mid = ir.my_next_mid  # (the MN answers the gateway's requests again)
+    for t in (20.0, 40.0, 60.0, 80.0):  # raised struct.error from the second on
+        w.deliver(w.resp.tick(t), "r", t)
+    assert ir.state is IkeState.ESTABLISHED and w.resp.stats["liveness-ok"] == 4

@@ -115,6 +115,9 @@ RESYNC_AHEAD = 16
 # ESP sequence numbers (RFC 6311 §4.2 names 2^30 as a delta safe for any sync interval; a
 # larger one would only burn our sequence space: refused, the sync answered all the same)
 MAX_REPLAY_DELTA = 1 << 30
+# RFC 6311 message IDs from the peer (in its sync request, or its answer to ours) above this
+# are refused: they would leave no ID for our next requests (a 33-bit one cannot be sent)
+MAX_SYNCED_MID = 0xFFFFFFFF - (1 << 16)
 
 
 # -- outputs --------------------------------------------------------------------------------
@@ -1701,7 +1704,8 @@ class IkeEngine:
             except IkeParseError:
                 got = None
         # P2 >= P1, M2 >= M1 (RFC 6311 §5.1): anything else is not an answer to our request
-        if got is None or got.nonce != nonce or got.send < p1 or got.recv < m1:
+        if (got is None or got.nonce != nonce or got.send < p1 or got.recv < m1
+                or max(got.send, got.recv) > MAX_SYNCED_MID):  # fmt: skip
             self.stats["mid-sync-failed"] += 1
             log.warning("event=ike-mid-sync-failed conn=%s peer=%s", ike.conn.name, ike.remote)
             ike.my_next_mid = max(ike.my_next_mid, m1)
@@ -1730,6 +1734,11 @@ class IkeEngine:
         ike.last_heard = now
         if mid.send < ike.peer_next_mid:  # RFC 6311 §5.1: below what we expect: stale
             self.stats["mid-sync-stale"] += 1
+            return True
+        if max(mid.send, mid.recv) > MAX_SYNCED_MID:  # we could send no request after it
+            self.stats["mid-sync-refused"] += 1
+            log.warning("event=ike-mid-sync-refused conn=%s peer=%s send=%d recv=%d",
+                        ike.conn.name, ike.remote, mid.recv, mid.send)  # fmt: skip
             return True
         if replay is not None and mid.nonce != ike.sync_nonce:  # not for a retransmission
             self._replay_counter_sync(ike, replay.delta, out)
