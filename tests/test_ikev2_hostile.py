@@ -11,7 +11,15 @@ import ipaddress
 import pytest
 
 from ipsecct.ikev2 import message as M
-from ipsecct.ikev2.engine import MAX_CHILD_SAS, ChildUp, IkeEngine, Output, Send
+from ipsecct.ikev2.engine import (
+    MAX_CHILD_SAS,
+    ChildDown,
+    ChildUp,
+    ConnectFailed,
+    IkeEngine,
+    Output,
+    Send,
+)
 from ipsecct.ikev2.ikesa import IkeSA, IkeState
 from ipsecct.ikev2.ts import from_text
 from tests.helpers.ikev2_engines import I500, R500, Wire, conn, connect, mn_conn, pair
@@ -159,3 +167,60 @@ def test_a_sync_request_cannot_exhaust_our_message_ids() -> None:
     for t in (20.0, 40.0, 60.0, 80.0):  # raised struct.error from the second on
         w.deliver(w.resp.tick(t), "r", t)
     assert ir.state is IkeState.ESTABLISHED and w.resp.stats["liveness-ok"] == 4
+
+
+def test_a_peer_touches_only_its_own_child_sas() -> None:
+    """Peer A names peer B's CHILD SA (both its SPIs) in a DELETE and in a REKEY_SA under A's
+    own IKE SA: B's CHILD SA stays, and so does A's."""
+    gw = IkeEngine([conn()])
+    wa = Wire(IkeEngine([mn_conn()]), gw)
+    wb = Wire(IkeEngine([mn_conn(local_id="mn2.test", local_ts="10.2.0.6/32")]), gw)
+    connect(wa)
+    connect(wb, 1.0)
+    ia = wa.ini.ike_sas()[0]
+    ra, rb = sorted(gw.ike_sas(), key=lambda i: i.peer_id)
+    assert (ra.peer_id, rb.peer_id) == ("mn.test", "mn2.test")
+    (ca,), (cb,) = ra.children, rb.children
+    spis = (cb.spi_out.to_bytes(4, "big"), cb.spi_in.to_bytes(4, "big"))
+    out: list[Output] = []
+    wa.ini._request(ia, "delete-child", [M.DeletePayload(M.ProtocolId.ESP, spis)], 2.0, out)
+    wa.deliver(out, "i", 2.0)
+    out = []
+    wa.ini._rekey_child_request(ia, dataclasses.replace(ia.children[0], spi_in=cb.spi_out),
+                                3.0, out)  # fmt: skip
+    wa.deliver(out, "i", 3.0)
+    assert gw.stats["rekey-unknown-child"] == 1 and gw.stats["child-deleted-by-peer"] == 0
+    assert ra.children == [ca] and rb.children == [cb]
+    assert not wa.of("r", ChildDown) and not wb.of("r", ChildDown)
+
+
+def _two_connections_wire(psk: bytes, peer_id: str, gw: IkeEngine) -> Wire:
+    return Wire(IkeEngine([mn_conn(local_id=peer_id, psk=psk, remote_ts="10.0.0.0/8")]), gw)
+
+
+def test_a_psk_proves_only_its_own_connection() -> None:
+    """Connection x takes anyone with its PSK (remote.id %any), connection y only y.test
+    with another PSK, x written first. The real y.test was refused (AUTHENTICATION_FAILED):
+    the first connection whose remote.id matched, x, was the only one whose PSK was tried.
+    A peer with x's PSK that claims to be y.test gets x's CHILD SA, never y's, and its
+    INITIAL_CONTACT does not replace the real y.test's IKE SA."""
+    x = conn("x", psk=b"x's pre-shared key", local_ts="10.1.0.0/16")
+    y = conn("y", psk=b"y's pre-shared key", local_ts="10.3.0.0/16", remote_id="y.test")
+    gw = IkeEngine([x, y])
+    real = _two_connections_wire(b"y's pre-shared key", "y.test", gw)
+    connect(real)
+    (ry,) = gw.ike_sas()
+    assert ry.conn is y and [str(t) for t in ry.children[0].local_ts] == [
+        "10.3.0.0-10.3.255.255"]
+    fake = _two_connections_wire(b"x's pre-shared key", "y.test", gw)
+    connect(fake, 1.0)
+    (rx,) = [i for i in gw.ike_sas() if i is not ry]
+    assert rx.conn is x and rx.peer_id == "y.test" and rx.initial_contact
+    assert [str(t) for t in rx.children[0].local_ts] == ["10.1.0.0-10.1.255.255"]
+    assert ry.state is IkeState.ESTABLISHED and len(ry.children) == 1
+    assert gw.stats["initial-contact-replaced"] == 0
+    # with neither key: refused, whatever it claims
+    for claim in ("y.test", "z.test"):
+        w = _two_connections_wire(b"nobody's key", claim, gw)
+        connect(w, 2.0)
+        assert w.of("i", ConnectFailed) and len(gw.ike_sas()) == 2

@@ -828,31 +828,37 @@ class IkeEngine:
             except AuthError as exc:
                 certs, why = [], str(exc)
             cert = certs[0] if certs else None
-        conn = None
-        for c in ike.candidates:
-            if (c.remote_auth == ("psk" if psk else "pubkey")
+        # every connection whose remote.id names the peer is tried, those naming it exactly
+        # before those with %any (config order within each): a connection's PSK or CAs prove
+        # only that connection (the first match alone was tried: with an %any connection
+        # written first, the peer of a connection naming it was refused)
+        matching = [c for c in sorted(ike.candidates, key=lambda c: c.remote_id.any)
+                    if c.remote_auth == ("psk" if psk else "pubkey")
                     and c.remote_id.matches(idi, cert)
                     and (idr is None or c.local_id is None or c.local_id.matches(idr)
                          or (c.credentials is not None
                              and idr.data == c.credentials.certs[0].subject.public_bytes()))
-                    and choose(c.proposals, (ike.suite.proposal(1, b""),)) is not None):
-                conn = c
-                break  # fmt: skip
+                    and choose(c.proposals, (ike.suite.proposal(1, b""),)) is not None]
+        conn = None
         ok = False
-        if conn is not None and psk:
-            ok = _hmac.compare_digest(auth.data, psk_auth(prf_alg, conn.psk, octets))
-            why = "pre-shared key does not match"
-        elif conn is not None and cert is not None:
-            try:
-                validate_chain(cert, certs[1:], conn.cacerts, self._wall(now))
-                if not id_matches_cert(idi, cert):
-                    raise AuthError("the identity is not in the certificate")
-                verify(cert, auth.method, auth.data, octets)
-                ok = True
-            except AuthError as exc:
-                why = str(exc)
-        elif conn is not None:
-            why = "no certificate"
+        for c in matching:  # fmt: skip
+            if psk:
+                ok = _hmac.compare_digest(auth.data, psk_auth(prf_alg, c.psk, octets))
+                why = "pre-shared key does not match"
+            elif cert is not None:
+                try:
+                    validate_chain(cert, certs[1:], c.cacerts, self._wall(now))
+                    if not id_matches_cert(idi, cert):
+                        raise AuthError("the identity is not in the certificate")
+                    verify(cert, auth.method, auth.data, octets)
+                    ok = True
+                except AuthError as exc:
+                    why = str(exc)
+            else:
+                why = "no certificate"
+            if ok:
+                conn = c
+                break
         if conn is None or not ok:
             self.stats["auth-failed"] += 1
             log.info("event=ike-auth-failed peer=%s id=%s reason=%s", ike.remote, idi.text(),
