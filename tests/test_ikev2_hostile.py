@@ -7,22 +7,28 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import time
 
 import pytest
 
 from ipsecct.ikev2 import message as M
+from ipsecct.ikev2.auth import Credentials
+from ipsecct.ikev2.config import Connection, Identity
 from ipsecct.ikev2.engine import (
     MAX_CHILD_SAS,
     ChildDown,
     ChildUp,
     ConnectFailed,
     IkeEngine,
+    IkeUp,
     Output,
+    PeerMoved,
     Send,
 )
-from ipsecct.ikev2.ikesa import IkeSA, IkeState
+from ipsecct.ikev2.ikesa import Address, IkeSA, IkeState
 from ipsecct.ikev2.ts import from_text
 from tests.helpers.ikev2_engines import I500, R500, Wire, conn, connect, mn_conn, pair
+from tests.test_ikev2 import _pki
 
 EVERYTHING = from_text("0.0.0.0/0")
 
@@ -224,3 +230,60 @@ def test_a_psk_proves_only_its_own_connection() -> None:
         w = _two_connections_wire(b"nobody's key", claim, gw)
         connect(w, 2.0)
         assert w.of("i", ConnectFailed) and len(gw.ike_sas()) == 2
+
+
+def test_a_certificate_proves_only_the_names_it_holds() -> None:
+    """A valid certificate from the trusted CA for peer.test (its subjectAltName): claiming
+    another name (IDi admin.test, which remote.id wants) is refused; claiming its own name
+    where remote.id wants another too; its own name where remote.id wants it, or its subject
+    DN where remote.id names its subjectAltName, is taken."""
+    ca, cert, key, _ = _pki("p256")
+
+    def pk(c: Connection, local_id: str | None, remote_id: str) -> Connection:
+        return dataclasses.replace(c, local_auth="pubkey", remote_auth="pubkey",
+                                   local_id=Identity(local_id) if local_id else None,
+                                   remote_id=Identity(remote_id),
+                                   credentials=Credentials((cert,), key),  # type: ignore[arg-type]
+                                   cacerts=[ca])  # type: ignore[list-item]  # fmt: skip
+
+    for claim, wanted, ok in [("admin.test", "admin.test", False),
+                              ("peer.test", "admin.test", False),
+                              ("peer.test", "peer.test", True),
+                              (None, "peer.test", True)]:  # fmt: skip
+        ini = IkeEngine([pk(mn_conn(), claim, "%any")], wall_offset=time.time())
+        gw = IkeEngine([pk(conn(), None, wanted)], wall_offset=time.time())
+        w = Wire(ini, gw)
+        connect(w)
+        assert bool(w.of("r", IkeUp)) is ok, (claim, wanted)
+        assert gw.stats["auth-failed"] == (not ok)
+
+
+def test_a_replayed_request_from_elsewhere_does_not_move_the_peer() -> None:
+    """Someone on the path captures the MN's authenticated requests (a liveness check, a CHILD
+    SA rekey, its IKE_AUTH) and sends them again from its own address: the peer's address
+    stays (a retransmission is answered where the peer is), nothing is made twice; only a
+    fresh request moves it (RFC 7296 §2.23, RFC 4555)."""
+    w = pair()
+    connect(w)
+    (ii,), (ir,) = w.ini.ike_sas(), w.resp.ike_sas()
+    auth = w.sent[2].data
+    w.deliver(w.ini.liveness(ii, 1.0), "i", 1.0)
+    check = w.sent[-2].data
+    w.deliver(w.ini.rekey_child(ii, ii.children[0], 2.0), "i", 2.0)
+    rekey = w.sent[-4].data  # then its answer, the DELETE of the old SA and its answer
+    delete = w.sent[-2].data  # the last request: a retransmission of it is answered
+    assert M.decode(auth)[0].exchange == M.ExchangeType.IKE_AUTH
+    assert M.decode(rekey)[0].exchange == M.ExchangeType.CREATE_CHILD_SA
+    home, children = ir.remote, list(ir.children)
+    thief = Address(ipaddress.ip_address("203.0.113.66"), 4500)
+    answered = w.resp.stats["retransmit-answered"]
+    for data in (auth, check, rekey, delete):
+        out = w.resp.receive(data, thief, R500, 3.0)
+        assert all(isinstance(o, Send) and o.dst == home for o in out)
+    assert w.resp.stats["retransmit-answered"] == answered + 1
+    assert ir.remote == home and ir.children == children
+    out = w.ini.liveness(ii, 4.0)  # a fresh one from there moves it
+    (req,) = out
+    assert isinstance(req, Send)
+    assert any(isinstance(o, PeerMoved) for o in w.resp.receive(req.data, thief, R500, 4.0))
+    assert ir.remote == thief
