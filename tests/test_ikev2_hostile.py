@@ -16,6 +16,7 @@ from ipsecct.ikev2.auth import Credentials
 from ipsecct.ikev2.config import Connection, Identity
 from ipsecct.ikev2.engine import (
     MAX_CHILD_SAS,
+    MAX_IKE_SAS_PER_IDENTITY,
     ChildDown,
     ChildUp,
     ConnectFailed,
@@ -287,3 +288,32 @@ def test_a_replayed_request_from_elsewhere_does_not_move_the_peer() -> None:
     assert isinstance(req, Send)
     assert any(isinstance(o, PeerMoved) for o in w.resp.receive(req.data, thief, R500, 4.0))
     assert ir.remote == thief
+
+
+class NoContactPeer(IkeEngine):
+    """A peer that never sends INITIAL_CONTACT (so its IKE SAs add up)."""
+
+    def _request(self, ike: IkeSA, kind: str, payloads: list[M.Payload], *args: object,
+                 **kw: object) -> None:  # fmt: skip
+        payloads = [p for p in payloads if not (isinstance(p, M.NotifyPayload)
+                                                and p.type == M.Notify.INITIAL_CONTACT)]
+        super()._request(ike, kind, payloads, *args, **kw)  # type: ignore[arg-type]
+
+
+def test_ike_sas_of_one_identity_are_bounded() -> None:
+    """One authenticated identity (a certificate, a PSK) opened IKE SA after IKE SA, each
+    with its CHILD SAs, bounded only by the 200 per source address (and a peer has many
+    addresses). Past MAX_IKE_SAS_PER_IDENTITY for a connection its IKE_AUTH is refused; with
+    INITIAL_CONTACT the new IKE SA replaces them all, as before."""
+    gw = IkeEngine([conn()])
+    for k in range(MAX_IKE_SAS_PER_IDENTITY + 6):
+        connect(Wire(NoContactPeer([mn_conn()]), gw), float(k))
+    assert len(gw.ike_sas()) == MAX_IKE_SAS_PER_IDENTITY
+    assert gw.stats["identity-limit"] == 6
+    other = Wire(NoContactPeer([mn_conn(local_id="mn2.test")]), gw)
+    connect(other, 100.0)  # another identity is not refused
+    assert other.of("r", IkeUp)
+    w = pair(rc=None)
+    w.resp = gw
+    connect(w, 101.0)
+    assert w.of("r", IkeUp) and len(gw.ike_sas()) == 2

@@ -100,6 +100,9 @@ COOKIE_THRESHOLD = 100  # half-open IKE SAs before IKE_SA_INIT needs a cookie (Â
 COOKIE_SECRET_LIFETIME = 120.0
 MAX_HALF_OPEN_PER_SOURCE = 20
 MAX_IKE_SAS_PER_SOURCE = 200
+# IKE SAs one authenticated identity may hold in one connection (an IKE_AUTH without
+# INITIAL_CONTACT past it is refused): a peer has many source addresses
+MAX_IKE_SAS_PER_IDENTITY = 64
 REKEYED_GRACE = 60.0  # how long a rekeyed IKE SA waits for the peer's DELETE
 MAX_CHILD_SAS = 16  # per IKE SA (rekeying needs room for two of each for a while)
 MAX_CERTS = 5  # CERT payloads looked at: the peer's certificate and its chain
@@ -865,9 +868,19 @@ class IkeEngine:
                      _quote(why))  # fmt: skip
             ike.state = IkeState.DEAD
             return [NotifyPayload(Notify.AUTHENTICATION_FAILED)]
-        ike.conn = conn
-        ike.peer_id = cert.subject.rfc4514_string() if (
+        peer_id = cert.subject.rfc4514_string() if (
             cert is not None and idi.id_type == IdType.DER_ASN1_DN) else idi.text()
+        if Notify.INITIAL_CONTACT not in notifies(inner) and sum(
+                1 for o in self.by_spi.values() if o is not ike and o.peer_id == peer_id
+                and o.conn.name == conn.name and o.state is not IkeState.DEAD
+        ) >= MAX_IKE_SAS_PER_IDENTITY:  # fmt: skip
+            self.stats["identity-limit"] += 1
+            log.info("event=ike-auth-refused conn=%s peer=%s id=%s reason=%s", conn.name,
+                     ike.remote, peer_id, _quote("too many IKE SAs for this identity"))
+            ike.state = IkeState.DEAD
+            return [NotifyPayload(Notify.AUTHENTICATION_FAILED)]
+        ike.conn = conn
+        ike.peer_id = peer_id
         ike.rekey_at = self._rekey_time(now, conn.rekey_time)
         creds = conn.credentials
         if conn.local_auth == "pubkey" and creds is not None:
