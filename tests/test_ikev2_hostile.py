@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import struct
 import time
 
 import pytest
@@ -16,6 +17,7 @@ from ipsecct.ikev2.auth import Credentials
 from ipsecct.ikev2.config import Connection, Identity
 from ipsecct.ikev2.engine import (
     MAX_CHILD_SAS,
+    MAX_FRAGMENTS,
     MAX_IKE_SAS_PER_IDENTITY,
     ChildDown,
     ChildUp,
@@ -317,3 +319,31 @@ def test_ike_sas_of_one_identity_are_bounded() -> None:
     w.resp = gw
     connect(w, 101.0)
     assert w.of("r", IkeUp) and len(gw.ike_sas()) == 2
+
+
+def test_incomplete_fragment_sets_from_one_source_are_bounded() -> None:
+    """RFC 7383 from one address: many half-open IKE SAs, each left with an incomplete set
+    of big fragments, and fragments announcing 65,535 of them. One set per IKE SA, the
+    half-open ones 20 per address: what is held stays within 20 IKE messages; a total over
+    MAX_FRAGMENTS is refused at its first fragment and holds nothing."""
+    gw = IkeEngine([conn()])
+    for k in range(30):
+        ini = IkeEngine([mn_conn()])
+        (s,) = ini.initiate(ini.connections[0], I500, R500, 0.0)
+        assert isinstance(s, Send)
+        answer = gw.receive(s.data, I500, R500, 0.0)
+        if not answer:
+            continue  # past the half-open limit of this address
+        assert isinstance(answer[0], Send)
+        ini.receive(answer[0].data, R500, I500, 0.0)  # its IKE_AUTH is never sent
+        ike = ini.ike_sas()[0]
+        hdr = M.Header(ike.spi_i, ike.spi_r, 0, M.ExchangeType.IKE_AUTH, M.Flag.INITIATOR, 1, 0)
+        total = 65535 if k % 2 else MAX_FRAGMENTS
+        for n in (1, 2):
+            frag = ike.outbound.seal(hdr, [], inner_first=M.PayloadType.IDI if n == 1 else 0,
+                                     plain=bytes(30000), prefix=struct.pack("!HH", n, total),
+                                     payload_type=M.PayloadType.SKF)  # fmt: skip
+            assert gw.receive(frag, I500, R500, 0.1) == []
+    held = [sum(map(len, i.fragments[3].values())) for i in gw.half_open.values() if i.fragments]
+    assert len(gw.half_open) == 20 and len(held) == 10
+    assert sum(held) <= 20 * M.MAX_MESSAGE and gw.stats["fragment-refused"] == 20
