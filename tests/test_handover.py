@@ -327,7 +327,10 @@ def test_target_killed_mid_transfer(tmp_path: Path) -> None:
         await d.gateways["sg2"].node.stop()
         rec = await asyncio.wait_for(task, 15)
         assert rec.outcome in ("peer lost", "timeout")
-        assert state_at(d, "sg1", spi) is TunnelState.ACTIVE and t1.transfer_cap == 1 << 64
+        # The cap is lifted once "staying" is on stable storage (a journal write that may
+        # settle after the record is returned): until then sg1 sends below it, no further.
+        await eventually(lambda: t1.transfer_cap == 1 << 64, "sg1 to lift the transfer's cap")
+        assert state_at(d, "sg1", spi) is TunnelState.ACTIVE
         sent, got = await flow(d)
         assert got == sent
 
