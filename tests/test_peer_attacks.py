@@ -182,3 +182,45 @@ def test_world_readable_tls_key_is_warned_about(
     with caplog.at_level(logging.WARNING, logger="ipsecct.gateway.config"):
         config.from_dict(data, str(tmp_path / "sg1.toml"))
     assert not [r for r in caplog.records if "readable-by-others" in r.getMessage()]
+
+
+def test_a_peer_reconnecting_in_a_loop_rolls_nothing_back(tmp_path: Path) -> None:
+    """A peer (or a flaky path) that opens extra channels and drops them, over and over, while
+    the channel that carries our messages stays up: none of those losses is a loss of the
+    peer. Before the fix each one was: every transfer in flight to it was rolled back ("peer
+    lost") and fail-over replication sent the standby everything again (a resync per TLS
+    handshake)."""
+
+    async def body(d: demo.Demo) -> None:
+        chans = services(d)["sg1"].channels
+        await until(lambda: chans.connected("sg2"), "sg1's channel to sg2 is open")
+        current = chans.conns["sg2"]
+        lost: list[str] = []
+        on_lost = chans.on_lost
+
+        def record(peer: str) -> None:
+            lost.append(peer)
+            on_lost(peer)
+
+        def reading(address: str) -> bool:
+            return any(c.peer_address == address for c in chans.all_conns)
+
+        chans.on_lost = record
+        for _ in range(5):
+            conn = await connect_as(tmp_path, d, "sg1", tmp_path / "pki", "sg2")
+            host, port = conn.writer.get_extra_info("sockname")[:2]
+            at = f"{host}:{port}"
+            await until(lambda a=at: reading(a), "sg1 reads the extra channel")
+            await conn.close()
+            await until(lambda a=at: not reading(a), "sg1 saw it closed")
+        assert lost == [] and chans.conns["sg2"] is current and not current.closed
+        # The channel that stayed up still carries a transfer.
+        spi = d.gateways["sg1"].node.engine.tunnels()[0].outbound.spi
+        rec = await services(d)["sg1"].transfer([spi], "sg2", timeout=30)
+        assert rec.outcome == "committed", rec
+        # Its own loss still is one.
+        await current.close()
+        await until(lambda: lost == ["sg2"], "the loss of the channel in use is reported")
+
+    run_demo(tmp_path, body)
+

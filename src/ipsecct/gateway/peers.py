@@ -185,11 +185,18 @@ class PeerChannels:
         except ChannelError:
             pass
         finally:
-            if self.conns.get(peer) is conn:
+            # Only the loss of the channel our messages to the peer go on is the peer's
+            # loss: another one (the peer's extra channel, a duplicate from both sides
+            # connecting at once) ending loses nothing we sent. Reporting each rolled back
+            # every transfer in flight to the peer and resent the whole fail-over state, once
+            # per TLS handshake of a peer that reconnected in a loop.
+            current = self.conns.get(peer) is conn
+            if current:
                 del self.conns[peer]
             self.all_conns.discard(conn)
             await conn.close()
-            self.on_lost(peer)
+            if current:
+                self.on_lost(peer)
 
     async def connection(self, peer: str) -> tlschannel.CxtpConnection:
         c = self.conns.get(peer)
