@@ -451,6 +451,41 @@ def test_sa_delete_and_add(topo: Topo) -> None:
     assert r.returncode == 2 and r.stderr.count("\n") == 1
 
 
+def test_spis_in_decimal_and_hex(topo: Topo) -> None:
+    """Every command that takes an SPI takes it in decimal and in 0x... hex (either case);
+    text of decimal digits that names no SA is answered with how it was read, since
+    swanctl prints SPIs in hex without 0x; a negative or over-32-bit SPI sent straight to
+    the control socket is refused by name, not looked up as "0x-0000001"."""
+    from ipsecct.gateway.control import request
+
+    for text in (str(SPI_UP), hex(SPI_UP), hex(SPI_UP).upper().replace("0X", "0x"), "0X10000001"):
+        (shown,) = json.loads(ok("sa", "show", text, "--json", "-s", topo.sg.sock))
+        assert shown["spi"] == f"0x{SPI_UP:08x}", text
+    assert "set to 700" in ok("pmtu", "set", str(SPI_UP), "700", "-s", topo.mn.sock)
+    (shown,) = json.loads(ok("sa", "show", hex(SPI_UP), "--json", "-s", topo.mn.sock))
+    assert shown["path_mtu"] == 700
+    # "10000001" copied from swanctl's "10000001_i" is decimal 10000001 = 0x00989681
+    r = ipsecct("sa", "show", "10000001", "-s", topo.sg.sock)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert "0x00989681" in r.stderr and "for hex write 0x10000001" in r.stderr
+    r = ipsecct("pmtu", "set", "10000001", "700", "-s", topo.mn.sock)
+    assert r.returncode == 2 and "for hex write 0x10000001" in r.stderr
+    for bad in ("-1", str(2**40), "0x1ffffffff", "c0ffee01", "00010"):
+        r = ipsecct("sa", "delete", bad, "-s", topo.sg.sock)
+        assert r.returncode == 2 and r.stderr.count("\n") <= 2 and "bad SPI" in r.stderr, bad
+        assert "Traceback" not in r.stderr
+    for bad_arg in (-1, 2**40, "-1", "0x1ffffffff", True, None, "x"):
+        for cmd in ("sa.show", "sa.delete", "pmtu.set"):
+            with pytest.raises(Exception, match="bad SPI") as exc:
+                request(topo.sg.sock, cmd, {"spi": bad_arg, "mtu": 1280})
+            assert "0x-" not in str(exc.value)
+    # nothing was deleted on the way, and decimal deletes
+    assert json.loads(ok("sa", "delete", str(SPI_UP), "--json", "-s", topo.sg.sock)) == [
+        f"0x{SPI_UP:08x}"
+    ]
+    assert json.loads(ok("sa", "list", "--json", "-s", topo.sg.sock)) == []
+
+
 # -- ipsecct bench gateway --------------------------------------------------------------------
 
 

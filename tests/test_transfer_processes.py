@@ -140,3 +140,24 @@ def test_the_transfer_command_reports_the_outcome_of_a_long_transfer(setup: Setu
     st1 = setup.status("sg1")
     assert st1["sas"] == 2 and st1["transfers"]["in_progress"] == 0
     setup.traffic_ok("sg1", 60)
+
+
+def test_transfer_takes_the_spi_in_decimal_and_refuses_what_is_no_spi(setup: Setup) -> None:
+    """``ipsecct transfer`` takes an SPI in decimal as in hex; a negative or over-32-bit one is
+    refused by name ("no tunnel with SPI 0x-0000001" before), and digits that name no tunnel
+    say how they were read (swanctl prints SPIs in hex without 0x)."""
+    for n in ("sg1", "sg2", "mn"):
+        setup.start(n)
+    spi = int(SPI, 16)
+    for bad, said in (("-1", "bad SPI '-1' (32 bits"), (str(2**40), "bad SPI"),
+                      ("20000001", "0x01312d01 here (20000001 was read as decimal; for hex"
+                       " write 0x20000001)")):  # fmt: skip
+        r = cli("transfer", bad, "--to", "sg2", "--config", setup.config("sg1"))
+        assert r.returncode == 2, (bad, r.stdout, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1 and said in r.stderr, r.stderr
+        assert "0x-" not in r.stderr
+    assert setup.status("sg1")["sas"] == 2  # nothing moved
+    r = cli("transfer", str(spi), "--to", "sg2", "--json", "--config", setup.config("sg1"))
+    assert r.returncode == 0, (r.stdout, r.stderr, setup.log("sg1"))
+    assert json.loads(r.stdout)["outcome"] == "committed"
+    assert setup.status("sg2")["sas"] == 2

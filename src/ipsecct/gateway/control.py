@@ -118,6 +118,31 @@ def _peer_uid(s: socket.socket) -> int | None:
     return int(uid)
 
 
+def parse_spi(v: Any) -> int:
+    """An SPI as the control socket takes it: a number, or text in decimal or 0x... hex
+    (what ``sa list`` prints), 32 bits. ControlError otherwise: ``-1`` was looked up as
+    "0x-0000001" and 2**40 as an SPI of 11 hex digits."""
+    spi: int | None = None
+    if isinstance(v, int) and not isinstance(v, bool):
+        spi = v
+    elif isinstance(v, str):
+        with contextlib.suppress(ValueError):
+            spi = int(v.strip(), 0)
+    if spi is None:
+        raise ControlError(f"bad SPI {v!r} (a number, 0x... for hex)")
+    if not 0 <= spi <= 0xFFFFFFFF:
+        raise ControlError(f"bad SPI {v!r} (32 bits: 0 to 0xffffffff)")
+    return spi
+
+
+def spi_hint(v: Any) -> str:
+    """What to add to "no SA with SPI ...": text of decimal digits only was read as decimal,
+    while swanctl --list-sas prints SPIs in hex without 0x (``c0a80001_i``): say so."""
+    if isinstance(v, str) and v.strip().isdigit() and not v.strip().startswith("0"):
+        return f" ({v.strip()} was read as decimal; for hex write 0x{v.strip()})"
+    return ""
+
+
 def sa_summary(
     sa: SecurityAssociation, now: float, state: tuple[str, str] = ("installed", "")
 ) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from . import gcpolicy
 from . import state as state_mod
 from .balancer import Balancer
 from .cluster_driver import ClusterDriver
-from .control import ControlServer, MetricsServer, sa_summary
+from .control import ControlServer, MetricsServer, parse_spi, sa_summary, spi_hint
 from .failover_driver import FailoverDriver, is_sync
 from .ike import IkeService
 from .log import RateLimited, event
@@ -38,18 +38,6 @@ from .vip import VipMover
 log = logging.getLogger("ipsecct.gateway.service")
 
 
-def _parse_spi(v: Any) -> int:
-    if isinstance(v, int) and not isinstance(v, bool):
-        return v
-    if isinstance(v, str):
-        try:
-            return int(v, 0)
-        except ValueError:
-            pass
-    raise ControlError(f"bad SPI {v!r} (a number, 0x... for hex)")
-
-
-
 def _lacks(section: str, what: str) -> Callable[[dict[str, Any]], Awaitable[Any]]:
     """A control handler for a command this gateway's configuration does not enable."""
 
@@ -57,6 +45,7 @@ def _lacks(section: str, what: str) -> Callable[[dict[str, Any]], Awaitable[Any]
         raise ControlError(f"this gateway has no {section} section: it does no {what}")
 
     return refuse
+
 
 class Service:
     def __init__(
@@ -377,10 +366,10 @@ class Service:
         ]
 
     def _find(self, args: dict[str, Any]) -> list[SecurityAssociation]:
-        spi = _parse_spi(args.get("spi"))
+        spi = parse_spi(args.get("spi"))
         sas = self.node.engine.find_sa(spi)
         if not sas:
-            raise ControlError(f"no SA with SPI 0x{spi:08x}")
+            raise ControlError(f"no SA with SPI 0x{spi:08x}{spi_hint(args.get('spi'))}")
         return sas
 
     async def _sa_show(self, args: dict[str, Any]) -> Any:
@@ -454,7 +443,7 @@ class Service:
             if not picked:
                 raise ControlError(f"no unresolved tunnel was going to {peer!r}")
         else:
-            spi = _parse_spi(args.get("spi"))
+            spi = parse_spi(args.get("spi"))
             if spi not in held:
                 what = "no SA" if not eng.find_sa(spi) else "an SA that is not unresolved"
                 raise ControlError(
@@ -506,7 +495,7 @@ class Service:
         return out
 
     async def _pmtu_set(self, args: dict[str, Any]) -> Any:
-        spi = _parse_spi(args.get("spi"))
+        spi = parse_spi(args.get("spi"))
         mtu = args.get("mtu")
         if not isinstance(mtu, int):
             raise ControlError("mtu must be a number")
@@ -515,7 +504,7 @@ class Service:
         except IpsecctError as exc:
             raise ControlError(str(exc)) from None
         if n == 0:
-            raise ControlError(f"no SA with SPI 0x{spi:08x}")
+            raise ControlError(f"no SA with SPI 0x{spi:08x}{spi_hint(args.get('spi'))}")
         event(log, "pmtu-set", node=self.node.name, spi=f"0x{spi:08x}", mtu=mtu)
         return {"changed": n}
 

@@ -33,6 +33,7 @@ from ..errors import ControlError, CxtpError, TransferError
 from ..ipsec.engine import Forward, Held, Tunnel, TunnelState
 from . import gcpolicy
 from .config import TransferConfig
+from .control import parse_spi, spi_hint
 from .limits import TRANSFER_TIMEOUT_LIMIT
 from .log import RateLimited, event
 from .node import Node
@@ -360,10 +361,13 @@ class TransferService:
                 raise ControlError(str(exc)) from None
         if spis is None:
             try:
-                spis = [int(spi, 0) if isinstance(spi, str) else int(spi)]  # type: ignore[arg-type]
-            except (TypeError, ValueError):
-                raise ControlError(f"bad SPI {spi!r} (and no IKE SA or connection of that name)"
-                                   ) from None  # fmt: skip
+                one = parse_spi(spi)
+            except ControlError as exc:
+                raise ControlError(f"{exc} (and no IKE SA or connection of that name)") from None
+            t = self.node.engine.tunnel_by_spi(one)
+            if t is None or t.state is TunnelState.MOVED:
+                raise ControlError(f"no tunnel with SPI 0x{one:08x} here{spi_hint(spi)}")
+            spis = [one]
         rec = await self.transfer(
             spis, to, mode=str(args.get("mode", "predictive")), limit=_limit(args)
         )
