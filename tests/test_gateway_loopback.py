@@ -486,6 +486,16 @@ def test_spis_in_decimal_and_hex(topo: Topo) -> None:
     assert json.loads(ok("sa", "list", "--json", "-s", topo.sg.sock)) == []
 
 
+def test_sa_list_on_a_node_without_ike_logs_no_refusal(topo: Topo) -> None:
+    """``sa list`` asks for IKE SAs too; a node without [connections] answers that it runs no
+    IKEv2 instead of logging a refused request (a warning) each time an operator looks."""
+    for _ in range(2):
+        assert f"0x{SPI_UP:08x}" in ok("sa", "list", "-s", topo.sg.sock)
+    r = ipsecct("sa", "list", "--ike", "-s", topo.sg.sock)
+    assert r.returncode == 2 and "runs no IKEv2" in r.stderr
+    assert "control-request-refused" not in topo.sg.logtext()
+
+
 # -- ipsecct bench gateway --------------------------------------------------------------------
 
 

@@ -118,7 +118,7 @@ def _ike_sas(path: str) -> list[dict[str, Any]] | None:
     try:
         res: list[dict[str, Any]] = request(path, "ike.list")
     except ControlError as exc:
-        if "unknown command" in str(exc):
+        if "unknown command" in str(exc) or "runs no IKEv2" in str(exc):
             return None
         raise
     return res

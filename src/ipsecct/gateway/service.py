@@ -47,6 +47,13 @@ def _lacks(section: str, what: str) -> Callable[[dict[str, Any]], Awaitable[Any]
     return refuse
 
 
+NO_IKE = "this node runs no IKEv2 (no [connections] configured)"
+
+
+async def _no_ike(args: dict[str, Any]) -> Any:
+    raise ControlError(NO_IKE)
+
+
 class Service:
     def __init__(
         self, cfg: config_mod.NodeConfig, *, role: str = "gateway", fresh_state: bool = False
@@ -168,6 +175,8 @@ class Service:
         if self.control is not None:
             if self.ike is not None:
                 self.control.register("ike.list", self._ike_list)
+            else:  # every "sa list" asks: an answer, not a refusal logged as a warning each time
+                self.control.register("ike.list", _no_ike)
             for name, h in {
                 "status": self._status,
                 "sa.list": self._sa_list,
