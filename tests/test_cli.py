@@ -46,3 +46,32 @@ def test_numeric_arguments_are_positive_and_finite(
     assert ei.value.code == 2
     err = capsys.readouterr().err
     assert "argument --seconds: must be" in err and "Traceback" not in err
+
+
+def test_ctrl_c_is_one_line_and_130_at_every_stage(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Ctrl-C while the command modules load (build_parser), while it waits on a daemon, or
+    during a request that changes one: one line, status 130 (it was a KeyboardInterrupt
+    traceback and status -2 in the first half second, and silence afterwards)."""
+
+    def interrupted() -> argparse.ArgumentParser:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "build_parser", interrupted)
+    assert cli.main(["gateway", "run", "-c", "x.toml"]) == 130
+    assert capsys.readouterr().err == "ipsecct: interrupted\n"
+    monkeypatch.undo()
+
+    from ipsecct.commands import sa
+
+    def request(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sa, "request", request)
+    assert cli.main(["status", "-s", "/nonexistent.sock"]) == 130
+    assert capsys.readouterr().err == "ipsecct: interrupted\n"  # nothing was asked to change
+    for argv in (["sa", "delete", "0x10", "-s", "/x"], ["pmtu", "set", "16", "1280", "-s", "/x"]):
+        assert cli.main(argv) == 130
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("ipsecct: interrupted (if the daemon got")

@@ -8,15 +8,19 @@ stderr, never a traceback.
 
 from __future__ import annotations
 
-import argparse
-import importlib
-import logging
-import os
 import sys
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from . import __version__
 from .errors import IpsecctError
+
+if TYPE_CHECKING:
+    import argparse
+
+# Only what the interpreter has already loaded is imported above: argparse, logging and the
+# command modules are imported inside main(), where Ctrl-C is one line and status 130 (it was
+# a KeyboardInterrupt traceback and status -2 in the first half second of every command).
 
 # Modules under ipsecct.commands; each defines register(subparsers).
 COMMAND_MODULES = (
@@ -32,10 +36,13 @@ COMMAND_MODULES = (
     "failover",
 )
 
-Handler = Callable[[argparse.Namespace], int]
+Handler = Callable[["argparse.Namespace"], int]
 
 
 def build_parser() -> argparse.ArgumentParser:
+    import argparse
+    import importlib
+
     parser = argparse.ArgumentParser(
         prog="ipsecct",
         description="IPsec context transfer: gateways that move live SAs between each other.",
@@ -59,9 +66,32 @@ def _one_line(text: str) -> str:
     return text.translate(_ESCAPES)
 
 
+# Commands whose request changes a running daemon: the daemon carries a request it got out
+# whether or not this process waits for the answer.
+_CHANGES = {("transfer", None), ("rebalance", None), ("failover", None), ("pmtu", "set"),
+            ("sa", "add"), ("sa", "delete"), ("sa", "discard")}  # fmt: skip
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    running: list[tuple[str, str | None]] = []
+    try:
+        return _main(argv, running)
+    except KeyboardInterrupt:
+        hint = ""
+        if running and running[0] in _CHANGES:
+            hint = " (if the daemon got the request it carries it out: see ipsecct status)"
+        print(f"ipsecct: interrupted{hint}", file=sys.stderr)
+        return 130
+
+
+def _main(argv: Sequence[str] | None, running: list[tuple[str, str | None]]) -> int:
+    import logging
+    import os
+
     parser = build_parser()
     args = parser.parse_args(argv)
+    command = getattr(args, "command", None) or ""
+    running.append((command, getattr(args, "action", None) if command in ("sa", "pmtu") else None))
     logging.basicConfig(
         level=logging.WARNING - 10 * min(args.verbose, 2),
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
@@ -83,8 +113,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         what = exc.strerror or str(exc) or ("timed out" if isinstance(exc, TimeoutError) else "")
         print(_one_line(f"ipsecct: error: {what or type(exc).__name__}{where}"), file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        return 130
 
 
 if __name__ == "__main__":  # pragma: no cover
