@@ -89,6 +89,12 @@ def test_ikev2_example_moves_the_ike_sa_there_and_back(setup: Setup) -> None:
     assert ike1["name"] == "rw" and ike1["remote_id"] == "mn.example"
     assert setup.ike("sg2") == []
     setup.traffic_ok("sg1", 10)
+    # the CHILD SA's SPIs as the SA table and sa show / transfer write them (with 0x: digits
+    # alone are decimal there)
+    text = cli("sa", "list", "--config", setup.config("sg1")).stdout
+    c = ike1["children"][0]
+    assert f"ESP in 0x{c['spi_in']}, out 0x{c['spi_out']}" in text, text
+    assert ", established " in text
 
     # Named by the connection: the IKE SA and its CHILD SA go to sg2.
     r = cli("transfer", "rw", "--to", "sg2", "--json", "--config", setup.config("sg1"))

@@ -132,12 +132,16 @@ def _print_ike(sas: list[dict[str, Any]], states: dict[int, dict[str, Any]] | No
               f"{ike['spi_i']}_i {ike['spi_r']}_r ({ike['role']})")  # fmt: skip
         print(f"  local  {ike['local']}")
         print(f"  remote {ike['remote']} id {ike['remote_id']!s}")
-        print(f"  {ike['proposal']}, established {ike['established_s']} s ago")
+        # a half-open IKE SA is not established: its age is since IKE_SA_INIT
+        since = "established" if ike["state"] != "half-open" else "IKE_SA_INIT"
+        print(f"  {ike['proposal']}, {since} {ike['established_s']} s ago")
         for c in ike["children"]:
             sa = (states or {}).get(int(str(c["spi_out"]), 16)) or {}
             state = str(sa.get("state", "installed")).upper()
-            print(f"  {c['name']}: #{c['uid']}, {state}, TUNNEL, ESP in {c['spi_in']}, "
-                  f"out {c['spi_out']}, {c['proposal']}")  # fmt: skip
+            # 0x, as in the SA table: the SPI is copied into sa show / transfer, which read
+            # digits alone as decimal (swanctl's "20000001_i" would name 0x01312d01)
+            print(f"  {c['name']}: #{c['uid']}, {state}, TUNNEL, ESP in 0x{c['spi_in']}, "
+                  f"out 0x{c['spi_out']}, {c['proposal']}")  # fmt: skip
             if sa.get("state_detail"):
                 print(f"    {sa['state_detail']}")
             print(f"    local  {' '.join(c['local_ts'])}")
