@@ -235,6 +235,9 @@ def test_a_damaged_state_refuses_aead_tunnels_with_one_line_and_status_2(
     db.unlink()
     r = gws.run("sg1")
     assert r.returncode == 2 and "is missing" in r.stderr, r.stderr
+    # the way out it names is one that works: moving the directory away by hand, not
+    # --fresh-state (which said "run with --fresh-state", which refuses here)
+    assert "move " in r.stderr and "away by hand" in r.stderr and "run with" not in r.stderr
     # --fresh-state cannot tell whether the keys changed: refused
     r = gws.run("sg1", "--fresh-state")
     assert r.returncode == 2 and "cannot be read" in r.stderr, r.stderr
@@ -253,6 +256,7 @@ def test_fresh_state_only_with_rekeyed_tunnels(gws: Gateways) -> None:
     c.close()
     r = gws.run("sg1")
     assert r.returncode == 2 and "schema version 99" in r.stderr, r.stderr
+    assert "then run with --fresh-state" in r.stderr  # its keys can be checked: it works
     r = gws.run("sg1", "--fresh-state")
     assert r.returncode == 2
     assert "--fresh-state refused: tunnel(s) t0, t1" in r.stderr, r.stderr

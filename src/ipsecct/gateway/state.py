@@ -491,9 +491,17 @@ def _open_locked(
         return store
     if not fresh:
         if aead:
+            # --fresh-state needs the old fingerprints: where they cannot be read it refuses
+            # too, and naming it sent the operator from one refusal to another
+            then = (
+                "run with --fresh-state"
+                if db.exists() and _read_fingerprints(db) is not None
+                else f"move {directory} away by hand: it cannot be read, so --fresh-state"
+                " cannot check the keys"
+            )
             raise StateError(
                 f"state {db} {problem}: refusing to start AEAD tunnel(s) {names}, whose last"
-                " sequence numbers are unknown (re-key them, then run with --fresh-state)"
+                f" sequence numbers are unknown (re-key them, then {then})"
             )
         event(log, "state-replaced", logging.WARNING, db=db, problem=problem)
         _move_aside(directory)
