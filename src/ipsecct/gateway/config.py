@@ -1085,11 +1085,13 @@ def _peers(plist: Any, ctx: _Ctx) -> dict[str, PeerConfig]:
     peers: dict[str, PeerConfig] = {}
     for i, p in enumerate(plist):
         where = f"peers[{i}]"
-        if not isinstance(p, dict) or not isinstance(p.get("name"), str):
+        if not isinstance(p, dict):
             raise ctx.err(where, "needs a name")
-        for k in p:
+        for k in p:  # before "needs a name": a misspelt name key is named as such
             if k not in ("name", "address", "outer", "allow"):
                 raise ctx.err(f"{where}.{k}", "unknown key (expected name, address, outer, allow)")
+        if not isinstance(p.get("name"), str):
+            raise ctx.err(where, "needs a name")
         try:
             addr = parse_endpoint(str(p.get("address", "")), DEFAULT_CXTP_PORT)
             outer = ipaddress.ip_address(p["outer"]) if "outer" in p else None
@@ -1106,7 +1108,9 @@ def _peers(plist: Any, ctx: _Ctx) -> dict[str, PeerConfig]:
 
 def _balance(b: Any, ctx: _Ctx, peers: dict[str, PeerConfig]) -> BalanceConfig:
     keys = {"above", "to", "batch", "interval_ms"}
-    if not isinstance(b, dict) or not set(b) <= keys or "above" not in b or "to" not in b:
+    if isinstance(b, dict):  # a misspelt key is named, not "must be a table with ..."
+        _check_keys_allowed(b, ctx, "transfer.balance.", keys)
+    if not isinstance(b, dict) or "above" not in b or "to" not in b:
         raise ctx.err("transfer.balance", "must be a table with above and to (batch, interval_ms)")
     if b["to"] not in peers:
         raise ctx.err("transfer.balance.to", "must name one of the [[peers]]")
