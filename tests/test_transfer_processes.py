@@ -150,6 +150,7 @@ def test_transfer_takes_the_spi_in_decimal_and_refuses_what_is_no_spi(setup: Set
         setup.start(n)
     spi = int(SPI, 16)
     for bad, said in (("-1", "bad SPI '-1' (32 bits"), (str(2**40), "bad SPI"),
+                      ("sg1-mn", "no IKE SA, connection or SPI 'sg1-mn' here"),
                       ("20000001", "0x01312d01 here (20000001 was read as decimal; for hex"
                        " write 0x20000001)")):  # fmt: skip
         r = cli("transfer", bad, "--to", "sg2", "--config", setup.config("sg1"))

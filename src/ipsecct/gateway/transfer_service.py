@@ -361,9 +361,11 @@ class TransferService:
                 raise ControlError(str(exc)) from None
         if spis is None:
             try:
-                one = parse_spi(spi)
-            except ControlError as exc:
-                raise ControlError(f"{exc} (and no IKE SA or connection of that name)") from None
+                int(spi, 0) if isinstance(spi, str) else None
+            except ValueError:
+                raise ControlError(f"no IKE SA, connection or SPI {spi!r} here (an SPI is a"
+                                   " number: decimal, or 0x... for hex)") from None  # fmt: skip
+            one = parse_spi(spi)  # a number, 32 bits
             t = self.node.engine.tunnel_by_spi(one)
             if t is None or t.state is TunnelState.MOVED:
                 raise ControlError(f"no tunnel with SPI 0x{one:08x} here{spi_hint(spi)}")
