@@ -12,6 +12,7 @@ import time
 
 import pytest
 
+from ipsecct.ikev2 import context
 from ipsecct.ikev2 import message as M
 from ipsecct.ikev2.auth import Credentials
 from ipsecct.ikev2.config import Connection, Identity
@@ -19,6 +20,10 @@ from ipsecct.ikev2.engine import (
     MAX_CHILD_SAS,
     MAX_FRAGMENTS,
     MAX_IKE_SAS_PER_IDENTITY,
+    MAX_MID,
+    MAX_SYNCED_MID,
+    MID_REKEY_AT,
+    MID_SYNC_LEAP,
     ChildDown,
     ChildUp,
     ConnectFailed,
@@ -347,3 +352,87 @@ def test_incomplete_fragment_sets_from_one_source_are_bounded() -> None:
     held = [sum(map(len, i.fragments[3].values())) for i in gw.half_open.values() if i.fragments]
     assert len(gw.half_open) == 20 and len(held) == 10
     assert sum(held) <= 20 * M.MAX_MESSAGE and gw.stats["fragment-refused"] == 20
+
+
+class RekeyRefusingPeer(IkeEngine):
+    """A peer that refuses every rekey of its IKE SA by the gateway (TEMPORARY_FAILURE)."""
+
+    def _rekey_ike(self, *args: object, **kw: object) -> list[M.Payload]:
+        self.stats["refused-their-rekey"] += 1
+        return [M.NotifyPayload(M.Notify.TEMPORARY_FAILURE)]
+
+    def delete(self, ike: IkeSA, now: float) -> list[Output]:
+        return []  # nor does it close the IKE SA when the gateway's IDs run out
+
+
+def _synced_near_the_end(w: Wire, whose: str) -> tuple[IkeSA, IkeSA]:
+    """Connect, then the MN's RFC 6311 sync puts the gateway's message IDs (``whose``: the
+    MN's requests, "peer", or the gateway's own, "ours") at MAX_SYNCED_MID, as far as a sync
+    may."""
+    connect(w)
+    (ii,), (ir,) = w.ini.ike_sas(), w.resp.ike_sas()
+    if whose == "peer":
+        ii.my_next_mid = MAX_SYNCED_MID - MID_SYNC_LEAP
+    else:
+        ii.peer_next_mid = MAX_SYNCED_MID
+    w.deliver(w.ini.start_mid_sync(ii, 1.0), "i", 1.0)
+    assert w.resp.stats["mid-sync-answered"] == 1
+    assert (ir.peer_next_mid if whose == "peer" else ir.my_next_mid) == MAX_SYNCED_MID
+    return ii, ir
+
+
+@pytest.mark.parametrize("whose", ["peer", "ours"])
+def test_message_ids_running_out_rekey_the_ike_sa_or_close_it(whose: str) -> None:
+    """RFC 6311 lets the peer put our message IDs at MAX_SYNCED_MID (65,536 before the end).
+    From there the peer sent 65,536 liveness checks (its IDs), or answered 65,536 of ours (a
+    dpd_delay of 1 s: 18 hours): the gateway answered request 0xFFFFFFFF and then expected
+    2^32, which no 32-bit field holds (context.encode raised struct.error, and with it the
+    replication of every IKE SA to the standby), or sent its request 0xFFFFFFFF and then
+    raised struct.error at every tick(). §2.2: IDs that run out MUST close or rekey the IKE
+    SA. The gateway rekeys it when either side's IDs reach MID_REKEY_AT; a peer that refuses
+    the rekey every time has its IKE SA closed when the last ID is used."""
+    cbc = "aes128-sha256-x25519"  # with AEAD and our own requests sent the MN would probe
+    w = Wire(RekeyRefusingPeer([mn_conn(ike=cbc)]), IkeEngine([conn(ike=cbc)]))
+    ii, ir = _synced_near_the_end(w, whose)
+    t = 2.0
+    while ir.state is IkeState.ESTABLISHED and t < 200000.0:
+        if whose == "peer":
+            w.deliver(w.ini.liveness(ii, t), "i", t)
+        else:
+            w.deliver(w.resp.liveness(ir, t), "r", t)
+        if int(t) % 8 == 0:
+            w.deliver(w.resp.tick(t), "r", t)  # (raised struct.error, "ours")
+        if ir.state is IkeState.ESTABLISHED and int(t) % 4096 == 0:
+            context.encode(ir, t)  # what the standby's replica is made of (struct.error)
+        w.sent.clear()
+        t += 1.0
+    assert w.resp.stats["ike-rekey-message-ids"] > 0 and w.ini.stats["refused-their-rekey"] > 0
+    assert w.resp.stats["message-id-exhausted"] == 1 and ir not in w.resp.ike_sas()
+    assert max(ir.my_next_mid, ir.peer_next_mid) == MAX_MID + 1
+    assert [o.reason for o in w.of("r", ChildDown)] == [
+        "deleted" if whose == "peer" else "message IDs exhausted"]
+    w.deliver(w.resp.tick(t + 100.0), "r", t + 100.0)
+
+
+@pytest.mark.parametrize("whose", ["peer", "ours"])
+def test_message_ids_near_the_end_are_renewed_by_an_ike_rekey(whose: str) -> None:
+    """The same with a peer that takes the rekey: the IKE SA is rekeyed once the IDs reach
+    MID_REKEY_AT, the new one starts at 0 and keeps the CHILD SA."""
+    cbc = "aes128-sha256-x25519"
+    w = pair(mn_conn(ike=cbc), conn(ike=cbc))
+    ii, ir = _synced_near_the_end(w, whose)
+    (child,) = ir.children
+    t = 2.0
+    while ir.state is IkeState.ESTABLISHED:
+        assert t < 1000.0
+        if whose == "peer":
+            w.deliver(w.ini.liveness(ii, t), "i", t)
+        else:
+            w.deliver(w.resp.liveness(ir, t), "r", t)
+        w.deliver(w.resp.tick(t), "r", t)
+        t += 1.0
+    assert w.resp.stats["ike-rekey-message-ids"] == 1 and w.resp.stats["ike-sa-rekeyed"] == 1
+    (new,) = w.resp.ike_sas()
+    assert new is not ir and new.children == [child]
+    assert max(new.my_next_mid, new.peer_next_mid) < 16
+    assert MID_REKEY_AT <= max(ir.my_next_mid, ir.peer_next_mid) < MAX_MID

@@ -201,6 +201,8 @@ def encode(ike: IkeSA, now: float) -> list[bytes]:
     """The CDBs of an established IKE SA and its CHILD SAs."""
     if ike.state is not IkeState.ESTABLISHED:
         raise IkeContextError(f"IKE SA is {ike.state.value}: only established ones move")
+    if max(ike.peer_next_mid, _my_mid(ike)) > 0xFFFFFFFF:  # (the engine closes such an SA)
+        raise IkeContextError("the IKE SA's message IDs are exhausted")
     k = ike.keys
     main = [
         (1, bytes((VERSION,))),

@@ -121,6 +121,13 @@ MAX_REPLAY_DELTA = 1 << 30
 # RFC 6311 message IDs from the peer (in its sync request, or its answer to ours) above this
 # are refused: they would leave no ID for our next requests (a 33-bit one cannot be sent)
 MAX_SYNCED_MID = 0xFFFFFFFF - (1 << 16)
+# RFC 7296 §2.2: message IDs are 32 bits, and an IKE SA whose IDs run out "MUST be closed or
+# rekeyed". Once ours or the peer's reach this (above MAX_SYNCED_MID: a sync alone never
+# does) the IKE SA is rekeyed, the new one starting at 0, and retried every REKEY_RETRY s if
+# the peer refuses; an IKE SA that uses the last ID all the same is closed
+MID_REKEY_AT = 0xFFFF0000
+MAX_MID = 0xFFFFFFFF
+REKEY_RETRY = 30.0
 
 
 # -- outputs --------------------------------------------------------------------------------
@@ -330,7 +337,11 @@ class IkeEngine:
                     out += [Send(m, ike.local, ike.remote) for ms in p.alt.values() for m in ms]
             elif ike.state is not IkeState.ESTABLISHED or ike.quiet:
                 continue
-            elif ike.rekey_at is not None and now >= ike.rekey_at:
+            elif (ike.rekey_at is not None and now >= ike.rekey_at) or (
+                    _mids_low(ike) and (ike.rekey_at is None
+                                        or ike.rekey_at > now + REKEY_RETRY)):  # fmt: skip
+                if _mids_low(ike):
+                    self.stats["ike-rekey-message-ids"] += 1
                 self._rekey_ike_request(ike, now, out)
             elif (due := self._child_due(ike, now)) is not None:
                 self._rekey_child_request(ike, due, now, out)
@@ -356,6 +367,9 @@ class IkeEngine:
                 ds.append(ike.last_heard + ike.conn.dpd_delay)
             if ike.rekey_at is not None:
                 ds.append(ike.rekey_at)
+            if _mids_low(ike) and (ike.rekey_at is None
+                                   or ike.rekey_at > ike.last_heard + REKEY_RETRY):
+                ds.append(ike.last_heard)  # rekeyed at once (§2.2)
             ds += [c.rekey_at for c in ike.children if c.rekey_at is not None and not c.rekeyed]
         return min(ds) if ds else None
 
@@ -368,7 +382,8 @@ class IkeEngine:
         if ike.pending is not None:  # window of one: the delete replaces the pending check
             ike.pending = None
         self._request(ike, "delete", [DeletePayload(ProtocolId.IKE)], now, out)
-        ike.state = IkeState.DELETING
+        if ike.pending is not None:  # (none: closed, no message ID was left for it)
+            ike.state = IkeState.DELETING
         return out
 
     # -- moving an IKE SA to another gateway (its context, ikev2.context) ------------------
@@ -524,6 +539,14 @@ class IkeEngine:
         self._answer(ike, hdr, reply, out)
         if _dead(ike):
             self._kill(ike, "deleted by peer" if ike.peer_id else "authentication failed", out)
+        elif ike.peer_next_mid > MAX_MID:
+            # the peer used its last message ID (refusing our rekeys all the way from
+            # MID_REKEY_AT): it can send no request, and no 32-bit field holds what we expect
+            # next (an IKE SA context, a replica). §2.2: closed
+            self.stats["message-id-exhausted"] += 1
+            log.warning("event=ike-message-ids-exhausted conn=%s peer=%s side=peer",
+                        ike.conn.name, ike.remote)  # fmt: skip
+            out += self.delete(ike, now)
 
     def _open(self, ike: IkeSA, data: bytes, hdr: Header,
               payloads: list[Payload]) -> list[Payload] | None:  # fmt: skip
@@ -1497,7 +1520,9 @@ class IkeEngine:
         payloads += [TSPayload(True, tuple(child.local_ts)),
                      TSPayload(False, tuple(child.remote_ts))]  # fmt: skip
         self._request(ike, "rekey-child", payloads, now, out, ExchangeType.CREATE_CHILD_SA)
-        assert ike.pending is not None
+        if ike.pending is None:  # closed: no message ID was left
+            self._child_spis.discard(spi)
+            return
         ike.pending.old_child, ike.pending.nonce, ike.pending.kx = child, nonce, kx
         ike.pending.spi = sb
 
@@ -1597,7 +1622,8 @@ class IkeEngine:
         self._request(ike, "rekey-ike", [SAPayload(props), NoncePayload(nonce),
                                          KEPayload(kx.group, kx.public)], now, out,
                       ExchangeType.CREATE_CHILD_SA)  # fmt: skip
-        assert ike.pending is not None
+        if ike.pending is None:  # closed: no message ID was left
+            return
         ike.pending.nonce, ike.pending.kx, ike.pending.spi = nonce, kx, spi
 
     def _rekey_ike_response(self, ike: IkeSA, p: Pending, inner: list[Payload], now: float,
@@ -1623,7 +1649,7 @@ class IkeEngine:
             self.stats["rekey-failed"] += 1
             log.info("event=ike-rekey-failed conn=%s reason=%s", ike.conn.name,
                      _notify_name(errs[0]) if errs else "bad answer")  # fmt: skip
-            ike.rekey_at = now + 30.0
+            ike.rekey_at = now + REKEY_RETRY
             return
         suite = chosen[1]
         keys = ike_keys(suite, shared, p.nonce, nr.data, p.spi, chosen[0].spi,
@@ -1817,6 +1843,12 @@ class IkeEngine:
                  out: list[Output],
                  exchange: int = ExchangeType.INFORMATIONAL) -> None:  # fmt: skip
         mid = ike.my_next_mid
+        if mid > MAX_MID:  # no ID left for a request (§2.2: the rekey never came through)
+            self.stats["message-id-exhausted"] += 1
+            log.warning("event=ike-message-ids-exhausted conn=%s peer=%s side=ours",
+                        ike.conn.name, ike.remote)  # fmt: skip
+            self._kill(ike, "message IDs exhausted", out)
+            return
         ike.my_next_mid += 1
         flags = Flag.INITIATOR if ike.we_initiated else 0
         hdr = Header(ike.spi_i, ike.spi_r, 0, exchange, flags, mid, 0)
@@ -1914,6 +1946,11 @@ def _changes_state(hdr: Header, inner: list[Payload]) -> bool:
 
 def _dead(ike: IkeSA) -> bool:
     return ike.state is IkeState.DEAD
+
+
+def _mids_low(ike: IkeSA) -> bool:
+    """Are the IKE SA's message IDs, ours or the peer's, near the end of 32 bits (§2.2)?"""
+    return max(ike.my_next_mid, ike.peer_next_mid) >= MID_REKEY_AT
 
 
 def strip_marker(data: bytes) -> bytes | None:
