@@ -436,3 +436,37 @@ def test_message_ids_near_the_end_are_renewed_by_an_ike_rekey(whose: str) -> Non
     assert new is not ir and new.children == [child]
     assert max(new.my_next_mid, new.peer_next_mid) < 16
     assert MID_REKEY_AT <= max(ir.my_next_mid, ir.peer_next_mid) < MAX_MID
+
+
+class KeepingPeer(IkeEngine):
+    """A peer that rekeys CHILD SAs and never deletes the one it replaced."""
+
+    def _request(self, ike: IkeSA, kind: str, *args: object, **kw: object) -> None:
+        if kind != "delete-child":
+            super()._request(ike, kind, *args, **kw)  # type: ignore[arg-type]
+
+
+def test_a_child_sa_the_peer_rekeyed_and_kept_is_deleted() -> None:
+    """The peer rekeys its CHILD SA and never deletes the old one (RFC 7296 §1.3.3 says it
+    does): the gateway kept both for ever, and went on sending on the old one (the
+    successor takes our traffic only once the peer deletes the old SA), so the keys never
+    changed however often the peer rekeyed. After REKEYED_GRACE the gateway deletes it."""
+    w = Wire(KeepingPeer([mn_conn()]), IkeEngine([conn()]))
+    connect(w)
+    (ii,), (ir,) = w.ini.ike_sas(), w.resp.ike_sas()
+    (old,) = ir.children
+    w.deliver(w.ini.rekey_child(ii, ii.children[0], 1.0), "i", 1.0)
+    (new,) = [c for c in ir.children if c is not old]
+    assert ir.children == [old, new] and old.rekeyed
+    for t in (30.0, 60.0):
+        w.deliver(w.resp.tick(t), "r", t)
+    assert ir.children == [old, new]  # the peer's DELETE may still come
+    due = w.resp.next_deadline()
+    assert due is not None and due <= 61.0
+    w.deliver(w.resp.tick(61.0), "r", 61.0)
+    assert ir.children == [new] and w.resp.stats["rekeyed-child-deleted"] == 1
+    assert [(d.child, d.reason) for d in w.of("r", ChildDown)
+            if isinstance(d, ChildDown)] == [(old, "rekeyed")]  # fmt: skip
+    assert w.resp.stats["delete-child-ok"] == 1 and ii.state is IkeState.ESTABLISHED
+    w.deliver(w.resp.tick(1000.0), "r", 1000.0)
+    assert ir.children == [new]

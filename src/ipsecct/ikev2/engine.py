@@ -103,7 +103,7 @@ MAX_IKE_SAS_PER_SOURCE = 200
 # IKE SAs one authenticated identity may hold in one connection (an IKE_AUTH without
 # INITIAL_CONTACT past it is refused): a peer has many source addresses
 MAX_IKE_SAS_PER_IDENTITY = 64
-REKEYED_GRACE = 60.0  # how long a rekeyed IKE SA waits for the peer's DELETE
+REKEYED_GRACE = 60.0  # how long an IKE or CHILD SA the peer rekeyed waits for its DELETE
 MAX_CHILD_SAS = 16  # per IKE SA (rekeying needs room for two of each for a while)
 MAX_CERTS = 5  # CERT payloads looked at: the peer's certificate and its chain
 MAX_FRAGMENTS = 32  # RFC 7383: fragments of one message we reassemble at most
@@ -337,6 +337,15 @@ class IkeEngine:
                     out += [Send(m, ike.local, ike.remote) for ms in p.alt.values() for m in ms]
             elif ike.state is not IkeState.ESTABLISHED or ike.quiet:
                 continue
+            elif stale := [c for c in ike.children if c.rekeyed_at is not None
+                           and now - c.rekeyed_at >= REKEYED_GRACE]:  # fmt: skip
+                # the peer rekeyed them and never deleted them: we do (their keys would live
+                # on for ever, and our traffic stays on the old SA until it is deleted)
+                self.stats["rekeyed-child-deleted"] += len(stale)
+                log.info("event=child-rekeyed-not-deleted conn=%s peer=%s spi_in=%s",
+                         ike.conn.name, ike.remote,
+                         ",".join(f"{c.spi_in:08x}" for c in stale))  # fmt: skip
+                self._delete_children(ike, stale, now, out)
             elif (ike.rekey_at is not None and now >= ike.rekey_at) or (
                     _mids_low(ike) and (ike.rekey_at is None
                                         or ike.rekey_at > now + REKEY_RETRY)):  # fmt: skip
@@ -371,6 +380,7 @@ class IkeEngine:
                                    or ike.rekey_at > ike.last_heard + REKEY_RETRY):
                 ds.append(ike.last_heard)  # rekeyed at once (§2.2)
             ds += [c.rekey_at for c in ike.children if c.rekey_at is not None and not c.rekeyed]
+            ds += [c.rekeyed_at + REKEYED_GRACE for c in ike.children if c.rekeyed_at is not None]
         return min(ds) if ds else None
 
     def delete(self, ike: IkeSA, now: float) -> list[Output]:
@@ -1006,6 +1016,7 @@ class IkeEngine:
         ike.children.append(child)
         if rekeyed is not None:
             rekeyed.rekeyed = True
+            rekeyed.rekeyed_at = now
             p = ike.pending
             if p is not None and p.kind == "rekey-child" and p.old_child is rekeyed:
                 rekeyed.collided = (child, ni, nr)  # both sides rekey it: §2.8.1

@@ -63,6 +63,9 @@ class ChildSA:
     # a rekey of this SA by the peer that crossed ours (§2.8.1): (new CHILD SA, its nonces)
     collided: tuple[ChildSA, bytes, bytes] | None = field(default=None, repr=False)
     rekeyed: bool = False  # replaced by a new CHILD SA: its DELETE is due
+    # when the peer's rekey replaced it (we answered): the peer deletes it next, and if it has
+    # not after REKEYED_GRACE, we do (its keys would live on, and our traffic stay on it)
+    rekeyed_at: float | None = None
 
     @property
     def name(self) -> str:
