@@ -1131,6 +1131,43 @@ def test_mobike_update_sa_addresses_is_answered() -> None:
     assert w.resp.stats["mobike-update-answered"] == 1
 
 
+@pytest.mark.parametrize("who", ["peer", "gateway"])
+def test_an_ike_rekey_keeps_mobike_and_fragmentation(who: str) -> None:
+    """MOBIKE (RFC 4555) and fragmentation (RFC 7383) are negotiated once, in IKE_SA_INIT and
+    IKE_AUTH; the IKE SA that a rekey made had neither: a MOBIKE client's address update
+    after the first IKE rekey (every 4 h by default) got no COOKIE2 back, and strongSwan
+    closes the IKE SA then (RFC 4555 §3.8). Both sides keep them, whoever rekeys."""
+    w = pair(mn_conn(), conn())
+    connect(w)
+    (ii,), (ir,) = w.ini.ike_sas(), w.resp.ike_sas()
+    assert ii.mobike and ir.mobike and ii.fragmentation and ir.fragmentation
+    if who == "peer":
+        w.deliver(w.ini.rekey_ike(ii, 1.0), "i", 1.0)
+    else:
+        w.deliver(w.resp.rekey_ike(ir, 1.0), "r", 1.0)
+    (ni,), (nr,) = w.ini.ike_sas(), w.resp.ike_sas()
+    assert ni is not ii and nr is not ir
+    for old, new in ((ii, ni), (ir, nr)):
+        assert (new.mobike, new.fragmentation, new.mid_sync, new.peer_hashes) == (
+            old.mobike, old.fragmentation, old.mid_sync, old.peer_hashes)
+    cookie2 = os.urandom(16)
+    moved = Address(ipaddress.ip_address("192.0.2.99"), 4500)
+    out: list[Output] = []
+    ni.local = moved
+    w.ini._request(ni, "liveness", [
+        M.NotifyPayload(M.Notify.UPDATE_SA_ADDRESSES),
+        M.NotifyPayload(M.Notify.COOKIE2, data=cookie2),
+    ], 2.0, out)  # fmt: skip
+    (req,) = out
+    assert isinstance(req, Send)
+    (resp,) = [o for o in w.resp.receive(req.data, moved, R500, 2.0) if isinstance(o, Send)]
+    _hdr, payloads = M.decode(resp.data)
+    sk = payloads[0]
+    assert isinstance(sk, M.SKPayload)
+    n = M.notifies(M.decode_payloads(ni.inbound.open(resp.data, sk), sk.first))
+    assert n[M.Notify.COOKIE2].data == cookie2
+
+
 def test_no_mobike_when_the_gateway_has_it_off() -> None:
     rc = conn()
     rc.mobike = False

@@ -1114,7 +1114,7 @@ class IkeEngine:
         new.peer_next_mid = 0
         new.last_heard = now
         new.rekey_at = self._rekey_time(now, ike.conn.rekey_time)
-        new.mid_sync, new.replay_sync = ike.mid_sync, ike.replay_sync  # inherited (§2.18)
+        _inherit(new, ike)
         new.children, ike.children = ike.children, []
         new.replaced = ike
         p = ike.pending
@@ -1671,7 +1671,7 @@ class IkeEngine:
         new.peer_next_mid = 0
         new.last_heard = now
         new.rekey_at = self._rekey_time(now, ike.conn.rekey_time)
-        new.mid_sync, new.replay_sync = ike.mid_sync, ike.replay_sync  # inherited (§2.18)
+        _inherit(new, ike)
         if ike.collided is not None:
             theirs, ni2, nr2 = ike.collided
             ike.collided = None
@@ -1957,6 +1957,17 @@ def _changes_state(hdr: Header, inner: list[Payload]) -> bool:
 
 def _dead(ike: IkeSA) -> bool:
     return ike.state is IkeState.DEAD
+
+
+def _inherit(new: IkeSA, old: IkeSA) -> None:
+    """What an IKE SA's rekey (§2.18) keeps: the extensions both sides announced in
+    IKE_SA_INIT and IKE_AUTH, which have no exchange of their own in the new IKE SA. MOBIKE and
+    fragmentation were lost: after the IKE SA's first rekey a MOBIKE peer's address update got
+    no COOKIE2 back (strongSwan then closes the IKE SA), a handover with direct SG identity
+    could no longer move it, and its fragments were refused."""
+    new.mid_sync, new.replay_sync = old.mid_sync, old.replay_sync
+    new.mobike, new.fragmentation = old.mobike, old.fragmentation
+    new.peer_hashes = old.peer_hashes
 
 
 def _mids_low(ike: IkeSA) -> bool:
