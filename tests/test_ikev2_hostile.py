@@ -470,3 +470,29 @@ def test_a_child_sa_the_peer_rekeyed_and_kept_is_deleted() -> None:
     assert w.resp.stats["delete-child-ok"] == 1 and ii.state is IkeState.ESTABLISHED
     w.deliver(w.resp.tick(1000.0), "r", 1000.0)
     assert ir.children == [new]
+
+
+def test_a_full_spi_range_refuses_child_sas_instead_of_hanging() -> None:
+    """Inbound CHILD SPIs come from the gateway's range (a cluster member's block). Once
+    peers' CHILD SAs (up to 32 per IKE SA, 200 IKE SAs per address) had taken all of it, the
+    next CHILD SA looped for ever looking for a free SPI: the whole gateway hung. Now the
+    CHILD SA is refused (NO_ADDITIONAL_SAS; the IKE SA comes up without it), our own rekey
+    waits, and a freed SPI is used again."""
+    gw = IkeEngine([conn(child_rekey=100)], spi_range=(0x1000, 0x1003))
+    wires = [Wire(IkeEngine([mn_conn(local_id=f"mn{k}.test")]), gw) for k in range(5)]
+    for k, w in enumerate(wires):
+        connect(w, float(k))  # (the fifth hung)
+    assert len(gw.ike_sas()) == 5 and len(gw._child_spis) == 4
+    assert [len(w.of("r", ChildUp)) for w in wires] == [1, 1, 1, 1, 0]
+    assert gw.stats["spi-exhausted"] == 1 and wires[4].of("i", IkeUp)
+    w0 = wires[0]
+    (ir,) = [i for i in gw.ike_sas() if i.peer_id == "mn0.test"]
+    (child,) = ir.children
+    assert gw.rekey_child(ir, child, 10.0) == [] and gw.stats["spi-exhausted"] == 2
+    w0.deliver(gw.tick(150.0), "r", 150.0)  # its rekey_time: no SPI for it, later again
+    assert ir.children == [child] and child.rekey_at == 150.0 + 30.0
+    (ii,) = w0.ini.ike_sas()
+    w0.deliver(w0.ini.delete(ii, 151.0), "i", 151.0)  # one peer leaves: its SPI is free
+    w = Wire(IkeEngine([mn_conn(local_id="mn5.test")]), gw)
+    connect(w, 152.0)
+    assert len(w.of("r", ChildUp)) == 1 and len(gw._child_spis) == 4

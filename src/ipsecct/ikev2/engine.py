@@ -105,6 +105,7 @@ MAX_IKE_SAS_PER_SOURCE = 200
 MAX_IKE_SAS_PER_IDENTITY = 64
 REKEYED_GRACE = 60.0  # how long an IKE or CHILD SA the peer rekeyed waits for its DELETE
 MAX_CHILD_SAS = 16  # per IKE SA (rekeying needs room for two of each for a while)
+SPI_TRIES = 256  # random picks of a free inbound CHILD SPI before the range counts as full
 MAX_CERTS = 5  # CERT payloads looked at: the peer's certificate and its chain
 MAX_FRAGMENTS = 32  # RFC 7383: fragments of one message we reassemble at most
 FRAGMENT_SIZE = 1200  # largest IKE message (without IP/UDP) before we fragment
@@ -1007,6 +1008,8 @@ class IkeEngine:
             shared = kx.shared(ke.data)
             extra.append(KEPayload(suite.dh, kx.public))
         spi_in = self._new_child_spi()
+        if spi_in is None:
+            return [NotifyPayload(Notify.NO_ADDITIONAL_SAS)]
         prf_alg = ike.suite.prf
         assert prf_alg is not None
         keys = child_keys(prf_alg, ike.keys.sk_d, suite, ni, nr, shared)
@@ -1134,13 +1137,22 @@ class IkeEngine:
             KEPayload(suite.dh, kx.public),
         ]
 
-    def _new_child_spi(self) -> int:
+    def _new_child_spi(self) -> int | None:
+        """A free inbound CHILD SPI from our range (a cluster member's block), or None when
+        SPI_TRIES random picks found none: the range is full, or nearly (this looped for ever
+        then, and the gateway hung, when peers' CHILD SAs had filled its block)."""
         first, last = self.spi_range
-        while True:
+        for _ in range(SPI_TRIES):
             spi = first + int.from_bytes(self.random(4), "big") % (last - first + 1)
             if spi >= 256 and spi not in self._child_spis and not self.spi_in_use(spi):
                 self._child_spis.add(spi)
                 return spi
+        self.stats["spi-exhausted"] += 1
+        n = self.stats["spi-exhausted"]
+        if n & (n - 1) == 0:  # 1, 2, 4, 8...: a flood of refusals is not a flood of lines
+            log.warning("event=child-spi-exhausted range=%08x-%08x in_use=%d count=%d",
+                        first, last, len(self._child_spis), n)  # fmt: skip
+        return None
 
     # -- INFORMATIONAL ----------------------------------------------------------------------
     def _informational(self, ike: IkeSA, inner: list[Payload],
@@ -1384,8 +1396,8 @@ class IkeEngine:
         else:
             payloads.append(AuthPayload(AuthMethod.SHARED_KEY,
                                         psk_auth(prf_alg, conn.psk, octets)))  # fmt: skip
-        if child is not None:
-            spi = self._new_child_spi()
+        spi = self._new_child_spi() if child is not None else None
+        if child is not None and spi is not None:  # (None: an IKE SA without a CHILD SA)
             ike.auth_child = (child, spi)
             sb = spi.to_bytes(4, "big")
             props = tuple(Proposal(i + 1, ProtocolId.ESP, sb, o.transforms())
@@ -1514,6 +1526,10 @@ class IkeEngine:
                              out: list[Output]) -> None:  # fmt: skip
         cc = child.config
         spi = self._new_child_spi()
+        if spi is None:
+            if child.rekey_at is not None:  # tried again later
+                child.rekey_at = now + REKEY_RETRY
+            return
         sb = spi.to_bytes(4, "big")
         props = tuple(Proposal(i + 1, ProtocolId.ESP, sb, o.transforms())
                       for i, o in enumerate(cc.esp_proposals))  # fmt: skip
