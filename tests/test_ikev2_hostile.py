@@ -496,3 +496,29 @@ def test_a_full_spi_range_refuses_child_sas_instead_of_hanging() -> None:
     w = Wire(IkeEngine([mn_conn(local_id="mn5.test")]), gw)
     connect(w, 152.0)
     assert len(w.of("r", ChildUp)) == 1 and len(gw._child_spis) == 4
+
+
+@pytest.mark.parametrize("when", ["ike-auth", "create-child-sa"])
+def test_selectors_of_two_protocols_are_unacceptable_not_a_crash(when: str) -> None:
+    """The peer asks for tcp on one side and udp on the other (TSi 10.2.0.5[udp/53], TSr
+    10.1.0.0/16[tcp/80]): narrowing to what one policy holds (ts.representable) raised
+    IndexError out of receive(), in IKE_AUTH (after IkeUp, the answer never sent) and in
+    CREATE_CHILD_SA. No packet fits both sides: TS_UNACCEPTABLE, the IKE SA stays."""
+    odd = {"local_ts": "10.2.0.5/32[udp/53]", "remote_ts": "10.1.0.0/16[tcp/80]"}
+    w = Wire(IkeEngine([mn_conn(**odd if when == "ike-auth" else {})]), IkeEngine([conn()]))
+    connect(w)
+    (ii,), (ir,) = w.ini.ike_sas(), w.resp.ike_sas()
+    assert ii.state is IkeState.ESTABLISHED and ir.state is IkeState.ESTABLISHED
+    if when == "create-child-sa":
+        assert len(ir.children) == 1
+        child = dataclasses.replace(ii.children[0], local_ts=[from_text(odd["local_ts"])],
+                                    remote_ts=[from_text(odd["remote_ts"])])  # fmt: skip
+        out: list[Output] = []
+        w.ini._rekey_child_request(ii, child, 1.0, out)
+        w.deliver(out, "i", 1.0)
+        assert w.ini.stats["rekey-failed"] == 1 and len(ir.children) == 1
+    else:
+        assert not ir.children and not w.of("r", ChildUp)
+    assert w.resp.stats["ts-unacceptable"] == 1
+    w.deliver(w.ini.liveness(ii, 2.0), "i", 2.0)
+    assert w.resp.stats["liveness-answered"] == 1

@@ -89,7 +89,8 @@ def representable(local: list[TrafficSelector], remote: list[TrafficSelector],
     each side the ports of its first selector (those with other ports are left out). Never
     more than given: selectors that disagree made the entry any protocol and any port, wider
     than the configuration (``local_ts = ["10.1.0.0/16[tcp/80]"]`` gave every port). A
-    responder narrows to this (§2.9 lets it), so the peer is told what is installed."""
+    responder narrows to this (§2.9 lets it), so the peer is told what is installed. A side
+    left empty (tcp on one side, udp on the other) makes no CHILD SA (TS_UNACCEPTABLE)."""
     if not local or not remote:
         return local, remote
     proto = next((t.ip_protocol for t in local + remote if t.ip_protocol), 0)
@@ -97,6 +98,8 @@ def representable(local: list[TrafficSelector], remote: list[TrafficSelector],
     def side(ts: list[TrafficSelector]) -> list[TrafficSelector]:
         same = [dataclasses.replace(t, ip_protocol=proto) for t in ts
                 if t.ip_protocol in (0, proto)]  # fmt: skip
+        if not same:  # only other protocols on this side: no packet fits both sides
+            return []
         ports = (same[0].start_port, same[0].end_port)
         out: list[TrafficSelector] = []
         for t in same:
