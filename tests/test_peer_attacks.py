@@ -224,3 +224,41 @@ def test_a_peer_reconnecting_in_a_loop_rolls_nothing_back(tmp_path: Path) -> Non
 
     run_demo(tmp_path, body)
 
+
+def test_a_peer_that_reads_nothing_gets_its_channel_dropped_not_our_memory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A peer that keeps its channel open and stops reading it (or a path that black-holes
+    it): what we send it waits in its queue and write buffer, at most SEND_BUFFER_LIMIT
+    octets, then the channel is dropped and the peer is lost (its transfers roll back).
+    Before, the queue grew without bound: 40 MB sent, 40 MB held."""
+    from ipsecct.gateway import peers
+
+    monkeypatch.setattr(peers, "SEND_BUFFER_LIMIT", 4 << 20)
+
+    async def body(d: demo.Demo) -> None:
+        chans = services(d)["sg1"].channels
+        other = services(d)["sg2"].channels
+        await until(lambda: chans.connected("sg2"), "sg1's channel to sg2 is open")
+        stuck = chans.conns["sg2"]
+        # sg2 stops reading every channel it has with sg1.
+        for c in list(other.all_conns):
+            c.writer.transport.pause_reading()
+        lost: list[str] = []
+        on_lost = chans.on_lost
+        chans.on_lost = lambda peer: (lost.append(peer), on_lost(peer))  # type: ignore[func-returns-value]
+        cdb = bytes([0x00, 0x63, 0xFF, 0]) + bytes(0xFF * 8 - 4)
+        msg = cxtp.CTD(mn_addr(), 0, (cdb,) * 31)  # 63 KB
+        held = 0
+        for _ in range(640):  # 40 MB
+            chans.send("sg2", msg)
+            buffered = chans.queued.get("sg2", 0)
+            if not stuck.closed:
+                buffered += stuck.writer.transport.get_write_buffer_size()
+            held = max(held, buffered)
+            await asyncio.sleep(0)
+        assert held <= (4 << 20) + (2 << 20), held
+        await until(lambda: "sg2" in lost, "the stuck channel is reported lost")
+        assert stuck.closed and chans.conns.get("sg2") is not stuck
+
+    run_demo(tmp_path, body)

@@ -25,6 +25,12 @@ log = logging.getLogger("ipsecct.ct.transfer")
 
 KEEP_CONNECTED_CHECK = 1.0  # seconds between checks that every peer's channel is open
 KEEP_CONNECTED_MAX = 30.0  # longest wait before trying an unreachable peer again
+# Octets waiting to go to one peer (queued, and in the connection's write buffer): a peer
+# that stops reading (or a path that black-holes) gets its channel dropped past this, and
+# what waited with it (lost messages: the protocol's retries and time-outs cover them).
+# A 20,000-tunnel rebalance or fail-over resync is a few MB.
+SEND_BUFFER_LIMIT = 32 << 20
+SEND_STALL = 30.0  # seconds a write to a peer may wait for room before its channel is dropped
 
 
 def _ignore_message(peer: str, msg: cxtp.Message) -> None:
@@ -56,7 +62,8 @@ class PeerChannels:
         self.client_ctx: ssl.SSLContext | None = None
         self.conns: dict[str, tlschannel.CxtpConnection] = {}  # the one used to send
         self.all_conns: set[tlschannel.CxtpConnection] = set()
-        self.queues: dict[str, asyncio.Queue[cxtp.Message]] = {}
+        self.queues: dict[str, asyncio.Queue[bytes]] = {}  # encoded messages
+        self.queued: dict[str, int] = {}  # their octets, per peer
         self.writers: dict[str, asyncio.Task[None]] = {}
         self.readers: set[asyncio.Task[None]] = set()
         self.server: asyncio.Server | None = None
@@ -253,6 +260,18 @@ class PeerChannels:
         return c is not None and not c.closed
 
     def send(self, peer: str, msg: cxtp.Message) -> None:
+        try:
+            data = cxtp.encode(msg)
+        except CxtpError as exc:  # a bug: never let it stop the caller's loop
+            event(
+                log,
+                "message-unencodable",
+                logging.ERROR,
+                node=self.name,
+                peer=peer,
+                error=str(exc),
+            )
+            return
         # Fast path: an open connection with nothing queued ahead: write now (the transport
         # buffers; the writer task drains when the buffer grows), no task switch on the way.
         c = self.conns.get(peer)
@@ -260,47 +279,65 @@ class PeerChannels:
         if c is not None and not c.closed and (q is None or q.empty()):
             w = self.writers.get(peer)
             if w is None or w.done():
-                try:
-                    data = cxtp.encode(msg)
-                except CxtpError as exc:  # a bug: never let it stop the caller's loop
-                    event(
-                        log,
-                        "message-unencodable",
-                        logging.ERROR,
-                        node=self.name,
-                        peer=peer,
-                        error=str(exc),
-                    )
-                    return
                 c.writer.write(data)
                 if c.writer.transport.get_write_buffer_size() > 1 << 20:
                     what = f"write to {peer}"
                     self.writers[peer] = supervise(self._drain(peer, c), what, self.name)
                 return
-        q = self.queues.get(peer)
+        waiting = self.queued.get(peer, 0)
+        if c is not None and not c.closed:
+            waiting += c.writer.transport.get_write_buffer_size()
+        if waiting + len(data) > SEND_BUFFER_LIMIT:
+            # Before: the queue grew without bound while the peer read nothing (the write
+            # waited up to an hour on a channel the peer had opened).
+            self._stuck(peer, c, f"{waiting} octets wait for it to read")
+            return
         if q is None:
             q = self.queues[peer] = asyncio.Queue()
-        q.put_nowait(msg)
+        q.put_nowait(data)
+        self.queued[peer] = self.queued.get(peer, 0) + len(data)
         w = self.writers.get(peer)
         if w is None or w.done():
             self.writers[peer] = supervise(self._writer(peer, q), f"write to {peer}", self.name)
 
-    async def _drain(self, peer: str, conn: tlschannel.CxtpConnection) -> None:
-        try:
-            async with asyncio.timeout(30):
-                await conn.writer.drain()
-        except (TimeoutError, ConnectionError, OSError):
+    def _stuck(self, peer: str, conn: tlschannel.CxtpConnection | None, why: str) -> None:
+        """``peer`` takes nothing from its channel: drop the channel and what waits for it.
+        Its reader then reports the peer lost; the next message opens a new channel."""
+        now = self.clock()
+        if now >= self._quiet_until.get(peer, 0.0):  # at most one line per 10 s
+            self._quiet_until[peer] = now + 10.0
+            event(log, "peer-stuck", logging.WARNING, node=self.name, peer=peer, error=why)
+        q = self.queues.get(peer)
+        while q is not None and not q.empty():
+            q.get_nowait()
+        self.queued[peer] = 0
+        if conn is not None and not conn.closed:
+            conn.abort()
+        else:
             self.on_lost(peer)
 
-    async def _writer(self, peer: str, q: asyncio.Queue[cxtp.Message]) -> None:
+    async def _drain(self, peer: str, conn: tlschannel.CxtpConnection) -> None:
+        try:
+            async with asyncio.timeout(SEND_STALL):
+                await conn.writer.drain()
+        except TimeoutError:
+            self._stuck(peer, conn, f"no room to write for {SEND_STALL:g} s")
+        except (ConnectionError, OSError):
+            self.on_lost(peer)
+
+    async def _writer(self, peer: str, q: asyncio.Queue[bytes]) -> None:
         while True:
-            msg = await q.get()
-            batch = [msg]
+            data = await q.get()
+            batch = [data]
             while not q.empty() and len(batch) < 256:
                 batch.append(q.get_nowait())
+            self.queued[peer] = max(0, self.queued.get(peer, 0) - sum(map(len, batch)))
+            conn: tlschannel.CxtpConnection | None = None
             try:
                 conn = await self.connection(peer)
-                await conn.send_many(list(batch))
+                await conn.send_raw(b"".join(batch), timeout=SEND_STALL)
+            except ChannelTimeout:
+                self._stuck(peer, conn, f"no room to write for {SEND_STALL:g} s")
             except (IpsecctError, OSError) as exc:
                 now = self.clock()
                 if now >= self._quiet_until.get(peer, 0.0):  # at most one line per 10 s
@@ -315,6 +352,7 @@ class PeerChannels:
                     )
                 while not q.empty():
                     q.get_nowait()
+                self.queued[peer] = 0
                 self.on_lost(peer)
 
     async def connect_all(self) -> None:

@@ -240,6 +240,12 @@ class CxtpConnection:
         await self.send(msg, timeout=timeout)
         return await self.recv(timeout=timeout)
 
+    def abort(self) -> None:
+        """Drop the connection at once, with whatever waits in its write buffer (a peer that
+        reads nothing would hold it for ever)."""
+        self._closed = True
+        self.writer.transport.abort()
+
     async def close(self) -> None:
         self._closed = True
         self.writer.close()
