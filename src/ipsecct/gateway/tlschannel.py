@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import ssl
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -41,6 +42,15 @@ DEFAULT_TIMEOUT = 2.0  # seconds, per wait (CT_REQUEST_RETRY); callers pass thei
 DEFAULT_HANDSHAKE_TIMEOUT = 3.0  # an unauthenticated connection holds a descriptor this long
 READ_CHUNK = 65536
 CXTP_TLS_PORT = 5091  # RFC 4067's SCTP port, reused for TCP/TLS
+# A channel whose peer stopped acknowledging (it lost power, a partition black-holes the path:
+# no FIN, no RST) is dropped after this long with data unacknowledged, or when idle after
+# KEEPALIVE_IDLE + KEEPALIVE_COUNT * KEEPALIVE_INTERVAL s of unanswered probes. Without it
+# such a channel stayed "open" for the kernel's ~15 minutes of retransmissions: every message
+# to the peer went into it, and the peer's new channel (after its restart) was never used.
+USER_TIMEOUT = 15.0  # seconds
+KEEPALIVE_IDLE = 10
+KEEPALIVE_INTERVAL = 5
+KEEPALIVE_COUNT = 3
 
 
 PathLike = str | Path
@@ -215,7 +225,8 @@ class CxtpConnection:
                         raise ChannelClosed(f"connection to {self.peer_address} is closed")
                     try:
                         data = await self.reader.read(READ_CHUNK)
-                    except (ConnectionError, ssl.SSLError) as exc:
+                    except OSError as exc:  # ETIMEDOUT (a TimeoutError) included: the
+                        # socket's, not our wait's (that one is raised by the timeout block)
                         self._closed = True
                         raise ChannelClosed(
                             f"connection to {self.peer_address} lost: {_reason(exc)}"
@@ -265,6 +276,19 @@ class CxtpConnection:
         await self.close()
 
 
+def dead_peer_detection(writer: asyncio.StreamWriter) -> None:
+    """Bound how long a channel to a silent peer stays open (USER_TIMEOUT, keep-alives)."""
+    sock = writer.get_extra_info("socket")
+    if sock is None:
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_COUNT)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(USER_TIMEOUT * 1000))
+
+
 def _reason(exc: BaseException) -> str:
     if isinstance(exc, ssl.SSLError) and exc.reason:
         return str(exc.reason)
@@ -302,6 +326,7 @@ async def connect(
         raise ChannelError(f"TLS handshake with {host}:{port} failed: {_reason(exc)}") from None
     except OSError as exc:
         raise ChannelError(f"cannot connect to {host}:{port}: {exc.strerror or exc}") from None
+    dead_peer_detection(writer)
     try:
         return CxtpConnection(reader, writer, timeout=timeout)
     except ChannelError:
@@ -362,6 +387,7 @@ async def serve(
         if not lim.admit(source):
             refused(writer, "too many connections")
             return
+        dead_peer_detection(writer)
         try:
             await _serve_one(reader, writer)
         finally:
