@@ -23,6 +23,7 @@ from ipsecct.ct.transfer import (
     Identity,
     Inject,
     Settings,
+    decision_cdb,
     forward_cdb,
     token_key,
 )
@@ -895,3 +896,53 @@ def test_transfer_states_change_only_as_the_table_says() -> None:
     assert {b for _, b in TRANSITIONS} == set(OutgoingState) - {OutgoingState.SENT} | set(
         IncomingState
     ) - {IncomingState.RECEIVING}
+
+
+def test_decisions_and_results_out_of_order_or_for_nothing_change_nothing() -> None:
+    """A hostile or confused peer on either side (already held): a COMMIT for a transfer never
+    sent, the same COMMIT twice, a CTC after it, a CTDR that refuses after the source
+    committed, and one that names SAs of no tunnel of the transfer. The tunnel is active at
+    exactly one gateway each time, and no (SPI, sequence number) goes out twice."""
+    w = World()
+    tid = w.transfer()
+    mn = w.tunnel.outbound.dst
+    sg1, sg2 = w.gw["sg1"], w.gw["sg2"]
+    # The source: a COMMIT for a transfer id that was never sent installs nothing.
+    never = cxtp.CTD(mn, 0, (cxtp.TransferTag(tid ^ 0x5A5A, 1).encode(), decision_cdb(1)))
+    sg2.run(sg2.core.receive("sg1", never, w.now))
+    assert sg2.engine.tunnels() == []
+    w.deliver("sg1", "sg2")  # the contexts
+    ctdr = w.drop("sg2", "sg1")
+    assert isinstance(ctdr, cxtp.CTDR)
+    # The target: a CTDR (not the last) with a result for an SA of no tunnel of the transfer.
+    stray = cxtp.SaResult(cxtp.Status.INTERNAL_ERROR, 50, 0xDEAD, 0xDEAD, mn).encode()
+    first = cxtp.CTDR(mn, True, (), (cxtp.TransferTag(tid, 0).encode(), stray))
+    sg1.run(sg1.core.receive("sg2", first, w.now))
+    w.post("sg2", "sg1", cxtp.encode(ctdr))
+    w.deliver("sg2", "sg1")  # committed (the stray result named nothing of ours)
+    assert state(w.tunnel) is TunnelState.MOVED
+    commit = w.drop("sg1", "sg2")
+    for _ in range(2):  # the COMMIT twice, then a CTC: activated once, and kept
+        w.post("sg1", "sg2", cxtp.encode(commit))
+        w.deliver("sg1", "sg2")
+    cancel = cxtp.CTC(mn, (cxtp.TransferTag(tid, 0).encode(),))
+    sg2.run(sg2.core.receive("sg1", cancel, w.now))
+    assert active(w) == ["sg2"]
+    assert [r.outcome for r in sg2.finished] == ["committed"]
+    # The target says "refused" after the commit: the source repeats its decision and does
+    # not take the tunnel back.
+    refusal = cxtp.CTDR(
+        mn,
+        False,
+        (cxtp.StatusEntry(context.FPT_IPSEC_SA, cxtp.Status.INTERNAL_ERROR),),
+        (cxtp.TransferTag(tid, 0, last=True).encode(),),
+    )
+    sg1.run(sg1.core.receive("sg2", refusal, w.now))
+    assert isinstance(w.peek("sg1", "sg2"), cxtp.CTD)
+    w.deliver_all()
+    assert active(w) == ["sg2"]
+    for i in range(5):
+        w.host_send("sg1", 700 + i)
+        w.host_send("sg2", 800 + i)
+    wire = [(spi, seq) for g in w.gw.values() for spi, seq in g.wire]
+    assert no_duplicates(wire) == []
