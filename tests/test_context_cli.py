@@ -166,3 +166,18 @@ def test_lines_split_on_newlines_only() -> None:
     assert len(out) == 2 and out[0] == out[1]
     dec = run("decode", "--lines", "-", stdin=p.stdout)
     assert json.loads(dec.stdout.decode().split("\n")[0])["name"] == "a\u2028b\x85c"
+
+
+def test_the_json_example_of_the_docs_encodes_and_round_trips() -> None:
+    """docs/context-format.md's JSON example, copied as it stands, is a context: it had
+    "integ_key": "000102...1f" (refused: not hex)."""
+    import re
+
+    doc = (Path(__file__).parent.parent / "docs" / "context-format.md").read_text()
+    (block,) = re.findall(r"```json\n(.*?)```", doc, re.S)
+    enc = run("encode", "-", stdin=block.encode())
+    assert enc.returncode == 0, enc.stderr
+    dec = run("decode", "-", stdin=enc.stdout)
+    assert dec.returncode == 0, dec.stderr
+    back = json.loads(dec.stdout)
+    assert back["integ_key"] == json.loads(block)["integ_key"] and back["seq"] == 48213
