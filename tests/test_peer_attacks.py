@@ -262,3 +262,46 @@ def test_a_peer_that_reads_nothing_gets_its_channel_dropped_not_our_memory(
         assert stuck.closed and chans.conns.get("sg2") is not stuck
 
     run_demo(tmp_path, body)
+
+
+def test_a_certificate_of_our_ca_for_a_gateway_that_is_not_a_peer_is_refused(
+    tmp_path: Path,
+) -> None:
+    """A gateway with a valid certificate of the same CA, for a name no ``[[peers]]`` entry
+    has: its channel is closed before anything it sent is read (counted as refused), and its
+    PCTD and COMMIT change nothing (already held)."""
+    import datetime as dt
+
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    from ipsecct.errors import ChannelError
+    from ipsecct.tools import pki
+
+    async def body(d: demo.Demo) -> None:
+        pkidir = tmp_path / "pki"
+        ca_key = load_pem_private_key((pkidir / "ca.key").read_bytes(), password=None)
+        ca = pki.Issued(pki.load_certificate(pkidir / "ca.pem"), ca_key)  # type: ignore[arg-type]
+        sg9 = pki.make_gateway(ca, "sg9", dt.datetime.now(dt.UTC))
+        (pkidir / "sg9.pem").write_bytes(pki.cert_pem(sg9.cert))
+        (pkidir / "sg9.key").write_bytes(pki.key_pem(sg9.key))
+        svc = services(d)["sg1"]
+        sg1 = d.gateways["sg1"].node
+        spd_before, sad_before = list(sg1.engine.spd), len(sg1.engine.sad)
+        refused = svc.channels.refused
+        counters = dict(svc.core.counters)
+        conn = await connect_as(tmp_path, d, "sg1", pkidir, "sg9")
+        assert conn.peer.name == "sg1"  # the handshake itself succeeds: the CA is ours
+        tid = 0x5E9
+        tag = cxtp.TransferTag(tid, 0, last=True).encode()
+        cdbs = rogue_cdbs(sel("10.2.0.0/24", "10.1.0.0/28"))
+        commit = (cxtp.TransferTag(tid, 1).encode(), decision_cdb(1))
+        with pytest.raises(ChannelError):  # closed by sg1 (the writes may still go out)
+            await conn.send(cxtp.PCTD(mn_addr(), 0, b"k" * 20, (tag, *cdbs)))
+            await conn.send(cxtp.CTD(mn_addr(), 0, commit))
+            await conn.recv(timeout=10)
+        await conn.close()
+        assert svc.channels.refused == refused + 1
+        assert dict(svc.core.counters) == counters  # nothing it sent was read
+        assert list(sg1.engine.spd) == spd_before and len(sg1.engine.sad) == sad_before
+
+    run_demo(tmp_path, body)
