@@ -428,3 +428,43 @@ def test_the_peers_hosts_are_reserved_on_the_listener(tmp_path: Path) -> None:
     assert tcfg is not None
     assert PeerChannels(tcfg, "sg1").limits.reserved == {
         "127.0.0.3", "192.0.2.3", "::1", "::ffff:127.0.0.3", "::ffff:192.0.2.3"}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "sent", [b"", b"\x16\x03\x01", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03"]
+)
+def test_a_handshake_that_never_finishes_is_cut_off(pkidir: Path, sent: bytes) -> None:
+    """Slowloris on the CXTP port: nothing, part of a record header, or the start of a
+    ClientHello, then silence. The listener closes the connection once its handshake time is
+    up, the handler never runs, and the refusal is reported (already held)."""
+
+    async def main() -> None:
+        echo = Echo()
+        refusals: list[str] = []
+        server = await tlschannel.serve(
+            echo,
+            "127.0.0.1",
+            0,
+            server_ctx(pkidir),
+            handshake_timeout=0.5,
+            on_refused=lambda address, reason: refusals.append(reason),
+        )
+        port = server.sockets[0].getsockname()[1]
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(sent)
+            await writer.drain()
+            try:
+                async with asyncio.timeout(10):
+                    rest = await reader.read()  # until the server closes it
+            except ConnectionResetError:
+                rest = b""
+            writer.close()
+            assert b"\x17" not in rest[:1]  # no application data ever came back
+            await eventually(lambda: refusals, "the refusal to be reported")
+            assert "did not complete" in refusals[0] and echo.peers == []
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    run(main())
