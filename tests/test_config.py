@@ -109,6 +109,13 @@ BAD: list[tuple[str, str, str, list[str]]] = [
     ("bad action", '"discard"', '"protect"', ["policy[0].action"]),
     ("bad kind", 'kind = "udp"', 'kind = "pipe"', ["inner.kind"]),
     ("reserved spi", "spi_in = 0x10000001", "spi_in = 7", ["tunnel[0]", "SPI"]),
+    # the key named, in hex as written: "tunnel[0] (t1): SPI 8589934591 is reserved ..."
+    ("spi over 32 bits", "spi_in = 0x10000001", "spi_in = 0x1ffffffff",
+     ["tunnel[0] (t1).spi_in: 0x1ffffffff is no SPI"]),
+    ("negative spi", "spi_out = 0x20000001", "spi_out = -1", ["spi_out: -1 is no SPI"]),
+    # quoted as in the context JSON: said how to write it ("must be int, not str")
+    ("quoted spi", "spi_in = 0x10000001", 'spi_in = "0x10000001"',
+     ["tunnel[0] (t1).spi_in: must be a number without quotes (spi_in = 0x10000001"]),
     (
         "bad lifetime",
         'keys = "t1.keys"',

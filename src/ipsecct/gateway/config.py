@@ -399,6 +399,21 @@ _TUNNEL_KEYS = {
 }
 
 
+def _spi_of(d: dict[str, Any], key: str, ctx: _Ctx, where: str) -> int:
+    """A tunnel's SPI: a TOML integer (0x10000001 or decimal) from 256 to 0xffffffff, the
+    key named in every refusal (a quoted "0x10000001" was "must be int, not str", and an
+    SPI out of range was named neither by key nor in hex)."""
+    v = d.get(key)
+    if isinstance(v, str):
+        raise ctx.err(f"{where}{key}", f"must be a number without quotes ({key} ="
+                      f" {v.strip()} or in decimal), not the string {v!r}")  # fmt: skip
+    spi: int = ctx.get(d, key, where, int)
+    if not 256 <= spi <= 0xFFFFFFFF:
+        shown = f"0x{spi:x}" if spi >= 0 else str(spi)
+        raise ctx.err(f"{where}{key}", f"{shown} is no SPI (256 to 0xffffffff; 1-255 are reserved)")
+    return spi
+
+
 def _tunnel(d: Any, i: int, ctx: _Ctx, outer: Endpoint, raw_esp: bool) -> TunnelConfig:
     where = f"tunnel[{i}]."
     if not isinstance(d, dict):
@@ -436,8 +451,7 @@ def _tunnel(d: Any, i: int, ctx: _Ctx, outer: Endpoint, raw_esp: bool) -> Tunnel
         raise ctx.err(where + "seq_out", "must be 0 .. the last number of the sequence space")
     window = ctx.get(d, "replay_window", where, int, 64)
     mtu = ctx.get(d, "path_mtu", where, int, 1500)
-    spi_in = ctx.get(d, "spi_in", where, int)
-    spi_out = ctx.get(d, "spi_out", where, int)
+    spi_in, spi_out = (_spi_of(d, k, ctx, where) for k in ("spi_in", "spi_out"))
     if "keys" in d and "keys_env" in d:
         raise ctx.err(where + "keys", "give keys or keys_env, not both")
     if "keys" in d:
