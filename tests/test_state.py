@@ -66,6 +66,43 @@ def test_store_is_wal_synchronous_full_versioned_and_ceilings_never_go_down(
     st2.close()
 
 
+@pytest.mark.parametrize("count", [1, 2, 3, state_mod.CHUNK_ROWS, 2 * state_mod.CHUNK_ROWS + 7])
+def test_a_bulk_put_writes_every_row_in_order_whatever_the_count_and_its_chunks(
+    tmp_path: Path, count: int
+) -> None:
+    """put() upserts many rows per statement (chunks of CHUNK_ROWS, the remainder in
+    halves): every row lands, a fingerprint named twice in one put ends as its last row
+    says (within a chunk and across two), and a ceiling still never goes down."""
+    st = StateStore.create(tmp_path / "state.db", "sg1")
+    st.put([row(f"fp{i}", Owner.OWNED, 1000 + i) for i in range(count)])
+    again = [row(f"fp{i}", Owner.LEAVING, 5) for i in range(count)]
+    # fp0 named again right after itself (same chunk) and last of all (another chunk)
+    st.put([*again[:1], row("fp0", Owner.AWAY, 7), *again[1:], row("fp0", Owner.PENDING, 9)])
+    st.close()
+    st2 = StateStore.open_existing(tmp_path / "state.db", "sg1")
+    rows = st2.load()
+    st2.close()
+    assert len(rows) == count
+    assert (rows["fp0"].owner, rows["fp0"].ceiling) == (Owner.PENDING, 1000)
+    for i in range(1, count):
+        assert (rows[f"fp{i}"].owner, rows[f"fp{i}"].ceiling) == (Owner.LEAVING, 1000 + i)
+
+
+def test_a_bulk_put_stays_within_an_older_sqlites_variable_limit(tmp_path: Path) -> None:
+    """An SQLite that takes fewer variables per statement (999 before 3.32) than a chunk
+    has gets smaller chunks, not an error."""
+    made = StateStore.create(tmp_path / "state.db", "sg1")
+    salt = made.salt
+    made.close()
+    conn = StateStore._connect(tmp_path / "state.db")
+    conn.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 999)
+    st = StateStore(conn, tmp_path / "state.db", salt, False)
+    assert st._chunk * 11 <= 999
+    st.put([row(f"fp{i}", Owner.OWNED, i) for i in range(1000)])
+    assert len(st.load()) == 1000
+    st.close()
+
+
 def test_a_schema_1_store_is_upgraded_and_keeps_its_rows(tmp_path: Path) -> None:
     """A database of the previous schema (no gateway column, no arrival table) opens, is
     upgraded in place (every row keeps its meaning), and records leaving rows and arrivals."""
