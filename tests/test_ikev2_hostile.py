@@ -522,3 +522,51 @@ def test_selectors_of_two_protocols_are_unacceptable_not_a_crash(when: str) -> N
     assert w.resp.stats["ts-unacceptable"] == 1
     w.deliver(w.ini.liveness(ii, 2.0), "i", 2.0)
     assert w.resp.stats["liveness-answered"] == 1
+
+
+def _bad_extension_chain() -> tuple[object, object, object]:
+    """(leaf, intermediate, leaf key), made by anyone: the intermediate is named as the leaf's
+    issuer, and both carry a BasicConstraints extension whose value is not DER (the X.509
+    parser reads extensions only when asked: .extensions raises ValueError)."""
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtensionOID, NameOID
+
+    now = dt.datetime.now(dt.UTC)
+    bad = x509.UnrecognizedExtension(ExtensionOID.BASIC_CONSTRAINTS, b"\x01\x02\x03")
+
+    def cert(cn: str, issuer: str, key: ec.EllipticCurvePrivateKey,
+             ikey: ec.EllipticCurvePrivateKey) -> x509.Certificate:  # fmt: skip
+        return (x509.CertificateBuilder()
+                .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
+                .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
+                .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                .not_valid_before(now - dt.timedelta(days=1))
+                .not_valid_after(now + dt.timedelta(days=30))
+                .add_extension(bad, critical=False).sign(ikey, hashes.SHA256()))  # fmt: skip
+
+    ik, lk = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    return cert("peer.test", "Sub CA", lk, ik), cert("Sub CA", "Sub CA", ik, ik), lk
+
+
+@pytest.mark.parametrize("claim", ["fqdn", "dn"])
+def test_a_certificate_with_unparsable_extensions_is_refused_not_a_crash(claim: str) -> None:
+    """Anyone may send IKE_AUTH after IKE_SA_INIT. A chain of two certificates of its own
+    making whose extensions are not DER: looking for a CA among the intermediates (is it a
+    CA?), or for the wanted name among the certificate's subjectAltNames (IDi a DN), raised
+    ValueError out of receive(). It is an authentication failure like any bad chain."""
+    ca, _cert, _key, _ = _pki("p256")
+    leaf, inter, key = _bad_extension_chain()
+    mn = dataclasses.replace(mn_conn(), local_auth="pubkey", remote_auth="psk",
+                             local_id=Identity("peer.test" if claim == "fqdn" else "CN=peer.test"),
+                             credentials=Credentials((leaf, inter), key))  # type: ignore[arg-type]  # fmt: skip
+    wanted = Identity("%any" if claim == "fqdn" else "peer.test")
+    gw = dataclasses.replace(conn(), remote_auth="pubkey", remote_id=wanted,
+                             cacerts=[ca])  # type: ignore[list-item]  # fmt: skip
+    w = Wire(IkeEngine([mn], wall_offset=time.time()), IkeEngine([gw], wall_offset=time.time()))
+    connect(w)
+    assert w.resp.stats["auth-failed"] == 1 and not w.resp.ike_sas()
+    assert w.of("i", ConnectFailed) and not w.of("r", IkeUp)

@@ -23,6 +23,12 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
 from ..errors import AuthError
 from .message import AuthMethod, IDPayload, IdType
 
+# what reading a peer's certificate past its outer structure may raise: the X.509 parser
+# reads extensions (and the key) only when asked, so a certificate that loaded may still hold
+# an extension that is not DER, twice the same extension, or a key of an unknown kind
+BAD_CERT = (ValueError, TypeError, UnsupportedAlgorithm, x509.DuplicateExtension,
+            x509.UnsupportedGeneralNameType)  # fmt: skip
+
 CERT_X509_SIGNATURE = 4  # CERT/CERTREQ encoding (§3.6)
 
 # RFC 7427 hash algorithms (IANA "IKEv2 Hash Algorithms") we sign and verify with
@@ -98,7 +104,10 @@ def sign(key: PrivateKey, octets: bytes, peer_hashes: tuple[int, ...]) -> tuple[
 
 def verify(cert: x509.Certificate, method: int, data: bytes, octets: bytes) -> None:
     """Raise AuthError unless ``data`` is a valid AUTH signature of ``octets`` by ``cert``."""
-    pub = cert.public_key()
+    try:
+        pub = cert.public_key()
+    except BAD_CERT:
+        raise AuthError("the certificate's key cannot be read") from None
     try:
         if method == AuthMethod.DIGITAL_SIGNATURE:
             if not data or len(data) < 1 + data[0]:
@@ -144,7 +153,16 @@ def parse_cert(der: bytes) -> x509.Certificate:
 def validate_chain(cert: x509.Certificate, intermediates: list[x509.Certificate],
                    cas: list[x509.Certificate], now: dt.datetime) -> None:  # fmt: skip
     """The certificate leads, through at most 4 intermediates, to one of ``cas``; each one in
-    its validity period and each issuer a CA."""
+    its validity period and each issuer a CA. AuthError otherwise, also for a certificate that
+    cannot be read (BAD_CERT)."""
+    try:
+        _validate_chain(cert, intermediates, cas, now)
+    except BAD_CERT:
+        raise AuthError("a certificate of the chain cannot be read") from None
+
+
+def _validate_chain(cert: x509.Certificate, intermediates: list[x509.Certificate],
+                    cas: list[x509.Certificate], now: dt.datetime) -> None:  # fmt: skip
     chain = [cert]
     current = cert
     for _ in range(5):
@@ -176,7 +194,7 @@ def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
 def _is_ca(cert: x509.Certificate) -> bool:
     try:
         return bool(cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
-    except x509.ExtensionNotFound:
+    except (x509.ExtensionNotFound, *BAD_CERT):
         return False
 
 
@@ -186,7 +204,7 @@ def id_matches_cert(idp: IDPayload, cert: x509.Certificate) -> bool:
         return idp.data == cert.subject.public_bytes()
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except x509.ExtensionNotFound:
+    except (x509.ExtensionNotFound, *BAD_CERT):
         return False
     try:
         if idp.id_type == IdType.FQDN:
