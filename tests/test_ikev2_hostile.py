@@ -570,3 +570,40 @@ def test_a_certificate_with_unparsable_extensions_is_refused_not_a_crash(claim: 
     connect(w)
     assert w.resp.stats["auth-failed"] == 1 and not w.resp.ike_sas()
     assert w.of("i", ConnectFailed) and not w.of("r", IkeUp)
+
+
+class CertMangler(IkeEngine):
+    """An initiator whose IKE_AUTH carries its certificate with some octets replaced."""
+
+    mangle: tuple[bytes, bytes] = (b"", b"")
+
+    def _request(self, ike: IkeSA, kind: str, payloads: list[M.Payload], *args: object,
+                 **kw: object) -> None:  # fmt: skip
+        old, new = self.mangle
+        payloads = [M.CertPayload(p.encoding, p.data.replace(old, new, 1))
+                    if isinstance(p, M.CertPayload) else p for p in payloads]  # fmt: skip
+        super()._request(ike, kind, payloads, *args, **kw)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("what", ["version", "subject"])
+def test_a_certificate_that_loads_but_cannot_be_read_is_refused_not_a_crash(what: str) -> None:
+    """A CERT payload whose version is 38 (x509.InvalidVersion, which is no ValueError: the
+    payload's parse let it out of receive()), or whose subject's CN is a BIT STRING (the
+    parser reads the subject only when asked: TypeError where remote.id is a DN). Refused as
+    an authentication failure."""
+    ca, cert, key, _ = _pki("p256")
+    CertMangler.mangle = ((b"\xa0\x03\x02\x01\x02", b"\xa0\x03\x02\x01\x26") if what == "version"
+                          else (b"\x0c\x09peer.test", b"\x03\x09peer.test"))  # fmt: skip
+    mn = dataclasses.replace(mn_conn(), local_auth="pubkey", remote_auth="psk",
+                             local_id=Identity("CN=peer.test"),
+                             credentials=Credentials((cert,), key))  # type: ignore[arg-type]  # fmt: skip
+    gw = dataclasses.replace(conn(), remote_auth="pubkey", remote_id=Identity("CN=peer.test"),
+                             cacerts=[ca])  # type: ignore[list-item]  # fmt: skip
+    w = Wire(CertMangler([mn], wall_offset=time.time()), IkeEngine([gw], wall_offset=time.time()))
+    connect(w)
+    assert w.resp.stats["auth-failed"] == 1 and not w.resp.ike_sas()
+    assert w.of("i", ConnectFailed) and not w.of("r", IkeUp)
+    CertMangler.mangle = (b"", b"")  # the same certificate as it was: taken
+    w = Wire(CertMangler([mn], wall_offset=time.time()), IkeEngine([gw], wall_offset=time.time()))
+    connect(w)
+    assert w.of("r", IkeUp)

@@ -27,7 +27,7 @@ from .message import AuthMethod, IDPayload, IdType
 # reads extensions (and the key) only when asked, so a certificate that loaded may still hold
 # an extension that is not DER, twice the same extension, or a key of an unknown kind
 BAD_CERT = (ValueError, TypeError, UnsupportedAlgorithm, x509.DuplicateExtension,
-            x509.UnsupportedGeneralNameType)  # fmt: skip
+            x509.UnsupportedGeneralNameType, x509.InvalidVersion)  # fmt: skip
 
 CERT_X509_SIGNATURE = 4  # CERT/CERTREQ encoding (§3.6)
 
@@ -146,7 +146,7 @@ def verify(cert: x509.Certificate, method: int, data: bytes, octets: bytes) -> N
 def parse_cert(der: bytes) -> x509.Certificate:
     try:
         return x509.load_der_x509_certificate(der)
-    except ValueError:
+    except BAD_CERT:  # (a version other than 1-3 is InvalidVersion, no ValueError)
         raise AuthError("a CERT payload is not an X.509 certificate") from None
 
 
@@ -199,7 +199,15 @@ def _is_ca(cert: x509.Certificate) -> bool:
 
 
 def id_matches_cert(idp: IDPayload, cert: x509.Certificate) -> bool:
-    """The identity is the certificate's subject DN or one of its subjectAltNames."""
+    """The identity is the certificate's subject DN or one of its subjectAltNames (never, for
+    a certificate whose subject or extensions cannot be read)."""
+    try:
+        return _id_matches_cert(idp, cert)
+    except BAD_CERT:
+        return False
+
+
+def _id_matches_cert(idp: IDPayload, cert: x509.Certificate) -> bool:
     if idp.id_type == IdType.DER_ASN1_DN:
         return idp.data == cert.subject.public_bytes()
     try:
