@@ -301,8 +301,8 @@ class PeerChannels:
             self.writers[peer] = supervise(self._writer(peer, q), f"write to {peer}", self.name)
 
     def _stuck(self, peer: str, conn: tlschannel.CxtpConnection | None, why: str) -> None:
-        """``peer`` takes nothing from its channel: drop the channel and what waits for it.
-        Its reader then reports the peer lost; the next message opens a new channel."""
+        """``peer`` takes nothing from its channel: drop the channel and what waits for it,
+        and report the peer lost; the next message opens a new channel."""
         now = self.clock()
         if now >= self._quiet_until.get(peer, 0.0):  # at most one line per 10 s
             self._quiet_until[peer] = now + 10.0
@@ -311,10 +311,16 @@ class PeerChannels:
         while q is not None and not q.empty():
             q.get_nowait()
         self.queued[peer] = 0
-        if conn is not None and not conn.closed:
-            conn.abort()
-        else:
-            self.on_lost(peer)
+        if conn is not None:
+            # Reported here, not by its reader: a new channel may be open before the reader
+            # wakes, and the reader reports only the loss of the channel in use.
+            if self.conns.get(peer) is conn:
+                del self.conns[peer]
+            if not conn.closed:
+                conn.abort()
+        # Soon, not now: send() may be in the middle of a transfer core's outputs, and the
+        # loss makes the core roll back.
+        asyncio.get_running_loop().call_soon(self.on_lost, peer)
 
     async def _drain(self, peer: str, conn: tlschannel.CxtpConnection) -> None:
         try:
