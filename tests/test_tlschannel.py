@@ -468,3 +468,38 @@ def test_a_handshake_that_never_finishes_is_cut_off(pkidir: Path, sent: bytes) -
             await server.wait_closed()
 
     run(main())
+
+
+def test_a_certificate_names_its_dns_sans_and_its_cn_only_without_them() -> None:
+    """A certificate with DNS SAN sg9 and CN sg2 is sg9's, not sg2's: the listener, which
+    names a connecting peer by ``PeerIdentity.matches``, took it for sg2 (the client side's
+    TLS name check never did: with a DNS SAN the CN is not looked at, RFC 6125 6.4.4)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import Encoding
+    from cryptography.x509.oid import NameOID
+
+    def cert(cn: str, dns: list[str]) -> bytes:
+        key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+        b = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(key.public_key())
+            .serial_number(1)
+            .not_valid_before(NOW - dt.timedelta(hours=1))
+            .not_valid_after(NOW + dt.timedelta(days=1))
+        )
+        if dns:
+            b = b.add_extension(
+                x509.SubjectAlternativeName([x509.DNSName(d) for d in dns]), critical=False
+            )
+        return b.sign(key, hashes.SHA256()).public_bytes(Encoding.DER)
+
+    mixed = tlschannel.identity_from_der(cert("sg2", ["sg9"]))
+    assert mixed.matches("sg9") and not mixed.matches("sg2")
+    assert tlschannel.identity_from_der(cert("sg2", [])).matches("sg2")  # CN alone
+    both = tlschannel.identity_from_der(cert("sg2", ["sg2", "gw2"]))
+    assert both.matches("sg2") and both.matches("gw2") and not both.matches("sg9")

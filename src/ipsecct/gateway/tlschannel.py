@@ -122,7 +122,12 @@ class PeerIdentity:
         return self.dns_names[0] if self.dns_names else self.common_name
 
     def matches(self, name: str) -> bool:
-        return name == self.common_name or name in self.dns_names
+        """Does the certificate name ``name``? Its DNS SANs if it has any, else its CN (RFC
+        6125 6.4.4): a certificate issued for sg9 with "sg2" in its CN is not sg2's, as the
+        client side's TLS name check already held (the listener took it for sg2)."""
+        if self.dns_names:
+            return name in self.dns_names
+        return name == self.common_name
 
 
 def identity_from_der(der: bytes) -> PeerIdentity:
