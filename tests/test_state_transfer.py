@@ -663,3 +663,48 @@ def test_a_leaving_tunnel_whose_peer_is_no_longer_configured_is_shown_held_and_d
     cap.sync()
     assert not [q for s_, q, _, t in list(cap.seen) if s_ == spi and t >= restarted]
     assert cap.duplicates() == []
+
+
+def test_a_target_whose_disk_is_full_never_sends_a_number_twice(gws: Gateways) -> None:
+    """sg2's state directory is a small file system, full (one file takes all the room left)
+    when sg1 moves every tunnel to it under traffic (already held). The writes of the
+    transfer go into the WAL's room reserved at start (``prepare_wal``): they succeed, the
+    transfer commits, no tunnel is sent on by both and no (SPI, sequence number) goes out
+    twice. (A write that does fail is
+    tests/test_state.py's: the target drops the tunnels at the COMMIT.)"""
+    import subprocess
+
+    cap: Capture = gws.capture  # type: ignore[attr-defined]
+    gws.write("sg1", peers=["sg2"])
+    gws.write("sg2", peers=["sg1"], with_tunnels=False)
+    state = gws.dir / "state-sg2"
+    state.mkdir(mode=0o700)
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=12m,mode=0700", "tmpfs", str(state)], check=True
+    )
+    traffic = None
+    try:
+        gws.start("sg2")
+        gws.start("sg1")
+        traffic = Traffic(
+            TUNNELS, [gws.ports["sg1"]["inner"], gws.ports["sg2"]["inner"]], pps=3000
+        )
+        wait_for(lambda: len(cap.seen) > 500, "no traffic")
+        with open(state / "filler", "wb") as f, contextlib.suppress(OSError):  # all room left
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        assert os.statvfs(state).f_bavail == 0
+        rec = request(str(gws.dir / "sg1.sock"), "rebalance", {"to": "sg2", "count": TUNNELS}, 60)
+        wait_for(lambda: settled(gws, ["sg1", "sg2"]), "transfers did not settle")
+        assert gws.procs["sg2"].poll() is None, gws.log("sg2")
+        assert rec["outcome"] == "committed", rec
+        _, two = one_sender_each(gws, cap)  # sg2 sends on them, its disk full
+        assert len(two) == TUNNELS
+        assert gws.status("sg2")["state"]["reservations"]["failed_writes"] == 0
+        assert cap.duplicates() == []
+    finally:
+        if traffic is not None:
+            traffic.close()
+        gws.stop()
+        subprocess.run(["umount", "-l", str(state)], check=False)
