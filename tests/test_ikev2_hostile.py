@@ -607,3 +607,43 @@ def test_a_certificate_that_loads_but_cannot_be_read_is_refused_not_a_crash(what
     w = Wire(CertMangler([mn], wall_offset=time.time()), IkeEngine([gw], wall_offset=time.time()))
     connect(w)
     assert w.of("r", IkeUp)
+
+
+def _cross(w: Wire, kinds: tuple[str, str], now: float) -> None:
+    """Both sides start a rekey at once (``kinds``: the MN's and the gateway's, "child" or
+    "ike"): each request reaches the other side before either answer does."""
+    (ii,), (ir,) = w.ini.ike_sas(), w.resp.ike_sas()
+    oi = (w.ini.rekey_child(ii, ii.children[0], now) if kinds[0] == "child"
+          else w.ini.rekey_ike(ii, now))  # fmt: skip
+    orr = (w.resp.rekey_child(ir, ir.children[0], now) if kinds[1] == "child"
+           else w.resp.rekey_ike(ir, now))  # fmt: skip
+    ai = [x for s in orr if isinstance(s, Send) for x in w.ini.receive(s.data, R500, I500, now)]
+    ar = [x for s in oi if isinstance(s, Send) for x in w.resp.receive(s.data, I500, R500, now)]
+    w.deliver(ai, "i", now)
+    w.deliver(ar, "r", now)
+
+
+def test_rekey_collisions_repeated_leave_one_child_sa_on_both_sides() -> None:
+    """The MN rekeys its CHILD SA while the gateway rekeys the IKE SA (or the other way
+    round), round after round. The CHILD rekey's answer made the successor in the old IKE
+    SA, whose CHILD SAs had just moved to the new one: the side that rekeyed the IKE SA held
+    both CHILD SAs, the other one of them, and each round left one more SA pair that only
+    one side had; once the old CHILD SA (which has a successor) was deleted, the MN had no
+    CHILD SA left. An IKE rekey that crosses our CHILD rekey is refused (TEMPORARY_FAILURE,
+    as strongSwan does) and tried again 30 s later; same-kind collisions as before."""
+    w = pair()
+    connect(w)
+    t = 1.0
+    for kinds in [("child", "ike"), ("ike", "child")] * 4 + [("child", "child"), ("ike", "ike")]:
+        _cross(w, kinds, t)
+        for dt in (1.0, 61.0, 62.0):  # the 30 s retry, and REKEYED_GRACE
+            w.deliver(w.resp.tick(t + dt), "r", t + dt)
+            w.deliver(w.ini.tick(t + dt), "i", t + dt)
+        (ii,), (ir,) = w.ini.ike_sas(), w.resp.ike_sas()
+        assert ii.state is ir.state is IkeState.ESTABLISHED and ii.spi_r == ir.spi_r, kinds
+        assert [(c.spi_in, c.spi_out) for c in ii.children] == [
+            (c.spi_out, c.spi_in) for c in ir.children], kinds
+        assert len(ii.children) == 1 and len(w.resp._child_spis) == 1, kinds
+        t += 100.0
+    assert w.ini.stats["ike-rekey-refused-child-rekey"] + w.resp.stats[
+        "ike-rekey-refused-child-rekey"] == 8

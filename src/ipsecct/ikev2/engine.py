@@ -1085,6 +1085,15 @@ class IkeEngine:
         from the old SK_d takes over the CHILD SAs; the peer then deletes the old one."""
         if ke is None:
             return [NotifyPayload(Notify.INVALID_SYNTAX)]
+        p = ike.pending
+        if p is not None and p.kind == "rekey-child":
+            # our CHILD rekey crosses the peer's IKE rekey (strongSwan answers the same): its
+            # answer would make the successor in the old IKE SA, whose CHILD SAs had moved,
+            # and the old CHILD SA stayed in the new one. The peer's side then had both, ours
+            # one of each: an SA pair that only one side had, and after the peer deleted the
+            # old one (it had a successor) no CHILD SA left here. Ours first; theirs again
+            self.stats["ike-rekey-refused-child-rekey"] += 1
+            return [NotifyPayload(Notify.TEMPORARY_FAILURE)]
         prev = ike.replaced
         if prev is not None and prev.state is IkeState.REKEYED and self.by_spi.get(
                 prev.our_spi) is prev:  # fmt: skip
