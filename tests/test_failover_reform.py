@@ -469,3 +469,68 @@ def test_etcd_mode_a_dead_peers_floors_are_dropped_once_its_lease_is_gone(
     assert cap.duplicates() == [], "an (SPI, sequence number) pair was sent twice"
     assert senders(cap, t_kill + 0.1, t_end) == {gws.ports["sg2"]["outer"]}
     assert {spi for spi, _, _, t in list(cap.seen) if t_end - 0.5 < t < t_end} == every
+
+
+def test_a_paused_standby_asks_the_active_the_operator_let_run_alone(gws: Gateways) -> None:
+    """The operator takes a paused standby (SIGSTOP, a suspended VM) for a dead one and runs
+    ``failover alone --standby-is-down`` on the active. When the standby runs again its dead
+    time has long passed; a take-over then would send on every tunnel beside the active
+    running alone (two gateways in epoch 2, sending from nearby sequence numbers: nonce
+    reuse). It asks the active first (JOIN), becomes its standby in the new epoch, and never
+    sends."""
+    import os
+    import signal
+
+    from tests.helpers.deployment import cli
+
+    cap: Capture = gws.capture  # type: ignore[attr-defined]
+    fo = f"[failover]\npeer = \"{{peer}}\"\nrole = \"{{role}}\"\ndead_ms = {DEAD_MS}\n"
+    gws.write("sg1", peers=["sg2"], extra=fo.format(peer="sg2", role="active"))
+    gws.write("sg2", peers=["sg1"], with_tunnels=False,
+              extra=fo.format(peer="sg1", role="standby"))  # fmt: skip
+    port1 = gws.ports["sg1"]["outer"]
+    every = {0x20000000 + i for i in range(TUNNELS)}
+
+    def detail() -> str:
+        return "\n".join(
+            f"{n}: {failover(gws, n) if n in gws.procs else '-'}\n{gws.log(n)[-2000:]}"
+            for n in ("sg1", "sg2")
+        )
+
+    gws.start("sg2")
+    gws.start("sg1")
+    traffic = Traffic(TUNNELS, [gws.ports["sg1"]["inner"], gws.ports["sg2"]["inner"]], PPS)
+    pid2 = gws.procs["sg2"].pid
+    try:
+        wait_for(lambda: failover(gws, "sg1")["standby_acknowledged"]
+                 and failover(gws, "sg2")["replicated_tunnels"] == TUNNELS,
+                 "never paired", detail=detail)  # fmt: skip
+        os.kill(pid2, signal.SIGSTOP)
+        try:
+            wait_for(lambda: failover(gws, "sg1")["lease"]["state"] == "lost",
+                     "lease not lost", detail=detail)  # fmt: skip
+            r = cli("failover", "alone", "--standby-is-down", "--json", "-c", gws.config("sg1"))
+            assert r.returncode == 0, r.stdout + r.stderr
+            assert json.loads(r.stdout)["epoch"] == 2
+            t_alone = time.monotonic()
+            wait_for(lambda: {s for s, _, _, t in list(cap.seen) if t > t_alone + 0.3} == every,
+                     "sg1 does not send again", detail=detail)  # fmt: skip
+            time.sleep(DEAD_MS / 1000 + 1.5)  # sg2's dead time passes while it is stopped
+        finally:
+            os.kill(pid2, signal.SIGCONT)
+        wait_for(lambda: failover(gws, "sg1")["role"] == "active"
+                 and failover(gws, "sg1")["standby_acknowledged"]
+                 and failover(gws, "sg2")["epoch"] == 2
+                 and failover(gws, "sg2")["replicated_tunnels"] == TUNNELS,
+                 "the resumed standby did not become the standby of epoch 2",
+                 detail=detail)  # fmt: skip
+        st2 = failover(gws, "sg2")
+        assert st2["role"] == "standby" and st2["resumed"] == 1, st2
+        assert "event=failover-resumed" in gws.log("sg2")
+        time.sleep(0.5)
+        t_end = time.monotonic()
+        assert {s for s, _, _, t in list(cap.seen) if t_end - 0.3 < t < t_end} == every
+    finally:
+        traffic.close()
+    assert cap.duplicates() == []
+    assert senders(cap, 0, time.monotonic()) == {port1}

@@ -58,6 +58,12 @@ log = logging.getLogger("ipsecct.ct.failover")
 
 UNFENCED = 1 << 64
 PREPARE_PER_TICK = 8  # replicas decoded ahead per tick (~125 us per SA)
+# A standby whose dead-time timer fires this late (and at least dead_ms late) was not running
+# (SIGSTOP, a suspended VM): its peer may have been told meanwhile that it is down (`failover
+# alone`) and send alone. It asks the peer (JOIN) for RESUME_GRACE seconds (at least twice
+# dead_ms) before it takes over: a peer that answers makes it that peer's standby.
+RESUMED_LATE = 1.0
+RESUME_GRACE = 3.0
 
 
 def is_sync(msg: cxtp.Message) -> bool:
@@ -147,6 +153,9 @@ class FailoverDriver:
                     f"{cfg.peer} took over meanwhile)",
                 )
         self._next_prepare = 0.0
+        # (since, until): the standby woke up past its dead time and asks the peer first
+        self._resume_hold: tuple[float, float] | None = None
+        self.resumed = 0  # such wake-ups
         node.extensions["failover"] = self.status
 
     def _new_standby(self, epoch: int) -> Standby:
@@ -233,6 +242,8 @@ class FailoverDriver:
         if sb is None or sb.took_over is not None:
             return None
         d = sb.next_deadline()
+        if d is not None and self._resume_hold is not None:
+            d = max(d, self._resume_hold[1])  # (the dead time has passed: not a busy loop)
         if sb.unprepared:  # decode what changed ahead of a take-over, a few every tick_ms
             d = self._next_prepare if d is None else min(d, self._next_prepare)
         if self.joining:
@@ -249,11 +260,38 @@ class FailoverDriver:
         sb = self.standby
         if sb is None:
             return
+        hold = self._resume_hold
+        if hold is not None and sb.last_heard is not None and sb.last_heard > hold[0]:
+            self._resume_hold = hold = None  # the peer answered: its standby, as before
+            self.joining = False
         if sb.dead(now):
-            self.take_over(now)
-            return
+            deadline = sb.next_deadline()
+            late = now - deadline if deadline is not None else 0.0
+            dead_s = self.cfg.dead_ms / 1000
+            if hold is None and late >= max(RESUMED_LATE, dead_s):
+                # Not running past the dead time (paused): the peer may run alone now, told
+                # so by the operator, and a take-over would send beside it. Ask it first.
+                hold = self._resume_hold = (now, now + max(RESUME_GRACE, 2 * dead_s))
+                self.resumed += 1
+                self.joining = True
+                self._next_join = now
+                event(
+                    log,
+                    "failover-resumed",
+                    logging.WARNING,
+                    node=self.node.name,
+                    peer=self.cfg.peer,
+                    late_s=f"{late:.1f}",
+                    detail=f"this standby was not running {late:.1f} s past its dead time "
+                    f"(stopped or suspended): it asks {self.cfg.peer} to replicate to it and "
+                    f"takes over only if nothing is heard within {hold[1] - now:.1f} s",
+                )
+            if hold is None or now >= hold[1]:
+                self._resume_hold = None
+                self.take_over(now)
+                return
         if self.joining and sb.took_over is None:
-            if sb.last_heard is not None:
+            if sb.last_heard is not None and self._resume_hold is None:
                 self.joining = False  # the active replicates to us
             elif now >= self._next_join:
                 # only over an open channel (the channel pool keeps trying to open one): a
@@ -500,6 +538,8 @@ class FailoverDriver:
                 "standby_of": self.cfg.peer,
                 "joining": self.joining,
                 "joins_sent": self.joins,
+                # woke up past its dead time and asked the peer before taking over
+                "resumed": self.resumed,
                 "replicated_tunnels": len(self.standby.replica),
                 "replicated_ike_sas": len(self.standby.extra),
                 # IKE SA replicas this gateway could not take over (not kept; the active
