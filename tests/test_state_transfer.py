@@ -615,12 +615,25 @@ def test_a_leaving_tunnel_whose_peer_is_no_longer_configured_is_shown_held_and_d
                 return s_["state"], s_["state_detail"]
         return None
 
-    assert sa_state() == ("installed", "")
+    # A transfer that outlives the polling below on a loaded machine (each `sa list` a CLI
+    # process of its own): with the fixture's 2 s it was rolled back (installed again) between
+    # two reads at load 8, and sg1 then restarted with nothing unresolved.
+    gws.kill("sg1")
+    gws.write("sg1", peers=["sg2"], max_transfer_ms=60000)
+    gws.start("sg1")
+    wait_for(lambda: sa_state() == ("installed", ""), "t4 not installed after the restart")
     freeze(gws, "sg2", True)
     th = start_transfer(gws, spi)
-    wait_for(lambda: (sa_state() or ("",))[0] == "leaving", "not shown leaving")
-    st = sa_state()
-    assert st is not None and "to sg2" in st[1], st
+    seen: list[tuple[str, str]] = []
+
+    def leaving() -> bool:
+        st = sa_state()
+        if st is not None and st[0] == "leaving":
+            seen.append(st)
+        return bool(seen)
+
+    wait_for(leaving, "not shown leaving")
+    assert "to sg2" in seen[0][1], seen
     gws.kill("sg1")
     gws.kill("sg2")
     th.join(30)

@@ -148,7 +148,7 @@ class Gateways:
 
     def write(
         self, name: str, *, with_tunnels: bool = True, peers: list[str] = (),  # type: ignore[assignment]
-        extra: str = "",
+        extra: str = "", max_transfer_ms: int = 2000,
     ) -> str:
         for n in (name, *peers):
             if n not in self.ports:
@@ -185,7 +185,7 @@ cert = "pki/{name}.pem"
 key = "pki/{name}.key"
 ca = "pki/ca.pem"
 identity = "direct"
-max_transfer_ms = 2000
+max_transfer_ms = {max_transfer_ms}
 retry_ms = 500
 retry_max_ms = 20000
 accept_local_ts = "10.2.0.0/24"
@@ -233,8 +233,11 @@ keys = "keys/t{i}.keys"
         while time.monotonic() < deadline:
             if self.procs[name].poll() is not None:
                 raise AssertionError(f"{name} exited: {self.log(name)}")
-            if cli("status", "-c", self.config(name), timeout=10).returncode == 0:
-                return
+            try:  # (a CLI process can take seconds to start on a loaded machine)
+                if cli("status", "-c", self.config(name), timeout=10).returncode == 0:
+                    return
+            except subprocess.TimeoutExpired:
+                pass
             time.sleep(0.05)
         raise AssertionError(f"{name} did not start: {self.log(name)}")
 
@@ -248,6 +251,8 @@ keys = "keys/t{i}.keys"
 
     def status(self, name: str) -> dict[str, Any]:
         r = cli("status", "--json", "-c", self.config(name))
+        if r.returncode != 0:  # once more: a gateway busy restarting on a loaded machine
+            r = cli("status", "--json", "-c", self.config(name))
         assert r.returncode == 0, r.stderr
         out: dict[str, Any] = json.loads(r.stdout)
         return out
