@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import random
 import struct
 import time
 
@@ -647,3 +648,117 @@ def test_rekey_collisions_repeated_leave_one_child_sa_on_both_sides() -> None:
         t += 100.0
     assert w.ini.stats["ike-rekey-refused-child-rekey"] + w.resp.stats[
         "ike-rekey-refused-child-rekey"] == 8
+
+
+def _random_payloads(r: random.Random, children: list[int]) -> list[M.Payload]:
+    """Well-encoded payloads of any meaning: SA (IKE, ESP, other; SPIs of every length; our
+    transforms or random ones), KE (known groups, right or wrong lengths), nonces, up to 255
+    traffic selectors, REKEY_SA and DELETE naming our SPIs or others, any notify, CP, ID."""
+    def b(n: int) -> bytes:
+        return bytes(r.getrandbits(8) for _ in range(n))
+
+    ike_t = conn().proposals[0].transforms()
+    esp_t = conn().children[0].esp_proposals[0].transforms()
+    hosts = ["10.2.0.5", "10.1.0.0", "0.0.0.0", "10.1.255.255", "255.255.255.255"]
+
+    def ts() -> M.TrafficSelector:
+        a, z = (ipaddress.ip_address(r.choice(hosts)) for _ in range(2))
+        a, z = (a, z) if int(a) <= int(z) else (z, a)
+        return M.TrafficSelector(7, r.choice([0, 6, 17, 1]), r.choice([0, 80]),
+                                 r.choice([80, 65535]), a, z)  # fmt: skip
+
+    kinds = {r.choice(["sa", "ke", "nonce", "tsi", "tsr", "rekey", "delete", "notify", "cp"])
+             for _ in range(r.randrange(6))}  # fmt: skip
+    if r.random() < 0.6:
+        kinds |= {"sa", "nonce", "tsi", "tsr"} | ({"ke"} if r.random() < 0.7 else set())
+    out: list[M.Payload] = []
+    for k in sorted(kinds):
+        if k == "sa":
+            props = []
+            for i in range(r.randrange(1, 3)):
+                proto = r.choice([1, 3, 3, 2])
+                spi = b({1: 8, 3: 4}.get(proto, 4) if r.random() < 0.8 else r.randrange(12))
+                tr = r.choice([ike_t, esp_t, (M.Transform(r.randrange(1, 6), r.randrange(40)),)])
+                props.append(M.Proposal(i + 1, proto, spi, tr))
+            out.append(M.SAPayload(tuple(props)))
+        elif k == "ke":
+            g = r.choice([31, 31, 19, 14, 1234])
+            out.append(M.KEPayload(g, b({31: 32, 19: 64, 14: 256}.get(g, 7)
+                                        if r.random() < 0.8 else r.randrange(300))))
+        elif k == "nonce":
+            out.append(M.NoncePayload(b(r.choice([0, 16, 32]))))
+        elif k in ("tsi", "tsr"):
+            n = r.choice([1, 1, 2, 255])
+            out.append(M.TSPayload(k == "tsi", tuple(ts() for _ in range(n))))
+        elif k == "rekey":
+            spi = r.choice([*children, r.getrandbits(32)])
+            out.append(M.NotifyPayload(M.Notify.REKEY_SA, r.choice([3, 1, 2]),
+                                       spi.to_bytes(4, "big")))  # fmt: skip
+        elif k == "delete":
+            proto = r.choice([1, 3, 3, 2])
+            spis = tuple(r.choice([s.to_bytes(4, "big") for s in children] + [b(4), b(8)])
+                         for _ in range(r.randrange(3))) if proto != 1 else ()  # fmt: skip
+            out.append(M.DeletePayload(proto, spis))
+        elif k == "notify":
+            out.append(M.NotifyPayload(int(r.choice(list(M.Notify))), r.choice([0, 1, 3]),
+                                       b(r.choice([0, 4, 8])), b(r.choice([0, 2, 4, 8, 12, 20]))))
+        else:
+            out.append(M.CPPayload(1, ((1, b(r.choice([0, 4]))), (r.randrange(30), b""))))
+    r.shuffle(out)
+    return out
+
+
+@pytest.mark.parametrize("seed", [*range(6), 20])  # 20: an SPI kept by a dead IKE SA
+def test_authenticated_requests_of_any_shape_never_raise(seed: int) -> None:
+    """An authenticated peer's requests of any shape (CREATE_CHILD_SA, INFORMATIONAL, even
+    IKE_AUTH again), the gateway's timer run between them, hours apart or not: receive(),
+    tick(), next_deadline() and the IKE SA's context never raise, and the gateway's SPI
+    table is its CHILD SAs' (this found the tcp-against-udp selectors of
+    test_selectors_of_two_protocols_are_unacceptable_not_a_crash)."""
+    r = random.Random(seed)
+    gwc = conn(dpd=r.choice([0, 5]), child_rekey=r.choice([None, 20]),
+               rekey=r.choice([None, 30]), esp=r.choice(["aes128gcm16", "aes128gcm16-x25519"]))
+    w = Wire(IkeEngine([mn_conn()]), IkeEngine([gwc]))
+    connect(w)
+    exchanges = [M.ExchangeType.CREATE_CHILD_SA] * 4 + [M.ExchangeType.INFORMATIONAL] * 2 + [
+        M.ExchangeType.IKE_AUTH]
+    now = 1.0
+    for _ in range(150):
+        now += r.choice([0.1, 1.0, 10.0, 61.0])
+        live = [(i, w.resp.by_spi[i.spi_r]) for i in w.ini.ike_sas()
+                if i.state is IkeState.ESTABLISHED and i.spi_r in w.resp.by_spi]  # fmt: skip
+        if not live:
+            break
+        ii, ir = r.choice(live)
+        ii.pending, ii.my_next_mid = None, ir.peer_next_mid
+        out: list[Output] = []
+        spis = [s for c in ir.children for s in (c.spi_in, c.spi_out)]
+        w.ini._request(ii, "any", _random_payloads(r, spis), now, out, r.choice(exchanges))
+        w.deliver(out, "i", now)
+        w.deliver(w.resp.tick(now), "r", now)
+        w.resp.next_deadline()
+        for i in w.resp.ike_sas():
+            if i.state is IkeState.ESTABLISHED:
+                context.encode(i, now)
+        asked = {int.from_bytes(i.pending.spi, "big") for i in w.resp.ike_sas()
+                 if i.pending is not None and i.pending.kind == "rekey-child"}  # ours in flight
+        assert w.resp._child_spis == asked | {
+            c.spi_in for i in w.resp.ike_sas() for c in i.children}
+    assert w.resp.stats["ike-sa-established"] == 1
+
+
+def test_an_ike_sa_that_dies_during_our_child_rekey_frees_its_spi() -> None:
+    """Our CHILD rekey takes an inbound SPI for the successor when it is sent; the IKE SA
+    died (the peer stopped answering) or was deleted before the answer: the SPI stayed taken
+    for good, one SPI of the range lost each time (found by the test above, seed 20)."""
+    for end in ("peer-dead", "deleted"):
+        w = pair()
+        connect(w)
+        (ir,) = w.resp.ike_sas()
+        w.deliver(w.resp.rekey_child(ir, ir.children[0], 1.0), "r", 1.0, drop=True)
+        assert len(w.resp._child_spis) == 2
+        if end == "deleted":
+            w.deliver(w.resp.delete(ir, 2.0), "r", 2.0, drop=True)
+        for t in (3.0, 5.0, 9.0, 17.0, 33.0, 70.0):
+            w.deliver(w.resp.tick(t), "r", t, drop=True)
+        assert not w.resp.ike_sas() and w.resp._child_spis == set(), end

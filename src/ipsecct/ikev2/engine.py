@@ -391,7 +391,7 @@ class IkeEngine:
             self._kill(ike, "deleted", out)
             return out
         if ike.pending is not None:  # window of one: the delete replaces the pending check
-            ike.pending = None
+            self._drop_pending(ike)
         self._request(ike, "delete", [DeletePayload(ProtocolId.IKE)], now, out)
         if ike.pending is not None:  # (none: closed, no message ID was left for it)
             ike.state = IkeState.DELETING
@@ -453,7 +453,7 @@ class IkeEngine:
         for c in ike.children:
             self._child_spis.discard(c.spi_in)
         ike.state = IkeState.DEAD
-        ike.pending = None
+        self._drop_pending(ike)
         self.stats["ike-sa-forgotten"] += 1
 
     def delete_child(self, ike: IkeSA, child: ChildSA, now: float) -> list[Output]:
@@ -1943,13 +1943,21 @@ class IkeEngine:
             spis, ike.queued_deletes = tuple(ike.queued_deletes), []
             self._request(ike, "delete-child", [DeletePayload(ProtocolId.ESP, spis)], now, out)
 
+    def _drop_pending(self, ike: IkeSA) -> None:
+        """Forget our request in flight; the inbound SPI a CHILD rekey had taken for its
+        successor is free again (it stayed taken for good when an IKE SA died or was deleted
+        during a CHILD rekey: one SPI of the range lost each time)."""
+        p, ike.pending = ike.pending, None
+        if p is not None and p.kind == "rekey-child" and p.spi:
+            self._child_spis.discard(int.from_bytes(p.spi, "big"))
+
     def _kill(self, ike: IkeSA, reason: str, out: list[Output]) -> None:
         if self.by_spi.get(ike.our_spi) is ike:
             del self.by_spi[ike.our_spi]
         self.half_open = {k: v for k, v in self.half_open.items() if v is not ike}
         was_up = ike.peer_id != "" and ike.state is not IkeState.REKEYED
         ike.state = IkeState.DEAD
-        ike.pending = None
+        self._drop_pending(ike)
         for c in ike.children:
             self._child_spis.discard(c.spi_in)
             out.append(ChildDown(ike, c, reason))
