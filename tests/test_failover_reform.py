@@ -11,6 +11,7 @@ import itertools
 import json
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -270,6 +271,23 @@ def test_etcd_mode_a_restarted_member_holds_the_survivors_replicas(
     assert {spi for spi, _, _, t in list(cap.seen) if t_end - 0.5 < t < t_end} == every
 
 
+def write_pair(gws: Gateways) -> tuple[int, set[int], Callable[[], str]]:
+    """sg1 active with the tunnels, sg2 its standby, dead_ms = DEAD_MS: (sg1's outer port, the
+    tunnels' outbound SPIs, what to print when a wait fails)."""
+    fo = f"[failover]\npeer = \"{{peer}}\"\nrole = \"{{role}}\"\ndead_ms = {DEAD_MS}\n"
+    gws.write("sg1", peers=["sg2"], extra=fo.format(peer="sg2", role="active"))
+    gws.write("sg2", peers=["sg1"], with_tunnels=False,
+              extra=fo.format(peer="sg1", role="standby"))  # fmt: skip
+
+    def detail() -> str:
+        return "\n".join(
+            f"{n}: {failover(gws, n) if n in gws.procs else '-'}\n{gws.log(n)[-2000:]}"
+            for n in ("sg1", "sg2")
+        )
+
+    return gws.ports["sg1"]["outer"], {0x20000000 + i for i in range(TUNNELS)}, detail
+
+
 def test_a_lost_standby_the_operator_lets_the_active_run_alone(gws: Gateways) -> None:
     """The standby dies for good: the active stops when its lease runs out (a dead standby
     and a partition look alike) and says so. ``ipsecct failover alone`` is refused while
@@ -278,18 +296,7 @@ def test_a_lost_standby_the_operator_lets_the_active_run_alone(gws: Gateways) ->
     from tests.helpers.deployment import cli
 
     cap: Capture = gws.capture  # type: ignore[attr-defined]
-    fo = f"[failover]\npeer = \"{{peer}}\"\nrole = \"{{role}}\"\ndead_ms = {DEAD_MS}\n"
-    gws.write("sg1", peers=["sg2"], extra=fo.format(peer="sg2", role="active"))
-    gws.write("sg2", peers=["sg1"], with_tunnels=False,
-              extra=fo.format(peer="sg1", role="standby"))  # fmt: skip
-    port1 = gws.ports["sg1"]["outer"]
-    every = {0x20000000 + i for i in range(TUNNELS)}
-
-    def detail() -> str:
-        return "\n".join(
-            f"{n}: {failover(gws, n) if n in gws.procs else '-'}\n{gws.log(n)[-2000:]}"
-            for n in ("sg1", "sg2")
-        )
+    port1, every, detail = write_pair(gws)
 
     def alone(*args: str) -> tuple[int, str]:
         r = cli("failover", "alone", "--json", "-c", gws.config("sg1"), *args)
@@ -484,18 +491,7 @@ def test_a_paused_standby_asks_the_active_the_operator_let_run_alone(gws: Gatewa
     from tests.helpers.deployment import cli
 
     cap: Capture = gws.capture  # type: ignore[attr-defined]
-    fo = f"[failover]\npeer = \"{{peer}}\"\nrole = \"{{role}}\"\ndead_ms = {DEAD_MS}\n"
-    gws.write("sg1", peers=["sg2"], extra=fo.format(peer="sg2", role="active"))
-    gws.write("sg2", peers=["sg1"], with_tunnels=False,
-              extra=fo.format(peer="sg1", role="standby"))  # fmt: skip
-    port1 = gws.ports["sg1"]["outer"]
-    every = {0x20000000 + i for i in range(TUNNELS)}
-
-    def detail() -> str:
-        return "\n".join(
-            f"{n}: {failover(gws, n) if n in gws.procs else '-'}\n{gws.log(n)[-2000:]}"
-            for n in ("sg1", "sg2")
-        )
+    port1, every, detail = write_pair(gws)
 
     gws.start("sg2")
     gws.start("sg1")
