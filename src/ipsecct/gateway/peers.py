@@ -303,14 +303,7 @@ class PeerChannels:
     def _stuck(self, peer: str, conn: tlschannel.CxtpConnection | None, why: str) -> None:
         """``peer`` takes nothing from its channel: drop the channel and what waits for it,
         and report the peer lost; the next message opens a new channel."""
-        now = self.clock()
-        if now >= self._quiet_until.get(peer, 0.0):  # at most one line per 10 s
-            self._quiet_until[peer] = now + 10.0
-            event(log, "peer-stuck", logging.WARNING, node=self.name, peer=peer, error=why)
-        q = self.queues.get(peer)
-        while q is not None and not q.empty():
-            q.get_nowait()
-        self.queued[peer] = 0
+        self._drop_waiting(peer, "peer-stuck", why)
         if conn is not None:
             # Reported here, not by its reader: a new channel may be open before the reader
             # wakes, and the reader reports only the loss of the channel in use.
@@ -321,6 +314,18 @@ class PeerChannels:
         # Soon, not now: send() may be in the middle of a transfer core's outputs, and the
         # loss makes the core roll back.
         asyncio.get_running_loop().call_soon(self.on_lost, peer)
+
+    def _drop_waiting(self, peer: str, what: str, why: str) -> None:
+        """Log ``what`` (a WARNING, at most one line per 10 s per peer) and drop every message
+        waiting to go to ``peer``."""
+        now = self.clock()
+        if now >= self._quiet_until.get(peer, 0.0):
+            self._quiet_until[peer] = now + 10.0
+            event(log, what, logging.WARNING, node=self.name, peer=peer, error=why)
+        q = self.queues.get(peer)
+        while q is not None and not q.empty():
+            q.get_nowait()
+        self.queued[peer] = 0
 
     async def _drain(self, peer: str, conn: tlschannel.CxtpConnection) -> None:
         try:
@@ -345,20 +350,7 @@ class PeerChannels:
             except ChannelTimeout:
                 self._stuck(peer, conn, f"no room to write for {SEND_STALL:g} s")
             except (IpsecctError, OSError) as exc:
-                now = self.clock()
-                if now >= self._quiet_until.get(peer, 0.0):  # at most one line per 10 s
-                    self._quiet_until[peer] = now + 10.0
-                    event(
-                        log,
-                        "peer-unreachable",
-                        logging.WARNING,
-                        node=self.name,
-                        peer=peer,
-                        error=str(exc),
-                    )
-                while not q.empty():
-                    q.get_nowait()
-                self.queued[peer] = 0
+                self._drop_waiting(peer, "peer-unreachable", str(exc))
                 self.on_lost(peer)
 
     async def connect_all(self) -> None:
