@@ -35,7 +35,7 @@ from ipsecct.ikev2.engine import (
     Send,
     strip_marker,
 )
-from ipsecct.ikev2.ikesa import Address, IkeState
+from ipsecct.ikev2.ikesa import Address, IkeSA, IkeState
 from ipsecct.ikev2.proposal import ENCR_AES_GCM_16, choose, parse, parse_list
 from ipsecct.ikev2.ts import from_text, narrow
 from ipsecct.ipsec.sad import Direction
@@ -1100,6 +1100,31 @@ def test_direct_handover_moves_the_peer_to_the_new_gateway(how: str) -> None:
     mirrored(w2)
 
 
+def _mobike_update(w: Wire, ike: IkeSA, now: float) -> tuple[bytes, Address, list[Output]]:
+    """The initiator's UPDATE_SA_ADDRESSES (with a COOKIE2) on ``ike`` from a new address,
+    192.0.2.99:4500, to the responder: (the cookie, the new address, the responder's
+    outputs)."""
+    cookie2 = os.urandom(16)
+    moved = Address(ipaddress.ip_address("192.0.2.99"), 4500)
+    out: list[Output] = []
+    ike.local = moved
+    w.ini._request(ike, "liveness", [
+        M.NotifyPayload(M.Notify.UPDATE_SA_ADDRESSES),
+        M.NotifyPayload(M.Notify.COOKIE2, data=cookie2),
+    ], now, out)  # fmt: skip
+    (req,) = out
+    assert isinstance(req, Send)
+    return cookie2, moved, w.resp.receive(req.data, moved, R500, now)
+
+
+def _answer_notifies(ike: IkeSA, resp: Send) -> dict[int, M.NotifyPayload]:
+    """The notifies inside the responder's encrypted answer ``resp`` on ``ike``."""
+    _hdr, payloads = M.decode(resp.data)
+    sk = payloads[0]
+    assert isinstance(sk, M.SKPayload)
+    return M.notifies(M.decode_payloads(ike.inbound.open(resp.data, sk), sk.first))
+
+
 def test_mobike_update_sa_addresses_is_answered() -> None:
     """A MOBIKE peer's UPDATE_SA_ADDRESSES (RFC 4555 §3.5) from a new address: the IKE SA
     follows it, the answer has the NAT-D notifies of the new path and echoes COOKIE2."""
@@ -1107,25 +1132,11 @@ def test_mobike_update_sa_addresses_is_answered() -> None:
     connect(w)
     (ii,), (ir,) = w.ini.ike_sas(), w.resp.ike_sas()
     assert ii.mobike and ir.mobike
-    cookie2 = os.urandom(16)
-    moved = Address(ipaddress.ip_address("192.0.2.99"), 4500)
-    out: list[Output] = []
-    ii.local = moved
-    w.ini._request(ii, "liveness", [
-        M.NotifyPayload(M.Notify.UPDATE_SA_ADDRESSES),
-        M.NotifyPayload(M.Notify.COOKIE2, data=cookie2),
-    ], 1.0, out)  # fmt: skip
-    (req,) = out
-    assert isinstance(req, Send)
-    answer = w.resp.receive(req.data, moved, R500, 1.0)
+    cookie2, moved, answer = _mobike_update(w, ii, 1.0)
     assert ir.remote == moved and any(isinstance(o, PeerMoved) for o in answer)
     (resp,) = [o for o in answer if isinstance(o, Send)]
     assert resp.dst == moved
-    _hdr, payloads = M.decode(resp.data)
-    sk = payloads[0]
-    assert isinstance(sk, M.SKPayload)
-    inner = M.decode_payloads(ii.inbound.open(resp.data, sk), sk.first)
-    n = M.notifies(inner)
+    n = _answer_notifies(ii, resp)
     assert n[M.Notify.COOKIE2].data == cookie2
     assert M.Notify.NAT_DETECTION_SOURCE_IP in n and M.Notify.NAT_DETECTION_DESTINATION_IP in n
     assert w.resp.stats["mobike-update-answered"] == 1
@@ -1150,22 +1161,9 @@ def test_an_ike_rekey_keeps_mobike_and_fragmentation(who: str) -> None:
     for old, new in ((ii, ni), (ir, nr)):
         assert (new.mobike, new.fragmentation, new.mid_sync, new.peer_hashes) == (
             old.mobike, old.fragmentation, old.mid_sync, old.peer_hashes)
-    cookie2 = os.urandom(16)
-    moved = Address(ipaddress.ip_address("192.0.2.99"), 4500)
-    out: list[Output] = []
-    ni.local = moved
-    w.ini._request(ni, "liveness", [
-        M.NotifyPayload(M.Notify.UPDATE_SA_ADDRESSES),
-        M.NotifyPayload(M.Notify.COOKIE2, data=cookie2),
-    ], 2.0, out)  # fmt: skip
-    (req,) = out
-    assert isinstance(req, Send)
-    (resp,) = [o for o in w.resp.receive(req.data, moved, R500, 2.0) if isinstance(o, Send)]
-    _hdr, payloads = M.decode(resp.data)
-    sk = payloads[0]
-    assert isinstance(sk, M.SKPayload)
-    n = M.notifies(M.decode_payloads(ni.inbound.open(resp.data, sk), sk.first))
-    assert n[M.Notify.COOKIE2].data == cookie2
+    cookie2, _moved, answer = _mobike_update(w, ni, 2.0)
+    (resp,) = [o for o in answer if isinstance(o, Send)]
+    assert _answer_notifies(ni, resp)[M.Notify.COOKIE2].data == cookie2
 
 
 def test_no_mobike_when_the_gateway_has_it_off() -> None:

@@ -25,7 +25,7 @@ from ipsecct.gateway.balancer import Balancer
 from ipsecct.gateway.config import BalanceConfig
 from ipsecct.ipsec.engine import TunnelState
 from ipsecct.ipsec.ippacket import build_udp
-from tests.helpers.handover import connect_as, flow, run_demo, services
+from tests.helpers.handover import connect_as, flow, record_lost, run_demo, services
 from tests.helpers.transfer import sel
 from tests.helpers.transfer_policy import rogue_cdbs
 from tests.helpers.transfer_processes import Setup
@@ -195,17 +195,11 @@ def test_a_peer_reconnecting_in_a_loop_rolls_nothing_back(tmp_path: Path) -> Non
         chans = services(d)["sg1"].channels
         await until(lambda: chans.connected("sg2"), "sg1's channel to sg2 is open")
         current = chans.conns["sg2"]
-        lost: list[str] = []
-        on_lost = chans.on_lost
-
-        def record(peer: str) -> None:
-            lost.append(peer)
-            on_lost(peer)
 
         def reading(address: str) -> bool:
             return any(c.peer_address == address for c in chans.all_conns)
 
-        chans.on_lost = record
+        lost = record_lost(chans)
         for _ in range(5):
             conn = await connect_as(tmp_path, d, "sg1", tmp_path / "pki", "sg2")
             host, port = conn.writer.get_extra_info("sockname")[:2]

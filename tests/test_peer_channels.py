@@ -18,7 +18,7 @@ import pytest
 from ipsecct.ct import cxtp
 from ipsecct.demo import topology as demo
 from ipsecct.gateway import tlschannel
-from tests.helpers.handover import services
+from tests.helpers.handover import record_lost, services
 from tests.helpers.waiting import eventually
 
 
@@ -27,18 +27,23 @@ def _open(d: demo.Demo, a: str, b: str) -> bool:
     return c is not None and not c.closed
 
 
+async def start_channels(d: demo.Demo) -> None:
+    """Only what `gateway run` does: start the transfer services (nobody connects); until
+    both gateways hold an open channel to the other."""
+    for svc in d.services.values():
+        await svc.start_context_transfer()
+    await eventually(
+        lambda: _open(d, "sg1", "sg2") and _open(d, "sg2", "sg1"),
+        "both gateways to hold an open channel to the other",
+        timeout=30,
+    )
+
+
 def test_channels_open_at_start_and_again_after_a_loss(tmp_path: Path) -> None:
     async def main() -> None:
         d = await demo.build(tmp_path, identity="indirect")
         try:
-            # Only what `gateway run` does: start the transfer service; nobody connects.
-            for svc in d.services.values():
-                await svc.start_context_transfer()
-            await eventually(
-                lambda: _open(d, "sg1", "sg2") and _open(d, "sg2", "sg1"),
-                "both gateways to hold an open channel to the other",
-                timeout=30,
-            )
+            await start_channels(d)
             chans = services(d)["sg1"].channels
             assert not chans._opening  # no handshake left half done
             lost = chans.conns["sg2"]
@@ -124,23 +129,10 @@ def test_a_channel_to_a_peer_gone_silent_is_dropped(tmp_path: Path) -> None:
         async def main() -> str:
             d = await demo.build(tmp_path, identity="indirect")
             try:
-                for svc in d.services.values():
-                    await svc.start_context_transfer()
-                await eventually(
-                    lambda: _open(d, "sg1", "sg2") and _open(d, "sg2", "sg1"),
-                    "both gateways to hold an open channel to the other",
-                    timeout=30,
-                )
+                await start_channels(d)
                 chans = services(d)["sg1"].channels
                 silent = chans.conns["sg2"]
-                lost: list[str] = []
-                on_lost = chans.on_lost
-
-                def record(peer: str) -> None:
-                    lost.append(peer)
-                    on_lost(peer)
-
-                chans.on_lost = record
+                lost = record_lost(chans)
                 ports = ", ".join(str(s.tcfg.listen.port) for s in services(d).values())
                 rules = (
                     "add table inet hole\n"

@@ -11,6 +11,7 @@ from typing import Any
 from ipsecct.demo import handover as demo_handover
 from ipsecct.demo import topology as demo
 from ipsecct.gateway import tlschannel
+from ipsecct.gateway.peers import PeerChannels
 from ipsecct.gateway.transfer_service import TransferService
 
 Main = Callable[[demo.Demo], Awaitable[None]]
@@ -45,6 +46,19 @@ def run_demo(
 
 def services(d: demo.Demo) -> dict[str, TransferService]:
     return {g: demo_handover.transfer_service(d, g) for g in d.gateways}
+
+
+def record_lost(chans: PeerChannels) -> list[str]:
+    """The peers ``chans`` reports lost from now on (in order), reported as before too."""
+    lost: list[str] = []
+    on_lost = chans.on_lost
+
+    def record(peer: str) -> None:
+        lost.append(peer)
+        on_lost(peer)
+
+    chans.on_lost = record
+    return lost
 
 
 async def flow(d: demo.Demo, seconds: float = 0.6, rate: int = 200) -> tuple[int, int]:
