@@ -199,9 +199,6 @@ class CxtpConnection:
     async def send(self, msg: cxtp.Message, *, timeout: float | None = None) -> None:
         await self.send_raw(cxtp.encode(msg), timeout=timeout)
 
-    async def send_many(self, msgs: list[cxtp.Message], *, timeout: float | None = None) -> None:
-        await self.send_raw(b"".join(cxtp.encode(m) for m in msgs), timeout=timeout)
-
     async def send_raw(self, data: bytes, *, timeout: float | None = None) -> None:
         """Write bytes as they are (tests use it to send malformed messages)."""
         if self._closed:
