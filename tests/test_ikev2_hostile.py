@@ -762,3 +762,21 @@ def test_an_ike_sa_that_dies_during_our_child_rekey_frees_its_spi() -> None:
         for t in (3.0, 5.0, 9.0, 17.0, 33.0, 70.0):
             w.deliver(w.resp.tick(t), "r", t, drop=True)
         assert not w.resp.ike_sas() and w.resp._child_spis == set(), end
+
+
+def test_message_ids_near_the_end_never_make_a_deadline_nothing_answers() -> None:
+    """The IKE rekey for message IDs near the end was due at once by one rule in tick() (its
+    regular rekey more than REKEY_RETRY from now) and by another in next_deadline() (more than
+    REKEY_RETRY after the peer was last heard): an IKE SA last heard 100 s ago (as a take-over
+    or handover imports one) whose regular rekey was 20 s away had a deadline in the past that
+    tick() did nothing about, and the gateway's timer spun for those 20 s."""
+    cbc = "aes128-sha256-x25519"
+    w = pair(mn_conn(ike=cbc), conn(ike=cbc))
+    ii, ir = _synced_near_the_end(w, "ours")
+    ir.my_next_mid = ii.peer_next_mid = MID_REKEY_AT  # (after 65,280 requests of ours)
+    now = 500.0
+    ir.last_heard, ir.rekey_at = now - 100.0, now + 20.0
+    out = w.resp.tick(now)
+    due = w.resp.next_deadline()
+    assert due is not None
+    assert due > now or out, (due, now, out)  # a deadline passed is a deadline acted on

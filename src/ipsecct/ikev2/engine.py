@@ -347,9 +347,7 @@ class IkeEngine:
                          ike.conn.name, ike.remote,
                          ",".join(f"{c.spi_in:08x}" for c in stale))  # fmt: skip
                 self._delete_children(ike, stale, now, out)
-            elif (ike.rekey_at is not None and now >= ike.rekey_at) or (
-                    _mids_low(ike) and (ike.rekey_at is None
-                                        or ike.rekey_at > now + REKEY_RETRY)):  # fmt: skip
+            elif (ike.rekey_at is not None and now >= ike.rekey_at) or _mid_rekey_now(ike):
                 if _mids_low(ike):
                     self.stats["ike-rekey-message-ids"] += 1
                 self._rekey_ike_request(ike, now, out)
@@ -377,8 +375,7 @@ class IkeEngine:
                 ds.append(ike.last_heard + ike.conn.dpd_delay)
             if ike.rekey_at is not None:
                 ds.append(ike.rekey_at)
-            if _mids_low(ike) and (ike.rekey_at is None
-                                   or ike.rekey_at > ike.last_heard + REKEY_RETRY):
+            if _mid_rekey_now(ike):
                 ds.append(ike.last_heard)  # rekeyed at once (§2.2)
             ds += [c.rekey_at for c in ike.children if c.rekey_at is not None and not c.rekeyed]
             ds += [c.rekeyed_at + REKEYED_GRACE for c in ike.children if c.rekeyed_at is not None]
@@ -2006,6 +2003,17 @@ def _inherit(new: IkeSA, old: IkeSA) -> None:
 def _mids_low(ike: IkeSA) -> bool:
     """Are the IKE SA's message IDs, ours or the peer's, near the end of 32 bits (§2.2)?"""
     return max(ike.my_next_mid, ike.peer_next_mid) >= MID_REKEY_AT
+
+
+def _mid_rekey_now(ike: IkeSA) -> bool:
+    """Is the IKE SA rekeyed at once for its message IDs: they are near the end and its
+    regular rekey (or the retry after a refusal) is not due within REKEY_RETRY of the last
+    exchange? One rule for tick() and next_deadline(): tick() measured from now and the
+    deadline from the last exchange, and a deadline in the past that tick() did nothing
+    about made the timer spin until the regular rekey."""
+    return _mids_low(ike) and (
+        ike.rekey_at is None or ike.rekey_at > ike.last_heard + REKEY_RETRY
+    )
 
 
 def strip_marker(data: bytes) -> bytes | None:
