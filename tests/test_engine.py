@@ -313,6 +313,40 @@ def test_hard_lifetime_by_time_fires_on_tick() -> None:
     assert p.mn.outbound(udp(), 31.0) is Drop.LIFETIME
 
 
+def test_timer_sweep_fires_lifetimes_ages_pmtu_and_collects_events_of_each_sa() -> None:
+    """The once-a-second sweep tests each SA's state inline (not three calls per SA): it
+    must still do what sa.poll(), sa.effective_mtu() and collecting its events do, for
+    every SA whatever its neighbours have."""
+    eng = Engine(ip("192.0.2.1"), default_mtu=1400)
+    plain, _ = sa_pair(spi=0x3001)
+    _, inn = sa_pair(spi=0x3004)
+    timed, _ = sa_pair(spi=0x3002)
+    timed.soft, timed.hard = Lifetime(seconds=10), Lifetime(seconds=20)
+    timed._limits_unset = False  # (as __post_init__ sets it for limits given there)
+    aged, _ = sa_pair(spi=0x3003)
+    soon, _ = sa_pair(spi=0x3005)
+    aged.path_mtu, aged.pmtu_expires = 1280, 5.0
+    soon.path_mtu, soon.pmtu_expires = 1300, 50.0
+    plain.events.append(SAEvent.SEQ_RESERVE)  # queued by the data path since the last drain
+    for sa in (plain, inn, timed, aged, soon):
+        eng.sad.add(sa)
+    eng.handle_timer(15.0)
+    assert [(e.sa.spi, e.event) for e in eng.drain_events()] == [
+        (0x3001, SAEvent.SEQ_RESERVE),
+        (0x3002, SAEvent.SOFT_EXPIRED),
+    ]
+    assert (aged.path_mtu, aged.pmtu_expires) == (1400, None)  # aged out: the default
+    assert (soon.path_mtu, soon.pmtu_expires) == (1300, 50.0)  # not yet
+    assert not plain.events and timed.soft_fired and not timed.dead
+    eng.handle_timer(16.0)
+    assert eng.drain_events() == []  # each event once
+    eng.handle_timer(21.0)
+    assert [(e.sa.spi, e.event) for e in eng.drain_events()] == [(0x3002, SAEvent.HARD_EXPIRED)]
+    assert timed.dead and not plain.dead and not inn.dead
+    eng.handle_timer(51.0)
+    assert (soon.path_mtu, soon.pmtu_expires) == (1400, None)
+
+
 def test_remove_tunnel_removes_policy_and_both_sas() -> None:
     p = Pair()
     (tunnel,) = p.mn.tunnels()

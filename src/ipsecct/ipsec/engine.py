@@ -944,10 +944,21 @@ class Engine:
     def handle_timer(self, now: float) -> None:
         """Fire time-based lifetime events and expire dead SAs' PMTU state."""
         self._next_timer = now + self.TIMER_INTERVAL
+        # What sa.poll(), sa.effective_mtu() and _collect() do, tested inline: most SAs have
+        # no lifetime limit, no aging PMTU and no event, and this walks every SA once a
+        # second (three calls each were 1.3 us per SA: 130 ms/s for 100,000 SAs).
+        default = self.default_mtu
+        events = self.events
         for sa in self.sad:
-            sa.poll(now)
-            sa.effective_mtu(now, self.default_mtu)
-            self._collect(sa)
+            if not sa._limits_unset:
+                sa._check_limits(now)
+            expires = sa.pmtu_expires
+            if expires is not None and now >= expires:
+                sa.effective_mtu(now, default)
+            if sa.events:
+                for ev in sa.events:
+                    events.append(EngineEvent(sa, ev))
+                sa.events.clear()
 
     def drain_events(self) -> list[EngineEvent]:
         ev, self.events = self.events, []
