@@ -3,6 +3,7 @@ does around the engine when an IKE SA arrives from a peer gateway."""
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,15 @@ from ipsecct.gateway.config import from_dict
 from ipsecct.gateway.ike import IkeService
 from ipsecct.gateway.node import Node
 from ipsecct.ikev2.engine import Send
-from tests.helpers.ikev2_engines import I500, R500, conn, connect, mn_conn, pair
+from tests.helpers.ikev2_engines import (
+    I500,
+    R500,
+    conn,
+    connect,
+    mn_conn,
+    pair,
+    peer_rekeyed_before_the_move,
+)
 
 
 def _service(tmp: Path, name: str = "sg2") -> IkeService:
@@ -302,3 +311,37 @@ def test_a_fragmented_request_held_during_a_transfer_follows_the_ike_sa_whole(
     for a in answers:
         ups += w.ini.receive(a.data, a.src, I500, 1.5)
     assert any(isinstance(o, ChildUp) for o in ups) and w.ini.stats["retransmitted"] == 0
+
+
+@pytest.mark.parametrize("how", ["transfer", "failover"])
+def test_an_imported_child_sa_the_peer_rekeyed_still_carries_the_traffic(
+    tmp_path: Path, how: str
+) -> None:
+    """The peer rekeyed a CHILD SA and has not deleted the old one when the IKE SA moves: at
+    the old gateway the old SA carries our traffic until then (the peer installs the new one
+    when it reads our answer). The tunnels reach the new gateway in any order (a transfer
+    appends them, a take-over puts each first): once the IKE SA is in, the old SA's policy
+    matches before its successor's, as it did."""
+    from ipsecct.ikev2 import context
+
+    w, _ike_i, ike_r, _delete = peer_rekeyed_before_the_move()
+    old, new = ike_r.children
+    svc = _service(tmp_path)
+    svc.engine.connections = [conn(child_rekey=20.0)]
+    svc._send = lambda o: None  # type: ignore[method-assign]
+    eng = svc.node.engine
+    tunnels = {}
+    for c in (old, new):  # each first: the successor's policy would take the traffic
+        entry, out, inn = c.sas(R500, I500, False, f"c/{c.spi_in:08x}")
+        tunnels[c.spi_in] = t = eng.add_tunnel(entry, out, inn, index=0)
+        t.came_from = "sg1"
+    if how == "transfer":
+        svc.receive_context("sg1", w.resp.export_ike(ike_r, 7.0))
+    else:
+        assert svc.take_over([context.encode(ike_r, 7.0)], 7.0, 0) == 1
+    (ike,) = svc.engine.ike_sas()
+    assert [c.handle for c in ike.children] == [tunnels[old.spi_in], tunnels[new.spi_in]]
+    spd = list(eng.spd)
+    assert spd.index(tunnels[old.spi_in].entry) < spd.index(tunnels[new.spi_in].entry)
+    inner = eng.spd.lookup(ipaddress.ip_address("10.1.0.1"), ipaddress.ip_address("10.2.0.5"), 17)
+    assert inner is tunnels[old.spi_in].entry

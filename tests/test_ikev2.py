@@ -50,6 +50,7 @@ from tests.helpers.ikev2_engines import (
     connect,
     mn_conn,
     pair,
+    peer_rekeyed_before_the_move,
 )
 
 # -- codec -------------------------------------------------------------------------------------
@@ -1186,14 +1187,25 @@ def test_ike_sa_context_refused_while_an_exchange_is_in_flight() -> None:
     assert w.resp.ike_sas() == [ike]
 
 
+@functools.cache
+def _rekeyed_context() -> tuple[bytes, ...]:
+    from ipsecct.ikev2 import context
+
+    _w, _i, ike_r, _d = peer_rekeyed_before_the_move()
+    return tuple(context.encode(ike_r, 7.0))
+
+
 @settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow], deadline=None)
 @given(st.data())
 def test_fuzz_ike_sa_context(data: st.DataObject) -> None:
     from ipsecct.ikev2 import context
 
-    w = pair()
-    connect(w)
-    cdbs = [bytearray(c) for c in context.encode(w.resp.ike_sas()[0], 0.0)]
+    if data.draw(st.booleans()):  # with a CHILD SA the peer rekeyed (item 17)
+        cdbs = [bytearray(c) for c in _rekeyed_context()]
+    else:
+        w = pair()
+        connect(w)
+        cdbs = [bytearray(c) for c in context.encode(w.resp.ike_sas()[0], 0.0)]
     i = data.draw(st.integers(0, len(cdbs) - 1))
     for _ in range(data.draw(st.integers(1, 5))):
         j = data.draw(st.integers(0, len(cdbs[i]) - 1))
@@ -1518,3 +1530,105 @@ def test_a_replica_is_checked_against_the_holders_connections() -> None:
         assert context.replica_refusal(cdbs, [conn(**kw)], 0.0) == why
     for junk in ([], [b""], [cdbs[0][:-8]], [b"\xff" * 40], cdbs[:1] + cdbs):
         assert context.replica_refusal(junk, [conn()], 0.0) is not None
+
+
+# -- a CHILD SA the peer rekeyed, moved before the peer deleted it -----------------------------
+
+
+@pytest.mark.parametrize("how", ["transfer", "failover"])
+def test_a_child_sa_the_peer_rekeyed_keeps_its_successor_at_the_new_gateway(how: str) -> None:
+    """The peer rekeyed a CHILD SA just before its IKE SA moved (a handover's export, or a
+    replica taken over after a fail-over): the new gateway knows the old SA has a successor
+    (item 17), so it does not rekey the old one at its rekey time (before, its own rekey of
+    an SA that already had a successor), it deletes it itself 60 s after the peer's rekey if
+    the peer never does, the peer's DELETE of it is answered, and the successor is rekeyed
+    by either side afterwards."""
+    from ipsecct.ikev2 import context
+
+    w, ike_i, ike_r, delete = peer_rekeyed_before_the_move()
+    old, new = ike_r.children
+    assert old.rekeyed and old.successor is new and old.rekeyed_at == 5.0
+    cdbs = w.resp.export_ike(ike_r, 7.0) if how == "transfer" else context.encode(ike_r, 7.0)
+    sg2 = IkeEngine([conn(child_rekey=20.0)])
+    taken = sg2.import_ike(cdbs, 7.0)
+    w2 = Wire(w.ini, sg2)
+    old2, new2 = taken.children
+    assert (old2.spi_in, new2.spi_in) == (old.spi_in, new.spi_in)
+    assert old2.rekeyed and old2.successor is new2 and not new2.rekeyed
+    assert old2.rekeyed_at == pytest.approx(5.0, abs=0.002)
+    assert old2.rekey_at is not None and new2.rekey_at is not None
+    assert old2.rekey_at < 21.0 < new2.rekey_at
+    assert sg2.tick(21.0) == [] and taken.pending is None  # the old one is not rekeyed again
+    if how == "failover":
+        # the RFC 6311 sync: the MN sends its DELETE in flight again under the new ID
+        w2.deliver(sg2.start_mid_sync(taken, 21.5), "r", 21.5)
+        assert taken.pending is None and sg2.stats["mid-sync-done"] == 1
+    else:  # the peer's DELETE of the old SA (its retransmission) reaches the new gateway
+        w2.deliver([delete], "i", 21.5)
+    assert [c.spi_in for c in taken.children] == [new2.spi_in]
+    assert [e.reason for e in w2.of("r", ChildDown)] == ["deleted by peer"]
+    mirrored(w2)
+    w2.deliver(sg2.tick(new2.rekey_at + 0.1), "r", new2.rekey_at + 0.1)  # sg2's own rekey
+    mirrored(w2)
+    w2.deliver(w.ini.rekey_child(ike_i, ike_i.children[0], 40.0), "i", 40.0)  # the MN's
+    mirrored(w2)
+
+
+def test_a_child_sa_the_peer_rekeyed_and_never_deleted_is_deleted_by_the_new_gateway() -> None:
+    w, ike_i, ike_r, _delete = peer_rekeyed_before_the_move()
+    sg2 = IkeEngine([conn(child_rekey=20.0)])
+    taken = sg2.import_ike(w.resp.export_ike(ike_r, 7.0), 7.0)
+    _old2, new2 = taken.children
+    w2 = Wire(w.ini, sg2)
+    w2.deliver(sg2.tick(65.1), "r", 65.1)  # 60 s after the peer's rekey at sg1
+    assert sg2.stats["rekeyed-child-deleted"] == 1
+    assert taken.children == [new2] and ike_i.children[0].spi_out == new2.spi_in
+    mirrored(w2)
+
+
+def test_a_hostile_successor_item_is_refused_and_an_older_context_admitted() -> None:
+    """Item 17 names the successor by its inbound SPI: it must be another CHILD SA of the same
+    context and configuration, named by one CHILD SA at most, and the chain must end. A peer
+    gateway that names a CHILD SA of another IKE SA (or a tunnel of this gateway), the SA
+    itself, one named twice or a circle is refused whole; a context without the item (an
+    older gateway's) is taken as before (no successor known)."""
+    from ipsecct.ikev2 import context
+
+    _w, _ike_i, ike_r, _delete = peer_rekeyed_before_the_move()
+    old, new = ike_r.children
+    main, c_old, c_new, *rest = context.encode(ike_r, 7.0)
+    item = bytes((17, 0, 8)) + struct.pack("!I", new.spi_in)
+    assert c_old.count(item) == 1 and bytes((17, 0, 8)) not in c_new
+
+    def with17(cdb: bytes, spi: int | None, age: int = 2000) -> bytes:
+        body = cdb.replace(item + struct.pack("!I", 2000), b"") if item in cdb else cdb
+        body = body.rstrip(b"\0")
+        extra = b"" if spi is None else bytes((17, 0, 8)) + struct.pack("!II", spi, age)
+        return context._frame(context.FPT_IKE_CHILD, body[4:] + extra)
+
+    def take(*children: bytes) -> IkeSA:
+        return IkeEngine([conn(child_rekey=20.0)]).import_ike([main, *children, *rest], 7.0)
+
+    ok = take(with17(c_old, new.spi_in), c_new)
+    assert ok.children[0].successor is ok.children[1]
+    older = take(with17(c_old, None), c_new)  # an older gateway's context
+    assert not any(c.rekeyed or c.successor for c in older.children)
+    gone = take(with17(c_old, 0), c_new)  # the successor was deleted already: 0
+    assert gone.children[0].rekeyed and gone.children[0].successor is None
+    for children, why in [
+        ((with17(c_old, 0x1234567), c_new), "not a CHILD SA of it"),
+        ((with17(c_old, old.spi_in), c_new), "not a CHILD SA of it"),
+        ((with17(c_old, new.spi_in), with17(c_new, old.spi_in)), "circle"),
+        ((with17(c_old, new.spi_in), with17(c_new, new.spi_in)), "not a CHILD SA of it"),
+    ]:
+        with pytest.raises(IkeContextError, match=why):
+            take(*children)
+    third = with17(c_old, new.spi_in).replace(struct.pack("!II", old.spi_in, old.spi_out),
+                                              struct.pack("!II", 0x7777, 0x8888))
+    with pytest.raises(IkeContextError, match="two"):
+        take(with17(c_old, new.spi_in), c_new, third)
+    short = with17(c_old, None)
+    short = context._frame(context.FPT_IKE_CHILD,
+                           short.rstrip(b"\0")[4:] + bytes((17, 0, 4)) + bytes(4))
+    with pytest.raises(IkeContextError, match="item 17"):
+        take(short, c_new)

@@ -8,7 +8,7 @@ import ipaddress
 from ipsecct.ikev2 import message as M
 from ipsecct.ikev2.config import ChildConfig, Connection, Identity
 from ipsecct.ikev2.engine import IkeEngine, Output, Send
-from ipsecct.ikev2.ikesa import Address
+from ipsecct.ikev2.ikesa import Address, IkeSA
 from ipsecct.ikev2.proposal import parse_list
 from ipsecct.ikev2.ts import from_text
 
@@ -78,3 +78,13 @@ def connect(w: Wire, now: float = 0.0) -> None:
     w.deliver(w.ini.initiate(w.ini.connections[0], I500, R500, now), "i", now)
 
 
+def peer_rekeyed_before_the_move() -> tuple[Wire, IkeSA, IkeSA, Send]:
+    """The MN rekeys its CHILD SA with the gateway at t=5 (the gateway's own rekey would be
+    due at about 18-20 s); the MN's DELETE of the old SA is sent, not yet delivered."""
+    w = pair(mn_conn(), conn(child_rekey=20.0))
+    connect(w)
+    (ike_i,), (ike_r,) = w.ini.ike_sas(), w.resp.ike_sas()
+    (req,) = [o for o in w.ini.rekey_child(ike_i, ike_i.children[0], 5.0) if isinstance(o, Send)]
+    (ans,) = [o for o in w.resp.receive(req.data, I500, R500, 5.0) if isinstance(o, Send)]
+    (delete,) = [o for o in w.ini.receive(ans.data, R500, I500, 5.0) if isinstance(o, Send)]
+    return w, ike_i, ike_r, delete

@@ -650,6 +650,7 @@ class IkeService:
             return
         for c in ike.children:
             c.handle = self.node.engine.tunnel_by_spi(c.spi_in)
+        self._order_rekeyed(ike)
         self._changes += 1  # new here: replicated
         # what still reaches the old gateway for it may come here for forward_time
         _remember(self._arrived, ike.our_spi, (peer, now + self.forward_time))
@@ -675,6 +676,18 @@ class IkeService:
                 self.engine.stats["early-replayed"] += 1
                 self._act(self.engine.receive(data, src, dst, now))
         self.node.timers.poke()  # the engine's next deadline may have moved
+
+    def _order_rekeyed(self, ike: IkeSA) -> None:
+        """An imported CHILD SA the peer rekeyed and has yet to delete carries our traffic
+        until it does, as it did at the old gateway (:meth:`_position`): its policy goes
+        before its successor's, whatever order the tunnels arrived in (a transfer appends
+        them, a take-over puts each first)."""
+        pairs = [(c.handle.entry, c.successor.handle.entry)  # type: ignore[attr-defined]
+                 for c in ike.children if c.successor is not None
+                 and c.handle is not None and c.successor.handle is not None]  # fmt: skip
+        for _ in range(len(pairs)):  # a chain (rekeyed twice) settles in as many passes
+            if not any([self.node.engine.order_before(a, b) for a, b in pairs if a is not b]):
+                break
 
     def liveness(self, ike: IkeSA) -> None:
         """Send a liveness check (an empty INFORMATIONAL) on ``ike`` now."""
@@ -781,6 +794,7 @@ class IkeService:
             self._changes += 1
             for c in ike.children:
                 c.handle = self.node.engine.tunnel_by_spi(c.spi_in)
+            self._order_rekeyed(ike)
             event(log, "ike-sa-taken-over", node=self.node.name, conn=ike.conn.name,
                   peer=ike.remote, spi_i=ike.spi_i.hex(), spi_r=ike.spi_r.hex(),
                   children=len(ike.children),

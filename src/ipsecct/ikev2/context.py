@@ -9,8 +9,9 @@ Three kinds of Context Data Block, each with the draft's CDB header
   flags, negotiated extensions (fragmentation, signature hashes, MOBIKE, RFC 6311
   message-ID and replay-counter sync), peer identity, seconds left to the IKE SA's rekey;
 - ``FPT_IKE_CHILD`` (0x8011): one per CHILD SA: config name, transforms, SPIs, KEYMAT, who
-  initiated it, narrowed selectors, seconds left to its rekey (the ESP SAs themselves travel
-  in the ordinary SA CDBs);
+  initiated it, narrowed selectors, seconds left to its rekey, and, for one the peer rekeyed
+  and has yet to delete, its successor's SPI and the rekey's age (the ESP SAs themselves
+  travel in the ordinary SA CDBs);
 - ``FPT_IKE_RESPONSE`` (0x8012): the cached last response, cut into pieces, so that a
   retransmitted request reaching the new gateway is answered as the old one would have.
 
@@ -239,6 +240,8 @@ def encode(ike: IkeSA, now: float) -> list[bytes]:
             (15, _left(c.rekey_at, now)),
             (16, _age(c.created, now)),
         ]  # fmt: skip
+        if c.rekeyed_at is not None:  # the peer rekeyed it and has not deleted it yet
+            items.append((17, _rekeyed(c, ike, now)))
         out.append(_frame(FPT_IKE_CHILD, _items(items)))
     piece = MAX_CDB - 64
     for i, msg in enumerate(ike.last_response):
@@ -482,6 +485,7 @@ def decode(cdbs: list[bytes], connections: list[Connection], now: float,
         ike.peer_auth = _unauth(_one(m, 27))
     ike.last_heard = now
     n_responses = _u(m, 23, 2)
+    successors: list[list[bytes] | None] = []
     for f, d in parsed:
         if f == FPT_IKE_SA:
             continue
@@ -489,8 +493,10 @@ def decode(cdbs: list[bytes], connections: list[Connection], now: float,
             raise IkeContextError("a CDB of another IKE SA")
         if f == FPT_IKE_CHILD:
             ike.children.append(_child(d, conn, now))
+            successors.append(d.get(17))
         elif f != FPT_IKE_RESPONSE:
             raise IkeContextError(f"unexpected CDB 0x{f:04x} among the IKE context")
+    _link_successors(ike.children, successors, now)
     pieces: dict[tuple[int, int], bytes] = {}
     counts: dict[int, int] = {}
     for f, d in parsed:
@@ -505,6 +511,50 @@ def decode(cdbs: list[bytes], connections: list[Connection], now: float,
             raise IkeContextError("cached response incomplete")
         ike.last_response.append(b"".join(pieces[(i, j)] for j in range(total)))
     return ike
+
+
+def _rekeyed(c: ChildSA, ike: IkeSA, now: float) -> bytes:
+    """Item 17 of a CHILD SA the peer rekeyed and has yet to delete: the inbound SPI of the
+    CHILD SA that replaces it (0: that one is gone already) and how long ago, in ms."""
+    s = c.successor
+    spi = s.spi_in if s is not None and s in ike.children else 0
+    assert c.rekeyed_at is not None
+    return struct.pack("!I", spi) + _age(c.rekeyed_at, now)
+
+
+def _link_successors(children: list[ChildSA], items: list[list[bytes] | None],
+                     now: float) -> None:  # fmt: skip
+    """Item 17 of each CHILD SA (absent: not rekeyed, or a context of an older version):
+    mark it rekeyed by the peer, when, and by which successor. A peer gateway is trusted with
+    the keys, not with the shape of the IKE SA: the successor must be another CHILD SA of
+    this very context, of the same CHILD configuration (a rekey keeps it), named by no other,
+    and the chain of successors must end (no cycle). Else IkeContextError."""
+    by_spi = {c.spi_in: c for c in children}
+    named: set[int] = set()
+    for c, v in zip(children, items, strict=True):
+        if v is None:
+            continue
+        if len(v) != 1 or len(v[0]) != 8:
+            raise IkeContextError("item 17 missing or repeated")
+        spi, age = struct.unpack("!II", v[0])
+        c.rekeyed = True
+        c.rekeyed_at = now - age / 1000
+        if spi == 0:
+            continue
+        s = by_spi.get(spi)
+        if s is None or s is c or s.config is not c.config:
+            raise IkeContextError("a rekeyed CHILD SA's successor is not a CHILD SA of it")
+        if spi in named:
+            raise IkeContextError("a CHILD SA named the successor of two")
+        named.add(spi)
+        c.successor = s
+    for c in children:  # each is named once at most: a chain longer than the list loops
+        s, steps = c.successor, 0
+        while s is not None:
+            steps += 1
+            if steps > len(children):
+                raise IkeContextError("rekeyed CHILD SAs succeed each other in a circle")
+            s = s.successor
 
 
 def _child(d: dict[int, list[bytes]], conn: Connection, now: float) -> ChildSA:

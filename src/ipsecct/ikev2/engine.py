@@ -1017,6 +1017,7 @@ class IkeEngine:
         if rekeyed is not None:
             rekeyed.rekeyed = True
             rekeyed.rekeyed_at = now
+            rekeyed.successor = child
             p = ike.pending
             if p is not None and p.kind == "rekey-child" and p.old_child is rekeyed:
                 rekeyed.collided = (child, ni, nr)  # both sides rekey it: §2.8.1

@@ -66,6 +66,9 @@ class ChildSA:
     # when the peer's rekey replaced it (we answered): the peer deletes it next, and if it has
     # not after REKEYED_GRACE, we do (its keys would live on, and our traffic stay on it)
     rekeyed_at: float | None = None
+    # the CHILD SA the peer's rekey of this one made (until the peer deletes this one, ours
+    # goes out here: the peer installs the successor when it reads our answer)
+    successor: ChildSA | None = field(default=None, repr=False)
 
     @property
     def name(self) -> str:

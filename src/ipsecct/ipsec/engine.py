@@ -321,6 +321,19 @@ class Engine:
         self._clear_flows()
         self.spd.add(entry, index=index)
 
+    def order_before(self, first: SPDEntry, then: SPDEntry) -> bool:
+        """Make ``first`` match before ``then`` (both in the SPD): when ``then`` comes first,
+        it moves to just after ``first`` (True; the flow caches are cleared)."""
+        entries = list(self.spd)
+        i = next((k for k, e in enumerate(entries) if e is first), None)
+        j = next((k for k, e in enumerate(entries) if e is then), None)
+        if i is None or j is None or j > i:
+            return False
+        self._clear_flows()
+        self.spd.remove(then)
+        self.spd.add(then, index=i)  # ``first`` is at i - 1 now
+        return True
+
     def add_tunnel(
         self,
         entry: SPDEntry,
