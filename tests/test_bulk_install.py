@@ -197,6 +197,39 @@ def test_expiring_forwarders_leave_the_others(n: int) -> None:
     assert eng.inbound_tunnel(0x100000) is None and eng.inbound_tunnel(0x100001) is tunnels[1]
 
 
+def test_expire_moved_walks_only_when_one_may_be_due_and_misses_none() -> None:
+    """expire_moved() skips its walk over every tunnel until the earliest forwarding time
+    of the moved tunnels: moves at different times, one made after a walk with an earlier
+    end than what was left, each tunnel removed exactly when its own time is over."""
+    eng = Engine(ip("192.0.2.1"))
+    tunnels = []
+    for i in range(6):
+        sel = Selectors.between("10.2.0.0/16", str(ip("10.64.0.0") + i))
+        tunnels.append(
+            eng.add_tunnel(
+                SPDEntry(sel, Action.PROTECT, name=f"t{i}", static=False),
+                _sa(0x1000 + i, Direction.OUTBOUND, sel, f"t{i}"),
+                _sa(0x100000 + i, Direction.INBOUND, sel, f"t{i}"),
+            )
+        )
+    t0, t1, t2, t3, t4, t5 = tunnels
+    assert eng.expire_moved(0.0) == []  # nothing moved: no walk, nothing to remove
+    eng.move_tunnels([t0, t1], PEER, 20.0)
+    eng.move_tunnel(t2, PEER, 30.0)
+    assert eng.expire_moved(19.9) == []
+    assert eng.expire_moved(20.0) == [t0, t1]
+    eng.move_tunnels([t3], PEER, 25.0)  # after the walk, earlier than t2's end
+    assert eng.expire_moved(24.0) == []
+    assert eng.expire_moved(25.0) == [t3]
+    assert eng.expire_moved(29.0) == []
+    eng.move_tunnel(t4, PEER, 29.5)
+    assert eng.expire_moved(29.5) == [t4]
+    assert eng.expire_moved(31.0) == [t2]
+    assert eng.expire_moved(1e9) == []
+    assert [t.name for t in eng.tunnels()] == ["t5"] and eng.moved_tunnels() == []
+    assert t5.state is TunnelState.ACTIVE
+
+
 def test_held_packets_find_their_transfer_among_thousands_of_tunnels() -> None:
     """A held packet's transfer is found by set membership (a bulk transfer holds thousands
     of tunnels); the set follows the transfer's list as tunnels are installed and as the list

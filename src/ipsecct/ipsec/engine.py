@@ -230,6 +230,10 @@ class Engine:
         self._tunnel_of_entry: dict[int, Tunnel] = {}  # id(SPDEntry) -> tunnel
         self._tunnel_of_sa: dict[int, Tunnel] = {}  # id(SA) -> tunnel
         self._moved_in: dict[int, Tunnel] = {}  # inbound SPI of a moved tunnel -> tunnel
+        # At or before the earliest forward_until of the moved tunnels (inf: none moved since
+        # the last expiry walk): expire_moved() walks the tunnels only once it is reached.
+        # forward_until is set only where a tunnel becomes MOVED (move_tunnel, move_tunnels).
+        self._moved_due = math.inf
         # Inbound SAs reachable under a (dst, protocol, SPI) that another SA owns: after an
         # SPI collision ("renegotiate"), or under the old SPI while the peer learns a new one
         # ("reassign"). Tried only when the owner does not verify the packet.
@@ -453,6 +457,7 @@ class Engine:
         self._clear_flows()
         tunnel.forward_to = peer
         tunnel.forward_until = until
+        self._moved_due = min(self._moved_due, until)
         if tunnel.inbound is not None:
             self._moved_in[tunnel.inbound.spi] = tunnel
 
@@ -471,6 +476,7 @@ class Engine:
             tunnel.forward_until = until
             if tunnel.inbound is not None:
                 self._moved_in[tunnel.inbound.spi] = tunnel
+            self._moved_due = min(self._moved_due, until)
         self._clear_flows()
 
     @staticmethod
@@ -511,11 +517,21 @@ class Engine:
         self._transition(tunnel, TunnelState.ACTIVE)
 
     def expire_moved(self, now: float) -> list[Tunnel]:
-        gone = [
-            t
-            for t in self._tunnel_of_entry.values()
-            if t.state is TunnelState.MOVED and now >= t.forward_until
-        ]
+        """Remove the moved tunnels whose forwarding time is over (called twice a second).
+        Walks every tunnel (a property read each) only when one may be due: a gateway
+        holding 10,000 tunnels walked them all on every call (7-10 ms), bulk transfers or
+        not."""
+        if now < self._moved_due:
+            return []
+        gone = []
+        due = math.inf
+        for t in self._tunnel_of_entry.values():
+            if t.state is TunnelState.MOVED:
+                if now >= t.forward_until:
+                    gone.append(t)
+                elif t.forward_until < due:
+                    due = t.forward_until
+        self._moved_due = due
         self.remove_tunnels(gone)
         return gone
 
