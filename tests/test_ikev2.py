@@ -35,7 +35,7 @@ from ipsecct.ikev2.engine import (
     Send,
     strip_marker,
 )
-from ipsecct.ikev2.ikesa import Address, IkeSA, IkeState
+from ipsecct.ikev2.ikesa import Address, ChildSA, IkeSA, IkeState
 from ipsecct.ikev2.proposal import ENCR_AES_GCM_16, choose, parse, parse_list
 from ipsecct.ikev2.ts import from_text, narrow
 from ipsecct.ipsec.sad import Direction
@@ -1390,7 +1390,7 @@ def test_ike_unit_payload_says_what_a_target_needs() -> None:
     w = pair(mn_conn(dpd=10), conn(dpd=10))
     connect(w)
     (ike,) = w.resp.ike_sas()
-    payload = context.unit_payload(ike, ike.children)
+    (payload,) = context.unit_payloads(ike, ike.children)
     assert context.unit_refusal(payload, [conn("x"), conn(dpd=10)]) is None
     assert context.unit_refusal(payload, [conn("x")]) == f"no connection {ike.conn.name!r} here"
     child = ike.children[0].config.name
@@ -1413,7 +1413,7 @@ def test_ike_unit_payload_carries_what_the_targets_policy_checks_before_the_comm
     w = pair(mn_conn(dpd=10), conn(dpd=10))
     connect(w)
     (ike,) = w.resp.ike_sas()
-    payload = context.unit_payload(ike, ike.children)
+    (payload,) = context.unit_payloads(ike, ike.children)
     assert context.unit_refusal(payload, [conn(remote_id="mn.test")]) is None
     for kw, why in NOT_ADMITTED.values():
         assert context.unit_refusal(payload, [conn(**kw)]) == why
@@ -1451,13 +1451,74 @@ def test_how_the_peer_authenticated_travels_and_an_older_gateways_context_is_adm
     bad = main.replace(item27, bytes((27, 0, 1, 9)))
     assert context.replica_refusal([bad, *rest], pubkey, 5.0) == (
         "bad authentication method item")
-    payload = context.unit_payload(ike, ike.children)
+    (payload,) = context.unit_payloads(ike, ike.children)
     item10 = bytes((10, 0, 1, 1))
     assert payload.count(item10) == 1
     assert context.unit_refusal(payload, pubkey) == NOT_ADMITTED["auth"][1]
     assert context.unit_refusal(payload.replace(item10, b""), pubkey) is None
     assert context.unit_refusal(payload.replace(item10, bytes((10, 0, 1, 3))), pubkey) == (
         "malformed IKE unit")
+
+
+def _big_unit() -> tuple[IkeSA, list[ChildSA]]:
+    """An IKE SA with 20 CHILD SAs of 60 selectors a side (about 38 KB of policy items): far
+    more than one UNIT CDB holds."""
+    w = pair(mn_conn(dpd=10), conn(dpd=10))
+    connect(w)
+    (ike,) = w.resp.ike_sas()
+    c0 = ike.children[0]
+    lts = [from_text(f"10.1.{i}.0/24") for i in range(60)]
+    rts = [from_text(f"10.2.0.{i}/32") for i in range(60)]
+    kids = [dataclasses.replace(c0, spi_in=0x1000 + i, spi_out=0x2000 + i, local_ts=lts,
+                                remote_ts=rts) for i in range(20)]  # fmt: skip
+    return ike, kids
+
+
+def test_unit_policy_items_too_large_for_one_cdb_travel_in_pieces() -> None:
+    """The policy items of an IKE SA with many CHILD SAs and selectors do not fit one UNIT
+    CDB: before, they were left out (the target checked only the names before the commit,
+    and refused the IKE SA after it: its CHILD SAs moved, the IKE SA lost). Now they travel
+    in pieces, one UNIT CDB each (item 11), every selector in one piece: a target that
+    admits the SA accepts every piece, one whose policy does not refuses a piece (and so
+    the unit); a gateway that predates item 11 finds the names only in each."""
+    from ipsecct.ct.transfer import UNIT_IKEV2, unit_cdb
+    from ipsecct.ikev2 import context
+
+    ike, kids = _big_unit()
+    payloads = context.unit_payloads(ike, kids)
+    assert len(payloads) > 10
+    spis = [c.spi_out for c in kids]
+    seen: list[tuple[str, bytes]] = []
+    for p in payloads:
+        assert len(unit_cdb(UNIT_IKEV2, spis, p)) <= 2040
+        d = context._parse(context._frame(0, p))[1]
+        assert not {7, 8, 9, 10} & set(d) and len(d[6]) == 20  # what an older gateway reads
+        inner = context._parse(context._frame(0, d[11][0]))[1]
+        for blob in inner.get(9, []):
+            k = context._parse(context._frame(0, blob))[1]
+            seen += [("l", t) for t in _split_ts(k[3][0])] + [("r", t) for t in _split_ts(k[4][0])]
+    want = [("l", context._ts([t])) for t in kids[0].local_ts]
+    want += [("r", context._ts([t])) for t in kids[0].remote_ts]
+    assert sorted(seen) == sorted(want * 20)  # every selector of every CHILD SA, once
+    ok = [conn(remote_id="mn.test", local_ts="10.1.0.0/16")]
+    assert [context.unit_refusal(p, ok) for p in payloads] == [None] * len(payloads)
+    for kw, why in NOT_ADMITTED.values():
+        if kw.get("local_ts") or kw.get("remote_ts"):
+            continue  # the selectors here are others (below)
+        assert why in [context.unit_refusal(p, [conn(**kw)]) for p in payloads]
+    narrow_ = [conn(local_ts="10.1.0.0/19")]  # 10.1.0-31: 10.1.32-59 are outside
+    whys = [context.unit_refusal(p, narrow_) for p in payloads]
+    assert "traffic selectors outside local_ts of child 'net' here" in whys
+    # pieces are checked on their own: damaged ones are refused, never raised
+    for junk in (payloads[1].replace(b"net", b"nxt"), payloads[0][:-5],
+                 payloads[0] + bytes((7, 0, 1, 0))):  # fmt: skip
+        assert context.unit_refusal(junk, ok) is not None
+
+
+def _split_ts(b: bytes) -> list[bytes]:
+    from ipsecct.ikev2 import context
+
+    return [context._ts([t]) for t in context._unts(b, empty=True)]
 
 
 @functools.cache
@@ -1468,7 +1529,16 @@ def _unit_payload() -> bytes:
     w = pair(mn_conn(dpd=10), conn(dpd=10))
     connect(w)
     (ike,) = w.resp.ike_sas()
-    return context.unit_payload(ike, ike.children)
+    (payload,) = context.unit_payloads(ike, ike.children)
+    return payload
+
+
+@functools.cache
+def _unit_pieces() -> tuple[bytes, ...]:
+    """The first two pieces of a UNIT payload too large for one CDB (item 11)."""
+    from ipsecct.ikev2 import context
+
+    return tuple(context.unit_payloads(*_big_unit())[:2])
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -1478,7 +1548,7 @@ def test_a_hostile_unit_payload_is_refused_or_judged_never_raised(data: st.DataO
     returns a reason or None, and never raises."""
     from ipsecct.ikev2 import context
 
-    b = bytearray(_unit_payload())
+    b = bytearray(data.draw(st.sampled_from([_unit_payload(), *_unit_pieces()])))
     for _ in range(data.draw(st.integers(0, 4))):
         i = data.draw(st.integers(0, len(b) - 1))
         b[i] = data.draw(st.integers(0, 255))

@@ -560,6 +560,33 @@ def test_a_unit_the_target_cannot_take_is_refused_whole_before_the_commit() -> N
     assert len(w.gw["sg1"].engine.sad) == 8
 
 
+def test_a_unit_in_pieces_is_refused_whole_when_one_piece_is() -> None:
+    """An IKE SA whose policy items do not fit one UNIT CDB sends several, each naming the
+    same CHILD SAs (ikev2.context.unit_payloads): the target checks each, and one refused
+    piece refuses all of the unit's tunnels; all accepted, all are taken."""
+    from ipsecct.ct.transfer import UNIT_IKEV2, unit_cdb
+
+    child_a = rogue_cdbs(sel("10.2.0.0/24", "10.1.0.66/32"))
+    child_b = rogue_cdbs(sel("10.2.0.0/24", "10.1.0.67/32"), spi_out=0x6660003, spi_in=0x6660004)
+    units = [unit_cdb(UNIT_IKEV2, [0x6660001, 0x6660003], p) for p in (b"one", b"two")]
+    for bad, ok in ((b"two", False), (b"none", True)):
+        w = victim_world()
+        core = w.gw["sg1"].core
+        seen: list[bytes] = []
+        core.unit_checks[UNIT_IKEV2] = lambda peer, p, bad=bad, seen=seen: (  # type: ignore[misc]
+            seen.append(p) or ("outside local_ts" if p == bad else None))
+        send_pctd(w, child_a + child_b + units)
+        msg = w.drop("sg1", "sg2")
+        assert isinstance(msg, cxtp.CTDR) and msg.all_ok is ok and seen == [b"one", b"two"]
+        if not ok:
+            res = {cxtp.SaResult.decode(c).spi: cxtp.SaResult.decode(c).status
+                   for c in msg.ext[1:]}  # fmt: skip
+            assert res[0x6660001] == res[0x6660003] == cxtp.Status.UNAUTHORISED
+            assert core.counters["unit_refused"] == 1
+        else:
+            assert len(core.engine.sad) == 6
+
+
 def test_a_unit_is_installed_all_or_none() -> None:
     """One CHILD SA of the unit is refused by the target's policy (its selectors overlap a
     tunnel already here): the other one, accepted and installed held, is removed and refused

@@ -557,9 +557,10 @@ class IkeService:
         out = []
         for ike in self.engine.ike_sas():
             children = [c for c in ike.children if c.spi_out in going]
-            if children:
-                payload = ike_context.unit_payload(ike, children)
-                out.append(unit_cdb(UNIT_IKEV2, [c.spi_out for c in children], payload))
+            if children:  # one UNIT CDB, or several when its policy items need them
+                spis = [c.spi_out for c in children]
+                out += [unit_cdb(UNIT_IKEV2, spis, p)
+                        for p in ike_context.unit_payloads(ike, children)]  # fmt: skip
         return out
 
     def check_unit(self, peer: str, payload: bytes) -> str | None:

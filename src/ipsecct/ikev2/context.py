@@ -127,7 +127,7 @@ def _ts(ts: list[TrafficSelector]) -> bytes:
                     for t in ts)  # fmt: skip
 
 
-def _unts(b: bytes) -> list[TrafficSelector]:
+def _unts(b: bytes, empty: bool = False) -> list[TrafficSelector]:
     out = []
     pos = 0
     while pos < len(b):
@@ -143,7 +143,7 @@ def _unts(b: bytes) -> list[TrafficSelector]:
             raise IkeContextError("bad selector")
         out.append(TrafficSelector(ttype, proto, sp, ep, a, z))
         pos += 7 + 2 * n
-    if not out:
+    if not out and not empty:
         raise IkeContextError("a CHILD SA without selectors")
     return out
 
@@ -253,53 +253,117 @@ def encode(ike: IkeSA, now: float) -> list[bytes]:
     return out
 
 
-# The UNIT payload's policy items (an IKE SA's negotiated suite, peer identity, and per CHILD
-# SA its suite and selectors) are left out above this size: the UNIT CDB must fit one CDB,
-# and the import after the commit checks the same (policy_refusal).
-UNIT_POLICY_MAX = 1200
+def _unit_room(n: int) -> int:
+    """The largest payload of a UNIT CDB listing ``n`` CHILD SAs (``ct.transfer.unit_cdb``:
+    CDB header, Kind | Count | PayloadLen, an outbound SPI each, all in one CDB)."""
+    return MAX_CDB - 4 - 4 - 4 * n
 
 
-def unit_payload(ike: IkeSA, children: list[ChildSA]) -> bytes:
-    """What a target needs to take this IKE SA after its CHILD SAs (the payload of the
-    transfer's UNIT CDB, ``ct.transfer.unit_cdb``): its connection's name and the names of
-    its CHILD SAs' configurations, then what the target's policy is checked against before
-    the commit (:func:`policy_refusal`): the IKE SA's suite (7), the peer's identity (8) and
-    how it authenticated (10), and, per CHILD SA, its configuration's name, suite and
-    selectors (9). A gateway that predates items 7-10 reads only the names."""
-    items = [(1, bytes((VERSION,))), (5, ike.conn.name.encode())]
-    items += [(6, c.config.name.encode()) for c in children]
-    policy = [(7, _suite(ike.suite)), (8, ike.peer_id.encode()),
-              (10, bytes((_AUTH[auth_of(ike)],)))]  # fmt: skip
-    policy += [(9, _items([(1, c.config.name.encode()), (2, _suite(c.suite)),
-                           (3, _ts(c.local_ts)), (4, _ts(c.remote_ts))]))
-               for c in children]  # fmt: skip
-    extra = _items(policy)
-    return _items(items) + (extra if len(extra) <= UNIT_POLICY_MAX else b"")
+def _kid(name: str, suite: Suite, lts: list[TrafficSelector],
+         rts: list[TrafficSelector]) -> bytes:  # fmt: skip
+    return _items([(1, name.encode()), (2, _suite(suite)), (3, _ts(lts)), (4, _ts(rts))])
+
+
+def unit_payloads(ike: IkeSA, children: list[ChildSA]) -> list[bytes]:
+    """What a target needs to take this IKE SA after its CHILD SAs (the payloads of the
+    transfer's UNIT CDBs, ``ct.transfer.unit_cdb``, each listing all of ``children``): its
+    connection's name and the names of its CHILD SAs' configurations, then what the
+    target's policy is checked against before the commit (:func:`policy_refusal`): the IKE
+    SA's suite (7), the peer's identity (8) and how it authenticated (10), and, per CHILD SA,
+    its configuration's name, suite and selectors (9). A gateway that predates items 7-10
+    reads only the names.
+
+    One payload when it all fits one CDB. Else (many CHILD SAs, many selectors, a long
+    identity) the policy items go in pieces, one UNIT CDB each, under item 11 (a gateway
+    that predates it reads only the names of each, as before): the IKE SA's items in the
+    first, then the CHILD SAs' (a CHILD SA's selectors spread over several when they must).
+    Each piece is checked on its own; a piece the target refuses refuses the unit. Before,
+    a policy over 1,200 octets was left out: the target checked only the names before the
+    commit and refused the IKE SA after it (its CHILD SAs moved, the IKE SA lost)."""
+    names = _items([(1, bytes((VERSION,))), (5, ike.conn.name.encode())]
+                   + [(6, c.config.name.encode()) for c in children])  # fmt: skip
+    top = _items([(7, _suite(ike.suite)), (8, ike.peer_id.encode()),
+                  (10, bytes((_AUTH[auth_of(ike)],)))])  # fmt: skip
+    kids = [_items([(9, _kid(c.config.name, c.suite, c.local_ts, c.remote_ts))])
+            for c in children]  # fmt: skip
+    room = _unit_room(len(children)) - len(names)
+    if len(top) + sum(map(len, kids)) <= room:
+        return [names + top + b"".join(kids)]
+    room -= 3  # item 11's own header
+    # an identity too long for a piece of its own (over 1.7 KB) cannot be announced: the
+    # target checks it when the IKE SA arrives (policy_refusal), as for an older source
+    pieces: list[bytes] = []
+    cur = top if len(top) <= room else b""
+    for c in children:
+        # its selectors, as many as fit in each piece: each part with the configuration's
+        # name and the suite (a selector is checked on its own, so a part as the whole is)
+        lts: list[TrafficSelector] = []
+        rts: list[TrafficSelector] = []
+        for side, t in [("l", t) for t in c.local_ts] + [("r", t) for t in c.remote_ts]:
+            nl, nr = lts + [t] * (side == "l"), rts + [t] * (side == "r")
+            if len(cur) + len(_items([(9, _kid(c.config.name, c.suite, nl, nr))])) > room:
+                if lts or rts:
+                    cur += _items([(9, _kid(c.config.name, c.suite, lts, rts))])
+                pieces.append(cur)
+                cur = b""
+                nl, nr = [t] * (side == "l"), [t] * (side == "r")
+            lts, rts = nl, nr
+        cur += _items([(9, _kid(c.config.name, c.suite, lts, rts))])
+    pieces.append(cur)
+    return [names + _items([(11, p)]) for p in pieces]
+
+
+Kid = tuple[str, Suite, list[TrafficSelector], list[TrafficSelector]]
+
+
+def _unit_policy(d: dict[int, list[bytes]], children: list[str],
+                 piece: bool) -> tuple[tuple[Suite, str, str] | None, list[Kid]]:  # fmt: skip
+    """The policy items of a UNIT payload (or of one piece, item 11): the IKE SA's (None
+    when absent from a piece) and the CHILD SAs'. A whole payload names every CHILD SA once;
+    a piece names some of them, with some of their selectors."""
+    kids = []
+    for blob in d.get(9, []):
+        k = _parse(_frame(0, blob))[1]
+        kids.append((_one(k, 1).decode(), _unsuite(_one(k, 2)),
+                     _unts(_one(k, 3), empty=piece), _unts(_one(k, 4), empty=piece)))  # fmt: skip
+    if piece:
+        if any(n not in children for n, *_ in kids) or (7 in d) != (8 in d):
+            raise ValueError("malformed piece")
+    elif sorted(n for n, *_ in kids) != sorted(children):
+        raise ValueError("malformed unit")
+    if 7 not in d:
+        if 10 in d:
+            raise ValueError("malformed unit")
+        return None, kids
+    # 10: absent from a gateway that predates it (admitted, as before)
+    auth = _unauth(_one(d, 10)) if 10 in d else ""
+    return (_unsuite(_one(d, 7)), _one(d, 8).decode(), auth), kids
 
 
 def unit_refusal(payload: bytes, connections: list[Connection]) -> str | None:
     """Why a gateway with ``connections`` cannot take the IKE SA a UNIT payload describes
     (None: it can): no connection of that name, no CHILD configuration of a name, or (when
-    the payload carries them) a suite, identity or selectors its policy does not admit."""
+    the payload, or this piece of it, carries them) a suite, identity or selectors its
+    policy does not admit."""
     try:
         d = _parse(_frame(0, payload))[1]
         if _u(d, 1, 1) != VERSION:
             return "unknown IKE unit version"
         name = _one(d, 5).decode()
         children = [c.decode() for c in d.get(6, [])]
-        Kid = tuple[str, Suite, list[TrafficSelector], list[TrafficSelector]]
-        policy: tuple[Suite, str, str, list[Kid]] | None = None
-        if 7 in d or 8 in d or 9 in d or 10 in d:
-            kids = []
-            for blob in d.get(9, []):
-                k = _parse(_frame(0, blob))[1]
-                kids.append((_one(k, 1).decode(), _unsuite(_one(k, 2)), _unts(_one(k, 3)),
-                             _unts(_one(k, 4))))  # fmt: skip
-            if sorted(n for n, *_ in kids) != sorted(children):
+        top: tuple[Suite, str, str] | None = None
+        kids: list[Kid] = []
+        policy = False
+        if 11 in d:  # one piece of a policy too large for one CDB
+            if any(t in d for t in (7, 8, 9, 10)):
                 return "malformed IKE unit"
-            # 10: absent from a gateway that predates it (admitted, as before)
-            auth = _unauth(_one(d, 10)) if 10 in d else ""
-            policy = (_unsuite(_one(d, 7)), _one(d, 8).decode(), auth, kids)
+            top, kids = _unit_policy(_parse(_frame(0, _one(d, 11)))[1], children, True)
+            policy = True
+        elif 7 in d or 8 in d or 9 in d or 10 in d:
+            top, kids = _unit_policy(d, children, False)
+            policy = top is not None
+            if not policy:
+                return "malformed IKE unit"
     except (IkeContextError, UnicodeDecodeError, ValueError, struct.error):
         return "malformed IKE unit"
     conn = next((c for c in connections if c.name == name), None)
@@ -308,12 +372,10 @@ def unit_refusal(payload: bytes, connections: list[Connection]) -> str | None:
     for child in children:
         if not any(cc.name == child for cc in conn.children):
             return f"no child {child!r} in connection {name!r} here"
-    if policy is None:
+    if not policy:
         return None
-    suite, peer_id, auth, kids = policy
     by_name = {cc.name: cc for cc in conn.children}
-    return _refusal(conn, suite, peer_id, auth,
-                    [(by_name[n], s_, lts, rts) for n, s_, lts, rts in kids])  # fmt: skip
+    return _refusal(conn, top, [(by_name[n], s_, lts, rts) for n, s_, lts, rts in kids])
 
 
 def replica_refusal(cdbs: list[bytes], connections: list[Connection], now: float) -> str | None:
@@ -341,24 +403,25 @@ def policy_refusal(ike: IkeSA) -> str | None:
     take-over's) before it is taken: an authenticated peer gateway is trusted with the keys,
     not with this gateway's policy."""
     kids = [(c.config, c.suite, c.local_ts, c.remote_ts) for c in ike.children]
-    return _refusal(ike.conn, ike.suite, ike.peer_id, ike.peer_auth, kids)
+    return _refusal(ike.conn, (ike.suite, ike.peer_id, ike.peer_auth), kids)
 
 
 def _refusal(
     conn: Connection,
-    suite: Suite,
-    peer_id: str,
-    auth: str,
+    top: tuple[Suite, str, str] | None,
     children: list[tuple[ChildConfig, Suite, list[TrafficSelector], list[TrafficSelector]]],
 ) -> str | None:
-    """``auth``: how the peer authenticated ("": not known, from an older gateway)."""
-    if not admits(conn.proposals, suite):
-        return f"IKE proposal {suite.name()} not in connection {conn.name!r} here"
-    if auth and auth != conn.remote_auth:
-        return (f"peer authenticated with {auth}, remote.auth of {conn.name!r} here is "
-                f"{conn.remote_auth}")  # fmt: skip
-    if not _id_admitted(conn, peer_id):
-        return f"peer identity {peer_id!r} is not remote.id of {conn.name!r} here"
+    """``top``: the IKE SA's suite, the peer's identity and how it authenticated ("": not
+    known, from an older gateway); None: not in this piece of a UNIT payload."""
+    if top is not None:
+        suite, peer_id, auth = top
+        if not admits(conn.proposals, suite):
+            return f"IKE proposal {suite.name()} not in connection {conn.name!r} here"
+        if auth and auth != conn.remote_auth:
+            return (f"peer authenticated with {auth}, remote.auth of {conn.name!r} here is "
+                    f"{conn.remote_auth}")  # fmt: skip
+        if not _id_admitted(conn, peer_id):
+            return f"peer identity {peer_id!r} is not remote.id of {conn.name!r} here"
     for cc, csuite, lts, rts in children:
         if not admits(cc.esp_proposals, csuite):
             return f"ESP proposal {csuite.name()} not in child {cc.name!r} here"
