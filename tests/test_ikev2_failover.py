@@ -19,7 +19,7 @@ import pytest
 
 from tests.helpers import strongswan
 from tests.helpers.ike_world import CLIENT, Client, IkeWorld, ike_world, waiting_with_logs
-from tests.helpers.netns_topology import HOST, SG_OUTER, Traffic, cli
+from tests.helpers.netns_topology import HOST, MN_OUTER, SG_OUTER, Traffic, cli
 
 needs_strongswan = pytest.mark.skipif(not strongswan.available(), reason=strongswan.skip_reason())
 
@@ -70,6 +70,8 @@ def test_strongswan_client_keeps_its_ike_sa_across_a_fail_over(
         # checked on arrival against sg2's own connection, which admits it
         assert w.status("sg2")["failover"]["refused_ike_sas"] == 0
         assert w.status("sg1")["ike"]["replicas_refused"] == []
+        # ESP to the MN from both gateways (the virtual address: sg1's, then sg2's)
+        cap = w.capture("mn", "esp-to-mn", f"udp dst port 4500 and dst host {MN_OUTER}")
         traffic = Traffic.start(w, udp_rate=200, after=200, limit=100_000, ping_interval=0.1)
         try:
             wait_until(lambda: w.counters("sg1").get("liveness-ok", 0) >= 2,
@@ -98,6 +100,7 @@ def test_strongswan_client_keeps_its_ike_sa_across_a_fail_over(
             mn, host, ping = traffic.finish()
         finally:
             traffic.stop()
+            cap.stop()
         log = ss.log()
         assert ("responder requested MID sync" in log) == (how == "rfc6311"), ss.logtail()
         # the client never started over: one IKE_SA_INIT, one IKE_AUTH
@@ -112,6 +115,10 @@ def test_strongswan_client_keeps_its_ike_sa_across_a_fail_over(
         # the stream went on through sg2 after the take-over: one gap (detection, the
         # virtual address's move), then everything came back, nothing twice
         assert mn["duplicates"] == 0 and host["duplicates"] == 0, (mn, host)
+        # the wire: the two gateways together never sent an (SPI, sequence number) pair
+        # twice (sg2 leapt past what sg1 may have sent after its last replication)
+        esp, repeated = cap.esp_repeats()
+        assert esp > 1000 and not repeated, (esp, repeated[:10])
         # under detection time + 1.5 s at 200 datagrams/s
         assert mn["longest_missing_run"] < (w.dead_ms + 1500) * 200 // 1000, mn
         assert mn["sent"] - mn["echoed"] <= mn["longest_missing_run"] + 5, mn
@@ -204,6 +211,9 @@ def _direct_fail_over(w: IkeWorld) -> None:
         assert strongswan.ping_once_up(w.ns, "mn", HOST, 3) == 3, ss.logtail() + w.logs()
         (ike1,) = w.ike_sas("sg1")
         assert ike1["mobike"] and ike1["local"] == f"{SG_OUTER['sg1']}:4500"
+        # ESP to the MN from sg1's address, then from sg2's (the old SA, then the new one)
+        cap = w.capture("mn", "esp-to-mn", f"udp dst port 4500 and dst host {MN_OUTER}")
+        assert strongswan.ping(w.ns, "mn", HOST, 3) == 3, ss.logtail() + w.logs()
         wait_until(lambda: w.status("sg2")["failover"].get("replicated_ike_sas") == 1,
                    "sg2 to hold a replica of the IKE SA", 10)  # fmt: skip
         proc = w.daemons["sg1"].proc
@@ -229,6 +239,9 @@ def _direct_fail_over(w: IkeWorld) -> None:
         assert strongswan.ping(w.ns, "mn", HOST, 5) == 5, ss.logtail() + w.logs()
         sas = ss.list_sas()
         assert f"@ {SG_OUTER['sg2']}[4500]" in sas and f"{SG_OUTER['sg1']}[" not in sas, sas
+        cap.stop()
+        esp, repeated = cap.esp_repeats()
+        assert esp >= 8 and not repeated, (esp, repeated[:10])
         log = ss.log()
         assert "responder requested MID sync" in log, ss.logtail()
         assert len(re.findall(r"generating IKE_SA_INIT request", log)) == 1, log

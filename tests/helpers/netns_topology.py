@@ -40,6 +40,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -320,6 +321,14 @@ class Capture:
 
     def stop(self) -> None:
         stop_process(self.proc, signal.SIGINT)
+
+    def esp_repeats(self) -> tuple[int, list[tuple[str, str]]]:
+        """The ESP packets captured and the (SPI, sequence number) pairs among them that
+        appear more than once (tshark decodes ESP in UDP 4500 after the non-ESP marker test,
+        so IKE on that port is not counted)."""
+        pairs = Counter((spi, seq) for spi, seq in self.fields("esp.spi", "esp.sequence")
+                        if spi and seq)  # fmt: skip
+        return sum(pairs.values()), [p for p, n in pairs.items() if n > 1]
 
     def fields(self, *names: str) -> list[list[str]]:
         """The capture's packets as rows of tshark fields."""
