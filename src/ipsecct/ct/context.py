@@ -782,6 +782,7 @@ _U16 = struct.Struct("!H")
 _U32 = struct.Struct("!I")
 _U64 = struct.Struct("!Q")
 _TWO16 = struct.Struct("!HH")
+_RANGE4 = struct.Struct("!BII")  # an IPv4 range of a selector field: version, first, last
 _M_ESP_ENC, _M_ESP_INTEG, _M_AH_INTEG = (
     _MASKS[b] for b in (Bit.ESP_ENC, Bit.ESP_INTEG, Bit.AH_INTEG)
 )
@@ -848,48 +849,48 @@ def _build_selectors(bits: int, raw: bytes) -> Selectors | None:
     ranges = []
     for _ in range(nlocal + nremote):
         alen = 4 if raw[pos] == 4 else 16
-        first_raw = raw[pos + 1 : pos + 1 + alen]
-        last_raw = raw[pos + 1 + alen : pos + 1 + 2 * alen]
-        if len(last_raw) != alen or first_raw > last_raw:
-            return None
-        rng = _ranges.get(first_raw + last_raw)
+        end = pos + 1 + 2 * alen
+        pair = raw[pos + 1 : end]  # first and last, as the cache's key
+        rng = _ranges.get(pair) if len(pair) == 2 * alen else None
         if rng is None:  # (immutable: shared by the selectors that carry the same range)
+            first_raw, last_raw = pair[:alen], pair[alen:]
+            if len(last_raw) != alen or first_raw > last_raw:
+                return None
             if len(_ranges) >= _CACHE_MAX:
                 _ranges.clear()
-            rng = _ranges[first_raw + last_raw] = AddressRange(
-                _address(first_raw), _address(last_raw)
-            )
+            rng = _ranges[pair] = AddressRange(_address(first_raw), _address(last_raw))
         ranges.append(rng)
-        pos += 1 + 2 * alen
-    sel_proto = PROTO_ANY
-    if bits & _M_SEL_PROTOCOL:
-        sel_proto = raw[pos]
-        pos += 1
-    ports = []
-    for m in (_M_SEL_LOCAL_PORTS, _M_SEL_REMOTE_PORTS):
-        if bits & m:
-            ports.append(PortRange(*_TWO16.unpack_from(raw, pos)))
-            pos += 4
-        else:
-            ports.append(_ANY_PORTS)
-    texts: list[bytes | None] = []
-    for m in (_M_SEL_NAME, _M_SEL_LABEL):
-        if bits & m:
-            tlen = raw[pos]
-            texts.append(raw[pos + 1 : pos + 1 + tlen])
-            pos += 1 + tlen
-        else:
-            texts.append(None)
-    name_raw, label = texts
+        pos = end
+    if bits == _M_SELECTORS:  # addresses only (the usual): no optional part follows
+        sel_proto, name, label = PROTO_ANY, None, None
+        local_ports = remote_ports = _ANY_PORTS
+    else:
+        sel_proto = PROTO_ANY
+        if bits & _M_SEL_PROTOCOL:
+            sel_proto = raw[pos]
+            pos += 1
+        ports = []
+        for m in (_M_SEL_LOCAL_PORTS, _M_SEL_REMOTE_PORTS):
+            if bits & m:
+                ports.append(PortRange(*_TWO16.unpack_from(raw, pos)))
+                pos += 4
+            else:
+                ports.append(_ANY_PORTS)
+        local_ports, remote_ports = ports
+        texts: list[bytes | None] = []
+        for m in (_M_SEL_NAME, _M_SEL_LABEL):
+            if bits & m:
+                tlen = raw[pos]
+                texts.append(raw[pos + 1 : pos + 1 + tlen])
+                pos += 1 + tlen
+            else:
+                texts.append(None)
+        name_raw, label = texts
+        name = None if name_raw is None else name_raw.decode("utf-8")
     selectors = Selectors(
-        tuple(ranges[:nlocal]),
-        tuple(ranges[nlocal:]),
-        sel_proto,
-        ports[0],
-        ports[1],
-        None if name_raw is None else name_raw.decode("utf-8"),
-        label,
-    )
+        tuple(ranges[:nlocal]), tuple(ranges[nlocal:]), sel_proto, local_ports, remote_ports,
+        name, label,
+    )  # fmt: skip
     if len(_selectors) >= _CACHE_MAX:
         _selectors.clear()
     _selectors[(bits, raw)] = selectors
@@ -1223,12 +1224,17 @@ def _selectors_field(sel: Selectors) -> tuple[int, bytes] | None:
     hit = _sel_cdb.get(id(sel))
     if hit is not None and hit[0]() is sel:
         return hit[1], hit[2]
-    if not (1 <= len(sel.local) <= MAX_RANGES and 1 <= len(sel.remote) <= MAX_RANGES):
+    local, remote = sel.local, sel.remote
+    if not (1 <= len(local) <= MAX_RANGES and 1 <= len(remote) <= MAX_RANGES):
         return None
-    out = bytearray([len(sel.local), len(sel.remote)])
-    for r in (*sel.local, *sel.remote):
-        out.append(r.version)
-        out += r.first.packed + r.last.packed
+    out = bytearray((len(local), len(remote)))
+    for r in (*local, *remote):
+        first, last = r.first, r.last
+        if type(first) is ipaddress.IPv4Address and type(last) is ipaddress.IPv4Address:
+            out += _RANGE4.pack(4, int(first), int(last))  # (version, packed, packed)
+        else:
+            out.append(r.version)
+            out += first.packed + last.packed
     bits = _M_SELECTORS
     if sel.protocol != PROTO_ANY:
         bits |= _M_SEL_PROTOCOL
@@ -1237,7 +1243,7 @@ def _selectors_field(sel: Selectors) -> tuple[int, bytes] | None:
         (_M_SEL_LOCAL_PORTS, sel.local_ports),
         (_M_SEL_REMOTE_PORTS, sel.remote_ports),
     ):
-        if not ports.is_any:
+        if ports.first != 0 or ports.last != 65535:  # (not PortRange.is_any, a property)
             bits |= m
             out += _TWO16.pack(ports.first, ports.last)
     if sel.name is not None:
