@@ -1195,13 +1195,24 @@ def _rekeyed_context() -> tuple[bytes, ...]:
     return tuple(context.encode(ike_r, 7.0))
 
 
+@functools.cache
+def _cert_context() -> tuple[bytes, ...]:
+    from ipsecct.ikev2 import context
+
+    w, _ca, _gw = _san_matched()
+    return tuple(context.encode(w.resp.ike_sas()[0], 1.0))
+
+
 @settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow], deadline=None)
 @given(st.data())
 def test_fuzz_ike_sa_context(data: st.DataObject) -> None:
     from ipsecct.ikev2 import context
 
-    if data.draw(st.booleans()):  # with a CHILD SA the peer rekeyed (item 17)
+    kind = data.draw(st.sampled_from(["plain", "rekeyed", "cert"]))
+    if kind == "rekeyed":  # with a CHILD SA the peer rekeyed (item 17)
         cdbs = [bytearray(c) for c in _rekeyed_context()]
+    elif kind == "cert":  # a certificate peer's names and CA (items 28, 29)
+        cdbs = [bytearray(c) for c in _cert_context()]
     else:
         w = pair()
         connect(w)
@@ -1534,6 +1545,17 @@ def _unit_payload() -> bytes:
 
 
 @functools.cache
+def _cert_unit_payload() -> bytes:
+    """The UNIT payload of a certificate peer's IKE SA (items 12, 13)."""
+    from ipsecct.ikev2 import context
+
+    w, _ca, _gw = _san_matched()
+    (ike,) = w.resp.ike_sas()
+    (payload,) = context.unit_payloads(ike, ike.children)
+    return payload
+
+
+@functools.cache
 def _unit_pieces() -> tuple[bytes, ...]:
     """The first two pieces of a UNIT payload too large for one CDB (item 11)."""
     from ipsecct.ikev2 import context
@@ -1548,7 +1570,8 @@ def test_a_hostile_unit_payload_is_refused_or_judged_never_raised(data: st.DataO
     returns a reason or None, and never raises."""
     from ipsecct.ikev2 import context
 
-    b = bytearray(data.draw(st.sampled_from([_unit_payload(), *_unit_pieces()])))
+    b = bytearray(data.draw(st.sampled_from([_unit_payload(), *_unit_pieces(),
+                                             _cert_unit_payload()])))
     for _ in range(data.draw(st.integers(0, 4))):
         i = data.draw(st.integers(0, len(b) - 1))
         b[i] = data.draw(st.integers(0, 255))
@@ -1702,3 +1725,118 @@ def test_a_hostile_successor_item_is_refused_and_an_older_context_admitted() -> 
                            short.rstrip(b"\0")[4:] + bytes((17, 0, 4)) + bytes(4))
     with pytest.raises(IkeContextError, match="item 17"):
         take(short, c_new)
+
+
+# -- a certificate peer known by its DN, matched by a subjectAltName, after a move ------------
+
+
+def _san_matched() -> tuple[Wire, object, Connection]:
+    """A MN authenticates with a certificate (P-256, our CA) naming itself by its DN, with
+    subjectAltNames dns:mn.test, email:mn@test and ip:10.2.0.5; the gateway's ``remote.id``
+    is ``mn.test``: matched by the SAN. Returns the wire, the CA and the gateway's
+    connection."""
+    import datetime as dt
+    import time
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    from ipsecct.ikev2.auth import Credentials
+
+    ca, gw_cert, gw_key, ca_key = _pki("p256")
+    mn_key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.UTC)
+    sans = [x509.DNSName("mn.test"), x509.RFC822Name("mn@test"),
+            x509.IPAddress(ipaddress.ip_address("10.2.0.5"))]  # fmt: skip
+    mn_cert = (x509.CertificateBuilder()
+               .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "mn")]))
+               .issuer_name(ca.subject).public_key(mn_key.public_key())  # type: ignore[attr-defined]
+               .serial_number(x509.random_serial_number())
+               .not_valid_before(now - dt.timedelta(days=1))
+               .not_valid_after(now + dt.timedelta(days=3))
+               .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+               .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+               .sign(ca_key, hashes.SHA256()))  # type: ignore[arg-type]  # fmt: skip
+
+    def pk(c: Connection, cert: object, key: object, remote_id: str) -> Connection:
+        return dataclasses.replace(c, local_auth="pubkey", remote_auth="pubkey", local_id=None,
+                                   remote_id=Identity(remote_id),
+                                   credentials=Credentials((cert,), key),  # type: ignore[arg-type]
+                                   cacerts=[ca])  # type: ignore[list-item]  # fmt: skip
+
+    gw = pk(conn(), gw_cert, gw_key, "mn.test")
+    ini = IkeEngine([pk(mn_conn(), mn_cert, mn_key, "peer.test")], wall_offset=time.time())
+    w = Wire(ini, IkeEngine([gw], wall_offset=time.time()))
+    connect(w)
+    return w, ca, gw
+
+
+def test_a_san_matched_identity_is_checked_by_the_gateway_that_takes_the_ike_sa() -> None:
+    """The MN is known by its certificate's DN and the gateway's ``remote.id`` names one of
+    its subjectAltNames. Before, a gateway taking the IKE SA over (handover, replica) could
+    not tell whether its own ``remote.id`` was among them (the certificate does not travel)
+    and admitted any, nor whether the certificate came from one of its own CAs. The context
+    (items 28, 29) and the UNIT payload (12, 13) now carry the names the certificate proves
+    and the fingerprint of the CA it led to: a target whose ``remote.id`` is another name, or
+    whose ``remote.cacerts`` do not hold that CA, refuses it (before the commit, on a
+    replica's arrival, at the import); one with the same or another of its names takes it.
+    The names survive the next move and an IKE rekey; a context without them (an older
+    gateway's) is admitted as before; damaged names are refused, never raised."""
+    from ipsecct.ikev2 import auth, context
+
+    w, ca, gw = _san_matched()
+    (ike,) = w.resp.ike_sas()
+    assert ike.peer_id == "CN=mn"
+    assert ike.peer_names == ("dns:mn.test", "email:mn@test", "ip:10.2.0.5")
+    assert ike.peer_ca == auth.fingerprint(ca)  # type: ignore[arg-type]
+    cdbs = context.encode(ike, 1.0)
+    (payload,) = context.unit_payloads(ike, ike.children)
+    _, other_ca, _, _ = _pki("p256")
+    cases = {
+        "mn.test": None, "mn@test": None, "10.2.0.5": None, "%any": None, "CN=mn": None,
+        "other.test": "peer identity 'CN=mn' is not remote.id of 'c' here",
+        "mn@other": "peer identity 'CN=mn' is not remote.id of 'c' here",
+        "10.2.0.6": "peer identity 'CN=mn' is not remote.id of 'c' here",
+    }  # fmt: skip
+    for rid, why in cases.items():
+        here = [dataclasses.replace(gw, remote_id=Identity(rid))]
+        assert context.replica_refusal(cdbs, here, 1.0) == why, rid
+        assert context.unit_refusal(payload, here) == why, rid
+    theirs = [dataclasses.replace(gw, cacerts=[other_ca, *gw.cacerts[1:]])]
+    ca_why = "peer's certificate is not from a CA in remote.cacerts of 'c' here"
+    assert context.replica_refusal(cdbs, theirs, 1.0) == ca_why
+    assert context.unit_refusal(payload, theirs) == ca_why
+    with pytest.raises(IkeContextError, match=re.escape(ca_why)):
+        IkeEngine(theirs).import_ike(cdbs, 1.0)
+    both = [dataclasses.replace(gw, cacerts=[other_ca, ca])]
+    assert context.replica_refusal(cdbs, both, 1.0) is None
+    # taken over; moved on again after an IKE rekey there: still known
+    sg2 = IkeEngine([dataclasses.replace(gw, remote_id=Identity("mn@test"))])
+    taken = sg2.import_ike(cdbs, 1.0)
+    assert (taken.peer_names, taken.peer_ca) == (ike.peer_names, ike.peer_ca)
+    w2 = Wire(w.ini, sg2)
+    w2.deliver(sg2.rekey_ike(taken, 2.0), "r", 2.0)
+    (again,) = sg2.ike_sas()
+    assert again is not taken and again.peer_names == ike.peer_names
+    assert again.peer_auth == "pubkey"
+    other = [dataclasses.replace(gw, remote_id=Identity("other.test"))]
+    assert context.replica_refusal(context.encode(again, 3.0), other, 3.0) is not None
+    # an older gateway's context (no items 28, 29) and UNIT payload (no 12, 13): as before
+    main, *rest = cdbs
+    d = context._parse(main)[1]
+    old_main = context._frame(context.FPT_IKE_SA, context._items(
+        [(t, v) for t, vs in d.items() if t not in (28, 29) for v in vs]))  # fmt: skip
+    assert context.replica_refusal([old_main, *rest], other, 1.0) is None
+    pd = context._parse(context._frame(0, payload))[1]
+    old_payload = context._items([(t, v) for t, vs in pd.items() if t not in (12, 13)
+                                  for v in vs])  # fmt: skip
+    assert context.unit_refusal(old_payload, other) is None
+    # damaged names: refused, never raised
+    for bad in (b"\x05dns:", b"\x09ftp:a.b.c", b"\x05dns:\xff", b"\x20dns:x"):
+        junk = context._frame(context.FPT_IKE_SA, context._items(
+            [(t, bad if t == 28 else v) for t, vs in d.items() for v in vs]))  # fmt: skip
+        assert context.replica_refusal([junk, *rest], [gw], 1.0) is not None
+        with pytest.raises(IkeContextError):
+            IkeEngine([gw]).import_ike([junk, *rest], 1.0)

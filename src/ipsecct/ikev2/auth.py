@@ -7,6 +7,7 @@ certificate, validating a certificate chain to configured CAs, and CERTREQ conte
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import ipaddress
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -151,18 +152,42 @@ def parse_cert(der: bytes) -> x509.Certificate:
 
 
 def validate_chain(cert: x509.Certificate, intermediates: list[x509.Certificate],
-                   cas: list[x509.Certificate], now: dt.datetime) -> None:  # fmt: skip
-    """The certificate leads, through at most 4 intermediates, to one of ``cas``; each one in
-    its validity period and each issuer a CA. AuthError otherwise, also for a certificate that
-    cannot be read (BAD_CERT)."""
+                   cas: list[x509.Certificate], now: dt.datetime) -> x509.Certificate:  # fmt: skip
+    """The certificate leads, through at most 4 intermediates, to one of ``cas`` (returned);
+    each one in its validity period and each issuer a CA. AuthError otherwise, also for a
+    certificate that cannot be read (BAD_CERT)."""
     try:
-        _validate_chain(cert, intermediates, cas, now)
+        return _validate_chain(cert, intermediates, cas, now)
     except BAD_CERT:
         raise AuthError("a certificate of the chain cannot be read") from None
 
 
+MAX_NAMES = 32  # subjectAltNames of a peer's certificate kept with its IKE SA
+MAX_NAME_LEN = 255
+
+
+def fingerprint(cert: x509.Certificate) -> bytes:
+    """SHA-256 of the certificate's DER: how a CA is named in an IKE SA's context."""
+    return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).digest()
+
+
+def cert_names(cert: x509.Certificate) -> tuple[str, ...]:
+    """The names a certificate proves besides its subject DN, as ``dns:``, ``email:`` and
+    ``ip:`` strings (its subjectAltNames of those kinds, the first MAX_NAMES, each at most
+    MAX_NAME_LEN characters): what a gateway that takes its IKE SA over checks its own
+    ``remote.id`` against (the certificate itself does not travel)."""
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        out = [f"dns:{d.lower()}" for d in san.get_values_for_type(x509.DNSName)]
+        out += [f"email:{d.lower()}" for d in san.get_values_for_type(x509.RFC822Name)]
+        out += [f"ip:{a}" for a in san.get_values_for_type(x509.IPAddress)]
+    except (x509.ExtensionNotFound, *BAD_CERT):
+        return ()
+    return tuple(n for n in out if len(n) <= MAX_NAME_LEN)[:MAX_NAMES]
+
+
 def _validate_chain(cert: x509.Certificate, intermediates: list[x509.Certificate],
-                    cas: list[x509.Certificate], now: dt.datetime) -> None:  # fmt: skip
+                    cas: list[x509.Certificate], now: dt.datetime) -> x509.Certificate:  # fmt: skip
     chain = [cert]
     current = cert
     for _ in range(5):
@@ -171,7 +196,7 @@ def _validate_chain(cert: x509.Certificate, intermediates: list[x509.Certificate
                 raise AuthError(f"certificate {c.subject.rfc4514_string()} is not valid now")
         for ca in cas:
             if _issued_by(current, ca):
-                return
+                return ca
         nxt = next((i for i in intermediates if i not in chain and _issued_by(current, i)
                     and _is_ca(i)), None)  # fmt: skip
         if nxt is None:

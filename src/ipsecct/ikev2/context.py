@@ -26,6 +26,7 @@ import ipaddress
 import struct
 
 from ..errors import IkeContextError
+from .auth import MAX_NAMES, fingerprint
 from .config import ChildConfig, Connection, _dn_set
 from .ikesa import Address, ChildSA, IkeSA, IkeState
 from .keys import ChildKeys, IkeKeys
@@ -226,6 +227,9 @@ def encode(ike: IkeSA, now: float) -> list[bytes]:
         (26, _age(ike.created, now)),
         (27, bytes((_AUTH[auth_of(ike)],))),
     ]  # fmt: skip
+    if ike.peer_ca:  # a certificate peer: what its certificate proves (28) and its CA (29)
+        room = MAX_CDB - 8 - len(_items(main)) - 3 - (3 + 32)
+        main += [(28, _names(ike.peer_names, room)), (29, ike.peer_ca)]
     out = [_frame(FPT_IKE_SA, _items(main))]
     for c in ike.children:
         ck = c.keys
@@ -282,8 +286,11 @@ def unit_payloads(ike: IkeSA, children: list[ChildSA]) -> list[bytes]:
     commit and refused the IKE SA after it (its CHILD SAs moved, the IKE SA lost)."""
     names = _items([(1, bytes((VERSION,))), (5, ike.conn.name.encode())]
                    + [(6, c.config.name.encode()) for c in children])  # fmt: skip
-    top = _items([(7, _suite(ike.suite)), (8, ike.peer_id.encode()),
-                  (10, bytes((_AUTH[auth_of(ike)],)))])  # fmt: skip
+    top_items = [(7, _suite(ike.suite)), (8, ike.peer_id.encode()),
+                 (10, bytes((_AUTH[auth_of(ike)],)))]  # fmt: skip
+    if ike.peer_ca:  # a certificate peer: the names it proves (12) and its CA (13)
+        top_items += [(12, _names(ike.peer_names, 1024)), (13, ike.peer_ca)]
+    top = _items(top_items)
     kids = [_items([(9, _kid(c.config.name, c.suite, c.local_ts, c.remote_ts))])
             for c in children]  # fmt: skip
     room = _unit_room(len(children)) - len(names)
@@ -314,10 +321,13 @@ def unit_payloads(ike: IkeSA, children: list[ChildSA]) -> list[bytes]:
 
 
 Kid = tuple[str, Suite, list[TrafficSelector], list[TrafficSelector]]
+# the IKE SA's suite, the peer's identity, how it authenticated, and for a certificate peer
+# the names its certificate proves and its CA's fingerprint
+Top = tuple[Suite, str, str, tuple[tuple[str, ...], bytes] | None]
 
 
 def _unit_policy(d: dict[int, list[bytes]], children: list[str],
-                 piece: bool) -> tuple[tuple[Suite, str, str] | None, list[Kid]]:  # fmt: skip
+                 piece: bool) -> tuple[Top | None, list[Kid]]:  # fmt: skip
     """The policy items of a UNIT payload (or of one piece, item 11): the IKE SA's (None
     when absent from a piece) and the CHILD SAs'. A whole payload names every CHILD SA once;
     a piece names some of them, with some of their selectors."""
@@ -332,12 +342,15 @@ def _unit_policy(d: dict[int, list[bytes]], children: list[str],
     elif sorted(n for n, *_ in kids) != sorted(children):
         raise ValueError("malformed unit")
     if 7 not in d:
-        if 10 in d:
+        if 10 in d or 12 in d or 13 in d:
             raise ValueError("malformed unit")
         return None, kids
-    # 10: absent from a gateway that predates it (admitted, as before)
+    # 10, 12 and 13: absent from a gateway that predates them (admitted, as before)
     auth = _unauth(_one(d, 10)) if 10 in d else ""
-    return (_unsuite(_one(d, 7)), _one(d, 8).decode(), auth), kids
+    if (12 in d) != (13 in d):
+        raise ValueError("malformed unit")
+    cert = (_unnames(_one(d, 12)), _one(d, 13, 32)) if 13 in d else None
+    return (_unsuite(_one(d, 7)), _one(d, 8).decode(), auth, cert), kids
 
 
 def unit_refusal(payload: bytes, connections: list[Connection]) -> str | None:
@@ -351,7 +364,7 @@ def unit_refusal(payload: bytes, connections: list[Connection]) -> str | None:
             return "unknown IKE unit version"
         name = _one(d, 5).decode()
         children = [c.decode() for c in d.get(6, [])]
-        top: tuple[Suite, str, str] | None = None
+        top: Top | None = None
         kids: list[Kid] = []
         policy = False
         if 11 in d:  # one piece of a policy too large for one CDB
@@ -403,25 +416,31 @@ def policy_refusal(ike: IkeSA) -> str | None:
     take-over's) before it is taken: an authenticated peer gateway is trusted with the keys,
     not with this gateway's policy."""
     kids = [(c.config, c.suite, c.local_ts, c.remote_ts) for c in ike.children]
-    return _refusal(ike.conn, (ike.suite, ike.peer_id, ike.peer_auth), kids)
+    cert = (ike.peer_names, ike.peer_ca) if ike.peer_ca else None
+    return _refusal(ike.conn, (ike.suite, ike.peer_id, ike.peer_auth, cert), kids)
 
 
 def _refusal(
     conn: Connection,
-    top: tuple[Suite, str, str] | None,
+    top: Top | None,
     children: list[tuple[ChildConfig, Suite, list[TrafficSelector], list[TrafficSelector]]],
 ) -> str | None:
-    """``top``: the IKE SA's suite, the peer's identity and how it authenticated ("": not
-    known, from an older gateway); None: not in this piece of a UNIT payload."""
+    """``top``: the IKE SA's suite, the peer's identity, how it authenticated ("": not
+    known, from an older gateway) and, for a certificate, the names it proves and its CA's
+    fingerprint (None: not known); None: not in this piece of a UNIT payload."""
     if top is not None:
-        suite, peer_id, auth = top
+        suite, peer_id, auth, cert = top
         if not admits(conn.proposals, suite):
             return f"IKE proposal {suite.name()} not in connection {conn.name!r} here"
         if auth and auth != conn.remote_auth:
             return (f"peer authenticated with {auth}, remote.auth of {conn.name!r} here is "
                     f"{conn.remote_auth}")  # fmt: skip
-        if not _id_admitted(conn, peer_id):
+        if not _id_admitted(conn, peer_id, cert[0] if cert else None):
             return f"peer identity {peer_id!r} is not remote.id of {conn.name!r} here"
+        if cert is not None and conn.remote_auth == "pubkey" and cert[1] not in {
+                fingerprint(ca) for ca in conn.cacerts}:  # fmt: skip
+            return (f"peer's certificate is not from a CA in remote.cacerts of {conn.name!r}"
+                    " here")  # fmt: skip
     for cc, csuite, lts, rts in children:
         if not admits(cc.esp_proposals, csuite):
             return f"ESP proposal {csuite.name()} not in child {cc.name!r} here"
@@ -439,21 +458,61 @@ def _within(t: TrafficSelector, allowed: TrafficSelector) -> bool:
             and int(allowed.start) <= int(t.start) <= int(t.end) <= int(allowed.end))  # fmt: skip
 
 
-def _id_admitted(conn: Connection, peer_id: str) -> bool:
+def _id_admitted(conn: Connection, peer_id: str, names: tuple[str, ...] | None) -> bool:
     """Does ``remote.id`` admit the identity the peer authenticated as? A peer known by its
-    certificate's DN while ``remote.id`` names one of its subjectAltNames cannot be told from
-    the context (the certificate does not travel): admitted."""
+    certificate's DN while ``remote.id`` names one of its subjectAltNames: when ``names``
+    (what the certificate proves, carried since the certificate does not travel) is known,
+    ``remote.id`` must be among them, as the authentication here would have checked; from
+    an older gateway (None) it cannot be told: admitted, as before."""
     want = conn.remote_id
     if want.any:
         return True
     if "=" in want.text:
         return "=" in peer_id and _dn_set(want.text) == _dn_set(peer_id)
     if "=" in peer_id:
-        return True
+        return names is None or _as_name(want.text) in names
     try:
         return ipaddress.ip_address(want.text) == ipaddress.ip_address(peer_id)
     except ValueError:
         return want.text == peer_id
+
+
+def _as_name(text: str) -> str:
+    """A configured identity as :func:`~ipsecct.ikev2.auth.cert_names` writes names."""
+    try:
+        return f"ip:{ipaddress.ip_address(text)}"
+    except ValueError:
+        return f"{'email' if '@' in text else 'dns'}:{text.lower()}"
+
+
+def _names(names: tuple[str, ...], room: int) -> bytes:
+    """Item 28 / 12: ``Len(8) | name`` each, as many as fit in ``room`` octets."""
+    out = b""
+    for n in names:
+        b = n.encode()
+        if len(out) + 1 + len(b) > room:
+            break
+        out += bytes((len(b),)) + b
+    return out
+
+
+def _unnames(b: bytes) -> tuple[str, ...]:
+    out: list[str] = []
+    pos = 0
+    while pos < len(b):
+        n = b[pos]
+        if pos + 1 + n > len(b) or len(out) >= MAX_NAMES:
+            raise IkeContextError("bad certificate names item")
+        try:
+            name = b[pos + 1 : pos + 1 + n].decode()
+        except UnicodeDecodeError:
+            raise IkeContextError("bad certificate names item") from None
+        kind, _, value = name.partition(":")
+        if kind not in ("dns", "email", "ip") or not value:
+            raise IkeContextError("bad certificate names item")
+        out.append(name)
+        pos += 1 + n
+    return tuple(out)
 
 
 def is_ike_cdb(cdb: bytes) -> bool:
@@ -546,6 +605,8 @@ def decode(cdbs: list[bytes], connections: list[Connection], now: float,
     ike.created = _created(m, 26, now)
     if 27 in m:  # how the peer authenticated (absent from contexts of older versions)
         ike.peer_auth = _unauth(_one(m, 27))
+    if 28 in m or 29 in m:  # a certificate peer's names and CA (absent: older, or a PSK)
+        ike.peer_names, ike.peer_ca = _unnames(_one(m, 28)), _one(m, 29, 32)
     ike.last_heard = now
     n_responses = _u(m, 23, 2)
     successors: list[list[bytes] | None] = []

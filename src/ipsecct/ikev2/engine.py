@@ -34,7 +34,9 @@ from ..errors import AuthError, IkeContextError, IkeParseError, IkeProtocolError
 from .auth import (
     CERT_X509_SIGNATURE,
     SUPPORTED_HASHES,
+    cert_names,
     certreq,
+    fingerprint,
     id_matches_cert,
     parse_cert,
     sign,
@@ -875,13 +877,14 @@ class IkeEngine:
                     and choose(c.proposals, (ike.suite.proposal(1, b""),)) is not None]
         conn = None
         ok = False
+        anchor = None
         for c in matching:  # fmt: skip
             if psk:
                 ok = _hmac.compare_digest(auth.data, psk_auth(prf_alg, c.psk, octets))
                 why = "pre-shared key does not match"
             elif cert is not None:
                 try:
-                    validate_chain(cert, certs[1:], c.cacerts, self._wall(now))
+                    anchor = validate_chain(cert, certs[1:], c.cacerts, self._wall(now))
                     if not id_matches_cert(idi, cert):
                         raise AuthError("the identity is not in the certificate")
                     verify(cert, auth.method, auth.data, octets)
@@ -912,6 +915,8 @@ class IkeEngine:
             return [NotifyPayload(Notify.AUTHENTICATION_FAILED)]
         ike.conn = conn
         ike.peer_id = peer_id
+        if cert is not None and anchor is not None:
+            ike.peer_names, ike.peer_ca = cert_names(cert), fingerprint(anchor)
         ike.rekey_at = self._rekey_time(now, conn.rekey_time)
         creds = conn.credentials
         if conn.local_auth == "pubkey" and creds is not None:
@@ -1437,11 +1442,12 @@ class IkeEngine:
                     if not certs:
                         raise AuthError("no certificate")
                     cert = certs[0]
-                    validate_chain(cert, certs[1:], conn.cacerts, self._wall(now))
+                    anchor = validate_chain(cert, certs[1:], conn.cacerts, self._wall(now))
                     if not id_matches_cert(idr, cert) or not conn.remote_id.matches(idr, cert):
                         raise AuthError("the identity is not the certificate's or not wanted")
                     verify(cert, auth.method, auth.data, octets)
                     ok = True
+                    ike.peer_names, ike.peer_ca = cert_names(cert), fingerprint(anchor)
                 except AuthError as exc:
                     why = str(exc)
         if not ok:
@@ -1999,6 +2005,9 @@ def _inherit(new: IkeSA, old: IkeSA) -> None:
     new.mid_sync, new.replay_sync = old.mid_sync, old.replay_sync
     new.mobike, new.fragmentation = old.mobike, old.fragmentation
     new.peer_hashes = old.peer_hashes
+    # how the peer authenticated, as a gateway that took the IKE SA over was told (a rekey
+    # there dropped it: the next move's target no longer knew)
+    new.peer_auth, new.peer_names, new.peer_ca = old.peer_auth, old.peer_names, old.peer_ca
 
 
 def _mids_low(ike: IkeSA) -> bool:

@@ -150,6 +150,13 @@ class IkeSA:
     # (its context says; "" in a context of an older version); "": as ``conn.remote_auth``,
     # which an IKE SA negotiated here always matches
     peer_auth: str = ""
+    # a peer that authenticated with a certificate: the names it proves besides its subject
+    # DN (auth.cert_names: "dns:...", "email:...", "ip:...") and the SHA-256 of the CA of
+    # ours that its chain led to; what a gateway that takes the IKE SA over checks its own
+    # remote.id and remote.cacerts against (the certificate does not travel). () and b"":
+    # not known (a PSK peer, or a context of an older version)
+    peer_names: tuple[str, ...] = ()
+    peer_ca: bytes = b""
     peer_next_mid: int = 1  # the next request ID we expect from the peer
     # the answer to request peer_next_mid-1 (several messages when fragmented, RFC 7383)
     last_response: list[bytes] = field(default_factory=list, repr=False)
