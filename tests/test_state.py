@@ -1170,3 +1170,22 @@ def test_a_log_that_cannot_be_prepared_is_one_line_and_frees_the_directory(
     store, lock = state_mod.open_store(tmp_path / "s", "gw", [], fresh=False)  # not locked
     store.close()
     os.close(lock)
+
+
+def test_row_peer_text_is_the_address_as_str_writes_it() -> None:
+    """The rows' peer text is formatted in C for IPv4 (state._address_text): the same text
+    as str() for every kind of address, or a restarted gateway would not match its rows."""
+    import ipaddress
+
+    rng = random.Random(11)
+    v4 = [0, 1, 255, 256, 0x7F000001, 0x0A000000, 0xFFFFFFFF, 0xC0A80001]
+    v4 += [rng.getrandbits(32) for _ in range(2000)]
+    for n in v4:
+        a = ipaddress.IPv4Address(n)
+        assert state_mod._address_text(a) == str(a)
+    for text in ("::", "::1", "2001:db8::1", "::ffff:192.0.2.1", "fe80::1:2:3:4"):
+        a6 = ipaddress.IPv6Address(text)
+        assert state_mod._address_text(a6) == str(a6)
+    for _ in range(500):
+        a6 = ipaddress.IPv6Address(rng.getrandbits(128))
+        assert state_mod._address_text(a6) == str(a6)

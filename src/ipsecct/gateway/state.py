@@ -37,12 +37,14 @@ import logging
 import os
 import re
 import secrets
+import socket
 import sqlite3
 import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
+from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
 
@@ -151,6 +153,15 @@ _ARRIVAL_INDEX = "CREATE INDEX arrival_by_peer ON arrival (peer, changed)"
 # retention has its oldest pruned early (queries about those are answered "taken").
 MAX_ARRIVALS_PER_PEER = 65536
 
+
+
+def _address_text(a: object) -> str:
+    """``str(a)`` of an address, an IPv4 one formatted in C: ``ipaddress`` does it in Python
+    (1-4 us), and a bulk transfer's rows name the peer of each of thousands of SAs, which
+    seldom share an address object (tests/test_state.py holds it to ``str``)."""
+    if type(a) is IPv4Address:
+        return socket.inet_ntoa(int(a).to_bytes(4, "big"))
+    return str(a)
 
 class StateStore:
     """The SQLite database of one state directory. Thread-safe (one lock): reservations are
@@ -732,8 +743,8 @@ class DurableState:
             peer = str(dst)
         else:  # many rows at once: an address object shared by SAs is written out once
             hit = texts.get(id(dst))
-            if hit is None:
-                hit = texts[id(dst)] = (dst, str(dst))  # (holds the object: its id stays)
+            if hit is None:  # (holds the object: its id stays)
+                hit = texts[id(dst)] = (dst, _address_text(dst))
             peer = hit[1]
         return SAState(
             fp, sa.name, sa.spi, peer, sa.aead, max(ceiling, sa.seq), owner, detail, changed
