@@ -246,3 +246,15 @@ def test_snapshot_and_restore_match_the_block_by_block_reference(
     other = ReplayWindow(size, esn=True)
     other.restore(top, bitmap)
     assert other._blocks == _blocks_by_shifts(size, top, ref_window)
+
+
+@pytest.mark.parametrize("size", [32, 64, 1024, 4096])
+def test_snapshot_of_a_window_that_received_nothing(size: int) -> None:
+    """snapshot() answers a fresh window (and one restored to top 0) without the ring's
+    conversion: the same as the block-by-block reference, and restorable."""
+    for w in (ReplayWindow(size, esn=True), ReplayWindow(size)):
+        assert w.snapshot() == (0, bytes(size // 8)) and _snapshot_by_blocks(w) == (0, 0)
+        w.restore(0, bytes(size // 8))
+        assert w.snapshot() == (0, bytes(size // 8))
+        w.update(1)
+        assert w.snapshot() == (1, b"\x01" + bytes(size // 8 - 1))

@@ -133,6 +133,8 @@ class ReplayWindow:
         if size == 0:
             return self.top, b""
         top = self.top
+        if top == 0:  # nothing received yet (restore() and update() keep the ring empty then)
+            return 0, bytes(size // 8)
         n = self._nblocks
         top_block = top >> 6
         first_block = top_block - n + 1
