@@ -400,6 +400,8 @@ class OverlapIndex:
             self._items.insert(i, (last, sel, value))
 
     def overlapping(self, sel: Selectors) -> list[object]:
+        if not self._items and not self._wide:
+            return []  # (a transfer's target asks an empty one for every tunnel it takes)
         found: list[object] = []
         seen: set[int] = set()
 
