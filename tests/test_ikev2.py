@@ -1143,6 +1143,163 @@ def test_mobike_update_sa_addresses_is_answered() -> None:
     assert w.resp.stats["mobike-update-answered"] == 1
 
 
+MOVED = Address(ipaddress.ip_address("198.51.100.7"), 500)  # the MN's address after a move
+
+
+def test_mobike_initiator_announces_its_own_move() -> None:
+    """The MN's own address changes (RFC 4555 §3.5): it sends UPDATE_SA_ADDRESSES with
+    COOKIE2, NO_ADDITIONAL_ADDRESSES and the NAT-D of the new path from the new address; the
+    gateway moves the IKE SA and its CHILD SAs there, and both go on (a CHILD rekey, a
+    liveness check to the new address) without a new IKE SA."""
+    w = pair(mn_conn(), conn())
+    connect(w)
+    (ii,), (ir,) = w.ini.ike_sas(), w.resp.ike_sas()
+    sent = len(w.sent)
+    outs = w.ini.local_moved(ii, MOVED, 1.0)
+    assert [type(o) for o in outs] == [PeerMoved, Send] and ii.local == MOVED
+    (req,) = [o for o in outs if isinstance(o, Send)]
+    assert req.src == MOVED and req.dst == R500
+    n = _answer_notifies_as(ir, req)
+    assert M.Notify.UPDATE_SA_ADDRESSES in n and M.Notify.NO_ADDITIONAL_ADDRESSES in n
+    assert len(n[M.Notify.COOKIE2].data) == 16 and M.Notify.NAT_DETECTION_SOURCE_IP in n
+    w.deliver(outs, "i", 1.0)
+    assert ir.remote == MOVED and w.resp.stats["mobike-update-answered"] == 1
+    assert w.ini.stats["mobike-update-done"] == 1 and ii.pending is None
+    assert not ii.nat_local and not ii.nat_remote  # no NAT on the new path either
+    assert len(w.sent) == sent + 2  # one exchange, nothing repeated
+    assert w.ini.local_moved(ii, MOVED, 2.0) == []  # no move: nothing to say
+    w.deliver(w.ini.rekey_child(ii, ii.children[0], 3.0), "i", 3.0)
+    w.deliver(w.resp.liveness(ir, 4.0), "r", 4.0)
+    assert w.sent[-2].dst == MOVED and w.resp.stats["liveness-ok"] == 1
+    mirrored(w)
+    assert len(w.ini.ike_sas()) == 1 and w.ini.stats["ike-sa-init-sent"] == 1
+
+
+def test_mobike_move_behind_a_nat_floats_to_4500() -> None:
+    """The network the MN moves to is behind a NAT: the gateway's NAT-D in its answer shows
+    it (RFC 4555 §3.5), and the IKE SA and its CHILD SAs float to port 4500 (ESP in UDP);
+    a second update from port 4500 tells the gateway the NAT's mapping of that port."""
+    w = pair(mn_conn(), conn())
+    connect(w)
+    (ii,), (ir,) = w.ini.ike_sas(), w.resp.ike_sas()
+    assert not ii.encap and ii.remote == R500
+    w.nat = Address(ipaddress.ip_address("203.0.113.5"), 40000)
+    w.deliver(w.ini.local_moved(ii, MOVED, 1.0), "i", 1.0)
+    assert ii.nat_local and not ii.nat_remote and ii.encap
+    assert ii.local.port == 4500 and ii.remote == Address(IP_R, 4500)
+    assert len(w.of("i", PeerMoved)) == 2  # the move, then the float
+    assert w.ini.stats["mobike-update-done"] == 2 and ii.pending is None
+    assert ir.remote == Address(w.nat.host, 40001) and ir.encap  # the NAT's 4500 mapping
+
+
+def _answer_notifies_as(ike: IkeSA, req: Send) -> dict[int, M.NotifyPayload]:
+    """The notifies inside ``req``, opened by the side that receives it (``ike``)."""
+    return _answer_notifies(ike, req)
+
+
+def test_mobike_update_waits_for_the_exchange_in_flight_and_moves_again() -> None:
+    """A liveness check of the MN was answered to the address it had (lost with it): the
+    request goes again from the new address at once, its cached answer comes back (strongSwan
+    answers a retransmission where it came from; the wire here delivers it anyway), and only
+    then UPDATE_SA_ADDRESSES (window of one). A second move while that update is in flight:
+    its retransmissions leave from the newest address, and another update follows its
+    answer."""
+    w = pair(mn_conn(), conn())
+    connect(w)
+    (ii,), (ir,) = w.ini.ike_sas(), w.resp.ike_sas()
+    (check,) = w.ini.liveness(ii, 1.0)
+    assert isinstance(check, Send)
+    lost = w.resp.receive(check.data, check.src, check.dst, 1.0)  # the answer never arrives
+    assert len(lost) == 1 and ii.pending is not None
+    outs = w.ini.local_moved(ii, MOVED, 1.5)
+    again = [o for o in outs if isinstance(o, Send)]
+    assert [s.data for s in again] == [check.data] and again[0].src == MOVED
+    w.deliver(outs, "i", 1.5)
+    assert w.resp.stats["retransmit-answered"] == 1 and w.ini.stats["liveness-ok"] == 1
+    assert ir.remote == MOVED and w.ini.stats["mobike-update-done"] == 1
+    # moved again while the next update is in flight (its request lost on the way)
+    third = Address(ipaddress.ip_address("203.0.113.9"), 500)
+    w.deliver(w.ini.local_moved(ii, Address(ipaddress.ip_address("198.51.100.8"), 500), 2.0),
+              "i", 2.0, drop=True)  # fmt: skip
+    assert ii.pending is not None and ii.pending.kind == "mobike-update"
+    outs = w.ini.local_moved(ii, third, 2.5)
+    assert all(s.src == third for s in outs if isinstance(s, Send))
+    w.deliver(outs, "i", 2.5)
+    assert ir.remote == third and ii.local == third and ii.pending is None
+    assert w.ini.stats["mobike-update-done"] == 3 and w.ini.stats["mobike-update-sent"] == 3
+    mirrored(w)
+
+
+def _hostile_update(monkeypatch: pytest.MonkeyPatch, how: str) -> tuple[Wire, IkeSA, IkeSA]:
+    """The MN moves, and the gateway's answer to its UPDATE_SA_ADDRESSES is ``how``."""
+    w = pair(mn_conn(), conn())
+    connect(w)
+    (ii,), (ir,) = w.ini.ike_sas(), w.resp.ike_sas()
+    real = w.resp._mobike_answer
+
+    def answer(ike: IkeSA, inner: list[M.Payload]) -> list[M.Payload]:
+        out = real(ike, inner)
+        if how == "unacceptable":
+            return [M.NotifyPayload(M.Notify.UNACCEPTABLE_ADDRESSES)]
+        if how == "wrong-cookie2":
+            return [M.NotifyPayload(M.Notify.COOKIE2, data=os.urandom(16))
+                    if isinstance(p, M.NotifyPayload) and p.type == M.Notify.COOKIE2 else p
+                    for p in out]  # fmt: skip
+        if how == "no-cookie2":
+            return [p for p in out if p.type != M.Notify.COOKIE2]  # type: ignore[attr-defined]
+        assert how == "no-natd"
+        return [p for p in out if p.type == M.Notify.COOKIE2]  # type: ignore[attr-defined]
+
+    monkeypatch.setattr(w.resp, "_mobike_answer", answer)
+    w.deliver(w.ini.local_moved(ii, MOVED, 1.0), "i", 1.0)
+    return w, ii, ir
+
+
+@pytest.mark.parametrize("how", ["wrong-cookie2", "no-cookie2"])
+def test_mobike_update_answered_with_a_cookie2_not_ours_closes_the_ike_sa(
+    monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    """An answer whose COOKIE2 is not the one our update sent (or has none) is not an answer
+    to it (RFC 4555 §3.5): the IKE SA is closed with a DELETE, as strongSwan does, and the
+    adapter is told why (``mobike-failed``: a mobile node starts over)."""
+    w, _ii, _ir = _hostile_update(monkeypatch, how)
+    assert w.ini.stats["mobike-cookie2-mismatch"] == 1 and w.ini.stats["mobike-update-done"] == 0
+    assert not w.ini.ike_sas() and not w.resp.ike_sas()
+    (down,) = w.of("i", IkeDown)
+    assert isinstance(down, IkeDown) and down.reason == "mobike-failed"
+    assert len(w.of("i", ChildDown)) == 1
+
+
+def test_mobike_update_refused_or_without_nat_d(monkeypatch: pytest.MonkeyPatch) -> None:
+    """UNACCEPTABLE_ADDRESSES: the IKE SA stays (we have no other address to offer; the
+    next move is announced); an answer without NAT-D leaves the NAT state as it was (ESP in
+    UDP stays in UDP), counted."""
+    w, ii, ir = _hostile_update(monkeypatch, "unacceptable")
+    assert w.ini.stats["mobike-update-refused"] == 1 and w.ini.stats["mobike-update-done"] == 0
+    assert ii.state is IkeState.ESTABLISHED and ii.pending is None and ii.local == MOVED
+    monkeypatch.undo()
+    w.deliver(w.ini.local_moved(ii, I500, 2.0), "i", 2.0)  # back home: announced, taken
+    assert w.ini.stats["mobike-update-done"] == 1 and ir.remote == I500
+    w, ii, _ir = _hostile_update(monkeypatch, "no-natd")
+    assert w.ini.stats["mobike-natd-missing"] == 1 and w.ini.stats["mobike-update-done"] == 1
+    assert ii.state is IkeState.ESTABLISHED and not ii.nat_local and not ii.nat_remote
+
+
+def test_our_move_without_mobike_is_a_liveness_check() -> None:
+    """Without MOBIKE there is nothing to announce a move with: a liveness check from the new
+    address (a peer that believes we are behind a NAT follows it, RFC 7296 §2.23); without a
+    NAT it is counted as unheeded."""
+    rc = conn()
+    rc.mobike = False
+    w = pair(mn_conn(), rc)
+    connect(w)
+    (ii,) = w.ini.ike_sas()
+    outs = w.ini.local_moved(ii, MOVED, 1.0)
+    (req,) = [o for o in outs if isinstance(o, Send)]
+    assert req.src == MOVED and ii.pending is not None and ii.pending.kind == "liveness"
+    assert w.ini.stats["address-update-unheeded"] == 1
+
+
 @pytest.mark.parametrize("who", ["peer", "gateway"])
 def test_an_ike_rekey_keeps_mobike_and_fragmentation(who: str) -> None:
     """MOBIKE (RFC 4555) and fragmentation (RFC 7383) are negotiated once, in IKE_SA_INIT and
@@ -1162,6 +1319,13 @@ def test_an_ike_rekey_keeps_mobike_and_fragmentation(who: str) -> None:
     for old, new in ((ii, ni), (ir, nr)):
         assert (new.mobike, new.fragmentation, new.mid_sync, new.peer_hashes) == (
             old.mobike, old.fragmentation, old.mid_sync, old.peer_hashes)
+    # the MN stays the side that announces its moves, whoever rekeyed (as strongSwan keeps
+    # its original-initiator condition)
+    assert ni.mobike_initiator and not nr.mobike_initiator
+    assert ni.we_initiated is (who == "peer")
+    assert w.resp.local_moved(nr, MOVED, 1.5) == []
+    w.deliver(w.ini.local_moved(ni, MOVED, 1.5), "i", 1.5)
+    assert w.ini.stats["mobike-update-done"] == 1 and nr.remote == MOVED
     cookie2, _moved, answer = _mobike_update(w, ni, 2.0)
     (resp,) = [o for o in answer if isinstance(o, Send)]
     assert _answer_notifies(ni, resp)[M.Notify.COOKIE2].data == cookie2

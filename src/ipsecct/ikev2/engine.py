@@ -318,7 +318,8 @@ class IkeEngine:
                                  ike.remote)  # fmt: skip
                         if p.kind == "auth":
                             out.append(ConnectFailed(ike.conn, "no answer to IKE_AUTH"))
-                        dead = p.kind in ("liveness", "address-update", "mid-sync")
+                        dead = p.kind in ("liveness", "address-update", "mid-sync",
+                                          "mobike-update")
                         self._kill(ike, "peer-dead" if dead else "deleted", out)
                         continue
                     p.tries += 1
@@ -1267,6 +1268,127 @@ class IkeEngine:
         self._request(ike, "address-update", payloads, now, out)
         return out
 
+    # -- MOBIKE as initiator: our own address changed (RFC 4555 §3.5) ------------------------
+    def local_moved(self, ike: IkeSA, local: Address, now: float) -> list[Output]:
+        """Our address for the path to the peer is now ``local`` (a mobile node moved to
+        another network; the adapter found it in its routes). The IKE SA and its CHILD SAs
+        leave from ``local`` at once (:class:`PeerMoved`: the adapter updates the CHILD SAs'
+        outer addresses), and the peer is told, as the original initiator of a MOBIKE IKE SA
+        does, with an INFORMATIONAL request from ``local`` holding UPDATE_SA_ADDRESSES,
+        NO_ADDITIONAL_ADDRESSES (we announce no other address), the NAT-D notifies of the new
+        path and a fresh COOKIE2 (the answer must echo it). With an exchange of ours in flight
+        (window of one) that request is sent again from ``local`` at once and the update
+        follows its answer (strongSwan answers a new request only where its IKE SA points,
+        but a retransmission where it came from). Without
+        MOBIKE the peer follows us only if it believes we are behind a NAT (RFC 7296 §2.23,
+        ``encap``): a liveness check from ``local`` is all we can send
+        (``address-update-unheeded`` counts the hopeless case). Only the IKE SA's original
+        initiator announces its moves (the responder's are announce_move's)."""
+        out: list[Output] = []
+        if (ike.state is not IkeState.ESTABLISHED or not ike.mobike_initiator
+                or local == ike.local):  # fmt: skip
+            return out
+        old, ike.local = ike.local, local
+        self.stats["local-moved"] += 1
+        log.info("event=ike-local-moved conn=%s peer=%s old=%s new=%s mobike=%s",
+                 ike.conn.name, ike.remote, old, local,
+                 "yes" if ike.mobike else "no")  # fmt: skip
+        out.append(PeerMoved(ike))
+        p = ike.pending
+        if p is not None:
+            # sent from an address that is gone: again from the new one, now (not counted as
+            # a retry: its back-off goes on as it was)
+            out += [Send(m, ike.local, ike.remote) for m in p.messages]
+            if ike.mobike:
+                # an update in flight announced an older address: another follows its answer
+                ike.update_due = True
+            return out
+        if ike.mobike:
+            self._mobike_update(ike, now, out)
+            return out
+        if not ike.nat_local:
+            self.stats["address-update-unheeded"] += 1
+            log.warning("event=ike-address-update-unheeded conn=%s peer=%s reason=%s",
+                        ike.conn.name, ike.remote,
+                        _quote("the peer has no MOBIKE and sees no NAT here (encap = false)"))
+        self._request(ike, "liveness", [], now, out)
+        return out
+
+    def _mobike_update(self, ike: IkeSA, now: float, out: list[Output]) -> None:
+        """UPDATE_SA_ADDRESSES from ``ike.local`` (RFC 4555 §3.5)."""
+        ike.update_due = False
+        cookie2 = self.random(16)
+        src = self.random(20) if ike.conn.encap else _natd(ike.spi_i, ike.spi_r, ike.local)
+        payloads: list[Payload] = [
+            NotifyPayload(Notify.UPDATE_SA_ADDRESSES),
+            NotifyPayload(Notify.COOKIE2, data=cookie2),
+            NotifyPayload(Notify.NO_ADDITIONAL_ADDRESSES),
+            NotifyPayload(Notify.NAT_DETECTION_SOURCE_IP, data=src),
+            NotifyPayload(Notify.NAT_DETECTION_DESTINATION_IP,
+                          data=_natd(ike.spi_i, ike.spi_r, ike.remote)),
+        ]  # fmt: skip
+        self._request(ike, "mobike-update", payloads, now, out)
+        if ike.pending is not None and ike.pending.kind == "mobike-update":
+            ike.pending.cookie2, ike.pending.moved_to = cookie2, ike.local
+            log.info("event=ike-mobike-update-sent conn=%s peer=%s local=%s", ike.conn.name,
+                     ike.remote, ike.local)  # fmt: skip
+
+    def _mobike_update_response(self, ike: IkeSA, p: Pending, inner: list[Payload],
+                                src: Address, now: float,
+                                out: list[Output]) -> None:  # fmt: skip
+        """The peer's answer to our UPDATE_SA_ADDRESSES (authenticated, its message ID ours).
+        UNACCEPTABLE_ADDRESSES: the peer keeps its IKE SA where it was; we keep ours (there is
+        no other address to offer; our next move is announced again, and a peer that cannot
+        reach us any more ends it by its liveness checks). A COOKIE2 that is not
+        ours, or none: the answer is not to this update (RFC 4555 §3.5), and the IKE SA is
+        closed, as strongSwan does. Otherwise the NAT-D notifies give the NAT state of the new
+        path (a NAT found from port 500 floats to 4500, RFC 7296 §2.23); without them the
+        old state stays, so that ESP that was in UDP stays in UDP."""
+        n = notifies(inner)
+        if Notify.UNACCEPTABLE_ADDRESSES in n:
+            self.stats["mobike-update-refused"] += 1
+            log.warning("event=ike-mobike-update-refused conn=%s peer=%s local=%s reason=%s",
+                        ike.conn.name, ike.remote, p.moved_to,
+                        _quote("the peer answered UNACCEPTABLE_ADDRESSES"))  # fmt: skip
+            return
+        got = n.get(Notify.COOKIE2)
+        if got is None or not _hmac.compare_digest(got.data, p.cookie2):
+            self.stats["mobike-cookie2-mismatch"] += 1
+            log.warning("event=ike-mobike-update-failed conn=%s peer=%s reason=%s",
+                        ike.conn.name, ike.remote,
+                        _quote("COOKIE2 missing or not ours: closing the IKE SA"))  # fmt: skip
+            ike.update_due = False
+            out += self.delete(ike, now)
+            ike.close_reason = "mobike-failed"
+            return
+        srcs = [q.data for q in inner if isinstance(q, NotifyPayload)
+                and q.type == Notify.NAT_DETECTION_SOURCE_IP]  # fmt: skip
+        dst = n.get(Notify.NAT_DETECTION_DESTINATION_IP)
+        if not srcs or dst is None:
+            self.stats["mobike-natd-missing"] += 1
+            log.warning("event=ike-mobike-natd-missing conn=%s peer=%s detail=%s",
+                        ike.conn.name, ike.remote,
+                        _quote("no NAT-D in the answer: the NAT state stays as it was"))
+        else:
+            before = (ike.nat_local, ike.nat_remote, ike.local, ike.remote)
+            ike.nat_remote = _natd(ike.spi_i, ike.spi_r, src) not in srcs
+            ike.nat_local = ike.conn.encap or dst.data != _natd(ike.spi_i, ike.spi_r, ike.local)
+            if (ike.nat_local or ike.nat_remote) and ike.remote.port == 500:
+                ike.local = Address(ike.local.host, self.natt_port if ike.local.port == 500
+                                    else ike.local.port)  # fmt: skip
+                ike.remote = Address(ike.remote.host, 4500)
+                # the peer learns our NAT-T port only from a request sent from it, and a
+                # MOBIKE peer (strongSwan) moves only for an update: another one, from there
+                ike.update_due = True
+            if (ike.nat_local, ike.nat_remote, ike.local, ike.remote) != before:
+                out.append(PeerMoved(ike))
+        self.stats["mobike-update-done"] += 1
+        log.info("event=ike-mobike-updated conn=%s peer=%s local=%s nat_local=%s nat_remote=%s",
+                 ike.conn.name, ike.remote, ike.local, ike.nat_local,
+                 ike.nat_remote)  # fmt: skip
+        if p.moved_to is not None and p.moved_to != ike.local:
+            ike.update_due = True  # we moved again while it was in flight (or floated)
+
     # -- initiator ----------------------------------------------------------------------------
     def initiate(self, conn: Connection, local: Address, remote: Address, now: float,
                  child: ChildConfig | None = None) -> list[Output]:  # fmt: skip
@@ -1924,7 +2046,7 @@ class IkeEngine:
         ike.probe_ahead = 0  # our message IDs agree with the peer's
         self.stats[f"{p.kind}-ok"] += 1  # our request answered
         if p.kind == "delete":
-            self._kill(ike, "deleted", out)
+            self._kill(ike, ike.close_reason or "deleted", out)
         elif p.kind == "auth":
             self._float(ike, src, ike.local, out)
             self._auth_response(ike, inner, now, out)
@@ -1940,6 +2062,10 @@ class IkeEngine:
                      ike.remote, ike.local)  # fmt: skip
         elif p.kind == "mid-sync":
             self._mid_sync_response(ike, p, inner)
+        elif p.kind == "mobike-update":
+            self._mobike_update_response(ike, p, inner, src, now, out)
+        if ike.pending is None and ike.update_due and ike.state is IkeState.ESTABLISHED:
+            self._mobike_update(ike, now, out)
         if ike.pending is None and ike.move_after_sync and ike.state is IkeState.ESTABLISHED:
             ike.move_after_sync = False  # taken over at our own address: the peer follows
             out += self.announce_move(ike, ike.local, now)
@@ -2008,6 +2134,7 @@ def _inherit(new: IkeSA, old: IkeSA) -> None:
     # how the peer authenticated, as a gateway that took the IKE SA over was told (a rekey
     # there dropped it: the next move's target no longer knew)
     new.peer_auth, new.peer_names, new.peer_ca = old.peer_auth, old.peer_names, old.peer_ca
+    new.orig_initiator = old.mobike_initiator  # RFC 4555's roles stay as they were
 
 
 def _mids_low(ike: IkeSA) -> bool:

@@ -106,7 +106,7 @@ class Pending:
     """A request we sent and wait the answer for."""
 
     # "liveness" | "delete" | "delete-child" | "auth" | "rekey-child" | "rekey-ike"
-    # | "address-update"
+    # | "address-update" | "mobike-update"
     kind: str
     message_id: int
     messages: list[bytes] = field(repr=False)  # the request (its fragments, RFC 7383)
@@ -124,6 +124,10 @@ class Pending:
     mid_sync: tuple[bytes, int, int] | None = None  # our RFC 6311 request: nonce, M1, P1
     # a liveness check probing message IDs after a take-over: the same request under more IDs
     alt: dict[int, list[bytes]] = field(default_factory=dict, repr=False)
+    # our UPDATE_SA_ADDRESSES (RFC 4555 §3.5): the COOKIE2 the answer must echo, and the
+    # address the update announced
+    cookie2: bytes = field(default=b"", repr=False)
+    moved_to: Address | None = None
 
 
 @dataclass(eq=False)
@@ -205,10 +209,25 @@ class IkeSA:
     # taken over at another address (direct SG identity): tell the peer once the message IDs
     # agree (announce_move after the sync or the first answered probe)
     move_after_sync: bool = False
+    # MOBIKE initiator (RFC 4555 §3.5): our own address changed while another exchange of
+    # ours was in flight; UPDATE_SA_ADDRESSES goes once it is done (window of one)
+    update_due: bool = False
+    # why we are closing it (our DELETE in flight), for the IkeDown that follows its answer
+    close_reason: str = ""
+    # RFC 4555's "original initiator" (who sends UPDATE_SA_ADDRESSES) when a rekey by the
+    # peer made it differ from who initiated this IKE SA (§2.18); None: as ``we_initiated``
+    orig_initiator: bool | None = None
     sync_nonce: bytes = b""  # the last RFC 6311 sync request's nonce (a retransmission's too)
     # made by the peer's rekey of this IKE SA: until the peer deletes it (or REKEYED_GRACE
     # ends it), this one is not rekeyed again (a chain of undeleted IKE SAs has no end)
     replaced: IkeSA | None = field(default=None, repr=False)
+
+    @property
+    def mobike_initiator(self) -> bool:
+        """Are we the original initiator of the first IKE SA of this chain of rekeys (the
+        side that announces its moves with UPDATE_SA_ADDRESSES, RFC 4555 §3.5)? strongSwan
+        keeps this role across rekeys, whoever rekeyed."""
+        return self.we_initiated if self.orig_initiator is None else self.orig_initiator
 
     @property
     def our_spi(self) -> bytes:
