@@ -345,3 +345,61 @@ def test_an_imported_child_sa_the_peer_rekeyed_still_carries_the_traffic(
     assert spd.index(tunnels[old.spi_in].entry) < spd.index(tunnels[new.spi_in].entry)
     inner = eng.spd.lookup(ipaddress.ip_address("10.1.0.1"), ipaddress.ip_address("10.2.0.5"), 17)
     assert inner is tunnels[old.spi_in].entry
+
+
+def test_a_mobile_node_that_changes_address_moves_its_sas_and_tells_the_peer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A mobile node (``outer.address = "0.0.0.0"``) looks up its source address toward the
+    peer on its timer: a new one moves the installed CHILD SAs' outer addresses (their
+    counters untouched) and sends UPDATE_SA_ADDRESSES; no route: nothing sent, logged once.
+    Messages of the IKE SA are taken as sent to its own address (only a move changes it)."""
+    from ipsecct.gateway import ike as ike_mod
+    from ipsecct.ikev2.engine import ChildUp
+    from ipsecct.ikev2.ikesa import Address
+
+    w = pair(mn_conn(dpd=10), conn(dpd=10))
+    connect(w)
+    (ike_i,) = w.ini.ike_sas()
+    cfg = from_dict(
+        {
+            "name": "mn",
+            "outer": {"address": "0.0.0.0", "port": 45010},
+            "inner": {"kind": "udp", "listen": "127.0.0.1:45011", "peer": "127.0.0.1:45012"},
+        },
+        str(tmp_path / "mn.toml"),
+    )
+    svc = IkeService(Node(cfg, role="node"), [mn_conn(dpd=10)])
+    assert svc.mobile
+    svc.engine = w.ini  # this adapter runs the MN's side
+    for c in ike_i.children:
+        svc._one(ChildUp(ike_i, c))
+    t = ike_i.children[0].handle
+    out_sa, in_sa = t.outbound, t.inbound  # type: ignore[attr-defined]
+    assert out_sa.src == in_sa.dst == I500.host
+    out_sa.seq = 1000
+    new = ipaddress.ip_address("198.51.100.7")
+    found: list[object] = [None]
+    monkeypatch.setattr(ike_mod, "source_address", lambda remote: found[0])
+    sent: list[Send] = []
+    monkeypatch.setattr(svc, "_send", sent.append)
+    svc._check_paths(1.0)  # no route at all: wait
+    svc._check_paths(2.0)
+    assert not sent and svc._no_route == {ike_i.uid} and ike_i.local == I500
+    found[0] = new
+    d = svc._next_deadline()
+    assert d is not None and d <= svc._path_check_at
+    svc._check_paths(3.0)
+    assert ike_i.local == Address(new, I500.port) and not svc._no_route
+    assert out_sa.src == in_sa.dst == new and out_sa.dst == in_sa.src == R500.host
+    assert out_sa.seq == 1000  # the same SA, its counter where it was
+    (upd,) = sent
+    assert upd.src == ike_i.local and ike_i.pending is not None
+    assert ike_i.pending.kind == "mobike-update"
+    for o in w.resp.receive(upd.data, upd.src, upd.dst, 3.0):
+        if isinstance(o, Send):
+            assert svc._dst(o.data, R500, I500.port) == ike_i.local
+            svc._receive(o.data, R500, svc._dst(o.data, R500, I500.port))
+    assert w.ini.stats["mobike-update-done"] == 1 and ike_i.pending is None
+    svc._check_paths(4.0)  # still there: nothing new
+    assert len(sent) == 1

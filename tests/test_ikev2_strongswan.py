@@ -30,7 +30,7 @@ import pytest
 from tests.helpers import strongswan
 from tests.helpers.daemon import Daemon
 from tests.helpers.netns import Namespaces, stop_process, wait_until
-from tests.helpers.strongswan import A, B, Charon, build_namespaces, ping
+from tests.helpers.strongswan import A, B, Charon, build_namespaces, ping, ping_once_up
 
 needs_strongswan = pytest.mark.skipif(not strongswan.available(), reason=strongswan.skip_reason())
 PSK = "ipsecct-ikev2-interop-psk-0123456789"
@@ -430,8 +430,9 @@ def test_rekey_child_and_ike_sa(
 class Responder(Charon):
     """strongSwan B as a gateway the ipsecct mobile node connects to."""
 
-    def __init__(self, ns: Namespaces, workdir: Path) -> None:
+    def __init__(self, ns: Namespaces, workdir: Path, *, mobike: bool = False) -> None:
         super().__init__(ns, "b", B, workdir, "default")
+        self.mobike = mobike
 
     def write_config(self) -> None:
         super().write_config()
@@ -445,17 +446,18 @@ class Responder(Charon):
             remote_ts=f"{A.inner}/32",
             psk=PSK,
             dpd="1s",
+            mobike=self.mobike,
         )
         strongswan.write_private(self.dir / "swanctl.conf", conf)
 
 
-def node_config(d: Path) -> Path:
+def node_config(d: Path, outer: str = A.outer) -> Path:
     psk = d / "ab.psk"
     strongswan.write_private(psk, PSK + "\n")
     conf = d / "mn.toml"
     conf.write_text(f"""name = "a-ipsecct"
 [outer]
-address = "{A.outer}"
+address = "{outer}"
 port = 4500
 [inner]
 kind = "tun"
@@ -532,6 +534,94 @@ def test_ipsecct_node_connects_to_strongswan_gateway(workdir: Path) -> None:
                 assert ping(ns, "a", B.inner, 2) == 2
                 assert mn.terminate() == 0
                 strongswan.wait_log(ss, r"received DELETE for IKE_SA cB")
+            finally:
+                mn.cleanup()
+
+
+MOVED = "10.200.0.11"  # the node's address on the network it moves to
+# UDP_RECV that gives up 1 s after the last datagram (what is lost in a move never comes)
+UDP_RECV_IDLE = UDP_RECV.replace("        s.recv(2048); n += 1",
+                                 "        s.recv(2048); n += 1; s.settimeout(1)")
+
+
+@pytest.mark.root
+@pytest.mark.slow
+@needs_strongswan
+def test_ipsecct_node_moves_to_another_address_with_mobike(workdir: Path) -> None:
+    """A mobile node (``outer.address = "0.0.0.0"``) changes its address under a UDP stream:
+    a new address comes, the old one goes. The node finds its new source address toward
+    strongSwan (within a second), sends UPDATE_SA_ADDRESSES from it (RFC 4555 §3.5), and
+    strongSwan moves the IKE SA and the CHILD SA there: no new IKE_SA_INIT or IKE_AUTH, ESP
+    from the new address, ping and the stream both ways afterwards."""
+    with Namespaces("a", "b") as ns:
+        build_namespaces(ns)
+        rules = ("add table inet ict_mobike\n"
+                 "add chain inet ict_mobike in { type filter hook input priority 0; }\n"
+                 f"add rule inet ict_mobike in ip saddr {MOVED} udp dport 4500 "
+                 "@th,64,32 != 0 counter\n")  # fmt: skip  (ESP: no non-ESP marker)
+        subprocess.run(ns.cmd("b", "nft", "-f", "-"), input=rules, text=True, check=True,
+                       capture_output=True, timeout=30)  # fmt: skip
+        with Responder(ns, workdir, mobike=True) as ss:
+            ss.start()
+            sock = str(workdir / "mn.sock")
+            mn = Daemon("node", node_config(workdir, "0.0.0.0"), sock, workdir / "mn.log",
+                        prefix=["ip", "netns", "exec", ns.names["a"]])  # fmt: skip
+            try:
+                mn.start()
+                strongswan.wait_log(ss, r"CHILD_SA net\{\d+\} established")
+                wait_until(lambda: mn.status()["sas"] == 2, "the node's CHILD SA")
+                (sa,) = ike_list(sock)
+                assert sa["mobike"] and sa["local"] == f"{A.outer}:4500", sa  # (encap: NAT-T)
+                ike_spi = sa["spi_i"]
+                assert ping(ns, "a", B.inner, 2) == 2, mn.logtext() + ss.logtail()
+                # a stream from the node across the move
+                recv = ns.popen("b", sys.executable, "-c", UDP_RECV_IDLE, B.inner, "1000",
+                                stdout=subprocess.PIPE)  # fmt: skip
+                assert recv.stdout is not None
+                assert recv.stdout.readline().strip() == b"ready"
+                send = ns.popen("a", sys.executable, "-c", UDP_SEND, A.inner, B.inner, "1000")
+                ns.sysctl("a", "net.ipv4.conf.sa0.promote_secondaries=1")
+                ns.run("a", "ip", "addr", "add", f"{MOVED}/24", "dev", "sa0")
+                ns.run("a", "ip", "addr", "del", f"{A.outer}/24", "dev", "sa0")
+                strongswan.wait_log(ss, r"remote endpoint changed from "
+                                    rf"{re.escape(A.outer)}\[4500\] to {re.escape(MOVED)}\[4500\]",
+                                    timeout=10)  # fmt: skip
+                seen: list[dict[str, Any]] = []
+
+                def moved() -> bool:
+                    seen[:] = ike_list(sock)
+                    return len(seen) == 1 and seen[0]["local"] == f"{MOVED}:4500"
+
+                wait_until(moved, "the node's IKE SA at its new address")
+                # the same IKE SA, with its CHILD SA (and its successor while strongSwan rekeys it)
+                assert seen[0]["spi_i"] == ike_spi and seen[0]["children"]
+                assert send.wait(30) == 0
+                out, _ = recv.communicate(timeout=30)
+                got = int(out.strip() or 0)
+                # strongSwan's kernel-libipsec cannot change an SA's addresses: strongSwan
+                # rekeys the CHILD SA instead, once its own exchange in flight (a liveness
+                # check sent to the old address, retransmitted after 4 s) is done
+                assert ping_once_up(ns, "b", A.inner, PINGS) == PINGS, mn.logtext()
+                assert ping(ns, "a", B.inner, PINGS) == PINGS
+                assert udp_stream(ns, "b", B.inner, "a", A.inner, 100) == 100
+                counters = mn.status()["ike"]["counters"]
+                assert counters.get("mobike-update-done", 0) == 1, counters
+                log = ss.log()
+                assert len(re.findall(r"parsed IKE_SA_INIT request", log)) == 1, log
+                assert len(re.findall(r"parsed IKE_AUTH request", log)) == 1
+                assert re.search(r"parsed INFORMATIONAL request \d+ \[ N\(UPD_SA_ADDR\) "
+                                 r"N\(COOKIE2\) N\(NO_ADD_ADDR\) N\(NATD_S_IP\) "
+                                 r"N\(NATD_D_IP\) \]", log)  # fmt: skip
+                # the node's ESP as strongSwan parsed it: no (SPI, sequence number) twice
+                # across the move (the SAs moved, their counters with them)
+                esp_seen = re.findall(r"parsed ESP header with SPI (\w+) \[seq (\d+)\]", log)
+                assert len(esp_seen) >= 1000 and len(set(esp_seen)) == len(esp_seen)
+                # ESP (UDP 4500 without the non-ESP marker) from the new address
+                nft = ns.run("b", "nft", "list", "table", "inet", "ict_mobike").stdout
+                m = re.search(r"counter packets (\d+)", nft)
+                assert m is not None and int(m.group(1)) >= PINGS, nft
+                print(f"stream from the node across the move: {got}/1000 datagrams")
+                assert got >= 500, (got, mn.logtext())
             finally:
                 mn.cleanup()
 

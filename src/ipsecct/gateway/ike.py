@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import socket
 import time
 from collections.abc import Callable
 from typing import Any
@@ -64,6 +65,9 @@ FORWARD_RATE = 5.0
 FORWARD_BURST = 10.0
 MOVED_MAX = 65536
 MARKER = b"\0\0\0\0"
+# a mobile node (outer.address unspecified): how often (s) it looks up its source address
+# toward each peer it initiated to (a move is announced with MOBIKE within this)
+PATH_CHECK = 1.0
 IKE_SPI_LEN = 8  # octets of an IKE SPI (RFC 7296 §3.1)
 
 
@@ -133,6 +137,11 @@ class IkeService:
         self._refusing: dict[bytes, str] = {}
         host = node.cfg.local_address
         self.local_host = host
+        # a mobile node: its outer socket listens on every address and its address toward a
+        # peer is the one its routes pick, looked up every PATH_CHECK s (_check_paths)
+        self.mobile = host.is_unspecified
+        self._path_check_at = 0.0
+        self._no_route: set[int] = set()  # IKE SAs (uid) without a route, logged once
         node.outer_hooks.append(self._on_4500)
         node.extensions["ike"] = self.status
 
@@ -156,8 +165,16 @@ class IkeService:
         does; retried with back-off (5 s, doubling to 60 s) while it fails."""
         remote = Address(conn.remote_addrs[0].network_address, conn.remote_port)
         self._retry.pop(conn.name, None)
-        self._act(self.engine.initiate(conn, self._local(conn.local_port), remote,
-                                       self.node.clock(), child))  # fmt: skip
+        local = self._local(conn.local_port)
+        if self.mobile:
+            host = source_address(remote)
+            if host is None:
+                event(log, "ike-no-route", logging.WARNING, node=self.node.name,
+                      conn=conn.name, peer=remote)  # fmt: skip
+                self._retry_later(conn)
+                return
+            local = Address(host, conn.local_port)
+        self._act(self.engine.initiate(conn, local, remote, self.node.clock(), child))
 
     def _retry_later(self, conn: Connection) -> None:
         if self._stopping or not any(c.start_action == "start" for c in conn.children):
@@ -202,10 +219,22 @@ class IkeService:
             return True
         return False
 
+    def _dst(self, data: bytes, src: Address, port: int) -> Address:
+        """Our address a message from ``src`` came to: the node's, or, on a mobile node
+        (whose socket listens on every address), its IKE SA's (only local_moved changes
+        it), else the one its routes pick toward ``src``."""
+        if not self.mobile:
+            return self._local(port)
+        ike = self.engine.by_spi.get(self._our_spi(data)) if len(data) >= 28 else None
+        if ike is not None and ike.local.port == port:
+            return ike.local
+        host = source_address(src)
+        return Address(host if host is not None else self.local_host, port)
+
     def _on_500(self, data: bytes, addr: tuple[Any, ...]) -> None:
         src = self._peer(addr)
         if src is not None and not self._is_fenced(self.node.clock()):
-            self._receive(data, src, self._local(self.ike_port))
+            self._receive(data, src, self._dst(data, src, self.ike_port))
 
     def _on_4500(self, data: bytes, addr: tuple[Any, ...]) -> bool:
         # the node removed the marker; IKE's header has version 2.x at octet 17
@@ -213,7 +242,7 @@ class IkeService:
             return False
         src = self._peer(addr)
         if src is not None and not self._is_fenced(self.node.clock()):
-            self._receive(data, src, self._local(self.node.cfg.outer.port))
+            self._receive(data, src, self._dst(data, src, self.node.cfg.outer.port))
         return True
 
     def _receive(self, data: bytes, src: Address, dst: Address) -> None:
@@ -323,6 +352,9 @@ class IkeService:
 
     def _next_deadline(self) -> float | None:
         d = self.engine.next_deadline()
+        if self.mobile and any(ike.mobike_initiator and ike.state is IkeState.ESTABLISHED
+                               for ike in self.engine.ike_sas()):  # fmt: skip
+            d = self._path_check_at if d is None else min(d, self._path_check_at)
         if d is not None and self.fenced is not None:
             now = self.node.clock()
             if self.fenced(now):
@@ -332,7 +364,33 @@ class IkeService:
     def _on_timer(self, now: float) -> None:
         if self.fenced is not None and self.fenced(now):
             return
+        if self.mobile and now >= self._path_check_at:
+            self._path_check_at = now + PATH_CHECK
+            self._check_paths(now)
         self._act(self.engine.tick(now))
+
+    def _check_paths(self, now: float) -> None:
+        """A mobile node: the source address its routes pick toward the peer of each IKE SA
+        it initiated; when it is no longer the IKE SA's, the engine moves the IKE SA and its
+        CHILD SAs there and tells the peer (MOBIKE UPDATE_SA_ADDRESSES). No route (between
+        two networks): nothing is sent, logged once, looked at again."""
+        for ike in self.engine.ike_sas():
+            if not ike.mobike_initiator or ike.state is not IkeState.ESTABLISHED:
+                continue
+            host = source_address(ike.remote)
+            if host is None:
+                if ike.uid not in self._no_route:
+                    self._no_route.add(ike.uid)
+                    event(log, "ike-no-route", logging.WARNING, node=self.node.name,
+                          conn=ike.conn.name, peer=ike.remote,
+                          detail="no address to reach the peer from: waiting for one")
+                continue
+            self._no_route.discard(ike.uid)
+            if host != ike.local.host:
+                event(log, "ike-local-address-changed", node=self.node.name,
+                      conn=ike.conn.name, peer=ike.remote, old=ike.local.host, new=host,
+                      mobike=ike.mobike)  # fmt: skip
+                self._act(self.engine.local_moved(ike, Address(host, ike.local.port), now))
 
     # -- what the engine decided ------------------------------------------------------------
     def _act(self, outputs: list[Output]) -> None:
@@ -379,7 +437,8 @@ class IkeService:
             ike, child = o.ike, o.child
             label = f"{ike.conn.name}/{child.name}#{child.uid}"
             enc = self._encap(ike)
-            local = Address(self.local_host, enc.sport if enc else 0)
+            here = ike.local.host if self.mobile else self.local_host
+            local = Address(here, enc.sport if enc else 0)
             remote = Address(ike.remote.host, enc.dport if enc else 0)
             entry, out, inn = child.sas(local, remote, enc is not None, label)
             out.created = inn.created = self.node.clock()
@@ -410,7 +469,10 @@ class IkeService:
             event(log, "child-sa-removed", node=self.node.name, child=o.child.name,
                   spi_in=f"0x{o.child.spi_in:08x}", reason=o.reason)  # fmt: skip
         elif isinstance(o, PeerMoved):
+            # the peer moved, or (a mobile node) we did: the CHILD SAs' outer addresses
+            # follow the IKE SA's (the SAs themselves, their keys and counters, stay)
             enc = self._encap(o.ike)
+            ours = o.ike.local.host if self.mobile else None
             for c in o.ike.children:
                 t = c.handle
                 if t is None:
@@ -418,10 +480,11 @@ class IkeService:
                 for sa in t.sas():  # type: ignore[attr-defined]
                     sa.encap = enc
                     if sa is t.outbound:  # type: ignore[attr-defined]
-                        eng.rekey_sa(sa, dst=o.ike.remote.host)
+                        eng.rekey_sa(sa, dst=o.ike.remote.host, src=ours)
                     else:
-                        eng.rekey_sa(sa, src=o.ike.remote.host)
-            event(log, "ike-peer-moved", node=self.node.name, peer=o.ike.remote)
+                        eng.rekey_sa(sa, src=o.ike.remote.host, dst=ours)
+            event(log, "ike-peer-moved", node=self.node.name, peer=o.ike.remote,
+                  local=o.ike.local)  # fmt: skip
         elif isinstance(o, ReplayCounterSynced):
             # RFC 6311: the peer's new member asks us to move our outbound counters forward
             # (the engine checked the delta against our policy; forward only here)
@@ -443,7 +506,7 @@ class IkeService:
         elif isinstance(o, IkeDown):
             event(log, "ike-sa-down", node=self.node.name, conn=o.ike.conn.name,
                   peer=o.ike.remote, reason=o.reason)  # fmt: skip
-            if o.reason == "peer-dead" and o.ike.we_initiated:
+            if o.reason in ("peer-dead", "mobike-failed") and o.ike.we_initiated:
                 self._retry_later(o.ike.conn)  # like strongSwan's dpd_action = restart
 
     # -- moving IKE SAs with their CHILD SAs (context transfer) ------------------------------
@@ -988,3 +1051,15 @@ def _remember(table: dict[bytes, tuple[str, float]], key: bytes, value: tuple[st
     table[key] = value
     while len(table) > MOVED_MAX:
         del table[next(iter(table))]
+
+
+def source_address(remote: Address) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The source address the routes pick toward ``remote`` (a UDP socket connected to it
+    and asked its name: no datagram is sent), or None when there is no route."""
+    fam = socket.AF_INET6 if remote.host.version == 6 else socket.AF_INET
+    try:
+        with socket.socket(fam, socket.SOCK_DGRAM) as s:
+            s.connect((str(remote.host), remote.port or IKE_PORT))
+            return ipaddress.ip_address(s.getsockname()[0])
+    except (OSError, ValueError):
+        return None
