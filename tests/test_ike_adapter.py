@@ -401,5 +401,6 @@ def test_a_mobile_node_that_changes_address_moves_its_sas_and_tells_the_peer(
             assert svc._dst(o.data, R500, I500.port) == ike_i.local
             svc._receive(o.data, R500, svc._dst(o.data, R500, I500.port))
     assert w.ini.stats["mobike-update-done"] == 1 and ike_i.pending is None
+    n = len(sent)  # (and the answer to the gateway's COOKIE2 check of the new address)
     svc._check_paths(4.0)  # still there: nothing new
-    assert len(sent) == 1
+    assert len(sent) == n

@@ -1128,19 +1128,51 @@ def _answer_notifies(ike: IkeSA, resp: Send) -> dict[int, M.NotifyPayload]:
 
 def test_mobike_update_sa_addresses_is_answered() -> None:
     """A MOBIKE peer's UPDATE_SA_ADDRESSES (RFC 4555 §3.5) from a new address: the IKE SA
-    follows it, the answer has the NAT-D notifies of the new path and echoes COOKIE2."""
+    follows it, the answer has the NAT-D notifies of the new path and echoes COOKIE2. The
+    CHILD SAs follow once the new address has answered a COOKIE2 check of the gateway's own
+    (the return-routability check, §5.2): an authenticated peer cannot point the gateway's
+    ESP at an address that does not answer."""
     w = pair(mn_conn(), conn())
     connect(w)
     (ii,), (ir,) = w.ini.ike_sas(), w.resp.ike_sas()
     assert ii.mobike and ir.mobike
     cookie2, moved, answer = _mobike_update(w, ii, 1.0)
-    assert ir.remote == moved and any(isinstance(o, PeerMoved) for o in answer)
-    (resp,) = [o for o in answer if isinstance(o, Send)]
-    assert resp.dst == moved
+    assert ir.remote == moved and not any(isinstance(o, PeerMoved) for o in answer)
+    resp, check = [o for o in answer if isinstance(o, Send)]
+    assert resp.dst == check.dst == moved
     n = _answer_notifies(ii, resp)
     assert n[M.Notify.COOKIE2].data == cookie2
     assert M.Notify.NAT_DETECTION_SOURCE_IP in n and M.Notify.NAT_DETECTION_DESTINATION_IP in n
     assert w.resp.stats["mobike-update-answered"] == 1
+    assert ir.pending is not None and ir.pending.kind == "rr-check"
+    assert len(_answer_notifies(ii, check)[M.Notify.COOKIE2].data) == 16
+    w.deliver([check], "r", 1.5)  # the MN echoes it
+    assert w.resp.stats["rr-check-verified"] == 1 and len(w.of("r", PeerMoved)) == 1
+    assert ir.pending is None
+
+
+@pytest.mark.parametrize("how", ["silent", "no-cookie2"])
+def test_the_return_routability_check_keeps_the_child_sas_until_answered(
+    monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    """The new address of a peer's update does not answer the gateway's check: the CHILD
+    SAs never go there, and after 30 s the peer is dead; an answer without our COOKIE2
+    leaves them where they were too (counted)."""
+    w = pair(mn_conn(), conn())
+    connect(w)
+    (ii,), (ir,) = w.ini.ike_sas(), w.resp.ike_sas()
+    if how == "no-cookie2":
+        monkeypatch.setattr(w.ini, "_mobike_answer", lambda ike, inner: [])
+    _cookie2, _moved, answer = _mobike_update(w, ii, 1.0)
+    _resp, check = [o for o in answer if isinstance(o, Send)]
+    w.deliver([check], "r", 1.5, drop=how == "silent")
+    assert not w.of("r", PeerMoved)
+    if how == "no-cookie2":
+        assert w.resp.stats["rr-check-failed"] == 1 and ir.state is IkeState.ESTABLISHED
+        return
+    for t in (4.0, 8.0, 16.0, 32.0, 48.0):
+        w.deliver(w.resp.tick(t), "r", t, drop=True)
+    assert w.resp.stats["peer-dead"] == 1 and not w.resp.ike_sas()
 
 
 MOVED = Address(ipaddress.ip_address("198.51.100.7"), 500)  # the MN's address after a move
@@ -1166,7 +1198,8 @@ def test_mobike_initiator_announces_its_own_move() -> None:
     assert ir.remote == MOVED and w.resp.stats["mobike-update-answered"] == 1
     assert w.ini.stats["mobike-update-done"] == 1 and ii.pending is None
     assert not ii.nat_local and not ii.nat_remote  # no NAT on the new path either
-    assert len(w.sent) == sent + 2  # one exchange, nothing repeated
+    assert len(w.sent) == sent + 4  # the update, the gateway's check, nothing repeated
+    assert w.resp.stats["rr-check-verified"] == 1 and len(w.of("r", PeerMoved)) == 1
     assert w.ini.local_moved(ii, MOVED, 2.0) == []  # no move: nothing to say
     w.deliver(w.ini.rekey_child(ii, ii.children[0], 3.0), "i", 3.0)
     w.deliver(w.resp.liveness(ir, 4.0), "r", 4.0)
@@ -1327,7 +1360,7 @@ def test_an_ike_rekey_keeps_mobike_and_fragmentation(who: str) -> None:
     w.deliver(w.ini.local_moved(ni, MOVED, 1.5), "i", 1.5)
     assert w.ini.stats["mobike-update-done"] == 1 and nr.remote == MOVED
     cookie2, _moved, answer = _mobike_update(w, ni, 2.0)
-    (resp,) = [o for o in answer if isinstance(o, Send)]
+    resp, _check = [o for o in answer if isinstance(o, Send)]
     assert _answer_notifies(ni, resp)[M.Notify.COOKIE2].data == cookie2
 
 

@@ -46,6 +46,7 @@ class Wire:
         self.events: dict[str, list[Output]] = {"i": [], "r": []}
         self.sent: list[Send] = []
         self.nat: Address | None = None  # the initiator's address as the responder sees it
+        self.behind = IP_I  # the initiator's own address behind that NAT (its last source)
 
     def deliver(self, outs: list[Output], frm: str, now: float = 0.0, *,
                 drop: bool = False) -> None:  # fmt: skip
@@ -60,9 +61,10 @@ class Wire:
                 continue
             src, dst = o.src, o.dst
             if side == "i" and self.nat is not None:
+                self.behind = o.src.host
                 src = Address(self.nat.host, self.nat.port + (o.src.port != 500))
             if side == "r" and self.nat is not None:
-                dst = Address(IP_I, 500 if o.dst.port == self.nat.port else 4500)
+                dst = Address(self.behind, 500 if o.dst.port == self.nat.port else 4500)
             target, other = (self.resp, "r") if side == "i" else (self.ini, "i")
             pending += [(other, x) for x in target.receive(o.data, src, dst, now)]
 

@@ -319,7 +319,7 @@ class IkeEngine:
                         if p.kind == "auth":
                             out.append(ConnectFailed(ike.conn, "no answer to IKE_AUTH"))
                         dead = p.kind in ("liveness", "address-update", "mid-sync",
-                                          "mobike-update")
+                                          "mobike-update", "rr-check")
                         self._kill(ike, "peer-dead" if dead else "deleted", out)
                         continue
                     p.tries += 1
@@ -532,7 +532,19 @@ class IkeEngine:
                      ike.conn.name, ike.remote, ike.peer_next_mid, hdr.message_id)  # fmt: skip
             ike.last_response = []
         ike.resync_ahead = 0
-        self._float(ike, src, dst, out)
+        if (ike.mobike and not ike.mobike_initiator and src != ike.remote
+                and hdr.exchange == ExchangeType.INFORMATIONAL
+                and Notify.UPDATE_SA_ADDRESSES in notifies(inner)):  # fmt: skip
+            # RFC 4555 §3.5, §5.2: the IKE SA answers from and to the new address at once,
+            # its CHILD SAs follow once the address answers a check of our own (rr_due)
+            self.stats["rr-check-due"] += 1
+            ike.remote, ike.local, ike.rr_due = src, dst, True
+        elif not (ike.mobike and ike.mobike_initiator and ike.remote.port != 500
+                  and src == Address(ike.remote.host, 500)):  # fmt: skip
+            # (a MOBIKE initiator that floated to NAT-T after a move stays there when the
+            # peer's request still goes to the NAT's port-500 mapping: it sends the update
+            # that tells it the new one next)
+            self._float(ike, src, dst, out)
         ike.last_heard = now
         if (hdr.exchange == ExchangeType.IKE_AUTH and ike.state is IkeState.HALF_OPEN
                 and not ike.we_initiated):  # fmt: skip
@@ -548,6 +560,8 @@ class IkeEngine:
             self.stats["bad-exchange"] += 1
             reply = [NotifyPayload(Notify.INVALID_SYNTAX)]
         self._answer(ike, hdr, reply, out)
+        if ike.rr_due and ike.pending is None and ike.state is IkeState.ESTABLISHED:
+            self._rr_check(ike, now, out)
         if _dead(ike):
             self._kill(ike, "deleted by peer" if ike.peer_id else "authentication failed", out)
         elif ike.peer_next_mid > MAX_MID:
@@ -1389,6 +1403,37 @@ class IkeEngine:
         if p.moved_to is not None and p.moved_to != ike.local:
             ike.update_due = True  # we moved again while it was in flight (or floated)
 
+    # -- MOBIKE as responder: the return-routability check (RFC 4555 §5.2, §3.5) -----------
+    def _rr_check(self, ike: IkeSA, now: float, out: list[Output]) -> None:
+        """The peer's UPDATE_SA_ADDRESSES moved the IKE SA to a new address: before our CHILD
+        SAs send there, a liveness check with a fresh COOKIE2 goes to it. An authenticated
+        peer could otherwise point our ESP at a third party (§5.2, "flooding"). strongSwan
+        5.9.8, as responder, moves at once; the check costs one round trip of our ESP to the
+        moved peer."""
+        ike.rr_due = False
+        cookie2 = self.random(16)
+        self._request(ike, "rr-check", [NotifyPayload(Notify.COOKIE2, data=cookie2)], now, out)
+        if ike.pending is not None and ike.pending.kind == "rr-check":
+            ike.pending.cookie2, ike.pending.moved_to = cookie2, ike.remote
+
+    def _rr_check_response(self, ike: IkeSA, p: Pending, inner: list[Payload],
+                           out: list[Output]) -> None:  # fmt: skip
+        """The new address answered our check (the answer is authenticated and came to us):
+        with our COOKIE2, the CHILD SAs follow the IKE SA there (:class:`PeerMoved`); without
+        it, or after the peer moved again meanwhile (another check follows), they stay."""
+        got = notifies(inner).get(Notify.COOKIE2)
+        if got is None or not _hmac.compare_digest(got.data, p.cookie2):
+            self.stats["rr-check-failed"] += 1
+            log.warning("event=ike-rr-check-failed conn=%s peer=%s reason=%s", ike.conn.name,
+                        ike.remote, _quote("no COOKIE2 of ours in the answer: the CHILD SAs "
+                                           "stay where they were"))  # fmt: skip
+            return
+        if p.moved_to != ike.remote:
+            return
+        self.stats["rr-check-verified"] += 1
+        log.info("event=ike-peer-address-verified conn=%s peer=%s", ike.conn.name, ike.remote)
+        out.append(PeerMoved(ike))
+
     # -- initiator ----------------------------------------------------------------------------
     def initiate(self, conn: Connection, local: Address, remote: Address, now: float,
                  child: ChildConfig | None = None) -> list[Output]:  # fmt: skip
@@ -2064,8 +2109,12 @@ class IkeEngine:
             self._mid_sync_response(ike, p, inner)
         elif p.kind == "mobike-update":
             self._mobike_update_response(ike, p, inner, src, now, out)
+        elif p.kind == "rr-check":
+            self._rr_check_response(ike, p, inner, out)
         if ike.pending is None and ike.update_due and ike.state is IkeState.ESTABLISHED:
             self._mobike_update(ike, now, out)
+        if ike.pending is None and ike.rr_due and ike.state is IkeState.ESTABLISHED:
+            self._rr_check(ike, now, out)
         if ike.pending is None and ike.move_after_sync and ike.state is IkeState.ESTABLISHED:
             ike.move_after_sync = False  # taken over at our own address: the peer follows
             out += self.announce_move(ike, ike.local, now)

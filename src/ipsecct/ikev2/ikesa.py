@@ -106,7 +106,7 @@ class Pending:
     """A request we sent and wait the answer for."""
 
     # "liveness" | "delete" | "delete-child" | "auth" | "rekey-child" | "rekey-ike"
-    # | "address-update" | "mobike-update"
+    # | "address-update" | "mobike-update" | "rr-check"
     kind: str
     message_id: int
     messages: list[bytes] = field(repr=False)  # the request (its fragments, RFC 7383)
@@ -214,6 +214,9 @@ class IkeSA:
     update_due: bool = False
     # why we are closing it (our DELETE in flight), for the IkeDown that follows its answer
     close_reason: str = ""
+    # MOBIKE responder: the peer's UPDATE_SA_ADDRESSES moved the IKE SA, and its CHILD SAs
+    # follow once the new address answers our COOKIE2 check (RFC 4555 §5.2)
+    rr_due: bool = False
     # RFC 4555's "original initiator" (who sends UPDATE_SA_ADDRESSES) when a rekey by the
     # peer made it differ from who initiated this IKE SA (§2.18); None: as ``we_initiated``
     orig_initiator: bool | None = None
