@@ -32,6 +32,7 @@ import pytest
 
 from ipsecct.ct import ownership
 from ipsecct.ipsec.ippacket import build_udp, parse, udp_payload
+from tests.helpers.control import answers, ask, socket_of
 from tests.helpers.deployment import cli, free_port
 from tests.helpers.etcd_server import EtcdCluster
 from tests.helpers.processes import stop_all
@@ -199,7 +200,7 @@ class Three:
         )
         log.close()
         deadline = time.monotonic() + 30  # a Python process starting on a loaded machine
-        while cli("status", "--config", self.config(n), timeout=10).returncode != 0:
+        while not answers(socket_of(self.config(n))):
             assert self.procs[n].poll() is None, self.log(n)
             assert time.monotonic() < deadline, self.log(n)
             time.sleep(0.1)
@@ -208,9 +209,7 @@ class Three:
         return (self.d / f"{n}.log").read_text(errors="replace")[-3000:]
 
     def status(self, n: str) -> dict[str, Any]:
-        r = cli("status", "--json", "--config", self.config(n))
-        assert r.returncode == 0, r.stderr
-        out: dict[str, Any] = json.loads(r.stdout)
+        out: dict[str, Any] = ask(socket_of(self.config(n)), "status")
         return out
 
     def cluster(self) -> dict[str, Any]:

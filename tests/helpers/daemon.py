@@ -148,7 +148,7 @@ class Daemon:
             self.proc.wait(5)
 
     def status(self) -> dict[str, Any]:
-        return json.loads(ok("status", "--json", "-s", self.sock))  # type: ignore[no-any-return]
+        return request(self.sock, "status")  # type: ignore[no-any-return]
 
     def counters(self) -> dict[str, Any]:
         return self.status()["counters"]  # type: ignore[no-any-return]

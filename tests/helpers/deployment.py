@@ -9,7 +9,6 @@ own. Shared by the transfer and fail-over process tests.
 from __future__ import annotations
 
 import ipaddress
-import json
 import os
 import re
 import shutil
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ipsecct.ipsec.ippacket import build_udp, parse, udp_payload
+from tests.helpers.control import answers, ask, socket_of
 from tests.helpers.ports import free_port
 from tests.helpers.processes import stop_all
 
@@ -95,7 +95,7 @@ class ExampleDeployment:
         while time.monotonic() < deadline:
             if self.procs[name].poll() is not None:
                 raise AssertionError(f"{name} exited: {self.log(name)}")
-            if cli("status", "--config", self.config(name), timeout=10).returncode == 0:
+            if answers(socket_of(self.config(name))):
                 return
             time.sleep(0.1)
         raise AssertionError(f"{name} did not start: {self.log(name)}")
@@ -104,15 +104,12 @@ class ExampleDeployment:
         return (self.dir / f"{name}.log").read_text(errors="replace")[-3000:]
 
     def status(self, name: str) -> dict[str, Any]:
-        r = cli("status", "--json", "--config", self.config(name))
-        assert r.returncode == 0, r.stderr
-        out: dict[str, Any] = json.loads(r.stdout)
+        """``ipsecct status --json --config CONFIG``, asked from this process."""
+        out: dict[str, Any] = ask(socket_of(self.config(name)), "status")
         return out
 
     def sas(self, name: str) -> list[dict[str, Any]]:
-        r = cli("sa", "list", "--json", "--config", self.config(name))
-        assert r.returncode == 0, r.stderr
-        out: list[dict[str, Any]] = json.loads(r.stdout)
+        out: list[dict[str, Any]] = ask(socket_of(self.config(name)), "sa.list")
         return out
 
     def wait(self, name: str, pred: Any, what: str, timeout: float = 30) -> dict[str, Any]:

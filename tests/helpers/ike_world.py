@@ -5,13 +5,13 @@ the world of ``test_ikev2_handover.py`` and ``test_ikev2_failover.py``."""
 from __future__ import annotations
 
 import contextlib
-import json
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from tests.helpers.control import ask
 from tests.helpers.daemon import Daemon
 from tests.helpers.etcd_server import EtcdCluster
 from tests.helpers.netns import Namespaces
@@ -159,9 +159,7 @@ class IkeWorld(HandoverWorld):
             until(formed, "the fail-over pair to form", 30)
 
     def ike_sas(self, name: str) -> list[dict[str, Any]]:
-        r = cli("sa", "list", "--ike", "--json", "-s", self.sock(name))
-        assert r.returncode == 0, r.stderr
-        out: list[dict[str, Any]] = json.loads(r.stdout)
+        out: list[dict[str, Any]] = ask(self.sock(name), "ike.list")  # sa list --ike --json
         return out
 
     def counters(self, name: str) -> dict[str, int]:

@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tests.helpers.control import ask
 from tests.helpers.daemon import Daemon
 from tests.helpers.netns import Namespaces, stop_process, wait_until
 
@@ -261,11 +262,12 @@ class HandoverWorld:
         return "\n".join(f"--- {n} ---\n{self.log(n)}" for n in self.daemons)
 
     def status(self, name: str) -> dict[str, Any]:
-        out: dict[str, Any] = cli_json("status", "-s", self.sock(name))
+        """``ipsecct status --json``, asked from this process (helpers/control)."""
+        out: dict[str, Any] = ask(self.sock(name), "status")
         return out
 
     def sa_list(self, name: str) -> list[dict[str, Any]]:
-        out: list[dict[str, Any]] = cli_json("sa", "list", "-s", self.sock(name))
+        out: list[dict[str, Any]] = ask(self.sock(name), "sa.list")
         return out
 
     def transfer(self, to: str = "sg2", src: str = "sg1") -> dict[str, Any]:

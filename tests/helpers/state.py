@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
-import json
 import os
 import signal
 import socket
@@ -20,7 +19,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from ipsecct.errors import ControlError
 from ipsecct.ipsec.ippacket import build_udp
+from tests.helpers.control import answers, ask, socket_of
 from tests.helpers.deployment import cli, free_port
 from tests.helpers.processes import stop_all
 
@@ -233,11 +234,8 @@ keys = "keys/t{i}.keys"
         while time.monotonic() < deadline:
             if self.procs[name].poll() is not None:
                 raise AssertionError(f"{name} exited: {self.log(name)}")
-            try:  # (a CLI process can take seconds to start on a loaded machine)
-                if cli("status", "-c", self.config(name), timeout=10).returncode == 0:
-                    return
-            except subprocess.TimeoutExpired:
-                pass
+            if answers(socket_of(self.config(name))):
+                return
             time.sleep(0.05)
         raise AssertionError(f"{name} did not start: {self.log(name)}")
 
@@ -250,17 +248,17 @@ keys = "keys/t{i}.keys"
         return (self.dir / f"{name}.log").read_text(errors="replace")[-4000:]
 
     def status(self, name: str) -> dict[str, Any]:
-        r = cli("status", "--json", "-c", self.config(name))
-        if r.returncode != 0:  # once more: a gateway busy restarting on a loaded machine
-            r = cli("status", "--json", "-c", self.config(name))
-        assert r.returncode == 0, r.stderr
-        out: dict[str, Any] = json.loads(r.stdout)
+        """``ipsecct status --json -c CONFIG``, asked from this process (helpers/control)."""
+        sock = socket_of(self.config(name))
+        try:
+            out: dict[str, Any] = ask(sock, "status")
+        except ControlError:  # once more: a gateway busy restarting on a loaded machine
+            out = ask(sock, "status")
         return out
 
     def active_spis(self, name: str) -> set[int]:
-        r = cli("sa", "list", "--json", "-c", self.config(name))
-        assert r.returncode == 0, r.stderr
-        return {int(s["spi"], 16) for s in json.loads(r.stdout) if s["direction"] == "out"}
+        sas = ask(socket_of(self.config(name)), "sa.list")
+        return {int(s["spi"], 16) for s in sas if s["direction"] == "out"}
 
     def stop(self) -> None:
         stop_all(self.procs.values())
