@@ -21,7 +21,7 @@ import pytest
 from tests.helpers import strongswan
 from tests.helpers.ike_world import CLIENT, Client, IkeWorld, ike_world
 from tests.helpers.netns import wait_until
-from tests.helpers.netns_topology import HOST, SG_OUTER, cli
+from tests.helpers.netns_topology import HOST, SG_OUTER, VIP, cli
 
 needs_strongswan = pytest.mark.skipif(not strongswan.available(), reason=strongswan.skip_reason())
 @pytest.fixture
@@ -34,28 +34,59 @@ def ping(w: IkeWorld, n: int) -> int:
     return strongswan.ping(w.ns, "mn", HOST, n)
 
 
+# The client's INFORMATIONAL requests with payloads (its DELETE of a CHILD SA: 69 octets of
+# IKE with AES-GCM, a liveness check 57) to the virtual address, dropped at the client
+_DELETE_RULE = (f"ip daddr {VIP} udp dport 4500 @th,64,32 0 @th,240,8 37 "
+                "@th,248,8 & 0x20 == 0 @th,288,32 > 60 drop")
+NO_DELETES_FROM_CLIENT = f"""table inet ict_nodelete {{
+  chain output {{
+    type filter hook output priority 0; policy accept;
+    {_DELETE_RULE}
+  }}
+}}
+"""
+
+
 @pytest.mark.root
 @pytest.mark.slow
 @needs_strongswan
 def test_strongswan_client_handed_over_with_its_ike_sa(world: IkeWorld) -> None:
+    """Also: the client rekeys its CHILD SA just before the handover and its DELETE of the
+    old one is held back (nftables at the client) until the IKE SA is at sg2: the old SA
+    moves as one that has a successor (the IKE context's item 17), the client's DELETE
+    retransmitted to sg2 is answered there, and later rekeys work with sg2."""
     w = world
     with Client(w.ns, "mn", CLIENT, w.dir, "aes128gcm16") as ss:
         ss.start()
         ss.initiate()
         assert strongswan.ping_once_up(w.ns, "mn", HOST, 3) == 3, ss.logtail() + w.logs()
-        (ike1,) = w.ike_sas("sg1")
-        assert not w.ike_sas("sg2")
-        (child,) = ike1["children"]
-        spi_out = int(child["spi_out"], 16)
-        r = cli("transfer", f"0x{spi_out:08x}", "--to", "sg2", "--json", "-s", w.sock("sg1"))
-        assert r.returncode == 0, (r.stdout, r.stderr, w.logs())
-        assert json.loads(r.stdout)["outcome"] == "committed"
-        w.route_host_via("sg2")
-        wait_until(lambda: len(w.ike_sas("sg2")) == 1 and not w.ike_sas("sg1"),
-                   "the IKE SA to move to sg2", 30)  # fmt: skip
-        (ike2,) = w.ike_sas("sg2")
-        assert (ike2["spi_i"], ike2["spi_r"]) == (ike1["spi_i"], ike1["spi_r"])
-        assert [c["spi_in"] for c in ike2["children"]] == [child["spi_in"]]
+        subprocess.run(w.ns.cmd("mn", "nft", "-f", "-"), input=NO_DELETES_FROM_CLIENT,
+                       text=True, check=True, timeout=30)  # fmt: skip
+        try:
+            ss.swanctl("--rekey", "--child", "net")
+            wait_until(lambda: w.counters("sg1").get("child-sa-rekeyed", 0) == 1,
+                       "the client's CHILD rekey with sg1", 15)  # fmt: skip
+            (ike1,) = w.ike_sas("sg1")
+            assert not w.ike_sas("sg2")
+            old, child = ike1["children"]  # the client's DELETE of ``old`` is held back
+            spi_out = int(child["spi_out"], 16)
+            r = cli("transfer", f"0x{spi_out:08x}", "--to", "sg2", "--json", "-s",
+                    w.sock("sg1"))  # fmt: skip
+            assert r.returncode == 0, (r.stdout, r.stderr, w.logs())
+            assert json.loads(r.stdout)["outcome"] == "committed"
+            w.route_host_via("sg2")
+            wait_until(lambda: len(w.ike_sas("sg2")) == 1 and not w.ike_sas("sg1"),
+                       "the IKE SA to move to sg2", 30)  # fmt: skip
+            (ike2,) = w.ike_sas("sg2")
+            assert (ike2["spi_i"], ike2["spi_r"]) == (ike1["spi_i"], ike1["spi_r"])
+            assert [c["spi_in"] for c in ike2["children"]] == [old["spi_in"], child["spi_in"]]
+            assert ping(w, 5) == 5, ss.logtail() + w.logs()
+        finally:
+            w.ns.run("mn", "nft", "delete", "table", "inet", "ict_nodelete", check=False)
+        # the client's DELETE, retransmitted, reaches sg2: the old SA goes
+        wait_until(lambda: w.counters("sg2").get("child-deleted-by-peer", 0) == 1,
+                   "the client's DELETE of the old CHILD SA at sg2", 20)  # fmt: skip
+        assert [c["spi_in"] for c in w.ike_sas("sg2")[0]["children"]] == [child["spi_in"]]
         assert ping(w, 5) == 5, ss.logtail() + w.logs()
         # strongSwan's liveness check (dpd_delay 2 s, no IKE traffic) reaches sg2
         wait_until(lambda: w.counters("sg2").get("liveness-answered", 0) >= 1,
@@ -68,9 +99,12 @@ def test_strongswan_client_handed_over_with_its_ike_sa(world: IkeWorld) -> None:
         assert ping(w, 5) == 5, ss.logtail() + w.logs()
         log = ss.log()
         # the client never started over: one IKE_SA_INIT, one IKE_AUTH, no retransmissions
+        # but of the DELETE held back
         assert len(re.findall(r"generating IKE_SA_INIT request", log)) == 1, log
         assert len(re.findall(r"generating IKE_AUTH request", log)) == 1, log
-        assert "retransmit" not in log, ss.logtail()
+        deletes = re.findall(r"generating INFORMATIONAL request (\d+) \[ D \]", log)
+        retransmitted = set(re.findall(r"retransmit \d+ of request with message ID (\d+)", log))
+        assert deletes and retransmitted == {deletes[0]}, ss.logtail()
         assert not w.ike_sas("sg1") and len(w.ike_sas("sg2")) == 1
         print("sg1:", w.counters("sg1"), "\nsg2:", w.counters("sg2"))
 
