@@ -551,6 +551,8 @@ def test_an_inbound_spi_equal_to_another_tunnels_outbound_spi_does_not_mix_their
     )  # fmt: skip
     rec = sg1.finished[-1]
     assert (rec.outcome, rec.accepted) == ("partial", 2)
+    # the record lists what moved (an IKE SA follows only if all its CHILD SAs did)
+    assert set(rec.spis) == {sa.spi for t in (b, w.tunnel) for sa in t.sas()}
 
 
 def test_second_start_of_the_same_tunnel_is_busy() -> None:

@@ -993,6 +993,10 @@ class TransferCore:
         og.record.ended = now
         if refused:
             og.record.detail += f"{len(refused)} refused: {_status_name(worst)}"
+            # What moved only: the IKE SA follows its CHILD SAs only if all of them did (a
+            # refused unit's IKE SA stays here with them), and the etcd mode hands over
+            # the owner keys of what moved.
+            og.record.spis = [sa.spi for t in accepted for sa in t.sas()]
         self.records.append(og.record)
         out.append(Finished(og.record))
         return out
