@@ -479,6 +479,9 @@ def test_a_source_restarted_with_a_leaving_row_asks_its_target(few: Gateways) ->
     3. sg1 killed the moment it sent its COMMIT, sg2 right after it: sg2 restarted answers
        from its durable record of the arrival (the tunnel went with its memory: nobody
        serves it) or, if its "pending" row had not landed, "not taken" (it never sent).
+    4. and 5. (commit what you accept) sg1's early COMMIT whose answer does not come: it
+       asks; sg2 killed before it read it and restarted ("not taken": sg1 sends again), or
+       thawed (it activates; sg1 learns it in memory).
 
     Every time: nothing sent twice, and once settled the tunnel is sent on by at most one
     gateway (by none only when it went with sg2's memory)."""
@@ -552,6 +555,49 @@ def test_a_source_restarted_with_a_leaving_row_asks_its_target(few: Gateways) ->
     wait_for(lambda: settled(gws, ["sg1", "sg2"]), "transfers did not settle")
     served_by_one(gws, cap, spi, port)
     assert spi not in gws.active_spis("sg2")  # not restored: its keys were never on disk
+
+    # 4. commit what you accept (docs/cxtp.md; sg1 restarted with it): sg2 frozen, sg1's
+    # COMMIT goes as soon as "leaving" is durable, no CTDR comes, and after max_transfer_ms
+    # sg1 says the outcome is unknown and asks (the tunnel may be active at sg2: sent on by
+    # nobody here past its tail). sg2 killed before it read anything and restarted: "not
+    # taken"; sg1 records the tunnel owned again and sends on it past everything it sent
+    # before.
+    unknown = ("event=transfer-outcome-unknown", 'why="no answer in time"')
+    gws.write("sg1", peers=["sg2"], transfer_extra="commit_early = true", max_transfer_ms=300)
+    gws.kill("sg1")
+    gws.start("sg1")
+    spi = 0x20000000 + 3
+    offset = log.stat().st_size
+    freeze(gws, "sg2", True)
+    th = start_transfer(gws, spi)
+    wait_for_line(log, offset, unknown)
+    cap.sync()
+    before = max(q for s_, q, _, _ in list(cap.seen) if s_ == spi)
+    asked = time.monotonic()
+    assert gws.status("sg1")["transfers"]["in_progress"] == 1
+    gws.kill("sg2")
+    th.join(30)
+    time.sleep(0.3)
+    cap.sync()
+    assert not [q for s_, q, _, t in list(cap.seen) if s_ == spi and t >= asked + 0.1]
+    gws.start("sg2")
+    wait_for(lambda: settled(gws, ["sg1", "sg2"]), "the query was not answered")
+    assert served_by_one(gws, cap, spi, port) == "sg1"
+    assert min(q for s_, q, _, t in list(cap.seen) if s_ == spi and t >= asked + 0.1) > before
+    details = [r["detail"] for r in gws.status("sg1")["transfers"]["recent"]]
+    assert "not taken by sg2: kept" in details
+
+    # 5. the same, sg2 thawed while sg1 asks: it reads the contexts and the COMMIT
+    # (active), and its late CTDR (or its answer) decides in sg1's memory.
+    spi += 1
+    offset = log.stat().st_size
+    freeze(gws, "sg2", True)
+    th = start_transfer(gws, spi)
+    wait_for_line(log, offset, unknown)
+    freeze(gws, "sg2", False)
+    th.join(30)
+    wait_for(lambda: settled(gws, ["sg1", "sg2"]), "the transfer did not settle")
+    assert served_by_one(gws, cap, spi, port) == "sg2"
     assert cap.duplicates() == []
 
 
@@ -738,3 +784,4 @@ def test_a_target_whose_disk_is_full_never_sends_a_number_twice(gws: Gateways) -
             traffic.close()
         gws.stop()
         subprocess.run(["umount", "-l", str(state)], check=False)
+

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import Counter
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -34,6 +35,7 @@ from ipsecct.ipsec.engine import Signal, ToInner, Tunnel, TunnelState
 from ipsecct.ipsec.esp import Drop
 from tests.helpers.data_path import DATA_PATHS, data_path
 from tests.helpers.transfer import (
+    HOST,
     MN_ADDR,
     SG_ADDR,
     SPI_DOWN,
@@ -948,3 +950,373 @@ def test_decisions_and_results_out_of_order_or_for_nothing_change_nothing() -> N
         w.host_send("sg2", 800 + i)
     wire = [(spi, seq) for g in w.gw.values() for spi, seq in g.wire]
     assert no_duplicates(wire) == []
+
+
+# -- commit what you accept (Settings.commit_early; docs/cxtp.md, docs/state.md) ----------------
+# The source sends its COMMIT as soon as its "leaving" rows are durable, before the CTDR; the
+# CTDR (or, if it is lost, the decision query's answer) then only names the tunnels the target
+# refused, which come back to the source ("owned" again durable before they send).
+def early_world(
+    *, mbb: bool = True, refuse_b: bool = True
+) -> tuple[World, Any, Any, Tunnel, Tunnel]:
+    """sg1 with the MN's tunnel and a second one ``b`` (ChaCha20, which sg2 refuses when
+    ``refuse_b``), a journal on each gateway whose writes settle when the test says."""
+    from ipsecct.ipsec.spd import Action, SPDEntry
+    from tests.helpers.transfer import tunnel_sas
+    from tests.test_state import Recorder
+
+    s1 = Settings(commit_early=True, make_before_break=mbb, mbb_tail=4 if mbb else 0)
+    encs = {EncAlg.AES_GCM_16} | (set() if refuse_b else {EncAlg.CHACHA20_POLY1305})
+    w = World(settings={"sg1": s1, "sg2": Settings(supported_enc=frozenset(encs))})
+    sg1 = w.gw["sg1"]
+    (o, i, s), _ = tunnel_sas(
+        "sg1", spi_down=0x500, spi_up=0x600, mn_inner="10.1.0.5", mn_addr="192.0.2.5",
+        name="b", enc=EncAlg.CHACHA20_POLY1305,
+    )  # fmt: skip
+    b = sg1.engine.add_tunnel(SPDEntry(s, Action.PROTECT, name="b", static=False), o, i)
+    j1, j2 = Recorder(w), Recorder(w)
+    sg1.core.journal = j1
+    w.gw["sg2"].core.journal = j2
+    return w, j1, j2, w.tunnel, b
+
+
+MN_INNER_B = "10.1.0.5"
+
+
+def to_b(n: int) -> bytes:
+    """An inner packet for tunnel b (to its MN's inner address)."""
+    from ipsecct.ipsec import ippacket
+
+    body = n.to_bytes(4, "big") + bytes(56)
+    return ippacket.build_udp(ip(HOST), ip(MN_INNER_B), 5000, 7000, body)
+
+
+def settle_at(w: World, name: str, j: Any) -> list[str]:
+    from tests.test_state import settle
+
+    return settle(w, name, j)
+
+
+def sent_on(w: World, spi: int) -> list[tuple[str, int]]:
+    return [(g, seq) for g, s, seq in w.all_wire() if s == spi]
+
+
+def test_early_commit_leaves_before_the_ctdr_and_the_refused_tunnel_comes_back() -> None:
+    w, j1, j2, a, b = early_world()
+    sg1, sg2 = w.gw["sg1"], w.gw["sg2"]
+    _, out = sg1.core.start([a, b], "sg2", w.now)
+    sg1.run(out)
+    assert j1.calls == [("leaving", 0)]
+    assert w.pending("sg1", "sg2") == 1  # the PCTD, no COMMIT before "leaving" is durable
+    w.host_send("sg1", 1)  # make-before-break: sg1 sends below the cap meanwhile
+    assert settle_at(w, "sg1", j1) == ["leaving"]
+    # FINAL and COMMIT go at once, before any CTDR; every tunnel has moved (forwarders)
+    assert w.pending("sg1", "sg2") == 3 and w.pending("sg2", "sg1") == 0
+    assert (state(a), state(b)) == (TunnelState.MOVED, TunnelState.MOVED)
+    assert sg1.finished == []  # not decided yet: the answer says which went
+    w.deliver_all()  # PCTD (a installed, b refused, CTDR), FINAL, COMMIT; CTDR at sg1
+    (t2,) = sg2.engine.tunnels()
+    assert t2.outbound.spi == a.outbound.spi
+    assert t2.state is TunnelState.HELD  # the COMMIT came first: it waits for "pending"
+    # b came back, held until "owned" again is durable; a stays moved
+    assert (state(a), state(b)) == (TunnelState.MOVED, TunnelState.HELD)
+    assert [c for c, _ in j1.calls] == ["leaving", "given", "kept"]
+    rec = sg1.finished[-1]
+    assert (rec.outcome, rec.accepted) == ("partial", 1)
+    assert set(rec.spis) == {sa.spi for sa in a.sas()}  # what moved, for the IKE SA
+    sg1.from_inner(to_b(7))
+    assert sent_on(w, 0x500) == []  # held: nothing on b until "kept" is durable
+    settle_at(w, "sg1", j1)
+    assert state(b) is TunnelState.ACTIVE and len(sent_on(w, 0x500)) == 1
+    settle_at(w, "sg2", j2)
+    assert t2.state is TunnelState.ACTIVE
+    w.host_send("sg2", 2)
+    assert no_duplicates([(s, q) for _, s, q in w.all_wire()]) == []
+    assert all(g == "sg1" for g, _ in sent_on(w, 0x500))
+    # the moved tunnel forwards for forward_time after the answer, then goes
+    assert sg1.engine.moved_tunnels() == [a]
+    w.now += sg1.core.settings.forward_time + 1
+    sg1.tick()
+    assert sg1.engine.moved_tunnels() == []
+
+
+def test_early_commit_refused_entirely_takes_everything_back() -> None:
+    w, j1, _j2, a, b = early_world(mbb=False)
+    sg1, sg2 = w.gw["sg1"], w.gw["sg2"]
+    collide(w, "sg2", SPI_UP)  # the target's policy refuses a too (deny)
+    sg2.core.settings.conflict = ConflictPolicy.DENY
+    sg1.run(sg1.core.start([a, b], "sg2", w.now)[1])
+    settle_at(w, "sg1", j1)
+    w.deliver_all()
+    assert [t.name for t in sg2.engine.tunnels()] == ["other"]  # nothing installed
+    assert (state(a), state(b)) == (TunnelState.HELD, TunnelState.HELD)
+    assert sg1.finished[-1].outcome == "refused"
+    settle_at(w, "sg1", j1)
+    assert (state(a), state(b)) == (TunnelState.ACTIVE, TunnelState.ACTIVE)
+    w.host_send("sg1", 3)
+    assert [g for g, _ in sent_on(w, SPI_DOWN)] == ["sg1"]
+
+
+def test_a_ctdr_before_leaving_is_durable_commits_what_it_accepted_as_before() -> None:
+    w, j1, j2, a, b = early_world()
+    sg1 = w.gw["sg1"]
+    sg1.run(sg1.core.start([a, b], "sg2", w.now)[1])
+    w.deliver("sg1", "sg2")
+    w.deliver("sg2", "sg1")  # the CTDR first: b refused, rolled back at once (kept)
+    assert w.pending("sg1", "sg2") == 0
+    settle_at(w, "sg1", j1)  # "leaving" (and "kept") durable: the COMMIT for a alone
+    assert (state(a), state(b)) == (TunnelState.MOVED, TunnelState.ACTIVE)
+    w.deliver_all()
+    settle_at(w, "sg2", j2)
+    assert [t.state for t in w.gw["sg2"].engine.tunnels()] == [TunnelState.ACTIVE]
+
+
+def test_channel_lost_after_the_early_commit_asks_and_takes_back_only_the_refused() -> None:
+    """The COMMIT went out, then the channel broke before the CTDR: the source cannot know
+    which tunnels the target activated. They stay moved (never sent on) and it asks; the
+    target's "taken" names what it refused, and only that comes back."""
+    w, j1, j2, a, b = early_world()
+    sg1, sg2 = w.gw["sg1"], w.gw["sg2"]
+    sg1.run(sg1.core.start([a, b], "sg2", w.now)[1])
+    settle_at(w, "sg1", j1)
+    while w.pending("sg1", "sg2"):
+        w.deliver("sg1", "sg2")
+    w.drop("sg2", "sg1")  # the CTDR is lost with the channel
+    settle_at(w, "sg2", j2)
+    sg1.run(sg1.core.peer_lost("sg2", w.now))
+    q = w.peek("sg1", "sg2")
+    assert isinstance(q, cxtp.DQ) and q.answer == cxtp.Answer.QUERY
+    assert (state(a), state(b)) == (TunnelState.MOVED, TunnelState.MOVED)
+    assert sg1.core.tunnel_roles()[b][0] == "unresolved"
+    for n in range(10):  # only its tail (4 numbers the FINAL named as the source's) goes out
+        sg1.from_inner(to_b(n))
+        w.host_send("sg1", n)
+    assert len(sent_on(w, 0x500)) == 4
+    assert len([x for x in sent_on(w, SPI_DOWN) if x[0] == "sg1"]) == 4
+    w.now += 5.0  # asked again while unanswered
+    sg1.tick()
+    w.deliver("sg1", "sg2")
+    ans = w.peek("sg2", "sg1")
+    assert isinstance(ans, cxtp.DQ) and ans.answer == cxtp.Answer.TAKEN
+    w.deliver_all()
+    assert (state(a), state(b)) == (TunnelState.MOVED, TunnelState.HELD)
+    assert sg1.finished[-1].outcome == "partial"
+    settle_at(w, "sg1", j1)
+    assert state(b) is TunnelState.ACTIVE
+    assert [t.state for t in sg2.engine.tunnels()] == [TunnelState.ACTIVE]
+    w.host_send("sg2", 2)
+    sg1.from_inner(to_b(3))
+    assert no_duplicates([(s, q) for _, s, q in w.all_wire()]) == []
+    assert {g for g, _ in sent_on(w, SPI_DOWN)} <= {"sg2", "sg1"}
+    assert all(g == "sg1" for g, _ in sent_on(w, 0x500))
+
+
+def test_no_ctdr_in_time_after_the_early_commit_asks_on_the_same_channel() -> None:
+    """The CTDR does not come within the transfer time (the target is slow): the tunnels are
+    not rolled back (the COMMIT is out) but asked about; a late CTDR decides as well."""
+    w, j1, _j2, a, b = early_world()
+    sg1 = w.gw["sg1"]
+    sg1.run(sg1.core.start([a, b], "sg2", w.now)[1])
+    settle_at(w, "sg1", j1)
+    w.now += 1.0
+    sg1.tick()
+    assert isinstance(w.peek("sg1", "sg2"), cxtp.PCTD)
+    assert isinstance(cxtp.decode(w.links[("sg1", "sg2")][-1]), cxtp.DQ)
+    assert sg1.finished == [] and (state(a), state(b)) == (TunnelState.MOVED, TunnelState.MOVED)
+    for _ in range(3):
+        w.deliver("sg1", "sg2")  # PCTD, FINAL, COMMIT (the DQ stays behind)
+    w.deliver("sg2", "sg1")  # the late CTDR: it decides
+    assert (state(a), state(b)) == (TunnelState.MOVED, TunnelState.HELD)
+    assert sg1.finished[-1].outcome == "partial"
+    w.deliver_all()  # the query and its answer change nothing more
+    assert (state(a), state(b)) == (TunnelState.MOVED, TunnelState.HELD)
+    assert len(sg1.finished) == 1
+
+
+def test_a_target_that_never_got_the_contexts_answers_not_taken_and_everything_comes_back() -> None:
+    w, j1, _j2, a, b = early_world()
+    sg1, sg2 = w.gw["sg1"], w.gw["sg2"]
+    sg1.run(sg1.core.start([a, b], "sg2", w.now)[1])
+    settle_at(w, "sg1", j1)
+    lost = [w.drop("sg1", "sg2") for _ in range(3)]  # PCTD, FINAL, COMMIT: gone
+    sg1.run(sg1.core.peer_lost("sg2", w.now))
+    w.deliver_all()
+    assert sg2.engine.tunnels() == []
+    assert (state(a), state(b)) == (TunnelState.HELD, TunnelState.HELD)
+    assert sg1.finished[-1].outcome == "refused"
+    settle_at(w, "sg1", j1)
+    assert (state(a), state(b)) == (TunnelState.ACTIVE, TunnelState.ACTIVE)
+    # the late messages of the dead channel install nothing now
+    for m in lost:
+        w.post("sg1", "sg2", cxtp.encode(m))
+    w.deliver_all()
+    assert sg2.engine.tunnels() == [] and sg2.core.counters["refused"] >= 1
+    w.host_send("sg1", 9)
+    assert no_duplicates([(s, q) for _, s, q in w.all_wire()]) == []
+
+
+def test_a_restarted_target_answers_taken_without_a_list_and_nothing_comes_back() -> None:
+    """A target that lost its memory of the transfer answers from its record of the
+    arrival, without saying what it refused: the refused tunnel is lost at the source too
+    (re-keyed later), never resumed on a guess."""
+    from ipsecct.ct.transfer import TransferCore
+    from tests.test_state import Recorder
+
+    w, j1, j2, a, b = early_world()
+    sg1, sg2 = w.gw["sg1"], w.gw["sg2"]
+    sg1.run(sg1.core.start([a, b], "sg2", w.now)[1])
+    settle_at(w, "sg1", j1)
+    while w.pending("sg1", "sg2"):
+        w.deliver("sg1", "sg2")
+    w.drop("sg2", "sg1")
+    settle_at(w, "sg2", j2)
+    j2b = Recorder(w)
+    j2b.arrivals = set(j2.arrivals)
+    sg2.core = TransferCore(sg2.engine, sg2.core.endpoint, sg2.core.settings, journal=j2b)
+    sg1.run(sg1.core.peer_lost("sg2", w.now))
+    w.deliver_all()
+    assert (state(a), state(b)) == (TunnelState.MOVED, TunnelState.MOVED)
+    assert sg1.finished[-1].outcome == "committed"
+    assert [c for c, _ in j1.calls][-1] == "given"
+
+
+def test_a_ctc_or_an_abandon_after_the_early_commit_rolls_nothing_back() -> None:
+    w, j1, _j2, a, b = early_world()
+    sg1 = w.gw["sg1"]
+    tid, out = sg1.core.start([a, b], "sg2", w.now)
+    sg1.run(out)
+    settle_at(w, "sg1", j1)
+    tag = cxtp.TransferTag(tid, 0).encode()
+    w.post("sg2", "sg1", cxtp.encode(cxtp.CTC(MN, (tag,))))
+    w.deliver("sg2", "sg1")
+    assert sg1.core.abandon(tid, w.now, "operator") == []
+    assert (state(a), state(b)) == (TunnelState.MOVED, TunnelState.MOVED)
+    w.deliver_all()
+    assert (state(a), state(b)) == (TunnelState.MOVED, TunnelState.HELD)
+
+
+def test_a_target_that_gave_up_before_the_late_commit_activates_nothing() -> None:
+    """The COMMIT reaches a target that already discarded the pending transfer (its
+    decision time passed): it activates nothing; the source, told "accepted" by the CTDR,
+    records the tunnel away: nobody sends on it (liveness lost, never a number twice)."""
+    w, j1, j2, a, b = early_world()
+    sg1, sg2 = w.gw["sg1"], w.gw["sg2"]
+    sg1.run(sg1.core.start([a, b], "sg2", w.now)[1])
+    w.deliver("sg1", "sg2")
+    settle_at(w, "sg2", j2)
+    w.now += 60.0
+    sg2.tick()
+    assert sg2.engine.tunnels() == []
+    w.now -= 60.0
+    settle_at(w, "sg1", j1)
+    w.deliver_all()
+    assert sg2.engine.tunnels() == []
+    for n in range(10):  # sg1 sends its tail (4) and nothing more
+        w.host_send("sg1", n)
+    assert len(sent_on(w, SPI_DOWN)) == 4
+    assert state(a) is TunnelState.MOVED and sg1.finished[-1].outcome == "partial"
+
+
+def one_sender(w: World, refuse_b: bool) -> None:
+    for spi in (SPI_DOWN, 0x500):
+        live = [
+            g.name for g in w.gw.values() for t in g.engine.tunnels()
+            if t.outbound.spi == spi and t.state is TunnelState.ACTIVE
+        ]  # fmt: skip
+        assert len(live) <= 1, f"SPI {spi:#x} active at {live}"
+    if refuse_b:
+        assert not [t for t in w.gw["sg2"].engine.tunnels() if t.outbound.spi == 0x500]
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    ops=st.lists(
+        st.sampled_from(
+            [
+                ("start", ""), ("send", "sg1"), ("send", "sg2"), ("sendb", ""), ("mn", ""),
+                ("deliver", "sg1>sg2"), ("deliver", "sg1>sg2"), ("deliver", "sg1>sg2"),
+                ("deliver", "sg2>sg1"), ("drop", "sg1>sg2"), ("drop", "sg2>sg1"),
+                ("drop", "sg2>sg1"), ("settle", "sg1"), ("settle", "sg1"), ("settle", "sg2"),
+                ("tick", "0.3"), ("tick", "3"), ("lost", "sg1"), ("lost", "sg1"), ("flush", ""),
+            ]
+        ),
+        min_size=1,
+        max_size=50,
+    ),
+    mbb=st.booleans(),
+    refuse_b=st.booleans(),
+)
+def test_early_commit_never_sends_a_number_twice(
+    ops: list[tuple[str, str]], mbb: bool, refuse_b: bool
+) -> None:
+    """Random deliveries, drops, lost channels, time-outs and write completions around an
+    early COMMIT with one tunnel the target may refuse: no (SPI, sequence number) pair twice
+    on the wire, never an outbound SA active at two gateways, and a refused tunnel never
+    active at the target."""
+    w, j1, j2, a, b = early_world(mbb=mbb, refuse_b=refuse_b)
+    started = False
+    ops = [("start", ""), *ops]
+    for n, (op, arg) in enumerate(ops, 1):
+        if op == "start" and not started:
+            started = True
+            w.gw["sg1"].run(w.gw["sg1"].core.start([a, b], "sg2", w.now)[1])
+        elif op == "send":
+            w.host_send(arg, n)
+        elif op == "sendb":
+            for g in w.gw.values():
+                g.from_inner(to_b(n))
+        elif op == "mn":
+            w.mn_send(n)
+        elif op in ("deliver", "drop"):
+            x, y = arg.split(">")
+            if w.pending(x, y):
+                (w.deliver if op == "deliver" else w.drop)(x, y)
+        elif op == "settle":
+            settle_at(w, arg, j1 if arg == "sg1" else j2)
+        elif op == "tick":
+            w.now += float(arg)
+            for g in w.gw.values():
+                g.tick()
+        elif op == "lost":
+            w.gw["sg1"].run(w.gw["sg1"].core.peer_lost("sg2", w.now))
+        elif op == "flush":
+            w.flush_to_mn()
+        one_sender(w, refuse_b)
+    for _ in range(5):
+        w.deliver_all()
+        settle_at(w, "sg1", j1)
+        settle_at(w, "sg2", j2)
+        w.now += 3.0
+        for g in w.gw.values():
+            g.tick()
+        one_sender(w, refuse_b)
+    for n in range(20):
+        w.host_send("sg1", 9000 + n)
+        w.host_send("sg2", 9100 + n)
+        for g in w.gw.values():
+            g.from_inner(to_b(9200 + n))
+    wire = [(s, q) for _, s, q in w.all_wire()]
+    assert no_duplicates(wire) == []
+    if refuse_b:
+        assert all(g == "sg1" for g, _ in sent_on(w, 0x500))
+
+
+def test_a_query_that_reaches_a_target_waiting_for_its_pending_write_names_the_refused() -> None:
+    """The COMMIT came but "pending" is not durable yet when the lost CTDR's query arrives:
+    the answer is "taken" with the refused SA (the refused tunnel comes back), and the
+    target activates the accepted one once its write lands."""
+    w, j1, j2, a, b = early_world()
+    sg1, sg2 = w.gw["sg1"], w.gw["sg2"]
+    sg1.run(sg1.core.start([a, b], "sg2", w.now)[1])
+    settle_at(w, "sg1", j1)
+    while w.pending("sg1", "sg2"):
+        w.deliver("sg1", "sg2")
+    w.drop("sg2", "sg1")
+    sg1.run(sg1.core.peer_lost("sg2", w.now))
+    w.deliver_all()
+    (t2,) = sg2.engine.tunnels()
+    assert t2.state is TunnelState.HELD
+    assert (state(a), state(b)) == (TunnelState.MOVED, TunnelState.HELD)
+    settle_at(w, "sg2", j2)
+    settle_at(w, "sg1", j1)
+    assert (t2.state, state(b)) == (TunnelState.ACTIVE, TunnelState.ACTIVE)

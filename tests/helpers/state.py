@@ -149,7 +149,7 @@ class Gateways:
 
     def write(
         self, name: str, *, with_tunnels: bool = True, peers: list[str] = (),  # type: ignore[assignment]
-        extra: str = "", max_transfer_ms: int = 2000,
+        extra: str = "", max_transfer_ms: int = 2000, transfer_extra: str = "",
     ) -> str:
         for n in (name, *peers):
             if n not in self.ports:
@@ -191,6 +191,7 @@ retry_ms = 500
 retry_max_ms = 20000
 accept_local_ts = "10.2.0.0/24"
 accept_remote_ts = "10.1.0.0/16"
+{transfer_extra}
 """
             for peer in peers:
                 q = self.ports[peer]

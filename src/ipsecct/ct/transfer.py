@@ -127,6 +127,11 @@ class Settings:
     # than forwarding them to the target, and its FINAL announces the last of them as its
     # last number, so the target starts past them. 0: everything is forwarded.
     mbb_tail: int = 0
+    # "Commit what you accept" (docs/cxtp.md): the source sends its COMMIT as soon as its
+    # "leaving" rows are durable, without waiting for the CTDR, which then only names the
+    # tunnels the target refused (never activated there): the source takes those back.
+    # False: the COMMIT follows the CTDR and names what it accepted.
+    commit_early: bool = False
 
 
 # -- outputs ------------------------------------------------------------------------------
@@ -345,10 +350,17 @@ def parse_final(cdb: bytes, size: int) -> tuple[int, int, int, int, bytes]:
 
 
 # -- state ---------------------------------------------------------------------------------
+# SA_RESULT CDBs (32 octets at most) a decision query's answer carries at most.
+MAX_REFUSED_IN_ANSWER = 1500
+
+
 class OutgoingState(enum.Enum):
     """A transfer this gateway started (source)."""
 
     SENT = "sent"  # contexts sent, tunnels held, waiting for the CTDR
+    # commit_early: COMMIT sent for every tunnel (they moved), waiting for the CTDR to learn
+    # which the target refused (those come back here)
+    AWAITING = "awaiting"
     COMMITTED = "committed"  # COMMIT sent: the tunnels live at the target now
     ABORTED = "aborted"  # rolled back (refused, timed out, peer lost, cancelled)
 
@@ -373,6 +385,8 @@ TRANSITIONS: frozenset[tuple[enum.Enum, enum.Enum]] = frozenset(
     {
         (OutgoingState.SENT, OutgoingState.COMMITTED),
         (OutgoingState.SENT, OutgoingState.ABORTED),
+        (OutgoingState.SENT, OutgoingState.AWAITING),
+        (OutgoingState.AWAITING, OutgoingState.COMMITTED),
         (IncomingState.RECEIVING, IncomingState.PENDING),
         (IncomingState.RECEIVING, IncomingState.CANCELLED),
         (IncomingState.PENDING, IncomingState.ACTIVE),
@@ -466,6 +480,10 @@ class _Unresolved:
     queries: int = 0
     # how long before ``since`` the tunnels were recorded leaving (None: unknown)
     age: float | None = None
+    # Not a restart: a transfer whose COMMIT went out before its CTDR came (commit_early),
+    # then the peer was lost or did not answer in time. Its tunnels are moved (forwarders),
+    # never sent on here until the peer's answer says which it refused.
+    og: _Outgoing | None = None
     members: set[Tunnel] = field(default_factory=set, repr=False, compare=False)
 
 
@@ -623,6 +641,8 @@ class TransferCore:
             "unrecorded": 0,  # commits whose "taken over" could not be written
             "unresolved_dropped": 0,  # packets of tunnels whose transfer's outcome is unknown
             "queries_answered": 0,  # decision queries this gateway answered (target)
+            # tunnels refused after an early COMMIT whose SPI was taken here meanwhile
+            "not_taken_back": 0,
         }
         # Reactive mode: CTARs per source and per MN (RFC 4067 §2.5 CT_REQUEST_RATE), CT-Reqs
         # per peer (both directions), (MN, sequence) pairs already requested.
@@ -646,6 +666,10 @@ class TransferCore:
         # here is refused. A unit's tunnels are installed all or none.
         self.unit_cdbs: Callable[[list[Tunnel]], list[bytes]] | None = None
         self.unit_checks: dict[int, Callable[[str, bytes], str | None]] = {}
+        # Told (transfer id, peer, tunnels, why) when a transfer whose COMMIT went out before
+        # its answer (commit_early) lost that answer: its tunnels are sent on by nobody here
+        # until the peer answers the decision query (the gateway logs it for the operator).
+        self.on_unresolved: Callable[[int, str, int, str], None] | None = None
         self._next_housekeeping = 0.0
 
     # -- source side -----------------------------------------------------------------
@@ -732,6 +756,8 @@ class TransferCore:
         # CT_MAX_TRANSFER_TIME bounds one exchange; a batched (bulk) transfer gets it once per
         # message it takes, so thousands of tunnels are not cut off by a per-message budget.
         og.deadline = now + self.settings.max_transfer_time * max(1, len(out))
+        if self._may_commit_all(og):
+            out += self._commit_all(og, now)
         return tid, out
 
     def _tid_in_use(self, tid: int) -> bool:
@@ -874,6 +900,10 @@ class TransferCore:
         self, peer: str, msg: cxtp.CTDR, tag: cxtp.TransferTag, now: float
     ) -> list[Output]:
         og = self.outgoing.get(tag.transfer_id)
+        if og is None:
+            u = self.unresolved.get(tag.transfer_id)
+            if u is not None and u.og is not None and u.peer == peer:
+                og = u.og  # the late answer to a COMMIT sent before it: it decides
         if og is None or og.peer != peer:
             u = self.unresolved.get(tag.transfer_id)
             if u is not None:
@@ -927,6 +957,8 @@ class TransferCore:
                 refused.append(t)
                 worst = worst or st
         out: list[Output] = []
+        if og.state is OutgoingState.AWAITING:
+            return self._resolve(og, accepted, refused, worst, now)
         if not accepted:
             # Nothing taken: try the next candidate for unsupported algorithms, else roll back.
             if worst == cxtp.Status.UNSUPPORTED_ALGORITHM and og.candidates:
@@ -1001,6 +1033,132 @@ class TransferCore:
         out.append(Finished(og.record))
         return out
 
+    # -- commit what you accept (Settings.commit_early; docs/cxtp.md, docs/state.md) -------
+    def _may_commit_all(self, og: _Outgoing) -> bool:
+        """May ``og`` send its COMMIT now, before the CTDR? Only once "leaving" is durable
+        (none to wait for without a journal), before any answer, and not when it may move on
+        to another candidate (that needs the answer: an unsupported algorithm)."""
+        return (
+            self.settings.commit_early
+            and og.state is OutgoingState.SENT
+            and og.answer is None
+            and not og.candidates
+            and (og.away is None or og.away.done)
+        )
+
+    def _commit_all(self, og: _Outgoing, now: float) -> list[Output]:
+        """The COMMIT for every tunnel of ``og``, before the target's answer: the target
+        activates those it accepted (it installed only those), and its CTDR will name the
+        ones it refused, which come back here (:meth:`_resolve`). From here on nothing is
+        sent or accepted here on any of them (they are forwarders, kept until the answer:
+        a refused one is taken back from them), whatever happens: only the target's word
+        (CTDR or decision query) gives one back."""
+        _move(og, OutgoingState.AWAITING)
+        peer = og.peer
+        tunnels = og.tunnels
+        self.engine.move_tunnels(tunnels, peer, math.inf)
+        out: list[Output] = []
+        if og.caps:
+            windows = self._final_states(tunnels)
+            for i in range(0, len(windows), 1000):
+                tag = self._tag(og)
+                out.append(Send(peer, cxtp.CTD(og.mn, 0, (tag, *windows[i : i + 1000]))))
+        out.append(Send(peer, cxtp.CTD(og.mn, 0, (self._tag(og), decision_cdb(DECISION_COMMIT)))))
+        for h in og.held:
+            out += self.forward(peer, h.packet, h.inbound, og)
+        self._release_held(og, [])
+        og.deadline = max(og.deadline, now + self.settings.max_transfer_time)
+        return out
+
+    def _resolve(
+        self,
+        og: _Outgoing,
+        accepted: list[Tunnel],
+        refused: list[Tunnel],
+        worst: int,
+        now: float,
+        why: str = "",
+    ) -> list[Output]:
+        """The answer to a COMMIT sent before it (a CTDR, or a decision query's answer):
+        ``accepted`` are away for good, ``refused`` come back here ("owned" again durable
+        before they send, as after a rollback)."""
+        _move(og, OutgoingState.COMMITTED)
+        self.outgoing.pop(og.tid, None)
+        self.unresolved.pop(og.tid, None)
+        self.decided[og.tid] = (DECISION_COMMIT, now + self.settings.retry_max)
+        out: list[Output] = []
+        self.engine.forward_until(accepted, now + self.settings.forward_time)
+        if accepted and self.journal is not None:
+            self._unawaited_write(
+                self._journal_write(lambda j: j.left(accepted, og.peer, og.tid))
+            )
+        if refused:
+            out += self._take_back(og, refused, now)
+        rec = og.record
+        rec.accepted = len(accepted)
+        rec.ended = now
+        if not accepted:
+            rec.outcome = "refused"
+            rec.detail += why or f"{og.peer}: {_status_name(worst)}"
+        else:
+            rec.outcome = "committed" if not refused else "partial"
+            # (what moved: the IKE SA follows its CHILD SAs only if all of them did)
+            rec.spis = [sa.spi for t in accepted for sa in t.sas()]
+            if refused:
+                rec.detail += why or f"{len(refused)} refused: {_status_name(worst)}"
+            elif why:
+                rec.detail += why
+        self.records.append(rec)
+        out.append(Finished(rec))
+        return out
+
+    def _take_back(self, og: _Outgoing, tunnels: list[Tunnel], now: float) -> list[Output]:
+        """Tunnels the target refused after the COMMIT went out: held here again, then
+        active once "owned" again is durable (their "leaving" row may be on disk). One
+        whose SPI was taken here meanwhile cannot come back: it is removed and recorded
+        away (lost until re-keyed, never sent twice)."""
+        back: list[Tunnel] = []
+        lost: list[Tunnel] = []
+        for t in tunnels:
+            if t.state is TunnelState.MOVED and not self.engine.take_back(t):
+                lost.append(t)
+            else:
+                back.append(t)
+        if lost:
+            self.counters["not_taken_back"] += len(lost)
+            for t in lost:
+                self.engine.remove_tunnel(t)
+            if self.journal is not None:
+                self._unawaited_write(
+                    self._journal_write(lambda j: j.left(lost, og.peer, og.tid))
+                )
+        if not back:
+            return []
+        if self.journal is None:
+            for t in back:
+                if t.state is TunnelState.HELD:
+                    self.engine.activate(t)
+                self.engine.uncap(t)
+            return []
+        w = self._journal_write(lambda j: j.staying(back, og.peer))
+        self.reverting.append(_Reverting(og.tid, back, w))
+        return self._settle_reverting(now)
+
+    def _unresolve(self, og: _Outgoing, now: float, why: str) -> list[Output]:
+        """The COMMIT went out before the answer, and the answer did not come (the peer
+        was lost, or the deadline passed): which tunnels the target activated is unknown.
+        They stay moved (never sent on here) and the peer is asked (decision query) until
+        it answers; the answer decides per tunnel."""
+        self.outgoing.pop(og.tid, None)
+        u = _Unresolved(
+            og.tid, og.peer, list(og.tunnels), og.mn, now, members=set(og.tunnels),
+            age=max(0.0, now - og.record.started), og=og,
+        )
+        self.unresolved[og.tid] = u
+        if self.on_unresolved is not None:
+            self.on_unresolved(og.tid, og.peer, len(og.tunnels), why)
+        return self._query(u, now)
+
     def _final_states(self, tunnels: list[Tunnel]) -> list[bytes]:
         """Each tunnel's last outbound number and inbound window, exact (the tunnels have
         just left the native path). The last number includes the tail this source keeps
@@ -1069,6 +1227,8 @@ class TransferCore:
                 og.away is None or og.away.settled
             ):
                 out += self._commit_when_recorded(og, now)
+            elif self._may_commit_all(og):
+                out += self._commit_all(og, now)
         for inc in list(self.incoming.values()):
             if inc.committing and inc.state is IncomingState.PENDING and (
                 inc.recorded is None or inc.recorded.settled
@@ -1129,6 +1289,8 @@ class TransferCore:
             for t in og.tunnels:
                 cap = og.caps.get(t)
                 how = "held" if cap is None else f"sending up to {cap}"
+                if og.state is OutgoingState.AWAITING:
+                    how = "COMMIT sent, waiting for the answer"
                 out[t] = ("leaving", f"transfer {og.tid:016x} to {og.peer}, {how}")
         for inc in self.incoming.values():
             if inc.state in (IncomingState.RECEIVING, IncomingState.PENDING):
@@ -1142,9 +1304,10 @@ class TransferCore:
                 out[t] = ("held", f"transfer {rv.tid:016x} not taken: kept, owned again"
                           " being recorded")  # fmt: skip
         for u in self.unresolved.values():
+            how = "held" if u.og is None else "COMMIT sent, answer lost"
             for t in u.tunnels:
                 out[t] = ("unresolved", f"transfer {u.tid:016x} to {u.peer}: outcome unknown,"
-                          f" held, asked {u.queries} time(s)")  # fmt: skip
+                          f" {how}, asked {u.queries} time(s)")  # fmt: skip
         return out
 
     def forget_unresolved(self, tunnel: Tunnel) -> bool:
@@ -1176,8 +1339,41 @@ class TransferCore:
         u = self.unresolved.get(tag.transfer_id)
         if u is None or u.peer != peer:
             return []  # not asked (or answered already): nothing changes
+        # Per tunnel: a "taken" answer may name SAs the target refused (never activated
+        # there, and never will be: the transfer is decided), as its CTDR did.
+        refused_keys: set[tuple[int, int, IPAddress]] = set()
+        if msg.answer == cxtp.Answer.TAKEN:
+            for c in msg.ext[1:]:
+                if cxtp.cdb_fpt(c) == cxtp.FPT_SA_RESULT:
+                    r = cxtp.SaResult.decode(c)
+                    if not cxtp.is_success(r.status):
+                        refused_keys.add((r.protocol, r.spi, r.dst))
+
+        def refused_here(t: Tunnel) -> bool:
+            o = t.outbound
+            return msg.answer != cxtp.Answer.TAKEN or (
+                (int(o.protocol), o.spi, o.dst) in refused_keys
+            )
+
+        if u.og is not None:
+            # Our COMMIT went out before its answer (commit_early): resolved as a CTDR
+            # would have resolved it.
+            refused = [t for t in u.tunnels if refused_here(t)]
+            accepted = [t for t in u.tunnels if not refused_here(t)]
+            if msg.answer != cxtp.Answer.TAKEN:
+                why = f"not taken by {peer}: kept"
+            else:
+                why = f"taken by {peer}" + (f", {len(refused)} refused: kept" if refused else "")
+            return self._resolve(u.og, accepted, refused, 0, now, why)
         assert self.journal is not None
         del self.unresolved[u.tid]
+        back = [t for t in u.tunnels if msg.answer == cxtp.Answer.TAKEN and refused_here(t)]
+        if back:
+            # Taken, but these refused: as "not taken" for them.
+            kept = set(back)
+            u.tunnels = [t for t in u.tunnels if t not in kept]
+            w0 = self._journal_write(lambda j: j.resumed(back, peer))
+            self.reverting.append(_Reverting(u.tid, back, w0))
         rec = Record(u.tid, "source", peer, "query", u.since, now, "resolved", len(u.tunnels))
         rec.spis = [sa.spi for t in u.tunnels for sa in t.sas()]
         out: list[Output] = []
@@ -1189,7 +1385,8 @@ class TransferCore:
             for t in u.tunnels:
                 self.engine.remove_tunnel(t)
             rec.accepted = len(u.tunnels)
-            rec.detail = f"taken by {peer}"
+            rec.detail = f"taken by {peer}" + (f", {len(back)} refused: kept" if back else "")
+            out += self._settle_reverting(now)
         else:
             # Not taken, and refused there from now on: ours again once "owned" (with a
             # first block past the stored ceiling) is durable, held until then.
@@ -1238,7 +1435,21 @@ class TransferCore:
         self.counters["queries_answered"] += 1
         answer = cxtp.Answer.TAKEN if taken else cxtp.Answer.NOT_TAKEN
         ttag = cxtp.TransferTag(tid, 0).encode()
-        return [*out, Send(peer, cxtp.DQ(msg.mn_prev, answer, (ttag,)))]
+        refused: list[bytes] = []
+        if taken and inc is not None and inc.state is not IncomingState.CANCELLED:
+            # Which of them were refused (never activated here), as the CTDR said: a source
+            # that sent its COMMIT before the CTDR and lost it takes those back. Omitted if
+            # too many for one message (the source then loses them: safe).
+            for m in inc.ctdrs:
+                for c in m.ext[1:]:
+                    if (
+                        cxtp.cdb_fpt(c) == cxtp.FPT_SA_RESULT
+                        and not cxtp.is_success(cxtp.SaResult.decode(c).status)
+                    ):
+                        refused.append(c)
+            if len(refused) > MAX_REFUSED_IN_ANSWER:
+                refused = []
+        return [*out, Send(peer, cxtp.DQ(msg.mn_prev, answer, (ttag, *refused)))]
 
     def forward(
         self, peer: str, packet: bytes, inbound: bool, og: _Outgoing | None = None
@@ -2076,6 +2287,9 @@ class TransferCore:
         """Time-outs, CTDR re-sends, and the expiry of what is remembered for a while."""
         out: list[Output] = []
         for og in list(self.outgoing.values()):
+            if og.state is OutgoingState.AWAITING and now >= og.deadline:
+                out += self._unresolve(og, now, "no answer in time")
+                continue
             if og.state is OutgoingState.SENT and now >= og.deadline:
                 out += self._rollback(
                     og,
@@ -2137,6 +2351,8 @@ class TransferCore:
         for og in list(self.outgoing.values()):
             if og.peer == peer and og.state is OutgoingState.SENT:
                 out += self._rollback(og, now, "peer lost", f"connection to {peer} lost")
+            elif og.peer == peer and og.state is OutgoingState.AWAITING:
+                out += self._unresolve(og, now, "connection lost")
         return out
 
     def outgoing_in_progress(self) -> int:
@@ -2147,6 +2363,7 @@ class TransferCore:
     def in_progress(self) -> int:
         return (
             len(self.outgoing)
+            + sum(1 for u in self.unresolved.values() if u.og is not None)
             + len(self.reverting)
             + sum(1 for i in self.incoming.values() if i.state in OPEN_INCOMING)
         )

@@ -901,9 +901,15 @@ _TRANSFER_KEYS = {
     "make_before_break",
     "mbb_margin",
     "mbb_tail",
+    "commit_early",
 }
 
 MBB_TAIL = 16  # [transfer] mbb_tail's default
+# [transfer] commit_early's default: off. Safe either way (docs/cxtp.md, "commit what you
+# accept"), but with it a target that goes silent after the COMMIT strands the tunnels until
+# it answers instead of costing a rollback, and its gain was not measurable on the shared
+# machine (benchmarks/README.md): the operator chooses.
+COMMIT_EARLY = False
 
 # [transfer] limits: key -> Settings attribute (whole numbers >= 1)
 _TRANSFER_LIMITS = {
@@ -1031,6 +1037,10 @@ def _transfer(
     if isinstance(tail, bool) or not isinstance(tail, int) or not 0 <= tail <= 1 << 16:
         raise ctx.err("transfer.mbb_tail", "must be a whole number from 0 to 65536")
     s.mbb_tail = tail
+    early = t.get("commit_early", COMMIT_EARLY)
+    if not isinstance(early, bool):
+        raise ctx.err("transfer.commit_early", "must be true or false")
+    s.commit_early = early
     for key, attr in _TRANSFER_LIMITS.items():
         if key in t:
             v = t[key]

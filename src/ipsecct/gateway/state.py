@@ -649,6 +649,12 @@ class DurableState:
         # One thread: the writes are made in submission order anyway (_wlock).
         self._writer: concurrent.futures.ThreadPoolExecutor | None = None
         self._kick_due = False  # a non-urgent submission's wake-up is queued on the loop
+        # Is a transfer's "pending" write urgent (its thread woken at once, before the CTDR
+        # leaves)? No: with the COMMIT after the CTDR activation waits for it only a round
+        # trip later, and with commit what you accept, where the COMMIT follows the contexts
+        # closely, waking it at once was measured no better (benchmarks/commit_early.py,
+        # benchmarks/README.md "commit what you accept"). Kept for that measurement.
+        self.pending_urgent = False
         # Called on the loop after submitted writes settled (the transfer service: the core
         # may go on with what waited for them).
         self.settled_hooks: list[Callable[[], None]] = []
@@ -1099,9 +1105,11 @@ class DurableState:
         n = self._arrival_counts[peer] = self._arrival_counts.get(peer, 0) + 1
         if n > MAX_ARRIVALS_PER_PEER + MAX_ARRIVALS_PER_PEER // 8 and self._loop is not None:
             self._loop.call_soon(self._prune_now)  # bounded on write too, after this one
-        # Not urgent: the core waits for it only at the COMMIT, a round trip away; the CTDR
-        # goes first. The transfer's arrival is recorded in the same transaction.
-        return self._submit(rows, then, urgent=False, arrivals=[(transfer_id, peer)])
+        # The transfer's arrival is recorded in the same transaction. Urgent or not:
+        # ``pending_urgent``.
+        return self._submit(
+            rows, then, urgent=self.pending_urgent, arrivals=[(transfer_id, peer)]
+        )
 
     def arrived(self, tunnels: Sequence[Tunnel], peer: str, transfer_id: int) -> Write:
         # Their SAs are tracked (and reserved) since their pending row was written.

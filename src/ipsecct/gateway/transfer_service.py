@@ -75,6 +75,7 @@ class TransferService:
         # completed meanwhile replaced some CHILD SAs).
         self.quiesce: Callable[[list[Tunnel]], Awaitable[list[Tunnel]]] | None = None
         self.core.on_start = self._started
+        self.core.on_unresolved = self._unresolved
         self._next_gc = 0.0
         node.on_held = self._on_held
         # Others that hold packets (fail-over fencing): each says whether it kept one.
@@ -135,6 +136,16 @@ class TransferService:
     def on_settled(self) -> None:
         """Journal writes (gateway/state.py) were settled: what waited for them goes on."""
         self.run(self.core.settled(self.node.clock()))
+
+    def _unresolved(self, tid: int, peer: str, tunnels: int, why: str) -> None:
+        """The COMMIT went out before the answer (commit what you accept) and the answer
+        was lost: the operator is told that these tunnels are served by nobody here until
+        the peer answers the decision query."""
+        event(
+            log, "transfer-outcome-unknown", logging.WARNING, node=self.node.name, peer=peer,
+            id=f"{tid:016x}", tunnels=tunnels, why=why,
+            effect="not sent on here until the peer answers (asked every retry)",
+        )  # fmt: skip
 
     def report(self, rec: Record) -> None:
         """A record from outside the core (a fail-over take-over): listed and announced like

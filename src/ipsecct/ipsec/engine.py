@@ -100,6 +100,9 @@ TUNNEL_TRANSITIONS: frozenset[tuple[TunnelState, TunnelState]] = frozenset(
         (TunnelState.HELD, TunnelState.MOVED),  # committed (source): forward what still comes
         # committed (source, make-before-break: it sent below the transfer's cap until now)
         (TunnelState.ACTIVE, TunnelState.MOVED),
+        # (source) its COMMIT went out before the target's answer, which refused it: the
+        # target never activated it; held here until "owned" again is durable
+        (TunnelState.MOVED, TunnelState.HELD),
     }
 )
 
@@ -232,7 +235,8 @@ class Engine:
         self._moved_in: dict[int, Tunnel] = {}  # inbound SPI of a moved tunnel -> tunnel
         # At or before the earliest forward_until of the moved tunnels (inf: none moved since
         # the last expiry walk): expire_moved() walks the tunnels only once it is reached.
-        # forward_until is set only where a tunnel becomes MOVED (move_tunnel, move_tunnels).
+        # forward_until is set only where a tunnel becomes MOVED (move_tunnel, move_tunnels)
+        # and by forward_until().
         self._moved_due = math.inf
         # Inbound SAs reachable under a (dst, protocol, SPI) that another SA owns: after an
         # SPI collision ("renegotiate"), or under the old SPI while the peer learns a new one
@@ -478,6 +482,40 @@ class Engine:
                 self._moved_in[tunnel.inbound.spi] = tunnel
             self._moved_due = min(self._moved_due, until)
         self._clear_flows()
+
+    def forward_until(self, tunnels: Iterable[Tunnel], until: float) -> None:
+        """Moved ``tunnels`` forward what reaches them until ``until`` (a source that moved
+        them before the target's answer, with no end, learned they went: commit what you
+        accept)."""
+        for tunnel in tunnels:
+            if tunnel.state is TunnelState.MOVED:
+                tunnel.forward_until = until
+                self._moved_due = min(self._moved_due, until)
+
+    def take_back(self, tunnel: Tunnel) -> bool:
+        """A moved ``tunnel`` comes back, held: its source sent the COMMIT before the
+        target's answer ("commit what you accept", docs/cxtp.md) and the target refused it,
+        so it never activated it there. Its SAs (their exact state was taken back from the
+        native path when it moved) go back into the SAD; it sends and accepts nothing until
+        it is activated. False, and nothing changed, if one of its SPIs was taken here
+        meanwhile."""
+        added: list[SecurityAssociation] = []
+        try:
+            for sa in tunnel.sas():
+                self.sad.add(sa)
+                added.append(sa)
+        except SAError:
+            for sa in added:
+                self.sad.discard(sa)
+            return False
+        self._transition(tunnel, TunnelState.HELD)
+        tunnel.forward_to = None
+        tunnel.forward_until = 0.0
+        tunnel.tail_end = 0
+        if tunnel.inbound is not None and self._moved_in.get(tunnel.inbound.spi) is tunnel:
+            del self._moved_in[tunnel.inbound.spi]
+        self._clear_flows()
+        return True
 
     @staticmethod
     def _transition(tunnel: Tunnel, to: TunnelState) -> None:
