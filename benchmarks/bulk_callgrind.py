@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import os
 import subprocess
+import types
 from typing import Any
 
 
@@ -90,6 +91,12 @@ def main() -> None:
             s.max_transfer_time = s.retry = s.retry_max = s.forward_time = 600.0
 
     handover.setup = setup_then_slow  # type: ignore[assignment]
+    wait_for = asyncio.wait_for
+
+    async def wait_longer(fut: Any, timeout: float | None) -> Any:
+        return await wait_for(fut, 3600.0)  # (the bench waits 120 s for the target's record)
+
+    bench.asyncio = types.SimpleNamespace(**{**vars(asyncio), "wait_for": wait_longer})  # type: ignore[assignment]
     gcpolicy.POLICY.settle = settle_then_start  # type: ignore[method-assign]
     topology.stop = stop_then_count  # type: ignore[assignment]
     asyncio.run(bench._transfers(1, args.sas))
