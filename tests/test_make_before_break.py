@@ -8,6 +8,7 @@ twice, whatever the order of events (docs/cxtp.md, "Make-before-break")."""
 from __future__ import annotations
 
 import struct
+from dataclasses import replace
 
 import pytest
 from hypothesis import given, settings
@@ -575,3 +576,96 @@ def test_the_gateways_tail_setting() -> None:
     for bad in (-1, "16", True, 1 << 17):
         with pytest.raises(ConfigError, match=r"sg1\.toml: transfer\.mbb_tail"):
             tail({"mbb_tail": bad})
+
+
+# -- a stale context from a gateway that once held the tunnel (docs/security.md) -------------------
+def _durable(w: World, tmp: object) -> dict[str, object]:
+    """Each gateway of ``w`` with its real durable state (writes made synchronously: no
+    event loop), as ``gateway run`` has."""
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from ipsecct.gateway import state as state_mod
+
+    states: dict[str, object] = {}
+    for name, g in w.gw.items():
+        store, lock = state_mod.open_store(Path(str(tmp)) / name, name, [], fresh=False)
+        node = SimpleNamespace(name=name, extensions={}, on_reserve=None)
+        st = state_mod.DurableState(node, store, lock, 1024)  # type: ignore[arg-type]
+        g.core.journal = st
+        states[name] = st
+    return states
+
+
+@pytest.mark.parametrize("final", [True, False])
+def test_a_stale_context_from_a_former_holder_never_makes_us_repeat_a_number(
+    tmp_path: object, final: bool
+) -> None:
+    """sg1 hands the tunnel to sg2, sg2 sends on it and hands it on to sg3. Then sg1 sends
+    sg2 its old context of the tunnel again (from memory, a replay of its old messages under
+    a new transfer id, a bug): sg2 holds nothing of it any more, so it installs it. Its
+    durable state raised the outbound number past sg2's own recorded ceiling, but the FINAL
+    of sg1's old make-before-break transfer then set it back to sg1's old last number, and
+    sg2 sent again the numbers it had sent (AES-GCM nonces reused). A tunnel that arrives
+    resumes past what this gateway may have sent under its keys, whatever its source says."""
+    w = World(("sg1", "sg2", "sg3"), settings={
+        g: Settings(make_before_break=True, mbb_margin=CAP_MARGIN, mbb_tail=4)
+        for g in ("sg1", "sg2", "sg3")})  # fmt: skip
+    states = _durable(w, tmp_path)
+    try:
+        for i in range(5):
+            w.host_send("sg1", i)
+        sent: list[bytes] = []
+        post = w.post
+
+        def recording(src: str, dst: str, data: bytes) -> None:
+            if (src, dst) == ("sg1", "sg2"):
+                sent.append(data)
+            post(src, dst, data)
+
+        w.post = recording  # type: ignore[method-assign]
+        w.transfer("sg1", "sg2")
+        w.deliver_all()
+        w.post = post  # type: ignore[method-assign]
+        for i in range(200):
+            w.host_send("sg2", i)
+        mine = out_seqs(w, "sg2")
+        assert len(mine) == 201  # (the SG_UPDATE signal first)
+        (t2,) = w.gw["sg2"].engine.tunnels()
+        _, outs = w.gw["sg2"].core.start([t2], "sg3", w.now)
+        w.gw["sg2"].run(outs)
+        w.deliver_all()
+        w.now += w.gw["sg2"].core.settings.forward_time + 1.0
+        for g in w.gw.values():
+            g.tick()  # sg2's forwarder to sg3 is gone
+        assert w.gw["sg2"].engine.tunnels() == []
+        # sg1's old messages again, under a new transfer id: PCTD, FINAL (make-before-break),
+        # COMMIT; without the FINAL only the PCTD and the COMMIT.
+        stale = [cxtp.decode(d) for d in sent]
+        finals = 0
+        for m in stale:
+            assert isinstance(m, cxtp.PCTD | cxtp.CTD)
+            if cxtp.cdb_fpt(m.cdbs[1]) == FPT_FINAL:
+                finals += 1
+                if not final:
+                    continue
+            tag = cxtp.TransferTag.decode(m.cdbs[0])
+            again = cxtp.TransferTag(0x5747_4C45, tag.seq, last=tag.last).encode()
+            w.post("sg1", "sg2", cxtp.encode(replace(m, cdbs=(again, *m.cdbs[1:]))))
+        assert finals == 1
+        while w.pending("sg1", "sg2"):
+            w.deliver("sg1", "sg2")
+        w.links.clear()  # (the CTDRs to sg1, which knows nothing of that transfer)
+        (t2,) = w.gw["sg2"].engine.tunnels()
+        assert t2.state is TunnelState.ACTIVE  # installed: sg2 cannot tell it is stale
+        before = set(mine)
+        for i in range(50):
+            w.host_send("sg2", 1000 + i)
+        again = out_seqs(w, "sg2")[len(mine):]
+        assert len(again) >= 50
+        assert not before & set(again), "sg2 sent a number again under the same key"
+        assert min(again) > max(mine)
+        assert w.gw["sg2"].core.counters["stale_final"] == int(final)
+    finally:
+        for st in states.values():
+            st.store.close()  # type: ignore[attr-defined]

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from ..ipsec.engine import Tunnel
+from ..ipsec.sad import SecurityAssociation
 
 
 class Owner(enum.Enum):
@@ -103,6 +104,13 @@ class Journal(Protocol):
         and record that this transfer arrived (:meth:`may_have_arrived`). Their outbound SAs may
         send nothing until this write is done (their ceiling is raised only then); the core
         activates them only once it is done."""
+
+    def prior_ceiling(self, sa: SecurityAssociation) -> int:
+        """Target: the highest sequence number this gateway may have sent under the keys of
+        ``sa`` (an outbound SA submitted to :meth:`arriving`) before it arrived: the ceiling
+        recorded for those keys then, 0 if none was. A tunnel that held here once, left,
+        and comes back (or is sent again, stale, by a gateway that held it before) resumes
+        past it, whatever its source's final state says (docs/security.md)."""
 
     def arrived(self, tunnels: Sequence[Tunnel], peer: str, transfer_id: int) -> Write:
         """Target: the transfer committed: ``tunnels`` are owned here. Not waited for (a

@@ -643,6 +643,9 @@ class TransferCore:
             "queries_answered": 0,  # decision queries this gateway answered (target)
             # tunnels refused after an early COMMIT whose SPI was taken here meanwhile
             "not_taken_back": 0,
+            # FINALs naming a last number at or below what this gateway may have sent under
+            # those keys itself: the tunnel resumed past its own ceiling instead
+            "stale_final": 0,
         }
         # Reactive mode: CTARs per source and per MN (RFC 4067 §2.5 CT_REQUEST_RATE), CT-Reqs
         # per peer (both directions), (MN, sequence) pairs already requested.
@@ -1644,7 +1647,11 @@ class TransferCore:
           and its replay window still takes the source's last packets if they arrive after
           our first ones. The source stopped at that number for good (it sends this only
           when it has recorded the tunnel given away and stopped), and its word on it is
-          what the transferred number always was.
+          what the transferred number always was. But never back to or below a number this
+          gateway may have sent under those keys itself (the journal's ``prior_ceiling``:
+          it held the tunnel before, and this is a stale context of it or the tunnel coming
+          back): a FINAL from a gateway that held the tunnel before us set our counter back
+          to its old number, and we sent our own numbers again (counted ``stale_final``).
 
         Only for a pending transfer from that peer; a malformed CDB is counted and left out
         (the tunnel keeps the snapshot's window and the cap: docs/security.md)."""
@@ -1667,7 +1674,13 @@ class TransferCore:
                 if top and in_sa is not None:
                     in_sa.window.merge(top, bitmap)
                 if out_seq < out_sa.seq_limit:
-                    out_sa.seq = out_seq
+                    # Never back to a number this gateway may have sent under these keys
+                    # itself (it held the tunnel before: a stale context of it, or one
+                    # that comes back): past its own recorded ceiling then.
+                    floor = self.journal.prior_ceiling(out_sa) if self.journal else 0
+                    if out_seq < floor:
+                        self.counters["stale_final"] += 1
+                    out_sa.seq = max(out_seq, floor)
             except (CxtpError, SAError):
                 self.counters["malformed"] += 1
         return []

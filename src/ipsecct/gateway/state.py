@@ -622,6 +622,12 @@ class DurableState:
         self.tracked: weakref.WeakKeyDictionary[SecurityAssociation, str] = (
             weakref.WeakKeyDictionary()
         )
+        # Arriving outbound SAs whose keys had a row here before (a tunnel that held here,
+        # left and comes back, or a stale context of it): that row's ceiling, which the
+        # tunnel never sends at or below (prior_ceiling; docs/security.md).
+        self._prior: weakref.WeakKeyDictionary[SecurityAssociation, int] = (
+            weakref.WeakKeyDictionary()
+        )
         self.queue: dict[SecurityAssociation, int] = {}
         self.plan = Plan()
         self._unresolved_sas: dict[str, SecurityAssociation] = {}  # name -> held outbound SA
@@ -1036,7 +1042,8 @@ class DurableState:
             self.rows[r.fingerprint] = r
 
     def _adoption(
-        self, sas: Sequence[SecurityAssociation], owner: Owner, detail: str
+        self, sas: Sequence[SecurityAssociation], owner: Owner, detail: str,
+        prior: weakref.WeakKeyDictionary[SecurityAssociation, int] | None = None,
     ) -> tuple[list[SAState], Callable[[bool], None]]:
         """The rows recording ``sas`` as ``owner``, and what to do once written: those not
         yet under reservations get their first block past both the number they came with
@@ -1050,6 +1057,8 @@ class DurableState:
             fp = known or self.store.fingerprint(sa)
             prev = self.rows.get(fp)
             row = self._row(sa, fp, owner, detail, now, prev, texts)
+            if prior is not None and prev is not None and prev.ceiling:
+                prior[sa] = prev.ceiling
             if known is None:
                 self.reservations.enrol(sa, prev.ceiling if prev is not None else 0)
                 row.ceiling = self.reservations.request(sa)
@@ -1097,7 +1106,8 @@ class DurableState:
 
     def arriving(self, tunnels: Sequence[Tunnel], peer: str, transfer_id: int) -> Write:
         rows, then = self._adoption(
-            [t.outbound for t in tunnels], Owner.PENDING, f"from {peer} (transfer pending)"
+            [t.outbound for t in tunnels], Owner.PENDING, f"from {peer} (transfer pending)",
+            self._prior,
         )
         for r in rows:
             r.transfer = transfer_id
@@ -1110,6 +1120,9 @@ class DurableState:
         return self._submit(
             rows, then, urgent=self.pending_urgent, arrivals=[(transfer_id, peer)]
         )
+
+    def prior_ceiling(self, sa: SecurityAssociation) -> int:
+        return self._prior.get(sa, 0)
 
     def arrived(self, tunnels: Sequence[Tunnel], peer: str, transfer_id: int) -> Write:
         # Their SAs are tracked (and reserved) since their pending row was written.
