@@ -504,3 +504,75 @@ def test_a_certificate_names_its_dns_sans_and_its_cn_only_without_them() -> None
     assert tlschannel.identity_from_der(cert("sg2", [])).matches("sg2")  # CN alone
     both = tlschannel.identity_from_der(cert("sg2", ["sg2", "gw2"]))
     assert both.matches("sg2") and both.matches("gw2") and not both.matches("sg9")
+
+
+def test_handshakes_are_rate_limited_per_source_and_in_all_but_a_peers_host_gets_in(
+    pkidir: Path,
+) -> None:
+    """A source connecting in a loop (an attacker, a broken peer) cost the listener a TLS
+    handshake (an ECDHE and a certificate check) per connection, as fast as it could open
+    them. Now each source address, and all of them together, have a handshake rate (token
+    buckets; the rates here are tiny so that nothing refills while the test runs): the rest
+    are closed before their handshake and counted. The peers' hosts have buckets of their
+    own, outside the total: a flood from many addresses never locks a real peer out."""
+    from ipsecct.gateway.limits import HandshakeRate
+
+    async def handshake(port: int, source: str) -> bool:
+        try:
+            async with asyncio.timeout(10):
+                _, writer = await asyncio.open_connection(
+                    "127.0.0.1", port, ssl=client_ctx(pkidir), server_hostname="sg2",
+                    local_addr=(source, 0))  # fmt: skip
+        except (ssl.SSLError, ConnectionError, OSError):
+            return False
+        writer.close()
+        return True
+
+    async def main() -> None:
+        echo = Echo()
+        peer = frozenset({"127.0.0.1"})
+        rate = HandshakeRate(per_source=0.001, per_source_burst=3, total=0.001, total_burst=5,
+                             reserved_rate=0.001, reserved_burst=4, reserved=peer)  # fmt: skip
+        refusals: list[tuple[str, str]] = []
+        server = await tlschannel.serve(
+            echo, "127.0.0.1", 0, server_ctx(pkidir), limits=ConnectionLimits(reserved=peer),
+            rate=rate, on_refused=lambda a, r: refusals.append((a, r)))  # fmt: skip
+        port = server.sockets[0].getsockname()[1]
+        try:
+            # One source in a loop: its burst, then nothing (the others are not touched).
+            looping = [await handshake(port, "127.0.81.2") for _ in range(6)]
+            assert looping == [True] * 3 + [False] * 3
+            # Many sources: together no more than the total's burst (5: 3 spent above).
+            many = [await handshake(port, f"127.0.81.{i}") for i in range(3, 9)]
+            assert many == [True, True] + [False] * 4
+            await eventually(lambda: len(echo.peers) == 5, "the 5 handshakes reach the handler")
+            # The peer's host has its own bucket: it gets in, and its channel works.
+            async with await tlschannel.connect(
+                "127.0.0.1", port, client_ctx(pkidir), server_hostname="sg2", timeout=15
+            ) as conn:
+                tag = cxtp.TransferTag(1, 0).encode()
+                assert isinstance(await conn.request(CTD(MN, 3, (tag, SA))), CTDR)
+            assert rate.limited == 7
+            limited = [a for a, r in refusals if r == "too many handshakes a second"]
+            assert len(limited) == 7 and not any(a.startswith("127.0.0.1:") for a in limited)
+            # ... and it too is bounded (its bucket: 4, one spent).
+            assert [await handshake(port, "127.0.0.1") for _ in range(4)] == [True] * 3 + [False]
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    run(main())
+
+
+def test_the_handshake_rate_refills_and_its_table_is_bounded() -> None:
+    """The buckets themselves (no sockets, a clock of the test's): a source gets its burst,
+    then its rate; sources beyond the table's bound do not grow it."""
+    from ipsecct.gateway.limits import HandshakeRate
+
+    r = HandshakeRate(per_source=2, per_source_burst=4, total=100, total_burst=100,
+                      max_sources=64)  # fmt: skip
+    assert [r.allow("192.0.2.1", 0.0) for _ in range(5)] == [True] * 4 + [False]
+    assert r.allow("192.0.2.1", 0.5) and not r.allow("192.0.2.1", 0.5)  # 2 a second
+    for i in range(1000):
+        r.allow(f"10.0.{i // 256}.{i % 256}", 1.0 + i / 10)
+    assert r._sources is not None and len(r._sources) <= 64

@@ -494,6 +494,23 @@ def prometheus_text(status: dict[str, Any]) -> str:
             f'ipsecct_cluster_orphaned_groups{{node="{node}"}} '
             f"{cl.get('orphaned', {}).get('groups', 0)}",
         ]
+    tr = status.get("transfers")
+    if isinstance(tr, dict) and "refused_connections" in tr:
+        # The CXTP listener (docs/security.md): connections closed without a handshake or
+        # after a failed one, and those of them over the handshake rate.
+        lines += [
+            "# HELP ipsecct_cxtp_refused_connections_total Connections to the CXTP listener"
+            " refused (over a limit, failed handshake, not a peer).",
+            "# TYPE ipsecct_cxtp_refused_connections_total counter",
+            f'ipsecct_cxtp_refused_connections_total{{node="{node}"}} '
+            f'{tr["refused_connections"]}',
+            "# HELP ipsecct_cxtp_handshakes_rate_limited_total Connections to the CXTP"
+            " listener closed before their TLS handshake: over the handshake rate of their"
+            " source or of all sources.",
+            "# TYPE ipsecct_cxtp_handshakes_rate_limited_total counter",
+            f'ipsecct_cxtp_handshakes_rate_limited_total{{node="{node}"}} '
+            f'{tr.get("handshakes_rate_limited", 0)}',
+        ]
     for k, v in status.get("metrics", {}).items():
         lines.append(f'ipsecct_{k}{{node="{node}"}} {v}')
     return "\n".join(lines) + "\n"

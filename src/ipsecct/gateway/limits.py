@@ -17,6 +17,8 @@ import os
 import resource
 from dataclasses import dataclass, field
 
+from ..ct.ratelimit import RateLimiter
+
 log = logging.getLogger("ipsecct.gateway.limits")
 
 # The longest an operator's transfer or rebalance may be given to finish (``--timeout``, s).
@@ -56,6 +58,53 @@ class ConnectionLimits:
             self.open[source] = n
         else:
             self.open.pop(source, None)
+
+
+@dataclass
+class HandshakeRate:
+    """TLS handshakes a listener starts per second, per source address and in all (token
+    buckets): each costs the gateway an ECDHE and a certificate chain check before it knows
+    who connects, so a source that connects in a loop (an attacker, or a broken peer) would
+    otherwise cost a handshake per connection, as fast as it can open them. A connection over
+    the rate is closed on arrival, before its handshake, and counted (``limited``).
+
+    The configured peers' hosts (``reserved``) have buckets of their own, outside the total
+    and larger than anyone else's, so that a flood from elsewhere never locks a real peer out
+    and a peer reconnecting after a fault (a few handshakes a second at most: the channel
+    pool opens one at a time per peer, retrying after 0.5 s and more) is never refused."""
+
+    per_source: float = 2.0  # handshakes a second from one address
+    per_source_burst: float = 8.0
+    total: float = 20.0  # ... from all addresses but the peers' hosts
+    total_burst: float = 40.0
+    reserved_rate: float = 8.0  # ... from one of the peers' hosts
+    reserved_burst: float = 32.0
+    reserved: frozenset[str] = frozenset()
+    max_sources: int = 4096  # the per-address table's bound (ct.ratelimit prunes past it)
+    limited: int = 0
+    _sources: RateLimiter | None = field(default=None, repr=False)
+    _peers: RateLimiter | None = field(default=None, repr=False)
+    _all: RateLimiter | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        self._sources = RateLimiter(self.per_source, self.per_source_burst,
+                                    max_keys=self.max_sources)  # fmt: skip
+        self._peers = RateLimiter(self.reserved_rate, self.reserved_burst,
+                                  max_keys=max(1, len(self.reserved)))  # fmt: skip
+        self._all = RateLimiter(self.total, self.total_burst, max_keys=1)
+
+    def allow(self, source: str, now: float) -> bool:
+        """May a handshake from ``source`` start at ``now`` (seconds, any monotonic clock)?"""
+        assert self._sources is not None and self._peers is not None and self._all is not None
+        if source in self.reserved:
+            ok = self._peers.allow(source, now)
+        else:
+            # The address's own bucket first: one flooding source spends only its own
+            # tokens, not everyone's.
+            ok = self._sources.allow(source, now) and self._all.allow(None, now)
+        if not ok:
+            self.limited += 1
+        return ok
 
 
 def source_of(peername: object) -> str:

@@ -17,7 +17,7 @@ from ..ct import cxtp
 from ..errors import ChannelError, ChannelTimeout, CxtpError, IpsecctError, TransferError
 from . import tlschannel
 from .config import PeerConfig, TransferConfig
-from .limits import ConnectionLimits
+from .limits import ConnectionLimits, HandshakeRate
 from .log import RateLimited, event
 from .timers import supervise
 
@@ -80,6 +80,9 @@ class PeerChannels:
             s for h in hosts  # an IPv4 peer as a listener on "::" sees it
             for s in ((str(h), f"::ffff:{h}") if h.version == 4 else (str(h),))
         ))  # fmt: skip
+        # TLS handshakes started per second, per source and in all (the peers' hosts have
+        # their own, larger buckets): a source connecting in a loop costs a handshake each.
+        self.rate = HandshakeRate(reserved=self.limits.reserved)
         self._quiet = RateLimited()
 
     def load_credentials(self) -> None:
@@ -100,6 +103,7 @@ class PeerChannels:
             timeout=3600,
             on_refused=self._refused_handshake,
             limits=self.limits,
+            rate=self.rate,
         )
         self._keeper = supervise(self._keep_connected(), "connect to peers", self.name)
 

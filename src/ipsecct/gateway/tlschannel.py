@@ -33,7 +33,7 @@ from cryptography.x509.oid import NameOID
 from ..ct import cxtp
 from ..errors import ChannelClosed, ChannelError, ChannelTimeout, CxtpError, IpsecctError
 from ..ipsec.ippacket import IPAddress
-from .limits import ConnectionLimits, source_of
+from .limits import ConnectionLimits, HandshakeRate, source_of
 from .log import RateLimited
 
 log = logging.getLogger(__name__)
@@ -352,6 +352,7 @@ async def serve(
     handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
     on_refused: Refused | None = None,
     limits: ConnectionLimits | None = None,
+    rate: HandshakeRate | None = None,
 ) -> asyncio.Server:
     """Accept TLS connections and run ``handler`` on each, then close it.
 
@@ -365,9 +366,16 @@ async def serve(
     source address and in total, handshakes included: the rest are closed on arrival and
     reported to ``on_refused``. A handshake gets ``handshake_timeout``; the log lines about
     refusals are rate-limited.
+
+    ``rate`` (default: :class:`HandshakeRate`'s defaults, ``limits``' reserved sources as its
+    own) bounds the handshakes started per second, per source address and in all: a
+    connection over the rate is closed on arrival, before its handshake, and reported to
+    ``on_refused`` too.
     """
     lim = limits if limits is not None else ConnectionLimits()
+    hs = rate if rate is not None else HandshakeRate(reserved=lim.reserved)
     quiet = RateLimited()
+    loop = asyncio.get_running_loop()
 
     def refused(writer: asyncio.StreamWriter, reason: str) -> None:
         peer = writer.get_extra_info("peername")
@@ -386,6 +394,9 @@ async def serve(
 
     async def on_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         source = source_of(writer.get_extra_info("peername"))
+        if not hs.allow(source, loop.time()):
+            refused(writer, "too many handshakes a second")
+            return
         if not lim.admit(source):
             refused(writer, "too many connections")
             return

@@ -454,6 +454,7 @@ class TransferService:
             "recent": [r.as_dict() for r in recent],
             **self.core.counters,
             "refused_connections": self.channels.refused,
+            "handshakes_rate_limited": self.channels.rate.limited,
             "open_connections": self.channels.limits.count,
         }
 
