@@ -220,6 +220,9 @@ def test_no_replica_leaves_before_the_member_key(tmp_path: Path) -> None:
         def send(self, peer: str, msg: object) -> None:
             self.sent.append(peer)
 
+        def room(self, peer: str) -> int:  # (what the replication may send at once)
+            return 1 << 30
+
     class Transfer:
         def __init__(self) -> None:
             self.listeners: list[object] = []

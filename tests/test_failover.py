@@ -404,11 +404,23 @@ class FakeExtra:
         self.state: dict[bytes, list[bytes]] = {}
         self.sent: dict[bytes, list[bytes]] = {}
 
-    def poll_extra(self, now: float, full: bool) -> tuple[list[tuple[bytes, list[bytes]]],
-                                                          list[bytes]]:  # fmt: skip
-        ups = [(k, v) for k, v in self.state.items() if full or self.sent.get(k) != v]
+    def poll_extra(self, now: float, full: bool, budget: int | None = None
+                   ) -> tuple[list[tuple[bytes, list[bytes]]], list[bytes]]:  # fmt: skip
+        ups: list[tuple[bytes, list[bytes]]] = []
+        used = 0
+        for k, v in self.state.items():
+            if not full and self.sent.get(k) == v:
+                continue
+            if budget is not None and used >= budget:  # later (after a FULL: as new)
+                if full:
+                    self.sent.pop(k, None)
+                continue
+            ups.append((k, v))
+            used += sum(map(len, v))
+            self.sent[k] = v
         gone = [k for k in self.sent if k not in self.state]
-        self.sent = dict(self.state)
+        for k in gone:
+            del self.sent[k]
         return ups, [] if full else gone
 
 
@@ -455,6 +467,50 @@ def test_extra_contexts_replicated_beside_the_tunnels_and_removed() -> None:
         sb.receive(bad, 1.0)
     with pytest.raises(CxtpError):
         failover.extra_cdb(b"", 1, 1)
+
+
+def test_a_whole_state_over_the_budget_goes_in_pieces_and_all_of_it_arrives() -> None:
+    """After a lost channel the active sends its whole state again (FULL: the standby drops
+    what it holds). Sent at once, a state over the channel's send bound had the channel
+    dropped, which is a lost channel: the whole state again, for ever. With a budget (the
+    room in the channel) each poll sends what fits; what is left out, tunnels and IKE SA
+    contexts alike, goes at the next polls, and the standby ends with exactly the active's
+    state, removals made meanwhile included, after one FULL mark."""
+    act = Engine(ip(SG_ADDR["sg1"]))
+    tunnels = [add_tunnel(act, i) for i in range(40)]
+    extra = FakeExtra()
+    for k in range(12):
+        extra.state[bytes([65 + k]) * 8] = [_ike_cdb(0x8010, 20)]
+    rep = failover.Replicator(act, cfg(), session=3, extra=extra)
+    sb = standby(Engine(ip(SG_ADDR["sg2"])))
+    for m in wire(rep.poll(0.0)):
+        sb.receive(m, 0.0)
+    assert len(sb.replica) == 40 and len(sb.extra) == 12
+    sb.replica[0x7777] = [b"stale"]  # what the standby holds that the active no longer has
+    rep.resync()
+    pair = sum(len(context.encode(sa, 0.0)) for sa in tunnels[0].sas())
+    budget = 3 * pair  # a few tunnels a poll
+    now, polls, fulls, sent_by_poll = 0.1, 0, 0, []
+    while polls < 100:
+        msgs = wire(rep.poll(now, budget))
+        polls += 1
+        octets = sum(len(c) for m in msgs for c in m.cdbs[2:])
+        sent_by_poll.append(octets)
+        fulls += sum(failover.parse_sync_kind(m.cdbs[1])[0] == failover.SYNC_FULL for m in msgs)
+        for m in msgs:
+            sb.receive(m, now)
+        if polls == 2:  # removals while the pieces go: one sent already, one not yet
+            act.remove_tunnel(tunnels[0])
+            act.remove_tunnel(tunnels[-1])
+            del extra.state[b"A" * 8]
+        now += 0.01
+        if rep.deferred == 0 and not msgs:
+            break
+    assert fulls == 1 and polls > 10
+    # within the budget, over by one context at most (an IKE SA's CDBs, or a tunnel's pair)
+    assert max(sent_by_poll) <= budget + max(pair, 200) + 64
+    expect = {t.outbound.spi for t in tunnels[1:-1]}
+    assert set(sb.replica) == expect and set(sb.extra) == set(extra.state)
 
 
 @pytest.mark.parametrize("fencing", [False, True])
@@ -1023,6 +1079,53 @@ def test_standby_started_after_the_active_gets_idle_tunnels(tmp_path: Path) -> N
             await asyncio.wait_for(demo.stop(d), 20)
 
     assert asyncio.run(main()) == 1
+
+
+def test_a_whole_state_over_the_send_bound_reaches_the_standby_in_pieces(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Real TLS between the demo's active and standby, the per-peer send bound made small
+    (256 KiB; 32 MiB in a gateway) and 3,000 tunnels at the active (about 1.7 MB of
+    contexts: a gateway's large IKE SA state). Sent at once, the state went over the bound,
+    the channel was dropped as stuck, the peer's loss made the active send its whole state
+    again, and so on for ever: the standby never held it. Now each poll sends what the
+    channel has room for, and the standby gets all of it, the channel never dropped."""
+    from ipsecct.bench.transfer import make_tunnel
+    from ipsecct.gateway import peers
+    from tests.helpers.handover import record_lost
+
+    monkeypatch.setattr(peers, "SEND_BUFFER_LIMIT", 256 << 10)
+
+    async def main() -> tuple[int, int, int, list[str]]:
+        d = await demo.build(tmp_path, failover=True)
+        try:
+            eng = d.gateways["sg1"].node.engine
+            for i in range(3000):
+                make_tunnel(eng, i, demo.ADDRESS["sg1"], demo.ADDRESS["mn"])
+            services = d.services
+            await services["sg2"].start_context_transfer()
+            await services["sg1"].start_context_transfer()
+            active, driver = services["sg1"].failover, services["sg2"].failover
+            assert active is not None and driver is not None
+            rep, sb = active.replicator, driver.standby
+            assert rep is not None and sb is not None
+            chans = services["sg1"].peers
+            assert chans is not None
+            lost = record_lost(chans)
+            deferred = [0]
+
+            def complete() -> bool:
+                deferred[0] = max(deferred[0], rep.deferred)
+                return len(sb.replica) == 3001
+
+            await eventually(complete, "the whole state at the standby", timeout=30)
+            return deferred[0], rep.resyncs, len(sb.replica), list(lost)
+        finally:
+            await asyncio.wait_for(demo.stop(d), 20)
+
+    deferred, resyncs, held, lost = asyncio.run(main())
+    assert held == 3001 and deferred > 0  # in pieces
+    assert lost == [], (resyncs, lost)  # the channel was never dropped under it
 
 
 def test_take_over_is_listed_in_status_transfers(tmp_path: Path) -> None:

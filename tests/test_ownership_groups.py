@@ -609,6 +609,9 @@ def test_a_dead_members_groups_go_to_one_survivor_with_indirect_identity(
                 if self.me in alive and peer in alive:
                     loop.call_soon(lambda: peer in alive and drivers[peer].receive(self.me, m))
 
+            def room(self, peer: str) -> int:  # (what the replication may send at once)
+                return 1 << 30
+
         class Transfer:
             def __init__(self) -> None:
                 self.listeners: list[object] = []

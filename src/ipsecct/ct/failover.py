@@ -200,10 +200,12 @@ def parse_refused(cdb: bytes) -> tuple[bytes, str]:
 class ExtraSource(TypingProtocol):
     """What the active replicates beside its tunnels (the IKE service: IKE SA contexts)."""
 
-    def poll_extra(self, now: float, full: bool) -> tuple[list[tuple[bytes, list[bytes]]],
-                                                          list[bytes]]:  # fmt: skip
+    def poll_extra(self, now: float, full: bool, budget: int | None = None
+                   ) -> tuple[list[tuple[bytes, list[bytes]]], list[bytes]]:  # fmt: skip
         """(contexts new or changed since the last call, keys of those gone); with ``full``
-        every context (the standby replaces what it holds)."""
+        every context (the standby replaces what it holds). ``budget``: about how many
+        octets of contexts to return (None: no bound); those left out are returned by a
+        later call (after a ``full`` one too, as new), never lost."""
         ...
 
 
@@ -313,6 +315,8 @@ class Replicator:
         self.messages = 0
         self.contexts = 0
         self.unreplicable = 0  # tunnels whose contexts cannot be encoded (counted, skipped)
+        self.deferred = 0  # tunnels due at the last poll left for the next (over the budget)
+        self.resyncs = 0  # whole states sent again (the channel to the standby was lost)
         self.epoch = FIRST_EPOCH
         # Fencing: the lease, and per tunnel the lowest outbound sequence number the standby
         # may hold (first replicated, then raised by acknowledgements) and, per message
@@ -433,21 +437,30 @@ class Replicator:
         poll sends the whole state again, marked FULL so that the standby replaces (not merges)
         what it holds, which also carries any removal it missed."""
         self._full = True
+        self.resyncs += 1
 
     def next_deadline(self) -> float | None:
         """The next check (every ``tick_ms``): new tunnels, ``sync_packets`` packets or
         ``sync_ms`` since a change, a removal, or a heartbeat due."""
         return self._next_check
 
-    def handle_timer(self, now: float) -> list[cxtp.Message]:
+    def handle_timer(self, now: float, budget: int | None = None) -> list[cxtp.Message]:
         """What to send the standby now (:meth:`poll`), and the next check in ``tick_ms``."""
         self._next_check = now + self.cfg.tick_ms / 1000
-        return self.poll(now)
+        return self.poll(now, budget)
 
     def _counter(self, t: Tunnel) -> int:
         return sum(sa.counters.packets for sa in t.sas())
 
-    def poll(self, now: float) -> list[cxtp.Message]:
+    def poll(self, now: float, budget: int | None = None) -> list[cxtp.Message]:
+        """The sync messages due now. ``budget``: about how many octets of contexts may go
+        (the room left in the channel to the standby; None: no bound). What does not fit
+        goes at a later poll: a tunnel or an extra context left out stays due (after a FULL
+        it is due as new), so a whole state larger than the channel's send bound goes in
+        pieces, each within it, instead of the channel being dropped under it and the
+        state sent again, for ever (docs/cxtp.md, "fail-over replication"). At least the
+        first SYNC CDB goes (removals, the FULL mark, the heartbeat); a budget of one
+        octet or more lets at least one context go."""
         full = self._full
         due: list[Tunnel] = []
         live: set[Tunnel] = set()
@@ -477,8 +490,6 @@ class Replicator:
                     due.append(t)
         if self.superseded_by is not None:
             return []  # the standby took over: nothing more to replicate
-        upserts, extra_gone = (self.extra.poll_extra(now, full) if self.extra is not None
-                               else ([], []))  # fmt: skip
         if full and self.on_extra_resync is not None:
             self.on_extra_resync()
         gone = [k for k in self.synced if k not in live]
@@ -493,24 +504,20 @@ class Replicator:
             elif k in gone_set:
                 leaving.append(k)  # its floor holds until the standby acknowledges this
             # else its removal is on its way (``_leaving``)
-        if (
-            not full
-            and not due
-            and not removed
-            and not upserts
-            and not extra_gone
-            and (now - self.last_sent) * 1000 < self.cfg.heartbeat_ms
-        ):
-            return []
-        self._full = False
         pairs: list[list[bytes]] = []
         carried: list[tuple[Tunnel, int] | None] = []
+        used = 0
+        deferred: list[Tunnel] = []
         for t in due:
+            if budget is not None and used >= budget:
+                deferred.append(t)  # due at a later poll (below: as new after a FULL)
+                continue
             try:
                 pair = [context.encode(sa, now) for sa in t.sas()]
             except ContextError:
                 self.unreplicable += 1  # e.g. a replay window too large for a CDB
                 continue
+            used += sum(map(len, pair))
             pairs.append(pair)
             seq = t.outbound.seq
             carried.append((t, seq))
@@ -520,6 +527,31 @@ class Replicator:
                 self._ceiling(t)
             self.synced[t] = _Synced(self._counter(t), None)
             self.spi_of[t] = t.outbound.spi
+        if full:
+            # The FULL mark makes the standby drop what it holds: what is left out goes
+            # later as new (no removal is owed for it), its floor kept meanwhile.
+            for t in deferred:
+                self.synced.pop(t, None)
+                self.spi_of.pop(t, None)
+        self.deferred = len(deferred)
+        upserts: list[tuple[bytes, list[bytes]]] = []
+        extra_gone: list[bytes] = []
+        if self.extra is None:
+            pass
+        elif budget is None:
+            upserts, extra_gone = self.extra.poll_extra(now, full)
+        else:
+            upserts, extra_gone = self.extra.poll_extra(now, full, max(0, budget - used))
+        if (
+            not full
+            and not pairs
+            and not removed
+            and not upserts
+            and not extra_gone
+            and (now - self.last_sent) * 1000 < self.cfg.heartbeat_ms
+        ):
+            return []
+        self._full = False
         self.contexts += sum(len(p) for p in pairs)
         self.extras += len(upserts)
         # an extra context travels as its SYNC_EXTRA CDB and its own CDBs, never split

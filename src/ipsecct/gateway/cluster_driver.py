@@ -488,7 +488,7 @@ class ClusterDriver:
                 for p, rp in self.replicators.items():
                     if rp.target_lease is None:
                         continue  # not a member (as last read): nothing it could keep
-                    for m in rp.poll(now):
+                    for m in rp.poll(now, self.channels.room(p)):  # (in pieces: failover)
                         self.channels.send(p, m)
             budget = PREPARE_PER_TICK
             for sb in self.standbys.values():

@@ -252,7 +252,10 @@ class FailoverDriver:
 
     def _on_timer(self, now: float) -> None:
         if self.replicator is not None:
-            for m in self.replicator.handle_timer(now):
+            # No more at a time than the channel has room for: a whole state larger than
+            # its send bound goes in pieces (Replicator.poll), never over it.
+            room = self.channels.room(self.cfg.peer)
+            for m in self.replicator.handle_timer(now, room):
                 self.channels.send(self.cfg.peer, m)
             if self.fencing is not None:
                 self.fencing.tick(now)  # the lease, by the passing of time
@@ -527,6 +530,10 @@ class FailoverDriver:
                 # IKE SAs the standby could not take over (ike.replicas_refused: which, why)
                 "ike_refused": len(self.ike.refused_replicas()) if self.ike is not None else 0,
                 "unreplicable": self.replicator.unreplicable,
+                # whole states sent again (the channel lost), and tunnels left for the next
+                # poll at the last one (no room in the channel: a large state goes in pieces)
+                "resyncs": self.replicator.resyncs,
+                "deferred": self.replicator.deferred,
                 **lease,
             }
         if self.standby is not None and self.standby.took_over is None:

@@ -758,10 +758,10 @@ class IkeService:
         self._act(self.engine.liveness(ike, self.node.clock()))
     # -- fail-over: IKE SAs replicated to the standby (pair mode) or to the members that would
     # take their CHILD SAs (etcd mode), and taken over there ----------------------------------
-    def poll_extra(self, now: float, full: bool) -> tuple[list[tuple[bytes, list[bytes]]],
-                                                          list[bytes]]:  # fmt: skip
+    def poll_extra(self, now: float, full: bool, budget: int | None = None
+                   ) -> tuple[list[tuple[bytes, list[bytes]]], list[bytes]]:  # fmt: skip
         """The pair mode's replication: see :meth:`IkeFeed.poll_extra`."""
-        return self.feed.poll_extra(now, full)
+        return self.feed.poll_extra(now, full, budget)
 
     def new_feed(
         self,
@@ -1000,18 +1000,22 @@ class IkeFeed:
         self._fp.clear()
         self._seen = None
 
-    def poll_extra(self, now: float, full: bool) -> tuple[list[tuple[bytes, list[bytes]]],
-                                                          list[bytes]]:  # fmt: skip
+    def poll_extra(self, now: float, full: bool, budget: int | None = None
+                   ) -> tuple[list[tuple[bytes, list[bytes]]], list[bytes]]:  # fmt: skip
         """The IKE SA contexts (with their CHILD SAs) new or changed since the last call, and
         the IKE SAs gone (keyed by our SPI): what the fail-over Replicator sends beside the
         tunnels. An IKE SA changes when its message IDs move (every exchange), its CHILD SAs
-        are rekeyed, it is rekeyed (a new SA, the old one gone) or its peer moves."""
+        are rekeyed, it is rekeyed (a new SA, the old one gone) or its peer moves.
+        ``budget``: about how many octets of contexts to return; the IKE SAs left out come
+        at a later call (after a ``full`` one, as new: the standby dropped what it held)."""
         seen = (self.service.changed(), self.token() if self.token is not None else None)
         if not full and seen == self._seen:
             return [], []
         self._seen = seen
         upserts: list[tuple[bytes, list[bytes]]] = []
         live: set[bytes] = set()
+        used = 0
+        left = False
         for ike in self.service.engine.ike_sas():
             if ike.state is not IkeState.ESTABLISHED:
                 continue
@@ -1024,6 +1028,11 @@ class IkeFeed:
                   tuple(c.uid for c in ike.children))  # fmt: skip
             if not full and self._fp.get(key) == fp:
                 continue
+            if budget is not None and used >= budget:
+                left = True  # the next call looks again
+                if full:
+                    self._fp.pop(key, None)  # the standby drops it with the FULL: new then
+                continue
             try:
                 cdbs = ike_context.encode(ike, now)
             except IkeContextError:
@@ -1033,6 +1042,9 @@ class IkeFeed:
                 continue
             self._fp[key] = fp
             upserts.append((key, cdbs))
+            used += sum(map(len, cdbs))
+        if left:
+            self._seen = None
         gone = [k for k in self._fp if k not in live]
         for k in gone:
             del self._fp[k]

@@ -258,6 +258,19 @@ class PeerChannels:
         task.add_done_callback(self.readers.discard)
         return c
 
+    def room(self, peer: str) -> int:
+        """Octets that may be handed to :meth:`send` for ``peer`` now, keeping well within
+        SEND_BUFFER_LIMIT: half of it, less what waits (queued, in the write buffer; may be
+        negative). A bulk sender (fail-over replication, whose whole state after a lost
+        channel may exceed the bound) sends no more than this at a time and the rest as the
+        channel drains: sent at once, over the bound, it had the channel dropped, and the
+        peer's loss made it send the whole state again, for ever."""
+        waiting = self.queued.get(peer, 0)
+        c = self.conns.get(peer)
+        if c is not None and not c.closed:
+            waiting += c.writer.transport.get_write_buffer_size()
+        return SEND_BUFFER_LIMIT // 2 - waiting
+
     def connected(self, peer: str) -> bool:
         """Is a channel with ``peer`` open (either side's)?"""
         c = self.conns.get(peer)
