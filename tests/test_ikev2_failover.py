@@ -118,7 +118,9 @@ def test_strongswan_client_keeps_its_ike_sa_across_a_fail_over(
         # the wire: the two gateways together never sent an (SPI, sequence number) pair
         # twice (sg2 leapt past what sg1 may have sent after its last replication)
         esp, repeated = cap.esp_repeats()
-        assert esp > 1000 and not repeated, (esp, repeated[:10])
+        # every datagram echoed to the MN came in ESP past the capture (half of them at least
+        # must be seen: the capture worked); a fixed count failed with the run's length
+        assert esp >= mn["echoed"] // 2 > 0 and not repeated, (esp, mn, repeated[:10])
         # under detection time + 1.5 s at 200 datagrams/s
         assert mn["longest_missing_run"] < (w.dead_ms + 1500) * 200 // 1000, mn
         assert mn["sent"] - mn["echoed"] <= mn["longest_missing_run"] + 5, mn
