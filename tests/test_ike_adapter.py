@@ -273,6 +273,55 @@ def test_a_replica_the_standby_cannot_take_is_refused_and_the_active_sees_which(
     assert sg1.status()["replicas_refused"] == [] and sg2.engine.stats["replica-refused"] == 0
 
 
+def test_a_request_for_an_ike_sa_that_left_after_a_transfer_here_is_forwarded_not_kept(
+    tmp_path: Path,
+) -> None:
+    """sg2 took a transfer from sg1 (its early window opens: 1 s) and, inside that second,
+    handed the client's IKE SA back to sg1, where the client rekeyed it; the client's DELETE
+    of its old IKE SA still reaches sg2: forwarded to sg1 and answered there. Before, sg2
+    kept it for a context that never came, and the client retransmitted it 4 s later (the
+    CI failure of test_client_rekeys_reaching_the_source_during_a_transfer_...). An IKE SA
+    that left before the transfer to sg2 committed may be the one coming back: kept, and
+    answered once its context is here."""
+    now = [10.0]
+    w = pair(mn_conn(dpd=10), conn(dpd=10))
+    connect(w)
+    (ike_i,), (ike_r,) = w.ini.ike_sas(), w.resp.ike_sas()
+    sg2 = _service(tmp_path, "sg2")
+    sg2.node.clock = lambda: now[0]
+    sg2.engine = w.resp
+    sent: list[tuple[str, list[bytes]]] = []
+    sg2.send_context = lambda peer, cdbs, mn: sent.append((peer, cdbs))
+    forwarded: list[tuple[str, bytes]] = []
+    sg2.forward_ike = lambda peer, cdb, mn: forwarded.append((peer, cdb))
+    answers: list[Send] = []
+    sg2._send = answers.append  # type: ignore[method-assign]
+    sg2.on_transfer(Record(1, "target", "sg1", "predictive", 0.0, 0.0, "committed"))
+    now[0] += 0.3
+    sg2._export(ike_r, "sg1", 0)  # the IKE SA leaves inside the early window
+    assert not sg2.engine.ike_sas()
+    now[0] += 0.2
+    (req,) = [o for o in w.ini.liveness(ike_i, 1.0) if isinstance(o, Send)]
+    sg2._receive(req.data, I500, R500)
+    assert sg2.engine.stats["early-kept"] == 0
+    assert sg2.engine.stats["forwarded"] == 1 and [p for p, _ in forwarded] == ["sg1"]
+    # moved there and back: it left sg2 before the transfer that brings it back committed
+    forwarded.clear()
+    assert sent[0][0] == "sg1"
+    cdbs = sent[0][1]
+    sg2.engine.import_ike(cdbs, now[0])  # sg1 has it again, as after a move sg1 -> sg2 ...
+    (ike_back,) = sg2.engine.ike_sas()
+    sg2._export(ike_back, "sg1", 0)  # ... sg2 -> sg1 (now[0] = 10.5)
+    now[0] += 0.1
+    sg2.on_transfer(Record(2, "target", "sg1", "predictive", 0.0, 0.0, "committed"))
+    now[0] += 0.1
+    sg2._receive(req.data, I500, R500)
+    assert sg2.engine.stats["early-kept"] == 1 and not forwarded
+    sg2.receive_context("sg1", sent[1][1])  # its context, back from sg1
+    assert sg2.engine.stats["early-replayed"] == 1
+    assert sg2.engine.stats["liveness-answered"] == 1 and answers
+
+
 def test_a_fragmented_request_held_during_a_transfer_follows_the_ike_sa_whole(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -97,6 +97,7 @@ class IkeService:
         self.direct = False
         # IKE messages that came, just after a transfer to us, for an IKE SA not here yet
         self._early_until = 0.0
+        self._early_since = 0.0  # when that transfer committed
         self._early: list[tuple[float, bytes, Address, Address]] = []
         # called with every event the engine reports (not Send): IKE SAs up and down,
         # failed initiations, ... (the demo watches them)
@@ -247,7 +248,8 @@ class IkeService:
 
     def _receive(self, data: bytes, src: Address, dst: Address) -> None:
         now = self.node.clock()
-        if now < self._early_until and self._not_here_yet(data):
+        if (now < self._early_until and self._not_here_yet(data)
+                and not self._left_since_commit(data)):  # fmt: skip
             # A transfer to us just committed: the peer's request may be here (the virtual
             # address moved, or a retransmission) before the IKE SA's context: kept for it
             if len(self._early) < EARLY_IKE_MAX:
@@ -257,6 +259,17 @@ class IkeService:
         if self._moved and self._forwarded(data, src, dst, now):
             return
         self._act(self.engine.receive(data, src, dst, now))
+
+    def _left_since_commit(self, data: bytes) -> bool:
+        """A message for an IKE SA this gateway handed over after the last transfer to it
+        committed: that transfer does not bring it back (one that did would commit later and
+        open a window of its own), so the message is forwarded to the gateway that has it,
+        not kept here for a context that never comes (the client's DELETE of its old IKE SA
+        after a rekey answered by the new gateway, say: kept, it went unanswered until the
+        client retransmitted it 4 s later). An IKE SA that left before that commit may be
+        the one coming back (moved there and back again): kept, as before."""
+        moved = self._moved.get(self._our_spi(data))
+        return moved is not None and moved[1] - self.forward_time >= self._early_since
 
     @staticmethod
     def _our_spi(data: bytes) -> bytes:
@@ -582,7 +595,8 @@ class IkeService:
         SA of an IKE SA, the IKE SA follows them (its context CDBs to the same peer); if it
         did not commit, the IKE SAs it quietened start their exchanges again."""
         if rec.role == "target" and rec.outcome == "committed":
-            self._early_until = self.node.clock() + EARLY_IKE_TIME
+            self._early_since = self.node.clock()
+            self._early_until = self._early_since + EARLY_IKE_TIME
             return
         if rec.role == "source" and rec.outcome not in ("committed", "partial"):
             back = set(rec.spis)
