@@ -956,6 +956,17 @@ def test_decisions_and_results_out_of_order_or_for_nothing_change_nothing() -> N
 # The source sends its COMMIT as soon as its "leaving" rows are durable, before the CTDR; the
 # CTDR (or, if it is lost, the decision query's answer) then only names the tunnels the target
 # refused, which come back to the source ("owned" again durable before they send).
+def commit_early_and_lose_the_ctdr(w: World, j1: Any, a: Tunnel, b: Tunnel) -> None:
+    """sg1 moves ``a`` and ``b`` to sg2 with its early COMMIT ("leaving" durable first), sg2
+    receives everything (contexts, FINAL, COMMIT), and its CTDR is lost with the channel."""
+    sg1 = w.gw["sg1"]
+    sg1.run(sg1.core.start([a, b], "sg2", w.now)[1])
+    settle_at(w, "sg1", j1)
+    while w.pending("sg1", "sg2"):
+        w.deliver("sg1", "sg2")
+    w.drop("sg2", "sg1")
+
+
 def early_world(
     *, mbb: bool = True, refuse_b: bool = True
 ) -> tuple[World, Any, Any, Tunnel, Tunnel]:
@@ -1077,11 +1088,7 @@ def test_channel_lost_after_the_early_commit_asks_and_takes_back_only_the_refuse
     target's "taken" names what it refused, and only that comes back."""
     w, j1, j2, a, b = early_world()
     sg1, sg2 = w.gw["sg1"], w.gw["sg2"]
-    sg1.run(sg1.core.start([a, b], "sg2", w.now)[1])
-    settle_at(w, "sg1", j1)
-    while w.pending("sg1", "sg2"):
-        w.deliver("sg1", "sg2")
-    w.drop("sg2", "sg1")  # the CTDR is lost with the channel
+    commit_early_and_lose_the_ctdr(w, j1, a, b)
     settle_at(w, "sg2", j2)
     sg1.run(sg1.core.peer_lost("sg2", w.now))
     q = w.peek("sg1", "sg2")
@@ -1164,11 +1171,7 @@ def test_a_restarted_target_answers_taken_without_a_list_and_nothing_comes_back(
 
     w, j1, j2, a, b = early_world()
     sg1, sg2 = w.gw["sg1"], w.gw["sg2"]
-    sg1.run(sg1.core.start([a, b], "sg2", w.now)[1])
-    settle_at(w, "sg1", j1)
-    while w.pending("sg1", "sg2"):
-        w.deliver("sg1", "sg2")
-    w.drop("sg2", "sg1")
+    commit_early_and_lose_the_ctdr(w, j1, a, b)
     settle_at(w, "sg2", j2)
     j2b = Recorder(w)
     j2b.arrivals = set(j2.arrivals)
@@ -1307,11 +1310,7 @@ def test_a_query_that_reaches_a_target_waiting_for_its_pending_write_names_the_r
     target activates the accepted one once its write lands."""
     w, j1, j2, a, b = early_world()
     sg1, sg2 = w.gw["sg1"], w.gw["sg2"]
-    sg1.run(sg1.core.start([a, b], "sg2", w.now)[1])
-    settle_at(w, "sg1", j1)
-    while w.pending("sg1", "sg2"):
-        w.deliver("sg1", "sg2")
-    w.drop("sg2", "sg1")
+    commit_early_and_lose_the_ctdr(w, j1, a, b)
     sg1.run(sg1.core.peer_lost("sg2", w.now))
     w.deliver_all()
     (t2,) = sg2.engine.tunnels()
