@@ -623,8 +623,15 @@ def test_a_query_after_the_target_pruned_the_arrival_is_answered_taken(few: Gate
     log = gws.dir / "sg1.log"
     spi = 0x20000000 + 3
     offset = log.stat().st_size
+    log2 = gws.dir / "sg2.log"
+    offset2 = log2.stat().st_size
     th = start_transfer(gws, spi)
     wait_for_line(log, offset, ("event=transfer-committed", "role=source"))
+    # The source logs its decision when it hands the COMMIT to its channel, whose writer
+    # task may still hold it queued: killed at once, sg1 could lose the COMMIT, and sg2 then
+    # rightly never activates. Killed once sg2 has committed (this test's case: the target
+    # serves the tunnel while the source's row says "leaving").
+    wait_for_line(log2, offset2, ("event=transfer-committed", "role=target"))
     gws.kill("sg1")
     th.join(30)
     db = sqlite3.connect(gws.dir / "state-sg1" / "state.db", isolation_level=None)
@@ -697,6 +704,21 @@ def test_a_leaving_tunnel_whose_peer_is_no_longer_configured_is_shown_held_and_d
 
     wait_for(leaving, "not shown leaving")
     assert "to sg2" in seen[0][1], seen
+    # `sa list` shows the tunnel leaving from the transfer's start, before its "leaving" row
+    # is durable (submitted to the writer thread): killed before it lands, sg1 restarts with
+    # the tunnel owned and nothing unresolved (correct, but not this test's case). Killed
+    # once the row is on disk (read as test_a_query_after_the_target_pruned... reads it).
+    import sqlite3
+
+    def durable_leaving() -> bool:
+        db = sqlite3.connect(gws.dir / "state-sg1" / "state.db", isolation_level=None, timeout=5)
+        try:
+            row = db.execute("SELECT owner FROM sa WHERE spi = ?", (spi,)).fetchone()
+        finally:
+            db.close()
+        return row is not None and row[0] == "leaving"
+
+    wait_for(durable_leaving, "the leaving row is not durable")
     gws.kill("sg1")
     gws.kill("sg2")
     th.join(30)
