@@ -69,6 +69,7 @@ async def run(
                     f" {rate} packets/s each way for {seconds:g} s, handover: {handover}"
                     + (", keying: IKEv2\n" if keying == "ike" else "\n")
                 )
+                out.flush()  # a pipe's reader sees it now, not with the first status line
             if keying == "ike":
                 ike_info = await ike_mod.establish(demo, ike_timeout, None if as_json else out)
             await stream(
