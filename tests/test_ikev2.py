@@ -1437,38 +1437,53 @@ def test_child_spis_of_an_ike_sa_context() -> None:
         (c.spi_in, c.spi_out) for c in ike.children]  # fmt: skip
 
 
-@pytest.mark.parametrize("kind", ["rsa", "p256"])
-def test_engines_with_certificates_both_ways(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Initiator and responder both authenticate with certificates from one CA (RFC 7427,
-    both announce SIGNATURE_HASH_ALGORITHMS); a certificate from another CA is refused."""
-    import dataclasses
-    import time
+def _leaf_cert(ca: object, ca_key: object, key: object, cn: str,
+               sans: list[object] | None = None) -> object:  # fmt: skip
+    """An end-entity certificate for ``key`` named CN=``cn`` (and ``sans``, if any), issued
+    by ``ca`` (a day before now to three days after)."""
+    import datetime as dt
 
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes
     from cryptography.x509.oid import NameOID
 
+    now = dt.datetime.now(dt.UTC)
+    b = (x509.CertificateBuilder()
+         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
+         .issuer_name(ca.subject).public_key(key.public_key())  # type: ignore[attr-defined]
+         .serial_number(x509.random_serial_number())
+         .not_valid_before(now - dt.timedelta(days=1))
+         .not_valid_after(now + dt.timedelta(days=3))
+         .add_extension(x509.BasicConstraints(ca=False, path_length=None),
+                        critical=True))  # fmt: skip
+    if sans:
+        b = b.add_extension(x509.SubjectAlternativeName(sans), critical=False)  # type: ignore[arg-type]
+    return b.sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
+
+
+def _pubkey(c: Connection, cert: object, key: object, remote_id: str, ca: object) -> Connection:
+    """``c`` authenticating both ways with certificates: ours ``cert`` and ``key``, the
+    peer's named ``remote_id`` and issued by ``ca``."""
     from ipsecct.ikev2.auth import Credentials
+
+    return dataclasses.replace(c, local_auth="pubkey", remote_auth="pubkey", local_id=None,
+                               remote_id=Identity(remote_id),
+                               credentials=Credentials((cert,), key),  # type: ignore[arg-type]
+                               cacerts=[ca])  # type: ignore[list-item]  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", ["rsa", "p256"])
+def test_engines_with_certificates_both_ways(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Initiator and responder both authenticate with certificates from one CA (RFC 7427,
+    both announce SIGNATURE_HASH_ALGORITHMS); a certificate from another CA is refused."""
+    import time
 
     ca, gw_cert, gw_key, ca_key = _pki(kind)
     _, _, mn_key, _ = _pki(kind)
-    import datetime as dt
-
-    now = dt.datetime.now(dt.UTC)
-    mn_cert = (x509.CertificateBuilder()
-               .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "mn.test")]))
-               .issuer_name(ca.subject).public_key(mn_key.public_key())  # type: ignore[attr-defined]
-               .serial_number(x509.random_serial_number())
-               .not_valid_before(now - dt.timedelta(days=1))
-               .not_valid_after(now + dt.timedelta(days=3))
-               .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-               .sign(ca_key, hashes.SHA256()))  # type: ignore[arg-type]  # fmt: skip
+    mn_cert = _leaf_cert(ca, ca_key, mn_key, "mn.test")
 
     def pk(c: Connection, cert: object, key: object, remote_id: str) -> Connection:
-        return dataclasses.replace(c, local_auth="pubkey", remote_auth="pubkey", local_id=None,
-                                   remote_id=Identity(remote_id),
-                                   credentials=Credentials((cert,), key),  # type: ignore[arg-type]
-                                   cacerts=[ca])  # type: ignore[list-item]  # fmt: skip
+        return _pubkey(c, cert, key, remote_id, ca)
 
     ini = IkeEngine([pk(mn_conn(), mn_cert, mn_key, "peer.test")], wall_offset=time.time())
     resp = IkeEngine([pk(conn(), gw_cert, gw_key, "CN=mn.test")], wall_offset=time.time())
@@ -1932,36 +1947,19 @@ def _san_matched() -> tuple[Wire, object, Connection]:
     subjectAltNames dns:mn.test, email:mn@test and ip:10.2.0.5; the gateway's ``remote.id``
     is ``mn.test``: matched by the SAN. Returns the wire, the CA and the gateway's
     connection."""
-    import datetime as dt
     import time
 
     from cryptography import x509
-    from cryptography.hazmat.primitives import hashes
     from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    from ipsecct.ikev2.auth import Credentials
 
     ca, gw_cert, gw_key, ca_key = _pki("p256")
     mn_key = ec.generate_private_key(ec.SECP256R1())
-    now = dt.datetime.now(dt.UTC)
     sans = [x509.DNSName("mn.test"), x509.RFC822Name("mn@test"),
             x509.IPAddress(ipaddress.ip_address("10.2.0.5"))]  # fmt: skip
-    mn_cert = (x509.CertificateBuilder()
-               .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "mn")]))
-               .issuer_name(ca.subject).public_key(mn_key.public_key())  # type: ignore[attr-defined]
-               .serial_number(x509.random_serial_number())
-               .not_valid_before(now - dt.timedelta(days=1))
-               .not_valid_after(now + dt.timedelta(days=3))
-               .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-               .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-               .sign(ca_key, hashes.SHA256()))  # type: ignore[arg-type]  # fmt: skip
+    mn_cert = _leaf_cert(ca, ca_key, mn_key, "mn", sans)
 
     def pk(c: Connection, cert: object, key: object, remote_id: str) -> Connection:
-        return dataclasses.replace(c, local_auth="pubkey", remote_auth="pubkey", local_id=None,
-                                   remote_id=Identity(remote_id),
-                                   credentials=Credentials((cert,), key),  # type: ignore[arg-type]
-                                   cacerts=[ca])  # type: ignore[list-item]  # fmt: skip
+        return _pubkey(c, cert, key, remote_id, ca)
 
     gw = pk(conn(), gw_cert, gw_key, "mn.test")
     ini = IkeEngine([pk(mn_conn(), mn_cert, mn_key, "peer.test")], wall_offset=time.time())
