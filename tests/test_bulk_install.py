@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from ipsecct.ct import context, cxtp
 from ipsecct.ct.transfer import ConflictPolicy, Identity, Send, Settings, TransferCore
 from ipsecct.ipsec.algorithms import EncAlg
-from ipsecct.ipsec.engine import Engine, TunnelState
+from ipsecct.ipsec.engine import Engine, Tunnel, TunnelState
 from ipsecct.ipsec.ippacket import Endpoint
 from ipsecct.ipsec.sad import Direction, Mode, SecurityAssociation, UdpEncap
 from ipsecct.ipsec.spd import Action, AddressRange, Selectors, SPDEntry
@@ -35,6 +35,22 @@ def _sa(
         spi, d, src, dst, enc=EncAlg.AES_GCM_16, enc_key=KEY, mode=Mode.TUNNEL, esn=True,
         replay_window=64, encap=UdpEncap(4500, 4500), selectors=sel, name=name,
     )  # fmt: skip
+
+
+def _tunnels(eng: Engine, n: int, out_base: int, in_base: int) -> list[Tunnel]:
+    """``n`` tunnels t0.. in ``eng``, one MN address each (10.64.0.0 + i), with outbound SPIs
+    from ``out_base`` and inbound ones from ``in_base``."""
+    tunnels = []
+    for i in range(n):
+        sel = Selectors.between("10.2.0.0/16", str(ip("10.64.0.0") + i))
+        tunnels.append(
+            eng.add_tunnel(
+                SPDEntry(sel, Action.PROTECT, name=f"t{i}", static=False),
+                _sa(out_base + i, Direction.OUTBOUND, sel, f"t{i}"),
+                _sa(in_base + i, Direction.INBOUND, sel, f"t{i}"),
+            )
+        )
+    return tunnels
 
 
 def _target(conflict: ConflictPolicy, existing: list[tuple[int, int, str]]) -> TransferCore:
@@ -177,16 +193,7 @@ def test_expiring_forwarders_leave_the_others(n: int) -> None:
     """Forwarders of a bulk transfer expire together: one pass over the SPD, every other
     policy kept in order."""
     eng = Engine()
-    tunnels = []
-    for i in range(n):
-        sel = Selectors.between("10.2.0.0/16", str(ip("10.64.0.0") + i))
-        tunnels.append(
-            eng.add_tunnel(
-                SPDEntry(sel, Action.PROTECT, name=f"t{i}", static=False),
-                _sa(0x1000 + i, Direction.OUTBOUND, sel, f"t{i}"),
-                _sa(0x100000 + i, Direction.INBOUND, sel, f"t{i}"),
-            )
-        )
+    tunnels = _tunnels(eng, n, 0x1000, 0x100000)
     moved = tunnels[::2]
     for t in moved:
         eng.hold(t)
@@ -202,16 +209,7 @@ def test_expire_moved_walks_only_when_one_may_be_due_and_misses_none() -> None:
     of the moved tunnels: moves at different times, one made after a walk with an earlier
     end than what was left, each tunnel removed exactly when its own time is over."""
     eng = Engine(ip("192.0.2.1"))
-    tunnels = []
-    for i in range(6):
-        sel = Selectors.between("10.2.0.0/16", str(ip("10.64.0.0") + i))
-        tunnels.append(
-            eng.add_tunnel(
-                SPDEntry(sel, Action.PROTECT, name=f"t{i}", static=False),
-                _sa(0x1000 + i, Direction.OUTBOUND, sel, f"t{i}"),
-                _sa(0x100000 + i, Direction.INBOUND, sel, f"t{i}"),
-            )
-        )
+    tunnels = _tunnels(eng, 6, 0x1000, 0x100000)
     t0, t1, t2, t3, t4, t5 = tunnels
     assert eng.expire_moved(0.0) == []  # nothing moved: no walk, nothing to remove
     eng.move_tunnels([t0, t1], PEER, 20.0)
@@ -275,16 +273,7 @@ def test_a_rolled_back_bulk_transfer_reactivates_all_and_gives_back_what_it_held
     from ipsecct.ipsec.engine import Held
 
     eng = Engine()
-    tunnels = []
-    for i in range(2000):
-        sel = Selectors.between("10.2.0.0/16", str(ip("10.64.0.0") + i))
-        tunnels.append(
-            eng.add_tunnel(
-                SPDEntry(sel, Action.PROTECT, name=f"t{i}", static=False),
-                _sa(0x10000 + i, Direction.OUTBOUND, sel, f"t{i}"),
-                _sa(0x20000 + i, Direction.INBOUND, sel, f"t{i}"),
-            )
-        )
+    tunnels = _tunnels(eng, 2000, 0x10000, 0x20000)
     src = TransferCore(eng, Endpoint(SG, 4500), Settings())
     src.start(tunnels, PEER, 1000.0)
     assert all(t.state is TunnelState.HELD for t in tunnels)
