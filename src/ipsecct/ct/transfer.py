@@ -1008,18 +1008,10 @@ class TransferCore:
         # sent and received until this moment): their final anti-replay states (exact, the
         # native path hands them back as they move) go to the target ahead of the COMMIT.
         self.engine.move_tunnels(accepted, peer, now + self.settings.forward_time)
-        if og.caps:
-            windows = self._final_states(accepted)
-            for i in range(0, len(windows), 1000):
-                tag = self._tag(og)
-                out.append(Send(peer, cxtp.CTD(og.mn, 0, (tag, *windows[i : i + 1000]))))
-        out.append(Send(peer, cxtp.CTD(og.mn, 0, (self._tag(og), decision_cdb(DECISION_COMMIT)))))
-        if self.journal is not None:
-            # "Given away", not waited for: a crash before it lands leaves them "leaving",
-            # which a restarted source resolves by asking the target.
-            self._unawaited_write(
-                self._journal_write(lambda j: j.left(accepted, peer, og.tid))
-            )
+        out += self._final_and_commit(og, accepted)
+        # "Given away", not waited for: a crash before it lands leaves them "leaving",
+        # which a restarted source resolves by asking the target.
+        self._given_away(accepted, peer, og.tid)
         for h in og.held:
             out += self.forward(peer, h.packet, h.inbound, og)
         self._release_held(og, [])
@@ -1061,12 +1053,7 @@ class TransferCore:
         tunnels = og.tunnels
         self.engine.move_tunnels(tunnels, peer, math.inf)
         out: list[Output] = []
-        if og.caps:
-            windows = self._final_states(tunnels)
-            for i in range(0, len(windows), 1000):
-                tag = self._tag(og)
-                out.append(Send(peer, cxtp.CTD(og.mn, 0, (tag, *windows[i : i + 1000]))))
-        out.append(Send(peer, cxtp.CTD(og.mn, 0, (self._tag(og), decision_cdb(DECISION_COMMIT)))))
+        out += self._final_and_commit(og, tunnels)
         for h in og.held:
             out += self.forward(peer, h.packet, h.inbound, og)
         self._release_held(og, [])
@@ -1091,10 +1078,8 @@ class TransferCore:
         self.decided[og.tid] = (DECISION_COMMIT, now + self.settings.retry_max)
         out: list[Output] = []
         self.engine.forward_until(accepted, now + self.settings.forward_time)
-        if accepted and self.journal is not None:
-            self._unawaited_write(
-                self._journal_write(lambda j: j.left(accepted, og.peer, og.tid))
-            )
+        if accepted:
+            self._given_away(accepted, og.peer, og.tid)
         if refused:
             out += self._take_back(og, refused, now)
         rec = og.record
@@ -1131,10 +1116,7 @@ class TransferCore:
             self.counters["not_taken_back"] += len(lost)
             for t in lost:
                 self.engine.remove_tunnel(t)
-            if self.journal is not None:
-                self._unawaited_write(
-                    self._journal_write(lambda j: j.left(lost, og.peer, og.tid))
-                )
+            self._given_away(lost, og.peer, og.tid)
         if not back:
             return []
         if self.journal is None:
@@ -1161,6 +1143,25 @@ class TransferCore:
         if self.on_unresolved is not None:
             self.on_unresolved(og.tid, og.peer, len(og.tunnels), why)
         return self._query(u, now)
+
+    def _final_and_commit(self, og: _Outgoing, tunnels: list[Tunnel]) -> list[Output]:
+        """The COMMIT of ``og`` for ``tunnels``, behind their final states (FINAL CDBs, a
+        thousand a message) when the transfer made before it broke (caps)."""
+        out: list[Output] = []
+        if og.caps:
+            windows = self._final_states(tunnels)
+            for i in range(0, len(windows), 1000):
+                tag = self._tag(og)
+                out.append(Send(og.peer, cxtp.CTD(og.mn, 0, (tag, *windows[i : i + 1000]))))
+        commit = (self._tag(og), decision_cdb(DECISION_COMMIT))
+        out.append(Send(og.peer, cxtp.CTD(og.mn, 0, commit)))
+        return out
+
+    def _given_away(self, tunnels: list[Tunnel], peer: str, tid: int) -> None:
+        """Record ``tunnels`` given to ``peer`` by transfer ``tid`` ("away"), not waited
+        for (nothing without a journal)."""
+        if self.journal is not None:
+            self._unawaited_write(self._journal_write(lambda j: j.left(tunnels, peer, tid)))
 
     def _final_states(self, tunnels: list[Tunnel]) -> list[bytes]:
         """Each tunnel's last outbound number and inbound window, exact (the tunnels have
@@ -1382,9 +1383,7 @@ class TransferCore:
         out: list[Output] = []
         if msg.answer == cxtp.Answer.TAKEN:
             # The target has them (or may have sent on them): away for good.
-            self._unawaited_write(
-                self._journal_write(lambda j: j.left(u.tunnels, peer, u.tid))
-            )
+            self._given_away(u.tunnels, peer, u.tid)
             for t in u.tunnels:
                 self.engine.remove_tunnel(t)
             rec.accepted = len(u.tunnels)
