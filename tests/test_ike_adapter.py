@@ -13,14 +13,17 @@ from ipsecct.gateway.config import from_dict
 from ipsecct.gateway.ike import IkeService
 from ipsecct.gateway.node import Node
 from ipsecct.ikev2.engine import Send
+from ipsecct.ikev2.ikesa import Address
 from tests.helpers.ikev2_engines import (
     I500,
     R500,
     conn,
     connect,
+    gateway_rekeyed_before_the_fail_over,
     mn_conn,
     pair,
     peer_rekeyed_before_the_move,
+    sends,
 )
 
 
@@ -394,6 +397,81 @@ def test_an_imported_child_sa_the_peer_rekeyed_still_carries_the_traffic(
     assert spd.index(tunnels[old.spi_in].entry) < spd.index(tunnels[new.spi_in].entry)
     inner = eng.spd.lookup(ipaddress.ip_address("10.1.0.1"), ipaddress.ip_address("10.2.0.5"), 17)
     assert inner is tunnels[old.spi_in].entry
+
+
+def test_a_peer_address_unverified_at_a_take_over_gets_the_esp_only_once_checked(
+    tmp_path: Path,
+) -> None:
+    """A MOBIKE peer moved and the active died before the new address answered its
+    return-routability check: the standby takes the IKE SA over with the address marked
+    unverified, and the CHILD SA's tunnel keeps sending to the old (last verified) address
+    until the new one has echoed the taker's own COOKIE2 check; then both halves follow."""
+    from ipsecct.ikev2 import context
+
+    moved = Address(ipaddress.ip_address("198.51.100.7"), 500)
+    w = pair(mn_conn(), conn(dpd=10))
+    connect(w)
+    (ii,), (ir,) = w.ini.ike_sas(), w.resp.ike_sas()
+    (upd,) = sends(w.ini.local_moved(ii, moved, 1.0))
+    resp, _check = sends(w.resp.receive(upd.data, moved, R500, 1.0))  # the check is lost
+    w.deliver([resp], "r", 1.0)
+    svc = _service(tmp_path)
+    sent: list[Send] = []
+    svc._send = sent.append  # type: ignore[method-assign]
+    (c,) = ir.children
+    entry, out, inn = c.sas(R500, I500, False, "c/net")  # the last verified address
+    svc.node.engine.add_tunnel(entry, out, inn, index=0)
+
+    def tunnel_peer() -> tuple[object, object]:
+        t = svc.node.engine.tunnel_by_spi(c.spi_in)
+        assert t is not None and t.inbound is not None
+        return t.outbound.dst, t.inbound.src
+
+    def answer(req: Send, now: float) -> None:
+        for o in sends(w.ini.receive(req.data, R500, moved, now)):
+            svc._act(svc.engine.receive(o.data, moved, R500, svc.node.clock()))
+
+    assert svc.take_over([context.encode(ir, 2.0)], svc.node.clock(), 0) == 1
+    (sync,) = sent
+    sent.clear()
+    answer(sync, 3.0)
+    (check,) = sent
+    sent.clear()
+    assert check.dst == moved and tunnel_peer() == (I500.host, I500.host)
+    answer(check, 3.1)
+    assert tunnel_peer() == (moved.host, moved.host) and not sent
+    assert svc.engine.stats["rr-check-verified"] == 1
+
+
+def test_an_owed_delete_is_replicated_until_the_peer_answers_it(tmp_path: Path) -> None:
+    """An IKE SA whose DELETE of a CHILD SA is unanswered is replicated with it (item 30),
+    and again once the peer answered, without it: the answer moves no message ID, which was
+    all the replication looked at, so the standby kept a replica that would have sent the
+    DELETE again after a fail-over. The IKE SA here came by a handover with the DELETE
+    owed: the gateway sends it at its next tick."""
+    from ipsecct.ikev2 import context
+
+    w, _ike_i, ike_r, old_spi = gateway_rekeyed_before_the_fail_over()
+    sg1 = _service(tmp_path, "sg1")
+    sg1.engine.connections[:] = [conn(child_rekey=20.0)]
+    sent: list[Send] = []
+    sg1._send = sent.append  # type: ignore[method-assign]
+
+    def owed() -> list[list[bytes]]:
+        ups, _gone = sg1.feed.poll_extra(sg1.node.clock(), False)
+        conns = [conn(child_rekey=20.0)]
+        return [context.decode(cdbs, conns, 0.0).queued_deletes for _key, cdbs in ups]
+
+    ike = sg1.engine.import_ike(context.encode(ike_r, 6.0), sg1.node.clock())
+    assert owed() == [[old_spi.to_bytes(4, "big")]]
+    sg1._on_timer(sg1.node.clock())
+    (delete,) = sent
+    assert ike.pending is not None and ike.pending.kind == "delete-child"
+    assert owed() == [[old_spi.to_bytes(4, "big")]]  # sent, not answered: still owed
+    (ans,) = sends(w.ini.receive(delete.data, R500, I500, 8.0))
+    sg1._act(sg1.engine.receive(ans.data, I500, R500, sg1.node.clock()))
+    assert ike.pending is None and owed() == [[]]
+    assert owed() == []  # nothing changed since
 
 
 def test_a_mobile_node_that_changes_address_moves_its_sas_and_tells_the_peer(

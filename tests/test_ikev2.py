@@ -48,9 +48,11 @@ from tests.helpers.ikev2_engines import (
     Wire,
     conn,
     connect,
+    gateway_rekeyed_before_the_fail_over,
     mn_conn,
     pair,
     peer_rekeyed_before_the_move,
+    sends,
 )
 
 # -- codec -------------------------------------------------------------------------------------
@@ -1400,14 +1402,26 @@ def _cert_context() -> tuple[bytes, ...]:
     return tuple(context.encode(w.resp.ike_sas()[0], 1.0))
 
 
+@functools.cache
+def _unfinished_context() -> tuple[bytes, ...]:
+    """Our DELETE unanswered (item 30) and the peer's address unverified (item 31)."""
+    from ipsecct.ikev2 import context
+
+    _w, _i, ike_r, _old = gateway_rekeyed_before_the_fail_over()
+    ike_r.rr_due = True
+    return tuple(context.encode(ike_r, 6.0))
+
+
 @settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow], deadline=None)
 @given(st.data())
 def test_fuzz_ike_sa_context(data: st.DataObject) -> None:
     from ipsecct.ikev2 import context
 
-    kind = data.draw(st.sampled_from(["plain", "rekeyed", "cert"]))
+    kind = data.draw(st.sampled_from(["plain", "rekeyed", "cert", "unfinished"]))
     if kind == "rekeyed":  # with a CHILD SA the peer rekeyed (item 17)
         cdbs = [bytearray(c) for c in _rekeyed_context()]
+    elif kind == "unfinished":  # a DELETE owed, an address unverified (items 30, 31)
+        cdbs = [bytearray(c) for c in _unfinished_context()]
     elif kind == "cert":  # a certificate peer's names and CA (items 28, 29)
         cdbs = [bytearray(c) for c in _cert_context()]
     else:
@@ -1937,6 +1951,153 @@ def test_a_hostile_successor_item_is_refused_and_an_older_context_admitted() -> 
                            short.rstrip(b"\0")[4:] + bytes((17, 0, 4)) + bytes(4))
     with pytest.raises(IkeContextError, match="item 17"):
         take(short, c_new)
+
+
+# -- what the old gateway had not finished: a DELETE of ours, a check of the peer's address ---
+
+
+@pytest.mark.parametrize("lost", ["delete", "answer"])
+@pytest.mark.parametrize("ike", ["aes128gcm16-prfsha256-x25519", "aes128-sha256-x25519"])
+def test_a_delete_of_ours_unanswered_at_a_fail_over_is_sent_by_the_taker(
+    ike: str, lost: str
+) -> None:
+    """The gateway rekeyed a CHILD SA and died before the peer answered the DELETE of the old
+    one. Its replica says so (item 30); the taker sends that DELETE once the message IDs are
+    synchronised (RFC 6311 with a CBC IKE SA, the probing liveness check with an AES-GCM one
+    after our own requests), under the next ID, and the peer removes the old SA. Before, the
+    peer (strongSwan, as the rekey's responder, sends on the old SA until it reads that
+    DELETE) kept it until its lifetime ended. A DELETE the peer had processed, its answer
+    lost: the new one names an SA it no longer has, and is answered all the same."""
+    from ipsecct.ikev2 import context
+
+    w, ike_i, ike_r, old_spi = gateway_rekeyed_before_the_fail_over(ike, lost)
+    (new,) = ike_r.children
+    assert len(ike_i.children) == (2 if lost == "delete" else 1)
+    assert context.deletes_owed(ike_r) == [old_spi]
+    sg2 = IkeEngine([conn(ike=ike, child_rekey=20.0)])
+    taken = sg2.import_ike(context.encode(ike_r, 6.0), 7.0)
+    assert taken.queued_deletes == [old_spi.to_bytes(4, "big")]
+    assert [c.spi_in for c in taken.children] == [new.spi_in]
+    assert sg2.stats["imported-deletes-owed"] == 1
+    w2 = Wire(w.ini, sg2)
+    w2.deliver(sg2.start_mid_sync(taken, 7.0), "r", 7.0)
+    assert sg2.stats["mid-sync-done" if "gcm" not in ike else "liveness-ok"] == 1
+    assert sg2.stats["delete-child-ok"] == 1 and taken.pending is None
+    assert not taken.queued_deletes and context.deletes_owed(taken) == []
+    assert [c.spi_out for c in ike_i.children] == [new.spi_in]
+    assert w.ini.stats["child-deleted-by-peer"] == 1
+    assert w.ini.stats["bad-message-id"] == w.ini.stats["unknown-spi"] == 0
+    mirrored(w2)
+
+
+def test_owed_deletes_and_the_mobike_state_items_are_checked_as_untrusted_input() -> None:
+    """Item 30 (DELETEs owed) names CHILD SAs by their inbound SPIs: never one of the
+    context's own (the DELETE would end at the peer an SA the new gateway keeps), no reserved
+    SPI, none twice, at most 32. Item 31 (RFC 4555 state): only bits 0-1, and an unverified
+    address only for a MOBIKE IKE SA whose peer is the original initiator (only a responder
+    checks). A context without them (an older gateway's) is taken as before. Imported by a
+    handover, what they say goes out at the next tick: the address check first, then the
+    DELETE."""
+    from ipsecct.ikev2 import context
+
+    _w, _ike_i, ike_r, old_spi = gateway_rekeyed_before_the_fail_over()
+    (new,) = ike_r.children
+    main, *rest = context.encode(ike_r, 6.0)
+    _fpt, items = context._parse(main)
+    assert items[30] == [struct.pack("!I", old_spi)] and items[31] == [b"\0"]
+
+    def take(changes: dict[int, list[bytes]]) -> tuple[IkeEngine, IkeSA]:
+        d = {**items, **changes}
+        body = context._items([(t, v) for t in sorted(d) for v in d[t]])
+        eng = IkeEngine([conn(child_rekey=20.0)])
+        return eng, eng.import_ike([context._frame(context.FPT_IKE_SA, body), *rest], 7.0)
+
+    _eng, older = take({30: [], 31: []})
+    assert not older.queued_deletes and older.orig_initiator is None and not older.rr_due
+    eng, ike = take({31: [b"\2"]})
+    assert ike.queued_deletes == [struct.pack("!I", old_spi)] and ike.rr_due
+    assert ike.orig_initiator is False and eng.stats["imported-address-unverified"] == 1
+    d = eng.next_deadline()
+    assert d is not None and d <= 7.0
+    (check,) = [o for o in eng.tick(7.0) if isinstance(o, Send)]
+    assert ike.pending is not None and ike.pending.kind == "rr-check"
+    assert check.dst == ike.remote and ike.queued_deletes  # the DELETE follows the answer
+    ike.pending = None
+    eng.tick(7.5)
+    assert ike.pending is not None and ike.pending.kind == "delete-child"
+    many = b"".join(struct.pack("!I", 0x1000 + i) for i in range(33))
+    for changes, why in [
+        ({30: [struct.pack("!I", new.spi_in)]}, "names a CHILD SA of the context"),
+        ({30: [struct.pack("!I", 255)]}, "reserved"),
+        ({30: [struct.pack("!II", old_spi, old_spi)]}, "twice"),
+        ({30: [b"\0\0\1\0\0"]}, "bad owed DELETE item"),
+        ({30: [b""]}, "bad owed DELETE item"),
+        ({30: [many]}, "bad owed DELETE item"),
+        ({30: [items[30][0]] * 2}, "item 30 missing or repeated"),
+        ({31: [b"\4"]}, "bad MOBIKE state"),
+        ({31: [b"\3"]}, "bad MOBIKE state"),
+        ({31: [b"\2"], 24: [b"\0"]}, "bad MOBIKE state"),
+        ({31: [b"\0\0"]}, "item 31 has the wrong length"),
+    ]:
+        with pytest.raises(IkeContextError, match=why):
+            take(changes)
+
+
+def test_the_original_initiator_stays_the_peer_after_our_ike_rekey_and_a_move() -> None:
+    """RFC 4555's roles after the gateway rekeyed the IKE SA (it initiated the new one): the
+    MN is still the original initiator, at the gateway that takes the IKE SA over too (item
+    31), so the MN's next address update there is checked before the CHILD SAs follow."""
+    from ipsecct.ikev2 import context
+
+    w = pair(mn_conn(), conn())
+    connect(w)
+    w.deliver(w.resp.rekey_ike(w.resp.ike_sas()[0], 1.0), "r", 1.0)
+    (ir,), (ii,) = w.resp.ike_sas(), w.ini.ike_sas()
+    assert ir.we_initiated and not ir.mobike_initiator
+    sg2 = IkeEngine([conn()])
+    taken = sg2.import_ike(w.resp.export_ike(ir, 2.0), 2.0)
+    assert taken.we_initiated and not taken.mobike_initiator
+    (upd,) = sends(w.ini.local_moved(ii, MOVED, 3.0))
+    outs = sg2.receive(upd.data, MOVED, R500, 3.0)
+    assert not any(isinstance(o, PeerMoved) for o in outs) and len(sends(outs)) == 2
+    assert taken.pending is not None and taken.pending.kind == "rr-check"
+    assert context.address_unverified(taken)
+
+
+@pytest.mark.parametrize("ike", ["aes128gcm16-prfsha256-x25519", "aes128-sha256-x25519"])
+def test_an_address_unverified_at_a_fail_over_is_checked_by_the_taker(ike: str) -> None:
+    """A MOBIKE peer moved (UPDATE_SA_ADDRESSES) and the gateway died before the new address
+    answered its return-routability check (RFC 4555 §5.2): the replica says the address is
+    unverified (item 31), so the taker checks it again itself, with a COOKIE2 of its own,
+    once the message IDs are synchronised, and only its echo moves the CHILD SAs there
+    (PeerMoved); until then they stay at the address their SAs carry, the last verified one.
+    Before, the taker took the new address as verified and never checked it, and its CHILD
+    SAs never followed it (only a check's answer moves them)."""
+    from ipsecct.ikev2 import context
+
+    w = pair(mn_conn(ike=ike), conn(ike=ike))
+    connect(w)
+    (ii,), (ir,) = w.ini.ike_sas(), w.resp.ike_sas()
+    (upd,) = sends(w.ini.local_moved(ii, MOVED, 1.0))
+    resp, _check = sends(w.resp.receive(upd.data, MOVED, R500, 1.0))  # the check is lost
+    w.deliver([resp], "r", 1.0)
+    assert ir.remote == MOVED and context.address_unverified(ir) and not w.of("r", PeerMoved)
+    sg2 = IkeEngine([conn(ike=ike)])
+    taken = sg2.import_ike(context.encode(ir, 2.0), 3.0)
+    assert taken.rr_due and taken.remote == MOVED and not taken.mobike_initiator
+    (sync,) = sends(sg2.start_mid_sync(taken, 3.0))
+    assert sync.dst == MOVED
+    (ans,) = sends(w.ini.receive(sync.data, R500, MOVED, 3.0))
+    outs = sg2.receive(ans.data, MOVED, R500, 3.0)
+    (check,) = sends(outs)
+    assert not any(isinstance(o, PeerMoved) for o in outs)
+    assert taken.pending is not None and taken.pending.kind == "rr-check"
+    assert check.dst == MOVED and context.address_unverified(taken)
+    (echo,) = sends(w.ini.receive(check.data, R500, MOVED, 3.1))
+    outs = sg2.receive(echo.data, MOVED, R500, 3.1)
+    assert [type(o) for o in outs] == [PeerMoved] and sg2.stats["rr-check-verified"] == 1
+    assert not context.address_unverified(taken) and taken.pending is None
+    assert w.ini.stats["bad-message-id"] == 0 and len(w.ini.ike_sas()) == 1
 
 
 # -- a certificate peer known by its DN, matched by a subjectAltName, after a move ------------

@@ -90,3 +90,27 @@ def peer_rekeyed_before_the_move() -> tuple[Wire, IkeSA, IkeSA, Send]:
     (ans,) = [o for o in w.resp.receive(req.data, I500, R500, 5.0) if isinstance(o, Send)]
     (delete,) = [o for o in w.ini.receive(ans.data, R500, I500, 5.0) if isinstance(o, Send)]
     return w, ike_i, ike_r, delete
+
+
+def sends(outs: list[Output]) -> list[Send]:
+    return [o for o in outs if isinstance(o, Send)]
+
+
+def gateway_rekeyed_before_the_fail_over(
+    ike: str = "aes128gcm16-prfsha256-x25519", lost: str = "delete"
+) -> tuple[Wire, IkeSA, IkeSA, int]:
+    """The gateway rekeys the MN's CHILD SA at t=5 and sends the DELETE of the old one, then
+    dies before that DELETE is answered: ``lost`` "delete" (it never reached the MN, which
+    still has the old SA) or "answer" (the MN deleted it; its answer was lost). Returns the
+    wire, the MN's and the gateway's IKE SAs and the old CHILD SA's inbound SPI at the
+    gateway."""
+    w = pair(mn_conn(ike=ike), conn(ike=ike, child_rekey=20.0))
+    connect(w)
+    (ike_i,), (ike_r,) = w.ini.ike_sas(), w.resp.ike_sas()
+    old = ike_r.children[0]
+    (req,) = sends(w.resp.rekey_child(ike_r, old, 5.0))
+    (ans,) = sends(w.ini.receive(req.data, R500, I500, 5.0))
+    (delete,) = sends(w.resp.receive(ans.data, I500, R500, 5.0))
+    if lost == "answer":
+        assert len(sends(w.ini.receive(delete.data, R500, I500, 5.0))) == 1
+    return w, ike_i, ike_r, old.spi_in

@@ -1019,7 +1019,8 @@ class IkeFeed:
         """The IKE SA contexts (with their CHILD SAs) new or changed since the last call, and
         the IKE SAs gone (keyed by our SPI): what the fail-over Replicator sends beside the
         tunnels. An IKE SA changes when its message IDs move (every exchange), its CHILD SAs
-        are rekeyed, it is rekeyed (a new SA, the old one gone) or its peer moves.
+        are rekeyed, it is rekeyed (a new SA, the old one gone), its peer moves, or a DELETE
+        of ours or a check of the peer's address is answered (no message ID moves then).
         ``budget``: about how many octets of contexts to return; the IKE SAs left out come
         at a later call (after a ``full`` one, as new: the standby dropped what it held)."""
         seen = (self.service.changed(), self.token() if self.token is not None else None)
@@ -1039,7 +1040,10 @@ class IkeFeed:
             live.add(key)
             fp = (ike.uid, ike.my_next_mid, ike.peer_next_mid, ike.local, ike.remote,
                   ike.nat_local, ike.nat_remote, ike.rekey_at,
-                  tuple(c.uid for c in ike.children))  # fmt: skip
+                  tuple(c.uid for c in ike.children),
+                  # (these end with an answer, which moves no message ID)
+                  tuple(ike_context.deletes_owed(ike)),
+                  ike_context.address_unverified(ike))  # fmt: skip
             if not full and self._fp.get(key) == fp:
                 continue
             if budget is not None and used >= budget:

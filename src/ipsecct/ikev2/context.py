@@ -7,7 +7,9 @@ Three kinds of Context Data Block, each with the draft's CDB header
 - ``FPT_IKE_SA`` (0x8010): SPIs, role, connection name, negotiated transforms, SK_d, SK_ai/ar,
   SK_ei/er, SK_pi/pr, nonces, message IDs (ours and the peer's), addresses and ports, NAT
   flags, negotiated extensions (fragmentation, signature hashes, MOBIKE, RFC 6311
-  message-ID and replay-counter sync), peer identity, seconds left to the IKE SA's rekey;
+  message-ID and replay-counter sync), peer identity, seconds left to the IKE SA's rekey,
+  the DELETEs of CHILD SAs we owe the peer (item 30) and RFC 4555 state (item 31: our role,
+  and whether the peer's address still awaits our return-routability check);
 - ``FPT_IKE_CHILD`` (0x8011): one per CHILD SA: config name, transforms, SPIs, KEYMAT, who
   initiated it, narrowed selectors, seconds left to its rekey, and, for one the peer rekeyed
   and has yet to delete, its successor's SPI and the rekey's age (the ESP SAs themselves
@@ -30,7 +32,7 @@ from .auth import MAX_NAMES, fingerprint
 from .config import ChildConfig, Connection, _dn_set
 from .ikesa import Address, ChildSA, IkeSA, IkeState
 from .keys import ChildKeys, IkeKeys
-from .message import TrafficSelector, TsType
+from .message import DeletePayload, ProtocolId, TrafficSelector, TsType
 from .proposal import AEAD, INTEG, PRF_HASH, Suite, admits
 
 FPT_IKE_SA = 0x8010
@@ -40,6 +42,9 @@ FPT_IKE_RESPONSE = 0x8012
 # that holds the IKE SA now (with the addresses it came from and to)
 FPT_IKE_FORWARD = 0x8013
 MAX_CDB = 2040
+# item 30: the most CHILD SA DELETEs an IKE SA context says we owe (an IKE SA holds at most
+# 16 CHILD SAs, 32 with the rekeyed ones; engine.MAX_CHILD_SAS)
+MAX_DELETES_OWED = 32
 _HDR = struct.Struct("!HBB")
 _ITEM = struct.Struct("!BH")
 VERSION = 1
@@ -227,6 +232,12 @@ def encode(ike: IkeSA, now: float) -> list[bytes]:
         (26, _age(ike.created, now)),
         (27, bytes((_AUTH[auth_of(ike)],))),
     ]  # fmt: skip
+    # RFC 4555: whether we are the original initiator (a rekey by us does not make us one),
+    # and whether the peer's address (item 18) still awaits our return-routability check
+    main.append((31, bytes((ike.mobike_initiator | address_unverified(ike) << 1,))))
+    owed = deletes_owed(ike)
+    if owed:  # DELETEs of CHILD SAs we sent (or queued) and the peer has not answered
+        main.append((30, b"".join(struct.pack("!I", spi) for spi in owed)))
     if ike.peer_ca:  # a certificate peer: what its certificate proves (28) and its CA (29)
         room = MAX_CDB - 8 - len(_items(main)) - 3 - (3 + 32)
         main += [(28, _names(ike.peer_names, room)), (29, ike.peer_ca)]
@@ -255,6 +266,38 @@ def encode(ike: IkeSA, now: float) -> list[bytes]:
                      (4, struct.pack("!HHH", i, j, len(parts))), (5, part)]  # fmt: skip
             out.append(_frame(FPT_IKE_RESPONSE, _items(items)))
     return out
+
+
+def deletes_owed(ike: IkeSA) -> list[int]:
+    """The inbound SPIs of CHILD SAs we deleted and whose DELETE the peer has not answered:
+    in our request in flight, or queued behind it (the SA that our own rekey replaced, the
+    redundant one of a rekey collision, one the peer rekeyed and never deleted, one an
+    operator deleted). We stopped using them when the DELETE went (RFC 7296 §1.4.1; their
+    tunnels are gone), but the peer keeps them until it reads it: a peer that answered our
+    CHILD rekey (strongSwan) goes on sending on the old SA until then. Item 30 hands them to
+    the gateway that takes the IKE SA over, which sends the DELETE. Never a CHILD SA of the
+    IKE SA; at most MAX_DELETES_OWED."""
+    spis: list[bytes] = []
+    p = ike.pending
+    if p is not None and p.kind == "delete-child":
+        spis += [s for d in p.payloads if isinstance(d, DeletePayload)
+                 and d.protocol == ProtocolId.ESP for s in d.spis]  # fmt: skip
+    spis += ike.queued_deletes
+    live = {c.spi_in for c in ike.children}
+    out: list[int] = []
+    for b in spis:
+        v = int.from_bytes(b, "big") if len(b) == 4 else 0
+        if v >= 256 and v not in live and v not in out and len(out) < MAX_DELETES_OWED:
+            out.append(v)
+    return out
+
+
+def address_unverified(ike: IkeSA) -> bool:
+    """Has the peer's address (a MOBIKE peer's UPDATE_SA_ADDRESSES moved the IKE SA there)
+    yet to answer our return-routability check (RFC 4555 §5.2; due, or in flight)? Its
+    CHILD SAs are still at the last verified address then."""
+    p = ike.pending
+    return ike.rr_due or (p is not None and p.kind == "rr-check")
 
 
 def _unit_room(n: int) -> int:
@@ -607,6 +650,8 @@ def decode(cdbs: list[bytes], connections: list[Connection], now: float,
         ike.peer_auth = _unauth(_one(m, 27))
     if 28 in m or 29 in m:  # a certificate peer's names and CA (absent: older, or a PSK)
         ike.peer_names, ike.peer_ca = _unnames(_one(m, 28)), _one(m, 29, 32)
+    if 31 in m:  # RFC 4555 roles and the return-routability check (absent: older versions)
+        _mobike_state(ike, _one(m, 31, 1)[0])
     ike.last_heard = now
     n_responses = _u(m, 23, 2)
     successors: list[list[bytes] | None] = []
@@ -621,6 +666,8 @@ def decode(cdbs: list[bytes], connections: list[Connection], now: float,
         elif f != FPT_IKE_RESPONSE:
             raise IkeContextError(f"unexpected CDB 0x{f:04x} among the IKE context")
     _link_successors(ike.children, successors, now)
+    if 30 in m:  # DELETEs we owe the peer (absent: none, or a context of an older version)
+        ike.queued_deletes = _owed(_one(m, 30), ike.children)
     pieces: dict[tuple[int, int], bytes] = {}
     counts: dict[int, int] = {}
     for f, d in parsed:
@@ -679,6 +726,36 @@ def _link_successors(children: list[ChildSA], items: list[list[bytes] | None],
             if steps > len(children):
                 raise IkeContextError("rekeyed CHILD SAs succeed each other in a circle")
             s = s.successor
+
+
+def _mobike_state(ike: IkeSA, bits: int) -> None:
+    """Item 31: bit 0, we are RFC 4555's original initiator (the side that announces its own
+    moves); bit 1, the peer's address has yet to answer our return-routability check (the
+    gateway that takes the IKE SA checks it again, from its own address, before the CHILD
+    SAs go there: they stay at the address their SAs carry, the last verified one). Only a
+    MOBIKE responder checks; anything else is refused."""
+    if bits & ~3 or (bits & 2 and (not ike.mobike or bits & 1)):
+        raise IkeContextError("bad MOBIKE state item")
+    ike.orig_initiator = bool(bits & 1)
+    ike.rr_due = bool(bits & 2)
+
+
+def _owed(b: bytes, children: list[ChildSA]) -> list[bytes]:
+    """Item 30: the inbound SPIs (4 octets each) of CHILD SAs whose DELETE the old gateway
+    sent and had not had answered; the new gateway sends it again. A peer gateway is trusted
+    with the keys, not with the IKE SA's shape: a DELETE naming a CHILD SA of this context
+    would end, at the peer, an SA this gateway keeps, so none may be one; no reserved SPI,
+    none twice, at most MAX_DELETES_OWED. The DELETE goes under this IKE SA only, so it can
+    end no other IKE SA's CHILD SA at the peer, and nothing here is removed by it (the SAs
+    are gone already). Else IkeContextError."""
+    if not b or len(b) % 4 or len(b) > 4 * MAX_DELETES_OWED:
+        raise IkeContextError("bad owed DELETE item")
+    spis = [struct.unpack_from("!I", b, i)[0] for i in range(0, len(b), 4)]
+    live = {c.spi_in for c in children}
+    if len(set(spis)) != len(spis) or any(s < 256 or s in live for s in spis):
+        raise IkeContextError("an owed DELETE names a CHILD SA of the context, a reserved "
+                              "SPI, or one twice")  # fmt: skip
+    return [s.to_bytes(4, "big") for s in spis]
 
 
 def _child(d: dict[int, list[bytes]], conn: Connection, now: float) -> ChildSA:

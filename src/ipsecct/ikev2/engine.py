@@ -341,6 +341,10 @@ class IkeEngine:
                     out += [Send(m, ike.local, ike.remote) for ms in p.alt.values() for m in ms]
             elif ike.state is not IkeState.ESTABLISHED or ike.quiet:
                 continue
+            elif ike.rr_due:  # (an IKE SA taken over while its peer's address was unverified)
+                self._rr_check(ike, now, out)
+            elif ike.queued_deletes:  # (... or while DELETEs of ours were unanswered)
+                self._delete_queued(ike, now, out)
             elif stale := [c for c in ike.children if c.rekeyed_at is not None
                            and now - c.rekeyed_at >= REKEYED_GRACE]:  # fmt: skip
                 # the peer rekeyed them and never deleted them: we do (their keys would live
@@ -374,6 +378,8 @@ class IkeEngine:
                 continue
             if ike.state is not IkeState.ESTABLISHED or ike.quiet:
                 continue
+            if ike.rr_due or ike.queued_deletes:
+                ds.append(ike.last_heard)  # at once
             if ike.conn.dpd_delay:
                 ds.append(ike.last_heard + ike.conn.dpd_delay)
             if ike.rekey_at is not None:
@@ -441,8 +447,14 @@ class IkeEngine:
         self.by_spi[ike.our_spi] = ike
         self._child_spis.update(spis)
         self.stats["ike-sa-imported"] += 1
-        log.info("event=ike-sa-imported conn=%s peer=%s id=%s children=%d", ike.conn.name,
-                 ike.remote, ike.peer_id, len(ike.children))  # fmt: skip
+        # what the old gateway had not finished: DELETEs of CHILD SAs the peer has not
+        # answered, a check of the peer's new address (both go from here, :meth:`tick`, or
+        # after the message-ID sync of a fail-over)
+        self.stats["imported-deletes-owed"] += len(ike.queued_deletes)
+        self.stats["imported-address-unverified"] += ike.rr_due
+        log.info("event=ike-sa-imported conn=%s peer=%s id=%s children=%d deletes_owed=%d "
+                 "address_unverified=%s", ike.conn.name, ike.remote, ike.peer_id,
+                 len(ike.children), len(ike.queued_deletes), ike.rr_due)  # fmt: skip
         return ike
 
     def forget(self, ike: IkeSA) -> None:
@@ -2119,8 +2131,14 @@ class IkeEngine:
             ike.move_after_sync = False  # taken over at our own address: the peer follows
             out += self.announce_move(ike, ike.local, now)
         if ike.pending is None and ike.queued_deletes and ike.state is IkeState.ESTABLISHED:
-            spis, ike.queued_deletes = tuple(ike.queued_deletes), []
-            self._request(ike, "delete-child", [DeletePayload(ProtocolId.ESP, spis)], now, out)
+            self._delete_queued(ike, now, out)
+
+    def _delete_queued(self, ike: IkeSA, now: float, out: list[Output]) -> None:
+        """The DELETE of the CHILD SAs queued behind an exchange of ours (window of one), or
+        owed by the gateway this IKE SA came from (its context's item 30: sent again here,
+        after the message IDs are synchronised when it was a fail-over)."""
+        spis, ike.queued_deletes = tuple(ike.queued_deletes), []
+        self._request(ike, "delete-child", [DeletePayload(ProtocolId.ESP, spis)], now, out)
 
     def _drop_pending(self, ike: IkeSA) -> None:
         """Forget our request in flight; the inbound SPI a CHILD rekey had taken for its
