@@ -27,6 +27,7 @@ from hypothesis import strategies as st
 from ipsecct.ct import cxtp, failover, lease
 from ipsecct.ct.transfer import Identity
 from ipsecct.errors import CxtpError, IpsecctError
+from ipsecct.ipsec import native as native_mod
 from ipsecct.ipsec.engine import Engine, Held, ToPeer, Tunnel, TunnelState
 from ipsecct.ipsec.esp import Drop
 from ipsecct.ipsec.ippacket import Endpoint
@@ -157,6 +158,63 @@ def test_engine_holds_outside_the_lease_and_at_the_ceiling() -> None:
     assert eng.signal(t.outbound, b"x", 3.0) is Drop.FENCED
     assert t.outbound.seq == t.seq_ceiling  # nothing beyond it was used
     assert eng.stats.drops["fenced"] == 2
+
+
+@pytest.mark.parametrize("native", [False, True], ids=["python", "native"])
+def test_the_active_stops_at_the_lease_end_itself_not_at_the_next_tick(native: bool) -> None:
+    """The lease's end is an absolute deadline the engine holds (``Engine.send_until``, set
+    when a grant arrives) and checks on every packet, in Python and in C (the SA's deadline
+    in the native table): the active stops at that instant. Nothing here runs the driver's
+    timer (``Replicator.tick``), which only notices the loss afterwards and logs
+    ``lease-lost``: the engine has no loss recorded and has stopped all the same."""
+    if native and not native_mod.AVAILABLE:
+        pytest.skip("the native data path is not built")
+    a = Engine(ip(SG_ADDR["sg1"]), native=native)
+    b = Engine(ip(SG_ADDR["sg2"]), native=native)
+    t = add_tunnel(a, 0)
+    cfg_a = failover.FailoverConfig("active", "sg2", dead_ms=300, guard_ms=50)
+    cfg_b = failover.FailoverConfig("standby", "sg1", dead_ms=300, guard_ms=50)
+    rep = failover.Replicator(a, cfg_a, session=7)
+    sb = failover.Standby(b, cfg_b, Endpoint(ip(SG_ADDR["sg2"]), PORT), Identity.DIRECT)
+
+    def exchange(sent: float, acked: float) -> None:
+        msgs = rep.poll(sent)
+        assert msgs
+        for m in msgs:
+            for r in sb.receive(m, sent):  # type: ignore[arg-type]
+                rep.receive(r, acked)
+
+    exchange(10.0, 10.01)
+    end = a.send_until
+    assert end == pytest.approx(10.0 + cfg_a.lease_timing().lease)
+    for k in range(3):
+        assert isinstance(a.outbound(packet(0, k), 10.1), ToPeer)
+    c = t.outbound.native
+    if native:
+        assert c is not None and c.active  # C carries the flow, with the lease's end
+        assert a.native.seal_flow(packet(0), math.nextafter(end, -math.inf)) is not None
+        assert a.native.seal_flow(packet(0), end) is None  # C hands it up at the end itself
+    before = math.nextafter(end, -math.inf)
+    assert isinstance(a.outbound(packet(0), before), ToPeer)
+    last = t.outbound.seq
+    for now in (end, end + 1e-9, end + 0.03):
+        held = a.outbound(packet(0), now)
+        assert isinstance(held, Held) and held.tunnel is t
+        assert a.signal(t.outbound, b"x", now) is Drop.FENCED
+    assert t.outbound.seq == last  # not one number used at or after the end
+    assert rep.lease is not None and rep.lease.losses == 0  # no tick noticed anything
+    # A grant for a message sent before the end and acknowledged after it extends the lease
+    # from that message's sending; C still holds the old end, hands the next packet up, and
+    # the Python path sends it and gives C the new end.
+    exchange(10.2, end + 0.05)
+    assert a.send_until == pytest.approx(10.2 + cfg_a.lease_timing().lease)
+    assert isinstance(a.outbound(packet(0), end + 0.06), ToPeer)
+    if native:
+        assert c is not None and c.active
+        assert a.native.seal_flow(packet(0), end + 0.07) is not None  # C again, new end
+        assert a.native.seal_flow(packet(0), a.send_until) is None
+    assert isinstance(a.outbound(packet(0), a.send_until), Held)
+    assert rep.lease.losses == 0
 
 
 def test_replicator_fences_until_acknowledged_and_sets_ceilings() -> None:
@@ -529,6 +587,38 @@ def test_simulation_exercises_the_worst_moment() -> None:
     assert not sim.reused
     assert a.replicator is not None and a.replicator.superseded_by == 2
     assert sim.owners() == {0x2000 + i: ["sg2"] for i in range(TUNNELS)}
+
+
+def test_simulation_the_ceiling_alone_keeps_the_numbers_apart_if_the_lease_fails() -> None:
+    """What the standby's margin rests on: not the lease. An active whose time fence fails
+    altogether (its lease taken away after the first grant and ``send_until`` left open: a
+    frozen clock, a packet sent late, a bug) goes on sending through a partition while the
+    standby takes over; both send on the same SAs at once, and still no (SPI, sequence
+    number) pair is sent twice: the active stops at its ceilings (the lowest value the
+    standby may hold, plus the margin), the taker starts above them. The lease keeps the two
+    from sending *at the same time*; the ceilings keep the nonces apart."""
+    sim = Sim(random.Random(3))
+    sim.setup(1.0, 1.0)
+    for _ in range(20):
+        sim.step(4)
+    a, b = sim.nodes["sg1"], sim.nodes["sg2"]
+    assert a.replicator is not None and a.replicator.acks > 0
+    a.replicator.lease = None  # the time fence fails: ACKs still raise the floors
+    a.engine.send_until = math.inf
+    sim.partitioned = True
+    sim.break_connection()
+    while not b.solo:  # slow traffic: the active has numbers left when the standby takes over
+        sim.step(1)
+    taken_at = a.engine.stats.out_packets
+    for _ in range(20):
+        sim.step(12)
+    assert a.engine.stats.out_packets > taken_at  # both sent, at the same time
+    assert not sim.reused, sim.reused[:5]
+    both = {key for key, who in sim.sent.items() if who == "sg2"}
+    assert both
+    ceilings = {t.outbound.spi: t.seq_ceiling for t in a.engine.tunnels()}
+    assert all(t.outbound.seq == ceilings[t.outbound.spi] for t in a.engine.tunnels())
+    assert all(seq > ceilings[spi] for spi, seq in both)
 
 
 # -- 4. take-over speed: replicas decoded ahead ------------------------------------------------

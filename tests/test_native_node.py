@@ -52,8 +52,9 @@ def _port() -> int:
         return int(s.getsockname()[1])
 
 
-def _cfg(tmp: Path, name: str, outer: int, listen: int, peer: int, far: int, inverse: bool,
-         enc: str) -> Any:
+def _cfg(
+    tmp: Path, name: str, outer: int, listen: int, peer: int, far: int, inverse: bool, enc: str
+) -> Any:
     keys = tmp / f"{name}.keys"
     out_k, in_k = (KEY_BA, KEY_AB) if inverse else (KEY_AB, KEY_BA)
     if enc == "chacha20-poly1305":
@@ -129,11 +130,15 @@ async def _exchange(tmp: Path, use_native: bool, enc: str) -> dict[str, Any]:
             up = build_udp(
                 *(__import__("ipaddress").ip_address(x) for x in ("10.1.0.2", "10.2.0.1")),
                 # half of them of one size (full batches), half of changing sizes
-                5000 + i % 4, 7000, bytes([i % 256]) * (100 if i < N // 2 else i % 1300),
+                5000 + i % 4,
+                7000,
+                bytes([i % 256]) * (100 if i < N // 2 else i % 1300),
             )
             down = build_udp(
                 *(__import__("ipaddress").ip_address(x) for x in ("10.2.0.1", "10.1.0.2")),
-                7000, 5000 + i % 4, bytes([i % 256]) * (i % 700),
+                7000,
+                5000 + i % 4,
+                bytes([i % 256]) * (i % 700),
             )
             apps["a"].sendto(up, ("127.0.0.1", ia))
             apps["b"].sendto(down, ("127.0.0.1", ib))
@@ -217,7 +222,10 @@ class _Flood:
         self.port = port
         self.stop = threading.Event()
         self.pkt = build_udp(
-            ipaddress.ip_address("10.1.0.2"), ipaddress.ip_address("10.2.0.1"), 5000, 7000,
+            ipaddress.ip_address("10.1.0.2"),
+            ipaddress.ip_address("10.2.0.1"),
+            5000,
+            7000,
             b"x" * 64,
         )
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -382,8 +390,11 @@ def _valid_esp(tmp: Path, pa: int, pb: int, enc: str) -> list[bytes]:
     out = []
     for i in range(40):
         pkt = build_udp(
-            ipaddress.ip_address("10.1.0.2"), ipaddress.ip_address("10.2.0.1"),
-            5000 + i % 3, 7000, bytes([i]) * (i * 7 % 300),
+            ipaddress.ip_address("10.1.0.2"),
+            ipaddress.ip_address("10.2.0.1"),
+            5000 + i % 3,
+            7000,
+            bytes([i]) * (i * 7 % 300),
         )
         res = a.engine.outbound(pkt, time.monotonic())
         out.append(bytes(res.data))  # type: ignore[union-attr]
@@ -462,8 +473,10 @@ async def _receive(tmp: Path, mode: str, pa: int, datagrams: list[bytes], enc: s
 
 
 @settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
-@given(ops=st.lists(_OP, min_size=1, max_size=60), enc=st.sampled_from(["aes-gcm-16",
-                                                                        "chacha20-poly1305"]))
+@given(
+    ops=st.lists(_OP, min_size=1, max_size=60),
+    enc=st.sampled_from(["aes-gcm-16", "chacha20-poly1305"]),
+)
 def test_the_forwarding_thread_and_the_python_path_agree_on_hostile_datagrams(
     ops: list[tuple[Any, ...]], enc: str
 ) -> None:
@@ -486,3 +499,165 @@ def test_the_forwarding_thread_and_the_python_path_agree_on_hostile_datagrams(
     assert in_python == 1 + sum(
         1 for d in datagrams[1:] if len(d) >= 8 and d[:4] not in (ours, bytes(4))
     )
+
+
+async def _lease_end(tmp: Path) -> dict[str, Any]:
+    sink = _sink()
+    a, _, pi = _node(tmp, sink.getsockname()[1])
+    await a.start()
+    assert a.status()["data_path"] == "native-thread"
+    t = a.engine.tunnels()[0]
+    src, dst = ipaddress.ip_address("10.1.0.2"), ipaddress.ip_address("10.2.0.1")
+    before = build_udp(src, dst, 5000, 7000, b"b" * 64)  # one flow: C carries it
+    after = build_udp(src, dst, 5000, 7000, b"a" * 200)  # the same flow, another length
+    tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    lengths: list[int] = []
+
+    def wire() -> list[int]:
+        while True:
+            try:
+                lengths.append(len(sink.recv(65535)))
+            except BlockingIOError:
+                return lengths
+
+    python = [0]
+    orig = a.from_inner
+
+    def counting(packet: bytes) -> None:
+        python[0] += packet == before
+        orig(packet)
+
+    a.from_inner = counting  # type: ignore[method-assign]
+    try:
+        for _ in range(10):
+            tx.sendto(before, ("127.0.0.1", pi))
+        await eventually(lambda: len(wire()) >= 10, "the first packets", 30)
+        # The lease's end, 0.3 s from now; nothing on the Python side acts at that moment.
+        end = time.monotonic() + 0.3
+        a.engine.send_until = end
+        sent_after = 0
+        stop = threading.Event()
+
+        def stream() -> None:
+            nonlocal sent_after
+            while not stop.is_set():
+                late = time.monotonic() >= end  # read before the send: it arrives later
+                for _ in range(8):
+                    tx.sendto(after if late else before, ("127.0.0.1", pi))
+                sent_after += 8 if late else 0
+                time.sleep(0.0005)
+
+        th = threading.Thread(target=stream, daemon=True)
+        th.start()
+        try:
+            await eventually(lambda: sent_after >= 400, "packets after the end", 30)
+        finally:
+            stop.set()
+            th.join(30)
+        # every late packet reached the engine (held: this node has no fail-over driver)
+        await eventually(
+            lambda: a.status()["counters"]["drops"]["policy"] >= sent_after,
+            "the late packets handed up",
+            30,
+        )
+        c = t.outbound.native
+        return {
+            "lengths": wire(),
+            "sent_after": sent_after,
+            "held": a.status()["counters"]["drops"]["policy"],
+            "c_active": c is not None and c.active,
+            "python": python[0],
+        }
+    finally:
+        tx.close()
+        await a.stop()
+        sink.close()
+
+
+def test_the_forwarding_thread_stops_at_the_lease_end_by_its_own_clock(tmp_path: Path) -> None:
+    """The forwarding thread holds the lease's end (``Engine.send_until``, an absolute time on
+    the monotonic clock) as the SA's deadline and reads CLOCK_MONOTONIC after each batch's
+    packets: it seals nothing that reached the gateway at or after the end, without any help
+    from the event loop (this node has no fail-over driver: no timer ever looks at the
+    lease). A stream crosses the end; the packets handed in after it have a length of their
+    own: not one of them is on the wire, all were handed up and held."""
+    assert native.AVAILABLE, "ipsecct.ipsec._esp is not built: run scripts/install"
+    r = asyncio.run(_lease_end(tmp_path))
+    small, large = 8 + 8 + 96 + 16, 8 + 8 + 232 + 16  # ESP of the 92- and 228-octet packets
+    assert set(r["lengths"]) <= {small, large}
+    assert r["lengths"].count(small) > r["python"] + 100, "the thread carried little"
+    assert r["lengths"].count(large) == 0, "a packet that arrived after the lease was sent"
+    assert r["held"] >= r["sent_after"] >= 400
+    assert r["c_active"]  # C still owned the SA: it stopped by itself, nothing froze it
+
+
+class _FullSocket:
+    """A UDP socket whose send buffer is full while ``full`` is set."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.full = True
+
+    def sendto(self, data: bytes, addr: Any) -> int:
+        if self.full:
+            raise BlockingIOError
+        return self.sock.sendto(data, addr)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.sock, name)
+
+
+async def _queued(tmp: Path) -> dict[str, Any]:
+    sink = _sink()
+    clock = [1000.0]
+    po, pi = _port(), _port()
+    a = Node(_cfg(tmp, "a", po, pi, _port(), sink.getsockname()[1], False, "aes-gcm-16"),
+             clock=lambda: clock[0])  # fmt: skip
+    await a.start()
+    ep = a.outer_transport
+    assert ep is not None
+    real = ep.sock
+    full = _FullSocket(real)
+    ep.sock = full  # type: ignore[assignment]
+    t = a.engine.tunnels()[0]
+    dest = ("127.0.0.1", sink.getsockname()[1])
+    try:
+        a.engine.send_until = 1000.5  # the lease's end
+        fenced = a.engine.stats.drops["fenced"]
+        # ESP sealed within the lease, waiting for room in the kernel
+        a.send_esp(t.outbound, b"\x00\x00\x10\x01within")
+        a._native_items([(2, b"\x00\x00\x10\x01handed-up", dest)])  # the thread's, no room
+        assert len(ep.queue) == 2
+        full.full = False
+        ep._writable()  # room again, within the lease: both leave
+        sent_within = _seqs(sink, 0x1001)
+        full.full = True
+        a.send_esp(t.outbound, b"\x00\x00\x10\x01late")
+        a._native_items([(2, b"\x00\x00\x10\x01late-too", dest)])
+        clock[0] = 1000.5  # the lease ran out while they waited
+        a._native_items([(2, b"\x00\x00\x10\x01after", dest)])  # handed up after the end
+        full.full = False
+        ep._writable()
+        return {
+            "within": len(sent_within),
+            "after": len(_seqs(sink, 0x1001)),
+            "queue": len(ep.queue),
+            "fenced": a.engine.stats.drops["fenced"] - fenced,
+        }
+    finally:
+        ep.sock = real
+        await a.stop()
+        sink.close()
+
+
+def test_esp_waiting_for_room_in_the_socket_is_not_sent_after_the_lease_end(
+    tmp_path: Path,
+) -> None:
+    """ESP sealed within the lease that waits for room in the kernel (the send queue of the
+    outer socket, or handed up by the forwarding thread when ``sendmmsg`` found none) leaves
+    only while the lease is valid: once it has run out the datagrams are dropped and counted
+    ``fenced``, not sent late, when the standby may send on the tunnel."""
+    r = asyncio.run(_queued(tmp_path))
+    assert r["within"] == 2
+    assert r["after"] == 0 and r["queue"] == 0
+    assert r["fenced"] == 3

@@ -24,10 +24,12 @@ The grantor waits until its clock has advanced ``wait`` from ``t_r``, which take
 
 the take-over happens at real time ``>= t_r + lease / (1 - rho) + guard / (1 + rho)``, after
 the holder surely stopped (``t_r >= t_s``). ``guard`` covers what happens after the holder's
-check: a packet encrypted under a valid lease may still sit in a socket queue for a few
-milliseconds. A later grant only moves both ends later; a grant lost on its way back only
-makes the holder stop earlier. Message delay and loss therefore cost availability, never
-safety; a clock running faster or slower than ``rho`` allows is the one assumption.
+check: a packet encrypted under a valid lease may still be on its way into the kernel, or
+sit in its queues, for a few milliseconds (the gateway's own send queue is checked again:
+ESP waiting there past the end is dropped, see docs/cluster.md). A later grant only moves
+both ends later; a grant lost on its way back only makes the holder stop earlier. Message
+delay and loss therefore cost availability, never safety; a clock running faster or slower
+than ``rho`` allows is the one assumption.
 
 Operators set the detection time (``dead_ms``); :func:`timing` derives the lease from it so
 that ``wait == dead_ms``: the standby takes over ``dead_ms`` after the last heartbeat it

@@ -15,6 +15,7 @@ import collections
 import contextlib
 import functools
 import logging
+import math
 import os
 import socket
 import threading
@@ -56,7 +57,6 @@ def _thread_wanted() -> bool:
     return os.environ.get("IPSECCT_NATIVE_THREAD", "1") not in ("0", "")
 
 
-
 _TEXTS: dict[int, tuple[Any, str]] = {}
 
 
@@ -72,6 +72,7 @@ def _text(addr: Any) -> str:
     _TEXTS[id(addr)] = (addr, text)  # (holds the object: its id stays its own)
     return text
 
+
 class UdpEndpoint:
     """A UDP socket on the event loop that reads in batches.
 
@@ -79,7 +80,9 @@ class UdpEndpoint:
     drains up to ``batch`` datagrams, which is what lets a Python gateway keep up with a plain
     relay. Sends go straight to the socket; only when the kernel buffer is full are they
     queued until it drains (bounded: beyond ``max_queue`` a datagram is dropped, as a full
-    interface queue would).
+    interface queue would). A datagram queued as ``fenced`` (ESP) leaves only if ``gate``
+    allows it when its turn comes (the node's fail-over fence): ESP sealed under a lease that
+    ran out while it waited here is dropped, never sent late.
     """
 
     def __init__(
@@ -94,8 +97,9 @@ class UdpEndpoint:
         self.on_data = on_data
         self.batch = batch
         self.max_queue = max_queue
-        self.queue: collections.deque[tuple[bytes, tuple[Any, ...]]] = collections.deque()
+        self.queue: collections.deque[tuple[bytes, tuple[Any, ...], bool]] = collections.deque()
         self.dropped = 0
+        self.gate: Callable[[], bool] | None = None  # may a fenced datagram leave now?
         self.loop = asyncio.get_running_loop()
         sock.setblocking(False)
         self.loop.add_reader(sock.fileno(), self._readable)
@@ -139,29 +143,37 @@ class UdpEndpoint:
                 continue
             self.on_data(data, addr)
 
-    def sendto(self, data: bytes | bytearray, addr: tuple[Any, ...]) -> None:
+    def sendto(
+        self, data: bytes | bytearray, addr: tuple[Any, ...], *, fenced: bool = False
+    ) -> None:
+        """Send now, or queue while the kernel has no room. ``fenced``: ESP, which leaves
+        the queue only if ``gate`` allows (the caller checked it for now)."""
         if self.queue:
-            self._enqueue(data, addr)
+            self._enqueue(data, addr, fenced)
             return
         try:
             self.sock.sendto(data, addr)
         except (BlockingIOError, InterruptedError):
-            self._enqueue(data, addr)
+            self._enqueue(data, addr, fenced)
         except OSError:
             self.dropped += 1
 
-    def _enqueue(self, data: bytes | bytearray, addr: tuple[Any, ...]) -> None:
+    def _enqueue(self, data: bytes | bytearray, addr: tuple[Any, ...], fenced: bool) -> None:
         if len(self.queue) >= self.max_queue:
             self.dropped += 1
             return
-        self.queue.append((bytes(data), addr))
+        self.queue.append((bytes(data), addr, fenced))
         if not self._writing:
             self._writing = True
             self.loop.add_writer(self.sock.fileno(), self._writable)
 
     def _writable(self) -> None:
+        gate = self.gate
         while self.queue:
-            data, addr = self.queue[0]
+            data, addr, fenced = self.queue[0]
+            if fenced and gate is not None and not gate():
+                self.queue.popleft()  # its lease ran out while it waited: never sent late
+                continue
             try:
                 self.sock.sendto(data, addr)
             except (BlockingIOError, InterruptedError):
@@ -240,6 +252,7 @@ class Node:
         loop = asyncio.get_running_loop()
         fam = socket.AF_INET if self.cfg.outer.host.version == 4 else socket.AF_INET6
         self.outer_transport = UdpEndpoint.bind(self.cfg.outer.sockaddr, self._on_outer)
+        self.outer_transport.gate = self._esp_may_leave
         if self.cfg.raw_esp:
             self._open_raw(loop, fam)
         if self.cfg.virtual is not None and self.cfg.virtual_interface is not None:
@@ -320,8 +333,11 @@ class Node:
         lands between two batches. What C does not handle comes back through a bounded
         queue and an eventfd this loop watches (:meth:`_native_drain`)."""
         fd, is_tun, dest = self._native_inner
-        outer = [ep.sock.fileno() for ep in (self.outer_transport, self.virtual_transport)
-                 if ep is not None]
+        outer = [
+            ep.sock.fileno()
+            for ep in (self.outer_transport, self.virtual_transport)
+            if ep is not None
+        ]
         wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         stop = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         table = self.engine.native
@@ -359,8 +375,8 @@ class Node:
             elif kind == 1:  # a datagram from the outer side not for the C table
                 self._on_outer(item[1], item[2])
             elif kind == 2:  # ESP the outer socket had no room for: queue it
-                if self.outer_transport is not None:
-                    self.outer_transport.sendto(item[1], item[2])
+                if self.outer_transport is not None and self._esp_may_leave():
+                    self.outer_transport.sendto(item[1], item[2], fenced=True)
             elif kind == 3:  # a signal (ESP next header 253) for the transfer layer
                 self.act(Signal(item[1], item[2]), item[3])
             elif self.inner_transport is not None:  # the inner socket had no room
@@ -401,10 +417,17 @@ class Node:
         os.close(stop)
         self.engine.fold_native_stats()
 
+    def _batch_now(self) -> float:
+        """The ``now`` of a native batch call: NaN on the monotonic clock, which makes each
+        batch read the clock itself after its packets (a deadline such as the lease's end is
+        then checked against a time no earlier than the packets' arrival); the node's clock
+        otherwise (tests drive it)."""
+        return math.nan if self.clock is time.monotonic else self.clock()
+
     def _native_outer_readable(self, ep: UdpEndpoint) -> None:
         fd, is_tun, dest = self._native_inner
         up, _ = self.engine.native.from_outer(
-            ep.sock.fileno(), fd, is_tun, dest, _BATCH, self.clock()
+            ep.sock.fileno(), fd, is_tun, dest, _BATCH, self._batch_now()
         )
         for item in up:
             kind = item[0]
@@ -420,12 +443,14 @@ class Node:
         fd, is_tun, _ = self._native_inner
         out = self.outer_transport
         assert out is not None
-        up, _ = self.engine.native.from_inner(fd, is_tun, out.sock.fileno(), _BATCH, self.clock())
+        up, _ = self.engine.native.from_inner(
+            fd, is_tun, out.sock.fileno(), _BATCH, self._batch_now()
+        )
         for item in up:
             if item[0] == 0:  # not for the C table: the Python path
                 self.from_inner(item[1])
-            else:  # the outer socket had no room: queue it
-                out.sendto(item[1], item[2])
+            elif self._esp_may_leave():  # the outer socket had no room: queue it
+                out.sendto(item[1], item[2], fenced=True)
         self.engine.fold_native_stats()
 
     def _open_raw(self, loop: asyncio.AbstractEventLoop, fam: int) -> None:
@@ -545,12 +570,23 @@ class Node:
                 if dest is None or dest[0] is not sa.dst or dest[1] != sa.encap.dport:
                     dest = (sa.dst, sa.encap.dport, (_text(sa.dst), sa.encap.dport))
                     self._dest[id(sa)] = dest
-                self.outer_transport.sendto(data, dest[2])
+                self.outer_transport.sendto(data, dest[2], fenced=True)
         elif self._raw is not None:
             try:
                 self._raw.sendto(data, (str(sa.dst), 0))
             except OSError as exc:
                 event(log, "raw-send-error", logging.WARNING, node=self.name, error=exc.strerror)
+
+    def _esp_may_leave(self) -> bool:
+        """May ESP sealed a while ago leave now (from the send queue, or handed up by the
+        forwarding thread when the kernel had no room)? Not at or after the fail-over fence
+        (``Engine.send_until``, the lease's end): such ESP was sealed under a lease that has
+        run out since, and is dropped (counted ``fenced``) rather than sent late, when the
+        standby may already send on the tunnel."""
+        if self.clock() < self.engine.send_until:
+            return True
+        self.engine.stats.drops[Drop.FENCED.value] += 1
+        return False
 
     def send_outer(self, data: bytes, addr: tuple[Any, ...]) -> None:
         if self.outer_transport is not None:

@@ -20,6 +20,7 @@
 #include <Python.h>
 #include <arpa/inet.h>
 #include <errno.h>
+#include <math.h>
 #include <netinet/in.h>
 #include <openssl/crypto.h>
 #include <openssl/evp.h>
@@ -1070,6 +1071,26 @@ sockaddr_tuple(const struct sockaddr_storage *ss)
     return PyTuple_New(0);
 }
 
+/* The clock of a batch. A caller that passes NaN as `now` (the forwarding thread always; the
+ * per-readiness calls when the engine runs on time.monotonic) has the batch read
+ * CLOCK_MONOTONIC itself, after its packets were read: every deadline (a lifetime, the
+ * fail-over lease's end, Engine.send_until) is then checked against a time no earlier than
+ * the arrival of the packets it decides on, so a packet that reached the gateway at or after
+ * the lease's end is never sealed (docs/cluster.md, "what the lease guarantees"). */
+static double
+monotonic_now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts); /* time.monotonic()'s clock */
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+static inline double
+batch_now(double now)
+{
+    return now != now ? monotonic_now() : now; /* NaN: read the clock now */
+}
+
 /* A hand-up recorded during a batch and built into a Python object only after the batch's
  * sends: between the first seal or open of a batch and its last send no Python object is made,
  * so no Python code (a finalizer run by the garbage collector) can run and no other thread can
@@ -1181,6 +1202,8 @@ inner_batch(TableObject *self, uint8_t *ibuf, uint8_t *obuf, int in_fd, int is_t
         for (int i = 0; i < r; i++)
             lens[got++] = rmsgs[i].msg_len;
     }
+    if (got > 0)
+        now = batch_now(now);
     int ns = 0;
     unsigned long long failed = 0;
     for (int i = 0; i < got; i++) {
@@ -1245,6 +1268,8 @@ outer_batch(TableObject *self, uint8_t *ibuf, uint8_t *obuf, int out_fd, int in_
     while (got < 0 && errno == EINTR);
     if (got < 0)
         got = 0;
+    if (got > 0)
+        now = batch_now(now);
     int ns = 0;
     unsigned long long failed = 0;
     for (int i = 0; i < got; i++) {
@@ -1311,7 +1336,8 @@ outer_batch(TableObject *self, uint8_t *ibuf, uint8_t *obuf, int out_fd, int in_
 }
 
 /* from_inner(in_fd, in_is_tun, outer_fd, max, now) -> (list, count)
- * Reads up to max packets from the inner side (up to ROUNDS batches while they come full);
+ * Reads up to max packets from the inner side (up to ROUNDS batches while they come full;
+ * now NaN: each batch reads CLOCK_MONOTONIC after its packets, see batch_now);
  * sealed packets of known flows go out with sendmmsg; the rest come back as (0, packet),
  * unsent ESP as (2, esp, addr). */
 static PyObject *
@@ -1371,7 +1397,7 @@ inner_dest(PyObject *idest, struct sockaddr_storage *inner_addr, socklen_t *inne
 }
 
 /* from_outer(outer_fd, inner_fd, inner_is_tun, inner_dest (octets, port) or None, max, now)
- * -> (list, count). Datagrams from the outer UDP socket: ESP of known, active SAs is opened
+ * -> (list, count) (now NaN: as from_inner). Datagrams from the outer UDP socket: ESP of known, active SAs is opened
  * and delivered (TUN writes, or sendmmsg to inner_dest); keep-alives are ignored; the rest
  * comes back as (1, datagram, addr), signals as (3, owner, payload, addr), inner packets the
  * inner socket had no room for as (4, packet, addr). */
@@ -1414,14 +1440,6 @@ table_from_outer(TableObject *self, PyObject *args)
 #define EV_STOP 0xFFFFu
 #define EV_INNER 0xFFFEu
 #define STATS_WAKE 0.5 /* seconds: the Python side folds the counters at least this often */
-
-static double
-monotonic_now(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts); /* time.monotonic()'s clock */
-    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
-}
 
 static int
 counted_anything(const TableObject *self)
@@ -1552,12 +1570,13 @@ table_run(TableObject *self, PyObject *args)
             /* one call's worth: up to ROUNDS batches while they come full */
             for (int round = 0; round < ROUNDS; round++) {
                 int got;
+                /* each batch reads the clock after its packets (NaN: batch_now) */
                 if (u == EV_INNER)
-                    got = inner_batch(self, ibuf, obuf, in_fd, is_tun, outer[0], BATCH, now,
+                    got = inner_batch(self, ibuf, obuf, in_fd, is_tun, outer[0], BATCH, NAN,
                                       NULL);
                 else
                     got = outer_batch(self, ibuf, obuf, outer[u], in_fd, is_tun, &inner_addr,
-                                      inner_len, BATCH, now, NULL);
+                                      inner_len, BATCH, NAN, NULL);
                 if (got < 0)
                     err = 1;
                 if (got < BATCH)
