@@ -577,6 +577,15 @@ def test_the_gateways_tail_setting() -> None:
         with pytest.raises(ConfigError, match=r"sg1\.toml: transfer\.mbb_tail"):
             tail({"mbb_tail": bad})
 
+    def grant(extra: dict[str, object]) -> bool:  # (docs/state.md, "the grant")
+        cfg = config_mod.from_dict({**base, "transfer": {**transfer, **extra}}, "sg1.toml")
+        assert cfg.transfer is not None
+        return cfg.transfer.settings.grant
+
+    assert grant({}) is True and grant({"grant": False}) is False
+    with pytest.raises(ConfigError, match=r"sg1\.toml: transfer\.grant"):
+        grant({"grant": "no"})
+
 
 # -- a stale context from a gateway that once held the tunnel (docs/security.md) -------------------
 def _durable(w: World, tmp: object) -> dict[str, object]:

@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as hst
 
 from ipsecct.ct.journal import Configured, Owner, SAState, merge
 from ipsecct.gateway import state as state_mod
@@ -682,6 +684,196 @@ def test_a_restarted_source_repeats_the_commit_it_recorded() -> None:
     w.deliver("sg1", "sg2")
     (t2,) = w.gw["sg2"].engine.tunnels()
     assert t2.state is TunnelState.ACTIVE
+
+
+# -- the grant: the target activates at the COMMIT, before its own row (sans-I/O) ------------
+class GrantRecorder(Recorder):
+    """A Recorder whose "leaving" and "pending" rows reserve the grant as the durable state's
+    do (``reserves_grant``): it keeps each outbound SA's recorded ceiling by SPI, as the
+    store would, to resume from after a restart."""
+
+    reserves_grant = True
+
+    def __init__(self, world: object, fail: str = "") -> None:
+        super().__init__(world, fail=fail)
+        self.ceiling: dict[int, int] = {}
+
+    def leaving(self, tunnels, peer, transfer_id):  # type: ignore[no-untyped-def]
+        from ipsecct.ct.journal import grant_ceiling
+
+        for t in tunnels:
+            sa = t.outbound
+            at = t.transfer_cap if t.transfer_cap < sa.seq_limit else sa.seq
+            self.ceiling[sa.spi] = max(self.ceiling.get(sa.spi, 0), grant_ceiling(sa, at))
+        return super().leaving(tunnels, peer, transfer_id)
+
+
+def granting_world(fail: str = "") -> tuple[Any, GrantRecorder, GrantRecorder]:
+    from tests.helpers.transfer import World
+
+    w = World()
+    j1, j2 = GrantRecorder(w), GrantRecorder(w, fail=fail)
+    w.gw["sg1"].core.journal = j1
+    w.gw["sg2"].core.journal = j2
+    return w, j1, j2
+
+
+def committed_under_grant(w: Any, j1: GrantRecorder) -> tuple[int, int]:
+    """The exchange up to the COMMIT's arrival, the target's "pending" row not durable:
+    (transfer id, the number the tunnel was transferred at)."""
+    w.host_send("sg1", 0)
+    came_at = w.tunnel.outbound.seq
+    tid = w.transfer()
+    w.deliver("sg1", "sg2")  # PCTD: "pending" submitted, not durable
+    w.deliver("sg2", "sg1")  # CTDR
+    assert settle(w, "sg1", j1) == ["leaving"]
+    w.deliver("sg1", "sg2")  # the COMMIT, with the grant
+    return tid, came_at
+
+
+def test_a_commit_that_grants_activates_the_target_before_its_pending_row_is_durable() -> None:
+    """The source's durable "leaving" row reserved the transferred number + GRANT: its
+    COMMIT says so, and the target sends at once, up to there, while its own "pending" row
+    is written; "taken over" is submitted only once that row is durable, and the row's
+    ceiling then takes over. Without the grant (a journal that does not reserve it, or
+    ``grant`` off at the source) it waits for the row, as before."""
+    from ipsecct.ct.journal import GRANT
+    from ipsecct.ct.transfer import decision_cdb, parse_grant
+    from ipsecct.ipsec.engine import TunnelState
+
+    assert parse_grant(decision_cdb(1, grant=True)) == GRANT
+    assert parse_grant(decision_cdb(1)) == 0
+    w, j1, j2 = granting_world()
+    _, came_at = committed_under_grant(w, j1)
+    (t2,) = w.gw["sg2"].engine.tunnels()
+    assert j2.writes and j2.writes[0][0] == "pending"  # not durable
+    assert t2.state is TunnelState.ACTIVE and w.gw["sg2"].core.counters["granted"] == 1
+    assert t2.outbound.seq_ceiling == came_at + GRANT
+    assert [c for c, _ in j2.calls] == ["pending"]  # "taken over" waits for the row
+    sent = len(w.gw["sg2"].wire)  # (the signal to the MN)
+    w.host_send("sg2", 1)
+    assert len(w.gw["sg2"].wire) == sent + 1
+    assert settle(w, "sg2", j2) == ["pending"]
+    assert [c for c, _ in j2.calls] == ["pending", "taken"]
+    assert t2.outbound.seq_ceiling >= came_at + GRANT  # the row's, never lower
+    wire = [(spi, seq) for _, spi, seq in w.all_wire()]
+    assert len(wire) == len(set(wire))
+
+    for off in ("journal", "setting"):
+        w, j1, j2 = granting_world()
+        if off == "journal":
+            j2.reserves_grant = False  # type: ignore[misc]
+        else:
+            w.gw["sg1"].core.settings.grant = False
+        committed_under_grant(w, j1)
+        (t2,) = w.gw["sg2"].engine.tunnels()
+        assert t2.state is TunnelState.HELD and w.gw["sg2"].core.counters["granted"] == 0
+        settle(w, "sg2", j2)
+        assert t2.state is TunnelState.ACTIVE
+
+
+@settings(max_examples=300, deadline=None)
+@given(hst.binary(max_size=16))
+def test_a_grant_octet_of_any_shape_is_a_grant_within_ours_or_none(body: bytes) -> None:
+    from ipsecct.ct.journal import GRANT
+    from ipsecct.ct.transfer import FPT_DECISION, frame, parse_grant, unframe
+
+    cdb = frame(FPT_DECISION, body)
+    g = parse_grant(cdb)
+    padded = unframe(cdb)  # (a CDB is padded to a multiple of 4 octets)
+    assert g == 0 or (len(padded) == 4 and padded[0] == 1 and g == min(1 << padded[1], GRANT))
+    assert parse_grant(body) in range(GRANT + 1)  # not even a CDB: no exception
+
+
+def test_a_granted_target_whose_pending_row_fails_stops_sending() -> None:
+    """Activated under the grant, its "pending" row then fails: the tunnels are taken out
+    of service (they could send no further than the grant, and after a restart this
+    gateway would not know it took them); "taken over" is never submitted."""
+    w, j1, j2 = granting_world(fail="pending")
+    committed_under_grant(w, j1)
+    sg2 = w.gw["sg2"]
+    assert len(sg2.engine.tunnels()) == 1
+    settle(w, "sg2", j2)
+    assert sg2.engine.tunnels() == [] and sg2.core.counters["unrecorded"] == 1
+    assert [c for c, _ in j2.calls] == ["pending"]
+    sent = len(sg2.wire)  # (the signal to the MN, at the COMMIT)
+    w.host_send("sg2", 1)
+    assert len(sg2.wire) == sent
+
+
+def test_the_durable_states_leaving_and_pending_rows_reserve_the_grant(tmp_path: Path) -> None:
+    """What the grant rests on, with a real store: a source's "leaving" row is durable at
+    least at the number the tunnel is transferred at (its cap with make-before-break, else
+    its counter) + GRANT; a target's "pending" row at least at the number it came with +
+    GRANT; and the "taken over" and "given away" rows after them never lower it."""
+    from types import SimpleNamespace
+
+    from ipsecct.ct.journal import GRANT
+    from tests.helpers.transfer import World
+
+    w = World()
+    t = w.tunnel
+    t.outbound.seq = 1000
+    store, lock = state_mod.open_store(tmp_path / "s", "sg1", [], fresh=False)
+    node = SimpleNamespace(name="sg1", extensions={}, on_reserve=None)
+    st = state_mod.DurableState(node, store, lock, 1024)  # type: ignore[arg-type]
+    assert st.reserves_grant
+    fp = store.fingerprint(t.outbound)
+    assert st.leaving([t], "sg2", 7).done
+    assert store.load()[fp].ceiling == 1000 + GRANT
+    t.transfer_cap = 5000  # make-before-break: transferred at its cap
+    assert st.leaving([t], "sg3", 8).done
+    assert store.load()[fp].ceiling == 5000 + GRANT
+    assert st.left([t], "sg3", 8).done
+    assert store.load()[fp].ceiling == 5000 + GRANT
+    t2 = World().tunnel  # arriving with its own keys at 300
+    t2.outbound.seq = 300
+    assert st.arriving([t2], "sg2", 9).done
+    row = store.load()[store.fingerprint(t2.outbound)]
+    assert row.ceiling == 300 + GRANT and t2.outbound.seq_ceiling == 300 + GRANT
+    store.close()
+
+
+def test_a_target_that_sent_under_the_grant_and_died_makes_the_source_resume_past_it() -> None:
+    """The invariant across the grant: sg2 activates under the grant and sends, then dies
+    before its "pending" row (with the arrival) is durable; restarted, it does not know the
+    transfer. sg1 dies after its COMMIT and restarts with its "leaving" row: it asks, hears
+    "not taken" and resumes past its stored ceiling, which its "leaving" row raised past the
+    grant: above every number sg2 sent. No (SPI, sequence number) pair twice. (Resumed from
+    the counter's value before the grant instead, it repeats sg2's numbers: checked.)"""
+    from ipsecct.ct import cxtp
+    from ipsecct.ct.transfer import TransferCore
+    from ipsecct.ipsec.sequence import Reservations
+
+    for broken in (False, True):
+        w, j1, j2 = granting_world()
+        tid, _ = committed_under_grant(w, j1)
+        for i in range(1, 4):
+            w.host_send("sg2", i)  # sent under the grant
+        assert len(w.gw["sg2"].wire) >= 3
+        # sg2 dies: its "pending" row (and the arrival) never landed; memory gone.
+        j2.writes, j2.arrivals = [], set()
+        g2 = w.gw["sg2"]
+        for t in g2.engine.tunnels():
+            g2.engine.remove_tunnel(t)
+        g2.core = TransferCore(g2.engine, g2.core.endpoint, g2.core.settings)
+        g2.core.journal = j2
+        # sg1 dies after its COMMIT ("given away" never landed) and restarts: held at its
+        # stored ceiling (the "leaving" row's), it asks.
+        j1.writes = []
+        w.links.clear()
+        spi = w.tunnel.outbound.spi
+        stored = w.tunnel.outbound.seq if broken else j1.ceiling[spi]
+        g1 = restarted_source(w, j1, tid)
+        Reservations.enrol(w.tunnel.outbound, stored)
+        w.deliver("sg1", "sg2")
+        a = w.deliver("sg2", "sg1")
+        assert isinstance(a, cxtp.DQ) and a.answer == cxtp.Answer.NOT_TAKEN
+        assert settle(w, "sg1", j1) == ["resumed"]
+        w.host_send("sg1", 9)
+        assert g1.wire and g1.wire[-1][0] == spi
+        wire = [(s, q) for _, s, q in w.all_wire()]
+        assert (len(wire) == len(set(wire))) is not broken
 
 
 # -- the decision query: a source restarted with "leaving" rows asks (sans-I/O) ---------------

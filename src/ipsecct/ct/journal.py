@@ -22,6 +22,19 @@ from typing import Protocol
 from ..ipsec.engine import Tunnel
 from ..ipsec.sad import SecurityAssociation
 
+# The grant (docs/state.md, "the grant"): a source's "leaving" row reserves this many numbers
+# past each outbound SA's transferred number, and a target's "pending" row as many; a COMMIT
+# that says so lets the target send up to the transferred number + the grant before its own
+# "pending" row is durable. A journal that makes these reservations says so with a true
+# ``reserves_grant`` attribute (one without it is never granted nor granted to).
+GRANT = 1 << 16
+
+
+def grant_ceiling(sa: SecurityAssociation, transferred: int) -> int:
+    """The highest number the grant lets a target send on ``sa`` transferred at
+    ``transferred`` (never past the counter's limit)."""
+    return min(transferred + GRANT, sa.seq_limit)
+
 
 class Owner(enum.Enum):
     OWNED = "owned"  # this gateway sends on it
@@ -103,7 +116,9 @@ class Journal(Protocol):
         them pending and reserve their first block past the sequence number they came with,
         and record that this transfer arrived (:meth:`may_have_arrived`). Their outbound SAs may
         send nothing until this write is done (their ceiling is raised only then); the core
-        activates them only once it is done."""
+        activates them only once it is done, or, with a COMMIT that grants it, earlier, up
+        to :func:`grant_ceiling` of the number they came with: a journal with
+        ``reserves_grant`` reserves at least that far in these rows."""
 
     def prior_ceiling(self, sa: SecurityAssociation) -> int:
         """Target: the highest sequence number this gateway may have sent under the keys of
@@ -128,7 +143,11 @@ class Journal(Protocol):
         """Source: ``tunnels`` are being given to ``peer`` by transfer ``transfer_id``:
         record them leaving (a source restarted with such rows asks ``peer`` before it sends
         on them again). Submitted when the transfer starts (and again, naming the new peer,
-        when it moves on to another candidate); the COMMIT waits for it."""
+        when it moves on to another candidate); the COMMIT waits for it. A journal with
+        ``reserves_grant`` records each row's ceiling at least at :func:`grant_ceiling` of
+        the number the tunnel is transferred at (its ``transfer_cap`` with make-before-break,
+        else its counter), so that a source that resumes after a restart ("not taken")
+        resumes past anything the target may have sent under the grant."""
 
     def left(self, tunnels: Sequence[Tunnel], peer: str, transfer_id: int) -> Write:
         """Source: the COMMIT of ``transfer_id`` was sent: ``tunnels`` are away. Not waited

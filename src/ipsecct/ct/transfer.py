@@ -60,7 +60,7 @@ from ..ipsec.sad import Direction, SecurityAssociation, UdpEncap
 from ..ipsec.spd import Action, AddressRange, OverlapIndex, RangeSet, Selectors, SPDEntry
 from ..ipsec.spi import SpiBlock
 from . import context, cxtp
-from .journal import Journal, Write
+from .journal import GRANT, Journal, Write, grant_ceiling
 from .ratelimit import RateLimiter
 
 FPT_DECISION = 0x8005  # COMMIT (1) or ABORT (2) of a transfer
@@ -132,6 +132,11 @@ class Settings:
     # tunnels the target refused (never activated there): the source takes those back.
     # False: the COMMIT follows the CTDR and names what it accepted.
     commit_early: bool = False
+    # The grant (docs/state.md): the COMMIT that follows the CTDR lets the target send up to
+    # each tunnel's transferred number + journal.GRANT before its own "pending" row is
+    # durable (its "leaving" rows reserved that far). Only with a journal that reserves it
+    # (``reserves_grant``). False: the target activates once its "pending" row is durable.
+    grant: bool = True
 
 
 # -- outputs ------------------------------------------------------------------------------
@@ -304,8 +309,26 @@ def parse_unit(cdb: bytes) -> tuple[int, list[int], bytes]:
     return kind, list(struct.unpack_from(f"!{n}I", p, 4)), bytes(p[4 + 4 * n : end])
 
 
-def decision_cdb(decision: int) -> bytes:
-    return frame(FPT_DECISION, bytes([decision, 0, 0, 0]))
+GRANT_LOG2 = GRANT.bit_length() - 1
+
+
+def decision_cdb(decision: int, *, grant: bool = False) -> bytes:
+    """DECISION: ``Decision (8) | Grant (8) | Reserved (16)``. Grant: 0, or the base-2
+    logarithm of the numbers past each tunnel's transferred number that the source reserved
+    for the target (docs/cxtp.md; a target of an older ipsecct ignores the octet)."""
+    return frame(FPT_DECISION, bytes([decision, GRANT_LOG2 if grant else 0, 0, 0]))
+
+
+def parse_grant(cdb: bytes) -> int:
+    """The grant a DECISION CDB carries (0: none), at most this gateway's GRANT (the most its
+    own "pending" rows reserve); malformed or out of range: none."""
+    try:
+        body = unframe(cdb)
+    except CxtpError:
+        return 0
+    if len(body) != 4 or body[0] != DECISION_COMMIT or not 1 <= body[1] <= 63:
+        return 0
+    return min(1 << body[1], GRANT)
 
 
 def age_cdb(seconds: float) -> bytes:
@@ -529,6 +552,11 @@ class _Incoming:
     # once it is done. ``committing``: the COMMIT came and waits for it.
     recorded: Write | None = None
     committing: bool = False
+    # The grant: each outbound SA's transferred number (by id), and whether the COMMIT
+    # activated the tunnels under the grant before ``recorded`` was done ("taken over" is
+    # submitted once it is; if it fails they are taken out of service).
+    transferred: dict[int, int] = field(default_factory=dict)
+    granted: bool = False
     # SA pairs by (outbound SPI, inbound SPI or 0) as transferred: where the source's final
     # states (make-before-break) go.
     pairs: dict[
@@ -541,6 +569,11 @@ class _Incoming:
     own: dict[int, tuple[SPDEntry, IPAddress]] = field(
         default_factory=dict, repr=False, compare=False
     )
+
+
+def _arrived(tunnels: list[Tunnel], inc: _Incoming) -> Callable[[Journal], Write]:
+    """The "taken over" write of ``tunnels`` of ``inc``, for :meth:`TransferCore._journal_write`."""
+    return lambda j: j.arrived(tunnels, inc.peer, inc.tid)
 
 
 def _overlaps(inc: _Incoming, found: list[object], mn: IPAddress) -> bool:
@@ -615,6 +648,9 @@ class TransferCore:
         # data messages are refused until the time given.
         self._arrivals = _Ids()
         self.not_taken: dict[tuple[str, int], float] = {}
+        # Target: transfers activated under a COMMIT's grant, their "pending" row not yet
+        # settled (see _grant).
+        self._granted: list[_Incoming] = []
         self._unawaited: list[Write] = []  # "owned" and "cancelled" writes, for the counters
         self.endpoint = endpoint
         self.settings = settings or Settings()
@@ -639,6 +675,7 @@ class TransferCore:
             "expired": 0,  # incoming transfers that never finished
             "ctar_limited": 0,  # CTARs and CT-Reqs over their rate
             "unrecorded": 0,  # commits whose "taken over" could not be written
+            "granted": 0,  # transfers activated under a COMMIT's grant, before "pending"
             "unresolved_dropped": 0,  # packets of tunnels whose transfer's outcome is unknown
             "queries_answered": 0,  # decision queries this gateway answered (target)
             # tunnels refused after an early COMMIT whose SPI was taken here meanwhile
@@ -1008,7 +1045,10 @@ class TransferCore:
         # sent and received until this moment): their final anti-replay states (exact, the
         # native path hands them back as they move) go to the target ahead of the COMMIT.
         self.engine.move_tunnels(accepted, peer, now + self.settings.forward_time)
-        out += self._final_and_commit(og, accepted)
+        # The grant: "leaving" (durable: waited for above) reserved past what the target
+        # may send before its own record is; after this COMMIT nothing takes a tunnel back
+        # here but a restart's "not taken", which resumes past that reservation.
+        out += self._final_and_commit(og, accepted, grant=self._grants())
         # "Given away", not waited for: a crash before it lands leaves them "leaving",
         # which a restarted source resolves by asking the target.
         self._given_away(accepted, peer, og.tid)
@@ -1144,16 +1184,25 @@ class TransferCore:
             self.on_unresolved(og.tid, og.peer, len(og.tunnels), why)
         return self._query(u, now)
 
-    def _final_and_commit(self, og: _Outgoing, tunnels: list[Tunnel]) -> list[Output]:
+    def _grants(self) -> bool:
+        """Does this source's COMMIT grant (Settings.grant): only with a journal whose
+        "leaving" rows reserved it."""
+        return self.settings.grant and bool(getattr(self.journal, "reserves_grant", False))
+
+    def _final_and_commit(
+        self, og: _Outgoing, tunnels: list[Tunnel], *, grant: bool = False
+    ) -> list[Output]:
         """The COMMIT of ``og`` for ``tunnels``, behind their final states (FINAL CDBs, a
-        thousand a message) when the transfer made before it broke (caps)."""
+        thousand a message) when the transfer made before it broke (caps). ``grant``: the
+        COMMIT says the target may send before its own record is durable (not with
+        ``commit_early``, whose tunnels may come back on a live "not taken" answer)."""
         out: list[Output] = []
         if og.caps:
             windows = self._final_states(tunnels)
             for i in range(0, len(windows), 1000):
                 tag = self._tag(og)
                 out.append(Send(og.peer, cxtp.CTD(og.mn, 0, (tag, *windows[i : i + 1000]))))
-        commit = (self._tag(og), decision_cdb(DECISION_COMMIT))
+        commit = (self._tag(og), decision_cdb(DECISION_COMMIT, grant=grant))
         out.append(Send(og.peer, cxtp.CTD(og.mn, 0, commit)))
         return out
 
@@ -1238,6 +1287,8 @@ class TransferCore:
                 inc.recorded is None or inc.recorded.settled
             ):
                 out += self._activate(inc, now)
+        if self._granted:
+            self._settle_granted()
         out += self._settle_reverting(now)
         for w in [w for w in self._unawaited if w.settled]:
             self._unawaited.remove(w)
@@ -1537,7 +1588,7 @@ class TransferCore:
             return self._on_answer(peer, msg, tag, now)
         self.seen[key] = now + self.settings.retry_max * 2
         if isinstance(msg, cxtp.PCTD | cxtp.CTD) and self._is_decision(msg):
-            return self._on_commit(peer, tag, now)
+            return self._on_commit(peer, tag, now, parse_grant(msg.cdbs[1]))
         if isinstance(msg, cxtp.CTD) and self._is_final(msg):
             return self._on_final(peer, tag, msg.cdbs[1:])
         if isinstance(msg, cxtp.CTD) and all(
@@ -1820,7 +1871,9 @@ class TransferCore:
         if inc.tunnels and self.journal is not None:
             # Recorded pending and reserved past the transferred sequence number while the
             # CTDR travels: the tunnels are activated (and their SAs may send) only once that
-            # is durable. A journal that refuses at once refuses the tunnels.
+            # is durable, or under the COMMIT's grant. A journal that refuses at once
+            # refuses the tunnels.
+            inc.transferred = {id(t.outbound): t.outbound.seq for t in inc.tunnels}
             try:
                 inc.recorded = self.journal.arriving(inc.tunnels, inc.peer, inc.tid)
             except JournalError:
@@ -2102,14 +2155,64 @@ class TransferCore:
                 inc.signals[id(tunnel)] = signals
         batch.items, batch.signals, batch.keys = [], [], set()
 
-    def _on_commit(self, peer: str, tag: cxtp.TransferTag, now: float) -> list[Output]:
+    def _on_commit(
+        self, peer: str, tag: cxtp.TransferTag, now: float, grant: int = 0
+    ) -> list[Output]:
         inc = self.incoming.get((peer, tag.transfer_id))
         if inc is None or inc.state is not IncomingState.PENDING or inc.committing:
             return []
         inc.committing = True
         if inc.recorded is not None and not inc.recorded.settled:
+            if grant and self._grant(inc, grant):
+                return self._activate(inc, now)
             return []  # activated by settled() once "pending" and the first block are durable
         return self._activate(inc, now)
+
+    def _grant(self, inc: _Incoming, grant: int) -> bool:
+        """The COMMIT grants ``grant`` numbers past each tunnel's transferred number (the
+        source's durable "leaving" rows reserved them; docs/state.md, "the grant"): let the
+        tunnels send up to there before their "pending" row is durable (which reserves at
+        least as far: our journal's ``reserves_grant``). Only if every tunnel has room
+        above its counter (set by FINAL, never below a number sent here before); else they
+        wait for the row, as without a grant."""
+        if not getattr(self.journal, "reserves_grant", False):
+            return False
+        tops = []
+        for t in inc.tunnels:
+            sa = t.outbound
+            at = inc.transferred.get(id(sa))
+            if at is None:
+                return False
+            top = min(grant_ceiling(sa, at), at + grant)
+            if top <= sa.seq:
+                return False
+            tops.append((sa, top))
+        for sa, top in tops:
+            # No block is asked for before the row is durable (the row's own request is
+            # pending); the journal raises the ceiling to the row's once it is.
+            sa.seq_ceiling = max(sa.seq_ceiling, top)
+        inc.granted = True
+        self._granted.append(inc)
+        self.counters["granted"] += 1
+        return True
+
+    def _settle_granted(self) -> None:
+        """Tunnels activated under a grant whose "pending" row is now settled: "taken over"
+        is submitted (after it, in order); if the row could not be written they are taken
+        out of service: they may not send past the grant, and after a restart this gateway
+        would not know it took them (the source, asking, would resume past the grant)."""
+        for inc in [i for i in self._granted if i.recorded is None or i.recorded.settled]:
+            self._granted.remove(inc)
+            if inc.recorded is not None and inc.recorded.failed:
+                self.counters["unrecorded"] += len(inc.tunnels)
+                for t in inc.tunnels:
+                    if t in self.arrived:
+                        self.engine.remove_tunnel(t)
+                        del self.arrived[t]
+                continue
+            tunnels = [t for t in inc.tunnels if t in self.arrived]
+            if tunnels and self.journal is not None:
+                self._unawaited_write(self._journal_write(_arrived(tunnels, inc)))
 
     def _activate(self, inc: _Incoming, now: float) -> list[Output]:
         """The COMMIT came and the tunnels' pending record is settled: activate them (or, if
@@ -2122,7 +2225,7 @@ class TransferCore:
             inc.record.outcome = "failed"
             return failed
         _move(inc, IncomingState.ACTIVE)
-        if self.journal is not None:
+        if self.journal is not None and not inc.granted:
             # Their first block is durable already (pending): activating is safe without
             # waiting for this; a crash before it lands leaves them pending (kept away).
             self._unawaited_write(

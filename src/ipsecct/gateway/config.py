@@ -902,6 +902,7 @@ _TRANSFER_KEYS = {
     "mbb_margin",
     "mbb_tail",
     "commit_early",
+    "grant",
 }
 
 MBB_TAIL = 16  # [transfer] mbb_tail's default
@@ -1041,6 +1042,12 @@ def _transfer(
     if not isinstance(early, bool):
         raise ctx.err("transfer.commit_early", "must be true or false")
     s.commit_early = early
+    # The grant (docs/state.md): on by default; off, the target activates only once its own
+    # "pending" row is durable (a transfer from an older ipsecct never grants).
+    grant = t.get("grant", True)
+    if not isinstance(grant, bool):
+        raise ctx.err("transfer.grant", "must be true or false")
+    s.grant = grant
     for key, attr in _TRANSFER_LIMITS.items():
         if key in t:
             v = t[key]

@@ -48,7 +48,7 @@ from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
 
-from ..ct.journal import Configured, Owner, Plan, SAState, Write, merge
+from ..ct.journal import Configured, Owner, Plan, SAState, Write, grant_ceiling, merge
 from ..errors import JournalError, StateError
 from ..ipsec.engine import Tunnel
 from ..ipsec.sad import MAX_SEQ_64, SecurityAssociation
@@ -599,6 +599,9 @@ class DurableState:
     reservations written ahead, and the ownership :class:`~ipsecct.ct.journal.Journal` the
     transfer and fail-over services call."""
 
+    # "leaving" and "pending" rows reserve the grant (ct/journal.py GRANT; docs/state.md).
+    reserves_grant = True
+
     def __init__(
         self, node: Node, store: StateStore, lock_fd: int, block: int,
         arrival_retention: float = 86400.0,
@@ -1105,12 +1108,16 @@ class DurableState:
         self._adopt([t.outbound for t in tunnels], Owner.PENDING if pending else Owner.OWNED, how)
 
     def arriving(self, tunnels: Sequence[Tunnel], peer: str, transfer_id: int) -> Write:
+        # The grant: the first block reaches at least past what a COMMIT may let the tunnel
+        # send before this row is durable (the number it came with + GRANT).
+        floors = [grant_ceiling(t.outbound, t.outbound.seq) for t in tunnels]
         rows, then = self._adoption(
             [t.outbound for t in tunnels], Owner.PENDING, f"from {peer} (transfer pending)",
             self._prior,
         )
-        for r in rows:
+        for r, floor in zip(rows, floors, strict=True):
             r.transfer = transfer_id
+            r.ceiling = max(r.ceiling, floor)
         self.arrivals.add(transfer_id)
         n = self._arrival_counts[peer] = self._arrival_counts.get(peer, 0) + 1
         if n > MAX_ARRIVALS_PER_PEER + MAX_ARRIVALS_PER_PEER // 8 and self._loop is not None:
@@ -1133,11 +1140,15 @@ class DurableState:
         )
 
     def leaving(self, tunnels: Sequence[Tunnel], peer: str, transfer_id: int) -> Write:
+        rows = self._rows(tunnels, Owner.LEAVING, f"transferring to {peer}", transfer_id, peer)
+        # The grant: past what the target may send before its own "pending" row is durable,
+        # the number each tunnel is transferred at (its cap, or its counter) + GRANT.
+        for t, r in zip(tunnels, rows, strict=True):
+            sa = t.outbound
+            at = t.transfer_cap if t.transfer_cap < sa.seq_limit else sa.seq
+            r.ceiling = max(r.ceiling, grant_ceiling(sa, at))
         # Not urgent: the COMMIT waits for it a round trip later; the contexts go first.
-        return self._submit(
-            self._rows(tunnels, Owner.LEAVING, f"transferring to {peer}", transfer_id, peer),
-            urgent=False,
-        )
+        return self._submit(rows, urgent=False)
 
     def left(self, tunnels: Sequence[Tunnel], peer: str, transfer_id: int) -> Write:
         rows = self._rows(tunnels, Owner.AWAY, f"given to {peer}", transfer_id, peer)
