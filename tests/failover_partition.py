@@ -97,8 +97,10 @@ def _main(d: Path, mode: str, edit: Callable[[str], str]) -> dict[str, Any]:
             dep.start(n)
         dep.wait(
             "sg1",
-            lambda s: s.get(section, {}).get("lease", {}).get("state") == "held"
-            and (mode == "pair" or s[section]["owned_tunnels"] == 1),
+            lambda s: (
+                s.get(section, {}).get("lease", {}).get("state") == "held"
+                and (mode == "pair" or s[section]["owned_tunnels"] == 1)
+            ),
             "sg1 holds its lease",
         )
         lease = dep.status("sg1")[section]["lease"]
@@ -159,8 +161,9 @@ def _main(d: Path, mode: str, edit: Callable[[str], str]) -> dict[str, Any]:
             cut = f"tcp dport {ports} drop", f"tcp sport {ports} drop"
         else:
             # Cut sg1 from etcd (its own address to it), nothing else.
-            cut = f"ip daddr {ETCD_SG1} tcp dport {port_of(dep, sg='sg1')} drop", (
-                f"ip saddr {ETCD_SG1} tcp sport {port_of(dep, sg='sg1')} drop"
+            cut = (
+                f"ip daddr {ETCD_SG1} tcp dport {port_of(dep, sg='sg1')} drop",
+                (f"ip saddr {ETCD_SG1} tcp sport {port_of(dep, sg='sg1')} drop"),
             )
         rules = (
             "add table inet ipsecct_cut\n"
@@ -173,9 +176,11 @@ def _main(d: Path, mode: str, edit: Callable[[str], str]) -> dict[str, Any]:
         out["cut_at"] = t_cut
         dep.wait(
             "sg2",
-            lambda s: s["failover"]["role"] == "took over"
-            if mode == "pair"
-            else s["cluster"]["taken_over"] == 1,
+            lambda s: (
+                s["failover"]["role"] == "took over"
+                if mode == "pair"
+                else s["cluster"]["taken_over"] == 1
+            ),
             "sg2 takes over",
             timeout=30,
         )
@@ -185,6 +190,12 @@ def _main(d: Path, mode: str, edit: Callable[[str], str]) -> dict[str, Any]:
             "sg1 says it lost its lease",
             timeout=30,
         )
+        # When sg1's lease (or fence) ended, in wall-clock time as tcpdump stamps packets: it
+        # says how long ago, read between these two instants.
+        asked = time.time()
+        ago = dep.status("sg1")[section]["lease"]["ended_ms_ago"]
+        answered = time.time()
+        out["lease_end_between"] = [asked - ago / 1000, answered - ago / 1000]
         time.sleep(2.0)  # both up, both offered traffic, for a while
         out["sg1_status"] = dep.status("sg1")[section]
         out["sg1_status_when_lost"] = st1[section]

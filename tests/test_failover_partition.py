@@ -62,10 +62,17 @@ def test_partition_between_the_pair_reuses_no_nonce(tmp_path: Path, mode: str) -
     lease_s = out["lease_ms"] / 1000
     assert last_sg1 - out["cut_at"] <= lease_s + 0.1, (last_sg1 - out["cut_at"], lease_s)
     assert first_sg2 > last_sg1
+    # ... and at its lease's end itself (not at a later tick): its last ESP on the wire is no
+    # later than the end plus the guard (50 ms: from the check to the capture), the end as
+    # sg1's status put it (the status round trip widens it, never narrows it).
+    early, late = out["lease_end_between"]
+    assert last_sg1 <= late + 0.05, (last_sg1 - early, late - early)
     print(
         f"sg1 sent {len(sg1)}, sg2 sent {len(sg2)}, common 0; sg1 stopped "
-        f"{(last_sg1 - out['cut_at']) * 1000:.0f} ms after the cut (lease {out['lease_ms']} ms);"
-        f" sg2 first sent {(first_sg2 - last_sg1) * 1000:.0f} ms after that"
+        f"{(last_sg1 - out['cut_at']) * 1000:.0f} ms after the cut (lease {out['lease_ms']} ms),"
+        f" its last ESP {(last_sg1 - early) * 1000:+.1f} ms from its lease's end (status read "
+        f"in {(late - early) * 1000:.1f} ms); sg2 first sent "
+        f"{(first_sg2 - last_sg1) * 1000:.0f} ms after that"
     )
     # And said so: status, and a WARNING in the log.
     assert out["sg1_status_when_lost"]["lease"]["state"] == "lost"

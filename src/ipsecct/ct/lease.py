@@ -132,6 +132,13 @@ class Lease:
     def remaining(self, now: float) -> float:
         return max(0.0, self.expiry - now)
 
+    def ended_ago(self, now: float) -> float | None:
+        """How long ago the lease ended (the holder stopped sending at that instant), None
+        while it is valid or when none was granted (or it was revoked)."""
+        if self.valid(now) or not math.isfinite(self.expiry):
+            return None
+        return now - self.expiry
+
     def poll(self, now: float) -> list[LeaseEvent]:
         """Report a change of validity since the last poll (for logs and counters)."""
         v = self.valid(now)

@@ -178,7 +178,11 @@ class ClusterDriver:
             )
             self.replicators[p].select = functools.partial(self._replicate_to, p)
             self.standbys[p] = Standby(
-                self.node.engine, replace(c, role="standby"), ep, identity, peer_lease=False,
+                self.node.engine,
+                replace(c, role="standby"),
+                ep,
+                identity,
+                peer_lease=False,
                 member_lease=self.lease_id,
             )
 
@@ -324,9 +328,7 @@ class ClusterDriver:
         if rec.role == "source" and rec.outcome in ("committed", "partial"):
             spis = [s for s in rec.spis if self.own.owns(s)]
             anchors = self._anchors(spis)  # now: the IKE SA leaves right after this
-            task = asyncio.get_running_loop().create_task(
-                self._hand_over(spis, rec.peer, anchors)
-            )
+            task = asyncio.get_running_loop().create_task(self._hand_over(spis, rec.peer, anchors))
             self._handovers.add(task)
             task.add_done_callback(self._handovers.discard)
         elif rec.role == "target" and rec.outcome == "committed":
@@ -588,15 +590,19 @@ class ClusterDriver:
             orphans.setdefault(g, [])
         if orphans:
             gids = sorted(orphans)
-            share = (gids if graced else
-                     ownership.plan_groups(gids, live, one=self.one_taker)[self.node.name])
+            share = (
+                gids
+                if graced
+                else ownership.plan_groups(gids, live, one=self.one_taker)[self.node.name]
+            )
             await self._adopt(share, tunnels, dead)
         # Tunnels a dead peer had but never recorded (it never owned them, so never sent on
         # them): whoever records them first.
         loose = sorted(s for s in held if s not in tunnels)
         if loose:
-            share_t = (loose if graced else
-                       ownership.plan(loose, live, one=self.one_taker)[self.node.name])
+            share_t = (
+                loose if graced else ownership.plan(loose, live, one=self.one_taker)[self.node.name]
+            )
             won: list[int] = []
             for i in range(0, len(share_t), ownership.MAX_TXN_OPS - 1):
                 batch = share_t[i : i + ownership.MAX_TXN_OPS - 1]
@@ -1145,6 +1151,10 @@ class ClusterDriver:
                 "ttl_s": self.cfg.ttl_s,
                 "fence_ms": round(self.timing.lease * 1000, 3),
                 "remaining_ms": round(self.lease.remaining(now) * 1000),
+                # when the fence stopped it (None while held): its end, not a tick's notice
+                "ended_ms_ago": (
+                    None if (ago := self.lease.ended_ago(now)) is None else round(ago * 1000, 1)
+                ),
                 "losses": self.lease.losses,
             },
             "spi_block": str(self.block) if self.block is not None else None,

@@ -115,6 +115,10 @@ def save_state(path: Path | None, epoch: int, took_over: bool, *, active: str = 
             os.close(fd)
 
 
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 1)
+
+
 class PairFencing:
     """Lease bookkeeping of one gateway of a fail-over pair."""
 
@@ -237,10 +241,10 @@ class PairFencing:
             out: dict[str, Any] = {
                 "state": state,
                 "epoch": self.replicator.epoch,
-                "remaining_ms": (
-                    round(lease.remaining(now) * 1000) if lease is not None else None
-                ),
+                "remaining_ms": (round(lease.remaining(now) * 1000) if lease is not None else None),
                 "lease_ms": round(lease.timing.lease * 1000, 3) if lease is not None else None,
+                # when it stopped sending: the lease's end, not when a tick noticed it
+                "ended_ms_ago": _ms(lease.ended_ago(now)) if lease is not None else None,
                 "losses": lease.losses if lease is not None else 0,
                 "acks": self.replicator.acks,
                 "held_packets": len(self.held),
