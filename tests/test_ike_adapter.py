@@ -438,9 +438,12 @@ def test_a_peer_address_unverified_at_a_take_over_gets_the_esp_only_once_checked
     (check,) = sent
     sent.clear()
     assert check.dst == moved and tunnel_peer() == (I500.host, I500.host)
+    # a CHILD SA made before the answer (a rekey of the peer's) would send there too
+    (taken,) = svc.engine.ike_sas()
+    assert taken.remote == moved and taken.child_remote.host == I500.host
     answer(check, 3.1)
     assert tunnel_peer() == (moved.host, moved.host) and not sent
-    assert svc.engine.stats["rr-check-verified"] == 1
+    assert svc.engine.stats["rr-check-verified"] == 1 and taken.child_remote == moved
 
 
 def test_an_owed_delete_is_replicated_until_the_peer_answers_it(tmp_path: Path) -> None:

@@ -33,6 +33,7 @@ from ipsecct.ikev2.engine import (
     Output,
     PeerMoved,
     Send,
+    _natd,
     strip_marker,
 )
 from ipsecct.ikev2.ikesa import Address, ChildSA, IkeSA, IkeState
@@ -1164,7 +1165,7 @@ def test_the_return_routability_check_keeps_the_child_sas_until_answered(
     connect(w)
     (ii,), (ir,) = w.ini.ike_sas(), w.resp.ike_sas()
     if how == "no-cookie2":
-        monkeypatch.setattr(w.ini, "_mobike_answer", lambda ike, inner: [])
+        monkeypatch.setattr(w.ini, "_mobike_answer", lambda ike, inner, path: [])
     _cookie2, _moved, answer = _mobike_update(w, ii, 1.0)
     _resp, check = [o for o in answer if isinstance(o, Send)]
     w.deliver([check], "r", 1.5, drop=how == "silent")
@@ -1175,6 +1176,75 @@ def test_the_return_routability_check_keeps_the_child_sas_until_answered(
     for t in (4.0, 8.0, 16.0, 32.0, 48.0):
         w.deliver(w.resp.tick(t), "r", t, drop=True)
     assert w.resp.stats["peer-dead"] == 1 and not w.resp.ike_sas()
+
+
+def test_a_strongswan_client_move_path_test_update_and_rekey_before_the_check() -> None:
+    """What an unmodified strongSwan 5.9.8 client does when its address changes (its log in
+    ``test_ikev2_strongswan.py``): an empty INFORMATIONAL from the new address first (its path
+    test, ``ike_mobike.c`` with ``check``), answered there and moving nothing (RFC 4555 §3.8;
+    before, it moved the IKE SA and the CHILD SAs at once, with no check); then
+    UPDATE_SA_ADDRESSES, which moves the IKE SA and starts the gateway's check; then, before
+    its answer to the check, a rekey of its CHILD SA (kernel-libipsec cannot move an SA).
+    The successor sends where the CHILD SAs were, like them, until the check is answered."""
+    w = pair(mn_conn(), conn())
+    connect(w)
+    (ii,), (ir,) = w.ini.ike_sas(), w.resp.ike_sas()
+    home, moved = ir.remote, Address(ipaddress.ip_address("192.0.2.99"), 4500)
+    ii.local = moved
+    out: list[Output] = []
+    w.ini._request(ii, "liveness", [], 1.0, out)  # the path test
+    (probe,) = out
+    assert isinstance(probe, Send)
+    (ans,) = w.resp.receive(probe.data, moved, R500, 1.0)
+    assert isinstance(ans, Send) and (ans.src, ans.dst) == (R500, moved)
+    assert ir.remote == ir.child_remote == home and ir.pending is None
+    (again,) = w.resp.receive(probe.data, moved, R500, 3.5)  # its answer lost: strongSwan
+    assert isinstance(again, Send) and again.dst == moved  # repeats it from there
+    assert w.resp.stats["mobike-path-tested"] == 1 and not w.of("r", PeerMoved)
+    w.deliver([ans], "r", 3.5)
+    _cookie2, _moved, answer = _mobike_update(w, ii, 4.0)
+    resp, check = [o for o in answer if isinstance(o, Send)]
+    assert ir.remote == moved and ir.child_remote == home
+    w.deliver([resp], "r", 4.0)
+    ups = len(w.of("r", ChildUp))
+    w.deliver(w.ini.rekey_child(ii, ii.children[0], 4.1), "i", 4.1)
+    assert len(w.of("r", ChildUp)) == ups + 1 and ir.child_remote == home
+    assert not w.of("r", PeerMoved)
+    w.deliver([check], "r", 4.2)
+    assert w.resp.stats["rr-check-verified"] == 1 and len(w.of("r", PeerMoved)) == 1
+    assert ir.child_remote == ir.remote == moved
+
+
+def test_a_liveness_check_with_nat_d_gets_nat_d_back_from_where_it_came() -> None:
+    """RFC 4555 §3.8: NAT-D notifies in a MOBIKE peer's INFORMATIONAL request are answered
+    with NAT-D (a MUST). A strongSwan client behind a NAT puts them in its liveness checks to
+    find a changed NAT mapping: the destination hash names the address the request came
+    from, so after a NAT rebinding it differs from the one the client knows, and it sends
+    UPDATE_SA_ADDRESSES (which the gateway checks). Nothing moves for the check itself; one
+    without NAT-D gets none back."""
+    w = pair(mn_conn(), conn())
+    connect(w)
+    (ii,), (ir,) = w.ini.ike_sas(), w.resp.ike_sas()
+    home, rebound = ir.remote, Address(ir.remote.host, 40123)  # the NAT's new mapping
+    for frm in (home, rebound):
+        out: list[Output] = []
+        w.ini._request(ii, "liveness", [
+            M.NotifyPayload(M.Notify.NAT_DETECTION_SOURCE_IP, data=os.urandom(20)),
+            M.NotifyPayload(M.Notify.NAT_DETECTION_DESTINATION_IP, data=os.urandom(20)),
+        ], 1.0, out)  # fmt: skip
+        (req,) = out
+        assert isinstance(req, Send)
+        (ans,) = w.resp.receive(req.data, frm, R500, 1.0)
+        assert isinstance(ans, Send) and ans.dst == frm
+        n = _answer_notifies(ii, ans)
+        assert n[M.Notify.NAT_DETECTION_DESTINATION_IP].data == _natd(ir.spi_i, ir.spi_r, frm)
+        assert n[M.Notify.NAT_DETECTION_SOURCE_IP].data == _natd(ir.spi_i, ir.spi_r, R500)
+        w.deliver([ans], "r", 1.0)
+    assert ir.remote == home and not w.of("r", PeerMoved)
+    (req,) = w.ini.liveness(ii, 2.0)
+    assert isinstance(req, Send)
+    (ans,) = w.resp.receive(req.data, home, R500, 2.0)
+    assert isinstance(ans, Send) and not _answer_notifies(ii, ans)
 
 
 MOVED = Address(ipaddress.ip_address("198.51.100.7"), 500)  # the MN's address after a move
@@ -1272,8 +1342,9 @@ def _hostile_update(monkeypatch: pytest.MonkeyPatch, how: str) -> tuple[Wire, Ik
     (ii,), (ir,) = w.ini.ike_sas(), w.resp.ike_sas()
     real = w.resp._mobike_answer
 
-    def answer(ike: IkeSA, inner: list[M.Payload]) -> list[M.Payload]:
-        out = real(ike, inner)
+    def answer(ike: IkeSA, inner: list[M.Payload],
+               path: tuple[Address, Address]) -> list[M.Payload]:  # fmt: skip
+        out = real(ike, inner, path)
         if how == "unacceptable":
             return [M.NotifyPayload(M.Notify.UNACCEPTABLE_ADDRESSES)]
         if how == "wrong-cookie2":

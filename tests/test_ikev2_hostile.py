@@ -268,14 +268,20 @@ def test_a_certificate_proves_only_the_names_it_holds() -> None:
         assert gw.stats["auth-failed"] == (not ok)
 
 
-def test_a_replayed_request_from_elsewhere_does_not_move_the_peer() -> None:
+@pytest.mark.parametrize("mobike", [False, True], ids=["no-mobike", "mobike"])
+def test_a_replayed_request_from_elsewhere_does_not_move_the_peer(mobike: bool) -> None:
     """Someone on the path captures the MN's authenticated requests (a liveness check, a CHILD
     SA rekey, its IKE_AUTH) and sends them again from its own address: the peer's address
-    stays (a retransmission is answered where the peer is), nothing is made twice; only a
-    fresh request moves it (RFC 7296 §2.23, RFC 4555)."""
-    w = pair()
+    stays, nothing is made twice. A retransmission is answered where the peer is, or with
+    MOBIKE where it came from (RFC 4555 §3.8: it moves nothing; strongSwan repeats its path
+    tests from its new address). Without MOBIKE a fresh request moves it (RFC 7296 §2.23);
+    with MOBIKE it is answered there and moves nothing either (§3.8: only
+    UPDATE_SA_ADDRESSES does)."""
+    w = pair(dataclasses.replace(mn_conn(), mobike=mobike),
+             dataclasses.replace(conn(), mobike=mobike))  # fmt: skip
     connect(w)
     (ii,), (ir,) = w.ini.ike_sas(), w.resp.ike_sas()
+    assert ii.mobike is ir.mobike is mobike
     auth = w.sent[2].data
     w.deliver(w.ini.liveness(ii, 1.0), "i", 1.0)
     check = w.sent[-2].data
@@ -289,14 +295,18 @@ def test_a_replayed_request_from_elsewhere_does_not_move_the_peer() -> None:
     answered = w.resp.stats["retransmit-answered"]
     for data in (auth, check, rekey, delete):
         out = w.resp.receive(data, thief, R500, 3.0)
-        assert all(isinstance(o, Send) and o.dst == home for o in out)
+        assert all(isinstance(o, Send) and o.dst == (thief if mobike else home) for o in out)
     assert w.resp.stats["retransmit-answered"] == answered + 1
     assert ir.remote == home and ir.children == children
-    out = w.ini.liveness(ii, 4.0)  # a fresh one from there moves it
+    out = w.ini.liveness(ii, 4.0)  # a fresh one from there
     (req,) = out
     assert isinstance(req, Send)
-    assert any(isinstance(o, PeerMoved) for o in w.resp.receive(req.data, thief, R500, 4.0))
-    assert ir.remote == thief
+    out = w.resp.receive(req.data, thief, R500, 4.0)
+    assert any(isinstance(o, PeerMoved) for o in out) is not mobike
+    assert ir.remote == (home if mobike else thief)
+    (ans,) = out if mobike else [o for o in out if isinstance(o, Send)]
+    assert isinstance(ans, Send) and ans.dst == thief  # answered where it came from
+    assert w.resp.stats["mobike-path-tested"] == mobike
 
 
 class NoContactPeer(IkeEngine):

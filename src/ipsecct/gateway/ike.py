@@ -418,7 +418,8 @@ class IkeService:
 
     def _encap(self, ike: IkeSA) -> UdpEncap | None:
         if ike.encap or not self.node.cfg.raw_esp:
-            port = ike.remote.port if ike.remote.port != IKE_PORT else 4500
+            peer = ike.child_remote
+            port = peer.port if peer.port != IKE_PORT else 4500
             return UdpEncap(self.node.cfg.outer.port, port)
         return None
 
@@ -452,7 +453,7 @@ class IkeService:
             enc = self._encap(ike)
             here = ike.local.host if self.mobile else self.local_host
             local = Address(here, enc.sport if enc else 0)
-            remote = Address(ike.remote.host, enc.dport if enc else 0)
+            remote = Address(ike.child_remote.host, enc.dport if enc else 0)
             entry, out, inn = child.sas(local, remote, enc is not None, label)
             out.created = inn.created = self.node.clock()
             self._born_with[child.spi_out] = [c.spi_out for c in ike.children if c is not child]
@@ -483,9 +484,11 @@ class IkeService:
                   spi_in=f"0x{o.child.spi_in:08x}", reason=o.reason)  # fmt: skip
         elif isinstance(o, PeerMoved):
             # the peer moved, or (a mobile node) we did: the CHILD SAs' outer addresses
-            # follow the IKE SA's (the SAs themselves, their keys and counters, stay)
+            # follow the IKE SA's (the SAs themselves, their keys and counters, stay), or
+            # the address verified before a MOBIKE update still being checked
             enc = self._encap(o.ike)
             ours = o.ike.local.host if self.mobile else None
+            theirs = o.ike.child_remote.host
             for c in o.ike.children:
                 t = c.handle
                 if t is None:
@@ -493,9 +496,9 @@ class IkeService:
                 for sa in t.sas():  # type: ignore[attr-defined]
                     sa.encap = enc
                     if sa is t.outbound:  # type: ignore[attr-defined]
-                        eng.rekey_sa(sa, dst=o.ike.remote.host, src=ours)
+                        eng.rekey_sa(sa, dst=theirs, src=ours)
                     else:
-                        eng.rekey_sa(sa, src=o.ike.remote.host, dst=ours)
+                        eng.rekey_sa(sa, src=theirs, dst=ours)
             event(log, "ike-peer-moved", node=self.node.name, peer=o.ike.remote,
                   local=o.ike.local)  # fmt: skip
         elif isinstance(o, ReplayCounterSynced):
@@ -726,9 +729,7 @@ class IkeService:
             event(log, "ike-sa-refused", logging.WARNING, node=self.node.name, peer=peer,
                   error=str(exc))  # fmt: skip
             return
-        for c in ike.children:
-            c.handle = self.node.engine.tunnel_by_spi(c.spi_in)
-        self._order_rekeyed(ike)
+        self._attach(ike)
         self._changes += 1  # new here: replicated
         # what still reaches the old gateway for it may come here for forward_time
         _remember(self._arrived, ike.our_spi, (peer, now + self.forward_time))
@@ -754,6 +755,21 @@ class IkeService:
                 self.engine.stats["early-replayed"] += 1
                 self._act(self.engine.receive(data, src, dst, now))
         self.node.timers.poke()  # the engine's next deadline may have moved
+
+    def _attach(self, ike: IkeSA) -> None:
+        """An imported IKE SA's CHILD SAs get the tunnels the transfer or the take-over
+        installed. When its peer's address awaits our return-routability check (its context
+        says so), the CHILD SAs made before the check's answer send where those tunnels do
+        (the last verified address, which the context does not carry), as at the gateway
+        that checked first."""
+        for c in ike.children:
+            c.handle = self.node.engine.tunnel_by_spi(c.spi_in)
+        t = next((c.handle for c in ike.children if c.handle is not None), None)
+        if t is not None and ike_context.address_unverified(ike) and ike.esp_remote is None:
+            out_sa = t.outbound  # type: ignore[attr-defined]
+            port = out_sa.encap.dport if out_sa.encap is not None else ike.remote.port
+            ike.esp_remote = Address(out_sa.dst, port)
+        self._order_rekeyed(ike)
 
     def _order_rekeyed(self, ike: IkeSA) -> None:
         """An imported CHILD SA the peer rekeyed and has yet to delete carries our traffic
@@ -870,9 +886,7 @@ class IkeService:
                 continue
             taken += 1
             self._changes += 1
-            for c in ike.children:
-                c.handle = self.node.engine.tunnel_by_spi(c.spi_in)
-            self._order_rekeyed(ike)
+            self._attach(ike)
             event(log, "ike-sa-taken-over", node=self.node.name, conn=ike.conn.name,
                   peer=ike.remote, spi_i=ike.spi_i.hex(), spi_r=ike.spi_r.hex(),
                   children=len(ike.children),

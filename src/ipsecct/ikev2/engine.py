@@ -521,7 +521,12 @@ class IkeEngine:
             # authenticate before answering again; a fragmented request: on its first fragment
             if self._authentic_retransmit(ike, data, payloads):
                 self.stats["retransmit-answered"] += 1
-                out += [Send(m, ike.local, ike.remote) for m in ike.last_response]
+                # where the peer is; with MOBIKE where it came from (it moves nothing there,
+                # RFC 4555 §3.8): strongSwan repeats a path test from its new address every
+                # 2.5 s and closes the IKE SA after 10 tries when no answer comes back there
+                frm, to = ((dst, src) if ike.mobike and not ike.mobike_initiator
+                           else (ike.local, ike.remote))  # fmt: skip
+                out += [Send(m, frm, to) for m in ike.last_response]
             return
         ahead = 0 < hdr.message_id - ike.peer_next_mid <= ike.resync_ahead
         if hdr.message_id != ike.peer_next_mid and not ahead:
@@ -544,13 +549,25 @@ class IkeEngine:
                      ike.conn.name, ike.remote, ike.peer_next_mid, hdr.message_id)  # fmt: skip
             ike.last_response = []
         ike.resync_ahead = 0
+        answer_to: tuple[Address, Address] | None = None
         if (ike.mobike and not ike.mobike_initiator and src != ike.remote
                 and hdr.exchange == ExchangeType.INFORMATIONAL
                 and Notify.UPDATE_SA_ADDRESSES in notifies(inner)):  # fmt: skip
             # RFC 4555 §3.5, §5.2: the IKE SA answers from and to the new address at once,
             # its CHILD SAs follow once the address answers a check of our own (rr_due)
             self.stats["rr-check-due"] += 1
+            if ike.esp_remote is None:
+                ike.esp_remote = ike.remote
             ike.remote, ike.local, ike.rr_due = src, dst, True
+        elif ike.mobike and not ike.mobike_initiator and src != ike.remote:
+            # RFC 4555 §3.8: with MOBIKE, a request without UPDATE_SA_ADDRESSES changes no
+            # address (the peer may be testing a path: strongSwan's first request after it
+            # moved is an empty INFORMATIONAL from the new address, its update comes next).
+            # It is answered where it came from (RFC 7296 §2.11), and nothing moves
+            self.stats["mobike-path-tested"] += 1
+            log.info("event=ike-request-from-elsewhere conn=%s peer=%s from=%s", ike.conn.name,
+                     ike.remote, src)  # fmt: skip
+            answer_to = (dst, src)
         elif not (ike.mobike and ike.mobike_initiator and ike.remote.port != 500
                   and src == Address(ike.remote.host, 500)):  # fmt: skip
             # (a MOBIKE initiator that floated to NAT-T after a move stays there when the
@@ -565,13 +582,13 @@ class IkeEngine:
             self.stats["bad-exchange"] += 1
             return
         elif hdr.exchange == ExchangeType.INFORMATIONAL:
-            reply = self._informational(ike, inner, out)
+            reply = self._informational(ike, inner, out, answer_to or (ike.local, ike.remote))
         elif hdr.exchange == ExchangeType.CREATE_CHILD_SA:
             reply = self._create_child(ike, inner, now, out)
         else:
             self.stats["bad-exchange"] += 1
             reply = [NotifyPayload(Notify.INVALID_SYNTAX)]
-        self._answer(ike, hdr, reply, out)
+        self._answer(ike, hdr, reply, out, answer_to)
         if ike.rr_due and ike.pending is None and ike.state is IkeState.ESTABLISHED:
             self._rr_check(ike, now, out)
         if _dead(ike):
@@ -666,15 +683,18 @@ class IkeEngine:
             ike.remote, ike.local = src, dst
             out.append(PeerMoved(ike))
 
-    def _answer(self, ike: IkeSA, req: Header, payloads: list[Payload],
-                out: list[Output]) -> None:  # fmt: skip
+    def _answer(self, ike: IkeSA, req: Header, payloads: list[Payload], out: list[Output],
+                via: tuple[Address, Address] | None = None) -> None:  # fmt: skip
+        """Answer the peer's request, from and to the IKE SA's addresses, or ``via`` (from,
+        to: where a request that moved nothing came from)."""
         hdr = Header(ike.spi_i, ike.spi_r, 0, req.exchange,
                      Flag.RESPONSE | (0 if not ike.we_initiated else Flag.INITIATOR),
                      req.message_id, 0)  # fmt: skip
         msgs = self._seal(ike, hdr, payloads)
         ike.last_response = msgs
         ike.peer_next_mid = req.message_id + 1
-        out += [Send(m, ike.local, ike.remote) for m in msgs]
+        frm, to = via if via is not None else (ike.local, ike.remote)
+        out += [Send(m, frm, to) for m in msgs]
 
     def _seal(self, ike: IkeSA, hdr: Header, payloads: list[Payload]) -> list[bytes]:
         """One message, or RFC 7383 fragments when it is too big and both sides can."""
@@ -1194,14 +1214,16 @@ class IkeEngine:
         return None
 
     # -- INFORMATIONAL ----------------------------------------------------------------------
-    def _informational(self, ike: IkeSA, inner: list[Payload],
-                       out: list[Output]) -> list[Payload]:  # fmt: skip
+    def _informational(self, ike: IkeSA, inner: list[Payload], out: list[Output],
+                       path: tuple[Address, Address]) -> list[Payload]:  # fmt: skip
+        """The peer's INFORMATIONAL request; ``path``: (ours, the peer's) addresses it came
+        on, where the answer goes."""
         reply: list[Payload] = []
         deletes = [p for p in inner if isinstance(p, DeletePayload)]
         if not inner:
             self.stats["liveness-answered"] += 1
         if ike.mobike:
-            reply += self._mobike_answer(ike, inner)
+            reply += self._mobike_answer(ike, inner, path)
         for d in deletes:
             if d.protocol == ProtocolId.IKE:
                 parent = next((o for o in self.by_spi.values() if o.collided is not None
@@ -1237,24 +1259,30 @@ class IkeEngine:
                 reply.append(DeletePayload(ProtocolId.ESP, tuple(ours)))
         return reply
 
-    def _mobike_answer(self, ike: IkeSA, inner: list[Payload]) -> list[Payload]:
-        """RFC 4555 in an INFORMATIONAL request of a MOBIKE peer: its UPDATE_SA_ADDRESSES (the
-        IKE SA's addresses already follow the request, :meth:`_float`) is answered with the
-        NAT-D notifies of the new path (§3.5; a faked source hash with ``encap``, as in
-        IKE_SA_INIT), and its COOKIE2 is echoed (§3.8: else the peer closes the IKE SA). A
-        liveness check that only carries NAT-D notifies gets no NAT-D back: the NAT state the
-        peer found at IKE_SA_INIT stays (so a faked NAT keeps its ESP in UDP). Its address list
-        (ADDITIONAL_*_ADDRESS, NO_ADDITIONAL_ADDRESSES) is not used: a moved peer is followed
-        by the address its requests come from."""
+    def _mobike_answer(self, ike: IkeSA, inner: list[Payload],
+                       path: tuple[Address, Address]) -> list[Payload]:  # fmt: skip
+        """RFC 4555 in an INFORMATIONAL request of a MOBIKE peer that came on ``path`` (ours,
+        the peer's address): its UPDATE_SA_ADDRESSES (the IKE SA's addresses already follow
+        it) is answered with the NAT-D notifies of the new path (§3.5; a faked source hash
+        with ``encap``, as in IKE_SA_INIT), and so is any request that carries NAT-D notifies
+        (§3.8: the responder MUST; a strongSwan client behind a NAT sends them in its
+        liveness checks and finds a changed NAT mapping by the destination hash, which it
+        then announces with an update: with MOBIKE the gateway follows no request's address
+        of itself). Its COOKIE2 is echoed (§3.7: else the peer closes the IKE SA). Its
+        address list (ADDITIONAL_*_ADDRESS, NO_ADDITIONAL_ADDRESSES) is not used: an update
+        moves the IKE SA to the address it came from."""
         n = notifies(inner)
         out: list[Payload] = []
         if Notify.UPDATE_SA_ADDRESSES in n:
             self.stats["mobike-update-answered"] += 1
             log.info("event=ike-mobike-update conn=%s peer=%s", ike.conn.name, ike.remote)
-            src = self.random(20) if ike.conn.encap else _natd(ike.spi_i, ike.spi_r, ike.local)
+        natd = Notify.NAT_DETECTION_SOURCE_IP in n and Notify.NAT_DETECTION_DESTINATION_IP in n
+        if Notify.UPDATE_SA_ADDRESSES in n or natd:
+            ours, theirs = path
+            src = self.random(20) if ike.conn.encap else _natd(ike.spi_i, ike.spi_r, ours)
             out += [NotifyPayload(Notify.NAT_DETECTION_SOURCE_IP, data=src),
                     NotifyPayload(Notify.NAT_DETECTION_DESTINATION_IP,
-                                  data=_natd(ike.spi_i, ike.spi_r, ike.remote))]  # fmt: skip
+                                  data=_natd(ike.spi_i, ike.spi_r, theirs))]  # fmt: skip
         cookie2 = n.get(Notify.COOKIE2)
         if cookie2 is not None and 8 <= len(cookie2.data) <= 64:
             out.append(NotifyPayload(Notify.COOKIE2, data=cookie2.data))
@@ -1427,6 +1455,8 @@ class IkeEngine:
         self._request(ike, "rr-check", [NotifyPayload(Notify.COOKIE2, data=cookie2)], now, out)
         if ike.pending is not None and ike.pending.kind == "rr-check":
             ike.pending.cookie2, ike.pending.moved_to = cookie2, ike.remote
+            log.info("event=ike-rr-check-sent conn=%s peer=%s esp_peer=%s", ike.conn.name,
+                     ike.remote, ike.child_remote)  # fmt: skip
 
     def _rr_check_response(self, ike: IkeSA, p: Pending, inner: list[Payload],
                            out: list[Output]) -> None:  # fmt: skip
@@ -1443,6 +1473,7 @@ class IkeEngine:
         if p.moved_to != ike.remote:
             return
         self.stats["rr-check-verified"] += 1
+        ike.esp_remote = None
         log.info("event=ike-peer-address-verified conn=%s peer=%s", ike.conn.name, ike.remote)
         out.append(PeerMoved(ike))
 
@@ -2202,6 +2233,8 @@ def _inherit(new: IkeSA, old: IkeSA) -> None:
     # there dropped it: the next move's target no longer knew)
     new.peer_auth, new.peer_names, new.peer_ca = old.peer_auth, old.peer_names, old.peer_ca
     new.orig_initiator = old.mobike_initiator  # RFC 4555's roles stay as they were
+    if old.esp_remote is not None:  # a return-routability check was due or in flight: the
+        new.esp_remote, new.rr_due = old.esp_remote, True  # new IKE SA makes its own
 
 
 def _mids_low(ike: IkeSA) -> bool:

@@ -217,6 +217,10 @@ class IkeSA:
     # MOBIKE responder: the peer's UPDATE_SA_ADDRESSES moved the IKE SA, and its CHILD SAs
     # follow once the new address answers our COOKIE2 check (RFC 4555 §5.2)
     rr_due: bool = False
+    # ... and until then, the address its CHILD SAs still send to (the last one verified):
+    # a CHILD SA made meanwhile (the peer's rekey of one, right after its update, as
+    # strongSwan does) sends there too. None: where the IKE SA is
+    esp_remote: Address | None = None
     # RFC 4555's "original initiator" (who sends UPDATE_SA_ADDRESSES) when a rekey by the
     # peer made it differ from who initiated this IKE SA (§2.18); None: as ``we_initiated``
     orig_initiator: bool | None = None
@@ -224,6 +228,12 @@ class IkeSA:
     # made by the peer's rekey of this IKE SA: until the peer deletes it (or REKEYED_GRACE
     # ends it), this one is not rekeyed again (a chain of undeleted IKE SAs has no end)
     replaced: IkeSA | None = field(default=None, repr=False)
+
+    @property
+    def child_remote(self) -> Address:
+        """Where the CHILD SAs send: the IKE SA's peer, or while a MOBIKE update of the peer
+        waits for its return-routability check, the address verified before it."""
+        return self.remote if self.esp_remote is None else self.esp_remote
 
     @property
     def mobike_initiator(self) -> bool:
