@@ -21,6 +21,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -54,10 +55,11 @@ class Initiator(Charon):
 
     def __init__(self, ns: Namespaces, workdir: Path, *, ike: str | None, esp: str | None,
                  encap: bool = True, dpd: int = 0, rekey: tuple[int, int] | None = None,
-                 ) -> None:  # fmt: skip
+                 mobike: bool = False, local_addrs: str = A.outer) -> None:  # fmt: skip
         super().__init__(ns, "a", A, workdir, esp or "default")
         self.ike, self.esp, self.encap, self.dpd = ike, esp, encap, dpd
         self.rekey = rekey  # (IKE, CHILD) rekey_time in seconds
+        self.mobike, self.local_addrs = mobike, local_addrs
 
     def write_config(self) -> None:
         super().write_config()
@@ -67,7 +69,7 @@ class Initiator(Charon):
             child_rekey = f"rekey_time = {self.rekey[1]}s\n        rand_time = 1s"
         conf = strongswan.swanctl_psk(
             "cA",
-            local_addrs=A.outer,
+            local_addrs=self.local_addrs,
             remote_addrs=B.outer,
             local_id=A.id,
             remote_id=B.id,
@@ -75,6 +77,7 @@ class Initiator(Charon):
             remote_ts=f"{B.inner}/32",
             psk=PSK,
             encap=self.encap,
+            mobike=self.mobike,
             dpd=f"{self.dpd}s",
             proposals=self.ike,
             esp_proposals=self.esp,
@@ -624,6 +627,123 @@ def test_ipsecct_node_moves_to_another_address_with_mobike(workdir: Path) -> Non
                 assert got >= 500, (got, mn.logtext())
             finally:
                 mn.cleanup()
+
+
+def tshark_rows(pcap: Path, *names: str) -> list[list[str]]:
+    """The packets of a capture as rows of tshark fields (ESP in UDP 4500 is decoded after
+    the non-ESP marker test, so IKE on that port is IKE and ESP is ESP)."""
+    args = ["tshark", "-n", "-r", str(pcap), "-T", "fields", "-E", "separator=|"]
+    for n in names:
+        args += ["-e", n]
+    r = subprocess.run(args, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    return [line.split("|") for line in r.stdout.splitlines() if line.strip()]
+
+
+@pytest.mark.root
+@pytest.mark.slow
+@needs_strongswan
+def test_strongswan_client_moves_to_another_address_with_mobike(workdir: Path) -> None:
+    """An unmodified strongSwan client (``mobike = yes``) changes its address under a stream
+    from the gateway's side: a new address comes, the old one goes. strongSwan tests the path
+    from the new address (an empty INFORMATIONAL, which moves nothing here: RFC 4555 §3.8),
+    then sends UPDATE_SA_ADDRESSES from it (§3.5) and rekeys its CHILD SA (kernel-libipsec
+    cannot change an SA's addresses). The gateway moves the IKE SA at once and its CHILD SAs'
+    ESP only once the new address has answered its return-routability check (§5.2). On the
+    wire at the gateway: no ESP of ours to the new address before the check's answer, one
+    IKE_SA_INIT and the same IKE SPIs throughout, ESP to the new address after it, and no
+    (SPI, sequence number) pair twice."""
+    n = 1500
+    with Namespaces("a", "b") as ns:
+        ss, gw = start(ns, workdir, ike="default", esp="default", ss_ike=None, ss_esp=None)
+        ss.mobike, ss.local_addrs = True, "%any"  # (a client takes the address it has)
+        sock = str(workdir / "gw.sock")
+        cap = None
+        try:
+            with ss:
+                ss.start()
+                cap = strongswan.Capture(ns, "b", strongswan.VETH["b"], workdir / "b.pcap",
+                                         "udp port 500 or udp port 4500")  # fmt: skip
+                ss.initiate()
+                (sa,) = ike_list(sock)
+                assert sa["mobike"], sa
+                assert ping_once_up(ns, "a", B.inner, 2) == 2, ss.logtail() + gw.logtext()
+                # a stream from the gateway's side across the move
+                recv = ns.popen("a", sys.executable, "-c", UDP_RECV_IDLE, A.inner, str(n),
+                                stdout=subprocess.PIPE)  # fmt: skip
+                assert recv.stdout is not None
+                assert recv.stdout.readline().strip() == b"ready"
+                base = gw.counters()["out_packets"]
+                send = ns.popen("b", sys.executable, "-c", UDP_SEND, B.inner, A.inner, str(n))
+                wait_until(lambda: gw.counters()["out_packets"] >= base + 200,
+                           "the stream through the tunnel")  # fmt: skip
+                ns.sysctl("a", "net.ipv4.conf.sa0.promote_secondaries=1")
+                ns.run("a", "ip", "addr", "add", f"{MOVED}/24", "dev", "sa0")
+                ns.run("a", "ip", "addr", "del", f"{A.outer}/24", "dev", "sa0")
+
+                def counters() -> dict[str, int]:
+                    c: dict[str, int] = gw.status()["ike"]["counters"]
+                    return c
+
+                wait_until(lambda: counters().get("rr-check-verified", 0) >= 1,
+                           "the gateway's return-routability check", timeout=10)  # fmt: skip
+                assert send.wait(30) == 0
+                out, _ = recv.communicate(timeout=30)
+                got = int(out.strip() or 0)
+                print(f"stream to the client across the move: {got}/{n} datagrams")
+                assert ping(ns, "b", A.inner, PINGS) == PINGS, gw.logtext() + ss.logtail()
+                assert ping(ns, "a", B.inner, PINGS) == PINGS
+                (sa2,) = ike_list(sock)
+                assert (sa2["spi_i"], sa2["spi_r"]) == (sa["spi_i"], sa["spi_r"]), (sa, sa2)
+                assert sa2["remote"] == f"{MOVED}:4500", sa2
+            c = counters()
+            assert c.get("mobike-path-tested", 0) >= 1, c  # strongSwan's empty INFORMATIONAL
+            assert c.get("mobike-update-answered") == c.get("rr-check-due") == 1, c
+            assert c.get("rr-check-verified") == 1 and not c.get("rr-check-failed"), c
+            # strongSwan: its path test, its update, and its answer to our check
+            log = ss.log()
+            addr = re.escape(A.outer), re.escape(MOVED)
+            assert re.search(rf"checking path {addr[1]}\[4500\] - ", log), log
+            assert re.search(rf"local endpoint changed from {addr[0]}\[4500\] to "
+                             rf"{addr[1]}\[4500\]", log), log  # fmt: skip
+            assert re.search(r"generating INFORMATIONAL request \d+ \[ N\(UPD_SA_ADDR\) .*"
+                             r"N\(COOKIE2\)", log), log  # fmt: skip
+            assert re.search(r"parsed INFORMATIONAL request \d+ \[ N\(COOKIE2\) \]", log), log
+            assert len(re.findall(r"generating IKE_SA_INIT request", log)) == 1, log
+            gwlog = gw.logtext()
+            for ev in ("ike-request-from-elsewhere", "ike-mobike-update", "ike-rr-check-sent",
+                       "ike-peer-address-verified"):  # fmt: skip
+                assert f"event={ev} " in gwlog, (ev, gwlog[-5000:])
+        finally:
+            if cap is not None:
+                cap.stop()
+            gw.cleanup()
+    # the wire at the gateway
+    assert cap is not None
+    rows = tshark_rows(cap.path, "ip.src", "ip.dst", "isakmp.ispi", "isakmp.rspi",
+                       "isakmp.exchangetype", "isakmp.flags", "isakmp.messageid", "esp.spi",
+                       "esp.sequence")  # fmt: skip
+    ike = [(i, r) for i, r in enumerate(rows) if r[2]]
+    assert len({r[2] for _, r in ike}) == 1, ike  # one IKE SA: the same SPIs throughout
+    assert len({r[3] for _, r in ike if r[4] != "34"}) == 1, ike
+    assert sum(r[4] == "34" and int(r[5], 16) & 0x20 == 0 for _, r in ike) == 1, ike
+    # the check: our INFORMATIONAL request to the new address (our flags: neither the
+    # initiator's nor a response), and its answer from there
+    checks = [(i, r) for i, r in ike if r[:2] == [B.outer, MOVED] and r[4] == "37"
+              and int(r[5], 16) & 0x28 == 0]  # fmt: skip
+    assert checks, ike
+    mid = checks[0][1][6]
+    (answered,) = [i for i, r in ike if r[:2] == [MOVED, B.outer] and r[4] == "37"
+                   and int(r[5], 16) & 0x20 and r[6] == mid]  # fmt: skip
+    ours_new = [i for i, r in enumerate(rows) if r[:2] == [B.outer, MOVED] and r[7]]
+    assert ours_new and min(ours_new) > answered, (answered, ours_new[:5])
+    assert len(ours_new) >= 100, len(ours_new)  # and the stream after it
+    esp = Counter((r[7], r[8]) for r in rows if r[7])
+    assert len(esp) >= n and max(esp.values()) == 1, [p for p, k in esp.items() if k > 1]
+    print(f"ESP captured at the gateway: {sum(esp.values())}; ours to the new address: "
+          f"{len(ours_new)}, the first {min(ours_new) - answered} packets after the check's "
+          "answer")  # fmt: skip
+    assert got >= n // 2, got
 
 
 # -- certificates --------------------------------------------------------------------------

@@ -491,16 +491,18 @@ def build_namespaces(ns: Namespaces) -> None:
 
 
 class Capture:
-    """tcpdump on one interface of a namespace, writing a pcap file (UDP 4500 only)."""
+    """tcpdump on one interface of a namespace, writing a pcap file (UDP 4500 only, unless
+    ``bpf`` says otherwise)."""
 
-    def __init__(self, ns: Namespaces, role: str, iface: str, path: Path) -> None:
+    def __init__(self, ns: Namespaces, role: str, iface: str, path: Path,
+                 bpf: str = "udp port 4500") -> None:  # fmt: skip
         self.path = path
         self._err = path.with_suffix(".tcpdump.txt")
         self._errf = open(self._err, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = ns.popen(
             role,
             "tcpdump", "-i", iface, "-n", "-U", "--immediate-mode", "-s", "0", "-w", str(path),
-            "udp port 4500",
+            bpf,
             stdout=subprocess.DEVNULL,
             stderr=self._errf,
         )  # fmt: skip
