@@ -8,8 +8,9 @@ Three kinds of Context Data Block, each with the draft's CDB header
   SK_ei/er, SK_pi/pr, nonces, message IDs (ours and the peer's), addresses and ports, NAT
   flags, negotiated extensions (fragmentation, signature hashes, MOBIKE, RFC 6311
   message-ID and replay-counter sync), peer identity, seconds left to the IKE SA's rekey,
-  the DELETEs of CHILD SAs we owe the peer (item 30) and RFC 4555 state (item 31: our role,
-  and whether the peer's address still awaits our return-routability check);
+  the DELETEs of CHILD SAs we owe the peer (item 30) and state flags (item 31: our RFC 4555
+  role, whether the peer's address awaits our return-routability check, whether our next
+  request ID is that of a request in flight);
 - ``FPT_IKE_CHILD`` (0x8011): one per CHILD SA: config name, transforms, SPIs, KEYMAT, who
   initiated it, narrowed selectors, seconds left to its rekey, and, for one the peer rekeyed
   and has yet to delete, its successor's SPI and the rekey's age (the ESP SAs themselves
@@ -233,8 +234,11 @@ def encode(ike: IkeSA, now: float) -> list[bytes]:
         (27, bytes((_AUTH[auth_of(ike)],))),
     ]  # fmt: skip
     # RFC 4555: whether we are the original initiator (a rekey by us does not make us one),
-    # and whether the peer's address (item 18) still awaits our return-routability check
-    main.append((31, bytes((ike.mobike_initiator | address_unverified(ike) << 1,))))
+    # whether the peer's address (item 18) still awaits our return-routability check; and
+    # whether our next request ID (item 16) is that of a request in flight
+    inflight = _my_mid(ike) != ike.my_next_mid
+    main.append((31, bytes((ike.mobike_initiator | address_unverified(ike) << 1
+                            | inflight << 2,))))  # fmt: skip
     owed = deletes_owed(ike)
     if owed:  # DELETEs of CHILD SAs we sent (or queued) and the peer has not answered
         main.append((30, b"".join(struct.pack("!I", spi) for spi in owed)))
@@ -274,14 +278,21 @@ def deletes_owed(ike: IkeSA) -> list[int]:
     redundant one of a rekey collision, one the peer rekeyed and never deleted, one an
     operator deleted). We stopped using them when the DELETE went (RFC 7296 §1.4.1; their
     tunnels are gone), but the peer keeps them until it reads it: a peer that answered our
-    CHILD rekey (strongSwan) goes on sending on the old SA until then. Item 30 hands them to
-    the gateway that takes the IKE SA over, which sends the DELETE. Never a CHILD SA of the
-    IKE SA; at most MAX_DELETES_OWED."""
+    CHILD rekey (strongSwan) goes on sending on the old SA until then. And the SA our CHILD
+    rekey in flight may have made at the peer. Item 30 hands them to the gateway that takes
+    the IKE SA over, which sends the DELETE. Never a CHILD SA of the IKE SA; at most
+    MAX_DELETES_OWED."""
     spis: list[bytes] = []
     p = ike.pending
     if p is not None and p.kind == "delete-child":
         spis += [s for d in p.payloads if isinstance(d, DeletePayload)
                  and d.protocol == ProtocolId.ESP for s in d.spis]  # fmt: skip
+    elif p is not None and p.kind == "rekey-child" and p.spi:
+        # our CHILD rekey in flight: the peer may have made the new SA (under the SPI we
+        # proposed) and its answer be lost with us. The new gateway does not have that SA,
+        # so it is deleted there (a peer that never made it ignores the DELETE), and the
+        # old one, which the peer keeps using, is rekeyed again
+        spis.append(p.spi)
     spis += ike.queued_deletes
     live = {c.spi_in for c in ike.children}
     out: list[int] = []
@@ -650,7 +661,7 @@ def decode(cdbs: list[bytes], connections: list[Connection], now: float,
         ike.peer_auth = _unauth(_one(m, 27))
     if 28 in m or 29 in m:  # a certificate peer's names and CA (absent: older, or a PSK)
         ike.peer_names, ike.peer_ca = _unnames(_one(m, 28)), _one(m, 29, 32)
-    if 31 in m:  # RFC 4555 roles and the return-routability check (absent: older versions)
+    if 31 in m:  # RFC 4555 roles, the address check, a request in flight (absent: older)
         _mobike_state(ike, _one(m, 31, 1)[0])
     ike.last_heard = now
     n_responses = _u(m, 23, 2)
@@ -733,11 +744,14 @@ def _mobike_state(ike: IkeSA, bits: int) -> None:
     moves); bit 1, the peer's address has yet to answer our return-routability check (the
     gateway that takes the IKE SA checks it again, from its own address, before the CHILD
     SAs go there: they stay at the address their SAs carry, the last verified one). Only a
-    MOBIKE responder checks; anything else is refused."""
-    if bits & ~3 or (bits & 2 and (not ike.mobike or bits & 1)):
-        raise IkeContextError("bad MOBIKE state item")
+    MOBIKE responder checks; anything else is refused. Bit 2: our next request ID (item 16)
+    is that of a request that was in flight, which the peer may have answered (strongSwan
+    then cannot answer an RFC 6311 sync under an AEAD IKE SA: the taker probes instead)."""
+    if bits & ~7 or (bits & 2 and (not ike.mobike or bits & 1)):
+        raise IkeContextError("bad state item")
     ike.orig_initiator = bool(bits & 1)
     ike.rr_due = bool(bits & 2)
+    ike.inflight_at_export = bool(bits & 4)
 
 
 def _owed(b: bytes, children: list[ChildSA]) -> list[bytes]:

@@ -1255,9 +1255,25 @@ class IkeEngine:
                         ours.append(c.spi_in.to_bytes(4, "big"))
                         self.stats["child-deleted-by-peer"] += 1
                         out.append(ChildDown(ike, c, "deleted by peer"))
+                        self._rekey_withdrawn(ike, c)
             if ours:
                 reply.append(DeletePayload(ProtocolId.ESP, tuple(ours)))
         return reply
+
+    def _rekey_withdrawn(self, ike: IkeSA, gone: ChildSA) -> None:
+        """The peer deleted the CHILD SA its rekey of another made, not the other: the SA it
+        replaced is an ordinary one again (it carries the traffic, as it did; it may be
+        rekeyed, by either side; it is not deleted after REKEYED_GRACE). A gateway that took
+        the IKE SA over while its own rekey was in flight does this: it deletes the SA the
+        lost exchange may have made here (it does not have it) and rekeys the old one again.
+        Before, the old one, taken for rekeyed, refused that rekey and was deleted by us 60 s
+        later, leaving a CHILD SA the gateway did not have."""
+        for c in ike.children:
+            if c.successor is gone and c.rekeyed_at is not None:
+                c.rekeyed, c.rekeyed_at, c.successor = False, None, None
+                self.stats["child-rekey-withdrawn"] += 1
+                log.info("event=child-rekey-withdrawn conn=%s peer=%s spi_in=%08x",
+                         ike.conn.name, ike.remote, c.spi_in)  # fmt: skip
 
     def _mobike_answer(self, ike: IkeSA, inner: list[Payload],
                        path: tuple[Address, Address]) -> list[Payload]:  # fmt: skip
@@ -1961,7 +1977,9 @@ class IkeEngine:
         # answered one of our requests it cannot encrypt its answer to a sync (ID 0 again),
         # and destroys the IKE SA. Then, as with peers without RFC 6311, we keep the
         # replicated IDs, accept the peer's next request a little ahead, and probe ours.
-        aead_used = ike.suite.encr in AEAD and ike.my_next_mid > 0
+        # (a request in flight when the IKE SA left its old gateway counts: the context gives
+        # its ID as our next, but the peer may have answered it, ID 0 included)
+        aead_used = ike.suite.encr in AEAD and (ike.my_next_mid > 0 or ike.inflight_at_export)
         if not ike.mid_sync or aead_used:
             ike.resync_ahead = ike.probe_ahead = RESYNC_AHEAD
             self.stats["mid-sync-aead-skipped" if ike.mid_sync else "mid-sync-unsupported"] += 1

@@ -225,6 +225,9 @@ class IkeSA:
     # peer made it differ from who initiated this IKE SA (§2.18); None: as ``we_initiated``
     orig_initiator: bool | None = None
     sync_nonce: bytes = b""  # the last RFC 6311 sync request's nonce (a retransmission's too)
+    # came from another gateway with a request of ours in flight, under the ID its context
+    # gives as our next: the peer may have answered that ID (item 31 of the context)
+    inflight_at_export: bool = False
     # made by the peer's rekey of this IKE SA: until the peer deletes it (or REKEYED_GRACE
     # ends it), this one is not rekeyed again (a chain of undeleted IKE SAs has no end)
     replaced: IkeSA | None = field(default=None, repr=False)
