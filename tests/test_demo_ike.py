@@ -78,7 +78,7 @@ def test_demo_ike_sa_established_once_and_moved(mode: str, tmp_path: Path) -> No
     assert (h["from"], h["to"], h["mode"]) == ("sg1", "sg2", mode)
     assert list(h) == [
         "from", "to", "mode", "transfer_ms", "gap_ms", "lost", "transfer_cpu_ms", "gap_at_ms",
-        "handover_gap_ms",
+        "handover_gap_ms", "baseline_gap_ms",
     ]
     # The gateways' event-loop CPU time over the transfer (from their records), for telling
     # waiting from working on a busy machine: a real measurement, not a placeholder.

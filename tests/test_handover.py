@@ -414,7 +414,7 @@ def test_demo_handover_json(mode: str) -> None:
     (h,) = s["handovers"]
     assert list(h) == [
         "from", "to", "mode", "transfer_ms", "gap_ms", "lost", "transfer_cpu_ms", "gap_at_ms",
-        "handover_gap_ms",
+        "handover_gap_ms", "baseline_gap_ms",
     ]
     assert (h["from"], h["to"], h["mode"]) == ("sg1", "sg2", mode)
     assert isinstance(h["transfer_ms"], float) and h["transfer_ms"] > 0

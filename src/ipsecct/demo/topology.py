@@ -166,6 +166,8 @@ class Demo:
     handovers: list[dict[str, Any]] = field(default_factory=list)
     # per handover: (trigger, target active), monotonic; its gap_ms is measured around them
     handover_times: list[tuple[float, float]] = field(default_factory=list)
+    # the longest pause of the stream before the first handover (set by watch_gaps)
+    baseline_gaps: list[float] = field(default_factory=list)
     started: float = 0.0
     ended: float = 0.0  # when the stream's last packet was sent (monotonic)
     sent: list[int] = field(default_factory=lambda: [0, 0])
@@ -182,7 +184,11 @@ class Demo:
     remote_status: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def watch_gaps(self) -> None:
-        """A handover starts: the receivers record arrivals so that its gap can be measured."""
+        """A handover starts: the receivers record arrivals so that its gap can be measured,
+        and the longest pause so far (before any handover: the same path's noise floor in
+        this run) is kept as its baseline."""
+        if not self.baseline_gaps:
+            self.baseline_gaps.append(max(self.host_app.max_gap, self.mn_app.max_gap))
         self.host_app.watch()
         self.mn_app.watch()
 
@@ -664,6 +670,8 @@ def summary(demo: Demo) -> dict[str, Any]:
             window = max(demo.host_app.longest_gap(lo, hi), demo.mn_app.longest_gap(lo, hi))
             h["gap_at_ms"] = round(1000 * (gap_start - lo), 3)  # from the trigger
             h["handover_gap_ms"] = round(1000 * window, 3)
+            if demo.baseline_gaps:
+                h["baseline_gap_ms"] = round(1000 * demo.baseline_gaps[0], 3)
     return {
         "packets": {
             "sent": sent,
@@ -696,5 +704,6 @@ def print_summary(s: dict[str, Any], out: TextIO) -> None:
             + f" longest gap {h['gap_ms']:.1f} ms"
             + (f" ({h['gap_at_ms']:+.0f} ms from the trigger;"
                f" {h['handover_gap_ms']:.1f} ms around the handover)" if "gap_at_ms" in h else "")
+            + (f" (before it: {h['baseline_gap_ms']:.1f} ms)" if "baseline_gap_ms" in h else "")
             + f", lost {h['lost']}\n"
         )
