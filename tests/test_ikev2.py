@@ -1215,6 +1215,37 @@ def test_a_strongswan_client_move_path_test_update_and_rekey_before_the_check() 
     assert ir.child_remote == ir.remote == moved
 
 
+def test_a_nat_rebinding_of_a_mobike_peer_is_followed_after_the_check() -> None:
+    """A MOBIKE peer behind a NAT (here a faked one, ``encap``) whose mapping changed: its
+    request comes from the same address, another port. strongSwan announces such a change
+    only when the NAT-D of a liveness check differ from those of its previous one, so a
+    mapping that changed before its first check is never announced: the request moves the
+    IKE SA as an update would, and the CHILD SAs follow after the same return-routability
+    check. A request from another address of the peer stays a path test (RFC 4555 §3.8)."""
+    w = pair(mn_conn(encap=True), conn())
+    connect(w)
+    (ii,), (ir,) = w.ini.ike_sas(), w.resp.ike_sas()
+    assert ir.mobike and ir.nat_remote
+    moves = len(w.of("r", PeerMoved))  # (the float to port 4500)
+    home, rebound = ir.remote, Address(ir.remote.host, 40001)
+    elsewhere = Address(ipaddress.ip_address("192.0.2.99"), home.port)
+    (req,) = w.ini.liveness(ii, 1.0)
+    assert isinstance(req, Send)
+    (ans,) = w.resp.receive(req.data, elsewhere, ir.local, 1.0)
+    assert isinstance(ans, Send) and ans.dst == elsewhere and ir.remote == home
+    w.deliver([ans], "r", 1.0)
+    (req,) = w.ini.liveness(ii, 2.0)
+    assert isinstance(req, Send)
+    out = w.resp.receive(req.data, rebound, ir.local, 2.0)
+    ans, check = [o for o in out if isinstance(o, Send)]
+    assert ans.dst == check.dst == rebound == ir.remote and ir.child_remote == home
+    assert not [o for o in out if isinstance(o, PeerMoved)]
+    assert w.resp.stats["mobike-nat-rebound"] == 1 and w.resp.stats["mobike-path-tested"] == 1
+    w.deliver([ans, check], "r", 2.0)
+    assert w.resp.stats["rr-check-verified"] == 1 and len(w.of("r", PeerMoved)) == moves + 1
+    assert ir.child_remote == ir.remote == rebound
+
+
 def test_a_liveness_check_with_nat_d_gets_nat_d_back_from_where_it_came() -> None:
     """RFC 4555 §3.8: NAT-D notifies in a MOBIKE peer's INFORMATIONAL request are answered
     with NAT-D (a MUST). A strongSwan client behind a NAT puts them in its liveness checks to

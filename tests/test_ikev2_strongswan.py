@@ -746,6 +746,73 @@ def test_strongswan_client_moves_to_another_address_with_mobike(workdir: Path) -
     assert got >= n // 2, got
 
 
+def port_nat(ns: Namespaces, ike: int, natt: int) -> None:
+    """A NAT in front of namespace "a" as far as its peer can tell: the source ports of what
+    "a" sends to the gateway, 500 and 4500, become ``ike`` and ``natt`` (stateless nftables
+    rewrites, both ways); called again, the NAT's mapping changes."""
+    ns.run("a", "nft", "delete", "table", "inet", "ict_nat", check=False)
+    rules = (
+        "add table inet ict_nat\n"
+        "add chain inet ict_nat out { type filter hook output priority -400; }\n"
+        "add chain inet ict_nat in { type filter hook prerouting priority -400; }\n"
+    )
+    for port, mapped in ((500, ike), (4500, natt)):
+        rules += (f"add rule inet ict_nat out ip daddr {B.outer} udp sport {port} notrack "
+                  f"udp sport set {mapped}\n"
+                  f"add rule inet ict_nat in ip saddr {B.outer} udp dport {mapped} notrack "
+                  f"udp dport set {port}\n")  # fmt: skip
+    subprocess.run(ns.cmd("a", "nft", "-f", "-"), input=rules, text=True, check=True,
+                   capture_output=True, timeout=30)  # fmt: skip
+
+
+@pytest.mark.root
+@pytest.mark.slow
+@needs_strongswan
+def test_strongswan_client_behind_a_nat_whose_mapping_changes(workdir: Path) -> None:
+    """A MOBIKE strongSwan client behind a NAT whose mapping changes before the client ever
+    compared NAT-D notifies (strongSwan announces a changed mapping only when the NAT-D of a
+    liveness check differ from those of its previous one): its next request comes from the
+    new mapping, a CHILD SA rekey here. RFC 4555 §3.8 would have the gateway follow only an
+    update, which never comes; it follows a known-NATed peer's new port as an update (the
+    IKE SA at once, the CHILD SAs, the rekey's successor included, after the
+    return-routability check), and a new IKE_SA_INIT is never needed."""
+    with Namespaces("a", "b") as ns:
+        ss, gw = start(ns, workdir, ike="default", esp="default", ss_ike=None, ss_esp=None,
+                       ss_dpd=60)  # fmt: skip
+        ss.mobike = True
+        sock = str(workdir / "gw.sock")
+        try:
+            with ss:
+                port_nat(ns, 40500, 40000)
+                ss.start()
+                ss.initiate()
+                (sa,) = ike_list(sock)
+                assert sa["mobike"] and sa["remote"] == f"{A.outer}:40000", sa
+                assert ping_once_up(ns, "b", A.inner, 2) == 2, ss.logtail() + gw.logtext()
+                port_nat(ns, 40501, 40001)
+                ss.swanctl("--rekey", "--child", "net")
+
+                def counters() -> dict[str, int]:
+                    c: dict[str, int] = gw.status()["ike"]["counters"]
+                    return c
+
+                wait_until(lambda: counters().get("rr-check-verified", 0) >= 1,
+                           "the gateway's return-routability check", timeout=10)  # fmt: skip
+                assert ping(ns, "b", A.inner, PINGS) == PINGS, gw.logtext() + ss.logtail()
+                assert ping(ns, "a", B.inner, PINGS) == PINGS
+                (sa2,) = ike_list(sock)
+                assert sa2["remote"] == f"{A.outer}:40001", sa2
+                assert (sa2["spi_i"], sa2["spi_r"]) == (sa["spi_i"], sa["spi_r"])
+                c = counters()
+                assert c.get("mobike-nat-rebound") == 1 and not c.get("rr-check-failed"), c
+                log = ss.log()
+                assert "UPD_SA_ADDR" not in log, log  # it never announced the new mapping
+                assert len(re.findall(r"generating IKE_SA_INIT request", log)) == 1, log
+                assert "event=ike-nat-mapping-changed " in gw.logtext()
+        finally:
+            gw.cleanup()
+
+
 # -- certificates --------------------------------------------------------------------------
 
 

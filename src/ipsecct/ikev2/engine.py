@@ -550,16 +550,29 @@ class IkeEngine:
             ike.last_response = []
         ike.resync_ahead = 0
         answer_to: tuple[Address, Address] | None = None
-        if (ike.mobike and not ike.mobike_initiator and src != ike.remote
-                and hdr.exchange == ExchangeType.INFORMATIONAL
-                and Notify.UPDATE_SA_ADDRESSES in notifies(inner)):  # fmt: skip
+        responder = ike.mobike and not ike.mobike_initiator and src != ike.remote
+        update = (hdr.exchange == ExchangeType.INFORMATIONAL
+                  and Notify.UPDATE_SA_ADDRESSES in notifies(inner))  # fmt: skip
+        # a peer behind a NAT whose mapping changed: the same address, another port. RFC 4555
+        # §3.8 has the peer find it by the NAT-D of its liveness checks and send an update,
+        # but strongSwan 5.9.8 compares them only with those of its previous check (ike_sa.c
+        # has_mapping_changed): a mapping that changed before its first one (or with no
+        # dpd_delay) is never announced. Such a request moves the IKE SA as an update does,
+        # with the same check before the CHILD SAs follow (a path test comes from another
+        # address of the peer, not from another port of the NAT's)
+        rebound = ike.nat_remote and src.host == ike.remote.host and not update
+        if responder and (update or rebound):
             # RFC 4555 §3.5, §5.2: the IKE SA answers from and to the new address at once,
             # its CHILD SAs follow once the address answers a check of our own (rr_due)
             self.stats["rr-check-due"] += 1
+            if rebound:
+                self.stats["mobike-nat-rebound"] += 1
+                log.info("event=ike-nat-mapping-changed conn=%s peer=%s new=%s",
+                         ike.conn.name, ike.remote, src)  # fmt: skip
             if ike.esp_remote is None:
                 ike.esp_remote = ike.remote
             ike.remote, ike.local, ike.rr_due = src, dst, True
-        elif ike.mobike and not ike.mobike_initiator and src != ike.remote:
+        elif responder:
             # RFC 4555 §3.8: with MOBIKE, a request without UPDATE_SA_ADDRESSES changes no
             # address (the peer may be testing a path: strongSwan's first request after it
             # moved is an empty INFORMATIONAL from the new address, its update comes next).
