@@ -194,12 +194,42 @@ def test_default_proposals_hold_only_groups_we_compute() -> None:
 
     for o in parse_list(["default"], M.ProtocolId.IKE):
         assert set(o.dh) <= SUPPORTED_GROUPS
-    with pytest.raises(ConfigError, match="modp3072"):
-        parse("aes128-sha256-modp3072", M.ProtocolId.IKE)
+    with pytest.raises(ConfigError, match="modp6144"):
+        parse("aes128-sha256-modp6144", M.ProtocolId.IKE)
     # a peer whose KE uses a group we do not compute is asked for one we do
     w = pair(mn_conn(ike="aes128-sha256-x25519"), conn(ike="default"))
     connect(w)
     assert w.of("i", IkeUp)
+
+
+def test_modp_groups_are_rfc_3526s_and_set_up_ike_sas() -> None:
+    """MODP-2048/3072/4096 (groups 14-16): each prime is RFC 3526's p = 2^n - 2^(n-64) - 1
+    + 2^64 * (floor(2^(n-130) * pi) + k), pi computed here (Machin's formula); and an IKE SA
+    comes up with each, in both roles (strongSwan's defaults offer 3072 and 4096 before 2048)."""
+    from ipsecct.ikev2.keys import MODP
+
+    def pi_times_2_to(bits: int) -> int:  # floor(pi * 2^bits)
+        one = 1 << (bits + 64)
+
+        def arctan_inv(x: int) -> int:
+            total = term = one // x
+            n, sign = 1, -1
+            while term:
+                term //= x * x
+                n += 2
+                total += sign * (term // n)
+                sign = -sign
+            return total
+
+        return (4 * (4 * arctan_inv(5) - arctan_inv(239))) >> 64
+
+    for group, n, k in ((14, 2048, 124476), (15, 3072, 1690314), (16, 4096, 240904)):
+        assert MODP[group] == 2**n - 2 ** (n - 64) - 1 + 2**64 * (pi_times_2_to(n - 130) + k)
+    for word in ("modp3072", "modp4096"):
+        w = pair(mn_conn(ike=f"aes128gcm16-prfsha256-{word}"), conn(ike="default"))
+        connect(w)
+        up = w.of("i", IkeUp)
+        assert up and up[0].ike.suite.dh == {"modp3072": 15, "modp4096": 16}[word], up
 
 
 def test_choice_prefers_the_ke_group_and_our_order() -> None:

@@ -251,6 +251,8 @@ CASES = [
     ("aes256gcm16-prfsha384-modp2048", "aes128-sha256", "aes256gcm16-prfsha384-modp2048",
      "aes128-sha256", "AES_GCM_16_256/PRF_HMAC_SHA2_384/MODP_2048",
      "AES_CBC_128/HMAC_SHA2_256_128"),
+    ("aes128-sha256-modp3072", "aes128gcm16", "default", "default",
+     "AES_CBC_128/HMAC_SHA2_256_128/PRF_HMAC_SHA2_256/MODP_3072", "AES_GCM_16_128"),
 ]  # fmt: skip
 
 

@@ -84,6 +84,8 @@ _PRF_WORDS = {
 }
 _DH_WORDS = {
     "modp2048": 14,
+    "modp3072": 15,
+    "modp4096": 16,
     "ecp256": 19,
     "ecp384": 20,
     "ecp521": 21,
@@ -94,12 +96,12 @@ _DH_WORDS = {
 }
 
 # strongSwan 5.9.8's default proposals ("default" in a proposal list), less the DH groups we
-# do not compute (MODP-3072 and larger): a peer offering only those gets INVALID_KE_PAYLOAD.
+# do not compute (MODP-6144 and larger): a peer offering only those gets INVALID_KE_PAYLOAD.
 DEFAULT_IKE = [
     "aes128-aes192-aes256-sha256-sha384-sha512-prfsha256-prfsha384-prfsha512"
-    "-x25519-x448-ecp256-ecp384-ecp521-modp2048",
+    "-x25519-x448-ecp256-ecp384-ecp521-modp3072-modp4096-modp2048",
     "aes128gcm16-aes192gcm16-aes256gcm16-chacha20poly1305-prfsha256-prfsha384-prfsha512"
-    "-x25519-x448-ecp256-ecp384-ecp521-modp2048",
+    "-x25519-x448-ecp256-ecp384-ecp521-modp3072-modp4096-modp2048",
 ]
 DEFAULT_ESP = [
     "aes128gcm16-aes192gcm16-aes256gcm16-chacha20poly1305",
