@@ -1,8 +1,9 @@
 """Fuzz corpus for the C context reader and writer (``ipsecct.ct._cdb``), run by
 test_cdb_asan.py in a Python process where the extension was built with AddressSanitizer.
 
-Usage: python cdb_fuzz.py PATH_TO_CDB_SO [ROUNDS]. ``read`` takes untrusted octets from a peer:
-it gets the sample contexts, every truncation and single-bit flip of them, random bodies behind
+Usage: python cdb_fuzz.py PATH_TO_CDB_SO [ROUNDS]. ``read`` and ``decode`` (which builds the SA)
+take untrusted octets from a peer:
+they get the sample contexts, every truncation and single-bit flip of them, random bodies behind
 a valid header, rewritten length octets and random bytes; the verdicts of the reader decode uses
 (this build plus the algorithm tables) must be the Python reader's. ``write`` gets the sample
 SAs and the same SAs with fields a writer must refuse.
@@ -21,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ipsecct.ct import context
-from ipsecct.ipsec.sad import Counters, Lifetime, Mode, UdpEncap
+from ipsecct.ipsec.sad import Counters, Lifetime, UdpEncap
 from ipsecct.ipsec.spd import AddressRange, Selectors
 from tests.helpers import asan
 from tests.helpers.contexts import NOW, sample_sas
@@ -32,7 +33,7 @@ def main() -> None:
     rounds = int(sys.argv[2]) if len(sys.argv) > 2 else 2000
     assert not context.NATIVE_READER, "run with IPSECCT_PURE_PYTHON=1"
     rng = random.Random(11)
-    cdb.setup(Mode.TRANSPORT)
+    context._setup_native(cdb)
     context._cdb = cdb  # _read_native and _write_native call this build
     sas = sample_sas()
     good = [context.encode(sa, NOW) for sa in sas]

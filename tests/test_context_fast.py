@@ -26,8 +26,10 @@ from hypothesis import strategies as st
 from ipsecct.ct import context
 from ipsecct.ct.context import FPT_IPSEC_SA
 from ipsecct.errors import ContextError
+from ipsecct.ipsec.replay import ReplayWindow
 from ipsecct.ipsec.sad import Counters, Lifetime, Protocol, SecurityAssociation, UdpEncap
 from ipsecct.ipsec.spd import AddressRange, Selectors
+from ipsecct.ipsec.transforms import AeadTransform
 from tests.helpers.contexts import (
     CONTRADICTIONS,
     MALFORMED,
@@ -40,6 +42,7 @@ from tests.helpers.contexts import (
 )
 
 _SKIP = {"_window", "_transform"}
+_AEAD_SLOT = vars(AeadTransform)["_aead"]
 
 
 def identical(a: SecurityAssociation, b: SecurityAssociation) -> None:
@@ -49,8 +52,21 @@ def identical(a: SecurityAssociation, b: SecurityAssociation) -> None:
             assert getattr(a, f.name) == getattr(b, f.name), f.name
     assert (a.window.size, a.window.esn) == (b.window.size, b.window.esn)
     assert a.window.snapshot() == b.window.snapshot()
+    # The C decoder makes the window and an AEAD transform without their constructors: every
+    # slot as the constructor sets it, and the transform seals as the other one does.
+    for name in ReplayWindow.__slots__:
+        assert getattr(a.window, name) == getattr(b.window, name), name
     if a.protocol is Protocol.ESP:
         assert type(a.transform) is type(b.transform)
+        if isinstance(a.transform, AeadTransform):
+            for name in ("block", "icv_len", "iv_len", "_alg", "_cipher_key", "_salt"):
+                assert getattr(a.transform, name) == getattr(b.transform, name), name
+            with pytest.raises(AttributeError):  # (``a`` is new: no cipher context made yet)
+                _AEAD_SLOT.__get__(a.transform, AeadTransform)
+            seq = 5 if a.esn else 1
+            assert a.transform.seal_payload(a.spi, seq, b"x", 59, 0, a.esn) == (
+                b.transform.seal_payload(b.spi, seq, b"x", 59, 0, b.esn)
+            )
 
 
 # The one-pass readers: in Python, and in C (ipsecct.ct._cdb) where built, which decode()

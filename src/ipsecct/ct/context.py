@@ -51,6 +51,7 @@ from ..ipsec.algorithms import (
     integ_name,
 )
 from ..ipsec.ippacket import IPAddress
+from ..ipsec.replay import ReplayWindow
 from ..ipsec.sad import (
     MAX_SEQ_64,
     Counters,
@@ -62,7 +63,9 @@ from ..ipsec.sad import (
     SecurityAssociation,
     UdpEncap,
 )
+from ..ipsec.sad import SLOTS as SA_SLOTS
 from ..ipsec.spd import PROTO_ANY, AddressRange, PortRange, Selectors
+from ..ipsec.transforms import AeadTransform, make_transform
 
 # Not assigned by IANA: the "Context Transfer Profile Type" registry (Expert Review) holds only
 # 0x00 (reserved) and 0x01. 0x8001 sits far above the values IANA hands out in sequence, so it
@@ -1124,73 +1127,70 @@ def _read_python(data: bytes, now: float) -> SecurityAssociation | None:
 
 
 def _read_native(data: bytes, now: float) -> SecurityAssociation | None:
-    """:func:`_read_python` with the layout and canonical form checked in C
-    (``ipsecct.ct._cdb``); the algorithm tables, the shared parts and the SA are done here,
-    as the Python reader does them. Same verdicts, same SAs (tests/test_context_fast.py)."""
+    """:func:`_read_python` in C (``ipsecct.ct._cdb.decode``): the layout, the canonical form
+    and the algorithm tables checked, and the SA, its replay window and its AEAD transform
+    made there, without their constructors; the shared parts come from this module's caches
+    and helpers (:func:`_setup_native`). Same verdicts, same SAs (tests/test_context_fast.py)."""
     assert _cdb is not None
-    r = _cdb.read(data)
-    if r is None:
-        return None
-    (
-        spi, flags, proto, rs, rd, enc_no, enc_key, integ_no, integ_key, seq, window, top,
-        bitmap, age_ms, count_bytes, count_packets, limits, pmtu, expiry, ports, sel_bits,
-        sel_raw, name_raw,
-    ) = r  # fmt: skip
-    try:
-        integ, ikey = IntegAlg.NONE, b""
-        if proto == 50:
-            enc = _ENC_BY_NUMBER.get(enc_no)
-            if enc is None:
-                return None
-            info = ENC[enc]
-            if len(enc_key) not in info.key_lengths:
-                return None
-            if integ_no >= 0:
-                ialg = _INTEG_BY_NUMBER.get(integ_no)
-                if ialg is None or info.aead or len(integ_key) != INTEG[ialg].key_length:
-                    return None
-                integ, ikey = ialg, integ_key
-            elif not info.aead:
-                return None
-            protocol = Protocol.ESP
-        else:
-            ialg = _INTEG_BY_NUMBER.get(integ_no)
-            if ialg is None or len(integ_key) != INTEG[ialg].key_length:
-                return None
-            enc, enc_key = EncAlg.NULL, b""
-            integ, ikey = ialg, integ_key
-            protocol = Protocol.AH
-        soft = hard = _NO_LIMIT
-        if limits is not None:
-            st, sb, sp, ht, hb, hp = limits
-            soft, hard = _lifetime(st, sb, sp), _lifetime(ht, hb, hp)
-        encap = None
-        if ports >= 0:
-            encap = _encaps.get(ports)
-            if encap is None:  # the ports are not 0: checked in C
-                if len(_encaps) >= _CACHE_MAX:
-                    _encaps.clear()
-                encap = _encaps[ports] = UdpEncap(ports >> 16, ports & 0xFFFF)
-        selectors = None
-        if sel_raw is not None:
-            selectors = _selectors.get((sel_bits, sel_raw)) or _build_selectors(sel_bits, sel_raw)
-            if selectors is None:
-                return None
-        sa = _new_sa(
-            spi, _DIRECTIONS[bool(flags & F_INBOUND)], _address(rs), _address(rd), protocol,
-            _MODES[bool(flags & F_TRANSPORT)], enc, enc_key, integ, ikey, bool(flags & F_ESN),
-            window, seq, MAX_SEQ_64, MAX_SEQ_64, False, bool(flags & F_OVERFLOW), soft, hard,
-            pmtu, None if expiry < 0 else now + expiry / 1000,
-            _DF[(flags & F_DF_MASK) >> F_DF_SHIFT], not flags & F_NO_DSCP_COPY, encap,
-            selectors, "" if name_raw is None else name_raw.decode("utf-8"),
-            now - age_ms / 1000, Counters(count_packets, count_bytes),
-            bool(flags & F_SOFT_FIRED), bool(flags & F_DEAD), bool(flags & F_REKEY),
-        )  # fmt: skip
-        if bitmap is not None:
-            sa.window.restore(top, bitmap)
-        return sa
-    except (ValueError, SAError, AlgorithmError):
-        return None
+    sa: SecurityAssociation | None = _cdb.decode(data, now)
+    return sa
+
+
+def _encap_of(ports: int) -> UdpEncap:
+    """The encapsulation ports of a CDB (``sport << 16 | dport``, neither 0), kept."""
+    if len(_encaps) >= _CACHE_MAX:
+        _encaps.clear()
+    encap = _encaps[ports] = UdpEncap(ports >> 16, ports & 0xFFFF)
+    return encap
+
+
+def _setup_native(cdb: Any) -> None:
+    """Give the C module what its writer and decoder take from Python: the types whose
+    objects its decoder makes (their slots), the enumerations, the algorithm tables, and the
+    caches of shared parts with the helpers that fill them on a miss."""
+    missing = set(cdb.SA_FIELDS) ^ {f.name for f in dataclass_fields(SecurityAssociation)}
+    if missing:
+        raise ImportError(
+            f"SecurityAssociation's fields and ct/_cdb.c's decode() differ: {sorted(missing)}"
+        )
+    aead = {}
+    for alg, info in ENC.items():
+        if info.aead:  # what AeadTransform.__init__ sets (made once here to read it)
+            t = AeadTransform(alg, bytes(info.key_lengths[0]))
+            aead[alg] = (t.block, t.iv_len, t.icv_len)
+    cdb.setup(Mode.TRANSPORT)
+    cdb.setup_decoder(
+        {
+            "sa_type": SecurityAssociation,
+            "sa_slots": SA_SLOTS,
+            "window_type": ReplayWindow,
+            "aead_type": AeadTransform,
+            "counters_type": Counters,
+            "directions": _DIRECTIONS,
+            "modes": _MODES,
+            "df": _DF[:3],
+            "esp": Protocol.ESP,
+            "ah": Protocol.AH,
+            "integ_none": IntegAlg.NONE,
+            "enc_null": EncAlg.NULL,
+            "max_seq": MAX_SEQ_64,
+            "enc_table": {
+                int(alg): (alg, info.key_lengths, info.aead, *aead.get(alg, (0, 0, 0)))
+                for alg, info in ENC.items()
+            },
+            "integ_table": {int(a): (a, INTEG[a].key_length) for a in _INTEG_BY_NUMBER.values()},
+            "addresses": _addresses,
+            "address": _address,
+            "selectors": _selectors,
+            "build_selectors": _build_selectors,
+            "encaps": _encaps,
+            "encap": _encap_of,
+            "lifetime": _lifetime,
+            "no_limit": _NO_LIMIT,
+            "make_transform": make_transform,
+            "refusals": (ValueError, SAError, AlgorithmError),
+        }
+    )
 
 
 _cdb: Any
@@ -1200,6 +1200,8 @@ try:
     from . import _cdb  # type: ignore[attr-defined,no-redef]
 except ImportError:  # not built (no C compiler): the Python reader does it all
     _cdb = None
+else:
+    _setup_native(_cdb)
 
 NATIVE_READER = _cdb is not None
 _read = _read_native if NATIVE_READER else _read_python
@@ -1316,9 +1318,7 @@ def _ms(seconds: float | None) -> int | None:
     return ms if ms <= MAX_DURATION_MS else -1
 
 
-def _write_python(
-    sa: SecurityAssociation, now: float, seq: int | None = None
-) -> bytes | None:
+def _write_python(sa: SecurityAssociation, now: float, seq: int | None = None) -> bytes | None:
     """The CDB of ``sa`` exactly as the reference writes it, or None where it would refuse."""
     out_seq = sa.seq if seq is None else seq
     pv = 0
@@ -1432,9 +1432,7 @@ def _write_python(
     return head + body + _ZEROS[: total - used]
 
 
-def _write_native(
-    sa: SecurityAssociation, now: float, seq: int | None = None
-) -> bytes | None:
+def _write_native(sa: SecurityAssociation, now: float, seq: int | None = None) -> bytes | None:
     """:func:`_write_python` with the fields read, checked and laid out in C
     (``ipsecct.ct._cdb.write``); what needs Python's objects is done here: the outbound number
     (read through the native data path), the replay snapshot, the selector field and name
@@ -1467,8 +1465,6 @@ def _write_native(
     return cdb
 
 
-if _cdb is not None:
-    _cdb.setup(Mode.TRANSPORT)
 _write = _write_native if NATIVE_READER else _write_python
 """The one-pass writer :func:`encode` uses: in C where built, else in Python."""
 

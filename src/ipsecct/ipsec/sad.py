@@ -13,6 +13,7 @@ collide (RFC 4301 §4.1, draft §8).
 from __future__ import annotations
 
 import enum
+import types
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -164,6 +165,9 @@ class SecurityAssociation:
     _transform: EspTransform | None = field(init=False, repr=False, default=None)
 
     def __post_init__(self) -> None:
+        # (A context decoded in C, ipsecct.ct._cdb.decode, is made without this: its reader
+        # checks what is checked here and fills the slots, the transform's and the window's
+        # too. tests/test_context_fast.py compares its SAs with the ones made here.)
         if not 256 <= self.spi <= 0xFFFFFFFF:
             raise SAError(f"SPI {self.spi} is reserved (1-255) or out of range")
         src, dst = self.src, self.dst
@@ -333,6 +337,14 @@ class SecurityAssociation:
         )
 
 
+# The slot descriptors of SecurityAssociation's fields, kept before install_read_through()
+# puts properties in front of ``seq`` and ``counters``: what they read and write, and what
+# context's C decoder (ipsecct.ct._cdb) fills a decoded SA's slots with.
+SLOTS: dict[str, Any] = {
+    k: v for k, v in vars(SecurityAssociation).items() if isinstance(v, types.MemberDescriptorType)
+}
+
+
 def install_read_through() -> None:
     """While the native data path owns an SA (``sa.native.active``), its C object holds the
     exact outbound sequence number and counters: ``seq`` and ``counters`` read them there, so
@@ -343,9 +355,8 @@ def install_read_through() -> None:
     path keeps plain attributes, which its per-packet code reads faster)."""
     if isinstance(vars(SecurityAssociation)["seq"], property):
         return
-    members: Any = vars(SecurityAssociation)
-    seq_slot = members["seq"]  # the dataclass's slot descriptors
-    counters_slot = members["counters"]
+    seq_slot = SLOTS["seq"]  # the dataclass's slot descriptors
+    counters_slot = SLOTS["counters"]
 
     read_seq = seq_slot.__get__
 
@@ -379,7 +390,6 @@ def install_read_through() -> None:
 
     setattr(SecurityAssociation, "seq", property(get_seq, set_seq))  # noqa: B010
     setattr(SecurityAssociation, "counters", property(get_counters, set_counters))  # noqa: B010
-
 
 
 class SAD:
