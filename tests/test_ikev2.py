@@ -890,6 +890,92 @@ def _pki(kind: str) -> tuple[object, object, object, object]:
     return ca, cert("peer.test", k, ca_name, ca_key, False), k, ca_key
 
 
+def _der(tag: int, value: bytes) -> bytes:
+    n = len(value)
+    if n < 128:
+        head = bytes((n,))
+    else:
+        head = bytes((0x81, n)) if n < 256 else bytes((0x82,)) + n.to_bytes(2, "big")
+    return bytes((tag,)) + head + value
+
+
+def _pss_alg_id(hash_oid: bytes, mgf_hash_oid: bytes, salt: int | None, *, null: bool = True,
+                trailer: int | None = None) -> bytes:  # fmt: skip
+    """An RSASSA-PSS AlgorithmIdentifier (RFC 4055 §3.1), written out here."""
+    def halg(oid: bytes) -> bytes:
+        return _der(0x30, _der(0x06, oid) + (b"\x05\x00" if null else b""))
+
+    params = _der(0xA0, halg(hash_oid))
+    mgf1 = _der(0x06, bytes.fromhex("2a864886f70d010108"))
+    params += _der(0xA1, _der(0x30, mgf1 + halg(mgf_hash_oid)))
+    if salt is not None:
+        params += _der(0xA2, _der(0x02, salt.to_bytes(1, "big")))
+    if trailer is not None:
+        params += _der(0xA3, _der(0x02, trailer.to_bytes(1, "big")))
+    return _der(0x30, _der(0x06, bytes.fromhex("2a864886f70d01010a")) + _der(0x30, params))
+
+
+def test_rsassa_pss_auth_signatures_are_verified() -> None:
+    """RFC 7427 AUTH signed with RSASSA-PSS (strongSwan with ``rsa_pss = yes``): SHA-256/384/
+    512 with MGF1 of the same hash and the salt the parameters say, hash parameters NULL or
+    absent; a wrong salt, a mixed MGF hash, SHA-1 defaults, a bad trailer or an EC key are
+    refused as AuthError, as is any malformed identifier."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import padding
+
+    from ipsecct.ikev2 import auth
+
+    _, cert, key, _ = _pki("rsa")
+    octets = b"signed octets" * 10
+    sha = {hashes.SHA256: "608648016503040201", hashes.SHA384: "608648016503040202",
+           hashes.SHA512: "608648016503040203"}  # fmt: skip
+
+    def signed(h: type, salt: int, alg_id: bytes) -> bytes:
+        sig = key.sign(octets, padding.PSS(mgf=padding.MGF1(h()), salt_length=salt), h())  # type: ignore[attr-defined]
+        return bytes((len(alg_id),)) + alg_id + sig
+
+    DS = M.AuthMethod.DIGITAL_SIGNATURE
+    for h, oid in sha.items():
+        o = bytes.fromhex(oid)
+        n = h.digest_size  # type: ignore[attr-defined]
+        for null in (True, False):
+            data = signed(h, n, _pss_alg_id(o, o, n, null=null))
+            auth.verify(cert, DS, data, octets)  # type: ignore[arg-type]
+            with pytest.raises(auth.AuthError):
+                auth.verify(cert, DS, data, octets + b"x")  # type: ignore[arg-type]
+        data = signed(h, 0, _pss_alg_id(o, o, 0, trailer=1))
+        auth.verify(cert, DS, data, octets)  # type: ignore[arg-type]
+        with pytest.raises(auth.AuthError):  # signed with salt n, parameters say 0
+            auth.verify(cert, DS, signed(h, n, _pss_alg_id(o, o, 0)), octets)  # type: ignore[arg-type]
+    s256, s384 = bytes.fromhex(sha[hashes.SHA256]), bytes.fromhex(sha[hashes.SHA384])
+    for bad in (_pss_alg_id(s256, s384, 32), _pss_alg_id(s256, s256, 32, trailer=2),
+                _der(0x30, _der(0x06, bytes.fromhex("2a864886f70d01010a"))),  # SHA-1 defaults
+                _pss_alg_id(s256, s256, 32)[:-2], b"\x30\x81"):  # fmt: skip
+        with pytest.raises(auth.AuthError):
+            auth.verify(cert, DS, signed(hashes.SHA256, 32, bad), octets)  # type: ignore[arg-type]
+    _, ec_cert, _, _ = _pki("p256")
+    with pytest.raises(auth.AuthError, match="RSA"):
+        auth.verify(ec_cert, DS, signed(hashes.SHA256, 32, _pss_alg_id(s256, s256, 32)), octets)  # type: ignore[arg-type]
+
+
+@functools.cache
+def _rsa_cert() -> object:
+    return _pki("rsa")[1]
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.binary(max_size=80), st.binary(max_size=64))
+def test_any_rfc_7427_algorithm_identifier_is_an_auth_error_or_verifies(
+    alg_id: bytes, sig: bytes
+) -> None:
+    from ipsecct.ikev2 import auth
+
+    cert = _rsa_cert()
+    data = bytes((min(len(alg_id), 255),)) + alg_id[:255] + sig
+    with pytest.raises(auth.AuthError):
+        auth.verify(cert, M.AuthMethod.DIGITAL_SIGNATURE, data, b"octets")  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize("kind", ["rsa", "p256", "p384", "p521"])
 @pytest.mark.parametrize("rfc7427", [True, False])
 def test_signatures_sign_and_verify(kind: str, rfc7427: bool) -> None:

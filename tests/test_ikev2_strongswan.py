@@ -865,12 +865,16 @@ def make_pki(d: Path, kind: str) -> None:
 class CertInitiator(Charon):
     """strongSwan A authenticating with its certificate, trusting the test CA."""
 
-    def __init__(self, ns: Namespaces, workdir: Path, pki: Path) -> None:
+    def __init__(self, ns: Namespaces, workdir: Path, pki: Path, *, rsa_pss: bool = False) -> None:
         super().__init__(ns, "a", A, workdir, "default")
         self.pki = pki
+        self.rsa_pss = rsa_pss
 
     def write_config(self) -> None:
         super().write_config()
+        if self.rsa_pss:  # sign with RSASSA-PSS (charon.rsa_pss)
+            sc = self.dir / "strongswan.conf"
+            sc.write_text(sc.read_text().replace("charon {\n", "charon {\n  rsa_pss = yes\n", 1))
         p = self.pki
         conf = f"""connections {{
   cA {{
@@ -910,12 +914,15 @@ class CertInitiator(Charon):
 @pytest.mark.root
 @pytest.mark.slow
 @needs_strongswan
-@pytest.mark.parametrize("kind", ["rsa", "ecdsa"])
+@pytest.mark.parametrize("kind", ["rsa", "ecdsa", "rsa-pss"])
 def test_strongswan_connects_with_certificates(workdir: Path, kind: str) -> None:
     """strongSwan and the gateway authenticate each other with X.509 certificates (RSA-3072 or
     ECDSA P-256) by RFC 7427 signatures (both announce SIGNATURE_HASH_ALGORITHMS); the gateway
     asks for the client's certificate with a CERTREQ, validates it against its CA, matches the
-    client's DN, and with RSA both IKE_AUTH messages are fragmented (RFC 7383)."""
+    client's DN, and with RSA both IKE_AUTH messages are fragmented (RFC 7383). rsa-pss:
+    strongSwan signs with RSASSA-PSS (``rsa_pss = yes``), which the gateway verifies."""
+    pss = kind == "rsa-pss"
+    kind = "rsa" if pss else kind
     pki = workdir / "pki"
     pki.mkdir()
     make_pki(pki, kind)
@@ -933,12 +940,16 @@ def test_strongswan_connects_with_certificates(workdir: Path, kind: str) -> None
                     prefix=["ip", "netns", "exec", ns.names["b"]])  # fmt: skip
         gw.start()
         try:
-            with CertInitiator(ns, workdir, pki) as ss:
+            with CertInitiator(ns, workdir, pki, rsa_pss=pss) as ss:
                 ss.start()
                 ss.initiate()
                 log = ss.log()
                 m = re.search(rf"authentication of '{B.id}' with (\S+) successful", log)
                 assert m, ss.logtail()
+                if pss:  # what strongSwan signed with (the gateway verified it: it answered)
+                    mine = re.search(r"authentication of 'CN=client.test' \(myself\) with (\S+)",
+                                     log)  # fmt: skip
+                    assert mine and mine.group(1).startswith("RSA_EMSA_PSS"), ss.logtail()
                 # RFC 7427 signatures, not the classic methods
                 want = "RSA_EMSA_PKCS1_SHA2_256" if kind == "rsa" else "ECDSA_WITH_SHA256_DER"
                 assert m.group(1) == want, m.group(1)

@@ -47,6 +47,94 @@ _ALG_IDS: dict[bytes, tuple[str, HashMaker]] = {
     bytes.fromhex("300a06082a8648ce3d040304"): ("ecdsa", hashes.SHA512),
 }
 _ALG_OF = {v: k for k, v in _ALG_IDS.items()}
+
+# RSASSA-PSS (RFC 4055, RFC 7427 §A.4.x): OID 1.2.840.113549.1.1.10 and its parameters
+_OID_PSS = bytes.fromhex("2a864886f70d01010a")
+_OID_MGF1 = bytes.fromhex("2a864886f70d010108")
+_OID_HASH: dict[bytes, HashMaker] = {
+    bytes.fromhex("608648016503040201"): hashes.SHA256,
+    bytes.fromhex("608648016503040202"): hashes.SHA384,
+    bytes.fromhex("608648016503040203"): hashes.SHA512,
+}
+
+
+def _tlv(data: bytes, pos: int) -> tuple[int, bytes, int]:
+    """(tag, value, next position) of the DER element at ``pos``; ValueError if it is not one
+    (short lengths and definite long lengths of up to two octets: an AlgorithmIdentifier is
+    small)."""
+    if pos + 2 > len(data):
+        raise ValueError("truncated")
+    tag, n = data[pos], data[pos + 1]
+    pos += 2
+    if n & 0x80:
+        k = n & 0x7F
+        if not 1 <= k <= 2 or pos + k > len(data):
+            raise ValueError("bad length")
+        n = int.from_bytes(data[pos : pos + k], "big")
+        pos += k
+    if pos + n > len(data):
+        raise ValueError("truncated")
+    return tag, data[pos : pos + n], pos + n
+
+
+def _hash_alg(der: bytes) -> HashMaker:
+    """An AlgorithmIdentifier of SHA-256/384/512 (parameters absent or NULL)."""
+    tag, oid, end = _tlv(der, 0)
+    if tag != 0x06:
+        raise ValueError("not an OID")
+    if end != len(der) and der[end:] != b"\x05\x00":
+        raise ValueError("hash parameters")
+    halg = _OID_HASH.get(oid)
+    if halg is None:
+        raise ValueError("hash not supported")
+    return halg
+
+
+def _pss(alg_id: bytes) -> tuple[HashMaker, int] | None:
+    """(hash, salt length) of an RSASSA-PSS AlgorithmIdentifier whose mask is MGF1 with the
+    same hash; None if ``alg_id`` is another algorithm; ValueError if it is a malformed or
+    unsupported PSS one (SHA-1, the default of absent parameters, is not taken)."""
+    tag, body, end = _tlv(alg_id, 0)
+    if tag != 0x30 or end != len(alg_id):
+        return None
+    tag, oid, pos = _tlv(body, 0)
+    if tag != 0x06 or oid != _OID_PSS:
+        return None
+    tag, params, end = _tlv(body, pos)
+    if tag != 0x30 or end != len(body):
+        raise ValueError("RSASSA-PSS without parameters")
+    halg: HashMaker | None = None
+    mgf: HashMaker | None = None
+    salt, trailer, pos, last = 20, 1, 0, -1
+    while pos < len(params):
+        tag, value, pos = _tlv(params, pos)
+        if not 0xA0 <= tag <= 0xA3 or tag <= last:
+            raise ValueError("RSASSA-PSS parameters out of order")
+        last = tag
+        inner_tag, inner, inner_end = _tlv(value, 0)
+        if inner_end != len(value):
+            raise ValueError("trailing octets")
+        if tag == 0xA0 and inner_tag == 0x30:
+            halg = _hash_alg(inner)
+        elif tag == 0xA1 and inner_tag == 0x30:
+            t, moid, p2 = _tlv(inner, 0)
+            t2, mhash, p3 = _tlv(inner, p2)
+            if t != 0x06 or moid != _OID_MGF1 or t2 != 0x30 or p3 != len(inner):
+                raise ValueError("mask generation is not MGF1")
+            mgf = _hash_alg(mhash)
+        elif tag in (0xA2, 0xA3) and inner_tag == 0x02 and 1 <= len(inner) <= 2:
+            v = int.from_bytes(inner, "big")
+            if inner[0] & 0x80:
+                raise ValueError("negative integer")
+            if tag == 0xA2:
+                salt = v
+            else:
+                trailer = v
+        else:
+            raise ValueError("malformed RSASSA-PSS parameters")
+    if halg is None or mgf is not halg or trailer != 1 or salt > 512:
+        raise ValueError("RSASSA-PSS parameters not supported (SHA-2 with MGF1 of it)")
+    return halg, salt
 _ECDSA_METHOD: dict[str, tuple[int, HashMaker, int]] = {
     "secp256r1": (AuthMethod.ECDSA_256, hashes.SHA256, 32),
     "secp384r1": (AuthMethod.ECDSA_384, hashes.SHA384, 48),
@@ -113,10 +201,24 @@ def verify(cert: x509.Certificate, method: int, data: bytes, octets: bytes) -> N
         if method == AuthMethod.DIGITAL_SIGNATURE:
             if not data or len(data) < 1 + data[0]:
                 raise AuthError("malformed RFC 7427 AUTH data")
-            alg = _ALG_IDS.get(data[1 : 1 + data[0]])
-            if alg is None:
-                raise AuthError("unsupported signature algorithm in AUTH (RSA-PSS?)")
+            alg_id = data[1 : 1 + data[0]]
+            alg = _ALG_IDS.get(alg_id)
             sig = data[1 + data[0] :]
+            if alg is None:
+                try:
+                    pss = _pss(alg_id)
+                except ValueError as exc:
+                    raise AuthError(f"unsupported RSASSA-PSS AUTH: {exc}") from None
+                if pss is None:
+                    raise AuthError("unsupported signature algorithm in AUTH")
+                if not isinstance(pub, rsa.RSAPublicKey):
+                    raise AuthError("an RSASSA-PSS AUTH signature needs an RSA certificate key")
+                phalg, salt = pss
+                pub.verify(
+                    sig, octets, padding.PSS(mgf=padding.MGF1(phalg()), salt_length=salt),
+                    phalg(),
+                )
+                return
             kind, halg = alg
             if kind == "rsa" and isinstance(pub, rsa.RSAPublicKey):
                 pub.verify(sig, octets, padding.PKCS1v15(), halg())
