@@ -477,6 +477,57 @@ def test_an_owed_delete_is_replicated_until_the_peer_answers_it(tmp_path: Path) 
     assert owed() == []  # nothing changed since
 
 
+def test_the_old_sa_of_our_rekey_takes_the_peers_esp_until_our_delete_is_answered(
+    tmp_path: Path,
+) -> None:
+    """The gateway rekeys a CHILD SA: the old SA goes, its inbound half stays a shadow (ESP
+    the peer sent on it is still taken). A peer that answered the rekey sends on the old SA
+    until our DELETE reaches it (strongSwan does), so the shadow stays until the DELETE is
+    answered, however many times it is sent (at most DELETE_WAIT), and then INBOUND_GRACE
+    for what is still on its way. Before, it went 2 s after the DELETE was first sent: a
+    lost DELETE (sent again 2 s later) cost the peer's traffic until one got through."""
+    import asyncio
+
+    from ipsecct.gateway.ike import DELETE_WAIT, INBOUND_GRACE
+
+    w = pair(mn_conn(), conn(child_rekey=20.0))
+    connect(w)
+    (ir,) = w.resp.ike_sas()
+    (c,) = ir.children
+
+    async def run() -> None:
+        svc = _service(tmp_path)
+        svc.engine.connections[:] = [conn(child_rekey=20.0)]
+        sent: list[Send] = []
+        svc._send = sent.append  # type: ignore[method-assign]
+        eng = svc.node.engine
+        entry, out, inn = c.sas(R500, I500, False, "c/net")
+        eng.add_tunnel(entry, out, inn, index=0).came_from = "sg1"
+        svc.receive_context("sg1", w.resp.export_ike(ir, 1.0))
+        (ike,) = svc.engine.ike_sas()
+        loop = asyncio.get_running_loop()
+
+        def exchange(req: Send, now: float) -> None:
+            for o in sends(w.ini.receive(req.data, R500, I500, now)):
+                svc._act(svc.engine.receive(o.data, I500, R500, svc.node.clock()))
+
+        def shadow_left() -> float:
+            assert [sa.spi for sa in eng.shadows()] == [c.spi_in]
+            return svc._shadows[c.spi_in][1].when() - loop.time()
+
+        svc._act(svc.engine.rekey_child(ike, ike.children[0], svc.node.clock()))
+        (rekey,) = sent
+        sent.clear()
+        exchange(rekey, 2.0)  # the MN answers; the gateway deletes the old SA
+        (delete,) = sent
+        assert shadow_left() > DELETE_WAIT - 1
+        exchange(delete, 5.0)  # late (as its retransmission after a loss would be)
+        assert 0 < shadow_left() <= INBOUND_GRACE
+        assert ike.pending is None and svc.engine.stats["delete-child-ok"] == 1
+
+    asyncio.run(run())
+
+
 def test_a_mobile_node_that_changes_address_moves_its_sas_and_tells_the_peer(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -28,6 +28,7 @@ from ..ikev2.engine import (
     ChildDown,
     ChildUp,
     ConnectFailed,
+    DeleteAnswered,
     IkeDown,
     IkeEngine,
     IkeRekeyed,
@@ -46,6 +47,9 @@ log = logging.getLogger("ipsecct.gateway.ike")
 
 IKE_PORT = 500
 INBOUND_GRACE = 2.0  # seconds a rekeyed, deleted CHILD SA still takes what was on its way
+# ... and at most how long one we rekeyed does, until the peer answers its DELETE (the DELETE's
+# retransmissions end after 30 s: the peer is dead then)
+DELETE_WAIT = 32.0
 # after a transfer to us: how long (s) IKE messages for an IKE SA we do not have yet are kept
 # for it (its context follows the commit over the TLS channel), and how many at most
 EARLY_IKE_TIME = 1.0
@@ -111,6 +115,9 @@ class IkeService:
         # it neither answers nor starts IKE exchanges: the standby may be running them
         self.fenced: Callable[[float], bool] | None = None
         self._changes = 0  # engine calls so far: the replication looks only after one
+        # inbound halves of deleted CHILD SAs still taking what is on its way (by SPI), and
+        # the timer that ends each
+        self._shadows: dict[int, tuple[Any, asyncio.TimerHandle]] = {}
         self.feed = IkeFeed(self)  # the pair mode's replication (etcd mode: one per peer)
         self.feeds: list[IkeFeed] = [self.feed]
         # CHILD SAs' siblings when they were made (outbound SPI -> the other CHILD SAs'
@@ -436,6 +443,22 @@ class IkeService:
                     return i + 1
         return 0
 
+    def _shadow(self, inbound: Any, wait: float) -> None:
+        """``inbound`` (a shadow in the engine) goes ``wait`` seconds from now."""
+        old = self._shadows.pop(inbound.spi, None)
+        if old is not None:
+            old[1].cancel()
+            if old[0] is not inbound:  # (an SPI is one SA's at a time: not kept for ever)
+                self.node.engine.remove_shadows(old[0])
+        handle = asyncio.get_running_loop().call_later(wait, self._unshadow, inbound)
+        self._shadows[inbound.spi] = (inbound, handle)
+
+    def _unshadow(self, inbound: Any) -> None:
+        cur = self._shadows.get(inbound.spi)
+        if cur is not None and cur[0] is inbound:
+            del self._shadows[inbound.spi]
+        self.node.engine.remove_shadows(inbound)
+
     def _one(self, o: Output) -> None:
         eng = self.node.engine
         if isinstance(o, Send):
@@ -474,12 +497,14 @@ class IkeService:
                         and inbound is not None):  # fmt: skip
                     # The peer deleted the SA it rekeyed, or we delete the one we rekeyed:
                     # what the peer sent on it just before may still be on its way (by the
-                    # old gateway after a handover; and a peer answering our rekey goes on
-                    # sending on the old SA until our DELETE reaches it): our inbound half
-                    # takes it for a moment longer (replay-checked, never sent on).
+                    # old gateway after a handover): our inbound half takes it for a moment
+                    # longer (replay-checked, never sent on). A peer that answered our rekey
+                    # goes on sending on the old SA until our DELETE reaches it (strongSwan
+                    # does): then until that DELETE is answered (DeleteAnswered), however
+                    # many times it is sent; after DELETE_WAIT the IKE SA is dead anyway.
                     eng.add_shadow(inbound)
-                    asyncio.get_running_loop().call_later(INBOUND_GRACE, eng.remove_shadows,
-                                                          inbound)  # fmt: skip
+                    by_us = o.reason == "rekeyed"
+                    self._shadow(inbound, DELETE_WAIT if by_us else INBOUND_GRACE)
             event(log, "child-sa-removed", node=self.node.name, child=o.child.name,
                   spi_in=f"0x{o.child.spi_in:08x}", reason=o.reason)  # fmt: skip
         elif isinstance(o, PeerMoved):
@@ -501,6 +526,10 @@ class IkeService:
                         eng.rekey_sa(sa, src=theirs, dst=ours)
             event(log, "ike-peer-moved", node=self.node.name, peer=o.ike.remote,
                   local=o.ike.local)  # fmt: skip
+        elif isinstance(o, DeleteAnswered):
+            for spi in o.spis:  # the peer has it: what it sent on them is on its way, at most
+                if spi in self._shadows:
+                    self._shadow(self._shadows[spi][0], INBOUND_GRACE)
         elif isinstance(o, ReplayCounterSynced):
             # RFC 6311: the peer's new member asks us to move our outbound counters forward
             # (the engine checked the delta against our policy; forward only here)

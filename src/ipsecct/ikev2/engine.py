@@ -204,8 +204,18 @@ class ReplayCounterSynced:
     delta: int
 
 
+@dataclass(frozen=True)
+class DeleteAnswered:
+    """The peer answered our DELETE of these CHILD SAs (our inbound SPIs): it has read it.
+    A peer that answered our rekey of one of them sends on it until then (strongSwan does):
+    the adapter keeps its inbound half until this comes (:class:`ChildDown` removed the SA)."""
+
+    ike: IkeSA
+    spis: tuple[int, ...]
+
+
 Output = (Send | IkeUp | IkeDown | ChildUp | ChildDown | PeerMoved | ConnectFailed | IkeRekeyed
-          | ReplayCounterSynced)  # fmt: skip
+          | ReplayCounterSynced | DeleteAnswered)  # fmt: skip
 
 
 @dataclass(eq=False)
@@ -2175,6 +2185,10 @@ class IkeEngine:
             self._rekey_ike_response(ike, p, inner, now, out)
         elif p.kind == "delete-rekeyed":
             self._kill(ike, "rekeyed", out)
+        elif p.kind == "delete-child":
+            out.append(DeleteAnswered(ike, tuple(
+                int.from_bytes(spi, "big") for d in p.payloads if isinstance(d, DeletePayload)
+                for spi in d.spis)))  # fmt: skip
         elif p.kind == "address-update":
             self.stats["address-update-answered"] += 1
             log.info("event=ike-address-updated conn=%s peer=%s local=%s", ike.conn.name,
