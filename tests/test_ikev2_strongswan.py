@@ -699,7 +699,10 @@ def test_strongswan_client_moves_to_another_address_with_mobike(workdir: Path) -
                 assert (sa2["spi_i"], sa2["spi_r"]) == (sa["spi_i"], sa["spi_r"]), (sa, sa2)
                 assert sa2["remote"] == f"{MOVED}:4500", sa2
             c = counters()
-            assert c.get("mobike-path-tested", 0) >= 1, c  # strongSwan's empty INFORMATIONAL
+            # strongSwan's path test from the new address, answered there: a request of its
+            # own (or, when its address-list update for the new address was still in flight as
+            # the old one went, a retransmission of that one: it probes with what it has)
+            assert c.get("mobike-path-tested", 0) + c.get("retransmit-answered", 0) >= 1, c
             assert c.get("mobike-update-answered") == c.get("rr-check-due") == 1, c
             assert c.get("rr-check-verified") == 1 and not c.get("rr-check-failed"), c
             # strongSwan: its path test, its update, and its answer to our check
@@ -713,8 +716,7 @@ def test_strongswan_client_moves_to_another_address_with_mobike(workdir: Path) -
             assert re.search(r"parsed INFORMATIONAL request \d+ \[ N\(COOKIE2\) \]", log), log
             assert len(re.findall(r"generating IKE_SA_INIT request", log)) == 1, log
             gwlog = gw.logtext()
-            for ev in ("ike-request-from-elsewhere", "ike-mobike-update", "ike-rr-check-sent",
-                       "ike-peer-address-verified"):  # fmt: skip
+            for ev in ("ike-mobike-update", "ike-rr-check-sent", "ike-peer-address-verified"):
                 assert f"event={ev} " in gwlog, (ev, gwlog[-5000:])
         finally:
             if cap is not None:
