@@ -2324,6 +2324,30 @@ def test_the_original_initiator_stays_the_peer_after_our_ike_rekey_and_a_move() 
     assert context.address_unverified(taken)
 
 
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=140), st.integers(0, 255))
+def test_fuzz_the_owed_deletes_and_state_items(owed: bytes, flags: int) -> None:
+    """Any value of items 30 and 31: refused (IkeContextError), or what is taken keeps the
+    rules (SPIs from 256, none twice, none a CHILD SA of the context, at most 32; an
+    unverified address only for a MOBIKE responder)."""
+    from ipsecct.ikev2 import context
+
+    main, *rest = _unfinished_context()
+    _fpt, items = context._parse(main)
+    d = {**items, 30: [owed], 31: [bytes((flags,))]}
+    body = context._items([(t, v) for t in sorted(d) for v in d[t]])
+    try:
+        ike = IkeEngine([conn(child_rekey=20.0)]).import_ike(
+            [context._frame(context.FPT_IKE_SA, body), *rest], 7.0)
+    except IkeContextError:
+        return
+    spis = [int.from_bytes(b, "big") for b in ike.queued_deletes]
+    assert 0 < len(spis) <= context.MAX_DELETES_OWED and len(set(spis)) == len(spis)
+    assert all(x >= 256 and x not in {c.spi_in for c in ike.children} for x in spis)
+    assert not ike.rr_due or (ike.mobike and not ike.mobike_initiator)
+    assert flags < 8
+
+
 @pytest.mark.parametrize("ike", ["aes128gcm16-prfsha256-x25519", "aes128-sha256-x25519"])
 def test_an_address_unverified_at_a_fail_over_is_checked_by_the_taker(ike: str) -> None:
     """A MOBIKE peer moved (UPDATE_SA_ADDRESSES) and the gateway died before the new address
