@@ -585,3 +585,66 @@ def test_a_mobile_node_that_changes_address_moves_its_sas_and_tells_the_peer(
     n = len(sent)  # (and the answer to the gateway's COOKIE2 check of the new address)
     svc._check_paths(4.0)  # still there: nothing new
     assert len(sent) == n
+
+
+def test_start_action_trap_starts_the_ike_sa_on_the_first_packet_its_selectors_take(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``start_action = trap`` (strongSwan's): an outbound packet that no policy matches and
+    the child's selectors take starts the connection's IKE SA (the packet is dropped, as the
+    kernel's trap drops it while acquiring); more such packets while it is being set up, or
+    within TRAP_GAP, start nothing more; one the selectors do not take starts nothing. Once
+    the CHILD SA is up, the next packet goes out as ESP."""
+    import dataclasses
+
+    from ipsecct.gateway import ike as ike_mod
+    from ipsecct.ikev2.engine import IkeEngine
+    from ipsecct.ipsec.ippacket import build_udp
+
+    base = mn_conn()
+    trap = dataclasses.replace(
+        base, remote_addrs=[ipaddress.ip_network(f"{R500.host}/32")],
+        children=[dataclasses.replace(base.children[0], start_action="trap")],
+    )  # fmt: skip
+    cfg = from_dict(
+        {
+            "name": "mn",
+            "outer": {"address": str(I500.host), "port": 45020},
+            "inner": {"kind": "udp", "listen": "127.0.0.1:45021", "peer": "127.0.0.1:45022"},
+        },
+        str(tmp_path / "mn.toml"),
+    )
+    node = Node(cfg, role="node")
+    svc = IkeService(node, [trap])
+    sent: list[Send] = []
+    esp: list[object] = []
+    monkeypatch.setattr(svc, "_send", sent.append)
+    monkeypatch.setattr(node, "send_esp", lambda sa, data: esp.append(sa))
+    clock = [10.0]
+    monkeypatch.setattr(node, "clock", lambda: clock[0])
+
+    def pkt(dst: str) -> bytes:
+        return build_udp(ipaddress.ip_address("10.2.0.5"), ipaddress.ip_address(dst), 4000,
+                         5000, b"payload")  # fmt: skip
+
+    node.from_inner(pkt("10.9.9.9"))  # not the child's: nothing
+    assert sent == [] and svc.engine.stats["trap-acquired"] == 0
+    node.from_inner(pkt("10.1.0.9"))
+    (init,) = sent
+    assert svc.engine.stats["trap-acquired"] == 1 and len(svc.engine.connecting) == 1
+    clock[0] += ike_mod.TRAP_GAP + 1
+    node.from_inner(pkt("10.1.0.9"))  # being set up: nothing more
+    assert len(sent) == 1 and node.engine.stats.drops["policy"] == 3
+    gw = IkeEngine([conn()])
+    pending = [init]
+    while pending:  # the exchanges, both ways
+        s = pending.pop(0)
+        for o in gw.receive(s.data, s.src, s.dst, clock[0]):
+            if isinstance(o, Send):
+                n = len(sent)
+                svc._receive(o.data, o.src, o.dst)
+                pending += sent[n:]
+    assert len(svc.engine.ike_sas()) == 1 and len(gw.ike_sas()) == 1
+    node.from_inner(pkt("10.1.0.9"))
+    assert len(esp) == 1  # protected now
+    assert svc.engine.stats["trap-acquired"] == 1

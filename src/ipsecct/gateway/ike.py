@@ -39,6 +39,8 @@ from ..ikev2.engine import (
     Send,
 )
 from ..ikev2.ikesa import Address, IkeSA, IkeState
+from ..ikev2.message import TrafficSelector
+from ..ipsec.ippacket import IPAddress as IPAddr
 from ..ipsec.sad import UdpEncap
 from .log import event
 from .node import Node, UdpEndpoint
@@ -73,6 +75,22 @@ MARKER = b"\0\0\0\0"
 # toward each peer it initiated to (a move is announced with MOBIKE within this)
 PATH_CHECK = 1.0
 IKE_SPI_LEN = 8  # octets of an IKE SPI (RFC 7296 §3.1)
+
+
+TRAP_GAP = 2.0  # seconds: at most one IKE SA started by a connection's trap in this time
+
+
+def _ts_take(ts: list[TrafficSelector], addr: IPAddr, proto: int, port: int) -> bool:
+    """Does one of ``ts`` take a packet's ``addr``, IP protocol and ``port`` (of one side)?"""
+    for t in ts:
+        if t.start.version != addr.version or not t.start <= addr <= t.end:  # type: ignore[operator]
+            continue
+        if t.ip_protocol not in (0, proto):
+            continue
+        if (t.start_port, t.end_port) != (0, 65535) and not t.start_port <= port <= t.end_port:
+            continue
+        return True
+    return False
 
 
 class IkeService:
@@ -152,6 +170,13 @@ class IkeService:
         self._no_route: set[int] = set()  # IKE SAs (uid) without a route, logged once
         node.outer_hooks.append(self._on_4500)
         node.extensions["ike"] = self.status
+        # start_action = trap: (connection, child) whose selectors start an IKE SA when an
+        # outbound packet matches no policy, and when each last did (at most one a TRAP_GAP)
+        self._traps = [(c, ch) for c in connections for ch in c.children
+                       if ch.start_action == "trap"]  # fmt: skip
+        self._trapped: dict[str, float] = {}
+        if self._traps:
+            node.engine.on_policy_miss = self._acquire
 
     async def start(self) -> None:
         # on a virtual (indirect identity) address this gateway may not hold yet: IP_FREEBIND
@@ -166,6 +191,32 @@ class IkeService:
             for child in conn.children:
                 if child.start_action == "start":
                     self.initiate(conn, child)
+
+    def _acquire(self, src: IPAddr, dst: IPAddr, proto: int, sport: int, dport: int) -> None:
+        """An outbound packet matched no policy (it is dropped, as the kernel's trap policy
+        drops it while strongSwan acquires): if a ``start_action = trap`` child's selectors
+        take it (our side's local_ts the source, remote_ts the destination), start its IKE
+        SA, unless one of that connection is up or being set up, or one was started less
+        than TRAP_GAP ago (a flood of unprotected packets starts one exchange a gap)."""
+        if self._stopping:
+            return
+        now = self.node.clock()
+        for conn, child in self._traps:
+            if not (_ts_take(child.local_ts, src, proto, sport)
+                    and _ts_take(child.remote_ts, dst, proto, dport)):  # fmt: skip
+                continue
+            if now < self._trapped.get(conn.name, -TRAP_GAP) + TRAP_GAP:
+                return
+            if any(i.conn.name == conn.name for i in self.engine.ike_sas()) or any(
+                c.conn.name == conn.name for c in self.engine.connecting.values()
+            ):
+                return
+            self._trapped[conn.name] = now
+            self.engine.stats["trap-acquired"] += 1
+            event(log, "ike-trap", node=self.node.name, conn=conn.name, child=child.name,
+                  src=src, dst=dst)  # fmt: skip
+            self.initiate(conn, child)
+            return
 
     def initiate(self, conn: Connection, child: ChildConfig | None = None) -> None:
         """Connect to the connection's (single) remote address and ``remote_port``, from its

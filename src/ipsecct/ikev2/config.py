@@ -233,8 +233,6 @@ def _child(name: str, d: Any, ctx: _Ctx, where: str) -> ChildConfig:
     start = d.get("start_action", "none")
     if start not in ("none", "trap", "start"):
         raise ctx.err(where + "start_action", "must be none, trap or start")
-    if start == "trap":
-        raise ctx.err(where + "start_action", "trap is not supported (yet): none or start")
     for k in ("local_ts", "remote_ts"):
         if k not in d:
             raise ctx.err(where + k, "missing (this gateway does not use dynamic selectors)")
@@ -342,11 +340,12 @@ def parse_connections(
         if not psk and needs_psk:
             raise ctx.err(where.rstrip("."),
                           "no [secrets.ike-*] entry whose id is local.id or remote.id")
-        conn_children_start = [c for c in children if c.start_action == "start"]
+        initiating = [c.start_action for c in children if c.start_action in ("start", "trap")]
         remote_addrs = _addrs(d.get("remote_addrs", "%any"), ctx, where + "remote_addrs")
-        if conn_children_start and (len(remote_addrs) != 1
-                                    or remote_addrs[0].num_addresses != 1):  # fmt: skip
-            raise ctx.err(where + "remote_addrs", "start_action = start needs one peer address")
+        if initiating and (len(remote_addrs) != 1
+                           or remote_addrs[0].num_addresses != 1):  # fmt: skip
+            raise ctx.err(where + "remote_addrs",
+                          f"start_action = {initiating[0]} needs one peer address")  # fmt: skip
         out.append(Connection(
             name,
             _addrs(d.get("local_addrs", "%any"), ctx, where + "local_addrs"),

@@ -254,6 +254,9 @@ class Engine:
         # (its ceiling starts at its current number; the cluster driver lifts it).
         self.fence_new_tunnels = False
         self.on_new_tunnel: Callable[[Tunnel], None] | None = None  # ...and is told at once
+        # An outbound packet no policy matched (src, dst, protocol, source and destination
+        # port), before it is dropped: an adapter's trap (IKEv2 start_action = trap).
+        self.on_policy_miss: Callable[[IPAddress, IPAddress, int, int, int], None] | None = None
         # The native data path (ipsecct.ipsec.native): an SA table in C that the engine fills
         # after the Python path has handled a packet of an SA it may carry, and empties when
         # anything about that SA changes. None: the pure-Python path.
@@ -797,6 +800,9 @@ class Engine:
             return self._drop(Drop.MALFORMED)
         sport, dport = hdr.ports(packet)
         entry = self.spd.lookup(hdr.src, hdr.dst, hdr.protocol, sport, dport)
+        if entry is None and self.on_policy_miss is not None:
+            # (IKEv2 start_action = trap: the adapter may start an IKE SA for it)
+            self.on_policy_miss(hdr.src, hdr.dst, hdr.protocol, sport or 0, dport or 0)
         if entry is None or entry.action is Action.DISCARD:
             return self._drop(Drop.POLICY)
         if entry.action is Action.BYPASS:
