@@ -988,6 +988,13 @@ def test_signatures_sign_and_verify(kind: str, rfc7427: bool) -> None:
     method, data = auth.sign(key, octets, (2, 3, 4) if rfc7427 else ())  # type: ignore[arg-type]
     assert (method == M.AuthMethod.DIGITAL_SIGNATURE) == rfc7427
     auth.verify(cert, method, data, octets)  # type: ignore[arg-type]
+    if kind == "rsa" and rfc7427:  # [ike] rsa_pss = true: RSASSA-PSS, which we verify too
+        method, pss = auth.sign(key, octets, (3, 4), pss=True)  # type: ignore[arg-type]
+        assert method == M.AuthMethod.DIGITAL_SIGNATURE
+        assert pss[1 : 1 + pss[0]] != data[1 : 1 + data[0]]  # another algorithm identifier
+        auth.verify(cert, method, pss, octets)  # type: ignore[arg-type]
+        with pytest.raises(auth.AuthError):
+            auth.verify(cert, method, pss, octets + b"x")  # type: ignore[arg-type]
     with pytest.raises(auth.AuthError):
         auth.verify(cert, method, data, octets + b"x")  # type: ignore[arg-type]
     with pytest.raises(auth.AuthError):

@@ -922,7 +922,8 @@ def test_strongswan_connects_with_certificates(workdir: Path, kind: str) -> None
     ECDSA P-256) by RFC 7427 signatures (both announce SIGNATURE_HASH_ALGORITHMS); the gateway
     asks for the client's certificate with a CERTREQ, validates it against its CA, matches the
     client's DN, and with RSA both IKE_AUTH messages are fragmented (RFC 7383). rsa-pss:
-    strongSwan signs with RSASSA-PSS (``rsa_pss = yes``), which the gateway verifies."""
+    both sign with RSASSA-PSS (strongSwan's ``rsa_pss = yes``, the gateway's ``[ike] rsa_pss
+    = true``), and each verifies the other's."""
     pss = kind == "rsa-pss"
     kind = "rsa" if pss else kind
     pki = workdir / "pki"
@@ -937,6 +938,9 @@ def test_strongswan_connects_with_certificates(workdir: Path, kind: str) -> None
                             f'remote.cacerts = ["{pki}/ca.pem"]')
         text = text.replace(f'remote.id = "{A.id}"', 'remote.id = "CN=client.test"')
         text += f'\n[secrets.private-gw]\nfile = "{pki}/gw.key"\n'
+        if pss:
+            assert "[ike]\n" in text
+            text = text.replace("[ike]\n", "[ike]\nrsa_pss = true\n", 1)
         conf.write_text(text)  # fmt: skip
         gw = Daemon("gateway", conf, str(workdir / "gw.sock"), workdir / "gw.log",
                     prefix=["ip", "netns", "exec", ns.names["b"]])  # fmt: skip
@@ -954,7 +958,10 @@ def test_strongswan_connects_with_certificates(workdir: Path, kind: str) -> None
                     assert mine and mine.group(1).startswith("RSA_EMSA_PSS"), ss.logtail()
                 # RFC 7427 signatures, not the classic methods
                 want = "RSA_EMSA_PKCS1_SHA2_256" if kind == "rsa" else "ECDSA_WITH_SHA256_DER"
-                assert m.group(1) == want, m.group(1)
+                if pss:
+                    assert m.group(1).startswith("RSA_EMSA_PSS"), m.group(1)
+                else:
+                    assert m.group(1) == want, m.group(1)
                 assert ping(ns, "a", B.inner, 3) == 3, ss.logtail() + gw.logtext()
                 (sa,) = ike_list(str(workdir / "gw.sock"))
                 assert sa["remote_id"] == "CN=client.test"

@@ -146,6 +146,7 @@ class NodeConfig:
     virtual_owner: bool = False  # this gateway holds the virtual address at start
     connections: list[Connection] = field(default_factory=list)  # IKEv2 [connections.NAME]
     cookie_threshold: int = 100  # [ike]: half-open IKE SAs before cookies are asked (§2.6)
+    rsa_pss: bool = False  # [ike]: sign RFC 7427 AUTH with RSASSA-PSS (strongSwan's rsa_pss)
     # [ike] port: IKE's own UDP port (500; 0: none, IKE only on the outer NAT-T port, which
     # needs no privileges; the connections then use local_port/remote_port)
     ike_port: int = 500
@@ -746,7 +747,8 @@ def from_dict(data: dict[str, Any], path: str = "<config>") -> NodeConfig:
         raise ctx.err("peers", f"{name!r} is this gateway's own name")  # transfer "to" it
     failover = _failover(data.get("failover"), ctx, transfer)
     ike_d = ctx.get(data, "ike", "", dict, {})
-    _check_keys_allowed(ike_d, ctx, "ike.", {"cookie_threshold", "port"})
+    _check_keys_allowed(ike_d, ctx, "ike.", {"cookie_threshold", "port", "rsa_pss"})
+    rsa_pss = ctx.get(ike_d, "rsa_pss", "ike.", bool, False)
     cookie_threshold = ctx.get(ike_d, "cookie_threshold", "ike.", int, 100)
     if cookie_threshold < 0:
         raise ctx.err("ike.cookie_threshold", "must be 0 (always) or more")
@@ -756,7 +758,7 @@ def from_dict(data: dict[str, Any], path: str = "<config>") -> NodeConfig:
     for conn in connections:
         # an initiator sends from the IKE port or from the outer (NAT-T) port: nothing else
         # is bound
-        starts = any(c.start_action == "start" for c in conn.children)
+        starts = any(c.start_action in ("start", "trap") for c in conn.children)
         if starts and conn.local_port not in (ike_port, outer.port):
             raise ctx.err(f"connections.{conn.name}.local_port",
                           f"must be [ike] port ({ike_port}) or the outer port ({outer.port})")
@@ -790,6 +792,7 @@ def from_dict(data: dict[str, Any], path: str = "<config>") -> NodeConfig:
         connections,
         cluster=cluster,
         cookie_threshold=cookie_threshold,
+        rsa_pss=rsa_pss,
         ike_port=ike_port,
         state_dir=state_dir,
         seq_block=seq_block,

@@ -103,6 +103,7 @@ class IkeService:
             spi_in_use=lambda spi: bool(node.engine.find_sa(spi)),
             natt_port=node.cfg.outer.port,
             cookie_threshold=node.cfg.cookie_threshold,
+            rsa_pss=node.cfg.rsa_pss,
             wall_offset=time.time() - node.clock(),
         )
         blk = node.cfg.cluster.block() if node.cfg.cluster is not None else None

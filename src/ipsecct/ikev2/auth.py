@@ -58,6 +58,24 @@ _OID_HASH: dict[bytes, HashMaker] = {
 }
 
 
+def _der(tag: int, value: bytes) -> bytes:
+    n = len(value)
+    head = bytes((n,)) if n < 128 else bytes((0x81, n))  # (an AlgorithmIdentifier: < 256)
+    return bytes((tag,)) + head + value
+
+
+def _pss_id(halg: HashMaker) -> bytes:
+    """The RSASSA-PSS AlgorithmIdentifier we sign under: ``halg``, MGF1 of it, a salt of its
+    length, the default trailer (hash identifiers with NULL parameters, as RFC 4055 writes
+    them)."""
+    oid = next(o for o, h in _OID_HASH.items() if h is halg)
+    h_id = _der(0x30, _der(0x06, oid) + b"\x05\x00")
+    params = _der(0xA0, h_id)
+    params += _der(0xA1, _der(0x30, _der(0x06, _OID_MGF1) + h_id))
+    params += _der(0xA2, _der(0x02, bytes((halg.digest_size,))))  # type: ignore[attr-defined]
+    return _der(0x30, _der(0x06, _OID_PSS) + _der(0x30, params))
+
+
 def _tlv(data: bytes, pos: int) -> tuple[int, bytes, int]:
     """(tag, value, next position) of the DER element at ``pos``; ValueError if it is not one
     (short lengths and definite long lengths of up to two octets: an AlgorithmIdentifier is
@@ -168,13 +186,23 @@ class Credentials:
         return IDPayload(initiator, IdType.DER_ASN1_DN, self.certs[0].subject.public_bytes())
 
 
-def sign(key: PrivateKey, octets: bytes, peer_hashes: tuple[int, ...]) -> tuple[int, bytes]:
+def sign(key: PrivateKey, octets: bytes, peer_hashes: tuple[int, ...], *,
+         pss: bool = False) -> tuple[int, bytes]:  # fmt: skip
     """(AUTH method, AUTH data): RFC 7427 when the peer announced hash algorithms we share
-    (SHA-256 first), else the classic RSA (SHA-1) or ECDSA (RFC 4754) method."""
+    (SHA-256 first), else the classic RSA (SHA-1) or ECDSA (RFC 4754) method. ``pss``: an RSA
+    key signs RFC 7427 AUTH with RSASSA-PSS (MGF1 of the same hash, a salt of the hash's
+    length; the classic method has no PSS form: it stays PKCS#1 v1.5)."""
     shared = [h for h in SUPPORTED_HASHES if h in peer_hashes]
     if isinstance(key, rsa.RSAPrivateKey):
         if shared:
             halg: HashMaker = {2: hashes.SHA256, 3: hashes.SHA384, 4: hashes.SHA512}[shared[0]]
+            if pss:
+                h = halg()
+                sig = key.sign(
+                    octets, padding.PSS(mgf=padding.MGF1(h), salt_length=h.digest_size), h
+                )
+                pss_id = _pss_id(halg)
+                return AuthMethod.DIGITAL_SIGNATURE, bytes((len(pss_id),)) + pss_id + sig
             sig = key.sign(octets, padding.PKCS1v15(), halg())
             alg = _ALG_OF[("rsa", halg)]
             return AuthMethod.DIGITAL_SIGNATURE, bytes((len(alg),)) + alg + sig

@@ -256,8 +256,10 @@ class IkeEngine:
         cookie_threshold: int = COOKIE_THRESHOLD,
         spi_range: tuple[int, int] = (0x100, 0xFFFFFFFF),
         wall_offset: float = 0.0,
+        rsa_pss: bool = False,
     ) -> None:
         self.connections = connections
+        self.rsa_pss = rsa_pss  # RSA keys sign RFC 7427 AUTH with RSASSA-PSS
         self.natt_port = natt_port
         self.connecting: dict[bytes, Connecting] = {}  # our SPIi -> IKE_SA_INIT in flight
         self.random = random
@@ -1003,7 +1005,7 @@ class IkeEngine:
         reply: list[Payload] = [our_id]
         if conn.local_auth == "pubkey" and creds is not None:
             reply += [CertPayload(CERT_X509_SIGNATURE, d) for d in creds.der()]
-            method, data = sign(creds.key, octets, ike.peer_hashes)
+            method, data = sign(creds.key, octets, ike.peer_hashes, pss=self.rsa_pss)
             reply.append(AuthPayload(method, data))
         else:
             reply.append(AuthPayload(AuthMethod.SHARED_KEY, psk_auth(prf_alg, conn.psk, octets)))
@@ -1652,7 +1654,7 @@ class IkeEngine:
         if not conn.remote_id.any and "=" not in conn.remote_id.text:
             payloads.append(conn.remote_id.payload(False))
         if creds is not None:
-            method, data = sign(creds.key, octets, ike.peer_hashes)
+            method, data = sign(creds.key, octets, ike.peer_hashes, pss=self.rsa_pss)
             payloads.append(AuthPayload(method, data))
         else:
             payloads.append(AuthPayload(AuthMethod.SHARED_KEY,
