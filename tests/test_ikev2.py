@@ -1137,6 +1137,29 @@ children.net.remote_ts = ["10.2.0.0/16"]
         with pytest.raises(ConfigError, match=why):
             config.load(d / "b.toml")
 
+    # remote.crls: read at load (PEM or DER), read again once the file changed; a file that
+    # is then unreadable keeps the last lists (logged); at load it is a one-line error
+    crl = _crl(ca, ca_key, [cert])
+    (d / "ca.crl").write_bytes(crl.public_bytes(serialization.Encoding.PEM))  # type: ignore[attr-defined]
+    crls = base.replace('remote.cacerts = ["ca.pem"]\n',
+                        'remote.cacerts = ["ca.pem"]\nremote.crls = ["ca.crl"]\n')  # fmt: skip
+    (d / "c.toml").write_text(crls + '[secrets.private-gw]\nfile = "gw.key"\n')
+    (c,) = config.load(d / "c.toml").connections
+    assert c.crls is not None and c.crls() == [crl]
+    empty = _crl(ca, ca_key, [])
+    (d / "ca.crl").write_bytes(empty.public_bytes(serialization.Encoding.DER))  # type: ignore[attr-defined]
+    assert c.crls() == [empty]
+    (d / "ca.crl").write_bytes(b"not a list, and longer than the last")
+    assert c.crls() == [empty]
+    for text, why in [
+        (crls.replace('"ca.crl"', '"gw.pem"'), "holds no X.509 revocation list"),
+        (crls.replace('"ca.crl"', '"none.crl"'), "cannot read revocation list"),
+        (crls.replace("remote.crls", "local.crls"), "local.crls: belongs to remote"),
+    ]:
+        (d / "b.toml").write_text(text + '[secrets.private-gw]\nfile = "gw.key"\n')
+        with pytest.raises(ConfigError, match=why):
+            config.load(d / "b.toml")
+
 
 # -- the IKE SA context: moving an IKE SA with its CHILD SAs -----------------------------------
 
@@ -1740,6 +1763,62 @@ def test_engines_with_certificates_both_ways(kind: str, monkeypatch: pytest.Monk
     w2.deliver(ini2.initiate(ini2.connections[0], I500, R500, 0.0), "i", 0.0)
     assert w2.of("i", ConnectFailed) and not w2.of("r", IkeUp)
     assert w2.resp.stats["auth-failed"] == 1
+
+
+def _crl(ca: object, ca_key: object, revoked: list[object], *, days: int = 7) -> object:
+    """A revocation list of ``ca`` (signed by ``ca_key``) naming the certificates ``revoked``;
+    ``days``: its next update from now (negative: stale)."""
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+
+    now = dt.datetime.now(dt.UTC)
+    b = (x509.CertificateRevocationListBuilder().issuer_name(ca.subject)  # type: ignore[attr-defined]
+         .last_update(now - dt.timedelta(days=1)).next_update(now + dt.timedelta(days=days)))
+    for c in revoked:
+        b = b.add_revoked_certificate(
+            x509.RevokedCertificateBuilder().serial_number(c.serial_number)  # type: ignore[attr-defined]
+            .revocation_date(now - dt.timedelta(hours=1)).build())
+    return b.sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]  # fmt: skip
+
+
+def test_a_revoked_certificate_is_refused_by_its_issuers_crl() -> None:
+    """remote.crls: a leaf (or intermediate) whose serial a list signed by its issuer names is
+    refused (a stale list too); a list of another issuer, or one not signed by the issuer
+    (forged), changes nothing; without lists, as before. And a client whose certificate is
+    revoked does not get an IKE SA."""
+    import dataclasses
+    import datetime as dt
+    import time
+
+    from ipsecct.ikev2 import auth
+
+    ca, cert, key, ca_key = _pki("p256")
+    other_ca, other_cert, _, other_key = _pki("p256")
+    now = dt.datetime.now(dt.UTC)
+    chain = auth.validate_chain  # type: ignore[assignment]
+    assert chain(cert, [], [ca], now, []) is ca  # type: ignore[list-item,arg-type]
+    assert chain(cert, [], [ca], now, [_crl(ca, ca_key, [])]) is ca  # type: ignore[list-item,arg-type]
+    for crl in (_crl(ca, ca_key, [cert]), _crl(ca, ca_key, [other_cert, cert], days=-1)):
+        with pytest.raises(auth.AuthError, match="is revoked"):
+            chain(cert, [], [ca], now, [crl])  # type: ignore[list-item,arg-type]
+    # another issuer's list, and a list in ca's name that another key signed: not ca's word
+    forged = _crl(ca, other_key, [cert])
+    assert chain(cert, [], [ca], now, [_crl(other_ca, other_key, [cert]), forged]) is ca  # type: ignore[list-item,arg-type]
+
+    # an engine whose connection has the list: the revoked client gets no IKE SA
+    mn_key = _pki("p256")[2]
+    mn_cert = _leaf_cert(ca, ca_key, mn_key, "mn.test")
+    for revoked, up in (([mn_cert], False), ([], True)):
+        gw = _pubkey(conn(), cert, key, "CN=mn.test", ca)
+        gw = dataclasses.replace(gw, crls=lambda r=revoked: [_crl(ca, ca_key, r)])  # type: ignore[misc]
+        ini = IkeEngine([_pubkey(mn_conn(), mn_cert, mn_key, "peer.test", ca)],
+                        wall_offset=time.time())  # fmt: skip
+        w = Wire(ini, IkeEngine([gw], wall_offset=time.time()))
+        w.deliver(ini.initiate(ini.connections[0], I500, R500, 0.0), "i", 0.0)
+        assert bool(w.of("r", IkeUp)) is up
+        assert w.resp.stats["auth-failed"] == (0 if up else 1)
 
 
 def test_an_exchange_started_on_a_natt_port_stays_on_it() -> None:

@@ -13,9 +13,10 @@ import logging
 import math
 import os
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..ct.failover import FailoverConfig
 from ..ct.transfer import ConflictPolicy, Identity, Settings
@@ -42,6 +43,11 @@ from ..ipsec.spi import SpiBlock
 from ..ipsec.spi import block as spi_block_of
 from ..tools.files import CONFIG_LIMIT, SECRET_LIMIT, check_size, read_limited
 from .log import LOG_LEVELS
+
+if TYPE_CHECKING:
+    from cryptography import x509
+
+CRL_LIMIT = 16 << 20  # octets of one revocation list file (a large CA's CRL: a few MB)
 
 DEFAULT_PORT = 4500
 DEFAULT_CXTP_PORT = 5091  # RFC 4067's port (CXTP over TLS here: no SCTP)
@@ -1336,4 +1342,62 @@ def load_connections(data: dict[str, Any], path: str) -> list[Connection]:
             raise ConfigError(f"{p} holds no PEM certificate") from None
 
     return parse_connections(data, path, load_secrets(data, path), certs,
-                             load_private_keys(data, path))  # fmt: skip
+                             load_private_keys(data, path), crl_reader(path))  # fmt: skip
+
+
+def crl_reader(
+    path: str,
+) -> Callable[[list[str]], Callable[[], list[x509.CertificateRevocationList]]]:
+    """For ``remote.crls``: the files are read now (ConfigError if one is not a revocation
+    list, PEM or DER), and then again whenever one changed on disk (its mtime, size or
+    inode), at the next authentication that asks: a CRL replaced by the operator or a cron job
+    is used without a restart. A file that cannot be read or parsed later keeps the last good
+    lists and is logged once per change (``crl-unreadable``)."""
+    from cryptography import x509
+
+    def load(names: list[str]) -> Callable[[], list[x509.CertificateRevocationList]]:
+        files = [_file(path, n) for n in names]
+        cache: dict[Path, tuple[tuple[int, int, int], list[x509.CertificateRevocationList]]] = {}
+
+        def read(p: Path) -> list[x509.CertificateRevocationList]:
+            try:
+                data = read_limited(p, CRL_LIMIT)
+            except OSError as exc:
+                raise ConfigError(f"cannot read revocation list {p}: {exc.strerror}") from None
+            try:
+                if b"-----BEGIN" in data:
+                    return [x509.load_pem_x509_crl(data)]
+                return [x509.load_der_x509_crl(data)]
+            except ValueError:
+                raise ConfigError(f"{p} holds no X.509 revocation list (PEM or DER)") from None
+
+        def stamp(p: Path) -> tuple[int, int, int]:
+            st = p.stat()
+            return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+        for p in files:
+            try:
+                cache[p] = (stamp(p), read(p))
+            except OSError as exc:
+                raise ConfigError(f"cannot read revocation list {p}: {exc.strerror}") from None
+
+        def current() -> list[x509.CertificateRevocationList]:
+            out: list[x509.CertificateRevocationList] = []
+            for p in files:
+                seen, crls = cache[p]
+                try:
+                    now = stamp(p)
+                    if now != seen:
+                        cache[p] = (now, crls)  # tried once per change
+                        crls = read(p)
+                        cache[p] = (now, crls)
+                except (OSError, ConfigError) as exc:
+                    logging.getLogger("ipsecct.gateway.config").warning(
+                        "event=crl-unreadable file=%s error=%s effect=%s", p, exc,
+                        "the last lists read from it are used")  # fmt: skip
+                out += crls
+            return out
+
+        return current
+
+    return load

@@ -9,7 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import ipaddress
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from cryptography import x509
@@ -281,15 +281,44 @@ def parse_cert(der: bytes) -> x509.Certificate:
         raise AuthError("a CERT payload is not an X.509 certificate") from None
 
 
-def validate_chain(cert: x509.Certificate, intermediates: list[x509.Certificate],
-                   cas: list[x509.Certificate], now: dt.datetime) -> x509.Certificate:  # fmt: skip
+def validate_chain(
+    cert: x509.Certificate, intermediates: list[x509.Certificate], cas: list[x509.Certificate],
+    now: dt.datetime, crls: Sequence[x509.CertificateRevocationList] = (),
+) -> x509.Certificate:
     """The certificate leads, through at most 4 intermediates, to one of ``cas`` (returned);
-    each one in its validity period and each issuer a CA. AuthError otherwise, also for a
-    certificate that cannot be read (BAD_CERT)."""
+    each one in its validity period and each issuer a CA; and none is revoked by one of
+    ``crls`` that its issuer signed (a list past its next update still revokes what it
+    names; a certificate no list of its issuer covers is taken, as strongSwan takes it
+    without ``revocation = strict``). AuthError otherwise, also for a certificate that cannot
+    be read (BAD_CERT)."""
     try:
-        return _validate_chain(cert, intermediates, cas, now)
+        chain, anchor = _validate_chain(cert, intermediates, cas, now)
+        if crls:
+            _not_revoked(chain, anchor, list(crls))
+        return anchor
     except BAD_CERT:
         raise AuthError("a certificate of the chain cannot be read") from None
+
+
+def _not_revoked(chain: list[x509.Certificate], anchor: x509.Certificate,
+                 crls: list[x509.CertificateRevocationList]) -> None:  # fmt: skip
+    """Each certificate of ``chain`` (leaf first; ``anchor`` issued the last) against the
+    revocation lists its issuer signed."""
+    issuers = [*chain[1:], anchor]
+    for c, issuer in zip(chain, issuers, strict=True):
+        key = issuer.public_key()
+        for crl in crls:
+            if crl.issuer != issuer.subject:
+                continue
+            try:
+                signed = crl.is_signature_valid(key)  # type: ignore[arg-type]
+            except (ValueError, TypeError, UnsupportedAlgorithm):
+                signed = False
+            if not signed:
+                continue
+            if crl.get_revoked_certificate_by_serial_number(c.serial_number) is not None:
+                raise AuthError(f"certificate {c.subject.rfc4514_string()} (serial "
+                                f"{c.serial_number:x}) is revoked")  # fmt: skip
 
 
 MAX_NAMES = 32  # subjectAltNames of a peer's certificate kept with its IKE SA
@@ -316,8 +345,11 @@ def cert_names(cert: x509.Certificate) -> tuple[str, ...]:
     return tuple(n for n in out if len(n) <= MAX_NAME_LEN)[:MAX_NAMES]
 
 
-def _validate_chain(cert: x509.Certificate, intermediates: list[x509.Certificate],
-                    cas: list[x509.Certificate], now: dt.datetime) -> x509.Certificate:  # fmt: skip
+def _validate_chain(
+    cert: x509.Certificate, intermediates: list[x509.Certificate], cas: list[x509.Certificate],
+    now: dt.datetime,
+) -> tuple[list[x509.Certificate], x509.Certificate]:
+    """(the chain from the leaf, the CA that issued its last certificate)."""
     chain = [cert]
     current = cert
     for _ in range(5):
@@ -326,7 +358,7 @@ def _validate_chain(cert: x509.Certificate, intermediates: list[x509.Certificate
                 raise AuthError(f"certificate {c.subject.rfc4514_string()} is not valid now")
         for ca in cas:
             if _issued_by(current, ca):
-                return ca
+                return chain, ca
         nxt = next((i for i in intermediates if i not in chain and _issued_by(current, i)
                     and _is_ca(i)), None)  # fmt: skip
         if nxt is None:

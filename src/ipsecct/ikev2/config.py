@@ -125,6 +125,11 @@ class Connection:
     # is a NAT-T port, with the non-ESP marker from the first message (RFC 7296 §2.23)
     local_port: int = 500
     remote_port: int = 500
+    # remote.crls: what the peer's chain is checked against for revocation, read when asked
+    # (the adapter re-reads a file that changed); None: no revocation lists
+    crls: Callable[[], list[x509.CertificateRevocationList]] | None = field(
+        default=None, repr=False, compare=False
+    )
 
     def accepts(self, local: IPAddr, remote: IPAddr) -> bool:
         def ok(nets: list[IPNet], a: IPAddr) -> bool:
@@ -138,7 +143,7 @@ _CONN_KEYS = {"version", "local_addrs", "remote_addrs", "proposals", "local", "r
               "reauth_time", "local_port", "remote_port"}  # fmt: skip
 _CHILD_KEYS = {"local_ts", "remote_ts", "esp_proposals", "rekey_time", "life_time",
                "start_action", "mode"}  # fmt: skip
-_AUTH_KEYS = {"auth", "id", "certs", "cacerts"}
+_AUTH_KEYS = {"auth", "id", "certs", "cacerts", "crls"}
 
 
 class _Ctx:
@@ -251,7 +256,7 @@ def _child(name: str, d: Any, ctx: _Ctx, where: str) -> ChildConfig:
 
 
 def _auth(d: Any, ctx: _Ctx, where: str) -> tuple[str, str | None, list[str], list[str]]:
-    """(auth, id, certs, cacerts) of ``local`` or ``remote``."""
+    """(auth, id, certs, cacerts) of ``local`` or ``remote`` (``remote.crls``: _crls)."""
     if d is None:
         d = {}
     if not isinstance(d, dict):
@@ -267,6 +272,9 @@ def _auth(d: Any, ctx: _Ctx, where: str) -> tuple[str, str | None, list[str], li
     cacerts = _strings(d.get("cacerts", []), ctx, where + "cacerts")
     if where.endswith("local.") and cacerts:
         raise ctx.err(where + "cacerts", "belongs to remote (the CAs we trust for the peer)")
+    if where.endswith("local.") and "crls" in d:
+        raise ctx.err(where + "crls", "belongs to remote (what the peer's chain is checked "
+                      "against)")  # fmt: skip
     if where.endswith("remote.") and certs:
         raise ctx.err(where + "certs", "belongs to local (our own certificate)")
     if auth == "pubkey" and where.endswith("local.") and not certs:
@@ -280,11 +288,15 @@ def parse_connections(
     data: dict[str, Any], path: str, secrets: dict[str, bytes],
     load_certs: Callable[[str], list[x509.Certificate]] | None = None,
     private_keys: list[PrivateKey] | None = None,
+    load_crls: Callable[[list[str]], Callable[[], list[x509.CertificateRevocationList]]]
+    | None = None,
 ) -> list[Connection]:  # fmt: skip
     """``data`` is the whole configuration; ``secrets`` maps an identity (as written in
     ``[secrets.ike-*] id``) to its pre-shared key, already read by the caller, as are the
     ``[secrets.private-*]`` keys; ``load_certs`` reads a certificate file (PEM, one or more
-    certificates) named in ``local.certs`` or ``remote.cacerts``."""
+    certificates) named in ``local.certs`` or ``remote.cacerts``; ``load_crls`` gives, for
+    the files of ``remote.crls``, what reads their current revocation lists (it raises
+    IpsecctError for a file that is not one, at once)."""
     ctx = _Ctx(path)
     conns = data.get("connections", {})
     if not isinstance(conns, dict):
@@ -302,6 +314,18 @@ def parse_connections(
             raise ctx.err(where + "mobike", "must be true or false")
         la, lid, lcerts, _ = _auth(d.get("local"), ctx, where + "local.")
         ra, rid, _, rcas = _auth(d.get("remote"), ctx, where + "remote.")
+        rd = d.get("remote") or {}
+        crl_files = _strings(rd.get("crls", []), ctx, where + "remote.crls")
+        crls = None
+        if crl_files:
+            if ra != "pubkey":
+                raise ctx.err(where + "remote.crls", "needs remote.auth = pubkey")
+            if load_crls is None:
+                raise ctx.err(where + "remote.crls", "revocation lists cannot be loaded here")
+            try:
+                crls = load_crls(crl_files)
+            except IpsecctError as exc:
+                raise ctx.err(where + "remote.crls", str(exc)) from None
         creds = None
         cas: list[x509.Certificate] = []
         if lcerts or rcas:
@@ -357,6 +381,7 @@ def parse_connections(
             children, creds, cas, mobike,
             _port(d.get("local_port", 500), ctx, where + "local_port"),
             _port(d.get("remote_port", 500), ctx, where + "remote_port"),
+            crls,
         ))  # fmt: skip
     return out
 

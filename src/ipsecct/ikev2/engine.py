@@ -956,7 +956,8 @@ class IkeEngine:
                 why = "pre-shared key does not match"
             elif cert is not None:
                 try:
-                    anchor = validate_chain(cert, certs[1:], c.cacerts, self._wall(now))
+                    anchor = validate_chain(cert, certs[1:], c.cacerts, self._wall(now),
+                                            c.crls() if c.crls else [])  # fmt: skip
                     if not id_matches_cert(idi, cert):
                         raise AuthError("the identity is not in the certificate")
                     verify(cert, auth.method, auth.data, octets)
@@ -1693,7 +1694,8 @@ class IkeEngine:
                     if not certs:
                         raise AuthError("no certificate")
                     cert = certs[0]
-                    anchor = validate_chain(cert, certs[1:], conn.cacerts, self._wall(now))
+                    anchor = validate_chain(cert, certs[1:], conn.cacerts, self._wall(now),
+                                            conn.crls() if conn.crls else [])  # fmt: skip
                     if not id_matches_cert(idr, cert) or not conn.remote_id.matches(idr, cert):
                         raise AuthError("the identity is not the certificate's or not wanted")
                     verify(cert, auth.method, auth.data, octets)
