@@ -208,11 +208,13 @@ class IkeService:
                 continue
             if now < self._trapped.get(conn.name, -TRAP_GAP) + TRAP_GAP:
                 return
+            # (looked at once a gap at most: a flood of such packets on a gateway with many
+            # IKE SAs does not walk them per packet)
+            self._trapped[conn.name] = now
             if any(i.conn.name == conn.name for i in self.engine.ike_sas()) or any(
                 c.conn.name == conn.name for c in self.engine.connecting.values()
             ):
                 return
-            self._trapped[conn.name] = now
             self.engine.stats["trap-acquired"] += 1
             event(log, "ike-trap", node=self.node.name, conn=conn.name, child=child.name,
                   src=src, dst=dst)  # fmt: skip
