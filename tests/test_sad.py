@@ -29,8 +29,9 @@ CBC_KEY = bytes(range(0x30, 0x40))
 HMAC_KEY = bytes(range(0xC0, 0xE0))
 
 
-def gcm(spi: int = 0x1000, dst: ipaddress.IPv4Address | ipaddress.IPv6Address = B,
-        **kw: object) -> SecurityAssociation:
+def gcm(
+    spi: int = 0x1000, dst: ipaddress.IPv4Address | ipaddress.IPv6Address = B, **kw: object
+) -> SecurityAssociation:
     src = A if dst.version == 4 else ip("2001:db8::1")
     return SecurityAssociation(spi, Direction.INBOUND, src, dst, enc_key=GCM_KEY, **kw)  # type: ignore[arg-type]
 
@@ -45,7 +46,9 @@ def cbc(spi: int = 0x1000, **kw: object) -> SecurityAssociation:
 
 def ah_sa(spi: int = 0x1000, **kw: object) -> SecurityAssociation:
     args: dict[str, object] = dict(
-        protocol=Protocol.AH, enc=EncAlg.NULL, integ=IntegAlg.HMAC_SHA2_256_128,
+        protocol=Protocol.AH,
+        enc=EncAlg.NULL,
+        integ=IntegAlg.HMAC_SHA2_256_128,
         integ_key=HMAC_KEY,
     )
     args.update(kw)
@@ -85,23 +88,36 @@ def test_sa_field_checks() -> None:
 
 def test_algorithm_checks() -> None:
     with pytest.raises(AlgorithmError):  # AEAD with an integrity algorithm
-        SecurityAssociation(0x1000, Direction.INBOUND, A, B, enc_key=GCM_KEY,
-                            integ=IntegAlg.HMAC_SHA2_256_128, integ_key=HMAC_KEY)
+        SecurityAssociation(
+            0x1000,
+            Direction.INBOUND,
+            A,
+            B,
+            enc_key=GCM_KEY,
+            integ=IntegAlg.HMAC_SHA2_256_128,
+            integ_key=HMAC_KEY,
+        )
     with pytest.raises(AlgorithmError):  # CBC without integrity
-        SecurityAssociation(0x1000, Direction.INBOUND, A, B, enc=EncAlg.AES_CBC,
-                            enc_key=CBC_KEY)
+        SecurityAssociation(0x1000, Direction.INBOUND, A, B, enc=EncAlg.AES_CBC, enc_key=CBC_KEY)
     with pytest.raises(AlgorithmError):  # wrong key length
         SecurityAssociation(0x1000, Direction.INBOUND, A, B, enc_key=GCM_KEY[:16])
     with pytest.raises(AlgorithmError):
         cbc(integ_key=HMAC_KEY[:20])
     # AH: no encryption, an integrity algorithm with the right key length
     with pytest.raises(AlgorithmError):
-        SecurityAssociation(0x1000, Direction.INBOUND, A, B, protocol=Protocol.AH,
-                            enc=EncAlg.AES_CBC, enc_key=CBC_KEY,
-                            integ=IntegAlg.HMAC_SHA2_256_128, integ_key=HMAC_KEY)
+        SecurityAssociation(
+            0x1000,
+            Direction.INBOUND,
+            A,
+            B,
+            protocol=Protocol.AH,
+            enc=EncAlg.AES_CBC,
+            enc_key=CBC_KEY,
+            integ=IntegAlg.HMAC_SHA2_256_128,
+            integ_key=HMAC_KEY,
+        )
     with pytest.raises(AlgorithmError):
-        SecurityAssociation(0x1000, Direction.INBOUND, A, B, protocol=Protocol.AH,
-                            enc=EncAlg.NULL)
+        SecurityAssociation(0x1000, Direction.INBOUND, A, B, protocol=Protocol.AH, enc=EncAlg.NULL)
     with pytest.raises(AlgorithmError):
         ah_sa(integ_key=HMAC_KEY[:16])
 
@@ -112,8 +128,15 @@ def test_derived_properties() -> None:
     assert h.key == (B, Protocol.AH, 0x1000)
     assert (g.aead, c.aead, h.aead) == (True, False, False)
     assert (g.iv_mode, c.iv_mode, h.iv_mode) == (IVMode.SEQUENCE, IVMode.RANDOM, IVMode.NONE)
-    null = SecurityAssociation(0x1000, Direction.INBOUND, A, B, enc=EncAlg.NULL,
-                               integ=IntegAlg.HMAC_SHA1_96, integ_key=bytes(20))
+    null = SecurityAssociation(
+        0x1000,
+        Direction.INBOUND,
+        A,
+        B,
+        enc=EncAlg.NULL,
+        integ=IntegAlg.HMAC_SHA1_96,
+        integ_key=bytes(20),
+    )
     assert null.iv_mode is IVMode.NONE
     assert g.seq_limit == MAX_SEQ_32 and gcm(esn=True).seq_limit == MAX_SEQ_64
     assert gcm(esn=True).window.esn and not g.window.esn
@@ -178,6 +201,24 @@ def test_spi_collision() -> None:
     with pytest.raises(SPICollisionError):
         sad.add(first)  # the same object twice
     assert len(sad) == 1
+
+
+def test_ipv4_and_ipv6_destinations_with_equal_integers_are_different_keys() -> None:
+    # The SAD keys an IPv4 destination by its integer: ::c000:202 has the same integer as
+    # 192.0.2.2 (B), and 1.0.0.1 and ::1.0.0.1 likewise; neither pair may collide or be found
+    # under the other.
+    sad = SAD()
+    v4, v6 = gcm(0x6000), gcm(0x6000, dst=ip("::c000:202"))
+    assert int(v4.dst) == int(v6.dst)
+    sad.add(v4)
+    assert not sad.in_use(ip("::c000:202"), Protocol.ESP, 0x6000)
+    assert sad.lookup(ip("::c000:202"), Protocol.ESP, 0x6000) is None
+    sad.add(v6)
+    assert sad.lookup(B, Protocol.ESP, 0x6000) is v4
+    assert sad.lookup(ip("::c000:202"), Protocol.ESP, 0x6000) is v6
+    assert sad.lookup(ip("192.0.2.2"), Protocol.ESP, 0x6000) is v4  # an equal, other object
+    assert sad.discard(v4) and sad.lookup(ip("::c000:202"), Protocol.ESP, 0x6000) is v6
+    assert not sad.in_use(B, Protocol.ESP, 0x6000) and sad.discard(v6) and len(sad) == 0
 
 
 def test_lookup_spi() -> None:

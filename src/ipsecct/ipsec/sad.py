@@ -13,6 +13,7 @@ collide (RFC 4301 §4.1, draft §8).
 from __future__ import annotations
 
 import enum
+import ipaddress
 import types
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -392,11 +393,20 @@ def install_read_through() -> None:
     setattr(SecurityAssociation, "counters", property(get_counters, set_counters))  # noqa: B010
 
 
+_V4 = ipaddress.IPv4Address
+
+
 class SAD:
-    """SAs indexed by (outer destination, protocol, SPI)."""
+    """SAs indexed by (outer destination, protocol, SPI).
+
+    An IPv4 destination is keyed by its integer (``_ip``, a plain attribute), not by the
+    address object: ``IPv4Address.__hash__`` runs in Python (``hash(hex(int(self)))``), about
+    2,000 instructions a key, and a bulk transfer adds, looks up and removes thousands. An
+    integer never equals an IPv6 address, which stays the key of an IPv6 destination (with its
+    scope), so keys of the two families cannot meet."""
 
     def __init__(self) -> None:
-        self._by_key: dict[tuple[IPAddress, Protocol, int], SecurityAssociation] = {}
+        self._by_key: dict[tuple[int | IPAddress, Protocol, int], SecurityAssociation] = {}
         self._by_spi: dict[tuple[Protocol, int], list[SecurityAssociation]] = {}
 
     def __len__(self) -> int:
@@ -412,7 +422,9 @@ class SAD:
             raise SAError("a decrypt-only SA (for captures) cannot carry traffic")
         by_key = self._by_key
         n = len(by_key)
-        if by_key.setdefault((sa.dst, sa.protocol, sa.spi), sa) is not sa or len(by_key) == n:
+        dst = sa.dst
+        key = (dst._ip if type(dst) is _V4 else dst, sa.protocol, sa.spi)  # type: ignore[attr-defined]
+        if by_key.setdefault(key, sa) is not sa or len(by_key) == n:
             raise SPICollisionError(
                 f"SPI 0x{sa.spi:08x} is already in use for {sa.protocol.name} to {sa.dst}"
             )
@@ -425,7 +437,8 @@ class SAD:
     def discard(self, sa: SecurityAssociation) -> bool:
         """Remove this very SA if it is in the SAD (not another under its key): whether it
         was."""
-        key = (sa.dst, sa.protocol, sa.spi)
+        dst = sa.dst
+        key = (dst._ip if type(dst) is _V4 else dst, sa.protocol, sa.spi)  # type: ignore[attr-defined]
         cur = self._by_key.pop(key, None)
         if cur is not sa:
             if cur is not None:
@@ -439,7 +452,8 @@ class SAD:
         return True
 
     def lookup(self, dst: IPAddress, protocol: Protocol, spi: int) -> SecurityAssociation | None:
-        return self._by_key.get((dst, protocol, spi))
+        ip = dst._ip if type(dst) is _V4 else dst  # type: ignore[attr-defined]
+        return self._by_key.get((ip, protocol, spi))
 
     def lookup_spi(self, protocol: Protocol, spi: int) -> SecurityAssociation | None:
         """Lookup by SPI alone, allowed for unicast SAs (RFC 4301 §4.1); used behind NAT."""
@@ -453,7 +467,8 @@ class SAD:
         return self._by_spi.get((Protocol.ESP, spi), []) + self._by_spi.get((Protocol.AH, spi), [])
 
     def in_use(self, dst: IPAddress, protocol: Protocol, spi: int) -> bool:
-        return (dst, protocol, spi) in self._by_key
+        ip = dst._ip if type(dst) is _V4 else dst  # type: ignore[attr-defined]
+        return (ip, protocol, spi) in self._by_key
 
     def free_spi(self, dst: IPAddress, protocol: Protocol, candidates: Iterator[int]) -> int:
         """The first candidate SPI not in use for (dst, protocol)."""
