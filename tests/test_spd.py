@@ -112,13 +112,17 @@ def test_selectors_need_addresses_and_valid_protocol() -> None:
     with pytest.raises(SAError):
         Selectors.between("0.0.0.0/0", "0.0.0.0/0", protocol=256)
     with pytest.raises(SAError):
-        Selectors.between("0.0.0.0/0", "0.0.0.0/0", protocol=ICMP, local_ports="0-300",
-                          remote_ports="0-300")
+        Selectors.between(
+            "0.0.0.0/0", "0.0.0.0/0", protocol=ICMP, local_ports="0-300", remote_ports="0-300"
+        )
 
 
 def test_selectors_addresses_protocol_ports() -> None:
     s = Selectors.between(
-        ["10.0.0.0/24", "10.0.5.1"], "192.0.2.0/24", protocol=TCP, local_ports="1000-2000",
+        ["10.0.0.0/24", "10.0.5.1"],
+        "192.0.2.0/24",
+        protocol=TCP,
+        local_ports="1000-2000",
         remote_ports=443,
     )
     assert s.matches(ip("10.0.0.7"), ip("192.0.2.9"), TCP, 1500, 443)
@@ -141,8 +145,9 @@ def test_any_protocol_matches_every_protocol() -> None:
 
 
 def test_ipv6_selectors() -> None:
-    s = Selectors.between("2001:db8:1::/48", "2001:db8:2::1-2001:db8:2::ff", protocol=UDP,
-                          remote_ports=53)
+    s = Selectors.between(
+        "2001:db8:1::/48", "2001:db8:2::1-2001:db8:2::ff", protocol=UDP, remote_ports=53
+    )
     assert s.matches(ip("2001:db8:1:2::3"), ip("2001:db8:2::53"), UDP, 40000, 53)
     assert not s.matches(ip("2001:db8:1:2::3"), ip("2001:db8:2::100"), UDP, 40000, 53)
     assert not s.matches(ip("10.0.0.1"), ip("10.0.0.2"), UDP, 40000, 53)
@@ -170,18 +175,21 @@ def test_opaque_ports_match_only_any() -> None:
 
 
 def test_icmp_type_and_code() -> None:
-    echo = Selectors.between("10.0.0.0/8", "10.0.0.0/8", protocol=ICMP, local_ports=8,
-                             remote_ports=0)
+    echo = Selectors.between(
+        "10.0.0.0/8", "10.0.0.0/8", protocol=ICMP, local_ports=8, remote_ports=0
+    )
     a, b = ip("10.0.0.1"), ip("10.0.0.2")
     assert echo.matches(a, b, ICMP, 8, 0)
     assert not echo.matches(a, b, ICMP, 0, 0)  # echo reply
     assert not echo.matches(a, b, ICMP, 8, 1)
-    unreachables = Selectors.between("10.0.0.0/8", "10.0.0.0/8", protocol=ICMP,
-                                     local_ports=3, remote_ports="0-15")
+    unreachables = Selectors.between(
+        "10.0.0.0/8", "10.0.0.0/8", protocol=ICMP, local_ports=3, remote_ports="0-15"
+    )
     assert unreachables.matches(a, b, ICMP, 3, 4)
     assert not unreachables.matches(a, b, ICMP, 3, 16)
-    v6 = Selectors.between("fd00::/8", "fd00::/8", protocol=ICMPV6, local_ports="128-129",
-                           remote_ports=0)
+    v6 = Selectors.between(
+        "fd00::/8", "fd00::/8", protocol=ICMPV6, local_ports="128-129", remote_ports=0
+    )
     assert v6.matches(ip("fd00::1"), ip("fd00::2"), ICMPV6, 129, 0)
     assert not v6.matches(ip("fd00::1"), ip("fd00::2"), ICMP, 129, 0)
     # type and code do not swap sides when the selectors are mirrored
@@ -197,8 +205,15 @@ def test_icmp_type_with_any_code() -> None:
 
 
 def test_mirrored_swaps_ports_for_tcp() -> None:
-    s = Selectors.between("10.0.0.0/24", "10.0.1.0/24", protocol=TCP, local_ports=22,
-                          remote_ports="1024-65535", name="ssh", label=b"secret")
+    s = Selectors.between(
+        "10.0.0.0/24",
+        "10.0.1.0/24",
+        protocol=TCP,
+        local_ports=22,
+        remote_ports="1024-65535",
+        name="ssh",
+        label=b"secret",
+    )
     m = s.mirrored()
     assert m.local == s.remote and m.remote == s.local
     assert m.local_ports == s.remote_ports and m.remote_ports == s.local_ports
@@ -210,12 +225,14 @@ def test_mirrored_swaps_ports_for_tcp() -> None:
 
 def test_selector_overlaps() -> None:
     base = Selectors.between("10.0.0.0/24", "10.0.1.0/24", protocol=TCP, local_ports="1-100")
-    assert base.overlaps(Selectors.between("10.0.0.128/25", "10.0.1.5", protocol=TCP,
-                                           local_ports="100-200"))
+    assert base.overlaps(
+        Selectors.between("10.0.0.128/25", "10.0.1.5", protocol=TCP, local_ports="100-200")
+    )
     assert base.overlaps(Selectors.between("10.0.0.5", "10.0.1.5"))  # ANY protocol
     assert not base.overlaps(Selectors.between("10.0.0.5", "10.0.1.5", protocol=UDP))
-    assert not base.overlaps(Selectors.between("10.0.0.5", "10.0.1.5", protocol=TCP,
-                                               local_ports="101-200"))
+    assert not base.overlaps(
+        Selectors.between("10.0.0.5", "10.0.1.5", protocol=TCP, local_ports="101-200")
+    )
     assert not base.overlaps(Selectors.between("10.0.2.0/24", "10.0.1.5"))
     assert not base.overlaps(Selectors.between("10.0.0.5", "10.0.2.5"))
     assert not base.overlaps(Selectors.between("::/0", "::/0"))
@@ -256,8 +273,9 @@ def test_first_match_wins() -> None:
 def test_lookup_by_ports_and_fragments() -> None:
     spd = SPD(
         [
-            _entry("10.0.0.0/8", "10.0.0.0/8", Action.PROTECT, "dns", protocol=UDP,
-                   remote_ports=53),
+            _entry(
+                "10.0.0.0/8", "10.0.0.0/8", Action.PROTECT, "dns", protocol=UDP, remote_ports=53
+            ),
             _entry("10.0.0.0/8", "10.0.0.0/8", Action.DISCARD, "other udp", protocol=UDP),
         ]
     )
@@ -346,11 +364,18 @@ def _narrow_or_wide_selectors(draw: st.DrawFn) -> Selectors:
 def test_overlap_index_finds_exactly_the_overlapping(
     stored: list[Selectors], query: Selectors
 ) -> None:
-    """Whatever the widths of the stored ranges (the index sorts them by width class), a lookup
-    returns exactly the stored selectors that overlap the query, each once."""
-    idx = OverlapIndex()
-    for i, s in enumerate(stored):
-        idx.add(s, i)
-    got = idx.overlapping(query)
-    assert len(got) == len(set(got))  # type: ignore[arg-type]
-    assert sorted(got) == [i for i, s in enumerate(stored) if s.overlaps(query)]  # type: ignore[type-var]
+    """Whatever the widths of the stored ranges (the index sorts them by width class) and the
+    order they come in, a lookup returns exactly the stored selectors that overlap the query,
+    each once; also with blocks of 1-2 ranges (LOAD 1), split after nearly every add."""
+    expected = [i for i, s in enumerate(stored) if s.overlaps(query)]
+    for load in (OverlapIndex.LOAD, 1):
+        idx = OverlapIndex()
+        idx.LOAD = load
+        for i, s in enumerate(stored):
+            idx.add(s, i)
+        got = idx.overlapping(query)
+        assert len(got) == len(set(got))  # type: ignore[arg-type]
+        assert sorted(got) == expected  # type: ignore[type-var]
+        keys = [k for block in idx._keys for k in block]
+        assert keys == sorted(keys) and idx._maxes == [block[-1] for block in idx._keys]
+        assert all(0 < len(block) <= 2 * load for block in idx._keys)

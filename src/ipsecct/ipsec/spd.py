@@ -377,13 +377,22 @@ class OverlapIndex:
     sorted by their first address and found by bisection, looking back only as far as the
     widest of them spans; the few wide ones are compared one by one. Used to refuse a
     transferred tunnel whose traffic another tunnel already carries.
+
+    The sorted ranges are kept in blocks of up to ``2 * LOAD`` (each with its last key in
+    ``_maxes``), so that adding one out of order moves at most a block, not all of them: a bulk
+    transfer whose ranges came in no particular order made one sorted list quadratic (100,000
+    tunnels: 21-34 us each against 3 in order).
     """
 
     WIDE = 1 << 16  # remote ranges with more addresses than this are compared one by one
+    LOAD = 512
 
     def __init__(self) -> None:
-        self._firsts: list[tuple[int, int]] = []  # (version, first) sorted, parallel to _items
-        self._items: list[tuple[int, Selectors, object]] = []  # (last, selectors, value)
+        # Blocks of (version, first), sorted across the blocks, and parallel to them blocks of
+        # (last, selectors, value); _maxes holds each block's last (version, first).
+        self._keys: list[list[tuple[int, int]]] = []
+        self._items: list[list[tuple[int, Selectors, object]]] = []
+        self._maxes: list[tuple[int, int]] = []
         self._wide: list[tuple[Selectors, object]] = []
         self._span = 0  # the widest narrow range: last - first
 
@@ -395,12 +404,31 @@ class OverlapIndex:
                 continue
             self._span = max(self._span, last - first)
             key = (r.first.version, first)
-            i = bisect.bisect_right(self._firsts, key)
-            self._firsts.insert(i, key)
-            self._items.insert(i, (last, sel, value))
+            maxes = self._maxes
+            b = bisect.bisect_right(maxes, key)  # the first block whose last key is above
+            if b == len(maxes):  # above them all (the usual): at the end of the last block
+                if not maxes:
+                    self._keys.append([])
+                    self._items.append([])
+                    maxes.append(key)
+                b = len(maxes) - 1
+                keys, items = self._keys[b], self._items[b]
+                keys.append(key)
+                items.append((last, sel, value))
+                maxes[b] = key
+            else:  # after its equals, as in one sorted list
+                keys, items = self._keys[b], self._items[b]
+                i = bisect.bisect_right(keys, key)
+                keys.insert(i, key)
+                items.insert(i, (last, sel, value))
+            if len(keys) > 2 * self.LOAD:
+                half = len(keys) // 2
+                self._keys[b : b + 1] = [keys[:half], keys[half:]]
+                self._items[b : b + 1] = [items[:half], items[half:]]
+                maxes[b : b + 1] = [keys[half - 1], keys[-1]]
 
     def overlapping(self, sel: Selectors) -> list[object]:
-        if not self._items and not self._wide:
+        if not self._maxes and not self._wide:
             return []  # (a transfer's target asks an empty one for every tunnel it takes)
         found: list[object] = []
         seen: set[int] = set()
@@ -412,16 +440,29 @@ class OverlapIndex:
 
         for other, value in self._wide:
             hit(other, value)
-        firsts, items, span = self._firsts, self._items, self._span
+        maxes, kblocks, iblocks, span = self._maxes, self._keys, self._items, self._span
         for r in sel.remote:
             ver, a, b = r.first.version, int(r.first), int(r.last)
-            i = bisect.bisect_right(firsts, (ver, b))
-            while i > 0:
-                i -= 1
-                v, first = firsts[i]
-                if v != ver or first < a - span:
-                    break
-                last, other, value = items[i]
-                if last >= a:
-                    hit(other, value)
+            top = (ver, b)
+            # From the last key at or below (ver, b) backwards, block by block.
+            blk = bisect.bisect_right(maxes, top)
+            if blk < len(maxes):
+                i = bisect.bisect_right(kblocks[blk], top)
+            else:
+                blk -= 1
+                i = len(kblocks[blk]) if blk >= 0 else 0
+            while blk >= 0:
+                keys, items = kblocks[blk], iblocks[blk]
+                while i > 0:
+                    i -= 1
+                    v, first = keys[i]
+                    if v != ver or first < a - span:
+                        blk = 0  # (and out of the outer loop)
+                        break
+                    last, other, value = items[i]
+                    if last >= a:
+                        hit(other, value)
+                blk -= 1
+                if blk >= 0:
+                    i = len(kblocks[blk])
         return found
