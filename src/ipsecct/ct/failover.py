@@ -71,9 +71,17 @@ from ..ipsec.ippacket import Endpoint
 from ..ipsec.sad import Direction, Protocol, SecurityAssociation
 from ..ipsec.spd import Action, SPDEntry
 from . import context, cxtp
-from .journal import Journal
+from .journal import Journal, Write, grant_ceiling
 from .lease import Grant, Lease, LeaseEvent, LeaseTiming, timing
-from .transfer import FPT_SYNC, Identity, Record, frame, take_over_pair, unframe
+from .transfer import (
+    FPT_SYNC,
+    Identity,
+    LeavingMark,
+    Record,
+    frame,
+    take_over_pair,
+    unframe,
+)
 
 SYNC_HEARTBEAT = 1  # removals, then contexts to merge into what the standby holds
 SYNC_FULL = 2  # the whole state follows (this poll's messages): replace what the standby holds
@@ -91,7 +99,16 @@ SYNC_JOIN = 6
 # standby without the IKE SA's connection, or whose policy does not admit it), so that the
 # active's operator learns it before a take-over rather than after.
 SYNC_REFUSED = 7
-_SYNC_KINDS = (SYNC_HEARTBEAT, SYNC_FULL, SYNC_ACK, SYNC_TAKEN, SYNC_JOIN, SYNC_REFUSED)
+# Inside a HEARTBEAT/FULL message, before a tunnel's contexts: that tunnel is being
+# transferred away (its target gateway, the transfer's id and the number it is transferred
+# at). A tunnel's contexts without it clear the mark. A standby that takes over a tunnel so
+# marked does not send on it: it asks the target (the decision query), as a restarted
+# source asks, and the active's COMMIT waits until the standby has acknowledged the mark.
+SYNC_LEAVING = 8
+_SYNC_KINDS = (
+    SYNC_HEARTBEAT, SYNC_FULL, SYNC_ACK, SYNC_TAKEN, SYNC_JOIN, SYNC_REFUSED, SYNC_LEAVING
+)
+MAX_PEER_NAME = 255  # octets of a LEAVING mark's target gateway name
 MAX_REFUSAL_TEXT = 200  # octets of a refusal's reason
 MAX_REFUSED_KEYS = 4096  # a standby remembers this many refused keys (to say when they pass)
 MAX_EXTRA_KEY = 64
@@ -100,6 +117,7 @@ MAX_EXTRA_CDBS = 64
 # refused (SYNC_REFUSED), as one its connections do not admit: the active's operator is told.
 MAX_EXTRAS = 65536
 _SYNC = struct.Struct("!BxHI")  # kind, number of removed SPIs, epoch
+_LEAVING = struct.Struct("!QQB")  # transfer id, transferred number, length of the name
 FIRST_EPOCH = 1
 
 
@@ -172,6 +190,40 @@ def parse_extra(cdb: bytes) -> tuple[bytes, int] | None:
     if not key or len(key) != n or n > MAX_EXTRA_KEY or count > MAX_EXTRA_CDBS:
         raise CxtpError("extra context CDB malformed")
     return key, count
+
+
+def leaving_cdb(mark: LeavingMark, epoch: int) -> bytes:
+    """The SYNC CDB that marks the tunnel whose contexts follow as leaving (``mark``)."""
+    name = mark.peer.encode()
+    if not name or len(name) > MAX_PEER_NAME:
+        raise CxtpError("a leaving mark's gateway name is empty or too long")
+    return frame(
+        FPT_SYNC,
+        _SYNC.pack(SYNC_LEAVING, 0, epoch & 0xFFFFFFFF)
+        + _LEAVING.pack(mark.tid & (1 << 64) - 1, mark.at & (1 << 64) - 1, len(name))
+        + name,
+    )
+
+
+def parse_leaving(cdb: bytes) -> LeavingMark | None:
+    """The mark of a SYNC_LEAVING CDB, None for any other CDB."""
+    if cxtp.cdb_fpt(cdb) != FPT_SYNC:
+        return None
+    p = unframe(cdb)
+    if len(p) < _SYNC.size or p[0] != SYNC_LEAVING:
+        return None
+    off = _SYNC.size + _LEAVING.size
+    if len(p) < off:
+        raise CxtpError("leaving mark CDB too short")
+    tid, at, n = _LEAVING.unpack_from(p, _SYNC.size)
+    name = p[off : off + n]
+    if not n or len(name) != n:
+        raise CxtpError("leaving mark CDB malformed")
+    try:
+        peer = name.decode()
+    except UnicodeDecodeError:
+        raise CxtpError("leaving mark CDB: the gateway name is not UTF-8") from None
+    return LeavingMark(tid, peer, at)
 
 
 def refused_cdb(key: bytes, why: str, epoch: int) -> bytes:
@@ -285,6 +337,27 @@ class _Synced:
     changed_at: float | None  # when traffic was first seen after the last sync
 
 
+@dataclass
+class _Told:
+    """What the standby holds of a tunnel that was marked leaving, as of message ``seq``:
+    its contexts (``present``) with ``mark`` (None: unmarked), or nothing."""
+
+    present: bool
+    mark: LeavingMark | None
+    seq: int
+
+
+@dataclass
+class _Wait:
+    """A :class:`Write` done once the standby acknowledged, for every tunnel of ``pending``,
+    a state that is ``want`` (a transfer id: marked leaving by it, or absent; None:
+    unmarked, or absent)."""
+
+    write: Write
+    pending: set[Tunnel]
+    want: int | None
+
+
 class Replicator:
     """Active side: decides what to send to the standby (sans-I/O)."""
 
@@ -347,6 +420,18 @@ class Replicator:
         # The etcd mode: the standby member's lease as last read from etcd, sent with every
         # message; its replicas are good only under that lease (forget_floors()).
         self.target_lease: int | None = None
+        # Transfers away (docs/cluster.md, "a tunnel transferred away"): the mark of each
+        # tunnel being transferred (None: none), asked at every poll; a tunnel whose mark
+        # changed is sent again (with it, or without). ``_marked``: the marks sent last;
+        # ``_told``: for tunnels marked since the last FULL, what the standby holds as of
+        # which message; ``_acked``: the highest message number acknowledged.
+        self.leaving_of: Callable[[Tunnel], LeavingMark | None] | None = None
+        self._marked: dict[Tunnel, LeavingMark] = {}
+        self._told: dict[Tunnel, _Told] = {}
+        self._acked = -1
+        self._waits: list[_Wait] = []
+        # Called when a Write of told() settled (the transfer core goes on with what waited).
+        self.on_told: Callable[[], None] | None = None
         if self.lease is not None:
             engine.send_until = self.lease.expiry
 
@@ -401,6 +486,7 @@ class Replicator:
             if self.lease is not None:
                 self.lease.revoke()
             self.engine.send_until = -math.inf
+            self._fail_waits(f"the standby took over (epoch {epoch})")
             return [LeaseEvent.SUPERSEDED]
         if kind != SYNC_ACK:
             raise CxtpError("not a sync reply")
@@ -420,11 +506,83 @@ class Replicator:
                     self._ceiling(t)
         for k in [k for k in self._carried if k < tag.seq - 4096]:
             del self._carried[k]  # never acknowledged (connection lost): forget
+        if tag.seq > self._acked:
+            self._acked = tag.seq
+            if self._told:
+                self._acknowledged()
         if self.lease is None:
             return []
         events = self.lease.granted(tag.seq, now)
         self._fence()
         return events
+
+    # -- transfers away: the standby learns of them before the COMMIT ------------------------
+    def told(self, tunnels: Iterable[Tunnel], tid: int | None) -> Write:
+        """A Write done once the standby has acknowledged that it holds each of ``tunnels``
+        marked leaving by transfer ``tid`` (or not at all); with ``tid`` None, unmarked (or
+        not at all). ``leaving_of`` must already say so: the next poll (made due now) sends
+        the change. Failed if the standby takes over first; never settled otherwise (the
+        transfer's own deadline decides then)."""
+        w = Write()
+        if self.superseded_by is not None:
+            w.fail(f"the standby took over (epoch {self.superseded_by})")
+            return w
+        wait = _Wait(w, set(tunnels), tid)
+        self._settle_wait(wait)
+        if not w.settled:
+            self._waits.append(wait)
+            self._next_check = 0.0  # the next tick polls
+        return w
+
+    def _settle_wait(self, wait: _Wait) -> bool:
+        told, acked = self._told, self._acked
+        done = []
+        for t in wait.pending:
+            st = told.get(t)
+            if st is None:
+                # Never marked since the standby last started afresh: it holds it unmarked
+                # (or not at all): what a rollback waits for, never what a COMMIT does.
+                ok = wait.want is None
+            else:
+                ok = st.seq <= acked and (
+                    not st.present
+                    or (st.mark.tid == wait.want if st.mark is not None else wait.want is None)
+                )
+            if ok:
+                done.append(t)
+        wait.pending.difference_update(done)
+        if not wait.pending:
+            wait.write.succeed()
+            return True
+        return False
+
+    def _acknowledged(self) -> None:
+        settled = [w for w in self._waits if self._settle_wait(w)]
+        for w in settled:
+            self._waits.remove(w)
+        # What the standby holds unmarked (or not at all) needs no more tracking.
+        for t in [t for t, st in self._told.items()
+                  if st.seq <= self._acked and (not st.present or st.mark is None)
+                  and t not in self._marked]:  # fmt: skip
+            del self._told[t]
+        if settled and self.on_told is not None:
+            self.on_told()
+
+    def release_waits(self) -> None:
+        """No standby can take over what this gateway replicated (the operator said it is
+        down: ``failover alone``): everything waiting for its acknowledgement goes on."""
+        waits, self._waits = self._waits, []
+        for w in waits:
+            w.write.succeed()
+        if waits and self.on_told is not None:
+            self.on_told()
+
+    def _fail_waits(self, why: str) -> None:
+        waits, self._waits = self._waits, []
+        for w in waits:
+            w.write.fail(why)
+        if waits and self.on_told is not None:
+            self.on_told()
 
     def tick(self, now: float) -> list[LeaseEvent]:
         """Lease changes by the passing of time (loss); the engine enforces it by itself."""
@@ -466,16 +624,24 @@ class Replicator:
         live: set[Tunnel] = set()
         staying: set[Tunnel] = set()  # here, but not for this standby
         select = self.select
+        leaving_of = self.leaving_of
+        marked = self._marked
+        marks: dict[Tunnel, LeavingMark] = {}
         for t in self.engine.tunnels():
-            if t.state is not TunnelState.ACTIVE:
-                continue
+            mark = leaving_of(t) if leaving_of is not None else None
+            if t.state is not TunnelState.ACTIVE and (
+                mark is None or t.state is not TunnelState.HELD
+            ):
+                continue  # (a tunnel held by a transfer goes on, marked)
             if select is not None and not select(t):
                 staying.add(t)
                 continue
             live.add(t)
+            if mark is not None:
+                marks[t] = mark
             c = self._counter(t)
             st = self.synced.get(t)
-            if st is None or full:
+            if st is None or full or mark != marked.get(t):
                 due.append(t)
                 continue
             if c != st.packets:
@@ -494,8 +660,16 @@ class Replicator:
             self.on_extra_resync()
         gone = [k for k in self.synced if k not in live]
         removed = [self.spi_of.pop(k) for k in gone]
+        told = self._told
         for k in gone:
             del self.synced[k]
+            marked.pop(k, None)
+            if k in told:
+                told[k] = _Told(False, None, self.seq)  # the first message removes it
+        if full:
+            marked.clear()
+            for k in told:
+                told[k] = _Told(False, None, self.seq)  # the FULL drops it; sent again below
         leaving: list[Tunnel] = []
         gone_set = set(gone)
         for k in [k for k in self.floor if k not in live]:
@@ -514,7 +688,10 @@ class Replicator:
                 continue
             try:
                 pair = [context.encode(sa, now) for sa in t.sas()]
-            except ContextError:
+                mark = marks.get(t)
+                if mark is not None:
+                    pair.insert(0, leaving_cdb(mark, self.epoch))
+            except (ContextError, CxtpError):
                 self.unreplicable += 1  # e.g. a replay window too large for a CDB
                 continue
             used += sum(map(len, pair))
@@ -580,6 +757,15 @@ class Replicator:
             if tc is not None:
                 gcarried[-1].append(tc)
             size += psize
+        for gi, gc in enumerate(gcarried):
+            for t, _seq in gc:
+                mark = marks.get(t)
+                if mark is not None:
+                    marked[t] = mark
+                else:
+                    marked.pop(t, None)
+                if mark is not None or t in told:
+                    told[t] = _Told(True, mark, self.seq + gi)
         msgs: list[cxtp.Message] = []
         for g, gc in zip(groups, gcarried, strict=True):
             part = cxtp.batch_cdbs(template, g, self.session, first_seq=self.seq + len(msgs))
@@ -645,6 +831,15 @@ class Standby:
     refused_tunnels: dict[bytes, frozenset[int]] = field(default_factory=dict)
     # What the last take-over left out that way: (key, why, outbound SPIs).
     not_taken: list[tuple[bytes, str, list[int]]] = field(default_factory=list)
+    # Tunnels the active marked leaving (outbound SPI -> mark: a transfer away was under
+    # way). A take-over installs them held, sends nothing on them, and lists them in
+    # ``leaving_taken`` (mark, tunnels): the gateway asks each mark's target (the decision
+    # query) whether it took them.
+    marks: dict[int, LeavingMark] = field(default_factory=dict)
+    leaving_taken: list[tuple[LeavingMark, list[Tunnel]]] = field(default_factory=list)
+    # When each marked transfer was first heard of (by id): the decision query says how
+    # old the transfer is at least (AGE), as a restarted source's does.
+    mark_seen: dict[int, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.cfg.fencing and self.peer_lease and self.grant is None:
@@ -683,10 +878,15 @@ class Standby:
             cdbs = cdbs[1:]
         # Contexts come as (outbound, inbound) pairs; remember the latest of each tunnel. Extra
         # contexts come as a SYNC_EXTRA CDB and the CDBs it counts.
-        pairs: list[tuple[int, list[bytes]]] = []
+        pairs: list[tuple[int, list[bytes], LeavingMark | None]] = []
         extras: list[tuple[bytes, list[bytes] | None]] = []
         i = 0
         while i < len(cdbs):
+            mark = parse_leaving(cdbs[i])
+            if mark is not None:
+                i += 1
+                if i >= len(cdbs) or cxtp.cdb_fpt(cdbs[i]) == FPT_SYNC:
+                    raise CxtpError("a leaving mark without the contexts of its tunnel")
             ex = parse_extra(cdbs[i])
             if ex is not None:
                 key, count = ex
@@ -700,12 +900,14 @@ class Standby:
             spi, inbound = _peek(out)
             if inbound:
                 raise CxtpError("a replicated tunnel must start with its outbound SA")
-            if i + 1 < len(cdbs) and _peek(cdbs[i + 1])[1]:
+            if i + 1 < len(cdbs) and cxtp.cdb_fpt(cdbs[i + 1]) != FPT_SYNC and (
+                _peek(cdbs[i + 1])[1]
+            ):
                 pair.append(cdbs[i + 1])
                 i += 2
             else:
                 i += 1
-            pairs.append((spi, pair))
+            pairs.append((spi, pair, mark))
         if self.took_over is not None or epoch < self.epoch:
             # We own these tunnels now: tell the old active, apply nothing.
             return [self._reply(msg, tag, SYNC_TAKEN)]
@@ -718,6 +920,7 @@ class Standby:
             self.replica.clear()
             self._ready.clear()
             self.extra.clear()
+            self.marks.clear()
             self.refused_tunnels.clear()  # those still refused are in this message
         verdicts: list[tuple[bytes, str]] = []
         for key, value in extras:  # removals first: they make room (max_extra)
@@ -751,9 +954,18 @@ class Standby:
         for spi in removed:
             self.replica.pop(spi, None)
             self._ready.pop(spi, None)
-        for spi, pair in pairs:
+            self.marks.pop(spi, None)
+        for spi, pair, mark in pairs:
             self.replica[spi] = pair
             self._dirty.append((spi, now))
+            if mark is not None:
+                self.marks[spi] = mark
+                self.mark_seen.setdefault(mark.tid, now)
+            else:
+                self.marks.pop(spi, None)
+        if len(self.mark_seen) > 2 * len(self.marks) + 64:
+            live = {m.tid for m in self.marks.values()}
+            self.mark_seen = {k: v for k, v in self.mark_seen.items() if k in live}
         replies = [self._refusals(msg, tag, verdicts)] if verdicts else []
         if not self.cfg.fencing:
             return replies
@@ -781,6 +993,7 @@ class Standby:
         self._ready.clear()
         self._dirty.clear()
         self.extra.clear()
+        self.marks.clear()
         self.refused.clear()
         self.refused_tunnels.clear()
         self.last_heard = None
@@ -859,7 +1072,22 @@ class Standby:
         self.took_over = now
         self.epoch += 1
         replica, self.replica = self.replica, {}
+        self._leaving_extras(replica)
         return self._install(self._whole_units(replica), now)
+
+    def _leaving_extras(self, replica: dict[int, list[bytes]]) -> None:
+        """Extra contexts (IKE SAs) whose every replicated tunnel (CHILD SA) was marked
+        leaving moved with them (a transfer moves an IKE SA with all its CHILD SAs): not
+        taken over. The target may run them; two gateways running one IKE SA would use its
+        message IDs twice. (Their CHILD SAs are held and asked about as any marked tunnel;
+        if the target did not take them they resume here without their IKE SA, and the
+        client starts over with a new one.)"""
+        if not self.marks or self.extra_tunnels is None:
+            return
+        for key in list(self.extra):
+            outs = [o for o in self.extra_tunnels(self.extra[key]) if o in replica]
+            if outs and all(o in self.marks for o in outs):
+                del self.extra[key]
 
     def _whole_units(self, replica: dict[int, list[bytes]]) -> dict[int, list[bytes]]:
         """``replica`` without the tunnels of refused extra contexts (IKE SAs this standby
@@ -882,6 +1110,8 @@ class Standby:
         tunnels: list[Tunnel] = []
         signals: list[tuple[SecurityAssociation, bytes]] = []
         failed = 0
+        leaving: dict[LeavingMark, list[Tunnel]] = {}
+        self.leaving_taken = []
         for spi, pair in replica.items():
             ready = self._ready.pop(spi, None)
             try:
@@ -899,12 +1129,23 @@ class Standby:
                 failed += 1
                 continue
             out_sa.seq = min(out_sa.seq + self.cfg.seq_margin, out_sa.seq_limit)
+            mark = self.marks.get(spi)
+            if mark is not None:
+                # Being transferred away when the active died: its target may have it (and
+                # may have sent up to the transferred number + the grant before its own
+                # record). Held, never sent on, until the target says it did not take it;
+                # then it resumes past both the margin and the grant.
+                out_sa.seq = max(out_sa.seq, grant_ceiling(out_sa, mark.at))
             take_over_pair(out_sa, in_sa, self.endpoint, self.identity)
             entry = SPDEntry(out_sa.selectors, Action.PROTECT, name=out_sa.name, static=False)
             try:
                 t = self.engine.add_tunnel(entry, out_sa, in_sa, index=0)
             except IpsecctError:
                 failed += 1
+                continue
+            if mark is not None:
+                self.engine.hold(t)
+                leaving.setdefault(mark, []).append(t)
                 continue
             tunnels.append(t)
             if self.identity is Identity.DIRECT:
@@ -922,10 +1163,28 @@ class Standby:
             except IpsecctError as exc:
                 for t in tunnels:
                     self.engine.remove_tunnel(t)
-                failed += len(tunnels)
-                tunnels, signals = [], []
+                for ts in leaving.values():
+                    for t in ts:
+                        self.engine.remove_tunnel(t)
+                failed += len(tunnels) + sum(map(len, leaving.values()))
+                tunnels, signals, leaving = [], [], {}
                 rec.outcome = "refused"
                 rec.detail = f"take-over not recorded: {exc}; "
+        for mark, ts in leaving.items():
+            if self.journal is not None:
+                # Recorded leaving to the mark's target (not owned): if this gateway restarts
+                # before the target answers, it asks again rather than resume them.
+                try:
+                    self.journal.taken_over(
+                        ts, self.cfg.peer, pending=False, leaving=(mark.peer, mark.tid)
+                    )
+                except IpsecctError as exc:
+                    for t in ts:
+                        self.engine.remove_tunnel(t)
+                    failed += len(ts)
+                    rec.detail += f"{len(ts)} leaving tunnel(s) not recorded: {exc}; "
+                    continue
+            self.leaving_taken.append((mark, ts))
         rec.accepted = len(tunnels)
         rec.ended = now
         rec.detail += f"{failed} context(s) unusable" if failed else ""

@@ -107,9 +107,21 @@ class Journal(Protocol):
     :meth:`taken_over` is the synchronous form (fail-over): it returns once the change is
     on stable storage, or raises :class:`JournalError`."""
 
-    def taken_over(self, tunnels: Sequence[Tunnel], peer: str, *, pending: bool) -> None:
+    def taken_over(
+        self,
+        tunnels: Sequence[Tunnel],
+        peer: str,
+        *,
+        pending: bool,
+        leaving: tuple[str, int] | None = None,
+    ) -> None:
         """``tunnels`` arrive from ``peer``: record them (``pending`` until the transfer is
-        committed) and reserve their first block past the sequence number they came with."""
+        committed) and reserve their first block past the sequence number they came with.
+        ``leaving`` (gateway, transfer id): a fail-over take-over of tunnels the failed
+        active was transferring to that gateway: record them leaving to it by that transfer
+        instead (installed held, not under reservations; their ceiling at least their
+        counter), so that this gateway asks that gateway before it sends on them, after a
+        restart too."""
 
     def arriving(self, tunnels: Sequence[Tunnel], peer: str, transfer_id: int) -> Write:
         """Target: ``tunnels`` are installed held (transfer ``transfer_id`` pending): record

@@ -377,6 +377,18 @@ def parse_final(cdb: bytes, size: int) -> tuple[int, int, int, int, bytes]:
 MAX_REFUSED_IN_ANSWER = 1500
 
 
+@dataclass(frozen=True)
+class LeavingMark:
+    """A tunnel being transferred away: to ``peer`` by transfer ``tid``, at number ``at``
+    (its cap with make-before-break, else its counter when the transfer started). A
+    fail-over standby holds its replica so marked before the COMMIT leaves
+    (:attr:`TransferCore.standby_gate`, docs/cluster.md)."""
+
+    tid: int
+    peer: str
+    at: int
+
+
 class OutgoingState(enum.Enum):
     """A transfer this gateway started (source)."""
 
@@ -471,6 +483,9 @@ class _Outgoing:
     caps: dict[Tunnel, int] = field(default_factory=dict)
     members: _Members | None = field(default=None, repr=False, compare=False)
     out_keys: set[tuple[int, int, IPAddress]] | None = field(default=None, repr=False)
+    # The fail-over standby acknowledged that it holds the tunnels marked leaving by this
+    # transfer (to this peer), or not at all: the COMMIT waits for it as for ``away``.
+    standby: Write | None = None
 
 
 @dataclass
@@ -482,6 +497,10 @@ class _Reverting:
     tunnels: list[Tunnel]
     write: Write
     held: list[Held] = field(default_factory=list)
+    # The fail-over standby acknowledged that it holds them unmarked (no longer leaving)
+    # or not at all: until then it could ask the target about them after a take-over, and
+    # the target could take them (docs/cluster.md).
+    standby: Write | None = None
     held_bytes: int = 0
     held_per_tunnel: dict[Tunnel, tuple[int, int]] = field(default_factory=dict)
     members: _Members | None = field(default=None, repr=False, compare=False)
@@ -710,6 +729,15 @@ class TransferCore:
         # its answer (commit_early) lost that answer: its tunnels are sent on by nobody here
         # until the peer answers the decision query (the gateway logs it for the operator).
         self.on_unresolved: Callable[[int, str, int, str], None] | None = None
+        # Fail-over pair: given the tunnels of a transfer away and its id, a Write done once
+        # the standby acknowledged that it holds them marked leaving by it (``leaving``), or
+        # with no id, unmarked (or, either way, not at all). The COMMIT waits for the first;
+        # tunnels of a transfer that did not commit send again only after the second (they
+        # may send below a make-before-break cap meanwhile). None: no standby (nothing waits).
+        self.standby_gate: Callable[[list[Tunnel], int | None], Write] | None = None
+        # The tunnels being transferred away now, with their marks (the standby's replicas
+        # of them carry these: Replicator.leaving_of).
+        self.leaving: dict[Tunnel, LeavingMark] = {}
         self._next_housekeeping = 0.0
 
     # -- source side -----------------------------------------------------------------
@@ -791,6 +819,7 @@ class TransferCore:
             # asks the peer what became of the transfer before it sends on them again.
             og.away_tunnels = list(tunnels)
             og.away = self._journal_write(lambda j: j.leaving(tunnels, peer, tid))
+        self._mark_leaving(og)
         if self.on_start is not None:
             self.on_start(set(rec.spis))
         # CT_MAX_TRANSFER_TIME bounds one exchange; a batched (bulk) transfer gets it once per
@@ -799,6 +828,28 @@ class TransferCore:
         if self._may_commit_all(og):
             out += self._commit_all(og, now)
         return tid, out
+
+    def _mark_leaving(self, og: _Outgoing) -> None:
+        """A fail-over standby is told that ``og``'s tunnels are leaving (to its peer, by
+        it), while the contexts travel; the COMMIT waits for its acknowledgement."""
+        if self.standby_gate is None:
+            return
+        for t in og.tunnels:
+            sa = t.outbound
+            at = t.transfer_cap if t.transfer_cap < sa.seq_limit else sa.seq
+            self.leaving[t] = LeavingMark(og.tid, og.peer, at)
+        og.away_tunnels = list(og.tunnels)
+        og.standby = self.standby_gate(list(og.tunnels), og.tid)
+
+    def _unmark(self, tunnels: Iterable[Tunnel]) -> None:
+        for t in tunnels:
+            self.leaving.pop(t, None)
+
+    def _standby_unmarked(self, tunnels: list[Tunnel]) -> Write | None:
+        """The Write a tunnel taken back here waits for before it sends again: the standby
+        holds it unmarked (None: no standby)."""
+        self._unmark(tunnels)
+        return self.standby_gate(tunnels, None) if self.standby_gate is not None else None
 
     def _tid_in_use(self, tid: int) -> bool:
         """Does ``tid`` name a transfer this gateway started (running, deciding, being
@@ -915,9 +966,14 @@ class TransferCore:
             elif t in og.caps:
                 self.engine.uncap(t)
         out += [Inject(h.packet, h.inbound) for h in mine]
+        self._unmark(back)
         if revert:
-            w = self._journal_write(lambda j: j.staying(revert, og.peer))
-            rv = _Reverting(og.tid, revert, w)
+            w = (
+                self._journal_write(lambda j: j.staying(revert, og.peer))
+                if self.journal is not None
+                else Write.durable()
+            )
+            rv = _Reverting(og.tid, revert, w, standby=self._standby_unmarked(revert))
             self._release_held(rv, theirs)
             self.reverting.append(rv)
             out += self._settle_reverting(now)
@@ -1012,6 +1068,7 @@ class TransferCore:
                     # restarted after that COMMIT must ask this peer, not the one that
                     # refused (which would say "not taken").
                     og.away = self._journal_write(lambda j: j.leaving(og.tunnels, nxt, og.tid))
+                self._mark_leaving(og)  # the standby holds them leaving to the new peer
                 more = self._send_contexts(og, now, reactive=False)
                 og.deadline = now + self.settings.max_transfer_time * max(1, len(more))
                 return out + more
@@ -1032,6 +1089,12 @@ class TransferCore:
             if og.away.failed:
                 return self._rollback(og, now, "failed", f"not committed: {og.away.error}")
             return []
+        if og.standby is not None and not og.standby.done:
+            # The fail-over standby must hold them marked leaving before the target may
+            # send: else, taking over, it would send on them beside the target.
+            if og.standby.failed:
+                return self._rollback(og, now, "failed", f"not committed: {og.standby.error}")
+            return []
         accepted, refused, worst = og.answer
         peer = og.peer
         out: list[Output] = []
@@ -1045,6 +1108,7 @@ class TransferCore:
         # sent and received until this moment): their final anti-replay states (exact, the
         # native path hands them back as they move) go to the target ahead of the COMMIT.
         self.engine.move_tunnels(accepted, peer, now + self.settings.forward_time)
+        self._unmark(accepted)  # moved: the standby is told to drop them
         # The grant: "leaving" (durable: waited for above) reserved past what the target
         # may send before its own record is; after this COMMIT nothing takes a tunnel back
         # here but a restart's "not taken", which resumes past that reservation.
@@ -1079,6 +1143,7 @@ class TransferCore:
             and og.answer is None
             and not og.candidates
             and (og.away is None or og.away.done)
+            and (og.standby is None or og.standby.done)
         )
 
     def _commit_all(self, og: _Outgoing, now: float) -> list[Output]:
@@ -1092,6 +1157,7 @@ class TransferCore:
         peer = og.peer
         tunnels = og.tunnels
         self.engine.move_tunnels(tunnels, peer, math.inf)
+        self._unmark(tunnels)  # moved: the standby is told to drop them
         out: list[Output] = []
         out += self._final_and_commit(og, tunnels)
         for h in og.held:
@@ -1159,14 +1225,18 @@ class TransferCore:
             self._given_away(lost, og.peer, og.tid)
         if not back:
             return []
-        if self.journal is None:
+        if self.journal is None and self.standby_gate is None:
             for t in back:
                 if t.state is TunnelState.HELD:
                     self.engine.activate(t)
                 self.engine.uncap(t)
             return []
-        w = self._journal_write(lambda j: j.staying(back, og.peer))
-        self.reverting.append(_Reverting(og.tid, back, w))
+        w = (
+            self._journal_write(lambda j: j.staying(back, og.peer))
+            if self.journal is not None
+            else Write.durable()
+        )
+        self.reverting.append(_Reverting(og.tid, back, w, standby=self._standby_unmarked(back)))
         return self._settle_reverting(now)
 
     def _unresolve(self, og: _Outgoing, now: float, why: str) -> list[Output]:
@@ -1233,6 +1303,12 @@ class TransferCore:
             out.append(final_cdb(t.outbound.spi, in_spi, last, top, bitmap))
         return out
 
+    def _resumed(self, tunnels: list[Tunnel], peer: str) -> Write:
+        """"Owned" again after a "not taken" answer (no journal: nothing to wait for)."""
+        if self.journal is None:
+            return Write.durable()
+        return self._journal_write(lambda j: j.resumed(tunnels, peer))
+
     def _journal_write(self, submit: Callable[[Journal], Write]) -> Write:
         """Submit a change to the journal; a journal that refuses at once gives a failed
         Write (the same as a write that failed on the disk)."""
@@ -1250,9 +1326,12 @@ class TransferCore:
         of service (recorded given away, perhaps: after a restart nobody would know
         whether they had sent past the transferred number)."""
         out: list[Output] = []
-        for rv in [r for r in self.reverting if r.write.settled]:
+        for rv in [
+            r for r in self.reverting
+            if r.write.settled and (r.standby is None or r.standby.settled or r.write.failed)
+        ]:  # fmt: skip
             self.reverting.remove(rv)
-            if rv.write.done:
+            if rv.write.done and (rv.standby is None or rv.standby.done):
                 for t in rv.tunnels:
                     if t.state is TunnelState.HELD:
                         self.engine.activate(t)
@@ -1278,7 +1357,7 @@ class TransferCore:
         for og in list(self.outgoing.values()):
             if og.state is OutgoingState.SENT and og.answer is not None and (
                 og.away is None or og.away.settled
-            ):
+            ) and (og.standby is None or og.standby.settled):
                 out += self._commit_when_recorded(og, now)
             elif self._may_commit_all(og):
                 out += self._commit_all(og, now)
@@ -1318,8 +1397,8 @@ class TransferCore:
         is durable, then active). ``ages``: per transfer, how long ago (seconds, wall
         clock) its tunnels were recorded leaving: each query says how old the transfer is
         (AGE), so that a target that pruned old arrivals answers "taken" when unsure. Needs a
-        journal."""
-        assert self.journal is not None, "unresolved transfers come from a journal"
+        journal (or, for a fail-over take-over of tunnels marked leaving, none: "not taken"
+        then needs no write)."""
         out: list[Output] = []
         for tid, peer, tunnels in transfers:
             if not tunnels or tid in self.unresolved:
@@ -1420,14 +1499,13 @@ class TransferCore:
             else:
                 why = f"taken by {peer}" + (f", {len(refused)} refused: kept" if refused else "")
             return self._resolve(u.og, accepted, refused, 0, now, why)
-        assert self.journal is not None
         del self.unresolved[u.tid]
         back = [t for t in u.tunnels if msg.answer == cxtp.Answer.TAKEN and refused_here(t)]
         if back:
             # Taken, but these refused: as "not taken" for them.
             kept = set(back)
             u.tunnels = [t for t in u.tunnels if t not in kept]
-            w0 = self._journal_write(lambda j: j.resumed(back, peer))
+            w0 = self._resumed(back, peer)
             self.reverting.append(_Reverting(u.tid, back, w0))
         rec = Record(u.tid, "source", peer, "query", u.since, now, "resolved", len(u.tunnels))
         rec.spis = [sa.spi for t in u.tunnels for sa in t.sas()]
@@ -1443,7 +1521,7 @@ class TransferCore:
         else:
             # Not taken, and refused there from now on: ours again once "owned" (with a
             # first block past the stored ceiling) is durable, held until then.
-            w = self._journal_write(lambda j: j.resumed(u.tunnels, peer))
+            w = self._resumed(u.tunnels, peer)
             self.reverting.append(_Reverting(u.tid, list(u.tunnels), w))
             rec.detail = f"not taken by {peer}: kept"
             out += self._settle_reverting(now)
@@ -1459,13 +1537,20 @@ class TransferCore:
         and never will: the asking source then sends on them again."""
         tid = tag.transfer_id
         inc = self.incoming.get((peer, tid))
+        if inc is None:
+            # Asked by another peer than the source: the fail-over standby of a source that
+            # died while transferring (it took the tunnels over held, marked leaving, and
+            # asks for it: docs/cluster.md). The answer is the same as to the source.
+            inc = next((i for (_p, t), i in self.incoming.items() if t == tid), None)
+        source = inc.peer if inc is not None else peer
         out: list[Output] = []
         if inc is not None and inc.state is IncomingState.ACTIVE:
             taken = True
         elif inc is not None and inc.state is IncomingState.PENDING:
             # Installed, waiting for the COMMIT: the asking source sends nothing on them
-            # (its "leaving" row is durable), so the query is its COMMIT.
-            out += self._on_commit(peer, tag, now)
+            # (its "leaving" row is durable; or its standby holds them marked leaving and
+            # the source is gone), so the query is its COMMIT.
+            out += self._on_commit(source, tag, now)
             taken = True
         elif inc is not None and inc.state is IncomingState.RECEIVING:
             out += self._cancel_incoming(inc, now, "cancelled", "the source asked, restarted")
@@ -1481,10 +1566,16 @@ class TransferCore:
             )
         if not taken:
             # Bounded per peer (a peer that floods queries evicts only its own entries).
-            mine = [k for k in self.not_taken if k[0] == peer]
-            for k in mine[: max(0, len(mine) - MAX_NOT_TAKEN_PER_PEER + 1)]:
-                del self.not_taken[k]
-            self.not_taken[(peer, tid)] = now + max(4 * self.settings.retry_max, 60.0)
+            # The source's late data messages are refused (when the standby asked: the
+            # source's, if this gateway knows the transfer, and the asker's). A transfer
+            # not known here at all: from any peer (kept as "\0" + the asker: the asker
+            # may be the standby of a source whose contexts, and COMMIT with commit_early,
+            # are still on their way).
+            for who in {peer, source} | ({"\0" + peer} if inc is None else set()):
+                mine = [k for k in self.not_taken if k[0] == who]
+                for k in mine[: max(0, len(mine) - MAX_NOT_TAKEN_PER_PEER + 1)]:
+                    del self.not_taken[k]
+                self.not_taken[(who, tid)] = now + max(4 * self.settings.retry_max, 60.0)
         self.counters["queries_answered"] += 1
         answer = cxtp.Answer.TAKEN if taken else cxtp.Answer.NOT_TAKEN
         ttag = cxtp.TransferTag(tid, 0).encode()
@@ -1741,7 +1832,10 @@ class TransferCore:
         k = (peer, tag.transfer_id)
         s = self.settings
         inc = self.incoming.get(k)
-        if inc is None and k in self.not_taken:
+        if inc is None and self.not_taken and (
+            k in self.not_taken
+            or any(t == tag.transfer_id and p[:1] == "\0" for p, t in self.not_taken)
+        ):
             # This transfer was answered "not taken" (its source restarted and asked): a
             # late message of it from the dead connection must not install it now.
             self.counters["refused"] += 1

@@ -38,6 +38,7 @@ from ..ct.failover import (
     sync_header,
     taken_reply,
 )
+from ..ct.journal import Write
 from ..ct.transfer import FPT_SYNC, Identity, Record
 from ..errors import ControlError, CxtpError, IpsecctError
 from ..ipsec.engine import Tunnel
@@ -111,6 +112,7 @@ class FailoverDriver:
         if role == "active":
             self.replicator = Replicator(node.engine, cfg)
             self.replicator.epoch = self.state.epoch
+            self._watch_transfers(self.replicator)
         else:
             self.standby = self._new_standby(self.state.epoch)
             self.joining = True
@@ -152,6 +154,10 @@ class FailoverDriver:
                     "its epoch again, fenced until a standby acknowledges it (superseded if "
                     f"{cfg.peer} took over meanwhile)",
                 )
+        if cfg.fencing:
+            # A transfer away waits for the standby to hold its tunnels marked leaving
+            # before its COMMIT (docs/cluster.md, "a tunnel transferred away").
+            transfer.core.standby_gate = self._standby_gate
         self._next_prepare = 0.0
         # (since, until): the standby woke up past its dead time and asks the peer first
         self._resume_hold: tuple[float, float] | None = None
@@ -187,6 +193,24 @@ class FailoverDriver:
         if self.ike is not None:
             r.on_extra_refused = functools.partial(self.ike.replica_refused, self.cfg.peer)
             r.on_extra_resync = functools.partial(self.ike.replicas_resync, self.cfg.peer)
+
+    def _watch_transfers(self, r: Replicator) -> None:
+        """``r`` replicates the marks of the tunnels being transferred away, and tells the
+        transfer core when the standby acknowledged what a transfer waits for."""
+        r.leaving_of = self.transfer.core.leaving.get
+        r.on_told = self.transfer.on_settled
+
+    def _standby_gate(self, tunnels: list[Tunnel], tid: int | None) -> Write:
+        """TransferCore.standby_gate: a Write done once the standby holds ``tunnels``
+        marked leaving by ``tid`` (None: unmarked), or not at all. Done at once when no
+        standby holds replicas of this gateway (a standby itself, or running alone)."""
+        r = self.replicator
+        if r is None or not self.cfg.fencing:
+            return Write.durable()
+        w = r.told(tunnels, tid)
+        if not w.settled:
+            self.node.timers.poke()  # the next poll (due now) sends the change
+        return w
 
     def fenced(self, now: float) -> bool:
         """May this (active) gateway not send now: its lease is not valid, or the standby
@@ -376,6 +400,7 @@ class FailoverDriver:
         r.epoch = sb.epoch
         r.extra = self.ike
         self._watch_refusals(r)
+        self._watch_transfers(r)
         self.replicator, self.standby = r, None
         self.fencing.replicator, self.fencing.standby = r, None
         self.reformed += 1
@@ -417,6 +442,9 @@ class FailoverDriver:
             raise ControlError(f"the epoch file could not be written: {exc}") from exc
         if r.lease is not None:
             r.lease.revoke()
+        # Nobody holds replicas of this gateway now: transfers waiting for the standby's
+        # acknowledgement of their marks go on.
+        r.release_waits()
         sb = self._new_standby(epoch)
         sb.took_over = now
         if sb.grant is not None:
@@ -499,6 +527,8 @@ class FailoverDriver:
             if not isinstance(res, Drop):
                 self.node.send_esp(res.sa, res.data)
         sb = self.standby
+        if sb is not None and sb.leaving_taken:
+            self._ask_about_leaving(sb, now)
         if sb is not None and sb.not_taken and self.ike is not None:
             self.ike.units_not_taken(sb.not_taken, self.cfg.peer)
         if sb is not None and sb.extra:
@@ -511,6 +541,30 @@ class FailoverDriver:
         # with TAKEN.
         self.transfer.report(rec)
         return rec
+
+    def _ask_about_leaving(self, sb: Standby, now: float) -> None:
+        """Tunnels the active was transferring away when it died, taken over held: their
+        target is asked whether it took them (the decision query, as a restarted source
+        asks); nobody to ask (not among [[peers]]): held, and the operator told."""
+        taken, sb.leaving_taken = sb.leaving_taken, []
+        core = self.transfer.core
+        for mark, tunnels in taken:
+            event(
+                log, "failover-leaving-held", logging.WARNING, node=self.node.name,
+                peer=self.cfg.peer, target=mark.peer, id=f"{mark.tid:016x}",
+                tunnels=len(tunnels),
+                detail=f"{self.cfg.peer} was transferring these to {mark.peer}: held, never "
+                f"sent on here until {mark.peer} answers that it did not take them",
+            )  # fmt: skip
+            if mark.peer in self.transfer.tcfg.peers:
+                age = {mark.tid: max(0.0, now - sb.mark_seen.get(mark.tid, now))}
+                self.transfer.run(
+                    core.recall_unresolved([(mark.tid, mark.peer, tunnels)], now, age)
+                )
+            elif self.journal is not None:
+                self.journal.not_asked(
+                    mark.tid, mark.peer, f"peer {mark.peer!r} is not among [[peers]]"
+                )
 
     def status(self) -> dict[str, Any]:
         now = self.node.clock()

@@ -808,12 +808,13 @@ class DurableState:
         """Target: may transfer ``transfer_id`` from ``peer``, begun ``age`` seconds ago by
         the asking source's clock (None: not said), have been installed here (then its
         tunnels may have been sent on)? Yes if it is recorded; else yes only if it may have
-        begun before the newest arrival pruned from that peer (its record may be gone)."""
+        begun before the newest arrival pruned (from any peer: the asker may be the fail-over
+        standby of the source, docs/cluster.md; its record may be gone)."""
         if transfer_id in self.arrivals:
             return True
-        upto = self.arrival_upto.get(peer)
+        upto = max(self.arrival_upto.values(), default=None)
         if upto is None:
-            return False  # nothing from that peer ever pruned: the record would be here
+            return False  # nothing ever pruned: the record would be here
         if age is None:
             return True
         return time.time() - age - self.arrival_margin <= upto
@@ -1103,7 +1104,30 @@ class DurableState:
             rows.append(row)
         return rows
 
-    def taken_over(self, tunnels: Sequence[Tunnel], peer: str, *, pending: bool) -> None:
+    def taken_over(
+        self,
+        tunnels: Sequence[Tunnel],
+        peer: str,
+        *,
+        pending: bool,
+        leaving: tuple[str, int] | None = None,
+    ) -> None:
+        if leaving is not None:
+            gateway, tid = leaving
+            rows = self._rows(
+                tunnels, Owner.LEAVING, f"taken over from {peer}, transferring to {gateway}",
+                tid, gateway,
+            )
+            for t, r in zip(tunnels, rows, strict=True):
+                r.ceiling = max(r.ceiling, t.outbound.seq)
+            self._put(rows)
+            # Unresolved from now on, as a restarted source's: asked about, listed in
+            # status and sa list, given up with sa discard.
+            for t, r in zip(tunnels, rows, strict=True):
+                name = t.name or f"0x{t.outbound.spi:08x}"
+                self.plan.unresolved[name] = r
+                self._unresolved_sas[name] = t.outbound
+            return
         how = f"from {peer} (transfer pending)" if pending else f"taken over from {peer}"
         self._adopt([t.outbound for t in tunnels], Owner.PENDING if pending else Owner.OWNED, how)
 

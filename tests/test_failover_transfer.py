@@ -1,0 +1,341 @@
+"""A transfer away from the active of a fail-over pair, and the standby (sans-I/O).
+
+sg1 is the active (a real Replicator, with the lease), sg2 its standby (a real Standby), sg3
+a third gateway that sg1 transfers its tunnel to; ESP between real engines, CXTP through the
+wire form (``tests/helpers/transfer.py``). The defect: sg1 committed the transfer to sg3
+and died before its next sync told sg2 that the tunnel had left; sg2 took it over at its
+replica + ``seq_margin`` while sg3 sent on from sg1's last number: once sg3 had sent about
+``seq_margin`` packets the two sent the same (SPI, sequence number) pairs (docs/cluster.md,
+"a tunnel transferred away").
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ipsecct.ct import cxtp, failover
+from ipsecct.ct.journal import GRANT
+from ipsecct.ct.transfer import Identity, Settings
+from ipsecct.errors import CxtpError
+from ipsecct.ipsec.engine import TunnelState
+from ipsecct.ipsec.ippacket import Endpoint
+from tests.helpers.transfer import PORT, SG_ADDR, World, ip
+
+MARGIN = 64
+
+
+def fo_cfg(role: str) -> failover.FailoverConfig:
+    return failover.FailoverConfig(
+        role,
+        "sg2" if role == "active" else "sg1",
+        sync_packets=16,
+        heartbeat_ms=50.0,
+        dead_ms=300.0,
+        seq_margin=MARGIN,
+        tick_ms=10.0,
+    )
+
+
+class Pair:
+    """The world with sg1's Replicator and sg2's Standby; sync messages wait in ``down``
+    (sg1 -> sg2) and ``up`` until the test delivers them. ``gate``: sg1's transfer core
+    waits for sg2 as the gateway wires it (FailoverDriver); False: the code before."""
+
+    def __init__(self, *, gate: bool = True, mbb: bool = False) -> None:
+        s = Settings(make_before_break=mbb)
+        self.w = w = World(("sg1", "sg2", "sg3"), settings={g: s for g in ("sg1", "sg2", "sg3")})
+        self.g1, self.g2, self.g3 = w.gw["sg1"], w.gw["sg2"], w.gw["sg3"]
+        self.r = failover.Replicator(self.g1.engine, fo_cfg("active"), session=7)
+        self.sb = failover.Standby(
+            self.g2.engine, fo_cfg("standby"), Endpoint(ip(SG_ADDR["sg2"]), PORT), Identity.DIRECT
+        )
+        self.down: list[cxtp.CTD] = []
+        self.up: list[cxtp.CTD] = []
+        self.dead = False
+        if gate:
+            core = self.g1.core
+            self.r.leaving_of = core.leaving.get
+            core.standby_gate = self.r.told
+            self.r.on_told = lambda: self.g1.run(core.settled(w.now))
+
+    def poll(self) -> None:
+        if not self.dead:
+            for m in self.r.handle_timer(self.w.now):
+                d = cxtp.decode(cxtp.encode(m))
+                assert isinstance(d, cxtp.CTD)
+                self.down.append(d)
+
+    def deliver(self) -> None:
+        down, self.down = self.down, []
+        for m in down:
+            self.up += self.sb.receive(m, self.w.now)
+        up, self.up = self.up, []
+        if not self.dead:
+            for m in up:
+                self.r.receive(cxtp.decode(cxtp.encode(m)), self.w.now)
+
+    def sync(self) -> None:
+        self.w.now += 0.011
+        self.poll()
+        self.deliver()
+
+    def die(self) -> None:
+        """sg1 dies: nothing more from it, nothing to it."""
+        self.dead = True
+        self.down.clear()
+        for k in [k for k in self.w.links if "sg1" in k]:
+            self.w.links[k].clear()
+
+    def take_over(self) -> None:
+        """sg2 takes over once the dead time and every lease granted have passed, and asks
+        about the tunnels marked leaving, as FailoverDriver does."""
+        self.w.now += 1.0
+        assert self.sb.dead(self.w.now)
+        self.sb.take_over(self.w.now)
+        for mark, tunnels in self.sb.leaving_taken:
+            self.g2.run(self.g2.core.recall_unresolved([(mark.tid, mark.peer, tunnels)],
+                                                       self.w.now))  # fmt: skip
+
+    def deliver_between(self, a: str, b: str) -> None:
+        """Every message between gateways ``a`` and ``b`` (not the sync channel)."""
+        while self.w.pending(a, b) or self.w.pending(b, a):
+            if self.w.pending(a, b):
+                self.w.deliver(a, b)
+            if self.w.pending(b, a):
+                self.w.deliver(b, a)
+
+    def both_send(self, n: int = 3 * MARGIN) -> None:
+        for i in range(n):
+            for g in ("sg2", "sg3"):
+                self.w.host_send(g, i)
+
+    def pairs_twice(self) -> list[tuple[int, int]]:
+        seen: dict[tuple[int, int], str] = {}
+        twice = []
+        for g, spi, seq in self.w.all_wire():
+            if (spi, seq) in seen and seen[(spi, seq)] != g:
+                twice.append((spi, seq))
+            seen.setdefault((spi, seq), g)
+        return twice
+
+
+def started(gate: bool = True, **kw: Any) -> Pair:
+    """sg1 serves the tunnel, replicated to sg2 and acknowledged; some traffic, synced."""
+    p = Pair(gate=gate, **kw)
+    p.sync()
+    for i in range(40):
+        p.w.host_send("sg1", i)
+    p.sync()
+    assert p.g1.wire and not p.g1.refused_hold
+    return p
+
+
+def test_the_defect_a_commit_before_the_standby_knew_makes_it_reuse_the_targets_numbers() -> None:
+    """Without the gate (the code before): sg1 commits to sg3 and dies before its next sync;
+    sg2 takes the tunnel over from its replica and sends beside sg3: pairs twice. With the
+    gate the COMMIT never left (sg2 had not acknowledged the mark): sg3 holds the tunnel,
+    sg2 serves it alone; no pair twice."""
+    for gate in (False, True):
+        p = started(gate)
+        p.w.transfer("sg1", "sg3")
+        p.deliver_between("sg1", "sg3")
+        t3 = p.g3.engine.tunnels()[0]
+        assert (t3.state is TunnelState.ACTIVE) is not gate  # committed only without gate
+        p.die()
+        p.take_over()
+        p.both_send()
+        assert p.g2.wire and (bool(p.g3.wire) is not gate)
+        assert bool(p.pairs_twice()) is not gate, gate
+
+
+def test_a_standby_that_takes_over_a_tunnel_committed_away_asks_and_stays_away() -> None:
+    """The mark reached sg2 and was acknowledged, the COMMIT left, sg3 sends; sg1 dies before
+    the removal reaches sg2. sg2 takes the tunnel over held, asks sg3 ("taken") and drops
+    it: sg3 alone sends on it."""
+    p = started()
+    p.w.transfer("sg1", "sg3")
+    p.deliver_between("sg1", "sg3")  # the CTDR came back: the COMMIT waits for sg2
+    assert p.g3.engine.tunnels()[0].state is TunnelState.HELD and not p.g1.finished
+    p.sync()  # the mark goes; the acknowledgement lets the COMMIT go
+    assert p.sb.marks and p.g1.finished and p.g1.finished[-1].outcome == "committed"
+    p.deliver_between("sg1", "sg3")
+    assert p.g3.engine.tunnels()[0].state is TunnelState.ACTIVE
+    p.die()
+    p.take_over()
+    assert p.g2.engine.tunnels()[0].state is TunnelState.HELD
+    p.w.host_send("sg2", 0)
+    assert not p.g2.wire  # held: never sent on before the answer
+    p.deliver_between("sg2", "sg3")
+    assert not p.g2.engine.tunnels() and p.g2.finished[-1].detail == "taken by sg3"
+    p.both_send()
+    assert p.g3.wire and not p.g2.wire and not p.pairs_twice()
+
+
+def test_a_standby_asking_a_target_that_waits_for_the_commit_makes_it_the_commit() -> None:
+    """sg1 dies after sg2 acknowledged the mark, before the CTDR came back: sg3 holds the
+    tunnel installed, waiting. sg2's query is its COMMIT: sg3 serves the tunnel."""
+    p = started()
+    p.w.transfer("sg1", "sg3")
+    p.sync()
+    p.w.deliver("sg1", "sg3")  # the contexts; the CTDR is lost with sg1
+    p.die()
+    p.take_over()
+    p.deliver_between("sg2", "sg3")
+    assert p.g3.engine.tunnels()[0].state is TunnelState.ACTIVE
+    assert not p.g2.engine.tunnels()
+    p.both_send()
+    assert p.g3.wire and not p.g2.wire and not p.pairs_twice()
+
+
+def test_a_standby_told_not_taken_resumes_past_the_margin_and_the_grant() -> None:
+    """sg1 dies while its contexts are still on their way (sg3 never installed them): sg2
+    asks, hears "not taken" and resumes past the transferred number + the grant (what sg3
+    could have sent under a COMMIT's grant); late contexts from sg1 are refused."""
+    p = started(mbb=True)
+    p.w.transfer("sg1", "sg3")
+    p.sync()
+    (mark,) = p.sb.marks.values()
+    assert mark.peer == "sg3" and mark.at > p.w.tunnel.outbound.seq  # the cap
+    p.die()
+    p.take_over()
+    p.deliver_between("sg2", "sg3")
+    assert p.g2.finished[-1].detail == "not taken by sg3: kept"
+    (t2,) = p.g2.engine.tunnels()
+    assert t2.state is TunnelState.ACTIVE
+    p.w.host_send("sg2", 0)
+    assert p.g2.wire[0][1] == (mark.at + GRANT + 1) & 0xFFFFFFFF
+    assert not p.g3.engine.tunnels()
+
+
+def test_a_rolled_back_transfer_sends_again_only_once_the_standby_dropped_the_mark() -> None:
+    """The transfer is abandoned; sg1 takes the tunnel back, but sends on it only once sg2
+    acknowledged it unmarked (else sg2, taking over, could ask sg3 and be answered by a
+    COMMIT taken from its query while sg1 sends). Then sg1 dies: sg2 takes it over as any
+    tunnel."""
+    p = started()
+    tid = p.w.transfer("sg1", "sg3")
+    p.sync()
+    assert p.sb.marks
+    p.g1.run(p.g1.core.abandon(tid, p.w.now, "the operator stopped waiting"))
+    assert p.g1.finished[-1].outcome == "timeout"
+    t1 = p.w.tunnel
+    assert t1.state is TunnelState.HELD and p.g1.core.reverting
+    n = len(p.g1.wire)
+    p.w.host_send("sg1", 100)
+    assert len(p.g1.wire) == n  # held until sg2 has it unmarked
+    p.sync()
+    assert not p.sb.marks and not p.g1.core.reverting and t1.state is TunnelState.ACTIVE
+    assert len(p.g1.wire) == n + 1  # the held packet went
+    p.sync()  # (held, it was dropped from the replicas; active again, it is sent again)
+    assert list(p.sb.replica) == [p.w.tunnel.outbound.spi]
+    p.die()
+    p.take_over()
+    assert p.g2.engine.tunnels()[0].state is TunnelState.ACTIVE
+    p.w.host_send("sg2", 0)
+    assert p.g2.wire and not p.pairs_twice()
+
+
+def test_nobody_to_ask_the_tunnel_stays_held() -> None:
+    """The mark names a gateway sg2 cannot reach (not among its peers): it stays held and
+    is never sent on (the driver tells the operator; sa discard gives it up)."""
+    p = started()
+    p.w.transfer("sg1", "sg3")
+    p.sync()
+    p.die()
+    p.w.now += 1.0
+    p.sb.take_over(p.w.now)
+    ((mark, tunnels),) = p.sb.leaving_taken
+    assert mark.peer == "sg3" and tunnels[0].state is TunnelState.HELD
+    for i in range(5):
+        p.w.host_send("sg2", i)
+    assert not p.g2.wire
+
+
+def test_leaving_mark_cdb_round_trip_and_malformed() -> None:
+    m = failover.LeavingMark(0x0123456789ABCDEF, "sg3", 1 << 40)
+    cdb = failover.leaving_cdb(m, 3)
+    assert failover.parse_leaving(cdb) == m
+    assert failover.parse_sync_kind(cdb)[0] == failover.SYNC_LEAVING
+    assert failover.parse_leaving(failover.sync_cdb([], 1)) is None
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.binary(max_size=64))
+def test_parse_leaving_fuzz(data: bytes) -> None:
+    """parse_leaving reads bytes from the network: a CxtpError, None or a mark, nothing
+    else."""
+    head = failover.leaving_cdb(failover.LeavingMark(1, "x", 2), 1)[:4]
+    for cdb in (head + data, head + bytes((failover.SYNC_LEAVING,)) + data):
+        try:
+            mark = failover.parse_leaving(cdb)
+        except CxtpError:
+            continue
+        assert mark is None or (mark.peer and 0 <= mark.tid < 1 << 64 and 0 <= mark.at < 1 << 64)
+
+
+@settings(max_examples=100, deadline=None)
+@given(cut=st.integers(0, 200), flip=st.integers(0, 255))
+def test_a_standby_takes_a_damaged_marked_sync_whole_or_not_at_all(cut: int, flip: int) -> None:
+    """A sync message with a mark, damaged (a CDB's octet changed): the standby raises
+    CxtpError (the driver logs sync-malformed) or applies it; a mark is only ever kept with
+    the contexts of its tunnel."""
+    p = started()
+    p.w.transfer("sg1", "sg3")
+    p.w.now += 0.011
+    (m,) = p.r.handle_timer(p.w.now)
+    assert isinstance(m, cxtp.CTD)
+    cdbs = list(m.cdbs)
+    i = 1 + cut % (len(cdbs) - 1)
+    b = bytearray(cdbs[i])
+    b[4 + cut % max(1, len(b) - 4)] ^= flip or 1
+    cdbs[i] = bytes(b)
+    sb = failover.Standby(
+        p.g2.engine, fo_cfg("standby"), Endpoint(ip(SG_ADDR["sg2"]), PORT), Identity.DIRECT
+    )
+    try:
+        sb.receive(cxtp.CTD(m.mn_prev, 0, tuple(cdbs)), p.w.now)
+    except CxtpError:
+        return
+    assert set(sb.marks) <= set(sb.replica)
+
+
+def test_an_ike_sa_whose_child_sas_all_leave_is_not_taken_over() -> None:
+    """An IKE SA moves with its CHILD SAs: if every CHILD SA the standby holds of it is
+    marked leaving, the standby does not take it over (the target may run it; one IKE SA
+    run by two gateways uses its message IDs twice). Another IKE SA is taken as before."""
+    p = started()
+    spi = p.w.tunnel.outbound.spi
+    p.w.transfer("sg1", "sg3")
+    p.sync()
+    p.sb.extra = {b"moving": [b"a"], b"staying": [b"b"]}
+    p.sb.extra_tunnels = lambda cdbs: [spi] if cdbs == [b"a"] else [0x7777]
+    p.die()
+    p.w.now += 1.0
+    p.sb.take_over(p.w.now)
+    assert list(p.sb.extra) == [b"staying"]
+
+
+def test_contexts_late_behind_a_standbys_query_are_refused() -> None:
+    """commit_early: sg1's contexts and COMMIT are still on their way to sg3 when sg2 (sg1
+    died) asks about the transfer sg3 has not heard of: "not taken", and the late messages
+    of that transfer are refused, from sg1 too (else the COMMIT would activate the tunnel at
+    sg3 beside sg2, which resumed)."""
+    p = started()
+    p.g1.core.settings.commit_early = True
+    p.w.transfer("sg1", "sg3")
+    p.sync()  # the mark is acknowledged: the COMMIT goes at once, behind the contexts
+    late = list(p.w.links[("sg1", "sg3")])
+    assert len(late) >= 2
+    p.die()
+    p.take_over()
+    p.deliver_between("sg2", "sg3")
+    assert p.g2.finished[-1].detail == "not taken by sg3: kept"
+    p.w.links[("sg1", "sg3")].extend(late)
+    while p.w.pending("sg1", "sg3"):
+        p.w.deliver("sg1", "sg3")
+    assert not p.g3.engine.tunnels()
+    p.both_send()
+    assert p.g2.wire and not p.g3.wire and not p.pairs_twice()
