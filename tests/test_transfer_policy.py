@@ -9,6 +9,7 @@ that may send contexts and turns against it.
 
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
@@ -168,9 +169,7 @@ def test_many_tunnels_are_checked_against_each_other() -> None:
     w = victim_world()
     # (two MNs: one MN's tunnels of one transfer may overlap each other, see above)
     a = rogue_cdbs(sel("10.2.0.0/24", "10.1.1.1/32"), spi_out=0x100, spi_in=0x101)
-    b = rogue_cdbs(
-        sel("10.2.0.0/24", "10.1.1.0/24"), spi_out=0x200, spi_in=0x201, mn="192.0.2.67"
-    )
+    b = rogue_cdbs(sel("10.2.0.0/24", "10.1.1.0/24"), spi_out=0x200, spi_in=0x201, mn="192.0.2.67")
     send_pctd(w, a + b)
     msg = w.drop("sg1", "sg2")
     assert isinstance(msg, cxtp.CTDR) and not msg.all_ok
@@ -227,6 +226,40 @@ def test_forward_only_for_a_tunnel_moved_between_these_two_within_the_window() -
     forward(w, udp_packet(3, up=False), False, "sg1", "sg2")
     assert len(sg2.wire) == 1
     assert sg2.core.counters["forward_refused"] == 3
+
+
+def test_arrived_tunnels_leave_the_forward_table_when_due_or_when_they_move_on() -> None:
+    """The table of arrived tunnels (FORWARDs taken for them) is walked only once an entry may
+    be due, and each leaves it at the first housekeeping after its end; one that moves on
+    leaves it as it moves, not at the next walk."""
+    w = World(("sg1", "sg2", "sg3"))
+    w.transfer("sg1", "sg2")
+    w.deliver("sg1", "sg2")
+    w.deliver("sg2", "sg1")
+    w.deliver("sg1", "sg2")  # COMMIT: active at sg2, which takes sg1's FORWARDs for a while
+    core = w.gw["sg2"].core
+    (t,) = core.arrived
+    until = core.arrived[t][1]
+    assert core._arrived_due == until
+    w.now = until - 0.01
+    core.handle_timer(w.now)
+    assert t in core.arrived and core._arrived_due == until
+    w.now = until - 0.01 + 0.5  # the next housekeeping (twice a second), past its end
+    core.handle_timer(w.now)
+    assert not core.arrived and core._arrived_due == math.inf
+    # Again, and this time it moves on to sg3 within its window: out of the table at once.
+    w.now += 10
+    for src, dst in (("sg2", "sg1"), ("sg1", "sg2")):
+        w.transfer(src, dst)
+        w.deliver(src, dst)
+        w.deliver(dst, src)
+        w.deliver(src, dst)
+    (t,) = core.arrived
+    w.transfer("sg2", "sg3")
+    w.deliver("sg2", "sg3")
+    assert t in core.arrived
+    w.deliver("sg3", "sg2")  # the CTDR: sg2 moves it and sends the COMMIT
+    assert t.state is TunnelState.MOVED and t not in core.arrived
 
 
 def test_forward_for_the_successor_of_a_moved_tunnel_within_the_window() -> None:
@@ -574,7 +607,8 @@ def test_a_unit_in_pieces_is_refused_whole_when_one_piece_is() -> None:
         core = w.gw["sg1"].core
         seen: list[bytes] = []
         core.unit_checks[UNIT_IKEV2] = lambda peer, p, bad=bad, seen=seen: (  # type: ignore[misc]
-            seen.append(p) or ("outside local_ts" if p == bad else None))
+            seen.append(p) or ("outside local_ts" if p == bad else None)
+        )
         send_pctd(w, child_a + child_b + units)
         msg = w.drop("sg1", "sg2")
         assert isinstance(msg, cxtp.CTDR) and msg.all_ok is ok and seen == [b"one", b"two"]

@@ -713,6 +713,7 @@ class TransferCore:
         # Tunnels that arrived from a peer: FORWARDs from that peer are taken for them until
         # the time given (this gateway's forward_time after the commit).
         self.arrived: dict[Tunnel, tuple[str, float]] = {}
+        self._arrived_due = math.inf  # at or before the earliest end in ``arrived``
         # Signals a fenced tunnel could not send at its commit (a cluster member that does
         # not own it yet): sent by resend() once it may.
         self.unsent_signals: dict[Tunnel, list[signalling.SignalItem]] = {}
@@ -1109,6 +1110,8 @@ class TransferCore:
         # native path hands them back as they move) go to the target ahead of the COMMIT.
         self.engine.move_tunnels(accepted, peer, now + self.settings.forward_time)
         self._unmark(accepted)  # moved: the standby is told to drop them
+        for t in accepted:  # (one that arrived here lately: its forward window ends now)
+            self.arrived.pop(t, None)
         # The grant: "leaving" (durable: waited for above) reserved past what the target
         # may send before its own record is; after this COMMIT nothing takes a tunnel back
         # here but a restart's "not taken", which resumes past that reservation.
@@ -1158,6 +1161,8 @@ class TransferCore:
         tunnels = og.tunnels
         self.engine.move_tunnels(tunnels, peer, math.inf)
         self._unmark(tunnels)  # moved: the standby is told to drop them
+        for t in tunnels:  # (as in _commit_when_recorded)
+            self.arrived.pop(t, None)
         out: list[Output] = []
         out += self._final_and_commit(og, tunnels)
         for h in og.held:
@@ -2330,6 +2335,7 @@ class TransferCore:
         # A bulk install shares one signal list among its tunnels (the new address only):
         # encoded once per list, not once per tunnel.
         encoded: dict[int, bytes] = {}
+        self._arrived_due = min(self._arrived_due, until)
         for t in inc.tunnels:
             self.engine.activate(t)
             self.arrived[t] = (peer, until)
@@ -2539,9 +2545,17 @@ class TransferCore:
             for k3, until in list(self.not_taken.items()):
                 if now >= until:
                     del self.not_taken[k3]
-            for t, (_, until) in list(self.arrived.items()):
-                if now >= until or t.state is TunnelState.MOVED:
-                    del self.arrived[t]
+            if now >= self._arrived_due:
+                # Walked only once an entry may be due (a bulk transfer's thousands stay for
+                # the forward time, and were walked twice a second); a tunnel that moved on
+                # meanwhile left it when it moved (_commit_when_recorded).
+                due = math.inf
+                for t, (_, until) in list(self.arrived.items()):
+                    if now >= until or t.state is TunnelState.MOVED:
+                        del self.arrived[t]
+                    elif until < due:
+                        due = until
+                self._arrived_due = due
             self.engine.expire_moved(now)
         return out
 
