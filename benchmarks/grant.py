@@ -1,13 +1,15 @@
-"""The grant (docs/state.md, "the grant") against activation after the target's own "pending"
-row, in one run: the demo's topology (two gateways in one process, TLS 1.3 on loopback,
-durable state in a temporary directory), ``--handovers`` single-tunnel handovers back and
-forth as ``ipsecct bench transfer`` does, ``[transfer] grant`` switched on both gateways
-before each handover (on, off, on, ...: every shape sees the same machine and both
-directions). Per shape: the median time from the operator's trigger to the target's
-activation (what ``bench transfer``'s handover_ms is the median of), its 90th percentile,
-and how many handovers the target activated under the grant.
+"""The grant (docs/state.md, "the grant") and lazy writes (``DurableState.lazy_delay``) against
+the handover without them, in one run: the demo's topology (two gateways in one process,
+TLS 1.3 on loopback, durable state in a temporary directory), ``--handovers`` single-tunnel
+handovers back and forth as ``ipsecct bench transfer`` does, the shape switched on both
+gateways before each pair of handovers, in turn: ``pending`` (no grant, "given away" and
+"taken over" woken after the current callback: the handover before this session),
+``grant`` (the grant only) and ``grant_lazy`` (both: the gateway's defaults). Per shape: the
+median time from the operator's trigger to the target's activation (what ``bench
+transfer``'s handover_ms is the median of), its 90th percentile, and how many handovers the
+target activated under the grant.
 
-    .venv/bin/python benchmarks/grant.py [--handovers 60]
+    .venv/bin/python benchmarks/grant.py [--handovers 90]
 """
 
 from __future__ import annotations
@@ -27,8 +29,9 @@ async def main(handovers: int) -> dict[str, Any]:
     from ipsecct.demo import handover as demo_handover
     from ipsecct.demo import topology as demo
     from ipsecct.gateway import gcpolicy
+    from ipsecct.gateway.state import LAZY_WRITE_DELAY, DurableState
 
-    arms = ("pending", "grant")
+    arms = ("pending", "grant", "grant_lazy")
     times: dict[str, list[float]] = {a: [] for a in arms}
     granted = {a: 0 for a in arms}
     with tempfile.TemporaryDirectory(prefix="ipsecct-grant-") as tmp:
@@ -40,9 +43,12 @@ async def main(handovers: int) -> dict[str, Any]:
             loop = asyncio.get_running_loop()
             for i in range(handovers + 2):
                 # on and off in turn; each shape moves both ways (4 handovers a cycle)
-                arm = arms[(i // 2) % 2]
+                arm = arms[(i // 2) % len(arms)]
                 for g in dm.gateways:
-                    ts[g].core.settings.grant = arm == "grant"
+                    ts[g].core.settings.grant = arm != "pending"
+                    st = ts[g].core.journal
+                    assert isinstance(st, DurableState)
+                    st.lazy_delay = LAZY_WRITE_DELAY if arm == "grant_lazy" else 0.0
                 src, dst = ("sg1", "sg2") if i % 2 == 0 else ("sg2", "sg1")
                 spi = ts[src].node.engine.tunnels()[0].outbound.spi
                 fut: asyncio.Future[Record] = loop.create_future()
@@ -80,6 +86,6 @@ async def main(handovers: int) -> dict[str, Any]:
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--handovers", type=int, default=60)
+    ap.add_argument("--handovers", type=int, default=90)
     args = ap.parse_args()
     print(json.dumps(asyncio.run(main(args.handovers))))

@@ -152,6 +152,7 @@ _ARRIVAL_INDEX = "CREATE INDEX arrival_by_peer ON arrival (peer, changed)"
 # Arrivals kept per peer at most, whatever their age: a peer that transfers more within the
 # retention has its oldest pruned early (queries about those are answered "taken").
 MAX_ARRIVALS_PER_PEER = 65536
+LAZY_WRITE_DELAY = 0.01  # s: DurableState.lazy_delay
 
 
 
@@ -658,6 +659,13 @@ class DurableState:
         # One thread: the writes are made in submission order anyway (_wlock).
         self._writer: concurrent.futures.ThreadPoolExecutor | None = None
         self._kick_due = False  # a non-urgent submission's wake-up is queued on the loop
+        # Writes nothing waits for ("given away" after a COMMIT, "taken over" at an
+        # activation, a cancelled arrival) wake the writer only this long after they were
+        # submitted (or with the next write that wakes it sooner): their thread then does not
+        # compete with the handover's next steps for the GIL and the CPUs (0: after the
+        # current callback, as the others). benchmarks/README.md, "lazy writes".
+        self.lazy_delay = LAZY_WRITE_DELAY
+        self._lazy_due = False
         # Is a transfer's "pending" write urgent (its thread woken at once, before the CTDR
         # leaves)? No: with the COMMIT after the CTDR activation waits for it only a round
         # trip later, and with commit what you accept, where the COMMIT follows the contexts
@@ -971,6 +979,7 @@ class DurableState:
         then: Callable[[bool], None] | None = None,
         *,
         urgent: bool = True,
+        lazy: bool = False,
         arrivals: list[tuple[int, str]] | None = None,
     ) -> Write:
         """Queue ``rows`` for the ownership writer; returns at once. Without a running writer
@@ -995,11 +1004,20 @@ class DurableState:
             return w
         if urgent:
             self._wake_writer()
+        elif lazy and self.lazy_delay > 0:
+            if not self._lazy_due:
+                self._lazy_due = True
+                self._loop.call_later(self.lazy_delay, self._lazy_kick)
         elif not self._kick_due:
             # After the current callback (no task: a plain callback in the loop's queue).
             self._kick_due = True
             self._loop.call_soon(self._kick)
         return w
+
+    def _lazy_kick(self) -> None:
+        self._lazy_due = False
+        if self._owq:  # (a write woken sooner took them)
+            self._kick()
 
     def _kick(self) -> None:
         self._kick_due = False
@@ -1161,6 +1179,7 @@ class DurableState:
         return self._submit(
             self._rows(tunnels, Owner.OWNED, f"taken over from {peer}", transfer_id),
             urgent=False,
+            lazy=True,
         )
 
     def leaving(self, tunnels: Sequence[Tunnel], peer: str, transfer_id: int) -> Write:
@@ -1177,7 +1196,7 @@ class DurableState:
     def left(self, tunnels: Sequence[Tunnel], peer: str, transfer_id: int) -> Write:
         rows = self._rows(tunnels, Owner.AWAY, f"given to {peer}", transfer_id, peer)
         self._resolved(tunnels, rows)
-        return self._submit(rows, urgent=False)
+        return self._submit(rows, urgent=False, lazy=True)
 
     def resumed(self, tunnels: Sequence[Tunnel], peer: str) -> Write:
         rows, then = self._adoption(
@@ -1296,6 +1315,7 @@ class DurableState:
         return self._submit(
             self._rows(tunnels, Owner.AWAY, f"stayed with {peer} (transfer cancelled)"),
             urgent=False,
+            lazy=True,
         )
 
     def added(self, sa: SecurityAssociation) -> None:
