@@ -807,3 +807,72 @@ def test_a_target_whose_disk_is_full_never_sends_a_number_twice(gws: Gateways) -
         gws.stop()
         subprocess.run(["umount", "-l", str(state)], check=False)
 
+
+
+def test_a_standby_takes_over_a_tunnel_its_active_was_transferring_and_asks_the_target(
+    tmp_path: Path,
+) -> None:
+    """Real processes, every ESP datagram off the wire (docs/cluster.md, "a tunnel
+    transferred away"). sg1 (active, standby sg2) starts moving a tunnel to sg3, which is
+    frozen (SIGSTOP: no CTDR, no COMMIT); sg2 holds the tunnel's replica marked leaving;
+    sg1 is killed, sg3 thawed. sg2 takes sg1's tunnels over, that one held: it asks sg3,
+    which either holds the transfer installed (the query is its COMMIT: "taken", sg3 serves
+    it) or heard the query first ("not taken": sg2 serves it, past the grant, and sg3
+    refuses the late contexts). Either way one gateway serves it and nothing is sent twice;
+    sg2 serves the others."""
+    cap = Capture()
+    g = Gateways(tmp_path, cap.port, tunnels=3, block=64)
+    fo = "dead_ms = 1500\n"  # a detection time a loaded machine does not reach by starving sg1
+    g.write("sg1", peers=["sg2", "sg3"], extra=f'[failover]\nrole = "active"\npeer = "sg2"\n{fo}')
+    g.write(
+        "sg2", peers=["sg1", "sg3"], with_tunnels=False,
+        extra=f'[failover]\nrole = "standby"\npeer = "sg1"\n{fo}',
+    )  # fmt: skip
+    g.write("sg3", peers=["sg1", "sg2"], with_tunnels=False)
+    traffic = None
+    try:
+        for n in ("sg2", "sg3", "sg1"):
+            g.start(n)
+        inner = [g.ports[n]["inner"] for n in ("sg1", "sg2", "sg3")]
+        traffic = Traffic(3, inner, pps=600)
+        port = {n: g.ports[n]["outer"] for n in ("sg1", "sg2", "sg3")}
+        wait_for(lambda: g.status("sg2")["failover"].get("replicated_tunnels") == 3,
+                 "nothing replicated")  # fmt: skip
+        spi = 0x20000000
+        freeze(g, "sg3", True)
+        sock = str(g.dir / "sg1.sock")
+
+        def transfer() -> None:
+            with contextlib.suppress(ControlError, OSError):
+                request(sock, "transfer", {"spi": hex(spi), "to": "sg3"}, 30)
+
+        th = threading.Thread(target=transfer)
+        th.start()
+        wait_for(lambda: g.status("sg2")["failover"].get("replicated_leaving") == 1,
+                 "the standby never held the tunnel marked leaving")  # fmt: skip
+        g.kill("sg1")
+        th.join(30)
+        freeze(g, "sg3", False)
+        wait_for(lambda: g.status("sg2")["failover"]["role"] == "took over", "no take-over")
+        wait_for(lambda: settled(g, ["sg2", "sg3"]), "the standby's query was not answered",
+                 detail=lambda: g.log("sg2"))  # fmt: skip
+        assert "event=failover-leaving-held" in g.log("sg2")
+        details = {r["detail"] for r in g.status("sg2")["transfers"]["recent"]}
+        assert details & {"taken by sg3", "not taken by sg3: kept"}, details
+        cap.sync()
+        t0 = time.monotonic()
+        time.sleep(0.6)  # about 60 datagrams of each tunnel
+        cap.sync()
+        ports = senders_since(cap, t0)
+        assert len(ports[spi]) == 1 and ports[spi] <= {port["sg2"], port["sg3"]}, ports
+        assert all(ports[spi + i] == {port["sg2"]} for i in (1, 2)), ports
+        active = {n for n in ("sg2", "sg3") if spi in g.active_spis(n)}
+        assert len(active) == 1, active
+        assert cap.duplicates() == []
+    finally:
+        if traffic is not None:
+            traffic.close()
+        with contextlib.suppress(Exception):
+            freeze(g, "sg3", False)
+        g.stop()
+        cap.close()

@@ -602,6 +602,9 @@ class FailoverDriver:
                 # woke up past its dead time and asked the peer before taking over
                 "resumed": self.resumed,
                 "replicated_tunnels": len(self.standby.replica),
+                # of them, marked leaving: the active is transferring them away (a take-over
+                # holds them and asks their target, docs/cluster.md)
+                "replicated_leaving": len(self.standby.marks),
                 "replicated_ike_sas": len(self.standby.extra),
                 # IKE SA replicas this gateway could not take over (not kept; the active
                 # was told)
