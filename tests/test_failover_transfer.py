@@ -11,6 +11,8 @@ replica + ``seq_margin`` while sg3 sent on from sg1's last number: once sg3 had 
 
 from __future__ import annotations
 
+from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from hypothesis import given, settings
@@ -339,3 +341,73 @@ def test_contexts_late_behind_a_standbys_query_are_refused() -> None:
     assert not p.g3.engine.tunnels()
     p.both_send()
     assert p.g2.wire and not p.g3.wire and not p.pairs_twice()
+
+
+def test_the_durable_state_records_a_marked_take_over_leaving_and_unresolved(
+    tmp_path: Path,
+) -> None:
+    """With a real store: a standby's take-over of a marked tunnel is recorded "leaving" to
+    the target by the transfer (ceiling at least its counter, already past the margin and
+    the grant), listed unresolved (asked about, in status, given up by sa discard); "not
+    taken" resumes it past that ceiling; and a restart before the answer finds the row
+    "leaving": it asks again rather than resume."""
+    from ipsecct.ct.journal import Owner
+    from ipsecct.gateway import state as state_mod
+
+    p = started()
+    p.w.transfer("sg1", "sg3")
+    p.sync()
+    p.die()
+    p.w.now += 1.0
+    store, lock = state_mod.open_store(tmp_path / "s", "sg2", [], fresh=False)
+    node = SimpleNamespace(name="sg2", extensions={}, on_reserve=None)
+    st = state_mod.DurableState(node, store, lock, 1024)  # type: ignore[arg-type]
+    p.sb.journal = st
+    p.sb.take_over(p.w.now)
+    ((mark, (t,)),) = p.sb.leaving_taken
+    row = store.load()[store.fingerprint(t.outbound)]
+    assert (row.owner, row.transfer, row.gateway) == (Owner.LEAVING, mark.tid, "sg3")
+    assert row.ceiling >= t.outbound.seq >= mark.at + GRANT
+    assert st.unresolved_transfers() == {(mark.tid, "sg3"): [t.outbound]}
+    st.not_asked(mark.tid, "sg3", "peer 'sg3' is not among [[peers]]")
+    assert list(st.unasked.values()) == ["peer 'sg3' is not among [[peers]]"]
+    seq = t.outbound.seq
+    assert st.resumed([t], "sg3").done  # "not taken"
+    assert not st.unresolved_transfers()
+    after = store.load()[store.fingerprint(t.outbound)]
+    assert after.owner is Owner.OWNED and after.ceiling > row.ceiling and t.outbound.seq >= seq
+    store.close()
+
+
+def test_the_driver_asks_a_target_among_its_peers_and_tells_of_one_that_is_not() -> None:
+    """FailoverDriver after a take-over: each mark's target is asked (the decision query,
+    with the transfer's age since the mark first came); a target not among [[peers]] is
+    not asked, and the durable state tells the operator (transfer-outcome-unknowable,
+    status, sa discard)."""
+    from ipsecct.gateway.failover_driver import FailoverDriver
+
+    asked: list[Any] = []
+    unasked: list[Any] = []
+    core = SimpleNamespace(
+        recall_unresolved=lambda tr, now, ages: asked.append((tr, ages)) or [],
+    )
+    me = SimpleNamespace(
+        transfer=SimpleNamespace(
+            core=core, tcfg=SimpleNamespace(peers={"sg3": None}), run=lambda outs: None
+        ),
+        journal=SimpleNamespace(not_asked=lambda *a: unasked.append(a)),
+        node=SimpleNamespace(name="sg2"),
+        cfg=SimpleNamespace(peer="sg1"),
+    )
+    t1, t2 = object(), object()
+    sb = SimpleNamespace(
+        leaving_taken=[
+            (failover.LeavingMark(1, "sg3", 5), [t1]),
+            (failover.LeavingMark(2, "sg9", 5), [t2]),
+        ],
+        mark_seen={1: 10.0, 2: 11.0},
+    )
+    FailoverDriver._ask_about_leaving(me, sb, 12.5)  # type: ignore[arg-type]
+    assert asked == [([(1, "sg3", [t1])], {1: 2.5})]
+    assert unasked == [(2, "sg9", "peer 'sg9' is not among [[peers]]")]
+    assert sb.leaving_taken == []
