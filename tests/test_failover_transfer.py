@@ -411,3 +411,22 @@ def test_the_driver_asks_a_target_among_its_peers_and_tells_of_one_that_is_not()
     assert asked == [([(1, "sg3", [t1])], {1: 2.5})]
     assert unasked == [(2, "sg9", "peer 'sg9' is not among [[peers]]")]
     assert sb.leaving_taken == []
+
+
+def test_a_move_to_another_candidate_waits_for_the_standby_to_hold_the_new_target() -> None:
+    """The transfer moves on to another candidate (same transfer id, new target): the
+    COMMIT to it waits for the standby to hold the mark naming the new target; the old
+    mark's acknowledgement does not do (the standby would ask the gateway that refused)."""
+    p = started()
+    t = p.w.tunnel
+    core = p.g1.core
+    tid = p.w.transfer("sg1", "sg3")
+    p.sync()
+    assert p.sb.marks[t.outbound.spi].peer == "sg3"
+    core.leaving[t] = failover.LeavingMark(tid, "sg2", core.leaving[t].at)  # moved on
+    w = p.r.told([t], tid)
+    assert not w.settled
+    p.r._acknowledged()  # the old mark's acknowledgement again: not enough
+    assert not w.settled
+    p.sync()
+    assert w.done and p.sb.marks[t.outbound.spi].peer == "sg2"

@@ -519,10 +519,11 @@ class Replicator:
     # -- transfers away: the standby learns of them before the COMMIT ------------------------
     def told(self, tunnels: Iterable[Tunnel], tid: int | None) -> Write:
         """A Write done once the standby has acknowledged that it holds each of ``tunnels``
-        marked leaving by transfer ``tid`` (or not at all); with ``tid`` None, unmarked (or
-        not at all). ``leaving_of`` must already say so: the next poll (made due now) sends
-        the change. Failed if the standby takes over first; never settled otherwise (the
-        transfer's own deadline decides then)."""
+        with its mark as ``leaving_of`` says it now (a mark of transfer ``tid``: the same
+        target too, after a move to another candidate), or not at all; with ``tid`` None,
+        unmarked (or not at all). ``leaving_of`` must already say so: the next poll (made
+        due now) sends the change. Failed if the standby takes over first; never settled
+        otherwise (the transfer's own deadline decides then)."""
         w = Write()
         if self.superseded_by is not None:
             w.fail(f"the standby took over (epoch {self.superseded_by})")
@@ -536,6 +537,7 @@ class Replicator:
 
     def _settle_wait(self, wait: _Wait) -> bool:
         told, acked = self._told, self._acked
+        leaving_of = self.leaving_of
         done = []
         for t in wait.pending:
             st = told.get(t)
@@ -543,11 +545,15 @@ class Replicator:
                 # Never marked since the standby last started afresh: it holds it unmarked
                 # (or not at all): what a rollback waits for, never what a COMMIT does.
                 ok = wait.want is None
+            elif st.seq > acked:
+                ok = False
+            elif not st.present:
+                ok = True
+            elif wait.want is None:
+                ok = st.mark is None
             else:
-                ok = st.seq <= acked and (
-                    not st.present
-                    or (st.mark.tid == wait.want if st.mark is not None else wait.want is None)
-                )
+                now = leaving_of(t) if leaving_of is not None else None
+                ok = st.mark is not None and st.mark.tid == wait.want and st.mark == now
             if ok:
                 done.append(t)
         wait.pending.difference_update(done)
