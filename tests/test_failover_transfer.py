@@ -256,36 +256,43 @@ def test_nobody_to_ask_the_tunnel_stays_held() -> None:
     assert not p.g2.wire
 
 
-def test_leaving_mark_cdb_round_trip_and_malformed() -> None:
+def test_leaving_mark_cdb_round_trip() -> None:
     m = failover.LeavingMark(0x0123456789ABCDEF, "sg3", 1 << 40)
-    cdb = failover.leaving_cdb(m, 3)
-    assert failover.parse_leaving(cdb) == m
+    cdb = failover.leaving_cdb(0x2001, m, 3)
+    assert failover.parse_leaving(cdb) == (0x2001, m)
     assert failover.parse_sync_kind(cdb)[0] == failover.SYNC_LEAVING
+    assert failover.parse_leaving(failover.leaving_cdb(0x2001, None, 3)) == (0x2001, None)
     assert failover.parse_leaving(failover.sync_cdb([], 1)) is None
 
 
 @settings(max_examples=200, deadline=None)
 @given(data=st.binary(max_size=64))
 def test_parse_leaving_fuzz(data: bytes) -> None:
-    """parse_leaving reads bytes from the network: a CxtpError, None or a mark, nothing
-    else."""
-    head = failover.leaving_cdb(failover.LeavingMark(1, "x", 2), 1)[:4]
+    """parse_leaving reads bytes from the network: a CxtpError, None, or an SPI and a mark
+    (or none), nothing else."""
+    head = failover.leaving_cdb(1, failover.LeavingMark(1, "x", 2), 1)[:4]
     for cdb in (head + data, head + bytes((failover.SYNC_LEAVING,)) + data):
         try:
-            mark = failover.parse_leaving(cdb)
+            got = failover.parse_leaving(cdb)
         except CxtpError:
             continue
-        assert mark is None or (mark.peer and 0 <= mark.tid < 1 << 64 and 0 <= mark.at < 1 << 64)
+        if got is not None:
+            spi, mark = got
+            assert 0 <= spi <= 0xFFFFFFFF
+            assert mark is None or (
+                mark.peer and 0 <= mark.tid < 1 << 64 and 0 <= mark.at < 1 << 64
+            )
 
 
 @settings(max_examples=100, deadline=None)
 @given(cut=st.integers(0, 200), flip=st.integers(0, 255))
 def test_a_standby_takes_a_damaged_marked_sync_whole_or_not_at_all(cut: int, flip: int) -> None:
-    """A sync message with a mark, damaged (a CDB's octet changed): the standby raises
-    CxtpError (the driver logs sync-malformed) or applies it; a mark is only ever kept with
-    the contexts of its tunnel."""
-    p = started()
+    """A sync message with contexts and a mark, damaged (a CDB's octet changed): the
+    standby raises CxtpError (the driver logs sync-malformed) or applies it, nothing else."""
+    p = started(mbb=True)  # (the tunnel sends on while it is being transferred)
     p.w.transfer("sg1", "sg3")
+    for i in range(20):
+        p.w.host_send("sg1", i)  # sync_packets: its contexts go with the mark
     p.w.now += 0.011
     (m,) = p.r.handle_timer(p.w.now)
     assert isinstance(m, cxtp.CTD)
@@ -301,7 +308,8 @@ def test_a_standby_takes_a_damaged_marked_sync_whole_or_not_at_all(cut: int, fli
         sb.receive(cxtp.CTD(m.mn_prev, 0, tuple(cdbs)), p.w.now)
     except CxtpError:
         return
-    assert set(sb.marks) <= set(sb.replica)
+    assert all(isinstance(v, failover.LeavingMark) for v in sb.marks.values())
+    assert all(isinstance(v, list) for v in sb.replica.values())
 
 
 def test_an_ike_sa_whose_child_sas_all_leave_is_not_taken_over() -> None:

@@ -99,11 +99,12 @@ SYNC_JOIN = 6
 # standby without the IKE SA's connection, or whose policy does not admit it), so that the
 # active's operator learns it before a take-over rather than after.
 SYNC_REFUSED = 7
-# Inside a HEARTBEAT/FULL message, before a tunnel's contexts: that tunnel is being
-# transferred away (its target gateway, the transfer's id and the number it is transferred
-# at). A tunnel's contexts without it clear the mark. A standby that takes over a tunnel so
-# marked does not send on it: it asks the target (the decision query), as a restarted
-# source asks, and the active's COMMIT waits until the standby has acknowledged the mark.
+# Inside a HEARTBEAT/FULL message, after the contexts: the tunnel with this outbound SPI is
+# being transferred away (its target gateway, the transfer's id and the number it is
+# transferred at), or, with no target, no longer is. Sent when that changes, without the
+# tunnel's contexts. A standby that takes over a tunnel so marked does not send on it: it
+# asks the target (the decision query), as a restarted source asks, and the active's COMMIT
+# waits until the standby has acknowledged the mark.
 SYNC_LEAVING = 8
 _SYNC_KINDS = (
     SYNC_HEARTBEAT, SYNC_FULL, SYNC_ACK, SYNC_TAKEN, SYNC_JOIN, SYNC_REFUSED, SYNC_LEAVING
@@ -117,7 +118,8 @@ MAX_EXTRA_CDBS = 64
 # refused (SYNC_REFUSED), as one its connections do not admit: the active's operator is told.
 MAX_EXTRAS = 65536
 _SYNC = struct.Struct("!BxHI")  # kind, number of removed SPIs, epoch
-_LEAVING = struct.Struct("!QQB")  # transfer id, transferred number, length of the name
+# transfer id, transferred number, outbound SPI, length of the name (0: the mark is cleared)
+_LEAVING = struct.Struct("!QQIB")
 FIRST_EPOCH = 1
 
 
@@ -192,21 +194,23 @@ def parse_extra(cdb: bytes) -> tuple[bytes, int] | None:
     return key, count
 
 
-def leaving_cdb(mark: LeavingMark, epoch: int) -> bytes:
-    """The SYNC CDB that marks the tunnel whose contexts follow as leaving (``mark``)."""
-    name = mark.peer.encode()
-    if not name or len(name) > MAX_PEER_NAME:
+def leaving_cdb(spi: int, mark: LeavingMark | None, epoch: int) -> bytes:
+    """The SYNC CDB that marks the tunnel with outbound SPI ``spi`` as leaving (``mark``),
+    or clears its mark (None)."""
+    name = mark.peer.encode() if mark is not None else b""
+    if (mark is not None and not name) or len(name) > MAX_PEER_NAME:
         raise CxtpError("a leaving mark's gateway name is empty or too long")
+    tid, at = (mark.tid, mark.at) if mark is not None else (0, 0)
     return frame(
         FPT_SYNC,
         _SYNC.pack(SYNC_LEAVING, 0, epoch & 0xFFFFFFFF)
-        + _LEAVING.pack(mark.tid & (1 << 64) - 1, mark.at & (1 << 64) - 1, len(name))
+        + _LEAVING.pack(tid & (1 << 64) - 1, at & (1 << 64) - 1, spi & 0xFFFFFFFF, len(name))
         + name,
     )
 
 
-def parse_leaving(cdb: bytes) -> LeavingMark | None:
-    """The mark of a SYNC_LEAVING CDB, None for any other CDB."""
+def parse_leaving(cdb: bytes) -> tuple[int, LeavingMark | None] | None:
+    """(outbound SPI, mark; None: cleared) of a SYNC_LEAVING CDB, None for any other CDB."""
     if cxtp.cdb_fpt(cdb) != FPT_SYNC:
         return None
     p = unframe(cdb)
@@ -215,15 +219,17 @@ def parse_leaving(cdb: bytes) -> LeavingMark | None:
     off = _SYNC.size + _LEAVING.size
     if len(p) < off:
         raise CxtpError("leaving mark CDB too short")
-    tid, at, n = _LEAVING.unpack_from(p, _SYNC.size)
+    tid, at, spi, n = _LEAVING.unpack_from(p, _SYNC.size)
+    if not n:
+        return spi, None
     name = p[off : off + n]
-    if not n or len(name) != n:
+    if len(name) != n:
         raise CxtpError("leaving mark CDB malformed")
     try:
         peer = name.decode()
     except UnicodeDecodeError:
         raise CxtpError("leaving mark CDB: the gateway name is not UTF-8") from None
-    return LeavingMark(tid, peer, at)
+    return spi, LeavingMark(tid, peer, at)
 
 
 def refused_cdb(key: bytes, why: str, epoch: int) -> bytes:
@@ -339,10 +345,9 @@ class _Synced:
 
 @dataclass
 class _Told:
-    """What the standby holds of a tunnel that was marked leaving, as of message ``seq``:
-    its contexts (``present``) with ``mark`` (None: unmarked), or nothing."""
+    """The mark the standby holds for a tunnel that was marked leaving (None: none, or it
+    holds nothing of the tunnel), as of message ``seq``."""
 
-    present: bool
     mark: LeavingMark | None
     seq: int
 
@@ -350,8 +355,8 @@ class _Told:
 @dataclass
 class _Wait:
     """A :class:`Write` done once the standby acknowledged, for every tunnel of ``pending``,
-    a state that is ``want`` (a transfer id: marked leaving by it, or absent; None:
-    unmarked, or absent)."""
+    a state that is ``want`` (a transfer id: marked leaving by it, with the mark the
+    tunnel has now; None: unmarked, or absent)."""
 
     write: Write
     pending: set[Tunnel]
@@ -421,10 +426,10 @@ class Replicator:
         # message; its replicas are good only under that lease (forget_floors()).
         self.target_lease: int | None = None
         # Transfers away (docs/cluster.md, "a tunnel transferred away"): the mark of each
-        # tunnel being transferred (None: none), asked at every poll; a tunnel whose mark
-        # changed is sent again (with it, or without). ``_marked``: the marks sent last;
-        # ``_told``: for tunnels marked since the last FULL, what the standby holds as of
-        # which message; ``_acked``: the highest message number acknowledged.
+        # tunnel being transferred (None: none), asked at every poll; a change goes as a
+        # LEAVING CDB (the contexts are not sent again for it). ``_marked``: the marks sent
+        # last; ``_told``: for tunnels marked since the last FULL, their mark at the
+        # standby as of which message; ``_acked``: the highest message number acknowledged.
         self.leaving_of: Callable[[Tunnel], LeavingMark | None] | None = None
         self._marked: dict[Tunnel, LeavingMark] = {}
         self._told: dict[Tunnel, _Told] = {}
@@ -547,8 +552,6 @@ class Replicator:
                 ok = wait.want is None
             elif st.seq > acked:
                 ok = False
-            elif not st.present:
-                ok = True
             elif wait.want is None:
                 ok = st.mark is None
             else:
@@ -568,7 +571,7 @@ class Replicator:
             self._waits.remove(w)
         # What the standby holds unmarked (or not at all) needs no more tracking.
         for t in [t for t, st in self._told.items()
-                  if st.seq <= self._acked and (not st.present or st.mark is None)
+                  if st.seq <= self._acked and st.mark is None
                   and t not in self._marked]:  # fmt: skip
             del self._told[t]
         if settled and self.on_told is not None:
@@ -632,7 +635,13 @@ class Replicator:
         select = self.select
         leaving_of = self.leaving_of
         marked = self._marked
+        told = self._told
+        if full:
+            marked.clear()  # the FULL drops every mark; those still due go again below
+            for k in told:
+                told[k] = _Told(None, self.seq)
         marks: dict[Tunnel, LeavingMark] = {}
+        mark_due: list[Tunnel] = []
         for t in self.engine.tunnels():
             mark = leaving_of(t) if leaving_of is not None else None
             if t.state is not TunnelState.ACTIVE and (
@@ -645,9 +654,11 @@ class Replicator:
             live.add(t)
             if mark is not None:
                 marks[t] = mark
+            if mark != marked.get(t):
+                mark_due.append(t)
             c = self._counter(t)
             st = self.synced.get(t)
-            if st is None or full or mark != marked.get(t):
+            if st is None or full:
                 due.append(t)
                 continue
             if c != st.packets:
@@ -666,16 +677,11 @@ class Replicator:
             self.on_extra_resync()
         gone = [k for k in self.synced if k not in live]
         removed = [self.spi_of.pop(k) for k in gone]
-        told = self._told
         for k in gone:
             del self.synced[k]
             marked.pop(k, None)
             if k in told:
-                told[k] = _Told(False, None, self.seq)  # the first message removes it
-        if full:
-            marked.clear()
-            for k in told:
-                told[k] = _Told(False, None, self.seq)  # the FULL drops it; sent again below
+                told[k] = _Told(None, self.seq)  # the first message removes it
         leaving: list[Tunnel] = []
         gone_set = set(gone)
         for k in [k for k in self.floor if k not in live]:
@@ -694,10 +700,7 @@ class Replicator:
                 continue
             try:
                 pair = [context.encode(sa, now) for sa in t.sas()]
-                mark = marks.get(t)
-                if mark is not None:
-                    pair.insert(0, leaving_cdb(mark, self.epoch))
-            except (ContextError, CxtpError):
+            except ContextError:
                 self.unreplicable += 1  # e.g. a replay window too large for a CDB
                 continue
             used += sum(map(len, pair))
@@ -725,12 +728,20 @@ class Replicator:
             upserts, extra_gone = self.extra.poll_extra(now, full)
         else:
             upserts, extra_gone = self.extra.poll_extra(now, full, max(0, budget - used))
+        # Marks that changed (after the contexts: a new tunnel's replica arrives first).
+        mark_cdbs: list[tuple[Tunnel, bytes]] = []
+        for t in mark_due:
+            try:
+                mark_cdbs.append((t, leaving_cdb(t.outbound.spi, marks.get(t), self.epoch)))
+            except CxtpError:
+                self.unreplicable += 1  # a gateway name too long (configuration checks it)
         if (
             not full
             and not pairs
             and not removed
             and not upserts
             and not extra_gone
+            and not mark_cdbs
             and (now - self.last_sent) * 1000 < self.cfg.heartbeat_ms
         ):
             return []
@@ -763,15 +774,19 @@ class Replicator:
             if tc is not None:
                 gcarried[-1].append(tc)
             size += psize
-        for gi, gc in enumerate(gcarried):
-            for t, _seq in gc:
-                mark = marks.get(t)
-                if mark is not None:
-                    marked[t] = mark
-                else:
-                    marked.pop(t, None)
-                if mark is not None or t in told:
-                    told[t] = _Told(True, mark, self.seq + gi)
+        for t, cdb in mark_cdbs:
+            if size + len(cdb) > budget:
+                groups.append([sync_cdb([], self.epoch, lease=lease)])
+                gcarried.append([])
+                size = len(groups[-1][0])
+            groups[-1].append(cdb)
+            size += len(cdb)
+            mark = marks.get(t)
+            if mark is not None:
+                marked[t] = mark
+            else:
+                marked.pop(t, None)
+            told[t] = _Told(mark, self.seq + len(groups) - 1)
         msgs: list[cxtp.Message] = []
         for g, gc in zip(groups, gcarried, strict=True):
             part = cxtp.batch_cdbs(template, g, self.session, first_seq=self.seq + len(msgs))
@@ -838,7 +853,8 @@ class Standby:
     # What the last take-over left out that way: (key, why, outbound SPIs).
     not_taken: list[tuple[bytes, str, list[int]]] = field(default_factory=list)
     # Tunnels the active marked leaving (outbound SPI -> mark: a transfer away was under
-    # way). A take-over installs them held, sends nothing on them, and lists them in
+    # way; a mark may come before the tunnel's contexts). A take-over installs them held,
+    # sends nothing on them, and lists them in
     # ``leaving_taken`` (mark, tunnels): the gateway asks each mark's target (the decision
     # query) whether it took them.
     marks: dict[int, LeavingMark] = field(default_factory=dict)
@@ -884,15 +900,16 @@ class Standby:
             cdbs = cdbs[1:]
         # Contexts come as (outbound, inbound) pairs; remember the latest of each tunnel. Extra
         # contexts come as a SYNC_EXTRA CDB and the CDBs it counts.
-        pairs: list[tuple[int, list[bytes], LeavingMark | None]] = []
+        pairs: list[tuple[int, list[bytes]]] = []
         extras: list[tuple[bytes, list[bytes] | None]] = []
+        leaves: list[tuple[int, LeavingMark | None]] = []
         i = 0
         while i < len(cdbs):
-            mark = parse_leaving(cdbs[i])
-            if mark is not None:
+            lv = parse_leaving(cdbs[i])
+            if lv is not None:
+                leaves.append(lv)
                 i += 1
-                if i >= len(cdbs) or cxtp.cdb_fpt(cdbs[i]) == FPT_SYNC:
-                    raise CxtpError("a leaving mark without the contexts of its tunnel")
+                continue
             ex = parse_extra(cdbs[i])
             if ex is not None:
                 key, count = ex
@@ -913,7 +930,7 @@ class Standby:
                 i += 2
             else:
                 i += 1
-            pairs.append((spi, pair, mark))
+            pairs.append((spi, pair))
         if self.took_over is not None or epoch < self.epoch:
             # We own these tunnels now: tell the old active, apply nothing.
             return [self._reply(msg, tag, SYNC_TAKEN)]
@@ -961,9 +978,10 @@ class Standby:
             self.replica.pop(spi, None)
             self._ready.pop(spi, None)
             self.marks.pop(spi, None)
-        for spi, pair, mark in pairs:
+        for spi, pair in pairs:
             self.replica[spi] = pair
             self._dirty.append((spi, now))
+        for spi, mark in leaves:
             if mark is not None:
                 self.marks[spi] = mark
                 self.mark_seen.setdefault(mark.tid, now)

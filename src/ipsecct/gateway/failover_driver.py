@@ -604,7 +604,8 @@ class FailoverDriver:
                 "replicated_tunnels": len(self.standby.replica),
                 # of them, marked leaving: the active is transferring them away (a take-over
                 # holds them and asks their target, docs/cluster.md)
-                "replicated_leaving": len(self.standby.marks),
+                "replicated_leaving": sum(1 for s in self.standby.marks
+                                          if s in self.standby.replica),
                 "replicated_ike_sas": len(self.standby.extra),
                 # IKE SA replicas this gateway could not take over (not kept; the active
                 # was told)
