@@ -45,6 +45,13 @@ hold for it (the last acknowledged replication, else the first one sent): the st
 above that value plus the margin, so no sequence number is sent twice even when the margin is
 spent within one lease.
 
+Transfers away (docs/cluster.md, "a tunnel transferred away"). A tunnel the active is
+transferring to another gateway is replicated marked leaving (SYNC_LEAVING: the target, the
+transfer id, the number it is transferred at); the transfer's COMMIT waits for the standby
+to acknowledge the mark (:meth:`Replicator.told`, the transfer core's ``standby_gate``). A
+standby that takes a marked tunnel over holds it and asks the target (the decision query)
+instead of sending beside it (:attr:`Standby.leaving_taken`).
+
 Epochs. Both start in epoch 1; a take-over starts the next epoch. The standby that took over
 answers the old active's messages with TAKEN (its epoch): the old active gives up its lease
 for good and removes its tunnels (the taker owns them). The taker then runs alone: it needs no
