@@ -648,3 +648,28 @@ def test_start_action_trap_starts_the_ike_sa_on_the_first_packet_its_selectors_t
     node.from_inner(pkt("10.1.0.9"))
     assert len(esp) == 1  # protected now
     assert svc.engine.stats["trap-acquired"] == 1
+
+
+def test_a_fenced_gateway_sends_no_ike_datagram_whatever_made_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While the fail-over fence says this gateway may not send (its lease lost, or its
+    standby took over), no IKE datagram leaves, whichever path made it (here an initiation,
+    as start_action does and a trap does): counted "fenced"; once allowed, the engine's
+    retransmission sends it."""
+    import dataclasses
+
+    base = mn_conn()
+    c = dataclasses.replace(base, remote_addrs=[ipaddress.ip_network(f"{R500.host}/32")])
+    svc = _service(tmp_path)
+    svc.engine.connections = [c]
+    out: list[bytes] = []
+    monkeypatch.setattr(svc.node, "send_outer", lambda data, dst: out.append(data))
+    fenced = [True]
+    svc.fenced = lambda now: fenced[0]
+    svc.initiate(c)
+    assert out == [] and svc.engine.stats["fenced"] == 1
+    fenced[0] = False
+    assert len(svc.engine.connecting) == 1
+    svc._act(svc.engine.tick(svc.node.clock() + 5.0))  # the IKE_SA_INIT's retransmission
+    assert len(out) == 1

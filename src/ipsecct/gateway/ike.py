@@ -396,6 +396,12 @@ class IkeService:
         return self._our_spi(data) not in self.engine.by_spi
 
     def _send(self, s: Send) -> None:
+        # Every IKE datagram leaves here: none while this gateway may not send (its lease
+        # lost, or its standby took over), whatever path made it (a held request processed
+        # after an aborted transfer, a start or trap initiation, a timer): the standby may be
+        # running these exchanges (counted "fenced"; the engine retransmits once allowed).
+        if self._is_fenced(self.node.clock()):
+            return
         if (s.src.host == self.node.cfg.virtual and self.vip_owned is not None
                 and not self.vip_owned()):  # fmt: skip
             now = self.node.clock()
