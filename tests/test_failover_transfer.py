@@ -98,8 +98,9 @@ class Pair:
         assert self.sb.dead(self.w.now)
         self.sb.take_over(self.w.now)
         for mark, tunnels in self.sb.leaving_taken:
-            self.g2.run(self.g2.core.recall_unresolved([(mark.tid, mark.peer, tunnels)],
-                                                       self.w.now))  # fmt: skip
+            asked = [(mark.tid, mark.peer, tunnels)]
+            signals = self.sb.leaving_signals
+            self.g2.run(self.g2.core.recall_unresolved(asked, self.w.now, None, signals))
 
     def deliver_between(self, a: str, b: str) -> None:
         """Every message between gateways ``a`` and ``b`` (not the sync channel)."""
@@ -207,8 +208,12 @@ def test_a_standby_told_not_taken_resumes_past_the_margin_and_the_grant() -> Non
     assert p.g2.finished[-1].detail == "not taken by sg3: kept"
     (t2,) = p.g2.engine.tunnels()
     assert t2.state is TunnelState.ACTIVE
+    # resumed: the MN is told the new address (SG_UPDATE in the SA), past the grant
+    assert p.g2.wire == [(t2.outbound.spi, (mark.at + GRANT + 1) & 0xFFFFFFFF)]
+    p.w.flush_to_mn()
+    assert p.w.mn.applied and str(p.w.mn.out_sa.dst) == SG_ADDR["sg2"]
     p.w.host_send("sg2", 0)
-    assert p.g2.wire[0][1] == (mark.at + GRANT + 1) & 0xFFFFFFFF
+    assert p.g2.wire[-1][1] == (mark.at + GRANT + 2) & 0xFFFFFFFF
     assert not p.g3.engine.tunnels()
 
 
@@ -397,7 +402,7 @@ def test_the_driver_asks_a_target_among_its_peers_and_tells_of_one_that_is_not()
     asked: list[Any] = []
     unasked: list[Any] = []
     core = SimpleNamespace(
-        recall_unresolved=lambda tr, now, ages: asked.append((tr, ages)) or [],
+        recall_unresolved=lambda tr, now, ages, sig: asked.append((tr, ages, sig)) or [],
     )
     me = SimpleNamespace(
         transfer=SimpleNamespace(
@@ -414,9 +419,10 @@ def test_the_driver_asks_a_target_among_its_peers_and_tells_of_one_that_is_not()
             (failover.LeavingMark(2, "sg9", 5), [t2]),
         ],
         mark_seen={1: 10.0, 2: 11.0},
+        leaving_signals={t1: b"sg-update"},
     )
     FailoverDriver._ask_about_leaving(me, sb, 12.5)  # type: ignore[arg-type]
-    assert asked == [([(1, "sg3", [t1])], {1: 2.5})]
+    assert asked == [([(1, "sg3", [t1])], {1: 2.5}, {t1: b"sg-update"})]
     assert unasked == [(2, "sg9", "peer 'sg9' is not among [[peers]]")]
     assert sb.leaving_taken == []
 

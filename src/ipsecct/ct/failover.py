@@ -866,6 +866,8 @@ class Standby:
     # query) whether it took them.
     marks: dict[int, LeavingMark] = field(default_factory=dict)
     leaving_taken: list[tuple[LeavingMark, list[Tunnel]]] = field(default_factory=list)
+    # The SG_UPDATE payload of each of those (direct identity), sent if it resumes here.
+    leaving_signals: dict[Tunnel, bytes] = field(default_factory=dict)
     # When each marked transfer was first heard of (by id): the decision query says how
     # old the transfer is at least (AGE), as a restarted source's does.
     mark_seen: dict[int, float] = field(default_factory=dict)
@@ -1143,6 +1145,7 @@ class Standby:
         failed = 0
         leaving: dict[LeavingMark, list[Tunnel]] = {}
         self.leaving_taken = []
+        self.leaving_signals = {}
         for spi, pair in replica.items():
             ready = self._ready.pop(spi, None)
             try:
@@ -1174,15 +1177,19 @@ class Standby:
             except IpsecctError:
                 failed += 1
                 continue
+            payload = (
+                signalling.encode([signalling.SgUpdate(self.endpoint.host, self.endpoint.port)])
+                if self.identity is Identity.DIRECT
+                else None
+            )
             if mark is not None:
                 self.engine.hold(t)
                 leaving.setdefault(mark, []).append(t)
+                if payload is not None:  # sent only if it resumes here ("not taken")
+                    self.leaving_signals[t] = payload
                 continue
             tunnels.append(t)
-            if self.identity is Identity.DIRECT:
-                payload = signalling.encode(
-                    [signalling.SgUpdate(self.endpoint.host, self.endpoint.port)]
-                )
+            if payload is not None:
                 signals.append((out_sa, payload))
         rec.tunnels = len(replica)
         rec.outcome = "took over"

@@ -504,6 +504,9 @@ class _Reverting:
     held_bytes: int = 0
     held_per_tunnel: dict[Tunnel, tuple[int, int]] = field(default_factory=dict)
     members: _Members | None = field(default=None, repr=False, compare=False)
+    # In-SA signals (payloads) to send once active again: a fail-over standby's tunnels
+    # resumed after "not taken" tell their MN the new address then.
+    signals: dict[Tunnel, bytes] = field(default_factory=dict, repr=False)
 
 
 @dataclass
@@ -527,6 +530,8 @@ class _Unresolved:
     # never sent on here until the peer's answer says which it refused.
     og: _Outgoing | None = None
     members: set[Tunnel] = field(default_factory=set, repr=False, compare=False)
+    # In-SA signals for the tunnels that resume here ("not taken"): see _Reverting.
+    signals: dict[Tunnel, bytes] = field(default_factory=dict, repr=False)
 
 
 class _Ids:
@@ -1341,6 +1346,11 @@ class TransferCore:
                     if t.state is TunnelState.HELD:
                         self.engine.activate(t)
                     self.engine.uncap(t)
+                    payload = rv.signals.get(t)
+                    if payload is not None:
+                        res = self.engine.signal(t.outbound, payload, now)
+                        if isinstance(res, ToPeer):
+                            out.append(Transmit(res.sa, res.data))
                 out += [Inject(h.packet, h.inbound) for h in rv.held]
             else:
                 self.counters["unrecorded"] += len(rv.tunnels)
@@ -1394,6 +1404,7 @@ class TransferCore:
         transfers: Iterable[tuple[int, str, list[Tunnel]]],
         now: float,
         ages: Mapping[int, float] | None = None,
+        signals: Mapping[Tunnel, bytes] | None = None,
     ) -> list[Output]:
         """After a restart: tunnels recorded "leaving" by (transfer id, peer) before this
         gateway died, whose outcome it does not know. They are held (never sent on: their
@@ -1403,7 +1414,8 @@ class TransferCore:
         clock) its tunnels were recorded leaving: each query says how old the transfer is
         (AGE), so that a target that pruned old arrivals answers "taken" when unsure. Needs a
         journal (or, for a fail-over take-over of tunnels marked leaving, none: "not taken"
-        then needs no write)."""
+        then needs no write). ``signals``: in-SA signals to send on tunnels that resume
+        (a fail-over standby's SG_UPDATE: the MN learns the new address)."""
         out: list[Output] = []
         for tid, peer, tunnels in transfers:
             if not tunnels or tid in self.unresolved:
@@ -1414,6 +1426,7 @@ class TransferCore:
             u = _Unresolved(
                 tid, peer, list(tunnels), tunnels[0].outbound.dst, now, members=set(tunnels),
                 age=None if ages is None else ages.get(tid),
+                signals={t: signals[t] for t in tunnels if t in signals} if signals else {},
             )
             self.unresolved[tid] = u
             out += self._query(u, now)
@@ -1511,7 +1524,7 @@ class TransferCore:
             kept = set(back)
             u.tunnels = [t for t in u.tunnels if t not in kept]
             w0 = self._resumed(back, peer)
-            self.reverting.append(_Reverting(u.tid, back, w0))
+            self.reverting.append(_Reverting(u.tid, back, w0, signals=u.signals))
         rec = Record(u.tid, "source", peer, "query", u.since, now, "resolved", len(u.tunnels))
         rec.spis = [sa.spi for t in u.tunnels for sa in t.sas()]
         out: list[Output] = []
@@ -1527,7 +1540,7 @@ class TransferCore:
             # Not taken, and refused there from now on: ours again once "owned" (with a
             # first block past the stored ceiling) is durable, held until then.
             w = self._resumed(u.tunnels, peer)
-            self.reverting.append(_Reverting(u.tid, list(u.tunnels), w))
+            self.reverting.append(_Reverting(u.tid, list(u.tunnels), w, signals=u.signals))
             rec.detail = f"not taken by {peer}: kept"
             out += self._settle_reverting(now)
         self.records.append(rec)

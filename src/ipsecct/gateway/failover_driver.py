@@ -559,7 +559,9 @@ class FailoverDriver:
             if mark.peer in self.transfer.tcfg.peers:
                 age = {mark.tid: max(0.0, now - sb.mark_seen.get(mark.tid, now))}
                 self.transfer.run(
-                    core.recall_unresolved([(mark.tid, mark.peer, tunnels)], now, age)
+                    core.recall_unresolved(
+                        [(mark.tid, mark.peer, tunnels)], now, age, sb.leaving_signals
+                    )
                 )
             elif self.journal is not None:
                 self.journal.not_asked(
