@@ -1318,6 +1318,11 @@ def test_the_return_routability_check_keeps_the_child_sas_until_answered(
     assert not w.of("r", PeerMoved)
     if how == "no-cookie2":
         assert w.resp.stats["rr-check-failed"] == 1 and ir.state is IkeState.ESTABLISHED
+        # the IKE SA's context says the address is still unverified (a failed check is not a
+        # passed one): a gateway that takes it over checks the address itself
+        from ipsecct.ikev2 import context
+
+        assert ir.esp_remote is not None and context.address_unverified(ir)
         return
     for t in (4.0, 8.0, 16.0, 32.0, 48.0):
         w.deliver(w.resp.tick(t), "r", t, drop=True)

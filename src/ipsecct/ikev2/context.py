@@ -305,10 +305,12 @@ def deletes_owed(ike: IkeSA) -> list[int]:
 
 def address_unverified(ike: IkeSA) -> bool:
     """Has the peer's address (a MOBIKE peer's UPDATE_SA_ADDRESSES moved the IKE SA there)
-    yet to answer our return-routability check (RFC 4555 §5.2; due, or in flight)? Its
-    CHILD SAs are still at the last verified address then."""
+    yet to answer our return-routability check (RFC 4555 §5.2; due, in flight, or failed:
+    our ESP still goes to the last verified address, ``esp_remote``)? Its CHILD SAs are
+    still at the last verified address then, and a gateway that takes the IKE SA over
+    checks the address itself before they follow."""
     p = ike.pending
-    return ike.rr_due or (p is not None and p.kind == "rr-check")
+    return ike.rr_due or (p is not None and p.kind == "rr-check") or ike.esp_remote is not None
 
 
 def _unit_room(n: int) -> int:
