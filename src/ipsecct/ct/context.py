@@ -1290,10 +1290,10 @@ def _octets(a: IPAddress) -> tuple[int, bytes]:
     """(IP version, packed octets) of an address (``ipaddress`` computes both in Python, in
     properties: from its integer here, as ``packed`` does)."""
     t = type(a)
-    if t is ipaddress.IPv4Address:
-        return 4, int(a).to_bytes(4, "big")
+    if t is ipaddress.IPv4Address:  # (``_ip``: what int() returns, without its Python call)
+        return 4, a._ip.to_bytes(4, "big")  # type: ignore[union-attr]
     if t is ipaddress.IPv6Address:
-        return 6, int(a).to_bytes(16, "big")
+        return 6, a._ip.to_bytes(16, "big")  # type: ignore[union-attr]
     return a.version, a.packed
 
 

@@ -620,8 +620,8 @@ _Outcome = tuple[SecurityAssociation, SecurityAssociation | None, int, int | Non
 def _sa_key(sa: SecurityAssociation) -> tuple[int, int, int, int]:
     """An SA's SAD key (outer destination, protocol, SPI) as integers: hashed without the
     address's Python-level hash."""
-    dst = sa.dst
-    return (dst.version, int(dst), int(sa.protocol), sa.spi)
+    dst: Any = sa.dst  # (version and int() of an address are Python-level calls: see spd)
+    return (dst._version, dst._ip, int(sa.protocol), sa.spi)
 
 
 @dataclass

@@ -18,6 +18,7 @@ import enum
 import ipaddress
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..errors import SAError
 from .ippacket import IPAddress
@@ -81,12 +82,16 @@ class AddressRange:
         """Is ``other`` wholly inside this range?"""
         # Integers, not the addresses' rich comparisons (each ``<=`` is three Python calls):
         # a bulk transfer checks every transferred tunnel's ranges against the policy.
-        first, ofirst = self.first, other.first
-        return (
-            first.version == ofirst.version
-            and int(first) <= int(ofirst)
-            and int(other.last) <= int(self.last)
+        # (``_version`` and ``_ip`` are what ``version`` and ``int()`` return, read as plain
+        # attributes: those two are Python-level calls in ``ipaddress``. Also below.)
+        first: Any = self.first
+        ofirst: Any = other.first
+        olast: Any = other.last
+        last: Any = self.last
+        inside: bool = (
+            first._version == ofirst._version and first._ip <= ofirst._ip and olast._ip <= last._ip
         )
+        return inside
 
     def __str__(self) -> str:
         if self.first == self.last:
@@ -106,8 +111,9 @@ class RangeSet:
 
     def covers(self, r: AddressRange) -> bool:
         """Is ``r`` wholly inside one of the ranges?"""
-        first = r.first
-        version, a, b = first.version, int(first), int(r.last)
+        first: Any = r.first
+        last: Any = r.last
+        version, a, b = first._version, first._ip, last._ip
         for v, lo, hi in self._spans:  # noqa: SIM110 (no generator per range checked)
             if v == version and lo <= a and b <= hi:
                 return True
@@ -398,12 +404,14 @@ class OverlapIndex:
 
     def add(self, sel: Selectors, value: object) -> None:
         for r in sel.remote:
-            first, last = int(r.first), int(r.last)
+            f: Any = r.first
+            lst: Any = r.last
+            first, last = f._ip, lst._ip
             if last - first >= self.WIDE:
                 self._wide.append((sel, value))
                 continue
             self._span = max(self._span, last - first)
-            key = (r.first.version, first)
+            key = (f._version, first)
             maxes = self._maxes
             b = bisect.bisect_right(maxes, key)  # the first block whose last key is above
             if b == len(maxes):  # above them all (the usual): at the end of the last block
@@ -442,7 +450,9 @@ class OverlapIndex:
             hit(other, value)
         maxes, kblocks, iblocks, span = self._maxes, self._keys, self._items, self._span
         for r in sel.remote:
-            ver, a, b = r.first.version, int(r.first), int(r.last)
+            f: Any = r.first
+            lst: Any = r.last
+            ver, a, b = f._version, f._ip, lst._ip
             top = (ver, b)
             # From the last key at or below (ver, b) backwards, block by block.
             blk = bisect.bisect_right(maxes, top)
