@@ -1233,7 +1233,8 @@ def _selectors_field(sel: Selectors) -> tuple[int, bytes] | None:
     for r in (*local, *remote):
         first, last = r.first, r.last
         if type(first) is ipaddress.IPv4Address and type(last) is ipaddress.IPv4Address:
-            out += _RANGE4.pack(4, int(first), int(last))  # (version, packed, packed)
+            # (version, packed, packed; ``_ip`` is what int() returns, without its Python call)
+            out += _RANGE4.pack(4, first._ip, last._ip)  # type: ignore[attr-defined]
         else:
             out.append(r.version)
             out += first.packed + last.packed

@@ -91,6 +91,11 @@ class TunnelState(enum.Enum):
     HELD = "held"  # being transferred: packets are held, nothing is sent or accepted
     MOVED = "moved"  # transferred away: packets are forwarded to ``forward_to``
 
+    # By identity, in C: Enum's own hash runs in Python (hash(self._name_)), and every state
+    # change looks its (from, to) pair up in TUNNEL_TRANSITIONS; a member is only ever equal
+    # to itself, so equal members still hash alike.
+    __hash__ = object.__hash__
+
 
 # The only changes of a tunnel's state (Engine.hold, activate, move_tunnel make them):
 TUNNEL_TRANSITIONS: frozenset[tuple[TunnelState, TunnelState]] = frozenset(
