@@ -223,7 +223,7 @@ def cdb_fpt(cdb: bytes) -> int:
     """The Feature Profile Type of one framed CDB."""
     if len(cdb) < CDB_HEADER_LEN:
         raise CxtpError("CDB shorter than its header")
-    return int.from_bytes(cdb[0:2], "big")
+    return cdb[0] << 8 | cdb[1]  # (no slice and call: asked for every CDB of a bulk transfer)
 
 
 def split_cdb_stream(data: bytes | memoryview) -> list[bytes]:
@@ -246,8 +246,11 @@ def split_cdb_stream(data: bytes | memoryview) -> list[bytes]:
     return out
 
 
+_OCTETS = (bytes, bytearray)  # (a tuple: ``bytes | bytearray`` makes a union at every call)
+
+
 def _check_cdb(cdb: bytes, what: str) -> None:
-    if not isinstance(cdb, bytes | bytearray):
+    if not isinstance(cdb, _OCTETS):
         raise CxtpError(f"{what} must be bytes")
     if len(cdb) < 8 or len(cdb) % 8 or len(cdb) > MAX_CDB_LEN or cdb[2] * 8 != len(cdb):
         raise CxtpError(f"{what} is not one framed CDB")
@@ -592,8 +595,10 @@ def _frame(fpt: int, payload: bytes) -> bytes:
     total += -total % 8
     if total > MAX_CDB_LEN:
         raise CxtpError("CDB too long")
-    return struct.pack("!HBB", fpt, total // 8, 0) + payload + b"\x00" * (
-        total - CDB_HEADER_LEN - len(payload)
+    return (
+        struct.pack("!HBB", fpt, total // 8, 0)
+        + payload
+        + b"\x00" * (total - CDB_HEADER_LEN - len(payload))
     )
 
 
