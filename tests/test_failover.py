@@ -36,14 +36,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ipsecct.ct import context, cxtp, failover
-from ipsecct.ct.transfer import FPT_SYNC, Identity, Record
+from ipsecct.ct.transfer import FPT_SYNC, Identity, LeavingMark, Record
 from ipsecct.demo import handover as demo_handover
 from ipsecct.demo import topology as demo
 from ipsecct.errors import ConfigError, CxtpError
 from ipsecct.gateway import config as config_mod
 from ipsecct.gateway.failover_driver import is_sync
-from ipsecct.ipsec import signalling
-from ipsecct.ipsec.engine import Engine, ToPeer, Tunnel
+from ipsecct.ipsec import processing, signalling
+from ipsecct.ipsec.engine import Engine, ToPeer, Tunnel, TunnelState
 from ipsecct.ipsec.esp import Drop
 from ipsecct.ipsec.ippacket import Endpoint
 from ipsecct.ipsec.sad import Direction
@@ -366,6 +366,83 @@ def test_replicator_selected_again_before_the_acknowledgement_keeps_the_old_floo
     # The acknowledgement of the removal does not drop the floor of the replica sent since;
     # it is raised by that replica's own acknowledgement.
     assert rep.floor[t1] == 5 and 0x2001 in sb.replica
+
+
+def _exact(act: Engine, sb: failover.Standby, now: float) -> None:
+    """The standby holds every live tunnel of ``act`` as it is now, and nothing else."""
+    live = {t.outbound.spi: t for t in act.tunnels() if t.state is TunnelState.ACTIVE}
+    assert set(sb.replica) == set(live)
+    for spi, t in live.items():
+        out, inb = (context.decode(c, now) for c in sb.replica[spi])
+        assert (out.seq, out.counters.packets) == (t.outbound.seq, t.outbound.counters.packets)
+        assert t.inbound is not None and inb.counters.packets == t.inbound.counters.packets
+
+
+def test_an_idle_poll_visits_nothing_and_no_change_is_missed() -> None:
+    """The idle poll (docs/cluster.md): with fencing, while the engine's tunnels do not
+    change and no SA counts a packet, a poll looks at no tunnel; yet every change reaches
+    the standby within ``sync_ms`` and a tick: traffic on a tunnel idle until then (sent
+    around the engine, as only the SA's counters show it), a mark set and cleared, a
+    tunnel held (removed at the standby) and made active again, removed, added."""
+    n = 300
+    act = Engine(ip(SG_ADDR["sg1"]))
+    tunnels = [add_tunnel(act, i) for i in range(n)]
+    c = cfg(fencing=True, sync_packets=1000)
+    rep = failover.Replicator(act, c, session=7)
+    marks: dict[Tunnel, LeavingMark] = {}
+    rep.leaving_of, rep.marks = marks.get, marks
+    sb = standby(Engine(ip(SG_ADDR["sg2"])), fencing=True)
+    now = [0.0]
+    visited: list[int] = []
+
+    def settle() -> None:
+        """Polls every tick_ms for sync_ms and two ticks, the standby acknowledging."""
+        end = now[0] + (c.sync_ms + 2 * c.tick_ms) / 1000
+        while now[0] < end:
+            for m in wire(rep.handle_timer(now[0])):
+                for r in sb.receive(m, now[0]):
+                    rep.receive(wire([r])[0], now[0])
+            visited.append(rep.visited)
+            now[0] = round(now[0] + c.tick_ms / 1000, 6)
+
+    settle()
+    _exact(act, sb, now[0])
+    walks, visited[:] = rep.walks, []
+    settle()  # idle: nothing looked at, nothing walked
+    assert max(visited) == 0 and rep.walks == walks
+    # traffic the engine never saw (its SA's counters move): found by the sweep
+    t = tunnels[123]
+    for i in range(3):
+        processing.tunnel_encapsulate(t.outbound, udp_packet(i, up=False), now[0])
+    visited[:] = []
+    settle()
+    _exact(act, sb, now[0])
+    assert rep.walks == walks and max(visited) < n // 4  # a slice at a time
+    send_down(act, 3, now[0])  # through the engine: the native path after the first
+    settle()
+    _exact(act, sb, now[0])
+    # a mark set, then cleared: the standby learns both
+    marks[tunnels[7]] = LeavingMark(99, "sg3", 5)
+    settle()
+    assert sb.marks == {tunnels[7].outbound.spi: marks[tunnels[7]]}
+    del marks[tunnels[7]]
+    settle()
+    assert sb.marks == {} and rep.walks == walks
+    # held (without a mark: gone from the standby), active again, removed, one added
+    act.hold(tunnels[9])
+    settle()
+    _exact(act, sb, now[0])
+    act.activate(tunnels[9])
+    settle()
+    _exact(act, sb, now[0])
+    act.remove_tunnel(tunnels[10])
+    add_tunnel(act, n)
+    settle()
+    _exact(act, sb, now[0])
+    assert rep.walks > walks
+    walks, visited[:] = rep.walks, []
+    settle()
+    assert max(visited) == 0 and rep.walks == walks  # idle again
 
 
 def test_standby_refuses_what_is_not_a_sync() -> None:

@@ -13,7 +13,9 @@ keeps the latest of each (``Standby.extra``) and hands them over with the tunnel
 On take-over every outbound sequence number is advanced by ``seq_margin``: the active may have
 sent packets after its last sync, and reusing a sequence number would reuse an AES-GCM or
 ChaCha20 nonce. The sync rule bounds what was not replicated to ``sync_packets`` packets per SA
-plus what is sent while a sync is in flight (the check runs every ``tick_ms``); the default
+plus what is sent while a sync is in flight (the check runs every ``tick_ms``; with fencing, a
+tunnel idle until then is looked at within ``sync_ms`` of its first packet, and its ceiling
+bounds what it sends meanwhile: docs/cluster.md, "the idle poll"); the default
 margin, 16384, is 16 times the default ``sync_packets`` (1024), the value OpenBSD's pfsync adds
 after a switch. RFC 6311 suggests 2^30, which is safe for any sync interval but burns a quarter
 of a 32-bit sequence space per fail-over; RFC 6027 §3.4 suggests syncing every 10,000 packets
@@ -67,12 +69,12 @@ import math
 import secrets
 import struct
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol as TypingProtocol
 
 from ..errors import ContextError, CxtpError, IpsecctError
-from ..ipsec import signalling
+from ..ipsec import native, signalling
 from ..ipsec.engine import Engine, Tunnel, TunnelState
 from ..ipsec.ippacket import Endpoint
 from ..ipsec.sad import Direction, Protocol, SecurityAssociation
@@ -444,6 +446,27 @@ class Replicator:
         self._waits: list[_Wait] = []
         # Called when a Write of told() settled (the transfer core goes on with what waited).
         self.on_told: Callable[[], None] | None = None
+        # The idle poll (docs/cluster.md, "the idle poll"): ``marks``, the mapping
+        # ``leaving_of`` reads (every tunnel marked now), lets a poll visit only the tunnels
+        # that may need something while the engine's tunnels did not change
+        # (``Engine.tunnel_changes``): ``_hot`` (traffic not yet replicated, or replicated
+        # at their last visit), the marked ones (here or at the standby), and, once any SA
+        # of the process counted a packet (``native.activity()``), a slice of ``_sweep``
+        # per poll until every tunnel was visited once, at a rate of all of them per
+        # ``sync_ms`` (a tunnel idle until now is seen within that). Otherwise (a FULL,
+        # the tunnels changed, no fencing, a selection, a ``leaving_of`` without
+        # ``marks``) it walks every tunnel, as it always did.
+        self.marks: Mapping[Tunnel, LeavingMark] | None = None
+        self._hot: set[Tunnel] = set()
+        self._sweep: list[Tunnel] = []
+        self._cursor = 0
+        self._owed = 0  # tunnels of _sweep still to visit (traffic seen somewhere)
+        self._activity: int | None = None  # native.activity() at the last poll
+        self._walked = -1  # Engine.tunnel_changes at the last walk of every tunnel
+        self._last_poll: float | None = None
+        self._walked_all = False  # the last poll walked every tunnel
+        self.walks = 0  # polls that walked every tunnel
+        self.visited = 0  # tunnels the last poll looked at
         if self.lease is not None:
             engine.send_until = self.lease.expiry
 
@@ -626,6 +649,50 @@ class Replicator:
     def _counter(self, t: Tunnel) -> int:
         return sum(sa.counters.packets for sa in t.sas())
 
+    def _candidates(self, now: float, moved: bool) -> list[Tunnel] | None:
+        """The tunnels a poll must look at when it need not walk them all (see ``marks``),
+        or None: walk them all. Each is in the engine and replicable (active, or held and
+        marked); otherwise something changed that only a walk of all finds (a removal).
+        ``moved``: an SA of the process counted a packet since the last poll."""
+        eng = self.engine
+        last = self._last_poll
+        leaving_of = self.leaving_of
+        if (
+            last is None
+            or not self.cfg.fencing  # no ceiling: the sync rule alone bounds what is missed
+            or self.select is not None
+            or self.on_floor is not None
+            or (leaving_of is not None and self.marks is None)
+            or eng.tunnel_changes != self._walked
+        ):
+            return None
+        cands = set(self._hot)
+        if self.marks:
+            cands.update(self.marks)
+        cands.update(self._marked)
+        sweep = self._sweep
+        n = len(sweep)
+        if moved:
+            self._owed = n  # a packet somewhere: every tunnel is visited once from here
+        if self._owed:
+            k = min(self._owed, math.ceil(n * max(0.0, now - last) * 1000 / self.cfg.sync_ms))
+            self._owed -= k
+            i = self._cursor
+            cands.update(sweep[i : i + k])
+            if i + k > n:
+                cands.update(sweep[: i + k - n])
+            self._cursor = (i + k) % n
+        active, held = TunnelState.ACTIVE, TunnelState.HELD
+        for t in cands:
+            if not eng.has_tunnel(t):
+                return None
+            st = t.state
+            if st is not active and (
+                st is not held or leaving_of is None or leaving_of(t) is None
+            ):
+                return None
+        return list(cands)
+
     def poll(self, now: float, budget: int | None = None) -> list[cxtp.Message]:
         """The sync messages due now. ``budget``: about how many octets of contexts may go
         (the room left in the channel to the standby; None: no bound). What does not fit
@@ -649,7 +716,27 @@ class Replicator:
                 told[k] = _Told(None, self.seq)
         marks: dict[Tunnel, LeavingMark] = {}
         mark_due: list[Tunnel] = []
-        for t in self.engine.tunnels():
+        act = native.activity()  # (before the walk: a packet during it moves it again)
+        moved, self._activity = act != self._activity, act
+        cands = None if full else self._candidates(now, moved)
+        self._last_poll = now
+        # A change is seen when it happened (since the last poll) on a tunnel visited at
+        # every poll (hot, or all walked last time); elsewhere it may be up to a sweep
+        # (``sync_ms``) old: due at once, as it would have been by now.
+        seen_hot, seen_all = self._hot, self._walked_all
+        self._walked_all = cands is None
+        if cands is None:
+            tunnels = self.engine.tunnels()
+            hot: set[Tunnel] = set()
+            self._hot = hot
+            self._owed = 0
+            self._walked = self.engine.tunnel_changes
+            self.walks += 1
+        else:
+            tunnels = cands
+            hot = self._hot
+        self.visited = len(tunnels)
+        for t in tunnels:
             mark = leaving_of(t) if leaving_of is not None else None
             if t.state is not TunnelState.ACTIVE and (
                 mark is None or t.state is not TunnelState.HELD
@@ -666,11 +753,16 @@ class Replicator:
             c = self._counter(t)
             st = self.synced.get(t)
             if st is None or full:
-                due.append(t)
+                due.append(t)  # (one left over or not replicable is visited again: hot)
                 continue
-            if c != st.packets:
+            if c == st.packets:
+                hot.discard(t)
+            else:
                 if st.changed_at is None:
-                    st.changed_at = now
+                    st.changed_at = (
+                        now if seen_all or t in seen_hot else now - self.cfg.sync_ms / 1000
+                    )
+                hot.add(t)  # (after the test above: ``seen_hot`` may be this very set)
                 if (
                     c - st.packets >= self.cfg.sync_packets
                     or (now - st.changed_at) * 1000 >= self.cfg.sync_ms
@@ -678,11 +770,17 @@ class Replicator:
                     or t.seq_ceiling - t.outbound.seq <= self.cfg.seq_margin // 2
                 ):
                     due.append(t)
+        if cands is None:
+            self._sweep = list(live)  # (those not live now are found by a change)
+            if self._cursor >= len(self._sweep):
+                self._cursor = 0
         if self.superseded_by is not None:
             return []  # the standby took over: nothing more to replicate
         if full and self.on_extra_resync is not None:
             self.on_extra_resync()
-        gone = [k for k in self.synced if k not in live]
+        # (without a walk of every tunnel none is gone: the engine's tunnels did not change
+        # and every one visited is live)
+        gone = [k for k in self.synced if k not in live] if cands is None else []
         removed = [self.spi_of.pop(k) for k in gone]
         for k in gone:
             del self.synced[k]
@@ -691,7 +789,7 @@ class Replicator:
                 told[k] = _Told(None, self.seq)  # the first message removes it
         leaving: list[Tunnel] = []
         gone_set = set(gone)
-        for k in [k for k in self.floor if k not in live]:
+        for k in [k for k in self.floor if k not in live] if cands is None else []:
             if k not in staying:
                 del self.floor[k]  # gone from here: it sends nothing more
             elif k in gone_set:
@@ -704,11 +802,13 @@ class Replicator:
         for t in due:
             if budget is not None and used >= budget:
                 deferred.append(t)  # due at a later poll (below: as new after a FULL)
+                hot.add(t)
                 continue
             try:
                 pair = [context.encode(sa, now) for sa in t.sas()]
             except ContextError:
                 self.unreplicable += 1  # e.g. a replay window too large for a CDB
+                hot.add(t)
                 continue
             used += sum(map(len, pair))
             pairs.append(pair)

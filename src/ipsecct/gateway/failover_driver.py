@@ -198,6 +198,7 @@ class FailoverDriver:
         """``r`` replicates the marks of the tunnels being transferred away, and tells the
         transfer core when the standby acknowledged what a transfer waits for."""
         r.leaving_of = self.transfer.core.leaving.get
+        r.marks = self.transfer.core.leaving  # (an idle poll visits only what may change)
         r.on_told = self.transfer.on_settled
 
     def _standby_gate(self, tunnels: list[Tunnel], tid: int | None) -> Write:

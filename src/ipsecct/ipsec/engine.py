@@ -236,6 +236,10 @@ class Engine:
         self.address = address  # this node's outer address (source of ICMP errors)
         self.default_mtu = default_mtu
         self._tunnel_of_entry: dict[int, Tunnel] = {}  # id(SPDEntry) -> tunnel
+        # Bumped whenever the set of tunnels, a tunnel's state or its SAs change (add,
+        # remove, hold, activate, move, a shadow inbound SA): fail-over replication walks
+        # every tunnel only when it moved (ct/failover.py, Replicator.poll).
+        self.tunnel_changes = 0
         self._tunnel_of_sa: dict[int, Tunnel] = {}  # id(SA) -> tunnel
         self._moved_in: dict[int, Tunnel] = {}  # inbound SPI of a moved tunnel -> tunnel
         # At or before the earliest forward_until of the moved tunnels (inf: none moved since
@@ -380,6 +384,7 @@ class Engine:
         if self.fence_new_tunnels:
             t.seq_ceiling = outbound.seq
         self._tunnel_of_entry[id(entry)] = t
+        self.tunnel_changes += 1
         for sa in t.sas():
             self._tunnel_of_sa[id(sa)] = t
         if self.on_new_tunnel is not None:
@@ -403,6 +408,7 @@ class Engine:
         state = TunnelState.HELD if held else TunnelState.ACTIVE
         fence = self.fence_new_tunnels
         by_entry, by_sa = self._tunnel_of_entry, self._tunnel_of_sa
+        self.tunnel_changes += 1
         try:
             for entry, outbound, inbound in items:
                 if (
@@ -445,6 +451,7 @@ class Engine:
 
     def remove_tunnel(self, tunnel: Tunnel) -> None:
         """Remove a tunnel's policy and SAs from the databases."""
+        self.tunnel_changes += 1
         self._clear_flows()
         for sa in tunnel.sas():
             self._native_drop(sa)
@@ -525,14 +532,14 @@ class Engine:
         self._clear_flows()
         return True
 
-    @staticmethod
-    def _transition(tunnel: Tunnel, to: TunnelState) -> None:
+    def _transition(self, tunnel: Tunnel, to: TunnelState) -> None:
         """The one place a tunnel's state changes, checked against TUNNEL_TRANSITIONS."""
         if (tunnel.state, to) not in TUNNEL_TRANSITIONS:
             raise TunnelStateError(
                 f"tunnel {tunnel.name or hex(tunnel.outbound.spi)}:"
                 f" {tunnel.state.value} -> {to.value} is not allowed"
             )
+        self.tunnel_changes += 1
         tunnel.state = to
 
     def cap_sending(self, tunnel: Tunnel, margin: int) -> int:
@@ -586,6 +593,7 @@ class Engine:
         per tunnel, the policies removed in one pass over the SPD."""
         if not tunnels:
             return
+        self.tunnel_changes += 1
         self._clear_flows()
         entries = []
         for tunnel in tunnels:
@@ -606,6 +614,7 @@ class Engine:
         old = tunnel.inbound
         if old is not None:
             self._native_drop(old)
+        self.tunnel_changes += 1
         tunnel.inbound = sa
         self._tunnel_of_sa[id(sa)] = tunnel
         self.add_shadow(sa)
@@ -670,6 +679,13 @@ class Engine:
 
     def tunnels(self) -> list[Tunnel]:
         return [t for t in self._tunnel_of_entry.values() if t.state is not TunnelState.MOVED]
+
+    def all_tunnels(self) -> list[Tunnel]:
+        """Every tunnel, moved ones included (no state read: a plain copy)."""
+        return list(self._tunnel_of_entry.values())
+
+    def has_tunnel(self, tunnel: Tunnel) -> bool:
+        return self._tunnel_of_entry.get(id(tunnel.entry)) is tunnel
 
     def entry_of(self, sa: SecurityAssociation) -> SPDEntry | None:
         t = self._tunnel_of_sa.get(id(sa))

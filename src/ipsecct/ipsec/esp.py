@@ -18,6 +18,7 @@ import struct
 
 from .native import reclaim
 from .sad import MAX_SEQ_32, MAX_SEQ_64, SecurityAssociation
+from .sad import PACKETS as _PACKETS
 from .transforms import PAD, IntegrityFailure
 
 NH_NONE = 59
@@ -102,6 +103,7 @@ def encapsulate(
     if sa._limits_unset:  # what sa.account() does when there are no lifetime limits
         c = sa.counters
         c.packets += 1
+        _PACKETS[0] += 1
         c.bytes += n
     else:
         sa.account(n, now)
@@ -185,6 +187,7 @@ def decapsulate(
     if sa._limits_unset:  # what sa.account() does when there are no lifetime limits
         c = sa.counters
         c.packets += 1
+        _PACKETS[0] += 1
         c.bytes += end
     else:
         sa.account(end, now)

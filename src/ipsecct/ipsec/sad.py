@@ -95,6 +95,12 @@ class Counters:
     bytes: int = 0
 
 
+# Every packet counted on any SA by the Python path (the native path counts its own:
+# ipsecct.ipsec.native.activity()): fail-over replication skips its sweep of idle tunnels
+# while neither moved (ct/failover.py, Replicator._candidates).
+PACKETS = [0]
+
+
 class SAEvent(enum.Enum):
     SOFT_EXPIRED = "soft-expired"
     HARD_EXPIRED = "hard-expired"
@@ -297,6 +303,7 @@ class SecurityAssociation:
         ``self.events`` for the caller to drain."""
         c = self.counters
         c.packets += 1
+        PACKETS[0] += 1
         c.bytes += nbytes
         if not self._limits_unset:
             self._check_limits(now)
