@@ -445,6 +445,34 @@ def test_an_idle_poll_visits_nothing_and_no_change_is_missed() -> None:
     assert max(visited) == 0 and rep.walks == walks  # idle again
 
 
+def test_the_engine_knows_whether_a_tunnel_is_moved_without_walking_them() -> None:
+    """Engine.any_moved (the transfer core asks it at every deadline computation) follows
+    every way a tunnel becomes MOVED or stops being so, against the walk it replaces."""
+    eng = Engine(ip(SG_ADDR["sg1"]))
+    ts = [add_tunnel(eng, i) for i in range(6)]
+
+    def check() -> None:
+        assert eng.any_moved() == bool(eng.moved_tunnels())
+
+    check()
+    eng.move_tunnel(ts[0], "sg2", 10.0)
+    check()
+    assert eng.take_back(ts[0])  # MOVED -> HELD
+    check()
+    eng.hold(ts[1])
+    eng.move_tunnels([ts[1], ts[2]], "sg2", 10.0)
+    check()
+    eng.remove_tunnel(ts[1])
+    check()
+    assert eng.expire_moved(11.0) == [ts[2]]
+    check()
+    eng.move_tunnel(ts[3], "sg2", 10.0)
+    eng.remove_tunnels([ts[3], ts[4]])
+    eng.remove_tunnel(ts[3])  # (twice: counted once)
+    check()
+    assert not eng.any_moved()
+
+
 def test_standby_refuses_what_is_not_a_sync() -> None:
     sb = standby(Engine(ip(SG_ADDR["sg2"])))
     with pytest.raises(CxtpError):

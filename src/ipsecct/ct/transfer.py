@@ -2505,8 +2505,13 @@ class TransferCore:
                 ds += [inc.next_retry, inc.give_up]
             else:
                 ds.append(inc.give_up)
-        if self.decided or self.seen or self._ctar_seen or self.arrived or self.not_taken or any(
-            True for _ in self.engine.moved_tunnels()
+        if (
+            self.decided
+            or self.seen
+            or self._ctar_seen
+            or self.arrived
+            or self.not_taken
+            or self.engine.any_moved()
         ):
             ds.append(self._next_housekeeping)
         return min(ds) if ds else None

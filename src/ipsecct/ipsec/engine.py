@@ -240,6 +240,7 @@ class Engine:
         # remove, hold, activate, move, a shadow inbound SA): fail-over replication walks
         # every tunnel only when it moved (ct/failover.py, Replicator.poll).
         self.tunnel_changes = 0
+        self._moved = 0  # tunnels MOVED now (any_moved(): no walk of every tunnel)
         self._tunnel_of_sa: dict[int, Tunnel] = {}  # id(SA) -> tunnel
         self._moved_in: dict[int, Tunnel] = {}  # inbound SPI of a moved tunnel -> tunnel
         # At or before the earliest forward_until of the moved tunnels (inf: none moved since
@@ -461,6 +462,8 @@ class Engine:
             self._tunnel_of_sa.pop(id(sa), None)
         if self._tunnel_of_entry.pop(id(tunnel.entry), None) is not None:
             self.spd.remove(tunnel.entry)
+            if tunnel.state is TunnelState.MOVED:
+                self._moved -= 1
         if tunnel.inbound is not None and self._moved_in.get(tunnel.inbound.spi) is tunnel:
             del self._moved_in[tunnel.inbound.spi]
 
@@ -540,6 +543,9 @@ class Engine:
                 f" {tunnel.state.value} -> {to.value} is not allowed"
             )
         self.tunnel_changes += 1
+        was_moved = tunnel.state is TunnelState.MOVED
+        if (to is TunnelState.MOVED) != was_moved:
+            self._moved += 1 if to is TunnelState.MOVED else -1
         tunnel.state = to
 
     def cap_sending(self, tunnel: Tunnel, margin: int) -> int:
@@ -605,6 +611,8 @@ class Engine:
                 self._tunnel_of_sa.pop(id(sa), None)
             if self._tunnel_of_entry.pop(id(tunnel.entry), None) is not None:
                 entries.append(tunnel.entry)
+                if tunnel.state is TunnelState.MOVED:
+                    self._moved -= 1
             if tunnel.inbound is not None and self._moved_in.get(tunnel.inbound.spi) is tunnel:
                 del self._moved_in[tunnel.inbound.spi]
         self.spd.remove_many(entries)
@@ -641,6 +649,11 @@ class Engine:
 
     def moved_tunnels(self) -> list[Tunnel]:
         return [t for t in self._tunnel_of_entry.values() if t.state is TunnelState.MOVED]
+
+    def any_moved(self) -> bool:
+        """Is any tunnel MOVED now? (Without walking them: the transfer core asks at every
+        deadline computation, which walked 10,000 tunnels in about 4 ms each time.)"""
+        return self._moved > 0
 
     def tunnel_of(self, sa: SecurityAssociation) -> Tunnel | None:
         return self._tunnel_of_sa.get(id(sa))
