@@ -202,6 +202,33 @@ def test_replicator_syncs_sync_ms_after_a_change() -> None:
     assert rep.poll(5.5) == []
 
 
+@pytest.mark.parametrize("fencing", [False, True])
+def test_replicator_syncs_a_tunnel_whose_peer_moved_without_traffic(fencing: bool) -> None:
+    """The peer moved (an IKE SA's MOBIKE update, its address checked; a NAT's new mapping):
+    the tunnel's SAs get its new address (Engine.rekey_sa), and nothing else. Before, only
+    traffic made a tunnel go again: an idle tunnel's replica kept the old address, and a
+    take-over sent to where the peer was. Now it goes at the next poll, traffic or not (with
+    fencing too, whose idle poll visits only the tunnels that may need it); the other tunnel
+    does not go."""
+    eng = Engine(ip(SG_ADDR["sg1"]))
+    t = add_tunnel(eng, 1)
+    add_tunnel(eng, 2)
+    c = cfg(sync_packets=1000, sync_ms=10_000.0, heartbeat_ms=10_000.0, dead_ms=20_000.0,
+            fencing=fencing)  # fmt: skip
+    rep = failover.Replicator(eng, c, session=1, peer_lease=False)
+    rep.poll(0.0)
+    assert rep.poll(1.0) == []
+    assert rep.poll(1.01) == [] and (not fencing or rep.visited == 0)  # the idle poll
+    moved = ip("198.51.100.7")
+    eng.rekey_sa(t.outbound, dst=moved)
+    assert t.inbound is not None
+    eng.rekey_sa(t.inbound, src=moved)
+    msgs = wire(rep.poll(1.01))
+    assert contexts(msgs) == [(0x2001, False), (0x1001, True)]
+    assert context.decode(msgs[0].cdbs[2], 1.01).dst == moved
+    assert rep.poll(1.02) == []  # synced where it is now: nothing more
+
+
 def test_replicator_heartbeats_every_heartbeat_ms_when_idle() -> None:
     eng = Engine(ip(SG_ADDR["sg1"]))
     add_tunnel(eng, 1)

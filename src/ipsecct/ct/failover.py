@@ -3,12 +3,14 @@
 The active gateway replicates the context of its tunnels to the standby incrementally, over the
 same TLS channel as context transfer: a tunnel's contexts are sent when it is new, after
 ``sync_packets`` packets on it, or ``sync_ms`` after it last changed, like Linux's XFRM aevents
-(replay-thresh / etimer). Every message doubles as a heartbeat, and an empty one goes out every
-``heartbeat_ms``. The standby keeps the latest contexts (as bytes: nothing is installed) and
-takes over when it has heard nothing for ``dead_ms``. Beside the tunnels, an
-:class:`ExtraSource` (the gateway's IKE service) adds contexts of its own, opaque CDBs under a
-key (an IKE SA with its CHILD SAs), sent when they change and reported when gone; the standby
-keeps the latest of each (``Standby.extra``) and hands them over with the tunnels it installs.
+(replay-thresh / etimer), and at the next check when its SAs' addresses or SPI changed (a peer
+that moved, which no traffic may show: ``Replicator.sa_moved``). Every message doubles as a
+heartbeat, and an empty one goes out every ``heartbeat_ms``. The standby keeps the latest
+contexts (as bytes: nothing is installed) and takes over when it has heard nothing for
+``dead_ms``. Beside the tunnels, an :class:`ExtraSource` (the gateway's IKE service) adds
+contexts of its own, opaque CDBs under a key (an IKE SA with its CHILD SAs), sent when they
+change and reported when gone; the standby keeps the latest of each (``Standby.extra``) and
+hands them over with the tunnels it installs.
 
 On take-over every outbound sequence number is advanced by ``seq_margin``: the active may have
 sent packets after its last sync, and reusing a sequence number would reuse an AES-GCM or
@@ -396,6 +398,7 @@ class Replicator:
         # Keyed by the Tunnel itself (eq=False: identity), which keeps a removed tunnel alive
         # until its removal is reported: an id() could be handed to a new tunnel meanwhile.
         self.synced: dict[Tunnel, _Synced] = {}
+        engine.move_watchers.add(self)  # (sa_moved)
         self.spi_of: dict[Tunnel, int] = {}
         self._full = True  # the next poll sends the whole state (first one, or after a loss)
         self.last_sent = -1e9
@@ -645,6 +648,18 @@ class Replicator:
         """What to send the standby now (:meth:`poll`), and the next check in ``tick_ms``."""
         self._next_check = now + self.cfg.tick_ms / 1000
         return self.poll(now, budget)
+
+    def sa_moved(self, t: Tunnel) -> None:
+        """The engine changed the SPI or addresses of ``t``'s SAs (its peer moved: MOBIKE, a
+        NAT's new mapping; an SPI reassigned): it goes again at the next poll, traffic or
+        not, as if it had changed long enough ago. Before, only traffic made a tunnel go
+        again: an idle one's replica kept the old address, and a take-over sent ESP to where
+        the peer had been. Nothing is looked at per poll for it: the idle poll visits it as a
+        hot tunnel (traffic not yet replicated)."""
+        st = self.synced.get(t)
+        if st is not None:
+            st.packets, st.changed_at = -1, -math.inf
+            self._hot.add(t)
 
     def _counter(self, t: Tunnel) -> int:
         return sum(sa.counters.packets for sa in t.sas())

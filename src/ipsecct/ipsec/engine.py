@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import enum
 import math
+import weakref
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -252,6 +253,10 @@ class Engine:
         # SPI collision ("renegotiate"), or under the old SPI while the peer learns a new one
         # ("reassign"). Tried only when the owner does not verify the packet.
         self._shadows: dict[tuple[IPAddress, Protocol, int], list[SecurityAssociation]] = {}
+        # told of every tunnel whose SAs' SPI or addresses rekey_sa changed (the peer moved):
+        # the fail-over replication (ct.failover.Replicator.sa_moved), which otherwise sends a
+        # tunnel again only after traffic; held weakly (replicators come and go with peers)
+        self.move_watchers: weakref.WeakSet[Any] = weakref.WeakSet()
         # Flow cache: plain IPv4 packets of a flow that matched a PROTECT policy go straight to
         # its tunnel. Cleared whenever policies or tunnels change; a tunnel that is not ACTIVE
         # (held, moved) sends its packets down the full path.
@@ -736,8 +741,11 @@ class Engine:
         if present:
             self.sad.add(sa)
         t = self._tunnel_of_sa.get(id(sa))
-        if t is not None and sa is t.outbound:
-            t.entry.sa_ids = [sa.spi]
+        if t is not None:
+            if sa is t.outbound:
+                t.entry.sa_ids = [sa.spi]
+            for w in list(self.move_watchers):
+                w.sa_moved(t)
 
     def find_sa(self, spi: int) -> list[SecurityAssociation]:
         return self.sad.by_spi(spi)
