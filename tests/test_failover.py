@@ -472,6 +472,37 @@ def test_an_idle_poll_visits_nothing_and_no_change_is_missed() -> None:
     assert max(visited) == 0 and rep.walks == walks  # idle again
 
 
+def test_a_burst_on_an_idle_tunnel_is_replicated_within_two_ticks() -> None:
+    """``sync_packets`` or more packets on a tunnel the sweep has not reached: more packets
+    counted than the tunnels visited account for, so the next poll walks every tunnel (not
+    ``sync_ms`` later, when the sweep would have reached it)."""
+    n = 300
+    act = Engine(ip(SG_ADDR["sg1"]))
+    for i in range(n):
+        add_tunnel(act, i)
+    c = cfg(fencing=True, sync_packets=16)
+    rep = failover.Replicator(act, c, session=7)
+    marks: dict[Tunnel, LeavingMark] = {}
+    rep.leaving_of, rep.marks = marks.get, marks
+    sb = standby(Engine(ip(SG_ADDR["sg2"])), fencing=True)
+
+    def tick(now: float) -> None:
+        for m in wire(rep.handle_timer(now)):
+            for r in sb.receive(m, now):
+                rep.receive(wire([r])[0], now)
+
+    for k in range(20):
+        tick(k * 0.01)
+    walks = rep.walks
+    t = rep._sweep[(rep._cursor + n // 2) % n]  # far from the sweep's next slices
+    for i in range(20):
+        processing.tunnel_encapsulate(t.outbound, udp_packet(i, up=False), 0.2)
+    tick(0.2)  # the burst is noticed (the sweep's slice does not hold the tunnel)
+    tick(0.21)  # every tunnel walked: the tunnel is due (sync_packets)
+    assert rep.walks == walks + 1
+    _exact(act, sb, 0.21)
+
+
 def test_the_engine_knows_whether_a_tunnel_is_moved_without_walking_them() -> None:
     """Engine.any_moved (the transfer core asks it at every deadline computation) follows
     every way a tunnel becomes MOVED or stops being so, against the walk it replaces."""

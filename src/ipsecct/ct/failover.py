@@ -352,6 +352,7 @@ def parse_sync_full(cdb: bytes) -> tuple[bool, list[int]]:
 class _Synced:
     packets: int
     changed_at: float | None  # when traffic was first seen after the last sync
+    seen: int = -1  # the counter at the last visit (-1: none since the last sync)
 
 
 @dataclass
@@ -468,6 +469,11 @@ class Replicator:
         self._walked = -1  # Engine.tunnel_changes at the last walk of every tunnel
         self._last_poll: float | None = None
         self._walked_all = False  # the last poll walked every tunnel
+        # More packets counted in the process since the last poll than the tunnels visited
+        # account for, by ``sync_packets`` or more: a burst on a tunnel the sweep has not
+        # reached yet; the next poll walks every tunnel (found within two ticks, not
+        # ``sync_ms``: what it sends meanwhile stays under its ceiling either way).
+        self._burst = False
         self.walks = 0  # polls that walked every tunnel
         self.visited = 0  # tunnels the last poll looked at
         if self.lease is not None:
@@ -674,6 +680,7 @@ class Replicator:
         leaving_of = self.leaving_of
         if (
             last is None
+            or self._burst
             or not self.cfg.fencing  # no ceiling: the sync rule alone bounds what is missed
             or self.select is not None
             or self.on_floor is not None
@@ -732,7 +739,8 @@ class Replicator:
         marks: dict[Tunnel, LeavingMark] = {}
         mark_due: list[Tunnel] = []
         act = native.activity()  # (before the walk: a packet during it moves it again)
-        moved, self._activity = act != self._activity, act
+        before = self._activity
+        moved, self._activity = act != before, act
         cands = None if full else self._candidates(now, moved)
         self._last_poll = now
         # A change is seen when it happened (since the last poll) on a tunnel visited at
@@ -751,6 +759,7 @@ class Replicator:
             tunnels = cands
             hot = self._hot
         self.visited = len(tunnels)
+        explained = 0  # packets counted on the tunnels visited since their last visit
         for t in tunnels:
             mark = leaving_of(t) if leaving_of is not None else None
             if t.state is not TunnelState.ACTIVE and (
@@ -767,6 +776,10 @@ class Replicator:
                 mark_due.append(t)
             c = self._counter(t)
             st = self.synced.get(t)
+            if st is not None:
+                if st.seen >= 0:
+                    explained += c - st.seen
+                st.seen = c
             if st is None or full:
                 due.append(t)  # (one left over or not replicable is visited again: hot)
                 continue
@@ -785,6 +798,11 @@ class Replicator:
                     or t.seq_ceiling - t.outbound.seq <= self.cfg.seq_margin // 2
                 ):
                     due.append(t)
+        self._burst = (
+            cands is not None
+            and before is not None
+            and act - before - explained >= self.cfg.sync_packets
+        )
         if cands is None:
             self._sweep = list(live)  # (those not live now are found by a change)
             if self._cursor >= len(self._sweep):
@@ -833,7 +851,8 @@ class Replicator:
                 # From now on the standby may hold this tunnel, at this number or later.
                 self.floor[t] = seq
                 self._ceiling(t)
-            self.synced[t] = _Synced(self._counter(t), None)
+            c = self._counter(t)
+            self.synced[t] = _Synced(c, None, c)
             self.spi_of[t] = t.outbound.spi
         if full:
             # The FULL mark makes the standby drop what it holds: what is left out goes
