@@ -30,8 +30,8 @@ from typing import Any
 
 
 async def main(handovers: int) -> dict[str, Any]:
+    from ipsecct.bench.transfer import handover
     from ipsecct.ct import transfer as tr
-    from ipsecct.ct.transfer import Record
     from ipsecct.demo import handover as demo_handover
     from ipsecct.demo import topology as demo
     from ipsecct.gateway.state import DurableState
@@ -54,9 +54,9 @@ async def main(handovers: int) -> dict[str, Any]:
             stamps.setdefault("commit_sent", time.perf_counter())
         return out
 
-    def on_commit(self: Any, peer: str, tag: Any, now: float) -> Any:
+    def on_commit(self: Any, peer: str, tag: Any, now: float, *rest: Any) -> Any:
         stamps.setdefault("commit_at_target", time.perf_counter())
-        return orig_on_commit(self, peer, tag, now)
+        return orig_on_commit(self, peer, tag, now, *rest)  # (rest: the COMMIT's grant)
 
     def arriving(self: Any, tunnels: Any, peer: str, tid: int) -> Any:
         w = orig_arriving(self, tunnels, peer, tid)
@@ -83,7 +83,6 @@ async def main(handovers: int) -> dict[str, Any]:
                 st = ts[g].core.journal
                 assert isinstance(st, DurableState)
                 st.settled_hooks.insert(0, stamp)
-            loop = asyncio.get_running_loop()
             for i in range(handovers):
                 # each arm in turn, both ways (6 handovers a cycle)
                 arm = arms[i % 3]
@@ -94,24 +93,11 @@ async def main(handovers: int) -> dict[str, Any]:
                     st.pending_urgent = arm == "commit_early_urgent"
                 src, dst = ("sg1", "sg2") if i % 2 == 0 else ("sg2", "sg1")
                 spi = ts[src].node.engine.tunnels()[0].outbound.spi
-                fut: asyncio.Future[Record] = loop.create_future()
-
-                def cb(rec: Record, fut: asyncio.Future[Record] = fut) -> None:
-                    if rec.role == "target" and rec.outcome == "committed" and not fut.done():
-                        fut.set_result(rec)
-                        stamps.setdefault("activated", time.perf_counter())
-
-                ts[dst].listeners.append(cb)
                 stamps.clear()
                 pending.clear()
                 t0 = time.perf_counter()
-                try:
-                    srec = await ts[src].transfer([spi], dst, timeout=120)
-                    if srec.outcome != "committed":
-                        raise SystemExit(f"transfer {srec.outcome}: {srec.detail}")
-                    await asyncio.wait_for(fut, 120)
-                finally:
-                    ts[dst].listeners.remove(cb)
+                await handover(ts, src, dst, [spi], lambda: stamps.setdefault(
+                    "activated", time.perf_counter()))  # fmt: skip
                 await asyncio.sleep(0.005)
                 row = {k: (v - t0) * 1000 for k, v in stamps.items()}
                 row["handover"] = row.pop("activated")

@@ -19,13 +19,12 @@ import asyncio
 import json
 import statistics
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 
 async def main(handovers: int) -> dict[str, Any]:
-    from ipsecct.ct.transfer import Record
+    from ipsecct.bench.transfer import handover
     from ipsecct.demo import handover as demo_handover
     from ipsecct.demo import topology as demo
     from ipsecct.gateway import gcpolicy
@@ -40,7 +39,6 @@ async def main(handovers: int) -> dict[str, Any]:
             await demo_handover.setup(dm)
             gcpolicy.POLICY.settle()
             ts = {g: demo_handover.transfer_service(dm, g) for g in dm.gateways}
-            loop = asyncio.get_running_loop()
             for i in range(handovers + 2):
                 # on and off in turn; each shape moves both ways (4 handovers a cycle)
                 arm = arms[(i // 2) % len(arms)]
@@ -51,24 +49,10 @@ async def main(handovers: int) -> dict[str, Any]:
                     st.lazy_delay = LAZY_WRITE_DELAY if arm == "grant_lazy" else 0.0
                 src, dst = ("sg1", "sg2") if i % 2 == 0 else ("sg2", "sg1")
                 spi = ts[src].node.engine.tunnels()[0].outbound.spi
-                fut: asyncio.Future[Record] = loop.create_future()
-
-                def cb(rec: Record, fut: asyncio.Future[Record] = fut) -> None:
-                    if rec.role == "target" and rec.outcome == "committed" and not fut.done():
-                        fut.set_result(rec)
-
-                ts[dst].listeners.append(cb)
                 before = ts[dst].core.counters["granted"]
-                t0 = time.monotonic()
-                try:
-                    srec = await ts[src].transfer([spi], dst, timeout=120)
-                    if srec.outcome != "committed":
-                        raise SystemExit(f"transfer {srec.outcome}: {srec.detail}")
-                    rec = await asyncio.wait_for(fut, 120)
-                finally:
-                    ts[dst].listeners.remove(cb)
+                _, elapsed = await handover(ts, src, dst, [spi])
                 if i >= 2:  # the first two warm the code up
-                    times[arm].append((rec.ended - t0) * 1000)
+                    times[arm].append(elapsed * 1000)
                     granted[arm] += ts[dst].core.counters["granted"] - before
                 await asyncio.sleep(0.005)
         finally:

@@ -33,6 +33,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -157,6 +158,35 @@ def baseline(n_sas: int) -> float:
     return n_sas / (time.perf_counter() - t0)
 
 
+async def handover(
+    ts: dict[str, Any], src: str, dst: str, spis: list[int],
+    on_activated: Callable[[], None] | None = None,
+) -> tuple[Record, float]:
+    """One transfer of ``spis`` from gateway ``src`` to ``dst`` (their TransferServices in
+    ``ts``), as the operator's trigger makes it: (the target's record, seconds from the
+    trigger to its activation). ``on_activated`` is called the moment the target reports it
+    (for the benchmarks that stamp their own steps). BenchError if it does not commit."""
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[Record] = loop.create_future()
+
+    def cb(rec: Record) -> None:
+        if rec.role == "target" and rec.outcome == "committed" and not fut.done():
+            fut.set_result(rec)
+            if on_activated is not None:
+                on_activated()
+
+    ts[dst].listeners.append(cb)
+    try:
+        t0 = time.monotonic()
+        srec = await ts[src].transfer(spis, dst, timeout=120)
+        if srec.outcome != "committed":
+            raise BenchError(f"transfer {srec.outcome}: {srec.detail}")
+        rec = await asyncio.wait_for(fut, 120)
+        return rec, rec.ended - t0
+    finally:
+        ts[dst].listeners.remove(cb)
+
+
 async def _transfers(handovers: int, bulk: int) -> tuple[list[float], float]:
     from ..demo import handover as demo_handover
     from ..demo import topology as demo
@@ -167,31 +197,11 @@ async def _transfers(handovers: int, bulk: int) -> tuple[list[float], float]:
             await demo_handover.setup(dm)
             gcpolicy.POLICY.settle()  # as a gateway does after start-up (when the policy is on)
             ts = {g: demo_handover.transfer_service(dm, g) for g in dm.gateways}
-            loop = asyncio.get_running_loop()
             times: list[float] = []
-
-            async def move(src: str, dst: str, spis: list[int]) -> float:
-                fut: asyncio.Future[Record] = loop.create_future()
-
-                def cb(rec: Record) -> None:
-                    if rec.role == "target" and rec.outcome == "committed" and not fut.done():
-                        fut.set_result(rec)
-
-                ts[dst].listeners.append(cb)
-                try:
-                    t0 = time.monotonic()
-                    srec = await ts[src].transfer(spis, dst, timeout=120)
-                    if srec.outcome != "committed":
-                        raise BenchError(f"transfer {srec.outcome}: {srec.detail}")
-                    rec = await asyncio.wait_for(fut, 120)
-                    return rec.ended - t0
-                finally:
-                    ts[dst].listeners.remove(cb)
-
             for i in range(handovers):
                 src, dst = ("sg1", "sg2") if i % 2 == 0 else ("sg2", "sg1")
                 spi = ts[src].node.engine.tunnels()[0].outbound.spi
-                times.append(await move(src, dst, [spi]) * 1000)
+                times.append((await handover(ts, src, dst, [spi]))[1] * 1000)
                 await asyncio.sleep(0.005)
             # Bulk: sg1 gets bulk/2 more tunnels, then moves them all in one exchange.
             eng = ts["sg1"].node.engine
@@ -202,7 +212,7 @@ async def _transfers(handovers: int, bulk: int) -> tuple[list[float], float]:
             # a bulk install's objects when the policy is on): collect, and freeze if on.
             gc.collect()
             gcpolicy.POLICY.settle()
-            elapsed = await move("sg1", "sg2", spis)
+            _, elapsed = await handover(ts, "sg1", "sg2", spis)
             return times, bulk / elapsed
         finally:
             await demo.stop(dm)
