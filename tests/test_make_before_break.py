@@ -582,7 +582,7 @@ def test_the_gateways_tail_setting() -> None:
         assert cfg.transfer is not None
         return cfg.transfer.settings.grant
 
-    assert grant({}) is True and grant({"grant": False}) is False
+    assert grant({}) is False and grant({"grant": True}) is True
     with pytest.raises(ConfigError, match=r"sg1\.toml: transfer\.grant"):
         grant({"grant": "no"})
 

@@ -715,6 +715,7 @@ def granting_world(fail: str = "") -> tuple[Any, GrantRecorder, GrantRecorder]:
     j1, j2 = GrantRecorder(w), GrantRecorder(w, fail=fail)
     w.gw["sg1"].core.journal = j1
     w.gw["sg2"].core.journal = j2
+    w.gw["sg1"].core.settings.grant = True  # ([transfer] grant = true: off by default)
     return w, j1, j2
 
 

@@ -135,8 +135,9 @@ class Settings:
     # The grant (docs/state.md): the COMMIT that follows the CTDR lets the target send up to
     # each tunnel's transferred number + journal.GRANT before its own "pending" row is
     # durable (its "leaving" rows reserved that far). Only with a journal that reserves it
-    # (``reserves_grant``). False: the target activates once its "pending" row is durable.
-    grant: bool = True
+    # (``reserves_grant``). False (the default, as the gateway's): the target activates once
+    # its "pending" row is durable.
+    grant: bool = False
 
 
 # -- outputs ------------------------------------------------------------------------------

@@ -920,6 +920,7 @@ MBB_TAIL = 16  # [transfer] mbb_tail's default
 # it answers instead of costing a rollback, and its gain was not measurable on the shared
 # machine (benchmarks/README.md): the operator chooses.
 COMMIT_EARLY = False
+GRANT = False  # [transfer] grant's default (docs/state.md, "the grant"; benchmarks/README.md)
 
 # [transfer] limits: key -> Settings attribute (whole numbers >= 1)
 _TRANSFER_LIMITS = {
@@ -1051,9 +1052,10 @@ def _transfer(
     if not isinstance(early, bool):
         raise ctx.err("transfer.commit_early", "must be true or false")
     s.commit_early = early
-    # The grant (docs/state.md): on by default; off, the target activates only once its own
-    # "pending" row is durable (a transfer from an older ipsecct never grants).
-    grant = t.get("grant", True)
+    # The grant (docs/state.md): off by default (its gain was not measurable here, and it
+    # gives up one corner that the target's own "pending" row covers: docs/state.md); off,
+    # the target activates only once that row is durable.
+    grant = t.get("grant", GRANT)
     if not isinstance(grant, bool):
         raise ctx.err("transfer.grant", "must be true or false")
     s.grant = grant
