@@ -699,12 +699,13 @@ class GrantRecorder(Recorder):
         self.ceiling: dict[int, int] = {}
 
     def leaving(self, tunnels, peer, transfer_id):  # type: ignore[no-untyped-def]
-        from ipsecct.ct.journal import grant_ceiling
+        from ipsecct.ct.journal import grant_ceiling, transferred_at
 
         for t in tunnels:
             sa = t.outbound
-            at = t.transfer_cap if t.transfer_cap < sa.seq_limit else sa.seq
-            self.ceiling[sa.spi] = max(self.ceiling.get(sa.spi, 0), grant_ceiling(sa, at))
+            self.ceiling[sa.spi] = max(
+                self.ceiling.get(sa.spi, 0), grant_ceiling(sa, transferred_at(t))
+            )
         return super().leaving(tunnels, peer, transfer_id)
 
 

@@ -30,6 +30,13 @@ from ..ipsec.sad import SecurityAssociation
 GRANT = 1 << 16
 
 
+def transferred_at(t: Tunnel) -> int:
+    """The number tunnel ``t`` is being transferred at: its cap with make-before-break, else
+    its counter (what its context carries, and what a grant and a LEAVING mark count from)."""
+    sa = t.outbound
+    return t.transfer_cap if t.transfer_cap < sa.seq_limit else sa.seq
+
+
 def grant_ceiling(sa: SecurityAssociation, transferred: int) -> int:
     """The highest number the grant lets a target send on ``sa`` transferred at
     ``transferred`` (never past the counter's limit)."""

@@ -60,7 +60,7 @@ from ..ipsec.sad import Direction, SecurityAssociation, UdpEncap
 from ..ipsec.spd import Action, AddressRange, OverlapIndex, RangeSet, Selectors, SPDEntry
 from ..ipsec.spi import SpiBlock
 from . import context, cxtp
-from .journal import GRANT, Journal, Write, grant_ceiling
+from .journal import GRANT, Journal, Write, grant_ceiling, transferred_at
 from .ratelimit import RateLimiter
 
 FPT_DECISION = 0x8005  # COMMIT (1) or ABORT (2) of a transfer
@@ -842,9 +842,7 @@ class TransferCore:
         if self.standby_gate is None:
             return
         for t in og.tunnels:
-            sa = t.outbound
-            at = t.transfer_cap if t.transfer_cap < sa.seq_limit else sa.seq
-            self.leaving[t] = LeavingMark(og.tid, og.peer, at)
+            self.leaving[t] = LeavingMark(og.tid, og.peer, transferred_at(t))
         og.away_tunnels = list(og.tunnels)
         og.standby = self.standby_gate(list(og.tunnels), og.tid)
 

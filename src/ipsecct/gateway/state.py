@@ -48,7 +48,16 @@ from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
 
-from ..ct.journal import Configured, Owner, Plan, SAState, Write, grant_ceiling, merge
+from ..ct.journal import (
+    Configured,
+    Owner,
+    Plan,
+    SAState,
+    Write,
+    grant_ceiling,
+    merge,
+    transferred_at,
+)
 from ..errors import JournalError, StateError
 from ..ipsec.engine import Tunnel
 from ..ipsec.sad import MAX_SEQ_64, SecurityAssociation
@@ -1187,9 +1196,7 @@ class DurableState:
         # The grant: past what the target may send before its own "pending" row is durable,
         # the number each tunnel is transferred at (its cap, or its counter) + GRANT.
         for t, r in zip(tunnels, rows, strict=True):
-            sa = t.outbound
-            at = t.transfer_cap if t.transfer_cap < sa.seq_limit else sa.seq
-            r.ceiling = max(r.ceiling, grant_ceiling(sa, at))
+            r.ceiling = max(r.ceiling, grant_ceiling(t.outbound, transferred_at(t)))
         # Not urgent: the COMMIT waits for it a round trip later; the contexts go first.
         return self._submit(rows, urgent=False)
 
