@@ -83,6 +83,7 @@ def poll_cost(n: int, polls: int, warm: bool, busy: int = 0) -> dict[str, Any]:
 
 async def _gateway(n: int, seconds: float, probes: int, workdir: Path) -> dict[str, Any]:
     from ipsecct.bench.transfer import make_tunnel
+    from ipsecct.demo import handover as demo_handover
     from ipsecct.demo import topology as demo
     from ipsecct.gateway.control import ControlServer, request_async
 
@@ -93,8 +94,7 @@ async def _gateway(n: int, seconds: float, probes: int, workdir: Path) -> dict[s
         for i in range(n):
             make_tunnel(eng, i, demo.ADDRESS["sg1"], demo.ADDRESS["mn"])
         services = d.services
-        await services["sg2"].start_context_transfer()
-        await services["sg1"].start_context_transfer()
+        await demo_handover.setup(d)  # (the standby listens before its active calls)
         active, driver = services["sg1"].failover, services["sg2"].failover
         assert active is not None and driver is not None
         rep, sb = active.replicator, driver.standby

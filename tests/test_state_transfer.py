@@ -435,12 +435,13 @@ def freeze(gws: Gateways, name: str, on: bool) -> None:
     os.kill(gws.procs[name].pid, signal.SIGSTOP if on else signal.SIGCONT)
 
 
-def start_transfer(gws: Gateways, spi: int) -> threading.Thread:
+def start_transfer(gws: Gateways, spi: int, to: str = "sg2") -> threading.Thread:
+    """sg1's ``ipsecct transfer SPI --to TO``, on a thread of its own (it may never answer)."""
     sock = str(gws.dir / "sg1.sock")
 
     def transfer() -> None:
         with contextlib.suppress(ControlError, OSError):
-            request(sock, "transfer", {"spi": hex(spi), "to": "sg2"}, 30)
+            request(sock, "transfer", {"spi": hex(spi), "to": to}, 30)
 
     th = threading.Thread(target=transfer)
     th.start()
@@ -840,14 +841,7 @@ def test_a_standby_takes_over_a_tunnel_its_active_was_transferring_and_asks_the_
                  "nothing replicated")  # fmt: skip
         spi = 0x20000000
         freeze(g, "sg3", True)
-        sock = str(g.dir / "sg1.sock")
-
-        def transfer() -> None:
-            with contextlib.suppress(ControlError, OSError):
-                request(sock, "transfer", {"spi": hex(spi), "to": "sg3"}, 30)
-
-        th = threading.Thread(target=transfer)
-        th.start()
+        th = start_transfer(g, spi, "sg3")
         wait_for(lambda: g.status("sg2")["failover"].get("replicated_leaving") == 1,
                  "the standby never held the tunnel marked leaving")  # fmt: skip
         g.kill("sg1")
