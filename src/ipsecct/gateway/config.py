@@ -22,7 +22,8 @@ from ..ct.failover import FailoverConfig
 from ..ct.transfer import ConflictPolicy, Identity, Settings
 from ..errors import ConfigError, EtcdError, IpsecctError
 from ..ikev2.auth import PrivateKey
-from ..ikev2.config import Connection, parse_connections
+from ..ikev2.config import Connection, parse_connections, parse_pools
+from ..ikev2.pool import Pool
 from ..ipsec.algorithms import (
     ENC,
     ENC_NAMES,
@@ -151,6 +152,8 @@ class NodeConfig:
     virtual_interface: str | None = None
     virtual_owner: bool = False  # this gateway holds the virtual address at start
     connections: list[Connection] = field(default_factory=list)  # IKEv2 [connections.NAME]
+    # [pools.NAME]: virtual IPs the connections' ``pools`` lease (their leases live here)
+    pools: dict[str, Pool] = field(default_factory=dict)
     cookie_threshold: int = 100  # [ike]: half-open IKE SAs before cookies are asked (§2.6)
     rsa_pss: bool = False  # [ike]: sign RFC 7427 AUTH with RSASSA-PSS (strongSwan's rsa_pss)
     # [ike] port: IKE's own UDP port (500; 0: none, IKE only on the outer NAT-T port, which
@@ -630,6 +633,7 @@ KNOWN_SECTIONS = {
     "peers",
     "failover",
     "connections",
+    "pools",
     "secrets",
     "cluster",
     "ike",
@@ -747,6 +751,7 @@ def from_dict(data: dict[str, Any], path: str = "<config>") -> NodeConfig:
         if other != t.name:
             raise ctx.err(f"tunnel[{i}] ({t.name}).spi_in",
                           f"0x{t.inbound.spi:08x} is tunnel {other}'s spi_in too")  # fmt: skip
+    pools = parse_pools(data, path)
     connections = load_connections(data, path) if data.get("connections") else []
     transfer = _transfer(data, ctx, tunnels, connections)
     if transfer is not None and name in transfer.peers:  # it connected to itself, and a
@@ -796,6 +801,7 @@ def from_dict(data: dict[str, Any], path: str = "<config>") -> NodeConfig:
         vif,
         vowner,
         connections,
+        pools=pools,
         cluster=cluster,
         cookie_threshold=cookie_threshold,
         rsa_pss=rsa_pss,

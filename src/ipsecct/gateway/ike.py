@@ -105,6 +105,7 @@ class IkeService:
             cookie_threshold=node.cfg.cookie_threshold,
             rsa_pss=node.cfg.rsa_pss,
             wall_offset=time.time() - node.clock(),
+            pools=node.cfg.pools,
         )
         blk = node.cfg.cluster.block() if node.cfg.cluster is not None else None
         if blk is not None:  # cluster-unique inbound SPIs, as for transferred tunnels
@@ -736,6 +737,14 @@ class IkeService:
         """Can this gateway take the IKE SA a peer's transfer announces (target)? None if so,
         else why not (logged)."""
         why = ike_context.unit_refusal(payload, self.engine.connections)
+        if why is None:  # its virtual IPs: from our pool of that name, not leased here
+            try:
+                name, vips = ike_context.unit_vips(payload)
+            except IkeContextError as exc:
+                why = str(exc)
+            else:
+                conn = next(c for c in self.engine.connections if c.name == name)
+                why = self.engine.vip_refusal(conn, False, vips)
         if why is not None:
             event(log, "ike-sa-refused", logging.WARNING, node=self.node.name, peer=peer,
                   error=why, when="before the transfer")  # fmt: skip
@@ -994,7 +1003,13 @@ class IkeService:
         the IKE SA a replica holds, with its connections as they are? Checked when it
         arrives (``ikev2.context.replica_refusal``); a refusal is logged here once per IKE SA
         and reason, and the active is told (the fail-over protocol's SYNC_REFUSED)."""
-        why = ike_context.replica_refusal(cdbs, self.engine.connections, self.node.clock())
+        def vips(ike: IkeSA) -> str | None:  # from our pools, in their addrs (the
+            # leases are taken at the take-over, when the peer's IKE SA is ours)
+            return self.engine.vip_refusal(ike.conn, ike.we_initiated, ike.vips,
+                                           leased=False)  # fmt: skip
+
+        why = ike_context.replica_refusal(cdbs, self.engine.connections, self.node.clock(),
+                                          vips)  # fmt: skip
         if why is None:
             if self._refusing.pop(key, None) is not None:
                 event(log, "ike-replica-accepted", node=self.node.name,
@@ -1087,6 +1102,7 @@ class IkeService:
     def status(self) -> dict[str, Any]:
         return {"ike_sas": len(self.engine.ike_sas()), "half_open": len(self.engine.half_open),
                 "counters": dict(self.engine.stats),
+                "pools": [p.status() for p in self.engine.pools.values()],
                 "replicas_refused": self.refused_replicas()}  # fmt: skip
 
     def list(self) -> list[dict[str, object]]:

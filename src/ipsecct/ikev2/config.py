@@ -36,6 +36,7 @@ from cryptography.hazmat.primitives import serialization
 from ..errors import ConfigError, IpsecctError
 from .auth import Credentials, PrivateKey
 from .message import IDPayload, IdType, ProtocolId, TrafficSelector
+from .pool import Pool, parse_range
 from .proposal import Offer, parse_list
 from .ts import from_text
 
@@ -130,6 +131,11 @@ class Connection:
     crls: Callable[[], list[x509.CertificateRevocationList]] | None = field(
         default=None, repr=False, compare=False
     )
+    # swanctl's pools (as responder: a peer's CFG_REQUEST gets an address from the first of
+    # these pools of its address family that has one) and vips (as initiator: "0.0.0.0"
+    # and/or "::" ask the peer for an address of that family)
+    pools: list[str] = field(default_factory=list)
+    vips: list[IPAddr] = field(default_factory=list)
 
     def accepts(self, local: IPAddr, remote: IPAddr) -> bool:
         def ok(nets: list[IPNet], a: IPAddr) -> bool:
@@ -140,7 +146,7 @@ class Connection:
 
 _CONN_KEYS = {"version", "local_addrs", "remote_addrs", "proposals", "local", "remote", "encap",
               "dpd_delay", "rekey_time", "children", "mobike", "over_time",
-              "reauth_time", "local_port", "remote_port"}  # fmt: skip
+              "reauth_time", "local_port", "remote_port", "pools", "vips"}  # fmt: skip
 _CHILD_KEYS = {"local_ts", "remote_ts", "esp_proposals", "rekey_time", "life_time",
                "start_action", "mode"}  # fmt: skip
 _AUTH_KEYS = {"auth", "id", "certs", "cacerts", "crls"}
@@ -382,7 +388,78 @@ def parse_connections(
             _port(d.get("local_port", 500), ctx, where + "local_port"),
             _port(d.get("remote_port", 500), ctx, where + "remote_port"),
             crls,
+            _pool_names(d.get("pools", []), ctx, where + "pools", data),
+            _vips(d.get("vips", []), ctx, where + "vips"),
         ))  # fmt: skip
+    return out
+
+
+def _pool_names(v: Any, ctx: _Ctx, key: str, data: dict[str, Any]) -> list[str]:
+    names = _strings(v, ctx, key)
+    pools = data.get("pools", {})
+    for n in names:
+        if not isinstance(pools, dict) or n not in pools:
+            raise ctx.err(key, f"no [pools.{n}]")
+    if len(set(names)) != len(names):
+        raise ctx.err(key, "names a pool twice")
+    return names
+
+
+def _vips(v: Any, ctx: _Ctx, key: str) -> list[IPAddr]:
+    out: list[IPAddr] = []
+    for s in _strings(v, ctx, key):
+        try:
+            a = ipaddress.ip_address(s)
+        except ValueError:
+            raise ctx.err(key, f"bad address {s!r}") from None
+        if not a.is_unspecified:
+            raise ctx.err(key, 'only "0.0.0.0" and "::" (any address the peer gives) are '
+                          "supported")  # fmt: skip
+        if any(x.version == a.version for x in out):
+            raise ctx.err(key, "one address per family")
+        out.append(a)
+    return out
+
+
+_POOL_KEYS = {"addrs", "dns", "share"}
+MAX_DNS = 4
+
+
+def parse_pools(data: dict[str, Any], path: str) -> dict[str, Pool]:
+    """``[pools.NAME]``: ``addrs`` (a prefix, its network and broadcast addresses left out
+    as strongSwan does, or a range ``a-b``), ``dns`` (addresses, at most 4), and ``share``
+    (ours: the part of ``addrs`` this gateway leases new addresses from)."""
+    ctx = _Ctx(path)
+    pools = data.get("pools", {})
+    if not isinstance(pools, dict):
+        raise ctx.err("pools", "must be a table of pools")
+    out: dict[str, Pool] = {}
+    for name, d in pools.items():
+        where = f"pools.{name}."
+        if not isinstance(d, dict):
+            raise ctx.err(where.rstrip("."), "must be a table")
+        ctx.keys(d, where, _POOL_KEYS)
+        if not isinstance(d.get("addrs"), str):
+            raise ctx.err(where + "addrs", 'missing (a prefix "10.3.0.0/24" or a range "a-b")')
+        try:
+            first, last = parse_range(d["addrs"])
+            share = parse_range(d["share"]) if isinstance(d.get("share"), str) else None
+        except ValueError as exc:
+            raise ctx.err(where + ("share" if "share" in d else "addrs"), str(exc)) from None
+        if "share" in d and share is None:
+            raise ctx.err(where + "share", "must be a prefix or a range a-b")
+        dns: list[IPAddr] = []
+        for s in _strings(d.get("dns", []), ctx, where + "dns"):
+            try:
+                dns.append(ipaddress.ip_address(s))
+            except ValueError:
+                raise ctx.err(where + "dns", f"bad address {s!r}") from None
+        if len(dns) > MAX_DNS:
+            raise ctx.err(where + "dns", f"at most {MAX_DNS} servers")
+        try:
+            out[name] = Pool(name, first, last, tuple(dns), share)
+        except ConfigError as exc:
+            raise ctx.err(where + "addrs", str(exc)) from None
     return out
 
 

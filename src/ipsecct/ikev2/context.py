@@ -10,7 +10,8 @@ Three kinds of Context Data Block, each with the draft's CDB header
   message-ID and replay-counter sync), peer identity, seconds left to the IKE SA's rekey,
   the DELETEs of CHILD SAs we owe the peer (item 30) and state flags (item 31: our RFC 4555
   role, whether the peer's address awaits our return-routability check, whether our next
-  request ID is that of a request in flight);
+  request ID is that of a request in flight), and the virtual IPs (item 32, one per address:
+  the pool's name and the address leased to the peer, or as initiator, given to us);
 - ``FPT_IKE_CHILD`` (0x8011): one per CHILD SA: config name, transforms, SPIs, KEYMAT, who
   initiated it, narrowed selectors, seconds left to its rekey, and, for one the peer rekeyed
   and has yet to delete, its successor's SPI and the rekey's age (the ESP SAs themselves
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import ipaddress
 import struct
+from collections.abc import Callable
 
 from ..errors import IkeContextError
 from .auth import MAX_NAMES, fingerprint
@@ -239,6 +241,7 @@ def encode(ike: IkeSA, now: float) -> list[bytes]:
     inflight = _my_mid(ike) != ike.my_next_mid
     main.append((31, bytes((ike.mobike_initiator | address_unverified(ike) << 1
                             | inflight << 2,))))  # fmt: skip
+    main += [(32, _vip(name, a)) for name, a in ike.vips]
     owed = deletes_owed(ike)
     if owed:  # DELETEs of CHILD SAs we sent (or queued) and the peer has not answered
         main.append((30, b"".join(struct.pack("!I", spi) for spi in owed)))
@@ -341,7 +344,8 @@ def unit_payloads(ike: IkeSA, children: list[ChildSA]) -> list[bytes]:
     a policy over 1,200 octets was left out: the target checked only the names before the
     commit and refused the IKE SA after it (its CHILD SAs moved, the IKE SA lost)."""
     names = _items([(1, bytes((VERSION,))), (5, ike.conn.name.encode())]
-                   + [(6, c.config.name.encode()) for c in children])  # fmt: skip
+                   + [(6, c.config.name.encode()) for c in children]
+                   + [(14, _vip(n, a)) for n, a in ike.vips])  # fmt: skip
     top_items = [(7, _suite(ike.suite)), (8, ike.peer_id.encode()),
                  (10, bytes((_AUTH[auth_of(ike)],)))]  # fmt: skip
     if ike.peer_ca:  # a certificate peer: the names it proves (12) and its CA (13)
@@ -409,6 +413,18 @@ def _unit_policy(d: dict[int, list[bytes]], children: list[str],
     return (_unsuite(_one(d, 7)), _one(d, 8).decode(), auth, cert), kids
 
 
+def unit_vips(payload: bytes) -> tuple[str, list[tuple[str, ipaddress.IPv4Address
+                                                       | ipaddress.IPv6Address]]]:
+    """The connection's name and the virtual IPs (item 14, as item 32 of the context) a
+    UNIT payload announces; IkeContextError when malformed. A gateway that predates item 14
+    announces none: the import checks them (IkeEngine.vip_refusal)."""
+    try:
+        d = _parse(_frame(0, payload))[1]
+        return _one(d, 5).decode(), _unvips(d.get(14, []))
+    except (UnicodeDecodeError, ValueError, struct.error):
+        raise IkeContextError("malformed IKE unit") from None
+
+
 def unit_refusal(payload: bytes, connections: list[Connection]) -> str | None:
     """Why a gateway with ``connections`` cannot take the IKE SA a UNIT payload describes
     (None: it can): no connection of that name, no CHILD configuration of a name, or (when
@@ -447,7 +463,8 @@ def unit_refusal(payload: bytes, connections: list[Connection]) -> str | None:
     return _refusal(conn, top, [(by_name[n], s_, lts, rts) for n, s_, lts, rts in kids])
 
 
-def replica_refusal(cdbs: list[bytes], connections: list[Connection], now: float) -> str | None:
+def replica_refusal(cdbs: list[bytes], connections: list[Connection], now: float,
+                    check: Callable[[IkeSA], str | None] | None = None) -> str | None:
     """Why a gateway with ``connections`` could not take over the IKE SA a replica holds
     (None: it could), checked when the replica arrives rather than at the take-over: what
     the import checks (a connection of that name, its CHILD configurations, a well-formed
@@ -460,7 +477,8 @@ def replica_refusal(cdbs: list[bytes], connections: list[Connection], now: float
         return str(exc)
     except (UnicodeDecodeError, ValueError, KeyError, struct.error):
         return "malformed IKE context"
-    return policy_refusal(ike)
+    why = policy_refusal(ike)
+    return why if why is not None or check is None else check(ike)
 
 
 def policy_refusal(ike: IkeSA) -> str | None:
@@ -665,6 +683,7 @@ def decode(cdbs: list[bytes], connections: list[Connection], now: float,
         ike.peer_names, ike.peer_ca = _unnames(_one(m, 28)), _one(m, 29, 32)
     if 31 in m:  # RFC 4555 roles, the address check, a request in flight (absent: older)
         _mobike_state(ike, _one(m, 31, 1)[0])
+    ike.vips = _unvips(m.get(32, []))  # (absent: none, or a context of an older version)
     ike.last_heard = now
     n_responses = _u(m, 23, 2)
     successors: list[list[bytes] | None] = []
@@ -754,6 +773,35 @@ def _mobike_state(ike: IkeSA, bits: int) -> None:
     ike.orig_initiator = bool(bits & 1)
     ike.rr_due = bool(bits & 2)
     ike.inflight_at_export = bool(bits & 4)
+
+
+def _vip(name: str, addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bytes:
+    """Item 32: ``Len(8) | pool name | address (4 or 16 octets)``."""
+    b = name.encode()
+    return bytes((len(b),)) + b + addr.packed
+
+
+def _unvips(items: list[bytes]) -> list[tuple[str, ipaddress.IPv4Address | ipaddress.IPv6Address]]:
+    """Items 32: at most one address of each family (a peer asks for one of each), each
+    with the name of its pool (printable, at most 64 octets; "": given to us as initiator).
+    Whether the pool exists and holds the address is the importing engine's check
+    (IkeEngine.vip_refusal)."""
+    out: list[tuple[str, ipaddress.IPv4Address | ipaddress.IPv6Address]] = []
+    for b in items:
+        n = b[0] if b else 0
+        rest = b[1 + n :]
+        if not b or n > 64 or len(rest) not in (4, 16):
+            raise IkeContextError("bad virtual IP item")
+        try:
+            name = b[1 : 1 + n].decode()
+        except UnicodeDecodeError:
+            raise IkeContextError("bad virtual IP item") from None
+        a = ipaddress.ip_address(rest)
+        if not name.isprintable() or any(x.version == a.version for _, x in out) or (
+                a.is_unspecified or a.is_multicast):  # fmt: skip
+            raise IkeContextError("bad virtual IP item")
+        out.append((name, a))
+    return out
 
 
 def _owed(b: bytes, children: list[ChildSA]) -> list[bytes]:

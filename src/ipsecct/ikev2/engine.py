@@ -53,6 +53,9 @@ from .message import (
     AuthPayload,
     CertPayload,
     CertReqPayload,
+    CfgAttr,
+    CfgType,
+    CPPayload,
     DeletePayload,
     ExchangeType,
     Flag,
@@ -80,8 +83,9 @@ from .message import (
     notifies,
 )
 from .mid_sync import MidSync, ReplayCounterSync, sync_request
+from .pool import Pool
 from .proposal import AEAD, choose
-from .ts import narrow, representable, within
+from .ts import host, narrow, representable, within
 
 log = logging.getLogger("ipsecct.ikev2")
 
@@ -131,6 +135,9 @@ MAX_SYNCED_MID = 0xFFFFFFFF - (1 << 16)
 MID_REKEY_AT = 0xFFFF0000
 MAX_MID = 0xFFFFFFFF
 REKEY_RETRY = 30.0
+# configuration attributes of a peer's CFG_REQUEST that are looked at (the codec refuses a CP
+# payload of more than message.MAX_CP_ATTRIBUTES)
+MAX_CP_READ = 16
 
 
 # -- outputs --------------------------------------------------------------------------------
@@ -257,8 +264,12 @@ class IkeEngine:
         spi_range: tuple[int, int] = (0x100, 0xFFFFFFFF),
         wall_offset: float = 0.0,
         rsa_pss: bool = False,
+        pools: dict[str, Pool] | None = None,
     ) -> None:
         self.connections = connections
+        # [pools.NAME]: the virtual IPs a connection's ``pools`` lease to peers (RFC 7296
+        # §3.15; ikev2.pool)
+        self.pools: dict[str, Pool] = pools or {}
         self.rsa_pss = rsa_pss  # RSA keys sign RFC 7427 AUTH with RSASSA-PSS
         self.natt_port = natt_port
         self.connecting: dict[bytes, Connecting] = {}  # our SPIi -> IKE_SA_INIT in flight
@@ -433,6 +444,7 @@ class IkeEngine:
         for c in ike.children:
             self._child_spis.discard(c.spi_in)
         ike.state = IkeState.DEAD
+        self._release_vips(ike, away=True)  # the context carries them (item 32)
         self.stats["ike-sa-exported"] += 1
         return cdbs
 
@@ -456,6 +468,11 @@ class IkeEngine:
         spis = [c.spi_in for c in ike.children]
         if len(set(spis)) != len(spis) or any(s in self._child_spis for s in spis):
             raise IkeContextError("a CHILD SA's SPI is in use here")
+        why = self.vip_refusal(ike.conn, ike.we_initiated, ike.vips)
+        if why is not None:
+            raise IkeContextError(why)
+        for name, a in ike.vips if not ike.we_initiated else []:
+            self.pools[name].arrive(a, ike.peer_id)
         self.by_spi[ike.our_spi] = ike
         self._child_spis.update(spis)
         self.stats["ike-sa-imported"] += 1
@@ -469,6 +486,32 @@ class IkeEngine:
                  len(ike.children), len(ike.queued_deletes), ike.rr_due)  # fmt: skip
         return ike
 
+    def vip_refusal(self, conn: Connection, we_initiated: bool,
+                    vips: list[tuple[str, IPAddr]], leased: bool = True) -> str | None:
+        """Why the virtual IPs an IKE SA from another gateway holds cannot come here (None:
+        they can): as responder, each must be from a pool of that name that the
+        connection here names (``pools``), in its ``addrs``, and not leased here to an IKE
+        SA already (``leased``: checked); as initiator (what the peer gave us), any one
+        per family."""
+        if we_initiated:
+            fams = [a.version for name, a in vips]
+            if any(vips_name for vips_name, _ in vips) or len(set(fams)) != len(fams):
+                return "bad virtual IPs of an initiator"
+            return None
+        seen: set[IPAddr] = set()
+        for name, a in vips:
+            pool = self.pools.get(name)
+            if pool is None or name not in conn.pools:
+                return f"virtual IP {a} of pool {name!r}: no such pool for {conn.name!r} here"
+            why = pool.refusal(a) if leased else (
+                None if pool.contains(a) else f"virtual IP {a} is not in pool {name!r} here")
+            if why is not None:
+                return why
+            if a in seen:
+                return f"virtual IP {a} twice"
+            seen.add(a)
+        return None
+
     def forget(self, ike: IkeSA) -> None:
         """Drop an IKE SA without a word to the peer: another gateway took it over (the
         standby of a fail-over pair). Its CHILD SAs' tunnels are the caller's to remove."""
@@ -478,6 +521,7 @@ class IkeEngine:
             self._child_spis.discard(c.spi_in)
         ike.state = IkeState.DEAD
         self._drop_pending(ike)
+        self._release_vips(ike, away=True)  # the gateway that took it holds them
         self.stats["ike-sa-forgotten"] += 1
 
     def delete_child(self, ike: IkeSA, child: ChildSA, now: float) -> list[Output]:
@@ -1033,8 +1077,86 @@ class IkeEngine:
                  conn.name, ike.remote, ike.peer_id, ike.suite.name(),
                  "yes" if ike.mobike else "no")  # fmt: skip
         out.append(IkeUp(ike))
+        cp = next((p for p in inner if isinstance(p, CPPayload)), None)
+        if cp is not None and cp.cfg_type == CfgType.CFG_REQUEST and conn.pools:
+            answer = self._lease(ike, cp)
+            if answer is None:  # asked for an address and none is left: the IKE SA stays
+                # up without a CHILD SA, as with strongSwan (RFC 7296 §3.15.4)
+                reply.append(NotifyPayload(Notify.INTERNAL_ADDRESS_FAILURE))
+                return reply
+            reply.append(answer)
         reply += self._first_child(ike, inner, now, out)
         return reply
+
+    def _lease(self, ike: IkeSA, cp: CPPayload) -> CPPayload | None:
+        """A peer's CFG_REQUEST in IKE_AUTH (RFC 7296 §2.19, §3.15): an address of each
+        family it asks (INTERNAL_IP4/IP6_ADDRESS, empty or naming the one it would like)
+        from the first of the connection's pools of that family that has one (the same
+        identity gets its earlier lease back), and the DNS servers of those pools when it
+        asks for them. Unknown attributes are ignored, so is a known one of a wrong length
+        (counted ``cp-bad-attribute``); at most MAX_CP_READ are read. The CFG_REPLY, an
+        empty one when it asked for no address; None when it asked for one and got none."""
+        want: dict[int, ipaddress.IPv4Address | ipaddress.IPv6Address | None] = {}
+        dns: set[int] = set()
+        sizes: dict[int, tuple[int, int]] = {
+            CfgAttr.INTERNAL_IP4_ADDRESS: (0, 4), CfgAttr.INTERNAL_IP6_ADDRESS: (0, 17),
+            CfgAttr.INTERNAL_IP4_DNS: (0, 4), CfgAttr.INTERNAL_IP6_DNS: (0, 16)}
+        for atype, value in cp.attributes[:MAX_CP_READ]:
+            if atype not in sizes:
+                continue
+            if len(value) not in sizes[atype]:
+                self.stats["cp-bad-attribute"] += 1
+                continue
+            if atype in (CfgAttr.INTERNAL_IP4_ADDRESS, CfgAttr.INTERNAL_IP6_ADDRESS):
+                fam = 4 if atype == CfgAttr.INTERNAL_IP4_ADDRESS else 6
+                a = ipaddress.ip_address(value[:16]) if value else None
+                want.setdefault(fam, None if a is None or a.is_unspecified else a)
+            else:
+                dns.add(4 if atype == CfgAttr.INTERNAL_IP4_DNS else 6)
+        attrs: list[tuple[int, bytes]] = []
+        for fam, pref in want.items():
+            for name in ike.conn.pools:
+                pool = self.pools.get(name)
+                if pool is None or pool.version != fam:
+                    continue
+                got = pool.acquire(ike.peer_id, pref)
+                if got is None:
+                    continue
+                ike.vips.append((name, got))
+                attrs.append((CfgAttr.INTERNAL_IP4_ADDRESS, got.packed) if fam == 4 else
+                             (CfgAttr.INTERNAL_IP6_ADDRESS, got.packed + b"\x80"))
+                for d in pool.dns:
+                    if d.version in dns:
+                        attrs.append((CfgAttr.INTERNAL_IP4_DNS if d.version == 4
+                                      else CfgAttr.INTERNAL_IP6_DNS, d.packed))  # fmt: skip
+                break
+        if want and not ike.vips:
+            self.stats["vip-pool-exhausted"] += 1
+            log.warning("event=ike-vip-failed conn=%s peer=%s id=%s reason=%s", ike.conn.name,
+                        ike.remote, ike.peer_id, _quote("no address left in the pools"))
+            return None
+        for name, a in ike.vips:
+            self.stats["vip-leased"] += 1
+            log.info("event=ike-vip-leased conn=%s id=%s pool=%s vip=%s", ike.conn.name,
+                     ike.peer_id, name, a)  # fmt: skip
+        return CPPayload(CfgType.CFG_REPLY, tuple(attrs))
+
+    def _release_vips(self, ike: IkeSA, away: bool = False) -> None:
+        """The IKE SA ends here (``away``: it moved to another gateway): its leases go
+        offline (or away, ikev2.pool)."""
+        if ike.we_initiated:
+            ike.vips = []
+            return
+        for name, a in ike.vips:
+            pool = self.pools.get(name)
+            if pool is not None:
+                if away:
+                    pool.send_away(a)
+                else:
+                    pool.release(a)
+                    log.info("event=ike-vip-released conn=%s id=%s pool=%s vip=%s",
+                             ike.conn.name, ike.peer_id, name, a)  # fmt: skip
+        ike.vips = []
 
     def _first_child(self, ike: IkeSA, inner: list[Payload], now: float,
                      out: list[Output]) -> list[Payload]:  # fmt: skip
@@ -1054,9 +1176,13 @@ class IkeEngine:
         ``ni`` and ours ``nr``): narrowed selectors, chosen proposal, keys; the reply
         payloads (without the nonce and KE, which the caller adds)."""  # fmt: skip
         configs = [rekeyed.config] if rekeyed is not None else ike.conn.children
+        # a peer we leased virtual IPs to: its side of every CHILD SA is its address (§2.19)
+        vips = [host(a) for _, a in ike.vips] if not ike.we_initiated else []
         for cc in configs:
-            local, remote = representable(narrow(tsr.selectors, cc.local_ts),
-                                          narrow(tsi.selectors, cc.remote_ts))  # fmt: skip
+            theirs = narrow(tsi.selectors, cc.remote_ts)
+            if vips:
+                theirs = narrow(tuple(theirs), vips)
+            local, remote = representable(narrow(tsr.selectors, cc.local_ts), theirs)
             if remote and local:
                 break
         else:
@@ -1259,6 +1385,7 @@ class IkeEngine:
                     # request made here; our own rekey, still in flight, takes the CHILD SAs
                     parent.children += ike.children
                     ike.children = []
+                    parent.vips, ike.vips = parent.vips + ike.vips, []  # (as the CHILD SAs)
                     parent.collided = None
                     ike.peer_id = ""
                 elif ike.state is IkeState.REKEYED:
@@ -1660,6 +1787,10 @@ class IkeEngine:
         else:
             payloads.append(AuthPayload(AuthMethod.SHARED_KEY,
                                         psk_auth(prf_alg, conn.psk, octets)))  # fmt: skip
+        if conn.vips:  # vips = ["0.0.0.0", "::"]: an address of each family, any (§2.19)
+            payloads.append(CPPayload(CfgType.CFG_REQUEST, tuple(
+                (CfgAttr.INTERNAL_IP4_ADDRESS if v.version == 4
+                 else CfgAttr.INTERNAL_IP6_ADDRESS, b"") for v in conn.vips)))  # fmt: skip
         spi = self._new_child_spi() if child is not None else None
         if child is not None and spi is not None:  # (None: an IKE SA without a CHILD SA)
             ike.auth_child = (child, spi)
@@ -1719,9 +1850,17 @@ class IkeEngine:
         ike.mobike = conn.mobike and Notify.MOBIKE_SUPPORTED in n
         ike.mid_sync = Notify.IKEV2_MESSAGE_ID_SYNC_SUPPORTED in n
         ike.replay_sync = Notify.IPSEC_REPLAY_COUNTER_SYNC_SUPPORTED in n
+        cp = next((p for p in inner if isinstance(p, CPPayload)), None)
+        if conn.vips and cp is not None and cp.cfg_type == CfgType.CFG_REPLY:
+            ike.vips = _given_vips(conn, cp)
         self.stats["ike-sa-established"] += 1
-        log.info("event=ike-sa-established conn=%s peer=%s id=%s proposal=%s role=initiator",
-                 conn.name, ike.remote, ike.peer_id, ike.suite.name())  # fmt: skip
+        log.info("event=ike-sa-established conn=%s peer=%s id=%s proposal=%s role=initiator "
+                 "vips=%s", conn.name, ike.remote, ike.peer_id, ike.suite.name(),
+                 ",".join(str(a) for _, a in ike.vips) or "-")  # fmt: skip
+        if conn.vips and not ike.vips:
+            self.stats["vip-not-given"] += 1
+            log.warning("event=ike-vip-failed conn=%s peer=%s reason=%s", conn.name,
+                        ike.remote, _quote("the peer gave no virtual IP"))  # fmt: skip
         out.append(IkeUp(ike))
         if ike.auth_child is None:
             return
@@ -1968,6 +2107,7 @@ class IkeEngine:
             # theirs is redundant: the CHILD SAs went to it; take them to ours
             self.stats["rekey-collision-won"] += 1
             new.children, theirs.children = theirs.children + ike.children, []
+            new.vips, theirs.vips = theirs.vips + new.vips, []  # (_inherit moved them there)
             ike.children = []
             theirs.state = IkeState.REKEYED
         else:
@@ -2239,10 +2379,30 @@ class IkeEngine:
             self._child_spis.discard(c.spi_in)
             out.append(ChildDown(ike, c, reason))
         ike.children = []
+        self._release_vips(ike)
         if was_up:
             log.info("event=ike-sa-down conn=%s peer=%s reason=%s", ike.conn.name, ike.remote,
                      reason)  # fmt: skip
             out.append(IkeDown(ike, reason))
+
+
+def _given_vips(conn: Connection, cp: CPPayload) -> list[tuple[str, IPAddr]]:
+    """The addresses a responder's CFG_REPLY gives us: one of each family we asked for (the
+    first; an unspecified, multicast or loopback one is not taken), at most MAX_CP_READ
+    attributes read."""
+    out: list[tuple[str, IPAddr]] = []
+    asked = {v.version for v in conn.vips}
+    for atype, value in cp.attributes[:MAX_CP_READ]:
+        if atype == CfgAttr.INTERNAL_IP4_ADDRESS and len(value) == 4:
+            a: IPAddr = ipaddress.IPv4Address(value)
+        elif atype == CfgAttr.INTERNAL_IP6_ADDRESS and len(value) == 17:
+            a = ipaddress.IPv6Address(value[:16])
+        else:
+            continue
+        if (a.version in asked and not any(x.version == a.version for _, x in out)
+                and not (a.is_unspecified or a.is_multicast or a.is_loopback)):  # fmt: skip
+            out.append(("", a))
+    return out
 
 
 def _quote(text: str) -> str:
@@ -2282,6 +2442,7 @@ def _inherit(new: IkeSA, old: IkeSA) -> None:
     # there dropped it: the next move's target no longer knew)
     new.peer_auth, new.peer_names, new.peer_ca = old.peer_auth, old.peer_names, old.peer_ca
     new.orig_initiator = old.mobike_initiator  # RFC 4555's roles stay as they were
+    new.vips, old.vips = old.vips, []  # the leases go with the new IKE SA (not released)
     if old.esp_remote is not None:  # a return-routability check was due or in flight: the
         new.esp_remote, new.rr_due = old.esp_remote, True  # new IKE SA makes its own
 

@@ -231,6 +231,9 @@ class IkeSA:
     # made by the peer's rekey of this IKE SA: until the peer deletes it (or REKEYED_GRACE
     # ends it), this one is not rekeyed again (a chain of undeleted IKE SAs has no end)
     replaced: IkeSA | None = field(default=None, repr=False)
+    # virtual IPs (RFC 7296 §3.15): as responder, those leased to the peer, with the name of
+    # the pool each came from; as initiator, those the peer gave us (pool name "")
+    vips: list[tuple[str, IPAddr]] = field(default_factory=list)
 
     @property
     def child_remote(self) -> Address:
@@ -286,6 +289,10 @@ class IkeSA:
             "proposal": self.suite.name(),
             "nat": {"local": self.nat_local, "remote": self.nat_remote},
             "mobike": self.mobike,
+            # swanctl --list-sas: "remote ... virtual IP" / "local ... virtual IP"
+            ("local_vips" if self.we_initiated else "remote_vips"): [
+                str(a) for _, a in self.vips
+            ],
             "established_s": round(now - self.created, 1),
             "message_ids": {"next_request": self.my_next_mid, "next_expected": self.peer_next_mid},
             "children": [

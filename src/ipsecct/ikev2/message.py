@@ -21,6 +21,9 @@ from ..errors import IkeParseError, IkeProtocolError
 IKE_HEADER_LEN = 28
 VERSION = 0x20  # major 2, minor 0
 MAX_MESSAGE = 65535
+# a Configuration payload with more attributes than this is malformed (strongSwan asks for a
+# handful: an address per family, DNS servers, ...)
+MAX_CP_ATTRIBUTES = 64
 _P = TypeVar("_P")
 
 
@@ -140,6 +143,25 @@ class Notify(enum.IntEnum):
     IPSEC_REPLAY_COUNTER_SYNC = 16423
     IKEV2_FRAGMENTATION_SUPPORTED = 16430
     SIGNATURE_HASH_ALGORITHMS = 16431
+
+
+class CfgType(enum.IntEnum):
+    """The CFG Type of a Configuration payload (RFC 7296 §3.15)."""
+
+    CFG_REQUEST = 1
+    CFG_REPLY = 2
+    CFG_SET = 3
+    CFG_ACK = 4
+
+
+class CfgAttr(enum.IntEnum):
+    """Configuration attributes (RFC 7296 §3.15.1) this gateway reads or sends."""
+
+    INTERNAL_IP4_ADDRESS = 1
+    INTERNAL_IP4_NETMASK = 2
+    INTERNAL_IP4_DNS = 3
+    INTERNAL_IP6_ADDRESS = 8
+    INTERNAL_IP6_DNS = 10
 
 
 class TsType(enum.IntEnum):
@@ -270,6 +292,10 @@ class TSPayload:
 
 @dataclass(frozen=True)
 class CPPayload:
+    """A Configuration payload: its CFG Type and (attribute type, value) pairs, in order
+    (the R bit cleared; an attribute of any type and length is kept, the engine reads those
+    it knows)."""
+
     cfg_type: int
     attributes: tuple[tuple[int, bytes], ...]
 
@@ -467,6 +493,8 @@ def _cp(body: bytes) -> CPPayload:
         atype, alen = struct.unpack_from("!HH", rest)
         if len(rest) < 4 + alen:
             raise IkeParseError("configuration attribute is truncated")
+        if len(attrs) >= MAX_CP_ATTRIBUTES:
+            raise IkeParseError(f"more than {MAX_CP_ATTRIBUTES} configuration attributes")
         attrs.append((atype & 0x7FFF, rest[4 : 4 + alen]))
         rest = rest[4 + alen :]
     return CPPayload(body[0], tuple(attrs))

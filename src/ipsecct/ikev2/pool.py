@@ -1,0 +1,149 @@
+"""Virtual IP address pools (swanctl.conf's ``pools`` section) and their leases, as
+strongSwan's mem-pool keeps them: an address is *online* while an IKE SA holds it and
+*offline* once that IKE SA ended, still remembered for the identity that had it, which gets
+it back when it connects again. A new identity gets an address never leased, then (the
+pool exhausted) the oldest offline lease of another identity.
+
+An address may also be *away*: its IKE SA moved to another gateway (a handover, or the
+standby's take-over). It is not leased here again, to anyone, until it comes back with an
+IKE SA (an import): the gateway that holds it now cannot tell this one when it ends.
+
+``share`` (our key, not swanctl's) is the part of the pool this gateway leases new
+addresses from; ``addrs`` is the whole pool, the addresses an IKE SA arriving from another
+gateway may hold. Gateways that hand IKE SAs to each other give each its own share of the
+same ``addrs`` (as they have their own SPI blocks), so that two never lease one address.
+
+Pure bookkeeping: no I/O, no clock.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from ..errors import ConfigError
+
+IPAddr = ipaddress.IPv4Address | ipaddress.IPv6Address
+MAX_POOL = 1 << 20  # addresses of one pool (a lease table, not a routing table)
+
+
+def parse_range(text: str) -> tuple[IPAddr, IPAddr]:
+    """``10.3.0.0/24`` (without its network and broadcast addresses, as strongSwan leases a
+    subnet; an IPv6 prefix without its first address) or ``10.3.0.10-10.3.0.99``, or one
+    address. Raises ValueError."""
+    t = text.strip()
+    if "-" in t:
+        a, _, b = t.partition("-")
+        first, last = ipaddress.ip_address(a.strip()), ipaddress.ip_address(b.strip())
+        if first.version != last.version or int(first) > int(last):
+            raise ValueError(f"bad address range {text!r}")
+        return first, last
+    net = ipaddress.ip_network(t, strict=False)
+    if net.num_addresses <= 2:
+        return net[0], net[-1]
+    if net.version == 4:
+        return net[1], net[-2]
+    return net[1], net[-1]
+
+
+@dataclass
+class Pool:
+    name: str
+    first: IPAddr
+    last: IPAddr
+    dns: tuple[IPAddr, ...] = ()
+    share: tuple[IPAddr, IPAddr] | None = None  # None: all of first-last
+    online: dict[IPAddr, str] = field(default_factory=dict)  # address -> identity
+    # address -> identity, oldest first (the order a full pool reassigns them in)
+    offline: OrderedDict[IPAddr, str] = field(default_factory=OrderedDict)
+    away: set[IPAddr] = field(default_factory=set)
+    _next: int = 0  # offset into the share of the next address never leased
+
+    def __post_init__(self) -> None:
+        if self.first.version != self.last.version or int(self.first) > int(self.last):
+            raise ConfigError(f"pool {self.name!r}: bad address range")
+        if int(self.last) - int(self.first) + 1 > MAX_POOL:
+            raise ConfigError(f"pool {self.name!r}: more than {MAX_POOL} addresses")
+        if self.share is not None:
+            a, b = self.share
+            if not (self.contains(a) and self.contains(b) and int(a) <= int(b)):
+                raise ConfigError(f"pool {self.name!r}: share is not within addrs")
+
+    @property
+    def version(self) -> int:
+        return self.first.version
+
+    def contains(self, addr: IPAddr) -> bool:
+        return addr.version == self.version and int(self.first) <= int(addr) <= int(self.last)
+
+    def _mine(self, addr: IPAddr) -> bool:
+        a, b = self.share or (self.first, self.last)
+        return addr.version == self.version and int(a) <= int(addr) <= int(b)
+
+    def _free(self, addr: IPAddr) -> bool:
+        return addr not in self.online and addr not in self.away
+
+    def acquire(self, identity: str, want: IPAddr | None = None) -> IPAddr | None:
+        """An address for ``identity`` (online from now on), ``want`` if it may have it (its
+        own offline lease, or an address of our share nobody has), else its own offline
+        lease, else one never leased, else the oldest offline lease of another identity.
+        None: the pool is exhausted."""
+        if want is not None and self._mine(want) and self._free(want) and (
+                self.offline.get(want, identity) == identity):  # fmt: skip
+            return self._take(want, identity)
+        mine = next((a for a, who in self.offline.items() if who == identity), None)
+        if mine is not None:
+            return self._take(mine, identity)
+        a, b = self.share or (self.first, self.last)
+        size = int(b) - int(a) + 1
+        while self._next < size:
+            cand = ipaddress.ip_address(int(a) + self._next)
+            self._next += 1
+            if self._free(cand) and cand not in self.offline:
+                return self._take(cand, identity)
+        for cand in list(self.offline):
+            if self._mine(cand) and self._free(cand):
+                return self._take(cand, identity)
+        return None
+
+    def _take(self, addr: IPAddr, identity: str) -> IPAddr:
+        self.offline.pop(addr, None)
+        self.online[addr] = identity
+        return addr
+
+    def release(self, addr: IPAddr) -> None:
+        """The IKE SA holding ``addr`` ended: offline, for its identity to get back."""
+        who = self.online.pop(addr, None)
+        if who is not None:
+            self.offline[addr] = who
+            self.offline.move_to_end(addr)
+
+    def send_away(self, addr: IPAddr) -> None:
+        """The IKE SA holding ``addr`` moved to another gateway."""
+        if self.online.pop(addr, None) is not None:
+            self.away.add(addr)
+
+    def refusal(self, addr: IPAddr) -> str | None:
+        """Why an IKE SA holding ``addr`` cannot arrive here (None: it can)."""
+        if not self.contains(addr):
+            return f"virtual IP {addr} is not in pool {self.name!r} here"
+        who = self.online.get(addr)
+        if who is not None:
+            return f"virtual IP {addr} of pool {self.name!r} is leased here already"
+        return None
+
+    def arrive(self, addr: IPAddr, identity: str) -> None:
+        """An IKE SA holding ``addr`` arrived (checked with :meth:`refusal` first)."""
+        self.away.discard(addr)
+        self._take(addr, identity)
+
+    def status(self) -> dict[str, object]:
+        return {
+            "name": self.name,
+            "addrs": f"{self.first}-{self.last}",
+            "share": None if self.share is None else f"{self.share[0]}-{self.share[1]}",
+            "online": len(self.online),
+            "offline": len(self.offline),
+            "away": len(self.away),
+        }
