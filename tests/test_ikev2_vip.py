@@ -7,19 +7,35 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import re
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ipsecct.errors import ConfigError, IkeContextError, IkeParseError, IkeProtocolError
+from ipsecct.gateway.config import from_dict
+from ipsecct.gateway.ike import IkeService
+from ipsecct.gateway.node import Node
 from ipsecct.ikev2 import context
 from ipsecct.ikev2 import message as M
 from ipsecct.ikev2.config import Connection, Identity, parse_pools
 from ipsecct.ikev2.engine import ChildUp, IkeEngine
 from ipsecct.ikev2.pool import Pool, parse_range
 from ipsecct.ikev2.ts import from_text
+from tests.helpers import strongswan
+from tests.helpers.daemon import Daemon
+from tests.helpers.ike_world import CLIENT, Client, IkeWorld, ike_world
+from tests.helpers.ike_world import PSK as HO_PSK
 from tests.helpers.ikev2_engines import Wire, conn, connect, mn_conn
+from tests.helpers.netns import Namespaces, wait_until
+from tests.helpers.netns_topology import HOST, HOST_NET, MN_INNER, MN_OUTER, MN_PREFIX
+from tests.helpers.netns_topology import cli as ho_cli
+from tests.helpers.strongswan import A, B, build_namespaces, ping, ping_once_up, swanctl_psk
+from tests.test_ikev2_strongswan import PSK, Initiator, cli, gateway_config, ike_list, workdir
+
+__all__ = ["workdir"]  # (the fixture)
 
 ip = ipaddress.ip_address
 
@@ -263,3 +279,169 @@ def test_a_take_over_marks_the_lease_and_the_replica_check_sees_the_pool() -> No
     assert standby.pools["p4"].online == {ip("10.3.0.1"): "mn.test"}
     w.resp.forget(ike)  # the old active: away, never leased again there
     assert w.resp.pools["p4"].away == {ip("10.3.0.1")}
+
+
+# -- an unmodified strongSwan 5.9.8 client (root) --------------------------------------------
+
+needs_strongswan = pytest.mark.skipif(not strongswan.available(), reason=strongswan.skip_reason())
+POOL = "10.3.0.0/24"
+
+
+class VipClient(Initiator):
+    """strongSwan A asking for a virtual IP (``vips = 0.0.0.0``; its side of the CHILD SA is
+    ``dynamic``: the address it gets)."""
+
+    def write_config(self) -> None:
+        super().write_config()
+        conf = strongswan.swanctl_psk(
+            "cA", local_addrs=A.outer, remote_addrs=B.outer, local_id=A.id, remote_id=B.id,
+            local_ts="dynamic", remote_ts=f"{B.inner}/32", psk=PSK, encap=True,
+            ike_extra="vips = 0.0.0.0")  # fmt: skip
+        strongswan.write_private(self.dir / "swanctl.conf", conf)
+
+
+def vip_gateway_config(d: Path) -> Path:
+    conf = gateway_config(d, ike="default", esp="default", encap=False, dpd=0)
+    text = conf.read_text()
+    text = text.replace(f'routes = ["{A.inner}/32"]', f'routes = ["{POOL}"]')
+    text = text.replace(f'children.net.remote_ts = ["{A.inner}/32"]',
+                        f'children.net.remote_ts = ["{POOL}"]\npools = ["rw"]')
+    text += f'\n[pools.rw]\naddrs = "{POOL}"\ndns = ["10.3.0.53"]\n'
+    conf.write_text(text)
+    return conf
+
+
+@pytest.mark.root
+@needs_strongswan
+def test_strongswan_client_gets_a_virtual_ip_and_pings_with_it(workdir: Path) -> None:
+    """Before: strongSwan's CPRQ(ADDR) got no CP back, and it deleted the CHILD SA ("no
+    acceptable traffic selectors found"). Now: it installs 10.3.0.1, its CHILD SA is
+    10.3.0.1/32 === 10.201.2.1/32, and ping passes both ways with that address."""
+    with Namespaces("a", "b") as ns:
+        build_namespaces(ns)
+        conf = vip_gateway_config(workdir)
+        gw = Daemon("gateway", conf, str(workdir / "gw.sock"), workdir / "gw.log",
+                    prefix=["ip", "netns", "exec", ns.names["b"]])  # fmt: skip
+        gw.start()
+        try:
+            with VipClient(ns, workdir, ike=None, esp=None) as ss:
+                ss.start()
+                ss.initiate()
+                log = ss.log()
+                assert "installing new virtual IP 10.3.0.1" in log, ss.logtail()
+                assert re.search(r"CHILD_SA net\{\d+\} established .* 10\.3\.0\.1/32 === "
+                                 rf"{re.escape(B.inner)}/32", log), ss.logtail()  # fmt: skip
+                assert ping_once_up(ns, "b", "10.3.0.1", 3) == 3, gw.logtext()
+                assert ping(ns, "a", B.inner, 3) == 3, ss.logtail()
+                (sa,) = ike_list(str(workdir / "gw.sock"))
+                assert sa["remote_vips"] == ["10.3.0.1"]
+                assert sa["children"][0]["remote_ts"] == ["10.3.0.1-10.3.0.1"]
+                text = cli("sa", "list", "-s", str(workdir / "gw.sock"))
+                assert "remote virtual IP 10.3.0.1" in text.stdout, text.stderr
+                ss.swanctl("--terminate", "--ike", "cA")
+                wait_until(lambda: not ike_list(str(workdir / "gw.sock")), "the IKE SA gone")
+                assert "event=ike-vip-released" in gw.logtext()
+        finally:
+            gw.cleanup()
+
+
+# -- the same client handed over between two gateways with its lease (root) --------------------
+
+SHARES = {"sg1": "10.1.0.100-10.1.0.109", "sg2": "10.1.0.110-10.1.0.119"}
+
+
+class VipHandoverClient(Client):
+    def write_config(self) -> None:
+        super().write_config()
+        conf = swanctl_psk(
+            "cA", local_addrs=MN_OUTER, remote_addrs=self.gateway, local_id=CLIENT.id,
+            remote_id=CLIENT.remote_id, local_ts="dynamic", remote_ts=HOST_NET, psk=HO_PSK,
+            dpd=self.dpd_delay, proposals=self.ike_proposal, esp_proposals="aes128gcm16",
+            ike_extra="vips = 0.0.0.0")  # fmt: skip
+        strongswan.write_private(self.dir / "swanctl.conf", conf)
+
+
+def with_pools(w: IkeWorld) -> None:
+    """Both gateways lease from one pool, 10.1.0.100-10.1.0.119 (within the prefix the host
+    routes to the gateway that serves the MN), each from its own share of it."""
+    for g in ("sg1", "sg2"):
+        p = w.dir / f"{g}.toml"
+        text = p.read_text().replace(f'"{MN_INNER}/32"', f'"{MN_PREFIX}"')
+        text = text.replace("[connections.rw]\n", '[connections.rw]\npools = ["rw"]\n')
+        text += (f'\n[pools.rw]\naddrs = "10.1.0.100-10.1.0.119"\n'
+                 f'share = "{SHARES[g]}"\n')  # fmt: skip
+        p.write_text(text)
+
+
+@pytest.mark.root
+@needs_strongswan
+def test_strongswan_client_handed_over_with_its_virtual_ip(tmp_path: Path) -> None:
+    """The client leases 10.1.0.100 from sg1 (sg1's share); ``ipsecct transfer`` moves its
+    CHILD SA and IKE SA to sg2, whose pool of that name takes the lease (outside sg2's own
+    share, inside the pool's addrs); sg1 marks it away. Ping keeps passing from the virtual
+    IP, and when the client ends its IKE SA at sg2, sg2 releases the lease."""
+    with (ike_world(tmp_path, "indirect", edit=with_pools) as w,
+          VipHandoverClient(w.ns, "mn", CLIENT, w.dir, "aes128gcm16") as ss):
+        ss.start()
+        ss.initiate()
+        assert "installing new virtual IP 10.1.0.100" in ss.log(), ss.logtail()
+        assert strongswan.ping_once_up(w.ns, "mn", HOST, 3) == 3, ss.logtail() + w.logs()
+        (ike1,) = w.ike_sas("sg1")
+        assert ike1["remote_vips"] == ["10.1.0.100"]
+        spi_out = int(ike1["children"][0]["spi_out"], 16)
+        r = ho_cli("transfer", f"0x{spi_out:08x}", "--to", "sg2", "--json", "-s",
+                   w.sock("sg1"))  # fmt: skip
+        assert r.returncode == 0, (r.stdout, r.stderr, w.logs())
+        w.route_host_via("sg2")
+        wait_until(lambda: len(w.ike_sas("sg2")) == 1 and not w.ike_sas("sg1"),
+                   "the IKE SA to move to sg2", 30)  # fmt: skip
+        (ike2,) = w.ike_sas("sg2")
+        assert ike2["remote_vips"] == ["10.1.0.100"]
+        (p1,) = w.status("sg1")["ike"]["pools"]
+        (p2,) = w.status("sg2")["ike"]["pools"]
+        assert (p1["online"], p1["away"], p2["online"]) == (0, 1, 1), (p1, p2)
+        assert strongswan.ping(w.ns, "mn", HOST, 3) == 3, ss.logtail() + w.logs()
+        ss.swanctl("--terminate", "--ike", "cA")
+        wait_until(lambda: not w.ike_sas("sg2"), "the IKE SA to end at sg2", 15)
+        (p2,) = w.status("sg2")["ike"]["pools"]
+        assert (p2["online"], p2["offline"]) == (0, 1)
+
+
+# -- the gateway adapter (a real node, no sockets) ------------------------------------------
+
+
+def _service(tmp: Path) -> IkeService:
+    cfg = from_dict(
+        {
+            "name": "sg2",
+            "outer": {"address": "127.0.0.1", "port": 45000},
+            "inner": {"kind": "udp", "listen": "127.0.0.1:45001", "peer": "127.0.0.1:45002"},
+            "pools": {"p4": {"addrs": "10.3.0.0/24"}, "p6": {"addrs": "fd00::/120"}},
+        },
+        str(tmp / "sg2.toml"),
+    )
+    return IkeService(Node(cfg), [vip_conn()])
+
+
+def test_a_lease_taken_at_the_target_refuses_the_unit_before_the_commit_no_sa_sent_twice(
+    tmp_path: Path,
+) -> None:
+    """The nonce invariant: a target whose pool has the moving IKE SA's address leased to
+    another IKE SA refuses the transfer's UNIT before the commit, so the CHILD SAs never
+    leave the source (the transfer core's refusal path: one gateway sends on them, with
+    their own counters). A context that arrives all the same (after a commit, or forged) is
+    refused whole at the import: its tunnels, installed by the transfer, keep their
+    transferred counters and nothing is sent twice; no IKE SA takes them."""
+    w = vip_pair()
+    connect(w)
+    (ike,) = w.resp.ike_sas()
+    (payload,) = context.unit_payloads(ike, ike.children)
+    svc = _service(tmp_path)
+    assert svc.check_unit("sg1", payload) is None
+    svc.engine.pools["p4"].acquire("somebody-else", ip("10.3.0.1"))
+    why = svc.check_unit("sg1", payload)
+    assert why is not None and "leased here already" in why
+    svc.receive_context("sg1", w.resp.export_ike(ike, 1.0))
+    assert svc.engine.ike_sas() == [] and svc.engine.stats["ike-context-refused"] == 1
+    assert svc.engine.pools["p4"].online == {ip("10.3.0.1"): "somebody-else"}
+    assert svc.status()["pools"][0]["online"] == 1
