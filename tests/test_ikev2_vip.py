@@ -173,7 +173,7 @@ def test_lease_request_attributes_are_bounded_and_checked() -> None:
     ike.vips = []
     attrs = ((1, b"\x01\x02"), (99, b"junk"), (3, b""), (1, bytes([10, 3, 0, 77])))
     reply = w.resp._lease(ike, M.CPPayload(1, attrs))
-    assert reply is not None and (1, bytes([10, 3, 0, 77])) in reply.attributes
+    assert isinstance(reply, M.CPPayload) and (1, bytes([10, 3, 0, 77])) in reply.attributes
     assert (3, bytes([10, 3, 0, 53])) in reply.attributes  # asked DNS: given
     assert w.resp.stats["cp-bad-attribute"] == 1
     assert eng.stats["cp-bad-attribute"] == 0
@@ -190,6 +190,18 @@ def test_no_address_left_fails_the_child_with_internal_address_failure() -> None
     assert ike2.vips == [] and ike2.children == []  # the IKE SA stays up, no CHILD SA
     assert w.resp.stats["vip-pool-exhausted"] == 1
     assert w2.ini.stats["vip-not-given"] == 1
+
+
+def test_a_connection_with_pools_wants_a_request_as_strongswan_does() -> None:
+    """No CP request (or one asking for no address) where the connection leases addresses:
+    FAILED_CP_REQUIRED, the IKE SA without a CHILD SA (which would take the whole pool's
+    range as the peer's side)."""
+    for ic in (mn_conn(local_ts="0.0.0.0/0"),):
+        w = Wire(IkeEngine([ic]), IkeEngine([vip_conn()], pools=pools()))
+        connect(w)
+        (ike,) = w.resp.ike_sas()
+        assert ike.children == [] and w.resp.stats["vip-not-requested"] == 1
+    assert w.resp._lease(ike, M.CPPayload(1, ((3, b""),))) == "none"
 
 
 def test_a_connection_without_pools_ignores_the_request() -> None:

@@ -1078,24 +1078,35 @@ class IkeEngine:
                  "yes" if ike.mobike else "no")  # fmt: skip
         out.append(IkeUp(ike))
         cp = next((p for p in inner if isinstance(p, CPPayload)), None)
-        if cp is not None and cp.cfg_type == CfgType.CFG_REQUEST and conn.pools:
-            answer = self._lease(ike, cp)
-            if answer is None:  # asked for an address and none is left: the IKE SA stays
-                # up without a CHILD SA, as with strongSwan (RFC 7296 §3.15.4)
-                reply.append(NotifyPayload(Notify.INTERNAL_ADDRESS_FAILURE))
+        if conn.pools:
+            answer = self._lease(ike, cp) if cp is not None and (
+                cp.cfg_type == CfgType.CFG_REQUEST) else None  # fmt: skip
+            if not isinstance(answer, CPPayload):
+                # the IKE SA stays up without a CHILD SA, as with strongSwan: no address
+                # left (RFC 7296 §3.15.4), or none asked for where the connection leases
+                # them (a CHILD SA would otherwise get the whole remote_ts, the pool's range)
+                failure = (Notify.INTERNAL_ADDRESS_FAILURE if answer == "exhausted"
+                           else Notify.FAILED_CP_REQUIRED)  # fmt: skip
+                if failure == Notify.FAILED_CP_REQUIRED:
+                    self.stats["vip-not-requested"] += 1
+                    log.info("event=ike-vip-failed conn=%s peer=%s id=%s reason=%s",
+                             conn.name, ike.remote, ike.peer_id,
+                             _quote("the peer asked for no virtual IP"))  # fmt: skip
+                reply.append(NotifyPayload(failure))
                 return reply
             reply.append(answer)
         reply += self._first_child(ike, inner, now, out)
         return reply
 
-    def _lease(self, ike: IkeSA, cp: CPPayload) -> CPPayload | None:
+    def _lease(self, ike: IkeSA, cp: CPPayload) -> CPPayload | str:
         """A peer's CFG_REQUEST in IKE_AUTH (RFC 7296 §2.19, §3.15): an address of each
         family it asks (INTERNAL_IP4/IP6_ADDRESS, empty or naming the one it would like)
         from the first of the connection's pools of that family that has one (the same
         identity gets its earlier lease back), and the DNS servers of those pools when it
         asks for them. Unknown attributes are ignored, so is a known one of a wrong length
-        (counted ``cp-bad-attribute``); at most MAX_CP_READ are read. The CFG_REPLY, an
-        empty one when it asked for no address; None when it asked for one and got none."""
+        (counted ``cp-bad-attribute``); at most MAX_CP_READ are read. The CFG_REPLY;
+        "exhausted" when it asked for an address and got none, "none" when it asked for
+        no address."""
         want: dict[int, ipaddress.IPv4Address | ipaddress.IPv6Address | None] = {}
         dns: set[int] = set()
         sizes: dict[int, tuple[int, int]] = {
@@ -1130,11 +1141,13 @@ class IkeEngine:
                         attrs.append((CfgAttr.INTERNAL_IP4_DNS if d.version == 4
                                       else CfgAttr.INTERNAL_IP6_DNS, d.packed))  # fmt: skip
                 break
-        if want and not ike.vips:
+        if not want:
+            return "none"
+        if not ike.vips:
             self.stats["vip-pool-exhausted"] += 1
             log.warning("event=ike-vip-failed conn=%s peer=%s id=%s reason=%s", ike.conn.name,
                         ike.remote, ike.peer_id, _quote("no address left in the pools"))
-            return None
+            return "exhausted"
         for name, a in ike.vips:
             self.stats["vip-leased"] += 1
             log.info("event=ike-vip-leased conn=%s id=%s pool=%s vip=%s", ike.conn.name,
@@ -1178,6 +1191,11 @@ class IkeEngine:
         configs = [rekeyed.config] if rekeyed is not None else ike.conn.children
         # a peer we leased virtual IPs to: its side of every CHILD SA is its address (§2.19)
         vips = [host(a) for _, a in ike.vips] if not ike.we_initiated else []
+        if not vips and ike.conn.pools and not ike.we_initiated:
+            # (an IKE SA of a connection that leases addresses but holds none: a context
+            # from a gateway without pools) its CHILD SAs would take the pool's whole range
+            self.stats["ts-unacceptable"] += 1
+            return [NotifyPayload(Notify.TS_UNACCEPTABLE)]
         for cc in configs:
             theirs = narrow(tsi.selectors, cc.remote_ts)
             if vips:
