@@ -32,8 +32,16 @@ from tests.helpers.ikev2_engines import Wire, conn, connect, mn_conn
 from tests.helpers.netns import Namespaces, wait_until
 from tests.helpers.netns_topology import HOST, HOST_NET, MN_INNER, MN_OUTER, MN_PREFIX
 from tests.helpers.netns_topology import cli as ho_cli
-from tests.helpers.strongswan import A, B, build_namespaces, ping, ping_once_up, swanctl_psk
-from tests.test_ikev2_strongswan import PSK, Initiator, cli, gateway_config, ike_list, workdir
+from tests.helpers.strongswan import A, B, Charon, build_namespaces, ping, ping_once_up, swanctl_psk
+from tests.test_ikev2_strongswan import (
+    PSK,
+    Initiator,
+    cli,
+    gateway_config,
+    ike_list,
+    node_config,
+    workdir,
+)
 
 __all__ = ["workdir"]  # (the fixture)
 
@@ -457,3 +465,63 @@ def test_a_lease_taken_at_the_target_refuses_the_unit_before_the_commit_no_sa_se
     assert svc.engine.ike_sas() == [] and svc.engine.stats["ike-context-refused"] == 1
     assert svc.engine.pools["p4"].online == {ip("10.3.0.1"): "somebody-else"}
     assert svc.status()["pools"][0]["online"] == 1
+
+
+# -- ipsecct node asking a strongSwan gateway for a virtual IP (root) ---------------------------
+
+
+class PoolResponder(Charon):
+    """strongSwan B as a road-warrior gateway: ``pools = rw`` (10.3.0.0/24), the client's side
+    of the CHILD SA ``dynamic`` (its virtual IP)."""
+
+    def __init__(self, ns: Namespaces, workdir: Path) -> None:
+        super().__init__(ns, "b", B, workdir, "default")
+
+    def write_config(self) -> None:
+        super().write_config()
+        conf = strongswan.swanctl_psk(
+            "cB", local_addrs=B.outer, remote_addrs=A.outer, local_id=B.id, remote_id=A.id,
+            local_ts=f"{B.inner}/32", remote_ts="dynamic", psk=PSK, ike_extra="pools = rw")
+        conf += "pools {\n  rw {\n    addrs = " + POOL + "\n  }\n}\n"  # fmt: skip
+        strongswan.write_private(self.dir / "swanctl.conf", conf)
+
+
+@pytest.mark.root
+@needs_strongswan
+def test_ipsecct_node_gets_a_virtual_ip_from_a_strongswan_gateway(workdir: Path) -> None:
+    """``vips = ["0.0.0.0"]``: the node's CP request gets 10.3.0.1 from strongSwan's pool;
+    its CHILD SA's local selector is that address, the address is on its TUN device and the
+    source of its inner routes, and ping passes both ways with it; when the IKE SA ends the
+    address goes."""
+    with Namespaces("a", "b") as ns, PoolResponder(ns, workdir) as ss:
+        build_namespaces(ns)
+        ss.start()
+        conf = node_config(workdir)
+        text = conf.read_text().replace(
+            f'children.net.local_ts = ["{A.inner}/32"]',
+            'children.net.local_ts = ["0.0.0.0/0"]\nvips = ["0.0.0.0"]')
+        conf.write_text(text)
+        sock = str(workdir / "mn.sock")
+        mn = Daemon("node", conf, sock, workdir / "mn.log",
+                    prefix=["ip", "netns", "exec", ns.names["a"]])  # fmt: skip
+        try:
+            mn.start()
+            strongswan.wait_log(ss, r"CHILD_SA net\{\d+\} established")
+            assert "assigning virtual IP 10.3.0.1 to peer" in ss.log(), ss.logtail()
+            wait_until(lambda: mn.status()["sas"] == 2, "the node's CHILD SA")
+            (sa,) = ike_list(sock)
+            assert sa["local_vips"] == ["10.3.0.1"], sa
+            assert sa["children"][0]["local_ts"] == ["10.3.0.1-10.3.0.1"]
+            addrs = ns.run("a", "ip", "-o", "addr", "show", "dev", "ipsecct0").stdout
+            assert "10.3.0.1/32" in addrs, addrs
+            assert ping_once_up(ns, "a", B.inner, 3) == 3, mn.logtext() + ss.logtail()
+            assert ping(ns, "b", "10.3.0.1", 3) == 3, mn.logtext()
+            text = cli("sa", "list", "-s", sock)
+            assert "local  virtual IP 10.3.0.1" in text.stdout, text.stderr
+            ss.swanctl("--terminate", "--ike", "cB")
+            wait_until(lambda: not ike_list(sock), "the node to drop the IKE SA")
+            wait_until(lambda: "10.3.0.1" not in ns.run(
+                "a", "ip", "-o", "addr", "show", "dev", "ipsecct0").stdout,
+                "the virtual IP off the TUN device", 10)  # fmt: skip
+        finally:
+            mn.cleanup()

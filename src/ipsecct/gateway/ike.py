@@ -21,7 +21,7 @@ from typing import Any
 from ..ct.failover import MAX_EXTRA_CDBS
 from ..ct.ratelimit import RateLimiter
 from ..ct.transfer import UNIT_IKEV2, unit_cdb
-from ..errors import IkeContextError, IpsecctError, TransferError
+from ..errors import IkeContextError, IpsecctError, TransferError, TunError
 from ..ikev2 import context as ike_context
 from ..ikev2.config import ChildConfig, Connection
 from ..ikev2.engine import (
@@ -606,6 +606,8 @@ class IkeService:
             self._backoff.pop(o.ike.conn.name, None)
             event(log, "ike-sa-up", node=self.node.name, conn=o.ike.conn.name,
                   peer=o.ike.remote, id=o.ike.peer_id)  # fmt: skip
+            if o.ike.we_initiated and o.ike.vips:
+                self._vips_up(o.ike)
         elif isinstance(o, IkeRekeyed):
             event(log, "ike-sa-rekeyed", node=self.node.name, conn=o.new.conn.name,
                   peer=o.new.remote, spi_i=o.new.spi_i.hex(), spi_r=o.new.spi_r.hex())  # fmt: skip
@@ -614,6 +616,56 @@ class IkeService:
                   peer=o.ike.remote, reason=o.reason)  # fmt: skip
             if o.reason in ("peer-dead", "mobike-failed") and o.ike.we_initiated:
                 self._retry_later(o.ike.conn)  # like strongSwan's dpd_action = restart
+            if o.ike.we_initiated and o.ike.vips:
+                self._vips_down(o.ike)
+
+    # -- virtual IPs the peer gave us (a mobile node's vips = ["0.0.0.0"]) ---------------------
+    def _vips_up(self, ike: IkeSA) -> None:
+        """Put the addresses the peer gave us on the inner TUN device and make them the
+        source of the configured inner routes of their family (as strongSwan's routes in
+        table 220 carry ``src``), so that what the host sends into the tunnel comes from
+        the address the CHILD SA's local selector is. A node without a TUN (inner UDP)
+        only shows them (``sa list``)."""
+        from . import tun
+
+        addrs = [a for _, a in ike.vips]
+        name = self.node.tun_name
+        event(log, "ike-vip-installed", node=self.node.name, conn=ike.conn.name,
+              vips=",".join(map(str, addrs)), device=name or "-")  # fmt: skip
+        if name is None:
+            return
+        try:
+            for a in addrs:
+                tun.ip("addr", "replace", f"{a}/{a.max_prefixlen}", "dev", name)
+                for r in self.node.cfg.inner.routes:
+                    if ipaddress.ip_network(r, strict=False).version == a.version:
+                        tun.ip("route", "replace", r, "dev", name, "src", str(a))
+        except (TunError, ValueError) as exc:
+            event(log, "ike-vip-install-failed", logging.WARNING, node=self.node.name,
+                  error=str(exc))  # fmt: skip
+
+    def _vips_down(self, gone: IkeSA) -> None:
+        """The IKE SA the peer gave these addresses to ended (an IKE rekey hands them to
+        the new one, which ends later): off the TUN device, unless another IKE SA of ours
+        holds one (the peer gave it again before the old one was gone)."""
+        from . import tun
+
+        held = {a for ike in self.engine.ike_sas() if ike is not gone and ike.we_initiated
+                and ike.state is not IkeState.DEAD for _, a in ike.vips}  # fmt: skip
+        addrs = [a for _, a in gone.vips if a not in held]
+        name = self.node.tun_name
+        event(log, "ike-vip-removed", node=self.node.name, conn=gone.conn.name,
+              vips=",".join(map(str, addrs)) or "-")  # fmt: skip
+        if not addrs or name is None:
+            return
+        try:
+            for a in addrs:
+                tun.ip("addr", "del", f"{a}/{a.max_prefixlen}", "dev", name)
+            for r in self.node.cfg.inner.routes:  # as configured again
+                tun.ip("route", "replace", r, "dev", name)
+        except (TunError, ValueError) as exc:
+            event(log, "ike-vip-remove-failed", logging.WARNING, node=self.node.name,
+                  error=str(exc))  # fmt: skip
 
     # -- moving IKE SAs with their CHILD SAs (context transfer) ------------------------------
     async def quiesce(self, tunnels: list[Any]) -> list[Any]:

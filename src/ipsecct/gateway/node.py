@@ -224,6 +224,7 @@ class Node:
         self.inner_transport: UdpEndpoint | None = None
         self._raw: socket.socket | None = None
         self._tun_fd: int | None = None
+        self.tun_name: str | None = None  # the inner TUN device, once open
         self._native_inner: tuple[int, bool, tuple[bytes, int] | None] = (-1, False, None)
         # the native forwarding thread: (thread, wake eventfd, stop eventfd)
         self._native_thread: tuple[threading.Thread, int, int] | None = None
@@ -274,6 +275,7 @@ class Node:
 
             fd, name = tun.open_tun(inner.tun_name)
             self._tun_fd = fd
+            self.tun_name = name
             tun.configure(name, inner.tun_addresses, inner.tun_mtu, inner.routes)
             loop.add_reader(fd, self._on_tun_readable)
         self._start_native(loop)

@@ -1157,9 +1157,8 @@ class IkeEngine:
     def _release_vips(self, ike: IkeSA, away: bool = False) -> None:
         """The IKE SA ends here (``away``: it moved to another gateway): its leases go
         offline (or away, ikev2.pool)."""
-        if ike.we_initiated:
-            ike.vips = []
-            return
+        if ike.we_initiated:  # given to us: nothing to release (the adapter reads them at
+            return  # the IkeDown that follows, to take them off the TUN device)
         for name, a in ike.vips:
             pool = self.pools.get(name)
             if pool is not None:
