@@ -525,3 +525,28 @@ def test_ipsecct_node_gets_a_virtual_ip_from_a_strongswan_gateway(workdir: Path)
                 "the virtual IP off the TUN device", 10)  # fmt: skip
         finally:
             mn.cleanup()
+
+
+def test_a_standby_checks_a_replicas_lease_and_takes_it_over_with_the_ike_sa(
+    tmp_path: Path,
+) -> None:
+    """Fail-over (pair or etcd mode: the same replica check and take-over): a replica whose
+    virtual IP is outside the standby's pool of that name is refused as it arrives; one
+    inside is kept, and at the take-over the standby's pool has the lease online for the
+    peer (a new client gets another address), released when the IKE SA ends there."""
+    w = vip_pair()
+    connect(w)
+    (ike,) = w.resp.ike_sas()
+    cdbs = context.encode(ike, 1.0)
+    sb = _service(tmp_path)
+    assert sb.check_replica(ike.our_spi, cdbs) is None
+    moved = dataclasses.replace(ike, vips=[("p4", ip("10.9.0.1"))])
+    why = sb.check_replica(ike.our_spi, context.encode(moved, 1.0))
+    assert why is not None and "not in pool" in why
+    assert sb.take_over([cdbs], 2.0, 0) == 1
+    (taken,) = sb.engine.ike_sas()
+    assert taken.vips == [("p4", ip("10.3.0.1"))]
+    assert sb.engine.pools["p4"].online == {ip("10.3.0.1"): "mn.test"}
+    assert sb.engine.pools["p4"].acquire("new.test") == ip("10.3.0.2")
+    sb.engine._kill(taken, "test", [])
+    assert sb.engine.pools["p4"].offline == {ip("10.3.0.1"): "mn.test"}
