@@ -187,6 +187,29 @@ def test_lease_request_attributes_are_bounded_and_checked() -> None:
     assert eng.stats["cp-bad-attribute"] == 0
 
 
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from([1, 2, 3, 8, 10, 13, 0x7FFF]),
+                          st.binary(max_size=20)), max_size=40))  # fmt: skip
+def test_fuzz_lease_requests_never_raise_and_lease_one_per_family(
+    attrs: list[tuple[int, bytes]],
+) -> None:
+    w = vip_pair()
+    connect(w)
+    ike = w.resp.ike_sas()[0]
+    before = dict(w.resp.pools["p4"].online)
+    ike.vips = []
+    reply = w.resp._lease(ike, M.CPPayload(1, tuple(attrs)))
+    fams = [a.version for _, a in ike.vips]
+    assert len(set(fams)) == len(fams) <= 2
+    if isinstance(reply, M.CPPayload):
+        assert len(reply.attributes) <= 2 + 2 * 4
+        for _, a in ike.vips:
+            pool = w.resp.pools["p4" if a.version == 4 else "p6"]
+            assert pool.contains(a) and a not in before
+    else:
+        assert reply in ("none", "exhausted") and ike.vips == []
+
+
 def test_no_address_left_fails_the_child_with_internal_address_failure() -> None:
     w = vip_pair(share="10.3.0.7-10.3.0.7")
     connect(w)
@@ -311,12 +334,14 @@ class VipClient(Initiator):
     """strongSwan A asking for a virtual IP (``vips = 0.0.0.0``; its side of the CHILD SA is
     ``dynamic``: the address it gets)."""
 
+    vips = True
+
     def write_config(self) -> None:
         super().write_config()
         conf = strongswan.swanctl_psk(
             "cA", local_addrs=A.outer, remote_addrs=B.outer, local_id=A.id, remote_id=B.id,
-            local_ts="dynamic", remote_ts=f"{B.inner}/32", psk=PSK, encap=True,
-            ike_extra="vips = 0.0.0.0")  # fmt: skip
+            local_ts="dynamic" if self.vips else f"{A.inner}/32", remote_ts=f"{B.inner}/32",
+            psk=PSK, encap=True, ike_extra="vips = 0.0.0.0" if self.vips else "")  # fmt: skip
         strongswan.write_private(self.dir / "swanctl.conf", conf)
 
 
@@ -361,6 +386,14 @@ def test_strongswan_client_gets_a_virtual_ip_and_pings_with_it(workdir: Path) ->
                 ss.swanctl("--terminate", "--ike", "cA")
                 wait_until(lambda: not ike_list(str(workdir / "gw.sock")), "the IKE SA gone")
                 assert "event=ike-vip-released" in gw.logtext()
+                # the same client without vips: FAILED_CP_REQUIRED, no CHILD SA (strongSwan
+                # as its own gateway answers so)
+                ss.vips = False
+                ss.write_config()
+                ss.swanctl("--load-all", "--file", str(ss.dir / "swanctl.conf"))
+                with pytest.raises(AssertionError):
+                    ss.initiate()
+                assert "received FAILED_CP_REQUIRED notify, no CHILD_SA built" in ss.log(), ss.logtail()
         finally:
             gw.cleanup()
 
