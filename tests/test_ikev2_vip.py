@@ -93,6 +93,31 @@ def test_pool_ranges_and_config() -> None:
             parse_pools({"pools": {"p": bad}}, "x.toml")
 
 
+def test_a_connection_whose_children_cannot_hold_its_pool_is_a_configuration_error(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "k.psk").write_text("a pre-shared key of some length\n")
+    (tmp_path / "k.psk").chmod(0o600)
+    base = {
+        "name": "gw",
+        "outer": {"address": "127.0.0.1", "port": 45000},
+        "inner": {"kind": "udp", "listen": "127.0.0.1:45001", "peer": "127.0.0.1:45002"},
+        "pools": {"rw": {"addrs": "10.3.0.0/24"}},
+        "connections": {"c": {"pools": ["rw"], "remote": {"id": "%any"},
+                              "local": {"id": "gw.test"},
+                              "children": {"net": {"local_ts": ["10.1.0.0/16"],
+                                                   "remote_ts": ["10.3.0.0/24"]}}}},
+        "secrets": {"ike-c": {"id": "gw.test", "file": "k.psk"}},
+    }  # fmt: skip
+    assert from_dict(base, str(tmp_path / "gw.toml")).pools["rw"].first == ip("10.3.0.1")
+    base["connections"]["c"]["children"]["net"]["remote_ts"] = ["10.4.0.0/24"]  # type: ignore[index]
+    with pytest.raises(ConfigError, match="outside every child's remote_ts"):
+        from_dict(base, str(tmp_path / "gw.toml"))
+    base["connections"]["c"]["pools"] = ["nope"]  # type: ignore[index]
+    with pytest.raises(ConfigError, match=r"no \[pools.nope\]"):
+        from_dict(base, str(tmp_path / "gw.toml"))
+
+
 def test_pool_leases_online_offline_and_away() -> None:
     p = Pool("p", ip("10.3.0.1"), ip("10.3.0.3"))
     a = p.acquire("alice")
@@ -393,7 +418,8 @@ def test_strongswan_client_gets_a_virtual_ip_and_pings_with_it(workdir: Path) ->
                 ss.swanctl("--load-all", "--file", str(ss.dir / "swanctl.conf"))
                 with pytest.raises(AssertionError):
                     ss.initiate()
-                assert "received FAILED_CP_REQUIRED notify, no CHILD_SA built" in ss.log(), ss.logtail()
+                log = ss.log()
+                assert "received FAILED_CP_REQUIRED notify, no CHILD_SA built" in log, log
         finally:
             gw.cleanup()
 

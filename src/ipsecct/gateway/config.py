@@ -767,6 +767,14 @@ def from_dict(data: dict[str, Any], path: str = "<config>") -> NodeConfig:
     if not 0 <= ike_port <= 65535:
         raise ctx.err("ike.port", "must be a UDP port, or 0 (IKE on the outer port only)")
     for conn in connections:
+        for pn in conn.pools:  # a lease no child's remote_ts holds: every CHILD SA refused
+            pool = pools[pn]
+            if not any(pool.version == t.start.version and int(t.start) <= int(pool.last)
+                       and int(pool.first) <= int(t.end)
+                       for c in conn.children for t in c.remote_ts):  # fmt: skip
+                raise ctx.err(f"connections.{conn.name}.pools",
+                              f"pool {pn!r} ({pool.first}-{pool.last}) is outside every "
+                              "child's remote_ts (the CHILD SAs are narrowed to the lease)")
         # an initiator sends from the IKE port or from the outer (NAT-T) port: nothing else
         # is bound
         starts = any(c.start_action in ("start", "trap") for c in conn.children)
