@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import re
+import signal
 from pathlib import Path
 
 import pytest
@@ -609,3 +610,34 @@ def test_a_standby_checks_a_replicas_lease_and_takes_it_over_with_the_ike_sa(
     assert sb.engine.pools["p4"].acquire("new.test") == ip("10.3.0.2")
     sb.engine._kill(taken, "test", [])
     assert sb.engine.pools["p4"].offline == {ip("10.3.0.1"): "mn.test"}
+
+
+@pytest.mark.root
+@needs_strongswan
+def test_strongswan_client_keeps_its_virtual_ip_across_a_fail_over(tmp_path: Path) -> None:
+    """sg1 (the active of a pair) leases 10.1.0.100 to the client and replicates the IKE SA
+    with the lease to its standby sg2, which checks it against its pool as it arrives; sg1
+    is killed, sg2 takes the IKE SA over with the lease online in its pool, and the client
+    keeps pinging from its virtual IP through sg2 (no new IKE_AUTH)."""
+    with (ike_world(tmp_path, "indirect", edit=with_pools, failover=True,
+                    ike_proposal="aes128-sha256-x25519") as w,
+          VipHandoverClient(w.ns, "mn", CLIENT, w.dir, "aes128gcm16") as ss):
+        ss.ike_proposal = w.ike_proposal
+        ss.start()
+        ss.initiate()
+        assert strongswan.ping_once_up(w.ns, "mn", HOST, 3) == 3, ss.logtail() + w.logs()
+        wait_until(lambda: w.status("sg2")["failover"].get("replicated_ike_sas") == 1,
+                   "sg2 to hold a replica of the IKE SA", 30)  # fmt: skip
+        assert w.status("sg2")["failover"]["refused_ike_sas"] == 0
+        proc = w.daemons["sg1"].proc
+        assert proc is not None
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(15)
+        w.route_host_via("sg2")
+        wait_until(lambda: len(w.ike_sas("sg2")) == 1, "sg2 to take over the IKE SA", 30)
+        (ike2,) = w.ike_sas("sg2")
+        assert ike2["remote_vips"] == ["10.1.0.100"]
+        (p2,) = w.status("sg2")["ike"]["pools"]
+        assert p2["online"] == 1, p2
+        assert strongswan.ping_once_up(w.ns, "mn", HOST, 3) == 3, ss.logtail() + w.logs()
+        assert len(re.findall(r"generating IKE_AUTH request", ss.log())) == 1, ss.logtail()
