@@ -130,12 +130,11 @@ def _print_ike(sas: list[dict[str, Any]], states: dict[int, dict[str, Any]] | No
     for ike in sas:
         print(f"{ike['name']}: #{ike['uid']}, {ike['state'].upper()}, IKEv2, "
               f"{ike['spi_i']}_i {ike['spi_r']}_r ({ike['role']})")  # fmt: skip
-        print(f"  local  {ike['local']}")
-        for v in ike.get("local_vips", []):  # swanctl: "local  ... virtual IP"
-            print(f"  local  virtual IP {v}")
-        print(f"  remote {ike['remote']} id {ike['remote_id']!s}")
-        for v in ike.get("remote_vips", []):
-            print(f"  remote virtual IP {v}")
+        # virtual IPs in brackets after the address, as swanctl --list-sas has them
+        lv = "".join(f" [{v}]" for v in ike.get("local_vips", []))
+        rv = "".join(f" [{v}]" for v in ike.get("remote_vips", []))
+        print(f"  local  {ike['local']}{lv}")
+        print(f"  remote {ike['remote']} id {ike['remote_id']!s}{rv}")
         # a half-open IKE SA is not established: its age is since IKE_SA_INIT
         since = "established" if ike["state"] != "half-open" else "IKE_SA_INIT"
         print(f"  {ike['proposal']}, {since} {ike['established_s']} s ago")
