@@ -25,6 +25,7 @@ Parsing is pure: the caller reads secret files (it knows the paths) and passes t
 from __future__ import annotations
 
 import ipaddress
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -40,6 +41,8 @@ from .pool import Pool, parse_range
 from .proposal import Offer, parse_list
 from .ts import from_text
 
+log = logging.getLogger(__name__)
+
 IPAddr = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNet = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -54,6 +57,16 @@ class ChildConfig:
     life_time: float | None = None
     start_action: str = "none"
     mode: str = "tunnel"
+    # what follows the peer's death (None: not set: a start_action = start child restarts,
+    # as before these keys; any other is cleared), and the peer's DELETE of the IKE SA
+    dpd_action: str | None = None  # "clear" | "trap" | "restart"
+    close_action: str = "none"  # "none" | "trap" | "start"
+    # volume limits of each of the CHILD SA's ESP SAs (0: none): rekeyed at rekey_*,
+    # closed at life_* (the SAD's soft and hard lifetimes)
+    rekey_bytes: int = 0
+    rekey_packets: int = 0
+    life_bytes: int = 0
+    life_packets: int = 0
 
 
 @dataclass
@@ -136,6 +149,35 @@ class Connection:
     # and/or "::" ask the peer for an address of that family)
     pools: list[str] = field(default_factory=list)
     vips: list[IPAddr] = field(default_factory=list)
+    # swanctl.conf's unique, send_cert, send_certreq, fragmentation, keyingtries
+    # (docs/ikev2.md, "swanctl.conf keys"); keyingtries None: not set, tried until it works
+    unique: str = "no"  # "no" | "never" | "keep" | "replace"
+    send_cert: str = "ifasked"  # "ifasked" | "always" | "never"
+    send_certreq: bool = True
+    fragmentation: str = "yes"  # "yes" | "accept" | "no" ("force" is IKEv1's: as "yes")
+    keyingtries: int | None = None
+    ignored: list[str] = field(default_factory=list)  # keys accepted that change nothing
+
+    def after_down(self, reason: str,
+                   we_initiated: bool) -> tuple[str, ChildConfig] | None:  # fmt: skip
+        """What follows an IKE SA of this connection that went down for ``reason``: the
+        children's dpd_action when the peer was found dead, their close_action when the
+        peer deleted it: ("restart" | "trap", the child to start), or None (clear). A
+        child without dpd_action restarts when it is started at start (start_action =
+        start) and we had initiated it, as before the key was read."""
+        actions: list[tuple[str, ChildConfig]] = []
+        for c in self.children:
+            if reason in ("peer-dead", "mobike-failed"):
+                act = c.dpd_action
+                if act is None:
+                    act = "restart" if c.start_action == "start" and we_initiated else "clear"
+            elif reason == "deleted by peer":
+                act = {"start": "restart", "trap": "trap"}.get(c.close_action, "clear")
+            else:
+                act = "clear"
+            if act != "clear":
+                actions.append((act, c))
+        return min(actions, key=lambda a: a[0] != "restart", default=None)
 
     def accepts(self, local: IPAddr, remote: IPAddr) -> bool:
         def ok(nets: list[IPNet], a: IPAddr) -> bool:
@@ -146,10 +188,27 @@ class Connection:
 
 _CONN_KEYS = {"version", "local_addrs", "remote_addrs", "proposals", "local", "remote", "encap",
               "dpd_delay", "rekey_time", "children", "mobike", "over_time",
-              "reauth_time", "local_port", "remote_port", "pools", "vips"}  # fmt: skip
+              "reauth_time", "local_port", "remote_port", "pools", "vips",
+              # swanctl.conf keys of _conn_extras (docs/ikev2.md, "swanctl.conf keys")
+              "unique", "send_cert", "send_certreq", "fragmentation", "keyingtries",
+              "rand_time", "dpd_timeout", "aggressive", "pull", "if_id_in",
+              "if_id_out"}  # fmt: skip
 _CHILD_KEYS = {"local_ts", "remote_ts", "esp_proposals", "rekey_time", "life_time",
-               "start_action", "mode"}  # fmt: skip
-_AUTH_KEYS = {"auth", "id", "certs", "cacerts", "crls"}
+               "start_action", "mode",
+               # those of _child_extras
+               "dpd_action", "close_action", "rekey_bytes", "rekey_packets", "life_bytes",
+               "life_packets", "rand_time", "updown", "hostaccess", "ipcomp", "if_id_in",
+               "if_id_out", "mark_in", "mark_out", "mark_in_sa", "set_mark_in",
+               "set_mark_out"}  # fmt: skip
+_AUTH_KEYS = {"auth", "id", "certs", "cacerts", "crls", "round"}
+
+# swanctl.conf's words for the actions (strongSwan 5.9.8 takes each pair as one action)
+_DPD_ACTIONS = {"clear": "clear", "none": "clear", "trap": "trap", "route": "trap",
+                "restart": "restart", "start": "restart"}  # fmt: skip
+_CLOSE_ACTIONS = {"none": "none", "clear": "none", "trap": "trap", "route": "trap",
+                  "start": "start", "restart": "start"}  # fmt: skip
+# keys of the kernel's XFRM policies and SAs: this gateway's data path is its own
+_XFRM_KEYS = ("if_id_in", "if_id_out", "mark_in", "mark_out", "set_mark_in", "set_mark_out")
 
 
 class _Ctx:
@@ -217,6 +276,117 @@ def _port(v: Any, ctx: _Ctx, key: str) -> int:
     return v
 
 
+def _choice(v: Any, ctx: _Ctx, key: str, words: dict[str, str]) -> str:
+    if isinstance(v, bool):  # (TOML's true/false for swanctl's yes/no)
+        v = "yes" if v else "no"
+    if not isinstance(v, str) or v.strip().lower() not in words:
+        raise ctx.err(key, f"must be one of: {', '.join(dict.fromkeys(words))}")
+    return words[v.strip().lower()]
+
+
+_YES_NO = {"yes": "yes", "true": "yes", "no": "no", "false": "no"}
+
+
+def _yes(v: Any, ctx: _Ctx, key: str) -> bool:
+    return _choice(v, ctx, key, _YES_NO) == "yes"
+
+
+def _count(v: Any, ctx: _Ctx, key: str) -> int:
+    if isinstance(v, str) and v.strip().isdigit():
+        v = int(v.strip())
+    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < 2**63:
+        raise ctx.err(key, "must be a whole number from 0")
+    return v
+
+
+def _unset(d: dict[str, Any], ctx: _Ctx, where: str, key: str, why: str) -> None:
+    """``key`` may only have its default (off: 0, no, empty, 0/0x00000000): else it is
+    refused with ``why`` (what we cannot honour)."""
+    v = d.get(key)
+    off = v is None or v is False or v == 0 or (
+        isinstance(v, str) and v.strip().lower() in ("", "0", "no", "false", "0/0",
+                                                     "0/0x00000000", "0x00000000"))  # fmt: skip
+    if not off:
+        raise ctx.err(where + key, f"{v!r} cannot be honoured: {why}")
+
+
+def _conn_extras(d: dict[str, Any], ctx: _Ctx, where: str, ignored: list[str]) -> dict[str, Any]:
+    """The connection's swanctl.conf keys beyond the basics: what they set on Connection;
+    ``ignored`` gets those accepted that change nothing here."""
+    out: dict[str, Any] = {}
+    if "unique" in d:
+        out["unique"] = _choice(d["unique"], ctx, where + "unique",
+                                {w: w for w in ("no", "never", "keep", "replace")})  # fmt: skip
+    if "send_cert" in d:
+        out["send_cert"] = _choice(d["send_cert"], ctx, where + "send_cert",
+                                   {w: w for w in ("ifasked", "always", "never")})  # fmt: skip
+    if "send_certreq" in d:
+        out["send_certreq"] = _yes(d["send_certreq"], ctx, where + "send_certreq")
+    if "fragmentation" in d:
+        frag = _choice(d["fragmentation"], ctx, where + "fragmentation",
+                       {"yes": "yes", "true": "yes", "accept": "accept", "force": "force",
+                        "no": "no", "false": "no"})  # fmt: skip
+        if frag == "force":  # (the first message of IKEv1 only; as yes in IKEv2)
+            ignored.append(where + "fragmentation = force (IKEv1 only: as yes)")
+            frag = "yes"
+        out["fragmentation"] = frag
+    if "keyingtries" in d:
+        out["keyingtries"] = _count(d["keyingtries"], ctx, where + "keyingtries")
+    if "aggressive" in d and _yes(d["aggressive"], ctx, where + "aggressive"):
+        raise ctx.err(where + "aggressive", "IKEv1 Aggressive Mode: this gateway speaks IKEv2 "
+                      "only")  # fmt: skip
+    if "pull" in d:
+        _yes(d["pull"], ctx, where + "pull")
+        ignored.append(where + "pull (IKEv1 Mode Config only)")
+    if "dpd_timeout" in d:
+        _seconds(d["dpd_timeout"], ctx, where + "dpd_timeout")
+        ignored.append(where + "dpd_timeout (IKEv1 only: a dead peer is found by the "
+                       "retransmissions, 30 s)")  # fmt: skip
+    if "rand_time" in d:
+        _seconds(d["rand_time"], ctx, where + "rand_time")
+        ignored.append(where + "rand_time (rekeys come up to 10 % early at random)")
+    if d.get("reauth_time"):
+        ignored.append(where + "reauth_time (the IKE SA is rekeyed, not reauthenticated)")
+    if "over_time" in d:
+        ignored.append(where + "over_time (a failed rekey is retried until the peer is dead)")
+    for k in ("if_id_in", "if_id_out"):
+        _unset(d, ctx, where, k, "XFRM interface IDs: this gateway's data path is not the "
+               "kernel's")  # fmt: skip
+    return out
+
+
+def _child_extras(d: dict[str, Any], ctx: _Ctx, where: str, ignored: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if "dpd_action" in d:
+        out["dpd_action"] = _choice(d["dpd_action"], ctx, where + "dpd_action", _DPD_ACTIONS)
+    if "close_action" in d:
+        out["close_action"] = _choice(d["close_action"], ctx, where + "close_action",
+                                      _CLOSE_ACTIONS)  # fmt: skip
+    for kind in ("bytes", "packets"):
+        rekey = _count(d.get(f"rekey_{kind}", 0), ctx, f"{where}rekey_{kind}")
+        # swanctl's default: 10 % more than rekey_*
+        life = (_count(d[f"life_{kind}"], ctx, f"{where}life_{kind}") if f"life_{kind}" in d
+                else rekey + rekey // 10)  # fmt: skip
+        if rekey and life and life <= rekey:
+            raise ctx.err(f"{where}life_{kind}", f"must be more than rekey_{kind} ({rekey})")
+        out[f"rekey_{kind}"], out[f"life_{kind}"] = rekey, life
+    if "rand_time" in d:
+        _seconds(d["rand_time"], ctx, where + "rand_time")
+        ignored.append(where + "rand_time (rekeys come up to 10 % early at random)")
+    _unset(d, ctx, where, "updown", "no updown script is run here (the gateway installs its "
+           "own policies)")  # fmt: skip
+    if "hostaccess" in d:
+        _yes(d["hostaccess"], ctx, where + "hostaccess")
+        ignored.append(where + "hostaccess (read by the updown script only)")
+    _unset(d, ctx, where, "ipcomp", "IPComp (RFC 3173) is not implemented")
+    _unset(d, ctx, where, "mark_in_sa", "XFRM marks: this gateway's data path is not the "
+           "kernel's")  # fmt: skip
+    for k in _XFRM_KEYS:
+        _unset(d, ctx, where, k, "XFRM marks and interface IDs: this gateway's data path is "
+               "not the kernel's")  # fmt: skip
+    return out
+
+
 def _proposals(v: Any, ctx: _Ctx, key: str, proto: int) -> list[Offer]:
     try:
         return parse_list(_strings(v, ctx, key), proto)
@@ -234,13 +404,26 @@ def _ts_list(v: Any, ctx: _Ctx, key: str) -> list[TrafficSelector]:
 ESP = ProtocolId.ESP
 
 
-def _child(name: str, d: Any, ctx: _Ctx, where: str) -> ChildConfig:
+_MODES = {
+    "transport": "transport mode: this gateway protects whole packets (tunnel mode) only",
+    "beet": "BEET mode: this gateway protects whole packets (tunnel mode) only",
+    "pass": "shunt policies (pass, drop) are not supported",
+    "drop": "shunt policies (pass, drop) are not supported",
+}
+
+
+def _child(name: str, d: Any, ctx: _Ctx, where: str,
+           ignored: list[str] | None = None) -> ChildConfig:  # fmt: skip
     if not isinstance(d, dict):
         raise ctx.err(where.rstrip("."), "must be a table")
     ctx.keys(d, where, _CHILD_KEYS)
     mode = d.get("mode", "tunnel")
+    if isinstance(mode, str) and mode.strip().lower() in _MODES:
+        raise ctx.err(where + "mode", f"{mode!r} cannot be honoured: "
+                      f"{_MODES[mode.strip().lower()]}")  # fmt: skip
     if mode != "tunnel":
         raise ctx.err(where + "mode", 'only "tunnel" is supported')
+    extras = _child_extras(d, ctx, where, ignored if ignored is not None else [])
     start = d.get("start_action", "none")
     if start not in ("none", "trap", "start"):
         raise ctx.err(where + "start_action", "must be none, trap or start")
@@ -258,6 +441,7 @@ def _child(name: str, d: Any, ctx: _Ctx, where: str) -> ChildConfig:
         life or None,
         start,
         mode,
+        **extras,
     )
 
 
@@ -274,6 +458,8 @@ def _auth(d: Any, ctx: _Ctx, where: str) -> tuple[str, str | None, list[str], li
     ident = d.get("id")
     if ident is not None and not isinstance(ident, str):
         raise ctx.err(where + "id", "must be a string")
+    if "round" in d:  # (one authentication round: its number orders nothing)
+        _count(d["round"], ctx, where + "round")
     certs = _strings(d.get("certs", []), ctx, where + "certs")
     cacerts = _strings(d.get("cacerts", []), ctx, where + "cacerts")
     if where.endswith("local.") and cacerts:
@@ -315,6 +501,11 @@ def parse_connections(
         ctx.keys(d, where, _CONN_KEYS)
         if d.get("version", 2) != 2:
             raise ctx.err(where + "version", "only IKEv2 (version = 2) is supported")
+        ignored: list[str] = []
+        extras = _conn_extras(d, ctx, where, ignored)
+        for side in ("local", "remote"):
+            if isinstance(d.get(side), dict) and "round" in d[side]:
+                ignored.append(f"{where}{side}.round (one authentication round)")
         mobike = d.get("mobike", True)  # swanctl.conf's default
         if not isinstance(mobike, bool):
             raise ctx.err(where + "mobike", "must be true or false")
@@ -351,7 +542,7 @@ def parse_connections(
         children_d = d.get("children", {})
         if not isinstance(children_d, dict) or not children_d:
             raise ctx.err(where + "children", "needs at least one child (children.NAME)")
-        children = [_child(cn, cd, ctx, f"{where}children.{cn}.")
+        children = [_child(cn, cd, ctx, f"{where}children.{cn}.", ignored)
                     for cn, cd in children_d.items()]  # fmt: skip
         encap = d.get("encap", False)
         if not isinstance(encap, bool):
@@ -370,12 +561,19 @@ def parse_connections(
         if not psk and needs_psk:
             raise ctx.err(where.rstrip("."),
                           "no [secrets.ike-*] entry whose id is local.id or remote.id")
-        initiating = [c.start_action for c in children if c.start_action in ("start", "trap")]
+        initiating = [f"start_action = {c.start_action}" for c in children
+                      if c.start_action in ("start", "trap")]  # fmt: skip
+        initiating += [f"dpd_action = {c.dpd_action}" for c in children
+                       if c.dpd_action in ("restart", "trap")]  # fmt: skip
+        initiating += [f"close_action = {c.close_action}" for c in children
+                       if c.close_action in ("start", "trap")]  # fmt: skip
         remote_addrs = _addrs(d.get("remote_addrs", "%any"), ctx, where + "remote_addrs")
         if initiating and (len(remote_addrs) != 1
                            or remote_addrs[0].num_addresses != 1):  # fmt: skip
             raise ctx.err(where + "remote_addrs",
-                          f"start_action = {initiating[0]} needs one peer address")  # fmt: skip
+                          f"{initiating[0]} needs one peer address")  # fmt: skip
+        for what in ignored:
+            log.warning("event=config-key-ignored config=%s key=%s", path, _quote(what))
         out.append(Connection(
             name,
             _addrs(d.get("local_addrs", "%any"), ctx, where + "local_addrs"),
@@ -390,6 +588,7 @@ def parse_connections(
             crls,
             _pool_names(d.get("pools", []), ctx, where + "pools", data),
             _vips(d.get("vips", []), ctx, where + "vips"),
+            **extras, ignored=ignored,
         ))  # fmt: skip
     return out
 
@@ -461,6 +660,10 @@ def parse_pools(data: dict[str, Any], path: str) -> dict[str, Pool]:
         except ConfigError as exc:
             raise ctx.err(where + "addrs", str(exc)) from None
     return out
+
+
+def _quote(text: str) -> str:
+    return '"' + text.replace('"', "'") + '"'
 
 
 def _same_key(key: PrivateKey, cert: x509.Certificate) -> bool:
