@@ -541,6 +541,31 @@ class IkeEngine:
             ProtocolId.ESP, (child.spi_in.to_bytes(4, "big"),))], now, out)  # fmt: skip
         return out
 
+    def volume_limit(self, ike: IkeSA, child: ChildSA, hard: bool,
+                     now: float) -> list[Output]:  # fmt: skip
+        """One of the CHILD SA's ESP SAs reached its rekey_bytes/rekey_packets (``hard``
+        False: the SAD's soft lifetime): it is rekeyed now, by the same path as a rekey
+        that falls due by time (a collision with the peer's is resolved as for those); or
+        its life_bytes/life_packets (the SAD's hard lifetime: the SA takes and sends no more
+        packets): it is removed now and its DELETE sent, queued behind an exchange in
+        flight."""
+        out: list[Output] = []
+        if child not in ike.children:
+            return out
+        if not hard:
+            if not child.rekeyed and (child.rekey_at is None or child.rekey_at > now):
+                self.stats["child-rekey-volume"] += 1
+                child.rekey_at = now
+            return self.tick(now)
+        self.stats["child-expired-volume"] += 1
+        log.info("event=child-sa-expired conn=%s peer=%s spi_in=%08x reason=%s", ike.conn.name,
+                 ike.remote, child.spi_in, _quote("life_bytes/life_packets reached"))  # fmt: skip
+        ike.children.remove(child)
+        self._child_spis.discard(child.spi_in)
+        out.append(ChildDown(ike, child, "expired"))
+        ike.queued_deletes.append(child.spi_in.to_bytes(4, "big"))
+        return out + self.tick(now)
+
     def liveness(self, ike: IkeSA, now: float) -> list[Output]:
         """Send a liveness check (an empty INFORMATIONAL request) now."""
         out: list[Output] = []
@@ -768,8 +793,9 @@ class IkeEngine:
     def _seal(self, ike: IkeSA, hdr: Header, payloads: list[Payload]) -> list[bytes]:
         """One message, or RFC 7383 fragments when it is too big and both sides can."""
         msg = ike.outbound.seal(hdr, payloads)
-        if not ike.fragmentation or len(msg) <= FRAGMENT_SIZE:
-            return [msg]
+        if (not ike.fragmentation or len(msg) <= FRAGMENT_SIZE
+                or ike.conn.fragmentation in ("accept", "no")):  # fmt: skip
+            return [msg]  # (accept: announced, and the peer's are taken; ours go whole)
         plain = encode_payloads(payloads)
         chunk = FRAGMENT_SIZE - IKE_HEADER_LEN - 8 - ike.outbound.overhead()
         parts = [plain[i : i + chunk] for i in range(0, len(plain), chunk)]
@@ -876,7 +902,9 @@ class IkeEngine:
                 NotifyPayload(Notify.NAT_DETECTION_DESTINATION_IP,
                               data=_natd(hdr.spi_i, spi_r, src)),
             ]  # fmt: skip
-        fragmentation = Notify.IKEV2_FRAGMENTATION_SUPPORTED in n
+        # fragmentation = no: not announced (a peer then sends no fragments)
+        fragmentation = Notify.IKEV2_FRAGMENTATION_SUPPORTED in n and any(
+            c.fragmentation != "no" for c in cands)
         if fragmentation:
             resp.append(NotifyPayload(Notify.IKEV2_FRAGMENTATION_SUPPORTED))
         peer_hashes: tuple[int, ...] = ()
@@ -886,7 +914,8 @@ class IkeEngine:
             if any("pubkey" in (c.local_auth, c.remote_auth) for c in cands):
                 resp.append(NotifyPayload(Notify.SIGNATURE_HASH_ALGORITHMS,
                                           data=struct.pack("!3H", *SUPPORTED_HASHES)))
-        cas = [ca for c in cands if c.remote_auth == "pubkey" for ca in c.cacerts]
+        cas = [ca for c in cands if c.remote_auth == "pubkey" and c.send_certreq
+               for ca in c.cacerts]  # fmt: skip
         if cas:
             resp.append(CertReqPayload(CERT_X509_SIGNATURE, certreq(cas)))
         reply_hdr = Header(hdr.spi_i, spi_r, 0, hdr.exchange, Flag.RESPONSE, 0, 0)
@@ -898,6 +927,7 @@ class IkeEngine:
         )  # fmt: skip
         ike.last_heard = now
         ike.fragmentation = fragmentation
+        ike.certreq_seen = any(isinstance(p, CertReqPayload) for p in payloads)
         ike.peer_hashes = peer_hashes
         self.by_spi[spi_r] = ike
         self.half_open[key] = ike
@@ -1021,6 +1051,17 @@ class IkeEngine:
             return [NotifyPayload(Notify.AUTHENTICATION_FAILED)]
         peer_id = cert.subject.rfc4514_string() if (
             cert is not None and idi.id_type == IdType.DER_ASN1_DN) else idi.text()
+        # unique (swanctl.conf): the IKE SAs this identity already has with the connection
+        dups = [o for o in self.by_spi.values() if o is not ike and o.peer_id == peer_id
+                and o.conn.name == conn.name
+                and o.state is IkeState.ESTABLISHED]  # fmt: skip
+        if conn.unique == "keep" and dups:
+            self.stats["unique-kept"] += 1
+            log.info("event=ike-auth-refused conn=%s peer=%s id=%s reason=%s", conn.name,
+                     ike.remote, _quote(peer_id),
+                     _quote("unique = keep: the identity has an IKE SA"))  # fmt: skip
+            ike.state = IkeState.DEAD
+            return [NotifyPayload(Notify.AUTHENTICATION_FAILED)]
         if Notify.INITIAL_CONTACT not in notifies(inner) and sum(
                 1 for o in self.by_spi.values() if o is not ike and o.peer_id == peer_id
                 and o.conn.name == conn.name and o.state is not IkeState.DEAD
@@ -1048,8 +1089,10 @@ class IkeEngine:
         octets = signed_octets(ike.init_response, ike.nonce_i, prf_alg, ike.keys.sk_pr,
                                our_id.body)  # fmt: skip
         reply: list[Payload] = [our_id]
+        ike.certreq_seen |= any(isinstance(p, CertReqPayload) for p in inner)
         if conn.local_auth == "pubkey" and creds is not None:
-            reply += [CertPayload(CERT_X509_SIGNATURE, d) for d in creds.der()]
+            if _send_cert(conn, ike):
+                reply += [CertPayload(CERT_X509_SIGNATURE, d) for d in creds.der()]
             method, data = sign(creds.key, octets, ike.peer_hashes, pss=self.rsa_pss)
             reply.append(AuthPayload(method, data))
         else:
@@ -1067,11 +1110,25 @@ class IkeEngine:
             reply.append(NotifyPayload(Notify.IPSEC_REPLAY_COUNTER_SYNC_SUPPORTED))
         if Notify.INITIAL_CONTACT in n:
             ike.initial_contact = True
+        if Notify.INITIAL_CONTACT in n and conn.unique in ("no", "replace"):
+            # (unique = never: INITIAL_CONTACT replaces nothing; keep: refused above)
             for other in list(self.by_spi.values()):
                 if (other is not ike and other.conn is conn and other.peer_id == ike.peer_id
                         and other.state is not IkeState.HALF_OPEN):  # fmt: skip
                     self.stats["initial-contact-replaced"] += 1
                     self._kill(other, "replaced (INITIAL_CONTACT)", out)
+        elif conn.unique == "replace":
+            # the identity's older IKE SAs are deleted (with a DELETE, as strongSwan does);
+            # their CHILD SAs leave the data path now, so that the new ones take its traffic
+            for other in dups:
+                self.stats["unique-replaced"] += 1
+                log.info("event=ike-sa-replaced conn=%s peer=%s id=%s reason=%s", conn.name,
+                         other.remote, _quote(peer_id), _quote("unique = replace"))  # fmt: skip
+                for gone in other.children:
+                    self._child_spis.discard(gone.spi_in)
+                    out.append(ChildDown(other, gone, "replaced (unique = replace)"))
+                other.children = []
+                out += self.delete(other, now)
         self.stats["ike-sa-established"] += 1
         log.info("event=ike-sa-established conn=%s peer=%s id=%s proposal=%s mobike=%s",
                  conn.name, ike.remote, ike.peer_id, ike.suite.name(),
@@ -1693,8 +1750,9 @@ class IkeEngine:
             NotifyPayload(Notify.NAT_DETECTION_SOURCE_IP, data=src_hash),
             NotifyPayload(Notify.NAT_DETECTION_DESTINATION_IP,
                           data=_natd(c.spi_i, bytes(8), c.remote)),
-            NotifyPayload(Notify.IKEV2_FRAGMENTATION_SUPPORTED),
         ]  # fmt: skip
+        if c.conn.fragmentation != "no":
+            payloads.append(NotifyPayload(Notify.IKEV2_FRAGMENTATION_SUPPORTED))
         if "pubkey" in (c.conn.local_auth, c.conn.remote_auth):
             payloads.append(NotifyPayload(Notify.SIGNATURE_HASH_ALGORITHMS,
                                           data=struct.pack("!3H", *SUPPORTED_HASHES)))
@@ -1755,7 +1813,9 @@ class IkeEngine:
         ike.peer_next_mid = 0
         ike.my_next_mid = 1
         ike.last_heard = now
-        ike.fragmentation = Notify.IKEV2_FRAGMENTATION_SUPPORTED in n
+        ike.fragmentation = (Notify.IKEV2_FRAGMENTATION_SUPPORTED in n
+                             and c.conn.fragmentation != "no")  # fmt: skip
+        ike.certreq_seen = any(isinstance(p, CertReqPayload) for p in payloads)
         if Notify.SIGNATURE_HASH_ALGORITHMS in n:
             d = n[Notify.SIGNATURE_HASH_ALGORITHMS].data
             ike.peer_hashes = tuple(struct.unpack(f"!{len(d) // 2}H", d[: len(d) // 2 * 2]))
@@ -1787,14 +1847,15 @@ class IkeEngine:
                                   ike.local.host.packed))  # fmt: skip
         octets = signed_octets(ike.init_request, ike.nonce_r, prf_alg, ike.keys.sk_pi, idi.body)
         payloads: list[Payload] = [idi]
-        if creds is not None:
+        if creds is not None and _send_cert(conn, ike):
             payloads += [CertPayload(CERT_X509_SIGNATURE, d) for d in creds.der()]
-        payloads.append(NotifyPayload(Notify.INITIAL_CONTACT))
+        if conn.unique != "never":  # (swanctl.conf: never sends no INITIAL_CONTACT)
+            payloads.append(NotifyPayload(Notify.INITIAL_CONTACT))
         if conn.mobike:
             payloads.append(NotifyPayload(Notify.MOBIKE_SUPPORTED))
         payloads.append(NotifyPayload(Notify.IKEV2_MESSAGE_ID_SYNC_SUPPORTED))  # RFC 6311
         payloads.append(NotifyPayload(Notify.IPSEC_REPLAY_COUNTER_SYNC_SUPPORTED))
-        if conn.remote_auth == "pubkey" and conn.cacerts:
+        if conn.remote_auth == "pubkey" and conn.cacerts and conn.send_certreq:
             payloads.append(CertReqPayload(CERT_X509_SIGNATURE, certreq(conn.cacerts)))
         if not conn.remote_id.any and "=" not in conn.remote_id.text:
             payloads.append(conn.remote_id.payload(False))
@@ -2424,6 +2485,12 @@ def _given_vips(conn: Connection, cp: CPPayload) -> list[tuple[str, IPAddr]]:
 
 def _quote(text: str) -> str:
     return '"' + text.replace('"', "'") + '"'
+
+
+def _send_cert(conn: Connection, ike: IkeSA) -> bool:
+    """swanctl.conf's send_cert: our CERT payloads always, never, or (ifasked, the default)
+    when the peer sent a CERTREQ."""
+    return conn.send_cert == "always" or (conn.send_cert == "ifasked" and ike.certreq_seen)
 
 
 def _notify_name(t: int) -> str:

@@ -84,7 +84,11 @@ class ChildSA:
         else:
             out_e, out_i, in_e, in_i = k.enc_r, k.integ_r, k.enc_i, k.integ_i
         sel = to_selectors(self.local_ts, self.remote_ts, label)
-        hard = Lifetime(seconds=self.config.life_time) if self.config.life_time else Lifetime()
+        cc = self.config
+        # life_time, and the volume limits (0: none): life_* closes, rekey_* rekeys
+        hard = Lifetime(seconds=cc.life_time or None, bytes=cc.life_bytes or None,
+                        packets=cc.life_packets or None)  # fmt: skip
+        soft = Lifetime(bytes=cc.rekey_bytes or None, packets=cc.rekey_packets or None)
         common = dict(
             enc=EncAlg(self.suite.encr),
             integ=IntegAlg(self.suite.integ or 0),
@@ -93,6 +97,7 @@ class ChildSA:
             selectors=sel,
             name=label,
             hard=hard,
+            soft=soft,
         )
         out = SecurityAssociation(self.spi_out, Direction.OUTBOUND, local.host, remote.host,
                                   enc_key=out_e, integ_key=out_i, **common)  # type: ignore[arg-type]
@@ -186,6 +191,9 @@ class IkeSA:
     queued_deletes: list[bytes] = field(default_factory=list)  # CHILD SPIs to delete next
     peer_hashes: tuple[int, ...] = ()  # RFC 7427 SIGNATURE_HASH_ALGORITHMS of the peer
     fragmentation: bool = False  # RFC 7383 negotiated
+    # the peer sent a CERTREQ in IKE_SA_INIT or IKE_AUTH (send_cert = ifasked: our CERT goes
+    # only then); set and read before the IKE SA is established, never moved with it
+    certreq_seen: bool = False
     mobike: bool = False  # RFC 4555 negotiated (both sent MOBIKE_SUPPORTED in IKE_AUTH)
     # fragments of the request being received: message ID, total, first payload, parts
     fragments: tuple[int, int, int, dict[int, bytes]] | None = field(default=None, repr=False)
