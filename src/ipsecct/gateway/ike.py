@@ -41,7 +41,7 @@ from ..ikev2.engine import (
 from ..ikev2.ikesa import Address, IkeSA, IkeState
 from ..ikev2.message import TrafficSelector
 from ..ipsec.ippacket import IPAddress as IPAddr
-from ..ipsec.sad import UdpEncap
+from ..ipsec.sad import SAEvent, UdpEncap
 from .log import event
 from .node import Node, UdpEndpoint
 
@@ -113,6 +113,10 @@ class IkeService:
         self.sock500: UdpEndpoint | None = None
         self._retry: dict[str, asyncio.TimerHandle] = {}
         self._backoff: dict[str, float] = {}
+        # keyingtries: attempts that failed since the connection was last up; and the
+        # connections a dpd_action/close_action restarted (retried like start_action = start)
+        self._tries: dict[str, int] = {}
+        self._restarting: set[str] = set()
         self._stopping = False
         # set by the service when context transfer runs: (peer, CDBs, the peer's address)
         self.send_context: Callable[[str, list[bytes], Any], None] | None = None
@@ -171,6 +175,8 @@ class IkeService:
         self._path_check_at = 0.0
         self._no_route: set[int] = set()  # IKE SAs (uid) without a route, logged once
         node.outer_hooks.append(self._on_4500)
+        node.on_lifetime.append(self._on_lifetime)
+        # (a trap armed later, by a dpd_action or close_action = trap, also goes here)
         node.extensions["ike"] = self.status
         # start_action = trap: (connection, child) whose selectors start an IKE SA when an
         # outbound packet matches no policy, and when each last did (at most one a TRAP_GAP)
@@ -240,7 +246,18 @@ class IkeService:
         self._act(self.engine.initiate(conn, local, remote, self.node.clock(), child))
 
     def _retry_later(self, conn: Connection) -> None:
-        if self._stopping or not any(c.start_action == "start" for c in conn.children):
+        if self._stopping or not (any(c.start_action == "start" for c in conn.children)
+                                  or conn.name in self._restarting):  # fmt: skip
+            return
+        tries = self._tries.get(conn.name, 0)
+        if conn.keyingtries and tries >= conn.keyingtries:
+            # swanctl.conf's keyingtries: so many attempts, then no more (0 or not set:
+            # until it works); the next start is the operator's (or a trap's)
+            self._restarting.discard(conn.name)
+            self._tries.pop(conn.name, None)
+            self._backoff.pop(conn.name, None)
+            event(log, "ike-connect-gave-up", logging.WARNING, node=self.node.name,
+                  conn=conn.name, tries=tries)  # fmt: skip
             return
         delay = min(60.0, self._backoff.get(conn.name, 2.5) * 2)
         self._backoff[conn.name] = delay
@@ -265,6 +282,42 @@ class IkeService:
         self.node.timers.remove("ike")
         if self.sock500 is not None:
             self.sock500.close()
+
+    def _after_down(self, ike: IkeSA, reason: str) -> None:
+        """dpd_action (the peer is dead) or close_action (it deleted the IKE SA) of the
+        connection's children: restart the connection now, or arm a trap for the child
+        (the next packet its selectors take starts an IKE SA), or nothing (clear)."""
+        conn = ike.conn
+        if self._stopping:
+            return
+        todo = conn.after_down(reason, ike.we_initiated)
+        if todo is None:
+            return
+        act, child = todo
+        explicit = child.dpd_action is not None or reason == "deleted by peer"
+        if act == "restart" and not explicit:
+            self._retry_later(conn)  # (start_action = start, no dpd_action: as before)
+        elif act == "restart":
+            event(log, "ike-restart", node=self.node.name, conn=conn.name, child=child.name,
+                  reason=reason)  # fmt: skip
+            self._restarting.add(conn.name)
+            self.initiate(conn, child)
+        elif (conn, child) not in self._traps:
+            event(log, "ike-trap-armed", node=self.node.name, conn=conn.name,
+                  child=child.name, reason=reason)  # fmt: skip
+            self._traps.append((conn, child))
+            self.node.engine.on_policy_miss = self._acquire
+
+    def _on_lifetime(self, sa: Any, ev: SAEvent) -> None:
+        """A CHILD SA's ESP SA reached its rekey_bytes/packets (soft) or life_bytes/packets
+        (hard): the engine rekeys or closes the CHILD SA."""
+        for ike in self.engine.ike_sas():
+            for child in ike.children:
+                t = child.handle
+                if t is not None and any(x is sa for x in t.sas()):  # type: ignore[attr-defined]
+                    hard = ev is SAEvent.HARD_EXPIRED
+                    self._act(self.engine.volume_limit(ike, child, hard, self.node.clock()))
+                    return
 
     # -- I/O ----------------------------------------------------------------------------
     def _local(self, port: int) -> Address:
@@ -530,6 +583,7 @@ class IkeService:
         if isinstance(o, ConnectFailed):
             event(log, "ike-connect-failed", logging.WARNING, node=self.node.name,
                   conn=o.conn.name, reason=o.reason)  # fmt: skip
+            self._tries[o.conn.name] = self._tries.get(o.conn.name, 0) + 1
             self._retry_later(o.conn)
         elif isinstance(o, ChildUp):
             ike, child = o.ike, o.child
@@ -568,6 +622,14 @@ class IkeService:
                     self._shadow(inbound, DELETE_WAIT if by_us else INBOUND_GRACE)
             event(log, "child-sa-removed", node=self.node.name, child=o.child.name,
                   spi_in=f"0x{o.child.spi_in:08x}", reason=o.reason)  # fmt: skip
+            if (o.reason == "deleted by peer" and not o.child.rekeyed
+                    and o.child.config.close_action != "none"
+                    and o.ike.state is IkeState.ESTABLISHED):  # fmt: skip
+                # the peer closed a CHILD SA and kept the IKE SA: the engine does not start
+                # a CHILD SA of its own in an IKE SA that exists (only with a new IKE SA)
+                event(log, "ike-close-action-not-applied", logging.WARNING,
+                      node=self.node.name, conn=o.ike.conn.name, child=o.child.name,
+                      action=o.child.config.close_action)  # fmt: skip
         elif isinstance(o, PeerMoved):
             # the peer moved, or (a mobile node) we did: the CHILD SAs' outer addresses
             # follow the IKE SA's (the SAs themselves, their keys and counters, stay), or
@@ -604,6 +666,8 @@ class IkeService:
                           spi_out=f"0x{out_sa.spi:08x}", seq_from=old, seq_to=new)  # fmt: skip
         elif isinstance(o, IkeUp):
             self._backoff.pop(o.ike.conn.name, None)
+            self._tries.pop(o.ike.conn.name, None)
+            self._restarting.discard(o.ike.conn.name)
             event(log, "ike-sa-up", node=self.node.name, conn=o.ike.conn.name,
                   peer=o.ike.remote, id=o.ike.peer_id)  # fmt: skip
             if o.ike.we_initiated and o.ike.vips:
@@ -614,10 +678,9 @@ class IkeService:
         elif isinstance(o, IkeDown):
             event(log, "ike-sa-down", node=self.node.name, conn=o.ike.conn.name,
                   peer=o.ike.remote, reason=o.reason)  # fmt: skip
-            if o.reason in ("peer-dead", "mobike-failed") and o.ike.we_initiated:
-                self._retry_later(o.ike.conn)  # like strongSwan's dpd_action = restart
             if o.ike.we_initiated and o.ike.vips:
                 self._vips_down(o.ike)
+            self._after_down(o.ike, o.reason)
 
     # -- virtual IPs the peer gave us (a mobile node's vips = ["0.0.0.0"]) ---------------------
     def _vips_up(self, ike: IkeSA) -> None:

@@ -240,6 +240,8 @@ class Node:
         # The durable state (gateway/state.py) takes the SAs that need their next block of
         # sequence numbers reserved.
         self.on_reserve: Callable[[SecurityAssociation], None] | None = None
+        # Those that act on an SA's soft or hard lifetime (IKE: rekey_bytes, life_packets...)
+        self.on_lifetime: list[Callable[[SecurityAssociation, SAEvent], None]] = []
         self.inner_peer: Endpoint | None = cfg.inner.peer
         self.extensions: dict[str, Any] = {}
         for p in cfg.policies:
@@ -503,6 +505,9 @@ class Node:
                 if self.on_reserve is not None:
                     self.on_reserve(ev.sa)
                 continue
+            if ev.event in (SAEvent.SOFT_EXPIRED, SAEvent.HARD_EXPIRED):
+                for hook in self.on_lifetime:
+                    hook(ev.sa, ev.event)
             event(
                 log,
                 "sa-" + ev.event.value,
