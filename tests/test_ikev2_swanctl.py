@@ -1,0 +1,497 @@
+"""swanctl.conf's keys beyond the basics (docs/ikev2.md, "swanctl.conf keys"): how they are
+read, refused or accepted and ignored; what the engine does with unique, send_cert,
+send_certreq, fragmentation and the CHILD SAs' volume limits (sans-I/O, two engines); and
+what the gateway's adapter does with dpd_action, close_action and keyingtries (a real node,
+no sockets bound). strongSwan's side: test_ikev2_strongswan.py."""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import logging
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ipsecct.errors import ConfigError
+from ipsecct.gateway.config import from_dict
+from ipsecct.gateway.ike import IkeService
+from ipsecct.gateway.node import Node
+from ipsecct.ikev2 import message as M
+from ipsecct.ikev2.config import Connection, parse_connections
+from ipsecct.ikev2.engine import (
+    ChildDown,
+    ChildUp,
+    ConnectFailed,
+    IkeDown,
+    IkeEngine,
+    IkeUp,
+    Send,
+)
+from ipsecct.ikev2.ikesa import IkeState
+from ipsecct.ipsec.sad import Lifetime
+from tests.helpers.ikev2_engines import I500, PSK, R500, Wire, conn, connect, mn_conn, pair
+from tests.test_ikev2 import _leaf_cert, _pki, _pubkey
+
+# -- reading the keys ---------------------------------------------------------------------------
+
+RW: dict[str, Any] = {
+    "version": 2,
+    "local_addrs": ["192.0.2.1"],
+    "remote_addrs": "%any",
+    "local": {"auth": "psk", "id": "gw.test"},
+    "remote": {"auth": "psk", "id": "%any"},
+    "children": {"net": {"local_ts": ["10.1.0.0/16"], "remote_ts": "10.2.0.0/16"}},
+}
+
+
+def _parse(patch: dict[str, Any] | None = None, child: dict[str, Any] | None = None,
+           **kw: Any) -> Connection:  # fmt: skip
+    d = {**RW, **(patch or {})}
+    d["children"] = {"net": {**RW["children"]["net"], **(child or {})}}
+    (c,) = parse_connections({"connections": {"rw": d}}, "gw.toml", {"gw.test": PSK}, **kw)
+    return c
+
+
+def test_swanctl_keys_of_road_warrior_and_site_to_site_configs_are_read(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    c = _parse()
+    ch = c.children[0]
+    # swanctl.conf's defaults (keyingtries and dpd_action not set: ipsecct's, docs/ikev2.md)
+    assert (c.unique, c.send_cert, c.send_certreq, c.fragmentation) == (
+        "no", "ifasked", True, "yes")  # fmt: skip
+    assert c.keyingtries is None and ch.dpd_action is None and ch.close_action == "none"
+    assert (ch.rekey_bytes, ch.life_bytes, ch.rekey_packets, ch.life_packets) == (0, 0, 0, 0)
+    assert c.ignored == []
+    with caplog.at_level(logging.WARNING):
+        c = _parse({"unique": "replace", "send_cert": "always", "send_certreq": "no",
+                    "fragmentation": "accept", "keyingtries": 3, "dpd_timeout": "150s",
+                    "pull": "yes", "aggressive": "no", "rand_time": "5m", "if_id_in": 0,
+                    "local": {**RW["local"], "round": 0}},
+                   {"dpd_action": "clear", "close_action": "none", "rekey_bytes": 1000,
+                    "rekey_packets": "2000", "life_packets": 5000, "hostaccess": "yes",
+                    "ipcomp": "no", "updown": "", "mark_in": "0/0x00000000",
+                    "mode": "tunnel"})  # fmt: skip
+    ch = c.children[0]
+    assert (c.unique, c.send_cert, c.send_certreq, c.fragmentation, c.keyingtries) == (
+        "replace", "always", False, "accept", 3)  # fmt: skip
+    # life_bytes: 10 % over rekey_bytes, as swanctl.conf's default
+    assert (ch.rekey_bytes, ch.life_bytes, ch.rekey_packets, ch.life_packets) == (
+        1000, 1100, 2000, 5000)  # fmt: skip
+    ignored = " ".join(c.ignored)
+    for key in ("connections.rw.dpd_timeout", "connections.rw.pull", "connections.rw.rand_time",
+                "connections.rw.local.round", "connections.rw.children.net.hostaccess"):
+        assert key in ignored
+        assert key in caplog.text  # a WARNING names the connection and the key
+    assert "config-key-ignored" in caplog.text
+    # strongSwan's synonyms for the actions; TOML's booleans for yes/no
+    c = _parse({"fragmentation": False, "send_certreq": True, "remote_addrs": "192.0.2.9"},
+               {"dpd_action": "route", "close_action": "restart"})  # fmt: skip
+    assert c.fragmentation == "no" and c.send_certreq
+    assert (c.children[0].dpd_action, c.children[0].close_action) == ("trap", "start")
+    assert _parse({"fragmentation": "force"}).fragmentation == "yes"  # IKEv1's: as yes
+
+
+@pytest.mark.parametrize("patch, child, why", [
+    ({"unique": "sometimes"}, {}, "unique: must be one of: no, never, keep, replace"),
+    ({"send_cert": "yes"}, {}, "send_cert: must be one of: ifasked, always, never"),
+    ({"send_certreq": "maybe"}, {}, "send_certreq: must be one of"),
+    ({"fragmentation": "always"}, {}, "fragmentation: must be one of"),
+    ({"keyingtries": -1}, {}, "keyingtries: must be a whole number"),
+    ({"keyingtries": "%forever"}, {}, "keyingtries: must be a whole number"),
+    ({"aggressive": "yes"}, {}, "aggressive: IKEv1 Aggressive Mode"),
+    ({"if_id_out": 7}, {}, "if_id_out: 7 cannot be honoured: XFRM"),
+    ({"mark": 1}, {}, "mark: unknown key"),
+    ({}, {"dpd_action": "hold"}, "dpd_action: must be one of"),
+    ({}, {"close_action": "hold"}, "close_action: must be one of"),
+    ({}, {"ipcomp": "yes"}, "ipcomp: 'yes' cannot be honoured: IPComp"),
+    ({}, {"ipcomp": True}, "ipcomp: True cannot be honoured"),
+    ({}, {"mode": "transport"}, "mode: 'transport' cannot be honoured: transport mode"),
+    ({}, {"mode": "pass"}, "mode: 'pass' cannot be honoured: shunt policies"),
+    ({}, {"updown": "/usr/lib/ipsec/_updown iptables"}, "updown: .* no updown script"),
+    ({}, {"mark_out": "42"}, "mark_out: '42' cannot be honoured"),
+    ({}, {"mark_in_sa": "yes"}, "mark_in_sa"),
+    ({}, {"rekey_bytes": 1000, "life_bytes": 1000}, "life_bytes: must be more than"),
+    ({}, {"rekey_packets": 1.5}, "rekey_packets: must be a whole number"),
+    ({}, {"rand_packets": 10}, "rand_packets: unknown key"),
+    # trap and restart start an IKE SA: one peer address to start it with
+    ({}, {"dpd_action": "restart"}, "remote_addrs: dpd_action = restart needs one peer"),
+    ({}, {"close_action": "trap"}, "remote_addrs: close_action = trap needs one peer"),
+])  # fmt: skip
+def test_swanctl_keys_we_cannot_honour_are_refused_naming_the_key(
+    patch: dict[str, Any], child: dict[str, Any], why: str
+) -> None:
+    where = "^gw.toml: connections\\.rw\\.(children\\.net\\.)?"
+    with pytest.raises(ConfigError, match=where + why):
+        _parse(patch, child)
+
+
+def test_a_refused_swanctl_key_is_one_line_at_the_command_line(tmp_path: Path) -> None:
+    (tmp_path / "rw.psk").write_bytes(PSK)
+    p = tmp_path / "gw.toml"
+    p.write_text("""name = "gw"
+[outer]
+address = "192.0.2.1"
+[inner]
+kind = "udp"
+listen = "127.0.0.1:7000"
+peer = "127.0.0.1:7001"
+[connections.rw]
+local.id = "gw.test"
+children.net.local_ts = ["10.1.0.0/16"]
+children.net.remote_ts = ["10.2.0.0/16"]
+children.net.ipcomp = "yes"
+[secrets.ike-rw]
+id = "gw.test"
+file = "rw.psk"
+""")
+    (tmp_path / "rw.psk").chmod(0o600)
+    r = subprocess.run([sys.executable, "-m", "ipsecct", "gateway", "run", "--config", str(p)],
+                       capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert r.returncode == 2 and r.stdout == ""
+    (line,) = r.stderr.splitlines()
+    assert line.startswith(f"ipsecct: error: {p}: connections.rw.children.net.ipcomp: ")
+    assert "IPComp" in line
+
+
+# -- unique ---------------------------------------------------------------------------------------
+
+
+def _two_clients(unique: str, initial_contact: bool) -> tuple[Wire, IkeEngine, IkeEngine]:
+    """One identity (mn.test) connects twice to a gateway with ``unique``, from two
+    initiator engines (a client that rebooted, or a second device with the same
+    credentials); the second sends INITIAL_CONTACT or not (its unique = never)."""
+    gw = IkeEngine([dataclasses.replace(conn(), unique=unique)])
+    first = IkeEngine([mn_conn()])
+    w = Wire(first, gw)
+    connect(w)
+    assert len(gw.ike_sas()) == 1
+    second = IkeEngine([dataclasses.replace(mn_conn(),
+                                            unique="no" if initial_contact else "never")])
+    w.ini = second
+    connect(w, 5.0)
+    return w, first, second
+
+
+def test_unique_no_replaces_only_on_initial_contact_and_never_not_even_then() -> None:
+    w, _, _ = _two_clients("no", True)
+    assert len(w.resp.ike_sas()) == 1 and w.resp.stats["initial-contact-replaced"] == 1
+    w, _, second = _two_clients("no", False)
+    assert len(w.resp.ike_sas()) == 2
+    # an initiator with unique = never sends no INITIAL_CONTACT
+    (new,) = [i for i in w.resp.ike_sas() if i.spi_i == second.ike_sas()[0].spi_i]
+    (old,) = [i for i in w.resp.ike_sas() if i is not new]
+    assert old.initial_contact and not new.initial_contact
+    # never: INITIAL_CONTACT replaces nothing
+    w, _, _ = _two_clients("never", True)
+    assert len(w.resp.ike_sas()) == 2 and w.resp.stats["initial-contact-replaced"] == 0
+
+
+def test_unique_keep_refuses_the_second_ike_sa_of_an_identity() -> None:
+    for ic in (True, False):
+        w, _, second = _two_clients("keep", ic)
+        (first,) = w.resp.ike_sas()
+        assert first.state is IkeState.ESTABLISHED and len(first.children) == 1
+        assert w.resp.stats["unique-kept"] == 1
+        assert not second.ike_sas() and w.of("i", ConnectFailed)
+
+
+def test_unique_replace_deletes_the_identitys_older_ike_sa() -> None:
+    """Without INITIAL_CONTACT (a second device, or a client that sends none), the older
+    IKE SA's CHILD SAs leave at once (the new ones take the identity's traffic) and it is
+    deleted with a DELETE, which its peer answers; with INITIAL_CONTACT, as unique = no."""
+    w, first, second = _two_clients("replace", False)
+    assert w.resp.stats["unique-replaced"] == 1
+    (old,) = [i for i in w.resp.ike_sas() if i.spi_i == first.ike_sas()[0].spi_i]
+    assert old.state is IkeState.DELETING and not old.children
+    assert [d.reason for d in w.of("r", ChildDown) if isinstance(d, ChildDown)] == [
+        "replaced (unique = replace)"]
+    (delete,) = [s for s in w.sent if s.src == R500 and s.data[:8] == old.spi_i
+                 and s.data[18] == M.ExchangeType.INFORMATIONAL]
+    (answer,) = [o for o in first.receive(delete.data, R500, I500, 5.0) if isinstance(o, Send)]
+    assert not first.ike_sas()  # the first client's IKE SA is gone, and so is ours
+    downs = [o for o in w.resp.receive(answer.data, I500, R500, 5.0) if isinstance(o, IkeDown)]
+    assert len(downs) == 1 and old.state is IkeState.DEAD
+    (ike,) = w.resp.ike_sas()
+    assert ike.spi_i == second.ike_sas()[0].spi_i and len(ike.children) == 1
+    w, _, _ = _two_clients("replace", True)
+    assert len(w.resp.ike_sas()) == 1 and w.resp.stats["initial-contact-replaced"] == 1
+
+
+def test_unique_replace_sends_the_delete_to_a_client_that_rebooted() -> None:
+    """The first client is gone (it rebooted; its engine forgot everything): the DELETE of
+    its old IKE SA goes unanswered and the old IKE SA ends after the retransmissions; the new
+    one and its CHILD SA stay."""
+    gw = IkeEngine([dataclasses.replace(conn(), unique="replace")])
+    w = Wire(IkeEngine([mn_conn()]), gw)
+    connect(w)
+    (old,) = gw.ike_sas()
+    w.ini = IkeEngine([dataclasses.replace(mn_conn(), unique="never")])
+    n = len(w.sent)
+    w.deliver(w.ini.initiate(w.ini.connections[0], I500, R500, 5.0), "i", 5.0)
+    deletes = [s for s in w.sent[n:] if s.src == R500 and s.data[:8] == old.spi_i]
+    assert len(deletes) == 1  # (the new engine does not know the SPIs: no answer)
+    assert old.state is IkeState.DELETING and not old.children
+    for t in (7.0, 11.0, 19.0, 35.0, 60.0):
+        gw.tick(t)
+    (new,) = gw.ike_sas()
+    assert new is not old and len(new.children) == 1
+
+
+# -- send_cert, send_certreq -----------------------------------------------------------------------
+
+
+def _cert_pair(gw_kw: dict[str, Any], mn_kw: dict[str, Any]) -> Wire:
+    ca, gw_cert, gw_key, ca_key = _pki("p256")
+    mn_key = _pki("p256")[2]
+    mn_cert = _leaf_cert(ca, ca_key, mn_key, "mn.test")
+    gw = dataclasses.replace(_pubkey(conn(), gw_cert, gw_key, "CN=mn.test", ca), **gw_kw)
+    mn = dataclasses.replace(_pubkey(mn_conn(), mn_cert, mn_key, "peer.test", ca), **mn_kw)
+    w = Wire(IkeEngine([mn], wall_offset=time.time()), IkeEngine([gw], wall_offset=time.time()))
+    connect(w)
+    return w
+
+
+def test_send_cert_and_send_certreq() -> None:
+    """ifasked (the default): our CERT goes when the peer sent a CERTREQ; always: whatever
+    it sent; never: not at all (a peer without our certificate cannot authenticate us);
+    send_certreq = no: we send no CERTREQ."""
+    w = _cert_pair({}, {})
+    assert w.of("i", IkeUp) and w.of("r", IkeUp)
+    # the gateway sends no CERTREQ: the client, ifasked, no CERT, and is not authenticated
+    w = _cert_pair({"send_certreq": False}, {})
+    assert not w.of("r", IkeUp) and w.resp.stats["auth-failed"] == 1
+    # ... unless it sends its certificate always
+    w = _cert_pair({"send_certreq": False}, {"send_cert": "always"})
+    assert w.of("i", IkeUp) and w.of("r", IkeUp)
+    # the gateway never sends its certificate: the client cannot authenticate it
+    w = _cert_pair({"send_cert": "never"}, {})
+    assert w.of("r", IkeUp) and not w.of("i", IkeUp) and w.of("i", ConnectFailed)
+
+
+# -- fragmentation -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("gw, mn, announced, gw_sends, mn_sends", [
+    ("yes", "yes", True, True, True),
+    ("accept", "yes", True, False, True),  # announced, the gateway's own go whole
+    ("no", "yes", False, False, False),  # not announced: nobody fragments
+    ("yes", "no", False, False, False),
+])  # fmt: skip
+def test_fragmentation_yes_accept_no(
+    gw: str, mn: str, announced: bool, gw_sends: bool, mn_sends: bool,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    import ipsecct.ikev2.engine as E
+
+    monkeypatch.setattr(E, "FRAGMENT_SIZE", 150)
+    w = pair(dataclasses.replace(mn_conn(), fragmentation=mn),
+             dataclasses.replace(conn(), fragmentation=gw))  # fmt: skip
+    connect(w)
+    (ike_i,), (ike_r,) = w.ini.ike_sas(), w.resp.ike_sas()
+    assert ike_i.fragmentation is ike_r.fragmentation is announced
+    w.deliver(w.resp.liveness(ike_r, 1.0), "r", 1.0)  # (its answer is small)
+    w.deliver(w.resp.rekey_child(ike_r, ike_r.children[0], 2.0), "r", 2.0)
+    assert len(w.of("i", ChildUp)) == 2
+    assert (w.resp.stats["fragmented-sent"] > 0) is gw_sends
+    assert (w.ini.stats["fragmented-sent"] > 0) is mn_sends
+
+
+# -- rekey_bytes/packets, life_bytes/packets ----------------------------------------------------
+
+
+def test_child_volume_limits_rekey_then_close_the_child_sa() -> None:
+    """The ESP SAs carry the soft (rekey_*) and hard (life_*) volume limits; the soft one
+    makes the engine rekey the CHILD SA now, the hard one remove it and send its DELETE.
+    (No sequence number is involved: a rekey makes new SAs with new keys.)"""
+    child = dataclasses.replace(conn().children[0], rekey_bytes=10_000, life_bytes=11_000,
+                                rekey_packets=50, life_packets=60)  # fmt: skip
+    w = pair(mn_conn(), dataclasses.replace(conn(), children=[child]))
+    connect(w)
+    (ike_r,) = w.resp.ike_sas()
+    old = ike_r.children[0]
+    _, out_sa, in_sa = old.sas(R500, I500, False, "t")
+    for sa in (out_sa, in_sa):
+        assert sa.soft == Lifetime(bytes=10_000, packets=50)
+        assert sa.hard == Lifetime(seconds=None, bytes=11_000, packets=60)
+    w.deliver(w.resp.volume_limit(ike_r, old, False, 1.0), "r", 1.0)
+    assert w.resp.stats["child-rekey-volume"] == 1 and len(w.of("i", ChildUp)) == 2
+    assert old not in ike_r.children and len(ike_r.children) == 1
+    # the second half's event (or a repeat) does nothing more
+    w.deliver(w.resp.volume_limit(ike_r, old, False, 1.5), "r", 1.5)
+    assert w.resp.stats["child-rekey-volume"] == 1
+    new = ike_r.children[0]
+    w.deliver(w.resp.volume_limit(ike_r, new, True, 2.0), "r", 2.0)
+    assert not ike_r.children and not w.ini.ike_sas()[0].children
+    assert [d.reason for d in w.of("r", ChildDown) if isinstance(d, ChildDown)][-1] == "expired"
+    assert ike_r.state is IkeState.ESTABLISHED
+
+
+# -- the adapter: dpd_action, close_action, keyingtries -----------------------------------------
+
+
+def test_after_down_follows_dpd_action_and_close_action() -> None:
+    def c(**kw: Any) -> Connection:
+        return dataclasses.replace(mn_conn(), children=[
+            dataclasses.replace(mn_conn().children[0], **kw)])  # fmt: skip
+
+    assert c().after_down("peer-dead", True) is None
+    assert c(start_action="start").after_down("peer-dead", True)[0] == "restart"  # type: ignore[index]
+    assert c(start_action="start", dpd_action="clear").after_down("peer-dead", True) is None
+    assert c(dpd_action="trap").after_down("peer-dead", False)[0] == "trap"  # type: ignore[index]
+    assert c(dpd_action="restart").after_down("deleted by peer", True) is None
+    assert c(close_action="start").after_down("deleted by peer", True)[0] == "restart"  # type: ignore[index]
+    assert c(close_action="trap").after_down("deleted by peer", True)[0] == "trap"  # type: ignore[index]
+    assert c(close_action="start", dpd_action="trap").after_down("deleted", True) is None
+
+
+class _Loop:
+    """What _retry_later asks of the running loop: call_later, recorded."""
+
+    def __init__(self) -> None:
+        self.later: list[tuple[float, Any, tuple[Any, ...]]] = []
+
+    def call_later(self, delay: float, fn: Any, *args: Any) -> Any:
+        self.later.append((delay, fn, args))
+        return _Handle()
+
+
+class _Handle:
+    def cancel(self) -> None:
+        pass
+
+
+def _mn(tmp: Path, monkeypatch: pytest.MonkeyPatch,
+        **child_kw: Any) -> tuple[IkeService, list[Send], list[float], _Loop]:  # fmt: skip
+    """A node (the MN) whose connection to the gateway at R500 has ``child_kw``."""
+    import asyncio
+
+    base = mn_conn(dpd=10)
+    c = dataclasses.replace(
+        base, remote_addrs=[ipaddress.ip_network(f"{R500.host}/32")],
+        keyingtries=child_kw.pop("keyingtries", None),
+        children=[dataclasses.replace(base.children[0], **child_kw)],
+    )  # fmt: skip
+    cfg = from_dict({
+        "name": "mn",
+        "outer": {"address": str(I500.host), "port": 45030},
+        "inner": {"kind": "udp", "listen": "127.0.0.1:45031", "peer": "127.0.0.1:45032"},
+    }, str(tmp / "mn.toml"))  # fmt: skip
+    node = Node(cfg, role="node")
+    svc = IkeService(node, [c])
+    sent: list[Send] = []
+    monkeypatch.setattr(svc, "_send", sent.append)
+    monkeypatch.setattr(node, "send_esp", lambda sa, data: None)
+    clock = [10.0]
+    monkeypatch.setattr(node, "clock", lambda: clock[0])
+    loop = _Loop()
+    monkeypatch.setattr(asyncio, "get_running_loop", lambda: loop)
+    return svc, sent, clock, loop
+
+
+def _exchange(svc: IkeService, gw: IkeEngine, sent: list[Send], now: float) -> None:
+    pending = list(sent)
+    sent.clear()
+    while pending:
+        s = pending.pop(0)
+        for o in gw.receive(s.data, s.src, s.dst, now):
+            if isinstance(o, Send):
+                svc._receive(o.data, o.src, o.dst)
+                pending += sent
+                sent.clear()
+
+
+def _peer_dies(svc: IkeService, clock: list[float]) -> None:
+    """The gateway stops answering: the MN's liveness check goes unanswered 30 s."""
+    (ike,) = svc.engine.ike_sas()
+    svc._act(svc.engine.liveness(ike, clock[0]))
+    _wait(svc, clock, lambda: ike.state is IkeState.DEAD)
+    assert svc.engine.stats["peer-dead"] == 1
+
+
+def _wait(svc: IkeService, clock: list[float], done: Any) -> None:
+    """The engine's timer, 2 s at a time, until ``done()`` (at most two minutes)."""
+    for _ in range(60):
+        if done():
+            return
+        clock[0] += 2
+        svc._act(svc.engine.tick(clock[0]))
+    raise AssertionError("not done after 120 s")
+
+
+def test_dpd_action_restart_starts_again_at_once_and_clear_does_not(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for action in ("restart", "clear"):
+        svc, sent, clock, loop = _mn(tmp_path, monkeypatch, start_action="start",
+                                     dpd_action=action)  # fmt: skip
+        svc.initiate(svc.engine.connections[0])
+        _exchange(svc, IkeEngine([conn()]), sent, clock[0])
+        assert len(svc.engine.ike_sas()) == 1
+        sent.clear()
+        _peer_dies(svc, clock)
+        restarted = [s for s in sent if s.data[18] == M.ExchangeType.IKE_SA_INIT]
+        assert (len(restarted), len(svc.engine.connecting)) == (
+            (1, 1) if action == "restart" else (0, 0))
+        assert loop.later == []  # (no back-off: at once, or never)
+
+
+def test_dpd_action_trap_arms_a_trap_that_the_next_packet_springs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ipsecct.ipsec.ippacket import build_udp
+
+    svc, sent, clock, _ = _mn(tmp_path, monkeypatch, dpd_action="trap")
+    svc.initiate(svc.engine.connections[0])
+    _exchange(svc, IkeEngine([conn()]), sent, clock[0])
+    pkt = build_udp(ipaddress.ip_address("10.2.0.5"), ipaddress.ip_address("10.1.0.9"), 4000,
+                    5000, b"payload")  # fmt: skip
+    svc.node.from_inner(pkt)  # up: protected, no trap
+    assert svc.engine.stats["trap-acquired"] == 0
+    _peer_dies(svc, clock)
+    # nothing until traffic comes
+    assert not svc.engine.connecting and all(s.data[18] != M.ExchangeType.IKE_SA_INIT
+                                             for s in sent)  # fmt: skip
+    clock[0] += 5
+    svc.node.from_inner(pkt)
+    assert svc.engine.stats["trap-acquired"] == 1 and len(svc.engine.connecting) == 1
+
+
+def test_close_action_start_restarts_when_the_peer_deletes_the_ike_sa(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    svc, sent, clock, _ = _mn(tmp_path, monkeypatch, close_action="start")
+    svc.initiate(svc.engine.connections[0])
+    gw = IkeEngine([conn()])
+    _exchange(svc, gw, sent, clock[0])
+    (ike_r,) = gw.ike_sas()
+    for o in gw.delete(ike_r, clock[0]):  # the gateway closes the IKE SA
+        if isinstance(o, Send):
+            svc._receive(o.data, o.src, o.dst)
+    assert not svc.engine.ike_sas() and len(svc.engine.connecting) == 1
+
+
+def test_keyingtries_bounds_the_attempts_and_unset_tries_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """start_action = start with keyingtries = 2: the first attempt and one retry, then it
+    gives up (logged); without keyingtries (ipsecct's default) the retries go on."""
+    for tries, attempts in ((2, 2), (None, 5)):
+        svc, _, clock, loop = _mn(tmp_path, monkeypatch, start_action="start",
+                                  keyingtries=tries)  # fmt: skip
+        eng = svc.engine
+        n = 0
+        while n < 5:
+            svc.initiate(svc.engine.connections[0])  # (what the loop's timer would call)
+            n += 1
+            # no answer: given up after the retransmissions
+            _wait(svc, clock, lambda e=eng: not e.connecting)
+            if len(loop.later) < n:  # no retry scheduled
+                break
+        assert n == attempts
+    assert "ike-connect-gave-up" in caplog.text
