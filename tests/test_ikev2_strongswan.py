@@ -1059,3 +1059,59 @@ def test_ipsecct_node_connects_with_certificates(workdir: Path, kind: str) -> No
                     assert "reassembled fragmented IKE message" in log, ss.logtail()
             finally:
                 mn.cleanup()
+
+
+class RebootingInitiator(Initiator):
+    """strongSwan A with ``unique = never``: it sends no INITIAL_CONTACT (what a client
+    that sends none looks like to the gateway: a second device, or another IKE stack)."""
+
+    def write_config(self) -> None:
+        super().write_config()
+        p = self.dir / "swanctl.conf"
+        strongswan.write_private(p, p.read_text().replace("mobike = no", "mobike = no\n"
+                                                          "    unique = never", 1))  # fmt: skip
+
+
+@pytest.mark.root
+@pytest.mark.slow
+@needs_strongswan
+def test_unique_replace_a_client_that_rebooted_gets_the_tunnel_back_at_once(
+    workdir: Path,
+) -> None:
+    """swanctl.conf's ``unique = replace`` on the gateway: a strongSwan client is killed
+    (SIGKILL: no DELETE, as in a reboot) and connects again without INITIAL_CONTACT; the
+    gateway takes the new IKE SA, removes the old one's CHILD SA at once (the gateway's
+    traffic to the client goes into the new one) and deletes the old IKE SA with a DELETE;
+    ping passes both ways through the new SAs. (With unique = no, the default, the old
+    IKE SA and its CHILD SA would stay until liveness checks found the client gone.)"""
+    with Namespaces("a", "b") as ns:
+        build_namespaces(ns)
+        conf = gateway_config(workdir, ike="default", esp="default", encap=False, dpd=0)
+        conf.write_text(conf.read_text().replace("version = 2\n", 'version = 2\nunique = '
+                                                 '"replace"\n', 1))  # fmt: skip
+        gw = Daemon("gateway", conf, str(workdir / "gw.sock"), workdir / "gw.log",
+                    prefix=["ip", "netns", "exec", ns.names["b"]])  # fmt: skip
+        gw.start()
+        sock = str(workdir / "gw.sock")
+        ss = RebootingInitiator(ns, workdir, ike=None, esp=None)
+        try:
+            with ss:
+                ss.start()
+                ss.initiate()
+                assert ping(ns, "a", B.inner, 3) == 3, gw.logtext()
+                (old,) = ike_list(sock)
+                ss.kill()  # the client reboots
+                ss.start()
+                ss.initiate()
+                assert not re.search(r"IKE_AUTH request 1 \[[^]]*N\(INIT_CONTACT\)", ss.log())
+                assert ping(ns, "b", A.inner, 3) == 3, gw.logtext() + ss.logtail()
+                assert ping(ns, "a", B.inner, 3) == 3, gw.logtext()
+                c = gw.status()["ike"]["counters"]
+                assert c["unique-replaced"] == 1 and c.get("initial-contact-replaced", 0) == 0
+                sas = ike_list(sock)
+                (new,) = [s for s in sas if s["state"] == "established"]
+                assert new["spi_i"] != old["spi_i"] and len(new["children"]) == 1
+                assert all(not s["children"] for s in sas if s is not new)
+                assert "ike-sa-replaced" in gw.logtext()
+        finally:
+            gw.cleanup()
