@@ -335,6 +335,26 @@ def test_child_volume_limits_rekey_then_close_the_child_sa() -> None:
 # -- the adapter: dpd_action, close_action, keyingtries -----------------------------------------
 
 
+def test_a_peer_that_stops_answering_our_rekey_is_dead_for_dpd_action() -> None:
+    """Any request of ours the peer never answers ends the IKE SA as "peer-dead" (what
+    dpd_action acts on, as strongSwan's retransmission timeout does), a CHILD or IKE rekey
+    too (they ended it as "deleted": a start_action = start initiator whose peer died during
+    a rekey never connected again); our own DELETE of the IKE SA still ends it as deleted."""
+    for start, end in (("rekey-child", "peer-dead"), ("rekey-ike", "peer-dead"),
+                       ("delete", "deleted")):  # fmt: skip
+        w = pair()
+        connect(w)
+        (ir,) = w.resp.ike_sas()
+        if start == "rekey-child":
+            first = w.resp.rekey_child(ir, ir.children[0], 1.0)
+        else:
+            first = w.resp.rekey_ike(ir, 1.0) if start == "rekey-ike" else w.resp.delete(ir, 1.0)
+        w.deliver(first, "r", 1.0, drop=True)
+        for t in (3.0, 5.0, 9.0, 17.0, 33.0, 70.0):
+            w.deliver(w.resp.tick(t), "r", t, drop=True)
+        assert [d.reason for d in w.of("r", IkeDown) if isinstance(d, IkeDown)] == [end], start
+
+
 def test_after_down_follows_dpd_action_and_close_action() -> None:
     def c(**kw: Any) -> Connection:
         return dataclasses.replace(mn_conn(), children=[

@@ -341,8 +341,10 @@ class IkeEngine:
                                  ike.remote)  # fmt: skip
                         if p.kind == "auth":
                             out.append(ConnectFailed(ike.conn, "no answer to IKE_AUTH"))
-                        dead = p.kind in ("liveness", "address-update", "mid-sync",
-                                          "mobike-update", "rr-check")
+                        # any request of ours unanswered says the peer is dead (what
+                        # dpd_action acts on), not only a liveness check: a rekey too; our
+                        # DELETE of the IKE SA and IKE_AUTH end as they did
+                        dead = p.kind not in ("delete", "auth")
                         self._kill(ike, "peer-dead" if dead else "deleted", out)
                         continue
                     p.tries += 1
