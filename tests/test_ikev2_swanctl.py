@@ -243,6 +243,28 @@ def test_unique_replace_sends_the_delete_to_a_client_that_rebooted() -> None:
     assert new is not old and len(new.children) == 1
 
 
+def test_unique_replace_gives_the_reconnecting_identity_its_virtual_ip_back() -> None:
+    """With pools: the older IKE SA's lease goes offline when it is replaced (its CHILD
+    SAs are gone at once, while its DELETE is still unanswered), so the identity's new IKE
+    SA gets the same address back, as after INITIAL_CONTACT."""
+    from tests.test_ikev2_vip import ip, pools, vip_conn
+
+    def client() -> IkeEngine:
+        return IkeEngine([dataclasses.replace(mn_conn(local_ts="0.0.0.0/0"), unique="never",
+                                              vips=[ip("0.0.0.0")])])  # fmt: skip
+
+    gw = IkeEngine([dataclasses.replace(vip_conn(), unique="replace")], pools=pools())
+    w = Wire(client(), gw)
+    connect(w)
+    (old,) = gw.ike_sas()
+    assert old.vips == [("p4", ip("10.3.0.1"))]
+    w.ini = client()  # the client rebooted: no INITIAL_CONTACT (unique = never)
+    connect(w, 5.0)
+    (new,) = [i for i in gw.ike_sas() if i is not old]
+    assert old.state is IkeState.DELETING and not old.vips
+    assert new.vips == [("p4", ip("10.3.0.1"))] and len(new.children) == 1
+
+
 # -- send_cert, send_certreq -----------------------------------------------------------------------
 
 

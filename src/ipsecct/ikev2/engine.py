@@ -1130,6 +1130,9 @@ class IkeEngine:
                     self._child_spis.discard(gone.spi_in)
                     out.append(ChildDown(other, gone, "replaced (unique = replace)"))
                 other.children = []
+                # (its virtual IP goes offline now: the identity's new IKE SA, leased
+                # below, gets it back, as after INITIAL_CONTACT)
+                self._release_vips(other)
                 out += self.delete(other, now)
         self.stats["ike-sa-established"] += 1
         log.info("event=ike-sa-established conn=%s peer=%s id=%s proposal=%s mobike=%s",
