@@ -537,3 +537,49 @@ def test_keyingtries_bounds_the_attempts_and_unset_tries_on(
                 break
         assert n == attempts
     assert "ike-connect-gave-up" in caplog.text
+
+
+def test_rekey_packets_counted_by_the_data_path_rekeys_and_life_packets_closes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Packets through the node's data path (the C path where built, which hands the one at
+    the limit up) reach the CHILD SA's rekey_packets: the adapter (Node.on_lifetime) has the
+    engine rekey it, and the new SAs carry the traffic; a CHILD SA that reaches
+    life_packets (its rekey unanswered) is removed and its DELETE sent."""
+    from ipsecct.ipsec.ippacket import build_udp
+
+    pkt = build_udp(ipaddress.ip_address("10.2.0.5"), ipaddress.ip_address("10.1.0.9"), 4000,
+                    5000, b"payload")  # fmt: skip
+    for answered in (True, False):
+        svc, sent, clock, _ = _mn(tmp_path, monkeypatch, rekey_packets=5, life_packets=8)
+        esp: list[Any] = []
+        monkeypatch.setattr(svc.node, "send_esp", lambda sa, data, e=esp: e.append(sa))
+        gw = IkeEngine([conn()])
+        svc.initiate(svc.engine.connections[0])
+        _exchange(svc, gw, sent, clock[0])
+        (ike,) = svc.engine.ike_sas()
+        (first,) = ike.children
+        for _ in range(4):
+            svc.node.from_inner(pkt)
+        assert svc.engine.stats["child-rekey-volume"] == 0 and not sent
+        svc.node.from_inner(pkt)  # the 5th: the soft limit
+        assert svc.engine.stats["child-rekey-volume"] == 1
+        (req,) = sent
+        assert req.data[18] == M.ExchangeType.CREATE_CHILD_SA
+        if answered:
+            _exchange(svc, gw, sent, clock[0])
+            (new,) = ike.children
+            assert new is not first and new.spi_out != first.spi_out
+            svc.node.from_inner(pkt)
+            assert esp[-1].spi == new.spi_out  # the traffic goes into the new CHILD SA
+        else:
+            sent.clear()
+            for _ in range(3):  # 6, 7, 8: the hard limit
+                svc.node.from_inner(pkt)
+            # the 8th is the last one processed (swanctl.conf: "maximum packets processed")
+            assert svc.engine.stats["child-expired-volume"] == 1 and not ike.children
+            assert not svc.node.engine.find_sa(first.spi_out)
+            svc.node.from_inner(pkt)  # no SA: not sent
+            assert len({s.spi for s in esp}) == 1 and len(esp) == 8
+            # its DELETE waits for the rekey in flight (window of one), then goes
+            assert ike.queued_deletes == [first.spi_in.to_bytes(4, "big")]
