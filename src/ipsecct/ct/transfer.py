@@ -69,10 +69,15 @@ FPT_SYNC = 0x8007  # fail-over replication: heartbeat and state (see failover.py
 FPT_FINAL = 0x8008  # make-before-break: a tunnel's final state at the source (FINAL)
 FPT_UNIT = 0x8009  # tunnels that move with a context of another kind (an IKE SA): UNIT
 FPT_AGE = 0x800A  # decision query: how long ago the source started the transfer (AGE)
+FPT_PREPARE = 0x800B  # a prepared transfer: how long the target waits for its COMMIT (PREPARE)
 UNIT_IKEV2 = 1  # a UNIT's kind: the CHILD SAs of one IKE SA (its context follows the COMMIT)
 DECISION_COMMIT = 1
 MAX_FORWARD_PACKET = cxtp.MAX_CDB_LEN - 8
 MAX_NOT_TAKEN_PER_PEER = 1024  # transfers answered "not taken" remembered per peer
+PREPARE_MIN, PREPARE_MAX = 2.0, 300.0  # bounds of a prepared transfer's wait (seconds)
+# A prepared source commits no later than this before the wait it assumes at the target
+# ends (measured from its own start, before the target's): the COMMIT's way there.
+PREPARE_GUARD = 1.0
 
 
 class ConflictPolicy(enum.Enum):
@@ -138,6 +143,10 @@ class Settings:
     # (``reserves_grant``). False (the default, as the gateway's): the target activates once
     # its "pending" row is durable.
     grant: bool = False
+    # Prepared transfers (docs/cxtp.md, "Prepared transfers"): how long a source keeps a
+    # transfer prepared (everything done but the COMMIT) waiting for its commit call, and
+    # the longest a target waits for such a transfer's COMMIT (PREPARE_MIN .. PREPARE_MAX).
+    prepare_timeout: float = 30.0
 
 
 # -- outputs ------------------------------------------------------------------------------
@@ -198,7 +207,14 @@ class Finished:
     record: Record
 
 
-Output = Send | Inject | Transmit | Finished
+@dataclass(frozen=True)
+class Prepared:
+    """A prepared transfer is ready: only its COMMIT is left (:meth:`TransferCore.commit`)."""
+
+    record: Record
+
+
+Output = Send | Inject | Transmit | Finished | Prepared
 
 
 _ENCAPS: dict[tuple[int, int], UdpEncap] = {}
@@ -353,6 +369,21 @@ def parse_age(ext: Iterable[bytes]) -> float | None:
     return None
 
 
+def prepare_cdb(seconds: int) -> bytes:
+    """PREPARE: ``Seconds (32)``. From the source (after its contexts): the transfer is
+    prepared ahead, the COMMIT may come up to that long after; from the target (its answer):
+    how long it will wait for that COMMIT, from when the PREPARE reached it."""
+    return frame(FPT_PREPARE, struct.pack("!I", min(0xFFFFFFFF, max(0, seconds))))
+
+
+def parse_prepare(cdb: bytes) -> float:
+    """The seconds of a PREPARE CDB; CxtpError when it is malformed."""
+    p = unframe(cdb)
+    if len(p) != 4:
+        raise CxtpError("PREPARE CDB malformed")
+    return float(struct.unpack("!I", p)[0])
+
+
 def final_cdb(out_spi: int, in_spi: int, out_seq: int, top: int, bitmap: bytes) -> bytes:
     """A tunnel's final state at the source (make-before-break): ``Out SPI (32) | In SPI
     (32, 0: no inbound SA) | Out Seq (64): the last number it sent | Top (64, 0: no replay
@@ -397,6 +428,9 @@ class OutgoingState(enum.Enum):
     # commit_early: COMMIT sent for every tunnel (they moved), waiting for the CTDR to learn
     # which the target refused (those come back here)
     AWAITING = "awaiting"
+    # a prepared transfer: CTDR in, "leaving" durable, the standby told; only the COMMIT is
+    # left, sent when the operator commits (the tunnels send below their caps meanwhile)
+    PREPARED = "prepared"
     COMMITTED = "committed"  # COMMIT sent: the tunnels live at the target now
     ABORTED = "aborted"  # rolled back (refused, timed out, peer lost, cancelled)
 
@@ -422,6 +456,9 @@ TRANSITIONS: frozenset[tuple[enum.Enum, enum.Enum]] = frozenset(
         (OutgoingState.SENT, OutgoingState.COMMITTED),
         (OutgoingState.SENT, OutgoingState.ABORTED),
         (OutgoingState.SENT, OutgoingState.AWAITING),
+        (OutgoingState.SENT, OutgoingState.PREPARED),
+        (OutgoingState.PREPARED, OutgoingState.COMMITTED),
+        (OutgoingState.PREPARED, OutgoingState.ABORTED),
         (OutgoingState.AWAITING, OutgoingState.COMMITTED),
         (IncomingState.RECEIVING, IncomingState.PENDING),
         (IncomingState.RECEIVING, IncomingState.CANCELLED),
@@ -487,6 +524,14 @@ class _Outgoing:
     # The fail-over standby acknowledged that it holds the tunnels marked leaving by this
     # transfer (to this peer), or not at all: the COMMIT waits for it as for ``away``.
     standby: Write | None = None
+    # A prepared transfer (start(prepare=True)): how long the target waits for the COMMIT
+    # (the PREPARE answer's; until it comes, what an older target waits: retry_max), whether
+    # the operator committed already (it commits once ready), and the tunnels refused by
+    # the CTDR (rolled back when it came).
+    prepare: bool = False
+    prepare_wait: float = 0.0
+    commit_asked: bool = False
+    refused_early: int = 0
 
 
 @dataclass
@@ -594,6 +639,8 @@ class _Incoming:
     own: dict[int, tuple[SPDEntry, IPAddress]] = field(
         default_factory=dict, repr=False, compare=False
     )
+    # The source prepared it (PREPARE): it waits for the COMMIT until ``give_up``.
+    prepared: bool = False
 
 
 def _arrived(tunnels: list[Tunnel], inc: _Incoming) -> Callable[[Journal], Write]:
@@ -757,10 +804,20 @@ class TransferCore:
         mode: str = "predictive",
         candidates: Iterable[str] = (),
         reply_to: tuple[int, int] | None = None,
+        prepare: bool = False,
     ) -> tuple[int, list[Output]]:
-        """Begin moving ``tunnels`` to ``peer``. Raises TransferError if one is busy."""
+        """Begin moving ``tunnels`` to ``peer``. Raises TransferError if one is busy.
+
+        ``prepare``: a prepared transfer (docs/cxtp.md, "Prepared transfers"): everything
+        up to the COMMIT now (contexts, the target's CTDR, "leaving" durable, the standby's
+        mark), the tunnels sending below their caps meanwhile; the COMMIT only on
+        :meth:`commit` (a :class:`Prepared` output says when it is ready), a rollback on
+        :meth:`cancel` or once ``prepare_timeout`` (or the target's shorter wait) passes.
+        Needs make-before-break (the tunnels must go on carrying traffic meanwhile)."""
         if not tunnels:
             raise TransferError("nothing to transfer")
+        if prepare and reply_to is not None:
+            raise TransferError("a reactive transfer cannot be prepared")
         busy = self._capped()
         for t in tunnels:
             if t.state is not TunnelState.ACTIVE or t in busy:
@@ -782,7 +839,7 @@ class TransferCore:
             tid,
             "source",
             peer,
-            mode,
+            "prepared" if prepare else mode,
             now,
             tunnels=len(tunnels),
             spis=[sa.spi for t in tunnels for sa in t.sas()],
@@ -793,6 +850,11 @@ class TransferCore:
         mbb = self.settings.make_before_break and all(
             t.outbound.seq + margin < t.outbound.seq_limit for t in tunnels
         )
+        if prepare and not mbb:
+            raise TransferError(
+                "a prepared transfer needs make-before-break ([transfer] make_before_break)"
+                " and room for mbb_margin below each tunnel's counter limit"
+            )
         caps: dict[Tunnel, int] = {}
         for t in tunnels:
             if mbb:
@@ -806,11 +868,23 @@ class TransferCore:
             tunnels[0].outbound.dst,
             now + self.settings.max_transfer_time,
             rec,
-            list(candidates),
+            # (a prepared transfer does not move on to other candidates: the operator
+            # named its target, ahead of time)
+            [] if prepare else list(candidates),
             caps=caps,
+            prepare=prepare,
+            # Until the target's PREPARE answer: what an older target waits (CT_RETRY_MAX).
+            prepare_wait=min(self.settings.prepare_timeout, self.settings.retry_max),
         )
         try:
             out = self._send_contexts(og, now, reactive=reply_to is not None)
+            if prepare:
+                # After the contexts: a target of an older ipsecct, which has installed them
+                # by then, ignores it (and waits its own retry_max for the COMMIT).
+                tag = cxtp.TransferTag(tid, og.seq).encode()
+                og.seq += 1
+                out.append(Send(peer, cxtp.CTD(og.mn, 0, (tag, prepare_cdb(
+                    math.ceil(self.settings.prepare_timeout))))))  # fmt: skip
         except (ContextError, CxtpError) as exc:
             # Nothing was sent: the tunnels stay here, active, as if nothing had happened.
             for t in tunnels:
@@ -831,7 +905,7 @@ class TransferCore:
             self.on_start(set(rec.spis))
         # CT_MAX_TRANSFER_TIME bounds one exchange; a batched (bulk) transfer gets it once per
         # message it takes, so thousands of tunnels are not cut off by a per-message budget.
-        og.deadline = now + self.settings.max_transfer_time * max(1, len(out))
+        og.deadline = now + self.settings.max_transfer_time * max(1, len(out) - prepare)
         if self._may_commit_all(og):
             out += self._commit_all(og, now)
         return tid, out
@@ -900,6 +974,11 @@ class TransferCore:
         # (A bulk transfer holds thousands of tunnels: membership by set, not list.)
         for og in self.outgoing.values():
             if og.state is OutgoingState.SENT and _has(og, held.tunnel):
+                return self._keep(og, held)
+            if og.state is OutgoingState.PREPARED and _has(og, held.tunnel):
+                # Its cap reached (or fenced) while prepared: rolled back at the next tick
+                # (not committed unasked: the MN may not be where the target is yet).
+                og.deadline = 0.0
                 return self._keep(og, held)
         for inc in self.incoming.values():
             if inc.state in OPEN_INCOMING and _has(inc, held.tunnel):
@@ -1026,6 +1105,8 @@ class TransferCore:
             if d == DECISION_COMMIT:
                 return [Send(peer, cxtp.CTD(msg.mn_prev, 0, (ttag, decision_cdb(d))))]
             return [Send(peer, cxtp.CTC(msg.mn_prev, (ttag,)))]
+        if og.state is OutgoingState.PREPARED:
+            return []  # a CTDR re-sent while the transfer waits for its commit call
         outbound = og.out_keys
         if outbound is None:
             outbound = og.out_keys = {
@@ -1100,6 +1181,8 @@ class TransferCore:
             if og.standby.failed:
                 return self._rollback(og, now, "failed", f"not committed: {og.standby.error}")
             return []
+        if og.prepare and og.state is OutgoingState.SENT:
+            return self._prepared(og, now)
         accepted, refused, worst = og.answer
         peer = og.peer
         out: list[Output] = []
@@ -1126,9 +1209,11 @@ class TransferCore:
         for h in og.held:
             out += self.forward(peer, h.packet, h.inbound, og)
         self._release_held(og, [])
-        og.record.outcome = "committed" if not refused else "partial"
+        og.record.outcome = "committed" if not (refused or og.refused_early) else "partial"
         og.record.accepted = len(accepted)
         og.record.ended = now
+        if og.refused_early:
+            og.record.spis = [sa.spi for t in accepted for sa in t.sas()]
         if refused:
             og.record.detail += f"{len(refused)} refused: {_status_name(worst)}"
             # What moved only: the IKE SA follows its CHILD SAs only if all of them did (a
@@ -1139,6 +1224,126 @@ class TransferCore:
         out.append(Finished(og.record))
         return out
 
+    # -- prepared transfers (docs/cxtp.md, "Prepared transfers") -----------------------------
+    def _prepared(self, og: _Outgoing, now: float) -> list[Output]:
+        """A prepared transfer is ready: CTDR in, "leaving" durable, the standby's mark
+        acknowledged. What the target refused comes back now (as at a COMMIT); the rest
+        waits, sending below its caps, for :meth:`commit` (at once if it was asked for)."""
+        assert og.answer is not None
+        accepted, refused, worst = og.answer
+        out: list[Output] = []
+        if refused:
+            out += self._rollback(og, now, "partial", "", refused)
+            og.refused_early = len(refused)
+            og.record.detail += f"{len(refused)} refused: {_status_name(worst)}; "
+            og.tunnels = accepted
+            og.answer = (accepted, [], worst)
+        _move(og, OutgoingState.PREPARED)
+        og.deadline = self._prepare_deadline(og)
+        if og.commit_asked:
+            return out + self._commit_when_recorded(og, now)
+        if now >= og.deadline or any(t.outbound.seq >= c for t, c in og.caps.items()):
+            return out + self._unprepare(og, now)
+        out.append(Prepared(og.record))
+        return out
+
+    def _prepare_deadline(self, og: _Outgoing) -> float:
+        """When a prepared transfer is rolled back rather than committed: its wait at the
+        target (measured there from later than our start) less the COMMIT's way there."""
+        wait = min(self.settings.prepare_timeout, og.prepare_wait)
+        return og.record.started + wait - PREPARE_GUARD
+
+    def _unprepare(self, og: _Outgoing, now: float) -> list[Output]:
+        """A prepared transfer's time ran out, or one of its tunnels reached its cap (its
+        packets are held past it): rolled back, never committed unasked."""
+        if any(t.outbound.seq >= c for t, c in og.caps.items()):
+            return self._rollback(og, now, "cancelled", "a tunnel reached its cap"
+                                  " (mbb_margin) while prepared")  # fmt: skip
+        return self._rollback(og, now, "timeout", "prepared, not committed within"
+                              f" {og.deadline - og.record.started:.0f} s")  # fmt: skip
+
+    def prepared(self, tid: int) -> bool:
+        """Is ``tid`` a prepared transfer waiting for its commit call?"""
+        og = self.outgoing.get(tid)
+        return og is not None and og.state is OutgoingState.PREPARED
+
+    def _prepared_of(self, tid: int, what: str) -> _Outgoing:
+        og = self.outgoing.get(tid)
+        if og is not None and og.prepare:
+            return og
+        dec = self.decided.get(tid)
+        if dec is not None and dec[0] == DECISION_COMMIT:
+            raise TransferError(f"transfer {tid:016x} is committed already: cannot {what} it")
+        if dec is not None:
+            raise TransferError(f"transfer {tid:016x} was rolled back (ipsecct status says why):"
+                                f" cannot {what} it")  # fmt: skip
+        if og is not None:
+            raise TransferError(f"transfer {tid:016x} is not a prepared one")
+        raise TransferError(f"no prepared transfer {tid:016x} here")
+
+    def commit(self, tid: int, now: float) -> list[Output]:
+        """The handover's trigger for prepared transfer ``tid``: its FINAL and COMMIT go at
+        once (nothing written, no round trip); asked while it is still being prepared, it
+        commits as soon as it is ready. Past its deadline it is rolled back instead (the
+        target may have stopped waiting). The outcome is the transfer's Finished record.
+        TransferError for an unknown id, one committed or rolled back, a second commit."""
+        og = self._prepared_of(tid, "commit")
+        if og.commit_asked:
+            raise TransferError(f"transfer {tid:016x}: commit asked for already")
+        og.commit_asked = True
+        if og.state is not OutgoingState.PREPARED:
+            return []  # (committed by _prepared once ready)
+        if now >= og.deadline:
+            return self._unprepare(og, now)
+        return self._commit_when_recorded(og, now)
+
+    def cancel(self, tid: int, now: float, why: str = "cancelled by the operator") -> list[Output]:
+        """Roll prepared transfer ``tid`` back (CTC to the target): its tunnels stay here.
+        TransferError for an unknown id or one committed or rolled back already."""
+        og = self._prepared_of(tid, "cancel")
+        if og.state not in (OutgoingState.SENT, OutgoingState.PREPARED):
+            raise TransferError(f"transfer {tid:016x} is committed already: cannot cancel it")
+        return self._rollback(og, now, "cancelled", why)
+
+    def cancel_prepared(self, spis: set[int], now: float, why: str) -> list[Output]:
+        """Roll back the prepared transfers (not yet committed) that carry any of ``spis``
+        (an IKE request of the MN that must be answered here: docs/ikev2.md)."""
+        out: list[Output] = []
+        for og in list(self.outgoing.values()):
+            if (
+                og.prepare
+                and og.state in (OutgoingState.SENT, OutgoingState.PREPARED)
+                and not og.commit_asked
+                and any(sa.spi in spis for t in og.tunnels for sa in t.sas())
+            ):
+                out += self._rollback(og, now, "cancelled", why)
+        return out
+
+    def _on_prepare(
+        self, peer: str, msg: cxtp.CTD, tag: cxtp.TransferTag, now: float
+    ) -> list[Output]:
+        """A PREPARE CDB. At the target, after a prepared transfer's contexts: wait for its
+        COMMIT up to the seconds asked (at most our own prepare_timeout) rather than
+        retry_max, and say how long. At the source: that answer."""
+        seconds = parse_prepare(msg.cdbs[1])
+        og = self.outgoing.get(tag.transfer_id)
+        if og is not None and og.peer == peer:
+            if og.prepare:
+                og.prepare_wait = seconds
+                if og.state is OutgoingState.PREPARED:
+                    og.deadline = self._prepare_deadline(og)
+            return []
+        inc = self.incoming.get((peer, tag.transfer_id))
+        if inc is None or inc.state is not IncomingState.PENDING or inc.committing:
+            self.counters["refused"] += 1
+            return []
+        s = self.settings
+        wait = min(seconds, s.prepare_timeout)
+        inc.prepared = True
+        inc.give_up = max(inc.give_up, now + wait)
+        ack = (self._tag(inc), prepare_cdb(math.floor(wait)))
+        return [Send(peer, cxtp.CTD(inc.mn, 0, ack))]
+
     # -- commit what you accept (Settings.commit_early; docs/cxtp.md, docs/state.md) -------
     def _may_commit_all(self, og: _Outgoing) -> bool:
         """May ``og`` send its COMMIT now, before the CTDR? Only once "leaving" is durable
@@ -1146,6 +1351,7 @@ class TransferCore:
         to another candidate (that needs the answer: an unsupported algorithm)."""
         return (
             self.settings.commit_early
+            and not og.prepare
             and og.state is OutgoingState.SENT
             and og.answer is None
             and not og.candidates
@@ -1442,6 +1648,8 @@ class TransferCore:
                 how = "held" if cap is None else f"sending up to {cap}"
                 if og.state is OutgoingState.AWAITING:
                     how = "COMMIT sent, waiting for the answer"
+                elif og.state is OutgoingState.PREPARED:
+                    how = f"prepared, {how}, waiting for its commit"
                 out[t] = ("leaving", f"transfer {og.tid:016x} to {og.peer}, {how}")
         for inc in self.incoming.values():
             if inc.state in (IncomingState.RECEIVING, IncomingState.PENDING):
@@ -1563,6 +1771,17 @@ class TransferCore:
         out: list[Output] = []
         if inc is not None and inc.state is IncomingState.ACTIVE:
             taken = True
+        elif (
+            inc is not None
+            and inc.state is IncomingState.PENDING
+            and inc.prepared
+            and not inc.committing
+        ):
+            # Prepared, never committed: the source (restarted) or its standby asks. It
+            # sent no COMMIT that reached us (a late one from its dead connection finds
+            # the transfer cancelled), so the tunnels stay with it: "not taken".
+            out += self._discard(inc, now, "the source asked before its commit")
+            taken = False
         elif inc is not None and inc.state is IncomingState.PENDING:
             # Installed, waiting for the COMMIT: the asking source sends nothing on them
             # (its "leaving" row is durable; or its standby holds them marked leaving and
@@ -1699,6 +1918,10 @@ class TransferCore:
             return self._on_commit(peer, tag, now, parse_grant(msg.cdbs[1]))
         if isinstance(msg, cxtp.CTD) and self._is_final(msg):
             return self._on_final(peer, tag, msg.cdbs[1:])
+        if isinstance(msg, cxtp.CTD) and len(msg.cdbs) == 2 and (
+            cxtp.cdb_fpt(msg.cdbs[1]) == FPT_PREPARE
+        ):
+            return self._on_prepare(peer, msg, tag, now)
         if isinstance(msg, cxtp.CTD) and all(
             cxtp.cdb_fpt(c) == cxtp.FPT_DETAIL for c in msg.cdbs[1:]
         ):
@@ -2384,7 +2607,9 @@ class TransferCore:
         if inc is not None and inc.state in OPEN_INCOMING and not inc.committing:
             return self._discard(inc, now, "cancelled by source")
         og = self.outgoing.get(tag.transfer_id)
-        if og is not None and og.peer == peer and og.state is OutgoingState.SENT:
+        if og is not None and og.peer == peer and og.state in (
+            OutgoingState.SENT, OutgoingState.PREPARED
+        ):
             return self._rollback(og, now, "cancelled", f"{peer} cancelled")
         return []
 
@@ -2522,6 +2747,9 @@ class TransferCore:
             if og.state is OutgoingState.AWAITING and now >= og.deadline:
                 out += self._unresolve(og, now, "no answer in time")
                 continue
+            if og.state is OutgoingState.PREPARED and now >= og.deadline:
+                out += self._unprepare(og, now)
+                continue
             if og.state is OutgoingState.SENT and now >= og.deadline:
                 out += self._rollback(
                     og,
@@ -2589,7 +2817,7 @@ class TransferCore:
         """The connection to ``peer`` broke: roll back what we were sending it."""
         out: list[Output] = []
         for og in list(self.outgoing.values()):
-            if og.peer == peer and og.state is OutgoingState.SENT:
+            if og.peer == peer and og.state in (OutgoingState.SENT, OutgoingState.PREPARED):
                 out += self._rollback(og, now, "peer lost", f"connection to {peer} lost")
             elif og.peer == peer and og.state is OutgoingState.AWAITING:
                 out += self._unresolve(og, now, "connection lost")

@@ -1,0 +1,351 @@
+"""Prepared transfers (sans-I/O; docs/cxtp.md, "Prepared transfers"): everything up to the
+COMMIT ahead of the handover (contexts, CTDR, "leaving" durable), the source going on under
+its make-before-break cap; on the trigger only the FINAL and the COMMIT leave. Time-outs at
+both ends, a target of an older ipsecct, the cap, a lost channel, a restarted source, and
+the invariant: no (SPI, sequence number) pair is ever sent twice."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ipsecct.ct import cxtp
+from ipsecct.ct.journal import Write
+from ipsecct.ct.transfer import (
+    FPT_DECISION,
+    FPT_FINAL,
+    FPT_PREPARE,
+    PREPARE_GUARD,
+    Prepared,
+    Settings,
+    TransferCore,
+)
+from ipsecct.errors import TransferError
+from ipsecct.ipsec.engine import TunnelState
+from tests.helpers.transfer import World
+
+MARGIN = 1000
+
+
+def world(margin: int = MARGIN, *, target: Settings | None = None, **kw: object) -> World:
+    s = {g: Settings(make_before_break=True, mbb_margin=margin, **kw) for g in ("sg1", "sg2")}  # type: ignore[arg-type]
+    if target is not None:
+        s["sg2"] = target
+    return World(settings=s)
+
+
+def unique(w: World) -> None:
+    pairs = [(spi, seq) for _, spi, seq in w.all_wire()]
+    assert len(pairs) == len(set(pairs)), "an (SPI, sequence number) pair was sent twice"
+
+
+def prepare(w: World) -> int:
+    """Start a prepared transfer sg1 -> sg2 and deliver until it is prepared."""
+    outs: list[object] = []
+    core = w.gw["sg1"].core
+    tid, first = core.start([w.tunnel], "sg2", w.now, prepare=True)
+    w.gw["sg1"].run(first)
+    w.deliver("sg1", "sg2")  # PCTD: installed held, CTDR back
+    w.deliver("sg1", "sg2")  # PREPARE: the target waits, and says how long
+    msg = w.peek("sg2", "sg1")
+    assert isinstance(msg, cxtp.CTDR)
+    received = core.receive("sg2", w.drop("sg2", "sg1"), w.now)
+    outs += received
+    w.gw["sg1"].run(received)
+    assert any(isinstance(o, Prepared) for o in outs)
+    w.deliver("sg2", "sg1")  # the PREPARE answer
+    return tid
+
+
+def kinds(w: World, src: str, dst: str) -> list[int]:
+    """The FPT of the second CDB of each message waiting on a link."""
+    out = []
+    for data in w.links.get((src, dst), ()):
+        m = cxtp.decode(data)
+        assert isinstance(m, cxtp.CTD | cxtp.PCTD)
+        out.append(cxtp.cdb_fpt(m.cdbs[1]))
+    return out
+
+
+def test_a_prepared_transfer_sends_only_final_and_commit_on_the_trigger() -> None:
+    w = world()
+    sg1, sg2 = w.gw["sg1"], w.gw["sg2"]
+    tid = prepare(w)
+    assert sg1.core.prepared(tid)
+    (t2,) = sg2.engine.tunnels()
+    assert t2.state is TunnelState.HELD
+    # Prepared: the source goes on both ways, below its cap; the target sends nothing.
+    for i in range(5):
+        w.host_send("sg1", i)
+        w.mn_send(i)
+        w.host_send("sg2", i)
+    assert w.tunnel.state is TunnelState.ACTIVE and len(sg1.delivered) == 5
+    assert sg2.wire == [] and w.pending("sg1", "sg2") == 0
+    # Time passes (within prepare_timeout): the CTDRs the target re-sends change nothing.
+    for _ in range(5):
+        w.now += 2.0
+        sg1.tick()
+        sg2.tick()
+    while w.pending("sg2", "sg1"):
+        w.deliver("sg2", "sg1")
+    assert sg1.core.prepared(tid) and w.pending("sg1", "sg2") == 0
+    # The trigger: FINAL and COMMIT, at once.
+    sg1.run(sg1.core.commit(tid, w.now))
+    assert kinds(w, "sg1", "sg2") == [FPT_FINAL, FPT_DECISION]
+    assert w.tunnel.state is TunnelState.MOVED
+    assert sg1.finished[-1].outcome == "committed" and sg1.finished[-1].mode == "prepared"
+    w.deliver_all()
+    assert t2.state is TunnelState.ACTIVE and sg2.finished[-1].outcome == "committed"
+    for i in range(5, 10):
+        w.host_send("sg2", i)
+    assert t2.outbound.seq > 5  # went on right after the source's last number (FINAL)
+    unique(w)
+
+
+def test_the_target_waits_longer_than_the_source_and_says_so() -> None:
+    w = world(prepare_timeout=20.0)
+    tid = prepare(w)
+    sg1, sg2 = w.gw["sg1"], w.gw["sg2"]
+    og = sg1.core.outgoing[tid]
+    (inc,) = sg2.core.incoming.values()
+    assert inc.prepared and og.prepare_wait == 20.0
+    assert og.deadline == og.record.started + 20.0 - PREPARE_GUARD
+    assert inc.give_up >= og.deadline + PREPARE_GUARD
+    # Past the source's deadline: rolled back (CTC), the target discards; never committed.
+    w.now = og.deadline
+    sg1.tick()
+    assert sg1.finished[-1].outcome == "timeout" and w.tunnel.transfer_cap == 1 << 64
+    w.deliver_all()
+    assert sg2.engine.tunnels() == [] and sg2.finished[-1].outcome == "cancelled"
+    with pytest.raises(TransferError, match="rolled back"):
+        sg1.core.commit(tid, w.now)
+    for i in range(3):
+        w.host_send("sg1", i)
+    unique(w)
+
+
+def test_the_target_grants_no_more_than_its_own_prepare_timeout() -> None:
+    w = world(prepare_timeout=60.0, target=Settings(make_before_break=True, prepare_timeout=5.0))
+    tid = prepare(w)
+    og = w.gw["sg1"].core.outgoing[tid]
+    assert og.prepare_wait == 5.0 and og.deadline == og.record.started + 4.0
+
+
+def test_an_older_target_keeps_its_own_wait_and_the_source_commits_within_it() -> None:
+    """A target of an older ipsecct ignores the PREPARE (it installed the contexts before
+    it came) and waits its retry_max for the COMMIT: without the answer the source assumes
+    that wait, and rolls back before it ends."""
+    w = world(prepare_timeout=60.0, retry_max=15.0)
+    sg1, sg2 = w.gw["sg1"], w.gw["sg2"]
+    tid, outs = sg1.core.start([w.tunnel], "sg2", w.now, prepare=True)
+    sg1.run(outs)
+    w.deliver("sg1", "sg2")
+    assert kinds(w, "sg1", "sg2") == [FPT_PREPARE]
+    w.drop("sg1", "sg2")  # (an older target: nothing changes, nothing answers)
+    w.deliver("sg2", "sg1")  # CTDR: prepared
+    og = sg1.core.outgoing[tid]
+    assert sg1.core.prepared(tid) and og.deadline == og.record.started + 15.0 - PREPARE_GUARD
+    (inc,) = sg2.core.incoming.values()
+    assert not inc.prepared and inc.give_up > og.deadline
+    # Committed within the older target's wait: it activates as ever.
+    w.now = og.deadline - 0.5
+    sg2.tick()
+    sg1.run(sg1.core.commit(tid, w.now))
+    w.deliver_all()
+    (t2,) = sg2.engine.tunnels()
+    assert t2.state is TunnelState.ACTIVE and w.tunnel.state is TunnelState.MOVED
+    w.host_send("sg2", 1)
+    unique(w)
+
+
+def test_reaching_the_cap_while_prepared_rolls_back() -> None:
+    w = world(margin=3)
+    sg1, sg2 = w.gw["sg1"], w.gw["sg2"]
+    tid = prepare(w)
+    for i in range(5):
+        w.host_send("sg1", i)  # 3 sent under the cap, 2 held past it
+    assert [s for _, s in sg1.wire] == [1, 2, 3]
+    sg1.tick()
+    assert sg1.finished[-1].outcome == "cancelled" and "cap" in sg1.finished[-1].detail
+    assert isinstance(w.peek("sg1", "sg2"), cxtp.CTC)
+    assert [s for _, s in sg1.wire] == [1, 2, 3, 4, 5]  # the held two, past the cap now
+    w.deliver_all()
+    assert sg2.engine.tunnels() == []
+    unique(w)
+
+
+def test_cancel_and_commit_errors() -> None:
+    w = world()
+    sg1, sg2 = w.gw["sg1"], w.gw["sg2"]
+    with pytest.raises(TransferError, match="no prepared transfer"):
+        sg1.core.commit(0x1234, w.now)
+    tid = prepare(w)
+    with pytest.raises(TransferError, match="busy"):
+        sg1.core.start([w.tunnel], "sg2", w.now, prepare=True)  # prepared twice
+    sg1.run(sg1.core.cancel(tid, w.now))
+    assert sg1.finished[-1].outcome == "cancelled" and w.tunnel.transfer_cap == 1 << 64
+    w.deliver_all()
+    assert sg2.engine.tunnels() == [] and sg2.finished[-1].outcome == "cancelled"
+    for call in (sg1.core.commit, sg1.core.cancel):
+        with pytest.raises(TransferError, match="rolled back"):
+            call(tid, w.now)
+    tid2 = prepare(w)
+    sg1.run(sg1.core.commit(tid2, w.now))
+    for call in (sg1.core.commit, sg1.core.cancel):
+        with pytest.raises(TransferError, match="committed already"):
+            call(tid2, w.now)
+    # Not a prepared one, or no make-before-break: refused.
+    w2 = World()
+    with pytest.raises(TransferError, match="make-before-break"):
+        w2.gw["sg1"].core.start([w2.tunnel], "sg2", w2.now, prepare=True)
+    assert w2.tunnel.state is TunnelState.ACTIVE and w2.pending("sg1", "sg2") == 0
+
+
+def test_commit_asked_while_preparing_commits_once_ready() -> None:
+    w = world()
+    sg1, sg2 = w.gw["sg1"], w.gw["sg2"]
+    tid, outs = sg1.core.start([w.tunnel], "sg2", w.now, prepare=True)
+    sg1.run(outs)
+    assert sg1.core.commit(tid, w.now) == []
+    with pytest.raises(TransferError, match="already"):
+        sg1.core.commit(tid, w.now)
+    w.deliver_all()
+    assert sg1.finished[-1].outcome == "committed"
+    (t2,) = sg2.engine.tunnels()
+    assert t2.state is TunnelState.ACTIVE
+
+
+@pytest.mark.parametrize("how", ["peer lost", "ctc", "ike request"])
+def test_a_prepared_transfer_rolls_back_on_a_lost_channel_a_ctc_or_an_ike_request(how: str) -> None:
+    w = world()
+    sg1, sg2 = w.gw["sg1"], w.gw["sg2"]
+    tid = prepare(w)
+    if how == "peer lost":
+        sg1.run(sg1.core.peer_lost("sg2", w.now))
+    elif how == "ctc":
+        sg1.run(sg1.core.receive("sg2", cxtp.CTC(w.mn_out.src, (cxtp.TransferTag(tid, 9).encode(),)), w.now))
+    else:
+        sg1.run(sg1.core.cancel_prepared({w.sg_in.spi}, w.now, "an IKE request"))
+    assert sg1.finished[-1].outcome in ("peer lost", "cancelled")
+    assert w.tunnel.state is TunnelState.ACTIVE and w.tunnel.transfer_cap == 1 << 64
+    w.now += 100.0
+    sg2.tick()  # the target gives up on its own, at the latest
+    assert sg2.engine.tunnels() == []
+    w.host_send("sg1", 1)
+    unique(w)
+
+
+def test_a_restarted_source_asking_gets_its_prepared_tunnels_back() -> None:
+    """The source restarted while prepared (its "leaving" row durable): its decision query
+    is not taken for a COMMIT (none was sent): "not taken", the target discards."""
+    w = world()
+    sg2 = w.gw["sg2"]
+    tid = prepare(w)
+    q = cxtp.DQ(w.mn_out.src, cxtp.Answer.QUERY, (cxtp.TransferTag(tid, 0).encode(),))
+    out = sg2.core.receive("sg1", q, w.now)
+    sg2.run(out)
+    answer = w.drop("sg2", "sg1")
+    assert isinstance(answer, cxtp.DQ) and answer.answer == cxtp.Answer.NOT_TAKEN
+    assert sg2.engine.tunnels() == []
+    # The source's late COMMIT (its dead connection) activates nothing.
+    sg2.run(sg2.core.receive("sg1", cxtp.CTD(w.mn_out.src, 0, (
+        cxtp.TransferTag(tid, 7).encode(), *_commit())), w.now))  # fmt: skip
+    assert sg2.engine.tunnels() == []
+
+
+def _commit() -> tuple[bytes]:
+    from ipsecct.ct.transfer import DECISION_COMMIT, decision_cdb
+
+    return (decision_cdb(DECISION_COMMIT),)
+
+
+class Gate:
+    """A fail-over standby's acknowledgement, settled by the test."""
+
+    def __init__(self) -> None:
+        self.writes: list[tuple[int | None, Write]] = []
+
+    def __call__(self, tunnels: object, tid: int | None) -> Write:
+        w = Write()
+        self.writes.append((tid, w))
+        return w
+
+
+def test_the_standbys_leaving_mark_comes_before_the_prepared_state() -> None:
+    w = world()
+    sg1 = w.gw["sg1"]
+    gate = Gate()
+    sg1.core.standby_gate = gate
+    tid, outs = sg1.core.start([w.tunnel], "sg2", w.now, prepare=True)
+    sg1.run(outs)
+    w.deliver_all()
+    assert not sg1.core.prepared(tid) and gate.writes[0][0] == tid
+    gate.writes[0][1].succeed()
+    out = sg1.core.settled(w.now)
+    assert any(isinstance(o, Prepared) for o in out) and sg1.core.prepared(tid)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    margin=st.integers(2, 30),
+    tail=st.integers(0, 4),
+    steps=st.lists(
+        st.sampled_from(
+            ["host1", "host2", "mn", "d12", "d21", "tick", "long", "commit", "cancel", "lost"]
+        ),
+        max_size=50,
+    ),
+)
+def test_prepared_transfer_no_sequence_number_reuse_whatever_the_order(
+    margin: int, tail: int, steps: list[str]
+) -> None:
+    """A prepared transfer with traffic at both gateways, messages delivered one at a time
+    either way, time passing (up to and past the deadlines), the commit and the cancel
+    called at any moment (errors allowed), the channel lost: no (SPI, sequence number) pair
+    is sent twice, and no packet the MN sent is delivered twice."""
+    w = world(margin=margin, mbb_tail=tail, prepare_timeout=6.0)
+    core: TransferCore = w.gw["sg1"].core
+    w.host_send("sg1", 0)
+    tid, outs = core.start([w.tunnel], "sg2", w.now, prepare=True)
+    w.gw["sg1"].run(outs)
+    n = 1
+    for step in steps:
+        if step == "host1":
+            w.host_send("sg1", n)
+        elif step == "host2":
+            w.host_send("sg2", n)
+        elif step == "mn":
+            w.mn_send(n)
+        elif step == "d12" and w.pending("sg1", "sg2"):
+            w.deliver("sg1", "sg2")
+        elif step == "d21" and w.pending("sg2", "sg1"):
+            w.deliver("sg2", "sg1")
+        elif step in ("tick", "long"):
+            w.now += 0.5 if step == "tick" else 4.0
+            for g in w.gw.values():
+                g.tick()
+        elif step in ("commit", "cancel"):
+            try:
+                w.gw["sg1"].run(getattr(core, step)(tid, w.now))
+            except TransferError:
+                pass
+        elif step == "lost":
+            w.links.clear()
+            w.gw["sg1"].run(core.peer_lost("sg2", w.now))
+        n += 1
+    w.deliver_all()
+    for _ in range(3):
+        w.now += 10.0
+        for g in w.gw.values():
+            g.tick()
+        w.deliver_all()
+    for i in range(3):
+        w.host_send("sg1", n + i)
+        w.host_send("sg2", n + i)
+    unique(w)
+    delivered = w.gw["sg1"].delivered + w.gw["sg2"].delivered
+    assert len(delivered) == len(set(delivered)), "an inbound packet was accepted twice"
+    senders = {g.name for g in w.gw.values() for t in g.engine.tunnels()
+               if t.state is TunnelState.ACTIVE}  # fmt: skip
+    assert len(senders) <= 1
