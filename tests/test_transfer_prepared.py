@@ -6,6 +6,8 @@ the invariant: no (SPI, sequence number) pair is ever sent twice."""
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -162,7 +164,7 @@ def test_an_older_target_keeps_its_own_wait_and_the_source_commits_within_it() -
 def test_reaching_the_cap_while_prepared_rolls_back() -> None:
     w = world(margin=3)
     sg1, sg2 = w.gw["sg1"], w.gw["sg2"]
-    tid = prepare(w)
+    prepare(w)
     for i in range(5):
         w.host_send("sg1", i)  # 3 sent under the cap, 2 held past it
     assert [s for _, s in sg1.wire] == [1, 2, 3]
@@ -224,7 +226,8 @@ def test_a_prepared_transfer_rolls_back_on_a_lost_channel_a_ctc_or_an_ike_reques
     if how == "peer lost":
         sg1.run(sg1.core.peer_lost("sg2", w.now))
     elif how == "ctc":
-        sg1.run(sg1.core.receive("sg2", cxtp.CTC(w.mn_out.src, (cxtp.TransferTag(tid, 9).encode(),)), w.now))
+        ctc = cxtp.CTC(w.mn_out.src, (cxtp.TransferTag(tid, 9).encode(),))
+        sg1.run(sg1.core.receive("sg2", ctc, w.now))
     else:
         sg1.run(sg1.core.cancel_prepared({w.sg_in.spi}, w.now, "an IKE request"))
     assert sg1.finished[-1].outcome in ("peer lost", "cancelled")
@@ -326,10 +329,8 @@ def test_prepared_transfer_no_sequence_number_reuse_whatever_the_order(
             for g in w.gw.values():
                 g.tick()
         elif step in ("commit", "cancel"):
-            try:
+            with contextlib.suppress(TransferError):
                 w.gw["sg1"].run(getattr(core, step)(tid, w.now))
-            except TransferError:
-                pass
         elif step == "lost":
             w.links.clear()
             w.gw["sg1"].run(core.peer_lost("sg2", w.now))

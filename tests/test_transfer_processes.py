@@ -162,3 +162,42 @@ def test_transfer_takes_the_spi_in_decimal_and_refuses_what_is_no_spi(setup: Set
     assert r.returncode == 0, (r.stdout, r.stderr, setup.log("sg1"))
     assert json.loads(r.stdout)["outcome"] == "committed"
     assert setup.status("sg2")["sas"] == 2
+
+
+def test_a_prepared_transfer_commits_on_the_command_and_cancels_on_the_other(
+    setup: Setup,
+) -> None:
+    """``ipsecct transfer SA --to PEER --prepare`` prints the transfer's id once only the
+    COMMIT is left, the tunnel still carrying traffic here; ``--cancel ID`` rolls it back
+    (it stays here), ``--commit ID`` hands it over; a second commit, an unknown id, a
+    malformed one: one line, exit status 2."""
+    for n in ("sg1", "sg2", "mn"):
+        setup.start(n)
+    setup.traffic_ok("sg1", 10)
+    cfg1 = setup.config("sg1")
+
+    def prepare() -> str:
+        r = cli("transfer", SPI, "--to", "sg2", "--prepare", "--json", "--config", cfg1)
+        assert r.returncode == 0, (r.stdout, r.stderr, setup.log("sg1"))
+        rec = json.loads(r.stdout)
+        assert rec["outcome"] == "prepared" and rec["mode"] == "prepared", rec
+        return str(rec["id"])
+
+    tid = prepare()
+    setup.traffic_ok("sg1", 20)  # still here, make-before-break
+    r = cli("transfer", "--cancel", tid, "--json", "--config", cfg1)
+    assert r.returncode == 1 and json.loads(r.stdout)["outcome"] == "cancelled", r.stdout
+    setup.traffic_ok("sg1", 30)
+    tid = prepare()
+    setup.traffic_ok("sg1", 40)
+    r = cli("transfer", "--commit", tid, "--json", "--config", cfg1)
+    assert r.returncode == 0, (r.stdout, r.stderr, setup.log("sg1"))
+    assert json.loads(r.stdout)["outcome"] == "committed"
+    setup.traffic_ok("sg2", 50)
+    for args, said in ((("--commit", tid), "committed already"),
+                       (("--cancel", "00000000000000ff"), "no prepared transfer"),
+                       (("--commit", "xyz"), "not hex"),
+                       (("--commit", tid, "--to", "sg2"), "take no SA")):  # fmt: skip
+        r = cli("transfer", *args, "--config", cfg1)
+        assert r.returncode == 2, (args, r.stdout, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1 and said in r.stderr, r.stderr

@@ -7,6 +7,7 @@ import json
 import sys
 from typing import Any
 
+from ..errors import UsageError
 from ..gateway.control import request
 from ..gateway.limits import TRANSFER_TIMEOUT_LIMIT
 from .args import number
@@ -23,18 +24,34 @@ def _print(rec: dict[str, Any], as_json: bool) -> int:
             f" {rec['accepted']}/{rec['tunnels']} tunnel(s) in {rec['ms']:.3f} ms"
             + (f" ({rec['detail']})" if rec.get("detail") else "")
         )
-    return 0 if rec["outcome"] in ("committed",) else 1
+    return 0 if rec["outcome"] in ("committed", "prepared") else 1
 
 
 def cmd_transfer(args: argparse.Namespace) -> int:
     from .sa import socket_path
 
-    rec = request(
-        socket_path(args),
-        "transfer",
-        {"spi": args.spi, "to": args.to, "mode": args.mode, "timeout": args.timeout},
-        timeout=args.timeout + GRACE,
-    )
+    ident = args.commit or args.cancel
+    if ident is not None:
+        # A prepared transfer's trigger (or its rollback): by the id --prepare printed.
+        if args.spi is not None or args.to is not None or args.prepare:
+            raise UsageError("--commit/--cancel ID take no SA, --to or --prepare")
+        rec = request(
+            socket_path(args),
+            "transfer.commit" if args.commit else "transfer.cancel",
+            {"id": ident},
+            timeout=args.timeout + GRACE,
+        )
+        return _print(rec, args.json)
+    if args.spi is None or args.to is None:
+        raise UsageError("say what to move and where: SA --to PEER")
+    body: dict[str, Any] = {
+        "spi": args.spi, "to": args.to, "mode": args.mode, "timeout": args.timeout
+    }
+    if args.prepare:
+        if args.mode != "predictive":
+            raise UsageError("--prepare is for predictive transfers only")
+        body["prepare"] = True
+    rec = request(socket_path(args), "transfer", body, timeout=args.timeout + GRACE)
     return _print(rec, args.json)
 
 
@@ -76,17 +93,27 @@ def register(sub: Any) -> None:
     p.add_argument(
         "spi",
         metavar="SA",
+        nargs="?",
         help="what to move: the SPI of either SA of a tunnel (0x... for hex), or with IKEv2"
         " an IKE SPI (16 hex digits) or a connection's name with one IKE SA (the IKE SA and"
         " all its CHILD SAs move together)",
     )
-    p.add_argument("--to", required=True, help="peer gateway name ([[peers]] in the config)")
+    p.add_argument("--to", help="peer gateway name ([[peers]] in the config)")
     p.add_argument(
         "--mode",
         choices=["predictive", "reactive"],
         default="predictive",
         help="predictive: push the contexts (PCTD); reactive: the peer pulls (CT-Req)",
     )
+    p.add_argument(
+        "--prepare",
+        action="store_true",
+        help="prepare the transfer ahead of the handover (make-before-break: the tunnels"
+        " go on here) and print its id; only the COMMIT is left for --commit ID",
+    )
+    one = p.add_mutually_exclusive_group()
+    one.add_argument("--commit", metavar="ID", help="commit a prepared transfer (the handover)")
+    one.add_argument("--cancel", metavar="ID", help="roll a prepared transfer back")
     p.add_argument("--json", action="store_true")
     _timeout(p, 60.0)
     add_target(p)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..ct.failover import FailoverConfig
-from ..ct.transfer import ConflictPolicy, Identity, Settings
+from ..ct.transfer import PREPARE_MAX, PREPARE_MIN, ConflictPolicy, Identity, Settings
 from ..errors import ConfigError, EtcdError, IpsecctError
 from ..ikev2.auth import PrivateKey
 from ..ikev2.config import Connection, parse_connections, parse_pools
@@ -926,6 +926,7 @@ _TRANSFER_KEYS = {
     "mbb_tail",
     "commit_early",
     "grant",
+    "prepare_timeout",
 }
 
 MBB_TAIL = 16  # [transfer] mbb_tail's default
@@ -1073,6 +1074,18 @@ def _transfer(
     if not isinstance(grant, bool):
         raise ctx.err("transfer.grant", "must be true or false")
     s.grant = grant
+    # Prepared transfers (docs/cxtp.md): how long one waits for its commit (as source), and
+    # the longest this gateway waits for a prepared transfer's COMMIT (as target).
+    if "prepare_timeout" in t:
+        v = t["prepare_timeout"]
+        if isinstance(v, bool) or not isinstance(v, int | float) or not (
+            PREPARE_MIN <= v <= PREPARE_MAX
+        ):
+            raise ctx.err(
+                "transfer.prepare_timeout",
+                f"must be a number of seconds from {PREPARE_MIN:g} to {PREPARE_MAX:g}",
+            )
+        s.prepare_timeout = float(v)
     for key, attr in _TRANSFER_LIMITS.items():
         if key in t:
             v = t[key]

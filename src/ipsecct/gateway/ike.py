@@ -120,6 +120,10 @@ class IkeService:
         self._stopping = False
         # set by the service when context transfer runs: (peer, CDBs, the peer's address)
         self.send_context: Callable[[str, list[bytes], Any], None] | None = None
+        # told the inbound CHILD SPIs of an IKE SA on which the peer's request is held
+        # (quiet during a transfer): the transfer service rolls a prepared transfer back
+        self.request_held: list[Callable[[set[int]], None]] = []
+        self.engine.on_request_held = self._request_held
         # direct SG identity ([transfer] identity = "direct"): an IKE SA taken over from a
         # peer gateway is moved to this gateway's own address (IkeEngine.announce_move)
         self.direct = False
@@ -797,6 +801,14 @@ class IkeService:
         for ike in self.engine.ike_sas():
             if any(c.spi_in in spis for c in ike.children):
                 ike.quiet = True
+
+    def _request_held(self, ike: IkeSA) -> None:
+        """A request of the peer is held on quiet ``ike``: told to the hooks after this
+        turn (the engine is inside its receive)."""
+        if self.request_held:
+            spis = {c.spi_in for c in ike.children}
+            for cb in list(self.request_held):
+                asyncio.get_running_loop().call_soon(cb, spis)
 
     def on_transfer(self, rec: Any) -> None:
         """A finished transfer (ct.transfer.Record): when this gateway handed over every CHILD

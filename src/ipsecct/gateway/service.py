@@ -157,6 +157,8 @@ class Service:
             self.ike.direct = tcfg is not None and tcfg.settings.identity is Identity.DIRECT
             self.transfer.listeners.append(self.ike.on_transfer)
             self.transfer.starting.append(self.ike.transfer_started)
+            # the MN's IKE request on a quiet IKE SA rolls a prepared transfer back
+            self.ike.request_held.append(self.transfer.ike_request_held)
             self.transfer.unit_of = self.ike.transfer_unit
             self.transfer.siblings_of = self.ike.siblings
             # a transfer waits for an IKE exchange of ours in flight on its IKE SAs
@@ -197,8 +199,11 @@ class Service:
                 self.control.register("transfer", self.transfer.control_transfer)
                 self.control.register("rebalance", self.transfer.control_rebalance)
                 self.control.register("transfer.wait", self.transfer.control_wait)
+                self.control.register("transfer.commit", self.transfer.control_commit)
+                self.control.register("transfer.cancel", self.transfer.control_cancel)
             else:
-                for cmd in ("transfer", "rebalance", "transfer.wait"):
+                for cmd in ("transfer", "rebalance", "transfer.wait", "transfer.commit",
+                            "transfer.cancel"):  # fmt: skip
                     self.control.register(cmd, _lacks("[transfer]", "context transfer"))
 
     async def start(self) -> None:

@@ -13,6 +13,7 @@ README).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -23,6 +24,7 @@ from ..ct.transfer import (
     Finished,
     Inject,
     Output,
+    Prepared,
     Record,
     Send,
     TransferCore,
@@ -58,6 +60,8 @@ class TransferService:
             node.engine, node.cfg.outer, tcfg.settings
         )
         self.waiters: dict[int, asyncio.Future[Record]] = {}
+        # Prepared transfers (``transfer --prepare``) waiting to be ready.
+        self.prepare_waiters: dict[int, asyncio.Future[Record]] = {}
         # Called with every finished transfer or take-over (the virtual-address mover, the
         # demo, tests).
         self.listeners: list[Callable[[Record], None]] = []
@@ -131,6 +135,11 @@ class TransferService:
                 self.node.send_esp(o.sa, o.data)
             elif isinstance(o, Finished):
                 self.finished(o.record)
+                fut = self.prepare_waiters.pop(o.record.transfer_id, None)
+                if fut is not None and not fut.done():
+                    fut.set_result(o.record)  # (it failed before it was ready)
+            elif isinstance(o, Prepared):
+                self._prepared(o.record)
         self.node.timers.poke()  # a new exchange, a retry or a time-out may have moved
 
     def on_settled(self) -> None:
@@ -146,6 +155,25 @@ class TransferService:
             id=f"{tid:016x}", tunnels=tunnels, why=why,
             effect="not sent on here until the peer answers (asked every retry)",
         )  # fmt: skip
+
+    def _prepared(self, rec: Record) -> None:
+        """A prepared transfer is ready: only its COMMIT is left (``transfer --commit``)."""
+        event(
+            log, "transfer-prepared", node=self.node.name, peer=rec.peer,
+            id=f"{rec.transfer_id:016x}", tunnels=rec.tunnels, accepted=rec.accepted,
+            ms=f"{(self.node.clock() - rec.started) * 1000:.3f}",
+        )  # fmt: skip
+        fut = self.prepare_waiters.pop(rec.transfer_id, None)
+        if fut is not None and not fut.done():
+            fut.set_result(rec)
+
+    def ike_request_held(self, spis: set[int]) -> None:
+        """The MN's IKE request is held on a quiet IKE SA whose CHILD SAs (``spis``) are in
+        a prepared transfer: the request must be answered (its retransmissions would
+        otherwise come every few seconds for up to prepare_timeout), so the preparation is
+        rolled back and the request processed here (docs/ikev2.md)."""
+        self.run(self.core.cancel_prepared(
+            spis, self.node.clock(), "the MN's IKE request must be answered here"))  # fmt: skip
 
     def report(self, rec: Record) -> None:
         """A record from outside the core (a fail-over take-over): listed and announced like
@@ -263,6 +291,7 @@ class TransferService:
         mode: str = "predictive",
         timeout: float = 5.0,
         limit: float | None = None,
+        prepare: bool = False,
     ) -> Record:
         """Move the tunnels of ``spis`` to ``to`` and return the transfer's record. Without
         ``limit`` the wait is the protocol's own deadlines (at least ``timeout``); with it
@@ -311,10 +340,33 @@ class TransferService:
             now = self.node.clock()
         with gcpolicy.POLICY.batch():  # encodes every context of the transfer
             tid, out = self.core.start(
-                tunnels, to, now, candidates=[c for c in self.tcfg.candidates if c != to]
+                tunnels, to, now, candidates=[c for c in self.tcfg.candidates if c != to],
+                prepare=prepare,
             )
         fut2: asyncio.Future[Record] = asyncio.get_running_loop().create_future()
         self.waiters[tid] = fut2
+        if prepare:
+            # Answered once it is ready (the record, outcome "in progress") or failed.
+            ready: asyncio.Future[Record] = asyncio.get_running_loop().create_future()
+            self.prepare_waiters[tid] = ready
+            self.run(out)
+            wait_p = self.core.settings.max_transfer_time * max(1, len(out)) + 1.0
+            wait_p = max(timeout, wait_p) if limit is None else limit
+            try:
+                return await asyncio.wait_for(asyncio.shield(ready), wait_p)
+            except TimeoutError:
+                if self.core.prepared(tid):
+                    return self.core.outgoing[tid].record
+                with contextlib.suppress(TransferError):
+                    self.run(self.core.cancel(tid, self.node.clock(),
+                                              f"not prepared within {wait_p:g} s"))  # fmt: skip
+                if fut2.done():
+                    return fut2.result()
+                raise TransferError(
+                    f"transfer {tid:016x} was not prepared in {wait_p:g} s"
+                ) from None
+            finally:
+                self.prepare_waiters.pop(tid, None)
         self.run(out)
         # The core ends every transfer by its own deadlines (CT_MAX_TRANSFER_TIME per
         # message, then each other candidate in turn): wait for that, not less, so that
@@ -336,6 +388,34 @@ class TransferService:
                 f"transfer {tid:016x} has no outcome after {wait:g} s; it goes on"
                 " (ipsecct status shows it)"
             ) from None
+
+    async def commit(self, tid: int, timeout: float = 5.0) -> Record:
+        """``transfer --commit ID``: send a prepared transfer's FINAL and COMMIT now (or as
+        soon as it is ready); the transfer's record once it has an outcome."""
+        fut = self.waiters.get(tid)
+        if fut is None:
+            fut = self.waiters[tid] = asyncio.get_running_loop().create_future()
+        try:
+            self.run(self.core.commit(tid, self.node.clock()))
+        except TransferError:
+            if not fut.done():
+                self.waiters.pop(tid, None)
+            raise
+        wait = max(timeout, self.core.settings.max_transfer_time + 1.0)
+        try:
+            return await asyncio.wait_for(asyncio.shield(fut), wait)
+        except TimeoutError:
+            raise TransferError(
+                f"transfer {tid:016x} has no outcome after {wait:g} s; it goes on"
+                " (ipsecct status shows it)"
+            ) from None
+
+    def cancel(self, tid: int) -> Record:
+        """``transfer --cancel ID``: roll a prepared transfer back (its tunnels stay here)."""
+        out = self.core.cancel(tid, self.node.clock())
+        rec = next(o.record for o in out if isinstance(o, Finished))
+        self.run(out)
+        return rec
 
     async def rebalance(
         self, to: str, count: int, timeout: float = 60.0, limit: float | None = None
@@ -381,10 +461,25 @@ class TransferService:
             if t is None or t.state is TunnelState.MOVED:
                 raise ControlError(f"no tunnel with SPI 0x{one:08x} here{spi_hint(spi)}")
             spis = [one]
+        prepare = args.get("prepare", False)
+        if not isinstance(prepare, bool):
+            raise ControlError("prepare must be true or false")
         rec = await self.transfer(
-            spis, to, mode=str(args.get("mode", "predictive")), limit=_limit(args)
+            spis, to, mode=str(args.get("mode", "predictive")), limit=_limit(args),
+            prepare=prepare,
         )
+        if prepare and rec.outcome == "in progress":
+            return {**rec.as_dict(), "outcome": "prepared",
+                    "ms": round((self.node.clock() - rec.started) * 1000, 3)}  # fmt: skip
         return rec.as_dict()
+
+    async def control_commit(self, args: dict[str, Any]) -> Any:
+        """``transfer.commit``: commit the prepared transfer ``id`` (16 hex digits)."""
+        return (await self.commit(_transfer_id(args))).as_dict()
+
+    async def control_cancel(self, args: dict[str, Any]) -> Any:
+        """``transfer.cancel``: roll the prepared transfer ``id`` back."""
+        return self.cancel(_transfer_id(args)).as_dict()
 
     async def control_rebalance(self, args: dict[str, Any]) -> Any:
         """``ipsecct rebalance``: move COUNT active tunnels to a peer in one exchange."""
@@ -457,6 +552,17 @@ class TransferService:
             "handshakes_rate_limited": self.channels.rate.limited,
             "open_connections": self.channels.limits.count,
         }
+
+
+def _transfer_id(args: dict[str, Any]) -> int:
+    """A control request's transfer ``id``: 16 hex digits, as ``ipsecct status`` shows it."""
+    v = args.get("id")
+    if not isinstance(v, str) or not 1 <= len(v) <= 16:
+        raise ControlError("a transfer id is 16 hex digits (as transfer --prepare printed it)")
+    try:
+        return int(v, 16)
+    except ValueError:
+        raise ControlError(f"transfer id {v!r} is not hex digits") from None
 
 
 def _limit(args: dict[str, Any]) -> float | None:

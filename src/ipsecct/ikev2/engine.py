@@ -288,6 +288,10 @@ class IkeEngine:
         self._cookie_cur: tuple[int, bytes] = (0, random(32))
         self._cookie_prev = self._cookie_cur
         self._cookie_next = 0.0
+        # Told each IKE SA on which a new request of the peer is held (quiet: its CHILD SAs
+        # are being transferred); the adapter may end a prepared transfer so that the
+        # request is answered rather than retransmitted (docs/ikev2.md).
+        self.on_request_held: Callable[[IkeSA], None] | None = None
 
     # -- public interface ---------------------------------------------------------------
     def ike_sas(self) -> list[IkeSA]:
@@ -750,7 +754,10 @@ class IkeEngine:
             log.info("event=ike-request-held conn=%s peer=%s exchange=%d mid=%d fragments=%d",
                      ike.conn.name, ike.remote, hdr.exchange, hdr.message_id,
                      len(datagrams) if len(datagrams) > 1 else 0)  # fmt: skip
+        new = ike.held is None or ike.held[0] != hdr.message_id
         ike.held = (hdr.message_id, datagrams, src, dst)
+        if new and self.on_request_held is not None:
+            self.on_request_held(ike)
 
     def take_held(self, ike: IkeSA) -> tuple[list[bytes], Address, Address] | None:
         """The peer's request kept while the IKE SA was quiet (none: None), now given to the
