@@ -29,7 +29,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
         return await demo.run(args.rate, args.seconds, handover=mode, keying=keying,
                               ike_timeout=args.ike_timeout, as_json=args.json,
-                              start_timeout=args.start_timeout)  # fmt: skip
+                              start_timeout=args.start_timeout,
+                              prepare_ahead=args.prepare_ahead)  # fmt: skip
 
     try:
         s = asyncio.run(main())
@@ -53,6 +54,21 @@ def register(sub: Any) -> None:
         " indirect (a virtual gateway address moves) or none (the plain tunnel)",
     )
     p.add_argument("--failover", action="store_true", help="kill sg1 half-way instead")
+    p.add_argument(
+        "--prepare-ahead",
+        type=number(float, high=1800),
+        default=0.0,
+        metavar="SECONDS",
+        help="prepare the handover's transfer this long before it (transfer --prepare) and"
+        " commit it at the handover (transfer --commit): transfer_ms runs from the commit",
+    )
+    p.add_argument(
+        "--prepared",
+        dest="prepare_ahead",
+        action="store_const",
+        const=1.0,
+        help="the same as --prepare-ahead 1",
+    )
     p.add_argument(
         "--keying",
         choices=["ike", "manual"],

@@ -117,6 +117,37 @@ async def handover(demo: Demo, mode: str) -> None:
     demo.handovers.append(entry)
 
 
+async def _tunnel_spi(p: GatewayProcess) -> Any:
+    sas = await _ask(p, "sa.list")
+    # (Every SA's summary says what its tunnel is doing: one installed here, not one being
+    # moved or held.)
+    spi = next((x["spi"] for x in sas
+                if x["direction"] == "out" and x.get("state", "installed") == "installed"),
+               None)  # fmt: skip
+    if spi is None:
+        raise DemoError(f"{p.name} has no tunnel to hand over")
+    return spi
+
+
+async def prepare(demo: Demo) -> tuple[str, float]:
+    """``--prepared``: ``ipsecct transfer SPI --to sg2 --prepare`` on sg1, ahead of the
+    handover (the tunnel goes on at sg1 meanwhile: make-before-break): its id and how long
+    the preparation took (ms)."""
+    if not demo.procs:
+        raise DemoError("a prepared handover needs the gateways' processes")
+    s = demo.procs["sg1"]
+    spi = await _tunnel_spi(s)
+    t0 = time.monotonic()
+    done = await _ask(s, "transfer", {"spi": spi, "to": "sg2", "mode": "predictive",
+                                      "prepare": True}, timeout=60)  # fmt: skip
+    if done["outcome"] != "prepared":
+        raise DemoError(
+            f"the transfer sg1 -> sg2 was not prepared: {done['outcome']}"
+            + (f" ({done['detail']})" if done.get("detail") else "")
+        )
+    return str(done["id"]), round((time.monotonic() - t0) * 1000, 3)
+
+
 async def _handover_processes(demo: Demo, mode: str) -> None:
     """The handover as an operator makes it: ``ipsecct transfer SPI --to sg2`` on sg1's
     control socket. Its time runs from the request to the target's activation, as sg2's
@@ -125,14 +156,15 @@ async def _handover_processes(demo: Demo, mode: str) -> None:
     traffic to sg2."""
     src, dst = "sg1", "sg2"
     s, d = demo.procs[src], demo.procs[dst]
-    sas = await _ask(s, "sa.list")
-    # (Every SA's summary says what its tunnel is doing: one installed here, not one being
-    # moved or held.)
-    spi = next((x["spi"] for x in sas
-                if x["direction"] == "out" and x.get("state", "installed") == "installed"),
-               None)  # fmt: skip
-    if spi is None:
-        raise DemoError(f"{src} has no tunnel to hand over")
+    prepared: tuple[str, float] | None = None
+    if demo.prepared is not None:
+        # Prepared ahead (--prepared): the trigger is the commit of that transfer, and the
+        # handover's time runs from it.
+        prepared = await demo.prepared
+        request: tuple[str, dict[str, Any]] = ("transfer.commit", {"id": prepared[0]})
+    else:
+        spi = await _tunnel_spi(s)
+        request = ("transfer", {"spi": spi, "to": dst, "mode": "predictive"})
     since = time.monotonic()
 
     async def activated() -> Any:
@@ -148,8 +180,7 @@ async def _handover_processes(demo: Demo, mode: str) -> None:
         c_src, c_dst = await _ask(s, "clock"), await _ask(d, "clock")
         demo.watch_gaps()
         t0 = time.monotonic()
-        done = await _ask(s, "transfer", {"spi": spi, "to": dst, "mode": "predictive"},
-                          timeout=60)  # fmt: skip
+        done = await _ask(s, *request, timeout=60)
         if done["outcome"] != "committed":
             raise DemoError(
                 f"the handover {src} -> {dst} did not commit: {done['outcome']}"
@@ -163,21 +194,25 @@ async def _handover_processes(demo: Demo, mode: str) -> None:
     cpu = None
     if rec.get("cpu_s") is not None and own.get("cpu_s") is not None:
         cpu = (rec["cpu_s"] - c_dst["cpu_s"]) + (own["cpu_s"] - c_src["cpu_s"])
-    demo.handovers.append(
-        {
-            "from": src,
-            "to": dst,
-            "mode": mode,
-            "transfer_ms": round((float(rec["ended"]) - t0) * 1000, 3),
-            "gap_ms": None,
-            "lost": None,
-            # The gateways' event-loop CPU time, each from just before the request until its
-            # own record ended (the target's at its activation, the source's at the commit's
-            # acknowledgement): the work the handover took; not the forwarding and
-            # state-writer threads, nor the MN's and the stream's in this process.
-            "transfer_cpu_ms": None if cpu is None else round(cpu * 1000, 3),
-        }
-    )
+    entry: dict[str, Any] = {
+        "from": src,
+        "to": dst,
+        "mode": mode,
+        "transfer_ms": round((float(rec["ended"]) - t0) * 1000, 3),
+        "gap_ms": None,
+        "lost": None,
+        # The gateways' event-loop CPU time, each from just before the request until its
+        # own record ended (the target's at its activation, the source's at the commit's
+        # acknowledgement): the work the handover took; not the forwarding and
+        # state-writer threads, nor the MN's and the stream's in this process.
+        "transfer_cpu_ms": None if cpu is None else round(cpu * 1000, 3),
+    }
+    if prepared is not None:
+        # transfer_ms (and the CPU time) run from the commit; the preparation apart
+        entry["prepared"] = True
+        entry["prepare_ms"] = prepared[1]
+        entry["prepared_ahead_s"] = demo.prepare_ahead
+    demo.handovers.append(entry)
 
 
 async def _failover_processes(demo: Demo) -> None:

@@ -182,6 +182,10 @@ class Demo:
     procs: dict[str, GatewayProcess] = field(default_factory=dict)
     remote_drops: dict[str, dict[str, int]] = field(default_factory=dict)
     remote_status: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # ``--prepared``: the transfer prepared ahead of the handover (its task; the handover
+    # commits it), and how long before the handover it starts (seconds; 0: not prepared).
+    prepare_ahead: float = 0.0
+    prepared: asyncio.Task[tuple[str, float]] | None = None
 
     def watch_gaps(self) -> None:
         """A handover starts: the receivers record arrivals so that its gap can be measured,
@@ -545,6 +549,7 @@ async def stream(
     *,
     out: TextIO | None,
     at_half: Callable[[], Coroutine[Any, Any, None]] | None = None,
+    before_half: Callable[[], Coroutine[Any, Any, Any]] | None = None,
 ) -> None:
     """Send ``rate`` packets/s each way for ``seconds``, a status line per second on ``out``."""
     loop = asyncio.get_running_loop()
@@ -567,6 +572,12 @@ async def stream(
             demo.host_app.transport.sendto(_packet(1, sent), demo.host_peer)
         demo.sent = [sent, sent]
         elapsed = loop.time() - start
+        if (
+            before_half is not None
+            and demo.prepared is None
+            and elapsed >= seconds / 2 - demo.prepare_ahead
+        ):
+            demo.prepared = asyncio.create_task(before_half())
         if at_half is not None and half_task is None and elapsed >= seconds / 2:
             half_task = asyncio.create_task(at_half())
         if out is not None and elapsed >= next_report:

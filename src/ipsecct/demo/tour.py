@@ -38,9 +38,15 @@ async def run(
     as_json: bool = False,
     out: TextIO = sys.stdout,
     start_timeout: float = START_TIMEOUT,
+    prepare_ahead: float = 0.0,
 ) -> dict[str, Any]:
     if handover != "none" and handover not in HALFWAY:
         raise IpsecctError(f"handover mode {handover!r} is not available")
+    if prepare_ahead and handover not in ("direct", "indirect"):
+        raise IpsecctError("only a handover (direct or indirect) can be prepared ahead")
+    if not 0 <= prepare_ahead <= seconds / 2:
+        raise IpsecctError("the preparation must start after the stream: --prepare-ahead at"
+                           " most half of --seconds")  # fmt: skip
     if keying not in ("ike", "manual"):
         raise IpsecctError(f"keying {keying!r} is not available (ike or manual)")
     step = HALFWAY.get(handover)
@@ -50,6 +56,7 @@ async def run(
         # Each gateway is ``ipsecct gateway run`` in a process of its own, as deployed.
         demo = await build(Path(tmp), identity=identity, failover=handover == "failover",
                            keying=keying, processes=True, start_timeout=start_timeout)  # fmt: skip
+        demo.prepare_ahead = prepare_ahead
         try:
             await ho.setup(demo)
             gcpolicy.POLICY.settle()  # as a gateway does after start-up (when the policy is on)
@@ -67,13 +74,15 @@ async def run(
                     f"ipsecct demo: MN {MN_INNER} <-> host {HOST_INNER}"
                     " through sg1/sg2 on loopback,"
                     f" {rate} packets/s each way for {seconds:g} s, handover: {handover}"
+                    + (f" (prepared {prepare_ahead:g} s ahead)" if prepare_ahead else "")
                     + (", keying: IKEv2\n" if keying == "ike" else "\n")
                 )
                 out.flush()  # a pipe's reader sees it now, not with the first status line
             if keying == "ike":
                 ike_info = await ike_mod.establish(demo, ike_timeout, None if as_json else out)
             await stream(
-                demo, rate, seconds, out=None if as_json else out, at_half=half if step else None
+                demo, rate, seconds, out=None if as_json else out, at_half=half if step else None,
+                before_half=(lambda: ho.prepare(demo)) if prepare_ahead else None,
             )
             if ike_info is not None:
                 await ike_mod.finish(demo, ike_info)  # read from the gateways while they run
