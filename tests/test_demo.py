@@ -119,3 +119,28 @@ def test_the_demos_free_ports_are_never_handed_out_twice() -> None:
     udp = [free_udp_port() for _ in range(2000)]
     tcp = [free_tcp_port() for _ in range(500)]
     assert len(set(udp)) == len(udp) and len(set(tcp)) == len(tcp)
+
+
+def test_demo_prepared_handover_commits_at_the_handover_and_says_so() -> None:
+    """``--prepare-ahead``: the transfer is prepared before the handover and committed at
+    it; the JSON says so, with the preparation's time apart; nothing lost or replayed."""
+    r = subprocess.run(
+        [sys.executable, "-m", "ipsecct", "demo", "--seconds", "2", "--rate", "200", "--json",
+         "--prepare-ahead", "0.5"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    s = json.loads(r.stdout.splitlines()[-1])
+    (h,) = s["handovers"]
+    assert h["prepared"] is True and h["prepared_ahead_s"] == 0.5 and h["prepare_ms"] > 0, h
+    assert h["lost"] == 0 and s["packets"]["lost"] == 0 and s["drops"]["replay"] == 0, s
+    r = subprocess.run(
+        [sys.executable, "-m", "ipsecct", "demo", "--seconds", "2", "--prepare-ahead", "1.5"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "--prepare-ahead" in r.stderr, r.stderr

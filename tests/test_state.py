@@ -1390,3 +1390,57 @@ def test_row_peer_text_is_the_address_as_str_writes_it() -> None:
     for _ in range(500):
         a6 = ipaddress.IPv6Address(rng.getrandbits(128))
         assert state_mod._address_text(a6) == str(a6)
+
+
+def test_a_prepared_transfer_no_sequence_number_reuse_across_a_source_restart() -> None:
+    """A prepared transfer (docs/cxtp.md, "Prepared transfers"): sg1 sends below its cap
+    while prepared, then dies before the commit, with its "leaving" row durable. Restarted,
+    it asks: sg2 holds the transfer pending, prepared and never committed, so it answers
+    "not taken" (not the COMMIT an unprepared pending transfer's query stands for) and
+    discards it; the late COMMIT of sg1's dead connection then activates nothing. sg1
+    resumes once "owned" again is durable: no (SPI, sequence number) pair twice."""
+    from ipsecct.ct import cxtp
+    from ipsecct.ct.transfer import DECISION_COMMIT, Prepared, Settings, decision_cdb
+    from ipsecct.ipsec.engine import TunnelState
+    from tests.helpers.transfer import World
+
+    w = World(settings={g: Settings(make_before_break=True, mbb_margin=100)
+                        for g in ("sg1", "sg2")})  # fmt: skip
+    j1, j2 = Recorder(w), Recorder(w)
+    w.gw["sg1"].core.journal = j1
+    w.gw["sg2"].core.journal = j2
+    g1 = w.gw["sg1"]
+    tid, outs = g1.core.start([w.tunnel], "sg2", w.now, prepare=True)
+    g1.run(outs)
+    w.deliver("sg1", "sg2")  # PCTD: pending submitted
+    w.deliver("sg1", "sg2")  # PREPARE
+    settle(w, "sg2", j2)
+    w.deliver("sg2", "sg1")  # CTDR
+    w.deliver("sg2", "sg1")  # PREPARE answer
+    assert j1.settle() == ["leaving"]
+    assert any(isinstance(o, Prepared) for o in g1.core.settled(w.now))
+    for i in range(5):
+        w.host_send("sg1", i)  # below the cap, while prepared
+    assert len(g1.wire) == 5
+    g1.run(g1.core.commit(tid, w.now))  # its COMMIT leaves ... and sg1 dies
+    late = [w.drop("sg1", "sg2") for _ in range(w.pending("sg1", "sg2"))]
+    # Restarted with its "leaving" row: held at its stored ceiling, it asks.
+    j1.writes = []
+    g1 = restarted_source(w, j1, tid)
+    w.deliver("sg1", "sg2")
+    a = w.deliver("sg2", "sg1")
+    assert isinstance(a, cxtp.DQ) and a.answer == cxtp.Answer.NOT_TAKEN
+    assert w.gw["sg2"].engine.tunnels() == []
+    for m in late:  # the dead connection's FINAL and COMMIT, late: nothing activates
+        w.gw["sg2"].run(w.gw["sg2"].core.receive("sg1", m, w.now))
+    w.gw["sg2"].run(w.gw["sg2"].core.receive("sg1", cxtp.CTD(w.mn_out.src, 0, (
+        cxtp.TransferTag(tid, 99).encode(), decision_cdb(DECISION_COMMIT))), w.now))  # fmt: skip
+    assert w.gw["sg2"].engine.tunnels() == []
+    assert "resumed" in settle(w, "sg1", j1)
+    assert w.tunnel.state is TunnelState.ACTIVE
+    for i in range(5, 10):
+        w.host_send("sg1", i)
+        w.host_send("sg2", i)
+    assert len(g1.wire) == 10 and w.gw["sg2"].wire == []
+    wire = [(s, q) for _, s, q in w.all_wire()]
+    assert len(wire) == len(set(wire))
