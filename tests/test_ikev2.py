@@ -451,6 +451,25 @@ def _quiet_with_held_rekey(kind: str) -> tuple[Wire, list[Send]]:
     return w, sends
 
 
+def test_a_held_request_is_told_once_so_a_prepared_transfer_can_give_way() -> None:
+    """The adapter is told of each new request held on a quiet IKE SA, once (not of its
+    retransmissions): a prepared transfer, which may keep the IKE SA quiet for longer than
+    the client waits, is rolled back so that the request is answered (docs/ikev2.md)."""
+    w = pair(mn_conn(dpd=10), conn(dpd=10))
+    connect(w)
+    (ike,) = w.resp.ike_sas()
+    ike.quiet = True
+    told: list[object] = []
+    w.resp.on_request_held = told.append
+    ike_i = w.ini.ike_sas()[0]
+    req = w.ini.rekey_child(ike_i, ike_i.children[0], 5.0)
+    w.deliver(req, "i", 5.0)
+    assert told == [ike] and w.resp.stats["request-held"] == 1
+    (send,) = [o for o in req if isinstance(o, Send)]
+    assert w.resp.receive(send.data, I500, R500, 6.0) == []  # its retransmission
+    assert told == [ike]
+
+
 @pytest.mark.parametrize("kind", ["child", "ike", "delete"])
 def test_a_quiet_ike_sa_holds_the_peers_rekey_for_the_gateway_that_takes_it(kind: str) -> None:
     """A request of the peer that would change a quiet IKE SA (a CHILD or IKE rekey, a

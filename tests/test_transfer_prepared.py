@@ -289,16 +289,18 @@ def test_the_standbys_leaving_mark_comes_before_the_prepared_state() -> None:
     assert any(isinstance(o, Prepared) for o in out) and sg1.core.prepared(tid)
 
 
-@settings(max_examples=150, deadline=None)
+# Weighted so that every ending comes up (over 300 random runs: committed about 60, rolled
+# back by the cancel, a lost channel, the CTDR's time-out, the cap and the prepared
+# deadline, the rest undecided).
+STEPS = ["host1"] * 4 + ["host2", "mn", "mn"] + ["d12"] * 4 + ["d21"] * 4 + [
+    "tick", "tick", "long", "commit", "commit", "cancel", "lost"]  # fmt: skip
+
+
+@settings(max_examples=200, deadline=None)
 @given(
-    margin=st.integers(2, 30),
+    margin=st.integers(2, 12),
     tail=st.integers(0, 4),
-    steps=st.lists(
-        st.sampled_from(
-            ["host1", "host2", "mn", "d12", "d21", "tick", "long", "commit", "cancel", "lost"]
-        ),
-        max_size=50,
-    ),
+    steps=st.lists(st.sampled_from(STEPS), max_size=50),
 )
 def test_prepared_transfer_no_sequence_number_reuse_whatever_the_order(
     margin: int, tail: int, steps: list[str]
@@ -325,7 +327,7 @@ def test_prepared_transfer_no_sequence_number_reuse_whatever_the_order(
         elif step == "d21" and w.pending("sg2", "sg1"):
             w.deliver("sg2", "sg1")
         elif step in ("tick", "long"):
-            w.now += 0.5 if step == "tick" else 4.0
+            w.now += 0.05 if step == "tick" else 4.0
             for g in w.gw.values():
                 g.tick()
         elif step in ("commit", "cancel"):
@@ -350,3 +352,27 @@ def test_prepared_transfer_no_sequence_number_reuse_whatever_the_order(
     senders = {g.name for g in w.gw.values() for t in g.engine.tunnels()
                if t.state is TunnelState.ACTIVE}  # fmt: skip
     assert len(senders) <= 1
+
+
+def test_the_gateways_prepare_timeout_setting() -> None:
+    from ipsecct.errors import ConfigError
+    from ipsecct.gateway import config as config_mod
+
+    pem = __file__  # any existing file: [transfer] checks the paths only
+    base = {
+        "name": "sg1",
+        "outer": {"address": "127.0.1.1"},
+        "inner": {"kind": "udp", "listen": "127.0.0.1:1", "peer": "127.0.0.1:2"},
+        "peers": [{"name": "sg2", "address": "127.0.1.2:5091"}],
+    }
+    transfer = {"listen": "127.0.1.1:5091", "cert": pem, "key": pem, "ca": pem}
+
+    def timeout(extra: dict[str, object]) -> float:
+        cfg = config_mod.from_dict({**base, "transfer": {**transfer, **extra}}, "sg1.toml")
+        assert cfg.transfer is not None
+        return cfg.transfer.settings.prepare_timeout
+
+    assert timeout({}) == 30.0 and timeout({"prepare_timeout": 5}) == 5.0
+    for bad in (1, 301, "30", True, float("nan")):
+        with pytest.raises(ConfigError, match=r"sg1\.toml: transfer\.prepare_timeout"):
+            timeout({"prepare_timeout": bad})
