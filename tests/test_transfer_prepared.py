@@ -97,6 +97,7 @@ def test_a_prepared_transfer_sends_only_final_and_commit_on_the_trigger() -> Non
     assert kinds(w, "sg1", "sg2") == [FPT_FINAL, FPT_DECISION]
     assert w.tunnel.state is TunnelState.MOVED
     assert sg1.finished[-1].outcome == "committed" and sg1.finished[-1].mode == "prepared"
+    assert sg1.finished[-1].as_dict()["commit_ms"] == 0.0  # (no time passes in this world)
     w.deliver_all()
     assert t2.state is TunnelState.ACTIVE and sg2.finished[-1].outcome == "committed"
     for i in range(5, 10):

@@ -22,6 +22,7 @@ def _print(rec: dict[str, Any], as_json: bool) -> int:
         print(
             f"transfer {rec['id']} to {rec['peer']} ({rec['mode']}): {rec['outcome']},"
             f" {rec['accepted']}/{rec['tunnels']} tunnel(s) in {rec['ms']:.3f} ms"
+            + (f", {rec['commit_ms']:.3f} ms from the commit" if "commit_ms" in rec else "")
             + (f" ({rec['detail']})" if rec.get("detail") else "")
         )
     return 0 if rec["outcome"] in ("committed", "prepared") else 1

@@ -187,8 +187,13 @@ class Record:
     accepted: int = 0
     detail: str = ""
     spis: list[int] = field(default_factory=list)
+    committing: float = 0.0  # a prepared transfer: when its commit was asked for (0: not)
 
     def as_dict(self) -> dict[str, Any]:
+        extra = {}
+        if self.committing and self.ended:
+            # (a prepared transfer's "ms" runs from its preparation; this from its trigger)
+            extra["commit_ms"] = round(max(0.0, self.ended - self.committing) * 1000, 3)
         return {
             "id": f"{self.transfer_id:016x}",
             "role": self.role,
@@ -199,6 +204,7 @@ class Record:
             "accepted": self.accepted,
             "ms": round((self.ended - self.started) * 1000, 3),
             "detail": self.detail,
+            **extra,
         }
 
 
@@ -1291,6 +1297,7 @@ class TransferCore:
         if og.commit_asked:
             raise TransferError(f"transfer {tid:016x}: commit asked for already")
         og.commit_asked = True
+        og.record.committing = now
         if og.state is not OutgoingState.PREPARED:
             return []  # (committed by _prepared once ready)
         if now >= og.deadline:
