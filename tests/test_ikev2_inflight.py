@@ -238,3 +238,71 @@ def test_a_transfer_waits_for_the_gateways_own_rekey_in_flight(tmp_path: Path) -
         print("stream:", mn, "\nping lost:", len(ping.lost),
               "\nsg1:", w.counters("sg1"), "\nsg2:", w.counters("sg2"))  # fmt: skip
         assert mn["sent"] - mn["echoed"] <= 5, mn
+
+
+@pytest.mark.root
+@pytest.mark.slow
+@needs_strongswan
+def test_a_client_rekey_during_a_prepared_transfer_rolls_it_back_and_is_answered_at_once(
+    tmp_path: Path,
+) -> None:
+    """A prepared transfer (``transfer --prepare``) keeps the IKE SA quiet until its commit,
+    up to prepare_timeout (30 s): longer than strongSwan waits before it retransmits (4 s).
+    So the client's CHILD rekey held at sg1 rolls the preparation back at once and sg1
+    answers it: no retransmission, the rekey completes at sg1, the commit then says the
+    transfer was rolled back (one line, exit status 2). Prepared again and committed, the
+    IKE SA follows its CHILD SA to sg2 as after any transfer."""
+    with ike_world(tmp_path, "indirect") as w, \
+            Client(w.ns, "mn", CLIENT, w.dir, "aes128gcm16") as ss:  # fmt: skip
+        wait_until = waiting_with_logs(w, ss)
+        ss.start()
+        ss.initiate()
+        assert strongswan.ping_once_up(w.ns, "mn", HOST, 3) == 3, ss.logtail() + w.logs()
+
+        def prepare() -> str:
+            (ike,) = w.ike_sas("sg1")
+            (child,) = ike["children"]
+            r = subprocess.run(
+                [sys.executable, "-m", "ipsecct", "transfer",
+                 f"0x{int(child['spi_out'], 16):08x}", "--to", "sg2", "--prepare",
+                 "--json", "-s", w.sock("sg1")],
+                capture_output=True, text=True, timeout=60)  # fmt: skip
+            assert r.returncode == 0, (r.stdout, r.stderr, w.logs())
+            rec = json.loads(r.stdout)
+            assert rec["outcome"] == "prepared", rec
+            return str(rec["id"])
+
+        def transfer(*args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                [sys.executable, "-m", "ipsecct", "transfer", *args, "--json",
+                 "-s", w.sock("sg1")], capture_output=True, text=True, timeout=60)  # fmt: skip
+
+        tid = prepare()
+        held = w.counters("sg1").get("request-held", 0)
+        t0 = time.monotonic()
+        ss.swanctl("--rekey", "--child", "net")
+        wait_until(lambda: w.counters("sg1").get("child-sa-rekeyed", 0) >= 1,
+                   "sg1 to complete the client's rekey")  # fmt: skip
+        took = time.monotonic() - t0
+        c = w.counters("sg1")
+        assert c.get("request-held", 0) == held + 1 and c.get("held-processed", 0) >= 1, c
+        r = transfer("--commit", tid)
+        assert r.returncode == 2 and "rolled back" in r.stderr, (r.stdout, r.stderr)
+        recent = w.status("sg1")["transfers"]["recent"]
+        (mine,) = [t for t in recent if t["id"] == tid]
+        assert mine["outcome"] == "cancelled" and "IKE request" in mine["detail"], mine
+        assert strongswan.ping(w.ns, "mn", HOST, 3) == 3, ss.logtail() + w.logs()
+        # prepared again (the CHILD SA the rekey made) and committed: it moves
+        tid = prepare()
+        r = transfer("--commit", tid)
+        assert r.returncode == 0 and json.loads(r.stdout)["outcome"] == "committed", (
+            r.stdout, r.stderr, w.logs())
+        w.route_host_via("sg2")
+        wait_until(lambda: len(w.ike_sas("sg2")) == 1 and not w.ike_sas("sg1"),
+                   "the IKE SA to be at sg2 only")  # fmt: skip
+        assert strongswan.ping(w.ns, "mn", HOST, 3) == 3, ss.logtail() + w.logs()
+        log = ss.log()
+        if took < 3.5:
+            assert "retransmit" not in log, (took, ss.logtail())
+        for bad in ("INVALID_SYNTAX", "giving up", "received message ID"):
+            assert bad not in log, (bad, ss.logtail())
