@@ -240,16 +240,18 @@ def test_a_prepared_transfer_rolls_back_on_a_lost_channel_a_ctc_or_an_ike_reques
     unique(w)
 
 
-def test_a_restarted_source_asking_gets_its_prepared_tunnels_back() -> None:
-    """The source restarted while prepared (its "leaving" row durable): its decision query
-    is not taken for a COMMIT (none was sent): "not taken", the target discards."""
+@pytest.mark.parametrize("asker", ["sg1", "sg3"])
+def test_a_restarted_source_asking_gets_its_prepared_tunnels_back(asker: str) -> None:
+    """The source restarted while prepared (its "leaving" row durable), or its fail-over
+    standby (sg3) took the tunnels over marked leaving: its decision query is not taken for
+    a COMMIT (none was sent): "not taken", the target discards."""
     w = world()
     sg2 = w.gw["sg2"]
     tid = prepare(w)
     q = cxtp.DQ(w.mn_out.src, cxtp.Answer.QUERY, (cxtp.TransferTag(tid, 0).encode(),))
-    out = sg2.core.receive("sg1", q, w.now)
+    out = sg2.core.receive(asker, q, w.now)
     sg2.run(out)
-    answer = w.drop("sg2", "sg1")
+    answer = w.drop("sg2", asker)
     assert isinstance(answer, cxtp.DQ) and answer.answer == cxtp.Answer.NOT_TAKEN
     assert sg2.engine.tunnels() == []
     # The source's late COMMIT (its dead connection) activates nothing.
