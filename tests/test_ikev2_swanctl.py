@@ -583,3 +583,108 @@ def test_rekey_packets_counted_by_the_data_path_rekeys_and_life_packets_closes(
             assert len({s.spi for s in esp}) == 1 and len(esp) == 8
             # its DELETE waits for the rekey in flight (window of one), then goes
             assert ike.queued_deletes == [first.spi_in.to_bytes(4, "big")]
+
+
+# -- a new CHILD SA in an IKE SA that is up (close_action, a trap) ------------------------------
+
+
+def test_create_child_asks_for_a_new_child_sa_in_the_ike_sa() -> None:
+    """CREATE_CHILD_SA without REKEY_SA (§1.3.1), started by us: after the gateway deleted
+    the MN's only CHILD SA, the MN asks for a new one of the same child; both sides install
+    it with new SPIs and keys. Behind an exchange in flight it waits (window of one)."""
+    w = pair(mn_conn(dpd=10), conn())
+    connect(w)
+    (ike_i,), (ike_r,) = w.ini.ike_sas(), w.resp.ike_sas()
+    old = ike_i.children[0]
+    w.deliver(w.resp.delete_child(ike_r, ike_r.children[0], 1.0), "r", 1.0)
+    assert not ike_i.children and not ike_r.children
+    cc = w.ini.connections[0].children[0]
+    n = len(w.sent)
+    w.deliver(w.ini.liveness(ike_i, 2.0), "i", 2.0, drop=True)  # in flight, lost
+    w.deliver(w.ini.create_child(ike_i, cc, 2.0), "i", 2.0)
+    assert len(w.sent) == n + 1 and ike_i.children_wanted == [cc]  # it waits
+    w.deliver(w.ini.tick(4.0), "i", 4.0)  # the liveness check again, answered
+    w.deliver(w.ini.tick(4.0), "i", 4.0)  # then the new CHILD SA
+    (new_i,), (new_r,) = ike_i.children, ike_r.children
+    assert new_i.config is cc and new_i.spi_in != old.spi_in
+    assert (new_i.spi_in, new_i.spi_out) == (new_r.spi_out, new_r.spi_in)
+    assert w.ini.stats["child-sa-created"] == 1 and not ike_i.children_wanted
+    assert [str(t) for t in new_i.local_ts] == ["10.2.0.5-10.2.0.5"]
+
+
+def test_create_child_refused_or_crossing_an_ike_rekey_leaves_nothing_behind() -> None:
+    # the gateway takes none of it: TS_UNACCEPTABLE, our SPI free again
+    w = pair(mn_conn(local_ts="10.9.0.5/32"), conn())
+    connect(w)  # (the first CHILD SA was refused too: the IKE SA is up without one)
+    (ike_i,) = w.ini.ike_sas()
+    w.deliver(w.ini.create_child(ike_i, w.ini.connections[0].children[0], 1.0), "i", 1.0)
+    assert w.ini.stats["child-create-failed"] == 1 and not ike_i.children
+    assert w.ini._child_spis == set()
+    # the peer's IKE rekey crosses our request: refused TEMPORARY_FAILURE, ours goes on
+    w = pair(mn_conn(), conn())
+    connect(w)
+    (ike_i,), (ike_r,) = w.ini.ike_sas(), w.resp.ike_sas()
+    (req,) = [o for o in w.ini.create_child(ike_i, w.ini.connections[0].children[0], 1.0)
+              if isinstance(o, Send)]  # fmt: skip
+    (rekey,) = [o for o in w.resp.rekey_ike(ike_r, 1.0) if isinstance(o, Send)]
+    answers = [o for o in w.ini.receive(rekey.data, R500, I500, 1.0) if isinstance(o, Send)]
+    assert w.ini.stats["ike-rekey-refused-child-rekey"] == 1
+    w.deliver([*answers], "i", 1.0)
+    w.deliver(w.resp.receive(req.data, I500, R500, 1.0), "r", 1.0)
+    assert len(ike_i.children) == 2 and len(ike_r.children) == 2
+
+
+def test_a_new_child_sa_in_flight_is_a_delete_owed_in_the_ike_sa_context() -> None:
+    """Replicated or moved while our CREATE_CHILD_SA is in flight: the peer may have made
+    the SA under the SPI we proposed, and the taker does not have it; the context owes its
+    DELETE (item 30), as for a CHILD rekey in flight. And the IKE SA's engine keeps the SPI
+    only while the request lives."""
+    from ipsecct.ikev2 import context
+
+    w = pair(mn_conn(), conn())
+    connect(w)
+    (ike_i,) = w.ini.ike_sas()
+    w.deliver(w.ini.create_child(ike_i, w.ini.connections[0].children[0], 1.0), "i", 1.0,
+              drop=True)  # fmt: skip
+    p = ike_i.pending
+    assert p is not None and p.kind == "create-child"
+    spi = int.from_bytes(p.spi, "big")
+    assert context.deletes_owed(ike_i) == [spi] and spi in w.ini._child_spis
+    w.deliver(w.ini.delete(ike_i, 2.0), "i", 2.0)  # (our DELETE replaces the request)
+    assert spi not in w.ini._child_spis
+
+
+def test_close_action_start_asks_for_the_child_sa_the_peer_deleted_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for action in ("start", "trap"):
+        from ipsecct.ipsec.ippacket import build_udp
+
+        svc, sent, clock, _ = _mn(tmp_path, monkeypatch, close_action=action)
+        esp: list[Any] = []
+        monkeypatch.setattr(svc.node, "send_esp", lambda sa, data, e=esp: e.append(sa))
+        svc.initiate(svc.engine.connections[0])
+        gw = IkeEngine([conn()])
+        _exchange(svc, gw, sent, clock[0])
+        (ike_r,) = gw.ike_sas()
+        (ike,) = svc.engine.ike_sas()
+        first = ike.children[0]
+        for o in gw.delete_child(ike_r, ike_r.children[0], clock[0]):  # the gateway's DELETE
+            if isinstance(o, Send):
+                svc._receive(o.data, o.src, o.dst)
+        assert first not in ike.children
+        pkt = build_udp(ipaddress.ip_address("10.2.0.5"), ipaddress.ip_address("10.1.0.9"),
+                        4000, 5000, b"payload")  # fmt: skip
+        if action == "trap":
+            # nothing until a packet comes; then the trap asks for it in the IKE SA that is up
+            assert not [s for s in sent if s.data[18] == M.ExchangeType.CREATE_CHILD_SA]
+            clock[0] += 5
+            svc.node.from_inner(pkt)
+            assert svc.engine.stats["trap-acquired"] == 1
+        (req,) = [s for s in sent if s.data[18] == M.ExchangeType.CREATE_CHILD_SA]
+        sent[:] = [req]
+        _exchange(svc, gw, sent, clock[0])
+        (new,) = ike.children
+        assert new.spi_out == ike_r.children[0].spi_in and not svc.engine.connecting
+        svc.node.from_inner(pkt)
+        assert esp[-1].spi == new.spi_out, action

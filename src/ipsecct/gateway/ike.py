@@ -208,8 +208,9 @@ class IkeService:
         """An outbound packet matched no policy (it is dropped, as the kernel's trap policy
         drops it while strongSwan acquires): if a ``start_action = trap`` child's selectors
         take it (our side's local_ts the source, remote_ts the destination), start its IKE
-        SA, unless one of that connection is up or being set up, or one was started less
-        than TRAP_GAP ago (a flood of unprotected packets starts one exchange a gap)."""
+        SA, unless one of that connection is being set up, or one was started less than
+        TRAP_GAP ago (a flood of unprotected packets starts one exchange a gap); when one
+        is up without a CHILD SA of that child, ask for one in it."""
         if self._stopping:
             return
         now = self.node.clock()
@@ -222,9 +223,22 @@ class IkeService:
             # (looked at once a gap at most: a flood of such packets on a gateway with many
             # IKE SAs does not walk them per packet)
             self._trapped[conn.name] = now
-            if any(i.conn.name == conn.name for i in self.engine.ike_sas()) or any(
-                c.conn.name == conn.name for c in self.engine.connecting.values()
-            ):
+            up = [i for i in self.engine.ike_sas() if i.conn.name == conn.name]
+            if up:
+                # the connection's IKE SA is up without a CHILD SA of this child (the peer
+                # deleted it, or it is a second child): a new one in that IKE SA
+                ike = up[0]
+                if (ike.state is IkeState.ESTABLISHED
+                        and not any(c.config is child for c in ike.children)
+                        and not any(cc is child for cc in ike.children_wanted)
+                        and not (ike.pending is not None
+                                 and ike.pending.new_child is child)):  # fmt: skip
+                    self.engine.stats["trap-acquired"] += 1
+                    event(log, "ike-trap", node=self.node.name, conn=conn.name,
+                          child=child.name, src=src, dst=dst, ike_sa="up")  # fmt: skip
+                    self._act(self.engine.create_child(ike, child, now))
+                return
+            if any(c.conn.name == conn.name for c in self.engine.connecting.values()):
                 return
             self.engine.stats["trap-acquired"] += 1
             event(log, "ike-trap", node=self.node.name, conn=conn.name, child=child.name,
@@ -628,12 +642,17 @@ class IkeService:
                   spi_in=f"0x{o.child.spi_in:08x}", reason=o.reason)  # fmt: skip
             if (o.reason == "deleted by peer" and not o.child.rekeyed
                     and o.child.config.close_action != "none"
-                    and o.ike.state is IkeState.ESTABLISHED):  # fmt: skip
-                # the peer closed a CHILD SA and kept the IKE SA: the engine does not start
-                # a CHILD SA of its own in an IKE SA that exists (only with a new IKE SA)
-                event(log, "ike-close-action-not-applied", logging.WARNING,
-                      node=self.node.name, conn=o.ike.conn.name, child=o.child.name,
-                      action=o.child.config.close_action)  # fmt: skip
+                    and o.ike.state is IkeState.ESTABLISHED and not self._stopping):  # fmt: skip
+                # the peer closed a CHILD SA and kept the IKE SA: close_action = start asks
+                # for a new one in it now; trap arms a trap whose packet does (_acquire)
+                cc = o.child.config
+                event(log, "ike-close-action", node=self.node.name, conn=o.ike.conn.name,
+                      child=o.child.name, action=cc.close_action)  # fmt: skip
+                if cc.close_action == "start":
+                    self._act(self.engine.create_child(o.ike, cc, self.node.clock()))
+                elif (o.ike.conn, cc) not in self._traps:
+                    self._traps.append((o.ike.conn, cc))
+                    self.node.engine.on_policy_miss = self._acquire
         elif isinstance(o, PeerMoved):
             # the peer moved, or (a mobile node) we did: the CHILD SAs' outer addresses
             # follow the IKE SA's (the SAs themselves, their keys and counters, stay), or

@@ -290,11 +290,12 @@ def deletes_owed(ike: IkeSA) -> list[int]:
     if p is not None and p.kind == "delete-child":
         spis += [s for d in p.payloads if isinstance(d, DeletePayload)
                  and d.protocol == ProtocolId.ESP for s in d.spis]  # fmt: skip
-    elif p is not None and p.kind == "rekey-child" and p.spi:
+    elif p is not None and p.kind in ("rekey-child", "create-child") and p.spi:
         # our CHILD rekey in flight: the peer may have made the new SA (under the SPI we
         # proposed) and its answer be lost with us. The new gateway does not have that SA,
         # so it is deleted there (a peer that never made it ignores the DELETE), and the
-        # old one, which the peer keeps using, is rekeyed again
+        # old one, which the peer keeps using, is rekeyed again (a new CHILD SA we asked
+        # for: the same, and the taker does not ask again)
         spis.append(p.spi)
     spis += ike.queued_deletes
     live = {c.spi_in for c in ike.children}

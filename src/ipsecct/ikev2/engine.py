@@ -374,6 +374,8 @@ class IkeEngine:
                 self._rr_check(ike, now, out)
             elif ike.queued_deletes:  # (... or while DELETEs of ours were unanswered)
                 self._delete_queued(ike, now, out)
+            elif ike.children_wanted:
+                self._create_child_request(ike, ike.children_wanted.pop(0), now, out)
             elif stale := [c for c in ike.children if c.rekeyed_at is not None
                            and now - c.rekeyed_at >= REKEYED_GRACE]:  # fmt: skip
                 # the peer rekeyed them and never deleted them: we do (their keys would live
@@ -407,7 +409,7 @@ class IkeEngine:
                 continue
             if ike.state is not IkeState.ESTABLISHED or ike.quiet:
                 continue
-            if ike.rr_due or ike.queued_deletes:
+            if ike.rr_due or ike.queued_deletes or ike.children_wanted:
                 ds.append(ike.last_heard)  # at once
             if ike.conn.dpd_delay:
                 ds.append(ike.last_heard + ike.conn.dpd_delay)
@@ -1374,12 +1376,13 @@ class IkeEngine:
         if ke is None:
             return [NotifyPayload(Notify.INVALID_SYNTAX)]
         p = ike.pending
-        if p is not None and p.kind == "rekey-child":
-            # our CHILD rekey crosses the peer's IKE rekey (strongSwan answers the same): its
-            # answer would make the successor in the old IKE SA, whose CHILD SAs had moved,
-            # and the old CHILD SA stayed in the new one. The peer's side then had both, ours
-            # one of each: an SA pair that only one side had, and after the peer deleted the
-            # old one (it had a successor) no CHILD SA left here. Ours first; theirs again
+        if p is not None and p.kind in ("rekey-child", "create-child"):
+            # our CHILD rekey (or our new CHILD SA: the same) crosses the peer's IKE rekey
+            # (strongSwan answers the same): its answer would make the successor in the old
+            # IKE SA, whose CHILD SAs had moved, and the old CHILD SA stayed in the new one.
+            # The peer's side then had both, ours one of each: an SA pair that only one side
+            # had, and after the peer deleted the old one (it had a successor) no CHILD SA
+            # left here. Ours first; theirs again
             self.stats["ike-rekey-refused-child-rekey"] += 1
             return [NotifyPayload(Notify.TEMPORARY_FAILURE)]
         prev = ike.replaced
@@ -2048,6 +2051,97 @@ class IkeEngine:
         ike.pending.old_child, ike.pending.nonce, ike.pending.kx = child, nonce, kx
         ike.pending.spi = sb
 
+    def create_child(self, ike: IkeSA, cc: ChildConfig, now: float) -> list[Output]:
+        """Ask the peer for a new CHILD SA of ``cc`` in the IKE SA (CREATE_CHILD_SA without
+        REKEY_SA, §1.3.1): what close_action = start does when the peer deleted one, or a
+        trap of a child the IKE SA has none of. Sent at once, or after the exchange of ours
+        in flight (window of one)."""
+        if ike.state is IkeState.ESTABLISHED and cc in ike.conn.children and not any(
+                c is cc for c in ike.children_wanted):  # fmt: skip
+            ike.children_wanted.append(cc)
+        return self.tick(now)
+
+    def _create_child_request(self, ike: IkeSA, cc: ChildConfig, now: float,
+                              out: list[Output]) -> None:  # fmt: skip
+        spi = self._new_child_spi()
+        if spi is None:
+            log.info("event=child-create-failed conn=%s child=%s reason=%s", ike.conn.name,
+                     cc.name, _quote("no inbound SPI left"))  # fmt: skip
+            return
+        sb = spi.to_bytes(4, "big")
+        props = tuple(Proposal(i + 1, ProtocolId.ESP, sb, o.transforms())
+                      for i, o in enumerate(cc.esp_proposals))  # fmt: skip
+        nonce = self.random(32)
+        payloads: list[Payload] = [SAPayload(props), NoncePayload(nonce)]
+        kx = None
+        groups = [g for o in cc.esp_proposals for g in o.dh]
+        if groups:  # PFS
+            kx = KeyExchange(groups[0])
+            payloads.append(KEPayload(kx.group, kx.public))
+        payloads += [TSPayload(True, tuple(cc.local_ts)), TSPayload(False, tuple(cc.remote_ts))]
+        self._request(ike, "create-child", payloads, now, out, ExchangeType.CREATE_CHILD_SA)
+        if ike.pending is None:  # closed: no message ID was left
+            self._child_spis.discard(spi)
+            return
+        ike.pending.nonce, ike.pending.kx, ike.pending.spi = nonce, kx, sb
+        ike.pending.new_child = cc
+        self.stats["child-create-sent"] += 1
+
+    def _create_child_response(self, ike: IkeSA, p: Pending, inner: list[Payload],
+                               now: float, out: list[Output]) -> None:  # fmt: skip
+        cc = p.new_child
+        assert cc is not None
+        spi_in = int.from_bytes(p.spi, "big")
+        n = notifies(inner)
+        sa = find(inner, SAPayload)
+        nr = find(inner, NoncePayload)
+        ke = find(inner, KEPayload)
+        tsi = next((x for x in inner if isinstance(x, TSPayload) and x.initiator), None)
+        tsr = next((x for x in inner if isinstance(x, TSPayload) and not x.initiator), None)
+        chosen = (choose(cc.esp_proposals, sa.proposals, ke_group=ke.group if ke else None)
+                  if sa is not None and len(sa.proposals) == 1 else None)  # fmt: skip
+        shared = b""
+        ok = chosen is not None and nr is not None and tsi is not None and tsr is not None
+        if ok and chosen is not None and chosen[1].dh is not None:
+            kx = p.kx
+            ok = isinstance(kx, KeyExchange) and ke is not None and ke.group == kx.group
+            if ok:
+                assert isinstance(kx, KeyExchange) and ke is not None
+                try:
+                    shared = kx.shared(ke.data)
+                except IkeProtocolError:
+                    ok = False
+        if ok and chosen is not None and (len(chosen[0].spi) != 4
+                                          or int.from_bytes(chosen[0].spi, "big") < 256):
+            ok = False  # fmt: skip
+        # narrowed from what we proposed (§2.9), never wider
+        wider = (ok and tsi is not None and tsr is not None
+                 and not (within(tsi.selectors, cc.local_ts)
+                          and within(tsr.selectors, cc.remote_ts)))  # fmt: skip
+        if wider or not ok or chosen is None or nr is None or tsi is None or tsr is None:
+            errs = [t for t in n if t < 16384]
+            self.stats["child-create-failed"] += 1
+            why = ("wider traffic selectors" if wider
+                   else _notify_name(errs[0]) if errs else "bad answer")  # fmt: skip
+            log.info("event=child-create-failed conn=%s child=%s reason=%s", ike.conn.name,
+                     cc.name, _quote(why))  # fmt: skip
+            self._child_spis.discard(spi_in)
+            if wider:  # the peer made the SA: it is deleted there (our SPI names it)
+                self._request(ike, "delete-child", [DeletePayload(ProtocolId.ESP, (p.spi,))],
+                              now, out)  # fmt: skip
+            return
+        prf_alg = ike.suite.prf
+        assert prf_alg is not None
+        keys = child_keys(prf_alg, ike.keys.sk_d, chosen[1], p.nonce, nr.data, shared)
+        child = ChildSA(cc, chosen[1], spi_in, int.from_bytes(chosen[0].spi, "big"), keys,
+                        True, list(tsi.selectors), list(tsr.selectors), now)  # fmt: skip
+        child.rekey_at = self._rekey_time(now, cc.rekey_time)
+        ike.children.append(child)
+        self.stats["child-sa-created"] += 1
+        log.info("event=child-sa-created conn=%s child=%s spi_in=%08x", ike.conn.name,
+                 cc.name, spi_in)  # fmt: skip
+        out.append(ChildUp(ike, child))
+
     def _rekey_child_response(self, ike: IkeSA, p: Pending, inner: list[Payload], now: float,
                               out: list[Output]) -> None:  # fmt: skip
         old = p.old_child
@@ -2415,6 +2509,8 @@ class IkeEngine:
             self._auth_response(ike, inner, now, out)
         elif p.kind == "rekey-child":
             self._rekey_child_response(ike, p, inner, now, out)
+        elif p.kind == "create-child":
+            self._create_child_response(ike, p, inner, now, out)
         elif p.kind == "rekey-ike":
             self._rekey_ike_response(ike, p, inner, now, out)
         elif p.kind == "delete-rekeyed":
@@ -2455,7 +2551,7 @@ class IkeEngine:
         successor is free again (it stayed taken for good when an IKE SA died or was deleted
         during a CHILD rekey: one SPI of the range lost each time)."""
         p, ike.pending = ike.pending, None
-        if p is not None and p.kind == "rekey-child" and p.spi:
+        if p is not None and p.kind in ("rekey-child", "create-child") and p.spi:
             self._child_spis.discard(int.from_bytes(p.spi, "big"))
 
     def _kill(self, ike: IkeSA, reason: str, out: list[Output]) -> None:

@@ -111,7 +111,7 @@ class Pending:
     """A request we sent and wait the answer for."""
 
     # "liveness" | "delete" | "delete-child" | "auth" | "rekey-child" | "rekey-ike"
-    # | "address-update" | "mobike-update" | "rr-check"
+    # | "address-update" | "mobike-update" | "rr-check" | "create-child"
     kind: str
     message_id: int
     messages: list[bytes] = field(repr=False)  # the request (its fragments, RFC 7383)
@@ -133,6 +133,8 @@ class Pending:
     # address the update announced
     cookie2: bytes = field(default=b"", repr=False)
     moved_to: Address | None = None
+    # our CREATE_CHILD_SA for a new CHILD SA (not a rekey): its configuration
+    new_child: ChildConfig | None = field(default=None, repr=False)
 
 
 @dataclass(eq=False)
@@ -194,6 +196,9 @@ class IkeSA:
     # the peer sent a CERTREQ in IKE_SA_INIT or IKE_AUTH (send_cert = ifasked: our CERT goes
     # only then); set and read before the IKE SA is established, never moved with it
     certreq_seen: bool = False
+    # CHILD SAs to create in this IKE SA once no exchange of ours is in flight (close_action,
+    # a trap of a child the IKE SA has none of); not in its context: a taker does not owe them
+    children_wanted: list[ChildConfig] = field(default_factory=list, repr=False)
     mobike: bool = False  # RFC 4555 negotiated (both sent MOBIKE_SUPPORTED in IKE_AUTH)
     # fragments of the request being received: message ID, total, first payload, parts
     fragments: tuple[int, int, int, dict[int, bytes]] | None = field(default=None, repr=False)
