@@ -1115,3 +1115,46 @@ def test_unique_replace_a_client_that_rebooted_gets_the_tunnel_back_at_once(
                 assert "ike-sa-replaced" in gw.logtext()
         finally:
             gw.cleanup()
+
+
+@pytest.mark.root
+@pytest.mark.slow
+@needs_strongswan
+def test_close_action_start_node_asks_strongswan_again_for_what_it_closed(
+    workdir: Path,
+) -> None:
+    """An ``ipsecct node`` with ``close_action = start`` against an unmodified strongSwan
+    responder: strongSwan closes the CHILD SA alone (``swanctl --terminate --child``): the
+    node asks for a new one in the same IKE SA (CREATE_CHILD_SA without REKEY_SA), which
+    strongSwan installs; then strongSwan closes the IKE SA: the node connects again at once.
+    Ping passes after each."""
+    with Namespaces("a", "b") as ns:
+        build_namespaces(ns)
+        with Responder(ns, workdir) as ss:
+            ss.start()
+            sock = str(workdir / "mn.sock")
+            conf = node_config(workdir)
+            conf.write_text(conf.read_text().replace(
+                'children.net.start_action = "start"\n',
+                'children.net.start_action = "start"\nchildren.net.close_action = "start"\n'))
+            mn = Daemon("node", conf, sock, workdir / "mn.log",
+                        prefix=["ip", "netns", "exec", ns.names["a"]])  # fmt: skip
+            try:
+                mn.start()
+                strongswan.wait_log(ss, r"CHILD_SA net\{1\} established")
+                assert ping_once_up(ns, "a", B.inner, 2) == 2, mn.logtext() + ss.logtail()
+                (first,) = ike_list(sock)
+                ss.swanctl("--terminate", "--child", "net")
+                strongswan.wait_log(ss, r"CHILD_SA net\{2\} established")
+                (sa,) = ike_list(sock)
+                assert sa["spi_i"] == first["spi_i"] and len(sa["children"]) == 1
+                assert mn.status()["ike"]["counters"]["child-sa-created"] == 1
+                assert ping_once_up(ns, "a", B.inner, 2) == 2, mn.logtext() + ss.logtail()
+                ss.swanctl("--terminate", "--ike", "cB")
+                wait_until(lambda: len(re.findall(r"IKE_SA cB\[\d+\] established",
+                                                  ss.log())) == 2,
+                           "the node to connect again", timeout=30)  # fmt: skip
+                assert ping_once_up(ns, "a", B.inner, 2) == 2, mn.logtext() + ss.logtail()
+                assert "ike-restart" in mn.logtext()
+            finally:
+                mn.cleanup()
