@@ -223,11 +223,13 @@ class IkeService:
             # (looked at once a gap at most: a flood of such packets on a gateway with many
             # IKE SAs does not walk them per packet)
             self._trapped[conn.name] = now
-            up = [i for i in self.engine.ike_sas() if i.conn.name == conn.name]
+            up = [i for i in self.engine.ike_sas() if i.conn.name == conn.name
+                  and i.state is not IkeState.DEAD]  # fmt: skip
             if up:
                 # the connection's IKE SA is up without a CHILD SA of this child (the peer
-                # deleted it, or it is a second child): a new one in that IKE SA
-                ike = up[0]
+                # deleted it, or it is a second child): a new one in that IKE SA (none
+                # while the IKE SAs are being rekeyed away or deleted)
+                ike = next((i for i in up if i.state is IkeState.ESTABLISHED), up[0])
                 if (ike.state is IkeState.ESTABLISHED
                         and not any(c.config is child for c in ike.children)
                         and not any(cc is child for cc in ike.children_wanted)
