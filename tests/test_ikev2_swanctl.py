@@ -75,6 +75,7 @@ def test_swanctl_keys_of_road_warrior_and_site_to_site_configs_are_read(
                     "local": {**RW["local"], "round": 0}},
                    {"dpd_action": "clear", "close_action": "none", "rekey_bytes": 1000,
                     "rekey_packets": "2000", "life_packets": 5000, "hostaccess": "yes",
+                    "rand_bytes": 100,
                     "ipcomp": "no", "updown": "", "mark_in": "0/0x00000000",
                     "mode": "tunnel"})  # fmt: skip
     ch = c.children[0]
@@ -85,7 +86,8 @@ def test_swanctl_keys_of_road_warrior_and_site_to_site_configs_are_read(
         1000, 1100, 2000, 5000)  # fmt: skip
     ignored = " ".join(c.ignored)
     for key in ("connections.rw.dpd_timeout", "connections.rw.pull", "connections.rw.rand_time",
-                "connections.rw.local.round", "connections.rw.children.net.hostaccess"):
+                "connections.rw.local.round", "connections.rw.children.net.hostaccess",
+                "connections.rw.children.net.rand_bytes"):
         assert key in ignored
         assert key in caplog.text  # a WARNING names the connection and the key
     assert "config-key-ignored" in caplog.text
@@ -118,7 +120,8 @@ def test_swanctl_keys_of_road_warrior_and_site_to_site_configs_are_read(
     ({}, {"mark_in_sa": "yes"}, "mark_in_sa"),
     ({}, {"rekey_bytes": 1000, "life_bytes": 1000}, "life_bytes: must be more than"),
     ({}, {"rekey_packets": 1.5}, "rekey_packets: must be a whole number"),
-    ({}, {"rand_packets": 10}, "rand_packets: unknown key"),
+    ({}, {"rand_packets": -10}, "rand_packets: must be a whole number"),
+    ({}, {"inactivity": "30m"}, "inactivity: unknown key"),
     # trap and restart start an IKE SA: one peer address to start it with
     ({}, {"dpd_action": "restart"}, "remote_addrs: dpd_action = restart needs one peer"),
     ({}, {"close_action": "trap"}, "remote_addrs: close_action = trap needs one peer"),

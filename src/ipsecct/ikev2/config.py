@@ -197,7 +197,8 @@ _CHILD_KEYS = {"local_ts", "remote_ts", "esp_proposals", "rekey_time", "life_tim
                "start_action", "mode",
                # those of _child_extras
                "dpd_action", "close_action", "rekey_bytes", "rekey_packets", "life_bytes",
-               "life_packets", "rand_time", "updown", "hostaccess", "ipcomp", "if_id_in",
+               "life_packets", "rand_time", "rand_bytes", "rand_packets", "updown",
+               "hostaccess", "ipcomp", "if_id_in",
                "if_id_out", "mark_in", "mark_out", "mark_in_sa", "set_mark_in",
                "set_mark_out"}  # fmt: skip
 _AUTH_KEYS = {"auth", "id", "certs", "cacerts", "crls", "round"}
@@ -373,6 +374,10 @@ def _child_extras(d: dict[str, Any], ctx: _Ctx, where: str, ignored: list[str]) 
     if "rand_time" in d:
         _seconds(d["rand_time"], ctx, where + "rand_time")
         ignored.append(where + "rand_time (rekeys come up to 10 % early at random)")
+    for k in ("rand_bytes", "rand_packets"):
+        if k in d:
+            _count(d[k], ctx, where + k)
+            ignored.append(f"{where}{k} (the volume limits are exact)")
     _unset(d, ctx, where, "updown", "no updown script is run here (the gateway installs its "
            "own policies)")  # fmt: skip
     if "hostaccess" in d:
