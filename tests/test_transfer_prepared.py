@@ -178,6 +178,21 @@ def test_reaching_the_cap_while_prepared_rolls_back() -> None:
     unique(w)
 
 
+def test_a_tunnel_fenced_below_its_cap_while_prepared_stays_prepared() -> None:
+    """Fenced for another reason (its durable reservation not there yet, a fail-over lease):
+    its packets are not kept for a commit that may be far off (they go where any fenced
+    tunnel's go), and the transfer stays prepared."""
+    w = world()
+    sg1 = w.gw["sg1"]
+    tid = prepare(w)
+    w.tunnel.seq_ceiling = w.tunnel.outbound.seq + 1
+    w.host_send("sg1", 1)
+    w.host_send("sg1", 2)  # past the fence, below the cap
+    assert sg1.refused_hold == 1 and len(sg1.wire) == 1
+    sg1.tick()
+    assert sg1.core.prepared(tid)
+
+
 def test_cancel_and_commit_errors() -> None:
     w = world()
     sg1, sg2 = w.gw["sg1"], w.gw["sg2"]

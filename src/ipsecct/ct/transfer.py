@@ -982,8 +982,13 @@ class TransferCore:
             if og.state is OutgoingState.SENT and _has(og, held.tunnel):
                 return self._keep(og, held)
             if og.state is OutgoingState.PREPARED and _has(og, held.tunnel):
-                # Its cap reached (or fenced) while prepared: rolled back at the next tick
-                # (not committed unasked: the MN may not be where the target is yet).
+                cap = og.caps.get(held.tunnel)
+                if cap is None or held.tunnel.outbound.seq < cap:
+                    # Fenced otherwise (a lease, a reservation not yet durable): as any
+                    # tunnel of this gateway, not kept for a commit that may be far off.
+                    return False
+                # Its cap reached while prepared: rolled back at the next tick (not
+                # committed unasked: the MN may not be where the target is yet).
                 og.deadline = 0.0
                 return self._keep(og, held)
         for inc in self.incoming.values():
