@@ -184,6 +184,7 @@ def test_a_prepared_transfer_commits_on_the_command_and_cancels_on_the_other(
         return str(rec["id"])
 
     tid = prepare()
+    assert setup.status("sg1")["transfers"]["prepared"] == [tid]
     setup.traffic_ok("sg1", 20)  # still here, make-before-break
     r = cli("transfer", "--cancel", tid, "--json", "--config", cfg1)
     assert r.returncode == 1 and json.loads(r.stdout)["outcome"] == "cancelled", r.stdout

@@ -1273,6 +1273,10 @@ class TransferCore:
         return self._rollback(og, now, "timeout", "prepared, not committed within"
                               f" {og.deadline - og.record.started:.0f} s")  # fmt: skip
 
+    def prepared_ids(self) -> list[int]:
+        """The prepared transfers waiting for their commit call (``ipsecct status``)."""
+        return [t for t, og in self.outgoing.items() if og.state is OutgoingState.PREPARED]
+
     def prepared(self, tid: int) -> bool:
         """Is ``tid`` a prepared transfer waiting for its commit call?"""
         og = self.outgoing.get(tid)

@@ -546,6 +546,8 @@ class TransferService:
         recent = list(self.core.records)[-20:]
         return {
             "in_progress": self.core.in_progress(),
+            # prepared transfers waiting for transfer --commit ID (or --cancel ID)
+            "prepared": [f"{tid:016x}" for tid in self.core.prepared_ids()],
             "recent": [r.as_dict() for r in recent],
             **self.core.counters,
             "refused_connections": self.channels.refused,
