@@ -212,6 +212,9 @@ async def _handover_processes(demo: Demo, mode: str) -> None:
         entry["prepared"] = True
         entry["prepare_ms"] = prepared[1]
         entry["prepared_ahead_s"] = demo.prepare_ahead
+        # of transfer_ms: until sg1 sent the FINAL and COMMIT (the control request and the
+        # commit call), the rest being their way to sg2 and its activation
+        entry["commit_sent_ms"] = round((float(own["ended"]) - t0) * 1000, 3)
     demo.handovers.append(entry)
 
 
