@@ -267,6 +267,19 @@ def test_wrong_types_in_lists_are_config_errors(tmp_path: Path) -> None:
             config.load(write(tmp_path, XFER + extra))
 
 
+def test_a_peers_fail_over_pair_is_named_in_either_entry(tmp_path: Path) -> None:
+    """[[peers]] pair: either entry names the other; both may then ask about each other's
+    transfers (Settings.pairs); a pair that is not another peer is a config error."""
+    sg3 = '[[peers]]\nname = "sg3"\naddress = "127.0.0.4:25091"\npair = "sg2"\n'
+    cfg = config.load(write(tmp_path, XFER + sg3))
+    assert cfg.transfer is not None
+    assert cfg.transfer.settings.pairs == {"sg2": frozenset({"sg3"}), "sg3": frozenset({"sg2"})}
+    assert config.load(write(tmp_path, XFER)).transfer.settings.pairs == {}  # type: ignore[union-attr]
+    for bad in ('"sg9"', '"sg3"', "1"):
+        with pytest.raises(ConfigError, match=r"peers\[1\]\.pair: must name another"):
+            config.load(write(tmp_path, XFER + sg3.replace('"sg2"', bad)))
+
+
 @pytest.mark.parametrize("value", ["nan", "inf", "1" + "0" * 400])
 def test_durations_and_counts_must_be_finite(tmp_path: Path, value: str) -> None:
     """nan, inf and 10**400 passed "positive": sync_packets = inf was an OverflowError

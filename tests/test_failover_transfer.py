@@ -46,8 +46,11 @@ class Pair:
     (sg1 -> sg2) and ``up`` until the test delivers them. ``gate``: sg1's transfer core
     waits for sg2 as the gateway wires it (FailoverDriver); False: the code before."""
 
-    def __init__(self, *, gate: bool = True, mbb: bool = False) -> None:
-        s = Settings(make_before_break=mbb)
+    def __init__(self, *, gate: bool = True, mbb: bool = False, paired: bool = True) -> None:
+        # sg3 knows sg1 and sg2 as a fail-over pair ([[peers]] pair): sg2 may ask about
+        # sg1's transfers
+        pairs = {"sg1": frozenset({"sg2"}), "sg2": frozenset({"sg1"})} if paired else {}
+        s = Settings(make_before_break=mbb, pairs=pairs)
         self.w = w = World(("sg1", "sg2", "sg3"), settings={g: s for g in ("sg1", "sg2", "sg3")})
         self.g1, self.g2, self.g3 = w.gw["sg1"], w.gw["sg2"], w.gw["sg3"]
         self.r = failover.Replicator(self.g1.engine, fo_cfg("active"), session=7)
@@ -191,6 +194,35 @@ def test_a_standby_asking_a_target_that_waits_for_the_commit_makes_it_the_commit
     assert not p.g2.engine.tunnels()
     p.both_send()
     assert p.g3.wire and not p.g2.wire and not p.pairs_twice()
+
+
+def test_invariant_a_standby_whose_pair_the_target_does_not_know_never_makes_two_senders() -> None:
+    """As above, but sg3 does not know sg1 and sg2 as a fail-over pair ([[peers]] pair):
+    sg2's query about sg1's pending transfer is another peer's (it could as well come from
+    a hostile peer while sg1 lives and rolls back): not taken for the COMMIT, counted, not
+    answered; both hold the tunnel. Once sg3 gave the transfer up (no decision) and forgot
+    it, the query is answered "taken" (it was installed there: the safe answer) and sg2
+    drops the tunnel: lost, never sent twice."""
+    p = started(paired=False)
+    p.w.transfer("sg1", "sg3")
+    p.sync()
+    p.w.deliver("sg1", "sg3")
+    p.die()
+    p.take_over()
+    p.deliver_between("sg2", "sg3")
+    assert p.g3.engine.tunnels()[0].state is TunnelState.HELD
+    assert p.g3.core.counters["foreign_query"] >= 1
+    assert p.g2.engine.tunnels()[0].state is TunnelState.HELD
+    for _ in range(200):
+        if not p.g2.engine.tunnels():
+            break
+        p.w.now += 0.5
+        p.g3.tick()
+        p.g2.tick()
+        p.deliver_between("sg2", "sg3")
+    assert not p.g2.engine.tunnels() and not p.g3.engine.tunnels()
+    p.both_send()
+    assert not p.g2.wire and not p.g3.wire and not p.pairs_twice()
 
 
 def test_a_standby_told_not_taken_resumes_past_the_margin_and_the_grant() -> None:

@@ -19,10 +19,12 @@ import pytest
 from ipsecct.bench.transfer import make_tunnel
 from ipsecct.ct import cxtp
 from ipsecct.ct.transfer import decision_cdb, forward_cdb
+from ipsecct.demo import handover as demo_handover
 from ipsecct.demo import topology as demo
 from ipsecct.gateway import config
 from ipsecct.gateway.balancer import Balancer
 from ipsecct.gateway.config import BalanceConfig
+from ipsecct.gateway.control import prometheus_text
 from ipsecct.ipsec.engine import TunnelState
 from ipsecct.ipsec.ippacket import build_udp
 from tests.helpers.handover import connect_as, flow, record_lost, run_demo, services
@@ -299,3 +301,65 @@ def test_a_certificate_of_our_ca_for_a_gateway_that_is_not_a_peer_is_refused(
         assert list(sg1.engine.spd) == spd_before and len(sg1.engine.sad) == sad_before
 
     run_demo(tmp_path, body)
+
+
+def test_a_third_peers_query_commit_and_cancel_over_tls_change_nothing(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Three gateways over real TLS: sg1 moves the MN's tunnel to sg2, whose CTDRs are lost
+    (sg2 holds the transfer installed, waiting for the COMMIT). A client with sg3's
+    certificate (a configured peer of sg2) sends sg2 a decision query, a COMMIT and a CTC
+    under that transfer's id. Before, the query was taken for the COMMIT: sg2 served the
+    tunnel while sg1, timed out, rolled back and served it too (two senders under one key).
+    Now each is dropped, counted per kind and logged once; sg1 rolls back and serves the
+    MN alone."""
+
+    async def main() -> None:
+        d = await demo.build(
+            tmp_path, gateways=("sg1", "sg2", "sg3"), transfer={"max_transfer_ms": 1500}
+        )
+        try:
+            await demo_handover.setup(d)
+            s1, s2 = services(d)["sg1"], services(d)["sg2"]
+            send = s2.channels.send
+
+            def lossy(peer: str, msg: cxtp.Message) -> None:
+                if not (peer == "sg1" and isinstance(msg, cxtp.CTDR)):
+                    send(peer, msg)
+
+            s2.channels.send = lossy  # type: ignore[method-assign]
+            spi = d.gateways["sg1"].node.engine.tunnels()[0].outbound.spi
+            task = asyncio.create_task(s1.transfer([spi], "sg2", timeout=30))
+            await until(lambda: any(i.state.value == "pending"
+                                    for i in s2.core.incoming.values()),
+                        "sg2 holds the transfer installed")  # fmt: skip
+            ((_, tid),) = s2.core.incoming.keys()
+            conn = await connect_as(tmp_path, d, "sg2", tmp_path / "pki", "sg3")
+            tag = cxtp.TransferTag(tid, 0).encode()
+            await conn.send(cxtp.DQ(mn_addr(), cxtp.Answer.QUERY, (tag,)))
+            await conn.send(cxtp.CTD(mn_addr(), 0, (tag, decision_cdb(1))))
+            await conn.send(cxtp.CTC(mn_addr(), (tag,)))
+            c = s2.core.counters
+            await until(lambda: (c["foreign_query"], c["foreign_commit"], c["foreign_cancel"])
+                        == (1, 1, 1), "each is counted")  # fmt: skip
+            held = d.gateways["sg2"].node.engine.tunnels()
+            assert held and all(t.state is TunnelState.HELD for t in held)
+            rec = await task
+            assert rec.outcome == "timeout", rec
+            await conn.close()
+            await until(lambda: not d.gateways["sg2"].node.engine.tunnels(),
+                        "sg1's CTC discarded sg2's install")  # fmt: skip
+            sent, got = await flow(d)
+            assert got == sent
+            status = d.gateways["sg2"].node.status()
+            assert status["transfers"]["foreign_query"] == 1
+            metrics = prometheus_text(status)
+            assert 'ipsecct_cxtp_foreign_total{node="sg2",kind="query"} 1' in metrics
+        finally:
+            await asyncio.wait_for(demo.stop(d), 20)
+
+    with caplog.at_level(logging.WARNING):
+        asyncio.run(main())
+    lines = [r.getMessage() for r in caplog.records if "cxtp-not-its-transfer" in r.getMessage()]
+    assert len(lines) == 3 and all("peer=sg3" in m and "transfer_of=sg1" in m for m in lines)
+    assert any("kind=query" in m and "pair" in m for m in lines)

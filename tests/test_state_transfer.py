@@ -829,7 +829,7 @@ def test_a_standby_takes_over_a_tunnel_its_active_was_transferring_and_asks_the_
         "sg2", peers=["sg1", "sg3"], with_tunnels=False,
         extra=f'[failover]\nrole = "standby"\npeer = "sg1"\n{fo}',
     )  # fmt: skip
-    g.write("sg3", peers=["sg1", "sg2"], with_tunnels=False)
+    g.write("sg3", peers=["sg1", "sg2"], with_tunnels=False, pairs={"sg2": "sg1"})
     traffic = None
     try:
         for n in ("sg2", "sg3", "sg1"):

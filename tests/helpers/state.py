@@ -150,6 +150,7 @@ class Gateways:
     def write(
         self, name: str, *, with_tunnels: bool = True, peers: list[str] = (),  # type: ignore[assignment]
         extra: str = "", max_transfer_ms: int = 2000, transfer_extra: str = "",
+        pairs: dict[str, str] | None = None,
     ) -> str:
         for n in (name, *peers):
             if n not in self.ports:
@@ -200,6 +201,8 @@ name = "{peer}"
 address = "127.0.0.1:{q["cxtp"]}"
 allow = ["send", "request"]
 """
+                if pairs and peer in pairs:  # a fail-over pair among the peers
+                    text += f'pair = "{pairs[peer]}"\n'
         if with_tunnels:
             for i in range(self.tunnels):
                 text += f"""[[tunnel]]

@@ -147,6 +147,16 @@ class Settings:
     # transfer prepared (everything done but the COMMIT) waiting for its commit call, and
     # the longest a target waits for such a transfer's COMMIT (PREPARE_MIN .. PREPARE_MAX).
     prepare_timeout: float = 30.0
+    # Fail-over pairs among the peers (``[[peers]] pair``): per peer, the peers whose
+    # transfers it may ask about with a decision query (the standby of a source that died
+    # while transferring asks in its place: docs/cluster.md). Any other peer is answered
+    # only about its own transfers (docs/security.md, "messages bound to their peer").
+    pairs: Mapping[str, frozenset[str]] = field(default_factory=dict)
+
+
+# Messages about a transfer that is another peer's, dropped and counted per kind
+# (``foreign_<kind>`` in the counters): see TransferCore._foreign.
+FOREIGN_KINDS = ("commit", "final", "cancel", "ctdr", "query", "answer", "data")
 
 
 # -- outputs ------------------------------------------------------------------------------
@@ -587,14 +597,14 @@ class _Unresolved:
 
 
 class _Ids:
-    """A bounded set of transfer ids (the oldest forgotten first)."""
+    """A bounded set of transfers, (peer, transfer id) (the oldest forgotten first)."""
 
     def __init__(self, limit: int = 65536) -> None:
         self.limit = limit
-        self.order: deque[int] = deque()
-        self.ids: set[int] = set()
+        self.order: deque[tuple[str, int]] = deque()
+        self.ids: set[tuple[str, int]] = set()
 
-    def remember(self, tid: int) -> None:
+    def remember(self, tid: tuple[str, int]) -> None:
         if tid in self.ids:
             return
         if len(self.order) >= self.limit:
@@ -602,8 +612,13 @@ class _Ids:
         self.order.append(tid)
         self.ids.add(tid)
 
-    def __contains__(self, tid: int) -> bool:
+    def __contains__(self, tid: object) -> bool:
         return tid in self.ids
+
+    def peers_of(self, tid: int) -> list[str]:
+        """The peers a transfer ``tid`` arrived from (ids are the source's choice: two
+        peers may name the same one)."""
+        return [p for p, t in self.ids if t == tid] if self.ids else []
 
 
 @dataclass
@@ -737,6 +752,9 @@ class TransferCore:
         self.outgoing: dict[int, _Outgoing] = {}
         self.incoming: dict[tuple[str, int], _Incoming] = {}
         self.decided: dict[int, tuple[int, float]] = {}  # tid -> (decision, until)
+        # ... and the peer each was decided with (none after a restart: recall_commits):
+        # a CTDR about it from another peer is not answered with our decision.
+        self.decided_peer: dict[int, str] = {}
         self.records: deque[Record] = deque(maxlen=1000)
         self.seen: dict[tuple[str, int, int], float] = {}  # replay protection
         self.ctar_seq: dict[IPAddress, int] = {}  # highest CTAR/CT-Req sequence per MN
@@ -761,6 +779,9 @@ class TransferCore:
             # FINALs naming a last number at or below what this gateway may have sent under
             # those keys itself: the tunnel resumed past its own ceiling instead
             "stale_final": 0,
+            "queries_limited": 0,  # decision queries over their rate (per peer)
+            # messages about another peer's transfer, per kind (_foreign)
+            **{f"foreign_{k}": 0 for k in FOREIGN_KINDS},
         }
         # Reactive mode: CTARs per source and per MN (RFC 4067 §2.5 CT_REQUEST_RATE), CT-Reqs
         # per peer (both directions), (MN, sequence) pairs already requested.
@@ -768,6 +789,10 @@ class TransferCore:
         self._ctar_source = RateLimiter(rate, rate)
         self._ctar_mn = RateLimiter(rate, rate)
         self._ctreq_peer = RateLimiter(10 * rate, 20 * rate)
+        self._query_peer = RateLimiter(10 * rate, 20 * rate)  # decision queries per peer
+        # Told (peer, kind, transfer id, whose) of every message dropped as another
+        # peer's (the adapter logs it, rate-limited).
+        self.on_foreign: Callable[[str, str, int, str], None] | None = None
         self._ctar_seen: dict[tuple[IPAddress, int], float] = {}
         # Tunnels that arrived from a peer: FORWARDs from that peer are taken for them until
         # the time given (this gateway's forward_time after the commit).
@@ -1075,6 +1100,7 @@ class TransferCore:
         if tunnels is None:
             _move(og, OutgoingState.ABORTED)
             self.decided[og.tid] = (2, now + self.settings.retry_max)
+            self.decided_peer[og.tid] = og.peer
             self.outgoing.pop(og.tid, None)
             og.record.outcome, og.record.detail, og.record.ended = outcome, detail, now
             self.records.append(og.record)
@@ -1101,7 +1127,14 @@ class TransferCore:
                 # A target still waiting for the COMMIT of a transfer whose outcome this
                 # restarted source does not know: ask it now (it takes the query for the
                 # COMMIT), rather than cancel or wait for the next query.
-                return self._query(u, now) if u.peer == peer else []
+                if u.peer == peer:
+                    return self._query(u, now)
+                return self._foreign(peer, "ctdr", tag.transfer_id, u.peer)
+            # An answer about a transfer of ours with another peer (running, or decided:
+            # our decision is that peer's to hear, not this one's).
+            whose = og.peer if og is not None else self.decided_peer.get(tag.transfer_id)
+            if whose is not None and whose != peer:
+                return self._foreign(peer, "ctdr", tag.transfer_id, whose)
             # A CTDR re-sent by a target that missed our decision: repeat it.
             dec = self.decided.get(tag.transfer_id)
             if dec is None:
@@ -1202,6 +1235,7 @@ class TransferCore:
         og.tunnels = accepted
         _move(og, OutgoingState.COMMITTED)
         self.decided[og.tid] = (DECISION_COMMIT, now + self.settings.retry_max)
+        self.decided_peer[og.tid] = og.peer
         self.outgoing.pop(og.tid, None)
         # From here on nothing is sent or accepted here on them (make-before-break: they
         # sent and received until this moment): their final anti-replay states (exact, the
@@ -1413,6 +1447,7 @@ class TransferCore:
         self.outgoing.pop(og.tid, None)
         self.unresolved.pop(og.tid, None)
         self.decided[og.tid] = (DECISION_COMMIT, now + self.settings.retry_max)
+        self.decided_peer[og.tid] = og.peer
         out: list[Output] = []
         self.engine.forward_until(accepted, now + self.settings.forward_time)
         if accepted:
@@ -1712,8 +1747,10 @@ class TransferCore:
     ) -> list[Output]:
         """Source: the answer to a decision query."""
         u = self.unresolved.get(tag.transfer_id)
-        if u is None or u.peer != peer:
+        if u is None:
             return []  # not asked (or answered already): nothing changes
+        if u.peer != peer:
+            return self._foreign(peer, "answer", u.tid, u.peer)  # asked another peer
         # Per tunnel: a "taken" answer may name SAs the target refused (never activated
         # there, and never will be: the transfer is decided), as its CTDR did.
         refused_keys: set[tuple[int, int, IPAddress]] = set()
@@ -1775,14 +1812,34 @@ class TransferCore:
     ) -> list[Output]:
         """Target: ``peer`` restarted and asks whether this gateway took transfer
         ``tag.transfer_id``. "Not taken" only when this gateway never sent on its tunnels
-        and never will: the asking source then sends on them again."""
+        and never will: the asking source then sends on them again.
+
+        Only the transfer's source, or a peer of its fail-over pair (``Settings.pairs``),
+        is answered about a transfer this gateway knows: another peer's query would commit
+        it (pending), cancel it (receiving) or refuse its late messages, and the source,
+        alive, could roll back and send beside us. Such a query is counted
+        (``foreign_query``) and not acted on; about a transfer from another peer that was
+        installed here it is answered "taken" (what this gateway did, whoever asks: it
+        changes nothing here, and the asker, if it holds the tunnels, stops sending)."""
         tid = tag.transfer_id
+        if not self._query_peer.allow(peer, now):
+            self.counters["queries_limited"] += 1
+            return []  # not even an answer: the peer floods us (a source asks again)
+        pairs = self.settings.pairs.get(peer, frozenset())
         inc = self.incoming.get((peer, tid))
         if inc is None:
             # Asked by another peer than the source: the fail-over standby of a source that
             # died while transferring (it took the tunnels over held, marked leaving, and
             # asks for it: docs/cluster.md). The answer is the same as to the source.
-            inc = next((i for (_p, t), i in self.incoming.items() if t == tid), None)
+            others = [i for (p, t), i in self.incoming.items() if t == tid and p != peer]
+            inc = next((i for i in others if i.peer in pairs), None)
+            if inc is None and others:
+                taken = others[0].state is IncomingState.ACTIVE
+                return self._foreign_query(peer, msg, tid, others[0].peer, taken)
+            if inc is None:
+                came = self._arrivals.peers_of(tid)
+                if came and peer not in came and not pairs.intersection(came):
+                    return self._foreign_query(peer, msg, tid, came[0], True)
         source = inc.peer if inc is not None else peer
         out: list[Output] = []
         if inc is not None and inc.state is IncomingState.ACTIVE:
@@ -1812,7 +1869,9 @@ class TransferCore:
         else:
             # Forgotten (or this gateway restarted): taken if it ever installed them, or if
             # its record of that may have been pruned (the AGE the source says is too old).
-            taken = tid in self._arrivals or (
+            taken = (peer, tid) in self._arrivals or any(
+                (p, tid) in self._arrivals for p in pairs
+            ) or (
                 self.journal is not None
                 and self.journal.may_have_arrived(tid, peer, parse_age(msg.ext[1:]))
             )
@@ -1846,6 +1905,21 @@ class TransferCore:
             if len(refused) > MAX_REFUSED_IN_ANSWER:
                 refused = []
         return [*out, Send(peer, cxtp.DQ(msg.mn_prev, answer, (ttag, *refused)))]
+
+    def _foreign_query(
+        self, peer: str, msg: cxtp.DQ, tid: int, whose: str, taken: bool
+    ) -> list[Output]:
+        """A decision query from ``peer`` about ``whose``'s transfer ``tid`` (``peer`` is
+        not of its fail-over pair): nothing changes here. Answered only "taken" when its
+        tunnels were installed here (and may have been sent on): the safe answer for any
+        asker; else not answered (the legitimate asker, a standby whose pair is not
+        configured here, asks again and gets "taken" once the transfer is decided)."""
+        self._foreign(peer, "query", tid, whose)
+        if not taken:
+            return []
+        self.counters["queries_answered"] += 1
+        ttag = cxtp.TransferTag(tid, 0).encode()
+        return [Send(peer, cxtp.DQ(msg.mn_prev, cxtp.Answer.TAKEN, (ttag,)))]
 
     def forward(
         self, peer: str, packet: bytes, inbound: bool, og: _Outgoing | None = None
@@ -1922,6 +1996,8 @@ class TransferCore:
             pkt, inbound = parse_forward(msg.cdbs[1])
             if not self._forward_allowed(peer, pkt, inbound, now):
                 self.counters["forward_refused"] += 1
+                if self.on_foreign is not None:
+                    self.on_foreign(peer, "forward", tag.transfer_id, "")
                 return []
             return [Inject(pkt, inbound)]
         if isinstance(msg, cxtp.DQ):
@@ -2053,6 +2129,8 @@ class TransferCore:
         Only for a pending transfer from that peer; a malformed CDB is counted and left out
         (the tunnel keeps the snapshot's window and the cap: docs/security.md)."""
         inc = self.incoming.get((peer, tag.transfer_id))
+        if inc is None and (whose := self._whose_incoming(peer, tag.transfer_id)) is not None:
+            return self._foreign(peer, "final", tag.transfer_id, whose)
         if inc is None or inc.state is not IncomingState.PENDING:
             self.counters["refused"] += 1
             return []
@@ -2096,6 +2174,13 @@ class TransferCore:
             # late message of it from the dead connection must not install it now.
             self.counters["refused"] += 1
             return []
+        if inc is None and (whose := self._whose_incoming(peer, tag.transfer_id)) is not None:
+            # The id of another peer's transfer towards us (ids are the source's choice):
+            # refused, so that a query, a COMMIT or the durable state never takes one for
+            # the other.
+            self.seen.pop((peer, tag.transfer_id, tag.seq), None)
+            self._foreign(peer, "data", tag.transfer_id, whose)
+            return [self._refusal(peer, msg.mn_prev, tag.transfer_id, cxtp.Status.BUSY)]
         if inc is None:
             busy = sum(
                 1
@@ -2217,7 +2302,7 @@ class TransferCore:
         for t in inc.tunnels:
             t.came_from = inc.peer  # (the IKE SA of a unit may follow the COMMIT and name it)
         if inc.tunnels:
-            self._arrivals.remember(inc.tid)
+            self._arrivals.remember((inc.peer, inc.tid))
         if inc.tunnels and self.journal is not None:
             # Recorded pending and reserved past the transferred sequence number while the
             # CTDR travels: the tunnels are activated (and their SAs may send) only once that
@@ -2509,7 +2594,10 @@ class TransferCore:
         self, peer: str, tag: cxtp.TransferTag, now: float, grant: int = 0
     ) -> list[Output]:
         inc = self.incoming.get((peer, tag.transfer_id))
-        if inc is None or inc.state is not IncomingState.PENDING or inc.committing:
+        if inc is None:
+            whose = self._whose_incoming(peer, tag.transfer_id)
+            return [] if whose is None else self._foreign(peer, "commit", tag.transfer_id, whose)
+        if inc.state is not IncomingState.PENDING or inc.committing:
             return []
         inc.committing = True
         if inc.recorded is not None and not inc.recorded.settled:
@@ -2517,6 +2605,21 @@ class TransferCore:
                 return self._activate(inc, now)
             return []  # activated by settled() once "pending" and the first block are durable
         return self._activate(inc, now)
+
+    def _whose_incoming(self, peer: str, tid: int) -> str | None:
+        """The peer (not ``peer``) whose transfer ``tid`` towards us is known here, if any
+        (ids are the source's choice: another peer may name one; a few entries per peer)."""
+        return next((p for (p, t) in self.incoming if t == tid and p != peer), None)
+
+    def _foreign(self, peer: str, kind: str, tid: int, whose: str) -> list[Output]:
+        """A message of ``kind`` from ``peer`` about transfer ``tid``, which is ``whose``'s
+        (another peer's): not acted on (acting on it would commit, cancel, query or feed
+        another gateway's transfer, docs/security.md). Counted per kind; the adapter is
+        told (one log line, rate-limited)."""
+        self.counters[f"foreign_{kind}"] += 1
+        if self.on_foreign is not None:
+            self.on_foreign(peer, kind, tid, whose)
+        return []
 
     def _grant(self, inc: _Incoming, grant: int) -> bool:
         """The COMMIT grants ``grant`` numbers past each tunnel's transferred number (the
@@ -2619,14 +2722,22 @@ class TransferCore:
         return [Transmit(res.sa, res.data)] if isinstance(res, ToPeer) else []
 
     def _on_cancel(self, peer: str, tag: cxtp.TransferTag, now: float) -> list[Output]:
-        inc = self.incoming.get((peer, tag.transfer_id))
+        tid = tag.transfer_id
+        inc = self.incoming.get((peer, tid))
         if inc is not None and inc.state in OPEN_INCOMING and not inc.committing:
             return self._discard(inc, now, "cancelled by source")
-        og = self.outgoing.get(tag.transfer_id)
+        og = self.outgoing.get(tid)
         if og is not None and og.peer == peer and og.state in (
             OutgoingState.SENT, OutgoingState.PREPARED
         ):
             return self._rollback(og, now, "cancelled", f"{peer} cancelled")
+        if inc is None:
+            # Another peer's transfer (towards us, or ours to another peer): not this
+            # peer's to cancel.
+            whose = og.peer if og is not None and og.peer != peer else None
+            whose = whose or self._whose_incoming(peer, tid)
+            if whose is not None:
+                return self._foreign(peer, "cancel", tid, whose)
         return []
 
     def _discard(
@@ -2797,6 +2908,7 @@ class TransferCore:
             for tid, (_, until) in list(self.decided.items()):
                 if now >= until:
                     del self.decided[tid]
+                    self.decided_peer.pop(tid, None)
             for key, until in list(self.seen.items()):
                 if now >= until:
                     del self.seen[key]

@@ -83,6 +83,9 @@ class PeerConfig:
     address: Endpoint
     outer: IPAddress | None
     allow: frozenset[str]
+    # ``pair``: the peer this one forms a fail-over pair with (either may ask this gateway,
+    # with a decision query, about the other's transfers: docs/security.md)
+    pair: str | None = None
 
 
 @dataclass(frozen=True)
@@ -1108,6 +1111,7 @@ def _transfer(
         s.supported_enc = frozenset(enc)
         s.supported_integ = frozenset(integ | {INTEG_NAMES["none"]})
     peers = _peers(data.get("peers", []), ctx)
+    s.pairs = peer_pairs(peers)
     cands = t.get("candidates", [])
     if not isinstance(cands, list) or any(c not in peers for c in cands):
         raise ctx.err("transfer.candidates", "must list names of [[peers]]")
@@ -1157,8 +1161,10 @@ def _peers(plist: Any, ctx: _Ctx) -> dict[str, PeerConfig]:
         if not isinstance(p, dict):
             raise ctx.err(where, "needs a name")
         for k in p:  # before "needs a name": a misspelt name key is named as such
-            if k not in ("name", "address", "outer", "allow"):
-                raise ctx.err(f"{where}.{k}", "unknown key (expected name, address, outer, allow)")
+            if k not in ("name", "address", "outer", "allow", "pair"):
+                raise ctx.err(
+                    f"{where}.{k}", "unknown key (expected name, address, outer, allow, pair)"
+                )
         if not isinstance(p.get("name"), str):
             raise ctx.err(where, "needs a name")
         try:
@@ -1171,8 +1177,25 @@ def _peers(plist: Any, ctx: _Ctx) -> dict[str, PeerConfig]:
             raise ctx.err(f"{where}.allow", 'must be a list of "send" and "request"')
         if p["name"] in peers:  # the later entry replaced the earlier one without a word
             raise ctx.err(f"{where}.name", f"{p['name']!r} is listed twice")
-        peers[p["name"]] = PeerConfig(p["name"], addr, outer, frozenset(allow))
+        pair = p.get("pair")
+        if pair is not None and (not isinstance(pair, str) or pair == p["name"]):
+            raise ctx.err(f"{where}.pair", "must name another of the [[peers]]")
+        peers[p["name"]] = PeerConfig(p["name"], addr, outer, frozenset(allow), pair)
+    for i, q in enumerate(peers.values()):
+        if q.pair is not None and q.pair not in peers:
+            raise ctx.err(f"peers[{i}].pair", "must name another of the [[peers]]")
     return peers
+
+
+def peer_pairs(peers: dict[str, PeerConfig]) -> dict[str, frozenset[str]]:
+    """Per peer, the peers whose transfers it may ask about: its fail-over pair, named in
+    either entry (the roles of a pair swap at a take-over)."""
+    out: dict[str, set[str]] = {}
+    for q in peers.values():
+        if q.pair is not None:
+            out.setdefault(q.name, set()).add(q.pair)
+            out.setdefault(q.pair, set()).add(q.name)
+    return {k: frozenset(v) for k, v in out.items()}
 
 
 def _balance(b: Any, ctx: _Ctx, peers: dict[str, PeerConfig]) -> BalanceConfig:

@@ -510,7 +510,14 @@ def prometheus_text(status: dict[str, Any]) -> str:
             "# TYPE ipsecct_cxtp_handshakes_rate_limited_total counter",
             f'ipsecct_cxtp_handshakes_rate_limited_total{{node="{node}"}} '
             f'{tr.get("handshakes_rate_limited", 0)}',
+            "# HELP ipsecct_cxtp_foreign_total CXTP messages from a peer about a transfer"
+            " that is another peer's, dropped (docs/security.md), per kind.",
+            "# TYPE ipsecct_cxtp_foreign_total counter",
         ]
+        lines += [
+            f'ipsecct_cxtp_foreign_total{{node="{node}",kind="{k[8:]}"}} {v}'
+            for k, v in tr.items() if k.startswith("foreign_")
+        ]  # fmt: skip
     for k, v in status.get("metrics", {}).items():
         lines.append(f'ipsecct_{k}{{node="{node}"}} {v}')
     return "\n".join(lines) + "\n"

@@ -80,6 +80,7 @@ class TransferService:
         self.quiesce: Callable[[list[Tunnel]], Awaitable[list[Tunnel]]] | None = None
         self.core.on_start = self._started
         self.core.on_unresolved = self._unresolved
+        self.core.on_foreign = self._foreign
         self._next_gc = 0.0
         node.on_held = self._on_held
         # Others that hold packets (fail-over fencing): each says whether it kept one.
@@ -174,6 +175,20 @@ class TransferService:
         rolled back and the request processed here (docs/ikev2.md)."""
         self.run(self.core.cancel_prepared(
             spis, self.node.clock(), "the MN's IKE request must be answered here"))  # fmt: skip
+
+    def _foreign(self, peer: str, kind: str, tid: int, whose: str) -> None:
+        """A message about a transfer that is not this peer's (or a FORWARD for no tunnel
+        it moved here just now): dropped by the core and counted; one line, rate-limited
+        per peer and kind (a hostile peer cannot flood the log with them)."""
+        extra: dict[str, Any] = {}
+        if kind == "query" and whose:
+            extra["hint"] = (f"if {peer} is the fail-over pair of {whose}, say so:"
+                             f" pair = {whose!r} in its [[peers]] entry")  # fmt: skip
+        self._quiet.event(
+            log, "cxtp-not-its-transfer", logging.WARNING, key=f"{peer}/{kind}",
+            node=self.node.name, peer=peer, kind=kind, id=f"{tid:016x}",
+            transfer_of=whose or "-", effect="dropped", **extra,
+        )  # fmt: skip
 
     def report(self, rec: Record) -> None:
         """A record from outside the core (a fail-over take-over): listed and announced like
