@@ -61,6 +61,29 @@ def test_a_request_that_arrives_before_its_ike_sa_is_answered_once_it_has_come(
     assert svc.engine.stats["liveness-answered"] == 1
 
 
+def test_a_request_forwarded_early_by_another_peer_is_not_replayed(tmp_path: Path) -> None:
+    """Kept early, an IKE request forwarded by a peer gateway is processed once its IKE SA
+    is here only if that very peer handed the IKE SA over (as receive_forwarded checks
+    for one that comes after it): sg3 forwarding for the IKE SA sg1 hands over is refused
+    (``forward-refused``); the same request forwarded by sg1 is answered."""
+    from ipsecct.ikev2 import context as ike_context
+
+    for via, answered in (("sg3", 0), ("sg1", 1)):
+        w = pair(mn_conn(dpd=10), conn(dpd=10))
+        connect(w)
+        (ike_i,), (ike_r,) = w.ini.ike_sas(), w.resp.ike_sas()
+        cdbs = w.resp.export_ike(ike_r, 1.0)
+        svc = _service(tmp_path)
+        (req,) = [o for o in w.ini.liveness(ike_i, 1.0) if isinstance(o, Send)]
+        svc.on_transfer(Record(1, "target", "sg1", "predictive", 0.0, 0.0, "committed"))
+        svc.receive_forwarded(via, ike_context.encode_forward(req.data, I500, R500))
+        assert svc.engine.stats["early-kept"] == 1
+        svc.receive_context("sg1", cdbs)
+        assert svc.engine.stats["early-replayed"] == answered
+        assert svc.engine.stats["liveness-answered"] == answered
+        assert svc.engine.stats["forward-refused"] == 1 - answered
+
+
 def test_replay_counter_sync_moves_our_outbound_counters_forward(tmp_path: Path) -> None:
     """RFC 6311 as the peer: the member that took our IKE SA over asks us to advance the
     outbound ESP counters of its CHILD SAs; the adapter moves the installed SAs forward by the

@@ -130,7 +130,8 @@ class IkeService:
         # IKE messages that came, just after a transfer to us, for an IKE SA not here yet
         self._early_until = 0.0
         self._early_since = 0.0  # when that transfer committed
-        self._early: list[tuple[float, bytes, Address, Address]] = []
+        # (when, message, source, destination, the peer gateway that forwarded it or None)
+        self._early: list[tuple[float, bytes, Address, Address, str | None]] = []
         # called with every event the engine reports (not Send): IKE SAs up and down,
         # failed initiations, ... (the demo watches them)
         self.listeners: list[Callable[[Output], None]] = []
@@ -388,7 +389,7 @@ class IkeService:
             # A transfer to us just committed: the peer's request may be here (the virtual
             # address moved, or a retransmission) before the IKE SA's context: kept for it
             if len(self._early) < EARLY_IKE_MAX:
-                self._early.append((now, data, src, dst))
+                self._early.append((now, data, src, dst, None))
                 self.engine.stats["early-kept"] += 1
             return
         if self._moved and self._forwarded(data, src, dst, now):
@@ -453,7 +454,7 @@ class IkeService:
         arrived = self._arrived.get(key)
         if ike is None and now < self._early_until:  # its context still on its way: kept
             if len(self._early) < EARLY_IKE_MAX:
-                self._early.append((now, data, src, dst))
+                self._early.append((now, data, src, dst, peer))
                 self.engine.stats["early-kept"] += 1
             return
         if (ike is None or arrived is None or arrived[0] != peer or now >= arrived[1]
@@ -462,6 +463,14 @@ class IkeService:
             return
         self.engine.stats["forward-received"] += 1
         self._act(self.engine.receive(data, src, ike.local, now))
+
+    def _forwarded_by_its_peer(self, data: bytes, src: Address, via: str) -> bool:
+        """Was an IKE message forwarded by ``via`` (kept early) for an IKE SA that ``via``
+        handed over to us, from that IKE SA's own peer address?"""
+        key = self._our_spi(data)
+        ike = self.engine.by_spi.get(key)
+        arrived = self._arrived.get(key)
+        return ike is not None and arrived is not None and arrived[0] == via and src == ike.remote
 
     def _not_here_yet(self, data: bytes) -> bool:
         """An IKE message (not IKE_SA_INIT) whose SPI we chose is not one of our IKE SAs."""
@@ -992,11 +1001,15 @@ class IkeService:
             # made them ours) and what it still sends to the old gateway is forwarded
             self._act(self.engine.announce_move(ike, here, now))
         early, self._early = self._early, []
-        for t, data, src, dst in early:  # what came for it before it
+        for t, data, src, dst, via in early:  # what came for it before it
             if now - t >= EARLY_IKE_TIME:
                 continue
             if self._not_here_yet(data):  # another IKE SA's, still on its way
-                self._early.append((t, data, src, dst))
+                self._early.append((t, data, src, dst, via))
+            elif via is not None and not self._forwarded_by_its_peer(data, src, via):
+                # forwarded by a gateway that did not hand that IKE SA over (or not from
+                # its own peer's address): as receive_forwarded refuses it
+                self.engine.stats["forward-refused"] += 1
             else:
                 self.engine.stats["early-replayed"] += 1
                 self._act(self.engine.receive(data, src, dst, now))
