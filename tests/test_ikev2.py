@@ -11,9 +11,12 @@ import contextlib
 import dataclasses
 import functools
 import ipaddress
+import logging
 import os
 import re
 import struct
+from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -1167,7 +1170,7 @@ children.net.remote_ts = ["10.2.0.0/16"]
     assert c.crls is not None and c.crls() == [crl]
     empty = _crl(ca, ca_key, [])
     (d / "ca.crl").write_bytes(empty.public_bytes(serialization.Encoding.DER))  # type: ignore[attr-defined]
-    assert c.crls() == [empty]
+    _until_crls(c.crls, [empty])  # read again on a thread: in use once it is done
     (d / "ca.crl").write_bytes(b"not a list, and longer than the last")
     assert c.crls() == [empty]
     for text, why in [
@@ -1178,6 +1181,81 @@ children.net.remote_ts = ["10.2.0.0/16"]
         (d / "b.toml").write_text(text + '[secrets.private-gw]\nfile = "gw.key"\n')
         with pytest.raises(ConfigError, match=why):
             config.load(d / "b.toml")
+
+
+def _until_crls(crls: Any, want: list[object], timeout: float = 10.0) -> None:
+    """Ask for the lists (as each authentication does) until they are ``want``."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while crls() != want:
+        assert time.monotonic() < deadline, "the changed revocation list is never used"
+        time.sleep(0.01)
+
+
+def test_a_changed_crl_is_parsed_off_the_loop_and_a_bad_one_keeps_the_last_lists(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """remote.crls changed on disk: read and parsed on a thread (not on the caller's, the
+    event loop's: a large CA's list is megabytes), the last good lists in use meanwhile. A
+    file over the size bound, or one that does not parse, gives one clear log line
+    (``crl-unreadable``, however often the lists are asked for) and keeps the last lists."""
+    import threading
+
+    from cryptography.hazmat.primitives import serialization
+
+    from ipsecct.gateway import config
+
+    d = tmp_path
+    ca, cert, _key, ca_key = _pki("p256")
+
+    def put(data: bytes) -> None:  # as an operator or a cron job replaces it: at once
+        (d / "new.crl").write_bytes(data)
+        os.replace(d / "new.crl", d / "ca.crl")
+
+    crl = _crl(ca, ca_key, [cert])
+    put(crl.public_bytes(serialization.Encoding.PEM))  # type: ignore[attr-defined]
+    read = config.read_limited
+    readers: list[str] = []
+
+    def recording(p: Any, limit: int) -> bytes:
+        readers.append(threading.current_thread().name)
+        return read(p, limit)
+
+    monkeypatch.setattr(config, "read_limited", recording)
+    current = config.crl_reader(str(d / "gw.toml"))(["ca.crl"])
+    assert current() == [crl] and readers == ["MainThread"]  # at load: a config error if bad
+    empty = _crl(ca, ca_key, [])
+    put(empty.public_bytes(serialization.Encoding.DER))  # type: ignore[attr-defined]
+    _until_crls(current, [empty])
+    assert readers[1:] and all(n.startswith("crl") for n in readers[1:])
+
+    def lines() -> list[str]:
+        return [r.getMessage() for r in caplog.records if "crl-unreadable" in r.getMessage()]
+
+    def until_lines(n: int) -> None:
+        import time
+
+        deadline = time.monotonic() + 10
+        while len(lines()) < n:
+            assert time.monotonic() < deadline, lines()
+            assert current() == [empty]
+            time.sleep(0.01)
+        for _ in range(20):  # asked again and again: the same lists, no more lines
+            assert current() == [empty]
+        assert len(lines()) == n
+
+    monkeypatch.setattr(config, "CRL_LIMIT", 4096)
+    caplog.set_level(logging.WARNING)
+    put(b"0" * 8192)
+    until_lines(1)
+    assert "larger than" in lines()[0] and "the last lists read from it are used" in lines()[0]
+    put(b"-----BEGIN X509 CRL-----\ngarbage\n-----END X509 CRL-----\n")
+    until_lines(2)
+    assert "holds no X.509 revocation list" in lines()[1]
+    (d / "ca.crl").unlink()
+    until_lines(3)
+    assert "cannot read revocation list" in lines()[2]
 
 
 # -- the IKE SA context: moving an IKE SA with its CHILD SAs -----------------------------------

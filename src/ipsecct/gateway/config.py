@@ -8,6 +8,7 @@ environment variable holding the same text (``keys_env = "NAME"``). See ``exampl
 
 from __future__ import annotations
 
+import concurrent.futures
 import ipaddress
 import logging
 import math
@@ -1397,19 +1398,37 @@ def load_connections(data: dict[str, Any], path: str) -> list[Connection]:
                              load_private_keys(data, path), crl_reader(path))  # fmt: skip
 
 
+_CRL_POOL: list[concurrent.futures.ThreadPoolExecutor] = []  # one thread, made when needed
+
+
+def _crl_pool() -> concurrent.futures.ThreadPoolExecutor:
+    if not _CRL_POOL:
+        _CRL_POOL.append(concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="crl"))
+    return _CRL_POOL[0]
+
+
 def crl_reader(
     path: str,
 ) -> Callable[[list[str]], Callable[[], list[x509.CertificateRevocationList]]]:
     """For ``remote.crls``: the files are read now (ConfigError if one is not a revocation
     list, PEM or DER), and then again whenever one changed on disk (its mtime, size or
-    inode), at the next authentication that asks: a CRL replaced by the operator or a cron job
-    is used without a restart. A file that cannot be read or parsed later keeps the last good
-    lists and is logged once per change (``crl-unreadable``)."""
+    inode): a CRL replaced by the operator or a cron job is used without a restart.
+
+    A changed file is read and parsed on a thread of its own, never on the event loop (a
+    large CA's list is megabytes, its file may be on a slow disk): the authentication that
+    sees the change, and those after it until the thread is done, use the last good lists;
+    the next one uses the new lists. Every entry is parsed there (the library parses them
+    lazily: a damaged entry would otherwise raise inside an authentication). A file that
+    cannot be read, is larger than CRL_LIMIT or does not parse keeps the last good lists and
+    is logged once per change (``crl-unreadable``)."""
     from cryptography import x509
+
+    log = logging.getLogger("ipsecct.gateway.config")
 
     def load(names: list[str]) -> Callable[[], list[x509.CertificateRevocationList]]:
         files = [_file(path, n) for n in names]
         cache: dict[Path, tuple[tuple[int, int, int], list[x509.CertificateRevocationList]]] = {}
+        jobs: dict[Path, concurrent.futures.Future[list[x509.CertificateRevocationList]]] = {}
 
         def read(p: Path) -> list[x509.CertificateRevocationList]:
             try:
@@ -1418,8 +1437,11 @@ def crl_reader(
                 raise ConfigError(f"cannot read revocation list {p}: {exc.strerror}") from None
             try:
                 if b"-----BEGIN" in data:
-                    return [x509.load_pem_x509_crl(data)]
-                return [x509.load_der_x509_crl(data)]
+                    crl = x509.load_pem_x509_crl(data)
+                else:
+                    crl = x509.load_der_x509_crl(data)
+                crl.get_revoked_certificate_by_serial_number(0)  # parses every entry
+                return [crl]
             except ValueError:
                 raise ConfigError(f"{p} holds no X.509 revocation list (PEM or DER)") from None
 
@@ -1433,21 +1455,35 @@ def crl_reader(
             except OSError as exc:
                 raise ConfigError(f"cannot read revocation list {p}: {exc.strerror}") from None
 
+        def unreadable(p: Path, error: object) -> None:
+            log.warning("event=crl-unreadable file=%s error=%s effect=%s", p, error,
+                        "the last lists read from it are used")  # fmt: skip
+
         def current() -> list[x509.CertificateRevocationList]:
             out: list[x509.CertificateRevocationList] = []
             for p in files:
-                seen, crls = cache[p]
-                try:
-                    now = stamp(p)
-                    if now != seen:
-                        cache[p] = (now, crls)  # tried once per change
-                        crls = read(p)
-                        cache[p] = (now, crls)
-                except (OSError, ConfigError) as exc:
-                    logging.getLogger("ipsecct.gateway.config").warning(
-                        "event=crl-unreadable file=%s error=%s effect=%s", p, exc,
-                        "the last lists read from it are used")  # fmt: skip
-                out += crls
+                seen = cache[p][0]
+                job = jobs.get(p)
+                if job is not None and job.done():
+                    del jobs[p]
+                    try:
+                        cache[p] = (seen, job.result())
+                    except (OSError, ConfigError) as exc:
+                        unreadable(p, exc)
+                    except Exception as exc:  # (what a file does is never a traceback)
+                        unreadable(p, f"{type(exc).__name__}: {exc}")
+                if p not in jobs:
+                    try:
+                        now = stamp(p)
+                    except OSError as exc:
+                        now = (-1, -1, -1)  # gone: logged once, until it changes again
+                        if seen != now:
+                            unreadable(p, f"cannot read revocation list {p}: {exc.strerror}")
+                            cache[p] = (now, cache[p][1])
+                    if now != seen and now != (-1, -1, -1):
+                        cache[p] = (now, cache[p][1])  # tried once per change
+                        jobs[p] = _crl_pool().submit(read, p)
+                out += cache[p][1]
             return out
 
         return current
