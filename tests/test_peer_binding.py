@@ -173,6 +173,32 @@ def test_the_fail_over_pair_of_the_source_may_ask_others_may_not() -> None:
             assert isinstance(answer, cxtp.DQ) and answer.answer == cxtp.Answer.TAKEN
 
 
+def test_a_third_peers_query_does_not_cancel_a_transfer_still_arriving() -> None:
+    """sg1's contexts come in two messages; after the first, sg3 asks sg2 about the
+    transfer. Before, sg2 cancelled it ("the source asked") and refused the rest; now the
+    query is dropped and the second message completes the transfer."""
+    import dataclasses
+
+    w = world()
+    g2 = w.gw["sg2"]
+    tid = w.transfer("sg1", "sg2")
+    whole = w.drop("sg1", "sg2")
+    assert isinstance(whole, cxtp.PCTD) and len(whole.cdbs) == 3
+    first = dataclasses.replace(whole, cdbs=(tag(tid), whole.cdbs[1]))
+    rest = dataclasses.replace(
+        whole, cdbs=(cxtp.TransferTag(tid, 1, last=True).encode(), whole.cdbs[2])
+    )
+    w.post("sg1", "sg2", cxtp.encode(first))
+    w.deliver("sg1", "sg2")
+    assert g2.core.incoming[("sg1", tid)].state.value == "receiving"
+    from_sg3(w, "sg2", hostile("query", tid))
+    assert g2.core.counters["foreign_query"] == 1 and not w.pending("sg2", "sg3")
+    w.post("sg1", "sg2", cxtp.encode(rest))
+    w.deliver_all()
+    assert w.gw["sg1"].finished[-1].outcome == "committed"
+    assert g2.engine.tunnels()[0].state is TunnelState.ACTIVE
+
+
 def test_a_query_about_another_peers_committed_transfer_is_answered_taken_only() -> None:
     """Once sg1's transfer is active at sg2, sg3's query about it is answered "taken"
     (the safe answer whoever asks; nothing changes at sg2), counted as foreign; a query
