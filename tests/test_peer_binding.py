@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ipsecct.ct import context, cxtp
-from ipsecct.ct.transfer import Settings, decision_cdb, final_cdb
+from ipsecct.ct.transfer import Settings, decision_cdb, final_cdb, prepare_cdb
 from ipsecct.ipsec.engine import TunnelState
 from tests.helpers.transfer import MN_ADDR, SPI_DOWN, SPI_UP, World, ip
 
@@ -38,6 +38,8 @@ def hostile(kind: str, tid: int) -> cxtp.Message:
         return cxtp.CTC(mn, (tag(tid),))
     if kind == "final":
         return cxtp.CTD(mn, 0, (tag(tid), final_cdb(SPI_DOWN, SPI_UP, 1, 0, b"")))
+    if kind == "prepare":
+        return cxtp.CTD(mn, 0, (tag(tid), prepare_cdb(3600)))
     if kind == "ctdr":
         ok = (cxtp.StatusEntry(context.FPT_IPSEC_SA, cxtp.Status.SUCCESS),)
         return cxtp.CTDR(mn, True, ok, (tag(tid, last=True),))
@@ -102,7 +104,7 @@ def test_a_third_peers_commit_cancel_final_and_ctdr_are_dropped_and_counted() ->
     g1, g2 = w.gw["sg1"], w.gw["sg2"]
     tid = w.transfer("sg1", "sg2")
     w.deliver("sg1", "sg2")
-    for kind in ("commit", "final", "cancel"):
+    for kind in ("prepare", "commit", "final", "cancel"):
         from_sg3(w, "sg2", hostile(kind, tid))
     assert g2.engine.tunnels()[0].state is TunnelState.HELD
     for kind in ("ctdr", "cancel"):
@@ -110,7 +112,8 @@ def test_a_third_peers_commit_cancel_final_and_ctdr_are_dropped_and_counted() ->
     assert g1.engine.tunnels()[0].state is TunnelState.HELD  # still waiting for sg2
     assert not w.pending("sg1", "sg3") and not w.pending("sg2", "sg3")
     assert (g2.core.counters["foreign_commit"], g2.core.counters["foreign_final"],
-            g2.core.counters["foreign_cancel"]) == (1, 1, 1)  # fmt: skip
+            g2.core.counters["foreign_cancel"], g2.core.counters["foreign_prepare"]) == (
+                1, 1, 1, 1)  # fmt: skip
     assert (g1.core.counters["foreign_ctdr"], g1.core.counters["foreign_cancel"]) == (1, 1)
     w.deliver_all()
     assert g1.finished[-1].outcome == "committed"
@@ -237,7 +240,8 @@ STEPS = st.lists(
         st.tuples(
             st.sampled_from(["sg1", "sg2"]),
             st.sampled_from(
-                ["commit", "cancel", "final", "ctdr", "query", "taken", "not_taken", "copy"]
+                ["commit", "cancel", "final", "ctdr", "query", "taken", "not_taken", "copy",
+                 "prepare"]
             ),
         ),
     ),

@@ -259,8 +259,9 @@ def test_a_prepared_transfer_rolls_back_on_a_lost_channel_a_ctc_or_an_ike_reques
 def test_a_restarted_source_asking_gets_its_prepared_tunnels_back(asker: str) -> None:
     """The source restarted while prepared (its "leaving" row durable), or its fail-over
     standby (sg3) took the tunnels over marked leaving: its decision query is not taken for
-    a COMMIT (none was sent): "not taken", the target discards."""
-    w = world()
+    a COMMIT (none was sent): "not taken", the target discards. (sg2 knows sg1 and sg3 as a
+    fail-over pair: another peer's query would be dropped, tests/test_peer_binding.py.)"""
+    w = world(pairs={"sg3": frozenset({"sg1"})})
     sg2 = w.gw["sg2"]
     tid = prepare(w)
     q = cxtp.DQ(w.mn_out.src, cxtp.Answer.QUERY, (cxtp.TransferTag(tid, 0).encode(),))

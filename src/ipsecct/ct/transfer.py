@@ -156,7 +156,7 @@ class Settings:
 
 # Messages about a transfer that is another peer's, dropped and counted per kind
 # (``foreign_<kind>`` in the counters): see TransferCore._foreign.
-FOREIGN_KINDS = ("commit", "final", "cancel", "ctdr", "query", "answer", "data")
+FOREIGN_KINDS = ("commit", "final", "cancel", "ctdr", "query", "answer", "data", "prepare")
 
 
 # -- outputs ------------------------------------------------------------------------------
@@ -1384,6 +1384,10 @@ class TransferCore:
                     og.deadline = self._prepare_deadline(og)
             return []
         inc = self.incoming.get((peer, tag.transfer_id))
+        if inc is None:
+            whose = og.peer if og is not None else self._whose_incoming(peer, tag.transfer_id)
+            if whose is not None:  # another peer's transfer: not this one's to prolong
+                return self._foreign(peer, "prepare", tag.transfer_id, whose)
         if inc is None or inc.state is not IncomingState.PENDING or inc.committing:
             self.counters["refused"] += 1
             return []
