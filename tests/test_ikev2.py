@@ -1222,13 +1222,24 @@ def test_a_changed_crl_is_parsed_off_the_loop_and_a_bad_one_keeps_the_last_lists
         readers.append(threading.current_thread().name)
         return read(p, limit)
 
+    index = config.revocation_index
+    indexers: list[str] = []
+
+    def indexing(crl: Any) -> Any:
+        indexers.append(threading.current_thread().name)
+        return index(crl)
+
     monkeypatch.setattr(config, "read_limited", recording)
+    monkeypatch.setattr(config, "revocation_index", indexing)
     current = config.crl_reader(str(d / "gw.toml"))(["ca.crl"])
     assert current() == [crl] and readers == ["MainThread"]  # at load: a config error if bad
     empty = _crl(ca, ca_key, [])
     put(empty.public_bytes(serialization.Encoding.DER))  # type: ignore[attr-defined]
     _until_crls(current, [empty])
     assert readers[1:] and all(n.startswith("crl") for n in readers[1:])
+    # the serials an authentication looks a certificate up in: made there too
+    assert indexers[0] == "MainThread" and indexers[1:]
+    assert all(n.startswith("crl") for n in indexers[1:])
 
     def lines() -> list[str]:
         return [r.getMessage() for r in caplog.records if "crl-unreadable" in r.getMessage()]

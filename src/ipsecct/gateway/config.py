@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from ..ct.failover import FailoverConfig
 from ..ct.transfer import PREPARE_MAX, PREPARE_MIN, ConflictPolicy, Identity, Settings
 from ..errors import ConfigError, EtcdError, IpsecctError
-from ..ikev2.auth import PrivateKey
+from ..ikev2.auth import PrivateKey, forget_revocation_index, revocation_index
 from ..ikev2.config import Connection, parse_connections, parse_pools
 from ..ikev2.pool import Pool
 from ..ipsec.algorithms import (
@@ -1440,7 +1440,9 @@ def crl_reader(
                     crl = x509.load_pem_x509_crl(data)
                 else:
                     crl = x509.load_der_x509_crl(data)
-                crl.get_revoked_certificate_by_serial_number(0)  # parses every entry
+                # every entry parsed here (the library parses them lazily), and the set of
+                # serials an authentication looks a certificate up in made here, not there
+                revocation_index(crl)
                 return [crl]
             except ValueError:
                 raise ConfigError(f"{p} holds no X.509 revocation list (PEM or DER)") from None
@@ -1467,7 +1469,10 @@ def crl_reader(
                 if job is not None and job.done():
                     del jobs[p]
                     try:
-                        cache[p] = (seen, job.result())
+                        new = job.result()
+                        for old in cache[p][1]:
+                            forget_revocation_index(old)
+                        cache[p] = (seen, new)
                     except (OSError, ConfigError) as exc:
                         unreadable(p, exc)
                     except Exception as exc:  # (what a file does is never a traceback)

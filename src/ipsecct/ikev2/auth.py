@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import ipaddress
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -300,6 +301,40 @@ def validate_chain(
         raise AuthError("a certificate of the chain cannot be read") from None
 
 
+# Per revocation list object: (the list, the serials it names, its signature checks by the
+# issuer key's DER). A large CA's list names hundreds of thousands of serials: the library
+# looks one up by scanning all of them (21 ms for 300,000, each authentication) and hashes
+# the whole list for each signature check; this is done once per list.
+_INDEX: dict[int, tuple[x509.CertificateRevocationList, frozenset[int], dict[bytes, bool]]] = {}
+_INDEX_MAX = 16  # (lists in use at once; one replaced is forgotten: forget_revocation_index)
+_INDEX_LOCK = threading.Lock()  # (the gateway's reader thread fills it too)
+
+
+def revocation_index(
+    crl: x509.CertificateRevocationList,
+) -> tuple[frozenset[int], dict[bytes, bool]]:
+    """The serials ``crl`` names, as a set, and its memo of signature checks by issuer key,
+    made once per list object (the gateway makes them on its reader thread, when it reads
+    the list, so that no authentication pays for it). ValueError if an entry does not
+    parse."""
+    e = _INDEX.get(id(crl))
+    if e is None or e[0] is not crl:
+        serials = frozenset(r.serial_number for r in crl)
+        with _INDEX_LOCK:
+            while len(_INDEX) >= _INDEX_MAX:
+                del _INDEX[next(iter(_INDEX))]
+            e = _INDEX[id(crl)] = (crl, serials, {})
+    return e[1], e[2]
+
+
+def forget_revocation_index(crl: x509.CertificateRevocationList) -> None:
+    """``crl`` was replaced (its file changed): its index goes (a large list's is megabytes)."""
+    with _INDEX_LOCK:
+        e = _INDEX.get(id(crl))
+        if e is not None and e[0] is crl:
+            del _INDEX[id(crl)]
+
+
 def _not_revoked(chain: list[x509.Certificate], anchor: x509.Certificate,
                  crls: list[x509.CertificateRevocationList]) -> None:  # fmt: skip
     """Each certificate of ``chain`` (leaf first; ``anchor`` issued the last) against the
@@ -307,16 +342,22 @@ def _not_revoked(chain: list[x509.Certificate], anchor: x509.Certificate,
     issuers = [*chain[1:], anchor]
     for c, issuer in zip(chain, issuers, strict=True):
         key = issuer.public_key()
+        der = key.public_bytes(serialization.Encoding.DER,
+                               serialization.PublicFormat.SubjectPublicKeyInfo)  # fmt: skip
         for crl in crls:
             if crl.issuer != issuer.subject:
                 continue
-            try:
-                signed = crl.is_signature_valid(key)  # type: ignore[arg-type]
-            except (ValueError, TypeError, UnsupportedAlgorithm):
-                signed = False
+            serials, signatures = revocation_index(crl)
+            signed = signatures.get(der)
+            if signed is None:
+                try:
+                    signed = crl.is_signature_valid(key)  # type: ignore[arg-type]
+                except (ValueError, TypeError, UnsupportedAlgorithm):
+                    signed = False
+                signatures[der] = signed
             if not signed:
                 continue
-            if crl.get_revoked_certificate_by_serial_number(c.serial_number) is not None:
+            if c.serial_number in serials:
                 raise AuthError(f"certificate {c.subject.rfc4514_string()} (serial "
                                 f"{c.serial_number:x}) is revoked")  # fmt: skip
 
