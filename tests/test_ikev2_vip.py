@@ -22,7 +22,7 @@ from ipsecct.gateway.node import Node
 from ipsecct.ikev2 import context
 from ipsecct.ikev2 import message as M
 from ipsecct.ikev2.config import Connection, Identity, parse_pools
-from ipsecct.ikev2.engine import ChildUp, IkeEngine
+from ipsecct.ikev2.engine import ChildUp, IkeEngine, Output
 from ipsecct.ikev2.pool import Pool, parse_range
 from ipsecct.ikev2.ts import from_text
 from tests.helpers import strongswan
@@ -280,6 +280,59 @@ def test_the_lease_survives_ike_and_child_rekeys() -> None:
     w.deliver(w.ini.rekey_child(new_i, new_i.children[0], 6.0), "i", 6.0)
     ups = [e for e in w.events["r"] if isinstance(e, ChildUp)]
     assert [str(t) for t in ups[-1].child.remote_ts] == ["10.3.0.1-10.3.0.1"]
+
+
+def _wide_child_request(w: Wire, now: float) -> list[str]:
+    """The client asks the gateway, under its IKE SA, for a CHILD SA whose side is the whole
+    pool (10.3.0.0/16): the remote selectors of what the gateway installs."""
+    (ii,) = [i for i in w.ini.ike_sas() if i.state.value == "established"]
+    ir = w.resp.by_spi.get(ii.spi_r) or w.resp.by_spi[ii.spi_i]
+    sel = [M.TrafficSelector(7, 0, 0, 65535, ip(a), ip(z))
+           for a, z in (("10.3.0.0", "10.3.255.255"), ("10.1.0.0", "10.1.255.255"))]
+    esp = conn().children[0].esp_proposals[0].transforms()
+    payloads: list[M.Payload] = [M.SAPayload((M.Proposal(1, 3, b"\x01\x02\x03\x04", esp),)),
+                                 M.NoncePayload(bytes(32)), M.TSPayload(True, (sel[0],)),
+                                 M.TSPayload(False, (sel[1],))]  # fmt: skip
+    ii.pending, ii.my_next_mid = None, ir.peer_next_mid
+    out: list[Output] = []
+    w.ini._request(ii, "any", payloads, now, out, M.ExchangeType.CREATE_CHILD_SA)
+    w.deliver(out, "i", now)
+    ups = [e for e in w.events["r"] if isinstance(e, ChildUp)]
+    return [str(t) for t in ups[-1].child.remote_ts]
+
+
+@pytest.mark.parametrize("who", ["client", "gateway"])
+def test_the_lease_survives_an_ike_rekey_by_either_side(who: str) -> None:
+    """The gateway rekeys the IKE SA (its rekey_time, strongSwan's 4 h by default): it is
+    the new IKE SA's initiator and the client its responder. The addresses were still told
+    apart by ``we_initiated``: the gateway took its own lease for one given to it, so a new
+    CHILD SA of the client was no longer narrowed to its address (it got the whole pool's
+    range, other clients' addresses), the lease was never released when the IKE SA ended
+    (one address lost per such IKE SA), and the client's view of it said remote."""
+    w = vip_pair()
+    connect(w)
+    (ike_i,), (ike_r,) = w.ini.ike_sas(), w.resp.ike_sas()
+    if who == "client":
+        w.deliver(w.ini.rekey_ike(ike_i, 5.0), "i", 5.0)
+    else:
+        w.deliver(w.resp.rekey_ike(ike_r, 5.0), "r", 5.0)
+    (new_i,) = [i for i in w.ini.ike_sas() if i.state.value == "established"]
+    assert new_i.summary(5.0)["local_vips"] == ["10.3.0.1"]
+    assert _wide_child_request(w, 6.0) == ["10.3.0.1-10.3.0.1"]
+    # a handover of the rekeyed IKE SA: the target takes the lease over
+    (new_r,) = [i for i in w.resp.ike_sas() if i.state.value == "established"]
+    assert new_r.summary(6.0)["remote_vips"] == ["10.3.0.1"]
+    sg2 = IkeEngine([vip_conn()], pools=pools())
+    moved = sg2.import_ike(context.encode(new_r, 6.0), 6.0)
+    assert sg2.pools["p4"].online == {ip("10.3.0.1"): "mn.test"}
+    sg2._kill(moved, "test", [])
+    assert sg2.pools["p4"].offline == {ip("10.3.0.1"): "mn.test"}
+    # the IKE SA ends: the lease goes offline, the client gets its address back
+    w.deliver(w.ini.delete(new_i, 7.0), "i", 7.0)
+    assert not w.resp.ike_sas() and not w.resp.pools["p4"].online
+    assert w.resp.pools["p4"].offline == {ip("10.3.0.1"): "mn.test"}
+    connect(w, 8.0)
+    assert w.resp.ike_sas()[0].vips == [("p4", ip("10.3.0.1"))]
 
 
 def test_the_lease_moves_with_the_ike_sa_context() -> None:

@@ -704,7 +704,7 @@ class IkeService:
             self._restarting.discard(o.ike.conn.name)
             event(log, "ike-sa-up", node=self.node.name, conn=o.ike.conn.name,
                   peer=o.ike.remote, id=o.ike.peer_id)  # fmt: skip
-            if o.ike.we_initiated and o.ike.vips:
+            if o.ike.vips_given and o.ike.vips:
                 self._vips_up(o.ike)
         elif isinstance(o, IkeRekeyed):
             event(log, "ike-sa-rekeyed", node=self.node.name, conn=o.new.conn.name,
@@ -712,7 +712,7 @@ class IkeService:
         elif isinstance(o, IkeDown):
             event(log, "ike-sa-down", node=self.node.name, conn=o.ike.conn.name,
                   peer=o.ike.remote, reason=o.reason)  # fmt: skip
-            if o.ike.we_initiated and o.ike.vips:
+            if o.ike.vips_given and o.ike.vips:
                 self._vips_down(o.ike)
             self._after_down(o.ike, o.reason)
 
@@ -747,7 +747,7 @@ class IkeService:
         holds one (the peer gave it again before the old one was gone)."""
         from . import tun
 
-        held = {a for ike in self.engine.ike_sas() if ike is not gone and ike.we_initiated
+        held = {a for ike in self.engine.ike_sas() if ike is not gone and ike.vips_given
                 and ike.state is not IkeState.DEAD for _, a in ike.vips}  # fmt: skip
         addrs = [a for _, a in gone.vips if a not in held]
         name = self.node.tun_name
@@ -1166,7 +1166,7 @@ class IkeService:
         and reason, and the active is told (the fail-over protocol's SYNC_REFUSED)."""
         def vips(ike: IkeSA) -> str | None:  # from our pools, in their addrs (the
             # leases are taken at the take-over, when the peer's IKE SA is ours)
-            return self.engine.vip_refusal(ike.conn, ike.we_initiated, ike.vips,
+            return self.engine.vip_refusal(ike.conn, ike.vips_given, ike.vips,
                                            leased=False)  # fmt: skip
 
         why = ike_context.replica_refusal(cdbs, self.engine.connections, self.node.clock(),

@@ -476,10 +476,10 @@ class IkeEngine:
         spis = [c.spi_in for c in ike.children]
         if len(set(spis)) != len(spis) or any(s in self._child_spis for s in spis):
             raise IkeContextError("a CHILD SA's SPI is in use here")
-        why = self.vip_refusal(ike.conn, ike.we_initiated, ike.vips)
+        why = self.vip_refusal(ike.conn, ike.vips_given, ike.vips)
         if why is not None:
             raise IkeContextError(why)
-        for name, a in ike.vips if not ike.we_initiated else []:
+        for name, a in ike.vips if not ike.vips_given else []:
             self.pools[name].arrive(a, ike.peer_id)
         self.by_spi[ike.our_spi] = ike
         self._child_spis.update(spis)
@@ -1228,7 +1228,7 @@ class IkeEngine:
     def _release_vips(self, ike: IkeSA, away: bool = False) -> None:
         """The IKE SA ends here (``away``: it moved to another gateway): its leases go
         offline (or away, ikev2.pool)."""
-        if ike.we_initiated:  # given to us: nothing to release (the adapter reads them at
+        if ike.vips_given:  # given to us: nothing to release (the adapter reads them at
             return  # the IkeDown that follows, to take them off the TUN device)
         for name, a in ike.vips:
             pool = self.pools.get(name)
@@ -1260,8 +1260,8 @@ class IkeEngine:
         payloads (without the nonce and KE, which the caller adds)."""  # fmt: skip
         configs = [rekeyed.config] if rekeyed is not None else ike.conn.children
         # a peer we leased virtual IPs to: its side of every CHILD SA is its address (§2.19)
-        vips = [host(a) for _, a in ike.vips] if not ike.we_initiated else []
-        if not vips and ike.conn.pools and not ike.we_initiated:
+        vips = [host(a) for _, a in ike.vips] if not ike.vips_given else []
+        if not vips and ike.conn.pools and not ike.vips_given:
             # (an IKE SA of a connection that leases addresses but holds none: a context
             # from a gateway without pools) its CHILD SAs would take the pool's whole range
             self.stats["ts-unacceptable"] += 1

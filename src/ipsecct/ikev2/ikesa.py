@@ -262,6 +262,13 @@ class IkeSA:
         return self.we_initiated if self.orig_initiator is None else self.orig_initiator
 
     @property
+    def vips_given(self) -> bool:
+        """Are ``vips`` addresses the peer gave us (we sent the first IKE_AUTH, with its
+        CFG_REQUEST), not leases of our pools? An IKE rekey by the peer makes it the new
+        IKE SA's initiator (``we_initiated``), but the leases stay whose they were."""
+        return self.mobike_initiator
+
+    @property
     def our_spi(self) -> bytes:
         return self.spi_i if self.we_initiated else self.spi_r
 
@@ -303,7 +310,7 @@ class IkeSA:
             "nat": {"local": self.nat_local, "remote": self.nat_remote},
             "mobike": self.mobike,
             # swanctl --list-sas: "remote ... virtual IP" / "local ... virtual IP"
-            ("local_vips" if self.we_initiated else "remote_vips"): [
+            ("local_vips" if self.vips_given else "remote_vips"): [
                 str(a) for _, a in self.vips
             ],
             "established_s": round(now - self.created, 1),
