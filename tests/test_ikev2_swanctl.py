@@ -486,6 +486,36 @@ def test_dpd_action_restart_starts_again_at_once_and_clear_does_not(
         assert loop.later == []  # (no back-off: at once, or never)
 
 
+@pytest.mark.parametrize("dpd_action", [None, "restart"])
+def test_a_node_whose_ike_sa_the_gateway_rekeyed_still_starts_again_when_it_dies(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dpd_action: str | None
+) -> None:
+    """The gateway rekeys the IKE SA (strongSwan's rekey_time, 4 h by default): it is the
+    new IKE SA's initiator, the node its responder. The node's start_action = start (and
+    dpd_action = restart's default) went by ``we_initiated``: once the gateway had rekeyed,
+    a dead gateway left the node without a tunnel for good. It is the node's connection:
+    who sent the first IKE_SA_INIT counts (RFC 4555's original initiator)."""
+    svc, sent, clock, loop = _mn(tmp_path, monkeypatch, start_action="start",
+                                 dpd_action=dpd_action)  # fmt: skip
+    svc.initiate(svc.engine.connections[0])
+    gw = IkeEngine([conn()])
+    _exchange(svc, gw, sent, clock[0])
+    (ike_r,) = gw.ike_sas()
+    pending = gw.rekey_ike(ike_r, clock[0])
+    while pending:  # the gateway's rekey, the node's answer, the old IKE SA's DELETE
+        o = pending.pop(0)
+        if isinstance(o, Send):
+            svc._receive(o.data, o.src, o.dst)
+            for s in sent:
+                pending += gw.receive(s.data, s.src, s.dst, clock[0])
+            sent.clear()
+    (ike,) = [i for i in svc.engine.ike_sas() if i.state is IkeState.ESTABLISHED]
+    assert not ike.we_initiated and svc.engine.stats["ike-sa-rekeyed"] >= 1
+    _peer_dies(svc, clock)
+    restarted = [s for s in sent if s.data[18] == M.ExchangeType.IKE_SA_INIT]
+    assert len(restarted) + len(loop.later) == 1
+
+
 def test_dpd_action_trap_arms_a_trap_that_the_next_packet_springs(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -311,7 +311,9 @@ class IkeService:
         conn = ike.conn
         if self._stopping:
             return
-        todo = conn.after_down(reason, ike.we_initiated)
+        # (whose connection it is: who sent the first IKE_SA_INIT, not who made this IKE SA,
+        # which is the gateway once it has rekeyed it)
+        todo = conn.after_down(reason, ike.mobike_initiator)
         if todo is None:
             return
         act, child = todo
