@@ -604,8 +604,8 @@ class PoolResponder(Charon):
 def test_ipsecct_node_gets_a_virtual_ip_from_a_strongswan_gateway(workdir: Path) -> None:
     """``vips = ["0.0.0.0"]``: the node's CP request gets 10.3.0.1 from strongSwan's pool;
     its CHILD SA's local selector is that address, the address is on its TUN device and the
-    source of its inner routes, and ping passes both ways with it; when the IKE SA ends the
-    address goes."""
+    source of its inner routes, and ping passes both ways with it, also after strongSwan
+    rekeyed the IKE SA and the CHILD SA; when the IKE SA ends the address goes."""
     with Namespaces("a", "b") as ns, PoolResponder(ns, workdir) as ss:
         build_namespaces(ns)
         ss.start()
@@ -631,6 +631,18 @@ def test_ipsecct_node_gets_a_virtual_ip_from_a_strongswan_gateway(workdir: Path)
             assert ping(ns, "b", "10.3.0.1", 3) == 3, mn.logtext()
             text = cli("sa", "list", "-s", sock)
             assert re.search(r"local  \S+ \[10\.3\.0\.1\]", text.stdout), text.stdout + text.stderr
+            # strongSwan rekeys the IKE SA (its rekey_time), then the CHILD SA: the node, now
+            # the IKE SA's responder, keeps the address as given to it (IkeSA.vips_given)
+            ss.swanctl("--rekey", "--ike", "cB")
+            wait_until(lambda: mn.status()["ike"]["counters"].get("ike-sa-rekeyed", 0) >= 1
+                       and len(ike_list(sock)) == 1, "strongSwan's IKE rekey")  # fmt: skip
+            ss.swanctl("--rekey", "--child", "net")
+            wait_until(lambda: mn.status()["ike"]["counters"].get("child-sa-rekeyed", 0) >= 1,
+                       "strongSwan's CHILD rekey")  # fmt: skip
+            (sa,) = ike_list(sock)
+            assert sa["local_vips"] == ["10.3.0.1"], sa
+            assert sa["children"][0]["local_ts"] == ["10.3.0.1-10.3.0.1"], sa
+            assert ping(ns, "a", B.inner, 3) == 3, mn.logtext() + ss.logtail()
             ss.swanctl("--terminate", "--ike", "cB")
             wait_until(lambda: not ike_list(sock), "the node to drop the IKE SA")
             wait_until(lambda: "10.3.0.1" not in ns.run(
