@@ -99,6 +99,14 @@ def test_swanctl_keys_of_road_warrior_and_site_to_site_configs_are_read(
     assert _parse({"fragmentation": "force"}).fragmentation == "yes"  # IKEv1's: as yes
 
 
+def test_a_small_volume_limit_without_its_life_key_is_not_refused_for_the_key_not_set() -> None:
+    """rekey_packets = 5 alone: life_packets' default (10 % more, as swanctl's) was 5 too,
+    and the configuration was refused naming life_packets, which it does not set."""
+    c = _parse({}, {"rekey_packets": 5, "rekey_bytes": 9})
+    ch = c.children[0]
+    assert (ch.rekey_packets, ch.life_packets, ch.rekey_bytes, ch.life_bytes) == (5, 6, 9, 10)
+
+
 @pytest.mark.parametrize("patch, child, why", [
     ({"unique": "sometimes"}, {}, "unique: must be one of: no, never, keep, replace"),
     ({"send_cert": "yes"}, {}, "send_cert: must be one of: ifasked, always, never"),

@@ -365,9 +365,9 @@ def _child_extras(d: dict[str, Any], ctx: _Ctx, where: str, ignored: list[str]) 
                                       _CLOSE_ACTIONS)  # fmt: skip
     for kind in ("bytes", "packets"):
         rekey = _count(d.get(f"rekey_{kind}", 0), ctx, f"{where}rekey_{kind}")
-        # swanctl's default: 10 % more than rekey_*
+        # swanctl's default: 10 % more than rekey_* (at least one more: not refused below)
         life = (_count(d[f"life_{kind}"], ctx, f"{where}life_{kind}") if f"life_{kind}" in d
-                else rekey + rekey // 10)  # fmt: skip
+                else rekey + max(1, rekey // 10) if rekey else 0)  # fmt: skip
         if rekey and life and life <= rekey:
             raise ctx.err(f"{where}life_{kind}", f"must be more than rekey_{kind} ({rekey})")
         out[f"rekey_{kind}"], out[f"life_{kind}"] = rekey, life
