@@ -597,28 +597,35 @@ class _Unresolved:
 
 
 class _Ids:
-    """A bounded set of transfers, (peer, transfer id) (the oldest forgotten first)."""
+    """A bounded set of transfers, (peer, transfer id) (the oldest forgotten first), with
+    the peers of each id (ids are the source's choice: two peers may name the same one)."""
 
     def __init__(self, limit: int = 65536) -> None:
         self.limit = limit
         self.order: deque[tuple[str, int]] = deque()
-        self.ids: set[tuple[str, int]] = set()
+        self.peers: dict[int, list[str]] = {}
 
-    def remember(self, tid: tuple[str, int]) -> None:
-        if tid in self.ids:
+    def remember(self, key: tuple[str, int]) -> None:
+        peer, tid = key
+        if peer in self.peers.get(tid, ()):
             return
         if len(self.order) >= self.limit:
-            self.ids.discard(self.order.popleft())
-        self.order.append(tid)
-        self.ids.add(tid)
+            old_peer, old_tid = self.order.popleft()
+            left = self.peers[old_tid]
+            left.remove(old_peer)
+            if not left:
+                del self.peers[old_tid]
+        self.order.append(key)
+        self.peers.setdefault(tid, []).append(peer)
 
-    def __contains__(self, tid: object) -> bool:
-        return tid in self.ids
+    def __contains__(self, key: object) -> bool:
+        if not isinstance(key, tuple) or len(key) != 2:
+            return False
+        return key[0] in self.peers.get(key[1], ())
 
     def peers_of(self, tid: int) -> list[str]:
-        """The peers a transfer ``tid`` arrived from (ids are the source's choice: two
-        peers may name the same one)."""
-        return [p for p, t in self.ids if t == tid] if self.ids else []
+        """The peers transfer ``tid`` arrived from."""
+        return list(self.peers.get(tid, ()))
 
 
 @dataclass
@@ -751,6 +758,7 @@ class TransferCore:
         self.on_install = on_install
         self.outgoing: dict[int, _Outgoing] = {}
         self.incoming: dict[tuple[str, int], _Incoming] = {}
+        self._incoming_peers: dict[int, list[str]] = {}  # the peers of each id in incoming
         self.decided: dict[int, tuple[int, float]] = {}  # tid -> (decision, until)
         # ... and the peer each was decided with (none after a restart: recall_commits):
         # a CTDR about it from another peer is not answered with our decision.
@@ -1835,7 +1843,8 @@ class TransferCore:
             # Asked by another peer than the source: the fail-over standby of a source that
             # died while transferring (it took the tunnels over held, marked leaving, and
             # asks for it: docs/cluster.md). The answer is the same as to the source.
-            others = [i for (p, t), i in self.incoming.items() if t == tid and p != peer]
+            others = [self.incoming[(p, tid)] for p in self._incoming_peers.get(tid, ())
+                      if p != peer]  # fmt: skip
             inc = next((i for i in others if i.peer in pairs), None)
             if inc is None and others:
                 taken = others[0].state is IncomingState.ACTIVE
@@ -2207,6 +2216,7 @@ class TransferCore:
             # (or a place among its in-progress transfers) here for longer than this.
             inc.give_up = now + s.retry_max
             self.incoming[k] = inc
+            self._incoming_peers.setdefault(tag.transfer_id, []).append(peer)
         elif inc.state is not IncomingState.RECEIVING:
             return []
         cdbs = msg.cdbs[1:]
@@ -2613,7 +2623,7 @@ class TransferCore:
     def _whose_incoming(self, peer: str, tid: int) -> str | None:
         """The peer (not ``peer``) whose transfer ``tid`` towards us is known here, if any
         (ids are the source's choice: another peer may name one; a few entries per peer)."""
-        return next((p for (p, t) in self.incoming if t == tid and p != peer), None)
+        return next((p for p in self._incoming_peers.get(tid, ()) if p != peer), None)
 
     def _foreign(self, peer: str, kind: str, tid: int, whose: str) -> list[Output]:
         """A message of ``kind`` from ``peer`` about transfer ``tid``, which is ``whose``'s
@@ -2905,6 +2915,11 @@ class TransferCore:
                     out += [Send(inc.peer, m) for m in inc.ctdrs]
             if inc.state in (IncomingState.ACTIVE, IncomingState.CANCELLED) and now >= inc.give_up:
                 del self.incoming[k]
+                left = self._incoming_peers.get(k[1], [])
+                if k[0] in left:
+                    left.remove(k[0])
+                if not left:
+                    self._incoming_peers.pop(k[1], None)
         if now >= self._next_housekeeping:
             # Expiring old records walks whole tables: twice a second is plenty, and keeps
             # the work per message small while thousands of packets are being forwarded.
