@@ -1747,6 +1747,22 @@ def test_ike_sa_context_refused_while_an_exchange_is_in_flight() -> None:
     assert w.resp.ike_sas() == [ike]
 
 
+@pytest.mark.parametrize("rekey", [5e9, 1.7e308])
+def test_an_ike_sa_whose_rekeys_are_centuries_away_has_a_context(rekey: float) -> None:
+    """rekey_time = 5000000000 (any finite number of seconds is taken): the time left to a
+    rekey went into the context's 32 bits as it was, and struct.error came out of
+    context.encode, after the transfer's COMMIT (the CHILD SAs at the target, the IKE SA
+    left at the source, 'event-loop-error'), and at each replication to a standby. A rekey
+    2^32 s away or farther is one 2^32 - 1 s away (136 years)."""
+    w = pair(rc=conn(rekey=rekey, child_rekey=rekey))
+    connect(w)
+    (ike,) = w.resp.ike_sas()
+    sg2 = IkeEngine([conn(rekey=rekey, child_rekey=rekey)])
+    new = sg2.import_ike(w.resp.export_ike(ike, 5.0), 5.0)
+    assert new.rekey_at is not None and new.rekey_at >= 5.0 + 0xFFFFFFFF
+    assert new.children[0].rekey_at is not None and new.children[0].rekey_at >= 5.0 + 0xFFFFFFFF
+
+
 @functools.cache
 def _rekeyed_context() -> tuple[bytes, ...]:
     from ipsecct.ikev2 import context

@@ -158,7 +158,9 @@ def _unts(b: bytes, empty: bool = False) -> list[TrafficSelector]:
 
 
 def _left(at: float | None, now: float) -> bytes:
-    return struct.pack("!I", 0 if at is None else max(1, int(at - now)))
+    """Seconds to a timer (0: none), at least 1; one 2^32 s away or farther (a rekey_time
+    of centuries is a finite number of seconds) is 2^32 - 1 s away."""
+    return struct.pack("!I", 0 if at is None else max(1, int(min(at - now, 0xFFFFFFFF))))
 
 
 def _age(created: float, now: float) -> bytes:
