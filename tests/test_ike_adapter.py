@@ -200,6 +200,42 @@ def test_an_ike_sa_from_a_peer_takes_only_tunnels_that_peer_handed_over(tmp_path
     assert t2.came_from == "sg1" and tw.tunnel.came_from is None
 
 
+def test_an_ike_sa_before_the_commit_of_its_tunnels_transfer_is_not_taken(
+    tmp_path: Path,
+) -> None:
+    """The IKE SA's context follows the COMMIT of the transfer that moved its CHILD SAs' tunnels
+    (the source sends it after, on the same ordered channel). One that comes before (a
+    confused or hostile peer) is refused whole: the transfer may yet be cancelled and the
+    IKE SA stay at the source too, run by two gateways. The transfer core says which
+    tunnels still wait for their COMMIT."""
+    from tests.helpers.transfer import World
+
+    w = pair(mn_conn(dpd=10), conn(dpd=10))
+    connect(w)
+    (ike_r,) = w.resp.ike_sas()
+    (child,) = ike_r.children
+    cdbs = w.resp.export_ike(ike_r, 1.0)
+    for waiting in (True, False):
+        svc = _service(tmp_path)
+        entry, out, inn = child.sas(R500, I500, False, "here")
+        arrived = svc.node.engine.add_tunnel(entry, out, inn)
+        arrived.came_from = "sg1"
+        svc.awaiting_commit = lambda t, waiting=waiting: waiting  # type: ignore[misc]
+        svc.receive_context("sg1", cdbs)
+        taken = bool(svc.engine.ike_sas())
+        assert taken is not waiting
+        assert svc.engine.stats["ike-context-refused"] == (1 if waiting else 0)
+    # the core: pending until the COMMIT comes (then, waiting for its record, no longer)
+    tw = World()
+    tw.transfer()
+    tw.deliver("sg1", "sg2")
+    (t2,) = tw.gw["sg2"].engine.tunnels()
+    core2 = tw.gw["sg2"].core
+    assert core2.awaiting_commit(t2)
+    tw.deliver_all()
+    assert t2.state.value == "active" and not core2.awaiting_commit(t2)
+
+
 def test_what_an_operator_names_moves_the_ike_sa_with_all_its_child_sas(tmp_path: Path) -> None:
     """``ipsecct transfer WHAT``: a connection's name, an IKE SPI (either, with or without 0x)
     or the SPI of any of its CHILD SAs names one IKE SA, and all its CHILD SAs move with it

@@ -2620,6 +2620,15 @@ class TransferCore:
             return []  # activated by settled() once "pending" and the first block are durable
         return self._activate(inc, now)
 
+    def awaiting_commit(self, tunnel: Tunnel) -> bool:
+        """Was ``tunnel`` installed here by a transfer whose COMMIT has not come (it may
+        still be cancelled, the tunnel staying with its source)? What follows a COMMIT (an
+        IKE SA's context) is not taken for it before."""
+        return any(
+            inc.state in OPEN_INCOMING and not inc.committing and _has(inc, tunnel)
+            for inc in self.incoming.values()
+        )
+
     def _whose_incoming(self, peer: str, tid: int) -> str | None:
         """The peer (not ``peer``) whose transfer ``tid`` towards us is known here, if any
         (ids are the source's choice: another peer may name one; a few entries per peer)."""

@@ -123,6 +123,9 @@ class IkeService:
         # told the inbound CHILD SPIs of an IKE SA on which the peer's request is held
         # (quiet during a transfer): the transfer service rolls a prepared transfer back
         self.request_held: list[Callable[[set[int]], None]] = []
+        # set by the service: is a tunnel installed by a transfer whose COMMIT has not come
+        # (an IKE SA's context follows the COMMIT: one before it is not taken)
+        self.awaiting_commit: Callable[[Any], bool] = lambda t: False
         self.engine.on_request_held = self._request_held
         # direct SG identity ([transfer] identity = "direct"): an IKE SA taken over from a
         # peer gateway is moved to this gateway's own address (IkeEngine.announce_move)
@@ -977,6 +980,12 @@ class IkeService:
                 if t is not None and t.came_from != peer:
                     return (f"CHILD SA 0x{c.spi_in:08x} names a tunnel {peer} did not hand"
                             " over")  # fmt: skip
+                if t is not None and self.awaiting_commit(t):
+                    # The source sends it after its COMMIT, on the same ordered channel:
+                    # before it, the transfer may yet be cancelled and the IKE SA stay
+                    # there too (one IKE SA run by two gateways)
+                    return (f"CHILD SA 0x{c.spi_in:08x} names a tunnel whose transfer has"
+                            " no COMMIT yet")  # fmt: skip
             return None
 
         try:
