@@ -75,3 +75,26 @@ def test_ctrl_c_is_one_line_and_130_at_every_stage(
         assert cli.main(argv) == 130
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and err.startswith("ipsecct: interrupted (if the daemon got")
+
+
+def test_status_shows_the_ike_counters_and_pools(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The IKE side was in ``status --json`` only: after an IKE_SA_INIT flood or garbage on
+    the IKE port, ``ipsecct status`` showed 'drops: none' and nothing else."""
+    from ipsecct.commands import sa
+
+    res = {"name": "sg1", "role": "gateway", "uptime_s": 5.0, "outer": "127.0.0.1:4500",
+           "sas": 2, "policies": 1,
+           "counters": {"out_packets": 0, "out_bytes": 0, "in_packets": 0, "in_bytes": 0,
+                        "icmp_sent": 0, "drops": {"no_sa": 0}},
+           "ike": {"ike_sas": 1, "half_open": 20,
+                   "counters": {"ike-sa-init": 21, "malformed": 13174, "cookie-sent": 0},
+                   "pools": [{"name": "rw", "addrs": "10.3.0.1-10.3.0.254", "share": None,
+                              "online": 1, "offline": 2, "away": 0}],
+                   "replicas_refused": []}}  # fmt: skip
+    monkeypatch.setattr(sa, "request", lambda *a, **k: res)
+    assert cli.main(["status", "-s", "/x.sock"]) == 0
+    out = capsys.readouterr().out
+    assert "  ike: 1 IKE SA(s), 20 half-open; ike-sa-init 21, malformed 13174\n" in out
+    assert "  pool rw (10.3.0.1-10.3.0.254): 1 online, 2 offline, 0 away\n" in out

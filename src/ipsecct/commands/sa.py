@@ -89,8 +89,17 @@ def cmd_status(args: argparse.Namespace) -> int:
     for key in ("peers", "transfers", "failover"):
         if key in res:
             print(f"  {key}: {json.dumps(res[key])}")
+    ike = res.get("ike") or {}
+    if ike:  # what the IKE port got (counted and dropped, or answered) and the pools
+        counted = ", ".join(f"{k} {v}" for k, v in ike.get("counters", {}).items() if v)
+        print(f"  ike: {ike.get('ike_sas', 0)} IKE SA(s), {ike.get('half_open', 0)} half-open"
+              + (f"; {counted}" if counted else ""))  # fmt: skip
+    for p in ike.get("pools") or []:
+        share = f", share {p['share']}" if p.get("share") else ""
+        print(f"  pool {p['name']} ({p['addrs']}{share}): {p['online']} online,"
+              f" {p['offline']} offline, {p['away']} away")  # fmt: skip
     # IKE SAs a standby (or cluster member) could not take over: a fail-over would lose them
-    for r in (res.get("ike") or {}).get("replicas_refused") or []:
+    for r in ike.get("replicas_refused") or []:
         print(f"  IKE SA {r['spi_i']}_i {r['spi_r']}_r ({r['conn']}, {r['id']}): "
               f"{r['standby']} refused its replica: {r['reason']}")  # fmt: skip
     st = res.get("state")
