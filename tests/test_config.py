@@ -122,6 +122,20 @@ BAD: list[tuple[str, str, str, list[str]]] = [
         'keys = "t1.keys"\nhard_lifetime = {packets = -1}',
         ["hard_lifetime.packets", "positive"],
     ),
+    # (was taken, and every transfer of the tunnel then failed: "cannot encode the contexts:
+    # hard time limit is longer than 4398046511103 ms"; inf and nan ran, never expiring)
+    (
+        "lifetime beyond the context's",
+        'keys = "t1.keys"',
+        'keys = "t1.keys"\nhard_lifetime = {seconds = 1e12}',
+        ["hard_lifetime.seconds", "at most 4398046511"],
+    ),
+    (
+        "lifetime not finite",
+        'keys = "t1.keys"',
+        'keys = "t1.keys"\nsoft_lifetime = {seconds = inf}',
+        ["soft_lifetime.seconds", "at most"],
+    ),
     (
         "metrics not loopback",
         'socket = "/tmp/x.sock"',

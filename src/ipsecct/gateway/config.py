@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..ct.context import MAX_DURATION_MS
 from ..ct.failover import FailoverConfig
 from ..ct.transfer import PREPARE_MAX, PREPARE_MIN, ConflictPolicy, Identity, Settings
 from ..errors import ConfigError, EtcdError, IpsecctError
@@ -246,6 +247,9 @@ def _lifetime(d: Any, ctx: _Ctx, where: str) -> Lifetime:
     for k, v in (("seconds", secs), ("bytes", nbytes), ("packets", pkts)):
         if v is not None and v <= 0:
             raise ctx.err(f"{where}.{k}", "must be positive")
+    # what a transfer's context can carry (its ms in 42 bits, 139 years); not inf or nan
+    if secs is not None and not secs <= MAX_DURATION_MS // 1000:
+        raise ctx.err(f"{where}.seconds", f"must be at most {MAX_DURATION_MS // 1000}")
     return Lifetime(float(secs) if secs is not None else None, nbytes, pkts)
 
 
