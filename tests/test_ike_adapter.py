@@ -258,6 +258,21 @@ def test_what_an_operator_names_moves_the_ike_sa_with_all_its_child_sas(tmp_path
         assert svc.transfer_unit(what) == both, what
     for what in ("other", "0x" + "ab" * 8, "0x12345678", "12:34"):
         assert svc.transfer_unit(what) is None, what
+    # anyone's IKE_SA_INIT (unauthenticated: a half-open IKE SA of the connection) made the
+    # name ambiguous ("has 2 IKE SAs here"): the README's `ipsecct transfer rw` failed
+    from ipsecct.ikev2.engine import IkeEngine, Send
+    from ipsecct.ikev2.ikesa import IkeState
+
+    other = IkeEngine([mn_conn()])
+    for o in other.initiate(other.connections[0], I500, ike.local, 2.0):
+        if isinstance(o, Send):
+            svc.engine.receive(o.data, o.src, o.dst, 2.0)
+    assert len(svc.engine.ike_sas()) == 2
+    assert svc.transfer_unit(name) == both
+    # ... and so did the IKE SA a rekey replaced, for the minute it waits for its DELETE
+    half_open = next(i for i in svc.engine.ike_sas() if i is not ike)
+    half_open.state = IkeState.REKEYED
+    assert svc.transfer_unit(name) == both
     ike.children.clear()
     with pytest.raises(ValueError, match="no CHILD SA"):
         svc.transfer_unit(name)

@@ -1104,7 +1104,10 @@ class IkeService:
         of its IKE SA: an IKE SA moves with its CHILD SAs, as one unit). None: ``what``
         names no IKE SA here (a manually keyed tunnel's SPI, or nothing)."""
         sas = self.engine.ike_sas()
-        found: list[IkeSA] = [ike for ike in sas if ike.conn.name == what]
+        # (by name, the IKE SAs that are up: a half-open one is anyone's IKE_SA_INIT, a
+        # rekeyed one waits for its DELETE, its CHILD SAs gone to its successor)
+        found: list[IkeSA] = [ike for ike in sas if ike.conn.name == what
+                              and ike.state is IkeState.ESTABLISHED]  # fmt: skip
         if len(found) > 1:
             raise ValueError(
                 f"connection {what!r} has {len(found)} IKE SAs here: name one by its IKE SPI"
