@@ -545,6 +545,29 @@ def test_dpd_action_trap_arms_a_trap_that_the_next_packet_springs(
     assert svc.engine.stats["trap-acquired"] == 1 and len(svc.engine.connecting) == 1
 
 
+def test_a_spoofed_ike_sa_init_does_not_keep_a_trap_from_starting_the_ike_sa(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """start_action = trap: an IKE_SA_INIT with the peer's address as its source (anyone can
+    send one) left a half-open IKE SA of the connection here for 30 s, which the trap took
+    for the connection's IKE SA being up: the packet started nothing, and one such datagram
+    every 30 s kept the tunnel down."""
+    from ipsecct.ipsec.ippacket import build_udp
+
+    svc, sent, clock, _ = _mn(tmp_path, monkeypatch, start_action="trap")
+    spoofer = IkeEngine([mn_conn(local_id="gw.test", remote_id="%any")])
+    for o in spoofer.initiate(spoofer.connections[0], R500, I500, clock[0]):
+        if isinstance(o, Send):
+            svc._receive(o.data, o.src, o.dst)  # from the peer's address, to ours
+    assert [i.state for i in svc.engine.ike_sas()] == [IkeState.HALF_OPEN]
+    sent.clear()
+    pkt = build_udp(ipaddress.ip_address("10.2.0.5"), ipaddress.ip_address("10.1.0.9"), 4000,
+                    5000, b"payload")  # fmt: skip
+    svc.node.from_inner(pkt)
+    assert svc.engine.stats["trap-acquired"] == 1 and len(svc.engine.connecting) == 1
+    assert any(s.data[18] == M.ExchangeType.IKE_SA_INIT for s in sent)
+
+
 def test_close_action_start_restarts_when_the_peer_deletes_the_ike_sa(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

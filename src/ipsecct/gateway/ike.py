@@ -227,8 +227,11 @@ class IkeService:
             # (looked at once a gap at most: a flood of such packets on a gateway with many
             # IKE SAs does not walk them per packet)
             self._trapped[conn.name] = now
+            # (not a half-open one the peer started: anyone can send an IKE_SA_INIT from
+            # the peer's address, and one every 30 s kept the trap from starting ours)
             up = [i for i in self.engine.ike_sas() if i.conn.name == conn.name
-                  and i.state is not IkeState.DEAD]  # fmt: skip
+                  and i.state is not IkeState.DEAD
+                  and not (i.state is IkeState.HALF_OPEN and not i.we_initiated)]  # fmt: skip
             if up:
                 # the connection's IKE SA is up without a CHILD SA of this child (the peer
                 # deleted it, or it is a second child): a new one in that IKE SA (none
