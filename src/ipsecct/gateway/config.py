@@ -23,7 +23,7 @@ from ..ct.context import MAX_DURATION_MS
 from ..ct.failover import FailoverConfig
 from ..ct.transfer import PREPARE_MAX, PREPARE_MIN, ConflictPolicy, Identity, Settings
 from ..errors import ConfigError, EtcdError, IpsecctError
-from ..ikev2.auth import PrivateKey, forget_revocation_index, revocation_index
+from ..ikev2.auth import PrivateKey, RevocationList, revocation_index
 from ..ikev2.config import Connection, parse_connections, parse_pools
 from ..ikev2.pool import Pool
 from ..ipsec.algorithms import (
@@ -1413,7 +1413,7 @@ def _crl_pool() -> concurrent.futures.ThreadPoolExecutor:
 
 def crl_reader(
     path: str,
-) -> Callable[[list[str]], Callable[[], list[x509.CertificateRevocationList]]]:
+) -> Callable[[list[str]], Callable[[], list[RevocationList]]]:
     """For ``remote.crls``: the files are read now (ConfigError if one is not a revocation
     list, PEM or DER), and then again whenever one changed on disk (its mtime, size or
     inode): a CRL replaced by the operator or a cron job is used without a restart.
@@ -1429,12 +1429,12 @@ def crl_reader(
 
     log = logging.getLogger("ipsecct.gateway.config")
 
-    def load(names: list[str]) -> Callable[[], list[x509.CertificateRevocationList]]:
+    def load(names: list[str]) -> Callable[[], list[RevocationList]]:
         files = [_file(path, n) for n in names]
-        cache: dict[Path, tuple[tuple[int, int, int], list[x509.CertificateRevocationList]]] = {}
-        jobs: dict[Path, concurrent.futures.Future[list[x509.CertificateRevocationList]]] = {}
+        cache: dict[Path, tuple[tuple[int, int, int], list[RevocationList]]] = {}
+        jobs: dict[Path, concurrent.futures.Future[list[RevocationList]]] = {}
 
-        def read(p: Path) -> list[x509.CertificateRevocationList]:
+        def read(p: Path) -> list[RevocationList]:
             try:
                 data = read_limited(p, CRL_LIMIT)
             except OSError as exc:
@@ -1446,8 +1446,7 @@ def crl_reader(
                     crl = x509.load_der_x509_crl(data)
                 # every entry parsed here (the library parses them lazily), and the set of
                 # serials an authentication looks a certificate up in made here, not there
-                revocation_index(crl)
-                return [crl]
+                return [revocation_index(crl)]
             except ValueError:
                 raise ConfigError(f"{p} holds no X.509 revocation list (PEM or DER)") from None
 
@@ -1465,8 +1464,8 @@ def crl_reader(
             log.warning("event=crl-unreadable file=%s error=%s effect=%s", p, error,
                         "the last lists read from it are used")  # fmt: skip
 
-        def current() -> list[x509.CertificateRevocationList]:
-            out: list[x509.CertificateRevocationList] = []
+        def current() -> list[RevocationList]:
+            out: list[RevocationList] = []
             for p in files:
                 seen = cache[p][0]
                 job = jobs.get(p)
@@ -1474,8 +1473,6 @@ def crl_reader(
                     del jobs[p]
                     try:
                         new = job.result()
-                        for old in cache[p][1]:
-                            forget_revocation_index(old)
                         cache[p] = (seen, new)
                     except (OSError, ConfigError) as exc:
                         unreadable(p, exc)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import ipaddress
-import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -284,59 +283,47 @@ def parse_cert(der: bytes) -> x509.Certificate:
 
 def validate_chain(
     cert: x509.Certificate, intermediates: list[x509.Certificate], cas: list[x509.Certificate],
-    now: dt.datetime, crls: Sequence[x509.CertificateRevocationList] = (),
+    now: dt.datetime, crls: Sequence[RevocationList | x509.CertificateRevocationList] = (),
 ) -> x509.Certificate:
     """The certificate leads, through at most 4 intermediates, to one of ``cas`` (returned);
     each one in its validity period and each issuer a CA; and none is revoked by one of
-    ``crls`` that its issuer signed (a list past its next update still revokes what it
+    ``crls`` that its issuer signed (a list given without its index is indexed for this
+    call only; a list past its next update still revokes what it
     names; a certificate no list of its issuer covers is taken, as strongSwan takes it
     without ``revocation = strict``). AuthError otherwise, also for a certificate that cannot
     be read (BAD_CERT)."""
     try:
         chain, anchor = _validate_chain(cert, intermediates, cas, now)
         if crls:
-            _not_revoked(chain, anchor, list(crls))
+            _not_revoked(chain, anchor, [c if isinstance(c, RevocationList)
+                                         else revocation_index(c) for c in crls])
         return anchor
     except BAD_CERT:
         raise AuthError("a certificate of the chain cannot be read") from None
 
 
-# Per revocation list object: (the list, the serials it names, its signature checks by the
-# issuer key's DER). A large CA's list names hundreds of thousands of serials: the library
-# looks one up by scanning all of them (21 ms for 300,000, each authentication) and hashes
-# the whole list for each signature check; this is done once per list.
-_INDEX: dict[int, tuple[x509.CertificateRevocationList, frozenset[int], dict[bytes, bool]]] = {}
-_INDEX_MAX = 16  # (lists in use at once; one replaced is forgotten: forget_revocation_index)
-_INDEX_LOCK = threading.Lock()  # (the gateway's reader thread fills it too)
+@dataclass(eq=False)
+class RevocationList:
+    """A revocation list with what an authentication looks up in it, made once, by whoever
+    reads the list (the gateway does it on its reader thread): the serials it names, as a
+    set (a large CA's list names hundreds of thousands; the library looks one up by scanning
+    them all, 21 ms for 300,000, each authentication), and a memo of its signature checks by
+    the issuer key's DER (the library hashes the whole list for each check). Owned by the
+    caller: nothing here is shared between threads."""
+
+    crl: x509.CertificateRevocationList
+    serials: frozenset[int]
+    signatures: dict[bytes, bool] = field(default_factory=dict)
 
 
-def revocation_index(
-    crl: x509.CertificateRevocationList,
-) -> tuple[frozenset[int], dict[bytes, bool]]:
-    """The serials ``crl`` names, as a set, and its memo of signature checks by issuer key,
-    made once per list object (the gateway makes them on its reader thread, when it reads
-    the list, so that no authentication pays for it). ValueError if an entry does not
-    parse."""
-    e = _INDEX.get(id(crl))
-    if e is None or e[0] is not crl:
-        serials = frozenset(r.serial_number for r in crl)
-        with _INDEX_LOCK:
-            while len(_INDEX) >= _INDEX_MAX:
-                del _INDEX[next(iter(_INDEX))]
-            e = _INDEX[id(crl)] = (crl, serials, {})
-    return e[1], e[2]
-
-
-def forget_revocation_index(crl: x509.CertificateRevocationList) -> None:
-    """``crl`` was replaced (its file changed): its index goes (a large list's is megabytes)."""
-    with _INDEX_LOCK:
-        e = _INDEX.get(id(crl))
-        if e is not None and e[0] is crl:
-            del _INDEX[id(crl)]
+def revocation_index(crl: x509.CertificateRevocationList) -> RevocationList:
+    """``crl`` with its set of serials (every entry parsed now: the library parses them
+    lazily). ValueError if an entry does not parse."""
+    return RevocationList(crl, frozenset(r.serial_number for r in crl))
 
 
 def _not_revoked(chain: list[x509.Certificate], anchor: x509.Certificate,
-                 crls: list[x509.CertificateRevocationList]) -> None:  # fmt: skip
+                 crls: list[RevocationList]) -> None:  # fmt: skip
     """Each certificate of ``chain`` (leaf first; ``anchor`` issued the last) against the
     revocation lists its issuer signed."""
     issuers = [*chain[1:], anchor]
@@ -344,10 +331,11 @@ def _not_revoked(chain: list[x509.Certificate], anchor: x509.Certificate,
         key = issuer.public_key()
         der = key.public_bytes(serialization.Encoding.DER,
                                serialization.PublicFormat.SubjectPublicKeyInfo)  # fmt: skip
-        for crl in crls:
+        for rl in crls:
+            crl = rl.crl
             if crl.issuer != issuer.subject:
                 continue
-            serials, signatures = revocation_index(crl)
+            serials, signatures = rl.serials, rl.signatures
             signed = signatures.get(der)
             if signed is None:
                 try:

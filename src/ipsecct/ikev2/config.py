@@ -35,7 +35,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from ..errors import ConfigError, IpsecctError
-from .auth import Credentials, PrivateKey
+from .auth import Credentials, PrivateKey, RevocationList
 from .message import IDPayload, IdType, ProtocolId, TrafficSelector
 from .pool import Pool, parse_range
 from .proposal import Offer, parse_list
@@ -141,7 +141,7 @@ class Connection:
     remote_port: int = 500
     # remote.crls: what the peer's chain is checked against for revocation, read when asked
     # (the adapter re-reads a file that changed); None: no revocation lists
-    crls: Callable[[], list[x509.CertificateRevocationList]] | None = field(
+    crls: Callable[[], list[RevocationList]] | None = field(
         default=None, repr=False, compare=False
     )
     # swanctl's pools (as responder: a peer's CFG_REQUEST gets an address from the first of
@@ -485,7 +485,7 @@ def parse_connections(
     data: dict[str, Any], path: str, secrets: dict[str, bytes],
     load_certs: Callable[[str], list[x509.Certificate]] | None = None,
     private_keys: list[PrivateKey] | None = None,
-    load_crls: Callable[[list[str]], Callable[[], list[x509.CertificateRevocationList]]]
+    load_crls: Callable[[list[str]], Callable[[], list[RevocationList]]]
     | None = None,
 ) -> list[Connection]:  # fmt: skip
     """``data`` is the whole configuration; ``secrets`` maps an identity (as written in
