@@ -706,3 +706,19 @@ def test_strongswan_client_keeps_its_virtual_ip_across_a_fail_over(tmp_path: Pat
         assert p2["online"] == 1, p2
         assert strongswan.ping_once_up(w.ns, "mn", HOST, 3) == 3, ss.logtail() + w.logs()
         assert len(re.findall(r"generating IKE_AUTH request", ss.log())) == 1, ss.logtail()
+
+
+def test_a_pool_as_large_as_an_ipv6_64_is_taken_and_leases_from_its_start() -> None:
+    """strongSwan users give IPv6 pools as /64s: nothing a pool keeps grows with its size,
+    so a /64 (and a /8 of IPv4) is a pool like any other, leased from its first address."""
+    from ipsecct.ikev2.pool import Pool, parse_range
+
+    first, last = parse_range("fd00:3::/64")
+    p = Pool("v6", first, last)
+    a = p.acquire("a.test")
+    b = p.acquire("b.test")
+    assert str(a) == "fd00:3::1" and str(b) == "fd00:3::2"
+    assert p.refusal(ipaddress.ip_address("fd00:3::ffff:ffff:ffff:fffe")) is None
+    assert p.refusal(ipaddress.ip_address("fd00:4::1")) is not None
+    first, last = parse_range("10.0.0.0/8")
+    assert str(Pool("v4", first, last).acquire("a.test")) == "10.0.0.1"

@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from ..errors import ConfigError
 
 IPAddr = ipaddress.IPv4Address | ipaddress.IPv6Address
-MAX_POOL = 1 << 20  # addresses of one pool (a lease table, not a routing table)
 
 
 def parse_range(text: str) -> tuple[IPAddr, IPAddr]:
@@ -63,8 +62,6 @@ class Pool:
     def __post_init__(self) -> None:
         if self.first.version != self.last.version or int(self.first) > int(self.last):
             raise ConfigError(f"pool {self.name!r}: bad address range")
-        if int(self.last) - int(self.first) + 1 > MAX_POOL:
-            raise ConfigError(f"pool {self.name!r}: more than {MAX_POOL} addresses")
         if self.share is not None:
             a, b = self.share
             if not (self.contains(a) and self.contains(b) and int(a) <= int(b)):
