@@ -836,6 +836,41 @@ def test_the_durable_states_leaving_and_pending_rows_reserve_the_grant(tmp_path:
     store.close()
 
 
+def test_an_untracked_sas_given_away_row_reuses_its_leaving_fingerprint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The invariant's identity: the "given away" row of an SA this gateway had no row for
+    (e.g. made by IKE) names the fingerprint its "leaving" row was written under, computed
+    once (not again per row), and only for that SA object: another SA object with other keys
+    met at the same address after it gets its own. Kept only until the outcome."""
+    from types import SimpleNamespace
+
+    from tests.helpers.transfer import World
+
+    t = World().tunnel
+    store, lock = state_mod.open_store(tmp_path / "s", "sg1", [], fresh=False)
+    node = SimpleNamespace(name="sg1", extensions={}, on_reserve=None)
+    st = state_mod.DurableState(node, store, lock, 1024)  # type: ignore[arg-type]
+    fp = store.fingerprint(t.outbound)
+    computed: list[object] = []
+    real = store.fingerprint
+    monkeypatch.setattr(store, "fingerprint", lambda sa: computed.append(sa) or real(sa))
+    assert st.leaving([t], "sg2", 7).done
+    assert st.left([t], "sg2", 7).done
+    assert computed == [t.outbound]
+    rows = store.load()
+    assert rows[fp].owner is Owner.AWAY and rows[fp].transfer == 7
+    assert not st._leaving_fps  # resolved: forgotten
+    # A cached entry only answers for its own SA object.
+    t2 = World().tunnel
+    assert st.leaving([t], "sg2", 8).done
+    st._leaving_fps[id(t2.outbound)] = (t.outbound, fp)  # as if t2 had t's id
+    assert st.left([t2], "sg2", 8).done
+    fp2 = real(t2.outbound)
+    assert fp2 != fp and store.load()[fp2].owner is Owner.AWAY
+    store.close()
+
+
 def test_a_target_that_sent_under_the_grant_and_died_makes_the_source_resume_past_it() -> None:
     """The invariant across the grant: sg2 activates under the grant and sends, then dies
     before its "pending" row (with the arrival) is durable; restarted, it does not know the

@@ -162,6 +162,9 @@ _ARRIVAL_INDEX = "CREATE INDEX arrival_by_peer ON arrival (peer, changed)"
 # retention has its oldest pruned early (queries about those are answered "taken").
 MAX_ARRIVALS_PER_PEER = 65536
 LAZY_WRITE_DELAY = 0.01  # s: DurableState.lazy_delay
+# Fingerprints of untracked SAs kept for their transfer's outcome, at most (past it, the
+# rest are computed again: DurableState._leaving_fps)
+_MAX_LEAVING_FPS = 1 << 18
 
 
 
@@ -406,10 +409,14 @@ class StateStore:
         in one transaction; returns once it is on stable storage. A row's ceiling never goes
         down."""
         params: list[object] = []
+        tids: dict[int, str] = {}  # a transfer's rows share its id: formatted once
         for r in rows:
+            tid = tids.get(r.transfer)
+            if tid is None:
+                tid = tids[r.transfer] = f"{r.transfer:016x}"
             params += (
                 r.fingerprint, r.name, r.spi, r.peer, int(r.aead), f"{r.ceiling:016x}",
-                _OWNER_TEXT[id(r.owner)], r.detail, r.changed, f"{r.transfer:016x}", r.gateway,
+                _OWNER_TEXT[id(r.owner)], r.detail, r.changed, tid, r.gateway,
             )
         now = time.time()
         arr = [(_hex(tid), peer, now) for tid, peer in arrivals]
@@ -641,6 +648,11 @@ class DurableState:
         self._prior: weakref.WeakKeyDictionary[SecurityAssociation, int] = (
             weakref.WeakKeyDictionary()
         )
+        # The fingerprints of untracked outbound SAs (here without a row or reservations,
+        # e.g. a tunnel made by IKE) being given away, computed for their "leaving" rows:
+        # the transfer's "given away" rows reuse them (an HMAC per SA; a bulk transfer
+        # moves thousands). id(SA) -> (the SA, its fingerprint); dropped once resolved.
+        self._leaving_fps: dict[int, tuple[SecurityAssociation, str]] = {}
         self.queue: dict[SecurityAssociation, int] = {}
         self.plan = Plan()
         self._unresolved_sas: dict[str, SecurityAssociation] = {}  # name -> held outbound SA
@@ -1122,9 +1134,13 @@ class DurableState:
         now = time.time()
         rows = []
         texts: dict[int, tuple[object, str]] = {}
+        known = self._leaving_fps
         for t in tunnels:
             sa = t.outbound
-            fp = self.tracked.get(sa) or self.store.fingerprint(sa)
+            fp = self.tracked.get(sa)
+            if fp is None:
+                hit = known.get(id(sa))
+                fp = hit[1] if hit is not None and hit[0] is sa else self.store.fingerprint(sa)
             row = self._row(sa, fp, owner, detail, now, self.rows.get(fp), texts)
             row.transfer = transfer
             row.gateway = gateway
@@ -1193,6 +1209,7 @@ class DurableState:
 
     def leaving(self, tunnels: Sequence[Tunnel], peer: str, transfer_id: int) -> Write:
         rows = self._rows(tunnels, Owner.LEAVING, f"transferring to {peer}", transfer_id, peer)
+        self._remember_fps(tunnels, rows)
         # The grant: past what the target may send before its own "pending" row is durable,
         # the number each tunnel is transferred at (its cap, or its counter) + GRANT.
         for t, r in zip(tunnels, rows, strict=True):
@@ -1200,8 +1217,22 @@ class DurableState:
         # Not urgent: the COMMIT waits for it a round trip later; the contexts go first.
         return self._submit(rows, urgent=False)
 
+    def _remember_fps(self, tunnels: Sequence[Tunnel], rows: list[SAState]) -> None:
+        known = self._leaving_fps
+        if len(known) > _MAX_LEAVING_FPS:  # (outcomes never heard of: bounded anyway)
+            known.clear()
+        for t, r in zip(tunnels, rows, strict=True):  # (tracked ones too: cheaper than asking)
+            known[id(t.outbound)] = (t.outbound, r.fingerprint)
+
+    def _forget_fps(self, tunnels: Sequence[Tunnel]) -> None:
+        known = self._leaving_fps
+        if known:
+            for t in tunnels:
+                known.pop(id(t.outbound), None)
+
     def left(self, tunnels: Sequence[Tunnel], peer: str, transfer_id: int) -> Write:
         rows = self._rows(tunnels, Owner.AWAY, f"given to {peer}", transfer_id, peer)
+        self._forget_fps(tunnels)
         self._resolved(tunnels, rows)
         return self._submit(rows, urgent=False, lazy=True)
 
@@ -1209,6 +1240,7 @@ class DurableState:
         rows, then = self._adoption(
             [t.outbound for t in tunnels], Owner.OWNED, f"kept (transfer to {peer} not taken)"
         )
+        self._forget_fps(tunnels)
         self._resolved(tunnels, None)
         return self._submit(rows, then)
 
