@@ -316,3 +316,67 @@ def test_fencing_reaches_the_native_path() -> None:
         seqs.append(struct.unpack_from("!L", r.data, 4)[0] if isinstance(r, ToPeer) else r)
     assert seqs[:2] == [8, 9] and all(isinstance(x, Held) for x in seqs[2:])
     assert side.up_out.seq == 9
+
+
+def test_the_c_read_through_of_seq_and_counters_does_what_the_python_properties_do() -> None:
+    """The invariant's reads: while the C object is active, ``seq`` and ``counters`` are
+    read from it (never an older number than the one last sent) and writes reach both; the
+    extension's descriptors (installed) and the Python properties (their reference) give
+    the same values, errors and side effects, with a real C object and any other one."""
+    from types import SimpleNamespace
+
+    from ipsecct.ipsec import sad
+    from ipsecct.ipsec.sad import Counters, Direction, SecurityAssociation
+
+    assert not isinstance(vars(SecurityAssociation)["seq"], property)  # the C descriptor
+    c_seq, c_cnt = vars(SecurityAssociation)["seq"], vars(SecurityAssociation)["counters"]
+    py_seq, py_cnt = sad.read_through_properties()
+    import ipaddress
+
+    def counted(cnt: Counters) -> dict[str, int]:  # (slotted)
+        return {"packets": cnt.packets, "bytes": cnt.bytes}
+
+    def run(seq_d: Any, cnt_d: Any, fake: bool) -> list[Any]:
+        a = ipaddress.ip_address
+        sa = SecurityAssociation(
+            0x1234, Direction.OUTBOUND, a("192.0.2.1"), a("192.0.2.2"), enc_key=bytes(20),
+            esn=True,
+        )
+        out: list[Any] = [seq_d.__get__(sa, SecurityAssociation)]
+        seq_d.__set__(sa, 41)
+        out.append(sad.SLOTS["seq"].__get__(sa, SecurityAssociation))
+        if fake:
+            c: Any = SimpleNamespace(active=False, seq=7, packets=3, bytes=300)
+        else:
+            c = native._esp.SA(0x1234, True, 0, bytes(20), True, 64, sa)
+            c.seq, c.packets, c.bytes = 7, 3, 300
+        sad.SLOTS["native"].__set__(sa, c)
+        out.append(seq_d.__get__(sa, SecurityAssociation))  # inactive: the slot's
+        out.append(counted(cnt_d.__get__(sa, SecurityAssociation)))
+        c.active = True
+        out.append(seq_d.__get__(sa, SecurityAssociation))  # active: C's
+        cnt = cnt_d.__get__(sa, SecurityAssociation)
+        out.append((counted(cnt), cnt is sad.SLOTS["counters"].__get__(sa, None)))
+        seq_d.__set__(sa, 50)
+        out.append((c.seq, sad.SLOTS["seq"].__get__(sa, SecurityAssociation)))
+        cnt_d.__set__(sa, Counters(packets=9, bytes=900))
+        out.append((c.packets, c.bytes, counted(sad.SLOTS["counters"].__get__(sa, None))))
+        for bad in (-1, "x"):
+            try:
+                seq_d.__set__(sa, bad)
+            except (TypeError, OverflowError) as exc:
+                out.append((type(exc), sad.SLOTS["seq"].__get__(sa, None)))
+        try:
+            seq_d.__delete__(sa)
+        except AttributeError:
+            out.append("cannot delete")
+        try:  # (not an SA: the property fails on its ``native``, C on its type)
+            seq_d.__get__(object(), None)
+        except (AttributeError, TypeError):
+            out.append("not an SA")
+        return out
+
+    for fake in (False, True):
+        got_c, got_py = run(c_seq, c_cnt, fake), run(py_seq, py_cnt, fake)
+        assert got_c == got_py, (fake, got_c, got_py)
+    assert got_c[4] == 7 and got_c[5][0]["packets"] == 3

@@ -18,6 +18,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <structmember.h>
 #include <arpa/inet.h>
 #include <errno.h>
 #include <math.h>
@@ -1739,6 +1740,255 @@ static PyTypeObject TableType = {
     .tp_getset = table_getset,
 };
 
+/* ---------------------------------------------------------------- read-through attributes */
+
+/*
+ * SecurityAssociation.seq and .counters once the native path is there
+ * (ipsecct.ipsec.sad.install_read_through): what its Python properties do, as a descriptor
+ * in C. While an SA's C object is active it holds the exact sequence number and counters:
+ * reads come from it (the counters copied into the SA's Counters object), writes go to it
+ * and to the slot. Otherwise the slot's value. A bulk transfer reads ``seq`` about a dozen
+ * times per SA, each a Python-level call through a property.
+ */
+typedef struct {
+    PyObject_HEAD
+    PyTypeObject *owner;   /* SecurityAssociation */
+    PyObject *name;        /* "seq" or "counters" */
+    Py_ssize_t value_off;  /* the field's slot */
+    Py_ssize_t native_off; /* the slot "native": None or the SA's C object */
+    int counters;
+} RTObject;
+
+static PyTypeObject RTType;
+
+static int
+rt_slot(PyObject *d, PyTypeObject **owner, Py_ssize_t *off)
+{
+    if (!Py_IS_TYPE(d, &PyMemberDescr_Type)) {
+        PyErr_SetString(PyExc_TypeError, "read_through: expected a slot's member descriptor");
+        return -1;
+    }
+    PyMemberDef *m = ((PyMemberDescrObject *)d)->d_member;
+    if (m->type != T_OBJECT_EX || (m->flags & READONLY)) {
+        PyErr_SetString(PyExc_TypeError, "read_through: not a writable object slot");
+        return -1;
+    }
+    *owner = PyDescr_TYPE(d);
+    *off = m->offset;
+    return 0;
+}
+
+/* Is the SA's C object ``c`` (a new reference or NULL) active: 1, 0, or -1 on an error. */
+static int
+rt_active(PyObject *c)
+{
+    if (c == NULL || c == Py_None)
+        return 0;
+    if (Py_IS_TYPE(c, &SAType))
+        return ((SAObject *)c)->active != 0;
+    PyObject *a = PyObject_GetAttrString(c, "active");
+    if (a == NULL)
+        return -1;
+    int r = PyObject_IsTrue(a);
+    Py_DECREF(a);
+    return r;
+}
+
+static PyObject *
+rt_native(RTObject *self, PyObject *obj)
+{
+    PyObject *c = *(PyObject **)((char *)obj + self->native_off);
+    Py_XINCREF(c);
+    return c;
+}
+
+static int
+rt_check(RTObject *self, PyObject *obj)
+{
+    if (!PyObject_TypeCheck(obj, self->owner)) {
+        PyErr_Format(PyExc_TypeError, "descriptor '%U' for '%s' objects doesn't apply to a '%s'",
+                     self->name, self->owner->tp_name, Py_TYPE(obj)->tp_name);
+        return -1;
+    }
+    return 0;
+}
+
+/* c.<field> (seq: as a Python int), whatever c's type. */
+static PyObject *
+rt_read(PyObject *c, const char *field)
+{
+    if (Py_IS_TYPE(c, &SAType)) {
+        SAObject *sa = (SAObject *)c;
+        uint64_t v = field[0] == 's' ? sa->seq : field[0] == 'p' ? sa->packets : sa->bytes;
+        return PyLong_FromUnsignedLongLong(v);
+    }
+    PyObject *v = PyObject_GetAttrString(c, field);
+    if (v == NULL || field[0] != 's')
+        return v;
+    PyObject *r = PyNumber_Long(v); /* int(c.seq), as the property */
+    Py_DECREF(v);
+    return r;
+}
+
+/* c.<field> = v, whatever c's type. */
+static int
+rt_write(PyObject *c, const char *field, PyObject *v)
+{
+    if (Py_IS_TYPE(c, &SAType)) {
+        SAObject *sa = (SAObject *)c;
+        return set_u64(field[0] == 's' ? &sa->seq : field[0] == 'p' ? &sa->packets : &sa->bytes,
+                       v);
+    }
+    return PyObject_SetAttrString(c, field, v);
+}
+
+static PyObject *
+rt_get(RTObject *self, PyObject *obj, PyObject *type)
+{
+    if (obj == NULL) {
+        Py_INCREF(self);
+        return (PyObject *)self;
+    }
+    if (rt_check(self, obj) < 0)
+        return NULL;
+    PyObject *c = rt_native(self, obj);
+    int active = rt_active(c);
+    PyObject *out = NULL;
+    if (active < 0)
+        goto done;
+    if (!self->counters && active) {
+        out = rt_read(c, "seq");
+        goto done;
+    }
+    out = *(PyObject **)((char *)obj + self->value_off);
+    if (out == NULL) {
+        PyErr_SetObject(PyExc_AttributeError, self->name);
+        goto done;
+    }
+    Py_INCREF(out);
+    if (self->counters && active) {
+        const char *fields[] = {"packets", "bytes"};
+        for (int i = 0; i < 2; i++) {
+            PyObject *v = rt_read(c, fields[i]);
+            if (v == NULL || PyObject_SetAttrString(out, fields[i], v) < 0) {
+                Py_XDECREF(v);
+                Py_CLEAR(out);
+                goto done;
+            }
+            Py_DECREF(v);
+        }
+    }
+done:
+    Py_XDECREF(c);
+    return out;
+}
+
+static int
+rt_set(RTObject *self, PyObject *obj, PyObject *value)
+{
+    if (value == NULL) {
+        PyErr_Format(PyExc_AttributeError, "can't delete attribute '%U'", self->name);
+        return -1;
+    }
+    if (rt_check(self, obj) < 0)
+        return -1;
+    PyObject *c = rt_native(self, obj);
+    int active = rt_active(c), r = -1;
+    if (active < 0)
+        goto done;
+    if (active && !self->counters && rt_write(c, "seq", value) < 0)
+        goto done;
+    if (active && self->counters) {
+        const char *fields[] = {"packets", "bytes"};
+        for (int i = 0; i < 2; i++) {
+            PyObject *v = PyObject_GetAttrString(value, fields[i]);
+            if (v == NULL)
+                goto done;
+            int w = rt_write(c, fields[i], v);
+            Py_DECREF(v);
+            if (w < 0)
+                goto done;
+        }
+    }
+    PyObject **slot = (PyObject **)((char *)obj + self->value_off);
+    PyObject *old = *slot;
+    Py_INCREF(value);
+    *slot = value;
+    Py_XDECREF(old);
+    r = 0;
+done:
+    Py_XDECREF(c);
+    return r;
+}
+
+static int
+rt_traverse(RTObject *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->owner);
+    return 0;
+}
+
+static int
+rt_clear(RTObject *self)
+{
+    Py_CLEAR(self->owner);
+    return 0;
+}
+
+static void
+rt_dealloc(RTObject *self)
+{
+    PyObject_GC_UnTrack(self);
+    rt_clear(self);
+    Py_XDECREF(self->name);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyTypeObject RTType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "ipsecct.ipsec._esp.ReadThrough",
+    .tp_basicsize = sizeof(RTObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "seq or counters of a SecurityAssociation, read through its active C object",
+    .tp_dealloc = (destructor)rt_dealloc,
+    .tp_traverse = (traverseproc)rt_traverse,
+    .tp_clear = (inquiry)rt_clear,
+    .tp_descr_get = (descrgetfunc)rt_get,
+    .tp_descr_set = (descrsetfunc)rt_set,
+};
+
+static PyObject *
+module_read_through(PyObject *m, PyObject *args)
+{
+    PyObject *name, *value_slot, *native_slot;
+    if (!PyArg_ParseTuple(args, "UOO", &name, &value_slot, &native_slot))
+        return NULL;
+    int counters = PyUnicode_CompareWithASCIIString(name, "counters") == 0;
+    if (!counters && PyUnicode_CompareWithASCIIString(name, "seq") != 0) {
+        PyErr_SetString(PyExc_ValueError, "read_through: 'seq' or 'counters'");
+        return NULL;
+    }
+    PyTypeObject *owner, *owner2;
+    Py_ssize_t value_off, native_off;
+    if (rt_slot(value_slot, &owner, &value_off) < 0 || rt_slot(native_slot, &owner2, &native_off) < 0)
+        return NULL;
+    if (owner != owner2) {
+        PyErr_SetString(PyExc_TypeError, "read_through: the slots of two classes");
+        return NULL;
+    }
+    RTObject *self = PyObject_GC_New(RTObject, &RTType);
+    if (self == NULL)
+        return NULL;
+    Py_INCREF(owner);
+    Py_INCREF(name);
+    self->owner = owner;
+    self->name = name;
+    self->value_off = value_off;
+    self->native_off = native_off;
+    self->counters = counters;
+    PyObject_GC_Track(self);
+    return (PyObject *)self;
+}
+
 static PyObject *
 module_activity(PyObject *m, PyObject *noargs)
 {
@@ -1748,6 +1998,8 @@ module_activity(PyObject *m, PyObject *noargs)
 static PyMethodDef module_methods[] = {
     {"activity", module_activity, METH_NOARGS,
      "packets counted on every SA since the module was loaded (seal and open)"},
+    {"read_through", module_read_through, METH_VARARGS,
+     "read_through(name, value slot, native slot): SecurityAssociation's seq or counters"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -1760,7 +2012,7 @@ static struct PyModuleDef moduledef = {
 PyMODINIT_FUNC
 PyInit__esp(void)
 {
-    if (PyType_Ready(&SAType) < 0 || PyType_Ready(&TableType) < 0)
+    if (PyType_Ready(&SAType) < 0 || PyType_Ready(&TableType) < 0 || PyType_Ready(&RTType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&moduledef);
     if (m == NULL)

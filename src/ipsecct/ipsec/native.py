@@ -57,7 +57,7 @@ except ImportError:
 
 AVAILABLE = _esp is not None
 if AVAILABLE:
-    install_read_through()
+    install_read_through(_esp)
 NO_LIMIT = (1 << 64) - 1
 _ALG = {EncAlg.AES_GCM_16: 0, EncAlg.CHACHA20_POLY1305: 1}
 MAX_RANGES = 64

@@ -353,19 +353,30 @@ SLOTS: dict[str, Any] = {
 }
 
 
-def install_read_through() -> None:
+def install_read_through(native: Any = None) -> None:
     """While the native data path owns an SA (``sa.native.active``), its C object holds the
     exact outbound sequence number and counters: ``seq`` and ``counters`` read them there, so
     that nothing (``sa show``, a context snapshot, fail-over replication) can see an older
     sequence number than the one last sent. A ``seq`` written meanwhile goes to both.
 
     Installed by :mod:`ipsecct.ipsec.native` when the extension is there (the pure-Python
-    path keeps plain attributes, which its per-packet code reads faster)."""
-    if isinstance(vars(SecurityAssociation)["seq"], property):
+    path keeps plain attributes, which its per-packet code reads faster). ``native``: the
+    extension, whose ``read_through`` makes the same two descriptors in C (a bulk transfer
+    reads ``seq`` about a dozen times per SA, each a Python call through a property); the
+    properties below are what they do (and what runs without one)."""
+    if not isinstance(vars(SecurityAssociation)["seq"], types.MemberDescriptorType):
         return
+    make = getattr(native, "read_through", None)
+    for name, prop in zip(("seq", "counters"), read_through_properties(), strict=True):
+        made = prop if make is None else make(name, SLOTS[name], SLOTS["native"])
+        setattr(SecurityAssociation, name, made)
+
+
+def read_through_properties() -> tuple[property, property]:
+    """``seq`` and ``counters`` read through the native path, as Python properties (the
+    reference of the extension's descriptors: tests/test_native.py holds them alike)."""
     seq_slot = SLOTS["seq"]  # the dataclass's slot descriptors
     counters_slot = SLOTS["counters"]
-
     read_seq = seq_slot.__get__
 
     def get_seq(self: SecurityAssociation) -> int:
@@ -396,8 +407,7 @@ def install_read_through() -> None:
             c.bytes = value.bytes
         counters_slot.__set__(self, value)
 
-    setattr(SecurityAssociation, "seq", property(get_seq, set_seq))  # noqa: B010
-    setattr(SecurityAssociation, "counters", property(get_counters, set_counters))  # noqa: B010
+    return property(get_seq, set_seq), property(get_counters, set_counters)
 
 
 _V4 = ipaddress.IPv4Address
