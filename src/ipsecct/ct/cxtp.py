@@ -252,7 +252,8 @@ _OCTETS = (bytes, bytearray)  # (a tuple: ``bytes | bytearray`` makes a union at
 def _check_cdb(cdb: bytes, what: str) -> None:
     if not isinstance(cdb, _OCTETS):
         raise CxtpError(f"{what} must be bytes")
-    if len(cdb) < 8 or len(cdb) % 8 or len(cdb) > MAX_CDB_LEN or cdb[2] * 8 != len(cdb):
+    n = len(cdb)  # (a multiple of 8 if its units say so)
+    if n < 8 or n > MAX_CDB_LEN or cdb[2] * 8 != n:
         raise CxtpError(f"{what} is not one framed CDB")
 
 

@@ -792,10 +792,18 @@ class DurableState:
         self, sa: SecurityAssociation, fp: str, owner: Owner, detail: str, now: float,
         prev: SAState | None, texts: dict[int, tuple[object, str]] | None = None,
     ) -> SAState:
-        changed = prev.changed if prev is not None and prev.owner is owner else now
-        ceiling = prev.ceiling if prev is not None else 0
-        if sa.seq_ceiling != MAX_SEQ_64:
-            ceiling = max(ceiling, sa.seq_ceiling)
+        # (comparisons, not max(): a bulk transfer makes four rows per tunnel)
+        if prev is not None:
+            changed = prev.changed if prev.owner is owner else now
+            ceiling = prev.ceiling
+        else:
+            changed, ceiling = now, 0
+        reserved = sa.seq_ceiling
+        if reserved != MAX_SEQ_64 and reserved > ceiling:
+            ceiling = reserved
+        seq = sa.seq
+        if seq > ceiling:
+            ceiling = seq
         dst = sa.dst
         if texts is None:
             peer = str(dst)
@@ -804,9 +812,7 @@ class DurableState:
             if hit is None:  # (holds the object: its id stays)
                 hit = texts[id(dst)] = (dst, _address_text(dst))
             peer = hit[1]
-        return SAState(
-            fp, sa.name, sa.spi, peer, sa.aead, max(ceiling, sa.seq), owner, detail, changed
-        )
+        return SAState(fp, sa.name, sa.spi, peer, sa.aead, ceiling, owner, detail, changed)
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
