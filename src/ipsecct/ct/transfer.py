@@ -2482,12 +2482,15 @@ class TransferCore:
         sels = [out_sel] if in_sel is out_sel else [out_sel, in_sel]
         # This gateway's policy, not the peer's, decides what traffic a tunnel may carry:
         # inside what the operator allows for transferred tunnels, and nobody else's.
-        if not all(self._policy_allows(sl, accepted) for sl in sels):
-            self.counters["policy_refused"] += 1
-            return cxtp.Status.UNAUTHORISED, None
-        if any(_overlaps(inc, index.overlapping(sl), out_sa.dst) for sl in sels):
-            self.counters["policy_refused"] += 1
-            return cxtp.Status.UNAUTHORISED, None
+        # (Loops, not all() and any() over generators: asked for every transferred tunnel.)
+        for sl in sels:
+            if not self._policy_allows(sl, accepted):
+                self.counters["policy_refused"] += 1
+                return cxtp.Status.UNAUTHORISED, None
+        for sl in sels:
+            if _overlaps(inc, index.overlapping(sl), out_sa.dst):
+                self.counters["policy_refused"] += 1
+                return cxtp.Status.UNAUTHORISED, None
         sad = self.engine.sad
         out_key = _sa_key(out_sa)
         if out_key in batch.keys or sad.in_use(out_sa.dst, out_sa.protocol, out_sa.spi):

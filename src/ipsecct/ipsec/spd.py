@@ -285,7 +285,13 @@ class Selectors:
         checks many selectors against the same ranges passes :class:`RangeSet` s."""
         loc = local if isinstance(local, RangeSet) else RangeSet(local)
         rem = remote if isinstance(remote, RangeSet) else RangeSet(remote)
-        return all(loc.covers(r) for r in self.local) and all(rem.covers(r) for r in self.remote)
+        for r in self.local:  # (loops, not all() over generators: asked per tunnel)
+            if not loc.covers(r):
+                return False
+        for r in self.remote:  # noqa: SIM110
+            if not rem.covers(r):
+                return False
+        return True
 
     def mirrored(self) -> Selectors:
         """The same traffic seen from the other end (local and remote swapped)."""
