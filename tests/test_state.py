@@ -94,6 +94,28 @@ def test_a_bulk_put_writes_every_row_in_order_whatever_the_count_and_its_chunks(
         assert (rows[f"fp{i}"].owner, rows[f"fp{i}"].ceiling) == (Owner.LEAVING, 1000 + i)
 
 
+def test_a_put_of_a_few_rows_is_one_statement_and_more_are_one_transaction(
+    tmp_path: Path,
+) -> None:
+    """A single handover's row (and any power-of-two count up to a chunk, with no arrival)
+    is one upsert in autocommit, atomic and synced like a transaction, which its COMMIT
+    waits for; other counts and arrivals go in one BEGIN .. COMMIT."""
+    st = StateStore.create(tmp_path / "state.db", "sg1")
+    seen: list[str] = []
+    st.conn.set_trace_callback(lambda sql: seen.append(sql.split()[0]))
+    st.put([row("a", Owner.LEAVING)])
+    st.put([row("b", Owner.OWNED), row("c", Owner.OWNED)])
+    assert seen == ["INSERT", "INSERT"]
+    seen.clear()
+    st.put([row(f"d{i}", Owner.OWNED) for i in range(3)])
+    st.put([row("e", Owner.PENDING)], [(7, "sg2")])
+    assert seen == ["BEGIN", "INSERT", "INSERT", "COMMIT", "BEGIN", "INSERT", "INSERT", "COMMIT"]
+    assert not st.conn.in_transaction
+    st.conn.set_trace_callback(None)
+    assert {"a", "b", "c", "d0", "d2", "e"} <= set(st.load())
+    st.close()
+
+
 def test_a_bulk_put_stays_within_an_older_sqlites_variable_limit(tmp_path: Path) -> None:
     """An SQLite that takes fewer variables per statement (999 before 3.32) than a chunk
     has gets smaller chunks, not an error."""
