@@ -212,7 +212,60 @@ def main() -> None:
         sa[4].export()
         sa[4].window()
         table.remove(sa[5])
+    read_through_fuzz(esp, rng, rounds)
     print("fuzz-ok", rounds)
+
+
+def read_through_fuzz(esp, rng, rounds):  # type: ignore[no-untyped-def]
+    """The read-through descriptors (``read_through``) on a slotted class of their own: reads
+    and writes with no, an inactive, an active and a foreign C object, bad values, deletes,
+    objects of another type, descriptors made and dropped."""
+    import contextlib
+    from dataclasses import dataclass, field
+    from types import SimpleNamespace
+
+    @dataclass(slots=True)
+    class Cnt:
+        packets: int = 0
+        bytes: int = 0
+
+    @dataclass(slots=True)
+    class Obj:
+        seq: int = 0
+        counters: Cnt = field(default_factory=Cnt)
+        native: object = None
+
+    slots = {k: vars(Obj)[k] for k in ("seq", "counters", "native")}
+    for name in ("seq", "counters"):
+        setattr(Obj, name, esp.read_through(name, slots[name], slots["native"]))
+    for bad in (("x", slots["seq"], slots["native"]), ("seq", 1, slots["native"])):
+        with contextlib.suppress(TypeError, ValueError):
+            esp.read_through(*bad)
+    for _ in range(rounds):
+        o = Obj()
+        k = rng.randrange(4)
+        if k == 1:
+            o.native = esp.SA(rng.randrange(1 << 32), True, 0, bytes(20), True, 0, o)
+            o.native.active = rng.random() < 0.5
+        elif k == 2:
+            o.native = SimpleNamespace(active=rng.random() < 0.5, seq=5, packets=1, bytes=2)
+        elif k == 3:
+            o.native = SimpleNamespace()  # no "active": an error, not a crash
+        for _ in range(4):
+            try:
+                op = rng.randrange(6)
+                if op == 0:
+                    o.seq = rng.choice((rng.randrange(1 << 64), -1, "x", 1 << 70))
+                elif op == 1:
+                    o.counters = rng.choice((Cnt(rng.randrange(9), 3), object()))
+                elif op == 2:
+                    del o.seq
+                elif op == 3:
+                    vars(Obj)["seq"].__get__(object(), None)
+                else:
+                    o.seq, o.counters  # noqa: B018
+            except (TypeError, ValueError, OverflowError, AttributeError):
+                pass
 
 
 if __name__ == "__main__":
