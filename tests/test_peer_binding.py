@@ -261,10 +261,16 @@ def test_invariant_no_message_from_a_third_peer_makes_two_senders(
     w = world(make_before_break=mbb)
     tid = w.transfer("sg1", "sg2")
     copy = w.links[("sg1", "sg2")][0]
+    # A copy of the contexts reaching sg2 before sg1's own is a transfer of sg3's as far as
+    # sg2 can tell (sg3 holds the keys: a stale context from a former holder, which no
+    # target can tell from a legitimate one, docs/security.md): only copies that come after
+    # sg1's contexts, under the id of a transfer sg2 knows, are the attack tested here.
+    reached = False
     for step in steps:
         if step == "legit":
             busy = [k for k in (("sg1", "sg2"), ("sg2", "sg1")) if w.pending(*k)]
             if busy:
+                reached = reached or busy[0] == ("sg1", "sg2")
                 w.deliver(*busy[0])
         elif step == "time":
             w.now += 0.7
@@ -274,6 +280,8 @@ def test_invariant_no_message_from_a_third_peer_makes_two_senders(
             assert isinstance(step, tuple)
             dst, kind = step
             if kind == "copy":
+                if not reached:
+                    continue
                 w.post("sg3", dst, copy)
                 w.deliver("sg3", dst)
             else:
@@ -292,12 +300,9 @@ def test_invariant_no_message_from_a_third_peer_makes_two_senders(
         msg = cxtp.decode(m)
         assert not (isinstance(msg, cxtp.CTD) and len(msg.cdbs) == 2
                     and cxtp.cdb_fpt(msg.cdbs[1]) == 0x8005)  # fmt: skip
-    # the legitimate exchange ended: committed, timed out, or refused (sg3 handed sg2 a
-    # copy of the contexts first: it holds their keys, as any candidate that saw them)
+    # the legitimate exchange ended: committed or timed out (nothing sg3 sent refused it)
     outcome = w.gw["sg1"].finished[-1].outcome
-    assert outcome in ("committed", "timeout", "refused")
-    if "copy" not in {s[1] for s in steps if isinstance(s, tuple)}:
-        assert outcome != "refused"
+    assert outcome in ("committed", "timeout")
     assert (outcome == "committed") == bool(
         w.gw["sg2"].engine.tunnels()
         and w.gw["sg2"].engine.tunnels()[0].state is TunnelState.ACTIVE
