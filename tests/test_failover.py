@@ -42,7 +42,8 @@ from ipsecct.demo import topology as demo
 from ipsecct.errors import ConfigError, CxtpError
 from ipsecct.gateway import config as config_mod
 from ipsecct.gateway.failover_driver import is_sync
-from ipsecct.ipsec import processing, signalling
+from ipsecct.ipsec import native, processing, signalling
+from ipsecct.ipsec import sad as sad_mod
 from ipsecct.ipsec.engine import Engine, ToPeer, Tunnel, TunnelState
 from ipsecct.ipsec.esp import Drop
 from ipsecct.ipsec.ippacket import Endpoint
@@ -472,10 +473,14 @@ def test_an_idle_poll_visits_nothing_and_no_change_is_missed() -> None:
     assert max(visited) == 0 and rep.walks == walks  # idle again
 
 
-def test_a_burst_on_an_idle_tunnel_is_replicated_within_two_ticks() -> None:
-    """``sync_packets`` or more packets on a tunnel the sweep has not reached: more packets
+def test_a_burst_on_an_idle_tunnel_is_replicated_within_two_ticks(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Without the touched lists (an extension built before them: ``activity()`` only),
+    ``sync_packets`` or more packets on a tunnel the sweep has not reached: more packets
     counted than the tunnels visited account for, so the next poll walks every tunnel (not
     ``sync_ms`` later, when the sweep would have reached it)."""
+    monkeypatch.setattr(native, "TRACKS_TOUCHED", False)
     n = 300
     act = Engine(ip(SG_ADDR["sg1"]))
     for i in range(n):
@@ -501,6 +506,101 @@ def test_a_burst_on_an_idle_tunnel_is_replicated_within_two_ticks() -> None:
     tick(0.21)  # every tunnel walked: the tunnel is due (sync_packets)
     assert rep.walks == walks + 1
     _exact(act, sb, 0.21)
+
+
+def _pair(n: int, **kw: Any) -> tuple[Engine, list[Tunnel], failover.Replicator,
+                                      failover.Standby, Any]:
+    """An active engine with ``n`` tunnels, its replicator (fencing, marks given) and a
+    standby; and tick(now): one poll, the standby's answers handed back."""
+    act = Engine(ip(SG_ADDR["sg1"]))
+    tunnels = [add_tunnel(act, i) for i in range(n)]
+    rep = failover.Replicator(act, cfg(fencing=True, **kw), session=7)
+    marks: dict[Tunnel, LeavingMark] = {}
+    rep.leaving_of, rep.marks = marks.get, marks
+    sb = standby(Engine(ip(SG_ADDR["sg2"])), fencing=True)
+
+    def tick(now: float) -> None:
+        for m in wire(rep.handle_timer(now)):
+            for r in sb.receive(m, now):
+                rep.receive(wire([r])[0], now)
+
+    return act, tunnels, rep, sb, tick
+
+
+def test_a_burst_on_an_idle_tunnel_is_replicated_at_the_next_poll_without_a_walk() -> None:
+    """With the touched lists the poll knows which tunnel counted: ``sync_packets`` packets
+    on one idle tunnel among 300 are replicated at the very next poll, which visits that
+    tunnel alone and walks nothing."""
+    act, tunnels, rep, sb, tick = _pair(300, sync_packets=16)
+    for k in range(20):
+        tick(k * 0.01)
+    walks = rep.walks
+    t = tunnels[201]
+    for i in range(20):
+        processing.tunnel_encapsulate(t.outbound, udp_packet(i, up=False), 0.2)
+    tick(0.2)
+    assert rep.walks == walks and rep.visited == 1
+    _exact(act, sb, 0.2)
+
+
+def test_no_seq_sent_twice_a_busy_tunnel_among_idle_ones_is_replicated_within_sync_ms() -> None:
+    """The O(busy) poll (docs/cluster.md, "the idle poll"): one tunnel among 2,000 sends a
+    packet every tick (through the engine: the native path's list when it is built, the
+    Python path's otherwise), fewer than ``sync_packets`` a tick. Each poll visits that
+    tunnel alone (the idle ones cost nothing: never visited, never walked); its replica at
+    the standby is never more than ``sync_ms`` and a tick behind, and a take-over's leap
+    starts above every number it sent (no (SPI, sequence number) pair twice)."""
+    act, tunnels, rep, sb, tick = _pair(2000, sync_packets=1000)
+    c = rep.cfg
+    now = 0.0
+    for _ in range(3):
+        tick(now)
+        now = round(now + c.tick_ms / 1000, 6)
+    _exact(act, sb, now)
+    walks, visited = rep.walks, []
+    sent_at: list[tuple[float, int]] = []  # (time, last number sent)
+    for _ in range(40):
+        sent_at.append((now, send_down(act, 1, now)[-1]))
+        (t,) = [x for x in tunnels if x.outbound.counters.packets]  # (send_down's tunnel)
+        tick(now)
+        visited.append(rep.visited)
+        # what the standby holds is at least what was sent sync_ms and a tick ago
+        held = context.decode(sb.replica[t.outbound.spi][0], now).seq
+        old = [s for at, s in sent_at if at <= now - (c.sync_ms + c.tick_ms) / 1000]
+        assert not old or held >= old[-1]
+        now = round(now + c.tick_ms / 1000, 6)
+    assert rep.walks == walks and max(visited) == 1 and rep.overflows == 0
+    for _ in range(12):  # quiet again: replicated, then nothing visited
+        tick(now)
+        now = round(now + c.tick_ms / 1000, 6)
+    _exact(act, sb, now)
+    tick(now)
+    assert rep.visited == 0 and rep.walks == walks
+    # the standby takes over: it starts above every number the active sent
+    last = sent_at[-1][1]
+    taken, _, _ = sb.take_over(now + 60)  # (once the active's lease has run out)
+    (mine,) = [x for x in taken if x.outbound.spi == t.outbound.spi]
+    assert mine.outbound.seq >= last  # the next number it sends is above every one sent
+
+
+def test_a_full_touched_list_makes_the_next_poll_walk_every_tunnel() -> None:
+    """An SA that finds the touched list full is not listed: the overflow flag makes the
+    next poll walk every tunnel (counted in ``overflows``), so its change is still found."""
+    act, tunnels, rep, sb, tick = _pair(50, sync_packets=4)
+    for k in range(3):
+        tick(k * 0.01)
+    walks = rep.walks
+    filler = [object() for _ in range(sad_mod.TOUCHED_MAX - len(sad_mod.TOUCHED))]
+    sad_mod.TOUCHED.update(filler)  # (what other SAs would have filled it with)
+    for i in range(5):
+        processing.tunnel_encapsulate(tunnels[33].outbound, udp_packet(i, up=False), 0.1)
+    assert tunnels[33].outbound not in sad_mod.TOUCHED and sad_mod.TOUCHED_OVERFLOW[0]
+    tick(0.1)
+    assert rep.overflows == 1 and rep.walks == walks + 1 and not sad_mod.TOUCHED
+    _exact(act, sb, 0.1)
+    tick(0.11)  # (the tunnel replicated at its last visit is visited once more)
+    tick(0.12)
+    assert rep.walks == walks + 1 and rep.visited == 0
 
 
 def test_the_engine_knows_whether_a_tunnel_is_moved_without_walking_them() -> None:

@@ -380,3 +380,40 @@ def test_the_c_read_through_of_seq_and_counters_does_what_the_python_properties_
         got_c, got_py = run(c_seq, c_cnt, fake), run(py_seq, py_cnt, fake)
         assert got_c == got_py, (fake, got_c, got_py)
     assert got_c[4] == 7 and got_c[5][0]["packets"] == 3
+
+
+def test_c_lists_each_sa_that_counted_once_and_says_when_its_list_was_full() -> None:
+    """The touched list (fail-over replication's O(busy) poll): an SA that seals or opens is
+    listed once until taken (by its owner, the Python SA), an SA that only punts is not,
+    and an SA that finds the list full is not listed but the overflow is reported once."""
+    cfg = {
+        "enc": EncAlg.AES_GCM_16, "key": bytes(20), "esn": True, "window": 64, "outer": 4,
+        "ports": PortRange(), "soft": Lifetime(), "hard": Lifetime(),
+    }
+    side = Side(cfg, True)
+    pkt = _inner(4, 17, 100, 7000, S_INNER[4], R_INNER[4])
+    first = side.s.outbound(pkt, 0.0)  # the Python path (its own set), then C
+    assert isinstance(first, ToPeer) and isinstance(side.r.inbound(first.data, None, 0.0), ToInner)
+    native.take_touched()
+    assert native.take_touched() == ([], False)
+    for _ in range(3):
+        got = side.s.native.seal_flow(pkt, 0.0)
+        assert got is not None
+        assert side.r.native.open_spi(got[1], 0.0) is not None
+    sas, lost = native.take_touched()
+    assert sorted(map(id, sas)) == sorted(map(id, [side.up_out, side.up_in])) and not lost
+    replay = side.r.native.open_spi(got[1], 0.0)  # a drop (D_REPLAY): nothing counted
+    assert replay is not None and replay[0] is side.up_in and replay[1] == 1
+    assert native.take_touched() == ([], False)
+    # more SAs than the list holds (16,384): the rest are not listed, the overflow is told
+    owners = [object() for _ in range(16384 + 3)]
+    many = [native._esp.SA(0x100 + i, True, 0, bytes(20), False, 0, o)
+            for i, o in enumerate(owners)]  # fmt: skip
+    for c in many:
+        c.configure(10, (1 << 64) - 1, (1 << 64) - 1, 1e300, 1500, 20)
+        c.active = True
+        assert c.seal(pkt, 0.0) is not None
+    sas, lost = native.take_touched()
+    assert lost and len(sas) == 16384 and sas == owners[:16384]
+    assert many[-1].seal(pkt, 0.0) is not None  # listed again once taken
+    assert native.take_touched() == ([owners[-1]], False)

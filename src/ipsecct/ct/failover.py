@@ -77,7 +77,7 @@ from typing import Protocol as TypingProtocol
 
 from ..errors import ContextError, CxtpError, IpsecctError
 from ..ipsec import native, signalling
-from ..ipsec.engine import Engine, Tunnel, TunnelState
+from ..ipsec.engine import Engine, Tunnel, TunnelState, take_touched
 from ..ipsec.ippacket import Endpoint
 from ..ipsec.sad import Direction, Protocol, SecurityAssociation
 from ..ipsec.spd import Action, SPDEntry
@@ -120,6 +120,10 @@ SYNC_LEAVING = 8
 _SYNC_KINDS = (
     SYNC_HEARTBEAT, SYNC_FULL, SYNC_ACK, SYNC_TAKEN, SYNC_JOIN, SYNC_REFUSED, SYNC_LEAVING
 )
+# Tunnels a replicator keeps as touched until its next poll (one that does not poll, an etcd
+# member's replicator to a peer that is not a member, would otherwise gather every tunnel):
+# beyond it, it forgets them and walks every tunnel at its next poll.
+_TOUCHED_KEPT = 1 << 17
 MAX_PEER_NAME = 255  # octets of a LEAVING mark's target gateway name
 MAX_REFUSAL_TEXT = 200  # octets of a refusal's reason
 MAX_REFUSED_KEYS = 4096  # a standby remembers this many refused keys (to say when they pass)
@@ -454,10 +458,13 @@ class Replicator:
         # ``leaving_of`` reads (every tunnel marked now), lets a poll visit only the tunnels
         # that may need something while the engine's tunnels did not change
         # (``Engine.tunnel_changes``): ``_hot`` (traffic not yet replicated, or replicated
-        # at their last visit), the marked ones (here or at the standby), and, once any SA
-        # of the process counted a packet (``native.activity()``), a slice of ``_sweep``
-        # per poll until every tunnel was visited once, at a rate of all of them per
-        # ``sync_ms`` (a tunnel idle until now is seen within that). Otherwise (a FULL,
+        # at their last visit), the marked ones (here or at the standby), and ``_touched``,
+        # the tunnels whose SAs counted a packet since the last poll (the engine tells,
+        # ``tunnels_touched``; when it cannot, ``touches_lost``, the poll walks every
+        # tunnel). With an extension that cannot list them (built before the list), once
+        # any SA of the process counted a packet (``native.activity()``), a slice of
+        # ``_sweep`` per poll until every tunnel was visited once, at a rate of all of them
+        # per ``sync_ms`` (a tunnel idle until now is seen within that). Otherwise (a FULL,
         # the tunnels changed, no fencing, a selection, a ``leaving_of`` without
         # ``marks``) it walks every tunnel, as it always did.
         self.marks: Mapping[Tunnel, LeavingMark] | None = None
@@ -474,6 +481,10 @@ class Replicator:
         # reached yet; the next poll walks every tunnel (found within two ticks, not
         # ``sync_ms``: what it sends meanwhile stays under its ceiling either way).
         self._burst = False
+        self._touched: set[Tunnel] = set()
+        self._lost = False  # some SA counted a packet unlisted since the last poll
+        self.overflows = 0  # polls that walked every tunnel for that
+        engine.touch_watchers.add(self)  # (tunnels_touched, touches_lost)
         self.walks = 0  # polls that walked every tunnel
         self.visited = 0  # tunnels the last poll looked at
         if self.lease is not None:
@@ -667,14 +678,30 @@ class Replicator:
             st.packets, st.changed_at = -1, -math.inf
             self._hot.add(t)
 
+    def tunnels_touched(self, tunnels: set[Tunnel]) -> None:
+        """These tunnels' SAs counted packets (the engine's ``take_touched``): the next poll
+        visits them. Kept until then (bounded: beyond it, as if lost)."""
+        touched = self._touched
+        touched |= tunnels
+        if len(touched) > _TOUCHED_KEPT:
+            touched.clear()
+            self._lost = True
+
+    def touches_lost(self) -> None:
+        """Some SA counted a packet without being listed: the next poll walks every tunnel."""
+        self._lost = True
+
     def _counter(self, t: Tunnel) -> int:
         return sum(sa.counters.packets for sa in t.sas())
 
-    def _candidates(self, now: float, moved: bool) -> list[Tunnel] | None:
+    def _candidates(
+        self, now: float, moved: bool, touched: set[Tunnel] | None
+    ) -> list[Tunnel] | None:
         """The tunnels a poll must look at when it need not walk them all (see ``marks``),
         or None: walk them all. Each is in the engine and replicable (active, or held and
         marked); otherwise something changed that only a walk of all finds (a removal).
-        ``moved``: an SA of the process counted a packet since the last poll."""
+        ``moved``: an SA of the process counted a packet since the last poll; ``touched``:
+        the tunnels whose SAs did (None: unknown, the sweep finds them)."""
         eng = self.engine
         last = self._last_poll
         leaving_of = self.leaving_of
@@ -694,7 +721,10 @@ class Replicator:
         cands.update(self._marked)
         sweep = self._sweep
         n = len(sweep)
-        if moved:
+        if touched is not None:
+            moved_state = TunnelState.MOVED  # (sends its tail, replicated by no one)
+            cands.update(t for t in touched if t.state is not moved_state)
+        elif moved:
             self._owed = n  # a packet somewhere: every tunnel is visited once from here
         if self._owed:
             k = min(self._owed, math.ceil(n * max(0.0, now - last) * 1000 / self.cfg.sync_ms))
@@ -741,7 +771,15 @@ class Replicator:
         act = native.activity()  # (before the walk: a packet during it moves it again)
         before = self._activity
         moved, self._activity = act != before, act
-        cands = None if full else self._candidates(now, moved)
+        take_touched()  # (likewise: a packet after it is listed for the next poll)
+        touched: set[Tunnel] | None = self._touched
+        self._touched = set()
+        lost, self._lost = self._lost, False
+        if not native.TRACKS_TOUCHED:
+            touched = None  # the sweep finds them (activity() only)
+        elif lost:
+            self.overflows += 1  # some SA counted unlisted: only a walk finds it
+        cands = None if full or lost else self._candidates(now, moved, touched)
         self._last_poll = now
         # A change is seen when it happened (since the last poll) on a tunnel visited at
         # every poll (hot, or all walked last time); elsewhere it may be up to a sweep
@@ -788,7 +826,9 @@ class Replicator:
             else:
                 if st.changed_at is None:
                     st.changed_at = (
-                        now if seen_all or t in seen_hot else now - self.cfg.sync_ms / 1000
+                        now
+                        if seen_all or t in seen_hot or (touched is not None and t in touched)
+                        else now - self.cfg.sync_ms / 1000
                     )
                 hot.add(t)  # (after the test above: ``seen_hot`` may be this very set)
                 if (
@@ -800,6 +840,7 @@ class Replicator:
                     due.append(t)
         self._burst = (
             cands is not None
+            and touched is None
             and before is not None
             and act - before - explained >= self.cfg.sync_packets
         )

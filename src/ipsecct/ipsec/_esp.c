@@ -60,6 +60,7 @@ typedef struct {
     PyObject *owner;
     uint32_t spi;
     int outbound, esn, active, has_dest, sel_on;
+    int touched; /* in the touched list (see touch()) */
     uint8_t salt[4];
     uint64_t seq;      /* outbound: last sequence number sent */
     uint64_t ceiling;  /* outbound: highest sequence number this side may send */
@@ -255,10 +256,37 @@ get32(const uint8_t *p)
     return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
 }
 
-/* Every packet counted on any SA here (seal and open), for ``activity()``: fail-over
- * replication skips its sweep of idle tunnels while it has not moved (ct/failover.py).
- * Atomic: the forwarding thread counts without the GIL. */
+/* Every packet counted on any SA here (seal and open), for ``activity()``. Every count
+ * happens with the GIL held (the SA's and the table's methods, and the forwarding thread's
+ * batches, which take the GIL from the first read to the last send); atomic anyway, as it
+ * is read without a lock by nothing else. */
 static uint64_t g_activity;
+
+/* The touched list: each SA that counted a packet since the last take_touched(), once (its
+ * `touched` flag), with a strong reference, so that fail-over replication visits those SAs'
+ * tunnels only (ct/failover.py, "the idle poll"). Bounded: an SA that does not fit is not
+ * listed and the overflow flag tells the taker that some SA counted unlisted (it then
+ * walks every tunnel). Appended to and taken only with the GIL held (see g_activity): no
+ * lock. Appending makes no Python object (an INCREF only), so it keeps the batch rule
+ * (no Python code runs between a batch's first seal and its last send). */
+#define TOUCHED_MAX 16384
+static SAObject *g_touched[TOUCHED_MAX];
+static Py_ssize_t g_ntouched;
+static int g_touched_overflow;
+
+static inline void
+touch(SAObject *s)
+{
+    if (s->touched)
+        return;
+    if (g_ntouched >= TOUCHED_MAX) {
+        g_touched_overflow = 1;
+        return;
+    }
+    s->touched = 1;
+    Py_INCREF(s);
+    g_touched[g_ntouched++] = s;
+}
 
 /* Seal ``inner`` (len n, IP version read from it) into out: SPI | seq | IV | ct | ICV.
  * Returns the ESP length, PUNT when the Python path must handle the packet. */
@@ -312,6 +340,7 @@ seal(SAObject *s, const uint8_t *inner, Py_ssize_t n, double now, uint8_t *out)
     s->seq = seq;
     s->packets++;
     __atomic_fetch_add(&g_activity, 1, __ATOMIC_RELAXED);
+    touch(s);
     s->bytes += (uint64_t)n;
     return total;
 }
@@ -445,6 +474,7 @@ open_esp(SAObject *s, const uint8_t *pkt, Py_ssize_t n, double now, uint8_t *out
     Py_ssize_t end = ctlen - 2 - padlen;
     s->packets++;
     __atomic_fetch_add(&g_activity, 1, __ATOMIC_RELAXED);
+    touch(s);
     s->bytes += (uint64_t)end;
     int nh = out[ctlen - 1];
     if (nh == NH_NONE)
@@ -1995,11 +2025,56 @@ module_activity(PyObject *m, PyObject *noargs)
     return PyLong_FromUnsignedLongLong(__atomic_load_n(&g_activity, __ATOMIC_RELAXED));
 }
 
+/* take_touched() -> (owners, overflowed): the owner of each SA that counted a packet since the
+ * last call (each once; an SA without an owner is left out), and whether some SA counted
+ * without being listed (the list was full). Empties the list. The list is copied and emptied
+ * before anything that could run Python code (a DECREF may finalize an SA, an allocation may
+ * collect): that code may let the forwarding thread run a batch, which appends afresh. */
+static PyObject *
+module_take_touched(PyObject *m, PyObject *noargs)
+{
+    PyObject *owners = PyList_New(0);
+    if (owners == NULL)
+        return NULL;
+    Py_ssize_t n = g_ntouched;
+    SAObject **taken = NULL;
+    if (n > 0) {
+        taken = PyMem_RawMalloc((size_t)n * sizeof(*taken));
+        if (taken == NULL) {
+            Py_DECREF(owners);
+            return PyErr_NoMemory();
+        }
+        memcpy(taken, g_touched, (size_t)n * sizeof(*taken));
+    }
+    int overflowed = g_touched_overflow;
+    g_ntouched = 0;
+    g_touched_overflow = 0;
+    for (Py_ssize_t i = 0; i < n; i++)
+        taken[i]->touched = 0;
+    /* no Python code has run since the copy: appending (a realloc) runs none either */
+    int err = 0;
+    for (Py_ssize_t i = 0; i < n && !err; i++) {
+        PyObject *o = taken[i]->owner;
+        if (o != NULL && o != Py_None && PyList_Append(owners, o) < 0)
+            err = 1;
+    }
+    for (Py_ssize_t i = 0; i < n; i++)
+        Py_DECREF(taken[i]);
+    PyMem_RawFree(taken);
+    if (err) {
+        Py_DECREF(owners);
+        return NULL;
+    }
+    return Py_BuildValue("(NO)", owners, overflowed ? Py_True : Py_False);
+}
+
 static PyMethodDef module_methods[] = {
     {"activity", module_activity, METH_NOARGS,
      "packets counted on every SA since the module was loaded (seal and open)"},
     {"read_through", module_read_through, METH_VARARGS,
      "read_through(name, value slot, native slot): SecurityAssociation's seq or counters"},
+    {"take_touched", module_take_touched, METH_NOARGS,
+     "take_touched() -> (owners of the SAs that counted since the last call, overflowed)"},
     {NULL, NULL, 0, NULL},
 };
 

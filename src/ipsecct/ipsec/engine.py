@@ -113,6 +113,36 @@ TUNNEL_TRANSITIONS: frozenset[tuple[TunnelState, TunnelState]] = frozenset(
 )
 
 
+# Every engine of the process, for take_touched() (the touched lists are process-wide).
+_ENGINES: weakref.WeakSet[Engine] = weakref.WeakSet()
+
+
+def take_touched() -> None:
+    """Take the process's touched lists (:func:`ipsecct.ipsec.native.take_touched`: every SA
+    that counted a packet since the last call) and tell each engine's ``touch_watchers``
+    which of its tunnels they belong to (``tunnels_touched``), and, if some SA counted
+    unlisted (a full list), that they cannot know (``touches_lost``). Whoever calls it
+    first takes the lists for all: each watcher keeps what it is told until it looks."""
+    sas, lost = native_mod.take_touched()
+    if not sas and not lost:
+        return
+    for eng in list(_ENGINES):
+        watchers = list(eng.touch_watchers)
+        if not watchers:
+            continue
+        by_sa = eng._tunnel_of_sa
+        got: set[Tunnel] = set()
+        for sa in sas:
+            t = by_sa.get(id(sa))  # (sa is alive: its id is no other's)
+            if t is not None and (t.outbound is sa or t.inbound is sa):
+                got.add(t)
+        for w in watchers:
+            if lost:
+                w.touches_lost()
+            if got:
+                w.tunnels_touched(got)
+
+
 @dataclass(eq=False)
 class Tunnel:
     """A PROTECT policy with its SA pair: the unit a context transfer moves."""
@@ -257,6 +287,11 @@ class Engine:
         # the fail-over replication (ct.failover.Replicator.sa_moved), which otherwise sends a
         # tunnel again only after traffic; held weakly (replicators come and go with peers)
         self.move_watchers: weakref.WeakSet[Any] = weakref.WeakSet()
+        # told which tunnels counted a packet (take_touched()): the fail-over replication
+        # (``tunnels_touched(tunnels)``, and ``touches_lost()`` when some went unlisted), so
+        # that its poll visits those and not every tunnel; held weakly, as move_watchers
+        self.touch_watchers: weakref.WeakSet[Any] = weakref.WeakSet()
+        _ENGINES.add(self)
         # Flow cache: plain IPv4 packets of a flow that matched a PROTECT policy go straight to
         # its tunnel. Cleared whenever policies or tunnels change; a tunnel that is not ACTIVE
         # (held, moved) sends its packets down the full path.

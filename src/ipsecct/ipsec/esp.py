@@ -19,6 +19,9 @@ import struct
 from .native import reclaim
 from .sad import MAX_SEQ_32, MAX_SEQ_64, SecurityAssociation
 from .sad import PACKETS as _PACKETS
+from .sad import TOUCHED as _TOUCHED
+from .sad import TOUCHED_MAX as _TOUCHED_MAX
+from .sad import TOUCHED_OVERFLOW as _TOUCHED_OVERFLOW
 from .transforms import PAD, IntegrityFailure
 
 NH_NONE = 59
@@ -104,6 +107,10 @@ def encapsulate(
         c = sa.counters
         c.packets += 1
         _PACKETS[0] += 1
+        if len(_TOUCHED) < _TOUCHED_MAX:
+            _TOUCHED.add(sa)
+        elif sa not in _TOUCHED:
+            _TOUCHED_OVERFLOW[0] = True
         c.bytes += n
     else:
         sa.account(n, now)
@@ -188,6 +195,10 @@ def decapsulate(
         c = sa.counters
         c.packets += 1
         _PACKETS[0] += 1
+        if len(_TOUCHED) < _TOUCHED_MAX:
+            _TOUCHED.add(sa)
+        elif sa not in _TOUCHED:
+            _TOUCHED_OVERFLOW[0] = True
         c.bytes += end
     else:
         sa.account(end, now)

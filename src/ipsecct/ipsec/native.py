@@ -40,6 +40,8 @@ from .sad import (
     MAX_SEQ_32,
     MAX_SEQ_64,
     PACKETS,
+    TOUCHED,
+    TOUCHED_OVERFLOW,
     Direction,
     Mode,
     Protocol,
@@ -78,6 +80,29 @@ def activity() -> int:
         _unknown[0] += 1
         return -_unknown[0]
     return n + int(_c_activity())
+
+
+_c_take_touched = getattr(_esp, "take_touched", None)
+# An extension built before the touched list: False (then only activity() tells).
+TRACKS_TOUCHED = _esp is None or _c_take_touched is not None
+
+
+def take_touched() -> tuple[list[SecurityAssociation], bool]:
+    """The SAs that counted a packet since the last call (the Python path's and C's, an SA
+    possibly twice), and whether some SA counted without being listed (a list was full, or
+    the extension cannot tell: then take every SA as touched). Empties both lists."""
+    overflowed = TOUCHED_OVERFLOW[0]
+    TOUCHED_OVERFLOW[0] = False
+    taken = set(TOUCHED)
+    TOUCHED.difference_update(taken)  # (one added meanwhile stays for the next call)
+    sas = list(taken)
+    if _esp is not None:
+        if _c_take_touched is None:
+            return sas, True
+        owners, c_overflowed = _c_take_touched()
+        sas.extend(owners)
+        overflowed = overflowed or c_overflowed
+    return sas, overflowed
 
 
 def wanted(native: bool | None) -> bool:

@@ -99,6 +99,13 @@ class Counters:
 # ipsecct.ipsec.native.activity()): fail-over replication skips its sweep of idle tunnels
 # while neither moved (ct/failover.py, Replicator._candidates).
 PACKETS = [0]
+# And which SAs (the Python path's touched set; the native path keeps its own list:
+# ipsecct.ipsec.native.take_touched()): every SA that counted a packet since the set was
+# last taken, so that replication visits only their tunnels. Bounded: an SA that finds it
+# full sets TOUCHED_OVERFLOW instead (the taker then walks every tunnel).
+TOUCHED: set[SecurityAssociation] = set()
+TOUCHED_MAX = 16384
+TOUCHED_OVERFLOW = [False]
 
 
 class SAEvent(enum.Enum):
@@ -304,6 +311,10 @@ class SecurityAssociation:
         c = self.counters
         c.packets += 1
         PACKETS[0] += 1
+        if len(TOUCHED) < TOUCHED_MAX:
+            TOUCHED.add(self)
+        elif self not in TOUCHED:
+            TOUCHED_OVERFLOW[0] = True
         c.bytes += nbytes
         if not self._limits_unset:
             self._check_limits(now)
