@@ -3,14 +3,17 @@
 1. ``poll``: one ``Replicator.poll`` over N idle tunnels (the engine of ``ipsecct bench
    failover``: AES-GCM-16, ESN, native data path when built), after the whole state was
    sent and acknowledged: CPU per poll (``time.thread_time``, the mean of ``--polls``);
-   ``--busy K``: K of them carry a packet before every poll (the Python path), ``--warm``:
-   their SAs are on the native path.
+   ``--busy K``: K of them carry a packet before every poll (the Python path; ``--via
+   engine``: through ``Engine.outbound``, the native path when built), ``--warm``: their
+   SAs are on the native path.
 2. ``gateway``: the in-process demo pair (``ipsecct.demo.topology``, real TLS between sg1
    and sg2, one event loop) with N more tunnels at the active sg1, once the standby holds
    them all: the loop thread's CPU per second over ``--seconds`` (the standby's side of the
    heartbeats included, it runs on the same loop), and the latency of ``status`` asked on a
    control socket of sg1's (the client on the same loop: the answer waits for whatever the
-   loop is busy with), ``--probes`` times, spread over the same seconds.
+   loop is busy with), ``--probes`` times, spread over the same seconds; ``--busy K``: K
+   of those tunnels carry a packet every 10 ms (through ``Engine.outbound``: the native
+   path when built), on the same loop.
 
     .venv/bin/python benchmarks/idle_poll.py --tunnels 10000 [--mode poll|gateway|both]
 """
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import json
 import statistics
 import tempfile
@@ -30,11 +34,12 @@ from ipsecct.bench.failover import _cfg, _packet, build
 from ipsecct.ct import cxtp, failover
 from ipsecct.ct.transfer import Identity
 from ipsecct.ipsec import processing
+from ipsecct.ipsec.ippacket import build_udp
 
 
-def poll_cost(n: int, polls: int, warm: bool, busy: int = 0) -> dict[str, Any]:
-    import ipaddress
-
+def poll_cost(
+    n: int, polls: int, warm: bool, busy: int = 0, via: str = "python"
+) -> dict[str, Any]:
     from ipsecct.ipsec.engine import Engine
     from ipsecct.ipsec.ippacket import Endpoint
 
@@ -63,8 +68,11 @@ def poll_cost(n: int, polls: int, warm: bool, busy: int = 0) -> dict[str, Any]:
     tunnels = gw.tunnels()[:busy]
     for _ in range(polls):
         now += 0.01
-        for i, t in enumerate(tunnels):  # one packet each (Python path), not timed
-            processing.tunnel_encapsulate(t.outbound, _packet(i), now)
+        for i, t in enumerate(tunnels):  # one packet each, not timed
+            if via == "engine":
+                gw.outbound(_packet(i), now)
+            else:
+                processing.tunnel_encapsulate(t.outbound, _packet(i), now)
         t0 = time.thread_time()
         msgs = rep.poll(now)
         times.append(time.thread_time() - t0)
@@ -76,12 +84,15 @@ def poll_cost(n: int, polls: int, warm: bool, busy: int = 0) -> dict[str, Any]:
         "poll_ms_mean": round(statistics.mean(times) * 1000, 3),
         "poll_ms_median": round(statistics.median(times) * 1000, 3),
         "messages": sent,
+        "via": via,
         "native": any(sa.native is not None and sa.native.active
                       for t in gw.tunnels()[:1] for sa in t.sas()),
     }
 
 
-async def _gateway(n: int, seconds: float, probes: int, workdir: Path) -> dict[str, Any]:
+async def _gateway(
+    n: int, seconds: float, probes: int, workdir: Path, busy: int = 0
+) -> dict[str, Any]:
     from ipsecct.bench.transfer import make_tunnel
     from ipsecct.demo import handover as demo_handover
     from ipsecct.demo import topology as demo
@@ -89,6 +100,7 @@ async def _gateway(n: int, seconds: float, probes: int, workdir: Path) -> dict[s
 
     d = await demo.build(workdir, failover=True)
     server = None
+    traffic: asyncio.Task[None] | None = None
     try:
         eng = d.gateways["sg1"].node.engine
         for i in range(n):
@@ -113,6 +125,23 @@ async def _gateway(n: int, seconds: float, probes: int, workdir: Path) -> dict[s
         server = ControlServer(path)
         server.register("status", services["sg1"]._status)
         await server.start()
+        node = d.gateways["sg1"].node
+        pkts = [
+            bytes(build_udp(ipaddress.ip_address("10.2.0.1"),
+                            ipaddress.ip_address("10.64.0.0") + i, 7000, 7000, b"x" * 32))
+            for i in range(busy)
+        ]  # fmt: skip
+
+        async def send() -> None:  # a packet on each busy tunnel every 10 ms
+            while True:
+                now = node.clock()
+                for p in pkts:
+                    eng.outbound(p, now)
+                await asyncio.sleep(0.01)
+
+        if busy:
+            traffic = asyncio.ensure_future(send())
+            await asyncio.sleep(1.0)  # their first packets replicated, as in steady state
         polls0 = rep.messages
         cpu0, wall0 = time.thread_time(), loop.time()
         lat: list[float] = []
@@ -132,6 +161,7 @@ async def _gateway(n: int, seconds: float, probes: int, workdir: Path) -> dict[s
             own.append(time.thread_time() - t0)
         return {
             "tunnels": n,
+            "busy": busy,
             "seconds": round(wall, 2),
             "loop_cpu_per_s": round(cpu / wall, 3),
             "sync_messages_per_s": round((rep.messages - polls0) / wall, 1),
@@ -141,6 +171,8 @@ async def _gateway(n: int, seconds: float, probes: int, workdir: Path) -> dict[s
             "status_handler_ms": round(statistics.median(own) * 1000, 2),
         }
     finally:
+        if traffic is not None:
+            traffic.cancel()
         if server is not None:
             await server.stop()
         await asyncio.wait_for(demo.stop(d), 60)
@@ -154,14 +186,18 @@ def main() -> None:
     ap.add_argument("--probes", type=int, default=40)
     ap.add_argument("--busy", type=int, default=0, help="tunnels with a packet every poll")
     ap.add_argument("--warm", action="store_true", help="one packet per tunnel first")
+    ap.add_argument("--via", choices=("python", "engine"), default="python",
+                    help="poll mode: how the busy tunnels' packets go")  # fmt: skip
     ap.add_argument("--mode", choices=("poll", "gateway", "both"), default="both")
     a = ap.parse_args()
     out: dict[str, Any] = {}
     if a.mode in ("poll", "both"):
-        out["poll"] = poll_cost(a.tunnels, a.polls, a.warm, a.busy)
+        out["poll"] = poll_cost(a.tunnels, a.polls, a.warm, a.busy, a.via)
     if a.mode in ("gateway", "both"):
         with tempfile.TemporaryDirectory() as tmp:
-            out["gateway"] = asyncio.run(_gateway(a.tunnels, a.seconds, a.probes, Path(tmp)))
+            out["gateway"] = asyncio.run(
+                _gateway(a.tunnels, a.seconds, a.probes, Path(tmp), a.busy)
+            )
     print(json.dumps(out))
 
 

@@ -369,6 +369,65 @@ def test_replicator_select_keeps_a_floor_until_the_removal_is_acknowledged() -> 
     assert (0x2002, False) in contexts(msgs) and rep.floor[t2] == t2.outbound.seq
 
 
+def test_no_seq_sent_twice_the_etcd_mode_poll_visits_busy_tunnels_and_walks_on_a_new_selection(
+) -> None:
+    """The etcd mode (a selection per peer, floors per peer through ``on_floor``): while
+    ``select_changes`` says the selection did not change, an idle poll visits no tunnel and
+    a busy one visits that tunnel alone (replicated within ``sync_ms`` and a tick); once it
+    changes, the next poll walks every tunnel: a tunnel that left the selection is removed
+    at that peer, its floor kept until the removal is acknowledged (its ceiling never above
+    what that peer may hold plus the margin), and one that joined it is replicated."""
+    act = Engine(ip(SG_ADDR["sg1"]))
+    tunnels = [add_tunnel(act, i) for i in range(400)]
+    floors: list[Tunnel] = []
+    rep = failover.Replicator(
+        act, cfg(fencing=True, sync_packets=1000), session=9, peer_lease=False,
+        on_floor=floors.append,
+    )  # fmt: skip
+    chosen = set(tunnels[:300])
+    version = [0]
+    rep.select = lambda t: t in chosen
+    rep.select_changes = lambda: version[0]
+    sb = failover.Standby(
+        Engine(ip(SG_ADDR["sg2"])), cfg("standby", fencing=True),
+        Endpoint(ip(SG_ADDR["sg2"]), 4600), Identity.DIRECT, peer_lease=False,
+    )  # fmt: skip
+    now = [0.0]
+
+    def tick() -> None:
+        for m in wire(rep.handle_timer(now[0])):
+            for r in sb.receive(m, now[0]):
+                rep.receive(r, now[0])
+        now[0] = round(now[0] + 0.01, 6)
+
+    for _ in range(3):
+        tick()
+    assert len(sb.replica) == 300
+    walks = rep.walks
+    tick()
+    assert rep.visited == 0 and rep.walks == walks  # idle: nothing looked at
+    visited = []
+    for _ in range(15):  # one packet a tick on tunnel 1 (send_down's)
+        send_down(act, 1, now[0])
+        tick()
+        visited.append(rep.visited)
+    (busy,) = [t for t in tunnels if t.outbound.counters.packets]
+    assert max(visited) == 1 and rep.walks == walks
+    held = context.decode(sb.replica[busy.outbound.spi][0], now[0]).seq
+    assert held >= busy.outbound.seq - 11  # (at most sync_ms and a tick behind)
+    # the selection changes: busy's tunnel leaves it, tunnel 350 joins it
+    chosen.discard(busy)
+    chosen.add(tunnels[350])
+    version[0] += 1
+    floors.clear()
+    tick()
+    assert rep.walks == walks + 1
+    assert busy.outbound.spi not in sb.replica and tunnels[350].outbound.spi in sb.replica
+    assert busy not in rep.floor and busy in floors  # removal acknowledged: floor dropped
+    tick()
+    assert rep.visited <= 1 and rep.walks == walks + 1
+
+
 def test_replicator_selected_again_before_the_acknowledgement_keeps_the_old_floor() -> None:
     act = Engine(ip(SG_ADDR["sg1"]))
     t1 = add_tunnel(act, 1)

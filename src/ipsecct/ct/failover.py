@@ -438,6 +438,12 @@ class Replicator:
         # selection keeps its floor until the standby acknowledges its removal: message
         # number -> those tunnels.
         self.select: Callable[[Tunnel], bool] | None = None
+        # What ``select``'s answers depend on, compared at every poll (the etcd mode: the
+        # member list's layout and the groups' placement): while it has not changed since
+        # the last walk of every tunnel, a poll visits only the tunnels that may need
+        # something, as without a selection. None (with a selection): every poll walks.
+        self.select_changes: Callable[[], object] | None = None
+        self._walked_select: object = None
         self._leaving: dict[int, list[Tunnel]] = {}
         # The etcd mode: the standby member's lease as last read from etcd, sent with every
         # message; its replicas are good only under that lease (forget_floors()).
@@ -709,8 +715,10 @@ class Replicator:
             last is None
             or self._burst
             or not self.cfg.fencing  # no ceiling: the sync rule alone bounds what is missed
-            or self.select is not None
-            or self.on_floor is not None
+            or (
+                self.select is not None
+                and (self.select_changes is None or self.select_changes() != self._walked_select)
+            )
             or (leaving_of is not None and self.marks is None)
             or eng.tunnel_changes != self._walked
         ):
@@ -792,6 +800,8 @@ class Replicator:
             self._hot = hot
             self._owed = 0
             self._walked = self.engine.tunnel_changes
+            if self.select_changes is not None:
+                self._walked_select = self.select_changes()
             self.walks += 1
         else:
             tunnels = cands

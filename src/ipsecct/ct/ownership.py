@@ -261,6 +261,10 @@ class Ownership:
         self.home: list[str] = []
         self.groups: set[str] = set()
         self.placed: dict[int, str] = {}
+        # Bumped by every method that changes ``home``, ``groups`` or ``placed``: which peer
+        # gets which tunnel depends on them (the etcd mode's replication walks every tunnel
+        # when it moved: ct/failover.py, Replicator.select_changes).
+        self.changes = 0
 
     # -- queries -----------------------------------------------------------------------------
     def owns(self, spi: int) -> bool:
@@ -288,6 +292,7 @@ class Ownership:
         self.lease_gone()
         self.lease = lease
         self.home = [home_group(lease, k) for k in range(self.n_groups)]
+        self.changes += 1
         return Txn(
             tuple(absent(self.group_key(g)) for g in self.home),
             (
@@ -298,10 +303,12 @@ class Ownership:
 
     def joined(self) -> None:
         self.groups = set(self.home)
+        self.changes += 1
 
     def lease_gone(self) -> set[int]:
         """Our lease ended (or we left): nothing is ours any more. Returns what was."""
         was = self.owned()
+        self.changes += 1
         self.lease = 0
         self.home = []
         self.groups.clear()
@@ -321,6 +328,7 @@ class Ownership:
         )
 
     def placed_ok(self, spis: list[int]) -> None:
+        self.changes += 1
         for s in spis:
             self.placed[s] = self.home_of(s)
 
@@ -341,11 +349,13 @@ class Ownership:
         )
 
     def placed_into(self, spis: list[int], gid: str) -> None:
+        self.changes += 1
         for s in spis:
             self.placed[s] = gid
 
     def learn(self, spi: int, gid: str | None) -> None:
         """What etcd says ``tunnels/<spi>`` holds (None: absent)."""
+        self.changes += self.placed.get(spi) != gid
         if gid is None:
             self.placed.pop(spi, None)
         else:
@@ -366,7 +376,7 @@ class Ownership:
         )
 
     def released(self, spi: int) -> None:
-        self.placed.pop(spi, None)
+        self.changes += self.placed.pop(spi, None) is not None
 
     # -- transfers: the new owner in the same step ----------------------------------------------
     def hand_over(
@@ -403,6 +413,7 @@ class Ownership:
         return out
 
     def handed_over(self, txn: Txn) -> None:
+        self.changes += 1
         for op in txn.success:
             spi = spi_of_key(op.key)
             if isinstance(op, Put) and spi is not None:
@@ -424,6 +435,7 @@ class Ownership:
         """We own these groups now; ``tunnels`` as read before (a group without owner is
         frozen: nobody can change its tunnels' keys). Returns the tunnels they hold."""
         got = set(gids)
+        self.changes += 1
         self.groups |= got
         out = sorted(s for s, g in tunnels.items() if g in got)
         for s in out:

@@ -177,6 +177,8 @@ class ClusterDriver:
                 self.node.engine, c, peer_lease=False, on_floor=self._ceiling
             )
             self.replicators[p].select = functools.partial(self._replicate_to, p)
+            # (_replicate_to's answers move only with these: the poll walks when they do)
+            self.replicators[p].select_changes = self._selection_changes
             self.standbys[p] = Standby(
                 self.node.engine,
                 replace(c, role="standby"),
@@ -495,6 +497,12 @@ class ClusterDriver:
             budget = PREPARE_PER_TICK
             for sb in self.standbys.values():
                 budget -= sb.prepare(budget)
+
+    def _selection_changes(self) -> tuple[int, int]:
+        """What :meth:`_replicate_to` depends on besides the tunnel itself (its SPI, its
+        siblings, which come and go with tunnels): the member list (``_layout``) and what
+        this member holds and where its tunnels are placed (``Ownership.changes``)."""
+        return self._layout, self.own.changes
 
     def _replicate_to(self, peer: str, t: Tunnel) -> bool:
         """Whether tunnel ``t`` goes to ``peer``: the ``replicas`` live peers ranked highest

@@ -591,6 +591,9 @@ class FailoverDriver:
                 # poll at the last one (no room in the channel: a large state goes in pieces)
                 "resyncs": self.replicator.resyncs,
                 "deferred": self.replicator.deferred,
+                # polls that walked every tunnel because a touched list was full (some SA
+                # counted unlisted: docs/cluster.md, "the idle poll")
+                "touched_overflows": self.replicator.overflows,
                 **lease,
             }
         if self.standby is not None and self.standby.took_over is None:
