@@ -88,6 +88,8 @@ def thread_fuzz(esp, table, sas, rng, rounds, outer, inner, sink, sink_port, tx)
         victim.active = False  # a freeze while the thread runs
         victim.export()
         victim.active = True
+        owners, _ = esp.take_touched()  # the touched list, taken while the thread appends
+        assert all(o is not None for o in owners)
         if n % 3 == 0:
             got += len(table.drain(wake))
         if n % 7 == 0:
@@ -213,6 +215,9 @@ def main() -> None:
         sa[4].window()
         table.remove(sa[5])
     read_through_fuzz(esp, rng, rounds)
+    esp.take_touched()
+    sas.clear()  # (the list's last references go with the next take)
+    esp.take_touched()
     print("fuzz-ok", rounds)
 
 
