@@ -471,8 +471,8 @@ class Replicator:
         # any SA of the process counted a packet (``native.activity()``), a slice of
         # ``_sweep`` per poll until every tunnel was visited once, at a rate of all of them
         # per ``sync_ms`` (a tunnel idle until now is seen within that). Otherwise (a FULL,
-        # the tunnels changed, no fencing, a selection, a ``leaving_of`` without
-        # ``marks``) it walks every tunnel, as it always did.
+        # the tunnels changed, no fencing, a selection that changed or without
+        # ``select_changes``, a ``leaving_of`` without ``marks``) it walks every tunnel.
         self.marks: Mapping[Tunnel, LeavingMark] | None = None
         self._hot: set[Tunnel] = set()
         self._sweep: list[Tunnel] = []
@@ -784,7 +784,7 @@ class Replicator:
         self._touched = set()
         lost, self._lost = self._lost, False
         if not native.TRACKS_TOUCHED:
-            touched = None  # the sweep finds them (activity() only)
+            touched, lost = None, False  # the sweep finds them (activity() only)
         elif lost:
             self.overflows += 1  # some SA counted unlisted: only a walk finds it
         cands = None if full or lost else self._candidates(now, moved, touched)
