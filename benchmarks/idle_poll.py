@@ -11,7 +11,9 @@
    them all: the loop thread's CPU per second over ``--seconds`` (the standby's side of the
    heartbeats included, it runs on the same loop), and the latency of ``status`` asked on a
    control socket of sg1's (the client on the same loop: the answer waits for whatever the
-   loop is busy with), ``--probes`` times, spread over the same seconds; ``--busy K``: K
+   loop is busy with), ``--probes`` times, spread over the same seconds, and the CPU of each
+   replication poll in the loop (``poll_ms_*``; the loop's CPU per poll: all it did divided
+   by the polls it made, which a starved process still shows); ``--busy K``: K
    of those tunnels carry a packet every 10 ms (through ``Engine.outbound``: the native
    path when built), on the same loop.
 
@@ -143,6 +145,20 @@ async def _gateway(
             traffic = asyncio.ensure_future(send())
             await asyncio.sleep(1.0)  # their first packets replicated, as in steady state
         polls0 = rep.messages
+        # The replication polls themselves: their CPU each (what the loop spends on them,
+        # whatever share of a core the process gets: at a high load average the loop's CPU
+        # per second is bounded by that share, not by what it would use)
+        poll_cpu: list[float] = []
+        inner_poll = rep.poll
+
+        def timed_poll(now: float, budget: int | None = None) -> list[cxtp.Message]:
+            t0 = time.thread_time()
+            try:
+                return inner_poll(now, budget)
+            finally:
+                poll_cpu.append(time.thread_time() - t0)
+
+        rep.poll = timed_poll  # type: ignore[method-assign]
         cpu0, wall0 = time.thread_time(), loop.time()
         lat: list[float] = []
         gap = seconds / probes
@@ -165,6 +181,10 @@ async def _gateway(
             "seconds": round(wall, 2),
             "loop_cpu_per_s": round(cpu / wall, 3),
             "sync_messages_per_s": round((rep.messages - polls0) / wall, 1),
+            "polls": len(poll_cpu),
+            "poll_ms_mean": round(statistics.mean(poll_cpu) * 1000, 3) if poll_cpu else None,
+            "poll_ms_median": round(statistics.median(poll_cpu) * 1000, 3) if poll_cpu else None,
+            "loop_cpu_ms_per_poll": round(cpu / max(1, len(poll_cpu)) * 1000, 3),
             "status_ms_median": round(statistics.median(lat) * 1000, 2),
             "status_ms_max": round(max(lat) * 1000, 2),
             "probes": probes,
