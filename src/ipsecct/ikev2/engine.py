@@ -73,6 +73,7 @@ from .message import (
     SAPayload,
     SKFPayload,
     SKPayload,
+    TrafficSelector,
     TSPayload,
     decode,
     decode_payloads,
@@ -84,10 +85,11 @@ from .message import (
 )
 from .mid_sync import MidSync, ReplayCounterSync, sync_request
 from .pool import Pool
-from .proposal import AEAD, choose
+from .proposal import AEAD, Offer, Suite, choose
 from .ts import host, narrow, representable, within
 
 log = logging.getLogger("ipsecct.ikev2")
+_WIDER = "wider traffic selectors"  # a CREATE_CHILD_SA answer that widened ours (§2.9)
 
 
 def _net(host: IPAddr) -> tuple[int, int]:
@@ -2087,18 +2089,22 @@ class IkeEngine:
         ike.pending.new_child = cc
         self.stats["child-create-sent"] += 1
 
-    def _create_child_response(self, ike: IkeSA, p: Pending, inner: list[Payload],
-                               now: float, out: list[Output]) -> None:  # fmt: skip
-        cc = p.new_child
-        assert cc is not None
-        spi_in = int.from_bytes(p.spi, "big")
+    def _child_answer(
+        self, p: Pending, inner: list[Payload], offers: list[Offer],
+        local_ts: list[TrafficSelector], remote_ts: list[TrafficSelector],
+    ) -> tuple[tuple[Proposal, Suite], NoncePayload, TSPayload, TSPayload, bytes] | str:
+        """The peer's answer to our CREATE_CHILD_SA (a new CHILD SA or a rekey): (the chosen
+        proposal and suite, its nonce, TSi, TSr, the PFS shared secret), or why it is not
+        one: ``_WIDER`` when its selectors are wider than ``local_ts``/``remote_ts`` (the
+        responder narrows what we proposed, §2.9, never widens it; the peer has made the SA
+        then), the name of the error it notified, or "bad answer"."""
         n = notifies(inner)
         sa = find(inner, SAPayload)
         nr = find(inner, NoncePayload)
         ke = find(inner, KEPayload)
         tsi = next((x for x in inner if isinstance(x, TSPayload) and x.initiator), None)
         tsr = next((x for x in inner if isinstance(x, TSPayload) and not x.initiator), None)
-        chosen = (choose(cc.esp_proposals, sa.proposals, ke_group=ke.group if ke else None)
+        chosen = (choose(offers, sa.proposals, ke_group=ke.group if ke else None)
                   if sa is not None and len(sa.proposals) == 1 else None)  # fmt: skip
         shared = b""
         ok = chosen is not None and nr is not None and tsi is not None and tsr is not None
@@ -2114,24 +2120,31 @@ class IkeEngine:
         if ok and chosen is not None and (len(chosen[0].spi) != 4
                                           or int.from_bytes(chosen[0].spi, "big") < 256):
             ok = False  # fmt: skip
-        # narrowed from what we proposed (§2.9), never wider
-        wider = (ok and tsi is not None and tsr is not None
-                 and not (within(tsi.selectors, cc.local_ts)
-                          and within(tsr.selectors, cc.remote_ts)))  # fmt: skip
-        if wider or not ok or chosen is None or nr is None or tsi is None or tsr is None:
-            errs = [t for t in n if t < 16384]
+        if ok and chosen is not None and nr is not None and tsi is not None and tsr is not None:
+            if not (within(tsi.selectors, local_ts) and within(tsr.selectors, remote_ts)):
+                return _WIDER
+            return chosen, nr, tsi, tsr, shared
+        errs = [t for t in n if t < 16384]
+        return _notify_name(errs[0]) if errs else "bad answer"
+
+    def _create_child_response(self, ike: IkeSA, p: Pending, inner: list[Payload],
+                               now: float, out: list[Output]) -> None:  # fmt: skip
+        cc = p.new_child
+        assert cc is not None
+        spi_in = int.from_bytes(p.spi, "big")
+        a = self._child_answer(p, inner, cc.esp_proposals, cc.local_ts, cc.remote_ts)
+        if isinstance(a, str):
             self.stats["child-create-failed"] += 1
-            why = ("wider traffic selectors" if wider
-                   else _notify_name(errs[0]) if errs else "bad answer")  # fmt: skip
             log.info("event=child-create-failed conn=%s child=%s reason=%s", ike.conn.name,
-                     cc.name, _quote(why))  # fmt: skip
+                     cc.name, _quote(a))  # fmt: skip
             self._child_spis.discard(spi_in)
-            if wider:  # the peer made the SA: it is deleted there (our SPI names it)
+            if a == _WIDER:  # the peer made the SA: it is deleted there (our SPI names it)
                 self._request(ike, "delete-child", [DeletePayload(ProtocolId.ESP, (p.spi,))],
                               now, out)  # fmt: skip
             return
         prf_alg = ike.suite.prf
         assert prf_alg is not None
+        chosen, nr, tsi, tsr, shared = a
         keys = child_keys(prf_alg, ike.keys.sk_d, chosen[1], p.nonce, nr.data, shared)
         child = ChildSA(cc, chosen[1], spi_in, int.from_bytes(chosen[0].spi, "big"), keys,
                         True, list(tsi.selectors), list(tsr.selectors), now)  # fmt: skip
@@ -2147,44 +2160,16 @@ class IkeEngine:
         old = p.old_child
         assert old is not None
         spi_in = int.from_bytes(p.spi, "big")
-        n = notifies(inner)
-        sa = find(inner, SAPayload)
-        nr = find(inner, NoncePayload)
-        ke = find(inner, KEPayload)
-        tsi = next((x for x in inner if isinstance(x, TSPayload) and x.initiator), None)
-        tsr = next((x for x in inner if isinstance(x, TSPayload) and not x.initiator), None)
-        chosen = (choose(old.config.esp_proposals, sa.proposals,
-                         ke_group=ke.group if ke else None)
-                  if sa is not None and len(sa.proposals) == 1 else None)  # fmt: skip
-        shared = b""
-        ok = chosen is not None and nr is not None and tsi is not None and tsr is not None
-        if ok and chosen is not None and chosen[1].dh is not None:
-            kx = p.kx
-            ok = isinstance(kx, KeyExchange) and ke is not None and ke.group == kx.group
-            if ok:
-                assert isinstance(kx, KeyExchange) and ke is not None
-                try:
-                    shared = kx.shared(ke.data)
-                except IkeProtocolError:
-                    ok = False
-        if ok and chosen is not None and (len(chosen[0].spi) != 4
-                                          or int.from_bytes(chosen[0].spi, "big") < 256):
-            ok = False  # fmt: skip
         # the responder narrows what we proposed (§2.9), never widens it: a successor with
         # wider selectors than the SA it replaces would take other peers' traffic (its policy
         # goes first) and let this peer send from and to addresses it was never given
-        wider = (ok and tsi is not None and tsr is not None
-                 and not (within(tsi.selectors, old.local_ts)
-                          and within(tsr.selectors, old.remote_ts)))  # fmt: skip
-        if wider or not ok or chosen is None or nr is None or tsi is None or tsr is None:
-            errs = [t for t in n if t < 16384]
+        a = self._child_answer(p, inner, old.config.esp_proposals, old.local_ts, old.remote_ts)
+        if isinstance(a, str):
             self.stats["rekey-failed"] += 1
-            why = ("wider traffic selectors" if wider
-                   else _notify_name(errs[0]) if errs else "bad answer")  # fmt: skip
             log.info("event=child-rekey-failed conn=%s child=%s reason=%s", ike.conn.name,
-                     old.name, why)  # fmt: skip
+                     old.name, a)  # fmt: skip
             self._child_spis.discard(spi_in)
-            if wider:  # the peer made the SA: it is deleted there (our SPI names it)
+            if a == _WIDER:  # the peer made the SA: it is deleted there (our SPI names it)
                 self.stats["child-rekey-ts-refused"] += 1
                 self._request(ike, "delete-child", [DeletePayload(ProtocolId.ESP, (p.spi,))],
                               now, out)  # fmt: skip
@@ -2193,6 +2178,7 @@ class IkeEngine:
             return
         prf_alg = ike.suite.prf
         assert prf_alg is not None
+        chosen, nr, tsi, tsr, shared = a
         keys = child_keys(prf_alg, ike.keys.sk_d, chosen[1], p.nonce, nr.data, shared)
         child = ChildSA(old.config, chosen[1], spi_in, int.from_bytes(chosen[0].spi, "big"),
                         keys, True, list(tsi.selectors), list(tsr.selectors), now)  # fmt: skip
