@@ -142,6 +142,39 @@ def test_exact_outbound_sequence_number_indirect() -> None:
     assert w.gw["sg2"].wire == [(SPI_DOWN, 6)]
 
 
+def test_the_target_opens_in_c_from_its_activation_and_no_spi_seq_is_sent_twice() -> None:
+    """At the COMMIT the target hands its new tunnel's inbound SA to the native path (C), as
+    it does once the Python path has opened a first packet: the MN's first packets sent to
+    it are then opened by the forwarding thread, not queued behind the event loop's work
+    right after the activation (the IKE SA's import, the packets forwarded behind the
+    COMMIT). Nothing changes for sending (the outbound SA goes to C with its first flow,
+    as before), and the packets still arrive once, in the inbound window the FINAL gave."""
+    with data_path("native"):
+        w = World()
+        for i in range(3):
+            assert w.mn_send(i) is not None
+            w.host_send("sg1", i)
+        run_predictive(w)
+        sg2 = w.gw["sg2"]
+        (t2,) = sg2.engine.tunnels()
+        assert t2.state is TunnelState.ACTIVE and t2.inbound is not None
+        c = t2.inbound.native
+        assert c is not None and c.active  # before any packet reached sg2
+        out = t2.outbound.native
+        assert out is None or not out.active
+        w.flush_to_mn()  # the MN follows the signal
+        data = w.mn_send(3)
+        assert data is not None
+        assert [stream_seq(p) for p in sg2.delivered] == [3]
+        w.route_mn(data)  # the same packet again: C's window (from the FINAL) drops it
+        assert [stream_seq(p) for p in sg2.delivered] == [3]
+        assert sg2.dropped == [Drop.REPLAY]
+        for i in range(4, 8):  # sg2 sends, from C after its first flow
+            w.host_send("sg2", i)
+        sent = w.gw["sg1"].wire + sg2.wire
+        assert len(sent) == len(set(sent)) and len(sg2.wire) >= 4  # no (SPI, seq) twice
+
+
 def test_exact_inbound_window() -> None:
     w = World(window=64)
     sent = [w.mn.send(udp_packet(i, up=True)) for i in range(40)]

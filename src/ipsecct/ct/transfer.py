@@ -236,6 +236,11 @@ Output = Send | Inject | Transmit | Finished | Prepared
 _ENCAPS: dict[tuple[int, int], UdpEncap] = {}
 
 
+# At most this many tunnels of one transfer have their inbound SA handed to the native path
+# as the target activates them (Engine.offload_inbound); more wait for their first packets.
+OFFLOAD_AT_ACTIVATION = 16
+
+
 def _encap(sport: int, dport: int) -> UdpEncap:
     """The (immutable) UdpEncap of these ports, shared: a bulk transfer re-addresses thousands
     of SAs, most of them to the same few ports."""
@@ -2716,8 +2721,13 @@ class TransferCore:
         # encoded once per list, not once per tunnel.
         encoded: dict[int, bytes] = {}
         self._arrived_due = min(self._arrived_due, until)
+        # A handover's few tunnels open their MN's packets in the native path from now on
+        # (a bulk move's thousands go there with their first packets: not all on this path)
+        offload = len(inc.tunnels) <= OFFLOAD_AT_ACTIVATION
         for t in inc.tunnels:
             self.engine.activate(t)
+            if offload:
+                self.engine.offload_inbound(t)
             self.arrived[t] = (peer, until)
             items = inc.signals.get(id(t))
             if items:

@@ -615,6 +615,16 @@ class Engine:
         """A held tunnel carries traffic again (rolled back here, or committed here)."""
         self._transition(tunnel, TunnelState.ACTIVE)
 
+    def offload_inbound(self, tunnel: Tunnel) -> None:
+        """An active ``tunnel``'s inbound SA goes to the native path now, as it does after the
+        Python path opened its first packet (the same checks: :meth:`_native_in`). A
+        transfer's target calls it at the activation: the MN's first packets sent to it
+        are then opened by the forwarding thread instead of waiting for the event loop,
+        which is busy right then (the IKE SA's import, the packets forwarded behind the
+        COMMIT). Inbound only: it opens, it never sends."""
+        if self.native is not None and tunnel.inbound is not None:
+            self._native_in(tunnel.inbound)
+
     def expire_moved(self, now: float) -> list[Tunnel]:
         """Remove the moved tunnels whose forwarding time is over (called twice a second).
         Walks every tunnel (a property read each) only when one may be due: a gateway
