@@ -784,6 +784,9 @@ class TransferCore:
             "expired": 0,  # incoming transfers that never finished
             "ctar_limited": 0,  # CTARs and CT-Reqs over their rate
             "unrecorded": 0,  # commits whose "taken over" could not be written
+            # transfers refused at their start, or rolled back before their COMMIT, because
+            # what follows the COMMIT could not (commit_check: an IKE SA that cannot move)
+            "commit_refused": 0,
             "granted": 0,  # transfers activated under a COMMIT's grant, before "pending"
             "unresolved_dropped": 0,  # packets of tunnels whose transfer's outcome is unknown
             "queries_answered": 0,  # decision queries this gateway answered (target)
@@ -823,6 +826,11 @@ class TransferCore:
         # here is refused. A unit's tunnels are installed all or none.
         self.unit_cdbs: Callable[[list[Tunnel]], list[bytes]] | None = None
         self.unit_checks: dict[int, Callable[[str, bytes], str | None]] = {}
+        # Source: asked with a transfer's tunnels at its start and again just before its
+        # COMMIT goes out (the IKE adapter: can each IKE SA that follows them be exported?
+        # after the COMMIT it must not fail). A reason refuses the start (TransferError) or
+        # rolls the transfer back instead of committing (outcome "failed"); None: go on.
+        self.commit_check: Callable[[list[Tunnel]], str | None] | None = None
         # Told (transfer id, peer, tunnels, why) when a transfer whose COMMIT went out before
         # its answer (commit_early) lost that answer: its tunnels are sent on by nobody here
         # until the peer answers the decision query (the gateway logs it for the operator).
@@ -867,6 +875,9 @@ class TransferCore:
             if t.state is not TunnelState.ACTIVE or t in busy:
                 state = "being transferred" if t in busy else t.state.value
                 raise TransferError(f"tunnel {t.name or hex(t.outbound.spi)} is {state}: busy")
+        why = self._commit_refusal(tunnels)
+        if why is not None:  # nothing held, capped or sent yet
+            raise TransferError(f"not started: {why}")
         if reply_to is None:
             tid = self.rng(64)
             while self._tid_in_use(tid):
@@ -953,6 +964,17 @@ class TransferCore:
         if self._may_commit_all(og):
             out += self._commit_all(og, now)
         return tid, out
+
+    def _commit_refusal(self, tunnels: list[Tunnel]) -> str | None:
+        """Why a transfer of ``tunnels`` must not start, or send its COMMIT for them now
+        (``commit_check``), or None: what follows the COMMIT (an IKE SA's context) must
+        not be able to fail then."""
+        if self.commit_check is None or not tunnels:
+            return None
+        why = self.commit_check(tunnels)
+        if why is not None:
+            self.counters["commit_refused"] += 1
+        return why
 
     def _mark_leaving(self, og: _Outgoing) -> None:
         """A fail-over standby is told that ``og``'s tunnels are leaving (to its peer, by
@@ -1241,6 +1263,9 @@ class TransferCore:
         if og.prepare and og.state is OutgoingState.SENT:
             return self._prepared(og, now)
         accepted, refused, worst = og.answer
+        why = self._commit_refusal(accepted)
+        if why is not None:  # all of it back here, the COMMIT never sent
+            return self._rollback(og, now, "failed", f"not committed: {why}")
         peer = og.peer
         out: list[Output] = []
         if refused:
@@ -1433,6 +1458,9 @@ class TransferCore:
         sent or accepted here on any of them (they are forwarders, kept until the answer:
         a refused one is taken back from them), whatever happens: only the target's word
         (CTDR or decision query) gives one back."""
+        why = self._commit_refusal(og.tunnels)
+        if why is not None:
+            return self._rollback(og, now, "failed", f"not committed: {why}")
         _move(og, OutgoingState.AWAITING)
         peer = og.peer
         tunnels = og.tunnels
