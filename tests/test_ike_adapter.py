@@ -747,3 +747,161 @@ def test_a_fenced_gateway_sends_no_ike_datagram_whatever_made_it(
     assert len(svc.engine.connecting) == 1
     svc._act(svc.engine.tick(svc.node.clock() + 5.0))  # the IKE_SA_INIT's retransmission
     assert len(out) == 1
+
+
+def _unit_at_sg1(tmp_path: Path, w: object) -> tuple[IkeService, object]:
+    """sg1's IKE service with one IKE SA whose only CHILD SA is the transfer World's tunnel
+    (the unit the transfer moves)."""
+    import dataclasses
+
+    svc = _service(tmp_path, "sg1")
+    p = pair(mn_conn(dpd=10), conn(dpd=10))
+    connect(p)
+    (ike_r,) = p.resp.ike_sas()
+    ike = svc.engine.import_ike(p.resp.export_ike(ike_r, 1.0), 1.0)
+    (c,) = ike.children
+    t = w.tunnel  # type: ignore[attr-defined]
+    ike.children[:] = [dataclasses.replace(c, spi_in=t.inbound.spi, spi_out=t.outbound.spi)]
+    return svc, ike
+
+
+@pytest.mark.parametrize("mode", ["predictive", "commit_early", "prepared"])
+def test_ike_sa_cannot_move_rolls_back_before_commit_no_sequence_number_reuse(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+    mode: str,
+) -> None:
+    """The IKE SA follows its CHILD SAs after their transfer's COMMIT: its context is
+    encoded first, at the transfer's start and just before the COMMIT (commit_check). One
+    that cannot be encoded then (a fault injected into the encoder) rolls the transfer back
+    with the reason, the COMMIT never sent; the tunnel and its IKE SA stay served here, and
+    no (SPI, sequence number) pair is sent twice. One that cannot be encoded at the start
+    refuses the transfer, nothing sent."""
+    import logging
+
+    from ipsecct.ct.transfer import FPT_DECISION, Prepared, Settings
+    from ipsecct.errors import TransferError
+    from ipsecct.ikev2 import context as ike_context
+    from ipsecct.ikev2.ikesa import IkeState
+    from ipsecct.ipsec.engine import TunnelState
+    from tests.helpers.transfer import World
+
+    mbb = {"make_before_break": True, "mbb_margin": 1000}
+    w = World(settings={"sg1": Settings(commit_early=mode == "commit_early", **mbb),  # type: ignore[arg-type]
+                        "sg2": Settings(**mbb)})  # type: ignore[arg-type]  # fmt: skip
+    sg1, sg2 = w.gw["sg1"], w.gw["sg2"]
+    svc, ike = _unit_at_sg1(tmp_path, w)
+    sg1.core.commit_check = svc.commit_check
+    real, calls, fail_from = ike_context.encode, [0], [1]
+
+    def encode(*a: object, **kw: object) -> list[bytes]:
+        calls[0] += 1
+        if calls[0] > fail_from[0]:
+            raise OverflowError("sk_d=00112233")  # (an exception's text is not logged)
+        return real(*a, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(ike_context, "encode", encode)
+    for i in range(3):
+        w.host_send("sg1", i)
+        w.mn_send(i)
+    with caplog.at_level(logging.INFO, logger="ipsecct.gateway.ike"):
+        tid, outs = sg1.core.start([w.tunnel], "sg2", w.now, prepare=mode == "prepared")
+        sg1.run(outs)
+        assert calls[0] >= 1  # checked at the start: it could move then
+        ready = []
+        for _ in range(20):  # the contexts, the CTDR (and the PREPARE and its answer)
+            if not (w.pending("sg1", "sg2") or w.pending("sg2", "sg1")):
+                break
+            for a, b in (("sg1", "sg2"), ("sg2", "sg1")):
+                if w.pending(a, b):
+                    msg = w.drop(a, b)
+                    res = w.gw[b].core.receive(a, msg, w.now)
+                    ready += [o for o in res if isinstance(o, Prepared)]
+                    w.gw[b].run(res)
+        if mode == "prepared":
+            assert ready and sg1.core.prepared(tid)
+            sg1.run(sg1.core.commit(tid, w.now))  # the handover's trigger
+        w.deliver_all()
+    rec = sg1.finished[-1]
+    assert rec.transfer_id == tid and rec.outcome == "failed", rec
+    assert "ike-sa-cannot-move" in rec.detail and ike.spi_i.hex() in rec.detail
+    assert sg1.core.counters["commit_refused"] == 1
+    assert all(fpt != FPT_DECISION for fpt in _fpts(w, "sg1", "sg2"))  # (nothing left)
+    assert sg2.finished and sg2.finished[-1].outcome != "committed"
+    assert not any(t.state is TunnelState.ACTIVE for t in sg2.engine.tunnels())
+    # the unit stays here, whole: the tunnel served both ways, its IKE SA established
+    assert w.tunnel.state is TunnelState.ACTIVE and ike.state is IkeState.ESTABLISHED
+    assert svc.engine.ike_sas() == [ike]
+    before = len(sg1.delivered)
+    for i in range(3, 8):
+        w.host_send("sg1", i)
+        w.mn_send(i)
+    assert len(sg1.delivered) == before + 5
+    pairs = [(spi, seq) for _, spi, seq in w.all_wire()]
+    assert len(pairs) == len(set(pairs)), "an (SPI, sequence number) pair was sent twice"
+    (line,) = [r.getMessage() for r in caplog.records if "ike-sa-cannot-move" in r.getMessage()]
+    assert ike.conn.name in line and "OverflowError" in line and "00112233" not in line
+    # an IKE SA that cannot move at the start: the transfer is refused, nothing sent
+    fail_from[0] = calls[0]
+    sent = sum(map(len, w.links.values()))
+    with pytest.raises(TransferError, match="not started: ike-sa-cannot-move"):
+        sg1.core.start([w.tunnel], "sg2", w.now)
+    assert sum(map(len, w.links.values())) == sent and w.tunnel.state is TunnelState.ACTIVE
+    assert w.tunnel.transfer_cap == 1 << 64  # (not capped)
+
+
+def _fpts(w: object, src: str, dst: str) -> list[int]:
+    from ipsecct.ct import cxtp
+
+    out = []
+    for data in w.links.get((src, dst), ()):  # type: ignore[attr-defined]
+        m = cxtp.decode(data)
+        if isinstance(m, cxtp.CTD | cxtp.PCTD) and len(m.cdbs) > 1:
+            out.append(cxtp.cdb_fpt(m.cdbs[1]))
+    return out
+
+
+@pytest.mark.parametrize("where", ["export", "send"])
+def test_an_unexpected_failure_of_the_export_after_the_commit_is_caught_and_reported(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+    where: str,
+) -> None:
+    """Whatever still fails when the IKE SA follows its committed CHILD SAs is caught (not
+    left to the event loop), logged with the IKE SA named and no secret, and counted
+    (status: ike.counters.ike-export-failed). Still ours (the export raised): deleted here,
+    the client told (it drops the IKE SA and its CHILD SAs and starts over), never kept
+    running beside CHILD SAs it no longer has. Exported already (the send failed): left
+    alone, nothing more sent under its keys here."""
+    import logging
+
+    from ipsecct.ikev2.ikesa import IkeState
+
+    w = pair(mn_conn(dpd=10), conn(dpd=10))
+    connect(w)
+    (ike_i,), (ike_r,) = w.ini.ike_sas(), w.resp.ike_sas()
+    sg1 = _service(tmp_path, "sg1")
+    sg1.engine = w.resp
+    answers: list[Send] = []
+    sg1._send = answers.append  # type: ignore[method-assign]
+
+    def boom(*a: object) -> None:
+        raise RuntimeError("sk_d=00112233")
+
+    sent: list[list[bytes]] = []
+    sg1.send_context = boom if where == "send" else lambda p, c, m: sent.append(c)  # type: ignore[assignment]
+    if where == "export":
+        monkeypatch.setattr(sg1.engine, "export_ike", boom)
+    ike_r.quiet = True
+    with caplog.at_level(logging.INFO, logger="ipsecct.gateway.ike"):
+        sg1._export(ike_r, "sg2", 0)  # (raised out of the event loop's callback before)
+    assert sg1.status()["counters"]["ike-export-failed"] == 1 and not sent
+    (line,) = [r.getMessage() for r in caplog.records if "ike-sa-export-failed" in r.getMessage()]
+    assert ike_r.conn.name in line and ike_r.spi_i.hex() in line and "RuntimeError" in line
+    assert "00112233" not in line
+    if where == "send":
+        assert ike_r.state is IkeState.DEAD and not answers and not sg1.engine.ike_sas()
+        return
+    assert ike_r.state is IkeState.DELETING and not ike_r.quiet
+    assert all(c.handle is None for c in ike_r.children)  # (the target's tunnels now)
+    (delete,) = answers
+    w.ini.receive(delete.data, delete.src, delete.dst, 2.0)
+    assert ike_i.state is IkeState.DEAD  # the client dropped it, and its CHILD SAs

@@ -898,6 +898,47 @@ class IkeService:
                         for p in ike_context.unit_payloads(ike, children)]  # fmt: skip
         return out
 
+    def _following(self, tunnels: list[Any]) -> list[IkeSA]:
+        """The IKE SAs that follow a transfer of ``tunnels`` (on_transfer): all their CHILD
+        SAs go. (By the CHILD SAs' index: a handover's check does not walk every IKE SA.)"""
+        spis = {sa.spi for t in tunnels for sa in t.sas()}
+        out: list[IkeSA] = []
+        seen: set[int] = set()
+        for t in tunnels:
+            ike = self.ike_of(t.outbound.spi)
+            if ike is None or id(ike) in seen:
+                continue
+            seen.add(id(ike))
+            mine = {c.spi_in for c in ike.children}
+            if mine and mine <= spis:
+                out.append(ike)
+        return out
+
+    def commit_check(self, tunnels: list[Any]) -> str | None:
+        """Asked by the transfer core at a transfer's start and just before its COMMIT goes
+        out (source): can each IKE SA that will follow these tunnels be exported? Its
+        context is encoded (and dropped) now, under the quiet IKE SA, so that the export
+        after the COMMIT cannot fail for the same reason and split the unit (CHILD SAs at
+        the target, their IKE SA here). None if so, else why not (the transfer is refused
+        or rolled back; logged ``ike-sa-cannot-move``). An exchange of ours in flight is
+        no reason: the export waits for it."""
+        now = self.node.clock()
+        for ike in self._following(tunnels):
+            try:
+                ike_context.encode(ike, now)
+            except Exception as exc:  # anything: after the COMMIT it would split the unit
+                # (an unexpected exception's text is not logged: it may quote a value)
+                err = str(exc) if isinstance(exc, IkeContextError) else type(exc).__name__
+                self.engine.stats["ike-sa-cannot-move"] += 1
+                event(log, "ike-sa-cannot-move", logging.WARNING, node=self.node.name,
+                      conn=ike.conn.name, peer=ike.remote, spi_i=ike.spi_i.hex(),
+                      spi_r=ike.spi_r.hex(), error=err,
+                      effect="its transfer does not commit; it stays here with its CHILD SAs"
+                      )  # fmt: skip
+                return (f"ike-sa-cannot-move: the IKE SA {ike.spi_i.hex()}/{ike.spi_r.hex()}"
+                        f" of {ike.conn.name!r} cannot be exported ({err})")  # fmt: skip
+        return None
+
     def check_unit(self, peer: str, payload: bytes) -> str | None:
         """Can this gateway take the IKE SA a peer's transfer announces (target)? None if so,
         else why not (logged)."""
@@ -927,25 +968,31 @@ class IkeService:
                 self._act(self.engine.receive(data, src, dst, self.node.clock()))
 
     def _export(self, ike: IkeSA, peer: str, attempt: int) -> None:
-        from ..errors import IkeContextError
+        """The IKE SA follows its CHILD SAs, whose transfer to ``peer`` committed: its
+        context goes there. What could make this fail was checked before the COMMIT
+        (commit_check); whatever still does is caught here (_export_failed)."""
+        sent: list[bool] = []  # (the context went out)
+        try:
+            self._export_once(ike, peer, attempt, sent)
+        except Exception as exc:  # the COMMIT is out: never left to the event loop
+            self._export_failed(ike, peer, type(exc).__name__, sent=bool(sent))
 
+    def _export_once(self, ike: IkeSA, peer: str, attempt: int, sent: list[bool]) -> None:
         assert self.send_context is not None
         try:
             cdbs = self.engine.export_ike(ike, self.node.clock())
         except IkeContextError as exc:  # an exchange in flight: once it is done
-            if attempt < 20:
+            if attempt < 20 and ike.pending is not None:
                 asyncio.get_running_loop().call_later(0.25, self._export, ike, peer, attempt + 1)
             else:
-                event(log, "ike-sa-stays", logging.WARNING, node=self.node.name,
-                      conn=ike.conn.name, reason=str(exc))  # fmt: skip
-                self._unquiet(ike)
-                self.node.timers.poke()
+                self._export_failed(ike, peer, str(exc), sent=False)
             return
         for c in ike.children:
             c.handle = None  # the tunnels moved with the transfer
         self._changes += 1  # gone from here: the replication reports it
         _remember(self._moved, ike.our_spi, (peer, self.node.clock() + self.forward_time))
         self.send_context(peer, cdbs, ike.remote.host)
+        sent.append(True)
         held = self.engine.take_held(ike)
         if held is not None:
             # the peer's request that reached us while the transfer ran (a CHILD or IKE
@@ -963,6 +1010,41 @@ class IkeService:
                 self.engine.stats["held-dropped"] += 1
         event(log, "ike-sa-sent", node=self.node.name, conn=ike.conn.name, peer=peer,
               spi_i=ike.spi_i.hex(), spi_r=ike.spi_r.hex(), children=len(ike.children))  # fmt: skip
+
+    def _export_failed(self, ike: IkeSA, peer: str, why: str, *, sent: bool) -> None:
+        """The IKE SA could not follow its CHILD SAs, whose transfer to ``peer`` committed
+        (docs/ikev2.md, "An IKE SA that cannot follow"). Counted (``ike-export-failed``)
+        and logged with the IKE SA named. Still ours: deleted here (a DELETE to the peer,
+        which drops it and its CHILD SAs and starts over), never kept running beside CHILD
+        SAs it no longer has, never sent later. Exported already: left alone (the target
+        may run it: nothing more is sent under its keys here)."""
+        self.engine.stats["ike-export-failed"] += 1
+        ours = ike.state is not IkeState.DEAD and self.engine.by_spi.get(ike.our_spi) is ike
+        if sent:
+            effect = "its context went to the target; what followed it did not"
+        elif not ours:
+            effect = "gone from here, not sent: the peer starts over once its DPD fails"
+        else:
+            effect = "deleted here (DELETE to the peer): the peer starts over"
+        event(log, "ike-sa-export-failed", logging.ERROR, node=self.node.name,
+              conn=ike.conn.name, peer=ike.remote, to=peer, spi_i=ike.spi_i.hex(),
+              spi_r=ike.spi_r.hex(), children=len(ike.children), error=why,
+              effect=effect)  # fmt: skip
+        if not ours:
+            return
+        for c in ike.children:
+            c.handle = None  # their tunnels are the target's now: not touched here
+        self.engine.take_held(ike)  # (a request that would change it: it goes)
+        ike.quiet = False
+        try:
+            self._act(self.engine.delete(ike, self.node.clock()))
+        except Exception as exc:  # it cannot even say goodbye: dropped without a word
+            self.engine.forget(ike)
+            event(log, "ike-sa-forgotten", logging.ERROR, node=self.node.name,
+                  conn=ike.conn.name, spi_i=ike.spi_i.hex(), spi_r=ike.spi_r.hex(),
+                  error=type(exc).__name__)  # fmt: skip
+        self._changes += 1
+        self.node.timers.poke()
 
     def receive_context(self, peer: str, cdbs: list[bytes]) -> None:
         """An IKE SA a peer gateway handed over: take it and its CHILD SAs' tunnels (which
