@@ -22,7 +22,7 @@ from .sad import PACKETS as _PACKETS
 from .sad import TOUCHED as _TOUCHED
 from .sad import TOUCHED_MAX as _TOUCHED_MAX
 from .sad import TOUCHED_OVERFLOW as _TOUCHED_OVERFLOW
-from .transforms import PAD, IntegrityFailure
+from .transforms import PAD, EspTransform, IntegrityFailure
 
 NH_NONE = 59
 _HDR = struct.Struct("!LL")
@@ -117,6 +117,24 @@ def encapsulate(
     return out
 
 
+def _too_old_or_icv(
+    t: EspTransform, packet: bytes | bytearray | memoryview, seq: int, top: int, esn: bool
+) -> Drop:
+    """Why a packet whose ICV failed under ``seq`` is dropped. With ESN, low-order bits left
+    of the replay window are read as the next 2^32 subspace (RFC 4303 A2.2), so a packet the
+    peer really sent but that arrives after more than a window of newer ones fails its ICV:
+    if it is authentic under the subspace of the window's top it is too old (a replay drop,
+    as it would be without ESN), not corrupted or forged. The second check is made only in
+    that case (a failure whose number was taken as the next subspace)."""
+    if esn and seq >> 32 > top >> 32:
+        try:
+            t.open_payload(packet, seq - (1 << 32), True)
+        except IntegrityFailure:
+            return Drop.ICV
+        return Drop.REPLAY
+    return Drop.ICV
+
+
 def authenticate(
     sa: SecurityAssociation, packet: bytes | bytearray | memoryview, now: float
 ) -> Drop | None:
@@ -144,7 +162,7 @@ def authenticate(
     try:
         t.open_payload(packet, seq, sa.esn)
     except IntegrityFailure:
-        return Drop.ICV
+        return _too_old_or_icv(t, packet, seq, window.top, window.esn)
     return None
 
 
@@ -181,7 +199,7 @@ def decapsulate(
     try:
         pt = t.open_payload(packet, seq, sa.esn)
     except IntegrityFailure:
-        return Drop.ICV
+        return _too_old_or_icv(t, packet, seq, window.top, window.esn)
     window.update(seq)
     n = len(pt)
     if n < 2:
