@@ -129,6 +129,8 @@ def test_a_small_volume_limit_without_its_life_key_is_not_refused_for_the_key_no
     ({}, {"rekey_bytes": 1000, "life_bytes": 1000}, "life_bytes: must be more than"),
     ({}, {"rekey_packets": 1.5}, "rekey_packets: must be a whole number"),
     ({}, {"rand_packets": -10}, "rand_packets: must be a whole number"),
+    ({}, {"replay_window": 100}, "replay_window: must be 0 or a multiple of 32 up to 65536"),
+    ({}, {"replay_window": 1 << 17}, "replay_window: must be 0 or a multiple of 32"),
     ({}, {"inactivity": "30m"}, "inactivity: unknown key"),
     # trap and restart start an IKE SA: one peer address to start it with
     ({}, {"dpd_action": "restart"}, "remote_addrs: dpd_action = restart needs one peer"),
@@ -363,6 +365,22 @@ def test_child_volume_limits_rekey_then_close_the_child_sa() -> None:
     assert not ike_r.children and not w.ini.ike_sas()[0].children
     assert [d.reason for d in w.of("r", ChildDown) if isinstance(d, ChildDown)][-1] == "expired"
     assert ike_r.state is IkeState.ESTABLISHED
+
+
+def test_replay_window_is_the_child_sas_inbound_window() -> None:
+    """children.*.replay_window (swanctl.conf's key; ipsecct's default stays 64): the demo's
+    IKE-keyed tunnel lost the packets sg1 forwarded after a handover, overtaken by more than
+    64 the MN sent straight to sg2; its manual tunnels have 1024."""
+    assert _parse({}, {}).children[0].replay_window == 64
+    assert _parse({}, {"replay_window": "1024"}).children[0].replay_window == 1024
+    child = dataclasses.replace(conn().children[0], replay_window=1024)
+    w = pair(mn_conn(), dataclasses.replace(conn(), children=[child]))
+    connect(w)
+    (ike_r,) = w.resp.ike_sas()
+    _, _, in_sa = ike_r.children[0].sas(R500, I500, False, "t")
+    assert in_sa.replay_window == 1024 and in_sa.window.size == 1024
+    _, _, in_i = w.ini.ike_sas()[0].children[0].sas(I500, R500, False, "t")
+    assert in_i.window.size == 64  # the initiator's own configuration: the default
 
 
 # -- the adapter: dpd_action, close_action, keyingtries -----------------------------------------

@@ -35,6 +35,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from ..errors import ConfigError, IpsecctError
+from ..ipsec.replay import MAX_WINDOW
 from .auth import Credentials, PrivateKey, RevocationList
 from .message import IDPayload, IdType, ProtocolId, TrafficSelector
 from .pool import Pool, parse_range
@@ -67,6 +68,8 @@ class ChildConfig:
     rekey_packets: int = 0
     life_bytes: int = 0
     life_packets: int = 0
+    # the anti-replay window of its inbound ESP SAs (packets; 0: none), as a manual tunnel's
+    replay_window: int = 64
 
 
 @dataclass
@@ -198,7 +201,7 @@ _CHILD_KEYS = {"local_ts", "remote_ts", "esp_proposals", "rekey_time", "life_tim
                # those of _child_extras
                "dpd_action", "close_action", "rekey_bytes", "rekey_packets", "life_bytes",
                "life_packets", "rand_time", "rand_bytes", "rand_packets", "updown",
-               "hostaccess", "ipcomp", "if_id_in",
+               "replay_window", "hostaccess", "ipcomp", "if_id_in",
                "if_id_out", "mark_in", "mark_out", "mark_in_sa", "set_mark_in",
                "set_mark_out"}  # fmt: skip
 _AUTH_KEYS = {"auth", "id", "certs", "cacerts", "crls", "round"}
@@ -343,6 +346,12 @@ def _conn_extras(d: dict[str, Any], ctx: _Ctx, where: str, ignored: list[str]) -
         _seconds(d["dpd_timeout"], ctx, where + "dpd_timeout")
         ignored.append(where + "dpd_timeout (IKEv1 only: a dead peer is found by the "
                        "retransmissions, 30 s)")  # fmt: skip
+    if "replay_window" in d:
+        w = _count(d["replay_window"], ctx, where + "replay_window")
+        if w % 32 or w > MAX_WINDOW:
+            raise ctx.err(where + "replay_window",
+                          f"must be 0 or a multiple of 32 up to {MAX_WINDOW}")  # fmt: skip
+        out["replay_window"] = w
     if "rand_time" in d:
         _seconds(d["rand_time"], ctx, where + "rand_time")
         ignored.append(where + "rand_time (rekeys come up to 10 % early at random)")
@@ -371,6 +380,12 @@ def _child_extras(d: dict[str, Any], ctx: _Ctx, where: str, ignored: list[str]) 
         if rekey and life and life <= rekey:
             raise ctx.err(f"{where}life_{kind}", f"must be more than rekey_{kind} ({rekey})")
         out[f"rekey_{kind}"], out[f"life_{kind}"] = rekey, life
+    if "replay_window" in d:
+        w = _count(d["replay_window"], ctx, where + "replay_window")
+        if w % 32 or w > MAX_WINDOW:
+            raise ctx.err(where + "replay_window",
+                          f"must be 0 or a multiple of 32 up to {MAX_WINDOW}")  # fmt: skip
+        out["replay_window"] = w
     if "rand_time" in d:
         _seconds(d["rand_time"], ctx, where + "rand_time")
         ignored.append(where + "rand_time (rekeys come up to 10 % early at random)")

@@ -98,6 +98,7 @@ class ChildSA:
             name=label,
             hard=hard,
             soft=soft,
+            replay_window=cc.replay_window,
         )
         out = SecurityAssociation(self.spi_out, Direction.OUTBOUND, local.host, remote.host,
                                   enc_key=out_e, integ_key=out_i, **common)  # type: ignore[arg-type]
