@@ -346,12 +346,6 @@ def _conn_extras(d: dict[str, Any], ctx: _Ctx, where: str, ignored: list[str]) -
         _seconds(d["dpd_timeout"], ctx, where + "dpd_timeout")
         ignored.append(where + "dpd_timeout (IKEv1 only: a dead peer is found by the "
                        "retransmissions, 30 s)")  # fmt: skip
-    if "replay_window" in d:
-        w = _count(d["replay_window"], ctx, where + "replay_window")
-        if w % 32 or w > MAX_WINDOW:
-            raise ctx.err(where + "replay_window",
-                          f"must be 0 or a multiple of 32 up to {MAX_WINDOW}")  # fmt: skip
-        out["replay_window"] = w
     if "rand_time" in d:
         _seconds(d["rand_time"], ctx, where + "rand_time")
         ignored.append(where + "rand_time (rekeys come up to 10 % early at random)")

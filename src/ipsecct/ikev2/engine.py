@@ -2030,28 +2030,11 @@ class IkeEngine:
             if child.rekey_at is not None:  # tried again later
                 child.rekey_at = now + REKEY_RETRY
             return
-        sb = spi.to_bytes(4, "big")
-        props = tuple(Proposal(i + 1, ProtocolId.ESP, sb, o.transforms())
-                      for i, o in enumerate(cc.esp_proposals))  # fmt: skip
-        nonce = self.random(32)
-        payloads: list[Payload] = [
-            NotifyPayload(Notify.REKEY_SA, ProtocolId.ESP, child.spi_in.to_bytes(4, "big")),
-            SAPayload(props),
-            NoncePayload(nonce),
-        ]
-        kx = None
-        groups = [g for o in cc.esp_proposals for g in o.dh]
-        if groups:  # PFS
-            kx = KeyExchange(groups[0])
-            payloads.append(KEPayload(kx.group, kx.public))
-        payloads += [TSPayload(True, tuple(child.local_ts)),
-                     TSPayload(False, tuple(child.remote_ts))]  # fmt: skip
-        self._request(ike, "rekey-child", payloads, now, out, ExchangeType.CREATE_CHILD_SA)
-        if ike.pending is None:  # closed: no message ID was left
-            self._child_spis.discard(spi)
-            return
-        ike.pending.old_child, ike.pending.nonce, ike.pending.kx = child, nonce, kx
-        ike.pending.spi = sb
+        rekey = NotifyPayload(Notify.REKEY_SA, ProtocolId.ESP, child.spi_in.to_bytes(4, "big"))
+        if self._child_request(ike, "rekey-child", [rekey], cc.esp_proposals, child.local_ts,
+                               child.remote_ts, spi, now, out):  # fmt: skip
+            assert ike.pending is not None
+            ike.pending.old_child = child
 
     def create_child(self, ike: IkeSA, cc: ChildConfig, now: float) -> list[Output]:
         """Ask the peer for a new CHILD SA of ``cc`` in the IKE SA (CREATE_CHILD_SA without
@@ -2070,24 +2053,36 @@ class IkeEngine:
             log.info("event=child-create-failed conn=%s child=%s reason=%s", ike.conn.name,
                      cc.name, _quote("no inbound SPI left"))  # fmt: skip
             return
+        if self._child_request(ike, "create-child", [], cc.esp_proposals, cc.local_ts,
+                               cc.remote_ts, spi, now, out):  # fmt: skip
+            assert ike.pending is not None
+            ike.pending.new_child = cc
+            self.stats["child-create-sent"] += 1
+
+    def _child_request(self, ike: IkeSA, kind: str, first: list[Payload], offers: list[Offer],
+                       local_ts: list[TrafficSelector], remote_ts: list[TrafficSelector],
+                       spi: int, now: float, out: list[Output]) -> bool:  # fmt: skip
+        """Send our CREATE_CHILD_SA request for a CHILD SA (a new one, or with ``first`` =
+        REKEY_SA a rekey): ``offers`` under our inbound ``spi``, a nonce, a KE payload when
+        they ask for PFS, our selectors; its nonce, key exchange and SPI kept in the pending
+        request. False (the SPI given back) when the IKE SA had no message ID left."""
         sb = spi.to_bytes(4, "big")
         props = tuple(Proposal(i + 1, ProtocolId.ESP, sb, o.transforms())
-                      for i, o in enumerate(cc.esp_proposals))  # fmt: skip
+                      for i, o in enumerate(offers))  # fmt: skip
         nonce = self.random(32)
-        payloads: list[Payload] = [SAPayload(props), NoncePayload(nonce)]
+        payloads: list[Payload] = [*first, SAPayload(props), NoncePayload(nonce)]
         kx = None
-        groups = [g for o in cc.esp_proposals for g in o.dh]
+        groups = [g for o in offers for g in o.dh]
         if groups:  # PFS
             kx = KeyExchange(groups[0])
             payloads.append(KEPayload(kx.group, kx.public))
-        payloads += [TSPayload(True, tuple(cc.local_ts)), TSPayload(False, tuple(cc.remote_ts))]
-        self._request(ike, "create-child", payloads, now, out, ExchangeType.CREATE_CHILD_SA)
+        payloads += [TSPayload(True, tuple(local_ts)), TSPayload(False, tuple(remote_ts))]
+        self._request(ike, kind, payloads, now, out, ExchangeType.CREATE_CHILD_SA)
         if ike.pending is None:  # closed: no message ID was left
             self._child_spis.discard(spi)
-            return
+            return False
         ike.pending.nonce, ike.pending.kx, ike.pending.spi = nonce, kx, sb
-        ike.pending.new_child = cc
-        self.stats["child-create-sent"] += 1
+        return True
 
     def _child_answer(
         self, p: Pending, inner: list[Payload], offers: list[Offer],
