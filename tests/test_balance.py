@@ -16,6 +16,7 @@ from ipsecct.gateway import config as config_mod
 from ipsecct.gateway.balancer import Balancer
 from ipsecct.gateway.config import BalanceConfig, ConfigError
 from ipsecct.ipsec.engine import TunnelState
+from tests.helpers.config_files import transfer_config
 from tests.helpers.waiting import eventually
 
 
@@ -55,17 +56,8 @@ def test_gateway_moves_its_excess_tunnels(tmp_path: Path) -> None:
 
 
 def test_balance_configuration_errors() -> None:
-    pem = __file__  # any existing file: [transfer] checks the paths only
-    base = {
-        "name": "sg1",
-        "outer": {"address": "127.0.1.1"},
-        "inner": {"kind": "udp", "listen": "127.0.0.1:1", "peer": "127.0.0.1:2"},
-        "peers": [{"name": "sg2", "address": "127.0.1.2:5091"}],
-    }
-    transfer = {"listen": "127.0.1.1:5091", "cert": pem, "key": pem, "ca": pem}
-    ok = config_mod.from_dict(
-        {**base, "transfer": {**transfer, "balance": {"above": 5, "to": "sg2"}}}, "sg1.toml"
-    )
+    ok = config_mod.from_dict(transfer_config({"balance": {"above": 5, "to": "sg2"}}),
+                              "sg1.toml")
     assert ok.transfer is not None and ok.transfer.balance == BalanceConfig(5, "sg2", 1000, 1.0)
     for bad, key in (
         ({"above": 0, "to": "sg2"}, "balance.above"),
@@ -74,7 +66,7 @@ def test_balance_configuration_errors() -> None:
         ({"above": 5, "to": "sg2", "speed": 1}, "balance"),
     ):
         with pytest.raises(ConfigError, match=f"sg1.toml: transfer.{key}"):
-            config_mod.from_dict({**base, "transfer": {**transfer, "balance": bad}}, "sg1.toml")
+            config_mod.from_dict(transfer_config({"balance": bad}), "sg1.toml")
 
 
 def test_a_context_too_large_to_encode_leaves_the_tunnel_active() -> None:

@@ -556,18 +556,11 @@ def test_no_pair_is_sent_twice_across_a_handover_whatever_the_order(
 def test_the_gateways_tail_setting() -> None:
     from ipsecct.errors import ConfigError
     from ipsecct.gateway import config as config_mod
+    from tests.helpers.config_files import transfer_config
 
-    pem = __file__  # any existing file: [transfer] checks the paths only
-    base = {
-        "name": "sg1",
-        "outer": {"address": "127.0.1.1"},
-        "inner": {"kind": "udp", "listen": "127.0.0.1:1", "peer": "127.0.0.1:2"},
-        "peers": [{"name": "sg2", "address": "127.0.1.2:5091"}],
-    }
-    transfer = {"listen": "127.0.1.1:5091", "cert": pem, "key": pem, "ca": pem}
 
     def tail(extra: dict[str, object]) -> int:
-        cfg = config_mod.from_dict({**base, "transfer": {**transfer, **extra}}, "sg1.toml")
+        cfg = config_mod.from_dict(transfer_config(extra), "sg1.toml")
         assert cfg.transfer is not None
         return cfg.transfer.settings.mbb_tail
 
@@ -578,7 +571,7 @@ def test_the_gateways_tail_setting() -> None:
             tail({"mbb_tail": bad})
 
     def grant(extra: dict[str, object]) -> bool:  # (docs/state.md, "the grant")
-        cfg = config_mod.from_dict({**base, "transfer": {**transfer, **extra}}, "sg1.toml")
+        cfg = config_mod.from_dict(transfer_config(extra), "sg1.toml")
         assert cfg.transfer is not None
         return cfg.transfer.settings.grant
 

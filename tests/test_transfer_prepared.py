@@ -376,18 +376,11 @@ def test_prepared_transfer_no_sequence_number_reuse_whatever_the_order(
 def test_the_gateways_prepare_timeout_setting() -> None:
     from ipsecct.errors import ConfigError
     from ipsecct.gateway import config as config_mod
+    from tests.helpers.config_files import transfer_config
 
-    pem = __file__  # any existing file: [transfer] checks the paths only
-    base = {
-        "name": "sg1",
-        "outer": {"address": "127.0.1.1"},
-        "inner": {"kind": "udp", "listen": "127.0.0.1:1", "peer": "127.0.0.1:2"},
-        "peers": [{"name": "sg2", "address": "127.0.1.2:5091"}],
-    }
-    transfer = {"listen": "127.0.1.1:5091", "cert": pem, "key": pem, "ca": pem}
 
     def timeout(extra: dict[str, object]) -> float:
-        cfg = config_mod.from_dict({**base, "transfer": {**transfer, **extra}}, "sg1.toml")
+        cfg = config_mod.from_dict(transfer_config(extra), "sg1.toml")
         assert cfg.transfer is not None
         return cfg.transfer.settings.prepare_timeout
 

@@ -51,3 +51,17 @@ def write(tmp: Path, text: str, keys: str | None = KEYS) -> Path:
     p = tmp / "cfg.toml"
     p.write_text(text)
     return p
+
+
+def transfer_config(extra: dict[str, object]) -> dict[str, object]:
+    """A gateway configuration as a dict (for ``gateway.config.from_dict``): sg1 with one
+    peer, sg2, and a ``[transfer]`` section holding ``extra`` (its certificate paths are any
+    existing file: only the paths are checked there)."""
+    pem = __file__
+    return {
+        "name": "sg1",
+        "outer": {"address": "127.0.1.1"},
+        "inner": {"kind": "udp", "listen": "127.0.0.1:1", "peer": "127.0.0.1:2"},
+        "peers": [{"name": "sg2", "address": "127.0.1.2:5091"}],
+        "transfer": {"listen": "127.0.1.1:5091", "cert": pem, "key": pem, "ca": pem, **extra},
+    }
