@@ -542,20 +542,7 @@ def test_a_burst_on_an_idle_tunnel_is_replicated_within_two_ticks(
     monkeypatch.setattr(native, "TRACKS_TOUCHED", False)
     monkeypatch.setattr(native, "_c_take_touched", None)  # (then it says "lost", always)
     n = 300
-    act = Engine(ip(SG_ADDR["sg1"]))
-    for i in range(n):
-        add_tunnel(act, i)
-    c = cfg(fencing=True, sync_packets=16)
-    rep = failover.Replicator(act, c, session=7)
-    marks: dict[Tunnel, LeavingMark] = {}
-    rep.leaving_of, rep.marks = marks.get, marks
-    sb = standby(Engine(ip(SG_ADDR["sg2"])), fencing=True)
-
-    def tick(now: float) -> None:
-        for m in wire(rep.handle_timer(now)):
-            for r in sb.receive(m, now):
-                rep.receive(wire([r])[0], now)
-
+    act, _, rep, sb, tick = _pair(n, sync_packets=16)
     for k in range(20):
         tick(k * 0.01)
     walks = rep.walks
