@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ipsecct.ct import cxtp
+from ipsecct.ct import cxtp, transfer
 from ipsecct.ct.journal import Write
 from ipsecct.ct.transfer import (
     FPT_DECISION,
@@ -388,3 +388,22 @@ def test_the_gateways_prepare_timeout_setting() -> None:
     for bad in (1, 301, "30", True, float("nan")):
         with pytest.raises(ConfigError, match=r"sg1\.toml: transfer\.prepare_timeout"):
             timeout({"prepare_timeout": bad})
+
+
+def test_a_source_cannot_keep_its_prepared_transfer_at_the_target_past_one_wait() -> None:
+    """A hostile (authenticated) source re-sending PREPARE under fresh sequence numbers
+    does not push the target's wait on: the first PREPARE's wait bounds it, and the
+    target discards the held tunnels when it ends."""
+    w = world(prepare_timeout=10.0)
+    tid = prepare(w)
+    sg2 = w.gw["sg2"]
+    (inc,) = sg2.core.incoming.values()
+    limit = inc.give_up
+    for seq in range(100, 110):
+        w.now += 5.0
+        sg2.tick()
+        again = cxtp.CTD(w.mn_out.src, 0, (cxtp.TransferTag(tid, seq).encode(),
+                                           transfer.prepare_cdb(300)))  # fmt: skip
+        sg2.run(sg2.core.receive("sg1", again, w.now))
+    assert inc.give_up == limit
+    assert sg2.engine.tunnels() == [] and sg2.finished[-1].outcome == "cancelled"

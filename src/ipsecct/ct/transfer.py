@@ -1426,7 +1426,9 @@ class TransferCore:
             whose = og.peer if og is not None else self._whose_incoming(peer, tag.transfer_id)
             if whose is not None:  # another peer's transfer: not this one's to prolong
                 return self._foreign(peer, "prepare", tag.transfer_id, whose)
-        if inc is None or inc.state is not IncomingState.PENDING or inc.committing:
+        if inc is None or inc.state is not IncomingState.PENDING or inc.committing or (
+            inc.prepared  # one PREPARE a transfer: another would push the wait on for ever
+        ):
             self.counters["refused"] += 1
             return []
         s = self.settings
