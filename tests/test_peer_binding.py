@@ -220,6 +220,44 @@ def test_a_query_about_another_peers_committed_transfer_is_answered_taken_only()
     assert isinstance(answer, cxtp.DQ) and answer.answer == cxtp.Answer.NOT_TAKEN
 
 
+def test_a_peers_query_about_an_id_it_knows_does_not_refuse_another_peers_transfer() -> None:
+    """sg3 (paired with sg4 at sg2: [[peers]] pair) asks sg2 about the id of sg1's transfer
+    before sg1's contexts reach sg2 (sg3 may know it: a candidate that refused it first).
+    Before, the "not taken" answer refused that id's messages from every peer for a minute:
+    sg1's transfer was refused. Now what a query refuses is remembered per asker: the id
+    from the asker and its pair; sg1's transfer commits at sg2, sg3's own late message
+    under the id is refused. Unpaired, sg3 could be the standby of a source sg2 was not
+    told of: the id is refused from every peer (the invariant first, docs/cxtp.md)."""
+    for paired in (True, False):
+        pairs = {"sg3": frozenset({"sg4"}), "sg4": frozenset({"sg3"})} if paired else {}
+        w = world(pairs=pairs)
+        g1, g2 = w.gw["sg1"], w.gw["sg2"]
+        tid = w.transfer("sg1", "sg2")
+        copy = w.links[("sg1", "sg2")][0]
+        from_sg3(w, "sg2", hostile("query", tid))
+        answer = w.drop("sg2", "sg3")
+        assert isinstance(answer, cxtp.DQ) and answer.answer == cxtp.Answer.NOT_TAKEN
+        assert ("sg3", tid) in g2.core.not_taken and ("sg1", tid) not in g2.core.not_taken
+        w.deliver_all()
+        if paired:
+            assert g1.finished[-1].outcome == "committed", g1.finished[-1]
+            assert g2.engine.tunnels()[0].state is TunnelState.ACTIVE
+            assert g2.core.counters["refused"] == 0
+        else:  # refused without an answer: sg1 times out and keeps its tunnel
+            assert not g2.engine.tunnels() and g2.core.counters["refused"] >= 1
+            w.now += g1.core.settings.max_transfer_time + 0.1
+            g1.tick()
+            w.deliver_all()
+            assert g1.finished[-1].outcome == "timeout"
+        refused = g2.core.counters["refused"]
+        w.post("sg3", "sg2", copy)  # sg3's own (late) message under that id: refused
+        w.deliver("sg3", "sg2")
+        assert g2.core.counters["refused"] == refused + 1
+        both_send(w)
+        assert not pairs_twice(w)
+        assert (bool(g2.wire), bool(g1.wire)) == ((True, False) if paired else (False, True))
+
+
 def test_decision_queries_are_rate_limited_per_peer() -> None:
     """A peer flooding decision queries gets no answer past its rate
     (``queries_limited``); another peer's queries are answered."""

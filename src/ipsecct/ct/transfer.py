@@ -601,6 +601,61 @@ class _Unresolved:
     signals: dict[Tunnel, bytes] = field(default_factory=dict, repr=False)
 
 
+class _NotTaken:
+    """Transfers answered "not taken" (target), remembered per asker (at most ``per_peer``
+    each, the oldest forgotten first: a peer that floods queries evicts only its own) until
+    their time: each refuses the late data messages of its id from the peers it names
+    (``None``: from any peer)."""
+
+    def __init__(self, per_peer: int) -> None:
+        self.per_peer = per_peer
+        self.by_asker: dict[str, dict[int, tuple[float, frozenset[str] | None]]] = {}
+        self.askers: dict[int, set[str]] = {}  # who asked about each id
+
+    def __len__(self) -> int:
+        return sum(len(m) for m in self.by_asker.values())
+
+    def __bool__(self) -> bool:
+        return bool(self.by_asker)
+
+    def __contains__(self, key: object) -> bool:
+        if not isinstance(key, tuple) or len(key) != 2:
+            return False
+        return key[1] in self.by_asker.get(key[0], {})
+
+    def add(self, asker: str, tid: int, until: float, scope: frozenset[str] | None) -> None:
+        mine = self.by_asker.setdefault(asker, {})
+        mine.pop(tid, None)  # (asked again: the newest)
+        while len(mine) >= self.per_peer:
+            self._drop(asker, next(iter(mine)))
+        mine[tid] = (until, scope)
+        self.askers.setdefault(tid, set()).add(asker)
+
+    def refuses(self, peer: str, tid: int) -> bool:
+        """Whether a data message of transfer ``tid`` from ``peer`` is refused."""
+        for asker in self.askers.get(tid, ()):
+            scope = self.by_asker[asker][tid][1]
+            if scope is None or peer in scope:
+                return True
+        return False
+
+    def expire(self, now: float) -> None:
+        for asker, mine in list(self.by_asker.items()):
+            for tid, (until, _) in list(mine.items()):
+                if now >= until:
+                    self._drop(asker, tid)
+
+    def _drop(self, asker: str, tid: int) -> None:
+        mine = self.by_asker[asker]
+        del mine[tid]
+        if not mine:
+            del self.by_asker[asker]
+        left = self.askers[tid]
+        left.discard(asker)
+        if not left:
+            del self.askers[tid]
+
+
 class _Ids:
     """A bounded set of transfers, (peer, transfer id) (the oldest forgotten first), with
     the peers of each id (ids are the source's choice: two peers may name the same one)."""
@@ -749,10 +804,10 @@ class TransferCore:
         # Source, after a restart: transfers recorded "leaving" whose outcome is unknown.
         self.unresolved: dict[int, _Unresolved] = {}
         # Target: transfers whose tunnels were installed here (in memory; the journal keeps
-        # them across restarts), and (peer, transfer) pairs answered "not taken", whose late
-        # data messages are refused until the time given.
+        # them across restarts), and transfers answered "not taken", per asker, whose late
+        # data messages are refused for a while.
         self._arrivals = _Ids()
-        self.not_taken: dict[tuple[str, int], float] = {}
+        self.not_taken = _NotTaken(MAX_NOT_TAKEN_PER_PEER)
         # Target: transfers activated under a COMMIT's grant, their "pending" row not yet
         # settled (see _grant).
         self._granted: list[_Incoming] = []
@@ -1924,17 +1979,20 @@ class TransferCore:
                 and self.journal.may_have_arrived(tid, peer, parse_age(msg.ext[1:]))
             )
         if not taken:
-            # Bounded per peer (a peer that floods queries evicts only its own entries).
-            # The source's late data messages are refused (when the standby asked: the
-            # source's, if this gateway knows the transfer, and the asker's). A transfer
-            # not known here at all: from any peer (kept as "\0" + the asker: the asker
-            # may be the standby of a source whose contexts, and COMMIT with commit_early,
-            # are still on their way).
-            for who in {peer, source} | ({"\0" + peer} if inc is None else set()):
-                mine = [k for k in self.not_taken if k[0] == who]
-                for k in mine[: max(0, len(mine) - MAX_NOT_TAKEN_PER_PEER + 1)]:
-                    del self.not_taken[k]
-                self.not_taken[(who, tid)] = now + max(4 * self.settings.retry_max, 60.0)
+            # Remembered per asker, bounded (a peer that floods queries evicts only its own
+            # entries). The late data messages of the transfer are refused from the asker
+            # and the source (when the standby asked, and this gateway knows the transfer).
+            # A transfer not known here at all: from the asker and its fail-over pair (the
+            # asker may be the standby of a source whose contexts, and COMMIT with
+            # commit_early, are still on their way), and from every peer when the asker has
+            # no pair here (it may be the standby of a source this gateway was not told of:
+            # the invariant first; docs/cxtp.md). Another peer's transfer under the same id
+            # is not refused for a query of a peer paired elsewhere.
+            scope: frozenset[str] | None = frozenset({peer, source})
+            if inc is None:
+                scope = (pairs | {peer}) if pairs else None
+            until = now + max(4 * self.settings.retry_max, 60.0)
+            self.not_taken.add(peer, tid, until, scope)
         self.counters["queries_answered"] += 1
         answer = cxtp.Answer.TAKEN if taken else cxtp.Answer.NOT_TAKEN
         ttag = cxtp.TransferTag(tid, 0).encode()
@@ -2214,10 +2272,7 @@ class TransferCore:
         k = (peer, tag.transfer_id)
         s = self.settings
         inc = self.incoming.get(k)
-        if inc is None and self.not_taken and (
-            k in self.not_taken
-            or any(t == tag.transfer_id and p[:1] == "\0" for p, t in self.not_taken)
-        ):
+        if inc is None and self.not_taken.refuses(peer, tag.transfer_id):
             # This transfer was answered "not taken" (its source restarted and asked): a
             # late message of it from the dead connection must not install it now.
             self.counters["refused"] += 1
@@ -2986,9 +3041,7 @@ class TransferCore:
             for k2, until in list(self._ctar_seen.items()):
                 if now >= until:
                     del self._ctar_seen[k2]
-            for k3, until in list(self.not_taken.items()):
-                if now >= until:
-                    del self.not_taken[k3]
+            self.not_taken.expire(now)
             if now >= self._arrived_due:
                 # Walked only once an entry may be due (a bulk transfer's thousands stay for
                 # the forward time, and were walked twice a second); a tunnel that moved on
