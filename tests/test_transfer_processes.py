@@ -202,3 +202,44 @@ def test_a_prepared_transfer_commits_on_the_command_and_cancels_on_the_other(
         r = cli("transfer", *args, "--config", cfg1)
         assert r.returncode == 2, (args, r.stdout, r.stderr)
         assert len(r.stderr.strip().splitlines()) == 1 and said in r.stderr, r.stderr
+
+
+def test_a_commit_of_a_transfer_that_is_not_prepared_leaves_its_command_its_outcome(
+    setup: Setup,
+) -> None:
+    """``sa list`` shows the id of a transfer in progress; ``transfer --commit`` of it (not a
+    prepared one) is refused in one line, and the ``ipsecct transfer`` command that started
+    it still gets its outcome as it comes (the refused commit dropped the command's waiter:
+    it said "has no outcome after 60 s" of a transfer that had committed)."""
+    setup.set("sg1", "max_transfer_ms", "20000")
+    for n in ("sg1", "sg2", "mn"):
+        setup.start(n)
+    setup.traffic_ok("sg1", 70)
+    cfg1 = setup.config("sg1")
+    os.kill(setup.procs["sg2"].pid, signal.SIGSTOP)
+    try:
+        p = subprocess.Popen(
+            [sys.executable, "-m", "ipsecct", "transfer", SPI, "--to", "sg2", "--json",
+             "--config", cfg1],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        sock = str(setup.dir / "ctl-sg1.sock")
+        deadline = time.monotonic() + 30
+        tid = ""
+        while not tid and time.monotonic() < deadline and p.poll() is None:
+            for sa in request(sock, "sa.list", timeout=10):
+                words = str(sa.get("state_detail", "")).split()
+                if sa.get("state") == "leaving" and words[:1] == ["transfer"]:
+                    tid = words[1]
+            time.sleep(0.01)
+        assert tid, (p.poll(), setup.log("sg1"))
+        r = cli("transfer", "--commit", tid, "--config", cfg1)
+        assert r.returncode == 2 and "not a prepared one" in r.stderr, (r.stdout, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    finally:
+        os.kill(setup.procs["sg2"].pid, signal.SIGCONT)
+    out, err = p.communicate(timeout=30)
+    assert p.returncode == 0, (out, err, setup.log("sg1"))
+    rec = json.loads(out)
+    assert rec["outcome"] == "committed" and rec["id"] == tid, rec
+    setup.traffic_ok("sg2", 80)

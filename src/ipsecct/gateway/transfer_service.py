@@ -408,13 +408,14 @@ class TransferService:
         """``transfer --commit ID``: send a prepared transfer's FINAL and COMMIT now (or as
         soon as it is ready); the transfer's record once it has an outcome."""
         fut = self.waiters.get(tid)
+        ours = fut is None  # (else the transfer command's, or an earlier commit's, waiter)
         if fut is None:
             fut = self.waiters[tid] = asyncio.get_running_loop().create_future()
         try:
             self.run(self.core.commit(tid, self.node.clock()))
         except TransferError:
-            if not fut.done():
-                self.waiters.pop(tid, None)
+            if ours and self.waiters.get(tid) is fut:
+                del self.waiters[tid]
             raise
         wait = max(timeout, self.core.settings.max_transfer_time + 1.0)
         try:
