@@ -2826,6 +2826,13 @@ class TransferCore:
                     self.unsent_signals[t] = list(items)
             if self.on_install is not None:
                 self.on_install(t)
+        # The held packets are opened after the inbound SA went to C (offload_inbound above),
+        # and the forwarding thread may open newer ones in C before them: that is safe. The
+        # window was moved to C, not copied (native.push; Python takes it back before it
+        # touches the SA), the held packets were only authenticated (the window untouched),
+        # and each is injected through Engine.inbound, which tries C first: one window takes
+        # them all, in any order (one C moved more than a window past is a replay drop).
+        # tests/test_native_handback.py drives that seam.
         out += [Inject(h.packet, h.inbound) for h in inc.held]
         self._release_held(inc, [])
         inc.record.outcome, inc.record.ended = "committed", now
