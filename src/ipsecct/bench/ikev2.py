@@ -26,7 +26,11 @@ for a few seconds (``--time``); in its middle, the client is handed over from sg
   with MOBIKE (strongSwan's default); after the transfer sg2 sends it, from sg2's address and
   under the moved IKE SA, an INFORMATIONAL with its address list (RFC 4555 §3.6) and the client
   moves its IKE SA to sg2; kernel-libipsec cannot move a CHILD SA, so the client then rekeys
-  it with sg2 (no PFS configured: no key exchange); sg1 forwards what reaches it meanwhile.
+  it with sg2 (no PFS configured: no key exchange); sg1 forwards what reaches it meanwhile;
+- ``ct-indirect-prepared``, ``ct-direct-prepared``: the same, make-before-break as the
+  redirect is: the transfer is prepared (``transfer --prepare``: the contexts wait at sg2,
+  sg1 goes on carrying the stream) ``PREPARE_LEAD`` (0.5 s, at most a quarter of the stream)
+  before the handover, whose trigger is its commit (``transfer --commit ID``).
 
 With strongSwan gateways, sg1 routes the client's inner address via sg2 once its own SA is gone
 (its kernel-libipsec route in table 220 goes first while the SA lives), so the host needs no
@@ -35,10 +39,17 @@ route change.
 Per run: ``interrupt_ms`` is the longest time between two consecutive packets arriving, either
 way, from the handover command on (the second half of the stream); ``baseline_ms`` the same in
 the first half, before the handover: the noise floor of the same path on the same machine in
-the same run (a value of 2.0 means no gap above 2 ms); ``lost`` the packets sent and never
-received, both ways; ``mn_ike_messages`` the IKE messages the client sent or received from
-the handover until the end of the stream ("sending packet"/"received packet" in its log; no
-liveness checks are configured);
+the same run (a value of 2.0 means no gap above 2 ms; for a prepared transfer, before its
+preparation, whose own window gives ``prepare_gap_ms``, and ``prepare_ms`` the time the
+preparation took). Below that 2 ms floor: ``excess_ms``, the run's longest gap from the
+handover on minus its longest before it, both measured down to the 1 ms packet interval (0:
+none longer than the noise before; negative: shorter); ``delay_excess_ms``, the longest
+one-way delay of a packet (each carries its send time; one clock for all namespaces) from the
+handover on minus the longest before it; ``delayed``, the packets from the handover on delayed
+more than any before it (both ways). ``lost`` the packets sent and never received, both
+ways; ``mn_ike_messages`` the IKE messages the client sent or received from the handover (a
+prepared transfer: its preparation) until the end of the stream ("sending packet"/"received
+packet" in its log; no liveness checks are configured);
 ``key_exchanges`` the Diffie-Hellman computations of the client in that time (IKE_SA_INIT
 requests it generated, CREATE_CHILD_SA exchanges with a KE payload). The figures of a method
 are the median of its runs (methods interleaved round after round). The stream's two
@@ -69,7 +80,14 @@ from typing import Any
 
 from ..errors import BenchError
 
-METHODS = ("strongswan-redirect", "strongswan-reinitiate", "ct-indirect", "ct-direct")
+METHODS = (
+    "strongswan-redirect",
+    "strongswan-reinitiate",
+    "ct-indirect",
+    "ct-direct",
+    "ct-indirect-prepared",
+    "ct-direct-prepared",
+)
 CHARON = "/usr/lib/ipsec/charon"
 SWANCTL = "swanctl"
 PLUGINS = (
@@ -86,6 +104,7 @@ HOST_NET = "10.2.0.0/24"
 XFER_PORT = 5091
 STREAM_PORT = 9100
 RATE = 1000  # packets/s each way
+PREPARE_LEAD = 0.5  # s: a prepared transfer is prepared this long before its commit (at most)
 START_TIMEOUT = 20.0
 CLIENT_ID, GW_ID = "client.test", "gw.test"
 PROPOSAL, ESP_PROPOSAL = "aes128gcm16-prfsha256-x25519", "aes128gcm16"
@@ -103,14 +122,14 @@ sys.stdin.readline()
 start = time.monotonic()
 end = start + seconds
 stop = end + linger
-sent, seen, times = 0, set(), []
+sent, seen, times, delays = 0, set(), [], []
 while True:
     now = time.monotonic()
     if now >= stop:
         break
     while now < end and sent <= (now - start) * rate:
         try:
-            s.sendto(struct.pack("!Q", sent) + bytes(92), (peer, port))
+            s.sendto(struct.pack("!Qd", sent, time.monotonic()) + bytes(84), (peer, port))
         except OSError:
             pass  # no route for a moment: the packet is lost, which is what is measured
         sent += 1
@@ -119,13 +138,15 @@ while True:
     if r:
         data = s.recv(2048)
         t = time.monotonic()
-        if len(data) >= 8:
-            seq = struct.unpack_from("!Q", data)[0]
+        if len(data) >= 16:
+            seq, at = struct.unpack_from("!Qd", data)
             if seq not in seen:
                 seen.add(seq)
                 times.append(t)
-gaps = [[a, b] for a, b in zip(times, times[1:]) if b - a > 0.002]
-print(json.dumps({"sent": sent, "received": len(seen), "gaps": gaps}), flush=True)
+                delays.append([round(t, 6), round(t - at, 6)])
+gaps = [[a, b] for a, b in zip(times, times[1:]) if b - a > 0.001]
+print(json.dumps({"sent": sent, "received": len(seen), "gaps": gaps, "delays": delays}),
+      flush=True)
 """
 
 
@@ -137,7 +158,17 @@ class Result:
     mn_ike_messages: int
     key_exchanges: int
     baseline_ms: float  # the longest gap before the handover, same run
-
+    # Below the 2 ms floor of interrupt_ms (module docstring): the run's longest gap from
+    # the handover on minus its longest before it, both down to the 1 ms packet interval;
+    # the longest one-way delay of a packet from the handover on minus the longest before
+    # it; the packets from the handover on delayed more than any before it.
+    excess_ms: float = 0.0
+    delay_excess_ms: float = 0.0
+    delayed: int = 0
+    # Prepared rows: how long ``transfer --prepare`` took, and the longest gap while it ran
+    # and until the commit (2 ms floor, as interrupt_ms); None for the other methods.
+    prepare_ms: float | None = None
+    prepare_gap_ms: float | None = None
 
 
 def _sh(*cmd: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess[str]:
@@ -447,7 +478,58 @@ def _ike_sas(sock: str) -> list[dict[str, Any]]:
     return out
 
 
+def _child_spi(sock: str) -> str:
+    (ike,) = _ike_sas(sock)
+    (child,) = ike["children"]
+    return f"0x{int(child['spi_out'], 16):08x}"
+
+
 # -- one run -----------------------------------------------------------------------------
+
+
+def _figures(
+    method: str,
+    outs: Sequence[dict[str, Any]],
+    t_trigger: float,
+    t_prepare: float | None,
+    lost: int,
+    msgs: int,
+    kex: int,
+    prepare_ms: float | None = None,
+) -> Result:
+    """One run's figures from the two streams' reports (``gaps``: [a, b] arrival times of
+    consecutive packets more than 1 ms apart; ``delays``: [arrival, one-way delay] of each
+    packet; one clock for all namespaces). The handover's window starts at ``t_trigger``
+    (the command, a prepared transfer's commit); the baseline's ends there, or at
+    ``t_prepare`` for a prepared transfer (its preparation has a window of its own)."""
+    end_base = t_trigger if t_prepare is None else t_prepare
+    gaps = [(a, b - a) for o in outs for a, b in o["gaps"]]
+    after = [g for a, g in gaps if a + g >= t_trigger]
+    before = [g for a, g in gaps if a + g < end_base]
+    during = [g for a, g in gaps if end_base <= a + g < t_trigger]
+    floor = 1.0 / RATE  # the stream's own packet interval
+
+    def longest(xs: list[float], at_least: float) -> float:
+        return max([at_least, *xs]) * 1e3
+
+    # interrupt_ms and baseline_ms: gaps above 2 ms only (a value of 2.0: none), as ever
+    gap = longest([g for g in after if g > 0.002], 0.002)
+    base = longest([g for g in before if g > 0.002], 0.002)
+    excess = longest(after, floor) - longest(before, floor)
+    delays = [(t, d) for o in outs for t, d in o["delays"]]
+    d_before = max((d for t, d in delays if t < end_base), default=0.0)
+    d_after = [d for t, d in delays if t >= t_trigger]
+    prep_gap = None if t_prepare is None else round(longest(
+        [g for g in during if g > 0.002], 0.002), 1)  # fmt: skip
+    return Result(
+        method, round(gap, 1), lost, msgs, kex, round(base, 1),
+        excess_ms=round(excess, 2),
+        delay_excess_ms=round((max(d_after, default=0.0) - d_before) * 1e3, 2),
+        delayed=sum(1 for d in d_after if d > d_before),
+        prepare_ms=prepare_ms, prepare_gap_ms=prep_gap,
+    )  # fmt: skip
+
+
 
 _KE = re.compile(
     r"generating IKE_SA_INIT request|generating CREATE_CHILD_SA request \d+ \[[^\]]*\bKE\b"
@@ -473,7 +555,7 @@ def run_once(method: str, workdir: Path, seconds: float, at: float) -> Result:
             client.swanctl("--initiate", "--ike", "c1", "--child", "net")
             socks: dict[str, str] = {}
         else:
-            direct = method == "ct-direct"
+            direct = method.startswith("ct-direct")
             socks = _ct_gateways(world, direct)
             client = _client(world, [("c1", SG_OUTER["sg1"] if direct else VIP)], mobike=direct)
             client.swanctl("--initiate", "--ike", "c1", "--child", "net")
@@ -492,8 +574,26 @@ def run_once(method: str, workdir: Path, seconds: float, at: float) -> Result:
             assert p.stdin is not None
             p.stdin.write("go\n")
             p.stdin.flush()
-        time.sleep(at)
-        mark = len(client.log())
+        t_go = time.monotonic()
+        prepared = method.endswith("-prepared")
+        t_prepare = prepare_ms = tid = None
+        if prepared:
+            # The make phase, ahead of the handover (as the redirect's, which comes after its
+            # trigger): the contexts go to sg2 and wait there for the COMMIT; the client's
+            # messages are counted from here.
+            time.sleep(max(0.0, t_go + at - min(PREPARE_LEAD, at / 4) - time.monotonic()))
+            mark = len(client.log())
+            t_prepare = time.monotonic()
+            rec0 = request(socks["sg1"], "transfer", {"spi": _child_spi(socks["sg1"]),
+                           "to": "sg2", "mode": "predictive", "prepare": True},
+                           timeout=30)  # fmt: skip
+            prepare_ms = round((time.monotonic() - t_prepare) * 1e3, 1)
+            if rec0.get("outcome") != "prepared":
+                raise BenchError(f"ipsecct transfer --prepare: {rec0}")
+            tid = rec0["id"]
+        time.sleep(max(0.0, t_go + at - time.monotonic()))
+        if not prepared:
+            mark = len(client.log())
         t_trigger = time.monotonic()
         if method == "strongswan-redirect":
             gws["sg1"].swanctl("--redirect", "--ike", "gw", "--gateway", SG_OUTER["sg2"])
@@ -501,11 +601,11 @@ def run_once(method: str, workdir: Path, seconds: float, at: float) -> Result:
             client.swanctl("--terminate", "--ike", "c1")
             client.swanctl("--initiate", "--ike", "c2", "--child", "net")
         else:
-            (ike,) = _ike_sas(socks["sg1"])
-            (child,) = ike["children"]
-            spi = f"0x{int(child['spi_out'], 16):08x}"
-            rec: dict[str, Any] = request(socks["sg1"], "transfer", {"spi": spi, "to": "sg2",
-                                                    "mode": "predictive"}, timeout=30)  # fmt: skip
+            if prepared:  # the handover's trigger: the commit
+                rec = request(socks["sg1"], "transfer.commit", {"id": tid}, timeout=30)
+            else:
+                rec = request(socks["sg1"], "transfer", {"spi": _child_spi(socks["sg1"]),
+                              "to": "sg2", "mode": "predictive"}, timeout=30)  # fmt: skip
             if rec.get("outcome") != "committed":
                 raise BenchError(f"ipsecct transfer: {rec}")
             router.via("sg2")
@@ -521,17 +621,12 @@ def run_once(method: str, workdir: Path, seconds: float, at: float) -> Result:
             raise BenchError("the IKE SA did not move to sg2")
         if method == "ct-direct" and f"@ {SG_OUTER['sg2']}[" not in client.swanctl("--list-sas"):
             raise BenchError("ct-direct: the client's IKE SA did not move to sg2")
-        # the handover's interrupt: gaps that end after the command started; the baseline:
-        # the longest gap before it, in the same run (the noise floor of the same path)
-        gaps = [b - a for o in outs.values() for a, b in o["gaps"] if b >= t_trigger]
-        before = [b - a for o in outs.values() for a, b in o["gaps"] if b < t_trigger]
         msgs, kex = _client_figures(client.log()[mark:])
         lost = (outs["host"]["sent"] - outs["mn"]["received"]) + (
             outs["mn"]["sent"] - outs["host"]["received"]
         )
-        gap = max(gaps, default=0.002) * 1e3
-        base = max(before, default=0.002) * 1e3
-        return Result(method, round(gap, 1), lost, msgs, kex, round(base, 1))
+        return _figures(method, list(outs.values()), t_trigger, t_prepare, lost, msgs, kex,
+                        prepare_ms)  # fmt: skip
     finally:
         world.close()
 
@@ -555,17 +650,21 @@ def measure(
                 progress(f"round {r + 1}/{rounds}: {m}")
             with tempfile.TemporaryDirectory(prefix="ict-bi-", dir="/tmp") as tmp:
                 runs.setdefault(m, []).append(run_once(m, Path(tmp), seconds, seconds / 2))
-    return [
-        Result(
-            m,
-            statistics.median(x.interrupt_ms for x in rs),
-            int(statistics.median(x.lost for x in rs)),
-            int(statistics.median(x.mn_ike_messages for x in rs)),
-            int(statistics.median(x.key_exchanges for x in rs)),
-            statistics.median(x.baseline_ms for x in rs),
-        )
-        for m, rs in runs.items()
-    ]
+    return [_median(m, rs) for m, rs in runs.items()]
+
+
+def _median(method: str, rs: Sequence[Result]) -> Result:
+    """A method's row: the median of its runs, figure by figure (``excess_ms`` is the
+    median of each run's own difference, not a difference of medians)."""
+
+    def med(key: str) -> Any:
+        xs = [getattr(r, key) for r in rs]
+        if any(x is None for x in xs):
+            return None
+        m = statistics.median(xs)
+        return int(m) if isinstance(xs[0], int) else round(m, 2)
+
+    return Result(method, **{k: med(k) for k in Result.__dataclass_fields__ if k != "method"})
 
 
 def to_json(results: Sequence[Result]) -> str:
@@ -578,6 +677,7 @@ def format_table(results: Sequence[Result]) -> str:
     head = (
         f"{'method':<22} {'interrupt ms':>12} {'lost':>6} {'MN IKE msgs':>12}"
         f" {'MN key exch.':>13} {'interrupt vs redirect':>22} {'baseline ms':>12}"
+        f" {'excess ms':>10} {'delay +ms':>10} {'delayed':>8}"
     )
     lines = [head, "-" * len(head)]
     for r in results:
@@ -588,10 +688,26 @@ def format_table(results: Sequence[Result]) -> str:
         lines.append(
             f"{r.method:<22} {r.interrupt_ms:>12.1f} {r.lost:>6} {r.mn_ike_messages:>12}"
             f" {r.key_exchanges:>13} {ratio:>22} {r.baseline_ms:>12.1f}"
+            f" {r.excess_ms:>+10.2f} {r.delay_excess_ms:>+10.2f} {r.delayed:>8}"
+        )
+    prep = [r for r in results if r.prepare_ms is not None]
+    if prep:
+        lines.append(
+            "prepared ahead (transfer --prepare), the interrupt from the commit: "
+            + "; ".join(
+                f"{r.method} took {r.prepare_ms:.1f} ms, longest gap until the commit"
+                f" {r.prepare_gap_ms:.1f} ms"
+                for r in prep
+            )
         )
     lines.append(
         f"{RATE} packets/s each way; interrupt = longest gap between packets arriving, either"
         " way, from the handover on; baseline = the same before it; medians of the rounds"
+    )
+    lines.append(
+        "excess = the run's interrupt minus its baseline, both down to the 1 ms packet"
+        " interval; delay + = the longest one-way delay from the handover on minus the"
+        " longest before; delayed = packets delayed more than any before the handover"
     )
     return "\n".join(lines)
 
@@ -604,7 +720,8 @@ def add_parser(sub: Any) -> None:
         help="handover of a strongSwan client: context transfer against strongSwan (root)",
         description="An unmodified strongSwan client handed over from sg1 to sg2 under a"
         f" {RATE} packets/s stream each way: strongSwan's redirect and re-initiation against"
-        " ipsecct's context transfer. Needs root and strongSwan. See benchmarks/README.md.",
+        " ipsecct's context transfer, started at the handover or prepared ahead (its commit the"
+        " handover). Needs root and strongSwan. See benchmarks/README.md.",
     )
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.add_argument(
