@@ -346,7 +346,7 @@ def test_the_lease_moves_with_the_ike_sa_context() -> None:
     sg2 = IkeEngine([vip_conn()], pools=pools())
     assert sg2.vip_refusal(sg2.connections[0], False, ike.vips) is None
     cdbs = w.resp.export_ike(ike, 3.0)  # after it
-    assert w.resp.pools["p4"].away == {ip("10.3.0.1")} and not w.resp.pools["p4"].online
+    assert w.resp.pools["p4"].away == {ip("10.3.0.1"): "mn.test"} and not w.resp.pools["p4"].online
     new = sg2.import_ike(cdbs, 3.0)
     assert new.vips == [("p4", ip("10.3.0.1"))]
     assert sg2.pools["p4"].online == {ip("10.3.0.1"): "mn.test"}
@@ -400,7 +400,7 @@ def test_a_take_over_marks_the_lease_and_the_replica_check_sees_the_pool() -> No
     standby.import_ike(cdbs, 2.0)
     assert standby.pools["p4"].online == {ip("10.3.0.1"): "mn.test"}
     w.resp.forget(ike)  # the old active: away, never leased again there
-    assert w.resp.pools["p4"].away == {ip("10.3.0.1")}
+    assert w.resp.pools["p4"].away == {ip("10.3.0.1"): "mn.test"}
 
 
 # -- an unmodified strongSwan 5.9.8 client (root) --------------------------------------------

@@ -139,6 +139,14 @@ class Service:
         self.ike: IkeService | None = (
             IkeService(self.node, cfg.connections) if cfg.connections else None
         )
+        if self.ike is not None and self.ike.engine.pools:
+            # the virtual IP leases as the last run left them (before any socket opens); an
+            # IKE SA may live on elsewhere when this gateway hands them over or replicates them
+            self.state.attach_pools(
+                self.ike.engine.pools,
+                elsewhere=cfg.transfer is not None or cfg.failover is not None
+                or cfg.cluster is not None,
+            )
         if self.ike is not None and self.transfer is not None and self.peers is not None:
             # an IKE SA follows its CHILD SAs when a transfer hands all of them over
             peers = self.peers

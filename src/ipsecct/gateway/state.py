@@ -33,6 +33,7 @@ import concurrent.futures
 import contextlib
 import fcntl
 import functools
+import ipaddress
 import logging
 import os
 import re
@@ -59,6 +60,7 @@ from ..ct.journal import (
     transferred_at,
 )
 from ..errors import JournalError, StateError
+from ..ikev2.pool import Pool
 from ..ipsec.engine import Tunnel
 from ..ipsec.sad import MAX_SEQ_64, SecurityAssociation
 from ..ipsec.sequence import Reservations, fingerprint
@@ -158,6 +160,17 @@ _ARRIVAL_TABLE = (
 # a transfer that may have begun before it is answered "taken": docs/state.md).
 _PRUNED_TABLE = "CREATE TABLE arrival_pruned (peer TEXT PRIMARY KEY, upto REAL NOT NULL)"
 _ARRIVAL_INDEX = "CREATE INDEX arrival_by_peer ON arrival (peer, changed)"
+# Virtual IP leases (ikev2/pool.py): made where missing, in any schema (an older ipsecct
+# ignores the table, and its leases live in memory as before): docs/ikev2.md "Virtual IPs".
+_LEASE_TABLE = (
+    "CREATE TABLE IF NOT EXISTS lease (pool TEXT NOT NULL, addr TEXT NOT NULL, "
+    "state TEXT NOT NULL, identity TEXT NOT NULL, changed REAL NOT NULL, "
+    "PRIMARY KEY (pool, addr))"
+)
+# Offline leases (an identity's address kept for it) remembered across a restart, per pool:
+# the newest; an older one's address is free again after the restart.
+MAX_REMEMBERED_LEASES = 4096
+LeaseRow = tuple[str, str, str, str, float]  # pool, address, state, identity, changed
 # Arrivals kept per peer at most, whatever their age: a peer that transfers more within the
 # retention has its oldest pruned early (queries about those are answered "taken").
 MAX_ARRIVALS_PER_PEER = 65536
@@ -223,6 +236,7 @@ class StateStore:
                 ver = 3
             if ver != SCHEMA:
                 raise _Damaged(f"schema version {ver}, this ipsecct reads {SCHEMA}")
+            conn.execute(_LEASE_TABLE)
             meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
             if meta.get("node") != node:
                 raise _Damaged(f"it belongs to node {meta.get('node')!r}, not {node!r}")
@@ -281,6 +295,7 @@ class StateStore:
         conn.execute(_ARRIVAL_TABLE)
         conn.execute(_PRUNED_TABLE)
         conn.execute(_ARRIVAL_INDEX)
+        conn.execute(_LEASE_TABLE)
         conn.executemany(
             "INSERT INTO meta VALUES (?, ?)",
             [
@@ -472,6 +487,24 @@ class StateStore:
                     "UPDATE sa SET ceiling = max(ceiling, ?) WHERE fingerprint = ?", params
                 )
             )
+
+    def leases(self) -> list[LeaseRow]:
+        """The virtual IP leases, oldest change first."""
+        with self._lock:
+            rows = self.conn.execute(
+                "SELECT pool, addr, state, identity, changed FROM lease ORDER BY changed"
+            ).fetchall()
+        return [(str(a), str(b), str(c), str(d), float(e)) for a, b, c, d, e in rows]
+
+    def put_leases(self, rows: Sequence[LeaseRow], drop: Sequence[tuple[str, str]] = ()) -> None:
+        """Write lease rows (and delete ``drop``: pool, address) in one synced transaction."""
+
+        def write() -> None:
+            self.conn.executemany("INSERT OR REPLACE INTO lease VALUES (?, ?, ?, ?, ?)", rows)
+            self.conn.executemany("DELETE FROM lease WHERE pool = ? AND addr = ?", drop)
+
+        with self._lock:
+            self._write(write)
 
     def _write(self, fn: Any) -> None:
         self.conn.execute("BEGIN IMMEDIATE")
@@ -724,6 +757,12 @@ class DurableState:
         # Called on the loop after submitted writes settled (the transfer service: the core
         # may go on with what waited for them).
         self.settled_hooks: list[Callable[[], None]] = []
+        # Virtual IP lease changes not yet written: (pool, address) -> (state, identity, time)
+        self._leases_due: dict[tuple[str, str], tuple[str, str, float]] = {}
+        self._llock = threading.Lock()  # _leases_due (the loop adds, the writer takes)
+        self._lease_kick_due = False
+        self.lease_counters = {"lease_writes": 0, "lease_failed_writes": 0}
+        self.leases_restored: dict[str, int] = {}
         node.on_reserve = self._on_reserve
         node.extensions["state"] = self.status
         node.extensions["metrics"] = self.metrics
@@ -857,8 +896,101 @@ class DurableState:
             self._writer.shutdown(wait=True)  # jobs still queued find nothing left to write
             self._writer = None
         self._loop = None
+        self._flush_leases()
         self.store.close()
         os.close(self.lock_fd)
+
+    # -- virtual IP leases (ikev2/pool.py) ----------------------------------------------------
+    def attach_pools(self, pools: dict[str, Pool], elsewhere: bool) -> dict[str, int]:
+        """Give the pools their leases back as the last run left them, and record every change
+        from now on. A lease online when the last run ended (it crashed, or stopped without
+        deleting its IKE SAs) had an IKE SA that died with it here, unless it lives on at
+        another gateway (``elsewhere``: this gateway hands IKE SAs over or replicates them,
+        and the last change may not have been written): then it is away (never leased here
+        again until its IKE SA comes back), else offline (its identity gets it back). Kept:
+        the newest MAX_REMEMBERED_LEASES offline ones per pool; a lease of a pool no longer
+        configured, or outside its addrs now, is forgotten. Written before anything is sent."""
+        now = time.time()
+        fix: list[LeaseRow] = []
+        drop: list[tuple[str, str]] = []
+        counts = {"offline": 0, "away": 0, "was_online": 0, "forgotten": 0}
+        for name, text, st, who, _changed in self.store.leases():
+            pool = pools.get(name)
+            try:
+                addr = ipaddress.ip_address(text)
+            except ValueError:
+                addr = None
+            if st == "online":
+                st = "away" if elsewhere else "offline"
+                counts["was_online"] += 1
+                fix.append((name, text, st, who, now))
+            if pool is None or addr is None or not pool.restore(addr, st, who):
+                drop.append((name, text))
+                counts["forgotten"] += 1
+        for pool in pools.values():
+            while len(pool.offline) > MAX_REMEMBERED_LEASES:
+                a, _ = pool.offline.popitem(last=False)
+                drop.append((pool.name, str(a)))
+                counts["forgotten"] += 1
+            counts["offline"] += len(pool.offline)
+            counts["away"] += len(pool.away)
+        dropped = set(drop)
+        fix = [r for r in fix if (r[0], r[1]) not in dropped]
+        if fix or drop:
+            try:
+                self.store.put_leases(fix, drop)
+            except sqlite3.Error as exc:
+                raise StateError(f"cannot write the leases to {self.store.path}: {exc}") from None
+        for pool in pools.values():
+            pool.listener = self._lease_changed
+        self.leases_restored = counts
+        if counts["was_online"] and elsewhere:
+            event(log, "ike-vip-leases-away", logging.WARNING, node=self.node.name,
+                  leases=counts["was_online"],
+                  detail="online when the last run ended, their IKE SAs may live on at"
+                  " another gateway: not leased here until they come back (ipsecct pools"
+                  " --leases)")  # fmt: skip
+        if any(counts.values()):
+            event(log, "ike-vip-leases-restored", node=self.node.name, **counts)
+        return counts
+
+    def _lease_changed(self, pool: str, addr: Any, state: str, identity: str) -> None:
+        with self._llock:
+            self._leases_due[(pool, str(addr))] = (state, identity, time.time())
+        if self._writer is None or self._loop is None:
+            self._flush_leases()  # no writer running (before the start, after the stop)
+        elif not self._lease_kick_due:
+            self._lease_kick_due = True
+            self._loop.call_soon(self._lease_kick)  # after the current callback
+
+    def _lease_kick(self) -> None:
+        self._lease_kick_due = False
+        if self._writer is not None and self._leases_due:
+            self._writer.submit(self._flush_leases)
+
+    def _flush_leases(self) -> None:
+        """Write the lease changes queued (on the writer's thread, or here without one); a
+        failed write keeps them queued and is tried again a second later."""
+        with self._llock:
+            due, self._leases_due = self._leases_due, {}
+        if not due:
+            return
+        rows = [(p, a, st, who, t) for (p, a), (st, who, t) in due.items()]
+        try:
+            self.store.put_leases(rows)
+        except sqlite3.Error as exc:
+            with self._llock:  # (what changed since is newer)
+                for k, v in due.items():
+                    self._leases_due.setdefault(k, v)
+            self.lease_counters["lease_failed_writes"] += 1
+            event(log, "lease-write-failed", logging.WARNING, node=self.node.name,
+                  leases=len(rows), error=str(exc))  # fmt: skip
+            loop = self._loop
+            if loop is not None:
+                with contextlib.suppress(RuntimeError):
+                    loop.call_soon_threadsafe(loop.call_later, 1.0, self._lease_kick)
+            return
+        self.lease_counters["lease_writes"] += 1
 
     # -- arrivals: how long they are remembered ----------------------------------------------
     @property
@@ -1420,6 +1552,7 @@ class DurableState:
                 "min_headroom": min((Reservations.headroom(sa) for sa in live), default=None),
                 **self.counters,
             },
+            "leases": {"restored": self.leases_restored, **self.lease_counters},
             "arrivals": {
                 "kept": len(self.arrivals),
                 "retention_s": self.arrival_retention,

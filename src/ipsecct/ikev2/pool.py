@@ -8,6 +8,10 @@ An address may also be *away*: its IKE SA moved to another gateway (a handover, 
 standby's take-over). It is not leased here again, to anyone, until it comes back with an
 IKE SA (an import): the gateway that holds it now cannot tell this one when it ends.
 
+Every change is told to ``listener`` (pool name, address, state, identity): the gateway
+keeps the leases in its durable state and gives them back with :meth:`restore` after a
+restart (gateway/state.py).
+
 ``share`` (our key, not swanctl's) is the part of the pool this gateway leases new
 addresses from; ``addrs`` is the whole pool, the addresses an IKE SA arriving from another
 gateway may hold. Gateways that hand IKE SAs to each other give each its own share of the
@@ -20,11 +24,15 @@ from __future__ import annotations
 
 import ipaddress
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..errors import ConfigError
 
 IPAddr = ipaddress.IPv4Address | ipaddress.IPv6Address
+# (pool name, address, "online" | "offline" | "away", identity)
+Listener = Callable[[str, IPAddr, str, str], None]
+LEASE_STATES = ("online", "offline", "away")
 
 
 def parse_range(text: str) -> tuple[IPAddr, IPAddr]:
@@ -56,8 +64,9 @@ class Pool:
     online: dict[IPAddr, str] = field(default_factory=dict)  # address -> identity
     # address -> identity, oldest first (the order a full pool reassigns them in)
     offline: OrderedDict[IPAddr, str] = field(default_factory=OrderedDict)
-    away: set[IPAddr] = field(default_factory=set)
+    away: dict[IPAddr, str] = field(default_factory=dict)  # address -> identity
     _next: int = 0  # offset into the share of the next address never leased
+    listener: Listener | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.first.version != self.last.version or int(self.first) > int(self.last):
@@ -107,7 +116,12 @@ class Pool:
     def _take(self, addr: IPAddr, identity: str) -> IPAddr:
         self.offline.pop(addr, None)
         self.online[addr] = identity
+        self._tell(addr, "online", identity)
         return addr
+
+    def _tell(self, addr: IPAddr, state: str, identity: str) -> None:
+        if self.listener is not None:
+            self.listener(self.name, addr, state, identity)
 
     def release(self, addr: IPAddr) -> None:
         """The IKE SA holding ``addr`` ended: offline, for its identity to get back."""
@@ -115,11 +129,38 @@ class Pool:
         if who is not None:
             self.offline[addr] = who
             self.offline.move_to_end(addr)
+            self._tell(addr, "offline", who)
 
     def send_away(self, addr: IPAddr) -> None:
         """The IKE SA holding ``addr`` moved to another gateway."""
-        if self.online.pop(addr, None) is not None:
-            self.away.add(addr)
+        who = self.online.pop(addr, None)
+        if who is not None:
+            self.away[addr] = who
+            self._tell(addr, "away", who)
+
+    def restore(self, addr: IPAddr, state: str, identity: str) -> bool:
+        """A lease the gateway's durable state kept across a restart (offline ones oldest
+        first), without telling the listener. False: not this pool's (its ``addrs`` changed)
+        or not a state to restore (online: the caller decides what it has become)."""
+        if not self.contains(addr) or addr in self.online:
+            return False
+        if state == "offline":
+            self.away.pop(addr, None)
+            self.offline[addr] = identity
+            self.offline.move_to_end(addr)
+        elif state == "away":
+            self.offline.pop(addr, None)
+            self.away[addr] = identity
+        else:
+            return False
+        return True
+
+    def leases(self) -> list[tuple[IPAddr, str, str]]:
+        """(address, state, identity) of every lease, by address."""
+        out = [(a, "online", who) for a, who in self.online.items()]
+        out += [(a, "offline", who) for a, who in self.offline.items()]
+        out += [(a, "away", who) for a, who in self.away.items()]
+        return sorted(out, key=lambda r: int(r[0]))
 
     def refusal(self, addr: IPAddr) -> str | None:
         """Why an IKE SA holding ``addr`` cannot arrive here (None: it can)."""
@@ -132,7 +173,7 @@ class Pool:
 
     def arrive(self, addr: IPAddr, identity: str) -> None:
         """An IKE SA holding ``addr`` arrived (checked with :meth:`refusal` first)."""
-        self.away.discard(addr)
+        self.away.pop(addr, None)
         self._take(addr, identity)
 
     def status(self) -> dict[str, object]:

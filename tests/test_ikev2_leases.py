@@ -1,0 +1,175 @@
+"""Virtual IP leases across a gateway's restart: an address an IKE SA took to another gateway
+is never leased again at the old one (even after it restarted), and a returning identity
+gets its old address back (the leases live in the gateway's SQLite state, docs/ikev2.md
+"Virtual IPs")."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import ipaddress
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ipsecct.gateway import state
+from ipsecct.gateway.config import NodeConfig, from_dict
+from ipsecct.gateway.node import Node
+from ipsecct.gateway.service import Service
+from ipsecct.ikev2 import context
+from ipsecct.ikev2.engine import IkeEngine
+from tests.helpers.ikev2_engines import PSK, Wire, connect, mn_conn
+
+ip = ipaddress.ip_address
+
+
+def config(tmp: Path) -> NodeConfig:
+    """sg1: its durable state in ``tmp/state``, a connection leasing from pool rw
+    (10.3.0.0/24)."""
+    (tmp / "k.psk").write_bytes(PSK)
+    (tmp / "k.psk").chmod(0o600)
+    d: dict[str, Any] = {
+        "name": "sg1",
+        "outer": {"address": "127.0.0.1", "port": 45000},
+        "inner": {"kind": "udp", "listen": "127.0.0.1:45001", "peer": "127.0.0.1:45002"},
+        "state": {"dir": str(tmp / "state")},
+        "pools": {"rw": {"addrs": "10.3.0.0/24"}},
+        "connections": {"c": {"pools": ["rw"], "remote": {"id": "%any"},
+                              "local": {"id": "gw.test"},
+                              "proposals": ["aes128gcm16-prfsha256-x25519"],
+                              "children": {"net": {"local_ts": ["10.1.0.0/16"],
+                                                   "remote_ts": ["10.3.0.0/16"],
+                                                   "esp_proposals": ["aes128gcm16"]}}}},
+        "secrets": {"ike-c": {"id": "gw.test", "file": "k.psk"}},
+    }  # fmt: skip
+    return from_dict(d, str(tmp / "sg1.toml"))
+
+
+def gateway(tmp: Path) -> Service:
+    """sg1 as ``ipsecct gateway run`` builds it; a new Service is a restarted process."""
+    return Service(config(tmp))
+
+
+def client(svc: Service, who: str, now: float = 0.0) -> Wire:
+    """A client ``who`` connects to the gateway's IKE engine, asking for an address."""
+    assert svc.ike is not None
+    ic = dataclasses.replace(mn_conn(local_ts="0.0.0.0/0", local_id=who), vips=[ip("0.0.0.0")])
+    w = Wire(IkeEngine([ic]), svc.ike.engine)
+    connect(w, now)
+    return w
+
+
+def vip(w: Wire) -> object:
+    (ike,) = w.ini.ike_sas()
+    ((_, a),) = ike.vips
+    return a
+
+
+def crash(svc: Service) -> None:
+    """The process dies: nothing more is written, the state directory is let go."""
+    svc.state.store.close()
+    os.close(svc.state.lock_fd)
+
+
+def test_an_address_whose_ike_sa_moved_away_is_not_leased_after_a_restart(tmp_path: Path) -> None:
+    """The bug: the leases lived in memory, so a gateway that had handed a client's IKE SA
+    (with its virtual IP, context item 32) to another gateway forgot after a restart that
+    the address was away, and leased it to the next new client: two clients, one address."""
+    sg1 = gateway(tmp_path)
+    a = client(sg1, "a.test")
+    assert vip(a) == ip("10.3.0.1")
+    assert sg1.ike is not None
+    (ike,) = sg1.ike.engine.ike_sas()
+    sg1.ike.engine.export_ike(ike, 1.0)  # handed over: it lives on at sg2
+    assert set(sg1.ike.engine.pools["rw"].away) == {ip("10.3.0.1")}
+    asyncio.run(sg1.state.stop())  # a clean stop, then a start
+    sg1 = gateway(tmp_path)
+    assert sg1.ike is not None
+    assert set(sg1.ike.engine.pools["rw"].away) == {ip("10.3.0.1")}
+    assert vip(client(sg1, "b.test")) == ip("10.3.0.2")
+    crash(sg1)  # ... and the same after a crash
+    sg1 = gateway(tmp_path)
+    assert vip(client(sg1, "c.test")) == ip("10.3.0.3")
+    asyncio.run(sg1.state.stop())
+
+
+def test_a_returning_client_gets_its_old_address_after_a_restart(tmp_path: Path) -> None:
+    """strongSwan's persistent pools: an identity's lease is remembered across a restart,
+    and a standalone gateway (no [transfer], [failover], [cluster]: its IKE SAs cannot live
+    on elsewhere) that crashed has every lease of its last run offline, for its identity."""
+    sg1 = gateway(tmp_path)
+    a, b = client(sg1, "a.test"), client(sg1, "b.test")
+    assert (vip(a), vip(b)) == (ip("10.3.0.1"), ip("10.3.0.2"))
+    (ike_a,) = a.ini.ike_sas()
+    a.deliver(a.ini.delete(ike_a, 1.0), "i", 1.0)  # a.test leaves: offline, its address kept
+    crash(sg1)  # b.test's IKE SA dies with the process
+    sg1 = gateway(tmp_path)
+    assert sg1.ike is not None
+    pool = sg1.ike.engine.pools["rw"]
+    assert pool.leases() == [(ip("10.3.0.1"), "offline", "a.test"),
+                             (ip("10.3.0.2"), "offline", "b.test")]  # fmt: skip
+    assert sg1.state.status()["leases"]["restored"]["offline"] == 2
+    assert vip(client(sg1, "c.test")) == ip("10.3.0.3")  # a new identity: never leased
+    assert vip(client(sg1, "b.test")) == ip("10.3.0.2")  # the returning ones: their own
+    assert vip(client(sg1, "a.test")) == ip("10.3.0.1")
+    asyncio.run(sg1.state.stop())
+
+
+def test_leases_online_at_a_crash_of_a_gateway_that_moves_ike_sas_stay_away(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A gateway that hands IKE SAs over or replicates them cannot tell after a crash whether
+    an IKE SA it held lives on at another gateway (taken over by its standby, or handed over
+    just before the crash, its "away" not yet written): its address stays away (the
+    operator is told), until the IKE SA comes back to this gateway with it."""
+    sg1 = gateway(tmp_path)
+    a = client(sg1, "a.test")
+    assert sg1.ike is not None
+    (ike,) = sg1.ike.engine.ike_sas()
+    cdbs = context.encode(ike, 1.0)  # a replica of it, as its standby holds
+    crash(sg1)
+    cfg = config(tmp_path)
+    st = state.open_for(Node(cfg), cfg)
+    with caplog.at_level("WARNING"):
+        counts = st.attach_pools(cfg.pools, elsewhere=True)
+    assert counts["away"] == 1 and counts["was_online"] == 1
+    assert "event=ike-vip-leases-away" in caplog.text
+    pool = cfg.pools["rw"]
+    assert pool.away == {ip("10.3.0.1"): "a.test"}
+    assert pool.acquire("a.test") == ip("10.3.0.2")  # not even for its own identity
+    pool.release(ip("10.3.0.2"))
+    asyncio.run(st.stop())
+    sg1 = gateway(tmp_path)  # written away: a later start keeps it so
+    assert sg1.ike is not None
+    pool = sg1.ike.engine.pools["rw"]
+    assert pool.away == {ip("10.3.0.1"): "a.test"}
+    back = sg1.ike.engine.import_ike(cdbs, 2.0)  # the IKE SA comes back with it
+    assert pool.online == {ip("10.3.0.1"): "a.test"} and not pool.away
+    sg1.ike.engine._kill(back, "test", [])
+    asyncio.run(sg1.state.stop())
+    sg1 = gateway(tmp_path)
+    assert sg1.ike is not None
+    assert sg1.ike.engine.pools["rw"].offline == {ip("10.3.0.1"): "a.test",
+                                                  ip("10.3.0.2"): "a.test"}  # fmt: skip
+    asyncio.run(sg1.state.stop())
+    del a
+
+
+def test_the_remembered_leases_are_bounded_and_a_changed_pool_forgets_what_left_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(state, "MAX_REMEMBERED_LEASES", 2)
+    sg1 = gateway(tmp_path)
+    for who in ("a.test", "b.test", "c.test"):
+        w = client(sg1, who)
+        (ike,) = w.ini.ike_sas()
+        w.deliver(w.ini.delete(ike, 1.0), "i", 1.0)
+    asyncio.run(sg1.state.stop())
+    sg1 = gateway(tmp_path)
+    assert sg1.ike is not None
+    assert list(sg1.ike.engine.pools["rw"].offline.items()) == [
+        (ip("10.3.0.2"), "b.test"), (ip("10.3.0.3"), "c.test")]  # the newest two
+    asyncio.run(sg1.state.stop())
+    assert len(state.StateStore.open_existing(tmp_path / "state" / "state.db", "sg1").leases()) == 2
