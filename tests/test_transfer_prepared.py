@@ -407,3 +407,22 @@ def test_a_source_cannot_keep_its_prepared_transfer_at_the_target_past_one_wait(
         sg2.run(sg2.core.receive("sg1", again, w.now))
     assert inc.give_up == limit
     assert sg2.engine.tunnels() == [] and sg2.finished[-1].outcome == "cancelled"
+
+
+def test_a_tunnel_removed_here_while_prepared_is_not_committed() -> None:
+    """Its CHILD SA deleted while the transfer is prepared (the client came back with
+    INITIAL_CONTACT, the IKE SA replaced, or ``sa delete``): the commit rolls the transfer
+    back, saying why, instead of activating at the target a tunnel the source no longer
+    has (it was: an orphan CHILD SA there, its client's address routed into it)."""
+    w = world()
+    sg1, sg2 = w.gw["sg1"], w.gw["sg2"]
+    tid = prepare(w)
+    sg1.engine.remove_tunnel(w.tunnel)
+    sg1.run(sg1.core.commit(tid, w.now))
+    rec = sg1.finished[-1]
+    assert rec.outcome == "failed" and "removed here" in rec.detail, rec
+    assert sg1.core.counters["commit_refused"] == 1
+    assert [type(cxtp.decode(d)) for d in w.links[("sg1", "sg2")]] == [cxtp.CTC]
+    w.deliver_all()
+    assert sg2.engine.tunnels() == [] and sg2.finished[-1].outcome == "cancelled"
+    unique(w)

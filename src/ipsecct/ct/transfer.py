@@ -930,7 +930,7 @@ class TransferCore:
             if t.state is not TunnelState.ACTIVE or t in busy:
                 state = "being transferred" if t in busy else t.state.value
                 raise TransferError(f"tunnel {t.name or hex(t.outbound.spi)} is {state}: busy")
-        why = self._commit_refusal(tunnels)
+        why = self._commit_refusal(tunnels, starting=True)
         if why is not None:  # nothing held, capped or sent yet
             raise TransferError(f"not started: {why}")
         if reply_to is None:
@@ -1020,10 +1020,17 @@ class TransferCore:
             out += self._commit_all(og, now)
         return tid, out
 
-    def _commit_refusal(self, tunnels: list[Tunnel]) -> str | None:
+    def _commit_refusal(self, tunnels: list[Tunnel], *, starting: bool = False) -> str | None:
         """Why a transfer of ``tunnels`` must not start, or send its COMMIT for them now
         (``commit_check``), or None: what follows the COMMIT (an IKE SA's context) must
-        not be able to fail then."""
+        not be able to fail then. Nor a tunnel removed here since the transfer started (its
+        CHILD SA deleted: a prepared transfer's minutes): the target would activate it."""
+        gone = None if starting else next(
+            (t for t in tunnels if not self.engine.has_tunnel(t)), None)  # fmt: skip
+        if gone is not None:
+            self.counters["commit_refused"] += 1
+            return (f"tunnel 0x{gone.outbound.spi:08x} was removed here while it was being"
+                    " transferred")  # fmt: skip
         if self.commit_check is None or not tunnels:
             return None
         why = self.commit_check(tunnels)
