@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import itertools
 import logging
 import subprocess
 import sys
@@ -499,8 +500,8 @@ def test_dpd_action_restart_starts_again_at_once_and_clear_does_not(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     for action in ("restart", "clear"):
-        svc, sent, clock, loop = _mn(tmp_path, monkeypatch, start_action="start",
-                                     dpd_action=action)  # fmt: skip
+        svc, sent, clock, _ = _mn(tmp_path, monkeypatch, start_action="start",
+                                  dpd_action=action)  # fmt: skip
         svc.initiate(svc.engine.connections[0])
         _exchange(svc, IkeEngine([conn()]), sent, clock[0])
         assert len(svc.engine.ike_sas()) == 1
@@ -509,7 +510,7 @@ def test_dpd_action_restart_starts_again_at_once_and_clear_does_not(
         restarted = [s for s in sent if s.data[18] == M.ExchangeType.IKE_SA_INIT]
         assert (len(restarted), len(svc.engine.connecting)) == (
             (1, 1) if action == "restart" else (0, 0))
-        assert loop.later == []  # (no back-off: at once, or never)
+        assert not svc._restarts.waiting  # (at once the first time, or never)
 
 
 @pytest.mark.parametrize("dpd_action", [None, "restart"])
@@ -521,8 +522,8 @@ def test_a_node_whose_ike_sa_the_gateway_rekeyed_still_starts_again_when_it_dies
     dpd_action = restart's default) went by ``we_initiated``: once the gateway had rekeyed,
     a dead gateway left the node without a tunnel for good. It is the node's connection:
     who sent the first IKE_SA_INIT counts (RFC 4555's original initiator)."""
-    svc, sent, clock, loop = _mn(tmp_path, monkeypatch, start_action="start",
-                                 dpd_action=dpd_action)  # fmt: skip
+    svc, sent, clock, _ = _mn(tmp_path, monkeypatch, start_action="start",
+                              dpd_action=dpd_action)  # fmt: skip
     svc.initiate(svc.engine.connections[0])
     gw = IkeEngine([conn()])
     _exchange(svc, gw, sent, clock[0])
@@ -539,7 +540,7 @@ def test_a_node_whose_ike_sa_the_gateway_rekeyed_still_starts_again_when_it_dies
     assert not ike.we_initiated and svc.engine.stats["ike-sa-rekeyed"] >= 1
     _peer_dies(svc, clock)
     restarted = [s for s in sent if s.data[18] == M.ExchangeType.IKE_SA_INIT]
-    assert len(restarted) + len(loop.later) == 1
+    assert len(restarted) + len(svc._restarts.waiting) == 1
 
 
 def test_dpd_action_trap_arms_a_trap_that_the_next_packet_springs(
@@ -606,19 +607,119 @@ def test_keyingtries_bounds_the_attempts_and_unset_tries_on(
     """start_action = start with keyingtries = 2: the first attempt and one retry, then it
     gives up (logged); without keyingtries (ipsecct's default) the retries go on."""
     for tries, attempts in ((2, 2), (None, 5)):
-        svc, _, clock, loop = _mn(tmp_path, monkeypatch, start_action="start",
-                                  keyingtries=tries)  # fmt: skip
+        svc, _, clock, _ = _mn(tmp_path, monkeypatch, start_action="start",
+                               keyingtries=tries)  # fmt: skip
         eng = svc.engine
-        n = 0
-        while n < 5:
-            svc.initiate(svc.engine.connections[0])  # (what the loop's timer would call)
-            n += 1
+        name = eng.connections[0].name
+        svc.initiate(eng.connections[0])
+        n = 1
+        while True:
             # no answer: given up after the retransmissions
             _wait(svc, clock, lambda e=eng: not e.connecting)
-            if len(loop.later) < n:  # no retry scheduled
+            due = svc._restarts.waiting.get(name)
+            if due is None or n == 5:  # no retry scheduled (or enough seen)
                 break
+            clock[0] = max(clock[0], due.at)
+            svc._on_timer(clock[0])  # the node's one timer: the retry goes
+            assert eng.connecting
+            n += 1
         assert n == attempts
     assert "ike-connect-gave-up" in caplog.text
+
+
+def test_the_restart_back_off_doubles_to_a_minute_with_jitter_and_starts_over_when_stable(
+) -> None:  # fmt: skip
+    """ikev2/restart.py alone (sans-I/O): at once (when asked), then 1 s doubling to 60 s,
+    each shortened by up to 25 % (the random draw at its ends); per key; up 60 s: over."""
+    from ipsecct.ikev2 import restart
+
+    for draw, factor in ((0.0, 1.0), (1.0, 0.75)):
+        r = restart.Restarts(rand=lambda d=draw: d)
+        waits = []
+        now = 0.0
+        for _ in range(9):
+            d = r.schedule("c", now, at_once=True)
+            waits.append(d.at - now)
+            assert r.next_deadline() == d.at and r.due(d.at - 0.001) == []
+            assert r.due(d.at) == [d] and r.next_deadline() is None
+            now = d.at
+            r.up("c", now)  # up, and deleted at once: not stable
+        assert waits == [0.0] + [factor * x for x in (1, 2, 4, 8, 16, 32, 60, 60)]
+        assert r.schedule("other", now).at - now == factor * 1.0  # its own back-off
+        r.up("c", now)
+        later = now + restart.STABLE
+        assert r.schedule("c", later, at_once=True).at == later  # over: at once again
+        r.cancel("c")
+        assert "c" not in r.waiting and r.schedule("c", now, at_once=True).attempt == 1
+
+
+@pytest.mark.parametrize("peer", ["deletes-ike", "deletes-child", "refuses"])
+def test_restarts_against_a_peer_that_deletes_or_refuses_back_off_to_a_minute(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+    peer: str,
+) -> None:  # fmt: skip
+    """The node's peer (an engine) deletes each IKE SA as soon as it is up (close_action =
+    start), or each CHILD SA alone (close_action = start in the IKE SA), or refuses the node
+    (another key; start_action = start): the node's timer runs every 0.25 s for 300 s.
+    Before, a restart went at once each time: one attempt per step (1,200). Now the first
+    goes at once, then 1 s doubling to 60 s, each shortened by up to 25 % at random: about
+    ten attempts, the last ones 45 to 60 s apart; one ``ike-retry`` line each, with its
+    delay. A connection that then stays up a minute starts over: the next restart goes at
+    once."""
+    kw: dict[str, Any] = {"start_action": "start"} if peer == "refuses" else {
+        "close_action": "start"}  # fmt: skip
+    svc, sent, clock, _ = _mn(tmp_path, monkeypatch, **kw)
+    gw = IkeEngine([conn(psk=b"not the node's key" if peer == "refuses" else PSK)])
+    eng = svc.engine
+    attempts: list[float] = []
+    for name in ("initiate", "create_child"):
+        orig = getattr(eng, name)
+        monkeypatch.setattr(eng, name, lambda *a, o=orig, **k: (attempts.append(clock[0]),
+                                                                o(*a, **k))[1])  # fmt: skip
+
+    def run(until: float, delete: bool) -> None:
+        while clock[0] < until:
+            _exchange(svc, gw, sent, clock[0])
+            for ike_r in gw.ike_sas():
+                if ike_r.state is not IkeState.ESTABLISHED or not delete:
+                    continue
+                if peer == "deletes-ike":
+                    outs = gw.delete(ike_r, clock[0])
+                else:
+                    outs = [o for c in list(ike_r.children)
+                            for o in gw.delete_child(ike_r, c, clock[0])]  # fmt: skip
+                for o in outs:
+                    if isinstance(o, Send):
+                        svc._receive(o.data, o.src, o.dst)
+            clock[0] += 0.25
+            svc._on_timer(clock[0])  # the node's one timer (the engine's, the restarts')
+            gw.tick(clock[0])
+
+    with caplog.at_level(logging.INFO, logger="ipsecct"):
+        svc.initiate(eng.connections[0])
+        if peer == "deletes-child":
+            _exchange(svc, gw, sent, clock[0])
+            attempts.clear()  # (the IKE SA stays: what is counted is the CHILD SAs asked for)
+        start = clock[0]
+        run(start + 300.0, True)
+    gaps = [b - a for a, b in itertools.pairwise(attempts)]
+    assert 8 <= len(attempts) <= 14, (peer, gaps)
+    assert max(gaps) <= 60.25 and gaps[-1] >= 45.0, gaps
+    assert all(b >= a for a, b in itertools.pairwise(gaps) if a < 40.0), gaps  # growing
+    retries = [r.getMessage() for r in caplog.records if "event=ike-retry" in r.getMessage()]
+    first = 0 if peer == "deletes-child" else 1  # (the IKE SA's first try is not a retry)
+    assert len(retries) == len(attempts) - first + len(svc._restarts.waiting)
+    assert all("delay_s=" in r and "attempt=" in r for r in retries)
+    if peer == "refuses":
+        return
+    # the peer lets it be: up (the restart waiting goes), for a minute (liveness checks
+    # answered), then deleted once more
+    run(clock[0] + 61.0, False)
+    assert [i.state for i in eng.ike_sas()] == [IkeState.ESTABLISHED]
+    run(clock[0] + 61.0, False)
+    n = len(attempts)
+    run(clock[0] + 0.5, True)
+    assert len(attempts) == n + 1 and attempts[-1] >= clock[0] - 0.75
 
 
 def test_rekey_packets_counted_by_the_data_path_rekeys_and_life_packets_closes(

@@ -16,7 +16,7 @@ import logging
 import socket
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from ..ct.failover import MAX_EXTRA_CDBS
 from ..ct.ratelimit import RateLimiter
@@ -40,6 +40,7 @@ from ..ikev2.engine import (
 )
 from ..ikev2.ikesa import Address, IkeSA, IkeState
 from ..ikev2.message import TrafficSelector
+from ..ikev2.restart import Restarts
 from ..ipsec.ippacket import IPAddress as IPAddr
 from ..ipsec.sad import SAEvent, UdpEncap
 from .log import event
@@ -111,8 +112,9 @@ class IkeService:
         if blk is not None:  # cluster-unique inbound SPIs, as for transferred tunnels
             self.engine.spi_range = (blk.first, blk.last)
         self.sock500: UdpEndpoint | None = None
-        self._retry: dict[str, asyncio.TimerHandle] = {}
-        self._backoff: dict[str, float] = {}
+        # restarts waiting (start_action = start retries, dpd_action = restart,
+        # close_action = start), with their back-off: in the node's one timer (ikev2/restart)
+        self._restarts = Restarts()
         # keyingtries: attempts that failed since the connection was last up; and the
         # connections a dpd_action/close_action restarted (retried like start_action = start)
         self._tries: dict[str, int] = {}
@@ -258,21 +260,24 @@ class IkeService:
     def initiate(self, conn: Connection, child: ChildConfig | None = None) -> None:
         """Connect to the connection's (single) remote address and ``remote_port``, from its
         ``local_port`` (the IKE port or the outer NAT-T port), as ``start_action = start``
-        does; retried with back-off (5 s, doubling to 60 s) while it fails."""
+        does; retried with back-off (ikev2/restart.py: 1 s doubling to 60 s, with jitter)
+        while it fails."""
         remote = Address(conn.remote_addrs[0].network_address, conn.remote_port)
-        self._retry.pop(conn.name, None)
         local = self._local(conn.local_port)
         if self.mobile:
             host = source_address(remote)
             if host is None:
                 event(log, "ike-no-route", logging.WARNING, node=self.node.name,
                       conn=conn.name, peer=remote)  # fmt: skip
-                self._retry_later(conn)
+                self._retry_later(conn, why="no route")
                 return
             local = Address(host, conn.local_port)
         self._act(self.engine.initiate(conn, local, remote, self.node.clock(), child))
 
-    def _retry_later(self, conn: Connection) -> None:
+    def _retry_later(self, conn: Connection, child: ChildConfig | None = None, *,
+                     at_once: bool = False, why: str = "") -> None:  # fmt: skip
+        """Start the connection again after its back-off (``at_once``: the first since it
+        was last up a while goes now), unless it gave up (``keyingtries``)."""
         if self._stopping or not (any(c.start_action == "start" for c in conn.children)
                                   or conn.name in self._restarting):  # fmt: skip
             return
@@ -282,20 +287,44 @@ class IkeService:
             # until it works); the next start is the operator's (or a trap's)
             self._restarting.discard(conn.name)
             self._tries.pop(conn.name, None)
-            self._backoff.pop(conn.name, None)
+            self._restarts.cancel(conn.name)
             event(log, "ike-connect-gave-up", logging.WARNING, node=self.node.name,
                   conn=conn.name, tries=tries)  # fmt: skip
             return
-        delay = min(60.0, self._backoff.get(conn.name, 2.5) * 2)
-        self._backoff[conn.name] = delay
-        loop = asyncio.get_running_loop()
-        self._retry[conn.name] = loop.call_later(delay, self.initiate, conn)
-        event(log, "ike-retry", node=self.node.name, conn=conn.name, delay_s=delay)
+        self._schedule(conn.name, (conn, child), at_once, why, conn=conn.name)
+
+    def _schedule(self, key: str, what: tuple[Any, ChildConfig | None], at_once: bool,
+                  why: str, **fields: Any) -> None:  # fmt: skip
+        now = self.node.clock()
+        d = self._restarts.schedule(key, now, what, at_once=at_once)
+        event(log, "ike-retry", node=self.node.name, **fields, attempt=d.attempt,
+              delay_s=round(d.at - now, 3), why=why or "-")  # fmt: skip
+        if d.at <= now:
+            self._run_restarts(now)
+        else:
+            self.node.timers.poke()
+
+    def _run_restarts(self, now: float) -> None:
+        """The restarts whose time came: a new IKE SA of a connection (none if one is up or
+        being set up meanwhile: a trap's, say), or a CHILD SA asked for again in its IKE SA
+        (none if that IKE SA is no longer up, or has one of that child again)."""
+        for d in self._restarts.due(now):
+            if self._stopping:
+                return
+            where, cc = cast(tuple[Connection | IkeSA, ChildConfig | None], d.what)
+            if isinstance(where, Connection):
+                if any(c.conn.name == where.name for c in self.engine.connecting.values()) or any(
+                        i.conn.name == where.name and i.state is IkeState.ESTABLISHED
+                        for i in self.engine.ike_sas()):  # fmt: skip
+                    continue
+                self.initiate(where, cc)
+            elif (where.state is IkeState.ESTABLISHED and cc is not None
+                    and not any(c.config is cc for c in where.children)):  # fmt: skip
+                self._act(self.engine.create_child(where, cc, now))
 
     async def stop(self) -> None:
         self._stopping = True
-        for h in self._retry.values():
-            h.cancel()
+        self._restarts.clear()
         now = self.node.clock()
         if self.replicated is not None and self.replicated():
             # A standby holds our IKE SAs and takes them over when we fall silent: a DELETE
@@ -325,12 +354,13 @@ class IkeService:
         act, child = todo
         explicit = child.dpd_action is not None or reason == "deleted by peer"
         if act == "restart" and not explicit:
-            self._retry_later(conn)  # (start_action = start, no dpd_action: as before)
+            # (start_action = start, no dpd_action: after the back-off's first delay)
+            self._retry_later(conn, why=reason)
         elif act == "restart":
             event(log, "ike-restart", node=self.node.name, conn=conn.name, child=child.name,
                   reason=reason)  # fmt: skip
             self._restarting.add(conn.name)
-            self.initiate(conn, child)
+            self._retry_later(conn, child, at_once=True, why=reason)
         elif (conn, child) not in self._traps:
             event(log, "ike-trap-armed", node=self.node.name, conn=conn.name,
                   child=child.name, reason=reason)  # fmt: skip
@@ -523,6 +553,9 @@ class IkeService:
 
     def _next_deadline(self) -> float | None:
         d = self.engine.next_deadline()
+        r = self._restarts.next_deadline()
+        if r is not None:
+            d = r if d is None else min(d, r)
         if self.mobile and any(ike.mobike_initiator and ike.state is IkeState.ESTABLISHED
                                for ike in self.engine.ike_sas()):  # fmt: skip
             d = self._path_check_at if d is None else min(d, self._path_check_at)
@@ -539,6 +572,7 @@ class IkeService:
             self._path_check_at = now + PATH_CHECK
             self._check_paths(now)
         self._act(self.engine.tick(now))
+        self._run_restarts(now)
 
     def _check_paths(self, now: float) -> None:
         """A mobile node: the source address its routes pick toward the peer of each IKE SA
@@ -621,7 +655,7 @@ class IkeService:
             event(log, "ike-connect-failed", logging.WARNING, node=self.node.name,
                   conn=o.conn.name, reason=o.reason)  # fmt: skip
             self._tries[o.conn.name] = self._tries.get(o.conn.name, 0) + 1
-            self._retry_later(o.conn)
+            self._retry_later(o.conn, why=o.reason)
         elif isinstance(o, ChildUp):
             ike, child = o.ike, o.child
             label = f"{ike.conn.name}/{child.name}#{child.uid}"
@@ -635,6 +669,7 @@ class IkeService:
             while len(self._born_with) > BORN_WITH_MAX:
                 del self._born_with[next(iter(self._born_with))]
             child.handle = eng.add_tunnel(entry, out, inn, index=self._position(o))
+            self._restarts.up(f"{ike.conn.name}/{child.config.name}", self.node.clock())
             event(log, "child-sa-installed", node=self.node.name, child=label,
                   spi_in=f"0x{child.spi_in:08x}", spi_out=f"0x{child.spi_out:08x}",
                   encap=enc is not None)  # fmt: skip
@@ -663,12 +698,15 @@ class IkeService:
                     and o.child.config.close_action != "none"
                     and o.ike.state is IkeState.ESTABLISHED and not self._stopping):  # fmt: skip
                 # the peer closed a CHILD SA and kept the IKE SA: close_action = start asks
-                # for a new one in it now; trap arms a trap whose packet does (_acquire)
+                # for a new one in it (at once the first time, then with back-off: a peer
+                # that deletes each is not asked in a loop); trap arms a trap whose packet
+                # does (_acquire)
                 cc = o.child.config
                 event(log, "ike-close-action", node=self.node.name, conn=o.ike.conn.name,
                       child=o.child.name, action=cc.close_action)  # fmt: skip
                 if cc.close_action == "start":
-                    self._act(self.engine.create_child(o.ike, cc, self.node.clock()))
+                    self._schedule(f"{o.ike.conn.name}/{cc.name}", (o.ike, cc), True,
+                                   o.reason, conn=o.ike.conn.name, child=cc.name)  # fmt: skip
                 elif (o.ike.conn, cc) not in self._traps:
                     self._traps.append((o.ike.conn, cc))
                     self.node.engine.on_policy_miss = self._acquire
@@ -707,7 +745,7 @@ class IkeService:
                     event(log, "ike-replay-counter-advanced", node=self.node.name,
                           spi_out=f"0x{out_sa.spi:08x}", seq_from=old, seq_to=new)  # fmt: skip
         elif isinstance(o, IkeUp):
-            self._backoff.pop(o.ike.conn.name, None)
+            self._restarts.up(o.ike.conn.name, self.node.clock())
             self._tries.pop(o.ike.conn.name, None)
             self._restarting.discard(o.ike.conn.name)
             event(log, "ike-sa-up", node=self.node.name, conn=o.ike.conn.name,
