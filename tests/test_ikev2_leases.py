@@ -8,12 +8,14 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import ipaddress
+import json
 import os
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from ipsecct import cli
 from ipsecct.gateway import state
 from ipsecct.gateway.config import NodeConfig, from_dict
 from ipsecct.gateway.node import Node
@@ -21,11 +23,12 @@ from ipsecct.gateway.service import Service
 from ipsecct.ikev2 import context
 from ipsecct.ikev2.engine import IkeEngine
 from tests.helpers.ikev2_engines import PSK, Wire, connect, mn_conn
+from tests.test_control import short_path
 
 ip = ipaddress.ip_address
 
 
-def config(tmp: Path) -> NodeConfig:
+def config(tmp: Path, control: str | None = None) -> NodeConfig:
     """sg1: its durable state in ``tmp/state``, a connection leasing from pool rw
     (10.3.0.0/24)."""
     (tmp / "k.psk").write_bytes(PSK)
@@ -44,12 +47,14 @@ def config(tmp: Path) -> NodeConfig:
                                                    "esp_proposals": ["aes128gcm16"]}}}},
         "secrets": {"ike-c": {"id": "gw.test", "file": "k.psk"}},
     }  # fmt: skip
+    if control is not None:
+        d["control"] = {"socket": control}
     return from_dict(d, str(tmp / "sg1.toml"))
 
 
-def gateway(tmp: Path) -> Service:
+def gateway(tmp: Path, control: str | None = None) -> Service:
     """sg1 as ``ipsecct gateway run`` builds it; a new Service is a restarted process."""
-    return Service(config(tmp))
+    return Service(config(tmp, control))
 
 
 def client(svc: Service, who: str, now: float = 0.0) -> Wire:
@@ -173,3 +178,44 @@ def test_the_remembered_leases_are_bounded_and_a_changed_pool_forgets_what_left_
         (ip("10.3.0.2"), "b.test"), (ip("10.3.0.3"), "c.test")]  # the newest two
     asyncio.run(sg1.state.stop())
     assert len(state.StateStore.open_existing(tmp_path / "state" / "state.db", "sg1").leases()) == 2
+
+
+def test_ipsecct_pools_lists_each_lease_through_the_control_socket(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``ipsecct pools --leases`` (as ``swanctl --list-pools --leases``): each pool's counts,
+    then each lease with its state and identity (quoted; an identity with control
+    characters is its octets in hex, as the IKE SA's)."""
+    sock = short_path()
+    sg1 = gateway(tmp_path, sock)
+    assert sg1.ike is not None and sg1.control is not None
+    client(sg1, "a.test")
+    b = client(sg1, "b\x1b[2J.test")
+    (ike_b,) = b.ini.ike_sas()
+    b.deliver(b.ini.delete(ike_b, 1.0), "i", 1.0)
+    client(sg1, "c.test")
+    sg1.ike.engine.export_ike(sg1.ike.engine.ike_sas()[-1], 2.0)
+
+    async def main() -> list[int]:
+        assert sg1.control is not None
+        await sg1.control.start()
+        try:
+            return [await asyncio.to_thread(cli.main, argv) for argv in (
+                ["pools", "-s", sock], ["pools", "--leases", "-s", sock],
+                ["pools", "--leases", "--json", "-s", sock])]  # fmt: skip
+        finally:
+            await sg1.control.stop()
+
+    try:
+        assert asyncio.run(main()) == [0, 0, 0]
+    finally:
+        os.rmdir(os.path.dirname(sock))
+    out = capsys.readouterr().out
+    head = "rw (10.3.0.1-10.3.0.254): 1 online, 1 offline, 1 away\n"
+    assert out.startswith(head + head + "  10.3.0.1  online   \"a.test\"\n"
+                          "  10.3.0.2  offline  \"0x621b5b324a2e74657374\"\n"
+                          "  10.3.0.3  away     \"c.test\"\n")  # fmt: skip
+    (p,) = json.loads(out[out.index("["):])
+    assert p["leases"][2] == {"address": "10.3.0.3", "state": "away", "identity": "c.test"}
+    assert p["leases_left_off"] == 0
+    asyncio.run(sg1.state.stop())

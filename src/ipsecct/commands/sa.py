@@ -1,5 +1,5 @@
 """Commands that talk to a running node over its control socket: ``ipsecct status``,
-``ipsecct sa list|show|export|add|delete`` and ``ipsecct pmtu set``."""
+``ipsecct sa list|show|export|add|delete``, ``ipsecct pools`` and ``ipsecct pmtu set``."""
 
 from __future__ import annotations
 
@@ -255,6 +255,28 @@ def cmd_sa_discard(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pools(args: argparse.Namespace) -> int:
+    """Like ``swanctl --list-pools [--leases]``: each pool, then each of its leases."""
+    res = request(socket_path(args), "pools.list", {"leases": bool(args.leases)})
+    if args.json:
+        _print_json(res)
+        return 0
+    if not res:
+        print("no pools configured")
+    for p in res:
+        share = f", share {p['share']}" if p.get("share") else ""
+        print(f"{p['name']} ({p['addrs']}{share}): {p['online']} online,"
+              f" {p['offline']} offline, {p['away']} away")  # fmt: skip
+        rows = p.get("leases") or []
+        width = max((len(str(r["address"])) for r in rows), default=0)
+        for r in rows:  # the identity is the peer's text: quoted, control characters escaped
+            who = json.dumps(str(r["identity"]), ensure_ascii=False)
+            print(f"  {str(r['address']).ljust(width)}  {str(r['state']).ljust(7)}  {who}")
+        if p.get("leases_left_off"):
+            print(f"  ... and {p['leases_left_off']} more not listed")
+    return 0
+
+
 def cmd_pmtu_set(args: argparse.Namespace) -> int:
     res = request(socket_path(args), "pmtu.set", {"spi": args.spi, "mtu": args.mtu})
     if args.json:
@@ -305,6 +327,9 @@ def register(sub: Any) -> None:
     g = d.add_mutually_exclusive_group(required=True)
     g.add_argument("spi", nargs="?", type=_spi, help="the tunnel's outbound SPI")
     g.add_argument("--peer", help="every unresolved tunnel that was going to this peer")
+    pools = leaf(sub, "pools", "a running gateway's virtual IP pools", cmd_pools)
+    pools.add_argument("--leases", action="store_true",
+                       help="each lease: address, online/offline/away, identity")  # fmt: skip
     pm = sub.add_parser("pmtu", help="path MTU of a running node's SAs")
     ps = pm.add_subparsers(dest="action", metavar="ACTION")
     ps.required = True

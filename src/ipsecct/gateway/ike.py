@@ -64,6 +64,7 @@ QUIESCE_TIME = 10.0
 QUIESCE_POLL = 0.02
 # what waits for the virtual address to be claimed (messages, seconds)
 VIP_WAIT_MAX = 64
+POOL_LEASES_LISTED = 65536  # leases per pool in one ``ipsecct pools --leases`` answer
 VIP_WAIT_TIME = 2.0
 # after a handover: IKE requests that still reach the old gateway are forwarded to the new one
 # (for the transfer's forward_ms), at most FORWARD_RATE a second per source address (burst
@@ -1402,6 +1403,21 @@ class IkeService:
                 "counters": dict(self.engine.stats),
                 "pools": [p.status() for p in self.engine.pools.values()],
                 "replicas_refused": self.refused_replicas()}  # fmt: skip
+
+    def pools(self, leases: bool = False) -> list[dict[str, object]]:
+        """``ipsecct pools``: each pool's counts and, with ``leases``, its leases (address,
+        online/offline/away, identity; at most POOL_LEASES_LISTED per pool, the rest
+        counted in ``leases_left_off``)."""
+        out: list[dict[str, object]] = []
+        for p in self.engine.pools.values():
+            row = p.status()
+            if leases:
+                rows = p.leases()
+                row["leases"] = [{"address": str(a), "state": st, "identity": who}
+                                 for a, st, who in rows[:POOL_LEASES_LISTED]]  # fmt: skip
+                row["leases_left_off"] = max(0, len(rows) - POOL_LEASES_LISTED)
+            out.append(row)
+        return out
 
     def list(self) -> list[dict[str, object]]:
         now = self.node.clock()

@@ -189,8 +189,10 @@ class Service:
         if self.control is not None:
             if self.ike is not None:
                 self.control.register("ike.list", self._ike_list)
+                self.control.register("pools.list", self._pools_list)
             else:  # every "sa list" asks: an answer, not a refusal logged as a warning each time
                 self.control.register("ike.list", _no_ike)
+                self.control.register("pools.list", _no_ike)
             for name, h in {
                 "status": self._status,
                 "sa.list": self._sa_list,
@@ -351,6 +353,14 @@ class Service:
     async def _ike_list(self, args: dict[str, Any]) -> Any:
         assert self.ike is not None
         return self.ike.list()
+
+    async def _pools_list(self, args: dict[str, Any]) -> Any:
+        """``ipsecct pools [--leases]``: the virtual IP pools, and each lease."""
+        assert self.ike is not None
+        leases = args.get("leases", False)
+        if not isinstance(leases, bool):
+            raise ControlError("leases must be true or false")
+        return self.ike.pools(leases)
 
     async def _clock(self, args: dict[str, Any]) -> Any:
         """This machine's monotonic clock (one for every process) and the event loop's CPU
