@@ -870,3 +870,98 @@ def test_a_standby_takes_over_a_tunnel_its_active_was_transferring_and_asks_the_
             freeze(g, "sg3", False)
         g.stop()
         cap.close()
+
+
+@pytest.fixture
+def prepared_pair(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """``few`` with make-before-break (a prepared transfer needs it)."""
+    cap = Capture()
+    g = Gateways(tmp_path, cap.port, tunnels=4, block=64)
+    g.capture = cap  # type: ignore[attr-defined]
+    mbb = "make_before_break = true\nprepare_timeout = 60"
+    g.write("sg1", peers=["sg2"], transfer_extra=mbb)
+    g.write("sg2", peers=["sg1"], with_tunnels=False, transfer_extra=mbb)
+    g.start("sg2")
+    g.start("sg1")
+    traffic = Traffic(4, [g.ports["sg1"]["inner"], g.ports["sg2"]["inner"]], pps=400)
+    yield g
+    traffic.close()
+    g.stop()
+    cap.close()
+
+
+def test_a_prepared_transfer_with_either_end_killed_at_each_step(prepared_pair: Gateways) -> None:
+    """A prepared transfer with real processes, SIGKILL and every ESP datagram off the wire.
+
+    1. sg1 killed once prepared (no COMMIT): restarted, it asks sg2, which answers "not
+       taken" for a prepared transfer and discards it; sg1 sends on the tunnel again.
+    2. sg2 killed once prepared (after its install): sg1 loses the channel and rolls back,
+       sending on; sg2 restarted keeps the tunnel away (its "pending" row).
+    3. sg1 killed the moment its log says it committed: restarted, it asks; sg2 serves the
+       tunnel if the COMMIT reached it, else it answers "not taken" and sg1 does.
+
+    Every time: nothing sent twice, the tunnel served by exactly one gateway, and the
+    operator told (the transfer's record, ``status``)."""
+    gws = prepared_pair
+    cap: Capture = gws.capture  # type: ignore[attr-defined]
+    port = {n: gws.ports[n]["outer"] for n in ("sg1", "sg2")}
+    log = gws.dir / "sg1.log"
+    sock = str(gws.dir / "sg1.sock")
+    wait_for(lambda: len(cap.seen) > 100, "no traffic")
+
+    def prepare(spi: int) -> str:
+        rec = request(sock, "transfer", {"spi": hex(spi), "to": "sg2", "prepare": True}, 30)
+        assert rec["outcome"] == "prepared", rec
+        return str(rec["id"])
+
+    # 1. the source killed while prepared
+    spi = 0x20000000
+    tid = prepare(spi)
+    offset = log.stat().st_size
+    gws.kill("sg1")
+    cap.sync()
+    before = max(q for s_, q, _, _ in list(cap.seen) if s_ == spi)
+    restarted = time.monotonic()
+    gws.start("sg1")
+    wait_for(lambda: settled(gws, ["sg1", "sg2"]), "the query was not answered")
+    assert "event=transfer-outcome-unknown" in log.read_bytes()[offset:].decode(errors="replace")
+    assert served_by_one(gws, cap, spi, port) == "sg1"
+    assert min(q for s_, q, _, t in list(cap.seen) if s_ == spi and t >= restarted) > before
+    details = [r["detail"] for r in gws.status("sg1")["transfers"]["recent"]]
+    assert "not taken by sg2: kept" in details, details
+    wait_for(lambda: not gws.status("sg2")["transfers"]["in_progress"], "sg2 keeps it")
+    assert spi not in gws.active_spis("sg2")
+
+    # 2. the target killed while prepared
+    spi += 1
+    tid = prepare(spi)
+    gws.kill("sg2")
+    wait_for(lambda: settled(gws, ["sg1"]), "sg1 did not roll back")
+    rec = next(r for r in gws.status("sg1")["transfers"]["recent"] if r["id"] == tid)
+    assert rec["outcome"] == "peer lost", rec
+    gws.start("sg2")
+    wait_for(lambda: settled(gws, ["sg1", "sg2"]), "transfers did not settle")
+    assert served_by_one(gws, cap, spi, port) == "sg1"
+    with pytest.raises(ControlError, match=r"rolled back|no prepared"):
+        request(sock, "transfer.commit", {"id": tid}, 10)
+
+    # 3. the source killed the moment it committed
+    spi += 1
+    tid = prepare(spi)
+    offset = log.stat().st_size
+
+    def commit(ident: str = tid) -> None:
+        with contextlib.suppress(ControlError, OSError):
+            request(sock, "transfer.commit", {"id": ident}, 30)
+
+    th = threading.Thread(target=commit)
+    th.start()
+    wait_for_line(log, offset, ("event=transfer-committed", "role=source"))
+    gws.kill("sg1")
+    th.join(30)
+    gws.start("sg1")
+    wait_for(lambda: settled(gws, ["sg1", "sg2"]), "transfers did not settle")
+    # (sg2 if the COMMIT got out before the kill; else sg2 answers "not taken" and
+    # discards it, and sg1 resumes past its ceiling: never both, never nobody)
+    assert served_by_one(gws, cap, spi, port) in ("sg1", "sg2")
+    assert cap.duplicates() == []
