@@ -219,3 +219,47 @@ def test_ipsecct_pools_lists_each_lease_through_the_control_socket(
     assert p["leases"][2] == {"address": "10.3.0.3", "state": "away", "identity": "c.test"}
     assert p["leases_left_off"] == 0
     asyncio.run(sg1.state.stop())
+
+
+def test_a_clean_stop_ends_the_leases_of_the_ike_sas_it_deletes(tmp_path: Path) -> None:
+    """A stop deletes the IKE SAs (no standby continues them): their leases are offline
+    in the durable state, for their identities, not online (which a gateway that moves IKE
+    SAs would keep away after its restart)."""
+    sg1 = gateway(tmp_path)
+    assert sg1.ike is not None
+    client(sg1, "a.test")
+    asyncio.run(sg1.ike.stop())
+    asyncio.run(sg1.state.stop())
+    cfg = config(tmp_path)
+    st = state.open_for(Node(cfg), cfg)
+    assert st.store.leases()[0][:4] == ("rw", "10.3.0.1", "offline", "a.test")
+    assert st.attach_pools(cfg.pools, elsewhere=True)["away"] == 0
+    assert cfg.pools["rw"].offline == {ip("10.3.0.1"): "a.test"}
+    asyncio.run(st.stop())
+
+
+def test_a_running_gateway_writes_its_lease_changes_on_the_state_writer(tmp_path: Path) -> None:
+    """While the gateway runs, a lease change is written after the callback that made it, on
+    the durable state's writer thread (the IKE exchange does not wait for the disk), and
+    a crash after that finds it at the restart."""
+    sg1 = gateway(tmp_path)
+
+    async def main() -> None:
+        await sg1.state.start()
+        client(sg1, "a.test")
+        assert sg1.state.store.leases() == []  # not yet: after this callback
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 10
+        while not sg1.state.store.leases():
+            assert loop.time() < deadline, "the lease was not written"
+            await asyncio.sleep(0.005)
+        assert sg1.state.status()["leases"]["lease_writes"] == 1
+        assert sg1.state._writer is not None
+        sg1.state._writer.shutdown(wait=True)
+
+    asyncio.run(main())
+    crash(sg1)
+    sg1 = gateway(tmp_path)
+    assert sg1.ike is not None
+    assert sg1.ike.engine.pools["rw"].offline == {ip("10.3.0.1"): "a.test"}
+    asyncio.run(sg1.state.stop())

@@ -336,6 +336,11 @@ class IkeService:
             for ike in self.engine.ike_sas():
                 self._act(self.engine.delete(ike, now))
         await asyncio.sleep(0.05)  # let the DELETEs go out
+        # their leases end with the process (or live on with the IKE SAs at the standby): an
+        # online lease left in the durable state would be away after the restart
+        left = self.replicated is not None and self.replicated()
+        for ike in self.engine.ike_sas():
+            self.engine.end_leases(ike, away=left)
         self.node.timers.remove("ike")
         if self.sock500 is not None:
             self.sock500.close()

@@ -522,6 +522,11 @@ class IkeEngine:
             seen.add(a)
         return None
 
+    def end_leases(self, ike: IkeSA, away: bool = False) -> None:
+        """The gateway stops: the virtual IPs ``ike`` holds go offline (it ends with the
+        process), or away (``away``: a standby or cluster member continues it)."""
+        self._release_vips(ike, away=away)
+
     def forget(self, ike: IkeSA) -> None:
         """Drop an IKE SA without a word to the peer: another gateway took it over (the
         standby of a fail-over pair). Its CHILD SAs' tunnels are the caller's to remove."""
