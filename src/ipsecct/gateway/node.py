@@ -23,10 +23,12 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from ..ipsec import native as native_mod
 from ..ipsec.engine import Bypass, Engine, Forward, Held, Result, Signal, ToInner, ToPeer
 from ..ipsec.esp import Drop
 from ..ipsec.ippacket import PROTO_ESP, Endpoint
 from ..ipsec.sad import SAEvent, SecurityAssociation
+from ..ipsec.transforms import warm_library
 from .config import NodeConfig
 from .log import event
 from .timers import Scheduler
@@ -253,6 +255,11 @@ class Node:
     # -- life cycle ----------------------------------------------------------------------
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
+        # The crypto libraries' one-time costs (about 2 ms of CPU) now, not on the first
+        # packet or signal this node seals, which at a transfer's target is in the handover
+        warm_library()
+        if self.engine.native is not None:
+            native_mod.warm()
         fam = socket.AF_INET if self.cfg.outer.host.version == 4 else socket.AF_INET6
         self.outer_transport = UdpEndpoint.bind(self.cfg.outer.sockaddr, self._on_outer)
         self.outer_transport.gate = self._esp_may_leave
