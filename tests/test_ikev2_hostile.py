@@ -338,6 +338,17 @@ def test_ike_sas_of_one_identity_are_bounded() -> None:
     assert w.of("r", IkeUp) and len(gw.ike_sas()) == 2
 
 
+
+def test_ike_sas_of_one_identity_are_bounded_when_initial_contact_replaces_nothing() -> None:
+    """``unique = never``: INITIAL_CONTACT replaces nothing, so it must not lift the bound
+    either (it did: an identity sending it on every IKE_AUTH opened IKE SA after IKE SA,
+    each leasing a virtual IP, until the pool was exhausted)."""
+    gw = IkeEngine([dataclasses.replace(conn(), unique="never")])
+    for k in range(MAX_IKE_SAS_PER_IDENTITY + 6):
+        connect(Wire(IkeEngine([mn_conn()]), gw), float(k))  # INITIAL_CONTACT every time
+    assert len(gw.ike_sas()) == MAX_IKE_SAS_PER_IDENTITY
+    assert gw.stats["identity-limit"] == 6 and gw.stats["initial-contact-replaced"] == 0
+
 def test_incomplete_fragment_sets_from_one_source_are_bounded() -> None:
     """RFC 7383 from one address: many half-open IKE SAs, each left with an incomplete set
     of big fragments, and fragments announcing 65,535 of them. One set per IKE SA, the

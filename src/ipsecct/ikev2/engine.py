@@ -1080,7 +1080,8 @@ class IkeEngine:
                      _quote("unique = keep: the identity has an IKE SA"))  # fmt: skip
             ike.state = IkeState.DEAD
             return [NotifyPayload(Notify.AUTHENTICATION_FAILED)]
-        if Notify.INITIAL_CONTACT not in notifies(inner) and sum(
+        replaces = Notify.INITIAL_CONTACT in notifies(inner) and conn.unique in ("no", "replace")
+        if not replaces and sum(  # (unique = never: INITIAL_CONTACT replaces nothing)
                 1 for o in self.by_spi.values() if o is not ike and o.peer_id == peer_id
                 and o.conn.name == conn.name and o.state is not IkeState.DEAD
         ) >= MAX_IKE_SAS_PER_IDENTITY:  # fmt: skip
