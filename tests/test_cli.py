@@ -98,3 +98,16 @@ def test_status_shows_the_ike_counters_and_pools(
     out = capsys.readouterr().out
     assert "  ike: 1 IKE SA(s), 20 half-open; ike-sa-init 21, malformed 13174\n" in out
     assert "  pool rw (10.3.0.1-10.3.0.254): 1 online, 2 offline, 0 away\n" in out
+
+
+@pytest.mark.parametrize("flag", ["--commit", "--cancel"])
+@pytest.mark.parametrize("ident", ["", "xyz", "0123456789abcdef0", "-1"])
+def test_transfer_commit_and_cancel_say_a_bad_id_is_one(
+    flag: str, ident: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``transfer --commit ''`` said "say what to move and where: SA --to PEER" (an empty id
+    was taken for no --commit at all); a malformed id is named as one before any daemon is
+    asked (none runs here)."""
+    assert cli.main(["transfer", f"{flag}={ident}", "-s", "/nonexistent.sock"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "transfer id" in err and "Traceback" not in err, err

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import string
 import sys
 from typing import Any
 
@@ -31,11 +32,14 @@ def _print(rec: dict[str, Any], as_json: bool) -> int:
 def cmd_transfer(args: argparse.Namespace) -> int:
     from .sa import socket_path
 
-    ident = args.commit or args.cancel
+    ident = args.commit if args.commit is not None else args.cancel
     if ident is not None:
         # A prepared transfer's trigger (or its rollback): by the id --prepare printed.
         if args.spi is not None or args.to is not None or args.prepare:
             raise UsageError("--commit/--cancel ID take no SA, --to or --prepare")
+        if not 1 <= len(ident) <= 16 or ident.strip(string.hexdigits):
+            raise UsageError(f"transfer id {ident!r} is not hex digits (16, as transfer"
+                             " --prepare printed it)")  # fmt: skip
         rec = request(
             socket_path(args),
             "transfer.commit" if args.commit else "transfer.cancel",
