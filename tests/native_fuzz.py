@@ -43,6 +43,55 @@ def forge(rng: random.Random, alg: int, key: bytes, spi: int, seq: int, esn: boo
     return hdr + iv + cipher.encrypt(key[-4:] + iv, bytes(plain), aad)
 
 
+# (alg, key length, ESN, replay window) of the SAs with SPI 0x100, 0x101, ...
+CONFIGS = [(0, 20, False, 64), (0, 36, True, 1024), (1, 36, True, 0), (0, 28, False, 32)]
+
+
+def make_in(esp, spi, alg, key, esn, owner=None):  # type: ignore[no-untyped-def]
+    """The inbound SA ``spi`` of CONFIGS, configured (selectors on every other one)."""
+    sa_in = esp.SA(spi, False, alg, key, esn, CONFIGS[spi - 0x100][3], owner)
+    sa_in.configure(0, (1 << 64) - 1, (1 << 64) - 1, 1e300, 65535, 0)
+    if spi % 2:
+        sa_in.set_selectors(
+            17, False, 0, 65535, 1000, 2000,
+            [(4, bytes(4), b"\xff" * 4), (6, bytes(16), b"\x7f" + b"\xff" * 15)],
+            [(4, b"\x0a\0\0\0", b"\x0a\xff\xff\xff")],
+        )
+    return sa_in
+
+
+def renew(esp, table, sas, i, sink_port):  # type: ignore[no-untyped-def]
+    """SA pair ``i`` leaves the table, as the engine drops an SA (its state taken back, then
+    removed: its keys freed at once, the touched list may still hold it), and a new pair
+    with the same keys and state takes its place, as the engine's next hand-over makes."""
+    alg, key, esn, spi, sa_in, sa_out = sas[i]
+    states = []
+    for old in (sa_in, sa_out):
+        old.active = False
+        states.append(old.export())
+        table.remove(old)
+        assert not old.keyed and not old.active
+        try:
+            old.active = True
+        except ValueError:
+            pass
+        else:
+            raise AssertionError("a removed SA became active")
+        assert old.seal(b"\x45" + bytes(40), 0.0) is None and old.open(bytes(64), 0.0) is None
+        old.export()
+        old.window()
+    new_in = make_in(esp, spi, alg, key, esn, object())  # (owners: listed when touched)
+    new_in.load(*states[0])
+    new_in.active = True
+    table.add_spi(new_in)
+    new_out = esp.SA(spi, True, alg, key, esn, 0, object())
+    new_out.load(*states[1])
+    new_out.configure(1 << 40, 1 << 40, 1 << 50, 1e300, 1500, 28)
+    new_out.set_dest(b"\x7f\0\0\x01", sink_port)
+    new_out.active = True
+    sas[i] = (alg, key, esn, spi, new_in, new_out)
+
+
 def thread_fuzz(esp, table, sas, rng, rounds, outer, inner, sink, sink_port, tx):  # type: ignore[no-untyped-def]
     """The forwarding thread (Table.run) on the same untrusted datagrams, while this thread
     freezes and unfreezes the SAs and drains the queue, then a stop, a second run and a fault."""
@@ -88,6 +137,8 @@ def thread_fuzz(esp, table, sas, rng, rounds, outer, inner, sink, sink_port, tx)
         victim.active = False  # a freeze while the thread runs
         victim.export()
         victim.active = True
+        if n % 5 == 4:  # an SA leaves the table (its keys go) while it may still be listed
+            renew(esp, table, sas, rng.randrange(len(sas)), sink_port)
         owners, _ = esp.take_touched()  # the touched list, taken while the thread appends
         assert all(o is not None for o in owners)
         if n % 3 == 0:
@@ -129,19 +180,10 @@ def main() -> None:
     rng = random.Random(11)
     table = esp.Table()
     sas = []
-    for i, (alg, klen, esn, window) in enumerate(
-        [(0, 20, False, 64), (0, 36, True, 1024), (1, 36, True, 0), (0, 28, False, 32)]
-    ):
+    for i, (alg, klen, esn, _window) in enumerate(CONFIGS):
         key = rng.randbytes(klen)
         spi = 0x100 + i
-        sa_in = esp.SA(spi, False, alg, key, esn, window, None)
-        sa_in.configure(0, (1 << 64) - 1, (1 << 64) - 1, 1e300, 65535, 0)
-        if i % 2:
-            sa_in.set_selectors(
-                17, False, 0, 65535, 1000, 2000,
-                [(4, bytes(4), b"\xff" * 4), (6, bytes(16), b"\x7f" + b"\xff" * 15)],
-                [(4, b"\x0a\0\0\0", b"\x0a\xff\xff\xff")],
-            )
+        sa_in = make_in(esp, spi, alg, key, esn)
         sa_in.active = True
         table.add_spi(sa_in)
         sa_out = esp.SA(spi, True, alg, key, esn, 0, None)

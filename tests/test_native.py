@@ -22,7 +22,7 @@ from ipsecct.ipsec import native
 from ipsecct.ipsec.algorithms import EncAlg
 from ipsecct.ipsec.engine import Signal, ToInner, ToPeer
 from ipsecct.ipsec.esp import Drop
-from ipsecct.ipsec.sad import Lifetime
+from ipsecct.ipsec.sad import Lifetime, SecurityAssociation
 from ipsecct.ipsec.spd import PortRange
 from ipsecct.ipsec.transforms import AeadTransform
 from tests.helpers.native import (
@@ -417,6 +417,82 @@ def test_c_lists_each_sa_that_counted_once_and_says_when_its_list_was_full() -> 
     assert lost and len(sas) == 16384 and sas == owners[:16384]
     assert many[-1].seal(pkt, 0.0) is not None  # listed again once taken
     assert native.take_touched() == ([owners[-1]], False)
+
+
+def test_an_sa_that_leaves_the_table_lets_go_of_its_keys_at_once() -> None:
+    """The touched list holds each SA that counted until fail-over replication (or the
+    engine's timer) takes it: an SA removed from the C table meanwhile must not keep its
+    keys that long. Leaving the table frees its EVP context and cleanses its salt; the
+    object, still listed, stays readable (its exact state was taken back first) and can
+    never be active again."""
+    cfg = {
+        "enc": EncAlg.AES_GCM_16, "key": bytes(range(1, 21)), "esn": True, "window": 64,
+        "outer": 4, "ports": PortRange(), "soft": Lifetime(), "hard": Lifetime(),
+    }  # fmt: skip
+    side = Side(cfg, True)
+    pkt = _inner(4, 17, 100, 7000, S_INNER[4], R_INNER[4])
+    first = side.s.outbound(pkt, 0.0)
+    assert isinstance(first, ToPeer) and isinstance(side.r.inbound(first.data, None, 0.0), ToInner)
+    native.take_touched()
+    for _ in range(3):
+        got = side.s.native.seal_flow(pkt, 0.0)
+        assert got is not None and side.r.native.open_spi(got[1], 0.0) is not None
+    c_out, c_in = side.up_out.native, side.up_in.native
+    assert c_out.keyed and c_in.keyed and c_out.active and c_in.active
+    side.s.remove_tunnel(side.s.tunnels()[0])
+    side.r.remove_tunnel(side.r.tunnels()[0])
+    assert not c_out.keyed and not c_in.keyed  # gone now, listed or not
+    assert not c_out.active and not c_in.active
+    assert side.up_out.native is None and side.up_in.native is None
+    assert side.up_out.seq == 4 and c_out.export()[0] == 4  # the state stays exact
+    assert side.up_in.window.top == 4 and side.up_in.counters.packets == 4
+    with pytest.raises(ValueError):
+        c_out.active = True
+    assert c_out.seal(pkt, 0.0) is None and c_in.open(got[1], 0.0) is None  # (punted)
+    sas, lost = native.take_touched()  # still listed: the owners, for the replication
+    assert {id(side.up_out), id(side.up_in)} <= set(map(id, sas)) and not lost
+    assert native.take_touched() == ([], False)
+
+
+def test_an_sa_out_of_the_table_for_a_while_comes_back_with_a_new_c_object() -> None:
+    """An SA the engine takes out of C and keeps (here: a shadow SA under its SPI makes
+    the Python path try both) gets a new, keyed C object when it goes back to C, with the
+    exact state: C opens its packets again, a replay of one opened before is dropped."""
+    cfg = {
+        "enc": EncAlg.CHACHA20_POLY1305, "key": bytes(range(3, 39)), "esn": False,
+        "window": 64, "outer": 6, "ports": PortRange(), "soft": Lifetime(), "hard": Lifetime(),
+    }  # fmt: skip
+    side = Side(cfg, True)
+    pkt = _inner(6, 17, 80, 7000, S_INNER[6], R_INNER[6])
+    sent = []
+    for _ in range(3):
+        r = side.s.outbound(pkt, 0.0)
+        assert isinstance(r, ToPeer)
+        sent.append(bytes(r.data))
+        assert isinstance(side.r.inbound(r.data, None, 0.0), ToInner)
+    old = side.up_in.native
+    assert old is not None and old.active
+    u = side.up_in  # a shadow: another SA under its SPI, with other keys
+    shadow = SecurityAssociation(
+        u.spi, u.direction, u.src, u.dst, enc=u.enc, enc_key=bytes(36), replay_window=64,
+        encap=u.encap,
+    )  # fmt: skip
+    side.r.add_shadow(shadow)
+    assert side.up_in.native is None and not old.keyed
+    r = side.s.outbound(pkt, 0.0)
+    assert isinstance(r, ToPeer) and isinstance(side.r.inbound(r.data, None, 0.0), ToInner)
+    assert side.up_in.native is None  # the Python path while the shadow is there
+    side.r.remove_shadows(shadow)
+    r = side.s.outbound(pkt, 0.0)
+    assert isinstance(r, ToPeer) and isinstance(side.r.inbound(r.data, None, 0.0), ToInner)
+    new = side.up_in.native
+    assert new is not None and new is not old and new.keyed and new.active
+    r = side.s.outbound(pkt, 0.0)
+    assert isinstance(r, ToPeer)
+    got = side.r.native.open_spi(r.data, 0.0)  # opened in C
+    assert got is not None and got[0] is side.up_in and got[1] == pkt
+    assert side.r.inbound(sent[1], None, 0.0) is Drop.REPLAY
+    assert side.up_in.window.top == 6 and side.up_in.counters.packets == 6
 
 
 @pytest.mark.parametrize("use_native", [False, True], ids=["python", "native"])

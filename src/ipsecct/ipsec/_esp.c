@@ -170,14 +170,28 @@ sa_clear(SAObject *self)
     return 0;
 }
 
+/* Let go of the key material: the EVP context (freeing it cleanses the key schedule) and the
+ * nonce salt (the last octets of the key). The SA can never be active again (set_active
+ * refuses, seal and open punt); its state (seq, counters, window) stays readable. Done when
+ * the SA leaves a table (the touched list may hold it a while longer: keys must not wait for
+ * that) and at deallocation. */
+static void
+sa_wipe(SAObject *self)
+{
+    self->active = 0;
+    if (self->ctx) {
+        EVP_CIPHER_CTX_free(self->ctx);
+        self->ctx = NULL;
+    }
+    OPENSSL_cleanse(self->salt, sizeof(self->salt));
+}
+
 static void
 sa_dealloc(SAObject *self)
 {
     PyObject_GC_UnTrack(self);
     sa_clear(self);
-    if (self->ctx)
-        EVP_CIPHER_CTX_free(self->ctx); /* which cleanses the key schedule */
-    OPENSSL_cleanse(self->salt, sizeof(self->salt));
+    sa_wipe(self);
     PyMem_Free(self->blocks);
     PyMem_Free(self->local);
     PyMem_Free(self->remote);
@@ -293,7 +307,7 @@ touch(SAObject *s)
 static Py_ssize_t
 seal(SAObject *s, const uint8_t *inner, Py_ssize_t n, double now, uint8_t *out)
 {
-    if (!s->active || !s->outbound || n < 1 || n > 65535)
+    if (!s->active || s->ctx == NULL || !s->outbound || n < 1 || n > 65535)
         return PUNT;
     int v = inner[0] >> 4;
     int nh = v == 4 ? 4 : v == 6 ? 41 : -1;
@@ -458,7 +472,7 @@ static int
 open_esp(SAObject *s, const uint8_t *pkt, Py_ssize_t n, double now, uint8_t *out,
          Py_ssize_t *olen)
 {
-    if (!s->active || s->outbound || n < 8)
+    if (!s->active || s->ctx == NULL || s->outbound || n < 8)
         return PUNT;
     if (s->packets + 1 >= s->limit_packets || s->bytes + (uint64_t)n >= s->limit_bytes ||
         now >= s->deadline)
@@ -753,8 +767,22 @@ sa_set_active(SAObject *self, PyObject *v, void *c)
     int b = v == NULL ? 0 : PyObject_IsTrue(v);
     if (b < 0)
         return -1;
+    if (b && self->ctx == NULL) {
+        PyErr_SetString(PyExc_ValueError, "this SA left the table: its keys are gone");
+        return -1;
+    }
     self->active = b;
     return 0;
+}
+
+/* keyed: does the object still hold key material (an EVP context or a salt not cleansed)? */
+static PyObject *
+sa_get_keyed(SAObject *self, void *c)
+{
+    uint8_t any = 0;
+    for (size_t i = 0; i < sizeof(self->salt); i++)
+        any |= self->salt[i];
+    return PyBool_FromLong(self->ctx != NULL || any != 0);
 }
 
 static PyObject *
@@ -815,6 +843,7 @@ static PyMethodDef sa_methods[] = {
 
 static PyGetSetDef sa_getset[] = {
     {"active", (getter)sa_get_active, (setter)sa_set_active, "does C own the SA's state", NULL},
+    {"keyed", (getter)sa_get_keyed, NULL, "does it still hold key material", NULL},
     {"spi", (getter)sa_get_spi, NULL, "SPI", NULL},
     {"owner", (getter)sa_get_owner, NULL, "the Python SA", NULL},
     {"ceiling", (getter)sa_get_ceiling, NULL, "highest sequence number C may send", NULL},
@@ -1056,6 +1085,9 @@ table_remove(TableObject *self, PyObject *args)
             return NULL;
         }
     Py_DECREF(dead);
+    /* Out of the table, out of service: its keys go now, not when the touched list (or
+     * anything else still holding the object) lets go of it. */
+    sa_wipe((SAObject *)sa);
     Py_RETURN_NONE;
 }
 

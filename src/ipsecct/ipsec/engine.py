@@ -351,10 +351,14 @@ class Engine:
             self.native.add_spi(c)
 
     def _native_drop(self, sa: SecurityAssociation) -> None:
-        """Take ``sa`` out of the C table (its exact state back in Python)."""
+        """Take ``sa`` out of the C table (its exact state back in Python). Its C object is
+        done with: leaving the table frees its keys at once (the touched list may hold the
+        object until it is taken), and a later hand-over to C makes a new one."""
         native_mod.reclaim(sa)
-        if sa.native is not None and self.native is not None:
-            self.native.remove(sa.native)
+        c = sa.native
+        if c is not None and self.native is not None:
+            self.native.remove(c)
+            sa.native = None
         self._offloaded.pop(id(sa), None)
 
     def sync_native(self) -> None:
@@ -1104,9 +1108,10 @@ class Engine:
     def handle_timer(self, now: float) -> None:
         """Fire time-based lifetime events and expire dead SAs' PMTU state."""
         self._next_timer = now + self.TIMER_INTERVAL
-        # The touched lists hold their SAs (and keys) until taken: taken here too, so that
-        # a process without fail-over replication (nobody polls) lets go of removed SAs
-        # within a second (the watchers of every engine are told, as by a poll).
+        # The touched lists hold their SAs until taken (C's keys of an SA go when it leaves
+        # the table, not then): taken here too, so that a process without fail-over
+        # replication (nobody polls) lets go of removed SAs within a second (the watchers of
+        # every engine are told, as by a poll).
         take_touched()
         # What sa.poll(), sa.effective_mtu() and _collect() do, tested inline: most SAs have
         # no lifetime limit, no aging PMTU and no event, and this walks every SA once a
