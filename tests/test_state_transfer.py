@@ -8,6 +8,7 @@ settled no tunnel is sent on by two gateways."""
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import random
 import signal
@@ -964,4 +965,45 @@ def test_a_prepared_transfer_with_either_end_killed_at_each_step(prepared_pair: 
     # (sg2 if the COMMIT got out before the kill; else sg2 answers "not taken" and
     # discards it, and sg1 resumes past its ceiling: never both, never nobody)
     assert served_by_one(gws, cap, spi, port) in ("sg1", "sg2")
+    assert cap.duplicates() == []
+
+
+def test_a_prepared_transfer_never_committed_times_out_without_a_gap(
+    prepared_pair: Gateways,
+) -> None:
+    """Prepared and never committed (``prepare_timeout`` 2 s, its least): sg1 rolls it back
+    by itself (outcome timeout, told in ``status``), sg2 discards what it installed, and
+    the tunnel was sent on by sg1 the whole time, never stopping (make-before-break below
+    its cap), never by sg2; a commit afterwards is refused."""
+    gws = prepared_pair
+    cap: Capture = gws.capture  # type: ignore[attr-defined]
+    port = {n: gws.ports[n]["outer"] for n in ("sg1", "sg2")}
+    gws.write("sg1", peers=["sg2"], transfer_extra="make_before_break = true\n"
+              "prepare_timeout = 2")  # fmt: skip
+    gws.kill("sg1")
+    gws.start("sg1")
+    sock = str(gws.dir / "sg1.sock")
+    spi = 0x20000000
+    wait_for(lambda: any(s_ == spi and t > time.monotonic() - 0.2 for s_, _, _, t in
+                         list(cap.seen)), "no traffic")  # fmt: skip
+    rec = request(sock, "transfer", {"spi": hex(spi), "to": "sg2", "prepare": True}, 30)
+    assert rec["outcome"] == "prepared", rec
+    t0 = time.monotonic()
+
+    def outcome() -> str:
+        recent = gws.status("sg1")["transfers"]["recent"]
+        return next((r["outcome"] for r in recent if r["id"] == rec["id"]), "")
+
+    wait_for(lambda: outcome() == "timeout", "not rolled back", timeout=10)
+    wait_for(lambda: not gws.status("sg2")["transfers"]["in_progress"], "sg2 keeps it")
+    time.sleep(0.5)
+    cap.sync()
+    times = sorted(t for s_, _, p, t in list(cap.seen) if s_ == spi and p == port["sg1"]
+                   and t >= t0 - 0.2)  # fmt: skip
+    assert times and times[-1] > t0 + 1.2  # (rolled back at its start + 2 s - 1 s)
+    gap = max(b - a for a, b in itertools.pairwise(times))
+    assert gap < 0.5, f"sg1 stopped sending for {gap:.3f} s"
+    assert served_by_one(gws, cap, spi, port) == "sg1"
+    with pytest.raises(ControlError, match=r"rolled back|no prepared"):
+        request(sock, "transfer.commit", {"id": rec["id"]}, 10)
     assert cap.duplicates() == []
