@@ -243,6 +243,49 @@ def test_a_transfer_waits_for_the_gateways_own_rekey_in_flight(tmp_path: Path) -
 @pytest.mark.root
 @pytest.mark.slow
 @needs_strongswan
+def test_a_client_back_with_initial_contact_while_prepared_is_not_committed_away(
+    tmp_path: Path,
+) -> None:
+    """The client reboots (SIGKILL: no DELETE) while its CHILD SA's transfer is prepared,
+    and connects to sg1 again with INITIAL_CONTACT: sg1 replaces the quiet IKE SA (its
+    CHILD SA's tunnel goes). The commit then rolls the transfer back, saying why; before,
+    it committed the tunnel nobody at sg1 held any more, which sg2 activated: an orphan
+    CHILD SA there, no IKE SA to end it. The client's new SAs carry traffic at sg1."""
+    with ike_world(tmp_path, "indirect") as w, \
+            Client(w.ns, "mn", CLIENT, w.dir, "aes128gcm16") as ss:  # fmt: skip
+        wait_until = waiting_with_logs(w, ss)
+        ss.start()
+        ss.initiate()
+        assert strongswan.ping_once_up(w.ns, "mn", HOST, 3) == 3, ss.logtail() + w.logs()
+        (ike,) = w.ike_sas("sg1")
+        (child,) = ike["children"]
+        r = subprocess.run(
+            [sys.executable, "-m", "ipsecct", "transfer", f"0x{int(child['spi_out'], 16):08x}",
+             "--to", "sg2", "--prepare", "--json", "-s", w.sock("sg1")],
+            capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert r.returncode == 0, (r.stdout, r.stderr, w.logs())
+        tid = str(json.loads(r.stdout)["id"])
+        ss.kill()  # the client reboots
+        ss.start()
+        ss.initiate()
+        wait_until(lambda: w.counters("sg1").get("initial-contact-replaced", 0) == 1,
+                   "sg1 to replace the old IKE SA")  # fmt: skip
+        r = subprocess.run(
+            [sys.executable, "-m", "ipsecct", "transfer", "--commit", tid, "--json",
+             "-s", w.sock("sg1")], capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert r.returncode == 1, (r.stdout, r.stderr, w.logs())
+        rec = json.loads(r.stdout)
+        assert rec["outcome"] == "failed" and "removed here" in rec["detail"], rec
+        wait_until(lambda: not w.status("sg2")["transfers"]["in_progress"],
+                   "sg2 to discard the transfer")  # fmt: skip
+        assert w.status("sg2")["sas"] == 0 and not w.ike_sas("sg2")
+        (new,) = w.ike_sas("sg1")
+        assert new["spi_i"] != ike["spi_i"] and len(new["children"]) == 1
+        assert strongswan.ping(w.ns, "mn", HOST, 3) == 3, ss.logtail() + w.logs()
+
+@pytest.mark.root
+@pytest.mark.slow
+@needs_strongswan
 def test_a_client_rekey_during_a_prepared_transfer_rolls_it_back_and_is_answered_at_once(
     tmp_path: Path,
 ) -> None:
