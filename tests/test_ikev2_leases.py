@@ -11,6 +11,7 @@ import ipaddress
 import json
 import os
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -21,7 +22,7 @@ from ipsecct.gateway.config import NodeConfig, from_dict
 from ipsecct.gateway.node import Node
 from ipsecct.gateway.service import Service
 from ipsecct.ikev2 import context
-from ipsecct.ikev2.engine import IkeEngine
+from ipsecct.ikev2.engine import ChildUp, IkeEngine
 from tests.helpers.ikev2_engines import PSK, Wire, connect, mn_conn
 from tests.test_control import short_path
 
@@ -262,4 +263,60 @@ def test_a_running_gateway_writes_its_lease_changes_on_the_state_writer(tmp_path
     sg1 = gateway(tmp_path)
     assert sg1.ike is not None
     assert sg1.ike.engine.pools["rw"].offline == {ip("10.3.0.1"): "a.test"}
+    asyncio.run(sg1.state.stop())
+
+
+def installed(svc: Service, *wires: Wire) -> list[Any]:
+    """The tunnels of the clients' CHILD SAs, installed as the gateway's IKE service does."""
+    assert svc.ike is not None
+    svc.ike._act([o for w in wires for o in w.events["r"] if isinstance(o, ChildUp)])
+    return [c.handle for ike in svc.ike.engine.ike_sas() for c in ike.children]
+
+
+def test_a_lease_being_handed_over_is_durable_before_the_commit_and_away_after_a_crash(
+    tmp_path: Path,
+) -> None:
+    """A gateway without fail-over hands IKE SAs over only by transfers: the leases of a
+    transfer's IKE SAs are written "leaving" before its "leaving" rows, which the COMMIT
+    waits for, so after a crash a lease online then is offline (its IKE SA died here) and
+    only a leaving one is away (its IKE SA may live on at the target); a transfer that did
+    not commit makes its leases online again."""
+    sg1 = gateway(tmp_path)
+    a, b, c = client(sg1, "a.test"), client(sg1, "b.test"), client(sg1, "c.test")
+    ta, _, tc = installed(sg1, a, b, c)
+    assert sg1.ike is not None
+
+    async def main() -> None:
+        await sg1.state.start()
+        kick = sg1.state._lease_kick
+        sg1.state._lease_kick = (  # type: ignore[method-assign]
+            lambda: setattr(sg1.state, "_lease_kick_due", False))
+        wa = sg1.state.leaving([ta], "sg2", 7)
+        wc = sg1.state.leaving([tc], "sg2", 8)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 10
+        while not (wa.done and wc.done):
+            assert loop.time() < deadline and not wa.failed and not wc.failed
+            await asyncio.sleep(0.005)
+        # durable once the "leaving" rows are, even without a write of their own
+        rows = {r[1]: r[2] for r in sg1.state.store.leases()}
+        assert rows == {"10.3.0.1": "leaving", "10.3.0.2": "online", "10.3.0.3": "leaving"}
+        sg1.state._lease_kick = kick  # type: ignore[method-assign]
+        assert sg1.ike is not None  # c's transfer fails: its lease is online again
+        sg1.ike.on_transfer(SimpleNamespace(role="source", outcome="failed", peer="sg2",
+                                            spis=[tc.inbound.spi, tc.outbound.spi]))  # fmt: skip
+        while {r[1]: r[2] for r in sg1.state.store.leases()}.get("10.3.0.3") != "online":
+            assert loop.time() < deadline
+            await asyncio.sleep(0.005)
+        assert sg1.state._writer is not None
+        sg1.state._writer.shutdown(wait=True)
+
+    asyncio.run(main())
+    crash(sg1)
+    sg1 = gateway(tmp_path)
+    assert sg1.ike is not None
+    pool = sg1.ike.engine.pools["rw"]
+    assert pool.away == {ip("10.3.0.1"): "a.test"}
+    assert pool.offline == {ip("10.3.0.2"): "b.test", ip("10.3.0.3"): "c.test"}
+    assert sg1.state.status()["leases"]["restored"]["was_leaving"] == 1
     asyncio.run(sg1.state.stop())

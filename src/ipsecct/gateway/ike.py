@@ -15,7 +15,7 @@ import ipaddress
 import logging
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 from ..ct.failover import MAX_EXTRA_CDBS
@@ -884,6 +884,27 @@ class IkeService:
             if any(c.spi_in in spis for c in ike.children):
                 ike.quiet = True
 
+    def leases_leaving(self, tunnels: Sequence[Any]) -> None:
+        """A transfer of ``tunnels`` is about to be recorded "leaving" (the durable state
+        calls this first, so that it writes these before those rows, which the COMMIT waits
+        for): the leases of their IKE SAs are "leaving" in the durable state (a crash from
+        now on may leave the IKE SA at the target: away after the restart)."""
+        for t in tunnels:
+            ike = self.ike_of(t.outbound.spi)
+            if ike is not None and not ike.vips_given:
+                for name, a in ike.vips:
+                    pool = self.engine.pools.get(name)
+                    if pool is not None:
+                        pool.note(a, "leaving")
+
+    def _leases_stay(self, ike: IkeSA) -> None:
+        """The IKE SA stays here after its transfer: its leases are online again."""
+        if not ike.vips_given:
+            for name, a in ike.vips:
+                pool = self.engine.pools.get(name)
+                if pool is not None:
+                    pool.note(a)
+
     def _request_held(self, ike: IkeSA) -> None:
         """A request of the peer is held on quiet ``ike``: told to the hooks after this
         turn (the engine is inside its receive)."""
@@ -903,8 +924,10 @@ class IkeService:
         if rec.role == "source" and rec.outcome not in ("committed", "partial"):
             back = set(rec.spis)
             for ike in self.engine.ike_sas():
-                if ike.quiet and any(c.spi_in in back for c in ike.children):
-                    self._unquiet(ike)
+                if any(c.spi_in in back for c in ike.children):
+                    self._leases_stay(ike)
+                    if ike.quiet:
+                        self._unquiet(ike)
             self.node.timers.poke()
             return
         if rec.role != "source" or self.send_context is None:
@@ -916,6 +939,7 @@ class IkeService:
                 if spis & moved:
                     event(log, "ike-sa-stays", logging.WARNING, node=self.node.name,
                           conn=ike.conn.name, reason="not all its CHILD SAs moved")  # fmt: skip
+                    self._leases_stay(ike)
                 if ike.quiet:
                     self._unquiet(ike)  # it stays here: its exchanges go on
                     self.node.timers.poke()

@@ -141,12 +141,13 @@ class Service:
         )
         if self.ike is not None and self.ike.engine.pools:
             # the virtual IP leases as the last run left them (before any socket opens); an
-            # IKE SA may live on elsewhere when this gateway hands them over or replicates them
+            # IKE SA online at a crash may live on where it is replicated (a handed-over one
+            # was recorded leaving before its COMMIT)
             self.state.attach_pools(
                 self.ike.engine.pools,
-                elsewhere=cfg.transfer is not None or cfg.failover is not None
-                or cfg.cluster is not None,
+                elsewhere=cfg.failover is not None or cfg.cluster is not None,
             )
+            self.state.leases_leaving = self.ike.leases_leaving
         if self.ike is not None and self.transfer is not None and self.peers is not None:
             # an IKE SA follows its CHILD SAs when a transfer hands all of them over
             peers = self.peers

@@ -763,6 +763,8 @@ class DurableState:
         self._lease_kick_due = False
         self.lease_counters = {"lease_writes": 0, "lease_failed_writes": 0}
         self.leases_restored: dict[str, int] = {}
+        # The IKE service: marks the leases of a transfer's IKE SAs "leaving" (DurableState.leaving)
+        self.leases_leaving: Callable[[Sequence[Tunnel]], None] | None = None
         node.on_reserve = self._on_reserve
         node.extensions["state"] = self.status
         node.extensions["metrics"] = self.metrics
@@ -904,25 +906,26 @@ class DurableState:
     def attach_pools(self, pools: dict[str, Pool], elsewhere: bool) -> dict[str, int]:
         """Give the pools their leases back as the last run left them, and record every change
         from now on. A lease online when the last run ended (it crashed, or stopped without
-        deleting its IKE SAs) had an IKE SA that died with it here, unless it lives on at
-        another gateway (``elsewhere``: this gateway hands IKE SAs over or replicates them,
-        and the last change may not have been written): then it is away (never leased here
-        again until its IKE SA comes back), else offline (its identity gets it back). Kept:
-        the newest MAX_REMEMBERED_LEASES offline ones per pool; a lease of a pool no longer
-        configured, or outside its addrs now, is forgotten. Written before anything is sent."""
+        deleting its IKE SAs) had an IKE SA that died with it here, unless a standby or a
+        cluster member continues it (``elsewhere``: this gateway replicates its IKE SAs):
+        then it is away (never leased here again until its IKE SA comes back), else offline
+        (its identity gets it back). A lease "leaving" (its IKE SA was being handed over: the
+        row is durable before the transfer's COMMIT) is away. Kept: the newest
+        MAX_REMEMBERED_LEASES offline ones per pool; a lease of a pool no longer configured,
+        or outside its addrs now, is forgotten. Written before anything is sent."""
         now = time.time()
         fix: list[LeaseRow] = []
         drop: list[tuple[str, str]] = []
-        counts = {"offline": 0, "away": 0, "was_online": 0, "forgotten": 0}
+        counts = {"offline": 0, "away": 0, "was_online": 0, "was_leaving": 0, "forgotten": 0}
         for name, text, st, who, _changed in self.store.leases():
             pool = pools.get(name)
             try:
                 addr = ipaddress.ip_address(text)
             except ValueError:
                 addr = None
-            if st == "online":
-                st = "away" if elsewhere else "offline"
-                counts["was_online"] += 1
+            if st in ("online", "leaving"):
+                counts[f"was_{st}"] += 1
+                st = "away" if elsewhere or st == "leaving" else "offline"
                 fix.append((name, text, st, who, now))
             if pool is None or addr is None or not pool.restore(addr, st, who):
                 drop.append((name, text))
@@ -944,12 +947,13 @@ class DurableState:
         for pool in pools.values():
             pool.listener = self._lease_changed
         self.leases_restored = counts
-        if counts["was_online"] and elsewhere:
+        gone = counts["was_leaving"] + (counts["was_online"] if elsewhere else 0)
+        if gone:
             event(log, "ike-vip-leases-away", logging.WARNING, node=self.node.name,
-                  leases=counts["was_online"],
-                  detail="online when the last run ended, their IKE SAs may live on at"
-                  " another gateway: not leased here until they come back (ipsecct pools"
-                  " --leases)")  # fmt: skip
+                  leases=gone,
+                  detail="held or being handed over when the last run ended, their IKE SAs"
+                  " may live on at another gateway: not leased here until they come back"
+                  " (ipsecct pools --leases)")  # fmt: skip
         if any(counts.values()):
             event(log, "ike-vip-leases-restored", node=self.node.name, **counts)
         return counts
@@ -1111,6 +1115,9 @@ class DurableState:
     def _write_batch(self, extra: list[SAState]) -> tuple[list[_Submitted], str | None]:
         """Write what is queued (in order), then ``extra``, in one synced transaction."""
         with self._wlock:
+            # the lease changes queued so far first: a transfer's "leaving" leases are
+            # durable before its "leaving" rows, which its COMMIT waits for
+            self._flush_leases()
             batch = self._take_queue()
             rows = [r for item in batch for r in item.rows] + extra
             arrivals = [a for item in batch for a in item.arrivals]
@@ -1375,6 +1382,8 @@ class DurableState:
         )
 
     def leaving(self, tunnels: Sequence[Tunnel], peer: str, transfer_id: int) -> Write:
+        if self.leases_leaving is not None:  # written before these rows (_write_batch)
+            self.leases_leaving(tunnels)
         rows = self._rows(tunnels, Owner.LEAVING, f"transferring to {peer}", transfer_id, peer)
         self._remember_fps(tunnels, rows)
         # The grant: past what the target may send before its own "pending" row is durable,

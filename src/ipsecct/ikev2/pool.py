@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from ..errors import ConfigError
 
 IPAddr = ipaddress.IPv4Address | ipaddress.IPv6Address
-# (pool name, address, "online" | "offline" | "away", identity)
+# (pool name, address, "online" | "offline" | "away" | "leaving", identity)
 Listener = Callable[[str, IPAddr, str, str], None]
 LEASE_STATES = ("online", "offline", "away")
 
@@ -137,6 +137,13 @@ class Pool:
         if who is not None:
             self.away[addr] = who
             self._tell(addr, "away", who)
+
+    def note(self, addr: IPAddr, state: str = "online") -> None:
+        """Tell the listener an online lease again, as ``state`` ("leaving": its IKE SA is
+        being handed over; "online": it stays after all). The pool does not change."""
+        who = self.online.get(addr)
+        if who is not None:
+            self._tell(addr, state, who)
 
     def restore(self, addr: IPAddr, state: str, identity: str) -> bool:
         """A lease the gateway's durable state kept across a restart (offline ones oldest
