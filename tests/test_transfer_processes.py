@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from ipsecct.gateway.control import request
+from ipsecct.gateway.control import ControlError, request
 from tests.helpers.deployment import cli
 from tests.helpers.transfer_processes import (
     SPI,
@@ -157,6 +157,12 @@ def test_transfer_takes_the_spi_in_decimal_and_refuses_what_is_no_spi(setup: Set
         assert r.returncode == 2, (bad, r.stdout, r.stderr)
         assert len(r.stderr.strip().splitlines()) == 1 and said in r.stderr, r.stderr
         assert "0x-" not in r.stderr
+    # Over the control socket (the command refuses it itself): a prepared transfer is a
+    # predictive one; a reactive "prepared" one moved the tunnel at once.
+    sock = str(setup.dir / "ctl-sg1.sock")
+    with pytest.raises(ControlError, match="predictive"):
+        request(sock, "transfer", {"spi": SPI, "to": "sg2", "mode": "reactive",
+                                   "prepare": True}, timeout=30)  # fmt: skip
     assert setup.status("sg1")["sas"] == 2  # nothing moved
     r = cli("transfer", str(spi), "--to", "sg2", "--json", "--config", setup.config("sg1"))
     assert r.returncode == 0, (r.stdout, r.stderr, setup.log("sg1"))

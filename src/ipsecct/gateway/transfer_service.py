@@ -315,6 +315,8 @@ class TransferService:
         itself; status shows it)."""
         if to not in self.tcfg.peers:
             raise TransferError(f"unknown peer {to!r} (known: {', '.join(self.tcfg.peers)})")
+        if prepare and mode != "predictive":  # (a reactive one would move them at once)
+            raise TransferError("--prepare is for predictive transfers only")
         tunnels = []
         seen: set[int] = set()
         for spi in spis:
