@@ -320,3 +320,43 @@ def test_a_lease_being_handed_over_is_durable_before_the_commit_and_away_after_a
     assert pool.offline == {ip("10.3.0.2"): "b.test", ip("10.3.0.3"): "c.test"}
     assert sg1.state.status()["leases"]["restored"]["was_leaving"] == 1
     asyncio.run(sg1.state.stop())
+
+
+def test_the_operator_gives_an_away_address_back(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``ipsecct pools --release ADDR``: an away address (kept across restarts now) is
+    offline again, on the operator's word that its IKE SA ended at the other gateway; an
+    online one (an IKE SA here holds it) or anything else is refused with one line."""
+    sock = short_path()
+    sg1 = gateway(tmp_path, sock)
+    assert sg1.ike is not None and sg1.control is not None
+    client(sg1, "a.test")
+    client(sg1, "b.test")
+    sg1.ike.engine.export_ike(sg1.ike.engine.ike_sas()[-1], 2.0)
+
+    async def main() -> list[int]:
+        assert sg1.control is not None
+        await sg1.control.start()
+        try:
+            return [await asyncio.to_thread(cli.main, ["pools", "--release", a, "-s", sock])
+                    for a in ("10.3.0.1", "10.9.0.1", "nope", "10.3.0.2", "10.3.0.2")]
+        finally:
+            await sg1.control.stop()
+
+    try:
+        assert asyncio.run(main()) == [2, 2, 2, 0, 2]
+    finally:
+        os.rmdir(os.path.dirname(sock))
+    out, err = capsys.readouterr()
+    assert out == '10.3.0.2 of pool rw is offline again (for "b.test")\n'
+    assert err.splitlines() == [
+        "ipsecct: error: virtual IP 10.3.0.1 of pool 'rw' is online, not away",
+        "ipsecct: error: 10.9.0.1 is in no pool here",
+        "ipsecct: error: bad address 'nope'",
+        "ipsecct: error: virtual IP 10.3.0.2 of pool 'rw' is offline, not away",
+    ]
+    pool = sg1.ike.engine.pools["rw"]
+    assert pool.offline == {ip("10.3.0.2"): "b.test"} and not pool.away
+    assert ("rw", "10.3.0.2", "offline", "b.test") in [r[:4] for r in sg1.state.store.leases()]
+    asyncio.run(sg1.state.stop())

@@ -257,6 +257,14 @@ def cmd_sa_discard(args: argparse.Namespace) -> int:
 
 def cmd_pools(args: argparse.Namespace) -> int:
     """Like ``swanctl --list-pools [--leases]``: each pool, then each of its leases."""
+    if args.release is not None:
+        got = request(socket_path(args), "pools.release", {"address": args.release})
+        if args.json:
+            _print_json(got)
+        else:
+            print(f"{got['address']} of pool {got['pool']} is offline again"
+                  f" (for {json.dumps(str(got['identity']), ensure_ascii=False)})")  # fmt: skip
+        return 0
     res = request(socket_path(args), "pools.list", {"leases": bool(args.leases)})
     if args.json:
         _print_json(res)
@@ -328,8 +336,12 @@ def register(sub: Any) -> None:
     g.add_argument("spi", nargs="?", type=_spi, help="the tunnel's outbound SPI")
     g.add_argument("--peer", help="every unresolved tunnel that was going to this peer")
     pools = leaf(sub, "pools", "a running gateway's virtual IP pools", cmd_pools)
-    pools.add_argument("--leases", action="store_true",
-                       help="each lease: address, online/offline/away, identity")  # fmt: skip
+    g = pools.add_mutually_exclusive_group()
+    g.add_argument("--leases", action="store_true",
+                   help="each lease: address, online/offline/away, identity")  # fmt: skip
+    g.add_argument("--release", metavar="ADDR",
+                   help="an away address (its IKE SA went to another gateway) leased here"
+                   " again: only once that IKE SA has ended there")  # fmt: skip
     pm = sub.add_parser("pmtu", help="path MTU of a running node's SAs")
     ps = pm.add_subparsers(dest="action", metavar="ACTION")
     ps.required = True

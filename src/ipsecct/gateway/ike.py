@@ -1448,6 +1448,30 @@ class IkeService:
             out.append(row)
         return out
 
+    def give_back(self, text: str) -> dict[str, object]:
+        """``ipsecct pools --release ADDR``: an away address (its IKE SA went to another
+        gateway) is offline again here, on the operator's word that the IKE SA has ended
+        there. Raises ValueError (not an address, or not away in any pool)."""
+        try:
+            addr = ipaddress.ip_address(text)
+        except ValueError:
+            raise ValueError(f"bad address {text!r}") from None
+        pools = [p for p in self.engine.pools.values() if p.contains(addr)]
+        if not pools:
+            raise ValueError(f"{addr} is in no pool here")
+        why = ""
+        for p in pools:
+            who = p.away.get(addr)
+            w = p.give_back(addr)
+            if w is None:
+                event(log, "ike-vip-given-back", logging.WARNING, node=self.node.name,
+                      pool=p.name, vip=addr, id=who,
+                      detail="away, released by the operator: leased again here")  # fmt: skip
+                return {"pool": p.name, "address": str(addr), "state": "offline",
+                        "identity": who}  # fmt: skip
+            why = w
+        raise ValueError(why)
+
     def list(self) -> list[dict[str, object]]:
         now = self.node.clock()
         return [ike.summary(now) for ike in self.engine.ike_sas()]

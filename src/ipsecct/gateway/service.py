@@ -191,9 +191,11 @@ class Service:
             if self.ike is not None:
                 self.control.register("ike.list", self._ike_list)
                 self.control.register("pools.list", self._pools_list)
+                self.control.register("pools.release", self._pools_release)
             else:  # every "sa list" asks: an answer, not a refusal logged as a warning each time
                 self.control.register("ike.list", _no_ike)
                 self.control.register("pools.list", _no_ike)
+                self.control.register("pools.release", _no_ike)
             for name, h in {
                 "status": self._status,
                 "sa.list": self._sa_list,
@@ -362,6 +364,17 @@ class Service:
         if not isinstance(leases, bool):
             raise ControlError("leases must be true or false")
         return self.ike.pools(leases)
+
+    async def _pools_release(self, args: dict[str, Any]) -> Any:
+        """``ipsecct pools --release ADDR``: an away address leased here again."""
+        assert self.ike is not None
+        addr = args.get("address")
+        if not isinstance(addr, str):
+            raise ControlError("say which address")
+        try:
+            return self.ike.give_back(addr)
+        except ValueError as exc:
+            raise ControlError(str(exc)) from None
 
     async def _clock(self, args: dict[str, Any]) -> Any:
         """This machine's monotonic clock (one for every process) and the event loop's CPU

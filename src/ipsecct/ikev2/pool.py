@@ -145,6 +145,20 @@ class Pool:
         if who is not None:
             self._tell(addr, state, who)
 
+    def give_back(self, addr: IPAddr) -> str | None:
+        """The operator says the away ``addr``'s IKE SA has ended wherever it went: offline
+        for its identity (the first offline lease another identity gets when the pool runs
+        out). None if so, else why not."""
+        who = self.away.pop(addr, None)
+        if who is None:
+            state = "online" if addr in self.online else (
+                "offline" if addr in self.offline else "not leased")  # fmt: skip
+            return f"virtual IP {addr} of pool {self.name!r} is {state}, not away"
+        self.offline[addr] = who
+        self.offline.move_to_end(addr, last=False)
+        self._tell(addr, "offline", who)
+        return None
+
     def restore(self, addr: IPAddr, state: str, identity: str) -> bool:
         """A lease the gateway's durable state kept across a restart (offline ones oldest
         first), without telling the listener. False: not this pool's (its ``addrs`` changed)
