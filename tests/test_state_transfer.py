@@ -163,11 +163,13 @@ def test_rebalance_with_the_target_killed_mid_transfer_never_repeats_a_number(
     gws: Gateways,
 ) -> None:
     """Make-before-break from the target's side: sg1 goes on sending below each tunnel's cap
-    while it moves them, sg2 starts past the cap once committed. sg2 is killed by SIGKILL at
-    random moments of a rebalance (before the contexts arrive, while it installs them or
-    waits for the COMMIT, just after it) and restarted: sg1 takes back what did not commit and
-    sends on it past the cap, what committed stays away from sg1 (and is lost with sg2's
-    memory: not restored, docs/state.md). Nothing is sent twice, no tunnel by both."""
+    while it moves them, sg2 starts past the cap once committed. sg2 is killed by SIGKILL
+    twice at moments chosen (its contexts installed, waiting for a COMMIT that never comes;
+    just after a rebalance committed), then at random moments of rebalances (before the
+    contexts arrive, while it installs them or waits for the COMMIT, just after it), and
+    restarted each time: sg1 takes back what did not commit and sends on it past the cap,
+    what committed stays away from sg1 (and is lost with sg2's memory: not restored,
+    docs/state.md). Nothing is sent twice, no tunnel by both."""
     cap: Capture = gws.capture  # type: ignore[attr-defined]
     gws.write("sg1", peers=["sg2"])
     gws.write("sg2", peers=["sg1"], with_tunnels=False)
@@ -176,15 +178,43 @@ def test_rebalance_with_the_target_killed_mid_transfer_never_repeats_a_number(
     traffic = Traffic(
         TUNNELS, [gws.ports["sg1"]["inner"], gws.ports["sg2"]["inner"]], pps=3000
     )
+    sock1 = str(gws.dir / "sg1.sock")
     rnd = random.Random(82)
-    outcomes: set[str] = set()
+    outcomes: dict[str, str] = {}  # transfer id -> sg1's outcome
+
+    def restart_sg2() -> None:
+        gws.kill("sg2")
+        gws.start("sg2")
+        wait_for(lambda: settled(gws, ["sg1", "sg2"]), "transfers did not settle")
+        outcomes.update((r["id"], r["outcome"]) for r in gws.status("sg1")["transfers"]["recent"])
+
     try:
         wait_for(lambda: len(cap.seen) > 500, "no traffic")
+        # Killed before the COMMIT, its contexts arrived: a prepared transfer (sg2 holds
+        # them installed, arriving, until a COMMIT that sg1 never sends), whatever the timing.
+        spi = 0x20000000
+        rec = request(sock1, "transfer", {"spi": hex(spi), "to": "sg2", "prepare": True}, 30)
+        assert rec["outcome"] == "prepared", rec
+        wait_for(
+            lambda: {s["state"] for s in ask(socket_of(gws.config("sg2")), "sa.list")}
+            == {"arriving"},
+            "sg2 does not hold the prepared transfer's SAs arriving",
+        )
+        restart_sg2()
+        assert outcomes[rec["id"]] not in ("committed", "in progress"), outcomes
+        # Killed just after a COMMIT: a rebalance sg1 answered committed.
+        rec = request(sock1, "rebalance", {"to": "sg2", "count": 10}, 30)
+        assert rec["outcome"] == "committed", rec
+        restart_sg2()
         for _ in rebalance_rounds(gws, rnd, victim="sg2"):
-            outcomes.update(r["outcome"] for r in gws.status("sg1")["transfers"]["recent"])
-        # some transfers committed (and went with sg2's memory), some were rolled back
-        assert "committed" in outcomes and outcomes - {"committed"}, outcomes
+            outcomes.update(
+                (r["id"], r["outcome"]) for r in gws.status("sg1")["transfers"]["recent"]
+            )
         one, _ = one_sender_each(gws, cap)
+        # the invariant first; then that the kills came on both sides of a COMMIT
+        assert cap.duplicates() == []
+        seen = set(outcomes.values())
+        assert "committed" in seen and seen - {"committed"}, outcomes
         # every tunnel sg1 did not record as given away, it sends on (a restart of sg1
         # lists what it recorded)
         gws.kill("sg1")
