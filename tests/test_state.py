@@ -993,6 +993,38 @@ def test_a_restarted_source_asks_and_a_pending_target_takes_the_query_as_its_com
     assert len(wire) == len(set(wire)) and {g for g, _, _ in wire} == {"sg1", "sg2"}
 
 
+def test_a_target_that_gave_up_waiting_for_the_commit_answers_not_taken() -> None:
+    """sg1 dies after "leaving" is durable and before its COMMIT, and restarts only after sg2
+    gave up waiting for it (retry_max: the pending tunnel discarded, never activated): sg2
+    still knows that, answers "not taken", and sg1 serves the tunnel again. (sg2 forgot the
+    discarded transfer in the same timer pass and answered "taken" from its record of the
+    arrival: sg1 gave the tunnel away to nobody; seen with real processes at load 9.)"""
+    from ipsecct.ct import cxtp
+    from ipsecct.ipsec.engine import TunnelState
+
+    w, j1, j2 = journaled_world()
+    tid = w.transfer()
+    w.deliver("sg1", "sg2")  # PCTD: installed pending
+    settle(w, "sg2", j2)
+    settle(w, "sg1", j1)
+    w.drop("sg2", "sg1")  # the CTDR never reached sg1: it died
+    g2 = w.gw["sg2"]
+    w.now += g2.core.settings.retry_max + 0.1
+    g2.tick()
+    assert g2.finished[-1].outcome == "cancelled"
+    assert g2.engine.tunnels() == []
+    w.now += 1.0  # sg1 restarts a second later
+    g1 = restarted_source(w, j1, tid)
+    w.deliver("sg1", "sg2")
+    a = w.deliver("sg2", "sg1")
+    assert isinstance(a, cxtp.DQ) and a.answer == cxtp.Answer.NOT_TAKEN
+    assert settle(w, "sg1", j1) == ["resumed"]
+    assert w.tunnel.state is TunnelState.ACTIVE and g1.engine.tunnels() == [w.tunnel]
+    w.host_send("sg1", 1)
+    wire = w.all_wire()
+    assert len(wire) == len(set(wire)) and {g for g, _, _ in wire} == {"sg1"}
+
+
 def test_a_target_that_never_got_the_transfer_answers_not_taken_and_refuses_it_later() -> None:
     """sg1 dies after "leaving" is durable, its PCTD still on its way: sg2 does not know the
     transfer and answers "not taken"; the PCTD that arrives after that is refused. sg1 owns

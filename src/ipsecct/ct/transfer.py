@@ -2885,6 +2885,11 @@ class TransferCore:
             self.engine.remove_tunnel(t)
         inc.tunnels = []
         _move(inc, IncomingState.CANCELLED)
+        # Known as cancelled (never activated) for as long as a "not taken" is remembered:
+        # the source restarted after we gave up on its COMMIT is answered "not taken" and
+        # serves its tunnels again. (Forgotten at once, the query found only the record of
+        # the arrival and was answered "taken": the tunnels were served by nobody.)
+        inc.give_up = now + max(4 * self.settings.retry_max, 60.0)
         inc.record.outcome, inc.record.detail, inc.record.ended = "cancelled", why, now
         self.records.append(inc.record)
         return [Finished(inc.record)]
