@@ -427,3 +427,26 @@ def test_a_tunnel_removed_here_while_prepared_is_not_committed() -> None:
     w.deliver_all()
     assert sg2.engine.tunnels() == [] and sg2.finished[-1].outcome == "cancelled"
     unique(w)
+
+
+def test_a_commit_asked_while_preparing_is_not_sent_past_the_deadline() -> None:
+    """``transfer --commit`` came while the transfer was still being prepared, and it got
+    ready only past its deadline (the CTDR slow to come back, a slow standby or disk): it
+    is rolled back, as a commit asked for then would be. It committed: the target, which
+    had stopped waiting, ignored the COMMIT, and the source recorded the tunnel away:
+    served by nobody."""
+    w = world(prepare_timeout=5.0)
+    sg1, sg2 = w.gw["sg1"], w.gw["sg2"]
+    tid, outs = sg1.core.start([w.tunnel], "sg2", w.now, prepare=True)
+    sg1.run(outs)
+    assert sg1.core.commit(tid, w.now) == []  # asked for while it is being prepared
+    w.deliver("sg1", "sg2")  # PCTD: installed held, CTDR back
+    w.deliver("sg1", "sg2")  # PREPARE: the target waits, and says how long
+    w.now += 20.0
+    sg2.tick()  # the target stops waiting (no decision from the source)
+    assert sg2.engine.tunnels() == []
+    w.deliver_all()  # the CTDR and the PREPARE answer reach the source only now
+    assert sg1.finished[-1].outcome == "timeout", sg1.finished[-1]
+    assert w.tunnel.state is TunnelState.ACTIVE and w.tunnel.transfer_cap == 1 << 64
+    w.host_send("sg1", 1)
+    unique(w)

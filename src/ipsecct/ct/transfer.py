@@ -1385,7 +1385,7 @@ class TransferCore:
             og.answer = (accepted, [], worst)
         _move(og, OutgoingState.PREPARED)
         og.deadline = self._prepare_deadline(og)
-        if og.commit_asked:
+        if og.commit_asked and now < og.deadline:  # (past it: as a commit asked for then)
             return out + self._commit_when_recorded(og, now)
         if now >= og.deadline or any(t.outbound.seq >= c for t, c in og.caps.items()):
             return out + self._unprepare(og, now)
