@@ -450,3 +450,27 @@ def test_a_commit_asked_while_preparing_is_not_sent_past_the_deadline() -> None:
     assert w.tunnel.state is TunnelState.ACTIVE and w.tunnel.transfer_cap == 1 << 64
     w.host_send("sg1", 1)
     unique(w)
+
+
+def test_a_prepare_answer_after_the_cap_was_reached_does_not_keep_the_tunnel_held() -> None:
+    """The cap reached while prepared rolls back at the next tick; the target's PREPARE
+    answer arriving in between (or again: a hostile target repeating it) set the deadline
+    back to the preparation's, and the tunnel's packets were held past its cap, sent by
+    nobody, until then."""
+    w = world(margin=3)
+    sg1, sg2 = w.gw["sg1"], w.gw["sg2"]
+    tid, outs = sg1.core.start([w.tunnel], "sg2", w.now, prepare=True)
+    sg1.run(outs)
+    w.deliver("sg1", "sg2")  # PCTD: installed held, CTDR back
+    w.deliver("sg1", "sg2")  # PREPARE: the answer queued behind the CTDR
+    w.deliver("sg2", "sg1")  # the CTDR: prepared
+    assert sg1.core.prepared(tid)
+    for i in range(5):
+        w.host_send("sg1", i)  # 3 sent under the cap, 2 held past it
+    w.deliver_all()  # the PREPARE answer
+    sg1.tick()
+    assert sg1.finished[-1].outcome == "cancelled" and "cap" in sg1.finished[-1].detail
+    assert [s for _, s in sg1.wire] == [1, 2, 3, 4, 5]
+    w.deliver_all()
+    assert sg2.engine.tunnels() == []
+    unique(w)

@@ -1480,7 +1480,8 @@ class TransferCore:
         if og is not None and og.peer == peer:
             if og.prepare:
                 og.prepare_wait = seconds
-                if og.state is OutgoingState.PREPARED:
+                # (deadline 0: a tunnel reached its cap, rolled back at the next tick: hold)
+                if og.state is OutgoingState.PREPARED and og.deadline:
                     og.deadline = self._prepare_deadline(og)
             return []
         inc = self.incoming.get((peer, tag.transfer_id))
