@@ -19,13 +19,15 @@ from ipsecct.ct.transfer import (
     FPT_FINAL,
     FPT_PREPARE,
     PREPARE_GUARD,
+    ConflictPolicy,
     Prepared,
     Settings,
     TransferCore,
 )
 from ipsecct.errors import TransferError
 from ipsecct.ipsec.engine import TunnelState
-from tests.helpers.transfer import World
+from ipsecct.ipsec.spd import Action, SPDEntry
+from tests.helpers.transfer import World, collide, tunnel_sas
 
 MARGIN = 1000
 
@@ -473,4 +475,33 @@ def test_a_prepare_answer_after_the_cap_was_reached_does_not_keep_the_tunnel_hel
     assert [s for _, s in sg1.wire] == [1, 2, 3, 4, 5]
     w.deliver_all()
     assert sg2.engine.tunnels() == []
+    unique(w)
+
+
+def test_a_tunnel_the_target_refused_while_preparing_is_no_longer_busy() -> None:
+    """A prepared transfer of two tunnels, one refused by the target (an SPI collision
+    under ``deny``): the refused one is back here at once, sending freely, and may be
+    transferred elsewhere; it stayed counted as being transferred (its cap kept with the
+    prepared transfer) until that ended, refused as busy."""
+    s = {g: Settings(make_before_break=True, mbb_margin=MARGIN) for g in ("sg1", "sg2", "sg3")}
+    s["sg2"] = Settings(make_before_break=True, mbb_margin=MARGIN, conflict=ConflictPolicy.DENY)
+    w = World(("sg1", "sg2", "sg3"), settings=s)
+    sg1 = w.gw["sg1"]
+    (o, i, sl), _ = tunnel_sas("sg1", spi_up=0x3001, spi_down=0x3002, local="10.2.1.0/24",
+                               mn_inner="10.1.0.9", name="mn2")  # fmt: skip
+    t2 = sg1.engine.add_tunnel(SPDEntry(sl, Action.PROTECT, name="mn2", static=False), o, i)
+    collide(w, "sg2", 0x3001)
+    tid, outs = sg1.core.start([w.tunnel, t2], "sg2", w.now, prepare=True)
+    sg1.run(outs)
+    w.deliver_all()
+    assert sg1.core.prepared(tid) and t2.transfer_cap == 1 << 64
+    assert "1 refused" in sg1.core.outgoing[tid].record.detail
+    tid3, outs3 = sg1.core.start([t2], "sg3", w.now)  # not busy
+    sg1.run(outs3)
+    w.deliver_all()
+    assert sg1.finished[-1].transfer_id == tid3 and sg1.finished[-1].outcome == "committed"
+    assert sg1.core.prepared(tid)
+    sg1.run(sg1.core.commit(tid, w.now))
+    w.deliver_all()
+    assert sg1.finished[-1].transfer_id == tid and sg1.finished[-1].outcome == "partial"
     unique(w)

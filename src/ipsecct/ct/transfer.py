@@ -1379,6 +1379,8 @@ class TransferCore:
         out: list[Output] = []
         if refused:
             out += self._rollback(og, now, "partial", "", refused)
+            for t in refused:  # back here: no longer this transfer's (busy, its cap)
+                og.caps.pop(t, None)
             og.refused_early = len(refused)
             og.record.detail += f"{len(refused)} refused: {_status_name(worst)}; "
             og.tunnels = accepted
