@@ -171,6 +171,7 @@ _LEASE_TABLE = (
 # the newest; an older one's address is free again after the restart.
 MAX_REMEMBERED_LEASES = 4096
 LeaseRow = tuple[str, str, str, str, float]  # pool, address, state, identity, changed
+_LEASE_PUT = "INSERT OR REPLACE INTO lease VALUES (?, ?, ?, ?, ?)"
 # Arrivals kept per peer at most, whatever their age: a peer that transfers more within the
 # retention has its oldest pruned early (queries about those are answered "taken").
 MAX_ARRIVALS_PER_PEER = 65536
@@ -423,10 +424,11 @@ class StateStore:
             self._write(prune)
         return gone, upto
 
-    def put(self, rows: Iterable[SAState], arrivals: Sequence[tuple[int, str]] = ()) -> None:
-        """Write ``rows`` (and the transfers that ``arrivals`` records arriving from a peer)
-        in one transaction; returns once it is on stable storage. A row's ceiling never goes
-        down."""
+    def put(self, rows: Iterable[SAState], arrivals: Sequence[tuple[int, str]] = (),
+            leases: Sequence[LeaseRow] = ()) -> None:  # fmt: skip
+        """Write ``rows`` (and the transfers that ``arrivals`` records arriving from a peer,
+        and lease rows) in one transaction; returns once it is on stable storage. A row's
+        ceiling never goes down."""
         params: list[object] = []
         tids: dict[int, str] = {}  # a transfer's rows share its id: formatted once
         for r in rows:
@@ -440,7 +442,8 @@ class StateStore:
         now = time.time()
         arr = [(_hex(tid), peer, now) for tid, peer in arrivals]
         n = len(params) // _SA_COLUMNS
-        if self.one_statement and not arr and n and n <= self._chunk and n & (n - 1) == 0:
+        if (self.one_statement and not arr and not leases and n and n <= self._chunk
+                and n & (n - 1) == 0):  # fmt: skip
             # One statement: its own transaction (autocommit), as atomic and as durable
             # (synced at its end) as BEGIN/rows/COMMIT, with one wait for the GIL after
             # the disk instead of three (the writer's thread takes the GIL back after each
@@ -460,6 +463,8 @@ class StateStore:
                 i = end
             if arr:
                 self.conn.executemany(_ARRIVAL, arr)
+            if leases:
+                self.conn.executemany(_LEASE_PUT, leases)
 
         with self._lock:
             self._write(write)
@@ -500,7 +505,7 @@ class StateStore:
         """Write lease rows (and delete ``drop``: pool, address) in one synced transaction."""
 
         def write() -> None:
-            self.conn.executemany("INSERT OR REPLACE INTO lease VALUES (?, ?, ?, ?, ?)", rows)
+            self.conn.executemany(_LEASE_PUT, rows)
             self.conn.executemany("DELETE FROM lease WHERE pool = ? AND addr = ?", drop)
 
         with self._lock:
@@ -972,29 +977,44 @@ class DurableState:
         if self._writer is not None and self._leases_due:
             self._writer.submit(self._flush_leases)
 
-    def _flush_leases(self) -> None:
-        """Write the lease changes queued (on the writer's thread, or here without one); a
-        failed write keeps them queued and is tried again a second later."""
+    def _take_leases(self) -> dict[tuple[str, str], tuple[str, str, float]]:
         with self._llock:
             due, self._leases_due = self._leases_due, {}
+        return due
+
+    def _lease_write(self, due: dict[tuple[str, str], tuple[str, str, float]],
+                     error: str | None) -> None:  # fmt: skip
+        """Count a write of ``due``; a failed one keeps them queued, tried again a second
+        later (or with the next write)."""
+        if error is None:
+            self.lease_counters["lease_writes"] += 1
+            return
+        with self._llock:  # (what changed since is newer)
+            for k, v in due.items():
+                self._leases_due.setdefault(k, v)
+        self.lease_counters["lease_failed_writes"] += 1
+        event(log, "lease-write-failed", logging.WARNING, node=self.node.name,
+              leases=len(due), error=error)  # fmt: skip
+        loop = self._loop
+        if loop is not None:
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(loop.call_later, 1.0, self._lease_kick)
+
+    @staticmethod
+    def _lease_rows(due: dict[tuple[str, str], tuple[str, str, float]]) -> list[LeaseRow]:
+        return [(p, a, st, who, t) for (p, a), (st, who, t) in due.items()]
+
+    def _flush_leases(self) -> None:
+        """Write the lease changes queued (on the writer's thread, or here without one)."""
+        due = self._take_leases()
         if not due:
             return
-        rows = [(p, a, st, who, t) for (p, a), (st, who, t) in due.items()]
         try:
-            self.store.put_leases(rows)
-        except sqlite3.Error as exc:
-            with self._llock:  # (what changed since is newer)
-                for k, v in due.items():
-                    self._leases_due.setdefault(k, v)
-            self.lease_counters["lease_failed_writes"] += 1
-            event(log, "lease-write-failed", logging.WARNING, node=self.node.name,
-                  leases=len(rows), error=str(exc))  # fmt: skip
-            loop = self._loop
-            if loop is not None:
-                with contextlib.suppress(RuntimeError):
-                    loop.call_soon_threadsafe(loop.call_later, 1.0, self._lease_kick)
+            self.store.put_leases(self._lease_rows(due))
+        except (sqlite3.Error, OSError) as exc:
+            self._lease_write(due, str(exc) or type(exc).__name__)
             return
-        self.lease_counters["lease_writes"] += 1
+        self._lease_write(due, None)
 
     # -- arrivals: how long they are remembered ----------------------------------------------
     @property
@@ -1115,18 +1135,27 @@ class DurableState:
     def _write_batch(self, extra: list[SAState]) -> tuple[list[_Submitted], str | None]:
         """Write what is queued (in order), then ``extra``, in one synced transaction."""
         with self._wlock:
-            # the lease changes queued so far first: a transfer's "leaving" leases are
-            # durable before its "leaving" rows, which its COMMIT waits for
-            self._flush_leases()
             batch = self._take_queue()
             rows = [r for item in batch for r in item.rows] + extra
             arrivals = [a for item in batch for a in item.arrivals]
             if not rows and not arrivals:
+                self._flush_leases()
                 return batch, None
+            # the lease changes queued so far, in the same transaction: a transfer's
+            # "leaving" leases are durable with its "leaving" rows, which its COMMIT waits for
+            due = self._take_leases()
             try:
-                self.store.put(rows, arrivals)
+                if due:
+                    self.store.put(rows, arrivals, self._lease_rows(due))
+                else:
+                    self.store.put(rows, arrivals)
             except (sqlite3.Error, OSError) as exc:
-                return batch, str(exc) or type(exc).__name__
+                error = str(exc) or type(exc).__name__
+                if due:
+                    self._lease_write(due, error)
+                return batch, error
+            if due:
+                self._lease_write(due, None)
             return batch, None
 
     def _settle(self, batch: list[_Submitted], error: str | None, *, hooks: bool = True) -> None:
