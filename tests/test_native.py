@@ -527,3 +527,81 @@ def test_a_packet_older_than_the_window_is_a_replay_not_an_icv_failure(
     assert side.r.stats.drops["replay"] == (1 if esn else 2)
     assert side.r.stats.drops["icv"] == (1 if esn else 0)
     assert side.up_in.window.top == 200 and side.up_in.counters.packets == 199
+
+
+def test_removing_an_sa_takes_exactly_its_flows() -> None:
+    """Table.remove deletes the flows of that SA from its own list of them (not a walk of
+    every flow): against a model dict, over flows added, re-added, taken over by another SA,
+    cleared (clear_flows and the 65,536 bound), keys of a bytes subclass, and SAs removed
+    and renewed. Every flow the model has is sealed by its SA, no other flow is found, the
+    counts agree, and a removed SA is held by nothing in the table."""
+    import random
+    import sys
+
+    esp = native._esp
+    rng = random.Random(7)
+    pkts = [_inner(4, 17, 40, 1000 + i, S_INNER[4], R_INNER[4]) for i in range(40)]
+    pkts += [_inner(6, 17, 40, 2000 + i, S_INNER[6], R_INNER[6]) for i in range(20)]
+    table = esp.Table()
+    keys = [table.flow_key(p) for p in pkts]
+    assert all(k is not None for k in keys) and len(set(keys)) == len(keys)
+
+    class Key(bytes):
+        pass
+
+    def new_sa(i: int) -> Any:
+        c = esp.SA(0x100 + i, True, 0, bytes(20), False, 0, ("owner", i, rng.random()))
+        c.configure(1 << 40, (1 << 64) - 1, (1 << 64) - 1, 1e300, 65535, 20)
+        c.active = True
+        return c
+
+    sas = [new_sa(i) for i in range(6)]
+    model: dict[bytes, Any] = {}
+
+    def check() -> None:
+        assert table.sizes()[1] == len(model)
+        for p, k in zip(pkts, keys, strict=True):
+            got = table.seal_flow(p, 0.0)
+            if k in model:
+                assert got is not None and got[0] is model[k].owner
+            else:
+                assert got is None
+
+    for step in range(600):
+        op = rng.random()
+        if op < 0.6:
+            i, j = rng.randrange(len(keys)), rng.randrange(len(sas))
+            table.add_flow(Key(keys[i]) if rng.random() < 0.2 else keys[i], sas[j])
+            model[keys[i]] = sas[j]
+        elif op < 0.9:
+            j = rng.randrange(len(sas))
+            old = sas[j]
+            table.remove(old)
+            model = {k: v for k, v in model.items() if v is not old}
+            assert not old.keyed
+            sas[j] = new_sa(j)
+            esp.take_touched()  # (the touched list holds each SA that sealed until taken)
+            assert sys.getrefcount(old) == 2  # this name and the call's argument only
+        elif op < 0.95:
+            table.clear_flows()
+            model.clear()
+        if step % 10 == 0:
+            check()
+    check()
+    # the bound: at 65,536 flows the next one clears them all first
+    table.clear_flows()
+    model.clear()
+    for n in range(65536):
+        table.add_flow(n.to_bytes(4, "big"), sas[n % 2])
+    assert table.sizes()[1] == 65536
+    table.add_flow(keys[0], sas[0])
+    model[keys[0]] = sas[0]
+    check()
+    table.remove(sas[1])  # its flows went with the bound: nothing else goes
+    check()
+    table.remove(sas[0])
+    model.clear()
+    check()
+    esp.take_touched()
+    first, second = sas[0], sas[1]
+    assert sys.getrefcount(first) == sys.getrefcount(second) == 3  # these names and sas

@@ -873,6 +873,11 @@ typedef struct {
     PyObject_HEAD
     PyObject *by_spi;  /* int -> SA (inbound) */
     PyObject *by_flow; /* bytes -> SA (outbound) */
+    /* SA -> its flow keys (the key while it is the only one, else a set): every (key, sa)
+     * in by_flow has key in flows_of[sa], so that remove(sa) deletes its flows without
+     * walking every flow. flows_of[sa] may also hold a key by_flow no longer maps to sa
+     * (only after a failed allocation): remove checks. */
+    PyObject *flows_of;
     uint8_t *in;       /* BATCH buffers of BUFSZ */
     uint8_t *out;
     unsigned long long in_packets, in_bytes, out_packets, out_bytes;
@@ -893,7 +898,8 @@ table_init(TableObject *self, PyObject *args, PyObject *kwds)
         return -1;
     Py_XSETREF(self->by_spi, PyDict_New());
     Py_XSETREF(self->by_flow, PyDict_New());
-    if (self->by_spi == NULL || self->by_flow == NULL)
+    Py_XSETREF(self->flows_of, PyDict_New());
+    if (self->by_spi == NULL || self->by_flow == NULL || self->flows_of == NULL)
         return -1;
     if (self->in == NULL)
         self->in = PyMem_Malloc((size_t)BATCH * BUFSZ);
@@ -911,6 +917,7 @@ table_traverse(TableObject *self, visitproc visit, void *arg)
 {
     Py_VISIT(self->by_spi);
     Py_VISIT(self->by_flow);
+    Py_VISIT(self->flows_of);
     Py_VISIT(self->pending);
     return 0;
 }
@@ -920,6 +927,7 @@ table_clear(TableObject *self)
 {
     Py_CLEAR(self->by_spi);
     Py_CLEAR(self->by_flow);
+    Py_CLEAR(self->flows_of);
     Py_CLEAR(self->pending);
     return 0;
 }
@@ -1017,6 +1025,62 @@ table_flow_key(TableObject *self, PyObject *args)
     return PyBytes_FromStringAndSize((const char *)key, kl);
 }
 
+static void
+forget_flows(TableObject *self)
+{
+    PyDict_Clear(self->by_flow);
+    PyDict_Clear(self->flows_of);
+}
+
+/* Key ``key`` joins ``sa``'s flows in flows_of: the key itself while it is the only one (most
+ * SAs carry one flow: no set made), a set from the second on. */
+static int
+flows_of_add(TableObject *self, PyObject *sa, PyObject *key)
+{
+    PyObject *cur = PyDict_GetItemWithError(self->flows_of, sa); /* borrowed */
+    if (cur == NULL)
+        return PyErr_Occurred() ? -1 : PyDict_SetItem(self->flows_of, sa, key);
+    if (PyBytes_CheckExact(cur)) {
+        if (PyBytes_GET_SIZE(cur) == PyBytes_GET_SIZE(key)
+            && memcmp(PyBytes_AS_STRING(cur), PyBytes_AS_STRING(key),
+                      (size_t)PyBytes_GET_SIZE(key)) == 0)
+            return 0;
+        PyObject *set = PySet_New(NULL);
+        if (set == NULL || PySet_Add(set, cur) < 0 || PySet_Add(set, key) < 0
+            || PyDict_SetItem(self->flows_of, sa, set) < 0) {
+            Py_XDECREF(set);
+            return -1;
+        }
+        Py_DECREF(set);
+        return 0;
+    }
+    return PySet_Add(cur, key);
+}
+
+/* Key ``key`` left ``sa`` (another SA took it): out of sa's flows. Cannot fail (a failure
+ * would leave it there, which remove tolerates). */
+static void
+flows_of_discard(TableObject *self, PyObject *sa, PyObject *key)
+{
+    PyObject *cur = PyDict_GetItemWithError(self->flows_of, sa);
+    if (cur == NULL) {
+        PyErr_Clear();
+        return;
+    }
+    if (PyBytes_CheckExact(cur)) {
+        if (PyBytes_GET_SIZE(cur) == PyBytes_GET_SIZE(key)
+            && memcmp(PyBytes_AS_STRING(cur), PyBytes_AS_STRING(key),
+                      (size_t)PyBytes_GET_SIZE(key)) == 0
+            && PyDict_DelItem(self->flows_of, sa) < 0)
+            PyErr_Clear();
+        return;
+    }
+    if (PySet_Discard(cur, key) < 0)
+        PyErr_Clear();
+    else if (PySet_GET_SIZE(cur) == 0 && PyDict_DelItem(self->flows_of, sa) < 0)
+        PyErr_Clear();
+}
+
 static PyObject *
 table_add_flow(TableObject *self, PyObject *args)
 {
@@ -1024,8 +1088,31 @@ table_add_flow(TableObject *self, PyObject *args)
     if (!PyArg_ParseTuple(args, "SO!", &key, &SAType, &sa))
         return NULL;
     if (PyDict_GET_SIZE(self->by_flow) >= 65536)
-        PyDict_Clear(self->by_flow);
-    if (PyDict_SetItem(self->by_flow, key, sa) < 0)
+        forget_flows(self);
+    /* a plain bytes copy of a subclass: no Python code (__hash__, __eq__) runs in the dicts
+     * and the sets */
+    if (PyBytes_CheckExact(key))
+        Py_INCREF(key);
+    else if ((key = PyBytes_FromStringAndSize(PyBytes_AS_STRING(key),
+                                              PyBytes_GET_SIZE(key))) == NULL)
+        return NULL;
+    PyObject *old = PyDict_GetItemWithError(self->by_flow, key); /* borrowed */
+    if (old == sa || (old == NULL && PyErr_Occurred())) {
+        Py_DECREF(key);
+        if (old == sa)
+            Py_RETURN_NONE;
+        return NULL;
+    }
+    Py_XINCREF(old);
+    /* sa's flows first: whatever fails after, no flow maps to an SA whose flows lack it */
+    int r = flows_of_add(self, sa, key);
+    if (r == 0)
+        r = PyDict_SetItem(self->by_flow, key, sa);
+    if (r == 0 && old != NULL)
+        flows_of_discard(self, old, key);
+    Py_XDECREF(old);
+    Py_DECREF(key);
+    if (r < 0)
         return NULL;
     Py_RETURN_NONE;
 }
@@ -1033,7 +1120,7 @@ table_add_flow(TableObject *self, PyObject *args)
 static PyObject *
 table_clear_flows(TableObject *self, PyObject *unused)
 {
-    PyDict_Clear(self->by_flow);
+    forget_flows(self);
     Py_RETURN_NONE;
 }
 
@@ -1053,6 +1140,16 @@ table_add_spi(TableObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
+/* The flow ``key`` goes if it still names ``sa``. */
+static int
+drop_flow(TableObject *self, PyObject *sa, PyObject *key)
+{
+    PyObject *cur = PyDict_GetItemWithError(self->by_flow, key);
+    if (cur == sa)
+        return PyDict_DelItem(self->by_flow, key);
+    return cur == NULL && PyErr_Occurred() ? -1 : 0;
+}
+
 static PyObject *
 table_remove(TableObject *self, PyObject *args)
 {
@@ -1069,22 +1166,32 @@ table_remove(TableObject *self, PyObject *args)
     }
     Py_DECREF(k);
     PyErr_Clear();
-    /* flows pointing at it */
-    PyObject *dead = PyList_New(0), *key, *val;
-    Py_ssize_t pos = 0;
-    if (dead == NULL)
-        return NULL;
-    while (PyDict_Next(self->by_flow, &pos, &key, &val))
-        if (val == sa && PyList_Append(dead, key) < 0) {
-            Py_DECREF(dead);
-            return NULL;
+    /* flows pointing at it: those flows_of lists (not a walk of every flow). Should a step fail
+     * (memory), every flow goes: they are a cache the engine refills. */
+    PyObject *keys = PyDict_GetItemWithError(self->flows_of, sa); /* a key or a set of them */
+    if (keys != NULL) {
+        Py_INCREF(keys);
+        if (PyDict_DelItem(self->flows_of, sa) == 0) {
+            if (PyBytes_CheckExact(keys))
+                drop_flow(self, sa, keys);
+            else {
+                /* plain bytes (add_flow): no Python code runs while the set is walked */
+                PyObject *it = PyObject_GetIter(keys), *key;
+                while (it != NULL && (key = PyIter_Next(it)) != NULL) {
+                    int r = drop_flow(self, sa, key);
+                    Py_DECREF(key);
+                    if (r < 0)
+                        break;
+                }
+                Py_XDECREF(it);
+            }
         }
-    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(dead); i++)
-        if (PyDict_DelItem(self->by_flow, PyList_GET_ITEM(dead, i)) < 0) {
-            Py_DECREF(dead);
-            return NULL;
-        }
-    Py_DECREF(dead);
+        Py_DECREF(keys);
+    }
+    if (PyErr_Occurred()) {
+        PyErr_Clear();
+        forget_flows(self);
+    }
     /* Out of the table, out of service: its keys go now, not when the touched list (or
      * anything else still holding the object) lets go of it. */
     sa_wipe((SAObject *)sa);
