@@ -145,7 +145,8 @@ class Service:
             # was recorded leaving before its COMMIT)
             self.state.attach_pools(
                 self.ike.engine.pools,
-                elsewhere=cfg.failover is not None or cfg.cluster is not None,
+                elsewhere=cfg.failover is not None
+                or (cfg.cluster is not None and bool(cfg.cluster.etcd)),
             )
             self.state.leases_leaving = self.ike.leases_leaving
         if self.ike is not None and self.transfer is not None and self.peers is not None:
