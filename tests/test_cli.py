@@ -71,7 +71,13 @@ def test_ctrl_c_is_one_line_and_130_at_every_stage(
     monkeypatch.setattr(sa, "request", request)
     assert cli.main(["status", "-s", "/nonexistent.sock"]) == 130
     assert capsys.readouterr().err == "ipsecct: interrupted\n"  # nothing was asked to change
-    for argv in (["sa", "delete", "0x10", "-s", "/x"], ["pmtu", "set", "16", "1280", "-s", "/x"]):
+    assert cli.main(["pools", "--leases", "-s", "/x"]) == 130
+    assert capsys.readouterr().err == "ipsecct: interrupted\n"  # only a listing
+    for argv in (
+        ["sa", "delete", "0x10", "-s", "/x"],
+        ["pmtu", "set", "16", "1280", "-s", "/x"],
+        ["pools", "--release", "10.3.0.1", "-s", "/x"],
+    ):
         assert cli.main(argv) == 130
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and err.startswith("ipsecct: interrupted (if the daemon got")

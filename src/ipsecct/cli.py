@@ -69,7 +69,7 @@ def _one_line(text: str) -> str:
 # Commands whose request changes a running daemon: the daemon carries a request it got out
 # whether or not this process waits for the answer.
 _CHANGES = {("transfer", None), ("rebalance", None), ("failover", None), ("pmtu", "set"),
-            ("sa", "add"), ("sa", "delete"), ("sa", "discard")}  # fmt: skip
+            ("sa", "add"), ("sa", "delete"), ("sa", "discard"), ("pools", "release")}  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -91,7 +91,10 @@ def _main(argv: Sequence[str] | None, running: list[tuple[str, str | None]]) -> 
     parser = build_parser()
     args = parser.parse_args(argv)
     command = getattr(args, "command", None) or ""
-    running.append((command, getattr(args, "action", None) if command in ("sa", "pmtu") else None))
+    action = getattr(args, "action", None) if command in ("sa", "pmtu") else None
+    if command == "pools" and getattr(args, "release", None) is not None:
+        action = "release"
+    running.append((command, action))
     logging.basicConfig(
         level=logging.WARNING - 10 * min(args.verbose, 2),
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
