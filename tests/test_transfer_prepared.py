@@ -505,3 +505,26 @@ def test_a_tunnel_the_target_refused_while_preparing_is_no_longer_busy() -> None
     w.deliver_all()
     assert sg1.finished[-1].transfer_id == tid and sg1.finished[-1].outcome == "partial"
     unique(w)
+
+
+def test_what_one_peer_has_the_target_remember_is_bounded() -> None:
+    """A peer sending PREPAREs (or COMMITs, CTCs) under fresh tags of transfers that do not
+    exist had each remembered for replay protection for 2 x retry_max: memory grew with
+    its rate. Past ``max_seen_per_peer`` its messages are dropped and counted; another
+    peer's transfer goes on, and the flooding peer's once its entries expire."""
+    s = {g: Settings(make_before_break=True, mbb_margin=MARGIN, max_seen_per_peer=100)
+         for g in ("sg1", "sg2", "sg3")}  # fmt: skip
+    w = World(("sg1", "sg2", "sg3"), settings=s)
+    sg2 = w.gw["sg2"]
+    for i in range(150):
+        flood = cxtp.CTD(w.mn_out.src, 0, (cxtp.TransferTag(0x5000 + i, 1).encode(),
+                                           transfer.prepare_cdb(30)))  # fmt: skip
+        sg2.run(sg2.core.receive("sg3", flood, w.now))
+    assert len(sg2.core.seen) == 100 and sg2.core.counters["over_limit"] == 50
+    prepare(w)  # sg1's is not affected
+    assert sg2.engine.tunnels()
+    w.now += 2 * s["sg2"].retry_max + 1
+    sg2.tick()
+    assert all(p != "sg3" for p, _, _ in sg2.core.seen)
+    sg2.run(sg2.core.receive("sg3", flood, w.now))
+    assert sg2.core.counters["over_limit"] == 50

@@ -119,6 +119,10 @@ class Settings:
     max_contexts_per_message: int = 1024  # CDBs in one PCTD/CTD
     max_contexts_per_transfer: int = 40000  # CDBs in one transfer (two per tunnel)
     max_transfer_octets: int = 16 << 20  # octets of CDBs buffered for one transfer
+    # Messages of one peer remembered for replay protection (2 x retry_max each): past it
+    # the peer's messages are dropped (counted over_limit), so that a peer sending fresh
+    # tags (PREPAREs, COMMITs, CTCs of transfers that do not exist) cannot grow it unbounded.
+    max_seen_per_peer: int = 65536
     # Cluster-unique SPIs (ipsecct.ipsec.spi): a reassigned inbound SPI comes from this block.
     spi_block: SpiBlock | None = None
     # Make-before-break (docs/cxtp.md): the source goes on sending and receiving on its
@@ -825,6 +829,7 @@ class TransferCore:
         self.decided_peer: dict[int, str] = {}
         self.records: deque[Record] = deque(maxlen=1000)
         self.seen: dict[tuple[str, int, int], float] = {}  # replay protection
+        self._seen_of: dict[str, int] = {}  # entries of ``seen`` per peer (bounded)
         self.ctar_seq: dict[IPAddress, int] = {}  # highest CTAR/CT-Req sequence per MN
         self.counters = {
             "refused": 0,
@@ -2121,6 +2126,12 @@ class TransferCore:
             if msg.answer == cxtp.Answer.QUERY:
                 return self._on_query(peer, msg, tag, now)
             return self._on_answer(peer, msg, tag, now)
+        if key not in self.seen:
+            n = self._seen_of.get(peer, 0)
+            if n >= self.settings.max_seen_per_peer:
+                self.counters["over_limit"] += 1
+                return []
+            self._seen_of[peer] = n + 1
         self.seen[key] = now + self.settings.retry_max * 2
         if isinstance(msg, cxtp.PCTD | cxtp.CTD) and self._is_decision(msg):
             return self._on_commit(peer, tag, now, parse_grant(msg.cdbs[1]))
@@ -2291,7 +2302,7 @@ class TransferCore:
             # The id of another peer's transfer towards us (ids are the source's choice):
             # refused, so that a query, a COMMIT or the durable state never takes one for
             # the other.
-            self.seen.pop((peer, tag.transfer_id, tag.seq), None)
+            self._unsee((peer, tag.transfer_id, tag.seq))
             self._foreign(peer, "data", tag.transfer_id, whose)
             return [self._refusal(peer, msg.mn_prev, tag.transfer_id, cxtp.Status.BUSY)]
         if inc is None:
@@ -2303,7 +2314,7 @@ class TransferCore:
             if busy >= s.max_incoming_per_peer:
                 # Refused before anything is kept: not even the message's replay record.
                 self.counters["over_limit"] += 1
-                self.seen.pop((peer, tag.transfer_id, tag.seq), None)
+                self._unsee((peer, tag.transfer_id, tag.seq))
                 return [self._refusal(peer, msg.mn_prev, tag.transfer_id, cxtp.Status.BUSY)]
             mode = "predictive" if isinstance(msg, cxtp.PCTD) else "reactive"
             inc = _Incoming(
@@ -2334,6 +2345,14 @@ class TransferCore:
         if not tag.last:
             return []
         return self._install(inc, now)
+
+    def _unsee(self, key: tuple[str, int, int]) -> None:
+        if self.seen.pop(key, None) is not None:
+            n = self._seen_of[key[0]] - 1
+            if n:
+                self._seen_of[key[0]] = n
+            else:
+                del self._seen_of[key[0]]
 
     def _refusal(self, peer: str, mn: IPAddress, tid: int, status: int) -> Send:
         return Send(
@@ -3059,7 +3078,7 @@ class TransferCore:
                     self.decided_peer.pop(tid, None)
             for key, until in list(self.seen.items()):
                 if now >= until:
-                    del self.seen[key]
+                    self._unsee(key)
             for k2, until in list(self._ctar_seen.items()):
                 if now >= until:
                     del self._ctar_seen[k2]
