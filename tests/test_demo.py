@@ -146,6 +146,32 @@ def test_demo_prepared_handover_commits_at_the_handover_and_says_so() -> None:
     assert len(r.stderr.strip().splitlines()) == 1 and "--prepare-ahead" in r.stderr, r.stderr
 
 
+def test_demo_handover_is_predictive_by_default_and_reactive_on_request() -> None:
+    """The default handover is prepared a second ahead and committed at the handover
+    (predictive); ``--reactive`` runs the whole transfer at the handover. The JSON and the
+    human summary say which ran; --reactive with a preparation is one line, exit 2."""
+    def demo(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "ipsecct", "demo", "--seconds", "2", "--rate", "200", *args],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+
+    r = demo("--json", "--keying", "manual")
+    assert r.returncode == 0, r.stderr
+    s = json.loads(r.stdout.splitlines()[-1])
+    (h,) = s["handovers"]
+    assert h["context_transfer"] == "predictive" and h["prepared"] is True, h
+    assert h["prepared_ahead_s"] == 1.0 and h["prepare_ms"] > 0 and h["lost"] == 0, h
+    r = demo("--reactive", "--keying", "manual")
+    assert r.returncode == 0, r.stderr
+    line = next(x for x in r.stdout.splitlines() if x.strip().startswith("handover sg1"))
+    assert "(direct, reactive)" in line and "prepared" not in line, r.stdout
+    assert "handover: direct (reactive)" in r.stdout, r.stdout
+    r = demo("--reactive", "--prepared")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "--reactive" in r.stderr, r.stderr
+
+
 def test_the_stream_apps_keep_the_backlog_of_a_stalled_demo_process() -> None:
     """The demo's process may not run for a few hundred ms on a loaded machine: the stream's
     packets wait in its applications' sockets meanwhile. Those take 4 MiB (as a node's do;

@@ -76,10 +76,13 @@ def test_demo_ike_sa_established_once_and_moved(mode: str, tmp_path: Path) -> No
     assert list(s) == ["packets", "drops", "handovers", "ike"]
     (h,) = s["handovers"]
     assert (h["from"], h["to"], h["mode"]) == ("sg1", "sg2", mode)
+    # (predictive by default: prepared ahead, the handover its commit)
     assert list(h) == [
-        "from", "to", "mode", "transfer_ms", "gap_ms", "lost", "transfer_cpu_ms", "gap_at_ms",
-        "handover_gap_ms", "baseline_gap_ms",
+        "from", "to", "mode", "transfer_ms", "gap_ms", "lost", "transfer_cpu_ms",
+        "context_transfer", "prepared", "prepare_ms", "prepared_ahead_s", "commit_sent_ms",
+        "gap_at_ms", "handover_gap_ms", "baseline_gap_ms",
     ]
+    assert h["context_transfer"] == "predictive", h
     # The gateways' event-loop CPU time over the transfer (from their records), for telling
     # waiting from working on a busy machine: a real measurement, not a placeholder.
     assert isinstance(h["transfer_cpu_ms"], float) and h["transfer_cpu_ms"] > 0

@@ -10,6 +10,10 @@ from typing import Any
 from ..errors import IpsecctError
 from .args import number
 
+# How long before the handover the default (predictive) handover prepares its transfer
+# (``--prepare-ahead``), at most half of the stream.
+PREPARE_AHEAD = 1.0
+
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from ..demo import tour as demo
@@ -20,6 +24,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.rate > 20000:
         raise IpsecctError("--rate above 20000 packets/s is more than one Python process sends")
     keying = args.keying or ("manual" if args.failover else "ike")
+    prepare_ahead = args.prepare_ahead
+    if args.reactive:
+        if prepare_ahead is not None:
+            raise IpsecctError("--reactive prepares nothing ahead: not with --prepared or"
+                               " --prepare-ahead")  # fmt: skip
+        prepare_ahead = 0.0
+    elif prepare_ahead is None:
+        # A mobile node's handover is usually predicted (RFC 4067's predictive context
+        # transfer): prepared ahead, committed at the handover. A fail-over is not.
+        predicted = mode in ("direct", "indirect")
+        prepare_ahead = min(PREPARE_AHEAD, args.seconds / 2) if predicted else 0.0
 
     async def main() -> dict[str, Any]:
         # SIGTERM ends the demo as Ctrl-C does: its gateways' processes are stopped on the
@@ -30,7 +45,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return await demo.run(args.rate, args.seconds, handover=mode, keying=keying,
                               ike_timeout=args.ike_timeout, as_json=args.json,
                               start_timeout=args.start_timeout,
-                              prepare_ahead=args.prepare_ahead)  # fmt: skip
+                              prepare_ahead=prepare_ahead)  # fmt: skip
 
     try:
         s = asyncio.run(main())
@@ -57,17 +72,23 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--prepare-ahead",
         type=number(float, high=1800),
-        default=0.0,
+        default=None,
         metavar="SECONDS",
         help="prepare the handover's transfer this long before it (transfer --prepare) and"
-        " commit it at the handover (transfer --commit): transfer_ms runs from the commit",
+        " commit it at the handover (transfer --commit): transfer_ms runs from the commit"
+        f" (predictive, the default: {PREPARE_AHEAD:g} s, at most half of --seconds)",
     )
     p.add_argument(
         "--prepared",
         dest="prepare_ahead",
         action="store_const",
-        const=1.0,
-        help="the same as --prepare-ahead 1",
+        const=PREPARE_AHEAD,
+        help=f"the same as --prepare-ahead {PREPARE_AHEAD:g} (the default)",
+    )
+    p.add_argument(
+        "--reactive",
+        action="store_true",
+        help="nothing prepared ahead: the whole transfer (ipsecct transfer) at the handover",
     )
     p.add_argument(
         "--keying",

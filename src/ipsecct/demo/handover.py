@@ -4,8 +4,10 @@ Every gateway of the demo runs real context transfer (its service's
 :class:`~ipsecct.gateway.transfer_service.TransferService`: TLS 1.3 with mutual certificate
 authentication between the gateways, on loopback) and the mobile node runs the
 :class:`~ipsecct.gateway.mobile_agent.MobileAgent`. Half-way through the stream the operator's
-``ipsecct transfer`` is issued on sg1 (predictive, make-before-break); with ``--failover`` sg1
-is killed instead and its standby takes over.
+``ipsecct transfer`` is issued on sg1 (make-before-break): by default prepared a second
+ahead (``transfer --prepare``) and committed at the handover (``transfer --commit``), RFC
+4067's predictive context transfer; with ``--reactive`` the whole transfer at the handover.
+With ``--failover`` sg1 is killed instead and its standby takes over.
 """
 
 from __future__ import annotations
@@ -113,6 +115,7 @@ async def handover(demo: Demo, mode: str) -> None:
         # stream's applications' work; not the forwarding and state-writer threads): on a
         # busy machine, what the handover waited for is transfer_ms minus this.
         "transfer_cpu_ms": round((cpu[0] - c0) * 1000, 3),
+        "context_transfer": "reactive",  # (nothing prepared ahead)
     }
     demo.handovers.append(entry)
 
@@ -206,6 +209,9 @@ async def _handover_processes(demo: Demo, mode: str) -> None:
         # acknowledgement): the work the handover took; not the forwarding and
         # state-writer threads, nor the MN's and the stream's in this process.
         "transfer_cpu_ms": None if cpu is None else round(cpu * 1000, 3),
+        # RFC 4067's terms: predictive, prepared ahead and committed at the handover (the
+        # default); reactive, the whole transfer at the handover (--reactive)
+        "context_transfer": "reactive" if prepared is None else "predictive",
     }
     if prepared is not None:
         # transfer_ms (and the CPU time) run from the commit; the preparation apart

@@ -728,8 +728,11 @@ def print_summary(s: dict[str, Any], out: TextIO) -> None:
         out.write(f"  {k:<22} {v:>8}\n")
     for h in s["handovers"]:
         out.write(
-            f"  handover {h['from']} -> {h['to']} ({h['mode']}):"
-            f" transfer {h['transfer_ms']:.2f} ms"
+            f"  handover {h['from']} -> {h['to']} ({h['mode']}"
+            + (f", {h['context_transfer']}" if "context_transfer" in h else "")
+            + (f", prepared {h['prepared_ahead_s']:g} s ahead" if h.get("prepared") else "")
+            + f"): transfer {h['transfer_ms']:.2f} ms"
+            + (" from the commit" if h.get("prepared") else "")
             + (f" (event loop CPU {h['transfer_cpu_ms']:.2f} ms)," if "transfer_cpu_ms" in h
                else ",")
             + f" longest gap {h['gap_ms']:.1f} ms"

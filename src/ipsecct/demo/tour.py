@@ -74,7 +74,8 @@ async def run(
                     f"ipsecct demo: MN {MN_INNER} <-> host {HOST_INNER}"
                     " through sg1/sg2 on loopback,"
                     f" {rate} packets/s each way for {seconds:g} s, handover: {handover}"
-                    + (f" (prepared {prepare_ahead:g} s ahead)" if prepare_ahead else "")
+                    + (f" (predictive: prepared {prepare_ahead:g} s ahead)" if prepare_ahead
+                       else " (reactive)" if handover in ("direct", "indirect") else "")
                     + (", keying: IKEv2\n" if keying == "ike" else "\n")
                 )
                 out.flush()  # a pipe's reader sees it now, not with the first status line
