@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509 import load_pem_x509_certificate
 
 from ipsecct.ct import cxtp
-from ipsecct.ct.transfer import Record
+from ipsecct.ct.transfer import FPT_DECISION, FPT_FINAL, Record
 from ipsecct.demo import handover as demo_handover
 from ipsecct.demo import topology as demo
 from ipsecct.errors import ChannelError, ControlError, DemoError, TransferError
@@ -119,6 +119,37 @@ def test_predictive_handover_while_streaming(tmp_path: Path, identity: str) -> N
         assert st1["peers"][0]["name"] == "sg2" and st1["peers"][0]["connected"]
 
     run_demo(tmp_path, body, identity=identity)
+
+
+def test_a_prepared_transfers_final_and_commit_leave_in_one_write(tmp_path: Path) -> None:
+    """transfer --prepare, then the commit: the FINAL and the COMMIT the source sends on the
+    trigger go to the target's TLS channel in one write (one record, one send: before, two
+    back to back), and the target takes both (the tunnel is active there, committed)."""
+
+    async def body(d: demo.Demo) -> None:
+        spi = mn_tunnel_spi(d)
+        s1 = services(d)["sg1"]
+        committed = route_on_commit(d, "sg2")
+        ready = await s1.transfer([spi], "sg2", prepare=True)
+        conn = s1.channels.conns["sg2"]
+        writes: list[bytes] = []
+        write = conn.writer.write
+
+        def counted(data: bytes) -> None:
+            writes.append(bytes(data))
+            write(data)
+
+        conn.writer.write = counted  # type: ignore[method-assign]
+        rec = await s1.commit(ready.transfer_id)
+        assert rec.outcome == "committed"
+        await asyncio.wait_for(committed, 5)
+        assert state_at(d, "sg2", spi) is TunnelState.ACTIVE
+        msgs = cxtp.StreamDecoder().feed(writes[0])
+        kinds = [cxtp.cdb_fpt(m.cdbs[1]) for m in msgs if isinstance(m, cxtp.CTD)]
+        assert kinds == [FPT_FINAL, FPT_DECISION], kinds
+        assert len(msgs) == 2
+
+    run_demo(tmp_path, body)
 
 
 def test_reactive_transfer_command(tmp_path: Path) -> None:

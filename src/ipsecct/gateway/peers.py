@@ -277,18 +277,27 @@ class PeerChannels:
         return c is not None and not c.closed
 
     def send(self, peer: str, msg: cxtp.Message) -> None:
-        try:
-            data = cxtp.encode(msg)
-        except CxtpError as exc:  # a bug: never let it stop the caller's loop
-            event(
-                log,
-                "message-unencodable",
-                logging.ERROR,
-                node=self.name,
-                peer=peer,
-                error=str(exc),
-            )
+        self.send_many(peer, [msg])
+
+    def send_many(self, peer: str, msgs: list[cxtp.Message]) -> None:
+        """Send ``msgs`` to ``peer`` in their order, in one write (one TLS record: a
+        transfer's FINAL and COMMIT, say)."""
+        parts = []
+        for msg in msgs:
+            try:
+                parts.append(cxtp.encode(msg))
+            except CxtpError as exc:  # a bug: never let it stop the caller's loop
+                event(
+                    log,
+                    "message-unencodable",
+                    logging.ERROR,
+                    node=self.name,
+                    peer=peer,
+                    error=str(exc),
+                )
+        if not parts:
             return
+        data = parts[0] if len(parts) == 1 else b"".join(parts)
         # Fast path: an open connection with nothing queued ahead: write now (the transport
         # buffers; the writer task drains when the buffer grows), no task switch on the way.
         c = self.conns.get(peer)

@@ -124,9 +124,20 @@ class TransferService:
 
     # -- plumbing ------------------------------------------------------------------------
     def run(self, outputs: list[Output]) -> None:
-        for o in outputs:
+        batch: list[cxtp.Message] = []
+        for i, o in enumerate(outputs):
             if isinstance(o, Send):
-                self.channels.send(o.peer, o.msg)
+                # Messages that follow each other to one peer go in one write (a FINAL and
+                # its COMMIT: one TLS record): sent with the last of them.
+                batch.append(o.msg)
+                nxt = outputs[i + 1] if i + 1 < len(outputs) else None
+                if isinstance(nxt, Send) and nxt.peer == o.peer:
+                    continue
+                if len(batch) == 1:
+                    self.channels.send(o.peer, o.msg)
+                else:
+                    self.channels.send_many(o.peer, batch)
+                batch = []
             elif isinstance(o, Inject):
                 if o.inbound:
                     self.node.from_outer(o.packet, ())
