@@ -1037,3 +1037,26 @@ def test_a_prepared_transfer_never_committed_times_out_without_a_gap(
     with pytest.raises(ControlError, match=r"rolled back|no prepared"):
         request(sock, "transfer.commit", {"id": rec["id"]}, 10)
     assert cap.duplicates() == []
+
+
+def test_a_rebalance_while_a_transfer_is_prepared_moves_other_tunnels(
+    prepared_pair: Gateways,
+) -> None:
+    """``ipsecct rebalance`` took the first active tunnels, the one of a prepared transfer
+    among them (active: it sends below its cap until the commit), and failed whole ("being
+    transferred: busy") for as long as that transfer waited. It moves others now; the
+    prepared one still commits."""
+    gws = prepared_pair
+    cap: Capture = gws.capture  # type: ignore[attr-defined]
+    sock = str(gws.dir / "sg1.sock")
+    wait_for(lambda: len(cap.seen) > 100, "no traffic")
+    first = min(gws.active_spis("sg1"))
+    rec = request(sock, "transfer", {"spi": hex(first), "to": "sg2", "prepare": True}, 30)
+    assert rec["outcome"] == "prepared", rec
+    moved = request(sock, "rebalance", {"to": "sg2", "count": 1}, 30)
+    assert moved["outcome"] == "committed" and moved["accepted"] == 1, moved
+    done = request(sock, "transfer.commit", {"id": rec["id"]}, 30)
+    assert done["outcome"] == "committed", done
+    wait_for(lambda: settled(gws, ["sg1", "sg2"]), "transfers did not settle")
+    assert first in gws.active_spis("sg2") and len(gws.active_spis("sg2")) == 2
+    assert cap.duplicates() == []

@@ -46,6 +46,7 @@ log = logging.getLogger("ipsecct.ct.transfer")
 CPU_STAMPS = 64  # finished records whose CPU stamp transfer.wait can still give
 WAIT_LIMIT = 60.0  # seconds a transfer.wait may hold its control connection
 
+UNCAPPED = 1 << 64  # a tunnel's transfer_cap when no transfer caps it (engine.Tunnel)
 GC_CHECK_INTERVAL = 1.0  # seconds between the collector policy's checks (gcpolicy.maintain)
 
 
@@ -449,9 +450,12 @@ class TransferService:
     async def rebalance(
         self, to: str, count: int, timeout: float = 60.0, limit: float | None = None
     ) -> Record:
+        # (not one sending below a transfer's cap: a prepared transfer's, active until its
+        # commit, made the whole rebalance fail as busy)
         spis = [
-            t.outbound.spi for t in self.node.engine.tunnels() if t.state is TunnelState.ACTIVE
-        ][:count]
+            t.outbound.spi for t in self.node.engine.tunnels()
+            if t.state is TunnelState.ACTIVE and t.transfer_cap == UNCAPPED
+        ][:count]  # fmt: skip
         if not spis:
             raise TransferError("no tunnels to move")
         if self.siblings_of is not None:
@@ -461,7 +465,8 @@ class TransferService:
             for spi in list(spis):
                 for s in self.siblings_of(spi):
                     t = self.node.engine.tunnel_by_spi(s)
-                    if s not in chosen and t is not None and t.state is TunnelState.ACTIVE:
+                    if (s not in chosen and t is not None and t.state is TunnelState.ACTIVE
+                            and t.transfer_cap == UNCAPPED):  # fmt: skip
                         chosen.add(s)
                         spis.append(s)
         return await self.transfer(spis, to, timeout=timeout, limit=limit)
