@@ -1126,8 +1126,9 @@ def test_close_action_start_node_asks_strongswan_again_for_what_it_closed(
     """An ``ipsecct node`` with ``close_action = start`` against an unmodified strongSwan
     responder: strongSwan closes the CHILD SA alone (``swanctl --terminate --child``): the
     node asks for a new one in the same IKE SA (CREATE_CHILD_SA without REKEY_SA), which
-    strongSwan installs; then strongSwan closes the IKE SA: the node connects again at once.
-    Ping passes after each."""
+    strongSwan installs; then strongSwan closes the IKE SA: the node connects again at once;
+    closed again, it connects after its back-off's first delay (``event=ike-retry``, the
+    node's timer). Ping passes after each."""
     with Namespaces("a", "b") as ns:
         build_namespaces(ns)
         with Responder(ns, workdir) as ss:
@@ -1156,5 +1157,14 @@ def test_close_action_start_node_asks_strongswan_again_for_what_it_closed(
                            "the node to connect again", timeout=30)  # fmt: skip
                 assert ping_once_up(ns, "a", B.inner, 2) == 2, mn.logtext() + ss.logtail()
                 assert "ike-restart" in mn.logtext()
+                # closed again at once: the restart waits its back-off (the node's timer)
+                ss.swanctl("--terminate", "--ike", "cB")
+                wait_until(lambda: len(re.findall(r"IKE_SA cB\[\d+\] established",
+                                                  ss.log())) == 3,
+                           "the node to connect again, after its back-off", timeout=30)  # fmt: skip
+                delays = [float(d) for d in re.findall(
+                    r"event=ike-retry .*?attempt=\d+ delay_s=([\d.]+)", mn.logtext())]  # fmt: skip
+                assert delays[0] == 0.0 and 0.75 <= delays[-1] <= 1.0, delays
+                assert ping_once_up(ns, "a", B.inner, 2) == 2, mn.logtext() + ss.logtail()
             finally:
                 mn.cleanup()
