@@ -905,3 +905,54 @@ def test_an_unexpected_failure_of_the_export_after_the_commit_is_caught_and_repo
     (delete,) = answers
     w.ini.receive(delete.data, delete.src, delete.dst, 2.0)
     assert ike_i.state is IkeState.DEAD  # the client dropped it, and its CHILD SAs
+
+
+def test_a_child_sa_from_a_peer_has_one_unique_id_in_sa_list_sa_show_and_the_logs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A CHILD SA whose tunnel came by transfer: its SAs were named by the source with the
+    source's unique id (``rw/net#4``) and the IKE SA's import gave it another here (``net:
+    #8`` in ``sa list``'s IKE section). Renamed with this gateway's id when its IKE SA takes
+    the tunnel: ``sa list`` (both sections), ``sa show`` and the log name one id, as
+    ``swanctl --list-sas`` does."""
+    import re
+
+    from ipsecct import cli
+    from ipsecct.commands import sa as sa_cmd
+    from ipsecct.gateway.control import sa_summary
+    from ipsecct.ikev2.engine import ChildDown
+
+    w = pair(mn_conn(dpd=10), conn(dpd=10))
+    connect(w)
+    (ike_r,) = w.resp.ike_sas()
+    (child,) = ike_r.children
+    svc = _service(tmp_path)
+    theirs = f"{ike_r.conn.name}/{child.name}#{child.uid + 1000}"  # the source's id
+    entry, out, inn = child.sas(R500, I500, False, theirs)
+    svc.node.engine.add_tunnel(entry, out, inn).came_from = "sg1"
+    svc.receive_context("sg1", w.resp.export_ike(ike_r, 1.0))
+    (ike,) = svc.engine.ike_sas()
+    (mine,) = ike.children
+    assert mine.uid != child.uid + 1000
+    ours = f"{ike.conn.name}/{mine.name}#{mine.uid}"
+
+    def answer(path: str, cmd: str, args: object = None, timeout: float = 0.0) -> object:
+        now = svc.node.clock()
+        sas = [sa_summary(sa, now) for sa in svc.node.engine.sad]
+        return {"ike.list": svc.list(), "sa.list": sas, "sa.show": sas}[cmd]
+
+    monkeypatch.setattr(sa_cmd, "request", answer)
+    assert cli.main(["sa", "list", "-s", str(tmp_path / "x.sock")]) == 0
+    text = capsys.readouterr().out
+    assert f"  {mine.name}: #{mine.uid}, INSTALLED, TUNNEL" in text, text
+    assert text.count(ours) == 2 and theirs not in text, text  # both SAs' rows
+    assert set(re.findall(r"#(\d+)", text)) == {str(ike.uid), str(mine.uid)}, text
+    assert cli.main(["sa", "show", hex(mine.spi_out), "-s", str(tmp_path / "x.sock")]) == 0
+    text = capsys.readouterr().out
+    assert f"name: {ours}" in text and theirs not in text, text
+    # the log of its removal names it so too (as its installation here would)
+    with caplog.at_level("INFO", logger="ipsecct"):
+        down = [o for o in svc.engine.delete_child(ike, mine, 2.0) if isinstance(o, ChildDown)]
+        svc._act(down)  # (the DELETE itself is not sent: no socket here)
+    assert f"child={ours}" in caplog.text, caplog.text

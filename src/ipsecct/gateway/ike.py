@@ -38,7 +38,7 @@ from ..ikev2.engine import (
     ReplayCounterSynced,
     Send,
 )
-from ..ikev2.ikesa import Address, IkeSA, IkeState
+from ..ikev2.ikesa import Address, ChildSA, IkeSA, IkeState
 from ..ikev2.message import TrafficSelector
 from ..ikev2.restart import Restarts
 from ..ipsec.ippacket import IPAddress as IPAddr
@@ -80,6 +80,12 @@ IKE_SPI_LEN = 8  # octets of an IKE SPI (RFC 7296 §3.1)
 
 
 TRAP_GAP = 2.0  # seconds: at most one IKE SA started by a connection's trap in this time
+
+
+def _label(ike: IkeSA, child: ChildSA) -> str:
+    """A CHILD SA's name in the SA table and the logs: CONNECTION/CHILD#UNIQUE-ID, the id
+    ``sa list`` shows beside it (``swanctl --list-sas``'s ``net: #4``)."""
+    return f"{ike.conn.name}/{child.name}#{child.uid}"
 
 
 def _ts_take(ts: list[TrafficSelector], addr: IPAddr, proto: int, port: int) -> bool:
@@ -664,7 +670,7 @@ class IkeService:
             self._retry_later(o.conn, why=o.reason)
         elif isinstance(o, ChildUp):
             ike, child = o.ike, o.child
-            label = f"{ike.conn.name}/{child.name}#{child.uid}"
+            label = _label(ike, child)
             enc = self._encap(ike)
             here = ike.local.host if self.mobile else self.local_host
             local = Address(here, enc.sport if enc else 0)
@@ -698,7 +704,7 @@ class IkeService:
                     eng.add_shadow(inbound)
                     by_us = o.reason == "rekeyed"
                     self._shadow(inbound, DELETE_WAIT if by_us else INBOUND_GRACE)
-            event(log, "child-sa-removed", node=self.node.name, child=o.child.name,
+            event(log, "child-sa-removed", node=self.node.name, child=_label(o.ike, o.child),
                   spi_in=f"0x{o.child.spi_in:08x}", reason=o.reason)  # fmt: skip
             if (o.reason == "deleted by peer" and not o.child.rekeyed
                     and o.child.config.close_action != "none"
@@ -1186,7 +1192,15 @@ class IkeService:
         (the last verified address, which the context does not carry), as at the gateway
         that checked first."""
         for c in ike.children:
-            c.handle = self.node.engine.tunnel_by_spi(c.spi_in)
+            h = self.node.engine.tunnel_by_spi(c.spi_in)
+            c.handle = h
+            if h is not None:
+                # Named with this gateway's unique id of the CHILD SA, as the ones made here
+                # (swanctl's: one id, the same in sa list, sa show and the logs); the name
+                # that came with the tunnel carries the id its source gave it.
+                h.entry.name = h.outbound.name = _label(ike, c)
+                if h.inbound is not None:
+                    h.inbound.name = h.entry.name
         t = next((c.handle for c in ike.children if c.handle is not None), None)
         if t is not None and ike_context.address_unverified(ike) and ike.esp_remote is None:
             out_sa = t.outbound  # type: ignore[attr-defined]
