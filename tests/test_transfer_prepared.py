@@ -99,7 +99,7 @@ def test_a_prepared_transfer_sends_only_final_and_commit_on_the_trigger() -> Non
     assert kinds(w, "sg1", "sg2") == [FPT_FINAL, FPT_DECISION]
     assert w.tunnel.state is TunnelState.MOVED
     assert sg1.finished[-1].outcome == "committed" and sg1.finished[-1].mode == "prepared"
-    assert sg1.finished[-1].as_dict()["commit_ms"] == 0.0  # (no time passes in this world)
+    assert "commit_ms" not in sg1.finished[-1].as_dict()  # ready: sent at once, not timed
     w.deliver_all()
     assert t2.state is TunnelState.ACTIVE and sg2.finished[-1].outcome == "committed"
     for i in range(5, 10):
@@ -528,3 +528,45 @@ def test_what_one_peer_has_the_target_remember_is_bounded() -> None:
     assert all(p != "sg3" for p, _, _ in sg2.core.seen)
     sg2.run(sg2.core.receive("sg3", flood, w.now))
     assert sg2.core.counters["over_limit"] == 50
+
+
+def test_the_command_line_prints_only_the_figures_a_prepared_transfer_measured(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``transfer --prepare`` prints the tunnels made ready (none is accepted before the
+    COMMIT) and the time it took; ``--commit`` of a ready one the time from the preparation
+    and that the COMMIT went at once (it printed "0.000 ms from the commit", a figure
+    nothing measured); a commit asked before it was ready, its wait from the commit."""
+    from ipsecct.commands.transfer import _print
+
+    def line(rec: dict[str, object]) -> str:
+        _print(rec, as_json=False)
+        return capsys.readouterr().out.strip()
+
+    w = world()
+    sg1 = w.gw["sg1"]
+    prepare(w)
+    rec = sg1.core.outgoing[next(iter(sg1.core.outgoing))].record
+    said = line({**rec.as_dict(), "outcome": "prepared", "ms": 12.5})  # (as the service)
+    assert said.endswith("(prepared): prepared, 1 tunnel(s) ready in 12.500 ms"), said
+    w.now += 3.0  # the operator's wait
+    sg1.run(sg1.core.commit(rec.transfer_id, w.now))
+    said = line(sg1.finished[-1].as_dict())
+    assert said.endswith(
+        "(prepared): committed, 1/1 tunnel(s) in 3000.000 ms from the preparation,"
+        " COMMIT sent at once"
+    ), said
+    assert "from the commit" not in said
+    # asked before it was ready: it waited 0.25 s for the CTDR
+    w = world()
+    sg1 = w.gw["sg1"]
+    tid, first = sg1.core.start([w.tunnel], "sg2", w.now, prepare=True)
+    sg1.run(first)
+    sg1.run(sg1.core.commit(tid, w.now))
+    w.now += 0.25
+    w.deliver_all()
+    said = line(sg1.finished[-1].as_dict())
+    assert said.endswith(
+        "(prepared): committed, 1/1 tunnel(s) in 250.000 ms from the preparation,"
+        " 250.000 ms from the commit (asked before it was ready)"
+    ), said

@@ -201,7 +201,10 @@ class Record:
     accepted: int = 0
     detail: str = ""
     spis: list[int] = field(default_factory=list)
-    committing: float = 0.0  # a prepared transfer: when its commit was asked for (0: not)
+    # A prepared transfer whose commit was asked for before it was ready: when (0: not so).
+    # Its COMMIT waited for the preparation; one asked for once ready goes at once, in the
+    # same step: nothing to time at this end.
+    committing: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
         extra = {}
@@ -1447,8 +1450,8 @@ class TransferCore:
         if og.commit_asked:
             raise TransferError(f"transfer {tid:016x}: commit asked for already")
         og.commit_asked = True
-        og.record.committing = now
         if og.state is not OutgoingState.PREPARED:
+            og.record.committing = now  # (commit_ms: the wait for the preparation)
             return []  # (committed by _prepared once ready)
         if now >= og.deadline:
             return self._unprepare(og, now)
