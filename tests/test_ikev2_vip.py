@@ -478,6 +478,114 @@ def test_strongswan_client_gets_a_virtual_ip_and_pings_with_it(workdir: Path) ->
             gw.cleanup()
 
 
+POOL6 = "fd00:3::/120"
+B_INNER6 = "fd01::2"  # the gateway's side (IPv6), on lo in namespace b as B.inner is
+OUTER6 = {"a": "fd02::1", "b": "fd02::2"}  # the veth's IPv6 addresses (an IPv6 outer)
+
+
+class Vip6Client(Initiator):
+    """strongSwan A asking for an IPv6 virtual IP (``vips = ::``; with ``dual`` an IPv4 one
+    too), over IPv4 or IPv6 (``outer6``): its CHILD SA is what it gets === the gateway's
+    inner addresses."""
+
+    outer6 = False
+    dual = False
+
+    def write_config(self) -> None:
+        super().write_config()
+        local, remote = (OUTER6["a"], OUTER6["b"]) if self.outer6 else (A.outer, B.outer)
+        remote_ts = f"{B.inner}/32, {B_INNER6}/128" if self.dual else f"{B_INNER6}/128"
+        conf = strongswan.swanctl_psk(
+            "cA", local_addrs=local, remote_addrs=remote, local_id=A.id, remote_id=B.id,
+            local_ts="dynamic", remote_ts=remote_ts, psk=PSK, encap=True,
+            ike_extra="vips = 0.0.0.0, ::" if self.dual else "vips = ::")  # fmt: skip
+        strongswan.write_private(self.dir / "swanctl.conf", conf)
+
+
+def enable_ipv6(ns: Namespaces) -> None:
+    """IPv6 back on in both namespaces (``build_namespaces`` turns it off); the veth's IPv6
+    addresses and the gateway's inner one (on b's lo) without duplicate address detection,
+    usable at once."""
+    for role in ("a", "b"):
+        ns.sysctl(role, "net.ipv6.conf.all.disable_ipv6=0")
+        ns.sysctl(role, "net.ipv6.conf.default.disable_ipv6=0")
+        ns.run(role, "ip", "-6", "addr", "add", f"{OUTER6[role]}/64", "dev",
+               strongswan.VETH[role], "nodad")  # fmt: skip
+    ns.run("b", "ip", "-6", "addr", "add", f"{B_INNER6}/128", "dev", "lo", "nodad")
+
+
+def vip6_gateway_config(d: Path, outer6: bool) -> Path:
+    """The gateway leasing from an IPv6 pool (and an IPv4 one), at an IPv6 outer address
+    with ``outer6``."""
+    conf = gateway_config(d, ike="default", esp="default", encap=False, dpd=0)
+    text = conf.read_text()
+    if outer6:
+        text = text.replace(f'address = "{B.outer}"', f'address = "{OUTER6["b"]}"')
+        text = text.replace(f'local_addrs = ["{B.outer}"]', f'local_addrs = ["{OUTER6["b"]}"]')
+    text = text.replace(f'routes = ["{A.inner}/32"]', f'routes = ["{POOL}", "{POOL6}"]')
+    text = text.replace(f'children.net.local_ts = ["{B.inner}/32"]',
+                        f'children.net.local_ts = ["{B.inner}/32", "{B_INNER6}/128"]')
+    text = text.replace(f'children.net.remote_ts = ["{A.inner}/32"]',
+                        f'children.net.remote_ts = ["{POOL}", "{POOL6}"]\n'
+                        'pools = ["rw", "rw6"]')  # fmt: skip
+    text += f'\n[pools.rw]\naddrs = "{POOL}"\n[pools.rw6]\naddrs = "{POOL6}"\n'
+    conf.write_text(text)
+    return conf
+
+
+@pytest.mark.root
+@needs_strongswan
+@pytest.mark.parametrize("outer", ["ipv4", "ipv6"])
+def test_strongswan_client_gets_an_ipv6_virtual_ip_and_pings_with_it(
+    workdir: Path, outer: str
+) -> None:
+    """IPv6 on in the namespaces: strongSwan's CPRQ(ADDR6) gets fd00:3::1 (its
+    INTERNAL_IP6_ADDRESS with the prefix length octet) from the gateway's IPv6 pool, and ping
+    passes both ways through the tunnel (the gateway's TUN carries IPv6), counted on
+    strongSwan's CHILD SA. Over IPv4 the client asks for both families (``vips = 0.0.0.0,
+    ::``, CPRQ(ADDR ADDR6)): one CHILD SA with both selectors, 10.3.0.1 and fd00:3::1 ===
+    10.201.2.1 and fd01::2, both pinged; over IPv6 (IKE and ESP in UDP over IPv6) only the
+    IPv6 address, fd00:3::1/128 === fd01::2/128."""
+    outer6 = outer == "ipv6"
+    with Namespaces("a", "b") as ns:
+        build_namespaces(ns)
+        enable_ipv6(ns)
+        conf = vip6_gateway_config(workdir, outer6)
+        gw = Daemon("gateway", conf, str(workdir / "gw.sock"), workdir / "gw.log",
+                    prefix=["ip", "netns", "exec", ns.names["b"]])  # fmt: skip
+        gw.start()
+        try:
+            with Vip6Client(ns, workdir, ike=None, esp=None) as ss:
+                ss.outer6, ss.dual = outer6, not outer6
+                ss.start()
+                ss.initiate()
+                log = ss.log()
+                cp = "CPRP(ADDR ADDR6)" if ss.dual else "CPRP(ADDR6)"
+                assert cp in log and "installing new virtual IP fd00:3::1" in log, ss.logtail()
+                ts = (r"10\.3\.0\.1/32 fd00:3::1/128 === 10\.201\.2\.1/32 fd01::2/128"
+                      if ss.dual else r"fd00:3::1/128 === fd01::2/128")  # fmt: skip
+                assert re.search(r"CHILD_SA net\{\d+\} established .* " + ts, log), ss.logtail()
+                (sa,) = ike_list(str(workdir / "gw.sock"))
+                vips = ["10.3.0.1", "fd00:3::1"] if ss.dual else ["fd00:3::1"]
+                assert sa["remote_vips"] == vips, sa
+                assert sa["children"][0]["remote_ts"] == [f"{v}-{v}" for v in vips], sa
+                assert sa["remote"].startswith("[fd02::1]" if outer6 else A.outer), sa
+                assert ping_once_up(ns, "a", B_INNER6, 3) == 3, ss.logtail() + gw.logtext()
+                assert ping(ns, "b", "fd00:3::1", 3) == 3, gw.logtext()
+                sent = 7
+                if ss.dual:
+                    assert ping(ns, "a", B.inner, 3) == 3, ss.logtail() + gw.logtext()
+                    assert ping(ns, "b", "10.3.0.1", 3) == 3, gw.logtext()
+                    sent += 6
+                counts = strongswan.sa_packet_counts(ss.list_sas())
+                assert len(counts) == 2 and min(counts.values()) >= sent, counts
+                ss.swanctl("--terminate", "--ike", "cA")
+                wait_until(lambda: not ike_list(str(workdir / "gw.sock")), "the IKE SA gone")
+                assert gw.logtext().count("event=ike-vip-released") == len(vips)
+        finally:
+            gw.cleanup()
+
+
 # -- the same client handed over between two gateways with its lease (root) --------------------
 
 SHARES = {"sg1": "10.1.0.100-10.1.0.109", "sg2": "10.1.0.110-10.1.0.119"}
