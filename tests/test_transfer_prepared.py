@@ -570,3 +570,53 @@ def test_the_command_line_prints_only_the_figures_a_prepared_transfer_measured(
         "(prepared): committed, 1/1 tunnel(s) in 250.000 ms from the preparation,"
         " 250.000 ms from the commit (asked before it was ready)"
     ), said
+
+
+def test_a_tunnel_deleted_at_the_target_while_prepared_stays_with_the_source() -> None:
+    """``sa delete`` at the target of a tunnel a prepared transfer installed there (pending):
+    the target cancels the transfer and tells the source (CTC), which rolls back and keeps
+    serving it; the operator's later commit is refused, and a COMMIT that comes anyway (the
+    source's, crossing the CTC) activates nothing there (counted)."""
+    w = world()
+    sg1, sg2 = w.gw["sg1"], w.gw["sg2"]
+    tid = prepare(w)
+    (t2,) = sg2.engine.tunnels()
+    taken = sg2.core.withdraw(t2, w.now, "sa delete")
+    assert taken is not None and "stay with sg1" in taken[0]
+    sg2.run(taken[1])
+    assert sg2.engine.tunnels() == [] and sg2.finished[-1].outcome == "cancelled"
+    assert isinstance(w.peek("sg2", "sg1"), cxtp.CTC)
+    w.deliver("sg2", "sg1")
+    assert sg1.finished[-1].outcome == "cancelled"
+    assert w.tunnel.state is TunnelState.ACTIVE and w.tunnel.transfer_cap == 1 << 64
+    with pytest.raises(TransferError):
+        sg1.core.commit(tid, w.now)
+    sg2.run(sg2.core.receive("sg1", cxtp.CTD(w.mn_out.src, 0, (
+        cxtp.TransferTag(tid, 7).encode(), *_commit())), w.now))  # fmt: skip
+    assert sg2.engine.tunnels() == [] and sg2.core.counters["commit_after_cancel"] == 1
+    assert sg2.core.withdraw(t2, w.now, "again") is None
+    w.host_send("sg1", 1)
+    w.host_send("sg2", 2)
+    assert sg2.wire == []
+    unique(w)
+
+
+def test_a_tunnel_deleted_at_the_target_as_the_reactive_commit_crosses_is_served_by_none() -> None:
+    """The reactive case: the CTDR already left when the tunnel is deleted at the target; the
+    source commits on it and the CTC comes too late. Nobody sends on it (the invariant), and
+    the target counts the COMMIT it did not act on."""
+    w = World()
+    sg1, sg2 = w.gw["sg1"], w.gw["sg2"]
+    w.transfer()
+    w.deliver("sg1", "sg2")  # installed pending, CTDR on its way back
+    (t2,) = sg2.engine.tunnels()
+    taken = sg2.core.withdraw(t2, w.now, "sa delete")
+    assert taken is not None and taken[1]
+    sg2.run(taken[1])
+    w.deliver_all()
+    assert sg1.finished[-1].outcome == "committed"  # (it committed before the CTC came)
+    assert sg2.engine.tunnels() == [] and sg2.core.counters["commit_after_cancel"] == 1
+    w.host_send("sg1", 1)
+    w.host_send("sg2", 2)
+    assert sg2.wire == []
+    unique(w)

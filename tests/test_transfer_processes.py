@@ -249,3 +249,32 @@ def test_a_commit_of_a_transfer_that_is_not_prepared_leaves_its_command_its_outc
     rec = json.loads(out)
     assert rec["outcome"] == "committed" and rec["id"] == tid, rec
     setup.traffic_ok("sg2", 80)
+
+
+def test_sa_delete_at_the_target_of_a_prepared_tunnel_leaves_it_with_the_source(
+    setup: Setup,
+) -> None:
+    """``sa delete`` at the target of a tunnel a prepared transfer installed there (pending):
+    the target cancels the transfer and tells the source, which keeps serving the tunnel;
+    the operator's commit is then refused in one line (it activated the deleted tunnel at
+    the target and recorded it committed)."""
+    for n in ("sg1", "sg2", "mn"):
+        setup.start(n)
+    setup.traffic_ok("sg1", 10)
+    cfg1, cfg2 = setup.config("sg1"), setup.config("sg2")
+    r = cli("transfer", SPI, "--to", "sg2", "--prepare", "--json", "--config", cfg1)
+    assert r.returncode == 0, (r.stdout, r.stderr, setup.log("sg1"))
+    tid = str(json.loads(r.stdout)["id"])
+    r = cli("sa", "delete", SPI, "--config", cfg2)
+    assert r.returncode == 0 and "stay with sg1" in r.stdout, (r.stdout, r.stderr)
+    assert setup.status("sg2")["sas"] == 0
+    deadline = time.monotonic() + 10
+    while setup.status("sg1")["transfers"]["prepared"]:
+        assert time.monotonic() < deadline, setup.log("sg1")
+        time.sleep(0.05)
+    r = cli("transfer", "--commit", tid, "--config", cfg1)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, (r.stdout, r.stderr)
+    setup.traffic_ok("sg1", 20)
+    (t2,) = [t for t in setup.status("sg2")["transfers"]["recent"] if t["role"] == "target"]
+    assert t2["outcome"] == "cancelled" and t2["id"] == tid, t2
+    assert setup.status("sg2")["sas"] == 0

@@ -859,6 +859,9 @@ class TransferCore:
             # those keys itself: the tunnel resumed past its own ceiling instead
             "stale_final": 0,
             "queries_limited": 0,  # decision queries over their rate (per peer)
+            # COMMITs for a transfer given up here (sa delete, no decision in time): what
+            # the source committed is served by nobody until re-keyed
+            "commit_after_cancel": 0,
             # messages about another peer's transfer, per kind (_foreign)
             **{f"foreign_{k}": 0 for k in FOREIGN_KINDS},
         }
@@ -2737,6 +2740,10 @@ class TransferCore:
             whose = self._whose_incoming(peer, tag.transfer_id)
             return [] if whose is None else self._foreign(peer, "commit", tag.transfer_id, whose)
         if inc.state is not IncomingState.PENDING or inc.committing:
+            if inc.state is IncomingState.CANCELLED:
+                # Given up here (sa delete, no decision in time) while the source committed:
+                # its tunnels are served by nobody until they are re-keyed. Counted.
+                self.counters["commit_after_cancel"] += 1
             return []
         inc.committing = True
         if inc.recorded is not None and not inc.recorded.settled:
@@ -2744,6 +2751,30 @@ class TransferCore:
                 return self._activate(inc, now)
             return []  # activated by settled() once "pending" and the first block are durable
         return self._activate(inc, now)
+
+    def withdraw(self, tunnel: Tunnel, now: float, why: str) -> tuple[str, list[Output]] | None:
+        """``tunnel`` is to go from here (``sa delete``) while a transfer towards us holds
+        it installed, not active. Before its COMMIT came, the whole transfer is cancelled and
+        its source told (a CTC: a source still waiting for our answer or its commit rolls
+        back and keeps serving them; a COMMIT already on its way finds the transfer
+        cancelled and activates nothing, counted ``commit_after_cancel``). After the COMMIT
+        (activation waiting for our record), the tunnel is ours: it is left out of the
+        activation. Returns (what was done, outputs), or None if no transfer holds it."""
+        for inc in self.incoming.values():
+            if inc.state not in OPEN_INCOMING or not _has(inc, tunnel):
+                continue
+            if inc.committing:
+                inc.tunnels = [t for t in inc.tunnels if t is not tunnel]
+                return f"committed here by transfer {inc.tid:016x}, not yet active", []
+            ctc = cxtp.CTC(inc.mn, (self._tag(inc),))
+            n = len(inc.tunnels)
+            out: list[Output] = [Send(inc.peer, ctc)]
+            out += self._discard(inc, now, f"cancelled here: {why}")
+            return (
+                f"was arriving by transfer {inc.tid:016x} from {inc.peer} (not committed):"
+                f" the transfer is cancelled, its {n} tunnel(s) stay with {inc.peer}"
+            ), out
+        return None
 
     def awaiting_commit(self, tunnel: Tunnel) -> bool:
         """Was ``tunnel`` installed here by a transfer whose COMMIT has not come (it may

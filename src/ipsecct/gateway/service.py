@@ -524,7 +524,10 @@ class Service:
     async def _sa_delete(self, args: dict[str, Any]) -> Any:
         eng = self.node.engine
         out = []
+        returned: set[int] = set()  # SAs of tunnels left with their transfer's source
         for sa in self._find(args):
+            if id(sa) in returned:
+                continue
             tunnel = eng.tunnel_of(sa)
             if tunnel is not None and self.state.unresolved_sa(sa) is not None:
                 # held, its transfer's outcome unknown: deleted, and no longer asked about
@@ -532,6 +535,23 @@ class Service:
                 out.append(f"0x{sa.spi:08x}")
                 event(log, "sa-deleted", node=self.node.name, spi=f"0x{sa.spi:08x}")
                 continue
+            if tunnel is not None and self.transfer is not None:
+                # Installed by a transfer towards us, not active yet: its COMMIT must not
+                # activate it. Before the COMMIT the transfer is cancelled (the source keeps
+                # its tunnels); nothing here was ours to delete or record.
+                core = self.transfer.core
+                taken = core.withdraw(tunnel, self.node.clock(), "sa delete")
+                if taken is not None:
+                    what, outputs = taken
+                    self.transfer.run(outputs)
+                    event(
+                        log, "sa-deleted", logging.WARNING, node=self.node.name,
+                        spi=f"0x{sa.spi:08x}", detail=what,
+                    )
+                    if outputs:
+                        returned.update(id(x) for x in tunnel.sas())
+                        out.append(f"0x{sa.spi:08x} ({what})")
+                        continue
             if tunnel is not None:
                 eng.remove_tunnel(tunnel)
             elif eng.sad.lookup(sa.dst, sa.protocol, sa.spi) is sa:
