@@ -1168,15 +1168,28 @@ children.net.remote_ts = ["10.2.0.0/16"]
     (d / "c.toml").write_text(crls + '[secrets.private-gw]\nfile = "gw.key"\n')
     (c,) = config.load(d / "c.toml").connections
     assert c.crls is not None and [r.crl for r in c.crls()] == [crl]
+    assert c.revocation == "relaxed"  # (swanctl.conf's default)
+    for word in ("strict", "ifuri", "relaxed"):
+        (d / "r.toml").write_text(crls.replace("remote.crls =", f'remote.revocation = "{word}"'
+                                               "\nremote.crls =")
+                                  + '[secrets.private-gw]\nfile = "gw.key"\n')  # fmt: skip
+        assert config.load(d / "r.toml").connections[0].revocation == word
     empty = _crl(ca, ca_key, [])
     (d / "ca.crl").write_bytes(empty.public_bytes(serialization.Encoding.DER))  # type: ignore[attr-defined]
     _until_crls(c.crls, [empty])  # read again on a thread: in use once it is done
     (d / "ca.crl").write_bytes(b"not a list, and longer than the last")
     assert [r.crl for r in c.crls()] == [empty]
+    (d / "ca.crl").write_bytes(empty.public_bytes(serialization.Encoding.DER))  # type: ignore[attr-defined]
     for text, why in [
         (crls.replace('"ca.crl"', '"gw.pem"'), "holds no X.509 revocation list"),
         (crls.replace('"ca.crl"', '"none.crl"'), "cannot read revocation list"),
         (crls.replace("remote.crls", "local.crls"), "local.crls: belongs to remote"),
+        (crls.replace("remote.crls =", 'remote.revocation = "hard"\nremote.crls ='),
+         "remote.revocation: must be one of: relaxed, ifuri, strict"),
+        (crls.replace("remote.crls =", 'local.revocation = "strict"\nremote.crls ='),
+         "local.revocation: belongs to remote"),
+        (base.replace("remote.cacerts =", 'remote.revocation = "strict"\nremote.cacerts ='),
+         "strict without remote.crls refuses every certificate"),
     ]:
         (d / "b.toml").write_text(text + '[secrets.private-gw]\nfile = "gw.key"\n')
         with pytest.raises(ConfigError, match=why):
@@ -1949,6 +1962,113 @@ def test_a_revoked_certificate_is_refused_by_its_issuers_crl() -> None:
         w.deliver(ini.initiate(ini.connections[0], I500, R500, 0.0), "i", 0.0)
         assert bool(w.of("r", IkeUp)) is up
         assert w.resp.stats["auth-failed"] == (0 if up else 1)
+
+
+def test_revocation_strict_and_ifuri_refuse_a_certificate_of_unknown_status(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """remote.revocation (strongSwan's rules): relaxed takes a certificate no current list
+    covers; strict refuses it (no list of its issuer, or only a stale one), for an
+    intermediate as for the leaf; ifuri refuses it when only a stale list covers it, or when
+    none does and it names a CRL distribution point or an OCSP responder. A revoked one is
+    refused by all three. The engine answers AUTHENTICATION_FAILED and logs why."""
+    import datetime as dt
+    import logging
+    import time
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import AuthorityInformationAccessOID, NameOID
+
+    from ipsecct.ikev2 import auth
+
+    ca, _, key, ca_key = _pki("p256")
+    now = dt.datetime.now(dt.UTC)
+
+    def leaf(issuer: object, ikey: object, *exts: x509.ExtensionType) -> x509.Certificate:
+        b = (x509.CertificateBuilder()
+             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "mn.test")]))
+             .issuer_name(issuer.subject).public_key(key.public_key())  # type: ignore[attr-defined]
+             .serial_number(x509.random_serial_number())
+             .not_valid_before(now - dt.timedelta(days=1))
+             .not_valid_after(now + dt.timedelta(days=3))
+             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True))
+        for e in exts:
+            b = b.add_extension(e, critical=False)
+        return b.sign(ikey, hashes.SHA256())  # type: ignore[arg-type]  # fmt: skip
+
+    uri = x509.UniformResourceIdentifier("http://ca.test/ca.crl")
+    cdp = x509.CRLDistributionPoints([x509.DistributionPoint([uri], None, None, None)])
+    ocsp = x509.AuthorityInformationAccess([x509.AccessDescription(
+        AuthorityInformationAccessOID.OCSP, x509.UniformResourceIdentifier("http://ocsp.test"))])
+    plain, with_cdp, with_ocsp = leaf(ca, ca_key), leaf(ca, ca_key, cdp), leaf(ca, ca_key, ocsp)
+    current, stale = _crl(ca, ca_key, []), _crl(ca, ca_key, [], days=-1)
+    other_ca, _, _, other_key = _pki("p256")
+    forged = _crl(ca, other_key, [])  # (in ca's name, not ca's word: covers nothing)
+    unknown = auth.RevocationUnknown
+    for cert, crls, taken in [
+        # (certificate, lists, {policy: taken})
+        (plain, [current], {"relaxed": True, "ifuri": True, "strict": True}),
+        (plain, [], {"relaxed": True, "ifuri": True, "strict": False}),
+        (plain, [forged, _crl(other_ca, other_key, [])],
+         {"relaxed": True, "ifuri": True, "strict": False}),
+        (plain, [stale], {"relaxed": True, "ifuri": False, "strict": False}),
+        (plain, [stale, current], {"relaxed": True, "ifuri": True, "strict": True}),
+        (with_cdp, [], {"relaxed": True, "ifuri": False, "strict": False}),
+        (with_ocsp, [], {"relaxed": True, "ifuri": False, "strict": False}),
+        (with_cdp, [current], {"relaxed": True, "ifuri": True, "strict": True}),
+    ]:
+        for policy, ok in taken.items():
+            if ok:
+                assert auth.validate_chain(cert, [], [ca], now, crls, policy) is ca  # type: ignore[list-item,arg-type]
+            else:
+                with pytest.raises(unknown, match=f"status of certificate CN=mn.test is "
+                                   f"unknown: .*revocation = {policy}"):  # fmt: skip
+                    auth.validate_chain(cert, [], [ca], now, crls, policy)  # type: ignore[list-item,arg-type]
+    for policy in ("relaxed", "ifuri", "strict"):
+        for lists in ([_crl(ca, ca_key, [plain])], [_crl(ca, ca_key, [plain], days=-1)]):
+            with pytest.raises(auth.AuthError, match="is revoked"):
+                auth.validate_chain(plain, [], [ca], now, lists, policy)  # type: ignore[list-item,arg-type]
+
+    # an intermediate: strict wants a current list of the root for it too
+    im_key = ec.generate_private_key(ec.SECP256R1())
+    im = (x509.CertificateBuilder()
+          .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "IM")]))
+          .issuer_name(ca.subject).public_key(im_key.public_key())  # type: ignore[attr-defined]
+          .serial_number(x509.random_serial_number())
+          .not_valid_before(now - dt.timedelta(days=1)).not_valid_after(now + dt.timedelta(days=3))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .sign(ca_key, hashes.SHA256()))  # type: ignore[arg-type]  # fmt: skip
+    below = leaf(im, im_key)
+    im_list = _crl(im, im_key, [])
+    with pytest.raises(unknown, match="certificate CN=IM is unknown"):
+        auth.validate_chain(below, [im], [ca], now, [im_list], "strict")  # type: ignore[list-item,arg-type]
+    assert auth.validate_chain(below, [im], [ca], now, [im_list, current], "strict") is ca  # type: ignore[list-item,arg-type]
+
+    # the engine: a client whose CA's list is stale is refused under strict, taken under
+    # relaxed (the list names no one)
+    ca, gw_cert, gw_key, ca_key = _pki("p256")
+    mn_key = _pki("p256")[2]
+    mn_cert = _leaf_cert(ca, ca_key, mn_key, "mn.test")
+    for policy, up in (("strict", False), ("relaxed", True)):
+        gw = _pubkey(conn(), gw_cert, gw_key, "CN=mn.test", ca)
+        gw = dataclasses.replace(gw, crls=lambda: [_crl(ca, ca_key, [], days=-1)],
+                                 revocation=policy)  # fmt: skip
+        ini = IkeEngine([_pubkey(mn_conn(), mn_cert, mn_key, "peer.test", ca)],
+                        wall_offset=time.time())  # fmt: skip
+        w = Wire(ini, IkeEngine([gw], wall_offset=time.time()))
+        with caplog.at_level(logging.INFO, logger="ipsecct"):
+            caplog.clear()
+            w.deliver(ini.initiate(ini.connections[0], I500, R500, 0.0), "i", 0.0)
+        assert bool(w.of("r", IkeUp)) is up and bool(w.of("i", IkeUp)) is up
+        assert w.resp.stats["auth-revocation-unknown"] == (0 if up else 1)
+        lines = [r.getMessage() for r in caplog.records
+                 if "ike-auth-revocation-unknown" in r.getMessage()]  # fmt: skip
+        assert len(lines) == (0 if up else 1)
+        if not up:
+            assert "conn=" in lines[0] and "past their next update" in lines[0]
+            assert "revocation = strict" in lines[0]
 
 
 def test_an_exchange_started_on_a_natt_port_stays_on_it() -> None:

@@ -284,19 +284,25 @@ def parse_cert(der: bytes) -> x509.Certificate:
 def validate_chain(
     cert: x509.Certificate, intermediates: list[x509.Certificate], cas: list[x509.Certificate],
     now: dt.datetime, crls: Sequence[RevocationList | x509.CertificateRevocationList] = (),
+    revocation: str = "relaxed",
 ) -> x509.Certificate:
     """The certificate leads, through at most 4 intermediates, to one of ``cas`` (returned);
     each one in its validity period and each issuer a CA; and none is revoked by one of
     ``crls`` that its issuer signed (a list given without its index is indexed for this
     call only; a list past its next update still revokes what it
-    names; a certificate no list of its issuer covers is taken, as strongSwan takes it
-    without ``revocation = strict``). AuthError otherwise, also for a certificate that cannot
-    be read (BAD_CERT)."""
+    names). ``revocation`` is strongSwan's ``remote.revocation``: "relaxed" takes a
+    certificate whose status no list tells; "strict" refuses each certificate of the chain
+    (not the CA) that no current list of its issuer covers (none, or only lists past their
+    next update); "ifuri" refuses one only covered by stale lists, or covered by none while it
+    names a CRL distribution point or an OCSP responder (we fetch neither): strongSwan's
+    VALIDATION_GOOD / SKIPPED constraints. RevocationUnknown then; AuthError otherwise, also
+    for a certificate that cannot be read (BAD_CERT)."""
     try:
         chain, anchor = _validate_chain(cert, intermediates, cas, now)
-        if crls:
+        if crls or revocation != "relaxed":
             _not_revoked(chain, anchor, [c if isinstance(c, RevocationList)
-                                         else revocation_index(c) for c in crls])
+                                         else revocation_index(c) for c in crls],
+                         now, revocation)  # fmt: skip
         return anchor
     except BAD_CERT:
         raise AuthError("a certificate of the chain cannot be read") from None
@@ -322,15 +328,41 @@ def revocation_index(crl: x509.CertificateRevocationList) -> RevocationList:
     return RevocationList(crl, frozenset(r.serial_number for r in crl))
 
 
+REVOCATION_POLICIES = ("relaxed", "ifuri", "strict")  # swanctl.conf's remote.revocation
+
+
+class RevocationUnknown(AuthError):
+    """A certificate whose revocation status ``remote.revocation`` wants known is not."""
+
+
+def _names_uri(c: x509.Certificate) -> bool:
+    """The certificate names where its status is told (a CRL distribution point's URI or an
+    OCSP responder): strongSwan then fails its check rather than skipping it."""
+    try:
+        cdp = c.extensions.get_extension_for_class(x509.CRLDistributionPoints).value
+        if any(isinstance(n, x509.UniformResourceIdentifier)
+               for p in cdp for n in p.full_name or ()):  # fmt: skip
+            return True
+    except x509.ExtensionNotFound:
+        pass
+    try:
+        aia = c.extensions.get_extension_for_class(x509.AuthorityInformationAccess).value
+        return any(a.access_method == x509.oid.AuthorityInformationAccessOID.OCSP for a in aia)
+    except x509.ExtensionNotFound:
+        return False
+
+
 def _not_revoked(chain: list[x509.Certificate], anchor: x509.Certificate,
-                 crls: list[RevocationList]) -> None:  # fmt: skip
+                 crls: list[RevocationList], now: dt.datetime | None = None,
+                 revocation: str = "relaxed") -> None:  # fmt: skip
     """Each certificate of ``chain`` (leaf first; ``anchor`` issued the last) against the
-    revocation lists its issuer signed."""
+    revocation lists its issuer signed; ``revocation``: validate_chain's."""
     issuers = [*chain[1:], anchor]
     for c, issuer in zip(chain, issuers, strict=True):
         key = issuer.public_key()
         der = key.public_bytes(serialization.Encoding.DER,
                                serialization.PublicFormat.SubjectPublicKeyInfo)  # fmt: skip
+        status = "none"  # (strongSwan's SKIPPED; "current": GOOD, "stale": STALE)
         for rl in crls:
             crl = rl.crl
             if crl.issuer != issuer.subject:
@@ -348,6 +380,18 @@ def _not_revoked(chain: list[x509.Certificate], anchor: x509.Certificate,
             if c.serial_number in serials:
                 raise AuthError(f"certificate {c.subject.rfc4514_string()} (serial "
                                 f"{c.serial_number:x}) is revoked")  # fmt: skip
+            if status != "current":
+                nxt = crl.next_update_utc
+                status = "current" if nxt is not None and now is not None and now <= nxt \
+                    else "stale"
+        if revocation == "relaxed" or status == "current":
+            continue
+        if revocation == "ifuri" and status == "none" and not _names_uri(c):
+            continue
+        why = ("only revocation lists past their next update" if status == "stale" else
+               "no revocation list of its issuer") + f" (revocation = {revocation})"
+        raise RevocationUnknown(f"the revocation status of certificate "
+                                f"{c.subject.rfc4514_string()} is unknown: {why}")
 
 
 MAX_NAMES = 32  # subjectAltNames of a peer's certificate kept with its IKE SA

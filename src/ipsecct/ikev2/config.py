@@ -36,7 +36,7 @@ from cryptography.hazmat.primitives import serialization
 
 from ..errors import ConfigError, IpsecctError
 from ..ipsec.replay import MAX_WINDOW
-from .auth import Credentials, PrivateKey, RevocationList
+from .auth import REVOCATION_POLICIES, Credentials, PrivateKey, RevocationList
 from .message import IDPayload, IdType, ProtocolId, TrafficSelector
 from .pool import Pool, parse_range
 from .proposal import Offer, parse_list
@@ -159,6 +159,8 @@ class Connection:
     send_certreq: bool = True
     fragmentation: str = "yes"  # "yes" | "accept" | "no" ("force" is IKEv1's: as "yes")
     keyingtries: int | None = None
+    # remote.revocation (swanctl.conf): "relaxed" | "ifuri" | "strict" (auth.validate_chain)
+    revocation: str = "relaxed"
     ignored: list[str] = field(default_factory=list)  # keys accepted that change nothing
 
     def after_down(self, reason: str,
@@ -204,7 +206,7 @@ _CHILD_KEYS = {"local_ts", "remote_ts", "esp_proposals", "rekey_time", "life_tim
                "replay_window", "hostaccess", "ipcomp", "if_id_in",
                "if_id_out", "mark_in", "mark_out", "mark_in_sa", "set_mark_in",
                "set_mark_out"}  # fmt: skip
-_AUTH_KEYS = {"auth", "id", "certs", "cacerts", "crls", "round"}
+_AUTH_KEYS = {"auth", "id", "certs", "cacerts", "crls", "revocation", "round"}
 
 # swanctl.conf's words for the actions (strongSwan 5.9.8 takes each pair as one action)
 _DPD_ACTIONS = {"clear": "clear", "none": "clear", "trap": "trap", "route": "trap",
@@ -478,6 +480,9 @@ def _auth(d: Any, ctx: _Ctx, where: str) -> tuple[str, str | None, list[str], li
     cacerts = _strings(d.get("cacerts", []), ctx, where + "cacerts")
     if where.endswith("local.") and cacerts:
         raise ctx.err(where + "cacerts", "belongs to remote (the CAs we trust for the peer)")
+    if where.endswith("local.") and "revocation" in d:
+        raise ctx.err(where + "revocation", "belongs to remote (how the peer's chain is "
+                      "checked)")  # fmt: skip
     if where.endswith("local.") and "crls" in d:
         raise ctx.err(where + "crls", "belongs to remote (what the peer's chain is checked "
                       "against)")  # fmt: skip
@@ -537,6 +542,13 @@ def parse_connections(
                 crls = load_crls(crl_files)
             except IpsecctError as exc:
                 raise ctx.err(where + "remote.crls", str(exc)) from None
+        revocation = _choice(rd.get("revocation", "relaxed"), ctx, where + "remote.revocation",
+                             {w: w for w in REVOCATION_POLICIES})  # fmt: skip
+        if revocation != "relaxed" and ra != "pubkey":
+            raise ctx.err(where + "remote.revocation", "needs remote.auth = pubkey")
+        if revocation == "strict" and not crl_files:
+            raise ctx.err(where + "remote.revocation", "strict without remote.crls refuses "
+                          "every certificate (we fetch no lists)")  # fmt: skip
         creds = None
         cas: list[x509.Certificate] = []
         if lcerts or rcas:
@@ -602,7 +614,7 @@ def parse_connections(
             crls,
             _pool_names(d.get("pools", []), ctx, where + "pools", data),
             _vips(d.get("vips", []), ctx, where + "vips"),
-            **extras, ignored=ignored,
+            **extras, revocation=revocation, ignored=ignored,
         ))  # fmt: skip
     return out
 

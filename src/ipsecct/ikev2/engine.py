@@ -34,6 +34,7 @@ from ..errors import AuthError, IkeContextError, IkeParseError, IkeProtocolError
 from .auth import (
     CERT_X509_SIGNATURE,
     SUPPORTED_HASHES,
+    RevocationUnknown,
     cert_names,
     certreq,
     fingerprint,
@@ -1002,6 +1003,13 @@ class IkeEngine:
         )
 
     # -- IKE_AUTH -------------------------------------------------------------------------
+    def _revocation_unknown(self, conn: Connection, ike: IkeSA, why: str) -> None:
+        """remote.revocation refused a certificate whose status no current list tells: the
+        operator is told which and why (a CRL to load or renew), apart from other failures."""
+        self.stats["auth-revocation-unknown"] += 1
+        log.warning("event=ike-auth-revocation-unknown conn=%s peer=%s reason=%s", conn.name,
+                    ike.remote, _quote(why))  # fmt: skip
+
     def _ike_auth(self, ike: IkeSA, inner: list[Payload], now: float,
                   out: list[Output]) -> list[Payload]:  # fmt: skip
         self.half_open.pop((ike.spi_i, ike.remote.host), None)
@@ -1049,11 +1057,14 @@ class IkeEngine:
             elif cert is not None:
                 try:
                     anchor = validate_chain(cert, certs[1:], c.cacerts, self._wall(now),
-                                            c.crls() if c.crls else [])  # fmt: skip
+                                            c.crls() if c.crls else [], c.revocation)
                     if not id_matches_cert(idi, cert):
                         raise AuthError("the identity is not in the certificate")
                     verify(cert, auth.method, auth.data, octets)
                     ok = True
+                except RevocationUnknown as exc:
+                    why = str(exc)
+                    self._revocation_unknown(c, ike, why)
                 except AuthError as exc:
                     why = str(exc)
             else:
@@ -1927,12 +1938,16 @@ class IkeEngine:
                         raise AuthError("no certificate")
                     cert = certs[0]
                     anchor = validate_chain(cert, certs[1:], conn.cacerts, self._wall(now),
-                                            conn.crls() if conn.crls else [])  # fmt: skip
+                                            conn.crls() if conn.crls else [],
+                                            conn.revocation)  # fmt: skip
                     if not id_matches_cert(idr, cert) or not conn.remote_id.matches(idr, cert):
                         raise AuthError("the identity is not the certificate's or not wanted")
                     verify(cert, auth.method, auth.data, octets)
                     ok = True
                     ike.peer_names, ike.peer_ca = cert_names(cert), fingerprint(anchor)
+                except RevocationUnknown as exc:
+                    why = str(exc)
+                    self._revocation_unknown(conn, ike, why)
                 except AuthError as exc:
                     why = str(exc)
         if not ok:
