@@ -360,3 +360,46 @@ def test_the_operator_gives_an_away_address_back(
     assert pool.offline == {ip("10.3.0.2"): "b.test"} and not pool.away
     assert ("rw", "10.3.0.2", "offline", "b.test") in [r[:4] for r in sg1.state.store.leases()]
     asyncio.run(sg1.state.stop())
+
+
+def test_a_hand_edited_lease_table_is_read_as_far_as_it_can_be(tmp_path: Path) -> None:
+    """The lease table edited by hand (SQLite keeps any type in any column, and a table made
+    before ours keeps its own columns): a time that is no number, NULLs, an identity that is
+    a blob or megabytes long, two rows for one address (the away one is kept, whichever is
+    newer) start the gateway (the start failed with ValueError or TypeError); a table of
+    other columns is one StateError that says what to do (it was sqlite3's own error)."""
+    import sqlite3
+
+    sg1 = gateway(tmp_path)
+    client(sg1, "a.test")
+    asyncio.run(sg1.state.stop())
+    db = tmp_path / "state" / "state.db"
+    c = sqlite3.connect(db)
+    c.executescript(
+        "ALTER TABLE lease RENAME TO old;"
+        " CREATE TABLE lease (pool, addr, state, identity, changed);"
+        " INSERT INTO lease SELECT * FROM old; DROP TABLE old;"
+        " INSERT INTO lease VALUES ('rw', '10.3.0.7', 'offline', 'b.test', 'abc');"
+        " INSERT INTO lease VALUES ('rw', '10.3.0.8', 'offline', x'ff00', NULL);"
+        " INSERT INTO lease VALUES ('rw', '10.3.0.9', 'offline', hex(zeroblob(1000000)), 3);"
+        " INSERT INTO lease VALUES ('rw', '10.3.0.10', 'away', 'c.test', 1);"
+        " INSERT INTO lease VALUES ('rw', '10.3.0.10', 'offline', 'd.test', 2);"
+        " INSERT INTO lease VALUES ('rw', x'0a03000b', 'away', 'e.test', 1);"
+        " INSERT INTO lease VALUES (NULL, NULL, NULL, NULL, NULL);"
+    )
+    c.commit()
+    c.close()
+    sg1 = gateway(tmp_path)
+    assert sg1.ike is not None
+    pool = sg1.ike.engine.pools["rw"]
+    assert pool.away == {ip("10.3.0.10"): "c.test"}
+    assert pool.offline[ip("10.3.0.7")] == "b.test" and pool.offline[ip("10.3.0.8")] == "?"
+    assert len(pool.offline[ip("10.3.0.9")]) == state.MAX_LEASE_IDENTITY
+    assert pool.offline[ip("10.3.0.1")] == "a.test"
+    asyncio.run(sg1.state.stop())
+    c = sqlite3.connect(db)
+    c.executescript("DROP TABLE lease; CREATE TABLE lease (pool, addr)")
+    c.commit()
+    c.close()
+    with pytest.raises(state.StateError, match=r"lease table cannot be read.*DROP TABLE lease"):
+        gateway(tmp_path)

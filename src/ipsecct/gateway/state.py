@@ -171,6 +171,9 @@ _LEASE_TABLE = (
 # the newest; an older one's address is free again after the restart.
 MAX_REMEMBERED_LEASES = 4096
 LeaseRow = tuple[str, str, str, str, float]  # pool, address, state, identity, changed
+# A lease's identity read back is at most this long (an IKE identity comes in one message,
+# ikev2/message.py MAX_MESSAGE; a hand-edited row may be any size).
+MAX_LEASE_IDENTITY = 65535
 _LEASE_PUT = "INSERT OR REPLACE INTO lease VALUES (?, ?, ?, ?, ?)"
 # Arrivals kept per peer at most, whatever their age: a peer that transfers more within the
 # retention has its oldest pruned early (queries about those are answered "taken").
@@ -494,12 +497,29 @@ class StateStore:
             )
 
     def leases(self) -> list[LeaseRow]:
-        """The virtual IP leases, oldest change first."""
-        with self._lock:
-            rows = self.conn.execute(
-                "SELECT pool, addr, state, identity, changed FROM lease ORDER BY changed"
-            ).fetchall()
-        return [(str(a), str(b), str(c), str(d), float(e)) for a, b, c, d, e in rows]
+        """The virtual IP leases, oldest change first. The table may have been edited by
+        hand: a row whose pool, address or state is not text is left out (the caller
+        forgets what it cannot name), an identity that is not text is "?", one longer than
+        any IKE identity is cut to MAX_LEASE_IDENTITY characters, a time that is not a
+        number is 0 (oldest); a table of other columns is a StateError."""
+        try:
+            with self._lock:
+                rows = self.conn.execute(
+                    "SELECT pool, addr, state, identity, changed FROM lease ORDER BY changed"
+                ).fetchall()
+        except sqlite3.Error as exc:
+            raise StateError(
+                f"{self.path}: the lease table cannot be read ({exc}): drop it"
+                " (sqlite3 ... 'DROP TABLE lease'; the leases are forgotten) or restore it"
+            ) from None
+        out: list[LeaseRow] = []
+        for a, b, c, d, e in rows:
+            if not (isinstance(a, str) and isinstance(b, str) and isinstance(c, str)):
+                continue
+            who = d[:MAX_LEASE_IDENTITY] if isinstance(d, str) else "?"
+            at = float(e) if isinstance(e, int | float) else 0.0
+            out.append((a, b, c, who, at))
+        return out
 
     def put_leases(self, rows: Sequence[LeaseRow], drop: Sequence[tuple[str, str]] = ()) -> None:
         """Write lease rows (and delete ``drop``: pool, address) in one synced transaction."""

@@ -166,7 +166,8 @@ class Pool:
         if not self.contains(addr) or addr in self.online:
             return False
         if state == "offline":
-            self.away.pop(addr, None)
+            if addr in self.away:
+                return True  # a second row for it (a hand-made table): away is kept
             self.offline[addr] = identity
             self.offline.move_to_end(addr)
         elif state == "away":
