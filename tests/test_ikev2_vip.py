@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import json
 import re
 import signal
 from pathlib import Path
@@ -592,10 +593,12 @@ SHARES = {"sg1": "10.1.0.100-10.1.0.109", "sg2": "10.1.0.110-10.1.0.119"}
 
 
 class VipHandoverClient(Client):
+    local_id = CLIENT.id
+
     def write_config(self) -> None:
         super().write_config()
         conf = swanctl_psk(
-            "cA", local_addrs=MN_OUTER, remote_addrs=self.gateway, local_id=CLIENT.id,
+            "cA", local_addrs=MN_OUTER, remote_addrs=self.gateway, local_id=self.local_id,
             remote_id=CLIENT.remote_id, local_ts="dynamic", remote_ts=HOST_NET, psk=HO_PSK,
             dpd=self.dpd_delay, proposals=self.ike_proposal, esp_proposals="aes128gcm16",
             ike_extra="vips = 0.0.0.0")  # fmt: skip
@@ -646,6 +649,68 @@ def test_strongswan_client_handed_over_with_its_virtual_ip(tmp_path: Path) -> No
         wait_until(lambda: not w.ike_sas("sg2"), "the IKE SA to end at sg2", 15)
         (p2,) = w.status("sg2")["ike"]["pools"]
         assert (p2["online"], p2["offline"]) == (0, 1)
+
+
+NEW_CLIENT = "new.test"
+
+
+def with_pools_for_any_client(w: IkeWorld) -> None:
+    """:func:`with_pools`, and the gateways take a second client identity (new.test)."""
+    with_pools(w)
+    for g in ("sg1", "sg2"):
+        p = w.dir / f"{g}.toml"
+        text = p.read_text().replace(f'remote.id = "{CLIENT.id}"', 'remote.id = "%any"')
+        text = text.replace(f'id = ["{CLIENT.id}", ', f'id = ["{CLIENT.id}", "{NEW_CLIENT}", ')
+        p.write_text(text)
+
+
+@pytest.mark.root
+@needs_strongswan
+def test_an_away_address_is_not_leased_to_a_new_strongswan_client_after_a_restart(
+    tmp_path: Path,
+) -> None:
+    """Real gateway processes: the client's IKE SA (10.1.0.100, sg1's share) is handed over
+    to sg2 and ends there; sg1 has the address away. sg1 is stopped and started again
+    (``ipsecct gateway run``, its state directory kept): the address is still away there
+    (``ipsecct pools --leases``), and a new strongSwan client that connects to sg1 gets
+    10.1.0.101, not the address sg1 gave away (before the leases were kept in the state, a
+    restarted gateway leased it to the next new client: two clients, one address, while the
+    IKE SA that took it may live on at the other gateway)."""
+    with (ike_world(tmp_path, "indirect", edit=with_pools_for_any_client) as w,
+          VipHandoverClient(w.ns, "mn", CLIENT, w.dir, "aes128gcm16") as ss):
+        ss.start()
+        ss.initiate()
+        assert "installing new virtual IP 10.1.0.100" in ss.log(), ss.logtail()
+        (ike1,) = w.ike_sas("sg1")
+        spi_out = int(ike1["children"][0]["spi_out"], 16)
+        r = ho_cli("transfer", f"0x{spi_out:08x}", "--to", "sg2", "--json", "-s",
+                   w.sock("sg1"))  # fmt: skip
+        assert r.returncode == 0, (r.stdout, r.stderr, w.logs())
+        wait_until(lambda: len(w.ike_sas("sg2")) == 1 and not w.ike_sas("sg1"),
+                   "the IKE SA to move to sg2", 30)  # fmt: skip
+        ss.swanctl("--terminate", "--ike", "cA")
+        wait_until(lambda: not w.ike_sas("sg2"), "the IKE SA to end at sg2", 15)
+        sg1 = w.daemons["sg1"]
+        assert sg1.terminate() == 0, sg1.logtext()
+        sg1.start()
+        r = ho_cli("pools", "--leases", "--json", "-s", w.sock("sg1"))
+        assert r.returncode == 0, r.stderr
+        (pool,) = json.loads(r.stdout)
+        assert [(x["address"], x["state"]) for x in pool["leases"]] == [
+            ("10.1.0.100", "away")], pool
+        # the restarted sg1 holds the virtual gateway address again (its configuration's
+        # owner): a new client connects to it
+        ss.local_id = NEW_CLIENT
+        ss.write_config()
+        ss.swanctl("--load-all", "--file", str(ss.dir / "swanctl.conf"))
+        ss.initiate()
+        assert "installing new virtual IP 10.1.0.101" in ss.log(), ss.logtail() + w.logs()
+        (ike,) = w.ike_sas("sg1")
+        assert ike["remote_vips"] == ["10.1.0.101"], ike
+        w.route_host_via("sg1")
+        assert strongswan.ping_once_up(w.ns, "mn", HOST, 3) == 3, ss.logtail() + w.logs()
+        (p1,) = w.status("sg1")["ike"]["pools"]
+        assert (p1["online"], p1["away"]) == (1, 1), p1
 
 
 # -- the gateway adapter (a real node, no sockets) ------------------------------------------
