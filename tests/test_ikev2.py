@@ -1813,7 +1813,7 @@ def test_fuzz_ike_sa_context(data: st.DataObject) -> None:
         cdbs = [bytearray(c) for c in _rekeyed_context()]
     elif kind == "unfinished":  # a DELETE owed, an address unverified (items 30, 31)
         cdbs = [bytearray(c) for c in _unfinished_context()]
-    elif kind == "cert":  # a certificate peer's names and CA (items 28, 29)
+    elif kind == "cert":  # a certificate peer's names, CA and serials (items 28, 29, 33)
         cdbs = [bytearray(c) for c in _cert_context()]
     else:
         w = pair()
@@ -2324,9 +2324,107 @@ def _unit_payload() -> bytes:
     return payload
 
 
+def test_a_moved_ike_sa_whose_certificate_is_revoked_here_is_refused() -> None:
+    """The context (item 33) and the UNIT payload (15) carry the serial of each certificate
+    of the peer's chain with the fingerprint of its issuer: a target whose remote.crls
+    (signed by that issuer, one of its CAs) names the serial refuses the IKE SA before the
+    commit (the source keeps it), on a replica's arrival and at the import, a stale list
+    too; a list not naming it, or one its CA did not sign, changes nothing. The serials
+    survive the move and an IKE rekey there; an older context (no 33, no 15) cannot be
+    checked: admitted as before; a damaged item is refused, never raised."""
+    import time
+
+    from ipsecct.ikev2 import auth, context
+
+    ca, gw_cert, gw_key, ca_key = _pki("p256")
+    mn_key = _pki("p256")[2]
+    mn_cert = _leaf_cert(ca, ca_key, mn_key, "mn.test")
+    other_cert = _leaf_cert(ca, ca_key, mn_key, "other.test")
+    gw = _pubkey(conn(), gw_cert, gw_key, "CN=mn.test", ca)
+    ini = IkeEngine([_pubkey(mn_conn(), mn_cert, mn_key, "peer.test", ca)],
+                    wall_offset=time.time())  # fmt: skip
+    w = Wire(ini, IkeEngine([gw], wall_offset=time.time()))
+    connect(w)
+    (ike,) = w.resp.ike_sas()
+    serial = mn_cert.serial_number  # type: ignore[attr-defined]
+    assert ike.peer_serials == ((auth.fingerprint(ca), serial),)  # type: ignore[arg-type]
+    assert w.ini.ike_sas()[0].peer_serials == ((auth.fingerprint(ca), gw_cert.serial_number),)  # type: ignore[arg-type,attr-defined]
+    cdbs = context.encode(ike, 1.0)
+    (payload,) = context.unit_payloads(ike, ike.children)
+    why = f"peer's certificate (serial {serial:x}) is revoked by remote.crls of 'c' here"
+    _, _, _, other_key = _pki("p256")
+
+    def here(*crls: object) -> list[Connection]:
+        from ipsecct.ikev2.auth import revocation_index
+
+        lists = [revocation_index(c) for c in crls]  # type: ignore[arg-type]
+        return [dataclasses.replace(gw, crls=lambda: lists)]
+
+    for lists, refused in [
+        ((_crl(ca, ca_key, [mn_cert]),), True),
+        ((_crl(ca, ca_key, [other_cert]), _crl(ca, ca_key, [mn_cert], days=-1)), True),
+        ((_crl(ca, ca_key, [other_cert]),), False),
+        ((_crl(ca, other_key, [mn_cert]),), False),  # (in ca's name, not ca's word)
+        ((), False),
+    ]:
+        conns = here(*lists)
+        want = why if refused else None
+        assert context.unit_refusal(payload, conns) == want
+        assert context.replica_refusal(cdbs, conns, 1.0) == want
+        target = IkeEngine(conns)
+        if refused:
+            with pytest.raises(IkeContextError, match=re.escape(why)):
+                target.import_ike(cdbs, 1.0)
+        else:
+            target.import_ike(cdbs, 1.0)
+        assert len(target.ike_sas()) == (0 if refused else 1)
+    # taken where it is not revoked; an IKE rekey there keeps the serials
+    sg2 = IkeEngine(here(_crl(ca, ca_key, [other_cert])))
+    taken = sg2.import_ike(cdbs, 1.0)
+    assert taken.peer_serials == ike.peer_serials
+    Wire(w.ini, sg2).deliver(sg2.rekey_ike(taken, 2.0), "r", 2.0)
+    (again,) = sg2.ike_sas()
+    assert again is not taken and again.peer_serials == ike.peer_serials
+    revoked = here(_crl(ca, ca_key, [mn_cert]))
+    assert context.replica_refusal(context.encode(again, 3.0), revoked, 3.0) == why
+    # an older gateway's context and UNIT payload, without the serials: not checkable
+    main, *rest = cdbs
+    d = context._parse(main)[1]
+
+    def with_33(v: bytes | None, keep_29: bool = True) -> bytes:
+        items = [(t, x) for t, xs in d.items() if t != 33 and (keep_29 or t not in (28, 29))
+                 for x in xs]  # fmt: skip
+        return context._frame(context.FPT_IKE_SA, context._items(
+            items + ([(33, v)] if v is not None else [])))  # fmt: skip
+
+    assert context.replica_refusal([with_33(None), *rest], revoked, 1.0) is None
+    pd = context._parse(context._frame(0, payload))[1]
+    old_payload = context._items([(t, v) for t, vs in pd.items() if t != 15 for v in vs])
+    assert context.unit_refusal(old_payload, revoked) is None
+    # damaged: refused, never raised (each: empty, a zero length, 21 octets, a leading zero
+    # octet, cut short, six certificates, a serial without the CA)
+    fp = auth.fingerprint(ca)  # type: ignore[arg-type]
+    good = context._serials(((fp, serial),))
+    assert context._unserials(good) == ((fp, serial),)
+    assert context._unserials(context._serials(((fp, 0),))) == ((fp, 0),)
+    for bad, keep in [(b"", True), (fp + b"\x00", True), (fp + b"\x15" + b"\x01" * 21, True),
+                      (fp + b"\x02\x00\x01", True), (good[:-1], True), (good + fp, True),
+                      (good * 6, True), (good, False)]:  # fmt: skip
+        junk = with_33(bad, keep)
+        assert context.replica_refusal([junk, *rest], [gw], 1.0) is not None
+        with pytest.raises(IkeContextError):
+            IkeEngine([gw]).import_ike([junk, *rest], 1.0)
+    for bad in (b"", fp + b"\x00", good[:-1], good * 6):
+        junk_payload = context._items([(t, bad if t == 15 else v) for t, vs in pd.items()
+                                       for v in vs])  # fmt: skip
+        assert context.unit_refusal(junk_payload, [gw]) == "malformed IKE unit"
+    no_ca = context._items([(t, v) for t, vs in pd.items() if t not in (12, 13) for v in vs])
+    assert context.unit_refusal(no_ca, [gw]) == "malformed IKE unit"
+
+
 @functools.cache
 def _cert_unit_payload() -> bytes:
-    """The UNIT payload of a certificate peer's IKE SA (items 12, 13)."""
+    """The UNIT payload of a certificate peer's IKE SA (items 12, 13, 15)."""
     from ipsecct.ikev2 import context
 
     w, _ca, _gw = _san_matched()
@@ -2799,14 +2897,15 @@ def test_a_san_matched_identity_is_checked_by_the_gateway_that_takes_the_ike_sa(
     assert again.peer_auth == "pubkey"
     other = [dataclasses.replace(gw, remote_id=Identity("other.test"))]
     assert context.replica_refusal(context.encode(again, 3.0), other, 3.0) is not None
-    # an older gateway's context (no items 28, 29) and UNIT payload (no 12, 13): as before
+    # an older gateway's context (no items 28, 29, 33) and UNIT payload (no 12, 13, 15): as
+    # before
     main, *rest = cdbs
     d = context._parse(main)[1]
     old_main = context._frame(context.FPT_IKE_SA, context._items(
-        [(t, v) for t, vs in d.items() if t not in (28, 29) for v in vs]))  # fmt: skip
+        [(t, v) for t, vs in d.items() if t not in (28, 29, 33) for v in vs]))  # fmt: skip
     assert context.replica_refusal([old_main, *rest], other, 1.0) is None
     pd = context._parse(context._frame(0, payload))[1]
-    old_payload = context._items([(t, v) for t, vs in pd.items() if t not in (12, 13)
+    old_payload = context._items([(t, v) for t, vs in pd.items() if t not in (12, 13, 15)
                                   for v in vs])  # fmt: skip
     assert context.unit_refusal(old_payload, other) is None
     # damaged names: refused, never raised

@@ -297,15 +297,51 @@ def validate_chain(
     names a CRL distribution point or an OCSP responder (we fetch neither): strongSwan's
     VALIDATION_GOOD / SKIPPED constraints. RevocationUnknown then; AuthError otherwise, also
     for a certificate that cannot be read (BAD_CERT)."""
+    return validated_chain(cert, intermediates, cas, now, crls, revocation)[1]
+
+
+def validated_chain(
+    cert: x509.Certificate, intermediates: list[x509.Certificate], cas: list[x509.Certificate],
+    now: dt.datetime, crls: Sequence[RevocationList | x509.CertificateRevocationList] = (),
+    revocation: str = "relaxed",
+) -> tuple[list[x509.Certificate], x509.Certificate]:
+    """validate_chain's check: (the chain from the leaf, the CA its last certificate led
+    to)."""
     try:
         chain, anchor = _validate_chain(cert, intermediates, cas, now)
         if crls or revocation != "relaxed":
             _not_revoked(chain, anchor, [c if isinstance(c, RevocationList)
                                          else revocation_index(c) for c in crls],
                          now, revocation)  # fmt: skip
-        return anchor
+        return chain, anchor
     except BAD_CERT:
         raise AuthError("a certificate of the chain cannot be read") from None
+
+
+MAX_SERIAL_LEN = 20  # octets (RFC 5280 §4.1.2.2)
+MAX_CERTS_SERIALS = 5  # a peer's chain: its certificate and up to 4 intermediates
+
+
+def chain_serials(chain: list[x509.Certificate],
+                  anchor: x509.Certificate) -> tuple[tuple[bytes, int], ...]:  # fmt: skip
+    """(SHA-256 of its issuer's certificate, serial) of each certificate of ``chain``
+    (leaf first; ``anchor`` issued the last): what a gateway that takes the IKE SA over
+    checks against its own revocation lists (:func:`revoked_by`; it holds the CA
+    certificates, not the intermediates, so it can check the certificates our CAs issued).
+    A serial that is negative or longer than MAX_SERIAL_LEN octets (not RFC 5280's) is left
+    out."""
+    out = []
+    for c, issuer in zip(chain, [*chain[1:], anchor], strict=True):
+        if 0 <= c.serial_number < 1 << (8 * MAX_SERIAL_LEN):
+            out.append((fingerprint(issuer), c.serial_number))
+    return tuple(out)
+
+
+def revoked_by(issuer: x509.Certificate, serial: int,
+               crls: Sequence[RevocationList]) -> bool:  # fmt: skip
+    """Does one of ``crls`` that ``issuer`` signed name ``serial`` (a list past its next
+    update too, as validate_chain)?"""
+    return any(serial in rl.serials for rl in _signed_by(issuer, crls))
 
 
 @dataclass(eq=False)
@@ -326,6 +362,29 @@ def revocation_index(crl: x509.CertificateRevocationList) -> RevocationList:
     """``crl`` with its set of serials (every entry parsed now: the library parses them
     lazily). ValueError if an entry does not parse."""
     return RevocationList(crl, frozenset(r.serial_number for r in crl))
+
+
+def _signed_by(issuer: x509.Certificate,
+               crls: Sequence[RevocationList]) -> list[RevocationList]:  # fmt: skip
+    """The lists of ``crls`` in ``issuer``'s name that its key signed (each list's check
+    memoized by key)."""
+    key = issuer.public_key()
+    der = key.public_bytes(serialization.Encoding.DER,
+                           serialization.PublicFormat.SubjectPublicKeyInfo)  # fmt: skip
+    out = []
+    for rl in crls:
+        if rl.crl.issuer != issuer.subject:
+            continue
+        signed = rl.signatures.get(der)
+        if signed is None:
+            try:
+                signed = rl.crl.is_signature_valid(key)  # type: ignore[arg-type]
+            except (ValueError, TypeError, UnsupportedAlgorithm):
+                signed = False
+            rl.signatures[der] = signed
+        if signed:
+            out.append(rl)
+    return out
 
 
 REVOCATION_POLICIES = ("relaxed", "ifuri", "strict")  # swanctl.conf's remote.revocation
@@ -359,25 +418,10 @@ def _not_revoked(chain: list[x509.Certificate], anchor: x509.Certificate,
     revocation lists its issuer signed; ``revocation``: validate_chain's."""
     issuers = [*chain[1:], anchor]
     for c, issuer in zip(chain, issuers, strict=True):
-        key = issuer.public_key()
-        der = key.public_bytes(serialization.Encoding.DER,
-                               serialization.PublicFormat.SubjectPublicKeyInfo)  # fmt: skip
         status = "none"  # (strongSwan's SKIPPED; "current": GOOD, "stale": STALE)
-        for rl in crls:
+        for rl in _signed_by(issuer, crls):
             crl = rl.crl
-            if crl.issuer != issuer.subject:
-                continue
-            serials, signatures = rl.serials, rl.signatures
-            signed = signatures.get(der)
-            if signed is None:
-                try:
-                    signed = crl.is_signature_valid(key)  # type: ignore[arg-type]
-                except (ValueError, TypeError, UnsupportedAlgorithm):
-                    signed = False
-                signatures[der] = signed
-            if not signed:
-                continue
-            if c.serial_number in serials:
+            if c.serial_number in rl.serials:
                 raise AuthError(f"certificate {c.subject.rfc4514_string()} (serial "
                                 f"{c.serial_number:x}) is revoked")  # fmt: skip
             if status != "current":

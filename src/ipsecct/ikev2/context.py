@@ -31,7 +31,7 @@ import struct
 from collections.abc import Callable
 
 from ..errors import IkeContextError
-from .auth import MAX_NAMES, fingerprint
+from .auth import MAX_CERTS_SERIALS, MAX_NAMES, MAX_SERIAL_LEN, fingerprint, revoked_by
 from .config import ChildConfig, Connection, _dn_set
 from .ikesa import Address, ChildSA, IkeSA, IkeState
 from .keys import ChildKeys, IkeKeys
@@ -248,8 +248,9 @@ def encode(ike: IkeSA, now: float) -> list[bytes]:
     if owed:  # DELETEs of CHILD SAs we sent (or queued) and the peer has not answered
         main.append((30, b"".join(struct.pack("!I", spi) for spi in owed)))
     if ike.peer_ca:  # a certificate peer: what its certificate proves (28) and its CA (29)
-        room = MAX_CDB - 8 - len(_items(main)) - 3 - (3 + 32)
-        main += [(28, _names(ike.peer_names, room)), (29, ike.peer_ca)]
+        serials = [(33, _serials(ike.peer_serials))] if ike.peer_serials else []
+        room = MAX_CDB - 8 - len(_items(main + serials)) - 3 - (3 + 32)
+        main += [(28, _names(ike.peer_names, room)), (29, ike.peer_ca), *serials]
     out = [_frame(FPT_IKE_SA, _items(main))]
     for c in ike.children:
         ck = c.keys
@@ -335,7 +336,8 @@ def unit_payloads(ike: IkeSA, children: list[ChildSA]) -> list[bytes]:
     transfer's UNIT CDBs, ``ct.transfer.unit_cdb``, each listing all of ``children``): its
     connection's name and the names of its CHILD SAs' configurations, then what the
     target's policy is checked against before the commit (:func:`policy_refusal`): the IKE
-    SA's suite (7), the peer's identity (8) and how it authenticated (10), and, per CHILD SA,
+    SA's suite (7), the peer's identity (8) and how it authenticated (10) (a certificate
+    peer's names, CA and chain serials: 12, 13, 15), and, per CHILD SA,
     its configuration's name, suite and selectors (9). A gateway that predates items 7-10
     reads only the names.
 
@@ -353,6 +355,8 @@ def unit_payloads(ike: IkeSA, children: list[ChildSA]) -> list[bytes]:
                  (10, bytes((_AUTH[auth_of(ike)],)))]  # fmt: skip
     if ike.peer_ca:  # a certificate peer: the names it proves (12) and its CA (13)
         top_items += [(12, _names(ike.peer_names, 1024)), (13, ike.peer_ca)]
+        if ike.peer_serials:  # and its chain's serials (15)
+            top_items.append((15, _serials(ike.peer_serials)))
     top = _items(top_items)
     kids = [_items([(9, _kid(c.config.name, c.suite, c.local_ts, c.remote_ts))])
             for c in children]  # fmt: skip
@@ -385,8 +389,10 @@ def unit_payloads(ike: IkeSA, children: list[ChildSA]) -> list[bytes]:
 
 Kid = tuple[str, Suite, list[TrafficSelector], list[TrafficSelector]]
 # the IKE SA's suite, the peer's identity, how it authenticated, and for a certificate peer
-# the names its certificate proves and its CA's fingerprint
-Top = tuple[Suite, str, str, tuple[tuple[str, ...], bytes] | None]
+# the names its certificate proves, its CA's fingerprint and its chain's serials (() : not
+# known)
+Serials = tuple[tuple[bytes, int], ...]
+Top = tuple[Suite, str, str, tuple[tuple[str, ...], bytes, Serials] | None]
 
 
 def _unit_policy(d: dict[int, list[bytes]], children: list[str],
@@ -405,14 +411,15 @@ def _unit_policy(d: dict[int, list[bytes]], children: list[str],
     elif sorted(n for n, *_ in kids) != sorted(children):
         raise ValueError("malformed unit")
     if 7 not in d:
-        if 10 in d or 12 in d or 13 in d:
+        if 10 in d or 12 in d or 13 in d or 15 in d:
             raise ValueError("malformed unit")
         return None, kids
-    # 10, 12 and 13: absent from a gateway that predates them (admitted, as before)
+    # 10, 12, 13 and 15: absent from a gateway that predates them (admitted, as before)
     auth = _unauth(_one(d, 10)) if 10 in d else ""
-    if (12 in d) != (13 in d):
+    if (12 in d) != (13 in d) or (15 in d and 13 not in d):
         raise ValueError("malformed unit")
-    cert = (_unnames(_one(d, 12)), _one(d, 13, 32)) if 13 in d else None
+    cert = (_unnames(_one(d, 12)), _one(d, 13, 32),
+            _unserials(_one(d, 15)) if 15 in d else ()) if 13 in d else None  # fmt: skip
     return (_unsuite(_one(d, 7)), _one(d, 8).decode(), auth, cert), kids
 
 
@@ -487,13 +494,14 @@ def replica_refusal(cdbs: list[bytes], connections: list[Connection], now: float
 def policy_refusal(ike: IkeSA) -> str | None:
     """Why this gateway's connection would not admit ``ike`` as it was negotiated elsewhere
     (None: it would): its IKE proposal, each CHILD SA's ESP proposal, the peer's identity
-    (``remote.id``), how it authenticated (``remote.auth``) and each CHILD SA's traffic
+    (``remote.id``), how it authenticated (``remote.auth``), its certificate's CA
+    (``remote.cacerts``) and revocation (``remote.crls``) and each CHILD SA's traffic
     selectors (within the configured ones). A transfer's UNIT payload is checked before the
     commit, a replica when it arrives, and every imported IKE SA (a handover's, a
     take-over's) before it is taken: an authenticated peer gateway is trusted with the keys,
     not with this gateway's policy."""
     kids = [(c.config, c.suite, c.local_ts, c.remote_ts) for c in ike.children]
-    cert = (ike.peer_names, ike.peer_ca) if ike.peer_ca else None
+    cert = (ike.peer_names, ike.peer_ca, ike.peer_serials) if ike.peer_ca else None
     return _refusal(ike.conn, (ike.suite, ike.peer_id, ike.peer_auth, cert), kids)
 
 
@@ -518,6 +526,10 @@ def _refusal(
                 fingerprint(ca) for ca in conn.cacerts}:  # fmt: skip
             return (f"peer's certificate is not from a CA in remote.cacerts of {conn.name!r}"
                     " here")  # fmt: skip
+        if cert is not None and conn.remote_auth == "pubkey" and conn.crls is not None:
+            why = _revoked_here(conn, cert[2])
+            if why is not None:
+                return why
     for cc, csuite, lts, rts in children:
         if not admits(cc.esp_proposals, csuite):
             return f"ESP proposal {csuite.name()} not in child {cc.name!r} here"
@@ -526,6 +538,51 @@ def _refusal(
             if not all(any(_within(t, a) for a in allowed) for t in have):
                 return f"traffic selectors outside {side} of child {cc.name!r} here"
     return None
+
+
+def _revoked_here(conn: Connection, serials: Serials) -> str | None:
+    """Why the peer's chain is refused by this gateway's remote.crls (None: it is not): a
+    certificate of it whose issuer is one of our CAs and whose serial a list that CA signed
+    names. One issued by an intermediate cannot be checked here (we hold the CAs, not the
+    intermediates), nor a chain of an older gateway's context (no serials)."""
+    if not serials or conn.crls is None:
+        return None
+    crls = conn.crls()
+    cas = {fingerprint(ca): ca for ca in conn.cacerts}
+    for issuer_fp, serial in serials:
+        ca = cas.get(issuer_fp)
+        if ca is not None and revoked_by(ca, serial, crls):
+            return (f"peer's certificate (serial {serial:x}) is revoked by remote.crls of "
+                    f"{conn.name!r} here")  # fmt: skip
+    return None
+
+
+def _serials(serials: Serials) -> bytes:
+    """Item 33 / 15: ``issuer SHA-256 (256) | Len(8) | serial`` per certificate of the
+    peer's chain, leaf first (at most MAX_CERTS_SERIALS; a serial in at most MAX_SERIAL_LEN
+    octets, the fewest that hold it)."""
+    out = b""
+    for fp, serial in serials[:MAX_CERTS_SERIALS]:
+        b = serial.to_bytes(max(1, (serial.bit_length() + 7) // 8), "big")
+        out += fp + bytes((len(b),)) + b
+    return out
+
+
+def _unserials(b: bytes) -> Serials:
+    out: list[tuple[bytes, int]] = []
+    pos = 0
+    if not b:
+        raise IkeContextError("bad certificate serials item")
+    while pos < len(b):
+        if pos + 33 > len(b) or len(out) >= MAX_CERTS_SERIALS:
+            raise IkeContextError("bad certificate serials item")
+        n = b[pos + 32]
+        raw = b[pos + 33 : pos + 33 + n]
+        if not 1 <= n <= MAX_SERIAL_LEN or len(raw) != n or (n > 1 and raw[0] == 0):
+            raise IkeContextError("bad certificate serials item")
+        out.append((b[pos : pos + 32], int.from_bytes(raw, "big")))
+        pos += 33 + n
+    return tuple(out)
 
 
 def _within(t: TrafficSelector, allowed: TrafficSelector) -> bool:
@@ -684,6 +741,10 @@ def decode(cdbs: list[bytes], connections: list[Connection], now: float,
         ike.peer_auth = _unauth(_one(m, 27))
     if 28 in m or 29 in m:  # a certificate peer's names and CA (absent: older, or a PSK)
         ike.peer_names, ike.peer_ca = _unnames(_one(m, 28)), _one(m, 29, 32)
+    if 33 in m:  # its chain's serials (absent: older, or a PSK); only with its CA
+        if 29 not in m:
+            raise IkeContextError("certificate serials without the certificate's CA")
+        ike.peer_serials = _unserials(_one(m, 33))
     if 31 in m:  # RFC 4555 roles, the address check, a request in flight (absent: older)
         _mobike_state(ike, _one(m, 31, 1)[0])
     ike.vips = _unvips(m.get(32, []))  # (absent: none, or a context of an older version)

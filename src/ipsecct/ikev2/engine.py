@@ -37,11 +37,12 @@ from .auth import (
     RevocationUnknown,
     cert_names,
     certreq,
+    chain_serials,
     fingerprint,
     id_matches_cert,
     parse_cert,
     sign,
-    validate_chain,
+    validated_chain,
     verify,
 )
 from .config import ChildConfig, Connection
@@ -1056,8 +1057,10 @@ class IkeEngine:
                 why = "pre-shared key does not match"
             elif cert is not None:
                 try:
-                    anchor = validate_chain(cert, certs[1:], c.cacerts, self._wall(now),
-                                            c.crls() if c.crls else [], c.revocation)
+                    chain, anchor = validated_chain(cert, certs[1:], c.cacerts,
+                                                    self._wall(now),
+                                                    c.crls() if c.crls else [],
+                                                    c.revocation)  # fmt: skip
                     if not id_matches_cert(idi, cert):
                         raise AuthError("the identity is not in the certificate")
                     verify(cert, auth.method, auth.data, octets)
@@ -1105,6 +1108,7 @@ class IkeEngine:
         ike.peer_id = peer_id
         if cert is not None and anchor is not None:
             ike.peer_names, ike.peer_ca = cert_names(cert), fingerprint(anchor)
+            ike.peer_serials = chain_serials(chain, anchor)
         ike.rekey_at = self._rekey_time(now, conn.rekey_time)
         creds = conn.credentials
         if conn.local_auth == "pubkey" and creds is not None:
@@ -1937,14 +1941,16 @@ class IkeEngine:
                     if not certs:
                         raise AuthError("no certificate")
                     cert = certs[0]
-                    anchor = validate_chain(cert, certs[1:], conn.cacerts, self._wall(now),
-                                            conn.crls() if conn.crls else [],
-                                            conn.revocation)  # fmt: skip
+                    chain, anchor = validated_chain(cert, certs[1:], conn.cacerts,
+                                                    self._wall(now),
+                                                    conn.crls() if conn.crls else [],
+                                                    conn.revocation)  # fmt: skip
                     if not id_matches_cert(idr, cert) or not conn.remote_id.matches(idr, cert):
                         raise AuthError("the identity is not the certificate's or not wanted")
                     verify(cert, auth.method, auth.data, octets)
                     ok = True
                     ike.peer_names, ike.peer_ca = cert_names(cert), fingerprint(anchor)
+                    ike.peer_serials = chain_serials(chain, anchor)
                 except RevocationUnknown as exc:
                     why = str(exc)
                     self._revocation_unknown(conn, ike, why)
@@ -2635,6 +2641,7 @@ def _inherit(new: IkeSA, old: IkeSA) -> None:
     # how the peer authenticated, as a gateway that took the IKE SA over was told (a rekey
     # there dropped it: the next move's target no longer knew)
     new.peer_auth, new.peer_names, new.peer_ca = old.peer_auth, old.peer_names, old.peer_ca
+    new.peer_serials = old.peer_serials
     new.orig_initiator = old.mobike_initiator  # RFC 4555's roles stay as they were
     new.vips, old.vips = old.vips, []  # the leases go with the new IKE SA (not released)
     if old.esp_remote is not None:  # a return-routability check was due or in flight: the

@@ -169,6 +169,10 @@ class IkeSA:
     # not known (a PSK peer, or a context of an older version)
     peer_names: tuple[str, ...] = ()
     peer_ca: bytes = b""
+    # and the serial of each certificate of its chain (leaf first) with the SHA-256 of the
+    # certificate that issued it: what a gateway that takes the IKE SA over checks against
+    # its own remote.crls (auth.chain_serials); (): not known (a PSK peer, an older context)
+    peer_serials: tuple[tuple[bytes, int], ...] = ()
     peer_next_mid: int = 1  # the next request ID we expect from the peer
     # the answer to request peer_next_mid-1 (several messages when fragmented, RFC 7383)
     last_response: list[bytes] = field(default_factory=list, repr=False)
