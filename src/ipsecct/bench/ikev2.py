@@ -46,7 +46,8 @@ handover on minus its longest before it, both measured down to the 1 ms packet i
 none longer than the noise before; negative: shorter); ``delay_excess_ms``, the longest
 one-way delay of a packet (each carries its send time; one clock for all namespaces) from the
 handover on minus the longest before it; ``delayed``, the packets from the handover on delayed
-more than any before it (both ways). ``lost`` the packets sent and never received, both
+more than any before it (both ways; packets that arrived: the lost ones are in ``lost``
+only). ``lost`` the packets sent and never received, both
 ways; ``mn_ike_messages`` the IKE messages the client sent or received from the handover (a
 prepared transfer: its preparation) until the end of the stream ("sending packet"/"received
 packet" in its log; no liveness checks are configured);
