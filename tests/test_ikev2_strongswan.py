@@ -862,6 +862,12 @@ def make_pki(d: Path, kind: str) -> None:
                                     serialization.PrivateFormat.TraditionalOpenSSL,
                                     serialization.NoEncryption()))  # fmt: skip
     (d / "ca.pem").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    # the CA's revocation lists, naming no one: current (ca.crl) and past its next update
+    for name, days in (("ca.crl", 7), ("stale.crl", -1)):
+        crl = (x509.CertificateRevocationListBuilder().issuer_name(ca_name)
+               .last_update(now - dt.timedelta(days=2))
+               .next_update(now + dt.timedelta(days=days)).sign(ca_key, hashes.SHA256()))
+        (d / name).write_bytes(crl.public_bytes(serialization.Encoding.PEM))  # fmt: skip
 
 
 class CertInitiator(Charon):
@@ -970,6 +976,56 @@ def test_strongswan_connects_with_certificates(workdir: Path, kind: str) -> None
                     assert c.get("fragmented-received", 0) == 1, c
                     assert c.get("fragmented-sent", 0) == 1, c
                     assert "reassembled fragmented IKE message" in log, ss.logtail()
+        finally:
+            gw.cleanup()
+
+
+@pytest.mark.root
+@pytest.mark.slow
+@needs_strongswan
+@pytest.mark.parametrize("crl", ["stale.crl", "ca.crl"])
+def test_strict_revocation_refuses_strongswan_without_a_current_list(
+    workdir: Path, crl: str
+) -> None:
+    """The gateway's ``remote.revocation = "strict"`` with its CA's list past its next
+    update: strongSwan's certificate (no one revoked) is refused, AUTHENTICATION_FAILED
+    (strongSwan logs it), and the gateway says why (``ike-auth-revocation-unknown``);
+    with a current list it connects."""
+    pki = workdir / "pki"
+    pki.mkdir()
+    make_pki(pki, "ecdsa")
+    with Namespaces("a", "b") as ns:
+        build_namespaces(ns)
+        conf = gateway_config(workdir, ike="default", esp="default", encap=False, dpd=0)
+        text = conf.read_text().replace('local.auth = "psk"', 'local.auth = "pubkey"\n'
+                                        f'local.certs = ["{pki}/gw.pem"]')
+        text = text.replace('remote.auth = "psk"', 'remote.auth = "pubkey"\n'
+                            f'remote.cacerts = ["{pki}/ca.pem"]\n'
+                            f'remote.crls = ["{pki}/{crl}"]\n'
+                            'remote.revocation = "strict"')
+        text = text.replace(f'remote.id = "{A.id}"', 'remote.id = "CN=client.test"')
+        text += f'\n[secrets.private-gw]\nfile = "{pki}/gw.key"\n'
+        conf.write_text(text)  # fmt: skip
+        gw = Daemon("gateway", conf, str(workdir / "gw.sock"), workdir / "gw.log",
+                    prefix=["ip", "netns", "exec", ns.names["b"]])  # fmt: skip
+        gw.start()
+        try:
+            with CertInitiator(ns, workdir, pki) as ss:
+                ss.start()
+                if crl == "ca.crl":
+                    ss.initiate()
+                    assert ping(ns, "a", B.inner, 3) == 3, ss.logtail() + gw.logtext()
+                    assert "ike-auth-revocation-unknown" not in gw.logtext()
+                    return
+                with pytest.raises(AssertionError, match="failed"):
+                    ss.initiate()
+                assert "AUTHENTICATION_FAILED" in ss.log(), ss.logtail()
+                assert ike_list(str(workdir / "gw.sock")) == []
+                line = next((x for x in gw.logtext().splitlines()
+                             if "ike-auth-revocation-unknown" in x), "")  # fmt: skip
+                assert "CN=client.test is unknown" in line, gw.logtext()
+                assert "past their next update (revocation = strict)" in line
+                assert gw.status()["ike"]["counters"].get("auth-revocation-unknown") == 1
         finally:
             gw.cleanup()
 
