@@ -379,3 +379,149 @@ def test_overlap_index_finds_exactly_the_overlapping(
         keys = [k for block in idx._keys for k in block]
         assert keys == sorted(keys) and idx._maxes == [block[-1] for block in idx._keys]
         assert all(0 < len(block) <= 2 * load for block in idx._keys)
+
+
+# -- indexed lookup against the linear scan ---------------------------------------------------
+_V4, _V6 = 0x0A000000, 0xFD00 << 112
+
+
+@st.composite
+def _policy_selectors(draw: st.DrawFn) -> Selectors:
+    """Small address spaces so that policies and packets collide: single addresses (mostly),
+    short ranges, prefixes, ANY; one or two ranges a side, IPv4 and IPv6 (mixed too);
+    protocols with and without ports, ICMP type/code."""
+
+    def ranges() -> tuple[AddressRange, ...]:
+        out = []
+        for _ in range(draw(st.sampled_from([1, 1, 1, 2]))):
+            v6 = draw(st.integers(0, 3)) == 0
+            mk = ipaddress.IPv6Address if v6 else ipaddress.IPv4Address
+            kind = draw(st.sampled_from(["one", "one", "range", "any"]))
+            if kind == "any":
+                out.append(AddressRange.any(6 if v6 else 4))
+                continue
+            first = (_V6 if v6 else _V4) + draw(st.integers(0, 4))
+            width = 0 if kind == "one" else draw(st.integers(1, 4))
+            out.append(AddressRange(mk(first), mk(first + width)))
+        return tuple(out)
+
+    proto = draw(st.sampled_from([PROTO_ANY, PROTO_ANY, TCP, UDP, ICMP]))
+    ports = [PortRange(), PortRange()]
+    for i in range(2):
+        if proto != PROTO_ANY and draw(st.booleans()):
+            a = draw(st.integers(0, 3))
+            ports[i] = PortRange(a, a + draw(st.integers(0, 2)))
+    return Selectors(ranges(), ranges(), proto, ports[0], ports[1])
+
+
+_ops = st.lists(
+    st.one_of(
+        st.tuples(st.just("add"), _policy_selectors(), st.sampled_from(list(Action))),
+        st.tuples(st.just("insert"), _policy_selectors(), st.integers(-3, 40)),
+        st.tuples(st.just("remove"), st.integers(0, 1000)),
+        st.tuples(st.just("remove_many"), st.lists(st.integers(0, 1000), max_size=4)),
+        st.tuples(st.just("extend"), st.lists(_policy_selectors(), max_size=6)),
+        st.tuples(st.just("extend"), st.lists(_policy_selectors(), max_size=6)),
+        st.tuples(st.just("readd"), st.integers(0, 1000), st.integers(-1, 40)),
+    ),
+    min_size=3,
+    max_size=40,
+)
+_packets = st.lists(
+    st.tuples(
+        st.integers(0, 3).map(lambda x: x == 0),  # IPv6
+        st.integers(0, 5),
+        st.integers(0, 5),
+        st.sampled_from([TCP, UDP, ICMP, ESP]),
+        st.one_of(st.none(), st.integers(0, 6)),
+        st.one_of(st.none(), st.integers(0, 6)),
+        st.integers(0, 9),  # mixed families when 0
+    ),
+    min_size=1,
+    max_size=30,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_ops, _packets)
+def test_indexed_lookup_is_the_linear_first_match(
+    ops: list[tuple[object, ...]], packets: list[tuple[object, ...]]
+) -> None:
+    """Random policy sets built by appends, inserts at any position (also past either end),
+    removals, bulk removals, bulk appends and re-inserts of removed entries: after every step
+    the SPD's order is what a plain list does, and every packet finds exactly the entry the
+    linear first-match scan finds. Ranks are squeezed (STEP 4) so that inserts renumber."""
+    spd = SPD()
+    spd.STEP = 4
+    model: list[SPDEntry] = []
+    out: list[SPDEntry] = []
+    n = 0
+
+    def new(sel: Selectors, action: Action = Action.PROTECT) -> SPDEntry:
+        nonlocal n
+        n += 1
+        return SPDEntry(sel, action, name=f"p{n}")
+
+    for op in ops:
+        kind = op[0]
+        if kind == "add":
+            e = new(op[1], op[2])  # type: ignore[arg-type]
+            spd.add(e)
+            model.append(e)
+        elif kind == "insert":
+            e = new(op[1], Action.BYPASS)  # type: ignore[arg-type]
+            spd.add(e, index=op[2])  # type: ignore[arg-type]
+            model.insert(op[2], e)  # type: ignore[arg-type]
+        elif kind == "remove" and model:
+            e = model.pop(op[1] % len(model))  # type: ignore[operator]
+            spd.remove(e)
+            out.append(e)
+        elif kind == "remove_many":
+            gone = [model[i % len(model)] for i in op[1]] if model else []  # type: ignore[attr-defined]
+            gone.append(new(Selectors.between("10.0.0.1", "10.0.0.2")))  # never added: ignored
+            spd.remove_many(gone)
+            ids = {id(g) for g in gone}
+            out.extend(e for e in model if id(e) in ids)
+            model = [e for e in model if id(e) not in ids]
+        elif kind == "extend":
+            es = [new(s, Action.DISCARD) for s in op[1]]  # type: ignore[attr-defined]
+            spd.extend(es)
+            model.extend(es)
+        elif kind == "readd" and out:
+            e = out.pop(op[1] % len(out))  # type: ignore[operator]
+            idx = None if op[2] == -1 else op[2]
+            spd.add(e, index=idx)  # type: ignore[arg-type]
+            if idx is None:
+                model.append(e)
+            else:
+                model.insert(idx, e)
+        assert list(spd) == model and len(spd) == len(model)
+        assert all(spd.index_of(e) == i for i, e in enumerate(model))
+        for v6, a, b, proto, sport, dport, mix in packets:
+            base = _V6 if v6 else _V4
+            mk = ipaddress.IPv6Address if v6 else ipaddress.IPv4Address
+            loc = mk(base + a)  # type: ignore[operator]
+            rem = mk(base + b)  # type: ignore[operator]
+            if mix == 0:
+                rem = (ipaddress.IPv4Address if v6 else ipaddress.IPv6Address)(
+                    (_V4 if v6 else _V6) + b  # type: ignore[operator]
+                )
+            args = (loc, rem, proto, sport, dport)
+            want = next((e for e in model if e.selectors.matches(*args)), None)  # type: ignore[arg-type]
+            assert spd._lookup_linear(*args) is want  # type: ignore[arg-type]
+            assert spd.lookup(*args) is want  # type: ignore[arg-type]
+
+
+def test_spd_entry_in_twice_or_removed_twice_is_refused() -> None:
+    e = _entry("10.0.0.0/24", "10.0.1.5", Action.PROTECT, "x")
+    spd = SPD([e])
+    with pytest.raises(SAError):
+        spd.add(e)
+    with pytest.raises(SAError):
+        spd.add(e, index=0)
+    assert list(spd) == [e]
+    spd.remove(e)
+    with pytest.raises(SAError):
+        spd.remove(e)
+    assert spd.lookup(ip("10.0.0.1"), ip("10.0.1.5"), TCP, 1, 2) is None
+    assert spd.index_of(e) is None

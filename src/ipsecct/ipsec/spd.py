@@ -319,10 +319,31 @@ class SPDEntry:
 
 
 class SPD:
-    """An ordered Security Policy Database: first match wins (RFC 4301 §4.4.1)."""
+    """An ordered Security Policy Database: first match wins (RFC 4301 §4.4.1).
+
+    A lookup does not try every entry: an entry whose remote ranges are all single addresses
+    (a mobile node's inner address: the usual tunnel) is filed under those addresses, else one
+    whose local ranges are all single addresses under those, and the rest are kept apart in
+    order. Every entry has a rank that grows with its position; a lookup tries the entries filed
+    under the packet's remote address, then those under its local address, then the rest, each
+    in rank order and only below the best rank found so far, and returns the lowest-ranked
+    match: exactly the first match of the ordered list (:meth:`_lookup_linear`, kept as the
+    reference)."""
+
+    STEP = 1 << 32  # rank gap between entries appended one after another
 
     def __init__(self, entries: Iterable[SPDEntry] = ()) -> None:
-        self._entries: list[SPDEntry] = list(entries)
+        self._entries: list[SPDEntry] = []
+        self._ranks: list[int] = []  # parallel to _entries, strictly increasing
+        # id(entry) -> (rank, where filed: _REMOTE / _LOCAL / _GENERAL, its keys)
+        self._slot: dict[int, tuple[int, int, tuple[tuple[int, int], ...]]] = {}
+        # (version, address) -> [(rank, entry)] sorted by rank
+        self._by_remote: dict[tuple[int, int], list[tuple[int, SPDEntry]]] = {}
+        self._by_local: dict[tuple[int, int], list[tuple[int, SPDEntry]]] = {}
+        self._general: list[tuple[int, SPDEntry]] = []  # the rest, sorted by rank
+        self.extend(entries)
+
+    _REMOTE, _LOCAL, _GENERAL = 0, 1, 2
 
     def __iter__(self) -> Iterator[SPDEntry]:
         return iter(self._entries)
@@ -330,30 +351,142 @@ class SPD:
     def __len__(self) -> int:
         return len(self._entries)
 
+    @staticmethod
+    def _single(ranges: tuple[AddressRange, ...]) -> tuple[tuple[int, int], ...] | None:
+        """(version, address) of each range when every one is a single address, else None."""
+        keys = []
+        for r in ranges:
+            f: Any = r.first
+            lst: Any = r.last
+            if f._ip != lst._ip:
+                return None
+            keys.append((f._version, f._ip))
+        return tuple(keys)
+
+    def _file(self, entry: SPDEntry, rank: int) -> None:
+        """Put ``entry`` with ``rank`` into the lookup structures (not into _entries)."""
+        if id(entry) in self._slot:
+            raise SAError("this SPD entry is in the SPD already")
+        sel = entry.selectors
+        item = (rank, entry)
+        keys = self._single(sel.remote)
+        where = self._REMOTE
+        if keys is None:
+            keys = self._single(sel.local)
+            where = self._LOCAL
+        if keys is None:
+            self._slot[id(entry)] = (rank, self._GENERAL, ())
+            gen = self._general
+            if not gen or gen[-1][0] < rank:
+                gen.append(item)
+            else:
+                gen.insert(bisect.bisect_left(gen, (rank,)), item)
+            return
+        self._slot[id(entry)] = (rank, where, keys)
+        table = self._by_remote if where == self._REMOTE else self._by_local
+        for key in dict.fromkeys(keys):  # (an address listed twice: filed once)
+            bucket = table.get(key)
+            if bucket is None:
+                table[key] = [item]
+            elif bucket[-1][0] < rank:
+                bucket.append(item)
+            else:
+                bucket.insert(bisect.bisect_left(bucket, (rank,)), item)
+
+    def _unfile(self, entry: SPDEntry) -> int:
+        """Take ``entry`` out of the lookup structures; its rank (SAError: not in the SPD)."""
+        slot = self._slot.pop(id(entry), None)
+        if slot is None:
+            raise SAError("no such SPD entry")
+        rank, where, keys = slot
+        if where == self._GENERAL:
+            gen = self._general
+            del gen[bisect.bisect_left(gen, (rank,))]
+            return rank
+        table = self._by_remote if where == self._REMOTE else self._by_local
+        for key in dict.fromkeys(keys):
+            bucket = table[key]
+            if len(bucket) == 1:
+                del table[key]
+            else:
+                del bucket[bisect.bisect_left(bucket, (rank,))]
+        return rank
+
+    def _renumber(self) -> None:
+        """New ranks, evenly spaced, for every entry (no gap left for an insertion)."""
+        entries = self._entries
+        self._slot.clear()
+        self._by_remote.clear()
+        self._by_local.clear()
+        self._general = []
+        self._ranks = [(i + 1) * self.STEP for i in range(len(entries))]
+        for e, rank in zip(entries, self._ranks, strict=True):
+            self._file(e, rank)
+
     def add(self, entry: SPDEntry, *, index: int | None = None) -> None:
-        if index is None:
+        """Append ``entry``, or insert it before position ``index`` (as list.insert does)."""
+        ranks = self._ranks
+        n = len(ranks)
+        if index is not None:
+            if index < 0:
+                index = max(index + n, 0)
+            index = min(index, n)
+        if index is None or index == n:
+            rank = ranks[-1] + self.STEP if ranks else self.STEP
+            self._file(entry, rank)
             self._entries.append(entry)
-        else:
-            self._entries.insert(index, entry)
+            ranks.append(rank)
+            return
+        lo = ranks[index - 1] if index > 0 else 0
+        hi = ranks[index]
+        if hi - lo < 2:
+            self._renumber()
+            ranks = self._ranks
+            lo = ranks[index - 1] if index > 0 else 0
+            hi = ranks[index]
+        rank = (lo + hi) // 2
+        self._file(entry, rank)
+        self._entries.insert(index, entry)
+        ranks.insert(index, rank)
 
     def extend(self, entries: Iterable[SPDEntry]) -> None:
         """Append ``entries`` in order (a bulk install)."""
-        self._entries.extend(entries)
+        ranks, out = self._ranks, self._entries
+        rank = ranks[-1] if ranks else 0
+        step = self.STEP
+        for e in entries:
+            rank += step
+            self._file(e, rank)
+            out.append(e)
+            ranks.append(rank)
+
+    def index_of(self, entry: SPDEntry) -> int | None:
+        """The position of this very entry (None: not in the SPD), without a walk."""
+        slot = self._slot.get(id(entry))
+        if slot is None:
+            return None
+        return bisect.bisect_left(self._ranks, slot[0])
 
     def remove_many(self, entries: Iterable[SPDEntry]) -> None:
         """Remove these very entries in one pass over the database (removing thousands one by
         one would walk it once each). Entries not in it are ignored."""
-        gone = {id(e) for e in entries}
+        gone: set[int] = set()
+        for e in entries:
+            if id(e) in self._slot:
+                self._unfile(e)
+                gone.add(id(e))
         if gone:
-            self._entries = [e for e in self._entries if id(e) not in gone]
+            pairs = zip(self._entries, self._ranks, strict=True)
+            keep = [(e, r) for e, r in pairs if id(e) not in gone]
+            self._entries = [e for e, _ in keep]
+            self._ranks = [r for _, r in keep]
 
     def remove(self, entry: SPDEntry) -> None:
         """Remove this very entry (not one that merely compares equal)."""
-        for i, e in enumerate(self._entries):
-            if e is entry:
-                del self._entries[i]
-                return
-        raise SAError("no such SPD entry")
+        rank = self._unfile(entry)
+        i = bisect.bisect_left(self._ranks, rank)
+        del self._entries[i]
+        del self._ranks[i]
 
     def lookup(
         self,
@@ -363,6 +496,45 @@ class SPD:
         local_port: int | None = None,
         remote_port: int | None = None,
     ) -> SPDEntry | None:
+        """The first entry (in order) whose selectors match, or None."""
+        loc: Any = local
+        rem: Any = remote
+        version = loc._version
+        if rem._version != version:
+            return None
+        li, ri = loc._ip, rem._ip
+        best: SPDEntry | None = None
+        best_rank = -1
+        bucket = self._by_remote.get((version, ri))
+        if bucket is not None:
+            for rank, e in bucket:
+                if e.selectors.matches_int(version, li, ri, protocol, local_port, remote_port):
+                    best, best_rank = e, rank
+                    break
+        bucket = self._by_local.get((version, li))
+        if bucket is not None:
+            for rank, e in bucket:
+                if best is not None and rank > best_rank:
+                    break
+                if e.selectors.matches_int(version, li, ri, protocol, local_port, remote_port):
+                    best, best_rank = e, rank
+                    break
+        for rank, e in self._general:
+            if best is not None and rank > best_rank:
+                break
+            if e.selectors.matches_int(version, li, ri, protocol, local_port, remote_port):
+                return e
+        return best
+
+    def _lookup_linear(
+        self,
+        local: IPAddress,
+        remote: IPAddress,
+        protocol: int,
+        local_port: int | None = None,
+        remote_port: int | None = None,
+    ) -> SPDEntry | None:
+        """:meth:`lookup` by trying every entry in order (the reference it is tested against)."""
         for e in self._entries:
             if e.selectors.matches(local, remote, protocol, local_port, remote_port):
                 return e
