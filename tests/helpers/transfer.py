@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 from ipsecct.ct import cxtp
 from ipsecct.ct.transfer import (
+    After,
     Finished,
     Inject,
     Output,
@@ -171,6 +172,8 @@ class Gw:
                 self.emit(bytes(o.data))
             elif isinstance(o, Finished):
                 self.finished.append(o.record)
+            elif isinstance(o, After):
+                o.run()
 
     def emit(self, data: bytes) -> None:
         self.wire.append(esp_seq(data))

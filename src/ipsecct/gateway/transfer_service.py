@@ -21,6 +21,7 @@ from typing import Any
 
 from ..ct import cxtp
 from ..ct.transfer import (
+    After,
     Finished,
     Inject,
     Output,
@@ -153,6 +154,8 @@ class TransferService:
                     fut.set_result(o.record)  # (it failed before it was ready)
             elif isinstance(o, Prepared):
                 self._prepared(o.record)
+            elif isinstance(o, After):
+                o.run()
         self.node.timers.poke()  # a new exchange, a retry or a time-out may have moved
 
     def on_settled(self) -> None:
