@@ -423,6 +423,7 @@ _ops = st.lists(
         st.tuples(st.just("extend"), st.lists(_policy_selectors(), max_size=6)),
         st.tuples(st.just("extend"), st.lists(_policy_selectors(), max_size=6)),
         st.tuples(st.just("readd"), st.integers(0, 1000), st.integers(-1, 40)),
+        st.tuples(st.just("index_of")),
     ),
     min_size=3,
     max_size=40,
@@ -496,7 +497,8 @@ def test_indexed_lookup_is_the_linear_first_match(
             else:
                 model.insert(idx, e)
         assert list(spd) == model and len(spd) == len(model)
-        assert all(spd.index_of(e) == i for i, e in enumerate(model))
+        if kind == "index_of":  # (not after every step: positions are made again lazily)
+            assert all(spd.index_of(e) == i for i, e in enumerate(model))
         for v6, a, b, proto, sport, dport, mix in packets:
             base = _V6 if v6 else _V4
             mk = ipaddress.IPv6Address if v6 else ipaddress.IPv4Address

@@ -18,7 +18,7 @@ import enum
 import ipaddress
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from ..errors import SAError
 from .ippacket import IPAddress
@@ -334,16 +334,16 @@ class SPD:
 
     def __init__(self, entries: Iterable[SPDEntry] = ()) -> None:
         self._entries: list[SPDEntry] = []
-        self._ranks: list[int] = []  # parallel to _entries, strictly increasing
-        # id(entry) -> (rank, where filed: _REMOTE / _LOCAL / _GENERAL, its keys)
-        self._slot: dict[int, tuple[int, int, tuple[tuple[int, int], ...]]] = {}
-        # (version, address) -> [(rank, entry)] sorted by rank
-        self._by_remote: dict[tuple[int, int], list[tuple[int, SPDEntry]]] = {}
-        self._by_local: dict[tuple[int, int], list[tuple[int, SPDEntry]]] = {}
-        self._general: list[tuple[int, SPDEntry]] = []  # the rest, sorted by rank
+        # parallel to _entries, strictly increasing (None: to be made again from _rank)
+        self._ranks: list[int] | None = []
+        self._rank: dict[int, int] = {}  # id(entry) -> its rank
+        # address key (version << 128 | address) -> the entry filed under it, or a list of
+        # them sorted by rank (one entry: no list; an install allocates nothing per entry
+        # that the garbage collector would have to walk)
+        self._by_remote: dict[int, SPDEntry | list[SPDEntry]] = {}
+        self._by_local: dict[int, SPDEntry | list[SPDEntry]] = {}
+        self._general: list[SPDEntry] = []  # the rest, sorted by rank
         self.extend(entries)
-
-    _REMOTE, _LOCAL, _GENERAL = 0, 1, 2
 
     def __iter__(self) -> Iterator[SPDEntry]:
         return iter(self._entries)
@@ -352,70 +352,95 @@ class SPD:
         return len(self._entries)
 
     @staticmethod
-    def _single(ranges: tuple[AddressRange, ...]) -> tuple[tuple[int, int], ...] | None:
-        """(version, address) of each range when every one is a single address, else None."""
+    def _keys(ranges: tuple[AddressRange, ...]) -> int | tuple[int, ...] | None:
+        """The address key of a range set that is one single address, the keys of one that
+        is several single addresses, else None."""
+        if len(ranges) == 1:  # (the usual: no list, no loop)
+            f: Any = ranges[0].first
+            lst: Any = ranges[0].last
+            ip = f._ip
+            return (f._version << 128) | ip if ip == lst._ip else None
         keys = []
         for r in ranges:
-            f: Any = r.first
-            lst: Any = r.last
+            f = r.first
+            lst = r.last
             if f._ip != lst._ip:
                 return None
-            keys.append((f._version, f._ip))
-        return tuple(keys)
+            keys.append((f._version << 128) | f._ip)
+        return tuple(dict.fromkeys(keys))  # (an address listed twice: filed once)
+
+    def _where(
+        self, entry: SPDEntry
+    ) -> tuple[dict[int, SPDEntry | list[SPDEntry]] | None, int | tuple[int, ...] | None]:
+        """The table ``entry`` is filed in (None: the general list) and its key(s) there."""
+        sel = entry.selectors
+        keys = self._keys(sel.remote)
+        if keys is not None:
+            return self._by_remote, keys
+        keys = self._keys(sel.local)
+        if keys is not None:
+            return self._by_local, keys
+        return None, None
+
+    def _insert_ranked(self, lst: list[SPDEntry], entry: SPDEntry, rank: int) -> None:
+        rk = self._rank
+        if rk[id(lst[-1])] < rank:
+            lst.append(entry)
+        else:
+            lst.insert(bisect.bisect_left(lst, rank, key=lambda e: rk[id(e)]), entry)
 
     def _file(self, entry: SPDEntry, rank: int) -> None:
         """Put ``entry`` with ``rank`` into the lookup structures (not into _entries)."""
-        if id(entry) in self._slot:
+        rk = self._rank
+        if id(entry) in rk:
             raise SAError("this SPD entry is in the SPD already")
-        sel = entry.selectors
-        item = (rank, entry)
-        keys = self._single(sel.remote)
-        where = self._REMOTE
-        if keys is None:
-            keys = self._single(sel.local)
-            where = self._LOCAL
-        if keys is None:
-            self._slot[id(entry)] = (rank, self._GENERAL, ())
-            gen = self._general
-            if not gen or gen[-1][0] < rank:
-                gen.append(item)
+        table, keys = self._where(entry)
+        rk[id(entry)] = rank
+        if table is None:
+            if self._general:
+                self._insert_ranked(self._general, entry, rank)
             else:
-                gen.insert(bisect.bisect_left(gen, (rank,)), item)
+                self._general.append(entry)
             return
-        self._slot[id(entry)] = (rank, where, keys)
-        table = self._by_remote if where == self._REMOTE else self._by_local
-        for key in dict.fromkeys(keys):  # (an address listed twice: filed once)
-            bucket = table.get(key)
-            if bucket is None:
-                table[key] = [item]
-            elif bucket[-1][0] < rank:
-                bucket.append(item)
+        for key in (keys,) if isinstance(keys, int) else keys:  # type: ignore[union-attr]
+            cur = table.get(key)
+            if cur is None:
+                table[key] = entry
+            elif type(cur) is list:
+                self._insert_ranked(cur, entry, rank)
             else:
-                bucket.insert(bisect.bisect_left(bucket, (rank,)), item)
+                pair: list[SPDEntry] = [cast(SPDEntry, cur), entry]
+                if rk[id(cur)] > rank:
+                    pair.reverse()
+                table[key] = pair
 
     def _unfile(self, entry: SPDEntry) -> int:
         """Take ``entry`` out of the lookup structures; its rank (SAError: not in the SPD)."""
-        slot = self._slot.pop(id(entry), None)
-        if slot is None:
+        rk = self._rank
+        rank = rk.get(id(entry))
+        if rank is None:
             raise SAError("no such SPD entry")
-        rank, where, keys = slot
-        if where == self._GENERAL:
+        table, keys = self._where(entry)
+        if table is None:
             gen = self._general
-            del gen[bisect.bisect_left(gen, (rank,))]
-            return rank
-        table = self._by_remote if where == self._REMOTE else self._by_local
-        for key in dict.fromkeys(keys):
-            bucket = table[key]
-            if len(bucket) == 1:
-                del table[key]
-            else:
-                del bucket[bisect.bisect_left(bucket, (rank,))]
+            i = bisect.bisect_left(gen, rank, key=lambda e: rk[id(e)])
+            del gen[i]
+        else:
+            for key in (keys,) if isinstance(keys, int) else keys:  # type: ignore[union-attr]
+                cur = table[key]
+                if type(cur) is list:
+                    del cur[bisect.bisect_left(cur, rank, key=lambda e: rk[id(e)])]
+                    if len(cur) == 1:
+                        table[key] = cur[0]
+                else:
+                    del table[key]
+        del rk[id(entry)]
         return rank
 
     def _renumber(self) -> None:
         """New ranks, evenly spaced, for every entry (no gap left for an insertion)."""
         entries = self._entries
-        self._slot.clear()
+        self._rank.clear()
         self._by_remote.clear()
         self._by_local.clear()
         self._general = []
@@ -423,25 +448,39 @@ class SPD:
         for e, rank in zip(entries, self._ranks, strict=True):
             self._file(e, rank)
 
+    def _rank_list(self) -> list[int]:
+        """The ranks in order (after a bulk removal: made again from the slots, once)."""
+        ranks = self._ranks
+        if ranks is None:
+            rk = self._rank
+            ranks = self._ranks = [rk[id(e)] for e in self._entries]
+        return ranks
+
+    def _last_rank(self) -> int:
+        if not self._entries:
+            return 0
+        return self._rank[id(self._entries[-1])]
+
     def add(self, entry: SPDEntry, *, index: int | None = None) -> None:
         """Append ``entry``, or insert it before position ``index`` (as list.insert does)."""
-        ranks = self._ranks
-        n = len(ranks)
+        n = len(self._entries)
         if index is not None:
             if index < 0:
                 index = max(index + n, 0)
             index = min(index, n)
         if index is None or index == n:
-            rank = ranks[-1] + self.STEP if ranks else self.STEP
+            rank = self._last_rank() + self.STEP
             self._file(entry, rank)
             self._entries.append(entry)
-            ranks.append(rank)
+            if self._ranks is not None:
+                self._ranks.append(rank)
             return
+        ranks = self._rank_list()
         lo = ranks[index - 1] if index > 0 else 0
         hi = ranks[index]
         if hi - lo < 2:
             self._renumber()
-            ranks = self._ranks
+            ranks = self._rank_list()
             lo = ranks[index - 1] if index > 0 else 0
             hi = ranks[index]
         rank = (lo + hi) // 2
@@ -451,42 +490,46 @@ class SPD:
 
     def extend(self, entries: Iterable[SPDEntry]) -> None:
         """Append ``entries`` in order (a bulk install)."""
-        ranks, out = self._ranks, self._entries
-        rank = ranks[-1] if ranks else 0
+        out, ranks = self._entries, self._ranks
+        rank = self._last_rank()
         step = self.STEP
+        file = self._file
         for e in entries:
             rank += step
-            self._file(e, rank)
+            file(e, rank)
             out.append(e)
-            ranks.append(rank)
+            if ranks is not None:
+                ranks.append(rank)
 
     def index_of(self, entry: SPDEntry) -> int | None:
         """The position of this very entry (None: not in the SPD), without a walk."""
-        slot = self._slot.get(id(entry))
-        if slot is None:
+        rank = self._rank.get(id(entry))
+        if rank is None:
             return None
-        return bisect.bisect_left(self._ranks, slot[0])
+        return bisect.bisect_left(self._rank_list(), rank)
 
     def remove_many(self, entries: Iterable[SPDEntry]) -> None:
         """Remove these very entries in one pass over the database (removing thousands one by
         one would walk it once each). Entries not in it are ignored."""
-        gone: set[int] = set()
+        rk = self._rank
+        gone = False
         for e in entries:
-            if id(e) in self._slot:
+            if id(e) in rk:
                 self._unfile(e)
-                gone.add(id(e))
+                gone = True
         if gone:
-            pairs = zip(self._entries, self._ranks, strict=True)
-            keep = [(e, r) for e, r in pairs if id(e) not in gone]
-            self._entries = [e for e, _ in keep]
-            self._ranks = [r for _, r in keep]
+            self._entries = [e for e in self._entries if id(e) in rk]
+            self._ranks = None  # (made again when a position is asked for)
 
     def remove(self, entry: SPDEntry) -> None:
         """Remove this very entry (not one that merely compares equal)."""
+        if id(entry) not in self._rank:
+            raise SAError("no such SPD entry")
+        ranks = self._rank_list()  # (before the entry's slot goes)
         rank = self._unfile(entry)
-        i = bisect.bisect_left(self._ranks, rank)
+        i = bisect.bisect_left(ranks, rank)
         del self._entries[i]
-        del self._ranks[i]
+        del ranks[i]
 
     def lookup(
         self,
@@ -503,24 +546,33 @@ class SPD:
         if rem._version != version:
             return None
         li, ri = loc._ip, rem._ip
+        rk = self._rank
         best: SPDEntry | None = None
         best_rank = -1
-        bucket = self._by_remote.get((version, ri))
-        if bucket is not None:
-            for rank, e in bucket:
+        cur = self._by_remote.get((version << 128) | ri)
+        if cur is not None:
+            if type(cur) is list:
+                for e in cur:
+                    if e.selectors.matches_int(version, li, ri, protocol, local_port, remote_port):
+                        best = e
+                        break
+            elif cur.selectors.matches_int(  # type: ignore[union-attr]
+                version, li, ri, protocol, local_port, remote_port
+            ):
+                best = cur  # type: ignore[assignment]
+            if best is not None:
+                best_rank = rk[id(best)]
+        cur = self._by_local.get((version << 128) | li)
+        if cur is not None:
+            for e in cur if type(cur) is list else (cast(SPDEntry, cur),):
+                if best is not None and rk[id(e)] > best_rank:
+                    break
                 if e.selectors.matches_int(version, li, ri, protocol, local_port, remote_port):
-                    best, best_rank = e, rank
+                    best = e
+                    best_rank = rk[id(e)]
                     break
-        bucket = self._by_local.get((version, li))
-        if bucket is not None:
-            for rank, e in bucket:
-                if best is not None and rank > best_rank:
-                    break
-                if e.selectors.matches_int(version, li, ri, protocol, local_port, remote_port):
-                    best, best_rank = e, rank
-                    break
-        for rank, e in self._general:
-            if best is not None and rank > best_rank:
+        for e in self._general:
+            if best is not None and rk[id(e)] > best_rank:
                 break
             if e.selectors.matches_int(version, li, ri, protocol, local_port, remote_port):
                 return e
