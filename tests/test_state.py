@@ -33,6 +33,9 @@ def test_merge_resumes_owned_keeps_away_the_rest_and_reports_the_unconfigured() 
         "c": row("c", Owner.DELETED),
         "d": row("d", Owner.PENDING),
         "x": row("x", Owner.OWNED, name="taken"),
+        # arriving by a transfer when the gateway stopped (its source may have committed)
+        "y": row("y", Owner.PENDING, name="arriving"),
+        "z": row("z", Owner.AWAY, name="gone"),
     }
     conf = [Configured(n, n, True) for n in "abcde"]
     plan = merge(conf, stored)
@@ -40,7 +43,7 @@ def test_merge_resumes_owned_keeps_away_the_rest_and_reports_the_unconfigured() 
     assert {n: r.owner for n, r in plan.away.items()} == {
         "b": Owner.AWAY, "c": Owner.DELETED, "d": Owner.PENDING
     }
-    assert [r.name for r in plan.not_restored] == ["taken"]
+    assert [r.name for r in plan.not_restored] == ["taken", "arriving"]
 
 
 def test_merge_refuses_two_tunnels_with_the_same_keys() -> None:

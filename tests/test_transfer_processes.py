@@ -22,6 +22,7 @@ import pytest
 from ipsecct.gateway.control import ControlError, request
 from tests.helpers.deployment import cli
 from tests.helpers.transfer_processes import (
+    ADDR,
     SPI,
     Setup,
 )
@@ -278,3 +279,38 @@ def test_sa_delete_at_the_target_of_a_prepared_tunnel_leaves_it_with_the_source(
     (t2,) = [t for t in setup.status("sg2")["transfers"]["recent"] if t["role"] == "target"]
     assert t2["outcome"] == "cancelled" and t2["id"] == tid, t2
     assert setup.status("sg2")["sas"] == 0
+
+
+def test_the_target_killed_between_the_commit_and_its_activation(setup: Setup) -> None:
+    """A prepared transfer's COMMIT reaches the target's socket while the target is stopped,
+    and the target is killed before it reads it: the source recorded it committed and sends
+    on it no more; the restarted target does not restore it (its keys were never on disk).
+    Nobody serves it, so nothing is sent twice, and both sides say so: the source's status
+    shows the transfer committed, the target's lists the tunnel not restored with the
+    transfer's id and logs why (the target said nothing: its "pending" row was ignored)."""
+    for n in ("sg1", "sg2", "mn"):
+        setup.start(n)
+    setup.traffic_ok("sg1", 10)
+    cfg1 = setup.config("sg1")
+    r = cli("transfer", SPI, "--to", "sg2", "--prepare", "--json", "--config", cfg1)
+    assert r.returncode == 0, (r.stdout, r.stderr, setup.log("sg1"))
+    tid = str(json.loads(r.stdout)["id"])
+    os.kill(setup.procs["sg2"].pid, signal.SIGSTOP)
+    r = cli("transfer", "--commit", tid, "--json", "--config", cfg1)
+    assert r.returncode == 0 and json.loads(r.stdout)["outcome"] == "committed", r.stdout
+    os.kill(setup.procs["sg2"].pid, signal.SIGKILL)
+    setup.procs["sg2"].wait(10)
+    setup.start("sg2")
+    st1, st2 = setup.status("sg1"), setup.status("sg2")
+    assert st1["sas"] == 0 and st1["transfers"]["recent"][-1]["outcome"] == "committed"
+    assert st2["sas"] == 0 and st2["transfers"]["recent"] == []
+    (lost,) = st2["state"]["not_restored"]
+    assert lost["spi"] == SPI and "transfer pending" in lost["detail"], lost
+    log2 = setup.log("sg2")
+    assert "event=tunnel-not-restored" in log2 and f"transfer {tid}" in log2, log2
+    r = cli("status", "--config", setup.config("sg2"))
+    assert r.returncode == 0 and "not restored: 1 tunnel(s)" in r.stdout, r.stdout
+    # Served by nobody: nothing comes through either gateway (the MN keeps sg1's numbers,
+    # sg2 never sends under the tunnel's keys).
+    assert setup.exchange(5, 20, False, (ADDR["sg2"], setup.port[35000]), wait=1.0) == 0
+    assert setup.status("mn")["counters"]["drops"]["replay"] == 0

@@ -201,7 +201,7 @@ class Plan:
     start: dict[str, int] = field(default_factory=dict)  # name -> stored ceiling (0: new)
     away: dict[str, SAState] = field(default_factory=dict)  # name -> why it stays away
     refused: dict[str, str] = field(default_factory=dict)  # name -> reason
-    not_restored: list[SAState] = field(default_factory=list)  # owned, not configured
+    not_restored: list[SAState] = field(default_factory=list)  # owned/pending, not configured
     # name -> its LEAVING row: the outcome of the transfer that was moving it is unknown
     unresolved: dict[str, SAState] = field(default_factory=dict)
 
@@ -236,7 +236,10 @@ def merge(
             plan.away[c.name] = row
         else:
             plan.start[c.name] = row.ceiling if row is not None else 0
+    # Pending too: this gateway stopped between a transfer's install and its activation (or
+    # cancel), perhaps after its source sent the COMMIT: served by nobody then.
     plan.not_restored = [
-        r for fp, r in stored.items() if r.owner is Owner.OWNED and fp not in seen
+        r for fp, r in stored.items()
+        if r.owner in (Owner.OWNED, Owner.PENDING) and fp not in seen
     ]
     return plan

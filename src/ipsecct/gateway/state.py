@@ -846,10 +846,16 @@ class DurableState:
                     reason=plan.refused[t.name],
                 )
         for r in plan.not_restored:
+            reason = "not in the configuration (its keys were never written to disk)"
+            if r.owner is Owner.PENDING:
+                reason = (
+                    f"arriving by transfer {r.transfer:016x} when this gateway stopped, its"
+                    " keys never written to disk: served by its source if that did not"
+                    " commit, else by nobody until re-keyed"
+                )
             event(
                 log, "tunnel-not-restored", logging.WARNING, node=self.node.name, tunnel=r.name,
-                spi=f"0x{r.spi:08x}", detail=r.detail,
-                reason="not in the configuration (its keys were never written to disk)",
+                spi=f"0x{r.spi:08x}", detail=r.detail, reason=reason,
             )
         try:
             self.store.put(r for _, r in started)
