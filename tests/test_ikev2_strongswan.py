@@ -862,11 +862,15 @@ def make_pki(d: Path, kind: str) -> None:
                                     serialization.PrivateFormat.TraditionalOpenSSL,
                                     serialization.NoEncryption()))  # fmt: skip
     (d / "ca.pem").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    # the CA's revocation lists, naming no one: current (ca.crl) and past its next update
+    # the CA's revocation lists, naming no one: current (ca.crl) and past its next update;
+    # with the CA's key identifier (strongSwan 5.9.8 looks a CA's lists up by it: one
+    # without it is never used)
+    aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key())
     for name, days in (("ca.crl", 7), ("stale.crl", -1)):
         crl = (x509.CertificateRevocationListBuilder().issuer_name(ca_name)
                .last_update(now - dt.timedelta(days=2))
-               .next_update(now + dt.timedelta(days=days)).sign(ca_key, hashes.SHA256()))
+               .next_update(now + dt.timedelta(days=days)).add_extension(aki, critical=False)
+               .sign(ca_key, hashes.SHA256()))
         (d / name).write_bytes(crl.public_bytes(serialization.Encoding.PEM))  # fmt: skip
 
 
@@ -1034,12 +1038,19 @@ class CertResponder(Charon):
     """strongSwan B as a gateway that authenticates with its certificate and wants the
     client's, from the test CA."""
 
-    def __init__(self, ns: Namespaces, workdir: Path, pki: Path) -> None:
+    def __init__(self, ns: Namespaces, workdir: Path, pki: Path, *,
+                 revocation: str | None = None, crl: str | None = None) -> None:  # fmt: skip
         super().__init__(ns, "b", B, workdir, "default")
         self.pki = pki
+        self.revocation, self.crl = revocation, crl
 
     def write_config(self) -> None:
         super().write_config()
+        if self.revocation:  # its revocation plugin, remote.revocation, the list in x509crl/
+            sc = self.dir / "strongswan.conf"
+            sc.write_text(sc.read_text().replace(f"load = {strongswan.PLUGINS}",
+                                                 f"load = {strongswan.PLUGINS} revocation", 1))
+        revocation = f"\n      revocation = {self.revocation}" if self.revocation else ""
         conf = f"""connections {{
   cB {{
     version = 2
@@ -1055,7 +1066,7 @@ class CertResponder(Charon):
     remote {{
       auth = pubkey
       id = "CN=client.test"
-      cacerts = ca.pem
+      cacerts = ca.pem{revocation}
     }}
     children {{
       net {{
@@ -1071,6 +1082,9 @@ class CertResponder(Charon):
         for sub, name in (("x509", "gw.pem"), ("x509ca", "ca.pem"), ("private", "gw.key")):
             (self.dir / sub).mkdir(exist_ok=True)
             shutil.copy(self.pki / name, self.dir / sub / name)
+        if self.crl:
+            (self.dir / "x509crl").mkdir(exist_ok=True)
+            shutil.copy(self.pki / self.crl, self.dir / "x509crl" / self.crl)
 
 
 @pytest.mark.root
@@ -1113,6 +1127,76 @@ def test_ipsecct_node_connects_with_certificates(workdir: Path, kind: str) -> No
                 assert sa["remote_id"] == B.id and sa["role"] == "initiator"
                 if kind == "rsa":
                     assert "reassembled fragmented IKE message" in log, ss.logtail()
+            finally:
+                mn.cleanup()
+
+
+@pytest.mark.root
+@pytest.mark.slow
+@needs_strongswan
+@pytest.mark.parametrize(("revocation", "crl", "taken"), [
+    ("ifuri", "stale.crl", False), ("ifuri", None, True), ("strict", "ca.crl", True),
+    ("strict", "stale.crl", False),
+])  # fmt: skip
+def test_strongswan_applies_remote_revocation_as_the_gateway_does(
+    workdir: Path, revocation: str, crl: str | None, taken: bool
+) -> None:
+    """strongSwan's own ``remote.revocation`` (its revocation plugin, the list in its
+    x509crl/) on the node's certificate, which names no distribution point: the verdict
+    the gateway's auth.validate_chain gives for the same certificate, list and policy (an
+    ``ifuri`` whose only list is stale refuses, as its source says: VALIDATION_STALE
+    does not meet SKIPPED)."""
+    import datetime as dt
+
+    from cryptography import x509
+
+    from ipsecct.ikev2 import auth
+
+    pki = workdir / "pki"
+    pki.mkdir()
+    make_pki(pki, "ecdsa")
+    ca = x509.load_pem_x509_certificate((pki / "ca.pem").read_bytes())
+    client = x509.load_pem_x509_certificate((pki / "client.pem").read_bytes())
+    lists = [x509.load_pem_x509_crl((pki / crl).read_bytes())] if crl else []
+    now = dt.datetime.now(dt.UTC)
+    try:
+        auth.validate_chain(client, [], [ca], now, lists, revocation)
+        ours = True
+    except auth.RevocationUnknown:
+        ours = False
+    assert ours is taken
+    with Namespaces("a", "b") as ns:
+        build_namespaces(ns)
+        with CertResponder(ns, workdir, pki, revocation=revocation, crl=crl) as ss:
+            ss.start()
+            if crl:  # (loaded: strongSwan lists it, with the key identifier it finds it by)
+                listed = ss.swanctl("--list-certs", "--type", "x509crl")
+                assert 'issuer:   "CN=ipsecct IKE test CA"' in listed, listed
+                assert re.search(r"authKeyId: +[0-9a-f]{2}:", listed), listed
+            conf = node_config(workdir)
+            text = conf.read_text()
+            text = text.replace('local.id = "a.test"', 'local.auth = "pubkey"\n'
+                                f'local.certs = ["{pki}/client.pem"]')
+            text = text.replace(f'remote.id = "{B.id}"', f'remote.id = "{B.id}"\n'
+                                'remote.auth = "pubkey"\n'
+                                f'remote.cacerts = ["{pki}/ca.pem"]')
+            text = text.replace('[secrets.ike-ab]\nid = ["a.test", "b.test"]\nfile = "ab.psk"\n',
+                                f'[secrets.private-mn]\nfile = "{pki}/client.key"\n')
+            conf.write_text(text)  # fmt: skip
+            mn = Daemon("node", conf, str(workdir / "mn.sock"), workdir / "mn.log",
+                        prefix=["ip", "netns", "exec", ns.names["a"]])  # fmt: skip
+            try:
+                mn.start()
+                if taken:
+                    strongswan.wait_log(ss, r"CHILD_SA net\{\d+\} established")
+                    assert "constraint check failed" not in ss.log(), ss.logtail()
+                else:
+                    try:
+                        strongswan.wait_log(ss, r"constraint check failed: RULE_CRL_"
+                                            r"VALIDATION is \w+, but requires at least")
+                    except AssertionError as exc:
+                        raise AssertionError(f"{exc}\n{ss.logtail(8000)}") from None
+                    assert "CHILD_SA net" not in ss.log(), ss.logtail()
             finally:
                 mn.cleanup()
 
