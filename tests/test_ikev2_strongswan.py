@@ -856,6 +856,18 @@ def make_pki(d: Path, kind: str) -> None:
         k = key()
         c = cert(cn, k, ca_name, ca_key, False)
         (d / f"{name}.pem").write_bytes(c.public_bytes(serialization.Encoding.PEM))
+        if name == "client":  # the same, naming a CRL distribution point (client-cdp.pem)
+            b = (x509.CertificateBuilder().subject_name(c.subject).issuer_name(ca_name)
+                 .public_key(k.public_key()).serial_number(x509.random_serial_number())
+                 .not_valid_before(c.not_valid_before_utc)
+                 .not_valid_after(c.not_valid_after_utc))
+            for e in c.extensions:
+                b = b.add_extension(e.value, e.critical)
+            uri = x509.UniformResourceIdentifier("http://ca.test/ca.crl")
+            b = b.add_extension(x509.CRLDistributionPoints(
+                [x509.DistributionPoint([uri], None, None, None)]), critical=False)
+            cdp = b.sign(ca_key, hashes.SHA256())
+            (d / "client-cdp.pem").write_bytes(cdp.public_bytes(serialization.Encoding.PEM))
         fd = os.open(d / f"{name}.key", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "wb") as f:
             f.write(k.private_bytes(serialization.Encoding.PEM,
@@ -1134,18 +1146,20 @@ def test_ipsecct_node_connects_with_certificates(workdir: Path, kind: str) -> No
 @pytest.mark.root
 @pytest.mark.slow
 @needs_strongswan
-@pytest.mark.parametrize(("revocation", "crl", "taken"), [
-    ("ifuri", "stale.crl", False), ("ifuri", None, True), ("strict", "ca.crl", True),
-    ("strict", "stale.crl", False),
+@pytest.mark.parametrize(("revocation", "crl", "taken", "cert"), [
+    ("ifuri", "stale.crl", False, "client.pem"), ("ifuri", None, True, "client.pem"),
+    ("strict", "ca.crl", True, "client.pem"), ("strict", "stale.crl", False, "client.pem"),
+    ("ifuri", None, False, "client-cdp.pem"), ("ifuri", "ca.crl", True, "client-cdp.pem"),
 ])  # fmt: skip
 def test_strongswan_applies_remote_revocation_as_the_gateway_does(
-    workdir: Path, revocation: str, crl: str | None, taken: bool
+    workdir: Path, revocation: str, crl: str | None, taken: bool, cert: str
 ) -> None:
     """strongSwan's own ``remote.revocation`` (its revocation plugin, the list in its
-    x509crl/) on the node's certificate, which names no distribution point: the verdict
-    the gateway's auth.validate_chain gives for the same certificate, list and policy (an
-    ``ifuri`` whose only list is stale refuses, as its source says: VALIDATION_STALE
-    does not meet SKIPPED)."""
+    x509crl/) on the node's certificate: the verdict the gateway's auth.validate_chain
+    gives for the same certificate, list and policy (an ``ifuri`` whose only list is stale
+    refuses, as its source says: VALIDATION_STALE does not meet SKIPPED; a certificate that
+    names a CRL distribution point no list covers: FAILED, strongSwan cannot fetch it
+    either)."""
     import datetime as dt
 
     from cryptography import x509
@@ -1156,7 +1170,7 @@ def test_strongswan_applies_remote_revocation_as_the_gateway_does(
     pki.mkdir()
     make_pki(pki, "ecdsa")
     ca = x509.load_pem_x509_certificate((pki / "ca.pem").read_bytes())
-    client = x509.load_pem_x509_certificate((pki / "client.pem").read_bytes())
+    client = x509.load_pem_x509_certificate((pki / cert).read_bytes())
     lists = [x509.load_pem_x509_crl((pki / crl).read_bytes())] if crl else []
     now = dt.datetime.now(dt.UTC)
     try:
@@ -1176,7 +1190,7 @@ def test_strongswan_applies_remote_revocation_as_the_gateway_does(
             conf = node_config(workdir)
             text = conf.read_text()
             text = text.replace('local.id = "a.test"', 'local.auth = "pubkey"\n'
-                                f'local.certs = ["{pki}/client.pem"]')
+                                f'local.certs = ["{pki}/{cert}"]')
             text = text.replace(f'remote.id = "{B.id}"', f'remote.id = "{B.id}"\n'
                                 'remote.auth = "pubkey"\n'
                                 f'remote.cacerts = ["{pki}/ca.pem"]')
