@@ -19,6 +19,7 @@ from ipsecct.ct.journal import Write
 from ipsecct.ct.transfer import (
     FPT_FINAL,
     Settings,
+    TransferCore,
     final_cdb,
     frame,
     parse_final,
@@ -262,23 +263,31 @@ def test_parse_replay_checks_the_padding() -> None:
         parse_final(frame(FPT_FINAL, b"\0" * 20), 0)
 
 
-def test_without_a_final_state_the_target_starts_past_the_cap() -> None:
-    """A COMMIT answered again from memory (the target missed the first) carries no final
-    state: the target starts past the cap, which the source never crossed."""
+@pytest.mark.parametrize("source", ["remembers", "restarted"])
+def test_without_a_final_state_the_target_starts_past_the_cap(source: str) -> None:
+    """A COMMIT answered again (the target missed the first): from memory it comes with the
+    FINAL sent first, and the target goes on right after the source's last number; a source
+    restarted since (``recall_commits``) has no final state to send: the target starts past
+    the cap, which the source never crossed."""
     w = mbb_world()
     for i in range(3):
         w.host_send("sg1", i)
-    w.transfer()
+    tid = w.transfer()
     cap = w.tunnel.transfer_cap
     w.deliver("sg1", "sg2")
     w.deliver("sg2", "sg1")  # the final state and the COMMIT are lost on the way
     while w.pending("sg1", "sg2"):
         w.drop("sg1", "sg2")
+    if source == "restarted":
+        sg1 = w.gw["sg1"]
+        sg1.core = TransferCore(sg1.engine, sg1.core.endpoint, sg1.core.settings)
+        sg1.core.recall_commits([tid], w.now)
     w.now += 3.0
-    w.gw["sg2"].tick()  # sg2 asks again (its CTDR re-sent), sg1 answers from memory
+    w.gw["sg2"].tick()  # sg2 asks again (its CTDR re-sent), sg1 answers
     w.deliver_all()
     w.host_send("sg2", 10)
-    assert out_seqs(w, "sg1") == [1, 2, 3] and min(out_seqs(w, "sg2")) == cap + 1
+    assert out_seqs(w, "sg1") == [1, 2, 3]
+    assert min(out_seqs(w, "sg2")) == (4 if source == "remembers" else cap + 1)
     unique(w)
 
 
@@ -490,10 +499,11 @@ def test_the_tail_never_passes_the_cap() -> None:
     unique(w)
 
 
-def test_without_a_final_state_the_target_starts_past_the_cap_and_so_past_any_tail() -> None:
+def test_a_commit_repeated_from_memory_starts_the_target_past_the_tail() -> None:
+    """The FINAL repeated with the COMMIT names the end of the source's tail: the target
+    starts right after it (it started past the cap, the FINAL lost)."""
     w = mbb_world(margin=50, mbb_tail=10)
     w.transfer()
-    cap = w.tunnel.transfer_cap
     w.deliver("sg1", "sg2")
     w.deliver("sg2", "sg1")
     while w.pending("sg1", "sg2"):
@@ -504,7 +514,7 @@ def test_without_a_final_state_the_target_starts_past_the_cap_and_so_past_any_ta
     w.gw["sg2"].tick()
     w.deliver_all()
     w.host_send("sg2", 99)
-    assert max(out_seqs(w, "sg1")) == 10 and min(out_seqs(w, "sg2")) == cap + 1
+    assert max(out_seqs(w, "sg1")) == 10 and min(out_seqs(w, "sg2")) == 11
     unique(w)
 
 

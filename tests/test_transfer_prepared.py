@@ -620,3 +620,34 @@ def test_a_tunnel_deleted_at_the_target_as_the_reactive_commit_crosses_is_served
     w.host_send("sg2", 2)
     assert sg2.wire == []
     unique(w)
+
+
+def test_a_commit_repeated_after_the_channel_lost_it_brings_its_final_states_again() -> None:
+    """The FINAL and the COMMIT (one write) lost with the channel: the target asks again
+    (its CTDR) and the source repeats its decision. The repeated COMMIT came alone, so the
+    target activated with the preparation's inbound window and took again, as new, the
+    packets the source had accepted since (5 replays accepted); the FINAL comes with it now."""
+    w = world()
+    sg1, sg2 = w.gw["sg1"], w.gw["sg2"]
+    tid = prepare(w)
+    sent = [w.mn_send(i) for i in range(1, 6)]  # accepted at the source, after the snapshot
+    assert len(sg1.delivered) == 5
+    sg1.run(sg1.core.commit(tid, w.now))
+    assert kinds(w, "sg1", "sg2") == [FPT_FINAL, FPT_DECISION]
+    while w.pending("sg1", "sg2"):
+        w.drop("sg1", "sg2")
+    sg1.run(sg1.core.peer_lost("sg2", w.now))
+    while not w.pending("sg2", "sg1"):  # the target's CTDR, re-sent
+        w.now += 0.5
+        sg2.tick()
+    w.deliver("sg2", "sg1")
+    assert kinds(w, "sg1", "sg2") == [FPT_FINAL, FPT_DECISION]
+    w.deliver_all()
+    (t2,) = sg2.engine.tunnels()
+    assert t2.state is TunnelState.ACTIVE
+    for data in sent:
+        assert data is not None
+        sg2.from_mn(data)
+    assert sg2.delivered == [] and len(sg2.dropped) == 5
+    w.host_send("sg2", 1)
+    unique(w)

@@ -830,6 +830,11 @@ class TransferCore:
         # Target: transfers activated under a COMMIT's grant, their "pending" row not yet
         # settled (see _grant).
         self._granted: list[_Incoming] = []
+        # Source: the FINAL messages (make-before-break) sent ahead of each decided COMMIT,
+        # repeated with it when the target asks again (the first pair lost with the channel:
+        # without them the target's inbound window missed what we accepted after the
+        # preparation's snapshot, and took those packets again). Kept as long as ``decided``.
+        self._finals: dict[int, list[cxtp.CTD]] = {}
         self._unawaited: list[Write] = []  # "owned" and "cancelled" writes, for the counters
         self.endpoint = endpoint
         self.settings = settings or Settings()
@@ -1267,7 +1272,8 @@ class TransferCore:
             d = dec[0]
             ttag = cxtp.TransferTag(tag.transfer_id, 0).encode()
             if d == DECISION_COMMIT:
-                return [Send(peer, cxtp.CTD(msg.mn_prev, 0, (ttag, decision_cdb(d))))]
+                finals = [Send(peer, m) for m in self._finals.get(tag.transfer_id, ())]
+                return [*finals, Send(peer, cxtp.CTD(msg.mn_prev, 0, (ttag, decision_cdb(d))))]
             return [Send(peer, cxtp.CTC(msg.mn_prev, (ttag,)))]
         if og.state is OutgoingState.PREPARED:
             return []  # a CTDR re-sent while the transfer waits for its commit call
@@ -1673,9 +1679,11 @@ class TransferCore:
         out: list[Output] = []
         if og.caps:
             windows = self._final_states(tunnels)
+            finals = self._finals[og.tid] = []
             for i in range(0, len(windows), 1000):
                 tag = self._tag(og)
-                out.append(Send(og.peer, cxtp.CTD(og.mn, 0, (tag, *windows[i : i + 1000]))))
+                finals.append(cxtp.CTD(og.mn, 0, (tag, *windows[i : i + 1000])))
+                out.append(Send(og.peer, finals[-1]))
         commit = (self._tag(og), decision_cdb(DECISION_COMMIT, grant=grant))
         out.append(Send(og.peer, cxtp.CTD(og.mn, 0, commit)))
         return out
@@ -3124,6 +3132,7 @@ class TransferCore:
             for tid, (_, until) in list(self.decided.items()):
                 if now >= until:
                     del self.decided[tid]
+                    self._finals.pop(tid, None)
                     self.decided_peer.pop(tid, None)
             for key, until in list(self.seen.items()):
                 if now >= until:
