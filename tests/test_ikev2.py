@@ -1808,13 +1808,15 @@ def _unfinished_context() -> tuple[bytes, ...]:
 def test_fuzz_ike_sa_context(data: st.DataObject) -> None:
     from ipsecct.ikev2 import context
 
-    kind = data.draw(st.sampled_from(["plain", "rekeyed", "cert", "unfinished"]))
+    kind = data.draw(st.sampled_from(["plain", "rekeyed", "cert", "unfinished", "revoked"]))
     if kind == "rekeyed":  # with a CHILD SA the peer rekeyed (item 17)
         cdbs = [bytearray(c) for c in _rekeyed_context()]
     elif kind == "unfinished":  # a DELETE owed, an address unverified (items 30, 31)
         cdbs = [bytearray(c) for c in _unfinished_context()]
     elif kind == "cert":  # a certificate peer's names, CA and serials (items 28, 29, 33)
         cdbs = [bytearray(c) for c in _cert_context()]
+    elif kind == "revoked":  # the serials checked against remote.crls that name one
+        cdbs = [bytearray(c) for c in _revoking_target()[0]]
     else:
         w = pair()
         connect(w)
@@ -1825,8 +1827,9 @@ def test_fuzz_ike_sa_context(data: st.DataObject) -> None:
         cdbs[i][j] = data.draw(st.integers(0, 255))
     if data.draw(st.booleans()):
         cdbs[i] = cdbs[i][: data.draw(st.integers(0, len(cdbs[i])))]
+    target = [_revoking_target()[2]] if kind == "revoked" else [conn()]
     with contextlib.suppress(context.IkeContextError):
-        IkeEngine([conn()]).import_ike([bytes(c) for c in cdbs], 0.0)
+        IkeEngine(target).import_ike([bytes(c) for c in cdbs], 0.0)
     with contextlib.suppress(context.IkeContextError):  # the etcd mode's peek
         for spi_in, spi_out in context.child_spis([bytes(c) for c in cdbs]):
             assert 0 <= spi_in < 1 << 32 and 0 <= spi_out < 1 << 32
@@ -2324,17 +2327,11 @@ def _unit_payload() -> bytes:
     return payload
 
 
-def test_a_moved_ike_sa_whose_certificate_is_revoked_here_is_refused() -> None:
-    """The context (item 33) and the UNIT payload (15) carry the serial of each certificate
-    of the peer's chain with the fingerprint of its issuer: a target whose remote.crls
-    (signed by that issuer, one of its CAs) names the serial refuses the IKE SA before the
-    commit (the source keeps it), on a replica's arrival and at the import, a stale list
-    too; a list not naming it, or one its CA did not sign, changes nothing. The serials
-    survive the move and an IKE rekey there; an older context (no 33, no 15) cannot be
-    checked: admitted as before; a damaged item is refused, never raised."""
+@functools.cache
+def _revocable_peer() -> tuple[Wire, Any, Any, Connection, Any, Any]:
+    """An MN authenticated with its certificate (mn_cert) to gw: (the wire, the CA, its
+    key, gw's connection, mn_cert, another certificate of the CA)."""
     import time
-
-    from ipsecct.ikev2 import auth, context
 
     ca, gw_cert, gw_key, ca_key = _pki("p256")
     mn_key = _pki("p256")[2]
@@ -2345,7 +2342,37 @@ def test_a_moved_ike_sa_whose_certificate_is_revoked_here_is_refused() -> None:
                     wall_offset=time.time())  # fmt: skip
     w = Wire(ini, IkeEngine([gw], wall_offset=time.time()))
     connect(w)
+    return w, ca, ca_key, gw, mn_cert, other_cert
+
+
+@functools.cache
+def _revoking_target() -> tuple[tuple[bytes, ...], bytes, Connection]:
+    """The context and UNIT payload of _revocable_peer's IKE SA, and a connection whose
+    remote.crls revoke its certificate."""
+    from ipsecct.ikev2 import context
+    from ipsecct.ikev2.auth import revocation_index
+
+    w, ca, ca_key, gw, mn_cert, _ = _revocable_peer()
     (ike,) = w.resp.ike_sas()
+    lists = [revocation_index(_crl(ca, ca_key, [mn_cert]))]  # type: ignore[arg-type]
+    (payload,) = context.unit_payloads(ike, ike.children)
+    return (tuple(context.encode(ike, 1.0)), payload,
+            dataclasses.replace(gw, crls=lambda: lists))  # fmt: skip
+
+
+def test_a_moved_ike_sa_whose_certificate_is_revoked_here_is_refused() -> None:
+    """The context (item 33) and the UNIT payload (15) carry the serial of each certificate
+    of the peer's chain with the fingerprint of its issuer: a target whose remote.crls
+    (signed by that issuer, one of its CAs) names the serial refuses the IKE SA before the
+    commit (the source keeps it), on a replica's arrival and at the import, a stale list
+    too; a list not naming it, or one its CA did not sign, changes nothing. The serials
+    survive the move and an IKE rekey there; an older context (no 33, no 15) cannot be
+    checked: admitted as before; a damaged item is refused, never raised."""
+    from ipsecct.ikev2 import auth, context
+
+    w, ca, ca_key, gw, mn_cert, other_cert = _revocable_peer()
+    (ike,) = w.resp.ike_sas()
+    gw_cert = gw.credentials.certs[0]  # type: ignore[union-attr]
     serial = mn_cert.serial_number  # type: ignore[attr-defined]
     assert ike.peer_serials == ((auth.fingerprint(ca), serial),)  # type: ignore[arg-type]
     assert w.ini.ike_sas()[0].peer_serials == ((auth.fingerprint(ca), gw_cert.serial_number),)  # type: ignore[arg-type,attr-defined]
@@ -2449,13 +2476,15 @@ def test_a_hostile_unit_payload_is_refused_or_judged_never_raised(data: st.DataO
     from ipsecct.ikev2 import context
 
     b = bytearray(data.draw(st.sampled_from([_unit_payload(), *_unit_pieces(),
-                                             _cert_unit_payload()])))
+                                             _cert_unit_payload(), _revoking_target()[1]])))
     for _ in range(data.draw(st.integers(0, 4))):
         i = data.draw(st.integers(0, len(b) - 1))
         b[i] = data.draw(st.integers(0, 255))
     cut = data.draw(st.integers(0, len(b)))
     junk = bytes(b[:cut]) + data.draw(st.binary(max_size=40))
     why = context.unit_refusal(junk, [conn(dpd=10), conn("x")])
+    assert why is None or isinstance(why, str)
+    why = context.unit_refusal(junk, [_revoking_target()[2]])  # (remote.crls checked)
     assert why is None or isinstance(why, str)
 
 
