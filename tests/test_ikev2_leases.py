@@ -403,3 +403,53 @@ def test_a_hand_edited_lease_table_is_read_as_far_as_it_can_be(tmp_path: Path) -
     c.close()
     with pytest.raises(state.StateError, match=r"lease table cannot be read.*DROP TABLE lease"):
         gateway(tmp_path)
+
+
+def test_identities_with_unicode_controls_are_shown_escaped(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """An identity (a certificate's subject is any Unicode, a hand-edited lease any text)
+    with C1 controls, a line separator or a bidi override: ``pools --leases``, ``pools
+    --release`` and the log show them escaped (U+0085 and U+2028 made two lines for
+    str.splitlines, U+009B a terminal's control sequence, U+202E turned the name around)."""
+    import sqlite3
+
+    from ipsecct.gateway.log import OneLineFormatter
+
+    sock = short_path()
+    sg1 = gateway(tmp_path, sock)
+    asyncio.run(sg1.state.stop())
+    evil = "a\x85b\u2028c\x9b2J\u202etset.d"
+    c = sqlite3.connect(tmp_path / "state" / "state.db")
+    c.execute("INSERT INTO lease VALUES ('rw', '10.3.0.5', 'away', ?, 1)", (evil,))
+    c.commit()
+    c.close()
+    sg1 = gateway(tmp_path, sock)
+    assert sg1.ike is not None and sg1.control is not None
+
+    async def main() -> list[int]:
+        assert sg1.control is not None
+        await sg1.control.start()
+        try:
+            return [await asyncio.to_thread(cli.main, argv) for argv in (
+                ["pools", "--leases", "-s", sock],
+                ["pools", "--release", "10.3.0.5", "-s", sock])]  # fmt: skip
+        finally:
+            await sg1.control.stop()
+
+    try:
+        with caplog.at_level("WARNING"):
+            assert asyncio.run(main()) == [0, 0]
+    finally:
+        os.rmdir(os.path.dirname(sock))
+    out = capsys.readouterr().out
+    shown = '"a\\u0085b\\u2028c\\u009b2J\\u202etset.d"'
+    assert out.splitlines() == [
+        "rw (10.3.0.1-10.3.0.254): 0 online, 0 offline, 1 away",
+        f"  10.3.0.5  away     {shown}",
+        f"10.3.0.5 of pool rw is offline again (for {shown})",
+    ]
+    (rec,) = [r for r in caplog.records if "ike-vip-given-back" in r.getMessage()]
+    line = OneLineFormatter("%(message)s").format(rec)
+    assert len(line.splitlines()) == 1 and "\\u202e" in line and "\x9b" not in line
+    asyncio.run(sg1.state.stop())

@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
 # Control characters as escapes: a file name, a TOML key or a peer's text in an error made it
 # two lines (or moved the terminal); an error is one line.
 _ESCAPES = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F)} | {0x0A: "\\n", 0x0D: "\\r"}
+_ESCAPES |= {c: f"\\u{c:04x}" for c in (  # C1, separators, bidi (as gateway/log.py)
+    *range(0x80, 0xA0), 0x200E, 0x200F, 0x2028, 0x2029, *range(0x202A, 0x202F),
+    *range(0x2066, 0x206A))}  # fmt: skip
 
 
 def _one_line(text: str) -> str:

@@ -11,6 +11,7 @@ from typing import Any
 
 from ..errors import ControlError
 from ..gateway.control import request
+from ..gateway.log import UNICODE_CONTROLS
 from ..tools.files import INPUT_LIMIT, read_limited, read_stream_limited
 
 
@@ -255,6 +256,15 @@ def cmd_sa_discard(args: argparse.Namespace) -> int:
     return 0
 
 
+_SHOWN = {c: f"\\u{c:04x}" for c in UNICODE_CONTROLS}
+
+
+def _shown(identity: object) -> str:
+    """An identity (a peer's text, or a hand-edited lease's) quoted, with its control
+    characters escaped: C0 by JSON, C1, separators and bidi overrides here."""
+    return json.dumps(str(identity), ensure_ascii=False).translate(_SHOWN)
+
+
 def cmd_pools(args: argparse.Namespace) -> int:
     """Like ``swanctl --list-pools [--leases]``: each pool, then each of its leases."""
     if args.release is not None:
@@ -263,7 +273,7 @@ def cmd_pools(args: argparse.Namespace) -> int:
             _print_json(got)
         else:
             print(f"{got['address']} of pool {got['pool']} is offline again"
-                  f" (for {json.dumps(str(got['identity']), ensure_ascii=False)})")  # fmt: skip
+                  f" (for {_shown(got['identity'])})")  # fmt: skip
         return 0
     res = request(socket_path(args), "pools.list", {"leases": bool(args.leases)})
     if args.json:
@@ -278,7 +288,7 @@ def cmd_pools(args: argparse.Namespace) -> int:
         rows = p.get("leases") or []
         width = max((len(str(r["address"])) for r in rows), default=0)
         for r in rows:  # the identity is the peer's text: quoted, control characters escaped
-            who = json.dumps(str(r["identity"]), ensure_ascii=False)
+            who = _shown(r["identity"])
             print(f"  {str(r['address']).ljust(width)}  {str(r['state']).ljust(7)}  {who}")
         if p.get("leases_left_off"):
             print(f"  ... and {p['leases_left_off']} more not listed")

@@ -31,6 +31,14 @@ LOG_LEVELS = ("debug", "info", "warning", "error")  # [log] level, --log-level
 # Control characters as escapes: what a peer sends (an identity, a reason) can neither end
 # a line and forge the next one nor move an operator's terminal.
 _ESCAPES = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F)} | {0x0A: "\\n", 0x0D: "\\r"}
+# and the C1 controls (U+0085 ends a line for str.splitlines, U+009B starts a terminal's
+# control sequence), the line and paragraph separators and the bidirectional overrides
+# (a certificate's subject is any Unicode: they made an identity read as another one)
+UNICODE_CONTROLS = (
+    *range(0x80, 0xA0), 0x200E, 0x200F, 0x2028, 0x2029, *range(0x202A, 0x202F),
+    *range(0x2066, 0x206A),
+)
+_ESCAPES |= {c: f"\\u{c:04x}" for c in UNICODE_CONTROLS}
 
 
 class OneLineFormatter(logging.Formatter):
