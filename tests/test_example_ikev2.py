@@ -165,3 +165,90 @@ def test_a_target_without_the_connection_refuses_the_ike_sa_and_its_child_sas(
     assert setup.status("sg2")["sas"] == 0
     setup.traffic_ok("sg1", 20)
     assert setup.ike("mn")[0]["remote"] == f"{ADDR['sg1']}:{setup.port[24500]}"
+
+
+def _pubkey_example(d: Path) -> tuple[int, int]:
+    """The example's three configurations with certificates instead of the PSK (a CA, a
+    gateway certificate for gw.example shared by sg1 and sg2, the MN's for mn.example)
+    and, at sg2 only, remote.crls with a list of the CA that names the MN's certificate.
+    (the MN's serial, the other serial the list names)."""
+    import datetime as dt
+    import os
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = dt.datetime.now(dt.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "example CA")])
+
+    def cert(name: str, key: ec.EllipticCurvePrivateKey, ca: bool) -> x509.Certificate:
+        b = (x509.CertificateBuilder()
+             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+             .issuer_name(ca_name).public_key(key.public_key())
+             .serial_number(x509.random_serial_number())
+             .not_valid_before(now - dt.timedelta(days=1))
+             .not_valid_after(now + dt.timedelta(days=3))
+             .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        if not ca:
+            b = b.add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]),
+                                critical=False)
+        return b.sign(ca_key, hashes.SHA256())  # fmt: skip
+
+    pem = serialization.Encoding.PEM
+    d = d / "ca"
+    d.mkdir()
+    (d / "ca.pem").write_bytes(cert("example CA", ca_key, True).public_bytes(pem))
+    serials = []
+    for name in ("gw.example", "mn.example", "other.example"):
+        key = ec.generate_private_key(ec.SECP256R1())
+        c = cert(name, key, False)
+        serials.append(c.serial_number)
+        (d / f"{name}.pem").write_bytes(c.public_bytes(pem))
+        fd = os.open(d / f"{name}.key", os.O_WRONLY | os.O_CREAT, 0o600)
+        os.write(fd, key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
+                                       serialization.NoEncryption()))  # fmt: skip
+        os.close(fd)
+    b = (x509.CertificateRevocationListBuilder().issuer_name(ca_name)
+         .last_update(now - dt.timedelta(hours=1)).next_update(now + dt.timedelta(days=7)))
+    for serial in serials[1:]:
+        b = b.add_revoked_certificate(x509.RevokedCertificateBuilder().serial_number(serial)
+                                      .revocation_date(now - dt.timedelta(minutes=5)).build())
+    (d / "ca.crl").write_bytes(b.sign(ca_key, hashes.SHA256()).public_bytes(pem))
+    for node, me in (("sg1", "gw.example"), ("sg2", "gw.example"), ("mn", "mn.example")):
+        f = d.parent / f"{node}.toml"
+        crls = f'\nremote.crls = ["{d}/ca.crl"]' if node == "sg2" else ""
+        f.write_text(f.read_text()
+                     .replace('local.auth = "psk"', 'local.auth = "pubkey"\n'
+                              f'local.certs = ["{d}/{me}.pem"]')
+                     .replace('remote.auth = "psk"', 'remote.auth = "pubkey"\n'
+                              f'remote.cacerts = ["{d}/ca.pem"]{crls}')
+                     + f'\n[secrets.private-me]\nfile = "{d}/{me}.key"\n')  # fmt: skip
+    return serials[1], serials[2]
+
+
+def test_a_target_whose_crl_revokes_the_peers_certificate_refuses_its_ike_sa(
+    setup: Setup,
+) -> None:
+    """The example with certificates; sg2's remote.crls names the MN's certificate (sg1 has
+    no lists). The transfer's UNIT CDB carries the MN's certificate serial with its
+    issuer: sg2 refuses the IKE SA before the commit, and sg1 keeps it and its CHILD SA,
+    and goes on serving; before, sg2 took an IKE SA its own lists revoke."""
+    serial, _ = _pubkey_example(setup.dir)
+    for n in ("sg1", "sg2", "mn"):
+        setup.start(n)
+    ike = setup.wait_ike("sg1", lambda s: s["children"], "sg1's IKE SA")
+    assert ike["remote_id"] == "mn.example"
+    setup.traffic_ok("sg1", 10)
+    r = cli("transfer", "rw", "--to", "sg2", "--json", "--config", setup.config("sg1"))
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    rec = json.loads(r.stdout)
+    assert rec["outcome"] == "refused" and rec["accepted"] == 0, rec
+    assert f"peer's certificate (serial {serial:x}) is revoked by remote.crls of 'rw' here" \
+        in setup.log("sg2"), setup.log("sg2")
+    (ike,) = setup.ike("sg1")
+    assert ike["children"] and setup.ike("sg2") == []
+    assert setup.status("sg2")["sas"] == 0
+    setup.traffic_ok("sg1", 20)
