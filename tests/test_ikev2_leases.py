@@ -453,3 +453,31 @@ def test_identities_with_unicode_controls_are_shown_escaped(
     line = OneLineFormatter("%(message)s").format(rec)
     assert len(line.splitlines()) == 1 and "\\u202e" in line and "\x9b" not in line
     asyncio.run(sg1.state.stop())
+
+
+def test_an_away_address_of_a_renamed_pool_stays_away(tmp_path: Path) -> None:
+    """The pool renamed in the configuration (same addresses): its away leases were
+    forgotten with the old name, and the next new client got an address whose IKE SA lives
+    on at another gateway. Away under the new name now (counted ``moved``); an offline one
+    is forgotten still (nobody holds it)."""
+    from collections import OrderedDict
+
+    sg1 = gateway(tmp_path)
+    for who in ("a.test", "b.test"):
+        client(sg1, who)
+    assert sg1.ike is not None
+    a, b = sg1.ike.engine.ike_sas()
+    sg1.ike.engine.export_ike(a, 2.0)  # a.test's IKE SA went to another gateway: away
+    sg1.ike.engine._kill(b, "test", [])  # b.test's ended: offline
+    asyncio.run(sg1.state.stop())
+    cfg = config(tmp_path)
+    old = cfg.pools.pop("rw")
+    new = dataclasses.replace(old, name="net", online={}, offline=OrderedDict(), away={})
+    cfg.pools["net"] = new
+    st = state.open_for(Node(cfg), cfg)
+    counts = st.attach_pools(cfg.pools, elsewhere=False)
+    assert counts["moved"] == 1 and counts["forgotten"] == 1, counts
+    assert new.away == {ip("10.3.0.1"): "a.test"} and not new.offline
+    assert [r[:4] for r in st.store.leases()] == [("net", "10.3.0.1", "away", "a.test")]
+    assert new.acquire("c.test") == ip("10.3.0.2")  # never 10.3.0.1
+    asyncio.run(st.stop())

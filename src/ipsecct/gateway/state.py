@@ -943,11 +943,13 @@ class DurableState:
         (its identity gets it back). A lease "leaving" (its IKE SA was being handed over: the
         row is durable before the transfer's COMMIT) is away. Kept: the newest
         MAX_REMEMBERED_LEASES offline ones per pool; a lease of a pool no longer configured,
-        or outside its addrs now, is forgotten. Written before anything is sent."""
+        or outside its addrs now, is forgotten, except an away one whose address another pool
+        holds now (a pool renamed): away there (``moved``). Written before anything is sent."""
         now = time.time()
         fix: list[LeaseRow] = []
         drop: list[tuple[str, str]] = []
-        counts = {"offline": 0, "away": 0, "was_online": 0, "was_leaving": 0, "forgotten": 0}
+        counts = {"offline": 0, "away": 0, "was_online": 0, "was_leaving": 0, "forgotten": 0,
+                  "moved": 0}  # fmt: skip
         for name, text, st, who, _changed in self.store.leases():
             pool = pools.get(name)
             try:
@@ -960,7 +962,15 @@ class DurableState:
                 fix.append((name, text, st, who, now))
             if pool is None or addr is None or not pool.restore(addr, st, who):
                 drop.append((name, text))
-                counts["forgotten"] += 1
+                # An away address of a pool renamed (or now in another one) stays away there:
+                # forgotten, it was leased again while its IKE SA lived on elsewhere.
+                other = None if addr is None or st != "away" else next(
+                    (p for p in pools.values() if p.name != name and p.contains(addr)), None)
+                if other is not None and addr is not None and other.restore(addr, st, who):
+                    fix.append((other.name, str(addr), st, who, now))
+                    counts["moved"] += 1
+                else:
+                    counts["forgotten"] += 1
         for pool in pools.values():
             while len(pool.offline) > MAX_REMEMBERED_LEASES:
                 a, _ = pool.offline.popitem(last=False)
