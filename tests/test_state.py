@@ -1543,3 +1543,28 @@ def test_a_prepared_transfer_no_sequence_number_reuse_across_a_source_restart() 
     assert len(g1.wire) == 10 and w.gw["sg2"].wire == []
     wire = [(s, q) for _, s, q in w.all_wire()]
     assert len(wire) == len(set(wire))
+
+
+def test_sa_delete_of_a_tunnel_whose_commit_came_leaves_it_out_of_the_activation() -> None:
+    """``sa delete`` at the target after the COMMIT came, while the activation waits for the
+    "pending" row: the tunnel is ours (the source gave it away), so it is deleted, not sent
+    back, and the activation that follows leaves it out (it activated the removed tunnel)."""
+    from ipsecct.ipsec.engine import TunnelState
+
+    w, j1, j2 = journaled_world()
+    w.transfer()
+    w.deliver("sg1", "sg2")
+    w.deliver("sg2", "sg1")
+    settle(w, "sg1", j1)
+    w.deliver("sg1", "sg2")  # COMMIT: "pending" is not durable yet
+    sg2 = w.gw["sg2"]
+    (t2,) = sg2.engine.tunnels()
+    taken = sg2.core.withdraw(t2, w.now, "sa delete")
+    assert taken is not None and taken[1] == [] and "committed here" in taken[0]
+    sg2.engine.remove_tunnel(t2)  # what sa delete does next
+    assert w.pending("sg2", "sg1") == 0  # no CTC: the source gave it away
+    settle(w, "sg2", j2)
+    assert sg2.engine.tunnels() == [] and t2.state is not TunnelState.ACTIVE
+    assert sg2.finished[-1].outcome == "committed"
+    w.host_send("sg2", 1)
+    assert sg2.wire == []
