@@ -2414,6 +2414,17 @@ def test_a_moved_ike_sa_whose_certificate_is_revoked_here_is_refused() -> None:
     assert again is not taken and again.peer_serials == ike.peer_serials
     revoked = here(_crl(ca, ca_key, [mn_cert]))
     assert context.replica_refusal(context.encode(again, 3.0), revoked, 3.0) == why
+    # no room left in the IKE SA's CDB (a very long identity): sent without the serials
+    import copy
+
+    big = copy.copy(ike)
+    big.peer_id = "CN=" + "x" * 1580
+    big_cdbs = context.encode(big, 1.0)
+    assert 33 not in context._parse(big_cdbs[0])[1]
+    assert 33 in context._parse(cdbs[0])[1]
+    anyone = [dataclasses.replace(revoked[0], remote_id=Identity("%any"))]
+    assert context.replica_refusal(big_cdbs, anyone, 1.0) is None
+    assert context.replica_refusal(cdbs, anyone, 1.0) == why
     # an older gateway's context and UNIT payload, without the serials: not checkable
     main, *rest = cdbs
     d = context._parse(main)[1]

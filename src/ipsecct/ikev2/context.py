@@ -249,6 +249,8 @@ def encode(ike: IkeSA, now: float) -> list[bytes]:
         main.append((30, b"".join(struct.pack("!I", spi) for spi in owed)))
     if ike.peer_ca:  # a certificate peer: what its certificate proves (28) and its CA (29)
         serials = [(33, _serials(ike.peer_serials))] if ike.peer_serials else []
+        if len(_items(main + serials)) > MAX_CDB - 8 - 3 - (3 + 32):
+            serials = []  # (no room: the target cannot check them, as from an older gateway)
         room = MAX_CDB - 8 - len(_items(main + serials)) - 3 - (3 + 32)
         main += [(28, _names(ike.peer_names, room)), (29, ike.peer_ca), *serials]
     out = [_frame(FPT_IKE_SA, _items(main))]
