@@ -14,7 +14,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ipsecct.ct import context, cxtp
-from ipsecct.ct.transfer import ConflictPolicy, Identity, Send, Settings, TransferCore
+from ipsecct.ct.transfer import (
+    FPT_FINAL,
+    ConflictPolicy,
+    Identity,
+    Send,
+    Settings,
+    TransferCore,
+)
 from ipsecct.ipsec.algorithms import EncAlg
 from ipsecct.ipsec.engine import Engine, Tunnel, TunnelState
 from ipsecct.ipsec.ippacket import Endpoint
@@ -28,16 +35,19 @@ REMOTES = ["10.64.0.1/32", "10.64.0.2/32", "10.64.0.3/32", "10.64.0.0/30", "10.6
 
 
 def _sa(
-    spi: int, d: Direction, sel: Selectors, name: str, mn: ipaddress.IPv4Address = MN
+    spi: int, d: Direction, sel: Selectors, name: str, mn: ipaddress.IPv4Address = MN,
+    window: int = 64,
 ) -> SecurityAssociation:
     src, dst = (SG, mn) if d is Direction.OUTBOUND else (mn, SG)
     return SecurityAssociation(
         spi, d, src, dst, enc=EncAlg.AES_GCM_16, enc_key=KEY, mode=Mode.TUNNEL, esn=True,
-        replay_window=64, encap=UdpEncap(4500, 4500), selectors=sel, name=name,
+        replay_window=window, encap=UdpEncap(4500, 4500), selectors=sel, name=name,
     )  # fmt: skip
 
 
-def _tunnels(eng: Engine, n: int, out_base: int, in_base: int) -> list[Tunnel]:
+def _tunnels(
+    eng: Engine, n: int, out_base: int, in_base: int, window: int = 64
+) -> list[Tunnel]:
     """``n`` tunnels t0.. in ``eng``, one MN address each (10.64.0.0 + i), with outbound SPIs
     from ``out_base`` and inbound ones from ``in_base``."""
     tunnels = []
@@ -47,7 +57,7 @@ def _tunnels(eng: Engine, n: int, out_base: int, in_base: int) -> list[Tunnel]:
             eng.add_tunnel(
                 SPDEntry(sel, Action.PROTECT, name=f"t{i}", static=False),
                 _sa(out_base + i, Direction.OUTBOUND, sel, f"t{i}"),
-                _sa(in_base + i, Direction.INBOUND, sel, f"t{i}"),
+                _sa(in_base + i, Direction.INBOUND, sel, f"t{i}", window=window),
             )
         )
     return tunnels
@@ -283,3 +293,36 @@ def test_a_rolled_back_bulk_transfer_reactivates_all_and_gives_back_what_it_held
     out = src.peer_lost(PEER, 1000.1)
     assert all(t.state is TunnelState.ACTIVE for t in tunnels)
     assert [o.packet for o in out if isinstance(o, Inject)] == [p for _, p in packets]
+
+
+def test_a_bulk_make_before_break_commit_sends_every_final_state() -> None:
+    """The FINAL states of a bulk make-before-break transfer go in messages that fit the
+    CXTP length (a thousand a message, whatever their size: with 1024-bit windows 409 fit,
+    the message could not be encoded and no final state went, the target activating every
+    tunnel with the snapshot's window)."""
+    s = Settings(make_before_break=True, mbb_margin=1000)
+    eng = Engine()
+    tunnels = _tunnels(eng, 900, 0x10000, 0x20000, window=1024)
+    src = TransferCore(eng, Endpoint(SG, 4500), s)
+    dst = TransferCore(Engine(), Endpoint(ip("192.0.2.2"), 4500), s)
+
+    def shuttle(out: list[object], to: TransferCore, frm: str) -> list[object]:
+        got: list[object] = []
+        for o in out:
+            if isinstance(o, Send):
+                cxtp.encode(o.msg)  # (every message fits)
+                got += to.receive(frm, o.msg, 1000.0)
+        return got
+
+    _, out = src.start(tunnels, PEER, 1000.0)
+    back = shuttle(out, dst, "sg1")
+    for t in tunnels:  # accepted at the source after the snapshot
+        assert t.inbound.window.check_and_update(7)
+    commit = shuttle(back, src, PEER)
+    finals = [o for o in commit if isinstance(o, Send) and cxtp.cdb_fpt(
+        o.msg.cdbs[1]) == FPT_FINAL]  # type: ignore[union-attr]  # fmt: skip
+    assert sum(len(o.msg.cdbs) - 1 for o in finals) == 900  # type: ignore[union-attr]
+    shuttle(commit, dst, "sg1")
+    moved = dst.engine.tunnels()
+    assert len(moved) == 900 and all(t.state is TunnelState.ACTIVE for t in moved)
+    assert all(not t.inbound.window.check(7) for t in moved)  # merged: 7 is taken

@@ -73,6 +73,9 @@ FPT_PREPARE = 0x800B  # a prepared transfer: how long the target waits for its C
 UNIT_IKEV2 = 1  # a UNIT's kind: the CHILD SAs of one IKE SA (its context follows the COMMIT)
 DECISION_COMMIT = 1
 MAX_FORWARD_PACKET = cxtp.MAX_CDB_LEN - 8
+# What a FINAL message holds besides its FINAL CDBs: the header (the MN's address) and the
+# TRANSFER CDB, with room to spare.
+FINAL_MESSAGE_OVERHEAD = 256
 MAX_NOT_TAKEN_PER_PEER = 1024  # transfers answered "not taken" remembered per peer
 PREPARE_MIN, PREPARE_MAX = 2.0, 300.0  # bounds of a prepared transfer's wait (seconds)
 # A prepared source commits no later than this before the wait it assumes at the target
@@ -1680,10 +1683,18 @@ class TransferCore:
         if og.caps:
             windows = self._final_states(tunnels)
             finals = self._finals[og.tid] = []
-            for i in range(0, len(windows), 1000):
-                tag = self._tag(og)
-                finals.append(cxtp.CTD(og.mn, 0, (tag, *windows[i : i + 1000])))
+            # A thousand a message at most, and no more than fits one (a FINAL CDB of a
+            # 1024-bit window is 160 octets: a thousand of them could not be encoded).
+            room = cxtp.MAX_MESSAGE_LEN - FINAL_MESSAGE_OVERHEAD
+            i = 0
+            while i < len(windows):
+                j, size = i, 0
+                while j < len(windows) and j - i < 1000 and size + len(windows[j]) <= room:
+                    size += len(windows[j])
+                    j += 1
+                finals.append(cxtp.CTD(og.mn, 0, (self._tag(og), *windows[i:j])))
                 out.append(Send(og.peer, finals[-1]))
+                i = j
         commit = (self._tag(og), decision_cdb(DECISION_COMMIT, grant=grant))
         out.append(Send(og.peer, cxtp.CTD(og.mn, 0, commit)))
         return out
