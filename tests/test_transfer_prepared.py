@@ -616,6 +616,7 @@ def test_a_tunnel_deleted_at_the_target_as_the_reactive_commit_crosses_is_served
     w.deliver_all()
     assert sg1.finished[-1].outcome == "committed"  # (it committed before the CTC came)
     assert sg2.engine.tunnels() == [] and sg2.core.counters["commit_after_cancel"] == 1
+    assert sg1.core.counters["cancelled_after_commit"] == 1
     w.host_send("sg1", 1)
     w.host_send("sg2", 2)
     assert sg2.wire == []

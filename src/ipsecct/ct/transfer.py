@@ -882,6 +882,8 @@ class TransferCore:
             # COMMITs for a transfer given up here (sa delete, no decision in time): what
             # the source committed is served by nobody until re-keyed
             "commit_after_cancel": 0,
+            # the target's CTC for a transfer we had committed (source): the same crossing
+            "cancelled_after_commit": 0,
             # messages about another peer's transfer, per kind (_foreign)
             **{f"foreign_{k}": 0 for k in FOREIGN_KINDS},
         }
@@ -2956,6 +2958,14 @@ class TransferCore:
             OutgoingState.SENT, OutgoingState.PREPARED
         ):
             return self._rollback(og, now, "cancelled", f"{peer} cancelled")
+        dec = self.decided.get(tid)
+        if (inc is None and og is None and dec is not None and dec[0] == DECISION_COMMIT
+                and self.decided_peer.get(tid) == peer):  # fmt: skip
+            # The target gave up the transfer (sa delete there) as our COMMIT crossed its
+            # CTC: it never activated, we no longer send: nobody serves those tunnels until
+            # they are re-keyed. Counted (the target counts commit_after_cancel).
+            self.counters["cancelled_after_commit"] += 1
+            return []
         if inc is None:
             # Another peer's transfer (towards us, or ours to another peer): not this
             # peer's to cancel.
