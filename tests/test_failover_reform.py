@@ -539,3 +539,49 @@ def test_a_paused_standby_asks_the_active_the_operator_let_run_alone(gws: Gatewa
         traffic.close()
     assert cap.duplicates() == []
     assert senders(cap, 0, time.monotonic()) == {port1}
+
+
+def test_a_standby_paused_past_its_dead_time_reads_the_active_before_it_takes_over(
+    gws: Gateways,
+) -> None:
+    """The standby does not run for a while (a loaded machine; here SIGSTOP, 0.7 s past its
+    dead time, under the 1.5 s after which it counts itself paused and asks first) while
+    the active runs and sends to it. When it runs again, the active's messages wait in its
+    channel, unread: the event loop runs the due dead-time timer before the reader task that
+    takes what the socket had, and the standby took over on a silence that was its own (sg2
+    took the tunnels, sg1 gave them up: a fail-over of a live active, seen by
+    tests/test_ikev2_vip.py's strongSwan fail-over timing out under load). It reads first
+    now: it stays the standby, sg1 goes on sending."""
+    import os
+    import signal
+
+    cap: Capture = gws.capture  # type: ignore[attr-defined]
+    port1, every, detail = write_pair(gws)
+    gws.start("sg2")
+    gws.start("sg1")
+    traffic = Traffic(TUNNELS, [gws.ports["sg1"]["inner"], gws.ports["sg2"]["inner"]], PPS)
+    pid2 = gws.procs["sg2"].pid
+    try:
+        wait_for(lambda: failover(gws, "sg1")["standby_acknowledged"]
+                 and failover(gws, "sg2")["replicated_tunnels"] == TUNNELS,
+                 "never paired", detail=detail)  # fmt: skip
+        os.kill(pid2, signal.SIGSTOP)
+        try:
+            time.sleep(DEAD_MS / 1000 + 0.7)  # the stimulus: sg2 does not run this long
+        finally:
+            os.kill(pid2, signal.SIGCONT)
+        t_cont = time.monotonic()
+        wait_for(lambda: failover(gws, "sg1")["lease"]["state"] == "held"
+                 and sending(cap, time.monotonic() - 0.3) == every,
+                 "sg1 does not send again", detail=detail)  # fmt: skip
+        st1, st2 = failover(gws, "sg1"), failover(gws, "sg2")
+        assert st1["role"] == "active" and st1["epoch"] == 1, detail()
+        assert st2["role"] == "standby" and st2["epoch"] == 1, detail()
+        assert st2["looked_again"] + st2["resumed"] >= 1, st2  # (it did find itself late)
+        assert "event=transfer-took-over" not in gws.log("sg2"), detail()
+        t_end = time.monotonic()
+        assert t_end > t_cont
+    finally:
+        traffic.close()
+    assert cap.duplicates() == []
+    assert senders(cap, 0, time.monotonic()) == {port1}

@@ -162,6 +162,10 @@ class FailoverDriver:
         # (since, until): the standby woke up past its dead time and asks the peer first
         self._resume_hold: tuple[float, float] | None = None
         self.resumed = 0  # such wake-ups
+        # When to look again at a dead time this standby found passed only late (it was not
+        # running on time, see _on_timer), and how often it did so.
+        self._look_again: float | None = None
+        self.looked_again = 0
         node.extensions["failover"] = self.status
 
     def _new_standby(self, epoch: int) -> Standby:
@@ -269,6 +273,8 @@ class FailoverDriver:
         d = sb.next_deadline()
         if d is not None and self._resume_hold is not None:
             d = max(d, self._resume_hold[1])  # (the dead time has passed: not a busy loop)
+        if d is not None and self._look_again is not None:
+            d = max(d, self._look_again)
         if sb.unprepared:  # decode what changed ahead of a take-over, a few every tick_ms
             d = self._next_prepare if d is None else min(d, self._next_prepare)
         if self.joining:
@@ -315,9 +321,25 @@ class FailoverDriver:
                     f"takes over only if nothing is heard within {hold[1] - now:.1f} s",
                 )
             if hold is None or now >= hold[1]:
+                # Take over only on a silence seen while this process ran on time. A timer
+                # that fires late (a loaded machine did not run this process) finds the
+                # active's messages of meanwhile unread in the channel: the event loop runs
+                # a due timer before the reader task that takes what the socket had, and
+                # before the socket is even polled after a stop. The standby took over from
+                # a live active on a silence of its own. It looks again one heartbeat later,
+                # the loop reading meanwhile (a message read moves the dead time).
+                due = self._look_again or (hold[1] if hold is not None else deadline or now)
+                slack = self.cfg.heartbeat_ms / 1000
+                if now - due > slack:
+                    self._look_again = now + slack
+                    self.looked_again += 1
+                    return
+                self._look_again = None
                 self._resume_hold = None
                 self.take_over(now)
                 return
+        else:
+            self._look_again = None
         if self.joining and sb.took_over is None:
             if sb.last_heard is not None and self._resume_hold is None:
                 self.joining = False  # the active replicates to us
@@ -607,6 +629,9 @@ class FailoverDriver:
                 "joins_sent": self.joins,
                 # woke up past its dead time and asked the peer before taking over
                 "resumed": self.resumed,
+                # found its dead time passed only late (not run on time): looked again a
+                # heartbeat later, having read its channel, before taking over
+                "looked_again": self.looked_again,
                 "replicated_tunnels": len(self.standby.replica),
                 # of them, marked leaving: the active is transferring them away (a take-over
                 # holds them and asks their target, docs/cluster.md)
