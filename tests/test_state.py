@@ -526,10 +526,15 @@ def test_transfer_core_writes_in_parallel_with_the_exchange_and_waits_where_it_m
     w.deliver("sg1", "sg2")  # COMMIT: "pending" is not durable yet: held, nothing to send
     (t2,) = w.gw["sg2"].engine.tunnels()
     assert t2.state is TunnelState.HELD and t2.outbound.seq_ceiling == t2.outbound.seq
+    on_wire: list[int] = []  # what sg2 had sent on ESP when "taken over" was submitted
+    arrived = j2.arrived
+    j2.arrived = lambda *a: on_wire.append(len(w.gw["sg2"].wire)) or arrived(*a)  # type: ignore[method-assign]
     assert settle(w, "sg2", j2) == ["pending"]
     assert t2.state is TunnelState.ACTIVE and t2.outbound.seq_ceiling > t2.outbound.seq
     assert w.gw["sg2"].finished[-1].outcome == "committed"
     assert j2.calls[-1][0] == "taken" and j2.writes  # submitted, not waited for
+    # ... once the signal to the MN (its new gateway's address) was out, not before it
+    assert on_wire == [1] and len(w.gw["sg2"].wire) == 1
 
 
 def test_forwards_that_arrive_while_the_commit_waits_for_pending_are_held() -> None:

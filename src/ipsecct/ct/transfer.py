@@ -2893,12 +2893,9 @@ class TransferCore:
             inc.record.outcome = "failed"
             return failed
         _move(inc, IncomingState.ACTIVE)
-        if self.journal is not None and not inc.granted:
-            # Their first block is durable already (pending): activating is safe without
-            # waiting for this; a crash before it lands leaves them pending (kept away).
-            self._unawaited_write(
-                self._journal_write(lambda j: j.arrived(inc.tunnels, peer, inc.tid))
-            )
+        # "Owned": their first block is durable already (pending): activating is safe
+        # without waiting for it; a crash before it lands leaves them pending (kept away).
+        owned = list(inc.tunnels) if self.journal is not None and not inc.granted else []
         out: list[Output] = []
         until = now + self.settings.forward_time
         # A bulk install shares one signal list among its tunnels (the new address only):
@@ -2925,6 +2922,12 @@ class TransferCore:
                     self.unsent_signals[t] = list(items)
             if self.on_install is not None:
                 self.on_install(t)
+        if owned:
+            # submitted once the MN's signals are out, not before them (its rows: an HMAC
+            # per SA)
+            tid = inc.tid
+            out.append(After(lambda: self._unawaited_write(
+                self._journal_write(lambda j: j.arrived(owned, peer, tid)))))  # fmt: skip
         # The held packets are opened after the inbound SA went to C (offload_inbound above),
         # and the forwarding thread may open newer ones in C before them: that is safe. The
         # window was moved to C, not copied (native.push; Python takes it back before it
