@@ -365,9 +365,10 @@ def test_the_operator_gives_an_away_address_back(
 def test_a_hand_edited_lease_table_is_read_as_far_as_it_can_be(tmp_path: Path) -> None:
     """The lease table edited by hand (SQLite keeps any type in any column, and a table made
     before ours keeps its own columns): a time that is no number, NULLs, an identity that is
-    a blob or megabytes long, two rows for one address (the away one is kept, whichever is
-    newer) start the gateway (the start failed with ValueError or TypeError); a table of
-    other columns is one StateError that says what to do (it was sqlite3's own error)."""
+    a blob, not UTF-8 or megabytes long, an address that is not UTF-8, two rows for one
+    address (the away one is kept, whichever is newer) start the gateway (the start failed
+    with ValueError, TypeError or sqlite3's decoding error); a table of other columns is one
+    StateError that says what to do (it was sqlite3's own error)."""
     import sqlite3
 
     sg1 = gateway(tmp_path)
@@ -385,6 +386,8 @@ def test_a_hand_edited_lease_table_is_read_as_far_as_it_can_be(tmp_path: Path) -
         " INSERT INTO lease VALUES ('rw', '10.3.0.10', 'away', 'c.test', 1);"
         " INSERT INTO lease VALUES ('rw', '10.3.0.10', 'offline', 'd.test', 2);"
         " INSERT INTO lease VALUES ('rw', x'0a03000b', 'away', 'e.test', 1);"
+        " INSERT INTO lease VALUES ('rw', '10.3.0.12', 'offline', CAST(x'61ff62' AS TEXT), 1);"
+        " INSERT INTO lease VALUES ('rw', CAST(x'31302eff' AS TEXT), 'away', 'f.test', 1);"
         " INSERT INTO lease VALUES (NULL, NULL, NULL, NULL, NULL);"
     )
     c.commit()
@@ -393,7 +396,9 @@ def test_a_hand_edited_lease_table_is_read_as_far_as_it_can_be(tmp_path: Path) -
     assert sg1.ike is not None
     pool = sg1.ike.engine.pools["rw"]
     assert pool.away == {ip("10.3.0.10"): "c.test"}
-    assert pool.offline[ip("10.3.0.7")] == "b.test" and pool.offline[ip("10.3.0.8")] == "?"
+    assert pool.offline[ip("10.3.0.7")] == "b.test"
+    assert pool.offline[ip("10.3.0.8")] == "\ufffd\x00"  # (a blob: its octets as UTF-8)
+    assert pool.offline[ip("10.3.0.12")] == "a\ufffdb"  # not UTF-8: the read failed whole
     assert len(pool.offline[ip("10.3.0.9")]) == state.MAX_LEASE_IDENTITY
     assert pool.offline[ip("10.3.0.1")] == "a.test"
     asyncio.run(sg1.state.stop())

@@ -498,14 +498,18 @@ class StateStore:
 
     def leases(self) -> list[LeaseRow]:
         """The virtual IP leases, oldest change first. The table may have been edited by
-        hand: a row whose pool, address or state is not text is left out (the caller
-        forgets what it cannot name), an identity that is not text is "?", one longer than
+        hand: a row whose pool, address or state is NULL is left out (the caller forgets
+        what it cannot name), an identity that is NULL is "?", one longer than
         any IKE identity is cut to MAX_LEASE_IDENTITY characters, a time that is not a
-        number is 0 (oldest); a table of other columns is a StateError."""
+        number is 0 (oldest); a table of other columns is a StateError. Columns are read as
+        octets: a text that is not UTF-8 is skipped (pool, address, state) or has its bad
+        octets replaced (identity)."""
         try:
             with self._lock:
+                # (as octets: a text that is not UTF-8 made the whole read fail)
                 rows = self.conn.execute(
-                    "SELECT pool, addr, state, identity, changed FROM lease ORDER BY changed"
+                    "SELECT CAST(pool AS BLOB), CAST(addr AS BLOB), CAST(state AS BLOB),"
+                    " CAST(identity AS BLOB), changed FROM lease ORDER BY changed"
                 ).fetchall()
         except sqlite3.Error as exc:
             raise StateError(
@@ -514,11 +518,13 @@ class StateStore:
             ) from None
         out: list[LeaseRow] = []
         for a, b, c, d, e in rows:
-            if not (isinstance(a, str) and isinstance(b, str) and isinstance(c, str)):
+            try:
+                pool, addr, st = (x.decode() for x in (a, b, c))
+            except (AttributeError, UnicodeDecodeError):  # NULL, or not UTF-8
                 continue
-            who = d[:MAX_LEASE_IDENTITY] if isinstance(d, str) else "?"
+            who = d.decode(errors="replace")[:MAX_LEASE_IDENTITY] if d is not None else "?"
             at = float(e) if isinstance(e, int | float) else 0.0
-            out.append((a, b, c, who, at))
+            out.append((pool, addr, st, who, at))
         return out
 
     def put_leases(self, rows: Sequence[LeaseRow], drop: Sequence[tuple[str, str]] = ()) -> None:
