@@ -155,7 +155,7 @@ def test_a_schema_1_store_is_upgraded_and_keeps_its_rows(tmp_path: Path) -> None
     c.execute("PRAGMA user_version = 1")
     c.close()
     st = StateStore.open_existing(db, "sg1")
-    assert st.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA == 3
+    assert st.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA == 4
     a = st.load()["a"]
     assert (a.owner, a.ceiling, a.transfer, a.gateway) == (Owner.AWAY, 70000, 5, "")
     b = row("b", Owner.LEAVING, 10)
@@ -165,6 +165,36 @@ def test_a_schema_1_store_is_upgraded_and_keeps_its_rows(tmp_path: Path) -> None
     st = StateStore.open_existing(db, "sg1")
     assert (st.load()["b"].owner, st.load()["b"].gateway) == (Owner.LEAVING, "sg3")
     assert st.arrivals() == {9}
+    st.close()
+
+
+def test_a_schema_3_store_is_upgraded_and_records_discarded_arrivals(tmp_path: Path) -> None:
+    """A schema-3 database (arrivals without an outcome) opens upgraded: its arrivals stay
+    "arrived". A discard marks its arrival (with the transaction's rows) and survives a
+    reopen; an id installed a second time is 'again' and never taken for discarded (a
+    discard then changes nothing), also when both come in one transaction; a discard of an
+    arrival recorded from another peer changes nothing."""
+    db = tmp_path / "state.db"
+    st = StateStore.create(db, "sg2")
+    st.put([], [(1, "sg1"), (2, "sg1")])
+    st.conn.execute("ALTER TABLE arrival DROP COLUMN outcome")
+    st.conn.execute("PRAGMA user_version = 3")
+    st.close()
+    st = StateStore.open_existing(db, "sg2")
+    assert st.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA == 4
+    assert st.arrivals() == {1, 2} and st.arrival_outcomes() == {}
+    st.put([row("a", Owner.AWAY)], discards=[(1, "sg1")])
+    st.put([], [(3, "sg1")], discards=[(3, "sg1")])  # arrived and discarded in one write
+    st.put([], discards=[(2, "sg3")])  # not the peer it came from: nothing
+    st.put([], [(4, "sg1"), (4, "sg1")], discards=[(4, "sg1")])  # met twice first
+    st.put([], [(3, "sg1")])  # 3 met again after its discard: 'again'
+    st.put([], discards=[(3, "sg1")])
+    st.close()
+    st = StateStore.open_existing(db, "sg2")
+    assert st.arrival_outcomes() == {1: "discarded", 3: "again", 4: "again"}
+    assert st.load()["a"].owner is Owner.AWAY and st.arrivals() == {1, 2, 3, 4}
+    gone, _ = st.prune_arrivals(time.time() + 1)
+    assert gone == {1, 2, 3, 4} and st.arrival_outcomes() == {}
     st.close()
 
 
@@ -405,6 +435,7 @@ class Recorder:
         self.calls: list[tuple[str, int]] = []
         self.writes: list[tuple[str, Write, list[object]]] = []
         self.arrivals: set[int] = set()
+        self.discards: set[int] = set()
         self.leaving_to: list[str] = []
 
     def _submit(self, what: str, then: list[object] | None = None):  # type: ignore[no-untyped-def]
@@ -471,8 +502,13 @@ class Recorder:
     def resumed(self, tunnels, peer):  # type: ignore[no-untyped-def]
         return self._submit("resumed", [t.outbound for t in tunnels])
 
-    def cancelled(self, tunnels, peer):  # type: ignore[no-untyped-def]
+    def cancelled(self, tunnels, peer, transfer_id=0):  # type: ignore[no-untyped-def]
+        if transfer_id:
+            self.discards.add(transfer_id)
         return self._submit("cancelled")
+
+    def discarded(self, transfer_id):  # type: ignore[no-untyped-def]
+        return transfer_id in self.discards
 
 
 def journaled_world() -> tuple[Any, Recorder, Recorder]:
@@ -1033,6 +1069,102 @@ def test_a_target_that_gave_up_waiting_for_the_commit_answers_not_taken() -> Non
     w.host_send("sg1", 1)
     wire = w.all_wire()
     assert len(wire) == len(set(wire)) and {g for g, _, _ in wire} == {"sg1"}
+
+
+def _target_on_store(w: Any, directory: Path) -> Any:
+    """sg2's journal: a real durable state over a store in ``directory`` (no writer thread:
+    each write is made, synced, before the call returns); a fresh core (nothing in memory),
+    as after a restart of sg2. Returns the state."""
+    from types import SimpleNamespace
+
+    from ipsecct.ct.transfer import TransferCore
+
+    store, lock = state_mod.open_store(directory, "sg2", [], fresh=False)
+    node = SimpleNamespace(name="sg2", extensions={}, on_reserve=None)
+    st = state_mod.DurableState(node, store, lock, 1024)  # type: ignore[arg-type]
+    g2 = w.gw["sg2"]
+    old = g2.core
+    g2.core = TransferCore(g2.engine, old.endpoint, old.settings)
+    g2.core.journal = st
+    return st
+
+
+def _restart_target(w: Any, st: Any, directory: Path) -> Any:
+    st.store.close()
+    os.close(st.lock_fd)
+    return _target_on_store(w, directory)
+
+
+@pytest.mark.parametrize(("gave_up", "restart"), [(True, True), (True, False), (False, True)])
+def test_a_target_that_gave_up_on_the_commit_answers_not_taken_after_its_restart(
+    tmp_path: Path, gave_up: bool, restart: bool
+) -> None:
+    """sg1 dies after "leaving" is durable and before its COMMIT; sg2 (a real store) gives
+    up waiting for it (retry_max: "no decision from the source"), which is recorded with
+    the rows that drop the pending tunnel; sg2 restarts, then sg1: sg2 knows the transfer
+    only from its store and answers "not taken", and sg1 serves the tunnel again; the
+    COMMIT that comes late is refused (nothing activated). Without the give-up (sg2
+    restarted while the tunnel was pending, its record says only "arrived") the answer is
+    "taken", the safe one. Not restarted, sg2 answers so from its store once it forgot the
+    transfer in memory (an hour later)."""
+    from ipsecct.ct import cxtp
+    from ipsecct.ipsec.engine import TunnelState
+
+    w, j1, _ = journaled_world()
+    d = tmp_path / "sg2"
+    st = _target_on_store(w, d)
+    tid = w.transfer()
+    w.deliver("sg1", "sg2")  # PCTD: installed pending, its arrival durable
+    assert st.store.arrivals() == {tid} and st.store.arrival_outcomes() == {}
+    settle(w, "sg1", j1)
+    w.deliver("sg2", "sg1")  # CTDR: sg1 sends its COMMIT and dies; the COMMIT is late
+    late = list(w.links[("sg1", "sg2")])
+    w.links[("sg1", "sg2")].clear()
+    assert any(isinstance(cxtp.decode(m), cxtp.CTD) for m in late)
+    assert [k for k, _, _ in j1.writes] == ["given"]
+    j1.writes.clear()  # (sg1 died before "given away" landed: its row says leaving)
+    g2 = w.gw["sg2"]
+    if gave_up:
+        w.now += g2.core.settings.retry_max + 0.1
+        g2.tick()
+        assert g2.finished[-1].outcome == "cancelled"
+        assert g2.engine.tunnels() == []
+        assert st.store.arrival_outcomes() == {tid: "discarded"}  # durable, with the rows
+        assert {r.owner for r in st.store.load().values()} == {Owner.AWAY}
+    else:
+        for t in g2.engine.tunnels():  # (a restarted sg2 keeps its pending tunnels away)
+            g2.engine.remove_tunnel(t)
+    w.now += 3600.0  # long past anything remembered in memory
+    if restart:
+        st = _restart_target(w, st, d)
+    else:
+        g2.tick()
+        assert g2.core.incoming == {}  # forgotten in memory
+    assert st.discarded(tid) is gave_up and st.arrivals == {tid}
+    g1 = restarted_source(w, j1, tid)
+    w.deliver("sg1", "sg2")
+    a = w.deliver("sg2", "sg1")
+    assert isinstance(a, cxtp.DQ)
+    if not gave_up:
+        assert a.answer == cxtp.Answer.TAKEN
+        assert g1.engine.tunnels() == [] and g2.engine.tunnels() == []  # lost: safe
+        return
+    assert a.answer == cxtp.Answer.NOT_TAKEN
+    assert settle(w, "sg1", j1) == ["resumed"]
+    assert w.tunnel.state is TunnelState.ACTIVE and g1.engine.tunnels() == [w.tunnel]
+    # The COMMIT sg1 sent before it died, late, on the restarted sg2: nothing activated
+    done = len(g2.finished)
+    for m in late:
+        w.post("sg1", "sg2", m)
+    w.deliver_all()
+    assert g2.engine.tunnels() == [] and len(g2.finished) == done
+    st = _restart_target(w, st, d)  # and again: still "not taken"
+    assert st.discarded(tid) and not st.may_have_arrived(tid, "sg1", None)
+    w.host_send("sg1", 1)
+    wire = w.all_wire()
+    assert len(wire) == len(set(wire)) and {g for g, _, _ in wire} == {"sg1"}
+    st.store.close()
+    os.close(st.lock_fd)
 
 
 def test_a_target_that_never_got_the_transfer_answers_not_taken_and_refuses_it_later() -> None:

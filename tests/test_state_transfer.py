@@ -692,6 +692,68 @@ def test_a_query_after_the_target_pruned_the_arrival_is_answered_taken(few: Gate
     assert cap.duplicates() == []
 
 
+def test_a_target_that_gave_up_on_the_commit_answers_not_taken_after_both_restarted(
+    few: Gateways,
+) -> None:
+    """sg2 frozen, sg1 starts moving a tunnel and is killed ("leaving" durable, no COMMIT);
+    sg2 thawed reads the contexts, installs the tunnel pending and gives up waiting for the
+    COMMIT (retry_max_ms, 1.5 s here: "no decision from the source"), recorded durably;
+    sg2 is killed and restarted, then sg1: sg2 knows the transfer only from its store and
+    answers "not taken", and sg1 sends on the tunnel again past everything it sent (before
+    the record of the give-up, the answer from the store was "taken": the tunnel was
+    served by nobody). Nothing is sent twice."""
+    import sqlite3
+
+    gws = few
+    cap: Capture = gws.capture  # type: ignore[attr-defined]
+    cfg = Path(gws.config("sg2"))
+    cfg.write_text(cfg.read_text().replace("retry_max_ms = 20000", "retry_max_ms = 1500"))
+    gws.kill("sg2")
+    gws.start("sg2")
+    wait_for(lambda: len(cap.seen) > 100, "no traffic")
+    port = {n: gws.ports[n]["outer"] for n in ("sg1", "sg2")}
+    log2 = gws.dir / "sg2.log"
+    # another tunnel moved first: the channel to sg2 is up (its TLS handshake done) before
+    # sg2 is frozen, so that the contexts reach its socket
+    start_transfer(gws, 0x20000000 + 4).join(30)
+    wait_for(lambda: settled(gws, ["sg1", "sg2"]), "the first transfer did not settle")
+    spi = 0x20000000 + 5
+    freeze(gws, "sg2", True)
+    th = start_transfer(gws, spi)
+    time.sleep(0.4)  # "leaving" durable (a synced write: a few ms), the CTDR never comes
+    gws.kill("sg1")
+    th.join(30)
+    cap.sync()
+    before = max(q for s_, q, _, _ in list(cap.seen) if s_ == spi)
+    offset2 = log2.stat().st_size
+    freeze(gws, "sg2", False)
+    wait_for_line(log2, offset2, ("event=transfer-cancelled", "no decision from the source"))
+
+    def outcomes() -> list[tuple[str, ...]]:
+        """The arrivals' outcomes (the first transfer's, this one's), this tunnel's owner."""
+        db = sqlite3.connect(gws.dir / "state-sg2" / "state.db", isolation_level=None)
+        try:
+            return [
+                *db.execute("SELECT outcome FROM arrival ORDER BY outcome").fetchall(),
+                *db.execute("SELECT owner FROM sa WHERE spi = ?", (spi,)).fetchall(),
+            ]
+        finally:
+            db.close()
+
+    wait_for(lambda: outcomes() == [("",), ("discarded",), ("away",)],
+             "the give-up is not recorded", timeout=5, detail=outcomes)  # fmt: skip
+    gws.kill("sg2")
+    gws.start("sg2")
+    restarted = time.monotonic()
+    gws.start("sg1")
+    wait_for(lambda: settled(gws, ["sg1", "sg2"]), "the query was not answered")
+    details = [r["detail"] for r in gws.status("sg1")["transfers"]["recent"]]
+    assert "not taken by sg2: kept" in details, details
+    assert served_by_one(gws, cap, spi, port) == "sg1"
+    assert min(q for s_, q, _, t in list(cap.seen) if s_ == spi and t >= restarted) > before
+    assert cap.duplicates() == []
+
+
 def test_a_leaving_tunnel_whose_peer_is_no_longer_configured_is_shown_held_and_discarded(
     few: Gateways,
 ) -> None:

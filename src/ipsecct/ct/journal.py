@@ -156,7 +156,14 @@ class Journal(Protocol):
         been sent on here, whatever became of them since. ``age``: how long ago the source
         started it, by the source's clock (None: unknown). True also when the record may have
         been pruned (the transfer may be older than the newest arrival pruned from ``peer``):
-        docs/state.md, "how long an arrival is remembered"."""
+        docs/state.md, "how long an arrival is remembered". False for one recorded
+        discarded (:meth:`discarded`)."""
+
+    def discarded(self, transfer_id: int) -> bool:
+        """Target: was transfer ``transfer_id`` recorded discarded here before its COMMIT
+        (:meth:`cancelled` with its id), and not installed here again since? Its tunnels
+        were never activated here: a decision query about it is answered "not taken", for
+        as long as its arrival is kept, after a restart too."""
 
     def leaving(self, tunnels: Sequence[Tunnel], peer: str, transfer_id: int) -> Write:
         """Source: ``tunnels`` are being given to ``peer`` by transfer ``transfer_id``:
@@ -181,8 +188,11 @@ class Journal(Protocol):
         (recorded leaving, installed held, not under reservations): owned here again, their
         first block reserved past their stored ceiling. They send only once it is done."""
 
-    def cancelled(self, tunnels: Sequence[Tunnel], peer: str) -> Write:
-        """A pending arrival from ``peer`` was cancelled: the tunnels stay with the peer."""
+    def cancelled(self, tunnels: Sequence[Tunnel], peer: str, transfer_id: int = 0) -> Write:
+        """A pending arrival from ``peer`` was cancelled: the tunnels stay with the peer.
+        ``transfer_id`` (not 0): the transfer was discarded before its COMMIT (never
+        activated here, its tunnels removed, a later COMMIT refused): record its arrival
+        discarded in the same transaction as these rows (:meth:`discarded`)."""
 
 
 @dataclass(frozen=True)

@@ -2026,6 +2026,14 @@ class TransferCore:
             taken = False
         elif inc is not None:
             taken = False  # cancelled or refused: never activated here
+        elif (
+            self.journal is not None
+            and self.journal.discarded(tid)
+            and len(self._arrivals.peers_of(tid)) <= 1
+        ):
+            # Forgotten (or this gateway restarted), recorded discarded before its COMMIT:
+            # never activated here, and a late COMMIT finds nothing to activate.
+            taken = False
         else:
             # Forgotten (or this gateway restarted): taken if it ever installed them, or if
             # its record of that may have been pruned (the AGE the source says is too old).
@@ -2983,7 +2991,14 @@ class TransferCore:
     ) -> list[Output]:
         if self.journal is not None and inc.tunnels and journal:
             tunnels = list(inc.tunnels)
-            self._unawaited_write(self._journal_write(lambda j: j.cancelled(tunnels, inc.peer)))
+            # Never activated (not committing): recorded discarded with the rows, so that a
+            # decision query is answered "not taken" after a restart of this gateway too.
+            # Not when the id came from another peer too (one record per id: "taken").
+            sole = self._arrivals.peers_of(inc.tid) in ([], [inc.peer])
+            tid = inc.tid if sole and not inc.committing else 0
+            self._unawaited_write(
+                self._journal_write(lambda j: j.cancelled(tunnels, inc.peer, tid))
+            )
         for t in inc.tunnels:
             self.engine.remove_tunnel(t)
         inc.tunnels = []

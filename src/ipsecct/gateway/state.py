@@ -70,8 +70,9 @@ from .node import Node
 
 log = logging.getLogger("ipsecct.gateway.state")
 
-# 2: sa.gateway and the arrival table; 3: arrival_pruned (older ones are upgraded on open)
-SCHEMA = 3
+# 2: sa.gateway and the arrival table; 3: arrival_pruned; 4: arrival.outcome (older ones
+# are upgraded on open)
+SCHEMA = 4
 DB_NAME = "state.db"
 MARKER = "ipsecct-state"
 LOCK = "lock"
@@ -152,10 +153,21 @@ def _upsert(rows: int) -> str:
     return f"{_UPSERT_HEAD} VALUES {', '.join([_ROW_VALUES] * rows)}{_UPSERT_TAIL}"
 
 
-_ARRIVAL = "INSERT OR IGNORE INTO arrival (transfer, peer, changed) VALUES (?, ?, ?)"
+# Schema 4: an arrival's outcome: '' (arrived: its tunnels may have been sent on here),
+# 'discarded' (given up before its COMMIT: never activated here, its tunnels removed; a
+# decision query is answered "not taken"), 'again' (the same transfer id installed a second
+# time: never taken for discarded). An arrival met again is marked 'again' whatever it was.
+_ARRIVAL = (
+    "INSERT INTO arrival (transfer, peer, changed) VALUES (?, ?, ?) "
+    "ON CONFLICT (transfer) DO UPDATE SET outcome = 'again'"
+)
+_DISCARD = (
+    "UPDATE arrival SET outcome = 'discarded' WHERE transfer = ? AND peer = ? AND outcome = ''"
+)
 _ARRIVAL_TABLE = (
     "CREATE TABLE arrival (transfer TEXT PRIMARY KEY, peer TEXT NOT NULL, changed REAL NOT NULL)"
 )
+_ARRIVAL_OUTCOME = "ALTER TABLE arrival ADD COLUMN outcome TEXT NOT NULL DEFAULT ''"
 # Schema 3: per peer, the newest arrival time of the arrivals pruned (a decision query about
 # a transfer that may have begun before it is answered "taken": docs/state.md).
 _PRUNED_TABLE = "CREATE TABLE arrival_pruned (peer TEXT PRIMARY KEY, upto REAL NOT NULL)"
@@ -238,6 +250,9 @@ class StateStore:
             if ver == 2:
                 cls._upgrade_2(conn)
                 ver = 3
+            if ver == 3:
+                cls._upgrade_3(conn)
+                ver = 4
             if ver != SCHEMA:
                 raise _Damaged(f"schema version {ver}, this ipsecct reads {SCHEMA}")
             conn.execute(_LEASE_TABLE)
@@ -272,6 +287,13 @@ class StateStore:
         StateStore._migrate(conn, _PRUNED_TABLE, _ARRIVAL_INDEX, "PRAGMA user_version = 3")
 
     @staticmethod
+    def _upgrade_3(conn: sqlite3.Connection) -> None:
+        """Schema 3 -> 4: an arrival's outcome (every row kept is '': arrived, "taken" as
+        before). An older ipsecct refuses it: it would not mark an arrival met again after
+        a discard, and this one would then answer "not taken" for it."""
+        StateStore._migrate(conn, _ARRIVAL_OUTCOME, "PRAGMA user_version = 4")
+
+    @staticmethod
     def _migrate(conn: sqlite3.Connection, *statements: str) -> None:
         """Run ``statements`` in one transaction: all of them or, on any error, none."""
         conn.execute("BEGIN IMMEDIATE")
@@ -297,6 +319,7 @@ class StateStore:
             "changed REAL NOT NULL, transfer TEXT NOT NULL, gateway TEXT NOT NULL DEFAULT '')"
         )
         conn.execute(_ARRIVAL_TABLE)
+        conn.execute(_ARRIVAL_OUTCOME)
         conn.execute(_PRUNED_TABLE)
         conn.execute(_ARRIVAL_INDEX)
         conn.execute(_LEASE_TABLE)
@@ -378,6 +401,14 @@ class StateStore:
             rows = self.conn.execute("SELECT transfer FROM arrival").fetchall()
         return {int(t, 16) for (t,) in rows}
 
+    def arrival_outcomes(self) -> dict[int, str]:
+        """The arrivals recorded with an outcome ('discarded', 'again'; :data:`_ARRIVAL`)."""
+        with self._lock:
+            rows = self.conn.execute(
+                "SELECT transfer, outcome FROM arrival WHERE outcome != ''"
+            ).fetchall()
+        return {int(t, 16): str(o) for t, o in rows}
+
     def arrival_counts(self) -> dict[str, int]:
         """Per peer, how many arrivals are kept."""
         with self._lock:
@@ -428,10 +459,13 @@ class StateStore:
         return gone, upto
 
     def put(self, rows: Iterable[SAState], arrivals: Sequence[tuple[int, str]] = (),
-            leases: Sequence[LeaseRow] = ()) -> None:  # fmt: skip
+            leases: Sequence[LeaseRow] = (),
+            discards: Sequence[tuple[int, str]] = ()) -> None:  # fmt: skip
         """Write ``rows`` (and the transfers that ``arrivals`` records arriving from a peer,
-        and lease rows) in one transaction; returns once it is on stable storage. A row's
-        ceiling never goes down."""
+        lease rows, and the arrivals that ``discards`` records discarded before their
+        COMMIT) in one transaction; returns once it is on stable storage. A row's ceiling
+        never goes down. The arrivals are written before the discards: an arrival met again
+        in the same transaction is 'again', never 'discarded'."""
         params: list[object] = []
         tids: dict[int, str] = {}  # a transfer's rows share its id: formatted once
         for r in rows:
@@ -445,7 +479,9 @@ class StateStore:
         now = time.time()
         arr = [(_hex(tid), peer, now) for tid, peer in arrivals]
         n = len(params) // _SA_COLUMNS
-        if (self.one_statement and not arr and not leases and n and n <= self._chunk
+        dis = [(_hex(tid), peer) for tid, peer in discards]
+        if (self.one_statement and not arr and not leases and not dis and n
+                and n <= self._chunk
                 and n & (n - 1) == 0):  # fmt: skip
             # One statement: its own transaction (autocommit), as atomic and as durable
             # (synced at its end) as BEGIN/rows/COMMIT, with one wait for the GIL after
@@ -466,6 +502,8 @@ class StateStore:
                 i = end
             if arr:
                 self.conn.executemany(_ARRIVAL, arr)
+            if dis:
+                self.conn.executemany(_DISCARD, dis)
             if leases:
                 self.conn.executemany(_LEASE_PUT, leases)
 
@@ -688,7 +726,7 @@ def _ready() -> None:
 
 
 class _Submitted:
-    __slots__ = ("arrivals", "rows", "then", "write")
+    __slots__ = ("arrivals", "discards", "rows", "then", "write")
 
     def __init__(
         self,
@@ -696,11 +734,13 @@ class _Submitted:
         write: Write,
         then: Callable[[bool], None] | None,
         arrivals: list[tuple[int, str]],
+        discards: list[tuple[int, str]] | None = None,
     ) -> None:
         self.rows = rows
         self.write = write
         self.then = then
         self.arrivals = arrivals
+        self.discards = discards or []
 
 
 class DurableState:
@@ -723,6 +763,10 @@ class DurableState:
         # Transfers recorded arriving here (durable, or submitted): a restarted source that
         # asks about one hears "taken" (docs/state.md, the decision query).
         self.arrivals = store.arrivals()
+        # Their outcomes other than "arrived" ('discarded', 'again': StateStore.put): a
+        # transfer discarded here before its COMMIT is answered "not taken" for as long as
+        # its arrival is kept, across restarts (docs/state.md, the decision query).
+        self.arrival_outcomes = store.arrival_outcomes()
         # Arrivals are kept ``arrival_retention`` seconds (and at most MAX_ARRIVALS_PER_PEER
         # per peer); per peer, the newest arrival time pruned: a query about a transfer that
         # may have begun before it (its age says) is answered "taken" (docs/state.md).
@@ -1073,13 +1117,18 @@ class DurableState:
         begun before the newest arrival pruned (from any peer: the asker may be the fail-over
         standby of the source, docs/cluster.md; its record may be gone)."""
         if transfer_id in self.arrivals:
-            return True
+            return not self.discarded(transfer_id)
         upto = max(self.arrival_upto.values(), default=None)
         if upto is None:
             return False  # nothing ever pruned: the record would be here
         if age is None:
             return True
         return time.time() - age - self.arrival_margin <= upto
+
+    def discarded(self, transfer_id: int) -> bool:
+        """Target: was transfer ``transfer_id`` recorded (submitted) discarded here before
+        its COMMIT, and not installed again since? Its tunnels were never activated here."""
+        return self.arrival_outcomes.get(transfer_id) == "discarded"
 
     def _prune_interval(self) -> float:
         return max(0.25, min(3600.0, self.arrival_retention / 4))
@@ -1125,6 +1174,8 @@ class DurableState:
         for peer, t in upto.items():
             self.arrival_upto[peer] = max(t, self.arrival_upto.get(peer, t))
         self.arrivals -= gone
+        for tid in gone:
+            self.arrival_outcomes.pop(tid, None)
         if gone:
             self._arrival_counts = counts  # (as of the prune: those submitted since are few)
             self.arrivals_pruned += len(gone)
@@ -1180,15 +1231,16 @@ class DurableState:
             batch = self._take_queue()
             rows = [r for item in batch for r in item.rows] + extra
             arrivals = [a for item in batch for a in item.arrivals]
-            if not rows and not arrivals:
+            discards = [d for item in batch for d in item.discards]
+            if not rows and not arrivals and not discards:
                 self._flush_leases()
                 return batch, None
             # the lease changes queued so far, in the same transaction: a transfer's
             # "leaving" leases are durable with its "leaving" rows, which its COMMIT waits for
             due = self._take_leases()
             try:
-                if due:
-                    self.store.put(rows, arrivals, self._lease_rows(due))
+                if due or discards:
+                    self.store.put(rows, arrivals, self._lease_rows(due), discards)
                 else:
                     self.store.put(rows, arrivals)
             except (sqlite3.Error, OSError) as exc:
@@ -1247,6 +1299,7 @@ class DurableState:
         urgent: bool = True,
         lazy: bool = False,
         arrivals: list[tuple[int, str]] | None = None,
+        discards: list[tuple[int, str]] | None = None,
     ) -> Write:
         """Queue ``rows`` for the ownership writer; returns at once. Without a running writer
         (no event loop yet) the write is made here, and the Write is settled on return.
@@ -1262,7 +1315,7 @@ class DurableState:
         for r in rows:  # what is being recorded: later changes build on it
             self.rows[r.fingerprint] = r
         with self._qlock:
-            self._owq.append(_Submitted(rows, w, then, arrivals or []))
+            self._owq.append(_Submitted(rows, w, then, arrivals or [], discards))
         if self._writer is None or self._loop is None:
             batch, error = self._write_batch([])
             self._count(error)
@@ -1430,6 +1483,8 @@ class DurableState:
         for r, floor in zip(rows, floors, strict=True):
             r.transfer = transfer_id
             r.ceiling = max(r.ceiling, floor)
+        if transfer_id in self.arrivals:  # met again: never taken for discarded (put)
+            self.arrival_outcomes[transfer_id] = "again"
         self.arrivals.add(transfer_id)
         n = self._arrival_counts[peer] = self._arrival_counts.get(peer, 0) + 1
         if n > MAX_ARRIVALS_PER_PEER + MAX_ARRIVALS_PER_PEER // 8 and self._loop is not None:
@@ -1596,12 +1651,23 @@ class DurableState:
         """Transfers that gave tunnels away (whose COMMIT a waiting target may ask for)."""
         return {r.transfer for r in self.rows.values() if r.owner is Owner.AWAY and r.transfer}
 
-    def cancelled(self, tunnels: Sequence[Tunnel], peer: str) -> Write:
-        # Pending rows stay away anyway: a failure changes nothing.
+    def cancelled(self, tunnels: Sequence[Tunnel], peer: str, transfer_id: int = 0) -> Write:
+        # Pending rows stay away anyway: a failure changes nothing. The arrival is marked
+        # discarded in the same transaction as these rows (a crash before it leaves the
+        # pending rows and the arrival: "taken", safe); known so here from now on (its
+        # tunnels are out of the engine already, and the core activates nothing of a
+        # discarded transfer: "not taken" is true before the write lands).
+        discards = None
+        if transfer_id and self.arrival_outcomes.get(transfer_id, "") == "" and (
+            transfer_id in self.arrivals
+        ):
+            self.arrival_outcomes[transfer_id] = "discarded"
+            discards = [(transfer_id, peer)]
         return self._submit(
             self._rows(tunnels, Owner.AWAY, f"stayed with {peer} (transfer cancelled)"),
             urgent=False,
             lazy=True,
+            discards=discards,
         )
 
     def added(self, sa: SecurityAssociation) -> None:
