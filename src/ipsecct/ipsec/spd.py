@@ -394,8 +394,18 @@ class SPD:
         rk = self._rank
         if id(entry) in rk:
             raise SAError("this SPD entry is in the SPD already")
-        table, keys = self._where(entry)
         rk[id(entry)] = rank
+        remote = entry.selectors.remote
+        if len(remote) == 1:  # (a tunnel to one inner address, alone there: the usual)
+            f: Any = remote[0].first
+            lst: Any = remote[0].last
+            ip = f._ip
+            if ip == lst._ip:
+                key = (f._version << 128) | ip
+                if key not in self._by_remote:
+                    self._by_remote[key] = entry
+                    return
+        table, keys = self._where(entry)
         if table is None:
             if self._general:
                 self._insert_ranked(self._general, entry, rank)
@@ -417,9 +427,20 @@ class SPD:
     def _unfile(self, entry: SPDEntry) -> int:
         """Take ``entry`` out of the lookup structures; its rank (SAError: not in the SPD)."""
         rk = self._rank
-        rank = rk.get(id(entry))
+        rank = rk.pop(id(entry), None)
         if rank is None:
             raise SAError("no such SPD entry")
+        remote = entry.selectors.remote
+        if len(remote) == 1:  # (as in _file)
+            f: Any = remote[0].first
+            lst: Any = remote[0].last
+            ip = f._ip
+            if ip == lst._ip:
+                key = (f._version << 128) | ip
+                if self._by_remote.get(key) is entry:
+                    del self._by_remote[key]
+                    return rank
+        rk[id(entry)] = rank  # (the ranked lists below look it up)
         table, keys = self._where(entry)
         if table is None:
             gen = self._general
