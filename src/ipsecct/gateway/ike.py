@@ -634,10 +634,9 @@ class IkeService:
         waits for the DELETE the same way)."""
         old = o.replaces.handle if o.replaces is not None else None
         if old is not None:
-            entry = old.entry  # type: ignore[attr-defined]
-            for i, e in enumerate(self.node.engine.spd):
-                if e is entry:
-                    return i + 1
+            i = self.node.engine.spd.index_of(old.entry)  # type: ignore[attr-defined]
+            if i is not None:
+                return i + 1
         return 0
 
     def _shadow(self, inbound: Any, wait: float) -> None:

@@ -389,9 +389,7 @@ class Engine:
     def order_before(self, first: SPDEntry, then: SPDEntry) -> bool:
         """Make ``first`` match before ``then`` (both in the SPD): when ``then`` comes first,
         it moves to just after ``first`` (True; the flow caches are cleared)."""
-        entries = list(self.spd)
-        i = next((k for k, e in enumerate(entries) if e is first), None)
-        j = next((k for k, e in enumerate(entries) if e is then), None)
+        i, j = self.spd.index_of(first), self.spd.index_of(then)
         if i is None or j is None or j > i:
             return False
         self._clear_flows()
