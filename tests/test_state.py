@@ -191,7 +191,9 @@ def test_a_schema_3_store_is_upgraded_and_records_discarded_arrivals(tmp_path: P
     st.put([], discards=[(3, "sg1")])
     st.close()
     st = StateStore.open_existing(db, "sg2")
-    assert st.arrival_outcomes() == {1: "discarded", 3: "again", 4: "again"}
+    assert st.arrival_outcomes() == {
+        1: ("discarded", "sg1"), 3: ("again", "sg1"), 4: ("again", "sg1")
+    }
     assert st.load()["a"].owner is Owner.AWAY and st.arrivals() == {1, 2, 3, 4}
     gone, _ = st.prune_arrivals(time.time() + 1)
     assert gone == {1, 2, 3, 4} and st.arrival_outcomes() == {}
@@ -435,7 +437,7 @@ class Recorder:
         self.calls: list[tuple[str, int]] = []
         self.writes: list[tuple[str, Write, list[object]]] = []
         self.arrivals: set[int] = set()
-        self.discards: set[int] = set()
+        self.discards: dict[int, str] = {}
         self.leaving_to: list[str] = []
 
     def _submit(self, what: str, then: list[object] | None = None):  # type: ignore[no-untyped-def]
@@ -504,11 +506,11 @@ class Recorder:
 
     def cancelled(self, tunnels, peer, transfer_id=0):  # type: ignore[no-untyped-def]
         if transfer_id:
-            self.discards.add(transfer_id)
+            self.discards[transfer_id] = peer
         return self._submit("cancelled")
 
     def discarded(self, transfer_id):  # type: ignore[no-untyped-def]
-        return transfer_id in self.discards
+        return self.discards.get(transfer_id)
 
 
 def journaled_world() -> tuple[Any, Recorder, Recorder]:
@@ -1129,7 +1131,7 @@ def test_a_target_that_gave_up_on_the_commit_answers_not_taken_after_its_restart
         g2.tick()
         assert g2.finished[-1].outcome == "cancelled"
         assert g2.engine.tunnels() == []
-        assert st.store.arrival_outcomes() == {tid: "discarded"}  # durable, with the rows
+        assert st.store.arrival_outcomes() == {tid: ("discarded", "sg1")}  # with the rows
         assert {r.owner for r in st.store.load().values()} == {Owner.AWAY}
     else:
         for t in g2.engine.tunnels():  # (a restarted sg2 keeps its pending tunnels away)
@@ -1140,7 +1142,7 @@ def test_a_target_that_gave_up_on_the_commit_answers_not_taken_after_its_restart
     else:
         g2.tick()
         assert g2.core.incoming == {}  # forgotten in memory
-    assert st.discarded(tid) is gave_up and st.arrivals == {tid}
+    assert st.discarded(tid) == ("sg1" if gave_up else None) and st.arrivals == {tid}
     g1 = restarted_source(w, j1, tid)
     w.deliver("sg1", "sg2")
     a = w.deliver("sg2", "sg1")
@@ -1159,7 +1161,11 @@ def test_a_target_that_gave_up_on_the_commit_answers_not_taken_after_its_restart
     w.deliver_all()
     assert g2.engine.tunnels() == [] and len(g2.finished) == done
     st = _restart_target(w, st, d)  # and again: still "not taken"
-    assert st.discarded(tid) and not st.may_have_arrived(tid, "sg1", None)
+    assert st.discarded(tid) == "sg1" and not st.may_have_arrived(tid, "sg1", None)
+    # another peer (not of sg1's fail-over pair) asking about it is not answered
+    q = cxtp.DQ(w.mn_out.src, cxtp.Answer.QUERY, (cxtp.TransferTag(tid, 0).encode(),))
+    assert g2.core.receive("sg3", q, w.now) == []
+    assert g2.core.counters["foreign_query"] == 1
     w.host_send("sg1", 1)
     wire = w.all_wire()
     assert len(wire) == len(set(wire)) and {g for g, _, _ in wire} == {"sg1"}

@@ -159,11 +159,12 @@ class Journal(Protocol):
         docs/state.md, "how long an arrival is remembered". False for one recorded
         discarded (:meth:`discarded`)."""
 
-    def discarded(self, transfer_id: int) -> bool:
-        """Target: was transfer ``transfer_id`` recorded discarded here before its COMMIT
-        (:meth:`cancelled` with its id), and not installed here again since? Its tunnels
-        were never activated here: a decision query about it is answered "not taken", for
-        as long as its arrival is kept, after a restart too."""
+    def discarded(self, transfer_id: int) -> str | None:
+        """Target: if transfer ``transfer_id`` was recorded discarded here before its COMMIT
+        (:meth:`cancelled` with its id), and not installed here again since, the peer it
+        came from; else None. Its tunnels were never activated here: a decision query about
+        it (from that peer or its fail-over pair) is answered "not taken", for as long as
+        its arrival is kept, after a restart too."""
 
     def leaving(self, tunnels: Sequence[Tunnel], peer: str, transfer_id: int) -> Write:
         """Source: ``tunnels`` are being given to ``peer`` by transfer ``transfer_id``:

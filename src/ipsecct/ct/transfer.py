@@ -2028,11 +2028,15 @@ class TransferCore:
             taken = False  # cancelled or refused: never activated here
         elif (
             self.journal is not None
-            and self.journal.discarded(tid)
+            and (by := self.journal.discarded(tid)) is not None
             and len(self._arrivals.peers_of(tid)) <= 1
         ):
             # Forgotten (or this gateway restarted), recorded discarded before its COMMIT:
-            # never activated here, and a late COMMIT finds nothing to activate.
+            # never activated here, and a late COMMIT finds nothing to activate. Answered
+            # to its source or the source's pair only (as while it is known in memory).
+            if by != peer and by not in pairs:
+                return self._foreign_query(peer, msg, tid, by, False)
+            source = by
             taken = False
         else:
             # Forgotten (or this gateway restarted): taken if it ever installed them, or if

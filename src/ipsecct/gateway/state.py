@@ -401,13 +401,14 @@ class StateStore:
             rows = self.conn.execute("SELECT transfer FROM arrival").fetchall()
         return {int(t, 16) for (t,) in rows}
 
-    def arrival_outcomes(self) -> dict[int, str]:
-        """The arrivals recorded with an outcome ('discarded', 'again'; :data:`_ARRIVAL`)."""
+    def arrival_outcomes(self) -> dict[int, tuple[str, str]]:
+        """The arrivals recorded with an outcome ('discarded', 'again'; :data:`_ARRIVAL`):
+        transfer id -> (outcome, the peer it came from)."""
         with self._lock:
             rows = self.conn.execute(
-                "SELECT transfer, outcome FROM arrival WHERE outcome != ''"
+                "SELECT transfer, outcome, peer FROM arrival WHERE outcome != ''"
             ).fetchall()
-        return {int(t, 16): str(o) for t, o in rows}
+        return {int(t, 16): (str(o), str(p)) for t, o, p in rows}
 
     def arrival_counts(self) -> dict[str, int]:
         """Per peer, how many arrivals are kept."""
@@ -1117,7 +1118,7 @@ class DurableState:
         begun before the newest arrival pruned (from any peer: the asker may be the fail-over
         standby of the source, docs/cluster.md; its record may be gone)."""
         if transfer_id in self.arrivals:
-            return not self.discarded(transfer_id)
+            return self.discarded(transfer_id) is None
         upto = max(self.arrival_upto.values(), default=None)
         if upto is None:
             return False  # nothing ever pruned: the record would be here
@@ -1125,10 +1126,12 @@ class DurableState:
             return True
         return time.time() - age - self.arrival_margin <= upto
 
-    def discarded(self, transfer_id: int) -> bool:
-        """Target: was transfer ``transfer_id`` recorded (submitted) discarded here before
-        its COMMIT, and not installed again since? Its tunnels were never activated here."""
-        return self.arrival_outcomes.get(transfer_id) == "discarded"
+    def discarded(self, transfer_id: int) -> str | None:
+        """Target: the peer transfer ``transfer_id`` came from if it was recorded (submitted)
+        discarded here before its COMMIT, and not installed again since (its tunnels were
+        never activated here); else None."""
+        outcome, peer = self.arrival_outcomes.get(transfer_id, ("", ""))
+        return peer if outcome == "discarded" else None
 
     def _prune_interval(self) -> float:
         return max(0.25, min(3600.0, self.arrival_retention / 4))
@@ -1484,7 +1487,7 @@ class DurableState:
             r.transfer = transfer_id
             r.ceiling = max(r.ceiling, floor)
         if transfer_id in self.arrivals:  # met again: never taken for discarded (put)
-            self.arrival_outcomes[transfer_id] = "again"
+            self.arrival_outcomes[transfer_id] = ("again", peer)
         self.arrivals.add(transfer_id)
         n = self._arrival_counts[peer] = self._arrival_counts.get(peer, 0) + 1
         if n > MAX_ARRIVALS_PER_PEER + MAX_ARRIVALS_PER_PEER // 8 and self._loop is not None:
@@ -1658,10 +1661,10 @@ class DurableState:
         # tunnels are out of the engine already, and the core activates nothing of a
         # discarded transfer: "not taken" is true before the write lands).
         discards = None
-        if transfer_id and self.arrival_outcomes.get(transfer_id, "") == "" and (
+        if transfer_id and transfer_id not in self.arrival_outcomes and (
             transfer_id in self.arrivals
         ):
-            self.arrival_outcomes[transfer_id] = "discarded"
+            self.arrival_outcomes[transfer_id] = ("discarded", peer)
             discards = [(transfer_id, peer)]
         return self._submit(
             self._rows(tunnels, Owner.AWAY, f"stayed with {peer} (transfer cancelled)"),
