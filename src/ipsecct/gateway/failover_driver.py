@@ -163,8 +163,9 @@ class FailoverDriver:
         self._resume_hold: tuple[float, float] | None = None
         self.resumed = 0  # such wake-ups
         # When to look again at a dead time this standby found passed only late (it was not
-        # running on time, see _on_timer), and how often it did so.
+        # running on time, see _on_timer), since when it does so, and how often it did.
         self._look_again: float | None = None
+        self._looking_since: float | None = None
         self.looked_again = 0
         node.extensions["failover"] = self.status
 
@@ -327,19 +328,23 @@ class FailoverDriver:
                 # a due timer before the reader task that takes what the socket had, and
                 # before the socket is even polled after a stop. The standby took over from
                 # a live active on a silence of its own. It looks again one heartbeat later,
-                # the loop reading meanwhile (a message read moves the dead time).
+                # the loop reading meanwhile (a message read moves the dead time), and again
+                # while late, for at most dead_ms (a standby never run on time still takes
+                # over, at most that much later).
                 due = self._look_again or (hold[1] if hold is not None else deadline or now)
                 slack = self.cfg.heartbeat_ms / 1000
-                if now - due > slack:
+                since = self._looking_since
+                if now - due > slack and (since is None or now - since < dead_s):
                     self._look_again = now + slack
+                    self._looking_since = now if since is None else since
                     self.looked_again += 1
                     return
-                self._look_again = None
+                self._look_again = self._looking_since = None
                 self._resume_hold = None
                 self.take_over(now)
                 return
         else:
-            self._look_again = None
+            self._look_again = self._looking_since = None
         if self.joining and sb.took_over is None:
             if sb.last_heard is not None and self._resume_hold is None:
                 self.joining = False  # the active replicates to us
