@@ -422,3 +422,28 @@ def test_taker_at_the_same_address_sends_no_address_update() -> None:
     w, sg2, ike, _ = _stale_takeover(ike=CBC)
     Wire(w.ini, sg2).deliver(sg2.start_mid_sync(ike, 12.0, local=ike.local), "r", 12.0)
     assert sg2.stats["mid-sync-done"] == 1 and sg2.stats["address-update-sent"] == 0
+
+
+def test_a_request_that_crosses_the_sync_request_is_answered_after_the_sync() -> None:
+    """The MN's liveness check (the ID the replica expects) reaches sg2 after sg2 sent its
+    sync request and before the answer: sg2 leaves it unanswered. Answered then, the answer
+    reached strongSwan 5.9.8 after it had taken the sync and re-queued its check, and it
+    deleted the IKE SA ("received INFORMATIONAL response, but expected
+    EXCHANGE_TYPE_UNDEFINED"). The MN sends it again under the ID the sync settles, and sg2
+    answers that."""
+    w = pair(mn_conn(dpd=10, ike=CBC), conn(dpd=10, ike=CBC))
+    connect(w)
+    (ii,), (ir,) = w.ini.ike_sas(), w.resp.ike_sas()
+    sg2 = IkeEngine([conn(dpd=10, ike=CBC)])
+    ike = sg2.import_ike(context.encode(ir, 5.0), 12.0)  # sg1 dies with nothing after it
+    (check,) = w.ini.liveness(ii, 12.0)
+    assert isinstance(check, Send)
+    assert struct.unpack_from("!I", check.data, 20)[0] == ike.peer_next_mid  # expected
+    sync = sg2.start_mid_sync(ike, 12.0)
+    assert sg2.receive(check.data, check.src, check.dst, 12.0) == []
+    assert sg2.stats["request-during-mid-sync"] == 1 and sg2.stats["liveness-answered"] == 0
+    w2 = Wire(w.ini, sg2)
+    w2.deliver(sync, "r", 12.1)
+    assert sg2.stats["mid-sync-done"] == 1
+    assert ii.pending is None and sg2.stats["liveness-answered"] == 1
+    assert ike.peer_next_mid == ii.my_next_mid and ii.state.value == "established"

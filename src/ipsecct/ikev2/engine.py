@@ -615,6 +615,16 @@ class IkeEngine:
                 and isinstance(payloads[0], SKPayload)
                 and self._mid_sync_request(ike, data, hdr, payloads, src, now, out)):  # fmt: skip
             return
+        if ike.pending is not None and ike.pending.kind == "mid-sync":
+            # Our RFC 6311 sync is unanswered: a request of the peer's that crossed it is
+            # left unanswered. The peer re-queues its exchange in flight as it takes the
+            # sync and sends it again (under the ID the sync settles); an answer to the
+            # first one comes to it after the sync, to no exchange it has in flight, and
+            # strongSwan 5.9.8 then deletes the IKE SA ("received INFORMATIONAL response,
+            # but expected EXCHANGE_TYPE_UNDEFINED": its liveness check sent as the standby
+            # took over, a fail-over test's client lost its tunnel under load).
+            self.stats["request-during-mid-sync"] += 1
+            return
         if hdr.message_id == ike.peer_next_mid - 1 and ike.last_response:
             # authenticate before answering again; a fragmented request: on its first fragment
             if self._authentic_retransmit(ike, data, payloads):
