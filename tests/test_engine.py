@@ -119,6 +119,26 @@ def test_bypass_and_discard_policies_and_first_match_wins() -> None:
     assert p.mn.stats.out_packets == 1
 
 
+def test_order_before_moves_the_later_policy_and_the_packets_follow() -> None:
+    """Engine.order_before (the IKE adapter's rekeyed-SA order) by SPD.index_of: ``then``
+    moves to just after ``first`` and the engine's flow cache follows the new order."""
+    p = Pair()
+    to7 = udp(MN, "10.2.0.7")
+    assert isinstance(p.mn.outbound(to7, 0.0), ToPeer)  # (cached now)
+    discard = SPDEntry(sel("10.1.0.2/32", "10.2.0.7/32"), Action.DISCARD)
+    bypass = SPDEntry(sel("10.1.0.2/32", "10.2.0.7/32"), Action.BYPASS)
+    p.mn.add_policy(discard)  # behind the tunnel's policy: not used
+    p.mn.add_policy(bypass, index=0)
+    assert p.mn.outbound(to7, 0.0) == Bypass(to7)
+    assert p.mn.order_before(discard, bypass)
+    assert list(p.mn.spd)[-2:] == [discard, bypass]
+    assert p.mn.spd.index_of(discard) == len(p.mn.spd) - 2
+    assert isinstance(p.mn.outbound(to7, 0.0), ToPeer)  # the tunnel's policy first again
+    assert not p.mn.order_before(discard, bypass)  # already in that order
+    p.mn.spd.remove(discard)
+    assert not p.mn.order_before(discard, bypass)  # not in the SPD
+
+
 def test_no_matching_policy_is_a_policy_drop() -> None:
     p = Pair()
     assert p.mn.outbound(udp("10.9.9.9", HOST), 0.0) is Drop.POLICY
