@@ -6,7 +6,10 @@ address each), then, in CPU time (``time.thread_time``), per call:
 * ``first``: the first packet of a new flow (``Engine.outbound``: SPD lookup, ESP, flow cache),
   ``--flows`` flows spread over the tunnels (so the linear scan walks half the SPD on average);
 * ``miss``: a packet to an address no policy covers (a flood of unknown flows);
-* ``install``: ``Engine.add_tunnels`` of all the tunnels (a bulk transfer's install), a tunnel;
+* ``install``: ``Engine.add_tunnels`` of all the tunnels (a bulk transfer's install), a tunnel,
+  with the cyclic collector paused as a gateway installs (``gcpolicy.GcPolicy.batch``): else
+  a full collection of every tracked object (the tunnels just made) falls inside it at some
+  sizes and not others (at 10,000: one, about 20 us a tunnel; at 1,000: none);
 * ``remove``: ``Engine.remove_tunnel`` of every tenth tunnel, then ``remove_tunnels`` of the
   rest (a bulk transfer's forwarders expiring), a tunnel.
 
@@ -19,7 +22,9 @@ indexed one; they alternate (old, new, old, new...) ``--pairs`` times, medians p
 ``--transfer old|new`` instead runs ``ipsecct bench transfer --json`` with that SPD (for the
 bulk SAs/s A/B: alternate the two from a shell). ``--callgrind old|new`` counts the
 instructions (valgrind) of ``Engine.add_tunnels`` of ``--tunnels`` tunnels into an engine that
-has as many already, and of ``Engine.remove_tunnels`` of them:
+has as many already, and of ``Engine.remove_tunnels`` of them (``--into 0``: into an empty
+engine; ``--gc off``: the collector paused in both, as in a gateway; the collections of each
+generation that fell inside are printed):
 
     valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file=/tmp/cg.%p \\
         python benchmarks/spd_lookup.py --tunnels 5000 --callgrind new
@@ -28,6 +33,7 @@ has as many already, and of ``Engine.remove_tunnels`` of them:
 from __future__ import annotations
 
 import argparse
+import gc
 import ipaddress
 import os
 import statistics
@@ -125,7 +131,11 @@ def one_round(kind: str, n: int, flows: int) -> dict[str, float]:
     eng = engine_mod.Engine(ipaddress.ip_address("192.0.2.1"))
     items = _items(n)
     res: dict[str, float] = {}
-    res["install_us"] = cpu(lambda: eng.add_tunnels(items)) / n / 1000
+    gc.disable()  # as in a gateway (gcpolicy): see the docstring
+    try:
+        res["install_us"] = cpu(lambda: eng.add_tunnels(items)) / n / 1000
+    finally:
+        gc.enable()
     base, src = int(ipaddress.ip_address("10.64.0.0")), int(ipaddress.ip_address("10.2.0.1"))
     step = max(n // flows, 1)
     pkts = [_udp(src, base + i, 1000 + k) for k, i in enumerate(range(0, n, step))]
@@ -163,26 +173,42 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, default=5)
     ap.add_argument("--transfer", choices=["old", "new"])
     ap.add_argument("--callgrind", choices=["old", "new"])
+    ap.add_argument("--into", type=int, help="--callgrind: tunnels already in the engine")
+    ap.add_argument("--gc", choices=["on", "off"], default="on", help="--callgrind: collector")
     args = ap.parse_args()
     if args.callgrind:
         from table_remove import _callgrind, _instructions
 
         use(args.callgrind)
         eng = engine_mod.Engine(ipaddress.ip_address("192.0.2.1"))
-        items = _items(2 * args.tunnels)
-        eng.add_tunnels(items[: args.tunnels])
-        counts = []
+        into = args.tunnels if args.into is None else args.into
+        items = _items(into + args.tunnels)
+        eng.add_tunnels(items[:into])
+        counts: list[float] = []
+        collections: list[list[int]] = []
+
+        def count(phase: str, info: dict[str, int]) -> None:
+            if phase == "start":
+                collections[-1][info["generation"]] += 1
+
+        gc.callbacks.append(count)
         for fn in (
-            lambda: eng.add_tunnels(items[args.tunnels :]),
-            lambda: eng.remove_tunnels(eng.all_tunnels()[args.tunnels :]),
+            lambda: eng.add_tunnels(items[into:]),
+            lambda: eng.remove_tunnels(eng.all_tunnels()[into:]),
         ):
+            collections.append([0, 0, 0])
+            if args.gc == "off":
+                gc.disable()
             _callgrind("-i", "on")
             before = _instructions()
             fn()
             counts.append((_instructions() - before) / args.tunnels)
             _callgrind("-i", "off")
+            gc.enable()
+        gc.callbacks.remove(count)
         print(f"{args.callgrind}: instructions a tunnel: add_tunnels {counts[0]:.0f}, "
-              f"remove_tunnels {counts[1]:.0f}")  # fmt: skip
+              f"remove_tunnels {counts[1]:.0f}; collections (gen 0/1/2) in each: "
+              f"{collections[0]}, {collections[1]}")  # fmt: skip
         return
     if args.transfer:
         use(args.transfer)
