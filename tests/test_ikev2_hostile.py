@@ -179,7 +179,9 @@ def test_a_sync_request_cannot_exhaust_our_message_ids() -> None:
     ii.peer_next_mid = 0xFFFFFFFF  # what the MN's sync tells the gateway to use next
     w.deliver(w.ini.start_mid_sync(ii, 1.0), "i", 1.0)
     assert w.resp.stats["mid-sync-refused"] == 1 and ir.my_next_mid == before
-    ii.peer_next_mid = ir.my_next_mid  # (the MN answers the gateway's requests again)
+    # (the MN answers the gateway's requests again: its sync, refused without an answer,
+    # given up; while it waited for one it left the gateway's requests unanswered)
+    ii.peer_next_mid, ii.pending = ir.my_next_mid, None
     for t in (20.0, 40.0, 60.0, 80.0):  # raised struct.error from the second on
         w.deliver(w.resp.tick(t), "r", t)
     assert ir.state is IkeState.ESTABLISHED and w.resp.stats["liveness-ok"] == 4
