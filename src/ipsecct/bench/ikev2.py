@@ -38,16 +38,19 @@ route change.
 
 Per run: ``interrupt_ms`` is the longest time between two consecutive packets arriving, either
 way, from the handover command on (the second half of the stream); ``baseline_ms`` the same in
-the first half, before the handover: the noise floor of the same path on the same machine in
-the same run (a value of 2.0 means no gap above 2 ms; for a prepared transfer, before its
-preparation, whose own window gives ``prepare_gap_ms``, and ``prepare_ms`` the time the
-preparation took). Below that 2 ms floor: ``excess_ms``, the run's longest gap from the
-handover on minus its longest before it, both measured down to the 1 ms packet interval (0:
-none longer than the noise before; negative: shorter); ``delay_excess_ms``, the longest
-one-way delay of a packet (each carries its send time; one clock for all namespaces) from the
-handover on minus the longest before it; ``delayed``, the packets from the handover on delayed
-more than any before it (both ways; packets that arrived: the lost ones are in ``lost``
-only). ``lost`` the packets sent and never received, both
+the first half, before any action: from the stream's start to ``PREPARE_LEAD`` before the
+handover, the same window for every method (a shorter window has fewer chances of a long gap,
+so windows of different lengths would not compare), the noise floor of the same path on the
+same machine in the same run (a value of 2.0 means no gap above 2 ms). A prepared transfer is
+prepared at the end of that window: the window from there to the commit gives
+``prepare_gap_ms``, and ``prepare_ms`` is the time the preparation took; the other methods do
+nothing in that time, which counts in no figure. Below that 2 ms floor: ``excess_ms``, the
+run's longest gap from the handover on minus its longest before it, both measured down to the 1
+ms packet interval (0: none longer than the noise before; negative: shorter);
+``delay_excess_ms``, the longest one-way delay of a packet (each carries its send time; one
+clock for all namespaces) from the handover on minus the longest before it; ``delayed``, the
+packets from the handover on delayed more than any before it (both ways; packets that arrived:
+the lost ones are in ``lost`` only). ``lost`` the packets sent and never received, both
 ways; ``mn_ike_messages`` the IKE messages the client sent or received from the handover (a
 prepared transfer: its preparation) until the end of the stream ("sending packet"/"received
 packet" in its log; no liveness checks are configured);
@@ -158,7 +161,7 @@ class Result:
     lost: int
     mn_ike_messages: int
     key_exchanges: int
-    baseline_ms: float  # the longest gap before the handover, same run
+    baseline_ms: float  # the longest gap before any action, same run, same window for all
     # Below the 2 ms floor of interrupt_ms (module docstring): the run's longest gap from
     # the handover on minus its longest before it, both down to the 1 ms packet interval;
     # the longest one-way delay of a packet from the handover on minus the longest before
@@ -492,6 +495,7 @@ def _figures(
     method: str,
     outs: Sequence[dict[str, Any]],
     t_trigger: float,
+    t_base: float,
     t_prepare: float | None,
     lost: int,
     msgs: int,
@@ -501,13 +505,18 @@ def _figures(
     """One run's figures from the two streams' reports (``gaps``: [a, b] arrival times of
     consecutive packets more than 1 ms apart; ``delays``: [arrival, one-way delay] of each
     packet; one clock for all namespaces). The handover's window starts at ``t_trigger``
-    (the command, a prepared transfer's commit); the baseline's ends there, or at
-    ``t_prepare`` for a prepared transfer (its preparation has a window of its own)."""
-    end_base = t_trigger if t_prepare is None else t_prepare
+    (the command, a prepared transfer's commit); the baseline's ends at ``t_base``, the same
+    time after the stream's start for every method and before any action of any method (a
+    prepared transfer's preparation starts there: its window, up to the commit, has figures
+    of its own; the other methods do nothing in that time and it counts nowhere), so that
+    every row's baseline is as long as every other's."""
+    end_base = t_base
+    if t_prepare is not None and t_prepare < t_base:
+        raise BenchError("the preparation started before the end of the baseline")
     gaps = [(a, b - a) for o in outs for a, b in o["gaps"]]
     after = [g for a, g in gaps if a + g >= t_trigger]
     before = [g for a, g in gaps if a + g < end_base]
-    during = [g for a, g in gaps if end_base <= a + g < t_trigger]
+    during = [g for a, g in gaps if (t_prepare or t_trigger) <= a + g < t_trigger]
     floor = 1.0 / RATE  # the stream's own packet interval
 
     def longest(xs: list[float], at_least: float) -> float:
@@ -576,13 +585,16 @@ def run_once(method: str, workdir: Path, seconds: float, at: float) -> Result:
             p.stdin.write("go\n")
             p.stdin.flush()
         t_go = time.monotonic()
+        # Every method's baseline ends here, before any action (the prepared methods'
+        # preparation starts here): the same length for every row.
+        t_base = t_go + at - min(PREPARE_LEAD, at / 4)
         prepared = method.endswith("-prepared")
         t_prepare = prepare_ms = tid = None
         if prepared:
             # The make phase, ahead of the handover (as the redirect's, which comes after its
             # trigger): the contexts go to sg2 and wait there for the COMMIT; the client's
             # messages are counted from here.
-            time.sleep(max(0.0, t_go + at - min(PREPARE_LEAD, at / 4) - time.monotonic()))
+            time.sleep(max(0.0, t_base - time.monotonic()))
             mark = len(client.log())
             t_prepare = time.monotonic()
             rec0 = request(socks["sg1"], "transfer", {"spi": _child_spi(socks["sg1"]),
@@ -626,8 +638,8 @@ def run_once(method: str, workdir: Path, seconds: float, at: float) -> Result:
         lost = (outs["host"]["sent"] - outs["mn"]["received"]) + (
             outs["mn"]["sent"] - outs["host"]["received"]
         )
-        return _figures(method, list(outs.values()), t_trigger, t_prepare, lost, msgs, kex,
-                        prepare_ms)  # fmt: skip
+        return _figures(method, list(outs.values()), t_trigger, t_base, t_prepare, lost, msgs,
+                        kex, prepare_ms)  # fmt: skip
     finally:
         world.close()
 
@@ -703,7 +715,8 @@ def format_table(results: Sequence[Result]) -> str:
         )
     lines.append(
         f"{RATE} packets/s each way; interrupt = longest gap between packets arriving, either"
-        " way, from the handover on; baseline = the same before it; medians of the rounds"
+        " way, from the handover on; baseline = the same before any action (one window length"
+        " for every method); medians of the rounds"
     )
     lines.append(
         "excess = the run's interrupt minus its baseline, both down to the 1 ms packet"
