@@ -104,7 +104,8 @@ def test_client_figures_from_a_strongswan_log() -> None:
 
 def test_figures_windows_and_the_figures_below_the_floor() -> None:
     """The windows: every method's baseline ends at the same time, where a prepared run's
-    preparation starts, the interrupt starts at the trigger (a prepared run's commit);
+    preparation starts, the interrupt starts at the trigger (a prepared run's commit) and is
+    as long as the baseline;
     excess_ms and the delays resolve what the 2 ms floor of interrupt_ms hides."""
     from ipsecct.bench.ikev2 import _figures
     from ipsecct.errors import BenchError
@@ -116,7 +117,7 @@ def test_figures_windows_and_the_figures_below_the_floor() -> None:
         {"gaps": [[3.0, 3.0013], [25.0, 25.0019]],
          "delays": [[3.0, 0.0005], [25.0, 0.0007]]},
     ]  # fmt: skip
-    r = _figures("ct-indirect-prepared", outs, 20.0, 10.0, 10.0, 0, 0, 0, prepare_ms=9.0)
+    r = _figures("ct-indirect-prepared", outs, 0.0, 20.0, 10.0, 10.0, 0, 0, 0, prepare_ms=9.0)
     # no gap above 2 ms on either side of the handover: the floor, as ever
     assert (r.interrupt_ms, r.baseline_ms) == (2.0, 2.0)
     # the 9 ms gap while prepared is its own figure, not the baseline's nor the interrupt's
@@ -127,9 +128,15 @@ def test_figures_windows_and_the_figures_below_the_floor() -> None:
     # unprepared: the same baseline window (not up to the trigger: a longer window would
     # take the 9 ms gap and lower the excess), the same figures; the time between the
     # baseline's end and the trigger counts nowhere
-    r = _figures("ct-indirect", outs, 20.0, 10.0, None, 0, 0, 0)
+    r = _figures("ct-indirect", outs, 0.0, 20.0, 10.0, None, 0, 0, 0)
     assert (r.baseline_ms, r.prepare_gap_ms, r.prepare_ms) == (2.0, None, None)
     assert r.excess_ms == 0.3 and r.delay_excess_ms == 0.7 and r.delayed == 2
+    # the handover's window is as long as the baseline (10 s from the stream's start at 0):
+    # a gap and a delay 10 s or more after the trigger count nowhere
+    outs[1]["gaps"].append([30.0, 30.05])
+    outs[1]["delays"].append([30.05, 0.05])
+    r = _figures("ct-indirect", outs, 0.0, 20.0, 10.0, None, 0, 0, 0)
+    assert r.interrupt_ms == 2.0 and r.excess_ms == 0.3 and r.delayed == 2
     # a preparation cannot start before the baseline's end
     with pytest.raises(BenchError):
-        _figures("ct-indirect-prepared", outs, 20.0, 11.0, 10.0, 0, 0, 0, prepare_ms=9.0)
+        _figures("ct-indirect-prepared", outs, 0.0, 20.0, 11.0, 10.0, 0, 0, 0, prepare_ms=9.0)

@@ -37,28 +37,28 @@ With strongSwan gateways, sg1 routes the client's inner address via sg2 once its
 route change.
 
 Per run: ``interrupt_ms`` is the longest time between two consecutive packets arriving, either
-way, from the handover command on (the second half of the stream); ``baseline_ms`` the same in
-the first half, before any action: from the stream's start to ``PREPARE_LEAD`` before the
-handover, the same window for every method (a shorter window has fewer chances of a long gap,
-so windows of different lengths would not compare), the noise floor of the same path on the
-same machine in the same run (a value of 2.0 means no gap above 2 ms). A prepared transfer is
-prepared at the end of that window: the window from there to the commit gives
-``prepare_gap_ms``, and ``prepare_ms`` is the time the preparation took; the other methods do
-nothing in that time, which counts in no figure. Below that 2 ms floor: ``excess_ms``, the
-run's longest gap from the handover on minus its longest before it, both measured down to the 1
-ms packet interval (0: none longer than the noise before; negative: shorter);
-``delay_excess_ms``, the longest one-way delay of a packet (each carries its send time; one
-clock for all namespaces) from the handover on minus the longest before it; ``delayed``, the
-packets from the handover on delayed more than any before it (both ways; packets that arrived:
-the lost ones are in ``lost`` only). ``lost`` the packets sent and never received, both
-ways; ``mn_ike_messages`` the IKE messages the client sent or received from the handover (a
-prepared transfer: its preparation) until the end of the stream ("sending packet"/"received
-packet" in its log; no liveness checks are configured);
-``key_exchanges`` the Diffie-Hellman computations of the client in that time (IKE_SA_INIT
-requests it generated, CREATE_CHILD_SA exchanges with a KE payload). The figures of a method
-are the median of its runs (methods interleaved round after round). The stream's two
-processes run under SCHED_FIFO (``chrt``) so that they measure the tunnel, not their own
-scheduling; the gateways and strongSwan run as usual.
+way, from the handover command on (the second half of the stream, as long a window as the
+baseline's); ``baseline_ms`` the same in the first half, before any action: from the stream's
+start to ``PREPARE_LEAD`` before the handover, the same window for every method (a shorter
+window has fewer chances of a long gap, so windows of different lengths would not compare), the
+noise floor of the same path on the same machine in the same run (a value of 2.0 means no gap
+above 2 ms). A prepared transfer is prepared at the end of that window: the window from there
+to the commit gives ``prepare_gap_ms``, and ``prepare_ms`` is the time the preparation took;
+the other methods do nothing in that time, which counts in no figure. Below that 2 ms floor:
+``excess_ms``, the run's longest gap from the handover on minus its longest before it, both
+measured down to the 1 ms packet interval (0: none longer than the noise before; negative:
+shorter); ``delay_excess_ms``, the longest one-way delay of a packet (each carries its send
+time; one clock for all namespaces) from the handover on minus the longest before it;
+``delayed``, the packets from the handover on delayed more than any before it (both ways;
+packets that arrived: the lost ones are in ``lost`` only). ``lost`` the packets sent and never
+received, both ways; ``mn_ike_messages`` the IKE messages the client sent or received from the
+handover (a prepared transfer: its preparation) until the end of the stream ("sending
+packet"/"received packet" in its log; no liveness checks are configured); ``key_exchanges`` the
+Diffie-Hellman computations of the client in that time (IKE_SA_INIT requests it generated,
+CREATE_CHILD_SA exchanges with a KE payload). The figures of a method are the median of its
+runs (methods interleaved round after round). The stream's two processes run under SCHED_FIFO
+(``chrt``) so that they measure the tunnel, not their own scheduling; the gateways and
+strongSwan run as usual.
 
 """
 
@@ -494,6 +494,7 @@ def _child_spi(sock: str) -> str:
 def _figures(
     method: str,
     outs: Sequence[dict[str, Any]],
+    t_go: float,
     t_trigger: float,
     t_base: float,
     t_prepare: float | None,
@@ -509,12 +510,15 @@ def _figures(
     time after the stream's start for every method and before any action of any method (a
     prepared transfer's preparation starts there: its window, up to the commit, has figures
     of its own; the other methods do nothing in that time and it counts nowhere), so that
-    every row's baseline is as long as every other's."""
+    every row's baseline is as long as every other's. The stream starts at ``t_go`` and the
+    baseline with it; the handover's window is as long as the baseline, so that with no
+    effect of the handover the longest gap in either is the same draw of the same noise."""
     end_base = t_base
+    end_after = t_trigger + (t_base - t_go)
     if t_prepare is not None and t_prepare < t_base:
         raise BenchError("the preparation started before the end of the baseline")
     gaps = [(a, b - a) for o in outs for a, b in o["gaps"]]
-    after = [g for a, g in gaps if a + g >= t_trigger]
+    after = [g for a, g in gaps if t_trigger <= a + g < end_after]
     before = [g for a, g in gaps if a + g < end_base]
     during = [g for a, g in gaps if (t_prepare or t_trigger) <= a + g < t_trigger]
     floor = 1.0 / RATE  # the stream's own packet interval
@@ -528,7 +532,7 @@ def _figures(
     excess = longest(after, floor) - longest(before, floor)
     delays = [(t, d) for o in outs for t, d in o["delays"]]
     d_before = max((d for t, d in delays if t < end_base), default=0.0)
-    d_after = [d for t, d in delays if t >= t_trigger]
+    d_after = [d for t, d in delays if t_trigger <= t < end_after]
     prep_gap = None if t_prepare is None else round(longest(
         [g for g in during if g > 0.002], 0.002), 1)  # fmt: skip
     return Result(
@@ -638,8 +642,8 @@ def run_once(method: str, workdir: Path, seconds: float, at: float) -> Result:
         lost = (outs["host"]["sent"] - outs["mn"]["received"]) + (
             outs["mn"]["sent"] - outs["host"]["received"]
         )
-        return _figures(method, list(outs.values()), t_trigger, t_base, t_prepare, lost, msgs,
-                        kex, prepare_ms)  # fmt: skip
+        return _figures(method, list(outs.values()), t_go, t_trigger, t_base, t_prepare, lost,
+                        msgs, kex, prepare_ms)  # fmt: skip
     finally:
         world.close()
 
