@@ -177,7 +177,7 @@ def main() -> None:
     ap.add_argument("--gc", choices=["on", "off"], default="on", help="--callgrind: collector")
     args = ap.parse_args()
     if args.callgrind:
-        from table_remove import _callgrind, _instructions
+        from bulk_callgrind import _callgrind, _instructions
 
         use(args.callgrind)
         eng = engine_mod.Engine(ipaddress.ip_address("192.0.2.1"))

@@ -23,29 +23,12 @@ Runs with any build of ``ipsecct.ipsec._esp`` (before and after a change: each t
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import subprocess
 import time
 from collections.abc import Callable
 
-
-def _callgrind(*args: str) -> str:
-    return subprocess.run(
-        ["callgrind_control", *args, str(os.getpid())], capture_output=True, text=True, check=True
-    ).stdout
-
-
-def _instructions() -> int:
-    total, seen = 0, False
-    for line in _callgrind("-e").splitlines():
-        parts = line.split()
-        if len(parts) == 3 and parts[0] == "Th":
-            total += int(parts[2].replace(",", ""))
-            seen = True
-    if not seen:
-        raise SystemExit("cannot read callgrind's counts: run under valgrind --tool=callgrind")
-    return total
+# (run as a script: its folder is on sys.path) the counters bulk_callgrind.py reads
+from bulk_callgrind import _callgrind, _instructions
 
 
 def main() -> None:
