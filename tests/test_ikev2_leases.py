@@ -79,6 +79,25 @@ def crash(svc: Service) -> None:
     os.close(svc.state.lock_fd)
 
 
+def commands(svc: Service, sock: str, *argvs: list[str]) -> list[int]:
+    """Run ``ipsecct`` command lines (off the loop, as a shell would) against ``svc``'s
+    control socket ``sock``, started for them; their exit statuses. The socket's folder
+    (short_path) goes after."""
+
+    async def main() -> list[int]:
+        assert svc.control is not None
+        await svc.control.start()
+        try:
+            return [await asyncio.to_thread(cli.main, argv) for argv in argvs]
+        finally:
+            await svc.control.stop()
+
+    try:
+        return asyncio.run(main())
+    finally:
+        os.rmdir(os.path.dirname(sock))
+
+
 def test_an_address_whose_ike_sa_moved_away_is_not_leased_after_a_restart(tmp_path: Path) -> None:
     """The bug: the leases lived in memory, so a gateway that had handed a client's IKE SA
     (with its virtual IP, context item 32) to another gateway forgot after a restart that
@@ -197,20 +216,8 @@ def test_ipsecct_pools_lists_each_lease_through_the_control_socket(
     client(sg1, "c.test")
     sg1.ike.engine.export_ike(sg1.ike.engine.ike_sas()[-1], 2.0)
 
-    async def main() -> list[int]:
-        assert sg1.control is not None
-        await sg1.control.start()
-        try:
-            return [await asyncio.to_thread(cli.main, argv) for argv in (
-                ["pools", "-s", sock], ["pools", "--leases", "-s", sock],
-                ["pools", "--leases", "--json", "-s", sock])]  # fmt: skip
-        finally:
-            await sg1.control.stop()
-
-    try:
-        assert asyncio.run(main()) == [0, 0, 0]
-    finally:
-        os.rmdir(os.path.dirname(sock))
+    assert commands(sg1, sock, ["pools", "-s", sock], ["pools", "--leases", "-s", sock],
+                    ["pools", "--leases", "--json", "-s", sock]) == [0, 0, 0]  # fmt: skip
     out = capsys.readouterr().out
     head = "rw (10.3.0.1-10.3.0.254): 1 online, 1 offline, 1 away\n"
     assert out.startswith(head + head + "  10.3.0.1  online   \"a.test\"\n"
@@ -335,19 +342,8 @@ def test_the_operator_gives_an_away_address_back(
     client(sg1, "b.test")
     sg1.ike.engine.export_ike(sg1.ike.engine.ike_sas()[-1], 2.0)
 
-    async def main() -> list[int]:
-        assert sg1.control is not None
-        await sg1.control.start()
-        try:
-            return [await asyncio.to_thread(cli.main, ["pools", "--release", a, "-s", sock])
-                    for a in ("10.3.0.1", "10.9.0.1", "nope", "10.3.0.2", "10.3.0.2")]
-        finally:
-            await sg1.control.stop()
-
-    try:
-        assert asyncio.run(main()) == [2, 2, 2, 0, 2]
-    finally:
-        os.rmdir(os.path.dirname(sock))
+    assert commands(sg1, sock, *(["pools", "--release", a, "-s", sock] for a in (
+        "10.3.0.1", "10.9.0.1", "nope", "10.3.0.2", "10.3.0.2"))) == [2, 2, 2, 0, 2]  # fmt: skip
     out, err = capsys.readouterr()
     assert out == '10.3.0.2 of pool rw is offline again (for "b.test")\n'
     assert err.splitlines() == [
@@ -432,21 +428,9 @@ def test_identities_with_unicode_controls_are_shown_escaped(
     sg1 = gateway(tmp_path, sock)
     assert sg1.ike is not None and sg1.control is not None
 
-    async def main() -> list[int]:
-        assert sg1.control is not None
-        await sg1.control.start()
-        try:
-            return [await asyncio.to_thread(cli.main, argv) for argv in (
-                ["pools", "--leases", "-s", sock],
-                ["pools", "--release", "10.3.0.5", "-s", sock])]  # fmt: skip
-        finally:
-            await sg1.control.stop()
-
-    try:
-        with caplog.at_level("WARNING"):
-            assert asyncio.run(main()) == [0, 0]
-    finally:
-        os.rmdir(os.path.dirname(sock))
+    with caplog.at_level("WARNING"):
+        assert commands(sg1, sock, ["pools", "--leases", "-s", sock],
+                        ["pools", "--release", "10.3.0.5", "-s", sock]) == [0, 0]  # fmt: skip
     out = capsys.readouterr().out
     shown = '"a\\u0085b\\u2028c\\u009b2J\\u202etset.d"'
     assert out.splitlines() == [
