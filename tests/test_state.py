@@ -533,6 +533,19 @@ def settle(w: object, name: str, j: Recorder) -> list[str]:
     return kinds
 
 
+def commit_before_pending() -> tuple[Any, Recorder]:
+    """:func:`journaled_world` with a transfer taken as far as the COMMIT's arrival at sg2,
+    whose "pending" row is not durable yet (its tunnel held, not active): the world and
+    sg2's journal."""
+    w, j1, j2 = journaled_world()
+    w.transfer()
+    w.deliver("sg1", "sg2")
+    w.deliver("sg2", "sg1")
+    settle(w, "sg1", j1)
+    w.deliver("sg1", "sg2")  # COMMIT: "pending" is not durable yet
+    return w, j2
+
+
 def test_transfer_core_writes_in_parallel_with_the_exchange_and_waits_where_it_must() -> None:
     """The source submits "leaving" when it holds the tunnel, before its contexts leave; the
     target submits "pending" when it installs the tunnel and answers at once: both are
@@ -584,12 +597,7 @@ def test_forwards_that_arrive_while_the_commit_waits_for_pending_are_held() -> N
     from ipsecct.ipsec.engine import TunnelState
     from tests.helpers.transfer import ip, stream_seq, udp_packet
 
-    w, j1, j2 = journaled_world()
-    w.transfer()
-    w.deliver("sg1", "sg2")
-    w.deliver("sg2", "sg1")
-    settle(w, "sg1", j1)
-    w.deliver("sg1", "sg2")  # COMMIT: "pending" is not durable yet
+    w, j2 = commit_before_pending()
     sg2 = w.gw["sg2"]
     (t2,) = sg2.engine.tunnels()
     assert t2.state is TunnelState.HELD
@@ -1694,12 +1702,7 @@ def test_sa_delete_of_a_tunnel_whose_commit_came_leaves_it_out_of_the_activation
     back, and the activation that follows leaves it out (it activated the removed tunnel)."""
     from ipsecct.ipsec.engine import TunnelState
 
-    w, j1, j2 = journaled_world()
-    w.transfer()
-    w.deliver("sg1", "sg2")
-    w.deliver("sg2", "sg1")
-    settle(w, "sg1", j1)
-    w.deliver("sg1", "sg2")  # COMMIT: "pending" is not durable yet
+    w, j2 = commit_before_pending()
     sg2 = w.gw["sg2"]
     (t2,) = sg2.engine.tunnels()
     taken = sg2.core.withdraw(t2, w.now, "sa delete")
