@@ -294,6 +294,23 @@ def write_pair(gws: Gateways) -> tuple[int, set[int], Callable[[], str]]:
     return gws.ports["sg1"]["outer"], {0x20000000 + i for i in range(TUNNELS)}, detail
 
 
+def start_pair(gws: Gateways, detail: Callable[[], str]) -> Traffic:
+    """Start the pair :func:`write_pair` wrote (the standby first) with traffic on every
+    tunnel, once the active replicates them all to an acknowledged standby; the traffic is
+    the caller's to close (closed here if the pair never forms)."""
+    gws.start("sg2")
+    gws.start("sg1")
+    traffic = Traffic(TUNNELS, [gws.ports["sg1"]["inner"], gws.ports["sg2"]["inner"]], PPS)
+    try:
+        wait_for(lambda: failover(gws, "sg1")["standby_acknowledged"]
+                 and failover(gws, "sg2")["replicated_tunnels"] == TUNNELS,
+                 "never paired", detail=detail)  # fmt: skip
+    except BaseException:
+        traffic.close()
+        raise
+    return traffic
+
+
 def test_a_lost_standby_the_operator_lets_the_active_run_alone(gws: Gateways) -> None:
     """The standby dies for good: the active stops when its lease runs out (a dead standby
     and a partition look alike) and says so. ``ipsecct failover alone`` is refused while
@@ -308,13 +325,8 @@ def test_a_lost_standby_the_operator_lets_the_active_run_alone(gws: Gateways) ->
         r = cli("failover", "alone", "--json", "-c", gws.config("sg1"), *args)
         return r.returncode, r.stdout + r.stderr
 
-    gws.start("sg2")
-    gws.start("sg1")
-    traffic = Traffic(TUNNELS, [gws.ports["sg1"]["inner"], gws.ports["sg2"]["inner"]], PPS)
+    traffic = start_pair(gws, detail)
     try:
-        wait_for(lambda: failover(gws, "sg1")["standby_acknowledged"]
-                 and failover(gws, "sg2")["replicated_tunnels"] == TUNNELS,
-                 "never paired", detail=detail)  # fmt: skip
         rc, out = alone("--standby-is-down")
         assert rc != 0 and "lease is valid" in out, out
         gws.kill("sg2")
@@ -502,14 +514,9 @@ def test_a_paused_standby_asks_the_active_the_operator_let_run_alone(gws: Gatewa
     cap: Capture = gws.capture  # type: ignore[attr-defined]
     port1, every, detail = write_pair(gws)
 
-    gws.start("sg2")
-    gws.start("sg1")
-    traffic = Traffic(TUNNELS, [gws.ports["sg1"]["inner"], gws.ports["sg2"]["inner"]], PPS)
+    traffic = start_pair(gws, detail)
     pid2 = gws.procs["sg2"].pid
     try:
-        wait_for(lambda: failover(gws, "sg1")["standby_acknowledged"]
-                 and failover(gws, "sg2")["replicated_tunnels"] == TUNNELS,
-                 "never paired", detail=detail)  # fmt: skip
         os.kill(pid2, signal.SIGSTOP)
         try:
             wait_for(lambda: failover(gws, "sg1")["lease"]["state"] == "lost",
@@ -557,14 +564,9 @@ def test_a_standby_paused_past_its_dead_time_reads_the_active_before_it_takes_ov
 
     cap: Capture = gws.capture  # type: ignore[attr-defined]
     port1, every, detail = write_pair(gws)
-    gws.start("sg2")
-    gws.start("sg1")
-    traffic = Traffic(TUNNELS, [gws.ports["sg1"]["inner"], gws.ports["sg2"]["inner"]], PPS)
+    traffic = start_pair(gws, detail)
     pid2 = gws.procs["sg2"].pid
     try:
-        wait_for(lambda: failover(gws, "sg1")["standby_acknowledged"]
-                 and failover(gws, "sg2")["replicated_tunnels"] == TUNNELS,
-                 "never paired", detail=detail)  # fmt: skip
         os.kill(pid2, signal.SIGSTOP)
         try:
             time.sleep(DEAD_MS / 1000 + 0.7)  # the stimulus: sg2 does not run this long
