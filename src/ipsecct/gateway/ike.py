@@ -896,19 +896,17 @@ class IkeService:
         now on may leave the IKE SA at the target: away after the restart)."""
         for t in tunnels:
             ike = self.ike_of(t.outbound.spi)
-            if ike is not None and not ike.vips_given:
-                for name, a in ike.vips:
-                    pool = self.engine.pools.get(name)
-                    if pool is not None:
-                        pool.note(a, "leaving")
+            if ike is not None:
+                self._note_leases(ike, "leaving")
 
-    def _leases_stay(self, ike: IkeSA) -> None:
-        """The IKE SA stays here after its transfer: its leases are online again."""
+    def _note_leases(self, ike: IkeSA, state: str = "online") -> None:
+        """The leases ``ike`` holds here (not the addresses given to us) are told to the
+        durable state as ``state`` (Pool.note; "online": it stays here after its transfer)."""
         if not ike.vips_given:
             for name, a in ike.vips:
                 pool = self.engine.pools.get(name)
                 if pool is not None:
-                    pool.note(a)
+                    pool.note(a, state)
 
     def _request_held(self, ike: IkeSA) -> None:
         """A request of the peer is held on quiet ``ike``: told to the hooks after this
@@ -930,7 +928,7 @@ class IkeService:
             back = set(rec.spis)
             for ike in self.engine.ike_sas():
                 if any(c.spi_in in back for c in ike.children):
-                    self._leases_stay(ike)
+                    self._note_leases(ike)
                     if ike.quiet:
                         self._unquiet(ike)
             self.node.timers.poke()
@@ -944,7 +942,7 @@ class IkeService:
                 if spis & moved:
                     event(log, "ike-sa-stays", logging.WARNING, node=self.node.name,
                           conn=ike.conn.name, reason="not all its CHILD SAs moved")  # fmt: skip
-                    self._leases_stay(ike)
+                    self._note_leases(ike)
                 if ike.quiet:
                     self._unquiet(ike)  # it stays here: its exchanges go on
                     self.node.timers.poke()
