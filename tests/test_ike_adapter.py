@@ -956,3 +956,84 @@ def test_a_child_sa_from_a_peer_has_one_unique_id_in_sa_list_sa_show_and_the_log
         down = [o for o in svc.engine.delete_child(ike, mine, 2.0) if isinstance(o, ChildDown)]
         svc._act(down)  # (the DELETE itself is not sent: no socket here)
     assert f"child={ours}" in caplog.text, caplog.text
+
+
+def _local_and_moving(tmp_path: Path, unique: str) -> tuple[IkeService, object, bytes, list[bytes]]:
+    """sg2 (unique as given) with an IKE SA of identity mn.test made there, and an IKE SA of
+    the same identity at sg1 about to move to sg2: its UNIT payload and its context."""
+    from ipsecct.ikev2 import context
+    from ipsecct.ikev2.engine import IkeEngine
+    from tests.helpers.ikev2_engines import Wire
+
+    w = pair(mn_conn(dpd=10), conn(dpd=10))
+    connect(w)
+    (ike_r,) = w.resp.ike_sas()
+    (payload,) = context.unit_payloads(ike_r, ike_r.children)
+    svc = _service(tmp_path)
+    svc.engine.connections[0].unique = unique
+    connect(Wire(IkeEngine([mn_conn(dpd=10)]), svc.engine), 0.5)
+    (local,) = svc.engine.ike_sas()
+    assert local.peer_id == ike_r.peer_id == "mn.test"
+    return svc, local, payload, w.resp.export_ike(ike_r, 1.0)
+
+
+@pytest.mark.parametrize("unique", ["no", "never", "keep", "replace"])
+def test_a_moved_ike_sa_meets_unique_before_its_commit_and_replace_after_it(
+    tmp_path: Path, unique: str
+) -> None:
+    """A transfer's target applies the connection's ``unique`` to the IKE SA the transfer
+    announces, as to an arriving IKE_AUTH: ``keep`` refuses it before the COMMIT (the source
+    keeps it and its CHILD SAs) when the identity has an IKE SA here; ``replace`` admits it,
+    and once it is imported the identity's IKE SA made here is deleted (its CHILD SAs leave
+    the data path, a DELETE under its own keys), never the one that moved; ``no`` and
+    ``never`` keep both. Before, the target imported it whatever ``unique`` said."""
+    from ipsecct.ikev2.ikesa import IkeState
+
+    svc, local, payload, cdbs = _local_and_moving(tmp_path, unique)
+    why = svc.check_unit("sg1", payload)
+    if unique == "keep":
+        assert why is not None and "unique = keep" in why
+        return
+    assert why is None
+    svc.receive_context("sg1", cdbs)
+    moved = next(i for i in svc.engine.ike_sas() if i is not local)
+    assert moved.state is IkeState.ESTABLISHED and len(moved.children) == 1
+    if unique == "replace":
+        assert svc.engine.stats["unique-replaced"] == 1
+        assert local.state is IkeState.DELETING and local.children == []
+    else:
+        assert local.state is IkeState.ESTABLISHED and len(local.children) == 1
+    assert svc.engine.stats["unique-late"] == 0
+
+
+@pytest.mark.parametrize("unique", ["no", "replace"])
+def test_a_moved_ike_sa_meets_the_per_identity_bound_before_its_commit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, unique: str
+) -> None:
+    """The bound on IKE SAs per identity and connection (MAX_IKE_SAS_PER_IDENTITY, here 1)
+    holds for one that would arrive by a transfer too: refused before the COMMIT; with
+    ``unique = replace`` the one it would replace does not count."""
+    from ipsecct.ikev2 import engine
+
+    monkeypatch.setattr(engine, "MAX_IKE_SAS_PER_IDENTITY", 1)
+    svc, _local, payload, _cdbs = _local_and_moving(tmp_path, unique)
+    why = svc.check_unit("sg1", payload)
+    assert (why is None) is (unique == "replace")
+    assert why is None or "too many IKE SAs" in why
+
+
+def test_a_moved_ike_sa_that_unique_keep_meets_only_after_its_commit_is_kept_and_told(
+    tmp_path: Path,
+) -> None:
+    """The identity's IKE SA here appeared between the check before the COMMIT and the
+    import (here: ``keep`` set in between): refusing the import now would lose the moved
+    IKE SA (its CHILD SAs are here, the source forgot it), so both are kept and the
+    operator is told (``unique-late``)."""
+    from ipsecct.ikev2.ikesa import IkeState
+
+    svc, local, payload, cdbs = _local_and_moving(tmp_path, "no")
+    assert svc.check_unit("sg1", payload) is None
+    svc.engine.connections[0].unique = "keep"
+    svc.receive_context("sg1", cdbs)
+    assert len(svc.engine.ike_sas()) == 2 and local.state is IkeState.ESTABLISHED
+    assert svc.engine.stats["unique-late"] == 1

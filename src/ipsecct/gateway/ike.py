@@ -1022,6 +1022,9 @@ class IkeService:
             else:
                 conn = next(c for c in self.engine.connections if c.name == name)
                 why = self.engine.vip_refusal(conn, False, vips)
+                peer_id = ike_context.unit_identity(payload)
+                if why is None and peer_id is not None:  # unique, the per-identity bound
+                    why = self.engine.arrival_refusal(conn, peer_id)
         if why is not None:
             event(log, "ike-sa-refused", logging.WARNING, node=self.node.name, peer=peer,
                   error=why, when="before the transfer")  # fmt: skip
@@ -1152,6 +1155,7 @@ class IkeService:
                   error=str(exc))  # fmt: skip
             return
         self._attach(ike)
+        self._act(self.engine.arrived(ike, now))  # unique = replace: older ones here go
         self._changes += 1  # new here: replicated
         # what still reaches the old gateway for it may come here for forward_time
         _remember(self._arrived, ike.our_spi, (peer, now + self.forward_time))
@@ -1324,6 +1328,7 @@ class IkeService:
             taken += 1
             self._changes += 1
             self._attach(ike)
+            self._act(self.engine.arrived(ike, now))
             event(log, "ike-sa-taken-over", node=self.node.name, conn=ike.conn.name,
                   peer=ike.remote, spi_i=ike.spi_i.hex(), spi_r=ike.spi_r.hex(),
                   children=len(ike.children),

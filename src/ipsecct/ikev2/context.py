@@ -437,6 +437,19 @@ def unit_vips(payload: bytes) -> tuple[str, list[tuple[str, ipaddress.IPv4Addres
         raise IkeContextError("malformed IKE unit") from None
 
 
+def unit_identity(payload: bytes) -> str | None:
+    """The peer identity (item 8) a UNIT payload, or this piece of it (item 11), announces;
+    None when it carries none (another piece, an older gateway) or is malformed (which
+    :func:`unit_refusal` refuses)."""
+    try:
+        d = _parse(_frame(0, payload))[1]
+        if 11 in d:
+            d = _parse(_frame(0, _one(d, 11)))[1]
+        return _one(d, 8).decode() if 8 in d else None
+    except (IkeContextError, UnicodeDecodeError, ValueError, struct.error):
+        return None
+
+
 def unit_refusal(payload: bytes, connections: list[Connection]) -> str | None:
     """Why a gateway with ``connections`` cannot take the IKE SA a UNIT payload describes
     (None: it can): no connection of that name, no CHILD configuration of a name, or (when

@@ -524,6 +524,49 @@ class IkeEngine:
             seen.add(a)
         return None
 
+    def _same_identity(self, conn_name: str, peer_id: str, ike: IkeSA | None = None
+                       ) -> list[IkeSA]:  # fmt: skip
+        """The live IKE SAs of identity ``peer_id`` with connection ``conn_name`` here
+        (other than ``ike``)."""
+        return [o for o in self.by_spi.values() if o is not ike and o.peer_id == peer_id
+                and o.conn.name == conn_name and o.state is not IkeState.DEAD]  # fmt: skip
+
+    def arrival_refusal(self, conn: Connection, peer_id: str) -> str | None:
+        """Why an IKE SA of identity ``peer_id`` for ``conn`` arriving from another gateway
+        would not be admitted here (None: it would), as an arriving IKE_AUTH would not:
+        ``unique = keep`` and the identity has an established IKE SA with the connection
+        here, or it has MAX_IKE_SAS_PER_IDENTITY of them (not counting those ``unique =
+        replace`` would replace). Asked by a transfer's target before the COMMIT (the
+        transfer is refused; the IKE SA stays at the source)."""
+        have = self._same_identity(conn.name, peer_id)
+        up = sum(1 for o in have if o.state is IkeState.ESTABLISHED)
+        if conn.unique == "keep" and up:
+            return f"unique = keep: identity {peer_id!r} has an IKE SA of {conn.name!r} here"
+        if len(have) - (up if conn.unique == "replace" else 0) >= MAX_IKE_SAS_PER_IDENTITY:
+            return f"too many IKE SAs of identity {peer_id!r} with {conn.name!r} here"
+        return None
+
+    def arrived(self, ike: IkeSA, now: float) -> list[Output]:
+        """``unique`` for an IKE SA just imported (the COMMIT of its CHILD SAs is out, or a
+        take-over: it can no longer be refused without losing it). ``replace``: the
+        identity's older established IKE SAs here are replaced, as at IKE_AUTH (never the
+        arrived one). ``keep``, or the identity over MAX_IKE_SAS_PER_IDENTITY, which
+        :meth:`arrival_refusal` refused before the COMMIT: one came here in between; both
+        are kept, told (``ike-sa-unique-late``, counted ``unique-late``)."""
+        out: list[Output] = []
+        have = self._same_identity(ike.conn.name, ike.peer_id, ike)
+        older = [o for o in have if o.state is IkeState.ESTABLISHED and o.created <= ike.created]
+        if ike.conn.unique == "replace":
+            self._replace(older, now, out)
+            have = [o for o in have if o not in older]
+        kept = ike.conn.unique == "keep" and any(o.state is IkeState.ESTABLISHED for o in have)
+        if kept or len(have) >= MAX_IKE_SAS_PER_IDENTITY:
+            self.stats["unique-late"] += 1
+            log.warning("event=ike-sa-unique-late conn=%s peer=%s id=%s others=%d reason=%s",
+                        ike.conn.name, ike.remote, _quote(ike.peer_id), len(have),
+                        _quote("arrived after its COMMIT: kept beside the identity's others"))
+        return out
+
     def end_leases(self, ike: IkeSA, away: bool = False) -> None:
         """The gateway stops: the virtual IPs ``ike`` holds go offline (it ends with the
         process), or away (``away``: a standby or cluster member continues it)."""
@@ -1162,20 +1205,7 @@ class IkeEngine:
                     self.stats["initial-contact-replaced"] += 1
                     self._kill(other, "replaced (INITIAL_CONTACT)", out)
         elif conn.unique == "replace":
-            # the identity's older IKE SAs are deleted (with a DELETE, as strongSwan does);
-            # their CHILD SAs leave the data path now, so that the new ones take its traffic
-            for other in dups:
-                self.stats["unique-replaced"] += 1
-                log.info("event=ike-sa-replaced conn=%s peer=%s id=%s reason=%s", conn.name,
-                         other.remote, _quote(peer_id), _quote("unique = replace"))  # fmt: skip
-                for gone in other.children:
-                    self._child_spis.discard(gone.spi_in)
-                    out.append(ChildDown(other, gone, "replaced (unique = replace)"))
-                other.children = []
-                # (its virtual IP goes offline now: the identity's new IKE SA, leased
-                # below, gets it back, as after INITIAL_CONTACT)
-                self._release_vips(other)
-                out += self.delete(other, now)
+            self._replace(dups, now, out)
         self.stats["ike-sa-established"] += 1
         log.info("event=ike-sa-established conn=%s peer=%s id=%s proposal=%s mobike=%s",
                  conn.name, ike.remote, ike.peer_id, ike.suite.name(),
@@ -1201,6 +1231,24 @@ class IkeEngine:
             reply.append(answer)
         reply += self._first_child(ike, inner, now, out)
         return reply
+
+    def _replace(self, dups: list[IkeSA], now: float, out: list[Output]) -> None:
+        """unique = replace: the identity's older IKE SAs ``dups`` are deleted (with a DELETE,
+        as strongSwan does); their CHILD SAs leave the data path now, so that the new ones
+        take its traffic. (Each DELETE goes under that IKE SA's own keys; nothing is sent
+        under the new one's.)"""
+        for other in dups:
+            self.stats["unique-replaced"] += 1
+            log.info("event=ike-sa-replaced conn=%s peer=%s id=%s reason=%s", other.conn.name,
+                     other.remote, _quote(other.peer_id), _quote("unique = replace"))  # fmt: skip
+            for gone in other.children:
+                self._child_spis.discard(gone.spi_in)
+                out.append(ChildDown(other, gone, "replaced (unique = replace)"))
+            other.children = []
+            # (its virtual IP goes offline now: the identity's new IKE SA, leased after
+            # this, gets it back, as after INITIAL_CONTACT)
+            self._release_vips(other)
+            out += self.delete(other, now)
 
     def _lease(self, ike: IkeSA, cp: CPPayload) -> CPPayload | str:
         """A peer's CFG_REQUEST in IKE_AUTH (RFC 7296 §2.19, §3.15): an address of each
