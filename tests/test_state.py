@@ -1181,6 +1181,66 @@ def test_a_target_that_gave_up_on_the_commit_answers_not_taken_after_its_restart
     os.close(st.lock_fd)
 
 
+def _damage(directory: Path, how: str) -> None:
+    db = directory / "state.db"
+    if how == "removed":
+        for p in (db, db.with_name("state.db-wal"), db.with_name("state.db-shm")):
+            p.unlink(missing_ok=True)
+        return
+    c = sqlite3.connect(db)
+    if how == "newer schema":
+        c.execute(f"PRAGMA user_version = {SCHEMA + 1}")
+    elif how == "arrival not hex":
+        c.execute("INSERT INTO arrival (transfer, peer, changed) VALUES ('zz', 'sg9', 1.0)")
+    elif how == "arrival time not a number":
+        c.execute("INSERT INTO arrival (transfer, peer, changed) VALUES ('11', 'sg9', 'x')")
+    elif how == "horizon not a number":
+        c.execute("INSERT INTO arrival_pruned VALUES ('sg9', 'nan')")
+    c.commit()
+    c.close()
+
+
+@pytest.mark.parametrize("how", ["newer schema", "removed", "arrival not hex",
+                                 "arrival time not a number", "horizon not a number"])
+def test_a_target_whose_state_was_replaced_answers_taken_for_what_may_have_arrived(
+    tmp_path: Path, how: str
+) -> None:
+    """sg2 (no AEAD tunnel configured: a damaged state is moved aside, not refused) had a
+    transfer arrive (its arrival durable, its tunnel perhaps sent on) when it stopped; its
+    state.db is then damaged (a newer ipsecct's schema, removed, a hand-edited arrival row)
+    and sg2 starts on a new one. sg1, restarted with the tunnel "leaving", asks: the answer
+    must be "taken" (sg2 cannot know it was not), never "not taken" (sg1 would send on the
+    tunnel's keys again). A row that cannot be read is damage (one line), not a
+    traceback."""
+    from ipsecct.ct import cxtp
+
+    w, j1, _ = journaled_world()
+    d = tmp_path / "sg2"
+    st = _target_on_store(w, d)
+    tid = w.transfer()
+    w.deliver("sg1", "sg2")  # PCTD: installed pending, its arrival durable
+    assert st.store.arrivals() == {tid}
+    settle(w, "sg1", j1)
+    w.deliver("sg2", "sg1")  # CTDR: sg1 sends its COMMIT and dies
+    w.links[("sg1", "sg2")].clear()
+    j1.writes.clear()  # (sg1 died before "given away" landed: its row says leaving)
+    for t in w.gw["sg2"].engine.tunnels():  # (a restarted sg2 keeps its pending tunnels away)
+        w.gw["sg2"].engine.remove_tunnel(t)
+    st.store.close()
+    os.close(st.lock_fd)
+    _damage(d, how)
+    st = _target_on_store(w, d)
+    assert st.store.created and st.arrivals == set()  # a new store: the arrival is lost
+    assert any(p.name.startswith("old-") for p in d.iterdir()) or how == "removed"
+    g1 = restarted_source(w, j1, tid)
+    w.deliver("sg1", "sg2")
+    a = w.deliver("sg2", "sg1")
+    assert isinstance(a, cxtp.DQ) and a.answer == cxtp.Answer.TAKEN
+    assert g1.engine.tunnels() == []  # lost (the invariant wins), never sent on twice
+    st.store.close()
+    os.close(st.lock_fd)
+
+
 def test_a_target_that_never_got_the_transfer_answers_not_taken_and_refuses_it_later() -> None:
     """sg1 dies after "leaving" is durable, its PCTD still on its way: sg2 does not know the
     transfer and answers "not taken"; the PCTD that arrives after that is refused. sg1 owns

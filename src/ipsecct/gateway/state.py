@@ -35,6 +35,7 @@ import fcntl
 import functools
 import ipaddress
 import logging
+import math
 import os
 import re
 import secrets
@@ -190,6 +191,9 @@ _LEASE_PUT = "INSERT OR REPLACE INTO lease VALUES (?, ?, ?, ?, ?)"
 # Arrivals kept per peer at most, whatever their age: a peer that transfers more within the
 # retention has its oldest pruned early (queries about those are answered "taken").
 MAX_ARRIVALS_PER_PEER = 65536
+# The arrival_pruned row of a database made in place of another (StateStore.create): not a
+# peer's name (a peer is named in the configuration, never empty)
+REPLACED_PEER = ""
 LAZY_WRITE_DELAY = 0.01  # s: DurableState.lazy_delay
 # Fingerprints of untracked SAs kept for their transfer's outcome, at most (past it, the
 # rest are computed again: DurableState._leaving_fps)
@@ -264,8 +268,9 @@ class StateStore:
                 raise _Damaged("bad fingerprint salt")
             store = cls(conn, path, salt, False)
             store.load()  # every row must decode
+            store.check_arrivals()
             return store
-        except (sqlite3.Error, KeyError, ValueError, _Damaged) as exc:
+        except (sqlite3.Error, KeyError, ValueError, TypeError, _Damaged) as exc:
             conn.close()
             raise _Damaged(str(exc) or type(exc).__name__) from None
 
@@ -306,8 +311,26 @@ class StateStore:
                 conn.execute("ROLLBACK")
             raise
 
+    def check_arrivals(self) -> None:
+        """Every arrival row and horizon must read back (a hand-edited one failed the start
+        with a traceback, or, a horizon of NaN, silenced "taken"): ValueError otherwise.
+        Skipping a row instead would answer "not taken" for a transfer that arrived."""
+        self.arrivals()
+        self.arrival_outcomes()
+        with self._lock:
+            times = self.conn.execute(
+                "SELECT changed FROM arrival UNION ALL SELECT upto FROM arrival_pruned"
+            ).fetchall()
+        for (t,) in times:
+            if type(t) not in (int, float) or not math.isfinite(t):
+                raise ValueError(f"an arrival time is {type(t).__name__} {str(t)[:32]!r}")
+
     @classmethod
-    def create(cls, path: Path, node: str) -> StateStore:
+    def create(cls, path: Path, node: str, replaced: bool = False) -> StateStore:
+        """A new database. ``replaced``: the directory held state before (a damaged or
+        missing database moved aside, or --fresh-state): the arrivals it recorded are lost,
+        so every transfer that may have begun before now is answered "taken" (a horizon, as
+        if every arrival until now had been pruned: docs/state.md)."""
         salt = secrets.token_bytes(32)
         conn = cls._connect(path)
         conn.execute("BEGIN IMMEDIATE")
@@ -331,6 +354,8 @@ class StateStore:
                 ("created", datetime.now(UTC).isoformat(timespec="seconds")),
             ],
         )
+        if replaced:
+            conn.execute("INSERT INTO arrival_pruned VALUES (?, ?)", (REPLACED_PEER, time.time()))
         conn.execute(f"PRAGMA user_version = {SCHEMA}")
         conn.execute("COMMIT")
         _fsync_dir(path.parent)
@@ -693,9 +718,11 @@ def _open_locked(
                 f"state {db} {problem}: refusing to start AEAD tunnel(s) {names}, whose last"
                 f" sequence numbers are unknown (re-key them, then {then})"
             )
-        event(log, "state-replaced", logging.WARNING, db=db, problem=problem)
+        event(log, "state-replaced", logging.WARNING, db=db, problem=problem,
+              effect="transfers that may have arrived before now are answered taken;"
+              " the virtual IP leases are forgotten")  # fmt: skip
         _move_aside(directory)
-        return StateStore.create(db, node)
+        return StateStore.create(db, node, replaced=True)
     # --fresh-state: allowed only when no AEAD tunnel still has keys the old state knows.
     if store is not None:
         old: tuple[bytes, set[str]] | None = (store.salt, set(store.load()))
@@ -719,7 +746,7 @@ def _open_locked(
             )
     moved = _move_aside(directory)
     event(log, "state-fresh-start", logging.WARNING, dir=directory, old=moved)
-    return StateStore.create(db, node)
+    return StateStore.create(db, node, replaced=True)
 
 
 def _ready() -> None:
