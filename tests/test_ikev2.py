@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from ipsecct.errors import ConfigError, IkeContextError
@@ -2458,6 +2458,32 @@ def test_a_moved_ike_sa_whose_certificate_is_revoked_here_is_refused() -> None:
         assert context.unit_refusal(junk_payload, [gw]) == "malformed IKE unit"
     no_ca = context._items([(t, v) for t, vs in pd.items() if t not in (12, 13) for v in vs])
     assert context.unit_refusal(no_ca, [gw]) == "malformed IKE unit"
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.one_of(
+    st.binary(max_size=300),
+    # entries whose length octet is right (a leading zero octet, 21 octets, six of them)
+    st.lists(st.tuples(st.binary(min_size=32, max_size=32), st.binary(max_size=22) | st.binary(
+        max_size=21).map(lambda r: b"\x00" + r)),
+             max_size=7).map(lambda es: b"".join(fp + bytes((len(raw),)) + raw
+                                                 for fp, raw in es)),
+))
+@example(bytes(32) + b"\x02\x00\x01")
+def test_fuzz_the_certificate_serials_item(b: bytes) -> None:
+    """Item 33 / 15 (a chain's issuer fingerprints and serials) read from any octets: a
+    typed error, or at most MAX_CERTS_SERIALS serials of at most MAX_SERIAL_LEN octets that
+    encode to exactly those octets (one reading for one value: a serial that could be
+    written two ways could pass another gateway's check and fail ours)."""
+    from ipsecct.ikev2 import auth, context
+
+    try:
+        got = context._unserials(b)
+    except IkeContextError:
+        return
+    assert 1 <= len(got) <= auth.MAX_CERTS_SERIALS
+    assert all(len(fp) == 32 and 0 <= n < 1 << (8 * auth.MAX_SERIAL_LEN) for fp, n in got)
+    assert context._serials(got) == b
 
 
 @functools.cache
