@@ -123,6 +123,48 @@ def test_an_address_whose_ike_sa_moved_away_is_not_leased_after_a_restart(tmp_pa
     asyncio.run(sg1.state.stop())
 
 
+@pytest.mark.parametrize("how", ["newer schema", "fresh state"])
+def test_a_state_made_in_place_of_another_keeps_its_leases(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, how: str
+) -> None:
+    """A gateway with no AEAD tunnel moves a state.db it cannot read aside and starts on a
+    new one (a newer ipsecct's schema: a downgrade), or the operator starts it with
+    --fresh-state: the leases were lost with the old database, and the address whose IKE SA
+    lives on at another gateway was leased to the next client. They are carried over from
+    the old database as far as it reads."""
+    import sqlite3
+
+    sg1 = gateway(tmp_path)
+    a = client(sg1, "a.test")
+    client(sg1, "b.test")
+    assert sg1.ike is not None
+    ike_a, ike_b = sg1.ike.engine.ike_sas()
+    sg1.ike.engine.export_ike(ike_a, 1.0)  # handed over: it lives on at sg2
+    sg1.ike.engine._kill(ike_b, "test", [])  # ended: offline for b.test
+    asyncio.run(sg1.state.stop())
+    if how == "newer schema":
+        c = sqlite3.connect(tmp_path / "state" / "state.db")
+        c.execute(f"PRAGMA user_version = {state.SCHEMA + 1}")
+        c.commit()
+        c.close()
+        with caplog.at_level("WARNING"):
+            sg1 = gateway(tmp_path)
+        assert "event=state-replaced" in caplog.text and sg1.state.store.created
+    else:
+        cfg = config(tmp_path)
+        st = state.open_for(Node(cfg), cfg, fresh=True)
+        assert st.store.created
+        asyncio.run(st.stop())
+        sg1 = gateway(tmp_path)
+    assert sg1.ike is not None
+    pool = sg1.ike.engine.pools["rw"]
+    assert pool.away == {ip("10.3.0.1"): "a.test"}
+    assert pool.offline == {ip("10.3.0.2"): "b.test"}
+    assert vip(client(sg1, "c.test")) == ip("10.3.0.3")
+    asyncio.run(sg1.state.stop())
+    del a
+
+
 def test_a_returning_client_gets_its_old_address_after_a_restart(tmp_path: Path) -> None:
     """strongSwan's persistent pools: an identity's lease is remembered across a restart,
     and a standalone gateway (no [transfer], [failover], [cluster]: its IKE SAs cannot live

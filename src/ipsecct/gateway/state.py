@@ -188,6 +188,11 @@ LeaseRow = tuple[str, str, str, str, float]  # pool, address, state, identity, c
 # ikev2/message.py MAX_MESSAGE; a hand-edited row may be any size).
 MAX_LEASE_IDENTITY = 65535
 _LEASE_PUT = "INSERT OR REPLACE INTO lease VALUES (?, ?, ?, ?, ?)"
+# (as octets: a text that is not UTF-8 made the whole read fail; _lease_rows)
+_LEASE_GET = (
+    "SELECT CAST(pool AS BLOB), CAST(addr AS BLOB), CAST(state AS BLOB),"
+    " CAST(identity AS BLOB), changed FROM lease ORDER BY changed"
+)
 # Arrivals kept per peer at most, whatever their age: a peer that transfers more within the
 # retention has its oldest pruned early (queries about those are answered "taken").
 MAX_ARRIVALS_PER_PEER = 65536
@@ -208,6 +213,20 @@ def _address_text(a: object) -> str:
     if type(a) is IPv4Address:
         return socket.inet_ntoa(int(a).to_bytes(4, "big"))
     return str(a)
+
+def _lease_rows(rows: Iterable[tuple[Any, ...]]) -> list[LeaseRow]:
+    """Lease rows as read (:data:`_LEASE_GET`), each decoded as StateStore.leases says."""
+    out: list[LeaseRow] = []
+    for a, b, c, d, e in rows:
+        try:
+            pool, addr, st = (x.decode() for x in (a, b, c))
+        except (AttributeError, UnicodeDecodeError):  # NULL, or not UTF-8
+            continue
+        who = d.decode(errors="replace")[:MAX_LEASE_IDENTITY] if d is not None else "?"
+        at = float(e) if isinstance(e, int | float) else 0.0
+        out.append((pool, addr, st, who, at))
+    return out
+
 
 class StateStore:
     """The SQLite database of one state directory. Thread-safe (one lock): reservations are
@@ -571,25 +590,34 @@ class StateStore:
         try:
             with self._lock:
                 # (as octets: a text that is not UTF-8 made the whole read fail)
-                rows = self.conn.execute(
-                    "SELECT CAST(pool AS BLOB), CAST(addr AS BLOB), CAST(state AS BLOB),"
-                    " CAST(identity AS BLOB), changed FROM lease ORDER BY changed"
-                ).fetchall()
+                rows = self.conn.execute(_LEASE_GET).fetchall()
         except sqlite3.Error as exc:
             raise StateError(
                 f"{self.path}: the lease table cannot be read ({exc}): drop it"
                 " (sqlite3 ... 'DROP TABLE lease'; the leases are forgotten) or restore it"
             ) from None
-        out: list[LeaseRow] = []
-        for a, b, c, d, e in rows:
-            try:
-                pool, addr, st = (x.decode() for x in (a, b, c))
-            except (AttributeError, UnicodeDecodeError):  # NULL, or not UTF-8
-                continue
-            who = d.decode(errors="replace")[:MAX_LEASE_IDENTITY] if d is not None else "?"
-            at = float(e) if isinstance(e, int | float) else 0.0
-            out.append((pool, addr, st, who, at))
-        return out
+        return _lease_rows(rows)
+
+    def carry_leases(self, old: Path) -> int:
+        """A database made in place of ``old`` (moved aside) takes its lease rows, as far as
+        they read (an away address forgotten would be leased to the next client while its
+        IKE SA lives on at another gateway): how many, or -1 if none could be read."""
+        try:
+            conn = sqlite3.connect(f"file:{old}?mode=ro", uri=True)
+        except sqlite3.Error:
+            return -1
+        try:
+            rows = _lease_rows(conn.execute(_LEASE_GET).fetchall())
+        except sqlite3.Error:
+            return -1
+        finally:
+            conn.close()
+        keep: dict[tuple[str, str], LeaseRow] = {}
+        for r in rows:  # (two rows for one address, a hand-made table: not offline wins)
+            if keep.get(r[:2], r)[2] == "offline" or r[2] != "offline":
+                keep[r[:2]] = r
+        self.put_leases(list(keep.values()))
+        return len(keep)
 
     def put_leases(self, rows: Sequence[LeaseRow], drop: Sequence[tuple[str, str]] = ()) -> None:
         """Write lease rows (and delete ``drop``: pool, address) in one synced transaction."""
@@ -719,10 +747,9 @@ def _open_locked(
                 f" sequence numbers are unknown (re-key them, then {then})"
             )
         event(log, "state-replaced", logging.WARNING, db=db, problem=problem,
-              effect="transfers that may have arrived before now are answered taken;"
-              " the virtual IP leases are forgotten")  # fmt: skip
-        _move_aside(directory)
-        return StateStore.create(db, node, replaced=True)
+              effect="transfers that may have arrived before now are answered taken")
+        moved = _move_aside(directory)
+        return _carry(StateStore.create(db, node, replaced=True), moved)
     # --fresh-state: allowed only when no AEAD tunnel still has keys the old state knows.
     if store is not None:
         old: tuple[bytes, set[str]] | None = (store.salt, set(store.load()))
@@ -746,7 +773,20 @@ def _open_locked(
             )
     moved = _move_aside(directory)
     event(log, "state-fresh-start", logging.WARNING, dir=directory, old=moved)
-    return StateStore.create(db, node, replaced=True)
+    return _carry(StateStore.create(db, node, replaced=True), moved)
+
+
+def _carry(store: StateStore, moved: Path) -> StateStore:
+    """The new ``store`` takes the leases of the database moved to ``moved`` (logged)."""
+    old = moved / DB_NAME
+    n = store.carry_leases(old) if old.exists() else -1
+    if n < 0:
+        event(log, "state-leases-lost", logging.WARNING, db=store.path, old=old,
+              effect="the virtual IP leases of the old state cannot be read: an address"
+              " away at another gateway may be leased here again")  # fmt: skip
+    elif n:
+        event(log, "state-leases-carried", logging.WARNING, db=store.path, leases=n)
+    return store
 
 
 def _ready() -> None:
