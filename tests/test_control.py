@@ -209,6 +209,33 @@ def test_a_stale_socket_file_is_replaced() -> None:
         os.rmdir(os.path.dirname(path))
 
 
+@pytest.mark.parametrize("kind", ["file", "directory", "symlink"])
+def test_a_file_that_is_not_a_socket_is_never_replaced(kind: str) -> None:
+    """A control.socket naming an existing file by mistake (the configuration itself, a key
+    file) had that file removed, even when the gateway then failed to start: it is refused
+    by name and left as it was."""
+    path = short_path()
+    d = os.path.dirname(path)
+    if kind == "file":
+        Path(path).write_text("name = 'sg1'\n")
+    elif kind == "directory":
+        os.mkdir(path)
+    else:
+        Path(d, "target").write_text("kept\n")
+        os.symlink(os.path.join(d, "target"), path)
+    try:
+        srv = ControlServer(path)
+        with pytest.raises(ControlError, match="exists and is not a socket: refusing"):
+            srv.check()
+        with pytest.raises(ControlError, match="is not a socket"):
+            asyncio.run(srv.start())
+        assert os.path.lexists(path)
+        if kind == "file":
+            assert Path(path).read_text() == "name = 'sg1'\n"
+    finally:
+        shutil.rmtree(d)
+
+
 def test_request_client_errors() -> None:
     with pytest.raises(ControlError, match="is the daemon running"):
         request("/nonexistent/ipsecct.sock", "status")

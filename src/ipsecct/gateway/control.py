@@ -202,6 +202,10 @@ class ControlServer:
             return
         if st.st_uid != os.geteuid():
             raise ControlError(f"{self.path} belongs to uid {st.st_uid}: refusing to replace it")
+        if not stat.S_ISSOCK(st.st_mode):  # a control.socket naming a file by mistake (the
+            # configuration itself, a key) removed that file, even when the start then failed
+            raise ControlError(f"{self.path} exists and is not a socket: refusing to replace it"
+                               " (control.socket names the socket's own path)")  # fmt: skip
         # A socket left by a daemon that died is replaced; a live daemon's is not stolen.
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         probe.settimeout(1.0)
