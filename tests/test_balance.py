@@ -11,10 +11,10 @@ import pytest
 from ipsecct.bench.transfer import make_tunnel
 from ipsecct.demo import handover as demo_handover
 from ipsecct.demo import topology as demo
-from ipsecct.errors import TransferError
+from ipsecct.errors import ConfigError, TransferError
 from ipsecct.gateway import config as config_mod
 from ipsecct.gateway.balancer import Balancer
-from ipsecct.gateway.config import BalanceConfig, ConfigError
+from ipsecct.gateway.config import BalanceConfig
 from ipsecct.ipsec.engine import TunnelState
 from tests.helpers.config_files import transfer_config
 from tests.helpers.waiting import eventually

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import ipaddress
 import random
+from collections.abc import Sequence
+from typing import cast
 
 import pytest
 from hypothesis import given, settings
@@ -24,7 +26,7 @@ from ipsecct.ct.transfer import (
 )
 from ipsecct.ipsec.algorithms import EncAlg
 from ipsecct.ipsec.engine import Engine, Tunnel, TunnelState
-from ipsecct.ipsec.ippacket import Endpoint
+from ipsecct.ipsec.ippacket import Endpoint, IPAddress
 from ipsecct.ipsec.sad import Direction, Mode, SecurityAssociation, UdpEncap
 from ipsecct.ipsec.spd import Action, AddressRange, Selectors, SPDEntry
 
@@ -35,7 +37,7 @@ REMOTES = ["10.64.0.1/32", "10.64.0.2/32", "10.64.0.3/32", "10.64.0.0/30", "10.6
 
 
 def _sa(
-    spi: int, d: Direction, sel: Selectors, name: str, mn: ipaddress.IPv4Address = MN,
+    spi: int, d: Direction, sel: Selectors, name: str, mn: IPAddress = MN,
     window: int = 64,
 ) -> SecurityAssociation:
     src, dst = (SG, mn) if d is Direction.OUTBOUND else (mn, SG)
@@ -88,7 +90,7 @@ def _target(conflict: ConflictPolicy, existing: list[tuple[int, int, str]]) -> T
     return TransferCore(eng, Endpoint(SG, 4500), s, rng=rng.getrandbits)
 
 
-def _outcome(core: TransferCore, out: list[object], n: int) -> list[int]:
+def _outcome(core: TransferCore, out: Sequence[object], n: int) -> list[int]:
     """The status of each of ``n`` tunnels (outbound SA) from the CTDRs answering them."""
     ctdrs = [o.msg for o in out if isinstance(o, Send) and isinstance(o.msg, cxtp.CTDR)]
     assert ctdrs
@@ -306,7 +308,7 @@ def test_a_bulk_make_before_break_commit_sends_every_final_state() -> None:
     src = TransferCore(eng, Endpoint(SG, 4500), s)
     dst = TransferCore(Engine(), Endpoint(ip("192.0.2.2"), 4500), s)
 
-    def shuttle(out: list[object], to: TransferCore, frm: str) -> list[object]:
+    def shuttle(out: Sequence[object], to: TransferCore, frm: str) -> list[object]:
         got: list[object] = []
         for o in out:
             if isinstance(o, Send):
@@ -317,12 +319,13 @@ def test_a_bulk_make_before_break_commit_sends_every_final_state() -> None:
     _, out = src.start(tunnels, PEER, 1000.0)
     back = shuttle(out, dst, "sg1")
     for t in tunnels:  # accepted at the source after the snapshot
-        assert t.inbound.window.check_and_update(7)
+        assert cast(SecurityAssociation, t.inbound).window.check_and_update(7)
     commit = shuttle(back, src, PEER)
     finals = [o for o in commit if isinstance(o, Send) and cxtp.cdb_fpt(
         o.msg.cdbs[1]) == FPT_FINAL]  # type: ignore[union-attr]  # fmt: skip
-    assert sum(len(o.msg.cdbs) - 1 for o in finals) == 900  # type: ignore[union-attr]
+    assert sum(len(o.msg.cdbs) - 1 for o in finals) == 900  # type: ignore[union-attr, misc]
     shuttle(commit, dst, "sg1")
     moved = dst.engine.tunnels()
     assert len(moved) == 900 and all(t.state is TunnelState.ACTIVE for t in moved)
-    assert all(not t.inbound.window.check(7) for t in moved)  # merged: 7 is taken
+    assert all(not cast(SecurityAssociation, t.inbound).window.check(7)
+               for t in moved)  # merged: 7 is taken

@@ -252,7 +252,7 @@ def test_no_replica_leaves_before_the_member_key(tmp_path: Path) -> None:
             e.resume("e0")
             # sg2 is a member too (replicas go only to members, for their lease)
             from ipsecct.ct import ownership
-            from ipsecct.gateway.etcd import EtcdError
+            from ipsecct.errors import EtcdError
 
             while True:
                 try:

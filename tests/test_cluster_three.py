@@ -25,6 +25,7 @@ import sys
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +34,9 @@ import pytest
 from ipsecct.ct import ownership
 from ipsecct.ipsec.ippacket import build_udp, parse, udp_payload
 from tests.helpers.control import answers, ask, socket_of
-from tests.helpers.deployment import cli, free_port
+from tests.helpers.deployment import cli
 from tests.helpers.etcd_server import EtcdCluster
+from tests.helpers.ports import free_port
 from tests.helpers.processes import stop_all
 
 pytestmark = [pytest.mark.slow]
@@ -120,7 +122,7 @@ class Three:
     def __init__(self, d: Path, endpoints: list[str], sg2_endpoints: list[str]) -> None:
         self.d = d
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
-        udp = lambda: free_port(socket.SOCK_DGRAM)  # noqa: E731
+        udp: Callable[[], int] = lambda: free_port(socket.SOCK_DGRAM)  # noqa: E731
         self.outer = {g: udp() for g in GW} | {"mn": udp()}
         self.inner = {g: udp() for g in GW} | {"mn": udp()}
         self.ct = {g: free_port(socket.SOCK_STREAM) for g in GW}

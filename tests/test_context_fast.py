@@ -27,7 +27,7 @@ from ipsecct.ct import context
 from ipsecct.ct.context import FPT_IPSEC_SA
 from ipsecct.errors import ContextError
 from ipsecct.ipsec.replay import ReplayWindow
-from ipsecct.ipsec.sad import Counters, Lifetime, Protocol, SecurityAssociation, UdpEncap
+from ipsecct.ipsec.sad import Counters, Direction, Lifetime, Protocol, SecurityAssociation, UdpEncap
 from ipsecct.ipsec.spd import AddressRange, Selectors
 from ipsecct.ipsec.transforms import AeadTransform
 from tests.helpers.contexts import (
@@ -214,7 +214,7 @@ def grammar_cdbs(draw: st.DrawFn) -> bytes:
     """A CDB built field by field: every value valid except, mostly, one fault."""
     fault = draw(st.sampled_from([*FAULTS, "none", "none"]))
     d = draw
-    fields: dict[int, bytes] = {}
+    fields: dict[context.Bit, bytes] = {}
 
     def u64(v: int) -> bytes:
         return struct.pack("!Q", v)
@@ -481,6 +481,6 @@ def test_writer_breakers_one_by_one() -> None:
 def test_writer_too_big_and_samples() -> None:
     for sa in sample_sas():
         assert same_bytes(sa) is not None
-    big = make_sa(direction=context.Direction.INBOUND, replay_window=16320, created=NOW, name="n")
+    big = make_sa(direction=Direction.INBOUND, replay_window=16320, created=NOW, name="n")
     big.window.check_and_update(1)
     assert same_bytes(big) is None

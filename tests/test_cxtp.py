@@ -33,6 +33,7 @@ from ipsecct.ct.cxtp import (
     TransferTag,
 )
 from ipsecct.errors import CxtpError, IpsecctError
+from ipsecct.ipsec.ippacket import IPAddress
 
 V4 = ipaddress.IPv4Address("192.0.2.10")
 V4R = ipaddress.IPv4Address("198.51.100.1")
@@ -52,7 +53,7 @@ SA2 = cdb(0x8001, os.urandom(100))
 REQ = cdb(0x8001, b"")
 
 
-def all_messages(prev: cxtp.Address, router: cxtp.Address) -> list[cxtp.Message]:
+def all_messages(prev: IPAddress, router: IPAddress) -> list[cxtp.Message]:
     tag = TransferTag(0x0123456789ABCDEF, 7, last=False).encode()
     return [
         CTAR(prev, router, 42, b"\x01\x02\x03\x04", (REQ,), ack_requested=True),
@@ -268,7 +269,7 @@ def test_transfer_tag_helper() -> None:
 
 
 @pytest.mark.parametrize("v", [V4, V6])
-def test_is_success(v: cxtp.Address) -> None:
+def test_is_success(v: IPAddress) -> None:
     assert cxtp.is_success(Status.SUCCESS)
     assert cxtp.is_success(Status.ACCEPTED_RENEGOTIATE)
     assert not cxtp.is_success(Status.SPI_COLLISION)

@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st_h
 
 from ipsecct import cli
+from ipsecct.errors import StateError
 from ipsecct.gateway import state
 from ipsecct.gateway.config import NodeConfig, from_dict
 from ipsecct.gateway.node import Node
@@ -447,7 +448,7 @@ def test_a_hand_edited_lease_table_is_read_as_far_as_it_can_be(tmp_path: Path) -
     c.executescript("DROP TABLE lease; CREATE TABLE lease (pool, addr)")
     c.commit()
     c.close()
-    with pytest.raises(state.StateError, match=r"lease table cannot be read.*DROP TABLE lease"):
+    with pytest.raises(StateError, match=r"lease table cannot be read.*DROP TABLE lease"):
         gateway(tmp_path)
 
 

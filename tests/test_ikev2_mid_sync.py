@@ -49,8 +49,8 @@ def test_mid_sync_notify_layout() -> None:
     assert (r.type, r.data) == (16423, struct.pack("!Q", 16384))
     assert ReplayCounterSync.parse(r).delta == 16384
     assert ReplayCounterSync.parse(M.NotifyPayload(16423, data=struct.pack("!I", 9))).delta == 9
-    assert N.IKEV2_MESSAGE_ID_SYNC_SUPPORTED == 16420
-    assert N.IPSEC_REPLAY_COUNTER_SYNC_SUPPORTED == 16421
+    assert N.IKEV2_MESSAGE_ID_SYNC_SUPPORTED.value == 16420
+    assert N.IPSEC_REPLAY_COUNTER_SYNC_SUPPORTED.value == 16421
     with pytest.raises(ValueError, match="4 octets"):
         MidSync(b"\0" * 8, 1, 1).payload()
 
@@ -126,8 +126,8 @@ def _stale_takeover(dpd_by_gateway: bool = True, *, before: int = 0, ike: str = 
     for i in range(int(dpd_by_gateway)):
         w.deliver(w.resp.liveness(ir, 11.0 + i / 10), "r", 11.0 + i / 10)  # answered by the MN
     sg2 = IkeEngine([conn(dpd=10, ike=ike)])
-    ike = sg2.import_ike(replica, 12.0)
-    return w, sg2, ike, replica
+    imported = sg2.import_ike(replica, 12.0)
+    return w, sg2, imported, replica
 
 
 def test_taker_synchronises_message_ids_with_the_peer() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+from typing import cast
 
 import pytest
 from hypothesis import given, settings
@@ -374,7 +375,7 @@ def test_overlap_index_finds_exactly_the_overlapping(
         for i, s in enumerate(stored):
             idx.add(s, i)
         got = idx.overlapping(query)
-        assert len(got) == len(set(got))  # type: ignore[arg-type]
+        assert len(got) == len(set(got))
         assert sorted(got) == expected  # type: ignore[type-var]
         keys = [k for block in idx._keys for k in block]
         assert keys == sorted(keys) and idx._maxes == [block[-1] for block in idx._keys]
@@ -490,8 +491,8 @@ def test_indexed_lookup_is_the_linear_first_match(
             model.extend(es)
         elif kind == "readd" and out:
             e = out.pop(op[1] % len(out))  # type: ignore[operator]
-            idx = None if op[2] == -1 else op[2]
-            spd.add(e, index=idx)  # type: ignore[arg-type]
+            idx = None if op[2] == -1 else cast(int, op[2])
+            spd.add(e, index=idx)
             if idx is None:
                 model.append(e)
             else:

@@ -15,12 +15,14 @@ import signal
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from ipsecct.gateway.control import ControlError, request
+from ipsecct.errors import ControlError
+from ipsecct.gateway.control import request
 from tests.helpers.control import ask, socket_of
 from tests.helpers.state import Capture, Gateways, Traffic
 
@@ -674,7 +676,7 @@ def test_a_query_after_the_target_pruned_the_arrival_is_answered_taken(few: Gate
     assert n == 1
     wait_for(lambda: any(s_ == spi and p == port["sg2"] for s_, _, p, _ in list(cap.seen)),
              "sg2 does not send on the tunnel")  # fmt: skip
-    arrivals = lambda: gws.status("sg2")["state"]["arrivals"]  # noqa: E731
+    arrivals: Callable[[], dict[str, Any]] = lambda: gws.status("sg2")["state"]["arrivals"]  # noqa: E731
     wait_for(lambda: arrivals()["pruned"] >= 1 and arrivals()["kept"] == 0,
              "sg2 never pruned the arrival", detail=arrivals)  # fmt: skip
     gws.kill("sg2")

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from ipsecct.gateway.control import ControlError, request
+from ipsecct.errors import ControlError
+from ipsecct.gateway.control import request
 from tests.helpers.deployment import cli
 from tests.helpers.transfer_processes import (
     ADDR,

@@ -22,7 +22,8 @@ from typing import Any
 from ipsecct.errors import ControlError
 from ipsecct.ipsec.ippacket import build_udp
 from tests.helpers.control import answers, ask, socket_of
-from tests.helpers.deployment import cli, free_port
+from tests.helpers.deployment import cli
+from tests.helpers.ports import free_port
 from tests.helpers.processes import stop_all
 
 MARK = b"\0\0\0\0capture-sync "  # a non-ESP marker (RFC 3948): never counted as ESP
