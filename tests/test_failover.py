@@ -638,7 +638,7 @@ def test_a_full_touched_list_makes_the_next_poll_walk_every_tunnel() -> None:
         tick(k * 0.01)
     walks = rep.walks
     filler = [object() for _ in range(sad_mod.TOUCHED_MAX - len(sad_mod.TOUCHED))]
-    sad_mod.TOUCHED.update(filler)  # (what other SAs would have filled it with)
+    sad_mod.TOUCHED.update(filler)  # type: ignore[arg-type]  # (stand-ins for other SAs)
     for i in range(5):
         processing.tunnel_encapsulate(tunnels[33].outbound, udp_packet(i, up=False), 0.1)
     assert tunnels[33].outbound not in sad_mod.TOUCHED and sad_mod.TOUCHED_OVERFLOW[0]

@@ -135,7 +135,7 @@ def test_a_prepared_transfers_final_and_commit_leave_in_one_write(tmp_path: Path
         writes: list[bytes] = []
         write = conn.writer.write
 
-        def counted(data: bytes) -> None:
+        def counted(data: bytes | bytearray | memoryview) -> None:
             writes.append(bytes(data))
             write(data)
 
@@ -484,7 +484,7 @@ def test_stream_counts_the_packets_a_stalled_process_still_has_queued(tmp_path: 
             loop.call_later(0.01, time.sleep, 0.5)  # the whole process stalls
             loop.call_later(0.02, send, data, addr)
 
-        transport.sendto = sendto  # type: ignore[method-assign]
+        transport.sendto = sendto  # type: ignore[method-assign, assignment]
         sent, got = await flow(d, seconds, rate)
         assert count == total
         assert got == sent

@@ -235,7 +235,7 @@ class InitFlood:
         eng = IkeEngine([self.conn])
         out = eng.initiate(self.conn, Address(ipaddress.ip_address(host), port),
                            Address(ipaddress.ip_address(self.gw[0]), self.gw[1]), 0.0)  # fmt: skip
-        data: bytes = out[0].data  # type: ignore[attr-defined]
+        data: bytes = out[0].data  # type: ignore[union-attr]
         self.requests[data[:8]] = data  # by SPIi: a cookie is for that very request
         return data
 

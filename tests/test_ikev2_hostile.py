@@ -10,6 +10,7 @@ import ipaddress
 import random
 import struct
 import time
+from typing import cast
 
 import pytest
 
@@ -37,6 +38,7 @@ from ipsecct.ikev2.engine import (
 )
 from ipsecct.ikev2.ikesa import Address, IkeSA, IkeState
 from ipsecct.ikev2.ts import from_text
+from ipsecct.ipsec.spd import Selectors
 from tests.helpers.ikev2_engines import I500, R500, Wire, conn, connect, mn_conn, pair
 from tests.test_ikev2 import _pki
 
@@ -126,7 +128,7 @@ def test_a_child_sa_never_covers_more_than_the_connection_allows(local_ts: list[
     entry, _out, inn = cr.child.sas(R500, I500, False, "gw")
     gw, mn = ipaddress.ip_address("10.1.0.1"), ipaddress.ip_address("10.2.0.5")
     allowed = {(6, 80), (6, 443), (17, 53)}
-    for sel in (entry.selectors, inn.selectors):
+    for sel in cast("tuple[Selectors, Selectors]", (entry.selectors, inn.selectors)):
         for proto, port in [(6, 80), (6, 443), (6, 22), (17, 53), (17, 161), (1, 8)]:
             if sel.matches(gw, mn, proto, port, 40000):
                 assert (proto, port) in allowed and any(
@@ -733,9 +735,9 @@ def _random_payloads(r: random.Random, children: list[int]) -> list[M.Payload]:
             n = r.choice([1, 1, 2, 255])
             out.append(M.TSPayload(k == "tsi", tuple(ts() for _ in range(n))))
         elif k == "rekey":
-            spi = r.choice([*children, r.getrandbits(32)])
+            rekey_spi = r.choice([*children, r.getrandbits(32)])
             out.append(M.NotifyPayload(M.Notify.REKEY_SA, r.choice([3, 1, 2]),
-                                       spi.to_bytes(4, "big")))  # fmt: skip
+                                       rekey_spi.to_bytes(4, "big")))  # fmt: skip
         elif k == "delete":
             proto = r.choice([1, 3, 3, 2])
             spis = tuple(r.choice([s.to_bytes(4, "big") for s in children] + [b(4), b(8)])

@@ -237,8 +237,8 @@ def test_replicator_fences_until_acknowledged_and_sets_ceilings() -> None:
             seqs.append(esp_seq(r.data)[1])
     assert seqs == list(range(1, 11))  # stopped at the ceiling
     for m in rep.poll(0.06):  # the tunnel changed: synced at 10, ceiling 20 once acked
-        for r in sb.receive(m, 0.07):  # type: ignore[arg-type]
-            rep.receive(r, 0.08)
+        for reply in sb.receive(m, 0.07):  # type: ignore[arg-type]
+            rep.receive(reply, 0.08)
     assert t.seq_ceiling == 20
     # The lease: 0.25 * 0.999 / 1.001 from the sending at 0.06.
     assert a.send_until == pytest.approx(0.06 + 0.25 * 0.999 / 1.001)

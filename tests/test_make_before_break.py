@@ -662,8 +662,8 @@ def test_a_stale_context_from_a_former_holder_never_makes_us_repeat_a_number(
                 if not final:
                     continue
             tag = cxtp.TransferTag.decode(m.cdbs[0])
-            again = cxtp.TransferTag(0x5747_4C45, tag.seq, last=tag.last).encode()
-            w.post("sg1", "sg2", cxtp.encode(replace(m, cdbs=(again, *m.cdbs[1:]))))
+            stale_tag = cxtp.TransferTag(0x5747_4C45, tag.seq, last=tag.last).encode()
+            w.post("sg1", "sg2", cxtp.encode(replace(m, cdbs=(stale_tag, *m.cdbs[1:]))))
         assert finals == 1
         while w.pending("sg1", "sg2"):
             w.deliver("sg1", "sg2")

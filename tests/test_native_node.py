@@ -22,7 +22,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -127,14 +127,14 @@ async def _exchange(tmp: Path, use_native: bool, enc: str) -> dict[str, Any]:
             node.from_inner = counting  # type: ignore[method-assign]
         sent_ab, sent_ba = [], []
         for i in range(N):
-            up = build_udp(
+            up = build_udp(  # type: ignore[call-arg]  # (the starred pair is src, dst)
                 *(__import__("ipaddress").ip_address(x) for x in ("10.1.0.2", "10.2.0.1")),
                 # half of them of one size (full batches), half of changing sizes
                 5000 + i % 4,
                 7000,
                 bytes([i % 256]) * (100 if i < N // 2 else i % 1300),
             )
-            down = build_udp(
+            down = build_udp(  # type: ignore[call-arg]  # (the starred pair is src, dst)
                 *(__import__("ipaddress").ip_address(x) for x in ("10.2.0.1", "10.1.0.2")),
                 7000,
                 5000 + i % 4,
@@ -202,7 +202,7 @@ def _sink() -> socket.socket:
 
 def _seqs(sink: socket.socket, spi: int) -> list[int]:
     """The ESP sequence numbers waiting in ``sink`` (all of them: loopback delivers at send)."""
-    out = []
+    out: list[int] = []
     while True:
         try:
             d = sink.recv(65535)
@@ -445,7 +445,7 @@ async def _receive(tmp: Path, mode: str, pa: int, datagrams: list[bytes], enc: s
         def counted() -> int:
             b.engine.sync_native()
             c = b.engine.stats.as_dict()
-            return int(c["in_packets"]) + sum(c["drops"].values())
+            return int(cast(int, c["in_packets"])) + sum(cast(dict[str, int], c["drops"]).values())
 
         # the first packet goes through Python, which hands the SA to C; then the rest
         tx.sendto(datagrams[0], ("127.0.0.1", pb))

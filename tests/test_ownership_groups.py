@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -605,7 +606,7 @@ def test_a_dead_members_groups_go_to_one_survivor_with_indirect_identity(
                 self.me = me
 
             def send(self, peer: str, msg: cxtp.Message) -> None:
-                m = cxtp.decode(cxtp.encode(msg))
+                m = cast(cxtp.CTD, cxtp.decode(cxtp.encode(msg)))  # (only sync messages go here)
                 if self.me in alive and peer in alive:
                     loop.call_soon(lambda: peer in alive and drivers[peer].receive(self.me, m))
 
@@ -654,7 +655,7 @@ def test_a_dead_members_groups_go_to_one_survivor_with_indirect_identity(
 
         try:
             await until(lambda: tunnels("sg1") == 12, "sg1 to own its twelve tunnels")
-            first = ownership.successor(ownership.ONE_RANK, ["sg2", "sg3"])
+            first = cast(str, ownership.successor(ownership.ONE_RANK, ["sg2", "sg3"]))
             last = "sg3" if first == "sg2" else "sg2"
             if ident is Identity.INDIRECT:  # every replica at the one taker, none elsewhere
                 await until(lambda: (held(first), held(last)) == (12, 0), "the replicas")

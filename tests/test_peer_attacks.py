@@ -13,6 +13,7 @@ import os
 import socket
 import time
 from pathlib import Path
+from typing import cast
 
 import pytest
 
@@ -239,10 +240,10 @@ def test_a_peer_that_reads_nothing_gets_its_channel_dropped_not_our_memory(
         stuck = chans.conns["sg2"]
         # sg2 stops reading every channel it has with sg1.
         for c in list(other.all_conns):
-            c.writer.transport.pause_reading()
+            cast(asyncio.Transport, c.writer.transport).pause_reading()
         lost: list[str] = []
         on_lost = chans.on_lost
-        chans.on_lost = lambda peer: (lost.append(peer), on_lost(peer))  # type: ignore[func-returns-value]
+        chans.on_lost = lambda peer: (lost.append(peer), on_lost(peer))  # type: ignore[func-returns-value, assignment]
         cdb = bytes([0x00, 0x63, 0xFF, 0]) + bytes(0xFF * 8 - 4)
         msg = cxtp.CTD(mn_addr(), 0, (cdb,) * 31)  # 63 KB
         held = 0

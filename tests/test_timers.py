@@ -76,7 +76,7 @@ def test_one_handle_for_the_earliest_deadline_and_each_core_when_due() -> None:
         # each core is called only once its deadline has come, and with the clock's now
         assert all(t >= 1000.05 for t in fast.calls) and slow.calls[0] >= 1000.3
         assert len(fast.calls) >= 2 and idle.calls == []
-        assert s._armed_for == min(fast.at, slow.at)  # type: ignore[type-var]
+        assert s._armed_for == min(fast.at, slow.at)
         s.remove("fast")
         assert s._armed_for == slow.at
         s.stop()

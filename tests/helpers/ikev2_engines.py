@@ -4,6 +4,7 @@ the gateway): connections for them and the wire between them."""
 from __future__ import annotations
 
 import ipaddress
+from typing import TypeVar
 
 from ipsecct.ikev2 import message as M
 from ipsecct.ikev2.config import ChildConfig, Connection, Identity
@@ -11,6 +12,8 @@ from ipsecct.ikev2.engine import IkeEngine, Output, Send
 from ipsecct.ikev2.ikesa import Address, IkeSA
 from ipsecct.ikev2.proposal import parse_list
 from ipsecct.ikev2.ts import from_text
+
+E = TypeVar("E")  # an output's class, for Wire.of
 
 IP_I = ipaddress.ip_address("192.0.2.10")
 IP_R = ipaddress.ip_address("192.0.2.1")
@@ -68,7 +71,7 @@ class Wire:
             target, other = (self.resp, "r") if side == "i" else (self.ini, "i")
             pending += [(other, x) for x in target.receive(o.data, src, dst, now)]
 
-    def of(self, side: str, cls: type) -> list[Output]:
+    def of(self, side: str, cls: type[E]) -> list[E]:
         return [e for e in self.events[side] if isinstance(e, cls)]
 
 
