@@ -8,7 +8,7 @@ import os
 import random
 import sqlite3
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -1495,9 +1495,14 @@ def test_ownership_writes_run_on_the_states_own_thread_started_before_any_write(
         threads: list[str] = []
         put = store.put
 
-        def recording_put(rows: list[SAState], arrivals=()) -> None:  # type: ignore[no-untyped-def]
+        def recording_put(
+            rows: Iterable[SAState],
+            arrivals: Sequence[tuple[int, str]] = (),
+            leases: Sequence[state_mod.LeaseRow] = (),
+            discards: Sequence[tuple[int, str]] = (),
+        ) -> None:
             threads.append(threading.current_thread().name)
-            put(rows, arrivals)
+            put(rows, arrivals, leases, discards)
 
         store.put = recording_put  # type: ignore[method-assign]
         await st.start()
