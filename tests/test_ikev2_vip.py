@@ -95,6 +95,24 @@ def test_pool_ranges_and_config() -> None:
             parse_pools({"pools": {"p": bad}}, "x.toml")
 
 
+def test_pools_whose_addresses_overlap_are_a_configuration_error() -> None:
+    """Two pools of one gateway holding one address each leased it, to two clients (each
+    pool keeps its own leases): the same inner address at two IKE SAs. Refused; pools side
+    by side, of the two families, or one named by two connections are fine."""
+    a, b = (parse_pools({"pools": {"a": {"addrs": "10.3.0.0/24"}}}, "x.toml")["a"],
+            parse_pools({"pools": {"b": {"addrs": "10.3.0.128/25"}}}, "x.toml")["b"])
+    assert a.acquire("x.test", ip("10.3.0.129")) == b.acquire("y.test")  # the bug
+    for addrs in (("10.3.0.0/24", "10.3.0.128/25"), ("10.3.0.5-10.3.0.9", "10.3.0.9"),
+                  ("fd00::/120", "fd00::80-fd00::ff"), ("10.3.0.0/24", "10.3.0.0/24")):
+        with pytest.raises(ConfigError, match=r"pools\.b\.addrs.*overlap.*pool 'a'"):
+            parse_pools({"pools": {"a": {"addrs": addrs[0]}, "b": {"addrs": addrs[1]}}},
+                        "x.toml")  # fmt: skip
+    ok = parse_pools({"pools": {"a": {"addrs": "10.3.0.0/25"}, "b": {"addrs": "10.3.0.128/25"},
+                                "c": {"addrs": "fd00::/120"}, "d": {"addrs": "10.3.1.0/24"}}},
+                     "x.toml")  # fmt: skip
+    assert sorted(ok) == ["a", "b", "c", "d"]
+
+
 def test_a_connection_whose_children_cannot_hold_its_pool_is_a_configuration_error(
     tmp_path: Path,
 ) -> None:

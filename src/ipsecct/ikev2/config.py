@@ -25,6 +25,7 @@ Parsing is pure: the caller reads secret files (it knows the paths) and passes t
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import logging
 import math
 from collections.abc import Callable
@@ -685,6 +686,13 @@ def parse_pools(data: dict[str, Any], path: str) -> dict[str, Pool]:
             out[name] = Pool(name, first, last, tuple(dns), share)
         except ConfigError as exc:
             raise ctx.err(where + "addrs", str(exc)) from None
+    # Each pool keeps its own leases: two that hold one address each lease it (two clients,
+    # one inner address). In order of their first address, each must end before the next.
+    ranked = sorted(out.values(), key=lambda p: (p.version, int(p.first)))
+    for prev, p in itertools.pairwise(ranked):
+        if p.version == prev.version and int(p.first) <= int(prev.last):
+            raise ctx.err(f"pools.{p.name}.addrs", f"overlaps the addrs of pool {prev.name!r}"
+                          " (each pool would lease the same address)")  # fmt: skip
     return out
 
 
