@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
+import time
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -202,3 +206,128 @@ def test_the_stream_apps_keep_the_backlog_of_a_stalled_demo_process() -> None:
             app.transport.close()
 
     assert asyncio.run(body()) == 400
+
+
+def _gap_demo() -> Any:
+    """A Demo with its two applications and nothing else (no node runs: what the gap
+    figures read), and a function that delivers packet ``seq`` to both at time ``t``."""
+    from types import SimpleNamespace
+
+    from ipsecct.demo.topology import Demo, _App, _packet
+
+    now = [0.0]
+    host, mn = _App("host", 1), _App("mn-app", 0)
+    for app in (host, mn):
+        app.clock = lambda: now[0]
+    stats = SimpleNamespace(engine=SimpleNamespace(stats=SimpleNamespace(drops={})))
+    d = Demo(Path("."), SimpleNamespace(node=stats), {}, host, mn, 0, 0)  # type: ignore[arg-type]
+
+    def deliver(seq: int, t: float) -> None:
+        now[0] = t
+        host.datagram_received(_packet(0, seq), ("127.0.0.1", 1))
+        mn.datagram_received(_packet(1, seq), ("127.0.0.1", 1))
+
+    return d, deliver
+
+
+def test_the_baseline_ends_where_the_preparation_starts() -> None:
+    """baseline_gap_ms is the stream's floor before any handover work: a predictive
+    handover's preparation (a second ahead) is handover work, so the baseline ends where it
+    starts; its own pause is prepare_gap_ms (from its start to the commit) and, as every
+    pause, counts in gap_ms. (The baseline ran up to the commit and so held the
+    preparation's pause: a floor that was not one.)"""
+    from ipsecct.demo.topology import summary
+
+    d, deliver = _gap_demo()
+    t, seq = 1.0, 0
+    for step in [0.001] * 30 + [0.004] + [0.001] * 69:  # a 4 ms pause: the floor
+        seq, t = seq + 1, t + step
+        deliver(seq, t)
+    d.start_preparing(t)
+    for step in [0.001] * 50 + [0.020] + [0.001] * 100:  # the preparation's 20 ms pause
+        seq, t = seq + 1, t + step
+        deliver(seq, t)
+    trigger = t
+    d.watch_gaps()  # the handover (its commit)
+    d.handovers.append({"prepared": True})
+    d.handover_times.append((trigger, trigger + 0.005))
+    for _ in range(100):
+        seq, t = seq + 1, t + 0.001
+        deliver(seq, t)
+    d.ended = t
+    (h,) = summary(d)["handovers"]
+    assert h["baseline_gap_ms"] == pytest.approx(4.0)
+    assert h["prepare_gap_ms"] == pytest.approx(20.0)
+    assert h["gap_ms"] == pytest.approx(20.0)
+    assert h["handover_gap_ms"] == pytest.approx(1.0)
+    # a handover with no baseline taken before it (driven without the stream): it ends there
+    d, deliver = _gap_demo()
+    for seq in range(1, 101):
+        deliver(seq, 1.0 + 0.001 * seq + (0.006 if seq > 80 else 0.0))
+    d.watch_gaps()
+    d.handovers.append({"prepared": False})
+    d.handover_times.append((1.2, 1.21))
+    (h,) = summary(d)["handovers"]
+    assert h["baseline_gap_ms"] == pytest.approx(7.0) and "prepare_gap_ms" not in h
+
+
+def test_a_preparation_that_starts_with_the_stream_leaves_no_baseline() -> None:
+    """A preparation as early as the stream's start (``--seconds 2`` and the default lead of
+    1 s) leaves no window before it: the baseline is null, not a 0 ms floor."""
+    from ipsecct.demo.topology import summary
+
+    d, deliver = _gap_demo()
+    deliver(1, 1.0)
+    d.start_preparing(1.0)
+    for seq in range(2, 50):
+        deliver(seq, 1.0 + 0.001 * (seq - 1))
+    d.watch_gaps()
+    d.handovers.append({"prepared": True})
+    d.handover_times.append((1.03, 1.035))
+    d.ended = 1.05
+    (h,) = summary(d)["handovers"]
+    assert h["baseline_gap_ms"] is None
+    assert h["prepare_gap_ms"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("prepare_ahead", [0.0, 1.2])
+def test_the_stream_ends_the_baseline_a_lead_before_the_handover_in_every_mode(
+    prepare_ahead: float,
+) -> None:
+    """The stream ends the baseline BASELINE_LEAD (1 s) before its half-way handover whether
+    or not anything is prepared (one window for every mode: a reactive baseline as long as a
+    predictive one's), or at the preparation if that starts earlier. Counted in packets, not
+    time: the arrivals recorded from the baseline's end until the handover starts are those
+    of up to the lead (the paced stream's 200 packets/s), and none before the baseline."""
+    from ipsecct.demo.topology import stream
+
+    d, _ = _gap_demo()
+
+    class Link:  # the stream's packets reach the other application at once
+        def __init__(self, to: Any) -> None:
+            self.to = to
+
+        def sendto(self, data: bytes, addr: Any) -> None:
+            self.to.datagram_received(data, addr)
+
+    d.mn_app.transport, d.host_app.transport = Link(d.host_app), Link(d.mn_app)
+    d.mn.inner_port = 1
+    d.prepare_ahead = prepare_ahead
+    seen: dict[str, Any] = {}
+    for app in (d.host_app, d.mn_app):
+        app.clock = time.monotonic
+
+    async def prepare() -> None:
+        seen["prepare"] = (list(d.baseline_gaps), len(d.host_app.rx_times))
+
+    async def half() -> None:
+        seen["half"] = (list(d.baseline_gaps), len(d.host_app.rx_times))
+
+    asyncio.run(stream(d, 200, 4.0, out=None, at_half=half,
+                       before_half=prepare if prepare_ahead else None))  # fmt: skip
+    baseline, recorded = seen["half"]
+    assert len(baseline) == 1 and baseline[0] is not None
+    lead = max(prepare_ahead, 1.0)
+    assert 50 < recorded <= lead * 200 + 2  # (a baseline at the handover: 1)
+    if prepare_ahead:  # the preparation came after the baseline's end (at it, here)
+        assert seen["prepare"][0] == baseline and seen["prepare"][1] <= 2

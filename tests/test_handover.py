@@ -446,7 +446,7 @@ def test_demo_handover_json(mode: str) -> None:
     assert list(h) == [  # (predictive by default: prepared ahead, the handover its commit)
         "from", "to", "mode", "transfer_ms", "gap_ms", "lost", "transfer_cpu_ms",
         "context_transfer", "prepared", "prepare_ms", "prepared_ahead_s", "commit_sent_ms",
-        "gap_at_ms", "handover_gap_ms", "baseline_gap_ms",
+        "gap_at_ms", "handover_gap_ms", "baseline_gap_ms", "prepare_gap_ms",
     ]
     assert (h["from"], h["to"], h["mode"]) == ("sg1", "sg2", mode)
     assert h["context_transfer"] == "predictive" and h["prepared"] is True, h

@@ -175,8 +175,9 @@ class Demo:
     handovers: list[dict[str, Any]] = field(default_factory=list)
     # per handover: (trigger, target active), monotonic; its gap_ms is measured around them
     handover_times: list[tuple[float, float]] = field(default_factory=list)
-    # the longest pause of the stream before the first handover (set by watch_gaps)
-    baseline_gaps: list[float] = field(default_factory=list)
+    # the longest pause of the stream before any handover work (set by watch_gaps: at the
+    # preparation's start, or at the handover's when nothing is prepared)
+    baseline_gaps: list[float | None] = field(default_factory=list)
     started: float = 0.0
     ended: float = 0.0  # when the stream's last packet was sent (monotonic)
     sent: list[int] = field(default_factory=lambda: [0, 0])
@@ -195,15 +196,29 @@ class Demo:
     # commits it), and how long before the handover it starts (seconds; 0: not prepared).
     prepare_ahead: float = 0.0
     prepared: asyncio.Task[tuple[str, float]] | None = None
+    prepare_started: float | None = None  # when the preparation was started (monotonic)
 
     def watch_gaps(self) -> None:
-        """A handover starts: the receivers record arrivals so that its gap can be measured,
-        and the longest pause so far (before any handover: the same path's noise floor in
-        this run) is kept as its baseline."""
+        """Something the stream's floor must not include starts (a preparation, a
+        handover): the receivers record arrivals from now on so that its gap can be measured,
+        and the longest pause so far is kept as the run's baseline (once: before any
+        handover work, the same path's noise floor in this run; ``None`` when fewer than two
+        packets had arrived either way, as when a preparation starts with the stream)."""
         if not self.baseline_gaps:
-            self.baseline_gaps.append(max(self.host_app.max_gap, self.mn_app.max_gap))
+            apps = (self.host_app, self.mn_app)
+            if all(len(a.received) >= 2 for a in apps):
+                self.baseline_gaps.append(max(a.max_gap for a in apps))
+            else:
+                self.baseline_gaps.append(None)
         self.host_app.watch()
         self.mn_app.watch()
+
+    def start_preparing(self, now: float) -> None:
+        """The preparation of a predictive handover starts (the baseline ended no later:
+        the preparation is handover work, its pause is counted in gap_ms and
+        prepare_gap_ms, not in the floor); arrivals are recorded from now on."""
+        self.prepare_started = now
+        self.watch_gaps()
 
     def host_route(self, gw: str) -> None:
         """The access network's route towards the MN now goes through gateway ``gw``."""
@@ -582,6 +597,11 @@ async def stream(
     sent = 0
     assert demo.mn_app.transport is not None and demo.host_app.transport is not None
     mn_link = ("127.0.0.1", demo.mn.inner_port)
+    # The baseline (the stream's floor) ends BASELINE_LEAD before the half-way handover, or
+    # at the preparation if that starts earlier, in every mode: one window for all, so that
+    # a reactive run's baseline is as long as a predictive one's (a longer window has a
+    # higher longest pause) and holds no handover work.
+    baseline_end = seconds / 2 - max(demo.prepare_ahead, min(BASELINE_LEAD, seconds / 2))
     while sent < total:
         # Evenly paced: each packet when it is due (the loop wakes about once a millisecond),
         # so that the receivers' longest gap measures the network, not bursts of the sender.
@@ -592,11 +612,14 @@ async def stream(
             demo.host_app.transport.sendto(_packet(1, sent), demo.host_peer)
         demo.sent = [sent, sent]
         elapsed = loop.time() - start
+        if at_half is not None and not demo.baseline_gaps and elapsed >= baseline_end:
+            demo.watch_gaps()
         if (
             before_half is not None
             and demo.prepared is None
             and elapsed >= seconds / 2 - demo.prepare_ahead
         ):
+            demo.start_preparing(time.monotonic())
             demo.prepared = asyncio.create_task(before_half())
         if at_half is not None and half_task is None and elapsed >= seconds / 2:
             half_task = asyncio.create_task(at_half())
@@ -678,6 +701,7 @@ def _report(demo: Demo, elapsed: float, out: TextIO) -> None:
     out.flush()
 
 
+BASELINE_LEAD = 1.0  # seconds before the half-way handover that the baseline ends (at least)
 SETTLE = 0.05  # seconds after a handover's target is active that still count as its window
 
 
@@ -702,7 +726,13 @@ def summary(demo: Demo) -> dict[str, Any]:
             h["gap_at_ms"] = round(1000 * (gap_start - lo), 3)  # from the trigger
             h["handover_gap_ms"] = round(1000 * window, 3)
             if demo.baseline_gaps:
-                h["baseline_gap_ms"] = round(1000 * demo.baseline_gaps[0], 3)
+                b = demo.baseline_gaps[0]
+                h["baseline_gap_ms"] = None if b is None else round(1000 * b, 3)
+            if h.get("prepared") and demo.prepare_started is not None:
+                # the preparation's own pause: from its start to the trigger (the commit)
+                p0 = demo.prepare_started
+                prep = max(demo.host_app.longest_gap(p0, lo), demo.mn_app.longest_gap(p0, lo))
+                h["prepare_gap_ms"] = round(1000 * prep, 3)
     return {
         "packets": {
             "sent": sent,
@@ -738,6 +768,9 @@ def print_summary(s: dict[str, Any], out: TextIO) -> None:
             + f" longest gap {h['gap_ms']:.1f} ms"
             + (f" ({h['gap_at_ms']:+.0f} ms from the trigger;"
                f" {h['handover_gap_ms']:.1f} ms around the handover)" if "gap_at_ms" in h else "")
-            + (f" (before it: {h['baseline_gap_ms']:.1f} ms)" if "baseline_gap_ms" in h else "")
+            + (f" (before it: {h['baseline_gap_ms']:.1f} ms)" if h.get("baseline_gap_ms")
+               is not None else "")
+            + (f" (while preparing: {h['prepare_gap_ms']:.1f} ms)" if "prepare_gap_ms" in h
+               else "")
             + f", lost {h['lost']}\n"
         )
