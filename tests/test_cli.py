@@ -107,7 +107,8 @@ def test_status_shows_the_ike_counters_and_pools(
 
 
 @pytest.mark.parametrize("flag", ["--commit", "--cancel"])
-@pytest.mark.parametrize("ident", ["", "xyz", "0123456789abcdef0", "-1"])
+@pytest.mark.parametrize("ident", ["", "xyz", "0123456789abcdef0", "-1", "0x", "+ff", "f_f",
+                                   " ff", "0x0123456789abcdef0", "0x-1"])
 def test_transfer_commit_and_cancel_say_a_bad_id_is_one(
     flag: str, ident: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -117,3 +118,53 @@ def test_transfer_commit_and_cancel_say_a_bad_id_is_one(
     assert cli.main(["transfer", f"{flag}={ident}", "-s", "/nonexistent.sock"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "transfer id" in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("flag", ["--commit", "--cancel"])
+@pytest.mark.parametrize(("ident", "sent"), [
+    ("6f1c0e2a9b3d4c5e", "6f1c0e2a9b3d4c5e"), ("0x6f1c0e2a9b3d4c5e", "6f1c0e2a9b3d4c5e"),
+    ("0X6F1C0E2A9B3D4C5E", "6f1c0e2a9b3d4c5e"), ("ff", "00000000000000ff"),
+    ("0xff", "00000000000000ff"),
+])  # fmt: skip
+def test_transfer_commit_and_cancel_take_an_id_with_or_without_0x(
+    flag: str, ident: str, sent: str, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The command line refused ``--commit 0x...``, which the socket took (and an id of 16
+    digits after 0x, which neither took): both read ids alike, and the command sends the
+    id in the form status prints."""
+    from ipsecct.commands import transfer
+
+    asked: list[tuple[str, dict[str, object]]] = []
+
+    def request(path: str, cmd: str, args: dict[str, object], **kw: object) -> dict[str, object]:
+        asked.append((cmd, args))
+        return {"id": args["id"], "peer": "sg2", "mode": "prepared", "outcome": "committed",
+                "tunnels": 1, "accepted": 1, "ms": 1.0}  # fmt: skip
+
+    monkeypatch.setattr(transfer, "request", request)
+    assert cli.main(["transfer", flag, ident, "-s", "/x.sock"]) == 0
+    assert asked == [("transfer.commit" if flag == "--commit" else "transfer.cancel",
+                      {"id": sent})]  # fmt: skip
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize(("ident", "tid"), [
+    ("6f1c0e2a9b3d4c5e", 0x6F1C0E2A9B3D4C5E), ("0x6f1c0e2a9b3d4c5e", 0x6F1C0E2A9B3D4C5E),
+    ("ff", 0xFF), ("0Xff", 0xFF),
+    ("-1", None), ("+ff", None), ("f_f", None), (" ff", None), ("0x", None), ("", None),
+    ("0x0123456789abcdef0", None), (255, None), (None, None), ("0o17", None),
+])  # fmt: skip
+def test_the_socket_reads_a_transfer_id_as_the_command_line_does(
+    ident: object, tid: int | None
+) -> None:
+    """The control socket's transfer.commit/cancel id (``_transfer_id``) took what int(x, 16)
+    takes: ``0x...`` but not 0x and 16 digits, and ``-1``, ``+ff``, ``f_f``."""
+    from ipsecct.errors import ControlError
+    from ipsecct.gateway.transfer_service import _transfer_id
+
+    if tid is None:
+        with pytest.raises(ControlError, match="is not hex digits"):
+            _transfer_id({"id": ident})
+    else:
+        assert _transfer_id({"id": ident}) == tid

@@ -199,7 +199,7 @@ def test_a_prepared_transfer_commits_on_the_command_and_cancels_on_the_other(
     setup.traffic_ok("sg1", 30)
     tid = prepare()
     setup.traffic_ok("sg1", 40)
-    r = cli("transfer", "--commit", tid, "--json", "--config", cfg1)
+    r = cli("transfer", "--commit", f"0x{tid}", "--json", "--config", cfg1)  # 0x optional
     assert r.returncode == 0, (r.stdout, r.stderr, setup.log("sg1"))
     assert json.loads(r.stdout)["outcome"] == "committed"
     setup.traffic_ok("sg2", 50)

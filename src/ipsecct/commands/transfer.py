@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import string
 import sys
 from typing import Any
 
 from ..errors import UsageError
-from ..gateway.control import request
+from ..gateway.control import parse_transfer_id, request
 from ..gateway.limits import TRANSFER_TIMEOUT_LIMIT
 from .args import number
 from .sa import add_target
@@ -53,13 +52,11 @@ def cmd_transfer(args: argparse.Namespace) -> int:
         # A prepared transfer's trigger (or its rollback): by the id --prepare printed.
         if args.spi is not None or args.to is not None or args.prepare:
             raise UsageError("--commit/--cancel ID take no SA, --to or --prepare")
-        if not 1 <= len(ident) <= 16 or ident.strip(string.hexdigits):
-            raise UsageError(f"transfer id {ident!r} is not hex digits (16, as transfer"
-                             " --prepare printed it)")  # fmt: skip
+        tid = parse_transfer_id(ident)  # (what the socket takes: 0x optional)
         rec = request(
             socket_path(args),
-            "transfer.commit" if args.commit else "transfer.cancel",
-            {"id": ident},
+            "transfer.commit" if args.commit is not None else "transfer.cancel",
+            {"id": f"{tid:016x}"},
             timeout=args.timeout + GRACE,
         )
         return _print(rec, args.json)

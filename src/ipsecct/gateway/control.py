@@ -25,6 +25,7 @@ import logging
 import os
 import socket
 import stat
+import string
 import struct
 import tempfile
 from collections.abc import Awaitable, Callable
@@ -133,6 +134,19 @@ def parse_spi(v: Any) -> int:
     if not 0 <= spi <= 0xFFFFFFFF:
         raise ControlError(f"bad SPI {v!r} (32 bits: 0 to 0xffffffff)")
     return spi
+
+
+def parse_transfer_id(v: Any) -> int:
+    """A transfer id as ``transfer --prepare`` and ``status`` print it: up to 16 hex digits,
+    ``0x`` before them optional, for the command line and the socket alike (the command line
+    refused a ``0x`` the socket took, and the socket took ``-1``, ``+ff`` and ``f_f``, which
+    int() reads). ControlError otherwise."""
+    text = v[2:] if isinstance(v, str) and v[:2] in ("0x", "0X") else v
+    if (isinstance(text, str) and 1 <= len(text) <= 16
+            and all(c in string.hexdigits for c in text)):  # fmt: skip
+        return int(text, 16)
+    raise ControlError(f"transfer id {v!r} is not hex digits (16, as transfer --prepare printed"
+                       " it; 0x optional)")  # fmt: skip
 
 
 def spi_hint(v: Any) -> str:

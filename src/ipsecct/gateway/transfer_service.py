@@ -36,7 +36,7 @@ from ..errors import ControlError, CxtpError, TransferError
 from ..ipsec.engine import Forward, Held, Tunnel, TunnelState
 from . import gcpolicy
 from .config import TransferConfig
-from .control import parse_spi, spi_hint
+from .control import parse_spi, parse_transfer_id, spi_hint
 from .limits import TRANSFER_TIMEOUT_LIMIT
 from .log import RateLimited, event
 from .node import Node
@@ -595,13 +595,7 @@ class TransferService:
 
 def _transfer_id(args: dict[str, Any]) -> int:
     """A control request's transfer ``id``: 16 hex digits, as ``ipsecct status`` shows it."""
-    v = args.get("id")
-    if not isinstance(v, str) or not 1 <= len(v) <= 16:
-        raise ControlError("a transfer id is 16 hex digits (as transfer --prepare printed it)")
-    try:
-        return int(v, 16)
-    except ValueError:
-        raise ControlError(f"transfer id {v!r} is not hex digits") from None
+    return parse_transfer_id(args.get("id"))
 
 
 def _limit(args: dict[str, Any]) -> float | None:
