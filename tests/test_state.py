@@ -555,8 +555,33 @@ def commit_before_pending() -> tuple[Any, Recorder]:
     return w, j2
 
 
+def test_a_source_whose_leaving_rows_were_never_submitted_never_commits() -> None:
+    """The source's "leaving" rows are submitted by an After once its contexts are handed
+    on; until then the COMMIT waits for a placeholder. An adapter that drops the After
+    (nothing recorded) gets no COMMIT after the CTDR, only the rollback at the time-out:
+    never a COMMIT without "leaving" durable."""
+    from ipsecct.ct import cxtp
+    from ipsecct.ct.transfer import After
+    from ipsecct.ipsec.engine import TunnelState
+
+    w, j1, _ = journaled_world()
+    g = w.gw["sg1"]
+    _, outs = g.core.start([g.engine.tunnels()[0]], "sg2", w.now)
+    g.run([o for o in outs if not isinstance(o, After)])
+    assert j1.calls == []
+    w.deliver("sg1", "sg2")  # PCTD
+    w.deliver("sg2", "sg1")  # CTDR: nothing recorded leaving, no COMMIT
+    assert w.pending("sg1", "sg2") == 0 and w.tunnel.state is TunnelState.HELD
+    assert settle(w, "sg1", j1) == [] and w.pending("sg1", "sg2") == 0
+    w.now += g.core.settings.max_transfer_time + 0.001
+    g.tick()  # the time-out: rolled back ("kept" submitted), the target told
+    assert isinstance(w.peek("sg1", "sg2"), cxtp.CTC)
+    assert g.finished[-1].outcome != "committed" and j1.calls[0][0] == "kept"
+
+
 def test_transfer_core_writes_in_parallel_with_the_exchange_and_waits_where_it_must() -> None:
-    """The source submits "leaving" when it holds the tunnel, before its contexts leave; the
+    """The source submits "leaving" when it holds the tunnel, once its contexts were handed
+    on (in the same step, before any answer can come: its rows do not delay them); the
     target submits "pending" when it installs the tunnel and answers at once: both are
     written while the messages travel. The COMMIT waits for "leaving" (not for the disk
     once it is durable: "given away" follows the COMMIT, not waited for); the target's
@@ -567,13 +592,14 @@ def test_transfer_core_writes_in_parallel_with_the_exchange_and_waits_where_it_m
 
     w, j1, j2 = journaled_world()
     w.transfer()
-    # "leaving" submitted before the PCTD was handed on (no message on the links then)
-    assert j1.calls == [("leaving", 0)] and w.tunnel.state is TunnelState.HELD
+    # "leaving" submitted in the same step as the PCTD, once it was handed on (the one
+    # message on the links then)
+    assert j1.calls == [("leaving", 1)] and w.tunnel.state is TunnelState.HELD
     w.deliver("sg1", "sg2")  # PCTD: "pending" submitted, the CTDR posted without waiting
     assert j2.calls == [("pending", 0)] and j2.writes
     assert isinstance(w.peek("sg2", "sg1"), cxtp.CTDR)
     w.deliver("sg2", "sg1")  # CTDR: "leaving" is not durable yet: no COMMIT
-    assert j1.calls == [("leaving", 0)] and w.pending("sg1", "sg2") == 0
+    assert j1.calls == [("leaving", 1)] and w.pending("sg1", "sg2") == 0
     assert w.tunnel.state is TunnelState.HELD
     assert settle(w, "sg1", j1) == ["leaving"]
     msg = w.peek("sg1", "sg2")  # now the COMMIT, and "given away" submitted after it
