@@ -100,6 +100,23 @@ def test_swanctl_keys_of_road_warrior_and_site_to_site_configs_are_read(
     assert _parse({"fragmentation": "force"}).fragmentation == "yes"  # IKEv1's: as yes
 
 
+@pytest.mark.parametrize(("value", "on"), [
+    ("yes", True), ("no", False), ("YES", True), (True, True), (False, False),
+    ("true", True), ("false", False),
+])  # fmt: skip
+def test_encap_and_mobike_take_swanctls_yes_and_no(value: Any, on: bool) -> None:
+    """docs/ikev2.md says yes/no may be written as strings, as swanctl.conf writes them:
+    ``encap = "yes"`` and ``mobike = "no"`` were refused ("must be true or false")."""
+    c = _parse({"encap": value, "mobike": value})
+    assert (c.encap, c.mobike) == (on, on)
+    c = _parse()  # not set: swanctl.conf's defaults
+    assert (c.encap, c.mobike) == (False, True)
+    for key in ("encap", "mobike"):
+        with pytest.raises(ConfigError, match=f"connections\\.rw\\.{key}: must be one of: "
+                           "yes, true, no, false"):  # fmt: skip
+            _parse({key: "maybe"})
+
+
 def test_a_small_volume_limit_without_its_life_key_is_not_refused_for_the_key_not_set() -> None:
     """rekey_packets = 5 alone: life_packets' default (10 % more, as swanctl's) was 5 too,
     and the configuration was refused naming life_packets, which it does not set."""

@@ -526,9 +526,8 @@ def parse_connections(
         for side in ("local", "remote"):
             if isinstance(d.get(side), dict) and "round" in d[side]:
                 ignored.append(f"{where}{side}.round (one authentication round)")
-        mobike = d.get("mobike", True)  # swanctl.conf's default
-        if not isinstance(mobike, bool):
-            raise ctx.err(where + "mobike", "must be true or false")
+        # swanctl.conf's yes/no, or TOML's true/false (docs/ikev2.md); yes: its default
+        mobike = _yes(d["mobike"], ctx, where + "mobike") if "mobike" in d else True
         la, lid, lcerts, _ = _auth(d.get("local"), ctx, where + "local.")
         ra, rid, _, rcas = _auth(d.get("remote"), ctx, where + "remote.")
         rd = d.get("remote") or {}
@@ -571,9 +570,7 @@ def parse_connections(
             raise ctx.err(where + "children", "needs at least one child (children.NAME)")
         children = [_child(cn, cd, ctx, f"{where}children.{cn}.", ignored)
                     for cn, cd in children_d.items()]  # fmt: skip
-        encap = d.get("encap", False)
-        if not isinstance(encap, bool):
-            raise ctx.err(where + "encap", "must be true or false")
+        encap = _yes(d["encap"], ctx, where + "encap") if "encap" in d else False
         local_id = Identity(lid) if lid else None
         remote_id = Identity(rid or "%any")
         # the PSK: strongSwan picks the secret whose ids match the two identities
