@@ -40,7 +40,7 @@ from ipsecct.ikev2.engine import (
     strip_marker,
 )
 from ipsecct.ikev2.ikesa import Address, ChildSA, IkeSA, IkeState
-from ipsecct.ikev2.proposal import ENCR_AES_GCM_16, choose, parse, parse_list
+from ipsecct.ikev2.proposal import ENCR_AES_GCM_16, choose, match, parse, parse_list
 from ipsecct.ikev2.ts import from_text, narrow
 from ipsecct.ipsec.sad import Direction
 from tests.helpers.ikev2_engines import (
@@ -186,10 +186,34 @@ def test_proposal_strings() -> None:
     assert o.integ == (13,) and o.prf == (6,) and o.dh == (20,)  # prf from the integrity
     assert parse("aes128-sha256-esn", M.ProtocolId.ESP).esn == (1,)
     for bad, why in [("aes128-foo-x25519", "'foo'"), ("sha256-x25519", "no encryption"),
-                     ("aes128gcm16-sha256-x25519", "AEAD"), ("aes128-sha256", "DH group"),
+                     ("aes128gcm16-aes128-sha256-x25519", "mixes AEAD"),
+                     ("aes128-sha256", "DH group"),
                      ("aes128gcm16-x25519", "needs a prf")]:  # fmt: skip
         with pytest.raises(ConfigError, match=why):
             parse(bad, M.ProtocolId.IKE)
+
+
+@pytest.mark.parametrize(("text", "proto", "name"), [
+    # what strongSwan 5.9.8's swanctl --load-conns makes of them (its log, on this machine)
+    ("aes128gcm16-sha256-x25519", M.ProtocolId.IKE, "AES_GCM_16_128/PRF_HMAC_SHA2_256/CURVE_25519"),
+    ("aes256gcm16-sha384-ecp384", M.ProtocolId.IKE, "AES_GCM_16_256/PRF_HMAC_SHA2_384/ECP_384"),
+    ("aes128gcm16-prfsha384-sha256-x25519", M.ProtocolId.IKE,
+     "AES_GCM_16_128/PRF_HMAC_SHA2_384/CURVE_25519"),
+    ("aes128gcm16-sha256", M.ProtocolId.ESP, "AES_GCM_16_128/NO_EXT_SEQ"),
+    ("chacha20poly1305-sha512-esn", M.ProtocolId.ESP, "CHACHA20_POLY1305/EXT_SEQ"),
+])  # fmt: skip
+def test_an_aead_proposal_naming_an_integrity_algorithm_is_read_as_strongswan_reads_it(
+    text: str, proto: int, name: str
+) -> None:
+    """``aes256gcm16-sha384-ecp384`` (a common way of writing an AEAD IKE proposal) was
+    refused ("an AEAD proposal takes no integrity algorithm"), while strongSwan takes the
+    integrity algorithm for the PRF (IKE) or leaves it out (ESP): so does this gateway, and
+    it proposes no integrity transform with an AEAD cipher."""
+    (o,) = parse_list([text], proto)
+    assert o.integ == ()
+    assert M.TransformType.INTEG not in {t.type for t in o.transforms()}
+    suite = match(o, M.Proposal(1, proto, b"", o.transforms()))
+    assert suite is not None and suite.name() == name
 
 
 def test_default_proposals_hold_only_groups_we_compute() -> None:

@@ -223,17 +223,20 @@ def parse(text: str, protocol: int) -> Offer:
     aead = [e for e, _ in encr if e in AEAD]
     if aead and len(aead) != len(encr):
         raise ConfigError(f"proposal {text!r}: mixes AEAD and non-AEAD encryption")
-    if aead and integ:
-        raise ConfigError(f"proposal {text!r}: an AEAD proposal takes no integrity algorithm")
     if not aead and not integ:
         raise ConfigError(f"proposal {text!r}: needs an integrity algorithm")
     if protocol == ProtocolId.IKE:
-        if not prf:
+        if not prf:  # (strongSwan's rule: the PRF of each integrity algorithm)
             prf = [_PRF_OF_INTEG[i] for i in integ]
             if not prf:
                 raise ConfigError(f"proposal {text!r}: an AEAD IKE proposal needs a prf")
         if not dh:
             raise ConfigError(f"proposal {text!r}: an IKE proposal needs a DH group")
+    if aead:  # an AEAD proposal proposes no integrity algorithm; one written stood for the
+        # PRF above (IKE) or is left out (ESP), as strongSwan 5.9.8 reads
+        # aes256gcm16-sha384-ecp384 (IKE: AES_GCM_16_256/PRF_HMAC_SHA2_384/ECP_384) and
+        # aes128gcm16-sha256 (ESP: AES_GCM_16_128): both were refused here
+        integ = []
     return Offer(protocol, tuple(encr), tuple(dict.fromkeys(integ)), tuple(dict.fromkeys(prf)),
                  tuple(dh), tuple(esn) or (ESN_NO,))  # fmt: skip
 
