@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
@@ -51,7 +52,7 @@ class Key(bytes):
 CONFIGS = [(0, 20, False, 64), (0, 36, True, 1024), (1, 36, True, 0), (0, 28, False, 32)]
 
 
-def make_in(esp, spi, alg, key, esn, owner=None):  # type: ignore[no-untyped-def]
+def make_in(esp: Any, spi: int, alg: int, key: bytes, esn: bool, owner: object = None) -> Any:
     """The inbound SA ``spi`` of CONFIGS, configured (selectors on every other one)."""
     sa_in = esp.SA(spi, False, alg, key, esn, CONFIGS[spi - 0x100][3], owner)
     sa_in.configure(0, (1 << 64) - 1, (1 << 64) - 1, 1e300, 65535, 0)
@@ -64,7 +65,7 @@ def make_in(esp, spi, alg, key, esn, owner=None):  # type: ignore[no-untyped-def
     return sa_in
 
 
-def renew(esp, table, sas, i, sink_port):  # type: ignore[no-untyped-def]
+def renew(esp: Any, table: Any, sas: list[Any], i: int, sink_port: int) -> None:
     """SA pair ``i`` leaves the table, as the engine drops an SA (its state taken back, then
     removed: its keys freed at once, the touched list may still hold it), and a new pair
     with the same keys and state takes its place, as the engine's next hand-over makes."""
@@ -96,7 +97,9 @@ def renew(esp, table, sas, i, sink_port):  # type: ignore[no-untyped-def]
     sas[i] = (alg, key, esn, spi, new_in, new_out)
 
 
-def thread_fuzz(esp, table, sas, rng, rounds, outer, inner, sink, sink_port, tx):  # type: ignore[no-untyped-def]
+def thread_fuzz(esp: Any, table: Any, sas: list[Any], rng: random.Random, rounds: int,
+                outer: socket.socket, inner: socket.socket, sink: socket.socket,
+                sink_port: int, tx: socket.socket) -> None:  # fmt: skip
     """The forwarding thread (Table.run) on the same untrusted datagrams, while this thread
     freezes and unfreezes the SAs and drains the queue, then a stop, a second run and a fault."""
     wake = os.eventfd(0, os.EFD_NONBLOCK)
@@ -207,19 +210,19 @@ def main() -> None:
             if rng.random() < 0.3:
                 data = data[: rng.randrange(len(data) + 1)]
         elif r < 0.8:
-            inner = bytearray(rng.randbytes(rng.randrange(0, 120)))
-            if inner:
-                inner[0] = rng.choice([0x45, 0x60, inner[0]])
-            if len(inner) >= 4 and rng.random() < 0.5:
-                inner[2:4] = struct.pack("!H", len(inner))
-            if len(inner) >= 6 and rng.random() < 0.5:
-                inner[4:6] = struct.pack("!H", max(0, len(inner) - 40))
-            k = table.flow_key(bytes(inner))
+            pkt = bytearray(rng.randbytes(rng.randrange(0, 120)))
+            if pkt:
+                pkt[0] = rng.choice([0x45, 0x60, pkt[0]])
+            if len(pkt) >= 4 and rng.random() < 0.5:
+                pkt[2:4] = struct.pack("!H", len(pkt))
+            if len(pkt) >= 6 and rng.random() < 0.5:
+                pkt[4:6] = struct.pack("!H", max(0, len(pkt) - 40))
+            k = table.flow_key(bytes(pkt))
             if k is not None and rng.random() < 0.5:
                 table.add_flow(k if rng.random() < 0.8 else Key(k), sa_out)
                 keys.append(k)
-            table.seal_flow(bytes(inner), 0.0)
-            sa_out.seal(bytes(inner), 0.0)
+            table.seal_flow(bytes(pkt), 0.0)
+            sa_out.seal(bytes(pkt), 0.0)
             continue
         else:
             data = rng.randbytes(rng.randrange(0, 60))
@@ -267,7 +270,7 @@ def main() -> None:
     print("fuzz-ok", rounds)
 
 
-def read_through_fuzz(esp, rng, rounds):  # type: ignore[no-untyped-def]
+def read_through_fuzz(esp: Any, rng: random.Random, rounds: int) -> None:
     """The read-through descriptors (``read_through``) on a slotted class of their own: reads
     and writes with no, an inactive, an active and a foreign C object, bad values, deletes,
     objects of another type, descriptors made and dropped."""
@@ -284,7 +287,7 @@ def read_through_fuzz(esp, rng, rounds):  # type: ignore[no-untyped-def]
     class Obj:
         seq: int = 0
         counters: Cnt = field(default_factory=Cnt)
-        native: object = None
+        native: Any = None  # (a native SA, or a bad value)
 
     slots = {k: vars(Obj)[k] for k in ("seq", "counters", "native")}
     for name in ("seq", "counters"):
@@ -306,9 +309,9 @@ def read_through_fuzz(esp, rng, rounds):  # type: ignore[no-untyped-def]
             try:
                 op = rng.randrange(6)
                 if op == 0:
-                    o.seq = rng.choice((rng.randrange(1 << 64), -1, "x", 1 << 70))
+                    o.seq = rng.choice((rng.randrange(1 << 64), -1, "x", 1 << 70))  # type: ignore[assignment]  # (bad values on purpose)
                 elif op == 1:
-                    o.counters = rng.choice((Cnt(rng.randrange(9), 3), object()))
+                    o.counters = rng.choice((Cnt(rng.randrange(9), 3), object()))  # type: ignore[assignment]  # (likewise)
                 elif op == 2:
                     del o.seq
                 elif op == 3:

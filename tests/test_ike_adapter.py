@@ -8,12 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from ipsecct.ct.transfer import Record
+from ipsecct.ct.transfer import Identity, Record
 from ipsecct.gateway.config import from_dict
 from ipsecct.gateway.ike import IkeService
 from ipsecct.gateway.node import Node
-from ipsecct.ikev2.engine import Send
-from ipsecct.ikev2.ikesa import Address
+from ipsecct.ikev2.config import Connection
+from ipsecct.ikev2.engine import Output, Send
+from ipsecct.ikev2.ikesa import Address, IkeSA
 from tests.helpers.ikev2_engines import (
     I500,
     R500,
@@ -133,7 +134,7 @@ def test_a_request_that_reaches_the_old_gateway_is_forwarded_to_the_new_one(
     forwarded: list[tuple[str, bytes]] = []
     sg1.forward_ike = lambda peer, cdb, mn: forwarded.append((peer, cdb))
     answers: list[Send] = []
-    sg2._send = answers.append  # type: ignore[method-assign]
+    sg2._send = answers.append  # type: ignore[method-assign, assignment]
     sg1._export(ike_r, "sg2", 0)
     assert not sg1.engine.ike_sas() and len(sg2.engine.ike_sas()) == 1
     (req,) = [o for o in w.ini.liveness(ike_i, 1.0) if isinstance(o, Send)]
@@ -311,11 +312,11 @@ def test_a_replica_the_standby_cannot_take_is_refused_and_the_active_sees_which(
     other = conn(dpd=10)
     other.children[0] = dataclasses.replace(other.children[0], name="elsewhere")
 
-    def standby(connection: object) -> tuple[IkeService, failover.Standby]:
+    def standby(connection: Connection) -> tuple[IkeService, failover.Standby]:
         sg2 = _service(tmp_path, "sg2")
         sg2.engine.connections[:] = [connection]
         sb = failover.Standby(sg2.node.engine, dataclasses.replace(fcfg, role="standby"),
-                              sg2.node.cfg.outer, failover.Identity.INDIRECT)  # fmt: skip
+                              sg2.node.cfg.outer, Identity.INDIRECT)  # fmt: skip
         sb.check_extra = sg2.check_replica
         return sg2, sb
 
@@ -372,7 +373,7 @@ def test_a_request_for_an_ike_sa_that_left_after_a_transfer_here_is_forwarded_no
     forwarded: list[tuple[str, bytes]] = []
     sg2.forward_ike = lambda peer, cdb, mn: forwarded.append((peer, cdb))
     answers: list[Send] = []
-    sg2._send = answers.append  # type: ignore[method-assign]
+    sg2._send = answers.append  # type: ignore[method-assign, assignment]
     sg2.on_transfer(Record(1, "target", "sg1", "predictive", 0.0, 0.0, "committed"))
     now[0] += 0.3
     sg2._export(ike_r, "sg1", 0)  # the IKE SA leaves inside the early window
@@ -419,7 +420,7 @@ def test_a_fragmented_request_held_during_a_transfer_follows_the_ike_sa_whole(
     sg1.send_context = lambda peer, cdbs, mn: channel.append(cdbs)
     sg1.forward_ike = lambda peer, cdb, mn: channel.append([cdb])
     answers: list[Send] = []
-    sg2._send = answers.append  # type: ignore[method-assign]
+    sg2._send = answers.append  # type: ignore[method-assign, assignment]
     ike_r.quiet = True
     frags = [o for o in w.ini.rekey_child(ike_i, ike_i.children[0], 1.0) if isinstance(o, Send)]
     assert len(frags) >= 2
@@ -454,7 +455,7 @@ def test_an_imported_child_sa_the_peer_rekeyed_still_carries_the_traffic(
     old, new = ike_r.children
     svc = _service(tmp_path)
     svc.engine.connections = [conn(child_rekey=20.0)]
-    svc._send = lambda o: None  # type: ignore[method-assign]
+    svc._send = lambda o: None  # type: ignore[method-assign, assignment]
     eng = svc.node.engine
     tunnels = {}
     for c in (old, new):  # each first: the successor's policy would take the traffic
@@ -491,7 +492,7 @@ def test_a_peer_address_unverified_at_a_take_over_gets_the_esp_only_once_checked
     w.deliver([resp], "r", 1.0)
     svc = _service(tmp_path)
     sent: list[Send] = []
-    svc._send = sent.append  # type: ignore[method-assign]
+    svc._send = sent.append  # type: ignore[method-assign, assignment]
     (c,) = ir.children
     entry, out, inn = c.sas(R500, I500, False, "c/net")  # the last verified address
     svc.node.engine.add_tunnel(entry, out, inn, index=0)
@@ -532,7 +533,7 @@ def test_an_owed_delete_is_replicated_until_the_peer_answers_it(tmp_path: Path) 
     sg1 = _service(tmp_path, "sg1")
     sg1.engine.connections[:] = [conn(child_rekey=20.0)]
     sent: list[Send] = []
-    sg1._send = sent.append  # type: ignore[method-assign]
+    sg1._send = sent.append  # type: ignore[method-assign, assignment]
 
     def owed() -> list[list[bytes]]:
         ups, _gone = sg1.feed.poll_extra(sg1.node.clock(), False)
@@ -573,7 +574,7 @@ def test_the_old_sa_of_our_rekey_takes_the_peers_esp_until_our_delete_is_answere
         svc = _service(tmp_path)
         svc.engine.connections[:] = [conn(child_rekey=20.0)]
         sent: list[Send] = []
-        svc._send = sent.append  # type: ignore[method-assign]
+        svc._send = sent.append  # type: ignore[method-assign, assignment]
         eng = svc.node.engine
         entry, out, inn = c.sas(R500, I500, False, "c/net")
         eng.add_tunnel(entry, out, inn, index=0).came_from = "sg1"
@@ -749,7 +750,7 @@ def test_a_fenced_gateway_sends_no_ike_datagram_whatever_made_it(
     assert len(out) == 1
 
 
-def _unit_at_sg1(tmp_path: Path, w: object) -> tuple[IkeService, object]:
+def _unit_at_sg1(tmp_path: Path, w: object) -> tuple[IkeService, IkeSA]:
     """sg1's IKE service with one IKE SA whose only CHILD SA is the transfer World's tunnel
     (the unit the transfer moves)."""
     import dataclasses
@@ -881,13 +882,13 @@ def test_an_unexpected_failure_of_the_export_after_the_commit_is_caught_and_repo
     sg1 = _service(tmp_path, "sg1")
     sg1.engine = w.resp
     answers: list[Send] = []
-    sg1._send = answers.append  # type: ignore[method-assign]
+    sg1._send = answers.append  # type: ignore[method-assign, assignment]
 
     def boom(*a: object) -> None:
         raise RuntimeError("sk_d=00112233")
 
     sent: list[list[bytes]] = []
-    sg1.send_context = boom if where == "send" else lambda p, c, m: sent.append(c)  # type: ignore[assignment]
+    sg1.send_context = boom if where == "send" else lambda p, c, m: sent.append(c)
     if where == "export":
         monkeypatch.setattr(sg1.engine, "export_ike", boom)
     ike_r.quiet = True
@@ -953,12 +954,13 @@ def test_a_child_sa_from_a_peer_has_one_unique_id_in_sa_list_sa_show_and_the_log
     assert f"name: {ours}" in text and theirs not in text, text
     # the log of its removal names it so too (as its installation here would)
     with caplog.at_level("INFO", logger="ipsecct"):
-        down = [o for o in svc.engine.delete_child(ike, mine, 2.0) if isinstance(o, ChildDown)]
+        down: list[Output] = [
+            o for o in svc.engine.delete_child(ike, mine, 2.0) if isinstance(o, ChildDown)]
         svc._act(down)  # (the DELETE itself is not sent: no socket here)
     assert f"child={ours}" in caplog.text, caplog.text
 
 
-def _local_and_moving(tmp_path: Path, unique: str) -> tuple[IkeService, object, bytes, list[bytes]]:
+def _local_and_moving(tmp_path: Path, unique: str) -> tuple[IkeService, IkeSA, bytes, list[bytes]]:
     """sg2 (unique as given) with an IKE SA of identity mn.test made there, and an IKE SA of
     the same identity at sg1 about to move to sg2: its UNIT payload and its context."""
     from ipsecct.ikev2 import context

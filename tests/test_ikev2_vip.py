@@ -11,6 +11,7 @@ import json
 import re
 import signal
 from pathlib import Path
+from typing import cast
 
 import pytest
 from hypothesis import given, settings
@@ -26,6 +27,7 @@ from ipsecct.ikev2.config import Connection, Identity, parse_pools
 from ipsecct.ikev2.engine import ChildUp, IkeEngine, Output
 from ipsecct.ikev2.pool import Pool, parse_range
 from ipsecct.ikev2.ts import from_text
+from ipsecct.ipsec.ippacket import IPAddress
 from tests.helpers import strongswan
 from tests.helpers.daemon import Daemon
 from tests.helpers.ike_world import CLIENT, Client, IkeWorld, ike_world, waiting_with_logs
@@ -140,8 +142,8 @@ def test_a_connection_whose_children_cannot_hold_its_pool_is_a_configuration_err
 
 def test_pool_leases_online_offline_and_away() -> None:
     p = Pool("p", ip("10.3.0.1"), ip("10.3.0.3"))
-    a = p.acquire("alice")
-    b = p.acquire("bob")
+    a = cast(IPAddress, p.acquire("alice"))  # (checked below)
+    b = cast(IPAddress, p.acquire("bob"))
     assert (a, b) == (ip("10.3.0.1"), ip("10.3.0.2"))
     p.release(a)
     assert p.acquire("carol") == ip("10.3.0.3")  # never leased before alice's offline one
@@ -801,10 +803,10 @@ def test_ipsecct_node_gets_a_virtual_ip_from_a_strongswan_gateway(workdir: Path)
         build_namespaces(ns)
         ss.start()
         conf = node_config(workdir)
-        text = conf.read_text().replace(
+        conf_text = conf.read_text().replace(
             f'children.net.local_ts = ["{A.inner}/32"]',
             'children.net.local_ts = ["0.0.0.0/0"]\nvips = ["0.0.0.0"]')
-        conf.write_text(text)
+        conf.write_text(conf_text)
         sock = str(workdir / "mn.sock")
         mn = Daemon("node", conf, sock, workdir / "mn.log",
                     prefix=["ip", "netns", "exec", ns.names["a"]])  # fmt: skip

@@ -55,8 +55,8 @@ from ipsecct.tools.pcapdecrypt import Decryptor, Outcome, esn_candidates
 from tests.helpers.sas import sa_pair
 
 # Explicit addresses everywhere: otherwise Scapy looks up routes and MAC addresses (slowly).
-ETH = {"src": "02:00:00:00:00:01", "dst": "02:00:00:00:00:02"}
-ARP_ = {"hwsrc": "02:00:00:00:00:01", "psrc": "192.0.2.1", "pdst": "192.0.2.2"}
+ETH: dict[str, Any] = {"src": "02:00:00:00:00:01", "dst": "02:00:00:00:00:02"}
+ARP_: dict[str, Any] = {"hwsrc": "02:00:00:00:00:01", "psrc": "192.0.2.1", "pdst": "192.0.2.2"}
 
 # ---------------------------------------------------------------------------------------------
 # pcap reader and writer
@@ -315,7 +315,7 @@ def scapy_capture(mode: str, version: int, per_sa: int = 2) -> Capture:
         for udp in (False, True):
             spi = 0x10000 + 2 * ti + udp
             ek, ak = os.urandom(t.klen), os.urandom(t.alen)
-            sa = ScapySA(
+            sa = ScapySA(  # type: ignore[no-untyped-call]  # (Scapy leaves it unannotated)
                 ESP, spi=spi, crypt_algo=t.crypt, crypt_key=ek or None, auth_algo=t.auth,
                 auth_key=ak or None,
                 tunnel_header=outer_cls(src=src, dst=dst) if mode == "tunnel" else None,
@@ -333,10 +333,10 @@ def scapy_capture(mode: str, version: int, per_sa: int = 2) -> Capture:
                     orig = inner_packet(n, 4 if n % 2 else 6)
                 else:
                     orig = outer_cls(bytes(outer_cls(src=src, dst=dst) / inner_packet(n, 4)[UDP]))
-                packets.append(sa.encrypt(orig))
+                packets.append(sa.encrypt(orig))  # type: ignore[no-untyped-call]
                 expected.append(bytes(orig))
     # noise that must be skipped: IKE behind the non-ESP marker, a keep-alive, plain traffic
-    noise = [
+    noise: list[Packet] = [
         outer_cls(src=src, dst=dst) / UDP(sport=4500, dport=4500) / Raw(bytes(4) + b"IKE"),
         outer_cls(src=src, dst=dst) / UDP(sport=4500, dport=4500) / Raw(b"\xff"),
         outer_cls(src=src, dst=dst) / UDP(sport=53, dport=53) / Raw(b"dns"),
@@ -620,10 +620,10 @@ def test_tfc_padding_is_stripped() -> None:
 
 def test_transport_with_ipv6_extension_header() -> None:
     ek = os.urandom(20)
-    sa = ScapySA(ESP, spi=0x6000, crypt_algo="AES-GCM", crypt_key=ek, auth_algo="NULL")
+    sa = ScapySA(ESP, spi=0x6000, crypt_algo="AES-GCM", crypt_key=ek, auth_algo="NULL")  # type: ignore[no-untyped-call]
     orig = IPv6(bytes(IPv6(src="2001:db8::1", dst="2001:db8::2") / IPv6ExtHdrDestOpt()
                       / UDP(sport=5, dport=6) / Raw(b"ext")))
-    enc = sa.encrypt(orig)
+    enc = sa.encrypt(orig)  # type: ignore[no-untyped-call]
     from ipsecct.tools.keyfile import parse_line
 
     kl = parse_line(q("IPv6", "2001:db8::1", "2001:db8::2", "0x00006000",
@@ -759,13 +759,13 @@ def test_encryption_only_esp_decrypts_with_a_warning(tmp_path: Path) -> None:
     and so does pcap decrypt: the packets decrypt (unauthenticated), with a warning."""
     src, dst = OUTER[4]
     ek = os.urandom(16)
-    sa = ScapySA(
+    sa = ScapySA(  # type: ignore[no-untyped-call]
         ESP, spi=0x4321, crypt_algo="AES-CBC", crypt_key=ek, auth_algo="NULL",
         tunnel_header=IP(src=src, dst=dst),
     )  # fmt: skip
     origs = [inner_packet(i, 4 if i % 2 else 6) for i in range(1, 5)]
     pcap = tmp_path / "in.pcap"
-    write_capture(pcap, LINKTYPE_RAW, [sa.encrypt(o) for o in origs])
+    write_capture(pcap, LINKTYPE_RAW, [sa.encrypt(o) for o in origs])  # type: ignore[no-untyped-call]
     line = q("IPv4", src, dst, "0x00004321", "AES-CBC [RFC3602]", "0x" + ek.hex(), "NULL", "")
     rc, err, out = run_decrypt(tmp_path, [line], pcap)
     assert rc == 0, err

@@ -38,7 +38,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any
+from typing import IO, Any, Self
 
 from tests.helpers.netns import Namespaces, stop_process, wait_until
 
@@ -462,7 +462,7 @@ class Charon:
             self._out.close()
             self._out = None
 
-    def __enter__(self) -> Charon:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(
