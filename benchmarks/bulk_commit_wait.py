@@ -83,7 +83,7 @@ def main(sas: int, runs: int) -> dict[str, Any]:
         waits.clear()
         writes.clear()
         puts.clear()
-        _, rate = asyncio.run(bench._transfers(1, sas))
+        _, _, rate = asyncio.run(bench._transfers(1, sas))
         # The last transfer of the run is the bulk move (the first, one handover).
         out["commit_wait_ms"].append(round(waits[-1], 1))
         out["write_ms"].append(round(writes[-1], 1))

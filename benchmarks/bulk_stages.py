@@ -120,7 +120,7 @@ def main() -> None:
     topology.stop = stop_then_count  # type: ignore[assignment]
     rates = []
     for _ in range(args.runs):
-        rates.append(asyncio.run(bench._transfers(1, args.sas))[1])
+        rates.append(asyncio.run(bench._transfers(1, args.sas))[2])
     print(f"bulk_sas_per_s: {[round(r) for r in rates]}, median {statistics.median(rates):,.0f}")
     order = {label: i for i, (_, _, label) in enumerate(STAGES)}
     for k in sorted(results, key=lambda k: order.get(k, -1)):
