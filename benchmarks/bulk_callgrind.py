@@ -62,13 +62,13 @@ def main() -> None:
     from ipsecct.ipsec.engine import Engine
 
     Engine.TIMER_INTERVAL = 1e9
-    Engine.expire_moved = lambda self, now: []  # type: ignore[method-assign,assignment,misc]
+    Engine.expire_moved = lambda self, now: []  # type: ignore[method-assign]
     # Likewise the collector's sweep (gcpolicy.GcPolicy.maintain: due once a second passed
     # with no batch and no transfer in progress on the gateway whose timer asks): under
     # valgrind such a second passes inside the move, a full collection of both gateways'
     # heaps (about 20,000 instructions per SA of a 5,000-SA move) counted or not by where
     # the ticks fell; in a real move it does not happen.
-    gcpolicy.GcPolicy.maintain = lambda self, busy: False  # type: ignore[method-assign,assignment,misc]
+    gcpolicy.GcPolicy.maintain = lambda self, busy: False  # type: ignore[method-assign]
     settles = [0]
     marks: list[int] = []
     settle = gcpolicy.POLICY.settle
@@ -103,7 +103,7 @@ def main() -> None:
     async def wait_longer(fut: Any, timeout: float | None) -> Any:
         return await wait_for(fut, 3600.0)  # (the bench waits 120 s for the target's record)
 
-    bench.asyncio = types.SimpleNamespace(**{**vars(asyncio), "wait_for": wait_longer})  # type: ignore[assignment]
+    bench.asyncio = types.SimpleNamespace(**{**vars(asyncio), "wait_for": wait_longer})  # type: ignore[attr-defined, assignment]
     gcpolicy.POLICY.settle = settle_then_start  # type: ignore[method-assign]
     topology.stop = stop_then_count  # type: ignore[assignment]
     asyncio.run(bench._transfers(1, args.sas))

@@ -73,7 +73,7 @@ def main(sas: int, runs: int) -> dict[str, Any]:
         return orig_written(self, batch, error, **kw)
 
     tr.TransferCore._commit_when_recorded = commit_when_recorded  # type: ignore[method-assign]
-    DurableState.leaving = leaving  # type: ignore[method-assign]
+    DurableState.leaving = leaving  # type: ignore[method-assign, assignment]
     DurableState._settle = settle  # type: ignore[method-assign]
     StateStore.put = put  # type: ignore[method-assign]
     out: dict[str, list[float]] = {

@@ -70,8 +70,8 @@ async def main(handovers: int) -> dict[str, Any]:
 
     tr.TransferCore._commit_all = commit_all  # type: ignore[method-assign]
     tr.TransferCore._commit_when_recorded = commit_when  # type: ignore[method-assign]
-    tr.TransferCore._on_commit = on_commit  # type: ignore[method-assign]
-    DurableState.arriving = arriving  # type: ignore[method-assign]
+    tr.TransferCore._on_commit = on_commit  # type: ignore[method-assign, assignment]
+    DurableState.arriving = arriving  # type: ignore[method-assign, assignment]
     arms = ("after_ctdr", "commit_early", "commit_early_urgent")
     rows: dict[str, list[dict[str, float]]] = {a: [] for a in arms}
     with tempfile.TemporaryDirectory(prefix="ipsecct-commit-early-") as tmp:
@@ -96,7 +96,7 @@ async def main(handovers: int) -> dict[str, Any]:
                 stamps.clear()
                 pending.clear()
                 t0 = time.perf_counter()
-                await handover(ts, src, dst, [spi], lambda: stamps.setdefault(
+                await handover(ts, src, dst, [spi], lambda: stamps.setdefault(  # type: ignore[arg-type]
                     "activated", time.perf_counter()))  # fmt: skip
                 await asyncio.sleep(0.005)
                 row = {k: (v - t0) * 1000 for k, v in stamps.items()}

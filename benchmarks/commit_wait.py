@@ -65,7 +65,7 @@ async def main(handovers: int) -> dict[str, Any]:
             writes.append((time.perf_counter() - item[0]) * 1000)
 
     tr.TransferCore._commit_when_recorded = commit_when_recorded  # type: ignore[method-assign]
-    DurableState.leaving = leaving  # type: ignore[method-assign]
+    DurableState.leaving = leaving  # type: ignore[method-assign, assignment]
     with tempfile.TemporaryDirectory(prefix="ipsecct-commit-wait-") as tmp:
         dm = await demo.build(Path(tmp))
         try:

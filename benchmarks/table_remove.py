@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable
 
 # (run as a script: its folder is on sys.path) the counters bulk_callgrind.py reads
-from bulk_callgrind import _callgrind, _instructions
+from bulk_callgrind import _callgrind, _instructions  # type: ignore[import-not-found]
 
 
 def main() -> None:
