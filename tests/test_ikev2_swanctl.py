@@ -117,6 +117,47 @@ def test_encap_and_mobike_take_swanctls_yes_and_no(value: Any, on: bool) -> None
             _parse({key: "maybe"})
 
 
+@pytest.mark.parametrize(("local_id", "ok"), [
+    ("peer.test", True), ("PEER.test", True), (None, True), ("CN=peer.test", True),
+    ("gw.test", False), ("192.0.2.1", False), ("admin@peer.test", False),
+])  # fmt: skip
+def test_a_local_id_our_certificate_does_not_prove_is_refused_naming_its_names(
+    local_id: str | None, ok: bool
+) -> None:
+    """``local.id = "gw.wrong"`` beside a certificate for gw.example loaded, and every peer
+    then refused the authentication (the ID we sent is not in the certificate: strongSwan
+    finds no trusted public key for it). It is refused at load, naming the certificate's
+    names; a DN (sent as the certificate's subject) or no local.id is left alone."""
+    ca, cert, key, _ = _pki("p256")
+    local: dict[str, Any] = {"auth": "pubkey", "certs": ["gw.pem"]}
+    if local_id is not None:
+        local["id"] = local_id
+    remote = {"auth": "pubkey", "cacerts": ["ca.pem"], "id": "%any"}
+
+    def parse() -> Connection:
+        return _parse({"local": local, "remote": remote},
+                      load_certs=lambda f: [cert if f == "gw.pem" else ca],  # type: ignore[list-item]
+                      private_keys=[key])  # type: ignore[list-item]  # fmt: skip
+
+    if ok:
+        assert parse().credentials is not None
+    else:
+        with pytest.raises(ConfigError, match=f"^gw.toml: connections\\.rw\\.local\\.id: "
+                           f"'{local_id}' is not a name of the certificate CN=peer.test "
+                           "\\(dns:peer.test\\)"):  # fmt: skip
+            parse()
+
+
+def test_a_psk_connection_without_a_matching_secret_names_the_ids_on_both_sides() -> None:
+    """A typo in local.id (or in a secret's id) said only "no [secrets.ike-*] entry whose id
+    is local.id or remote.id": the operator had to find which one; both are named, and the
+    ids the secrets do have."""
+    with pytest.raises(ConfigError, match=r"^gw.toml: connections\.rw: no \[secrets.ike-\*\] "
+                       r"entry whose id is local.id \(gw.tset\) or remote.id \(%any\); the "
+                       r"secrets' ids: 'gw.test'$"):  # fmt: skip
+        _parse({"local": {"auth": "psk", "id": "gw.tset"}})
+
+
 def test_a_small_volume_limit_without_its_life_key_is_not_refused_for_the_key_not_set() -> None:
     """rekey_packets = 5 alone: life_packets' default (10 % more, as swanctl's) was 5 too,
     and the configuration was refused naming life_packets, which it does not set."""

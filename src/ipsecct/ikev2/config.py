@@ -37,7 +37,14 @@ from cryptography.hazmat.primitives import serialization
 
 from ..errors import ConfigError, IpsecctError
 from ..ipsec.replay import MAX_WINDOW
-from .auth import REVOCATION_POLICIES, Credentials, PrivateKey, RevocationList
+from .auth import (
+    REVOCATION_POLICIES,
+    Credentials,
+    PrivateKey,
+    RevocationList,
+    cert_names,
+    id_matches_cert,
+)
 from .message import IDPayload, IdType, ProtocolId, TrafficSelector
 from .pool import Pool, parse_range
 from .proposal import Offer, parse_list
@@ -565,6 +572,16 @@ def parse_connections(
                     raise ctx.err(where + "local.certs", "no [secrets.private-*] key for the "
                                   f"certificate {chain[0].subject.rfc4514_string()}")  # fmt: skip
                 creds = Credentials(tuple(chain), key)
+                if lid and "=" not in lid and not Identity(lid).any and not id_matches_cert(
+                        Identity(lid).payload(False), chain[0]):  # fmt: skip
+                    # we would send it as our ID with a certificate that does not prove it:
+                    # every peer refuses the authentication (strongSwan finds "no trusted
+                    # public key" for it), so no client would ever connect
+                    names = ", ".join(cert_names(chain[0])) or "no subjectAltName"
+                    raise ctx.err(where + "local.id", f"{lid!r} is not a name of the "
+                                  f"certificate {chain[0].subject.rfc4514_string()} "
+                                  f"({names}): use one of them, or leave local.id out (the "
+                                  "subject DN)")  # fmt: skip
         children_d = d.get("children", {})
         if not isinstance(children_d, dict) or not children_d:
             raise ctx.err(where + "children", "needs at least one child (children.NAME)")
@@ -583,8 +600,10 @@ def parse_connections(
         if not psk and len(secrets) == 1 and "%any" in secrets:
             psk = secrets["%any"]
         if not psk and needs_psk:
+            known = ", ".join(repr(k) for k in sorted(secrets)) or "none"
             raise ctx.err(where.rstrip("."),
-                          "no [secrets.ike-*] entry whose id is local.id or remote.id")
+                          f"no [secrets.ike-*] entry whose id is local.id ({lid or '(unset)'})"
+                          f" or remote.id ({rid or '%any'}); the secrets' ids: {known}")
         initiating = [f"start_action = {c.start_action}" for c in children
                       if c.start_action in ("start", "trap")]  # fmt: skip
         initiating += [f"dpd_action = {c.dpd_action}" for c in children
