@@ -1039,3 +1039,27 @@ def test_a_moved_ike_sa_that_unique_keep_meets_only_after_its_commit_is_kept_and
     svc.receive_context("sg1", cdbs)
     assert len(svc.engine.ike_sas()) == 2 and local.state is IkeState.ESTABLISHED
     assert svc.engine.stats["unique-late"] == 1
+
+
+def test_a_unit_check_is_given_its_transfer_and_the_core_says_where_that_transfer_is() -> None:
+    """What reserves a moving IKE SA's virtual IPs at the target (IkeService.check_unit)
+    learns which transfer admits it, and later where that transfer is: open until its
+    COMMIT, then committed; ended when it was refused."""
+    from ipsecct.ct.transfer import UNIT_IKEV2, unit_cdb
+    from tests.helpers.transfer import World
+
+    for refuse in (False, True):
+        tw = World()
+        tw.gw["sg1"].core.unit_cdbs = lambda tunnels: [
+            unit_cdb(UNIT_IKEV2, [t.outbound.spi for t in tunnels], b"ike")]
+        core2 = tw.gw["sg2"].core
+        seen: list[tuple[str, bytes, int]] = []
+        core2.unit_checks[UNIT_IKEV2] = lambda peer, p, tid, refuse=refuse, seen=seen: (  # type: ignore[misc]
+            seen.append((peer, p, tid)) or ("no" if refuse else None))
+        tid = tw.transfer()
+        assert core2.incoming_state("sg1", tid) == "ended"  # (nothing came yet)
+        tw.deliver("sg1", "sg2")
+        assert seen == [("sg1", b"ike", tid)]
+        assert core2.incoming_state("sg1", tid) == ("ended" if refuse else "open")
+        tw.deliver_all()
+        assert core2.incoming_state("sg1", tid) == ("ended" if refuse else "committed")

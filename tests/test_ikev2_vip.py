@@ -773,6 +773,64 @@ def test_a_lease_taken_at_the_target_refuses_the_unit_before_the_commit_no_sa_se
     assert svc.status()["pools"][0]["online"] == 1
 
 
+def test_a_transfers_virtual_ip_is_reserved_from_its_acceptance_until_its_ike_sa_comes(
+    tmp_path: Path,
+) -> None:
+    """Between the target's answer that lets the source COMMIT and the IKE SA's import, the
+    address the moving IKE SA holds is reserved at the target: a new client does not get it
+    (before, it could, and the moved IKE SA's CHILD SAs then carried the same address as the
+    new client's: two clients, one address), another transfer carrying it is refused. The
+    reservation ends with the transfer when it ends without the COMMIT (refused, cancelled,
+    failed), at the import, or RESERVE_AFTER_COMMIT after a COMMIT whose IKE SA never came."""
+    from ipsecct.ct.transfer import Record
+    from ipsecct.gateway.ike import RESERVE_AFTER_COMMIT
+
+    w = vip_pair()
+    connect(w)
+    (ike,) = w.resp.ike_sas()
+    (payload,) = context.unit_payloads(ike, ike.children)
+    a = ip("10.3.0.1")
+    svc = _service(tmp_path)
+    pool = svc.engine.pools["p4"]
+    states: dict[tuple[str, int], str] = {}
+    svc.incoming_state = lambda peer, tid: states.get((peer, tid), "ended")
+    now = [100.0]
+    svc.node.clock = lambda: now[0]
+
+    def accepted(tid: int) -> None:
+        states[("sg1", tid)] = "open"
+        assert svc.check_unit("sg1", payload, tid) is None
+        assert pool.reserved == {a: (ike.peer_id, f"sg1/{tid:016x}")}
+        assert pool.acquire("newcomer", a) not in (a, None)  # not the reserved address
+        why = svc.check_unit("sg3", payload, tid + 100)
+        assert why is not None and "reserved here for another transfer" in why
+
+    def ended(tid: int, outcome: str) -> None:
+        states[("sg1", tid)] = "committed" if outcome == "committed" else "ended"
+        svc.on_transfer(Record(tid, "target", "sg1", "predictive", 0.0, now[0], outcome))
+
+    for tid, outcome in ((1, "cancelled"), (2, "refused"), (3, "failed")):
+        accepted(tid)
+        ended(tid, outcome)
+        assert pool.reserved == {} and svc.engine.stats["vip-unreserved"] == tid
+    # committed, its IKE SA never comes: kept RESERVE_AFTER_COMMIT, then given back
+    accepted(4)
+    ended(4, "committed")
+    now[0] += RESERVE_AFTER_COMMIT - 1
+    svc._on_timer(now[0])
+    assert a in pool.reserved
+    now[0] += 2
+    svc._on_timer(now[0])
+    assert pool.reserved == {} and svc.engine.stats["vip-unreserved"] == 4
+    # committed, its IKE SA comes: the import takes the reserved address
+    accepted(5)
+    ended(5, "committed")
+    svc.receive_context("sg1", w.resp.export_ike(ike, 1.0))
+    (taken,) = svc.engine.ike_sas()
+    assert taken.vips == [("p4", a)] and pool.online[a] == ike.peer_id
+    assert pool.reserved == {} and svc.engine.stats["vip-unreserved"] == 4
+
+
 # -- ipsecct node asking a strongSwan gateway for a virtual IP (root) ---------------------------
 
 

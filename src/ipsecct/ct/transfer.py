@@ -913,9 +913,11 @@ class TransferCore:
         # Source: UNIT CDBs for the tunnels of a transfer (the IKE adapter: one per IKE SA
         # whose CHILD SAs go), sent after their contexts. Target: per UNIT kind, why this
         # gateway cannot take such a unit from a peer (None: it can); a kind without a check
-        # here is refused. A unit's tunnels are installed all or none.
+        # here is refused. A unit's tunnels are installed all or none. The check is given
+        # (peer, payload, transfer id): what it admits it may hold for the transfer until
+        # incoming_state says it ended (the IKE adapter reserves the IKE SA's virtual IPs).
         self.unit_cdbs: Callable[[list[Tunnel]], list[bytes]] | None = None
-        self.unit_checks: dict[int, Callable[[str, bytes], str | None]] = {}
+        self.unit_checks: dict[int, Callable[[str, bytes, int], str | None]] = {}
         # Source: asked with a transfer's tunnels at its start and again just before its
         # COMMIT goes out (the IKE adapter: can each IKE SA that follows them be exported?
         # after the COMMIT it must not fail). A reason refuses the start (TransferError) or
@@ -2489,7 +2491,7 @@ class TransferCore:
             else (RangeSet(s.accept_local or ()), RangeSet(s.accept_remote or ()))
         )
         accepted: _Accept = (accept, {})
-        unit_refused = self._check_units(inc.peer, units)
+        unit_refused = self._check_units(inc.peer, inc.tid, units)
         batch = _Batch()
         for out_sa, in_sa in pairs:
             old_in = in_sa.spi if in_sa is not None else 0
@@ -2583,13 +2585,15 @@ class TransferCore:
             msgs.append(cxtp.CTDR(inc.mn, ok, entries, (tag, *chunk)))
         return msgs
 
-    def _check_units(self, peer: str, units: list[tuple[int, list[int], bytes]]) -> set[int]:
+    def _check_units(
+        self, peer: str, tid: int, units: list[tuple[int, list[int], bytes]]
+    ) -> set[int]:
         """The outbound SPIs of the units this gateway cannot take (no check for their kind,
         or the check says why not: an IKE SA of a connection it does not have)."""
         refused: set[int] = set()
         for kind, spis, payload in units:
             check = self.unit_checks.get(kind)
-            why = f"no unit of kind {kind} here" if check is None else check(peer, payload)
+            why = f"no unit of kind {kind} here" if check is None else check(peer, payload, tid)
             if why is not None:
                 self.counters["unit_refused"] += 1
                 refused.update(spis)
@@ -2855,6 +2859,17 @@ class TransferCore:
             inc.state in OPEN_INCOMING and not inc.committing and _has(inc, tunnel)
             for inc in self.incoming.values()
         )
+
+    def incoming_state(self, peer: str, tid: int) -> str:
+        """Where ``peer``'s transfer ``tid`` towards us is: "open" (not decided: it may yet
+        be cancelled, or its COMMIT come), "committed" (activated), or "ended" (refused,
+        cancelled, failed, or not known here)."""
+        inc = self.incoming.get((peer, tid))
+        if inc is None:
+            return "ended"
+        if inc.state in OPEN_INCOMING:
+            return "open"
+        return "committed" if inc.state is IncomingState.ACTIVE else "ended"
 
     def _whose_incoming(self, peer: str, tid: int) -> str | None:
         """The peer (not ``peer``) whose transfer ``tid`` towards us is known here, if any

@@ -56,6 +56,10 @@ DELETE_WAIT = 32.0
 # after a transfer to us: how long (s) IKE messages for an IKE SA we do not have yet are kept
 # for it (its context follows the commit over the TLS channel), and how many at most
 EARLY_IKE_TIME = 1.0
+# How long the virtual IPs of a transfer's IKE SA stay reserved after its COMMIT for its
+# context to come (it follows the COMMIT on the same channel; the source's export may wait
+# up to 5 s for an exchange of its own to finish)
+RESERVE_AFTER_COMMIT = 10.0
 EARLY_IKE_MAX = 64
 BORN_WITH_MAX = 65536  # CHILD SAs whose siblings at birth are remembered
 # a transfer waits at most this long (s) for an IKE exchange of ours in flight on its IKE SA,
@@ -135,6 +139,12 @@ class IkeService:
         # set by the service: is a tunnel installed by a transfer whose COMMIT has not come
         # (an IKE SA's context follows the COMMIT: one before it is not taken)
         self.awaiting_commit: Callable[[Any], bool] = lambda t: False
+        # set by the service: where a peer's transfer towards us is ("open", "committed",
+        # "ended": ct.transfer.TransferCore.incoming_state)
+        self.incoming_state: Callable[[str, int], str] = lambda peer, tid: "ended"
+        # virtual IPs reserved for the IKE SA of a transfer towards us (check_unit), by
+        # (peer, transfer id): [(pool, address)] and, once it committed, until when
+        self._reserved: dict[tuple[str, int], tuple[list[tuple[str, IPAddr]], float | None]] = {}
         self.engine.on_request_held = self._request_held
         # direct SG identity ([transfer] identity = "direct"): an IKE SA taken over from a
         # peer gateway is moved to this gateway's own address (IkeEngine.announce_move)
@@ -565,6 +575,9 @@ class IkeService:
 
     def _next_deadline(self) -> float | None:
         d = self.engine.next_deadline()
+        if self._reserved:  # looked at each second (and at each transfer's end)
+            look = self.node.clock() + 1.0
+            d = look if d is None else min(d, look)
         r = self._restarts.next_deadline()
         if r is not None:
             d = r if d is None else min(d, r)
@@ -585,6 +598,8 @@ class IkeService:
             self._check_paths(now)
         self._act(self.engine.tick(now))
         self._run_restarts(now)
+        if self._reserved:
+            self._prune_reserved(now)
 
     def _check_paths(self, now: float) -> None:
         """A mobile node: the source address its routes pick toward the peer of each IKE SA
@@ -920,6 +935,8 @@ class IkeService:
         """A finished transfer (ct.transfer.Record): when this gateway handed over every CHILD
         SA of an IKE SA, the IKE SA follows them (its context CDBs to the same peer); if it
         did not commit, the IKE SAs it quietened start their exchanges again."""
+        if rec.role == "target":
+            self._prune_reserved(self.node.clock())  # (a reservation of that transfer)
         if rec.role == "target" and rec.outcome == "committed":
             self._early_since = self.node.clock()
             self._early_until = self._early_since + EARLY_IKE_TIME
@@ -1010,10 +1027,14 @@ class IkeService:
                         f" of {ike.conn.name!r} cannot be exported ({err})")  # fmt: skip
         return None
 
-    def check_unit(self, peer: str, payload: bytes) -> str | None:
+    def check_unit(self, peer: str, payload: bytes, tid: int | None = None) -> str | None:
         """Can this gateway take the IKE SA a peer's transfer announces (target)? None if so,
-        else why not (logged)."""
+        else why not (logged). Admitted in transfer ``tid``: its virtual IPs are reserved
+        here until the transfer ends without it, or its context comes after the COMMIT
+        (for at most RESERVE_AFTER_COMMIT), so that no new client leases them meanwhile."""
+        self._prune_reserved(self.node.clock())
         why = ike_context.unit_refusal(payload, self.engine.connections)
+        owner = None if tid is None else f"{peer}/{tid:016x}"
         if why is None:  # its virtual IPs: from our pool of that name, not leased here
             try:
                 name, vips = ike_context.unit_vips(payload)
@@ -1021,14 +1042,54 @@ class IkeService:
                 why = str(exc)
             else:
                 conn = next(c for c in self.engine.connections if c.name == name)
-                why = self.engine.vip_refusal(conn, False, vips)
                 peer_id = ike_context.unit_identity(payload)
+                why = self.engine.vip_refusal(conn, False, vips, owner=owner)
                 if why is None and peer_id is not None:  # unique, the per-identity bound
                     why = self.engine.arrival_refusal(conn, peer_id)
+                if why is None and owner is not None and tid is not None and vips:
+                    self._reserve(peer, tid, owner, vips, peer_id)
         if why is not None:
             event(log, "ike-sa-refused", logging.WARNING, node=self.node.name, peer=peer,
                   error=why, when="before the transfer")  # fmt: skip
         return why
+
+    def _reserve(self, peer: str, tid: int, owner: str, vips: list[tuple[str, IPAddr]],
+                 peer_id: str | None) -> None:  # fmt: skip
+        held, until = self._reserved.get((peer, tid), ([], None))
+        for name, a in vips:
+            self.engine.pools[name].reserve(a, peer_id, owner)  # (vip_refusal: it exists)
+            if (name, a) not in held:
+                held.append((name, a))
+                self.engine.stats["vip-reserved"] += 1
+                event(log, "ike-vip-reserved", node=self.node.name, peer=peer,
+                      id=f"{tid:016x}", pool=name, vip=a)  # fmt: skip
+        self._reserved[(peer, tid)] = (held, until)
+        self.node.timers.poke()
+
+    def _prune_reserved(self, now: float) -> None:
+        """Reservations of transfers that ended without their IKE SA are given back: the
+        transfer was refused, cancelled or failed, or it committed and the IKE SA's context
+        did not come within RESERVE_AFTER_COMMIT (its import takes the addresses)."""
+        for key, (held, until) in list(self._reserved.items()):
+            state = self.incoming_state(*key)
+            if state == "open":
+                continue
+            if state == "committed" and until is None:
+                until = now + RESERVE_AFTER_COMMIT
+                self._reserved[key] = (held, until)
+            if until is not None and now < until:
+                continue
+            del self._reserved[key]
+            owner = f"{key[0]}/{key[1]:016x}"
+            for name, a in held:
+                pool = self.engine.pools.get(name)
+                if pool is not None and pool.reserved.get(a, ("", ""))[1] == owner:
+                    pool.unreserve(a, owner)
+                    self.engine.stats["vip-unreserved"] += 1
+                    event(log, "ike-vip-unreserved", node=self.node.name, peer=key[0],
+                          id=f"{key[1]:016x}", pool=name, vip=a,
+                          reason="its transfer ended" if until is None
+                          else "its IKE SA did not come after the COMMIT")  # fmt: skip
 
     def _unquiet(self, ike: IkeSA) -> None:
         """The IKE SA stays here after all: its exchanges go on, and the peer's request kept

@@ -180,6 +180,8 @@ class Service:
             self.transfer.core.commit_check = self.ike.commit_check
             # ... and only after the COMMIT of the transfer that brought them
             self.ike.awaiting_commit = self.transfer.core.awaiting_commit
+            # ... and a transfer's end gives back the virtual IPs check_unit reserved
+            self.ike.incoming_state = self.transfer.core.incoming_state
             if self.vip is not None:  # answers from the virtual address wait for its claim
                 vip = self.vip
                 self.ike.vip_owned = lambda: vip.owned

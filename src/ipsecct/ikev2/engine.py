@@ -480,7 +480,7 @@ class IkeEngine:
         spis = [c.spi_in for c in ike.children]
         if len(set(spis)) != len(spis) or any(s in self._child_spis for s in spis):
             raise IkeContextError("a CHILD SA's SPI is in use here")
-        why = self.vip_refusal(ike.conn, ike.vips_given, ike.vips)
+        why = self.vip_refusal(ike.conn, ike.vips_given, ike.vips, identity=ike.peer_id)
         if why is not None:
             raise IkeContextError(why)
         for name, a in ike.vips if not ike.vips_given else []:
@@ -499,12 +499,16 @@ class IkeEngine:
         return ike
 
     def vip_refusal(self, conn: Connection, we_initiated: bool,
-                    vips: list[tuple[str, IPAddr]], leased: bool = True) -> str | None:
-        """Why the virtual IPs an IKE SA from another gateway holds cannot come here (None:
-        they can): as responder, each must be from a pool of that name that the
-        connection here names (``pools``), in its ``addrs``, and not leased here to an IKE
-        SA already (``leased``: checked); as initiator (what the peer gave us), any one
-        per family."""
+                    vips: list[tuple[str, IPAddr]], leased: bool = True,
+                    identity: str | None = None, owner: str | None = None
+                    ) -> str | None:  # fmt: skip
+        """Why the virtual IPs an IKE SA (of ``identity``) from another gateway holds cannot
+        come here (None: they can): as responder, each must be from a pool of that name
+        that the connection here names (``pools``), in its ``addrs``, and neither leased
+        here to an IKE SA already nor reserved for another transfer than ``owner`` (the
+        transfer asking; None: the import of an IKE SA, admitted by a reservation for its
+        identity) (``leased``: checked); as initiator (what the peer gave us), any one per
+        family."""
         if we_initiated:
             fams = [a.version for name, a in vips]
             if any(vips_name for vips_name, _ in vips) or len(set(fams)) != len(fams):
@@ -515,7 +519,7 @@ class IkeEngine:
             pool = self.pools.get(name)
             if pool is None or name not in conn.pools:
                 return f"virtual IP {a} of pool {name!r}: no such pool for {conn.name!r} here"
-            why = pool.refusal(a) if leased else (
+            why = pool.refusal(a, identity, owner) if leased else (
                 None if pool.contains(a) else f"virtual IP {a} is not in pool {name!r} here")
             if why is not None:
                 return why

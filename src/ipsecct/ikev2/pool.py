@@ -8,6 +8,11 @@ An address may also be *away*: its IKE SA moved to another gateway (a handover, 
 standby's take-over). It is not leased here again, to anyone, until it comes back with an
 IKE SA (an import): the gateway that holds it now cannot tell this one when it ends.
 
+An address may also be *reserved* (in memory only, never told to ``listener``): a transfer
+towards this gateway carries an IKE SA that holds it and waits for its COMMIT. It is not
+leased to anyone meanwhile; the IKE SA's import takes it (:meth:`arrive`), a transfer that
+ends without it gives it back (:meth:`unreserve`).
+
 Every change is told to ``listener`` (pool name, address, state, identity): the gateway
 keeps the leases in its durable state and gives them back with :meth:`restore` after a
 restart (gateway/state.py).
@@ -65,6 +70,8 @@ class Pool:
     # address -> identity, oldest first (the order a full pool reassigns them in)
     offline: OrderedDict[IPAddr, str] = field(default_factory=OrderedDict)
     away: dict[IPAddr, str] = field(default_factory=dict)  # address -> identity
+    # address -> (identity, "": not known; the transfer holding it)
+    reserved: dict[IPAddr, tuple[str, str]] = field(default_factory=dict)
     _next: int = 0  # offset into the share of the next address never leased
     listener: Listener | None = field(default=None, repr=False, compare=False)
 
@@ -88,7 +95,7 @@ class Pool:
         return addr.version == self.version and int(a) <= int(addr) <= int(b)
 
     def _free(self, addr: IPAddr) -> bool:
-        return addr not in self.online and addr not in self.away
+        return addr not in self.online and addr not in self.away and addr not in self.reserved
 
     def acquire(self, identity: str, want: IPAddr | None = None) -> IPAddr | None:
         """An address for ``identity`` (online from now on), ``want`` if it may have it (its
@@ -184,18 +191,45 @@ class Pool:
         out += [(a, "away", who) for a, who in self.away.items()]
         return sorted(out, key=lambda r: int(r[0]))
 
-    def refusal(self, addr: IPAddr) -> str | None:
-        """Why an IKE SA holding ``addr`` cannot arrive here (None: it can)."""
+    def refusal(self, addr: IPAddr, identity: str | None = None,
+                owner: str | None = None) -> str | None:  # fmt: skip
+        """Why an IKE SA (of ``identity``; None: not known) holding ``addr`` cannot arrive
+        here (None: it can), by the transfer ``owner`` (None: its import). A reservation
+        admits the transfer that made it and the import of an IKE SA of its identity."""
         if not self.contains(addr):
             return f"virtual IP {addr} is not in pool {self.name!r} here"
         who = self.online.get(addr)
         if who is not None:
             return f"virtual IP {addr} of pool {self.name!r} is leased here already"
+        held = self.reserved.get(addr)
+        ours = owner is not None and held is not None and held[1] == owner
+        its = owner is None and identity is not None and held is not None and (
+            held[0] in ("", identity))  # fmt: skip
+        if held is not None and not (ours or its):
+            return (f"virtual IP {addr} of pool {self.name!r} is reserved here for another"
+                    " transfer")  # fmt: skip
         return None
+
+    def reserve(self, addr: IPAddr, identity: str | None, owner: str) -> None:
+        """Transfer ``owner``, carrying an IKE SA (of ``identity``; None: not said here)
+        that holds ``addr``, was accepted and waits for its COMMIT (checked with
+        :meth:`refusal` first): not leased meanwhile."""
+        held = self.reserved.get(addr)
+        if identity is None:
+            identity = held[0] if held is not None and held[1] == owner else ""
+        self.reserved[addr] = (identity, owner)
+
+    def unreserve(self, addr: IPAddr, owner: str) -> None:
+        """Transfer ``owner`` ended without the IKE SA arriving (a no-op once it arrived,
+        or when another transfer holds ``addr``)."""
+        held = self.reserved.get(addr)
+        if held is not None and held[1] == owner:
+            del self.reserved[addr]
 
     def arrive(self, addr: IPAddr, identity: str) -> None:
         """An IKE SA holding ``addr`` arrived (checked with :meth:`refusal` first)."""
         self.away.pop(addr, None)
+        self.reserved.pop(addr, None)
         self._take(addr, identity)
 
     def status(self) -> dict[str, object]:
@@ -206,4 +240,5 @@ class Pool:
             "online": len(self.online),
             "offline": len(self.offline),
             "away": len(self.away),
+            "reserved": len(self.reserved),
         }
