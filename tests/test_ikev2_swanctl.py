@@ -136,8 +136,8 @@ def test_a_local_id_our_certificate_does_not_prove_is_refused_naming_its_names(
 
     def parse() -> Connection:
         return _parse({"local": local, "remote": remote},
-                      load_certs=lambda f: [cert if f == "gw.pem" else ca],  # type: ignore[list-item]
-                      private_keys=[key])  # type: ignore[list-item]  # fmt: skip
+                      load_certs=lambda f: [cert if f == "gw.pem" else ca],
+                      private_keys=[key])  # fmt: skip
 
     if ok:
         assert parse().credentials is not None
