@@ -530,6 +530,31 @@ def test_what_one_peer_has_the_target_remember_is_bounded() -> None:
     assert sg2.core.counters["over_limit"] == 50
 
 
+@pytest.mark.parametrize(("extra", "seen"), [
+    ({}, 65536), ({"max_seen_per_peer": 100}, 100), ({"max_seen_per_peer": 1}, 1),
+    ({"max_seen_per_peer": 1 << 20}, 1 << 20),
+])  # fmt: skip
+def test_the_gateways_max_seen_per_peer_setting(extra: dict[str, object], seen: int) -> None:
+    """The bound above had no configuration key (only the library's Settings): it is
+    ``[transfer] max_seen_per_peer``, beside the other per-peer limits, a whole number >= 1."""
+    from ipsecct.gateway import config as config_mod
+    from tests.helpers.config_files import transfer_config
+
+    cfg = config_mod.from_dict(transfer_config(extra), "sg1.toml")
+    assert cfg.transfer is not None and cfg.transfer.settings.max_seen_per_peer == seen
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, "100", True, float("nan")])
+def test_a_bad_max_seen_per_peer_is_refused_by_name(bad: object) -> None:
+    from ipsecct.errors import ConfigError
+    from ipsecct.gateway import config as config_mod
+    from tests.helpers.config_files import transfer_config
+
+    with pytest.raises(ConfigError, match=r"^sg1\.toml: transfer\.max_seen_per_peer: must be a "
+                       "whole number >= 1$"):  # fmt: skip
+        config_mod.from_dict(transfer_config({"max_seen_per_peer": bad}), "sg1.toml")
+
+
 def test_the_command_line_prints_only_the_figures_a_prepared_transfer_measured(
     capsys: pytest.CaptureFixture[str],
 ) -> None:

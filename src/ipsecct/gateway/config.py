@@ -935,6 +935,7 @@ _TRANSFER_KEYS = {
     "commit_early",
     "grant",
     "prepare_timeout",
+    "max_seen_per_peer",
 }
 
 MBB_TAIL = 16  # [transfer] mbb_tail's default
@@ -953,6 +954,8 @@ _TRANSFER_LIMITS = {
     "max_incoming_per_peer": "max_incoming_per_peer",
     "max_contexts_per_message": "max_contexts_per_message",
     "max_contexts_per_transfer": "max_contexts_per_transfer",
+    # CXTP messages of one peer remembered for replay protection (docs/security.md)
+    "max_seen_per_peer": "max_seen_per_peer",
 }
 
 
