@@ -106,6 +106,47 @@ def test_status_shows_the_ike_counters_and_pools(
     assert "  pool rw (10.3.0.1-10.3.0.254): 1 online, 2 offline, 0 away\n" in out
 
 
+def test_status_shows_peers_and_transfers_as_lines_and_only_counters_that_are_not_0(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``ipsecct status`` printed ``peers`` and ``transfers`` as one JSON line each (some
+    forty counters, nearly all 0), and "fewest left None" for a state with no reservation."""
+    from ipsecct.commands import sa
+
+    rec = {"id": "897db5a2fe66cfed", "role": "source", "peer": "gw2", "mode": "predictive",
+           "outcome": "committed", "tunnels": 1, "accepted": 1, "ms": 20.949, "detail": ""}
+    old = {**rec, "id": "0127edaefa3dc74b", "outcome": "peer lost", "accepted": 0,
+           "detail": "connection to gw2 lost"}
+    res = {"name": "gw1", "role": "gateway", "uptime_s": 5.0, "outer": "10.230.0.2:4500",
+           "sas": 2, "policies": 1,
+           "counters": {"out_packets": 0, "out_bytes": 0, "in_packets": 0, "in_bytes": 0,
+                        "icmp_sent": 0, "drops": {}},
+           "peers": [{"name": "gw2", "address": "10.230.0.3:4801", "allow": ["request", "send"],
+                      "connected": True},
+                     {"name": "gw3", "address": "10.230.0.4:4801", "allow": [],
+                      "connected": False}],
+           "transfers": {"in_progress": 0, "prepared": ["7af50ddb1623b1a0"],
+                         "recent": [{**old, "id": f"{i:016x}"} for i in range(5)] + [old, rec],
+                         "refused": 0, "forwarded": 3, "over_limit": 0, "foreign_query": 2},
+           "state": {"dir": "/s", "seq_block": 65536,
+                     "reservations": {"sas": 0, "waiting": 0, "min_headroom": None,
+                                      "failed_writes": 0}}}  # fmt: skip
+    monkeypatch.setattr(sa, "request", lambda *a, **k: res)
+    assert cli.main(["status", "-s", "/x.sock"]) == 0
+    out = capsys.readouterr().out
+    assert "{" not in out and "None" not in out, out
+    assert ("  peer gw2 10.230.0.3:4801: connected (may: request, send)\n"
+            "  peer gw3 10.230.0.4:4801: not connected (may: nothing)\n"
+            "  transfers: 0 in progress, prepared: 7af50ddb1623b1a0\n"
+            "    0000000000000004 to gw2 (predictive): peer lost, 0/1 tunnel(s) in 20.949 ms"
+            " (connection to gw2 lost)\n"
+            "    0127edaefa3dc74b to gw2 (predictive): peer lost, 0/1 tunnel(s) in 20.949 ms"
+            " (connection to gw2 lost)\n"
+            "    897db5a2fe66cfed to gw2 (predictive): committed, 1/1 tunnel(s) in 20.949 ms\n"
+            "  transfer counters: forwarded 3, foreign_query 2\n") in out, out
+    assert "  state: /s, 0 SA(s) reserved (blocks of 65536, 0 waiting, 0 failed writes)\n" in out
+
+
 @pytest.mark.parametrize("flag", ["--commit", "--cancel"])
 @pytest.mark.parametrize("ident", ["", "xyz", "0123456789abcdef0", "-1", "0x", "+ff", "f_f",
                                    " ff", "0x0123456789abcdef0", "0x-1"])

@@ -73,6 +73,35 @@ def _sa_rows(result: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return result
 
 
+RECENT_SHOWN = 3  # transfer records in the human status (--json: the last 20)
+
+
+def _print_transfer_status(res: dict[str, Any]) -> None:
+    """``peers`` and ``transfers`` as lines an operator reads: one per peer, the transfers
+    in progress, prepared and the last few, and only the counters that are not 0 (it was
+    the JSON of each, some forty counters on one line, nearly all 0)."""
+    for p in res.get("peers") or []:
+        state = "connected" if p.get("connected") else "not connected"
+        allow = ", ".join(p.get("allow") or []) or "nothing"
+        print(f"  peer {p.get('name')} {p.get('address')}: {state} (may: {allow})")
+    t = res.get("transfers")
+    if not isinstance(t, dict):
+        return
+    prepared = ", ".join(t.get("prepared") or []) or "none"
+    print(f"  transfers: {t.get('in_progress', 0)} in progress, prepared: {prepared}")
+    for r in (t.get("recent") or [])[-RECENT_SHOWN:]:
+        way = "to" if r.get("role") != "target" else "from"
+        detail = f" ({r['detail']})" if r.get("detail") else ""
+        print(f"    {r.get('id')} {way} {r.get('peer')} ({r.get('mode')}): {r.get('outcome')},"
+              f" {r.get('accepted')}/{r.get('tunnels')} tunnel(s) in {r.get('ms')} ms"
+              f"{detail}")  # fmt: skip
+    skip = {"in_progress", "prepared", "recent"}
+    counted = ", ".join(f"{k} {v}" for k, v in t.items()
+                        if k not in skip and isinstance(v, int) and v)  # fmt: skip
+    if counted:
+        print(f"  transfer counters: {counted}")
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     res = request(socket_path(args), "status")
     if args.json:
@@ -87,9 +116,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     )
     drops = ", ".join(f"{k} {v}" for k, v in c["drops"].items() if v) or "none"
     print(f"  drops: {drops}")
-    for key in ("peers", "transfers", "failover"):
-        if key in res:
-            print(f"  {key}: {json.dumps(res[key])}")
+    _print_transfer_status(res)
+    if "failover" in res:
+        print(f"  failover: {json.dumps(res['failover'])}")
     ike = res.get("ike") or {}
     if ike:  # what the IKE port got (counted and dropped, or answered) and the pools
         counted = ", ".join(f"{k} {v}" for k, v in ike.get("counters", {}).items() if v)
@@ -106,10 +135,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     st = res.get("state")
     if isinstance(st, dict):
         r = st["reservations"]
+        fewest = "" if r["min_headroom"] is None else f" fewest left {r['min_headroom']},"
         print(
             f"  state: {st['dir']}, {r['sas']} SA(s) reserved (blocks of {st['seq_block']},"
-            f" fewest left {r['min_headroom']}, {r['waiting']} waiting,"
-            f" {r['failed_writes']} failed writes)"
+            f"{fewest} {r['waiting']} waiting, {r['failed_writes']} failed writes)"
         )
         for what in ("kept_away", "refused", "not_restored"):
             items = st.get(what) or []
