@@ -40,6 +40,14 @@ def _service(tmp: Path, name: str = "sg2") -> IkeService:
     return IkeService(Node(cfg), [conn(dpd=10)])
 
 
+def _handed_over(svc: IkeService, ike: object, peer: str = "sg1") -> None:
+    """The tunnels of ``ike``'s CHILD SAs installed at ``svc`` by a transfer from ``peer``
+    (committed), as before a handover's context arrives: the context is taken only then."""
+    for c in ike.children:  # type: ignore[attr-defined]
+        entry, out, inn = c.sas(R500, I500, False, f"moved-{c.spi_in:08x}")
+        svc.node.engine.add_tunnel(entry, out, inn).came_from = peer
+
+
 def test_a_request_that_arrives_before_its_ike_sa_is_answered_once_it_has_come(
     tmp_path: Path,
 ) -> None:
@@ -57,6 +65,7 @@ def test_a_request_that_arrives_before_its_ike_sa_is_answered_once_it_has_come(
     svc.on_transfer(Record(1, "target", "sg1", "predictive", 0.0, 0.0, "committed"))
     svc._receive(req.data, I500, R500)
     assert svc.engine.stats["early-kept"] == 1 and svc.engine.stats["unknown-spi"] == 1
+    _handed_over(svc, ike_r)
     svc.receive_context("sg1", cdbs)
     assert svc.engine.stats["early-replayed"] == 1
     assert svc.engine.stats["liveness-answered"] == 1
@@ -79,6 +88,7 @@ def test_a_request_forwarded_early_by_another_peer_is_not_replayed(tmp_path: Pat
         svc.on_transfer(Record(1, "target", "sg1", "predictive", 0.0, 0.0, "committed"))
         svc.receive_forwarded(via, ike_context.encode_forward(req.data, I500, R500))
         assert svc.engine.stats["early-kept"] == 1
+        _handed_over(svc, ike_r)
         svc.receive_context("sg1", cdbs)
         assert svc.engine.stats["early-replayed"] == answered
         assert svc.engine.stats["liveness-answered"] == answered
@@ -135,6 +145,7 @@ def test_a_request_that_reaches_the_old_gateway_is_forwarded_to_the_new_one(
     sg1.forward_ike = lambda peer, cdb, mn: forwarded.append((peer, cdb))
     answers: list[Send] = []
     sg2._send = answers.append  # type: ignore[method-assign, assignment]
+    _handed_over(sg2, ike_r)
     sg1._export(ike_r, "sg2", 0)
     assert not sg1.engine.ike_sas() and len(sg2.engine.ike_sas()) == 1
     (req,) = [o for o in w.ini.liveness(ike_i, 1.0) if isinstance(o, Send)]
@@ -199,6 +210,39 @@ def test_an_ike_sa_from_a_peer_takes_only_tunnels_that_peer_handed_over(tmp_path
     tw.deliver("sg1", "sg2")
     (t2,) = tw.gw["sg2"].engine.tunnels()
     assert t2.came_from == "sg1" and tw.tunnel.came_from is None
+
+
+@pytest.mark.parametrize("children", ["unknown SPIs", "none"])
+def test_an_ike_sa_no_tunnel_of_which_the_peer_handed_over_is_not_taken(
+    tmp_path: Path, children: str
+) -> None:
+    """A peer gateway (authenticated, hostile or confused) sends the context of an IKE SA
+    without any transfer before it: its CHILD SAs name no tunnel here, or it has none (a
+    handover never sends one: an IKE SA follows its CHILD SAs only). It was imported: under
+    ``unique = replace`` it deleted the client's own IKE SA here (a peer gateway could end
+    any client's IKE SA by naming its identity), and it held whatever virtual IP it named.
+    Refused whole now (``ike-context-refused``); the client's IKE SA stays."""
+    import dataclasses
+
+    from ipsecct.ikev2.engine import IkeEngine
+    from tests.helpers.ikev2_engines import Wire
+
+    cfg = from_dict({"name": "sg2", "outer": {"address": "127.0.0.1", "port": 45000},
+                     "inner": {"kind": "udp", "listen": "127.0.0.1:45001",
+                               "peer": "127.0.0.1:45002"}}, str(tmp_path / "sg2.toml"))
+    svc = IkeService(Node(cfg), [dataclasses.replace(conn(dpd=10), unique="replace")])
+    mine = Wire(IkeEngine([mn_conn(dpd=10)]), svc.engine)  # the client, here
+    connect(mine)
+    (own,) = svc.engine.ike_sas()
+    w = pair(mn_conn(dpd=10), conn(dpd=10))  # the same identity, at the peer gateway
+    connect(w)
+    (ike_r,) = w.resp.ike_sas()
+    if children == "none":
+        ike_r.children = []
+    cdbs = w.resp.export_ike(ike_r, 1.0)
+    svc.receive_context("sg1", cdbs)
+    assert svc.engine.ike_sas() == [own] and own.state.name == "ESTABLISHED"
+    assert svc.engine.stats["ike-context-refused"] == 1
 
 
 def test_an_ike_sa_before_the_commit_of_its_tunnels_transfer_is_not_taken(
@@ -395,6 +439,7 @@ def test_a_request_for_an_ike_sa_that_left_after_a_transfer_here_is_forwarded_no
     now[0] += 0.1
     sg2._receive(req.data, I500, R500)
     assert sg2.engine.stats["early-kept"] == 1 and not forwarded
+    _handed_over(sg2, ike_back)
     sg2.receive_context("sg1", sent[1][1])  # its context, back from sg1
     assert sg2.engine.stats["early-replayed"] == 1
     assert sg2.engine.stats["liveness-answered"] == 1 and answers
@@ -430,6 +475,7 @@ def test_a_fragmented_request_held_during_a_transfer_follows_the_ike_sa_whole(
     sg2.on_transfer(Record(1, "target", "sg1", "predictive", 0.0, 0.0, "committed"))
     sg1._export(ike_r, "sg2", 0)
     assert sg1.engine.stats["held-forwarded"] == 1 and len(channel) == 1 + len(frags)
+    _handed_over(sg2, ike_r)
     for cdbs in channel:
         sg2.receive_context("sg1", cdbs)
     assert sg2.engine.stats["forward-received"] == len(frags)
@@ -976,7 +1022,9 @@ def _local_and_moving(tmp_path: Path, unique: str) -> tuple[IkeService, IkeSA, b
     connect(Wire(IkeEngine([mn_conn(dpd=10)]), svc.engine), 0.5)
     (local,) = svc.engine.ike_sas()
     assert local.peer_id == ike_r.peer_id == "mn.test"
-    return svc, local, payload, w.resp.export_ike(ike_r, 1.0)
+    cdbs = w.resp.export_ike(ike_r, 1.0)
+    _handed_over(svc, ike_r)
+    return svc, local, payload, cdbs
 
 
 @pytest.mark.parametrize("unique", ["no", "never", "keep", "replace"])

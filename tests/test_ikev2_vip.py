@@ -825,6 +825,11 @@ def test_a_transfers_virtual_ip_is_reserved_from_its_acceptance_until_its_ike_sa
     # committed, its IKE SA comes: the import takes the reserved address
     accepted(5)
     ended(5, "committed")
+    from tests.helpers.ikev2_engines import I500, R500
+
+    for c in ike.children:  # (its CHILD SAs' tunnels, which the transfer installed)
+        entry, out, inn = c.sas(R500, I500, False, "moved")
+        svc.node.engine.add_tunnel(entry, out, inn).came_from = "sg1"
     svc.receive_context("sg1", w.resp.export_ike(ike, 1.0))
     (taken,) = svc.engine.ike_sas()
     assert taken.vips == [("p4", a)] and pool.online[a] == ike.peer_id

@@ -1206,6 +1206,11 @@ class IkeService:
                     # there too (one IKE SA run by two gateways)
                     return (f"CHILD SA 0x{c.spi_in:08x} names a tunnel whose transfer has"
                             " no COMMIT yet")  # fmt: skip
+            # An IKE SA follows its CHILD SAs (on_transfer: never one without): one none of
+            # whose tunnels this peer handed over came without a transfer. Taken, it would
+            # replace the identity's IKE SA here (unique) and hold the addresses it names.
+            if not any(tunnels.tunnel_by_spi(c.spi_in) is not None for c in ike.children):
+                return f"none of its CHILD SAs names a tunnel {peer} handed over"
             return None
 
         try:
