@@ -236,6 +236,50 @@ def test_a_file_that_is_not_a_socket_is_never_replaced(kind: str) -> None:
         shutil.rmtree(d)
 
 
+@pytest.mark.parametrize(("text", "spi"), [
+    ("536870913", 0x20000001), ("0x20000001", 0x20000001), ("0X2000000A", 0x2000000A),
+    (" 0x20000001 ", 0x20000001), ("0", 0), ("20000001_i", 0x20000001),
+    ("c0ffee01_o", 0xC0FFEE01), ("0xffffffff", 0xFFFFFFFF), (536870913, 0x20000001),
+    # README: "anything else ... is refused by name"; int(x, 0) took the first four
+    ("0o17", None), ("0b101", None), ("1_000", None), ("+5", None), ("-1", None),
+    ("c0ffee01", None), ("00010", None), ("0x", None), ("c0ffee1_i", None), ("", None),
+    ("0x1ffffffff", None), ("٣", None), (True, None), (None, None), (-1, None),
+])  # fmt: skip
+def test_an_spi_is_decimal_0x_hex_or_as_swanctl_prints_it(text: object, spi: int | None) -> None:
+    """What README says every command taking an SPI takes, on the socket and the command
+    line alike (the command line sends the text; ``sa show c0ffee01`` says to write 0x)."""
+    from ipsecct.gateway.control import parse_spi
+
+    if spi is not None:
+        assert parse_spi(text) == spi
+        if isinstance(text, str):
+            assert cli_main(["sa", "show", text, "-s", "/nonexistent.sock"]) == 2  # no daemon
+        return
+    with pytest.raises(ControlError, match="bad SPI"):
+        parse_spi(text)
+    if text == "c0ffee01":
+        with pytest.raises(ControlError, match="hex digits need 0x: 0xc0ffee01"):
+            parse_spi(text)
+
+
+def cli_main(argv: list[str]) -> int:
+    from ipsecct import cli
+
+    return cli.main(argv)
+
+
+def test_the_command_line_refuses_what_the_socket_would_refuse_as_an_spi(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    for bad in ("0o17", "1_000", "c0ffee01"):
+        with pytest.raises(SystemExit) as exc:
+            cli_main(["sa", "show", bad, "-s", "/nonexistent.sock"])
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert "bad SPI" in err and "Traceback" not in err, err
+    assert "hex digits need 0x: 0xc0ffee01" in err
+
+
 def test_request_client_errors() -> None:
     with pytest.raises(ControlError, match="is the daemon running"):
         request("/nonexistent/ipsecct.sock", "status")

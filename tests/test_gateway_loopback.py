@@ -458,7 +458,8 @@ def test_spis_in_decimal_and_hex(topo: Topo) -> None:
     the control socket is refused by name, not looked up as "0x-0000001"."""
     from ipsecct.gateway.control import request
 
-    for text in (str(SPI_UP), hex(SPI_UP), hex(SPI_UP).upper().replace("0X", "0x"), "0X10000001"):
+    for text in (str(SPI_UP), hex(SPI_UP), hex(SPI_UP).upper().replace("0X", "0x"), "0X10000001",
+                 f"{SPI_UP:08x}_i"):  # (as swanctl --list-sas prints it)
         (shown,) = json.loads(ok("sa", "show", text, "--json", "-s", topo.sg.sock))
         assert shown["spi"] == f"0x{SPI_UP:08x}", text
     assert "set to 700" in ok("pmtu", "set", str(SPI_UP), "700", "-s", topo.mn.sock)
@@ -470,7 +471,7 @@ def test_spis_in_decimal_and_hex(topo: Topo) -> None:
     assert "0x00989681" in r.stderr and "for hex write 0x10000001" in r.stderr
     r = ipsecct("pmtu", "set", "10000001", "700", "-s", topo.mn.sock)
     assert r.returncode == 2 and "for hex write 0x10000001" in r.stderr
-    for bad in ("-1", str(2**40), "0x1ffffffff", "c0ffee01", "00010"):
+    for bad in ("-1", str(2**40), "0x1ffffffff", "c0ffee01", "00010", "0o17", "1_000"):
         r = ipsecct("sa", "delete", bad, "-s", topo.sg.sock)
         assert r.returncode == 2 and r.stderr.count("\n") <= 2 and "bad SPI" in r.stderr, bad
         assert "Traceback" not in r.stderr

@@ -334,12 +334,14 @@ def cmd_pmtu_set(args: argparse.Namespace) -> int:
 
 
 def _spi(text: str) -> str:
+    """An SPI argument, checked as the daemon reads it (control.parse_spi) and sent as
+    text: -1 was looked up as "0x-0000001"."""
+    from ..gateway.control import parse_spi
+
     try:
-        v = int(text, 0)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"bad SPI {text!r} (decimal, or 0x... hex)") from None
-    if not 0 <= v <= 0xFFFFFFFF:  # -1 was looked up as "0x-0000001"
-        raise argparse.ArgumentTypeError(f"bad SPI {text!r} (32 bits: 0 to 0xffffffff)")
+        parse_spi(text)
+    except ControlError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
     return text
 
 

@@ -119,18 +119,36 @@ def _peer_uid(s: socket.socket) -> int | None:
     return int(uid)
 
 
+def spi_number(text: str) -> int | None:
+    """An SPI written as README says: decimal digits, ``0x`` and hex digits, or as
+    ``swanctl --list-sas`` prints one (8 hex digits and ``_i`` or ``_o``); None for anything
+    else (int(x, 0) also took ``0o17``, ``0b101``, ``1_000`` and ``+5``), decimal digits with
+    a leading 0 too."""
+    t = text.strip()
+    if t[-2:] in ("_i", "_o") and len(t) == 10 and all(c in string.hexdigits for c in t[:8]):
+        return int(t[:8], 16)
+    if t[:2] in ("0x", "0X") and 1 <= len(t) - 2 <= 16 and all(
+            c in string.hexdigits for c in t[2:]):  # fmt: skip
+        return int(t[2:], 16)
+    if 1 <= len(t) <= 20 and all(c in "0123456789" for c in t) and (t == "0" or t[0] != "0"):
+        return int(t)  # (a leading 0, "00989681", is more likely swanctl's hex: refused)
+    return None
+
+
 def parse_spi(v: Any) -> int:
-    """An SPI as the control socket takes it: a number, or text in decimal or 0x... hex
-    (what ``sa list`` prints), 32 bits. ControlError otherwise: ``-1`` was looked up as
-    "0x-0000001" and 2**40 as an SPI of 11 hex digits."""
+    """An SPI as the control socket takes it: a number, or text as :func:`spi_number` reads
+    it, 32 bits. ControlError otherwise: ``-1`` was looked up as "0x-0000001" and 2**40 as
+    an SPI of 11 hex digits."""
     spi: int | None = None
     if isinstance(v, int) and not isinstance(v, bool):
         spi = v
     elif isinstance(v, str):
-        with contextlib.suppress(ValueError):
-            spi = int(v.strip(), 0)
+        spi = spi_number(v)
     if spi is None:
-        raise ControlError(f"bad SPI {v!r} (a number, 0x... for hex)")
+        hint = ""
+        if isinstance(v, str) and v.strip() and all(c in string.hexdigits for c in v.strip()):
+            hint = f"; hex digits need 0x: 0x{v.strip()}"
+        raise ControlError(f"bad SPI {v!r} (decimal, or 0x... for hex{hint})")
     if not 0 <= spi <= 0xFFFFFFFF:
         raise ControlError(f"bad SPI {v!r} (32 bits: 0 to 0xffffffff)")
     return spi

@@ -36,7 +36,7 @@ from ..errors import ControlError, CxtpError, TransferError
 from ..ipsec.engine import Forward, Held, Tunnel, TunnelState
 from . import gcpolicy
 from .config import TransferConfig
-from .control import parse_spi, parse_transfer_id, spi_hint
+from .control import parse_spi, parse_transfer_id, spi_hint, spi_number
 from .limits import TRANSFER_TIMEOUT_LIMIT
 from .log import RateLimited, event
 from .node import Node
@@ -488,11 +488,9 @@ class TransferService:
             except ValueError as exc:
                 raise ControlError(str(exc)) from None
         if spis is None:
-            try:
-                int(spi, 0) if isinstance(spi, str) else None
-            except ValueError:
+            if isinstance(spi, str) and spi_number(spi) is None:
                 raise ControlError(f"no IKE SA, connection or SPI {spi!r} here (an SPI is a"
-                                   " number: decimal, or 0x... for hex)") from None  # fmt: skip
+                                   " number: decimal, or 0x... for hex)")  # fmt: skip
             one = parse_spi(spi)  # a number, 32 bits
             t = self.node.engine.tunnel_by_spi(one)
             if t is None or t.state is TunnelState.MOVED:
