@@ -130,7 +130,8 @@ def spi_number(text: str) -> int | None:
     if t[:2] in ("0x", "0X") and 1 <= len(t) - 2 <= 16 and all(
             c in string.hexdigits for c in t[2:]):  # fmt: skip
         return int(t[2:], 16)
-    if 1 <= len(t) <= 20 and all(c in "0123456789" for c in t) and (t == "0" or t[0] != "0"):
+    d = t[1:] if t[:1] == "-" else t  # (a negative number: refused as out of range)
+    if 1 <= len(d) <= 20 and all(c in "0123456789" for c in d) and (d == "0" or d[0] != "0"):
         return int(t)  # (a leading 0, "00989681", is more likely swanctl's hex: refused)
     return None
 
