@@ -777,6 +777,73 @@ def test_a_target_whose_pending_write_fails_never_sends() -> None:
     assert w.gw["sg2"].wire == []
 
 
+def test_a_target_whose_pending_write_fails_before_the_commit_cancels_and_the_source_keeps_it(
+) -> None:
+    """sg2's "pending" write fails while sg1 still waits for its own "leaving" row before
+    committing: sg2 could never activate the tunnel (no durable first block), so it cancels
+    the transfer at once (a CTC) and records it discarded; sg1 rolls back and serves the
+    tunnel again. Before, sg2 kept it pending until the COMMIT, then dropped it: the tunnel
+    was with nobody. No (SPI, sequence number) pair is sent twice."""
+    from ipsecct.ct import cxtp
+    from ipsecct.ipsec.engine import TunnelState
+    from tests.helpers.transfer import World
+
+    w = World()
+    j1, j2 = Recorder(w), Recorder(w, fail="pending")
+    w.gw["sg1"].core.journal = j1
+    w.gw["sg2"].core.journal = j2
+    w.host_send("sg1", 0)
+    tid = w.transfer()
+    w.deliver("sg1", "sg2")  # PCTD: installed pending, CTDR posted
+    settle(w, "sg2", j2)  # "pending" fails: the CTC follows the CTDR
+    g2 = w.gw["sg2"]
+    assert g2.engine.tunnels() == [] and g2.finished[-1].outcome == "failed"
+    assert j2.discards == {tid: "sg1"} and g2.core.counters["unrecorded"] == 1
+    w.deliver("sg2", "sg1")  # CTDR: "leaving" not durable yet, no COMMIT
+    assert isinstance(w.deliver("sg2", "sg1"), cxtp.CTC)  # sg1 rolls back
+    settle(w, "sg1", j1)
+    assert isinstance(w.deliver("sg1", "sg2"), cxtp.CTC)  # (its own rollback's), never a COMMIT
+    assert w.pending("sg1", "sg2") == 0 and g2.engine.tunnels() == []
+    g1 = w.gw["sg1"]
+    assert g1.finished[-1].outcome != "committed"
+    assert w.tunnel.state is TunnelState.ACTIVE and g1.engine.tunnels() == [w.tunnel]
+    w.host_send("sg1", 1)
+    wire = w.all_wire()
+    assert len(wire) == len(set(wire)) == 2 and {g for g, _, _ in wire} == {"sg1"}
+
+
+def test_a_target_whose_pending_write_failed_after_the_commit_still_answers_not_taken() -> None:
+    """The COMMIT came before sg2's "pending" row, which then fails: the tunnel is dropped,
+    never activated, and now recorded discarded. sg1, restarted without its "given" row,
+    asks after sg2 forgot the transfer in memory: "not taken" (before: "taken", from sg2's
+    memory of the install, and the tunnel was with nobody), and sg1 serves the tunnel
+    again, from past its stored ceiling: no pair twice, since sg2 never sent."""
+    from ipsecct.ct import cxtp
+    from ipsecct.ipsec.engine import TunnelState
+
+    w, j2 = commit_before_pending()
+    j1 = w.gw["sg1"].core.journal
+    tid = next(iter(j2.arrivals))
+    j2.fail = "pending"
+    settle(w, "sg2", j2)
+    g2 = w.gw["sg2"]
+    assert g2.engine.tunnels() == [] and g2.finished[-1].outcome == "failed"
+    assert j2.discards == {tid: "sg1"}
+    w.now += 10 * max(4 * g2.core.settings.retry_max, 60.0)
+    g2.tick()  # forgotten in memory
+    assert ("sg1", tid) not in g2.core.incoming
+    j1.writes = []  # sg1 died before its "given" row landed
+    g1 = restarted_source(w, j1, tid)
+    w.deliver("sg1", "sg2")
+    a = w.deliver("sg2", "sg1")
+    assert isinstance(a, cxtp.DQ) and a.answer == cxtp.Answer.NOT_TAKEN
+    assert settle(w, "sg1", j1) == ["resumed"]
+    assert w.tunnel.state is TunnelState.ACTIVE and g1.engine.tunnels() == [w.tunnel]
+    w.host_send("sg1", 1)
+    wire = w.all_wire()
+    assert len(wire) == len(set(wire)) and {g for g, _, _ in wire} == {"sg1"}
+
+
 def test_a_restarted_source_repeats_the_commit_it_recorded() -> None:
     """The source recorded "given away" and died before its COMMIT left: restarted, it
     answers the target's re-sent CTDR with COMMIT (not CTC), so the tunnel is not lost."""

@@ -529,6 +529,10 @@ def _move(x: _Outgoing | _Incoming, to: OutgoingState | IncomingState) -> None:
 _Members = tuple[list[Tunnel], int, set[Tunnel]]
 
 
+def _cancelled(inc: _Incoming) -> bool:
+    return inc.state is IncomingState.CANCELLED
+
+
 def _has(owner: _Outgoing | _Incoming | _Reverting, tunnel: Tunnel) -> bool:
     tunnels = owner.tunnels
     m = owner.members
@@ -1821,6 +1825,10 @@ class TransferCore:
                 inc.recorded is None or inc.recorded.settled
             ):
                 out += self._activate(inc, now)
+            elif inc.state is IncomingState.PENDING and inc.recorded is not None and (
+                inc.recorded.failed
+            ):
+                out += self._unrecorded(inc, now)
         if self._granted:
             self._settle_granted()
         out += self._settle_reverting(now)
@@ -2045,7 +2053,8 @@ class TransferCore:
             # (its "leaving" row is durable; or its standby holds them marked leaving and
             # the source is gone), so the query is its COMMIT.
             out += self._on_commit(source, tag, now)
-            taken = True
+            # (its "pending" write failed: discarded at the COMMIT, never activated)
+            taken = not _cancelled(inc)
         elif inc is not None and inc.state is IncomingState.RECEIVING:
             out += self._cancel_incoming(inc, now, "cancelled", "the source asked, restarted")
             taken = False
@@ -2937,9 +2946,12 @@ class TransferCore:
         it could not be written, drop them: their SAs have no durable block to send in)."""
         peer = inc.peer
         if inc.recorded is not None and inc.recorded.failed:
+            # Never activated (a grant activates at the COMMIT, before the write settles,
+            # and is not this path): recorded discarded, so that a decision query is
+            # answered "not taken" after this transfer is forgotten here too (docs/state.md)
             self.counters["unrecorded"] += len(inc.tunnels)
             why = f"state not written: {inc.recorded.error}"
-            failed = self._discard(inc, now, why, journal=False)
+            failed = self._discard(inc, now, why, unsent=True)
             inc.record.outcome = "failed"
             return failed
         _move(inc, IncomingState.ACTIVE)
@@ -3028,16 +3040,30 @@ class TransferCore:
                 return self._foreign(peer, "cancel", tid, whose)
         return []
 
+    def _unrecorded(self, inc: _Incoming, now: float) -> list[Output]:
+        """The "pending" write of a transfer towards us failed before its COMMIT came: it
+        could never activate (no durable first block), so it is cancelled now as by
+        :meth:`withdraw`: the source told (a CTC: one that has not committed rolls back and
+        keeps serving its tunnels; a COMMIT already on its way finds the transfer cancelled,
+        ``commit_after_cancel``) and the transfer recorded discarded ("not taken")."""
+        self.counters["unrecorded"] += len(inc.tunnels)
+        why = f"state not written: {inc.recorded.error if inc.recorded else ''}"
+        out: list[Output] = [Send(inc.peer, cxtp.CTC(inc.mn, (self._tag(inc),)))]
+        out += self._discard(inc, now, why)
+        inc.record.outcome = "failed"
+        return out
+
     def _discard(
-        self, inc: _Incoming, now: float, why: str, *, journal: bool = True
+        self, inc: _Incoming, now: float, why: str, *, journal: bool = True, unsent: bool = False
     ) -> list[Output]:
         if self.journal is not None and inc.tunnels and journal:
             tunnels = list(inc.tunnels)
-            # Never activated (not committing): recorded discarded with the rows, so that a
+            # Never activated (not committing, or ``unsent``: committing, but its "pending"
+            # write failed, so it never sent): recorded discarded with the rows, so that a
             # decision query is answered "not taken" after a restart of this gateway too.
             # Not when the id came from another peer too (one record per id: "taken").
             sole = self._arrivals.peers_of(inc.tid) in ([], [inc.peer])
-            tid = inc.tid if sole and not inc.committing else 0
+            tid = inc.tid if sole and (unsent or not inc.committing) else 0
             self._unawaited_write(
                 self._journal_write(lambda j: j.cancelled(tunnels, inc.peer, tid))
             )

@@ -1195,8 +1195,8 @@ class DurableState:
 
     def discarded(self, transfer_id: int) -> str | None:
         """Target: the peer transfer ``transfer_id`` came from if it was recorded (submitted)
-        discarded here before its COMMIT, and not installed again since (its tunnels were
-        never activated here); else None."""
+        discarded here before its COMMIT (or at it, its "pending" write failed), and not
+        installed again since (its tunnels were never activated here); else None."""
         outcome, peer = self.arrival_outcomes.get(transfer_id, ("", ""))
         return peer if outcome == "discarded" else None
 
