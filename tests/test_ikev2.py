@@ -222,8 +222,9 @@ def test_default_proposals_hold_only_groups_we_compute() -> None:
 
     for o in parse_list(["default"], M.ProtocolId.IKE):
         assert set(o.dh) <= SUPPORTED_GROUPS
-    with pytest.raises(ConfigError, match="modp6144"):
-        parse("aes128-sha256-modp6144", M.ProtocolId.IKE)
+    with pytest.raises(ConfigError, match="modp1536"):  # (RFC 8247: not to be used)
+        parse("aes128-sha256-modp1536", M.ProtocolId.IKE)
+    parse("aes128-sha256-modp6144-modp8192", M.ProtocolId.IKE)  # (groups 17, 18: computed)
     # a peer whose KE uses a group we do not compute is asked for one we do
     w = pair(mn_conn(ike="aes128-sha256-x25519"), conn(ike="default"))
     connect(w)
@@ -231,9 +232,10 @@ def test_default_proposals_hold_only_groups_we_compute() -> None:
 
 
 def test_modp_groups_are_rfc_3526s_and_set_up_ike_sas() -> None:
-    """MODP-2048/3072/4096 (groups 14-16): each prime is RFC 3526's p = 2^n - 2^(n-64) - 1
-    + 2^64 * (floor(2^(n-130) * pi) + k), pi computed here (Machin's formula); and an IKE SA
-    comes up with each, in both roles (strongSwan's defaults offer 3072 and 4096 before 2048)."""
+    """MODP-2048/3072/4096/6144/8192 (groups 14-18): each prime is RFC 3526's p = 2^n -
+    2^(n-64) - 1 + 2^64 * (floor(2^(n-130) * pi) + k), pi computed here (Machin's formula);
+    and an IKE SA comes up with each, in both roles (strongSwan's defaults offer 3072, 4096,
+    6144 and 8192 before 2048)."""
     from ipsecct.ikev2.keys import MODP
 
     def pi_times_2_to(bits: int) -> int:  # floor(pi * 2^bits)
@@ -251,13 +253,45 @@ def test_modp_groups_are_rfc_3526s_and_set_up_ike_sas() -> None:
 
         return (4 * (4 * arctan_inv(5) - arctan_inv(239))) >> 64
 
-    for group, n, k in ((14, 2048, 124476), (15, 3072, 1690314), (16, 4096, 240904)):
+    for group, n, k in ((14, 2048, 124476), (15, 3072, 1690314), (16, 4096, 240904),
+                        (17, 6144, 929484), (18, 8192, 4743158)):  # fmt: skip
         assert MODP[group] == 2**n - 2 ** (n - 64) - 1 + 2**64 * (pi_times_2_to(n - 130) + k)
-    for word in ("modp3072", "modp4096"):
+        assert pow(3, MODP[group] - 1, MODP[group]) == 1  # (a Fermat check: prime)
+    words = {"modp3072": 15, "modp4096": 16, "modp6144": 17, "modp8192": 18}
+    for word, group in words.items():
         w = pair(mn_conn(ike=f"aes128gcm16-prfsha256-{word}"), conn(ike="default"))
         connect(w)
         up = w.of("i", IkeUp)
-        assert up and up[0].ike.suite.dh == {"modp3072": 15, "modp4096": 16}[word], up
+        assert up and up[0].ike.suite.dh == group, up
+        assert up[0].ike.suite.name().endswith(f"MODP_{word[4:]}")
+
+
+def test_a_modp_8192_key_exchange_is_computed_only_past_the_cookie_and_half_open_limits(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """MODP-8192 costs a responder about 24 times group 14's CPU (benchmarks/README.md,
+    ike10): under load (cookie_threshold reached) an IKE_SA_INIT that offers it is answered
+    with a COOKIE before any key is made, as for every group; with the cookie, the IKE SA
+    comes up with it."""
+    from ipsecct.ikev2 import engine as E
+
+    w = pair(mn_conn(ike="aes128gcm16-prfsha256-modp8192"), conn(ike="default"))
+    w.resp.cookie_threshold = 0
+    (first,) = sends(w.ini.initiate(w.ini.connections[0], I500, R500, 0.0))
+    made: list[int] = []
+    real = K.KeyExchange
+
+    def counted(group: int) -> K.KeyExchange:
+        made.append(group)
+        return real(group)
+
+    monkeypatch.setattr(E, "KeyExchange", counted)
+    out = w.resp.receive(first.data, I500, R500, 0.0)
+    assert made == [] and w.resp.stats["cookie-sent"] == 1 and not w.resp.half_open
+    monkeypatch.setattr(E, "KeyExchange", real)
+    w.deliver(out, "r", 0.0)
+    (up,) = w.of("i", IkeUp)
+    assert up.ike.suite.dh == 18 and w.resp.stats["cookie-accepted"] == 1
 
 
 def test_choice_prefers_the_ke_group_and_our_order() -> None:

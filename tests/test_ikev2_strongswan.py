@@ -253,6 +253,9 @@ CASES = [
      "AES_CBC_128/HMAC_SHA2_256_128"),
     ("aes128-sha256-modp3072", "aes128gcm16", "default", "default",
      "AES_CBC_128/HMAC_SHA2_256_128/PRF_HMAC_SHA2_256/MODP_3072", "AES_GCM_16_128"),
+    # RFC 3526's largest group: strongSwan's KE is MODP-8192, which "default" now takes
+    ("aes128gcm16-prfsha256-modp8192", "aes128gcm16", "default", "default",
+     "AES_GCM_16_128/PRF_HMAC_SHA2_256/MODP_8192", "AES_GCM_16_128"),
 ]  # fmt: skip
 
 

@@ -86,6 +86,8 @@ _DH_WORDS = {
     "modp2048": 14,
     "modp3072": 15,
     "modp4096": 16,
+    "modp6144": 17,
+    "modp8192": 18,
     "ecp256": 19,
     "ecp384": 20,
     "ecp521": 21,
@@ -95,13 +97,14 @@ _DH_WORDS = {
     "curve448": 32,
 }
 
-# strongSwan 5.9.8's default proposals ("default" in a proposal list), less the DH groups we
-# do not compute (MODP-6144 and larger): a peer offering only those gets INVALID_KE_PAYLOAD.
+# strongSwan 5.9.8's default proposals ("default" in a proposal list).
 DEFAULT_IKE = [
     "aes128-aes192-aes256-sha256-sha384-sha512-prfsha256-prfsha384-prfsha512"
-    "-x25519-x448-ecp256-ecp384-ecp521-modp3072-modp4096-modp2048",
+    "-x25519-x448-ecp256-ecp384-ecp521-modp3072-modp4096-modp6144-modp8192"
+    "-modp2048",
     "aes128gcm16-aes192gcm16-aes256gcm16-chacha20poly1305-prfsha256-prfsha384-prfsha512"
-    "-x25519-x448-ecp256-ecp384-ecp521-modp3072-modp4096-modp2048",
+    "-x25519-x448-ecp256-ecp384-ecp521-modp3072-modp4096-modp6144-modp8192"
+    "-modp2048",
 ]
 DEFAULT_ESP = [
     "aes128gcm16-aes192gcm16-aes256gcm16-chacha20poly1305",
@@ -191,7 +194,8 @@ class Suite:
         if self.dh is not None:
             parts.append({31: "CURVE_25519", 32: "CURVE_448", 19: "ECP_256", 20: "ECP_384",
                           21: "ECP_521", 14: "MODP_2048", 15: "MODP_3072",
-                          16: "MODP_4096"}.get(self.dh, f"DH_{self.dh}"))  # fmt: skip
+                          16: "MODP_4096", 17: "MODP_6144",
+                          18: "MODP_8192"}.get(self.dh, f"DH_{self.dh}"))  # fmt: skip
         if self.protocol != ProtocolId.IKE:
             parts.append("EXT_SEQ" if self.esn else "NO_EXT_SEQ")
         return "/".join(parts)
