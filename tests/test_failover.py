@@ -1677,3 +1677,115 @@ def test_etcd_mode_replicas_are_kept_only_under_the_members_lease() -> None:
     msgs = wire(rep.poll(0.4))
     assert [r for m in msgs for r in sb.receive(m, 0.4)]
     assert set(sb.replica) == {0x2001} and rep.floor[t1] == t1.outbound.seq == 20
+
+
+class _Silent:
+    """A standby as FailoverDriver._on_timer sees it: the active last heard at ``last_heard``,
+    dead ``dead_s`` later, and replicas left to decode (the timer also fires every tick_ms
+    for them)."""
+
+    def __init__(self, heard: float, dead_s: float) -> None:
+        self.last_heard: float | None = heard
+        self.dead_s = dead_s
+        self.took_over: float | None = None
+        self.unprepared = True
+
+    def next_deadline(self) -> float | None:
+        if self.took_over is not None or self.last_heard is None:
+            return None
+        return self.last_heard + self.dead_s
+
+    def dead(self, now: float) -> bool:
+        d = self.next_deadline()
+        return d is not None and now >= d
+
+    def prepare(self, max_pairs: int) -> int:
+        return max_pairs
+
+
+def _watching(sb: _Silent) -> tuple[Any, list[float]]:
+    """A FailoverDriver of a standby (dead_ms 1500, heartbeat_ms 100) watching ``sb``; the
+    list gets the time of each take-over."""
+    from types import SimpleNamespace
+
+    from ipsecct.gateway.failover_driver import FailoverDriver
+
+    d = FailoverDriver.__new__(FailoverDriver)
+    d.cfg = failover.FailoverConfig("standby", "sg1", dead_ms=1500, heartbeat_ms=100)
+    d.node = SimpleNamespace(name="sg2")  # type: ignore[assignment]
+    d.channels = SimpleNamespace(connected=lambda peer: False)  # type: ignore[assignment]
+    d.replicator, d.standby = None, sb  # type: ignore[assignment]
+    d._resume_hold, d.resumed = None, 0
+    d._look_again = d._looking_since = None
+    d.looked_again = 0
+    d.joining, d._next_join, d.joins, d._next_prepare = False, 0.0, 0, 0.0
+    taken: list[float] = []
+
+    def take_over(now: float) -> None:
+        taken.append(now)
+        sb.took_over = now
+
+    d.take_over = take_over  # type: ignore[method-assign,assignment]
+    return d, taken
+
+
+def test_a_standby_late_on_its_dead_time_decides_nothing_before_it_looks_again() -> None:
+    """The dead-time timer fires 0.7 s late (the standby was stopped): it looks again a
+    heartbeat later. The timer fires again at once for the replicas to decode (and the JOINs):
+    that call found the look due "on time" and took over, 1 ms after the late one, with no
+    read of the channel between (tests/test_failover_reform.py's SIGSTOP test failed so, 4 of
+    15 runs under load). Now only the look itself decides: the active heard meanwhile, the
+    standby stays; still silent at the look, it takes over."""
+    sb = _Silent(100.0, 1.5)
+    d, taken = _watching(sb)
+    d._on_timer(102.2)  # dead at 101.5: 0.7 s late
+    assert d.looked_again == 1 and taken == []
+    d._on_timer(102.201)  # the tick for the replicas to decode, due while it was stopped
+    d._on_timer(102.25)
+    assert taken == []
+    sb.last_heard = 102.26  # the reader ran: the active's messages of meanwhile
+    d._on_timer(102.3)
+    assert taken == [] and d._look_again is None
+
+    sb2 = _Silent(100.0, 1.5)
+    d2, taken2 = _watching(sb2)
+    d2._on_timer(102.2)
+    d2._on_timer(102.201)
+    assert taken2 == []
+    d2._on_timer(102.3)  # the look, on time, and still nothing heard
+    assert taken2 == [102.3]
+
+
+def test_a_standby_late_at_every_look_still_takes_over_in_bounded_time() -> None:
+    """Never run on time (each call 0.35 s late, and a tick call 1 ms after each): the tick
+    calls between the looks do not defer the take-over. It looks again for dead_ms, counts
+    itself paused once the dead time is dead_ms behind (asks the peer for RESUME_GRACE), and
+    then takes over, looking again for at most dead_ms more."""
+    from ipsecct.gateway.failover_driver import RESUME_GRACE
+
+    sb = _Silent(100.0, 1.5)
+    d, taken = _watching(sb)
+    now = 102.2
+    while not taken and now < 120.0:
+        d._on_timer(now)
+        d._on_timer(now + 0.001)
+        now = round(now + 0.35, 3)
+    assert taken and taken[0] <= 101.5 + 1.5 + RESUME_GRACE + 1.5 + 0.35
+    assert d.resumed == 1
+
+
+def test_a_later_silence_gets_a_look_again_of_its_own() -> None:
+    """The standby looked again once (late), then heard the active, and its timer did not
+    run until the next dead time (no replicas to decode, no JOIN): that silence, found late
+    again, gets its own look; before, the first look's start (more than dead_ms ago) made it
+    take over at once, without reading its channel."""
+    sb = _Silent(100.0, 1.5)
+    sb.unprepared = False
+    d, taken = _watching(sb)
+    d._on_timer(102.2)
+    assert d.looked_again == 1
+    sb.last_heard = 102.25  # the active again; no timer call while it is heard
+    d._on_timer(104.5)  # dead at 103.75: 0.75 s late
+    assert taken == [] and d.looked_again == 2
+    d._on_timer(104.6)
+    assert taken == [104.6]

@@ -299,6 +299,11 @@ class FailoverDriver:
         if hold is not None and sb.last_heard is not None and sb.last_heard > hold[0]:
             self._resume_hold = hold = None  # the peer answered: its standby, as before
             self.joining = False
+        since = self._looking_since
+        if since is not None and sb.last_heard is not None and sb.last_heard > since:
+            # heard from the active since it began to look again: that silence is over, and
+            # a later one gets a look-again (and its dead_ms of them) of its own
+            self._look_again = self._looking_since = None
         if sb.dead(now):
             deadline = sb.next_deadline()
             late = now - deadline if deadline is not None else 0.0
@@ -321,7 +326,11 @@ class FailoverDriver:
                     f"(stopped or suspended): it asks {self.cfg.peer} to replicate to it and "
                     f"takes over only if nothing is heard within {hold[1] - now:.1f} s",
                 )
-            if hold is None or now >= hold[1]:
+            # Before the time to look again nothing is decided: the timer also fires for the
+            # replicas to decode and the JOINs (tick_ms), and such a call, moments after the
+            # late one, found the look due "on time" and took over without a read between.
+            looking = self._look_again is not None and now < self._look_again
+            if (hold is None or now >= hold[1]) and not looking:
                 # Take over only on a silence seen while this process ran on time. A timer
                 # that fires late (a loaded machine did not run this process) finds the
                 # active's messages of meanwhile unread in the channel: the event loop runs
@@ -338,6 +347,17 @@ class FailoverDriver:
                     self._look_again = now + slack
                     self._looking_since = now if since is None else since
                     self.looked_again += 1
+                    if since is None:
+                        event(
+                            log,
+                            "failover-look-again",
+                            node=self.node.name,
+                            peer=self.cfg.peer,
+                            late_ms=f"{(now - due) * 1000:.0f}",
+                            detail=f"the dead time passed while this standby was not running "
+                            f"on time: it reads its channel and looks again before it takes "
+                            f"over (for at most {self.cfg.dead_ms:.0f} ms)",
+                        )
                     return
                 self._look_again = self._looking_since = None
                 self._resume_hold = None
@@ -654,6 +674,10 @@ class FailoverDriver:
             **common,
             "epoch": self.standby.epoch if self.standby is not None else None,
             "alone": True,
+            # as a standby: how often it woke up paused, and looked again, before it took over
+            # (a take-over of a live active under load shows here)
+            "resumed": self.resumed,
+            "looked_again": self.looked_again,
             "detail": f"runs alone: no standby holds its tunnels until {self.cfg.peer} comes "
             "back (it then becomes the standby by itself)",
             **lease,
