@@ -19,6 +19,9 @@ indexed one; they alternate (old, new, old, new...) ``--pairs`` times, medians p
     python benchmarks/spd_lookup.py --tunnels 1000
     python benchmarks/spd_lookup.py --tunnels 10000 --flows 300
 
+``--subnets``: site-to-site tunnels instead, each to a subnet (10.64.0.0/24, 10.64.1.0/24,
+...: filed under their covering prefix, not one address), the packets to an address in each.
+
 ``--transfer old|new`` instead runs ``ipsecct bench transfer --json`` with that SPD (for the
 bulk SAs/s A/B: alternate the two from a shell). ``--callgrind old|new`` counts the
 instructions (valgrind) of ``Engine.add_tunnels`` of ``--tunnels`` tunnels into an engine that
@@ -95,12 +98,20 @@ def use(kind: str) -> None:
     engine_mod.SPD = LinearSPD if kind == "old" else SPD  # type: ignore[attr-defined]
 
 
+SUBNETS = False  # --subnets: tunnel i to the /24 at 10.64.0.0 + 256 i, packets to its .5
+
+
+def _remote(i: int) -> int:
+    return int(ipaddress.ip_address("10.64.0.0")) + (i * 256 + 5 if SUBNETS else i)
+
+
 def _items(n: int) -> list[tuple[SPDEntry, SecurityAssociation, SecurityAssociation]]:
     a = ipaddress.ip_address
     local, peer = a("192.0.2.1"), a("192.0.2.2")
     out = []
     for i in range(n):
-        sel = Selectors.between("10.2.0.0/16", str(a("10.64.0.0") + i))
+        remote = f"{a(_remote(i) - 5)}/24" if SUBNETS else str(a(_remote(i)))
+        sel = Selectors.between("10.2.0.0/16", remote)
         common: dict[str, Any] = dict(
             esn=True, replay_window=1024, selectors=sel, encap=UdpEncap(), name=f"t{i}"
         )
@@ -136,9 +147,9 @@ def one_round(kind: str, n: int, flows: int) -> dict[str, float]:
         res["install_us"] = cpu(lambda: eng.add_tunnels(items)) / n / 1000
     finally:
         gc.enable()
-    base, src = int(ipaddress.ip_address("10.64.0.0")), int(ipaddress.ip_address("10.2.0.1"))
+    src = int(ipaddress.ip_address("10.2.0.1"))
     step = max(n // flows, 1)
-    pkts = [_udp(src, base + i, 1000 + k) for k, i in enumerate(range(0, n, step))]
+    pkts = [_udp(src, _remote(i), 1000 + k) for k, i in enumerate(range(0, n, step))]
     now = time.monotonic()
 
     def first() -> None:
@@ -146,7 +157,7 @@ def one_round(kind: str, n: int, flows: int) -> dict[str, float]:
             eng.outbound(p, now)
 
     res["first_us"] = cpu(first) / len(pkts) / 1000
-    miss = [_udp(src, base + n + 7 + k, 1000) for k in range(len(pkts))]
+    miss = [_udp(src, _remote(n + 7) + k, 1000) for k in range(len(pkts))]
 
     def misses() -> None:
         for p in miss:
@@ -175,7 +186,10 @@ def main() -> None:
     ap.add_argument("--callgrind", choices=["old", "new"])
     ap.add_argument("--into", type=int, help="--callgrind: tunnels already in the engine")
     ap.add_argument("--gc", choices=["on", "off"], default="on", help="--callgrind: collector")
+    ap.add_argument("--subnets", action="store_true", help="site-to-site tunnels to subnets")
     args = ap.parse_args()
+    global SUBNETS
+    SUBNETS = args.subnets
     if args.callgrind:
         from bulk_callgrind import _callgrind, _instructions  # type: ignore[import-not-found]
 

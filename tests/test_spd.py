@@ -397,12 +397,16 @@ def _policy_selectors(draw: st.DrawFn) -> Selectors:
         for _ in range(draw(st.sampled_from([1, 1, 1, 2]))):
             v6 = draw(st.integers(0, 3)) == 0
             mk = ipaddress.IPv6Address if v6 else ipaddress.IPv4Address
-            kind = draw(st.sampled_from(["one", "one", "range", "any"]))
+            kind = draw(st.sampled_from(["one", "one", "range", "wide", "any"]))
             if kind == "any":
                 out.append(AddressRange.any(6 if v6 else 4))
                 continue
             first = (_V6 if v6 else _V4) + draw(st.integers(0, 4))
-            width = 0 if kind == "one" else draw(st.integers(1, 4))
+            if kind == "wide":  # (filed under a shorter prefix: several lengths in use)
+                first += draw(st.sampled_from([0, 250]))
+            width = {"one": 0, "range": draw(st.integers(1, 4))}.get(
+                kind, draw(st.integers(5, 700))
+            )
             out.append(AddressRange(mk(first), mk(first + width)))
         return tuple(out)
 
@@ -432,8 +436,8 @@ _ops = st.lists(
 _packets = st.lists(
     st.tuples(
         st.integers(0, 3).map(lambda x: x == 0),  # IPv6
-        st.integers(0, 5),
-        st.integers(0, 5),
+        st.one_of(st.integers(0, 5), st.sampled_from([7, 255, 256, 511, 700, 960])),
+        st.one_of(st.integers(0, 5), st.sampled_from([7, 255, 256, 511, 700, 960])),
         st.sampled_from([TCP, UDP, ICMP, ESP]),
         st.one_of(st.none(), st.integers(0, 6)),
         st.one_of(st.none(), st.integers(0, 6)),

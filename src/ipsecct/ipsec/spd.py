@@ -323,12 +323,16 @@ class SPD:
 
     A lookup does not try every entry: an entry whose remote ranges are all single addresses
     (a mobile node's inner address: the usual tunnel) is filed under those addresses, else one
-    whose local ranges are all single addresses under those, and the rest are kept apart in
-    order. Every entry has a rank that grows with its position; a lookup tries the entries filed
-    under the packet's remote address, then those under its local address, then the rest, each
-    in rank order and only below the best rank found so far, and returns the lowest-ranked
-    match: exactly the first match of the ordered list (:meth:`_lookup_linear`, kept as the
-    reference)."""
+    whose local ranges are all single addresses under those. An entry with ranges (a site's
+    subnets) is filed under the smallest prefix that covers each of its remote ranges (a range
+    10.1.0.0-10.1.0.255 under 10.1.0.0/24, 10.1.0.5-10.1.0.9 under 10.1.0.0/28), else of its
+    local ranges; only an entry that has ANY (or a range as wide as half the address space) on
+    both sides is kept in the general list. Every entry has a rank that grows with its position;
+    a lookup tries the entries filed under the packet's remote address, under its local address,
+    under each prefix length in use masked from the packet's remote and local addresses, then
+    the general list, each in rank order and only below the best rank found so far, and returns
+    the lowest-ranked match: exactly the first match of the ordered list
+    (:meth:`_lookup_linear`, kept as the reference)."""
 
     STEP = 1 << 32  # rank gap between entries appended one after another
 
@@ -342,6 +346,13 @@ class SPD:
         # that the garbage collector would have to walk)
         self._by_remote: dict[int, SPDEntry | list[SPDEntry]] = {}
         self._by_local: dict[int, SPDEntry | list[SPDEntry]] = {}
+        # prefix key (version << 136 | length << 128 | address >> (bits - length)) -> the
+        # entries filed under that covering prefix, as above; and per table and version, the
+        # prefix lengths in use (longest first) with how many keys each has
+        self._by_remote_net: dict[int, SPDEntry | list[SPDEntry]] = {}
+        self._by_local_net: dict[int, SPDEntry | list[SPDEntry]] = {}
+        self._plens: dict[int, dict[int, int]] = {}  # id(table) << 3 | version -> length -> n
+        self._plen_list: dict[int, tuple[int, ...]] = {}  # same key -> lengths, longest first
         self._general: list[SPDEntry] = []  # the rest, sorted by rank
         self.extend(entries)
 
@@ -369,6 +380,22 @@ class SPD:
             keys.append((f._version << 128) | f._ip)
         return tuple(dict.fromkeys(keys))  # (an address listed twice: filed once)
 
+    @staticmethod
+    def _net_keys(ranges: tuple[AddressRange, ...]) -> tuple[int, ...] | None:
+        """The prefix keys of the smallest prefixes covering each range, or None when one of
+        them is as wide as half the address space or more (filing it would not narrow the
+        search)."""
+        keys = []
+        for r in ranges:
+            f: Any = r.first
+            lst: Any = r.last
+            bits = 32 if f._version == 4 else 128
+            plen = bits - (f._ip ^ lst._ip).bit_length()
+            if plen < 1:
+                return None
+            keys.append((f._version << 136) | (plen << 128) | (f._ip >> (bits - plen)))
+        return tuple(dict.fromkeys(keys))
+
     def _where(
         self, entry: SPDEntry
     ) -> tuple[dict[int, SPDEntry | list[SPDEntry]] | None, int | tuple[int, ...] | None]:
@@ -380,7 +407,31 @@ class SPD:
         keys = self._keys(sel.local)
         if keys is not None:
             return self._by_local, keys
+        keys = self._net_keys(sel.remote)
+        if keys is not None:
+            return self._by_remote_net, keys
+        keys = self._net_keys(sel.local)
+        if keys is not None:
+            return self._by_local_net, keys
         return None, None
+
+    def _count_plen(self, table: dict[int, SPDEntry | list[SPDEntry]], key: int, n: int) -> None:
+        """A key of a prefix table came (n = 1) or went (n = -1): keep its length's count."""
+        version = key >> 136
+        plen = (key >> 128) & 0xFF
+        tk = id(table) << 3 | version
+        counts = self._plens.setdefault(tk, {})
+        left = counts.get(plen, 0) + n
+        if left:
+            counts[plen] = left
+            if left > 1 or n < 0:
+                return
+        else:
+            del counts[plen]
+            if not counts:
+                del self._plens[tk], self._plen_list[tk]
+                return
+        self._plen_list[tk] = tuple(sorted(counts, reverse=True))
 
     def _insert_ranked(self, lst: list[SPDEntry], entry: SPDEntry, rank: int) -> None:
         rk = self._rank
@@ -412,10 +463,13 @@ class SPD:
             else:
                 self._general.append(entry)
             return
+        nets = table is self._by_remote_net or table is self._by_local_net
         for key in (keys,) if isinstance(keys, int) else keys:  # type: ignore[union-attr]
             cur = table.get(key)
             if cur is None:
                 table[key] = entry
+                if nets:
+                    self._count_plen(table, key, 1)
             elif type(cur) is list:
                 self._insert_ranked(cur, entry, rank)
             else:
@@ -447,6 +501,7 @@ class SPD:
             i = bisect.bisect_left(gen, rank, key=lambda e: rk[id(e)])
             del gen[i]
         else:
+            nets = table is self._by_remote_net or table is self._by_local_net
             for key in (keys,) if isinstance(keys, int) else keys:  # type: ignore[union-attr]
                 cur = table[key]
                 if type(cur) is list:
@@ -455,6 +510,8 @@ class SPD:
                         table[key] = cur[0]
                 else:
                     del table[key]
+                    if nets:
+                        self._count_plen(table, key, -1)
         del rk[id(entry)]
         return rank
 
@@ -464,6 +521,10 @@ class SPD:
         self._rank.clear()
         self._by_remote.clear()
         self._by_local.clear()
+        self._by_remote_net.clear()
+        self._by_local_net.clear()
+        self._plens.clear()
+        self._plen_list.clear()
         self._general = []
         self._ranks = [(i + 1) * self.STEP for i in range(len(entries))]
         for e, rank in zip(entries, self._ranks, strict=True):
@@ -592,6 +653,22 @@ class SPD:
                     best = e
                     best_rank = rk[id(e)]
                     break
+        if self._plen_list:
+            bits = 32 if version == 4 else 128
+            for table, addr in ((self._by_remote_net, ri), (self._by_local_net, li)):
+                for plen in self._plen_list.get(id(table) << 3 | version, ()):
+                    cur = table.get((version << 136) | (plen << 128) | (addr >> (bits - plen)))
+                    if cur is None:
+                        continue
+                    for e in cur if type(cur) is list else (cast(SPDEntry, cur),):
+                        if best is not None and rk[id(e)] > best_rank:
+                            break
+                        if e.selectors.matches_int(
+                            version, li, ri, protocol, local_port, remote_port
+                        ):
+                            best = e
+                            best_rank = rk[id(e)]
+                            break
         for e in self._general:
             if best is not None and rk[id(e)] > best_rank:
                 break
