@@ -328,6 +328,7 @@ def test_the_stream_ends_the_baseline_a_lead_before_the_handover_in_every_mode(
     baseline, recorded = seen["half"]
     assert len(baseline) == 1 and baseline[0] is not None
     lead = max(prepare_ahead, 1.0)
-    assert 50 < recorded <= lead * 200 + 2  # (a baseline at the handover: 1)
+    # (a baseline at the handover: 1; at the stream's start: all 400; a late loop sends more)
+    assert 50 < recorded <= (lead + 0.5) * 200
     if prepare_ahead:  # the preparation came after the baseline's end (at it, here)
         assert seen["prepare"][0] == baseline and seen["prepare"][1] <= 2
