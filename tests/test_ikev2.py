@@ -2518,6 +2518,61 @@ def test_a_moved_ike_sa_whose_certificate_is_revoked_here_is_refused() -> None:
     assert context.unit_refusal(no_ca, [gw]) == "malformed IKE unit"
 
 
+def test_revocation_strict_refuses_a_moved_ike_sa_whose_serials_are_not_carried() -> None:
+    """Under remote.revocation = strict, a certificate peer's IKE SA whose chain serials a
+    context (item 33) or UNIT payload (15) does not carry (an older gateway's; a context
+    with no room for them) cannot be checked for revocation here: refused before the commit
+    (UNIT), on a replica's arrival and at the import, counted; ifuri and relaxed admit it
+    as before. A source whose context would leave the serials out leaves them out of the
+    UNIT payload too, so a strict target refuses before the commit, not after it."""
+    import copy
+
+    from ipsecct.ikev2 import context
+
+    w, _, _, gw, _, _ = _revocable_peer()
+    (ike,) = w.resp.ike_sas()
+    cdbs = context.encode(ike, 1.0)
+    (payload,) = context.unit_payloads(ike, ike.children, 1.0)
+    main, *rest = cdbs
+    d = context._parse(main)[1]
+    no_33 = [context._frame(context.FPT_IKE_SA, context._items(
+        [(t, x) for t, xs in d.items() if t != 33 for x in xs])), *rest]  # fmt: skip
+    pd = context._parse(context._frame(0, payload))[1]
+    no_15 = context._items([(t, v) for t, vs in pd.items() if t != 15 for v in vs])
+    names_only = context._items([(t, v) for t, vs in pd.items() if t in (1, 5, 6, 14)
+                                 for v in vs])  # fmt: skip
+    why = ("peer's certificate chain serials not carried: remote.revocation = strict of 'c'"
+           " here cannot check them")
+    for mode in ("strict", "ifuri", "relaxed"):
+        here = [dataclasses.replace(gw, revocation=mode)]
+        want = why if mode == "strict" else None
+        # carried: admitted (the list here does not name the peer's certificate)
+        assert context.unit_refusal(payload, here) is None
+        assert context.replica_refusal(cdbs, here, 1.0) is None
+        for p in (no_15, names_only):
+            assert context.unit_refusal(p, here) == want
+        assert context.replica_refusal(no_33, here, 1.0) == want
+        target = IkeEngine(here)
+        if want is not None:
+            with pytest.raises(IkeContextError, match=re.escape(why)):
+                target.import_ike(no_33, 1.0)
+            assert target.stats["revocation-unchecked-refused"] == 1
+        else:
+            target.import_ike(no_33, 1.0)
+        assert len(target.ike_sas()) == (0 if want else 1)
+    # no room for item 33 in the context: item 15 is left out of the UNIT payload as well
+    big = copy.copy(ike)
+    big.peer_id = "CN=" + "x" * 1580
+    assert 33 not in context._parse(context.encode(big, 1.0)[0])[1]
+    assert not context.carries_serials(big, 1.0) and context.carries_serials(ike, 1.0)
+    big_payloads = context.unit_payloads(big, big.children, 1.0)
+    assert all(15 not in context._parse(context._frame(0, p))[1] for p in big_payloads)
+    strict = [dataclasses.replace(gw, revocation="strict", remote_id=Identity("%any"))]
+    assert context.unit_refusal(big_payloads[0], strict) == why
+    assert 15 in context._parse(context._frame(0, context.unit_payloads(
+        big, big.children)[0]))[1]  # (no ``now``: as before)  # fmt: skip
+
+
 @settings(max_examples=500, deadline=None)
 @given(st.one_of(
     st.binary(max_size=300),

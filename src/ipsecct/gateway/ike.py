@@ -977,13 +977,14 @@ class IkeService:
         that a target that could not (no such connection) refuses them all before the
         commit instead of taking the CHILD SAs and dropping their IKE SA after it."""
         going = {t.outbound.spi for t in tunnels}
+        now = self.node.clock()
         out = []
         for ike in self.engine.ike_sas():
             children = [c for c in ike.children if c.spi_out in going]
             if children:  # one UNIT CDB, or several when its policy items need them
                 spis = [c.spi_out for c in children]
                 out += [unit_cdb(UNIT_IKEV2, spis, p)
-                        for p in ike_context.unit_payloads(ike, children)]  # fmt: skip
+                        for p in ike_context.unit_payloads(ike, children, now)]  # fmt: skip
         return out
 
     def _following(self, tunnels: list[Any]) -> list[IkeSA]:
@@ -1049,6 +1050,8 @@ class IkeService:
                 if why is None and owner is not None and tid is not None and vips:
                     self._reserve(peer, tid, owner, vips, peer_id)
         if why is not None:
+            if why.startswith(ike_context.UNCHECKED_REVOCATION):
+                self.engine.stats["revocation-unchecked-refused"] += 1
             event(log, "ike-sa-refused", logging.WARNING, node=self.node.name, peer=peer,
                   error=why, when="before the transfer")  # fmt: skip
         return why
@@ -1426,6 +1429,8 @@ class IkeService:
                       spi=replica_spi(key).hex())  # fmt: skip
             return None
         self.engine.stats["replica-refused"] += 1
+        if why.startswith(ike_context.UNCHECKED_REVOCATION):
+            self.engine.stats["revocation-unchecked-refused"] += 1
         if self._refusing.get(key) != why:
             self._refusing.pop(key, None)
             self._refusing[key] = why

@@ -209,12 +209,8 @@ def _my_mid(ike: IkeSA) -> int:
     return ike.my_next_mid
 
 
-def encode(ike: IkeSA, now: float) -> list[bytes]:
-    """The CDBs of an established IKE SA and its CHILD SAs."""
-    if ike.state is not IkeState.ESTABLISHED:
-        raise IkeContextError(f"IKE SA is {ike.state.value}: only established ones move")
-    if max(ike.peer_next_mid, _my_mid(ike)) > 0xFFFFFFFF:  # (the engine closes such an SA)
-        raise IkeContextError("the IKE SA's message IDs are exhausted")
+def _main_items(ike: IkeSA, now: float) -> list[tuple[int, bytes]]:
+    """The IKE SA's context items before those of a certificate peer (28, 29, 33)."""
     k = ike.keys
     main = [
         (1, bytes((VERSION,))),
@@ -247,10 +243,42 @@ def encode(ike: IkeSA, now: float) -> list[bytes]:
     owed = deletes_owed(ike)
     if owed:  # DELETEs of CHILD SAs we sent (or queued) and the peer has not answered
         main.append((30, b"".join(struct.pack("!I", spi) for spi in owed)))
+    return main
+
+
+def _serials_fit(ike: IkeSA, main: list[tuple[int, bytes]]) -> bool:
+    """Does the context carry the peer's chain serials (item 33)? Not when it has none, nor
+    when ``main`` leaves no room for them with items 28 and 29: the target cannot check them
+    then, as from an older gateway (a target with ``remote.revocation = strict`` refuses
+    it; :func:`unit_payloads` leaves item 15 out in that case, so it does before the
+    commit)."""
+    if not ike.peer_ca or not ike.peer_serials:
+        return False
+    serials = [(33, _serials(ike.peer_serials))]
+    return len(_items(main + serials)) <= MAX_CDB - 8 - 3 - (3 + 32)
+
+
+def carries_serials(ike: IkeSA, now: float) -> bool:
+    """Would the context of ``ike`` encoded at ``now`` carry its peer's chain serials?"""
+    return _serials_fit(ike, _main_items(ike, now))
+
+
+def _serials_kept(ike: IkeSA, now: float) -> bool:
+    try:
+        return carries_serials(ike, now)
+    except (struct.error, ValueError, OverflowError):  # not exportable: commit_check says so
+        return True
+
+
+def encode(ike: IkeSA, now: float) -> list[bytes]:
+    """The CDBs of an established IKE SA and its CHILD SAs."""
+    if ike.state is not IkeState.ESTABLISHED:
+        raise IkeContextError(f"IKE SA is {ike.state.value}: only established ones move")
+    if max(ike.peer_next_mid, _my_mid(ike)) > 0xFFFFFFFF:  # (the engine closes such an SA)
+        raise IkeContextError("the IKE SA's message IDs are exhausted")
+    main = _main_items(ike, now)
     if ike.peer_ca:  # a certificate peer: what its certificate proves (28) and its CA (29)
-        serials = [(33, _serials(ike.peer_serials))] if ike.peer_serials else []
-        if len(_items(main + serials)) > MAX_CDB - 8 - 3 - (3 + 32):
-            serials = []  # (no room: the target cannot check them, as from an older gateway)
+        serials = [(33, _serials(ike.peer_serials))] if _serials_fit(ike, main) else []
         room = MAX_CDB - 8 - len(_items(main + serials)) - 3 - (3 + 32)
         main += [(28, _names(ike.peer_names, room)), (29, ike.peer_ca), *serials]
     out = [_frame(FPT_IKE_SA, _items(main))]
@@ -333,13 +361,15 @@ def _kid(name: str, suite: Suite, lts: list[TrafficSelector],
     return _items([(1, name.encode()), (2, _suite(suite)), (3, _ts(lts)), (4, _ts(rts))])
 
 
-def unit_payloads(ike: IkeSA, children: list[ChildSA]) -> list[bytes]:
+def unit_payloads(ike: IkeSA, children: list[ChildSA],
+                  now: float | None = None) -> list[bytes]:  # fmt: skip
     """What a target needs to take this IKE SA after its CHILD SAs (the payloads of the
     transfer's UNIT CDBs, ``ct.transfer.unit_cdb``, each listing all of ``children``): its
     connection's name and the names of its CHILD SAs' configurations, then what the
     target's policy is checked against before the commit (:func:`policy_refusal`): the IKE
     SA's suite (7), the peer's identity (8) and how it authenticated (10) (a certificate
-    peer's names, CA and chain serials: 12, 13, 15), and, per CHILD SA,
+    peer's names, CA and chain serials: 12, 13, 15; the serials only when the context
+    encoded at ``now`` carries them too), and, per CHILD SA,
     its configuration's name, suite and selectors (9). A gateway that predates items 7-10
     reads only the names.
 
@@ -357,7 +387,10 @@ def unit_payloads(ike: IkeSA, children: list[ChildSA]) -> list[bytes]:
                  (10, bytes((_AUTH[auth_of(ike)],)))]  # fmt: skip
     if ike.peer_ca:  # a certificate peer: the names it proves (12) and its CA (13)
         top_items += [(12, _names(ike.peer_names, 1024)), (13, ike.peer_ca)]
-        if ike.peer_serials:  # and its chain's serials (15)
+        # and its chain's serials (15), unless the context at ``now`` would leave them out
+        # (item 33: no room), so that a target under remote.revocation = strict refuses
+        # the IKE SA before the commit rather than after it
+        if ike.peer_serials and (now is None or _serials_kept(ike, now)):
             top_items.append((15, _serials(ike.peer_serials)))
     top = _items(top_items)
     kids = [_items([(9, _kid(c.config.name, c.suite, c.local_ts, c.remote_ts))])
@@ -482,7 +515,9 @@ def unit_refusal(payload: bytes, connections: list[Connection]) -> str | None:
     for child in children:
         if not any(cc.name == child for cc in conn.children):
             return f"no child {child!r} in connection {name!r} here"
-    if not policy:
+    if not policy:  # (an older gateway: names only)
+        if conn.remote_auth == "pubkey" and conn.revocation == "strict":
+            return _unchecked(conn)
         return None
     by_name = {cc.name: cc for cc in conn.children}
     return _refusal(conn, top, [(by_name[n], s_, lts, rts) for n, s_, lts, rts in kids])
@@ -541,6 +576,11 @@ def _refusal(
                 fingerprint(ca) for ca in conn.cacerts}:  # fmt: skip
             return (f"peer's certificate is not from a CA in remote.cacerts of {conn.name!r}"
                     " here")  # fmt: skip
+        if conn.remote_auth == "pubkey" and conn.revocation == "strict" and (
+                cert is None or not cert[2]):  # fmt: skip
+            # (an older gateway's context, or one with no room for them: under strict a
+            # certificate whose revocation cannot be checked here is not admitted)
+            return _unchecked(conn)
         if cert is not None and conn.remote_auth == "pubkey" and conn.crls is not None:
             why = _revoked_here(conn, cert[2])
             if why is not None:
@@ -553,6 +593,16 @@ def _refusal(
             if not all(any(_within(t, a) for a in allowed) for t in have):
                 return f"traffic selectors outside {side} of child {cc.name!r} here"
     return None
+
+
+# the start of the refusal of a certificate peer whose chain serials a context or UNIT does
+# not carry, by a connection with remote.revocation = strict (counted by the gateway)
+UNCHECKED_REVOCATION = "peer's certificate chain serials not carried"
+
+
+def _unchecked(conn: Connection) -> str:
+    return (f"{UNCHECKED_REVOCATION}: remote.revocation = strict of {conn.name!r} here "
+            "cannot check them")  # fmt: skip
 
 
 def _revoked_here(conn: Connection, serials: Serials) -> str | None:

@@ -474,6 +474,8 @@ class IkeEngine:
         if why is None and admit is not None:
             why = admit(ike)
         if why is not None:
+            if why.startswith(context.UNCHECKED_REVOCATION):
+                self.stats["revocation-unchecked-refused"] += 1
             raise IkeContextError(why)
         if ike.our_spi in self.by_spi:
             raise IkeContextError("the IKE SA's SPI is in use here")
