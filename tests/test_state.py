@@ -1877,3 +1877,34 @@ def test_sa_delete_of_a_tunnel_whose_commit_came_leaves_it_out_of_the_activation
     assert sg2.finished[-1].outcome == "committed"
     w.host_send("sg2", 1)
     assert sg2.wire == []
+
+
+def test_a_state_moved_aside_twice_in_one_second_keeps_both(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """_move_aside names its directory by the second: a second (third) move within the same
+    second goes into a new old-TIME-N directory, never over the database moved before."""
+    from datetime import UTC, datetime
+
+    class Frozen:
+        @staticmethod
+        def now(tz: Any) -> datetime:
+            return datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+
+    monkeypatch.setattr(state_mod, "datetime", Frozen)
+    moved = []
+    for text in ("one", "two", "three"):
+        (tmp_path / state_mod.DB_NAME).write_text(text)
+        (tmp_path / (state_mod.DB_NAME + "-wal")).write_text(text + "-wal")
+        moved.append(state_mod._move_aside(tmp_path))
+    assert [p.name for p in moved] == ["old-20260102T030405", "old-20260102T030405-2",
+                                       "old-20260102T030405-3"]  # fmt: skip
+    for p, text in zip(moved, ("one", "two", "three"), strict=True):
+        assert (p / state_mod.DB_NAME).read_text() == text
+        assert (p / (state_mod.DB_NAME + "-wal")).read_text() == text + "-wal"
+    assert not (tmp_path / state_mod.DB_NAME).exists()
+    monkeypatch.setattr(state_mod, "MOVE_ASIDE_MAX", 3)  # bounded: an error, not a loop
+    (tmp_path / state_mod.DB_NAME).write_text("four")
+    with pytest.raises(FileExistsError):
+        state_mod._move_aside(tmp_path)
+    assert (tmp_path / state_mod.DB_NAME).read_text() == "four"

@@ -670,10 +670,23 @@ def _lock_dir(d: Path) -> int:
     return fd
 
 
+MOVE_ASIDE_MAX = 1000  # directories old-TIME, old-TIME-2, ... tried for one second
+
+
 def _move_aside(d: Path) -> Path:
+    """Move the database (and its -wal, -shm) into a new directory ``old-TIME`` of ``d``
+    (``old-TIME-N`` when that name is taken: a second move in the same second), never into
+    one that exists, so that no database moved aside before is overwritten."""
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
-    old = d / f"old-{stamp}"
-    old.mkdir(mode=0o700, exist_ok=True)
+    for n in range(1, MOVE_ASIDE_MAX + 1):
+        old = d / (f"old-{stamp}" if n == 1 else f"old-{stamp}-{n}")
+        try:
+            old.mkdir(mode=0o700)
+            break
+        except FileExistsError:
+            continue
+    else:
+        raise FileExistsError(f"{MOVE_ASIDE_MAX} directories old-{stamp}* already exist")
     for suffix in ("", "-wal", "-shm"):
         p = d / (DB_NAME + suffix)
         if p.exists():
