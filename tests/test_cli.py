@@ -209,3 +209,16 @@ def test_the_socket_reads_a_transfer_id_as_the_command_line_does(
             _transfer_id({"id": ident})
     else:
         assert _transfer_id({"id": ident}) == tid
+
+
+@pytest.mark.parametrize("count", ["0", "-3", "x", "1.5"])
+def test_rebalance_count_is_a_positive_whole_number_before_any_daemon_is_asked(
+    count: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``rebalance --count 0`` (or -3) went to the gateway, which answered; --to and --count
+    had no help text. A count that is not a whole number > 0 is a usage error at once."""
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["rebalance", "--to", "sg2", "--count", count, "-s", "/nonexistent.sock"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "--count" in err and "Traceback" not in err and "cannot reach" not in err, err

@@ -139,8 +139,10 @@ def register(sub: Any) -> None:
     r: argparse.ArgumentParser = sub.add_parser(
         "rebalance", help="move N tunnels to a peer gateway in one batched exchange"
     )
-    r.add_argument("--to", required=True)
-    r.add_argument("--count", type=int, required=True)
+    r.add_argument("--to", required=True, metavar="PEER",
+                   help="peer gateway name ([[peers]] in the config)")  # fmt: skip
+    r.add_argument("--count", type=number(int), required=True, metavar="N",
+                   help="how many tunnels to move")
     r.add_argument("--json", action="store_true")
     _timeout(r, 300.0)
     add_target(r)
