@@ -18,7 +18,6 @@ PREPARE_AHEAD = 1.0
 def cmd_demo(args: argparse.Namespace) -> int:
     from ..demo import tour as demo
     from ..gateway import gcpolicy
-    from ..gateway.node import switch_interval
 
     gcpolicy.POLICY.enabled = True  # the demo's process holds the MN (its gateways their own)
     mode = "failover" if args.failover else args.handover
@@ -49,9 +48,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                               prepare_ahead=prepare_ahead)  # fmt: skip
 
     try:
-        # the MN's forwarding thread beside this process's loop, as in a gateway's process
-        with switch_interval():
-            s = asyncio.run(main())
+        s = asyncio.run(main())
     except asyncio.CancelledError:
         return 128 + signal.SIGTERM
     return 0 if s["packets"]["sent"] else 1

@@ -18,10 +18,9 @@ import logging
 import math
 import os
 import socket
-import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 from ..ipsec import native as native_mod
@@ -53,42 +52,6 @@ def _coalesce_us() -> int:
     except ValueError:
         return 50
     return min(max(v, 0), 1000)
-
-
-# The GIL switch interval of a process that runs a forwarding thread beside its event loop
-# (microseconds; CPython's default is 5,000): see switch_interval_us.
-SWITCH_INTERVAL_US = 500
-
-
-def switch_interval_us() -> int:
-    """The GIL switch interval a gateway, node or demo process runs with (microseconds,
-    IPSECCT_SWITCH_INTERVAL_US, default 500, at most 100,000; 0: CPython's own, 5 ms).
-
-    The forwarding thread and the event loop share one GIL: a thread that wants it while the
-    other runs Python waits up to the switch interval before CPython makes the other let go.
-    At 5 ms a batch of packets could wait that long behind the loop's Python work (a transfer,
-    a control request); measured, the shorter interval lowered the demo's floor on a loaded
-    machine (benchmarks/README.md, "gapfloor, eleventh session")."""
-    try:
-        v = int(os.environ.get("IPSECCT_SWITCH_INTERVAL_US", str(SWITCH_INTERVAL_US)))
-    except ValueError:
-        return SWITCH_INTERVAL_US
-    return min(max(v, 0), 100_000)
-
-
-@contextlib.contextmanager
-def switch_interval() -> Iterator[float]:
-    """This process runs with :func:`switch_interval_us` while in the block (a program that is
-    a gateway, node or demo wraps its event loop in it); the interval before is restored on
-    the way out. Yields the interval in force (seconds)."""
-    before = sys.getswitchinterval()
-    us = switch_interval_us()
-    if us:
-        sys.setswitchinterval(us / 1e6)
-    try:
-        yield sys.getswitchinterval()
-    finally:
-        sys.setswitchinterval(before)
 
 
 def _thread_wanted() -> bool:

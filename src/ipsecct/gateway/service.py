@@ -22,7 +22,6 @@ from ..ipsec.sad import Direction, SecurityAssociation
 from ..ipsec.spd import Action, SPDEntry
 from . import config as config_mod
 from . import gcpolicy
-from . import node as node_mod
 from . import state as state_mod
 from .balancer import Balancer
 from .cluster_driver import ClusterDriver
@@ -609,6 +608,5 @@ def run(
     raise_nofile(NOFILE_NEEDED)
     gcpolicy.POLICY.enabled = True  # this process is a gateway
     svc = Service(cfg, role=role, fresh_state=fresh_state)
-    with node_mod.switch_interval():  # the loop and the forwarding thread share one GIL
-        asyncio.run(svc.run_forever())
+    asyncio.run(svc.run_forever())
     return 0
