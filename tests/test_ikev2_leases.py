@@ -452,6 +452,40 @@ def test_a_hand_edited_lease_table_is_read_as_far_as_it_can_be(tmp_path: Path) -
         gateway(tmp_path)
 
 
+def test_lease_addresses_are_read_as_ipaddress_writes_them(tmp_path: Path) -> None:
+    """A hand-written ``FD00:0::5`` is the lease of fd00::5 (it was never matched with the
+    gateway's own rows: released, the address came back away at the next start), rewritten
+    once as fd00::5 (merged with a row of that address: away wins); a text that is not an
+    address is damage: left out and deleted."""
+    import sqlite3
+
+    def pools() -> dict[str, pool_mod.Pool]:
+        return {"v6": pool_mod.Pool("v6", ip("fd00::1"), ip("fd00::ff"))}
+
+    cfg = config(tmp_path)
+    st = state.open_for(Node(cfg), cfg)
+    st.store.conn.executemany("INSERT INTO lease VALUES (?, ?, ?, ?, ?)", [
+        ("v6", "FD00:0::5", "away", "a.test", 1.0), ("v6", "fd00::7", "away", "d.test", 1.0),
+        ("v6", "fd00::0:6", "offline", "c.test", 1.0), ("v6", "fd00::5", "offline", "a.test", 2.0),
+        ("v6", "FD00::7", "offline", "e.test", 3.0), ("v6", "no address", "away", "b.test", 1.0),
+    ])  # fmt: skip
+    st.store.conn.commit()
+    p = pools()
+    st.attach_pools(p, elsewhere=False)
+    assert p["v6"].away == {ip("fd00::5"): "a.test", ip("fd00::7"): "d.test"}
+    assert dict(p["v6"].offline) == {ip("fd00::6"): "c.test"}
+    raw = sqlite3.connect(st.store.path).execute("SELECT addr, state FROM lease").fetchall()
+    assert sorted(raw) == [("fd00::5", "away"), ("fd00::6", "offline"), ("fd00::7", "away")]
+    assert p["v6"].give_back(ip("fd00::5")) is None  # the operator: its IKE SA has ended
+    asyncio.run(st.stop())
+    st = state.open_for(Node(cfg), cfg)
+    p = pools()
+    st.attach_pools(p, elsewhere=False)
+    assert p["v6"].away == {ip("fd00::7"): "d.test"}  # fd00::5 stays released
+    assert p["v6"].offline[ip("fd00::5")] == "a.test"
+    asyncio.run(st.stop())
+
+
 def test_identities_with_unicode_controls_are_shown_escaped(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
 ) -> None:

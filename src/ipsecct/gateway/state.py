@@ -214,18 +214,48 @@ def _address_text(a: object) -> str:
         return socket.inet_ntoa(int(a).to_bytes(4, "big"))
     return str(a)
 
-def _lease_rows(rows: Iterable[tuple[Any, ...]]) -> list[LeaseRow]:
-    """Lease rows as read (:data:`_LEASE_GET`), each decoded as StateStore.leases says."""
+def _lease_rows(rows: Iterable[tuple[Any, ...]],
+                bad: list[tuple[str, str]] | None = None) -> list[LeaseRow]:  # fmt: skip
+    """Lease rows as read (:data:`_LEASE_GET`), each decoded as StateStore.leases says, the
+    address as ``ipaddress`` writes it (a hand-written ``FD00:0::5`` is ``fd00::5``, which
+    the gateway writes and matches). ``bad``: gets the (pool, address) as stored of each row
+    whose address is not so written (not an address, or another spelling of one)."""
     out: list[LeaseRow] = []
     for a, b, c, d, e in rows:
         try:
-            pool, addr, st = (x.decode() for x in (a, b, c))
+            pool, text, st = (x.decode() for x in (a, b, c))
         except (AttributeError, UnicodeDecodeError):  # NULL, or not UTF-8
+            continue
+        try:
+            addr = str(ipaddress.ip_address(text))
+        except ValueError:  # not an address: damage, left out as a NULL is
+            addr = ""
+        if addr != text and bad is not None:
+            bad.append((pool, text))
+        if not addr:
             continue
         who = d.decode(errors="replace")[:MAX_LEASE_IDENTITY] if d is not None else "?"
         at = float(e) if isinstance(e, int | float) else 0.0
         out.append((pool, addr, st, who, at))
     return out
+
+
+def _one_per_address(rows: Iterable[LeaseRow]) -> dict[tuple[str, str], LeaseRow]:
+    """One row per (pool, address) of ``rows`` (two for one address, a hand-made table or
+    two spellings of it: one not offline wins, else the later)."""
+    keep: dict[tuple[str, str], LeaseRow] = {}
+    for r in rows:
+        if keep.get(r[:2], r)[2] == "offline" or r[2] != "offline":
+            keep[r[:2]] = r
+    return keep
+
+
+def _is_address(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 class StateStore:
@@ -586,7 +616,11 @@ class StateStore:
         any IKE identity is cut to MAX_LEASE_IDENTITY characters, a time that is not a
         number is 0 (oldest); a table of other columns is a StateError. Columns are read as
         octets: a text that is not UTF-8 is skipped (pool, address, state) or has its bad
-        octets replaced (identity)."""
+        octets replaced (identity). An address is read as ``ipaddress`` writes it (the
+        gateway writes and deletes rows under that text): a row of another spelling
+        (``FD00:0::5``) is rewritten so (merged with the row of that address, if any: one
+        not offline wins), one that is not an address is damage, skipped and deleted."""
+        bad: list[tuple[str, str]] = []
         try:
             with self._lock:
                 # (as octets: a text that is not UTF-8 made the whole read fail)
@@ -596,7 +630,15 @@ class StateStore:
                 f"{self.path}: the lease table cannot be read ({exc}): drop it"
                 " (sqlite3 ... 'DROP TABLE lease'; the leases are forgotten) or restore it"
             ) from None
-        return _lease_rows(rows)
+        out = _lease_rows(rows, bad)
+        if bad:  # written once, so that a later change or delete of the address meets it
+            touched = {(p, str(ipaddress.ip_address(t))) for p, t in bad if _is_address(t)}
+            merged = _one_per_address(r for r in out if r[:2] in touched)
+            try:
+                self.put_leases(list(merged.values()), bad)
+            except sqlite3.Error as exc:
+                raise StateError(f"cannot write the leases to {self.path}: {exc}") from None
+        return out
 
     def carry_leases(self, old: Path) -> int:
         """A database made in place of ``old`` (moved aside) takes its lease rows, as far as
@@ -612,10 +654,7 @@ class StateStore:
             return -1
         finally:
             conn.close()
-        keep: dict[tuple[str, str], LeaseRow] = {}
-        for r in rows:  # (two rows for one address, a hand-made table: not offline wins)
-            if keep.get(r[:2], r)[2] == "offline" or r[2] != "offline":
-                keep[r[:2]] = r
+        keep = _one_per_address(rows)
         self.put_leases(list(keep.values()))
         return len(keep)
 
