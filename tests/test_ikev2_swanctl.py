@@ -231,6 +231,48 @@ file = "rw.psk"
     assert "IPComp" in line
 
 
+@pytest.mark.parametrize(("local_addrs", "warned"), [
+    ('["192.0.2.77"]', True), ('["192.0.2.1"]', False), ('["192.0.2.0/24"]', False),
+    ('"%any"', False), ('["192.0.2.77", "192.0.2.1"]', False), ('["2001:db8::1"]', True),
+])  # fmt: skip
+def test_local_addrs_without_an_address_of_this_gateway_is_warned_about(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, local_addrs: str, warned: bool
+) -> None:
+    """``local_addrs`` with a typo (or the other gateway's address copied) loaded silently,
+    and every client got NO_PROPOSAL_CHOSEN: one WARNING names the connection and both
+    sides' addresses."""
+    from ipsecct.gateway import config
+
+    (tmp_path / "rw.psk").write_bytes(PSK)
+    (tmp_path / "rw.psk").chmod(0o600)
+    p = tmp_path / "gw.toml"
+    p.write_text(f"""name = "gw"
+[outer]
+address = "192.0.2.1"
+[inner]
+kind = "udp"
+listen = "127.0.0.1:7000"
+peer = "127.0.0.1:7001"
+[connections.rw]
+local_addrs = {local_addrs}
+local.id = "gw.test"
+children.net.local_ts = ["10.1.0.0/16"]
+children.net.remote_ts = ["10.2.0.0/16"]
+[secrets.ike-rw]
+id = "gw.test"
+file = "rw.psk"
+""")
+    with caplog.at_level(logging.WARNING):
+        config.load(p)
+    lines = [r.getMessage() for r in caplog.records if "config-local-addrs-not-ours" in
+             r.getMessage()]  # fmt: skip
+    if warned:
+        (line,) = lines
+        assert "conn=rw" in line and "ours=192.0.2.1" in line, line
+    else:
+        assert lines == []
+
+
 # -- unique ---------------------------------------------------------------------------------------
 
 

@@ -774,6 +774,7 @@ def from_dict(data: dict[str, Any], path: str = "<config>") -> NodeConfig:
     ike_port = ctx.get(ike_d, "port", "ike.", int, 500)
     if not 0 <= ike_port <= 65535:
         raise ctx.err("ike.port", "must be a UDP port, or 0 (IKE on the outer port only)")
+    _warn_local_addrs(path, connections, [a for a in (outer.host, virtual) if a is not None])
     for conn in connections:
         for pn in conn.pools:  # a lease no child's remote_ts holds: every CHILD SA refused
             pool = pools[pn]
@@ -826,6 +827,25 @@ def from_dict(data: dict[str, Any], path: str = "<config>") -> NodeConfig:
         seq_block=seq_block,
         arrival_retention=float(retention),
     )
+
+
+def _warn_local_addrs(path: str, connections: list[Connection], ours: list[IPAddress]) -> None:
+    """Warn (one line per connection) when a connection's ``local_addrs`` holds none of this
+    gateway's addresses (outer.address, outer.virtual): no IKE_SA_INIT reaching the gateway
+    matches it, and a client sees only NO_PROPOSAL_CHOSEN (a typo, or the other gateway's
+    address copied). Not refused: a node whose address is unspecified, or a connection only
+    ever taken over, may mean it."""
+    if any(a.is_unspecified for a in ours):
+        return
+    for conn in connections:
+        nets = conn.local_addrs
+        if nets and not any(a.version == n.version and a in n for n in nets for a in ours):
+            logging.getLogger("ipsecct.gateway.config").warning(
+                "event=config-local-addrs-not-ours config=%s conn=%s local_addrs=%s ours=%s"
+                " (no IKE SA of this connection can be set up here)",
+                path, conn.name, ",".join(str(n) for n in nets),
+                ",".join(str(a) for a in ours),
+            )  # fmt: skip
 
 
 def _cluster(c: Any, ctx: _Ctx) -> ClusterConfig | None:
