@@ -166,6 +166,76 @@ def test_a_state_made_in_place_of_another_keeps_its_leases(
     del a
 
 
+class _Killed(BaseException):
+    """A kill -9 at a chosen point of the start (nothing after it runs)."""
+
+
+@pytest.mark.parametrize("where", ["after the new database", "after the move aside"])
+def test_a_start_killed_while_it_replaces_the_state_loses_no_lease(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    """A gateway replacing a database it cannot read (a newer schema) is killed during
+    that start, and started again. Killed once the new database was committed: its leases
+    came in a second transaction, so the next start found a good database without them and
+    leased the away address to the next client, without a word. Killed after the old
+    database went aside, before the new one's first transaction, and started again within
+    the same second (a service manager restarting it at once): the second start moved the
+    half-made database into the same ``old-STAMP`` directory, over the old database (its
+    leases, arrivals and fingerprints gone), and carried nothing. Now the leases are in the
+    transaction that makes the new database, every database moved aside gets a directory of
+    its own, and when the one just moved aside holds no lease table the newest one moved
+    aside before that does is read."""
+    import sqlite3
+
+    sg1 = gateway(tmp_path)
+    client(sg1, "a.test")
+    assert sg1.ike is not None
+    (ike_a,) = sg1.ike.engine.ike_sas()
+    sg1.ike.engine.export_ike(ike_a, 1.0)  # handed over: it lives on at sg2
+    asyncio.run(sg1.state.stop())
+    c = sqlite3.connect(tmp_path / "state" / "state.db")
+    c.execute(f"PRAGMA user_version = {state.SCHEMA + 1}")
+    c.commit()
+    c.close()
+    create = state.StateStore.create
+
+    def killed(*args: Any, **kwargs: Any) -> state.StateStore:
+        if where == "after the new database":
+            create(*args, **kwargs).conn.close()
+        else:  # killed before its first transaction committed: a database of no table
+            Path(args[0]).write_bytes(b"")
+        raise _Killed
+
+    from datetime import UTC, datetime
+
+    frozen = datetime.now(UTC)
+
+    class Clock(datetime):
+        @classmethod
+        def now(cls, tz: Any = None) -> Any:
+            return frozen  # (every start within one second)
+
+    monkeypatch.setattr(state, "datetime", Clock)
+    with monkeypatch.context() as m:
+        m.setattr(state.StateStore, "create", classmethod(lambda cls, *a, **k: killed(*a, **k)))
+        with pytest.raises(_Killed):
+            gateway(tmp_path)
+    sg1 = gateway(tmp_path)
+    assert sg1.ike is not None
+    assert sg1.ike.engine.pools["rw"].away == {ip("10.3.0.1"): "a.test"}
+    assert vip(client(sg1, "b.test")) == ip("10.3.0.2")
+    asyncio.run(sg1.state.stop())
+    if where == "after the move aside":  # the old database is kept, whole
+        olds = sorted((tmp_path / "state").glob("old-*/state.db"))
+        assert len(olds) == 2
+        versions = []
+        for o in olds:
+            r = sqlite3.connect(f"file:{o}?mode=ro", uri=True)
+            versions.append(r.execute("PRAGMA user_version").fetchone()[0])
+            r.close()
+        assert state.SCHEMA + 1 in versions
+
+
 def test_a_returning_client_gets_its_old_address_after_a_restart(tmp_path: Path) -> None:
     """strongSwan's persistent pools: an identity's lease is remembered across a restart,
     and a standalone gateway (no [transfer], [failover], [cluster]: its IKE SAs cannot live

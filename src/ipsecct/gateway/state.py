@@ -375,11 +375,14 @@ class StateStore:
                 raise ValueError(f"an arrival time is {type(t).__name__} {str(t)[:32]!r}")
 
     @classmethod
-    def create(cls, path: Path, node: str, replaced: bool = False) -> StateStore:
+    def create(
+        cls, path: Path, node: str, replaced: bool = False, leases: Sequence[LeaseRow] = ()
+    ) -> StateStore:
         """A new database. ``replaced``: the directory held state before (a damaged or
         missing database moved aside, or --fresh-state): the arrivals it recorded are lost,
         so every transfer that may have begun before now is answered "taken" (a horizon, as
-        if every arrival until now had been pruned: docs/state.md)."""
+        if every arrival until now had been pruned: docs/state.md). ``leases``: the old
+        database's, in the same transaction (a start killed after it keeps them)."""
         salt = secrets.token_bytes(32)
         conn = cls._connect(path)
         conn.execute("BEGIN IMMEDIATE")
@@ -405,6 +408,7 @@ class StateStore:
         )
         if replaced:
             conn.execute("INSERT INTO arrival_pruned VALUES (?, ?)", (REPLACED_PEER, time.time()))
+        conn.executemany(_LEASE_PUT, leases)
         conn.execute(f"PRAGMA user_version = {SCHEMA}")
         conn.execute("COMMIT")
         _fsync_dir(path.parent)
@@ -640,24 +644,6 @@ class StateStore:
                 raise StateError(f"cannot write the leases to {self.path}: {exc}") from None
         return out
 
-    def carry_leases(self, old: Path) -> int:
-        """A database made in place of ``old`` (moved aside) takes its lease rows, as far as
-        they read (an away address forgotten would be leased to the next client while its
-        IKE SA lives on at another gateway): how many, or -1 if none could be read."""
-        try:
-            conn = sqlite3.connect(f"file:{old}?mode=ro", uri=True)
-        except sqlite3.Error:
-            return -1
-        try:
-            rows = _lease_rows(conn.execute(_LEASE_GET).fetchall())
-        except sqlite3.Error:
-            return -1
-        finally:
-            conn.close()
-        keep = _one_per_address(rows)
-        self.put_leases(list(keep.values()))
-        return len(keep)
-
     def put_leases(self, rows: Sequence[LeaseRow], drop: Sequence[tuple[str, str]] = ()) -> None:
         """Write lease rows (and delete ``drop``: pool, address) in one synced transaction."""
 
@@ -677,6 +663,23 @@ class StateStore:
             with contextlib.suppress(sqlite3.Error):
                 self.conn.execute("ROLLBACK")
             raise
+
+
+def _old_leases(old: Path) -> list[LeaseRow] | None:
+    """The lease rows of a database moved aside, as far as they read (of two rows for one
+    address, a hand-made table, the one not offline); None if its lease table cannot be
+    read (or it has none: a database killed before its first transaction)."""
+    try:
+        conn = sqlite3.connect(f"file:{old}?mode=ro", uri=True)
+    except sqlite3.Error:
+        return None
+    try:
+        rows = _lease_rows(conn.execute(_LEASE_GET).fetchall())
+    except sqlite3.Error:
+        return None
+    finally:
+        conn.close()
+    return list(_one_per_address(rows).values())
 
 
 def _read_fingerprints(path: Path) -> tuple[bytes, set[str]] | None:
@@ -800,8 +803,7 @@ def _open_locked(
             )
         event(log, "state-replaced", logging.WARNING, db=db, problem=problem,
               effect="transfers that may have arrived before now are answered taken")
-        moved = _move_aside(directory)
-        return _carry(StateStore.create(db, node, replaced=True), moved)
+        return _replace(db, node, _move_aside(directory))
     # --fresh-state: allowed only when no AEAD tunnel still has keys the old state knows.
     if store is not None:
         old: tuple[bytes, set[str]] | None = (store.salt, set(store.load()))
@@ -825,19 +827,36 @@ def _open_locked(
             )
     moved = _move_aside(directory)
     event(log, "state-fresh-start", logging.WARNING, dir=directory, old=moved)
-    return _carry(StateStore.create(db, node, replaced=True), moved)
+    return _replace(db, node, moved)
 
 
-def _carry(store: StateStore, moved: Path) -> StateStore:
-    """The new ``store`` takes the leases of the database moved to ``moved`` (logged)."""
+def _replace(db: Path, node: str, moved: Path) -> StateStore:
+    """A new database ``db`` in place of the one moved to ``moved``, with its leases (logged)
+    in the transaction that makes it. When that one has no lease table to read (a start
+    killed after moving the database aside, before the new one's first transaction: what
+    the next start moved aside is that half-made one, or nothing), the newest database moved
+    aside before it that has one is read."""
+    before = sorted(
+        (p / DB_NAME for p in moved.parent.glob("old-*") if p != moved),
+        key=lambda f: f.stat().st_mtime if f.exists() else 0.0,
+        reverse=True,
+    )
+    rows: list[LeaseRow] | None = None
     old = moved / DB_NAME
-    n = store.carry_leases(old) if old.exists() else -1
-    if n < 0:
+    for f in [old, *before]:
+        if f.exists():
+            rows = _old_leases(f)
+            if rows is not None:
+                old = f
+                break
+    store = StateStore.create(db, node, replaced=True, leases=rows or ())
+    if rows is None:
         event(log, "state-leases-lost", logging.WARNING, db=store.path, old=old,
               effect="the virtual IP leases of the old state cannot be read: an address"
               " away at another gateway may be leased here again")  # fmt: skip
-    elif n:
-        event(log, "state-leases-carried", logging.WARNING, db=store.path, leases=n)
+    elif rows:
+        event(log, "state-leases-carried", logging.WARNING, db=store.path, old=old,
+              leases=len(rows))  # fmt: skip
     return store
 
 
