@@ -593,6 +593,27 @@ def test_a_unit_the_target_cannot_take_is_refused_whole_before_the_commit() -> N
     assert len(w.gw["sg1"].engine.sad) == 8
 
 
+def test_a_unit_that_names_no_tunnel_of_its_transfer_is_not_checked() -> None:
+    """A UNIT is about CHILD SAs of its own transfer (the source names the ones that go). A
+    hostile peer adds UNITs whose SPIs name none of them: each was checked, and the IKE
+    check reserved the virtual IPs it named until the transfer ended (a prepared one: up
+    to prepare_timeout), so one transfer of one tunnel could hold a whole pool from new
+    clients, again and again. Such a unit is refused unchecked now (``unit_refused``);
+    the transfer's own tunnels are taken."""
+    from ipsecct.ct.transfer import UNIT_IKEV2, unit_cdb
+
+    child = rogue_cdbs(sel("10.2.0.0/24", "10.1.0.66/32"))
+    units = [unit_cdb(UNIT_IKEV2, [0x7770000 + i], b"squat%d" % i) for i in range(50)]
+    w = victim_world()
+    core = w.gw["sg1"].core
+    seen: list[bytes] = []
+    core.unit_checks[UNIT_IKEV2] = lambda peer, p, tid: seen.append(p) or None  # type: ignore[func-returns-value]
+    send_pctd(w, child + units + [unit_cdb(UNIT_IKEV2, [0x6660001], b"real")])
+    assert ctdr_ok(w) and seen == [b"real"]
+    assert core.counters["unit_refused"] == 50
+    assert 0x6660001 in {sa.spi for sa in core.engine.sad}
+
+
 def test_a_unit_in_pieces_is_refused_whole_when_one_piece_is() -> None:
     """An IKE SA whose policy items do not fit one UNIT CDB sends several, each naming the
     same CHILD SAs (ikev2.context.unit_payloads): the target checks each, and one refused

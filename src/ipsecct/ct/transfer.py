@@ -2500,7 +2500,9 @@ class TransferCore:
             else (RangeSet(s.accept_local or ()), RangeSet(s.accept_remote or ()))
         )
         accepted: _Accept = (accept, {})
-        unit_refused = self._check_units(inc.peer, inc.tid, units)
+        unit_refused = self._check_units(
+            inc.peer, inc.tid, units, {out_sa.spi for out_sa, _ in pairs}
+        )
         batch = _Batch()
         for out_sa, in_sa in pairs:
             old_in = in_sa.spi if in_sa is not None else 0
@@ -2595,12 +2597,18 @@ class TransferCore:
         return msgs
 
     def _check_units(
-        self, peer: str, tid: int, units: list[tuple[int, list[int], bytes]]
+        self, peer: str, tid: int, units: list[tuple[int, list[int], bytes]], present: set[int]
     ) -> set[int]:
         """The outbound SPIs of the units this gateway cannot take (no check for their kind,
-        or the check says why not: an IKE SA of a connection it does not have)."""
+        or the check says why not: an IKE SA of a connection it does not have). A unit that
+        names none of the transfer's tunnels (``present``) is refused unchecked: a source
+        names the CHILD SAs that go, and the IKE check reserves the virtual IPs of a unit
+        until the transfer ends (a peer's made-up units held a pool from new clients)."""
         refused: set[int] = set()
         for kind, spis, payload in units:
+            if present.isdisjoint(spis):
+                self.counters["unit_refused"] += 1
+                continue
             check = self.unit_checks.get(kind)
             why = f"no unit of kind {kind} here" if check is None else check(peer, payload, tid)
             if why is not None:
