@@ -342,6 +342,72 @@ def test_ipsecct_pools_lists_each_lease_through_the_control_socket(
     (p,) = json.loads(out[out.index("["):])
     assert p["leases"][2] == {"address": "10.3.0.3", "state": "away", "identity": "c.test"}
     assert p["leases_left_off"] == 0
+    assert p["leases_total"] == 3 and p["truncated"] is False
+    asyncio.run(sg1.state.stop())
+
+
+def test_ipsecct_pools_leases_answer_is_bounded(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``ipsecct pools --leases`` listed up to 65,536 leases per pool, identities up to
+    64 KiB each, all built on the loop (gigabytes; the client gives up past 64 MiB): at most
+    ``--limit`` leases (default 1000, all pools together) and POOL_LEASES_TEXT identity
+    characters, lowest addresses first; per pool the total, how many were left off and
+    ``truncated``. A limit out of 1-65536 is refused (CLI: status 2; control: an error)."""
+    from ipsecct.errors import ControlError
+    from ipsecct.gateway import ike as ike_mod
+    from ipsecct.gateway.control import request
+
+    sock = short_path()
+    sg1 = gateway(tmp_path, sock)
+    assert sg1.ike is not None and sg1.control is not None
+    pool = sg1.ike.engine.pools["rw"]
+    for i in range(1, 201):  # (a restored table: no listener told)
+        assert pool.restore(ip(f"10.3.0.{i}"), "away" if i % 2 else "offline", f"id{i:03}.test")
+    svc = sg1.ike
+    (p,) = svc.pools(True)
+    assert len(p["leases"]) == 200 and p["leases_total"] == 200  # type: ignore[arg-type]
+    assert p["truncated"] is False and p["leases_left_off"] == 0
+    (p,) = svc.pools(True, 5)
+    assert [r["address"] for r in p["leases"]] == [  # type: ignore[attr-defined]
+        f"10.3.0.{i}" for i in range(1, 6)]  # fmt: skip
+    assert (p["leases_total"], p["leases_left_off"], p["truncated"]) == (200, 195, True)
+    monkeypatch.setattr(ike_mod, "POOL_LEASES_TEXT", 10 * 10 + 3)  # ten identities and a bit
+    (p,) = svc.pools(True, 100)
+    assert len(p["leases"]) == 10 and p["leases_left_off"] == 190  # type: ignore[arg-type]
+    monkeypatch.setattr(ike_mod, "POOL_LEASES_TEXT", 4 << 20)
+    monkeypatch.setattr(ike_mod, "POOL_LEASES_LISTED", 7)  # the default, when not asked
+    assert commands(sg1, sock, ["pools", "--leases", "-s", sock],
+                    ["pools", "--leases", "--limit", "3", "--json", "-s", sock]) == [0, 0]
+    for bad in ("0", "65537", "x"):  # (argparse: one line, status 2)
+        with pytest.raises(SystemExit) as exit_:
+            cli.main(["pools", "--leases", "--limit", bad, "-s", sock])
+        assert exit_.value.code == 2
+    os.mkdir(os.path.dirname(sock), 0o700)  # (commands removed it)
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert lines[0] == "rw (10.3.0.1-10.3.0.254): 0 online, 100 offline, 100 away"
+    assert lines[1:9] == [f"  10.3.0.{i}  {'away   ' if i % 2 else 'offline'}  \"id{i:03}.test\""
+                          for i in range(1, 8)] + ["  ... and 193 more not listed (--limit)"]
+    (p,) = json.loads(out[out.index("["):])
+    assert [r["address"] for r in p["leases"]] == ["10.3.0.1", "10.3.0.2", "10.3.0.3"]
+    assert (p["leases_total"], p["leases_left_off"], p["truncated"]) == (200, 197, True)
+
+    async def ask(limit: object) -> str:
+        await sg1.control.start()  # type: ignore[union-attr]
+        try:
+            await asyncio.to_thread(request, sock, "pools.list",
+                                    {"leases": True, "limit": limit})  # fmt: skip
+        except ControlError as exc:
+            return str(exc)
+        finally:
+            await sg1.control.stop()  # type: ignore[union-attr]
+        return "answered"
+
+    for wrong in (0, 65537, True, "5", 1.5):
+        assert "limit must be a whole number from 1 to 65536" in asyncio.run(ask(wrong))
+    assert asyncio.run(ask(65536)) == "answered"
+    os.rmdir(os.path.dirname(sock))
     asyncio.run(sg1.state.stop())
 
 

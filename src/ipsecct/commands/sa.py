@@ -294,6 +294,16 @@ def _shown(identity: object) -> str:
     return json.dumps(str(identity), ensure_ascii=False).translate(_SHOWN)
 
 
+def _lease_limit(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if not 1 <= n <= 65536:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number from 1 to 65536")
+    return n
+
+
 def cmd_pools(args: argparse.Namespace) -> int:
     """Like ``swanctl --list-pools [--leases]``: each pool, then each of its leases."""
     if args.release is not None:
@@ -304,7 +314,10 @@ def cmd_pools(args: argparse.Namespace) -> int:
             print(f"{got['address']} of pool {got['pool']} is offline again"
                   f" (for {_shown(got['identity'])})")  # fmt: skip
         return 0
-    res = request(socket_path(args), "pools.list", {"leases": bool(args.leases)})
+    query: dict[str, object] = {"leases": bool(args.leases)}
+    if args.limit is not None:  # (else the gateway's default: a gateway before --limit)
+        query["limit"] = args.limit
+    res = request(socket_path(args), "pools.list", query)
     if args.json:
         _print_json(res)
         return 0
@@ -320,7 +333,7 @@ def cmd_pools(args: argparse.Namespace) -> int:
             who = _shown(r["identity"])
             print(f"  {str(r['address']).ljust(width)}  {str(r['state']).ljust(7)}  {who}")
         if p.get("leases_left_off"):
-            print(f"  ... and {p['leases_left_off']} more not listed")
+            print(f"  ... and {p['leases_left_off']} more not listed (--limit)")
     return 0
 
 
@@ -383,6 +396,9 @@ def register(sub: Any) -> None:
     g.add_argument("--release", metavar="ADDR",
                    help="an away address (its IKE SA went to another gateway) leased here"
                    " again: only once that IKE SA has ended there")  # fmt: skip
+    pools.add_argument("--limit", type=_lease_limit, metavar="N",
+                       help="with --leases: list at most N leases, all pools together"
+                       " (default 1000, at most 65536); the rest are counted")  # fmt: skip
     pm = sub.add_parser("pmtu", help="path MTU of a running node's SAs")
     ps = pm.add_subparsers(dest="action", metavar="ACTION")
     ps.required = True

@@ -11,6 +11,7 @@ it) or an environment variable, never from the configuration itself.
 from __future__ import annotations
 
 import asyncio
+import heapq
 import ipaddress
 import logging
 import socket
@@ -68,7 +69,12 @@ QUIESCE_TIME = 10.0
 QUIESCE_POLL = 0.02
 # what waits for the virtual address to be claimed (messages, seconds)
 VIP_WAIT_MAX = 64
-POOL_LEASES_LISTED = 65536  # leases per pool in one ``ipsecct pools --leases`` answer
+# leases in one ``ipsecct pools --leases`` answer, all pools together: by default, at most
+# (``--limit``), and identity characters at most (an identity is up to 64 Ki characters, and
+# one in JSON up to 12 octets a character: the answer stays within the client's 64 MiB)
+POOL_LEASES_LISTED = 1000
+POOL_LEASES_MAX = 65536
+POOL_LEASES_TEXT = 4 << 20
 VIP_WAIT_TIME = 2.0
 # after a handover: IKE requests that still reach the old gateway are forwarded to the new one
 # (for the transfer's forward_ms), at most FORWARD_RATE a second per source address (burst
@@ -1520,18 +1526,35 @@ class IkeService:
                 "pools": [p.status() for p in self.engine.pools.values()],
                 "replicas_refused": self.refused_replicas()}  # fmt: skip
 
-    def pools(self, leases: bool = False) -> list[dict[str, object]]:
+    def pools(self, leases: bool = False,
+              limit: int | None = None) -> list[dict[str, object]]:  # fmt: skip
         """``ipsecct pools``: each pool's counts and, with ``leases``, its leases (address,
-        online/offline/away, identity; at most POOL_LEASES_LISTED per pool, the rest
-        counted in ``leases_left_off``)."""
+        online/offline/away, identity), by address, pool after pool: at most ``limit`` in
+        the answer and at most POOL_LEASES_TEXT identity characters (a lease past either is
+        not listed); per pool ``leases_total`` (all of its leases), ``leases_left_off``
+        (those not listed) and ``truncated`` (some were not). ``limit`` None:
+        POOL_LEASES_LISTED."""
         out: list[dict[str, object]] = []
+        left = max(0, POOL_LEASES_LISTED if limit is None else limit)
+        text = POOL_LEASES_TEXT
         for p in self.engine.pools.values():
             row = p.status()
             if leases:
-                rows = p.leases()
-                row["leases"] = [{"address": str(a), "state": st, "identity": who}
-                                 for a, st, who in rows[:POOL_LEASES_LISTED]]  # fmt: skip
-                row["leases_left_off"] = max(0, len(rows) - POOL_LEASES_LISTED)
+                total = len(p.online) + len(p.offline) + len(p.away)
+                listed = []
+                # (the first ``left`` by address, without sorting all of them on the loop)
+                for a, st, who in heapq.nsmallest(left, p.leases_unsorted(),
+                                                  key=lambda r: int(r[0])):  # fmt: skip
+                    if len(who) > text:
+                        left = text = 0
+                        break
+                    text -= len(who)
+                    listed.append({"address": str(a), "state": st, "identity": who})
+                left -= len(listed)
+                row["leases"] = listed
+                row["leases_total"] = total
+                row["leases_left_off"] = total - len(listed)
+                row["truncated"] = total > len(listed)
             out.append(row)
         return out
 

@@ -27,7 +27,7 @@ from .balancer import Balancer
 from .cluster_driver import ClusterDriver
 from .control import ControlServer, MetricsServer, parse_spi, sa_summary, spi_hint
 from .failover_driver import FailoverDriver, is_sync
-from .ike import IkeService
+from .ike import POOL_LEASES_MAX, IkeService
 from .log import RateLimited, event
 from .mobile_agent import MobileAgent
 from .node import Node
@@ -366,7 +366,10 @@ class Service:
         leases = args.get("leases", False)
         if not isinstance(leases, bool):
             raise ControlError("leases must be true or false")
-        return self.ike.pools(leases)
+        limit = args.get("limit")  # (None: the default, POOL_LEASES_LISTED)
+        if limit is not None and (type(limit) is not int or not 1 <= limit <= POOL_LEASES_MAX):
+            raise ControlError(f"limit must be a whole number from 1 to {POOL_LEASES_MAX}")
+        return self.ike.pools(leases, limit)
 
     async def _pools_release(self, args: dict[str, Any]) -> Any:
         """``ipsecct pools --release ADDR``: an away address leased here again."""

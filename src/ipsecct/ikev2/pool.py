@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from ..errors import ConfigError
@@ -186,10 +186,16 @@ class Pool:
 
     def leases(self) -> list[tuple[IPAddr, str, str]]:
         """(address, state, identity) of every lease, by address."""
-        out = [(a, "online", who) for a, who in self.online.items()]
-        out += [(a, "offline", who) for a, who in self.offline.items()]
-        out += [(a, "away", who) for a, who in self.away.items()]
-        return sorted(out, key=lambda r: int(r[0]))
+        return sorted(self.leases_unsorted(), key=lambda r: int(r[0]))
+
+    def leases_unsorted(self) -> Iterator[tuple[IPAddr, str, str]]:
+        """(address, state, identity) of every lease: online, offline, away."""
+        for a, who in self.online.items():
+            yield a, "online", who
+        for a, who in self.offline.items():
+            yield a, "offline", who
+        for a, who in self.away.items():
+            yield a, "away", who
 
     def refusal(self, addr: IPAddr, identity: str | None = None,
                 owner: str | None = None) -> str | None:  # fmt: skip
