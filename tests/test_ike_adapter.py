@@ -1111,3 +1111,32 @@ def test_a_unit_check_is_given_its_transfer_and_the_core_says_where_that_transfe
         assert core2.incoming_state("sg1", tid) == ("ended" if refuse else "open")
         tw.deliver_all()
         assert core2.incoming_state("sg1", tid) == ("ended" if refuse else "committed")
+
+
+def test_a_strict_target_refuses_a_unit_without_the_peers_chain_serials_and_counts_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The gateway's check before the COMMIT (IkeService.check_unit) with a connection under
+    remote.revocation = strict: a certificate IKE SA whose UNIT payload carries the chain's
+    serials (item 15) is admitted; without them (an older source, or no room in its
+    context) refused, logged ``ike-sa-refused`` with the reason, counted
+    ``revocation-unchecked-refused``."""
+    import dataclasses
+
+    from ipsecct.ikev2 import context
+    from tests.test_ikev2 import _revocable_peer
+
+    w, _, _, gw, _, _ = _revocable_peer()
+    (ike,) = w.resp.ike_sas()
+    (payload,) = context.unit_payloads(ike, ike.children, 1.0)
+    d = context._parse(context._frame(0, payload))[1]
+    no_15 = context._items([(t, v) for t, vs in d.items() if t != 15 for v in vs])
+    svc = _service(tmp_path)
+    svc.engine.connections[:] = [dataclasses.replace(gw, revocation="strict")]
+    assert svc.check_unit("sg1", payload) is None
+    with caplog.at_level("WARNING"):
+        why = svc.check_unit("sg1", no_15)
+    assert why is not None and "revocation = strict" in why
+    assert svc.engine.stats["revocation-unchecked-refused"] == 1
+    assert any("ike-sa-refused" in r.getMessage() and "cannot check them" in r.getMessage()
+               for r in caplog.records)  # fmt: skip
