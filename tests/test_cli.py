@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 
 import pytest
 
@@ -145,6 +146,61 @@ def test_status_shows_peers_and_transfers_as_lines_and_only_counters_that_are_no
             "    897db5a2fe66cfed to gw2 (predictive): committed, 1/1 tunnel(s) in 20.949 ms\n"
             "  transfer counters: forwarded 3, foreign_query 2\n") in out, out
     assert "  state: /s, 0 SA(s) reserved (blocks of 65536, 0 waiting, 0 failed writes)\n" in out
+
+
+def _status_with_failover(failover: dict[str, object]) -> dict[str, object]:
+    return {"name": "sg1", "role": "gateway", "uptime_s": 5.0, "outer": "10.230.0.2:4500",
+            "sas": 2, "policies": 1,
+            "counters": {"out_packets": 0, "out_bytes": 0, "in_packets": 0, "in_bytes": 0,
+                         "icmp_sent": 0, "drops": {}},
+            "failover": failover}  # fmt: skip
+
+
+@pytest.mark.parametrize(("failover", "expected"), [
+    ({"role": "active", "peer": "sg2", "reformed": 0, "epoch": 3, "standby": "sg2",
+      "standby_acknowledged": True, "messages": 181, "contexts": 12, "ike_contexts": 0,
+      "ike_refused": 0, "unreplicable": 0, "resyncs": 1, "deferred": 0, "touched_overflows": 0,
+      "lease": {"state": "lost", "epoch": 3, "remaining_ms": 0, "lease_ms": 449.101,
+                "ended_ms_ago": 1262.4, "losses": 1, "acks": 181, "held_packets": 310,
+                "fenced_drops": 0}},
+     "  failover: active, peer sg2, epoch 3, standby acknowledged\n"
+     "  lease: lost, ended 1262.4 ms ago\n"
+     "  failover counters: messages 181, contexts 12, resyncs 1, lease losses 1, lease acks 181,"
+     " lease held_packets 310\n"),
+    ({"role": "standby", "peer": "sg1", "reformed": 1, "epoch": 2, "standby_of": "sg1",
+      "joining": False, "joins_sent": 0, "resumed": 0, "looked_again": 2,
+      "replicated_tunnels": 12, "replicated_leaving": 0, "replicated_ike_sas": 0,
+      "refused_ike_sas": 0, "last_heard_ms_ago": 40,
+      "lease": {"state": "granting", "epoch": 2, "granted": 7, "takeover_possible_in_ms": 410,
+                "wait_ms": 450.0, "fenced_drops": 0}},
+     "  failover: standby, peer sg1, epoch 2, last heard 40 ms ago\n"
+     "  lease: granting, take-over possible in 410 ms\n"
+     "  failover counters: reformed 1, looked_again 2, replicated_tunnels 12, lease granted 7\n"),
+    ({"role": "took over", "peer": "sg1", "reformed": 0, "epoch": 4, "alone": True,
+      "resumed": 0, "looked_again": 0, "detail": "runs alone: no standby holds its tunnels",
+      "lease": {"state": "taken over", "epoch": 4, "granted": 9,
+                "takeover_possible_in_ms": None, "wait_ms": 450.0, "fenced_drops": 0}},
+     "  failover: took over, peer sg1, epoch 4, alone\n"
+     "    runs alone: no standby holds its tunnels\n"
+     "  lease: taken over\n"
+     "  failover counters: lease granted 9\n"),
+])  # fmt: skip
+def test_status_shows_failover_as_lines_and_only_counters_that_are_not_0(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+    failover: dict[str, object], expected: str,
+) -> None:
+    """``ipsecct status`` printed ``failover`` as one JSON line (some twenty keys, most 0);
+    --json keeps the dict as it is."""
+    from ipsecct.commands import sa
+
+    res = _status_with_failover(failover)
+    monkeypatch.setattr(sa, "request", lambda *a, **k: res)
+    assert cli.main(["status", "-s", "/x.sock"]) == 0
+    out = capsys.readouterr().out
+    assert "{" not in out and "None" not in out and "True" not in out, out
+    assert expected in out, out
+    assert cli.main(["status", "-s", "/x.sock", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["failover"] == failover
 
 
 @pytest.mark.parametrize("flag", ["--commit", "--cancel"])

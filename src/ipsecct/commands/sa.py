@@ -102,6 +102,49 @@ def _print_transfer_status(res: dict[str, Any]) -> None:
         print(f"  transfer counters: {counted}")
 
 
+# not counters: positions, times and sizes (the rest of the ints are counted events)
+_FAILOVER_NOT_COUNTED = {"epoch", "last_heard_ms_ago", "remaining_ms", "lease_ms",
+                         "ended_ms_ago", "takeover_possible_in_ms", "wait_ms"}  # fmt: skip
+
+
+def _counted(d: dict[str, Any], prefix: str = "") -> list[str]:
+    return [f"{prefix}{k} {v}" for k, v in d.items() if isinstance(v, int)
+            and not isinstance(v, bool) and v and k not in _FAILOVER_NOT_COUNTED]  # fmt: skip
+
+
+def _print_failover_status(f: dict[str, Any]) -> None:
+    """``failover`` as lines: the role, peer and epoch, the lease's state, and only the
+    counters that are not 0 (it was one JSON line of some twenty keys)."""
+    role = f.get("role")
+    head = f"  failover: {role}, peer {f.get('peer')}, epoch {f.get('epoch')}"
+    if role == "active":
+        head += ", standby " + ("acknowledged" if f.get("standby_acknowledged")
+                                else "not acknowledged yet")  # fmt: skip
+    elif role == "standby":
+        if f.get("joining"):
+            head += ", joining"
+        heard = f.get("last_heard_ms_ago")
+        head += ", never heard" if heard is None else f", last heard {heard} ms ago"
+    elif f.get("alone"):
+        head += ", alone"
+    print(head)
+    if f.get("detail"):
+        print(f"    {f['detail']}")
+    lease = f.get("lease")
+    if isinstance(lease, dict):
+        line = f"  lease: {lease.get('state')}"
+        if lease.get("remaining_ms"):
+            line += f", {lease['remaining_ms']} ms left"
+        if lease.get("ended_ms_ago") is not None:
+            line += f", ended {lease['ended_ms_ago']} ms ago"
+        if lease.get("takeover_possible_in_ms") is not None:
+            line += f", take-over possible in {lease['takeover_possible_in_ms']} ms"
+        print(line)
+    counted = _counted(f) + (_counted(lease, "lease ") if isinstance(lease, dict) else [])
+    if counted:
+        print(f"  failover counters: {', '.join(counted)}")
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     res = request(socket_path(args), "status")
     if args.json:
@@ -117,8 +160,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     drops = ", ".join(f"{k} {v}" for k, v in c["drops"].items() if v) or "none"
     print(f"  drops: {drops}")
     _print_transfer_status(res)
-    if "failover" in res:
-        print(f"  failover: {json.dumps(res['failover'])}")
+    if isinstance(res.get("failover"), dict):
+        _print_failover_status(res["failover"])
     ike = res.get("ike") or {}
     if ike:  # what the IKE port got (counted and dropped, or answered) and the pools
         counted = ", ".join(f"{k} {v}" for k, v in ike.get("counters", {}).items() if v)
