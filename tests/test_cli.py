@@ -203,6 +203,21 @@ def test_status_shows_failover_as_lines_and_only_counters_that_are_not_0(
     assert json.loads(capsys.readouterr().out)["failover"] == failover
 
 
+def test_sa_list_with_no_sas_prints_one_line_and_json_an_empty_list(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A gateway with no SAs (and an IKE port with no IKE SAs): ``sa list`` printed the
+    table's header with no rows under it; now one line, and ``--json`` an empty list."""
+    from ipsecct.commands import sa
+
+    monkeypatch.setattr(sa, "request", lambda path, cmd, *a, **k: [])
+    for argv, out in ((["sa", "list"], "no SAs\n"), (["sa", "list", "--ike"], "no IKE SAs\n")):
+        assert cli.main([*argv, "-s", "/x.sock"]) == 0
+        assert capsys.readouterr().out == out
+        assert cli.main([*argv, "-s", "/x.sock", "--json"]) == 0
+        assert json.loads(capsys.readouterr().out) == []
+
+
 @pytest.mark.parametrize("flag", ["--commit", "--cancel"])
 @pytest.mark.parametrize("ident", ["", "xyz", "0123456789abcdef0", "-1", "0x", "+ff", "f_f",
                                    " ff", "0x0123456789abcdef0", "0x-1"])

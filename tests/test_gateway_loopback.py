@@ -429,6 +429,8 @@ def test_sa_delete_and_add(topo: Topo) -> None:
     assert res == [f"0x{SPI_UP:08x}"]
     sas = json.loads(ok("sa", "list", "--json", "-s", topo.sg.sock))
     assert sas == []  # the tunnel went with its inbound SA: both SAs gone
+    # no SAs: one line, as swanctl users expect, not a table header with no rows
+    assert ok("sa", "list", "-s", topo.sg.sock) == "no SAs\n"
     topo.up(packet(1))
     wait_for(lambda: topo.sg.counters()["drops"]["no_sa"] == 1, "no_sa drop after delete")
     # put the inbound SA back from a context file

@@ -241,18 +241,23 @@ def cmd_sa_list(args: argparse.Namespace) -> int:
             raise ControlError("this node runs no IKEv2 (no [connections] configured)")
         if args.json:
             _print_json(ike)
+        elif not ike:
+            print("no IKE SAs")
         else:
             _print_ike(ike)
         return 0
     res = request(path, "sa.list")
     if args.json:
-        _print_json(res)
+        _print_json(res)  # none: [] (an empty list, as --ike)
         return 0
     ike = _ike_sas(path)
     if ike:
         out = {int(r["spi"], 16): r for r in res if r.get("direction") == "out"}
         _print_ike(ike, out)
         print()
+    if not res:  # one line, not a table header with no rows under it
+        print("no SAs")
+        return 0
     _table(_sa_rows(res), SA_COLS)
     # what is not simply installed, and why (held SAs send nothing)
     for r in res:
