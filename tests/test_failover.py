@@ -1703,15 +1703,15 @@ class _Silent:
         return max_pairs
 
 
-def _watching(sb: _Silent) -> tuple[Any, list[float]]:
-    """A FailoverDriver of a standby (dead_ms 1500, heartbeat_ms 100) watching ``sb``; the
-    list gets the time of each take-over."""
+def _watching(sb: _Silent, dead_ms: float = 1500) -> tuple[Any, list[float]]:
+    """A FailoverDriver of a standby (dead_ms 1500 unless given, heartbeat_ms 100) watching
+    ``sb``; the list gets the time of each take-over."""
     from types import SimpleNamespace
 
     from ipsecct.gateway.failover_driver import FailoverDriver
 
     d = FailoverDriver.__new__(FailoverDriver)
-    d.cfg = failover.FailoverConfig("standby", "sg1", dead_ms=1500, heartbeat_ms=100)
+    d.cfg = failover.FailoverConfig("standby", "sg1", dead_ms=dead_ms, heartbeat_ms=100)
     d.node = SimpleNamespace(name="sg2")  # type: ignore[assignment]
     d.channels = SimpleNamespace(connected=lambda peer: False)  # type: ignore[assignment]
     d.replicator, d.standby = None, sb  # type: ignore[assignment]
@@ -1772,6 +1772,35 @@ def test_a_standby_late_at_every_look_still_takes_over_in_bounded_time() -> None
         now = round(now + 0.35, 3)
     assert taken and taken[0] <= 101.5 + 1.5 + RESUME_GRACE + 1.5 + 0.35
     assert d.resumed == 1
+
+
+@pytest.mark.parametrize("dead_ms", [300, 500, 1500, 3000])
+@pytest.mark.parametrize("late", [0.11, 0.35, 0.9])
+def test_a_standby_late_at_every_look_takes_over_within_the_bound_docs_state(
+    dead_ms: float, late: float
+) -> None:
+    """docs/cluster.md ("A standby whose dead-time timer fires late"): a standby whose calls
+    are all ``late`` seconds apart takes over at most dead + max(1 s, dead) + max(3 s,
+    2 dead) + dead + 2 late after the last message heard (not "at most dead_ms later"); one
+    found paused at its first look (as late as the resume check) at most max(3 s, 2 dead) +
+    dead + 2 late after it runs again. Every first lateness in 50 ms steps up to 10 s."""
+    from ipsecct.gateway.failover_driver import RESUME_GRACE, RESUMED_LATE
+
+    dead = dead_ms / 1000
+    grace = max(RESUME_GRACE, 2 * dead)
+    for first in (i * 0.05 for i in range(200)):
+        sb = _Silent(100.0, dead)
+        d, taken = _watching(sb, dead_ms)
+        start = now = 100.0 + dead + first
+        while not taken and now < 200.0:
+            d._on_timer(now)
+            d._on_timer(now + 0.001)  # the tick call after each late one
+            now = round(now + late, 3)
+        assert taken, first
+        if first < max(RESUMED_LATE, dead):
+            assert taken[0] - 100.0 <= dead + max(RESUMED_LATE, dead) + grace + dead + 2 * late
+        else:
+            assert d.resumed == 1 and taken[0] - start <= grace + dead + 2 * late, first
 
 
 def test_a_later_silence_gets_a_look_again_of_its_own() -> None:

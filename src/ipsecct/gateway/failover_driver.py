@@ -339,7 +339,7 @@ class FailoverDriver:
                 # a live active on a silence of its own. It looks again one heartbeat later,
                 # the loop reading meanwhile (a message read moves the dead time), and again
                 # while late, for at most dead_ms (a standby never run on time still takes
-                # over, at most that much later).
+                # over: with the resume check and its grace, docs/cluster.md gives the bound).
                 due = self._look_again or (hold[1] if hold is not None else deadline or now)
                 slack = self.cfg.heartbeat_ms / 1000
                 since = self._looking_since
