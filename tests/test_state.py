@@ -818,8 +818,6 @@ def test_a_target_whose_pending_write_failed_after_the_commit_still_answers_not_
     asks after sg2 forgot the transfer in memory: "not taken" (before: "taken", from sg2's
     memory of the install, and the tunnel was with nobody), and sg1 serves the tunnel
     again, from past its stored ceiling: no pair twice, since sg2 never sent."""
-    from ipsecct.ct import cxtp
-    from ipsecct.ipsec.engine import TunnelState
 
     w, j2 = commit_before_pending()
     j1 = w.gw["sg1"].core.journal
@@ -833,15 +831,7 @@ def test_a_target_whose_pending_write_failed_after_the_commit_still_answers_not_
     g2.tick()  # forgotten in memory
     assert ("sg1", tid) not in g2.core.incoming
     j1.writes = []  # sg1 died before its "given" row landed
-    g1 = restarted_source(w, j1, tid)
-    w.deliver("sg1", "sg2")
-    a = w.deliver("sg2", "sg1")
-    assert isinstance(a, cxtp.DQ) and a.answer == cxtp.Answer.NOT_TAKEN
-    assert settle(w, "sg1", j1) == ["resumed"]
-    assert w.tunnel.state is TunnelState.ACTIVE and g1.engine.tunnels() == [w.tunnel]
-    w.host_send("sg1", 1)
-    wire = w.all_wire()
-    assert len(wire) == len(set(wire)) and {g for g, _, _ in wire} == {"sg1"}
+    resumes_alone(w, j1, tid)
 
 
 def test_a_restarted_source_repeats_the_commit_it_recorded() -> None:
@@ -1118,6 +1108,23 @@ def restarted_source(w: Any, j: Recorder, tid: int, peer: str = "sg2") -> Any:
     return g1
 
 
+def resumes_alone(w: Any, j1: Recorder, tid: int) -> None:
+    """sg1, restarted with its tunnel leaving by ``tid``, asks sg2, hears "not taken",
+    serves the tunnel again, and is the only one that ever sent a number, none twice."""
+    from ipsecct.ct import cxtp
+    from ipsecct.ipsec.engine import TunnelState
+
+    g1 = restarted_source(w, j1, tid)
+    w.deliver("sg1", "sg2")
+    a = w.deliver("sg2", "sg1")
+    assert isinstance(a, cxtp.DQ) and a.answer == cxtp.Answer.NOT_TAKEN
+    assert settle(w, "sg1", j1) == ["resumed"]
+    assert w.tunnel.state is TunnelState.ACTIVE and g1.engine.tunnels() == [w.tunnel]
+    w.host_send("sg1", 1)
+    wire = w.all_wire()
+    assert len(wire) == len(set(wire)) and {g for g, _, _ in wire} == {"sg1"}
+
+
 def test_a_restarted_source_asks_and_a_pending_target_takes_the_query_as_its_commit() -> None:
     """sg1 dies after "leaving" is durable and before its COMMIT: restarted, the tunnel is
     held (never sent on) and sg2, which holds it pending, is asked; it takes the query as
@@ -1157,8 +1164,6 @@ def test_a_target_that_gave_up_waiting_for_the_commit_answers_not_taken() -> Non
     still knows that, answers "not taken", and sg1 serves the tunnel again. (sg2 forgot the
     discarded transfer in the same timer pass and answered "taken" from its record of the
     arrival: sg1 gave the tunnel away to nobody; seen with real processes at load 9.)"""
-    from ipsecct.ct import cxtp
-    from ipsecct.ipsec.engine import TunnelState
 
     w, j1, j2 = journaled_world()
     tid = w.transfer()
@@ -1172,15 +1177,7 @@ def test_a_target_that_gave_up_waiting_for_the_commit_answers_not_taken() -> Non
     assert g2.finished[-1].outcome == "cancelled"
     assert g2.engine.tunnels() == []
     w.now += 1.0  # sg1 restarts a second later
-    g1 = restarted_source(w, j1, tid)
-    w.deliver("sg1", "sg2")
-    a = w.deliver("sg2", "sg1")
-    assert isinstance(a, cxtp.DQ) and a.answer == cxtp.Answer.NOT_TAKEN
-    assert settle(w, "sg1", j1) == ["resumed"]
-    assert w.tunnel.state is TunnelState.ACTIVE and g1.engine.tunnels() == [w.tunnel]
-    w.host_send("sg1", 1)
-    wire = w.all_wire()
-    assert len(wire) == len(set(wire)) and {g for g, _, _ in wire} == {"sg1"}
+    resumes_alone(w, j1, tid)
 
 
 def _target_on_store(w: Any, directory: Path) -> Any:
