@@ -217,6 +217,28 @@ def test_an_aead_proposal_naming_an_integrity_algorithm_is_read_as_strongswan_re
     assert suite is not None and suite.name() == name
 
 
+@pytest.mark.parametrize(("text", "name"), [
+    # what strongSwan 5.9.8's swanctl --load-conns makes of them as esp_proposals (its log
+    # "proposals = ESP:...", on this machine): the PRF left out, the rest kept
+    ("aes128gcm16-prfsha256", "AES_GCM_16_128/NO_EXT_SEQ"),
+    ("aes128gcm16-prfsha256-esn", "AES_GCM_16_128/EXT_SEQ"),
+    ("aes128-sha256-prfsha256-x25519", "AES_CBC_128/HMAC_SHA2_256_128/CURVE_25519/NO_EXT_SEQ"),
+    ("aes256gcm16-sha384-prfsha384", "AES_GCM_16_256/NO_EXT_SEQ"),
+])  # fmt: skip
+def test_an_esp_proposal_naming_a_prf_is_read_as_strongswan_reads_it(text: str, name: str) -> None:
+    """``esp_proposals = aes128gcm16-prfsha256`` (the IKE proposal's words copied) was refused
+    ("unknown or unsupported algorithm 'prfsha256'"), while strongSwan loads it and leaves
+    the PRF out (ESP has none): so does this gateway, and it proposes no PRF transform."""
+    (o,) = parse_list([text], M.ProtocolId.ESP)
+    assert o.prf == ()
+    assert M.TransformType.PRF not in {t.type for t in o.transforms()}
+    suite = match(o, M.Proposal(1, M.ProtocolId.ESP, b"", o.transforms()))
+    assert suite is not None and suite.name() == name
+    for bad, why in [("aes128-prfsha256", "needs an integrity"), ("aes128gcm16-prfmd5", "prfmd5")]:
+        with pytest.raises(ConfigError, match=why):
+            parse(bad, M.ProtocolId.ESP)
+
+
 def test_default_proposals_hold_only_groups_we_compute() -> None:
     from ipsecct.ikev2.keys import SUPPORTED_GROUPS
 

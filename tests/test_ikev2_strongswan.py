@@ -256,6 +256,13 @@ CASES = [
     # RFC 3526's largest group: strongSwan's KE is MODP-8192, which "default" now takes
     ("aes128gcm16-prfsha256-modp8192", "aes128gcm16", "default", "default",
      "AES_GCM_16_128/PRF_HMAC_SHA2_256/MODP_8192", "AES_GCM_16_128"),
+    # ESP proposals naming a PRF, on both sides: strongSwan leaves the PRF out, as this does
+    ("aes128gcm16-prfsha256-x25519", "aes128gcm16-prfsha256", "aes128gcm16-prfsha256-x25519",
+     "aes128gcm16-prfsha256", "AES_GCM_16_128/PRF_HMAC_SHA2_256/CURVE_25519", "AES_GCM_16_128"),
+    ("aes128-sha256-x25519", "aes128-sha256-prfsha256-x25519", "aes128-sha256-x25519",
+     "aes128-sha256-prfsha256-x25519",
+     "AES_CBC_128/HMAC_SHA2_256_128/PRF_HMAC_SHA2_256/CURVE_25519",
+     "AES_CBC_128/HMAC_SHA2_256_128"),
 ]  # fmt: skip
 
 

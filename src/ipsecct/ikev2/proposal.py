@@ -214,8 +214,12 @@ def parse(text: str, protocol: int) -> Offer:
             encr.append(_ENCR_WORDS[word])
         elif word in _INTEG_WORDS:
             integ.append(_INTEG_WORDS[word])
-        elif word in _PRF_WORDS and protocol == ProtocolId.IKE:
-            prf.append(_PRF_WORDS[word])
+        elif word in _PRF_WORDS:
+            # ESP has no PRF: strongSwan 5.9.8 loads esp_proposals aes128gcm16-prfsha256 as
+            # AES_GCM_16_128 and aes128-sha256-prfsha256-x25519 as
+            # AES_CBC_128/HMAC_SHA2_256_128/CURVE_25519 (the word left out); so does this
+            if protocol == ProtocolId.IKE:
+                prf.append(_PRF_WORDS[word])
         elif word in _DH_WORDS:
             dh.append(_DH_WORDS[word])
         elif word in ("esn", "noesn") and protocol == ProtocolId.ESP:
