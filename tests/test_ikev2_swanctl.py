@@ -151,11 +151,15 @@ def test_a_local_id_our_certificate_does_not_prove_is_refused_naming_its_names(
 def test_a_psk_connection_without_a_matching_secret_names_the_ids_on_both_sides() -> None:
     """A typo in local.id (or in a secret's id) said only "no [secrets.ike-*] entry whose id
     is local.id or remote.id": the operator had to find which one; both are named, and the
-    ids the secrets do have."""
+    ids the secrets do have. With remote.id = %any any secret may be a client's (its key is
+    chosen at IKE_AUTH from the client's identity, as charon does): the connection loads."""
     with pytest.raises(ConfigError, match=r"^gw.toml: connections\.rw: no \[secrets.ike-\*\] "
-                       r"entry whose id is local.id \(gw.tset\) or remote.id \(%any\); the "
+                       r"entry whose id is local.id \(gw.tset\) or remote.id \(c.test\); the "
                        r"secrets' ids: 'gw.test'$"):  # fmt: skip
-        _parse({"local": {"auth": "psk", "id": "gw.tset"}})
+        _parse({"local": {"auth": "psk", "id": "gw.tset"},
+                "remote": {"auth": "psk", "id": "c.test"}})  # fmt: skip
+    c = _parse({"local": {"auth": "psk", "id": "gw.tset"}})
+    assert c.psk == b"" and [k.ids for k in c.shared_keys] == [("gw.test",)]
 
 
 def test_a_small_volume_limit_without_its_life_key_is_not_refused_for_the_key_not_set() -> None:

@@ -24,7 +24,7 @@ from ..ct.failover import FailoverConfig
 from ..ct.transfer import PREPARE_MAX, PREPARE_MIN, ConflictPolicy, Identity, Settings
 from ..errors import ConfigError, EtcdError, IpsecctError
 from ..ikev2.auth import PrivateKey, RevocationList, revocation_index
-from ..ikev2.config import Connection, parse_connections, parse_pools
+from ..ikev2.config import Connection, SharedKey, parse_connections, parse_pools
 from ..ikev2.pool import Pool
 from ..ipsec.algorithms import (
     ENC,
@@ -1317,12 +1317,14 @@ def _secret_text(text: str) -> bytes:
     return t.encode()
 
 
-def load_secrets(data: dict[str, Any], path: str) -> dict[str, bytes]:
-    """``[secrets.ike-NAME]`` tables: ``id`` (a string or a list) and ``file`` or ``env``."""
+def load_secrets(data: dict[str, Any], path: str) -> list[SharedKey]:
+    """``[secrets.ike-NAME]`` tables, as swanctl's ``secrets.ike<suffix>``: the identities
+    the key belongs to in ``id`` and any ``id<suffix>`` (``id-1``, ``id-2``, ...; each a
+    string or a list; none: anyone) and the key in ``file`` or ``env``, never inline."""
     secrets = data.get("secrets", {})
     if not isinstance(secrets, dict):
         raise ConfigError(f"{path}: secrets: must be a table")
-    out: dict[str, bytes] = {}
+    out: list[SharedKey] = []
     for name, d in secrets.items():
         where = f"{path}: secrets.{name}"
         if name.startswith(_KEY_SECRETS) and isinstance(d, dict):
@@ -1330,15 +1332,21 @@ def load_secrets(data: dict[str, Any], path: str) -> dict[str, bytes]:
         if not name.startswith("ike") or not isinstance(d, dict):
             raise ConfigError(f"{where}: only [secrets.ike-NAME] and [secrets.private-NAME]"
                               " tables are supported")  # fmt: skip
+        ids: list[str] = []
         for k in d:
-            if k not in ("id", "file", "env"):
-                if k == "secret":
-                    raise ConfigError(f"{where}.secret: never inline: use file = or env =")
-                raise ConfigError(f"{where}.{k}: unknown key (expected id, file, env)")
-        ids = d.get("id", "%any")
-        ids = [ids] if isinstance(ids, str) else ids
-        if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
-            raise ConfigError(f"{where}.id: must be a string or a list of strings")
+            if k.startswith("id"):
+                v = d[k]
+                v = [v] if isinstance(v, str) else v
+                if not isinstance(v, list) or not all(isinstance(i, str) for i in v):
+                    raise ConfigError(f"{where}.{k}: must be a string or a list of strings")
+                if len(ids) + len(v) > MAX_SECRET_IDS:
+                    raise ConfigError(f"{where}.{k}: more than {MAX_SECRET_IDS} identities")
+                ids += [i.strip() for i in v if i.strip()]
+            elif k not in ("file", "env"):
+                if k.startswith("secret"):
+                    raise ConfigError(f"{where}.{k}: never inline: use file = or env =")
+                raise ConfigError(f"{where}.{k}: unknown key (expected id, id<suffix>, file, "
+                                  "env)")  # fmt: skip
         if ("file" in d) == ("env" in d):
             raise ConfigError(f"{where}: give file = or env = (one of them)")
         if "file" in d:
@@ -1365,9 +1373,12 @@ def load_secrets(data: dict[str, Any], path: str) -> dict[str, bytes]:
             raise ConfigError(f"{where}: {exc}") from None
         if not secret:
             raise ConfigError(f"{where}: the secret is empty")
-        for i in ids:
-            out[i] = secret
+        out.append(SharedKey(name, tuple(dict.fromkeys(ids)), secret))
     return out
+
+
+# identities one [secrets.ike-*] may name (each is compared at every IKE_AUTH)
+MAX_SECRET_IDS = 1024
 
 
 _KEY_SECRETS = ("private", "rsa", "ecdsa")

@@ -19,6 +19,11 @@
     id = "gw.example"
     file = "home.psk"          # or env = "HOME_PSK"; never the secret itself
 
+    [secrets.ike-alice]        # a key of its own for one client (chosen at IKE_AUTH)
+    id-1 = "gw.example"
+    id-2 = "alice@example"
+    file = "alice.psk"
+
 Parsing is pure: the caller reads secret files (it knows the paths) and passes them in.
 """
 
@@ -28,7 +33,7 @@ import ipaddress
 import itertools
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -128,6 +133,49 @@ def _dn_set(text: str) -> set[tuple[str, str]]:
     return {(k.strip().upper(), v.strip()) for k, _, v in (x.partition("=") for x in parts)}
 
 
+# how well a secret's ids name one side (strongSwan's id_match_t, without its wildcards)
+MATCH_NONE, MATCH_ANY, MATCH_PERFECT = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class SharedKey:
+    """One ``[secrets.ike-NAME]``: the identities it belongs to (``id``, ``id-1``, ...; none,
+    or ``%any``: anyone) and its pre-shared key, never shown."""
+
+    name: str
+    ids: tuple[str, ...]
+    key: bytes = field(repr=False)
+
+    def match(self, who: IDPayload | None) -> int:
+        """How well this secret's ids name ``who`` (None: an identity not known, such as a
+        ``remote.id = %any`` to initiate to): MATCH_PERFECT when one of them is it,
+        MATCH_ANY when none is but the secret is anyone's, else MATCH_NONE."""
+        best = MATCH_NONE if self.ids else MATCH_ANY
+        for text in self.ids:
+            ident = Identity(text)
+            if ident.any:
+                best = MATCH_ANY
+            elif who is not None and "=" not in text:  # (a DN is proven by a certificate)
+                mine = ident.payload(who.initiator)
+                if (mine.id_type, mine.data) == (who.id_type, who.data):
+                    return MATCH_PERFECT
+        return best
+
+
+def select_psk(keys: Sequence[SharedKey], me: IDPayload | None,
+               peer: IDPayload | None) -> SharedKey | None:  # fmt: skip
+    """The secret for an IKE SA between ``me`` and ``peer``, as charon picks it: among those
+    whose ids name either side (or anyone), the best match of the peer's identity, then of
+    ours; the first written of equals. None: no secret names either of them."""
+    best: SharedKey | None = None
+    best_rank = (MATCH_NONE, MATCH_NONE)
+    for k in keys:
+        rank = (k.match(peer), k.match(me))
+        if rank > best_rank:
+            best, best_rank = k, rank
+    return best
+
+
 @dataclass
 class Connection:
     name: str
@@ -138,6 +186,8 @@ class Connection:
     local_id: Identity | None  # None: our IP address
     remote_auth: str
     remote_id: Identity
+    # the key of a connection made in code (no shared_keys); from a configuration: the one
+    # of shared_keys for (local.id, remote.id) when there is one (the initiator's)
     psk: bytes = field(repr=False, default=b"")
     encap: bool = False
     dpd_delay: float = 0.0
@@ -170,6 +220,18 @@ class Connection:
     # remote.revocation (swanctl.conf): "relaxed" | "ifuri" | "strict" (auth.validate_chain)
     revocation: str = "relaxed"
     ignored: list[str] = field(default_factory=list)  # keys accepted that change nothing
+    # every [secrets.ike-*] of the configuration, in its order: the key of an IKE SA is
+    # chosen from them by the two identities (psk_for); empty: psk is the key
+    shared_keys: tuple[SharedKey, ...] = field(default=(), repr=False, compare=False)
+
+    def psk_for(self, me: IDPayload | None, peer: IDPayload | None) -> bytes | None:
+        """The pre-shared key between our identity ``me`` and the peer's (None: not known):
+        the best of shared_keys (select_psk), or psk for a connection without them; None:
+        there is none."""
+        if not self.shared_keys:
+            return self.psk or None
+        k = select_psk(self.shared_keys, me, peer)
+        return k.key if k is not None else None
 
     def after_down(self, reason: str,
                    we_initiated: bool) -> tuple[str, ChildConfig] | None:  # fmt: skip
@@ -504,15 +566,15 @@ def _auth(d: Any, ctx: _Ctx, where: str) -> tuple[str, str | None, list[str], li
 
 
 def parse_connections(
-    data: dict[str, Any], path: str, secrets: dict[str, bytes],
+    data: dict[str, Any], path: str, secrets: Sequence[SharedKey] | Mapping[str, bytes],
     load_certs: Callable[[str], list[x509.Certificate]] | None = None,
     private_keys: list[PrivateKey] | None = None,
     load_crls: Callable[[list[str]], Callable[[], list[RevocationList]]]
     | None = None,
 ) -> list[Connection]:  # fmt: skip
-    """``data`` is the whole configuration; ``secrets`` maps an identity (as written in
-    ``[secrets.ike-*] id``) to its pre-shared key, already read by the caller, as are the
-    ``[secrets.private-*]`` keys; ``load_certs`` reads a certificate file (PEM, one or more
+    """``data`` is the whole configuration; ``secrets`` its ``[secrets.ike-*]`` (or a
+    mapping of one identity to its pre-shared key each), already read by the caller, as are
+    the ``[secrets.private-*]`` keys; ``load_certs`` reads a certificate file (PEM, one or more
     certificates) named in ``local.certs`` or ``remote.cacerts``; ``load_crls`` gives, for
     the files of ``remote.crls``, what reads their current revocation lists (it raises
     IpsecctError for a file that is not one, at once)."""
@@ -520,6 +582,8 @@ def parse_connections(
     conns = data.get("connections", {})
     if not isinstance(conns, dict):
         raise ctx.err("connections", "must be a table of connections")
+    shared = (tuple(SharedKey(i, (i,), k) for i, k in secrets.items())
+              if isinstance(secrets, Mapping) else tuple(secrets))  # fmt: skip
     out: list[Connection] = []
     for name, d in conns.items():
         where = f"connections.{name}."
@@ -590,20 +654,21 @@ def parse_connections(
         encap = _yes(d["encap"], ctx, where + "encap") if "encap" in d else False
         local_id = Identity(lid) if lid else None
         remote_id = Identity(rid or "%any")
-        # the PSK: strongSwan picks the secret whose ids match the two identities
+        # the PSK: as charon, chosen at IKE_AUTH from the secrets whose ids name one of the
+        # two identities (SharedKey); the initiator's, for local.id and remote.id, is known now
         psk = b""
         needs_psk = "psk" in (la, ra)
-        for ident in [x for x in (rid, lid) if x and x != "%any"]:
-            if ident in secrets:
-                psk = secrets[ident]
-                break
-        if not psk and len(secrets) == 1 and "%any" in secrets:
-            psk = secrets["%any"]
-        if not psk and needs_psk:
-            known = ", ".join(repr(k) for k in sorted(secrets)) or "none"
+        me = local_id.payload(False) if local_id is not None else None
+        peer = None if remote_id.any else remote_id.payload(False)
+        best = select_psk(shared, me, peer)
+        if best is not None:
+            psk = best.key
+        elif needs_psk and not any(_may_name(k, local_id, remote_id) for k in shared):
+            known = ", ".join(sorted({repr(i) for k in shared for i in k.ids or ("%any",)}))
             raise ctx.err(where.rstrip("."),
                           f"no [secrets.ike-*] entry whose id is local.id ({lid or '(unset)'})"
-                          f" or remote.id ({rid or '%any'}); the secrets' ids: {known}")
+                          f" or remote.id ({rid or '%any'}); the secrets' ids: "
+                          f"{known or 'none'}")  # fmt: skip
         initiating = [f"start_action = {c.start_action}" for c in children
                       if c.start_action in ("start", "trap")]  # fmt: skip
         initiating += [f"dpd_action = {c.dpd_action}" for c in children
@@ -632,8 +697,34 @@ def parse_connections(
             _pool_names(d.get("pools", []), ctx, where + "pools", data),
             _vips(d.get("vips", []), ctx, where + "vips"),
             **extras, revocation=revocation, ignored=ignored,
+            shared_keys=shared if needs_psk else (),
         ))  # fmt: skip
     return out
+
+
+def _may_name(k: SharedKey, local_id: Identity | None, remote_id: Identity) -> bool:
+    """Could secret ``k`` be chosen for an IKE SA of a connection with these identities:
+    it is anyone's, or names local.id (or, without one, an address: ours, perhaps), or a
+    peer that remote.id admits (any, with %any)?"""
+    if not k.ids or remote_id.any:
+        return True
+    for text in k.ids:
+        ident = Identity(text)
+        if ident.any or text == remote_id.text:
+            return True
+        if local_id is not None and text == local_id.text:
+            return True
+        if local_id is None and _is_address(text):
+            return True
+    return False
+
+
+def _is_address(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _pool_names(v: Any, ctx: _Ctx, key: str, data: dict[str, Any]) -> list[str]:

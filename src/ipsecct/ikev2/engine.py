@@ -1110,9 +1110,18 @@ class IkeEngine:
         conn = None
         ok = False
         anchor = None
+        key: bytes | None = None  # the pre-shared key of the IKE SA (ours, with local.auth psk)
+        unknown = psk and bool(matching)  # no secret names the peer for any of them
         for c in matching:  # fmt: skip
+            key = c.psk_for(_my_id(c, ike), idi) if "psk" in (c.local_auth,
+                                                              c.remote_auth) else None
+            if key is None and "psk" in (c.local_auth, c.remote_auth):
+                why = "no pre-shared key for this identity"
+                continue
             if psk:
-                ok = _hmac.compare_digest(auth.data, psk_auth(prf_alg, c.psk, octets))
+                assert key is not None
+                unknown = False
+                ok = _hmac.compare_digest(auth.data, psk_auth(prf_alg, key, octets))
                 why = "pre-shared key does not match"
             elif cert is not None:
                 try:
@@ -1136,6 +1145,8 @@ class IkeEngine:
                 break
         if conn is None or not ok:
             self.stats["auth-failed"] += 1
+            if unknown:
+                self.stats["auth-psk-unknown"] += 1
             log.info("event=ike-auth-failed peer=%s id=%s reason=%s", ike.remote, idi.text(),
                      _quote(why))  # fmt: skip
             ike.state = IkeState.DEAD
@@ -1189,7 +1200,8 @@ class IkeEngine:
             method, data = sign(creds.key, octets, ike.peer_hashes, pss=self.rsa_pss)
             reply.append(AuthPayload(method, data))
         else:
-            reply.append(AuthPayload(AuthMethod.SHARED_KEY, psk_auth(prf_alg, conn.psk, octets)))
+            assert key is not None  # (a connection without one was not taken above)
+            reply.append(AuthPayload(AuthMethod.SHARED_KEY, psk_auth(prf_alg, key, octets)))
         ike.state = IkeState.ESTABLISHED
         n = notifies(inner)
         if Notify.MOBIKE_SUPPORTED in n and conn.mobike:  # RFC 4555 §3.2
@@ -1947,6 +1959,18 @@ class IkeEngine:
             idi = (conn.local_id.payload(True) if conn.local_id is not None
                    else IDPayload(True, 1 if ike.local.host.version == 4 else 5,
                                   ike.local.host.packed))  # fmt: skip
+        key = None
+        if creds is None:  # our AUTH with the pre-shared key of (local.id, remote.id)
+            key = conn.psk_for(idi, None if conn.remote_id.any or "=" in conn.remote_id.text
+                               else conn.remote_id.payload(False))  # fmt: skip
+            if key is None:
+                why = "no pre-shared key for local.id and remote.id"
+                self.stats["auth-psk-unknown"] += 1
+                log.warning("event=ike-auth-failed conn=%s peer=%s reason=%s", conn.name,
+                            ike.remote, _quote(why))  # fmt: skip
+                out.append(ConnectFailed(conn, why))
+                self._kill(ike, why, out)
+                return
         octets = signed_octets(ike.init_request, ike.nonce_r, prf_alg, ike.keys.sk_pi, idi.body)
         payloads: list[Payload] = [idi]
         if creds is not None and _send_cert(conn, ike):
@@ -1965,8 +1989,9 @@ class IkeEngine:
             method, data = sign(creds.key, octets, ike.peer_hashes, pss=self.rsa_pss)
             payloads.append(AuthPayload(method, data))
         else:
+            assert key is not None
             payloads.append(AuthPayload(AuthMethod.SHARED_KEY,
-                                        psk_auth(prf_alg, conn.psk, octets)))  # fmt: skip
+                                        psk_auth(prf_alg, key, octets)))  # fmt: skip
         if conn.vips:  # vips = ["0.0.0.0", "::"]: an address of each family, any (§2.19)
             payloads.append(CPPayload(CfgType.CFG_REQUEST, tuple(
                 (CfgAttr.INTERNAL_IP4_ADDRESS if v.version == 4
@@ -1996,8 +2021,13 @@ class IkeEngine:
             octets = signed_octets(ike.init_response, ike.nonce_i, prf_alg, ike.keys.sk_pr,
                                    idr.body)  # fmt: skip
             if conn.remote_auth == "psk" and auth.method == AuthMethod.SHARED_KEY:
-                ok = conn.remote_id.matches(idr) and _hmac.compare_digest(
-                    auth.data, psk_auth(prf_alg, conn.psk, octets))
+                # the key of (our ID, the responder's), as the responder chose it
+                key = (conn.psk_for(_my_id(conn, ike, True), idr) if conn.remote_id.matches(idr)
+                       else None)  # fmt: skip
+                ok = key is not None and _hmac.compare_digest(
+                    auth.data, psk_auth(prf_alg, key, octets))
+                if key is None and conn.remote_id.matches(idr):
+                    why = "no pre-shared key for the responder's identity"
             elif conn.remote_auth == "pubkey" and auth.method != AuthMethod.SHARED_KEY:
                 try:
                     certs = [parse_cert(p.data) for p in inner if isinstance(p, CertPayload)
@@ -2665,6 +2695,15 @@ def _given_vips(conn: Connection, cp: CPPayload) -> list[tuple[str, IPAddr]]:
 
 def _quote(text: str) -> str:
     return '"' + text.replace('"', "'") + '"'
+
+
+def _my_id(conn: Connection, ike: IkeSA, initiator: bool = False) -> IDPayload | None:
+    """Our identity in ``conn`` as a pre-shared key's ids are matched against it: local.id,
+    or without one our address (None: a DN, which no pre-shared key names)."""
+    if conn.local_id is None:
+        return IDPayload(initiator, 1 if ike.local.host.version == 4 else 5,
+                         ike.local.host.packed)  # fmt: skip
+    return None if "=" in conn.local_id.text else conn.local_id.payload(initiator)
 
 
 def _send_cert(conn: Connection, ike: IkeSA) -> bool:
