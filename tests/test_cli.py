@@ -148,6 +148,41 @@ def test_status_shows_peers_and_transfers_as_lines_and_only_counters_that_are_no
     assert "  state: /s, 0 SA(s) reserved (blocks of 65536, 0 waiting, 0 failed writes)\n" in out
 
 
+def _parsers(
+    p: argparse.ArgumentParser, path: tuple[str, ...] = ("ipsecct",)
+) -> list[tuple[tuple[str, ...], argparse.ArgumentParser]]:
+    out = [(path, p)]
+    for a in p._actions:
+        if isinstance(a, argparse._SubParsersAction):
+            for name, sp in a.choices.items():
+                out += _parsers(sp, (*path, name))
+    return out
+
+
+def test_every_option_and_argument_says_what_it_is_and_help_names_only_real_commands() -> None:
+    """``--help`` listed ``spi``, ``mtu``, ``file`` and several ``--json`` with nothing beside
+    them, and ``bench failover`` named an ``ipsecct daemon`` there is no such command."""
+    import re
+
+    parsers = _parsers(cli.build_parser())
+    names = {" ".join(path) for path, _ in parsers}
+    for path, p in parsers:
+        for a in p._actions:
+            if isinstance(a, (argparse._HelpAction, argparse._VersionAction,
+                              argparse._SubParsersAction)):  # fmt: skip
+                continue
+            assert a.help, (" ".join(path), a.dest)
+        text = p.format_help()
+        # a command named in a help text: ``ipsecct X`` always, or a real command's
+        # subcommand ("ipsecct and plain-relay", "/run/ipsecct for root" are prose)
+        for m in re.finditer(r"(?<![/\w])(`?)ipsecct ([a-z][a-z0-9-]*)(?: ([a-z][a-z0-9-]*))?",
+                             text):  # fmt: skip
+            quoted, first, second = m.groups()
+            assert f"ipsecct {first}" in names or not quoted, (" ".join(path), m.group(0))
+            if quoted and second and any(n.startswith(f"ipsecct {first} ") for n in names):
+                assert f"ipsecct {first} {second}" in names, (" ".join(path), m.group(0))
+
+
 def _status_with_failover(failover: dict[str, object]) -> dict[str, object]:
     return {"name": "sg1", "role": "gateway", "uptime_s": 5.0, "outer": "10.230.0.2:4500",
             "sas": 2, "policies": 1,

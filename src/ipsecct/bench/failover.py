@@ -18,7 +18,7 @@ windows), with one peer engine holding the other end of every tunnel (the mobile
   scheme instead: one owner key per tunnel, created in transactions of 128.
 
 After the take-over every tunnel carries one more packet from its new gateway to its peer.
-Like a gateway process (``ipsecct daemon``), the benchmark runs with the gateway's collector
+Like a gateway process (``ipsecct gateway run``), the benchmark runs with the gateway's collector
 policy (``gateway/gcpolicy.py``): the state built before the failure is frozen, and the
 take-over runs as one batch with the collector paused, as the drivers run it;
 ``--default-gc`` leaves CPython's collector as it is, for comparison.

@@ -289,7 +289,8 @@ def run_cli(args: argparse.Namespace) -> int:
 
 def add_parser(sub: Any) -> None:
     p: argparse.ArgumentParser = sub.add_parser(
-        "transfer", help="handover time, bulk transfer rate and memory per SA", description=__doc__
+        "transfer", help="handover time, bulk transfer rate and memory per SA",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.add_argument(

@@ -40,5 +40,5 @@ def register(sub: Any) -> None:
     ss.required = True
     s: argparse.ArgumentParser = ss.add_parser("status", help="what etcd says about the cluster")
     s.add_argument("--config", "-c", required=True, help="a gateway configuration with [cluster]")
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--json", action="store_true", help="print JSON")
     s.set_defaults(handler=cmd_status)

@@ -43,6 +43,6 @@ def register(sub: Any) -> None:
         help="you have stopped the standby's process (a standby alive behind a partition "
         "would take over too and reuse sequence numbers)",
     )
-    a.add_argument("--json", action="store_true")
+    a.add_argument("--json", action="store_true", help="print JSON")
     add_target(a)
     a.set_defaults(handler=cmd_alone)

@@ -31,7 +31,7 @@ def register(sub: Any) -> None:
     init.set_defaults(handler=_init)
 
     show = psub.add_parser("show", help="describe a certificate or key file")
-    show.add_argument("file")
+    show.add_argument("file", help="a PEM certificate or key file")
     show.set_defaults(handler=_show)
 
 

@@ -406,28 +406,34 @@ def _spi(text: str) -> str:
     return text
 
 
+SPI_HELP = "decimal, 0x hex, or as swanctl prints it (c0ffee01_i)"
+
+
 def register(sub: Any) -> None:
     def leaf(parent: Any, name: str, helptext: str, fn: Any) -> argparse.ArgumentParser:
-        p: argparse.ArgumentParser = parent.add_parser(name, help=helptext)
+        p: argparse.ArgumentParser = parent.add_parser(name, help=helptext, description=helptext)
         add_target(p)
         p.add_argument("--json", action="store_true", help="print JSON")
         p.set_defaults(handler=fn)
         return p
 
-    leaf(sub, "status", "a running node's SAs, counters, drops and uptime", cmd_status)
-    sa = sub.add_parser("sa", help="list, show, export, add or delete SAs of a running node")
+    leaf(sub, "status", "a running node's SAs, counters, drops and uptime; its peers, transfers,"
+         " fail-over, IKE SAs, pools and durable state", cmd_status)  # fmt: skip
+    sa = sub.add_parser("sa", help="list, show, export, add, delete or discard SAs of a running"
+                        " node")  # fmt: skip
     ss = sa.add_subparsers(dest="action", metavar="ACTION")
     ss.required = True
     lst = leaf(ss, "list", "list IKE SAs with their CHILD SAs, and all SAs (never keys)",
                cmd_sa_list)  # fmt: skip
     lst.add_argument("--ike", action="store_true", help="only the IKE SAs (IKEv2)")
-    leaf(ss, "show", "one SA in detail", cmd_sa_show).add_argument("spi", type=_spi)
+    leaf(ss, "show", "one SA in detail", cmd_sa_show).add_argument("spi", type=_spi, help=SPI_HELP)
     e = leaf(ss, "export", "print keys for tshark / ipsecct pcap decrypt", cmd_sa_export)
     e.add_argument("--wireshark", action="store_true", help="Wireshark esp_sa lines")
     leaf(
         ss, "add", "add SAs from a feature-context JSON file (- for stdin)", cmd_sa_add
-    ).add_argument("file")
-    leaf(ss, "delete", "delete the SAs with this SPI", cmd_sa_delete).add_argument("spi", type=_spi)
+    ).add_argument("file", metavar="FILE|-", help="a context or a list of them, or - for stdin")
+    leaf(ss, "delete", "delete the SAs with this SPI", cmd_sa_delete).add_argument(
+        "spi", type=_spi, help=SPI_HELP)
     d = leaf(
         ss, "discard",
         "give up tunnels held because their transfer's outcome is unknown (state.unresolved):"
@@ -451,6 +457,6 @@ def register(sub: Any) -> None:
     ps = pm.add_subparsers(dest="action", metavar="ACTION")
     ps.required = True
     p = leaf(ps, "set", "change an SA's path MTU at run time", cmd_pmtu_set)
-    p.add_argument("spi", type=_spi)
-    p.add_argument("mtu", type=int)
+    p.add_argument("spi", type=_spi, help=SPI_HELP)
+    p.add_argument("mtu", type=int, help="the path MTU in octets")
 

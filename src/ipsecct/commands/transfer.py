@@ -132,7 +132,7 @@ def register(sub: Any) -> None:
     one = p.add_mutually_exclusive_group()
     one.add_argument("--commit", metavar="ID", help="commit a prepared transfer (the handover)")
     one.add_argument("--cancel", metavar="ID", help="roll a prepared transfer back")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the record as JSON")
     _timeout(p, 60.0)
     add_target(p)
     p.set_defaults(handler=cmd_transfer)
@@ -143,7 +143,7 @@ def register(sub: Any) -> None:
                    help="peer gateway name ([[peers]] in the config)")  # fmt: skip
     r.add_argument("--count", type=number(int), required=True, metavar="N",
                    help="how many tunnels to move")
-    r.add_argument("--json", action="store_true")
+    r.add_argument("--json", action="store_true", help="print the record as JSON")
     _timeout(r, 300.0)
     add_target(r)
     r.set_defaults(handler=cmd_rebalance)

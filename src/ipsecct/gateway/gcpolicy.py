@@ -124,5 +124,5 @@ class GcPolicy:
 POLICY = GcPolicy(enabled=False)
 """The policy of this process (the collector is process-wide; every gateway of a process,
 such as the demo's, shares it). Off until a program that is a gateway process turns it on
-(``ipsecct daemon``, ``ipsecct demo``, the benchmarks): a library user or a test run keeps
-CPython's default behaviour."""
+(``ipsecct gateway run``, ``ipsecct demo``, the benchmarks): a library user or a test run
+keeps CPython's default behaviour."""
