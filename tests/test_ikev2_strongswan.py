@@ -1332,3 +1332,73 @@ def test_close_action_start_node_asks_strongswan_again_for_what_it_closed(
                 assert ping_once_up(ns, "a", B.inner, 2) == 2, mn.logtext() + ss.logtail()
             finally:
                 mn.cleanup()
+
+
+class ClientWithItsOwnKey(Initiator):
+    """strongSwan A as one client of a road-warrior connection: its identity ``ident`` (in
+    place of a.test) and a pre-shared key of its own."""
+
+    def __init__(self, ns: Namespaces, workdir: Path, ident: str, psk: str) -> None:
+        super().__init__(ns, workdir, ike=None, esp=None)
+        self.ident, self.psk = ident, psk
+
+    def write_config(self) -> None:
+        super().write_config()
+        p = self.dir / "swanctl.conf"
+        text = p.read_text().replace(PSK, self.psk).replace(f"= {A.id}\n", f"= {self.ident}\n")
+        assert text.count(self.ident) == 2 and self.psk in text  # local.id and the secret's id
+        strongswan.write_private(p, text)
+
+
+@pytest.mark.root
+@pytest.mark.slow
+@needs_strongswan
+def test_strongswan_clients_with_keys_of_their_own_share_one_connection(workdir: Path) -> None:
+    """One gateway connection with ``remote.id = %any`` and a ``[secrets.ike-*]`` per client
+    (each naming only its client: none names the gateway): an unmodified strongSwan client
+    connects as a.test with a.test's key, then as c.test with c.test's key (the gateway
+    chooses the key from the client's IDi, at IKE_AUTH); ping passes each time. As d.test,
+    whom no secret names, it is refused with AUTHENTICATION_FAILED, counted
+    ``auth-psk-unknown`` and logged without any key; as c.test with a.test's key, refused."""
+    keys = {"a.test": "a-test-key-0123456789abcdef", "c.test": "c-test-key-fedcba9876543210"}
+    with Namespaces("a", "b") as ns:
+        build_namespaces(ns)
+        conf = gateway_config(workdir, ike="default", esp="default", encap=False, dpd=0)
+        text = conf.read_text().replace(f'remote.id = "{A.id}"', 'remote.id = "%any"')
+        text = text[:text.index("[secrets.ike-ab]")]
+        for n, (ident, key) in enumerate(keys.items()):
+            strongswan.write_private(workdir / f"{n}.psk", key + "\n")
+            text += f'[secrets.ike-{n}]\nid = "{ident}"\nfile = "{n}.psk"\n'
+        conf.write_text(text)
+        gw = Daemon("gateway", conf, str(workdir / "gw.sock"), workdir / "gw.log",
+                    prefix=["ip", "netns", "exec", ns.names["b"]])  # fmt: skip
+        gw.start()
+        sock = str(workdir / "gw.sock")
+        try:
+            for ident, key in keys.items():
+                with ClientWithItsOwnKey(ns, workdir, ident, key) as ss:
+                    ss.start()
+                    ss.initiate()
+                    assert ping_once_up(ns, "a", B.inner, 3) == 3, gw.logtext() + ss.logtail()
+                    (sa,) = ike_list(sock)
+                    assert sa["remote_id"] == ident and len(sa["children"]) == 1, sa
+                    ss.swanctl("--terminate", "--ike", "cA")
+                    wait_until(lambda: not ike_list(sock), "the gateway to remove the IKE SA",
+                               timeout=15)  # fmt: skip
+            c = gw.status()["ike"]["counters"]
+            assert c.get("auth-failed", 0) == 0 and c["ike-sa-established"] == 2, c
+            for ident, key in (("d.test", "d-test-key-0000"), ("c.test", keys["a.test"])):
+                with ClientWithItsOwnKey(ns, workdir, ident, key) as ss:
+                    ss.start()
+                    with pytest.raises(AssertionError):
+                        ss.initiate()
+                    assert "received AUTHENTICATION_FAILED notify error" in ss.log(), ss.logtail()
+                c = gw.status()["ike"]["counters"]
+                assert c.get("auth-psk-unknown", 0) == 1, c
+            assert c["auth-failed"] == 2 and not ike_list(sock)
+            log = gw.logtext()
+            assert 'id=d.test reason="no pre-shared key for this identity"' in log
+            assert 'id=c.test reason="pre-shared key does not match"' in log
+            assert not any(k in log for k in keys.values()) and "d-test-key" not in log
+        finally:
+            gw.cleanup()
