@@ -338,6 +338,12 @@ def test_a_lost_standby_the_operator_lets_the_active_run_alone(gws: Gateways) ->
         wait_for(lambda: "event=lease-lost" in gws.log("sg1"), "lease-lost not logged",
                  timeout=10, detail=detail)  # fmt: skip
         t_lost = time.monotonic()
+        # the human status says it in lines (it was one JSON line of failover)
+        human = cli("status", "-c", gws.config("sg1"))
+        assert human.returncode == 0, human.stderr
+        assert "  failover: active, peer sg2, epoch 1, standby acknowledged\n" in human.stdout
+        assert "  lease: lost, ended " in human.stdout and "lease losses 1" in human.stdout
+        assert "{" not in human.stdout, human.stdout
         time.sleep(1.0)
         assert senders(cap, t_lost + 0.2, time.monotonic()) == set()  # fenced: nothing sent
         rc, out = alone()
@@ -356,6 +362,10 @@ def test_a_lost_standby_the_operator_lets_the_active_run_alone(gws: Gateways) ->
                  and failover(gws, "sg2")["replicated_tunnels"] == TUNNELS,
                  "the restarted standby did not pair again", detail=detail)  # fmt: skip
         assert failover(gws, "sg1")["epoch"] == 2
+        human = cli("status", "-c", gws.config("sg2"))
+        assert human.returncode == 0, human.stderr
+        assert "  failover: standby, peer sg1, epoch 2, last heard " in human.stdout, human.stdout
+        assert "  lease: granting" in human.stdout, human.stdout
         time.sleep(0.5)
         t_end = time.monotonic()
         assert sending(cap, t_end - 0.3, t_end) == every
