@@ -1140,3 +1140,59 @@ def test_a_strict_target_refuses_a_unit_without_the_peers_chain_serials_and_coun
     assert svc.engine.stats["revocation-unchecked-refused"] == 1
     assert any("ike-sa-refused" in r.getMessage() and "cannot check them" in r.getMessage()
                for r in caplog.records)  # fmt: skip
+
+
+def test_a_source_does_not_commit_when_its_context_lost_the_serials_its_unit_announced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A certificate IKE SA's UNIT, built at the transfer's start, carries the peer's chain
+    serials (item 15) when its context then did (item 33): a target under
+    remote.revocation = strict admits it. If the context grows before the COMMIT (a DELETE
+    it owes the peer) so that item 33 no longer fits, the import after the COMMIT would be
+    refused there: the CHILD SAs at the target, their IKE SA lost. The source's check just
+    before the COMMIT (commit_check) refuses instead (the transfer rolls back, the IKE SA
+    stays), logged and counted ``ike-sa-cannot-move``. A UNIT that did not announce them
+    (no room at the start already) is not held back: such a target refused it before."""
+    import copy
+
+    from ipsecct.ct.transfer import Record, parse_unit
+    from ipsecct.ikev2 import context as ike_context
+    from tests.test_ikev2 import _revocable_peer
+
+    def _items_of(unit: bytes) -> dict[int, list[bytes]]:
+        return ike_context._parse(ike_context._frame(0, parse_unit(unit)[2]))[1]
+
+    w, _, _, gw, _, _ = _revocable_peer()
+    (ike_r,) = w.resp.ike_sas()
+    svc = _service(tmp_path, "sg1")
+    svc.engine.connections[:] = [gw]
+    ike = svc.engine.import_ike(w.resp.export_ike(ike_r, 1.0), 1.0)
+    now = svc.node.clock()
+    # an identity as long as still leaves room for item 33, by a few octets
+    def fits(i: int) -> bool:
+        probe = copy.copy(ike)
+        probe.peer_id = "CN=" + "x" * i
+        return ike_context.carries_serials(probe, now)
+
+    ike.peer_id = "CN=" + "x" * max(i for i in range(1000, 1800) if fits(i))
+    assert ike_context.carries_serials(ike, now)
+    tunnels = []
+    for c in ike.children:
+        entry, out, inn = c.sas(R500, I500, False, f"t-{c.spi_in:08x}")
+        tunnels.append(svc.node.engine.add_tunnel(entry, out, inn))
+    units = svc.unit_cdbs(tunnels)
+    assert units and all(15 in _items_of(u) for u in units)
+    assert svc.commit_check(tunnels) is None
+    owed = ike_context.deletes_owed
+    monkeypatch.setattr(ike_context, "deletes_owed", lambda x: [0x1234, 0x5678, *owed(x)])
+    assert not ike_context.carries_serials(ike, now)  # (the context grew: no room for 33)
+    why = svc.commit_check(tunnels)
+    assert why is not None and "chain serials its UNIT announced" in why
+    assert svc.engine.stats["ike-sa-cannot-move"] == 1
+    # the transfer ended (rolled back); the next one's UNIT leaves item 15 out: it may go
+    svc.on_transfer(Record(1, "source", "sg2", "predictive", 0.0, now, "failed",
+                           spis=[c.spi_in for c in ike.children]))  # fmt: skip
+    assert svc.commit_check(tunnels) is None  # (no UNIT of a running transfer announced it)
+    units = svc.unit_cdbs(tunnels)
+    assert units and all(15 not in _items_of(u) for u in units)
+    assert svc.commit_check(tunnels) is None

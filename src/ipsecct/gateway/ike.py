@@ -151,6 +151,10 @@ class IkeService:
         # virtual IPs reserved for the IKE SA of a transfer towards us (check_unit), by
         # (peer, transfer id): [(pool, address)] and, once it committed, until when
         self._reserved: dict[tuple[str, int], tuple[list[tuple[str, IPAddr]], float | None]] = {}
+        # IKE SAs (spi_i, spi_r) whose UNIT, sent by a transfer still running (source),
+        # announced the peer's chain serials (item 15): its COMMIT waits on the context
+        # still carrying them (commit_check)
+        self._serials_announced: set[tuple[bytes, bytes]] = set()
         self.engine.on_request_held = self._request_held
         # direct SG identity ([transfer] identity = "direct"): an IKE SA taken over from a
         # peer gateway is moved to this gateway's own address (IkeEngine.announce_move)
@@ -943,6 +947,11 @@ class IkeService:
         did not commit, the IKE SAs it quietened start their exchanges again."""
         if rec.role == "target":
             self._prune_reserved(self.node.clock())  # (a reservation of that transfer)
+        if rec.role == "source" and self._serials_announced:
+            ended = set(rec.spis)
+            for ike in self.engine.ike_sas():
+                if any(c.spi_in in ended for c in ike.children):
+                    self._serials_announced.discard((ike.spi_i, ike.spi_r))
         if rec.role == "target" and rec.outcome == "committed":
             self._early_since = self.node.clock()
             self._early_until = self._early_since + EARLY_IKE_TIME
@@ -989,8 +998,13 @@ class IkeService:
             children = [c for c in ike.children if c.spi_out in going]
             if children:  # one UNIT CDB, or several when its policy items need them
                 spis = [c.spi_out for c in children]
-                out += [unit_cdb(UNIT_IKEV2, spis, p)
-                        for p in ike_context.unit_payloads(ike, children, now)]  # fmt: skip
+                payloads = ike_context.unit_payloads(ike, children, now)
+                out += [unit_cdb(UNIT_IKEV2, spis, p) for p in payloads]
+                key = (ike.spi_i, ike.spi_r)
+                if ike_context.announces_serials(ike, now, payloads):
+                    self._serials_announced.add(key)
+                else:
+                    self._serials_announced.discard(key)
         return out
 
     def _following(self, tunnels: list[Any]) -> list[IkeSA]:
@@ -1016,14 +1030,23 @@ class IkeService:
         after the COMMIT cannot fail for the same reason and split the unit (CHILD SAs at
         the target, their IKE SA here). None if so, else why not (the transfer is refused
         or rolled back; logged ``ike-sa-cannot-move``). An exchange of ours in flight is
-        no reason: the export waits for it."""
+        no reason: the export waits for it. Nor may the context carry less than the
+        transfer's UNIT announced: one that no longer has room for the peer's chain serials
+        the UNIT carried (item 15; it grew since) would be refused after the COMMIT by a
+        target under remote.revocation = strict, which admitted the UNIT."""
         now = self.node.clock()
         for ike in self._following(tunnels):
+            err = None
             try:
                 ike_context.encode(ike, now)
+                if ((ike.spi_i, ike.spi_r) in self._serials_announced
+                        and not ike_context.carries_serials(ike, now)):  # fmt: skip
+                    err = ("its context no longer has room for the peer's chain serials"
+                           " its UNIT announced")  # fmt: skip
             except Exception as exc:  # anything: after the COMMIT it would split the unit
                 # (an unexpected exception's text is not logged: it may quote a value)
                 err = str(exc) if isinstance(exc, IkeContextError) else type(exc).__name__
+            if err is not None:
                 self.engine.stats["ike-sa-cannot-move"] += 1
                 event(log, "ike-sa-cannot-move", logging.WARNING, node=self.node.name,
                       conn=ike.conn.name, peer=ike.remote, spi_i=ike.spi_i.hex(),

@@ -263,6 +263,21 @@ def carries_serials(ike: IkeSA, now: float) -> bool:
     return _serials_fit(ike, _main_items(ike, now))
 
 
+def announces_serials(ike: IkeSA, now: float, payloads: list[bytes]) -> bool:
+    """Do ``payloads``, what :func:`unit_payloads` gave for ``ike`` at ``now``, carry its
+    peer's chain serials (item 15)? (The source checks before its COMMIT that the context
+    still does: :func:`carries_serials`.)"""
+    if not (ike.peer_ca and ike.peer_serials) or not _serials_kept(ike, now):
+        return False
+    if len(payloads) == 1:
+        return True
+    for p in payloads:  # in pieces: one of them, if its identity fit (item 11)
+        d = _parse(_frame(0, p))[1]
+        if 15 in (_parse(_frame(0, _one(d, 11)))[1] if 11 in d else d):
+            return True
+    return False
+
+
 def _serials_kept(ike: IkeSA, now: float) -> bool:
     try:
         return carries_serials(ike, now)
