@@ -1102,7 +1102,7 @@ def test_a_unit_check_is_given_its_transfer_and_the_core_says_where_that_transfe
             unit_cdb(UNIT_IKEV2, [t.outbound.spi for t in tunnels], b"ike")]
         core2 = tw.gw["sg2"].core
         seen: list[tuple[str, bytes, int]] = []
-        core2.unit_checks[UNIT_IKEV2] = lambda peer, p, tid, refuse=refuse, seen=seen: (  # type: ignore[misc]
+        core2.unit_checks[UNIT_IKEV2] = lambda peer, p, tid, spis, refuse=refuse, seen=seen: (  # type: ignore[misc]
             seen.append((peer, p, tid)) or ("no" if refuse else None))
         tid = tw.transfer()
         assert core2.incoming_state("sg1", tid) == "ended"  # (nothing came yet)

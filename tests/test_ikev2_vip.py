@@ -789,6 +789,7 @@ def test_a_transfers_virtual_ip_is_reserved_from_its_acceptance_until_its_ike_sa
     connect(w)
     (ike,) = w.resp.ike_sas()
     (payload,) = context.unit_payloads(ike, ike.children)
+    spis = [c.spi_out for c in ike.children]  # (the transfer's tunnels it names)
     a = ip("10.3.0.1")
     svc = _service(tmp_path)
     pool = svc.engine.pools["p4"]
@@ -799,10 +800,10 @@ def test_a_transfers_virtual_ip_is_reserved_from_its_acceptance_until_its_ike_sa
 
     def accepted(tid: int) -> None:
         states[("sg1", tid)] = "open"
-        assert svc.check_unit("sg1", payload, tid) is None
+        assert svc.check_unit("sg1", payload, tid, spis) is None
         assert pool.reserved == {a: (ike.peer_id, f"sg1/{tid:016x}")}
         assert pool.acquire("newcomer", a) not in (a, None)  # not the reserved address
-        why = svc.check_unit("sg3", payload, tid + 100)
+        why = svc.check_unit("sg3", payload, tid + 100, spis)
         assert why is not None and "reserved here for another transfer" in why
 
     def ended(tid: int, outcome: str) -> None:
@@ -834,6 +835,166 @@ def test_a_transfers_virtual_ip_is_reserved_from_its_acceptance_until_its_ike_sa
     (taken,) = svc.engine.ike_sas()
     assert taken.vips == [("p4", a)] and pool.online[a] == ike.peer_id
     assert pool.reserved == {} and svc.engine.stats["vip-unreserved"] == 4
+
+
+def _target_core(tmp_path: Path) -> tuple[object, IkeService]:
+    """A transfer World whose sg1 (the target: accept_local 10.2.0.0/24) checks UNITs with a
+    gateway IKE service that has the pools p4 and p6, as the gateway wires them."""
+    from ipsecct.ct.transfer import UNIT_IKEV2
+    from tests.test_transfer_policy import victim_world
+
+    tw = victim_world()
+    core = tw.gw["sg1"].core
+    svc = _service(tmp_path)
+    svc.node.clock = lambda: tw.now
+    core.unit_checks[UNIT_IKEV2] = svc.check_unit
+    core.unit_kept[UNIT_IKEV2] = svc.unit_kept
+    svc.incoming_state = core.incoming_state
+    return tw, svc
+
+
+def test_a_unit_refused_after_its_check_gives_its_virtual_ips_back_at_once(
+    tmp_path: Path,
+) -> None:
+    """The UNIT check reserves the moving IKE SA's addresses before the transfer's tunnels
+    are installed. When the unit's tunnels are then refused after all (selectors outside
+    accept_local_ts; all or none: a sibling of such a tunnel), the addresses are given back
+    at once (``vip-unreserved``), not when the transfer ends: before, a peer whose other
+    tunnels kept its transfer open held them until then (+10 s after its COMMIT), tens of
+    thousands of addresses a transfer. A unit whose tunnels are taken keeps them."""
+    from ipsecct.ct.transfer import UNIT_IKEV2, unit_cdb
+    from tests.helpers.transfer import sel
+    from tests.helpers.transfer_policy import rogue_cdbs
+    from tests.test_transfer_policy import ctdr_ok, send_pctd
+
+    w = vip_pair()
+    connect(w)
+    (ike,) = w.resp.ike_sas()
+    (payload,) = context.unit_payloads(ike, ike.children)
+    a = ip("10.3.0.1")
+    good = rogue_cdbs(sel("10.2.0.0/24", "10.1.0.66/32"))  # 0x6660001: inside accept_*
+    bad = rogue_cdbs(sel("10.9.0.0/24", "10.1.0.67/32"), spi_out=0x6660003, spi_in=0x6660004)
+    other = rogue_cdbs(sel("10.2.0.0/24", "10.1.0.68/32"), spi_out=0x6660005, spi_in=0x6660006)
+    for names, kept in (([0x6660003], False), ([0x6660001, 0x6660003], False),
+                        ([0x6660001], True)):  # fmt: skip
+        tw, svc = _target_core(tmp_path)
+        core = tw.gw["sg1"].core  # type: ignore[attr-defined]
+        pool = svc.engine.pools["p4"]
+        send_pctd(tw, good + bad + other + [unit_cdb(UNIT_IKEV2, names, payload)])  # type: ignore[arg-type]
+        assert not ctdr_ok(tw)  # type: ignore[arg-type]
+        assert core.incoming_state("sg2", 0x5EED) == "open"  # (other waits for its COMMIT)
+        assert svc.engine.stats["vip-reserved"] == 1
+        if kept:
+            assert pool.reserved == {a: (ike.peer_id, "sg2/0000000000005eed")}
+            assert svc.engine.stats["vip-unreserved"] == 0
+            continue
+        assert pool.reserved == {} and svc.engine.stats["vip-unreserved"] == 1, names
+        assert svc._reserved == {} and svc._reserved_of == {}  # (nothing held for the peer)
+        installed = {sa.spi for sa in core.engine.sad}
+        assert (0x6660001 in installed) is (0x6660001 not in names)  # (all or none)
+        assert pool.acquire("newcomer", a) == a
+
+
+def test_a_peers_reserved_virtual_ips_are_bounded_by_the_tunnels_its_units_name(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An IKE SA holds at most one virtual IP per family and a unit names at least one
+    tunnel of its transfer: a peer holds at most RESERVED_PER_TUNNEL reserved addresses per
+    tunnel its admitted units name. Beyond that a unit is refused with the reason (logged
+    ``ike-sa-refused``), counted ``vip-reserve-refused``. Before, units naming one tunnel
+    with a different address each reserved a whole pool; now the unit over the bound
+    refuses the tunnel, and so (all or none) every unit on it gives its addresses back."""
+    import copy
+
+    from ipsecct.ct.transfer import UNIT_IKEV2, unit_cdb
+    from ipsecct.gateway.ike import RESERVED_PER_TUNNEL
+    from tests.helpers.transfer import sel
+    from tests.helpers.transfer_policy import rogue_cdbs
+    from tests.test_transfer_policy import ctdr_ok, send_pctd
+
+    assert RESERVED_PER_TUNNEL == 2
+    w = vip_pair()
+    connect(w)
+    (ike,) = w.resp.ike_sas()
+
+    def holding(*addrs: str) -> bytes:
+        other = copy.copy(ike)
+        other.vips = [("p4" if ":" not in x else "p6", ip(x)) for x in addrs]
+        (payload,) = context.unit_payloads(other, other.children)
+        return payload
+
+    svc = _service(tmp_path)
+    svc.incoming_state = lambda peer, tid: "open"
+    assert svc.check_unit("sg1", holding("10.3.0.1", "fd00::1"), 7, [0x11]) is None  # 2 <= 2
+    with caplog.at_level("WARNING"):
+        why = svc.check_unit("sg1", holding("10.3.0.2"), 7, [0x11])
+    assert why == ("sg1 would hold 3 reserved virtual IPs here, over 2 (2 per tunnel its"
+                   " transfers' units name)")  # fmt: skip
+    assert svc.engine.stats["vip-reserve-refused"] == 1
+    assert any("ike-sa-refused" in r.getMessage() and "over 2" in r.getMessage()
+               for r in caplog.records)  # fmt: skip
+    assert svc.check_unit("sg1", holding("10.3.0.2"), 8, [0x12]) is None  # another tunnel
+    assert svc.check_unit("sg3", holding("10.3.0.3"), 7, [0x11]) is None  # another peer
+    assert len(svc.engine.pools["p4"].reserved) == 3
+    # through the transfer core: fifty units on one tunnel, an address each
+    tw, svc = _target_core(tmp_path)
+    tunnel = rogue_cdbs(sel("10.2.0.0/24", "10.1.0.66/32"))
+    units = [unit_cdb(UNIT_IKEV2, [0x6660001], holding(f"10.3.0.{i}")) for i in range(1, 51)]
+    send_pctd(tw, tunnel + units)  # type: ignore[arg-type]
+    assert not ctdr_ok(tw)  # type: ignore[arg-type]
+    assert svc.engine.stats["vip-reserve-refused"] == 48
+    assert svc.engine.pools["p4"].reserved == {}
+    assert svc.engine.stats["vip-reserved"] == svc.engine.stats["vip-unreserved"] == 2
+    assert svc._reserved == {} and svc._reserved_of == {}
+
+
+def test_a_committed_transfers_virtual_ip_stays_reserved_while_its_tunnels_are_here(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A COMMIT whose IKE SA never comes (the source lost it, no room, a crash): the moved
+    CHILD SAs are active here all the same, carrying the address's traffic. The address
+    stays reserved as long as a tunnel the transfer's unit named is here (looked at every
+    RESERVE_RECHECK after RESERVE_AFTER_COMMIT), so no new client gets it meanwhile (before:
+    given back after 10 s, two clients on one address); it is given back once they are
+    gone."""
+    from ipsecct.ct.transfer import Record
+    from ipsecct.gateway.ike import RESERVE_AFTER_COMMIT, RESERVE_RECHECK
+    from tests.helpers.ikev2_engines import I500, R500
+
+    w = vip_pair()
+    connect(w)
+    (ike,) = w.resp.ike_sas()
+    (payload,) = context.unit_payloads(ike, ike.children)
+    a = ip("10.3.0.1")
+    svc = _service(tmp_path)
+    pool = svc.engine.pools["p4"]
+    state = ["open"]
+    svc.incoming_state = lambda peer, tid: state[0]
+    now = [100.0]
+    svc.node.clock = lambda: now[0]
+    assert svc.check_unit("sg1", payload, 9, [c.spi_out for c in ike.children]) is None
+    tunnels = []
+    for c in ike.children:  # (installed by the transfer, active since its COMMIT)
+        entry, out, inn = c.sas(R500, I500, False, "moved")
+        t = svc.node.engine.add_tunnel(entry, out, inn)
+        t.came_from = "sg1"
+        tunnels.append(t)
+    state[0] = "committed"
+    svc.on_transfer(Record(9, "target", "sg1", "predictive", 0.0, now[0], "committed"))
+    for _ in range(3):
+        now[0] += RESERVE_AFTER_COMMIT + RESERVE_RECHECK
+        svc._on_timer(now[0])
+        assert a in pool.reserved and pool.acquire("newcomer", a) != a
+    for t in tunnels:  # (their SAs expired, or deleted)
+        svc.node.engine.remove_tunnel(t)
+    now[0] += RESERVE_RECHECK
+    with caplog.at_level("INFO", logger="ipsecct.gateway.ike"):
+        svc._on_timer(now[0])
+    assert pool.reserved == {} and svc.engine.stats["vip-unreserved"] == 1
+    assert any("ike-vip-unreserved" in r.getMessage() and "did not come" in r.getMessage()
+               for r in caplog.records)  # fmt: skip
+    assert pool.acquire("newcomer", a) == a
+    assert svc._reserved == {} and svc._reserved_of == {}
 
 
 # -- ipsecct node asking a strongSwan gateway for a virtual IP (root) ---------------------------

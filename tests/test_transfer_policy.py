@@ -571,7 +571,7 @@ def test_a_unit_the_target_cannot_take_is_refused_whole_before_the_commit() -> N
     child_b = rogue_cdbs(sel("10.2.0.0/24", "10.1.0.67/32"), spi_out=0x6660003, spi_in=0x6660004)
     other = rogue_cdbs(sel("10.2.0.0/24", "10.1.0.68/32"), spi_out=0x6660005, spi_in=0x6660006)
     unit = unit_cdb(UNIT_IKEV2, [0x6660001, 0x6660003], b"conn")
-    for check in (None, lambda peer, payload, tid: "no connection 'conn' here"):
+    for check in (None, lambda peer, payload, tid, spis: "no connection 'conn' here"):
         w = victim_world()
         core = w.gw["sg1"].core
         if check is not None:
@@ -587,7 +587,8 @@ def test_a_unit_the_target_cannot_take_is_refused_whole_before_the_commit() -> N
     # a check that accepts: all three are taken
     w = victim_world()
     seen: list[tuple[str, bytes]] = []
-    w.gw["sg1"].core.unit_checks[UNIT_IKEV2] = lambda peer, p, tid: seen.append((peer, p)) or None  # type: ignore[func-returns-value]
+    core = w.gw["sg1"].core
+    core.unit_checks[UNIT_IKEV2] = lambda peer, p, tid, spis: seen.append((peer, p)) or None  # type: ignore[func-returns-value]
     send_pctd(w, child_a + child_b + other + [unit])
     assert ctdr_ok(w) and seen == [("sg2", b"conn")]
     assert len(w.gw["sg1"].engine.sad) == 8
@@ -607,7 +608,7 @@ def test_a_unit_that_names_no_tunnel_of_its_transfer_is_not_checked() -> None:
     w = victim_world()
     core = w.gw["sg1"].core
     seen: list[bytes] = []
-    core.unit_checks[UNIT_IKEV2] = lambda peer, p, tid: seen.append(p) or None  # type: ignore[func-returns-value]
+    core.unit_checks[UNIT_IKEV2] = lambda peer, p, tid, spis: seen.append(p) or None  # type: ignore[func-returns-value]
     send_pctd(w, child + units + [unit_cdb(UNIT_IKEV2, [0x6660001], b"real")])
     assert ctdr_ok(w) and seen == [b"real"]
     assert core.counters["unit_refused"] == 50
@@ -627,7 +628,7 @@ def test_a_unit_in_pieces_is_refused_whole_when_one_piece_is() -> None:
         w = victim_world()
         core = w.gw["sg1"].core
         seen: list[bytes] = []
-        core.unit_checks[UNIT_IKEV2] = lambda peer, p, tid, bad=bad, seen=seen: (  # type: ignore[misc]
+        core.unit_checks[UNIT_IKEV2] = lambda peer, p, tid, spis, bad=bad, seen=seen: (  # type: ignore[misc]
             seen.append(p) or ("outside local_ts" if p == bad else None)
         )
         send_pctd(w, child_a + child_b + units)
@@ -650,7 +651,7 @@ def test_a_unit_is_installed_all_or_none() -> None:
 
     w = victim_world()
     core = w.gw["sg1"].core
-    core.unit_checks[UNIT_IKEV2] = lambda peer, payload, tid: None
+    core.unit_checks[UNIT_IKEV2] = lambda peer, payload, tid, spis: None
     fine = rogue_cdbs(sel("10.2.0.0/24", "10.1.0.66/32"))
     bad = rogue_cdbs(sel("10.2.0.0/24", f"{MN_INNER}/32"), spi_out=0x6660003, spi_in=0x6660004)
     send_pctd(w, fine + bad + [unit_cdb(UNIT_IKEV2, [0x6660001, 0x6660003], b"")])

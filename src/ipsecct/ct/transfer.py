@@ -918,10 +918,16 @@ class TransferCore:
         # whose CHILD SAs go), sent after their contexts. Target: per UNIT kind, why this
         # gateway cannot take such a unit from a peer (None: it can); a kind without a check
         # here is refused. A unit's tunnels are installed all or none. The check is given
-        # (peer, payload, transfer id): what it admits it may hold for the transfer until
-        # incoming_state says it ended (the IKE adapter reserves the IKE SA's virtual IPs).
+        # (peer, payload, transfer id, the unit's SPIs that are tunnels of the transfer):
+        # what it admits it may hold for the transfer until incoming_state says it ended
+        # (the IKE adapter reserves the IKE SA's virtual IPs), or until ``unit_kept`` of
+        # its kind, told (peer, transfer id, [(SPIs, payload)] of the admitted units whose
+        # tunnels were all installed) once the transfer's tunnels are decided, leaves it
+        # out: a unit refused after its check (selectors, SPI clash, all or none) holds
+        # nothing from then on.
         self.unit_cdbs: Callable[[list[Tunnel]], list[bytes]] | None = None
-        self.unit_checks: dict[int, Callable[[str, bytes, int], str | None]] = {}
+        self.unit_checks: dict[int, Callable[[str, bytes, int, list[int]], str | None]] = {}
+        self.unit_kept: dict[int, Callable[[str, int, list[tuple[list[int], bytes]]], None]] = {}
         # Source: asked with a transfer's tunnels at its start and again just before its
         # COMMIT goes out (the IKE adapter: can each IKE SA that follows them be exported?
         # after the COMMIT it must not fail). A reason refuses the start (TransferError) or
@@ -2500,7 +2506,7 @@ class TransferCore:
             else (RangeSet(s.accept_local or ()), RangeSet(s.accept_remote or ()))
         )
         accepted: _Accept = (accept, {})
-        unit_refused = self._check_units(
+        unit_refused, admitted = self._check_units(
             inc.peer, inc.tid, units, {out_sa.spi for out_sa, _ in pairs}
         )
         batch = _Batch()
@@ -2542,6 +2548,8 @@ class TransferCore:
                 outcomes = [
                     (o, i, cxtp.Status.INTERNAL_ERROR, None, old) for o, i, _, _, old in outcomes
                 ]
+        if admitted:
+            self._units_kept(inc, admitted, outcomes)
         ok = all(o[2] == cxtp.Status.SUCCESS for o in outcomes)
         for out_sa, in_sa, status, new_spi, old_in in outcomes:
             statuses.append(status)
@@ -2598,23 +2606,53 @@ class TransferCore:
 
     def _check_units(
         self, peer: str, tid: int, units: list[tuple[int, list[int], bytes]], present: set[int]
-    ) -> set[int]:
+    ) -> tuple[set[int], list[tuple[int, list[int], bytes]]]:
         """The outbound SPIs of the units this gateway cannot take (no check for their kind,
-        or the check says why not: an IKE SA of a connection it does not have). A unit that
-        names none of the transfer's tunnels (``present``) is refused unchecked: a source
-        names the CHILD SAs that go, and the IKE check reserves the virtual IPs of a unit
-        until the transfer ends (a peer's made-up units held a pool from new clients)."""
+        or the check says why not: an IKE SA of a connection it does not have), and the
+        units admitted (kind, their SPIs among ``present``, payload). A unit that names none
+        of the transfer's tunnels (``present``) is refused unchecked: a source names the
+        CHILD SAs that go, and the IKE check reserves the virtual IPs of a unit until the
+        transfer ends (a peer's made-up units held a pool from new clients)."""
         refused: set[int] = set()
+        admitted: list[tuple[int, list[int], bytes]] = []
         for kind, spis, payload in units:
-            if present.isdisjoint(spis):
+            mine = [spi for spi in spis if spi in present]
+            if not mine:
                 self.counters["unit_refused"] += 1
                 continue
             check = self.unit_checks.get(kind)
-            why = f"no unit of kind {kind} here" if check is None else check(peer, payload, tid)
+            why = (
+                f"no unit of kind {kind} here"
+                if check is None
+                else check(peer, payload, tid, mine)
+            )
             if why is not None:
                 self.counters["unit_refused"] += 1
                 refused.update(spis)
-        return refused
+            else:
+                admitted.append((kind, mine, payload))
+        return refused, admitted
+
+    def _units_kept(
+        self,
+        inc: _Incoming,
+        admitted: list[tuple[int, list[int], bytes]],
+        outcomes: list[_Outcome],
+    ) -> None:
+        """Tell each kind's ``unit_kept`` which of its admitted units kept all their tunnels
+        (the others were refused after their check: what the check holds for them, the IKE
+        adapter's reserved virtual IPs, is given back now rather than at the transfer's
+        end)."""
+        status = {o[0].spi: o[2] for o in outcomes}
+        kept: dict[int, list[tuple[list[int], bytes]]] = {}
+        for kind, spis, payload in admitted:
+            units = kept.setdefault(kind, [])
+            if all(cxtp.is_success(status.get(spi, cxtp.Status.UNAUTHORISED)) for spi in spis):
+                units.append((spis, payload))
+        for kind, units in kept.items():
+            hook = self.unit_kept.get(kind)
+            if hook is not None:
+                hook(inc.peer, inc.tid, units)
 
     def _all_or_none(
         self,

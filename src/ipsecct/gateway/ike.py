@@ -17,6 +17,7 @@ import logging
 import socket
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 from ..ct.failover import MAX_EXTRA_CDBS
@@ -42,6 +43,7 @@ from ..ikev2.engine import (
 from ..ikev2.ikesa import Address, ChildSA, IkeSA, IkeState
 from ..ikev2.message import TrafficSelector
 from ..ikev2.restart import Restarts
+from ..ipsec.engine import TunnelState
 from ..ipsec.ippacket import IPAddress as IPAddr
 from ..ipsec.sad import SAEvent, UdpEncap
 from .log import event
@@ -61,6 +63,13 @@ EARLY_IKE_TIME = 1.0
 # context to come (it follows the COMMIT on the same channel; the source's export may wait
 # up to 5 s for an exchange of its own to finish)
 RESERVE_AFTER_COMMIT = 10.0
+# ... and after that, while a tunnel of its units is still installed here (the moved CHILD
+# SAs carry traffic of those addresses without their IKE SA), looked at this often (s)
+RESERVE_RECHECK = 5.0
+# A peer may hold at most this many reserved virtual IPs here per tunnel of its transfers
+# that its admitted units name: an IKE SA holds at most one per family, and a unit names
+# at least one of its transfer's tunnels
+RESERVED_PER_TUNNEL = 2
 EARLY_IKE_MAX = 64
 BORN_WITH_MAX = 65536  # CHILD SAs whose siblings at birth are remembered
 # a transfer waits at most this long (s) for an IKE exchange of ours in flight on its IKE SA,
@@ -96,6 +105,18 @@ def _label(ike: IkeSA, child: ChildSA) -> str:
     """A CHILD SA's name in the SA table and the logs: CONNECTION/CHILD#UNIQUE-ID, the id
     ``sa list`` shows beside it (``swanctl --list-sas``'s ``net: #4``)."""
     return f"{ike.conn.name}/{child.name}#{child.uid}"
+
+
+@dataclass
+class _Reserved:
+    """The virtual IPs reserved here for the IKE SAs of one transfer towards us."""
+
+    held: dict[tuple[str, IPAddr], None] = field(default_factory=dict)  # (pool, address)
+    spis: set[int] = field(default_factory=set)  # the tunnels its admitted units name
+    until: float | None = None  # committed: looked at again then
+    # what each admitted unit reserved ((payload, SPIs) -> addresses), until unit_kept
+    units: dict[tuple[bytes, tuple[int, ...]], list[tuple[str, IPAddr]]] = field(
+        default_factory=dict)  # fmt: skip
 
 
 def _ts_take(ts: list[TrafficSelector], addr: IPAddr, proto: int, port: int) -> bool:
@@ -148,9 +169,10 @@ class IkeService:
         # set by the service: where a peer's transfer towards us is ("open", "committed",
         # "ended": ct.transfer.TransferCore.incoming_state)
         self.incoming_state: Callable[[str, int], str] = lambda peer, tid: "ended"
-        # virtual IPs reserved for the IKE SA of a transfer towards us (check_unit), by
-        # (peer, transfer id): [(pool, address)] and, once it committed, until when
-        self._reserved: dict[tuple[str, int], tuple[list[tuple[str, IPAddr]], float | None]] = {}
+        # virtual IPs reserved for the IKE SAs of a transfer towards us (check_unit), by
+        # (peer, transfer id); and per peer, how many it holds and over how many tunnels
+        self._reserved: dict[tuple[str, int], _Reserved] = {}
+        self._reserved_of: dict[str, tuple[int, int]] = {}
         # IKE SAs (spi_i, spi_r) whose UNIT, sent by a transfer still running (source),
         # announced the peer's chain serials (item 15): its COMMIT waits on the context
         # still carrying them (commit_check)
@@ -1057,11 +1079,15 @@ class IkeService:
                         f" of {ike.conn.name!r} cannot be exported ({err})")  # fmt: skip
         return None
 
-    def check_unit(self, peer: str, payload: bytes, tid: int | None = None) -> str | None:
+    def check_unit(self, peer: str, payload: bytes, tid: int | None = None,
+                   spis: Sequence[int] = ()) -> str | None:  # fmt: skip
         """Can this gateway take the IKE SA a peer's transfer announces (target)? None if so,
-        else why not (logged). Admitted in transfer ``tid``: its virtual IPs are reserved
-        here until the transfer ends without it, or its context comes after the COMMIT
-        (for at most RESERVE_AFTER_COMMIT), so that no new client leases them meanwhile."""
+        else why not (logged). Admitted in transfer ``tid`` (naming its tunnels ``spis``):
+        its virtual IPs are reserved here until the transfer ends without it, or refuses
+        the unit's tunnels after all (unit_kept), or its context comes after the COMMIT
+        (RESERVE_AFTER_COMMIT, or as long as one of those tunnels is still here), so that
+        no new client leases them meanwhile. A peer holds at most RESERVED_PER_TUNNEL
+        reserved addresses per tunnel its units name."""
         self._prune_reserved(self.node.clock())
         why = ike_context.unit_refusal(payload, self.engine.connections)
         owner = None if tid is None else f"{peer}/{tid:016x}"
@@ -1077,7 +1103,7 @@ class IkeService:
                 if why is None and peer_id is not None:  # unique, the per-identity bound
                     why = self.engine.arrival_refusal(conn, peer_id)
                 if why is None and owner is not None and tid is not None and vips:
-                    self._reserve(peer, tid, owner, vips, peer_id)
+                    why = self._reserve(peer, tid, owner, vips, peer_id, payload, spis)
         if why is not None:
             if why.startswith(ike_context.UNCHECKED_REVOCATION):
                 self.engine.stats["revocation-unchecked-refused"] += 1
@@ -1085,43 +1111,114 @@ class IkeService:
                   error=why, when="before the transfer")  # fmt: skip
         return why
 
+    def _tally(self, peer: str, addrs: int, tunnels: int) -> None:
+        a, t = self._reserved_of.get(peer, (0, 0))
+        a, t = a + addrs, t + tunnels
+        if a or t:
+            self._reserved_of[peer] = (a, t)
+        else:
+            self._reserved_of.pop(peer, None)
+
     def _reserve(self, peer: str, tid: int, owner: str, vips: list[tuple[str, IPAddr]],
-                 peer_id: str | None) -> None:  # fmt: skip
-        held, until = self._reserved.get((peer, tid), ([], None))
+                 peer_id: str | None, payload: bytes, spis: Sequence[int]
+                 ) -> str | None:  # fmt: skip
+        """Reserve ``vips`` for transfer ``tid`` of ``peer``; why not (the peer's bound)."""
+        r = self._reserved.get((peer, tid)) or _Reserved()
+        new = [v for v in dict.fromkeys(vips) if v not in r.held]
+        more = {s for s in spis if s not in r.spis}
+        have, tunnels = self._reserved_of.get(peer, (0, 0))
+        bound = RESERVED_PER_TUNNEL * (tunnels + len(more))
+        if have + len(new) > bound:
+            self.engine.stats["vip-reserve-refused"] += 1
+            return (f"{peer} would hold {have + len(new)} reserved virtual IPs here, over"
+                    f" {bound} ({RESERVED_PER_TUNNEL} per tunnel its transfers' units name)")
         for name, a in vips:
             self.engine.pools[name].reserve(a, peer_id, owner)  # (vip_refusal: it exists)
-            if (name, a) not in held:
-                held.append((name, a))
-                self.engine.stats["vip-reserved"] += 1
-                event(log, "ike-vip-reserved", node=self.node.name, peer=peer,
-                      id=f"{tid:016x}", pool=name, vip=a)  # fmt: skip
-        self._reserved[(peer, tid)] = (held, until)
+        for name, a in new:
+            r.held[(name, a)] = None
+            self.engine.stats["vip-reserved"] += 1
+            event(log, "ike-vip-reserved", node=self.node.name, peer=peer,
+                  id=f"{tid:016x}", pool=name, vip=a)  # fmt: skip
+        r.spis |= more
+        r.units.setdefault((payload, tuple(spis)), []).extend(vips)
+        self._reserved[(peer, tid)] = r
+        self._tally(peer, len(new), len(more))
         self.node.timers.poke()
+        return None
+
+    def unit_kept(self, peer: str, tid: int, kept: list[tuple[list[int], bytes]]) -> None:
+        """The transfer core decided transfer ``tid``'s tunnels: of the units check_unit
+        admitted, only ``kept`` (SPIs, payload) keep all theirs. The addresses that only
+        the others reserved are given back now (a refused unit holds nothing)."""
+        r = self._reserved.get((peer, tid))
+        if r is None:
+            return
+        keep: dict[tuple[str, IPAddr], None] = {}
+        spis: set[int] = set()
+        for unit_spis, payload in kept:
+            for v in r.units.get((payload, tuple(unit_spis)), ()):
+                keep[v] = None
+            spis.update(unit_spis)
+        r.units.clear()
+        gone = [v for v in r.held if v not in keep]
+        self._tally(peer, 0, len(spis & r.spis) - len(r.spis))
+        r.spis &= spis
+        self._release(peer, tid, r, gone, "its unit was refused after its check")
+        if not r.held:
+            self._tally(peer, 0, -len(r.spis))
+            del self._reserved[(peer, tid)]
+
+    def _release(self, peer: str, tid: int, r: _Reserved, vips: list[tuple[str, IPAddr]],
+                 reason: str) -> None:  # fmt: skip
+        owner = f"{peer}/{tid:016x}"
+        for name, a in vips:
+            del r.held[(name, a)]
+            pool = self.engine.pools.get(name)
+            if pool is not None and pool.reserved.get(a, ("", ""))[1] == owner:
+                pool.unreserve(a, owner)
+                self.engine.stats["vip-unreserved"] += 1
+                event(log, "ike-vip-unreserved", node=self.node.name, peer=peer,
+                      id=f"{tid:016x}", pool=name, vip=a, reason=reason)  # fmt: skip
+        self._tally(peer, -len(vips), 0)
+
+    def _unit_alive(self, peer: str, r: _Reserved) -> bool:
+        """Is a tunnel the reservation's units name still here, as ``peer`` handed it over?"""
+        eng = self.node.engine
+        for spi in r.spis:
+            for sa in eng.find_sa(spi):
+                t = eng.tunnel_of(sa)
+                if (t is not None and t.outbound is sa and t.came_from == peer
+                        and t.state is not TunnelState.MOVED and eng.has_tunnel(t)):  # fmt: skip
+                    return True
+        return False
 
     def _prune_reserved(self, now: float) -> None:
         """Reservations of transfers that ended without their IKE SA are given back: the
         transfer was refused, cancelled or failed, or it committed and the IKE SA's context
-        did not come within RESERVE_AFTER_COMMIT (its import takes the addresses)."""
-        for key, (held, until) in list(self._reserved.items()):
+        did not come within RESERVE_AFTER_COMMIT and none of the tunnels its units name is
+        still here (its import takes the addresses)."""
+        for key, r in list(self._reserved.items()):
             state = self.incoming_state(*key)
             if state == "open":
                 continue
-            if state == "committed" and until is None:
-                until = now + RESERVE_AFTER_COMMIT
-                self._reserved[key] = (held, until)
-            if until is not None and now < until:
-                continue
-            del self._reserved[key]
             owner = f"{key[0]}/{key[1]:016x}"
-            for name, a in held:
-                pool = self.engine.pools.get(name)
-                if pool is not None and pool.reserved.get(a, ("", ""))[1] == owner:
-                    pool.unreserve(a, owner)
-                    self.engine.stats["vip-unreserved"] += 1
-                    event(log, "ike-vip-unreserved", node=self.node.name, peer=key[0],
-                          id=f"{key[1]:016x}", pool=name, vip=a,
-                          reason="its transfer ended" if until is None
+            if not any(self.engine.pools[n].reserved.get(a, ("", ""))[1] == owner
+                       for n, a in r.held if n in self.engine.pools):  # fmt: skip
+                reason = "its IKE SA came"  # (its import took them: nothing to give back)
+            elif state == "committed" and r.until is None:
+                r.until = now + RESERVE_AFTER_COMMIT
+                continue
+            elif r.until is not None and now < r.until:
+                continue
+            elif r.until is not None and self._unit_alive(key[0], r):
+                r.until = now + RESERVE_RECHECK  # its CHILD SAs still use the addresses
+                continue
+            else:
+                reason = ("its transfer ended" if r.until is None
                           else "its IKE SA did not come after the COMMIT")  # fmt: skip
+            del self._reserved[key]
+            self._tally(key[0], 0, -len(r.spis))
+            self._release(key[0], key[1], r, list(r.held), reason)
 
     def _unquiet(self, ike: IkeSA) -> None:
         """The IKE SA stays here after all: its exchanges go on, and the peer's request kept
