@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from ipsecct.errors import ConfigError
+from ipsecct.errors import ConfigError, IkeContextError
 from ipsecct.gateway import config
 from ipsecct.ikev2 import message as M
 from ipsecct.ikev2.config import Connection, Identity, SharedKey, parse_connections, select_psk
@@ -189,17 +189,25 @@ def test_the_initiator_chooses_by_local_and_remote_id_and_checks_the_responders_
     assert len(w.sent) == 2  # IKE_SA_INIT and its answer: no IKE_AUTH
 
 
-def test_an_ike_sa_moved_to_a_gateway_without_a_key_for_the_initiator_pair_works_there() -> None:
+def test_an_ike_sa_moved_to_a_gateway_works_there_whatever_key_its_secret_holds() -> None:
     """After IKE_AUTH the pre-shared key is not used (no re-authentication): an IKE SA made
-    with Alice's own key moves to a gateway whose connection has no load-time key at all
-    (secrets for other clients only) and goes on there: a liveness check each way and a
-    CHILD SA rekey."""
+    with Alice's own key moves to a gateway whose connection has no load-time key and whose
+    secret for Alice holds another key, and goes on there: a liveness check each way and a
+    CHILD SA rekey. A gateway with no secret for Alice (nor one naming its local.id)
+    refuses it, as it would refuse her IKE_AUTH."""
     sg1 = _gateway([SharedKey("ike-a", ("a.test",), KEY_A)])
     w = _client(sg1, "a.test", KEY_A)
     (old,) = sg1.ike_sas()
-    sg2 = _gateway([SharedKey("ike-z", ("z.test",), b"zed's key")])
+    cdbs = sg1.export_ike(old, 1.0)
+    refusing = _gateway([SharedKey("ike-z", ("z.test",), b"zed's key")])
+    with pytest.raises(IkeContextError, match=r"^no \[secrets.ike-\*\] here names peer "
+                       r"identity 'a.test' or local.id of 'rw'$"):  # fmt: skip
+        refusing.import_ike(cdbs, 1.0)
+    assert _gateway([SharedKey("ike-gw", ("gw.test",), b"x")]).import_ike(cdbs, 1.0)
+    sg2 = _gateway([SharedKey("ike-z", ("z.test",), b"zed's key"),
+                    SharedKey("ike-a", ("a.test",), b"not the key Alice used")])  # fmt: skip
     assert sg2.connections[0].psk == b""
-    new = sg2.import_ike(sg1.export_ike(old, 1.0), 1.0)
+    new = sg2.import_ike(cdbs, 1.0)
     assert new.peer_id == "a.test"
     w2 = Wire(w.ini, sg2)
     (ii,) = w.ini.ike_sas()

@@ -32,7 +32,7 @@ from collections.abc import Callable
 
 from ..errors import IkeContextError
 from .auth import MAX_CERTS_SERIALS, MAX_NAMES, MAX_SERIAL_LEN, fingerprint, revoked_by
-from .config import ChildConfig, Connection, _dn_set
+from .config import ChildConfig, Connection, Identity, _dn_set, _is_address, select_psk
 from .ikesa import Address, ChildSA, IkeSA, IkeState
 from .keys import ChildKeys, IkeKeys
 from .message import DeletePayload, ProtocolId, TrafficSelector, TsType
@@ -587,6 +587,11 @@ def _refusal(
                     f"{conn.remote_auth}")  # fmt: skip
         if not _id_admitted(conn, peer_id, cert[0] if cert else None):
             return f"peer identity {peer_id!r} is not remote.id of {conn.name!r} here"
+        if conn.remote_auth == "psk" and not _psk_admitted(conn, peer_id):
+            # (the key itself is not needed after IKE_AUTH: an IKE_AUTH of this peer here
+            # would be refused, as a certificate of a CA not trusted here is)
+            return (f"no [secrets.ike-*] here names peer identity {peer_id!r} or local.id of "
+                    f"{conn.name!r}")  # fmt: skip
         if cert is not None and conn.remote_auth == "pubkey" and cert[1] not in {
                 fingerprint(ca) for ca in conn.cacerts}:  # fmt: skip
             return (f"peer's certificate is not from a CA in remote.cacerts of {conn.name!r}"
@@ -670,6 +675,19 @@ def _within(t: TrafficSelector, allowed: TrafficSelector) -> bool:
             and allowed.ip_protocol in (0, t.ip_protocol)
             and allowed.start_port <= t.start_port <= t.end_port <= allowed.end_port
             and int(allowed.start) <= int(t.start) <= int(t.end) <= int(allowed.end))  # fmt: skip
+
+
+def _psk_admitted(conn: Connection, peer_id: str) -> bool:
+    """Would an IKE_AUTH here find a pre-shared key for this peer identity (as the engine
+    chooses it, from the secrets naming it or local.id)? A connection without secrets (made
+    in code) has its one key; without local.id our address may be what a secret names."""
+    if not conn.shared_keys:
+        return True
+    lid = conn.local_id
+    me = None if lid is None or "=" in lid.text else lid.payload(False)
+    if select_psk(conn.shared_keys, me, Identity(peer_id).payload(True)) is not None:
+        return True
+    return lid is None and any(_is_address(i) for k in conn.shared_keys for i in k.ids)
 
 
 def _id_admitted(conn: Connection, peer_id: str, names: tuple[str, ...] | None) -> bool:
