@@ -66,6 +66,13 @@ def test_the_secret_naming_the_peer_best_wins_then_ours_then_the_first_written()
     assert select_psk([many], None, ident("c@example.test")) is many
     assert select_psk([many], None, ident("example.test")) is None
     assert "key of" not in repr(many) and "key of" not in repr([many])
+    # a wildcard (strongSwan's leading *) is between an exact id and anyone's
+    domain, users = k("dom", "*.example.test"), k("users", "*@example.test")
+    assert select_psk([anyone, users, many], gw, ident("c@example.test")) is many
+    assert select_psk([anyone, users], gw, ident("d@example.test")) is users
+    assert select_psk([anyone, users], gw, ident("d@other.test")) is anyone
+    assert select_psk([users, domain], gw, ident("vpn.example.test")) is domain
+    assert select_psk([users, domain], gw, ident("example.test")) is None
 
 
 def _write(d: Path, name: str, text: str) -> None:

@@ -133,33 +133,57 @@ def _dn_set(text: str) -> set[tuple[str, str]]:
     return {(k.strip().upper(), v.strip()) for k, _, v in (x.partition("=") for x in parts)}
 
 
-# how well a secret's ids name one side (strongSwan's id_match_t, without its wildcards)
-MATCH_NONE, MATCH_ANY, MATCH_PERFECT = 0, 1, 2
+# how well a secret's ids name one side (strongSwan's id_match_t, in its order)
+MATCH_NONE, MATCH_ANY, MATCH_WILDCARD, MATCH_PERFECT = 0, 1, 2, 3
 
 
 @dataclass(frozen=True)
 class SharedKey:
     """One ``[secrets.ike-NAME]``: the identities it belongs to (``id``, ``id-1``, ...; none,
-    or ``%any``: anyone) and its pre-shared key, never shown."""
+    or ``%any``: anyone; ``*@example.org``, ``*.example.org``: any e-mail address or name
+    ending so) and its pre-shared key, never shown."""
 
     name: str
     ids: tuple[str, ...]
     key: bytes = field(repr=False)
+    # the ids as compared at IKE_AUTH: (ID type, octets) named exactly; (ID type, ending)
+    # of the wildcards; whether the secret is anyone's
+    _exact: frozenset[tuple[int, bytes]] = field(init=False, repr=False, compare=False)
+    _ends: tuple[tuple[int, bytes], ...] = field(init=False, repr=False, compare=False)
+    _anyone: bool = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        exact: set[tuple[int, bytes]] = set()
+        ends: list[tuple[int, bytes]] = []
+        anyone = not self.ids
+        for text in self.ids:
+            ident = Identity(text)
+            if ident.any:
+                anyone = True
+            elif "=" in text:  # a DN: proven by a certificate, never by a pre-shared key
+                continue
+            else:
+                p = ident.payload(True)
+                if text.startswith("*") and len(text) > 1 and p.id_type in (
+                        IdType.FQDN, IdType.RFC822_ADDR):  # fmt: skip
+                    ends.append((p.id_type, p.data[1:]))
+                else:
+                    exact.add((p.id_type, p.data))
+        object.__setattr__(self, "_exact", frozenset(exact))
+        object.__setattr__(self, "_ends", tuple(ends))
+        object.__setattr__(self, "_anyone", anyone)
 
     def match(self, who: IDPayload | None) -> int:
         """How well this secret's ids name ``who`` (None: an identity not known, such as a
         ``remote.id = %any`` to initiate to): MATCH_PERFECT when one of them is it,
-        MATCH_ANY when none is but the secret is anyone's, else MATCH_NONE."""
-        best = MATCH_NONE if self.ids else MATCH_ANY
-        for text in self.ids:
-            ident = Identity(text)
-            if ident.any:
-                best = MATCH_ANY
-            elif who is not None and "=" not in text:  # (a DN is proven by a certificate)
-                mine = ident.payload(who.initiator)
-                if (mine.id_type, mine.data) == (who.id_type, who.data):
-                    return MATCH_PERFECT
-        return best
+        MATCH_WILDCARD when a wildcard takes it, MATCH_ANY when the secret is anyone's,
+        else MATCH_NONE."""
+        if who is not None:
+            if (who.id_type, who.data) in self._exact:
+                return MATCH_PERFECT
+            if any(t == who.id_type and who.data.endswith(e) for t, e in self._ends):
+                return MATCH_WILDCARD
+        return MATCH_ANY if self._anyone else MATCH_NONE
 
 
 def select_psk(keys: Sequence[SharedKey], me: IDPayload | None,
@@ -706,17 +730,12 @@ def _may_name(k: SharedKey, local_id: Identity | None, remote_id: Identity) -> b
     """Could secret ``k`` be chosen for an IKE SA of a connection with these identities:
     it is anyone's, or names local.id (or, without one, an address: ours, perhaps), or a
     peer that remote.id admits (any, with %any)?"""
-    if not k.ids or remote_id.any:
+    if remote_id.any or k.match(None) != MATCH_NONE:
         return True
-    for text in k.ids:
-        ident = Identity(text)
-        if ident.any or text == remote_id.text:
+    for ident in (remote_id, local_id):
+        if ident is not None and "=" not in ident.text and k.match(ident.payload(False)):
             return True
-        if local_id is not None and text == local_id.text:
-            return True
-        if local_id is None and _is_address(text):
-            return True
-    return False
+    return local_id is None and any(_is_address(i) for i in k.ids)
 
 
 def _is_address(text: str) -> bool:
