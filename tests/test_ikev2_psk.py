@@ -82,15 +82,16 @@ def _write(d: Path, name: str, text: str) -> None:
 
 
 def test_secrets_take_swanctls_id_suffixes_and_a_roadwarrior_loads_with_client_keys_only(
-    tmp_path: Path,
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """``id``, ``id-1``, ``id-2``, ``idfoo`` (swanctl's ``id<suffix>``; each a string or a
     list) all name the secret's owners; a ``remote.id = %any`` PSK connection loads with
     secrets that name its clients only (none names the gateway): the initiator's key is not
-    known, the responder's is chosen per client; the keys are in no repr."""
+    known, the responder's is chosen per client; the keys are in no repr. A DN id (which
+    charon would match) loads with a WARNING: it names no PSK here."""
     _write(tmp_path, "a.psk", "alice-key\n")
     _write(tmp_path, "b.psk", "0x" + KEY_B.hex())
-    os.environ["ICT_TEST_PSK_C"] = "carol-key"
+    monkeypatch.setenv("ICT_TEST_PSK_C", "carol-key")
     data: dict[str, Any] = {
         "connections": {"rw": RW},
         "secrets": {
@@ -114,6 +115,12 @@ def test_secrets_take_swanctls_id_suffixes_and_a_roadwarrior_loads_with_client_k
     assert c.psk_for(ident("gw.test", False), ident("a.test")) == b"alice-key"
     assert c.psk_for(ident("gw.test", False), ident("d.test")) is None
     assert not any(s in repr(c) + repr(keys) for s in ("alice-key", "carol-key", "bob's"))
+    with caplog.at_level(logging.WARNING):
+        config.load_secrets({"secrets": {"ike-dn": {"id": ["CN=moon, O=x", "a.test"],
+                                                    "file": "a.psk"}}}, path)  # fmt: skip
+    assert ('event=config-secret-id-unused config=' + path + ' secret=ike-dn id="CN=moon, '
+            'O=x" reason="a distinguished name names no pre-shared key here"') in caplog.text
+    assert "alice-key" not in caplog.text
     for bad, why in ((("secret", "x"), r"secrets\.ike-a\.secret: never inline"),
                      (("secret-1", "x"), r"secrets\.ike-a\.secret-1: never inline"),
                      (("id-2", 5), r"secrets\.ike-a\.id-2: must be a string or a list"),

@@ -1373,6 +1373,12 @@ def load_secrets(data: dict[str, Any], path: str) -> list[SharedKey]:
             raise ConfigError(f"{where}: {exc}") from None
         if not secret:
             raise ConfigError(f"{where}: the secret is empty")
+        for i in ids:
+            if "=" in i:  # (strongSwan would match a peer's DN IDi with it)
+                logging.getLogger("ipsecct.gateway.config").warning(
+                    'event=config-secret-id-unused config=%s secret=%s id="%s" reason="a '
+                    'distinguished name names no pre-shared key here"', path, name,
+                    i.replace('"', "'"))  # fmt: skip
         out.append(SharedKey(name, tuple(dict.fromkeys(ids)), secret))
     return out
 
