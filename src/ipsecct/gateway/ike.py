@@ -1201,21 +1201,22 @@ class IkeService:
             state = self.incoming_state(*key)
             if state == "open":
                 continue
-            owner = f"{key[0]}/{key[1]:016x}"
-            if not any(self.engine.pools[n].reserved.get(a, ("", ""))[1] == owner
-                       for n, a in r.held if n in self.engine.pools):  # fmt: skip
-                reason = "its IKE SA came"  # (its import took them: nothing to give back)
-            elif state == "committed" and r.until is None:
+            if state == "committed" and r.until is None:
                 r.until = now + RESERVE_AFTER_COMMIT
                 continue
-            elif r.until is not None and now < r.until:
+            if r.until is not None and now < r.until:
                 continue
-            elif r.until is not None and self._unit_alive(key[0], r):
-                r.until = now + RESERVE_RECHECK  # its CHILD SAs still use the addresses
-                continue
-            else:
-                reason = ("its transfer ended" if r.until is None
-                          else "its IKE SA did not come after the COMMIT")  # fmt: skip
+            reason = "its transfer ended"
+            if r.until is not None:  # committed: looked at once per RESERVE_RECHECK only
+                owner = f"{key[0]}/{key[1]:016x}"
+                if not any(self.engine.pools[n].reserved.get(a, ("", ""))[1] == owner
+                           for n, a in r.held if n in self.engine.pools):  # fmt: skip
+                    reason = "its IKE SA came"  # (its import took them: nothing given back)
+                elif self._unit_alive(key[0], r):
+                    r.until = now + RESERVE_RECHECK  # its CHILD SAs still use the addresses
+                    continue
+                else:
+                    reason = "its IKE SA did not come after the COMMIT"
             del self._reserved[key]
             self._tally(key[0], 0, -len(r.spis))
             self._release(key[0], key[1], r, list(r.held), reason)
