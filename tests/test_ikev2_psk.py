@@ -236,3 +236,54 @@ def test_parse_connections_still_takes_a_mapping_of_one_identity_to_its_key() ->
     (c,) = parse_connections({"connections": {"rw": RW}}, "gw.toml", {"gw.test": KEY_GW})
     assert c.psk == KEY_GW and [s.ids for s in c.shared_keys] == [("gw.test",)]
     assert isinstance(c, Connection)
+
+
+@dataclasses.dataclass
+class _SentAs(Identity):
+    """A client identity sent with an ID type of our choosing (a hostile client's IDi)."""
+
+    id_type: int = M.IdType.FQDN
+
+    def payload(self, initiator: bool) -> M.IDPayload:
+        if self.id_type in (M.IdType.FQDN, M.IdType.RFC822_ADDR, M.IdType.KEY_ID):
+            return M.IDPayload(initiator, self.id_type, self.text.encode())
+        return super().payload(initiator)
+
+
+def test_an_identity_whose_text_names_another_type_is_refused_not_taken_for_that_other() -> None:
+    """The peer's identity is kept, compared (unique, INITIAL_CONTACT, the per-identity bound)
+    and given pool leases by its text. With a key for anyone, a client sending Alice's
+    e-mail address as an FQDN or a KEY_ID (or an address as an FQDN, a DN as an FQDN) was
+    not given Alice's key (not her ID type) but the anyone key, and was then Alice by text:
+    its INITIAL_CONTACT took her IKE SA down. Such an IDi, whose text would name an identity
+    of another type, is refused with AUTHENTICATION_FAILED, counted; Alice stays up. A name
+    that is not printable is shown and kept in hex (``0x...``): an FQDN so is taken, a
+    printable FQDN reading as such a hex form is not (nor an e-mail address in hex)."""
+    gw = _gateway([SharedKey("ike-a", ("a@example.test", "198.51.100.7"), KEY_A),
+                   SharedKey("ike-any", (), KEY_GW)])  # fmt: skip
+    w = _client(gw, "a@example.test", KEY_A)
+    assert w.of("i", IkeUp)
+    (alice,) = gw.ike_sas()
+    assert alice.peer_id == "a@example.test"
+    t = M.IdType
+    for text, typ in (("a@example.test", t.FQDN), ("a@example.test", t.KEY_ID),
+                      ("198.51.100.7", t.FQDN), ("CN=a, O=example", t.FQDN),
+                      ("%any", t.FQDN), ("", t.FQDN), ("a\n@example.test", t.RFC822_ADDR),
+                      ("0x610a2e74657374", t.FQDN)):  # fmt: skip
+        mallory = mn_conn(local_id="m.test", remote_id="gw.test", psk=KEY_GW)
+        mallory.local_id = _SentAs(text, typ)
+        w = Wire(IkeEngine([mallory]), gw)
+        connect(w)
+        assert not w.of("i", IkeUp) and w.of("i", ConnectFailed), (text, typ)
+        assert [s.peer_id for s in gw.ike_sas()] == ["a@example.test"], (text, typ)
+    assert gw.stats["auth-id-ambiguous"] == 8 == gw.stats["auth-failed"]
+    # the anyone key still serves identities that are what they say
+    for text, typ in (("m.test", t.FQDN), ("m@example.test", t.RFC822_ADDR),
+                      ("a\n.test", t.FQDN)):  # fmt: skip
+        mallory = mn_conn(local_id="m.test", remote_id="gw.test", psk=KEY_GW)
+        mallory.local_id = _SentAs(text, typ)
+        w = Wire(IkeEngine([mallory]), gw)
+        connect(w)
+        assert w.of("i", IkeUp), text
+    assert alice in gw.ike_sas()
+

@@ -33,6 +33,7 @@ import ipaddress
 import itertools
 import logging
 import math
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -126,6 +127,28 @@ class Identity:
 
             return id_matches_cert(mine, cert)
         return (mine.id_type, mine.data) == (p.id_type, p.data)
+
+
+def says_what_it_is(p: IDPayload) -> bool:
+    """Does the ID payload's text (how an identity is kept, compared and given a lease: an
+    IKE SA's peer_id) name it and no identity of another type? An e-mail address sent as an
+    FQDN or a KEY_ID, an address or a DN's text sent as an FQDN, an empty or ``%any`` name
+    would be taken for that other identity (a DN is not: it is named by its certificate's
+    subject). A name that is not printable is shown, kept and compared as ``0x`` and its
+    octets in hex: an FQDN so (its text cannot be another's), never a printable name that
+    reads as such a hex form."""
+    text = p.text()
+    if p.id_type == IdType.DER_ASN1_DN:
+        return False
+    if text == "0x" + p.data.hex():
+        return p.id_type == IdType.FQDN
+    if "=" in text or re.fullmatch("0x[0-9a-f]*", text):
+        return False
+    ident = Identity(text)
+    if ident.any:
+        return False
+    q = ident.payload(p.initiator)
+    return (q.id_type, q.data) == (p.id_type, p.data)
 
 
 def _dn_set(text: str) -> set[tuple[str, str]]:

@@ -45,7 +45,7 @@ from .auth import (
     validated_chain,
     verify,
 )
-from .config import ChildConfig, Connection
+from .config import ChildConfig, Connection, says_what_it_is
 from .ikesa import Address, ChildSA, IkeSA, IkeState, IPAddr, Pending
 from .keys import KeyExchange, child_keys, hmac_digest, ike_keys, psk_auth, signed_octets
 from .message import (
@@ -1096,6 +1096,16 @@ class IkeEngine:
             except AuthError as exc:
                 certs, why = [], str(exc)
             cert = certs[0] if certs else None
+        if not (cert is not None and idi.id_type == IdType.DER_ASN1_DN) and not (
+                says_what_it_is(idi)):  # fmt: skip
+            # its text (peer_id) would be another identity's: that one's unique, leases, ...
+            self.stats["auth-failed"] += 1
+            self.stats["auth-id-ambiguous"] += 1
+            log.info("event=ike-auth-failed peer=%s id=%s type=%d reason=%s", ike.remote,
+                     _quote(idi.text()), idi.id_type,
+                     _quote("the identity's text names one of another ID type"))  # fmt: skip
+            ike.state = IkeState.DEAD
+            return [NotifyPayload(Notify.AUTHENTICATION_FAILED)]
         # every connection whose remote.id names the peer is tried, those naming it exactly
         # before those with %any (config order within each): a connection's PSK or CAs prove
         # only that connection (the first match alone was tried: with an %any connection
@@ -2059,6 +2069,16 @@ class IkeEngine:
             self._kill(ike, why, out)
             return
         assert idr is not None
+        if not (cert is not None and idr.id_type == IdType.DER_ASN1_DN) and not (
+                says_what_it_is(idr)):  # fmt: skip
+            # as the responder refuses such an IDi (_ike_auth): peer_id would be another's
+            why = "the responder's identity text names one of another ID type"
+            self.stats["auth-failed"] += 1
+            self.stats["auth-id-ambiguous"] += 1
+            self._release_auth_spi(ike)
+            out.append(ConnectFailed(conn, why))
+            self._kill(ike, why, out)
+            return
         ike.peer_id = cert.subject.rfc4514_string() if (
             cert is not None and idr.id_type == IdType.DER_ASN1_DN) else idr.text()
         ike.rekey_at = self._rekey_time(now, conn.rekey_time)
