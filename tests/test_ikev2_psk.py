@@ -287,3 +287,20 @@ def test_an_identity_whose_text_names_another_type_is_refused_not_taken_for_that
         assert w.of("i", IkeUp), text
     assert alice in gw.ike_sas()
 
+
+def test_an_empty_id_is_refused_at_load_not_read_as_no_id_which_is_anyones(
+    tmp_path: Path,
+) -> None:
+    """A secret without ids is anyone's; ``id = ""`` (a template's empty variable), blanks or
+    an empty list were dropped, leaving a key meant for one identity anyone's: refused at
+    load, naming the key, as is an id that is only blanks in a list."""
+    _write(tmp_path, "a.psk", "alice-key\n")
+    path = str(tmp_path / "gw.toml")
+    ids: dict[str, Any]
+    for ids in ({"id": ""}, {"id": "  "}, {"id": []}, {"id-1": "a.test", "id-2": ["b.test", " "]}):
+        data = {"secrets": {"ike-a": {**ids, "file": "a.psk"}}}
+        with pytest.raises(ConfigError, match=r"secrets\.ike-a\.id(-2)?: .*empty.*%any"):
+            config.load_secrets(data, path)
+    (k_,) = config.load_secrets({"secrets": {"ike-a": {"id": " a.test ", "file": "a.psk"}}},
+                                path)  # fmt: skip
+    assert k_.ids == ("a.test",)

@@ -1341,7 +1341,10 @@ def load_secrets(data: dict[str, Any], path: str) -> list[SharedKey]:
                     raise ConfigError(f"{where}.{k}: must be a string or a list of strings")
                 if len(ids) + len(v) > MAX_SECRET_IDS:
                     raise ConfigError(f"{where}.{k}: more than {MAX_SECRET_IDS} identities")
-                ids += [i.strip() for i in v if i.strip()]
+                if not v or not all(i.strip() for i in v):  # (no id at all: anyone's)
+                    raise ConfigError(f"{where}.{k}: an empty identity (a secret for anyone "
+                                      'has no id, or id = "%any")')  # fmt: skip
+                ids += [i.strip() for i in v]
             elif k not in ("file", "env"):
                 if k.startswith("secret"):
                     raise ConfigError(f"{where}.{k}: never inline: use file = or env =")
