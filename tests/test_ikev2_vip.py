@@ -997,6 +997,60 @@ def test_a_committed_transfers_virtual_ip_stays_reserved_while_its_tunnels_are_h
     assert svc._reserved == {} and svc._reserved_of == {}
 
 
+def test_a_transfer_id_reused_while_a_committed_transfers_reservation_is_kept_is_refused(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Transfer ids are the source's (random); a hostile peer reuses one. Its COMMIT came,
+    the IKE SA never did, so the addresses stay reserved while the moved tunnels are here;
+    once the transfer's record is gone here the peer sends a new transfer with that id.
+    Its unit's addresses went into the committed reservation and were kept with it, as
+    long as the first tunnels lived, though the new transfer ended without a COMMIT: the
+    peer squatted one more address each time. The unit of a reused id is now refused
+    (logged ``ike-sa-refused``, counted ``vip-reserve-refused``); the committed transfer's
+    reservation is kept as before."""
+    import copy
+
+    from ipsecct.ct.transfer import Record
+    from ipsecct.gateway.ike import RESERVE_AFTER_COMMIT, RESERVE_RECHECK
+    from tests.helpers.ikev2_engines import I500, R500
+
+    w = vip_pair()
+    connect(w)
+    (ike,) = w.resp.ike_sas()
+    (payload,) = context.unit_payloads(ike, ike.children)
+    other = copy.copy(ike)
+    other.vips = [("p4", ip("10.3.0.2"))]
+    (squat,) = context.unit_payloads(other, other.children)
+    svc = _service(tmp_path)
+    pool = svc.engine.pools["p4"]
+    state = ["open"]
+    svc.incoming_state = lambda peer, tid: state[0]
+    now = [100.0]
+    svc.node.clock = lambda: now[0]
+    assert svc.check_unit("sg1", payload, 9, [c.spi_out for c in ike.children]) is None
+    for c in ike.children:  # (installed by the transfer, active since its COMMIT)
+        entry, out, inn = c.sas(R500, I500, False, "moved")
+        svc.node.engine.add_tunnel(entry, out, inn).came_from = "sg1"
+    state[0] = "committed"
+    svc.on_transfer(Record(9, "target", "sg1", "predictive", 0.0, now[0], "committed"))
+    now[0] += RESERVE_AFTER_COMMIT + RESERVE_RECHECK
+    svc._on_timer(now[0])
+    assert ip("10.3.0.1") in pool.reserved
+    state[0] = "open"  # the same id again, a new tunnel
+    with caplog.at_level("WARNING"):
+        why = svc.check_unit("sg1", squat, 9, [0x5EED])
+    assert why is not None and "reused" in why
+    assert any("ike-sa-refused" in r.getMessage() and "reused" in r.getMessage()
+               for r in caplog.records)  # fmt: skip
+    assert svc.engine.stats["vip-reserve-refused"] == 1
+    state[0] = "ended"  # (the reused transfer never committed)
+    for _ in range(2):
+        now[0] += RESERVE_RECHECK
+        svc._on_timer(now[0])
+    assert ip("10.3.0.2") not in pool.reserved and pool.acquire("newcomer") == ip("10.3.0.2")
+    assert ip("10.3.0.1") in pool.reserved  # the committed one's, while its tunnels live
+
+
 # -- ipsecct node asking a strongSwan gateway for a virtual IP (root) ---------------------------
 
 

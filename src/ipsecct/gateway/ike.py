@@ -1091,6 +1091,13 @@ class IkeService:
         self._prune_reserved(self.node.clock())
         why = ike_context.unit_refusal(payload, self.engine.connections)
         owner = None if tid is None else f"{peer}/{tid:016x}"
+        kept = None if tid is None else self._reserved.get((peer, tid))
+        if why is None and kept is not None and kept.until is not None:
+            # (ids are random: only a peer that means it reuses one) its units' addresses
+            # would be kept with the committed transfer's, its unit_kept give those back
+            self.engine.stats["vip-reserve-refused"] += 1
+            why = (f"{peer} reused transfer id {tid:016x}, whose committed transfer's"
+                   " virtual IPs are still reserved here")  # fmt: skip
         if why is None:  # its virtual IPs: from our pool of that name, not leased here
             try:
                 name, vips = ike_context.unit_vips(payload)
