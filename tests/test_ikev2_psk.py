@@ -304,3 +304,29 @@ def test_an_empty_id_is_refused_at_load_not_read_as_no_id_which_is_anyones(
     (k_,) = config.load_secrets({"secrets": {"ike-a": {"id": " a.test ", "file": "a.psk"}}},
                                 path)  # fmt: skip
     assert k_.ids == ("a.test",)
+
+
+def test_an_identity_named_by_two_secrets_loads_with_a_warning_naming_both(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client's key replaced by adding a secret after the old one: both name the client,
+    the first written wins and the new key is never used, silently. Such an id (the same
+    identity however written: an IPv6 address either way) loads with a WARNING naming the
+    id and both secrets (event=config-secret-id-twice), no key; anyone's secrets do not, nor
+    a connection's local.id that each secret names with its client."""
+    _write(tmp_path, "a.psk", "old-alice-key\n")
+    _write(tmp_path, "b.psk", "new-alice-key\n")
+    path = str(tmp_path / "gw.toml")
+    data = {"connections": {"rw": RW},
+            "secrets": {"ike-old": {"id": ["a.test", "2001:db8::1", "gw.test"], "file": "a.psk"},
+                        "ike-any": {"file": "a.psk"}, "ike-any2": {"id": "%any", "file": "a.psk"},
+                        "ike-new": {"id-1": "a.test", "id-2": "2001:db8:0::1", "id-3": "gw.test",
+                                    "file": "b.psk"}}}  # fmt: skip
+    with caplog.at_level(logging.WARNING):
+        keys = config.load_secrets(data, path)
+    assert len(keys) == 4
+    lines = [r.getMessage() for r in caplog.records if "config-secret-id-twice" in r.getMessage()]
+    assert len(lines) == 2, lines
+    assert all("secret=ike-new" in x and "first=ike-old" in x for x in lines)
+    assert any('id="a.test"' in x for x in lines) and any("2001:db8" in x for x in lines)
+    assert "alice-key" not in caplog.text

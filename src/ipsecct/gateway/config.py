@@ -25,6 +25,7 @@ from ..ct.transfer import PREPARE_MAX, PREPARE_MIN, ConflictPolicy, Identity, Se
 from ..errors import ConfigError, EtcdError, IpsecctError
 from ..ikev2.auth import PrivateKey, RevocationList, revocation_index
 from ..ikev2.config import Connection, SharedKey, parse_connections, parse_pools
+from ..ikev2.config import Identity as IkeIdentity
 from ..ikev2.pool import Pool
 from ..ipsec.algorithms import (
     ENC,
@@ -1325,6 +1326,12 @@ def load_secrets(data: dict[str, Any], path: str) -> list[SharedKey]:
     if not isinstance(secrets, dict):
         raise ConfigError(f"{path}: secrets: must be a table")
     out: list[SharedKey] = []
+    named: dict[tuple[int, bytes], str] = {}  # an identity (as compared) -> its first secret
+    # (our own: each secret may name local.id with its client, ranked by the client first)
+    conns = data.get("connections")
+    ours = {c["local"]["id"] for c in (conns.values() if isinstance(conns, dict) else ())
+            if isinstance(c, dict) and isinstance(c.get("local"), dict)
+            and isinstance(c["local"].get("id"), str)}  # fmt: skip
     for name, d in secrets.items():
         where = f"{path}: secrets.{name}"
         if name.startswith(_KEY_SECRETS) and isinstance(d, dict):
@@ -1382,6 +1389,14 @@ def load_secrets(data: dict[str, Any], path: str) -> list[SharedKey]:
                     'event=config-secret-id-unused config=%s secret=%s id="%s" reason="a '
                     'distinguished name names no pre-shared key here"', path, name,
                     i.replace('"', "'"))  # fmt: skip
+            elif not IkeIdentity(i).any and i not in ours:
+                p_ = IkeIdentity(i).payload(True)
+                first = named.setdefault((p_.id_type, p_.data), name)
+                if first != name:  # (a key replaced by a secret added after the old one)
+                    logging.getLogger("ipsecct.gateway.config").warning(
+                        'event=config-secret-id-twice config=%s secret=%s first=%s id="%s" '
+                        'reason="the first written wins where both name the peer alike"',
+                        path, name, first, i.replace('"', "'"))  # fmt: skip
         out.append(SharedKey(name, tuple(dict.fromkeys(ids)), secret))
     return out
 
