@@ -1352,3 +1352,34 @@ def test_a_query_that_reaches_a_target_waiting_for_its_pending_write_names_the_r
     settle_at(w, "sg2", j2)
     settle_at(w, "sg1", j1)
     assert (t2.state, state(b)) == (TunnelState.ACTIVE, TunnelState.ACTIVE)
+
+
+
+def test_decided_incoming_transfers_leave_the_deadline_walk_and_are_forgotten_at_give_up() -> None:
+    """The deadline and settle walks see only open incoming transfers (receiving, pending);
+    a decided one (active, refused, cancelled) is still forgotten at its give_up, the timer
+    woken for it (here a discarded one: known for 60 s, long after the rest is forgotten)."""
+    from ipsecct.ct.transfer import OPEN_INCOMING
+
+    w = World(settings={"sg2": Settings(retry=1.0, retry_max=5.0)})
+    core = w.gw["sg2"].core
+
+    def open_ones() -> dict[tuple[str, int], object]:
+        return {k: i for k, i in core.incoming.items() if i.state in OPEN_INCOMING}
+
+    run_predictive(w)  # one active
+    assert len(core.incoming) == 1 and core._open_incoming == open_ones() == {}
+    run_predictive(w, "sg2", "sg1")
+    w.transfer()
+    w.deliver("sg1", "sg2")
+    w.drop("sg2", "sg1")  # no decision comes: the target discards it after retry_max
+    assert len(core._open_incoming) == 1 and core._open_incoming == open_ones()
+    last = core.incoming[next(reversed(core.incoming))]
+    # Woken only when next_deadline says (as the node's one timer is).
+    while core.incoming:
+        due = core.next_deadline()
+        assert due is not None, "a decided transfer would never be forgotten"
+        w.now = max(w.now, due)
+        w.gw["sg2"].tick()
+        assert core._open_incoming == open_ones()
+    assert last.state.value == "cancelled" and w.now == last.give_up

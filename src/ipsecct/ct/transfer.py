@@ -851,6 +851,13 @@ class TransferCore:
         self.on_install = on_install
         self.outgoing: dict[int, _Outgoing] = {}
         self.incoming: dict[tuple[str, int], _Incoming] = {}
+        # The incoming transfers still open (receiving or pending), a subset of ``incoming``:
+        # the decided ones stay known there for up to a minute (60 s after a discard), and
+        # the deadline and settle walks, made after every message, would walk them all (one
+        # per handover of the last minute). ``_closed_due``: no decided one is to be
+        # forgotten before it (a lower bound; exact again after each timer's walk).
+        self._open_incoming: dict[tuple[str, int], _Incoming] = {}
+        self._closed_due = math.inf
         self._incoming_peers: dict[int, list[str]] = {}  # the peers of each id in incoming
         self.decided: dict[int, tuple[int, float]] = {}  # tid -> (decision, until)
         # ... and the peer each was decided with (none after a restart: recall_commits):
@@ -1181,8 +1188,8 @@ class TransferCore:
                 # committed unasked: the MN may not be where the target is yet).
                 og.deadline = 0.0
                 return self._keep(og, held)
-        for inc in self.incoming.values():
-            if inc.state in OPEN_INCOMING and _has(inc, held.tunnel):
+        for inc in self._open_incoming.values():
+            if _has(inc, held.tunnel):
                 return self._keep(inc, held)
         for rv in self.reverting:
             if _has(rv, held.tunnel):
@@ -1826,7 +1833,7 @@ class TransferCore:
                 out += self._commit_when_recorded(og, now)
             elif self._may_commit_all(og):
                 out += self._commit_all(og, now)
-        for inc in list(self.incoming.values()):
+        for inc in list(self._open_incoming.values()):
             if inc.committing and inc.state is IncomingState.PENDING and (
                 inc.recorded is None or inc.recorded.settled
             ):
@@ -2402,8 +2409,8 @@ class TransferCore:
         if inc is None:
             busy = sum(
                 1
-                for i in self.incoming.values()
-                if i.peer == peer and i.state in OPEN_INCOMING
+                for i in self._open_incoming.values()
+                if i.peer == peer
             )
             if busy >= s.max_incoming_per_peer:
                 # Refused before anything is kept: not even the message's replay record.
@@ -2421,6 +2428,7 @@ class TransferCore:
             # (or a place among its in-progress transfers) here for longer than this.
             inc.give_up = now + s.retry_max
             self.incoming[k] = inc
+            self._open_incoming[k] = inc
             self._incoming_peers.setdefault(tag.transfer_id, []).append(peer)
         elif inc.state is not IncomingState.RECEIVING:
             return []
@@ -2459,6 +2467,12 @@ class TransferCore:
             ),
         )
 
+    def _closed(self, inc: _Incoming) -> None:
+        """``inc`` was decided (active or cancelled) and its ``give_up`` set: it leaves the
+        open ones, and is forgotten at ``give_up`` by the timer's walk (handle_timer)."""
+        self._open_incoming.pop((inc.peer, inc.tid), None)
+        self._closed_due = min(self._closed_due, inc.give_up)
+
     def _cancel_incoming(self, inc: _Incoming, now: float, outcome: str, why: str) -> list[Output]:
         """Give up an incoming transfer that is still being received: free what it holds.
         It stays known (cancelled, without its contexts) for a while so that its late
@@ -2467,6 +2481,7 @@ class TransferCore:
         inc.octets = 0
         _move(inc, IncomingState.CANCELLED)
         inc.give_up = now + self.settings.retry_max
+        self._closed(inc)
         inc.record.outcome, inc.record.detail, inc.record.ended = outcome, why, now
         self.records.append(inc.record)
         return [Finished(inc.record)]
@@ -2492,6 +2507,7 @@ class TransferCore:
             _move(inc, IncomingState.CANCELLED)
             inc.cdbs, inc.octets = [], 0
             inc.give_up = now + self.settings.retry_max
+            self._closed(inc)
             inc.record.outcome, inc.record.detail, inc.record.ended = "refused", str(exc), now
             self.records.append(inc.record)
             return [Send(inc.peer, m) for m in self._ctdr(inc, False, [cxtp.Status.MALFORMED], [])]
@@ -2576,6 +2592,7 @@ class TransferCore:
         inc.next_retry = now + self.settings.retry
         inc.give_up = now + self.settings.retry_max
         if not inc.tunnels:
+            self._closed(inc)
             inc.record.outcome, inc.record.ended = "refused", now
             inc.record.detail = ", ".join(sorted({_status_name(st) for st in statuses}))
             self.records.append(inc.record)
@@ -2890,8 +2907,8 @@ class TransferCore:
         cancelled and activates nothing, counted ``commit_after_cancel``). After the COMMIT
         (activation waiting for our record), the tunnel is ours: it is left out of the
         activation. Returns (what was done, outputs), or None if no transfer holds it."""
-        for inc in self.incoming.values():
-            if inc.state not in OPEN_INCOMING or not _has(inc, tunnel):
+        for inc in self._open_incoming.values():
+            if not _has(inc, tunnel):
                 continue
             if inc.committing:
                 inc.tunnels = [t for t in inc.tunnels if t is not tunnel]
@@ -2911,8 +2928,7 @@ class TransferCore:
         still be cancelled, the tunnel staying with its source)? What follows a COMMIT (an
         IKE SA's context) is not taken for it before."""
         return any(
-            inc.state in OPEN_INCOMING and not inc.committing and _has(inc, tunnel)
-            for inc in self.incoming.values()
+            not inc.committing and _has(inc, tunnel) for inc in self._open_incoming.values()
         )
 
     def incoming_state(self, peer: str, tid: int) -> str:
@@ -3001,6 +3017,7 @@ class TransferCore:
             inc.record.outcome = "failed"
             return failed
         _move(inc, IncomingState.ACTIVE)
+        self._closed(inc)
         # "Owned": their first block is durable already (pending): activating is safe
         # without waiting for it; a crash before it lands leaves them pending (kept away).
         owned = list(inc.tunnels) if self.journal is not None and not inc.granted else []
@@ -3122,6 +3139,7 @@ class TransferCore:
         # serves its tunnels again. (Forgotten at once, the query found only the record of
         # the arrival and was answered "taken": the tunnels were served by nobody.)
         inc.give_up = now + max(4 * self.settings.retry_max, 60.0)
+        self._closed(inc)
         inc.record.outcome, inc.record.detail, inc.record.ended = "cancelled", why, now
         self.records.append(inc.record)
         return [Finished(inc.record)]
@@ -3221,13 +3239,15 @@ class TransferCore:
         """When :meth:`handle_timer` is next due (None: nothing waits for the clock)."""
         ds = [og.deadline for og in self.outgoing.values()]
         ds += [u.next_query for u in self.unresolved.values()]
-        for inc in self.incoming.values():
+        for inc in self._open_incoming.values():
             if inc.committing:
                 continue  # waits for its write, not for the clock
             if inc.state is IncomingState.PENDING:
                 ds += [inc.next_retry, inc.give_up]
             else:
                 ds.append(inc.give_up)
+        if self._closed_due != math.inf:
+            ds.append(self._closed_due)  # the decided ones: forgotten at their give_up
         if (
             self.decided
             or self.seen
@@ -3260,6 +3280,7 @@ class TransferCore:
         for u in list(self.unresolved.values()):
             if now >= u.next_query:
                 out += self._query(u, now)
+        self._closed_due = math.inf  # exact again below (and lowered by what closes now)
         for k, inc in list(self.incoming.items()):
             if inc.state is IncomingState.RECEIVING and now >= inc.give_up:
                 self.counters["expired"] += 1
@@ -3271,7 +3292,10 @@ class TransferCore:
                 elif now >= inc.next_retry and inc.ctdrs:
                     inc.next_retry = now + self.settings.retry
                     out += [Send(inc.peer, m) for m in inc.ctdrs]
-            if inc.state in (IncomingState.ACTIVE, IncomingState.CANCELLED) and now >= inc.give_up:
+            if inc.state in (IncomingState.ACTIVE, IncomingState.CANCELLED):
+                if now < inc.give_up:
+                    self._closed_due = min(self._closed_due, inc.give_up)
+                    continue
                 del self.incoming[k]
                 left = self._incoming_peers.get(k[1], [])
                 if k[0] in left:
@@ -3337,7 +3361,7 @@ class TransferCore:
             len(self.outgoing)
             + sum(1 for u in self.unresolved.values() if u.og is not None)
             + len(self.reverting)
-            + sum(1 for i in self.incoming.values() if i.state in OPEN_INCOMING)
+            + len(self._open_incoming)
         )
 
 
