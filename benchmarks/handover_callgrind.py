@@ -12,6 +12,10 @@ collector's sweep) is left out, as ``benchmarks/bulk_callgrind.py`` does:
         .venv/bin/python benchmarks/handover_callgrind.py [--handovers 24] [--warm 4]
 
 It prints the instructions per handover, all threads and the event loop's (main) thread.
+What still fires by the clock is inflated as much: the transfer core's housekeeping (every
+0.5 s) and the collector's timer fire about 4 times a handover under valgrind, about once in
+40 handovers in real time (about 0.5 M instructions a handover of the count, the same in
+both trees of an A/B; benchmarks/README.md, "handcpu, eleventh session").
 """
 
 from __future__ import annotations
