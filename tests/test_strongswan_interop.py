@@ -89,6 +89,20 @@ def esp_packets(path: Path) -> list[tuple[str, str, bytes]]:
     return [e for e in (esp_in_udp(p) for p in rdpcap(str(path))) if e is not None]
 
 
+def wait_for_esp(path: Path, count: int) -> None:
+    """Wait until the capture file holds ``count`` ESP packets. tcpdump stops at SIGINT without
+    reading what is still in its kernel ring, so a capture stopped the moment the traffic ends
+    can miss the last packet (CI saw 9 of 10 once under load)."""
+
+    def enough() -> bool:
+        try:
+            return len(esp_packets(path)) >= count
+        except Exception:  # a record half written: look again
+            return False
+
+    wait_until(enough, f"{count} ESP packets in {path.name}", timeout=20)
+
+
 def seqs(esp: list[tuple[str, str, bytes]], spi: int) -> list[int]:
     """ESP sequence numbers (in the clear in the header) of the packets with this SPI."""
     return [int.from_bytes(b[4:8], "big") for _, _, b in esp if int.from_bytes(b[:4], "big") == spi]
@@ -173,6 +187,8 @@ def test_pcap_decrypt_reads_strongswan_esp(
         assert pair.capture is not None
         try:
             received = ping(ns, "a", B.inner, PINGS)
+            if received == PINGS:
+                wait_for_esp(cap_path, 2 * PINGS)
         finally:
             pair.capture.stop()
         assert received == PINGS, pair.a.logtail() + pair.b.logtail()
@@ -339,6 +355,7 @@ def test_strongswan_accepts_ipsecct_after_transfer_from_strongswan(
         assert pair.capture is not None
         try:
             assert ping(ns, "a", B.inner, PINGS) == PINGS, pair.a.logtail() + pair.b.logtail()
+            wait_for_esp(before, 2 * PINGS)
             ca, cb = pair.a.child_sa(), pair.b.child_sa()
             check_mirror(ca, cb)
             b_counts = sa_packet_counts(pair.b.list_sas())
