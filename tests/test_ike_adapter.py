@@ -26,6 +26,7 @@ from tests.helpers.ikev2_engines import (
     peer_rekeyed_before_the_move,
     sends,
 )
+from tests.helpers.transfer import World
 
 
 def _service(tmp: Path, name: str = "sg2") -> IkeService:
@@ -1166,7 +1167,8 @@ def test_a_source_does_not_commit_when_its_context_lost_the_serials_its_unit_ann
     (ike_r,) = w.resp.ike_sas()
     svc = _service(tmp_path, "sg1")
     svc.engine.connections[:] = [gw]
-    ike = svc.engine.import_ike(w.resp.export_ike(ike_r, 1.0), 1.0)
+    # (a copy: the peer is made once for all tests, export_ike would take its IKE SA)
+    ike = svc.engine.import_ike(ike_context.encode(ike_r, 1.0), 1.0)
     now = svc.node.clock()
     # an identity as long as still leaves room for item 33, by a few octets
     def fits(i: int) -> bool:
@@ -1196,3 +1198,123 @@ def test_a_source_does_not_commit_when_its_context_lost_the_serials_its_unit_ann
     units = svc.unit_cdbs(tunnels)
     assert units and all(15 not in _items_of(u) for u in units)
     assert svc.commit_check(tunnels) is None
+
+
+def _long_unit_world(tmp_path: Path, target: Connection) -> tuple[World, IkeService, IkeSA]:
+    """A transfer World whose tunnel is the only CHILD SA of a certificate IKE SA at sg1
+    (_revocable_peer's), sg1 and sg2 wired to IKE services as the gateway wires them (the
+    source's UNIT CDBs and commit_check, the target's UNIT checks with ``target``)."""
+    import dataclasses
+
+    from ipsecct.ct.transfer import UNIT_IKEV2
+    from ipsecct.ikev2 import context as ike_context
+    from tests.test_ikev2 import _revocable_peer
+
+    w = World()
+    p, _, _, gw, _, _ = _revocable_peer()
+    (ike_r,) = p.resp.ike_sas()
+    svc1 = _service(tmp_path, "sg1")
+    svc1.engine.connections[:] = [gw]
+    # (a copy: the peer is made once for all tests, export_ike would take its IKE SA)
+    ike = svc1.engine.import_ike(ike_context.encode(ike_r, 1.0), 1.0)
+    (c,) = ike.children
+    assert w.tunnel.inbound is not None
+    ike.children[:] = [dataclasses.replace(c, spi_in=w.tunnel.inbound.spi,
+                                           spi_out=w.tunnel.outbound.spi)]  # fmt: skip
+    svc1.node.clock = lambda: w.now
+    w.gw["sg1"].core.unit_cdbs = svc1.unit_cdbs
+    w.gw["sg1"].core.commit_check = svc1.commit_check
+    svc2 = _service(tmp_path, "sg2")
+    svc2.engine.connections[:] = [target]
+    svc2.node.clock = lambda: w.now
+    core2 = w.gw["sg2"].core
+    core2.unit_checks[UNIT_IKEV2] = svc2.check_unit
+    core2.unit_kept[UNIT_IKEV2] = svc2.unit_kept
+    svc2.incoming_state = core2.incoming_state
+    return w, svc2, ike
+
+
+def test_a_long_identity_is_still_checked_by_the_target_before_the_commit_no_sa_lost(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A certificate IKE SA whose identity and certificate names together are too long for
+    a UNIT piece of their own (a DN of 900 characters, 1,000 octets of subjectAltNames):
+    its UNIT left the peer's identity, auth, CA and chain serials out altogether, so a
+    target whose remote.crls revoke the peer's certificate (or whose remote.id, or
+    remote.revocation = strict, refuses it) admitted the UNIT, took the COMMIT and refused
+    the IKE SA only at the import: its CHILD SAs moved, the IKE SA lost. The names are
+    now cut to what fits (as in the context): the target refuses the unit before the
+    COMMIT, the transfer fails cleanly, the source keeps the tunnel and its IKE SA, and no
+    (SPI, sequence number) pair is sent twice. (Invariant.)"""
+    import dataclasses
+
+    from ipsecct.ikev2 import context as ike_context
+    from ipsecct.ikev2.config import Identity
+    from ipsecct.ikev2.ikesa import IkeState
+    from ipsecct.ipsec.engine import TunnelState
+    from tests.test_ikev2 import _revoking_target
+
+    _, _, revoking = _revoking_target()
+    target = dataclasses.replace(revoking, remote_id=Identity("%any"))
+    w, _, ike = _long_unit_world(tmp_path, target)
+    ike.peer_id = "CN=" + "x" * 900
+    ike.peer_names = tuple(f"dns:n{i:02d}.{'a' * 20}.example" for i in range(32))
+    assert ike_context.carries_serials(ike, w.now)  # (the context can check them)
+    for i in range(3):
+        w.host_send("sg1", i)
+        w.mn_send(i)
+    with caplog.at_level("WARNING", logger="ipsecct.gateway.ike"):
+        w.transfer()
+        w.deliver_all()
+    sg1, sg2 = w.gw["sg1"], w.gw["sg2"]
+    assert sg1.finished and sg1.finished[-1].outcome == "refused", sg1.finished
+    assert not any(r.outcome == "committed" for r in sg2.finished)
+    assert any("ike-sa-refused" in r.getMessage() and "is revoked by remote.crls" in
+               r.getMessage() for r in caplog.records)  # fmt: skip
+    assert not any(t.state is TunnelState.ACTIVE for t in sg2.engine.tunnels())
+    assert w.tunnel.state is TunnelState.ACTIVE and ike.state is IkeState.ESTABLISHED
+    for i in range(3, 6):
+        w.host_send("sg1", i)
+        w.mn_send(i)
+    pairs = [(spi, seq) for _, spi, seq in w.all_wire()]
+    assert len(pairs) == len(set(pairs)), "an (SPI, sequence number) pair was sent twice"
+
+
+def test_an_identity_too_long_for_its_unit_does_not_move_nothing_sent(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An IKE SA with 60 CHILD SAs and an identity of 1,500 characters: its context encodes,
+    but its UNIT payload (every piece names all 60 CHILD SAs) has no room for the peer's
+    identity, so a target could check the identity (remote.id, its keys, CA, revocation,
+    unique) only at the import, after the COMMIT, and refuse the IKE SA whose CHILD SAs
+    had moved. The source refuses such a transfer at its start (commit_check:
+    ike-sa-cannot-move): nothing is sent, the tunnels stay served here. The same IKE SA
+    with a short identity moves. (Invariant: one gateway sends on the tunnels.)"""
+    import dataclasses
+    import logging
+
+    from ipsecct.errors import TransferError
+    from ipsecct.ikev2 import context as ike_context
+    from ipsecct.ipsec.engine import TunnelState
+
+    w, _, ike = _long_unit_world(tmp_path, conn())
+    sg1 = w.gw["sg1"]
+    (c,) = ike.children
+    tunnels = [w.tunnel]
+    for i in range(1, 60):
+        extra = dataclasses.replace(c, spi_in=0x10000 + i, spi_out=0x20000 + i)
+        ike.children.append(extra)
+        entry, out, inn = extra.sas(R500, I500, False, f"t-{i}")
+        tunnels.append(sg1.engine.add_tunnel(entry, out, inn))
+    ike.peer_id = "CN=" + "x" * 1500
+    ike_context.encode(ike, w.now)  # (its context would go)
+    assert not ike_context.unit_announces(ike, ike.children)
+    with (caplog.at_level(logging.WARNING, logger="ipsecct.gateway.ike"),
+          pytest.raises(TransferError, match=r"not started: ike-sa-cannot-move.*too long")):
+        sg1.core.start(tunnels, "sg2", w.now)
+    assert not any(w.links.values())
+    assert all(t.state is TunnelState.ACTIVE and t.transfer_cap == 1 << 64 for t in tunnels)
+    assert any("ike-sa-cannot-move" in r.getMessage() for r in caplog.records)
+    ike.peer_id = "CN=mn.test"
+    assert ike_context.unit_announces(ike, ike.children)
+    sg1.core.start(tunnels, "sg2", w.now)

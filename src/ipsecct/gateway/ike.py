@@ -1055,7 +1055,9 @@ class IkeService:
         no reason: the export waits for it. Nor may the context carry less than the
         transfer's UNIT announced: one that no longer has room for the peer's chain serials
         the UNIT carried (item 15; it grew since) would be refused after the COMMIT by a
-        target under remote.revocation = strict, which admitted the UNIT."""
+        target under remote.revocation = strict, which admitted the UNIT. Nor one whose
+        UNIT has no room for the peer's identity (a long one, many CHILD SAs): the target
+        could check it (remote.id, keys, CA, revocation, unique) only at the import."""
         now = self.node.clock()
         for ike in self._following(tunnels):
             err = None
@@ -1065,6 +1067,10 @@ class IkeService:
                         and not ike_context.carries_serials(ike, now)):  # fmt: skip
                     err = ("its context no longer has room for the peer's chain serials"
                            " its UNIT announced")  # fmt: skip
+                elif not ike_context.unit_announces(ike, ike.children):
+                    err = (f"its peer identity ({len(ike.peer_id.encode())} octets) is too"
+                           " long for its UNIT: the target could check it only after the"
+                           " commit")  # fmt: skip
             except Exception as exc:  # anything: after the COMMIT it would split the unit
                 # (an unexpected exception's text is not logged: it may quote a value)
                 err = str(exc) if isinstance(exc, IkeContextError) else type(exc).__name__

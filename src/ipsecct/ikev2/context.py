@@ -395,29 +395,25 @@ def unit_payloads(ike: IkeSA, children: list[ChildSA],
     Each piece is checked on its own; a piece the target refuses refuses the unit. Before,
     a policy over 1,200 octets was left out: the target checked only the names before the
     commit and refused the IKE SA after it (its CHILD SAs moved, the IKE SA lost)."""
-    names = _items([(1, bytes((VERSION,))), (5, ike.conn.name.encode())]
-                   + [(6, c.config.name.encode()) for c in children]
-                   + [(14, _vip(n, a)) for n, a in ike.vips])  # fmt: skip
-    top_items = [(7, _suite(ike.suite)), (8, ike.peer_id.encode()),
-                 (10, bytes((_AUTH[auth_of(ike)],)))]  # fmt: skip
-    if ike.peer_ca:  # a certificate peer: the names it proves (12) and its CA (13)
-        top_items += [(12, _names(ike.peer_names, 1024)), (13, ike.peer_ca)]
-        # and its chain's serials (15), unless the context at ``now`` would leave them out
-        # (item 33: no room), so that a target under remote.revocation = strict refuses
-        # the IKE SA before the commit rather than after it
-        if ike.peer_serials and (now is None or _serials_kept(ike, now)):
-            top_items.append((15, _serials(ike.peer_serials)))
-    top = _items(top_items)
+    names = _unit_names(ike, children)
+    # the chain's serials (15), unless the context at ``now`` would leave them out (item 33:
+    # no room), so that a target under remote.revocation = strict refuses the IKE SA before
+    # the commit rather than after it
+    serials = bool(ike.peer_ca and ike.peer_serials and (now is None or _serials_kept(ike, now)))
+    top = _unit_top(ike, serials)
+    assert top is not None
     kids = [_items([(9, _kid(c.config.name, c.suite, c.local_ts, c.remote_ts))])
             for c in children]  # fmt: skip
     room = _unit_room(len(children)) - len(names)
     if len(top) + sum(map(len, kids)) <= room:
         return [names + top + b"".join(kids)]
     room -= 3  # item 11's own header
-    # an identity too long for a piece of its own (over 1.7 KB) cannot be announced: the
-    # target checks it when the IKE SA arrives (policy_refusal), as for an older source
+    # the IKE SA's items in a piece of their own: the certificate's names cut to what fits
+    # (as in the context, item 28), then without the serials. An identity too long even so
+    # cannot be announced: the source does not move such an IKE SA (unit_announces, asked
+    # by its commit_check), since the target could check it only after the commit
     pieces: list[bytes] = []
-    cur = top if len(top) <= room else b""
+    cur = _unit_top(ike, serials, room) or _unit_top(ike, False, room) or b""
     for c in children:
         # its selectors, as many as fit in each piece: each part with the configuration's
         # name and the suite (a selector is checked on its own, so a part as the whole is)
@@ -435,6 +431,40 @@ def unit_payloads(ike: IkeSA, children: list[ChildSA],
         cur += _items([(9, _kid(c.config.name, c.suite, lts, rts))])
     pieces.append(cur)
     return [names + _items([(11, p)]) for p in pieces]
+
+
+def _unit_names(ike: IkeSA, children: list[ChildSA]) -> bytes:
+    """The items every UNIT payload (and piece) of ``ike`` starts with: the version, the
+    connection's name, its CHILD SAs' configurations' names and its virtual IPs."""
+    return _items([(1, bytes((VERSION,))), (5, ike.conn.name.encode())]
+                  + [(6, c.config.name.encode()) for c in children]
+                  + [(14, _vip(n, a)) for n, a in ike.vips])  # fmt: skip
+
+
+def _unit_top(ike: IkeSA, serials: bool, room: int | None = None) -> bytes | None:
+    """The IKE SA's policy items of a UNIT payload: its suite (7), the peer's identity (8)
+    and how it authenticated (10); a certificate peer's names (12, at most 1,024 octets),
+    CA (13) and (``serials``) its chain's serials (15). Within ``room`` octets (None: no
+    limit), the names cut to what fits; None when even without them it does not fit."""
+    base = [(7, _suite(ike.suite)), (8, ike.peer_id.encode()),
+            (10, bytes((_AUTH[auth_of(ike)],)))]  # fmt: skip
+    if not ike.peer_ca:
+        top = _items(base)
+        return top if room is None or len(top) <= room else None
+    tail = [(13, ike.peer_ca)] + ([(15, _serials(ike.peer_serials))] if serials else [])
+    left = 1024 if room is None else min(1024, room - len(_items([*base, (12, b""), *tail])))
+    if left < 0:
+        return None
+    return _items([*base, (12, _names(ike.peer_names, left)), *tail])
+
+
+def unit_announces(ike: IkeSA, children: list[ChildSA]) -> bool:
+    """Can :func:`unit_payloads` for ``ike`` moving with ``children`` announce the peer's
+    identity (a piece of its own at least, without the certificate's names and serials)?
+    If not, the target could check the identity and its policy only at the import, after
+    the commit: the source does not move such an IKE SA."""
+    room = _unit_room(len(children)) - len(_unit_names(ike, children)) - 3
+    return _unit_top(ike, False, room) is not None
 
 
 Kid = tuple[str, Suite, list[TrafficSelector], list[TrafficSelector]]
