@@ -1196,3 +1196,52 @@ def test_a_pool_as_large_as_an_ipv6_64_is_taken_and_leases_from_its_start() -> N
     assert p.refusal(ipaddress.ip_address("fd00:4::1")) is not None
     first, last = parse_range("10.0.0.0/8")
     assert str(Pool("v4", first, last).acquire("a.test")) == "10.0.0.1"
+
+
+def test_a_reservation_wakes_the_gateway_only_when_it_is_due(tmp_path: Path) -> None:
+    """A reservation is looked at when something can change it, not each second: an open
+    transfer's ends with the transfer (on_transfer, every end of an incoming transfer is
+    recorded), a committed one's at RESERVE_AFTER_COMMIT, then every RESERVE_RECHECK while
+    its tunnels are here. (The IKE service's timer asked to be woken each second as long as
+    any reservation existed: a peer's committed unit whose IKE SA never came kept an idle
+    gateway waking every second for the life of the orphaned CHILD SAs.)"""
+    from ipsecct.ct.transfer import Record
+    from ipsecct.gateway.ike import RESERVE_AFTER_COMMIT, RESERVE_RECHECK
+    from tests.helpers.ikev2_engines import I500, R500
+
+    w = vip_pair()
+    connect(w)
+    (ike,) = w.resp.ike_sas()
+    (payload,) = context.unit_payloads(ike, ike.children)
+    a = ip("10.3.0.1")
+    svc = _service(tmp_path)
+    pool = svc.engine.pools["p4"]
+    state = ["open"]
+    svc.incoming_state = lambda peer, tid: state[0]
+    now = [100.0]
+    svc.node.clock = lambda: now[0]
+    assert svc._next_deadline() is None  # (nothing to wait for)
+    assert svc.check_unit("sg1", payload, 9, [c.spi_out for c in ike.children]) is None
+    assert a in pool.reserved and svc._next_deadline() is None  # (its transfer's end says)
+    for c in ike.children:  # (installed by the transfer, active since its COMMIT)
+        entry, out, inn = c.sas(R500, I500, False, "moved")
+        svc.node.engine.add_tunnel(entry, out, inn).came_from = "sg1"
+    state[0] = "committed"
+    svc.on_transfer(Record(9, "target", "sg1", "predictive", 0.0, now[0], "committed"))
+    assert svc._next_deadline() == now[0] + RESERVE_AFTER_COMMIT
+    now[0] += RESERVE_AFTER_COMMIT
+    svc._on_timer(now[0])
+    assert a in pool.reserved and svc._next_deadline() == now[0] + RESERVE_RECHECK
+    # another transfer's reservation, open: the committed one's deadline stays the next
+    state2 = {9: "committed", 10: "open"}
+    svc.incoming_state = lambda peer, tid: state2[tid]
+    w2 = vip_pair()
+    connect(w2)
+    (ike2,) = w2.resp.ike_sas()
+    ike2.vips = [("p4", ip("10.3.0.7"))]
+    (p2,) = context.unit_payloads(ike2, ike2.children)
+    assert svc.check_unit("sg1", p2, 10, [c.spi_out for c in ike2.children]) is None
+    assert svc._next_deadline() == now[0] + RESERVE_RECHECK
+    state2[10] = "ended"
+    svc.on_transfer(Record(10, "target", "sg1", "predictive", 0.0, now[0], "cancelled"))
+    assert ip("10.3.0.7") not in pool.reserved and a in pool.reserved

@@ -173,6 +173,9 @@ class IkeService:
         # (peer, transfer id); and per peer, how many it holds and over how many tunnels
         self._reserved: dict[tuple[str, int], _Reserved] = {}
         self._reserved_of: dict[str, tuple[int, int]] = {}
+        # the earliest time a committed transfer's reservation is looked at again (None:
+        # none is; an open transfer's ends with it, on_transfer)
+        self._reserved_due: float | None = None
         # IKE SAs (spi_i, spi_r) whose UNIT, sent by a transfer still running (source),
         # announced the peer's chain serials (item 15): its COMMIT waits on the context
         # still carrying them (commit_check)
@@ -607,9 +610,8 @@ class IkeService:
 
     def _next_deadline(self) -> float | None:
         d = self.engine.next_deadline()
-        if self._reserved:  # looked at each second (and at each transfer's end)
-            look = self.node.clock() + 1.0
-            d = look if d is None else min(d, look)
+        if self._reserved_due is not None:  # (an open transfer's: at its end, on_transfer)
+            d = self._reserved_due if d is None else min(d, self._reserved_due)
         r = self._restarts.next_deadline()
         if r is not None:
             d = r if d is None else min(d, r)
@@ -630,8 +632,8 @@ class IkeService:
             self._check_paths(now)
         self._act(self.engine.tick(now))
         self._run_restarts(now)
-        if self._reserved:
-            self._prune_reserved(now)
+        if self._reserved_due is not None and now >= self._reserved_due:
+            self._prune_reserved(now)  # (sets the next one: never one past)
 
     def _check_paths(self, now: float) -> None:
         """A mobile node: the source address its routes pick toward the peer of each IKE SA
@@ -967,8 +969,9 @@ class IkeService:
         """A finished transfer (ct.transfer.Record): when this gateway handed over every CHILD
         SA of an IKE SA, the IKE SA follows them (its context CDBs to the same peer); if it
         did not commit, the IKE SAs it quietened start their exchanges again."""
-        if rec.role == "target":
+        if rec.role == "target" and self._reserved:
             self._prune_reserved(self.node.clock())  # (a reservation of that transfer)
+            self.node.timers.poke()  # (committed: looked at again RESERVE_AFTER_COMMIT on)
         if rec.role == "source" and self._serials_announced:
             ended = set(rec.spis)
             for ike in self.engine.ike_sas():
@@ -1233,6 +1236,8 @@ class IkeService:
             del self._reserved[key]
             self._tally(key[0], 0, -len(r.spis))
             self._release(key[0], key[1], r, list(r.held), reason)
+        self._reserved_due = min((r.until for r in self._reserved.values()
+                                  if r.until is not None), default=None)  # fmt: skip
 
     def _unquiet(self, ike: IkeSA) -> None:
         """The IKE SA stays here after all: its exchanges go on, and the peer's request kept
