@@ -1245,3 +1245,38 @@ def test_a_reservation_wakes_the_gateway_only_when_it_is_due(tmp_path: Path) -> 
     state2[10] = "ended"
     svc.on_transfer(Record(10, "target", "sg1", "predictive", 0.0, now[0], "cancelled"))
     assert ip("10.3.0.7") not in pool.reserved and a in pool.reserved
+
+
+def test_two_ike_sas_of_one_transfer_announcing_one_virtual_ip_are_not_both_admitted(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A source leases an address to one IKE SA: a transfer whose units announce it for two
+    IKE SAs (two clients; a buggy or hostile peer gateway) has the second refused before
+    the COMMIT (logged ``ike-sa-refused``, counted ``vip-reserve-refused``), the address
+    still reserved for the first one's identity. Before, the reservation admitted its own
+    transfer again and took the second identity: both units' CHILD SAs were installed
+    carrying the one address (two clients, one address), and the first IKE SA was refused
+    at the import after the COMMIT. The pieces of one IKE SA's unit (item 11: the same
+    tunnels) announce it each, and are admitted."""
+    import copy
+
+    w = vip_pair()
+    connect(w)
+    (ike,) = w.resp.ike_sas()
+    a = ip("10.3.0.1")
+    assert ike.vips == [("p4", a)]
+    eve = copy.copy(ike)
+    eve.peer_id = "eve.test"
+    (mine,) = context.unit_payloads(ike, ike.children)
+    (hers,) = context.unit_payloads(eve, eve.children)
+    svc = _service(tmp_path)
+    svc.incoming_state = lambda peer, tid: "open"
+    pool = svc.engine.pools["p4"]
+    assert svc.check_unit("sg1", mine, 7, [0x11]) is None
+    assert svc.check_unit("sg1", mine, 7, [0x11]) is None  # (a piece of the same unit)
+    with caplog.at_level("WARNING"):
+        why = svc.check_unit("sg1", hers, 7, [0x12])
+    assert why is not None and "another IKE SA of this transfer" in why
+    assert svc.engine.stats["vip-reserve-refused"] == 1
+    assert any("ike-sa-refused" in r.getMessage() for r in caplog.records)
+    assert pool.reserved == {a: ("mn.test", f"sg1/{7:016x}")}

@@ -1140,6 +1140,15 @@ class IkeService:
                  ) -> str | None:  # fmt: skip
         """Reserve ``vips`` for transfer ``tid`` of ``peer``; why not (the peer's bound)."""
         r = self._reserved.get((peer, tid)) or _Reserved()
+        unit = tuple(spis)
+        taken = next((v for (_, s), held in r.units.items() if s != unit for v in held
+                      if v in vips), None)  # fmt: skip
+        if taken is not None:
+            # a source leases an address to one IKE SA (the pieces of one unit name the
+            # same tunnels): admitted, both units' CHILD SAs would carry it here
+            self.engine.stats["vip-reserve-refused"] += 1
+            return (f"virtual IP {taken[1]} of pool {taken[0]!r} is announced by another IKE"
+                    f" SA of this transfer")  # fmt: skip
         new = [v for v in dict.fromkeys(vips) if v not in r.held]
         more = {s for s in spis if s not in r.spis}
         have, tunnels = self._reserved_of.get(peer, (0, 0))
@@ -1156,7 +1165,7 @@ class IkeService:
             event(log, "ike-vip-reserved", node=self.node.name, peer=peer,
                   id=f"{tid:016x}", pool=name, vip=a)  # fmt: skip
         r.spis |= more
-        r.units.setdefault((payload, tuple(spis)), []).extend(vips)
+        r.units.setdefault((payload, unit), []).extend(vips)
         self._reserved[(peer, tid)] = r
         self._tally(peer, len(new), len(more))
         self.node.timers.poke()
