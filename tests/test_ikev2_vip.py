@@ -1280,3 +1280,39 @@ def test_two_ike_sas_of_one_transfer_announcing_one_virtual_ip_are_not_both_admi
     assert svc.engine.stats["vip-reserve-refused"] == 1
     assert any("ike-sa-refused" in r.getMessage() for r in caplog.records)
     assert pool.reserved == {a: ("mn.test", f"sg1/{7:016x}")}
+
+
+def test_an_address_reserved_for_one_peers_transfer_is_not_taken_by_another_peers_ike_sa(
+    tmp_path: Path,
+) -> None:
+    """A reservation admits the import of an IKE SA of its identity: only from the peer
+    whose transfer made it. Before, another peer gateway (buggy, or hostile: any peer may
+    hand over a tunnel of its own) whose context named the same identity and address took
+    the address, and the IKE SA the reservation was for was refused at its import, after
+    its transfer's COMMIT: its CHILD SAs here without it."""
+    from tests.helpers.ikev2_engines import I500, R500
+
+    w = vip_pair()
+    connect(w)
+    (ike,) = w.resp.ike_sas()
+    (payload,) = context.unit_payloads(ike, ike.children)
+    a = ip("10.3.0.1")
+    cdbs = w.resp.export_ike(ike, 1.0)
+    svc = _service(tmp_path)
+    pool = svc.engine.pools["p4"]
+    svc.incoming_state = lambda peer, tid: "open"
+    assert svc.check_unit("sg1", payload, 7, [c.spi_out for c in ike.children]) is None
+    tunnels = []
+    for c in ike.children:  # (installed by sg3's own transfer: its tunnels)
+        entry, out, inn = c.sas(R500, I500, False, "sg3's")
+        t = svc.node.engine.add_tunnel(entry, out, inn)
+        t.came_from = "sg3"
+        tunnels.append(t)
+    svc.receive_context("sg3", cdbs)
+    assert svc.engine.ike_sas() == [] and svc.engine.stats["ike-context-refused"] == 1
+    assert pool.reserved == {a: ("mn.test", f"sg1/{7:016x}")} and not pool.online
+    for t in tunnels:  # (sg1's transfer brought them)
+        t.came_from = "sg1"
+    svc.receive_context("sg1", cdbs)
+    (taken,) = svc.engine.ike_sas()
+    assert taken.vips == [("p4", a)] and pool.online == {a: "mn.test"}

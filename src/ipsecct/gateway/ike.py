@@ -1368,6 +1368,14 @@ class IkeService:
             # replace the identity's IKE SA here (unique) and hold the addresses it names.
             if not any(tunnels.tunnel_by_spi(c.spi_in) is not None for c in ike.children):
                 return f"none of its CHILD SAs names a tunnel {peer} handed over"
+            # An address reserved for a transfer admits the IKE SA of its identity from the
+            # peer whose transfer it is: taken by another's, it would refuse that IKE SA
+            # after its COMMIT (its CHILD SAs here without it)
+            for name, a in [] if ike.vips_given else ike.vips:
+                pool = self.engine.pools.get(name)
+                held = pool.reserved.get(a) if pool is not None else None
+                if held is not None and held[1].rpartition("/")[0] != peer:
+                    return f"virtual IP {a} of pool {name!r} is reserved here for another peer"
             return None
 
         try:
