@@ -330,3 +330,29 @@ def test_an_identity_named_by_two_secrets_loads_with_a_warning_naming_both(
     assert all("secret=ike-new" in x and "first=ike-old" in x for x in lines)
     assert any('id="a.test"' in x for x in lines) and any("2001:db8" in x for x in lines)
     assert "alice-key" not in caplog.text
+
+
+@pytest.mark.parametrize("spelling", ["%any6", "0.0.0.0", "*", "::", "0::0"])
+def test_strongswans_other_spellings_of_anyone_name_anyone(spelling: str) -> None:
+    """strongSwan reads an identity written "", %any, %any6, 0.0.0.0, *, :: or 0::0 as anyone
+    (ID_ANY), in a secret's id and in remote.id. ipsecct took all but the first two as an
+    identity of that text: a secret with id = "*" named only a peer called "*", so a client
+    holding that key was given another (the one naming the gateway's local.id: a weaker
+    match for the peer than strongSwan's anyone) and refused, and remote.id = "*" admitted
+    nobody. Now they are anyone's; a peer naming itself so is refused, as with %any."""
+    assert Identity(spelling).any
+    gw_only, anyone = k("gw", "gw.test"), k("any", spelling)
+    assert select_psk([gw_only, anyone], ident("gw.test", False), ident("b.test")) is anyone
+    gw = _gateway([SharedKey("ike-gw", ("gw.test",), KEY_A),
+                   SharedKey("ike-any", (spelling,), KEY_GW)],
+                  remote={"auth": "psk", "id": spelling})  # fmt: skip
+    assert _client(gw, "b.test", KEY_GW).of("i", IkeUp)
+    assert [s.peer_id for s in gw.ike_sas()] == ["b.test"]
+    t = M.IdType
+    typ = (t.IPV4_ADDR if spelling == "0.0.0.0" else t.IPV6_ADDR if ":" in spelling
+           else t.FQDN)  # fmt: skip
+    mallory = mn_conn(local_id="m.test", remote_id="gw.test", psk=KEY_GW)
+    mallory.local_id = _SentAs(spelling, typ)
+    w = Wire(IkeEngine([mallory]), gw)
+    connect(w)
+    assert not w.of("i", IkeUp) and gw.stats["auth-id-ambiguous"] == 1

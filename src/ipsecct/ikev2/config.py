@@ -86,6 +86,10 @@ class ChildConfig:
     replay_window: int = 64
 
 
+# how strongSwan writes anyone (identification_create_from_string: ID_ANY)
+_ANY = frozenset(("", "%any", "%any6", "0.0.0.0", "*", "::", "0::0"))
+
+
 @dataclass
 class Identity:
     """An IKE identity from its text form (``gw.example``, ``192.0.2.1``, ``a@b``, ``%any``)."""
@@ -94,7 +98,10 @@ class Identity:
 
     @property
     def any(self) -> bool:
-        return self.text in ("%any", "")
+        """Anyone: as strongSwan reads an identity (ID_ANY), "", %any, %any6, 0.0.0.0, *,
+        :: and 0::0 (the others were taken as an identity of that text: a secret with
+        id = "*" named only a peer called so)."""
+        return self.text in _ANY
 
     def payload(self, initiator: bool) -> IDPayload:
         try:
