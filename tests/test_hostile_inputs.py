@@ -307,6 +307,53 @@ def test_a_half_open_flood_from_many_addresses_leaves_room_for_a_client(tmp_path
         s.stop()
 
 
+def test_an_ike_datagram_past_max_packet_is_dropped_by_a_running_gateway(tmp_path: Path) -> None:
+    """A running gateway, over real UDP (with the non-ESP marker on its outer port): an
+    IKE_SA_INIT of 60,000 octets (a Vendor ID pads it) is dropped unread and counted
+    (``too-long`` in ``ipsecct status``), keeping no half-open IKE SA (each kept 60 KiB, a
+    flood's 1000 of them 60 MB); one of 9,000 octets (within strongSwan's max_packet) is
+    answered, and the client then connects as before."""
+    from ipsecct.gateway import config
+    from ipsecct.ikev2 import message as M
+    from ipsecct.ikev2.engine import IkeEngine, Send
+    from ipsecct.ikev2.ikesa import Address
+    from tests.test_example_ikev2 import ADDR, Setup
+
+    s = Setup(tmp_path)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        s.start("sg1")
+        conn = config.load(s.config("mn")).connections[0]
+        sock.bind(("127.9.200.1", 0))
+        gw = (ADDR["sg1"], s.port[24500])
+        me = Address(ipaddress.ip_address("127.9.200.1"), sock.getsockname()[1])
+        for size in (60000, 9000):
+            (init,) = IkeEngine([conn]).initiate(
+                conn, me, Address(ipaddress.ip_address(gw[0]), gw[1]), 0.0)  # fmt: skip
+            assert isinstance(init, Send)
+            hdr, payloads = M.decode(init.data)
+            pad = M.VendorPayload(bytes(size - len(init.data) - 4))  # (its header: 4 octets)
+            data = M.encode_plain(hdr, [*payloads, pad])
+            assert len(data) == size
+            sock.sendto(b"\0\0\0\0" + data, gw)
+            if size == 60000:
+                s.wait("sg1", lambda st: st["ike"]["counters"].get("too-long") == 1,
+                       "the 60,000-octet IKE_SA_INIT counted as too long")  # fmt: skip
+        r, _, _ = select.select([sock], [], [], 10)
+        assert r, s.log("sg1")
+        answer = sock.recv(65535)[4:]
+        assert answer[:8] == data[:8] and M.decode(answer)[0].is_response
+        st = s.status("sg1")
+        assert st["ike"]["half_open"] == 1 and st["ike"]["counters"]["ike-sa-init"] == 1, st
+        assert st["ike"]["counters"]["too-long"] == 1
+        s.start("mn")
+        s.wait_ike("mn", lambda x: x["children"], "the MN's IKE SA")
+        s.traffic_ok("sg1", 10)
+    finally:
+        sock.close()
+        s.stop()
+
+
 def test_control_clients_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every control connection was kept (idle up to 300 s) and one that never read its
     answers was waited for forever: a local client could hold thousands and use up the

@@ -28,6 +28,7 @@ from ipsecct.ikev2 import keys as K
 from ipsecct.ikev2 import message as M
 from ipsecct.ikev2.config import Connection, Identity, parse_connections
 from ipsecct.ikev2.engine import (
+    MAX_PACKET,
     ChildDown,
     ChildUp,
     ConnectFailed,
@@ -1143,8 +1144,8 @@ def test_fragmented_exchanges(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_fragments_of_one_message_are_bounded_in_size() -> None:
     """RFC 7383 reassembly kept every fragment (up to 32 of up to 64 KiB each, 2 MiB per IKE
     SA) before the message was whole, and anyone can make a half-open IKE SA and know its
-    keys: 1000 half-open SAs held 2 GiB. A message that grows past an IKE message's 64 KiB is
-    dropped as it arrives."""
+    keys: 1000 half-open SAs held 2 GiB. A message that grows past MAX_PACKET (10,000 octets,
+    strongSwan's max_packet) is dropped as it arrives."""
     ini, resp = IkeEngine([mn_conn()]), IkeEngine([conn()])
     (s,) = ini.initiate(ini.connections[0], I500, R500, 0.0)
     (r,) = resp.receive(s.data, I500, R500, 0.0)  # type: ignore[union-attr]  # (Sends)
@@ -1154,11 +1155,11 @@ def test_fragments_of_one_message_are_bounded_in_size() -> None:
     hdr = M.Header(ike.spi_i, ike.spi_r, 0, M.ExchangeType.IKE_AUTH, M.Flag.INITIATOR, 1, 0)
     for n in range(1, 32):
         frag = ike.outbound.seal(hdr, [], inner_first=M.PayloadType.IDI if n == 1 else 0,
-                                 plain=bytes(20000), prefix=struct.pack("!HH", n, 32),
+                                 plain=bytes(3000), prefix=struct.pack("!HH", n, 32),
                                  payload_type=M.PayloadType.SKF)  # fmt: skip
         assert resp.receive(frag, I500, R500, 0.1) == []
         held = sum(map(len, half.fragments[3].values())) if half.fragments else 0
-        assert held <= M.MAX_MESSAGE
+        assert held <= MAX_PACKET
     assert resp.stats["fragment-refused"] >= 5  # every 4th fragment starts it over
     assert half.state is IkeState.HALF_OPEN  # the rest of the exchange is not disturbed
 
@@ -2207,12 +2208,17 @@ file = "rw.psk"
     (c,) = cfg.connections
     assert (c.local_port, c.remote_port) == (40001, 40002)
     assert load("", "").connections[0].local_port == 500  # swanctl's defaults
+    assert load("", "").ike_max_packet == MAX_PACKET == 10000  # (strongSwan's max_packet)
+    assert load("[ike]\nmax_packet = 65535", "").ike_max_packet == 65535
     for ike, extra, why in [
         ("[ike]\nport = 0", "", "local_port: must be \\[ike\\] port \\(0\\) or the outer port"),
         ("", "local_port = 40003", "local_port: must be"),
         ("", "remote_port = 0", "remote_port: must be a UDP port"),
         ("", 'remote_port = "x"', "remote_port: must be a UDP port"),
         ("[ike]\nport = 70000", "", "ike.port: must be a UDP port"),
+        ("[ike]\nmax_packet = 1279", "", "ike.max_packet: must be 1280-65535"),
+        ("[ike]\nmax_packet = 65536", "", "ike.max_packet: must be 1280-65535"),
+        ("[ike]\nmax_packet = true", "", "ike.max_packet: must be int"),
     ]:
         with pytest.raises(ConfigError, match=why):
             load(ike, extra)

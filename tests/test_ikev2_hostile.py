@@ -24,6 +24,7 @@ from ipsecct.ikev2.engine import (
     MAX_FRAGMENTS,
     MAX_IKE_SAS_PER_IDENTITY,
     MAX_MID,
+    MAX_PACKET,
     MAX_SYNCED_MID,
     MID_REKEY_AT,
     MID_SYNC_LEAP,
@@ -356,8 +357,8 @@ def test_ike_sas_of_one_identity_are_bounded_when_initial_contact_replaces_nothi
 def test_incomplete_fragment_sets_from_one_source_are_bounded() -> None:
     """RFC 7383 from one address: many half-open IKE SAs, each left with an incomplete set
     of big fragments, and fragments announcing 65,535 of them. One set per IKE SA, the
-    half-open ones 20 per address: what is held stays within 20 IKE messages; a total over
-    MAX_FRAGMENTS is refused at its first fragment and holds nothing."""
+    half-open ones 20 per address: what is held stays within 20 IKE messages (MAX_PACKET
+    each); a total over MAX_FRAGMENTS is refused at its first fragment and holds nothing."""
     gw = IkeEngine([conn()])
     for k in range(30):
         ini = IkeEngine([mn_conn()])
@@ -373,12 +374,53 @@ def test_incomplete_fragment_sets_from_one_source_are_bounded() -> None:
         total = 65535 if k % 2 else MAX_FRAGMENTS
         for n in (1, 2):
             frag = ike.outbound.seal(hdr, [], inner_first=M.PayloadType.IDI if n == 1 else 0,
-                                     plain=bytes(30000), prefix=struct.pack("!HH", n, total),
+                                     plain=bytes(4000), prefix=struct.pack("!HH", n, total),
                                      payload_type=M.PayloadType.SKF)  # fmt: skip
             assert gw.receive(frag, I500, R500, 0.1) == []
     held = [sum(map(len, i.fragments[3].values())) for i in gw.half_open.values() if i.fragments]
     assert len(gw.half_open) == 20 and len(held) == 10
-    assert sum(held) <= 20 * M.MAX_MESSAGE and gw.stats["fragment-refused"] == 20
+    assert sum(held) == 10 * 8000 <= 20 * MAX_PACKET and gw.stats["fragment-refused"] == 20
+
+
+def _padded_init(ini: IkeEngine, size: int) -> bytes:
+    """The initiator's IKE_SA_INIT request, a Vendor ID payload making it ``size`` octets."""
+    (s,) = ini.initiate(ini.connections[0], I500, R500, 0.0)
+    assert isinstance(s, Send)
+    hdr, payloads = M.decode(s.data)
+    pad = size - len(s.data) - 4  # (a payload's generic header)
+    data = M.encode_plain(hdr, [*payloads, M.VendorPayload(bytes(pad))])
+    assert len(data) == size
+    return data
+
+
+def test_an_ike_message_past_max_packet_is_dropped_before_anything_keeps_it() -> None:
+    """An IKE_SA_INIT padded to 60 KiB (a Vendor ID: anyone may send one, and a half-open
+    IKE SA keeps its request for IKE_AUTH's AUTH), from 50 addresses that answered the
+    cookies, 20 each: 1000 half-open IKE SAs held 60 MB, and 180 MB with a 64 KiB fragment
+    set each (a real gateway's RSS: 55 MB -> 237 MB; 57 MB without the padding). As
+    strongSwan (charon.max_packet, 10,000 octets by default), a larger datagram is dropped
+    unread (``too-long``) and a fragment set may not add up past it; ``[ike] max_packet``
+    raises it."""
+    for size, taken in ((MAX_PACKET, True), (MAX_PACKET + 1, False), (60000, False)):
+        gw = IkeEngine([conn()])
+        out = gw.receive(_padded_init(IkeEngine([mn_conn()]), size), I500, R500, 0.0)
+        assert bool(out) is taken and len(gw.half_open) == taken
+        assert gw.stats["too-long"] == (not taken) and gw.stats["ike-sa-init"] == taken
+    gw = IkeEngine([conn()], max_packet=65535)  # an operator's choice
+    assert gw.receive(_padded_init(IkeEngine([mn_conn()]), 60000), I500, R500, 0.0)
+    assert len(gw.half_open) == 1
+    # an established IKE SA's peer is held to it too, and the IKE SA carries on
+    w = pair()
+    connect(w)
+    (ii,) = w.ini.ike_sas()
+    (ir,) = w.resp.ike_sas()
+    hdr = M.Header(ii.spi_i, ii.spi_r, 0, M.ExchangeType.INFORMATIONAL, M.Flag.INITIATOR,
+                   ii.my_next_mid, 0)  # fmt: skip
+    big = ii.outbound.seal(hdr, [M.NotifyPayload(M.Notify.COOKIE2, data=bytes(MAX_PACKET))])
+    assert w.resp.receive(big, I500, R500, 1.0) == []
+    assert w.resp.stats["too-long"] == 1 and ir.peer_next_mid == ii.my_next_mid
+    w.deliver(w.ini.liveness(ii, 2.0), "i", 2.0)
+    assert w.resp.stats["liveness-answered"] == 1 and ir.state is IkeState.ESTABLISHED
 
 
 class RekeyRefusingPeer(IkeEngine):

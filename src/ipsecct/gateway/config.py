@@ -162,6 +162,9 @@ class NodeConfig:
     pools: dict[str, Pool] = field(default_factory=dict)
     cookie_threshold: int = 100  # [ike]: half-open IKE SAs before cookies are asked (§2.6)
     rsa_pss: bool = False  # [ike]: sign RFC 7427 AUTH with RSASSA-PSS (strongSwan's rsa_pss)
+    # [ike] max_packet: the largest IKE message taken, whole or reassembled from fragments
+    # (strongSwan's charon.max_packet)
+    ike_max_packet: int = 10000
     # [ike] port: IKE's own UDP port (500; 0: none, IKE only on the outer NAT-T port, which
     # needs no privileges; the connections then use local_port/remote_port)
     ike_port: int = 500
@@ -767,7 +770,11 @@ def from_dict(data: dict[str, Any], path: str = "<config>") -> NodeConfig:
         raise ctx.err("peers", f"{name!r} is this gateway's own name")  # transfer "to" it
     failover = _failover(data.get("failover"), ctx, transfer)
     ike_d = ctx.get(data, "ike", "", dict, {})
-    _check_keys_allowed(ike_d, ctx, "ike.", {"cookie_threshold", "port", "rsa_pss"})
+    _check_keys_allowed(ike_d, ctx, "ike.", {"cookie_threshold", "port", "rsa_pss",
+                                             "max_packet"})  # fmt: skip
+    max_packet = ctx.get(ike_d, "max_packet", "ike.", int, 10000)
+    if not 1280 <= max_packet <= 65535:  # (RFC 7296 §2: 1280 octets MUST be accepted)
+        raise ctx.err("ike.max_packet", "must be 1280-65535 (octets of one IKE message)")
     rsa_pss = ctx.get(ike_d, "rsa_pss", "ike.", bool, False)
     cookie_threshold = ctx.get(ike_d, "cookie_threshold", "ike.", int, 100)
     if cookie_threshold < 0:
@@ -823,6 +830,7 @@ def from_dict(data: dict[str, Any], path: str = "<config>") -> NodeConfig:
         cluster=cluster,
         cookie_threshold=cookie_threshold,
         rsa_pss=rsa_pss,
+        ike_max_packet=max_packet,
         ike_port=ike_port,
         state_dir=state_dir,
         seq_block=seq_block,

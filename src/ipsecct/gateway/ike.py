@@ -143,6 +143,7 @@ class IkeService:
             natt_port=node.cfg.outer.port,
             cookie_threshold=node.cfg.cookie_threshold,
             rsa_pss=node.cfg.rsa_pss,
+            max_packet=node.cfg.ike_max_packet,
             wall_offset=time.time() - node.clock(),
             pools=node.cfg.pools,
         )

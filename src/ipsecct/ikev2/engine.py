@@ -50,7 +50,6 @@ from .ikesa import Address, ChildSA, IkeSA, IkeState, IPAddr, Pending
 from .keys import KeyExchange, child_keys, hmac_digest, ike_keys, psk_auth, signed_octets
 from .message import (
     IKE_HEADER_LEN,
-    MAX_MESSAGE,
     AuthMethod,
     AuthPayload,
     CertPayload,
@@ -118,6 +117,11 @@ MAX_CHILD_SAS = 16  # per IKE SA (rekeying needs room for two of each for a whil
 SPI_TRIES = 256  # random picks of a free inbound CHILD SPI before the range counts as full
 MAX_CERTS = 5  # CERT payloads looked at: the peer's certificate and its chain
 MAX_FRAGMENTS = 32  # RFC 7383: fragments of one message we reassemble at most
+# The largest IKE message taken, as a datagram or reassembled from RFC 7383 fragments
+# (strongSwan's charon.max_packet, same default; RFC 7296 §2 asks for 1280 at least; [ike]
+# max_packet). A half-open IKE SA keeps its IKE_SA_INIT request (for AUTH) and a fragment
+# set: with 64 KiB messages a flood that answered cookies held 180 KiB per half-open IKE SA
+MAX_PACKET = 10000
 FRAGMENT_SIZE = 1200  # largest IKE message (without IP/UDP) before we fragment
 # RFC 6311 after a take-over: our next request ID leaps this far past the replicated one (the
 # old member may have sent requests after its last replication; the peer drops a sync whose
@@ -269,8 +273,10 @@ class IkeEngine:
         wall_offset: float = 0.0,
         rsa_pss: bool = False,
         pools: dict[str, Pool] | None = None,
+        max_packet: int = MAX_PACKET,
     ) -> None:
         self.connections = connections
+        self.max_packet = max_packet  # larger IKE messages are dropped (``too-long``)
         # [pools.NAME]: the virtual IPs a connection's ``pools`` lease to peers (RFC 7296
         # §3.15; ikev2.pool)
         self.pools: dict[str, Pool] = pools or {}
@@ -304,6 +310,10 @@ class IkeEngine:
     def receive(self, data: bytes, src: Address, dst: Address, now: float) -> list[Output]:
         """One IKE message (non-ESP marker removed) from ``src`` to our ``dst``."""
         out: list[Output] = []
+        if len(data) > self.max_packet:
+            self.stats["too-long"] += 1
+            log.debug("event=ike-drop reason=too-long octets=%d src=%s", len(data), src)
+            return out
         try:
             self._receive(data, src, dst, now, out)
         except IkeParseError as exc:
@@ -791,11 +801,11 @@ class IkeEngine:
             if skf.number == 1:
                 f = ike.fragments = (f[0], f[1], skf.first, f[3])
             f[3][skf.number] = plain
-            if sum(map(len, f[3].values())) > MAX_MESSAGE:  # no IKE message is bigger: the
-                ike.fragments = None  # sender (perhaps anyone, on a half-open SA) only
-                ike.fragment_data = {}
-                self.stats["fragment-refused"] += 1  # wants our memory
-                raise IkeProtocolError("IKE fragments add up to more than an IKE message")
+            if sum(map(len, f[3].values())) > self.max_packet:  # no IKE message we take is
+                ike.fragments = None  # bigger: the sender (perhaps anyone, on a half-open
+                ike.fragment_data = {}  # SA) only wants our memory
+                self.stats["fragment-refused"] += 1
+                raise IkeProtocolError("IKE fragments add up to more than max_packet")
             ike.fragment_data[skf.number] = data
             if len(f[3]) < f[1]:
                 return None
