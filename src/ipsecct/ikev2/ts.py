@@ -65,14 +65,16 @@ def intersect(a: TrafficSelector, b: TrafficSelector) -> TrafficSelector | None:
 def narrow(proposed: tuple[TrafficSelector, ...],
            configured: list[TrafficSelector]) -> list[TrafficSelector]:  # fmt: skip
     """The part of what the peer proposed that our configuration allows (§2.9), in the peer's
-    order, duplicates removed."""
-    out: list[TrafficSelector] = []
+    order, duplicates removed (by hash: a list searched for each one took 0.4 s of CPU for a
+    TS payload's 255 selectors against 10 configured ones, 4 s against 32, and any
+    authenticated peer may send such a CREATE_CHILD_SA again and again)."""
+    out: dict[TrafficSelector, None] = {}
     for p in proposed:
         for c in configured:
             x = intersect(p, c)
-            if x is not None and x not in out:
-                out.append(x)
-    return out
+            if x is not None:
+                out[x] = None
+    return list(out)
 
 
 def within(answer: tuple[TrafficSelector, ...], ours: list[TrafficSelector]) -> bool:
@@ -101,11 +103,7 @@ def representable(local: list[TrafficSelector], remote: list[TrafficSelector],
         if not same:  # only other protocols on this side: no packet fits both sides
             return []
         ports = (same[0].start_port, same[0].end_port)
-        out: list[TrafficSelector] = []
-        for t in same:
-            if (t.start_port, t.end_port) == ports and t not in out:
-                out.append(t)
-        return out
+        return list(dict.fromkeys(t for t in same if (t.start_port, t.end_port) == ports))
 
     return side(local), side(remote)
 
