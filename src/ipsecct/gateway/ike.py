@@ -117,6 +117,8 @@ class _Reserved:
     # what each admitted unit reserved ((payload, SPIs) -> addresses), until unit_kept
     units: dict[tuple[bytes, tuple[int, ...]], list[tuple[str, IPAddr]]] = field(
         default_factory=dict)  # fmt: skip
+    # ... and which unit (its SPIs: the pieces of one name the same) announced each address
+    unit_of: dict[tuple[str, IPAddr], tuple[int, ...]] = field(default_factory=dict)
 
 
 def _ts_take(ts: list[TrafficSelector], addr: IPAddr, proto: int, port: int) -> bool:
@@ -1142,8 +1144,7 @@ class IkeService:
         """Reserve ``vips`` for transfer ``tid`` of ``peer``; why not (the peer's bound)."""
         r = self._reserved.get((peer, tid)) or _Reserved()
         unit = tuple(spis)
-        taken = next((v for (_, s), held in r.units.items() if s != unit for v in held
-                      if v in vips), None)  # fmt: skip
+        taken = next((v for v in vips if r.unit_of.get(v, unit) != unit), None)
         if taken is not None:
             # a source leases an address to one IKE SA (the pieces of one unit name the
             # same tunnels): admitted, both units' CHILD SAs would carry it here
@@ -1167,6 +1168,8 @@ class IkeService:
                   id=f"{tid:016x}", pool=name, vip=a)  # fmt: skip
         r.spis |= more
         r.units.setdefault((payload, unit), []).extend(vips)
+        for v in vips:
+            r.unit_of.setdefault(v, unit)
         self._reserved[(peer, tid)] = r
         self._tally(peer, len(new), len(more))
         self.node.timers.poke()
@@ -1186,6 +1189,7 @@ class IkeService:
                 keep[v] = None
             spis.update(unit_spis)
         r.units.clear()
+        r.unit_of.clear()
         gone = [v for v in r.held if v not in keep]
         self._tally(peer, 0, len(spis & r.spis) - len(r.spis))
         r.spis &= spis
