@@ -975,3 +975,79 @@ def test_close_action_start_asks_for_the_child_sa_the_peer_deleted_alone(
         assert new.spi_out == ike_r.children[0].spi_in and not svc.engine.connecting
         svc.node.from_inner(pkt)
         assert esp[-1].spi == new.spi_out, action
+
+
+# -- children.*.life_time, and what `ipsecct sa list` says of the deadlines ---------------------
+
+
+def test_life_time_closes_the_child_sa_at_its_end_and_sa_list_shows_when(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """children.*.life_time (issue 10's key; docs/ikev2.md: supported) had no test: it is the
+    hard lifetime of the CHILD SA's ESP SAs; at its end, with no packet and no rekey
+    (rekey_time 0), the node's timer removes the CHILD SA and the engine sends its DELETE.
+    ``ipsecct sa list`` shows, as ``swanctl --list-sas`` does, our identity, the IKE and
+    CHILD SAs' rekey and expiry deadlines and the ESP-in-UDP mode."""
+    from ipsecct.commands.sa import _print_ike
+
+    svc, sent, clock, _ = _mn(tmp_path, monkeypatch, rekey_time=None, life_time=30.0)
+    gw = IkeEngine([conn()])
+    svc.initiate(svc.engine.connections[0])
+    _exchange(svc, gw, sent, clock[0])
+    (ike,) = svc.engine.ike_sas()
+    (child,) = ike.children
+    for sa in child.handle.sas():  # type: ignore[attr-defined]
+        assert sa.hard == Lifetime(seconds=30.0)
+    assert child.rekey_at is None
+
+    clock[0] += 10
+    (row,) = svc.list()
+    assert row["local_id"] == "mn.test" and row["rekey_in_s"] is None
+    children: list[dict[str, Any]] = row["children"]  # type: ignore[assignment]
+    (c,) = children
+    assert c["expires_in_s"] == 20 and c["rekey_in_s"] is None
+    assert c["encap"] is True  # the node's SAs are ESP in UDP (no raw ESP socket here)
+    _print_ike([row])
+    text = capsys.readouterr().out
+    assert "  local  192.0.2.10:500 id mn.test\n" in text, text
+    assert ", TUNNEL-in-UDP, ESP in 0x" in text, text
+    assert "    installed 10.0 s ago, expires in 20 s\n" in text, text
+
+    sent.clear()
+    clock[0] = 39.5  # created at 10: still up half a second before the end
+    svc.node._engine_timer(clock[0])
+    assert ike.children == [child]
+    clock[0] = 40.5
+    svc.node._engine_timer(clock[0])
+    assert not ike.children and svc.engine.stats["child-expired-volume"] == 1
+    assert not svc.node.engine.find_sa(child.spi_out)
+    (req,) = sent  # its DELETE, under the IKE SA
+    assert req.data[18] == M.ExchangeType.INFORMATIONAL
+    _exchange(svc, gw, sent, clock[0])
+    assert not gw.ike_sas()[0].children  # the gateway removed its half too
+    assert ike.state is IkeState.ESTABLISHED
+
+
+def test_sa_list_shows_the_rekey_deadlines_and_our_identity() -> None:
+    """The gateway's side of an IKE SA with rekey_time on the connection and the child:
+    "rekeying in" counts down from the deadlines the engine keeps (up to 10 % early at
+    random, as strongSwan's rand_time), and no life_time means no "expires in"."""
+    from ipsecct.commands.sa import _due
+
+    child = dataclasses.replace(conn().children[0], rekey_time=3600.0)
+    w = pair(mn_conn(), dataclasses.replace(conn(), rekey_time=14400.0, children=[child]))
+    connect(w)
+    (ike_r,) = w.resp.ike_sas()
+    now = 100.0
+    row = ike_r.summary(now)
+    assert row["local_id"] == "gw.test" and row["remote_id"] == "mn.test"
+    assert isinstance(row["rekey_in_s"], int) and 12900 <= row["rekey_in_s"] <= 14400
+    children: list[dict[str, Any]] = row["children"]  # type: ignore[assignment]
+    (c,) = children
+    assert 3140 <= c["rekey_in_s"] <= 3600 and c["expires_in_s"] is None
+    assert c["encap"] is False  # neither NAT nor port 4500 in this exchange
+    assert _due(c) == f", rekeying in {c['rekey_in_s']} s"
+    # a deadline passed reads 0 (due), none reads nothing
+    assert _due(ike_r.summary(10**6)) == ", rekeying in 0 s"
+    ike_r.rekey_at = None
+    assert ike_r.summary(now)["rekey_in_s"] is None and _due(ike_r.summary(now)) == ""

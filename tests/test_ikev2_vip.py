@@ -1101,7 +1101,8 @@ def test_ipsecct_node_gets_a_virtual_ip_from_a_strongswan_gateway(workdir: Path)
             assert ping_once_up(ns, "a", B.inner, 3) == 3, mn.logtext() + ss.logtail()
             assert ping(ns, "b", "10.3.0.1", 3) == 3, mn.logtext()
             text = cli("sa", "list", "-s", sock)
-            assert re.search(r"local  \S+ \[10\.3\.0\.1\]", text.stdout), text.stdout + text.stderr
+            assert re.search(r"local  \S+ id \S+ \[10\.3\.0\.1\]", text.stdout), (
+                text.stdout + text.stderr)
             # strongSwan rekeys the IKE SA (its rekey_time), then the CHILD SA: the node, now
             # the IKE SA's responder, keeps the address as given to it (IkeSA.vips_given)
             ss.swanctl("--rekey", "--ike", "cB")

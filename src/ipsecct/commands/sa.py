@@ -206,6 +206,16 @@ def _ike_sas(path: str) -> list[dict[str, Any]] | None:
     return res
 
 
+def _due(sa: dict[str, Any]) -> str:
+    """", rekeying in 3402 s, expires in 3958 s" as far as the SA has those deadlines."""
+    out = ""
+    if sa.get("rekey_in_s") is not None:
+        out += f", rekeying in {sa['rekey_in_s']} s"
+    if sa.get("expires_in_s") is not None:
+        out += f", expires in {sa['expires_in_s']} s"
+    return out
+
+
 def _print_ike(sas: list[dict[str, Any]], states: dict[int, dict[str, Any]] | None = None) -> None:
     """Like ``swanctl --list-sas``: each IKE SA, then its CHILD SAs indented, each with the
     state of its outbound SA (``states``: SA rows by SPI), INSTALLED when it is simply so."""
@@ -215,18 +225,21 @@ def _print_ike(sas: list[dict[str, Any]], states: dict[int, dict[str, Any]] | No
         # virtual IPs in brackets after the address, as swanctl --list-sas has them
         lv = "".join(f" [{v}]" for v in ike.get("local_vips", []))
         rv = "".join(f" [{v}]" for v in ike.get("remote_vips", []))
-        print(f"  local  {ike['local']}{lv}")
+        lid = f" id {ike['local_id']}" if ike.get("local_id") else ""
+        print(f"  local  {ike['local']}{lid}{lv}")
         print(f"  remote {ike['remote']} id {ike['remote_id']!s}{rv}")
         # a half-open IKE SA is not established: its age is since IKE_SA_INIT
         since = "established" if ike["state"] != "half-open" else "IKE_SA_INIT"
-        print(f"  {ike['proposal']}, {since} {ike['established_s']} s ago")
+        print(f"  {ike['proposal']}, {since} {ike['established_s']} s ago{_due(ike)}")
         for c in ike["children"]:
             sa = (states or {}).get(int(str(c["spi_out"]), 16)) or {}
             state = str(sa.get("state", "installed")).upper()
+            mode = "TUNNEL-in-UDP" if c.get("encap") else "TUNNEL"
             # 0x, as in the SA table: the SPI is copied into sa show / transfer, which read
             # digits alone as decimal (swanctl's "20000001_i" would name 0x01312d01)
-            print(f"  {c['name']}: #{c['uid']}, {state}, TUNNEL, ESP in 0x{c['spi_in']}, "
+            print(f"  {c['name']}: #{c['uid']}, {state}, {mode}, ESP in 0x{c['spi_in']}, "
                   f"out 0x{c['spi_out']}, {c['proposal']}")  # fmt: skip
+            print(f"    installed {c['installed_s']} s ago{_due(c)}")
             if sa.get("state_detail"):
                 print(f"    {sa['state_detail']}")
             print(f"    local  {' '.join(c['local_ts'])}")

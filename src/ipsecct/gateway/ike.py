@@ -1745,7 +1745,17 @@ class IkeService:
 
     def list(self) -> list[dict[str, object]]:
         now = self.node.clock()
-        return [ike.summary(now) for ike in self.engine.ike_sas()]
+        res = []
+        for ike in self.engine.ike_sas():
+            s = ike.summary(now)
+            rows = cast("list[dict[str, object]]", s["children"])
+            for child, row in zip(ike.children, rows, strict=True):
+                t = child.handle
+                if t is not None:  # installed: ESP in UDP as its SAs are, not as the IKE SA is
+                    row["encap"] = any(sa.encap is not None
+                                       for sa in t.sas())  # type: ignore[attr-defined]
+            res.append(s)
+        return res
 
 
 class IkeFeed:

@@ -26,6 +26,14 @@ NAT_T_PORT = 4500
 IKE_PORT = 500
 
 
+def _until(when: float | None, now: float) -> int | None:
+    """Whole seconds from ``now`` until ``when`` (0 when due; None: no such deadline), as
+    swanctl --list-sas shows "rekeying in 3402s"."""
+    if when is None or when != when:  # (not NaN: a deadline is a clock reading or None)
+        return None
+    return max(0, int(when - now + 0.5)) if when - now < 1e12 else None
+
+
 @dataclass(frozen=True)
 class Address:
     host: IPAddr
@@ -299,6 +307,17 @@ class IkeSA:
     def describe(self) -> str:
         return f"{self.conn.name}[{self.uid}] {self.local} <-> {self.remote}"
 
+    def local_id_text(self) -> str:
+        """Our identity as the peer sees it: local.id, else our certificate's subject DN
+        (local.auth = pubkey) or our address."""
+        conn = self.conn
+        if conn.local_id is not None and conn.local_id.text:
+            return conn.local_id.text
+        creds = conn.credentials
+        if conn.local_auth == "pubkey" and creds is not None and creds.certs:
+            return creds.certs[0].subject.rfc4514_string()
+        return str(self.local.host)
+
     def summary(self, now: float) -> dict[str, object]:
         """What ``ipsecct sa list`` shows (never keys)."""
         return {
@@ -310,6 +329,7 @@ class IkeSA:
             "spi_r": self.spi_r.hex(),
             "local": str(self.local),
             "remote": str(self.remote),
+            "local_id": self.local_id_text(),
             "remote_id": self.peer_id,
             "proposal": self.suite.name(),
             "nat": {"local": self.nat_local, "remote": self.nat_remote},
@@ -319,6 +339,8 @@ class IkeSA:
                 str(a) for _, a in self.vips
             ],
             "established_s": round(now - self.created, 1),
+            # swanctl --list-sas: "rekeying in ..." (None: we do not rekey it, the peer may)
+            "rekey_in_s": _until(self.rekey_at, now),
             "message_ids": {"next_request": self.my_next_mid, "next_expected": self.peer_next_mid},
             "children": [
                 {
@@ -331,6 +353,12 @@ class IkeSA:
                     "remote_ts": [str(t) for t in c.remote_ts],
                     "installed_s": round(now - c.created, 1),
                     "installed": c.handle is not None,
+                    # ESP in UDP (RFC 3948): swanctl's TUNNEL-in-UDP
+                    "encap": self.encap,
+                    "rekey_in_s": _until(c.rekey_at, now),
+                    # children.*.life_time: its ESP SAs' hard lifetime (None: none)
+                    "expires_in_s": _until(
+                        c.created + c.config.life_time if c.config.life_time else None, now),
                 }
                 for c in self.children
             ],
