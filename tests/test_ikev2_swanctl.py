@@ -981,7 +981,8 @@ def test_close_action_start_asks_for_the_child_sa_the_peer_deleted_alone(
 
 
 def test_life_time_closes_the_child_sa_at_its_end_and_sa_list_shows_when(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """children.*.life_time (issue 10's key; docs/ikev2.md: supported) had no test: it is the
     hard lifetime of the CHILD SA's ESP SAs; at its end, with no packet and no rekey
@@ -1018,7 +1019,10 @@ def test_life_time_closes_the_child_sa_at_its_end_and_sa_list_shows_when(
     svc.node._engine_timer(clock[0])
     assert ike.children == [child]
     clock[0] = 40.5
-    svc.node._engine_timer(clock[0])
+    with caplog.at_level(logging.INFO, logger="ipsecct.ikev2"):
+        svc.node._engine_timer(clock[0])
+    assert 'event=child-sa-expired conn=mn' in caplog.text
+    assert 'reason="life_time, life_bytes or life_packets reached"' in caplog.text
     assert not ike.children and svc.engine.stats["child-expired-volume"] == 1
     assert not svc.node.engine.find_sa(child.spi_out)
     (req,) = sent  # its DELETE, under the IKE SA

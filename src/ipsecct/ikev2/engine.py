@@ -622,9 +622,9 @@ class IkeEngine:
         """One of the CHILD SA's ESP SAs reached its rekey_bytes/rekey_packets (``hard``
         False: the SAD's soft lifetime): it is rekeyed now, by the same path as a rekey
         that falls due by time (a collision with the peer's is resolved as for those); or
-        its life_bytes/life_packets (the SAD's hard lifetime: the SA takes and sends no more
-        packets): it is removed now and its DELETE sent, queued behind an exchange in
-        flight."""
+        its life_time, life_bytes or life_packets (the SAD's hard lifetime: the SA takes and
+        sends no more packets; counted as ``child-expired-volume`` whichever it was): it is
+        removed now and its DELETE sent, queued behind an exchange in flight."""
         out: list[Output] = []
         if child not in ike.children:
             return out
@@ -635,7 +635,8 @@ class IkeEngine:
             return self.tick(now)
         self.stats["child-expired-volume"] += 1
         log.info("event=child-sa-expired conn=%s peer=%s spi_in=%08x reason=%s", ike.conn.name,
-                 ike.remote, child.spi_in, _quote("life_bytes/life_packets reached"))  # fmt: skip
+                 ike.remote, child.spi_in,
+                 _quote("life_time, life_bytes or life_packets reached"))  # fmt: skip
         ike.children.remove(child)
         self._child_spis.discard(child.spi_in)
         out.append(ChildDown(ike, child, "expired"))
