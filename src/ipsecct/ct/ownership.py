@@ -223,21 +223,31 @@ def member_info(address: str, lease: int, groups: int) -> str:
     return json.dumps({"address": address, "lease": str(lease), "groups": groups})
 
 
+MAX_LEASE = (1 << 63) - 1  # etcd's lease IDs are positive int64
+
+
 def parse_member(value: bytes) -> tuple[str, int, int]:
-    """(address, lease, home groups) of a member key's value; lease 0 if it makes no sense."""
+    """(address, lease, home groups) of a member key's value; lease 0 if it makes no sense
+    (anything :func:`member_info` does not write: the lease a decimal string of a positive
+    int64; JSON's Infinity, a float or 2**80 as a lease are nonsense, not a traceback)."""
     try:
         d = json.loads(value)
         if not isinstance(d, dict):
             raise ValueError
         addr = d.get("address", "")
-        lease = int(d.get("lease", "0"))
+        text = d.get("lease", "0")
         groups = d.get("groups", GROUPS)
         if not isinstance(addr, str) or not isinstance(groups, int) or isinstance(groups, bool):
             raise ValueError
-        if not 1 <= groups <= MAX_TXN_OPS - 1 or lease < 0:
+        if not isinstance(text, str) or len(text) > 19:
+            raise ValueError
+        if not (text.isascii() and text.isdigit()):
+            raise ValueError
+        lease = int(text)
+        if not 1 <= groups <= MAX_TXN_OPS - 1 or not 0 <= lease <= MAX_LEASE:
             raise ValueError
         return addr, lease, groups
-    except (ValueError, TypeError, UnicodeDecodeError):
+    except (ValueError, TypeError, UnicodeDecodeError, RecursionError):
         return "", 0, GROUPS
 
 

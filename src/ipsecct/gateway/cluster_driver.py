@@ -121,6 +121,7 @@ class ClusterDriver:
         self._orphan_since: dict[str, float] = {}
         self.orphaned: dict[str, int] = {}
         self.floors_dropped = 0  # tunnels' floors dropped with a peer's lease
+        self.malformed = 0  # keys under our prefix no member wrote as they are (_malformed)
         self._next_orphan_check = 0.0
         self._quiet = RateLimited(burst=2, interval=10.0)  # etcd errors repeat every round
         node.engine.send_until = -math.inf  # nothing is sent before we are a member
@@ -435,10 +436,11 @@ class ClusterDriver:
     async def _claim_block(self) -> spimod.SpiBlock:
         """Our block of the SPI space: the one we claimed before, else the first free one."""
         n = self.cfg.spi_blocks
-        claims = {
-            kv.key.rsplit("/", 1)[-1]: kv.value.decode()
-            for kv in await self.client.get_prefix(self.keys["blocks"])
-        }
+        claims: dict[str, str] = {}
+        for kv in await self.client.get_prefix(self.keys["blocks"]):
+            claims[kv.key.rsplit("/", 1)[-1]] = kv.value.decode(errors="replace")
+            if not kv.value or "\ufffd" in claims[kv.key.rsplit("/", 1)[-1]]:
+                self._malformed(kv.key, "an SPI block claim that names no member")
         for i in range(n):
             if claims.get(str(i)) == self.node.name:
                 return spimod.block(i, n)
@@ -564,10 +566,19 @@ class ClusterDriver:
         members = {kv.key[len(self.keys["members"]) :] for kv in mkvs}
         seen: dict[str, int] = {}
         for kv in mkvs:
+            name = kv.key[len(self.keys["members"]) :]
             lease = ownership.parse_member(kv.value)[1]
-            if lease:
-                self._lease_names[lease] = kv.key[len(self.keys["members"]) :]
-            seen[kv.key[len(self.keys["members"]) :]] = kv.lease
+            if lease and lease == kv.lease:
+                self._lease_names[lease] = name
+                seen[name] = kv.lease
+                continue
+            # Not what a member writes (its value names the lease the key is attached to):
+            # a buggy or hostile writer's, or a corrupted etcd's. Nobody to replicate to;
+            # but a member seen before keeps its lease here: its floors stay (it may still
+            # take our tunnels over from its replicas), its tunnels are not taken.
+            self._malformed(kv.key, "a member key that names no lease or not its own")
+            if self._live is not None and name in self._live:
+                seen[name] = self._live[name]
         self._members_seen(seen)
         if not any(sb.replica or sb.extra for sb in self.standbys.values()):
             return
@@ -1072,6 +1083,13 @@ class ClusterDriver:
                 self._owned(batch)
         return rest
 
+    def _malformed(self, key: str, what: str) -> None:
+        """A key under our prefix that no member of ours wrote as it is (taken as nothing, or
+        as what keeps every floor): counted, and told (rate-limited: each scan sees it)."""
+        self.malformed += 1
+        self._quiet.event(log, "cluster-etcd-malformed", logging.WARNING, key=key,
+                          node=self.node.name, etcd_key=key, detail=what)  # fmt: skip
+
     def _fence(self, t: Tunnel) -> None:
         n = len(self._waiting)
         self._waiting = collections.deque(h for h in self._waiting if h.tunnel is not t)
@@ -1183,6 +1201,8 @@ class ClusterDriver:
                 ),
             },
             "floors_dropped": self.floors_dropped,
+            # keys under the cluster's prefix that make no sense (a buggy or hostile writer)
+            "malformed": self.malformed,
             # peers whose acknowledgements bound some tunnel's sequence ceiling (and how many)
             "floors": {p: len(r.floor) for p, r in self.replicators.items() if r.floor},
             "taken_over": self.taken,

@@ -1,0 +1,177 @@
+"""The etcd mode against what a buggy or hostile member (or a corrupted etcd) writes under the
+cluster's prefix, and against what a hostile peer member replicates (issue: untrusted input in
+clusters and fail-over). A real etcd, a real driver (``gateway/cluster_driver.py``) in this
+process: whatever the values, the driver never dies with a traceback, still joins and owns its
+tunnel, and tells the operator (``event=cluster-etcd-malformed``, ``status()["malformed"]``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+import pytest
+
+from ipsecct.ct import ownership
+from ipsecct.gateway.config import ClusterConfig
+from ipsecct.gateway.etcd import EtcdClient
+from ipsecct.ipsec import spi as spimod
+from tests.helpers.etcd_server import EtcdCluster
+from tests.helpers.waiting import eventually
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _gateway_config(tmp_path: Path) -> Path:
+    """sg1 of examples/failover with its one tunnel, without [transfer] and later sections."""
+    root = ROOT / "examples" / "failover"
+    text = (root / "sg1.toml").read_text()
+    (tmp_path / "sg1.toml").write_text(text[: text.index("[transfer]")])
+    (tmp_path / "keys").mkdir()
+    (tmp_path / "keys" / "sg1.keys").write_bytes((root / "keys" / "sg1.keys").read_bytes())
+    (tmp_path / "keys" / "sg1.keys").chmod(0o600)
+    return tmp_path / "sg1.toml"
+
+
+# What a hostile member (or a corrupted etcd) leaves under /ipsecct/default/: member keys that
+# JSON accepts but that make no sense (Infinity is valid for Python's json), and an SPI block
+# claimed with bytes that are not UTF-8.
+HOSTILE = {
+    "members/inf": b'{"address": "x", "lease": Infinity, "groups": 8}',
+    "members/big": b'{"address": "x", "lease": "%d", "groups": 8}' % (1 << 80),
+    "members/float": b'{"address": "x", "lease": 1.5, "groups": 8}',
+    "members/junk": b"\xff\xfe{",
+    "spi-blocks/0": b"\xff\xfe",
+}
+
+
+@pytest.mark.parametrize("value", [*(v for k, v in HOSTILE.items() if "members" in k),
+                                   b"[" * 100000, b'{"lease": "\xd9\xa5"}', b'{"lease": -5}',
+                                   b'{"lease": "-5"}', b'{"lease": "9223372036854775808"}'])
+def test_a_member_value_that_makes_no_sense_names_no_lease(value: bytes) -> None:
+    assert ownership.parse_member(value)[1] == 0  # (Infinity: OverflowError before)
+
+
+def test_a_member_value_as_members_write_it() -> None:
+    info = ownership.member_info("10.0.0.1:4500", (1 << 63) - 1, 8)
+    assert ownership.parse_member(info.encode()) == ("10.0.0.1:4500", (1 << 63) - 1, 8)
+
+
+def test_hostile_member_keys_neither_stop_nor_fool_the_driver(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Such keys, present before the member joins: it joins (into another SPI block), owns its
+    tunnel, its loop lives on through many scans of the member list, and the operator is
+    told of each malformed key. (Before: a lease of Infinity raised OverflowError in
+    parse_member and a non-UTF-8 block claim UnicodeDecodeError in _claim_block, both out of
+    the driver's loop: it stopped for good, silently, and the gateway never joined again.)"""
+    from ipsecct.gateway.cluster_driver import ClusterDriver
+    from ipsecct.gateway.config import load
+    from ipsecct.gateway.node import Node
+
+    cfg_path = _gateway_config(tmp_path)
+
+    async def run(endpoints: list[str]) -> None:
+        c = EtcdClient(endpoints, timeout=5.0)
+        base = ownership.keys("default")["members"].rsplit("members/", 1)[0]
+        for k, v in HOSTILE.items():
+            await c.put(base + k, v)
+        node = Node(load(cfg_path))
+        [t] = node.engine.tunnels()
+        drv = ClusterDriver(node, ClusterConfig(etcd=tuple(endpoints), ttl_s=4, groups=4))
+        drv.transfer = None
+        await drv.start()
+        try:
+            task = drv._task
+            assert task is not None
+
+            def alive() -> bool:
+                if task.done():
+                    raise AssertionError(f"the driver's loop died: {task.exception()!r}")
+                return True
+
+            await eventually(lambda: alive() and drv.own.owns(t.outbound.spi), "owning")
+            assert drv.block != spimod.block(0, drv.cfg.spi_blocks)  # the junk's claim
+            # (each look at the member list counts the four bad member keys: three looks)
+            await eventually(lambda: alive() and drv.malformed >= 1 + 3 * 4, "three scans")
+            st = drv.status()
+            assert st["malformed"] >= 13 and st["lease"]["state"] == "held", st
+            assert drv.own.owns(t.outbound.spi) and t.seq_ceiling > t.outbound.seq
+        finally:
+            await drv.stop()
+
+    with caplog.at_level(logging.INFO, logger="ipsecct"), EtcdCluster(tmp_path) as e:
+        asyncio.run(run(e.endpoints))
+    lines = [r.getMessage() for r in caplog.records]
+    assert any("event=cluster-etcd-malformed" in m and "members/inf" in m for m in lines), lines
+
+
+def test_a_peers_member_key_overwritten_with_junk_keeps_its_floors(tmp_path: Path) -> None:
+    """Guards the invariant. sg1 replicates its tunnel to sg2 (a member: its key under its
+    lease); the tunnel's sequence numbers are bounded by what sg2 holds (its floor). A buggy
+    or hostile writer then overwrites sg2's member key with junk, without a lease. sg2's lease
+    lives on, and with it the replica sg2 could take the tunnel over from: the floor must stay
+    (before: the key's lease read as 0, taken for "sg2's lease is gone", the floor was dropped
+    and sg1 could send past what sg2 would restart from). The operator is told."""
+    from ipsecct.ct.transfer import Identity
+    from ipsecct.gateway.cluster_driver import ClusterDriver
+    from ipsecct.gateway.config import load
+    from ipsecct.gateway.node import Node
+
+    class Channels:  # what would go to the peers over TLS
+        def __init__(self) -> None:
+            self.sent: list[str] = []
+
+        def send(self, peer: str, msg: object) -> None:
+            self.sent.append(peer)
+
+        def room(self, peer: str) -> int:
+            return 1 << 30
+
+    class Transfer:
+        def __init__(self) -> None:
+            self.listeners: list[object] = []
+
+    cfg_path = _gateway_config(tmp_path)
+
+    async def run(endpoints: list[str]) -> None:
+        c = EtcdClient(endpoints, timeout=5.0)
+        lid, _ = await c.grant(60)  # sg2, alive throughout
+        key = ownership.keys("default")["members"] + "sg2"
+        await c.put(key, ownership.member_info("127.0.0.1:1", lid, 8), lease=lid)
+        node = Node(load(cfg_path))
+        [t] = node.engine.tunnels()
+        drv = ClusterDriver(node, ClusterConfig(etcd=tuple(endpoints), ttl_s=4, groups=4))
+        ch = Channels()
+        drv.attach(ch, Transfer(), Identity.DIRECT, ["sg2"])  # type: ignore[arg-type]
+        drv.transfer = None
+        rep = drv.replicators["sg2"]
+        await drv.start()
+        try:
+            await eventually(
+                lambda: drv.own.owns(t.outbound.spi) and t in rep.floor and ch.sent,
+                "the tunnel owned, replicated to sg2 and bounded by its floor",
+            )
+            assert rep.target_lease == lid
+            ceiling = t.seq_ceiling
+            assert ceiling == rep.floor[t] + drv.margin
+            await c.put(key, b"\xffjunk")  # no lease: etcd detaches sg2's from the key
+            n = drv.malformed
+            await eventually(lambda: drv.malformed >= n + 2, "two looks at the member list")
+            assert drv.floors_dropped == 0 and t in rep.floor, drv.status()
+            assert t.seq_ceiling == ceiling and rep.target_lease == lid
+            # sg2 writes its key again (as it is): nothing changed for sg1
+            await c.put(key, ownership.member_info("127.0.0.1:1", lid, 8), lease=lid)
+            n = drv.client.calls
+            await eventually(lambda: drv.client.calls >= n + 4, "more rounds")
+            assert drv.floors_dropped == 0 and t.seq_ceiling == ceiling
+            # sg2's lease ends for real: now the floor goes (sg2 can never use its replica)
+            await c.revoke(lid)
+            await eventually(lambda: drv.floors_dropped == 1, "the floor dropped")
+            assert t not in rep.floor
+        finally:
+            await drv.stop()
+
+    with EtcdCluster(tmp_path) as e:
+        asyncio.run(run(e.endpoints))
