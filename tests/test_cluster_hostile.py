@@ -9,15 +9,22 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import replace
 from pathlib import Path
+from typing import cast
 
 import pytest
 
-from ipsecct.ct import ownership
+from ipsecct.ct import cxtp, failover, ownership
+from ipsecct.ct.transfer import Identity
 from ipsecct.gateway.config import ClusterConfig
 from ipsecct.gateway.etcd import EtcdClient
 from ipsecct.ipsec import spi as spimod
+from ipsecct.ipsec.engine import Engine, Tunnel
+from ipsecct.ipsec.ippacket import Endpoint
+from ipsecct.ipsec.spd import Action, SPDEntry
 from tests.helpers.etcd_server import EtcdCluster
+from tests.helpers.transfer import SG_ADDR, ip, tunnel_sas, udp_packet
 from tests.helpers.waiting import eventually
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -175,3 +182,59 @@ def test_a_peers_member_key_overwritten_with_junk_keeps_its_floors(tmp_path: Pat
 
     with EtcdCluster(tmp_path) as e:
         asyncio.run(run(e.endpoints))
+
+
+# -- replicas from a buggy or hostile active (the sans-I/O standby, ct/failover.py) ----------
+
+
+def _pair() -> tuple[Tunnel, failover.Replicator, failover.Standby]:
+    """An active engine with one tunnel and its Replicator; a Standby on another engine."""
+    act = Engine(ip(SG_ADDR["sg1"]))
+    (o, n, s), _ = tunnel_sas("sg1", spi_up=0x1001, spi_down=0x2001, name="t1")
+    t = act.add_tunnel(SPDEntry(s, Action.PROTECT, name="t1", static=False), o, n)
+    c = failover.FailoverConfig("active", "sg2", seq_margin=1000, fencing=False, sync_packets=1)
+    rep = failover.Replicator(act, c, session=9)
+    sb = failover.Standby(Engine(ip(SG_ADDR["sg2"])), replace(c, role="standby", peer="sg1"),
+                          Endpoint(ip(SG_ADDR["sg2"]), 4600), Identity.DIRECT)  # fmt: skip
+    return t, rep, sb
+
+
+def _wire(msgs: list[cxtp.Message]) -> list[cxtp.CTD]:
+    out = [cxtp.decode(cxtp.encode(m)) for m in msgs]
+    assert all(isinstance(m, cxtp.CTD) for m in out)
+    return cast(list[cxtp.CTD], out)
+
+
+def test_a_replica_going_backwards_never_lowers_the_take_over() -> None:
+    """Guards the invariant. The active replicates its tunnel at 5000 packets sent, then (a
+    bug, or hostile) sends the state of 3000 again. What it sent up to 5000 + the margin is
+    bounded by the first: the standby takes over past it (before: from 3000 + margin, and
+    the numbers 4001-6000 went out twice under one key). The standby counts it."""
+    t, rep, sb = _pair()
+    t.outbound.seq = 3000
+    old = _wire(rep.poll(0.0))
+    for m in old:
+        sb.receive(m, 0.0)
+    t.outbound.seq = 4999
+    res = rep.engine.outbound(udp_packet(0, up=False), 0.5)  # packet 5000
+    assert type(res).__name__ == "ToPeer" and t.outbound.seq == 5000, res
+    for m in _wire(rep.poll(1.0)):
+        sb.receive(m, 1.0)
+    for m in old:  # the older state again
+        sb.receive(m, 2.0)
+    assert sb.seq_backwards == 1
+    [taken], _, _ = sb.take_over(3.0)
+    assert taken.outbound.seq >= 5000 + 1000, taken.outbound.seq
+
+
+def test_a_replica_at_the_last_sequence_number_sends_nothing_after_a_take_over() -> None:
+    """Already fine: a replica at 2**64 - 1 (ESN) is taken over at its limit: the tunnel
+    sends nothing (no number left), it does not wrap to 0."""
+    t, rep, sb = _pair()
+    t.outbound.seq = (1 << 64) - 1
+    for m in _wire(rep.poll(0.0)):
+        sb.receive(m, 0.0)
+    [taken], _, _ = sb.take_over(1.0)
+    assert taken.outbound.seq == (1 << 64) - 1 == taken.outbound.seq_limit
+    res = sb.engine.outbound(udp_packet(0, up=False), 1.0)
+    assert type(res).__name__ != "ToPeer", res

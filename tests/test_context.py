@@ -378,6 +378,7 @@ def test_property_round_trip_and_canonical(sa: SecurityAssociation) -> None:
     back = context.decode(cdb, NOW)
     assert context.encode(back, NOW) == cdb
     same(sa, back)
+    assert context.peek_seq(cdb) == back.seq  # (a standby's look at each replica)
     obj = json.loads(json.dumps(context.to_json(back, NOW)))
     assert context.encode(context.from_json(obj, NOW), NOW) == cdb
 
@@ -394,6 +395,7 @@ def check_decoder(data: bytes) -> None:
 @given(st.binary(max_size=600))
 def test_property_random_bytes(data: bytes) -> None:
     check_decoder(data)
+    assert context.peek_seq(data) >= 0  # never an exception
     try:
         parts = context.split_cdbs(data)
     except ContextError:

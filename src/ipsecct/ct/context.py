@@ -1485,6 +1485,25 @@ def encode_reference(sa: SecurityAssociation, now: float, *, seq: int | None = N
     return _serialize(_fields_from_sa(sa, now, seq))
 
 
+def peek_seq(data: bytes) -> int:
+    """The outbound sequence number in a CDB as :func:`encode` writes it, read without
+    decoding the rest (0: none, or not such a CDB; the CDB itself is checked when decoded):
+    for a standby comparing the replicas of one SA as they arrive."""
+    try:
+        if data[3] != 0x80:
+            return 0
+        pv = int.from_bytes(data[4:8], "big")
+        if not pv & _M_SEQ:
+            return 0
+        pos = 48 if (data[10] << 8 | data[11]) & F_IPV6 else 24
+        for m in (_M_ESP_ENC, _M_ESP_INTEG, _M_AH_INTEG):
+            if pv & m:
+                pos += 3 + data[pos + 2]
+        return int(_U64.unpack_from(data, pos)[0])
+    except (IndexError, struct.error):
+        return 0
+
+
 def decode(data: bytes, now: float) -> SecurityAssociation:
     """The SA in exactly one CDB; ContextError for anything malformed or non-canonical."""
     data = bytes(data)

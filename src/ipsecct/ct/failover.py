@@ -1056,6 +1056,12 @@ class Standby:
     # When each marked transfer was first heard of (by id): the decision query says how
     # old the transfer is at least (AGE), as a restarted source's does.
     mark_seen: dict[int, float] = field(default_factory=dict)
+    # The highest outbound sequence number any replica of each tunnel carried (outbound SPI
+    # -> number): an active sends what it sent last, which only grows; a replica going
+    # backwards (a buggy or hostile active) must not lower where a take-over resumes, as
+    # the active may have sent up to the higher one + the margin. Counted.
+    high: dict[int, int] = field(default_factory=dict, repr=False)
+    seq_backwards: int = 0
 
     def __post_init__(self) -> None:
         if self.cfg.fencing and self.peer_lease and self.grant is None:
@@ -1133,7 +1139,7 @@ class Standby:
         self.last_heard = now
         self.seen_session = tag.transfer_id
         self.epoch = epoch
-        if full:
+        if full:  # (``high`` stays: a whole state again is no reason to go backwards)
             self.replica.clear()
             self._ready.clear()
             self.extra.clear()
@@ -1170,11 +1176,19 @@ class Standby:
             self.extra[key] = value
         for spi in removed:
             self.replica.pop(spi, None)
+            self.high.pop(spi, None)
             self._ready.pop(spi, None)
             self.marks.pop(spi, None)
         for spi, pair in pairs:
             self.replica[spi] = pair
             self._dirty.append((spi, now))
+            seq = context.peek_seq(pair[0])
+            if seq < self.high.get(spi, 0):
+                self.seq_backwards += 1
+            else:
+                self.high[spi] = seq
+        if full or len(self.high) > 2 * len(self.replica) + 64:  # (or dropped by the caller)
+            self.high = {s: self.high[s] for s in self.replica if s in self.high}
         for spi, mark in leaves:
             if mark is not None:
                 self.marks[spi] = mark
@@ -1208,6 +1222,7 @@ class Standby:
         """The etcd mode: this member's lease is gone (or new): drop every replica held
         under the old one; keep only what is sent for ``member_lease`` from now on."""
         self.replica.clear()
+        self.high.clear()
         self._ready.clear()
         self._dirty.clear()
         self.extra.clear()
@@ -1347,7 +1362,8 @@ class Standby:
             if out_sa.direction is not Direction.OUTBOUND or out_sa.selectors is None:
                 failed += 1
                 continue
-            out_sa.seq = min(out_sa.seq + self.cfg.seq_margin, out_sa.seq_limit)
+            high = max(out_sa.seq, self.high.pop(spi, 0))  # (never a replica's lower one)
+            out_sa.seq = min(high + self.cfg.seq_margin, out_sa.seq_limit)
             mark = self.marks.get(spi)
             if mark is not None:
                 # Being transferred away when the active died: its target may have it (and

@@ -47,7 +47,7 @@ from ..ipsec.sad import SecurityAssociation
 from . import gcpolicy
 from .fencing import PairFencing, PairState, load_state, save_state, state_path
 from .ike import IkeService
-from .log import event
+from .log import RateLimited, event
 from .node import Node
 from .peers import PeerChannels
 from .transfer_service import TransferService
@@ -420,8 +420,11 @@ class FailoverDriver:
             if self.standby is None:
                 self.transfer.refuse()
                 return
+            back = self.standby.seq_backwards
             for reply in self.standby.receive(msg, now):
                 self.channels.send(peer, reply)
+            if self.standby.seq_backwards != back:
+                seq_backwards(self.node.name, peer, self.standby.seq_backwards - back)
             self.node.timers.poke()  # the dead-time deadline has moved (or now exists)
         except CxtpError as exc:
             event(log, "sync-malformed", logging.WARNING, node=self.node.name, error=str(exc))
@@ -666,6 +669,9 @@ class FailoverDriver:
                 # IKE SA replicas this gateway could not take over (not kept; the active
                 # was told)
                 "refused_ike_sas": len(self.standby.refused),
+                # replicas with a lower sequence number than an earlier one (a buggy active;
+                # a take-over resumes past the highest)
+                "seq_backwards": self.standby.seq_backwards,
                 "last_heard_ms_ago": None if heard is None else round((now - heard) * 1000),
                 **lease,
             }
@@ -682,3 +688,14 @@ class FailoverDriver:
             "back (it then becomes the standby by itself)",
             **lease,
         }
+
+
+_BACKWARDS = RateLimited(burst=2, interval=10.0)
+
+
+def seq_backwards(node: str, peer: str, n: int) -> None:
+    """A peer replicated tunnels at lower sequence numbers than before (a bug there, or
+    hostile): this standby keeps resuming past the highest; the operator is told."""
+    _BACKWARDS.event(log, "sync-seq-backwards", logging.WARNING, key=peer, node=node,
+                     peer=peer, tunnels=n, detail="replicas going backwards: a take-over "
+                     "resumes past the highest number replicated")  # fmt: skip
