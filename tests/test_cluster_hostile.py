@@ -238,3 +238,55 @@ def test_a_replica_at_the_last_sequence_number_sends_nothing_after_a_take_over()
     assert taken.outbound.seq == (1 << 64) - 1 == taken.outbound.seq_limit
     res = sb.engine.outbound(udp_packet(0, up=False), 1.0)
     assert type(res).__name__ != "ToPeer", res
+
+
+def test_a_flood_of_replicas_is_bounded_per_peer(caplog: pytest.LogCaptureFixture) -> None:
+    """A peer that replicates more tunnels than a standby keeps (``max_replicas``; here 3 of
+    its 5): the others are not kept, and counted; what is kept still follows the peer, a
+    removal makes room; the driver tells the operator. A tunnel replicated over and over
+    before the standby decoded it ahead (``prepare``) is queued once, not once per message
+    (before: one entry per message, without bound under a busy peer)."""
+    from ipsecct.gateway.failover_driver import tell_trouble, trouble
+
+    act = Engine(ip(SG_ADDR["sg1"]))
+    ts = []
+    for i in range(5):
+        (o, n, s), _ = tunnel_sas("sg1", spi_up=0x1001 + i, spi_down=0x2001 + i,
+                                  mn_inner=f"10.1.0.{i + 2}", name=f"t{i}")  # fmt: skip
+        ts.append(act.add_tunnel(SPDEntry(s, Action.PROTECT, name=f"t{i}", static=False), o, n))
+    c = failover.FailoverConfig("active", "sg2", seq_margin=1000, fencing=False, sync_packets=1)
+    rep = failover.Replicator(act, c, session=9)
+    sb = failover.Standby(Engine(ip(SG_ADDR["sg2"])), replace(c, role="standby", peer="sg1"),
+                          Endpoint(ip(SG_ADDR["sg2"]), 4600), Identity.DIRECT,
+                          max_replicas=3)  # fmt: skip
+    before = trouble(sb)
+    for m in _wire(rep.poll(0.0)):
+        sb.receive(m, 0.0)
+    assert len(sb.replica) == 3 and sb.replicas_refused == 2
+    with caplog.at_level(logging.WARNING, logger="ipsecct"):
+        tell_trouble("sg2", "sg1", sb, before)
+    assert any("event=sync-replicas-refused" in r.getMessage() for r in caplog.records)
+    t = ts[0]  # (to 10.1.0.2: udp_packet's)
+    kept = t.outbound.spi
+    assert kept in sb.replica
+    for k in range(200):  # the kept tunnel busy: replicated at every poll
+        act.outbound(udp_packet(k, up=False), 1.0 + k / 100)
+        for m in _wire(rep.poll(1.0 + k / 100)):
+            sb.receive(m, 1.0 + k / 100)
+    assert failover_seq(sb.replica[kept][0]) == t.outbound.seq == 200
+    assert len(sb._dirty) <= 3, len(sb._dirty)  # queued once each
+    act.remove_tunnel(t)
+    for m in _wire(rep.poll(5.0)):
+        sb.receive(m, 5.0)
+    assert kept not in sb.replica and len(sb.replica) == 2
+    (o, n, s), _ = tunnel_sas("sg1", spi_up=0x1100, spi_down=0x2100, name="new")
+    act.add_tunnel(SPDEntry(s, Action.PROTECT, name="new", static=False), o, n)
+    for m in _wire(rep.poll(6.0)):
+        sb.receive(m, 6.0)
+    assert 0x2100 in sb.replica and sb.replicas_refused == 2  # the room was taken
+
+
+def failover_seq(cdb: bytes) -> int:
+    from ipsecct.ct import context
+
+    return context.decode(cdb, 0.0).seq

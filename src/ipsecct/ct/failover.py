@@ -132,6 +132,10 @@ MAX_EXTRA_CDBS = 64
 # A standby (an etcd member: per peer) keeps at most this many extra contexts; one more is
 # refused (SYNC_REFUSED), as one its connections do not admit: the active's operator is told.
 MAX_EXTRAS = 65536
+# ... and at most this many tunnel replicas: one more (a new outbound SPI) is not kept, and
+# counted (``Standby.replicas_refused``); a take-over then lacks that tunnel (lost, never sent
+# on twice). A peer's flood of replicas cannot grow a standby without bound.
+MAX_REPLICAS = 1 << 18
 _SYNC = struct.Struct("!BxHI")  # kind, number of removed SPIs, epoch
 # transfer id, transferred number, outbound SPI, length of the name (0: the mark is cleared)
 _LEAVING = struct.Struct("!QQIB")
@@ -1027,7 +1031,8 @@ class Standby:
     _ready: dict[int, tuple[list[bytes], list[SecurityAssociation]]] = field(
         default_factory=dict, repr=False
     )
-    _dirty: deque[tuple[int, float]] = field(default_factory=deque, repr=False)
+    _dirty: deque[int] = field(default_factory=deque, repr=False)
+    _arrived: dict[int, float] = field(default_factory=dict, repr=False)  # SPIs in _dirty
     # Records the take-over (and reserves past the margin) before the tunnels send.
     journal: Journal | None = None
     # Could this gateway take over an extra context (key, CDBs)? None: yes; else why not. A
@@ -1062,6 +1067,8 @@ class Standby:
     # the active may have sent up to the higher one + the margin. Counted.
     high: dict[int, int] = field(default_factory=dict, repr=False)
     seq_backwards: int = 0
+    max_replicas: int = MAX_REPLICAS
+    replicas_refused: int = 0
 
     def __post_init__(self) -> None:
         if self.cfg.fencing and self.peer_lease and self.grant is None:
@@ -1180,8 +1187,13 @@ class Standby:
             self._ready.pop(spi, None)
             self.marks.pop(spi, None)
         for spi, pair in pairs:
+            if spi not in self.replica and len(self.replica) >= self.max_replicas:
+                self.replicas_refused += 1
+                continue
             self.replica[spi] = pair
-            self._dirty.append((spi, now))
+            if spi not in self._arrived:  # (once each: a busy tunnel replaced every sync
+                self._dirty.append(spi)  # ahead of prepare() grew the queue without bound)
+            self._arrived[spi] = now
             seq = context.peek_seq(pair[0])
             if seq < self.high.get(spi, 0):
                 self.seq_backwards += 1
@@ -1225,6 +1237,7 @@ class Standby:
         self.high.clear()
         self._ready.clear()
         self._dirty.clear()
+        self._arrived.clear()
         self.extra.clear()
         self.marks.clear()
         self.refused.clear()
@@ -1237,7 +1250,8 @@ class Standby:
         of when they arrived), so that a take-over only installs them. Returns how many."""
         done = 0
         while self._dirty and done < max_pairs:
-            spi, at = self._dirty.popleft()
+            spi = self._dirty.popleft()
+            at = self._arrived.pop(spi)
             pair = self.replica.get(spi)
             ready = self._ready.get(spi)
             if pair is None or (ready is not None and ready[0] is pair):

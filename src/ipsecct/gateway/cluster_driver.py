@@ -46,7 +46,7 @@ from ..ipsec.esp import Drop
 from . import gcpolicy
 from .config import ClusterConfig
 from .etcd import EtcdClient
-from .failover_driver import PREPARE_PER_TICK, seq_backwards
+from .failover_driver import PREPARE_PER_TICK, tell_trouble, trouble
 from .ike import IKE_SPI_LEN, IkeService, replica_spi
 from .log import RateLimited, event
 from .node import Node
@@ -299,11 +299,11 @@ class ClusterDriver:
             if reply_kind(msg) is not None:
                 rep.receive(msg, now)
             else:
-                had, back = bool(sb.replica), sb.seq_backwards
+                had, before = bool(sb.replica), trouble(sb)
                 for r in sb.receive(msg, now):
                     self.channels.send(peer, r)
-                if sb.seq_backwards != back:
-                    seq_backwards(self.node.name, peer, sb.seq_backwards - back)
+                if trouble(sb) != before:
+                    tell_trouble(self.node.name, peer, sb, before)
                 if sb.replica and not had:
                     # The operator's "what is this gateway now": e.g. restarted after a
                     # failure, it holds the survivors' replicas (and owns nothing yet).
@@ -1195,6 +1195,10 @@ class ClusterDriver:
             # replicas below an earlier one's sequence number (a buggy peer; see Standby.high)
             "replicas_seq_backwards": {
                 p: sb.seq_backwards for p, sb in self.standbys.items() if sb.seq_backwards
+            },
+            # new tunnels' replicas not kept (the peer sent more than max_replicas)
+            "replicas_refused": {
+                p: sb.replicas_refused for p, sb in self.standbys.items() if sb.replicas_refused
             },
             # the members whose tunnels this gateway would take over (with how many)
             "standby_of": {p: len(sb.replica) for p, sb in self.standbys.items() if sb.replica},

@@ -420,11 +420,11 @@ class FailoverDriver:
             if self.standby is None:
                 self.transfer.refuse()
                 return
-            back = self.standby.seq_backwards
+            before = trouble(self.standby)
             for reply in self.standby.receive(msg, now):
                 self.channels.send(peer, reply)
-            if self.standby.seq_backwards != back:
-                seq_backwards(self.node.name, peer, self.standby.seq_backwards - back)
+            if trouble(self.standby) != before:
+                tell_trouble(self.node.name, peer, self.standby, before)
             self.node.timers.poke()  # the dead-time deadline has moved (or now exists)
         except CxtpError as exc:
             event(log, "sync-malformed", logging.WARNING, node=self.node.name, error=str(exc))
@@ -672,6 +672,8 @@ class FailoverDriver:
                 # replicas with a lower sequence number than an earlier one (a buggy active;
                 # a take-over resumes past the highest)
                 "seq_backwards": self.standby.seq_backwards,
+                # new tunnels' replicas not kept: it holds max_replicas already (a flood)
+                "replicas_refused": self.standby.replicas_refused,
                 "last_heard_ms_ago": None if heard is None else round((now - heard) * 1000),
                 **lease,
             }
@@ -690,12 +692,25 @@ class FailoverDriver:
         }
 
 
-_BACKWARDS = RateLimited(burst=2, interval=10.0)
+_TROUBLE = RateLimited(burst=2, interval=10.0)
 
 
-def seq_backwards(node: str, peer: str, n: int) -> None:
+def trouble(sb: Standby) -> tuple[int, int]:
+    """What a standby counts of a peer's bad replicas (compared around ``receive``)."""
+    return sb.seq_backwards, sb.replicas_refused
+
+
+def tell_trouble(node: str, peer: str, sb: Standby, before: tuple[int, int]) -> None:
     """A peer replicated tunnels at lower sequence numbers than before (a bug there, or
-    hostile): this standby keeps resuming past the highest; the operator is told."""
-    _BACKWARDS.event(log, "sync-seq-backwards", logging.WARNING, key=peer, node=node,
-                     peer=peer, tunnels=n, detail="replicas going backwards: a take-over "
-                     "resumes past the highest number replicated")  # fmt: skip
+    hostile: this standby resumes past the highest anyway), or more tunnels than a standby
+    keeps: the operator is told (rate-limited per peer)."""
+    back, refused = sb.seq_backwards - before[0], sb.replicas_refused - before[1]
+    if back:
+        _TROUBLE.event(log, "sync-seq-backwards", logging.WARNING, key=peer, node=node,
+                       peer=peer, tunnels=back, detail="replicas going backwards: a take-over "
+                       "resumes past the highest number replicated")  # fmt: skip
+    if refused:
+        _TROUBLE.event(log, "sync-replicas-refused", logging.WARNING, key=peer, node=node,
+                       peer=peer, tunnels=refused, detail=f"this gateway keeps at most "
+                       f"{sb.max_replicas} tunnel replicas of a peer: these are not kept, "
+                       "and a take-over would lose them")  # fmt: skip
