@@ -290,3 +290,104 @@ def failover_seq(cdb: bytes) -> int:
     from ipsecct.ct import context
 
     return context.decode(cdb, 0.0).seq
+
+
+# -- etcd slow or unavailable during a take-over ------------------------------------------------
+
+
+def test_a_take_over_whose_answer_etcd_lost_is_completed(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """sg1 and sg2 on a real etcd, sg2 holding replicas of sg1's six tunnels. sg1 stops; sg2
+    creates the owner keys of sg1's groups, and etcd commits that, but the answer never
+    reaches sg2 (a timeout: etcd slow, the connection cut after the commit). The groups are
+    sg2's now (under its lease): nobody else can take them. sg2 must find them its own at its
+    next look and install their tunnels from its replicas (before: it took the groups for
+    someone else's, dropped its replicas, and the tunnels were gone, silently)."""
+    from ipsecct.ct.ownership import Txn
+    from ipsecct.errors import EtcdError
+    from ipsecct.gateway.cluster_driver import ClusterDriver
+    from ipsecct.gateway.config import from_dict
+    from ipsecct.gateway.node import Node
+
+    names = ("sg1", "sg2")
+
+    class LosingClient(EtcdClient):
+        """etcd applies the first take-over transaction; its answer is lost."""
+
+        armed = False
+        lost = 0
+
+        async def txn(self, t: Txn) -> bool:
+            ok = await super().txn(t)
+            adopt = any(c.target == "CREATE" and "/groups/" in c.key for c in t.compare)
+            if self.armed and adopt and ok and not self.lost:
+                self.lost += 1
+                raise EtcdError("etcd unreachable (127.0.0.1: TimeoutError)")
+            return ok
+
+    async def run(endpoints: list[str]) -> None:
+        loop = asyncio.get_running_loop()
+        drivers: dict[str, ClusterDriver] = {}
+        alive = set(names)
+
+        class Wire:  # the peers' TLS channels, delivered in order through the wire form
+            def __init__(self, me: str) -> None:
+                self.me = me
+
+            def send(self, peer: str, msg: cxtp.Message) -> None:
+                m = cast(cxtp.CTD, cxtp.decode(cxtp.encode(msg)))
+                if self.me in alive and peer in alive:
+                    loop.call_soon(lambda: peer in alive and drivers[peer].receive(self.me, m))
+
+            def room(self, peer: str) -> int:
+                return 1 << 30
+
+        class Transfer:
+            def __init__(self) -> None:
+                self.listeners: list[object] = []
+
+        for i, n in enumerate(names):
+            cfg = from_dict({"name": n, "outer": {"address": "127.0.0.1", "port": 45100 + i},
+                             "inner": {"kind": "udp", "listen": f"127.0.0.1:{45110 + i}",
+                                       "peer": "127.0.0.1:45120"}},
+                            str(tmp_path / f"{n}.toml"))  # fmt: skip
+            node = Node(cfg)
+            if n == "sg1":
+                for k in range(6):
+                    (o, inb, s), _ = tunnel_sas("sg1", spi_up=0x1000 + k, spi_down=0x2000 + k,
+                                                mn_inner=f"10.1.0.{k + 2}", name=f"t{k}")
+                    node.engine.add_tunnel(SPDEntry(s, Action.PROTECT, name=f"t{k}",
+                                                    static=False), o, inb)  # fmt: skip
+            drv = ClusterDriver(node, ClusterConfig(etcd=tuple(endpoints), ttl_s=2, groups=4))
+            if n == "sg2":
+                drv.client = LosingClient(list(endpoints), timeout=drv.client.timeout)
+            drv.attach(Wire(n), Transfer(), Identity.DIRECT, [p for p in names if p != n])  # type: ignore[arg-type]
+            drv.transfer = None
+            drivers[n] = drv
+        for drv in drivers.values():
+            await drv.start()
+        sg2 = drivers["sg2"]
+        client = cast(LosingClient, sg2.client)
+
+        def owned(n: str) -> int:
+            d = drivers[n]
+            return len(d.own.owned() & {t.outbound.spi for t in d.node.engine.tunnels()})
+
+        try:
+            await eventually(lambda: owned("sg1") == 6, "sg1 to own its six tunnels", 20)
+            await eventually(lambda: len(sg2.standbys["sg1"].replica) == 6, "the replicas", 20)
+            client.armed = True
+            alive.discard("sg1")
+            await drivers["sg1"].stop()  # (its lease revoked: its groups' owner keys go)
+            await eventually(lambda: client.lost == 1, "the take-over's lost answer", 20)
+            await eventually(lambda: owned("sg2") == 6, "sg2 to own sg1's tunnels", 20)
+            assert sg2.taken == 6
+        finally:
+            for drv in drivers.values():
+                await drv.stop()
+
+    with caplog.at_level(logging.INFO, logger="ipsecct"), EtcdCluster(tmp_path) as e:
+        asyncio.run(run(e.endpoints))
+    lines = [r.getMessage() for r in caplog.records]
+    assert any("event=cluster-adopt-answer-lost" in m for m in lines), lines

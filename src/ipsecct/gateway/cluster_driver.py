@@ -591,6 +591,9 @@ class ClusterDriver:
             self.dead_since.clear()
             return
         groups, tunnels = await read_ownership(self.client, self.keys)
+        ours = await self._adopted_unanswered(groups)
+        if ours:
+            await self._took_groups(ours, tunnels, dead)
         for p in dead:
             sb = self.standbys[p]
             for spi in [s for s in sb.replica if tunnels.get(s, "") in groups]:
@@ -686,6 +689,31 @@ class ClusterDriver:
                 for g in batch:
                     if await self.client.txn(self.own.adopt([g])):
                         got.append(g)
+        await self._took_groups(got, tunnels, dead)
+
+    async def _adopted_unanswered(self, groups: dict[str, str]) -> list[str]:
+        """Groups whose owner key etcd holds under our lease though we do not know them
+        ours: a take-over's transaction that etcd committed but whose answer was lost (a
+        timeout, the connection cut). Nobody else can take them; taken for someone else's,
+        our replicas of their tunnels were dropped and the tunnels lost, silently."""
+        maybe = {g for g, who in groups.items() if who == self.node.name} - self.own.groups
+        if not maybe or not self.lease_id:
+            return []
+        n = len(self.keys["groups"])
+        got = sorted(
+            kv.key[n:]
+            for kv in await self.client.get_prefix(self.keys["groups"])
+            if kv.key[n:] in maybe and kv.lease == self.lease_id
+        )
+        if got:
+            event(log, "cluster-adopt-answer-lost", logging.WARNING, node=self.node.name,
+                  groups=len(got), detail="etcd committed our take-over of these groups but "
+                  "its answer was lost: taking them over now")  # fmt: skip
+        return got
+
+    async def _took_groups(self, got: list[str], tunnels: dict[int, str], dead: list[str]) -> None:
+        """The owner keys of these groups are ours: install their tunnels from our replicas,
+        delete the keys of those we have no copy of."""
         if not got:
             return
         self._layout += 1
