@@ -1611,6 +1611,12 @@ def test_the_epoch_file_keeps_the_role(tmp_path: Path) -> None:
     assert load_state(p) == PairState(4, "standby")
     p.write_text('{"epoch": "x"')
     assert load_state(p) == PairState(failover.FIRST_EPOCH + 1, "standby", damaged=True)
+    # damaged otherwise: nested past the parser's depth (RecursionError: a traceback at
+    # start-up before), a boolean or an epoch the wire's 32 bits cannot carry
+    for text in ("[" * 5000, '{"epoch": true, "took_over": true}',
+                 '{"epoch": 4294967296, "took_over": true}'):  # fmt: skip
+        p.write_text(text)
+        assert load_state(p) == PairState(failover.FIRST_EPOCH + 1, "standby", damaged=True)
 
 
 def test_join_is_a_sync_that_neither_side_takes_for_state() -> None:

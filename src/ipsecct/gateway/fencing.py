@@ -78,14 +78,19 @@ def load_state(path: Path | None) -> PairState:
     try:
         d = json.loads(read_limited(path, SECRET_LIMIT).decode())
         epoch, took = d["epoch"], d["took_over"]
-        if isinstance(epoch, int) and epoch >= failover.FIRST_EPOCH and isinstance(took, bool):
+        if (
+            isinstance(epoch, int)
+            and not isinstance(epoch, bool)
+            and failover.FIRST_EPOCH <= epoch <= 0xFFFFFFFF  # (32 bits on the wire)
+            and isinstance(took, bool)
+        ):
             active = d.get("active", "")
             return PairState(
                 epoch, "active" if took else "standby", active if isinstance(active, str) else ""
             )
     except FileNotFoundError:
         return PairState(failover.FIRST_EPOCH, None)
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
         pass
     # A damaged state file: assume the peer took over (we may have been superseded): come
     # back as a standby, which sends nothing and never hands a lease back.
