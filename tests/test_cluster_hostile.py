@@ -391,3 +391,41 @@ def test_a_take_over_whose_answer_etcd_lost_is_completed(
         asyncio.run(run(e.endpoints))
     lines = [r.getMessage() for r in caplog.records]
     assert any("event=cluster-adopt-answer-lost" in m for m in lines), lines
+
+
+# -- what answers at an etcd endpoint (a corrupted etcd, or not etcd at all) ------------------
+
+BAD_ANSWERS = [
+    b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n{}",  # ValueError before
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n{}",  # ValueError
+    b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{}",  # cut short: IncompleteReadError
+    b"HTTP/1.1 200 OK\r\nX: " + b"a" * 70000 + b"\r\n\r\n{}",  # a line past the reader's limit
+    b"HTTP/1.1 200 OK\r\nContent-Length: 20000\r\n\r\n" + b"[" * 20000,  # RecursionError
+    b"HTTP/1.1 200 OK\r\n\r\n" + b"[" * 20000,  # the same, read to the end
+    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n\xff\xfe",  # not UTF-8
+]
+
+
+@pytest.mark.parametrize("answer", BAD_ANSWERS, ids=range(len(BAD_ANSWERS)))
+def test_a_malformed_answer_at_an_etcd_endpoint_is_an_etcd_error(answer: bytes) -> None:
+    """Whatever answers at an etcd endpoint: an EtcdError (the driver's loop goes on and
+    tries again), never another exception out of the client (which ended the loop)."""
+    from ipsecct.errors import EtcdError
+
+    async def run() -> None:
+        async def serve(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            await r.read(4096)
+            w.write(answer)
+            await w.drain()
+            w.close()
+
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            with pytest.raises(EtcdError):
+                await EtcdClient([f"http://127.0.0.1:{port}"], timeout=5.0).grant(5)
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    asyncio.run(run())

@@ -145,6 +145,17 @@ class EtcdClient:
         raise EtcdError("etcd unreachable (" + "; ".join(errors) + ")")
 
     async def _post(self, host: str, port: int, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        try:
+            return await self._exchange(host, port, path, body)
+        except (ValueError, EOFError, RecursionError):
+            # A header or chunk size that is no number, an answer cut short, a line past the
+            # reader's limit, JSON nested past the parser's depth: not etcd's answer (a
+            # corrupted etcd, or something else at the endpoint), never a traceback.
+            raise EtcdError("a malformed HTTP answer") from None
+
+    async def _exchange(
+        self, host: str, port: int, path: str, body: dict[str, Any]
+    ) -> dict[str, Any]:
         data = json.dumps(body).encode()
         reader, writer = await asyncio.open_connection(host, port)
         try:
