@@ -429,3 +429,51 @@ def test_a_malformed_answer_at_an_etcd_endpoint_is_an_etcd_error(answer: bytes) 
             await server.wait_closed()
 
     asyncio.run(run())
+
+
+def test_a_take_over_installs_only_tunnels_inside_what_the_standby_accepts() -> None:
+    """A hostile or misconfigured active replicates a tunnel whose selectors lie outside what
+    the standby's operator lets peers hand over ([transfer] accept_local_ts / accept_remote_ts,
+    as a transfer's target checks them): a take-over does not install it (before: installed
+    first in the SPD, whatever traffic it claimed); the others are, and it is counted."""
+    from ipsecct.ipsec.spd import AddressRange, RangeSet
+
+    act = Engine(ip(SG_ADDR["sg1"]))
+    for i, local in enumerate(("10.2.0.0/24", "0.0.0.0/0")):
+        (o, n, s), _ = tunnel_sas("sg1", spi_up=0x1001 + i, spi_down=0x2001 + i, local=local,
+                                  mn_inner=f"10.1.0.{i + 2}", name=f"t{i}")  # fmt: skip
+        act.add_tunnel(SPDEntry(s, Action.PROTECT, name=f"t{i}", static=False), o, n)
+    c = failover.FailoverConfig("active", "sg2", seq_margin=1000, fencing=False)
+    rep = failover.Replicator(act, c, session=9)
+    sb = failover.Standby(Engine(ip(SG_ADDR["sg2"])), replace(c, role="standby", peer="sg1"),
+                          Endpoint(ip(SG_ADDR["sg2"]), 4600), Identity.DIRECT)  # fmt: skip
+    sb.accept = (RangeSet([AddressRange.parse("10.2.0.0/24")]),
+                 RangeSet([AddressRange.parse("10.1.0.0/16")]))  # fmt: skip
+    for m in _wire(rep.poll(0.0)):
+        sb.receive(m, 0.0)
+    assert len(sb.replica) == 2  # kept: the check is the take-over's (as the transfer's)
+    tunnels, _, rec = sb.take_over(1.0)
+    assert [t.outbound.spi for t in tunnels] == [0x2001]
+    assert [t.outbound.spi for t in sb.engine.tunnels()] == [0x2001]
+    assert sb.policy_refused == 1 and "outside" in rec.detail, rec.detail
+
+
+def test_a_take_over_is_held_to_the_accepted_ranges_only_when_the_operator_set_them() -> None:
+    """[transfer] accept_local_ts / accept_remote_ts set: a take-over is held to them (the
+    standby's ``accept``); only defaulted from the gateway's own tunnels (a standby has none,
+    and a cluster member's are not its peers'), not: every replica is taken as before."""
+    from ipsecct.ct.transfer import take_over_accept
+    from ipsecct.gateway.config import from_dict
+    from tests.helpers.config_files import transfer_config
+
+    set_ = from_dict(transfer_config({"accept_local_ts": "10.2.0.0/24",
+                                      "accept_remote_ts": "10.1.0.0/16"}), "sg1.toml")  # fmt: skip
+    assert set_.transfer is not None
+    ranges = take_over_accept(set_.transfer.settings)
+    assert ranges is not None
+    (_, _, s), _ = tunnel_sas("sg1", local="10.2.0.0/24")
+    assert s.within(*ranges)
+    (_, _, s), _ = tunnel_sas("sg1", local="0.0.0.0/0")
+    assert not s.within(*ranges)
+    default = from_dict(transfer_config({}), "sg1.toml")
+    assert default.transfer is not None and take_over_accept(default.transfer.settings) is None

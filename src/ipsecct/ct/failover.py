@@ -80,7 +80,7 @@ from ..ipsec import native, signalling
 from ..ipsec.engine import Engine, Tunnel, TunnelState, take_touched
 from ..ipsec.ippacket import Endpoint
 from ..ipsec.sad import Direction, Protocol, SecurityAssociation
-from ..ipsec.spd import Action, SPDEntry
+from ..ipsec.spd import Action, RangeSet, SPDEntry
 from . import context, cxtp
 from .journal import Journal, Write, grant_ceiling
 from .lease import Grant, Lease, LeaseEvent, LeaseTiming, timing
@@ -1069,6 +1069,12 @@ class Standby:
     seq_backwards: int = 0
     max_replicas: int = MAX_REPLICAS
     replicas_refused: int = 0
+    # What this gateway's operator lets peers hand over (local, remote ranges: [transfer]
+    # accept_local_ts / accept_remote_ts, as a transfer's target checks them); None: no
+    # limit. A take-over installs no tunnel outside it (a peer's replica claiming other
+    # traffic, installed first in the SPD, would take it); counted.
+    accept: tuple[RangeSet, RangeSet] | None = None
+    policy_refused: int = 0
 
     def __post_init__(self) -> None:
         if self.cfg.fencing and self.peer_lease and self.grant is None:
@@ -1356,7 +1362,7 @@ class Standby:
         )
         tunnels: list[Tunnel] = []
         signals: list[tuple[SecurityAssociation, bytes]] = []
-        failed = 0
+        failed = outside = 0
         leaving: dict[LeavingMark, list[Tunnel]] = {}
         self.leaving_taken = []
         self.leaving_signals = {}
@@ -1375,6 +1381,13 @@ class Standby:
             in_sa = sas[1] if len(sas) > 1 else None
             if out_sa.direction is not Direction.OUTBOUND or out_sa.selectors is None:
                 failed += 1
+                continue
+            if self.accept is not None and not (
+                out_sa.selectors.within(*self.accept)
+                and (in_sa is None or in_sa.selectors is None
+                     or in_sa.selectors.within(*self.accept))
+            ):  # fmt: skip
+                outside += 1
                 continue
             high = max(out_sa.seq, self.high.pop(spi, 0))  # (never a replica's lower one)
             out_sa.seq = min(high + self.cfg.seq_margin, out_sa.seq_limit)
@@ -1440,6 +1453,8 @@ class Standby:
             self.leaving_taken.append((mark, ts))
         rec.accepted = len(tunnels)
         rec.ended = now
+        self.policy_refused += outside
+        rec.detail += f"{outside} tunnel(s) outside what this gateway accepts; " if outside else ""
         rec.detail += f"{failed} context(s) unusable" if failed else ""
         rec.spis = [sa.spi for t in tunnels for sa in t.sas()]
         return tunnels, signals, rec

@@ -118,6 +118,9 @@ class Settings:
     # configuration always sets them; see ipsecct.gateway's [transfer] accept_local_ts).
     accept_local: tuple[AddressRange, ...] | None = None
     accept_remote: tuple[AddressRange, ...] | None = None
+    # Set by the operator ([transfer] accept_local_ts / accept_remote_ts), not defaulted from
+    # this gateway's own tunnels: a fail-over take-over is held to them too (take_over_accept).
+    accept_configured: bool = False
     max_incoming_per_peer: int = 4  # transfers from one peer being received or pending
     max_contexts_per_message: int = 1024  # CDBs in one PCTD/CTD
     max_contexts_per_transfer: int = 40000  # CDBs in one transfer (two per tunnel)
@@ -492,6 +495,22 @@ class IncomingState(enum.Enum):
 # A target's policy for one install: the accepted (local, remote) ranges (None: no limit)
 # and what was decided so far per Selectors object.
 _Accept = tuple[tuple[RangeSet, RangeSet] | None, dict[int, bool]]
+
+
+def take_over_accept(s: Settings | None) -> tuple[RangeSet, RangeSet] | None:
+    """What a fail-over take-over installs tunnels inside: the ranges the operator set for
+    transfers ([transfer] accept_local_ts / accept_remote_ts); None (no limit) when they are
+    only defaulted from this gateway's own tunnels: a standby with none, or a cluster member
+    whose tunnels are not its peers', takes every replica over as before."""
+    return accept_ranges(s) if s is not None and s.accept_configured else None
+
+
+def accept_ranges(s: Settings) -> tuple[RangeSet, RangeSet] | None:
+    """The local and remote ranges the operator lets peers hand over (None: no limit): what
+    a transfer's target, and a fail-over standby's take-over, install tunnels inside."""
+    if s.accept_local is None and s.accept_remote is None:
+        return None
+    return RangeSet(s.accept_local or ()), RangeSet(s.accept_remote or ())
 
 OPEN_INCOMING = (IncomingState.RECEIVING, IncomingState.PENDING)  # not decided yet
 
@@ -2515,13 +2534,7 @@ class TransferCore:
         inc.record.tunnels = len(pairs)
         outcomes: list[_Outcome] = []
         indexes = self._overlap_index(inc.peer)
-        s = self.settings
-        accept = (
-            None
-            if s.accept_local is None and s.accept_remote is None
-            else (RangeSet(s.accept_local or ()), RangeSet(s.accept_remote or ()))
-        )
-        accepted: _Accept = (accept, {})
+        accepted: _Accept = (accept_ranges(self.settings), {})
         unit_refused, admitted = self._check_units(
             inc.peer, inc.tid, units, {out_sa.spi for out_sa, _ in pairs}
         )

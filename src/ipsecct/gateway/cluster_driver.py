@@ -36,7 +36,7 @@ from typing import Any
 from ..ct import cxtp, ownership
 from ..ct.failover import FailoverConfig, Replicator, Standby, reply_kind
 from ..ct.lease import Lease, LeaseEvent
-from ..ct.transfer import Identity, Record, Settings
+from ..ct.transfer import Identity, Record, Settings, take_over_accept
 from ..errors import CxtpError, EtcdError, IkeContextError
 from ..ikev2 import context as ike_context
 from ..ikev2.ikesa import IkeSA
@@ -187,6 +187,7 @@ class ClusterDriver:
                 identity,
                 peer_lease=False,
                 member_lease=self.lease_id,
+                accept=take_over_accept(self.settings),  # [transfer] accept_*_ts
             )
 
     def attach_ike(self, ike: IkeService) -> None:
@@ -1244,6 +1245,8 @@ class ClusterDriver:
             # peers whose acknowledgements bound some tunnel's sequence ceiling (and how many)
             "floors": {p: len(r.floor) for p, r in self.replicators.items() if r.floor},
             "taken_over": self.taken,
+            # replicas not taken over: outside [transfer] accept_local_ts / accept_remote_ts
+            "outside_accept": sum(sb.policy_refused for sb in self.standbys.values()),
             "ike_taken_over": self.ike_taken,
             "ike_split": self.ike_split,
             "replicated_ike_sas": {p: len(sb.extra) for p, sb in self.standbys.items()},

@@ -1180,6 +1180,7 @@ def _accept(
     if "accept_remote_ts" in t:
         remote = list(_ranges(t["accept_remote_ts"], ctx, "transfer.accept_remote_ts"))
     s.accept_local, s.accept_remote = tuple(local), tuple(remote)
+    s.accept_configured = "accept_local_ts" in t or "accept_remote_ts" in t
     if not local or not remote:
         logging.getLogger("ipsecct.gateway.config").warning(
             "event=transfer-accepts-nothing file=%s (no [[tunnel]] to take the defaults"

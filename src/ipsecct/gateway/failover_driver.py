@@ -39,7 +39,7 @@ from ..ct.failover import (
     taken_reply,
 )
 from ..ct.journal import Write
-from ..ct.transfer import FPT_SYNC, Identity, Record
+from ..ct.transfer import FPT_SYNC, Identity, Record, take_over_accept
 from ..errors import ControlError, CxtpError, IpsecctError
 from ..ipsec.engine import Tunnel
 from ..ipsec.esp import Drop
@@ -172,6 +172,7 @@ class FailoverDriver:
     def _new_standby(self, epoch: int) -> Standby:
         sb = Standby(self.node.engine, self.cfg, self.node.cfg.outer, self.identity)
         sb.epoch = epoch
+        sb.accept = take_over_accept(self.transfer.core.settings)  # [transfer] accept_*_ts
         sb.journal = self.journal
         if self.ike is not None:  # IKE SA replicas are checked as they arrive
             sb.check_extra = self.ike.check_replica
@@ -686,6 +687,8 @@ class FailoverDriver:
             # (a take-over of a live active under load shows here)
             "resumed": self.resumed,
             "looked_again": self.looked_again,
+            # replicas not taken over: outside [transfer] accept_local_ts / accept_remote_ts
+            "outside_accept": self.standby.policy_refused if self.standby is not None else 0,
             "detail": f"runs alone: no standby holds its tunnels until {self.cfg.peer} comes "
             "back (it then becomes the standby by itself)",
             **lease,
