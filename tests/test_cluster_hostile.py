@@ -477,3 +477,42 @@ def test_a_take_over_is_held_to_the_accepted_ranges_only_when_the_operator_set_t
     assert not s.within(*ranges)
     default = from_dict(transfer_config({}), "sg1.toml")
     assert default.transfer is not None and take_over_accept(default.transfer.settings) is None
+
+
+def test_thousands_of_member_keys_grow_nothing_but_the_scan(tmp_path: Path) -> None:
+    """A hostile writer registers 400 members, each under a lease of its own, then 400
+    more: the driver remembers the lives (leases) of its [[peers]] only, so nothing it keeps
+    grows with them (before: every lease ever seen, for good); it goes on owning its tunnel."""
+    from ipsecct.gateway.cluster_driver import ClusterDriver
+    from ipsecct.gateway.config import load
+    from ipsecct.gateway.node import Node
+
+    cfg_path = _gateway_config(tmp_path)
+
+    async def run(endpoints: list[str]) -> None:
+        c = EtcdClient(endpoints, timeout=5.0)
+        node = Node(load(cfg_path))
+        [t] = node.engine.tunnels()
+        drv = ClusterDriver(node, ClusterConfig(etcd=tuple(endpoints), ttl_s=4, groups=4))
+        drv.transfer = None
+        await drv.start()
+        try:
+            await eventually(lambda: drv.own.owns(t.outbound.spi), "owning")
+            async def wave(w: int) -> None:
+                for i in range(400):
+                    lid, _ = await c.grant(60)
+                    key = ownership.keys("default")["members"] + f"x{w}-{i}"
+                    await c.put(key, ownership.member_info("127.0.0.1:1", lid, 8), lease=lid)
+                n, want = drv.client.calls + 6, 400 * (w + 1) + 1
+                await eventually(lambda: drv.client.calls > n, "two more rounds", 20)
+                await eventually(lambda: len(drv._live or {}) >= want, "all seen")
+
+            await wave(0)
+            await wave(1)
+            assert drv._lease_names == {} and drv.own.owns(t.outbound.spi)
+            assert drv.lease.valid(node.clock())
+        finally:
+            await drv.stop()
+
+    with EtcdCluster(tmp_path) as e:
+        asyncio.run(run(e.endpoints))

@@ -66,6 +66,9 @@ HANDOVER_RETRY = 0.02  # seconds between its looks
 LEFT_WAIT = 5.0
 LEFT_RETRY = 0.1
 LEFT_MAX = 1024
+# Leases of our peers' lives remembered (to find whose groups an orphan's were): each
+# restart of a peer is a new one; a member key that keeps changing leases cannot grow it.
+LEASE_NAMES_PER_PEER = 64
 ORPHAN_CHECK = 5.0  # seconds between looks for groups nobody took over
 ORPHAN_AFTER = 4.0  # a group without an owner this long: no live member holds a replica
 
@@ -572,7 +575,8 @@ class ClusterDriver:
             name = kv.key[len(self.keys["members"]) :]
             lease = ownership.parse_member(kv.value)[1]
             if lease and lease == kv.lease:
-                self._lease_names[lease] = name
+                if name in self.standbys:  # (only our peers' groups are ever looked up)
+                    self._lease_names[lease] = name
                 seen[name] = kv.lease
                 continue
             # Not what a member writes (its value names the lease the key is attached to):
@@ -582,6 +586,8 @@ class ClusterDriver:
             self._malformed(kv.key, "a member key that names no lease or not its own")
             if self._live is not None and name in self._live:
                 seen[name] = self._live[name]
+        while len(self._lease_names) > LEASE_NAMES_PER_PEER * len(self.standbys):
+            del self._lease_names[next(iter(self._lease_names))]  # a peer's oldest lives
         self._members_seen(seen)
         if not any(sb.replica or sb.extra for sb in self.standbys.values()):
             return
