@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import cast
@@ -295,15 +296,19 @@ def failover_seq(cdb: bytes) -> int:
 # -- etcd slow or unavailable during a take-over ------------------------------------------------
 
 
+@pytest.mark.parametrize("how", ["lost", "paused"])
 def test_a_take_over_whose_answer_etcd_lost_is_completed(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, how: str
 ) -> None:
     """sg1 and sg2 on a real etcd, sg2 holding replicas of sg1's six tunnels. sg1 stops; sg2
     creates the owner keys of sg1's groups, and etcd commits that, but the answer never
-    reaches sg2 (a timeout: etcd slow, the connection cut after the commit). The groups are
-    sg2's now (under its lease): nobody else can take them. sg2 must find them its own at its
-    next look and install their tunnels from its replicas (before: it took the groups for
-    someone else's, dropped its replicas, and the tunnels were gone, silently)."""
+    reaches sg2 (``lost``: a timeout after the commit, made here). The groups are sg2's now
+    (under its lease): nobody else can take them. sg2 must find them its own at its next
+    look and install their tunnels from its replicas (before: it took the groups for someone
+    else's, dropped its replicas, and the tunnels were gone, silently). ``paused``: etcd is
+    stopped (SIGSTOP) as sg2 sends that transaction, and resumed 1.5 s later (past sg2's
+    timeout: the operator is told): whether etcd applied it or not, sg2 ends owning the six
+    tunnels, and took none while etcd was away."""
     from ipsecct.ct.ownership import Txn
     from ipsecct.errors import EtcdError
     from ipsecct.gateway.cluster_driver import ClusterDriver
@@ -317,11 +322,18 @@ def test_a_take_over_whose_answer_etcd_lost_is_completed(
 
         armed = False
         lost = 0
+        paused_taken = -1
+        taken: Callable[[], int] = staticmethod(lambda: -1)
 
         async def txn(self, t: Txn) -> bool:
-            ok = await super().txn(t)
             adopt = any(c.target == "CREATE" and "/groups/" in c.key for c in t.compare)
-            if self.armed and adopt and ok and not self.lost:
+            if how == "paused" and self.armed and adopt and not self.lost:
+                self.lost += 1
+                e.pause("e0")
+                asyncio.get_running_loop().call_later(1.5, e.resume, "e0")
+                self.paused_taken = self.taken()
+            ok = await super().txn(t)
+            if how == "lost" and self.armed and adopt and ok and not self.lost:
                 self.lost += 1
                 raise EtcdError("etcd unreachable (127.0.0.1: TimeoutError)")
             return ok
@@ -369,6 +381,7 @@ def test_a_take_over_whose_answer_etcd_lost_is_completed(
             await drv.start()
         sg2 = drivers["sg2"]
         client = cast(LosingClient, sg2.client)
+        client.taken = lambda: sg2.taken
 
         def owned(n: str) -> int:
             d = drivers[n]
@@ -383,6 +396,7 @@ def test_a_take_over_whose_answer_etcd_lost_is_completed(
             await eventually(lambda: client.lost == 1, "the take-over's lost answer", 20)
             await eventually(lambda: owned("sg2") == 6, "sg2 to own sg1's tunnels", 20)
             assert sg2.taken == 6
+            assert how == "lost" or client.paused_taken == 0
         finally:
             for drv in drivers.values():
                 await drv.stop()
@@ -390,7 +404,10 @@ def test_a_take_over_whose_answer_etcd_lost_is_completed(
     with caplog.at_level(logging.INFO, logger="ipsecct"), EtcdCluster(tmp_path) as e:
         asyncio.run(run(e.endpoints))
     lines = [r.getMessage() for r in caplog.records]
-    assert any("event=cluster-adopt-answer-lost" in m for m in lines), lines
+    if how == "lost":
+        assert any("event=cluster-adopt-answer-lost" in m for m in lines), lines
+    else:  # etcd did not answer: sg2 said so
+        assert any("event=cluster-etcd-error node=sg2" in m for m in lines), lines
 
 
 # -- what answers at an etcd endpoint (a corrupted etcd, or not etcd at all) ------------------
