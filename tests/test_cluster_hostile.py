@@ -533,3 +533,38 @@ def test_thousands_of_member_keys_grow_nothing_but_the_scan(tmp_path: Path) -> N
 
     with EtcdCluster(tmp_path) as e:
         asyncio.run(run(e.endpoints))
+
+
+def test_a_failure_out_of_the_drivers_loop_is_told(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Whatever escapes the etcd loop (a bug: the checks above make input no reason) ends it,
+    and with it the keep-alives: the engine stops at its fence, and the operator is told why
+    (event=task-failed task=cluster), not left with a lease lost for no reason."""
+    from ipsecct.gateway.cluster_driver import ClusterDriver
+    from ipsecct.gateway.config import load
+    from ipsecct.gateway.node import Node
+
+    cfg_path = _gateway_config(tmp_path)
+
+    async def run(endpoints: list[str]) -> None:
+        node = Node(load(cfg_path))
+        drv = ClusterDriver(node, ClusterConfig(etcd=tuple(endpoints), ttl_s=4, groups=4))
+        drv.transfer = None
+
+        async def broken() -> None:
+            raise RuntimeError("a bug")
+
+        drv._own_tunnels = broken  # type: ignore[method-assign]
+        await drv.start()
+        try:
+            task = drv._task
+            assert task is not None
+            await eventually(task.done, "the loop to end")
+        finally:
+            await drv.stop()
+
+    with caplog.at_level(logging.INFO, logger="ipsecct"), EtcdCluster(tmp_path) as e:
+        asyncio.run(run(e.endpoints))
+    lines = [r.getMessage() for r in caplog.records]
+    assert any("event=task-failed" in m and "RuntimeError: a bug" in m for m in lines), lines

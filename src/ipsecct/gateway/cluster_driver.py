@@ -51,6 +51,7 @@ from .ike import IKE_SPI_LEN, IkeService, replica_spi
 from .log import RateLimited, event
 from .node import Node
 from .peers import PeerChannels
+from .timers import supervise
 from .transfer_service import TransferService
 
 log = logging.getLogger("ipsecct.gateway.cluster")
@@ -392,16 +393,17 @@ class ClusterDriver:
 
     # -- life cycle ------------------------------------------------------------------------
     async def start(self) -> None:
-        self._task = asyncio.create_task(self._loop())
+        # (supervised: a failure out of either is logged, task-failed, not lost)
+        self._task = supervise(self._loop(), "cluster", self.node.name)
         if self.replicators:
-            self._repl_task = asyncio.create_task(self._replicate())
+            self._repl_task = supervise(self._replicate(), "cluster replication", self.node.name)
 
     async def stop(self) -> None:
         for task in (self._task, self._repl_task):
             if task is not None:
                 task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task  # (a failure was logged when it happened)
         self.node.engine.send_until = -math.inf
         if self.lease_id:
             with contextlib.suppress(EtcdError):
