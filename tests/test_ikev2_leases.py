@@ -337,7 +337,7 @@ def test_ipsecct_pools_lists_each_lease_through_the_control_socket(
     out = capsys.readouterr().out
     head = "rw (10.3.0.1-10.3.0.254): 1 online, 1 offline, 1 away\n"
     assert out.startswith(head + head + "  10.3.0.1  online   \"a.test\"\n"
-                          "  10.3.0.2  offline  \"0x621b5b324a2e74657374\"\n"
+                          "  10.3.0.2  offline  \"0x621b5b326a2e74657374\"\n"  # (J: j)
                           "  10.3.0.3  away     \"c.test\"\n")  # fmt: skip
     (p,) = json.loads(out[out.index("["):])
     assert p["leases"][2] == {"address": "10.3.0.3", "state": "away", "identity": "c.test"}

@@ -244,6 +244,9 @@ class _SentAs(Identity):
 
     id_type: int = M.IdType.FQDN
 
+    def __post_init__(self) -> None:  # (whatever its text reads as)
+        self.kind, self.octets = self.id_type, self.text.encode()
+
     def payload(self, initiator: bool) -> M.IDPayload:
         if self.id_type in (M.IdType.FQDN, M.IdType.RFC822_ADDR, M.IdType.KEY_ID):
             return M.IDPayload(initiator, self.id_type, self.text.encode())
@@ -266,26 +269,33 @@ def test_an_identity_whose_text_names_another_type_is_refused_not_taken_for_that
     (alice,) = gw.ike_sas()
     assert alice.peer_id == "a@example.test"
     t = M.IdType
-    for text, typ in (("a@example.test", t.FQDN), ("a@example.test", t.KEY_ID),
-                      ("198.51.100.7", t.FQDN), ("CN=a, O=example", t.FQDN),
-                      ("%any", t.FQDN), ("", t.FQDN), ("a\n@example.test", t.RFC822_ADDR),
-                      ("0x610a2e74657374", t.FQDN)):  # fmt: skip
+    refused = (("a@example.test", t.FQDN), ("198.51.100.7", t.FQDN),
+               ("CN=a, O=example", t.FQDN), ("%any", t.FQDN), ("", t.FQDN),
+               ("a\n@example.test", t.RFC822_ADDR), ("0x610a2e74657374", t.FQDN),
+               # strongSwan's syntax: what these read as is another identity (or anyone)
+               ("%ANY", t.FQDN), ("*", t.FQDN), ("0X0A", t.FQDN), ("@a.test", t.FQDN),
+               ("fqdn:a.test", t.FQDN), ("email:a@example.test", t.RFC822_ADDR),
+               ("@@a@example.test", t.RFC822_ADDR), ("a:b", t.FQDN), ("@#0a", t.FQDN),
+               ("0.0.0.0", t.FQDN), ("10.0.0.0/8", t.FQDN))
+    for text, typ in refused:
         mallory = mn_conn(local_id="m.test", remote_id="gw.test", psk=KEY_GW)
         mallory.local_id = _SentAs(text, typ)
         w = Wire(IkeEngine([mallory]), gw)
         connect(w)
         assert not w.of("i", IkeUp) and w.of("i", ConnectFailed), (text, typ)
         assert [s.peer_id for s in gw.ike_sas()] == ["a@example.test"], (text, typ)
-    assert gw.stats["auth-id-ambiguous"] == 8 == gw.stats["auth-failed"]
-    # the anyone key still serves identities that are what they say
+    assert gw.stats["auth-id-ambiguous"] == len(refused) == gw.stats["auth-failed"]
+    # the anyone key still serves identities that are what they say; a KEY_ID is kept as
+    # swanctl.conf writes it (@# and hex), never as the text of its octets (Alice's)
     for text, typ in (("m.test", t.FQDN), ("m@example.test", t.RFC822_ADDR),
-                      ("a\n.test", t.FQDN)):  # fmt: skip
+                      ("a\n.test", t.FQDN), ("a@example.test", t.KEY_ID)):  # fmt: skip
         mallory = mn_conn(local_id="m.test", remote_id="gw.test", psk=KEY_GW)
         mallory.local_id = _SentAs(text, typ)
         w = Wire(IkeEngine([mallory]), gw)
         connect(w)
         assert w.of("i", IkeUp), text
     assert alice in gw.ike_sas()
+    assert "@#" + b"a@example.test".hex() in [s.peer_id for s in gw.ike_sas()]
 
 
 def test_an_empty_id_is_refused_at_load_not_read_as_no_id_which_is_anyones(

@@ -43,6 +43,11 @@ class ConfigError(IpsecctError):
     """A configuration file is invalid."""
 
 
+class IdentityError(ConfigError):
+    """An IKE identity's text (swanctl.conf syntax) names a form this gateway cannot honour;
+    the message says what to write instead."""
+
+
 # -- IPsec core (ipsec/) ---------------------------------------------------------------------
 
 class SignalError(IpsecctError):

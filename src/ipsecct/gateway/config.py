@@ -1338,7 +1338,8 @@ def load_secrets(data: dict[str, Any], path: str) -> list[SharedKey]:
     named: dict[tuple[int, bytes], str] = {}  # an identity (as compared) -> its first secret
     # (our own: each secret may name local.id with its client, ranked by the client first)
     conns = data.get("connections")
-    ours = {c["local"]["id"] for c in (conns.values() if isinstance(conns, dict) else ())
+    ours = {_id_key(c["local"]["id"]) for c in (conns.values() if isinstance(conns, dict)
+                                                 else ())
             if isinstance(c, dict) and isinstance(c.get("local"), dict)
             and isinstance(c["local"].get("id"), str)}  # fmt: skip
     for name, d in secrets.items():
@@ -1360,6 +1361,11 @@ def load_secrets(data: dict[str, Any], path: str) -> list[SharedKey]:
                 if not v or not all(i.strip() for i in v):  # (no id at all: anyone's)
                     raise ConfigError(f"{where}.{k}: an empty identity (a secret for anyone "
                                       'has no id, or id = "%any")')  # fmt: skip
+                for i in v:
+                    try:  # (swanctl.conf's syntax: @name, @@user@host, fqdn:, keyid:, ...)
+                        IkeIdentity(i.strip())
+                    except ConfigError as exc:
+                        raise ConfigError(f"{where}.{k}: {exc}") from None
                 ids += [i.strip() for i in v]
             elif k not in ("file", "env"):
                 if k.startswith("secret"):
@@ -1393,14 +1399,14 @@ def load_secrets(data: dict[str, Any], path: str) -> list[SharedKey]:
         if not secret:
             raise ConfigError(f"{where}: the secret is empty")
         for i in ids:
-            if "=" in i:  # (strongSwan would match a peer's DN IDi with it)
+            ident = IkeIdentity(i)
+            if ident.is_dn:  # (strongSwan would match a peer's DN IDi with it)
                 logging.getLogger("ipsecct.gateway.config").warning(
                     'event=config-secret-id-unused config=%s secret=%s id="%s" reason="a '
                     'distinguished name names no pre-shared key here"', path, name,
                     i.replace('"', "'"))  # fmt: skip
-            elif not IkeIdentity(i).any and i not in ours:
-                p_ = IkeIdentity(i).payload(True)
-                first = named.setdefault((p_.id_type, p_.data), name)
+            elif not ident.any and ident.key not in ours:
+                first = named.setdefault(ident.key, name)
                 if first != name:  # (a key replaced by a secret added after the old one)
                     logging.getLogger("ipsecct.gateway.config").warning(
                         'event=config-secret-id-twice config=%s secret=%s first=%s id="%s" '
@@ -1408,6 +1414,14 @@ def load_secrets(data: dict[str, Any], path: str) -> list[SharedKey]:
                         path, name, first, i.replace('"', "'"))  # fmt: skip
         out.append(SharedKey(name, tuple(dict.fromkeys(ids)), secret))
     return out
+
+
+def _id_key(text: str) -> tuple[int, bytes] | None:
+    """A local.id as compared (None: one that does not load: parse_connections says why)."""
+    try:
+        return IkeIdentity(text).key
+    except ConfigError:
+        return None
 
 
 # identities one [secrets.ike-*] may name (each is compared at every IKE_AUTH)

@@ -41,7 +41,7 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from ..errors import ConfigError, IpsecctError
+from ..errors import ConfigError, IdentityError, IpsecctError
 from ..ipsec.replay import MAX_WINDOW
 from .auth import (
     REVOCATION_POLICIES,
@@ -86,38 +86,197 @@ class ChildConfig:
     replay_window: int = 64
 
 
-# how strongSwan writes anyone (identification_create_from_string: ID_ANY)
-_ANY = frozenset(("", "%any", "%any6", "0.0.0.0", "*", "::", "0::0"))
+# how well an identity (a secret's id, a remote.id) names one (strongSwan's id_match_t)
+MATCH_NONE, MATCH_ANY, MATCH_WILDCARD, MATCH_PERFECT = 0, 1, 2, 3
+
+
+# ID types as strongSwan's identification_create_from_string reads them (no IKEv2 type: any)
+ID_ANY = 0
+# the typed prefixes strongSwan 5.9.8 knows (case-insensitive), and what each reads as here
+_PREFIXES: dict[str, int | str] = {
+    "ipv4:": IdType.IPV4_ADDR, "ipv6:": IdType.IPV6_ADDR,
+    "rfc822:": IdType.RFC822_ADDR, "email:": IdType.RFC822_ADDR,
+    "userfqdn:": IdType.RFC822_ADDR, "fqdn:": IdType.FQDN, "dns:": IdType.FQDN,
+    "keyid:": IdType.KEY_ID,
+    # refused: what to write instead
+    "ipv4net:": "a subnet as an identity is not supported here: write one address",
+    "ipv6net:": "a subnet as an identity is not supported here: write one address",
+    "ipv4range:": "an address range as an identity is not supported here: write one address",
+    "ipv6range:": "an address range as an identity is not supported here: write one address",
+    "asn1dn:": "write the distinguished name as text (C=CH, O=example, CN=gw), no asn1dn:",
+    "asn1gn:": "the ID type DER_ASN1_GN is not supported here: write a name (fqdn:, email:)"
+               " or a key id (keyid:)",
+    "xmppaddr:": "the ID type DER_ASN1_GN (xmppaddr:) is not supported here: write a name"
+                 " (fqdn:, email:) or a key id (keyid:)",
+}  # fmt: skip
+_ANY_TEXTS = ("", "%any", "%any6", "0.0.0.0", "*", "::", "0::0")
+_ADDR_LEN: dict[int, int] = {IdType.IPV4_ADDR: 4, IdType.IPV6_ADDR: 16}
+
+
+def _hex(text: str, what: str) -> bytes:
+    try:
+        if len(text) % 2 or not text:
+            raise ValueError
+        return bytes.fromhex(text)
+    except ValueError:
+        raise IdentityError(f"{what}: after # come the octets as pairs of hex digits") from None
+
+
+def _pton(v6: bool, text: str) -> bytes | None:
+    """The address as strongSwan's inet_pton reads it (no scope, no leading zeros)."""
+    try:
+        if v6:
+            return None if "%" in text else ipaddress.IPv6Address(text).packed
+        return ipaddress.IPv4Address(text).packed
+    except ValueError:
+        return None
+
+
+def _parse_identity(text: str) -> tuple[int, bytes]:
+    """(ID type or ID_ANY, octets) of an identity written as strongSwan 5.9.8's
+    identification_create_from_string reads it (src/libstrongswan/utils/identification.c):
+    a typed prefix (``fqdn:``, ``email:``, ``keyid:``, ...; ``#`` then hex: the octets),
+    then ``{n}:``, then a DN (any ``=``), then without ``@``: ``%any`` and its spellings, an
+    IPv4 address, a name (FQDN), with a ``:`` an IPv6 address or else a KEY_ID; with ``@``:
+    ``@#hex`` (KEY_ID), ``@@user@host`` (RFC822, the first two ``@`` dropped), ``@name``
+    (FQDN, the ``@`` dropped), else an e-mail address (RFC822). A DN is (DER_ASN1_DN, its
+    text); what cannot be honoured raises IdentityError saying what to write instead."""
+    low = text.lower()
+    for prefix, t in _PREFIXES.items():
+        if low.startswith(prefix):
+            if isinstance(t, str):
+                raise IdentityError(f"{text!r}: {t}")
+            rest = text[len(prefix):]
+            if t in _ADDR_LEN:
+                data = _hex(rest[1:], repr(text)) if rest.startswith("#") else b""
+                if len(data) != _ADDR_LEN[t]:
+                    raise IdentityError(
+                        f"{text!r}: strongSwan takes what follows {prefix} as the octets "
+                        f"themselves: write the address without {prefix} (or {prefix}#"
+                        f"{'c0000201' if t == IdType.IPV4_ADDR else '2001' + '0' * 27 + '1'})")
+                return t, data
+            data = _hex(rest[1:], repr(text)) if rest.startswith("#") else rest.encode()
+            if not data:
+                raise IdentityError(f"{text!r}: an empty identity")
+            return t, data
+    if re.match(r"\{[^}]*\}:", text):
+        raise IdentityError(f"{text!r}: a numbered ID type is not supported here: write a "
+                            "typed prefix (fqdn:, email:, keyid:) or the identity itself")
+    if "=" in text:
+        return IdType.DER_ASN1_DN, text.encode()
+    if "@" not in text:
+        if text in _ANY_TEXTS:
+            return ID_ANY, b""
+        v6 = ":" in text
+        t = IdType.IPV6_ADDR if v6 else IdType.IPV4_ADDR
+        a = _pton(v6, text)
+        if a is not None:
+            return t, a
+        head, sep, tail = text.partition("/")
+        if sep and _pton(v6, head) is not None:
+            raise IdentityError(f"{text!r}: a subnet as an identity is not supported here: "
+                                "write one address")  # fmt: skip
+        head, sep, tail = text.partition("-")
+        if sep and _pton(v6, head) is not None and _pton(v6, tail) is not None:
+            raise IdentityError(f"{text!r}: an address range as an identity is not supported "
+                                "here: write one address")  # fmt: skip
+        return (IdType.KEY_ID if v6 else IdType.FQDN), text.encode()
+    if text.startswith("@#"):
+        return IdType.KEY_ID, _hex(text[2:], repr(text))
+    if text.startswith("@@"):
+        t, data = IdType.RFC822_ADDR, text[2:].encode()
+    elif text.startswith("@"):
+        t, data = IdType.FQDN, text[1:].encode()
+    else:
+        t, data = IdType.RFC822_ADDR, text.encode()
+    if not data:
+        raise IdentityError(f"{text!r}: an empty identity")
+    return t, data
+
+
+def _fold(t: int, data: bytes) -> bytes:
+    """The octets as compared: names and e-mail addresses case-insensitively (strongSwan's
+    equals_strcasecmp: ASCII letters only, as strncasecmp in the C locale)."""
+    return data.lower() if t in (IdType.FQDN, IdType.RFC822_ADDR) else data
+
+
+def id_key(p: IDPayload) -> tuple[int, bytes]:
+    """An ID payload's identity as compared: (ID type, octets, a name's letters folded)."""
+    return p.id_type, _fold(p.id_type, p.data)
+
+
+def peer_id_text(p: IDPayload) -> str:
+    """The text an identity is kept by (an IKE SA's peer_id: its unique, its leases, what a
+    transfer carries): one text for every spelling charon takes for one identity (a name or
+    e-mail address in any case: lower case)."""
+    return IDPayload(p.initiator, p.id_type, _fold(p.id_type, p.data)).text()
 
 
 @dataclass
 class Identity:
-    """An IKE identity from its text form (``gw.example``, ``192.0.2.1``, ``a@b``, ``%any``)."""
+    """An IKE identity from its text, as swanctl.conf writes it (``gw.example``,
+    ``@gw.example``, ``fqdn:gw.example``, ``alice@example``, ``@@alice@example``,
+    ``192.0.2.1``, ``@#0a0b``, ``keyid:#0a0b``, ``C=CH, CN=gw``, ``%any``, ``*``; see
+    _parse_identity). Raises IdentityError for a form this gateway cannot honour."""
 
     text: str
+    kind: int = field(init=False, repr=False, compare=False)  # ID type, or ID_ANY
+    octets: bytes = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self.kind, self.octets = _parse_identity(self.text)
 
     @property
     def any(self) -> bool:
         """Anyone: as strongSwan reads an identity (ID_ANY), "", %any, %any6, 0.0.0.0, *,
-        :: and 0::0 (the others were taken as an identity of that text: a secret with
-        id = "*" named only a peer called so)."""
-        return self.text in _ANY
+        :: and 0::0."""
+        return self.kind == ID_ANY
+
+    @property
+    def is_dn(self) -> bool:
+        return self.kind == IdType.DER_ASN1_DN
+
+    @property
+    def wildcard(self) -> bool:
+        """A name or e-mail address with strongSwan's leading ``*`` (``*.example.org``,
+        ``*@example.org``): it names every one ending so."""
+        return (self.kind in (IdType.FQDN, IdType.RFC822_ADDR)
+                and self.octets.startswith(b"*") and len(self.octets) > 1)  # fmt: skip
+
+    @property
+    def key(self) -> tuple[int, bytes]:
+        """(ID type, octets) as compared (id_key)."""
+        return self.kind, _fold(self.kind, self.octets)
 
     def payload(self, initiator: bool) -> IDPayload:
-        try:
-            a = ipaddress.ip_address(self.text)
-            t = IdType.IPV4_ADDR if a.version == 4 else IdType.IPV6_ADDR
-            return IDPayload(initiator, t, a.packed)
-        except ValueError:
-            pass
-        t = IdType.RFC822_ADDR if "@" in self.text else IdType.FQDN
-        return IDPayload(initiator, t, self.text.encode())
+        if self.any or self.is_dn:  # (never sent: %any is our address, a DN our subject's)
+            return IDPayload(initiator, IdType.FQDN, self.text.encode())
+        return IDPayload(initiator, self.kind, self.octets)
+
+    def match(self, p: IDPayload) -> int:
+        """How well this identity (a remote.id, a secret's id) names the peer's ``p``, as
+        strongSwan's matches: MATCH_ANY (%any), MATCH_PERFECT (equal, a name's case
+        aside), MATCH_WILDCARD (``*`` then an ending the name has, at least one character
+        before it), else MATCH_NONE. A DN: MATCH_NONE (proven by a certificate: matches)."""
+        if self.any:
+            return MATCH_ANY
+        if self.is_dn:
+            return MATCH_NONE
+        t, mine = self.key
+        if p.id_type != t:
+            return MATCH_NONE
+        theirs = _fold(t, p.data)
+        if theirs == mine:
+            return MATCH_PERFECT
+        if self.wildcard and len(theirs) >= len(mine) and theirs.endswith(mine[1:]):
+            return MATCH_WILDCARD
+        return MATCH_NONE
 
     def matches(self, p: IDPayload, cert: x509.Certificate | None = None) -> bool:
         """Does the peer's ID payload (proven by ``cert`` for a DN) name this identity?"""
         if self.any:
             return True
-        if "=" in self.text:  # a distinguished name, compared attribute by attribute
+        if self.is_dn:  # a distinguished name, compared attribute by attribute
             if cert is None or p.id_type != IdType.DER_ASN1_DN:
                 return False
             from .auth import BAD_CERT
@@ -126,45 +285,57 @@ class Identity:
                 return _dn_set(self.text) == _dn_set(cert.subject.rfc4514_string())
             except BAD_CERT:
                 return False
-        mine = self.payload(p.initiator)
         if cert is not None and p.id_type == IdType.DER_ASN1_DN:
             # the peer names itself by its DN; the name we want is among its certificate's
             # subjectAltNames
             from .auth import id_matches_cert
 
-            return id_matches_cert(mine, cert)
-        return (mine.id_type, mine.data) == (p.id_type, p.data)
+            return id_matches_cert(self.payload(p.initiator), cert)
+        return self.match(p) != MATCH_NONE
 
 
 def says_what_it_is(p: IDPayload) -> bool:
     """Does the ID payload's text (how an identity is kept, compared and given a lease: an
-    IKE SA's peer_id) name it and no identity of another type? An e-mail address sent as an
-    FQDN or a KEY_ID, an address or a DN's text sent as an FQDN, an empty or ``%any`` name
-    would be taken for that other identity (a DN is not: it is named by its certificate's
-    subject). A name that is not printable is shown, kept and compared as ``0x`` and its
-    octets in hex: an FQDN so (its text cannot be another's), never a printable name that
-    reads as such a hex form."""
-    text = p.text()
+    IKE SA's peer_id, peer_id_text) name it and no identity of another type? An e-mail
+    address sent as an FQDN, an address or a DN's text sent as an FQDN, an empty or
+    ``%any`` name (in any case), a name that reads as a typed prefix (``fqdn:``) or an
+    ``@`` form would be taken for that other identity (a DN is not: it is named by its
+    certificate's subject). A name that is not printable is shown, kept and compared as
+    ``0x`` and its octets in hex: an FQDN so (its text cannot be another's), never a
+    printable name that reads as such a hex form. A KEY_ID is ``@#`` and its octets in hex
+    (what reads as it)."""
     if p.id_type == IdType.DER_ASN1_DN:
         return False
-    if text == "0x" + p.data.hex():
+    text = peer_id_text(p)
+    if text == "0x" + _fold(p.id_type, p.data).hex():
         return p.id_type == IdType.FQDN
-    if "=" in text or re.fullmatch("0x[0-9a-f]*", text):
+    if re.fullmatch("0x[0-9a-f]*", text):
         return False
-    ident = Identity(text)
-    if ident.any:
+    try:
+        ident = Identity(text)
+    except IdentityError:
         return False
-    q = ident.payload(p.initiator)
-    return (q.id_type, q.data) == (p.id_type, p.data)
+    return not ident.any and not ident.is_dn and ident.key == id_key(p)
+
+
+def canonical_peer_id(text: str) -> str:
+    """A peer identity's text from another gateway (a context, a UNIT payload; one of an
+    older version kept a name's case) as this one keeps it (peer_id_text): a name or an
+    e-mail address, written plainly, in lower case; any other text as it is."""
+    try:
+        ident = Identity(text)
+    except IdentityError:
+        return text
+    if ident.kind in (IdType.FQDN, IdType.RFC822_ADDR) and ident.octets == text.encode():
+        p = ident.payload(True)
+        if says_what_it_is(p):
+            return peer_id_text(p)
+    return text
 
 
 def _dn_set(text: str) -> set[tuple[str, str]]:
     parts = [x.strip() for x in text.replace(";", ",").split(",") if x.strip()]
     return {(k.strip().upper(), v.strip()) for k, _, v in (x.partition("=") for x in parts)}
-
-
-# how well a secret's ids name one side (strongSwan's id_match_t, in its order)
-MATCH_NONE, MATCH_ANY, MATCH_WILDCARD, MATCH_PERFECT = 0, 1, 2, 3
 
 
 @dataclass(frozen=True)
@@ -176,43 +347,42 @@ class SharedKey:
     name: str
     ids: tuple[str, ...]
     key: bytes = field(repr=False)
-    # the ids as compared at IKE_AUTH: (ID type, octets) named exactly; (ID type, ending)
-    # of the wildcards; whether the secret is anyone's
+    # the ids as compared at IKE_AUTH: (ID type, octets, a name's case folded) named
+    # exactly; the wildcards (Identity); whether the secret is anyone's
     _exact: frozenset[tuple[int, bytes]] = field(init=False, repr=False, compare=False)
-    _ends: tuple[tuple[int, bytes], ...] = field(init=False, repr=False, compare=False)
+    _wild: tuple[Identity, ...] = field(init=False, repr=False, compare=False)
     _anyone: bool = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        """Raises IdentityError for an id this gateway cannot honour (Identity)."""
         exact: set[tuple[int, bytes]] = set()
-        ends: list[tuple[int, bytes]] = []
+        wild: list[Identity] = []
         anyone = not self.ids
         for text in self.ids:
             ident = Identity(text)
             if ident.any:
                 anyone = True
-            elif "=" in text:  # a DN: proven by a certificate, never by a pre-shared key
+            elif ident.is_dn:  # a DN: proven by a certificate, never by a pre-shared key
                 continue
+            elif ident.wildcard:
+                wild.append(ident)
             else:
-                p = ident.payload(True)
-                if text.startswith("*") and len(text) > 1 and p.id_type in (
-                        IdType.FQDN, IdType.RFC822_ADDR):  # fmt: skip
-                    ends.append((p.id_type, p.data[1:]))
-                else:
-                    exact.add((p.id_type, p.data))
+                exact.add(ident.key)
         object.__setattr__(self, "_exact", frozenset(exact))
-        object.__setattr__(self, "_ends", tuple(ends))
+        object.__setattr__(self, "_wild", tuple(wild))
         object.__setattr__(self, "_anyone", anyone)
 
     def match(self, who: IDPayload | None) -> int:
         """How well this secret's ids name ``who`` (None: an identity not known, such as a
-        ``remote.id = %any`` to initiate to): MATCH_PERFECT when one of them is it,
-        MATCH_WILDCARD when a wildcard takes it, MATCH_ANY when the secret is anyone's,
-        else MATCH_NONE."""
+        ``remote.id = %any`` to initiate to): MATCH_PERFECT when one of them is it (a name
+        or e-mail address in any case), MATCH_WILDCARD when a wildcard takes it, MATCH_ANY
+        when the secret is anyone's, else MATCH_NONE."""
         if who is not None:
-            if (who.id_type, who.data) in self._exact:
+            if id_key(who) in self._exact:
                 return MATCH_PERFECT
-            if any(t == who.id_type and who.data.endswith(e) for t, e in self._ends):
-                return MATCH_WILDCARD
+            best = max((w.match(who) for w in self._wild), default=MATCH_NONE)
+            if best != MATCH_NONE:  # (a wildcard, or the pattern itself: perfect)
+                return best
         return MATCH_ANY if self._anyone else MATCH_NONE
 
 
@@ -655,6 +825,13 @@ def parse_connections(
         mobike = _yes(d["mobike"], ctx, where + "mobike") if "mobike" in d else True
         la, lid, lcerts, _ = _auth(d.get("local"), ctx, where + "local.")
         ra, rid, _, rcas = _auth(d.get("remote"), ctx, where + "remote.")
+        local_id = _identity(lid, ctx, where + "local.id") if lid else None
+        remote_id = _identity(rid or "%any", ctx, where + "remote.id")
+        if local_id is not None and local_id.wildcard:
+            raise ctx.err(where + "local.id", f"{lid!r} is a pattern (remote.id and secrets "
+                          "take one): local.id is the one identity we send")  # fmt: skip
+        if local_id is not None and local_id.any:  # (charon: our address, as without one)
+            local_id = None
         rd = d.get("remote") or {}
         crl_files = _strings(rd.get("crls", []), ctx, where + "remote.crls")
         crls = None
@@ -690,8 +867,8 @@ def parse_connections(
                     raise ctx.err(where + "local.certs", "no [secrets.private-*] key for the "
                                   f"certificate {chain[0].subject.rfc4514_string()}")  # fmt: skip
                 creds = Credentials(tuple(chain), key)
-                if lid and "=" not in lid and not Identity(lid).any and not id_matches_cert(
-                        Identity(lid).payload(False), chain[0]):  # fmt: skip
+                if local_id is not None and not local_id.is_dn and not id_matches_cert(
+                        local_id.payload(False), chain[0]):  # fmt: skip
                     # we would send it as our ID with a certificate that does not prove it:
                     # every peer refuses the authentication (strongSwan finds "no trusted
                     # public key" for it), so no client would ever connect
@@ -706,14 +883,12 @@ def parse_connections(
         children = [_child(cn, cd, ctx, f"{where}children.{cn}.", ignored)
                     for cn, cd in children_d.items()]  # fmt: skip
         encap = _yes(d["encap"], ctx, where + "encap") if "encap" in d else False
-        local_id = Identity(lid) if lid else None
-        remote_id = Identity(rid or "%any")
         # the PSK: as charon, chosen at IKE_AUTH from the secrets whose ids name one of the
         # two identities (SharedKey); the initiator's, for local.id and remote.id, is known now
         psk = b""
         needs_psk = "psk" in (la, ra)
-        me = local_id.payload(False) if local_id is not None else None
-        peer = None if remote_id.any else remote_id.payload(False)
+        me = local_id.payload(False) if local_id is not None and not local_id.is_dn else None
+        peer = None if remote_id.any or remote_id.is_dn else remote_id.payload(False)
         best = select_psk(shared, me, peer)
         if best is not None:
             psk = best.key
@@ -763,17 +938,24 @@ def _may_name(k: SharedKey, local_id: Identity | None, remote_id: Identity) -> b
     if remote_id.any or k.match(None) != MATCH_NONE:
         return True
     for ident in (remote_id, local_id):
-        if ident is not None and "=" not in ident.text and k.match(ident.payload(False)):
+        if ident is not None and not ident.is_dn and k.match(ident.payload(False)):
             return True
     return local_id is None and any(_is_address(i) for i in k.ids)
 
 
-def _is_address(text: str) -> bool:
+def _identity(text: str, ctx: _Ctx, key: str) -> Identity:
     try:
-        ipaddress.ip_address(text)
-    except ValueError:
+        return Identity(text)
+    except IdentityError as exc:
+        raise ctx.err(key, str(exc)) from None
+
+
+def _is_address(text: str) -> bool:
+    """Is this id (as strongSwan reads it) an address?"""
+    try:
+        return Identity(text).kind in _ADDR_LEN
+    except IdentityError:
         return False
-    return True
 
 
 def _pool_names(v: Any, ctx: _Ctx, key: str, data: dict[str, Any]) -> list[str]:

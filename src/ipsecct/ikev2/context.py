@@ -27,15 +27,25 @@ the clear: these CDBs travel only over the TLS channel between gateways.
 from __future__ import annotations
 
 import ipaddress
+import re
 import struct
 from collections.abc import Callable
 
-from ..errors import IkeContextError
+from ..errors import IdentityError, IkeContextError
 from .auth import MAX_CERTS_SERIALS, MAX_NAMES, MAX_SERIAL_LEN, fingerprint, revoked_by
-from .config import ChildConfig, Connection, Identity, _dn_set, _is_address, select_psk
+from .config import (
+    MATCH_NONE,
+    ChildConfig,
+    Connection,
+    Identity,
+    _dn_set,
+    _is_address,
+    canonical_peer_id,
+    select_psk,
+)
 from .ikesa import Address, ChildSA, IkeSA, IkeState
 from .keys import ChildKeys, IkeKeys
-from .message import DeletePayload, ProtocolId, TrafficSelector, TsType
+from .message import DeletePayload, IdType, ProtocolId, TrafficSelector, TsType
 from .proposal import AEAD, INTEG, PRF_HASH, Suite, admits
 
 FPT_IKE_SA = 0x8010
@@ -500,7 +510,7 @@ def _unit_policy(d: dict[int, list[bytes]], children: list[str],
         raise ValueError("malformed unit")
     cert = (_unnames(_one(d, 12)), _one(d, 13, 32),
             _unserials(_one(d, 15)) if 15 in d else ()) if 13 in d else None  # fmt: skip
-    return (_unsuite(_one(d, 7)), _one(d, 8).decode(), auth, cert), kids
+    return (_unsuite(_one(d, 7)), canonical_peer_id(_one(d, 8).decode()), auth, cert), kids
 
 
 def unit_vips(payload: bytes) -> tuple[str, list[tuple[str, ipaddress.IPv4Address
@@ -523,7 +533,7 @@ def unit_identity(payload: bytes) -> str | None:
         d = _parse(_frame(0, payload))[1]
         if 11 in d:
             d = _parse(_frame(0, _one(d, 11)))[1]
-        return _one(d, 8).decode() if 8 in d else None
+        return canonical_peer_id(_one(d, 8).decode()) if 8 in d else None
     except (IkeContextError, UnicodeDecodeError, ValueError, struct.error):
         return None
 
@@ -714,14 +724,27 @@ def _psk_admitted(conn: Connection, peer_id: str) -> bool:
     if not conn.shared_keys:
         return True
     lid = conn.local_id
-    me = None if lid is None or "=" in lid.text else lid.payload(False)
-    if select_psk(conn.shared_keys, me, Identity(peer_id).payload(True)) is not None:
+    me = None if lid is None or lid.is_dn else lid.payload(False)
+    peer = _peer(peer_id)
+    if peer is not None and select_psk(conn.shared_keys, me, peer.payload(True)) is not None:
         return True
     return lid is None and any(_is_address(i) for k in conn.shared_keys for i in k.ids)
 
 
+def _peer(peer_id: str) -> Identity | None:
+    """The identity an IKE SA's peer_id keeps (says_what_it_is: its text reads as it; a DN:
+    its subject's text); None: a text that names none (from a peer gateway: untrusted)."""
+    try:  # (a name that is not printable: 0x and its octets in hex)
+        ident = Identity(f"fqdn:#{peer_id[2:]}" if re.fullmatch("0x[0-9a-f]+", peer_id)
+                         else peer_id)  # fmt: skip
+    except IdentityError:
+        return None
+    return None if ident.any else ident
+
+
 def _id_admitted(conn: Connection, peer_id: str, names: tuple[str, ...] | None) -> bool:
-    """Does ``remote.id`` admit the identity the peer authenticated as? A peer known by its
+    """Does ``remote.id`` admit the identity the peer authenticated as (as it would at
+    IKE_AUTH here: a name's case aside, a wildcard's ending)? A peer known by its
     certificate's DN while ``remote.id`` names one of its subjectAltNames: when ``names``
     (what the certificate proves, carried since the certificate does not travel) is known,
     ``remote.id`` must be among them, as the authentication here would have checked; from
@@ -729,22 +752,24 @@ def _id_admitted(conn: Connection, peer_id: str, names: tuple[str, ...] | None) 
     want = conn.remote_id
     if want.any:
         return True
-    if "=" in want.text:
-        return "=" in peer_id and _dn_set(want.text) == _dn_set(peer_id)
-    if "=" in peer_id:
-        return names is None or _as_name(want.text) in names
-    try:
-        return ipaddress.ip_address(want.text) == ipaddress.ip_address(peer_id)
-    except ValueError:
-        return want.text == peer_id
+    peer = _peer(peer_id)
+    if peer is None:
+        return False
+    if want.is_dn:
+        return peer.is_dn and _dn_set(want.text) == _dn_set(peer_id)
+    if peer.is_dn:
+        return names is None or _as_name(want) in names
+    return want.match(peer.payload(True)) != MATCH_NONE
 
 
-def _as_name(text: str) -> str:
-    """A configured identity as :func:`~ipsecct.ikev2.auth.cert_names` writes names."""
-    try:
-        return f"ip:{ipaddress.ip_address(text)}"
-    except ValueError:
-        return f"{'email' if '@' in text else 'dns'}:{text.lower()}"
+def _as_name(ident: Identity) -> str:
+    """A configured identity as :func:`~ipsecct.ikev2.auth.cert_names` writes names (a
+    KEY_ID: none of them)."""
+    if ident.kind in (IdType.IPV4_ADDR, IdType.IPV6_ADDR):
+        return f"ip:{ipaddress.ip_address(ident.octets)}"
+    kinds: dict[int, str] = {IdType.FQDN: "dns", IdType.RFC822_ADDR: "email"}
+    kind = kinds.get(ident.kind, "")
+    return f"{kind}:{ident.octets.decode(errors='replace').lower()}" if kind else ""
 
 
 def _names(names: tuple[str, ...], room: int) -> bytes:
@@ -853,7 +878,7 @@ def decode(cdbs: list[bytes], connections: list[Connection], now: float,
         spi_i, spi_r, bool(_u(m, 4, 1)), conn, [conn], suite,
         local or _unaddr(_one(m, 17)), _unaddr(_one(m, 18)), now, keys,
         _one(m, 14), _one(m, 15), b"", b"", bool(flags[0] & 2), bool(flags[0] & 1),
-        IkeState.ESTABLISHED, _one(m, 20).decode(errors="replace"),
+        IkeState.ESTABLISHED, canonical_peer_id(_one(m, 20).decode(errors="replace")),
     )  # fmt: skip
     ike.peer_next_mid, ike.my_next_mid = peer_mid, my_mid
     ike.fragmentation = bool(flags[1])

@@ -45,7 +45,7 @@ from .auth import (
     validated_chain,
     verify,
 )
-from .config import ChildConfig, Connection, says_what_it_is
+from .config import ChildConfig, Connection, peer_id_text, says_what_it_is
 from .ikesa import Address, ChildSA, IkeSA, IkeState, IPAddr, Pending
 from .keys import KeyExchange, child_keys, hmac_digest, ike_keys, psk_auth, signed_octets
 from .message import (
@@ -1118,10 +1118,12 @@ class IkeEngine:
             ike.state = IkeState.DEAD
             return [NotifyPayload(Notify.AUTHENTICATION_FAILED)]
         # every connection whose remote.id names the peer is tried, those naming it exactly
-        # before those with %any (config order within each): a connection's PSK or CAs prove
-        # only that connection (the first match alone was tried: with an %any connection
-        # written first, the peer of a connection naming it was refused)
-        matching = [c for c in sorted(ike.candidates, key=lambda c: c.remote_id.any)
+        # before those with a wildcard (*.example.org), then %any (config order within
+        # each), as charon ranks them: a connection's PSK or CAs prove only that connection
+        # (the first match alone was tried: with an %any connection written first, the peer
+        # of a connection naming it was refused)
+        matching = [c for c in sorted(ike.candidates,
+                                      key=lambda c: (c.remote_id.any, c.remote_id.wildcard))
                     if c.remote_auth == ("psk" if psk else "pubkey")
                     and c.remote_id.matches(idi, cert)
                     and (idr is None or c.local_id is None or c.local_id.matches(idr)
@@ -1172,8 +1174,10 @@ class IkeEngine:
                      _quote(why))  # fmt: skip
             ike.state = IkeState.DEAD
             return [NotifyPayload(Notify.AUTHENTICATION_FAILED)]
+        # (a name or e-mail address in lower case: one text, unique and leases for every
+        # spelling of one identity, as charon compares them)
         peer_id = cert.subject.rfc4514_string() if (
-            cert is not None and idi.id_type == IdType.DER_ASN1_DN) else idi.text()
+            cert is not None and idi.id_type == IdType.DER_ASN1_DN) else peer_id_text(idi)
         # unique (swanctl.conf): the IKE SAs this identity already has with the connection
         dups = [o for o in self.by_spi.values() if o is not ike and o.peer_id == peer_id
                 and o.conn.name == conn.name
@@ -1204,7 +1208,7 @@ class IkeEngine:
         creds = conn.credentials
         if conn.local_auth == "pubkey" and creds is not None:
             our_id = (conn.local_id.payload(False) if conn.local_id is not None
-                      and "=" not in conn.local_id.text else creds.subject_id(False))
+                      and not conn.local_id.is_dn else creds.subject_id(False))
             if idr is not None and id_matches_cert(idr, creds.certs[0]):
                 our_id = IDPayload(False, idr.id_type, idr.data)  # the name it asked for
         else:
@@ -1974,7 +1978,7 @@ class IkeEngine:
         prf_alg = ike.suite.prf
         assert prf_alg is not None
         creds = conn.credentials if conn.local_auth == "pubkey" else None
-        if creds is not None and (conn.local_id is None or "=" in conn.local_id.text):
+        if creds is not None and (conn.local_id is None or conn.local_id.is_dn):
             idi = creds.subject_id(True)
         else:
             idi = (conn.local_id.payload(True) if conn.local_id is not None
@@ -1982,7 +1986,7 @@ class IkeEngine:
                                   ike.local.host.packed))  # fmt: skip
         key = None
         if creds is None:  # our AUTH with the pre-shared key of (local.id, remote.id)
-            key = conn.psk_for(idi, None if conn.remote_id.any or "=" in conn.remote_id.text
+            key = conn.psk_for(idi, None if conn.remote_id.any or conn.remote_id.is_dn
                                else conn.remote_id.payload(False))  # fmt: skip
             if key is None:
                 why = "no pre-shared key for local.id and remote.id"
@@ -2004,7 +2008,8 @@ class IkeEngine:
         payloads.append(NotifyPayload(Notify.IPSEC_REPLAY_COUNTER_SYNC_SUPPORTED))
         if conn.remote_auth == "pubkey" and conn.cacerts and conn.send_certreq:
             payloads.append(CertReqPayload(CERT_X509_SIGNATURE, certreq(conn.cacerts)))
-        if not conn.remote_id.any and "=" not in conn.remote_id.text:
+        if not (conn.remote_id.any or conn.remote_id.is_dn or conn.remote_id.wildcard):
+            # (charon sends no IDr for a remote.id with a wildcard: a pattern names no one)
             payloads.append(conn.remote_id.payload(False))
         if creds is not None:
             method, data = sign(creds.key, octets, ike.peer_hashes, pss=self.rsa_pss)
@@ -2091,7 +2096,7 @@ class IkeEngine:
             self._kill(ike, why, out)
             return
         ike.peer_id = cert.subject.rfc4514_string() if (
-            cert is not None and idr.id_type == IdType.DER_ASN1_DN) else idr.text()
+            cert is not None and idr.id_type == IdType.DER_ASN1_DN) else peer_id_text(idr)
         ike.rekey_at = self._rekey_time(now, conn.rekey_time)
         ike.state = IkeState.ESTABLISHED
         ike.mobike = conn.mobike and Notify.MOBIKE_SUPPORTED in n
@@ -2734,7 +2739,7 @@ def _my_id(conn: Connection, ike: IkeSA, initiator: bool = False) -> IDPayload |
     if conn.local_id is None:
         return IDPayload(initiator, 1 if ike.local.host.version == 4 else 5,
                          ike.local.host.packed)  # fmt: skip
-    return None if "=" in conn.local_id.text else conn.local_id.payload(initiator)
+    return None if conn.local_id.is_dn else conn.local_id.payload(initiator)
 
 
 def _send_cert(conn: Connection, ike: IkeSA) -> bool:

@@ -215,13 +215,16 @@ class IDPayload:
         return bytes((self.id_type, 0, 0, 0)) + self.data
 
     def text(self) -> str:
-        """The identity as strongSwan would print it."""
+        """The identity as strongSwan would print it (a KEY_ID as swanctl.conf writes it:
+        ``@#`` and its octets in hex)."""
         try:
             if self.id_type == IdType.IPV4_ADDR and len(self.data) == 4:
                 return str(ipaddress.IPv4Address(self.data))
             if self.id_type == IdType.IPV6_ADDR and len(self.data) == 16:
                 return str(ipaddress.IPv6Address(self.data))
-            if self.id_type in (IdType.FQDN, IdType.RFC822_ADDR, IdType.KEY_ID):
+            if self.id_type == IdType.KEY_ID and self.data:
+                return "@#" + self.data.hex()
+            if self.id_type in (IdType.FQDN, IdType.RFC822_ADDR):
                 text = self.data.decode("ascii")
                 if text.isprintable():  # no newline or escape sequence into a log or a
                     return text  # terminal: any peer can send any identity
