@@ -316,12 +316,38 @@ def test_the_remembered_leases_are_bounded_and_a_changed_pool_forgets_what_left_
     assert len(state.StateStore.open_existing(tmp_path / "state" / "state.db", "sg1").leases()) == 2
 
 
+def test_a_lease_kept_in_a_names_case_by_an_older_version_is_that_identitys_after_a_restart(
+    tmp_path: Path,
+) -> None:
+    """An older version kept a name's case (Alice.Test's lease was hers only as Alice.Test);
+    names are one identity in any case now: after a restart her lease is alice.test's, in
+    the pool and in the store, and she gets it back however she writes her name."""
+    sg1 = gateway(tmp_path)
+    w = client(sg1, "alice.test")
+    addr = vip(w)
+    (ike,) = w.ini.ike_sas()
+    w.deliver(w.ini.delete(ike, 1.0), "i", 1.0)
+    asyncio.run(sg1.state.stop())
+    store = state.StateStore.open_existing(tmp_path / "state" / "state.db", "sg1")
+    ((name, text, st, who, changed),) = store.leases()
+    assert (st, who) == ("offline", "alice.test")
+    store.put_leases([(name, text, st, "Alice.Test", changed)])
+    store.close()
+    sg1 = gateway(tmp_path)
+    assert sg1.ike is not None
+    assert list(sg1.ike.engine.pools["rw"].offline.items()) == [(addr, "alice.test")]
+    assert vip(client(sg1, "ALICE.test")) == addr
+    asyncio.run(sg1.state.stop())
+    leases = state.StateStore.open_existing(tmp_path / "state" / "state.db", "sg1").leases()
+    assert [r[3] for r in leases] == ["alice.test"]
+
+
 def test_ipsecct_pools_lists_each_lease_through_the_control_socket(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """``ipsecct pools --leases`` (as ``swanctl --list-pools --leases``): each pool's counts,
     then each lease with its state and identity (quoted; an identity with control
-    characters is its octets in hex, as the IKE SA's)."""
+    characters is its octets in hex, as the IKE SA's, a name's letters in lower case)."""
     sock = short_path()
     sg1 = gateway(tmp_path, sock)
     assert sg1.ike is not None and sg1.control is not None

@@ -61,6 +61,7 @@ from ..ct.journal import (
     transferred_at,
 )
 from ..errors import JournalError, StateError
+from ..ikev2.config import canonical_peer_id
 from ..ikev2.pool import Pool
 from ..ipsec.engine import Tunnel
 from ..ipsec.sad import MAX_SEQ_64, SecurityAssociation
@@ -1145,10 +1146,15 @@ class DurableState:
                 addr = ipaddress.ip_address(text)
             except ValueError:
                 addr = None
+            # (an older version kept a name's case: one identity, one lease, as IKE SAs now)
+            folded = canonical_peer_id(who)
             if st in ("online", "leaving"):
                 counts[f"was_{st}"] += 1
                 st = "away" if elsewhere or st == "leaving" else "offline"
-                fix.append((name, text, st, who, now))
+                fix.append((name, text, st, folded, now))
+            elif folded != who:
+                fix.append((name, text, st, folded, now))
+            who = folded
             if pool is None or addr is None or not pool.restore(addr, st, who):
                 drop.append((name, text))
                 # An away address of a pool renamed (or now in another one) stays away there:
