@@ -1402,3 +1402,69 @@ def test_strongswan_clients_with_keys_of_their_own_share_one_connection(workdir:
             assert not any(k in log for k in keys.values()) and "d-test-key" not in log
         finally:
             gw.cleanup()
+
+
+class ClientWithIds(Initiator):
+    """strongSwan A with swanctl.conf ids of our choosing: ``local`` for its local.id and
+    the secret's id-1, ``remote`` for its remote.id and id-2."""
+
+    def __init__(self, ns: Namespaces, workdir: Path, local: str, remote: str) -> None:
+        super().__init__(ns, workdir, ike=None, esp=None, encap=False)
+        self.local, self.remote = local, remote
+
+    def write_config(self) -> None:
+        super().write_config()
+        p = self.dir / "swanctl.conf"
+        text = p.read_text().replace(f"= {A.id}\n", f"= {self.local}\n").replace(
+            f"= {B.id}\n", f"= {self.remote}\n")  # fmt: skip
+        assert text.count(f"= {self.local}\n") == 2 and text.count(f"= {self.remote}\n") == 2
+        strongswan.write_private(p, text)
+
+
+@pytest.mark.root
+@pytest.mark.slow
+@needs_strongswan
+def test_strongswan_takes_at_ids_and_mixed_case_as_the_gateway_does(workdir: Path) -> None:
+    """swanctl.conf's ``@name`` ids on both sides, in mixed case. The gateway's ``local.id =
+    "@B.Test"`` goes on the wire as the FQDN B.Test (the ``@`` was sent as part of an e-mail
+    address "@B.Test": strongSwan's remote.id @b.test refused it); the client's IDi
+    ``Alice.TEST`` (its ``local.id = @Alice.TEST``) is taken by the gateway's ``remote.id =
+    "@alice.test"`` and its secret ``id = "@ALICE.test"`` (compared in any case, as charon
+    does); the IKE SA keeps the identity as alice.test; ping passes. A client asking for
+    another name (its IDr c.test) is refused by the gateway: not its local.id."""
+    with Namespaces("a", "b") as ns:
+        build_namespaces(ns)
+        conf = gateway_config(workdir, ike="default", esp="default", encap=False, dpd=0)
+        text = conf.read_text()
+        for old, new in ((f'local.id = "{B.id}"', 'local.id = "@B.Test"'),
+                         (f'remote.id = "{A.id}"', 'remote.id = "@alice.test"'),
+                         (f'id = ["{A.id}", "{B.id}"]', 'id = ["@ALICE.test", "@b.test"]')):
+            assert old in text
+            text = text.replace(old, new)
+        conf.write_text(text)
+        gw = Daemon("gateway", conf, str(workdir / "gw.sock"), workdir / "gw.log",
+                    prefix=["ip", "netns", "exec", ns.names["b"]])  # fmt: skip
+        gw.start()
+        sock = str(workdir / "gw.sock")
+        try:
+            with ClientWithIds(ns, workdir, "@Alice.TEST", "@b.test") as ss:
+                ss.start()
+                ss.initiate()
+                assert ping_once_up(ns, "a", B.inner, 3) == 3, gw.logtext() + ss.logtail()
+                (sa,) = ike_list(sock)
+                assert sa["remote_id"] == "alice.test", sa
+                assert re.search(r"established between 10\.200\.0\.1\[Alice\.TEST\]\.\.\."
+                                 r"10\.200\.0\.2\[B\.Test\]", ss.log()), ss.logtail()
+                ss.swanctl("--terminate", "--ike", "cA")
+                wait_until(lambda: not ike_list(sock), "the gateway to remove the IKE SA",
+                           timeout=15)  # fmt: skip
+            with ClientWithIds(ns, workdir, "@alice.test", "@c.test") as ss:
+                ss.start()
+                with pytest.raises(AssertionError):
+                    ss.initiate()
+                assert not ike_list(sock)
+                assert "received AUTHENTICATION_FAILED notify error" in ss.log(), ss.logtail()
+            c = gw.status()["ike"]["counters"]
+            assert c["ike-sa-established"] == 1 and c["auth-failed"] == 1, c
+        finally:
+            gw.cleanup()
