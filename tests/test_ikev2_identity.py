@@ -257,8 +257,10 @@ def test_canonical_peer_id_folds_only_a_plainly_written_name_or_address() -> Non
     e-mail address is folded; anything else is as it came (never reinterpreted)."""
     assert canonical_peer_id("Alice.Example") == "alice.example"
     assert canonical_peer_id("Alice@Example.ORG") == "alice@example.org"
+    assert canonical_peer_id("0x411b") == "0x611b"  # (a name that is not printable: A\x1b)
     for same in ("CN=Alice, O=X", "@Alice.example", "2001:db8::1", "@#0a", "%ANY", "0X0A",
-                 "ipv4:1.2.3.4", "0x0a"):  # fmt: skip
+                 "ipv4:1.2.3.4", "0x0a", "0x61", "\ufffd\x00", "A\x1b[2J.test",
+                 "Ä.test"):  # fmt: skip
         assert canonical_peer_id(same) == same
 
 

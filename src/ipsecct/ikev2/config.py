@@ -321,15 +321,20 @@ def says_what_it_is(p: IDPayload) -> bool:
 def canonical_peer_id(text: str) -> str:
     """A peer identity's text from another gateway (a context, a UNIT payload; one of an
     older version kept a name's case) as this one keeps it (peer_id_text): a name or an
-    e-mail address, written plainly, in lower case; any other text as it is."""
+    e-mail address, written plainly, in lower case (a name that is not printable, kept in
+    hex: its octets so); any other text as it is."""
+    if re.fullmatch("0x(?:[0-9a-f]{2})+", text):  # (only an FQDN is kept so: says_what_it_is)
+        folded = peer_id_text(IDPayload(True, IdType.FQDN, bytes.fromhex(text[2:])))
+        return folded if folded.startswith("0x") else text
     try:
         ident = Identity(text)
     except IdentityError:
         return text
     if ident.kind in (IdType.FQDN, IdType.RFC822_ADDR) and ident.octets == text.encode():
         p = ident.payload(True)
-        if says_what_it_is(p):
-            return peer_id_text(p)
+        folded = peer_id_text(p)
+        if says_what_it_is(p) and folded == text.lower():  # (not printable: as it came)
+            return folded
     return text
 
 
