@@ -6,6 +6,7 @@ serves clients that each have their own key."""
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import logging
 import os
 from pathlib import Path
@@ -248,9 +249,9 @@ class _SentAs(Identity):
         self.kind, self.octets = self.id_type, self.text.encode()
 
     def payload(self, initiator: bool) -> M.IDPayload:
-        if self.id_type in (M.IdType.FQDN, M.IdType.RFC822_ADDR, M.IdType.KEY_ID):
-            return M.IDPayload(initiator, self.id_type, self.text.encode())
-        return super().payload(initiator)
+        if self.id_type in (M.IdType.IPV4_ADDR, M.IdType.IPV6_ADDR):
+            return M.IDPayload(initiator, self.id_type, ipaddress.ip_address(self.text).packed)
+        return M.IDPayload(initiator, self.id_type, self.text.encode())
 
 
 def test_an_identity_whose_text_names_another_type_is_refused_not_taken_for_that_other() -> None:
