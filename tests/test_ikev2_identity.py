@@ -295,6 +295,7 @@ def test_at_ids_and_mixed_case_authenticate_and_are_sent_plain() -> None:
     assert w.of("i", IkeUp) and w.of("r", IkeUp)
     ((ini,), (resp,)) = w.ini.ike_sas(), gw.ike_sas()
     assert ini.peer_id == "gw.test" and resp.peer_id == "alice.test"
+    assert resp.local_id_text() == "gw.test"  # (ipsecct sa list: as the peer sees it)
     assert _client(gw, "bob.test").of("i", ConnectFailed)  # (not remote.id)
     wild = _gw("*.users.test", "*.Users.TEST")
     assert _client(wild, "Carol.USERS.test").of("i", IkeUp)

@@ -308,11 +308,12 @@ class IkeSA:
         return f"{self.conn.name}[{self.uid}] {self.local} <-> {self.remote}"
 
     def local_id_text(self) -> str:
-        """Our identity as the peer sees it: local.id, else our certificate's subject DN
-        (local.auth = pubkey) or our address."""
+        """Our identity as the peer sees it: local.id as sent (``@gw.example``: gw.example),
+        else our certificate's subject DN (local.auth = pubkey) or our address."""
         conn = self.conn
-        if conn.local_id is not None and conn.local_id.text:
-            return conn.local_id.text
+        lid = conn.local_id
+        if lid is not None and not lid.any:
+            return lid.text if lid.is_dn else lid.payload(False).text()
         creds = conn.credentials
         if conn.local_auth == "pubkey" and creds is not None and creds.certs:
             return creds.certs[0].subject.rfc4514_string()
