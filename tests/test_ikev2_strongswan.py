@@ -899,16 +899,21 @@ def make_pki(d: Path, kind: str) -> None:
 class CertInitiator(Charon):
     """strongSwan A authenticating with its certificate, trusting the test CA."""
 
-    def __init__(self, ns: Namespaces, workdir: Path, pki: Path, *, rsa_pss: bool = False) -> None:
+    def __init__(self, ns: Namespaces, workdir: Path, pki: Path, *, rsa_pss: bool = False,
+                 classic: bool = False) -> None:  # fmt: skip
         super().__init__(ns, "a", A, workdir, "default")
         self.pki = pki
         self.rsa_pss = rsa_pss
+        self.classic = classic
 
     def write_config(self) -> None:
         super().write_config()
+        sc = self.dir / "strongswan.conf"
         if self.rsa_pss:  # sign with RSASSA-PSS (charon.rsa_pss)
-            sc = self.dir / "strongswan.conf"
             sc.write_text(sc.read_text().replace("charon {\n", "charon {\n  rsa_pss = yes\n", 1))
+        if self.classic:  # no RFC 7427: no SIGNATURE_HASH_ALGORITHMS, the classic methods
+            sc.write_text(sc.read_text().replace(
+                "charon {\n", "charon {\n  signature_authentication = no\n", 1))
         p = self.pki
         conf = f"""connections {{
   cA {{
@@ -948,16 +953,20 @@ class CertInitiator(Charon):
 @pytest.mark.root
 @pytest.mark.slow
 @needs_strongswan
-@pytest.mark.parametrize("kind", ["rsa", "ecdsa", "rsa-pss"])
+@pytest.mark.parametrize("kind", ["rsa", "ecdsa", "rsa-pss", "rsa-classic", "ecdsa-classic"])
 def test_strongswan_connects_with_certificates(workdir: Path, kind: str) -> None:
     """strongSwan and the gateway authenticate each other with X.509 certificates (RSA-3072 or
     ECDSA P-256) by RFC 7427 signatures (both announce SIGNATURE_HASH_ALGORITHMS); the gateway
     asks for the client's certificate with a CERTREQ, validates it against its CA, matches the
     client's DN, and with RSA both IKE_AUTH messages are fragmented (RFC 7383). rsa-pss:
     both sign with RSASSA-PSS (strongSwan's ``rsa_pss = yes``, the gateway's ``[ike] rsa_pss
-    = true``), and each verifies the other's."""
+    = true``), and each verifies the other's. *-classic: strongSwan without RFC 7427
+    (``charon.signature_authentication = no``: it announces no hash algorithms), so both
+    sides sign with the classic methods (RSA PKCS#1 v1.5, RFC 7296 method 1; ECDSA with
+    SHA-256 on P-256, RFC 4754 method 9); until then only the sans-I/O tests covered them."""
     pss = kind == "rsa-pss"
-    kind = "rsa" if pss else kind
+    classic = kind.endswith("-classic")
+    kind = "rsa" if pss else kind.removesuffix("-classic")
     pki = workdir / "pki"
     pki.mkdir()
     make_pki(pki, kind)
@@ -978,10 +987,21 @@ def test_strongswan_connects_with_certificates(workdir: Path, kind: str) -> None
                     prefix=["ip", "netns", "exec", ns.names["b"]])  # fmt: skip
         gw.start()
         try:
-            with CertInitiator(ns, workdir, pki, rsa_pss=pss) as ss:
+            with CertInitiator(ns, workdir, pki, rsa_pss=pss, classic=classic) as ss:
                 ss.start()
                 ss.initiate()
                 log = ss.log()
+                if classic:  # strongSwan's names of the classic methods, both ways
+                    want = "RSA signature" if kind == "rsa" else "ECDSA-256 signature"
+                    assert "N(HASH_ALG)" not in log, ss.logtail()
+                    assert f"authentication of '{B.id}' with {want} successful" in log, (
+                        ss.logtail())
+                    assert (f"authentication of 'CN=client.test' (myself) with {want} "
+                            "successful") in log, ss.logtail()  # fmt: skip
+                    assert ping(ns, "a", B.inner, 3) == 3, ss.logtail() + gw.logtext()
+                    (sa,) = ike_list(str(workdir / "gw.sock"))
+                    assert sa["remote_id"] == "CN=client.test"
+                    return
                 m = re.search(rf"authentication of '{B.id}' with (\S+) successful", log)
                 assert m, ss.logtail()
                 if pss:  # what strongSwan signed with (the gateway verified it: it answered)
