@@ -445,9 +445,11 @@ def test_rekey_child_and_ike_sa(
 class Responder(Charon):
     """strongSwan B as a gateway the ipsecct mobile node connects to."""
 
-    def __init__(self, ns: Namespaces, workdir: Path, *, mobike: bool = False) -> None:
+    def __init__(self, ns: Namespaces, workdir: Path, *, mobike: bool = False,
+                 esp: str | None = None) -> None:  # fmt: skip
         super().__init__(ns, "b", B, workdir, "default")
         self.mobike = mobike
+        self.esp = esp  # None: strongSwan's default ESP proposals
 
     def write_config(self) -> None:
         super().write_config()
@@ -462,6 +464,7 @@ class Responder(Charon):
             psk=PSK,
             dpd="1s",
             mobike=self.mobike,
+            esp_proposals=self.esp,
         )
         strongswan.write_private(self.dir / "swanctl.conf", conf)
 
@@ -549,6 +552,90 @@ def test_ipsecct_node_connects_to_strongswan_gateway(workdir: Path) -> None:
                 assert ping(ns, "a", B.inner, 2) == 2
                 assert mn.terminate() == 0
                 strongswan.wait_log(ss, r"received DELETE for IKE_SA cB")
+            finally:
+                mn.cleanup()
+
+
+NODE_CASES = [
+    # (the node's IKE proposal, its ESP proposal, what strongSwan logs it selected: at
+    #  IKE_AUTH, which has no key exchange for the CHILD SA, the ESP proposal without PFS)
+    ("chacha20poly1305-prfsha512-ecp256", "chacha20poly1305",
+     "IKE:CHACHA20_POLY1305/PRF_HMAC_SHA2_512/ECP_256", "ESP:CHACHA20_POLY1305"),
+    ("aes256-sha384-ecp384", "aes256-sha384",
+     "IKE:AES_CBC_256/HMAC_SHA2_384_192/PRF_HMAC_SHA2_384/ECP_384",
+     "ESP:AES_CBC_256/HMAC_SHA2_384_192"),
+    # PFS: each CHILD rekey with an ECP-521 key exchange (checked below)
+    ("aes128-sha512-modp2048", "aes256gcm16-ecp521",
+     "IKE:AES_CBC_128/HMAC_SHA2_512_256/PRF_HMAC_SHA2_512/MODP_2048",
+     "ESP:AES_GCM_16_256"),
+]  # fmt: skip
+
+
+@pytest.mark.root
+@pytest.mark.slow
+@needs_strongswan
+@pytest.mark.parametrize(("ike", "esp", "want_ike", "want_esp"), NODE_CASES)
+def test_ipsecct_node_rekeys_with_a_strongswan_gateway_under_each_transform_set(
+    workdir: Path, ike: str, esp: str, want_ike: str, want_esp: str
+) -> None:
+    """``ipsecct node`` connects to a strongSwan responder with more of issue 10's transform
+    sets than the one above, and rekeys its CHILD SA (twice) and its IKE SA itself
+    (``rekey_time`` 2 s and 4 s: the rekeys are the node's, strongSwan's are an hour away);
+    each rekey is answered, the old SAs are deleted, and ping passes on the new ones. Until
+    this test, the node's own rekeys had met only ipsecct gateways and the sans-I/O peer."""
+    conf = node_config(workdir)
+    text = conf.read_text()
+    assert 'proposals = ["aes256gcm16-prfsha384-ecp384"]' in text
+    text = text.replace('proposals = ["aes256gcm16-prfsha384-ecp384"]',
+                        f'proposals = ["{ike}"]\nrekey_time = 4')  # fmt: skip
+    text = text.replace('children.net.esp_proposals = ["aes128-sha256"]',
+                        f'children.net.esp_proposals = ["{esp}"]\n'
+                        'children.net.rekey_time = 2')  # fmt: skip
+    conf.write_text(text)
+    with Namespaces("a", "b") as ns:
+        build_namespaces(ns)
+        with Responder(ns, workdir, esp=esp) as ss:
+            ss.start()
+            sock = str(workdir / "mn.sock")
+            mn = Daemon("node", conf, sock, workdir / "mn.log",
+                        prefix=["ip", "netns", "exec", ns.names["a"]])  # fmt: skip
+            try:
+                mn.start()
+                strongswan.wait_log(ss, r"CHILD_SA net\{\d+\} established")
+                log = ss.log()
+                assert f"selected proposal: {want_ike}" in log, ss.logtail()
+                assert f"selected proposal: {want_esp}/NO_EXT_SEQ" in log, ss.logtail()
+
+                def counters() -> dict[str, int]:
+                    c: dict[str, int] = mn.status()["ike"]["counters"]
+                    return c
+
+                wait_until(lambda: counters().get("rekey-child-ok", 0) >= 2
+                           and counters().get("rekey-ike-ok", 0) >= 1,
+                           "two CHILD rekeys and an IKE rekey by the node", timeout=40)  # fmt: skip
+                assert ping(ns, "a", B.inner, 3) == 3, mn.logtext() + ss.logtail()
+                assert ping(ns, "b", A.inner, 3) == 3, mn.logtext()
+                c = counters()
+                assert c.get("rekey-child-sent", 0) == c.get("rekey-child-ok", 0), c
+                assert c.get("rekey-ike-sent", 0) == c.get("rekey-ike-ok", 0), c
+                assert c.get("peer-dead", 0) == 0, c
+                # strongSwan keeps one IKE SA with one installed CHILD SA: the old ones were
+                # deleted (it lists them DELETED a few seconds more; a rekey may be under way:
+                # wait for a moment with none)
+                def one_each() -> bool:
+                    sas = ss.list_sas()
+                    return (len(re.findall(r"^cB: #\d+", sas, re.M)) == 1
+                            and len(re.findall(r"^  net: #\d+, reqid \d+, INSTALLED", sas,
+                                               re.M)) == 1)  # fmt: skip
+                wait_until(one_each, "strongSwan to keep one IKE SA and one CHILD SA", 15)
+                log = ss.log()
+                assert "received DELETE for IKE_SA cB" in log, ss.logtail()
+                if esp.endswith("-ecp521"):  # the CHILD rekeys ran a key exchange
+                    assert f"selected proposal: {want_esp}/ECP_521/NO_EXT_SEQ" in log, (
+                        ss.logtail())
+                assert len(re.findall(r"CHILD_SA net\{\d+\} established", log)) >= 3, (
+                    ss.logtail())
+                assert mn.terminate() == 0
             finally:
                 mn.cleanup()
 
