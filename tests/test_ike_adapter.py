@@ -49,6 +49,51 @@ def _handed_over(svc: IkeService, ike: object, peer: str = "sg1") -> None:
         svc.node.engine.add_tunnel(entry, out, inn).came_from = peer
 
 
+def test_ike_junk_from_anyone_does_not_rescan_every_ike_sa(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After every IKE datagram the adapter re-armed the node's timer, which asks the engine
+    for its next deadline: a scan of every IKE SA and half-open IKE SA (8 ms with 10,000 IKE
+    SAs, 0.8 ms with 1000), for datagrams the engine dropped at once too (3.5 us: an unknown
+    SPI, malformed, a cookie asked for), so anyone could make each of its datagrams cost the
+    gateway a thousand times what it cost to send. Only a message that reached an IKE SA (or
+    made one) re-arms it now; counted here as re-arms, not time."""
+    from ipsecct.ikev2.engine import IkeEngine
+
+    svc = _service(tmp_path)
+    pokes = 0
+
+    def poke() -> None:
+        nonlocal pokes
+        pokes += 1
+
+    monkeypatch.setattr(svc.node.timers, "poke", poke)
+    ini = IkeEngine([mn_conn()])
+    (init,) = ini.initiate(ini.connections[0], I500, R500, 0.0)
+    assert isinstance(init, Send)
+    junk = [
+        bytes(8) + bytes(8) + bytes([33, 0x20, 37, 8]) + bytes(4) + (28).to_bytes(4, "big"),
+        init.data[:8] + bytes(7) + b"\x01" + init.data[16:],  # an SPIr: an unknown IKE SA
+        b"\xff" * 40,  # not IKE at all
+        init.data[:-1],  # truncated
+        init.data + bytes(10001),  # past max_packet
+    ]
+    for _ in range(200):
+        for j in junk:
+            svc._receive(j, I500, R500)
+    assert pokes == 0 and not svc.engine.half_open
+    svc._receive(init.data, I500, R500)  # a real one: its half-open IKE SA has a deadline
+    assert pokes == 1 and len(svc.engine.half_open) == 1
+    svc.engine.cookie_threshold = 0  # under load: cookies asked for, nothing kept
+    for _ in range(100):
+        (other,) = IkeEngine([mn_conn()]).initiate(ini.connections[0], I500, R500, 0.0)
+        assert isinstance(other, Send)
+        svc._receive(other.data, I500, R500)
+        svc._receive(init.data, I500, R500)  # (its retransmission: answered again)
+    assert pokes == 1 and svc.engine.stats["cookie-sent"] == 100
+    assert svc.engine.stats["retransmit-answered"] == 100
+
+
 def test_a_request_that_arrives_before_its_ike_sa_is_answered_once_it_has_come(
     tmp_path: Path,
 ) -> None:

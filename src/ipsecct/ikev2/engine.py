@@ -288,6 +288,11 @@ class IkeEngine:
         self.by_spi: dict[bytes, IkeSA] = {}  # our SPI -> IKE SA
         self.half_open: dict[tuple[bytes, object], IkeSA] = {}  # (SPIi, peer host)
         self.stats: Counter[str] = Counter()
+        # Moves when a received message got past the checks that leave every IKE SA and
+        # deadline as it was (unknown SPIs, malformed, unauthenticated, an old message ID, a
+        # cookie asked for, a limit): only then may next_deadline() have changed. An adapter
+        # asks that (a scan of every IKE SA) only then, not for each junk datagram
+        self.touched = 0
         self._child_spis: set[int] = set()
         # inbound CHILD SPIs come from this range (a cluster member's block, ipsec.spi)
         self.spi_range = spi_range
@@ -668,13 +673,15 @@ class IkeEngine:
             self.stats["unknown-spi"] += 1
             return
         if hdr.is_response:
+            self.touched += 1
             self._response(ike, data, hdr, payloads, src, now, out)
             return
         if (hdr.message_id == 0 and hdr.exchange == ExchangeType.INFORMATIONAL and ike.mid_sync
                 and ike.state is IkeState.ESTABLISHED and len(payloads) == 1
-                and isinstance(payloads[0], SKPayload)
-                and self._mid_sync_request(ike, data, hdr, payloads, src, now, out)):  # fmt: skip
-            return
+                and isinstance(payloads[0], SKPayload)):  # fmt: skip
+            self.touched += 1
+            if self._mid_sync_request(ike, data, hdr, payloads, src, now, out):
+                return
         if ike.pending is not None and ike.pending.kind == "mid-sync":
             # Our RFC 6311 sync is unanswered: a request of the peer's that crossed it is
             # left unanswered. The peer re-queues its exchange in flight as it takes the
@@ -703,6 +710,7 @@ class IkeEngine:
         opened = self._open(ike, data, hdr, payloads)
         if opened is None:
             return  # more fragments to come
+        self.touched += 1
         inner = opened
         # the whole message as it came: its fragments (just completed by _open), or itself
         fragmented = len(payloads) == 1 and isinstance(payloads[0], SKFPayload)
@@ -1021,6 +1029,7 @@ class IkeEngine:
         ike.peer_hashes = peer_hashes
         self.by_spi[spi_r] = ike
         self.half_open[key] = ike
+        self.touched += 1
         self.stats["ike-sa-init"] += 1
         out.append(Send(response, dst, src))
 
@@ -1909,6 +1918,7 @@ class IkeEngine:
         if c is None or hdr.from_initiator or hdr.message_id != 0 or src.host != c.remote.host:
             self.stats["unexpected-response"] += 1
             return
+        self.touched += 1
         n = notifies(payloads)
         if Notify.COOKIE in n and c.attempts < 3:
             c.attempts += 1
