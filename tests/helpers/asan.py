@@ -37,15 +37,14 @@ def load(module: str, path: str):  # type: ignore[no-untyped-def]
     return mod
 
 
-def run_fuzz(
-    script: Path, so: Path, rounds: int, *, timeout: float, env: dict[str, str] | None = None
-) -> None:
-    """Run ``script SO ROUNDS`` under ASan; it must finish cleanly and print ``fuzz-ok``."""
+def environment(env: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a Python process that runs an extension built by :func:`build`:
+    libasan preloaded, and every memory error an abort."""
     libasan = subprocess.run(
         ["gcc", "-print-file-name=libasan.so"], capture_output=True, text=True, check=True
     ).stdout.strip()
     assert os.path.exists(libasan), "libasan is missing (Debian: libasan8, with gcc)"
-    full = dict(
+    return dict(
         os.environ,
         LD_PRELOAD=libasan,
         # CPython's own allocations are not ours to judge; every memory error still aborts.
@@ -53,9 +52,15 @@ def run_fuzz(
         PYTHONMALLOC="malloc",
         **(env or {}),
     )
+
+
+def run_fuzz(
+    script: Path, so: Path, rounds: int, *, timeout: float, env: dict[str, str] | None = None
+) -> None:
+    """Run ``script SO ROUNDS`` under ASan; it must finish cleanly and print ``fuzz-ok``."""
     r = subprocess.run(
         [sys.executable, str(script), str(so), str(rounds)],
-        capture_output=True, text=True, timeout=timeout, env=full,
+        capture_output=True, text=True, timeout=timeout, env=environment(env),
     )  # fmt: skip
     assert "AddressSanitizer" not in r.stderr, r.stderr[-4000:]
     assert r.returncode == 0, r.stderr[-4000:]
