@@ -568,3 +568,20 @@ def test_a_failure_out_of_the_drivers_loop_is_told(
         asyncio.run(run(e.endpoints))
     lines = [r.getMessage() for r in caplog.records]
     assert any("event=task-failed" in m and "RuntimeError: a bug" in m for m in lines), lines
+
+
+def test_a_replica_for_an_spi_the_standby_has_itself_is_not_taken() -> None:
+    """Already fine: the active replicates a tunnel whose SPIs are those of a tunnel the
+    standby has itself (a bug, or hostile): the take-over leaves the standby's own tunnel as
+    it is (its sequence number too) and counts the replica unusable."""
+    t, rep, sb = _pair()
+    (o, n, s), _ = tunnel_sas("sg2", spi_up=0x1001, spi_down=0x2001, mn_inner="10.1.0.9",
+                              name="own")  # fmt: skip
+    own = sb.engine.add_tunnel(SPDEntry(s, Action.PROTECT, name="own", static=False), o, n)
+    own.outbound.seq = 77
+    for m in _wire(rep.poll(0.0)):
+        sb.receive(m, 0.0)
+    assert t.outbound.spi in sb.replica
+    tunnels, _, rec = sb.take_over(1.0)
+    assert tunnels == [] and "1 context(s) unusable" in rec.detail
+    assert [(x, x.outbound.seq) for x in sb.engine.tunnels()] == [(own, 77)]
