@@ -8,6 +8,7 @@ tunnel, and tells the operator (``event=cluster-etcd-malformed``, ``status()["ma
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 from collections.abc import Callable
 from dataclasses import replace
@@ -18,6 +19,7 @@ import pytest
 
 from ipsecct.ct import cxtp, failover, ownership
 from ipsecct.ct.transfer import Identity
+from ipsecct.errors import CxtpError
 from ipsecct.gateway.config import ClusterConfig
 from ipsecct.gateway.etcd import EtcdClient
 from ipsecct.ipsec import spi as spimod
@@ -585,3 +587,33 @@ def test_a_replica_for_an_spi_the_standby_has_itself_is_not_taken() -> None:
     tunnels, _, rec = sb.take_over(1.0)
     assert tunnels == [] and "1 context(s) unusable" in rec.detail
     assert [(x, x.outbound.seq) for x in sb.engine.tunnels()] == [(own, 77)]
+
+
+def test_a_flood_of_leaving_marks_is_bounded_too() -> None:
+    """A peer marks tunnels leaving (a transfer away under way) for SPIs it never replicates,
+    by the thousand (before: every mark kept, for good). A mark may come before its tunnel,
+    and none may be dropped (its tunnel would be taken over while the transfer's target sends
+    on it): past ``max_replicas`` the whole message is refused (CxtpError, no ACK: the
+    driver logs sync-malformed) and nothing of it applied."""
+    from ipsecct.ct.transfer import LeavingMark
+
+    _, _, sb = _pair()
+    sb.max_replicas = 3
+    any_ = ipaddress.ip_address("0.0.0.0")
+
+    def msg(seq: int, *cdbs: bytes) -> cxtp.CTD:
+        m = cxtp.CTD(any_, 0, cdbs=(cxtp.TransferTag(9, seq).encode(), failover.sync_cdb([], 1),
+                                    *cdbs))  # fmt: skip
+        return _wire([m])[0]
+
+    marks = [failover.leaving_cdb(0x5000 + i, LeavingMark(7, "sg3", 100), 1) for i in range(10)]
+    with pytest.raises(CxtpError, match="marked leaving"):
+        sb.receive(msg(1, *marks), 0.0)
+    assert sb.marks == {} and sb.last_heard is None  # nothing applied
+    sb.receive(msg(2, *marks[:3]), 0.1)
+    assert set(sb.marks) == {0x5000, 0x5001, 0x5002}
+    with pytest.raises(CxtpError):
+        sb.receive(msg(3, marks[5]), 0.2)
+    # clearing one makes room
+    sb.receive(msg(4, failover.leaving_cdb(0x5000, None, 1), marks[5]), 0.3)
+    assert set(sb.marks) == {0x5001, 0x5002, 0x5005}

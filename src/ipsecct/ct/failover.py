@@ -1149,6 +1149,16 @@ class Standby:
             return [self._reply(msg, tag, SYNC_TAKEN)]
         if self.grant is not None and self.grant.closed:
             return []  # deciding to take over: no more grants, no more state
+        if leaves:
+            # Marks may come before their tunnels, so they cannot be bounded by the replicas;
+            # nor may one be dropped (its tunnel would be taken over while its transfer's
+            # target sends on it): past ``max_replicas`` the whole message is refused, not
+            # acknowledged (the active's transfer waits for that, and times out).
+            kept = {} if full else self.marks
+            new = {spi for spi, mark in leaves if mark is not None and spi not in kept}
+            gone = {spi for spi, mark in leaves if mark is None and spi in kept}
+            if len(kept) - len(gone) + len(new) > self.max_replicas:
+                raise CxtpError(f"more than {self.max_replicas} tunnels marked leaving")
         self.last_heard = now
         self.seen_session = tag.transfer_id
         self.epoch = epoch
