@@ -756,6 +756,10 @@ def test_malformed_cdbs_install_nothing(make) -> None:  # type: ignore[no-untype
     assert [e.status for e in ctdr.statuses] == [cxtp.Status.MALFORMED]
     assert len(sg2.engine.sad) == 0 and sg2.engine.tunnels() == []
     assert sg2.core.in_progress() == 0
+    # Reported here as a refused transfer, with why (it was recorded, never announced).
+    (rec,) = sg2.finished
+    assert (rec.role, rec.peer, rec.outcome) == ("target", "sg1", "refused") and rec.detail
+    assert list(sg2.core.records) == [rec]
 
 
 def test_inbound_only_contexts_are_malformed() -> None:

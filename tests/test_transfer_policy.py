@@ -100,6 +100,11 @@ def test_selectors_outside_what_the_operator_accepts_are_refused() -> None:
     send_pctd(w, rogue_cdbs(sel("10.3.0.0/24", "10.1.0.7/32")), tid=2)  # local outside
     assert not ctdr_ok(w)
     assert len(w.gw["sg1"].engine.sad) == 2
+    # Each refusal is reported here too (transfer-refused), not only to the source.
+    assert [(r.transfer_id, r.role, r.outcome, r.detail) for r in w.gw["sg1"].finished] == [
+        (0x5EED, "target", "refused", "unauthorised"),
+        (2, "target", "refused", "unauthorised"),
+    ]
 
 
 def test_selectors_overlapping_another_tunnel_are_refused() -> None:

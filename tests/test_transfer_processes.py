@@ -315,3 +315,44 @@ def test_the_target_killed_between_the_commit_and_its_activation(setup: Setup) -
     # sg2 never sends under the tunnel's keys).
     assert setup.exchange(5, 20, False, (ADDR["sg2"], setup.port[35000]), wait=1.0) == 0
     assert setup.status("mn")["counters"]["drops"]["replay"] == 0
+
+
+def test_a_target_that_refuses_every_tunnel_says_so_in_its_log_and_status(
+    setup: Setup,
+) -> None:
+    """sg2's policy takes no tunnel of this MN (accept_remote_ts elsewhere): sg2 refuses the
+    transfer's only tunnel before any COMMIT. The source says "refused" and keeps serving
+    it; the target logged nothing of it before (the record in its status, no
+    ``transfer-refused`` line): now it logs it as every other refused transfer."""
+    setup.set("sg2", "accept_remote_ts", '"10.9.0.0/16"')
+    for n in ("sg1", "sg2", "mn"):
+        setup.start(n)
+    setup.traffic_ok("sg1", 90)
+    r = cli("transfer", SPI, "--to", "sg2", "--json", "--config", setup.config("sg1"))
+    assert r.returncode == 1, (r.stdout, r.stderr, setup.log("sg1"))
+    rec = json.loads(r.stdout)
+    assert rec["outcome"] == "refused" and rec["accepted"] == 0, rec
+    tid = rec["id"]
+    st2 = setup.wait(
+        "sg2", lambda st: any(t["id"] == tid for t in st["transfers"]["recent"]),
+        "sg2 lists the transfer",
+    )  # fmt: skip
+    (t2,) = [t for t in st2["transfers"]["recent"] if t["id"] == tid]
+    assert (t2["role"], t2["peer"], t2["outcome"]) == ("target", "sg1", "refused"), t2
+    assert (t2["tunnels"], t2["accepted"], t2["detail"]) == (1, 0, "unauthorised"), t2
+    assert st2["sas"] == 0 and st2["transfers"]["in_progress"] == 0
+    assert st2["transfers"]["policy_refused"] == 1
+    line = f"event=transfer-refused node=sg2 role=target peer=sg1 id={tid} tunnels=1 accepted=0"
+    deadline = time.monotonic() + 30
+    while line not in setup.log("sg2") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert line in setup.log("sg2"), setup.log("sg2")
+    assert "detail=unauthorised" in setup.log("sg2")
+    r = cli("status", "--config", setup.config("sg2"))
+    assert r.returncode == 0, r.stderr
+    assert f"{tid} from sg1 (predictive): refused, 0/1 tunnel(s)" in r.stdout, r.stdout
+    # Refused before any COMMIT: sg1 keeps the tunnel and its numbers; nothing was replayed.
+    st1 = setup.status("sg1")
+    assert st1["sas"] == 2 and st1["transfers"]["in_progress"] == 0
+    setup.traffic_ok("sg1", 100)
+    assert setup.status("mn")["counters"]["drops"]["replay"] == 0

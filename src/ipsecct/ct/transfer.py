@@ -2529,7 +2529,12 @@ class TransferCore:
             self._closed(inc)
             inc.record.outcome, inc.record.detail, inc.record.ended = "refused", str(exc), now
             self.records.append(inc.record)
-            return [Send(inc.peer, m) for m in self._ctdr(inc, False, [cxtp.Status.MALFORMED], [])]
+            # Announced like every other refusal (transfer-refused on the target: it logged
+            # nothing, though the source saw the refusal).
+            out: list[Output] = [
+                Send(inc.peer, m) for m in self._ctdr(inc, False, [cxtp.Status.MALFORMED], [])
+            ]
+            return [*out, Finished(inc.record)]
         inc.cdbs, inc.octets = [], 0
         inc.record.tunnels = len(pairs)
         outcomes: list[_Outcome] = []
@@ -2609,6 +2614,9 @@ class TransferCore:
             inc.record.outcome, inc.record.ended = "refused", now
             inc.record.detail = ", ".join(sorted({_status_name(st) for st in statuses}))
             self.records.append(inc.record)
+            # Every tunnel refused (policy, overlap, SPI, unit, journal): the CTDR says so to
+            # the source, and the operator here is told as of any other refused transfer.
+            return [*(Send(inc.peer, m) for m in inc.ctdrs), Finished(inc.record)]
         return [Send(inc.peer, m) for m in inc.ctdrs]
 
     def _ctdr(

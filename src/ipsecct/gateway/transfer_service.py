@@ -212,24 +212,31 @@ class TransferService:
         self.finished(rec)
 
     def finished(self, rec: Record) -> None:
-        event(
-            log,
-            "transfer-" + rec.outcome.replace(" ", "-"),
-            node=self.node.name,
-            role=rec.role,
-            peer=rec.peer,
-            id=f"{rec.transfer_id:016x}",
-            tunnels=rec.tunnels,
-            accepted=rec.accepted,
-            ms=f"{(rec.ended - rec.started) * 1000:.3f}",
-            detail=rec.detail,
-        )
+        fields: dict[str, Any] = {
+            "node": self.node.name,
+            "role": rec.role,
+            "peer": rec.peer,
+            "id": f"{rec.transfer_id:016x}",
+            "tunnels": rec.tunnels,
+            "accepted": rec.accepted,
+            "ms": f"{(rec.ended - rec.started) * 1000:.3f}",
+            "detail": rec.detail,
+        }
+        name = "transfer-" + rec.outcome.replace(" ", "-")
+        if rec.role == "target" and rec.outcome == "refused":
+            # What a peer sends us that we refuse costs it a message each: rate-limited per
+            # peer (suppressed=N on the next line), as the other lines a peer can cause.
+            self._quiet.event(log, name, logging.INFO, key=rec.peer, **fields)
+        else:
+            event(log, name, **fields)
         # The event loop's CPU time when the record finished (``transfer.wait``: what a
         # handover cost this gateway, against a ``clock`` read before it started).
         self._cpu_at[id(rec)] = (rec, time.thread_time())
         while len(self._cpu_at) > CPU_STAMPS:
             del self._cpu_at[next(iter(self._cpu_at))]
-        fut = self.waiters.pop(rec.transfer_id, None)
+        # (only a transfer of ours has a waiter: a peer's transfer towards us that it gave
+        # the same id, refused here, must not answer our own transfer command)
+        fut = self.waiters.pop(rec.transfer_id, None) if rec.role == "source" else None
         if fut is not None and not fut.done():
             fut.set_result(rec)
         for cb in list(self.listeners):
