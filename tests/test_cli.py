@@ -193,12 +193,17 @@ def _status_with_failover(failover: dict[str, object]) -> dict[str, object]:
 
 @pytest.mark.parametrize(("failover", "expected"), [
     ({"role": "active", "peer": "sg2", "reformed": 0, "epoch": 3, "standby": "sg2",
-      "standby_acknowledged": True, "messages": 181, "contexts": 12, "ike_contexts": 0,
+      "standby_acknowledged": False, "sending": False,
+      "detail": "lease lost 1262 ms ago: sg2 has not acknowledged within the lease",
+      "messages": 181, "contexts": 12, "ike_contexts": 0,
       "ike_refused": 0, "unreplicable": 0, "resyncs": 1, "deferred": 0, "touched_overflows": 0,
       "lease": {"state": "lost", "epoch": 3, "remaining_ms": 0, "lease_ms": 449.101,
                 "ended_ms_ago": 1262.4, "losses": 1, "acks": 181, "held_packets": 310,
                 "fenced_drops": 0}},
-     "  failover: active, peer sg2, epoch 3, standby acknowledged\n"
+     # (it said "standby acknowledged" here: acknowledged once, silent since, not sending)
+     "  failover: active, peer sg2, epoch 3, standby not acknowledging (lease lost),"
+     " not sending\n"
+     "    lease lost 1262 ms ago: sg2 has not acknowledged within the lease\n"
      "  lease: lost, ended 1262.4 ms ago\n"
      "  failover counters: messages 181, contexts 12, resyncs 1, lease losses 1, lease acks 181,"
      " lease held_packets 310\n"),
@@ -236,6 +241,38 @@ def test_status_shows_failover_as_lines_and_only_counters_that_are_not_0(
     assert expected in out, out
     assert cli.main(["status", "-s", "/x.sock", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["failover"] == failover
+
+
+@pytest.mark.parametrize(("lease", "expected"), [
+    ({"state": "held", "id": "7", "ttl_s": 2, "fence_ms": 1948.0, "remaining_ms": 1500,
+      "ended_ms_ago": None, "losses": 0},
+     "  cluster t (etcd), member sg1: lease held, 1500 ms left\n"),
+    ({"state": "lost", "id": "7", "ttl_s": 2, "fence_ms": 1948.0, "remaining_ms": 0,
+      "ended_ms_ago": 310.5, "losses": 1},
+     "  cluster t (etcd), member sg1: lease lost, ended 310.5 ms ago: not sending on its"
+     " tunnels (fenced: packets dropped) until etcd renews the lease; once etcd expires it,"
+     " the tunnels are removed here\n"
+     "    owned tunnels 1, unowned 0, lease losses 1, removed on expiry 0\n"
+     '    etcd error: "no etcd member answered"\n'),
+])  # fmt: skip
+def test_status_shows_the_etcd_lease_and_whether_the_gateway_sends(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+    lease: dict[str, object], expected: str,
+) -> None:
+    """etcd mode: ``ipsecct status`` said nothing of the member's lease (only --json had
+    it): a gateway fenced by a lost lease looked like one that sends."""
+    from ipsecct.commands import sa
+
+    res = {**_status_with_failover({}), "cluster": {
+        "mode": "etcd", "cluster": "t", "member": "sg1", "lease": lease, "owned_tunnels": 1,
+        "unowned_tunnels": 0, "removed_on_expiry": 0,
+        "etcd_error": "" if lease["state"] == "held" else "no etcd member answered"}}
+    del res["failover"]
+    monkeypatch.setattr(sa, "request", lambda *a, **k: res)
+    assert cli.main(["status", "-s", "/x.sock"]) == 0
+    out = capsys.readouterr().out
+    assert expected in out, out
+    assert ("not sending" in out) == (lease["state"] == "lost"), out
 
 
 def test_sa_list_with_no_sas_prints_one_line_and_json_an_empty_list(

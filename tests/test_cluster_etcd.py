@@ -188,6 +188,10 @@ def test_gateway_in_etcd_mode_owns_and_fences(tmp_path: Path) -> None:
             assert cs["spi_blocks"]["0"]["member"] == "sg1"
             r = cli("cluster", "status", "--config", dep.config("sg1"))
             assert r.returncode == 0 and "sg1" in r.stdout
+            r = cli("status", "--config", dep.config("sg1"))
+            assert r.returncode == 0, r.stderr
+            assert "  cluster t (etcd), member sg1: lease held, " in r.stdout, r.stdout
+            assert "not sending" not in r.stdout, r.stdout
             # Cut off from etcd: the member stops answering. Within its fence (counted from
             # its last keep-alive, before the cut) sg1 sends nothing any more.
             e.pause("e0")
@@ -199,6 +203,11 @@ def test_gateway_in_etcd_mode_owns_and_fences(tmp_path: Path) -> None:
             assert st["counters"]["drops"]["fenced"] >= 10  # counted as fenced
             log = (dep.dir / "sg1.log").read_text()
             assert "event=cluster-lease-lost" in log and "stopped sending" in log
+            # `ipsecct status` says so too (it said nothing of the lease: only --json had it)
+            r = cli("status", "--config", dep.config("sg1"))
+            assert r.returncode == 0, r.stderr
+            assert "  cluster t (etcd), member sg1: lease lost, ended " in r.stdout, r.stdout
+            assert "ms ago: not sending on its tunnels (fenced" in r.stdout, r.stdout
         finally:
             dep.stop()
 

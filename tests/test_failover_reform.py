@@ -338,10 +338,16 @@ def test_a_lost_standby_the_operator_lets_the_active_run_alone(gws: Gateways) ->
         wait_for(lambda: "event=lease-lost" in gws.log("sg1"), "lease-lost not logged",
                  timeout=10, detail=detail)  # fmt: skip
         t_lost = time.monotonic()
-        # the human status says it in lines (it was one JSON line of failover)
+        # the human status says it in lines (it was one JSON line of failover), and what is
+        # true: the standby acknowledged once, not within the lease ("standby acknowledged"
+        # before), and sg1 sends nothing
+        fo = failover(gws, "sg1")
+        assert (fo["standby_acknowledged"], fo["sending"]) == (False, False), fo
+        assert fo["detail"].startswith("lease lost ") and "sends nothing" in fo["detail"], fo
         human = cli("status", "-c", gws.config("sg1"))
         assert human.returncode == 0, human.stderr
-        assert "  failover: active, peer sg2, epoch 1, standby acknowledged\n" in human.stdout
+        assert ("  failover: active, peer sg2, epoch 1, standby not acknowledging (lease lost),"
+                " not sending\n    lease lost ") in human.stdout, human.stdout
         assert "  lease: lost, ended " in human.stdout and "lease losses 1" in human.stdout
         assert "{" not in human.stdout, human.stdout
         time.sleep(1.0)
@@ -362,6 +368,7 @@ def test_a_lost_standby_the_operator_lets_the_active_run_alone(gws: Gateways) ->
                  and failover(gws, "sg2")["replicated_tunnels"] == TUNNELS,
                  "the restarted standby did not pair again", detail=detail)  # fmt: skip
         assert failover(gws, "sg1")["epoch"] == 2
+        assert failover(gws, "sg1")["sending"] is True and "detail" not in failover(gws, "sg1")
         human = cli("status", "-c", gws.config("sg2"))
         assert human.returncode == 0, human.stderr
         assert "  failover: standby, peer sg1, epoch 2, last heard " in human.stdout, human.stdout

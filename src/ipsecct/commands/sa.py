@@ -117,9 +117,18 @@ def _print_failover_status(f: dict[str, Any]) -> None:
     counters that are not 0 (it was one JSON line of some twenty keys)."""
     role = f.get("role")
     head = f"  failover: {role}, peer {f.get('peer')}, epoch {f.get('epoch')}"
+    lease = f.get("lease")
     if role == "active":
-        head += ", standby " + ("acknowledged" if f.get("standby_acknowledged")
-                                else "not acknowledged yet")  # fmt: skip
+        # acknowledged within the lease now (an active whose lease ran out said
+        # "acknowledged" while it sent nothing, the standby silent or gone)
+        if isinstance(lease, dict) and lease.get("state") == "lost":
+            head += ", standby not acknowledging (lease lost)"
+        elif f.get("standby_acknowledged"):
+            head += ", standby acknowledged"
+        else:
+            head += ", standby not acknowledged yet"
+        if f.get("sending") is False:
+            head += ", not sending"
     elif role == "standby":
         if f.get("joining"):
             head += ", joining"
@@ -130,7 +139,6 @@ def _print_failover_status(f: dict[str, Any]) -> None:
     print(head)
     if f.get("detail"):
         print(f"    {f['detail']}")
-    lease = f.get("lease")
     if isinstance(lease, dict):
         line = f"  lease: {lease.get('state')}"
         if lease.get("remaining_ms"):
@@ -143,6 +151,28 @@ def _print_failover_status(f: dict[str, Any]) -> None:
     counted = _counted(f) + (_counted(lease, "lease ") if isinstance(lease, dict) else [])
     if counted:
         print(f"  failover counters: {', '.join(counted)}")
+
+
+def _print_cluster_status(c: dict[str, Any]) -> None:
+    """etcd mode (``cluster``): the member's lease, whether it sends, and why not."""
+    lease = c.get("lease")
+    if not isinstance(lease, dict):
+        return
+    state = lease.get("state")
+    line = f"  cluster {c.get('cluster')} (etcd), member {c.get('member')}: lease {state}"
+    if state == "held":
+        line += f", {lease.get('remaining_ms')} ms left"
+    else:
+        if lease.get("ended_ms_ago") is not None:
+            line += f", ended {lease['ended_ms_ago']} ms ago"
+        line += (": not sending on its tunnels (fenced: packets dropped) until etcd renews"
+                 " the lease; once etcd expires it, the tunnels are removed here")  # fmt: skip
+    print(line)
+    print(f"    owned tunnels {c.get('owned_tunnels')}, unowned {c.get('unowned_tunnels')},"
+          f" lease losses {lease.get('losses')},"
+          f" removed on expiry {c.get('removed_on_expiry')}")  # fmt: skip
+    if c.get("etcd_error"):  # (what etcd or the network said: quoted, escaped)
+        print(f"    etcd error: {_shown(c['etcd_error'])}")
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -162,6 +192,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     _print_transfer_status(res)
     if isinstance(res.get("failover"), dict):
         _print_failover_status(res["failover"])
+    if isinstance(res.get("cluster"), dict):
+        _print_cluster_status(res["cluster"])
     ike = res.get("ike") or {}
     if ike:  # what the IKE port got (counted and dropped, or answered) and the pools
         counted = ", ".join(f"{k} {v}" for k, v in ike.get("counters", {}).items() if v)

@@ -626,12 +626,31 @@ class FailoverDriver:
         common = {"peer": self.cfg.peer, "reformed": self.reformed}
         if self.replicator is not None:
             superseded = self.replicator.superseded_by is not None
+            r_lease = self.replicator.lease
+            # The lease the standby's acknowledgements grant ran out (it fell silent, or
+            # the channel to it is gone): acknowledged once is not acknowledged now.
+            lost = r_lease is not None and r_lease.ever_granted and not r_lease.valid(now)
+            active: dict[str, Any] = {}
+            if lost and not superseded:
+                ago = r_lease.ended_ago(now) if r_lease is not None else None
+                since = "" if ago is None else f" {ago * 1000:.0f} ms ago"
+                active["detail"] = (
+                    f"lease lost{since}: {self.cfg.peer} has not acknowledged within the"
+                    " lease; this gateway sends nothing on its tunnels (packets held, past"
+                    " a bound dropped) until"
+                    f" {self.cfg.peer} acknowledges again, or `ipsecct failover alone"
+                    " --standby-is-down` once its process is stopped"
+                )
             return {
                 "role": "superseded" if superseded else "active",
                 **common,
                 "epoch": self.replicator.epoch,
                 "standby": self.cfg.peer,
-                "standby_acknowledged": self.replicator.acks > 0,
+                # acknowledging now (within the lease), not "once"
+                "standby_acknowledged": self.replicator.acks > 0 and not lost,
+                # whether this gateway may send on its tunnels now (the fence)
+                "sending": not self.fenced(now),
+                **active,
                 "messages": self.replicator.messages,
                 "contexts": self.replicator.contexts,
                 "ike_contexts": self.replicator.extras,
