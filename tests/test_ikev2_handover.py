@@ -299,3 +299,64 @@ def test_request_reaching_the_old_gateway_after_a_direct_handover_is_forwarded(
             assert "retransmit" not in log, ss.logtail()
             assert w.counters("sg2").get("forward-received", 0) >= 1
             print("sg1:", w.counters("sg1"), "\nsg2:", w.counters("sg2"))
+
+
+def _rekey_times(w: IkeWorld) -> None:
+    """Both gateways rekey the IKE SA after 14 s and the CHILD SA after 10 s (up to 10 %
+    earlier at random), the client not before an hour."""
+    for g in ("sg1", "sg2"):
+        p = w.dir / f"{g}.toml"
+        text = p.read_text()
+        assert "[connections.rw]\n" in text
+        p.write_text(text.replace("[connections.rw]\n", "[connections.rw]\nrekey_time = 14\n"
+                                  "children.net.rekey_time = 10\n", 1))  # fmt: skip
+
+
+@pytest.mark.root
+@pytest.mark.slow
+@needs_strongswan
+def test_sg2_rekeys_a_moved_ike_sa_on_its_schedule_and_deletes_it_cleanly(
+    tmp_path: Path,
+) -> None:
+    """Issue 10: after a handover the new gateway "rekeys CHILD and IKE SAs on schedule (its
+    own or the client's), and deletes cleanly". The tests above have the client start every
+    rekey after the move; here the rekeys are the gateways' own, due 10 s (CHILD) and 14 s
+    (IKE) after the connection: the deadlines travel with the IKE SA (``ipsecct sa list``'s
+    ``rekey_in_s`` at sg2 is sg1's, less the time gone by), sg2 starts both rekeys when they
+    fall due and strongSwan accepts them, and a clean stop of sg2 deletes the IKE SA at the
+    client. The client never starts over."""
+    with (ike_world(tmp_path, "indirect", edit=_rekey_times) as w,
+          Client(w.ns, "mn", CLIENT, w.dir, "aes128gcm16") as ss):
+        ss.start()
+        ss.initiate()
+        assert strongswan.ping_once_up(w.ns, "mn", HOST, 3) == 3, ss.logtail() + w.logs()
+        (ike1,) = w.ike_sas("sg1")
+        assert 1 <= ike1["children"][0]["rekey_in_s"] <= 10, ike1
+        assert 5 <= ike1["rekey_in_s"] <= 14, ike1
+        r = cli("transfer", "rw", "--to", "sg2", "--json", "-s", w.sock("sg1"))
+        assert r.returncode == 0, (r.stdout, r.stderr, w.logs())
+        assert json.loads(r.stdout)["outcome"] == "committed"
+        w.route_host_via("sg2")
+        wait_until(lambda: len(w.ike_sas("sg2")) == 1 and not w.ike_sas("sg1"),
+                   "the IKE SA to move to sg2", 30)  # fmt: skip
+        (ike2,) = w.ike_sas("sg2")
+        assert (ike2["spi_i"], ike2["spi_r"]) == (ike1["spi_i"], ike1["spi_r"])
+        # the schedule moved: not restarted from sg2's rekey_time, not lost
+        assert ike2["rekey_in_s"] is not None and ike2["rekey_in_s"] <= ike1["rekey_in_s"]
+        (c2,) = ike2["children"]
+        assert c2["rekey_in_s"] is not None
+        assert c2["rekey_in_s"] <= ike1["children"][0]["rekey_in_s"]
+        assert w.counters("sg2").get("rekey-child-sent", 0) == 0
+        wait_until(lambda: w.counters("sg2").get("rekey-child-ok", 0) >= 1
+                   and w.counters("sg2").get("rekey-ike-ok", 0) >= 1,
+                   "sg2's own CHILD and IKE rekeys", 30)  # fmt: skip
+        assert ping(w, 3) == 3, ss.logtail() + w.logs()
+        log = ss.log()
+        assert "parsed CREATE_CHILD_SA request" in log, ss.logtail()  # sg2's requests
+        assert not w.ike_sas("sg1")
+        assert w.daemons["sg2"].terminate() == 0  # a clean stop deletes its IKE SAs
+        strongswan.wait_log(ss, r"received DELETE for IKE_SA cA", 15)
+        log = ss.log()
+        assert len(re.findall(r"generating IKE_SA_INIT request", log)) == 1, log
+        assert len(re.findall(r"generating IKE_AUTH request", log)) == 1, log
+        assert "retransmit" not in log, ss.logtail()
