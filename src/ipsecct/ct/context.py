@@ -1485,20 +1485,24 @@ def encode_reference(sa: SecurityAssociation, now: float, *, seq: int | None = N
     return _serialize(_fields_from_sa(sa, now, seq))
 
 
+_PEEK_HEAD = struct.Struct("!3xBI2xH")  # the P octet, the presence vector, the flags
+
+
 def peek_seq(data: bytes) -> int:
     """The outbound sequence number in a CDB as :func:`encode` writes it, read without
     decoding the rest (0: none, or not such a CDB; the CDB itself is checked when decoded):
     for a standby comparing the replicas of one SA as they arrive."""
     try:
-        if data[3] != 0x80:
+        p, pv, flags = _PEEK_HEAD.unpack_from(data)
+        if p != 0x80 or not pv & _M_SEQ:
             return 0
-        pv = int.from_bytes(data[4:8], "big")
-        if not pv & _M_SEQ:
-            return 0
-        pos = 48 if (data[10] << 8 | data[11]) & F_IPV6 else 24
-        for m in (_M_ESP_ENC, _M_ESP_INTEG, _M_AH_INTEG):
-            if pv & m:
-                pos += 3 + data[pos + 2]
+        pos = 48 if flags & F_IPV6 else 24
+        if pv & _M_ESP_ENC:
+            pos += 3 + data[pos + 2]
+        if pv & _M_ESP_INTEG:
+            pos += 3 + data[pos + 2]
+        if pv & _M_AH_INTEG:
+            pos += 3 + data[pos + 2]
         return int(_U64.unpack_from(data, pos)[0])
     except (IndexError, struct.error):
         return 0
