@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -617,3 +618,58 @@ def test_a_flood_of_leaving_marks_is_bounded_too() -> None:
     # clearing one makes room
     sb.receive(msg(4, failover.leaving_cdb(0x5000, None, 1), marks[5]), 0.3)
     assert set(sb.marks) == {0x5001, 0x5002, 0x5005}
+
+
+@pytest.mark.parametrize("where", ["grant", "keepalive"])
+def test_etcd_saying_a_shorter_lease_than_asked_never_extends_the_fence(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, where: str
+) -> None:
+    """Guards the invariant. The fence (how long this member may send after a keep-alive)
+    is derived from ``ttl_s``; etcd never grants less than asked, so an answer that says
+    the lease lives shorter (a corrupted etcd, or something else at the endpoint) means the
+    fence may outlast the lease and another member take the tunnels while this one sends.
+    Such an answer must not let the member send: it does not join on such a grant, and
+    such a keep-alive does not extend its fence (before: the TTL answered was only logged)."""
+    from ipsecct.gateway.cluster_driver import ClusterDriver
+    from ipsecct.gateway.config import load
+    from ipsecct.gateway.node import Node
+
+    class ShortClient(EtcdClient):
+        short = False
+
+        async def grant(self, ttl: int) -> tuple[int, int]:
+            lid, got = await super().grant(ttl)
+            return (lid, 1) if where == "grant" else (lid, got)
+
+        async def keepalive(self, lease: int) -> int:
+            got = await super().keepalive(lease)
+            return 1 if self.short and got > 0 else got
+
+    cfg_path = _gateway_config(tmp_path)
+
+    async def run(endpoints: list[str]) -> None:
+        node = Node(load(cfg_path))
+        [t] = node.engine.tunnels()
+        drv = ClusterDriver(node, ClusterConfig(etcd=tuple(endpoints), ttl_s=4, groups=4))
+        client = ShortClient(list(endpoints), timeout=drv.client.timeout)
+        drv.client = client
+        drv.transfer = None
+        await drv.start()
+        try:
+            if where == "grant":
+                await eventually(lambda: drv.client.calls >= 6, "a few attempts")
+                assert drv.lease_id == 0 and not drv.lease.valid(node.clock())
+                assert node.engine.send_until == -math.inf
+                return
+            await eventually(lambda: drv.own.owns(t.outbound.spi), "owning")
+            client.short = True
+            until = node.engine.send_until
+            await eventually(lambda: not drv.lease.valid(node.clock()), "the fence to lapse")
+            assert node.engine.send_until == until  # never moved on by a short answer
+        finally:
+            await drv.stop()
+
+    with caplog.at_level(logging.INFO, logger="ipsecct"), EtcdCluster(tmp_path) as e:
+        asyncio.run(run(e.endpoints))
+    lines = [r.getMessage() for r in caplog.records]
+    assert any("event=cluster-etcd-short-lease" in m for m in lines), lines

@@ -411,6 +411,11 @@ class ClusterDriver:
 
     async def _register(self) -> None:
         lid, ttl = await self.client.grant(self.cfg.ttl_s)
+        if ttl < self.cfg.ttl_s:
+            self._short_lease("granted", ttl)
+            with contextlib.suppress(EtcdError):
+                await self.client.revoke(lid)
+            raise EtcdError(f"etcd granted a lease of {ttl} s, shorter than ttl_s")
         # Replicas sent for this lease are kept from now on: peers send them as soon as they
         # read our member key, which the join below writes. Set after the join (past one more
         # etcd round trip), a peer's first messages were ignored, never acknowledged nor sent
@@ -951,6 +956,9 @@ class ClusterDriver:
         if ttl <= 0:
             self._lease_gone()
             return
+        if ttl < self.cfg.ttl_s:
+            self._short_lease("renewed", ttl)
+            return  # the fence is not moved on: it may lapse
         self._events(self.lease.granted(n, now))
         self.node.engine.send_until = self.lease.expiry
 
@@ -1121,6 +1129,15 @@ class ClusterDriver:
                 self._layout += 1
                 self._owned(batch)
         return rest
+
+    def _short_lease(self, how: str, ttl: int) -> None:
+        """etcd answered a lease shorter than ``ttl_s``, which it never grants: our fence,
+        derived from ``ttl_s``, could outlast the lease (another member taking our tunnels
+        while we send). Not believed: no fence from it."""
+        self._quiet.event(log, "cluster-etcd-short-lease", logging.ERROR, node=self.node.name,
+                          ttl_s=ttl, expected_s=self.cfg.ttl_s,
+                          detail=f"etcd {how} a lease shorter than ttl_s: not sending on it "
+                          "(a corrupted etcd, or not etcd at the endpoint?)")  # fmt: skip
 
     def _malformed(self, key: str, what: str) -> None:
         """A key under our prefix that no member of ours wrote as it is (taken as nothing, or
