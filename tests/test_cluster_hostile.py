@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import json
 import logging
 import math
 from collections.abc import Callable
@@ -673,3 +674,31 @@ def test_etcd_saying_a_shorter_lease_than_asked_never_extends_the_fence(
         asyncio.run(run(e.endpoints))
     lines = [r.getMessage() for r in caplog.records]
     assert any("event=cluster-etcd-short-lease" in m for m in lines), lines
+
+
+def test_cluster_status_shows_what_etcd_holds_without_its_control_characters(
+    tmp_path: Path,
+) -> None:
+    """``ipsecct cluster status`` (the CLI, a process) prints member names and addresses that
+    any etcd writer chooses: a name with a terminal escape and an address with a newline are
+    shown escaped, one line per member (before: printed raw, moving the operator's terminal
+    and forging a line); with the hostile keys above, still an answer, exit 0."""
+    from tests.helpers.deployment import cli
+
+    async def run(endpoints: list[str]) -> None:
+        c = EtcdClient(endpoints, timeout=5.0)
+        base = ownership.keys("default")["members"].rsplit("members/", 1)[0]
+        for k, v in HOSTILE.items():
+            await c.put(base + k, v)
+        lid, _ = await c.grant(60)
+        await c.put(base + "members/evil\x1b[2J", ownership.member_info("x\nsg9 fake", lid, 8),
+                    lease=lid)  # fmt: skip
+
+    with EtcdCluster(tmp_path) as e:
+        asyncio.run(run(e.endpoints))
+        cfg = tmp_path / "c.toml"
+        cfg.write_text(f"[cluster]\netcd = {json.dumps(e.endpoints)}\n")
+        r = cli("cluster", "status", "--config", str(cfg))
+    assert r.returncode == 0, r.stderr
+    assert "\x1b" not in r.stdout and "\nsg9 fake" not in r.stdout, r.stdout
+    assert "evil\\x1b[2J" in r.stdout and "x\\nsg9 fake" in r.stdout, r.stdout

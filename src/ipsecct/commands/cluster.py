@@ -12,6 +12,7 @@ from typing import Any
 def cmd_status(args: argparse.Namespace) -> int:
     from ..gateway.cluster_driver import cluster_status
     from ..gateway.config import cluster_of
+    from ..gateway.log import escaped
 
     st = asyncio.run(cluster_status(cluster_of(args.config)))
     if args.json:
@@ -20,15 +21,16 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 0
     print(f"cluster {st['cluster']} (etcd {', '.join(st['etcd'])})")
     print(f"{'member':<16} {'lease':<18} {'ttl_s':>5} {'groups':>6} {'tunnels':>8}  address")
+    # (names, addresses and claims are what any etcd writer chose: escaped)
     for name, m in sorted(st["members"].items()):
         print(
-            f"{name:<16} {m['lease']:<18} {m['ttl_s']:>5} {m['groups']:>6} {m['tunnels']:>8}"
-            f"  {m['address']}"
+            f"{escaped(name):<16} {m['lease']:<18} {m['ttl_s']:>5} {m['groups']:>6} "
+            f"{m['tunnels']:>8}  {escaped(m['address'])}"
         )
     if st["owners_without_member"]:
         print(f"{st['owners_without_member']} tunnel(s) whose group has no owner (yet)")
     for i, b in st["spi_blocks"].items():
-        print(f"spi block {i}: {b['range']} {b['member']}")
+        print(f"spi block {i}: {b['range']} {escaped(b['member'])}")
     return 0
 
 

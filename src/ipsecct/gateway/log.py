@@ -41,6 +41,12 @@ UNICODE_CONTROLS = (
 _ESCAPES |= {c: f"\\u{c:04x}" for c in UNICODE_CONTROLS}
 
 
+def escaped(text: str) -> str:
+    """``text`` with its control characters as escapes (as log lines have them): for what a
+    peer or etcd chose, printed to an operator's terminal."""
+    return text.translate(_ESCAPES)
+
+
 class OneLineFormatter(logging.Formatter):
     """Each record's message on one line, control characters escaped (a traceback, which
     only a bug logs, keeps its lines)."""
