@@ -987,11 +987,12 @@ class CertInitiator(Charon):
     """strongSwan A authenticating with its certificate, trusting the test CA."""
 
     def __init__(self, ns: Namespaces, workdir: Path, pki: Path, *, rsa_pss: bool = False,
-                 classic: bool = False) -> None:  # fmt: skip
+                 classic: bool = False, fragment_size: int = 0) -> None:  # fmt: skip
         super().__init__(ns, "a", A, workdir, "default")
         self.pki = pki
         self.rsa_pss = rsa_pss
         self.classic = classic
+        self.fragment_size = fragment_size  # charon.fragment_size (0: its default, 1280)
 
     def write_config(self) -> None:
         super().write_config()
@@ -1001,6 +1002,9 @@ class CertInitiator(Charon):
         if self.classic:  # no RFC 7427: no SIGNATURE_HASH_ALGORITHMS, the classic methods
             sc.write_text(sc.read_text().replace(
                 "charon {\n", "charon {\n  signature_authentication = no\n", 1))
+        if self.fragment_size:
+            sc.write_text(sc.read_text().replace(
+                "charon {\n", f"charon {{\n  fragment_size = {self.fragment_size}\n", 1))
         p = self.pki
         conf = f"""connections {{
   cA {{
@@ -1109,6 +1113,76 @@ def test_strongswan_connects_with_certificates(workdir: Path, kind: str) -> None
                     assert c.get("fragmented-received", 0) == 1, c
                     assert c.get("fragmented-sent", 0) == 1, c
                     assert "reassembled fragmented IKE message" in log, ss.logtail()
+        finally:
+            gw.cleanup()
+
+
+NO_IP_FRAGMENTS = """table inet ict_nofrag {
+  chain pre {
+    type filter hook prerouting priority -500; policy accept;
+    ip frag-off & 0x3fff != 0 counter drop
+  }
+}
+"""
+
+
+def _fragments_dropped(ns: Namespaces, role: str) -> int:
+    out = ns.run(role, "nft", "list", "table", "inet", "ict_nofrag").stdout
+    m = re.search(r"counter packets (\d+)", out)
+    assert m, out
+    return int(m.group(1))
+
+
+@pytest.mark.root
+@pytest.mark.slow
+@needs_strongswan
+def test_certificates_over_a_small_mtu_whose_ip_fragments_are_dropped(workdir: Path) -> None:
+    """RFC 7383 is there so that certificate exchanges survive small MTUs. The path between
+    strongSwan and the gateway has an MTU of 1000 and drops every IP fragment (before the
+    kernel's reassembly, as a middlebox would); strongSwan has ``charon.fragment_size =
+    1000`` and the gateway ``[ike] fragment_size = 1000``: the RSA-3072 exchange goes in IKE
+    fragments that fit, and no IP fragment is sent either way. (Without the gateway's key its
+    1200-octet fragments were split by IP and the client never got them.)"""
+    pki = workdir / "pki"
+    pki.mkdir()
+    make_pki(pki, "rsa")
+    with Namespaces("a", "b") as ns:
+        build_namespaces(ns)
+        for role in ("a", "b"):
+            ns.run(role, "ip", "link", "set", strongswan.VETH[role], "mtu", "1000")
+            subprocess.run(ns.cmd(role, "nft", "-f", "-"), input=NO_IP_FRAGMENTS, text=True,
+                           check=True, capture_output=True, timeout=30)  # fmt: skip
+        # the control: what IP fragments are dropped (a ping too big for the link)
+        ping_big = ns.run("b", "ping", "-c1", "-W1", "-M", "dont", "-s", "1200", A.outer,
+                          check=False)  # fmt: skip
+        assert ping_big.returncode != 0 and _fragments_dropped(ns, "a") >= 1
+        dropped = _fragments_dropped(ns, "a")
+        conf = gateway_config(workdir, ike="default", esp="default", encap=False, dpd=0)
+        text = conf.read_text().replace('local.auth = "psk"', 'local.auth = "pubkey"\n'
+                                        f'local.certs = ["{pki}/gw.pem"]')
+        text = text.replace('remote.auth = "psk"', 'remote.auth = "pubkey"\n'
+                            f'remote.cacerts = ["{pki}/ca.pem"]')
+        text = text.replace(f'remote.id = "{A.id}"', 'remote.id = "CN=client.test"')
+        text = text.replace("[ike]\n", "[ike]\nfragment_size = 1000\n", 1)
+        text += f'\n[secrets.private-gw]\nfile = "{pki}/gw.key"\n'
+        conf.write_text(text)  # fmt: skip
+        gw = Daemon("gateway", conf, str(workdir / "gw.sock"), workdir / "gw.log",
+                    prefix=["ip", "netns", "exec", ns.names["b"]])  # fmt: skip
+        gw.start()
+        try:
+            with CertInitiator(ns, workdir, pki, fragment_size=1000) as ss:
+                ss.start()
+                ss.initiate()
+                log = ss.log()
+                assert "reassembled fragmented IKE message" in log, ss.logtail()
+                sizes = [int(n) for n in re.findall(
+                    rf"received packet: from {B.outer}\S+ to \S+ \((\d+) bytes\)", log)]
+                assert sizes and max(sizes) + 28 <= 1000, sizes  # (+ IP and UDP headers)
+                assert ping(ns, "a", B.inner, 3) == 3, ss.logtail() + gw.logtext()
+                c = gw.status()["ike"]["counters"]
+                assert c.get("fragmented-sent", 0) == 1 and c.get("fragmented-received") == 1, c
+                assert _fragments_dropped(ns, "a") == dropped  # none from the gateway
+                assert _fragments_dropped(ns, "b") == 0  # none from strongSwan
         finally:
             gw.cleanup()
 

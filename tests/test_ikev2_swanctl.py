@@ -442,6 +442,51 @@ def test_fragmentation_yes_accept_no(
     assert (w.ini.stats["fragmented-sent"] > 0) is mn_sends
 
 
+def test_fragment_size_bounds_every_datagram_we_send(tmp_path: Path) -> None:
+    """[ike] fragment_size (strongSwan's charon.fragment_size): the largest IP datagram of
+    an IKE message or fragment we send. Over a path of MTU 1000 whose IP fragments a
+    middlebox drops, the gateway's 1200-octet fragments never reached a strongSwan client
+    set to fragment_size = 1000 (tried in network namespaces, 2026-12-03): each was split by
+    IP. With it, a certificate exchange goes in fragments that fit, and the IP, UDP and,
+    on the NAT-T port, non-ESP marker headers are counted."""
+    import ipsecct.ikev2.engine as E
+
+    ca, gw_cert, gw_key, ca_key = _pki("p256")
+    mn_key = _pki("p256")[2]
+    mn_cert = _leaf_cert(ca, ca_key, mn_key, "mn.test")
+    gw = _pubkey(conn(), gw_cert, gw_key, "CN=mn.test", ca)
+    mn = _pubkey(mn_conn(), mn_cert, mn_key, "peer.test", ca)
+    for size in (None, 576):
+        w = Wire(IkeEngine([mn], wall_offset=time.time(), fragment_size=size),
+                 IkeEngine([gw], wall_offset=time.time(), fragment_size=size))  # fmt: skip
+        connect(w)
+        assert w.of("i", IkeUp) and w.of("r", IkeUp)
+        longest = max(len(s.data) for s in w.sent) + 20 + 8  # IPv4 and UDP, port 500
+        if size is None:  # the certificate exchange goes whole (1200 octets of IKE)
+            assert 576 < longest <= E.FRAGMENT_SIZE + 28, longest
+            assert w.resp.stats["fragmented-sent"] == 0
+        else:
+            assert longest <= 576, longest
+            assert w.resp.stats["fragmented-sent"] == w.ini.stats["fragmented-sent"] == 1
+            assert w.resp.stats["fragmented-received"] == 1
+    (ike,) = w.resp.ike_sas()
+    assert w.resp._ike_octets(ike) == 576 - 28  # IPv4, port 500
+    ike.local = dataclasses.replace(ike.local, port=4500)
+    ike.remote = dataclasses.replace(ike.remote, port=4500)
+    assert w.resp._ike_octets(ike) == 576 - 28 - 4  # the non-ESP marker
+    with pytest.raises(ValueError, match="below 576"):
+        IkeEngine([gw], fragment_size=575)
+    # the configuration's key, and its bounds
+    base = {"name": "gw", "outer": {"address": "192.0.2.1"},
+            "inner": {"kind": "udp", "listen": "127.0.0.1:7000", "peer": "127.0.0.1:7001"}}
+    assert from_dict(base, str(tmp_path / "gw.toml")).ike_fragment_size is None
+    cfg = from_dict({**base, "ike": {"fragment_size": 1000}}, str(tmp_path / "gw.toml"))
+    assert cfg.ike_fragment_size == 1000
+    for bad in (575, 65536, "1000"):
+        with pytest.raises(ConfigError, match=r"ike\.fragment_size"):
+            from_dict({**base, "ike": {"fragment_size": bad}}, str(tmp_path / "gw.toml"))
+
+
 # -- rekey_bytes/packets, life_bytes/packets ----------------------------------------------------
 
 

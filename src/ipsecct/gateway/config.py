@@ -165,6 +165,9 @@ class NodeConfig:
     # [ike] max_packet: the largest IKE message taken, whole or reassembled from fragments
     # (strongSwan's charon.max_packet)
     ike_max_packet: int = 10000
+    # [ike] fragment_size: the largest IP datagram of an IKE message or RFC 7383 fragment we
+    # send (strongSwan's charon.fragment_size; None: 1200 octets of IKE, about 1230-1250)
+    ike_fragment_size: int | None = None
     # [ike] port: IKE's own UDP port (500; 0: none, IKE only on the outer NAT-T port, which
     # needs no privileges; the connections then use local_port/remote_port)
     ike_port: int = 500
@@ -771,10 +774,14 @@ def from_dict(data: dict[str, Any], path: str = "<config>") -> NodeConfig:
     failover = _failover(data.get("failover"), ctx, transfer)
     ike_d = ctx.get(data, "ike", "", dict, {})
     _check_keys_allowed(ike_d, ctx, "ike.", {"cookie_threshold", "port", "rsa_pss",
-                                             "max_packet"})  # fmt: skip
+                                             "max_packet", "fragment_size"})  # fmt: skip
     max_packet = ctx.get(ike_d, "max_packet", "ike.", int, 10000)
     if not 1280 <= max_packet <= 65535:  # (RFC 7296 §2: 1280 octets MUST be accepted)
         raise ctx.err("ike.max_packet", "must be 1280-65535 (octets of one IKE message)")
+    fragment_size = ctx.get(ike_d, "fragment_size", "ike.", int, None)
+    if fragment_size is not None and not 576 <= fragment_size <= 65535:
+        raise ctx.err("ike.fragment_size",
+                      "must be 576-65535 (octets of one IP datagram of IKE)")  # fmt: skip
     rsa_pss = ctx.get(ike_d, "rsa_pss", "ike.", bool, False)
     cookie_threshold = ctx.get(ike_d, "cookie_threshold", "ike.", int, 100)
     if cookie_threshold < 0:
@@ -831,6 +838,7 @@ def from_dict(data: dict[str, Any], path: str = "<config>") -> NodeConfig:
         cookie_threshold=cookie_threshold,
         rsa_pss=rsa_pss,
         ike_max_packet=max_packet,
+        ike_fragment_size=fragment_size,
         ike_port=ike_port,
         state_dir=state_dir,
         seq_block=seq_block,

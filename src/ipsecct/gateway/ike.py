@@ -146,6 +146,7 @@ class IkeService:
             cookie_threshold=node.cfg.cookie_threshold,
             rsa_pss=node.cfg.rsa_pss,
             max_packet=node.cfg.ike_max_packet,
+            fragment_size=node.cfg.ike_fragment_size,
             wall_offset=time.time() - node.clock(),
             pools=node.cfg.pools,
         )

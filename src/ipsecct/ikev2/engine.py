@@ -46,7 +46,7 @@ from .auth import (
     verify,
 )
 from .config import ChildConfig, Connection, peer_id_text, says_what_it_is
-from .ikesa import Address, ChildSA, IkeSA, IkeState, IPAddr, Pending
+from .ikesa import IKE_PORT, Address, ChildSA, IkeSA, IkeState, IPAddr, Pending
 from .keys import KeyExchange, child_keys, hmac_digest, ike_keys, psk_auth, signed_octets
 from .message import (
     IKE_HEADER_LEN,
@@ -123,6 +123,10 @@ MAX_FRAGMENTS = 32  # RFC 7383: fragments of one message we reassemble at most
 # set: with 64 KiB messages a flood that answered cookies held 180 KiB per half-open IKE SA
 MAX_PACKET = 10000
 FRAGMENT_SIZE = 1200  # largest IKE message (without IP/UDP) before we fragment
+# [ike] fragment_size (strongSwan's charon.fragment_size): the largest IP datagram of one of
+# our IKE messages or fragments instead; the IKE octets are what is left after the IP (20 or
+# 40) and UDP (8) headers and, on the NAT-T port, the non-ESP marker (4)
+FRAGMENT_SIZE_MIN = 576
 # RFC 6311 after a take-over: our next request ID leaps this far past the replicated one (the
 # old member may have sent requests after its last replication; the peer drops a sync whose
 # ID is below what it expects, and takes a higher one as it is)
@@ -274,9 +278,15 @@ class IkeEngine:
         rsa_pss: bool = False,
         pools: dict[str, Pool] | None = None,
         max_packet: int = MAX_PACKET,
+        fragment_size: int | None = None,
     ) -> None:
         self.connections = connections
         self.max_packet = max_packet  # larger IKE messages are dropped (``too-long``)
+        # the largest IP datagram of an IKE message or fragment we send (None: FRAGMENT_SIZE
+        # octets of IKE, whatever the headers)
+        if fragment_size is not None and fragment_size < FRAGMENT_SIZE_MIN:
+            raise ValueError(f"fragment_size {fragment_size} is below {FRAGMENT_SIZE_MIN}")
+        self.fragment_size = fragment_size
         # [pools.NAME]: the virtual IPs a connection's ``pools`` lease to peers (RFC 7296
         # §3.15; ikev2.pool)
         self.pools: dict[str, Pool] = pools or {}
@@ -888,14 +898,24 @@ class IkeEngine:
         frm, to = via if via is not None else (ike.local, ike.remote)
         out += [Send(m, frm, to) for m in msgs]
 
+    def _ike_octets(self, ike: IkeSA) -> int:
+        """The largest IKE message (or fragment) we send to this peer whole: FRAGMENT_SIZE,
+        or what ``fragment_size`` (an IP datagram) leaves of it on this IKE SA's path."""
+        if self.fragment_size is None:
+            return FRAGMENT_SIZE
+        ip = 20 if ike.remote.host.version == 4 else 40
+        marker = 4 if IKE_PORT not in (ike.local.port, ike.remote.port) else 0
+        return self.fragment_size - ip - 8 - marker
+
     def _seal(self, ike: IkeSA, hdr: Header, payloads: list[Payload]) -> list[bytes]:
         """One message, or RFC 7383 fragments when it is too big and both sides can."""
         msg = ike.outbound.seal(hdr, payloads)
-        if (not ike.fragmentation or len(msg) <= FRAGMENT_SIZE
+        limit = self._ike_octets(ike)
+        if (not ike.fragmentation or len(msg) <= limit
                 or ike.conn.fragmentation in ("accept", "no")):  # fmt: skip
             return [msg]  # (accept: announced, and the peer's are taken; ours go whole)
         plain = encode_payloads(payloads)
-        chunk = FRAGMENT_SIZE - IKE_HEADER_LEN - 8 - ike.outbound.overhead()
+        chunk = limit - IKE_HEADER_LEN - 8 - ike.outbound.overhead()
         parts = [plain[i : i + chunk] for i in range(0, len(plain), chunk)]
         self.stats["fragmented-sent"] += 1
         return [
