@@ -576,3 +576,148 @@ def test_the_handshake_rate_refills_and_its_table_is_bounded() -> None:
     for i in range(1000):
         r.allow(f"10.0.{i // 256}.{i % 256}", 1.0 + i / 10)
     assert r._sources is not None and len(r._sources) <= 64
+
+
+def serve_with(pkidir: Path, handler: tlschannel.Handler) -> Awaitable[asyncio.Server]:
+    return tlschannel.serve(handler, "127.0.0.1", 0, server_ctx(pkidir), timeout=5)
+
+
+def test_deliver_hands_over_each_message_in_order_then_raises_as_recv_would(
+    pkidir: Path,
+) -> None:
+    """The gateways' readers (peers.py) take messages as the transport decodes them: in
+    order, several in one write included, those decoded before ``deliver`` first; the end of
+    the channel is raised as recv raises it."""
+
+    async def main() -> None:
+        got: list[int] = []
+        ended: asyncio.Future[BaseException] = asyncio.get_running_loop().create_future()
+
+        async def handler(conn: CxtpConnection) -> None:
+            first = await conn.recv(timeout=5)  # pulled, then pushed: one stream
+            assert isinstance(first, CTD)
+            got.append(first.elapsed_ms)
+            try:
+                await conn.deliver(lambda m: got.append(m.elapsed_ms if isinstance(m, CTD) else -1))
+            except BaseException as exc:
+                ended.set_result(exc)
+                raise
+
+        server = await serve_with(pkidir, handler)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            conn = await tlschannel.connect(
+                "127.0.0.1", port, client_ctx(pkidir), server_hostname="sg2"
+            )
+            # Three in one record (the first pulled, two left decoded), then two more.
+            await conn.send_raw(b"".join(cxtp.encode(CTD(MN, i, (SA,))) for i in range(3)))
+            await eventually(lambda: len(got) == 3, "the first three")
+            await conn.send_raw(cxtp.encode(CTD(MN, 3, (SA,))) + cxtp.encode(CTD(MN, 4, (SA,))))
+            await eventually(lambda: len(got) == 5, "the last two")
+            await conn.close()
+            exc = await asyncio.wait_for(ended, 5)
+            assert isinstance(exc, ChannelClosed), exc
+            assert got == [0, 1, 2, 3, 4]
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    run(main())
+
+
+def test_deliver_raises_what_the_handler_raised_and_delivers_nothing_after_it(
+    pkidir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A handler's error ends the delivery (and the connection, as the server's handler
+    does with any error): the messages after it, even in the same record, are not handed
+    over; the server logs one line and goes on serving."""
+    caplog.set_level(logging.WARNING, logger="ipsecct.gateway.tlschannel")
+
+    async def main() -> None:
+        got: list[int] = []
+        raised: list[BaseException] = []
+
+        def take(m: cxtp.Message) -> None:
+            assert isinstance(m, CTD)
+            got.append(m.elapsed_ms)
+            if m.elapsed_ms == 1:
+                raise ChannelError("the handler refuses message 1")
+
+        async def handler(conn: CxtpConnection) -> None:
+            try:
+                await conn.deliver(take)
+            except BaseException as exc:
+                raised.append(exc)
+                raise
+
+        server = await serve_with(pkidir, handler)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            conn = await tlschannel.connect(
+                "127.0.0.1", port, client_ctx(pkidir), server_hostname="sg2"
+            )
+            await conn.send_raw(b"".join(cxtp.encode(CTD(MN, i, (SA,))) for i in range(4)))
+            with pytest.raises(ChannelClosed):  # the server closed it
+                await conn.recv(timeout=5)
+            await conn.close()
+            assert got == [0, 1]
+            assert len(raised) == 1 and "refuses message 1" in str(raised[0])
+            # the next client is served
+            async with await tlschannel.connect(
+                "127.0.0.1", port, client_ctx(pkidir), server_hostname="sg2"
+            ) as ok:
+                await ok.send(CTD(MN, 7, (SA,)))
+                await eventually(lambda: got[-1:] == [7], "the next client's message")
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    run(main())
+    assert "refuses message 1" in caplog.text
+
+
+def test_a_connection_nobody_reads_holds_back_its_peer_not_an_unbounded_inbox(
+    pkidir: Path,
+) -> None:
+    """Messages are decoded as they arrive; while nobody takes them (recv), reading stops:
+    the inbox holds what one read decoded, the rest waits in TCP (the sender's drain times
+    out), and every message still comes out, in order."""
+
+    async def main() -> None:
+        conns: list[CxtpConnection] = []
+        release = asyncio.Event()
+
+        async def handler(conn: CxtpConnection) -> None:
+            conns.append(conn)
+            await release.wait()
+
+        server = await serve_with(pkidir, handler)
+        port = server.sockets[0].getsockname()[1]
+        body = bytes.fromhex("8001") + bytes([125]) + bytes(997)  # one CDB of 1000 octets
+        one = cxtp.encode(CTD(MN, 0, (SA, body)))
+        n = 0
+        try:
+            conn = await tlschannel.connect(
+                "127.0.0.1", port, client_ctx(pkidir), server_hostname="sg2"
+            )
+            await eventually(lambda: conns, "the server's connection")
+            with pytest.raises(ChannelTimeout):  # until TCP's buffers are full
+                while n < 100_000:
+                    await conn.send_raw(one * 64, timeout=0.5)
+                    n += 64
+            assert n < 100_000
+            inbox = len(conns[0]._stream.inbox)
+            assert 0 < inbox < 1000, inbox  # one read (at most 256 KiB), not what was sent
+            assert conns[0]._stream.reading_paused
+            seen = 0
+            while seen < n:  # all of it comes, in order, as it is read
+                msg = await conns[0].recv(timeout=5)
+                assert isinstance(msg, CTD) and msg.cdbs[1] == body
+                seen += 1
+            await conn.close()
+            release.set()
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    run(main())

@@ -185,12 +185,9 @@ class PeerChannels:
     async def _read(self, peer: str, conn: tlschannel.CxtpConnection) -> None:
         self.all_conns.add(conn)
         try:
-            while True:
-                try:
-                    msg = await conn.recv(timeout=3600)
-                except ChannelTimeout:
-                    continue
-                self.on_message(peer, msg)
+            # Each message is handled in the transport's callback as it is decoded (no task
+            # woken, no timer armed per message); this waits until the channel ends.
+            await conn.deliver(lambda msg: self.on_message(peer, msg))
         except CxtpError as exc:
             event(log, "peer-malformed", logging.WARNING, node=self.name, peer=peer, error=str(exc))
         except ChannelError:

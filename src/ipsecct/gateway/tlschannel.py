@@ -7,8 +7,11 @@ A thin asyncio adapter around :mod:`ipsecct.ct.cxtp` (which does all the parsing
   both directions. The client also checks the server's name (a DNS or IP SAN).
 * :func:`peer_identity` reads the verified peer certificate's CN and SANs after the handshake;
   what a peer may do is the caller's decision (its policy names peers by these names).
-* :class:`CxtpConnection` sends and receives whole CXTP messages over a StreamReader/Writer, and
-  every wait has a timeout. :func:`connect` and :func:`serve` set them up.
+* :class:`CxtpConnection` sends and receives whole CXTP messages: the TLS transport's protocol
+  (:class:`_Stream`) decodes them as the bytes arrive, and they are pulled (``recv``, every
+  wait with a timeout) or pushed to a handler as they are decoded (``deliver``, the gateways'
+  long-lived readers: no task woken per message). :func:`connect` and :func:`serve` set them
+  up.
 
 Nothing here reads the clock beyond asyncio's own timeouts, and nothing logs message contents.
 """
@@ -40,7 +43,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT = 2.0  # seconds, per wait (CT_REQUEST_RETRY); callers pass their own
 DEFAULT_HANDSHAKE_TIMEOUT = 3.0  # an unauthenticated connection holds a descriptor this long
-READ_CHUNK = 65536
 CXTP_TLS_PORT = 5091  # RFC 4067's SCTP port, reused for TCP/TLS
 # A channel whose peer stopped acknowledging (it lost power, a partition black-holes the path:
 # no FIN, no RST) is dropped after this long with data unacknowledged, or when idle after
@@ -168,26 +170,122 @@ def peer_identity(obj: ssl.SSLObject | ssl.SSLSocket | asyncio.StreamWriter) -> 
     return identity_from_der(der)
 
 
+MessageHandler = Callable[[cxtp.Message], None]
+
+
+class _Stream(asyncio.streams.FlowControlMixin, asyncio.Protocol):
+    """The TLS transport's application protocol: the bytes are cut into CXTP messages as they
+    arrive, in the transport's own callback (no StreamReader, no task woken per message).
+
+    Pulled (:meth:`CxtpConnection.recv`): the messages wait in ``inbox``, and reading is
+    paused while any wait (the inbox holds at most what one read decoded; the peer is held
+    back by TCP's window). Pushed (:meth:`CxtpConnection.deliver`): each is handed to
+    ``on_message`` at once. The writing side's flow control (``drain``) and close waiter are
+    the StreamWriter's, as with asyncio's own stream protocol."""
+
+    def __init__(self, max_message: int, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(loop)
+        self.decoder = cxtp.StreamDecoder(max_message)
+        self.inbox: deque[cxtp.Message] = deque()
+        self.transport: asyncio.Transport | None = None
+        self.address = "?"
+        # How the stream ended (raised once the inbox is read): a CxtpError (malformed, cut
+        # in mid-message), a ChannelClosed, or what ``on_message`` raised.
+        self.end: BaseException | None = None
+        self.reported = False  # the end was raised once (a ChannelClosed after it)
+        self.on_message: MessageHandler | None = None
+        self.waiter: asyncio.Future[None] | None = None
+        self.reading_paused = False
+        self.closed = loop.create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def _wake(self) -> None:
+        w = self.waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    def _finish(self, exc: BaseException) -> None:
+        if self.end is None:
+            self.end = exc
+        self.on_message = None
+        self._wake()
+
+    def data_received(self, data: bytes) -> None:
+        if self.end is not None:
+            return  # the stream has ended (a malformed message, a failed handler): nothing more
+        try:
+            msgs = self.decoder.feed(data)
+        except CxtpError as exc:
+            self._finish(exc)
+            return
+        on_message = self.on_message
+        if on_message is None:
+            if msgs:
+                self.inbox.extend(msgs)
+                if not self.reading_paused and self.transport is not None:
+                    self.reading_paused = True
+                    self.transport.pause_reading()
+                self._wake()
+            return
+        for msg in msgs:
+            try:
+                on_message(msg)
+            except Exception as exc:  # the deliverer's waiter raises it, as recv's loop did
+                self._finish(exc)
+                return
+
+    def eof_received(self) -> bool | None:
+        if not self.decoder.at_boundary():
+            self._finish(
+                CxtpError(
+                    f"truncated message: {self.address} closed the connection in mid-message"
+                )
+            )
+        else:
+            self._finish(ChannelClosed(f"{self.address} closed the connection"))
+        return None  # close the transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)  # wakes a writer waiting in drain()
+        if exc is None:
+            self._finish(ChannelClosed(f"connection to {self.address} is closed"))
+        else:
+            self._finish(ChannelClosed(f"connection to {self.address} lost: {_reason(exc)}"))
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    def _get_close_waiter(self, stream: asyncio.StreamWriter) -> asyncio.Future[None]:
+        return self.closed
+
+    def resume(self) -> None:
+        """The inbox was read: take more from the transport."""
+        if self.reading_paused and self.transport is not None:
+            self.reading_paused = False
+            if not self.transport.is_closing():
+                self.transport.resume_reading()
+
+
 class CxtpConnection:
-    """Whole CXTP messages over an asyncio stream pair; every wait is bounded by ``timeout``."""
+    """Whole CXTP messages over a TLS transport; every wait is bounded by ``timeout``."""
 
     def __init__(
         self,
-        reader: asyncio.StreamReader,
+        stream: _Stream,
         writer: asyncio.StreamWriter,
         *,
         timeout: float = DEFAULT_TIMEOUT,
-        max_message: int = cxtp.MAX_MESSAGE_LEN,
     ) -> None:
-        self.reader = reader
+        self._stream = stream
         self.writer = writer
         self.timeout = timeout
-        self._decoder = cxtp.StreamDecoder(max_message)
-        self._inbox: deque[cxtp.Message] = deque()
         self._closed = False
         self.peer: PeerIdentity = peer_identity(writer)
         address = writer.get_extra_info("peername")
         self.peer_address: str = f"{address[0]}:{address[1]}" if address else "?"
+        stream.address = self.peer_address
 
     def __repr__(self) -> str:
         return f"CxtpConnection(peer={self.peer.name!r}, address={self.peer_address!r})"
@@ -213,40 +311,71 @@ class CxtpConnection:
             self._closed = True
             raise ChannelClosed(f"connection to {self.peer_address} lost: {_reason(exc)}") from None
 
+    def _ended(self) -> BaseException:
+        """How the stream ended, the first time it is asked; a ChannelClosed after."""
+        self._closed = True
+        st = self._stream
+        if st.end is None or st.reported:
+            return ChannelClosed(f"connection to {self.peer_address} is closed")
+        st.reported = True
+        return st.end
+
     async def recv(self, *, timeout: float | None = None) -> cxtp.Message:
         """The next message. Raises ChannelTimeout, ChannelClosed or CxtpError.
 
         A peer that hangs up in mid-message sent a truncated message: CxtpError. After a
         CxtpError the stream has lost its framing; close the connection.
         """
+        st = self._stream
+        if st.on_message is not None:
+            raise ChannelError("the connection's messages are being delivered (deliver)")
+        if st.inbox:
+            msg = st.inbox.popleft()
+            if not st.inbox:
+                st.resume()
+            return msg
+        if self._closed and st.end is None:
+            raise ChannelClosed(f"connection to {self.peer_address} is closed")
         limit = self.timeout if timeout is None else timeout
         try:
             async with asyncio.timeout(limit):
-                while not self._inbox:
-                    if self._closed:
-                        raise ChannelClosed(f"connection to {self.peer_address} is closed")
+                while not st.inbox and st.end is None:
+                    st.waiter = asyncio.get_running_loop().create_future()
                     try:
-                        data = await self.reader.read(READ_CHUNK)
-                    except OSError as exc:  # ETIMEDOUT (a TimeoutError) included: the
-                        # socket's, not our wait's (that one is raised by the timeout block)
-                        self._closed = True
-                        raise ChannelClosed(
-                            f"connection to {self.peer_address} lost: {_reason(exc)}"
-                        ) from None
-                    if not data:
-                        self._closed = True
-                        if not self._decoder.at_boundary():
-                            raise CxtpError(
-                                f"truncated message: {self.peer_address} closed the connection"
-                                " in mid-message"
-                            )
-                        raise ChannelClosed(f"{self.peer_address} closed the connection")
-                    self._inbox.extend(self._decoder.feed(data))
+                        await st.waiter
+                    finally:
+                        st.waiter = None
         except TimeoutError:
             raise ChannelTimeout(
                 f"no message from {self.peer_address} within {limit:g} s"
             ) from None
-        return self._inbox.popleft()
+        if not st.inbox:
+            raise self._ended()
+        msg = st.inbox.popleft()
+        if not st.inbox:
+            st.resume()
+        return msg
+
+    async def deliver(self, on_message: MessageHandler) -> None:
+        """Hand every message to ``on_message`` as it arrives, in the transport's callback
+        (no task woken per message), until the connection ends; then raise as :meth:`recv`
+        does (ChannelClosed, or CxtpError), or what ``on_message`` raised (the messages
+        after it are not delivered). The wait has no time-out of its own: it lasts as long as
+        the channel, whose silent peer TCP's keep-alives and user time-out detect
+        (:func:`dead_peer_detection`)."""
+        st = self._stream
+        while st.inbox:
+            on_message(st.inbox.popleft())
+        if st.end is None:
+            st.on_message = on_message
+            st.resume()
+            st.waiter = asyncio.get_running_loop().create_future()
+            try:
+                await st.waiter
+            finally:
+                st.waiter = None
+                st.on_message = None
+        raise self._ended()
 
     async def request(self, msg: cxtp.Message, *, timeout: float | None = None) -> cxtp.Message:
         """Send one message and wait for the next one from the peer."""
@@ -310,9 +439,12 @@ async def connect(
 ) -> CxtpConnection:
     """Open a TLS connection to a peer gateway. ``server_hostname`` is the name its certificate
     must carry (defaults to ``host``)."""
+    loop = asyncio.get_running_loop()
+    stream = _Stream(cxtp.MAX_MESSAGE_LEN, loop)
     try:
         async with asyncio.timeout(handshake_timeout):
-            reader, writer = await asyncio.open_connection(
+            transport, _ = await loop.create_connection(
+                lambda: stream,
                 host,
                 port,
                 ssl=ctx,
@@ -328,9 +460,10 @@ async def connect(
         raise ChannelError(f"TLS handshake with {host}:{port} failed: {_reason(exc)}") from None
     except OSError as exc:
         raise ChannelError(f"cannot connect to {host}:{port}: {exc.strerror or exc}") from None
+    writer = asyncio.StreamWriter(transport, stream, None, loop)
     dead_peer_detection(writer)
     try:
-        return CxtpConnection(reader, writer, timeout=timeout)
+        return CxtpConnection(stream, writer, timeout=timeout)
     except ChannelError:
         writer.close()
         raise
@@ -408,19 +541,32 @@ async def serve(
 
     async def _serve_one(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         # The handshake runs here, not inside asyncio's server, so that a failed one is seen.
+        stream = _Stream(cxtp.MAX_MESSAGE_LEN, loop)
         try:
             async with asyncio.timeout(handshake_timeout):
-                await writer.start_tls(ctx, ssl_handshake_timeout=handshake_timeout)
+                await writer.drain()
+                transport = await loop.start_tls(
+                    writer.transport,
+                    stream,
+                    ctx,
+                    server_side=True,
+                    ssl_handshake_timeout=handshake_timeout,
+                )
         except ssl.SSLError as exc:
             refused(writer, f"TLS handshake failed: {_reason(exc)}")
             return
         except (TimeoutError, ConnectionError, OSError) as exc:
             refused(writer, f"TLS handshake did not complete: {_reason(exc)}")
             return
+        if transport is None:  # the connection was closed during the handshake
+            refused(writer, "TLS handshake did not complete: connection closed")
+            return
+        stream.connection_made(transport)  # (start_tls does not call it)
+        tls = asyncio.StreamWriter(transport, stream, None, loop)
         try:
-            conn = CxtpConnection(reader, writer, timeout=timeout)
+            conn = CxtpConnection(stream, tls, timeout=timeout)
         except ChannelError as exc:
-            refused(writer, str(exc))
+            refused(tls, str(exc))
             return
         try:
             await handler(conn)
