@@ -1905,3 +1905,41 @@ def test_a_state_moved_aside_twice_in_one_second_keeps_both(
     with pytest.raises(FileExistsError):
         state_mod._move_aside(tmp_path)
     assert (tmp_path / state_mod.DB_NAME).read_text() == "four"
+
+
+def test_the_ownership_writer_runs_jobs_in_order_survives_a_failing_one_and_drains_at_shutdown(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The writer's thread (jobs posted with no Future, the journal's wake-ups): one thread,
+    the jobs in the order posted, a job that raises logged in one line without stopping the
+    next, ``submit`` (for run_in_executor) settles its Future, and ``shutdown`` returns once
+    the jobs queued before it have run (a clean stop leaves nothing unwritten)."""
+    import logging
+    import threading
+
+    caplog.set_level(logging.ERROR, logger="ipsecct.gateway.state")
+    w = state_mod._WriterThread("ipsecct-state-test")
+    ran: list[tuple[int, str]] = []
+    gate = threading.Event()
+
+    def job(i: int) -> None:
+        gate.wait(10)  # jobs pile up behind the first
+        ran.append((i, threading.current_thread().name))
+
+    def broken() -> None:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    w.post(job, 0)
+    w.post(broken)
+    for i in range(1, 50):
+        w.post(job, i)
+    fut = w.submit(lambda a, b: a + b, 2, b=3)
+    gate.set()
+    assert fut.result(10) == 5
+    w.post(job, 50)
+    w.shutdown(wait=True)
+    assert [i for i, _ in ran] == list(range(51))
+    assert {name for _, name in ran} == {"ipsecct-state-test"}
+    assert "event=state-writer-job-failed" in caplog.text and "disk I/O error" in caplog.text
+    with pytest.raises(RuntimeError):
+        w.post(job, 51)

@@ -29,6 +29,7 @@ submitted before them).
 from __future__ import annotations
 
 import asyncio
+import atexit
 import concurrent.futures
 import contextlib
 import fcntl
@@ -37,6 +38,7 @@ import ipaddress
 import logging
 import math
 import os
+import queue
 import re
 import secrets
 import socket
@@ -865,6 +867,75 @@ def _ready() -> None:
     """Run once on the ownership writer's thread at start: the thread is made then."""
 
 
+_Job = tuple[Callable[..., object], tuple[Any, ...]]
+
+
+class _WriterThread(concurrent.futures.Executor):
+    """The ownership writer: one thread that runs the jobs handed to it, in their order.
+
+    :meth:`post` hands a job over with no Future: the journal's wake-ups, a handover's
+    "leaving" and "pending" among them (a ThreadPoolExecutor's ``submit`` made a Future with
+    its Condition, a work item and a semaphore try on the loop each time, and its worker
+    settled that Future after the job). A posted job that raises is logged in one line.
+    :meth:`submit` (the Executor's, for ``run_in_executor``) returns a Future. Jobs queued
+    at the interpreter's exit still run, as a ThreadPoolExecutor's do."""
+
+    def __init__(self, name: str) -> None:
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._shut = False
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+        atexit.register(self.shutdown)
+
+    def post(self, fn: Callable[..., object], *args: Any) -> None:
+        if self._shut:
+            raise RuntimeError("cannot schedule new jobs after shutdown")
+        self._jobs.put((fn, args))
+
+    def submit(
+        self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any
+    ) -> concurrent.futures.Future[Any]:
+        f: concurrent.futures.Future[Any] = concurrent.futures.Future()
+
+        def job() -> None:
+            if not f.set_running_or_notify_cancel():
+                return
+            try:
+                result = fn(*args, **kwargs)
+            except BaseException as exc:
+                f.set_exception(exc)
+            else:
+                f.set_result(result)
+
+        self.post(job)
+        return f
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """No more jobs; with ``wait``, return once those queued have run."""
+        with self._lock:
+            if not self._shut:
+                self._shut = True
+                self._jobs.put(None)
+                atexit.unregister(self.shutdown)
+        if wait and threading.current_thread() is not self._thread:
+            self._thread.join()
+
+    def _run(self) -> None:
+        while (item := self._jobs.get()) is not None:
+            fn, args = item
+            try:
+                fn(*args)
+            except BaseException as exc:  # a bug of the job: one line, the writer goes on
+                event(
+                    log,
+                    "state-writer-job-failed",
+                    logging.ERROR,
+                    job=getattr(fn, "__name__", "?"),
+                    error=f"{type(exc).__name__}: {exc}",
+                )
+
+
 class _Submitted:
     __slots__ = ("arrivals", "discards", "rows", "then", "write")
 
@@ -954,7 +1025,7 @@ class DurableState:
         # executor made its first writes start that executor's threads there (0.3-0.5 ms of
         # the loop's time each, measured in the demo, plus the new thread's first wake-up).
         # One thread: the writes are made in submission order anyway (_wlock).
-        self._writer: concurrent.futures.ThreadPoolExecutor | None = None
+        self._writer: _WriterThread | None = None
         self._kick_due = False  # a non-urgent submission's wake-up is queued on the loop
         # Writes nothing waits for ("given away" after a COMMIT, "taken over" at an
         # activation, a cancelled arrival) wake the writer only this long after they were
@@ -1092,11 +1163,9 @@ class DurableState:
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self._writer = concurrent.futures.ThreadPoolExecutor(
-            1, thread_name_prefix=f"ipsecct-state-{self.node.name}"
-        )
-        await self._loop.run_in_executor(self._writer, _ready)  # the thread exists from now
-        self._writer.submit(self.store.prepare)  # (not waited for: writes queue behind it)
+        self._writer = _WriterThread(f"ipsecct-state-{self.node.name}")
+        await self._loop.run_in_executor(self._writer, _ready)  # the thread runs from now
+        self._writer.post(self.store.prepare)  # (not waited for: writes queue behind it)
         self._task = asyncio.create_task(self._flusher())
         self._prune_task = asyncio.create_task(self._pruner())
 
@@ -1206,7 +1275,7 @@ class DurableState:
     def _lease_kick(self) -> None:
         self._lease_kick_due = False
         if self._writer is not None and self._leases_due:
-            self._writer.submit(self._flush_leases)
+            self._writer.post(self._flush_leases)
 
     def _take_leases(self) -> dict[tuple[str, str], tuple[str, str, float]]:
         with self._llock:
@@ -1291,7 +1360,7 @@ class DurableState:
         if self._writer is None or self._loop is None or self._prune_due:
             return
         self._prune_due = True
-        self._writer.submit(self._prune_job, self._loop)
+        self._writer.post(self._prune_job, self._loop)
 
     def _prune_job(self, loop: asyncio.AbstractEventLoop) -> None:
         """On the writer's thread (after the writes queued before it): the prune, handed to
@@ -1495,7 +1564,7 @@ class DurableState:
         writes whatever is queued when it runs: a job that finds the queue emptied by the one
         before it writes nothing. One thread, jobs in order: settled in order."""
         assert self._writer is not None and self._loop is not None
-        self._writer.submit(self._write_job, self._loop)
+        self._writer.post(self._write_job, self._loop)
 
     def _write_job(self, loop: asyncio.AbstractEventLoop) -> None:
         """On the writer's thread: write what is queued, then hand the outcome to the loop as
