@@ -3258,18 +3258,24 @@ class TransferCore:
     # -- timers ----------------------------------------------------------------------
     def next_deadline(self) -> float | None:
         """When :meth:`handle_timer` is next due (None: nothing waits for the clock)."""
-        ds = [og.deadline for og in self.outgoing.values()]
-        ds += [u.next_query for u in self.unresolved.values()]
+        # (A running minimum, no list: this runs after every message the core takes.)
+        d = math.inf
+        for og in self.outgoing.values():
+            if og.deadline < d:
+                d = og.deadline
+        for u in self.unresolved.values():
+            if u.next_query < d:
+                d = u.next_query
         for inc in self._open_incoming.values():
             if inc.committing:
                 continue  # waits for its write, not for the clock
-            if inc.state is IncomingState.PENDING:
-                ds += [inc.next_retry, inc.give_up]
-            else:
-                ds.append(inc.give_up)
-        if self._closed_due != math.inf:
-            ds.append(self._closed_due)  # the decided ones: forgotten at their give_up
-        if (
+            if inc.give_up < d:
+                d = inc.give_up
+            if inc.state is IncomingState.PENDING and inc.next_retry < d:
+                d = inc.next_retry
+        if self._closed_due < d:
+            d = self._closed_due  # the decided ones: forgotten at their give_up
+        if self._next_housekeeping < d and (
             self.decided
             or self.seen
             or self._ctar_seen
@@ -3277,8 +3283,8 @@ class TransferCore:
             or self.not_taken
             or self.engine.any_moved()
         ):
-            ds.append(self._next_housekeeping)
-        return min(ds) if ds else None
+            d = self._next_housekeeping
+        return None if d == math.inf else d
 
     def handle_timer(self, now: float) -> list[Output]:
         """Time-outs, CTDR re-sends, and the expiry of what is remembered for a while."""

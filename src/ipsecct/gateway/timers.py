@@ -80,8 +80,18 @@ class Scheduler:
         return d
 
     def next_deadline(self) -> float | None:
-        ds = [d for c in self._clients.values() if (d := self._deadline(c)) is not None]
-        return min(ds) if ds else None
+        # What _deadline does, inline: this runs after every message a transfer core takes
+        # (TransferService.run), and most deadlines have not moved.
+        best: float | None = None
+        for c in self._clients.values():
+            d = c.next_deadline()
+            if d is None:
+                continue
+            if c.failed_until and d < c.failed_until:
+                d = c.failed_until
+            if best is None or d < best:
+                best = d
+        return best
 
     def poke(self) -> None:
         """Re-arm for the earliest deadline (call after anything that may have moved one)."""
