@@ -365,13 +365,14 @@ def encode(msg: Message) -> bytes:
     prev = msg.mn_prev
     if not isinstance(prev, IPAddress):
         raise CxtpError("the MN's previous address is not an IP address")
-    v4 = prev.version == 4
+    packed = prev.packed  # (once: ``packed`` and ``version`` are Python-level calls)
+    v4 = len(packed) == 4
     body, flag = _body(msg, v4)
-    length = HEADER_LEN + len(prev.packed) + len(body)
+    length = HEADER_LEN + len(packed) + len(body)
     if length > MAX_MESSAGE_LEN:
         raise CxtpError(f"message of {length} octets exceeds {MAX_MESSAGE_LEN}")
     first = (VERSION << 13) | (int(mtype) << 8) | (int(v4) << 7) | (int(flag) << 6)
-    return struct.pack("!HH", first, length) + prev.packed + body
+    return struct.pack("!HH", first, length) + packed + body
 
 
 # --------------------------------------------------------------------------------------------
@@ -386,10 +387,9 @@ def peek_header(data: bytes | memoryview) -> tuple[MsgType, int]:
     version = first >> 13
     if version != VERSION:
         raise CxtpError(f"unsupported CXTP version {version}")
-    try:
-        mtype = MsgType((first >> 8) & 0x1F)
-    except ValueError:
-        raise CxtpError(f"unknown CXTP message type {(first >> 8) & 0x1F}") from None
+    mtype = _MSG_TYPES.get((first >> 8) & 0x1F)  # (MsgType(n) is two Python-level calls)
+    if mtype is None:
+        raise CxtpError(f"unknown CXTP message type {(first >> 8) & 0x1F}")
     if first & 0x3F:
         raise CxtpError("reserved header bits are not zero")
     flag = bool(first & 0x40)
@@ -401,17 +401,22 @@ def peek_header(data: bytes | memoryview) -> tuple[MsgType, int]:
     return mtype, length
 
 
+_MSG_TYPES = {int(t): t for t in MsgType}
+# Octets each type has after the header and its address (a CTAR: one more address, then 8)
+_FIXED = {
+    MsgType.CTAR: 8,
+    MsgType.CTAA: 0,
+    MsgType.CTD: 4,
+    MsgType.PCTD: 8 + 4,  # elapsed, algorithm, key length, at least one padded key word
+    MsgType.CTDR: 0,
+    MsgType.CTC: 0,
+    MsgType.CT_REQ: 8,
+    MsgType.DQ: 4,  # Answer, Reserved
+}
+
+
 def _min_len(mtype: MsgType, addr_len: int) -> int:
-    fixed = {
-        MsgType.CTAR: addr_len + 8,
-        MsgType.CTAA: 0,
-        MsgType.CTD: 4,
-        MsgType.PCTD: 8 + 4,  # elapsed, algorithm, key length, at least one padded key word
-        MsgType.CTDR: 0,
-        MsgType.CTC: 0,
-        MsgType.CT_REQ: 8,
-        MsgType.DQ: 4,  # Answer, Reserved
-    }[mtype]
+    fixed = _FIXED[mtype] + (addr_len if mtype is MsgType.CTAR else 0)
     return HEADER_LEN + addr_len + fixed
 
 

@@ -33,7 +33,8 @@ from __future__ import annotations
 import contextlib
 import gc
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from types import TracebackType
 
 
 class GcPolicy:
@@ -54,6 +55,7 @@ class GcPolicy:
         self.sweep_interval = sweep_interval
         self.clock = clock
         self._depth = 0
+        self._paused = False  # the outermost batch paused the collector (it enables it again)
         self._swept_size = 0  # frozen objects right after the last sweep or settle
         self._frozen_since = 0  # objects frozen by batches since then (gc.get_freeze_count()
         # walks the whole frozen list: too slow to ask on every tick)
@@ -74,30 +76,39 @@ class GcPolicy:
         self._frozen_since = 0
         self._swept_at = self.clock()
 
-    @contextlib.contextmanager
-    def batch(self) -> Iterator[None]:
+    def batch(self) -> contextlib.AbstractContextManager[None]:
         """Run a piece of protocol work with the collector paused; freeze what it left if that
         was a bulk install. Nested batches count once; a batch entered while the collector is
-        off (for instance by the embedding program) changes nothing."""
+        off (for instance by the embedding program) changes nothing. (A plain object's
+        ``__enter__`` and ``__exit__``, not a generator's context manager: one is entered for
+        every CXTP message a gateway takes.)"""
+        return self
+
+    def __enter__(self) -> None:
         if not self.enabled or self._depth or not gc.isenabled():
             self._depth += 1
-            try:
-                yield
-            finally:
-                self._depth -= 1
             return
         self._depth = 1
+        self._paused = True
         gc.disable()
-        try:
-            yield
-        finally:
-            self._depth = 0
-            young = gc.get_count()[0]  # tracked objects made (net) since the last collection
-            if young >= self.freeze_after:
-                gc.freeze()
-                self._frozen_since += young
-            self._last_batch = self.clock()
-            gc.enable()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._depth != 1 or not self._paused:
+            self._depth -= 1
+            return
+        self._depth = 0
+        self._paused = False
+        young = gc.get_count()[0]  # tracked objects made (net) since the last collection
+        if young >= self.freeze_after:
+            gc.freeze()
+            self._frozen_since += young
+        self._last_batch = self.clock()
+        gc.enable()
 
     def maintain(self, busy: bool) -> bool:
         """The periodic check (from each gateway's timer, at least every few seconds): sweep

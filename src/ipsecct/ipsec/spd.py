@@ -72,11 +72,16 @@ class AddressRange:
         return addr.version == self.first.version and self.first <= addr <= self.last  # type: ignore[operator]
 
     def overlaps(self, other: AddressRange) -> bool:
-        return (
-            self.version == other.version
-            and self.first <= other.last  # type: ignore[operator]
-            and other.first <= self.last  # type: ignore[operator]
+        # Integers, as in covers (below): an arriving tunnel's selectors are checked against
+        # the policy's entries on the handover's path.
+        first: Any = self.first
+        ofirst: Any = other.first
+        olast: Any = other.last
+        last: Any = self.last
+        met: bool = (
+            first._version == ofirst._version and first._ip <= olast._ip and ofirst._ip <= last._ip
         )
+        return met
 
     def covers(self, other: AddressRange) -> bool:
         """Is ``other`` wholly inside this range?"""
