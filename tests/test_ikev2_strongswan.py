@@ -377,6 +377,49 @@ def test_liveness_and_delete_both_ways(workdir: Path) -> None:
 @pytest.mark.root
 @pytest.mark.slow
 @needs_strongswan
+def test_the_operator_deletes_a_child_sa_and_strongswan_is_told(workdir: Path) -> None:
+    """``ipsecct sa delete SPI`` of an IKE-keyed CHILD SA (as ``swanctl --terminate
+    --child``): the gateway sends its DELETE under the IKE SA, which stays; strongSwan
+    removes its half, and asks for the child again with a CREATE_CHILD_SA in the same IKE
+    SA. It used to remove the SAs alone: ``sa list`` still showed the CHILD SA installed,
+    strongSwan was not told and sent into it, nothing answered."""
+    with Namespaces("a", "b") as ns:
+        ss, gw = start(ns, workdir, ike="default", esp="default", ss_ike=None, ss_esp=None)
+        sock = str(workdir / "gw.sock")
+        try:
+            with ss:
+                ss.start()
+                ss.initiate()
+                assert ping(ns, "a", B.inner, 2) == 2, gw.logtext()
+                (ike,) = ike_list(sock)
+                (child,) = ike["children"]
+                r = cli("sa", "delete", f"0x{child['spi_in']}", "-s", sock)
+                assert r.returncode == 0 and child["spi_in"] in r.stdout, r.stderr
+                strongswan.wait_log(ss, r"received DELETE for ESP CHILD_SA with SPI "
+                                    + child["spi_in"])  # fmt: skip
+                (after,) = ike_list(sock)
+                assert after["spi_i"] == ike["spi_i"] and after["children"] == []
+                listed = cli("sa", "list", "-s", sock).stdout
+                assert "no SAs" in listed and "net: #" not in listed, listed
+                wait_until(lambda: "net: #" not in ss.list_sas(), "strongSwan's half to go")
+                assert "cA: #" in ss.list_sas()  # the IKE SA stays
+                # the child again, in the same IKE SA (CREATE_CHILD_SA, no new IKE_SA_INIT)
+                ss.swanctl("--initiate", "--child", "net")
+                (again,) = ike_list(sock)
+                assert again["spi_i"] == ike["spi_i"] and len(again["children"]) == 1
+                assert ping(ns, "a", B.inner, 2) == 2, ss.logtail() + gw.logtext()
+                log = ss.log()
+                assert len(re.findall(r"generating IKE_SA_INIT request", log)) == 1, log
+                # a CHILD SA unknown to the gateway is refused, naming it
+                r = cli("sa", "delete", f"0x{child['spi_in']}", "-s", sock)
+                assert r.returncode != 0 and "no SA" in r.stderr, r.stderr
+        finally:
+            gw.cleanup()
+
+
+@pytest.mark.root
+@pytest.mark.slow
+@needs_strongswan
 @pytest.mark.parametrize(
     ("ss_rekey", "gw_rekey"),
     [((7, 4), (0, 0)), ((0, 0), (7, 4)), ((6, 4), (7, 5))],

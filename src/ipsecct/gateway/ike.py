@@ -23,7 +23,7 @@ from typing import Any, cast
 from ..ct.failover import MAX_EXTRA_CDBS
 from ..ct.ratelimit import RateLimiter
 from ..ct.transfer import UNIT_IKEV2, unit_cdb
-from ..errors import IkeContextError, IpsecctError, TransferError, TunError
+from ..errors import IkeContextError, IkeProtocolError, IpsecctError, TransferError, TunError
 from ..ikev2 import context as ike_context
 from ..ikev2.config import ChildConfig, Connection
 from ..ikev2.engine import (
@@ -1753,6 +1753,27 @@ class IkeService:
                         "identity": who}  # fmt: skip
             why = w
         raise ValueError(why)
+
+    def child_of(self, tunnel: object) -> tuple[IkeSA, ChildSA] | None:
+        """The IKE SA and CHILD SA whose ESP SAs ``tunnel`` holds (None: not IKE-keyed)."""
+        for ike in self.engine.ike_sas():
+            for child in ike.children:
+                if child.handle is tunnel:
+                    return ike, child
+        return None
+
+    def delete_child(self, ike: IkeSA, child: ChildSA) -> None:
+        """The operator deletes a CHILD SA (``ipsecct sa delete``, as ``swanctl --terminate
+        --child``): its DELETE goes to the peer and its SAs leave at once (ChildDown).
+        Removing the SAs alone left the engine's CHILD SA listed as installed and the peer
+        sending into it, unanswered, until its next rekey or liveness check."""
+        if ike.quiet:
+            raise IkeProtocolError("its IKE SA is being transferred: try again")
+        if ike.state is not IkeState.ESTABLISHED:
+            raise IkeProtocolError(f"its IKE SA is {ike.state.value}: try again")
+        self._act(self.engine.delete_child(ike, child, self.node.clock()))
+        event(log, "child-sa-deleted-by-operator", node=self.node.name,
+              child=_label(ike, child), spi_in=f"0x{child.spi_in:08x}")  # fmt: skip
 
     def list(self) -> list[dict[str, object]]:
         now = self.node.clock()

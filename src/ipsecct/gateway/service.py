@@ -558,6 +558,19 @@ class Service:
                         returned.update(id(x) for x in tunnel.sas())
                         out.append(f"0x{sa.spi:08x} ({what})")
                         continue
+            found = self.ike.child_of(tunnel) if tunnel is not None and self.ike else None
+            if found is not None and tunnel is not None:
+                # IKE-keyed: a DELETE to the peer, and the IKE SA forgets the CHILD SA (the
+                # engine's ChildDown removes the tunnel, as when the peer deletes it)
+                try:
+                    self.ike.delete_child(*found)  # type: ignore[union-attr]  # (found: self.ike)
+                except IpsecctError as exc:
+                    raise ControlError(f"0x{sa.spi:08x}: {exc}") from None
+                returned.update(id(x) for x in tunnel.sas())
+                out.append(f"0x{sa.spi:08x}")
+                event(log, "sa-deleted", node=self.node.name, spi=f"0x{sa.spi:08x}",
+                      detail="CHILD SA deleted, DELETE sent to the peer")  # fmt: skip
+                continue
             if tunnel is not None:
                 eng.remove_tunnel(tunnel)
             elif eng.sad.lookup(sa.dst, sa.protocol, sa.spi) is sa:
