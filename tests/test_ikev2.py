@@ -880,6 +880,50 @@ def test_ike_rekey_by_either_side_keeps_the_child_sas() -> None:
     assert w.resp.ike_sas()[0].pending is None
 
 
+def test_an_established_ike_sa_keeps_no_ike_sa_init_messages() -> None:
+    """RFC 7296 §2.15: the IKE_SA_INIT request and response are signed by IKE_AUTH's AUTH
+    payloads, and read by nothing after it. A half-open IKE SA keeps them (the responder
+    answers a retransmitted IKE_SA_INIT with its response, the initiator signs the request);
+    once IKE_AUTH is done, in either role, both are gone (they were kept for good: up to
+    2 x max_packet per IKE SA), and the IKE SA still answers a retransmitted IKE_AUTH from
+    its cache, rekeys its CHILD SA and itself from either side, and checks liveness."""
+    w = pair(mn_conn(), conn(dpd=10))
+    (init,) = sends(w.ini.initiate(w.ini.connections[0], I500, R500, 0.0))
+    (resp,) = sends(w.resp.receive(init.data, I500, R500, 0.0))
+    (half,) = w.resp.half_open.values()
+    assert half.init_request == init.data and half.init_response == resp.data
+    assert sends(w.resp.receive(init.data, I500, R500, 0.1))[0].data == resp.data
+    (auth,) = sends(w.ini.receive(resp.data, R500, I500, 0.2))
+    (ike_i,) = w.ini.ike_sas()
+    assert ike_i.init_request == init.data and ike_i.init_response == resp.data
+    (answer,) = sends(w.resp.receive(auth.data, I500, R500, 0.3))
+    (ike_r,) = w.resp.ike_sas()
+    assert ike_r.state is IkeState.ESTABLISHED
+    assert ike_r.init_request == ike_r.init_response == b""
+    assert sends(w.resp.receive(auth.data, I500, R500, 0.4))[0].data == answer.data
+    w.deliver([Send(answer.data, R500, I500)], "r", 0.5)
+    assert ike_i.state is IkeState.ESTABLISHED and len(w.of("i", ChildUp)) == 1
+    assert ike_i.init_request == ike_i.init_response == b""
+    mirrored(w)
+    w.deliver(w.ini.rekey_child(ike_i, ike_i.children[0], 5.0), "i", 5.0)
+    w.deliver(w.ini.rekey_ike(ike_i, 6.0), "i", 6.0)
+    mirrored(w)
+    ir = w.resp.ike_sas()[0]
+    w.deliver(w.resp.rekey_child(ir, ir.children[0], 7.0), "r", 7.0)
+    w.deliver(w.resp.rekey_ike(ir, 8.0), "r", 8.0)
+    mirrored(w)
+    for ike in (*w.ini.ike_sas(), *w.resp.ike_sas()):
+        assert ike.init_request == ike.init_response == b""
+    assert w.resp.stats["ike-sa-rekeyed"] >= 2 and w.ini.stats["child-sa-rekeyed"] == 2
+    w.deliver(w.resp.tick(19.0), "r", 19.0)
+    assert w.resp.stats["liveness-sent"] == 1 and w.ini.stats["liveness-answered"] == 1
+    # a failed IKE_AUTH keeps nothing either (the responder's IKE SA lingers, dead)
+    w = pair(mn_conn(psk=b"not the gateway's key"), conn())
+    connect(w)
+    assert w.resp.stats["auth-failed"] == 1 and w.of("i", ConnectFailed)
+    assert all(i.init_request == i.init_response == b"" for i in w.resp.by_spi.values())
+
+
 def crossed(w: Wire, outs_i: list[Output], outs_r: list[Output], now: float) -> None:
     """Both requests are on the wire before either answer."""
     w.deliver(outs_i, "i", now, drop=True)

@@ -777,6 +777,7 @@ class IkeEngine:
         if (hdr.exchange == ExchangeType.IKE_AUTH and ike.state is IkeState.HALF_OPEN
                 and not ike.we_initiated):  # fmt: skip
             reply = self._ike_auth(ike, inner, now, out)
+            ike.init_request = ike.init_response = b""  # (see IkeSA.init_request)
         elif ike.state is IkeState.HALF_OPEN:
             self.stats["bad-exchange"] += 1
             return
@@ -2675,6 +2676,7 @@ class IkeEngine:
         elif p.kind == "auth":
             self._float(ike, src, ike.local, out)
             self._auth_response(ike, inner, now, out)
+            ike.init_request = ike.init_response = b""  # (see IkeSA.init_request)
         elif p.kind == "rekey-child":
             self._rekey_child_response(ike, p, inner, now, out)
         elif p.kind == "create-child":

@@ -160,6 +160,11 @@ class IkeSA:
     keys: IkeKeys = field(repr=False)
     nonce_i: bytes = field(repr=False)
     nonce_r: bytes = field(repr=False)
+    # the IKE_SA_INIT request and response (up to [ike] max_packet each): signed by the AUTH
+    # payloads of IKE_AUTH (RFC 7296 §2.15), and nothing else reads them (a rekey's IKE SA,
+    # an IKE SA context and a replica have none), so the engine empties both once IKE_AUTH
+    # is done, either way, in both roles; until then the responder also answers a
+    # retransmitted IKE_SA_INIT with the response
     init_request: bytes = field(repr=False)
     init_response: bytes = field(repr=False)
     nat_local: bool = False  # we are (or pretend to be) behind a NAT
