@@ -117,6 +117,58 @@ def test_a_request_that_arrives_before_its_ike_sa_is_answered_once_it_has_come(
     assert svc.engine.stats["liveness-answered"] == 1
 
 
+def test_a_flood_of_early_ike_messages_does_not_keep_out_a_moved_clients_request(
+    tmp_path: Path,
+) -> None:
+    """The messages kept for IKE SAs not here yet (just after a transfer to us committed)
+    were one queue of 64 for every source, dropped silently when full: one source sending
+    junk with unknown SPIs filled it, and the liveness check of the client that was moved
+    went unanswered until its retransmission. Now one source keeps at most 16; when several
+    sources fill it, a source holding fewer takes the place of the one holding the most; and
+    what is not kept is counted (``early-dropped``). The client's request, kept in the
+    middle of the flood, is answered once its IKE SA comes."""
+    from ipsecct.gateway.ike import EARLY_IKE_MAX, EARLY_IKE_PER_SOURCE
+
+    w = pair(mn_conn(dpd=10), conn(dpd=10))
+    connect(w)
+    (ike_i,), (ike_r,) = w.ini.ike_sas(), w.resp.ike_sas()
+    cdbs = w.resp.export_ike(ike_r, 1.0)
+    svc = _service(tmp_path)
+    svc.node.clock = lambda: 50.0  # (all within the second after the commit)
+    stats = svc.engine.stats
+    svc.on_transfer(Record(1, "target", "sg1", "predictive", 0.0, 0.0, "committed"))
+    (req,) = [o for o in w.ini.liveness(ike_i, 1.0) if isinstance(o, Send)]
+    sent = 0
+
+    def flood(host: str, n: int) -> None:
+        nonlocal sent
+        src = Address(ipaddress.ip_address(host), 500)
+        for _ in range(n):
+            sent += 1  # an INFORMATIONAL request for an IKE SA "ours" that is not here
+            junk = (bytes(8) + sent.to_bytes(8, "big") + bytes([46, 0x20, 37, 0x08])
+                    + bytes(4) + (28).to_bytes(4, "big"))  # fmt: skip
+            svc._receive(junk, src, R500)
+
+    flood("198.51.100.1", 200)
+    assert stats["early-kept"] == EARLY_IKE_PER_SOURCE == 16
+    assert stats["early-dropped"] == 200 - 16
+    for h in range(2, 9):  # eight sources fill the queue
+        flood(f"198.51.100.{h}", 20)
+    assert len(svc._early) == EARLY_IKE_MAX == 64
+    svc._receive(req.data, I500, R500)  # the moved client's liveness check: kept
+    assert any(e[1] == req.data for e in svc._early) and len(svc._early) == 64
+    for _ in range(3):  # the flood goes on, from every source: the client's stays
+        for h in range(1, 9):
+            flood(f"198.51.100.{h}", 20)
+    assert any(e[1] == req.data for e in svc._early) and len(svc._early) == 64
+    # every message not kept, or kept and pushed out later, counted once: all but the 64
+    assert stats["early-dropped"] == sent + 1 - 64
+    assert stats["unknown-spi"] == 0
+    _handed_over(svc, ike_r)
+    svc.receive_context("sg1", cdbs)
+    assert stats["early-replayed"] == 1 and stats["liveness-answered"] == 1
+
+
 def test_a_request_forwarded_early_by_another_peer_is_not_replayed(tmp_path: Path) -> None:
     """Kept early, an IKE request forwarded by a peer gateway is processed once its IKE SA
     is here only if that very peer handed the IKE SA over (as receive_forwarded checks

@@ -71,6 +71,10 @@ RESERVE_RECHECK = 5.0
 # at least one of its transfer's tunnels
 RESERVED_PER_TUNNEL = 2
 EARLY_IKE_MAX = 64
+# ... and from one source address at most (a request with its retransmissions or its RFC 7383
+# fragments, a few clients behind one NAT): one source cannot fill the queue and keep out the
+# requests of the clients that were moved (IkeService._keep_early)
+EARLY_IKE_PER_SOURCE = 16
 BORN_WITH_MAX = 65536  # CHILD SAs whose siblings at birth are remembered
 # a transfer waits at most this long (s) for an IKE exchange of ours in flight on its IKE SA,
 # looking every QUIESCE_POLL s
@@ -487,9 +491,7 @@ class IkeService:
                 and not self._left_since_commit(data)):  # fmt: skip
             # A transfer to us just committed: the peer's request may be here (the virtual
             # address moved, or a retransmission) before the IKE SA's context: kept for it
-            if len(self._early) < EARLY_IKE_MAX:
-                self._early.append((now, data, src, dst, None))
-                self.engine.stats["early-kept"] += 1
+            self._keep_early(now, data, src, dst, None)
             return
         if self._moved and self._forwarded(data, src, dst, now):
             return
@@ -500,6 +502,37 @@ class IkeService:
         # anyone may send such datagrams from any address)
         self._act(outputs, changed=self.engine.touched != touched
                   or any(not isinstance(o, Send) for o in outputs))  # fmt: skip
+
+    def _keep_early(self, now: float, data: bytes, src: Address, dst: Address,
+                    via: str | None) -> None:  # fmt: skip
+        """Keep an IKE message that came for an IKE SA whose context is still on its way
+        (``early-kept``), at most EARLY_IKE_PER_SOURCE from one source address and
+        EARLY_IKE_MAX in all (those older than EARLY_IKE_TIME go first: never replayed).
+        When the queue is full, a source that holds at least two fewer than the one holding
+        the most takes the oldest place of that one: a source (or a few) flooding the queue
+        leaves room to every other. Each message not kept, or pushed out, is counted
+        (``early-dropped``). (The forwarded ones count under the client's address they
+        name, as they are replayed from it.)"""
+        early = [e for e in self._early if now - e[0] < EARLY_IKE_TIME]
+        held: dict[IPAddr, int] = {}
+        for e in early:
+            held[e[2].host] = held.get(e[2].host, 0) + 1
+        mine = held.get(src.host, 0)
+        if mine >= EARLY_IKE_PER_SOURCE:
+            self.engine.stats["early-dropped"] += 1
+            self._early = early
+            return
+        if len(early) >= EARLY_IKE_MAX:
+            top = max(held, key=held.__getitem__)
+            if held[top] < mine + 2:
+                self.engine.stats["early-dropped"] += 1
+                self._early = early
+                return
+            early.pop(next(i for i, e in enumerate(early) if e[2].host == top))
+            self.engine.stats["early-dropped"] += 1
+        early.append((now, data, src, dst, via))
+        self._early = early
+        self.engine.stats["early-kept"] += 1
 
     def _left_since_commit(self, data: bytes) -> bool:
         """A message for an IKE SA this gateway handed over after the last transfer to it
@@ -558,9 +591,7 @@ class IkeService:
         ike = self.engine.by_spi.get(key)
         arrived = self._arrived.get(key)
         if ike is None and now < self._early_until:  # its context still on its way: kept
-            if len(self._early) < EARLY_IKE_MAX:
-                self._early.append((now, data, src, dst, peer))
-                self.engine.stats["early-kept"] += 1
+            self._keep_early(now, data, src, dst, peer)
             return
         if (ike is None or arrived is None or arrived[0] != peer or now >= arrived[1]
                 or src != ike.remote):  # fmt: skip
