@@ -849,7 +849,20 @@ def decode(cdbs: list[bytes], connections: list[Connection], now: float,
            local: Address | None = None) -> IkeSA:  # fmt: skip
     """The IKE SA (with its CHILD SAs) the CDBs describe, for one of ``connections`` (by name:
     a gateway only takes IKE SAs of connections it has). ``local`` replaces our address (a
-    direct handover: the new gateway's own address)."""
+    direct handover: the new gateway's own address). IkeContextError (or, as before, a
+    ValueError/KeyError/struct.error that :func:`replica_refusal` names) when malformed."""
+    ike = _read(cdbs, connections, now, local)
+    # The one-pass reader says only "no"; the reference names the fault (and would return the
+    # IKE SA if the fast reader ever refused a correct context, which the differential test
+    # in tests/test_ikev2_context_fast.py forbids).
+    return ike if ike is not None else decode_reference(cdbs, connections, now, local)
+
+
+def decode_reference(cdbs: list[bytes], connections: list[Connection], now: float,
+                     local: Address | None = None) -> IkeSA:  # fmt: skip
+    """:func:`decode` by the reference decoder: every item looked up and checked on its own,
+    each fault raised where it is found. Slower; the specification of :func:`_read`, which
+    must accept exactly what this accepts, with the same values."""
     parsed = [_parse(c) for c in cdbs]
     mains = [d for f, d in parsed if f == FPT_IKE_SA]
     if len(mains) != 1:
@@ -931,6 +944,288 @@ def decode(cdbs: list[bytes], connections: list[Connection], now: float,
             raise IkeContextError("cached response incomplete")
         ike.last_response.append(b"".join(pieces[(i, j)] for j in range(total)))
     return ike
+
+
+# -- the one-pass reader (issue 11, the transfer path) ------------------------------------------
+# :func:`decode_reference` looks each item up in a dict of lists and checks it on its own,
+# raising where a fault is; :func:`_read` scans each CDB once into a dict of octets, checks
+# the same rules inline and says only "no" (None) on any fault, so that the reference names
+# it. The immutable parts (suites, selectors, addresses) are shared by their octets.
+_PRF_LEN = {"sha1": 20, "sha256": 32, "sha384": 48, "sha512": 64}
+_CACHE_MAX = 1024  # entries per cache of shared immutable parts; a full cache starts over
+_suites: dict[bytes, Suite] = {}
+_selectors: dict[bytes, TrafficSelector] = {}
+_addresses: dict[bytes, Address] = {}
+_SEL = struct.Struct("!BBHHB")
+_MIDS = struct.Struct("!II")
+_PIECE = struct.Struct("!HHH")
+Scan = tuple[int, dict[int, bytes], dict[int, list[bytes]] | None]
+
+
+def _scan(cdb: bytes) -> Scan | None:
+    """One CDB's (FPT, its items by tag, None or every value of each repeated tag), or None
+    where :func:`_parse` raises."""
+    n = len(cdb)
+    if n < 4 or cdb[2] * 8 != n or cdb[3]:
+        return None
+    d: dict[int, bytes] = {}
+    multi: dict[int, list[bytes]] | None = None
+    pos = 4
+    while pos < n:
+        tag = cdb[pos]
+        if tag == 0:
+            if cdb.count(0, pos) != n - pos:  # octets after the end of the items
+                return None
+            break
+        if pos + 3 > n:
+            return None
+        end = pos + 3 + (cdb[pos + 1] << 8 | cdb[pos + 2])
+        if end > n:
+            return None
+        v = cdb[pos + 3 : end]
+        if tag in d:
+            if multi is None:
+                multi = {}
+            multi.setdefault(tag, [d[tag]]).append(v)
+        else:
+            d[tag] = v
+        pos = end
+    return cdb[0] << 8 | cdb[1], d, multi
+
+
+def _shared_suite(b: bytes) -> Suite:
+    s = _suites.get(b)
+    if s is None:
+        s = _unsuite(b)  # (raises on a bad one: _read says no)
+        if len(_suites) >= _CACHE_MAX:
+            _suites.clear()
+        _suites[b] = s
+    return s
+
+
+def _shared_address(b: bytes) -> Address:
+    a = _addresses.get(b)
+    if a is None:
+        a = _unaddr(b)
+        if len(_addresses) >= _CACHE_MAX:
+            _addresses.clear()
+        _addresses[b] = a
+    return a
+
+
+def _selectors_of(b: bytes) -> list[TrafficSelector] | None:
+    """:func:`_unts` (at least one selector), each selector shared by its octets; None where
+    it raises."""
+    out = []
+    pos, n = 0, len(b)
+    while pos < n:
+        if pos + 7 > n:
+            return None
+        end = pos + 7 + 2 * b[pos + 6]
+        if end > n:
+            return None
+        raw = b[pos:end]
+        t = _selectors.get(raw)
+        if t is None:
+            ttype, proto, sp, ep, alen = _SEL.unpack_from(raw)
+            if alen not in (4, 16) or sp > ep:
+                return None
+            start, stop = raw[7 : 7 + alen], raw[7 + alen :]
+            if ttype != (TsType.IPV4_ADDR_RANGE if alen == 4 else TsType.IPV6_ADDR_RANGE) or (
+                    start > stop):  # fmt: skip
+                return None
+            t = TrafficSelector(ttype, proto, sp, ep, ipaddress.ip_address(start),
+                                ipaddress.ip_address(stop))  # fmt: skip
+            if len(_selectors) >= _CACHE_MAX:
+                _selectors.clear()
+            _selectors[raw] = t
+        out.append(t)
+        pos = end
+    return out or None
+
+
+def _read(cdbs: list[bytes], connections: list[Connection], now: float,
+          local: Address | None) -> IkeSA | None:  # fmt: skip
+    """:func:`decode_reference` in one pass over each CDB, or None where it raises."""
+    try:
+        return _read_checked(cdbs, connections, now, local)
+    except (IkeContextError, ValueError, KeyError, IndexError, TypeError, struct.error):
+        return None
+
+
+def _read_checked(cdbs: list[bytes], connections: list[Connection], now: float,
+                  local: Address | None) -> IkeSA | None:  # fmt: skip
+    scans: list[Scan] = []
+    main: Scan | None = None
+    for cdb in cdbs:
+        sc = _scan(cdb if type(cdb) is bytes else bytes(cdb))
+        if sc is None:
+            return None
+        if sc[0] == FPT_IKE_SA:
+            if main is not None:
+                return None
+            main = sc
+        else:
+            scans.append(sc)
+    if main is None:
+        return None
+    _f, m, multi = main
+    vips: list[bytes] = []
+    if multi is not None:  # only the virtual IPs (item 32) come more than once
+        if len(multi) != 1 or 32 not in multi:
+            return None
+        vips = multi[32]
+    elif 32 in m:
+        vips = [m[32]]
+    if m[1] != b"\x01":  # VERSION
+        return None
+    name = m[5].decode(errors="replace")
+    for conn in connections:
+        if conn.name == name:
+            break
+    else:
+        return None
+    suite = _shared_suite(m[6])
+    if suite.prf is None or suite.dh is None:
+        return None
+    plen = _PRF_LEN[PRF_HASH[suite.prf]]
+    ilen, elen = suite.integ_key_len, suite.enc_key_len
+    keys = IkeKeys(m[7], m[8], m[9], m[10], m[11], m[12], m[13])
+    spi_i, spi_r, mids, flags, hashes_b, we_i = m[2], m[3], m[16], m[19], m[22], m[4]
+    if (len(keys.sk_d) != plen or len(keys.sk_pi) != plen or len(keys.sk_pr) != plen
+            or len(keys.sk_ai) != ilen or len(keys.sk_ar) != ilen or len(keys.sk_ei) != elen
+            or len(keys.sk_er) != elen or len(spi_i) != 8 or len(spi_r) != 8 or len(mids) != 8
+            or len(flags) != 2 or len(hashes_b) % 2 or len(we_i) != 1):  # fmt: skip
+        return None
+    peer_id = m[20].decode(errors="replace")
+    if peer_id[:2] == "0x" or peer_id != peer_id.lower():  # (else it is canonical already)
+        peer_id = canonical_peer_id(peer_id)
+    ike = IkeSA(
+        spi_i, spi_r, bool(we_i[0]), conn, [conn], suite,
+        local or _shared_address(m[17]), _shared_address(m[18]), now, keys,
+        m[14], m[15], b"", b"", bool(flags[0] & 2), bool(flags[0] & 1),
+        IkeState.ESTABLISHED, peer_id,
+    )  # fmt: skip
+    ike.peer_next_mid, ike.my_next_mid = _MIDS.unpack(mids)
+    ike.fragmentation = bool(flags[1])
+    v = m.get(24)
+    if v is not None:
+        if len(v) != 1:
+            return None
+        ike.mobike = bool(v[0])
+    ike.peer_hashes = struct.unpack(f"!{len(hashes_b) // 2}H", hashes_b)
+    v = m[21]
+    if len(v) != 4:
+        return None
+    ike.rekey_at = _at(v, now)
+    v = m.get(25)
+    if v is not None:
+        if len(v) != 1:
+            return None
+        ike.mid_sync, ike.replay_sync = bool(v[0] & 1), bool(v[0] & 2)
+    v = m.get(26)
+    if v is not None:
+        if len(v) != 4:
+            return None
+        ike.created = now - int.from_bytes(v, "big") / 1000
+    else:
+        ike.created = now
+    v = m.get(27)
+    if v is not None:
+        ike.peer_auth = _unauth(v)
+    if 28 in m or 29 in m:
+        if len(m[29]) != 32:
+            return None
+        ike.peer_names, ike.peer_ca = _unnames(m[28]), m[29]
+    if 33 in m:
+        if 29 not in m:
+            return None
+        ike.peer_serials = _unserials(m[33])
+    v = m.get(31)
+    if v is not None:
+        if len(v) != 1:
+            return None
+        _mobike_state(ike, v[0])
+    ike.vips = _unvips(vips) if vips else []
+    ike.last_heard = now
+    v = m[23]
+    if len(v) != 2:
+        return None
+    n_responses = v[0] << 8 | v[1]
+    successors: list[list[bytes] | None] = []
+    responses: list[dict[int, bytes]] = []
+    children = ike.children
+    for fpt, d, rep in scans:
+        if rep is not None or d[2] != spi_i or d[3] != spi_r:
+            return None
+        if fpt == FPT_IKE_CHILD:
+            child = _read_child(d, conn, now)
+            if child is None:
+                return None
+            children.append(child)
+            v = d.get(17)
+            successors.append(None if v is None else [v])
+        elif fpt == FPT_IKE_RESPONSE:
+            responses.append(d)
+        else:
+            return None
+    if successors.count(None) != len(successors):
+        _link_successors(children, successors, now)
+    v = m.get(30)
+    if v is not None:
+        ike.queued_deletes = _owed(v, children)
+    if responses or n_responses:
+        pieces: dict[tuple[int, int], bytes] = {}
+        counts: dict[int, int] = {}
+        for d in responses:
+            v = d[4]
+            if len(v) != 6:
+                return None
+            i, j, total = _PIECE.unpack(v)
+            if i >= n_responses or j >= total or counts.setdefault(i, total) != total:
+                return None
+            pieces[(i, j)] = d[5]
+        for i in range(n_responses):
+            total = counts.get(i, 0)
+            if total == 0 or any((i, j) not in pieces for j in range(total)):
+                return None
+            ike.last_response.append(b"".join([pieces[(i, j)] for j in range(total)]))
+    return ike
+
+
+def _read_child(d: dict[int, bytes], conn: Connection, now: float) -> ChildSA | None:
+    """:func:`_child` without a raise (None where it raises)."""
+    name = d[5].decode(errors="replace")
+    for cc in conn.children:
+        if cc.name == name:
+            break
+    else:
+        return None
+    suite = _shared_suite(d[6])
+    spis, we_i, rekey = d[7], d[12], d[15]
+    if len(spis) != 8 or len(we_i) != 1 or len(rekey) != 4:
+        return None
+    spi_in, spi_out = _MIDS.unpack(spis)
+    if spi_in < 256 or spi_out < 256:
+        return None
+    el, il = suite.enc_key_len, suite.integ_key_len
+    keys = ChildKeys(d[8], d[9], d[10], d[11])
+    if (len(keys.enc_i) != el or len(keys.integ_i) != il or len(keys.enc_r) != el
+            or len(keys.integ_r) != il):  # fmt: skip
+        return None
+    lts, rts = _selectors_of(d[13]), _selectors_of(d[14])
+    if lts is None or rts is None:
+        return None
+    child = ChildSA(cc, suite, spi_in, spi_out, keys, bool(we_i[0]), lts, rts, now)
+    child.rekey_at = _at(rekey, now)
+    v = d.get(16)
+    if v is not None:
+        if len(v) != 4:
+            return None
+        child.created = now - int.from_bytes(v, "big") / 1000
+    else:
+        child.created = now
+    return child
 
 
 def _rekeyed(c: ChildSA, ike: IkeSA, now: float) -> bytes:
