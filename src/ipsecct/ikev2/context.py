@@ -1098,7 +1098,9 @@ def _read_checked(cdbs: list[bytes], connections: list[Connection], now: float,
             or len(flags) != 2 or len(hashes_b) % 2 or len(we_i) != 1):  # fmt: skip
         return None
     peer_id = m[20].decode(errors="replace")
-    if peer_id[:2] == "0x" or peer_id != peer_id.lower():  # (else it is canonical already)
+    # canonical_peer_id gives a text not of its 0x-hex form back as it is or as its lower
+    # case: a text that is its own lower case is canonical already
+    if peer_id[:2] == "0x" or peer_id != peer_id.lower():
         peer_id = canonical_peer_id(peer_id)
     ike = IkeSA(
         spi_i, spi_r, bool(we_i[0]), conn, [conn], suite,
