@@ -19,8 +19,10 @@ message IDs are counted in :attr:`IkeEngine.stats` and dropped, never raised.
 from __future__ import annotations
 
 import datetime as dt
+import heapq
 import hmac as _hmac
 import ipaddress
+import itertools
 import logging
 import os
 import struct
@@ -150,6 +152,15 @@ REKEY_RETRY = 30.0
 # configuration attributes of a peer's CFG_REQUEST that are looked at (the codec refuses a CP
 # payload of more than message.MAX_CP_ATTRIBUTES)
 MAX_CP_READ = 16
+# The timers: each IKE SA's next deadline is kept in a heap (IkeEngine._arm), so that
+# next_deadline() and tick() do not walk every IKE SA (8 ms at 10,000 of them). tick() visits
+# the IKE SAs whose entry is due within TIMER_SLACK of ``now`` (what it does for each is
+# decided by the same tests as before: the slack only covers ``now - a >= b`` and
+# ``now >= a + b`` rounding apart), and every TIMER_AUDIT seconds it computes every IKE SA's
+# deadline again: one that differs from its entry (a change nothing marked) is counted
+# (``deadline-missed``), logged and corrected
+TIMER_SLACK = 1e-6
+TIMER_AUDIT = 60.0
 
 
 # -- outputs --------------------------------------------------------------------------------
@@ -262,6 +273,24 @@ def _natd(spi_i: bytes, spi_r: bytes, a: Address) -> bytes:
     return h.finalize()
 
 
+class _IkeTable(dict[bytes, IkeSA]):
+    """The engine's IKE SAs by our SPI (``by_spi``): one put in is watched by the engine's
+    deadline heap (``timer_watch``, ikesa.TIMER_FIELDS) and takes its place in the order
+    of the table (one put in under an SPI already in it takes that one's, as a dict does)."""
+
+    def __init__(self, dirty: set[IkeSA]) -> None:
+        super().__init__()
+        self._dirty = dirty
+        self._order = itertools.count(1)
+
+    def __setitem__(self, spi: bytes, ike: IkeSA) -> None:
+        old = self.get(spi)
+        ike.timer_order = next(self._order) if old is None else old.timer_order
+        ike.timer_watch = self._dirty
+        super().__setitem__(spi, ike)
+        self._dirty.add(ike)
+
+
 class IkeEngine:
     """All IKE SAs of one gateway or mobile node, in both roles."""
 
@@ -295,13 +324,23 @@ class IkeEngine:
         self.connecting: dict[bytes, Connecting] = {}  # our SPIi -> IKE_SA_INIT in flight
         self.random = random
         self.spi_in_use = spi_in_use or (lambda spi: False)
-        self.by_spi: dict[bytes, IkeSA] = {}  # our SPI -> IKE SA
+        # the IKE SAs whose deadline changed or may have (their heap entry is looked at
+        # again at the next next_deadline() or tick()): each one put in by_spi, each one a
+        # public method or a received message is for, each one whose TIMER_FIELDS are set
+        self._timer_dirty: set[IkeSA] = set()
+        self._timer_heap: list[tuple[float, int, bytes]] = []  # (deadline, seq, our SPI)
+        self._timer_seqs = itertools.count(1)
+        self._timer_audit_at = 0.0
+        # tests only: tick() and next_deadline() walk every IKE SA, as before the heap
+        self._timers_by_scan = False
+        self.by_spi: dict[bytes, IkeSA] = _IkeTable(self._timer_dirty)  # our SPI -> IKE SA
         self.half_open: dict[tuple[bytes, object], IkeSA] = {}  # (SPIi, peer host)
         self.stats: Counter[str] = Counter()
         # Moves when a received message got past the checks that leave every IKE SA and
         # deadline as it was (unknown SPIs, malformed, unauthenticated, an old message ID, a
         # cookie asked for, a limit): only then may next_deadline() have changed. An adapter
-        # asks that (a scan of every IKE SA) only then, not for each junk datagram
+        # asks that (a walk of the half-open table, up to MAX_HALF_OPEN) only then, not for
+        # each junk datagram
         self.touched = 0
         self._child_spis: set[int] = set()
         # inbound CHILD SPIs come from this range (a cluster member's block, ipsec.spi)
@@ -358,100 +397,199 @@ class IkeEngine:
                 c.deadline = now + RETRANSMIT[min(c.tries - 1, len(RETRANSMIT) - 1)]
                 self.stats["retransmitted"] += 1
                 out.append(Send(c.request, c.local, c.remote))
-        for ike in list(self.by_spi.values()):
-            if ike.state is IkeState.HALF_OPEN and not ike.we_initiated:
-                continue
-            if ike.state is IkeState.REKEYED:
-                if now - ike.last_heard >= REKEYED_GRACE:  # the peer never deleted it
-                    self._kill(ike, "rekeyed", out)
-                continue
-            p = ike.pending
-            if p is not None:
-                if now >= p.deadline:
-                    if p.tries > len(RETRANSMIT):
-                        self.stats["peer-dead"] += 1
-                        log.info("event=ike-peer-dead conn=%s peer=%s", ike.conn.name,
-                                 ike.remote)  # fmt: skip
-                        if p.kind == "auth":
-                            out.append(ConnectFailed(ike.conn, "no answer to IKE_AUTH"))
-                        # any request of ours unanswered says the peer is dead (what
-                        # dpd_action acts on), not only a liveness check: a rekey too; our
-                        # DELETE of the IKE SA and IKE_AUTH end as they did
-                        dead = p.kind not in ("delete", "auth")
-                        self._kill(ike, "peer-dead" if dead else "deleted", out)
-                        continue
-                    p.tries += 1
-                    p.deadline = now + RETRANSMIT[min(p.tries - 1, len(RETRANSMIT) - 1)]
-                    self.stats["retransmitted"] += 1
-                    if ike.probe_ahead > 0 and p.kind == "liveness":
-                        # after a take-over without RFC 6311: perhaps the old member sent
-                        # requests after its last replication. The check goes again under
-                        # every ID tried so far (the first may just have been lost) and the
-                        # next one; the peer processes the one it expects, drops the others
-                        ike.probe_ahead -= 1
-                        self.stats["message-id-probed"] += 1
-                        mid = max([p.message_id, *p.alt]) + 1
-                        hdr = Header(ike.spi_i, ike.spi_r, 0, p.exchange,
-                                     Flag.INITIATOR if ike.we_initiated else 0, mid, 0)
-                        p.alt[mid] = self._seal(ike, hdr, p.payloads)
-                        ike.my_next_mid = mid + 1
-                    out += [Send(m, ike.local, ike.remote) for m in p.messages]
-                    out += [Send(m, ike.local, ike.remote) for ms in p.alt.values() for m in ms]
-            elif ike.state is not IkeState.ESTABLISHED or ike.quiet:
-                continue
-            elif ike.rr_due:  # (an IKE SA taken over while its peer's address was unverified)
-                self._rr_check(ike, now, out)
-            elif ike.queued_deletes:  # (... or while DELETEs of ours were unanswered)
-                self._delete_queued(ike, now, out)
-            elif ike.children_wanted:
-                self._create_child_request(ike, ike.children_wanted.pop(0), now, out)
-            elif stale := [c for c in ike.children if c.rekeyed_at is not None
-                           and now - c.rekeyed_at >= REKEYED_GRACE]:  # fmt: skip
-                # the peer rekeyed them and never deleted them: we do (their keys would live
-                # on for ever, and our traffic stays on the old SA until it is deleted)
-                self.stats["rekeyed-child-deleted"] += len(stale)
-                log.info("event=child-rekeyed-not-deleted conn=%s peer=%s spi_in=%s",
-                         ike.conn.name, ike.remote,
-                         ",".join(f"{c.spi_in:08x}" for c in stale))  # fmt: skip
-                self._delete_children(ike, stale, now, out)
-            elif (ike.rekey_at is not None and now >= ike.rekey_at) or _mid_rekey_now(ike):
-                if _mids_low(ike):
-                    self.stats["ike-rekey-message-ids"] += 1
-                self._rekey_ike_request(ike, now, out)
-            elif (due := self._child_due(ike, now)) is not None:
-                self._rekey_child_request(ike, due, now, out)
-            elif ike.conn.dpd_delay and now - ike.last_heard >= ike.conn.dpd_delay:
-                self._request(ike, "liveness", [], now, out)
+        if self._timers_by_scan:
+            for ike in list(self.by_spi.values()):
+                self._tick_one(ike, now, out)
+            return out
+        for ike in self._due(now):
+            self._tick_one(ike, now, out)
+            self._timer_dirty.add(ike)  # (its entry was taken off the heap: a new one)
         return out
+
+    def _tick_one(self, ike: IkeSA, now: float, out: list[Output]) -> None:
+        """What falls due for one IKE SA at ``now``: nothing unless its deadline
+        (:meth:`_deadline_of`) is ``now`` or earlier."""
+        if ike.state is IkeState.HALF_OPEN and not ike.we_initiated:
+            return
+        if ike.state is IkeState.REKEYED:
+            if now - ike.last_heard >= REKEYED_GRACE:  # the peer never deleted it
+                self._kill(ike, "rekeyed", out)
+            return
+        p = ike.pending
+        if p is not None:
+            if now >= p.deadline:
+                if p.tries > len(RETRANSMIT):
+                    self.stats["peer-dead"] += 1
+                    log.info("event=ike-peer-dead conn=%s peer=%s", ike.conn.name,
+                             ike.remote)  # fmt: skip
+                    if p.kind == "auth":
+                        out.append(ConnectFailed(ike.conn, "no answer to IKE_AUTH"))
+                    # any request of ours unanswered says the peer is dead (what
+                    # dpd_action acts on), not only a liveness check: a rekey too; our
+                    # DELETE of the IKE SA and IKE_AUTH end as they did
+                    dead = p.kind not in ("delete", "auth")
+                    self._kill(ike, "peer-dead" if dead else "deleted", out)
+                    return
+                p.tries += 1
+                p.deadline = now + RETRANSMIT[min(p.tries - 1, len(RETRANSMIT) - 1)]
+                self.stats["retransmitted"] += 1
+                if ike.probe_ahead > 0 and p.kind == "liveness":
+                    # after a take-over without RFC 6311: perhaps the old member sent
+                    # requests after its last replication. The check goes again under
+                    # every ID tried so far (the first may just have been lost) and the
+                    # next one; the peer processes the one it expects, drops the others
+                    ike.probe_ahead -= 1
+                    self.stats["message-id-probed"] += 1
+                    mid = max([p.message_id, *p.alt]) + 1
+                    hdr = Header(ike.spi_i, ike.spi_r, 0, p.exchange,
+                                 Flag.INITIATOR if ike.we_initiated else 0, mid, 0)
+                    p.alt[mid] = self._seal(ike, hdr, p.payloads)
+                    ike.my_next_mid = mid + 1
+                out += [Send(m, ike.local, ike.remote) for m in p.messages]
+                out += [Send(m, ike.local, ike.remote) for ms in p.alt.values() for m in ms]
+        elif ike.state is not IkeState.ESTABLISHED or ike.quiet:
+            return
+        elif ike.rr_due:  # (an IKE SA taken over while its peer's address was unverified)
+            self._rr_check(ike, now, out)
+        elif ike.queued_deletes:  # (... or while DELETEs of ours were unanswered)
+            self._delete_queued(ike, now, out)
+        elif ike.children_wanted:
+            self._create_child_request(ike, ike.children_wanted.pop(0), now, out)
+        elif stale := [c for c in ike.children if c.rekeyed_at is not None
+                       and now - c.rekeyed_at >= REKEYED_GRACE]:  # fmt: skip
+            # the peer rekeyed them and never deleted them: we do (their keys would live
+            # on for ever, and our traffic stays on the old SA until it is deleted)
+            self.stats["rekeyed-child-deleted"] += len(stale)
+            log.info("event=child-rekeyed-not-deleted conn=%s peer=%s spi_in=%s",
+                     ike.conn.name, ike.remote,
+                     ",".join(f"{c.spi_in:08x}" for c in stale))  # fmt: skip
+            self._delete_children(ike, stale, now, out)
+        elif (ike.rekey_at is not None and now >= ike.rekey_at) or _mid_rekey_now(ike):
+            if _mids_low(ike):
+                self.stats["ike-rekey-message-ids"] += 1
+            self._rekey_ike_request(ike, now, out)
+        elif (due := self._child_due(ike, now)) is not None:
+            self._rekey_child_request(ike, due, now, out)
+        elif ike.conn.dpd_delay and now - ike.last_heard >= ike.conn.dpd_delay:
+            self._request(ike, "liveness", [], now, out)
 
     def next_deadline(self) -> float | None:
         ds: list[float] = [ike.created + HALF_OPEN_TIMEOUT for ike in self.half_open.values()]
         ds += [c.deadline for c in self.connecting.values()]
-        for ike in self.by_spi.values():
-            if ike.state is IkeState.HALF_OPEN and not ike.we_initiated:
-                continue
-            if ike.state is IkeState.REKEYED:
-                ds.append(ike.last_heard + REKEYED_GRACE)
-                continue
-            if ike.pending is not None:
-                ds.append(ike.pending.deadline)
-                continue
-            if ike.state is not IkeState.ESTABLISHED or ike.quiet:
-                continue
-            if ike.rr_due or ike.queued_deletes or ike.children_wanted:
-                ds.append(ike.last_heard)  # at once
-            if ike.conn.dpd_delay:
-                ds.append(ike.last_heard + ike.conn.dpd_delay)
-            if ike.rekey_at is not None:
-                ds.append(ike.rekey_at)
-            if _mid_rekey_now(ike):
-                ds.append(ike.last_heard)  # rekeyed at once (§2.2)
-            ds += [c.rekey_at for c in ike.children if c.rekey_at is not None and not c.rekeyed]
-            ds += [c.rekeyed_at + REKEYED_GRACE for c in ike.children if c.rekeyed_at is not None]
+        if self._timers_by_scan:
+            d = self._next_deadline_scan()
+            if d is not None:
+                ds.append(d)
+            return min(ds) if ds else None
+        self._timer_refresh()
+        heap, by_spi = self._timer_heap, self.by_spi
+        while heap:
+            d, seq, spi = heap[0]
+            ike = by_spi.get(spi)
+            if ike is not None and ike.timer_seq == seq:
+                ds.append(d)
+                break
+            heapq.heappop(heap)  # (stale: the IKE SA's deadline moved, or it is gone)
         return min(ds) if ds else None
+
+    def _next_deadline_scan(self) -> float | None:
+        """The earliest deadline of the IKE SAs by a walk of every one: what the heap gives
+        without it (the reference the tests hold it to, and :meth:`_timer_audit`'s)."""
+        ds = [d for ike in self.by_spi.values() if (d := self._deadline_of(ike)) is not None]
+        return min(ds) if ds else None
+
+    @staticmethod
+    def _deadline_of(ike: IkeSA) -> float | None:
+        """When :meth:`_tick_one` next has something to do for ``ike`` (None: never, until
+        something changes it). A half-open IKE SA of a peer's is timed by ``half_open``."""
+        if ike.state is IkeState.HALF_OPEN and not ike.we_initiated:
+            return None
+        if ike.state is IkeState.REKEYED:
+            return ike.last_heard + REKEYED_GRACE
+        if ike.pending is not None:
+            return ike.pending.deadline
+        if ike.state is not IkeState.ESTABLISHED or ike.quiet:
+            return None
+        ds: list[float] = []
+        if ike.rr_due or ike.queued_deletes or ike.children_wanted:
+            ds.append(ike.last_heard)  # at once
+        if ike.conn.dpd_delay:
+            ds.append(ike.last_heard + ike.conn.dpd_delay)
+        if ike.rekey_at is not None:
+            ds.append(ike.rekey_at)
+        if _mid_rekey_now(ike):
+            ds.append(ike.last_heard)  # rekeyed at once (§2.2)
+        ds += [c.rekey_at for c in ike.children if c.rekey_at is not None and not c.rekeyed]
+        ds += [c.rekeyed_at + REKEYED_GRACE for c in ike.children if c.rekeyed_at is not None]
+        return min(ds) if ds else None
+
+    # -- the deadline heap -----------------------------------------------------------------
+    def _touch(self, ike: IkeSA) -> None:
+        """``ike``'s deadline may change (a public method or a received message is for it):
+        looked at again at the next next_deadline() or tick()."""
+        self._timer_dirty.add(ike)
+
+    def _timer_refresh(self) -> None:
+        """A heap entry for each IKE SA marked since the last look whose deadline moved."""
+        dirty, by_spi = self._timer_dirty, self.by_spi
+        while dirty:
+            ike = dirty.pop()
+            if by_spi.get(ike.our_spi) is ike:  # (one gone: its entry is stale by its SPI)
+                self._arm(ike)
+
+    def _arm(self, ike: IkeSA) -> None:
+        d = self._deadline_of(ike)
+        if ike.timer_seq and ike.timer_at == d:
+            return  # its entry stands
+        if d is None:
+            ike.timer_at, ike.timer_seq = None, 0  # (its entry, if any, is now stale)
+            return
+        seq = next(self._timer_seqs)
+        ike.timer_at, ike.timer_seq = d, seq
+        heap = self._timer_heap
+        heapq.heappush(heap, (d, seq, ike.our_spi))
+        if len(heap) > 2 * len(self.by_spi) + 64:  # mostly stale entries: only the live
+            heap[:] = [(i.timer_at, i.timer_seq, spi) for spi, i in self.by_spi.items()
+                       if i.timer_seq and i.timer_at is not None]  # fmt: skip
+            heapq.heapify(heap)
+
+    def _due(self, now: float) -> list[IkeSA]:
+        """The IKE SAs whose deadline is ``now`` (within TIMER_SLACK) or past, in the order
+        of ``by_spi`` (as the walk of every IKE SA visited them), their entries taken off."""
+        self._timer_refresh()
+        if now >= self._timer_audit_at:
+            self._timer_audit(now)
+        heap, by_spi = self._timer_heap, self.by_spi
+        due: list[IkeSA] = []
+        limit = now + TIMER_SLACK
+        while heap and heap[0][0] <= limit:
+            _, seq, spi = heapq.heappop(heap)
+            ike = by_spi.get(spi)
+            if ike is not None and ike.timer_seq == seq:
+                ike.timer_at, ike.timer_seq = None, 0
+                due.append(ike)
+        due.sort(key=lambda i: i.timer_order)
+        return due
+
+    def _timer_audit(self, now: float) -> None:
+        """Every IKE SA's deadline computed again (every TIMER_AUDIT s, about 1 us an IKE
+        SA): one that is not its entry's was changed by something that did not mark it. It
+        is corrected (a deadline later than the entry's only cost a visit; an earlier one
+        would have been late), counted and logged."""
+        self._timer_audit_at = now + TIMER_AUDIT
+        missed = [ike for ike in self.by_spi.values()
+                  if self._deadline_of(ike) != (ike.timer_at if ike.timer_seq else None)]
+        if not missed:
+            return
+        self.stats["deadline-missed"] += len(missed)
+        log.warning("event=ike-deadline-missed ike_sas=%d conn=%s reason=%s", len(missed),
+                    missed[0].conn.name, _quote("a deadline changed unmarked: corrected"))
+        for ike in missed:
+            self._arm(ike)
 
     def delete(self, ike: IkeSA, now: float) -> list[Output]:
         """Send a DELETE for the IKE SA (and so all its CHILD SAs)."""
+        self._touch(ike)
         out: list[Output] = []
         if ike.state is not IkeState.ESTABLISHED:
             self._kill(ike, "deleted", out)
@@ -469,6 +607,7 @@ class IkeEngine:
         lives on at the gateway that imports it). An exchange we started must be finished
         first (a liveness check is simply dropped); a request of the peer answered here is
         answered there too (the cached response travels)."""
+        self._touch(ike)
         from . import context
 
         p = ike.pending
@@ -584,6 +723,7 @@ class IkeEngine:
         arrived one). ``keep``, or the identity over MAX_IKE_SAS_PER_IDENTITY, which
         :meth:`arrival_refusal` refused before the COMMIT: one came here in between; both
         are kept, told (``ike-sa-unique-late``, counted ``unique-late``)."""
+        self._touch(ike)
         out: list[Output] = []
         have = self._same_identity(ike.conn.name, ike.peer_id, ike)
         older = [o for o in have if o.state is IkeState.ESTABLISHED and o.created <= ike.created]
@@ -601,11 +741,13 @@ class IkeEngine:
     def end_leases(self, ike: IkeSA, away: bool = False) -> None:
         """The gateway stops: the virtual IPs ``ike`` holds go offline (it ends with the
         process), or away (``away``: a standby or cluster member continues it)."""
+        self._touch(ike)
         self._release_vips(ike, away=away)
 
     def forget(self, ike: IkeSA) -> None:
         """Drop an IKE SA without a word to the peer: another gateway took it over (the
         standby of a fail-over pair). Its CHILD SAs' tunnels are the caller's to remove."""
+        self._touch(ike)
         if self.by_spi.get(ike.our_spi) is ike:
             del self.by_spi[ike.our_spi]
         for c in ike.children:
@@ -618,6 +760,7 @@ class IkeEngine:
     def delete_child(self, ike: IkeSA, child: ChildSA, now: float) -> list[Output]:
         """Send a DELETE for one CHILD SA; it is removed at once (§1.4.1: we stop using it,
         the peer answers with its half)."""
+        self._touch(ike)
         out: list[Output] = []
         if ike.state is not IkeState.ESTABLISHED or child not in ike.children:
             return out
@@ -640,6 +783,7 @@ class IkeEngine:
         its life_time, life_bytes or life_packets (the SAD's hard lifetime: the SA takes and
         sends no more packets; counted as ``child-expired-volume`` whichever it was): it is
         removed now and its DELETE sent, queued behind an exchange in flight."""
+        self._touch(ike)
         out: list[Output] = []
         if child not in ike.children:
             return out
@@ -660,6 +804,7 @@ class IkeEngine:
 
     def liveness(self, ike: IkeSA, now: float) -> list[Output]:
         """Send a liveness check (an empty INFORMATIONAL request) now."""
+        self._touch(ike)
         out: list[Output] = []
         if ike.state is IkeState.ESTABLISHED and ike.pending is None and not ike.quiet:
             self._request(ike, "liveness", [], now, out)
@@ -682,6 +827,7 @@ class IkeEngine:
                 or (ike.spi_r if ike.we_initiated else ike.spi_i) != theirs):  # fmt: skip
             self.stats["unknown-spi"] += 1
             return
+        self._touch(ike)  # (whatever the message does to it, its lists and CHILD SAs too)
         if hdr.is_response:
             self.touched += 1
             self._response(ike, data, hdr, payloads, src, now, out)
@@ -864,6 +1010,7 @@ class IkeEngine:
         caller: its datagrams (one, or its RFC 7383 fragments in order) to be sent on with the
         IKE SA's context, or passed to :meth:`receive` here, one by one, once the IKE SA is no
         longer quiet."""
+        self._touch(ike)
         held, ike.held = ike.held, None
         if held is None or held[0] != ike.peer_next_mid:
             return None  # (answered meanwhile: a stale copy)
@@ -1713,6 +1860,7 @@ class IkeEngine:
         peer believe. Without either, the peer cannot be moved: the request is still sent
         (nothing is lost by it) and ``stats["address-update-unheeded"]`` counts it. The answer
         or its absence is handled as for a liveness check (30 s: the peer is dead)."""
+        self._touch(ike)
         out: list[Output] = []
         if ike.state is not IkeState.ESTABLISHED:
             return out
@@ -1750,6 +1898,7 @@ class IkeEngine:
         ``encap``): a liveness check from ``local`` is all we can send
         (``address-update-unheeded`` counts the hopeless case). Only the IKE SA's original
         initiator announces its moves (the responder's are announce_move's)."""
+        self._touch(ike)
         out: list[Output] = []
         if (ike.state is not IkeState.ESTABLISHED or not ike.mobike_initiator
                 or local == ike.local):  # fmt: skip
@@ -2198,6 +2347,7 @@ class IkeEngine:
 
     def rekey_child(self, ike: IkeSA, child: ChildSA, now: float) -> list[Output]:
         """Rekey a CHILD SA now (CREATE_CHILD_SA with REKEY_SA)."""
+        self._touch(ike)
         out: list[Output] = []
         if ike.state is IkeState.ESTABLISHED and ike.pending is None and child in ike.children:
             self._rekey_child_request(ike, child, now, out)
@@ -2205,6 +2355,7 @@ class IkeEngine:
 
     def rekey_ike(self, ike: IkeSA, now: float) -> list[Output]:
         """Rekey the IKE SA now."""
+        self._touch(ike)
         out: list[Output] = []
         if ike.state is IkeState.ESTABLISHED and ike.pending is None:
             self._rekey_ike_request(ike, now, out)
@@ -2229,6 +2380,7 @@ class IkeEngine:
         REKEY_SA, §1.3.1): what close_action = start does when the peer deleted one, or a
         trap of a child the IKE SA has none of. Sent at once, or after the exchange of ours
         in flight (window of one)."""
+        self._touch(ike)
         if ike.state is IkeState.ESTABLISHED and cc in ike.conn.children and not any(
                 c is cc for c in ike.children_wanted):  # fmt: skip
             ike.children_wanted.append(cc)
@@ -2486,6 +2638,7 @@ class IkeEngine:
         ``local``: this gateway's own address when it is not the IKE SA's (direct SG
         identity: the old gateway was elsewhere). The sync (or the probe) goes from it, and
         once the message IDs agree the peer is told to move here (:meth:`announce_move`)."""
+        self._touch(ike)
         out: list[Output] = []
         if ike.state is not IkeState.ESTABLISHED:
             return out

@@ -146,6 +146,18 @@ class Pending:
     new_child: ChildConfig | None = field(default=None, repr=False)
 
 
+# What the engine's deadline of an IKE SA (IkeEngine._deadline_of) is read from: setting one
+# of these on an IKE SA the engine holds marks it for a fresh look by the engine's deadline
+# heap (its ``timer_watch``), whoever sets it (the engine, the adapter making it quiet, a
+# test). Changes inside its lists and its CHILD SAs are marked by the engine, which makes them
+# only on the IKE SA it was called for or ticks (IkeEngine._touch).
+TIMER_FIELDS = frozenset({
+    "state", "we_initiated", "conn", "last_heard", "pending", "quiet", "rr_due",
+    "queued_deletes", "children_wanted", "rekey_at", "my_next_mid", "peer_next_mid",
+    "children", "created",
+})
+
+
 @dataclass(eq=False)
 class IkeSA:
     spi_i: bytes
@@ -265,6 +277,21 @@ class IkeSA:
     # virtual IPs (RFC 7296 §3.15): as responder, those leased to the peer, with the name of
     # the pool each came from; as initiator, those the peer gave us (pool name "")
     vips: list[tuple[str, IPAddr]] = field(default_factory=list)
+    # The engine's bookkeeping for its timers (IkeEngine: a heap of deadlines): the set of
+    # IKE SAs whose deadline it computes again at its next look (None: in no engine), the
+    # deadline of this IKE SA's entry in the heap and the entry's number (0: none), and the
+    # place of the IKE SA in the engine's table (tick() visits the due ones in that order)
+    timer_watch: set[IkeSA] | None = field(default=None, init=False, repr=False)
+    timer_at: float | None = field(default=None, init=False, repr=False)
+    timer_seq: int = field(default=0, init=False, repr=False)
+    timer_order: int = field(default=0, init=False, repr=False)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        object.__setattr__(self, name, value)
+        if name in TIMER_FIELDS:
+            watch = self.__dict__.get("timer_watch")
+            if watch is not None:
+                watch.add(self)
 
     @property
     def child_remote(self) -> Address:
