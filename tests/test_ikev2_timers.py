@@ -347,3 +347,20 @@ def test_the_heap_stays_bounded_as_deadlines_move() -> None:
         assert w.resp.next_deadline() == reference_deadline(w.resp) == now + 30.0
         assert len(w.resp._timer_heap) <= 2 * len(w.resp.by_spi) + 64 + 1
     assert w.resp.stats["liveness-answered"] == 400
+
+
+def test_a_copy_of_an_ike_sa_put_in_under_its_own_spi_has_its_own_deadline() -> None:
+    """A copy of an IKE SA in the table carries that one's heap entry number; put in under
+    its own SPI it gets an entry of its own (benchmarks/ike_timers.py makes its IKE SAs so)."""
+    import copy
+
+    resp, (ike,) = established(1, dpd=10.0)
+    assert resp.next_deadline() == ike.last_heard + 10.0
+    twin = copy.copy(ike)
+    twin.spi_r = bytes(7) + b"\1"
+    resp.by_spi[twin.our_spi] = twin
+    assert resp.next_deadline() == ike.last_heard + 10.0 == reference_deadline(resp)
+    out = resp.tick(ike.last_heard + 10.0)
+    assert len([o for o in out if isinstance(o, Send)]) == 2  # a liveness check each
+    assert twin.pending is not None and ike.pending is not None
+    assert resp.next_deadline() == reference_deadline(resp) == ike.pending.deadline

@@ -287,6 +287,8 @@ class _IkeTable(dict[bytes, IkeSA]):
         old = self.get(spi)
         ike.timer_order = next(self._order) if old is None else old.timer_order
         ike.timer_watch = self._dirty
+        if old is not ike:  # (no entry of its own yet: a copy of one has that one's number)
+            ike.timer_at, ike.timer_seq = None, 0
         super().__setitem__(spi, ike)
         self._dirty.add(ike)
 
@@ -532,10 +534,14 @@ class IkeEngine:
     def _timer_refresh(self) -> None:
         """A heap entry for each IKE SA marked since the last look whose deadline moved."""
         dirty, by_spi = self._timer_dirty, self.by_spi
-        while dirty:
-            ike = dirty.pop()
+        if not dirty:
+            return
+        for ike in dirty:
             if by_spi.get(ike.our_spi) is ike:  # (one gone: its entry is stale by its SPI)
                 self._arm(ike)
+        # (cleared, not popped one by one: a set keeps the table it once grew to, 10,000
+        # IKE SAs put in at a start, and its pop() looks along it, 11 us a call at that size)
+        dirty.clear()
 
     def _arm(self, ike: IkeSA) -> None:
         d = self._deadline_of(ike)
