@@ -364,3 +364,12 @@ def test_a_copy_of_an_ike_sa_put_in_under_its_own_spi_has_its_own_deadline() -> 
     assert len([o for o in out if isinstance(o, Send)]) == 2  # a liveness check each
     assert twin.pending is not None and ike.pending is not None
     assert resp.next_deadline() == reference_deadline(resp) == ike.pending.deadline
+
+
+def test_the_timer_benchmark_runs() -> None:
+    """benchmarks/ike_timers.py on 60 IKE SAs: each tick at an IKE SA's deadline sends that
+    one's liveness check and the next deadline is the next IKE SA's (its own asserts)."""
+    from benchmarks.ike_timers import measure
+
+    r = measure(60, 20)
+    assert set(r) == {"next_deadline_us", "tick_one_due_us", "next_deadline_after_tick_us"}
