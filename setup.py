@@ -44,6 +44,13 @@ setup(
                                 "-Wno-missing-field-initializers", "-Werror", "-O2"],
             optional=True,
         ),
+        Extension(
+            "ipsecct.ikev2._tlv",
+            sources=["src/ipsecct/ikev2/_tlv.c"],
+            extra_compile_args=["-Wall", "-Wextra", "-Wno-unused-parameter",
+                                "-Wno-missing-field-initializers", "-Werror", "-O2"],
+            optional=True,
+        ),
     ],
     cmdclass={"build_ext": OptionalBuildExt},
 )

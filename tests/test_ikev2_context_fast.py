@@ -10,9 +10,11 @@ from __future__ import annotations
 import dataclasses
 import functools
 import ipaddress
+import os
 import struct
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -79,10 +81,41 @@ def _context(kind: str) -> tuple[list[bytes], Connection]:
     return list(make()), conn()
 
 
+# The scanners: in Python, and in C (ipsecct.ikev2._tlv) where built, which decode() uses
+# then. The reader is held to the reference with each.
+SCANNERS = [context._scan] + ([context._tlv.scan] if context.NATIVE_SCAN else [])
+
+
+@pytest.mark.skipif(
+    os.environ.get("IPSECCT_PURE_PYTHON", "") not in ("", "0"),
+    reason="IPSECCT_PURE_PYTHON forces the Python paths",
+)
+def test_the_c_scanner_is_built_and_used() -> None:
+    # scripts/install builds it (CI too): the differential tests must cover it.
+    assert context.NATIVE_SCAN, "ipsecct.ikev2._tlv is not built: run scripts/install"
+    assert context._scan_cdb is context._tlv.scan
+
+
+def _read(cdbs: list[bytes], connections: list[Connection], now: float,
+          local: Address | None) -> IkeSA | None:  # fmt: skip
+    """The reader's verdict, the same with each scanner."""
+    out = []
+    try:
+        for scan in SCANNERS:
+            context._scan_cdb = scan
+            out.append(context._read(cdbs, connections, now, local))
+    finally:
+        context._scan_cdb = SCANNERS[-1]
+    assert len({x is None for x in out}) == 1
+    if out[0] is not None:
+        assert all(snapshot(x) == snapshot(out[0]) for x in out[1:])  # type: ignore[arg-type]
+    return out[0]
+
+
 def _same(cdbs: list[bytes], connections: list[Connection], now: float,
           local: Address | None) -> bool:  # fmt: skip
     """The reader's and the reference's verdicts agree (True: accepted)."""
-    fast = context._read(cdbs, connections, now, local)
+    fast = _read(cdbs, connections, now, local)
     try:
         ref = context.decode_reference(cdbs, connections, now, local)
     except (IkeContextError, ValueError, KeyError, struct.error) as exc:
@@ -107,7 +140,7 @@ def test_the_reader_reads_every_valid_context_as_the_reference() -> None:
     for kind in KINDS:
         cdbs, c = _context(kind)
         for local in (None, here):
-            assert context._read(cdbs, [c], 5.0, local) is not None, kind
+            assert _read(cdbs, [c], 5.0, local) is not None, kind
             assert _same(cdbs, [c], 5.0, local)
 
 
@@ -155,7 +188,7 @@ def test_differential_every_item_of_every_context_changed() -> None:
                     cdbs = [*orig[:i], new, *orig[i + 1:]]
                     if _same(cdbs, [c], 5.0, None):
                         accepted += 1
-                        assert context._read(cdbs, [c], 5.0, None) is not None, (kind, tag)
+                        assert _read(cdbs, [c], 5.0, None) is not None, (kind, tag)
     assert accepted > 1000  # (most octets of keys, nonces and numbers are any value)
 
 
@@ -264,3 +297,25 @@ def test_differential_selectors(sels: list[tuple[int, int, int, int, int, bytes]
             assert fast is None, exc
         else:
             assert fast == ref
+
+
+_ITEMS = st.lists(st.tuples(st.integers(0, 4), st.binary(max_size=6)), max_size=8).map(
+    lambda items: b"".join(struct.pack("!BH", t, len(v)) + v for t, v in items))
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.binary(max_size=64) | _ITEMS, st.integers(0, 255), st.integers(0, 8), st.booleans())
+def test_differential_scanners(body: bytes, units: int, cut: int, zero_tail: bool) -> None:
+    """The C scanner and the Python one on CDBs of random octets or items (tags repeated,
+    tag 0 among them), lengths that lie, cut short, with or without their padding, and on
+    each of the sample contexts' CDBs."""
+    cdb = struct.pack("!HBB", 0x8011, units, 0) + body
+    if zero_tail:
+        cdb += bytes(-len(cdb) % 8)
+    for raw in (cdb, cdb[: len(cdb) - cut], struct.pack("!HBB", 0x8010, (len(cdb) + 7) // 8, 0)
+                + body + bytes(-len(cdb) % 8)):  # fmt: skip
+        verdicts = [scan(raw) for scan in SCANNERS]
+        assert all(v == verdicts[0] for v in verdicts[1:]), raw.hex()
+    for kind in KINDS:
+        for x in _context(kind)[0]:
+            assert len({repr(scan(x)) for scan in SCANNERS}) == 1

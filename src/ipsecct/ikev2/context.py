@@ -27,9 +27,11 @@ the clear: these CDBs travel only over the TLS channel between gateways.
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 import struct
 from collections.abc import Callable
+from typing import Any
 
 from ..errors import IdentityError, IkeContextError
 from .auth import MAX_CERTS_SERIALS, MAX_NAMES, MAX_SERIAL_LEN, fingerprint, revoked_by
@@ -993,6 +995,19 @@ def _scan(cdb: bytes) -> Scan | None:
     return cdb[0] << 8 | cdb[1], d, multi
 
 
+_tlv: Any
+try:
+    if os.environ.get("IPSECCT_PURE_PYTHON", "") not in ("", "0"):
+        raise ImportError("IPSECCT_PURE_PYTHON is set")
+    from . import _tlv  # type: ignore[attr-defined,no-redef]
+except ImportError:  # not built (no C compiler): the Python scanner does it
+    _tlv = None
+
+NATIVE_SCAN = _tlv is not None
+_scan_cdb: Callable[[bytes], Scan | None] = _tlv.scan if NATIVE_SCAN else _scan
+"""The scanner :func:`_read` uses: :func:`_scan` in C (``ikev2/_tlv.c``) where built."""
+
+
 def _shared_suite(b: bytes) -> Suite:
     s = _suites.get(b)
     if s is None:
@@ -1058,7 +1073,7 @@ def _read_checked(cdbs: list[bytes], connections: list[Connection], now: float,
     scans: list[Scan] = []
     main: Scan | None = None
     for cdb in cdbs:
-        sc = _scan(cdb if type(cdb) is bytes else bytes(cdb))
+        sc = _scan_cdb(cdb if type(cdb) is bytes else bytes(cdb))
         if sc is None:
             return None
         if sc[0] == FPT_IKE_SA:
