@@ -8,6 +8,7 @@ import ipaddress
 import logging
 import socket
 import ssl
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
@@ -717,6 +718,63 @@ def test_a_connection_nobody_reads_holds_back_its_peer_not_an_unbounded_inbox(
             await conn.close()
             release.set()
         finally:
+            server.close()
+            await server.wait_closed()
+
+    run(main())
+
+
+def test_deliver_hands_over_what_a_read_decoded_after_the_timers_already_due(
+    pkidir: Path,
+) -> None:
+    """After a pause (the process stopped, the loop blocked) the messages that waited in the
+    channel reach the handler after the timers that fell due meanwhile, as from a woken
+    reader task: a fail-over standby's late timer must see the pause before the active's old
+    messages make it look alive (tests/test_failover_reform.py)."""
+    import threading
+
+    async def main() -> None:
+        order: list[str] = []
+        conns: list[CxtpConnection] = []
+        go = threading.Event()
+        sent = threading.Event()
+        done = threading.Event()
+
+        async def handler(conn: CxtpConnection) -> None:
+            conns.append(conn)
+            await conn.deliver(lambda m: order.append("message"))
+
+        server = await serve_with(pkidir, handler)
+        port = server.sockets[0].getsockname()[1]
+
+        def client() -> None:  # a peer in another thread, blocking sockets
+            raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+            with client_ctx(pkidir).wrap_socket(raw, server_hostname="sg2") as tls:
+                go.wait(10)
+                tls.sendall(cxtp.encode(CTD(MN, 0, (SA,))))
+                sent.set()
+                done.wait(10)  # (until the test is done with it)
+
+        t = threading.Thread(target=client)
+        t.start()
+        try:
+            await eventually(lambda: conns, "the server's connection")
+            await asyncio.sleep(0.05)  # the handler is in deliver
+            loop = asyncio.get_running_loop()
+
+            def blocked() -> None:  # the loop does not run while the peer sends
+                loop.call_later(0.01, order.append, "timer")
+                go.set()
+                assert sent.wait(5)
+                time.sleep(0.2)  # the message is in the socket, the timer due
+
+            loop.call_soon(blocked)
+            await eventually(lambda: len(order) == 2, "the timer and the message")
+            assert order == ["timer", "message"]
+        finally:
+            go.set()
+            done.set()
+            await asyncio.to_thread(t.join, 10)
             server.close()
             await server.wait_closed()
 

@@ -185,7 +185,7 @@ class PeerChannels:
     async def _read(self, peer: str, conn: tlschannel.CxtpConnection) -> None:
         self.all_conns.add(conn)
         try:
-            # Each message is handled in the transport's callback as it is decoded (no task
+            # What each read decoded is handled by one callback queued on the loop (no task
             # woken, no timer armed per message); this waits until the channel ends.
             await conn.deliver(lambda msg: self.on_message(peer, msg))
         except CxtpError as exc:

@@ -179,9 +179,13 @@ class _Stream(asyncio.streams.FlowControlMixin, asyncio.Protocol):
 
     Pulled (:meth:`CxtpConnection.recv`): the messages wait in ``inbox``, and reading is
     paused while any wait (the inbox holds at most what one read decoded; the peer is held
-    back by TCP's window). Pushed (:meth:`CxtpConnection.deliver`): each is handed to
-    ``on_message`` at once. The writing side's flow control (``drain``) and close waiter are
-    the StreamWriter's, as with asyncio's own stream protocol."""
+    back by TCP's window). Pushed (:meth:`CxtpConnection.deliver`): what one read decoded is
+    handed to ``on_message`` by one callback queued on the loop (``call_soon``), as a reader
+    task was woken: after the timers already due in this loop turn. A fail-over standby
+    relies on that order: after a pause (SIGSTOP, a suspended VM) its late timer sees the
+    pause before the messages that waited in the channel make the active look alive
+    (tests/test_failover_reform.py). The writing side's flow control (``drain``) and close
+    waiter are the StreamWriter's, as with asyncio's own stream protocol."""
 
     def __init__(self, max_message: int, loop: asyncio.AbstractEventLoop) -> None:
         super().__init__(loop)
@@ -193,7 +197,10 @@ class _Stream(asyncio.streams.FlowControlMixin, asyncio.Protocol):
         # in mid-message), a ChannelClosed, or what ``on_message`` raised.
         self.end: BaseException | None = None
         self.reported = False  # the end was raised once (a ChannelClosed after it)
+        self.failure: BaseException | None = None  # what on_message raised (ends it first)
         self.on_message: MessageHandler | None = None
+        self.delivery_due = False  # a _deliver callback is queued on the loop
+        self.loop = loop
         self.waiter: asyncio.Future[None] | None = None
         self.reading_paused = False
         self.closed = loop.create_future()
@@ -210,7 +217,6 @@ class _Stream(asyncio.streams.FlowControlMixin, asyncio.Protocol):
     def _finish(self, exc: BaseException) -> None:
         if self.end is None:
             self.end = exc
-        self.on_message = None
         self._wake()
 
     def data_received(self, data: bytes) -> None:
@@ -221,19 +227,28 @@ class _Stream(asyncio.streams.FlowControlMixin, asyncio.Protocol):
         except CxtpError as exc:
             self._finish(exc)
             return
-        on_message = self.on_message
-        if on_message is None:
-            if msgs:
-                self.inbox.extend(msgs)
-                if not self.reading_paused and self.transport is not None:
-                    self.reading_paused = True
-                    self.transport.pause_reading()
-                self._wake()
+        if not msgs:
             return
-        for msg in msgs:
+        self.inbox.extend(msgs)
+        if self.on_message is not None:
+            if not self.delivery_due:
+                self.delivery_due = True
+                self.loop.call_soon(self._deliver)
+            return
+        if not self.reading_paused and self.transport is not None:
+            self.reading_paused = True
+            self.transport.pause_reading()
+        self._wake()
+
+    def _deliver(self) -> None:
+        self.delivery_due = False
+        on_message = self.on_message
+        while on_message is not None and self.inbox and self.failure is None:
             try:
-                on_message(msg)
-            except Exception as exc:  # the deliverer's waiter raises it, as recv's loop did
+                on_message(self.inbox.popleft())
+            except Exception as exc:  # the deliverer raises it, as recv's loop did: the
+                self.failure = exc  # messages after it are not handed over
+                self.inbox.clear()
                 self._finish(exc)
                 return
 
@@ -312,13 +327,15 @@ class CxtpConnection:
             raise ChannelClosed(f"connection to {self.peer_address} lost: {_reason(exc)}") from None
 
     def _ended(self) -> BaseException:
-        """How the stream ended, the first time it is asked; a ChannelClosed after."""
+        """How the stream ended (what a handler raised first), the first time it is asked;
+        a ChannelClosed after."""
         self._closed = True
         st = self._stream
-        if st.end is None or st.reported:
+        end = st.failure or st.end
+        if end is None or st.reported:
             return ChannelClosed(f"connection to {self.peer_address} is closed")
         st.reported = True
-        return st.end
+        return end
 
     async def recv(self, *, timeout: float | None = None) -> cxtp.Message:
         """The next message. Raises ChannelTimeout, ChannelClosed or CxtpError.
@@ -357,24 +374,32 @@ class CxtpConnection:
         return msg
 
     async def deliver(self, on_message: MessageHandler) -> None:
-        """Hand every message to ``on_message`` as it arrives, in the transport's callback
-        (no task woken per message), until the connection ends; then raise as :meth:`recv`
+        """Hand every message to ``on_message`` as it arrives (what one read decoded, from
+        one callback queued on the loop: no task woken, no timer armed per message, and the
+        timers already due run first, as before a woken reader task), until the connection
+        ends; then raise as :meth:`recv`
         does (ChannelClosed, or CxtpError), or what ``on_message`` raised (the messages
         after it are not delivered). The wait has no time-out of its own: it lasts as long as
         the channel, whose silent peer TCP's keep-alives and user time-out detect
         (:func:`dead_peer_detection`)."""
         st = self._stream
-        while st.inbox:
-            on_message(st.inbox.popleft())
-        if st.end is None:
-            st.on_message = on_message
-            st.resume()
-            st.waiter = asyncio.get_running_loop().create_future()
-            try:
-                await st.waiter
-            finally:
-                st.waiter = None
-                st.on_message = None
+        if st.on_message is not None:
+            raise ChannelError("the connection's messages are already being delivered")
+        st.on_message = on_message
+        try:
+            while st.failure is None:
+                while st.inbox:  # decoded before, or left when the stream ended
+                    on_message(st.inbox.popleft())
+                if st.end is not None:
+                    break
+                st.resume()
+                st.waiter = asyncio.get_running_loop().create_future()
+                try:
+                    await st.waiter
+                finally:
+                    st.waiter = None
+        finally:
+            st.on_message = None
         raise self._ended()
 
     async def request(self, msg: cxtp.Message, *, timeout: float | None = None) -> cxtp.Message:
