@@ -427,6 +427,99 @@ def test_what_an_operator_names_moves_the_ike_sa_with_all_its_child_sas(tmp_path
         svc.transfer_unit(name)
 
 
+def test_what_an_operator_names_for_sa_delete_ike_and_when_it_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``ipsecct sa delete --ike WHAT`` / ``--ike-id N``: a connection names each of its
+    established IKE SAs (one half-open or rekeyed only by SPI or number), an IKE SPI (either,
+    0x or swanctl's _i/_r) or a CHILD SA's SPI names its IKE SA; anything else is a
+    ValueError saying so. Refused (nothing deleted, nothing sent) while the IKE SA is
+    quiet, while a CHILD SA's tunnel is in a transfer (held, or as the transfer core says)
+    and while this gateway is fenced; else its tunnels leave the SAD at once and the
+    DELETE goes out."""
+    import dataclasses
+
+    from ipsecct.ikev2.engine import IkeEngine
+    from ipsecct.ikev2.ikesa import IkeState
+    from ipsecct.ipsec.sad import Protocol
+
+    w = pair(mn_conn(dpd=10), conn(dpd=10))
+    connect(w)
+    (ike_r,) = w.resp.ike_sas()
+    svc = _service(tmp_path)
+    ike = svc.engine.import_ike(w.resp.export_ike(ike_r, 1.0), 1.0)
+    (c1,) = ike.children
+    c2 = dataclasses.replace(c1, spi_in=0x7000_0001, spi_out=0x7000_0002)
+    ike.children.append(c2)
+    name = ike.conn.name
+    for what in (name, ike.spi_i.hex(), "0x" + ike.spi_r.hex().upper(), ike.spi_i.hex() + "_i",
+                 ike.spi_r.hex() + "_r", hex(c1.spi_out), hex(c2.spi_in), str(c2.spi_out)):
+        assert svc.find(what) == [ike], what  # fmt: skip
+    assert svc.find(uid=ike.uid) == [ike]
+    for what in ("other", "0x" + "ab" * 8, "0x12345678", "12:34", "ab" * 8 + "_x"):
+        with pytest.raises(ValueError, match="no IKE SA, connection or SPI"):
+            svc.find(what)
+    with pytest.raises(ValueError, match=f"no IKE SA #{ike.uid + 1000}"):
+        svc.find(uid=ike.uid + 1000)
+    # anyone's IKE_SA_INIT (a half-open IKE SA of the connection) is not named by it
+    other = IkeEngine([mn_conn()])
+    for o in other.initiate(other.connections[0], I500, ike.local, 2.0):
+        if isinstance(o, Send):
+            svc.engine.receive(o.data, o.src, o.dst, 2.0)
+    half = next(i for i in svc.engine.ike_sas() if i is not ike)
+    assert svc.find(name) == [ike] and svc.find(uid=half.uid) == [half]
+    half.state = IkeState.REKEYED  # (nor one a rekey replaced, waiting for its DELETE)
+    assert svc.find(name) == [ike]
+    assert "was rekeyed" in (svc.terminate_refusal(half, 2.0) or "")
+    half.state = IkeState.HALF_OPEN
+    # a second established IKE SA of the connection: both named (swanctl --terminate --ike)
+    w2 = pair(mn_conn(dpd=10), conn(dpd=10))
+    connect(w2)
+    (ike_r2,) = w2.resp.ike_sas()
+    ike2 = svc.engine.import_ike(w2.resp.export_ike(ike_r2, 2.0), 2.0)
+    assert svc.find(name) == [ike, ike2]
+
+    # refusals
+    eng = svc.node.engine
+    for c in ike.children:
+        entry, out, inn = c.sas(R500, I500, False, f"t-{c.spi_in:08x}")
+        c.handle = eng.add_tunnel(entry, out, inn)
+    now = svc.node.clock()
+    assert svc.terminate_refusal(ike, now) is None
+    ike.quiet = True
+    assert "is being transferred" in (svc.terminate_refusal(ike, now) or "")
+    ike.quiet = False
+    t2 = c2.handle
+    eng.hold(t2)  # type: ignore[arg-type]
+    assert "0x70000001 is held" in (svc.terminate_refusal(ike, now) or "")
+    eng.activate(t2)  # type: ignore[arg-type]
+    svc.transfer_role = lambda t: ("leaving", "transfer 00ab to sg1") if t is t2 else None
+    assert "(leaving: transfer 00ab to sg1)" in (svc.terminate_refusal(ike, now) or "")
+    svc.transfer_role = lambda t: None
+    svc.fenced = lambda now: True
+    assert "may not send now" in (svc.terminate_refusal(ike, now) or "")
+    svc.fenced = None
+    # deleted: its tunnels gone from the SAD before the DELETE is sent
+    sent: list[bytes] = []
+
+    def send_outer(data: bytes, dst: object) -> None:
+        assert eng.sad.lookup_spi(Protocol.ESP, c1.spi_in) is None
+        sent.append(data)
+
+    monkeypatch.setattr(svc.node, "send_outer", send_outer)
+    row = svc.terminate_one(ike)
+    assert len(sent) == 1 and row["delete_sent"] is True
+    assert row["children"] == [f"0x{c1.spi_in:08x}", "0x70000001"]
+    assert ike.state is IkeState.DELETING and not ike.children
+    assert all(eng.sad.lookup_spi(Protocol.ESP, s) is None
+               for s in (c1.spi_in, c1.spi_out, c2.spi_in, c2.spi_out))  # fmt: skip
+    assert "being deleted already" in (svc.terminate_refusal(ike, now) or "")
+    assert svc.find(name) == [ike2]  # (one being deleted is not named by its connection)
+    # a half-open one is dropped: nothing to tell
+    row = svc.terminate_one(half)
+    assert len(sent) == 1 and row["delete_sent"] is False and half.state is IkeState.DEAD
+
+
 def test_a_replica_the_standby_cannot_take_is_refused_and_the_active_sees_which(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -700,6 +700,45 @@ def test_delete_ike_sa_and_child_sa() -> None:
     assert not w.ini.ike_sas() and not w.resp.ike_sas()
 
 
+def test_the_operators_delete_removes_the_child_sas_before_the_delete_is_sent() -> None:
+    """``delete(ike, now, reason)`` (``ipsecct sa delete --ike``): every CHILD SA goes
+    (ChildDown) ahead of the DELETE's Send, so nothing is sent on one after the peer was
+    told; the IKE SA ends with ``reason`` once answered, which restarts nothing; the peer
+    drops its half on receipt. Unanswered, it ends once the retransmissions give up (the
+    CHILD SAs gone from the start)."""
+    for answered in (True, False):
+        w = pair(mn_conn(), conn(child_rekey=20.0))
+        connect(w)
+        (ike_r,) = w.resp.ike_sas()
+        ike_r.children.append(dataclasses.replace(ike_r.children[0], spi_in=0x4242))
+        w.resp._child_spis.add(0x4242)
+        outs = w.resp.delete(ike_r, 1.0, "deleted by the operator")
+        kinds = [type(o) for o in outs]
+        assert kinds == [ChildDown, ChildDown, Send], kinds
+        assert {o.reason for o in outs if isinstance(o, ChildDown)} == {"deleted by the operator"}
+        assert ike_r.state is IkeState.DELETING and not ike_r.children
+        assert not w.resp._child_spis & {0x4242, *(c.spi_in for c in w.ini.ike_sas()[0].children)}
+        if answered:
+            w.deliver(outs, "r", 1.0)
+            (down,) = w.of("r", IkeDown)
+            assert w.of("i", IkeDown)[0].reason == "deleted by peer"
+            assert not w.ini.ike_sas()
+        else:
+            res: list[Output] = []
+            while not any(isinstance(o, IkeDown) for o in res):
+                d = w.resp.next_deadline()
+                assert d is not None
+                res = w.resp.tick(d)
+                assert not any(isinstance(o, ChildDown) for o in res)
+            (down,) = [o for o in res if isinstance(o, IkeDown)]
+            assert w.ini.ike_sas()  # (the peer never heard)
+        assert ike_r.state.value == "dead" and not w.resp.ike_sas()  # (mypy narrowed it)
+        # (given up unanswered: "deleted", as any DELETE of ours): a close restarts nothing
+        assert down.reason == ("deleted by the operator" if answered else "deleted")
+        assert ike_r.conn.after_down(down.reason, False) is None
+        assert ike_r.conn.after_down(down.reason, True) is None
+
+
 def test_initial_contact_replaces_the_old_ike_sa() -> None:
     w = pair()
     connect(w)

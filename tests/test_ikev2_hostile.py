@@ -479,7 +479,7 @@ class RekeyRefusingPeer(IkeEngine):
         self.stats["refused-their-rekey"] += 1
         return [M.NotifyPayload(M.Notify.TEMPORARY_FAILURE)]
 
-    def delete(self, ike: IkeSA, now: float) -> list[Output]:
+    def delete(self, ike: IkeSA, now: float, reason: str = "") -> list[Output]:
         return []  # nor does it close the IKE SA when the gateway's IDs run out
 
 

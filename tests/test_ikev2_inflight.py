@@ -349,3 +349,47 @@ def test_a_client_rekey_during_a_prepared_transfer_rolls_it_back_and_is_answered
             assert "retransmit" not in log, (took, ss.logtail())
         for bad in ("INVALID_SYNTAX", "giving up", "received message ID"):
             assert bad not in log, (bad, ss.logtail())
+
+
+@pytest.mark.root
+@pytest.mark.slow
+@needs_strongswan
+def test_the_operator_cannot_delete_an_ike_sa_in_a_prepared_transfer(tmp_path: Path) -> None:
+    """``ipsecct sa delete --ike`` of an IKE SA whose CHILD SA is in a prepared transfer (in
+    the transfer's UNIT) is refused, one line naming the transfer, and nothing is deleted:
+    a DELETE under it would have the target activate, at the COMMIT, CHILD SAs the client
+    had been told are gone. Once the transfer is cancelled, the same command deletes the
+    IKE SA and the client is told."""
+    with ike_world(tmp_path, "indirect") as w, \
+            Client(w.ns, "mn", CLIENT, w.dir, "aes128gcm16") as ss:  # fmt: skip
+        wait_until = waiting_with_logs(w, ss)
+        ss.start()
+        ss.initiate()
+        assert strongswan.ping_once_up(w.ns, "mn", HOST, 3) == 3, ss.logtail() + w.logs()
+        (ike,) = w.ike_sas("sg1")
+        (child,) = ike["children"]
+
+        def ipsecct(*args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run([sys.executable, "-m", "ipsecct", *args, "-s", w.sock("sg1")],
+                                  capture_output=True, text=True, timeout=60)  # fmt: skip
+
+        r = ipsecct("transfer", f"0x{int(child['spi_out'], 16):08x}", "--to", "sg2",
+                    "--prepare", "--json")  # fmt: skip
+        assert r.returncode == 0, (r.stdout, r.stderr, w.logs())
+        tid = str(json.loads(r.stdout)["id"])
+        for how in (["--ike", "rw"], ["--ike", f"{ike['spi_r']}_r"],
+                    ["--ike-id", str(ike["uid"])]):  # fmt: skip
+            r = ipsecct("sa", "delete", *how)
+            assert r.returncode == 2 and len(r.stderr.splitlines()) == 1, (how, r.stderr)
+            assert "is being transferred" in r.stderr and tid in r.stderr, (how, r.stderr)
+        assert len(w.ike_sas("sg1")) == 1 and w.status("sg1")["sas"] == 2
+        assert "received DELETE" not in ss.log()
+        r = ipsecct("transfer", "--cancel", tid, "--json")
+        assert json.loads(r.stdout)["outcome"] == "cancelled", (r.stdout, r.stderr)
+        assert strongswan.ping(w.ns, "mn", HOST, 2) == 2, ss.logtail() + w.logs()
+        r = ipsecct("sa", "delete", "--ike", "rw")
+        assert r.returncode == 0 and "answered" in r.stdout, (r.stdout, r.stderr)
+        strongswan.wait_log(ss, r"received DELETE for IKE_SA cA")
+        wait_until(lambda: "cA: #" not in ss.list_sas(), "the client to drop the SAs")
+        assert not w.ike_sas("sg1") and w.status("sg1")["sas"] == 0
+        assert not w.ike_sas("sg2") and w.status("sg2")["sas"] == 0

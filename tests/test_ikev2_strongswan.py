@@ -377,6 +377,71 @@ def test_liveness_and_delete_both_ways(workdir: Path) -> None:
 @pytest.mark.root
 @pytest.mark.slow
 @needs_strongswan
+def test_the_operator_deletes_an_ike_sa_and_strongswan_is_told(workdir: Path) -> None:
+    """``ipsecct sa delete --ike roadwarrior`` (as ``swanctl --terminate --ike``): the
+    gateway sends the DELETE of the IKE SA, and its CHILD SA goes with it; strongSwan
+    removes both, ``sa list`` is empty, nothing restarts, and a ping is no longer carried
+    (no tunnel at either end: the client knows, it does not send into a black hole). Then
+    again by the IKE SA's number (``--ike-id``, with ``--json``). Unknown names: one line,
+    the request refused."""
+    with Namespaces("a", "b") as ns:
+        ss, gw = start(ns, workdir, ike="default", esp="default", ss_ike=None, ss_esp=None)
+        sock = str(workdir / "gw.sock")
+        try:
+            with ss:
+                ss.start()
+                ss.initiate()
+                assert ping(ns, "a", B.inner, 2) == 2, gw.logtext()
+                for bad, why in (("nosuch", "no IKE SA, connection or SPI 'nosuch'"),
+                                 ("0123456789abcdef", "no IKE SA, connection or SPI")):
+                    r = cli("sa", "delete", "--ike", bad, "-s", sock)
+                    assert r.returncode == 2 and why in r.stderr, r.stderr
+                    assert len(r.stderr.splitlines()) == 1, r.stderr
+                r = cli("sa", "delete", "--ike-id", "999999", "-s", sock)
+                assert r.returncode == 2 and "no IKE SA #999999" in r.stderr, r.stderr
+                assert len(ike_list(sock)) == 1 and "net: #" in ss.list_sas()
+                (ike,) = ike_list(sock)
+                (child,) = ike["children"]
+                r = cli("sa", "delete", "--ike", "roadwarrior", "-s", sock)
+                assert r.returncode == 0, r.stderr
+                assert f"deleted IKE SA roadwarrior #{ike['uid']}" in r.stdout, r.stdout
+                assert f"0x{child['spi_in']}" in r.stdout and "answered" in r.stdout, r.stdout
+                strongswan.wait_log(ss, r"received DELETE for IKE_SA cA\[\d+\]")
+                wait_until(lambda: "cA: #" not in ss.list_sas(), "strongSwan to drop the SAs")
+                assert ike_list(sock) == []
+                listed = cli("sa", "list", "-s", sock).stdout
+                assert "no SAs" in listed and "roadwarrior" not in listed, listed
+                st = gw.status()
+                assert st["sas"] == 0 and st["ike"]["ike_sas"] == 0, st
+                out = st["counters"]["out_packets"]
+                assert ping(ns, "a", B.inner, 2) == 0
+                assert gw.status()["counters"]["out_packets"] == out  # nothing sent here
+                assert "cA: #" not in ss.list_sas()  # and nothing restarted
+                # the connection has no IKE SA now: said so
+                r = cli("sa", "delete", "--ike", "roadwarrior", "-s", sock)
+                assert r.returncode == 2, r.stderr
+                assert "connection 'roadwarrior' has no IKE SA here" in r.stderr, r.stderr
+                # again, named by its number, answered in JSON
+                ss.initiate()
+                assert ping(ns, "a", B.inner, 2) == 2, gw.logtext()
+                (ike,) = ike_list(sock)
+                r = cli("sa", "delete", "--ike-id", str(ike["uid"]), "--json", "-s", sock)
+                assert r.returncode == 0, r.stderr
+                (row,) = json.loads(r.stdout)
+                assert row["uid"] == ike["uid"] and row["spi_i"] == ike["spi_i"], row
+                assert row["delete_sent"] is True and row["answered"] is True, row
+                assert row["children"] == [f"0x{ike['children'][0]['spi_in']}"], row
+                wait_until(lambda: len(re.findall(r"received DELETE for IKE_SA cA",
+                                                  ss.log())) == 2, "the second DELETE")
+                wait_until(lambda: "cA: #" not in ss.list_sas(), "strongSwan to drop the SAs")
+                assert ike_list(sock) == [] and gw.status()["sas"] == 0
+        finally:
+            gw.cleanup()
+
+
+@pytest.mark.root
+@pytest.mark.slow
+@needs_strongswan
 def test_the_operator_deletes_a_child_sa_and_strongswan_is_told(workdir: Path) -> None:
     """``ipsecct sa delete SPI`` of an IKE-keyed CHILD SA (as ``swanctl --terminate
     --child``): the gateway sends its DELETE under the IKE SA, which stays; strongSwan

@@ -359,7 +359,30 @@ def cmd_sa_add(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ike_deleted(r: dict[str, Any]) -> str:
+    """One line for an IKE SA ``sa delete --ike`` deleted (what swanctl --terminate logs)."""
+    kids = " ".join(r.get("children") or []) or "none"
+    if not r.get("delete_sent"):
+        how = "dropped (not established: nobody to tell)"
+    elif r.get("answered"):
+        how = "DELETE sent, answered"
+    else:
+        how = "DELETE sent, not answered yet (sent again until it is, then given up)"
+    return (f"deleted IKE SA {r.get('name')} #{r.get('uid')} ({r.get('spi_i')}_i"
+            f" {r.get('spi_r')}_r) of {r.get('remote')}, CHILD SAs {kids}: {how}")
+
+
 def cmd_sa_delete(args: argparse.Namespace) -> int:
+    if args.ike is not None or args.ike_id is not None:
+        params: dict[str, Any] = (
+            {"ike": args.ike} if args.ike is not None else {"ike_id": args.ike_id})
+        rows = request(socket_path(args), "ike.delete", params)
+        if args.json:
+            _print_json(rows)
+        else:
+            for r in rows:
+                print(_ike_deleted(r))
+        return 0
     res = request(socket_path(args), "sa.delete", {"spi": args.spi})
     if args.json:
         _print_json(res)
@@ -454,6 +477,18 @@ def _spi(text: str) -> str:
 SPI_HELP = "decimal, 0x hex, or as swanctl prints it (c0ffee01_i)"
 
 
+def _ike_id(text: str) -> int:
+    """``--ike-id``: the #N of ``sa list --ike`` (a leading # is allowed)."""
+    try:
+        n = int(text.removeprefix("#"))
+    except ValueError:
+        n = 0
+    if not 1 <= n < 1 << 63:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an IKE SA's number (#N of sa list"
+                                         " --ike)")  # fmt: skip
+    return n
+
+
 def register(sub: Any) -> None:
     def leaf(parent: Any, name: str, helptext: str, fn: Any) -> argparse.ArgumentParser:
         p: argparse.ArgumentParser = parent.add_parser(name, help=helptext, description=helptext)
@@ -477,8 +512,21 @@ def register(sub: Any) -> None:
     leaf(
         ss, "add", "add SAs from a feature-context JSON file (- for stdin)", cmd_sa_add
     ).add_argument("file", metavar="FILE|-", help="a context or a list of them, or - for stdin")
-    leaf(ss, "delete", "delete the SAs with this SPI", cmd_sa_delete).add_argument(
-        "spi", type=_spi, help=SPI_HELP)
+    de = leaf(
+        ss, "delete",
+        "delete the SAs with this SPI (an IKE-keyed CHILD SA: its DELETE goes to the peer, as"
+        " swanctl --terminate --child), or an IKE SA with its CHILD SAs (--ike, --ike-id: as"
+        " swanctl --terminate --ike)",
+        cmd_sa_delete,
+    )  # fmt: skip
+    g = de.add_mutually_exclusive_group(required=True)
+    g.add_argument("spi", nargs="?", type=_spi, help=SPI_HELP)
+    g.add_argument("--ike", metavar="NAME|SPI",
+                   help="the IKE SAs of this connection, or the IKE SA of this IKE SPI (16 hex"
+                   " digits, as sa list --ike prints them) or CHILD SA SPI: a DELETE to the"
+                   " peer, its CHILD SAs removed here at once")  # fmt: skip
+    g.add_argument("--ike-id", type=_ike_id, metavar="N",
+                   help="the IKE SA #N of sa list --ike (swanctl's unique id)")
     d = leaf(
         ss, "discard",
         "give up tunnels held because their transfer's outcome is unknown (state.unresolved):"

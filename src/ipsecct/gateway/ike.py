@@ -177,6 +177,9 @@ class IkeService:
         # set by the service: where a peer's transfer towards us is ("open", "committed",
         # "ended": ct.transfer.TransferCore.incoming_state)
         self.incoming_state: Callable[[str, int], str] = lambda peer, tid: "ended"
+        # set by the service: what a tunnel in a transfer is doing there (None: in none), as
+        # ``sa list`` says it (ct.transfer.TransferCore.tunnel_roles): ("leaving", "to ...")
+        self.transfer_role: Callable[[Any], tuple[str, str] | None] = lambda t: None
         # virtual IPs reserved for the IKE SAs of a transfer towards us (check_unit), by
         # (peer, transfer id); and per peer, how many it holds and over how many tunnels
         self._reserved: dict[tuple[str, int], _Reserved] = {}
@@ -1805,6 +1808,122 @@ class IkeService:
         self._act(self.engine.delete_child(ike, child, self.node.clock()))
         event(log, "child-sa-deleted-by-operator", node=self.node.name,
               child=_label(ike, child), spi_in=f"0x{child.spi_in:08x}")  # fmt: skip
+
+    def find(self, what: str | None = None, uid: int | None = None) -> list[IkeSA]:
+        """The IKE SAs an operator names (``ipsecct sa delete --ike``): by ``uid`` (the #N of
+        ``sa list``, swanctl's ``--ike-id``), or by ``what``: a connection (each of its IKE
+        SAs, as ``swanctl --terminate --ike NAME``), an IKE SPI (16 hex digits, initiator's
+        or responder's, as ``sa list`` prints them, ``_i``/``_r`` allowed) or a CHILD SA's
+        SPI (its IKE SA). A connection names its established IKE SAs only, as ``ipsecct
+        transfer`` does: not a half-open one (anyone's IKE_SA_INIT), one a rekey replaced
+        (its successor holds its CHILD SAs now) or one being deleted already. Raises
+        ValueError, saying why, when nothing is named."""
+        sas = [ike for ike in self.engine.ike_sas() if ike.state is not IkeState.DEAD]
+        if uid is not None:
+            found = [ike for ike in sas if ike.uid == uid]
+            if not found:
+                raise ValueError(f"no IKE SA #{uid} here (see ipsecct sa list --ike)")
+            return found
+        assert what is not None
+        if any(c.name == what for c in self.engine.connections):
+            found = [ike for ike in sas if ike.conn.name == what
+                     and ike.state is IkeState.ESTABLISHED]  # fmt: skip
+            if not found:
+                raise ValueError(f"connection {what!r} has no IKE SA here")
+            return found
+        text = what.lower().removeprefix("0x").removesuffix("_i").removesuffix("_r")
+        if len(text) == 2 * IKE_SPI_LEN:
+            found = [ike for ike in sas if text in (ike.spi_i.hex(), ike.spi_r.hex())]
+        else:
+            try:
+                spi = int(what, 0)
+            except ValueError:
+                spi = -1
+            found = [ike for ike in sas
+                     if any(spi in (c.spi_in, c.spi_out) for c in ike.children)]  # fmt: skip
+        if not found:
+            raise ValueError(f"no IKE SA, connection or SPI {what!r} here (an IKE SPI is 16"
+                             " hex digits, a CHILD SA's a number: decimal, or 0x... for hex;"
+                             " see ipsecct sa list --ike)")  # fmt: skip
+        return found
+
+    def terminate_refusal(self, ike: IkeSA, now: float) -> str | None:
+        """Why the operator may not delete ``ike`` now (None: it may). An IKE SA in a
+        transfer (in its UNIT) is not deleted under it: the transfer would move, or have
+        moved, CHILD SAs the peer had been told are gone. A fenced gateway sends nothing: a
+        DELETE that could not go out would leave the peer sending into removed SAs, and
+        the gateway holding them may be continuing the IKE SA."""
+        name = f"IKE SA {ike.conn.name} #{ike.uid}"
+        if ike.state is IkeState.DELETING:
+            return f"{name} is being deleted already (its DELETE sent, waiting for the answer)"
+        if ike.state is IkeState.REKEYED:
+            return (f"{name} was rekeyed: its CHILD SAs are its successor's now, and it goes"
+                    " once its DELETE is answered (delete the successor, see ipsecct sa list"
+                    " --ike)")  # fmt: skip
+        for c in ike.children:
+            t = c.handle
+            role = self.transfer_role(t) if t is not None else None
+            if role is not None:
+                return (f"{name} is being transferred ({role[0]}: {role[1]}): not deleted;"
+                        " try again once the transfer has ended (ipsecct status)")  # fmt: skip
+            if t is not None and t.state is not TunnelState.ACTIVE:  # type: ignore[attr-defined]
+                return (f"{name} is being transferred (its CHILD SA 0x{c.spi_in:08x} is"
+                        f" {t.state.value}): not deleted; try again once the transfer has"  # type: ignore[attr-defined]
+                        " ended (ipsecct status)")  # fmt: skip
+        if ike.quiet:
+            return (f"{name} is being transferred (it waits for its CHILD SAs' transfer):"
+                    " not deleted; try again once the transfer has ended (ipsecct status)")
+        if self.fenced is not None and self.fenced(now):
+            return (f"{name}: this gateway may not send now (its lease lost, or its standby"
+                    " took over): not deleted")  # fmt: skip
+        return None
+
+    async def terminate(self, ikes: list[IkeSA], wait: float) -> list[dict[str, object]]:
+        """The operator deletes IKE SAs (``ipsecct sa delete --ike``, as ``swanctl
+        --terminate --ike``): see :meth:`terminate_one`; then waits up to ``wait`` seconds
+        for the peers' answers. What ``sa delete --ike --json`` shows of each, ``answered``
+        saying whether its peer answered the DELETE meanwhile."""
+        rows = [self.terminate_one(ike) for ike in ikes]
+        await self.ended(ikes, wait)
+        for row, ike in zip(rows, ikes, strict=True):
+            row["answered"] = bool(row["delete_sent"]) and ike.state is IkeState.DEAD
+        return rows
+
+    def terminate_one(self, ike: IkeSA) -> dict[str, object]:
+        """The operator deletes an IKE SA: its CHILD SAs' tunnels are removed at once
+        (ChildDown: nothing is sent on them again), the DELETE goes to the peer (a half-open
+        IKE SA is dropped without one), and nothing restarts it (its connection's actions
+        after a close are for a peer's DELETE or a dead peer). The caller asked
+        :meth:`terminate_refusal`."""
+        children = [f"0x{c.spi_in:08x}" for c in ike.children]
+        sent = ike.state is IkeState.ESTABLISHED
+        self._act(self.engine.delete(ike, self.node.clock(), "deleted by the operator"))
+        event(log, "ike-sa-deleted-by-operator", node=self.node.name, conn=ike.conn.name,
+              uid=ike.uid, peer=ike.remote, spi_i=ike.spi_i.hex(), spi_r=ike.spi_r.hex(),
+              children=len(children), delete_sent=sent)  # fmt: skip
+        return {"name": ike.conn.name, "uid": ike.uid, "spi_i": ike.spi_i.hex(),
+                "spi_r": ike.spi_r.hex(), "remote": str(ike.remote), "remote_id": ike.peer_id,
+                "children": children, "delete_sent": sent}  # fmt: skip
+
+    async def ended(self, ikes: list[IkeSA], timeout: float) -> None:
+        """Until each of ``ikes`` has ended (its DELETE answered, or given up) or
+        ``timeout`` seconds have passed."""
+        if all(ike.state is IkeState.DEAD for ike in ikes):
+            return
+        done = asyncio.get_running_loop().create_future()
+
+        def watch(o: Output) -> None:
+            if (isinstance(o, IkeDown) and all(ike.state is IkeState.DEAD for ike in ikes)
+                    and not done.done()):  # fmt: skip
+                done.set_result(None)
+
+        self.listeners.append(watch)
+        try:
+            await asyncio.wait_for(done, timeout)
+        except TimeoutError:
+            pass
+        finally:
+            self.listeners.remove(watch)
 
     def list(self) -> list[dict[str, object]]:
         now = self.node.clock()

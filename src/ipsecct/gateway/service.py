@@ -48,6 +48,9 @@ def _lacks(section: str, what: str) -> Callable[[dict[str, Any]], Awaitable[Any]
 
 
 NO_IKE = "this node runs no IKEv2 (no [connections] configured)"
+# seconds ``sa delete --ike`` waits for the peer to answer the DELETE (the SAs are gone here
+# at once; an unanswered DELETE is sent again, as every IKE request, then given up)
+IKE_DELETE_WAIT = 2.0
 
 
 async def _no_ike(args: dict[str, Any]) -> Any:
@@ -183,6 +186,9 @@ class Service:
             self.ike.awaiting_commit = self.transfer.core.awaiting_commit
             # ... and a transfer's end gives back the virtual IPs check_unit reserved
             self.ike.incoming_state = self.transfer.core.incoming_state
+            # ... and an IKE SA in a transfer is not deleted under it (sa delete --ike)
+            core = self.transfer.core
+            self.ike.transfer_role = lambda t: core.tunnel_roles().get(t)
             if self.vip is not None:  # answers from the virtual address wait for its claim
                 vip = self.vip
                 self.ike.vip_owned = lambda: vip.owned
@@ -194,10 +200,12 @@ class Service:
         if self.control is not None:
             if self.ike is not None:
                 self.control.register("ike.list", self._ike_list)
+                self.control.register("ike.delete", self._ike_delete)
                 self.control.register("pools.list", self._pools_list)
                 self.control.register("pools.release", self._pools_release)
             else:  # every "sa list" asks: an answer, not a refusal logged as a warning each time
                 self.control.register("ike.list", _no_ike)
+                self.control.register("ike.delete", _no_ike)
                 self.control.register("pools.list", _no_ike)
                 self.control.register("pools.release", _no_ike)
             for name, h in {
@@ -360,6 +368,30 @@ class Service:
     async def _ike_list(self, args: dict[str, Any]) -> Any:
         assert self.ike is not None
         return self.ike.list()
+
+    async def _ike_delete(self, args: dict[str, Any]) -> Any:
+        """``ipsecct sa delete --ike NAME|SPI`` or ``--ike-id N`` (as ``swanctl --terminate
+        --ike`` / ``--ike-id``): each IKE SA named is deleted, its CHILD SAs with it, and the
+        peer told; the answer waits a moment for the peer's (``answered``). Nothing is
+        deleted when one of them may not be (in a transfer, this gateway fenced)."""
+        assert self.ike is not None
+        what, uid = args.get("ike"), args.get("ike_id")
+        if (what is None) == (uid is None):
+            raise ControlError("name the IKE SA: ike (a connection or an SPI) or ike_id")
+        if what is not None and (not isinstance(what, str) or not 0 < len(what) <= 256):
+            raise ControlError("ike must be a connection's name or an SPI")
+        if uid is not None and (not isinstance(uid, int) or isinstance(uid, bool)):
+            raise ControlError("ike_id must be a number (the #N of ipsecct sa list --ike)")
+        try:
+            ikes = self.ike.find(what, uid)
+        except ValueError as exc:
+            raise ControlError(str(exc)) from None
+        now = self.node.clock()
+        for ike in ikes:
+            why = self.ike.terminate_refusal(ike, now)
+            if why is not None:
+                raise ControlError(why)
+        return await self.ike.terminate(ikes, IKE_DELETE_WAIT)
 
     async def _pools_list(self, args: dict[str, Any]) -> Any:
         """``ipsecct pools [--leases]``: the virtual IP pools, and each lease."""

@@ -593,12 +593,24 @@ class IkeEngine:
         for ike in missed:
             self._arm(ike)
 
-    def delete(self, ike: IkeSA, now: float) -> list[Output]:
-        """Send a DELETE for the IKE SA (and so all its CHILD SAs)."""
+    def delete(self, ike: IkeSA, now: float, reason: str = "") -> list[Output]:
+        """Send a DELETE for the IKE SA (and so all its CHILD SAs).
+
+        ``reason`` (the operator's ``ipsecct sa delete --ike``): its CHILD SAs go at once
+        (ChildDown before the DELETE is sent: nothing is sent on them from now on, as the
+        peer removes its half on receipt, §1.4.1), and the IKE SA's end is told with it
+        (IkeDown, once the DELETE is answered or given up). Without: they stay until then
+        (the gateway stopping)."""
         self._touch(ike)
         out: list[Output] = []
+        if reason:
+            ike.close_reason = reason
+            for c in ike.children:
+                self._child_spis.discard(c.spi_in)
+                out.append(ChildDown(ike, c, reason))
+            ike.children = []
         if ike.state is not IkeState.ESTABLISHED:
-            self._kill(ike, "deleted", out)
+            self._kill(ike, reason or "deleted", out)
             return out
         if ike.pending is not None:  # window of one: the delete replaces the pending check
             self._drop_pending(ike)
