@@ -358,7 +358,7 @@ def test_engines_establish_a_child_sa(ike: str, esp: str) -> None:
     assert ci.ike.state is cr.ike.state is IkeState.ESTABLISHED
     assert ci.ike.peer_id == "gw.test" and cr.ike.peer_id == "mn.test"
     assert ci.child.suite == cr.child.suite
-    assert str(ci.child.local_ts[0]) == "10.2.0.5-10.2.0.5"
+    assert str(ci.child.local_ts[0]) == "10.2.0.5/32"
     # the SAs they install mirror each other: the same path as manual keys
     _, out_i, in_i = ci.child.sas(I500, R500, True, "mn")
     _, out_r, in_r = cr.child.sas(R500, I500, True, "gw")
@@ -404,14 +404,44 @@ def test_no_proposal_chosen_and_wrong_psk_fail_cleanly() -> None:
     assert w.of("i", ConnectFailed) and not w.of("i", ChildUp)
 
 
+@pytest.mark.parametrize(("first", "last", "shown"), [
+    ("10.0.0.0", "10.0.0.255", "10.0.0.0/24"),
+    ("10.201.1.1", "10.201.1.1", "10.201.1.1/32"),
+    ("0.0.0.0", "255.255.255.255", "0.0.0.0/0"),
+    ("10.0.0.0", "10.0.0.127", "10.0.0.0/25"),
+    ("fd00::", "fd00::ffff", "fd00::/112"),
+    ("fd00::1", "fd00::1", "fd00::1/128"),
+    ("::", "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff", "::/0"),
+    # not one prefix: a range, as before
+    ("10.0.0.1", "10.0.0.9", "10.0.0.1-10.0.0.9"),
+    ("10.0.0.128", "10.0.1.127", "10.0.0.128-10.0.1.127"),  # 256 addresses, unaligned
+    ("10.0.0.0", "10.0.0.2", "10.0.0.0-10.0.0.2"),
+    # what a peer may send: shown, never raised on
+    ("10.0.0.9", "10.0.0.1", "10.0.0.9-10.0.0.1"),
+    ("10.0.0.1", "::1", "10.0.0.1-::1"),
+])  # fmt: skip
+def test_a_traffic_selector_is_shown_as_a_prefix_when_it_is_one(first: str, last: str,
+                                                                 shown: str) -> None:
+    """``sa list``, ``--json`` and the logs show a selector as swanctl does where it is one
+    prefix (swanctl --list-sas: ``10.201.1.1/32``; it was ``10.201.1.1-10.201.1.1``), a
+    range otherwise; the protocol and ports follow it, and the text reads back the same."""
+    a, b = ipaddress.ip_address(first), ipaddress.ip_address(last)
+    t = M.TrafficSelector(7 if a.version == 4 else 8, 0, 0, 65535, a, b)
+    assert str(t) == shown
+    assert str(dataclasses.replace(t, ip_protocol=17, start_port=53, end_port=53)) == (
+        f"{shown}[17]:53-53")
+    if a.version == b.version and a <= b:  # type: ignore[operator]
+        assert from_text(shown) == t
+
+
 def test_ts_narrowing_and_ts_unacceptable() -> None:
     w = pair(mn_conn(local_ts="10.2.0.0/16", remote_ts="10.0.0.0/8"),
              conn(local_ts="10.1.0.0/16", remote_ts="10.2.3.0/24"))  # fmt: skip
     connect(w)
     (cr,) = w.of("r", ChildUp)
     assert isinstance(cr, ChildUp)
-    assert [str(t) for t in cr.child.local_ts] == ["10.1.0.0-10.1.255.255"]
-    assert [str(t) for t in cr.child.remote_ts] == ["10.2.3.0-10.2.3.255"]
+    assert [str(t) for t in cr.child.local_ts] == ["10.1.0.0/16"]
+    assert [str(t) for t in cr.child.remote_ts] == ["10.2.3.0/24"]
     assert len(w.of("i", ChildUp)) == 1
     w = pair(mn_conn(remote_ts="172.16.0.0/12"), conn())
     connect(w)

@@ -941,7 +941,7 @@ def test_create_child_asks_for_a_new_child_sa_in_the_ike_sa() -> None:
     assert new_i.config is cc and new_i.spi_in != old.spi_in
     assert (new_i.spi_in, new_i.spi_out) == (new_r.spi_out, new_r.spi_in)
     assert w.ini.stats["child-sa-created"] == 1 and not ike_i.children_wanted
-    assert [str(t) for t in new_i.local_ts] == ["10.2.0.5-10.2.0.5"]
+    assert [str(t) for t in new_i.local_ts] == ["10.2.0.5/32"]
 
 
 def test_create_child_refused_or_crossing_an_ike_rekey_leaves_nothing_behind() -> None:

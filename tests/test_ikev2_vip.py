@@ -196,8 +196,8 @@ def test_a_client_asking_for_an_address_gets_one_and_its_child_sa_is_narrowed_to
     assert ike_r.vips == [("p4", ip("10.3.0.1"))]
     assert ike_i.vips == [("", ip("10.3.0.1"))]
     (child,) = ike_r.children
-    assert [str(t) for t in child.remote_ts] == ["10.3.0.1-10.3.0.1"]
-    assert [str(t) for t in ike_i.children[0].local_ts] == ["10.3.0.1-10.3.0.1"]
+    assert [str(t) for t in child.remote_ts] == ["10.3.0.1/32"]
+    assert [str(t) for t in ike_i.children[0].local_ts] == ["10.3.0.1/32"]
     assert ike_r.summary(0.0)["remote_vips"] == ["10.3.0.1"]
     assert ike_i.summary(0.0)["local_vips"] == ["10.3.0.1"]
     # the IKE SA ends: offline, and the same identity gets it back
@@ -217,7 +217,7 @@ def test_both_families_and_dns() -> None:
     (ike_r,) = w.resp.ike_sas()
     assert ike_r.vips == [("p4", ip("10.3.0.1")), ("p6", ip("fd00::1"))]
     assert sorted(str(t) for t in ike_r.children[0].remote_ts) == [
-        "10.3.0.1-10.3.0.1", "fd00::1-fd00::1"]
+        "10.3.0.1/32", "fd00::1/128"]
 
 
 def test_lease_request_attributes_are_bounded_and_checked() -> None:
@@ -300,7 +300,7 @@ def test_the_lease_survives_ike_and_child_rekeys() -> None:
     new_i = next(i for i in w.ini.ike_sas() if i.state.value == "established")
     w.deliver(w.ini.rekey_child(new_i, new_i.children[0], 6.0), "i", 6.0)
     ups = [e for e in w.events["r"] if isinstance(e, ChildUp)]
-    assert [str(t) for t in ups[-1].child.remote_ts] == ["10.3.0.1-10.3.0.1"]
+    assert [str(t) for t in ups[-1].child.remote_ts] == ["10.3.0.1/32"]
 
 
 def _wide_child_request(w: Wire, now: float) -> list[str]:
@@ -339,7 +339,7 @@ def test_the_lease_survives_an_ike_rekey_by_either_side(who: str) -> None:
         w.deliver(w.resp.rekey_ike(ike_r, 5.0), "r", 5.0)
     (new_i,) = [i for i in w.ini.ike_sas() if i.state.value == "established"]
     assert new_i.summary(5.0)["local_vips"] == ["10.3.0.1"]
-    assert _wide_child_request(w, 6.0) == ["10.3.0.1-10.3.0.1"]
+    assert _wide_child_request(w, 6.0) == ["10.3.0.1/32"]
     # a handover of the rekeyed IKE SA: the target takes the lease over
     (new_r,) = [i for i in w.resp.ike_sas() if i.state.value == "established"]
     assert new_r.summary(6.0)["remote_vips"] == ["10.3.0.1"]
@@ -480,7 +480,7 @@ def test_strongswan_client_gets_a_virtual_ip_and_pings_with_it(workdir: Path) ->
                 assert ping(ns, "a", B.inner, 3) == 3, ss.logtail()
                 (sa,) = ike_list(str(workdir / "gw.sock"))
                 assert sa["remote_vips"] == ["10.3.0.1"]
-                assert sa["children"][0]["remote_ts"] == ["10.3.0.1-10.3.0.1"]
+                assert sa["children"][0]["remote_ts"] == ["10.3.0.1/32"]
                 text = cli("sa", "list", "-s", str(workdir / "gw.sock"))
                 assert f"id {A.id} [10.3.0.1]" in text.stdout, text.stdout + text.stderr
                 ss.swanctl("--terminate", "--ike", "cA")
@@ -589,7 +589,8 @@ def test_strongswan_client_gets_an_ipv6_virtual_ip_and_pings_with_it(
                 (sa,) = ike_list(str(workdir / "gw.sock"))
                 vips = ["10.3.0.1", "fd00:3::1"] if ss.dual else ["fd00:3::1"]
                 assert sa["remote_vips"] == vips, sa
-                assert sa["children"][0]["remote_ts"] == [f"{v}-{v}" for v in vips], sa
+                nets = [str(ipaddress.ip_network(v)) for v in vips]  # as charon logs them
+                assert sa["children"][0]["remote_ts"] == nets, sa
                 assert sa["remote"].startswith("[fd02::1]" if outer6 else A.outer), sa
                 assert ping_once_up(ns, "a", B_INNER6, 3) == 3, ss.logtail() + gw.logtext()
                 assert ping(ns, "b", "fd00:3::1", 3) == 3, gw.logtext()
@@ -1095,7 +1096,7 @@ def test_ipsecct_node_gets_a_virtual_ip_from_a_strongswan_gateway(workdir: Path)
             wait_until(lambda: mn.status()["sas"] == 2, "the node's CHILD SA")
             (sa,) = ike_list(sock)
             assert sa["local_vips"] == ["10.3.0.1"], sa
-            assert sa["children"][0]["local_ts"] == ["10.3.0.1-10.3.0.1"]
+            assert sa["children"][0]["local_ts"] == ["10.3.0.1/32"]
             addrs = ns.run("a", "ip", "-o", "addr", "show", "dev", "ipsecct0").stdout
             assert "10.3.0.1/32" in addrs, addrs
             assert ping_once_up(ns, "a", B.inner, 3) == 3, mn.logtext() + ss.logtail()
@@ -1113,7 +1114,7 @@ def test_ipsecct_node_gets_a_virtual_ip_from_a_strongswan_gateway(workdir: Path)
                        "strongSwan's CHILD rekey")  # fmt: skip
             (sa,) = ike_list(sock)
             assert sa["local_vips"] == ["10.3.0.1"], sa
-            assert sa["children"][0]["local_ts"] == ["10.3.0.1-10.3.0.1"], sa
+            assert sa["children"][0]["local_ts"] == ["10.3.0.1/32"], sa
             assert ping(ns, "a", B.inner, 3) == 3, mn.logtext() + ss.logtail()
             ss.swanctl("--terminate", "--ike", "cB")
             wait_until(lambda: not ike_list(sock), "the node to drop the IKE SA")

@@ -280,11 +280,27 @@ class TrafficSelector:
     end: ipaddress.IPv4Address | ipaddress.IPv6Address
 
     def __str__(self) -> str:
+        """As swanctl prints it where the range is one prefix (``10.0.0.0/24``, a host
+        ``10.201.1.1/32``), else ``first-last``; ``[protocol]`` and ``:ports`` after it when
+        not any."""
         proto = "" if self.ip_protocol == 0 else f"[{self.ip_protocol}]"
         ports = "" if (self.start_port, self.end_port) == (0, 65535) else (
             f":{self.start_port}-{self.end_port}"
         )
-        return f"{self.start}-{self.end}{proto}{ports}"
+        return f"{_prefix_or_range(self.start, self.end)}{proto}{ports}"
+
+
+def _prefix_or_range(first: ipaddress.IPv4Address | ipaddress.IPv6Address,
+                     last: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
+    """``10.0.0.0/24`` when first..last is one prefix, else ``first-last`` (a peer's range
+    of mixed families or backwards too: shown, never raised on)."""
+    if first.version == last.version and first <= last:  # type: ignore[operator]
+        # one prefix: the host bits of first clear, those of last set, and as many
+        span = int(last) - int(first) + 1
+        if span & (span - 1) == 0 and int(first) % span == 0:
+            bits = first.max_prefixlen - (span.bit_length() - 1)
+            return f"{first}/{bits}"
+    return f"{first}-{last}"
 
 
 @dataclass(frozen=True)
