@@ -290,6 +290,51 @@ def test_sa_list_with_no_sas_prints_one_line_and_json_an_empty_list(
         assert json.loads(capsys.readouterr().out) == []
 
 
+def test_sa_delete_ike_asks_for_the_ike_sa_and_prints_one_line_each(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``sa delete --ike NAME|SPI`` / ``--ike-id N`` send ``ike.delete`` (a bare SPI still
+    ``sa.delete``), one line per IKE SA deleted, saying whether the peer answered; exactly one
+    of SPI, --ike and --ike-id, and an --ike-id that is no #N, are usage errors before any
+    daemon is asked."""
+    from ipsecct.commands import sa
+
+    asked: list[tuple[str, object]] = []
+    row = {"name": "rw", "uid": 3, "spi_i": "1d03575dd13944a4", "spi_r": "89c98d1ac0732575",
+           "remote": "10.200.0.1:4500", "remote_id": "c", "children": ["0x7986f70e"],
+           "delete_sent": True, "answered": True}  # fmt: skip
+
+    def request(path: str, cmd: str, args: object = None, **k: object) -> object:
+        asked.append((cmd, args))
+        return [row] if cmd == "ike.delete" else ["0x00000010"]
+
+    monkeypatch.setattr(sa, "request", request)
+    for argv, want in ((["--ike", "rw"], {"ike": "rw"}), (["--ike-id", "#3"], {"ike_id": 3}),
+                       (["--ike-id", "3"], {"ike_id": 3})):  # fmt: skip
+        assert cli.main(["sa", "delete", *argv, "-s", "/x.sock"]) == 0
+        assert asked.pop() == ("ike.delete", want)
+        assert capsys.readouterr().out == (
+            "deleted IKE SA rw #3 (1d03575dd13944a4_i 89c98d1ac0732575_r) of 10.200.0.1:4500,"
+            " CHILD SAs 0x7986f70e: DELETE sent, answered\n")
+    row["answered"] = False
+    assert cli.main(["sa", "delete", "--ike", "rw", "--json", "-s", "/x.sock"]) == 0
+    assert json.loads(capsys.readouterr().out) == [row]
+    assert cli.main(["sa", "delete", "--ike", "rw", "-s", "/x.sock"]) == 0
+    assert "not answered yet" in capsys.readouterr().out
+    assert cli.main(["sa", "delete", "0x10", "-s", "/x.sock"]) == 0
+    assert asked.pop() == ("sa.delete", {"spi": "0x10"})
+    capsys.readouterr()
+    asked.clear()
+    for bad in ([], ["0x10", "--ike", "rw"], ["--ike", "rw", "--ike-id", "1"],
+                ["--ike-id", "0"], ["--ike-id", "x"], ["--ike-id", "-1"]):
+        with pytest.raises(SystemExit) as ei:
+            cli.main(["sa", "delete", *bad, "-s", "/x.sock"])
+        assert ei.value.code == 2, bad
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and "error:" in err, (bad, err)
+    assert not asked
+
+
 @pytest.mark.parametrize("flag", ["--commit", "--cancel"])
 @pytest.mark.parametrize("ident", ["", "xyz", "0123456789abcdef0", "-1", "0x", "+ff", "f_f",
                                    " ff", "0x0123456789abcdef0", "0x-1"])
