@@ -519,6 +519,9 @@ def register(sub: Any) -> None:
         " swanctl --terminate --ike)",
         cmd_sa_delete,
     )  # fmt: skip
+    # (argparse's own usage, with --ike and --ike-id, wraps to three lines: a usage error
+    # is one line of usage and one of error)
+    de.usage = "%(prog)s [options] (SPI | --ike NAME|SPI | --ike-id N)"
     g = de.add_mutually_exclusive_group(required=True)
     g.add_argument("spi", nargs="?", type=_spi, help=SPI_HELP)
     g.add_argument("--ike", metavar="NAME|SPI",
