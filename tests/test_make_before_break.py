@@ -137,6 +137,31 @@ def test_the_cap_holds_on_the_native_path_too() -> None:
     unique(w)
 
 
+def test_the_native_path_keeps_carrying_the_flow_below_the_cap() -> None:
+    """The transfer's start does not freeze the outbound SA in C (its packets would go
+    through the event loop until it pushed it again: the pause at every ``transfer
+    --prepare``, benchmarks/README.md, prepgap): C keeps it, told the cap at once, sends
+    the numbers below it itself and hands up the first one past it (held); nothing twice."""
+    w = mbb_world(margin=50)
+    eng = w.gw["sg1"].engine
+    assert eng.native is not None, "the native data path is not built"
+    for i in range(20):
+        w.host_send("sg1", i)
+    out = w.tunnel.outbound
+    assert out.native is not None and out.native.active
+    w.transfer()
+    assert w.tunnel.transfer_cap == 70
+    assert out.native is not None and out.native.active, "the transfer froze the SA in C"
+    for i in range(20, 120):
+        w.host_send("sg1", i)
+    assert out_seqs(w, "sg1") == list(range(1, 71))
+    og = next(iter(w.gw["sg1"].core.outgoing.values()))
+    assert len(og.held) == 50
+    w.deliver_all()
+    assert min(out_seqs(w, "sg2")) == 71
+    unique(w)
+
+
 @pytest.mark.parametrize("how", ["timeout", "refused", "peer lost"])
 def test_a_transfer_that_does_not_commit_leaves_one_sender_and_loses_nothing(how: str) -> None:
     w = mbb_world(margin=2)

@@ -596,12 +596,37 @@ class Engine:
         state taken back from the native path first, so that nothing C sent is missed);
         packets past the cap are Held. Its inbound SA's exact state is copied back too
         (C keeps it), for the snapshot. Returns the cap (the number the target's first
-        packet follows)."""
-        native_mod.reclaim(tunnel.outbound)
+        packet follows).
+
+        An outbound SA that C carries stays in C, told the lower ceiling at once: the
+        exact number is read from C and the ceiling set in the same turn under the GIL
+        (the forwarding thread runs between batches only), so C can send nothing past the
+        cap, and the packet at the cap comes up to Python (Held). Freezing it instead (as
+        before) sent the stream's packets through the event loop, behind the rest of the
+        preparation's turn, until the loop pushed it to C again: the demo's pause at the
+        start of a ``transfer --prepare`` was 6.0 ms against 4.1 now, medians of 10
+        alternated pairs (benchmarks/README.md, prepgap)."""
+        out = tunnel.outbound
+        native_mod.sync(out)
         if tunnel.inbound is not None:
             native_mod.sync(tunnel.inbound)
-        cap = tunnel.outbound.seq + margin
+        cap = out.seq + margin
         tunnel.transfer_cap = cap
+        c = out.native
+        if c is not None and c.active:
+            if (
+                tunnel.state is TunnelState.ACTIVE
+                and out.pmtu_expires is None
+                and self._offloaded.get(id(out)) is out
+                and not out.dead
+            ):
+                # As _native_out pushes it on its next packet: the ceiling now <= the cap.
+                native_mod.push(
+                    out, mtu=out.path_mtu, seq_ceiling=tunnel.send_limit,
+                    send_until=self.send_until,
+                )  # fmt: skip
+            else:
+                native_mod.reclaim(out)  # (as before: its next packet goes through Python)
         return cap
 
     def uncap(self, tunnel: Tunnel) -> None:
