@@ -1508,3 +1508,94 @@ def test_an_identity_too_long_for_its_unit_does_not_move_nothing_sent(
     ike.peer_id = "CN=mn.test"
     assert ike_context.unit_announces(ike, ike.children)
     sg1.core.start(tunnels, "sg2", w.now)
+
+
+def test_every_start_action_start_child_comes_up_in_the_one_ike_sa_a_refused_one_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Three ``start_action = start`` children (issue 10): one IKE SA, with the first in
+    IKE_AUTH and the others asked for in it by CREATE_CHILD_SA, one after the other (as
+    strongSwan does), never a second IKE SA nor a child asked for twice. The third the
+    gateway has no child for (TS_UNACCEPTABLE): logged once, not asked for again. Rekeying
+    the IKE SA asks for nothing; a restart of the connection asks for them all again."""
+    import asyncio
+    import dataclasses
+
+    from ipsecct.ikev2.engine import IkeEngine
+    from ipsecct.ikev2.ts import from_text
+
+    base = mn_conn()
+    net = dataclasses.replace(base.children[0], start_action="start")
+    net2 = dataclasses.replace(net, name="net2", remote_ts=[from_text("10.3.0.0/16")])
+    net3 = dataclasses.replace(net, name="net3", remote_ts=[from_text("10.4.0.0/16")])
+    mn = dataclasses.replace(base, remote_addrs=[ipaddress.ip_network(f"{R500.host}/32")],
+                             children=[net, net2, net3])  # fmt: skip
+    gwc = conn()
+    gw_net2 = dataclasses.replace(gwc.children[0], name="net2",
+                                  local_ts=[from_text("10.3.0.0/16")])  # fmt: skip
+    gw = IkeEngine([dataclasses.replace(gwc, children=[gwc.children[0], gw_net2])])
+    cfg = from_dict(
+        {
+            "name": "mn",
+            "outer": {"address": str(I500.host), "port": 45030},
+            "inner": {"kind": "udp", "listen": "127.0.0.1:45031", "peer": "127.0.0.1:45032"},
+        },
+        str(tmp_path / "mn.toml"),
+    )
+    node = Node(cfg, role="node")
+    svc = IkeService(node, [mn])
+    sent: list[Send] = []
+    monkeypatch.setattr(svc, "_send", sent.append)
+    clock = [10.0]
+    monkeypatch.setattr(node, "clock", lambda: clock[0])
+
+    def run() -> None:
+        # the exchanges, both ways, until neither side has more to say (the node's timer
+        # sends the next CREATE_CHILD_SA wanted once the one in flight is answered)
+        while True:
+            if not sent:
+                svc._act(svc.engine.tick(clock[0]))
+                if not sent:
+                    break
+            s = sent.pop(0)
+            for o in gw.receive(s.data, s.src, s.dst, clock[0]):
+                if isinstance(o, Send):
+                    svc._receive(o.data, o.src, o.dst)
+
+    async def start() -> None:
+        svc.ike_port = 0  # (no socket bound: what it sends is taken above)
+        await svc.start()
+        assert len(sent) == 1 and len(svc.engine.connecting) == 1  # one IKE_SA_INIT
+        run()
+        node.timers.remove("ike")
+
+    asyncio.run(start())
+    (ike,) = svc.engine.ike_sas()
+    assert [c.config.name for c in ike.children] == ["net", "net2"]
+    assert sorted(c.config.name for c in gw.ike_sas()[0].children) == ["net", "net2"]
+    assert len(gw.ike_sas()) == 1 and len(node.engine.spd) == 2
+    st = svc.engine.stats
+    assert st["child-start-asked"] == 2 and st["child-create-sent"] == 2
+    assert st["child-create-failed"] == 1  # net3, refused: once
+    assert not ike.children_wanted and ike.pending is None
+    svc._act(svc.engine.tick(clock[0] + 5.0))
+    run()
+    assert st["child-create-sent"] == 2 and st["child-start-asked"] == 2  # no loop
+    # a rekeyed IKE SA keeps its children: nothing asked for
+    clock[0] += 1.0
+    svc._act(svc.engine.rekey_ike(ike, clock[0]))
+    run()
+    (new,) = svc.engine.ike_sas()
+    assert new is not ike and new.spi_i != ike.spi_i
+    assert sorted(c.config.name for c in new.children) == ["net", "net2"]
+    assert st["child-start-asked"] == 2 and st["child-create-sent"] == 2
+    # the connection restarted (a retry, dpd_action = restart): its IKE SA asks for the others
+    svc._act(svc.engine.delete(new, clock[0]))
+    run()
+    assert not svc.engine.ike_sas()
+    sent.clear()
+    svc.initiate(mn, net2)
+    run()
+    (again,) = svc.engine.ike_sas()
+    assert sorted(c.config.name for c in again.children) == ["net", "net2"]
+    assert st["child-start-asked"] == 4 and st["child-create-failed"] == 2

@@ -268,10 +268,12 @@ class IkeService:
         ports = [p for p in (self.ike_port, self.node.cfg.outer.port) if p]
         event(log, "ike-listening", node=self.node.name, ports=",".join(map(str, ports)),
               connections=len(self.engine.connections))  # fmt: skip
+        # one IKE SA a connection, with its first start_action = start child in IKE_AUTH;
+        # the others are asked for in it once it is up (_start_others), as strongSwan does
         for conn in self.engine.connections:
-            for child in conn.children:
-                if child.start_action == "start":
-                    self.initiate(conn, child)
+            first = next((c for c in conn.children if c.start_action == "start"), None)
+            if first is not None:
+                self.initiate(conn, first)
 
     def _acquire(self, src: IPAddr, dst: IPAddr, proto: int, sport: int, dport: int) -> None:
         """An outbound packet matched no policy (it is dropped, as the kernel's trap policy
@@ -860,6 +862,8 @@ class IkeService:
                   peer=o.ike.remote, id=o.ike.peer_id)  # fmt: skip
             if o.ike.vips_given and o.ike.vips:
                 self._vips_up(o.ike)
+            if o.ike.we_initiated and not self._stopping:
+                self._start_others(o.ike, o.auth_child)
         elif isinstance(o, IkeRekeyed):
             event(log, "ike-sa-rekeyed", node=self.node.name, conn=o.new.conn.name,
                   peer=o.new.remote, spi_i=o.new.spi_i.hex(), spi_r=o.new.spi_r.hex())  # fmt: skip
@@ -869,6 +873,25 @@ class IkeService:
             if o.ike.vips_given and o.ike.vips:
                 self._vips_down(o.ike)
             self._after_down(o.ike, o.reason)
+
+    def _start_others(self, ike: IkeSA, first: ChildConfig | None) -> None:
+        """An IKE SA we initiated is up (at start, a retry, a dpd_action/close_action
+        restart, a trap's): ask in it, by CREATE_CHILD_SA one after the other, for each
+        other ``start_action = start`` child of its connection that it has no CHILD SA of
+        and that is not asked for yet. Not the one its IKE_AUTH asked for (``first``), taken
+        or refused: a child the peer refuses is logged once (child-create-failed) and not
+        asked for again in this IKE SA. A rekeyed IKE SA keeps its children (no IkeUp)."""
+        now = self.node.clock()
+        for cc in ike.conn.children:
+            if (cc.start_action != "start" or cc is first
+                    or any(c.config is cc for c in ike.children)
+                    or any(w is cc for w in ike.children_wanted)
+                    or (ike.pending is not None and ike.pending.new_child is cc)):  # fmt: skip
+                continue
+            self.engine.stats["child-start-asked"] += 1
+            event(log, "ike-child-start", node=self.node.name, conn=ike.conn.name,
+                  child=cc.name)  # fmt: skip
+            self._act(self.engine.create_child(ike, cc, now))
 
     # -- virtual IPs the peer gave us (a mobile node's vips = ["0.0.0.0"]) ---------------------
     def _vips_up(self, ike: IkeSA) -> None:

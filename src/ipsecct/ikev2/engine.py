@@ -176,6 +176,9 @@ class Send:
 @dataclass(frozen=True)
 class IkeUp:
     ike: IkeSA
+    # the child our IKE_AUTH asked for (we initiated; None: none, or we answered): the
+    # adapter asks for the connection's other start_action = start children in the IKE SA
+    auth_child: ChildConfig | None = None
 
 
 @dataclass(frozen=True)
@@ -2311,7 +2314,7 @@ class IkeEngine:
             self.stats["vip-not-given"] += 1
             log.warning("event=ike-vip-failed conn=%s peer=%s reason=%s", conn.name,
                         ike.remote, _quote("the peer gave no virtual IP"))  # fmt: skip
-        out.append(IkeUp(ike))
+        out.append(IkeUp(ike, ike.auth_child[0] if ike.auth_child is not None else None))
         if ike.auth_child is None:
             return
         cc, spi_in = ike.auth_child
