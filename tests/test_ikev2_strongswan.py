@@ -664,6 +664,84 @@ def test_ipsecct_node_connects_to_strongswan_gateway(workdir: Path) -> None:
                 mn.cleanup()
 
 
+B_INNER2 = "10.201.2.2"  # a second address behind strongSwan: the node's second child's
+
+
+class TwoChildResponder(Responder):
+    """strongSwan B with a second child, ``net2``, for B_INNER2 (none for a third)."""
+
+    def write_config(self) -> None:
+        Charon.write_config(self)
+        conf = strongswan.swanctl_psk(
+            "cB", local_addrs=B.outer, remote_addrs=A.outer, local_id=B.id, remote_id=A.id,
+            local_ts=f"{B.inner}/32", remote_ts=f"{A.inner}/32", psk=PSK, dpd="1s",
+            more_children=f"""
+      net2 {{
+        local_ts = {B_INNER2}/32
+        remote_ts = {A.inner}/32
+        mode = tunnel
+      }}""",
+        )  # fmt: skip
+        strongswan.write_private(self.dir / "swanctl.conf", conf)
+
+
+@pytest.mark.root
+@pytest.mark.slow
+@needs_strongswan
+def test_ipsecct_node_starts_every_start_child_in_one_ike_sa_with_strongswan(
+    workdir: Path,
+) -> None:
+    """``ipsecct node`` with three ``start_action = "start"`` children against an unmodified
+    strongSwan responder that has two of them (issue 10): one IKE SA, the first child in
+    IKE_AUTH, the second asked for in it by CREATE_CHILD_SA; both installed at charon
+    (``swanctl --list-sas``) and ping passes through each. The third, which strongSwan
+    refuses (TS_UNACCEPTABLE), is logged once and not asked for again."""
+    conf = node_config(workdir)
+    text = conf.read_text().replace(f'routes = ["{B.inner}/32"]',
+                                    f'routes = ["{B.inner}/32", "{B_INNER2}/32"]')  # fmt: skip
+    more = "".join(f"""children.{n}.local_ts = ["{A.inner}/32"]
+children.{n}.remote_ts = ["{dst}/32"]
+children.{n}.esp_proposals = ["aes128-sha256"]
+children.{n}.start_action = "start"
+""" for n, dst in (("net2", B_INNER2), ("net3", "10.201.2.3")))  # fmt: skip
+    text = text.replace("\n[secrets.ike-ab]", more + "\n[secrets.ike-ab]")
+    assert "children.net3.start_action" in text and B_INNER2 in text
+    conf.write_text(text)
+    with Namespaces("a", "b") as ns:
+        build_namespaces(ns)
+        ns.run("b", "ip", "addr", "add", f"{B_INNER2}/32", "dev", "lo")
+        with TwoChildResponder(ns, workdir) as ss:
+            ss.start()
+            sock = str(workdir / "mn.sock")
+            mn = Daemon("node", conf, sock, workdir / "mn.log",
+                        prefix=["ip", "netns", "exec", ns.names["a"]])  # fmt: skip
+            try:
+                mn.start()
+                strongswan.wait_log(ss, r"CHILD_SA net\{\d+\} established")
+                strongswan.wait_log(ss, r"CHILD_SA net2\{\d+\} established")
+                wait_until(lambda: "child=net3" in mn.logtext(), "net3 asked for and refused")
+                wait_until(lambda: mn.status()["sas"] == 4, "the node's two CHILD SAs")
+                sas = ss.list_sas()
+                assert re.search(r"^\s+net: #\d+.*INSTALLED", sas, re.M), sas
+                assert re.search(r"^\s+net2: #\d+.*INSTALLED", sas, re.M), sas
+                assert len(re.findall(r"^cB: #\d+", sas, re.M)) == 1, sas  # one IKE SA
+                assert ping_once_up(ns, "a", B.inner, PINGS) == PINGS, mn.logtext() + ss.logtail()
+                assert ping_once_up(ns, "a", B_INNER2, PINGS) == PINGS, (
+                    mn.logtext() + ss.logtail())  # fmt: skip
+                assert ping(ns, "b", A.inner, 2) == 2
+                (sa,) = ike_list(sock)
+                assert sorted(c["name"] for c in sa["children"]) == ["net", "net2"], sa
+                counts = strongswan.sa_packet_counts(ss.list_sas())
+                assert len(counts) == 4 and all(n > 0 for n in counts.values()), counts
+                log = mn.logtext()
+                assert len(re.findall(r"event=child-create-failed .*child=net3", log)) == 1, log
+                assert len(re.findall(r"event=ike-child-start .*child=net2", log)) == 1, log
+                assert "TS_UNACCEPTABLE" in log, log
+                assert mn.terminate() == 0
+            finally:
+                mn.cleanup()
+
+
 NODE_CASES = [
     # (the node's IKE proposal, its ESP proposal, what strongSwan logs it selected: at
     #  IKE_AUTH, which has no key exchange for the CHILD SA, the ESP proposal without PFS)
