@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import replace
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -159,6 +160,46 @@ def test_the_native_path_keeps_carrying_the_flow_below_the_cap() -> None:
     assert len(og.held) == 50
     w.deliver_all()
     assert min(out_seqs(w, "sg2")) == 71
+    unique(w)
+
+
+def test_packets_c_sends_between_the_read_and_the_new_ceiling_raise_the_cap(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The forwarding thread can take the GIL between two Python calls (CPython hands it over
+    at any bytecode once another thread waited its switch interval): between reading C's
+    number and telling C the cap, C may send on under its old ceiling, here more than the
+    margin. The cap then follows what C sent, so that the target starts past every number
+    the source used: nothing twice (a nonce reused under AES-GCM otherwise)."""
+    from ipsecct.ipsec import native as native_mod
+
+    w = mbb_world(margin=2)
+    eng = w.gw["sg1"].engine
+    assert eng.native is not None, "the native data path is not built"
+    for i in range(10):
+        w.host_send("sg1", i)
+    out = w.tunnel.outbound
+    assert out.native is not None and out.native.active
+    real_push = native_mod.push
+    raced: list[bool] = []
+
+    def push_after_the_thread_ran(*args: Any, **kw: Any) -> Any:
+        if not raced:  # the forwarding thread's batch, under the old ceiling
+            raced.append(True)
+            for i in range(10, 15):
+                w.host_send("sg1", i)
+        return real_push(*args, **kw)
+
+    monkeypatch.setattr(native_mod, "push", push_after_the_thread_ran)  # (the engine's)
+    w.transfer()
+    assert raced
+    assert out_seqs(w, "sg1") == list(range(1, 16))  # C sent 11..15 past the read (10) + 2
+    assert w.tunnel.transfer_cap == 15
+    for i in range(15, 30):
+        w.host_send("sg1", i)
+    assert out_seqs(w, "sg1") == list(range(1, 16))  # nothing more: held at the cap
+    w.deliver_all()
+    assert min(out_seqs(w, "sg2")) == 16
     unique(w)
 
 

@@ -600,8 +600,10 @@ class Engine:
 
         An outbound SA that C carries stays in C, told the lower ceiling at once: the
         exact number is read from C and the ceiling set in the same turn under the GIL
-        (the forwarding thread runs between batches only), so C can send nothing past the
-        cap, and the packet at the cap comes up to Python (Held). Freezing it instead (as
+        (the forwarding thread runs between batches only, but may take the GIL between
+        the two calls: the number is read again after, and the cap raised to it), so C
+        can send nothing past the cap, and the packet at the cap comes up to Python
+        (Held). Freezing it instead (as
         before) sent the stream's packets through the event loop, behind the rest of the
         preparation's turn, until the loop pushed it to C again: the demo's pause at the
         start of a ``transfer --prepare`` was 6.0 ms against 4.1 now, medians of 10
@@ -625,8 +627,16 @@ class Engine:
                     out, mtu=out.path_mtu, seq_ceiling=tunnel.send_limit,
                     send_until=self.send_until,
                 )  # fmt: skip
+                # The read and the new ceiling are two calls, and CPython may hand the GIL
+                # to the forwarding thread between any two (once it waited its switch
+                # interval): C may have sent on under its old ceiling meanwhile, past the
+                # cap when the margin is small. Read again, now that C is held to the
+                # ceiling: the cap covers every number C used (the target starts past it).
+                native_mod.sync(out)
             else:
                 native_mod.reclaim(out)  # (as before: its next packet goes through Python)
+            if out.seq > cap:  # (reclaim too: C may have sent since the read, until it)
+                cap = tunnel.transfer_cap = out.seq
         return cap
 
     def uncap(self, tunnel: Tunnel) -> None:
