@@ -304,11 +304,7 @@ class IkeService:
                 # deleted it, or it is a second child): a new one in that IKE SA (none
                 # while the IKE SAs are being rekeyed away or deleted)
                 ike = next((i for i in up if i.state is IkeState.ESTABLISHED), up[0])
-                if (ike.state is IkeState.ESTABLISHED
-                        and not any(c.config is child for c in ike.children)
-                        and not any(cc is child for cc in ike.children_wanted)
-                        and not (ike.pending is not None
-                                 and ike.pending.new_child is child)):  # fmt: skip
+                if ike.state is IkeState.ESTABLISHED and not ike.has_or_asks(child):
                     self.engine.stats["trap-acquired"] += 1
                     event(log, "ike-trap", node=self.node.name, conn=conn.name,
                           child=child.name, src=src, dst=dst, ike_sa="up")  # fmt: skip
@@ -883,10 +879,7 @@ class IkeService:
         asked for again in this IKE SA. A rekeyed IKE SA keeps its children (no IkeUp)."""
         now = self.node.clock()
         for cc in ike.conn.children:
-            if (cc.start_action != "start" or cc is first
-                    or any(c.config is cc for c in ike.children)
-                    or any(w is cc for w in ike.children_wanted)
-                    or (ike.pending is not None and ike.pending.new_child is cc)):  # fmt: skip
+            if cc.start_action != "start" or cc is first or ike.has_or_asks(cc):
                 continue
             self.engine.stats["child-start-asked"] += 1
             event(log, "ike-child-start", node=self.node.name, conn=ike.conn.name,

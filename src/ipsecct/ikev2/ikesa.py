@@ -336,6 +336,14 @@ class IkeSA:
         """ESP in UDP: a NAT was detected (or faked), or IKE moved to port 4500."""
         return self.nat_local or self.nat_remote or self.remote.port != IKE_PORT
 
+    def has_or_asks(self, cc: ChildConfig) -> bool:
+        """Does this IKE SA hold a CHILD SA of ``cc``, or ask for one (queued, or its
+        CREATE_CHILD_SA in flight)? (A trap or a start_action = start child asks for one only
+        when not.)"""
+        return (any(c.config is cc for c in self.children)
+                or any(w is cc for w in self.children_wanted)
+                or (self.pending is not None and self.pending.new_child is cc))  # fmt: skip
+
     def describe(self) -> str:
         return f"{self.conn.name}[{self.uid}] {self.local} <-> {self.remote}"
 
