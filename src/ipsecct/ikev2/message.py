@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from ..errors import IkeParseError, IkeProtocolError
+from ..ipsec.spd import one_prefix
 
 IKE_HEADER_LEN = 28
 VERSION = 0x20  # major 2, minor 0
@@ -287,20 +288,9 @@ class TrafficSelector:
         ports = "" if (self.start_port, self.end_port) == (0, 65535) else (
             f":{self.start_port}-{self.end_port}"
         )
-        return f"{_prefix_or_range(self.start, self.end)}{proto}{ports}"
-
-
-def _prefix_or_range(first: ipaddress.IPv4Address | ipaddress.IPv6Address,
-                     last: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
-    """``10.0.0.0/24`` when first..last is one prefix, else ``first-last`` (a peer's range
-    of mixed families or backwards too: shown, never raised on)."""
-    if first.version == last.version and first <= last:  # type: ignore[operator]
-        # one prefix: the host bits of first clear, those of last set, and as many
-        span = int(last) - int(first) + 1
-        if span & (span - 1) == 0 and int(first) % span == 0:
-            bits = first.max_prefixlen - (span.bit_length() - 1)
-            return f"{first}/{bits}"
-    return f"{first}-{last}"
+        net = one_prefix(self.start, self.end)
+        where = str(net) if net is not None else f"{self.start}-{self.end}"
+        return f"{where}{proto}{ports}"
 
 
 @dataclass(frozen=True)

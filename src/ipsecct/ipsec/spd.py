@@ -101,10 +101,23 @@ class AddressRange:
     def __str__(self) -> str:
         if self.first == self.last:
             return str(self.first)
-        nets = list(ipaddress.summarize_address_range(self.first, self.last))
-        if len(nets) == 1:
-            return str(nets[0])
-        return f"{self.first}-{self.last}"
+        net = one_prefix(self.first, self.last)
+        return str(net) if net is not None else f"{self.first}-{self.last}"
+
+
+def one_prefix(
+    first: IPAddress, last: IPAddress
+) -> ipaddress.IPv4Network | ipaddress.IPv6Network | None:
+    """The network ``first``..``last`` is when it is exactly one prefix (``10.0.0.0/24``, a
+    host ``/32``); None when it is not one, or the range is backwards or of mixed families
+    (a peer's traffic selector, shown as it came, never raised on)."""
+    if first.version != last.version or first > last:  # type: ignore[operator]
+        return None
+    # one prefix: the host bits of first clear, those of last set, and as many
+    span = int(last) - int(first) + 1
+    if span & (span - 1) or int(first) % span:
+        return None
+    return ipaddress.ip_network((first, first.max_prefixlen - (span.bit_length() - 1)))
 
 
 class RangeSet:
