@@ -860,6 +860,10 @@ def decode(cdbs: list[bytes], connections: list[Connection], now: float,
     return ike if ike is not None else decode_reference(cdbs, connections, now, local)
 
 
+# the key length of each PRF (SK_d, SK_pi, SK_pr: its output)
+_PRF_LEN = {"sha1": 20, "sha256": 32, "sha384": 48, "sha512": 64}
+
+
 def decode_reference(cdbs: list[bytes], connections: list[Connection], now: float,
                      local: Address | None = None) -> IkeSA:  # fmt: skip
     """:func:`decode` by the reference decoder: every item looked up and checked on its own,
@@ -879,7 +883,7 @@ def decode_reference(cdbs: list[bytes], connections: list[Connection], now: floa
     suite = _unsuite(_one(m, 6))
     if suite.prf is None or suite.dh is None:
         raise IkeContextError("an IKE suite without PRF or DH")
-    plen = {"sha1": 20, "sha256": 32, "sha384": 48, "sha512": 64}[PRF_HASH[suite.prf]]
+    plen = _PRF_LEN[PRF_HASH[suite.prf]]
     ilen, elen = suite.integ_key_len, suite.enc_key_len
     keys = IkeKeys(_one(m, 7, plen), _one(m, 8, ilen), _one(m, 9, ilen), _one(m, 10, elen),
                    _one(m, 11, elen), _one(m, 12, plen), _one(m, 13, plen))  # fmt: skip
@@ -953,7 +957,6 @@ def decode_reference(cdbs: list[bytes], connections: list[Connection], now: floa
 # raising where a fault is; :func:`_read` scans each CDB once into a dict of octets, checks
 # the same rules inline and says only "no" (None) on any fault, so that the reference names
 # it. The immutable parts (suites, selectors, addresses) are shared by their octets.
-_PRF_LEN = {"sha1": 20, "sha256": 32, "sha384": 48, "sha512": 64}
 _CACHE_MAX = 1024  # entries per cache of shared immutable parts; a full cache starts over
 _suites: dict[bytes, Suite] = {}
 _selectors: dict[bytes, TrafficSelector] = {}
