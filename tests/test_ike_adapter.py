@@ -397,8 +397,10 @@ def test_what_an_operator_names_moves_the_ike_sa_with_all_its_child_sas(tmp_path
     both = [c1.spi_in, 0x7000_0001]
     name = ike.conn.name
     for what in (name, ike.spi_i.hex(), "0x" + ike.spi_r.hex().upper(), hex(c1.spi_out),
-                 hex(c2.spi_in), str(c2.spi_out)):  # fmt: skip
-        assert svc.transfer_unit(what) == both, what
+                 hex(c2.spi_in), str(c2.spi_out), ike.spi_i.hex() + "_i",
+                 ike.spi_r.hex() + "_r"):  # fmt: skip
+        assert svc.transfer_unit(what) == both, what  # (as sa delete --ike reads them)
+        assert svc.find(what) == [ike], what
     for what in ("other", "0x" + "ab" * 8, "0x12345678", "12:34"):
         assert svc.transfer_unit(what) is None, what
     # anyone's IKE_SA_INIT (unauthenticated: a half-open IKE SA of the connection) made the
@@ -422,9 +424,21 @@ def test_what_an_operator_names_moves_the_ike_sa_with_all_its_child_sas(tmp_path
     w2 = pair(mn_conn(dpd=10), conn(dpd=10))
     connect(w2)
     (ike_r2,) = w2.resp.ike_sas()
-    svc.engine.import_ike(w2.resp.export_ike(ike_r2, 2.0), 2.0)
+    ike2 = svc.engine.import_ike(w2.resp.export_ike(ike_r2, 2.0), 2.0)
     with pytest.raises(ValueError, match="2 IKE SAs"):
         svc.transfer_unit(name)
+    # a CHILD SA's outbound SPI is its peer's choice: another peer's CHILD SA may have the
+    # same number. Named by it, the two are ambiguous: a clear error, not "too many values
+    # to unpack"; each IKE SA is still named by its IKE SPI
+    (c3,) = ike2.children
+    ike.children.append(dataclasses.replace(c1, spi_in=0x7000_0003, spi_out=c3.spi_in))
+    with pytest.raises(ValueError, match="CHILD SA's of 2 IKE SAs here: name one by its IKE"):
+        svc.transfer_unit(hex(c3.spi_in))
+    assert svc.transfer_unit(ike2.spi_r.hex()) == [c3.spi_in]
+    # a DEAD IKE SA (dropped, its entry not yet gone) is named by nothing
+    ike2.state = IkeState.DEAD
+    assert svc.transfer_unit(ike2.spi_r.hex()) is None
+    assert svc.transfer_unit(name) == [0x7000_0003]
 
 
 def test_what_an_operator_names_for_sa_delete_ike_and_when_it_is_refused(

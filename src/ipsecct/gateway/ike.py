@@ -1564,32 +1564,21 @@ class IkeService:
 
     def transfer_unit(self, what: str) -> list[int] | None:
         """The inbound SPIs of the CHILD SAs that move together when an operator names
-        ``what`` (``ipsecct transfer``): a connection with exactly one IKE SA, an IKE SPI (16
-        hex digits, initiator's or responder's), or the SPI of a CHILD SA (all the CHILD SAs
-        of its IKE SA: an IKE SA moves with its CHILD SAs, as one unit). None: ``what``
-        names no IKE SA here (a manually keyed tunnel's SPI, or nothing)."""
-        sas = self.engine.ike_sas()
-        # (by name, the IKE SAs that are up: a half-open one is anyone's IKE_SA_INIT, a
-        # rekeyed one waits for its DELETE, its CHILD SAs gone to its successor)
-        found: list[IkeSA] = [ike for ike in sas if ike.conn.name == what
-                              and ike.state is IkeState.ESTABLISHED]  # fmt: skip
-        if len(found) > 1:
-            raise ValueError(
-                f"connection {what!r} has {len(found)} IKE SAs here: name one by its IKE SPI"
-            )
-        if not found:
-            text = what.lower().removeprefix("0x")
-            if len(text) == 16:
-                found = [ike for ike in sas if text in (ike.spi_i.hex(), ike.spi_r.hex())]
-            else:
-                try:
-                    spi = int(what, 0)
-                except ValueError:
-                    return None
-                found = [ike for ike in sas
-                         if any(spi in (c.spi_in, c.spi_out) for c in ike.children)]  # fmt: skip
+        ``what`` (``ipsecct transfer``), read as :meth:`_named` reads it: one IKE SA, all its
+        CHILD SAs (an IKE SA moves with its CHILD SAs, as one unit). None: ``what`` names no
+        IKE SA here (a manually keyed tunnel's SPI, or nothing). ValueError: it names more
+        than one (a connection with two, or a CHILD SPI two IKE SAs have), or one with no
+        CHILD SA."""
+        found = self._named(what)
         if not found:
             return None
+        if len(found) > 1:
+            if any(c.name == what for c in self.engine.connections):
+                raise ValueError(f"connection {what!r} has {len(found)} IKE SAs here: name one"
+                                 " by its IKE SPI")  # fmt: skip
+            # (a CHILD SA's outbound SPI is the peer's choice: two peers may pick one value)
+            raise ValueError(f"SPI {what!r} is a CHILD SA's of {len(found)} IKE SAs here: name"
+                             " one by its IKE SPI (see ipsecct sa list --ike)")  # fmt: skip
         (ike,) = found
         if not ike.children:
             raise ValueError(f"IKE SA of {ike.conn.name!r} has no CHILD SA to move")
@@ -1834,34 +1823,43 @@ class IkeService:
         transfer`` does: not a half-open one (anyone's IKE_SA_INIT), one a rekey replaced
         (its successor holds its CHILD SAs now) or one being deleted already. Raises
         ValueError, saying why, when nothing is named."""
-        sas = [ike for ike in self.engine.ike_sas() if ike.state is not IkeState.DEAD]
         if uid is not None:
-            found = [ike for ike in sas if ike.uid == uid]
+            found = [ike for ike in self.engine.ike_sas()
+                     if ike.uid == uid and ike.state is not IkeState.DEAD]  # fmt: skip
             if not found:
                 raise ValueError(f"no IKE SA #{uid} here (see ipsecct sa list --ike)")
             return found
         assert what is not None
-        if any(c.name == what for c in self.engine.connections):
-            found = [ike for ike in sas if ike.conn.name == what
-                     and ike.state is IkeState.ESTABLISHED]  # fmt: skip
-            if not found:
-                raise ValueError(f"connection {what!r} has no IKE SA here")
-            return found
-        text = what.lower().removeprefix("0x").removesuffix("_i").removesuffix("_r")
-        if len(text) == 2 * IKE_SPI_LEN:
-            found = [ike for ike in sas if text in (ike.spi_i.hex(), ike.spi_r.hex())]
-        else:
-            try:
-                spi = int(what, 0)
-            except ValueError:
-                spi = -1
-            found = [ike for ike in sas
-                     if any(spi in (c.spi_in, c.spi_out) for c in ike.children)]  # fmt: skip
-        if not found:
+        named = self._named(what)
+        if named is not None and not named and any(c.name == what
+                                                   for c in self.engine.connections):
+            raise ValueError(f"connection {what!r} has no IKE SA here")
+        if not named:
             raise ValueError(f"no IKE SA, connection or SPI {what!r} here (an IKE SPI is 16"
                              " hex digits, a CHILD SA's a number: decimal, or 0x... for hex;"
                              " see ipsecct sa list --ike)")  # fmt: skip
-        return found
+        return named
+
+    def _named(self, what: str) -> list[IkeSA] | None:
+        """The IKE SAs ``what`` names, for ``ipsecct sa delete --ike`` and ``ipsecct
+        transfer`` alike: a connection (its established IKE SAs: not a half-open one, which
+        is anyone's IKE_SA_INIT, nor one a rekey replaced or being deleted), an IKE SPI (16
+        hex digits, initiator's or responder's; 0x and swanctl's _i/_r allowed) or a CHILD
+        SA's SPI, either direction (its IKE SA). Never a DEAD one. None: ``what`` is none of
+        these forms."""
+        sas = [ike for ike in self.engine.ike_sas() if ike.state is not IkeState.DEAD]
+        if any(c.name == what for c in self.engine.connections):
+            return [ike for ike in sas if ike.conn.name == what
+                    and ike.state is IkeState.ESTABLISHED]  # fmt: skip
+        text = what.lower().removeprefix("0x").removesuffix("_i").removesuffix("_r")
+        if len(text) == 2 * IKE_SPI_LEN:
+            return [ike for ike in sas if text in (ike.spi_i.hex(), ike.spi_r.hex())]
+        try:
+            spi = int(what, 0)
+        except ValueError:
+            return None
+        return [ike for ike in sas
+                if any(spi in (c.spi_in, c.spi_out) for c in ike.children)]  # fmt: skip
 
     def terminate_refusal(self, ike: IkeSA, now: float) -> str | None:
         """Why the operator may not delete ``ike`` now (None: it may). An IKE SA in a
