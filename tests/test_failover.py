@@ -1695,6 +1695,7 @@ class _Silent:
         self.dead_s = dead_s
         self.took_over: float | None = None
         self.unprepared = True
+        self.epoch = 1
 
     def next_deadline(self) -> float | None:
         if self.took_over is not None or self.last_heard is None:
@@ -1721,7 +1722,8 @@ def _watching(sb: _Silent, dead_ms: float = 1500) -> tuple[Any, list[float]]:
     d.node = SimpleNamespace(name="sg2")  # type: ignore[assignment]
     d.channels = SimpleNamespace(connected=lambda peer: False)  # type: ignore[assignment]
     d.replicator, d.standby = None, sb  # type: ignore[assignment]
-    d._resume_hold, d.resumed = None, 0
+    d._resume_hold, d._hold_epoch, d.resumed = None, 0, 0
+    d.suspended, d._suspended_heard = lambda: 0.0, 0.0
     d._look_again = d._looking_since = None
     d.looked_again = 0
     d.joining, d._next_join, d.joins, d._next_prepare = False, 0.0, 0, 0.0
@@ -1824,3 +1826,159 @@ def test_a_later_silence_gets_a_look_again_of_its_own() -> None:
     assert taken == [] and d.looked_again == 2
     d._on_timer(104.6)
     assert taken == [104.6]
+
+
+class _Pair:
+    """A real FailoverDriver of a standby (sg2, a real Standby with fencing: dead_ms 500,
+    heartbeat_ms 100) and its active's Replicator (sg1, two tunnels), driven by hand: the
+    test decides what the event loop runs first. ``sent``: what the driver sent sg1, with
+    when; ``taken``: the time of each take-over."""
+
+    def __init__(self) -> None:
+        from types import SimpleNamespace
+
+        from ipsecct.gateway.failover_driver import FailoverDriver
+
+        kw: dict[str, Any] = {"fencing": True, "dead_ms": 500.0, "heartbeat_ms": 100.0}
+        self.act = Engine(ip(SG_ADDR["sg1"]))
+        for i in (1, 2):
+            add_tunnel(self.act, i)
+        self.rep = failover.Replicator(self.act, cfg(**kw), session=7)
+        self.sb = standby(Engine(ip(SG_ADDR["sg2"])), **kw)
+        self.now = 0.0
+        self.asleep = 0.0  # the machine's time suspended (CLOCK_BOOTTIME - MONOTONIC)
+        self.sent: list[tuple[float, cxtp.Message]] = []
+        self.taken: list[float] = []
+        d = FailoverDriver.__new__(FailoverDriver)
+        d.cfg = self.sb.cfg
+        d.node = SimpleNamespace(  # type: ignore[assignment]
+            name="sg2", clock=lambda: self.now, timers=SimpleNamespace(poke=lambda: None)
+        )
+        d.channels = SimpleNamespace(  # type: ignore[assignment]
+            connected=lambda peer: True,
+            send=lambda peer, m: self.sent.append((self.now, m)),
+        )
+        d.transfer = SimpleNamespace(refuse=lambda: None)  # type: ignore[assignment]
+        d.replicator, d.standby, d.fencing = None, self.sb, None
+        d._resume_hold, d._hold_epoch, d.resumed = None, 0, 0
+        d.suspended, d._suspended_heard = lambda: self.asleep, 0.0
+        d._look_again = d._looking_since = None
+        d.looked_again = 0
+        d.joining, d._next_join, d.joins, d._next_prepare = False, 0.0, 0, 0.0
+
+        def take_over(now: float) -> None:
+            self.taken.append(now)
+            self.sb.took_over = now
+            self.sb.epoch += 1
+
+        d.take_over = take_over  # type: ignore[method-assign,assignment]
+        self.d = d
+
+    def timer(self, now: float) -> None:
+        """The scheduler's call, if the driver's deadline is due."""
+        self.now = now
+        due = self.d._next_deadline()
+        if due is not None and due <= now:
+            self.d._on_timer(now)
+
+    def deliver(self, msgs: list[cxtp.CTD], now: float, rep: failover.Replicator) -> None:
+        """The channel hands ``msgs`` over (100 us apart); ACKs go back to ``rep``."""
+        for m in msgs:
+            self.now = now
+            before = len(self.sent)
+            self.d.receive("sg1", m)
+            for _, reply in self.sent[before:]:
+                if failover.reply_kind(reply) == failover.SYNC_ACK:
+                    rep.receive(wire([reply])[0], now)
+            now += 0.0001
+
+    def joins(self, since: float) -> list[float]:
+        return [t for t, m in self.sent if t >= since and self._kind(m) == failover.SYNC_JOIN]
+
+    def acks(self, since: float) -> list[float]:
+        return [t for t, m in self.sent if t >= since and self._kind(m) == failover.SYNC_ACK]
+
+    @staticmethod
+    def _kind(m: cxtp.Message) -> int | None:
+        h = failover.sync_header(wire([m])[0])
+        return None if h is None else h[0]
+
+
+@pytest.mark.parametrize("peer", ["alone", "alone-slow", "active", "dead"])
+@pytest.mark.parametrize("pause", ["stopped", "suspended"])
+@pytest.mark.parametrize("first", ["message", "timer"])
+def test_no_seq_sent_twice_a_paused_standby_sees_the_pause_whatever_the_loop_runs_first(
+    first: str, pause: str, peer: str
+) -> None:
+    """sg2 (standby) does not run for 4 s (SIGSTOP: its clock runs on; or its machine
+    suspended: CLOCK_MONOTONIC stands still, only CLOCK_BOOTTIME counts it). sg1 went on
+    sending heartbeats, which wait in sg2's channel, then lost its lease, and the operator
+    let it run alone (epoch 2, no ceiling: a take-over beside it resumes from numbers it has
+    sent). When sg2 runs again, the event loop hands it the waiting messages before its late
+    timer ("message"), or after ("timer"): either way it counts itself paused, asks sg1
+    (JOIN) before it applies any of them, and does not take over while sg1 runs alone: sg1
+    answers in epoch 2 at once ("alone") or 1.5 s later, after the old messages' dead time
+    ("alone-slow"). An active that only lost its lease ("active") keeps its standby; a dead
+    one ("dead") is taken over from, after the grace. On main (before the pause was looked
+    for on every message, and before what was read early in the grace ended it) sg2 took
+    over beside sg1 with "message", and with "timer" when sg1 answered late."""
+    from ipsecct.gateway.failover_driver import RESUME_GRACE
+
+    p = _Pair()
+    sb, d = p.sb, p.d
+    t = 0.0
+    while t < 1.0:  # on time: every heartbeat applied and acknowledged
+        p.deliver(wire(p.rep.handle_timer(t)), t, p.rep)
+        p.timer(t + 0.0005)
+        t = round(t + 0.01, 3)
+    assert sb.last_heard is not None and sb.last_heard > 0.9 and p.rep.acks > 0
+    # sg2 stops at 1.0; sg1's heartbeats of the next 1.5 s wait in the channel, unread
+    waiting: list[cxtp.CTD] = []
+    while t < 2.5:
+        waiting += wire(p.rep.handle_timer(t))
+        t = round(t + 0.01, 3)
+    assert len(waiting) >= 10
+    # ... sg1's lease ran out, `failover alone`: epoch 2, it sends nothing to sg2 any more
+    if pause == "stopped":
+        resume = 5.0
+    else:
+        resume, p.asleep = 1.05, 4.0  # its clock stood still; CLOCK_BOOTTIME did not
+    if first == "timer":
+        if pause == "suspended":
+            resume = 1.5  # its timer is not late: the dead time's, on the stopped clock
+        p.timer(resume)
+        assert d.resumed == 1
+        p.deliver(waiting, resume + 0.001, p.rep)
+    else:
+        p.deliver(waiting, resume, p.rep)
+        p.timer(resume + 0.01)
+    assert d.resumed == 1
+    joins = p.joins(resume)
+    assert joins and joins[0] <= min(p.acks(resume)), "no JOIN before the old messages"
+    # sg1 reads the first JOIN: running alone, it becomes the active of epoch 2 (a new
+    # Replicator) and replicates to sg2; an active of epoch 1 resyncs on each JOIN
+    answer = {"alone": 0.2, "alone-slow": 1.5, "active": 0.0, "dead": float("inf")}[peer]
+    rep2: failover.Replicator | None = None
+    if peer == "active":
+        rep2 = p.rep
+    end = resume + RESUME_GRACE + 6.0
+    t = round(resume + 0.02, 3)
+    while t < end and not p.taken:
+        if rep2 is None and t >= joins[0] + answer:
+            rep2 = failover.Replicator(p.act, p.rep.cfg, session=8)
+            rep2.epoch = 2
+        if rep2 is not None:
+            if peer == "active" and p.joins(t - 0.01):
+                rep2.resync()
+            p.deliver(wire(rep2.handle_timer(t)), t, rep2)
+        p.timer(t + 0.0005)
+        t = round(t + 0.01, 3)
+    if peer == "dead":
+        grace = max(RESUME_GRACE, 1.0)
+        assert p.taken and p.taken[0] <= resume + grace + 0.5 + 0.2, p.taken
+        return
+    assert p.taken == [], "took over beside a live sg1"
+    assert d._resume_hold is None and not d.joining
+    assert sb.epoch == (1 if peer == "active" else 2)
+    assert sb.last_heard is not None and sb.last_heard > end - 0.2
+    assert len(p.joins(resume)) <= RESUME_GRACE / 0.1 + 2

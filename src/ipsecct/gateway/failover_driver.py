@@ -23,6 +23,8 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ..ct import cxtp
@@ -59,12 +61,22 @@ log = logging.getLogger("ipsecct.ct.failover")
 
 UNFENCED = 1 << 64
 PREPARE_PER_TICK = 8  # replicas decoded ahead per tick (~125 us per SA)
-# A standby whose dead-time timer fires this late (and at least dead_ms late) was not running
-# (SIGSTOP, a suspended VM): its peer may have been told meanwhile that it is down (`failover
-# alone`) and send alone. It asks the peer (JOIN) for RESUME_GRACE seconds (at least twice
-# dead_ms) before it takes over: a peer that answers makes it that peer's standby.
+# A standby that finds its dead time passed this long ago (and at least dead_ms ago) was not
+# running (SIGSTOP, a suspended machine): its peer may have been told meanwhile that it is
+# down (`failover alone`) and send alone. It asks the peer (JOIN) for RESUME_GRACE seconds
+# (at least twice dead_ms) before it takes over: a peer that answers makes it that peer's
+# standby. It looks at every timer call and before every sync message it applies (whichever
+# the event loop runs first after the pause), counting the time the machine was suspended.
 RESUMED_LATE = 1.0
 RESUME_GRACE = 3.0
+
+
+def suspended_s() -> float:
+    """How long this machine has been suspended since it booted: CLOCK_BOOTTIME counts a
+    suspend, CLOCK_MONOTONIC (``time.monotonic``, the node's clock, and the C forwarding
+    thread's) does not. Grows only across a suspend (microseconds of noise between the two
+    readings otherwise)."""
+    return time.clock_gettime(time.CLOCK_BOOTTIME) - time.monotonic()
 
 
 def is_sync(msg: cxtp.Message) -> bool:
@@ -159,9 +171,16 @@ class FailoverDriver:
             # before its COMMIT (docs/cluster.md, "a tunnel transferred away").
             transfer.core.standby_gate = self._standby_gate
         self._next_prepare = 0.0
-        # (since, until): the standby woke up past its dead time and asks the peer first
+        # (since, until): the standby woke up past its dead time and asks the peer first;
+        # the epoch it was in then (the peer that ran alone answers in a later one)
         self._resume_hold: tuple[float, float] | None = None
+        self._hold_epoch = 0
         self.resumed = 0  # such wake-ups
+        # The machine's time suspended (CLOCK_BOOTTIME - CLOCK_MONOTONIC, injectable), as of
+        # the last sync the standby applied: a suspend since is silence the node's clock
+        # does not see.
+        self.suspended: Callable[[], float] = suspended_s
+        self._suspended_heard = self.suspended()
         # When to look again at a dead time this standby found passed only late (it was not
         # running on time, see _on_timer), since when it does so, and how often it did.
         self._look_again: float | None = None
@@ -296,9 +315,17 @@ class FailoverDriver:
         sb = self.standby
         if sb is None:
             return
+        self._check_paused(sb, now)
         hold = self._resume_hold
-        if hold is not None and sb.last_heard is not None and sb.last_heard > hold[0]:
-            self._resume_hold = hold = None  # the peer answered: its standby, as before
+        if hold is not None and (
+            sb.epoch > self._hold_epoch or (now >= hold[1] and not sb.dead(now))
+        ):
+            # The peer answered in a later epoch (it ran alone and replicates to us now), or
+            # it was heard within dead_ms at the end of the grace (at least dead_ms after the
+            # pause: not only what waited in the channel): its standby, as before. What is
+            # read early in the grace does not end it: the active sent that while this
+            # standby was stopped, before it may have been told to run alone.
+            self._resume_hold = hold = None
             self.joining = False
         since = self._looking_since
         if since is not None and sb.last_heard is not None and sb.last_heard > since:
@@ -307,26 +334,7 @@ class FailoverDriver:
             self._look_again = self._looking_since = None
         if sb.dead(now):
             deadline = sb.next_deadline()
-            late = now - deadline if deadline is not None else 0.0
             dead_s = self.cfg.dead_ms / 1000
-            if hold is None and late >= max(RESUMED_LATE, dead_s):
-                # Not running past the dead time (paused): the peer may run alone now, told
-                # so by the operator, and a take-over would send beside it. Ask it first.
-                hold = self._resume_hold = (now, now + max(RESUME_GRACE, 2 * dead_s))
-                self.resumed += 1
-                self.joining = True
-                self._next_join = now
-                event(
-                    log,
-                    "failover-resumed",
-                    logging.WARNING,
-                    node=self.node.name,
-                    peer=self.cfg.peer,
-                    late_s=f"{late:.1f}",
-                    detail=f"this standby was not running {late:.1f} s past its dead time "
-                    f"(stopped or suspended): it asks {self.cfg.peer} to replicate to it and "
-                    f"takes over only if nothing is heard within {hold[1] - now:.1f} s",
-                )
             # Before the time to look again nothing is decided: the timer also fires for the
             # replicas to decode and the JOINs (tick_ms), and such a call, moments after the
             # late one, found the look due "on time" and took over without a read between.
@@ -370,15 +378,56 @@ class FailoverDriver:
             if sb.last_heard is not None and self._resume_hold is None:
                 self.joining = False  # the active replicates to us
             elif now >= self._next_join:
-                # only over an open channel (the channel pool keeps trying to open one): a
-                # peer that is down is not worth a warning every heartbeat
-                if self.channels.connected(self.cfg.peer):
-                    self.channels.send(self.cfg.peer, join_message(sb.epoch))
-                    self.joins += 1
-                self._next_join = now + self.cfg.heartbeat_ms / 1000
+                self._join(sb, now)
         if sb.took_over is None and sb.unprepared and now >= self._next_prepare:
             sb.prepare(PREPARE_PER_TICK)  # about 2 ms of decoding
             self._next_prepare = now + self.cfg.tick_ms / 1000
+
+    def _join(self, sb: Standby, now: float) -> None:
+        """Ask the peer to replicate to this standby (JOIN), and again a heartbeat later."""
+        # only over an open channel (the channel pool keeps trying to open one): a peer that
+        # is down is not worth a warning every heartbeat
+        if self.channels.connected(self.cfg.peer):
+            self.channels.send(self.cfg.peer, join_message(sb.epoch))
+            self.joins += 1
+        self._next_join = now + self.cfg.heartbeat_ms / 1000
+
+    def _check_paused(self, sb: Standby, now: float) -> None:
+        """Was this standby not running (stopped, or its machine suspended) until at least
+        max(RESUMED_LATE, dead_ms) past its dead time? Then the peer may run alone now, told
+        so by the operator, and a take-over would send beside it: ask it first (JOIN, at
+        once), and take over only if nothing answers within the grace. Called by every
+        timer call and before every sync applied, whichever comes first after the pause:
+        the first one sees it. A suspend counts as not running (the node's clock stops
+        during one, so its timers are not late)."""
+        if self._resume_hold is not None:
+            return
+        deadline = sb.next_deadline()
+        if deadline is None:
+            return
+        asleep = max(0.0, self.suspended() - self._suspended_heard)
+        late = now + asleep - deadline
+        dead_s = self.cfg.dead_ms / 1000
+        if late < max(RESUMED_LATE, dead_s):
+            return
+        hold = self._resume_hold = (now, now + max(RESUME_GRACE, 2 * dead_s))
+        self._hold_epoch = sb.epoch
+        self.resumed += 1
+        self.joining = True
+        suspended = f", {asleep:.1f} s of it suspended" if asleep >= 0.05 else ""
+        event(
+            log,
+            "failover-resumed",
+            logging.WARNING,
+            node=self.node.name,
+            peer=self.cfg.peer,
+            late_s=f"{late:.1f}",
+            suspended_s=f"{asleep:.1f}",
+            detail=f"this standby was not running {late:.1f} s past its dead time "
+            f"(stopped or suspended{suspended}): it asks {self.cfg.peer} to replicate to it "
+            f"and takes over only if nothing is heard within {hold[1] - now:.1f} s",
+        )
+        self._join(sb, now)  # before anything read after the pause is applied
 
     def receive(self, peer: str, msg: cxtp.CTD) -> None:
         """A sync message from ``peer``: the standby takes state from its active (and answers
@@ -421,9 +470,16 @@ class FailoverDriver:
             if self.standby is None:
                 self.transfer.refuse()
                 return
+            # Paused past the dead time? Seen before this message moves the dead time: it
+            # waited in the channel while this standby was stopped, and proves the active
+            # was alive then, not now (the timer may run after it: callback order decides
+            # nothing).
+            self._check_paused(self.standby, now)
             before = trouble(self.standby)
             for reply in self.standby.receive(msg, now):
                 self.channels.send(peer, reply)
+            if self.standby.last_heard == now:
+                self._suspended_heard = self.suspended()
             if trouble(self.standby) != before:
                 tell_trouble(self.node.name, peer, self.standby, before)
             self.node.timers.poke()  # the dead-time deadline has moved (or now exists)
