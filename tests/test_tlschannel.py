@@ -729,8 +729,8 @@ def test_deliver_hands_over_what_a_read_decoded_after_the_timers_already_due(
 ) -> None:
     """After a pause (the process stopped, the loop blocked) the messages that waited in the
     channel reach the handler after the timers that fell due meanwhile, as from a woken
-    reader task: a fail-over standby's late timer must see the pause before the active's old
-    messages make it look alive (tests/test_failover_reform.py)."""
+    reader task (a fail-over standby sees its pause in either order now:
+    tests/test_failover.py::test_no_seq_sent_twice_a_paused_standby_sees_the_pause_whatever_the_loop_runs_first)."""
     import threading
 
     async def main() -> None:

@@ -181,10 +181,10 @@ class _Stream(asyncio.streams.FlowControlMixin, asyncio.Protocol):
     paused while any wait (the inbox holds at most what one read decoded; the peer is held
     back by TCP's window). Pushed (:meth:`CxtpConnection.deliver`): what one read decoded is
     handed to ``on_message`` by one callback queued on the loop (``call_soon``), as a reader
-    task was woken: after the timers already due in this loop turn. A fail-over standby
-    relies on that order: after a pause (SIGSTOP, a suspended VM) its late timer sees the
-    pause before the messages that waited in the channel make the active look alive
-    (tests/test_failover_reform.py). The writing side's flow control (``drain``) and close
+    task was woken: after the timers already due in this loop turn. (A fail-over standby
+    no longer relies on that order to see a pause before the messages that waited in the
+    channel make the active look alive: it looks before each message too,
+    ``FailoverDriver._check_paused``.) The writing side's flow control (``drain``) and close
     waiter are the StreamWriter's, as with asyncio's own stream protocol."""
 
     def __init__(self, max_message: int, loop: asyncio.AbstractEventLoop) -> None:
