@@ -1982,3 +1982,46 @@ def test_no_seq_sent_twice_a_paused_standby_sees_the_pause_whatever_the_loop_run
     assert sb.epoch == (1 if peer == "active" else 2)
     assert sb.last_heard is not None and sb.last_heard > end - 0.2
     assert len(p.joins(resume)) <= RESUME_GRACE / 0.1 + 2
+
+
+def test_no_seq_sent_twice_failover_alone_waits_until_a_stopped_standby_would_see_its_pause(
+    tmp_path: Path,
+) -> None:
+    """``failover alone`` is refused (one line, how long to wait) until the lease ended
+    max(1 s, dead_ms) + dead_ms ago (0.5 + 1.0 s here): a standby stopped at its last
+    acknowledgement, and run again just after, then finds its dead time at least max(1 s,
+    dead_ms) past and asks before it takes over (the test above). Told earlier, the active
+    ran alone while such a standby, run again, read the active's old messages as a sign of
+    life and then took the silence of the active running alone for a crash seen on time:
+    both sent, the active past the margin the standby resumes from."""
+    from types import SimpleNamespace
+
+    from ipsecct.errors import ControlError
+    from ipsecct.gateway.failover_driver import RESUMED_LATE, FailoverDriver, alone_after
+
+    kw: dict[str, Any] = {"fencing": True, "dead_ms": 500.0, "heartbeat_ms": 100.0}
+    act = Engine(ip(SG_ADDR["sg1"]))
+    add_tunnel(act, 1)
+    rep = failover.Replicator(act, cfg(**kw), session=7)
+    sb = standby(Engine(ip(SG_ADDR["sg2"])), **kw)
+    for m in wire(rep.handle_timer(10.0)):
+        for reply in sb.receive(m, 10.01):
+            rep.receive(wire([reply])[0], 10.02)
+    assert rep.lease is not None and rep.lease.valid(10.02)
+    end = rep.lease.expiry  # the standby is stopped from here on: no more grants
+    settle = alone_after(500.0)
+    assert settle == max(RESUMED_LATE, 0.5) + 0.5
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    d = FailoverDriver.__new__(FailoverDriver)
+    d.cfg, d.replicator, d.standby = rep.cfg, rep, None
+    d.fencing = SimpleNamespace(path=blocker / "failover-epoch.json")  # type: ignore[assignment]
+    with pytest.raises(ControlError, match="lease is valid"):
+        d.go_alone(end - 0.01)
+    for ago in (0.0, 0.3, settle - 0.01):
+        with pytest.raises(ControlError, match=r"lease ended only \d+ ms ago.*try again in"):
+            d.go_alone(end + ago)
+    # past it, the check lets it through (to the epoch file, which cannot be written here)
+    with pytest.raises(ControlError, match="epoch file could not be written"):
+        d.go_alone(end + settle)
+    assert rep.epoch == 1 and d.replicator is rep

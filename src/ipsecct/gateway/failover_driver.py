@@ -71,6 +71,17 @@ RESUMED_LATE = 1.0
 RESUME_GRACE = 3.0
 
 
+def alone_after(dead_ms: float) -> float:
+    """How long after its lease ended an active may be told to run alone (seconds): a
+    standby stopped since (it acknowledged nothing since the lease's last grant, sent at
+    most ``lease`` before that end) then finds its dead time at least max(RESUMED_LATE,
+    dead_ms) past when it runs again, and asks before it takes over, as long as it applied
+    its last message at most ``lease`` after the sending of the last one whose grant came
+    back (the lease ends ``lease`` after that sending; docs/cluster.md)."""
+    dead_s = dead_ms / 1000
+    return max(RESUMED_LATE, dead_s) + dead_s
+
+
 def suspended_s() -> float:
     """How long this machine has been suspended since it booted: CLOCK_BOOTTIME counts a
     suspend, CLOCK_MONOTONIC (``time.monotonic``, the node's clock, and the C forwarding
@@ -531,7 +542,10 @@ class FailoverDriver:
         standby acknowledged within the lease: it is alive). Safe only if the standby cannot
         take over: its process is stopped, or restarted since it last heard from us (a
         standby's replicas live in its memory only); ipsecct cannot tell that from a
-        partition, which is why it needs the operator."""
+        partition, which is why it needs the operator. Refused too until the lease ended
+        :func:`alone_after` ago: a standby that is only stopped (SIGSTOP, suspended) must
+        count itself paused when it runs again, and ask this gateway before it takes over
+        (``_check_paused``); after a shorter stop it would take its silence for a crash."""
         r, fencing = self.replicator, self.fencing
         if r is None or r.superseded_by is not None or fencing is None:
             raise ControlError(
@@ -542,6 +556,15 @@ class FailoverDriver:
             raise ControlError(
                 f"the lease is valid: {self.cfg.peer} acknowledged within the last "
                 f"{r.lease.timing.lease * 1000:.0f} ms, so it is alive; not running alone"
+            )
+        ago = r.lease.ended_ago(now) if r.lease is not None else None
+        settle = alone_after(self.cfg.dead_ms)
+        if ago is not None and ago < settle:
+            raise ControlError(
+                f"the lease ended only {ago * 1000:.0f} ms ago: a standby that is only "
+                f"stopped (SIGSTOP, suspended) since then would not count itself paused, "
+                f"and would take over beside this gateway when it runs again; try again in "
+                f"{(settle - ago) * 1000:.0f} ms"
             )
         epoch = r.epoch + 1
         try:
