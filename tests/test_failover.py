@@ -1834,12 +1834,12 @@ class _Pair:
     test decides what the event loop runs first. ``sent``: what the driver sent sg1, with
     when; ``taken``: the time of each take-over."""
 
-    def __init__(self) -> None:
+    def __init__(self, dead_ms: float = 500.0) -> None:
         from types import SimpleNamespace
 
         from ipsecct.gateway.failover_driver import FailoverDriver
 
-        kw: dict[str, Any] = {"fencing": True, "dead_ms": 500.0, "heartbeat_ms": 100.0}
+        kw: dict[str, Any] = {"fencing": True, "dead_ms": dead_ms, "heartbeat_ms": 100.0}
         self.act = Engine(ip(SG_ADDR["sg1"]))
         for i in (1, 2):
             add_tunnel(self.act, i)
@@ -2025,3 +2025,39 @@ def test_no_seq_sent_twice_failover_alone_waits_until_a_stopped_standby_would_se
     with pytest.raises(ControlError, match="epoch file could not be written"):
         d.go_alone(end + settle)
     assert rep.epoch == 1 and d.replicator is rep
+
+
+@pytest.mark.parametrize("dead_ms", [300.0, 500.0, 1500.0, 3000.0])
+@pytest.mark.parametrize("first", ["message", "timer"])
+def test_no_seq_sent_twice_a_standby_stopped_before_the_earliest_alone_sees_its_pause(
+    first: str, dead_ms: float
+) -> None:
+    """The bound of ``failover alone`` against the resume check: sg2 stops right after it
+    applied (and acknowledged) a heartbeat; sg1 goes on sending, its lease ends, and it is
+    told to run alone at the earliest moment it accepts (the lease's end + alone_after);
+    sg2 runs again just after. Whichever the loop runs first, sg2 counts itself paused
+    (and asks before it takes over)."""
+    from ipsecct.gateway.failover_driver import alone_after
+
+    p = _Pair(dead_ms)
+    t = 0.0
+    while t < 1.0:
+        p.deliver(wire(p.rep.handle_timer(t)), t, p.rep)
+        p.timer(t + 0.0005)
+        t = round(t + 0.01, 3)
+    lease = p.rep.lease
+    assert lease is not None and lease.valid(t)
+    allowed = lease.expiry + alone_after(dead_ms)  # nothing granted after t: a stopped sg2
+    waiting: list[cxtp.CTD] = []
+    while t < allowed:
+        waiting += wire(p.rep.handle_timer(t))
+        t = round(t + 0.01, 3)
+    resume = allowed + 0.001
+    if first == "timer":
+        p.timer(resume)
+        p.deliver(waiting, resume + 0.001, p.rep)
+    else:
+        p.deliver(waiting, resume, p.rep)
+        p.timer(resume + 0.01)
+    assert p.d.resumed == 1 and p.d._resume_hold is not None
+    assert p.joins(resume) and p.taken == []
