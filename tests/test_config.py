@@ -400,3 +400,35 @@ def test_a_misspelt_key_anywhere_in_the_examples_is_refused_by_name(tmp_path: Pa
             assert wrong in str(ei.value), (f, path, str(ei.value))
             checked += 1
     assert checked > 200
+
+
+# TOML that tomllib parses only by recursing once per level, an integer past CPython's
+# 4300-digit limit for int(str), and a table header of 20,000 dotted parts (quadratic in
+# tomllib: seconds of CPU, hours at the 16 MiB limit; a table as deep, for the NUL check).
+DEEP_TOML = {
+    "nested arrays": "a = " + "[" * 50_000 + "]" * 50_000 + "\n",
+    "nested inline tables": "a = " + "{b = " * 5_000 + "1" + "}" * 5_000 + "\n",
+    "long integer": 'name = "sg1"\n[outer]\nport = 1' + "0" * 5_000 + "\n",
+}
+
+
+@pytest.mark.parametrize("what", list(DEEP_TOML), ids=list(DEEP_TOML))
+def test_toml_too_deep_or_too_long_is_a_config_error(
+    what: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Nested arrays or inline tables made tomllib raise RecursionError and a long integer
+    ValueError: a traceback from every command that reads a configuration (gateway run,
+    status -c ...) and from a tunnel's key file."""
+    from ipsecct import cli
+
+    p = tmp_path / "x.toml"
+    p.write_text(DEEP_TOML[what])
+    for read in (config.load, config.control_socket_of, config.cluster_of):
+        with pytest.raises(ConfigError, match=f"^{p}: not valid TOML: "):
+            read(p)
+    assert cli.main(["status", "-c", str(p)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    p = write(tmp_path, GOOD, keys=DEEP_TOML[what])
+    with pytest.raises(ConfigError, match=r"t1\.keys is not valid TOML"):
+        config.load(p)

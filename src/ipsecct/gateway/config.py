@@ -351,8 +351,8 @@ def load_keys(source: str, *, from_env: bool, ctx: _Ctx, where: str) -> dict[str
         label = str(p)
         warn_if_readable(p, "tunnel keys")
     try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
+        data = parse_toml(text)
+    except ValueError as exc:
         raise ctx.err(where + "keys", f"key file {label} is not valid TOML: {exc}") from None
     kctx = _Ctx(label)
     out = {}
@@ -573,17 +573,34 @@ def _socket_path(value: str, ctx: _Ctx) -> str:
     return socket_path(value)
 
 
+def parse_toml(text: str) -> dict[str, Any]:
+    """tomllib's tables of ``text``; ValueError (tomllib's own, or saying why) for anything
+    it cannot take without a traceback: arrays or inline tables nested past the interpreter's
+    recursion limit (RecursionError) and integers past CPython's 4300 digits (ValueError)."""
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError:
+        raise
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+    except ValueError:
+        raise ValueError("a number too long") from None
+
+
 def _read_toml(path: str | Path) -> dict[str, Any]:
     """A configuration file's tables; any file that is not UTF-8 TOML is a ConfigError."""
     try:
-        data = tomllib.loads(read_limited(path, CONFIG_LIMIT).decode())
+        data = parse_toml(read_limited(path, CONFIG_LIMIT).decode())
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
     except UnicodeDecodeError:  # tomllib decodes before it parses
         raise ConfigError(f"{path}: not valid TOML: not UTF-8 text") from None
-    except tomllib.TOMLDecodeError as exc:
+    except ValueError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-    _no_nul(data, _Ctx(str(path)), "")
+    try:
+        _no_nul(data, _Ctx(str(path)), "")
+    except RecursionError:  # tables nested that deep by dotted keys: no configuration's
+        raise ConfigError(f"{path}: not valid TOML: nested too deeply") from None
     return data
 
 
