@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import pytest
 
@@ -410,3 +411,27 @@ def test_rebalance_count_is_a_positive_whole_number_before_any_daemon_is_asked(
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert "--count" in err and "Traceback" not in err and "cannot reach" not in err, err
+
+
+SA_ADD_BAD = {
+    "nested arrays": ("[" * 100_000 + "]" * 100_000, "too deeply nested"),
+    "nested objects": ('{"a": ' * 50_000 + "1" + "}" * 50_000, "too deeply nested"),
+    "a field twice": ('{"spi": "0x1000", "spi": "0x2000"}', "duplicate field 'spi'"),
+    "NaN": ('{"age": NaN}', "NaN is not a JSON number"),
+}
+
+
+@pytest.mark.parametrize("what", list(SA_ADD_BAD), ids=list(SA_ADD_BAD))
+def test_sa_add_reads_its_file_as_context_encode_does_before_any_daemon_is_asked(
+    what: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``sa add`` read its file with a plain json.loads: JSON nested past the recursion
+    limit was a RecursionError traceback, and a field given twice or NaN went to the daemon
+    (the last one winning), where ``context encode`` refuses them. Now the same strict reader."""
+    text, says = SA_ADD_BAD[what]
+    f = tmp_path / "sa.json"
+    f.write_text(text)
+    assert cli.main(["sa", "add", str(f), "-s", str(tmp_path / "none.sock")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and says in err and "Traceback" not in err, err
+    assert "cannot reach" not in err, err

@@ -9,7 +9,7 @@ import os
 import sys
 from typing import Any
 
-from ..errors import ControlError
+from ..errors import ContextError, ControlError
 from ..gateway.control import request
 from ..gateway.log import UNICODE_CONTROLS
 from ..tools.files import INPUT_LIMIT, read_limited, read_stream_limited
@@ -346,10 +346,12 @@ def cmd_sa_add(args: argparse.Namespace) -> int:
         raise ControlError(f"{args.file}: not UTF-8 text") from None
     except OSError as exc:
         raise ControlError(f"cannot read {args.file}: {exc.strerror}") from None
+    from .context import parse_json  # context encode's strict reader: one error for a file
+
     try:
-        obj = json.loads(text)
-    except ValueError as exc:
-        raise ControlError(f"{args.file}: not JSON: {exc}") from None
+        obj = parse_json(text)
+    except ContextError as exc:
+        raise ControlError(f"{args.file}: {exc}") from None
     items = obj if isinstance(obj, list) else [obj]
     out = [request(socket_path(args), "sa.add", {"context": it}) for it in items]
     if args.json:
