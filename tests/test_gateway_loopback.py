@@ -453,6 +453,29 @@ def test_sa_delete_and_add(topo: Topo) -> None:
     assert r.returncode == 2 and r.stderr.count("\n") == 1
 
 
+def test_sa_add_of_a_list_says_which_were_added_when_one_is_refused(topo: Topo) -> None:
+    """``sa add`` of a list stopped at the first SA the gateway refused with only its error:
+    the SAs added before it were installed but not shown, and exit status 2 said nothing was
+    done. An empty list printed nothing and exited 0. Now: the added ones are listed, the
+    refusal says which SA of how many, exit status 1 (done in part); an empty list is 2."""
+    from ipsecct.ct import context
+    from ipsecct.ipsec.sad import Direction, SecurityAssociation
+
+    sa = SecurityAssociation(0x4343, Direction.INBOUND, ip("127.0.0.1"), ip("127.0.0.1"),
+                             enc_key=KEY_UP, esn=True, replay_window=1024)  # fmt: skip
+    one = context.to_json(sa, 0.0)
+    f = topo.dir / "two.json"
+    f.write_text(json.dumps([one, one]))  # the second is the same SPI: refused
+    r = ipsecct("sa", "add", str(f), "--json", "-s", topo.sg.sock)
+    assert r.returncode == 1, r
+    assert [a["spi"] for a in json.loads(r.stdout)] == ["0x00004343"]
+    assert r.stderr.count("\n") == 1 and "SA 2 of 2" in r.stderr and "1 added" in r.stderr, r
+    assert "0x00004343" in ok("sa", "show", "0x4343", "-s", topo.sg.sock)
+    f.write_text("[]")
+    r = ipsecct("sa", "add", str(f), "-s", topo.sg.sock)
+    assert r.returncode == 2 and r.stdout == "" and "no SA" in r.stderr, r
+
+
 def test_spis_in_decimal_and_hex(topo: Topo) -> None:
     """Every command that takes an SPI takes it in decimal and in 0x... hex (either case);
     text of decimal digits that names no SA is answered with how it was read, since

@@ -353,11 +353,28 @@ def cmd_sa_add(args: argparse.Namespace) -> int:
     except ContextError as exc:
         raise ControlError(f"{args.file}: {exc}") from None
     items = obj if isinstance(obj, list) else [obj]
-    out = [request(socket_path(args), "sa.add", {"context": it}) for it in items]
+    if not items:
+        raise ControlError(f"{args.file}: an empty list: no SA to add")
+    out: list[Any] = []
+    refused = ""
+    for i, it in enumerate(items):
+        try:
+            out.append(request(socket_path(args), "sa.add", {"context": it}))
+        except ControlError as exc:
+            if not out:  # nothing done: the one error, status 2
+                raise
+            # The ones before it are installed: show them, and say this one was not.
+            refused = f"SA {i + 1} of {len(items)}: {exc} ({len(out)} added before it, listed)"
+            break
     if args.json:
         _print_json(out)
     else:
         _table(_sa_rows(out), SA_COLS)
+    if refused:
+        from ..cli import _one_line  # (a daemon's text as every error: one line)
+
+        print(_one_line(f"ipsecct: error: {refused}"), file=sys.stderr)
+        return 1
     return 0
 
 
