@@ -432,3 +432,35 @@ def test_toml_too_deep_or_too_long_is_a_config_error(
     p = write(tmp_path, GOOD, keys=DEEP_TOML[what])
     with pytest.raises(ConfigError, match=r"t1\.keys is not valid TOML"):
         config.load(p)
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "[" + ".".join(["t"] * 100_000) + "]\n",  # a table header
+        ".".join(["k"] * 30_000) + " = 1\n",  # a dotted key: 7 s of CPU for 60 kB
+        "a = {" + ".".join(["k"] * 100_000) + " = 1}\n",  # in an inline table
+    ],
+    ids=["header", "dotted key", "inline table"],
+)
+def test_a_key_of_thousands_of_dotted_parts_is_refused_before_tomllib_reads_it(
+    line: str, tmp_path: Path
+) -> None:
+    """tomllib takes time quadratic (or worse) in the parts of one dotted key: a 200 kB
+    configuration held gateway run for seconds (a 16 MiB one for hours) before any error.
+    No key of a configuration has more than a few parts: more than 64 dots on a line, outside
+    strings and comments, is refused at once, naming the line."""
+    p = tmp_path / "x.toml"
+    p.write_text('name = "sg1"  # a comment with dots ' + "." * 300 + "\n" + line)
+    with pytest.raises(ConfigError, match=f"^{p}: not valid TOML: line 2: "):  # not tomllib's
+        config.load(p)
+    p = write(tmp_path, GOOD, keys=line)
+    with pytest.raises(ConfigError, match=r"t1\.keys is not valid TOML: line 1: "):
+        config.load(p)
+
+
+def test_dots_in_strings_and_comments_are_not_key_parts(tmp_path: Path) -> None:
+    many = ", ".join(f'"10.1.0.{i}/32"' for i in range(60))  # 180 dots in strings
+    text = GOOD.replace('remote_ts = "10.1.0.2/32"', f"remote_ts = [{many}]  # ....... .\n")
+    cfg = config.load(write(tmp_path, text.replace("[log]", "[log]\n# " + "." * 500)))
+    assert len(cfg.tunnels) == 1

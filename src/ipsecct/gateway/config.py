@@ -13,6 +13,7 @@ import ipaddress
 import logging
 import math
 import os
+import re
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -573,10 +574,40 @@ def _socket_path(value: str, ctx: _Ctx) -> str:
     return socket_path(value)
 
 
+# Strings (multi-line first) and comments, whose dots are no key's: what _key_dots skips.
+# Every alternative that starts always matches (an unclosed string runs to its line's end,
+# or the text's, a backslash takes what follows if anything), possessively: one pass over
+# the text whatever it holds (a pattern that could fail after a long scan was quadratic).
+_STRINGS_AND_COMMENTS = re.compile(
+    r'"""(?:[^"\\]|\\(?s:.)?|"(?!""))*+(?:"""|\Z)'
+    r"|'''(?s:.)*?(?:'''|\Z)"
+    r'|"(?:[^"\\\n]|\\.?)*+(?:"|$)'
+    r"|'[^'\n]*+(?:'|$)"
+    r"|#[^\n]*+",
+    re.MULTILINE,
+)
+MAX_KEY_DOTS = 64  # on one line, outside strings and comments (a key here has a few parts)
+
+
+def _key_dots(text: str) -> None:
+    """ValueError naming the first line with more than MAX_KEY_DOTS dots outside strings and
+    comments: tomllib's time is quadratic (or worse) in the parts of one dotted key (a 60 kB
+    key took 7 s of CPU; at the 16 MiB limit, hours), and no configuration needs that many."""
+    bare = _STRINGS_AND_COMMENTS.sub(lambda m: "\n" * m.group().count("\n"), text)
+    if bare.count(".") <= MAX_KEY_DOTS:
+        return
+    for n, line in enumerate(bare.split("\n"), 1):
+        if line.count(".") > MAX_KEY_DOTS:
+            raise ValueError(f"line {n}: more than {MAX_KEY_DOTS} dots outside strings (a key of "
+                             "that many parts, which no configuration has)")  # fmt: skip
+
+
 def parse_toml(text: str) -> dict[str, Any]:
     """tomllib's tables of ``text``; ValueError (tomllib's own, or saying why) for anything
-    it cannot take without a traceback: arrays or inline tables nested past the interpreter's
-    recursion limit (RecursionError) and integers past CPython's 4300 digits (ValueError)."""
+    it cannot take without a traceback or in linear time: arrays or inline tables nested past
+    the interpreter's recursion limit (RecursionError), integers past CPython's 4300 digits
+    (ValueError), keys of thousands of dotted parts (:func:`_key_dots`)."""
+    _key_dots(text)
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError:
