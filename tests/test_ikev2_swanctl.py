@@ -1100,3 +1100,18 @@ def test_sa_list_shows_the_rekey_deadlines_and_our_identity() -> None:
     assert _due(ike_r.summary(10**6)) == ", rekeying in 0 s"
     ike_r.rekey_at = None
     assert ike_r.summary(now)["rekey_in_s"] is None and _due(ike_r.summary(now)) == ""
+
+
+@pytest.mark.parametrize(("patch", "child", "key"), [
+    ({"proposals": 5}, {}, "proposals"),
+    ({}, {"esp_proposals": [1]}, "children.net.esp_proposals"),
+    ({}, {"local_ts": 5}, "children.net.local_ts"),
+])  # fmt: skip
+def test_a_proposal_or_selector_list_of_the_wrong_type_names_the_file_and_key_once(
+    patch: dict[str, Any], child: dict[str, Any], key: str
+) -> None:
+    """The error said 'gw.toml: connections.rw.proposals: gw.toml: connections.rw.proposals:
+    must be ...': the type check's own error wrapped again by the proposal parser's."""
+    with pytest.raises(ConfigError) as ei:
+        _parse(patch, child)
+    assert str(ei.value) == f"gw.toml: connections.rw.{key}: must be a string or a list of strings"

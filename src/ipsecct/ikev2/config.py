@@ -703,15 +703,17 @@ def _child_extras(d: dict[str, Any], ctx: _Ctx, where: str, ignored: list[str]) 
 
 
 def _proposals(v: Any, ctx: _Ctx, key: str, proto: int) -> list[Offer]:
+    texts = _strings(v, ctx, key)  # (its error names the file and key already)
     try:
-        return parse_list(_strings(v, ctx, key), proto)
+        return parse_list(texts, proto)
     except ConfigError as exc:
         raise ctx.err(key, str(exc)) from None
 
 
 def _ts_list(v: Any, ctx: _Ctx, key: str) -> list[TrafficSelector]:
+    texts = _strings(v, ctx, key)
     try:
-        return [from_text(s) for s in _strings(v, ctx, key)]
+        return [from_text(s) for s in texts]
     except IpsecctError as exc:
         raise ctx.err(key, str(exc)) from None
 
