@@ -1613,3 +1613,63 @@ def test_every_start_action_start_child_comes_up_in_the_one_ike_sa_a_refused_one
     (again,) = svc.engine.ike_sas()
     assert sorted(c.config.name for c in again.children) == ["net", "net2"]
     assert st["child-start-asked"] == 4 and st["child-create-failed"] == 2
+
+
+@pytest.mark.parametrize("what", ["names-only", "pieces-without-identity"])
+def test_a_unit_that_does_not_name_the_peer_is_refused_before_the_commit_no_sa_lost(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, what: str
+) -> None:
+    """A source (hostile, or predating the policy items) whose UNIT names only the
+    connection and CHILD configurations, or sends its policy in pieces (item 11) none of
+    which carries the peer's identity: each payload passed its check on its own, the
+    transfer committed with remote.id, unique and the per-identity bound unchecked, and the
+    target refused the IKE SA only at the import (its CHILD SAs here without it). Now the
+    unit is refused before the COMMIT (logged ``ike-sa-refused``, counted
+    ``unit-unidentified-refused``), the source keeps the tunnel and its IKE SA, and no
+    (SPI, sequence number) pair is sent twice. (Invariant.)"""
+    import dataclasses
+
+    from ipsecct.ct.transfer import UNIT_IKEV2, unit_cdb
+    from ipsecct.ikev2 import context as ike_context
+    from ipsecct.ikev2.config import Identity
+    from ipsecct.ikev2.ikesa import IkeState
+    from ipsecct.ipsec.engine import Tunnel, TunnelState
+    from tests.test_ikev2 import _revoking_target
+
+    _, _, revoking = _revoking_target()
+    # the peer's identity is not remote.id here: only the import after the COMMIT saw it
+    target = dataclasses.replace(revoking, remote_id=Identity("CN=someone.else"), crls=None)
+    w, svc2, ike = _long_unit_world(tmp_path, target)
+    sg1 = w.gw["sg1"]
+    w.gw["sg2"].core.unit_whole[UNIT_IKEV2] = svc2.check_unit_whole
+
+    def hostile(tunnels: list[Tunnel]) -> list[bytes]:
+        spis = [t.outbound.spi for t in tunnels]
+        (p,) = ike_context.unit_payloads(ike, ike.children, w.now)
+        d = ike_context._parse(ike_context._frame(0, p))[1]
+        names = ike_context._items([(t, v) for t, vs in d.items() if t in (1, 5, 6) for v in vs])
+        if what == "names-only":
+            return [unit_cdb(UNIT_IKEV2, spis, names)]
+        kids = ike_context._items([(9, v) for v in d[9]])  # the CHILD SA's piece only
+        return [unit_cdb(UNIT_IKEV2, spis, names + ike_context._items([(11, kids)]))]
+
+    sg1.core.unit_cdbs = hostile
+    for i in range(3):
+        w.host_send("sg1", i)
+        w.mn_send(i)
+    with caplog.at_level("WARNING", logger="ipsecct.gateway.ike"):
+        w.transfer()
+        w.deliver_all()
+    sg2 = w.gw["sg2"]
+    assert sg1.finished and sg1.finished[-1].outcome == "refused", sg1.finished
+    assert not any(r.outcome == "committed" for r in sg2.finished)
+    assert svc2.engine.stats["unit-unidentified-refused"] == 1
+    assert any("ike-sa-refused" in r.getMessage() and "without the peer's identity"
+               in r.getMessage() for r in caplog.records)  # fmt: skip
+    assert not any(t.state is TunnelState.ACTIVE for t in sg2.engine.tunnels())
+    assert w.tunnel.state is TunnelState.ACTIVE and ike.state is IkeState.ESTABLISHED
+    for i in range(3, 6):
+        w.host_send("sg1", i)
+        w.mn_send(i)
+    pairs = [(spi, seq) for _, spi, seq in w.all_wire()]
+    assert len(pairs) == len(set(pairs)), "an (SPI, sequence number) pair was sent twice"

@@ -2399,8 +2399,8 @@ def test_ike_unit_payload_carries_what_the_targets_policy_checks_before_the_comm
     """The UNIT payload also carries the IKE SA's suite, the peer's identity and each CHILD
     SA's suite and selectors: a target whose connection does not admit them refuses the
     transfer before the commit (the same reasons as the import after it). A payload without
-    them (a gateway that predates them) is judged by the names; damaged policy items are
-    refused, never raised."""
+    them (a gateway that predates them) is refused: it could be checked only after the
+    commit; damaged policy items are refused, never raised."""
     from ipsecct.ikev2 import context
 
     w = pair(mn_conn(dpd=10), conn(dpd=10))
@@ -2412,8 +2412,11 @@ def test_ike_unit_payload_carries_what_the_targets_policy_checks_before_the_comm
         assert context.unit_refusal(payload, [conn(**kw)]) == why
     # what a gateway that predates the policy items sends: the names only
     names = payload[: payload.index(bytes((7, 0, 12)))]
-    assert context.unit_refusal(names, [conn(remote_id="other.test")]) is None
+    assert context.unit_refusal(names, [conn(remote_id="other.test")]) == context.UNIDENTIFIED
+    assert context.unit_refusal(names, [conn(dpd=10)]) == context.UNIDENTIFIED
     assert context.unit_refusal(names, [conn("x")]) == "no connection 'c' here"
+    assert context.unit_whole_refusal([payload]) is None
+    assert context.unit_whole_refusal([names]) == context.UNIDENTIFIED
     # damaged or inconsistent policy items
     for junk in (payload[:-3], names + bytes((7, 0, 3)) + b"abc",
                  payload.replace(b"net", b"nxt")):  # fmt: skip
@@ -2499,6 +2502,13 @@ def test_unit_policy_items_too_large_for_one_cdb_travel_in_pieces() -> None:
         if kw.get("local_ts") or kw.get("remote_ts"):
             continue  # the selectors here are others (below)
         assert why in [context.unit_refusal(p, [conn(**kw)]) for p in payloads]
+    # one unit: its pieces together name the peer; without the first (the IKE SA's items)
+    # none does, and a unit of pieces naming two identities is no one IKE SA
+    assert context.unit_whole_refusal(payloads) is None
+    assert context.unit_whole_refusal(payloads[1:]) == context.UNIDENTIFIED
+    other_id = payloads[0].replace(b"mn.test", b"mx.test")
+    assert context.unit_whole_refusal([other_id, *payloads]) is not None
+    assert context.unit_whole_refusal([b"\xff" * 40]) == "malformed IKE unit"
     narrow_ = [conn(local_ts="10.1.0.0/19")]  # 10.1.0-31: 10.1.32-59 are outside
     whys = [context.unit_refusal(p, narrow_) for p in payloads]
     assert "traffic selectors outside local_ts of child 'net' here" in whys
@@ -2690,8 +2700,9 @@ def test_revocation_strict_refuses_a_moved_ike_sa_whose_serials_are_not_carried(
         # carried: admitted (the list here does not name the peer's certificate)
         assert context.unit_refusal(payload, here) is None
         assert context.replica_refusal(cdbs, here, 1.0) is None
-        for p in (no_15, names_only):
-            assert context.unit_refusal(p, here) == want
+        assert context.unit_refusal(no_15, here) == want
+        # (names only: refused in every mode, the identity unchecked)
+        assert context.unit_refusal(names_only, here) == context.UNIDENTIFIED
         assert context.replica_refusal(no_33, here, 1.0) == want
         target = IkeEngine(here)
         if want is not None:

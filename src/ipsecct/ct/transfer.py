@@ -954,6 +954,11 @@ class TransferCore:
         self.unit_cdbs: Callable[[list[Tunnel]], list[bytes]] | None = None
         self.unit_checks: dict[int, Callable[[str, bytes, int, list[int]], str | None]] = {}
         self.unit_kept: dict[int, Callable[[str, int, list[tuple[list[int], bytes]]], None]] = {}
+        # ... and, per kind, why the payloads of one unit (the UNIT CDBs naming the same
+        # tunnels, each admitted by its check) do not make a whole one (None: they do), asked
+        # with (peer, payloads): the IKE adapter refuses a unit none of whose pieces carries
+        # the peer's identity (each piece checked alone would let it through unchecked).
+        self.unit_whole: dict[int, Callable[[str, list[bytes]], str | None]] = {}
         # Source: asked with a transfer's tunnels at its start and again just before its
         # COMMIT goes out (the IKE adapter: can each IKE SA that follows them be exported?
         # after the COMMIT it must not fail). A reason refuses the start (TransferError) or
@@ -2650,7 +2655,9 @@ class TransferCore:
         units admitted (kind, their SPIs among ``present``, payload). A unit that names none
         of the transfer's tunnels (``present``) is refused unchecked: a source names the
         CHILD SAs that go, and the IKE check reserves the virtual IPs of a unit until the
-        transfer ends (a peer's made-up units held a pool from new clients)."""
+        transfer ends (a peer's made-up units held a pool from new clients). The payloads
+        admitted for the same tunnels (one unit's pieces) are then asked about together
+        (``unit_whole``: an IKE unit none of whose pieces names the peer is refused)."""
         refused: set[int] = set()
         admitted: list[tuple[int, list[int], bytes]] = []
         for kind, spis, payload in units:
@@ -2669,6 +2676,14 @@ class TransferCore:
                 refused.update(spis)
             else:
                 admitted.append((kind, mine, payload))
+        groups: dict[tuple[int, tuple[int, ...]], list[bytes]] = {}
+        for kind, mine, payload in admitted:
+            if self.unit_whole.get(kind) is not None and not refused.intersection(mine):
+                groups.setdefault((kind, tuple(mine)), []).append(payload)
+        for (kind, spis_), payloads in groups.items():
+            if self.unit_whole[kind](peer, payloads) is not None:
+                self.counters["unit_refused"] += 1
+                refused.update(spis_)  # (unit_kept gives back what its checks held)
         return refused, admitted
 
     def _units_kept(

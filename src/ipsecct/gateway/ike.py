@@ -1187,6 +1187,21 @@ class IkeService:
         if why is not None:
             if why.startswith(ike_context.UNCHECKED_REVOCATION):
                 self.engine.stats["revocation-unchecked-refused"] += 1
+            if why == ike_context.UNIDENTIFIED:
+                self.engine.stats["unit-unidentified-refused"] += 1
+            event(log, "ike-sa-refused", logging.WARNING, node=self.node.name, peer=peer,
+                  error=why, when="before the transfer")  # fmt: skip
+        return why
+
+    def check_unit_whole(self, peer: str, payloads: list[bytes]) -> str | None:
+        """The UNIT payloads of one IKE SA's unit, each admitted by :meth:`check_unit`: do
+        they announce (and so had checked before the COMMIT) the peer's identity? A unit in
+        pieces none of which carries it (a hostile or broken source) would commit with the
+        identity, ``unique`` and the per-identity bound unchecked. None if so, else why not
+        (logged, counted ``unit-unidentified-refused``)."""
+        why = ike_context.unit_whole_refusal(payloads)
+        if why is not None:
+            self.engine.stats["unit-unidentified-refused"] += 1
             event(log, "ike-sa-refused", logging.WARNING, node=self.node.name, peer=peer,
                   error=why, when="before the transfer")  # fmt: skip
         return why

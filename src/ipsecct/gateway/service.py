@@ -180,6 +180,7 @@ class Service:
             self.transfer.core.unit_cdbs = self.ike.unit_cdbs
             self.transfer.core.unit_checks[UNIT_IKEV2] = self.ike.check_unit
             self.transfer.core.unit_kept[UNIT_IKEV2] = self.ike.unit_kept
+            self.transfer.core.unit_whole[UNIT_IKEV2] = self.ike.check_unit_whole
             # ... and can follow them once they commit (checked at the start and the COMMIT)
             self.transfer.core.commit_check = self.ike.commit_check
             # ... and only after the COMMIT of the transfer that brought them
