@@ -1043,6 +1043,37 @@ def test_take_over_skips_unusable_contexts() -> None:
     assert rec.tunnels == 2 and rec.accepted == 1 and "1 context" in rec.detail
 
 
+def test_take_over_installs_no_replica_overlapping_a_tunnel_of_the_standbys_own() -> None:
+    """A mutual pair (each gateway the other's standby): the active's replica of a tunnel
+    whose selectors overlap one of the standby's own tunnels (a hostile or misconfigured
+    active: 10.1.0.2 is the standby's client) was installed first in the SPD at the
+    take-over and took that tunnel's traffic. Now it is not installed (counted
+    ``overlap_refused``, said in the record's detail); the others are, and the standby's
+    own tunnel still carries its traffic. A tunnel the standby moved to the active and got
+    back as a replica (its forwarder here) is no overlap: taken over as before."""
+    act = Engine(ip(SG_ADDR["sg1"]))
+    add_tunnel(act, 0)
+    add_tunnel(act, 1)  # 10.1.0.2: the standby's own client's address
+    add_tunnel(act, 2)
+    sb_eng = Engine(ip(SG_ADDR["sg2"]))
+    (o, n, s), _ = tunnel_sas("sg2", spi_up=0x7000, spi_down=0x7001, mn_inner="10.1.0.2",
+                              name="own")  # fmt: skip
+    own = sb_eng.add_tunnel(SPDEntry(s, Action.PROTECT, name="own", static=False), o, n)
+    # t2 was the standby's, moved to the active: its forwarder here
+    (o2, n2, s2), _ = tunnel_sas("sg2", spi_up=0x7100, spi_down=0x7101, mn_inner="10.1.0.3",
+                                 name="moved")  # fmt: skip
+    gone = sb_eng.add_tunnel(SPDEntry(s2, Action.PROTECT, name="moved", static=False), o2, n2)
+    gone.state, gone.forward_to = TunnelState.MOVED, "sg1"
+    sb = standby(sb_eng)
+    replicate(act, sb, 0.0)
+    tunnels, _signals, rec = sb.take_over(1.0)
+    assert sorted(t.outbound.spi for t in tunnels) == [0x2000, 0x2002]
+    assert sb.overlap_refused == 1 and "1 tunnel(s) overlapping this gateway's own" in rec.detail
+    assert rec.tunnels == 3 and rec.accepted == 2
+    res = sb_eng.outbound(udp_packet(0, up=False), 1.0)  # host -> 10.1.0.2
+    assert isinstance(res, ToPeer) and esp_seq(res.data)[0] == own.outbound.spi
+
+
 # -- 1. the property: no sequence number is ever sent twice ---------------------------------
 
 TICK = 0.01

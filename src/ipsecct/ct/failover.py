@@ -80,7 +80,7 @@ from ..ipsec import native, signalling
 from ..ipsec.engine import Engine, Tunnel, TunnelState, take_touched
 from ..ipsec.ippacket import Endpoint
 from ..ipsec.sad import Direction, Protocol, SecurityAssociation
-from ..ipsec.spd import Action, RangeSet, SPDEntry
+from ..ipsec.spd import Action, OverlapIndex, RangeSet, SPDEntry
 from . import context, cxtp
 from .journal import Journal, Write, grant_ceiling
 from .lease import Grant, Lease, LeaseEvent, LeaseTiming, timing
@@ -1075,6 +1075,11 @@ class Standby:
     # traffic, installed first in the SPD, would take it); counted.
     accept: tuple[RangeSet, RangeSet] | None = None
     policy_refused: int = 0
+    # Replicas a take-over did not install because their selectors overlap a tunnel of
+    # this gateway's own (a mutual pair: each the other's standby): installed first in the
+    # SPD, the replica would take that tunnel's traffic. Counted; a transfer's target
+    # refuses such a tunnel alike.
+    overlap_refused: int = 0
 
     def __post_init__(self) -> None:
         if self.cfg.fencing and self.peer_lease and self.grant is None:
@@ -1364,6 +1369,19 @@ class Standby:
                 self.not_taken.append((key, self.refused.get(key, ""), left))
         return replica
 
+    def _own_index(self) -> OverlapIndex | None:
+        """The selectors of this gateway's own tunnels (None: it has none), which a replica
+        taken over must not overlap; not those it moved to the peer (forwarders of tunnels
+        the peer replicated back: taking them over replaces them)."""
+        index: OverlapIndex | None = None
+        for e in self.engine.spd:
+            t = self.engine.tunnel_of_entry(e)
+            if t is None or (t.state is TunnelState.MOVED and t.forward_to == self.cfg.peer):
+                continue
+            index = index or OverlapIndex()
+            index.add(e.selectors, t)
+        return index
+
     def _install(
         self, replica: dict[int, list[bytes]], now: float
     ) -> tuple[list[Tunnel], list[tuple[SecurityAssociation, bytes]], Record]:
@@ -1372,7 +1390,8 @@ class Standby:
         )
         tunnels: list[Tunnel] = []
         signals: list[tuple[SecurityAssociation, bytes]] = []
-        failed = outside = 0
+        failed = outside = overlapping = 0
+        own = self._own_index()
         leaving: dict[LeavingMark, list[Tunnel]] = {}
         self.leaving_taken = []
         self.leaving_signals = {}
@@ -1398,6 +1417,11 @@ class Standby:
                      or in_sa.selectors.within(*self.accept))
             ):  # fmt: skip
                 outside += 1
+                continue
+            if own is not None and any(
+                own.overlapping(sl) for sl in (out_sa.selectors, in_sa and in_sa.selectors) if sl
+            ):
+                overlapping += 1
                 continue
             high = max(out_sa.seq, self.high.pop(spi, 0))  # (never a replica's lower one)
             out_sa.seq = min(high + self.cfg.seq_margin, out_sa.seq_limit)
@@ -1464,7 +1488,11 @@ class Standby:
         rec.accepted = len(tunnels)
         rec.ended = now
         self.policy_refused += outside
+        self.overlap_refused += overlapping
         rec.detail += f"{outside} tunnel(s) outside what this gateway accepts; " if outside else ""
+        rec.detail += (
+            f"{overlapping} tunnel(s) overlapping this gateway's own; " if overlapping else ""
+        )
         rec.detail += f"{failed} context(s) unusable" if failed else ""
         rec.spis = [sa.spi for t in tunnels for sa in t.sas()]
         return tunnels, signals, rec

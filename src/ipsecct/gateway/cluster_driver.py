@@ -1272,6 +1272,8 @@ class ClusterDriver:
             "taken_over": self.taken,
             # replicas not taken over: outside [transfer] accept_local_ts / accept_remote_ts
             "outside_accept": sum(sb.policy_refused for sb in self.standbys.values()),
+            # ... nor overlapping a tunnel of this member's own (it would take its traffic)
+            "overlapping_own": sum(sb.overlap_refused for sb in self.standbys.values()),
             "ike_taken_over": self.ike_taken,
             "ike_split": self.ike_split,
             "replicated_ike_sas": {p: len(sb.extra) for p, sb in self.standbys.items()},

@@ -787,6 +787,8 @@ class FailoverDriver:
             "looked_again": self.looked_again,
             # replicas not taken over: outside [transfer] accept_local_ts / accept_remote_ts
             "outside_accept": self.standby.policy_refused if self.standby is not None else 0,
+            # ... nor overlapping a tunnel of this gateway's own (it would take its traffic)
+            "overlapping_own": self.standby.overlap_refused if self.standby is not None else 0,
             "detail": f"runs alone: no standby holds its tunnels until {self.cfg.peer} comes "
             "back (it then becomes the standby by itself)",
             **lease,
