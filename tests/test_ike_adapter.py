@@ -49,6 +49,15 @@ def _handed_over(svc: IkeService, ike: object, peer: str = "sg1") -> None:
         svc.node.engine.add_tunnel(entry, out, inn).came_from = peer
 
 
+def _announce(svc: IkeService, ike: IkeSA, peer: str = "sg1") -> None:
+    """``svc`` admits the UNIT of a transfer of ``ike`` from ``peer``: the IKE SA is announced
+    (what reaches ``svc`` for it before its context is kept)."""
+    from ipsecct.ikev2 import context
+
+    for p in context.unit_payloads(ike, ike.children):
+        assert svc.check_unit(peer, p) is None
+
+
 def test_ike_junk_from_anyone_does_not_rescan_every_ike_sa(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -99,7 +108,8 @@ def test_a_request_that_arrives_before_its_ike_sa_is_answered_once_it_has_come(
 ) -> None:
     """Just after a transfer to this gateway committed, the peer's liveness check reaches it
     (the virtual address moved) before the IKE SA's context: kept, and answered as soon as the
-    IKE SA is imported. Without a transfer just before, it is dropped at once."""
+    IKE SA is imported. Without a transfer just before, it is dropped at once; so is one for
+    an IKE SA no admitted UNIT announced (its context is not on its way)."""
     w = pair(mn_conn(dpd=10), conn(dpd=10))
     connect(w)
     (ike_i,), (ike_r,) = w.ini.ike_sas(), w.resp.ike_sas()
@@ -109,8 +119,12 @@ def test_a_request_that_arrives_before_its_ike_sa_is_answered_once_it_has_come(
     svc._receive(req.data, I500, R500)  # no transfer: an unknown SPI, dropped
     assert svc.engine.stats["unknown-spi"] == 1 and svc.engine.stats["early-kept"] == 0
     svc.on_transfer(Record(1, "target", "sg1", "predictive", 0.0, 0.0, "committed"))
+    svc._receive(req.data, I500, R500)  # not announced: dropped as before
+    assert svc.engine.stats["unknown-spi"] == 2 and svc.engine.stats["early-kept"] == 0
+    assert svc.engine.stats["early-unannounced"] == 1
+    _announce(svc, ike_r)
     svc._receive(req.data, I500, R500)
-    assert svc.engine.stats["early-kept"] == 1 and svc.engine.stats["unknown-spi"] == 1
+    assert svc.engine.stats["early-kept"] == 1 and svc.engine.stats["unknown-spi"] == 2
     _handed_over(svc, ike_r)
     svc.receive_context("sg1", cdbs)
     assert svc.engine.stats["early-replayed"] == 1
@@ -122,12 +136,16 @@ def test_a_flood_of_early_ike_messages_does_not_keep_out_a_moved_clients_request
 ) -> None:
     """The messages kept for IKE SAs not here yet (just after a transfer to us committed)
     were one queue of 64 for every source, dropped silently when full: one source sending
-    junk with unknown SPIs filled it, and the liveness check of the client that was moved
-    went unanswered until its retransmission. Now one source keeps at most 16; when several
-    sources fill it, a source holding fewer takes the place of the one holding the most; and
-    what is not kept is counted (``early-dropped``). The client's request, kept in the
-    middle of the flood, is answered once its IKE SA comes."""
+    junk with unknown SPIs filled it. Then one source kept at most 16 and a source holding
+    fewer took the place of the one holding the most, but 64 (spoofed) sources sending one
+    message each still left no room: the moved client's liveness check was dropped and went
+    unanswered until its retransmission. Now only messages for an IKE SA an admitted UNIT
+    announced are kept (``early-unannounced`` the others, processed as without a transfer):
+    a flood with made-up SPIs from 1,000 sources keeps nothing, and the client's request is
+    answered once its IKE SA comes. Among announced ones the bounds hold as before: 16 from
+    one source, 64 in all, the heaviest source yielding (``early-dropped``)."""
     from ipsecct.gateway.ike import EARLY_IKE_MAX, EARLY_IKE_PER_SOURCE
+    from ipsecct.ikev2 import context
 
     w = pair(mn_conn(dpd=10), conn(dpd=10))
     connect(w)
@@ -136,34 +154,38 @@ def test_a_flood_of_early_ike_messages_does_not_keep_out_a_moved_clients_request
     svc = _service(tmp_path)
     svc.node.clock = lambda: 50.0  # (all within the second after the commit)
     stats = svc.engine.stats
+    _announce(svc, ike_r)
     svc.on_transfer(Record(1, "target", "sg1", "predictive", 0.0, 0.0, "committed"))
     (req,) = [o for o in w.ini.liveness(ike_i, 1.0) if isinstance(o, Send)]
     sent = 0
 
-    def flood(host: str, n: int) -> None:
+    def flood(host: str, n: int, spi: bytes | None = None) -> None:
         nonlocal sent
         src = Address(ipaddress.ip_address(host), 500)
         for _ in range(n):
             sent += 1  # an INFORMATIONAL request for an IKE SA "ours" that is not here
-            junk = (bytes(8) + sent.to_bytes(8, "big") + bytes([46, 0x20, 37, 0x08])
+            ours = spi if spi is not None else sent.to_bytes(8, "big")
+            junk = (bytes(8) + ours + bytes([46, 0x20, 37, 0x08])
                     + bytes(4) + (28).to_bytes(4, "big"))  # fmt: skip
             svc._receive(junk, src, R500)
 
-    flood("198.51.100.1", 200)
-    assert stats["early-kept"] == EARLY_IKE_PER_SOURCE == 16
+    for h in range(1000):  # 1,000 spoofed sources, one message each: none kept
+        flood(f"198.51.{h // 250}.{h % 250 + 1}", 1)
+    assert stats["early-kept"] == 0 and stats["early-unannounced"] == 1000
+    svc._receive(req.data, I500, R500)  # the moved client's liveness check: kept
+    assert [e[1] for e in svc._early] == [req.data]
+    # the bounds among announced ones (a hostile peer announcing SPIs of its own)
+    w2 = pair(mn_conn(dpd=10), conn(dpd=10))
+    connect(w2)
+    (other,) = w2.resp.ike_sas()
+    assert svc.check_unit("sg3", context.unit_payloads(other, other.children)[0]) is None
+    flood("198.51.100.1", 200, other.our_spi)
+    assert stats["early-kept"] == 1 + EARLY_IKE_PER_SOURCE == 17
     assert stats["early-dropped"] == 200 - 16
     for h in range(2, 9):  # eight sources fill the queue
-        flood(f"198.51.100.{h}", 20)
+        flood(f"198.51.100.{h}", 20, other.our_spi)
     assert len(svc._early) == EARLY_IKE_MAX == 64
-    svc._receive(req.data, I500, R500)  # the moved client's liveness check: kept
-    assert any(e[1] == req.data for e in svc._early) and len(svc._early) == 64
-    for _ in range(3):  # the flood goes on, from every source: the client's stays
-        for h in range(1, 9):
-            flood(f"198.51.100.{h}", 20)
-    assert any(e[1] == req.data for e in svc._early) and len(svc._early) == 64
-    # every message not kept, or kept and pushed out later, counted once: all but the 64
-    assert stats["early-dropped"] == sent + 1 - 64
-    assert stats["unknown-spi"] == 0
+    assert any(e[1] == req.data for e in svc._early)
     _handed_over(svc, ike_r)
     svc.receive_context("sg1", cdbs)
     assert stats["early-replayed"] == 1 and stats["liveness-answered"] == 1
@@ -183,6 +205,7 @@ def test_a_request_forwarded_early_by_another_peer_is_not_replayed(tmp_path: Pat
         cdbs = w.resp.export_ike(ike_r, 1.0)
         svc = _service(tmp_path)
         (req,) = [o for o in w.ini.liveness(ike_i, 1.0) if isinstance(o, Send)]
+        _announce(svc, ike_r)
         svc.on_transfer(Record(1, "target", "sg1", "predictive", 0.0, 0.0, "committed"))
         svc.receive_forwarded(via, ike_context.encode_forward(req.data, I500, R500))
         assert svc.engine.stats["early-kept"] == 1
@@ -640,6 +663,7 @@ def test_a_request_for_an_ike_sa_that_left_after_a_transfer_here_is_forwarded_no
     (ike_back,) = sg2.engine.ike_sas()
     sg2._export(ike_back, "sg1", 0)  # ... sg2 -> sg1 (now[0] = 10.5)
     now[0] += 0.1
+    _announce(sg2, ike_back)  # (the UNIT of the transfer that brings it back)
     sg2.on_transfer(Record(2, "target", "sg1", "predictive", 0.0, 0.0, "committed"))
     now[0] += 0.1
     sg2._receive(req.data, I500, R500)

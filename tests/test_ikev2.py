@@ -2393,6 +2393,9 @@ def test_ike_unit_payload_says_what_a_target_needs() -> None:
         f"no child {child!r} in connection {ike.conn.name!r} here")
     for junk in (b"", b"\x01\x00\x01\x07", payload[:-1], b"\xff" * 40):
         assert context.unit_refusal(junk, [conn(dpd=10)]) is not None
+        assert junk == payload[:-1] or context.unit_spi(junk) is None
+    # the IKE SA it announces (the target keeps the messages that come before its context)
+    assert context.unit_spi(payload) == ike.our_spi
 
 
 def test_ike_unit_payload_carries_what_the_targets_policy_checks_before_the_commit() -> None:
@@ -2505,6 +2508,7 @@ def test_unit_policy_items_too_large_for_one_cdb_travel_in_pieces() -> None:
     # one unit: its pieces together name the peer; without the first (the IKE SA's items)
     # none does, and a unit of pieces naming two identities is no one IKE SA
     assert context.unit_whole_refusal(payloads) is None
+    assert {context.unit_spi(p) for p in payloads} == {ike.our_spi}  # (in every piece)
     assert context.unit_whole_refusal(payloads[1:]) == context.UNIDENTIFIED
     other_id = payloads[0].replace(b"mn.test", b"mx.test")
     assert context.unit_whole_refusal([other_id, *payloads]) is not None

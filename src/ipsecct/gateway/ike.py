@@ -75,6 +75,11 @@ EARLY_IKE_MAX = 64
 # fragments, a few clients behind one NAT): one source cannot fill the queue and keep out the
 # requests of the clients that were moved (IkeService._keep_early)
 EARLY_IKE_PER_SOURCE = 16
+# Only messages for an IKE SA that an admitted UNIT announced (its SPI, item 16) are kept:
+# anyone may send junk with made-up SPIs from as many (spoofed) addresses as the queue holds,
+# and each such source holding one message left no room a real client's could take. An
+# announced SPI is waited for this long (s) after its unit's check, at most MOVED_MAX per peer.
+EARLY_ANNOUNCED_TIME = 60.0
 BORN_WITH_MAX = 65536  # CHILD SAs whose siblings at birth are remembered
 # a transfer waits at most this long (s) for an IKE exchange of ours in flight on its IKE SA,
 # looking every QUIESCE_POLL s
@@ -200,6 +205,8 @@ class IkeService:
         self._early_since = 0.0  # when that transfer committed
         # (when, message, source, destination, the peer gateway that forwarded it or None)
         self._early: list[tuple[float, bytes, Address, Address, str | None]] = []
+        # the IKE SAs (our SPI) admitted units announced, per peer: SPI -> until when
+        self._coming: dict[str, dict[bytes, float]] = {}
         # called with every event the engine reports (not Send): IKE SAs up and down,
         # failed initiations, ... (the demo watches them)
         self.listeners: list[Callable[[Output], None]] = []
@@ -489,7 +496,7 @@ class IkeService:
     def _receive(self, data: bytes, src: Address, dst: Address) -> None:
         now = self.node.clock()
         if (now < self._early_until and self._not_here_yet(data)
-                and not self._left_since_commit(data)):  # fmt: skip
+                and not self._left_since_commit(data) and self._announced(data, now)):  # fmt: skip
             # A transfer to us just committed: the peer's request may be here (the virtual
             # address moved, or a retransmission) before the IKE SA's context: kept for it
             self._keep_early(now, data, src, dst, None)
@@ -534,6 +541,31 @@ class IkeService:
         early.append((now, data, src, dst, via))
         self._early = early
         self.engine.stats["early-kept"] += 1
+
+    def _announced(self, data: bytes, now: float) -> bool:
+        """Is the IKE SA a message (not here yet) is for one an admitted UNIT announced,
+        within EARLY_ANNOUNCED_TIME? If not, it is not kept early (counted
+        ``early-unannounced``): its context is not on its way."""
+        key = self._our_spi(data)
+        for coming in self._coming.values():
+            until = coming.get(key)
+            if until is not None and now < until:
+                return True
+        self.engine.stats["early-unannounced"] += 1
+        return False
+
+    def _announce(self, peer: str, payload: bytes) -> None:
+        """An admitted UNIT payload of ``peer``: the IKE SA it announces is on its way."""
+        spi = ike_context.unit_spi(payload)
+        if spi is None:
+            return
+        now = self.node.clock()
+        coming = self._coming.setdefault(peer, {})
+        coming.pop(spi, None)
+        coming[spi] = now + EARLY_ANNOUNCED_TIME
+        # (in the order they expire: the first ones, when past, or over the bound, go)
+        while len(coming) > MOVED_MAX or next(iter(coming.values())) <= now:
+            del coming[next(iter(coming))]
 
     def _left_since_commit(self, data: bytes) -> bool:
         """A message for an IKE SA this gateway handed over after the last transfer to it
@@ -591,7 +623,8 @@ class IkeService:
         key = self._our_spi(data)
         ike = self.engine.by_spi.get(key)
         arrived = self._arrived.get(key)
-        if ike is None and now < self._early_until:  # its context still on its way: kept
+        if (ike is None and now < self._early_until
+                and self._announced(data, now)):  # its context still on its way: kept
             self._keep_early(now, data, src, dst, peer)
             return
         if (ike is None or arrived is None or arrived[0] != peer or now >= arrived[1]
@@ -1184,6 +1217,8 @@ class IkeService:
                     why = self.engine.arrival_refusal(conn, peer_id)
                 if why is None and owner is not None and tid is not None and vips:
                     why = self._reserve(peer, tid, owner, vips, peer_id, payload, spis)
+        if why is None:
+            self._announce(peer, payload)
         if why is not None:
             if why.startswith(ike_context.UNCHECKED_REVOCATION):
                 self.engine.stats["revocation-unchecked-refused"] += 1
@@ -1467,6 +1502,9 @@ class IkeService:
                   error=str(exc))  # fmt: skip
             return
         self._attach(ike)
+        coming = self._coming.get(peer)
+        if coming is not None and coming.pop(ike.our_spi, None) is not None and not coming:
+            del self._coming[peer]
         self._act(self.engine.arrived(ike, now))  # unique = replace: older ones here go
         self._changes += 1  # new here: replicated
         # what still reaches the old gateway for it may come here for forward_time

@@ -447,10 +447,23 @@ def unit_payloads(ike: IkeSA, children: list[ChildSA],
 
 def _unit_names(ike: IkeSA, children: list[ChildSA]) -> bytes:
     """The items every UNIT payload (and piece) of ``ike`` starts with: the version, the
-    connection's name, its CHILD SAs' configurations' names and its virtual IPs."""
+    connection's name, its CHILD SAs' configurations' names, its virtual IPs and the IKE
+    SA's SPI of the gateway's side (16: the target keeps the peer's IKE messages that reach
+    it before the context only for the IKE SAs a unit announced)."""
     return _items([(1, bytes((VERSION,))), (5, ike.conn.name.encode())]
                   + [(6, c.config.name.encode()) for c in children]
-                  + [(14, _vip(n, a)) for n, a in ike.vips])  # fmt: skip
+                  + [(14, _vip(n, a)) for n, a in ike.vips]
+                  + [(16, ike.our_spi)])  # fmt: skip
+
+
+def unit_spi(payload: bytes) -> bytes | None:
+    """The IKE SPI (of the gateway's side) a UNIT payload announces (item 16); None when it
+    carries none (a source that predates it) or is malformed."""
+    try:
+        d = _parse(_frame(0, payload))[1]
+        return _one(d, 16, 8) if 16 in d else None
+    except (IkeContextError, ValueError, struct.error):
+        return None
 
 
 def _unit_top(ike: IkeSA, serials: bool, room: int | None = None) -> bytes | None:
