@@ -479,6 +479,82 @@ def test_a_take_over_installs_only_tunnels_inside_what_the_standby_accepts() -> 
     assert sb.policy_refused == 1 and "outside" in rec.detail, rec.detail
 
 
+@pytest.mark.parametrize("why", ["outside", "bound"])
+def test_a_tunnel_the_standby_would_not_take_over_is_told_to_the_active_which_still_serves_it(
+    why: str,
+) -> None:
+    """Guards the invariant. A tunnel replica the standby would not take over (its selectors
+    outside the standby's accept ranges; or one more than its max_replicas) was still
+    acknowledged and nothing told the active: its operator believed the tunnel protected.
+    Now the standby tells it (SYNC_TUNNEL_REFUSED, once per change, beside its ACK): the
+    active lists it (``tunnels_refused``) and hears it (``on_tunnel_refused``), forgets it
+    when the tunnel goes, and keeps forwarding on it; the ACK raises its ceiling as before,
+    which is safe: the standby never sends on a tunnel it would not take over. After the
+    take-over, no (SPI, sequence number) pair of the active's was sent twice."""
+    from ipsecct.ipsec.engine import ToPeer
+    from ipsecct.ipsec.spd import AddressRange, RangeSet
+    from tests.helpers.transfer import esp_seq
+
+    act = Engine(ip(SG_ADDR["sg1"]))
+    local = "0.0.0.0/0" if why == "outside" else "10.2.0.0/24"
+    for i, loc in enumerate(("10.2.0.0/24", local)):
+        (o, n, s), _ = tunnel_sas("sg1", spi_up=0x1001 + i, spi_down=0x2001 + i, local=loc,
+                                  mn_inner=f"10.1.0.{i + 2}", name=f"t{i}")  # fmt: skip
+        act.add_tunnel(SPDEntry(s, Action.PROTECT, name=f"t{i}", static=False), o, n)
+    c = failover.FailoverConfig("active", "sg2", seq_margin=100, fencing=True)
+    rep = failover.Replicator(act, c, session=9)
+    heard: list[tuple[int, str]] = []
+    rep.on_tunnel_refused = lambda spi, why_: heard.append((spi, why_))
+    sb = failover.Standby(Engine(ip(SG_ADDR["sg2"])), replace(c, role="standby", peer="sg1"),
+                          Endpoint(ip(SG_ADDR["sg2"]), 4600), Identity.DIRECT)  # fmt: skip
+    sb.accept = (RangeSet([AddressRange.parse("10.2.0.0/24")]),
+                 RangeSet([AddressRange.parse("10.1.0.0/16")]))  # fmt: skip
+    if why == "bound":
+        sb.max_replicas = 1
+    wire_out: list[tuple[int, int]] = []
+
+    def sync(now: float) -> None:
+        for m in _wire(rep.poll(now)):
+            for r in _wire(list[cxtp.Message](sb.receive(m, now))):
+                assert failover.reply_kind(r) in (failover.SYNC_ACK,
+                                                  failover.SYNC_TUNNEL_REFUSED)  # fmt: skip
+                rep.receive(r, now)
+        sb.prepare(100)
+
+    def send(n: int, now: float) -> None:  # host -> both MNs through the active
+        for _ in range(n):
+            for i in range(2):
+                pkt = udp_packet(0, up=False)
+                pkt = pkt[:16] + ip(f"10.1.0.{i + 2}").packed + pkt[20:]
+                res = act.outbound(pkt, now)
+                if isinstance(res, ToPeer):
+                    wire_out.append(esp_seq(res.data))
+
+    t = 0.0
+    for _ in range(4):  # (a sync each heartbeat_ms)
+        sync(t)
+        send(5, t)
+        t += 0.1
+    reason = ("outside what this gateway accepts" if why == "outside"
+              else "this gateway keeps at most 1 tunnel replicas")  # fmt: skip
+    assert list(rep.tunnels_refused) == [0x2002] and reason in rep.tunnels_refused[0x2002]
+    assert [s_ for s_, _ in heard] == [0x2002]  # told once, not at every sync
+    # the active still serves it: both tunnels sent all 20 packets
+    assert sorted({spi for spi, _ in wire_out}) == [0x2001, 0x2002] and len(wire_out) == 40
+    (tunnel,) = sb.take_over(t + 10.0)[0]
+    assert tunnel.outbound.spi == 0x2001
+    for _ in range(5):
+        res = sb.engine.outbound(udp_packet(0, up=False)[:16] + ip("10.1.0.2").packed
+                                 + udp_packet(0, up=False)[20:], t + 10.0)  # fmt: skip
+        assert isinstance(res, ToPeer)
+        wire_out.append(esp_seq(res.data))
+    assert len(wire_out) == len(set(wire_out)), "an (SPI, sequence number) pair was sent twice"
+    # a tunnel gone at the active is forgotten there
+    act.remove_tunnel(next(x for x in act.tunnels() if x.outbound.spi == 0x2002))
+    rep.poll(t + 11.0)
+    assert rep.tunnels_refused == {}
+
+
 def test_a_take_over_is_held_to_the_accepted_ranges_only_when_the_operator_set_them() -> None:
     """[transfer] accept_local_ts / accept_remote_ts set: a take-over is held to them (the
     standby's ``accept``); only defaulted from the gateway's own tunnels (a standby has none,

@@ -117,9 +117,18 @@ SYNC_REFUSED = 7
 # asks the target (the decision query), as a restarted source asks, and the active's COMMIT
 # waits until the standby has acknowledged the mark.
 SYNC_LEAVING = 8
+# standby -> active: the tunnel replica with this outbound SPI (the key, 4 octets) would not be
+# taken over, and why (a standby that keeps max_replicas already; selectors outside its
+# [transfer] accept_*_ts); an empty reason: it would be now. Sent when that changes. The
+# active still forwards on that tunnel (it is the only sender; the standby never sends on
+# a tunnel it did not keep), and its operator is told that a fail-over would lose it.
+SYNC_TUNNEL_REFUSED = 9
 _SYNC_KINDS = (
-    SYNC_HEARTBEAT, SYNC_FULL, SYNC_ACK, SYNC_TAKEN, SYNC_JOIN, SYNC_REFUSED, SYNC_LEAVING
+    SYNC_HEARTBEAT, SYNC_FULL, SYNC_ACK, SYNC_TAKEN, SYNC_JOIN, SYNC_REFUSED, SYNC_LEAVING,
+    SYNC_TUNNEL_REFUSED,
 )
+# refusals of tunnel replicas in one reply at most (each a CDB of up to about 220 octets)
+MAX_TUNNEL_VERDICTS = 256
 # Tunnels a replicator keeps as touched until its next poll (one that does not poll, an etcd
 # member's replicator to a peer that is not a member, would otherwise gather every tunnel):
 # beyond it, it forgets them and walks every tunnel at its next poll.
@@ -251,19 +260,20 @@ def parse_leaving(cdb: bytes) -> tuple[int, LeavingMark | None] | None:
     return spi, LeavingMark(tid, peer, at)
 
 
-def refused_cdb(key: bytes, why: str, epoch: int) -> bytes:
-    """The SYNC CDB that says the extra context ``key`` was refused, and why ("": no more)."""
+def refused_cdb(key: bytes, why: str, epoch: int, kind: int = SYNC_REFUSED) -> bytes:
+    """The SYNC CDB that says the extra context ``key`` was refused, and why ("": no more);
+    with ``kind`` SYNC_TUNNEL_REFUSED, the tunnel replica whose outbound SPI is ``key``."""
     if not key or len(key) > MAX_EXTRA_KEY:
         raise CxtpError("extra context key out of range")
     text = why.encode()[:MAX_REFUSAL_TEXT]
-    return frame(FPT_SYNC, _SYNC.pack(SYNC_REFUSED, 0, epoch & 0xFFFFFFFF)
+    return frame(FPT_SYNC, _SYNC.pack(kind, 0, epoch & 0xFFFFFFFF)
                  + bytes((len(key),)) + key + text)  # fmt: skip
 
 
-def parse_refused(cdb: bytes) -> tuple[bytes, str]:
-    """(key, reason) of a SYNC_REFUSED CDB (an empty reason: the key is taken now)."""
+def parse_refused(cdb: bytes, kind: int = SYNC_REFUSED) -> tuple[bytes, str]:
+    """(key, reason) of a SYNC_REFUSED (or ``kind``) CDB (an empty reason: taken now)."""
     p = unframe(cdb)
-    if len(p) <= _SYNC.size or p[0] != SYNC_REFUSED:
+    if len(p) <= _SYNC.size or p[0] != kind:
         raise CxtpError("not a refusal CDB")
     n = p[_SYNC.size]
     key = p[_SYNC.size + 1 : _SYNC.size + 1 + n]
@@ -307,7 +317,7 @@ def reply_kind(msg: cxtp.Message) -> int | None:
         kind = parse_sync_kind(cdbs[1])[0]
     except CxtpError:
         return None
-    return kind if kind in (SYNC_ACK, SYNC_TAKEN, SYNC_REFUSED) else None
+    return kind if kind in (SYNC_ACK, SYNC_TAKEN, SYNC_REFUSED, SYNC_TUNNEL_REFUSED) else None
 
 
 def join_message(epoch: int) -> cxtp.CTD:
@@ -432,6 +442,11 @@ class Replicator:
         # unknown until it answers (it may have restarted with another configuration).
         self.on_extra_resync: Callable[[], None] | None = None
         self.extras_refused = 0  # refusals received
+        # Tunnels the standby would not take over (outbound SPI -> why; bounded), each
+        # change told to ``on_tunnel_refused`` (why "": it would now). Nothing else changes:
+        # the active forwards on them as before.
+        self.tunnels_refused: dict[int, str] = {}
+        self.on_tunnel_refused: Callable[[int, str], None] | None = None
         self.floor: dict[Tunnel, int] = {}
         self._carried: dict[int, list[tuple[Tunnel, int]]] = {}
         self.superseded_by: int | None = None  # epoch of a standby's take-over
@@ -544,6 +559,16 @@ class Replicator:
                     if self.on_extra_refused is not None:
                         self.on_extra_refused(key, why)
             return []
+        if kind == SYNC_TUNNEL_REFUSED:
+            if tag.transfer_id == self.session and epoch == self.epoch and (
+                self.superseded_by is None
+            ):
+                for cdb in cdbs[1:]:
+                    key, why = parse_refused(cdb, SYNC_TUNNEL_REFUSED)
+                    if len(key) != 4:
+                        raise CxtpError("tunnel refusal CDB malformed")
+                    self._tunnel_refused(int.from_bytes(key, "big"), why)
+            return []
         if kind == SYNC_TAKEN:
             if epoch <= self.epoch or self.superseded_by is not None:
                 return []
@@ -580,6 +605,20 @@ class Replicator:
         events = self.lease.granted(tag.seq, now)
         self._fence()
         return events
+
+    def _tunnel_refused(self, spi: int, why: str) -> None:
+        if not why:
+            if self.tunnels_refused.pop(spi, None) is None:
+                return
+        else:
+            if self.tunnels_refused.get(spi) == why:
+                return
+            self.tunnels_refused.pop(spi, None)
+            self.tunnels_refused[spi] = why
+            while len(self.tunnels_refused) > MAX_REFUSED_KEYS:
+                del self.tunnels_refused[next(iter(self.tunnels_refused))]
+        if self.on_tunnel_refused is not None:
+            self.on_tunnel_refused(spi, why)
 
     # -- transfers away: the standby learns of them before the COMMIT ------------------------
     def told(self, tunnels: Iterable[Tunnel], tid: int | None) -> Write:
@@ -866,10 +905,14 @@ class Replicator:
             return []  # the standby took over: nothing more to replicate
         if full and self.on_extra_resync is not None:
             self.on_extra_resync()
+        if full:  # (the standby tells its refusals again as it checks the replicas)
+            self.tunnels_refused.clear()
         # (without a walk of every tunnel none is gone: the engine's tunnels did not change
         # and every one visited is live)
         gone = [k for k in self.synced if k not in live] if cands is None else []
         removed = [self.spi_of.pop(k) for k in gone]
+        for spi in removed if self.tunnels_refused else []:
+            self.tunnels_refused.pop(spi, None)  # (the standby forgets it as it goes too)
         for k in gone:
             del self.synced[k]
             marked.pop(k, None)
@@ -1080,6 +1123,11 @@ class Standby:
     # SPD, the replica would take that tunnel's traffic. Counted; a transfer's target
     # refuses such a tunnel alike.
     overlap_refused: int = 0
+    # What this standby last told the active of each tunnel replica it would not take over
+    # (outbound SPI -> why: SYNC_TUNNEL_REFUSED, sent when it changes), and what it has yet
+    # to tell (sent with its next reply).
+    tunnel_refusing: dict[int, str] = field(default_factory=dict)
+    _tunnel_verdicts: dict[int, str] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         if self.cfg.fencing and self.peer_lease and self.grant is None:
@@ -1173,6 +1221,8 @@ class Standby:
             self.extra.clear()
             self.marks.clear()
             self.refused_tunnels.clear()  # those still refused are in this message
+            self.tunnel_refusing.clear()  # (told again as the replicas are checked again)
+            self._tunnel_verdicts.clear()
         verdicts: list[tuple[bytes, str]] = []
         for key, value in extras:  # removals first: they make room (max_extra)
             if value is None:
@@ -1207,9 +1257,14 @@ class Standby:
             self.high.pop(spi, None)
             self._ready.pop(spi, None)
             self.marks.pop(spi, None)
+            self.tunnel_refusing.pop(spi, None)  # (the active forgets it as the tunnel goes)
+            self._tunnel_verdicts.pop(spi, None)
         for spi, pair in pairs:
             if spi not in self.replica and len(self.replica) >= self.max_replicas:
                 self.replicas_refused += 1
+                self._tunnel_verdict(
+                    spi, f"this gateway keeps at most {self.max_replicas} tunnel replicas of a peer"
+                )
                 continue
             self.replica[spi] = pair
             if spi not in self._arrived:  # (once each: a busy tunnel replaced every sync
@@ -1232,6 +1287,8 @@ class Standby:
             live = {m.tid for m in self.marks.values()}
             self.mark_seen = {k: v for k, v in self.mark_seen.items() if k in live}
         replies = [self._refusals(msg, tag, verdicts)] if verdicts else []
+        if self._tunnel_verdicts:
+            replies.append(self._tunnel_refusals(msg, tag))
         if not self.cfg.fencing:
             return replies
         if self.grant is not None and not self.grant.grant(now):
@@ -1251,6 +1308,39 @@ class Standby:
             ),
         )
 
+    def _tunnel_refusals(self, msg: cxtp.CTD, tag: cxtp.TransferTag) -> cxtp.CTD:
+        """The next MAX_TUNNEL_VERDICTS changes of what this standby would not take over."""
+        cdbs = []
+        for spi in list(self._tunnel_verdicts)[:MAX_TUNNEL_VERDICTS]:
+            why = self._tunnel_verdicts.pop(spi)
+            cdbs.append(refused_cdb(spi.to_bytes(4, "big"), why, self.epoch, SYNC_TUNNEL_REFUSED))
+        return cxtp.CTD(
+            msg.mn_prev, 0, cdbs=(cxtp.TransferTag(tag.transfer_id, tag.seq).encode(), *cdbs)
+        )
+
+    def _tunnel_verdict(self, spi: int, why: str) -> None:
+        """Would this standby take over the tunnel replica ``spi`` (``why`` "": yes)? A change
+        from what it last told the active is told with its next reply."""
+        if self.tunnel_refusing.get(spi, "") == why:
+            return
+        if why:
+            self.tunnel_refusing.pop(spi, None)
+            self.tunnel_refusing[spi] = why
+            while len(self.tunnel_refusing) > MAX_REFUSED_KEYS:
+                del self.tunnel_refusing[next(iter(self.tunnel_refusing))]
+        else:
+            del self.tunnel_refusing[spi]
+        self._tunnel_verdicts.pop(spi, None)
+        self._tunnel_verdicts[spi] = why
+        while len(self._tunnel_verdicts) > MAX_REFUSED_KEYS:
+            del self._tunnel_verdicts[next(iter(self._tunnel_verdicts))]
+
+    def _outside(self, sas: list[SecurityAssociation]) -> bool:
+        """Are an SA pair's selectors outside what this gateway accepts (``accept``)?"""
+        return self.accept is not None and any(
+            sa.selectors is not None and not sa.selectors.within(*self.accept) for sa in sas
+        )
+
     def forget(self, member_lease: int) -> None:
         """The etcd mode: this member's lease is gone (or new): drop every replica held
         under the old one; keep only what is sent for ``member_lease`` from now on."""
@@ -1263,6 +1353,8 @@ class Standby:
         self.marks.clear()
         self.refused.clear()
         self.refused_tunnels.clear()
+        self.tunnel_refusing.clear()
+        self._tunnel_verdicts.clear()
         self.last_heard = None
         self.member_lease = member_lease
 
@@ -1284,6 +1376,13 @@ class Standby:
                 self._ready[spi] = (pair, sas)
             except ContextError:
                 self._ready.pop(spi, None)  # take_over counts it as unusable
+                self._tunnel_verdict(spi, "its replica does not decode")
+            else:  # the active is told now what a take-over would leave out
+                self._tunnel_verdict(
+                    spi,
+                    "outside what this gateway accepts ([transfer] accept_local_ts /"
+                    " accept_remote_ts)" if self._outside(sas) else "",
+                )
             done += 1
         return done
 
@@ -1411,11 +1510,7 @@ class Standby:
             if out_sa.direction is not Direction.OUTBOUND or out_sa.selectors is None:
                 failed += 1
                 continue
-            if self.accept is not None and not (
-                out_sa.selectors.within(*self.accept)
-                and (in_sa is None or in_sa.selectors is None
-                     or in_sa.selectors.within(*self.accept))
-            ):  # fmt: skip
+            if self._outside(sas):
                 outside += 1
                 continue
             if own is not None and any(

@@ -46,7 +46,7 @@ from ..ipsec.esp import Drop
 from . import gcpolicy
 from .config import ClusterConfig
 from .etcd import EtcdClient
-from .failover_driver import PREPARE_PER_TICK, tell_trouble, trouble
+from .failover_driver import PREPARE_PER_TICK, tell_trouble, tell_tunnel_refused, trouble
 from .ike import IKE_SPI_LEN, IkeService, replica_spi
 from .log import RateLimited, event
 from .node import Node
@@ -182,6 +182,9 @@ class ClusterDriver:
                 self.node.engine, c, peer_lease=False, on_floor=self._ceiling
             )
             self.replicators[p].select = functools.partial(self._replicate_to, p)
+            self.replicators[p].on_tunnel_refused = functools.partial(
+                tell_tunnel_refused, self.node.name, p
+            )
             # (_replicate_to's answers move only with these: the poll walks when they do)
             self.replicators[p].select_changes = self._selection_changes
             self.standbys[p] = Standby(
@@ -1283,6 +1286,10 @@ class ClusterDriver:
             },
             # our IKE SAs a peer member refused as replicas (ike.replicas_refused: which, why)
             "ike_refused": self._ike_refused(),
+            # our tunnels a peer member would not take over (its bound, its accept_*_ts)
+            "tunnels_refused": {
+                p: len(r.tunnels_refused) for p, r in self.replicators.items() if r.tunnels_refused
+            },
             "takeovers": list(self.takeovers),
         }
 

@@ -21,6 +21,7 @@ only the first one:
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import math
 import time
@@ -33,6 +34,7 @@ from ..ct.failover import (
     SYNC_JOIN,
     SYNC_REFUSED,
     SYNC_TAKEN,
+    SYNC_TUNNEL_REFUSED,
     FailoverConfig,
     Replicator,
     Standby,
@@ -60,6 +62,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("ipsecct.ct.failover")
 
 UNFENCED = 1 << 64
+# tunnels the standby refused, listed in the active's status at most (all are counted)
+TUNNELS_REFUSED_LISTED = 32
 PREPARE_PER_TICK = 8  # replicas decoded ahead per tick (~125 us per SA)
 # A standby that finds its dead time passed this long ago (and at least dead_ms ago) was not
 # running (SIGSTOP, a suspended machine): its peer may have been told meanwhile that it is
@@ -236,6 +240,8 @@ class FailoverDriver:
         r.leaving_of = self.transfer.core.leaving.get
         r.marks = self.transfer.core.leaving  # (an idle poll visits only what may change)
         r.on_told = self.transfer.on_settled
+        r.on_tunnel_refused = functools.partial(tell_tunnel_refused, self.node.name,
+                                                self.cfg.peer)  # fmt: skip
 
     def _standby_gate(self, tunnels: list[Tunnel], tid: int | None) -> Write:
         """TransferCore.standby_gate: a Write done once the standby holds ``tunnels``
@@ -460,7 +466,7 @@ class FailoverDriver:
                 self._on_join(epoch, now)
                 return
             r = self.replicator
-            if kind == SYNC_REFUSED:  # the standby could not take an IKE SA of ours
+            if kind in (SYNC_REFUSED, SYNC_TUNNEL_REFUSED):  # an IKE SA, a tunnel of ours
                 if r is not None:
                     r.receive(msg, now)
                 return
@@ -735,6 +741,14 @@ class FailoverDriver:
                 "ike_contexts": self.replicator.extras,
                 # IKE SAs the standby could not take over (ike.replicas_refused: which, why)
                 "ike_refused": len(self.ike.refused_replicas()) if self.ike is not None else 0,
+                # tunnels the standby would not take over (its max_replicas, its accept_*_ts):
+                # how many, and the first TUNNELS_REFUSED_LISTED (outbound SPI, why)
+                "tunnels_refused": len(self.replicator.tunnels_refused),
+                "tunnels_refused_list": [
+                    {"spi": f"0x{spi:08x}", "reason": why}
+                    for spi, why in itertools.islice(
+                        self.replicator.tunnels_refused.items(), TUNNELS_REFUSED_LISTED)
+                ],
                 "unreplicable": self.replicator.unreplicable,
                 # whole states sent again (the channel lost), and tunnels left for the next
                 # poll at the last one (no room in the channel: a large state goes in pieces)
@@ -801,6 +815,18 @@ _TROUBLE = RateLimited(burst=2, interval=10.0)
 def trouble(sb: Standby) -> tuple[int, int]:
     """What a standby counts of a peer's bad replicas (compared around ``receive``)."""
     return sb.seq_backwards, sb.replicas_refused
+
+
+def tell_tunnel_refused(node: str, peer: str, spi: int, why: str) -> None:
+    """``peer`` (our standby, or a member holding replicas of ours) would not take over our
+    tunnel ``spi`` (``why``; "": it would now): a fail-over would lose it. Told
+    (rate-limited per peer), listed in status (``tunnels_refused``); this gateway forwards
+    on it as before."""
+    if why:
+        _TROUBLE.event(log, "failover-replica-refused", logging.WARNING,
+                       key=f"{peer}/tunnel", node=node, standby=peer, spi=f"0x{spi:08x}",
+                       error=why, detail="it would not take this tunnel over: a fail-over"
+                       " loses it (it is still served here)")  # fmt: skip
 
 
 def tell_trouble(node: str, peer: str, sb: Standby, before: tuple[int, int]) -> None:
