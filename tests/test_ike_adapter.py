@@ -1697,3 +1697,66 @@ def test_a_unit_that_does_not_name_the_peer_is_refused_before_the_commit_no_sa_l
         w.mn_send(i)
     pairs = [(spi, seq) for _, spi, seq in w.all_wire()]
     assert len(pairs) == len(set(pairs)), "an (SPI, sequence number) pair was sent twice"
+
+
+@pytest.mark.parametrize("unique", ["no", "keep"])
+def test_a_standby_bounds_the_replicas_of_one_identity_as_they_arrive(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, unique: str
+) -> None:
+    """A replica holder checked a replica's identity only at the take-over, which took every
+    IKE SA of it at once (``unique-late``): a hostile or buggy active could make the standby
+    hold any number of one identity's IKE SAs past MAX_IKE_SAS_PER_IDENTITY (here 2), and
+    ``unique = keep`` was not applied against the standby's own. Now each replica meets them
+    as it arrives, as an arriving IKE SA does (counting the identity's replicas held there
+    too): one over is refused (``ike-replica-refused``, the active lists it); once one of
+    the others is gone, a later version passes."""
+    import dataclasses
+    import functools
+
+    from ipsecct.ct import failover
+    from ipsecct.ikev2 import engine
+    from ipsecct.ikev2.engine import IkeEngine
+    from tests.helpers.ikev2_engines import Wire
+
+    monkeypatch.setattr(engine, "MAX_IKE_SAS_PER_IDENTITY", 2)
+    sg1 = _service(tmp_path, "sg1")
+    ikes = []
+    for _ in range(3):  # three IKE SAs of mn.test at the active
+        w = pair(mn_conn(dpd=10), conn(dpd=10))
+        connect(w)
+        (ike_r,) = w.resp.ike_sas()
+        ikes.append(sg1.engine.import_ike(w.resp.export_ike(ike_r, 1.0), 1.0))
+    fcfg = failover.FailoverConfig("active", "sg2", fencing=False)
+    rep = failover.Replicator(sg1.node.engine, fcfg, session=7, extra=sg1.feed)
+    rep.on_extra_refused = functools.partial(sg1.replica_refused, "sg2")
+    sg2 = _service(tmp_path, "sg2")
+    sg2.engine.connections[0].unique = unique
+    sb = failover.Standby(sg2.node.engine, dataclasses.replace(fcfg, role="standby"),
+                          sg2.node.cfg.outer, Identity.INDIRECT)  # fmt: skip
+    sb.check_extra = sg2.check_replica
+    sg2.replica_held = lambda key: key in sb.extra
+    if unique == "keep":  # the identity has an IKE SA made at the standby
+        connect(Wire(IkeEngine([mn_conn(dpd=10)]), sg2.engine), 0.5)
+
+    def sync(now: float) -> None:
+        for m in rep.poll(now):
+            for r in sb.receive(m, now):  # type: ignore[arg-type]
+                rep.receive(r, now)
+
+    sync(2.0)
+    refused = sg1.status()["replicas_refused"]
+    if unique == "keep":
+        assert sb.extra == {} and len(refused) == 3
+        assert all("unique = keep" in x["reason"] for x in refused)
+        return
+    assert len(sb.extra) == 2 and len(refused) == 1
+    assert "too many IKE SAs of identity 'mn.test'" in refused[0]["reason"]
+    (out,) = [i for i in ikes if i.our_spi not in sb.extra]
+    # one of the two held goes at the active; the refused one changes: it passes now
+    gone = next(i for i in ikes if i is not out)
+    sg1.engine.forget(gone)
+    sync(3.0)
+    sg1.liveness(out)
+    sync(4.0)
+    assert out.our_spi in sb.extra and gone.our_spi not in sb.extra and len(sb.extra) == 2
+    assert sg1.status()["replicas_refused"] == []

@@ -211,6 +211,8 @@ class ClusterDriver:
         for sb in self.standbys.values():  # replicas checked as they arrive
             sb.check_extra = self._check_ike_replica
             sb.extra_tunnels = ike.replica_tunnels
+        standbys = self.standbys
+        ike.replica_held = lambda key: any(key in sb.extra for sb in standbys.values())
         ike.fenced = self._ike_fenced
         ike.replicated = self._ike_replicated
         if self.block is not None:

@@ -227,6 +227,11 @@ class FailoverDriver:
             ike.fenced = self.fenced
             self.fencing.on_superseded.insert(0, lambda _epoch: ike.forget_all())
         ike.replicated = self.replicating
+        ike.replica_held = self._replica_held
+
+    def _replica_held(self, key: bytes) -> bool:
+        """Does our standby (the one there is now) hold the IKE SA replica ``key``?"""
+        return self.standby is not None and key in self.standby.extra
 
     def _watch_refusals(self, r: Replicator) -> None:
         """The standby's refusals of our IKE SAs' replicas reach the IKE service."""

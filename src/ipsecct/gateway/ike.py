@@ -247,6 +247,12 @@ class IkeService:
         # (holder, our IKE SPI) -> (why, since); at the holder, the reason last logged per key.
         self.replicas_refused: dict[tuple[str, bytes], tuple[str, float]] = {}
         self._refusing: dict[bytes, str] = {}
+        # At a replica holder: the replicas admitted, by (connection, identity) and by key,
+        # to bound the identity's IKE SAs a take-over would bring (arrival_refusal); which
+        # keys are still held the driver says (``replica_held``; None: all).
+        self._replica_ids: dict[tuple[str, str], dict[bytes, None]] = {}
+        self._replica_id_of: dict[bytes, tuple[str, str]] = {}
+        self.replica_held: Callable[[bytes], bool] | None = None
         host = node.cfg.local_address
         self.local_host = host
         # a mobile node: its outer socket listens on every address and its address toward a
@@ -1688,11 +1694,14 @@ class IkeService:
         and reason, and the active is told (the fail-over protocol's SYNC_REFUSED)."""
         def vips(ike: IkeSA) -> str | None:  # from our pools, in their addrs (the
             # leases are taken at the take-over, when the peer's IKE SA is ours)
-            return self.engine.vip_refusal(ike.conn, ike.vips_given, ike.vips,
-                                           leased=False)  # fmt: skip
+            why = self.engine.vip_refusal(ike.conn, ike.vips_given, ike.vips,
+                                          leased=False)  # fmt: skip
+            return why if why is not None else self._identity_refusal(key, ike)
 
         why = ike_context.replica_refusal(cdbs, self.engine.connections, self.node.clock(),
                                           vips)  # fmt: skip
+        if why is not None:
+            self._replica_forget(key)
         if why is None:
             if self._refusing.pop(key, None) is not None:
                 event(log, "ike-replica-accepted", node=self.node.name,
@@ -1711,6 +1720,35 @@ class IkeService:
                   detail="this gateway could not take this IKE SA over (its connections "
                   "do not admit it): not kept; the active is told")  # fmt: skip
         return why
+
+    def _identity_refusal(self, key: bytes, ike: IkeSA) -> str | None:
+        """A replica's identity as an arriving IKE SA's (``unique = keep`` against the IKE
+        SAs made here; MAX_IKE_SAS_PER_IDENTITY counting the identity's other replicas
+        held here too): a take-over brings them all at once, and took them whatever those
+        said (``unique-late``). None, and the replica is counted, if admitted."""
+        ident = (ike.conn.name, ike.peer_id)
+        keys = self._replica_ids.get(ident, {})
+        held = self.replica_held
+        for k in [k for k in keys if k == key or (held is not None and not held(k))]:
+            self._replica_forget(k)
+        why = self.engine.arrival_refusal(ike.conn, ike.peer_id,
+                                          len(self._replica_ids.get(ident, ())))  # fmt: skip
+        if why is None:
+            self._replica_forget(key)
+            self._replica_ids.setdefault(ident, {})[key] = None
+            self._replica_id_of[key] = ident
+            if len(self._replica_id_of) > 2 * MOVED_MAX and held is not None:
+                for k in [k for k in self._replica_id_of if not held(k) and k != key]:
+                    self._replica_forget(k)
+        return why
+
+    def _replica_forget(self, key: bytes) -> None:
+        ident = self._replica_id_of.pop(key, None)
+        if ident is not None:
+            keys = self._replica_ids[ident]
+            del keys[key]
+            if not keys:
+                del self._replica_ids[ident]
 
     @staticmethod
     def replica_tunnels(cdbs: list[bytes]) -> list[int]:

@@ -722,18 +722,22 @@ class IkeEngine:
         return [o for o in self.by_spi.values() if o is not ike and o.peer_id == peer_id
                 and o.conn.name == conn_name and o.state is not IkeState.DEAD]  # fmt: skip
 
-    def arrival_refusal(self, conn: Connection, peer_id: str) -> str | None:
+    def arrival_refusal(self, conn: Connection, peer_id: str, coming: int = 0) -> str | None:
         """Why an IKE SA of identity ``peer_id`` for ``conn`` arriving from another gateway
         would not be admitted here (None: it would), as an arriving IKE_AUTH would not:
         ``unique = keep`` and the identity has an established IKE SA with the connection
         here, or it has MAX_IKE_SAS_PER_IDENTITY of them (not counting those ``unique =
-        replace`` would replace). Asked by a transfer's target before the COMMIT (the
-        transfer is refused; the IKE SA stays at the source)."""
+        replace`` would replace; with ``coming``, those that would come with it: a
+        standby's replicas of the identity, but for ``unique = replace``, where each
+        replaces the older). Asked by a transfer's target before the COMMIT (the transfer
+        is refused; the IKE SA stays at the source), and by a replica holder as a replica
+        arrives (not kept; the active is told)."""
         have = self._same_identity(conn.name, peer_id)
         up = sum(1 for o in have if o.state is IkeState.ESTABLISHED)
         if conn.unique == "keep" and up:
             return f"unique = keep: identity {peer_id!r} has an IKE SA of {conn.name!r} here"
-        if len(have) - (up if conn.unique == "replace" else 0) >= MAX_IKE_SAS_PER_IDENTITY:
+        n = len(have) - up if conn.unique == "replace" else len(have) + coming
+        if n >= MAX_IKE_SAS_PER_IDENTITY:
             return f"too many IKE SAs of identity {peer_id!r} with {conn.name!r} here"
         return None
 
