@@ -1760,3 +1760,54 @@ def test_a_standby_bounds_the_replicas_of_one_identity_as_they_arrive(
     sync(4.0)
     assert out.our_spi in sb.extra and gone.our_spi not in sb.extra and len(sb.extra) == 2
     assert sg1.status()["replicas_refused"] == []
+
+
+@pytest.mark.parametrize("admitted", [False, True])
+def test_a_unit_whose_tunnels_carry_traffic_its_child_sas_do_not_admit_is_refused(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, admitted: bool
+) -> None:
+    """The selectors a UNIT announces for each CHILD SA are the source's word; the tunnels
+    its transfer installs carry their own (here local 10.2.0.0/24, remote 10.1.0.2, while
+    child 'net' admits local 10.1.0.0/16 only): the target checked the words and installed
+    the tunnels, traffic its connection does not admit. Now the tunnels themselves are
+    checked against the CHILD configuration the unit names for each, before the COMMIT
+    (``unit-tunnels-refused``, ``ike-sa-refused``): the transfer is refused and the source
+    keeps sending, no (SPI, sequence number) pair twice. A child that admits the tunnel's
+    traffic takes it. (Invariant.)"""
+    import dataclasses
+
+    from ipsecct.ct.transfer import UNIT_IKEV2
+    from ipsecct.ikev2.ts import from_text
+    from ipsecct.ipsec.engine import TunnelState
+    from tests.test_ikev2 import _revoking_target
+
+    _, _, revoking = _revoking_target()
+    target = dataclasses.replace(revoking, crls=None)
+    if admitted:
+        wide = [from_text("10.0.0.0/8")]
+        target = dataclasses.replace(target, children=[
+            dataclasses.replace(target.children[0], local_ts=wide, remote_ts=wide)])  # fmt: skip
+    w, svc2, _ = _long_unit_world(tmp_path, target)
+    w.gw["sg2"].core.unit_whole[UNIT_IKEV2] = svc2.check_unit_whole
+    for i in range(3):
+        w.host_send("sg1", i)
+        w.mn_send(i)
+    with caplog.at_level("WARNING", logger="ipsecct.gateway.ike"):
+        w.transfer()
+        w.deliver_all()
+    sg1, sg2 = w.gw["sg1"], w.gw["sg2"]
+    if admitted:
+        assert sg1.finished[-1].outcome == "committed", sg1.finished
+        assert svc2.engine.stats["unit-tunnels-refused"] == 0
+        return
+    assert sg1.finished and sg1.finished[-1].outcome == "refused", sg1.finished
+    assert svc2.engine.stats["unit-tunnels-refused"] == 1
+    assert any("ike-sa-refused" in r.getMessage() and "outside local_ts of child 'net'"
+               in r.getMessage() for r in caplog.records)  # fmt: skip
+    assert not any(t.state is TunnelState.ACTIVE for t in sg2.engine.tunnels())
+    assert w.tunnel.state is TunnelState.ACTIVE
+    for i in range(3, 6):
+        w.host_send("sg1", i)
+        w.mn_send(i)
+    pairs = [(spi, seq) for _, spi, seq in w.all_wire()]
+    assert len(pairs) == len(set(pairs)), "an (SPI, sequence number) pair was sent twice"

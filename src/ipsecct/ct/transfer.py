@@ -956,9 +956,14 @@ class TransferCore:
         self.unit_kept: dict[int, Callable[[str, int, list[tuple[list[int], bytes]]], None]] = {}
         # ... and, per kind, why the payloads of one unit (the UNIT CDBs naming the same
         # tunnels, each admitted by its check) do not make a whole one (None: they do), asked
-        # with (peer, payloads): the IKE adapter refuses a unit none of whose pieces carries
-        # the peer's identity (each piece checked alone would let it through unchecked).
-        self.unit_whole: dict[int, Callable[[str, list[bytes]], str | None]] = {}
+        # with (peer, the unit's SPIs, payloads, outbound SPI -> the selectors of the
+        # transfer's SAs as they would be installed): the IKE adapter refuses a unit none of
+        # whose pieces carries the peer's identity (each piece checked alone would let it
+        # through unchecked), or whose tunnels carry traffic its CHILD SAs' configurations
+        # do not admit.
+        self.unit_whole: dict[
+            int, Callable[[str, list[int], list[bytes], Mapping[int, list[Selectors]]], str | None]
+        ] = {}
         # Source: asked with a transfer's tunnels at its start and again just before its
         # COMMIT goes out (the IKE adapter: can each IKE SA that follows them be exported?
         # after the COMMIT it must not fail). A reason refuses the start (TransferError) or
@@ -2546,7 +2551,13 @@ class TransferCore:
         indexes = self._overlap_index(inc.peer)
         accepted: _Accept = (accept_ranges(self.settings), {})
         unit_refused, admitted = self._check_units(
-            inc.peer, inc.tid, units, {out_sa.spi for out_sa, _ in pairs}
+            inc.peer,
+            inc.tid,
+            units,
+            {
+                out_sa.spi: [sa.selectors for sa in (out_sa, in_sa) if sa and sa.selectors]
+                for out_sa, in_sa in pairs
+            },
         )
         batch = _Batch()
         for out_sa, in_sa in pairs:
@@ -2648,7 +2659,11 @@ class TransferCore:
         return msgs
 
     def _check_units(
-        self, peer: str, tid: int, units: list[tuple[int, list[int], bytes]], present: set[int]
+        self,
+        peer: str,
+        tid: int,
+        units: list[tuple[int, list[int], bytes]],
+        present: Mapping[int, list[Selectors]],
     ) -> tuple[set[int], list[tuple[int, list[int], bytes]]]:
         """The outbound SPIs of the units this gateway cannot take (no check for their kind,
         or the check says why not: an IKE SA of a connection it does not have), and the
@@ -2660,6 +2675,7 @@ class TransferCore:
         (``unit_whole``: an IKE unit none of whose pieces names the peer is refused)."""
         refused: set[int] = set()
         admitted: list[tuple[int, list[int], bytes]] = []
+        whole: dict[tuple[int, tuple[int, ...]], list[bytes]] = {}
         for kind, spis, payload in units:
             mine = [spi for spi in spis if spi in present]
             if not mine:
@@ -2676,12 +2692,12 @@ class TransferCore:
                 refused.update(spis)
             else:
                 admitted.append((kind, mine, payload))
-        groups: dict[tuple[int, tuple[int, ...]], list[bytes]] = {}
-        for kind, mine, payload in admitted:
-            if self.unit_whole.get(kind) is not None and not refused.intersection(mine):
-                groups.setdefault((kind, tuple(mine)), []).append(payload)
-        for (kind, spis_), payloads in groups.items():
-            if self.unit_whole[kind](peer, payloads) is not None:
+                if self.unit_whole.get(kind) is not None:
+                    whole.setdefault((kind, tuple(spis)), []).append(payload)
+        for (kind, spis_), payloads in whole.items():
+            if refused.intersection(spis_):
+                continue
+            if self.unit_whole[kind](peer, list(spis_), payloads, present) is not None:
                 self.counters["unit_refused"] += 1
                 refused.update(spis_)  # (unit_kept gives back what its checks held)
         return refused, admitted

@@ -16,7 +16,7 @@ import ipaddress
 import logging
 import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -46,6 +46,7 @@ from ..ikev2.restart import Restarts
 from ..ipsec.engine import TunnelState
 from ..ipsec.ippacket import IPAddress as IPAddr
 from ..ipsec.sad import SAEvent, UdpEncap
+from ..ipsec.spd import Selectors
 from .log import event
 from .node import Node, UdpEndpoint
 
@@ -1234,15 +1235,25 @@ class IkeService:
                   error=why, when="before the transfer")  # fmt: skip
         return why
 
-    def check_unit_whole(self, peer: str, payloads: list[bytes]) -> str | None:
-        """The UNIT payloads of one IKE SA's unit, each admitted by :meth:`check_unit`: do
-        they announce (and so had checked before the COMMIT) the peer's identity? A unit in
-        pieces none of which carries it (a hostile or broken source) would commit with the
-        identity, ``unique`` and the per-identity bound unchecked. None if so, else why not
-        (logged, counted ``unit-unidentified-refused``)."""
+    def check_unit_whole(self, peer: str, spis: list[int], payloads: list[bytes],
+                         sels: Mapping[int, list[Selectors]]) -> str | None:  # fmt: skip
+        """The UNIT payloads of one IKE SA's unit (naming ``spis``), each admitted by
+        :meth:`check_unit`: do they announce (and so had checked before the COMMIT) the
+        peer's identity? A unit in pieces none of which carries it (a hostile or broken
+        source) would commit with the identity, ``unique`` and the per-identity bound
+        unchecked (counted ``unit-unidentified-refused``). And do the tunnels the transfer
+        brings for them (``sels``) carry only traffic the CHILD configurations the unit names
+        admit? The selectors it announces are the source's word, not what is installed
+        (counted ``unit-tunnels-refused``). None if so, else why not (logged)."""
         why = ike_context.unit_whole_refusal(payloads)
         if why is not None:
             self.engine.stats["unit-unidentified-refused"] += 1
+        else:
+            why = ike_context.unit_tunnels_refusal(payloads, spis, sels,
+                                                   self.engine.connections)  # fmt: skip
+            if why is not None:
+                self.engine.stats["unit-tunnels-refused"] += 1
+        if why is not None:
             event(log, "ike-sa-refused", logging.WARNING, node=self.node.name, peer=peer,
                   error=why, when="before the transfer")  # fmt: skip
         return why

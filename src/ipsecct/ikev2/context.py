@@ -30,10 +30,11 @@ import ipaddress
 import os
 import re
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from ..errors import IdentityError, IkeContextError
+from ..ipsec.spd import Selectors
 from .auth import MAX_CERTS_SERIALS, MAX_NAMES, MAX_SERIAL_LEN, fingerprint, revoked_by
 from .config import (
     MATCH_NONE,
@@ -622,6 +623,50 @@ def unit_whole_refusal(payloads: list[bytes]) -> str | None:
     if len(names) > 1 or len(ids) > 1:
         return "the pieces of an IKE unit name different connections or identities"
     return None
+
+
+def unit_tunnels_refusal(payloads: list[bytes], spis: list[int],
+                         sels: Mapping[int, list[Selectors]],
+                         connections: list[Connection]) -> str | None:  # fmt: skip
+    """Why the tunnels a unit's transfer brings (``sels``: outbound SPI -> the selectors of
+    its SAs, as they would be installed) carry traffic the connection's CHILD configuration
+    does not admit (None: they do not). The unit names a configuration for each of its
+    ``spis``, in order (item 6); its announced selectors (item 9) are only what the source
+    says, the tunnels' are what this gateway would install."""
+    try:
+        for p in payloads:
+            d = _parse(_frame(0, p))[1]
+            name = _one(d, 5).decode()
+            children = [c.decode() for c in d.get(6, [])]
+            if len(children) != len(spis):
+                return "malformed IKE unit"
+            conn = next((c for c in connections if c.name == name), None)
+            if conn is None:
+                return f"no connection {name!r} here"
+            by_name = {cc.name: cc for cc in conn.children}
+            for spi, child in zip(spis, children, strict=True):
+                cc = by_name.get(child)
+                if cc is None:
+                    return f"no child {child!r} in connection {name!r} here"
+                for sel in sels.get(spi, []):
+                    for side, have, allowed in (("local_ts", _sel_ts(sel, True), cc.local_ts),
+                                                ("remote_ts", _sel_ts(sel, False),
+                                                 cc.remote_ts)):  # fmt: skip
+                        if not all(any(_within(t, a) for a in allowed) for t in have):
+                            return (f"tunnel 0x{spi:08x}'s traffic is outside {side} of child"
+                                    f" {child!r} here")  # fmt: skip
+    except (IkeContextError, UnicodeDecodeError, ValueError, struct.error):
+        return "malformed IKE unit"
+    return None
+
+
+def _sel_ts(sel: Selectors, local: bool) -> list[TrafficSelector]:
+    """One side of a tunnel's selectors as traffic selectors."""
+    ports = sel.local_ports if local else sel.remote_ports
+    return [TrafficSelector(TsType.IPV4_ADDR_RANGE if r.first.version == 4
+                            else TsType.IPV6_ADDR_RANGE, sel.protocol, ports.first, ports.last,
+                            r.first, r.last)
+            for r in (sel.local if local else sel.remote)]  # fmt: skip
 
 
 def replica_refusal(cdbs: list[bytes], connections: list[Connection], now: float,
