@@ -1835,3 +1835,39 @@ def test_strongswan_takes_at_ids_and_mixed_case_as_the_gateway_does(workdir: Pat
             assert c["ike-sa-established"] == 1 and c["auth-failed"] == 1, c
         finally:
             gw.cleanup()
+
+
+@pytest.mark.root
+@pytest.mark.slow
+@needs_strongswan
+def test_sa_list_counts_each_child_sas_direction_as_swanctl_list_sas_does(
+    workdir: Path,
+) -> None:
+    """``swanctl --list-sas`` shows, under each CHILD SA, a line per direction with its SPI,
+    bytes and packets; ``ipsecct sa list`` showed the SPIs on the CHILD SA's line and the
+    counters only in the SA table below, so a strongSwan user looked for them in vain. Now
+    the same lines, and for the same tunnel the same numbers, crossed: strongSwan's out is
+    the gateway's in."""
+    with Namespaces("a", "b") as ns:
+        ss, gw = start(ns, workdir, ike="default", esp="default", ss_ike=None, ss_esp=None,
+                       encap=True, ss_encap=False)  # fmt: skip
+        sock = str(workdir / "gw.sock")
+        try:
+            with ss:
+                ss.start()
+                ss.initiate()
+                assert ping(ns, "a", B.inner, 3) == 3, gw.logtext()
+                theirs = strongswan.sa_packet_counts(ss.list_sas())
+                assert sorted(theirs.values()) == [3, 3], ss.list_sas()
+                for args in (("sa", "list"), ("sa", "list", "--ike")):
+                    r = cli(*args, "-s", sock)
+                    assert r.returncode == 0, r.stderr
+                    ours = {int(m.group(2), 16): (m.group(1), int(m.group(4))) for m in
+                            re.finditer(r"^    (in |out) 0x([0-9a-f]{8}), +(\d+) bytes, +"
+                                        r"(\d+) packets$", r.stdout, re.M)}  # fmt: skip
+                    assert {spi: n for spi, (_, n) in ours.items()} == theirs, r.stdout
+                    (child,) = ike_list(sock)[0]["children"]
+                    assert ours[int(child["spi_in"], 16)][0] == "in ", r.stdout
+                    assert ours[int(child["spi_out"], 16)][0] == "out", r.stdout
+        finally:
+            gw.terminate()

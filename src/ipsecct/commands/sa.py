@@ -248,9 +248,14 @@ def _due(sa: dict[str, Any]) -> str:
     return out
 
 
-def _print_ike(sas: list[dict[str, Any]], states: dict[int, dict[str, Any]] | None = None) -> None:
+def _print_ike(
+    sas: list[dict[str, Any]], rows: dict[tuple[int, str], dict[str, Any]] | None = None
+) -> None:
     """Like ``swanctl --list-sas``: each IKE SA, then its CHILD SAs indented, each with the
-    state of its outbound SA (``states``: SA rows by SPI), INSTALLED when it is simply so."""
+    state of its outbound SA, INSTALLED when it is simply so, and as swanctl a line per
+    direction with its SPI, bytes and packets (``rows``: sa.list's rows by SPI and
+    direction; without them, neither)."""
+    rows = rows or {}
     for ike in sas:
         print(f"{ike['name']}: #{ike['uid']}, {ike['state'].upper()}, IKEv2, "
               f"{ike['spi_i']}_i {ike['spi_r']}_r ({ike['role']})")  # fmt: skip
@@ -264,7 +269,7 @@ def _print_ike(sas: list[dict[str, Any]], states: dict[int, dict[str, Any]] | No
         since = "established" if ike["state"] != "half-open" else "IKE_SA_INIT"
         print(f"  {ike['proposal']}, {since} {ike['established_s']} s ago{_due(ike)}")
         for c in ike["children"]:
-            sa = (states or {}).get(int(str(c["spi_out"]), 16)) or {}
+            sa = rows.get((int(str(c["spi_out"]), 16), "out")) or {}
             state = str(sa.get("state", "installed")).upper()
             mode = "TUNNEL-in-UDP" if c.get("encap") else "TUNNEL"
             # 0x, as in the SA table: the SPI is copied into sa show / transfer, which read
@@ -272,10 +277,19 @@ def _print_ike(sas: list[dict[str, Any]], states: dict[int, dict[str, Any]] | No
             print(f"  {c['name']}: #{c['uid']}, {state}, {mode}, ESP in 0x{c['spi_in']}, "
                   f"out 0x{c['spi_out']}, {c['proposal']}")  # fmt: skip
             print(f"    installed {c['installed_s']} s ago{_due(c)}")
+            for d in ("in", "out"):  # (swanctl: "in  c7986f70,    252 bytes,     3 packets")
+                r = rows.get((int(str(c[f"spi_{d}"]), 16), d))
+                if r is not None:
+                    print(f"    {d:<3} 0x{c[f'spi_{d}']}, {r.get('bytes', 0):>6} bytes, "
+                          f"{r.get('packets', 0):>5} packets")  # fmt: skip
             if sa.get("state_detail"):
                 print(f"    {sa['state_detail']}")
             print(f"    local  {' '.join(c['local_ts'])}")
             print(f"    remote {' '.join(c['remote_ts'])}")
+
+
+def _by_spi(res: list[dict[str, Any]]) -> dict[tuple[int, str], dict[str, Any]]:
+    return {(int(r["spi"], 16), str(r.get("direction"))): r for r in res}
 
 
 def cmd_sa_list(args: argparse.Namespace) -> int:
@@ -289,7 +303,7 @@ def cmd_sa_list(args: argparse.Namespace) -> int:
         elif not ike:
             print("no IKE SAs")
         else:
-            _print_ike(ike)
+            _print_ike(ike, _by_spi(request(path, "sa.list")))
         return 0
     res = request(path, "sa.list")
     if args.json:
@@ -297,8 +311,7 @@ def cmd_sa_list(args: argparse.Namespace) -> int:
         return 0
     ike = _ike_sas(path)
     if ike:
-        out = {int(r["spi"], 16): r for r in res if r.get("direction") == "out"}
-        _print_ike(ike, out)
+        _print_ike(ike, _by_spi(res))
         print()
     if not res:  # one line, not a table header with no rows under it
         print("no SAs")
