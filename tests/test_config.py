@@ -464,3 +464,21 @@ def test_dots_in_strings_and_comments_are_not_key_parts(tmp_path: Path) -> None:
     text = GOOD.replace('remote_ts = "10.1.0.2/32"', f"remote_ts = [{many}]  # ....... .\n")
     cfg = config.load(write(tmp_path, text.replace("[log]", "[log]\n# " + "." * 500)))
     assert len(cfg.tunnels) == 1
+
+
+@pytest.mark.parametrize("what", ["fifo", "directory"])
+def test_a_transfer_certificate_that_is_not_a_regular_file_is_named_so(
+    what: str, tmp_path: Path
+) -> None:
+    """transfer.cert (key, ca) naming a FIFO or a directory said 'no such file', which it
+    is not: the operator looked for a missing file."""
+    odd = tmp_path / "odd.pem"
+    if what == "fifo":
+        os.mkfifo(odd)
+    else:
+        odd.mkdir()
+    text = XFER.replace('cert = "t1.keys"', f'cert = "{odd}"')
+    assert text != XFER
+    with pytest.raises(ConfigError, match=r"transfer\.cert: cannot read .*odd\.pem: ") as ei:
+        config.load(write(tmp_path, text))
+    assert "no such file" not in str(ei.value)

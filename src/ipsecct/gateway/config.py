@@ -1102,7 +1102,7 @@ def _transfer(
         if not isinstance(v, str):
             raise ctx.err(f"transfer.{k}", "missing (a file path)")
         p = Path(v) if Path(v).is_absolute() else base / v
-        if not p.is_file():
+        if not p.exists():  # (a FIFO, a directory or a device: read_limited says which)
             raise ctx.err(f"transfer.{k}", f"no such file {p}")
         try:
             check_size(p, SECRET_LIMIT)  # OpenSSL reads it by name later
