@@ -124,3 +124,33 @@ def test_a_failing_benchmark_is_one_line(
     lines = [x for x in err.splitlines() if x.startswith("ipsecct: error")]
     assert len(lines) == 1 and message in lines[0], err
     assert "Traceback" not in err
+
+
+TERM_SCRIPT = """
+import argparse, os, signal, sys, time
+from ipsecct.bench.tunnel import Topology
+from ipsecct.commands.bench import _one_line
+
+def bench(args):
+    with Topology("t") as topo:
+        print(topo.a, topo.b, flush=True)
+        os.kill(os.getpid(), signal.SIGTERM)  # as a service manager or `timeout` stops it
+        time.sleep(30)
+    return 0
+
+sys.exit(_one_line("tunnel", bench)(argparse.Namespace()))
+"""
+
+
+@pytest.mark.root
+def test_a_root_bench_stopped_by_sigterm_deletes_its_namespaces() -> None:
+    """``timeout 60 ipsecct bench tunnel`` (SIGTERM) left its ten network namespaces with
+    their veth pairs behind, as SIGTERM ended Python without unwinding: a bench ends on
+    SIGTERM as on Ctrl-C, through its clean-up, with status 143."""
+    proc = subprocess.run([sys.executable, "-c", TERM_SCRIPT], capture_output=True,
+                          text=True, timeout=60)  # fmt: skip
+    names = proc.stdout.split()
+    assert len(names) == 2 and proc.returncode == 128 + 15, proc
+    assert "Traceback" not in proc.stderr, proc.stderr
+    left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True)
+    assert not set(names) & {line.split()[0] for line in left.stdout.splitlines() if line}

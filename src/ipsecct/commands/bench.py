@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -47,6 +49,11 @@ def _one_line(name: str, handler: Callable[[argparse.Namespace], int]) -> Any:
     or configuration error stays the command line's (one line, exit 2). Never a traceback."""
 
     def run(args: argparse.Namespace) -> int:
+        # SIGTERM (a service manager, `timeout`) ends a benchmark as Ctrl-C does: through its
+        # clean-up (the root ones' network namespaces, veth pairs and daemons), status 143.
+        # Python's default for it ended the process at once and left all of them behind.
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, _terminated)
         try:
             return handler(args)
         except BenchError as exc:
@@ -60,6 +67,10 @@ def _one_line(name: str, handler: Callable[[argparse.Namespace], int]) -> Any:
             return 1
 
     return run
+
+
+def _terminated(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)  # (not an Exception: run's catch-all lets it through)
 
 
 def _line(text: str) -> str:
