@@ -29,6 +29,7 @@ import struct
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, TypeVar, overload
 
 from cryptography.hazmat.primitives import hashes
 
@@ -93,6 +94,10 @@ from .ts import host, narrow, representable, within
 
 log = logging.getLogger("ipsecct.ikev2")
 _WIDER = "wider traffic selectors"  # a CREATE_CHILD_SA answer that widened ours (§2.9)
+
+
+_T = TypeVar("_T")
+_K = TypeVar("_K")
 
 
 def _net(host: IPAddr) -> tuple[int, int]:
@@ -279,13 +284,27 @@ def _natd(spi_i: bytes, spi_r: bytes, a: Address) -> bytes:
 class _IkeTable(dict[bytes, IkeSA]):
     """The engine's IKE SAs by our SPI (``by_spi``): one put in is watched by the engine's
     deadline heap (``timer_watch``, ikesa.TIMER_FIELDS) and takes its place in the order
-    of the table (one put in under an SPI already in it takes that one's, as a dict does)."""
+    of the table (one put in under an SPI already in it takes that one's, as a dict does).
+
+    It is also filed in the indexes that spare a message a walk of every IKE SA (1 ms at
+    10,000 of them, for each IKE_SA_INIT of a flood): how many of the table's entries have
+    a peer at each host (:meth:`from_host`), the IKE SAs of each connection name and
+    identity (:meth:`of_identity`), and the IKE SA whose crossed rekey (``collided``) made
+    one (:meth:`collided_parent`). Whatever sets one of ikesa.INDEX_FIELDS on an IKE SA in the
+    table files it again (``index_watch``); one taken out by any path leaves them."""
 
     def __init__(self, dirty: set[IkeSA]) -> None:
         super().__init__()
         self._dirty = dirty
         self._order = itertools.count(1)
+        # each IKE SA in the table: [entries it has (SPIs it is under), its peer's host,
+        # (connection name, identity), the IKE SA its ``collided`` names]
+        self._filed: dict[IkeSA, list[Any]] = {}
+        self._per_host: dict[object, int] = {}
+        self._by_identity: dict[tuple[str, str], dict[IkeSA, None]] = {}
+        self._collided_in: dict[IkeSA, dict[IkeSA, None]] = {}
 
+    # -- the table ------------------------------------------------------------------------
     def __setitem__(self, spi: bytes, ike: IkeSA) -> None:
         old = self.get(spi)
         ike.timer_order = next(self._order) if old is None else old.timer_order
@@ -293,7 +312,203 @@ class _IkeTable(dict[bytes, IkeSA]):
         if old is not ike:  # (no entry of its own yet: a copy of one has that one's number)
             ike.timer_at, ike.timer_seq = None, 0
         super().__setitem__(spi, ike)
+        if old is not ike:
+            if old is not None:
+                self._unfile(old)
+            self._file(ike)
         self._dirty.add(ike)
+
+    def __delitem__(self, spi: bytes) -> None:
+        ike = self[spi]
+        super().__delitem__(spi)
+        self._unfile(ike)
+
+    @overload
+    def pop(self, spi: bytes, /) -> IkeSA: ...
+    @overload
+    def pop(self, spi: bytes, default: IkeSA, /) -> IkeSA: ...
+    @overload
+    def pop(self, spi: bytes, default: _T, /) -> IkeSA | _T: ...
+    def pop(self, spi: bytes, *default: object) -> object:
+        ike = self.get(spi)
+        if ike is None:
+            return super().pop(spi, *default)  # (the default, or KeyError)
+        del self[spi]
+        return ike
+
+    def popitem(self) -> tuple[bytes, IkeSA]:
+        spi, ike = super().popitem()
+        self._unfile(ike)
+        return spi, ike
+
+    def clear(self) -> None:
+        super().clear()
+        self._filed.clear()
+        self._per_host.clear()
+        self._by_identity.clear()
+        self._collided_in.clear()
+
+    def setdefault(self, *args: Any, **kwargs: Any) -> IkeSA:
+        raise TypeError("by_spi: put IKE SAs in one at a time")
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        raise TypeError("by_spi: put IKE SAs in one at a time")
+
+
+    # -- the indexes ----------------------------------------------------------------------
+    def from_host(self, host: object) -> int:
+        """How many entries of the table have their peer at ``host`` (a walk's count)."""
+        return self._per_host.get(host, 0)
+
+    def of_identity(self, conn_name: str, peer_id: str) -> list[IkeSA]:
+        """The IKE SAs of the table with connection ``conn_name`` and identity ``peer_id``,
+        in the table's order (as a walk of it finds them)."""
+        group = self._by_identity.get((conn_name, peer_id))
+        return sorted(group, key=_table_order) if group else []
+
+    def collided_parent(self, ike: IkeSA) -> IkeSA | None:
+        """The first IKE SA of the table (in its order) whose ``collided`` names ``ike``."""
+        group = self._collided_in.get(ike)
+        return min(group, key=_table_order) if group else None
+
+    def _file(self, ike: IkeSA) -> None:
+        f = self._filed.get(ike)
+        if f is not None:  # (under a second SPI: one more entry of its host)
+            f[0] += 1
+            self._per_host[f[1]] += 1
+            return
+        host, ident = ike.remote.host, (ike.conn.name, ike.peer_id)
+        target = ike.collided[0] if ike.collided is not None else None
+        self._filed[ike] = [1, host, ident, target]
+        self._per_host[host] = self._per_host.get(host, 0) + 1
+        self._by_identity.setdefault(ident, {})[ike] = None
+        if target is not None:
+            self._collided_in.setdefault(target, {})[ike] = None
+        ike.index_watch = self._refile
+
+    def _unfile(self, ike: IkeSA) -> None:
+        f = self._filed.get(ike)
+        if f is None:
+            return
+        n, host, ident, target = f
+        self._uncount(host, 1)
+        if n > 1:
+            f[0] = n - 1
+            return
+        del self._filed[ike]
+        _leave(self._by_identity, ident, ike)
+        if target is not None:
+            _leave(self._collided_in, target, ike)
+
+    def _uncount(self, host: object, n: int) -> None:
+        left = self._per_host[host] - n
+        if left:
+            self._per_host[host] = left
+        else:
+            del self._per_host[host]
+
+    def _refile(self, ike: IkeSA) -> None:
+        """One of ikesa.INDEX_FIELDS was set on ``ike`` (by anyone): its place in each index
+        follows (nothing when it is not in the table: a copy of one, one taken out)."""
+        f = self._filed.get(ike)
+        if f is None:
+            return
+        n, host, ident, target = f
+        new_host, new_ident = ike.remote.host, (ike.conn.name, ike.peer_id)
+        new_target = ike.collided[0] if ike.collided is not None else None
+        if new_host != host:
+            self._uncount(host, n)
+            self._per_host[new_host] = self._per_host.get(new_host, 0) + n
+            f[1] = new_host
+        if new_ident != ident:
+            _leave(self._by_identity, ident, ike)
+            self._by_identity.setdefault(new_ident, {})[ike] = None
+            f[2] = new_ident
+        if new_target is not target:
+            if target is not None:
+                _leave(self._collided_in, target, ike)
+            if new_target is not None:
+                self._collided_in.setdefault(new_target, {})[ike] = None
+            f[3] = new_target
+
+
+def _table_order(ike: IkeSA) -> int:
+    return ike.timer_order
+
+
+def _leave(index: dict[_K, dict[IkeSA, None]], key: _K, ike: IkeSA) -> None:
+    group = index[key]
+    del group[ike]
+    if not group:
+        del index[key]
+
+
+class _HalfOpenTable(dict[tuple[bytes, object], IkeSA]):
+    """The half-open IKE SAs of peers by (their SPIi, their host), with how many each host
+    has (:meth:`from_host`: the per-source limit, for each IKE_SA_INIT, without a walk of up
+    to MAX_HALF_OPEN entries) and the entries of each IKE SA (:meth:`drop`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._per_host: Counter[object] = Counter()
+        self._keys_of: dict[IkeSA, list[tuple[bytes, object]]] = {}
+
+    def __setitem__(self, key: tuple[bytes, object], ike: IkeSA) -> None:
+        if key in self:
+            del self[key]
+        super().__setitem__(key, ike)
+        self._per_host[key[1]] += 1
+        self._keys_of.setdefault(ike, []).append(key)
+
+    def __delitem__(self, key: tuple[bytes, object]) -> None:
+        ike = self[key]
+        super().__delitem__(key)
+        left = self._per_host[key[1]] - 1
+        if left:
+            self._per_host[key[1]] = left
+        else:
+            del self._per_host[key[1]]
+        keys = self._keys_of[ike]
+        keys.remove(key)
+        if not keys:
+            del self._keys_of[ike]
+
+    @overload
+    def pop(self, key: tuple[bytes, object], /) -> IkeSA: ...
+    @overload
+    def pop(self, key: tuple[bytes, object], default: IkeSA, /) -> IkeSA: ...
+    @overload
+    def pop(self, key: tuple[bytes, object], default: _T, /) -> IkeSA | _T: ...
+    def pop(self, key: tuple[bytes, object], *default: object) -> object:
+        ike = self.get(key)
+        if ike is None:
+            return super().pop(key, *default)  # (the default, or KeyError)
+        del self[key]
+        return ike
+
+    def popitem(self) -> tuple[tuple[bytes, object], IkeSA]:
+        raise TypeError("half_open: take entries out by their key")
+
+    def clear(self) -> None:
+        super().clear()
+        self._per_host.clear()
+        self._keys_of.clear()
+
+    def setdefault(self, *args: Any, **kwargs: Any) -> IkeSA:
+        raise TypeError("half_open: put entries in one at a time")
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        raise TypeError("half_open: put entries in one at a time")
+
+
+    def from_host(self, host: object) -> int:
+        """How many half-open entries have ``host`` as the peer's."""
+        return self._per_host.get(host, 0)
+
+    def drop(self, ike: IkeSA) -> None:
+        """Every entry of ``ike`` taken out."""
+        for key in list(self._keys_of.get(ike, ())):
+            del self[key]
 
 
 class IkeEngine:
@@ -338,8 +553,8 @@ class IkeEngine:
         self._timer_audit_at = 0.0
         # tests only: tick() and next_deadline() walk every IKE SA, as before the heap
         self._timers_by_scan = False
-        self.by_spi: dict[bytes, IkeSA] = _IkeTable(self._timer_dirty)  # our SPI -> IKE SA
-        self.half_open: dict[tuple[bytes, object], IkeSA] = {}  # (SPIi, peer host)
+        self.by_spi = _IkeTable(self._timer_dirty)  # our SPI -> IKE SA
+        self.half_open = _HalfOpenTable()  # (SPIi, peer host) -> IKE SA
         self.stats: Counter[str] = Counter()
         # Moves when a received message got past the checks that leave every IKE SA and
         # deadline as it was (unknown SPIs, malformed, unauthenticated, an old message ID, a
@@ -719,8 +934,8 @@ class IkeEngine:
                        ) -> list[IkeSA]:  # fmt: skip
         """The live IKE SAs of identity ``peer_id`` with connection ``conn_name`` here
         (other than ``ike``)."""
-        return [o for o in self.by_spi.values() if o is not ike and o.peer_id == peer_id
-                and o.conn.name == conn_name and o.state is not IkeState.DEAD]  # fmt: skip
+        return [o for o in self.by_spi.of_identity(conn_name, peer_id)
+                if o is not ike and o.state is not IkeState.DEAD]  # fmt: skip
 
     def arrival_refusal(self, conn: Connection, peer_id: str, coming: int = 0) -> str | None:
         """Why an IKE SA of identity ``peer_id`` for ``conn`` arriving from another gateway
@@ -1155,15 +1370,12 @@ class IkeEngine:
             self._plain_reply(hdr, bytes(8), [NotifyPayload(
                 Notify.INVALID_KE_PAYLOAD, data=struct.pack("!H", suite.dh))], src, dst, out)
             return
-        per_source = sum(1 for (_s, h) in self.half_open if h == src.host)
-        if per_source >= MAX_HALF_OPEN_PER_SOURCE or (
+        if self.half_open.from_host(src.host) >= MAX_HALF_OPEN_PER_SOURCE or (
             len(self.half_open) >= MAX_HALF_OPEN and not self._evict_half_open(src)
         ):
             self.stats["half-open-limit"] += 1
             return
-        if sum(1 for i in self.by_spi.values() if i.remote.host == src.host) >= (
-            MAX_IKE_SAS_PER_SOURCE
-        ):
+        if self.by_spi.from_host(src.host) >= MAX_IKE_SAS_PER_SOURCE:
             self.stats["ike-sa-limit"] += 1
             return
         kx = KeyExchange(suite.dh)
@@ -1286,7 +1498,7 @@ class IkeEngine:
     def _ike_auth(self, ike: IkeSA, inner: list[Payload], now: float,
                   out: list[Output]) -> list[Payload]:  # fmt: skip
         self.half_open.pop((ike.spi_i, ike.remote.host), None)
-        self.half_open = {k: v for k, v in self.half_open.items() if v is not ike}
+        self.half_open.drop(ike)
         idi = next((p for p in inner if isinstance(p, IDPayload) and p.initiator), None)
         idr = next((p for p in inner if isinstance(p, IDPayload) and not p.initiator), None)
         auth = find(inner, AuthPayload)
@@ -1381,9 +1593,8 @@ class IkeEngine:
         peer_id = cert.subject.rfc4514_string() if (
             cert is not None and idi.id_type == IdType.DER_ASN1_DN) else peer_id_text(idi)
         # unique (swanctl.conf): the IKE SAs this identity already has with the connection
-        dups = [o for o in self.by_spi.values() if o is not ike and o.peer_id == peer_id
-                and o.conn.name == conn.name
-                and o.state is IkeState.ESTABLISHED]  # fmt: skip
+        same = self.by_spi.of_identity(conn.name, peer_id)
+        dups = [o for o in same if o is not ike and o.state is IkeState.ESTABLISHED]
         if conn.unique == "keep" and dups:
             self.stats["unique-kept"] += 1
             log.info("event=ike-auth-refused conn=%s peer=%s id=%s reason=%s", conn.name,
@@ -1393,8 +1604,7 @@ class IkeEngine:
             return [NotifyPayload(Notify.AUTHENTICATION_FAILED)]
         replaces = Notify.INITIAL_CONTACT in notifies(inner) and conn.unique in ("no", "replace")
         if not replaces and sum(  # (unique = never: INITIAL_CONTACT replaces nothing)
-                1 for o in self.by_spi.values() if o is not ike and o.peer_id == peer_id
-                and o.conn.name == conn.name and o.state is not IkeState.DEAD
+                1 for o in same if o is not ike and o.state is not IkeState.DEAD
         ) >= MAX_IKE_SAS_PER_IDENTITY:  # fmt: skip
             self.stats["identity-limit"] += 1
             log.info("event=ike-auth-refused conn=%s peer=%s id=%s reason=%s", conn.name,
@@ -1444,8 +1654,8 @@ class IkeEngine:
             ike.initial_contact = True
         if Notify.INITIAL_CONTACT in n and conn.unique in ("no", "replace"):
             # (unique = never: INITIAL_CONTACT replaces nothing; keep: refused above)
-            for other in list(self.by_spi.values()):
-                if (other is not ike and other.conn is conn and other.peer_id == ike.peer_id
+            for other in self.by_spi.of_identity(conn.name, ike.peer_id):
+                if (other is not ike and other.conn is conn
                         and other.state is not IkeState.HALF_OPEN):  # fmt: skip
                     self.stats["initial-contact-replaced"] += 1
                     self._kill(other, "replaced (INITIAL_CONTACT)", out)
@@ -1793,8 +2003,7 @@ class IkeEngine:
             reply += self._mobike_answer(ike, inner, path)
         for d in deletes:
             if d.protocol == ProtocolId.IKE:
-                parent = next((o for o in self.by_spi.values() if o.collided is not None
-                               and o.collided[0] is ike), None)  # fmt: skip
+                parent = self.by_spi.collided_parent(ike)
                 if parent is not None:
                     # §2.8.2: the peer lost a rekey collision and deletes the IKE SA its
                     # request made here; our own rekey, still in flight, takes the CHILD SAs
@@ -2905,7 +3114,7 @@ class IkeEngine:
     def _kill(self, ike: IkeSA, reason: str, out: list[Output]) -> None:
         if self.by_spi.get(ike.our_spi) is ike:
             del self.by_spi[ike.our_spi]
-        self.half_open = {k: v for k, v in self.half_open.items() if v is not ike}
+        self.half_open.drop(ike)
         was_up = ike.peer_id != "" and ike.state is not IkeState.REKEYED
         ike.state = IkeState.DEAD
         self._drop_pending(ike)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import enum
 import ipaddress
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..ipsec.algorithms import EncAlg, IntegAlg
@@ -156,6 +157,12 @@ TIMER_FIELDS = frozenset({
     "queued_deletes", "children_wanted", "rekey_at", "my_next_mid", "peer_next_mid",
     "children", "created",
 })
+# What the engine's indexes of the IKE SAs it holds are read from (IkeEngine.by_spi, an
+# _IkeTable: the IKE SAs per peer host, per connection name and identity, and the IKE SA whose
+# crossed rekey made one): setting one of these on an IKE SA the engine holds files it again
+# at once (its ``index_watch``), whoever sets it (NAT floating, MOBIKE, IKE_AUTH, a test)
+INDEX_FIELDS = frozenset({"remote", "peer_id", "conn", "collided"})
+_WATCHED = TIMER_FIELDS | INDEX_FIELDS
 
 
 @dataclass(eq=False)
@@ -285,13 +292,22 @@ class IkeSA:
     timer_at: float | None = field(default=None, init=False, repr=False)
     timer_seq: int = field(default=0, init=False, repr=False)
     timer_order: int = field(default=0, init=False, repr=False)
+    # ... and for its indexes: what files this IKE SA again when an INDEX_FIELDS one is set
+    # (None: in no engine; the engine's own check tells whether it holds this one)
+    index_watch: Callable[[IkeSA], None] | None = field(default=None, init=False, repr=False)
 
     def __setattr__(self, name: str, value: object) -> None:
         object.__setattr__(self, name, value)
-        if name in TIMER_FIELDS:
-            watch = self.__dict__.get("timer_watch")
-            if watch is not None:
-                watch.add(self)
+        if name in _WATCHED:
+            # (getattr: a slot not yet set while __init__ or copy.copy fills the others)
+            if name in TIMER_FIELDS:
+                watch = getattr(self, "timer_watch", None)
+                if watch is not None:
+                    watch.add(self)
+            if name in INDEX_FIELDS:
+                refile = getattr(self, "index_watch", None)
+                if refile is not None:
+                    refile(self)
 
     @property
     def child_remote(self) -> Address:
