@@ -4,20 +4,24 @@ which one's crossed rekey made this one) without a walk of all of them. Held to 
 replace: random operations (those of test_ikev2_timers: establish, rekeys and their
 collisions, deletes, exports and imports, fail-over syncs, quiet IKE SAs, time passing; and
 here also IKE_SA_INITs of other hosts, an IKE SA's peer address or identity set from outside,
-a copy of one put in) and after each one every index is what a walk of the tables gives."""
+a copy of one put in) and after each one every index is what a walk of the tables gives.
+
+The audit of the deadlines goes over the IKE SAs a slice a tick, never all in one turn."""
 
 from __future__ import annotations
 
 import copy
 import ipaddress
+import logging
 import random
 from collections import Counter
 
 import pytest
+from benchmarks.ike_timers import engine as timer_engine
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ipsecct.ikev2.engine import IkeEngine, Output, Send
+from ipsecct.ikev2.engine import TIMER_AUDIT, TIMER_AUDIT_SLICE, IkeEngine, Output, Send
 from ipsecct.ikev2.ikesa import Address, IkeState
 from tests.helpers.ikev2_engines import I500, R500, Wire, conn, connect, mn_conn, pair
 from tests.test_ikev2 import crossed
@@ -184,3 +188,38 @@ def test_a_flood_of_ike_sa_init_counts_each_source_without_a_walk() -> None:
     resp.tick(31.0)
     walk_check(resp)
     assert resp.half_open.from_host(HOSTS[0]) == resp.by_spi.from_host(HOSTS[0]) == 0
+
+
+def test_the_audit_goes_a_slice_a_tick(caplog: pytest.LogCaptureFixture) -> None:
+    """600 IKE SAs: the audit's pass visits at most TIMER_AUDIT_SLICE of them a tick, asks
+    for the next tick at once while under way, and still finds an unmarked change in the
+    last slice (counted, logged, corrected); then the next pass is TIMER_AUDIT away."""
+    n = 600
+    resp, sas = timer_engine(n)
+    start = 20.0 - TIMER_AUDIT  # (the second pass at 20 s: before the first DPD, at 30 s)
+    assert resp.tick(start) == []  # (the first pass, over the unchanged table)
+    for _ in range(n // TIMER_AUDIT_SLICE + 1):
+        resp.tick(start)
+    assert not resp._audit_spis and resp.next_deadline() == 30.0
+    last = sas[-1]
+    last.children[0].rekey_at = 20.0  # in place: nothing marks it
+    now = 20.0
+    assert resp.next_deadline() == 30.0
+    ticks = 0
+    with caplog.at_level(logging.WARNING, logger="ipsecct.ikev2"):
+        while True:
+            before = resp._audit_pos
+            out = resp.tick(now)
+            ticks += 1
+            assert resp._audit_pos - before <= TIMER_AUDIT_SLICE
+            if not resp._audit_spis:
+                break
+            assert resp.next_deadline() == now  # the rest of the pass: at once
+            assert resp.stats["deadline-missed"] == 0 and not out
+    assert ticks == -(-n // TIMER_AUDIT_SLICE)
+    assert resp.stats["deadline-missed"] == 1
+    assert any("ike-deadline-missed" in r.getMessage() for r in caplog.records)
+    assert [type(o) for o in out] == [Send] and last.pending is not None
+    assert last.pending.kind == "rekey-child"
+    assert resp.next_deadline() == last.pending.deadline  # (its retransmission)
+    assert resp._timer_audit_at == now + TIMER_AUDIT
