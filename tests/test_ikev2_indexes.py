@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ipsecct.ikev2.engine import TIMER_AUDIT, TIMER_AUDIT_SLICE, IkeEngine, Output, Send
-from ipsecct.ikev2.ikesa import Address, IkeState
+from ipsecct.ikev2.ikesa import Address, IkeSA, IkeState
 from tests.helpers.ikev2_engines import I500, R500, Wire, conn, connect, mn_conn, pair
 from tests.test_ikev2 import crossed
 from tests.test_ikev2_timers import KINDS, Op, World, connect_world
@@ -223,3 +223,16 @@ def test_the_audit_goes_a_slice_a_tick(caplog: pytest.LogCaptureFixture) -> None
     assert last.pending.kind == "rekey-child"
     assert resp.next_deadline() == last.pending.deadline  # (its retransmission)
     assert resp._timer_audit_at == now + TIMER_AUDIT
+
+
+def test_an_ike_sa_has_no_dict() -> None:
+    """IkeSA has slots: an attribute nobody declared is an error, not a silent new field
+    (mypy does not tell: IkeSA's __setattr__ lets it take any name), and 10,000 IKE SAs do
+    not carry a dict each."""
+    w = IndexWorld(2, False)
+    connect_world(w)
+    ike: IkeSA = w.resp.ike_sas()[0]
+    assert not hasattr(ike, "__dict__")
+    with pytest.raises(AttributeError):
+        ike.no_such_field = 1
+    assert ike.state is IkeState.ESTABLISHED

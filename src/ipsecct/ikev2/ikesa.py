@@ -165,7 +165,9 @@ INDEX_FIELDS = frozenset({"remote", "peer_id", "conn", "collided"})
 _WATCHED = TIMER_FIELDS | INDEX_FIELDS
 
 
-@dataclass(eq=False)
+# slots: 1.1 KB less per IKE SA than a __dict__ (benchmarks/README.md), and a name nobody
+# declared is an AttributeError, not a new field (mypy does not tell: __setattr__ below)
+@dataclass(eq=False, slots=True)
 class IkeSA:
     spi_i: bytes
     spi_r: bytes
