@@ -306,6 +306,7 @@ class _IkeTable(dict[bytes, IkeSA]):
         self._per_host: dict[object, int] = {}
         self._by_identity: dict[tuple[str, str], dict[IkeSA, None]] = {}
         self._collided_in: dict[IkeSA, dict[IkeSA, None]] = {}
+        self._refile_one = self._refile  # (one bound method for all, not one an IKE SA)
 
     # -- the table ------------------------------------------------------------------------
     def __setitem__(self, spi: bytes, ike: IkeSA) -> None:
@@ -387,7 +388,7 @@ class _IkeTable(dict[bytes, IkeSA]):
         self._by_identity.setdefault(ident, {})[ike] = None
         if target is not None:
             self._collided_in.setdefault(target, {})[ike] = None
-        ike.index_watch = self._refile
+        ike.index_watch = self._refile_one
 
     def _unfile(self, ike: IkeSA) -> None:
         f = self._filed.get(ike)
