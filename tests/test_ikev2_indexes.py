@@ -236,3 +236,12 @@ def test_an_ike_sa_has_no_dict() -> None:
     with pytest.raises(AttributeError):
         ike.no_such_field = 1
     assert ike.state is IkeState.ESTABLISHED
+
+
+def test_the_walk_benchmark_runs() -> None:
+    """benchmarks/ike_walks.py on 300 IKE SAs (its own asserts: every IKE_SA_INIT answered,
+    every identity admitted, each audit pass ending TIMER_AUDIT before the next)."""
+    from benchmarks.ike_walks import measure
+
+    r = measure(300, 5)
+    assert r["audit_ticks"] == 2 and r["sa_init_us"] > 0

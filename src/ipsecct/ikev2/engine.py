@@ -165,7 +165,7 @@ MAX_CP_READ = 16
 # deadline again: one that differs from its entry (a change nothing marked) is counted
 # (``deadline-missed``), logged and corrected. That pass goes TIMER_AUDIT_SLICE IKE SAs a
 # tick (next_deadline() asks for the next tick at once meanwhile): at 10,000 IKE SAs it took
-# 13 ms of one loop turn in one go, now 40 turns of a fraction of a millisecond
+# 13-16 ms of one loop turn in one go, now 40 turns of 0.6 ms at most (benchmarks/README.md)
 TIMER_SLACK = 1e-6
 TIMER_AUDIT = 60.0
 TIMER_AUDIT_SLICE = 256
@@ -289,7 +289,7 @@ class _IkeTable(dict[bytes, IkeSA]):
     deadline heap (``timer_watch``, ikesa.TIMER_FIELDS) and takes its place in the order
     of the table (one put in under an SPI already in it takes that one's, as a dict does).
 
-    It is also filed in the indexes that spare a message a walk of every IKE SA (1 ms at
+    It is also filed in the indexes that spare a message a walk of every IKE SA (1.4 ms at
     10,000 of them, for each IKE_SA_INIT of a flood): how many of the table's entries have
     a peer at each host (:meth:`from_host`), the IKE SAs of each connection name and
     identity (:meth:`of_identity`), and the IKE SA whose crossed rekey (``collided``) made
