@@ -482,3 +482,38 @@ def test_a_transfer_certificate_that_is_not_a_regular_file_is_named_so(
     with pytest.raises(ConfigError, match=r"transfer\.cert: cannot read .*odd\.pem: ") as ei:
         config.load(write(tmp_path, text))
     assert "no such file" not in str(ei.value)
+
+
+T2 = """
+[[tunnel]]
+name = "t2"
+local_ts = "10.2.0.0/24"
+remote_ts = "10.1.0.2/32"
+peer = "127.0.0.1:14500"
+spi_in = 0x10000002
+spi_out = 0x20000002
+keys = "t1.keys"
+"""
+
+
+def test_a_tunnel_no_packet_could_use_or_an_spi_the_sad_holds_twice_is_named_at_load(
+    tmp_path: Path,
+) -> None:
+    """A second [[tunnel]] with the first's selectors loaded silently and never carried a
+    packet (the first PROTECT entry takes them all; Linux refuses such a policy: "File
+    exists"); one with the first's spi_out to the same peer stopped gateway run with only
+    "SPI 0x20000001 is already in use for ESP to 127.0.0.1", naming neither file nor key."""
+    p = write(tmp_path, GOOD + T2)
+    with pytest.raises(ConfigError, match=rf"^{p}: tunnel\[1\] \(t2\)\.local_ts: the same "
+                                          "traffic selectors as tunnel t1"):  # fmt: skip
+        config.load(p)
+    p = write(tmp_path, GOOD + T2.replace('"10.1.0.2/32"', '"10.1.0.3/32"')
+              .replace("spi_out = 0x20000002", "spi_out = 0x20000001"))  # fmt: skip
+    with pytest.raises(ConfigError, match=rf"^{p}: tunnel\[1\] \(t2\)\.spi_out: 0x20000001 "
+                                          "to 127.0.0.1 is tunnel t1's spi_out too"):  # fmt: skip
+        config.load(p)
+    # what may be: a narrower tunnel inside the first's, an spi_out to another peer
+    ok = (GOOD + T2.replace('"10.2.0.0/24"', '"10.2.0.0/25"')
+          .replace("spi_out = 0x20000002", "spi_out = 0x20000001")
+          .replace('peer = "127.0.0.1:14500"', 'peer = "127.0.0.9:14500"'))  # fmt: skip
+    assert [t.name for t in config.load(write(tmp_path, ok)).tunnels] == ["t1", "t2"]

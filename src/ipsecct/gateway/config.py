@@ -809,11 +809,25 @@ def from_dict(data: dict[str, Any], path: str = "<config>") -> NodeConfig:
     if len(set(names)) != len(names):
         raise ctx.err("tunnel", "tunnel names must be unique")
     first: dict[int, str] = {}
+    first_out: dict[tuple[int, IPAddress], str] = {}
+    same: dict[tuple[object, ...], str] = {}
     for i, t in enumerate(tunnels):  # (gateway run said only "SPI ... is already in use")
         other = first.setdefault(t.inbound.spi, t.name)
         if other != t.name:
             raise ctx.err(f"tunnel[{i}] ({t.name}).spi_in",
                           f"0x{t.inbound.spi:08x} is tunnel {other}'s spi_in too")  # fmt: skip
+        other = first_out.setdefault((t.outbound.spi, t.outbound.dst), t.name)
+        if other != t.name:  # (the SAD's key: SPI, destination, protocol)
+            raise ctx.err(f"tunnel[{i}] ({t.name}).spi_out",
+                          f"0x{t.outbound.spi:08x} to {t.outbound.dst} is tunnel {other}'s"
+                          " spi_out too")  # fmt: skip
+        sel = t.policy.selectors
+        traffic = (sel.local, sel.remote, sel.protocol, sel.local_ports, sel.remote_ports)
+        other = same.setdefault(traffic, t.name)
+        if other != t.name:  # the first PROTECT entry takes every packet of them
+            raise ctx.err(f"tunnel[{i}] ({t.name}).local_ts",
+                          f"the same traffic selectors as tunnel {other}: no packet would"
+                          " ever use this one")  # fmt: skip
     pools = parse_pools(data, path)
     connections = load_connections(data, path) if data.get("connections") else []
     transfer = _transfer(data, ctx, tunnels, connections)
