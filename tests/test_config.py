@@ -517,3 +517,14 @@ def test_a_tunnel_no_packet_could_use_or_an_spi_the_sad_holds_twice_is_named_at_
           .replace("spi_out = 0x20000002", "spi_out = 0x20000001")
           .replace('peer = "127.0.0.1:14500"', 'peer = "127.0.0.9:14500"'))  # fmt: skip
     assert [t.name for t in config.load(write(tmp_path, ok)).tunnels] == ["t1", "t2"]
+
+
+def test_a_byte_order_mark_is_named_in_a_configuration_and_a_key_file(tmp_path: Path) -> None:
+    """A configuration saved by an editor that writes a UTF-8 byte-order mark said "not valid
+    TOML: Invalid statement (at line 1, column 1)", naming nothing one could see."""
+    p = write(tmp_path, "\ufeff" + GOOD)
+    with pytest.raises(ConfigError, match=rf"^{p}: not valid TOML: .*byte-order mark"):
+        config.load(p)
+    p = write(tmp_path, GOOD, keys="\ufeff" + KEYS)
+    with pytest.raises(ConfigError, match=r"t1\.keys is not valid TOML: .*byte-order mark"):
+        config.load(p)

@@ -277,3 +277,15 @@ def test_encryption_only_line_is_read_as_wireshark_reads_it() -> None:
     assert kl.make_sa(src, dst, 0x1000).decrypt_only
     gcm = parse_line(GCM_LINE)
     assert gcm is not None and not gcm.encryption_only
+
+
+def test_a_byte_order_mark_is_named() -> None:
+    """A key file saved by an editor that writes a UTF-8 byte-order mark said "line 1:
+    expected a double-quoted field at column 1", where a '"' is plainly seen."""
+    a = ipaddress.ip_address
+    sa = SecurityAssociation(0x1001, Direction.INBOUND, a("192.0.2.1"), a("192.0.2.2"),
+                             enc=EncAlg.AES_GCM_16, enc_key=bytes(20))  # fmt: skip
+    line = format_line(sa)
+    assert len(parse_keyfile(line + "\n")) == 1
+    with pytest.raises(KeyFileError, match=r"^line 1: .*byte-order mark \(U\+FEFF\)"):
+        parse_keyfile("\ufeff" + line + "\n")

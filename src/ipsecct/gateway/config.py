@@ -607,6 +607,9 @@ def parse_toml(text: str) -> dict[str, Any]:
     it cannot take without a traceback or in linear time: arrays or inline tables nested past
     the interpreter's recursion limit (RecursionError), integers past CPython's 4300 digits
     (ValueError), keys of thousands of dotted parts (:func:`_key_dots`)."""
+    if text.startswith("\ufeff"):  # (tomllib: "Invalid statement (at line 1, column 1)")
+        raise ValueError("starts with a byte-order mark (U+FEFF): save the file as UTF-8"
+                         " without one")  # fmt: skip
     _key_dots(text)
     try:
         return tomllib.loads(text)

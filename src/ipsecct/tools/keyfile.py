@@ -252,6 +252,9 @@ def parse_line(text: str, lineno: int = 1) -> KeyLine | None:
 
 def parse_keyfile(text: str) -> list[KeyLine]:
     """Every SA line of a key file (raises KeyFileError if there is none)."""
+    if text.startswith("\ufeff"):  # (what some editors write first: not seen, not a field)
+        raise KeyFileError("line 1: starts with a byte-order mark (U+FEFF): save the file as"
+                           " UTF-8 without one")  # fmt: skip
     lines: list[KeyLine] = []
     for i, raw in enumerate(text.splitlines(), 1):
         kl = parse_line(raw, i)
