@@ -141,7 +141,7 @@ async def _run(compare: str, pairs: int, interval: float, rate: int) -> dict[str
                     cpu = time.thread_time() - c0
                     await asyncio.sleep(0.3)  # the MN follows; the window closes
                     hi = rec.ended + demo.SETTLE
-                    gap = max(dm.host_app.longest_gap(t0, hi), dm.mn_app.longest_gap(t0, hi))
+                    gap = max(a.net.longest_gap(t0, hi) for a in (dm.host_app, dm.mn_app))
                     return (rec.ended - t0) * 1000, cpu * 1000, gap * 1000
                 finally:
                     ts[dst].listeners.remove(cb)

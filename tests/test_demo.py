@@ -88,29 +88,31 @@ def test_demo_rejects_bad_arguments() -> None:
 def test_longest_gap_counts_the_pauses_that_span_the_window() -> None:
     """A handover's gap_ms: the longest pause between arrivals in its window, the pauses that
     cross either end of it included."""
-    from ipsecct.demo.topology import _App
+    from ipsecct.demo.topology import _Arrivals
 
-    app = _App("x", 0)
-    app.rx_times.extend([1.0, 1.001, 1.010, 1.011, 1.5])
-    assert app.longest_gap(1.0005, 1.0105) == pytest.approx(0.009)
-    assert app.longest_gap(1.02, 1.03) == pytest.approx(0.489)
-    assert _App("y", 0).longest_gap(0.0, 1.0) == 0.0
+    arr = _Arrivals()
+    arr.times.extend([1.0, 1.001, 1.010, 1.011, 1.5])
+    assert arr.longest_gap(1.0005, 1.0105) == pytest.approx(0.009)
+    assert arr.longest_gap(1.02, 1.03) == pytest.approx(0.489)
+    assert _Arrivals().longest_gap(0.0, 1.0) == 0.0
 
 
 def test_the_stream_gap_is_the_longest_pause_of_the_whole_stream() -> None:
     """gap_ms: the longest pause between new packets over the whole stream, wherever it is,
     and a stream that stopped arriving before its end counts the pause until that end."""
-    from ipsecct.demo.topology import _App, _packet
+    from ipsecct.demo.sender import packet as _packet
+    from ipsecct.demo.topology import _App
 
     app = _App("x", 0)
     clock = iter([1.0, 1.001, 1.4, 1.401, 1.402])
     app.clock = lambda: next(clock)
     for seq in range(1, 6):
         app.datagram_received(_packet(1, seq), ("127.0.0.1", 1))
-    gap, start = app.stream_gap(1.402)
-    assert gap == pytest.approx(0.399) and start == pytest.approx(1.001)
-    gap, start = app.stream_gap(2.0)  # nothing arrived after 1.402 until the end at 2.0
-    assert gap == pytest.approx(0.598) and start == pytest.approx(1.402)
+    for arr in (app.net, app.read):  # no kernel time given: both are the read time
+        gap, start = arr.stream_gap(1.402)
+        assert gap == pytest.approx(0.399) and start == pytest.approx(1.001)
+        gap, start = arr.stream_gap(2.0)  # nothing arrived after 1.402 until the end at 2.0
+        assert gap == pytest.approx(0.598) and start == pytest.approx(1.402)
 
 
 def test_the_demos_free_ports_are_never_handed_out_twice() -> None:
@@ -186,7 +188,8 @@ def test_the_stream_apps_keep_the_backlog_of_a_stalled_demo_process() -> None:
     import asyncio
     import socket
 
-    from ipsecct.demo.topology import _App, _packet, free_udp_port
+    from ipsecct.demo.sender import packet as _packet
+    from ipsecct.demo.topology import _App, free_udp_port
 
     async def body() -> int:
         app = _App("x", 0)
@@ -213,7 +216,8 @@ def _gap_demo() -> Any:
     figures read), and a function that delivers packet ``seq`` to both at time ``t``."""
     from types import SimpleNamespace
 
-    from ipsecct.demo.topology import Demo, _App, _packet
+    from ipsecct.demo.sender import packet as _packet
+    from ipsecct.demo.topology import Demo, _App
 
     now = [0.0]
     host, mn = _App("host", 1), _App("mn-app", 0)
@@ -318,10 +322,10 @@ def test_the_stream_ends_the_baseline_a_lead_before_the_handover_in_every_mode(
         app.clock = time.monotonic
 
     async def prepare() -> None:
-        seen["prepare"] = (list(d.baseline_gaps), len(d.host_app.rx_times))
+        seen["prepare"] = (list(d.baseline_gaps), len(d.host_app.net.times))
 
     async def half() -> None:
-        seen["half"] = (list(d.baseline_gaps), len(d.host_app.rx_times))
+        seen["half"] = (list(d.baseline_gaps), len(d.host_app.net.times))
 
     asyncio.run(stream(d, 200, 4.0, out=None, at_half=half,
                        before_half=prepare if prepare_ahead else None))  # fmt: skip
@@ -332,3 +336,154 @@ def test_the_stream_ends_the_baseline_a_lead_before_the_handover_in_every_mode(
     assert 50 < recorded <= (lead + 0.5) * 200
     if prepare_ahead:  # the preparation came after the baseline's end (at it, here)
         assert seen["prepare"][0] == baseline and seen["prepare"][1] <= 2
+
+
+def test_the_receivers_record_the_kernels_arrival_time_beside_their_own() -> None:
+    """gap_ms is the pause the network made, not the demo's process: each packet's arrival
+    as the kernel stamped it (SO_TIMESTAMPNS, what a capture shows), beside when the
+    demo's event loop read it (app_gap_ms). Packets sent 2 ms apart while the loop does not
+    run: each kernel time falls within its own sendto call, and the pauses between them are
+    the sender's; every read time is after the last send."""
+    import asyncio
+    import itertools
+    import socket
+
+    from ipsecct.demo.sender import packet as _packet
+    from ipsecct.demo.topology import _App, free_udp_port
+
+    async def body() -> tuple[list[tuple[float, float]], list[float], list[float]]:
+        app = _App("x", 0)
+        port = free_udp_port()
+        app.open(port)
+        app.watch()
+        spans = []
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                for seq in range(1, 6):  # the loop does not run meanwhile
+                    t0 = time.monotonic()
+                    s.sendto(_packet(1, seq), ("127.0.0.1", port))
+                    t1 = time.monotonic()
+                    spans.append((t0, t1))
+                    while time.monotonic() < t1 + 0.002:
+                        pass
+            for _ in range(500):
+                if len(app.received) == 5:
+                    break
+                await asyncio.sleep(0.01)
+            return spans, list(app.net.times), list(app.read.times)
+        finally:
+            assert app.transport is not None
+            app.transport.close()
+
+    spans, net, read = asyncio.run(body())
+    assert len(net) == len(read) == 5
+    for (t0, t1), t in zip(spans, net, strict=True):  # (the real-time clock, converted)
+        assert t0 - 0.0005 <= t <= t1 + 0.0005, (t0, t, t1)
+    assert min(b - a for a, b in itertools.pairwise(net)) >= 0.0015
+    assert min(read) >= spans[-1][1]
+
+
+def test_the_stream_sender_sends_every_packet_both_ways_and_follows_the_route(
+    tmp_path: Path,
+) -> None:
+    """``ipsecct demo``'s stream comes from a process of its own on absolute deadlines
+    (demo/sender.py), on the applications' sockets: every packet each way once and in
+    order, the host's to the new gateway from the route's change on (``peer``), its count
+    and lateness reported, and it exits by itself at the end."""
+    import asyncio
+    import socket
+
+    from ipsecct.demo.sender import PAYLOAD, SenderProcess
+    from ipsecct.ipsec.ippacket import parse, udp_payload
+
+    def seqs(got: list[bytes], direction: int) -> list[int]:
+        out = []
+        for data in got:
+            _, _, body = udp_payload(data, parse(data))
+            d, seq, _ = PAYLOAD.unpack_from(body)
+            assert d == direction
+            out.append(seq)
+        return out
+
+    async def body() -> tuple[list[list[bytes]], tuple[int, float, float, int], int | None]:
+        loop = asyncio.get_running_loop()
+        socks = []
+        for _ in range(5):  # the MN's link, two gateways' links; the two applications
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            s.bind(("127.0.0.1", 0))
+            s.setblocking(False)
+            socks.append(s)
+        mn_link, gw1, gw2, mn_app, host_app = socks
+        got: list[list[bytes]] = [[], [], []]
+        def reader(s: socket.socket, into: list[bytes]) -> None:
+            into.append(s.recv(2048))
+
+        for s, into in zip(socks[:3], got, strict=True):
+            loop.add_reader(s.fileno(), reader, s, into)
+        sender = await SenderProcess.start(
+            mn_app, host_app, 500, 200, mn_link.getsockname()[1], gw1.getsockname()[1],
+            tmp_path / "sender.log",
+        )  # fmt: skip
+        try:
+            sender.go(time.monotonic() + 0.02)
+            for _ in range(1000):
+                if sender.sent >= 100 or sender.done.done():
+                    break
+                await asyncio.sleep(0.01)
+            sender.peer(gw2.getsockname()[1])  # the access network's route moves
+            result = await sender.finish(30.0)
+            for _ in range(500):
+                if len(got[0]) == 200 and len(got[1]) + len(got[2]) == 200:
+                    break
+                await asyncio.sleep(0.01)
+            return got, result, sender.proc.wait(10)
+        finally:
+            sender.close()
+            for s in socks:
+                loop.remove_reader(s.fileno())
+                s.close()
+
+    got, (sent, ended, late, unsent), rc = asyncio.run(body())
+    assert (sent, unsent, rc) == (200, 0, 0)
+    assert ended > 0 and late >= 0
+    assert seqs(got[0], 0) == list(range(1, 201))
+    before, after = seqs(got[1], 1), seqs(got[2], 1)
+    assert before and after and before + after == list(range(1, 201))
+
+
+def test_the_stream_sender_ends_with_its_input_and_refuses_junk_in_one_line() -> None:
+    """The sender never outlives the demo (it stops at the end of its input, the demo's
+    end or death) and a bad argument or command is one line on stderr and exit status 2."""
+    import socket
+
+    def start(*args: str) -> subprocess.Popen[str]:
+        return subprocess.Popen(
+            [sys.executable, "-m", "ipsecct.demo.sender", *args],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True, pass_fds=fds,
+        )  # fmt: skip
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as a, socket.socket(
+        socket.AF_INET, socket.SOCK_DGRAM
+    ) as b, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sink:
+        sink.bind(("127.0.0.1", 0))
+        port = str(sink.getsockname()[1])
+        fds = (a.fileno(), b.fileno())
+        argv = [str(a.fileno()), str(b.fileno()), "1000", "1000000", port, port]
+        p = start(*argv)
+        assert p.stdin is not None and p.stdout is not None
+        assert p.stdout.readline().startswith("ready")
+        p.stdin.write(f"go {time.monotonic_ns()}\n")
+        p.stdin.flush()
+        p.stdin.close()  # the demo is gone
+        assert p.wait(30) == 0
+        for args, line in [
+            (argv[:5], None),
+            ([*argv[:4], "0", port], None),
+            (argv, "go later\n"),
+            (argv, "reroute 7\n"),
+        ]:
+            p = start(*args)
+            out, err = p.communicate(line or "", timeout=30)
+            assert p.returncode == 2, (args, line, out, err)
+            assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err

@@ -81,6 +81,8 @@ def test_demo_ike_sa_established_once_and_moved(mode: str, tmp_path: Path) -> No
         "from", "to", "mode", "transfer_ms", "gap_ms", "lost", "transfer_cpu_ms",
         "context_transfer", "prepared", "prepare_ms", "prepared_ahead_s", "commit_sent_ms",
         "gap_at_ms", "handover_gap_ms", "baseline_gap_ms", "prepare_gap_ms",
+        "app_gap_ms", "app_gap_at_ms", "app_handover_gap_ms", "app_baseline_gap_ms",
+        "app_prepare_gap_ms", "sender_late_ms",
     ]
     assert h["context_transfer"] == "predictive", h
     # The gateways' event-loop CPU time over the transfer (from their records), for telling

@@ -447,6 +447,8 @@ def test_demo_handover_json(mode: str) -> None:
         "from", "to", "mode", "transfer_ms", "gap_ms", "lost", "transfer_cpu_ms",
         "context_transfer", "prepared", "prepare_ms", "prepared_ahead_s", "commit_sent_ms",
         "gap_at_ms", "handover_gap_ms", "baseline_gap_ms", "prepare_gap_ms",
+        "app_gap_ms", "app_gap_at_ms", "app_handover_gap_ms", "app_baseline_gap_ms",
+        "app_prepare_gap_ms", "sender_late_ms",
     ]
     assert (h["from"], h["to"], h["mode"]) == ("sg1", "sg2", mode)
     assert h["context_transfer"] == "predictive" and h["prepared"] is True, h

@@ -16,7 +16,6 @@ import asyncio
 import bisect
 import collections
 import contextlib
-import ipaddress
 import itertools
 import os
 import socket
@@ -33,14 +32,12 @@ from ..gateway import config as config_mod
 from ..gateway.mobile_agent import MobileAgent
 from ..gateway.node import Node, UdpEndpoint
 from ..gateway.service import Service
-from ..ipsec.ippacket import IPAddress, build_udp, parse, udp_payload
+from ..ipsec.ippacket import parse, udp_payload
 from .processes import GatewayProcess, stop_all, wait_all
-
-MN_INNER = "10.1.0.2"
-HOST_INNER = "10.2.0.1"
-STREAM_PORT = 7000
-_PAYLOAD = struct.Struct("!BIQ")  # direction, sequence number, send time (ns)
-
+from .sender import HOST_INNER as HOST_INNER  # the demo's addresses, for its users
+from .sender import MN_INNER as MN_INNER
+from .sender import PAYLOAD as _PAYLOAD
+from .sender import SenderProcess, packet
 
 # Ports handed out lately, per (type, address): the kernel may give the same free port to two
 # bind(0) calls in a row (the socket is closed before the next pick), and a demo picks a
@@ -68,11 +65,73 @@ def free_tcp_port(host: str = "127.0.0.1") -> int:
     return _free_port(socket.SOCK_STREAM, host)
 
 
-MAX_WATCHED = 1 << 20  # arrival times kept per receiver for the handover gaps (8 MiB)
+MAX_WATCHED = 1 << 20  # arrival times kept per receiver and clock for the handover gaps (8 MiB)
+SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)  # Linux; Python names it from 3.12 on
+_TIMESPEC = struct.Struct("@qq")
+_ANCILLARY = socket.CMSG_SPACE(_TIMESPEC.size)
+
+
+class _Arrivals:
+    """One clock's record of a receiver's new packets: the longest pause over the whole
+    stream and, while a handover is watched, every arrival time (bounded)."""
+
+    def __init__(self) -> None:
+        self.last: float | None = None
+        self.max_gap = 0.0
+        self.max_gap_end = 0.0  # when the longest pause ended (monotonic)
+        # Arrival times (monotonic) of new packets while a handover is watched, in order;
+        # bounded, so that a long run at a high rate does not grow without limit.
+        self.times = array("d")
+        self.watching = False
+
+    def add(self, now: float) -> None:
+        if self.last is not None:
+            gap = now - self.last
+            if gap > self.max_gap:
+                self.max_gap = gap
+                self.max_gap_end = now
+        # the kernel's stamps of one socket are in order; a packet read later but stamped
+        # earlier (none seen) would only shorten a pause, never make one
+        self.last = now if self.last is None else max(now, self.last)
+        if self.watching and len(self.times) < MAX_WATCHED:
+            self.times.append(now)
+
+    def watch(self) -> None:
+        """Record arrivals from now on (the one just before included) for :meth:`longest_gap`."""
+        if not self.watching and self.last is not None:
+            self.times.append(self.last)
+        self.watching = True
+
+    def stream_gap(self, end: float) -> tuple[float, float]:
+        """(length, start) of the longest pause this receiver felt over the whole stream,
+        from its first arrival until ``end`` (when the last packet was sent: a stream that
+        stopped arriving before its end has a pause that no arrival closes)."""
+        gap, start = self.max_gap, self.max_gap_end - self.max_gap
+        if self.last is not None and end - self.last > gap:
+            gap, start = end - self.last, self.last
+        return gap, start
+
+    def longest_gap(self, lo: float, hi: float) -> float:
+        """The longest pause between arrivals from ``lo`` to ``hi``, the pauses that span
+        either end included."""
+        t = self.times
+        i = max(0, bisect.bisect_left(t, lo) - 1)
+        j = bisect.bisect_right(t, hi) + 1
+        seg = t[i:j]
+        return max((b - a for a, b in itertools.pairwise(seg)), default=0.0)
 
 
 class _App:
-    """An application endpoint at the end of a virtual link: sends and counts the stream.
+    """An application endpoint at the end of a virtual link: receives and counts the stream
+    (``ipsecct demo`` sends it from a process of its own, :mod:`ipsecct.demo.sender`; the
+    tests' in-process demos from :func:`stream`'s loop).
+
+    Each new packet's arrival is recorded on two clocks: :attr:`net`, when the kernel
+    received it (``SO_TIMESTAMPNS``, the time a capture on the link shows, converted to
+    ``time.monotonic``), what the demo's gap figures are; and :attr:`read`, when this
+    process's event loop got round to reading it (the ``app_*`` figures), which also counts
+    every pause of the demo's own process, its handover work included, although no packet
+    was late on the wire. Without kernel stamps (not Linux) both are the read time.
 
     Its socket is a :class:`~ipsecct.gateway.node.UdpEndpoint`, as a node's are (see
     :meth:`open`): 4 MiB of receive buffer and up to 64 datagrams read per wake-up of the
@@ -87,20 +146,43 @@ class _App:
         self.transport: UdpEndpoint | None = None
         self.received: set[int] = set()
         self.duplicates = 0
-        self.last_rx: float | None = None
-        self.max_gap = 0.0
-        self.max_gap_end = 0.0  # when the longest pause ended (monotonic)
-        # Arrival times (monotonic) of new packets while a handover is watched, in order;
-        # bounded, so that a long run at a high rate does not grow without limit.
-        self.rx_times = array("d")
-        self.watching = False
+        self.net = _Arrivals()  # kernel receive times
+        self.read = _Arrivals()  # when the demo's loop read them
         self.clock: Callable[[], float] = time.monotonic
 
     def open(self, port: int) -> None:
-        """Bind the application's socket on 127.0.0.1:``port`` (in a running loop)."""
+        """Bind the application's socket on 127.0.0.1:``port`` (in a running loop), with the
+        kernel's receive time on every datagram."""
         self.transport = UdpEndpoint.bind(("127.0.0.1", port), self.datagram_received)
+        with contextlib.suppress(OSError):
+            self.transport.sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+            self.transport.set_reader(self._readable)
 
-    def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
+    def _readable(self) -> None:
+        assert self.transport is not None
+        recv = self.transport.sock.recvmsg
+        # the kernel stamps with the real-time clock: to monotonic, per batch (a step of the
+        # wall clock between two batches moves no arrival)
+        offset = time.time_ns() - time.monotonic_ns()
+        for _ in range(self.transport.batch):
+            try:
+                data, ancillary, _flags, addr = recv(65535, _ANCILLARY)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:  # e.g. ICMP port unreachable reported on the socket
+                continue
+            at = None
+            for level, kind, value in ancillary:
+                ours = level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS
+                if ours and len(value) >= _TIMESPEC.size:
+                    sec, ns = _TIMESPEC.unpack_from(value)
+                    at = (sec * 1_000_000_000 + ns - offset) / 1e9
+            self.datagram_received(data, addr, at)
+
+    def datagram_received(
+        self, data: bytes, addr: tuple[Any, ...], at: float | None = None
+    ) -> None:
+        """A datagram read now, which the kernel received at ``at`` (monotonic; None: now)."""
         try:
             hdr = parse(data)
             _, _, body = udp_payload(data, hdr)
@@ -114,38 +196,13 @@ class _App:
             return
         self.received.add(seq)
         now = self.clock()
-        if self.last_rx is not None:
-            gap = now - self.last_rx
-            if gap > self.max_gap:
-                self.max_gap = gap
-                self.max_gap_end = now
-        self.last_rx = now
-        if self.watching and len(self.rx_times) < MAX_WATCHED:
-            self.rx_times.append(now)
+        self.read.add(now)
+        self.net.add(now if at is None else at)
 
     def watch(self) -> None:
-        """Record arrivals from now on (the one just before included) for :meth:`longest_gap`."""
-        if not self.watching and self.last_rx is not None:
-            self.rx_times.append(self.last_rx)
-        self.watching = True
-
-    def stream_gap(self, end: float) -> tuple[float, float]:
-        """(length, start) of the longest pause this receiver felt over the whole stream,
-        from its first arrival until ``end`` (when the last packet was sent: a stream that
-        stopped arriving before its end has a pause that no arrival closes)."""
-        gap, start = self.max_gap, self.max_gap_end - self.max_gap
-        if self.last_rx is not None and end - self.last_rx > gap:
-            gap, start = end - self.last_rx, self.last_rx
-        return gap, start
-
-    def longest_gap(self, lo: float, hi: float) -> float:
-        """The longest pause between arrivals from ``lo`` to ``hi``, the pauses that span
-        either end included."""
-        t = self.rx_times
-        i = max(0, bisect.bisect_left(t, lo) - 1)
-        j = bisect.bisect_right(t, hi) + 1
-        seg = t[i:j]
-        return max((b - a for a, b in itertools.pairwise(seg)), default=0.0)
+        """Record arrivals from now on (the one just before included) on both clocks."""
+        self.net.watch()
+        self.read.watch()
 
 
 @dataclass
@@ -178,6 +235,7 @@ class Demo:
     # the longest pause of the stream before any handover work (set by watch_gaps: at the
     # preparation's start, or at the handover's when nothing is prepared)
     baseline_gaps: list[float | None] = field(default_factory=list)
+    app_baseline_gaps: list[float | None] = field(default_factory=list)  # the same, as read
     started: float = 0.0
     ended: float = 0.0  # when the stream's last packet was sent (monotonic)
     sent: list[int] = field(default_factory=lambda: [0, 0])
@@ -197,6 +255,10 @@ class Demo:
     prepare_ahead: float = 0.0
     prepared: asyncio.Task[tuple[str, float]] | None = None
     prepare_started: float | None = None  # when the preparation was started (monotonic)
+    # The stream's sender as a process of its own (``ipsecct demo``; None: the stream's loop
+    # sends), and its longest lateness against its schedule (seconds; None: not measured).
+    sender: SenderProcess | None = None
+    sender_late: float | None = None
 
     def watch_gaps(self) -> None:
         """Something the stream's floor must not include starts (a preparation, a
@@ -207,9 +269,11 @@ class Demo:
         if not self.baseline_gaps:
             apps = (self.host_app, self.mn_app)
             if all(len(a.received) >= 2 for a in apps):
-                self.baseline_gaps.append(max(a.max_gap for a in apps))
+                self.baseline_gaps.append(max(a.net.max_gap for a in apps))
+                self.app_baseline_gaps.append(max(a.read.max_gap for a in apps))
             else:
                 self.baseline_gaps.append(None)
+                self.app_baseline_gaps.append(None)
         self.host_app.watch()
         self.mn_app.watch()
 
@@ -225,6 +289,8 @@ class Demo:
         self.serving = gw
         outer, inner = self.gw_ports[gw]
         self.host_peer = ("127.0.0.1", inner)
+        if self.sender is not None:
+            self.sender.peer(inner)
         if self.relay is not None:
             self.relay.owner = (ADDRESS[gw], outer)
 
@@ -563,20 +629,6 @@ async def stop(demo: Demo) -> None:
             app.transport.close()
 
 
-_MN_ADDR: IPAddress = ipaddress.ip_address(MN_INNER)
-_HOST_ADDR: IPAddress = ipaddress.ip_address(HOST_INNER)
-# (source, destination) per direction, parsed once: two ip_address() parses per packet were
-# half of the stream's sending cost (2,000 packets/s in the demo's process)
-_ENDS: tuple[tuple[IPAddress, IPAddress], ...] = ((_MN_ADDR, _HOST_ADDR), (_HOST_ADDR, _MN_ADDR))
-_PAD = bytes(32)
-
-
-def _packet(direction: int, seq: int) -> bytes:
-    a, b = _ENDS[direction]
-    payload = _PAYLOAD.pack(direction, seq, time.monotonic_ns()) + _PAD
-    return build_udp(a, b, STREAM_PORT, STREAM_PORT, payload)
-
-
 async def stream(
     demo: Demo,
     rate: int,
@@ -585,40 +637,83 @@ async def stream(
     out: TextIO | None,
     at_half: Callable[[], Coroutine[Any, Any, None]] | None = None,
     before_half: Callable[[], Coroutine[Any, Any, Any]] | None = None,
+    paced_apart: bool = False,
 ) -> None:
-    """Send ``rate`` packets/s each way for ``seconds``, a status line per second on ``out``."""
-    loop = asyncio.get_running_loop()
+    """Send ``rate`` packets/s each way for ``seconds``, a status line per second on ``out``.
+
+    ``paced_apart`` (``ipsecct demo``): a process of its own sends the stream, each packet at
+    its absolute deadline (:mod:`ipsecct.demo.sender`), as a user's application with its own
+    timer does; this loop, which also runs the MN, the receivers and the handover's control
+    work, only starts the handover and reports. Otherwise (the tests' in-process demos) this
+    loop sends, whenever it runs: a busy or unscheduled loop sends late, and the receivers
+    count that as a pause of the stream."""
     total = int(rate * seconds)
+    sender: SenderProcess | None = None
+    assert demo.mn_app.transport is not None and demo.host_app.transport is not None
+    if paced_apart:
+        sender = await SenderProcess.start(
+            demo.mn_app.transport.sock, demo.host_app.transport.sock, rate, total,
+            demo.mn.inner_port, demo.host_peer[1], demo.workdir / "sender.log",
+        )  # fmt: skip
+        demo.sender = sender
+    try:
+        await _stream(demo, rate, seconds, total, out, at_half, before_half, sender)
+    finally:
+        demo.sender = None
+        if sender is not None:
+            sender.close()
+
+
+async def _stream(
+    demo: Demo,
+    rate: int,
+    seconds: float,
+    total: int,
+    out: TextIO | None,
+    at_half: Callable[[], Coroutine[Any, Any, None]] | None,
+    before_half: Callable[[], Coroutine[Any, Any, Any]] | None,
+    sender: SenderProcess | None,
+) -> None:
+    loop = asyncio.get_running_loop()
+    assert demo.mn_app.transport is not None and demo.host_app.transport is not None
     start = loop.time()
+    if sender is not None:
+        start += 0.02  # the "go" line's way to the sender, were this process descheduled
+        sender.go(start)
     demo.started = start
     half_task: asyncio.Task[None] | None = None
     refresh: asyncio.Task[None] | None = None
     next_report = 1.0
     sent = 0
-    assert demo.mn_app.transport is not None and demo.host_app.transport is not None
+    late = 0.0
     mn_link = ("127.0.0.1", demo.mn.inner_port)
     # The baseline (the stream's floor) ends BASELINE_LEAD before the half-way handover, or
     # at the preparation if that starts earlier, in every mode: one window for all, so that
     # a reactive run's baseline is as long as a predictive one's (a longer window has a
     # higher longest pause) and holds no handover work.
     baseline_end = seconds / 2 - max(demo.prepare_ahead, min(BASELINE_LEAD, seconds / 2))
-    while sent < total:
-        # Evenly paced: each packet when it is due (the loop wakes about once a millisecond),
-        # so that the receivers' longest gap measures the network, not bursts of the sender.
-        due = min(total, int((loop.time() - start) * rate) + 1)
-        while sent < due:
-            sent += 1
-            demo.mn_app.transport.sendto(_packet(0, sent), mn_link)
-            demo.host_app.transport.sendto(_packet(1, sent), demo.host_peer)
+    prepare_at = seconds / 2 - demo.prepare_ahead
+    while True:
+        if sender is None:
+            if sent >= total:
+                break
+            # Evenly paced: each packet when it is due (the loop wakes about once a
+            # millisecond), so that the receivers' longest gap is not bursts of the sender.
+            due = min(total, int((loop.time() - start) * rate) + 1)
+            while sent < due:
+                late = max(late, loop.time() - (start + sent / rate))
+                sent += 1
+                demo.mn_app.transport.sendto(packet(0, sent), mn_link)
+                demo.host_app.transport.sendto(packet(1, sent), demo.host_peer)
+        elif sender.done.done():
+            break
+        else:
+            sent = sender.sent
         demo.sent = [sent, sent]
         elapsed = loop.time() - start
         if at_half is not None and not demo.baseline_gaps and elapsed >= baseline_end:
             demo.watch_gaps()
-        if (
-            before_half is not None
-            and demo.prepared is None
-            and elapsed >= seconds / 2 - demo.prepare_ahead
-        ):
+        if before_half is not None and demo.prepared is None and elapsed >= prepare_at:
             demo.start_preparing(time.monotonic())
             demo.prepared = asyncio.create_task(before_half())
         if at_half is not None and half_task is None and elapsed >= seconds / 2:
@@ -628,8 +723,26 @@ async def stream(
             next_report += 1.0
             if demo.procs and (refresh is None or refresh.done()):
                 refresh = asyncio.create_task(read_status(demo))  # for the next line
-        await asyncio.sleep(max(0.0, start + sent / rate - loop.time()))
-    demo.ended = loop.time()
+        if sender is None:
+            await asyncio.sleep(max(0.0, start + sent / rate - loop.time()))
+            continue
+        # Only the next step to take wakes this loop (or the sender's end, or 0.1 s).
+        steps = [0.1 + elapsed]
+        if at_half is not None and not demo.baseline_gaps:
+            steps.append(baseline_end)
+        if before_half is not None and demo.prepared is None:
+            steps.append(prepare_at)
+        if at_half is not None and half_task is None:
+            steps.append(seconds / 2)
+        if out is not None:
+            steps.append(next_report)
+        await asyncio.wait([sender.done], timeout=max(0.0, start + min(steps) - loop.time()))
+    if sender is not None:
+        sent, demo.ended, late, _unsent = await sender.finish(timeout=10.0)
+        demo.sent = [sent, sent]
+    else:
+        demo.ended = loop.time()
+    demo.sender_late = late
     if half_task is not None:
         await half_task
     await _last_packets(demo, sent)
@@ -701,6 +814,14 @@ def _report(demo: Demo, elapsed: float, out: TextIO) -> None:
     out.flush()
 
 
+def _net(app: _App) -> _Arrivals:
+    return app.net
+
+
+def _read(app: _App) -> _Arrivals:
+    return app.read
+
+
 BASELINE_LEAD = 1.0  # seconds before the half-way handover that the baseline ends (at least)
 SETTLE = 0.05  # seconds after a handover's target is active that still count as its window
 
@@ -713,26 +834,38 @@ def summary(demo: Demo) -> dict[str, Any]:
     # the handover causes later (the MN switching late, forwarding ending, packets dropped
     # until a reservation is written) and what the machine does elsewhere in the run: the
     # window's own figure is kept apart (handover_gap_ms), with where the longest pause was.
+    #
+    # Every figure on two clocks: the kernel's receive times (``gap_ms`` and the others, what
+    # a capture on the link shows: the pauses the network made) and this process's reading
+    # (``app_gap_ms`` and the others: those plus every pause of the demo's own process).
     end = demo.ended or time.monotonic()
-    gap, gap_start = max(demo.host_app.stream_gap(end), demo.mn_app.stream_gap(end))
+    apps = (demo.host_app, demo.mn_app)
     for i, h in enumerate(demo.handovers):
         # One handover a run: its losses and its longest pause are the stream's.
-        h["gap_ms"] = round(1000 * gap, 3)
         h["lost"] = sent - received
-        if i < len(demo.handover_times):
+        for prefix, clock in (("", _net), ("app_", _read)):
+            gap, gap_start = max(clock(a).stream_gap(end) for a in apps)
+            h[f"{prefix}gap_ms"] = round(1000 * gap, 3)
+            if i >= len(demo.handover_times):
+                continue
             lo, hi = demo.handover_times[i]
             hi += SETTLE
-            window = max(demo.host_app.longest_gap(lo, hi), demo.mn_app.longest_gap(lo, hi))
-            h["gap_at_ms"] = round(1000 * (gap_start - lo), 3)  # from the trigger
-            h["handover_gap_ms"] = round(1000 * window, 3)
-            if demo.baseline_gaps:
-                b = demo.baseline_gaps[0]
-                h["baseline_gap_ms"] = None if b is None else round(1000 * b, 3)
+            window = max(clock(a).longest_gap(lo, hi) for a in apps)
+            h[f"{prefix}gap_at_ms"] = round(1000 * (gap_start - lo), 3)  # from the trigger
+            h[f"{prefix}handover_gap_ms"] = round(1000 * window, 3)
+            baselines = demo.app_baseline_gaps if prefix else demo.baseline_gaps
+            if baselines:
+                b = baselines[0]
+                h[f"{prefix}baseline_gap_ms"] = None if b is None else round(1000 * b, 3)
             if h.get("prepared") and demo.prepare_started is not None:
                 # the preparation's own pause: from its start to the trigger (the commit)
                 p0 = demo.prepare_started
-                prep = max(demo.host_app.longest_gap(p0, lo), demo.mn_app.longest_gap(p0, lo))
-                h["prepare_gap_ms"] = round(1000 * prep, 3)
+                prep = max(clock(a).longest_gap(p0, lo) for a in apps)
+                h[f"{prefix}prepare_gap_ms"] = round(1000 * prep, 3)
+        if demo.sender_late is not None:
+            # how late the stream's sender was against its schedule at worst: every receive
+            # pause includes it (a few ms when the demo's loop sends, about 0.1 when apart)
+            h["sender_late_ms"] = round(1000 * demo.sender_late, 3)
     return {
         "packets": {
             "sent": sent,
@@ -771,6 +904,8 @@ def print_summary(s: dict[str, Any], out: TextIO) -> None:
             + (f" (before it: {h['baseline_gap_ms']:.1f} ms)" if h.get("baseline_gap_ms")
                is not None else "")
             + (f" (while preparing: {h['prepare_gap_ms']:.1f} ms)" if "prepare_gap_ms" in h
+               else "")
+            + (f" (as this process read them: {h['app_gap_ms']:.1f} ms)" if "app_gap_ms" in h
                else "")
             + f", lost {h['lost']}\n"
         )

@@ -84,6 +84,7 @@ async def run(
             await stream(
                 demo, rate, seconds, out=None if as_json else out, at_half=half if step else None,
                 before_half=(lambda: ho.prepare(demo)) if prepare_ahead else None,
+                paced_apart=True,  # the stream's own process: see demo/sender.py
             )
             if ike_info is not None:
                 await ike_mod.finish(demo, ike_info)  # read from the gateways while they run
