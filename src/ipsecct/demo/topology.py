@@ -708,7 +708,10 @@ async def _stream(
         elif sender.done.done():
             break
         else:
-            sent = sender.sent
+            # for the live lines: what its schedule has sent by now (it reports its count
+            # every 0.1 s, and a line must not show more received than sent); exact at its end
+            due = int((loop.time() - start) * rate) + 1
+            sent = max(sender.sent, min(total, due))
         demo.sent = [sent, sent]
         elapsed = loop.time() - start
         if at_half is not None and not demo.baseline_gaps and elapsed >= baseline_end:
