@@ -389,7 +389,8 @@ def test_the_stream_sender_sends_every_packet_both_ways_and_follows_the_route(
     """``ipsecct demo``'s stream comes from a process of its own on absolute deadlines
     (demo/sender.py), on the applications' sockets: every packet each way once and in
     order, the host's to the new gateway from the route's change on (``peer``), its count
-    and lateness reported, and it exits by itself at the end."""
+    and lateness reported, and it exits when the demo ends its input (after the stream's
+    last packets arrived, not while they are on their way)."""
     import asyncio
     import socket
 
@@ -436,7 +437,9 @@ def test_the_stream_sender_sends_every_packet_both_ways_and_follows_the_route(
                 if len(got[0]) == 200 and len(got[1]) + len(got[2]) == 200:
                     break
                 await asyncio.sleep(0.01)
-            return got, result, sender.proc.wait(10)
+            assert sender.proc.poll() is None  # it waits for the end of its input
+            sender.close()
+            return got, result, sender.proc.returncode
         finally:
             sender.close()
             for s in socks:

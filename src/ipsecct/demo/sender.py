@@ -23,7 +23,8 @@ the packet it was latest with, on ``time.monotonic_ns``, the datagrams the kerne
 and the schedule's start). On stdin: ``go START_NS`` (packet ``n`` is due at
 ``START_NS + (n - 1) / RATE`` s), ``peer PORT`` (the host's packets go to 127.0.0.1:PORT from
 now on: the access network's route moved). End of input (the demo is gone or stopped it):
-exit at once. Anything else is an error: one line on stderr, exit status 2.
+exit at once; after ``done`` it waits for that end, so that its exit is not on the way of
+the stream's last packets. Anything else is an error: one line on stderr, exit status 2.
 """
 
 from __future__ import annotations
@@ -197,6 +198,11 @@ def run(argv: list[str], inp: int, out: Callable[[str], None]) -> int:
     ended = time.monotonic_ns()
     relax()
     out(f"done {sent} {ended} {late} {unsent} {late_seq} {start}")
+    # and exit when the demo closes our input, after the stream's last packets have arrived:
+    # not while they are on their way
+    while not commands.closed:
+        select.select([inp], [], [], 1.0)
+        commands.lines()
     return 0
 
 
