@@ -134,6 +134,19 @@ def _children(pid: int) -> list[int]:
     return out
 
 
+def _gateways(pid: int) -> list[int]:
+    """The children of ``pid`` that are gateways (not the stream's sender)."""
+    out = []
+    for child in _children(pid):
+        try:
+            with open(f"/proc/{child}/cmdline", "rb") as f:
+                if b"gateway" in f.read().split(b"\0"):
+                    out.append(child)
+        except OSError:
+            continue
+    return out
+
+
 def _sigint_default() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
@@ -144,8 +157,9 @@ def _sigint_default() -> None:
 )
 def test_the_demo_ended_mid_run_leaves_no_gateway_process(sig: signal.Signals, when: str) -> None:
     """Ctrl-C (SIGINT) while the stream runs, or SIGTERM while the gateways start: the demo
-    stops its gateways on the way out and exits with 130 / 143, no traceback. SIGKILL: the
-    kernel kills them (their parent-death signal)."""
+    stops its gateways and the stream's sender on the way out and exits with 130 / 143, no
+    traceback. SIGKILL: the kernel kills the gateways (their parent-death signal) and the
+    sender ends with its input."""
     demo = subprocess.Popen(
         [sys.executable, "-m", "ipsecct", "demo", "--seconds", "60", "--rate", "20",
          "--keying", "manual", "--handover", "none"],
@@ -160,14 +174,18 @@ def test_the_demo_ended_mid_run_leaves_no_gateway_process(sig: signal.Signals, w
         if when == "running":
             first = demo.stdout.readline()  # the banner: the gateways answered before it
             assert "ipsecct demo:" in first, first
+            # the first live line: the stream's sender runs
+            assert "mn->host" in demo.stdout.readline()
         else:
-            assert _until(lambda: len(_children(demo.pid)) == 2, 60)
-        gateways = _children(demo.pid)
+            assert _until(lambda: len(_gateways(demo.pid)) == 2, 60)
+        gateways = _gateways(demo.pid)
         assert len(gateways) == 2, gateways
+        children = _children(demo.pid)
+        assert len(children) == (3 if when == "running" else 2), children
         demo.send_signal(sig)
         rc = demo.wait(60)
         assert rc == {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGKILL: -9}[sig]
-        assert _until(lambda: not any(_pid_alive(g) for g in gateways), 30), gateways
+        assert _until(lambda: not any(_pid_alive(g) for g in children), 30), children
         if sig != signal.SIGKILL:
             assert demo.stderr is not None
             assert "Traceback" not in demo.stderr.read()
