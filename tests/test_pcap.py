@@ -417,6 +417,28 @@ def test_decrypt_scapy_capture(tmp_path: Path, mode: str, version: int, linktype
     assert [bytes(p) for p in back] == cap.expected
 
 
+def test_dash_reads_the_capture_from_stdin_and_writes_the_packets_to_stdout(
+    tmp_path: Path,
+) -> None:
+    """``pcap decrypt --keys K - -`` (as tcpdump, tshark and editcap read '-') wrote a file
+    named '-' in the current directory and read a file of that name: now stdin and stdout,
+    the same octets as through files (``tcpdump -w - | ipsecct pcap decrypt ... - - |
+    tshark -r -``)."""
+    cap = scapy_capture("tunnel", 4)
+    write_capture(tmp_path / "in.pcap", LINKTYPE_ETHERNET, cap.packets)
+    rc, err, out = run_decrypt(tmp_path, cap.keys, tmp_path / "in.pcap")
+    assert (rc, err) == (0, "")
+    proc = subprocess.run(
+        [sys.executable, "-m", "ipsecct", "pcap", "decrypt", "--keys", str(tmp_path / "keys.txt"),
+         "-", "-"],
+        input=(tmp_path / "in.pcap").read_bytes(), capture_output=True, timeout=120,
+        cwd=tmp_path, check=False,
+    )  # fmt: skip
+    assert (proc.returncode, proc.stderr) == (0, b""), proc.stderr
+    assert proc.stdout == out.read_bytes()
+    assert not (tmp_path / "-").exists()
+
+
 def test_timestamps_and_nanosecond_resolution_are_kept(tmp_path: Path) -> None:
     cap = scapy_capture("tunnel", 4, per_sa=1)
     frames = write_capture(tmp_path / "in.pcap", LINKTYPE_RAW, cap.packets, nano=True)

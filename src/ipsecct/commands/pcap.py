@@ -10,9 +10,10 @@ file, an unsupported link type, a malformed key file).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
-from typing import Any
+from typing import Any, BinaryIO, cast
 
 from ..errors import PcapError
 from ..tools.keyfile import load_keyfile
@@ -40,9 +41,17 @@ def register(sub: Any) -> None:
         ),
     )
     d.add_argument("--keys", required=True, metavar="KEYFILE", help="esp_sa key file")
-    d.add_argument("input", metavar="IN.pcap", help="capture to decrypt")
-    d.add_argument("output", metavar="OUT.pcap", help="where to write the decrypted packets")
+    d.add_argument("input", metavar="IN.pcap", help="capture to decrypt ('-': standard input)")
+    d.add_argument("output", metavar="OUT.pcap",
+                   help="where to write the decrypted packets ('-': standard output)")
     d.set_defaults(handler=decrypt_command)
+
+
+def _open(path: str, mode: str, std: BinaryIO) -> contextlib.AbstractContextManager[BinaryIO]:
+    """``path`` opened, or for '-' the standard stream (left open, flushed at the end)."""
+    if path != "-":
+        return cast(BinaryIO, open(path, mode))  # (the caller's with closes it)
+    return contextlib.nullcontext(std)
 
 
 def decrypt_command(args: argparse.Namespace) -> int:
@@ -55,26 +64,29 @@ def decrypt_command(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
     if (
-        os.path.exists(args.output)
+        "-" not in (args.input, args.output)
+        and os.path.exists(args.output)
         and os.path.exists(args.input)
         and os.path.samefile(args.input, args.output)
     ):
         raise PcapError("OUT.pcap is the same file as IN.pcap")
+    # '-': standard input or output, as tcpdump -w -, tshark -r - and editcap read it
+    where = "standard output" if args.output == "-" else args.output
 
     def report(number: int, reason: str) -> None:
         print(f"ipsecct: packet {number}: {reason}", file=sys.stderr)
 
-    with open(args.input, "rb") as src:
+    with _open(args.input, "rb", sys.stdin.buffer) as src:
         try:
             reader = PcapReader(src)  # a bad file header: OUT is not even created
         except PcapError as exc:
             raise PcapError(f"{args.input}: {exc}") from None
-        with open(args.output, "wb") as dst:
+        with _open(args.output, "wb", sys.stdout.buffer) as dst:
             try:
                 stats = decrypt_pcap(reader, dst, keys, report)
             except PcapError as exc:
                 raise PcapError(
-                    f"{args.input}: {exc} (packets decrypted before it are in {args.output})"
+                    f"{args.input}: {exc} (packets decrypted before it are in {where})"
                 ) from None
     if stats.duplicates:
         print(
@@ -88,7 +100,7 @@ def decrypt_command(args: argparse.Namespace) -> int:
     if stats.failed:
         print(
             f"ipsecct: {stats.failed} of {stats.esp} ESP packets not decrypted;"
-            f" {stats.written} written to {args.output}",
+            f" {stats.written} written to {where}",
             file=sys.stderr,
         )
         return 1
