@@ -60,7 +60,7 @@ from tests.helpers.transfer import (
     tunnel_sas,
     udp_packet,
 )
-from tests.helpers.waiting import eventually
+from tests.helpers.waiting import eventually, until
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -1578,6 +1578,28 @@ def procs(tmp_path: Path) -> Iterator[Procs]:
         yield p
     finally:
         p.stop()
+
+
+def test_an_active_whose_peer_is_no_standby_is_told_on_both_sides(procs: Procs) -> None:
+    """sg1 configured as the active of sg2, and sg2 with no [failover] (a configuration
+    mismatch): sg2 counted sg1's syncs as "refused" and logged nothing, and sg1's status said
+    "standby not acknowledging (lease lost)" though it never held a lease. Now sg2 logs why
+    (rate-limited) and sg1 says its standby has never acknowledged and what to check. It
+    sends nothing, as before: without a lease it must not."""
+    import re as _re
+
+    f = procs.dir / "sg2.toml"
+    f.write_text(_re.sub(r"(?ms)^\[failover\].*?(?=^\[state\])", "", f.read_text()))
+    assert "[failover]" not in f.read_text()
+    for n in ("sg2", "sg1"):
+        procs.start(n)
+    until(lambda: "event=failover-sync-refused" in procs.log("sg2"),
+          "sg2 to log the syncs it refuses", timeout=30)  # fmt: skip
+    assert "peer=sg1" in procs.log("sg2") and "no [failover]" in procs.log("sg2")
+    r = cli("status", "-c", procs.config("sg1"))
+    assert r.returncode == 0, r.stderr
+    assert "standby sg2 has never acknowledged" in r.stdout and "not sending" in r.stdout, r
+    assert procs.status("sg1")["failover"]["sending"] is False
 
 
 def test_failover_between_processes_active_killed(procs: Procs) -> None:

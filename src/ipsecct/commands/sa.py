@@ -121,7 +121,12 @@ def _print_failover_status(f: dict[str, Any]) -> None:
     if role == "active":
         # acknowledged within the lease now (an active whose lease ran out said
         # "acknowledged" while it sent nothing, the standby silent or gone)
-        if isinstance(lease, dict) and lease.get("state") == "lost":
+        if (isinstance(lease, dict) and lease.get("state") == "lost" and not lease.get("acks")
+                and lease.get("ended_ms_ago") is None and not f.get("standby_acknowledged")):
+            # never a lease at all: a standby not running, or not configured as one
+            head += (f", standby {f.get('peer')} has never acknowledged (is it running with"
+                     f' [failover] role = "standby"?)')  # fmt: skip
+        elif isinstance(lease, dict) and lease.get("state") == "lost":
             head += ", standby not acknowledging (lease lost)"
         elif f.get("standby_acknowledged"):
             head += ", standby acknowledged"

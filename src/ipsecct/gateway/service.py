@@ -36,6 +36,7 @@ from .transfer_service import TransferService
 from .vip import VipMover
 
 log = logging.getLogger("ipsecct.gateway.service")
+_SYNC_REFUSED = RateLimited(burst=1, interval=60.0)  # a peer's syncs: 10 a second
 
 
 def _lacks(section: str, what: str) -> Callable[[dict[str, Any]], Awaitable[Any]]:
@@ -297,6 +298,13 @@ class Service:
                 self.failover.receive(peer, msg)
             elif self.cluster is None or not self.cluster.receive(peer, msg):
                 self.transfer.refuse()
+                if self.cluster is None:  # a configuration mismatch: say so, a few times
+                    _SYNC_REFUSED.event(
+                        log, "failover-sync-refused", logging.WARNING, key=peer, peer=peer,
+                        detail=f"{peer} replicates to this gateway as its fail-over standby, "
+                        "and this gateway has no [failover]: it stays fenced (sends nothing)"
+                        f' until this one runs role = "standby" with peer = "{peer}"',
+                    )
             return
         self.transfer.receive(peer, msg)
 
