@@ -528,3 +528,17 @@ def test_a_byte_order_mark_is_named_in_a_configuration_and_a_key_file(tmp_path: 
     p = write(tmp_path, GOOD, keys="\ufeff" + KEYS)
     with pytest.raises(ConfigError, match=r"t1\.keys is not valid TOML: .*byte-order mark"):
         config.load(p)
+
+
+def test_selectors_whose_sides_share_no_address_family_are_refused(tmp_path: Path) -> None:
+    """local_ts = "::/0" with remote_ts = "10.1.0.2/32" loaded and made a tunnel (or a
+    policy) no packet can match: an IP packet's source and destination are one family."""
+    p = write(tmp_path, GOOD.replace('local_ts = "10.2.0.0/24"', 'local_ts = "2001:db8::/64"'))
+    with pytest.raises(ConfigError, match=rf"^{p}: tunnel\[0\] \(t1\)\.remote_ts: IPv4 only, "
+                                          "and local_ts IPv6 only"):  # fmt: skip
+        config.load(p)
+    p = write(tmp_path, GOOD.replace('remote = "10.1.0.99"', 'remote = "2001:db8::99"'))
+    with pytest.raises(ConfigError, match=r"policy\[0\]\.remote: IPv6 only, and local IPv4"):
+        config.load(p)
+    both = GOOD.replace('local_ts = "10.2.0.0/24"', 'local_ts = ["10.2.0.0/24", "2001:db8::/64"]')
+    assert len(config.load(write(tmp_path, both)).tunnels) == 1  # one family in common: fine

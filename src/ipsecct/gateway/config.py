@@ -293,7 +293,7 @@ def _selectors(
     d: dict[str, Any], ctx: _Ctx, where: str, local_key: str, remote_key: str
 ) -> Selectors:
     try:
-        return Selectors(
+        sel = Selectors(
             _ranges(ctx.get(d, local_key, where, (str, list)), ctx, where + local_key),
             _ranges(ctx.get(d, remote_key, where, (str, list)), ctx, where + remote_key),
             _protocol(d.get("protocol", "any"), ctx, where + "protocol"),
@@ -304,6 +304,13 @@ def _selectors(
         raise
     except IpsecctError as exc:
         raise ctx.err(where.rstrip("."), str(exc)) from None
+    local = {r.first.version for r in sel.local}
+    remote = {r.first.version for r in sel.remote}
+    if not local & remote:  # a packet's source and destination are of one family
+        lf, rf = (" and ".join(f"IPv{v}" for v in sorted(vs)) for vs in (local, remote))
+        raise ctx.err(where + remote_key, f"{rf} only, and {local_key} {lf} only: no packet"
+                      " could match")  # fmt: skip
+    return sel
 
 
 def _hex_key(text: Any, ctx: _Ctx, key: str) -> bytes:
