@@ -1115,3 +1115,12 @@ def test_a_proposal_or_selector_list_of_the_wrong_type_names_the_file_and_key_on
     with pytest.raises(ConfigError) as ei:
         _parse(patch, child)
     assert str(ei.value) == f"gw.toml: connections.rw.{key}: must be a string or a list of strings"
+
+
+@pytest.mark.parametrize("ts", ["dynamic", "%dynamic", "dynamic[udp/53]"])
+def test_swanctls_dynamic_traffic_selector_says_what_to_write_instead(ts: str) -> None:
+    """swanctl.conf's default ``local_ts = dynamic`` (the IKE address, or the virtual IP)
+    was "bad traffic selector 'dynamic'", as if misspelt."""
+    with pytest.raises(ConfigError, match=r"children\.net\.local_ts: .*'dynamic'.* is not read"
+                                          r" here: write the address"):  # fmt: skip
+        _parse(child={"local_ts": [ts]})

@@ -30,6 +30,10 @@ def from_text(text: str) -> TrafficSelector:
             raise IpsecctError(f"bad traffic selector {text!r}") from None
         if not (0 <= proto <= 255 and 0 <= ports[0] <= ports[1] <= 65535):
             raise IpsecctError(f"bad traffic selector {text!r}")
+    if t.lower() in ("dynamic", "%dynamic"):  # swanctl.conf's default for local_ts
+        raise IpsecctError(f"traffic selector {text!r}: swanctl's 'dynamic' (the IKE address or "
+                           "the virtual IP) is not read here: write the address or subnet "
+                           "(a client asking for a virtual IP: 0.0.0.0/0 and vips)")  # fmt: skip
     try:
         r = AddressRange.parse(t)
     except IpsecctError:
