@@ -154,6 +154,19 @@ class Lease:
         self.lost_at = self.expiry
         return [LeaseEvent.LOST]
 
+    def slept(self, seconds: float) -> None:
+        """The holder's clock stood still for ``seconds`` of real time (its machine was
+        suspended: ``CLOCK_MONOTONIC`` does not count a suspend, the grantor's clock and etcd's
+        do): every time noted on it (the expiry, the sending of heartbeats awaiting a grant) is
+        that much later than it would be had the clock run, so the lease ends that much sooner
+        on it. The proof above assumes a clock rate within ``rho``; a suspend is a rate of 0."""
+        if seconds <= 0:
+            return
+        self.expiry -= seconds
+        self._sent = deque((n, t - seconds) for n, t in self._sent)
+        if self.lost_at is not None:
+            self.lost_at -= seconds
+
     def revoke(self) -> None:
         """Give the lease up (the peer took over): never valid again."""
         self.expiry = -math.inf

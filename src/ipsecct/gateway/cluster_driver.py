@@ -30,6 +30,7 @@ import contextlib
 import functools
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -46,7 +47,13 @@ from ..ipsec.esp import Drop
 from . import gcpolicy
 from .config import ClusterConfig
 from .etcd import EtcdClient
-from .failover_driver import PREPARE_PER_TICK, tell_trouble, tell_tunnel_refused, trouble
+from .failover_driver import (
+    PREPARE_PER_TICK,
+    suspended_s,
+    tell_trouble,
+    tell_tunnel_refused,
+    trouble,
+)
 from .ike import IKE_SPI_LEN, IkeService, replica_spi
 from .log import RateLimited, event
 from .node import Node
@@ -72,6 +79,9 @@ LEFT_MAX = 1024
 LEASE_NAMES_PER_PEER = 64
 ORPHAN_CHECK = 5.0  # seconds between looks for groups nobody took over
 ORPHAN_AFTER = 4.0  # a group without an owner this long: no live member holds a replica
+# A suspend shorter than this is not counted (suspended_s()'s two clock readings differ by
+# microseconds without one); the lease's guard covers it.
+SLEPT_NOISE = 0.001
 
 
 class ClusterDriver:
@@ -92,6 +102,12 @@ class ClusterDriver:
         self.client = EtcdClient(list(cfg.etcd), timeout=max(0.2, min(1.0, cfg.ttl_s / 4)))
         self.lease = Lease(self.timing)
         self.lease_id = 0
+        # The machine's time suspended (CLOCK_BOOTTIME - CLOCK_MONOTONIC, injectable) as of
+        # the times the lease notes (its expiry, its heartbeats' sending): a suspend since is
+        # real time the node's clock (and the C thread's) did not count (_fence_check).
+        self.suspended: Callable[[], float] = suspended_s
+        self._slept_base = self.suspended()
+        self.suspends = 0  # suspends counted (status)
         # What we own: groups (owner keys under our lease) and our tunnels' groups.
         self.own = ownership.Ownership(cfg.name, node.name, cfg.groups)
         self.block: spimod.SpiBlock | None = cfg.block()
@@ -221,6 +237,7 @@ class ClusterDriver:
     def _ike_fenced(self, now: float) -> bool:
         """No IKE while our lease is not valid: etcd may end it and another member take our
         IKE SAs over (IKE message IDs used by one gateway at a time, as sequence numbers)."""
+        self._fence_check()
         return now >= self.node.engine.send_until
 
     def _ike_replicated(self) -> bool:
@@ -304,6 +321,7 @@ class ClusterDriver:
         rep, sb = self.replicators.get(peer), self.standbys.get(peer)
         if rep is None or sb is None or self.channels is None:
             return False
+        self._fence_check()  # (an ACK raises ceilings: never before a suspend is counted)
         now = self.node.clock()
         try:
             if reply_kind(msg) is not None:
@@ -389,7 +407,9 @@ class ClusterDriver:
 
     def _ceiling(self, t: Tunnel) -> None:
         """A tunnel may send only while we own it, and at most ``margin`` past the lowest
-        value any peer may hold for it (any of them may be the one to take it over)."""
+        value any peer may hold for it (any of them may be the one to take it over). A
+        ceiling rises only here: a suspend is counted in the fence first (_fence_check)."""
+        self._fence_check()
         if not self.own.owns(t.outbound.spi):
             t.seq_ceiling = t.outbound.seq
             return
@@ -473,6 +493,7 @@ class ClusterDriver:
         period = self.cfg.ttl_s / 4
         while True:
             self._wake.clear()
+            self._fence_check()  # first, whatever woke us after a suspend
             try:
                 if not self.lease_id:
                     await self._register()
@@ -507,6 +528,7 @@ class ClusterDriver:
         assert self.channels is not None
         while True:
             await asyncio.sleep(self.tick)
+            self._fence_check()
             now = self.node.clock()
             if self.lease_id:  # a member: peers see our member key before our replicas
                 for p, rp in self.replicators.items():
@@ -957,6 +979,7 @@ class ClusterDriver:
         n = self._n
         self.lease.sent(n, self.node.clock())
         ttl = await self.client.keepalive(self.lease_id)
+        self._fence_check()  # (suspended while waiting: the heartbeat left earlier than noted)
         now = self.node.clock()
         if ttl <= 0:
             self._lease_gone()
@@ -996,6 +1019,49 @@ class ClusterDriver:
         )
         self.lease_id = 0
         self.lease = Lease(self.timing)
+
+    def _fence_check(self) -> None:
+        """Count a suspend of this machine in the fence. The node's clock (CLOCK_MONOTONIC,
+        the C forwarding thread's too) stands still while the machine is suspended, while
+        etcd's runs on: woken after a suspend past the lease, the fence looked valid for the
+        rest of it, though etcd may have expired the lease and a peer taken our tunnels over
+        meanwhile. Below the ceilings that is harmless (the taker starts above them); but the
+        member list read then (a taker whose lease changed since: its floors dropped) or an
+        ACK raises them. So every path that may raise a ceiling or send from Python runs
+        this first: the lease ends ``suspended`` sooner on our clock, and the engine's fence
+        (with it C's: lowering it reclaims what C holds) moves back with it."""
+        slept = self.suspended() - self._slept_base
+        if slept < SLEPT_NOISE:
+            return
+        self._slept_base += slept
+        if not math.isfinite(self.lease.expiry):
+            self.lease.slept(slept)  # (heartbeats awaiting a grant)
+            return
+        self.suspends += 1
+        self.lease.slept(slept)
+        now = self.node.clock()
+        if self.node.engine.send_until > self.lease.expiry:
+            self.node.engine.send_until = self.lease.expiry
+        valid = self.lease.valid(now)
+        event(
+            log,
+            "cluster-resumed",
+            logging.WARNING,
+            node=self.node.name,
+            suspended_s=f"{slept:.1f}",
+            detail=f"this machine was suspended for {slept:.1f} s, which its clock did not "
+            "count: the lease ends that much sooner"
+            + (
+                ""
+                if valid
+                else "; etcd may have expired it meanwhile (and a peer taken our tunnels): "
+                "not sending until etcd renews it"
+            ),
+        )
+        if not valid:
+            self._next_keepalive = 0.0  # ask etcd now
+            self._wake.set()
+        self._events(self.lease.poll(now))
 
     async def _own_tunnels(self) -> None:
         """Record our tunnels that have no key yet (at start, and tunnels new here) in our
@@ -1182,6 +1248,7 @@ class ClusterDriver:
         """An outbound packet the fence stopped. A tunnel waiting for its owner key keeps it
         (bounded) until we own the key; otherwise (the lease ran out: the tunnel may move)
         it is dropped and counted as ``fenced``."""
+        self._fence_check()
         now = self.node.clock()
         if held.inbound or not self.node.engine.fenced(held.tunnel, now):
             return False
@@ -1223,6 +1290,7 @@ class ClusterDriver:
 
     # -- information -----------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
+        self._fence_check()
         now = self.node.clock()
         # The loop notices a lapsed lease only between etcd calls (which may wait for a
         # timeout): report it now, so that "lost" always comes with its loss counted.
@@ -1243,6 +1311,7 @@ class ClusterDriver:
                     None if (ago := self.lease.ended_ago(now)) is None else round(ago * 1000, 1)
                 ),
                 "losses": self.lease.losses,
+                "suspends": self.suspends,  # suspends of the machine counted in the fence
             },
             "spi_block": str(self.block) if self.block is not None else None,
             "groups": len(self.own.groups),
