@@ -377,6 +377,7 @@ def run_decrypt(
 ) -> tuple[int, str, Path]:
     kf = tmp_path / "keys.txt"
     kf.write_text(keys if isinstance(keys, str) else "# test keys\n" + "\n".join(keys) + "\n")
+    kf.chmod(0o600)  # (as the README writes it: else a warning)
     out = tmp_path / out_name
     proc = subprocess.run(
         [sys.executable, "-m", "ipsecct", "pcap", "decrypt", "--keys", str(kf), str(pcap),
@@ -812,3 +813,27 @@ def test_encryption_only_sa_never_carries_traffic() -> None:
         SAD().add(sa)
     with pytest.raises(AlgorithmError, match="never sends"):
         sa.transform.seal(bytes(8), 1, bytes(16), False)
+
+
+def test_a_key_file_others_can_read_is_warned_about_never_echoed(tmp_path: Path) -> None:
+    """The esp_sa file holds every SA's keys: readable by its group or others, pcap decrypt
+    says so (one warning line, the mode, what to do), as the gateway does for its key files,
+    and still decrypts; the keys never appear in what it prints."""
+    cap = scapy_capture("tunnel", 4)
+    write_capture(tmp_path / "in.pcap", LINKTYPE_ETHERNET, cap.packets)
+    rc, err, out = run_decrypt(tmp_path, cap.keys, tmp_path / "in.pcap")
+    assert (rc, err) == (0, "")
+    kf = tmp_path / "keys.txt"
+    kf.chmod(0o644)
+    proc = subprocess.run(
+        [sys.executable, "-m", "ipsecct", "pcap", "decrypt", "--keys", str(kf),
+         str(tmp_path / "in.pcap"), str(tmp_path / "again.pcap")],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    (line,) = proc.stderr.splitlines()
+    assert "can be read by its group or others (mode 644): chmod 600 it" in line, line
+    assert (tmp_path / "again.pcap").read_bytes() == out.read_bytes()
+    secrets = [f.strip('"')[2:] for k in cap.keys for f in k.split(",")
+               if f.strip('"').startswith("0x") and len(f.strip('"')) > 16]  # fmt: skip
+    assert secrets and not any(s in proc.stderr for s in secrets)

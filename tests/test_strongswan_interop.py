@@ -207,6 +207,7 @@ def test_pcap_decrypt_reads_strongswan_esp(
     assert seqs(esp, ca.inbound.spi) == list(range(1, PINGS + 1))
 
     keys = workdir / "esp.keys"
+    keys.touch(mode=0o600)  # (as the README writes it: else a warning)
     keys.write_text(
         "# CHILD_SA keys from charon's log (chd = 4)\n"
         + ca.outbound.esp_sa_line()

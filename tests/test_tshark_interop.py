@@ -194,6 +194,7 @@ def test_tshark_reads_pcap_decrypt_output(tmp_path: Path) -> None:
     keys, sent = make_capture(cap, 6, Mode.TUNNEL, True, LINKTYPE_ETHERNET)
     kf = tmp_path / "keys"
     kf.write_text("\n".join(keys) + "\n")
+    kf.chmod(0o600)
     out = tmp_path / "plain.pcap"
     proc = subprocess.run(
         [sys.executable, "-m", "ipsecct", "pcap", "decrypt", "--keys", str(kf), str(cap),

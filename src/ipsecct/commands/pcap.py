@@ -56,6 +56,16 @@ def _open(path: str, mode: str, std: BinaryIO) -> contextlib.AbstractContextMana
 
 def decrypt_command(args: argparse.Namespace) -> int:
     keys = load_keyfile(args.keys)
+    try:
+        mode = os.stat(args.keys).st_mode
+    except OSError:  # (gone since it was read: nothing to warn about)
+        mode = 0
+    if mode & 0o077:  # as for the gateway's key files (never the content)
+        print(
+            f"ipsecct: warning: {args.keys}: the keys can be read by its group or others"
+            f" (mode {mode & 0o777:o}): chmod 600 it",
+            file=sys.stderr,
+        )
     for kl in keys:
         if kl.encryption_only:
             print(
