@@ -328,6 +328,12 @@ def test_metrics_server_answers_get_and_refuses_the_rest() -> None:
             assert (await http(b"POST / HTTP/1.0\r\n\r\n")).startswith(b"HTTP/1.0 405")
             assert await http(b"\x00\x01garbage") == b""  # never a full request: closed
             assert (await http(b"GET / HTTP/1.0\r\n\r\n")).startswith(b"HTTP/1.0 200")
+            q = await http(b"GET /metrics?x=1 HTTP/1.1\r\nHost: a\r\n\r\n")
+            assert q.startswith(b"HTTP/1.0 200")
+            # another path is not the metrics (a scanner, a typo): 404, as exporters answer
+            for bad in (b"/favicon.ico", b"/../../etc/passwd", b"/metricsX", b""):
+                r404 = await http(b"GET " + bad + b" HTTP/1.0\r\n\r\n")
+                assert r404.startswith(b"HTTP/1.0 404"), (bad, r404)
         finally:
             await m.stop()
 

@@ -561,7 +561,8 @@ def prometheus_text(status: dict[str, Any]) -> str:
 
 
 class MetricsServer:
-    """A minimal HTTP/1.0 server answering every GET with the metrics text."""
+    """A minimal HTTP/1.0 server answering a GET of ``/metrics`` (or ``/``; a query string
+    is ignored) with the metrics text, any other path with 404, as exporters do."""
 
     TIMEOUT = 2.0  # for the whole request: a client that idles is closed
 
@@ -606,7 +607,11 @@ class MetricsServer:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=self.TIMEOUT)
-            if head.startswith(b"GET "):
+            target = head.split(b"\r\n", 1)[0].split(b" ")
+            path = target[1].split(b"?", 1)[0] if len(target) > 2 else b""
+            if head.startswith(b"GET ") and path not in (b"/", b"/metrics"):
+                writer.write(b"HTTP/1.0 404 Not Found\r\nContent-Length: 0\r\n\r\n")
+            elif head.startswith(b"GET "):
                 body = prometheus_text(self.status()).encode()
                 writer.write(
                     b"HTTP/1.0 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\n"
