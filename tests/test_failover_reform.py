@@ -25,6 +25,8 @@ pytestmark = pytest.mark.slow
 TUNNELS = 12
 DEAD_MS = 1500  # a loaded 2-core machine stalls a gateway for hundreds of ms at times
 PPS = 1200  # 100 packets a second per tunnel, into each gateway's inner link
+# pauses of a standby until one lands where it finds itself late (see the test)
+PAUSE_ATTEMPTS = 5
 
 
 @pytest.fixture
@@ -593,7 +595,9 @@ def test_a_standby_paused_past_its_dead_time_reads_the_active_before_it_takes_ov
     takes what the socket had, and the standby took over on a silence that was its own (sg2
     took the tunnels, sg1 gave them up: a fail-over of a live active, seen by
     tests/test_ikev2_vip.py's strongSwan fail-over timing out under load). It reads first
-    now: it stays the standby, sg1 goes on sending."""
+    now: it stays the standby, sg1 goes on sending. A stop that lands between sg2's read of
+    messages and their handing over is no late standby (it applies them first): the pause is
+    repeated then, at most PAUSE_ATTEMPTS times."""
     import os
     import signal
 
@@ -602,20 +606,39 @@ def test_a_standby_paused_past_its_dead_time_reads_the_active_before_it_takes_ov
     traffic = start_pair(gws, detail)
     pid2 = gws.procs["sg2"].pid
     try:
-        os.kill(pid2, signal.SIGSTOP)
-        try:
-            time.sleep(DEAD_MS / 1000 + 0.7)  # the stimulus: sg2 does not run this long
-        finally:
-            os.kill(pid2, signal.SIGCONT)
-        t_cont = time.monotonic()
-        wait_for(lambda: failover(gws, "sg1")["lease"]["state"] == "held"
-                 and sending(cap, time.monotonic() - 0.3) == every,
-                 "sg1 does not send again", detail=detail)  # fmt: skip
-        st1, st2 = failover(gws, "sg1"), failover(gws, "sg2")
-        assert st1["role"] == "active" and st1["epoch"] == 1, detail()
-        assert st2["role"] == "standby" and st2["epoch"] == 1, detail()
-        assert st2["looked_again"] + st2["resumed"] >= 1, st2  # (it did find itself late)
-        assert "event=transfer-took-over" not in gws.log("sg2"), detail()
+        # A stop that lands after sg2 read messages but before it applied them (the callback
+        # that hands them over queued, or some of them handed over: a loaded machine
+        # preempts a process there at times) makes no late standby: it applies them first
+        # when it runs again (its resume check before each finds 0.7 s, under the bound of a
+        # pause), the dead time moves, and its timer finds nothing late. Both counters stay
+        # 0 and the stimulus did not happen (a stop made to land there, in
+        # tlschannel._Stream._deliver, failed the test so): stop it again, a bounded number
+        # of times.
+        for _ in range(PAUSE_ATTEMPTS):
+            st2 = failover(gws, "sg2")
+            late_before = st2["looked_again"] + st2["resumed"]
+            os.kill(pid2, signal.SIGSTOP)
+            try:
+                time.sleep(DEAD_MS / 1000 + 0.7)  # the stimulus: sg2 does not run this long
+            finally:
+                os.kill(pid2, signal.SIGCONT)
+            t_cont = time.monotonic()
+            # Watched past dead_ms after it runs again: its looks again (at most dead_ms of
+            # them) are over, and a take-over at any of them would show.
+            wait_for(lambda t=t_cont: time.monotonic() > t + DEAD_MS / 1000
+                     and failover(gws, "sg1")["lease"]["state"] == "held"
+                     and sending(cap, time.monotonic() - 0.3) == every,
+                     "sg1 does not send again", detail=detail)  # fmt: skip
+            st1, st2 = failover(gws, "sg1"), failover(gws, "sg2")
+            assert st1["role"] == "active" and st1["epoch"] == 1, detail()
+            assert st2["role"] == "standby" and st2["epoch"] == 1, detail()
+            assert "event=transfer-took-over" not in gws.log("sg2"), detail()
+            if st2["looked_again"] + st2["resumed"] > late_before:
+                break  # it did find itself late, and read before it took over
+        else:
+            raise AssertionError(
+                f"sg2 never found itself late in {PAUSE_ATTEMPTS} pauses: {st2}"
+            )
         t_end = time.monotonic()
         assert t_end > t_cont
     finally:
