@@ -28,23 +28,10 @@ from ipsecct.ipsec import spi as spimod
 from ipsecct.ipsec.engine import Engine, Tunnel
 from ipsecct.ipsec.ippacket import Endpoint
 from ipsecct.ipsec.spd import Action, SPDEntry
+from tests.helpers.config_files import failover_sg1
 from tests.helpers.etcd_server import EtcdCluster
 from tests.helpers.transfer import SG_ADDR, ip, tunnel_sas, udp_packet
 from tests.helpers.waiting import eventually
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _gateway_config(tmp_path: Path) -> Path:
-    """sg1 of examples/failover with its one tunnel, without [transfer] and later sections."""
-    root = ROOT / "examples" / "failover"
-    text = (root / "sg1.toml").read_text()
-    (tmp_path / "sg1.toml").write_text(text[: text.index("[transfer]")])
-    (tmp_path / "keys").mkdir()
-    (tmp_path / "keys" / "sg1.keys").write_bytes((root / "keys" / "sg1.keys").read_bytes())
-    (tmp_path / "keys" / "sg1.keys").chmod(0o600)
-    return tmp_path / "sg1.toml"
-
 
 # What a hostile member (or a corrupted etcd) leaves under /ipsecct/default/: member keys that
 # JSON accepts but that make no sense (Infinity is valid for Python's json), and an SPI block
@@ -82,7 +69,7 @@ def test_hostile_member_keys_neither_stop_nor_fool_the_driver(
     from ipsecct.gateway.config import load
     from ipsecct.gateway.node import Node
 
-    cfg_path = _gateway_config(tmp_path)
+    cfg_path = failover_sg1(tmp_path)
 
     async def run(endpoints: list[str]) -> None:
         c = EtcdClient(endpoints, timeout=5.0)
@@ -145,7 +132,7 @@ def test_a_peers_member_key_overwritten_with_junk_keeps_its_floors(tmp_path: Pat
         def __init__(self) -> None:
             self.listeners: list[object] = []
 
-    cfg_path = _gateway_config(tmp_path)
+    cfg_path = failover_sg1(tmp_path)
 
     async def run(endpoints: list[str]) -> None:
         c = EtcdClient(endpoints, timeout=5.0)
@@ -584,7 +571,7 @@ def test_thousands_of_member_keys_grow_nothing_but_the_scan(tmp_path: Path) -> N
     from ipsecct.gateway.config import load
     from ipsecct.gateway.node import Node
 
-    cfg_path = _gateway_config(tmp_path)
+    cfg_path = failover_sg1(tmp_path)
 
     async def run(endpoints: list[str]) -> None:
         c = EtcdClient(endpoints, timeout=5.0)
@@ -625,7 +612,7 @@ def test_a_failure_out_of_the_drivers_loop_is_told(
     from ipsecct.gateway.config import load
     from ipsecct.gateway.node import Node
 
-    cfg_path = _gateway_config(tmp_path)
+    cfg_path = failover_sg1(tmp_path)
 
     async def run(endpoints: list[str]) -> None:
         node = Node(load(cfg_path))
@@ -722,7 +709,7 @@ def test_etcd_saying_a_shorter_lease_than_asked_never_extends_the_fence(
             got = await super().keepalive(lease)
             return 1 if self.short and got > 0 else got
 
-    cfg_path = _gateway_config(tmp_path)
+    cfg_path = failover_sg1(tmp_path)
 
     async def run(endpoints: list[str]) -> None:
         node = Node(load(cfg_path))

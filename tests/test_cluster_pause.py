@@ -25,21 +25,9 @@ from ipsecct.gateway.cluster_driver import ClusterDriver
 from ipsecct.gateway.config import ClusterConfig, load
 from ipsecct.gateway.etcd import EtcdClient
 from ipsecct.gateway.node import Node
+from tests.helpers.config_files import failover_sg1
 from tests.helpers.etcd_server import EtcdCluster
 from tests.helpers.waiting import eventually
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _gateway_config(tmp_path: Path) -> Path:
-    """sg1 of examples/failover with its one tunnel, without [transfer] and later sections."""
-    root = ROOT / "examples" / "failover"
-    text = (root / "sg1.toml").read_text()
-    (tmp_path / "sg1.toml").write_text(text[: text.index("[transfer]")])
-    (tmp_path / "keys").mkdir()
-    (tmp_path / "keys" / "sg1.keys").write_bytes((root / "keys" / "sg1.keys").read_bytes())
-    (tmp_path / "keys" / "sg1.keys").chmod(0o600)
-    return tmp_path / "sg1.toml"
 
 
 class Clocks:
@@ -106,7 +94,7 @@ def test_no_seq_sent_twice_a_member_not_running_past_its_lease_sends_nothing_pas
     suspend its clock says the lease runs on: before the suspend was counted, the member list
     showed sg2's new lease, sg2's floor was dropped, the ceiling went and the tunnel could
     send past it (numbers sg2 had used) for up to ttl_s / 4."""
-    cfg_path = _gateway_config(tmp_path)
+    cfg_path = failover_sg1(tmp_path)
 
     async def run(endpoints: list[str]) -> None:
         c = EtcdClient(endpoints, timeout=5.0)

@@ -30,6 +30,7 @@ from ipsecct.ct.ownership import Ownership, Put, Txn
 from ipsecct.gateway.cluster_driver import cluster_status, read_ownership
 from ipsecct.gateway.config import ClusterConfig
 from ipsecct.gateway.etcd import EtcdClient
+from tests.helpers.config_files import failover_sg1
 from tests.helpers.etcd_server import EtcdCluster
 from tests.helpers.memkv import MemKV
 
@@ -471,17 +472,6 @@ def test_grouped_takeover_on_real_etcd(tmp_path: Path) -> None:
         asyncio.run(run(e.endpoints))
 
 
-def _gateway_config(tmp_path: Path) -> Path:
-    """sg1 of examples/failover with its one tunnel, without [transfer] and later sections."""
-    root = Path(__file__).resolve().parent.parent / "examples" / "failover"
-    text = (root / "sg1.toml").read_text()
-    (tmp_path / "sg1.toml").write_text(text[: text.index("[transfer]")])
-    (tmp_path / "keys").mkdir()
-    (tmp_path / "keys" / "sg1.keys").write_bytes((root / "keys" / "sg1.keys").read_bytes())
-    (tmp_path / "keys" / "sg1.keys").chmod(0o600)
-    return tmp_path / "sg1.toml"
-
-
 def test_driver_records_a_transferred_tunnel_when_its_key_is_handed_over(tmp_path: Path) -> None:
     """A gateway in etcd mode whose tunnel's key names another member's group (a transfer's
     source that has not handed the key over yet) does not send on it, keeps looking, and owns
@@ -493,7 +483,7 @@ def test_driver_records_a_transferred_tunnel_when_its_key_is_handed_over(tmp_pat
     from ipsecct.gateway.config import load
     from ipsecct.gateway.node import Node
 
-    cfg_path = _gateway_config(tmp_path)
+    cfg_path = failover_sg1(tmp_path)
 
     async def run(endpoints: list[str]) -> None:
         c = EtcdClient(endpoints, timeout=5.0)
@@ -544,7 +534,7 @@ def test_driver_records_a_new_tunnel_at_once(tmp_path: Path) -> None:
     from ipsecct.gateway.config import load
     from ipsecct.gateway.node import Node
 
-    cfg_path = _gateway_config(tmp_path)
+    cfg_path = failover_sg1(tmp_path)
 
     async def run(endpoints: list[str]) -> None:
         node = Node(load(cfg_path))

@@ -65,3 +65,15 @@ def transfer_config(extra: dict[str, object]) -> dict[str, object]:
         "peers": [{"name": "sg2", "address": "127.0.1.2:5091"}],
         "transfer": {"listen": "127.0.1.1:5091", "cert": pem, "key": pem, "ca": pem, **extra},
     }
+
+
+def failover_sg1(tmp: Path) -> Path:
+    """sg1 of examples/failover with its one tunnel and its key file (0600) in ``tmp``,
+    without [transfer] and the sections after it (the etcd-mode tests add their own)."""
+    root = Path(__file__).resolve().parent.parent.parent / "examples" / "failover"
+    text = (root / "sg1.toml").read_text()
+    (tmp / "sg1.toml").write_text(text[: text.index("[transfer]")])
+    (tmp / "keys").mkdir()
+    (tmp / "keys" / "sg1.keys").write_bytes((root / "keys" / "sg1.keys").read_bytes())
+    (tmp / "keys" / "sg1.keys").chmod(0o600)
+    return tmp / "sg1.toml"
