@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from ipsecct.errors import ControlError
 from tests.helpers.control import ask
 from tests.helpers.daemon import Daemon
 from tests.helpers.etcd_server import EtcdCluster
@@ -165,6 +166,26 @@ class IkeWorld(HandoverWorld):
     def counters(self, name: str) -> dict[str, int]:
         c: dict[str, int] = self.status(name)["ike"]["counters"]
         return c
+
+    def drops(self) -> str:
+        """What each gateway's data path dropped (the reasons counted) and carried, for a
+        failure message: a packet a test missed was dropped by a gateway, counted here, or
+        lost (or late) elsewhere."""
+        lines = []
+        for g in ("sg1", "sg2"):
+            try:
+                st = ask(self.sock(g), "status", timeout=5)
+            except (ControlError, OSError, ValueError) as exc:
+                lines.append(f"{g}: no status ({exc})")
+                continue
+            c = st.get("counters", {})
+            drops = {k: v for k, v in c.get("drops", {}).items() if v}
+            lines.append(f"{g}: drops {drops} native_queue_drops {st.get('native_queue_drops')}"
+                         f" in_packets {c.get('in_packets')} out_packets {c.get('out_packets')}")
+        return "\n".join(lines)
+
+    def logs(self) -> str:
+        return f"{super().logs()}\n--- drops ---\n{self.drops()}"
 
 
 def waiting_with_logs(

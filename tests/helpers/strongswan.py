@@ -34,6 +34,7 @@ import shlex
 import shutil
 import signal
 import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -533,13 +534,77 @@ class Pair:
     capture: Capture | None = None
 
 
+PING_WAIT = 5  # seconds the replies may take after the last echo request (a loaded machine)
+
+# ``ping`` in the namespace: COUNT echo requests (identifier: the pid, sequence numbers 1 to
+# COUNT, 56 octets of data as iputils sends) GAP seconds apart, then up to WAIT seconds more
+# for the replies; prints how many of them were answered. A request the kernel refuses to
+# send (no route) is not answered. IPv6: ICMPv6, whose checksum the kernel writes.
+PINGER = r"""
+import ipaddress, os, socket, struct, sys, time
+dst, count, gap, wait = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])
+peer = ipaddress.ip_address(dst)
+v6 = peer.version == 6
+s = (socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6) if v6
+     else socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP))
+request, reply = (128, 129) if v6 else (8, 0)
+ident = os.getpid() & 0xFFFF
+def checksum(b):
+    n = sum(struct.unpack(f"!{len(b) // 2}H", b))
+    n = (n >> 16) + (n & 0xFFFF)
+    return ~(n + (n >> 16)) & 0xFFFF
+def echo(seq):
+    data = struct.pack("!QQ", time.time_ns() // 10**9, time.time_ns() // 1000 % 10**6)
+    data += bytes(range(0x10, 0x10 + 40))
+    head = struct.pack("!BBHHH", request, 0, 0, ident, seq)
+    c = 0 if v6 else checksum(head + data)
+    return struct.pack("!BBHHH", request, 0, c, ident, seq) + data
+start = time.monotonic()
+end = start + gap * (count - 1) + wait
+sent, answered = 0, set()
+while len(answered) < count:
+    now = time.monotonic()
+    while sent < count and now >= start + gap * sent:
+        sent += 1
+        try:
+            s.sendto(echo(sent), (dst, 0))
+        except OSError:
+            pass
+    if now >= end:
+        break
+    s.settimeout(max(0.001, min(end, start + gap * sent if sent < count else end) - now))
+    try:
+        packet, src = s.recvfrom(65535)
+    except TimeoutError:
+        continue
+    at = 0 if v6 else (packet[0] & 15) * 4
+    if ipaddress.ip_address(src[0]) == peer and len(packet) >= at + 8:
+        kind, _, _, i, seq = struct.unpack_from("!BBHHH", packet, at)
+        if kind == reply and i == ident and 1 <= seq <= sent:
+            answered.add(seq)
+print(len(answered))
+"""
+
+
 def ping(ns: Namespaces, role: str, dst: str, count: int) -> int:
-    """Ping ``dst`` from a namespace; returns how many replies came back."""
-    r = ns.run(
-        role, "ping", "-n", "-c", str(count), "-i", "0.2", "-W", "5", dst, check=False, timeout=60
-    )
-    m = re.search(r"(\d+) received", r.stdout)
-    return int(m.group(1)) if m else 0
+    """Ping ``dst`` (an address) from a namespace ``count`` times, 0.2 s apart; returns how many
+    of those echo requests were answered, each within PING_WAIT s after the last was sent.
+
+    Not iputils' ``ping -c N -W 5`` (20221126): it waits ``-W`` only while nothing has come
+    back; once a reply has, it exits max(2 x the longest round trip so far, the interval)
+    after sending its last request and counts a reply still on its way as lost. A first
+    reply 0.7 s late, the others back at once, read "3 transmitted, 2 received" (a
+    responder in a namespace that delayed its first reply; 0.5 s late was still counted):
+    what a gateway busy for a moment on a loaded machine looks like, though it dropped
+    nothing. Its ``-w`` waits for every reply but sends more requests until N replies are
+    in, one of which would stand in for a lost one; one ``ping -c 1`` per request numbers
+    every request 1. The packets on the wire are ping's: sequence numbers 1 to ``count``
+    under one identifier, 56 octets of data."""
+    r = ns.run(role, sys.executable, "-c", PINGER, dst, str(count), "0.2", str(PING_WAIT),
+               check=False, timeout=60)  # fmt: skip
+    if r.returncode != 0 or not r.stdout.strip().isdigit():
+        raise AssertionError(f"the pinger in {role} failed: {r.stdout}{r.stderr}")
+    return int(r.stdout)
 
 
 def ping_once_up(ns: Namespaces, role: str, dst: str, count: int, timeout: float = 20) -> int:
