@@ -152,6 +152,10 @@ def test_an_ike_sa_with_two_child_sas_moves_as_one_unit(world: IkeWorld) -> None
         ss.swanctl("--rekey", "--ike", "cA")
         wait_until(lambda: w.counters("sg1").get("ike-sa-rekeyed", 0) >= 1, "IKE rekey", 30)
         assert ping(w, 3) == 3, ss.logtail() + w.logs()
+        # and no gateway dropped anything on the way, for any reason
+        for g in ("sg1", "sg2"):
+            drops = w.status(g)["counters"]["drops"]
+            assert not any(drops.values()), (g, drops)
         log = ss.log()
         assert len(re.findall(r"generating IKE_SA_INIT request", log)) == 1, log
         assert "retransmit" not in log, ss.logtail()
