@@ -490,3 +490,20 @@ def test_the_stream_sender_ends_with_its_input_and_refuses_junk_in_one_line() ->
             out, err = p.communicate(line or "", timeout=30)
             assert p.returncode == 2, (args, line, out, err)
             assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+
+
+def test_the_realtime_offset_is_read_within_a_tight_bracket(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The kernel's arrival times are real-time: the demo converts them with the offset of the
+    two clocks, read between two monotonic readings, the tightest of three. A preemption
+    between one pair of reads (13 ms, simulated) does not move the offset."""
+    import types
+
+    import ipsecct.demo.topology as topo
+
+    mono = iter([1_000, 2_000 + 13_000_000, 3_000_000_000, 3_000_000_400])
+    real = iter([9_000_000_000_000, 9_003_000_000_200])
+    fake = types.SimpleNamespace(monotonic_ns=lambda: next(mono), time_ns=lambda: next(real))
+    monkeypatch.setattr(topo, "time", fake)
+    assert topo.realtime_offset_ns() == 9_003_000_000_200 - 3_000_000_200

@@ -121,6 +121,24 @@ class _Arrivals:
         return max((b - a for a, b in itertools.pairwise(seg)), default=0.0)
 
 
+
+def realtime_offset_ns(tries: int = 3) -> int:
+    """CLOCK_REALTIME minus CLOCK_MONOTONIC now, in ns, read between two monotonic readings:
+    of ``tries`` such brackets the tightest (a process preempted between its two clock reads,
+    as on a loaded machine, made the offset, and so every kernel arrival time of that batch,
+    off by the whole preemption: 13 ms in a CI run)."""
+    best: tuple[int, int] | None = None
+    for _ in range(tries):
+        a = time.monotonic_ns()
+        r = time.time_ns()
+        b = time.monotonic_ns()
+        if best is None or b - a < best[0]:
+            best = (b - a, r - (a + b) // 2)
+        if b - a < 20_000:  # (20 us: tight enough)
+            break
+    assert best is not None
+    return best[1]
+
 class _App:
     """An application endpoint at the end of a virtual link: receives and counts the stream
     (``ipsecct demo`` sends it from a process of its own, :mod:`ipsecct.demo.sender`; the
@@ -163,7 +181,7 @@ class _App:
         recv = self.transport.sock.recvmsg
         # the kernel stamps with the real-time clock: to monotonic, per batch (a step of the
         # wall clock between two batches moves no arrival)
-        offset = time.time_ns() - time.monotonic_ns()
+        offset = realtime_offset_ns()
         for _ in range(self.transport.batch):
             try:
                 data, ancillary, _flags, addr = recv(65535, _ANCILLARY)
