@@ -23,7 +23,14 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from ipsecct.errors import AuthError, ConfigError, IkeContextError, IkeParseError, IkeProtocolError
+from ipsecct.errors import (
+    AuthError,
+    ConfigError,
+    IdentityError,
+    IkeContextError,
+    IkeParseError,
+    IkeProtocolError,
+)
 from ipsecct.ikev2 import keys as K
 from ipsecct.ikev2 import message as M
 from ipsecct.ikev2.config import Connection, Identity, parse_connections
@@ -2103,6 +2110,85 @@ def test_engines_with_certificates_both_ways(kind: str, monkeypatch: pytest.Monk
     w2.deliver(ini2.initiate(ini2.connections[0], I500, R500, 0.0), "i", 0.0)
     assert w2.of("i", ConnectFailed) and not w2.of("r", IkeUp)
     assert w2.resp.stats["auth-failed"] == 1
+
+
+@pytest.mark.parametrize(("remote_id", "up"), [
+    ("C=CH, O=Test Org, E=mn@test, CN=mn.test", True),  # as swanctl.conf writes it
+    ("/C=CH/O=Test Org/E=mn@test/CN=mn.test", True),  # strongSwan's other separator
+    ("CN=mn.test,E=mn@test,O=Test Org,C=CH", True),  # RFC 4514's order (openssl -nameopt)
+    ("c=ch, o=test org, emailAddress=MN@test, cn=MN.TEST", True),  # any case
+    ("C=CH, O=Test Org, E=mn@test, CN=*", True),  # strongSwan's wildcard value
+    ("C=CH, O=*, E=*, CN=mn.test", True),
+    ("C=CH, O=Test Org, CN=mn.test", False),  # an attribute left out
+    ("C=CH, O=Test Org, E=mn@test, CN=mn.test, OU=x", False),  # one too many
+    ("O=Test Org, C=CH, E=mn@test, CN=mn.test", False),  # another order (strict, as charon)
+    ("C=CH, O=Test Org, E=mn@test, CN=mn.tes", False),
+    ("C=CH, O=Test Org, E=mn@test, SN=mn.test", False),  # another attribute type
+    ("C=CH; O=Test Org; E=mn@test; CN=mn.test", False),  # ";" separates nothing (C's value)
+])
+def test_a_dn_remote_id_names_the_certificates_subject_as_strongswan_compares_it(
+        remote_id: str, up: bool) -> None:  # fmt: skip
+    """``remote.id`` as a distinguished name, against a client certificate whose subject has
+    four attributes (E= among them, which the old text comparison never matched): read as
+    strongSwan 5.9.8's atodn reads it and compared as its compare_dn does (attribute by
+    attribute, in order, a value ``*`` takes any; case aside), or written in RFC 4514's
+    reverse order."""
+    import time
+
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
+    ca, gw_cert, gw_key, ca_key = _pki("p256")
+    _, _, mn_key, _ = _pki("p256")
+    subject = x509.Name([x509.NameAttribute(NameOID.COUNTRY_NAME, "CH"),
+                         x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Test Org"),
+                         x509.NameAttribute(NameOID.EMAIL_ADDRESS, "mn@test"),
+                         x509.NameAttribute(NameOID.COMMON_NAME, "mn.test")])  # fmt: skip
+    mn_cert = _leaf_cert(ca, ca_key, mn_key, "unused")
+    mn_cert = _resubject(mn_cert, subject, ca_key)
+    ini = IkeEngine([_pubkey(mn_conn(), mn_cert, mn_key, "peer.test", ca)],
+                    wall_offset=time.time())  # fmt: skip
+    resp = IkeEngine([_pubkey(conn(), gw_cert, gw_key, remote_id, ca)], wall_offset=time.time())
+    w = Wire(ini, resp)
+    w.deliver(ini.initiate(ini.connections[0], I500, R500, 0.0), "i", 0.0)
+    assert bool(w.of("r", IkeUp)) is up
+    assert w.resp.stats["auth-failed"] == (0 if up else 1)
+    if up:
+        (ur,) = w.of("r", IkeUp)
+        assert isinstance(ur, IkeUp) and ur.ike.peer_id == subject.rfc4514_string()
+
+
+def _resubject(cert: object, subject: object, ca_key: object) -> object:
+    """``cert`` with another subject, signed again by ``ca_key``."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+
+    c: x509.Certificate = cert  # type: ignore[assignment]
+    b = (x509.CertificateBuilder().subject_name(subject).issuer_name(c.issuer)  # type: ignore[arg-type]
+         .public_key(c.public_key()).serial_number(c.serial_number)
+         .not_valid_before(c.not_valid_before_utc).not_valid_after(c.not_valid_after_utc))
+    for e in c.extensions:
+        b = b.add_extension(e.value, e.critical)
+    return b.sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]  # fmt: skip
+
+
+@pytest.mark.parametrize("text", ["XX=1, CN=a", "CN=a, , O=b", "=a",
+                                  ", ".join(["OU=x"] * 21)])
+def test_a_dn_identity_strongswan_would_not_read_is_a_load_error(text: str) -> None:
+    """A DN's text with an attribute type strongSwan does not know, an empty attribute, or
+    more than 20 attributes: a configuration load error naming the key, not a remote.id
+    that silently names nobody. (A peer's subject text that reads so, from another gateway,
+    names no one: Identity itself takes any text with a ``=`` as a DN.)"""
+    from ipsecct.ikev2.config import parse_dn
+
+    with pytest.raises(IdentityError, match="distinguished name"):
+        parse_dn(text)
+    rw = {"version": 2, "local_addrs": ["192.0.2.1"], "remote_addrs": "%any",
+          "local": {"auth": "psk", "id": "gw.test"}, "remote": {"auth": "psk", "id": text},
+          "children": {"net": {"local_ts": ["10.1.0.0/16"], "remote_ts": "10.2.0.0/16"}}}
+    with pytest.raises(ConfigError, match=r"connections\.rw\.remote\.id.*distinguished name"):
+        parse_connections({"connections": {"rw": rw}}, "gw.toml", {"gw.test": b"k" * 16})
+    assert Identity(text).is_dn and not Identity(text).wildcard
 
 
 def _crl(ca: object, ca_key: object, revoked: list[object], *, days: int = 7) -> object:

@@ -240,6 +240,11 @@ class Identity:
     def wildcard(self) -> bool:
         """A name or e-mail address with strongSwan's leading ``*`` (``*.example.org``,
         ``*@example.org``): it names every one ending so."""
+        if self.kind == IdType.DER_ASN1_DN:  # (a DN with a value ``*``: CN=*)
+            try:
+                return any(v == "*" for _, v in parse_dn(self.text))
+            except IdentityError:
+                return False
         return (self.kind in (IdType.FQDN, IdType.RFC822_ADDR)
                 and self.octets.startswith(b"*") and len(self.octets) > 1)  # fmt: skip
 
@@ -282,8 +287,8 @@ class Identity:
             from .auth import BAD_CERT
 
             try:  # (the parser reads a certificate's subject only when asked)
-                return _dn_set(self.text) == _dn_set(cert.subject.rfc4514_string())
-            except BAD_CERT:
+                return dn_matches(parse_dn(self.text), cert.subject)
+            except (IdentityError, *BAD_CERT):  # (a text not read at a load: names no one)
                 return False
         if cert is not None and p.id_type == IdType.DER_ASN1_DN:
             # the peer names itself by its DN; the name we want is among its certificate's
@@ -338,9 +343,73 @@ def canonical_peer_id(text: str) -> str:
     return text
 
 
-def _dn_set(text: str) -> set[tuple[str, str]]:
-    parts = [x.strip() for x in text.replace(";", ",").split(",") if x.strip()]
-    return {(k.strip().upper(), v.strip()) for k, _, v in (x.partition("=") for x in parts)}
+# the attribute names of a DN's text, as strongSwan 5.9.8 reads them (identification.c's
+# x501rdns, in any case), and their OIDs
+_DN_ATTRS = {name.lower(): oid for name, oid in (
+    ("UID", "0.9.2342.19200300.100.1.1"), ("DC", "0.9.2342.19200300.100.1.25"),
+    ("CN", "2.5.4.3"), ("SN", "2.5.4.4"), ("serialNumber", "2.5.4.5"), ("C", "2.5.4.6"),
+    ("L", "2.5.4.7"), ("ST", "2.5.4.8"), ("STREET", "2.5.4.9"), ("O", "2.5.4.10"),
+    ("OU", "2.5.4.11"), ("organizationIdentifier", "2.5.4.97"), ("T", "2.5.4.12"),
+    ("D", "2.5.4.13"), ("postalAddress", "2.5.4.16"), ("postalCode", "2.5.4.17"),
+    ("N", "2.5.4.41"), ("G", "2.5.4.42"), ("I", "2.5.4.43"), ("dnQualifier", "2.5.4.46"),
+    ("dmdName", "2.5.4.54"), ("pseudonym", "2.5.4.65"), ("ID", "2.5.4.45"),
+    ("EN", "2.16.840.1.113730.3.1.3"), ("employeeNumber", "2.16.840.1.113730.3.1.3"),
+    ("E", "1.2.840.113549.1.9.1"), ("Email", "1.2.840.113549.1.9.1"),
+    ("emailAddress", "1.2.840.113549.1.9.1"), ("UN", "1.2.840.113549.1.9.2"),
+    ("unstructuredName", "1.2.840.113549.1.9.2"), ("UA", "1.2.840.113549.1.9.8"),
+    ("unstructuredAddress", "1.2.840.113549.1.9.8"))}
+_DN_MAX_RDNS = 20  # (strongSwan's RDN_MAX)
+
+
+def parse_dn(text: str) -> tuple[tuple[str, str], ...]:
+    """A DN's text as strongSwan 5.9.8's atodn reads it: ``TYPE=value`` attributes in the
+    order written (the certificate's order: ``C=CH, O=Org, CN=gw``), separated by ``,``, or
+    by ``/`` when the text starts with one (``/C=CH/O=Org/CN=gw``); spaces around a type and
+    after a value do not count; no escapes (a value cannot hold the separator). Returns
+    (OID, value) pairs; raises IdentityError for an attribute type strongSwan does not know,
+    an empty attribute, or more than 20 of them."""
+    body = text.lstrip(" ")
+    sep = "/" if body.startswith("/") else ","
+    parts = body[1:].split(sep) if sep == "/" else body.split(sep)
+    if parts and not parts[-1].strip(" "):  # (a separator at the end ends the text)
+        parts.pop()
+    out: list[tuple[str, str]] = []
+    for part in parts:
+        name, eq, value = part.partition("=")
+        name = name.strip(" ")
+        oid = _DN_ATTRS.get(name.lower())
+        if not eq or oid is None:
+            raise IdentityError(
+                f"{text!r}: {name or part.strip(' ')!r} is not an attribute type of a "
+                "distinguished name (C, ST, L, O, OU, CN, E, DC, UID, serialNumber, ...)")
+        out.append((oid, value.lstrip(" =").rstrip(" ")))
+    if not out or len(out) > _DN_MAX_RDNS:
+        raise IdentityError(f"{text!r}: a distinguished name of 1 to {_DN_MAX_RDNS} attributes")
+    return tuple(out)
+
+
+def _dn_attrs(name: x509.Name) -> list[tuple[str, str | bytes]]:
+    """A certificate's name as (OID, value) pairs in its order (the attributes of a
+    multi-valued RDN in the order they came)."""
+    return [(a.oid.dotted_string, a.value) for rdn in name.rdns for a in rdn]
+
+
+def dn_matches(pattern: Sequence[tuple[str, str]], name: x509.Name) -> bool:
+    """Does a DN written in a configuration (parse_dn) name the certificate subject
+    ``name``? As strongSwan 5.9.8 compares them (identification.c's compare_dn, its default
+    strict matching): attribute by attribute in order, the same types, a value ``*`` takes
+    any value, the others equal in any case (X.520's caseIgnoreMatch; strongSwan ignores the
+    case of printable strings and e-mail addresses). The text may also be written in the
+    reverse order (RFC 4514's, as ``openssl x509 -nameopt RFC2253`` prints it): that is one
+    unambiguous spelling of the same sequence."""
+    attrs = _dn_attrs(name)
+
+    def same(p: Sequence[tuple[str, str]]) -> bool:
+        return len(p) == len(attrs) and all(
+            po == ao and (pv == "*" or (isinstance(av, str) and pv.casefold() == av.casefold()))
+            for (po, pv), (ao, av) in zip(p, attrs, strict=True))  # fmt: skip
+
+    return same(pattern) or same(tuple(reversed(pattern)))
 
 
 @dataclass(frozen=True)
@@ -952,9 +1021,12 @@ def _may_name(k: SharedKey, local_id: Identity | None, remote_id: Identity) -> b
 
 def _identity(text: str, ctx: _Ctx, key: str) -> Identity:
     try:
-        return Identity(text)
+        ident = Identity(text)
+        if ident.is_dn:  # (a DN strongSwan would not read either: a load error)
+            parse_dn(text)
     except IdentityError as exc:
         raise ctx.err(key, str(exc)) from None
+    return ident
 
 
 def _is_address(text: str) -> bool:

@@ -33,6 +33,8 @@ import struct
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from cryptography import x509
+
 from ..errors import IdentityError, IkeContextError
 from ..ipsec.spd import Selectors
 from .auth import MAX_CERTS_SERIALS, MAX_NAMES, MAX_SERIAL_LEN, fingerprint, revoked_by
@@ -41,9 +43,10 @@ from .config import (
     ChildConfig,
     Connection,
     Identity,
-    _dn_set,
     _is_address,
     canonical_peer_id,
+    dn_matches,
+    parse_dn,
     select_psk,
 )
 from .ikesa import Address, ChildSA, IkeSA, IkeState
@@ -847,7 +850,12 @@ def _id_admitted(conn: Connection, peer_id: str, names: tuple[str, ...] | None) 
     if peer is None:
         return False
     if want.is_dn:
-        return peer.is_dn and _dn_set(want.text) == _dn_set(peer_id)
+        if not peer.is_dn:
+            return False
+        try:  # (a subject's RFC 4514 text, as the source kept it: untrusted)
+            return dn_matches(parse_dn(want.text), x509.Name.from_rfc4514_string(peer_id))
+        except (ValueError, IdentityError):
+            return False
     if peer.is_dn:
         return names is None or _as_name(want) in names
     return want.match(peer.payload(True)) != MATCH_NONE
