@@ -1103,6 +1103,19 @@ def test_strongswan_client_behind_a_nat_whose_mapping_changes(workdir: Path) -> 
 # -- certificates --------------------------------------------------------------------------
 
 
+def _client_dn() -> list[Any]:
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
+    return [x509.NameAttribute(NameOID.COUNTRY_NAME, "CH"),
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "ipsecct test"),
+            x509.NameAttribute(NameOID.EMAIL_ADDRESS, "client@test"),
+            x509.NameAttribute(NameOID.COMMON_NAME, "client.test")]  # fmt: skip
+
+
+CLIENT_DN = _client_dn()
+
+
 def make_pki(d: Path, kind: str) -> None:
     """A CA, a gateway certificate (gw.test) and a client certificate (CN=client.test), with
     RSA-3072 (big enough for the IKE_AUTH messages to be fragmented) or ECDSA P-256 keys."""
@@ -1151,6 +1164,16 @@ def make_pki(d: Path, kind: str) -> None:
                 [x509.DistributionPoint([uri], None, None, None)]), critical=False)
             cdp = b.sign(ca_key, hashes.SHA256())
             (d / "client-cdp.pem").write_bytes(cdp.public_bytes(serialization.Encoding.PEM))
+            # the same key, a subject of four attributes, E= among them (client-dn.pem)
+            b = (x509.CertificateBuilder().subject_name(x509.Name(CLIENT_DN))
+                 .issuer_name(ca_name).public_key(k.public_key())
+                 .serial_number(x509.random_serial_number())
+                 .not_valid_before(c.not_valid_before_utc)
+                 .not_valid_after(c.not_valid_after_utc))
+            for e in c.extensions:
+                b = b.add_extension(e.value, e.critical)
+            dn = b.sign(ca_key, hashes.SHA256())
+            (d / "client-dn.pem").write_bytes(dn.public_bytes(serialization.Encoding.PEM))
         fd = os.open(d / f"{name}.key", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "wb") as f:
             f.write(k.private_bytes(serialization.Encoding.PEM,
@@ -1173,9 +1196,11 @@ class CertInitiator(Charon):
     """strongSwan A authenticating with its certificate, trusting the test CA."""
 
     def __init__(self, ns: Namespaces, workdir: Path, pki: Path, *, rsa_pss: bool = False,
-                 classic: bool = False, fragment_size: int = 0) -> None:  # fmt: skip
+                 classic: bool = False, fragment_size: int = 0,
+                 cert: str = "client.pem") -> None:  # fmt: skip
         super().__init__(ns, "a", A, workdir, "default")
         self.pki = pki
+        self.cert = cert  # the file of make_pki's its certs = client.pem is
         self.rsa_pss = rsa_pss
         self.classic = classic
         self.fragment_size = fragment_size  # charon.fragment_size (0: its default, 1280)
@@ -1221,10 +1246,10 @@ class CertInitiator(Charon):
 """
         (self.dir / "swanctl.conf").write_text(conf)
         # swanctl reads certificates and keys from x509/, x509ca/, private/ beside the file
-        for sub, name in (("x509", "client.pem"), ("x509ca", "ca.pem"),
-                          ("private", "client.key")):  # fmt: skip
+        for sub, name, src in (("x509", "client.pem", self.cert), ("x509ca", "ca.pem", "ca.pem"),
+                               ("private", "client.key", "client.key")):  # fmt: skip
             (self.dir / sub).mkdir(exist_ok=True)
-            shutil.copy(p / name, self.dir / sub / name)
+            shutil.copy(p / src, self.dir / sub / name)
 
 
 @pytest.mark.root
@@ -1518,6 +1543,61 @@ def test_ipsecct_node_connects_with_certificates(workdir: Path, kind: str) -> No
                     assert "reassembled fragmented IKE message" in log, ss.logtail()
             finally:
                 mn.cleanup()
+
+
+@pytest.mark.root
+@pytest.mark.slow
+@needs_strongswan
+@pytest.mark.parametrize(("remote_id", "taken"), [
+    ("C=CH, O=ipsecct test, E=client@test, CN=*", True),
+    ("C=CH, O=another org, E=client@test, CN=*", False),
+])  # fmt: skip
+def test_a_dn_remote_id_as_swanctl_writes_it_names_strongswans_certificate(
+    workdir: Path, remote_id: str, taken: bool
+) -> None:
+    """strongSwan's certificate has a subject of four attributes, E= among them, and charon
+    sends it as its IDi (a DN). The gateway's ``remote.id`` written as a swanctl.conf user
+    writes it, with charon's wildcard value: the client gets its IKE SA and traffic passes;
+    one attribute different and it is refused (AUTHENTICATION_FAILED at the client). Before
+    2026-12-03 the first failed too (E= never matched: the subject's text spells it by its
+    OID)."""
+    from cryptography import x509
+
+    pki = workdir / "pki"
+    pki.mkdir()
+    make_pki(pki, "ecdsa")
+    with Namespaces("a", "b") as ns:
+        build_namespaces(ns)
+        conf = gateway_config(workdir, ike="default", esp="default", encap=False, dpd=0)
+        text = conf.read_text().replace('local.auth = "psk"', 'local.auth = "pubkey"\n'
+                                        f'local.certs = ["{pki}/gw.pem"]')
+        text = text.replace('remote.auth = "psk"', 'remote.auth = "pubkey"\n'
+                            f'remote.cacerts = ["{pki}/ca.pem"]')
+        text = text.replace(f'remote.id = "{A.id}"', f'remote.id = "{remote_id}"')
+        text += f'\n[secrets.private-gw]\nfile = "{pki}/gw.key"\n'
+        conf.write_text(text)  # fmt: skip
+        gw = Daemon("gateway", conf, str(workdir / "gw.sock"), workdir / "gw.log",
+                    prefix=["ip", "netns", "exec", ns.names["b"]])  # fmt: skip
+        gw.start()
+        try:
+            with CertInitiator(ns, workdir, pki, cert="client-dn.pem") as ss:
+                ss.start()
+                if not taken:
+                    with pytest.raises(AssertionError, match="failed"):
+                        ss.initiate()
+                    assert "received AUTHENTICATION_FAILED notify error" in ss.log(), (
+                        ss.logtail())
+                    assert ike_list(str(workdir / "gw.sock")) == []
+                    assert gw.status()["ike"]["counters"].get("auth-failed") == 1
+                    return
+                ss.initiate()
+                assert ("authentication of 'C=CH, O=ipsecct test, E=client@test, "
+                        "CN=client.test' (myself)") in ss.log(), ss.logtail()  # fmt: skip
+                assert ping(ns, "a", B.inner, 3) == 3, ss.logtail() + gw.logtext()
+                (sa,) = ike_list(str(workdir / "gw.sock"))
+                assert sa["remote_id"] == x509.Name(CLIENT_DN).rfc4514_string()
+        finally:
+            gw.cleanup()
 
 
 @pytest.mark.root
