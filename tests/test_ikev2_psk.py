@@ -43,10 +43,11 @@ def k(name: str, *ids: str) -> SharedKey:
     return SharedKey(name, ids, f"key of {name}".encode())
 
 
-def test_the_secret_naming_the_peer_best_wins_then_ours_then_the_first_written() -> None:
+def test_the_secret_naming_the_peer_best_wins_then_ours_then_the_last_written() -> None:
     """charon's order: the peer's identity matched exactly beats %any (or no id), which beats
     a secret that names only us; between equal peer matches ours decides; between equals
-    the first written. A secret naming neither side is never chosen."""
+    the last written (charon's: it keeps secrets newest first). A secret naming neither side
+    is never chosen."""
     anyone, gw_only, alice, both = k("any"), k("gw", "gw.test"), k("a", "a.test"), k(
         "both", "gw.test", "a.test")  # fmt: skip
     gw, a, b = ident("gw.test", False), ident("a.test"), ident("b.test")
@@ -57,7 +58,9 @@ def test_the_secret_naming_the_peer_best_wins_then_ours_then_the_first_written()
     assert select_psk([gw_only, alice], gw, b) is gw_only  # ours only
     assert select_psk([alice, k("%any", "%any")], gw, b).name == "%any"  # type: ignore[union-attr]
     first, second = k("1", "gw.test", "c.test"), k("2", "gw.test", "d.test")
-    assert select_psk([first, second], gw, b) is first  # equals: the first written
+    assert select_psk([first, second], gw, b) is second  # equals: the last written
+    assert select_psk([second, first], gw, b) is first
+    assert select_psk([alice, anyone, k("any2")], gw, a) is alice  # (a better one stays)
     assert select_psk([alice, k("c", "c.test")], gw, b) is None  # names neither
     assert select_psk([alice], None, None) is None and select_psk([anyone], None, None) is anyone
     # several ids in one secret: any of them names the side; an address is compared as one
@@ -321,8 +324,9 @@ def test_an_identity_named_by_two_secrets_loads_with_a_warning_naming_both(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A client's key replaced by adding a secret after the old one: both name the client,
-    the first written wins and the new key is never used, silently. Such an id (the same
-    identity however written: an IPv6 address either way) loads with a WARNING naming the
+    the last written wins (as in charon) and the old key is never used for it, silently.
+    Such an id (the same identity however written: an IPv6 address either way) loads with
+    a WARNING naming the
     id and both secrets (event=config-secret-id-twice), no key; anyone's secrets do not, nor
     a connection's local.id that each secret names with its client."""
     _write(tmp_path, "a.psk", "old-alice-key\n")

@@ -1851,6 +1851,79 @@ def test_strongswan_clients_with_keys_of_their_own_share_one_connection(workdir:
             gw.cleanup()
 
 
+class ResponderWithTwoSecrets(Charon):
+    """strongSwan B as the gateway, with two secrets that name the client alike (the old
+    key first, the new one after it) and none naming B."""
+
+    def __init__(self, ns: Namespaces, workdir: Path, old: str, new: str) -> None:
+        super().__init__(ns, "b", B, workdir, "default")
+        self.old, self.new = old, new
+
+    def write_config(self) -> None:
+        super().write_config()
+        p = self.dir / "swanctl.conf"
+        text = p.read_text()
+        text = text[:text.index("secrets {")] + (
+            f'secrets {{\n  ike-old {{\n    id-1 = {A.id}\n    secret = "{self.old}"\n  }}\n'
+            f'  ike-new {{\n    id-1 = {A.id}\n    secret = "{self.new}"\n  }}\n}}\n')
+        strongswan.write_private(p, text)
+
+
+@pytest.mark.root
+@pytest.mark.slow
+@needs_strongswan
+def test_of_two_secrets_naming_a_client_alike_the_last_written_wins_as_in_charon(
+    workdir: Path,
+) -> None:
+    """Two secrets name the client a.test alike (none names the gateway): an operator added
+    a new key after the old one. charon 5.9.8 as the gateway, with the two in swanctl.conf,
+    and ipsecct with the same two in [secrets], written in the same order, give the same
+    verdicts to an unmodified strongSwan client: with the new key it gets its IKE SA and
+    traffic passes, with the old one it does not. (Before 2026-12-03 ipsecct chose the first
+    written: the other way round.)"""
+    old, new = "old-a-key-0123456789abcdef", "new-a-key-fedcba9876543210"
+    verdicts: dict[str, list[bool]] = {}
+    with Namespaces("a", "b") as ns:
+        build_namespaces(ns)
+
+        def client_gets_in(key: str) -> bool:
+            with ClientWithItsOwnKey(ns, workdir, A.id, key) as ss:
+                ss.start()
+                try:
+                    ss.initiate()
+                except AssertionError:
+                    assert not re.search(r"CHILD_SA net\{\d+\} established", ss.log()), (
+                        ss.logtail())
+                    return False
+                assert ping_once_up(ns, "a", B.inner, 3) == 3, ss.logtail()
+                return True
+
+        with ResponderWithTwoSecrets(ns, workdir, old, new) as charon:
+            charon.start()
+            verdicts["charon"] = [client_gets_in(new), client_gets_in(old)]
+        conf = gateway_config(workdir, ike="default", esp="default", encap=False, dpd=0)
+        text = conf.read_text().replace(f'remote.id = "{A.id}"', 'remote.id = "%any"')
+        text = text[:text.index("[secrets.ike-ab]")]
+        for name, key in (("old", old), ("new", new)):
+            strongswan.write_private(workdir / f"{name}.psk", key + "\n")
+            text += f'[secrets.ike-{name}]\nid = "{A.id}"\nfile = "{name}.psk"\n'
+        conf.write_text(text)
+        gw = Daemon("gateway", conf, str(workdir / "gw.sock"), workdir / "gw.log",
+                    prefix=["ip", "netns", "exec", ns.names["b"]])  # fmt: skip
+        gw.start()
+        try:
+            assert "event=config-secret-id-twice" in gw.logtext()
+            verdicts["ipsecct"] = [client_gets_in(new)]
+            ss_sock = str(workdir / "gw.sock")
+            wait_until(lambda: bool(ike_list(ss_sock)) is False, "the client's IKE SA to end",
+                       timeout=15)  # fmt: skip
+            verdicts["ipsecct"].append(client_gets_in(old))
+            assert old not in gw.logtext() and new not in gw.logtext()
+        finally:
+            gw.cleanup()
+    assert verdicts == {"charon": [True, False], "ipsecct": [True, False]}, verdicts
+
+
 class ClientWithIds(Initiator):
     """strongSwan A with swanctl.conf ids of our choosing: ``local`` for its local.id and
     the secret's id-1, ``remote`` for its remote.id and id-2."""

@@ -1490,7 +1490,8 @@ def load_secrets(data: dict[str, Any], path: str) -> list[SharedKey]:
                 if first != name:  # (a key replaced by a secret added after the old one)
                     logging.getLogger("ipsecct.gateway.config").warning(
                         'event=config-secret-id-twice config=%s secret=%s first=%s id="%s" '
-                        'reason="the first written wins where both name the peer alike"',
+                        'reason="the last written wins where both name the peer alike, as in '
+                        'charon"',
                         path, name, first, i.replace('"', "'"))  # fmt: skip
         out.append(SharedKey(name, tuple(dict.fromkeys(ids)), secret))
     return out

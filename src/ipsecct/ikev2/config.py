@@ -464,12 +464,14 @@ def select_psk(keys: Sequence[SharedKey], me: IDPayload | None,
                peer: IDPayload | None) -> SharedKey | None:  # fmt: skip
     """The secret for an IKE SA between ``me`` and ``peer``, as charon picks it: among those
     whose ids name either side (or anyone), the best match of the peer's identity, then of
-    ours; the first written of equals. None: no secret names either of them."""
+    ours; the last written of equals (charon keeps its secrets newest first, swanctl loads
+    them in the order written, and the first best one found wins: checked against charon
+    5.9.8 with two secrets naming one client). None: no secret names either of them."""
     best: SharedKey | None = None
     best_rank = (MATCH_NONE, MATCH_NONE)
     for k in keys:
         rank = (k.match(peer), k.match(me))
-        if rank > best_rank:
+        if rank > best_rank or (rank == best_rank and best is not None):
             best, best_rank = k, rank
     return best
 
