@@ -1684,6 +1684,83 @@ def test_join_is_a_sync_that_neither_side_takes_for_state() -> None:
         failover.parse_sync_full(msg.cdbs[1])
 
 
+def test_a_join_says_what_its_standby_holds_and_repeats_make_one_resync_at_most() -> None:
+    """JOIN carries what the standby holds (the active's session and the last message it
+    applied). The active sends everything again only for a standby that does not hold its
+    own stream, once per such JOIN whatever its repeats, until the channel is lost; one
+    due already (a lost channel's) answers the JOIN. Before, every JOIN of its epoch made a
+    whole state again (about 30 in a paused standby's 3 s grace)."""
+    msg = failover.join_message(7, 0xABCDEF0123456789, 41)
+    assert failover.sync_header(msg) == (failover.SYNC_JOIN, 7)
+    assert failover.join_held(wire([msg])[0]) == (0xABCDEF0123456789, 41)
+    assert failover.join_held(failover.join_message(7)) == (0, 0)
+    act = Engine(ip(SG_ADDR["sg1"]))
+    add_tunnel(act, 1)
+    rep = failover.Replicator(act, cfg(), session=5)
+
+    def fulls(now: float) -> int:
+        return sum(
+            failover.parse_sync_kind(m.cdbs[1])[0] == failover.SYNC_FULL
+            for m in wire(rep.handle_timer(now))
+        )
+
+    assert fulls(0.0) == 1  # the first poll
+    assert [rep.join(5, 0), rep.join(5, 3)] == [False, False]  # it holds our stream
+    assert fulls(1.0) == 0
+    for i in range(30):  # a standby that holds nothing, JOIN every heartbeat: one resync
+        rep.join(0, 0)
+        assert fulls(2.0 + i * 0.1) == (i == 0)
+    assert (rep.joins, rep.join_resyncs, rep.joins_coalesced) == (32, 1, 31)
+    assert rep.join(9, 4) is True  # another life of the standby (it held another session)
+    assert fulls(6.0) == 1
+    rep.resync()  # the channel was lost: the next JOIN is answered afresh ...
+    assert rep.join(0, 0) is False  # ... by the resync due already
+    assert fulls(7.0) == 1 and rep.join(0, 0) is False and fulls(8.0) == 0
+    rep.resync()
+    assert fulls(9.0) == 1 and rep.join(0, 0) is True and fulls(10.0) == 1
+    assert rep.resyncs == rep.join_resyncs + 2
+
+
+def test_a_paused_standby_in_its_grace_makes_its_same_epoch_active_resync_at_most_once() -> None:
+    """sg2 (standby) does not run for 4 s while sg1 stays the active of epoch 1 (lease lost,
+    nobody said `failover alone`). Run again, sg2 counts itself paused and JOINs every
+    heartbeat_ms through its 3 s grace. sg1 (a real Replicator fed each JOIN as the driver
+    hands it over) sent its whole state again for each: 30 FULL syncs. sg2 holds sg1's
+    stream (the messages that waited in its channel follow what it applied): none now."""
+    from ipsecct.gateway.failover_driver import RESUME_GRACE
+
+    p = _Pair()
+    t = 0.0
+    while t < 1.0:
+        p.deliver(wire(p.rep.handle_timer(t)), t, p.rep)
+        p.timer(t + 0.0005)
+        t = round(t + 0.01, 3)
+    waiting: list[cxtp.CTD] = []
+    while t < 5.0:  # sg2 stopped: sg1's messages wait in its channel
+        waiting += wire(p.rep.handle_timer(t))
+        t = round(t + 0.01, 3)
+    resume = 5.0
+    seen = len(p.sent)
+    p.deliver(waiting, resume, p.rep)
+    p.timer(resume + 0.01)
+    assert p.d.resumed == 1
+    full = 0
+    t = round(resume + 0.02, 3)
+    while t < resume + RESUME_GRACE + 1.0:
+        for _, m in p.sent[seen:]:
+            if failover.sync_header(wire([m])[0]) == (failover.SYNC_JOIN, 1):
+                p.rep.join(*failover.join_held(wire([m])[0]))  # (as _on_join does)
+        seen = len(p.sent)
+        msgs = wire(p.rep.handle_timer(t))
+        full += sum(failover.parse_sync_kind(m.cdbs[1])[0] == failover.SYNC_FULL for m in msgs)
+        p.deliver(msgs, t, p.rep)
+        p.timer(t + 0.0005)
+        t = round(t + 0.01, 3)
+    assert len(p.joins(resume)) >= RESUME_GRACE / 0.1 - 2  # the JOINs did repeat
+    assert p.rep.joins == len(p.joins(resume)) and full <= 1 and p.rep.join_resyncs <= 1
+    assert p.taken == [] and p.d._resume_hold is None and p.sb.epoch == 1
+
+
 def test_etcd_mode_replicas_are_kept_only_under_the_members_lease() -> None:
     """The etcd mode: every sync says which lease of the standby member it is for; the
     standby keeps (and acknowledges) only what is for its current lease, and forgets all it

@@ -320,11 +320,26 @@ def reply_kind(msg: cxtp.Message) -> int | None:
     return kind if kind in (SYNC_ACK, SYNC_TAKEN, SYNC_REFUSED, SYNC_TUNNEL_REFUSED) else None
 
 
-def join_message(epoch: int) -> cxtp.CTD:
-    """JOIN: the sender is (now) the standby of the receiver, in ``epoch``."""
+def join_message(epoch: int, session: int = 0, seq: int = 0) -> cxtp.CTD:
+    """JOIN: the sender is (now) the standby of the receiver, in ``epoch``. Its TRANSFER tag
+    says what it holds: the active's replication ``session`` whose messages it applied, up to
+    message ``seq`` (0, 0: nothing; a sender from before this said nothing either), which
+    lets the active tell a standby that holds its stream from one that needs everything
+    again (:meth:`Replicator.join`)."""
     return cxtp.CTD(
-        _ANY, 0, cdbs=(cxtp.TransferTag(0, 0).encode(), sync_cdb([], epoch, kind=SYNC_JOIN))
+        _ANY,
+        0,
+        cdbs=(
+            cxtp.TransferTag(session & (1 << 64) - 1, seq & 0xFFFFFFFF).encode(),
+            sync_cdb([], epoch, kind=SYNC_JOIN),
+        ),
     )
+
+
+def join_held(msg: cxtp.Message) -> tuple[int, int]:
+    """(session, message number) a JOIN says its sender holds ((0, 0): nothing)."""
+    tag = cxtp.transfer_tag(msg)
+    return (0, 0) if tag is None else (tag.transfer_id, tag.seq)
 
 
 def sync_header(msg: cxtp.Message) -> tuple[int, int] | None:
@@ -426,6 +441,13 @@ class Replicator:
         self.unreplicable = 0  # tunnels whose contexts cannot be encoded (counted, skipped)
         self.deferred = 0  # tunnels due at the last poll left for the next (over the budget)
         self.resyncs = 0  # whole states sent again (the channel to the standby was lost)
+        # JOINs from the standby in this epoch (a paused one repeats its JOIN every
+        # heartbeat_ms through its grace), those that made a resync, and those answered by
+        # one made or due already (join()).
+        self.joins = 0
+        self.join_resyncs = 0
+        self.joins_coalesced = 0
+        self._join_answered: int | None = None  # the held session a resync answered
         self.epoch = FIRST_EPOCH
         # Fencing: the lease, and per tunnel the lowest outbound sequence number the standby
         # may hold (first replicated, then raised by acknowledgements) and, per message
@@ -704,6 +726,35 @@ class Replicator:
         what it holds, which also carries any removal it missed."""
         self._full = True
         self.resyncs += 1
+        self._join_answered = None  # a JOIN after a lost channel is answered afresh
+
+    def join(self, session: int, seq: int) -> bool:
+        """A JOIN of this epoch from the standby, which holds this replicator's messages up
+        to ``seq`` of ``session`` (:func:`join_held`; 0: nothing of any). Returns whether it
+        made a resync (a whole state again, as :meth:`resync`).
+
+        A standby that holds this replicator's own session is on its stream: what follows
+        its last applied message is in its channel, in order, and a lost channel resyncs
+        anyway (``peer_lost``): nothing to send again. Any other (a new standby, one that
+        restarted, one from before JOINs said what they hold) gets one resync, which also
+        answers every repeat of that JOIN (a standby that woke up paused sends one every
+        heartbeat_ms through its grace, about 30: each made a whole state again, a storm
+        with many tunnels) until the channel is lost. Counted: ``joins``,
+        ``join_resyncs``, ``joins_coalesced``."""
+        self.joins += 1
+        if session == self.session or self._join_answered == session or (
+            self.superseded_by is not None
+        ):
+            self.joins_coalesced += 1
+            return False
+        self._join_answered = session
+        if self._full:  # a whole state is due already: it answers this JOIN
+            self.joins_coalesced += 1
+            return False
+        self._full = True
+        self.resyncs += 1
+        self.join_resyncs += 1
+        return True
 
     def next_deadline(self) -> float | None:
         """The next check (every ``tick_ms``): new tunnels, ``sync_packets`` packets or
@@ -1062,6 +1113,7 @@ class Standby:
     last_heard: float | None = None
     took_over: float | None = None
     seen_session: int | None = None
+    seen_seq: int = 0  # the number of the last sync message applied (of seen_session)
     epoch: int = FIRST_EPOCH
     grant: Grant | None = None
     acks: int = 0
@@ -1214,6 +1266,7 @@ class Standby:
                 raise CxtpError(f"more than {self.max_replicas} tunnels marked leaving")
         self.last_heard = now
         self.seen_session = tag.transfer_id
+        self.seen_seq = tag.seq
         self.epoch = epoch
         if full:  # (``high`` stays: a whole state again is no reason to go backwards)
             self.replica.clear()

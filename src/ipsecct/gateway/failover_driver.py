@@ -38,6 +38,7 @@ from ..ct.failover import (
     FailoverConfig,
     Replicator,
     Standby,
+    join_held,
     join_message,
     sync_header,
     taken_reply,
@@ -410,7 +411,9 @@ class FailoverDriver:
         # only over an open channel (the channel pool keeps trying to open one): a peer that
         # is down is not worth a warning every heartbeat
         if self.channels.connected(self.cfg.peer):
-            self.channels.send(self.cfg.peer, join_message(sb.epoch))
+            # (with what it holds: an active that is replicating to it sends nothing again)
+            held = (sb.seen_session or 0, sb.seen_seq) if sb.seen_session is not None else (0, 0)
+            self.channels.send(self.cfg.peer, join_message(sb.epoch, *held))
             self.joins += 1
         self._next_join = now + self.cfg.heartbeat_ms / 1000
 
@@ -468,7 +471,7 @@ class FailoverDriver:
         kind, epoch = header
         try:
             if kind == SYNC_JOIN:
-                self._on_join(epoch, now)
+                self._on_join(msg, epoch, now)
                 return
             r = self.replicator
             if kind in (SYNC_REFUSED, SYNC_TUNNEL_REFUSED):  # an IKE SA, a tunnel of ours
@@ -508,12 +511,14 @@ class FailoverDriver:
         except CxtpError as exc:
             event(log, "sync-malformed", logging.WARNING, node=self.node.name, error=str(exc))
 
-    def _on_join(self, epoch: int, now: float) -> None:
+    def _on_join(self, msg: cxtp.CTD, epoch: int, now: float) -> None:
         """The peer is (now) this gateway's standby, in ``epoch``."""
         r = self.replicator
         if r is not None:
-            if r.superseded_by is None and epoch <= r.epoch:
-                r.resync()  # it holds nothing of ours (restarted, or new): everything again
+            # A standby that holds nothing of ours (restarted, new) gets everything again,
+            # once: its repeats (every heartbeat_ms through a paused standby's grace) are
+            # answered by that one (Replicator.join), and one that holds our stream needs none
+            if r.superseded_by is None and epoch <= r.epoch and r.join(*join_held(msg)):
                 self.node.timers.poke()
             return
         sb = self.standby
@@ -758,6 +763,11 @@ class FailoverDriver:
                 # whole states sent again (the channel lost), and tunnels left for the next
                 # poll at the last one (no room in the channel: a large state goes in pieces)
                 "resyncs": self.replicator.resyncs,
+                # JOINs from the standby in this epoch, those that made a resync (a standby
+                # that holds nothing of ours), and repeats answered by one (Replicator.join)
+                "joins_received": self.replicator.joins,
+                "join_resyncs": self.replicator.join_resyncs,
+                "joins_coalesced": self.replicator.joins_coalesced,
                 "deferred": self.replicator.deferred,
                 # polls that walked every tunnel because a touched list was full (some SA
                 # counted unlisted: docs/cluster.md, "the idle poll")
