@@ -645,3 +645,46 @@ def test_a_standby_paused_past_its_dead_time_reads_the_active_before_it_takes_ov
         traffic.close()
     assert cap.duplicates() == []
     assert senders(cap, 0, time.monotonic()) == {port1}
+
+
+def test_a_paused_standby_makes_its_active_resync_at_most_once_in_its_grace(
+    gws: Gateways,
+) -> None:
+    """The standby stops (SIGSTOP) long enough to count itself paused when it runs again
+    (its dead time 2 s past); the active stays the active of epoch 1 (lease lost, nobody
+    said `failover alone`). Run again, the standby JOINs every heartbeat_ms through its
+    3 s grace: the active sent its whole state again for each (about 30 full resyncs, with
+    all its tunnels, on main). It holds the active's stream: at most one now. The pair goes
+    on; nothing is sent twice."""
+    import os
+    import signal
+
+    cap: Capture = gws.capture  # type: ignore[attr-defined]
+    port1, every, detail = write_pair(gws)
+    traffic = start_pair(gws, detail)
+    pid2 = gws.procs["sg2"].pid
+    try:
+        before = failover(gws, "sg1")["resyncs"]
+        os.kill(pid2, signal.SIGSTOP)
+        try:
+            time.sleep(DEAD_MS / 1000 + max(1.0, DEAD_MS / 1000) + 0.5)
+        finally:
+            os.kill(pid2, signal.SIGCONT)
+        wait_for(lambda: failover(gws, "sg2")["resumed"] == 1, "sg2 did not count its pause",
+                 detail=detail)  # fmt: skip
+        # the grace (3 s) is over and sg2 is the standby of epoch 1 again
+        wait_for(lambda: not failover(gws, "sg2")["joining"]
+                 and failover(gws, "sg1")["lease"]["state"] == "held"
+                 and sending(cap, time.monotonic() - 0.3) == every,
+                 "the pair did not go on", detail=detail)  # fmt: skip
+        st1, st2 = failover(gws, "sg1"), failover(gws, "sg2")
+        assert st2["role"] == "standby" and st2["epoch"] == 1, st2
+        assert st2["joins_sent"] >= 10, st2  # the JOINs did repeat through the grace
+        assert st1["role"] == "active" and st1["epoch"] == 1, st1
+        assert st1["joins_received"] >= 10, st1
+        assert st1["resyncs"] - before <= 2 and st1["join_resyncs"] <= 1, st1
+        assert st1["joins_coalesced"] >= st1["joins_received"] - 1, st1
+    finally:
+        traffic.close()
+    assert cap.duplicates() == []
+    assert senders(cap, 0, time.monotonic()) == {port1}
