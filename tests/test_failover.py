@@ -2191,3 +2191,114 @@ def test_no_seq_sent_twice_a_standby_stopped_before_the_earliest_alone_sees_its_
         p.timer(resume + 0.01)
     assert p.d.resumed == 1 and p.d._resume_hold is not None
     assert p.joins(resume) and p.taken == []
+
+
+def _sent(engine: Engine, n: int, now: float) -> list[int]:
+    """Up to ``n`` packets host -> MN through ``engine``: the sequence numbers of those sent
+    (a fenced engine holds or drops the rest)."""
+    seqs = []
+    for i in range(n):
+        res = engine.outbound(udp_packet(i, up=False), now)
+        if isinstance(res, ToPeer):
+            seqs.append(esp_seq(res.data)[1])
+    return seqs
+
+
+def _alone_driver(rep: failover.Replicator, path: Path, clock: list[float]) -> Any:
+    """sg1's FailoverDriver around ``rep`` (active), as go_alone and receive use it."""
+    from types import SimpleNamespace
+
+    from ipsecct.gateway.failover_driver import FailoverDriver
+
+    d = FailoverDriver.__new__(FailoverDriver)
+    d.cfg, d.replicator, d.standby, d.ike = rep.cfg, rep, None, None
+    d.node = SimpleNamespace(  # type: ignore[assignment]
+        name="sg1", engine=rep.engine, clock=lambda: clock[0],
+        timers=SimpleNamespace(poke=lambda: None),
+    )  # fmt: skip
+    d.fencing = SimpleNamespace(  # type: ignore[assignment]
+        path=path, held=[], release=lambda: None, replicator=rep, standby=None,
+        on_reply=lambda msg, now: d.replicator.receive(msg, now),  # (its replicator's)
+    )
+    d.transfer = SimpleNamespace(  # type: ignore[assignment]
+        refuse=lambda: None, on_settled=lambda: None, core=SimpleNamespace(leaving={})
+    )
+    d.joining, d.reformed, d._stopping = False, 0, False
+    d._ceilinged, d.stale_standby = [], 0
+    d.status = lambda: {}  # type: ignore[method-assign]
+
+    def new_standby(epoch: int) -> failover.Standby:
+        sb = standby(Engine(ip(SG_ADDR["sg1"])), fencing=True, dead_ms=500.0)
+        sb.epoch = epoch
+        return sb
+
+    d._new_standby = new_standby  # type: ignore[method-assign]
+    return d
+
+
+@pytest.mark.parametrize("acks", ["reach sg1", "lost"])
+def test_no_seq_sent_twice_a_standby_stopped_unseen_by_its_clocks_never_sends_what_alone_sent(
+    acks: str, tmp_path: Path
+) -> None:
+    """sg2 (standby) is stopped by its hypervisor and its clocks do not show it: when it runs
+    again its clock reads what it read when it stopped. Meanwhile sg1's lease ran out, the
+    operator let it run alone (`failover alone`, at the earliest it accepts) and it sent
+    5000 packets (margin 1000). sg2 cannot see that it was stopped: it applies the
+    messages that waited in its channel (epoch 1) and acknowledges them. If those
+    acknowledgements reach sg1, sg1 takes them as a JOIN (a standby of an earlier epoch)
+    and replicates to it in epoch 2 (fenced until it acknowledges); sg2 holds sg1's present
+    state. If they are lost, sg2 takes sg1's silence for a crash and takes over from its
+    old replicas, at their numbers + the margin: sg1 kept its ceilings for them while alone
+    (floor + margin), so it sent nothing from there. On main sg1 lifted them: sg2 resumed
+    below what sg1 had sent (the same (SPI, sequence number) pairs, nonce reuse)."""
+    from ipsecct.gateway.failover_driver import alone_after
+
+    kw: dict[str, Any] = {"fencing": True, "dead_ms": 500.0, "heartbeat_ms": 100.0}
+    act = Engine(ip(SG_ADDR["sg1"]))
+    add_tunnel(act, 1)
+    rep = failover.Replicator(act, cfg(**kw), session=7)
+    sb = standby(Engine(ip(SG_ADDR["sg2"])), **kw)
+    clock = [0.0]
+    d = _alone_driver(rep, tmp_path / "failover-epoch.json", clock)
+    sent: list[int] = []
+    t = 0.0
+    while t < 1.0:  # on time: sg1 sends, replicates; sg2 applies and acknowledges
+        sent += _sent(act, 20, t)
+        for m in wire(rep.handle_timer(t)):
+            for reply in sb.receive(m, t):
+                rep.receive(wire([reply])[0], t)
+        t = round(t + 0.01, 3)
+    assert len(sent) > 500 and rep.lease is not None and rep.lease.valid(t)
+    stopped = t  # sg2's clock reads this when it runs again
+    waiting: list[cxtp.CTD] = []
+    allowed = rep.lease.expiry + alone_after(500.0)
+    while t < allowed:
+        sent += _sent(act, 20, t)
+        waiting += wire(rep.handle_timer(t))
+        t = round(t + 0.01, 3)
+    clock[0] = t
+    d.go_alone(t)
+    assert d.replicator is None and d.standby.epoch == 2
+    sent += _sent(act, 5000, t)
+    assert len(sent) == len(set(sent))
+    # sg2 runs again; its clocks show no gap (no resume check could see this pause)
+    now2 = stopped + 0.001
+    replies = [r for m in waiting for r in sb.receive(m, now2)]
+    assert replies and sb.epoch == 1
+    if acks == "reach sg1":
+        clock[0] = t = t + 0.01
+        for r in wire(replies):
+            d.receive("sg2", r)
+        assert d.stale_standby == 1 and d.replicator is not None
+        rep2 = d.replicator
+        assert rep2.epoch == 2 and _sent(act, 10, t) == []  # fenced until sg2 acknowledges
+        for m in wire(rep2.handle_timer(t)):
+            for reply in sb.receive(m, now2 + 0.01):
+                rep2.receive(wire([reply])[0], t)
+        assert sb.epoch == 2 and rep2.acks > 0
+        sent += _sent(act, 100, t)
+    assert not sb.dead(now2 + 0.3)
+    taken, _, _ = sb.take_over(now2 + 10.0)  # (sg1 silent from here on; or crashed)
+    first = _sent(sb.engine, 1, now2 + 10.0)
+    assert taken and first, (taken, first)
+    assert first[0] > max(sent), f"sg2 resumes at {first[0]}, sg1 sent up to {max(sent)}"

@@ -541,8 +541,16 @@ class Replicator:
     def _ceiling(self, t: Tunnel) -> None:
         if self.on_floor is not None:
             self.on_floor(t)
-        else:
+        elif self.acks:
             t.seq_ceiling = self.floor[t] + self.cfg.seq_margin
+        else:
+            # Before the standby's first acknowledgement a floor only says what it will hold
+            # once it applies our first message. A standby of an earlier epoch (stopped
+            # unseen while this gateway ran alone, which kept its ceilings for it: the
+            # driver's go_alone) may hold less and take over from there; nothing is sent
+            # meanwhile (no lease), but a ceiling raised now would outlive this replicator if
+            # the operator let it run alone again. So never raised before then.
+            t.seq_ceiling = min(t.seq_ceiling, self.floor[t] + self.cfg.seq_margin)
 
     def _fence(self) -> None:
         if self.lease is not None:

@@ -187,6 +187,11 @@ class FailoverDriver:
             # before its COMMIT (docs/cluster.md, "a tunnel transferred away").
             transfer.core.standby_gate = self._standby_gate
         self._next_prepare = 0.0
+        # Tunnels that keep the ceilings of a standby this gateway was told to run without
+        # (go_alone), until that standby is ours again; and how often one came back acking
+        # an earlier epoch (stopped unseen: _stale_standby).
+        self._ceilinged: list[Tunnel] = []
+        self.stale_standby = 0
         # (since, until): the standby woke up past its dead time and asks the peer first;
         # the epoch it was in then (the peer that ran alone answers in a later one)
         self._resume_hold: tuple[float, float] | None = None
@@ -479,6 +484,8 @@ class FailoverDriver:
                     r.receive(msg, now)
                 return
             if kind in (SYNC_ACK, SYNC_TAKEN):
+                if r is None and kind == SYNC_ACK and self._stale_standby(epoch, now):
+                    return
                 if r is None or self.fencing is None:
                     self.transfer.refuse()
                     return
@@ -526,6 +533,35 @@ class FailoverDriver:
             return  # a standby itself, or the peer knows a later epoch: nothing to do
         self._become_active(now)
 
+    def _stale_standby(self, epoch: int, now: float) -> bool:
+        """An acknowledgement of an earlier epoch reached this gateway, which took over or
+        was told to run alone: its peer is a standby that holds replicas of that epoch (it
+        was stopped, unseen by its clocks, and now applies what waited in its channel). Left
+        alone it would take this gateway's silence for a crash and take over from them:
+        treated as its JOIN (it becomes our standby in our epoch; we are fenced until it
+        acknowledges it). Returns whether it was."""
+        sb = self.standby
+        if sb is None or sb.took_over is None or epoch >= sb.epoch or self.fencing is None:
+            return False
+        if self._stopping:
+            return True  # (going away: nobody to replicate from; the ACK means nothing)
+        self.stale_standby += 1
+        event(
+            log,
+            "failover-stale-standby",
+            logging.WARNING,
+            node=self.node.name,
+            peer=self.cfg.peer,
+            epoch=sb.epoch,
+            acked_epoch=epoch,
+            detail=f"{self.cfg.peer} acknowledged a message of epoch {epoch}: it holds "
+            f"replicas from before epoch {sb.epoch} (stopped, and its clocks did not show "
+            f"it); replicating to it in epoch {sb.epoch} so that it never takes over from "
+            "them (packets held until it acknowledges)",
+        )
+        self._become_active(now)
+        return True
+
     def _become_active(self, now: float) -> None:
         """This gateway took over and runs alone; its peer asks to be its standby: replicate
         to it, and from now on send only under the lease its acknowledgements grant."""
@@ -538,6 +574,7 @@ class FailoverDriver:
         self._watch_transfers(r)
         self.replicator, self.standby = r, None
         self.fencing.replicator, self.fencing.standby = r, None
+        self._ceilinged = []  # (r keeps them until its standby's first acknowledgement)
         self.reformed += 1
         event(
             log,
@@ -601,8 +638,19 @@ class FailoverDriver:
         self.joining = False
         self.reformed += 1
         tunnels = list(self.node.engine.tunnels())
+        # The standby may be stopped, not gone, and unseen: a VM its hypervisor paused sees
+        # no gap on either clock when it runs again (the resume check cannot see it), takes
+        # this gateway's silence (alone, it sends the standby nothing) for a crash, and takes
+        # over from the replicas it holds, at their numbers + seq_margin. The tunnels it may
+        # hold keep their ceilings (floor + seq_margin, at most where it would resume) until
+        # it is the standby of the new epoch again (a JOIN, or an acknowledgement of the old
+        # one: _stale_standby); the others are unbounded. At most seq_margin packets past
+        # the floor each meanwhile, then they stall: THE invariant over liveness.
+        kept = [t for t in tunnels if t in r.floor]
         for t in tunnels:
-            t.seq_ceiling = UNFENCED  # no standby's floor bounds them any more
+            if t not in r.floor:
+                t.seq_ceiling = UNFENCED
+        self._ceilinged = kept
         self.node.engine.send_until = math.inf
         held = len(fencing.held)
         fencing.release()
@@ -615,8 +663,14 @@ class FailoverDriver:
             epoch=epoch,
             tunnels=len(tunnels),
             released=held,
+            ceilinged=len(kept),
             detail=f"the operator said {self.cfg.peer} is down: this gateway runs alone and "
-            f"sends again; when {self.cfg.peer} comes back it becomes the standby",
+            f"sends again; when {self.cfg.peer} comes back it becomes the standby"
+            + (f". {len(kept)} tunnel(s) {self.cfg.peer} holds replicas of keep their "
+               f"ceilings (at most {self.cfg.seq_margin} packets past what it holds, then "
+               f"they stall) until it is the standby again: a standby stopped unseen (a "
+               f"paused VM whose clocks show no gap) would take them over from there; "
+               f"restart {self.cfg.peer} to lift them" if kept else ""),
         )
         return self.status()
 
@@ -805,6 +859,10 @@ class FailoverDriver:
                 "last_heard_ms_ago": None if heard is None else round((now - heard) * 1000),
                 **lease,
             }
+        kept = [t for t in self._ceilinged
+                if self.node.engine.has_tunnel(t) and t.seq_ceiling < UNFENCED]  # fmt: skip
+        ceilinged = len(kept)
+        at_ceiling = sum(1 for t in kept if t.outbound.seq >= t.seq_ceiling)
         return {
             "role": "took over",
             **common,
@@ -819,7 +877,16 @@ class FailoverDriver:
             # ... nor overlapping a tunnel of this gateway's own (it would take its traffic)
             "overlapping_own": self.standby.overlap_refused if self.standby is not None else 0,
             "detail": f"runs alone: no standby holds its tunnels until {self.cfg.peer} comes "
-            "back (it then becomes the standby by itself)",
+            "back (it then becomes the standby by itself)"
+            + (f"; {ceilinged} tunnel(s) keep the ceilings {self.cfg.peer}'s replicas set "
+               f"({at_ceiling} at theirs: they stall there) until it is the standby again"
+               " (restart it): it may only be stopped unseen" if ceilinged else ""),
+            # tunnels bounded by the replicas of the standby told down (go_alone), and of
+            # them those that reached their ceiling; acknowledgements of an earlier epoch
+            # taken as a JOIN (a standby stopped unseen came back)
+            "ceilinged_tunnels": ceilinged,
+            "at_ceiling": at_ceiling,
+            "stale_standby": self.stale_standby,
             **lease,
         }
 
