@@ -2283,7 +2283,7 @@ def test_no_seq_sent_twice_a_standby_stopped_unseen_by_its_clocks_never_sends_wh
     assert len(sent) == len(set(sent))
     # sg2 runs again; its clocks show no gap (no resume check could see this pause)
     now2 = stopped + 0.001
-    replies = [r for m in waiting for r in sb.receive(m, now2)]
+    replies: list[cxtp.Message] = [r for m in waiting for r in sb.receive(m, now2)]
     assert replies and sb.epoch == 1
     if acks == "reach sg1":
         clock[0] = t = t + 0.01
