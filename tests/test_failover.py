@@ -1995,6 +1995,7 @@ class _Pair:
         d._look_again = d._looking_since = None
         d.looked_again = 0
         d.joining, d._next_join, d.joins, d._next_prepare = False, 0.0, 0, 0.0
+        d._stopping = False
 
         def take_over(now: float) -> None:
             self.taken.append(now)
@@ -2191,6 +2192,30 @@ def test_no_seq_sent_twice_a_standby_stopped_before_the_earliest_alone_sees_its_
         p.timer(resume + 0.01)
     assert p.d.resumed == 1 and p.d._resume_hold is not None
     assert p.joins(resume) and p.taken == []
+
+
+def test_a_standby_joins_when_its_channel_reopens_saying_what_it_holds() -> None:
+    """A channel with the active (re)opened: the standby JOINs at once, with the session and
+    the last message it applied (a peer that ran alone meanwhile sends it nothing unless
+    asked). An active still replicating to it sends nothing again for that JOIN; one of a
+    later life of the replicator (a new session) sends everything once."""
+    p = _Pair()
+    t = 0.0
+    while t < 0.3:
+        p.deliver(wire(p.rep.handle_timer(t)), t, p.rep)
+        t = round(t + 0.01, 3)
+    before = len(p.sent)
+    p.now = t
+    p.d.peer_open("sg1")
+    p.d.peer_open("sg3")  # another peer's channel: nothing
+    joins = [m for _, m in p.sent[before:] if p._kind(m) == failover.SYNC_JOIN]
+    assert len(joins) == 1
+    held = failover.join_held(wire(joins)[0])
+    assert held == (7, p.rep.seq - 1) == (p.sb.seen_session, p.sb.seen_seq)
+    assert p.rep.join(*held) is False
+    other = failover.Replicator(p.act, p.rep.cfg, session=8)
+    other.handle_timer(t)  # (its first poll: the whole state, which would answer a JOIN)
+    assert other.join(*held) is True and other.join(*held) is False
 
 
 def _sent(engine: Engine, n: int, now: float) -> list[int]:

@@ -701,6 +701,23 @@ class FailoverDriver:
         )
         self.node.timers.poke()
 
+    def peer_open(self, peer: str) -> None:
+        """A channel with the peer (re)opened. A standby JOINs at once, whatever it heard:
+        it may have been stopped unseen by its clocks (a paused VM) while the peer ran alone
+        in a later epoch, and that peer sends it nothing unless asked; the JOIN makes it
+        replicate to this standby (which then holds its present state) before this
+        standby's dead time can take its silence for a crash. An active that still
+        replicates to it sends nothing again for it (the JOIN says what it holds)."""
+        sb = self.standby
+        if (
+            peer != self.cfg.peer
+            or sb is None
+            or sb.took_over is not None
+            or self._stopping
+        ):
+            return
+        self._join(sb, self.node.clock())
+
     def peer_lost(self, peer: str) -> None:
         if self.replicator is not None and peer == self.cfg.peer:
             self.replicator.resync()  # the standby may have missed syncs: send it everything

@@ -57,6 +57,9 @@ class PeerChannels:
         self.clock = clock
         self.on_message: Callable[[str, cxtp.Message], None] = _ignore_message
         self.on_lost: Callable[[str], None] = _ignore_lost
+        # A channel to a peer became the one used to send to it (opened by either side),
+        # called soon after (from the loop, never inside the open).
+        self.on_open: Callable[[str], None] = _ignore_lost
         # Loaded by load_credentials() (the service does it before it binds anything).
         self.server_ctx: ssl.SSLContext | None = None
         self.client_ctx: ssl.SSLContext | None = None
@@ -180,6 +183,7 @@ class PeerChannels:
             return
         if peer.name not in self.conns or self.conns[peer.name].closed:
             self.conns[peer.name] = conn
+            asyncio.get_running_loop().call_soon(self.on_open, peer.name)
         await self._read(peer.name, conn)
 
     async def _read(self, peer: str, conn: tlschannel.CxtpConnection) -> None:
@@ -250,6 +254,7 @@ class PeerChannels:
             await c.close()
             raise TransferError(f"{spec.address} is not {peer}")
         self.conns[peer] = c
+        asyncio.get_running_loop().call_soon(self.on_open, peer)
         task = supervise(self._read(peer, c), f"read from {peer}", self.name)
         self.readers.add(task)
         task.add_done_callback(self.readers.discard)

@@ -121,6 +121,7 @@ class Service:
                     self.failover.standby.journal = self.state
             self.peers.on_message = self._peer_message
             self.peers.on_lost = self._peer_lost
+            self.peers.on_open = self._peer_open
         if self.transfer is None:
             for tid, gw in self.state.unresolved_transfers():
                 self.state.not_asked(tid, gw, "no [transfer] configured")
@@ -317,6 +318,10 @@ class Service:
                 "alive behind a partition would take over too)"
             )
         return self.failover.go_alone(self.node.clock())
+
+    def _peer_open(self, peer: str) -> None:
+        if self.failover is not None:
+            self.failover.peer_open(peer)
 
     def _peer_lost(self, peer: str) -> None:
         assert self.transfer is not None
