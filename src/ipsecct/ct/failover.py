@@ -615,6 +615,12 @@ class Replicator:
         if self.superseded_by is not None:
             return []
         self.acks += 1
+        if self.acks == 1 and self.on_floor is None:
+            # The standby holds our state now: the ceilings kept low until then (_ceiling)
+            # follow the floors, even where no later replication raises a floor (a tunnel
+            # stalled at its ceiling is replicated again at the same number).
+            for t in self.floor:
+                self._ceiling(t)
         for t, seq in self._carried.pop(tag.seq, []):
             if t in self.floor and seq > self.floor[t]:
                 self.floor[t] = seq
