@@ -381,6 +381,10 @@ def test_a_lost_standby_the_operator_lets_the_active_run_alone(gws: Gateways) ->
         out = alone_when_allowed(gws)  # (a stopped standby must see its pause first)
         st = json.loads(out)
         assert st["role"] == "took over" and st["epoch"] == 2 and st["alone"] is True
+        # the tunnels sg2 holds replicas of keep their ceilings (sg2 might be only paused,
+        # unseen by its clocks), far above what this test sends meanwhile
+        assert st["ceilinged_tunnels"] == TUNNELS and st["at_ceiling"] == 0, st
+        assert "keep the ceilings" in st["detail"], st
         assert "event=failover-alone" in gws.log("sg1")
         t_alone = time.monotonic()
         wait_for(lambda: sending(cap, t_alone + 0.3) == every,
