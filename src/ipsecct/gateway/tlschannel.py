@@ -35,7 +35,9 @@ from cryptography.x509.oid import NameOID
 
 from ..ct import cxtp
 from ..errors import ChannelClosed, ChannelError, ChannelTimeout, CxtpError, IpsecctError
+from ..ikev2.auth import not_a_ca, subject_of
 from ..ipsec.ippacket import IPAddress
+from ..tools.files import SECRET_LIMIT, read_limited
 from .limits import ConnectionLimits, HandshakeRate, source_of
 from .log import RateLimited
 
@@ -75,11 +77,31 @@ def _cert_key_problem(cert: PathLike, key: PathLike, exc: ssl.SSLError) -> str:
     return f"cannot load the certificate {cert} with the key {key} ({exc.reason or exc})"
 
 
+def check_ca_file(ca: PathLike) -> None:
+    """The CA file holds PEM certificates, each one a CA (ChannelError naming the file and
+    the certificate otherwise)."""
+    try:
+        pem = read_limited(ca, SECRET_LIMIT)
+    except OSError as exc:
+        raise ChannelError(f"cannot read the CA file {ca}: {exc.strerror}") from None
+    try:
+        certs = x509.load_pem_x509_certificates(pem)
+    except ValueError:
+        raise ChannelError(f"the CA file {ca} holds no PEM certificate") from None
+    for c in certs:
+        why = not_a_ca(c)
+        if why is not None:
+            raise ChannelError(f"the CA file {ca}: {subject_of(c)} is not a CA certificate "
+                               f"({why}); name the CA that issued the gateways' "
+                               "certificates")  # fmt: skip
+
+
 def _base_context(server: bool, cert: PathLike, key: PathLike, ca: PathLike) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server else ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
     ctx.maximum_version = ssl.TLSVersion.TLSv1_3
     ctx.verify_mode = ssl.CERT_REQUIRED
+    check_ca_file(ca)
     try:
         ctx.load_verify_locations(cafile=str(ca))
     except ssl.SSLError as exc:

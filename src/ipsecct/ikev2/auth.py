@@ -496,10 +496,30 @@ def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
 
 
 def _is_ca(cert: x509.Certificate) -> bool:
+    return not_a_ca(cert) is None
+
+
+def subject_of(cert: x509.Certificate) -> str:
+    """The certificate's subject DN, quoted, for a message ("a certificate" if unreadable)."""
     try:
-        return bool(cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
-    except (x509.ExtensionNotFound, *BAD_CERT):
-        return False
+        return repr(cert.subject.rfc4514_string())
+    except BAD_CERT:
+        return "a certificate"
+
+
+def not_a_ca(cert: x509.Certificate) -> str | None:
+    """Why ``cert`` cannot be a CA (None if it can): a CA certificate carries basicConstraints
+    with CA:TRUE (RFC 5280 4.2.1.9, RFC 4945 5.1.3.9), and swanctl refuses any other as one
+    ("ca certificate lacks CA basic constraint, rejected"). Given as the CA, a leaf issued by
+    a CA made every IKE authentication fail here ("no trusted CA"), and every TLS handshake
+    between gateways ("unable to get local issuer certificate")."""
+    try:
+        bc = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+    except x509.ExtensionNotFound:
+        return "no basicConstraints extension"
+    except BAD_CERT:  # a damaged extension
+        return "its extensions cannot be read"
+    return None if bc.ca else "basicConstraints CA:FALSE"
 
 
 def id_matches_cert(idp: IDPayload, cert: x509.Certificate) -> bool:

@@ -50,6 +50,8 @@ from .auth import (
     RevocationList,
     cert_names,
     id_matches_cert,
+    not_a_ca,
+    subject_of,
 )
 from .message import IDPayload, IdType, ProtocolId, TrafficSelector
 from .pool import Pool, parse_range
@@ -936,9 +938,16 @@ def parse_connections(
                 raise ctx.err(where.rstrip("."), "certificates cannot be loaded here")
             try:
                 chain = [c for f in lcerts for c in load_certs(f)]
-                cas = [c for f in rcas for c in load_certs(f)]
+                cas_of = [(f, c) for f in rcas for c in load_certs(f)]
             except IpsecctError as exc:
                 raise ctx.err(where.rstrip("."), str(exc)) from None
+            for f, c in cas_of:
+                why = not_a_ca(c)
+                if why is not None:  # it could never anchor a chain (auth._issued_by)
+                    raise ctx.err(where + "remote.cacerts", f"{f}: {subject_of(c)} is not a CA "
+                                  f"certificate ({why}); as for swanctl, name the CA that "
+                                  "issued the peers' certificates")  # fmt: skip
+                cas.append(c)
             if chain:
                 key = next((k for k in private_keys or [] if _same_key(k, chain[0])), None)
                 if key is None:

@@ -1,0 +1,153 @@
+"""An operator's and an attacker's pass over the command line, the configuration and the
+control paths: each mistake is one line on stderr and a non-zero exit, never a traceback,
+a hang or a wrong result."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from ipsecct.errors import ChannelError, ConfigError
+from ipsecct.gateway import config, tlschannel
+from ipsecct.tools import pki
+
+ROOT = Path(__file__).resolve().parent.parent
+NOW = dt.datetime.now(dt.UTC)
+
+
+Run = subprocess.CompletedProcess[str]
+
+
+def ipsecct(*args: str, timeout: float = 60, stdin: str | None = None) -> Run:
+    return subprocess.run([sys.executable, "-m", "ipsecct", *args], capture_output=True,
+                          text=True, timeout=timeout, input=stdin)  # fmt: skip
+
+
+def one_line_error(r: Run, *says: str) -> str:
+    """The command failed (status 2) with one error line saying each of ``says``."""
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("ipsecct: error: ")]
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    assert "Traceback" not in r.stderr, r.stderr
+    assert len(errors) == 1, r.stderr
+    for s in says:
+        assert s in errors[0], (s, errors[0])
+    return errors[0]
+
+
+def _self_signed(cn: str, bc: x509.BasicConstraints | None) -> tuple[bytes, bytes]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+    b = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+         .public_key(key.public_key()).serial_number(x509.random_serial_number())
+         .not_valid_before(NOW - dt.timedelta(hours=1))
+         .not_valid_after(NOW + dt.timedelta(days=30)))  # fmt: skip
+    if bc is not None:
+        b = b.add_extension(bc, critical=True)
+    return (b.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM),
+            pki.key_pem(key))  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def pkidir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("pki")
+    pki.init_pki(d, ["sg1", "sg2"], NOW)
+    leaf, _ = _self_signed("pinned", x509.BasicConstraints(ca=False, path_length=None))
+    (d / "selfsigned-leaf.pem").write_bytes(leaf)
+    (d / "no-bc.pem").write_bytes(_self_signed("old", None)[0])
+    (d / "ca-then-leaf.pem").write_bytes((d / "ca.pem").read_bytes() + (d / "sg2.pem").read_bytes())
+    return d
+
+
+NOT_CA = {
+    "a gateway's certificate": ("sg2.pem", "'CN=sg2,O=ipsecct test PKI'", "CA:FALSE"),
+    "a self-signed leaf": ("selfsigned-leaf.pem", "'CN=pinned'", "CA:FALSE"),
+    "no basicConstraints": ("no-bc.pem", "'CN=old'", "no basicConstraints"),
+    "the CA and a leaf": ("ca-then-leaf.pem", "'CN=sg2,O=ipsecct test PKI'", "CA:FALSE"),
+}
+
+
+@pytest.mark.parametrize("what", list(NOT_CA), ids=list(NOT_CA))
+def test_a_transfer_ca_that_is_not_a_ca_is_refused_naming_the_file(
+    what: str, pkidir: Path
+) -> None:
+    """transfer.ca holding a leaf was taken: a CA-issued one made every handshake between
+    the gateways fail later ("unable to get local issuer certificate"), a self-signed one
+    was trusted as a pinned peer. As swanctl ("ca certificate lacks CA basic constraint,
+    rejected"): a CA file holds CA certificates only."""
+    name, subject, why = NOT_CA[what]
+    for make in (tlschannel.server_context, tlschannel.client_context):
+        with pytest.raises(ChannelError) as ei:
+            make(pkidir / "sg1.pem", pkidir / "sg1.key", pkidir / name)
+        msg = str(ei.value)
+        assert f"the CA file {pkidir / name}: {subject} is not a CA certificate" in msg, msg
+        assert why in msg, msg
+    tlschannel.server_context(pkidir / "sg1.pem", pkidir / "sg1.key", pkidir / "ca.pem")
+
+
+def test_gateway_run_with_a_leaf_as_transfer_ca_is_one_line_and_exit_2(
+    pkidir: Path, tmp_path: Path
+) -> None:
+    ex = tmp_path / "ex"
+    shutil.copytree(ROOT / "examples" / "transfer", ex)
+    shutil.copytree(pkidir, ex / "pki")
+    for k in (ex / "keys").iterdir():
+        os.chmod(k, 0o600)
+    text = (ex / "sg1.toml").read_text()
+    text = text.replace('ca = "pki/ca.pem"', 'ca = "pki/sg2.pem"')
+    text = text.replace('socket = "xfer-sg1.sock"', f'socket = "{tmp_path}/sg1.sock"')
+    text = text.replace('dir = "state/sg1"', f'dir = "{tmp_path}/state"')
+    (ex / "sg1.toml").write_text(text)
+    r = ipsecct("gateway", "run", "-c", str(ex / "sg1.toml"), "--log-level", "error")
+    one_line_error(r, f"{ex}/pki/sg2.pem", "is not a CA certificate")
+
+
+IKE_GW = """name = "gw"
+[outer]
+address = "192.0.2.1"
+[inner]
+kind = "udp"
+listen = "127.0.0.1:7000"
+peer = "127.0.0.1:7001"
+[connections.rw]
+local.auth = "pubkey"
+local.certs = ["{pki}/sg1.pem"]
+remote.auth = "pubkey"
+remote.cacerts = ["{pki}/ca.pem", "{pki}/{ca}"]
+children.net.local_ts = ["10.1.0.0/16"]
+children.net.remote_ts = ["10.2.0.0/16"]
+[secrets.private-gw]
+file = "{pki}/sg1.key"
+"""
+
+
+@pytest.mark.parametrize("what", list(NOT_CA), ids=list(NOT_CA))
+def test_remote_cacerts_that_is_not_a_ca_is_refused_at_load(
+    what: str, pkidir: Path, tmp_path: Path
+) -> None:
+    """remote.cacerts holding a leaf loaded, and refused every peer at its authentication
+    ("no trusted CA": a chain ends only at a CA). Now a configuration error naming the key,
+    the file and the certificate, at load and as gateway run's one line."""
+    name, subject, why = NOT_CA[what]
+    os.chmod(pkidir / "sg1.key", 0o600)
+    good = tmp_path / "good.toml"
+    good.write_text(IKE_GW.format(pki=pkidir, ca="ca.pem"))
+    assert len(config.load(good).connections[0].cacerts) == 2
+    bad = tmp_path / "bad.toml"
+    bad.write_text(IKE_GW.format(pki=pkidir, ca=name))
+    with pytest.raises(ConfigError) as ei:
+        config.load(bad)
+    msg = str(ei.value)
+    assert "connections.rw.remote.cacerts: " in msg, msg
+    assert f"{pkidir}/{name}: {subject} is not a CA certificate" in msg and why in msg, msg
+    r = ipsecct("gateway", "run", "-c", str(bad))
+    one_line_error(r, "remote.cacerts", "is not a CA certificate")
