@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -151,3 +152,36 @@ def test_remote_cacerts_that_is_not_a_ca_is_refused_at_load(
     assert f"{pkidir}/{name}: {subject} is not a CA certificate" in msg and why in msg, msg
     r = ipsecct("gateway", "run", "-c", str(bad))
     one_line_error(r, "remote.cacerts", "is not a CA certificate")
+
+
+def test_rebalance_count_is_bounded_by_the_tunnels_here_and_one_transfers_limit(
+    tmp_path: Path,
+) -> None:
+    """``rebalance --count 10**100`` (or 2 with one tunnel) moved every tunnel there was and
+    said nothing; a count past what one transfer may carry was all sent and then refused by
+    the target. Both are refused before anything moves, in one line; the count that fits
+    still moves."""
+    import asyncio
+
+    from ipsecct.demo import topology as demo
+    from ipsecct.errors import ControlError
+    from ipsecct.ipsec.engine import TunnelState
+    from tests.helpers.handover import run_demo, services
+
+    async def body(d: demo.Demo) -> None:
+        sg1 = services(d)["sg1"]
+        (t,) = d.gateways["sg1"].node.engine.tunnels()
+        for count, says in ((2, "more than the 1 tunnel(s) here that can move"),
+                            (10**100, "one transfer carries at most 2 tunnels"),
+                            (3, "one transfer carries at most 2 tunnels"),
+                            (True, "needs --to PEER and --count N > 0"),
+                            (0, "needs --to PEER and --count N > 0")):  # fmt: skip
+            with pytest.raises(ControlError, match=re.escape(says)):
+                await sg1.control_rebalance({"to": "sg2", "count": count})
+        assert t.state is TunnelState.ACTIVE and not sg1.core.records
+        rec = await asyncio.wait_for(sg1.control_rebalance({"to": "sg2", "count": 1}), 30)
+        assert rec["outcome"] == "committed" and rec["tunnels"] == 1, rec
+        with pytest.raises(ControlError, match="no tunnels to move"):
+            await sg1.control_rebalance({"to": "sg2", "count": 1})
+
+    run_demo(tmp_path, body, transfer={"max_contexts_per_transfer": 4})

@@ -526,8 +526,26 @@ class TransferService:
     async def control_rebalance(self, args: dict[str, Any]) -> Any:
         """``ipsecct rebalance``: move COUNT active tunnels to a peer in one exchange."""
         to, count = args.get("to"), args.get("count")
-        if not isinstance(to, str) or not isinstance(count, int) or count <= 0:
+        if (not isinstance(to, str) or not isinstance(count, int) or isinstance(count, bool)
+                or count <= 0):  # fmt: skip
             raise ControlError("rebalance needs --to PEER and --count N > 0")
+        # Bounded by what one transfer may carry (a target with the same limit refuses more,
+        # after it was all sent) and by the tunnels that can move: a count past them (a typo,
+        # 10**100 from a script) moved everything there was without a word.
+        most = self.core.settings.max_contexts_per_transfer // 2
+        if count > most:
+            raise ControlError(f"--count: one transfer carries at most {most} tunnels "
+                               "([transfer] max_contexts_per_transfer = "
+                               f"{self.core.settings.max_contexts_per_transfer} contexts, 2 a "
+                               "tunnel); move more in several rebalances")  # fmt: skip
+        movable = sum(1 for t in self.node.engine.tunnels()
+                      if t.state is TunnelState.ACTIVE and t.transfer_cap == UNCAPPED)  # fmt: skip
+        if movable == 0:
+            raise ControlError("no tunnels to move")
+        if count > movable:
+            raise ControlError(f"--count: more than the {movable} tunnel(s) here that can "
+                               "move now (active, in no prepared transfer): see ipsecct sa "
+                               "list")  # fmt: skip
         return (await self.rebalance(to, count, limit=_limit(args))).as_dict()
 
     async def control_wait(self, args: dict[str, Any]) -> Any:
