@@ -185,3 +185,22 @@ def test_rebalance_count_is_bounded_by_the_tunnels_here_and_one_transfers_limit(
             await sg1.control_rebalance({"to": "sg2", "count": 1})
 
     run_demo(tmp_path, body, transfer={"max_contexts_per_transfer": 4})
+
+
+@pytest.mark.parametrize(("enc", "key_len", "integ", "esn", "listed"), [
+    ("aes-gcm-16", 20, "none", False, "AES_GCM_16-128"),
+    ("aes-gcm-16", 36, "none", True, "AES_GCM_16-256/ESN"),
+    ("aes-cbc", 16, "hmac-sha2-256-128", False, "AES_CBC-128/HMAC_SHA2_256_128"),
+    ("aes-cbc", 24, "hmac-sha1-96", True, "AES_CBC-192/HMAC_SHA1_96/ESN"),
+    ("chacha20-poly1305", 36, "none", False, "CHACHA20_POLY1305"),
+    ("null", 0, "hmac-sha2-512-256", False, "NULL/HMAC_SHA2_512_256"),
+])  # fmt: skip
+def test_an_sas_algorithms_are_listed_as_swanctl_spells_them(
+    enc: str, key_len: int, integ: str, esn: bool, listed: str
+) -> None:
+    """sa list's ENC column said "aes-gcm-16" (no key size, no integrity algorithm); now
+    ALGORITHMS as swanctl --list-sas prints a CHILD SA's (``algorithms`` in --json, beside
+    the unchanged ``enc`` and ``integ``)."""
+    from ipsecct.ipsec.algorithms import enc_from_name, integ_from_name, swanctl_algorithms
+
+    assert swanctl_algorithms(enc_from_name(enc), key_len, integ_from_name(integ), esn) == listed

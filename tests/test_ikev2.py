@@ -225,6 +225,29 @@ def test_an_aead_proposal_naming_an_integrity_algorithm_is_read_as_strongswan_re
     assert suite is not None and suite.name() == name
 
 
+@pytest.mark.parametrize(("text", "proto", "listed"), [
+    # swanctl --list-sas's spelling (list_sas.c: encr-alg "-" encr-keysize, "/ESN" only with
+    # it); tests/test_ikev2_strongswan.py compares it with a real swanctl's on the same SAs
+    ("aes128-sha256-x25519", M.ProtocolId.IKE,
+     "AES_CBC-128/HMAC_SHA2_256_128/PRF_HMAC_SHA2_256/CURVE_25519"),
+    ("aes256gcm16-prfsha384-ecp384", M.ProtocolId.IKE, "AES_GCM_16-256/PRF_HMAC_SHA2_384/ECP_384"),
+    ("chacha20poly1305-prfsha512-x448", M.ProtocolId.IKE,
+     "CHACHA20_POLY1305/PRF_HMAC_SHA2_512/CURVE_448"),
+    ("aes128gcm16", M.ProtocolId.ESP, "AES_GCM_16-128"),
+    ("aes128gcm16-esn", M.ProtocolId.ESP, "AES_GCM_16-128/ESN"),
+    ("aes192-sha512-modp3072-esn", M.ProtocolId.ESP, "AES_CBC-192/HMAC_SHA2_512_256/MODP_3072/ESN"),
+    ("chacha20poly1305", M.ProtocolId.ESP, "CHACHA20_POLY1305"),
+])  # fmt: skip
+def test_a_suite_is_listed_as_swanctl_list_sas_spells_it(
+    text: str, proto: int, listed: str
+) -> None:
+    """``ipsecct sa list`` printed "AES_CBC_128/.../NO_EXT_SEQ" (charon's log spelling, which
+    name() keeps for the log and errors) where swanctl --list-sas prints "AES_CBC-128/..."."""
+    (o,) = parse_list([text], proto)
+    suite = match(o, M.Proposal(1, proto, b"", o.transforms()))
+    assert suite is not None and suite.listing() == listed
+
+
 @pytest.mark.parametrize(("text", "name"), [
     # what strongSwan 5.9.8's swanctl --load-conns makes of them as esp_proposals (its log
     # "proposals = ESP:...", on this machine): the PRF left out, the rest kept

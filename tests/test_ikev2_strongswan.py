@@ -299,6 +299,20 @@ def test_strongswan_connects_to_ipsecct_gateway(
                 assert sas[0]["proposal"] == expect_ike
                 text = cli("sa", "list", "-s", str(workdir / "gw.sock"))
                 assert text.returncode == 0 and "roadwarrior" in text.stdout, text.stderr
+                # the algorithms as swanctl --list-sas spells them, on the same SAs
+                listed = ss.list_sas()
+                theirs_ike = re.search(r"^  ([A-Z][A-Z0-9_]*(?:-\d+)?(?:/[A-Z0-9_]+)+)$",
+                                       listed, re.M)  # fmt: skip
+                theirs_esp = re.search(r"^  net: #\d+, .*, ESP:(\S+)$", listed, re.M)
+                assert theirs_ike and theirs_esp, listed
+                assert sas[0]["algorithms"] == theirs_ike.group(1), (sas[0], listed)
+                child = sas[0]["children"][0]
+                assert child["algorithms"] == theirs_esp.group(1), (child, listed)
+                assert f"  {theirs_ike.group(1)}, established " in text.stdout, text.stdout
+                assert f", {theirs_esp.group(1)}\n" in text.stdout, text.stdout
+                rows = [r for r in json.loads(cli("sa", "list", "--json", "-s",
+                                                  str(workdir / "gw.sock")).stdout)]  # fmt: skip
+                assert {r["algorithms"] for r in rows} == {theirs_esp.group(1)}, rows
         finally:
             gw.cleanup()
 

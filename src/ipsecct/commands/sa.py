@@ -58,7 +58,7 @@ SA_COLS = [
     ("mode", "MODE"),
     ("src", "SRC"),
     ("dst", "DST"),
-    ("enc", "ENC"),
+    ("algorithms", "ALGORITHMS"),
     ("seq_or_top", "SEQ"),
     ("packets", "PACKETS"),
     ("bytes", "BYTES"),
@@ -70,6 +70,7 @@ def _sa_rows(result: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for r in result:
         r["seq_or_top"] = r.get("seq", r.get("replay_top", ""))
         r["state_upper"] = str(r.get("state", "installed")).upper()
+        r.setdefault("algorithms", r.get("enc", ""))  # (a daemon from before 'algorithms')
     return result
 
 
@@ -272,7 +273,8 @@ def _print_ike(
         print(f"  remote {ike['remote']} id {ike['remote_id']!s}{rv}")
         # a half-open IKE SA is not established: its age is since IKE_SA_INIT
         since = "established" if ike["state"] != "half-open" else "IKE_SA_INIT"
-        print(f"  {ike['proposal']}, {since} {ike['established_s']} s ago{_due(ike)}")
+        algs = ike.get("algorithms", ike["proposal"])  # (a daemon from before 'algorithms')
+        print(f"  {algs}, {since} {ike['established_s']} s ago{_due(ike)}")
         for c in ike["children"]:
             sa = rows.get((int(str(c["spi_out"]), 16), "out")) or {}
             state = str(sa.get("state", "installed")).upper()
@@ -280,7 +282,7 @@ def _print_ike(
             # 0x, as in the SA table: the SPI is copied into sa show / transfer, which read
             # digits alone as decimal (swanctl's "20000001_i" would name 0x01312d01)
             print(f"  {c['name']}: #{c['uid']}, {state}, {mode}, ESP in 0x{c['spi_in']}, "
-                  f"out 0x{c['spi_out']}, {c['proposal']}")  # fmt: skip
+                  f"out 0x{c['spi_out']}, {c.get('algorithms', c['proposal'])}")  # fmt: skip
             print(f"    installed {c['installed_s']} s ago{_due(c)}")
             for d in ("in", "out"):  # (swanctl: "in  c7986f70,    252 bytes,     3 packets")
                 r = rows.get((int(str(c[f"spi_{d}"]), 16), d))

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ControlError, IpsecctError
-from ..ipsec.algorithms import enc_name, integ_name
+from ..ipsec.algorithms import enc_name, integ_name, swanctl_algorithms
 from ..ipsec.sad import Direction, SecurityAssociation
 from .limits import ConnectionLimits, source_of
 from .log import RateLimited, event
@@ -191,6 +191,8 @@ def sa_summary(
         "dst": str(sa.dst),
         "enc": enc_name(sa.enc),
         "integ": integ_name(sa.integ),
+        # as swanctl --list-sas spells them (enc and integ keep the configuration's names)
+        "algorithms": swanctl_algorithms(sa.enc, len(sa.enc_key), sa.integ, sa.esn),
         "esn": sa.esn,
         "replay_window": sa.replay_window,
         "path_mtu": sa.path_mtu,

@@ -391,6 +391,7 @@ class IkeSA:
             "local_id": self.local_id_text(),
             "remote_id": self.peer_id,
             "proposal": self.suite.name(),
+            "algorithms": self.suite.listing(),  # swanctl --list-sas's spelling
             "nat": {"local": self.nat_local, "remote": self.nat_remote},
             "mobike": self.mobike,
             # swanctl --list-sas: "remote ... virtual IP" / "local ... virtual IP"
@@ -408,6 +409,7 @@ class IkeSA:
                     "spi_in": f"{c.spi_in:08x}",
                     "spi_out": f"{c.spi_out:08x}",
                     "proposal": c.suite.name(),
+                    "algorithms": c.suite.listing(),
                     "local_ts": [str(t) for t in c.local_ts],
                     "remote_ts": [str(t) for t in c.remote_ts],
                     "installed_s": round(now - c.created, 1),

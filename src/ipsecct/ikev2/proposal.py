@@ -174,12 +174,25 @@ class Suite:
         return Proposal(num, self.protocol, spi, tuple(tr))
 
     def name(self) -> str:
-        """strongSwan's way of naming the suite; a transform number with no name here (a
-        peer gateway's context may carry any) is shown as a number, never a KeyError."""
+        """charon's way of naming the suite in its log ("selected proposal:
+        ESP:AES_GCM_16_128/NO_EXT_SEQ", proposal.c's printf hook); a transform number with no
+        name here (a peer gateway's context may carry any) is shown as a number, never a
+        KeyError."""
+        return self._named("_", True)
+
+    def listing(self) -> str:
+        """``swanctl --list-sas``'s spelling (list_sas.c from vici_query.c's encr-alg,
+        encr-keysize, integ-alg, prf-alg, dh-group): the key size after a '-'
+        ("AES_CBC-128/HMAC_SHA2_256_128/PRF_HMAC_SHA2_256/CURVE_25519"), "/ESN" only when
+        the CHILD SA has it."""
+        return self._named("-", False)
+
+    def _named(self, size_sep: str, seq_always: bool) -> str:
         enc = {ENCR_AES_CBC: "AES_CBC", ENCR_AES_GCM_16: "AES_GCM_16",
                ENCR_CHACHA20_POLY1305: "CHACHA20_POLY1305"}.get(
                    self.encr, f"ENCR_{self.encr}")  # fmt: skip
-        parts = [enc if self.encr == ENCR_CHACHA20_POLY1305 else f"{enc}_{self.key_bits}"]
+        parts = [enc if self.encr == ENCR_CHACHA20_POLY1305
+                 else f"{enc}{size_sep}{self.key_bits}"]  # fmt: skip
         if self.integ is not None:
             parts.append({AUTH_HMAC_SHA1_96: "HMAC_SHA1_96",
                           AUTH_HMAC_SHA2_256_128: "HMAC_SHA2_256_128",
@@ -196,8 +209,8 @@ class Suite:
                           21: "ECP_521", 14: "MODP_2048", 15: "MODP_3072",
                           16: "MODP_4096", 17: "MODP_6144",
                           18: "MODP_8192"}.get(self.dh, f"DH_{self.dh}"))  # fmt: skip
-        if self.protocol != ProtocolId.IKE:
-            parts.append("EXT_SEQ" if self.esn else "NO_EXT_SEQ")
+        if self.protocol != ProtocolId.IKE and (seq_always or self.esn):
+            parts.append(("EXT_SEQ" if seq_always else "ESN") if self.esn else "NO_EXT_SEQ")
         return "/".join(parts)
 
 

@@ -103,6 +103,26 @@ def integ_name(alg: IntegAlg) -> str:
     return next(k for k, v in INTEG_NAMES.items() if v is alg)
 
 
+# swanctl --list-sas's names (strongSwan's encryption_algorithm_names and
+# integrity_algorithm_names: crypter.c, signer.c)
+_SWANCTL_ENC = {EncAlg.NULL: "NULL", EncAlg.AES_CBC: "AES_CBC", EncAlg.AES_GCM_16: "AES_GCM_16",
+                EncAlg.CHACHA20_POLY1305: "CHACHA20_POLY1305"}  # fmt: skip
+
+
+def swanctl_algorithms(enc: EncAlg, enc_key_len: int, integ: IntegAlg, esn: bool) -> str:
+    """An SA's algorithms as ``swanctl --list-sas`` prints a CHILD SA's: "AES_GCM_16-128",
+    "AES_CBC-128/HMAC_SHA2_256_128/ESN", "CHACHA20_POLY1305" (its key size is not
+    negotiated, so not printed). ``enc_key_len``: the octets the SA holds (an AEAD's salt
+    included)."""
+    name = _SWANCTL_ENC[enc]
+    bits = 8 * (enc_key_len - 4 if ENC[enc].aead else enc_key_len)
+    if enc in (EncAlg.AES_CBC, EncAlg.AES_GCM_16) and bits > 0:
+        name += f"-{bits}"
+    if integ is not IntegAlg.NONE:
+        name += "/" + integ.name
+    return name + ("/ESN" if esn else "")
+
+
 def enc_from_name(name: str) -> EncAlg:
     try:
         return ENC_NAMES[name.lower()]
