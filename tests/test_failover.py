@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import logging
 import os
 import shutil
 import signal
@@ -2250,6 +2251,7 @@ def _alone_driver(rep: failover.Replicator, path: Path, clock: list[float]) -> A
     )
     d.joining, d.reformed, d._stopping = False, 0, False
     d._ceilinged, d.stale_standby = [], 0
+    d.destroyed, d.destroyed_returned = None, 0
     d.status = lambda: {}  # type: ignore[method-assign]
 
     def new_standby(epoch: int) -> failover.Standby:
@@ -2331,3 +2333,89 @@ def test_no_seq_sent_twice_a_standby_stopped_unseen_by_its_clocks_never_sends_wh
     first = _sent(sb.engine, 1, now2 + 10.0)
     assert taken and first, (taken, first)
     assert first[0] > max(sent), f"sg2 resumes at {first[0]}, sg1 sent up to {max(sent)}"
+
+
+def _pair_up(rep: failover.Replicator, sb: failover.Standby, t: float, t_sb: float) -> None:
+    """``rep`` replicates to ``sb`` until it acknowledged everything (a few polls)."""
+    for i in range(5):
+        for m in wire(rep.handle_timer(t + i * 0.01)):
+            for reply in sb.receive(m, t_sb + i * 0.01):
+                rep.receive(wire([reply])[0], t + i * 0.01)
+
+
+@pytest.mark.parametrize("comes_back", ["replacement", "old replicas"])
+def test_no_seq_sent_twice_a_destroyed_standby_lifts_the_kept_ceilings(
+    comes_back: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """sg1 runs alone (`failover alone --standby-is-down`): the tunnel sg2 holds replicas of
+    stalls at floor + seq_margin. The operator says more: sg2 is destroyed
+    (`--standby-destroyed`, accepted now that sg1 runs alone): the ceiling is lifted (one
+    WARNING), sg1 sends on past it. Then sg2 comes back: a replacement with an empty state
+    (it holds nothing: JOIN (0, 0)), or, the assertion false, the old one with its epoch-1
+    replicas (an ERROR: its old state is refused). Either way sg1 is fenced until it
+    acknowledged a whole state of epoch 2, the ceiling is set again from that floor, and a
+    take-over by sg2 resumes above every number sg1 sent (guards THE invariant)."""
+    from ipsecct.gateway.failover_driver import UNFENCED, alone_after
+
+    kw: dict[str, Any] = {"fencing": True, "dead_ms": 500.0, "heartbeat_ms": 100.0}
+    act = Engine(ip(SG_ADDR["sg1"]))
+    tun = add_tunnel(act, 1)
+    rep = failover.Replicator(act, cfg(**kw), session=7)
+    old = standby(Engine(ip(SG_ADDR["sg2"])), **kw)
+    clock = [0.0]
+    d = _alone_driver(rep, tmp_path / "failover-epoch.json", clock)
+    sent: list[int] = []
+    t = 0.0
+    while t < 1.0:
+        sent += _sent(act, 20, t)
+        _pair_up(rep, old, t, t)
+        t = round(t + 0.05, 3)
+    assert rep.lease is not None
+    t = rep.lease.expiry + alone_after(500.0) + 0.01  # sg2 gone: the lease ran out
+    clock[0] = t
+    d.go_alone(t)
+    assert d._ceilinged == [tun] and tun.seq_ceiling < UNFENCED
+    burst = _sent(act, 3000, t)  # margin 1000: it stalls at the ceiling
+    sent += burst
+    assert burst and max(sent) <= tun.seq_ceiling and len(burst) < 3000
+    with caplog.at_level(logging.WARNING, logger="ipsecct.ct.failover"):
+        d.go_alone(t, destroyed=True)
+    lifted = [r for r in caplog.records if "failover-standby-destroyed" in r.getMessage()]
+    assert len(lifted) == 1 and lifted[0].levelno == logging.WARNING
+    assert d.destroyed is not None and d.destroyed["lifted"] == 1 and d._ceilinged == []
+    assert tun.seq_ceiling == UNFENCED
+    more = _sent(act, 3000, t)
+    assert len(more) == 3000  # past the old ceiling
+    sent += more
+    assert len(sent) == len(set(sent))
+    caplog.clear()
+    t += 0.1
+    clock[0] = t
+    if comes_back == "replacement":
+        sb = standby(Engine(ip(SG_ADDR["sg2"])), **kw)  # an empty state directory
+        d.receive("sg2", wire([failover.join_message(sb.epoch, 0, 0)])[0])
+    else:
+        sb = old  # still holds epoch 1's replicas: JOINs saying so
+        assert sb.seen_session == 7
+        d.receive("sg2", wire([failover.join_message(sb.epoch, 7, sb.seen_seq)])[0])
+    returned = [r for r in caplog.records
+                if "failover-destroyed-standby-returned" in r.getMessage()]  # fmt: skip
+    assert len(returned) == (comes_back == "old replicas"), caplog.text
+    assert d.destroyed_returned == len(returned)
+    rep2 = d.replicator
+    assert rep2 is not None and rep2.epoch == 2 and rep2.session != 7
+    assert _sent(act, 10, t) == []  # fenced until sg2 acknowledges epoch 2
+    first = wire(rep2.handle_timer(t))
+    assert failover.parse_sync_full(first[0].cdbs[1])[0]  # a whole state, never a delta
+    for m in first:
+        for reply in sb.receive(m, t):
+            rep2.receive(wire([reply])[0], t)
+    _pair_up(rep2, sb, t + 0.05, t + 0.05)
+    assert sb.epoch == 2 and rep2.acks > 0
+    assert tun.seq_ceiling == rep2.floor[tun] + rep2.cfg.seq_margin  # bounded again
+    sent += _sent(act, 100, t + 0.2)
+    assert len(sent) == len(set(sent))
+    taken, _, _ = sb.take_over(t + 10.0)  # sg1 falls silent from here on
+    resumed = _sent(sb.engine, 1, t + 10.0)
+    assert taken and resumed, (taken, resumed)
+    assert resumed[0] > max(sent), f"sg2 resumes at {resumed[0]}, sg1 sent up to {max(sent)}"

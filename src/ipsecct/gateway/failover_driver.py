@@ -192,6 +192,13 @@ class FailoverDriver:
         # an earlier epoch (stopped unseen: _stale_standby).
         self._ceilinged: list[Tunnel] = []
         self.stale_standby = 0
+        # The operator's stronger word (``failover alone --standby-destroyed``): the standby
+        # can never run again with the state it had, so the kept ceilings go. What was
+        # asserted, when, in which epoch, how many it lifted (status ``standby_destroyed``),
+        # and how often that peer came back holding replicas of an earlier epoch all the
+        # same (the assertion was false: an ERROR each time, and a whole state again).
+        self.destroyed: dict[str, Any] | None = None
+        self.destroyed_returned = 0
         # (since, until): the standby woke up past its dead time and asks the peer first;
         # the epoch it was in then (the peer that ran alone answers in a later one)
         self._resume_hold: tuple[float, float] | None = None
@@ -531,6 +538,9 @@ class FailoverDriver:
         sb = self.standby
         if sb is None or sb.took_over is None or epoch > sb.epoch or self.fencing is None:
             return  # a standby itself, or the peer knows a later epoch: nothing to do
+        held = join_held(msg)
+        if held[0] != 0 and epoch < sb.epoch:
+            self._destroyed_returned(f"a JOIN of epoch {epoch} holding replicas")
         self._become_active(now)
 
     def _stale_standby(self, epoch: int, now: float) -> bool:
@@ -546,6 +556,7 @@ class FailoverDriver:
         if self._stopping:
             return True  # (going away: nobody to replicate from; the ACK means nothing)
         self.stale_standby += 1
+        self._destroyed_returned(f"an acknowledgement of epoch {epoch}")
         event(
             log,
             "failover-stale-standby",
@@ -561,6 +572,32 @@ class FailoverDriver:
         )
         self._become_active(now)
         return True
+
+    def _destroyed_returned(self, what: str) -> None:
+        """The peer the operator said was destroyed (``--standby-destroyed``) shows it holds
+        replicas of an earlier epoch: it was not (a VM paused or restored from a snapshot).
+        Its old-epoch state is never taken as ours: it becomes our standby only through a
+        whole state of our epoch (a new Replicator's first message is FULL, and its session
+        is new, so no JOIN is taken as holding our stream), and we are fenced until it
+        acknowledges that. What the lifted ceilings let this gateway send meanwhile may be
+        above where a take-over from its old replicas resumes: said as an ERROR."""
+        if self.destroyed is None:
+            return
+        self.destroyed_returned += 1
+        event(
+            log,
+            "failover-destroyed-standby-returned",
+            logging.ERROR,
+            node=self.node.name,
+            peer=self.cfg.peer,
+            epoch=self.destroyed["epoch"],
+            detail=f"{self.cfg.peer} was said to be destroyed (failover alone "
+            f"--standby-destroyed), yet it sent {what}: it still runs with its old state. "
+            f"Its replicas are refused: it gets this gateway's whole state before it may "
+            f"take anything over. Had it taken over from them, it and this gateway may "
+            f"have sent the same (SPI, sequence number) pairs: check {self.cfg.peer}'s log "
+            "for a take-over and rekey those tunnels",
+        )
 
     def _become_active(self, now: float) -> None:
         """This gateway took over and runs alone; its peer asks to be its standby: replicate
@@ -589,7 +626,7 @@ class FailoverDriver:
         )
         self.node.timers.poke()
 
-    def go_alone(self, now: float) -> dict[str, Any]:
+    def go_alone(self, now: float, *, destroyed: bool = False) -> dict[str, Any]:
         """The operator says the standby is down (``ipsecct failover alone``): run alone, as a
         gateway that took over does, in a new epoch. Refused while the lease is valid (the
         standby acknowledged within the lease: it is alive). Safe only if the standby cannot
@@ -598,8 +635,17 @@ class FailoverDriver:
         partition, which is why it needs the operator. Refused too until the lease ended
         :func:`alone_after` ago: a standby that is only stopped (SIGSTOP, suspended) must
         count itself paused when it runs again, and ask this gateway before it takes over
-        (``_check_paused``); after a shorter stop it would take its silence for a crash."""
+        (``_check_paused``); after a shorter stop it would take its silence for a crash.
+
+        ``destroyed`` (``--standby-destroyed``): the operator says more, that the standby can
+        never run again with the state it had (its machine destroyed, its state directory
+        wiped): no replica of it can be taken over, so the ceilings its replicas set are
+        lifted too (:meth:`lift_ceilings`). Also accepted once this gateway runs alone."""
         r, fencing = self.replicator, self.fencing
+        sb0 = self.standby
+        if (destroyed and r is None and fencing is not None and sb0 is not None
+                and sb0.took_over is not None):  # fmt: skip
+            return self.lift_ceilings(now, sb0.epoch)
         if r is None or r.superseded_by is not None or fencing is None:
             raise ControlError(
                 "only the active gateway of a pair with fencing can be told to run alone "
@@ -651,6 +697,8 @@ class FailoverDriver:
             if t not in r.floor:
                 t.seq_ceiling = UNFENCED
         self._ceilinged = kept
+        if not destroyed:
+            self.destroyed = None  # (said of an earlier standby: this one only is down)
         self.node.engine.send_until = math.inf
         held = len(fencing.held)
         fencing.release()
@@ -663,14 +711,58 @@ class FailoverDriver:
             epoch=epoch,
             tunnels=len(tunnels),
             released=held,
-            ceilinged=len(kept),
+            ceilinged=0 if destroyed else len(kept),
             detail=f"the operator said {self.cfg.peer} is down: this gateway runs alone and "
             f"sends again; when {self.cfg.peer} comes back it becomes the standby"
             + (f". {len(kept)} tunnel(s) {self.cfg.peer} holds replicas of keep their "
                f"ceilings (at most {self.cfg.seq_margin} packets past what it holds, then "
                f"they stall) until it is the standby again: a standby stopped unseen (a "
                f"paused VM whose clocks show no gap) would take them over from there; "
-               f"restart {self.cfg.peer} to lift them" if kept else ""),
+               f"restart {self.cfg.peer} to lift them" if kept and not destroyed else ""),
+        )
+        if destroyed:
+            return self.lift_ceilings(now, epoch)
+        return self.status()
+
+    def lift_ceilings(self, now: float, epoch: int) -> dict[str, Any]:
+        """The operator says the standby was destroyed (``failover alone --standby-is-down
+        --standby-destroyed``): it can never run again with the replicas it held, so nothing
+        can take over from them, and the ceilings go_alone kept for it (floor + seq_margin:
+        where a take-over from them would resume) are lifted. A replacement standby (empty
+        state) or this one restarted holds nothing and gets our whole state when it JOINs
+        (and sets the ceilings again from its acknowledgements); one that comes back with
+        its old replicas after all is refused them (_destroyed_returned). Said loudly: one
+        WARNING event, and ``standby_destroyed`` in status."""
+        kept = [t for t in self._ceilinged if self.node.engine.has_tunnel(t)]
+        stalled = sum(1 for t in kept if t.outbound.seq >= t.seq_ceiling)
+        for t in kept:
+            t.seq_ceiling = UNFENCED
+        self._ceilinged = []
+        self.destroyed = {
+            "by": "the operator: ipsecct failover alone --standby-is-down --standby-destroyed",
+            "asserted": f"{self.cfg.peer} can never run again with the state it had (its "
+            "machine destroyed or its state directory wiped)",
+            "epoch": epoch,
+            "lifted": len(kept) + (self.destroyed["lifted"] if self.destroyed else 0),
+            "at": now,
+        }
+        self.node.timers.poke()
+        event(
+            log,
+            "failover-standby-destroyed",
+            logging.WARNING,
+            node=self.node.name,
+            peer=self.cfg.peer,
+            epoch=epoch,
+            lifted=len(kept),
+            stalled=stalled,
+            detail=f"the operator says {self.cfg.peer} is destroyed: it can never run again "
+            f"with the state it had. The ceilings its replicas set are lifted on "
+            f"{len(kept)} tunnel(s) ({stalled} stalled at theirs): they send without bound "
+            f"now. If {self.cfg.peer} comes back with its old replicas after all (a paused "
+            f"VM, a snapshot), it and this gateway may send the same (SPI, sequence number) "
+            f"pairs; a replacement {self.cfg.peer} with an empty state directory pairs again "
+            "by itself",
         )
         return self.status()
 
@@ -843,6 +935,7 @@ class FailoverDriver:
                 # polls that walked every tunnel because a touched list was full (some SA
                 # counted unlisted: docs/cluster.md, "the idle poll")
                 "touched_overflows": self.replicator.overflows,
+                **self._destroyed_status(now),
                 **lease,
             }
         if self.standby is not None and self.standby.took_over is None:
@@ -897,14 +990,36 @@ class FailoverDriver:
             "back (it then becomes the standby by itself)"
             + (f"; {ceilinged} tunnel(s) keep the ceilings {self.cfg.peer}'s replicas set "
                f"({at_ceiling} at theirs: they stall there) until it is the standby again"
-               " (restart it): it may only be stopped unseen" if ceilinged else ""),
+               " (restart it): it may only be stopped unseen; if it is destroyed, `ipsecct"
+               " failover alone --standby-is-down --standby-destroyed` lifts them"
+               if ceilinged else "")
+            + (f"; the ceilings {self.cfg.peer}'s replicas set were lifted on the operator's"
+               f" word that {self.cfg.peer} was destroyed" if self.destroyed else ""),
             # tunnels bounded by the replicas of the standby told down (go_alone), and of
             # them those that reached their ceiling; acknowledgements of an earlier epoch
             # taken as a JOIN (a standby stopped unseen came back)
             "ceilinged_tunnels": ceilinged,
             "at_ceiling": at_ceiling,
             "stale_standby": self.stale_standby,
+            **self._destroyed_status(now),
             **lease,
+        }
+
+    def _destroyed_status(self, now: float) -> dict[str, Any]:
+        """What the operator asserted with ``--standby-destroyed`` (none: {})."""
+        d = self.destroyed
+        if d is None:
+            return {}
+        return {
+            "standby_destroyed": {
+                "by": d["by"],
+                "asserted": d["asserted"],
+                "epoch": d["epoch"],
+                "ceilings_lifted": d["lifted"],
+                "ms_ago": round((now - d["at"]) * 1000),
+                # the peer came back with replicas of an earlier epoch all the same
+                "returned_with_old_state": self.destroyed_returned,
+            }
         }
 
 

@@ -317,7 +317,10 @@ class Service:
                 "say --standby-is-down: only once the standby's process is stopped (a standby "
                 "alive behind a partition would take over too)"
             )
-        return self.failover.go_alone(self.node.clock())
+        destroyed = args.get("standby_destroyed", False)
+        if not isinstance(destroyed, bool):
+            raise ControlError("standby_destroyed must be true or false")
+        return self.failover.go_alone(self.node.clock(), destroyed=destroyed)
 
     def _peer_open(self, peer: str) -> None:
         if self.failover is not None:
