@@ -280,10 +280,11 @@ def test_etcd_mode_a_restarted_member_holds_the_survivors_replicas(
     assert {spi for spi, _, _, t in list(cap.seen) if t_end - 0.5 < t < t_end} == every
 
 
-def write_pair(gws: Gateways) -> tuple[int, set[int], Callable[[], str]]:
-    """sg1 active with the tunnels, sg2 its standby, dead_ms = DEAD_MS: (sg1's outer port, the
-    tunnels' outbound SPIs, what to print when a wait fails)."""
-    fo = f"[failover]\npeer = \"{{peer}}\"\nrole = \"{{role}}\"\ndead_ms = {DEAD_MS}\n"
+def write_pair(gws: Gateways, extra: str = "") -> tuple[int, set[int], Callable[[], str]]:
+    """sg1 active with the tunnels, sg2 its standby, dead_ms = DEAD_MS (and ``extra`` in both
+    [failover]): (sg1's outer port, the tunnels' outbound SPIs, what to print when a wait
+    fails)."""
+    fo = f"[failover]\npeer = \"{{peer}}\"\nrole = \"{{role}}\"\ndead_ms = {DEAD_MS}\n{extra}"
     gws.write("sg1", peers=["sg2"], extra=fo.format(peer="sg2", role="active"))
     gws.write("sg2", peers=["sg1"], with_tunnels=False,
               extra=fo.format(peer="sg1", role="standby"))  # fmt: skip
@@ -314,16 +315,17 @@ def start_pair(gws: Gateways, detail: Callable[[], str]) -> Traffic:
     return traffic
 
 
-def alone_when_allowed(gws: Gateways) -> str:
-    """``failover alone --standby-is-down`` on sg1, again while it is refused because the
-    lease ended too recently (it says how long to wait: alone_after(DEAD_MS), 3 s here);
-    its JSON answer."""
+def alone_when_allowed(gws: Gateways, *more: str) -> str:
+    """``failover alone --standby-is-down`` (and ``more``) on sg1, again while it is refused
+    because the lease ended too recently (it says how long to wait: alone_after(DEAD_MS), 3 s
+    here); its JSON answer."""
     from tests.helpers.deployment import cli
 
     answers: list[tuple[int, str, str]] = []
 
     def told() -> bool:
-        r = cli("failover", "alone", "--standby-is-down", "--json", "-c", gws.config("sg1"))
+        r = cli("failover", "alone", "--standby-is-down", *more, "--json", "-c",
+                gws.config("sg1"))  # fmt: skip
         answers.append((r.returncode, r.stdout, r.stderr))
         if r.returncode == 0:
             return True
@@ -403,6 +405,140 @@ def test_a_lost_standby_the_operator_lets_the_active_run_alone(gws: Gateways) ->
         time.sleep(0.5)
         t_end = time.monotonic()
         assert sending(cap, t_end - 0.3, t_end) == every
+    finally:
+        traffic.close()
+    assert cap.duplicates() == []
+    assert senders(cap, 0, time.monotonic()) == {port1}
+
+
+MARGIN = 300  # seq_margin: a tunnel at 100 packets a second reaches its ceiling in 3 s
+
+
+def test_a_destroyed_standby_the_operator_lifts_the_ceilings_and_a_replacement_pairs_again(
+    gws: Gateways,
+) -> None:
+    """sg2 dies for good; sg1 is let run alone (`failover alone --standby-is-down`) and the
+    tunnels sg2 held replicas of stall at their ceilings (floor + seq_margin). The operator
+    says sg2 is destroyed (`--standby-destroyed`, accepted while sg1 runs alone; refused
+    without --standby-is-down): the ceilings are lifted, said once as a WARNING, in status
+    and in the answer, and sg1 sends again. A replacement sg2 with an EMPTY state directory
+    joins, gets the whole state, acknowledges, and the pair re-forms (epoch 2); killed, sg1
+    is taken over by it. Not one (SPI, sequence number) pair twice on the wire (guards THE
+    invariant)."""
+    import shutil
+
+    from tests.helpers.deployment import cli
+
+    cap: Capture = gws.capture  # type: ignore[attr-defined]
+    port1, every, detail = write_pair(gws, f"seq_margin = {MARGIN}\n")
+    port2 = gws.ports["sg2"]["outer"]
+    traffic = start_pair(gws, detail)
+    try:
+        gws.kill("sg2")
+        wait_for(lambda: failover(gws, "sg1")["lease"]["state"] == "lost", "lease not lost",
+                 detail=detail)  # fmt: skip
+        st = json.loads(alone_when_allowed(gws))
+        assert st["epoch"] == 2 and st["ceilinged_tunnels"] == TUNNELS, st
+        assert "standby_destroyed" not in st, st
+        wait_for(lambda: failover(gws, "sg1")["at_ceiling"] == TUNNELS,
+                 "the kept ceilings did not stall the tunnels", detail=detail)  # fmt: skip
+        fo = failover(gws, "sg1")
+        assert "--standby-destroyed" in fo["detail"], fo
+        t_stalled = time.monotonic()
+        wait_for(lambda: time.monotonic() > t_stalled + 0.5, "")  # (the wire, meanwhile)
+        assert senders(cap, t_stalled + 0.1, time.monotonic()) == set()  # stalled
+        r = cli("failover", "alone", "--standby-destroyed", "-c", gws.config("sg1"))
+        assert r.returncode != 0 and "--standby-is-down" in r.stdout + r.stderr, r
+        assert len((r.stdout + r.stderr).strip().splitlines()) == 1, r
+        assert failover(gws, "sg1")["at_ceiling"] == TUNNELS  # refused: nothing lifted
+        r = cli("failover", "alone", "--standby-is-down", "--standby-destroyed",
+                "-c", gws.config("sg1"))  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.startswith("took over, epoch 2: runs alone;"), r.stdout
+        assert ("asserted by you: sg2 can never run again with the state it had (its machine"
+                " destroyed or its state directory wiped); the ceilings its replicas set are"
+                f" lifted ({TUNNELS} tunnel(s))") in r.stdout, r.stdout  # fmt: skip
+        fo = failover(gws, "sg1")
+        d = fo["standby_destroyed"]
+        assert "--standby-destroyed" in d["by"] and d["epoch"] == 2, fo
+        assert d["ceilings_lifted"] == TUNNELS and d["returned_with_old_state"] == 0, fo
+        assert (fo["ceilinged_tunnels"], fo["at_ceiling"]) == (0, 0), fo
+        assert "lifted on the operator's word" in fo["detail"], fo
+        assert gws.log("sg1").count("event=failover-standby-destroyed") == 1
+        t_lift = time.monotonic()
+        wait_for(lambda: sending(cap, t_lift + 0.3) == every,
+                 "sg1 does not send past the lifted ceilings", detail=detail)  # fmt: skip
+        # the replacement machine: sg2's configuration, an empty state directory
+        shutil.rmtree(gws.dir / "state-sg2")
+        gws.start("sg2")
+        wait_for(lambda: failover(gws, "sg1")["role"] == "active"
+                 and failover(gws, "sg1")["standby_acknowledged"]
+                 and failover(gws, "sg2")["replicated_tunnels"] == TUNNELS,
+                 "the replacement standby did not pair", detail=detail)  # fmt: skip
+        fo, fo2 = failover(gws, "sg1"), failover(gws, "sg2")
+        assert fo["epoch"] == 2 and fo["sending"] is True, fo
+        assert fo2["role"] == "standby" and fo2["epoch"] == 2, fo2
+        assert fo["standby_destroyed"]["returned_with_old_state"] == 0, fo
+        t_paired = time.monotonic()
+        wait_for(lambda: sending(cap, t_paired + 0.3) == every,
+                 "sg1 does not send once paired again", detail=detail)  # fmt: skip
+        gws.kill("sg1")  # the new pair works: sg2 takes over from its replicas
+        wait_for(lambda: failover(gws, "sg2")["role"] == "took over",
+                 "the replacement did not take over", detail=detail)  # fmt: skip
+        t_taken = time.monotonic()
+        wait_for(lambda: sending(cap, t_taken + 0.3) == every,
+                 "sg2 does not send after its take-over", detail=detail)  # fmt: skip
+    finally:
+        traffic.close()
+    assert cap.duplicates() == []
+    assert senders(cap, 0, time.monotonic()) == {port1, port2}
+
+
+def test_a_standby_said_destroyed_that_comes_back_with_its_old_replicas_is_refused_them(
+    gws: Gateways,
+) -> None:
+    """The operator's assertion is false: sg2 was only paused (SIGSTOP) when sg1 was told
+    `failover alone --standby-is-down --standby-destroyed` (no ceiling kept). sg2 runs again
+    holding its epoch-1 replicas, far below what sg1 sent since: sg1 refuses that state (an
+    ERROR, counted in status), replicates its whole state of epoch 2 to it (fenced until it
+    acknowledges), and sg2 becomes its standby without taking anything over. Nothing sent
+    twice (guards THE invariant)."""
+    import os
+    import signal
+
+    cap: Capture = gws.capture  # type: ignore[attr-defined]
+    port1, every, detail = write_pair(gws)
+    traffic = start_pair(gws, detail)
+    pid2 = gws.procs["sg2"].pid
+    try:
+        os.kill(pid2, signal.SIGSTOP)
+        try:
+            wait_for(lambda: failover(gws, "sg1")["lease"]["state"] == "lost",
+                     "lease not lost", detail=detail)  # fmt: skip
+            st = json.loads(alone_when_allowed(gws, "--standby-destroyed"))
+            assert st["epoch"] == 2 and st["ceilinged_tunnels"] == 0, st
+            assert st["standby_destroyed"]["ceilings_lifted"] == TUNNELS, st
+            t_alone = time.monotonic()
+            wait_for(lambda: sending(cap, t_alone + 0.3) == every,
+                     "sg1 does not send again", detail=detail)  # fmt: skip
+            wait_for(lambda: time.monotonic() > t_alone + DEAD_MS / 1000 + 1.5, "")
+        finally:
+            os.kill(pid2, signal.SIGCONT)
+        wait_for(lambda: failover(gws, "sg1")["role"] == "active"
+                 and failover(gws, "sg1")["standby_acknowledged"]
+                 and failover(gws, "sg2")["epoch"] == 2
+                 and failover(gws, "sg2")["replicated_tunnels"] == TUNNELS,
+                 "the resumed standby did not become the standby of epoch 2",
+                 detail=detail)  # fmt: skip
+        fo, fo2 = failover(gws, "sg1"), failover(gws, "sg2")
+        assert fo["standby_destroyed"]["returned_with_old_state"] >= 1, fo
+        assert fo2["role"] == "standby", fo2
+        lines = [ln for ln in gws.log("sg1").splitlines()
+                 if "event=failover-destroyed-standby-returned" in ln]  # fmt: skip
+        assert lines and all("ERROR" in ln for ln in lines), gws.log("sg1")
+        t_end = time.monotonic()
+        wait_for(lambda: sending(cap, t_end + 0.3) == every, "sg1 stopped sending",
+                 detail=detail)  # fmt: skip
     finally:
         traffic.close()
     assert cap.duplicates() == []
