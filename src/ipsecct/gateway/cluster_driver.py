@@ -782,18 +782,29 @@ class ClusterDriver:
         # over the key, is ours now as it is: its source stopped at the commit, so this copy
         # is the newest. Any other copy here (restored from our durable state after a
         # restart: someone may have sent on it since) is older than what the group's owner
-        # sent, and is replaced by a replica or dropped, never sent on.
+        # sent, and is replaced by a replica or dropped, never sent on. A tunnel a transfer
+        # from the group's owner holds here pending (its COMMIT not come) is not left to the
+        # transfer: the owner's lease is gone, so it can never commit as the owner, and were
+        # the transfer cancelled (the owner running again, or its prepared wait over) the
+        # pending copy went, the replica was dropped (the group has an owner) and the tunnel
+        # was lost for good. The transfer is withdrawn and the replica installed (above
+        # anything the owner sent; the pending copy may be older than a rollback there).
         wanted = set(spis)
-        here, busy = [], set()
+        here, busy, pending = [], set(), []
         for t in self.node.engine.tunnels():
             if t.outbound.spi not in wanted:
                 continue
             if t.state is not TunnelState.ACTIVE:
-                busy.add(t.outbound.spi)  # in a transfer: the transfer decides
+                if self.transfer is not None and self.transfer.core.awaiting_commit(t):
+                    pending.append(t)  # towards us, from the group's dead owner: below
+                else:
+                    busy.add(t.outbound.spi)  # in a transfer: the transfer decides
             elif t.outbound.spi in self._transferred_in:
                 here.append(t)
             else:
                 self.node.engine.remove_tunnel(t)
+        for t in pending:
+            self._withdraw(t)
         for t in here:
             for sb in self.standbys.values():
                 sb.replica.pop(t.outbound.spi, None)
@@ -801,6 +812,19 @@ class ClusterDriver:
         self._now_owned(here)
         have = {t.outbound.spi for t in here} | busy
         return self._install([s for s in spis if s not in have], dead, creators=got)
+
+    def _withdraw(self, t: Tunnel) -> None:
+        """Cancel the transfer towards us that holds ``t`` pending (its source, whose group
+        we adopted, told with a CTC: a COMMIT of it arriving later activates nothing)."""
+        assert self.transfer is not None
+        taken = self.transfer.core.withdraw(t, self.node.clock(), "its owner's lease ended")
+        if taken is None:
+            return  # (withdrawn with another tunnel of its transfer)
+        self.transfer.run(taken[1])
+        event(log, "cluster-transfer-withdrawn", logging.WARNING, node=self.node.name,
+              spi=f"0x{spi_hex(t)}", detail="a transfer towards us held it pending when its "
+              "owner's lease ended: the transfer is cancelled, the tunnel taken over from "
+              "its replica")  # fmt: skip
 
     def _install(
         self, spis: list[int], dead: list[str], creators: list[str] | None = None
