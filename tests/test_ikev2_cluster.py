@@ -17,6 +17,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,7 +26,7 @@ import pytest
 
 from tests.helpers import strongswan
 from tests.helpers.ike_world import CLIENT, Client, IkeWorld, ike_world, waiting_with_logs
-from tests.helpers.netns_topology import HOST, MN_OUTER, SG_OUTER, Traffic, cli
+from tests.helpers.netns_topology import HOST, MN_OUTER, SG_OUTER, VIP, Traffic, cli
 
 needs_strongswan = pytest.mark.skipif(not strongswan.available(), reason=strongswan.skip_reason())
 
@@ -214,6 +215,91 @@ def test_handover_then_the_target_dies_and_the_source_takes_the_ike_sa_back(
         print("stream:", mn, "\nping lost:", len(ping.lost), "\nsg1:", w.counters("sg1"),
               "\ncluster:", w.status("sg1")["cluster"],
               "\nesp pairs:", sum(pairs.values()))  # fmt: skip
+
+
+@pytest.mark.root
+@pytest.mark.slow
+@needs_strongswan
+def test_a_member_stopped_past_its_lease_wakes_and_sends_no_ike_message_the_taker_may_have_used(
+    world: IkeWorld,
+) -> None:
+    """Guards the invariant (IKE message IDs, and ESP). sg1 is stopped (SIGSTOP) instead of
+    killed: sg2 takes the IKE SA over once etcd ended sg1's lease, synchronises message IDs
+    with strongSwan (RFC 6311) and uses new ones (liveness checks, dpd_delay 1 s). sg1 runs
+    again with its IKE SA, a liveness check long overdue (its timers fire late all at once)
+    and perhaps requests of the client in its socket: it must send nothing (its fence is over
+    on its clock) until etcd tells it its lease is gone, and then forget the IKE SA without a
+    DELETE. Read off sg1's own link: not one IKE message nor ESP packet from it after the
+    wake; strongSwan keeps its IKE SA (no DELETE, no message-ID complaint) and goes on
+    answering sg2."""
+    w = world
+    client = Client(w.ns, "mn", CLIENT, w.dir, "aes128gcm16")
+    client.ike_proposal = w.ike_proposal
+    with client as ss:
+
+        wait_until = waiting_with_logs(w, ss, lambda: w.status("sg2").get("cluster"))
+
+        for g in ("sg1", "sg2"):
+            wait_until(lambda g=g: w.status(g)["cluster"]["lease"]["state"] == "held",
+                       f"{g} to join the cluster", 30)  # fmt: skip
+        ss.start()
+        ss.initiate()
+        assert strongswan.ping_once_up(w.ns, "mn", HOST, 3) == 3, ss.logtail() + w.logs()
+        (ike1,) = w.ike_sas("sg1")
+        wait_until(lambda: w.status("sg2")["cluster"]["replicated_ike_sas"].get("sg1") == 1,
+                   "sg2 to hold a replica of the IKE SA", 15)  # fmt: skip
+        wait_until(lambda: w.counters("sg1").get("liveness-ok", 0) >= 2,
+                   "sg1's liveness checks (message IDs move)", 15)  # fmt: skip
+        cap = w.capture("mn", "esp-to-mn", f"udp dst port 4500 and dst host {MN_OUTER}")
+        traffic = Traffic.start(w, udp_rate=200, after=200, limit=100_000, ping_interval=0.1)
+        proc = w.daemons["sg1"].proc
+        assert proc is not None
+        # everything sg1 sends on its own link
+        from_sg1 = w.capture("sg1", "from-sg1", f"udp and (src host {VIP} or src host "
+                             f"{SG_OUTER['sg1']}) and (src port 500 or src port 4500)")  # fmt: skip
+        try:
+            time.sleep(0.5)  # (the stream runs through sg1 meanwhile: the capture sees it)
+            t_stop = time.time()
+            proc.send_signal(signal.SIGSTOP)
+            w.route_host_via("sg2")
+            wait_until(lambda: len(w.ike_sas("sg2")) == 1, "sg2 to take over the IKE SA", 30)
+            wait_until(lambda: w.counters("sg2").get("mid-sync-done", 0) == 1,
+                       "the RFC 6311 message-ID sync with strongSwan", 20)  # fmt: skip
+            wait_until(lambda: w.counters("sg2").get("liveness-ok", 0) >= 2,
+                       "strongSwan to answer sg2's liveness checks", 20)  # fmt: skip
+            before = w.counters("sg2").get("liveness-ok", 0)
+            t_cont = time.time()
+            proc.send_signal(signal.SIGCONT)
+            wait_until(lambda: "event=cluster-lease-expired" in w.log("sg1"),
+                       "sg1 to learn that its lease is gone", 20)  # fmt: skip
+            assert not w.ike_sas("sg1")
+            assert "event=ike-sas-forgotten" in w.log("sg1"), w.log("sg1")
+            wait_until(lambda: w.counters("sg2").get("liveness-ok", 0) >= before + 2,
+                       "strongSwan to go on answering sg2's liveness checks", 20)  # fmt: skip
+            assert strongswan.ping(w.ns, "mn", HOST, 5) == 5, ss.logtail() + w.logs()
+            mn, host, _ = traffic.finish()
+        finally:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGCONT)
+            traffic.stop()
+            cap.stop()
+            from_sg1.stop()
+        rows = from_sg1.fields("frame.time_epoch", "isakmp.messageid", "esp.spi")
+        assert any(float(r[0]) < t_stop and r[2] for r in rows), rows[:5]  # it did send ESP
+        woke = [r for r in rows if float(r[0]) >= t_cont]
+        assert woke == [], f"sg1 sent after its wake: {woke[:10]}\n{w.log('sg1')}"
+        (ike2,) = w.ike_sas("sg2")
+        assert (ike2["spi_i"], ike2["spi_r"]) == (ike1["spi_i"], ike1["spi_r"])
+        log = ss.log()
+        assert len(re.findall(r"generating IKE_SA_INIT request", log)) == 1, log
+        assert len(re.findall(r"generating IKE_AUTH request", log)) == 1, log
+        for bad in ("ESTABLISHED => DESTROYING", "ESTABLISHED => DELETING", "received DELETE",
+                    "INVALID_SYNTAX", "received message ID"):  # fmt: skip
+            assert bad not in log, (bad, ss.logtail())
+        pairs = esp_pairs(cap.fields("esp.spi", "esp.sequence"))
+        repeated = [p for p, n in pairs.items() if n > 1]
+        assert not repeated, repeated[:10]
+        assert mn["duplicates"] == 0 and host["duplicates"] == 0, (mn, host)
 
 
 @pytest.fixture
