@@ -104,6 +104,7 @@ def test_no_seq_sent_twice_the_source_stopped_between_prepare_and_commit_its_tun
                      "sg2 does not serve the tunnel whose transfer sg1 prepared", detail,
                      timeout=10.0)  # (the prepared wait is 30 s)  # fmt: skip
             assert "event=cluster-transfer-withdrawn" in gws.log("sg2"), detail()
+            assert cluster(gws, "sg2")["transfers_withdrawn"] == 1
             os.kill(gws.procs["sg1"].pid, signal.SIGCONT)
             stopped = False
             t_cont = time.monotonic()

@@ -177,6 +177,9 @@ def _print_cluster_status(c: dict[str, Any]) -> None:
     print(f"    owned tunnels {c.get('owned_tunnels')}, unowned {c.get('unowned_tunnels')},"
           f" lease losses {lease.get('losses')},"
           f" removed on expiry {c.get('removed_on_expiry')}")  # fmt: skip
+    if c.get("transfers_withdrawn"):
+        print(f"    transfers withdrawn at take-overs {c['transfers_withdrawn']} (from members"
+              " whose lease ended before their COMMIT: the tunnels taken over from replicas)")
     if c.get("etcd_error"):  # (what etcd or the network said: quoted, escaped)
         print(f"    etcd error: {_shown(c['etcd_error'])}")
 

@@ -134,6 +134,7 @@ class ClusterDriver:
         self.one_taker = False  # attach(): indirect identity
         self.grace = 1.0
         self.taken = 0
+        self.withdrawn = 0  # transfers towards us withdrawn at a take-over (_withdraw)
         self.takeovers: list[dict[str, Any]] = []
         self._next_keepalive = 0.0
         # Groups without an owner key, since when (as this member saw them), and those
@@ -821,6 +822,7 @@ class ClusterDriver:
         if taken is None:
             return  # (withdrawn with another tunnel of its transfer)
         self.transfer.run(taken[1])
+        self.withdrawn += 1
         event(log, "cluster-transfer-withdrawn", logging.WARNING, node=self.node.name,
               spi=f"0x{spi_hex(t)}", detail="a transfer towards us held it pending when its "
               "owner's lease ended: the transfer is cancelled, the tunnel taken over from "
@@ -1368,6 +1370,9 @@ class ClusterDriver:
             # peers whose acknowledgements bound some tunnel's sequence ceiling (and how many)
             "floors": {p: len(r.floor) for p, r in self.replicators.items() if r.floor},
             "taken_over": self.taken,
+            # transfers from a dead member that held its tunnels pending here: cancelled,
+            # the tunnels taken over from their replicas
+            "transfers_withdrawn": self.withdrawn,
             # replicas not taken over: outside [transfer] accept_local_ts / accept_remote_ts
             "outside_accept": sum(sb.policy_refused for sb in self.standbys.values()),
             # ... nor overlapping a tunnel of this member's own (it would take its traffic)
