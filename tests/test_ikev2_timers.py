@@ -373,3 +373,26 @@ def test_the_timer_benchmark_runs() -> None:
 
     r = measure(60, 20)
     assert set(r) == {"next_deadline_us", "tick_one_due_us", "next_deadline_after_tick_us"}
+
+
+def test_timers_long_overdue_at_a_wake_send_one_request_and_give_up_on_nothing() -> None:
+    """A gateway that did not run for a long while (SIGSTOP, a loaded machine; its cluster
+    lease still held) ticks at its wake with every deadline long past: a request of its own
+    left unanswered before the stop is retransmitted once (the retransmissions are counted,
+    not timed: the peer is not declared dead for the time it was not asked), nothing else
+    starts while it is pending, and once the peer answers the IKE SA goes on."""
+    w = pair(mn_conn(dpd=10), conn(dpd=10, child_rekey=60.0))
+    connect(w)
+    (ike,) = w.resp.ike_sas()
+    w.deliver(w.resp.tick(10.0), "r", 10.0, drop=True)  # a liveness check, then the stop
+    assert ike.pending is not None and w.resp.stats["retransmitted"] == 0
+    mid = ike.my_next_mid
+    woke = 10.0 + 1000.0  # every retransmission, the DPD and the CHILD SA's rekey long due
+    outs = w.resp.tick(woke)
+    assert [type(o) for o in outs] == [Send], outs
+    assert w.resp.stats["retransmitted"] == 1 and w.resp.stats["peer-dead"] == 0
+    assert ike.my_next_mid == mid  # the same request again, under its own message ID
+    assert w.resp.tick(woke) == []  # one at a time: nothing more at once
+    w.deliver(outs, "r", woke)
+    assert ike.pending is None and ike.state is IkeState.ESTABLISHED
+    assert w.resp.stats["liveness-ok"] == 1 and w.ini.stats["bad-message-id"] == 0
