@@ -124,3 +124,80 @@ def test_no_seq_sent_twice_the_source_stopped_between_prepare_and_commit_its_tun
     assert cap.duplicates() == [], "an (SPI, sequence number) pair was sent twice"
     assert senders(cap, t_cont, t_end) == {port2}  # sg1, running again, sent nothing
     assert {spi for spi, _, _, t in list(cap.seen) if t_end - 0.5 < t < t_end} == EVERY
+
+
+def test_no_seq_sent_twice_the_target_stopped_before_the_commit_wakes_without_its_lease(
+    gws: Gateways, tmp_path: Path
+) -> None:
+    """Guards the invariant. sg1 prepares a transfer of one tunnel to sg2, sg2 stops
+    (SIGSTOP) and sg1 commits meanwhile: sg1 stops sending on the tunnel and hands its owner
+    key to sg2 (whose lease etcd still holds). etcd then ends sg2's lease. sg2 runs again,
+    activates the tunnel on the COMMIT waiting in its socket, learns its lease is gone and
+    joins again: nobody sends the tunnel's numbers twice; sg1 goes on with the others."""
+    cap: Capture = gws.capture  # type: ignore[attr-defined]
+    with EtcdCluster(tmp_path) as e:
+        cl = f'[cluster]\netcd = {json.dumps(e.endpoints)}\nname = "pt"\nttl_s = 2\n'
+        gws.write("sg1", peers=["sg2"], extra=cl)
+        gws.write("sg2", peers=["sg1"], with_tunnels=False, extra=cl)
+        port1 = gws.ports["sg1"]["outer"]
+        stopped = False
+
+        def detail() -> str:
+            out = []
+            for n in ("sg1", "sg2"):
+                if not (stopped and n == "sg2"):  # (a stopped process does not answer)
+                    out.append(f"{n}: {cluster(gws, n)}")
+                out.append(gws.log(n)[-2500:])
+            return "\n".join(out)
+
+        gws.start("sg2")
+        gws.start("sg1")
+        traffic = Traffic(TUNNELS, [gws.ports["sg1"]["inner"], gws.ports["sg2"]["inner"]], PPS)
+        try:
+            wait_for(lambda: cluster(gws, "sg1")["owned_tunnels"] == TUNNELS
+                     and cluster(gws, "sg2")["replicas"].get("sg1") == TUNNELS,
+                     "sg1 never owned and replicated its tunnels", detail)  # fmt: skip
+            r = cli("transfer", f"0x{MOVED:08x}", "--to", "sg2", "--prepare", "--json",
+                    "--config", gws.config("sg1"))  # fmt: skip
+            assert r.returncode == 0, (r.stdout, r.stderr, detail())
+            tid = json.loads(r.stdout)["id"]
+            lease2 = cluster(gws, "sg2")["lease"]["id"]
+            os.kill(gws.procs["sg2"].pid, signal.SIGSTOP)
+            stopped = True
+            r = cli("transfer", "--commit", tid, "--json", "--config", gws.config("sg1"))
+            assert r.returncode == 0, (r.stdout, r.stderr, detail())
+            wait_for(lambda: "event=cluster-handed-over" in gws.log("sg1"),
+                     "sg1 never handed the key over", detail)  # fmt: skip
+            wait_for(lambda: cluster(gws, "sg1")["floors_dropped"] > 0
+                     or "sg2" not in json.loads(cli("cluster", "status", "--json", "--config",
+                                                    gws.config("sg1")).stdout)["members"],
+                     "etcd never ended sg2's lease", detail)  # fmt: skip
+            cap.sync()
+            t_cont = time.monotonic()
+            os.kill(gws.procs["sg2"].pid, signal.SIGCONT)
+            stopped = False
+            wait_for(lambda: cluster(gws, "sg2")["lease"]["id"] not in ("0", lease2),
+                     "sg2 did not join again", detail)  # fmt: skip
+            assert "event=task-failed" not in gws.log("sg2"), detail()
+            # The tunnel's key names a group of sg2's ended lease, and only sg2 ever held the
+            # tunnel there. Either sg2 replicated it (activated, not owned) before it learned
+            # its lease was gone: sg1 adopts that group and takes it over from the replica;
+            # or it did not: the group is orphaned, and sg1 says so (the invariant wins).
+            wait_for(lambda: cluster(gws, "sg1")["owned_tunnels"] == TUNNELS
+                     or cluster(gws, "sg1")["orphaned"]["groups"] == 1,
+                     "the tunnel neither taken over nor reported", detail)  # fmt: skip
+            taken = cluster(gws, "sg1")["owned_tunnels"] == TUNNELS
+            time.sleep(1.0)
+            cap.sync()
+            t_end = time.monotonic()
+            st2 = cluster(gws, "sg2")
+            assert st2["owned_tunnels"] == 0 and st2["unowned_tunnels"] == 1, st2
+        finally:
+            if stopped:
+                os.kill(gws.procs["sg2"].pid, signal.SIGCONT)
+            traffic.close()
+        cap.sync()
+    assert cap.duplicates() == [], "an (SPI, sequence number) pair was sent twice"
+    late = {spi for spi, _, _, t in list(cap.seen) if t_end - 0.5 < t < t_end}
+    assert late == (EVERY if taken else EVERY - {MOVED}), late
+    assert senders(cap, t_cont, t_end) == {port1}  # sg2 sent nothing

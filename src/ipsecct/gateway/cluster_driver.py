@@ -1094,6 +1094,12 @@ class ClusterDriver:
         home groups, in batches; learn the groups of those that have one (handed to us by a
         transfer's source?); release the keys of tunnels that left (moved to another member
         by a transfer, or deleted)."""
+        if not self.own.home:
+            # Not a member (etcd just ended our lease: _lease_gone, and we join again at the
+            # next round): no home group to record a tunnel in. A tunnel here that we did not
+            # own (a transfer's, configured and owned elsewhere) once stopped the loop here
+            # for good (IndexError: the member never joined again).
+            return
         here = {
             t.outbound.spi
             for t in self.node.engine.tunnels()
