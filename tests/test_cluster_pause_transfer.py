@@ -6,6 +6,7 @@ is taken over by the member that adopts its group."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -16,6 +17,9 @@ from typing import Any
 
 import pytest
 
+from ipsecct.ct import ownership
+from ipsecct.gateway.etcd import EtcdClient
+from tests.helpers.control import ask, socket_of
 from tests.helpers.deployment import cli
 from tests.helpers.etcd_server import EtcdCluster
 from tests.helpers.state import Capture, Gateways, Traffic
@@ -201,3 +205,79 @@ def test_no_seq_sent_twice_the_target_stopped_before_the_commit_wakes_without_it
     late = {spi for spi, _, _, t in list(cap.seen) if t_end - 0.5 < t < t_end}
     assert late == (EVERY if taken else EVERY - {MOVED}), late
     assert senders(cap, t_cont, t_end) == {port1}  # sg2 sent nothing
+
+
+def _tunnel_group(endpoints: list[str], spi: int) -> str | None:
+    """The group etcd has the tunnel in (its ``tunnels/`` key), None without a key."""
+
+    async def read() -> str | None:
+        kv = await EtcdClient(endpoints, timeout=5.0).get(
+            ownership.keys("pt")["tunnels"] + f"{spi:08x}"
+        )
+        return kv.value.decode() if kv is not None else None
+
+    return asyncio.run(read())
+
+
+def test_no_seq_sent_twice_the_source_stopped_right_after_its_commit_the_target_serves_the_tunnel(
+    gws: Gateways, tmp_path: Path
+) -> None:
+    """Guards the invariant. sg1 commits a prepared transfer to sg2 and is stopped (SIGSTOP)
+    at once, mostly before it handed the tunnel's owner key over (two etcd round trips
+    after the COMMIT): the key names sg1's group, sg2 has activated the tunnel and waits for
+    the key, sending nothing on it. etcd ends sg1's lease; sg2 adopts sg1's groups and
+    serves every tunnel, the moved one from its own copy (the newest: sg1 stopped sending
+    at its COMMIT), the others from their replicas. sg1 wakes and sends nothing."""
+    cap: Capture = gws.capture  # type: ignore[attr-defined]
+    with EtcdCluster(tmp_path) as e:
+        cl = f'[cluster]\netcd = {json.dumps(e.endpoints)}\nname = "pt"\nttl_s = 2\n'
+        gws.write("sg1", peers=["sg2"], extra=cl)
+        gws.write("sg2", peers=["sg1"], with_tunnels=False, extra=cl)
+        port2 = gws.ports["sg2"]["outer"]
+        stopped = False
+
+        def detail() -> str:
+            out = []
+            for n in ("sg1", "sg2"):
+                if not (stopped and n == "sg1"):  # (a stopped process does not answer)
+                    out.append(f"{n}: {cluster(gws, n)}")
+                out.append(gws.log(n)[-2500:])
+            return "\n".join(out)
+
+        gws.start("sg2")
+        gws.start("sg1")
+        traffic = Traffic(TUNNELS, [gws.ports["sg1"]["inner"], gws.ports["sg2"]["inner"]], PPS)
+        try:
+            wait_for(lambda: cluster(gws, "sg1")["owned_tunnels"] == TUNNELS
+                     and cluster(gws, "sg2")["replicas"].get("sg1") == TUNNELS,
+                     "sg1 never owned and replicated its tunnels", detail)  # fmt: skip
+            g1 = _tunnel_group(e.endpoints, MOVED)
+            r = cli("transfer", f"0x{MOVED:08x}", "--to", "sg2", "--prepare", "--json",
+                    "--config", gws.config("sg1"))  # fmt: skip
+            assert r.returncode == 0, (r.stdout, r.stderr, detail())
+            tid = json.loads(r.stdout)["id"]
+            rec = ask(socket_of(gws.config("sg1")), "transfer.commit", {"id": tid})
+            os.kill(gws.procs["sg1"].pid, signal.SIGSTOP)
+            stopped = True
+            assert rec["outcome"] == "committed", rec
+            before_key = _tunnel_group(e.endpoints, MOVED) == g1  # the window was hit
+            wait_for(lambda: cluster(gws, "sg2")["owned_tunnels"] == TUNNELS,
+                     "sg2 does not serve every tunnel", detail)  # fmt: skip
+            os.kill(gws.procs["sg1"].pid, signal.SIGCONT)
+            stopped = False
+            t_cont = time.monotonic()
+            wait_for(lambda: "event=cluster-lease-expired" in gws.log("sg1"),
+                     "sg1 never learned its lease had ended", detail)  # fmt: skip
+            time.sleep(1.0)
+            assert gws.active_spis("sg2") == EVERY, detail()
+            cap.sync()
+            t_end = time.monotonic()
+        finally:
+            if stopped:
+                os.kill(gws.procs["sg1"].pid, signal.SIGCONT)
+            traffic.close()
+        cap.sync()
+    print("stopped before the key's hand-over:", before_key)
+    assert cap.duplicates() == [], "an (SPI, sequence number) pair was sent twice"
+    assert senders(cap, t_cont, t_end) == {port2}  # sg1, running again, sent nothing
+    assert {spi for spi, _, _, t in list(cap.seen) if t_end - 0.5 < t < t_end} == EVERY
