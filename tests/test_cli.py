@@ -254,6 +254,8 @@ def test_status_shows_failover_as_lines_and_only_counters_that_are_not_0(
      " tunnels (fenced: packets dropped) until etcd renews the lease; once etcd expires it,"
      " the tunnels are removed here\n"
      "    owned tunnels 1, unowned 0, lease losses 1, removed on expiry 0\n"
+     "    transfers withdrawn at take-overs 1 (from members whose lease ended before their"
+     " COMMIT: the tunnels taken over from replicas)\n"
      '    etcd error: "no etcd member answered"\n'),
 ])  # fmt: skip
 def test_status_shows_the_etcd_lease_and_whether_the_gateway_sends(
@@ -267,6 +269,7 @@ def test_status_shows_the_etcd_lease_and_whether_the_gateway_sends(
     res = {**_status_with_failover({}), "cluster": {
         "mode": "etcd", "cluster": "t", "member": "sg1", "lease": lease, "owned_tunnels": 1,
         "unowned_tunnels": 0, "removed_on_expiry": 0,
+        "transfers_withdrawn": 0 if lease["state"] == "held" else 1,
         "etcd_error": "" if lease["state"] == "held" else "no etcd member answered"}}
     del res["failover"]
     monkeypatch.setattr(sa, "request", lambda *a, **k: res)
@@ -274,6 +277,7 @@ def test_status_shows_the_etcd_lease_and_whether_the_gateway_sends(
     out = capsys.readouterr().out
     assert expected in out, out
     assert ("not sending" in out) == (lease["state"] == "lost"), out
+    assert ("withdrawn" in out) == (lease["state"] == "lost"), out  # (only when not 0)
 
 
 def test_sa_list_with_no_sas_prints_one_line_and_json_an_empty_list(
