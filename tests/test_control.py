@@ -22,6 +22,7 @@ import pytest
 from ipsecct.errors import ControlError, SAError
 from ipsecct.gateway.control import MAX_LINE, ControlServer, MetricsServer, request
 from tests.helpers.daemon import Daemon, free_udp_port, node_toml
+from tests.helpers.waiting import eventually
 
 Client = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 
@@ -335,6 +336,40 @@ def test_metrics_server_answers_get_and_refuses_the_rest() -> None:
                 r404 = await http(b"GET " + bad + b" HTTP/1.0\r\n\r\n")
                 assert r404.startswith(b"HTTP/1.0 404"), (bad, r404)
         finally:
+            await m.stop()
+
+    asyncio.run(main())
+
+
+def test_idle_connections_do_not_keep_a_scrape_out_of_the_metrics_endpoint() -> None:
+    """The endpoint is on loopback, where every client is one source: 16 idle connections
+    (any local user's), opened again as each timed out, made every scrape be refused. A
+    connection over the limit now takes the place of the oldest idle one; the scrape gets
+    its metrics each time, and no more than the limit are ever open."""
+
+    async def main() -> None:
+        counters = {"out_packets": 5, "in_packets": 6, "out_bytes": 7, "in_bytes": 8, "drops": {}}
+        status = {"name": "n1", "counters": counters, "sas": 3, "uptime_s": 1.5}
+        m = MetricsServer("127.0.0.1", 0, lambda: status)
+        await m.start()
+        idle: list[asyncio.StreamWriter] = []
+        try:
+            for _ in range(3):
+                for _ in range(40):  # more than per_source (16) and total (32)
+                    _, w = await asyncio.open_connection("127.0.0.1", m.bound_port)
+                    w.write(b"GET /metr")  # never the rest of its request
+                    idle.append(w)
+                await eventually(lambda: m.limits.count == m.limits.per_source,
+                                 "the idle connections to hold the places")  # fmt: skip
+                r, w = await asyncio.open_connection("127.0.0.1", m.bound_port)
+                w.write(b"GET /metrics HTTP/1.0\r\n\r\n")
+                ok = await asyncio.wait_for(r.read(), 10)
+                w.close()
+                assert ok.startswith(b"HTTP/1.0 200 OK"), ok
+                assert m.limits.count <= m.limits.per_source
+        finally:
+            for w in idle:
+                w.close()
             await m.stop()
 
     asyncio.run(main())

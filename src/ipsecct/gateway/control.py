@@ -579,6 +579,13 @@ class MetricsServer:
         self._server: asyncio.Server | None = None
         self.limits = limits if limits is not None else ConnectionLimits(per_source=16, total=32)
         self._quiet = RateLimited()
+        # Connections holding a place (-> their source), and those of them still waiting for
+        # their request, oldest first. The endpoint is on loopback, where every client is one
+        # source: 16 idle connections, opened again as each timed out, kept every scrape out
+        # (refused). A connection over the limit now takes the place of the oldest one that
+        # has not sent its request yet (a scraper sends its request at once).
+        self._places: dict[asyncio.StreamWriter, str] = {}
+        self._waiting: dict[asyncio.StreamWriter, None] = {}
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._client, self.host, self.port)
@@ -595,20 +602,40 @@ class MetricsServer:
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         source = source_of(writer.get_extra_info("peername"))
-        if not self.limits.admit(source):
+        if not self.limits.admit(source) and not (self._evict(source)
+                                                  and self.limits.admit(source)):  # fmt: skip
             self._quiet.event(
                 log, "metrics-connection-refused", logging.WARNING, reason="too many connections"
             )
             writer.close()
             return
+        self._places[writer] = source
+        self._waiting[writer] = None
         try:
             await self._serve(reader, writer)
         finally:
-            self.limits.release(source)
+            self._waiting.pop(writer, None)
+            if self._places.pop(writer, None) is not None:
+                self.limits.release(source)
+
+    def _evict(self, source: str) -> bool:
+        """Close the oldest connection still waiting for its request (of ``source`` if that
+        source is at its own limit) and free its place; False if there is none."""
+        full = self.limits.open.get(source, 0) >= self.limits.per_source
+        victim = next((w for w in self._waiting if not full or self._places[w] == source), None)
+        if victim is None:
+            return False
+        del self._waiting[victim]
+        self.limits.release(self._places.pop(victim))
+        victim.transport.abort()
+        self._quiet.event(log, "metrics-connection-evicted", logging.WARNING,
+                          reason="idle, for a newer connection")  # fmt: skip
+        return True
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=self.TIMEOUT)
+            self._waiting.pop(writer, None)  # its request is in: served, not evicted
             target = head.split(b"\r\n", 1)[0].split(b" ")
             path = target[1].split(b"?", 1)[0] if len(target) > 2 else b""
             if head.startswith(b"GET ") and path not in (b"/", b"/metrics"):
