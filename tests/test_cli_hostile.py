@@ -204,3 +204,19 @@ def test_an_sas_algorithms_are_listed_as_swanctl_spells_them(
     from ipsecct.ipsec.algorithms import enc_from_name, integ_from_name, swanctl_algorithms
 
     assert swanctl_algorithms(enc_from_name(enc), key_len, integ_from_name(integ), esn) == listed
+
+
+@pytest.mark.parametrize("key", ["cert", "key", "ca"])
+def test_a_transfer_file_name_too_long_is_a_config_error(key: str, tmp_path: Path) -> None:
+    """transfer.cert (key, ca) naming a file longer than the system takes: Path.exists()
+    raised ENAMETOOLONG out of config.load (an OSError, not a ConfigError naming the key)."""
+    from tests.helpers.config_files import GOOD, write
+
+    xfer = GOOD + ('[transfer]\nlisten = "127.0.0.2:25091"\ncert = "t1.keys"\nkey = "t1.keys"\n'
+                   'ca = "t1.keys"\n[[peers]]\nname = "sg2"\naddress = "127.0.0.3:25091"\n')
+    p = write(tmp_path, xfer.replace(f'{key} = "t1.keys"', f'{key} = "{"a" * 5000}"'))
+    with pytest.raises(ConfigError, match=rf"transfer\.{key}: cannot read .*a{{5000}}: File name"):
+        config.load(p)
+    missing = write(tmp_path, xfer.replace(f'{key} = "t1.keys"', f'{key} = "gone.pem"'))
+    with pytest.raises(ConfigError, match=rf"transfer\.{key}: no such file .*gone\.pem"):
+        config.load(missing)

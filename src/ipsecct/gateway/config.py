@@ -9,6 +9,7 @@ environment variable holding the same text (``keys_env = "NAME"``). See ``exampl
 from __future__ import annotations
 
 import concurrent.futures
+import errno
 import ipaddress
 import logging
 import math
@@ -1126,11 +1127,12 @@ def _transfer(
         if not isinstance(v, str):
             raise ctx.err(f"transfer.{k}", "missing (a file path)")
         p = Path(v) if Path(v).is_absolute() else base / v
-        if not p.exists():  # (a FIFO, a directory or a device: read_limited says which)
-            raise ctx.err(f"transfer.{k}", f"no such file {p}")
         try:
             check_size(p, SECRET_LIMIT)  # OpenSSL reads it by name later
         except OSError as exc:
+            if exc.errno == errno.ENOENT:  # (a FIFO, a directory or a device: said below)
+                raise ctx.err(f"transfer.{k}", f"no such file {p}") from None
+            # (a name too long: p.exists() raised ENAMETOOLONG, an OSError out of load)
             raise ctx.err(f"transfer.{k}", f"cannot read {p}: {exc.strerror}") from None
         return str(p)
 
