@@ -1071,6 +1071,72 @@ def test_simultaneous_ike_rekey(seed: int) -> None:
     assert not w.of("i", ChildDown) and not w.of("r", ChildDown)
 
 
+@pytest.mark.parametrize("seed", range(8))
+def test_crossed_ike_rekey_whose_answer_was_lost_is_sent_again(seed: int) -> None:
+    """§2.8.2 with a datagram lost, as the strongSwan test forces it over real sockets: the
+    responder's rekey request is lost; the initiator's reaches it (it answers, with its own
+    in flight: the answer is lost); the responder's, sent again, reaches the initiator,
+    which answers with its own in flight. The initiator's old IKE SA is REKEYED then, and
+    its request must still be sent again until answered (the exchanges in flight on the
+    old IKE SA complete, §2.8.2): it was not, and when its exchange held the winning nonce
+    the peer deleted its own redundant IKE SA and waited for ours, which never came: the
+    CHILD SA went back to the old IKE SA, deleted 60 s later, while the peer kept it."""
+    w = pair(mn_conn(dpd=10), conn())
+    connect(w)
+    import random as _r
+
+    rnd = _r.Random(seed)
+    w.ini.random = w.resp.random = lambda n: rnd.randbytes(n)
+    (ii,), (ir,) = w.ini.ike_sas(), w.resp.ike_sas()
+    w.deliver(w.resp.rekey_ike(ir, 10.0), "r", 10.0, drop=True)  # lost
+    (req_i,) = sends(w.ini.rekey_ike(ii, 10.1))
+    assert sends(w.resp.receive(req_i.data, I500, R500, 10.2))  # answered; the answer lost
+    w.deliver(w.resp.tick(12.0), "r", 12.0)  # sent again: reaches the initiator, answered
+    assert w.ini.stats["rekey-collision"] == w.resp.stats["rekey-collision"] == 1
+    for t in (12.1, 14.1, 20.0, 70.0, 71.0, 80.0):
+        w.deliver(w.ini.tick(t), "i", t)
+        w.deliver(w.resp.tick(t), "r", t)
+    mirrored(w)
+    (ii2,), (ir2,) = w.ini.ike_sas(), w.resp.ike_sas()
+    assert (ii2.spi_i, ii2.spi_r) != (ii.spi_i, ii.spi_r)
+    assert not w.of("i", ChildDown) and not w.of("r", ChildDown)
+    assert not w.of("i", IkeDown) and not w.of("r", IkeDown)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_crossed_ike_rekey_the_winner_deletes_the_old_sa_before_the_loser_has_its_answer(
+    seed: int,
+) -> None:
+    """§2.8.2 as strongSwan ends it when the answer to its request is late: both requests
+    cross; the responder's answer to the initiator reaches it, the initiator's answer to the
+    responder is lost. The initiator resolves the collision at once; when it won it deletes
+    the old IKE SA, which reaches the responder before any answer to its own request: the
+    responder forgets its request (§2.25.2) and counts the collision lost (it counted
+    neither, and the collision looked unresolved). Either way one side won and the other
+    lost, and one IKE SA with its CHILD SA is left, the same at both ends."""
+    w = pair(mn_conn(dpd=10), conn())
+    connect(w)
+    import random as _r
+
+    rnd = _r.Random(seed)
+    w.ini.random = w.resp.random = lambda n: rnd.randbytes(n)
+    (ii,), (ir,) = w.ini.ike_sas(), w.resp.ike_sas()
+    (req_i,) = sends(w.ini.rekey_ike(ii, 10.0))
+    (req_r,) = sends(w.resp.rekey_ike(ir, 10.0))
+    (ans_r,) = sends(w.resp.receive(req_i.data, I500, R500, 10.1))
+    assert sends(w.ini.receive(req_r.data, R500, I500, 10.1))  # the answer is lost
+    w.deliver([ans_r], "r", 10.2)
+    for t in (12.0, 14.1, 20.0, 70.0, 71.0, 80.0):
+        w.deliver(w.ini.tick(t), "i", t)
+        w.deliver(w.resp.tick(t), "r", t)
+    mirrored(w)
+    won = [e.stats["rekey-collision-won"] for e in (w.ini, w.resp)]
+    lost = [e.stats["rekey-collision-lost"] for e in (w.ini, w.resp)]
+    assert sorted(won) == sorted(lost) == [0, 1] and won != lost, (won, lost)
+    assert not w.of("i", ChildDown) and not w.of("r", ChildDown)
+    assert not w.of("i", IkeDown) and not w.of("r", IkeDown)
+
+
 def test_cookies_under_load() -> None:
     """§2.6: past the threshold IKE_SA_INIT is answered statelessly with a COOKIE; the
     initiator repeats its request with it and gets through; a wrong cookie gets a new one."""

@@ -1,5 +1,5 @@
 """Commands that talk to a running node over its control socket: ``ipsecct status``,
-``ipsecct sa list|show|export|add|delete``, ``ipsecct pools`` and ``ipsecct pmtu set``."""
+``ipsecct sa list|show|export|add|delete|rekey``, ``ipsecct pools`` and ``ipsecct pmtu set``."""
 
 from __future__ import annotations
 
@@ -433,6 +433,22 @@ def cmd_sa_delete(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sa_rekey(args: argparse.Namespace) -> int:
+    params: dict[str, Any] = (
+        {"spi": args.spi} if args.spi is not None
+        else {"ike": args.ike} if args.ike is not None else {"ike_id": args.ike_id})
+    rows = request(socket_path(args), "ike.rekey", params)
+    if args.json:
+        _print_json(rows)
+    else:
+        for r in rows:
+            what = (f"CHILD SA {r.get('child')}" if r.get("child")
+                    else f"IKE SA {r.get('name')} #{r.get('uid')} ({r.get('spi_i')}_i"
+                    f" {r.get('spi_r')}_r)")  # fmt: skip
+            print(f"rekeying {what}: CREATE_CHILD_SA sent (see sa list --ike for the new SA)")
+    return 0
+
+
 def cmd_sa_discard(args: argparse.Namespace) -> int:
     params = {"peer": args.peer} if args.peer is not None else {"spi": args.spi}
     res = request(socket_path(args), "sa.discard", params)
@@ -570,6 +586,20 @@ def register(sub: Any) -> None:
                    help="the IKE SAs of this connection, or the IKE SA of this IKE SPI (16 hex"
                    " digits, as sa list --ike prints them) or CHILD SA SPI: a DELETE to the"
                    " peer, its CHILD SAs removed here at once")  # fmt: skip
+    g.add_argument("--ike-id", type=_ike_id, metavar="N",
+                   help="the IKE SA #N of sa list --ike (swanctl's unique id)")
+    rk = leaf(
+        ss, "rekey",
+        "rekey a CHILD SA named by its SPI (as swanctl --rekey --child), or an IKE SA (--ike,"
+        " --ike-id: as swanctl --rekey --ike): the CREATE_CHILD_SA request goes now",
+        cmd_sa_rekey,
+    )  # fmt: skip
+    rk.usage = "%(prog)s [options] (SPI | --ike NAME|SPI | --ike-id N)"
+    g = rk.add_mutually_exclusive_group(required=True)
+    g.add_argument("spi", nargs="?", type=_spi, help=SPI_HELP + " (either direction)")
+    g.add_argument("--ike", metavar="NAME|SPI",
+                   help="the IKE SAs of this connection, or the IKE SA of this IKE SPI (16 hex"
+                   " digits) or CHILD SA SPI")  # fmt: skip
     g.add_argument("--ike-id", type=_ike_id, metavar="N",
                    help="the IKE SA #N of sa list --ike (swanctl's unique id)")
     d = leaf(

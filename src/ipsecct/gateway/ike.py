@@ -1916,6 +1916,44 @@ class IkeService:
         event(log, "child-sa-deleted-by-operator", node=self.node.name,
               child=_label(ike, child), spi_in=f"0x{child.spi_in:08x}")  # fmt: skip
 
+    def rekey(self, ike: IkeSA, child: ChildSA | None) -> None:
+        """The operator rekeys a CHILD SA, or the IKE SA when ``child`` is None (``ipsecct sa
+        rekey``, as ``swanctl --rekey --child/--ike``): the CREATE_CHILD_SA request goes to
+        the peer now; the new SA replaces the old one when answered (a collision with the
+        peer's own rekey is resolved as RFC 7296 §2.8 says). Raises IkeProtocolError, saying
+        why, when it cannot go now: an exchange of ours in flight (window of one), the IKE SA
+        not established, being transferred, the gateway fenced, or the CHILD SA rekeyed
+        already (its successor is the one to rekey)."""
+        now = self.node.clock()
+        why = self.terminate_refusal(ike, now)
+        if why is not None:
+            raise IkeProtocolError(why.replace("not deleted", "not rekeyed"))
+        if ike.state is not IkeState.ESTABLISHED:
+            raise IkeProtocolError(f"its IKE SA is {ike.state.value}: try again")
+        p = ike.pending
+        if p is not None and p.kind != "liveness":
+            raise IkeProtocolError(f"an exchange of ours is in flight ({p.kind}): try again")
+        if p is not None:  # a liveness check gives way, as for sa delete
+            ike.pending = None
+        if child is not None:
+            if child not in ike.children:
+                raise IkeProtocolError("its IKE SA no longer has it: see ipsecct sa list --ike")
+            if child.rekeyed:
+                raise IkeProtocolError("it was rekeyed already: rekey its successor (see"
+                                       " ipsecct sa list --ike)")  # fmt: skip
+            outs = self.engine.rekey_child(ike, child, now)
+        else:
+            outs = self.engine.rekey_ike(ike, now)
+        if ike.pending is None:
+            self._act(outs)
+            raise IkeProtocolError("no request could be sent (no inbound SPI or message ID"
+                                   " left)")  # fmt: skip
+        self._act(outs)
+        event(log, "ike-rekey-by-operator" if child is None else "child-rekey-by-operator",
+              node=self.node.name, conn=ike.conn.name, uid=ike.uid,
+              child="-" if child is None else _label(ike, child),
+              spi_in="-" if child is None else f"0x{child.spi_in:08x}")  # fmt: skip
+
     def find(self, what: str | None = None, uid: int | None = None) -> list[IkeSA]:
         """The IKE SAs an operator names (``ipsecct sa delete --ike``): by ``uid`` (the #N of
         ``sa list``, swanctl's ``--ike-id``), or by ``what``: a connection (each of its IKE

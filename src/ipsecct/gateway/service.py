@@ -15,8 +15,9 @@ from typing import Any
 from ..ct import cxtp
 from ..ct.journal import Owner
 from ..ct.transfer import UNIT_IKEV2, Identity
-from ..errors import ConfigError, ControlError, IpsecctError
+from ..errors import ConfigError, ControlError, IkeProtocolError, IpsecctError
 from ..ikev2.context import is_ike_cdb
+from ..ikev2.ikesa import IkeState
 from ..ipsec.engine import Tunnel, TunnelState
 from ..ipsec.sad import Direction, SecurityAssociation
 from ..ipsec.spd import Action, SPDEntry
@@ -204,11 +205,13 @@ class Service:
             if self.ike is not None:
                 self.control.register("ike.list", self._ike_list)
                 self.control.register("ike.delete", self._ike_delete)
+                self.control.register("ike.rekey", self._ike_rekey)
                 self.control.register("pools.list", self._pools_list)
                 self.control.register("pools.release", self._pools_release)
             else:  # every "sa list" asks: an answer, not a refusal logged as a warning each time
                 self.control.register("ike.list", _no_ike)
                 self.control.register("ike.delete", _no_ike)
+                self.control.register("ike.rekey", _no_ike)
                 self.control.register("pools.list", _no_ike)
                 self.control.register("pools.release", _no_ike)
             for name, h in {
@@ -409,6 +412,48 @@ class Service:
             if why is not None:
                 raise ControlError(why)
         return await self.ike.terminate(ikes, IKE_DELETE_WAIT)
+
+    async def _ike_rekey(self, args: dict[str, Any]) -> Any:
+        """``ipsecct sa rekey SPI`` (a CHILD SA, by its SPI either way, as ``swanctl --rekey
+        --child``) or ``--ike NAME|SPI`` / ``--ike-id N`` (the IKE SA, as ``swanctl --rekey
+        --ike``): the CREATE_CHILD_SA request is sent now; the answer says which SA it rekeys.
+        The new SA is listed once the peer has answered (``sa list --ike``)."""
+        assert self.ike is not None
+        spi, what, uid = args.get("spi"), args.get("ike"), args.get("ike_id")
+        if sum(x is not None for x in (spi, what, uid)) != 1:
+            raise ControlError("name the SA: spi (a CHILD SA), ike (a connection or an IKE"
+                               " SPI) or ike_id")  # fmt: skip
+        child = None
+        if spi is not None:
+            n = parse_spi(spi)
+            found = [(ike, c) for ike in self.ike.engine.ike_sas() for c in ike.children
+                     if n in (c.spi_in, c.spi_out) and ike.state is not IkeState.DEAD]
+            if not found:
+                raise ControlError(f"no IKE-keyed CHILD SA with SPI 0x{n:08x} here (see"
+                                   " ipsecct sa list --ike)")  # fmt: skip
+            ike, child = found[0]
+            ikes = [ike]
+        else:
+            if what is not None and (not isinstance(what, str) or not 0 < len(what) <= 256):
+                raise ControlError("ike must be a connection's name or an SPI")
+            if uid is not None and (not isinstance(uid, int) or isinstance(uid, bool)):
+                raise ControlError("ike_id must be a number (the #N of ipsecct sa list --ike)")
+            try:
+                ikes = self.ike.find(what, uid)
+            except ValueError as exc:
+                raise ControlError(str(exc)) from None
+        rows = []
+        for ike in ikes:
+            try:
+                self.ike.rekey(ike, child)
+            except IkeProtocolError as exc:
+                name = (f"CHILD SA 0x{child.spi_in:08x}" if child is not None
+                        else f"IKE SA {ike.conn.name} #{ike.uid}")  # fmt: skip
+                raise ControlError(f"{name}: {exc}") from None
+            rows.append({"name": ike.conn.name, "uid": ike.uid, "spi_i": ike.spi_i.hex(),
+                         "spi_r": ike.spi_r.hex(),
+                         "child": None if child is None else f"0x{child.spi_in:08x}"})
+        return rows
 
     async def _pools_list(self, args: dict[str, Any]) -> Any:
         """``ipsecct pools [--leases]``: the virtual IP pools, and each lease."""

@@ -640,7 +640,13 @@ class IkeEngine:
         if ike.state is IkeState.REKEYED:
             if now - ike.last_heard >= REKEYED_GRACE:  # the peer never deleted it
                 self._kill(ike, "rekeyed", out)
-            return
+                return
+            if ike.pending is None:
+                return
+            # a request of ours still in flight on it (our rekey that the peer's crossed,
+            # §2.8.2, or the DELETE after ours won) is sent again until answered, as on any
+            # IKE SA: the exchanges in flight on the old IKE SA complete. It was not, and a
+            # crossed rekey whose first request or answer was lost never completed here
         p = ike.pending
         if p is not None:
             if now >= p.deadline:
@@ -733,7 +739,8 @@ class IkeEngine:
         if ike.state is IkeState.HALF_OPEN and not ike.we_initiated:
             return None
         if ike.state is IkeState.REKEYED:
-            return ike.last_heard + REKEYED_GRACE
+            grace = ike.last_heard + REKEYED_GRACE
+            return grace if ike.pending is None else min(grace, ike.pending.deadline)
         if ike.pending is not None:
             return ike.pending.deadline
         if ike.state is not IkeState.ESTABLISHED or ike.quiet:
@@ -2032,9 +2039,24 @@ class IkeEngine:
                     ike.children = []
                     parent.vips, ike.vips = parent.vips + ike.vips, []  # (as the CHILD SAs)
                     parent.collided = None
+                    self.stats["rekey-collision-won"] += 1  # (its answer to ours, later, is not)
                     ike.peer_id = ""
                 elif ike.state is IkeState.REKEYED:
                     ike.peer_id = ""  # replaced, not gone: no IkeDown
+                    p = ike.pending
+                    if ike.collided is not None and p is not None and p.kind == "rekey-ike":
+                        # §2.8.2: the peer's rekey crossed ours and it deletes the old IKE
+                        # SA before its answer to ours got here: it won (only the winner
+                        # deletes the old one), and our request is forgotten (§2.25.2). The
+                        # redundant IKE SA our request made there cannot be deleted from
+                        # here (its SPI and keys are in the answer we never got): the peer
+                        # drops it after a while (strongSwan: 30 s)
+                        ike.collided = None
+                        self.stats["rekey-collision-lost"] += 1
+                        log.info("event=ike-rekey-collision-lost conn=%s peer=%s detail=%s",
+                                 ike.conn.name, ike.remote, _quote(
+                                     "the peer deleted the old IKE SA before answering our"
+                                     " rekey: its new IKE SA is kept, ours is forgotten"))
                 else:
                     self.stats["ike-deleted-by-peer"] += 1
                 ike.state = IkeState.DEAD

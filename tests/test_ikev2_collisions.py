@@ -1,0 +1,292 @@
+"""IKEv2 rekey collisions with a real peer over real sockets (RFC 7296 §2.8.1, §2.8.2,
+§2.25): an unmodified strongSwan 5.9.8 initiator (namespace "a") and an ``ipsecct
+gateway`` (namespace "b"), as in ``test_ikev2_strongswan.py``.
+
+Each collision is forced, not waited for: the gateway's IKE datagrams to strongSwan (UDP
+from port 500 or 4500 that is not ESP, held by an nftables rule in "a") are dropped while
+the operator starts the same exchange at both ends (``ipsecct sa rekey`` and ``swanctl
+--rekey``), the gateway's first. strongSwan's request reaches the gateway, which answers it
+with its own request in flight (the answer is held too); once the hold ends, the gateway's
+retransmitted request reaches strongSwan, whose own is still unanswered. Each side has
+then seen the other's request cross its own, as two requests crossing on the wire.
+ESP is never held."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.helpers.daemon import Daemon
+from tests.helpers.netns import Namespaces, wait_until
+from tests.helpers.strongswan import A, B, Charon, ping
+from tests.test_ikev2_strongswan import cli, ike_list, needs_strongswan, start
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Iterator[Path]:
+    if len(str(tmp_path)) <= 80:
+        yield tmp_path
+        return
+    d = Path(tempfile.mkdtemp(prefix="ict-col-"))
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def hold_ike(ns: Namespaces, role: str, src: str, *, answers_only: bool = False
+             ) -> Iterator[None]:  # fmt: skip
+    """Drop, as namespace ``role`` receives them, the IKE datagrams ``src`` sends: UDP from
+    port 500, or from port 4500 with the non-ESP marker (four zero octets where ESP in UDP
+    has its SPI, RFC 3948); with ``answers_only`` only its responses (the R flag of the IKE
+    header, octet 19 after the marker). ESP in UDP always passes."""
+    answer = " @th,248,8 & 0x20 == 0x20" if answers_only else ""
+    rules = (
+        "add table inet ict_hold\n"
+        "add chain inet ict_hold in { type filter hook input priority 0; }\n"
+        f"add rule inet ict_hold in ip saddr {src} udp sport 4500 @th,64,32 0{answer} drop\n"
+    )
+    if not answers_only:
+        rules += f"add rule inet ict_hold in ip saddr {src} udp sport 500 drop\n"
+    subprocess.run(ns.cmd(role, "nft", "-f", "-"), input=rules, text=True, check=True,
+                   capture_output=True, timeout=30)  # fmt: skip
+    try:
+        yield
+    finally:
+        ns.run(role, "nft", "delete", "table", "inet", "ict_hold")
+
+
+def requests_sent(ss: Charon, exchange: str = "CREATE_CHILD_SA") -> int:
+    return len(re.findall(rf"generating {exchange} request", ss.log()))
+
+
+def answers_sent(ss: Charon, exchange: str = "CREATE_CHILD_SA") -> int:
+    return len(re.findall(rf"generating {exchange} response", ss.log()))
+
+
+def crossed(ns: Namespaces, ss: Charon, gw: Daemon, first: str, ours: Callable[[], object],
+            theirs: Callable[[], object], wait: Wait) -> None:  # fmt: skip
+    """Start the same exchange at both ends so that each side gets the other's request
+    while its own is unanswered, as when the two cross on the wire.
+
+    ``first`` = "gateway": the gateway's IKE datagrams to strongSwan are held; ``ours`` is
+    sent (held), then ``theirs``, which the gateway answers (held) with its own in flight;
+    the hold ends, and the gateway's request, sent again 2 s after the first, reaches
+    strongSwan with its own still unanswered.
+
+    "strongswan": strongSwan's datagrams are held; ``theirs`` is sent (held), then
+    ``ours``, which strongSwan answers (held) with its own in flight; then only its answers
+    are held, so that its request, sent again 4 s after the first, reaches the gateway with
+    ours still unanswered (not strongSwan's answer to it: ours is sent again after 2 s);
+    the gateway answers, and the hold ends."""
+    if first == "gateway":
+        with hold_ike(ns, "a", B.outer):
+            ours()
+            theirs()
+            wait(lambda: counters(gw).get("rekey-collision", 0) == 1,
+                 "the gateway to answer strongSwan's request with its own in flight")
+        return
+    n, m = answers_sent(ss), requests_sent(ss)
+    with hold_ike(ns, "b", A.outer):
+        theirs()
+        wait(lambda: requests_sent(ss) > m, "strongSwan's request")
+        ours()
+        wait(lambda: answers_sent(ss) > n,
+             "strongSwan to answer the gateway's request with its own in flight")
+    with hold_ike(ns, "b", A.outer, answers_only=True):
+        wait(lambda: counters(gw).get("rekey-collision", 0) == 1,
+             "the gateway to answer strongSwan's request with its own in flight")
+
+
+def counters(gw: Daemon) -> dict[str, int]:
+    c: dict[str, int] = gw.status()["ike"]["counters"]
+    return c
+
+
+def drops(gw: Daemon) -> dict[str, int]:
+    return {k: v for k, v in gw.status()["counters"]["drops"].items() if v}
+
+
+def ss_children(ss: Charon) -> list[tuple[str, str]]:
+    """strongSwan's installed CHILD SAs of child "net": (inbound SPI, outbound SPI)."""
+    text = ss.list_sas()
+    out = []
+    for block in re.split(r"\n\s*net: #", text)[1:]:
+        if "INSTALLED" not in block.split("\n", 1)[0]:
+            continue
+        i = re.search(r"\bin\s+([0-9a-f]{8})", block)
+        o = re.search(r"\bout\s+([0-9a-f]{8})", block)
+        if i and o:
+            out.append((i.group(1), o.group(1)))
+    return out
+
+
+def gw_children(sock: str) -> list[tuple[str, str]]:
+    """The gateway's CHILD SAs (inbound, outbound SPI), of its one IKE SA."""
+    return [(c["spi_in"], c["spi_out"]) for ike in ike_list(sock) for c in ike["children"]]
+
+
+def rekey(sock: str, *args: str) -> None:
+    r = cli("sa", "rekey", *args, "-s", sock)
+    assert r.returncode == 0 and "CREATE_CHILD_SA sent" in r.stdout, r.stdout + r.stderr
+
+
+def inits(ss: Charon) -> int:
+    return len(re.findall(r"generating IKE_SA_INIT request", ss.log()))
+
+
+def context(ss: Charon, gw: Daemon) -> str:
+    ike_log = "\n".join(x for x in ss.log().splitlines()
+                        if "[ESP]" not in x and "[CHD]" not in x)  # fmt: skip
+    return f"{ike_log[-12000:]}\n--- gateway ---\n{gw.logtext()[-12000:]}"
+
+
+Wait = Callable[[Callable[[], object], str], None]
+
+
+def waiting(ss: Charon, gw: Daemon) -> Wait:
+    """wait_until (20 s) whose failure carries both sides' logs."""
+
+    def wait(pred: Callable[[], object], what: str) -> None:
+        try:
+            wait_until(pred, what, 20)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{context(ss, gw)}") from None
+
+    return wait
+
+
+FIRST = pytest.mark.parametrize("first", ["gateway", "strongswan"])
+
+
+def up(ns: Namespaces, workdir: Path, stack: contextlib.ExitStack
+       ) -> tuple[Charon, Daemon, str, Wait]:  # fmt: skip
+    """strongSwan connected to the gateway, a ping through: (charon, gateway, its control
+    socket, a wait with both logs)."""
+    ss, gw = start(ns, workdir, ike="default", esp="default", ss_ike=None, ss_esp=None)
+    stack.callback(gw.cleanup)
+    stack.enter_context(ss)
+    ss.start()
+    ss.initiate()
+    assert ping(ns, "a", B.inner, 2) == 2, context(ss, gw)
+    return ss, gw, str(workdir / "gw.sock"), waiting(ss, gw)
+
+
+def made_by_gateway(gw: Daemon) -> set[str]:
+    """The inbound SPIs of CHILD SAs the gateway made as responder (peer's rekeys)."""
+    return set(re.findall(r"event=child-sa-rekeyed conn=\S+ child=\S+ spi_in=([0-9a-f]{8})",
+                          gw.logtext()))  # fmt: skip
+
+
+@pytest.mark.root
+@pytest.mark.slow
+@needs_strongswan
+@FIRST
+def test_crossed_child_rekeys_leave_one_and_the_same_child_sa_at_both_ends(
+    workdir: Path, first: str
+) -> None:
+    """§2.8.1: the gateway and strongSwan rekey the CHILD SA at once (``ipsecct sa rekey``,
+    ``swanctl --rekey --child``), each request reaching the other side while its own is
+    unanswered. Both make a new CHILD SA; the one made by the exchange with the lowest
+    nonce is redundant and deleted by the side that started that exchange, the old one by
+    the winner. Exactly one CHILD SA is left at each end, the same SA pair (the gateway's
+    inbound SPI is strongSwan's outbound and back), made by the exchange of the side that
+    won (the gateway counts rekey-collision-won or -lost, strongSwan logs the other), with
+    no IKE_SA_INIT again; traffic flows both ways and the gateway dropped nothing."""
+    with Namespaces("a", "b") as ns, contextlib.ExitStack() as stack:
+        ss, gw, sock, wait = up(ns, workdir, stack)
+        ((old_in, old_out),) = gw_children(sock)
+        crossed(ns, ss, gw, first, lambda: rekey(sock, f"0x{old_in}"),
+                lambda: ss.swanctl("--rekey", "--child", "net"), wait)  # fmt: skip
+        wait(lambda: re.search(r"detected CHILD_REKEY collision with CHILD_REKEY", ss.log()),
+             "strongSwan to answer the gateway's request with its own in flight")
+
+        def settled() -> bool:
+            g, s = gw_children(sock), ss_children(ss)
+            c = counters(gw)
+            return (len(g) == 1 and len(s) == 1 and g[0][0] not in (old_in, old_out)
+                    and c.get("rekey-collision-won", 0) + c.get("rekey-collision-lost", 0) == 1
+                    and gw.status()["sas"] == 2)  # fmt: skip
+
+        wait(settled, "one new CHILD SA at each end")
+        ((g_in, g_out),) = gw_children(sock)
+        ((s_in, s_out),) = ss_children(ss)
+        assert (g_in, g_out) == (s_out, s_in), (g_in, g_out, s_in, s_out)
+        gw_lost = counters(gw).get("rekey-collision-lost", 0) == 1
+        # the survivor was made by the winner's exchange: the gateway made it as responder
+        # exactly when it lost
+        assert (g_in in made_by_gateway(gw)) == gw_lost, context(ss, gw)
+        log = ss.log()
+        ss_lost = re.search(r"CHILD_SA rekey collision lost|rekey/delete collision, deleting"
+                            r" redundant", log) is not None  # fmt: skip
+        assert ss_lost != gw_lost, context(ss, gw)
+        assert ping(ns, "a", B.inner, 5) == 5, context(ss, gw)
+        assert ping(ns, "b", A.inner, 5) == 5, context(ss, gw)
+        assert drops(gw) == {}, drops(gw)
+        assert inits(ss) == 1, context(ss, gw)
+
+
+def ike_spis(sock: str) -> list[tuple[str, str, str]]:
+    """The gateway's established IKE SAs: (SPIi, SPIr, its role in the rekey that made it)."""
+    return [(x["spi_i"], x["spi_r"], x["role"]) for x in ike_list(sock)
+            if x["state"] == "established"]  # fmt: skip
+
+
+def ss_ike_spis(ss: Charon) -> list[tuple[str, str]]:
+    return re.findall(r"cA: #\d+, ESTABLISHED, IKEv2, ([0-9a-f]{16})_i\*? ([0-9a-f]{16})_r",
+                      ss.list_sas())  # fmt: skip
+
+
+@pytest.mark.root
+@pytest.mark.slow
+@needs_strongswan
+@FIRST
+def test_crossed_ike_rekeys_leave_one_and_the_same_ike_sa_with_its_child_sa(
+    workdir: Path, first: str
+) -> None:
+    """§2.8.2: the gateway and strongSwan rekey the IKE SA at once (``ipsecct sa rekey
+    --ike``, ``swanctl --rekey --ike``), crossed as for the CHILD SA. The IKE SA made by
+    the exchange with the lowest nonce is redundant, the old one deleted by the winner;
+    the CHILD SA, untouched, moves to the surviving IKE SA on both sides. One IKE SA is
+    left established at each end with the same SPIs, made by the winner's exchange, the
+    CHILD SA the one it was; no IKE_SA_INIT again, traffic flows, nothing dropped, and a
+    CHILD rekey in the new IKE SA is answered."""
+    with Namespaces("a", "b") as ns, contextlib.ExitStack() as stack:
+        ss, gw, sock, wait = up(ns, workdir, stack)
+        ((old_i, old_r, _),) = ike_spis(sock)
+        child = gw_children(sock)
+        crossed(ns, ss, gw, first, lambda: rekey(sock, "--ike", "roadwarrior"),
+                lambda: ss.swanctl("--rekey", "--ike", "cA"), wait)  # fmt: skip
+        wait(lambda: re.search(r"detected IKE_REKEY collision with IKE_REKEY", ss.log()),
+             "strongSwan to answer the gateway's request with its own in flight")
+
+        def settled() -> bool:
+            g, s = ike_spis(sock), ss_ike_spis(ss)
+            c = counters(gw)
+            return (len(g) == 1 and len(s) == 1 and g[0][:2] != (old_i, old_r)
+                    and c.get("rekey-collision-won", 0) + c.get("rekey-collision-lost", 0) == 1)
+
+        wait(settled, "one new IKE SA at each end")
+        ((spi_i, spi_r, role),) = ike_spis(sock)
+        assert [(spi_i, spi_r)] == ss_ike_spis(ss), (ike_spis(sock), ss.list_sas())
+        gw_lost = counters(gw).get("rekey-collision-lost", 0) == 1
+        assert (role == "responder") == gw_lost, context(ss, gw)  # made by the winner
+        assert gw_children(sock) == child  # the CHILD SA is not rekeyed by it
+        assert ss_children(ss) == [(child[0][1], child[0][0])], ss.list_sas()
+        assert ping(ns, "a", B.inner, 5) == 5, context(ss, gw)
+        assert drops(gw) == {}, drops(gw)
+        assert inits(ss) == 1, context(ss, gw)
+        # the surviving IKE SA works: a CHILD rekey in it, answered
+        rekey(sock, f"0x{child[0][0]}")
+        wait(lambda: len(gw_children(sock)) == 1 and gw_children(sock) != child
+             and len(ss_children(ss)) == 1 and ss_children(ss)[0][0] == gw_children(sock)[0][1],
+             "a CHILD rekey in the surviving IKE SA")  # fmt: skip
+        assert ping(ns, "a", B.inner, 3) == 3, context(ss, gw)
