@@ -20,13 +20,15 @@ import subprocess
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from tests.helpers.control import ask
 from tests.helpers.daemon import Daemon
 from tests.helpers.netns import Namespaces, wait_until
-from tests.helpers.strongswan import A, B, Charon, ping
-from tests.test_ikev2_strongswan import cli, ike_list, needs_strongswan, start
+from tests.helpers.strongswan import SWANCTL, A, B, Charon, ping
+from tests.test_ikev2_strongswan import Initiator, cli, needs_strongswan, start
 
 
 @pytest.fixture
@@ -79,20 +81,24 @@ def crossed(ns: Namespaces, ss: Charon, gw: Daemon, first: str, ours: Callable[[
 
     ``first`` = "gateway": the gateway's IKE datagrams to strongSwan are held; ``ours`` is
     sent (held), then ``theirs``, which the gateway answers (held) with its own in flight;
-    the hold ends, and the gateway's request, sent again 2 s after the first, reaches
-    strongSwan with its own still unanswered.
+    then only the gateway's answers are held, so that its request, sent again 2 s after
+    the first, reaches strongSwan with its own still unanswered (not the gateway's answer
+    to it, which strongSwan asks for again too); strongSwan answers, and the hold ends.
 
     "strongswan": strongSwan's datagrams are held; ``theirs`` is sent (held), then
     ``ours``, which strongSwan answers (held) with its own in flight; then only its answers
-    are held, so that its request, sent again 4 s after the first, reaches the gateway with
-    ours still unanswered (not strongSwan's answer to it: ours is sent again after 2 s);
-    the gateway answers, and the hold ends."""
+    are held, so that its request, sent again, reaches the gateway with ours still
+    unanswered; the gateway answers, and the hold ends. Neither side's retransmission
+    timers decide the order."""
     if first == "gateway":
         with hold_ike(ns, "a", B.outer):
             ours()
             theirs()
             wait(lambda: counters(gw).get("rekey-collision", 0) == 1,
                  "the gateway to answer strongSwan's request with its own in flight")
+        with hold_ike(ns, "a", B.outer, answers_only=True):
+            wait(lambda: re.search(r"detected \w+ collision with", ss.log()),
+                 "strongSwan to answer the gateway's request with its own in flight")
         return
     n, m = answers_sent(ss), requests_sent(ss)
     with hold_ike(ns, "b", A.outer):
@@ -104,6 +110,13 @@ def crossed(ns: Namespaces, ss: Charon, gw: Daemon, first: str, ours: Callable[[
     with hold_ike(ns, "b", A.outer, answers_only=True):
         wait(lambda: counters(gw).get("rekey-collision", 0) == 1,
              "the gateway to answer strongSwan's request with its own in flight")
+
+
+def ike_list(sock: str) -> list[dict[str, Any]]:
+    """What ``ipsecct sa list --ike --json`` prints, asked on the control socket (the CLI is
+    a Python start-up per call: 0.7 s, polled)."""
+    out: list[dict[str, Any]] = ask(sock, "ike.list")
+    return out
 
 
 def counters(gw: Daemon) -> dict[str, int]:
@@ -167,11 +180,22 @@ def waiting(ss: Charon, gw: Daemon) -> Wait:
 FIRST = pytest.mark.parametrize("first", ["gateway", "strongswan"])
 
 
+class QuickInitiator(Initiator):
+    """strongSwan sending its requests again after 1 s, not 4 s (what the holds wait for)."""
+
+    def write_config(self) -> None:
+        super().write_config()
+        conf = self.dir / "strongswan.conf"
+        text = conf.read_text()
+        conf.write_text(text.replace("charon {", "charon {\n  retransmit_timeout = 1.0", 1))
+
+
 def up(ns: Namespaces, workdir: Path, stack: contextlib.ExitStack
        ) -> tuple[Charon, Daemon, str, Wait]:  # fmt: skip
     """strongSwan connected to the gateway, a ping through: (charon, gateway, its control
     socket, a wait with both logs)."""
-    ss, gw = start(ns, workdir, ike="default", esp="default", ss_ike=None, ss_esp=None)
+    _, gw = start(ns, workdir, ike="default", esp="default", ss_ike=None, ss_esp=None)
+    ss = QuickInitiator(ns, workdir, ike=None, esp=None)
     stack.callback(gw.cleanup)
     stack.enter_context(ss)
     ss.start()
@@ -285,8 +309,80 @@ def test_crossed_ike_rekeys_leave_one_and_the_same_ike_sa_with_its_child_sa(
         assert drops(gw) == {}, drops(gw)
         assert inits(ss) == 1, context(ss, gw)
         # the surviving IKE SA works: a CHILD rekey in it, answered
-        rekey(sock, f"0x{child[0][0]}")
+        ask(sock, "ike.rekey", {"spi": f"0x{child[0][0]}"})
         wait(lambda: len(gw_children(sock)) == 1 and gw_children(sock) != child
              and len(ss_children(ss)) == 1 and ss_children(ss)[0][0] == gw_children(sock)[0][1],
              "a CHILD rekey in the surviving IKE SA")  # fmt: skip
         assert ping(ns, "a", B.inner, 3) == 3, context(ss, gw)
+
+
+@pytest.mark.root
+@pytest.mark.slow
+@needs_strongswan
+@pytest.mark.parametrize("deleter", ["gateway", "strongswan"])
+def test_a_child_rekey_crossing_a_delete_of_that_child_sa_leaves_none(
+    workdir: Path, deleter: str
+) -> None:
+    """§2.25: one side deletes the CHILD SA (``ipsecct sa delete``, ``swanctl --terminate
+    --child``) while the other rekeys it, each request reaching the other side after it
+    sent its own (the gateway's datagrams held meanwhile). The DELETE wins: the rekey is
+    refused (CHILD_SA_NOT_FOUND) or comes to nothing, no CHILD SA is left at either end
+    (none half made, no SPI kept), the IKE SA stays at both, and a CHILD SA asked for again
+    in it carries traffic, with no IKE_SA_INIT again. (strongSwan answered CHILD_SA_NOT_FOUND
+    before it had the DELETE makes a new CHILD SA: not this test, the holds order them.)"""
+    with Namespaces("a", "b") as ns, contextlib.ExitStack() as stack:
+        ss, gw, sock, wait = up(ns, workdir, stack)
+        ((old_in, _),) = gw_children(sock)
+        ((ike_i, ike_r, _),) = ike_spis(sock)
+        terminate: subprocess.Popen[str] | None = None
+        with hold_ike(ns, "a", B.outer):
+            if deleter == "gateway":
+                r = cli("sa", "delete", f"0x{old_in}", "-s", sock)
+                assert r.returncode == 0, r.stderr
+                ss.swanctl("--rekey", "--child", "net")
+                wait(lambda: counters(gw).get("rekey-unknown-child", 0) == 1,
+                     "the gateway to refuse the rekey of the CHILD SA it deleted")
+            else:
+                rekey(sock, f"0x{old_in}")
+                terminate = subprocess.Popen(
+                    [SWANCTL, "--terminate", "--child", "net", "--uri", ss.uri],
+                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                stack.callback(terminate.kill)
+                wait(lambda: counters(gw).get("child-deleted-by-peer", 0) == 1,
+                     "the gateway to take strongSwan's DELETE with its rekey in flight")
+        # then only the gateway's answers are held: its own request, sent again, reaches
+        # strongSwan (whose own is still unanswered) before the answer to strongSwan's
+        with hold_ike(ns, "a", B.outer, answers_only=True):
+            if deleter == "gateway":
+                wait(lambda: "received DELETE for ESP CHILD_SA" in ss.log(),
+                     "strongSwan to take the DELETE with its rekey in flight")
+            else:
+                wait(lambda: counters(gw).get("rekey-failed", 0) == 1,
+                     "strongSwan to answer the rekey of the CHILD SA it deletes")
+        if terminate is not None:
+            out, _ = terminate.communicate(timeout=30)
+            assert terminate.returncode == 0, out + context(ss, gw)
+
+        def settled() -> bool:
+            c = counters(gw)
+            done = (c.get("rekey-failed", 0) == 1 if deleter == "strongswan"  # its answer
+                    else re.search(r"parsed CREATE_CHILD_SA response \d+ \[ N\(NO_CHILD_SA\)",
+                                   ss.log()) is not None)  # fmt: skip
+            return (done and gw_children(sock) == [] and ss_children(ss) == []
+                    and gw.status()["sas"] == 0)
+
+        wait(settled, "no CHILD SA left at either end")
+        # what is gone is refused by name, one line (as sa delete does)
+        for args, why in (([f"0x{old_in}"], f"no IKE-keyed CHILD SA with SPI 0x{old_in}"),
+                          (["--ike", "nosuch"], "no IKE SA, connection or SPI 'nosuch'")):
+            r = cli("sa", "rekey", *args, "-s", sock)
+            assert r.returncode == 2 and why in r.stderr, r.stderr
+            assert len(r.stderr.splitlines()) == 1, r.stderr
+        assert [x[:2] for x in ike_spis(sock)] == [(ike_i, ike_r)] == ss_ike_spis(ss)
+        # the child again, in the same IKE SA
+        ss.swanctl("--initiate", "--child", "net")
+        wait(lambda: len(gw_children(sock)) == 1 and len(ss_children(ss)) == 1,
+             "a new CHILD SA in the same IKE SA")
+        assert ping(ns, "a", B.inner, 3) == 3, context(ss, gw)
+        assert drops(gw) == {}, drops(gw)
+        assert inits(ss) == 1, context(ss, gw)
