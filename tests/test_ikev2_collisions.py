@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import re
 import shutil
+import signal
 import subprocess
 import tempfile
 from collections.abc import Callable, Iterator
@@ -26,7 +27,7 @@ import pytest
 
 from tests.helpers.control import ask
 from tests.helpers.daemon import Daemon
-from tests.helpers.netns import Namespaces, wait_until
+from tests.helpers.netns import Namespaces, stop_process, wait_until
 from tests.helpers.strongswan import SWANCTL, A, B, Charon, ping
 from tests.test_ikev2_strongswan import Initiator, cli, needs_strongswan, start
 
@@ -224,10 +225,14 @@ def test_crossed_child_rekeys_leave_one_and_the_same_child_sa_at_both_ends(
     the winner. Exactly one CHILD SA is left at each end, the same SA pair (the gateway's
     inbound SPI is strongSwan's outbound and back), made by the exchange of the side that
     won (the gateway counts rekey-collision-won or -lost, strongSwan logs the other), with
-    no IKE_SA_INIT again; traffic flows both ways and the gateway dropped nothing."""
+    no IKE_SA_INIT again; a ping every 0.1 s through it all loses nothing, traffic flows
+    both ways after it, and the gateway dropped nothing."""
     with Namespaces("a", "b") as ns, contextlib.ExitStack() as stack:
         ss, gw, sock, wait = up(ns, workdir, stack)
         ((old_in, old_out),) = gw_children(sock)
+        # a ping runs through it all (ESP is never held): none lost but the last in flight
+        pinger = ns.popen("a", "ping", "-n", "-i", "0.1", B.inner, stdout=subprocess.PIPE)
+        stack.callback(stop_process, pinger, signal.SIGINT)
         crossed(ns, ss, gw, first, lambda: rekey(sock, f"0x{old_in}"),
                 lambda: ss.swanctl("--rekey", "--child", "net"), wait)  # fmt: skip
         wait(lambda: re.search(r"detected CHILD_REKEY collision with CHILD_REKEY", ss.log()),
@@ -241,6 +246,15 @@ def test_crossed_child_rekeys_leave_one_and_the_same_child_sa_at_both_ends(
                     and gw.status()["sas"] == 2)  # fmt: skip
 
         wait(settled, "one new CHILD SA at each end")
+        assert ping(ns, "a", B.inner, 2) == 2, context(ss, gw)  # (the pinger's last through)
+        stop_process(pinger, signal.SIGINT)
+        assert pinger.stdout is not None
+        out = pinger.stdout.read().decode()
+        m = re.search(r"(\d+) packets transmitted", out)
+        assert m is not None, out
+        replied = {int(x) for x in re.findall(r"icmp_seq=(\d+) ", out)}
+        lost = [i for i in range(1, int(m.group(1)) - 5) if i not in replied]
+        assert int(m.group(1)) >= 20 and not lost, (m.group(1), lost, context(ss, gw))
         ((g_in, g_out),) = gw_children(sock)
         ((s_in, s_out),) = ss_children(ss)
         assert (g_in, g_out) == (s_out, s_in), (g_in, g_out, s_in, s_out)
