@@ -1097,7 +1097,7 @@ def test_crossed_ike_rekey_whose_answer_was_lost_is_sent_again(seed: int) -> Non
         w.deliver(w.ini.tick(t), "i", t)
         w.deliver(w.resp.tick(t), "r", t)
     mirrored(w)
-    (ii2,), (ir2,) = w.ini.ike_sas(), w.resp.ike_sas()
+    (ii2,) = w.ini.ike_sas()
     assert (ii2.spi_i, ii2.spi_r) != (ii.spi_i, ii.spi_r)
     assert not w.of("i", ChildDown) and not w.of("r", ChildDown)
     assert not w.of("i", IkeDown) and not w.of("r", IkeDown)
