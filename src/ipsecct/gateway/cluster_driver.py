@@ -731,6 +731,15 @@ class ClusterDriver:
                 for g in batch:
                     if await self.client.txn(self.own.adopt([g])):
                         got.append(g)
+        if got:
+            # What the groups hold, read again now that they are ours (nobody else can change
+            # their tunnels' keys from here on). The reading the plan came from may be older
+            # than a life of these groups in between: adopted by another member, a tunnel's
+            # key deleted or moved by it, its lease ended (our "absent" compares hold again).
+            # Taken from that reading, a tunnel whose key was gone was believed ours, which
+            # whoever recorded it since believes too (tests/test_ownership_groups.py's
+            # property, with a member stopped between its reading and its take-over).
+            tunnels = (await read_ownership(self.client, self.keys))[1]
         await self._took_groups(got, tunnels, dead)
 
     async def _adopted_unanswered(self, groups: dict[str, str]) -> list[str]:
