@@ -220,3 +220,15 @@ def test_a_transfer_file_name_too_long_is_a_config_error(key: str, tmp_path: Pat
     missing = write(tmp_path, xfer.replace(f'{key} = "t1.keys"', f'{key} = "gone.pem"'))
     with pytest.raises(ConfigError, match=rf"transfer\.{key}: no such file .*gone\.pem"):
         config.load(missing)
+
+
+@pytest.mark.parametrize("where", ["a directory", "a missing directory"])
+def test_bench_gateway_profile_that_cannot_be_written_is_one_line_before_it_runs(
+    where: str, tmp_path: Path
+) -> None:
+    """``bench gateway --profile DIR`` ran the whole benchmark and exited 0 without a
+    profile (the gateway's cProfile failed to write it at its exit, unseen)."""
+    target = tmp_path if where == "a directory" else tmp_path / "no" / "prof.out"
+    r = ipsecct("bench", "gateway", "--profile", str(target), "--time", "60", "--json")
+    one_line_error(r, str(target))
+    assert r.stdout == ""  # nothing measured: it stopped before the 60 s rounds

@@ -500,6 +500,12 @@ def add_parser(sub: Any) -> None:
 
 
 def run_cli(args: argparse.Namespace) -> int:
+    if args.profile is not None:
+        # The gateway's cProfile writes it only on exit, and its failure there went unseen
+        # (--profile DIRECTORY: the benchmark ran, exit 0, no profile): opened here first,
+        # a directory, a missing directory or no permission is one line before anything runs.
+        with open(args.profile, "ab"):
+            pass
     results = measure(
         impls=list(dict.fromkeys(args.impl or IMPLS)),
         sizes=list(dict.fromkeys(args.size or SIZES)),
