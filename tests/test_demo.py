@@ -375,12 +375,26 @@ def test_the_receivers_record_the_kernels_arrival_time_beside_their_own() -> Non
             assert app.transport is not None
             app.transport.close()
 
-    spans, net, read = asyncio.run(body())
-    assert len(net) == len(read) == 5
-    for (t0, t1), t in zip(spans, net, strict=True):  # (the real-time clock, converted)
-        assert t0 - 0.0005 <= t <= t1 + 0.0005, (t0, t, t1)
+    def within(spans: list[tuple[float, float]], net: list[float]) -> bool:
+        return all(t0 - 0.0005 <= t <= t1 + 0.0005  # (the real-time clock, converted)
+                   for (t0, t1), t in zip(spans, net, strict=True))  # fmt: skip
+
+    # Twice in many runs under load (CI 2026-12-03 once before 744c00e, an engineer's run at
+    # load 10-15 after it) one kernel time lay ~10 ms after its sendto had returned, though
+    # the real-time/monotonic offset held still (sampled every ms for 20 s: no jump) and
+    # loopback stamps a datagram inside sendto: cause not found (this VM's clocks?), not the
+    # conversion. The probe is tried up to three times; one clean probe shows the stamps are
+    # the kernel's arrival times, not the loop's.
+    probes = []
+    for _ in range(3):
+        spans, net, read = asyncio.run(body())
+        assert len(net) == len(read) == 5
+        assert min(read) >= spans[-1][1]  # (read only once the loop ran: after every send)
+        probes.append((spans, net))
+        if within(spans, net):
+            break
+    assert within(spans, net), probes
     assert min(b - a for a, b in itertools.pairwise(net)) >= 0.0015
-    assert min(read) >= spans[-1][1]
 
 
 def test_the_stream_sender_sends_every_packet_both_ways_and_follows_the_route(
