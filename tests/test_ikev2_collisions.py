@@ -28,8 +28,15 @@ import pytest
 from tests.helpers.control import ask
 from tests.helpers.daemon import Daemon
 from tests.helpers.netns import Namespaces, stop_process, wait_until
-from tests.helpers.strongswan import SWANCTL, A, B, Charon, ping
-from tests.test_ikev2_strongswan import Initiator, cli, needs_strongswan, start
+from tests.helpers.strongswan import SWANCTL, A, B, Charon, build_namespaces, ping
+from tests.test_ikev2_strongswan import (
+    Initiator,
+    cli,
+    gateway_config,
+    needs_strongswan,
+    node_config,
+    start,
+)
 
 
 @pytest.fixture
@@ -400,3 +407,92 @@ def test_a_child_rekey_crossing_a_delete_of_that_child_sa_leaves_none(
         assert ping(ns, "a", B.inner, 3) == 3, context(ss, gw)
         assert drops(gw) == {}, drops(gw)
         assert inits(ss) == 1, context(ss, gw)
+
+
+def both(gw_sock: str, mn_sock: str) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    return gw_children(gw_sock), gw_children(mn_sock)
+
+
+@pytest.mark.root
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["child", "ike"])
+def test_crossed_rekeys_between_two_ipsecct_engines_over_real_sockets(
+    workdir: Path, kind: str
+) -> None:
+    """§2.8.1 and §2.8.2 with our code at both ends: ``ipsecct node`` (namespace "a",
+    initiator) and ``ipsecct gateway`` ("b") rekey the same CHILD SA, or the IKE SA, at once
+    (``sa rekey`` at both), crossed as with strongSwan (the gateway first; its datagrams to
+    the node held, then only its answers). Each side counts the collision, one won and the
+    other lost; one SA is left at each end, the same (CHILD SA: SPIs mirrored; IKE SA: the
+    same SPIs, the CHILD SA untouched), traffic flows both ways, neither dropped anything."""
+    with Namespaces("a", "b") as ns, contextlib.ExitStack() as stack:
+        build_namespaces(ns)
+        gconf = gateway_config(workdir, ike="aes256gcm16-prfsha384-ecp384",
+                               esp="aes128-sha256", encap=False, dpd=0)  # fmt: skip
+        mconf = node_config(workdir)
+        mconf.write_text(mconf.read_text().replace("dpd_delay = 1", "dpd_delay = 0"))
+        gw = Daemon("gateway", gconf, str(workdir / "gw.sock"), workdir / "gw.log",
+                    prefix=["ip", "netns", "exec", ns.names["b"]])  # fmt: skip
+        mn = Daemon("node", mconf, str(workdir / "mn.sock"), workdir / "mn.log",
+                    prefix=["ip", "netns", "exec", ns.names["a"]])  # fmt: skip
+        stack.callback(gw.cleanup)
+        stack.callback(mn.cleanup)
+        gw.start()
+        mn.start()
+        gs, ms = str(workdir / "gw.sock"), str(workdir / "mn.sock")
+
+        def logs() -> str:
+            return (f"--- node ---\n{mn.logtext()[-10000:]}\n"
+                    f"--- gateway ---\n{gw.logtext()[-10000:]}")  # fmt: skip
+
+        def wait(pred: Callable[[], object], what: str) -> None:
+            try:
+                wait_until(pred, what, 20)
+            except AssertionError as exc:
+                raise AssertionError(f"{exc}\n{logs()}") from None
+
+        wait(lambda: len(gw_children(gs)) == 1 and len(gw_children(ms)) == 1,
+             "the node's IKE SA and CHILD SA at both ends")
+        assert ping(ns, "a", B.inner, 2) == 2, logs()
+        ((g_old, _),), ((m_old, _),) = both(gs, ms)
+        old_ike = ike_spis(gs)
+        if kind == "child":
+            ours, theirs = {"spi": f"0x{g_old}"}, {"spi": f"0x{m_old}"}
+        else:
+            ours, theirs = {"ike": "roadwarrior"}, {"ike": "home"}
+        with hold_ike(ns, "a", B.outer):
+            ask(gs, "ike.rekey", ours)
+            ask(ms, "ike.rekey", theirs)
+            wait(lambda: counters(gw).get("rekey-collision", 0) == 1,
+                 "the gateway to answer the node's request with its own in flight")
+        with hold_ike(ns, "a", B.outer, answers_only=True):
+            wait(lambda: counters(mn).get("rekey-collision", 0) == 1,
+                 "the node to answer the gateway's request with its own in flight")
+
+        def resolved(d: Daemon) -> int:
+            c = counters(d)
+            return c.get("rekey-collision-won", 0) + c.get("rekey-collision-lost", 0)
+
+        def settled() -> bool:
+            (g, m), gi, mi = both(gs, ms), ike_spis(gs), ike_spis(ms)
+            return (resolved(gw) == 1 and resolved(mn) == 1 and len(g) == 1 and len(m) == 1
+                    and len(gi) == 1 and len(mi) == 1
+                    and gw.status()["sas"] == 2 and mn.status()["sas"] == 2)  # fmt: skip
+
+        wait(settled, "one SA left at each end")
+        won = [counters(d).get("rekey-collision-won", 0) for d in (gw, mn)]
+        assert sorted(won) == [0, 1], (won, logs())
+        ((g_in, g_out),), ((m_in, m_out),) = both(gs, ms)
+        assert (g_in, g_out) == (m_out, m_in), logs()
+        ((gi, gr, grole),), ((mi, mr, mrole),) = ike_spis(gs), ike_spis(ms)
+        assert (gi, gr) == (mi, mr) and grole != mrole, logs()
+        if kind == "child":
+            assert g_in != g_old and m_in != m_old, logs()
+            assert [x[:2] for x in old_ike] == [(gi, gr)]  # the IKE SA stays
+        else:
+            assert (g_in, m_in) == (g_old, m_old), logs()  # the CHILD SA moves untouched
+            assert [x[:2] for x in old_ike] != [(gi, gr)]
+            assert (grole == "initiator") == (won[0] == 1), logs()  # made by the winner
+        assert ping(ns, "a", B.inner, 5) == 5, logs()
+        assert ping(ns, "b", A.inner, 5) == 5, logs()
+        assert drops(gw) == {} and drops(mn) == {}, (drops(gw), drops(mn))
