@@ -232,3 +232,19 @@ def test_bench_gateway_profile_that_cannot_be_written_is_one_line_before_it_runs
     r = ipsecct("bench", "gateway", "--profile", str(target), "--time", "60", "--json")
     one_line_error(r, str(target))
     assert r.stdout == ""  # nothing measured: it stopped before the 60 s rounds
+
+
+@pytest.mark.parametrize("args", [["--seconds", "0.01", "--rate", "1"],
+                                  ["--seconds", "0.5", "--rate", "1", "--json"]])  # fmt: skip
+def test_a_demo_stream_of_no_packet_is_refused_before_it_starts(
+    args: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``demo --seconds 0.01 --rate 1`` started three processes, printed a summary of 0
+    packets and exited 1 without a word of why."""
+    from ipsecct import cli
+
+    assert cli.main(["demo", *args]) == 2
+    out = capsys.readouterr()
+    assert out.out == ""
+    assert out.err.splitlines() == [f"ipsecct: error: --rate 1 for --seconds {args[1]} is no "
+                                    "packet at all: the stream needs at least one"]  # fmt: skip

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
+import sys
 from typing import Any
 
 from ..errors import IpsecctError
@@ -23,6 +24,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     mode = "failover" if args.failover else args.handover
     if args.rate > 20000:
         raise IpsecctError("--rate above 20000 packets/s is more than one Python process sends")
+    if args.rate * args.seconds < 1:  # (it exited 1 with a summary of 0 packets, no reason)
+        raise IpsecctError(f"--rate {args.rate} for --seconds {args.seconds:g} is no packet "
+                           "at all: the stream needs at least one")  # fmt: skip
     keying = args.keying or ("manual" if args.failover else "ike")
     prepare_ahead = args.prepare_ahead
     if args.reactive:
@@ -51,7 +55,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
         s = asyncio.run(main())
     except asyncio.CancelledError:
         return 128 + signal.SIGTERM
-    return 0 if s["packets"]["sent"] else 1
+    if not s["packets"]["sent"]:
+        print("ipsecct: error: the demo's stream sent no packet", file=sys.stderr)
+        return 1
+    return 0
 
 
 def register(sub: Any) -> None:
