@@ -557,6 +557,59 @@ def test_what_an_operator_names_for_sa_delete_ike_and_when_it_is_refused(
     assert len(sent) == 1 and row["delete_sent"] is False and half.state is IkeState.DEAD
 
 
+def test_sa_rekey_sends_the_request_at_once_or_says_why_not(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``ipsecct sa rekey`` (IkeService.rekey, as ``swanctl --rekey``): a CHILD SA's or the
+    IKE SA's CREATE_CHILD_SA goes out at once. Refused, nothing sent, saying why: an
+    exchange of ours in flight (window of one; a liveness check gives way), a CHILD SA
+    rekeyed already, one the IKE SA no longer has, an IKE SA being transferred, a fenced
+    gateway."""
+    import dataclasses
+
+    from ipsecct.errors import IkeProtocolError
+
+    w = pair(mn_conn(dpd=10), conn(dpd=10))
+    connect(w)
+    (ike_r,) = w.resp.ike_sas()
+    svc = _service(tmp_path)
+    ike = svc.engine.import_ike(w.resp.export_ike(ike_r, 1.0), 1.0)
+    (c1,) = ike.children
+    eng = svc.node.engine
+    entry, out, inn = c1.sas(R500, I500, False, "t-1")
+    c1.handle = eng.add_tunnel(entry, out, inn)
+    sent: list[bytes] = []
+    monkeypatch.setattr(svc.node, "send_outer", lambda data, dst: sent.append(data))
+
+    def refused(child: object, why: str) -> None:
+        n = len(sent)
+        with pytest.raises(IkeProtocolError, match=why):
+            svc.rekey(ike, child)  # type: ignore[arg-type]
+        assert len(sent) == n
+
+    svc.rekey(ike, c1)
+    assert len(sent) == 1 and ike.pending is not None and ike.pending.kind == "rekey-child"
+    assert ike.pending.old_child is c1
+    refused(c1, r"an exchange of ours is in flight \(rekey-child\)")
+    refused(None, r"an exchange of ours is in flight \(rekey-child\)")
+    ike.pending = None
+    c1.rekeyed = True
+    refused(c1, "rekeyed already: rekey its successor")
+    c1.rekeyed = False
+    refused(dataclasses.replace(c1, spi_in=0x7000_0001), "no longer has it")
+    ike.quiet = True
+    refused(c1, "is being transferred .*not rekeyed")
+    ike.quiet = False
+    svc.fenced = lambda now: True
+    refused(None, "may not send now")
+    svc.fenced = None
+    # a liveness check in flight gives way (as for sa delete): the IKE rekey goes out
+    svc._act(svc.engine.tick(svc.node.clock() + 60))
+    assert ike.pending is not None and ike.pending.kind == "liveness" and len(sent) == 2
+    svc.rekey(ike, None)
+    assert len(sent) == 3 and ike.pending is not None and ike.pending.kind == "rekey-ike"
+
+
 def test_a_replica_the_standby_cannot_take_is_refused_and_the_active_sees_which(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
