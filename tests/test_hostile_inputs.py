@@ -357,8 +357,11 @@ def test_an_ike_datagram_past_max_packet_is_dropped_by_a_running_gateway(tmp_pat
 def test_control_clients_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every control connection was kept (idle up to 300 s) and one that never read its
     answers was waited for forever: a local client could hold thousands and use up the
-    gateway's file descriptors. Past MAX_CLIENTS a connection gets one error line and is
-    closed; a client that does not read is dropped after DRAIN_TIMEOUT."""
+    gateway's file descriptors. At most MAX_CLIENTS are open: past it a new connection takes
+    the place of the one idle the longest (MAX_CLIENTS idle ones, a script leaking them,
+    kept every command out for 5 minutes), and when every one is waiting for its answer it
+    gets one error line and is closed; a client that does not read is dropped after
+    DRAIN_TIMEOUT."""
     import asyncio
     import json
 
@@ -368,21 +371,46 @@ def test_control_clients_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(control, "DRAIN_TIMEOUT", 0.5)
 
     async def t(srv: control.ControlServer, path: str) -> None:
+        gate = asyncio.Event()
+
+        async def hold(args: dict[str, object]) -> object:
+            await gate.wait()
+            return "held"
+
+        srv.register("hold", hold)
         idle = [await connect(path) for _ in range(control.MAX_CLIENTS)]
         assert (await ask(idle[0], b'{"cmd": "echo"}\n'))["ok"] is True
+        while srv.clients < control.MAX_CLIENTS:
+            await asyncio.sleep(0.01)
+        # idle[1] has been idle the longest (idle[0] asked since): a new client takes its
+        # place, and every other keeps its own
+        fresh = await connect(path)
+        assert (await ask(fresh, b'{"cmd": "echo"}\n'))["ok"] is True
+        assert await asyncio.wait_for(idle[1][0].read(), 10) == b""
+        assert (await ask(idle[0], b'{"cmd": "echo"}\n'))["ok"] is True
+        assert (await ask(idle[2], b'{"cmd": "echo"}\n'))["ok"] is True
+        assert srv.clients == control.MAX_CLIENTS
+        fresh[1].close()
+        for c in idle:
+            c[1].close()
+        while srv.clients:
+            await asyncio.sleep(0.01)
+        # every place taken by a client waiting for its answer: refused, one line
+        busy = [await connect(path) for _ in range(control.MAX_CLIENTS)]
+        for _, w in busy:
+            w.write(b'{"cmd": "hold"}\n')
+        while len(srv._idle) or srv.clients < control.MAX_CLIENTS:
+            await asyncio.sleep(0.01)
         r, w = await connect(path)
         ans = json.loads(await r.readline())
         assert ans == {"ok": False, "error": "too many control clients"}
         assert await r.read() == b""
         w.close()
-        idle.pop()[1].close()
-        while srv.clients >= control.MAX_CLIENTS:
-            await asyncio.sleep(0.01)
-        fresh = await connect(path)
-        assert (await ask(fresh, b'{"cmd": "echo"}\n'))["ok"] is True
-        fresh[1].close()
-        for c in idle:
-            c[1].close()
+        gate.set()
+        for r, _ in busy:  # each still gets its answer
+            assert json.loads(await r.readline()) == {"ok": True, "result": "held"}
+        for _, w in busy:
+            w.close()
         while srv.clients:
             await asyncio.sleep(0.01)
         # many requests, answers never read: dropped, its place freed

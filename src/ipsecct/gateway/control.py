@@ -220,6 +220,14 @@ class ControlServer:
         self.refused = 0  # requests answered with an error before reaching a handler
         self._quiet = RateLimited()
         self.clients = 0  # connected now (at most MAX_CLIENTS)
+        # Clients waiting for their next request (none being answered), longest first, and
+        # those closed to make room (their place already given back). MAX_CLIENTS idle
+        # connections (a script that leaks them) kept every command out for IDLE_TIMEOUT,
+        # 5 minutes: ipsecct status, transfer, even failover alone. One over the limit now
+        # takes the place of the client idle the longest; one waiting for its answer (a
+        # transfer, transfer.wait) keeps its place.
+        self._idle: dict[asyncio.StreamWriter, None] = {}
+        self._evicted: set[asyncio.StreamWriter] = set()
 
     def register(self, name: str, handler: Handler) -> None:
         self.handlers[name] = handler
@@ -282,7 +290,7 @@ class ControlServer:
             os.unlink(self.path)
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self.clients >= MAX_CLIENTS:
+        if self.clients >= MAX_CLIENTS and not self._evict_idle():
             # Thousands of idle connections (each kept up to IDLE_TIMEOUT) used up the
             # gateway's file descriptors: past MAX_CLIENTS one answer, and closed.
             writer.write(json.dumps(self._refuse("too many control clients")).encode() + b"\n")
@@ -291,12 +299,15 @@ class ControlServer:
         self.clients += 1
         try:
             while True:
+                self._idle[writer] = None  # (the last to have become idle)
                 try:
                     line = await asyncio.wait_for(reader.readline(), timeout=IDLE_TIMEOUT)
                 except (asyncio.LimitOverrunError, ValueError):
                     await self._answer(writer, {"ok": False, "error": "request too long"})
                     return
-                if not line:
+                finally:
+                    self._idle.pop(writer, None)
+                if not line or writer in self._evicted:
                     return
                 await self._answer(writer, await self._handle(line))
         except (TimeoutError, ConnectionError):
@@ -304,11 +315,27 @@ class ControlServer:
         except Exception as exc:  # a bug: one line, the server carries on
             self._quiet.event(log, "control-client-failed", logging.ERROR, error=type(exc).__name__)
         finally:
-            self.clients -= 1
+            if writer in self._evicted:
+                self._evicted.discard(writer)  # (its place was given back then)
+            else:
+                self.clients -= 1
             writer.close()
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(5):
                     await writer.wait_closed()
+
+    def _evict_idle(self) -> bool:
+        """Close the client idle the longest and give its place back; False if none is."""
+        victim = next(iter(self._idle), None)
+        if victim is None:
+            return False
+        del self._idle[victim]
+        self._evicted.add(victim)
+        self.clients -= 1
+        victim.transport.abort()
+        self._quiet.event(log, "control-client-evicted", logging.WARNING,
+                          reason="idle the longest, for a new client")  # fmt: skip
+        return True
 
     async def _answer(self, writer: asyncio.StreamWriter, obj: dict[str, Any]) -> None:
         writer.write(json.dumps(obj).encode() + b"\n")
