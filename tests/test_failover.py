@@ -1858,6 +1858,7 @@ def _watching(sb: _Silent, dead_ms: float = 1500) -> tuple[Any, list[float]]:
     d._look_again = d._looking_since = None
     d.looked_again = 0
     d.joining, d._next_join, d.joins, d._next_prepare = False, 0.0, 0, 0.0
+    d.ike, d._ceilinged, d._next_ceiling_check = None, [], 0.0  # (alone: nothing kept)
     taken: list[float] = []
 
     def take_over(now: float) -> None:
@@ -1997,6 +1998,7 @@ class _Pair:
         d.looked_again = 0
         d.joining, d._next_join, d.joins, d._next_prepare = False, 0.0, 0, 0.0
         d._stopping = False
+        d.ike, d._ceilinged, d._next_ceiling_check = None, [], 0.0  # (alone: nothing kept)
 
         def take_over(now: float) -> None:
             self.taken.append(now)
@@ -2252,6 +2254,7 @@ def _alone_driver(rep: failover.Replicator, path: Path, clock: list[float]) -> A
     d.joining, d.reformed, d._stopping = False, 0, False
     d._ceilinged, d.stale_standby = [], 0
     d.destroyed, d.destroyed_returned = None, 0
+    d._rekey_asked, d.ceiling_rekeys, d._next_ceiling_check = set(), 0, 0.0
     d.status = lambda: {}  # type: ignore[method-assign]
 
     def new_standby(epoch: int) -> failover.Standby:
@@ -2419,3 +2422,50 @@ def test_no_seq_sent_twice_a_destroyed_standby_lifts_the_kept_ceilings(
     resumed = _sent(sb.engine, 1, t + 10.0)
     assert taken and resumed, (taken, resumed)
     assert resumed[0] > max(sent), f"sg2 resumes at {resumed[0]}, sg1 sent up to {max(sent)}"
+
+
+def test_running_alone_a_child_sa_is_rekeyed_once_half_its_kept_margin_is_used(
+    tmp_path: Path,
+) -> None:
+    """sg1 runs alone and keeps the ceiling of a tunnel sg2 holds a replica of: the driver's
+    check (every sync_ms, the timer's deadline while alone) asks the IKE service to rekey it
+    once no more than half the margin is left, once only; a tunnel the IKE service does not
+    key is not asked again and still stops at its ceiling."""
+    from types import SimpleNamespace
+
+    from ipsecct.gateway.failover_driver import alone_after
+
+    kw: dict[str, Any] = {"fencing": True, "dead_ms": 500.0, "heartbeat_ms": 100.0}
+    act = Engine(ip(SG_ADDR["sg1"]))
+    child, manual = add_tunnel(act, 1), add_tunnel(act, 2)
+    rep = failover.Replicator(act, cfg(**kw), session=7)
+    sb = standby(Engine(ip(SG_ADDR["sg2"])), **kw)
+    clock = [0.0]
+    d = _alone_driver(rep, tmp_path / "failover-epoch.json", clock)
+    for i in range(5):
+        _pair_up(rep, sb, i * 0.05, i * 0.05)
+    assert rep.lease is not None
+    t = clock[0] = rep.lease.expiry + alone_after(500.0) + 0.01
+    asked: list[Tunnel] = []
+
+    def rekey(tun: Tunnel, now: float) -> bool:
+        asked.append(tun)
+        return tun is child  # the IKE service keys ``child`` only
+
+    d.ike = SimpleNamespace(rekey_before_ceiling=rekey)
+    d.go_alone(t)
+    assert d._next_deadline() == t  # a check at once
+    d._on_timer(t)
+    assert asked == [] and d._next_deadline() == pytest.approx(t + 0.1)
+    half = rep.cfg.seq_margin // 2
+    for tun in (child, manual):
+        while tun.seq_ceiling - tun.outbound.seq > half + 1:
+            tun.outbound.seq += 1  # (as sent: the engine counts it so)
+    d._on_timer(t + 0.1)
+    assert asked == []  # one more than half left
+    child.outbound.seq += 1
+    manual.outbound.seq += 1
+    d._on_timer(t + 0.2)
+    d._on_timer(t + 0.3)
+    assert asked == [child, manual] and d.ceiling_rekeys == 1  # each asked once
+    assert manual.seq_ceiling < 1 << 64  # a manual one keeps its ceiling

@@ -199,6 +199,11 @@ class FailoverDriver:
         # same (the assertion was false: an ERROR each time, and a whole state again).
         self.destroyed: dict[str, Any] | None = None
         self.destroyed_returned = 0
+        # Of those, the CHILD SAs (IKEv2) rekeyed as they near their ceilings (half the
+        # margin left): a new SA has new keys and no ceiling, so they keep running alone.
+        self._rekey_asked: set[Tunnel] = set()
+        self.ceiling_rekeys = 0
+        self._next_ceiling_check = 0.0
         # (since, until): the standby woke up past its dead time and asks the peer first;
         # the epoch it was in then (the peer that ran alone answers in a later one)
         self._resume_hold: tuple[float, float] | None = None
@@ -324,8 +329,10 @@ class FailoverDriver:
         if self.replicator is not None:
             return self.replicator.next_deadline()
         sb = self.standby
-        if sb is None or sb.took_over is not None:
+        if sb is None:
             return None
+        if sb.took_over is not None:  # alone: CHILD SAs near their kept ceilings, if any
+            return self._next_ceiling_check if self._ceilinged and self.ike is not None else None
         d = sb.next_deadline()
         if d is not None and self._resume_hold is not None:
             d = max(d, self._resume_hold[1])  # (the dead time has passed: not a busy loop)
@@ -349,6 +356,9 @@ class FailoverDriver:
             return
         sb = self.standby
         if sb is None:
+            return
+        if sb.took_over is not None:
+            self._rekey_near_ceiling(now)
             return
         self._check_paused(sb, now)
         hold = self._resume_hold
@@ -417,6 +427,39 @@ class FailoverDriver:
         if sb.took_over is None and sb.unprepared and now >= self._next_prepare:
             sb.prepare(PREPARE_PER_TICK)  # about 2 ms of decoding
             self._next_prepare = now + self.cfg.tick_ms / 1000
+
+    def _rekey_near_ceiling(self, now: float) -> None:
+        """Running alone with the ceilings of a standby that may only be stopped unseen
+        (go_alone): the CHILD SAs among those tunnels are rekeyed once half their margin is
+        used, before they stall. The old SA keeps its ceiling until it is deleted (nothing
+        is sent on it past where a take-over from its replica resumes); the new one has keys
+        no replica holds. Tunnels keyed by hand stall at theirs, as before. Every sync_ms."""
+        self._next_ceiling_check = now + self.cfg.sync_ms / 1000
+        ike = self.ike
+        if ike is None:
+            return
+        engine, half = self.node.engine, self.cfg.seq_margin // 2
+        kept = [t for t in self._ceilinged if engine.has_tunnel(t)]
+        self._ceilinged = kept  # (a rekeyed CHILD SA's old tunnel goes once deleted)
+        self._rekey_asked &= set(kept)
+        asked = 0
+        for t in kept:
+            if t in self._rekey_asked or t.seq_ceiling - t.outbound.seq > half:
+                continue
+            self._rekey_asked.add(t)  # (asked once: the IKE engine retries until it is done)
+            if ike.rekey_before_ceiling(t, now):
+                asked += 1
+        if asked:
+            self.ceiling_rekeys += asked
+            event(
+                log,
+                "failover-ceiling-rekey",
+                node=self.node.name,
+                peer=self.cfg.peer,
+                child_sas=asked,
+                detail=f"CHILD SAs {self.cfg.peer} holds replicas of near the ceilings kept "
+                "for them while this gateway runs alone: rekeyed (new keys, no ceiling)",
+            )
 
     def _join(self, sb: Standby, now: float) -> None:
         """Ask the peer to replicate to this standby (JOIN), and again a heartbeat later."""
@@ -697,11 +740,14 @@ class FailoverDriver:
             if t not in r.floor:
                 t.seq_ceiling = UNFENCED
         self._ceilinged = kept
+        self._rekey_asked = set()
+        self._next_ceiling_check = now
         if not destroyed:
             self.destroyed = None  # (said of an earlier standby: this one only is down)
         self.node.engine.send_until = math.inf
         held = len(fencing.held)
         fencing.release()
+        self.node.timers.poke()  # (the CHILD SAs near their kept ceilings: a check now)
         event(
             log,
             "failover-alone",
@@ -1000,6 +1046,8 @@ class FailoverDriver:
             # taken as a JOIN (a standby stopped unseen came back)
             "ceilinged_tunnels": ceilinged,
             "at_ceiling": at_ceiling,
+            # of them, CHILD SAs (IKEv2) rekeyed before they stall
+            "ceiling_rekeys": self.ceiling_rekeys,
             "stale_standby": self.stale_standby,
             **self._destroyed_status(now),
             **lease,

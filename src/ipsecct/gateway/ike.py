@@ -458,6 +458,21 @@ class IkeService:
                     self._act(self.engine.volume_limit(ike, child, hard, self.node.clock()))
                     return
 
+    def rekey_before_ceiling(self, tunnel: object, now: float) -> bool:
+        """``tunnel`` nears a ceiling nothing will lift soon (the fail-over driver: the
+        replicas of a standby the operator let this gateway run without): if it is a CHILD
+        SA of ours, it is rekeyed now, as a rekey that falls due by time (retried by the
+        engine until it succeeds). A new CHILD SA has new keys, which no replica holds: no
+        ceiling bounds it. Returns whether it is one."""
+        for ike in self.engine.ike_sas():
+            for child in ike.children:
+                if child.handle is tunnel:
+                    if not child.rekeyed and (child.rekey_at is None or child.rekey_at > now):
+                        child.rekey_at = now
+                        self._act(self.engine.tick(now))
+                    return True
+        return False
+
     # -- I/O ----------------------------------------------------------------------------
     def _local(self, port: int) -> Address:
         return Address(self.local_host, port)
