@@ -250,3 +250,88 @@ def _direct_fail_over(w: IkeWorld) -> None:
         assert len(re.findall(r"generating IKE_AUTH request", log)) == 1, log
         assert "ESTABLISHED => DESTROYING" not in log, ss.logtail()
         print("sg2:", w.counters("sg2"))
+
+
+CEILING_MARGIN = 2000  # seq_margin: about 10 s of the stream (200 datagrams/s and a ping)
+
+
+@pytest.mark.root
+@pytest.mark.slow
+@needs_strongswan
+def test_a_child_sa_near_its_kept_ceiling_is_rekeyed_while_the_active_runs_alone(
+    tmp_path: Path,
+) -> None:
+    """sg2 (the standby, holding the IKE SA's and the CHILD SA's replicas) is killed; sg1 is
+    let run alone (`failover alone --standby-is-down`) and keeps the CHILD SA's ceiling
+    (floor + seq_margin: sg2 might be only paused, unseen). Half-way there sg1 rekeys the
+    CHILD SA with the strongSwan client (new keys, which no replica holds: no ceiling), and
+    the stream runs on past where the old SA would have stalled for good. The old SA never
+    sends past its ceiling; nothing twice on the wire (guards THE invariant)."""
+    from ipsecct.errors import ControlError
+    from tests.helpers.control import ask
+
+    def edit(w: IkeWorld) -> None:
+        for g in ("sg1", "sg2"):
+            p = w.dir / f"{g}.toml"
+            p.write_text(p.read_text().replace(
+                "[failover]\n", f"[failover]\nseq_margin = {CEILING_MARGIN}\n"))  # fmt: skip
+
+    with ike_world(tmp_path, "indirect", failover=True, edit=edit) as w:
+        client = Client(w.ns, "mn", CLIENT, w.dir, "aes128gcm16")
+        client.ike_proposal = w.ike_proposal
+        with client as ss:
+            wait_until = waiting_with_logs(w, ss, lambda: w.status("sg1")["failover"])
+            ss.start()
+            ss.initiate()
+            assert strongswan.ping_once_up(w.ns, "mn", HOST, 3) == 3, ss.logtail() + w.logs()
+            wait_until(lambda: w.status("sg2")["failover"].get("replicated_ike_sas") == 1,
+                       "sg2 to hold a replica of the IKE SA", 30)  # fmt: skip
+            (ike1,) = w.ike_sas("sg1")
+            first = {c["spi_in"] for c in ike1["children"]}
+            cap = w.capture("mn", "esp-to-mn", f"udp dst port 4500 and dst host {MN_OUTER}")
+            traffic = Traffic.start(w, udp_rate=200, after=200, limit=100_000,
+                                    ping_interval=0.1)  # fmt: skip
+            try:
+                proc = w.daemons["sg2"].proc
+                assert proc is not None
+                proc.send_signal(signal.SIGKILL)
+                assert proc.wait(15) == -signal.SIGKILL
+                wait_until(lambda: w.status("sg1")["failover"]["lease"]["state"] == "lost",
+                           "sg1's lease to be lost", 15)  # fmt: skip
+
+                def alone() -> bool:
+                    try:
+                        ask(w.sock("sg1"), "failover.alone", {"standby_is_down": True})
+                    except ControlError as exc:
+                        assert "lease ended only" in str(exc), exc
+                        return False
+                    return True
+
+                wait_until(alone, "failover alone to be accepted", 30)
+                fo = w.status("sg1")["failover"]
+                assert fo["role"] == "took over" and fo["ceilinged_tunnels"] >= 1, fo
+                wait_until(lambda: w.status("sg1")["failover"]["ceiling_rekeys"] >= 1,
+                           "sg1 to rekey the CHILD SA near its ceiling", 60)  # fmt: skip
+                assert "event=failover-ceiling-rekey" in w.log("sg1")
+
+                def new_child_seq() -> int:
+                    """The highest outbound number of a CHILD SA made since (0: none)."""
+                    new = {int(c["spi_out"], 16) for ike in w.ike_sas("sg1")
+                           for c in ike["children"] if c["spi_in"] not in first}  # fmt: skip
+                    return max((int(s["seq"]) for s in w.sa_list("sg1")
+                                if s["direction"] == "out" and int(s["spi"], 16) in new),
+                               default=0)  # fmt: skip
+
+                # past the whole margin on the new SA: the old one would have stalled there
+                wait_until(lambda: new_child_seq() > CEILING_MARGIN,
+                           "the rekeyed CHILD SA to send past the old ceiling", 60)  # fmt: skip
+                fo = w.status("sg1")["failover"]
+                assert fo["at_ceiling"] == 0, fo
+                assert strongswan.ping(w.ns, "mn", HOST, 5) == 5, ss.logtail() + w.logs()
+                mn, host, _ping = traffic.finish()
+            finally:
+                traffic.stop()
+                cap.stop()
+        assert mn["duplicates"] == 0 and host["duplicates"] == 0, (mn, host)
+        esp, repeated = cap.esp_repeats()
+        assert esp >= mn["echoed"] // 2 > 0 and not repeated, (esp, mn, repeated[:10])
