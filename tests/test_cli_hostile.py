@@ -248,3 +248,25 @@ def test_a_demo_stream_of_no_packet_is_refused_before_it_starts(
     assert out.out == ""
     assert out.err.splitlines() == [f"ipsecct: error: --rate 1 for --seconds {args[1]} is no "
                                     "packet at all: the stream needs at least one"]  # fmt: skip
+
+
+@pytest.mark.parametrize("field", ["age", "pmtu_expires_in"])
+@pytest.mark.parametrize("value", ["1e308", "1.7976931348623157e308", "4398046511.104"])
+def test_a_context_duration_past_the_limit_is_one_line_not_an_overflow(
+    field: str, value: str, tmp_path: Path
+) -> None:
+    """``"age": 1e308`` in a context: 1000 times that is infinite, and round() raised
+    OverflowError, a traceback from ``context encode`` (and an internal error at a gateway
+    given it by ``sa add``)."""
+    import json
+
+    ctx = json.loads((ROOT / "examples" / "contexts" / "ah-sha512-ipv6.json").read_text())
+    text = json.dumps({**ctx, field: 0}).replace(f'"{field}": 0', f'"{field}": {value}')
+    (tmp_path / "c.json").write_text(text)
+    r = ipsecct("context", "encode", str(tmp_path / "c.json"))
+    one_line_error(r, field, "must be at most 4398046511 seconds")
+    from ipsecct.ct import context
+    from ipsecct.errors import ContextError
+
+    with pytest.raises(ContextError, match="must be at most 4398046511 seconds"):
+        context.from_json(json.loads(text), 0.0)  # (what the daemon makes of sa add's SA)

@@ -286,10 +286,9 @@ def _check(f: _Fields) -> None:
 def _duration_ms(seconds: float, what: str) -> int:
     if not math.isfinite(seconds) or seconds < 0:
         raise ContextError(f"{what} must be a finite, non-negative number of seconds")
-    ms = round(seconds * 1000)
-    if ms > MAX_DURATION_MS:
-        raise ContextError(f"{what} is longer than {MAX_DURATION_MS} ms")
-    return ms
+    if seconds > MAX_DURATION_MS / 1000 or round(seconds * 1000) > MAX_DURATION_MS:
+        raise ContextError(f"{what} is longer than {MAX_DURATION_MS} ms")  # (not overflowing)
+    return round(seconds * 1000)
 
 
 def _limits_from(lt: Lifetime, what: str) -> _Limits:
@@ -1313,7 +1312,7 @@ def _ms(seconds: float | None) -> int | None:
     """Whole milliseconds of a duration as the CDB carries it; -1 if it cannot be carried."""
     if seconds is None:
         return None
-    if not 0 <= seconds < math.inf:  # also refuses NaN
+    if not 0 <= seconds <= MAX_DURATION_MS / 1000:  # also refuses NaN (and 1e308: inf ms)
         return -1
     ms = round(seconds * 1000)
     return ms if ms <= MAX_DURATION_MS else -1
@@ -1699,10 +1698,11 @@ class _Obj:
             raise self.fail(key, "must be a number of seconds")
         if not math.isfinite(v) or v < 0:
             raise self.fail(key, "must be a finite, non-negative number of seconds")
-        ms = round(v * 1000)
-        if ms > MAX_DURATION_MS:
+        # (compared before it is multiplied: 1e308 s made 1000 times that infinite, and
+        # round() raised OverflowError, a traceback from context encode and sa add)
+        if v > MAX_DURATION_MS / 1000 or round(v * 1000) > MAX_DURATION_MS:
             raise self.fail(key, f"must be at most {MAX_DURATION_MS / 1000:.0f} seconds")
-        return ms
+        return round(v * 1000)
 
     def hexbytes(self, key: str, *, required: bool = True) -> bytes:
         v = self.required(key) if required else self.obj.get(key, "")
