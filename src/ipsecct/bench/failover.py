@@ -328,6 +328,7 @@ async def _etcd_grouped(
     orphans = ownership.orphans(groups, tunnels)
     share = ownership.plan_groups(sorted(orphans), members | {"sg2"})["sg2"]
     assert await c.txn(me.adopt(share))
+    tunnels = (await read_ownership(c, keys))[1]  # read again once ours (the driver's _adopt)
     etcd_ms = (time.perf_counter() - t0) * 1000
     with gcpolicy.POLICY.batch():  # as gateway/cluster_driver.py installs
         taken = me.adopted(share, tunnels)
