@@ -1117,6 +1117,22 @@ def test_strongswan_client_behind_a_nat_whose_mapping_changes(workdir: Path) -> 
 # -- certificates --------------------------------------------------------------------------
 
 
+def cert_gateway_text(workdir: Path, pki: Path, *, remote_id: str = "CN=client.test",
+                      remote_extra: str = "") -> tuple[Path, str]:  # fmt: skip
+    """gateway_config's file and its text made to authenticate both ways with make_pki's
+    certificates: ours gw.pem (its key from [secrets.private-gw]), the client's checked
+    against ca.pem and named ``remote_id``; ``remote_extra``: more ``remote.`` lines. The
+    caller may change the text further and writes it."""
+    conf = gateway_config(workdir, ike="default", esp="default", encap=False, dpd=0)
+    text = conf.read_text().replace('local.auth = "psk"', 'local.auth = "pubkey"\n'
+                                    f'local.certs = ["{pki}/gw.pem"]')
+    text = text.replace('remote.auth = "psk"', 'remote.auth = "pubkey"\n'
+                        f'remote.cacerts = ["{pki}/ca.pem"]' + remote_extra)
+    text = text.replace(f'remote.id = "{A.id}"', f'remote.id = "{remote_id}"')
+    text += f'\n[secrets.private-gw]\nfile = "{pki}/gw.key"\n'
+    return conf, text  # fmt: skip
+
+
 def _client_dn() -> list[Any]:
     from cryptography import x509
     from cryptography.x509.oid import NameOID
@@ -1288,13 +1304,7 @@ def test_strongswan_connects_with_certificates(workdir: Path, kind: str) -> None
     make_pki(pki, kind)
     with Namespaces("a", "b") as ns:
         build_namespaces(ns)
-        conf = gateway_config(workdir, ike="default", esp="default", encap=False, dpd=0)
-        text = conf.read_text().replace('local.auth = "psk"', 'local.auth = "pubkey"\n'
-                                        f'local.certs = ["{pki}/gw.pem"]')
-        text = text.replace('remote.auth = "psk"', 'remote.auth = "pubkey"\n'
-                            f'remote.cacerts = ["{pki}/ca.pem"]')
-        text = text.replace(f'remote.id = "{A.id}"', 'remote.id = "CN=client.test"')
-        text += f'\n[secrets.private-gw]\nfile = "{pki}/gw.key"\n'
+        conf, text = cert_gateway_text(workdir, pki)
         if pss:
             assert "[ike]\n" in text
             text = text.replace("[ike]\n", "[ike]\nrsa_pss = true\n", 1)
@@ -1382,15 +1392,8 @@ def test_certificates_over_a_small_mtu_whose_ip_fragments_are_dropped(workdir: P
                           check=False)  # fmt: skip
         assert ping_big.returncode != 0 and _fragments_dropped(ns, "a") >= 1
         dropped = _fragments_dropped(ns, "a")
-        conf = gateway_config(workdir, ike="default", esp="default", encap=False, dpd=0)
-        text = conf.read_text().replace('local.auth = "psk"', 'local.auth = "pubkey"\n'
-                                        f'local.certs = ["{pki}/gw.pem"]')
-        text = text.replace('remote.auth = "psk"', 'remote.auth = "pubkey"\n'
-                            f'remote.cacerts = ["{pki}/ca.pem"]')
-        text = text.replace(f'remote.id = "{A.id}"', 'remote.id = "CN=client.test"')
-        text = text.replace("[ike]\n", "[ike]\nfragment_size = 1000\n", 1)
-        text += f'\n[secrets.private-gw]\nfile = "{pki}/gw.key"\n'
-        conf.write_text(text)  # fmt: skip
+        conf, text = cert_gateway_text(workdir, pki)
+        conf.write_text(text.replace("[ike]\n", "[ike]\nfragment_size = 1000\n", 1))
         gw = Daemon("gateway", conf, str(workdir / "gw.sock"), workdir / "gw.log",
                     prefix=["ip", "netns", "exec", ns.names["b"]])  # fmt: skip
         gw.start()
@@ -1428,16 +1431,9 @@ def test_strict_revocation_refuses_strongswan_without_a_current_list(
     make_pki(pki, "ecdsa")
     with Namespaces("a", "b") as ns:
         build_namespaces(ns)
-        conf = gateway_config(workdir, ike="default", esp="default", encap=False, dpd=0)
-        text = conf.read_text().replace('local.auth = "psk"', 'local.auth = "pubkey"\n'
-                                        f'local.certs = ["{pki}/gw.pem"]')
-        text = text.replace('remote.auth = "psk"', 'remote.auth = "pubkey"\n'
-                            f'remote.cacerts = ["{pki}/ca.pem"]\n'
-                            f'remote.crls = ["{pki}/{crl}"]\n'
-                            'remote.revocation = "strict"')
-        text = text.replace(f'remote.id = "{A.id}"', 'remote.id = "CN=client.test"')
-        text += f'\n[secrets.private-gw]\nfile = "{pki}/gw.key"\n'
-        conf.write_text(text)  # fmt: skip
+        conf, text = cert_gateway_text(workdir, pki, remote_extra=(
+            f'\nremote.crls = ["{pki}/{crl}"]\nremote.revocation = "strict"'))
+        conf.write_text(text)
         gw = Daemon("gateway", conf, str(workdir / "gw.sock"), workdir / "gw.log",
                     prefix=["ip", "netns", "exec", ns.names["b"]])  # fmt: skip
         gw.start()
@@ -1582,14 +1578,8 @@ def test_a_dn_remote_id_as_swanctl_writes_it_names_strongswans_certificate(
     make_pki(pki, "ecdsa")
     with Namespaces("a", "b") as ns:
         build_namespaces(ns)
-        conf = gateway_config(workdir, ike="default", esp="default", encap=False, dpd=0)
-        text = conf.read_text().replace('local.auth = "psk"', 'local.auth = "pubkey"\n'
-                                        f'local.certs = ["{pki}/gw.pem"]')
-        text = text.replace('remote.auth = "psk"', 'remote.auth = "pubkey"\n'
-                            f'remote.cacerts = ["{pki}/ca.pem"]')
-        text = text.replace(f'remote.id = "{A.id}"', f'remote.id = "{remote_id}"')
-        text += f'\n[secrets.private-gw]\nfile = "{pki}/gw.key"\n'
-        conf.write_text(text)  # fmt: skip
+        conf, text = cert_gateway_text(workdir, pki, remote_id=remote_id)
+        conf.write_text(text)
         gw = Daemon("gateway", conf, str(workdir / "gw.sock"), workdir / "gw.log",
                     prefix=["ip", "netns", "exec", ns.names["b"]])  # fmt: skip
         gw.start()
