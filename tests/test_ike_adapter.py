@@ -14,7 +14,7 @@ from ipsecct.gateway.ike import IkeService
 from ipsecct.gateway.node import Node
 from ipsecct.ikev2.config import Connection
 from ipsecct.ikev2.engine import Output, Send
-from ipsecct.ikev2.ikesa import Address, IkeSA
+from ipsecct.ikev2.ikesa import Address, IkeSA, IkeState
 from tests.helpers.ikev2_engines import (
     I500,
     R500,
@@ -603,6 +603,9 @@ def test_sa_rekey_sends_the_request_at_once_or_says_why_not(
     svc.fenced = lambda now: True
     refused(None, "may not send now")
     svc.fenced = None
+    ike.state = IkeState.REKEYED  # (its successor holds the CHILD SAs: that one is rekeyed)
+    refused(None, r"was rekeyed: .*\(rekey the successor, see ipsecct sa list --ike\)")
+    ike.state = IkeState.ESTABLISHED
     # a liveness check in flight gives way (as for sa delete): the IKE rekey goes out
     svc._act(svc.engine.tick(svc.node.clock() + 60))
     assert ike.pending is not None and ike.pending.kind == "liveness" and len(sent) == 2

@@ -1942,7 +1942,8 @@ class IkeService:
         now = self.node.clock()
         why = self.terminate_refusal(ike, now)
         if why is not None:
-            raise IkeProtocolError(why.replace("not deleted", "not rekeyed"))
+            raise IkeProtocolError(why.replace("not deleted", "not rekeyed")
+                                   .replace("(delete the successor", "(rekey the successor"))
         if ike.state is not IkeState.ESTABLISHED:
             raise IkeProtocolError(f"its IKE SA is {ike.state.value}: try again")
         p = ike.pending
