@@ -270,3 +270,40 @@ def test_a_context_duration_past_the_limit_is_one_line_not_an_overflow(
 
     with pytest.raises(ContextError, match="must be at most 4398046511 seconds"):
         context.from_json(json.loads(text), 0.0)  # (what the daemon makes of sa add's SA)
+
+
+def test_an_expired_or_not_yet_valid_tls_certificate_is_logged_at_start(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A gateway whose transfer.cert had expired (or whose CA was not valid yet) started
+    without a word, and every transfer failed at its handshake. It still starts (a clock may
+    be wrong, a new certificate on its way), and says which file, which certificate, when."""
+    import logging
+
+    from ipsecct.gateway.peers import PeerChannels
+
+    ex = tmp_path / "ex"
+    shutil.copytree(ROOT / "examples" / "transfer", ex)
+    for k in (ex / "keys").iterdir():
+        os.chmod(k, 0o600)
+    pki.init_pki(ex / "pki", ["sg1", "sg2"], NOW)
+    old = pki.make_gateway(pki.make_ca(NOW - dt.timedelta(days=30)), "sg1",
+                           NOW - dt.timedelta(days=30), days=2)  # fmt: skip
+    later = pki.make_ca(NOW + dt.timedelta(days=3))
+    (ex / "pki" / "sg1.pem").write_bytes(pki.cert_pem(old.cert))
+    (ex / "pki" / "sg1.key").write_bytes(pki.key_pem(old.key))
+    (ex / "pki" / "ca.pem").write_bytes(pki.cert_pem(later.cert))
+    tcfg = config.load(ex / "sg1.toml").transfer
+    assert tcfg is not None
+    with caplog.at_level(logging.WARNING):
+        PeerChannels(tcfg, "sg1").load_credentials()
+    lines = [r.getMessage() for r in caplog.records
+             if "tls-certificate-not-valid-now" in r.getMessage()]  # fmt: skip
+    assert len(lines) == 2, lines
+    assert "sg1.pem: 'CN=sg1,O=ipsecct test PKI' expired on " in lines[0], lines
+    assert "ca.pem: 'CN=ipsecct test CA,O=ipsecct test PKI' is valid only from " in lines[1]
+    caplog.clear()
+    pki.init_pki(ex / "pki", ["sg1", "sg2"], NOW, force=True)
+    with caplog.at_level(logging.WARNING):
+        PeerChannels(tcfg, "sg1").load_credentials()
+    assert "tls-certificate-not-valid-now" not in caplog.text

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import logging
 import ssl
 import time
@@ -93,6 +94,10 @@ class PeerChannels:
         tcfg = self.tcfg
         self.server_ctx = tlschannel.server_context(tcfg.cert, tcfg.key, tcfg.ca)
         self.client_ctx = tlschannel.client_context(tcfg.cert, tcfg.key, tcfg.ca)
+        # The gateway starts (a clock may be wrong, a new certificate on its way) and says so
+        now = dt.datetime.now(dt.UTC)
+        for why in tlschannel.not_valid_at([tcfg.cert, tcfg.ca], now):
+            event(log, "tls-certificate-not-valid-now", logging.WARNING, problem=why)
 
     async def start(self) -> None:
         if self.server_ctx is None:

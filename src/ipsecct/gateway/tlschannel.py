@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import logging
 import socket
 import ssl
@@ -94,6 +95,26 @@ def check_ca_file(ca: PathLike) -> None:
             raise ChannelError(f"the CA file {ca}: {subject_of(c)} is not a CA certificate "
                                f"({why}); name the CA that issued the gateways' "
                                "certificates")  # fmt: skip
+
+
+def not_valid_at(paths: list[PathLike], now: dt.datetime) -> list[str]:
+    """What in the PEM certificate files ``paths`` is not valid at ``now`` (expired, or not
+    yet valid: every handshake with it fails, or every peer certificate from that CA, and
+    nothing said so before the first transfer): one text per certificate, naming the file,
+    the subject and the date."""
+    out = []
+    for p in paths:
+        try:
+            certs = x509.load_pem_x509_certificates(read_limited(p, SECRET_LIMIT))
+        except (OSError, ValueError):
+            continue  # (the contexts said what is wrong with the file)
+        for c in certs:
+            if now > c.not_valid_after_utc:
+                out.append(f"{p}: {subject_of(c)} expired on {c.not_valid_after_utc:%Y-%m-%d}")
+            elif now < c.not_valid_before_utc:
+                out.append(f"{p}: {subject_of(c)} is valid only from "
+                           f"{c.not_valid_before_utc:%Y-%m-%d %H:%M} UTC")  # fmt: skip
+    return out
 
 
 def _base_context(server: bool, cert: PathLike, key: PathLike, ca: PathLike) -> ssl.SSLContext:
