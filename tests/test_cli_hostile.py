@@ -307,3 +307,20 @@ def test_an_expired_or_not_yet_valid_tls_certificate_is_logged_at_start(
     with caplog.at_level(logging.WARNING):
         PeerChannels(tcfg, "sg1").load_credentials()
     assert "tls-certificate-not-valid-now" not in caplog.text
+
+
+@pytest.mark.parametrize("cands", ["[{}]", "[[]]", '[{a = 1}, "sg2"]'])
+def test_transfer_candidates_that_are_not_names_are_a_config_error(
+    cands: str, tmp_path: Path
+) -> None:
+    """``transfer.candidates = [{}]`` (a table where a peer's name belongs) raised TypeError
+    (unhashable) out of config.load: a traceback from gateway run."""
+    from tests.helpers.config_files import GOOD, write
+
+    text = GOOD + ('[transfer]\nlisten = "127.0.0.2:25091"\ncert = "t1.keys"\nkey = "t1.keys"\n'
+                   f'ca = "t1.keys"\ncandidates = {cands}\n[[peers]]\nname = "sg2"\n'
+                   'address = "127.0.0.3:25091"\n')  # fmt: skip
+    p = write(tmp_path, text)
+    with pytest.raises(ConfigError, match=r"transfer\.candidates: must list names of \[\[peers"):
+        config.load(p)
+    one_line_error(ipsecct("gateway", "run", "-c", str(p)), "transfer.candidates")

@@ -1232,7 +1232,9 @@ def _transfer(
     peers = _peers(data.get("peers", []), ctx)
     s.pairs = peer_pairs(peers)
     cands = t.get("candidates", [])
-    if not isinstance(cands, list) or any(c not in peers for c in cands):
+    # (a table or a list in it: "{} in peers" raised TypeError, a traceback from gateway run)
+    if not isinstance(cands, list) or any(not isinstance(c, str) or c not in peers
+                                          for c in cands):  # fmt: skip
         raise ctx.err("transfer.candidates", "must list names of [[peers]]")
     balance = _balance(t["balance"], ctx, peers) if "balance" in t else None
     key = file("key")
