@@ -324,3 +324,17 @@ def test_transfer_candidates_that_are_not_names_are_a_config_error(
     with pytest.raises(ConfigError, match=r"transfer\.candidates: must list names of \[\[peers"):
         config.load(p)
     one_line_error(ipsecct("gateway", "run", "-c", str(p)), "transfer.candidates")
+
+
+@pytest.mark.parametrize("where", ["a file", "a device"])
+def test_a_state_dir_that_is_not_a_directory_is_named_so(where: str, tmp_path: Path) -> None:
+    """``[state] dir`` naming a regular file (or /dev/null) said "File exists" (mkdir's
+    EEXIST), which sent the operator looking for a collision."""
+    from ipsecct.errors import StateError
+    from ipsecct.gateway import state
+
+    d = Path("/dev/null") if where == "a device" else tmp_path / "f"
+    if where == "a file":
+        d.write_text("x")
+    with pytest.raises(StateError, match=f"cannot use state directory {d}: not a directory"):
+        state.open_store(d, "sg1", [], fresh=False)

@@ -32,6 +32,7 @@ import asyncio
 import atexit
 import concurrent.futures
 import contextlib
+import errno
 import fcntl
 import functools
 import ipaddress
@@ -753,7 +754,9 @@ def open_store(
             event(log, "state-dir-writable-by-others", logging.WARNING, dir=directory)
         lock = _lock_dir(directory)
     except OSError as exc:
-        raise StateError(f"cannot use state directory {directory}: {exc.strerror}") from None
+        # (mkdir's EEXIST for a file or a device there said "File exists")
+        why = "not a directory" if exc.errno == errno.EEXIST else exc.strerror
+        raise StateError(f"cannot use state directory {directory}: {why}") from None
     try:
         return _open_locked(directory, node, aead, fresh), lock
     except (OSError, sqlite3.Error) as exc:
