@@ -381,6 +381,14 @@ def test_pmtu_set_at_run_time_sends_icmp_back(topo: Topo) -> None:
     assert r2.returncode == 2 and "no SA" in r2.stderr
     r3 = ipsecct("pmtu", "set", hex(SPI_UP), "20", "-s", topo.mn.sock)
     assert r3.returncode == 2 and "68" in r3.stderr
+    # from a script on the socket: true was "path MTU True out of range", 1e300 "must be a
+    # number"
+    from ipsecct.errors import ControlError
+    from ipsecct.gateway.control import request
+
+    for bad in (True, 1e300, 600.0, "600"):
+        with pytest.raises(ControlError, match="^mtu must be a whole number of octets$"):
+            request(topo.mn.sock, "pmtu.set", {"spi": hex(SPI_UP), "mtu": bad})
 
 
 def test_metrics_endpoint(topo: Topo) -> None:

@@ -681,8 +681,8 @@ class Service:
     async def _pmtu_set(self, args: dict[str, Any]) -> Any:
         spi = parse_spi(args.get("spi"))
         mtu = args.get("mtu")
-        if not isinstance(mtu, int):
-            raise ControlError("mtu must be a number")
+        if isinstance(mtu, bool) or not isinstance(mtu, int):  # (true was "path MTU True")
+            raise ControlError("mtu must be a whole number of octets")
         try:
             n = self.node.engine.set_path_mtu(spi, mtu)
         except IpsecctError as exc:
