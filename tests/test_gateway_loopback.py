@@ -387,7 +387,7 @@ def test_pmtu_set_at_run_time_sends_icmp_back(topo: Topo) -> None:
     from ipsecct.gateway.control import request
 
     for bad in (True, 1e300, 600.0, "600"):
-        with pytest.raises(ControlError, match="^mtu must be a whole number of octets$"):
+        with pytest.raises(ControlError, match=r"^mtu must be a whole number of octets$"):
             request(topo.mn.sock, "pmtu.set", {"spi": hex(SPI_UP), "mtu": bad})
 
 
