@@ -8,6 +8,7 @@ tunnel, and tells the operator (``event=cluster-etcd-malformed``, ``status()["ma
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import json
 import logging
@@ -765,3 +766,115 @@ def test_cluster_status_shows_what_etcd_holds_without_its_control_characters(
     assert r.returncode == 0, r.stderr
     assert "\x1b" not in r.stdout and "\nsg9 fake" not in r.stdout, r.stdout
     assert "evil\\x1b[2J" in r.stdout and "x\\nsg9 fake" in r.stdout, r.stdout
+
+
+def test_no_seq_sent_twice_a_tunnel_deleted_after_its_take_over_is_not_taken_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Guards the invariant. sg1, sg2 and sg3 on a real etcd; sg2 and sg3 hold replicas of
+    sg1's six tunnels. sg3 does not run for a while (its tasks halted: a SIGSTOP, a loaded
+    machine; its lease long enough to survive it). Meanwhile sg1 dies, sg2 takes its groups
+    over, sends on one of the tunnels and deletes it (an IKE DELETE, a rekey: its key goes).
+    sg3 runs again and reads a dead member's tunnel without a key, which it took for one
+    sg1 never recorded (never sent on) and recorded from its replica: it sent the numbers
+    sg2 had sent (from the same replica plus the margin). A dead member's keyless tunnels
+    are not taken once any of its groups has an owner again: that owner may have sent on
+    them and deleted their keys."""
+    from ipsecct.gateway.cluster_driver import ClusterDriver
+    from ipsecct.gateway.config import from_dict
+    from ipsecct.gateway.node import Node
+
+    names = ("sg1", "sg2", "sg3")
+
+    async def run(endpoints: list[str]) -> None:
+        loop = asyncio.get_running_loop()
+        drivers: dict[str, ClusterDriver] = {}
+        alive = set(names)
+
+        class Wire:  # the peers' TLS channels, delivered in order through the wire form
+            def __init__(self, me: str) -> None:
+                self.me = me
+
+            def send(self, peer: str, msg: cxtp.Message) -> None:
+                m = cast(cxtp.CTD, cxtp.decode(cxtp.encode(msg)))
+                if self.me in alive and peer in alive:
+                    loop.call_soon(lambda: peer in alive and drivers[peer].receive(self.me, m))
+
+            def room(self, peer: str) -> int:
+                return 1 << 30
+
+        class Transfer:
+            def __init__(self) -> None:
+                self.listeners: list[object] = []
+
+        for i, n in enumerate(names):
+            cfg = from_dict({"name": n, "outer": {"address": "127.0.0.1", "port": 45200 + i},
+                             "inner": {"kind": "udp", "listen": f"127.0.0.1:{45210 + i}",
+                                       "peer": "127.0.0.1:45220"}},
+                            str(tmp_path / f"{n}.toml"))  # fmt: skip
+            node = Node(cfg)
+            if n == "sg1":
+                for k in range(6):
+                    (o, inb, s), _ = tunnel_sas("sg1", spi_up=0x1000 + k, spi_down=0x2000 + k,
+                                                mn_inner=f"10.1.0.{k + 2}", name=f"t{k}")
+                    node.engine.add_tunnel(SPDEntry(s, Action.PROTECT, name=f"t{k}",
+                                                    static=False), o, inb)  # fmt: skip
+            ttl = 30 if n == "sg3" else 2  # (sg3's lease outlives its halt)
+            drv = ClusterDriver(node, ClusterConfig(etcd=tuple(endpoints), ttl_s=ttl, groups=4))
+            drv.attach(Wire(n), Transfer(), Identity.DIRECT, [p for p in names if p != n])  # type: ignore[arg-type]
+            drv.transfer = None
+            drivers[n] = drv
+        for drv in drivers.values():
+            await drv.start()
+        sg2, sg3 = drivers["sg2"], drivers["sg3"]
+        c = EtcdClient(list(endpoints), timeout=5.0)
+
+        def here(d: ClusterDriver) -> set[int]:
+            return {t.outbound.spi for t in d.node.engine.tunnels()}
+
+        try:
+            await eventually(lambda: len(drivers["sg1"].own.owned() & here(drivers["sg1"]))
+                             == 6, "sg1 to own its six tunnels", 20)  # fmt: skip
+            await eventually(lambda: len(sg2.standbys["sg1"].replica) == 6
+                             and len(sg3.standbys["sg1"].replica) == 6,
+                             "the replicas", 20)  # fmt: skip
+            for task in (sg3._task, sg3._repl_task):  # sg3 stops running
+                assert task is not None
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            alive.discard("sg1")
+            await drivers["sg1"].stop()  # (its lease revoked: its groups' owner keys go)
+            await eventually(lambda: len(sg2.own.owned() & here(sg2)) == 6,
+                             "sg2 to take sg1's six tunnels over", 20)  # fmt: skip
+            [t] = [t for t in sg2.node.engine.tunnels() if t.outbound.spi == 0x2000]
+            sent = t.outbound.seq  # sg2 sends on it (from the replica plus the margin) ...
+            t.outbound.seq += 10
+            sg2.node.engine.remove_tunnel(t)  # ... and deletes it
+            sg2._new_tunnel(None)
+            key = ownership.keys("default")["tunnels"] + "00002000"
+            for _ in range(200):
+                if await c.get(key) is None:
+                    break
+                await asyncio.sleep(0.02)
+            else:
+                raise AssertionError("sg2 never released the deleted tunnel's key")
+            await sg3.start()  # sg3 runs again
+            await eventually(lambda: sg3.lease.valid(sg3.node.clock()) and sg3.dead_since,
+                             "sg3 to look at the dead sg1", 20)  # fmt: skip
+            await asyncio.sleep(sg3.grace + 1.0)  # past the grace: whoever asks first
+            mine = [t for t in sg3.node.engine.tunnels() if t.outbound.spi == 0x2000]
+            assert not mine, (
+                f"sg3 took the deleted tunnel over at {mine[0].outbound.seq} (sg2 sent "
+                f"{sent}..{sent + 9})"
+            )
+            assert 0x2000 not in sg3.standbys["sg1"].replica  # never to be used
+            assert sg3.status()["keyless_dropped"] == 1
+        finally:
+            for drv in drivers.values():
+                await drv.stop()
+
+    with caplog.at_level(logging.INFO, logger="ipsecct"), EtcdCluster(tmp_path) as e:
+        asyncio.run(run(e.endpoints))
+    lines = [r.getMessage() for r in caplog.records]
+    assert any("event=cluster-keyless-dropped node=sg3" in m for m in lines), lines

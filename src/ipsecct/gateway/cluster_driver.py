@@ -135,6 +135,7 @@ class ClusterDriver:
         self.grace = 1.0
         self.taken = 0
         self.withdrawn = 0  # transfers towards us withdrawn at a take-over (_withdraw)
+        self.keyless_dropped = 0  # dead peers' keyless replicas never taken (_scan)
         self.takeovers: list[dict[str, Any]] = []
         self._next_keepalive = 0.0
         # Groups without an owner key, since when (as this member saw them), and those
@@ -663,7 +664,23 @@ class ClusterDriver:
             )
             await self._adopt(share, tunnels, dead)
         # Tunnels a dead peer had but never recorded (it never owned them, so never sent on
-        # them): whoever records them first.
+        # them): whoever records them first. Not once any of the peer's groups has an owner
+        # again: that owner may have taken such a tunnel over, sent on it and deleted it (its
+        # key gone: it reads as never recorded), and our replica's numbers are what it sent.
+        # Those replicas are dropped (a tunnel the peer never recorded is lost with it then:
+        # liveness, never a number twice).
+        claimed = {self._lease_names.get(ownership.lease_of_group(g)) for g in groups}
+        keyless = [(p, s) for p in dead if p in claimed
+                   for s in self.standbys[p].replica if s not in tunnels]  # fmt: skip
+        for p, s in keyless:
+            del self.standbys[p].replica[s]
+        if keyless:
+            self.keyless_dropped += len(keyless)
+            event(log, "cluster-keyless-dropped", logging.WARNING, node=self.node.name,
+                  tunnels=len(keyless), detail="replicas of a dead member's tunnels without a "
+                  "key, whose groups another member owns now (it may have sent on them and "
+                  "deleted them): never taken over from here")  # fmt: skip
+        held -= {s for _, s in keyless}
         loose = sorted(s for s in held if s not in tunnels)
         if loose:
             share_t = (
@@ -1388,6 +1405,9 @@ class ClusterDriver:
             # transfers from a dead member that held its tunnels pending here: cancelled,
             # the tunnels taken over from their replicas
             "transfers_withdrawn": self.withdrawn,
+            # replicas of dead members' tunnels without a key, their groups owned again: a
+            # new owner may have sent on them and deleted them, so never taken from here
+            "keyless_dropped": self.keyless_dropped,
             # replicas not taken over: outside [transfer] accept_local_ts / accept_remote_ts
             "outside_accept": sum(sb.policy_refused for sb in self.standbys.values()),
             # ... nor overlapping a tunnel of this member's own (it would take its traffic)
