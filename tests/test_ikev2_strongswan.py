@@ -17,7 +17,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -30,7 +29,7 @@ import pytest
 
 from tests.helpers import strongswan
 from tests.helpers.daemon import Daemon
-from tests.helpers.netns import Namespaces, stop_process, wait_until
+from tests.helpers.netns import Namespaces, wait_until
 from tests.helpers.strongswan import A, B, Charon, build_namespaces, ping, ping_once_up
 
 needs_strongswan = pytest.mark.skipif(not strongswan.available(), reason=strongswan.skip_reason())
@@ -523,10 +522,9 @@ def test_rekey_child_and_ike_sa(
                 # A ping runs until two CHILD rekeys and an IKE rekey are done (about 8 s; a
                 # fixed 50 pings, 10 s, could end before the second CHILD rekey when a loaded
                 # machine ran the rekeying side's timer late) and 2 s more (10 pings of their
-                # own, which must all come back), then stops: none of it lost but what was
-                # still on its way in those last 2 s.
-                pinger = ns.popen("a", "ping", "-n", "-i", "0.2", B.inner,
-                                  stdout=subprocess.PIPE)  # fmt: skip
+                # own, which must all come back), then stops: none of it lost (every reply
+                # waited for).
+                pinger = strongswan.Pinger(ns, "a", B.inner, gap=0.2)
                 try:
                     def rekeyed() -> bool:
                         log = ss.log()
@@ -540,15 +538,8 @@ def test_rekey_child_and_ike_sa(
                     wait_until(rekeyed, "two CHILD rekeys and an IKE rekey", timeout=45)
                     assert ping(ns, "a", B.inner, 10) == 10, ss.logtail() + gw.logtext()
                 finally:
-                    stop_process(pinger, signal.SIGINT)
-                assert pinger.stdout is not None
-                out = pinger.stdout.read().decode()
-                m = re.search(r"(\d+) packets transmitted", out)
-                assert m is not None, out
-                sent = int(m.group(1))
-                replied = {int(x) for x in re.findall(r"icmp_seq=(\d+) ", out)}
-                lost = [i for i in range(1, sent - 10) if i not in replied]
-                assert sent >= 30 and not lost, (sent, lost, ss.logtail() + gw.logtext())
+                    pinged = pinger.stop()
+                assert pinged.sent >= 30 and not pinged.lost, (pinged, ss.logtail() + gw.logtext())
                 log = ss.log()
                 assert "failed" not in log.lower() and "retransmit" not in log, ss.logtail()
                 # the old IKE SA goes once the peer's DELETE for it arrives, the old CHILD SAs

@@ -34,10 +34,10 @@ from tests.helpers.netns_topology import (
     SPI_UP,
     VIP,
     HandoverWorld,
-    PingResult,
     Traffic,
     handover_world,
 )
+from tests.helpers.strongswan import PingResult
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (CI runs as root)")
 
@@ -95,7 +95,7 @@ def handover(
     finally:
         traffic.stop()
     print(f"\n{world.identity}: transfer {rec}\nMN stream {mn}\nhost {host}")
-    print(f"ping: {ping.transmitted} sent, lost {ping.lost}")
+    print(f"ping: {ping.sent} sent, lost {ping.lost}")
     return rec, mn, host, ping
 
 
@@ -131,7 +131,7 @@ def check_common(
     # make-before-break: (almost) nothing lost, in either direction
     assert mn["sent"] - host["received"] <= MAX_UDP_LOST, (host, mn, world.logs())
     assert mn["sent"] - mn["echoed"] <= MAX_UDP_LOST, (mn, world.logs())
-    assert ping.transmitted > 20, ping
+    assert ping.sent > 20, ping
     assert len(ping.lost) <= MAX_PING_LOST, ping.lost
 
 

@@ -49,6 +49,7 @@ from typing import Any
 from tests.helpers.control import ask
 from tests.helpers.daemon import Daemon
 from tests.helpers.netns import Namespaces, stop_process, wait_until
+from tests.helpers.strongswan import Pinger, PingResult
 
 MN_OUTER = "192.168.20.10"
 SG_OUTER = {"sg1": "192.168.20.1", "sg2": "192.168.20.2"}
@@ -427,24 +428,12 @@ print(json.dumps({"sent": count, "echoed": len(got), "duplicates": dups,
 
 
 @dataclass
-class PingResult:
-    transmitted: int
-    replied: set[int]
-
-    @property
-    def lost(self) -> list[int]:
-        """Echo requests that got no reply, except the last one (still in flight when ping
-        was interrupted)."""
-        return [i for i in range(1, self.transmitted) if i not in self.replied]
-
-
-@dataclass
 class Traffic:
     """A ping and an echoed UDP stream from the MN's inner address to the host, running until
     :meth:`finish` (the stream sends ``after`` more datagrams after that)."""
 
     world: HandoverWorld
-    ping: subprocess.Popen[bytes]
+    ping: Pinger
     echo: subprocess.Popen[bytes]
     stream: subprocess.Popen[bytes]
     marker: Path
@@ -478,37 +467,22 @@ class Traffic:
             str(limit),
             stdout=subprocess.PIPE,
         )
-        ping = ns.popen(
-            "mn",
-            "ping",
-            "-n",
-            "-i",
-            str(ping_interval),
-            "-I",
-            MN_INNER,
-            HOST,
-            stdout=subprocess.PIPE,
-        )
+        ping = Pinger(ns, "mn", HOST, gap=ping_interval, src=MN_INNER)
         return cls(world, ping, echo, stream, marker)
 
     def finish(self, timeout: float = 60) -> tuple[dict[str, Any], dict[str, Any], PingResult]:
-        """Let the stream send its last datagrams and end, then stop the ping (SIGINT: it
-        prints its statistics). Returns (MN's stream summary, host's summary, ping)."""
+        """Let the stream send its last datagrams and end, then stop the ping (every reply
+        waited for). Returns (MN's stream summary, host's summary, ping)."""
         self.marker.touch()
         out, _ = self.stream.communicate(timeout=timeout)
         mn = json.loads(out.decode().strip().splitlines()[-1])
         out, _ = self.echo.communicate(timeout=timeout)
         host = json.loads(out.decode().strip().splitlines()[-1])
-        stop_process(self.ping, signal.SIGINT)
-        assert self.ping.stdout is not None
-        out = self.ping.stdout.read()
-        m = re.search(rb"(\d+) packets transmitted", out)
-        assert m is not None, out
-        replied = {int(x) for x in re.findall(rb"icmp_seq=(\d+) ", out)}
-        return mn, host, PingResult(int(m.group(1)), replied)
+        return mn, host, self.ping.stop()
 
     def stop(self) -> None:
-        for p in (self.ping, self.stream, self.echo):
+        self.ping.kill()
+        for p in (self.stream, self.echo):
             stop_process(p)
 
 

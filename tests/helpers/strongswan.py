@@ -28,6 +28,7 @@ Nothing of strongSwan is in the repository: configurations are written at test t
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shlex
@@ -538,15 +539,19 @@ PING_WAIT = 5  # seconds the replies may take after the last echo request (a loa
 
 # ``ping`` in the namespace: COUNT echo requests (identifier: the pid, sequence numbers 1 to
 # COUNT, 56 octets of data as iputils sends) GAP seconds apart, then up to WAIT seconds more
-# for the replies; prints how many of them were answered. A request the kernel refuses to
-# send (no route) is not answered. IPv6: ICMPv6, whose checksum the kernel writes.
+# for the replies; prints {"sent": requests sent, "lost": those not answered}. COUNT 0: until
+# a SIGINT (it prints "ready" once it takes one), then the same wait. SRC, if given: the
+# source address. A request the kernel refuses to send (no route) is not answered. IPv6:
+# ICMPv6, whose checksum the kernel writes.
 PINGER = r"""
-import ipaddress, os, socket, struct, sys, time
+import ipaddress, json, os, select, signal, socket, struct, sys, time
 dst, count, gap, wait = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])
 peer = ipaddress.ip_address(dst)
 v6 = peer.version == 6
 s = (socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6) if v6
      else socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP))
+if len(sys.argv) > 5:
+    s.bind((sys.argv[5], 0))
 request, reply = (128, 129) if v6 else (8, 0)
 ident = os.getpid() & 0xFFFF
 def checksum(b):
@@ -559,36 +564,66 @@ def echo(seq):
     head = struct.pack("!BBHHH", request, 0, 0, ident, seq)
     c = 0 if v6 else checksum(head + data)
     return struct.pack("!BBHHH", request, 0, c, ident, seq) + data
+end = None  # set once the last request is sent: when the wait for the replies ends
+def stop(*_):
+    global end
+    if end is None:
+        end = time.monotonic() + wait
+if count == 0:
+    signal.signal(signal.SIGINT, stop)
+    print("ready", flush=True)
 start = time.monotonic()
-end = start + gap * (count - 1) + wait
 sent, answered = 0, set()
-while len(answered) < count:
+while True:
     now = time.monotonic()
-    while sent < count and now >= start + gap * sent:
+    while end is None and now >= start + gap * sent:
         sent += 1
         try:
             s.sendto(echo(sent), (dst, 0))
         except OSError:
             pass
-    if now >= end:
+        if sent == count:
+            end = start + gap * (count - 1) + wait
+    if end is not None and (now >= end or len(answered) == sent):
         break
-    s.settimeout(max(0.001, min(end, start + gap * sent if sent < count else end) - now))
-    try:
-        packet, src = s.recvfrom(65535)
-    except TimeoutError:
+    # (select resumes after a SIGINT: while requests go out it waits at most a gap)
+    timeout = max(0.001, (start + gap * sent if end is None else end) - now)
+    if not select.select([s], [], [], timeout)[0]:
         continue
+    packet, src = s.recvfrom(65535)
     at = 0 if v6 else (packet[0] & 15) * 4
     if ipaddress.ip_address(src[0]) == peer and len(packet) >= at + 8:
         kind, _, _, i, seq = struct.unpack_from("!BBHHH", packet, at)
         if kind == reply and i == ident and 1 <= seq <= sent:
             answered.add(seq)
-print(len(answered))
+print(json.dumps({"sent": sent, "lost": [i for i in range(1, sent + 1) if i not in answered]}))
 """
 
 
-def ping(ns: Namespaces, role: str, dst: str, count: int) -> int:
-    """Ping ``dst`` (an address) from a namespace ``count`` times, 0.2 s apart; returns how many
-    of those echo requests were answered, each within PING_WAIT s after the last was sent.
+@dataclass
+class PingResult:
+    sent: int  # echo requests
+    lost: list[int]  # their sequence numbers that got no reply (each waited for)
+
+    @property
+    def answered(self) -> int:
+        return self.sent - len(self.lost)
+
+
+def _ping_result(role: str, proc: str, out: str, err: str) -> PingResult:
+    try:
+        r = json.loads(out)
+        return PingResult(int(r["sent"]), [int(i) for i in r["lost"]])
+    except (ValueError, TypeError, KeyError):
+        raise AssertionError(f"the pinger in {role} failed ({proc}): {out}{err}") from None
+
+
+def ping(
+    ns: Namespaces, role: str, dst: str, count: int, gap: float = 0.2, src: str | None = None
+) -> int:
+    """Ping ``dst`` (an address) from a namespace ``count`` times, ``gap`` s apart (from
+    ``src`` if given); returns how many of those echo requests were answered, each within
+    PING_WAIT s after the last was sent.
 
     Not iputils' ``ping -c N -W 5`` (20221126): it waits ``-W`` only while nothing has come
     back; once a reply has, it exits max(2 x the longest round trip so far, the interval)
@@ -600,11 +635,59 @@ def ping(ns: Namespaces, role: str, dst: str, count: int) -> int:
     in, one of which would stand in for a lost one; one ``ping -c 1`` per request numbers
     every request 1. The packets on the wire are ping's: sequence numbers 1 to ``count``
     under one identifier, 56 octets of data."""
-    r = ns.run(role, sys.executable, "-c", PINGER, dst, str(count), "0.2", str(PING_WAIT),
-               check=False, timeout=60)  # fmt: skip
-    if r.returncode != 0 or not r.stdout.strip().isdigit():
+    r = ns.run(role, sys.executable, "-c", PINGER, dst, str(count), str(gap), str(PING_WAIT),
+               *([src] if src else []), check=False, timeout=60 + gap * count)  # fmt: skip
+    res = _ping_result(role, f"exit {r.returncode}", r.stdout, r.stderr)
+    if r.returncode != 0 or res.sent != count:
         raise AssertionError(f"the pinger in {role} failed: {r.stdout}{r.stderr}")
-    return int(r.stdout)
+    return res.answered
+
+
+class Pinger:
+    """:func:`ping` in the background, for a stream that runs while something else happens:
+    echo requests from ``role`` to ``dst`` every ``gap`` s (from ``src`` if given), ``count``
+    of them or, with 0, until :meth:`stop`. Every reply is waited for, up to PING_WAIT s
+    after the last request (not iputils' ping stopped by SIGINT, which counts what is still
+    on its way as lost, nor its ``-c`` with its early exit: see :func:`ping`)."""
+
+    def __init__(
+        self,
+        ns: Namespaces,
+        role: str,
+        dst: str,
+        *,
+        gap: float,
+        count: int = 0,
+        src: str | None = None,
+    ) -> None:
+        self.role, self.count, self.gap = role, count, gap
+        self.proc = ns.popen(role, sys.executable, "-c", PINGER, dst, str(count), str(gap),
+                             str(PING_WAIT), *([src] if src else []), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE)  # fmt: skip
+        assert self.proc.stdout is not None
+        if count == 0:  # it takes a SIGINT from now on
+            line = self.proc.stdout.readline()
+            if line.strip() != b"ready":
+                out, err = self.proc.communicate(timeout=30)
+                raise AssertionError(f"the pinger in {role} failed: {line!r}{out!r}{err!r}")
+
+    def stop(self) -> PingResult:
+        """Stop sending (with a ``count``: wait until all are sent), wait for the replies and
+        return what came back."""
+        if self.count == 0 and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+        timeout = PING_WAIT + 30 + (self.gap * self.count)
+        try:
+            out, err = self.proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            msg = f"the pinger in {self.role} did not end in {timeout:g} s"
+            raise AssertionError(msg) from None
+        return _ping_result(self.role, f"exit {self.proc.returncode}", out.decode(),
+                            err.decode())  # fmt: skip
+
+    def kill(self) -> None:
+        stop_process(self.proc)
 
 
 def ping_once_up(ns: Namespaces, role: str, dst: str, count: int, timeout: float = 20) -> int:
