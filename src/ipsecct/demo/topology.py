@@ -928,5 +928,9 @@ def print_summary(s: dict[str, Any], out: TextIO) -> None:
                else "")
             + (f" (as this process read them: {h['app_gap_ms']:.1f} ms)" if "app_gap_ms" in h
                else "")
-            + f", lost {h['lost']}\n"
+            + f", lost {h['lost']}"
+            + (" (sg2 took over before the kill: sg1, not run for the detection time, fell"
+               " silent first and is its standby now)" if h.get("taken_over_before_kill")
+               else "")
+            + "\n"
         )
