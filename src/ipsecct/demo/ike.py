@@ -167,6 +167,32 @@ async def establish(demo: Demo, timeout: float, out: TextIO | None) -> dict[str,
     return info
 
 
+async def replicated(demo: Demo, standby: str, timeout: float) -> None:
+    """``--failover``: wait until ``standby`` holds a replica of the tunnel and of the IKE SA,
+    what it would take over, before the stream starts. The active replicates the IKE SA
+    within ``sync_ms`` of its establishment, later on a loaded machine; an active silent for
+    the detection time before then (not run) left a take-over without the IKE SA."""
+    p = demo.procs.get(standby)
+    if p is None:  # (gateways in this process: the tests' in-process demos)
+        return
+    st: dict[str, Any] = {}
+
+    async def holds() -> bool:
+        nonlocal st
+        try:
+            st = (await p.request("status", timeout=10)).get("failover", {})
+        except ControlError as exc:
+            raise DemoError(f"gateway {standby}: status: {exc}") from None
+        return bool(st.get("replicated_tunnels", 0) and st.get("replicated_ike_sas", 0))
+
+    if not await _until(holds, timeout, REMOTE_POLL):
+        raise DemoError(
+            f"{standby} held no replica of the tunnel and its IKE SA within {timeout:g} s"
+            f" (its fail-over role: {st.get('role')}, replicated tunnels"
+            f" {st.get('replicated_tunnels')}, IKE SAs {st.get('replicated_ike_sas')})"
+        )
+
+
 async def _holders(demo: Demo, spi_r: str) -> dict[str, dict[str, Any]]:
     """The gateways that hold the IKE SA whose responder SPI is ``spi_r`` (hex), with it."""
     out: dict[str, dict[str, Any]] = {}

@@ -81,6 +81,8 @@ async def run(
                 out.flush()  # a pipe's reader sees it now, not with the first status line
             if keying == "ike":
                 ike_info = await ike_mod.establish(demo, ike_timeout, None if as_json else out)
+                if handover == "failover":
+                    await ike_mod.replicated(demo, "sg2", ike_timeout)
             await stream(
                 demo, rate, seconds, out=None if as_json else out, at_half=half if step else None,
                 before_half=(lambda: ho.prepare(demo)) if prepare_ahead else None,
