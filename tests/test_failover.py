@@ -1528,7 +1528,9 @@ def test_demo_failover_json() -> None:
     dead_ms, slack_ms = 500, 700
     assert 0 < h["lost"] == s["packets"]["lost"]
     assert h["lost"] <= 2 * rate * (dead_ms + slack_ms) / 1000, s
-    assert h["transfer_ms"] >= 300  # dead_ms - heartbeat_ms - ticks: not a premature take-over
+    if not h.get("taken_over_before_kill"):  # (sg1 starved past dead_ms before its kill:
+        # sg2 took over by itself then, and transfer_ms is that take-over's own time)
+        assert h["transfer_ms"] >= 300  # dead_ms - heartbeat_ms - ticks: not premature
     assert h["gap_ms"] >= 300
     # the standby listens before its active connects: no "peer-unreachable" at the start
     assert "WARNING" not in r.stderr, r.stderr
