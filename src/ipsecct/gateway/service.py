@@ -14,8 +14,9 @@ from typing import Any
 
 from ..ct import cxtp
 from ..ct.journal import Owner
-from ..ct.transfer import UNIT_IKEV2, Identity
-from ..errors import ConfigError, ControlError, IkeProtocolError, IpsecctError
+from ..ct.transfer import FPT_FORWARD, UNIT_IKEV2, Identity
+from ..errors import ConfigError, ControlError, CxtpError, IkeProtocolError, IpsecctError
+from ..ikev2 import context as ike_context
 from ..ikev2.context import is_ike_cdb
 from ..ikev2.ikesa import IkeState
 from ..ipsec.engine import Tunnel, TunnelState
@@ -80,6 +81,9 @@ class Service:
         # A gateway's context transfer ([transfer]), fail-over ([failover]), load balancing
         # ([transfer.balance]) and virtual address (outer.virtual_interface).
         self.peers: PeerChannels | None = None
+        # Per peer: an IKE SA's context waiting for the end of the loop turn, and the messages
+        # that came after it (but forwarded packets, opened at once): _peer_message.
+        self._behind_ike: dict[str, list[cxtp.Message]] = {}
         self.transfer: TransferService | None = None
         self.failover: FailoverDriver | None = None
         self.balancer: Balancer | None = None
@@ -291,8 +295,50 @@ class Service:
             await self.peers.stop()
 
     def _peer_message(self, peer: str, msg: cxtp.Message) -> None:
-        if (self.ike is not None and isinstance(msg, cxtp.CTD) and msg.cdbs
-                and all(is_ike_cdb(c) for c in msg.cdbs)):  # fmt: skip
+        queued = self._behind_ike.get(peer)
+        if queued is not None:
+            # An IKE SA's import from this peer waits for the end of this loop turn: the
+            # packets it forwarded after the context (the same read) are opened first; every
+            # other message keeps its place behind the import (the channel's order). Once a
+            # transfer's message waits too, so do the forwards after it (a FORWARD after a
+            # later COMMIT must not come before that COMMIT).
+            if _forwarded_packet(msg) and all(_ike_message(m) for m in queued):
+                self._handle_peer_message(peer, msg)
+            else:
+                queued.append(msg)
+            return
+        if (self.ike is not None and isinstance(msg, cxtp.CTD) and _ike_message(msg)
+                and not (len(msg.cdbs) == 1 and ike_context.is_forward(msg.cdbs[0]))):  # fmt: skip
+            # An IKE SA's context follows the COMMIT of its CHILD SAs, which are active here
+            # already (the import refuses one whose COMMIT has not come): taking it (and the
+            # MOBIKE announcement, ~1-3 ms of CPU) in a step of its own lets the MN's packets
+            # that sg1 forwarded behind it (same read) be opened before it, not after.
+            self._behind_ike[peer] = [msg]
+            asyncio.get_running_loop().call_soon(self._flush_behind_ike, peer)
+            return
+        self._handle_peer_message(peer, msg)
+
+    def _flush_behind_ike(self, peer: str) -> None:
+        """The deferred IKE import from ``peer`` and what came after it (but forwarded
+        packets), in the channel's order; at most what one loop turn's reads decoded."""
+        queued = self._behind_ike.pop(peer, None)
+        for msg in queued or ():
+            try:
+                self._handle_peer_message(peer, msg)
+            except Exception as exc:
+                # As a handler raising in the channel's delivery: the messages after it are
+                # not handed over and the channel is dropped (the peer is lost, and
+                # reconnects).
+                event(log, "peer-message-failed", logging.ERROR, node=self.node.name,
+                      peer=peer, error=type(exc).__name__)  # fmt: skip
+                conn = self.peers.conns.get(peer) if self.peers is not None else None
+                if conn is not None:
+                    conn.abort()
+                return
+
+    def _handle_peer_message(self, peer: str, msg: cxtp.Message) -> None:
+        if self.ike is not None and _ike_message(msg):
+            assert isinstance(msg, cxtp.CTD)
             self.ike.receive_context(peer, list(msg.cdbs))
             return
         assert self.transfer is not None
@@ -331,6 +377,7 @@ class Service:
 
     def _peer_lost(self, peer: str) -> None:
         assert self.transfer is not None
+        self._flush_behind_ike(peer)  # what the peer sent before it went, in order
         if self.failover is not None:
             self.failover.peer_lost(peer)
         if self.cluster is not None:
@@ -338,6 +385,8 @@ class Service:
         self.transfer.peer_lost(peer)
 
     async def stop(self) -> None:
+        for peer in list(self._behind_ike):
+            self._flush_behind_ike(peer)
         if self.failover is not None:
             self.failover.stopping()  # no JOIN from a gateway on its way out
         if self.ike is not None:
@@ -721,3 +770,17 @@ def run(
     svc = Service(cfg, role=role, fresh_state=fresh_state)
     asyncio.run(svc.run_forever())
     return 0
+
+
+def _forwarded_packet(msg: cxtp.Message) -> bool:
+    """A packet the peer forwarded after a cut-over (a FORWARD CDB behind its tag)."""
+    try:
+        return (isinstance(msg, cxtp.CTD) and len(msg.cdbs) == 2
+                and cxtp.cdb_fpt(msg.cdbs[1]) == FPT_FORWARD)  # fmt: skip
+    except CxtpError:
+        return False
+
+
+def _ike_message(msg: cxtp.Message) -> bool:
+    """An IKE SA's context, or an IKE message the peer forwarded (the IKE adapter's)."""
+    return isinstance(msg, cxtp.CTD) and bool(msg.cdbs) and all(is_ike_cdb(c) for c in msg.cdbs)
