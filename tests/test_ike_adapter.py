@@ -1863,3 +1863,73 @@ def test_a_unit_whose_tunnels_carry_traffic_its_child_sas_do_not_admit_is_refuse
     assert any("ike-sa-refused" in r.getMessage() and "outside local_ts of child 'net'"
                in r.getMessage() for r in caplog.records)  # fmt: skip
     _stays_at_source(w, sg2)
+
+
+def test_the_packets_forwarded_behind_an_ike_context_are_opened_before_its_import(
+    tmp_path: Path,
+) -> None:
+    """Issue 11's handover window: at the target, an IKE SA's context (which follows the
+    COMMIT of its CHILD SAs: they are active already) is imported at the end of the loop
+    turn, so that the MN's packets the source forwarded behind it in the same read are
+    opened first. Everything else from that peer keeps its place behind the import (an IKE
+    request forwarded after the context, a transfer's message), and once a transfer's
+    message waits so do the forwards after it. A context refused at its import is refused
+    as before (counted, the CHILD SAs left as they are)."""
+    import asyncio
+
+    from ipsecct.ct import cxtp
+    from ipsecct.ct.transfer import forward_cdb
+    from ipsecct.gateway.service import Service
+    from ipsecct.ikev2 import context
+    from ipsecct.ikev2.engine import IkeEngine
+    from tests.helpers.config_files import transfer_config
+    from tests.helpers.ikev2_engines import PSK, Wire
+    from tests.helpers.ikev2_engines import mn_conn as mn
+
+    (tmp_path / "k.psk").write_bytes(PSK)
+    (tmp_path / "k.psk").chmod(0o600)
+    d = transfer_config({})
+    d["connections"] = {"c": {"remote": {"id": "%any"}, "local": {"id": "gw.test"},
+                              "proposals": ["aes128gcm16-prfsha256-x25519"],
+                              "children": {"net": {"local_ts": ["10.1.0.0/16"],
+                                                   "remote_ts": ["10.3.0.0/16"],
+                                                   "esp_proposals": ["aes128gcm16"]}}}}
+    d["secrets"] = {"ike-c": {"id": "gw.test", "file": "k.psk"}}
+    svc = Service(from_dict(d, str(tmp_path / "sg1.toml")))
+    assert svc.ike is not None and svc.transfer is not None
+    # an IKE SA made with another gateway's engine (same connection): its context names
+    # CHILD SAs the peer never handed over here, so the import refuses it
+    other = Service(from_dict(dict(d, name="sg3"), str(tmp_path / "sg3.toml")))
+    assert other.ike is not None
+    w = Wire(IkeEngine([mn()]), other.ike.engine)
+    connect(w)
+    (ike,) = other.ike.engine.ike_sas()
+    tag = cxtp.TransferTag(7, 0).encode()
+    mn_addr = ipaddress.ip_address("10.3.0.1")
+    ike_ctd = cxtp.CTD(mn_addr, 0, tuple(other.ike.engine.export_ike(ike, 1.0)))
+    packet = bytes(range(40))  # inner, outbound: no tunnel here selects it
+    fwd = cxtp.CTD(mn_addr, 0, (tag, forward_cdb(packet, False)))
+    ike_fwd = cxtp.CTD(mn_addr, 0, (context.encode_forward(b"\0" * 40, I500, R500),))
+    not_a_tag = cxtp.CTD(mn_addr, 0, (forward_cdb(packet, False),))
+    core, ike_stats = svc.transfer.core.counters, svc.ike.engine.stats
+
+    async def body() -> None:
+        svc._peer_message("sg2", ike_ctd)
+        svc._peer_message("sg2", fwd)  # at once, before the import
+        svc._peer_message("sg2", ike_fwd)  # behind the import
+        svc._peer_message("sg2", not_a_tag)  # a transfer's message: behind it too
+        svc._peer_message("sg2", fwd)  # behind that message
+        assert core["forward_refused"] == 1
+        assert ike_stats["ike-context-refused"] == 0 and ike_stats["forward-refused"] == 0
+        assert core["malformed"] == 0
+        await asyncio.sleep(0)  # the loop turn ends
+        assert ike_stats["ike-context-refused"] == 1  # refused as before: counted
+        assert ike_stats["forward-refused"] == 1  # (no such IKE SA here)
+        assert core["malformed"] == 1 and core["forward_refused"] == 2
+        assert not svc._behind_ike
+        # nothing waits: the next ones go at once, as before
+        svc._peer_message("sg2", fwd)
+        assert core["forward_refused"] == 3
+
+    asyncio.run(body())
+    assert not svc.ike.engine.ike_sas()
