@@ -18,7 +18,7 @@ from ..ct.transfer import FPT_FORWARD, UNIT_IKEV2, Identity
 from ..errors import ConfigError, ControlError, CxtpError, IkeProtocolError, IpsecctError
 from ..ikev2 import context as ike_context
 from ..ikev2.context import is_ike_cdb
-from ..ikev2.ikesa import IkeState
+from ..ikev2.ikesa import IkeSA, IkeState
 from ..ipsec.engine import Tunnel, TunnelState
 from ..ipsec.sad import Direction, SecurityAssociation
 from ..ipsec.spd import Action, SPDEntry
@@ -447,20 +447,27 @@ class Service:
         what, uid = args.get("ike"), args.get("ike_id")
         if (what is None) == (uid is None):
             raise ControlError("name the IKE SA: ike (a connection or an SPI) or ike_id")
-        if what is not None and (not isinstance(what, str) or not 0 < len(what) <= 256):
-            raise ControlError("ike must be a connection's name or an SPI")
-        if uid is not None and (not isinstance(uid, int) or isinstance(uid, bool)):
-            raise ControlError("ike_id must be a number (the #N of ipsecct sa list --ike)")
-        try:
-            ikes = self.ike.find(what, uid)
-        except ValueError as exc:
-            raise ControlError(str(exc)) from None
+        ikes = self._named_ikes(what, uid)
         now = self.node.clock()
         for ike in ikes:
             why = self.ike.terminate_refusal(ike, now)
             if why is not None:
                 raise ControlError(why)
         return await self.ike.terminate(ikes, IKE_DELETE_WAIT)
+
+    def _named_ikes(self, what: Any, uid: Any) -> list[IkeSA]:
+        """The IKE SAs a control request names by ``ike`` (a connection or an SPI) or
+        ``ike_id`` (the #N of ``sa list --ike``), one of them given (IkeService.find);
+        ControlError, saying why, for a value of the wrong kind or nothing named."""
+        assert self.ike is not None
+        if what is not None and (not isinstance(what, str) or not 0 < len(what) <= 256):
+            raise ControlError("ike must be a connection's name or an SPI")
+        if uid is not None and (not isinstance(uid, int) or isinstance(uid, bool)):
+            raise ControlError("ike_id must be a number (the #N of ipsecct sa list --ike)")
+        try:
+            return self.ike.find(what, uid)
+        except ValueError as exc:
+            raise ControlError(str(exc)) from None
 
     async def _ike_rekey(self, args: dict[str, Any]) -> Any:
         """``ipsecct sa rekey SPI`` (a CHILD SA, by its SPI either way, as ``swanctl --rekey
@@ -483,14 +490,7 @@ class Service:
             ike, child = found[0]
             ikes = [ike]
         else:
-            if what is not None and (not isinstance(what, str) or not 0 < len(what) <= 256):
-                raise ControlError("ike must be a connection's name or an SPI")
-            if uid is not None and (not isinstance(uid, int) or isinstance(uid, bool)):
-                raise ControlError("ike_id must be a number (the #N of ipsecct sa list --ike)")
-            try:
-                ikes = self.ike.find(what, uid)
-            except ValueError as exc:
-                raise ControlError(str(exc)) from None
+            ikes = self._named_ikes(what, uid)
         rows = []
         for ike in ikes:
             try:
