@@ -387,7 +387,8 @@ def test_a_lost_standby_the_operator_lets_the_active_run_alone(gws: Gateways) ->
         # unseen by its clocks), far above what this test sends meanwhile
         assert st["ceilinged_tunnels"] == TUNNELS and st["at_ceiling"] == 0, st
         assert "keep the ceilings" in st["detail"], st
-        assert "event=failover-alone" in gws.log("sg1")
+        (line,) = [x for x in gws.log("sg1").splitlines() if "event=failover-alone" in x]
+        assert "--standby-is-down --standby-destroyed" in line, line  # (the way out, said)
         t_alone = time.monotonic()
         wait_for(lambda: sending(cap, t_alone + 0.3) == every,
                  "sg1 does not send again", detail=detail)  # fmt: skip

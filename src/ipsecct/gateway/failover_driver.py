@@ -764,7 +764,9 @@ class FailoverDriver:
                f"ceilings (at most {self.cfg.seq_margin} packets past what it holds, then "
                f"they stall) until it is the standby again: a standby stopped unseen (a "
                f"paused VM whose clocks show no gap) would take them over from there; "
-               f"restart {self.cfg.peer} to lift them" if kept and not destroyed else ""),
+               f"restart {self.cfg.peer} to lift them (destroyed for good: ipsecct failover "
+               f"alone --standby-is-down --standby-destroyed)" if kept and not destroyed
+               else ""),
         )
         if destroyed:
             return self.lift_ceilings(now, epoch)
