@@ -1665,6 +1665,15 @@ def test_the_epoch_file_keeps_the_role(tmp_path: Path) -> None:
     assert load_state(p) == PairState(3, "standby", "sg2")
     p.write_text('{"epoch": 4, "took_over": false}')  # written by an earlier version
     assert load_state(p) == PairState(4, "standby")
+    # an epoch begun by `failover alone` says so (it loses a tie with a take-over); one an
+    # earlier version wrote (no "alone") is a take-over's, as it was taken before
+    save_state(p, 5, True, alone=True)
+    assert json.loads(p.read_text()) == {"epoch": 5, "took_over": True, "alone": True}
+    assert load_state(p) == PairState(5, "active", alone=True)
+    for text in ('{"epoch": 5, "took_over": true}', '{"epoch": 5, "took_over": true, "alone": 1}',
+                 '{"epoch": 5, "took_over": false, "alone": true}'):  # fmt: skip
+        p.write_text(text)
+        assert not load_state(p).alone, text
     p.write_text('{"epoch": "x"')
     assert load_state(p) == PairState(failover.FIRST_EPOCH + 1, "standby", damaged=True)
     # damaged otherwise: nested past the parser's depth (RecursionError: a traceback at
@@ -2254,7 +2263,7 @@ def _alone_driver(rep: failover.Replicator, path: Path, clock: list[float]) -> A
         refuse=lambda: None, on_settled=lambda: None, core=SimpleNamespace(leaving={})
     )
     d.joining, d.reformed, d._stopping = False, 0, False
-    d._ceilinged, d.stale_standby = [], 0
+    d._ceilinged, d.stale_standby, d._alone_epoch, d.journal = [], 0, None, None
     d.destroyed, d.destroyed_returned = None, 0
     d._rekey_asked, d.ceiling_rekeys, d._next_ceiling_check = set(), 0, 0.0
     d.status = lambda: {}  # type: ignore[method-assign]
@@ -2338,6 +2347,120 @@ def test_no_seq_sent_twice_a_standby_stopped_unseen_by_its_clocks_never_sends_wh
     first = _sent(sb.engine, 1, now2 + 10.0)
     assert taken and first, (taken, first)
     assert first[0] > max(sent), f"sg2 resumes at {first[0]}, sg1 sent up to {max(sent)}"
+
+
+def test_a_taken_reply_of_the_replicators_own_epoch_supersedes_it_only_if_it_went_alone() -> None:
+    """Two gateways "took over" in one epoch number: the one that went alone
+    (`failover alone`) yields to the one that took over from replicas; the taker ignores
+    the alone one's TAKEN (its numbers are above the ceilings the alone one kept, never the
+    other way round). A later epoch supersedes either, an earlier one neither."""
+    from ipsecct.ct.lease import LeaseEvent
+
+    for alone, taken_epoch, superseded in [
+        (True, 2, True), (False, 2, False), (True, 1, False), (False, 1, False),
+        (False, 3, True), (True, 3, True),
+    ]:  # fmt: skip
+        act = Engine(ip(SG_ADDR["sg1"]))
+        add_tunnel(act, 1)
+        rep = failover.Replicator(act, cfg(fencing=True), session=7)
+        rep.epoch, rep.alone = 2, alone
+        sync = wire(rep.handle_timer(0.0))[0]
+        events = rep.receive(wire([failover.taken_reply(sync, taken_epoch)])[0], 0.01)
+        assert (events == [LeaseEvent.SUPERSEDED]) is superseded, (alone, taken_epoch)
+        assert (rep.superseded_by == taken_epoch) is superseded
+
+
+def test_no_seq_sent_twice_a_take_over_in_the_epoch_the_active_went_alone_into_ends_the_tie(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """resync's report: sg1 runs alone (epoch 2), sg2, stopped unseen by its clocks,
+    acknowledges epoch 1's messages that waited in its channel; sg1 takes that as its JOIN
+    and makes a replicator of epoch 2, fenced until sg2 acknowledges. Its messages are lost;
+    sg2 takes over from its old replicas anyway, epoch 2 too. On main sg1 ignored sg2's TAKEN
+    of that equal epoch: fenced for good (every tunnel stalled, packets held then dropped),
+    both "took over" in epoch 2, nothing ending it. Now the take-over wins the tie: sg1 gives
+    its tunnels up and becomes sg2's standby (epoch 2), the pair re-forms, and nothing sg1
+    sent is sent again: sg2 resumed above sg1's kept ceilings, and a later take-over by sg1
+    from sg2's replicas resumes above every number either sent (guards THE invariant)."""
+    from ipsecct.ct.lease import LeaseEvent
+    from ipsecct.gateway.failover_driver import alone_after
+    from ipsecct.gateway.fencing import PairFencing, load_state
+
+    kw: dict[str, Any] = {"fencing": True, "dead_ms": 500.0, "heartbeat_ms": 100.0}
+    act = Engine(ip(SG_ADDR["sg1"]))
+    add_tunnel(act, 1)
+    rep = failover.Replicator(act, cfg(**kw), session=7)
+    sb = standby(Engine(ip(SG_ADDR["sg2"])), **kw)
+    clock = [0.0]
+    path = tmp_path / "failover-epoch.json"
+    d = _alone_driver(rep, path, clock)
+    d.fencing = PairFencing(d.node, rep.cfg, path, rep, None)
+    d.fencing.on_superseded.append(d._become_standby)
+    sent: list[int] = []
+    t = 0.0
+    while t < 1.0:  # on time: sg1 sends, replicates; sg2 applies and acknowledges
+        sent += _sent(act, 20, t)
+        for m in wire(rep.handle_timer(t)):
+            for reply in sb.receive(m, t):
+                rep.receive(wire([reply])[0], t)
+        t = round(t + 0.01, 3)
+    assert rep.lease is not None
+    stopped = t  # sg2 is stopped unseen: its clock reads this when it runs again
+    waiting: list[cxtp.CTD] = []
+    while t < rep.lease.expiry + alone_after(500.0):
+        sent += _sent(act, 20, t)
+        waiting += wire(rep.handle_timer(t))
+        t = round(t + 0.01, 3)
+    clock[0] = t
+    d.go_alone(t)
+    assert d.standby.epoch == 2
+    sent += _sent(act, 5000, t)  # up to the kept ceiling (margin 1000)
+    now2 = stopped + 0.001
+    replies: list[cxtp.Message] = [r for m in waiting for r in sb.receive(m, now2)]
+    clock[0] = t = t + 0.01
+    for r in wire(replies):  # sg2's acknowledgements of epoch 1 reach sg1
+        d.receive("sg2", r)
+    rep2 = d.replicator
+    assert rep2 is not None and rep2.epoch == 2
+    lost = wire(rep2.handle_timer(t))  # sg1's whole state of epoch 2: lost on its way
+    assert lost and _sent(act, 10, t) == []
+    # sg2 heard nothing more: it takes over from its epoch-1 replicas, in epoch 2 as well
+    taken, _, _ = sb.take_over(now2 + 10.0)
+    assert taken and sb.epoch == 2
+    taker: list[int] = _sent(sb.engine, 300, now2 + 10.0)
+    assert len(taker) == 300 and min(taker) > max(sent)  # (the ceilings sg1 kept)
+    # sg1's replicator sends again (its next poll); sg2 answers TAKEN of epoch 2
+    t += 1.0
+    clock[0] = t
+    rep2.resync()
+    answers: list[cxtp.Message] = [
+        r for m in wire(rep2.handle_timer(t)) for r in sb.receive(m, now2 + 10.5)
+    ]
+    assert answers and all(failover.sync_header(a) == (failover.SYNC_TAKEN, 2) for a in answers)
+    with caplog.at_level(logging.ERROR, logger="ipsecct.gateway.fencing"):
+        for a in wire(answers):
+            d.receive("sg2", a)
+    assert rep2.superseded_by == 2, "sg1 stays fenced beside sg2's take-over of its epoch"
+    assert [r for r in caplog.records if LeaseEvent.SUPERSEDED.value in r.getMessage()]
+    assert d.replicator is None and d.standby is not None
+    assert d.standby.epoch == 2 and d.standby.took_over is None  # sg2's standby now
+    assert load_state(path).role == "standby" and load_state(path).epoch == 2
+    assert list(act.tunnels()) == [] and _sent(act, 10, t) == []  # sg1 sends nothing
+    # sg2 is the active of epoch 2 (sg1's JOIN: the driver's _become_active); it replicates
+    # to sg1's new standby, sends on, then falls silent: sg1 takes over from its replicas
+    rep_b = failover.Replicator(sb.engine, cfg(**kw), session=9)
+    rep_b.epoch = 2
+    sg1 = d.standby
+    _pair_up(rep_b, sg1, now2 + 11.0, t)
+    assert rep_b.acks > 0 and sg1.epoch == 2
+    taker += _sent(sb.engine, 500, now2 + 11.1)
+    every = sent + taker
+    assert len(every) == len(set(every))
+    back, _, _ = sg1.take_over(t + 10.0)
+    resumed = _sent(sg1.engine, 1, t + 10.0)
+    assert back and resumed, (back, resumed)
+    assert resumed[0] > max(every), f"sg1 resumes at {resumed[0]}, up to {max(every)} sent"
+    assert sg1.epoch == 3
 
 
 def _pair_up(rep: failover.Replicator, sb: failover.Standby, t: float, t_sb: float) -> None:

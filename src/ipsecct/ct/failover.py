@@ -472,6 +472,15 @@ class Replicator:
         self.floor: dict[Tunnel, int] = {}
         self._carried: dict[int, list[tuple[Tunnel, int]]] = {}
         self.superseded_by: int | None = None  # epoch of a standby's take-over
+        # This epoch began by ``failover alone`` (the driver's go_alone), not by a take-over
+        # from replicas. The peer may have taken over from its replicas of the epoch before
+        # all the same (a standby stopped unseen, its acknowledgements lost): both in the
+        # same epoch number. The take-over wins that tie: it resumed above the ceilings this
+        # gateway kept for those replicas while alone, so its numbers are above all this
+        # one sent; a TAKEN of this very epoch supersedes this replicator. (The other way
+        # round, the alone one's first acknowledgement would raise the ceilings it kept
+        # into what the taker sent.)
+        self.alone = False
         self.acks = 0
         self._next_check = 0.0  # the first check sends the whole state at once
         # Which tunnels go to this standby (the etcd mode replicates each tunnel to the
@@ -600,7 +609,8 @@ class Replicator:
                     self._tunnel_refused(int.from_bytes(key, "big"), why)
             return []
         if kind == SYNC_TAKEN:
-            if epoch <= self.epoch or self.superseded_by is not None:
+            later = epoch > self.epoch or (epoch == self.epoch and self.alone)
+            if not later or self.superseded_by is not None:
                 return []
             self.superseded_by = epoch
             if self.lease is not None:

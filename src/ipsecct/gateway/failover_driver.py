@@ -140,6 +140,7 @@ class FailoverDriver:
         if role == "active":
             self.replicator = Replicator(node.engine, cfg)
             self.replicator.epoch = self.state.epoch
+            self.replicator.alone = self.state.alone
             self._watch_transfers(self.replicator)
         else:
             self.standby = self._new_standby(self.state.epoch)
@@ -192,6 +193,9 @@ class FailoverDriver:
         # an earlier epoch (stopped unseen: _stale_standby).
         self._ceilinged: list[Tunnel] = []
         self.stale_standby = 0
+        # The epoch this gateway went alone into (go_alone; from the state file after a
+        # restart): its replicators of that epoch yield to a take-over in it (Replicator.alone)
+        self._alone_epoch: int | None = self.state.epoch if self.state.alone else None
         # The operator's stronger word (``failover alone --standby-destroyed``): the standby
         # can never run again with the state it had, so the kept ceilings go. What was
         # asserted, when, in which epoch, how many it lifted (status ``standby_destroyed``),
@@ -649,6 +653,7 @@ class FailoverDriver:
         assert sb is not None and self.fencing is not None
         r = Replicator(self.node.engine, self.cfg)  # fences the engine until the first ACK
         r.epoch = sb.epoch
+        r.alone = self._alone_epoch == sb.epoch
         r.extra = self.ike
         self._watch_refusals(r)
         self._watch_transfers(r)
@@ -710,7 +715,7 @@ class FailoverDriver:
             )
         epoch = r.epoch + 1
         try:
-            save_state(fencing.path, epoch, True)  # on disk before anything is sent
+            save_state(fencing.path, epoch, True, alone=True)  # before anything is sent
         except OSError as exc:
             raise ControlError(f"the epoch file could not be written: {exc}") from exc
         if r.lease is not None:
@@ -718,6 +723,7 @@ class FailoverDriver:
         # Nobody holds replicas of this gateway now: transfers waiting for the standby's
         # acknowledgement of their marks go on.
         r.release_waits()
+        self._alone_epoch = epoch
         sb = self._new_standby(epoch)
         sb.took_over = now
         if sb.grant is not None:

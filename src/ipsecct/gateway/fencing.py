@@ -63,12 +63,15 @@ def state_path(
 class PairState:
     """What the state file says this gateway was when it stopped: ``role`` "active" (it took
     over in ``epoch``), "standby" (it became the standby of ``active`` in ``epoch``: the
-    peer took over from it), or None (no file: the configured role, first epoch)."""
+    peer took over from it), or None (no file: the configured role, first epoch). ``alone``:
+    the epoch began by ``failover alone`` (not by a take-over from replicas), which loses a
+    tie with a take-over by the peer in the same epoch (:attr:`Replicator.alone`)."""
 
     epoch: int
     role: str | None
     active: str = ""
     damaged: bool = False
+    alone: bool = False
 
 
 def load_state(path: Path | None) -> PairState:
@@ -86,7 +89,10 @@ def load_state(path: Path | None) -> PairState:
         ):
             active = d.get("active", "")
             return PairState(
-                epoch, "active" if took else "standby", active if isinstance(active, str) else ""
+                epoch,
+                "active" if took else "standby",
+                active if isinstance(active, str) else "",
+                alone=took and d.get("alone") is True,  # (absent in a previous version's)
             )
     except FileNotFoundError:
         return PairState(failover.FIRST_EPOCH, None)
@@ -97,9 +103,11 @@ def load_state(path: Path | None) -> PairState:
     return PairState(failover.FIRST_EPOCH + 1, "standby", damaged=True)
 
 
-def save_state(path: Path | None, epoch: int, took_over: bool, *, active: str = "") -> None:
-    """Record the epoch and the role: ``took_over`` (active by a take-over), else the
-    standby of ``active``. Synced to disk before it returns."""
+def save_state(
+    path: Path | None, epoch: int, took_over: bool, *, active: str = "", alone: bool = False
+) -> None:
+    """Record the epoch and the role: ``took_over`` (active by a take-over; ``alone``: by
+    ``failover alone``), else the standby of ``active``. Synced to disk before it returns."""
     if path is None:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -107,6 +115,8 @@ def save_state(path: Path | None, epoch: int, took_over: bool, *, active: str = 
     d: dict[str, Any] = {"epoch": epoch, "took_over": took_over}
     if not took_over:
         d.update(role="standby", active=active)
+    elif alone:
+        d["alone"] = True
     with open(tmp, "w") as f:
         json.dump(d, f)
         f.flush()
