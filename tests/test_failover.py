@@ -2463,6 +2463,78 @@ def test_no_seq_sent_twice_a_take_over_in_the_epoch_the_active_went_alone_into_e
     assert sg1.epoch == 3
 
 
+def test_no_seq_sent_twice_a_taker_of_the_epoch_the_peer_went_alone_into_restarts_and_wins(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The same tie, the other way it can meet: sg1 runs alone (epoch 2); sg2, stopped
+    unseen, reached it with nothing (its acknowledgements lost) and took over from its
+    epoch-1 replicas, epoch 2 too; both run alone. sg2 restarts: the active of epoch 2 (its
+    state file), it syncs to sg1. On main sg1 answered TAKEN(2), which sg2 ignores (a taker
+    must: the next test), and sg2 stayed fenced for good beside sg1. Now sg1, alone in that
+    epoch, yields: it gives its tunnels up, becomes sg2's standby and acknowledges; sg2 sends
+    above all sg1 sent, and a later take-over by sg1 resumes above every number either sent
+    (guards THE invariant)."""
+    from types import SimpleNamespace
+
+    from ipsecct.ct.lease import LeaseEvent
+    from ipsecct.gateway.failover_driver import alone_after
+    from ipsecct.gateway.fencing import PairFencing, load_state
+
+    kw: dict[str, Any] = {"fencing": True, "dead_ms": 500.0, "heartbeat_ms": 100.0}
+    act = Engine(ip(SG_ADDR["sg1"]))
+    add_tunnel(act, 1)
+    rep = failover.Replicator(act, cfg(**kw), session=7)
+    sb = standby(Engine(ip(SG_ADDR["sg2"])), **kw)
+    clock = [0.0]
+    path = tmp_path / "failover-epoch.json"
+    d = _alone_driver(rep, path, clock)
+    d.fencing = PairFencing(d.node, rep.cfg, path, rep, None)
+    d.fencing.on_superseded.append(d._become_standby)
+    to_sg2: list[cxtp.Message] = []
+    d.channels = SimpleNamespace(send=lambda peer, m: to_sg2.append(m))
+    d._resume_hold, d._hold_epoch, d._suspended_heard = None, 0, 0.0
+    d.suspended = lambda: 0.0
+    sent: list[int] = []
+    t = 0.0
+    while t < 1.0:
+        sent += _sent(act, 20, t)
+        _pair_up(rep, sb, t, t)
+        t = round(t + 0.05, 3)
+    assert rep.lease is not None
+    t = rep.lease.expiry + alone_after(500.0) + 0.01
+    clock[0] = t
+    d.go_alone(t)
+    sent += _sent(act, 5000, t)  # up to the kept ceiling (margin 1000)
+    taken, _, _ = sb.take_over(t + 5.0)  # (sg2 heard nothing: its acknowledgements lost)
+    assert taken and sb.epoch == 2 == d.standby.epoch and d.standby.took_over is not None
+    taker = _sent(sb.engine, 300, t + 5.0)
+    assert len(taker) == 300 and min(taker) > max(sent)
+    # sg2 restarts as the active of epoch 2 (fenced until a standby acknowledges)
+    rep_b = failover.Replicator(sb.engine, cfg(**kw), session=9)
+    rep_b.epoch = 2
+    t += 6.0
+    clock[0] = t
+    with caplog.at_level(logging.ERROR, logger="ipsecct.gateway.fencing"):
+        for m in wire(rep_b.handle_timer(t)):
+            d.receive("sg2", m)
+    events = [e for r in wire(to_sg2) for e in rep_b.receive(r, t)]
+    assert rep_b.superseded_by is None and rep_b.acks > 0, "sg2 stays fenced beside sg1"
+    assert LeaseEvent.GRANTED in events or LeaseEvent.REGAINED in events, events
+    assert [r for r in caplog.records if "gone alone into" in r.getMessage()]
+    sg1 = d.standby
+    assert d.replicator is None and sg1 is not None and sg1.took_over is None
+    assert sg1.epoch == 2 and load_state(path).role == "standby"
+    assert list(act.tunnels()) == [] and _sent(act, 10, t) == []
+    _pair_up(rep_b, sg1, t + 0.01, t + 0.01)
+    taker += _sent(sb.engine, 500, t + 0.1)
+    every = sent + taker
+    assert len(taker) == 800 and len(every) == len(set(every))
+    back, _, _ = sg1.take_over(t + 10.0)
+    resumed = _sent(sg1.engine, 1, t + 10.0)
+    assert back and resumed, (back, resumed)
+    assert resumed[0] > max(every), f"sg1 resumes at {resumed[0]}, up to {max(every)} sent"
+
+
 def _pair_up(rep: failover.Replicator, sb: failover.Standby, t: float, t_sb: float) -> None:
     """``rep`` replicates to ``sb`` until it acknowledged everything (a few polls)."""
     for i in range(5):

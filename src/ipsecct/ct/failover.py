@@ -61,7 +61,10 @@ answers the old active's messages with TAKEN (its epoch): the old active gives u
 for good and removes its tunnels (the taker owns them). The taker then runs alone: it needs no
 lease, since nobody else holds a replica, until the old active, now its standby, asks it to
 replicate (JOIN); it then becomes the active of its epoch, under the lease that standby grants
-(the roles change in :mod:`ipsecct.gateway.failover_driver`, docs/cluster.md).
+(the roles change in :mod:`ipsecct.gateway.failover_driver`, docs/cluster.md). An active the
+operator lets run alone starts the next epoch too; a standby that takes over from the same
+epoch all the same (stopped unseen) makes the same number, and the take-over wins that tie
+(:attr:`Replicator.alone`, docs/cluster.md "two take-overs in one epoch").
 """
 
 from __future__ import annotations

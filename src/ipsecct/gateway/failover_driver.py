@@ -31,6 +31,8 @@ from typing import TYPE_CHECKING, Any
 from ..ct import cxtp
 from ..ct.failover import (
     SYNC_ACK,
+    SYNC_FULL,
+    SYNC_HEARTBEAT,
     SYNC_JOIN,
     SYNC_REFUSED,
     SYNC_TAKEN,
@@ -556,6 +558,11 @@ class FailoverDriver:
             if self.standby is None:
                 self.transfer.refuse()
                 return
+            sb = self.standby
+            if (sb.took_over is not None and epoch == sb.epoch == self._alone_epoch
+                    and kind in (SYNC_HEARTBEAT, SYNC_FULL) and self.fencing is not None
+                    and not self._stopping):  # fmt: skip
+                self._alone_yields(epoch)
             # Paused past the dead time? Seen before this message moves the dead time: it
             # waited in the channel while this standby was stopped, and proves the active
             # was alive then, not now (the timer may run after it: callback order decides
@@ -619,6 +626,20 @@ class FailoverDriver:
         )
         self._become_active(now)
         return True
+
+    def _alone_yields(self, epoch: int) -> None:
+        """This gateway went alone into ``epoch`` (go_alone) and runs alone; the peer syncs
+        to it as the active of that same epoch: it took over into it from its replicas of
+        the epoch before (a standby stopped unseen, its acknowledgements lost) and restarted
+        since. The take-over wins that tie (:attr:`Replicator.alone`: it resumed above the
+        ceilings kept here for its replicas): this gateway gives its tunnels up and becomes
+        the peer's standby, as its replicator would at the peer's TAKEN. Else the peer,
+        answered TAKEN of its own epoch, would stay fenced beside this one for good."""
+        assert self.fencing is not None
+        self._ceilinged = []
+        self.fencing.give_up(
+            epoch, f" in epoch {epoch}, which this gateway had gone alone into (failover alone)"
+        )
 
     def _destroyed_returned(self, what: str) -> None:
         """The peer the operator said was destroyed (``--standby-destroyed``) shows it holds

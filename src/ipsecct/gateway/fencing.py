@@ -215,7 +215,12 @@ class PairFencing:
         """The standby took over: this gateway gives its tunnels up for good (it sends
         nothing, holds nothing) and becomes the standby of the taker (the driver's hook)."""
         assert self.replicator is not None
-        epoch = self.replicator.superseded_by or 0
+        self.give_up(self.replicator.superseded_by or 0)
+
+    def give_up(self, epoch: int, why: str = "") -> None:
+        """The peer owns this gateway's tunnels since ``epoch``: give them up for good and
+        become its standby (the driver's hook). ``why``: how this gateway learnt it, when
+        not by a TAKEN to its replicator."""
         save_state(self.path, epoch, False, active=self.cfg.peer)
         tunnels = list(self.node.engine.tunnels())
         for t in tunnels:
@@ -230,8 +235,8 @@ class PairFencing:
             peer=self.cfg.peer,
             epoch=epoch,
             tunnels=len(tunnels),
-            detail=f"{self.cfg.peer} took over: this gateway removed its tunnels and sends "
-            f"nothing on them; it becomes the standby of {self.cfg.peer}",
+            detail=f"{self.cfg.peer} took over{why}: this gateway removed its tunnels and "
+            f"sends nothing on them; it becomes the standby of {self.cfg.peer}",
         )
         self.given_up = tunnels
         for hook in self.on_superseded:
