@@ -117,6 +117,27 @@ def test_garbage_gets_errors_and_the_connection_goes_on() -> None:
     with_server(t)
 
 
+def test_a_number_too_long_for_python_is_refused_by_name() -> None:
+    """A request holding a JSON integer of more than 4,300 digits (Python's int limit: a
+    ValueError inside json.loads) was answered "request is not JSON"; it is valid JSON. Now
+    the answer says what is wrong, and a number of 4,300 digits is still read."""
+
+    async def t(srv: ControlServer, path: str) -> None:
+        c = await connect(path)
+        for n in (4301, 100_000):
+            for sign in (b"", b"-"):
+                line = b'{"cmd": "echo", "args": {"n": ' + sign + b"7" * n + b"}}\n"
+                ans = await ask(c, line)
+                assert ans == {"ok": False,
+                               "error": "request holds a number of more than 4300 digits"}, n
+        ans = await ask(c, b'{"cmd": "echo", "args": {"n": ' + b"7" * 4300 + b"}}\n")
+        assert ans["ok"] is True and ans["result"]["echo"]["n"] == int("7" * 4300)
+        assert srv.refused == 4
+        c[1].close()
+
+    with_server(t)
+
+
 def test_huge_line_closes_only_that_connection() -> None:
     async def t(srv: ControlServer, path: str) -> None:
         bystander = await connect(path)
@@ -292,6 +313,26 @@ def test_request_client_errors() -> None:
             await asyncio.to_thread(request, path, "sa")
 
     with_server(t)
+
+
+def test_a_socket_path_too_long_is_named_so_not_no_such_file(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``ipsecct status -s PATH`` with a PATH of 108 bytes or more (sun_path) said "no such
+    file (is the daemon running?)": no socket can ever be there. Now one line says why."""
+    long = "/tmp/" + "d" * 200 + "/ctl.sock"
+    with pytest.raises(ControlError, match="path too long for a Unix socket"):
+        request(long, "status")
+    for argv in (["status", "-s", long], ["sa", "list", "-s", long]):
+        assert cli_main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "path too long for a Unix socket" in err, err
+        assert "no such file" not in err and "Traceback" not in err, err
+    # one byte short of the limit is still looked up (and is not there)
+    fits = "/tmp/" + "d" * (107 - len("/tmp/") - len("/c.sock")) + "/c.sock"
+    assert len(fits) == 107
+    with pytest.raises(ControlError, match="no such file"):
+        request(fits, "status")
 
 
 def test_metrics_server_answers_get_and_refuses_the_rest() -> None:

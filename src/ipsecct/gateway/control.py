@@ -45,6 +45,24 @@ MAX_CLIENTS = 64  # control connections at once (the socket is the gateway's use
 IDLE_TIMEOUT = 300.0  # s a control connection may stay silent
 DRAIN_TIMEOUT = 30.0  # s an answer may wait for its reader
 SOCKET_NAME = "ipsecct.sock"
+SUN_PATH_MAX = 108  # sockaddr_un.sun_path on Linux, its terminating NUL included
+# Digits of the longest JSON integer a request may hold (Python's own int limit: longer was
+# a ValueError inside json.loads, answered "request is not JSON"). No argument needs 21.
+MAX_NUMBER_DIGITS = 4300
+
+
+class _NumberTooLong(ValueError):
+    pass
+
+
+def _parse_int(text: str) -> int:
+    """json.loads' parse_int: a number too long is refused by name."""
+    if len(text.lstrip("-")) > MAX_NUMBER_DIGITS:
+        raise _NumberTooLong
+    try:
+        return int(text)
+    except ValueError:  # (digits only: a lower PYTHONINTMAXSTRDIGITS is the one cause)
+        raise _NumberTooLong from None
 Handler = Callable[[dict[str, Any]], Awaitable[Any]]
 
 
@@ -91,6 +109,11 @@ def _check_directory(d: Path) -> None:
 
 def check_socket(path: str) -> None:
     """Refuse a control socket that another user could have put there (client side)."""
+    if len(os.fsencode(path)) >= SUN_PATH_MAX:  # no socket can be there: say why, not ENOENT
+        raise ControlError(
+            f"control socket path too long for a Unix socket ({len(os.fsencode(path))} bytes,"
+            f" at most {SUN_PATH_MAX - 1}): {path}"
+        )
     try:
         st = os.lstat(path)
     except FileNotFoundError:
@@ -266,7 +289,7 @@ class ControlServer:
         for a Unix socket, a directory others can write, a daemon already listening there
         (a second gateway started by mistake, perhaps with the same keys, ran its tunnels
         and only then failed on the socket)."""
-        if len(os.fsencode(self.path)) >= 108:  # sun_path
+        if len(os.fsencode(self.path)) >= SUN_PATH_MAX:
             raise ControlError(f"control socket path too long for a Unix socket: {self.path}")
         self._prepare_directory()
 
@@ -351,7 +374,9 @@ class ControlServer:
 
     async def _handle(self, line: bytes) -> dict[str, Any]:
         try:
-            req = json.loads(line)
+            req = json.loads(line, parse_int=_parse_int)
+        except _NumberTooLong:
+            return self._refuse(f"request holds a number of more than {MAX_NUMBER_DIGITS} digits")
         except (ValueError, UnicodeDecodeError):
             return self._refuse("request is not JSON")
         except RecursionError:
