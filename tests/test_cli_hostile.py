@@ -338,3 +338,43 @@ def test_a_state_dir_that_is_not_a_directory_is_named_so(where: str, tmp_path: P
         d.write_text("x")
     with pytest.raises(StateError, match=f"cannot use state directory {d}: not a directory"):
         state.open_store(d, "sg1", [], fresh=False)
+
+
+def test_gateway_run_of_a_mobile_nodes_configuration_says_so_in_one_line(
+    tmp_path: Path,
+) -> None:
+    """``ipsecct gateway run -c examples/gateway/mn.toml`` ran a mobile node's configuration
+    as a gateway without a word. Now one warning line names it and the command to use; the
+    same file under ``node run``, and a gateway's, say nothing of it."""
+    import tempfile
+
+    from tests.helpers.daemon import Daemon, copy_keys, free_udp_port, node_toml
+
+    copy_keys(tmp_path, "mn-sg1.keys", "sg1-mn.keys")
+    mn = {"name": "mn-sg1", "local_ts": "10.1.0.2/32", "remote_ts": "10.2.0.0/24",
+          "peer": "127.0.0.2:24500", "enc": "aes-gcm-16", "esn": True,
+          "spi_out": 0x10000001, "spi_in": 0x20000001, "keys": str(tmp_path / "mn-sg1.keys")}
+    sg = {**mn, "name": "sg1-mn", "local_ts": "10.2.0.0/24", "remote_ts": "10.1.0.2/32",
+          "spi_out": 0x20000001, "spi_in": 0x10000001, "keys": str(tmp_path / "sg1-mn.keys")}
+    d = tempfile.mkdtemp(prefix="ipsecct-c-", dir="/tmp")  # (a socket path short enough)
+    try:
+        for role, tunnel, warned in (("gateway", mn, True), ("node", mn, False),
+                                     ("gateway", sg, False)):  # fmt: skip
+            sock = os.path.join(d, f"{role}.sock")
+            cfg = tmp_path / f"{role}-{tunnel['name']}.toml"
+            ports = (free_udp_port(), free_udp_port(), free_udp_port())
+            cfg.write_text(node_toml("n", *ports, sock, [tunnel]))
+            daemon = Daemon(role, cfg, sock, tmp_path / f"{role}-{tunnel['name']}.log")
+            try:
+                daemon.start()
+                assert daemon.terminate() == 0
+            finally:
+                daemon.cleanup()
+            lines = [ln for ln in daemon.log.read_text().splitlines()
+                     if "config-looks-like-a-node" in ln]  # fmt: skip
+            assert len(lines) == (1 if warned else 0), (role, tunnel["name"], lines)
+            if warned:
+                assert "WARNING" in lines[0] and "10.1.0.2" in lines[0], lines
+                assert "ipsecct node run" in lines[0], lines
+    finally:
+        shutil.rmtree(d, ignore_errors=True)

@@ -142,6 +142,13 @@ BAD: list[tuple[str, str, str, list[str]]] = [
         'socket = "/tmp/x.sock"\nmetrics = "0.0.0.0:9000"',
         ["control.metrics", "loopback"],
     ),
+    # (loaded, and served on whatever port the kernel picked: no scraper could be told it)
+    (
+        "metrics on port 0",
+        'socket = "/tmp/x.sock"',
+        'socket = "/tmp/x.sock"\nmetrics = "127.0.0.1:0"',
+        ["control.metrics", "port 0 serves on a port nobody can know"],
+    ),
     ("key file missing", '"t1.keys"', '"nope.keys"', ["keys", "nope.keys"]),
     ("keys and keys_env", 'keys = "t1.keys"', 'keys = "t1.keys"\nkeys_env = "X"', ["keys"]),
     ("no keys", 'keys = "t1.keys"\n', "", ["keys", "missing"]),
@@ -542,3 +549,26 @@ def test_selectors_whose_sides_share_no_address_family_are_refused(tmp_path: Pat
         config.load(p)
     both = GOOD.replace('local_ts = "10.2.0.0/24"', 'local_ts = ["10.2.0.0/24", "2001:db8::/64"]')
     assert len(config.load(write(tmp_path, both)).tunnels) == 1  # one family in common: fine
+
+
+def test_a_mobile_nodes_configuration_is_told_from_a_gateways(tmp_path: Path) -> None:
+    """What ``gateway run`` warns about (config.node_shape): one host on the inner side,
+    in every tunnel, talking to networks. A gateway protecting a network, or one server
+    talking to hosts, or holding a gateway-only section, is not taken for a node."""
+    mn = GOOD.replace('local_ts = "10.2.0.0/24"\nremote_ts = "10.1.0.2/32"',
+                      'local_ts = "10.1.0.2/32"\nremote_ts = "10.2.0.0/24"')  # fmt: skip
+    assert mn != GOOD
+    shape = config.node_shape(config.load(write(tmp_path, mn)))
+    assert shape is not None and "10.1.0.2" in shape
+    assert config.node_shape(config.load(write(tmp_path, GOOD))) is None
+    server = GOOD.replace('local_ts = "10.2.0.0/24"', 'local_ts = "10.2.0.5/32"')
+    assert config.node_shape(config.load(write(tmp_path, server))) is None
+    # a second tunnel from another inner host: not one home address
+    second = ('\n[[tunnel]]\nname = "t2"\nlocal_ts = "10.1.0.3/32"\nremote_ts = "10.3.0.0/24"\n'
+              'peer = "127.0.0.1:14501"\nspi_in = 0x30000001\nspi_out = 0x40000001\n'
+              'keys = "t1.keys"\n')  # fmt: skip
+    assert config.node_shape(config.load(write(tmp_path, mn + second))) is None
+    assert config.node_shape(config.load(write(tmp_path, mn + second.replace(
+        "10.1.0.3/32", "10.1.0.2/32")))) is not None  # (the same home address: a node)
+    virtual = mn.replace("port = 24500", 'port = 24500\nvirtual = "127.0.0.9"')
+    assert virtual != mn and config.node_shape(config.load(write(tmp_path, virtual))) is None

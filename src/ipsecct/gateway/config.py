@@ -792,6 +792,8 @@ def from_dict(data: dict[str, Any], path: str = "<config>") -> NodeConfig:
             raise ctx.err("control.metrics", f"bad address: {exc}") from None
         if not metrics.host.is_loopback:
             raise ctx.err("control.metrics", "metrics are served on a loopback address only")
+        if metrics.port == 0:  # the kernel's pick, which no scraper could be told
+            raise ctx.err("control.metrics", "port 0 serves on a port nobody can know: name one")
     log_d = ctx.get(data, "log", "", dict, {})
     _check_keys_allowed(log_d, ctx, "log.", {"level"})
     level = ctx.get(log_d, "level", "log.", str, "info").lower()
@@ -917,6 +919,31 @@ def from_dict(data: dict[str, Any], path: str = "<config>") -> NodeConfig:
         seq_block=seq_block,
         arrival_retention=float(retention),
     )
+
+
+def node_shape(cfg: NodeConfig) -> str | None:
+    """Why ``cfg`` reads as a mobile node's configuration (for ``gateway run``), or None.
+
+    Both roles share one format; what marks a node is its inner side: one host (its home
+    address), the same local_ts in every tunnel, talking to networks behind its gateways
+    (examples/gateway/mn.toml). A gateway's local_ts is the network it protects, or, in front
+    of one server, a host talking to hosts. Gateway-only sections ([transfer], [failover],
+    [cluster], outer.virtual) or no tunnels: a gateway."""
+    if (not cfg.tunnels or cfg.transfer is not None or cfg.failover is not None
+            or cfg.cluster is not None or cfg.virtual is not None):  # fmt: skip
+        return None
+    locals_ = {t.policy.selectors.local for t in cfg.tunnels}
+    if len(locals_) != 1:
+        return None
+    (local,) = locals_
+    if len(local) != 1 or local[0].first != local[0].last:
+        return None
+    remote = [r for t in cfg.tunnels for r in t.policy.selectors.remote]
+    if all(r.first == r.last for r in remote):
+        return None
+    n = len(cfg.tunnels)
+    return (f"every tunnel's local_ts is the one host {local[0].first} ({n} tunnel"
+            f"{'s' if n != 1 else ''}), talking to networks: a mobile node's shape")  # fmt: skip
 
 
 def _warn_local_addrs(path: str, connections: list[Connection], ours: list[IPAddress]) -> None:

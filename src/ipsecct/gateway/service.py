@@ -763,6 +763,10 @@ def run(
             raise ConfigError(f"--log-level must be one of {', '.join(LOG_LEVELS)}")
         cfg.log_level = log_level
     setup(cfg.log_level)
+    shape = config_mod.node_shape(cfg) if role == "gateway" else None
+    if shape is not None:  # (not refused: a gateway in front of one host looks the same)
+        event(log, "config-looks-like-a-node", logging.WARNING, config=path, why=shape,
+              hint="a mobile node runs with: ipsecct node run --config FILE")  # fmt: skip
     if cfg.control_socket is None:
         cfg.control_socket = socket_path(None)  # the one the client commands look for
     raise_nofile(NOFILE_NEEDED)
