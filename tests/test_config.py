@@ -572,3 +572,17 @@ def test_a_mobile_nodes_configuration_is_told_from_a_gateways(tmp_path: Path) ->
         "10.1.0.3/32", "10.1.0.2/32")))) is not None  # (the same home address: a node)
     virtual = mn.replace("port = 24500", 'port = 24500\nvirtual = "127.0.0.9"')
     assert virtual != mn and config.node_shape(config.load(write(tmp_path, virtual))) is None
+
+
+def test_own_addresses_are_the_outer_the_virtual_and_the_tun_ones(tmp_path: Path) -> None:
+    """What ``sa add`` counts as this gateway's own (an inbound SA to none of them is
+    warned about): outer.address, outer.virtual (a cluster's or pair's shared address) and
+    the TUN device's addresses, which exist only once the gateway has set the device up."""
+    cfg = config.load(write(tmp_path, GOOD))
+    assert [str(a) for a in config.own_addresses(cfg)] == ["127.0.0.2"]
+    text = GOOD.replace("port = 24500", 'port = 24500\nvirtual = "127.0.0.9"').replace(
+        'kind = "udp"\nlisten = "127.0.0.2:25000"\npeer = "127.0.0.2:25001"',
+        'kind = "tun"\naddresses = ["10.2.0.1/24", "fd00::1/64"]')  # fmt: skip
+    cfg = config.load(write(tmp_path, text))
+    assert [str(a) for a in config.own_addresses(cfg)] == [
+        "127.0.0.2", "127.0.0.9", "10.2.0.1", "fd00::1"]  # fmt: skip

@@ -37,6 +37,7 @@ from tests.helpers.daemon import (
     KEY_UP,
     MN_INNER,
     RECV_TIMEOUT,
+    ROOT,
     SPI_DOWN,
     SPI_UP,
     Daemon,
@@ -482,6 +483,33 @@ def test_sa_add_of_a_list_says_which_were_added_when_one_is_refused(topo: Topo) 
     f.write_text("[]")
     r = ipsecct("sa", "add", str(f), "-s", topo.sg.sock)
     assert r.returncode == 2 and r.stdout == "" and "no SA" in r.stderr, r
+
+
+def test_sa_add_of_an_inbound_sa_to_an_address_not_ours_warns_in_one_line(topo: Topo) -> None:
+    """``sa add`` of examples/contexts/esp-aes-gcm-esn-tunnel.json (an inbound SA to
+    203.0.113.1) installed it on a gateway at 127.0.0.1 without a word. It is still added
+    (the kernel takes any daddr; the engine finds an inbound SA by its SPI alone, as after a
+    take-over), but one warning line names the address and the gateway's, and the daemon
+    logs it; an SA to the gateway's own address says nothing."""
+    example = ROOT / "examples" / "contexts" / "esp-aes-gcm-esn-tunnel.json"
+    ctx = json.loads(example.read_text())
+    assert ctx["direction"] == "in" and ctx["dst"] == "203.0.113.1"
+    r = ipsecct("sa", "add", str(example), "--json", "-s", topo.sg.sock)
+    assert r.returncode == 0, r
+    (added,) = json.loads(r.stdout)
+    assert added["spi"] == "0xc0ffee01" and "203.0.113.1" in added["warning"]
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ipsecct: warning: SA 0xc0ffee01: "), r
+    assert "destination 203.0.113.1 is none of this gateway's addresses (127.0.0.1)" in lines[0]
+    assert "0xc0ffee01" in ok("sa", "show", "0xc0ffee01", "-s", topo.sg.sock)  # added
+    until(lambda: "event=sa-added-dst-not-ours" in topo.sg.logtext(), "the warning logged")
+    assert "dst=203.0.113.1" in topo.sg.logtext()
+    # the same SA to this gateway's outer address: no warning
+    f = topo.dir / "ours.json"
+    f.write_text(json.dumps({**ctx, "spi": "0xc0ffee02", "dst": "127.0.0.1"}))
+    r = ipsecct("sa", "add", str(f), "-s", topo.sg.sock)
+    assert r.returncode == 0 and r.stderr == "", r
+    assert "0xc0ffee02" in r.stdout
 
 
 def test_spis_in_decimal_and_hex(topo: Topo) -> None:

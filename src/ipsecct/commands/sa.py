@@ -393,9 +393,12 @@ def cmd_sa_add(args: argparse.Namespace) -> int:
         _print_json(out)
     else:
         _table(_sa_rows(out), SA_COLS)
-    if refused:
-        from ..cli import _one_line  # (a daemon's text as every error: one line)
+    from ..cli import _one_line  # (a daemon's text as every error: one line)
 
+    for added in out:  # added, but e.g. to an address that is not the gateway's: said
+        if isinstance(added, dict) and isinstance(added.get("warning"), str):
+            print(_one_line(f"ipsecct: warning: {added['warning']}"), file=sys.stderr)
+    if refused:
         print(_one_line(f"ipsecct: error: {refused}"), file=sys.stderr)
         return 1
     return 0

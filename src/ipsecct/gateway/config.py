@@ -9,6 +9,7 @@ environment variable holding the same text (``keys_env = "NAME"``). See ``exampl
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import errno
 import ipaddress
 import logging
@@ -919,6 +920,21 @@ def from_dict(data: dict[str, Any], path: str = "<config>") -> NodeConfig:
         seq_block=seq_block,
         arrival_retention=float(retention),
     )
+
+
+def own_addresses(cfg: NodeConfig) -> list[IPAddress]:
+    """The addresses this gateway knows are its own: outer.address, outer.virtual (a
+    cluster's or a fail-over pair's shared address, whoever holds it now) and the TUN
+    device's inner.addresses (added at start). An unspecified outer.address (0.0.0.0, ::)
+    is listed as such: it means any."""
+    out: list[IPAddress] = [cfg.outer.host]
+    if cfg.virtual is not None:
+        out.append(cfg.virtual)
+    if cfg.inner.kind == "tun":
+        for a in cfg.inner.tun_addresses:
+            with contextlib.suppress(ValueError):  # (checked at load)
+                out.append(ipaddress.ip_interface(a).ip)
+    return list(dict.fromkeys(out))
 
 
 def node_shape(cfg: NodeConfig) -> str | None:

@@ -614,7 +614,29 @@ class Service:
             spi=f"0x{sa.spi:08x}",
             direction=sa.direction.value,
         )
-        return sa_summary(sa, now)
+        out = sa_summary(sa, now)
+        warning = self._dst_not_ours(sa)
+        if warning is not None:
+            out["warning"] = warning
+        return out
+
+    def _dst_not_ours(self, sa: SecurityAssociation) -> str | None:
+        """An inbound SA whose destination is none of this gateway's addresses: what to tell
+        the operator (None: nothing). Not refused: the kernel takes any daddr too, and the
+        engine finds an inbound SA by its SPI alone when (dst, SPI) misses (RFC 4301 §4.1:
+        NAT, and an SA taken over from another gateway keeps that gateway's address); but a
+        peer sending to that address reaches this gateway only if it is routed here."""
+        if sa.direction is not Direction.INBOUND:
+            return None
+        ours = config_mod.own_addresses(self.cfg)
+        if sa.dst in ours or any(a.is_unspecified and a.version == sa.dst.version
+                                 for a in ours):  # fmt: skip
+            return None
+        shown = ", ".join(str(a) for a in ours)
+        event(log, "sa-added-dst-not-ours", logging.WARNING, node=self.node.name,
+              spi=f"0x{sa.spi:08x}", dst=str(sa.dst), ours=shown)  # fmt: skip
+        return (f"SA 0x{sa.spi:08x}: its destination {sa.dst} is none of this gateway's"
+                f" addresses ({shown}): it receives only what its peer sends here")
 
     def _discard_unresolved(self, tunnel: Tunnel, owner: Owner, detail: str) -> None:
         """Out of the engine, no longer asked about, recorded ``owner`` (raises
