@@ -829,3 +829,75 @@ def test_a_paused_standby_makes_its_active_resync_at_most_once_in_its_grace(
         traffic.close()
     assert cap.duplicates() == []
     assert senders(cap, 0, time.monotonic()) == {port1}
+
+
+@pytest.mark.parametrize("how", ["channel back", "sg1 restarts"])
+def test_a_paused_standby_cut_off_takes_over_beside_the_alone_active_and_the_tie_ends(
+    gws: Gateways, how: str
+) -> None:
+    """The tie of docs/cluster.md "two take-overs in one epoch", forced with real processes:
+    sg2 (standby) is stopped (SIGSTOP) and the operator lets sg1 run alone (epoch 2); the
+    channel between them is cut (nftables) before sg2 runs again, so that its JOINs through
+    its grace reach nobody: it takes over from its epoch-1 replicas, epoch 2 as well. The
+    operator sees two gateways "took over" in epoch 2, both sending on the tunnels, each on
+    its side of the ceiling sg1 kept (no pair twice). Then the channel comes back: sg2's
+    JOINs of its grace, held in TCP, reach sg1, which pairs (a replicator of epoch 2, fenced
+    until acknowledged) and syncs to sg2, which answers TAKEN(2); or sg1 restarts, the active
+    of epoch 2 again (its epoch file), with the same answer. On main sg1 ignored a TAKEN of
+    its own epoch and stayed fenced for good (status: active, epoch 2, not acknowledged, not
+    sending); now sg1 (its epoch begun alone) yields, becomes sg2's standby and sg2
+    replicates to it: the pair re-forms, sg2 sends on every tunnel and no (SPI, sequence
+    number) pair is ever sent twice (guards THE invariant)."""
+    import os
+    import signal
+    import subprocess
+
+    cap: Capture = gws.capture  # type: ignore[attr-defined]
+    port1, every, detail = write_pair(gws)
+    port2 = gws.ports["sg2"]["outer"]
+    c1, c2 = gws.ports["sg1"]["cxtp"], gws.ports["sg2"]["cxtp"]
+    table = f"epochtie_{os.getpid()}"
+    rules = (f"table inet {table} {{\n chain c {{\n type filter hook input priority 0;\n"
+             f" tcp dport {{ {c1}, {c2} }} drop\n tcp sport {{ {c1}, {c2} }} drop\n }}\n}}\n")
+    traffic = start_pair(gws, detail)
+    pid2 = gws.procs["sg2"].pid
+    cut = False
+    try:
+        os.kill(pid2, signal.SIGSTOP)
+        try:
+            wait_for(lambda: failover(gws, "sg1")["lease"]["state"] == "lost",
+                     "lease not lost", detail=detail)  # fmt: skip
+            assert json.loads(alone_when_allowed(gws))["epoch"] == 2
+            subprocess.run(["nft", "-f", "-"], input=rules, text=True, check=True)
+            cut = True
+            time.sleep(DEAD_MS / 1000 + 1.5)  # sg2's dead time passes while it is stopped
+        finally:
+            os.kill(pid2, signal.SIGCONT)
+        wait_for(lambda: failover(gws, "sg2")["role"] == "took over", "sg2 did not take over",
+                 detail=detail)  # fmt: skip
+        st1, st2 = failover(gws, "sg1"), failover(gws, "sg2")
+        assert (st1["role"], st1["epoch"], st2["role"], st2["epoch"]) == (
+            "took over", 2, "took over", 2), (st1, st2)
+        t_tie = time.monotonic()
+        wait_for(lambda: senders(cap, t_tie, math.inf) == {port1, port2},
+                 "not both sending", detail=detail)  # fmt: skip
+        subprocess.run(["nft", "delete", "table", "inet", table], check=True)
+        cut = False
+        if how == "sg1 restarts":
+            gws.kill("sg1")
+            gws.start("sg1")
+        wait_for(lambda: failover(gws, "sg1")["role"] == "standby"
+                 and failover(gws, "sg2")["role"] == "active"
+                 and failover(gws, "sg2")["standby_acknowledged"],
+                 "the tie did not end (sg1 fenced beside sg2)", detail=detail)  # fmt: skip
+        st1, st2 = failover(gws, "sg1"), failover(gws, "sg2")
+        assert st1["epoch"] == 2 and st1["standby_of"] == "sg2" and st2["epoch"] == 2
+        assert "event=lease-superseded" in gws.log("sg1")
+        t_end = time.monotonic()
+        wait_for(lambda: sending(cap, t_end) == every and senders(cap, t_end, math.inf)
+                 == {port2}, "sg2 does not send on every tunnel", detail=detail)  # fmt: skip
+    finally:
+        traffic.close()
+        if cut:
+            subprocess.run(["nft", "delete", "table", "inet", table], check=False)
+    assert cap.duplicates() == []
