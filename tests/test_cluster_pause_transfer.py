@@ -281,3 +281,83 @@ def test_no_seq_sent_twice_the_source_stopped_right_after_its_commit_the_target_
     assert cap.duplicates() == [], "an (SPI, sequence number) pair was sent twice"
     assert senders(cap, t_cont, t_end) == {port2}  # sg1, running again, sent nothing
     assert {spi for spi, _, _, t in list(cap.seen) if t_end - 0.5 < t < t_end} == EVERY
+
+
+def test_no_seq_sent_twice_the_woken_target_never_serves_its_stale_copy_after_a_take_over(
+    gws: Gateways, tmp_path: Path
+) -> None:
+    """Guards the invariant. As above: sg2, stopped before the COMMIT past its lease, wakes,
+    activates the tunnel (never sending on it: its key names a group of sg2's ended lease)
+    and joins again; sg1 takes that group over from the replica the woken sg2 sent and
+    serves the tunnel, above it. Then sg1 stops (SIGSTOP) past its lease: sg2 adopts the
+    group back and must serve the tunnel from sg1's replica, above what sg1 sent. It took
+    its own copy as the newest (a transfer committed to it, whose source died before the
+    hand-over) and sent from the COMMIT's numbers again, below what sg1 had sent: the
+    same (SPI, sequence number) pairs twice once it caught up."""
+    cap: Capture = gws.capture  # type: ignore[attr-defined]
+    with EtcdCluster(tmp_path) as e:
+        cl = f'[cluster]\netcd = {json.dumps(e.endpoints)}\nname = "pt"\nttl_s = 2\n'
+        gws.write("sg1", peers=["sg2"], extra=cl)
+        gws.write("sg2", peers=["sg1"], with_tunnels=False, extra=cl)
+        port1, port2 = gws.ports["sg1"]["outer"], gws.ports["sg2"]["outer"]
+        stopped: str | None = None
+
+        def detail() -> str:
+            out = []
+            for n in ("sg1", "sg2"):
+                if n != stopped:  # (a stopped process does not answer)
+                    out.append(f"{n}: {cluster(gws, n)}")
+                out.append(gws.log(n)[-2500:])
+            return "\n".join(out)
+
+        gws.start("sg2")
+        gws.start("sg1")
+        traffic = Traffic(TUNNELS, [gws.ports["sg1"]["inner"], gws.ports["sg2"]["inner"]], PPS)
+        try:
+            wait_for(lambda: cluster(gws, "sg1")["owned_tunnels"] == TUNNELS
+                     and cluster(gws, "sg2")["replicas"].get("sg1") == TUNNELS,
+                     "sg1 never owned and replicated its tunnels", detail)  # fmt: skip
+            r = cli("transfer", f"0x{MOVED:08x}", "--to", "sg2", "--prepare", "--json",
+                    "--config", gws.config("sg1"))  # fmt: skip
+            assert r.returncode == 0, (r.stdout, r.stderr, detail())
+            tid = json.loads(r.stdout)["id"]
+            lease2 = cluster(gws, "sg2")["lease"]["id"]
+            os.kill(gws.procs["sg2"].pid, signal.SIGSTOP)
+            stopped = "sg2"
+            r = cli("transfer", "--commit", tid, "--json", "--config", gws.config("sg1"))
+            assert r.returncode == 0, (r.stdout, r.stderr, detail())
+            wait_for(lambda: cluster(gws, "sg1")["floors_dropped"] > 0,
+                     "etcd never ended sg2's lease", detail)  # fmt: skip
+            os.kill(gws.procs["sg2"].pid, signal.SIGCONT)
+            stopped = None
+            wait_for(lambda: cluster(gws, "sg2")["lease"]["id"] not in ("0", lease2),
+                     "sg2 did not join again", detail)  # fmt: skip
+            wait_for(lambda: cluster(gws, "sg1")["owned_tunnels"] == TUNNELS,
+                     "sg1 did not take the tunnel over from the woken sg2's replica",
+                     detail)  # fmt: skip
+            wait_for(lambda: any(s == MOVED and p == port1 for s, _, p, _ in list(cap.seen))
+                     and cluster(gws, "sg2")["replicas"].get("sg1") == TUNNELS,
+                     "sg1 never sent on the tunnel it took over", detail)  # fmt: skip
+            assert cluster(gws, "sg2")["unowned_tunnels"] == 1, detail()
+            os.kill(gws.procs["sg1"].pid, signal.SIGSTOP)
+            stopped = "sg1"
+            cap.sync()
+            t_stop = time.monotonic()
+            wait_for(lambda: cluster(gws, "sg2")["owned_tunnels"] == TUNNELS,
+                     "sg2 does not serve every tunnel after sg1's lease ended", detail)  # fmt: skip
+            wait_for(lambda: any(s == MOVED and p == port2 and t > t_stop
+                                 for s, _, p, t in list(cap.seen)),
+                     "sg2 never sent on the moved tunnel", detail)  # fmt: skip
+            time.sleep(0.5)
+            cap.sync()
+        finally:
+            if stopped is not None:
+                os.kill(gws.procs[stopped].pid, signal.SIGCONT)
+            traffic.close()
+        cap.sync()
+    seen = list(cap.seen)
+    by1 = [q for s, q, p, _ in seen if s == MOVED and p == port1]
+    by2 = [q for s, q, p, t in seen if s == MOVED and p == port2 and t > t_stop]
+    assert by1 and by2
+    assert min(by2) > max(by1), (min(by2), max(by1))  # sg2 starts above what sg1 sent
+    assert cap.duplicates() == [], "an (SPI, sequence number) pair was sent twice"

@@ -157,7 +157,9 @@ class ClusterDriver:
         # before it takes them for someone else's.
         self._unowned_since: dict[int, float] = {}
         # SPIs of tunnels a transfer committed here in this life (until we own them): the
-        # newest state of them, should their source die before it hands their keys over.
+        # newest state of them, should their source die before it hands their keys over
+        # (_adopted: only while their keys name a group of a peer's lease, the source's).
+        # Emptied when our lease ends (_lease_gone).
         self._transferred_in: set[int] = set()
         self._left_unowned: dict[int, float] = {}  # SPI -> since when (LEFT_WAIT)
         # Outbound packets of tunnels we do not own yet (a transfer just committed here),
@@ -367,7 +369,8 @@ class ClusterDriver:
             self._handovers.add(task)
             task.add_done_callback(self._handovers.discard)
         elif rec.role == "target" and rec.outcome == "committed":
-            self._transferred_in.update(rec.spis)
+            if self.lease_id:  # (between two lives: no life to be the newest in)
+                self._transferred_in.update(rec.spis)
             self._own_now = True
             self._wake.set()
 
@@ -816,7 +819,19 @@ class ClusterDriver:
         # pending copy went, the replica was dropped (the group has an owner) and the tunnel
         # was lost for good. The transfer is withdrawn and the replica installed (above
         # anything the owner sent; the pending copy may be older than a rollback there).
+        # Not once the key left the source's group, for a group of ours of a life that
+        # ended: anyone may have adopted that group since, taken the tunnel over from a
+        # replica we sent, sent on it and died (a target stopped before its COMMIT past its
+        # lease, woken: sg1 took it over, then sg1's lease ended and we adopted the group
+        # back: this copy sent the COMMIT's numbers again, under what sg1 had sent). Only a
+        # key in a group a peer's lease created (the source's, as last read) is kept as is.
         wanted = set(spis)
+        newest = {
+            s
+            for s in wanted & self._transferred_in
+            if self._lease_names.get(ownership.lease_of_group(tunnels.get(s, "")), self.node.name)
+            != self.node.name
+        }
         here, busy, pending = [], set(), []
         for t in self.node.engine.tunnels():
             if t.outbound.spi not in wanted:
@@ -826,7 +841,7 @@ class ClusterDriver:
                     pending.append(t)  # towards us, from the group's dead owner: below
                 else:
                     busy.add(t.outbound.spi)  # in a transfer: the transfer decides
-            elif t.outbound.spi in self._transferred_in:
+            elif t.outbound.spi in newest:
                 here.append(t)
             else:
                 self.node.engine.remove_tunnel(t)
@@ -1071,6 +1086,9 @@ class ClusterDriver:
         )
         self.lease_id = 0
         self.lease = Lease(self.timing)
+        # A copy a transfer committed here is the newest only while nobody else may have
+        # owned its group: the keys handed to our groups are gone with them (_adopted).
+        self._transferred_in.clear()
 
     def _fence_check(self) -> None:
         """Count a suspend of this machine in the fence. The node's clock (CLOCK_MONOTONIC,
