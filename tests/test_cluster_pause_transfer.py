@@ -219,15 +219,22 @@ def _tunnel_group(endpoints: list[str], spi: int) -> str | None:
     return asyncio.run(read())
 
 
+@pytest.mark.parametrize("replica_gone", [False, True], ids=["at-once", "replica-gone-first"])
 def test_no_seq_sent_twice_the_source_stopped_right_after_its_commit_the_target_serves_the_tunnel(
-    gws: Gateways, tmp_path: Path
+    gws: Gateways, tmp_path: Path, replica_gone: bool
 ) -> None:
     """Guards the invariant. sg1 commits a prepared transfer to sg2 and is stopped (SIGSTOP)
     at once, mostly before it handed the tunnel's owner key over (two etcd round trips
     after the COMMIT): the key names sg1's group, sg2 has activated the tunnel and waits for
     the key, sending nothing on it. etcd ends sg1's lease; sg2 adopts sg1's groups and
     serves every tunnel, the moved one from its own copy (the newest: sg1 stopped sending
-    at its COMMIT), the others from their replicas. sg1 wakes and sends nothing."""
+    at its COMMIT), the others from their replicas. sg1 wakes and sends nothing.
+
+    replica-gone-first forces the interleaving of the 14:13 CI failure: etcd is paused over
+    the COMMIT, so sg1 hands no key over, while sg1 tells sg2 (peer to peer) to drop its
+    replica of the moved tunnel; sg1 is stopped once sg2 did. sg2 then holds no replica in
+    the moved tunnel's group, only its committed copy: on main the group was never adopted,
+    reported orphaned and the tunnel never sent on again."""
     cap: Capture = gws.capture  # type: ignore[attr-defined]
     with EtcdCluster(tmp_path) as e:
         cl = f'[cluster]\netcd = {json.dumps(e.endpoints)}\nname = "pt"\nttl_s = 2\n'
@@ -256,11 +263,24 @@ def test_no_seq_sent_twice_the_source_stopped_right_after_its_commit_the_target_
                     "--config", gws.config("sg1"))  # fmt: skip
             assert r.returncode == 0, (r.stdout, r.stderr, detail())
             tid = json.loads(r.stdout)["id"]
-            rec = ask(socket_of(gws.config("sg1")), "transfer.commit", {"id": tid})
-            os.kill(gws.procs["sg1"].pid, signal.SIGSTOP)
-            stopped = True
+            if replica_gone:
+                for m in e.procs:
+                    e.pause(m)
+            try:
+                rec = ask(socket_of(gws.config("sg1")), "transfer.commit", {"id": tid})
+                if replica_gone:  # (short: every lease runs on in the paused etcd)
+                    wait_for(lambda: cluster(gws, "sg2")["replicas"].get("sg1") == TUNNELS - 1,
+                             "sg2 kept its replica of the moved tunnel", detail,
+                             timeout=1.0)  # fmt: skip
+                os.kill(gws.procs["sg1"].pid, signal.SIGSTOP)
+                stopped = True
+            finally:
+                if replica_gone:
+                    for m in e.procs:
+                        e.resume(m)
             assert rec["outcome"] == "committed", rec
             before_key = _tunnel_group(e.endpoints, MOVED) == g1  # the window was hit
+            assert before_key or not replica_gone, detail()
             wait_for(lambda: cluster(gws, "sg2")["owned_tunnels"] == TUNNELS,
                      "sg2 does not serve every tunnel", detail)  # fmt: skip
             os.kill(gws.procs["sg1"].pid, signal.SIGCONT)

@@ -156,11 +156,12 @@ class ClusterDriver:
         # target looks again every HANDOVER_RETRY for HANDOVER_WAIT (keeping their packets)
         # before it takes them for someone else's.
         self._unowned_since: dict[int, float] = {}
-        # SPIs of tunnels a transfer committed here in this life (until we own them): the
-        # newest state of them, should their source die before it hands their keys over
-        # (_adopted: only while their keys name a group of a peer's lease, the source's).
-        # Emptied when our lease ends (_lease_gone).
-        self._transferred_in: set[int] = set()
+        # Tunnels a transfer committed here in this life (until we own them), SPI -> their
+        # source: the newest state of them, should their source die before it hands their
+        # keys over (_scan adopts their groups then, as it does a dead peer's replicas';
+        # _adopted keeps them only while their keys name a group of a peer's lease, the
+        # source's). Emptied when our lease ends (_lease_gone).
+        self._transferred_in: dict[int, str] = {}
         self._left_unowned: dict[int, float] = {}  # SPI -> since when (LEFT_WAIT)
         # Outbound packets of tunnels we do not own yet (a transfer just committed here),
         # kept until we do: bounded.
@@ -370,7 +371,7 @@ class ClusterDriver:
             task.add_done_callback(self._handovers.discard)
         elif rec.role == "target" and rec.outcome == "committed":
             if self.lease_id:  # (between two lives: no life to be the newest in)
-                self._transferred_in.update(rec.spis)
+                self._transferred_in.update(dict.fromkeys(rec.spis, rec.peer))
             self._own_now = True
             self._wake.set()
 
@@ -628,10 +629,19 @@ class ClusterDriver:
         while len(self._lease_names) > LEASE_NAMES_PER_PEER * len(self.standbys):
             del self._lease_names[next(iter(self._lease_names))]  # a peer's oldest lives
         self._members_seen(seen)
-        if not any(sb.replica or sb.extra for sb in self.standbys.values()):
+        # A transfer's source whose member key is gone before it handed us the keys of what
+        # it committed here is a dead peer too: our copies of those tunnels are the newest
+        # (it stopped sending on them at its COMMIT), and their groups are adopted like those
+        # of the peer's replicas. Counting replicas only, such a group whose tunnels' replicas
+        # were all dropped (the source removed the moved tunnel from its replicas at the
+        # commit) was never adopted: reported orphaned, the tunnel lost (never sent on).
+        sources = {p for p in self._transferred_in.values() if p not in members}
+        if not sources and not any(sb.replica or sb.extra for sb in self.standbys.values()):
             return
         dead = [
-            p for p, sb in self.standbys.items() if (sb.replica or sb.extra) and p not in members
+            p
+            for p, sb in self.standbys.items()
+            if (sb.replica or sb.extra or p in sources) and p not in members
         ]
         if not dead:
             self.dead_since.clear()
@@ -651,10 +661,11 @@ class ClusterDriver:
         graced = now - first >= self.grace
         live = members | {self.node.name}
         held = {s for p in dead for s in self.standbys[p].replica}
+        copies = held | {s for s, p in self._transferred_in.items() if p in dead}
         orphans = {
             g: spis
             for g, spis in ownership.orphans(groups, tunnels).items()
-            if any(s in held for s in spis)
+            if any(s in copies for s in spis)
         }
         for g in self._ike_orphans(dead, groups):  # groups holding only CHILD-less IKE SAs
             orphans.setdefault(g, [])
@@ -712,7 +723,7 @@ class ClusterDriver:
             del self._orphan_since[g]
         for g in orph:
             self._orphan_since.setdefault(g, now)
-        mine = {s for sb in self.standbys.values() for s in sb.replica}
+        mine = {s for sb in self.standbys.values() for s in sb.replica} | set(self._transferred_in)
         lasting = {
             g: len(spis)
             for g, spis in orph.items()
@@ -828,7 +839,7 @@ class ClusterDriver:
         wanted = set(spis)
         newest = {
             s
-            for s in wanted & self._transferred_in
+            for s in wanted & self._transferred_in.keys()
             if self._lease_names.get(ownership.lease_of_group(tunnels.get(s, "")), self.node.name)
             != self.node.name
         }
@@ -850,8 +861,7 @@ class ClusterDriver:
         for t in here:
             for sb in self.standbys.values():
                 sb.replica.pop(t.outbound.spi, None)
-            self._ceiling(t)
-        self._now_owned(here)
+        self._owned(here)  # (no longer waiting for a key, nor told not ours: ours now)
         have = {t.outbound.spi for t in here} | busy
         return self._install([s for s in spis if s not in have], dead, creators=got)
 
@@ -1223,11 +1233,12 @@ class ClusterDriver:
             del self._unowned_since[spi]
         if self._transferred_in:
             inbound = {t.inbound.spi for t in self.node.engine.tunnels() if t.inbound}
-            for spi in self._transferred_in - here - inbound:
+            for spi in self._transferred_in.keys() - here - inbound:
                 self._left_unowned[spi] = now
             while len(self._left_unowned) > LEFT_MAX:
                 del self._left_unowned[next(iter(self._left_unowned))]
-            self._transferred_in &= here | inbound
+            kept = here | inbound
+            self._transferred_in = {s: p for s, p in self._transferred_in.items() if s in kept}
         if self._left_unowned:
             await self._release_left(here)
 
@@ -1345,7 +1356,7 @@ class ClusterDriver:
         for t in tunnels:
             self._not_owner.discard(t.outbound.spi)
             self._unowned_since.pop(t.outbound.spi, None)
-            self._transferred_in.discard(t.outbound.spi)
+            self._transferred_in.pop(t.outbound.spi, None)
             self._ceiling(t)
         self._now_owned(tunnels)
 
