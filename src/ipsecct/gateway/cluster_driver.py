@@ -661,11 +661,14 @@ class ClusterDriver:
         graced = now - first >= self.grace
         live = members | {self.node.name}
         held = {s for p in dead for s in self.standbys[p].replica}
+        # A group is ours to take if we hold a replica in it, or a copy of its every tunnel
+        # (some committed here): not one whose other tunnels' replicas another member holds
+        # (it takes the group, and would lose them were it ours).
         copies = held | {s for s, p in self._transferred_in.items() if p in dead}
         orphans = {
             g: spis
             for g, spis in ownership.orphans(groups, tunnels).items()
-            if any(s in copies for s in spis)
+            if any(s in held for s in spis) or all(s in copies for s in spis)
         }
         for g in self._ike_orphans(dead, groups):  # groups holding only CHILD-less IKE SAs
             orphans.setdefault(g, [])
@@ -723,11 +726,14 @@ class ClusterDriver:
             del self._orphan_since[g]
         for g in orph:
             self._orphan_since.setdefault(g, now)
-        mine = {s for sb in self.standbys.values() for s in sb.replica} | set(self._transferred_in)
+        mine = {s for sb in self.standbys.values() for s in sb.replica}
+        copies = mine | set(self._transferred_in)  # (a group we take as _scan does)
         lasting = {
             g: len(spis)
             for g, spis in orph.items()
-            if now - self._orphan_since[g] >= ORPHAN_AFTER and not any(s in mine for s in spis)
+            if now - self._orphan_since[g] >= ORPHAN_AFTER
+            and not any(s in mine for s in spis)
+            and not all(s in copies for s in spis)
         }
         new = {g: n for g, n in lasting.items() if g not in self.orphaned}
         self.orphaned = lasting
