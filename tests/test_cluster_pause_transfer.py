@@ -207,6 +207,92 @@ def test_no_seq_sent_twice_the_target_stopped_before_the_commit_wakes_without_it
     assert senders(cap, t_cont, t_end) == {port1}  # sg2 sent nothing
 
 
+def test_no_seq_sent_twice_the_woken_target_s_silent_tunnel_is_reported_though_it_joined_again(
+    gws: Gateways, tmp_path: Path
+) -> None:
+    """Guards the invariant. As above, but sg1 stops (SIGSTOP) across sg2's wake and runs
+    again only once sg2 joined again: sg1 never reads sg2's member key gone, so it takes
+    none of its groups as a dead member's; the tunnel's group (of sg2's ended lease) has no
+    owner, and sg1 holds the replica the woken sg2 sent. Taking it over from that replica
+    is not safe (it may be older than what was sent since), so the tunnel stays silent: sg1
+    must say so (status ``orphaned``, log ``cluster-orphaned``). On main it did not (status
+    ``orphaned.groups 0``, no event: 5 runs of 5, engineer orphan). Nothing twice."""
+    cap: Capture = gws.capture  # type: ignore[attr-defined]
+    with EtcdCluster(tmp_path) as e:
+        cl = f'[cluster]\netcd = {json.dumps(e.endpoints)}\nname = "pt"\nttl_s = 2\n'
+        gws.write("sg1", peers=["sg2"], extra=cl)
+        gws.write("sg2", peers=["sg1"], with_tunnels=False, extra=cl)
+        port1 = gws.ports["sg1"]["outer"]
+        stopped: str | bool = False
+
+        def detail() -> str:
+            out = []
+            for n in ("sg1", "sg2"):
+                if n != stopped:  # (a stopped process does not answer)
+                    out.append(f"{n}: {cluster(gws, n)}")
+                out.append(gws.log(n)[-2500:])
+            return "\n".join(out)
+
+        gws.start("sg2")
+        gws.start("sg1")
+        traffic = Traffic(TUNNELS, [gws.ports["sg1"]["inner"], gws.ports["sg2"]["inner"]], PPS)
+        try:
+            wait_for(lambda: cluster(gws, "sg1")["owned_tunnels"] == TUNNELS
+                     and cluster(gws, "sg2")["replicas"].get("sg1") == TUNNELS,
+                     "sg1 never owned and replicated its tunnels", detail)  # fmt: skip
+            r = cli("transfer", f"0x{MOVED:08x}", "--to", "sg2", "--prepare", "--json",
+                    "--config", gws.config("sg1"))  # fmt: skip
+            assert r.returncode == 0, (r.stdout, r.stderr, detail())
+            tid = json.loads(r.stdout)["id"]
+            os.kill(gws.procs["sg2"].pid, signal.SIGSTOP)
+            stopped = "sg2"
+            r = cli("transfer", "--commit", tid, "--json", "--config", gws.config("sg1"))
+            assert r.returncode == 0, (r.stdout, r.stderr, detail())
+            wait_for(lambda: "event=cluster-handed-over" in gws.log("sg1"),
+                     "sg1 never handed the key over", detail)  # fmt: skip
+            wait_for(lambda: cluster(gws, "sg1")["floors_dropped"] > 0
+                     or "sg2" not in json.loads(cli("cluster", "status", "--json", "--config",
+                                                    gws.config("sg1")).stdout)["members"],
+                     "etcd never ended sg2's lease", detail)  # fmt: skip
+            cap.sync()
+            t_cont = time.monotonic()
+            os.kill(gws.procs["sg1"].pid, signal.SIGSTOP)
+            stopped = "sg1"
+            os.kill(gws.procs["sg2"].pid, signal.SIGCONT)
+            # (its member key written under the new lease: not the status's lease alone)
+            wait_for(lambda: gws.log("sg2").count("event=cluster-joined") == 2,
+                     "sg2 did not join again", detail)  # fmt: skip
+            os.kill(gws.procs["sg1"].pid, signal.SIGCONT)
+            stopped = False
+            assert "event=task-failed" not in gws.log("sg2"), detail()
+            wait_for(lambda: cluster(gws, "sg1")["orphaned"]["groups"] == 1,
+                     "the woken sg2's silent tunnel was not reported orphaned", detail)  # fmt: skip
+            st1 = cluster(gws, "sg1")
+            assert st1["orphaned"]["tunnels"] == 1, detail()
+            assert st1["owned_tunnels"] == TUNNELS - 1, detail()  # not taken over
+            line = next(ln for ln in gws.log("sg1").splitlines()
+                        if "event=cluster-orphaned" in ln)  # fmt: skip
+            assert "not taken over" in line and "re-key" in line, line
+            assert "event=cluster-past-life-adopted" not in gws.log("sg1"), detail()
+            st2 = cluster(gws, "sg2")
+            assert st2["owned_tunnels"] == 0 and st2["unowned_tunnels"] == 1, st2
+            # Every other tunnel is served after the report (by sg1), the moved one by nobody.
+            cap.sync()
+            t_rep = time.monotonic()
+            wait_for(lambda: {s for s, _, _, t in list(cap.seen) if t > t_rep}
+                     >= EVERY - {MOVED}, "sg1 stopped serving its own tunnels", detail)  # fmt: skip
+            cap.sync()
+            t_end = time.monotonic()
+        finally:
+            if stopped:
+                os.kill(gws.procs[str(stopped)].pid, signal.SIGCONT)
+            traffic.close()
+        cap.sync()
+    assert cap.duplicates() == [], "an (SPI, sequence number) pair was sent twice"
+    assert senders(cap, t_cont, t_end) == {port1}  # sg2 sent nothing
+    assert not any(s == MOVED and t > t_cont for s, _, _, t in list(cap.seen))  # silent
+
+
 def _tunnel_group(endpoints: list[str], spi: int) -> str | None:
     """The group etcd has the tunnel in (its ``tunnels/`` key), None without a key."""
 

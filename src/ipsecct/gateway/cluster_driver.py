@@ -130,6 +130,7 @@ class ClusterDriver:
         # them, ranked by the group's rank): group -> those peers, for the members as last
         # read.
         self._live: dict[str, int] | None = None
+        self._members: set[str] | None = None  # every member key's name, as last read
         self._targets: dict[str, frozenset[str]] = {}
         self.one_taker = False  # attach(): indirect identity
         self.grace = 1.0
@@ -610,6 +611,7 @@ class ClusterDriver:
         member key is gone."""
         mkvs = await self.client.get_prefix(self.keys["members"])
         members = {kv.key[len(self.keys["members"]) :] for kv in mkvs}
+        self._members = members
         seen: dict[str, int] = {}
         for kv in mkvs:
             name = kv.key[len(self.keys["members"]) :]
@@ -714,11 +716,16 @@ class ClusterDriver:
 
     async def _check_orphans(self) -> None:
         """Groups whose owner died and that nobody took over: a member holding a replica of
-        any of their tunnels takes such a group within ``grace``, so one still without an
-        owner ``ORPHAN_AFTER`` later has no replica at any live member. Its tunnels' keys
-        died with their owner (they never go to etcd); nothing sends on them, and nothing
-        may: a member restarting with some of them configured cannot know whether someone
-        owned the group and sent past its durable ceiling since. The operator is told."""
+        any of their tunnels from a dead peer (_scan's) takes such a group within ``grace``,
+        so one still without an owner ``ORPHAN_AFTER`` later is served by no live member.
+        Its tunnels' keys died with their owner (they never go to etcd); nothing sends on
+        them, and nothing may: a member restarting with some of them configured cannot know
+        whether someone owned the group and sent past its durable ceiling since. The
+        operator is told, also of such a group whose tunnels we hold replicas of from a
+        peer that is a member again (under a new lease: _scan never read it dead, a
+        transfer's target stopped past its lease and woken while we were stopped too):
+        never taken over from those (they may be older than what the peer's past life or a
+        copy restored from disk sent), but reported, not left silent."""
         groups, tunnels = await read_ownership(self.client, self.keys)
         now = self.node.clock()
         orph = ownership.orphans(groups, tunnels)
@@ -726,29 +733,52 @@ class ClusterDriver:
             del self._orphan_since[g]
         for g in orph:
             self._orphan_since.setdefault(g, now)
+        members = self._members
+
+        def gone(p: str) -> bool:  # (a peer whose groups _scan takes; all before a reading)
+            return members is None or p not in members
+
         mine = {s for sb in self.standbys.values() for s in sb.replica}
-        copies = mine | set(self._transferred_in)  # (a group we take as _scan does)
+        taken = {s for p, sb in self.standbys.items() if gone(p) for s in sb.replica}
+        copies = taken | {s for s, p in self._transferred_in.items() if gone(p)}
         lasting = {
-            g: len(spis)
+            g: spis
             for g, spis in orph.items()
             if now - self._orphan_since[g] >= ORPHAN_AFTER
-            and not any(s in mine for s in spis)
+            and not any(s in taken for s in spis)
             and not all(s in copies for s in spis)
         }
-        new = {g: n for g, n in lasting.items() if g not in self.orphaned}
-        self.orphaned = lasting
-        if new:
+        new = {g: spis for g, spis in lasting.items() if g not in self.orphaned}
+        self.orphaned = {g: len(spis) for g, spis in lasting.items()}
+        held = {g: spis for g, spis in new.items() if any(s in mine for s in spis)}
+        bare = {g: spis for g, spis in new.items() if g not in held}
+        if bare:
             event(
                 log,
                 "cluster-orphaned",
                 logging.WARNING,
                 node=self.node.name,
-                groups=len(new),
-                tunnels=sum(new.values()),
+                groups=len(bare),
+                tunnels=sum(len(v) for v in bare.values()),
                 detail="groups of tunnels without an owner that no member took over (no live "
                 "member holds a replica: their keys died with their owner): nothing sends on "
                 "them, and nothing may; re-key them (an IKE peer does by itself; manual SAs "
                 "need new keys); ipsecct cluster status counts them",
+            )
+        if held:
+            event(
+                log,
+                "cluster-orphaned",
+                logging.WARNING,
+                node=self.node.name,
+                groups=len(held),
+                tunnels=sum(len(v) for v in held.values()),
+                detail="groups of tunnels without an owner that no member took over, of which "
+                "this member holds replicas from a peer that is a member again (under a new "
+                "lease): not taken over from them (a replica may be older than what was sent "
+                "since: a number twice): nothing sends on them, and nothing may; re-key them "
+                "(an IKE peer does by itself; manual SAs need new keys); ipsecct cluster "
+                "status counts them",
             )
 
     async def _adopt(self, gids: list[str], tunnels: dict[int, str], dead: list[str]) -> None:

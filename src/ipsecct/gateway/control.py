@@ -575,7 +575,7 @@ def prometheus_text(status: dict[str, Any]) -> str:
             "# TYPE ipsecct_cluster_taken_over_total counter",
             f'ipsecct_cluster_taken_over_total{{node="{node}"}} {cl.get("taken_over", 0)}',
             "# HELP ipsecct_cluster_orphaned_tunnels Tunnels in groups without an owner that"
-            " no member took over (no replica anywhere): nothing sends on them.",
+            " no member took over: nothing sends on them.",
             "# TYPE ipsecct_cluster_orphaned_tunnels gauge",
             f'ipsecct_cluster_orphaned_tunnels{{node="{node}"}} '
             f"{cl.get('orphaned', {}).get('tunnels', 0)}",
