@@ -30,8 +30,8 @@ import contextlib
 import functools
 import logging
 import math
-from collections.abc import Callable
-from dataclasses import replace
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
 from typing import Any
 
 from ..ct import cxtp, ownership
@@ -82,6 +82,19 @@ ORPHAN_AFTER = 4.0  # a group without an owner this long: no live member holds a
 # A suspend shorter than this is not counted (suspended_s()'s two clock readings differ by
 # microseconds without one); the lease's guard covers it.
 SLEPT_NOISE = 0.001
+
+
+@dataclass(frozen=True)
+class _Takes:
+    """ClusterDriver._takes: the replicas held from gone peers, and those with the tunnels
+    such peers committed here; called with a group's tunnels: whether _scan adopts it."""
+
+    held: set[int]
+    copies: set[int]
+
+    def __call__(self, spis: Iterable[int]) -> bool:
+        spis = list(spis)
+        return any(s in self.held for s in spis) or all(s in self.copies for s in spis)
 
 
 class ClusterDriver:
@@ -662,16 +675,9 @@ class ClusterDriver:
         first = min(self.dead_since.setdefault(p, now) for p in dead)
         graced = now - first >= self.grace
         live = members | {self.node.name}
-        held = {s for p in dead for s in self.standbys[p].replica}
-        # A group is ours to take if we hold a replica in it, or a copy of its every tunnel
-        # (some committed here): not one whose other tunnels' replicas another member holds
-        # (it takes the group, and would lose them were it ours).
-        copies = held | {s for s, p in self._transferred_in.items() if p in dead}
-        orphans = {
-            g: spis
-            for g, spis in ownership.orphans(groups, tunnels).items()
-            if any(s in held for s in spis) or all(s in copies for s in spis)
-        }
+        takes = self._takes(lambda p: p in dead)
+        held = takes.held
+        orphans = {g: spis for g, spis in ownership.orphans(groups, tunnels).items() if takes(spis)}
         for g in self._ike_orphans(dead, groups):  # groups holding only CHILD-less IKE SAs
             orphans.setdefault(g, [])
         if orphans:
@@ -714,6 +720,15 @@ class ClusterDriver:
             with gcpolicy.POLICY.batch():
                 self._install(won, dead)
 
+    def _takes(self, dead: Callable[[str], bool]) -> _Takes:
+        """Which orphaned groups _scan adopts, the peers ``dead`` says are gone: a group is
+        ours to take if we hold a replica in it from such a peer, or a copy of its every
+        tunnel (some committed here by such a peer): not one whose other tunnels' replicas
+        another member holds (it takes the group, and would lose them were it ours). The
+        one rule for _scan and _check_orphans (which reports what it does not take)."""
+        held = {s for p, sb in self.standbys.items() if dead(p) for s in sb.replica}
+        return _Takes(held, held | {s for s, p in self._transferred_in.items() if dead(p)})
+
     async def _check_orphans(self) -> None:
         """Groups whose owner died and that nobody took over: a member holding a replica of
         any of their tunnels from a dead peer (_scan's) takes such a group within ``grace``,
@@ -739,14 +754,11 @@ class ClusterDriver:
             return members is None or p not in members
 
         mine = {s for sb in self.standbys.values() for s in sb.replica}
-        taken = {s for p, sb in self.standbys.items() if gone(p) for s in sb.replica}
-        copies = taken | {s for s, p in self._transferred_in.items() if gone(p)}
+        takes = self._takes(gone)
         lasting = {
             g: spis
             for g, spis in orph.items()
-            if now - self._orphan_since[g] >= ORPHAN_AFTER
-            and not any(s in taken for s in spis)
-            and not all(s in copies for s in spis)
+            if now - self._orphan_since[g] >= ORPHAN_AFTER and not takes(spis)
         }
         new = {g: spis for g, spis in lasting.items() if g not in self.orphaned}
         self.orphaned = {g: len(spis) for g, spis in lasting.items()}
