@@ -41,7 +41,7 @@ from ipsecct.ikev2.ikesa import Address, IkeSA, IkeState
 from ipsecct.ikev2.ts import from_text
 from ipsecct.ipsec.spd import Selectors
 from tests.helpers.ikev2_engines import I500, R500, Wire, conn, connect, mn_conn, pair
-from tests.test_ikev2 import _pki
+from tests.test_ikev2 import _leaf_cert, _pki, _pubkey, _resubject
 
 EVERYTHING = from_text("0.0.0.0/0")
 
@@ -320,6 +320,42 @@ def test_a_certificate_proves_only_the_names_it_holds() -> None:
         connect(w)
         assert bool(w.of("r", IkeUp)) is ok, (claim, wanted)
         assert gw.stats["auth-failed"] == (not ok)
+
+
+@pytest.mark.parametrize(("subject_cn", "remote_cn"), [
+    ("\ufb01nance.test", "finance.test"),  # LATIN SMALL LIGATURE FI: 'fi' once folded
+    ("ad\u017fmin.test", "adsmin.test"),  # LATIN SMALL LETTER LONG S: 's' once folded
+    ("\u212aey.test", "key.test"),  # KELVIN SIGN: 'k' once folded
+    ("stra\u00dfe.test", "STRASSE.test"),  # sharp s: 'ss' once folded (another length)
+], ids=["ligature", "long-s", "kelvin", "sharp-s"])
+def test_a_certificate_subject_that_only_unicode_folding_makes_equal_is_another_name(
+        subject_cn: str, remote_cn: str) -> None:  # fmt: skip
+    """A DN remote.id names a certificate's subject case aside, as strongSwan's compare_dn
+    ignores case: ASCII letters only (strncasecmp, and only where the lengths are equal). A
+    client the trusted CA certified under another Unicode name (a CA that tells its subjects
+    apart by their octets issues both) is not the one remote.id names because full Unicode
+    case folding makes the two texts equal; the name itself, in another ASCII case, still is."""
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
+    ca, gw_cert, gw_key, ca_key = _pki("p256")
+    _, _, mn_key, _ = _pki("p256")
+    for cn, up in [(subject_cn, False), (remote_cn.swapcase(), True)]:
+        subject = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Test Org"),
+                             x509.NameAttribute(NameOID.COMMON_NAME, cn)])  # fmt: skip
+        mn_cert = _resubject(_leaf_cert(ca, ca_key, mn_key, "unused"), subject, ca_key)
+        ini = IkeEngine([_pubkey(mn_conn(), mn_cert, mn_key, "peer.test", ca)],
+                        wall_offset=time.time())  # fmt: skip
+        gw = IkeEngine([_pubkey(conn(), gw_cert, gw_key, f"O=Test Org, CN={remote_cn}", ca)],
+                       wall_offset=time.time())  # fmt: skip
+        w = Wire(ini, gw)
+        connect(w)
+        assert bool(w.of("r", IkeUp)) is up, cn
+        assert gw.stats["auth-failed"] == (not up)
+        # and a peer gateway's IKE SA context naming that subject is not admitted either
+        named = Identity(f"O=Test Org, CN={remote_cn}")
+        assert context._id_admitted(dataclasses.replace(conn(), remote_id=named),
+                                    subject.rfc4514_string(), None) is up  # fmt: skip
 
 
 @pytest.mark.parametrize("mobike", [False, True], ids=["no-mobike", "mobike"])

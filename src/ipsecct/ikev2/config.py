@@ -34,6 +34,7 @@ import itertools
 import logging
 import math
 import re
+import string
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -396,19 +397,29 @@ def _dn_attrs(name: x509.Name) -> list[tuple[str, str | bytes]]:
     return [(a.oid.dotted_string, a.value) for rdn in name.rdns for a in rdn]
 
 
+_ASCII_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
+
+
 def dn_matches(pattern: Sequence[tuple[str, str]], name: x509.Name) -> bool:
     """Does a DN written in a configuration (parse_dn) name the certificate subject
     ``name``? As strongSwan 5.9.8 compares them (identification.c's compare_dn, its default
     strict matching): attribute by attribute in order, the same types, a value ``*`` takes
-    any value, the others equal in any case (X.520's caseIgnoreMatch; strongSwan ignores the
-    case of printable strings and e-mail addresses). The text may also be written in the
-    reverse order (RFC 4514's, as ``openssl x509 -nameopt RFC2253`` prints it): that is one
-    unambiguous spelling of the same sequence."""
+    any value, the others equal in any case of their ASCII letters (X.520's caseIgnoreMatch;
+    strongSwan ignores the case of printable strings and e-mail addresses, with strncasecmp:
+    ASCII letters only, never two texts of different lengths). Not Unicode's case folding:
+    it makes other names equal (``\ufb01nance`` and ``finance``, ``stra\u00dfe`` and
+    ``STRASSE``, the Kelvin sign and ``k``), which a CA telling its subjects apart by their
+    octets issues to two clients. The text may also be written in the reverse order (RFC
+    4514's, as ``openssl x509 -nameopt RFC2253`` prints it): that is one unambiguous
+    spelling of the same sequence."""
     attrs = _dn_attrs(name)
+
+    def fold(v: str) -> str:
+        return v.translate(_ASCII_LOWER)
 
     def same(p: Sequence[tuple[str, str]]) -> bool:
         return len(p) == len(attrs) and all(
-            po == ao and (pv == "*" or (isinstance(av, str) and pv.casefold() == av.casefold()))
+            po == ao and (pv == "*" or (isinstance(av, str) and fold(pv) == fold(av)))
             for (po, pv), (ao, av) in zip(p, attrs, strict=True))  # fmt: skip
 
     return same(pattern) or same(tuple(reversed(pattern)))
