@@ -15,7 +15,7 @@ from typing import cast
 import pytest
 
 from ipsecct.errors import IkeContextError
-from ipsecct.ikev2 import context
+from ipsecct.ikev2 import auth, context
 from ipsecct.ikev2 import message as M
 from ipsecct.ikev2.auth import Credentials
 from ipsecct.ikev2.config import Connection, Identity
@@ -356,6 +356,39 @@ def test_a_certificate_subject_that_only_unicode_folding_makes_equal_is_another_
         named = Identity(f"O=Test Org, CN={remote_cn}")
         assert context._id_admitted(dataclasses.replace(conn(), remote_id=named),
                                     subject.rfc4514_string(), None) is up  # fmt: skip
+
+
+@pytest.mark.parametrize(("kind", "claim", "san"), [
+    ("dns", "key.test", "\u212aey.test"),  # KELVIN SIGN: lower() makes it 'k'
+    ("email", "kim@test", "\u212aim@test"),
+])
+def test_a_subject_alt_name_that_only_unicode_lowering_makes_equal_proves_nothing(
+        kind: str, claim: str, san: str) -> None:  # fmt: skip
+    """A certificate from the trusted CA whose subjectAltName holds a name in octets outside
+    ASCII (an IA5String is not checked by the parser: U+212A KELVIN SIGN, which Python's
+    lower() turns into 'k') does not prove the ASCII name it lowers to: the peer claiming
+    that name (IDi, which remote.id wants) is refused, as strongSwan compares a name's octets
+    case aside (strncasecmp, same lengths); a peer gateway's IKE SA context carrying those
+    names is not admitted for remote.id either. The name in another ASCII case still is."""
+    from cryptography import x509
+
+    ca, gw_cert, gw_key, ca_key = _pki("p256")
+    _, _, mn_key, _ = _pki("p256")
+    cls = x509.DNSName if kind == "dns" else x509.RFC822Name
+    for name, up in [(san, False), (claim.upper(), True)]:
+        gn = cls._init_without_validation(name)  # (as a peer's DER may hold it)
+        mn_cert = _leaf_cert(ca, ca_key, mn_key, "unused", [gn])
+        ini = IkeEngine([dataclasses.replace(_pubkey(mn_conn(), mn_cert, mn_key, "%any", ca),
+                                             local_id=Identity(claim))],
+                        wall_offset=time.time())  # fmt: skip
+        gw = IkeEngine([_pubkey(conn(), gw_cert, gw_key, claim, ca)], wall_offset=time.time())
+        w = Wire(ini, gw)
+        connect(w)
+        assert bool(w.of("r", IkeUp)) is up, name
+        assert gw.stats["auth-failed"] == (not up)
+        names = auth.cert_names(mn_cert)  # type: ignore[arg-type]
+        assert context._id_admitted(dataclasses.replace(conn(), remote_id=Identity(claim)),
+                                    "CN=unused", names) is up  # fmt: skip
 
 
 @pytest.mark.parametrize("mobike", [False, True], ids=["no-mobike", "mobike"])

@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import ipaddress
+import string
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -447,6 +448,17 @@ def fingerprint(cert: x509.Certificate) -> bytes:
     return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).digest()
 
 
+_ASCII_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
+
+
+def ascii_lower(text: str) -> str:
+    """``text`` with its ASCII letters in lower case, nothing else changed: how strongSwan
+    compares names case aside (strncasecmp in the C locale). Not str.lower(), which turns
+    U+212A KELVIN SIGN into 'k' (a name in a certificate is octets, an IA5String's not
+    checked by the parser: another name would prove this one)."""
+    return text.translate(_ASCII_LOWER)
+
+
 def cert_names(cert: x509.Certificate) -> tuple[str, ...]:
     """The names a certificate proves besides its subject DN, as ``dns:``, ``email:`` and
     ``ip:`` strings (its subjectAltNames of those kinds, the first MAX_NAMES, each at most
@@ -454,8 +466,8 @@ def cert_names(cert: x509.Certificate) -> tuple[str, ...]:
     ``remote.id`` against (the certificate itself does not travel)."""
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        out = [f"dns:{d.lower()}" for d in san.get_values_for_type(x509.DNSName)]
-        out += [f"email:{d.lower()}" for d in san.get_values_for_type(x509.RFC822Name)]
+        out = [f"dns:{ascii_lower(d)}" for d in san.get_values_for_type(x509.DNSName)]
+        out += [f"email:{ascii_lower(d)}" for d in san.get_values_for_type(x509.RFC822Name)]
         out += [f"ip:{a}" for a in san.get_values_for_type(x509.IPAddress)]
     except (x509.ExtensionNotFound, *BAD_CERT):
         return ()
@@ -539,12 +551,10 @@ def _id_matches_cert(idp: IDPayload, cert: x509.Certificate) -> bool:
     except (x509.ExtensionNotFound, *BAD_CERT):
         return False
     try:
-        if idp.id_type == IdType.FQDN:
-            return idp.data.decode().lower() in [d.lower() for d in
-                                                 san.get_values_for_type(x509.DNSName)]
-        if idp.id_type == IdType.RFC822_ADDR:
-            return idp.data.decode().lower() in [d.lower() for d in
-                                                 san.get_values_for_type(x509.RFC822Name)]
+        if idp.id_type in (IdType.FQDN, IdType.RFC822_ADDR):
+            kind = x509.DNSName if idp.id_type == IdType.FQDN else x509.RFC822Name
+            return ascii_lower(idp.data.decode()) in [ascii_lower(d) for d in
+                                                      san.get_values_for_type(kind)]
         if idp.id_type in (IdType.IPV4_ADDR, IdType.IPV6_ADDR):
             return ipaddress.ip_address(idp.data) in san.get_values_for_type(x509.IPAddress)
     except (UnicodeDecodeError, ValueError):

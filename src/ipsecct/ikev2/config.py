@@ -34,7 +34,6 @@ import itertools
 import logging
 import math
 import re
-import string
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -49,6 +48,7 @@ from .auth import (
     Credentials,
     PrivateKey,
     RevocationList,
+    ascii_lower,
     cert_names,
     id_matches_cert,
     not_a_ca,
@@ -397,9 +397,6 @@ def _dn_attrs(name: x509.Name) -> list[tuple[str, str | bytes]]:
     return [(a.oid.dotted_string, a.value) for rdn in name.rdns for a in rdn]
 
 
-_ASCII_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
-
-
 def dn_matches(pattern: Sequence[tuple[str, str]], name: x509.Name) -> bool:
     """Does a DN written in a configuration (parse_dn) name the certificate subject
     ``name``? As strongSwan 5.9.8 compares them (identification.c's compare_dn, its default
@@ -414,12 +411,10 @@ def dn_matches(pattern: Sequence[tuple[str, str]], name: x509.Name) -> bool:
     spelling of the same sequence."""
     attrs = _dn_attrs(name)
 
-    def fold(v: str) -> str:
-        return v.translate(_ASCII_LOWER)
-
     def same(p: Sequence[tuple[str, str]]) -> bool:
         return len(p) == len(attrs) and all(
-            po == ao and (pv == "*" or (isinstance(av, str) and fold(pv) == fold(av)))
+            po == ao and (pv == "*" or (isinstance(av, str)
+                                        and ascii_lower(pv) == ascii_lower(av)))
             for (po, pv), (ao, av) in zip(p, attrs, strict=True))  # fmt: skip
 
     return same(pattern) or same(tuple(reversed(pattern)))

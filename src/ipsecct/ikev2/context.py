@@ -37,7 +37,14 @@ from cryptography import x509
 
 from ..errors import IdentityError, IkeContextError
 from ..ipsec.spd import Selectors
-from .auth import MAX_CERTS_SERIALS, MAX_NAMES, MAX_SERIAL_LEN, fingerprint, revoked_by
+from .auth import (
+    MAX_CERTS_SERIALS,
+    MAX_NAMES,
+    MAX_SERIAL_LEN,
+    ascii_lower,
+    fingerprint,
+    revoked_by,
+)
 from .config import (
     MATCH_NONE,
     ChildConfig,
@@ -868,7 +875,7 @@ def _as_name(ident: Identity) -> str:
         return f"ip:{ipaddress.ip_address(ident.octets)}"
     kinds: dict[int, str] = {IdType.FQDN: "dns", IdType.RFC822_ADDR: "email"}
     kind = kinds.get(ident.kind, "")
-    return f"{kind}:{ident.octets.decode(errors='replace').lower()}" if kind else ""
+    return f"{kind}:{ascii_lower(ident.octets.decode(errors='replace'))}" if kind else ""
 
 
 def _names(names: tuple[str, ...], room: int) -> bytes:
