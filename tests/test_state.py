@@ -426,6 +426,46 @@ def test_restart_resumes_counters_and_a_deleted_sa_stays_deleted(gws: Gateways) 
     assert 'ipsecct_drops_total{node="sg1",reason="seq_unreserved"}' in text
 
 
+def test_no_sa_under_reservation_exports_no_headroom_sample_not_a_zero(tmp_path: Path) -> None:
+    """A gateway keyed by IKE alone reserves no SA (its CHILD SAs' keys are never written):
+    the metrics endpoint said ``ipsecct_state_min_seq_headroom 0``, which an alert on the
+    headroom reads as "about to stop sending", while ``status`` said no SA was reserved.
+    Now no sample (as ``min_headroom`` is null in ``status --json``); with one SA under
+    reservation its headroom; and every state metric has its TYPE line."""
+    from types import SimpleNamespace
+
+    from ipsecct.gateway.control import prometheus_text
+    from tests.helpers.transfer import World
+
+    store, lock = state_mod.open_store(tmp_path / "s", "sg1", [], fresh=False)
+    w = World()
+    sad: dict[int, SecurityAssociation] = {}
+    engine = SimpleNamespace(sad=SimpleNamespace(lookup=lambda dst, proto, spi: sad.get(spi)))
+    node = SimpleNamespace(name="sg1", extensions={}, on_reserve=None, engine=engine)
+    st = state_mod.DurableState(node, store, lock, 1024)  # type: ignore[arg-type]
+    status: dict[str, Any] = {"name": "sg1", "sas": 0, "uptime_s": 1.0, "metrics": {},
+                              "counters": {"out_packets": 0, "in_packets": 0, "out_bytes": 0,
+                                           "in_bytes": 0, "drops": {}}}  # fmt: skip
+    try:
+        status["metrics"] = st.metrics()
+        assert status["metrics"]["state_min_seq_headroom"] is None
+        text = prometheus_text(status)
+        assert "ipsecct_state_min_seq_headroom" not in text, text
+        assert "# TYPE ipsecct_state_failed_writes_total counter" in text, text
+        assert "# TYPE ipsecct_state_reservations_waiting gauge" in text, text
+        out = w.tunnel.outbound
+        st.tracked[out] = "fp"
+        sad[out.spi] = out
+        out.seq_ceiling = out.seq + 700
+        status["metrics"] = st.metrics()
+        text = prometheus_text(status)
+        assert "# TYPE ipsecct_state_min_seq_headroom gauge" in text, text
+        assert 'ipsecct_state_min_seq_headroom{node="sg1"} 700' in text, text
+    finally:
+        store.close()
+        os.close(lock)
+
+
 # -- the transfer core submits ownership changes and waits only where it must (sans-I/O) -----
 class Recorder:
     """A Journal that records what is submitted (with how many messages were on the links

@@ -610,7 +610,10 @@ def prometheus_text(status: dict[str, Any]) -> str:
             for k, v in tr.items() if k.startswith("foreign_")
         ]  # fmt: skip
     for k, v in status.get("metrics", {}).items():
-        lines.append(f'ipsecct_{k}{{node="{node}"}} {v}')
+        if v is None:  # nothing to measure (no SA under reservation): no sample, not a 0
+            continue
+        kind = "counter" if k.endswith("_total") else "gauge"
+        lines += [f"# TYPE ipsecct_{k} {kind}", f'ipsecct_{k}{{node="{node}"}} {v}']
     return "\n".join(lines) + "\n"
 
 

@@ -1950,7 +1950,10 @@ class DurableState:
             ],
         }
 
-    def metrics(self) -> dict[str, int]:
+    def metrics(self) -> dict[str, int | None]:
+        """For the metrics endpoint. ``state_min_seq_headroom`` is None (no sample) while no
+        SA is under reservation (IKE-keyed SAs are not): a 0 there read as "about to stop
+        sending" on every gateway keyed by IKE alone."""
         live = self._live()
         return {
             "state_reservation_writes_total": self.counters["reservation_writes"],
@@ -1958,7 +1961,7 @@ class DurableState:
             "state_failed_writes_total": self.counters["failed_writes"],
             "state_reservations_waiting": sum(1 for sa in live if sa.seq_reserve_pending),
             "state_min_seq_headroom": min(
-                (Reservations.headroom(sa) for sa in live), default=0
+                (Reservations.headroom(sa) for sa in live), default=None
             ),
             "state_tunnels_kept_away": len(self.plan.away),
             "state_tunnels_refused": len(self.plan.refused),
