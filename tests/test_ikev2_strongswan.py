@@ -2019,3 +2019,49 @@ def test_sa_list_counts_each_child_sas_direction_as_swanctl_list_sas_does(
                     assert ours[int(child["spi_out"], 16)][0] == "out", r.stdout
         finally:
             gw.terminate()
+
+
+def readme_swanctl_conf() -> str:
+    """README's swanctl.conf for a strongSwan client (under "A strongSwan client connects
+    with an ordinary swanctl.conf"), as written there."""
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    m = re.search(r"connects with an ordinary swanctl\.conf:\n\n```\n(.*?)```", text, re.S)
+    assert m is not None, "README's swanctl.conf example is gone"
+    return m.group(1)
+
+
+class ReadmeInitiator(Initiator):
+    """strongSwan A with README's swanctl.conf, its identities and secret this test's."""
+
+    def write_config(self) -> None:
+        Charon.write_config(self)
+        conf = readme_swanctl_conf()
+        for written, ours in (("client.example", A.id), ("gw.example", B.id),
+                              ('"..."', f'"{PSK}"')):  # fmt: skip
+            assert written in conf, conf
+            conf = conf.replace(written, ours)
+        strongswan.write_private(self.dir / "swanctl.conf", conf)
+
+    def initiate(self) -> None:
+        self.swanctl("--initiate", "--ike", "gw", "--child", "net")
+
+
+@pytest.mark.root
+@pytest.mark.slow
+@needs_strongswan
+def test_the_readmes_swanctl_conf_connects(workdir: Path) -> None:
+    """README's swanctl.conf, as written, loads into strongSwan 5.9.8 and connects to the
+    gateway; ping passes. It was written with several keys on a line, which swanctl.conf
+    does not parse (a value runs to the end of its line: ``version = 2  remote_addrs =
+    10.200.0.2  encap = yes`` is an invalid version): the connection was discarded and the
+    secret ignored ("missing secret in 'ike-gw'")."""
+    with Namespaces("a", "b") as ns:
+        _, gw = start(ns, workdir, ike="default", esp="default", ss_ike=None, ss_esp=None)
+        try:
+            with ReadmeInitiator(ns, workdir, ike=None, esp=None) as ss:
+                ss.start()
+                ss.initiate()
+                assert re.search(r"CHILD_SA net\{\d+\} established", ss.log()), ss.logtail()
+                assert ping(ns, "a", B.inner, PINGS) == PINGS, ss.logtail() + gw.logtext()
+        finally:
+            gw.cleanup()
