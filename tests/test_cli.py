@@ -439,3 +439,37 @@ def test_sa_add_reads_its_file_as_context_encode_does_before_any_daemon_is_asked
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and says in err and "Traceback" not in err, err
     assert "cannot reach" not in err, err
+
+
+def test_the_readmes_ike_sa_listing_is_what_sa_list_prints(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """README's ``sa list`` sample of an IKE SA, printed from the same SA: its algorithms
+    read ``AES_GCM_16_128/...`` and ``AES_GCM_16_128/NO_EXT_SEQ`` (charon's log spelling),
+    and README said that was where we differed from swanctl, while ``sa list`` prints
+    swanctl's own ``AES_GCM_16-128/...`` (Suite.listing). The whole block must match."""
+    import re
+
+    from ipsecct.commands.sa import _print_ike
+    from ipsecct.ikev2.message import ProtocolId
+    from ipsecct.ikev2.proposal import ENCR_AES_GCM_16, PRF_HMAC_SHA2_256, Suite
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    m = re.search(r"```\n(roadwarrior: #1, ESTABLISHED.*?)```", readme, re.S)
+    assert m is not None, "README's sa list sample is gone"
+    ike_suite = Suite(ProtocolId.IKE, ENCR_AES_GCM_16, 128, prf=PRF_HMAC_SHA2_256, dh=31)
+    esp_suite = Suite(ProtocolId.ESP, ENCR_AES_GCM_16, 128)
+    child = {"name": "net", "uid": 2, "spi_in": "7986f70e", "spi_out": "3d7691a7",
+             "encap": True, "proposal": esp_suite.name(), "algorithms": esp_suite.listing(),
+             "installed_s": 2.0, "rekey_in_s": 3497, "expires_in_s": 3958,
+             "local_ts": ["10.201.2.1/32"], "remote_ts": ["10.201.1.1/32"]}  # fmt: skip
+    ike = {"name": "roadwarrior", "uid": 1, "state": "established", "role": "responder",
+           "spi_i": "1d03575dd13944a4", "spi_r": "89c98d1ac0732575",
+           "local": "10.200.0.2:4500", "remote": "10.200.0.1:4500", "local_id": "gw.example",
+           "remote_id": "client.example", "proposal": ike_suite.name(),
+           "algorithms": ike_suite.listing(), "established_s": 2.0, "rekey_in_s": 13767,
+           "expires_in_s": None, "children": [child]}  # fmt: skip
+    rows = {(0x7986F70E, "in"): {"bytes": 252, "packets": 3, "state": "installed"},
+            (0x3D7691A7, "out"): {"bytes": 252, "packets": 3, "state": "installed"}}  # fmt: skip
+    _print_ike([ike], rows)
+    assert capsys.readouterr().out == m.group(1)
