@@ -606,6 +606,69 @@ def test_bench_gateway_subcommand() -> None:
     assert bad.returncode == 2 and "positive" in bad.stderr
 
 
+@pytest.mark.parametrize(
+    ("key", "proto"),
+    [("outer.address, outer.port", socket.SOCK_DGRAM), ("inner.listen", socket.SOCK_DGRAM),
+     ("ike.port", socket.SOCK_DGRAM), ("control.metrics", socket.SOCK_STREAM),
+     ("transfer.listen", socket.SOCK_STREAM)],
+)  # fmt: skip
+def test_gateway_run_with_a_listening_address_taken_names_its_key(
+    tmp_path: Path, key: str, proto: int
+) -> None:
+    """A gateway whose metrics or CXTP port was taken said ``error while attempting to bind on
+    address ('127.0.0.1', 9471): address already in use`` (asyncio's, a Python tuple), and
+    whose outer, inner or IKE port was taken ``Address already in use: UDP 127.0.0.1:N``: with
+    ``[ike] port`` the outer port of another gateway, which one? Now one line, status 2,
+    naming the address and the configuration key, as for UDP and TCP alike."""
+    import datetime as dt
+
+    from ipsecct.tools import pki
+
+    pki.init_pki(tmp_path / "pki", ["sg1"], dt.datetime.now(dt.UTC))
+    ports = {"outer.address, outer.port": free_udp_port(), "inner.listen": free_udp_port(),
+             "ike.port": free_udp_port(), "control.metrics": free_tcp_port(),
+             "transfer.listen": free_tcp_port()}  # fmt: skip
+    text = node_toml("sg1", ports["outer.address, outer.port"], ports["inner.listen"],
+                     free_udp_port(), str(tmp_path / "sg1.sock"), [],
+                     metrics=ports["control.metrics"])  # fmt: skip
+    (tmp_path / "psk").write_text("0x" + "ab" * 32 + "\n")
+    os.chmod(tmp_path / "psk", 0o600)
+    text += f"""[ike]
+port = {ports["ike.port"]}
+[connections.rw]
+local_addrs = ["127.0.0.1"]
+remote_addrs = ["%any"]
+local.auth = "psk"
+local.id = "gw.example"
+remote.auth = "psk"
+remote.id = "%any"
+children.net.local_ts = ["10.2.0.0/24"]
+children.net.remote_ts = ["10.1.0.0/16"]
+[secrets.ike-rw]
+id = ["gw.example"]
+file = "psk"
+[transfer]
+listen = "127.0.0.1:{ports["transfer.listen"]}"
+cert = "pki/sg1.pem"
+key = "pki/sg1.key"
+ca = "pki/ca.pem"
+[state]
+dir = "state"
+"""
+    conf = tmp_path / "sg1.toml"
+    conf.write_text(text)
+    with socket.socket(socket.AF_INET, proto) as taken:
+        taken.bind(("127.0.0.1", ports[key]))
+        if proto == socket.SOCK_STREAM:
+            taken.listen()
+        r = ipsecct("gateway", "run", "-c", str(conf), timeout=60)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert r.stderr.endswith(f"ipsecct: error: Address already in use: "
+                             f"{'UDP' if proto == socket.SOCK_DGRAM else 'TCP'} "
+                             f"127.0.0.1:{ports[key]} ({key})\n"), r.stderr  # fmt: skip
+    assert "Traceback" not in r.stderr
+
+
 def test_a_port_in_use_is_named() -> None:
     """A gateway whose outer or inner UDP address was taken said only "ipsecct: error:
     Address already in use": the operator could not tell which of its addresses. The CLI

@@ -35,7 +35,7 @@ from typing import Any
 from ..errors import ControlError, IpsecctError
 from ..ipsec.algorithms import enc_name, integ_name, swanctl_algorithms
 from ..ipsec.sad import Direction, SecurityAssociation
-from .limits import ConnectionLimits, source_of
+from .limits import ConnectionLimits, bind_error, source_of
 from .log import RateLimited, event
 
 log = logging.getLogger("ipsecct.gateway.control")
@@ -643,7 +643,10 @@ class MetricsServer:
         self._waiting: dict[asyncio.StreamWriter, None] = {}
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._client, self.host, self.port)
+        try:
+            self._server = await asyncio.start_server(self._client, self.host, self.port)
+        except OSError as exc:
+            raise bind_error(exc, "TCP", self.host, self.port, "control.metrics") from None
 
     @property
     def bound_port(self) -> int:

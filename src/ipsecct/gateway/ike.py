@@ -277,7 +277,8 @@ class IkeService:
         # on a virtual (indirect identity) address this gateway may not hold yet: IP_FREEBIND
         if self.ike_port:
             self.sock500 = UdpEndpoint.bind((str(self.local_host), self.ike_port), self._on_500,
-                                            freebind=self.node.cfg.virtual is not None)  # fmt: skip
+                                            freebind=self.node.cfg.virtual is not None,
+                                            key="ike.port")  # fmt: skip
         self.node.timers.add("ike", self._next_deadline, self._on_timer)
         ports = [p for p in (self.ike_port, self.node.cfg.outer.port) if p]
         event(log, "ike-listening", node=self.node.name, ports=",".join(map(str, ports)),

@@ -107,6 +107,17 @@ class HandshakeRate:
         return ok
 
 
+def bind_error(exc: OSError, proto: str, host: str, port: int, key: str = "") -> OSError:
+    """A listener's bind that failed, as one line naming the address and the configuration
+    key it came from (``Address already in use: TCP 127.0.0.1:9451 (control.metrics)``):
+    asyncio's own said "error while attempting to bind on address ('127.0.0.1', 9451)", and
+    neither said which of a gateway's several addresses (outer, inner link, IKE, metrics,
+    CXTP) to change."""
+    what = os.strerror(exc.errno) if exc.errno else (exc.strerror or str(exc))
+    shown = f"[{host}]" if ":" in host else host
+    return OSError(exc.errno, what, f"{proto} {shown}:{port}" + (f" ({key})" if key else ""))
+
+
 def source_of(peername: object) -> str:
     """The address part of a socket's peer name (the port does not make another source)."""
     if isinstance(peername, tuple) and peername:

@@ -30,6 +30,7 @@ from ..ipsec.ippacket import PROTO_ESP, Endpoint
 from ..ipsec.sad import SAEvent, SecurityAssociation
 from ..ipsec.transforms import warm_library
 from .config import NodeConfig
+from .limits import bind_error
 from .log import event
 from .timers import Scheduler
 
@@ -115,6 +116,7 @@ class UdpEndpoint:
         on_data: Callable[[bytes, tuple[Any, ...]], None],
         *,
         freebind: bool = False,
+        key: str = "",
     ) -> UdpEndpoint:
         fam = socket.AF_INET6 if ":" in addr[0] else socket.AF_INET
         s = socket.socket(fam, socket.SOCK_DGRAM)
@@ -129,9 +131,8 @@ class UdpEndpoint:
             s.bind(addr)
         except OSError as exc:
             s.close()
-            # which address: the operator has several (outer, inner link, IKE port)
-            host = f"[{addr[0]}]" if fam == socket.AF_INET6 else addr[0]
-            raise OSError(exc.errno, exc.strerror, f"UDP {host}:{addr[1]}") from None
+            # which address and which key: the operator has several (outer, inner link, IKE)
+            raise bind_error(exc, "UDP", addr[0], addr[1], key) from None
         return cls(s, on_data)
 
     def _readable(self) -> None:
@@ -261,14 +262,16 @@ class Node:
         if self.engine.native is not None:
             native_mod.warm()
         fam = socket.AF_INET if self.cfg.outer.host.version == 4 else socket.AF_INET6
-        self.outer_transport = UdpEndpoint.bind(self.cfg.outer.sockaddr, self._on_outer)
+        self.outer_transport = UdpEndpoint.bind(self.cfg.outer.sockaddr, self._on_outer,
+                                                key="outer.address, outer.port")
         self.outer_transport.gate = self._esp_may_leave
         if self.cfg.raw_esp:
             self._open_raw(loop, fam)
         if self.cfg.virtual is not None and self.cfg.virtual_interface is not None:
             # Listen on the virtual address too (IP_FREEBIND: before this node owns it).
             self.virtual_transport = UdpEndpoint.bind(
-                (str(self.cfg.virtual), self.cfg.outer.port), self._on_outer, freebind=True
+                (str(self.cfg.virtual), self.cfg.outer.port), self._on_outer, freebind=True,
+                key="outer.virtual, outer.port",
             )
             if self.cfg.virtual_owner:
                 from . import vip
@@ -278,7 +281,8 @@ class Node:
         inner = self.cfg.inner
         if inner.kind == "udp":
             assert inner.listen is not None
-            self.inner_transport = UdpEndpoint.bind(inner.listen.sockaddr, self._on_inner_udp)
+            self.inner_transport = UdpEndpoint.bind(inner.listen.sockaddr, self._on_inner_udp,
+                                                    key="inner.listen")
         else:
             from . import tun
 

@@ -18,7 +18,7 @@ from ..ct import cxtp
 from ..errors import ChannelError, ChannelTimeout, CxtpError, IpsecctError, TransferError
 from . import tlschannel
 from .config import PeerConfig, TransferConfig
-from .limits import ConnectionLimits, HandshakeRate
+from .limits import ConnectionLimits, HandshakeRate, bind_error
 from .log import RateLimited, event
 from .timers import supervise
 
@@ -103,16 +103,20 @@ class PeerChannels:
         if self.server_ctx is None:
             self.load_credentials()
         assert self.server_ctx is not None
-        self.server = await tlschannel.serve(
-            self._accepted,
-            str(self.tcfg.listen.host),
-            self.tcfg.listen.port,
-            self.server_ctx,
-            timeout=3600,
-            on_refused=self._refused_handshake,
-            limits=self.limits,
-            rate=self.rate,
-        )
+        host, port = str(self.tcfg.listen.host), self.tcfg.listen.port
+        try:
+            self.server = await tlschannel.serve(
+                self._accepted,
+                host,
+                port,
+                self.server_ctx,
+                timeout=3600,
+                on_refused=self._refused_handshake,
+                limits=self.limits,
+                rate=self.rate,
+            )
+        except OSError as exc:
+            raise bind_error(exc, "TCP", host, port, "transfer.listen") from None
         self._keeper = supervise(self._keep_connected(), "connect to peers", self.name)
 
     async def _keep_connected(self) -> None:
