@@ -186,6 +186,54 @@ def test_a_create_child_sa_with_full_ts_payloads_costs_no_quadratic_time(
     assert [str(t) for t in new.local_ts] == ["10.1.0.0/16"]
 
 
+def test_an_unacceptable_sa_payload_costs_its_proposals_once_whatever_the_connections(
+        monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """An unauthenticated IKE_SA_INIT (any source: UDP) whose SA payload holds 255 proposals
+    of the IKE protocol, each with an encryption and PRF the gateway takes but a DH group it
+    does not, to a gateway of 20 roadwarrior connections with the default proposals: each
+    connection's proposals were matched against every one of the peer's, twice (once for
+    the KE payload's group): 20,400 matches, 0.14 s of the gateway's CPU per 8.7 KiB
+    datagram with 50 such connections (measured with time.thread_time), answered
+    NO_PROPOSAL_CHOSEN, which makes no half-open IKE SA: cookies never came, and a few
+    such datagrams a second from spoofed sources held every IKE SA, timer and transfer of
+    the gateway up. Now each of the peer's proposals is read once and matched once against
+    each distinct configured proposal. Counted as matches, not time; a client is still
+    served."""
+    from ipsecct.ikev2 import proposal
+
+    T = M.TransformType
+    hostile = tuple(M.Proposal(i + 1, M.ProtocolId.IKE, b"", (
+        M.Transform(T.ENCR, 20, 128), M.Transform(T.PRF, 5), M.Transform(T.DH, 1000 + i)))
+        for i in range(255))  # fmt: skip
+    gw = IkeEngine([dataclasses.replace(conn(f"rw{k}", ike="default"),
+                                        local_id=Identity(f"gw{k}.test"))
+                    for k in range(20)])  # fmt: skip
+    offers = {o for c in gw.connections for o in c.proposals}
+    matched = 0
+    for name in ("match", "_match"):
+        real = getattr(proposal, name, None)
+        if real is not None:
+            def counted(*a: object, _real: object = real, **kw: object) -> object:
+                nonlocal matched
+                matched += 1
+                return _real(*a, **kw)  # type: ignore[operator]
+
+            monkeypatch.setattr(proposal, name, counted)
+    pl: list[M.Payload] = [M.SAPayload(hostile), M.KEPayload(31, bytes(32)),
+                           M.NoncePayload(bytes(range(32)))]  # fmt: skip
+    h = M.Header(bytes(range(1, 9)), bytes(8), 0, M.ExchangeType.IKE_SA_INIT, M.Flag.INITIATOR,
+                 0, 0)  # fmt: skip
+    data = M.encode_plain(h, pl)
+    (answer,) = gw.receive(data, Address(ipaddress.ip_address("198.51.100.7"), 500), R500, 0.0)
+    assert isinstance(answer, Send)
+    assert M.Notify.NO_PROPOSAL_CHOSEN in M.notifies(M.decode(answer.data)[1])
+    assert gw.stats["no-proposal-chosen"] == 1 and not gw.half_open
+    assert matched <= len(offers) * len(hostile), matched
+    w = Wire(IkeEngine([mn_conn(ike="default", remote_id="%any")]), gw)
+    connect(w)
+    assert w.of("r", IkeUp)
+
+
 class HoardingPeer(IkeEngine):
     """A peer that rekeys IKE SAs and never deletes the one it replaced."""
 

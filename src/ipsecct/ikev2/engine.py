@@ -89,7 +89,7 @@ from .message import (
 )
 from .mid_sync import MidSync, ReplayCounterSync, sync_request
 from .pool import Pool
-from .proposal import AEAD, Offer, Suite, choose
+from .proposal import AEAD, Chooser, Offer, Suite, choose
 from .ts import host, narrow, representable, within
 
 log = logging.getLogger("ipsecct.ikev2")
@@ -1381,8 +1381,11 @@ class IkeEngine:
             self.stats["cookie-accepted"] += 1
         cands = [c for c in self.connections if c.accepts(dst.host, src.host)]
         chosen = None
+        # (anyone's SA payload, up to 255 proposals: each read once, and matched once against
+        # each distinct configured proposal, however many connections offer it)
+        chooser = Chooser(sa.proposals, ke_group=ke.group)
         for c in cands:
-            chosen = choose(c.proposals, sa.proposals, ke_group=ke.group)
+            chosen = chooser.choose(c.proposals)
             if chosen is not None:
                 conn = c
                 break

@@ -281,65 +281,79 @@ def _pick(mine: tuple[int, ...], theirs: list[int]) -> int | None:
     return None
 
 
-def _by_type(p: Proposal) -> dict[int, list[Transform]]:
-    out: dict[int, list[Transform]] = {}
-    for t in p.transforms:
-        out.setdefault(t.type, []).append(t)
-    return out
+_TRANSFORM_TYPES = frozenset(TransformType.__members__.values())
+
+
+@dataclass(frozen=True)
+class _Theirs:
+    """A peer's proposal as matched: what it allows of each transform type, read once."""
+
+    protocol: int
+    known: bool  # every transform of a type we know (else it cannot be accepted)
+    encr: frozenset[tuple[int, int | None]]  # (id, key bits; ChaCha20-Poly1305's 256)
+    integ: frozenset[int]  # (those without a Key Length attribute)
+    prf: frozenset[int]
+    dh: frozenset[int]
+    esn: frozenset[int]
+
+    @staticmethod
+    def of(p: Proposal) -> _Theirs:
+        def ids(t: int) -> frozenset[int]:
+            return frozenset(x.id for x in p.transforms if x.type == t)
+
+        return _Theirs(
+            p.protocol, all(t.type in _TRANSFORM_TYPES for t in p.transforms),
+            frozenset((t.id, t.key_length if t.key_length is not None else (
+                256 if t.id == ENCR_CHACHA20_POLY1305 else None))
+                for t in p.transforms if t.type == TransformType.ENCR),
+            frozenset(t.id for t in p.transforms
+                      if t.type == TransformType.INTEG and t.key_length is None),
+            ids(TransformType.PRF), ids(TransformType.DH), ids(TransformType.ESN))  # fmt: skip
+
+
+def _first(mine: tuple[int, ...], theirs: frozenset[int]) -> int | None:
+    return next((m for m in mine if m in theirs), None)
 
 
 def match(offer: Offer, p: Proposal, *, ke_group: int | None = None,
           ignore_dh: bool = False) -> Suite | None:  # fmt: skip
     """The suite that both ``offer`` and the peer's proposal ``p`` allow, or None."""
-    if p.protocol != offer.protocol:
-        return None
-    bt = _by_type(p)
-    for t in p.transforms:
-        if t.type not in TransformType.__members__.values():
-            return None  # an unknown transform type: the proposal cannot be accepted
-    encr = None
-    for e, k in offer.encr:
-        for t in bt.get(TransformType.ENCR, []):
-            tk = t.key_length if t.key_length is not None else (
-                256 if t.id == ENCR_CHACHA20_POLY1305 else None)
-            if t.id == e and tk == k:
-                encr = (e, k)
-                break
-        if encr is not None:
-            break
+    return _match(offer, _Theirs.of(p), ke_group, ignore_dh)
+
+
+def _match(offer: Offer, p: _Theirs, ke_group: int | None, ignore_dh: bool) -> Suite | None:
+    if p.protocol != offer.protocol or not p.known:
+        return None  # (an unknown transform type: the proposal cannot be accepted)
+    encr = next(((e, k) for e, k in offer.encr if (e, k) in p.encr), None)
     if encr is None:
         return None
-    aead = encr[0] in AEAD
-    theirs_integ = [t.id for t in bt.get(TransformType.INTEG, []) if t.key_length is None]
     integ = None
-    if aead:
-        if any(i != 0 for i in theirs_integ):
+    if encr[0] in AEAD:
+        if any(i != 0 for i in p.integ):
             return None
     else:
-        integ = _pick(offer.integ, theirs_integ)
+        integ = _first(offer.integ, p.integ)
         if integ is None:
             return None
     prf = None
     dh = None
     esn = False
     if offer.protocol == ProtocolId.IKE:
-        prf = _pick(offer.prf, [t.id for t in bt.get(TransformType.PRF, [])])
+        prf = _first(offer.prf, p.prf)
         if prf is None:
             return None
-        theirs_dh = [t.id for t in bt.get(TransformType.DH, [])]
-        if ke_group is not None and ke_group in offer.dh and ke_group in theirs_dh:
+        if ke_group is not None and ke_group in offer.dh and ke_group in p.dh:
             dh = ke_group
         else:
-            dh = _pick(offer.dh, theirs_dh)
+            dh = _first(offer.dh, p.dh)
         if dh is None:
             return None
     else:
-        theirs_dh = [t.id for t in bt.get(TransformType.DH, []) if t.id != 0]
-        if theirs_dh and not ignore_dh:
-            dh = _pick(offer.dh, theirs_dh)
+        if p.dh - {0} and not ignore_dh:
+            dh = _first(offer.dh, p.dh - {0})
             if dh is None:
                 return None
-        esn_id = _pick(offer.esn, [t.id for t in bt.get(TransformType.ESN, [])])
+        esn_id = _first(offer.esn, p.esn)
         if esn_id is None:
             return None
         esn = esn_id == ESN_YES
@@ -371,15 +385,40 @@ def choose(offers: list[Offer], proposals: tuple[Proposal, ...], *, ke_group: in
            ignore_dh: bool = False) -> tuple[Proposal, Suite] | None:  # fmt: skip
     """Our configured order first; within it the peer's order. Prefers a suite whose DH group
     is the one the peer's KE payload already carries (saves a round trip)."""
-    if ke_group is not None:
+    return Chooser(proposals, ke_group=ke_group, ignore_dh=ignore_dh).choose(offers)
+
+
+class Chooser:
+    """The peer's proposals (an SA payload: up to 255 of them, of up to 255 transforms, from
+    anyone at IKE_SA_INIT), each read once, and each configured proposal matched against
+    each of them once, whatever the number of connections that offer it (a gateway's
+    connections mostly share theirs) and of the passes :meth:`choose` makes."""
+
+    def __init__(self, proposals: tuple[Proposal, ...], *, ke_group: int | None = None,
+                 ignore_dh: bool = False) -> None:  # fmt: skip
+        self.proposals = proposals
+        self.ke_group, self.ignore_dh = ke_group, ignore_dh
+        self._theirs: list[_Theirs] | None = None
+        self._done: dict[Offer, list[Suite | None]] = {}
+
+    def _matches(self, offer: Offer) -> list[Suite | None]:
+        found = self._done.get(offer)
+        if found is None:
+            if self._theirs is None:
+                self._theirs = [_Theirs.of(p) for p in self.proposals]
+            found = self._done[offer] = [
+                _match(offer, p, self.ke_group, self.ignore_dh) for p in self._theirs]
+        return found
+
+    def choose(self, offers: list[Offer]) -> tuple[Proposal, Suite] | None:
+        """As :func:`choose`, for a connection offering ``offers``."""
+        if self.ke_group is not None:
+            for offer in offers:
+                for p, s in zip(self.proposals, self._matches(offer), strict=True):
+                    if s is not None and s.dh == self.ke_group:
+                        return p, s
         for offer in offers:
-            for p in proposals:
-                s = match(offer, p, ke_group=ke_group, ignore_dh=ignore_dh)
-                if s is not None and s.dh == ke_group:
+            for p, s in zip(self.proposals, self._matches(offer), strict=True):
+                if s is not None:
                     return p, s
-    for offer in offers:
-        for p in proposals:
-            s = match(offer, p, ke_group=ke_group, ignore_dh=ignore_dh)
-            if s is not None:
-                return p, s
-    return None
+        return None
