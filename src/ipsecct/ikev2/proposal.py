@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import ConfigError
+from ..ipsec.algorithms import SWANCTL_ENC, SWANCTL_INTEG
 from .message import Proposal, ProtocolId, Transform, TransformType
 
 # ENCR (Transform Type 1)
@@ -188,17 +189,11 @@ class Suite:
         return self._named("-", False)
 
     def _named(self, size_sep: str, seq_always: bool) -> str:
-        enc = {ENCR_AES_CBC: "AES_CBC", ENCR_AES_GCM_16: "AES_GCM_16",
-               ENCR_CHACHA20_POLY1305: "CHACHA20_POLY1305"}.get(
-                   self.encr, f"ENCR_{self.encr}")  # fmt: skip
+        enc = SWANCTL_ENC.get(self.encr, f"ENCR_{self.encr}")
         parts = [enc if self.encr == ENCR_CHACHA20_POLY1305
                  else f"{enc}{size_sep}{self.key_bits}"]  # fmt: skip
         if self.integ is not None:
-            parts.append({AUTH_HMAC_SHA1_96: "HMAC_SHA1_96",
-                          AUTH_HMAC_SHA2_256_128: "HMAC_SHA2_256_128",
-                          AUTH_HMAC_SHA2_384_192: "HMAC_SHA2_384_192",
-                          AUTH_HMAC_SHA2_512_256: "HMAC_SHA2_512_256"}.get(
-                              self.integ, f"INTEG_{self.integ}"))  # fmt: skip
+            parts.append(SWANCTL_INTEG.get(self.integ, f"INTEG_{self.integ}"))
         if self.prf is not None:
             parts.append({PRF_HMAC_SHA1: "PRF_HMAC_SHA1", PRF_HMAC_SHA2_256: "PRF_HMAC_SHA2_256",
                           PRF_HMAC_SHA2_384: "PRF_HMAC_SHA2_384",

@@ -103,10 +103,22 @@ def integ_name(alg: IntegAlg) -> str:
     return next(k for k, v in INTEG_NAMES.items() if v is alg)
 
 
-# swanctl --list-sas's names (strongSwan's encryption_algorithm_names and
-# integrity_algorithm_names: crypter.c, signer.c)
-_SWANCTL_ENC = {EncAlg.NULL: "NULL", EncAlg.AES_CBC: "AES_CBC", EncAlg.AES_GCM_16: "AES_GCM_16",
-                EncAlg.CHACHA20_POLY1305: "CHACHA20_POLY1305"}  # fmt: skip
+# strongSwan's names of the transforms (encryption_algorithm_names and
+# integrity_algorithm_names: crypter.c, signer.c), as swanctl --list-sas and charon's log
+# print them; read here and by ikev2.proposal.Suite (keyed by IANA number: an IntEnum member
+# or a plain int finds the same entry).
+SWANCTL_ENC: dict[int, str] = {
+    EncAlg.NULL: "NULL",
+    EncAlg.AES_CBC: "AES_CBC",
+    EncAlg.AES_GCM_16: "AES_GCM_16",
+    EncAlg.CHACHA20_POLY1305: "CHACHA20_POLY1305",
+}
+SWANCTL_INTEG: dict[int, str] = {
+    IntegAlg.HMAC_SHA1_96: "HMAC_SHA1_96",
+    IntegAlg.HMAC_SHA2_256_128: "HMAC_SHA2_256_128",
+    IntegAlg.HMAC_SHA2_384_192: "HMAC_SHA2_384_192",
+    IntegAlg.HMAC_SHA2_512_256: "HMAC_SHA2_512_256",
+}
 
 
 def swanctl_algorithms(enc: EncAlg, enc_key_len: int, integ: IntegAlg, esn: bool) -> str:
@@ -114,12 +126,12 @@ def swanctl_algorithms(enc: EncAlg, enc_key_len: int, integ: IntegAlg, esn: bool
     "AES_CBC-128/HMAC_SHA2_256_128/ESN", "CHACHA20_POLY1305" (its key size is not
     negotiated, so not printed). ``enc_key_len``: the octets the SA holds (an AEAD's salt
     included)."""
-    name = _SWANCTL_ENC[enc]
+    name = SWANCTL_ENC[enc]
     bits = 8 * (enc_key_len - 4 if ENC[enc].aead else enc_key_len)
     if enc in (EncAlg.AES_CBC, EncAlg.AES_GCM_16) and bits > 0:
         name += f"-{bits}"
     if integ is not IntegAlg.NONE:
-        name += "/" + integ.name
+        name += "/" + SWANCTL_INTEG[integ]
     return name + ("/ESN" if esn else "")
 
 
