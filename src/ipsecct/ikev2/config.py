@@ -29,6 +29,7 @@ Parsing is pure: the caller reads secret files (it knows the paths) and passes t
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import itertools
 import logging
@@ -225,9 +226,16 @@ class Identity:
     text: str
     kind: int = field(init=False, repr=False, compare=False)  # ID type, or ID_ANY
     octets: bytes = field(init=False, repr=False, compare=False)
+    # a DN's (OID, value) pairs (parse_dn), read once here, not at every IKE_AUTH; None for
+    # any other identity and for a DN's text strongSwan would not read (it names no one)
+    dn: tuple[tuple[str, str], ...] | None = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.kind, self.octets = _parse_identity(self.text)
+        self.dn = None
+        if self.kind == IdType.DER_ASN1_DN:
+            with contextlib.suppress(IdentityError):
+                self.dn = parse_dn(self.text)
 
     @property
     def any(self) -> bool:
@@ -244,10 +252,7 @@ class Identity:
         """A name or e-mail address with strongSwan's leading ``*`` (``*.example.org``,
         ``*@example.org``): it names every one ending so."""
         if self.kind == IdType.DER_ASN1_DN:  # (a DN with a value ``*``: CN=*)
-            try:
-                return any(v == "*" for _, v in parse_dn(self.text))
-            except IdentityError:
-                return False
+            return self.dn is not None and any(v == "*" for _, v in self.dn)
         return (self.kind in (IdType.FQDN, IdType.RFC822_ADDR)
                 and self.octets.startswith(b"*") and len(self.octets) > 1)  # fmt: skip
 
@@ -287,11 +292,13 @@ class Identity:
         if self.is_dn:  # a distinguished name, compared attribute by attribute
             if cert is None or p.id_type != IdType.DER_ASN1_DN:
                 return False
+            if self.dn is None:  # (a text not read at a load: names no one)
+                return False
             from .auth import BAD_CERT
 
             try:  # (the parser reads a certificate's subject only when asked)
-                return dn_matches(parse_dn(self.text), cert.subject)
-            except (IdentityError, *BAD_CERT):  # (a text not read at a load: names no one)
+                return dn_matches(self.dn, cert.subject)
+            except BAD_CERT:
                 return False
         if cert is not None and p.id_type == IdType.DER_ASN1_DN:
             # the peer names itself by its DN; the name we want is among its certificate's
@@ -1039,8 +1046,8 @@ def _may_name(k: SharedKey, local_id: Identity | None, remote_id: Identity) -> b
 def _identity(text: str, ctx: _Ctx, key: str) -> Identity:
     try:
         ident = Identity(text)
-        if ident.is_dn:  # (a DN strongSwan would not read either: a load error)
-            parse_dn(text)
+        if ident.is_dn and ident.dn is None:
+            parse_dn(text)  # (a DN strongSwan would not read either: a load error, saying why)
     except IdentityError as exc:
         raise ctx.err(key, str(exc)) from None
     return ident

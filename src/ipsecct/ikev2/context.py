@@ -53,7 +53,6 @@ from .config import (
     _is_address,
     canonical_peer_id,
     dn_matches,
-    parse_dn,
     select_psk,
 )
 from .ikesa import Address, ChildSA, IkeSA, IkeState
@@ -859,9 +858,11 @@ def _id_admitted(conn: Connection, peer_id: str, names: tuple[str, ...] | None) 
     if want.is_dn:
         if not peer.is_dn:
             return False
+        if want.dn is None:  # (a text not read at a load: names no one)
+            return False
         try:  # (a subject's RFC 4514 text, as the source kept it: untrusted)
-            return dn_matches(parse_dn(want.text), x509.Name.from_rfc4514_string(peer_id))
-        except (ValueError, IdentityError):
+            return dn_matches(want.dn, x509.Name.from_rfc4514_string(peer_id))
+        except ValueError:
             return False
     if peer.is_dn:
         return names is None or _as_name(want) in names
