@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-import shutil
 import subprocess
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -26,28 +24,19 @@ import pytest
 
 from tests.helpers.control import ask
 from tests.helpers.daemon import Daemon
-from tests.helpers.netns import Namespaces, wait_until
-from tests.helpers.strongswan import SWANCTL, A, B, Charon, Pinger, build_namespaces, ping
-from tests.test_ikev2_strongswan import (
+from tests.helpers.ike_interop import (
     Initiator,
     cli,
     gateway_config,
     needs_strongswan,
     node_config,
     start,
+    workdir,
 )
+from tests.helpers.netns import Namespaces, wait_until
+from tests.helpers.strongswan import SWANCTL, A, B, Charon, Pinger, build_namespaces, ping
 
-
-@pytest.fixture
-def workdir(tmp_path: Path) -> Iterator[Path]:
-    if len(str(tmp_path)) <= 80:
-        yield tmp_path
-        return
-    d = Path(tempfile.mkdtemp(prefix="ict-col-"))
-    try:
-        yield d
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
+__all__ = ["workdir"]  # (the fixture)
 
 
 @contextlib.contextmanager

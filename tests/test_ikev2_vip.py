@@ -30,14 +30,7 @@ from ipsecct.ikev2.ts import from_text
 from ipsecct.ipsec.ippacket import IPAddress
 from tests.helpers import strongswan
 from tests.helpers.daemon import Daemon
-from tests.helpers.ike_world import CLIENT, Client, IkeWorld, ike_world, waiting_with_logs
-from tests.helpers.ike_world import PSK as HO_PSK
-from tests.helpers.ikev2_engines import Wire, conn, connect, mn_conn
-from tests.helpers.netns import Namespaces, wait_until
-from tests.helpers.netns_topology import HOST, HOST_NET, MN_INNER, MN_OUTER, MN_PREFIX
-from tests.helpers.netns_topology import cli as ho_cli
-from tests.helpers.strongswan import A, B, Charon, build_namespaces, ping, ping_once_up, swanctl_psk
-from tests.test_ikev2_strongswan import (
+from tests.helpers.ike_interop import (
     PSK,
     Initiator,
     cli,
@@ -46,6 +39,13 @@ from tests.test_ikev2_strongswan import (
     node_config,
     workdir,
 )
+from tests.helpers.ike_world import CLIENT, Client, IkeWorld, ike_world, waiting_with_logs
+from tests.helpers.ike_world import PSK as HO_PSK
+from tests.helpers.ikev2_engines import Wire, conn, connect, mn_conn
+from tests.helpers.netns import Namespaces, wait_until
+from tests.helpers.netns_topology import HOST, HOST_NET, MN_INNER, MN_OUTER, MN_PREFIX
+from tests.helpers.netns_topology import cli as ho_cli
+from tests.helpers.strongswan import A, B, Charon, build_namespaces, ping, ping_once_up, swanctl_psk
 
 __all__ = ["workdir"]  # (the fixture)
 
