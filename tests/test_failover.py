@@ -2277,30 +2277,40 @@ def _alone_driver(rep: failover.Replicator, path: Path, clock: list[float]) -> A
     return d
 
 
-@pytest.mark.parametrize("acks", ["reach sg1", "lost"])
-def test_no_seq_sent_twice_a_standby_stopped_unseen_by_its_clocks_never_sends_what_alone_sent(
-    acks: str, tmp_path: Path
-) -> None:
-    """sg2 (standby) is stopped by its hypervisor and its clocks do not show it: when it runs
-    again its clock reads what it read when it stopped. Meanwhile sg1's lease ran out, the
-    operator let it run alone (`failover alone`, at the earliest it accepts) and it sent
-    5000 packets (margin 1000). sg2 cannot see that it was stopped: it applies the
-    messages that waited in its channel (epoch 1) and acknowledges them. If those
-    acknowledgements reach sg1, sg1 takes them as a JOIN (a standby of an earlier epoch)
-    and replicates to it in epoch 2 (fenced until it acknowledges); sg2 holds sg1's present
-    state. If they are lost, sg2 takes sg1's silence for a crash and takes over from its
-    old replicas, at their numbers + the margin: sg1 kept its ceilings for them while alone
-    (floor + margin), so it sent nothing from there. On main sg1 lifted them: sg2 resumed
-    below what sg1 had sent (the same (SPI, sequence number) pairs, nonce reuse)."""
+# the running-alone tests' pair: fencing, sg2 declared dead after 500 ms without a heartbeat
+ALONE_KW: dict[str, Any] = {"fencing": True, "dead_ms": 500.0, "heartbeat_ms": 100.0}
+
+
+def _alone_pair(
+    act: Engine, tmp_path: Path, *, pair_fencing: bool = False
+) -> tuple[failover.Replicator, failover.Standby, list[float], Any]:
+    """sg1's replicator (session 7) of ``act`` (sg1's engine with its tunnels), sg2's standby,
+    sg1's clock and its driver (_alone_driver, its fencing state in ``tmp_path``), with
+    ALONE_KW. ``pair_fencing``: the driver's fencing is a real PairFencing, which makes sg1
+    a standby when another gateway's take-over supersedes it."""
+    rep = failover.Replicator(act, cfg(**ALONE_KW), session=7)
+    sb = standby(Engine(ip(SG_ADDR["sg2"])), **ALONE_KW)
+    clock = [0.0]
+    path = tmp_path / "failover-epoch.json"
+    d = _alone_driver(rep, path, clock)
+    if pair_fencing:
+        from ipsecct.gateway.fencing import PairFencing
+
+        d.fencing = PairFencing(d.node, rep.cfg, path, rep, None)
+        d.fencing.on_superseded.append(d._become_standby)
+    return rep, sb, clock, d
+
+
+def _alone_beside_a_standby_stopped_unseen(
+    act: Engine, rep: failover.Replicator, sb: failover.Standby, clock: list[float], d: Any
+) -> tuple[list[int], float, list[cxtp.CTD], float]:
+    """sg1 sends (20 packets every 10 ms) and replicates to ``sb`` on time for a second,
+    then sg2 is stopped unseen by its clocks: sg1 sends on, its messages wait in sg2's
+    channel, its lease runs out and it goes alone at the earliest (``failover alone``).
+    Returns the sequence numbers sent, sg2's clock when it runs again (what it read when
+    it stopped), the messages waiting for it, and the time now."""
     from ipsecct.gateway.failover_driver import alone_after
 
-    kw: dict[str, Any] = {"fencing": True, "dead_ms": 500.0, "heartbeat_ms": 100.0}
-    act = Engine(ip(SG_ADDR["sg1"]))
-    add_tunnel(act, 1)
-    rep = failover.Replicator(act, cfg(**kw), session=7)
-    sb = standby(Engine(ip(SG_ADDR["sg2"])), **kw)
-    clock = [0.0]
-    d = _alone_driver(rep, tmp_path / "failover-epoch.json", clock)
     sent: list[int] = []
     t = 0.0
     while t < 1.0:  # on time: sg1 sends, replicates; sg2 applies and acknowledges
@@ -2319,6 +2329,50 @@ def test_no_seq_sent_twice_a_standby_stopped_unseen_by_its_clocks_never_sends_wh
         t = round(t + 0.01, 3)
     clock[0] = t
     d.go_alone(t)
+    return sent, stopped, waiting, t
+
+
+def _alone_once_paired(
+    act: Engine, rep: failover.Replicator, sb: failover.Standby, clock: list[float], d: Any
+) -> tuple[list[int], float]:
+    """sg1 sends (20 packets every 50 ms) and replicates to ``sb`` for a second, each
+    message acknowledged; then sg2 falls silent, and once sg1's lease ran out it goes alone
+    at the earliest (``failover alone``). Returns the sequence numbers sent and the time."""
+    from ipsecct.gateway.failover_driver import alone_after
+
+    sent: list[int] = []
+    t = 0.0
+    while t < 1.0:
+        sent += _sent(act, 20, t)
+        _pair_up(rep, sb, t, t)
+        t = round(t + 0.05, 3)
+    assert rep.lease is not None
+    t = rep.lease.expiry + alone_after(500.0) + 0.01
+    clock[0] = t
+    d.go_alone(t)
+    return sent, t
+
+
+@pytest.mark.parametrize("acks", ["reach sg1", "lost"])
+def test_no_seq_sent_twice_a_standby_stopped_unseen_by_its_clocks_never_sends_what_alone_sent(
+    acks: str, tmp_path: Path
+) -> None:
+    """sg2 (standby) is stopped by its hypervisor and its clocks do not show it: when it runs
+    again its clock reads what it read when it stopped. Meanwhile sg1's lease ran out, the
+    operator let it run alone (`failover alone`, at the earliest it accepts) and it sent
+    5000 packets (margin 1000). sg2 cannot see that it was stopped: it applies the
+    messages that waited in its channel (epoch 1) and acknowledges them. If those
+    acknowledgements reach sg1, sg1 takes them as a JOIN (a standby of an earlier epoch)
+    and replicates to it in epoch 2 (fenced until it acknowledges); sg2 holds sg1's present
+    state. If they are lost, sg2 takes sg1's silence for a crash and takes over from its
+    old replicas, at their numbers + the margin: sg1 kept its ceilings for them while alone
+    (floor + margin), so it sent nothing from there. On main sg1 lifted them: sg2 resumed
+    below what sg1 had sent (the same (SPI, sequence number) pairs, nonce reuse)."""
+
+    act = Engine(ip(SG_ADDR["sg1"]))
+    add_tunnel(act, 1)
+    rep, sb, clock, d = _alone_pair(act, tmp_path)
+    sent, stopped, waiting, t = _alone_beside_a_standby_stopped_unseen(act, rep, sb, clock, d)
     assert d.replicator is None and d.standby.epoch == 2
     sent += _sent(act, 5000, t)
     assert len(sent) == len(set(sent))
@@ -2383,36 +2437,13 @@ def test_no_seq_sent_twice_a_take_over_in_the_epoch_the_active_went_alone_into_e
     sent is sent again: sg2 resumed above sg1's kept ceilings, and a later take-over by sg1
     from sg2's replicas resumes above every number either sent (guards THE invariant)."""
     from ipsecct.ct.lease import LeaseEvent
-    from ipsecct.gateway.failover_driver import alone_after
-    from ipsecct.gateway.fencing import PairFencing, load_state
+    from ipsecct.gateway.fencing import load_state
 
-    kw: dict[str, Any] = {"fencing": True, "dead_ms": 500.0, "heartbeat_ms": 100.0}
     act = Engine(ip(SG_ADDR["sg1"]))
     add_tunnel(act, 1)
-    rep = failover.Replicator(act, cfg(**kw), session=7)
-    sb = standby(Engine(ip(SG_ADDR["sg2"])), **kw)
-    clock = [0.0]
-    path = tmp_path / "failover-epoch.json"
-    d = _alone_driver(rep, path, clock)
-    d.fencing = PairFencing(d.node, rep.cfg, path, rep, None)
-    d.fencing.on_superseded.append(d._become_standby)
-    sent: list[int] = []
-    t = 0.0
-    while t < 1.0:  # on time: sg1 sends, replicates; sg2 applies and acknowledges
-        sent += _sent(act, 20, t)
-        for m in wire(rep.handle_timer(t)):
-            for reply in sb.receive(m, t):
-                rep.receive(wire([reply])[0], t)
-        t = round(t + 0.01, 3)
-    assert rep.lease is not None
-    stopped = t  # sg2 is stopped unseen: its clock reads this when it runs again
-    waiting: list[cxtp.CTD] = []
-    while t < rep.lease.expiry + alone_after(500.0):
-        sent += _sent(act, 20, t)
-        waiting += wire(rep.handle_timer(t))
-        t = round(t + 0.01, 3)
-    clock[0] = t
-    d.go_alone(t)
+    rep, sb, clock, d = _alone_pair(act, tmp_path, pair_fencing=True)
+    path = d.fencing.path
+    sent, stopped, waiting, t = _alone_beside_a_standby_stopped_unseen(act, rep, sb, clock, d)
     assert d.standby.epoch == 2
     sent += _sent(act, 5000, t)  # up to the kept ceiling (margin 1000)
     now2 = stopped + 0.001
@@ -2448,7 +2479,7 @@ def test_no_seq_sent_twice_a_take_over_in_the_epoch_the_active_went_alone_into_e
     assert list(act.tunnels()) == [] and _sent(act, 10, t) == []  # sg1 sends nothing
     # sg2 is the active of epoch 2 (sg1's JOIN: the driver's _become_active); it replicates
     # to sg1's new standby, sends on, then falls silent: sg1 takes over from its replicas
-    rep_b = failover.Replicator(sb.engine, cfg(**kw), session=9)
+    rep_b = failover.Replicator(sb.engine, cfg(**ALONE_KW), session=9)
     rep_b.epoch = 2
     sg1 = d.standby
     _pair_up(rep_b, sg1, now2 + 11.0, t)
@@ -2477,40 +2508,24 @@ def test_no_seq_sent_twice_a_taker_of_the_epoch_the_peer_went_alone_into_restart
     from types import SimpleNamespace
 
     from ipsecct.ct.lease import LeaseEvent
-    from ipsecct.gateway.failover_driver import alone_after
-    from ipsecct.gateway.fencing import PairFencing, load_state
+    from ipsecct.gateway.fencing import load_state
 
-    kw: dict[str, Any] = {"fencing": True, "dead_ms": 500.0, "heartbeat_ms": 100.0}
     act = Engine(ip(SG_ADDR["sg1"]))
     add_tunnel(act, 1)
-    rep = failover.Replicator(act, cfg(**kw), session=7)
-    sb = standby(Engine(ip(SG_ADDR["sg2"])), **kw)
-    clock = [0.0]
-    path = tmp_path / "failover-epoch.json"
-    d = _alone_driver(rep, path, clock)
-    d.fencing = PairFencing(d.node, rep.cfg, path, rep, None)
-    d.fencing.on_superseded.append(d._become_standby)
+    rep, sb, clock, d = _alone_pair(act, tmp_path, pair_fencing=True)
+    path = d.fencing.path
     to_sg2: list[cxtp.Message] = []
     d.channels = SimpleNamespace(send=lambda peer, m: to_sg2.append(m))
     d._resume_hold, d._hold_epoch, d._suspended_heard = None, 0, 0.0
     d.suspended = lambda: 0.0
-    sent: list[int] = []
-    t = 0.0
-    while t < 1.0:
-        sent += _sent(act, 20, t)
-        _pair_up(rep, sb, t, t)
-        t = round(t + 0.05, 3)
-    assert rep.lease is not None
-    t = rep.lease.expiry + alone_after(500.0) + 0.01
-    clock[0] = t
-    d.go_alone(t)
+    sent, t = _alone_once_paired(act, rep, sb, clock, d)
     sent += _sent(act, 5000, t)  # up to the kept ceiling (margin 1000)
     taken, _, _ = sb.take_over(t + 5.0)  # (sg2 heard nothing: its acknowledgements lost)
     assert taken and sb.epoch == 2 == d.standby.epoch and d.standby.took_over is not None
     taker = _sent(sb.engine, 300, t + 5.0)
     assert len(taker) == 300 and min(taker) > max(sent)
     # sg2 restarts as the active of epoch 2 (fenced until a standby acknowledges)
-    rep_b = failover.Replicator(sb.engine, cfg(**kw), session=9)
+    rep_b = failover.Replicator(sb.engine, cfg(**ALONE_KW), session=9)
     rep_b.epoch = 2
     t += 6.0
     clock[0] = t
@@ -2555,25 +2570,12 @@ def test_no_seq_sent_twice_a_destroyed_standby_lifts_the_kept_ceilings(
     replicas (an ERROR: its old state is refused). Either way sg1 is fenced until it
     acknowledged a whole state of epoch 2, the ceiling is set again from that floor, and a
     take-over by sg2 resumes above every number sg1 sent (guards THE invariant)."""
-    from ipsecct.gateway.failover_driver import UNFENCED, alone_after
+    from ipsecct.gateway.failover_driver import UNFENCED
 
-    kw: dict[str, Any] = {"fencing": True, "dead_ms": 500.0, "heartbeat_ms": 100.0}
     act = Engine(ip(SG_ADDR["sg1"]))
     tun = add_tunnel(act, 1)
-    rep = failover.Replicator(act, cfg(**kw), session=7)
-    old = standby(Engine(ip(SG_ADDR["sg2"])), **kw)
-    clock = [0.0]
-    d = _alone_driver(rep, tmp_path / "failover-epoch.json", clock)
-    sent: list[int] = []
-    t = 0.0
-    while t < 1.0:
-        sent += _sent(act, 20, t)
-        _pair_up(rep, old, t, t)
-        t = round(t + 0.05, 3)
-    assert rep.lease is not None
-    t = rep.lease.expiry + alone_after(500.0) + 0.01  # sg2 gone: the lease ran out
-    clock[0] = t
-    d.go_alone(t)
+    rep, old, clock, d = _alone_pair(act, tmp_path)
+    sent, t = _alone_once_paired(act, rep, old, clock, d)  # sg2 gone: the lease ran out
     assert d._ceilinged == [tun] and tun.seq_ceiling < UNFENCED
     burst = _sent(act, 3000, t)  # margin 1000: it stalls at the ceiling
     sent += burst
@@ -2592,7 +2594,7 @@ def test_no_seq_sent_twice_a_destroyed_standby_lifts_the_kept_ceilings(
     t += 0.1
     clock[0] = t
     if comes_back == "replacement":
-        sb = standby(Engine(ip(SG_ADDR["sg2"])), **kw)  # an empty state directory
+        sb = standby(Engine(ip(SG_ADDR["sg2"])), **ALONE_KW)  # an empty state directory
         d.receive("sg2", wire([failover.join_message(sb.epoch, 0, 0)])[0])
     else:
         sb = old  # still holds epoch 1's replicas: JOINs saying so
@@ -2632,13 +2634,9 @@ def test_running_alone_a_child_sa_is_rekeyed_once_half_its_kept_margin_is_used(
 
     from ipsecct.gateway.failover_driver import alone_after
 
-    kw: dict[str, Any] = {"fencing": True, "dead_ms": 500.0, "heartbeat_ms": 100.0}
     act = Engine(ip(SG_ADDR["sg1"]))
     child, manual = add_tunnel(act, 1), add_tunnel(act, 2)
-    rep = failover.Replicator(act, cfg(**kw), session=7)
-    sb = standby(Engine(ip(SG_ADDR["sg2"])), **kw)
-    clock = [0.0]
-    d = _alone_driver(rep, tmp_path / "failover-epoch.json", clock)
+    rep, sb, clock, d = _alone_pair(act, tmp_path)
     for i in range(5):
         _pair_up(rep, sb, i * 0.05, i * 0.05)
     assert rep.lease is not None
