@@ -284,7 +284,50 @@ def _natd(spi_i: bytes, spi_r: bytes, a: Address) -> bytes:
     return h.finalize()
 
 
-class _IkeTable(dict[bytes, IkeSA]):
+class _HostCounted(dict[_K, IkeSA]):
+    """A table of IKE SAs with how many of its entries have their peer at each host
+    (:meth:`from_host`: the count a walk would give, without one) and the indexes of its
+    subclass, which keeps them in ``__setitem__`` and ``__delitem__``: every other way out
+    of the table goes through ``del`` (pop) and none in but one entry at a time."""
+
+    _one_at_a_time = ""  # (what setdefault and update say)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._per_host: dict[object, int] = {}
+
+    @overload
+    def pop(self, key: _K, /) -> IkeSA: ...
+    @overload
+    def pop(self, key: _K, default: IkeSA, /) -> IkeSA: ...
+    @overload
+    def pop(self, key: _K, default: _T, /) -> IkeSA | _T: ...
+    def pop(self, key: _K, *default: object) -> object:
+        ike = self.get(key)
+        if ike is None:
+            return super().pop(key, *default)  # (the default, or KeyError)
+        del self[key]
+        return ike
+
+    def setdefault(self, *args: Any, **kwargs: Any) -> IkeSA:
+        raise TypeError(self._one_at_a_time)
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        raise TypeError(self._one_at_a_time)
+
+    def from_host(self, host: object) -> int:
+        """How many entries of the table have their peer at ``host`` (a walk's count)."""
+        return self._per_host.get(host, 0)
+
+    def _uncount(self, host: object, n: int) -> None:
+        left = self._per_host[host] - n
+        if left:
+            self._per_host[host] = left
+        else:
+            del self._per_host[host]
+
+
+class _IkeTable(_HostCounted[bytes]):
     """The engine's IKE SAs by our SPI (``by_spi``): one put in is watched by the engine's
     deadline heap (``timer_watch``, ikesa.TIMER_FIELDS) and takes its place in the order
     of the table (one put in under an SPI already in it takes that one's, as a dict does).
@@ -296,6 +339,8 @@ class _IkeTable(dict[bytes, IkeSA]):
     one (:meth:`collided_parent`). Whatever sets one of ikesa.INDEX_FIELDS on an IKE SA in the
     table files it again (``index_watch``); one taken out by any path leaves them."""
 
+    _one_at_a_time = "by_spi: put IKE SAs in one at a time"
+
     def __init__(self, dirty: set[IkeSA]) -> None:
         super().__init__()
         self._dirty = dirty
@@ -303,7 +348,6 @@ class _IkeTable(dict[bytes, IkeSA]):
         # each IKE SA in the table: [entries it has (SPIs it is under), its peer's host,
         # (connection name, identity), the IKE SA its ``collided`` names]
         self._filed: dict[IkeSA, list[Any]] = {}
-        self._per_host: dict[object, int] = {}
         self._by_identity: dict[tuple[str, str], dict[IkeSA, None]] = {}
         self._collided_in: dict[IkeSA, dict[IkeSA, None]] = {}
         self._refile_one = self._refile  # (one bound method for all, not one an IKE SA)
@@ -327,19 +371,6 @@ class _IkeTable(dict[bytes, IkeSA]):
         super().__delitem__(spi)
         self._unfile(ike)
 
-    @overload
-    def pop(self, spi: bytes, /) -> IkeSA: ...
-    @overload
-    def pop(self, spi: bytes, default: IkeSA, /) -> IkeSA: ...
-    @overload
-    def pop(self, spi: bytes, default: _T, /) -> IkeSA | _T: ...
-    def pop(self, spi: bytes, *default: object) -> object:
-        ike = self.get(spi)
-        if ike is None:
-            return super().pop(spi, *default)  # (the default, or KeyError)
-        del self[spi]
-        return ike
-
     def popitem(self) -> tuple[bytes, IkeSA]:
         spi, ike = super().popitem()
         self._unfile(ike)
@@ -352,18 +383,7 @@ class _IkeTable(dict[bytes, IkeSA]):
         self._by_identity.clear()
         self._collided_in.clear()
 
-    def setdefault(self, *args: Any, **kwargs: Any) -> IkeSA:
-        raise TypeError("by_spi: put IKE SAs in one at a time")
-
-    def update(self, *args: Any, **kwargs: Any) -> None:
-        raise TypeError("by_spi: put IKE SAs in one at a time")
-
-
     # -- the indexes ----------------------------------------------------------------------
-    def from_host(self, host: object) -> int:
-        """How many entries of the table have their peer at ``host`` (a walk's count)."""
-        return self._per_host.get(host, 0)
-
     def of_identity(self, conn_name: str, peer_id: str) -> list[IkeSA]:
         """The IKE SAs of the table with connection ``conn_name`` and identity ``peer_id``,
         in the table's order (as a walk of it finds them)."""
@@ -404,13 +424,6 @@ class _IkeTable(dict[bytes, IkeSA]):
         if target is not None:
             _leave(self._collided_in, target, ike)
 
-    def _uncount(self, host: object, n: int) -> None:
-        left = self._per_host[host] - n
-        if left:
-            self._per_host[host] = left
-        else:
-            del self._per_host[host]
-
     def _refile(self, ike: IkeSA) -> None:
         """One of ikesa.INDEX_FIELDS was set on ``ike`` (by anyone): its place in each index
         follows (nothing when it is not in the table: a copy of one, one taken out)."""
@@ -447,48 +460,32 @@ def _leave(index: dict[_K, dict[IkeSA, None]], key: _K, ike: IkeSA) -> None:
         del index[key]
 
 
-class _HalfOpenTable(dict[tuple[bytes, object], IkeSA]):
+class _HalfOpenTable(_HostCounted[tuple[bytes, object]]):
     """The half-open IKE SAs of peers by (their SPIi, their host), with how many each host
     has (:meth:`from_host`: the per-source limit, for each IKE_SA_INIT, without a walk of up
     to MAX_HALF_OPEN entries) and the entries of each IKE SA (:meth:`drop`)."""
 
+    _one_at_a_time = "half_open: put entries in one at a time"
+
     def __init__(self) -> None:
         super().__init__()
-        self._per_host: Counter[object] = Counter()
         self._keys_of: dict[IkeSA, list[tuple[bytes, object]]] = {}
 
     def __setitem__(self, key: tuple[bytes, object], ike: IkeSA) -> None:
         if key in self:
             del self[key]
         super().__setitem__(key, ike)
-        self._per_host[key[1]] += 1
+        self._per_host[key[1]] = self._per_host.get(key[1], 0) + 1
         self._keys_of.setdefault(ike, []).append(key)
 
     def __delitem__(self, key: tuple[bytes, object]) -> None:
         ike = self[key]
         super().__delitem__(key)
-        left = self._per_host[key[1]] - 1
-        if left:
-            self._per_host[key[1]] = left
-        else:
-            del self._per_host[key[1]]
+        self._uncount(key[1], 1)
         keys = self._keys_of[ike]
         keys.remove(key)
         if not keys:
             del self._keys_of[ike]
-
-    @overload
-    def pop(self, key: tuple[bytes, object], /) -> IkeSA: ...
-    @overload
-    def pop(self, key: tuple[bytes, object], default: IkeSA, /) -> IkeSA: ...
-    @overload
-    def pop(self, key: tuple[bytes, object], default: _T, /) -> IkeSA | _T: ...
-    def pop(self, key: tuple[bytes, object], *default: object) -> object:
-        ike = self.get(key)
-        if ike is None:
-            return super().pop(key, *default)  # (the default, or KeyError)
-        del self[key]
-        return ike
 
     def popitem(self) -> tuple[tuple[bytes, object], IkeSA]:
         raise TypeError("half_open: take entries out by their key")
@@ -497,17 +494,6 @@ class _HalfOpenTable(dict[tuple[bytes, object], IkeSA]):
         super().clear()
         self._per_host.clear()
         self._keys_of.clear()
-
-    def setdefault(self, *args: Any, **kwargs: Any) -> IkeSA:
-        raise TypeError("half_open: put entries in one at a time")
-
-    def update(self, *args: Any, **kwargs: Any) -> None:
-        raise TypeError("half_open: put entries in one at a time")
-
-
-    def from_host(self, host: object) -> int:
-        """How many half-open entries have ``host`` as the peer's."""
-        return self._per_host.get(host, 0)
 
     def drop(self, ike: IkeSA) -> None:
         """Every entry of ``ike`` taken out."""
