@@ -52,6 +52,19 @@ def failover(gws: Gateways, name: str) -> dict[str, Any]:
     return out
 
 
+def cluster(gws: Gateways, name: str) -> dict[str, Any]:
+    out: dict[str, Any] = gws.status(name)["cluster"]
+    return out
+
+
+def write_members(gws: Gateways, endpoints: list[str], name: str) -> None:
+    """sg1 with the tunnels and sg2 without, members of the etcd cluster ``name`` (ttl_s 2)
+    whose servers are ``endpoints``."""
+    cl = f'[cluster]\netcd = {json.dumps(endpoints)}\nname = "{name}"\nttl_s = 2\n'
+    gws.write("sg1", peers=["sg2"], extra=cl)
+    gws.write("sg2", peers=["sg1"], with_tunnels=False, extra=cl)
+
+
 def sending(cap: Capture, since: float, until: float = math.inf) -> set[int]:
     """The SPIs sent on in [since, until)."""
     return {spi for spi, _, _, t in list(cap.seen) if since <= t < until}
@@ -76,11 +89,8 @@ def gaps(cap: Capture, since: float, until: float) -> list[tuple[float, float, i
 
 def test_a_pair_reforms_after_each_failure_and_never_repeats_a_number(gws: Gateways) -> None:
     cap: Capture = gws.capture  # type: ignore[attr-defined]
-    fo = f"[failover]\npeer = \"{{peer}}\"\nrole = \"{{role}}\"\ndead_ms = {DEAD_MS}\n"
-    gws.write("sg1", peers=["sg2"], extra=fo.format(peer="sg2", role="active"))
-    gws.write("sg2", peers=["sg1"], with_tunnels=False,
-              extra=fo.format(peer="sg1", role="standby"))  # fmt: skip
-    port1, port2 = gws.ports["sg1"]["outer"], gws.ports["sg2"]["outer"]
+    port1, every, _ = write_pair(gws)
+    port2 = gws.ports["sg2"]["outer"]
 
     def detail() -> str:
         out = []
@@ -103,11 +113,8 @@ def test_a_pair_reforms_after_each_failure_and_never_repeats_a_number(gws: Gatew
             and s["replicated_tunnels"] == TUNNELS
         )
 
-    gws.start("sg2")
-    gws.start("sg1")
-    traffic = Traffic(TUNNELS, [gws.ports["sg1"]["inner"], gws.ports["sg2"]["inner"]], PPS)
+    traffic = start_pair(gws, detail, lambda: paired("sg1", "sg2"), "sg1 and sg2 never paired")
     try:
-        wait_for(lambda: paired("sg1", "sg2"), "sg1 and sg2 never paired", detail=detail)
         t_start = time.monotonic()
         time.sleep(0.5)
 
@@ -138,7 +145,7 @@ def test_a_pair_reforms_after_each_failure_and_never_repeats_a_number(gws: Gatew
         wait_for(lambda: failover(gws, "sg1")["role"] == "took over", "no second take-over",
                  detail=detail)  # fmt: skip
         t_took2 = time.monotonic()
-        assert gws.active_spis("sg1") == {0x20000000 + i for i in range(TUNNELS)}
+        assert gws.active_spis("sg1") == every
 
         # 4. sg2 restarted: the standby of sg1 in turn
         time.sleep(0.5)
@@ -164,7 +171,7 @@ def test_a_pair_reforms_after_each_failure_and_never_repeats_a_number(gws: Gatew
     assert senders(cap, t_restart2, t_end) == {port1}
     # every tunnel streamed in every phase
     last = {spi for spi, _, _, t in list(cap.seen) if t_restart2 + 0.5 < t < t_end}
-    assert last == {0x20000000 + i for i in range(TUNNELS)}
+    assert last == every
     # Nothing lost on the way: within each sender's time, every tunnel's sequence numbers
     # follow each other without a hole (a packet held while the pair re-forms is sent late,
     # not dropped; fenced_drops above is 0).
@@ -218,53 +225,45 @@ def test_etcd_mode_a_restarted_member_holds_the_survivors_replicas(
 
     cap: Capture = gws.capture  # type: ignore[attr-defined]
     with EtcdCluster(tmp_path) as e:
-        cl = f'[cluster]\netcd = {json.dumps(e.endpoints)}\nname = "re"\nttl_s = 2\n'
-        gws.write("sg1", peers=["sg2"], extra=cl)
-        gws.write("sg2", peers=["sg1"], with_tunnels=False, extra=cl)
+        write_members(gws, e.endpoints, "re")
         port1, port2 = gws.ports["sg1"]["outer"], gws.ports["sg2"]["outer"]
         every = {0x20000000 + i for i in range(TUNNELS)}
-
-        def cluster(name: str) -> dict:  # type: ignore[type-arg]
-            out: dict = gws.status(name)["cluster"]  # type: ignore[type-arg]
-            return out
 
         def detail() -> str:
             out = []
             for n in ("sg1", "sg2"):
                 try:
-                    out.append(f"{n}: {cluster(n)}")
+                    out.append(f"{n}: {cluster(gws, n)}")
                 except AssertionError as exc:
                     out.append(f"{n}: {exc}")
                 out.append(gws.log(n)[-2500:])
             return "\n".join(out)
 
-        gws.start("sg2")
-        gws.start("sg1")
-        traffic = Traffic(TUNNELS, [gws.ports["sg1"]["inner"], gws.ports["sg2"]["inner"]], PPS)
+        traffic = start_pair(gws, detail,
+                             lambda: cluster(gws, "sg1")["owned_tunnels"] == TUNNELS
+                             and cluster(gws, "sg2")["replicas"].get("sg1") == TUNNELS,
+                             "sg1 never owned and replicated its tunnels")  # fmt: skip
         try:
-            wait_for(lambda: cluster("sg1")["owned_tunnels"] == TUNNELS
-                     and cluster("sg2")["replicas"].get("sg1") == TUNNELS,
-                     "sg1 never owned and replicated its tunnels", detail=detail)  # fmt: skip
-            assert cluster("sg2")["standby_of"] == {"sg1": TUNNELS}
+            assert cluster(gws, "sg2")["standby_of"] == {"sg1": TUNNELS}
             t_start = time.monotonic()
             time.sleep(0.5)
             t_kill1 = time.monotonic()
             gws.kill("sg1")
-            wait_for(lambda: cluster("sg2")["owned_tunnels"] == TUNNELS, "no take-over",
+            wait_for(lambda: cluster(gws, "sg2")["owned_tunnels"] == TUNNELS, "no take-over",
                      detail=detail)  # fmt: skip
             time.sleep(0.5)
             t_restart1 = time.monotonic()
             gws.start("sg1")
-            wait_for(lambda: cluster("sg1")["replicas"].get("sg2") == TUNNELS,
+            wait_for(lambda: cluster(gws, "sg1")["replicas"].get("sg2") == TUNNELS,
                      "the restarted sg1 holds no replica of sg2", detail=detail)  # fmt: skip
-            st1 = cluster("sg1")
+            st1 = cluster(gws, "sg1")
             assert st1["standby_of"] == {"sg2": TUNNELS}
             assert st1["owned_tunnels"] == 0
             assert "event=cluster-standby" in gws.log("sg1")
             time.sleep(1.0)
             t_kill2 = time.monotonic()
             gws.kill("sg2")
-            wait_for(lambda: cluster("sg1")["owned_tunnels"] == TUNNELS,
+            wait_for(lambda: cluster(gws, "sg1")["owned_tunnels"] == TUNNELS,
                      "no second take-over", detail=detail)  # fmt: skip
             assert gws.active_spis("sg1") == every
             time.sleep(1.0)
@@ -298,17 +297,20 @@ def write_pair(gws: Gateways, extra: str = "") -> tuple[int, set[int], Callable[
     return gws.ports["sg1"]["outer"], {0x20000000 + i for i in range(TUNNELS)}, detail
 
 
-def start_pair(gws: Gateways, detail: Callable[[], str]) -> Traffic:
-    """Start the pair :func:`write_pair` wrote (the standby first) with traffic on every
-    tunnel, once the active replicates them all to an acknowledged standby; the traffic is
-    the caller's to close (closed here if the pair never forms)."""
+def start_pair(gws: Gateways, detail: Callable[[], str],
+               paired: Callable[[], bool] | None = None, what: str = "never paired",
+               ) -> Traffic:  # fmt: skip
+    """Start the pair :func:`write_pair` (or :func:`write_members`) wrote, sg2 first, with
+    traffic on every tunnel, once ``paired`` (by default: sg1, the active, replicates them
+    all to an acknowledged standby); the traffic is the caller's to close (closed here if
+    the pair never forms)."""
     gws.start("sg2")
     gws.start("sg1")
     traffic = Traffic(TUNNELS, [gws.ports["sg1"]["inner"], gws.ports["sg2"]["inner"]], PPS)
     try:
-        wait_for(lambda: failover(gws, "sg1")["standby_acknowledged"]
-                 and failover(gws, "sg2")["replicated_tunnels"] == TUNNELS,
-                 "never paired", detail=detail)  # fmt: skip
+        wait_for(paired or (lambda: failover(gws, "sg1")["standby_acknowledged"]
+                            and failover(gws, "sg2")["replicated_tunnels"] == TUNNELS),
+                 what, detail=detail)  # fmt: skip
     except BaseException:
         traffic.close()
         raise
@@ -558,40 +560,34 @@ def test_etcd_mode_groups_orphaned_without_a_replica_are_reported_and_stay_silen
 
     cap: Capture = gws.capture  # type: ignore[attr-defined]
     with EtcdCluster(tmp_path) as e:
-        cl = f'[cluster]\netcd = {json.dumps(e.endpoints)}\nname = "or"\nttl_s = 2\n'
-        gws.write("sg1", peers=["sg2"], extra=cl)
-        gws.write("sg2", peers=["sg1"], with_tunnels=False, extra=cl)
-
-        def cluster(name: str) -> dict:  # type: ignore[type-arg]
-            out: dict = gws.status(name)["cluster"]  # type: ignore[type-arg]
-            return out
+        write_members(gws, e.endpoints, "or")
 
         def detail() -> str:
             return "\n".join(
-                f"{n}: {cluster(n) if n in gws.procs else '-'}\n{gws.log(n)[-2000:]}"
+                f"{n}: {cluster(gws, n) if n in gws.procs else '-'}\n{gws.log(n)[-2000:]}"
                 for n in ("sg1", "sg2")
             )
 
         gws.start("sg1")
         traffic = Traffic(TUNNELS, [gws.ports["sg1"]["inner"]], PPS)
         try:
-            wait_for(lambda: cluster("sg1")["owned_tunnels"] == TUNNELS, "sg1 owns nothing",
+            wait_for(lambda: cluster(gws, "sg1")["owned_tunnels"] == TUNNELS, "sg1 owns nothing",
                      detail=detail)  # fmt: skip
-            assert cluster("sg1")["standby_of"] == {}  # we hold nobody's, nobody holds ours
+            assert cluster(gws, "sg1")["standby_of"] == {}  # we hold nobody's, nobody holds ours
             gws.kill("sg1")
             t_kill = time.monotonic()
             gws.start("sg2")
-            wait_for(lambda: cluster("sg2")["orphaned"]["tunnels"] == TUNNELS,
+            wait_for(lambda: cluster(gws, "sg2")["orphaned"]["tunnels"] == TUNNELS,
                      "sg2 does not report the orphaned groups", timeout=60,
                      detail=detail)  # fmt: skip
-            assert cluster("sg2")["orphaned"]["groups"] > 0
+            assert cluster(gws, "sg2")["orphaned"]["groups"] > 0
             assert "event=cluster-orphaned" in gws.log("sg2")
-            assert cluster("sg2")["owned_tunnels"] == 0
+            assert cluster(gws, "sg2")["owned_tunnels"] == 0
             gws.start("sg1")
-            wait_for(lambda: cluster("sg1")["orphaned"]["here"] == TUNNELS,
+            wait_for(lambda: cluster(gws, "sg1")["orphaned"]["here"] == TUNNELS,
                      "the restarted sg1 does not report its tunnels orphaned", timeout=60,
                      detail=detail)  # fmt: skip
-            st1 = cluster("sg1")
+            st1 = cluster(gws, "sg1")
             assert st1["owned_tunnels"] == 0 and st1["unowned_tunnels"] == TUNNELS
             assert "event=cluster-orphaned" in gws.log("sg1")
             time.sleep(1.0)
@@ -628,46 +624,38 @@ def test_etcd_mode_a_dead_peers_floors_are_dropped_once_its_lease_is_gone(
 
     cap: Capture = gws.capture  # type: ignore[attr-defined]
     with EtcdCluster(tmp_path) as e:
-        cl = f'[cluster]\netcd = {json.dumps(e.endpoints)}\nname = "fl"\nttl_s = 2\n'
-        gws.write("sg1", peers=["sg2"], extra=cl)
-        gws.write("sg2", peers=["sg1"], with_tunnels=False, extra=cl)
+        write_members(gws, e.endpoints, "fl")
         every = {0x20000000 + i for i in range(TUNNELS)}
-
-        def cluster(name: str) -> dict:  # type: ignore[type-arg]
-            out: dict = gws.status(name)["cluster"]  # type: ignore[type-arg]
-            return out
 
         def detail() -> str:
             return "\n".join(f"{n}: {gws.log(n)[-2500:]}" for n in ("sg1", "sg2"))
 
-        gws.start("sg2")
-        gws.start("sg1")
-        traffic = Traffic(TUNNELS, [gws.ports["sg1"]["inner"], gws.ports["sg2"]["inner"]], PPS)
+        traffic = start_pair(gws, detail,
+                             lambda: cluster(gws, "sg1")["owned_tunnels"] == TUNNELS
+                             and cluster(gws, "sg1")["floors"] == {"sg2": TUNNELS}
+                             and cluster(gws, "sg2")["replicas"].get("sg1") == TUNNELS,
+                             "sg1 never replicated to sg2")  # fmt: skip
         stopped = False
         try:
-            wait_for(lambda: cluster("sg1")["owned_tunnels"] == TUNNELS
-                     and cluster("sg1")["floors"] == {"sg2": TUNNELS}
-                     and cluster("sg2")["replicas"].get("sg1") == TUNNELS,
-                     "sg1 never replicated to sg2", detail=detail)  # fmt: skip
-            lease2 = cluster("sg2")["lease"]["id"]
+            lease2 = cluster(gws, "sg2")["lease"]["id"]
             os.kill(gws.procs["sg2"].pid, signal.SIGSTOP)
             stopped = True
-            wait_for(lambda: cluster("sg1")["floors"] == {}, "sg2's floors kept",
+            wait_for(lambda: cluster(gws, "sg1")["floors"] == {}, "sg2's floors kept",
                      detail=detail)  # fmt: skip
-            st1 = cluster("sg1")
+            st1 = cluster(gws, "sg1")
             assert st1["floors_dropped"] == TUNNELS and st1["owned_tunnels"] == TUNNELS
             assert "event=cluster-floors-dropped" in gws.log("sg1")
             os.kill(gws.procs["sg2"].pid, signal.SIGCONT)
             stopped = False
-            wait_for(lambda: cluster("sg2")["lease"]["id"] not in ("0", lease2)
-                     and cluster("sg2")["replicas"].get("sg1") == TUNNELS
-                     and cluster("sg1")["floors"] == {"sg2": TUNNELS},
+            wait_for(lambda: cluster(gws, "sg2")["lease"]["id"] not in ("0", lease2)
+                     and cluster(gws, "sg2")["replicas"].get("sg1") == TUNNELS
+                     and cluster(gws, "sg1")["floors"] == {"sg2": TUNNELS},
                      "sg2 did not join again and get new replicas", detail=detail)  # fmt: skip
             assert "event=cluster-lease-expired" in gws.log("sg2")
             time.sleep(0.5)
             t_kill = time.monotonic()
             gws.kill("sg1")
-            wait_for(lambda: cluster("sg2")["owned_tunnels"] == TUNNELS, "no take-over",
+            wait_for(lambda: cluster(gws, "sg2")["owned_tunnels"] == TUNNELS, "no take-over",
                      detail=detail)  # fmt: skip
             time.sleep(1.0)
             t_end = time.monotonic()
