@@ -1870,6 +1870,7 @@ def _watching(sb: _Silent, dead_ms: float = 1500) -> tuple[Any, list[float]]:
     d.looked_again = 0
     d.joining, d._next_join, d.joins, d._next_prepare = False, 0.0, 0, 0.0
     d.ike, d._ceilinged, d._next_ceiling_check = None, [], 0.0  # (alone: nothing kept)
+    d._alone_epoch = None  # (it took over: no JOINs that end a tie)
     taken: list[float] = []
 
     def take_over(now: float) -> None:
@@ -2010,6 +2011,7 @@ class _Pair:
         d.joining, d._next_join, d.joins, d._next_prepare = False, 0.0, 0, 0.0
         d._stopping = False
         d.ike, d._ceilinged, d._next_ceiling_check = None, [], 0.0  # (alone: nothing kept)
+        d._alone_epoch = None  # (it took over: no JOINs that end a tie)
 
         def take_over(now: float) -> None:
             self.taken.append(now)
@@ -2266,6 +2268,10 @@ def _alone_driver(rep: failover.Replicator, path: Path, clock: list[float]) -> A
     d._ceilinged, d.stale_standby, d._alone_epoch, d.journal = [], 0, None, None
     d.destroyed, d.destroyed_returned = None, 0
     d._rekey_asked, d.ceiling_rekeys, d._next_ceiling_check = set(), 0, 0.0
+    d.tie_joins, d.joins = 0, 0
+    d.channels = SimpleNamespace(  # type: ignore[assignment]
+        connected=lambda peer: False, send=lambda peer, m: None
+    )
     d.status = lambda: {}  # type: ignore[method-assign]
 
     def new_standby(epoch: int) -> failover.Standby:
@@ -2534,6 +2540,124 @@ def test_no_seq_sent_twice_a_taker_of_the_epoch_the_peer_went_alone_into_restart
             d.receive("sg2", m)
     events = [e for r in wire(to_sg2) for e in rep_b.receive(r, t)]
     assert rep_b.superseded_by is None and rep_b.acks > 0, "sg2 stays fenced beside sg1"
+    assert LeaseEvent.GRANTED in events or LeaseEvent.REGAINED in events, events
+    assert [r for r in caplog.records if "gone alone into" in r.getMessage()]
+    sg1 = d.standby
+    assert d.replicator is None and sg1 is not None and sg1.took_over is None
+    assert sg1.epoch == 2 and load_state(path).role == "standby"
+    assert list(act.tunnels()) == [] and _sent(act, 10, t) == []
+    _pair_up(rep_b, sg1, t + 0.01, t + 0.01)
+    taker += _sent(sb.engine, 500, t + 0.1)
+    every = sent + taker
+    assert len(taker) == 800 and len(every) == len(set(every))
+    back, _, _ = sg1.take_over(t + 10.0)
+    resumed = _sent(sg1.engine, 1, t + 10.0)
+    assert back and resumed, (back, resumed)
+    assert resumed[0] > max(every), f"sg1 resumes at {resumed[0]}, up to {max(every)} sent"
+
+
+@pytest.mark.parametrize("crossed", [False, True])
+def test_no_seq_sent_twice_a_tie_whose_joins_are_lost_for_good_ends_by_the_alone_ones_join(
+    crossed: bool, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The tie of two take-overs in one epoch when no message of either reaches the other:
+    sg1 runs alone (epoch 2); sg2, cut off through its grace (its JOINs lost for good with
+    the channel that was reset meanwhile), took over from its epoch-1 replicas, epoch 2 too.
+    Both run alone and neither sends the other anything: on main that lasted until one of
+    them restarted (sg1's tunnels stalled at their kept ceilings). Now sg1, alone in the
+    epoch it went alone into, JOINs sg2 (epoch 2, holding nothing): none while no channel
+    is open, one at once when a channel opens, then every heartbeat_ms doubling to
+    TIE_JOIN_MAX while it stays open. The first ones are lost as well; a later one reaches
+    sg2, which becomes the active of epoch 2 (its driver's _become_active: fenced until
+    acknowledged) and syncs. ``crossed``: sg2's JOIN of its grace reaches sg1 just then
+    (sg1 makes a replicator of epoch 2, fenced too; on main both stayed fenced, each
+    refusing the other's syncs). Either way sg1 yields at sg2's sync before it acknowledges
+    anything, sg2 sends above all sg1 sent, and a later take-over by sg1 resumes above
+    every number either sent (guards THE invariant)."""
+    from types import SimpleNamespace
+
+    from ipsecct.ct.lease import LeaseEvent
+    from ipsecct.gateway.failover_driver import TIE_JOIN_MAX, alone_after
+    from ipsecct.gateway.fencing import PairFencing, load_state
+
+    kw: dict[str, Any] = {"fencing": True, "dead_ms": 500.0, "heartbeat_ms": 100.0}
+    act = Engine(ip(SG_ADDR["sg1"]))
+    add_tunnel(act, 1)
+    rep = failover.Replicator(act, cfg(**kw), session=7)
+    sb = standby(Engine(ip(SG_ADDR["sg2"])), **kw)
+    clock = [0.0]
+    path = tmp_path / "failover-epoch.json"
+    d = _alone_driver(rep, path, clock)
+    d.fencing = PairFencing(d.node, rep.cfg, path, rep, None)
+    d.fencing.on_superseded.append(d._become_standby)
+    up = [False]
+    to_sg2: list[tuple[float, cxtp.Message]] = []
+    d.channels = SimpleNamespace(
+        connected=lambda peer: up[0], send=lambda peer, m: to_sg2.append((clock[0], m))
+    )
+    d._resume_hold, d._hold_epoch, d._suspended_heard = None, 0, 0.0
+    d.suspended = lambda: 0.0
+
+    def run(until: float) -> None:
+        """sg1's timer, every tick_ms up to ``until``."""
+        while clock[0] < until:
+            clock[0] = round(clock[0] + 0.01, 3)
+            due = d._next_deadline()
+            if due is not None and due <= clock[0]:
+                d._on_timer(clock[0])
+
+    def joins() -> list[float]:
+        return [at for at, m in to_sg2 if failover.sync_header(wire([m])[0])
+                == (failover.SYNC_JOIN, 2)]  # fmt: skip
+
+    sent: list[int] = []
+    t = 0.0
+    while t < 1.0:
+        sent += _sent(act, 20, t)
+        _pair_up(rep, sb, t, t)
+        t = round(t + 0.05, 3)
+    assert rep.lease is not None
+    t = clock[0] = round(rep.lease.expiry + alone_after(500.0) + 0.01, 3)
+    grace_join = wire([failover.join_message(1, sb.seen_session or 0, sb.seen_seq)])[0]
+    d.go_alone(t)
+    sent += _sent(act, 5000, t)  # up to the kept ceiling (margin 1000)
+    taken, _, _ = sb.take_over(t + 5.0)  # (its JOINs lost: cut off through its grace)
+    assert taken and sb.epoch == 2 == d.standby.epoch and d.standby.took_over is not None
+    taker = _sent(sb.engine, 300, t + 5.0)
+    assert len(taker) == 300 and min(taker) > max(sent)
+    run(t + 5.0)
+    assert joins() == []  # no channel open: nothing to send on
+    up[0] = True  # a channel opens (the reset one gone): a JOIN at once, lost
+    d.peer_open("sg2")
+    assert joins() == [clock[0]], "sg1 asks nothing of a peer that may have taken over"
+    run(t + 35.0)  # the channel stays open; every JOIN lost on its way
+    at = joins()
+    gaps = [round(b - a, 3) for a, b in itertools.pairwise(at)]
+    assert gaps[:3] == [0.1, 0.2, 0.4], gaps
+    assert gaps == sorted(gaps) and max(gaps) == pytest.approx(TIE_JOIN_MAX, abs=0.011)
+    assert 8 <= len(at) <= 12, at  # (backed off: not one every heartbeat for 30 s)
+    assert _sent(act, 10, clock[0]) == []  # sg1 stalls at its kept ceiling meanwhile
+    # the next JOIN reaches sg2: it holds nothing of sg2, and sg2 becomes the active of
+    # epoch 2 (fenced until acknowledged), as its driver's _on_join does
+    run(at[-1] + TIE_JOIN_MAX + 0.02)
+    join = wire([to_sg2[-1][1]])[0]
+    assert failover.sync_header(join) == (failover.SYNC_JOIN, 2)
+    assert failover.join_held(join) == (0, 0)
+    rep_b = failover.Replicator(sb.engine, cfg(**kw), session=9)
+    rep_b.epoch = 2
+    assert _sent(sb.engine, 10, clock[0]) == []  # fenced until sg1 acknowledges
+    t = clock[0]
+    if crossed:  # sg2's JOIN of its grace reaches sg1 now (held until the channel came)
+        d.receive("sg2", grace_join)
+        assert d.replicator is not None and d.replicator.alone and d.replicator.epoch == 2
+        assert _sent(act, 10, t) == []  # fenced until acknowledged
+        assert wire(d.replicator.handle_timer(t))  # (sg2, an active of epoch 2, refuses them)
+    del to_sg2[:]
+    with caplog.at_level(logging.ERROR, logger="ipsecct.gateway.fencing"):
+        for m in wire(rep_b.handle_timer(t)):
+            d.receive("sg2", m)
+    events = [e for _, r in to_sg2 for e in rep_b.receive(wire([r])[0], t)]
+    assert rep_b.superseded_by is None and rep_b.acks > 0, "the tie did not end"
     assert LeaseEvent.GRANTED in events or LeaseEvent.REGAINED in events, events
     assert [r for r in caplog.records if "gone alone into" in r.getMessage()]
     sg1 = d.standby

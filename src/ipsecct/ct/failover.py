@@ -615,12 +615,7 @@ class Replicator:
             later = epoch > self.epoch or (epoch == self.epoch and self.alone)
             if not later or self.superseded_by is not None:
                 return []
-            self.superseded_by = epoch
-            if self.lease is not None:
-                self.lease.revoke()
-            self.engine.send_until = -math.inf
-            self._fail_waits(f"the standby took over (epoch {epoch})")
-            return [LeaseEvent.SUPERSEDED]
+            return self.supersede(epoch)
         if kind != SYNC_ACK:
             raise CxtpError("not a sync reply")
         if tag.transfer_id != self.session or epoch != self.epoch:
@@ -654,6 +649,19 @@ class Replicator:
         events = self.lease.granted(tag.seq, now)
         self._fence()
         return events
+
+    def supersede(self, epoch: int) -> list[LeaseEvent]:
+        """The peer took over in ``epoch`` (its TAKEN; or, for a replicator of an epoch
+        begun alone, its sync of this very epoch: the driver's ``_alone_yields``): give the
+        lease up for good, send nothing more, fail what waits for the standby."""
+        if self.superseded_by is not None:
+            return []
+        self.superseded_by = epoch
+        if self.lease is not None:
+            self.lease.revoke()
+        self.engine.send_until = -math.inf
+        self._fail_waits(f"the standby took over (epoch {epoch})")
+        return [LeaseEvent.SUPERSEDED]
 
     def _tunnel_refused(self, spi: int, why: str) -> None:
         if not why:

@@ -76,6 +76,12 @@ PREPARE_PER_TICK = 8  # replicas decoded ahead per tick (~125 us per SA)
 # the event loop runs first after the pause), counting the time the machine was suspended.
 RESUMED_LATE = 1.0
 RESUME_GRACE = 3.0
+# A gateway running alone in the epoch it went alone into (``failover alone``) JOINs its
+# peer whenever a channel with it opens, and again while one is open, every heartbeat_ms
+# doubling to TIE_JOIN_MAX seconds: the peer may have taken over into that same epoch (a
+# standby stopped unseen, or cut off through its grace) and, running alone too, sends it
+# nothing; the JOIN makes that taker replicate to it, which ends the tie (_alone_yields).
+TIE_JOIN_MAX = 10.0
 
 
 def alone_after(dead_ms: float) -> float:
@@ -198,6 +204,11 @@ class FailoverDriver:
         # The epoch this gateway went alone into (go_alone; from the state file after a
         # restart): its replicators of that epoch yield to a take-over in it (Replicator.alone)
         self._alone_epoch: int | None = self.state.epoch if self.state.alone else None
+        # Running alone in that epoch: when to JOIN the peer next, at what interval now
+        # (TIE_JOIN_MAX), and how many such JOINs went.
+        self._tie_next = 0.0
+        self._tie_every = cfg.heartbeat_ms / 1000
+        self.tie_joins = 0
         # The operator's stronger word (``failover alone --standby-destroyed``): the standby
         # can never run again with the state it had, so the kept ceilings go. What was
         # asserted, when, in which epoch, how many it lifted (status ``standby_destroyed``),
@@ -338,7 +349,10 @@ class FailoverDriver:
         if sb is None:
             return None
         if sb.took_over is not None:  # alone: CHILD SAs near their kept ceilings, if any
-            return self._next_ceiling_check if self._ceilinged and self.ike is not None else None
+            d = self._next_ceiling_check if self._ceilinged and self.ike is not None else None
+            if self._alone_in_own_epoch(sb):  # (and the JOINs that end a tie)
+                d = self._tie_next if d is None else min(d, self._tie_next)
+            return d
         d = sb.next_deadline()
         if d is not None and self._resume_hold is not None:
             d = max(d, self._resume_hold[1])  # (the dead time has passed: not a busy loop)
@@ -364,7 +378,10 @@ class FailoverDriver:
         if sb is None:
             return
         if sb.took_over is not None:
-            self._rekey_near_ceiling(now)
+            if self._ceilinged and self.ike is not None and now >= self._next_ceiling_check:
+                self._rekey_near_ceiling(now)
+            if self._alone_in_own_epoch(sb) and now >= self._tie_next:
+                self._tie_join(sb, now)
             return
         self._check_paused(sb, now)
         hold = self._resume_hold
@@ -478,6 +495,39 @@ class FailoverDriver:
             self.joins += 1
         self._next_join = now + self.cfg.heartbeat_ms / 1000
 
+    def _alone_in_own_epoch(self, sb: Standby) -> bool:
+        """Does this gateway run alone in the epoch it went alone into (``failover alone``),
+        not in one it took over into? Then the peer may have taken over into it too."""
+        return (
+            sb.took_over is not None
+            and sb.epoch == self._alone_epoch
+            and self.fencing is not None
+            and not self._stopping
+        )
+
+    def _tie_join(self, sb: Standby, now: float, *, reset: bool = False) -> None:
+        """Running alone in the epoch it went alone into, this gateway JOINs its peer (as
+        its standby in that epoch, holding nothing of it) over an open channel: at once when
+        one opens (``reset``), then every heartbeat_ms doubling to TIE_JOIN_MAX while one is
+        open. A peer that took over into the same epoch (docs/cluster.md, "two take-overs
+        in one epoch") runs alone as well and sends nothing, and the JOINs of its grace may
+        be lost for good (its channel reset while it was cut off): without this the tie
+        lasted until one of the two restarted. The JOIN makes that taker the active of the
+        epoch, replicating to this gateway (fenced until acknowledged), and its first sync
+        makes this gateway yield (:meth:`_alone_yields`) before it acknowledges anything. A
+        peer that is a standby (the usual case: restarted, or back from a pause) ignores
+        it; it JOINs on its own."""
+        if reset:
+            self._tie_every = self.cfg.heartbeat_ms / 1000
+        if self.channels.connected(self.cfg.peer):
+            self.channels.send(self.cfg.peer, join_message(sb.epoch))
+            self.joins += 1
+            self.tie_joins += 1
+            self._tie_next = now + self._tie_every
+            self._tie_every = min(TIE_JOIN_MAX, 2 * self._tie_every)
+        else:  # (the channel's opening sends one at once: peer_open)
+            self._tie_next = now + self._tie_every
+
     def _check_paused(self, sb: Standby, now: float) -> None:
         """Was this standby not running (stopped, or its machine suspended) until at least
         max(RESUMED_LATE, dead_ms) past its dead time? Then the peer may run alone now, told
@@ -535,6 +585,15 @@ class FailoverDriver:
                 self._on_join(msg, epoch, now)
                 return
             r = self.replicator
+            if (r is not None and r.alone and r.superseded_by is None and epoch == r.epoch
+                    and kind in (SYNC_HEARTBEAT, SYNC_FULL) and self.fencing is not None
+                    and not self._stopping):  # fmt: skip
+                # The active of the epoch this gateway went alone into: the peer took over
+                # into it, and each JOINed the other (this one's JOIN and its grace's
+                # crossed): both fenced actives of one epoch, each refusing the other's
+                # syncs. The take-over wins, as at its TAKEN (Replicator.alone).
+                self._alone_yields(epoch)
+                r = None
             if kind in (SYNC_REFUSED, SYNC_TUNNEL_REFUSED):  # an IKE SA, a tunnel of ours
                 if r is not None:
                     r.receive(msg, now)
@@ -631,12 +690,20 @@ class FailoverDriver:
         """This gateway went alone into ``epoch`` (go_alone) and runs alone; the peer syncs
         to it as the active of that same epoch: it took over into it from its replicas of
         the epoch before (a standby stopped unseen, its acknowledgements lost) and restarted
-        since. The take-over wins that tie (:attr:`Replicator.alone`: it resumed above the
-        ceilings kept here for its replicas): this gateway gives its tunnels up and becomes
-        the peer's standby, as its replicator would at the peer's TAKEN. Else the peer,
-        answered TAKEN of its own epoch, would stay fenced beside this one for good."""
+        since, or this gateway's JOIN (:meth:`_tie_join`) made it replicate. The take-over
+        wins that tie (:attr:`Replicator.alone`: it resumed above the ceilings kept here
+        for its replicas): this gateway gives its tunnels up and becomes the peer's
+        standby, as its replicator would at the peer's TAKEN. Else the peer,
+        answered TAKEN of its own epoch, would stay fenced beside this one for good. The
+        same when this gateway had made a replicator of that epoch already (the peer's JOIN
+        of its grace arrived, as this one's JOIN reached the peer: both fenced actives of
+        one epoch): that replicator is superseded, and the peer's sync then applied to the
+        new standby is what it acknowledges first."""
         assert self.fencing is not None
         self._ceilinged = []
+        r = self.replicator
+        if r is not None:  # (an alone replicator, fenced until acknowledged: it yields too)
+            r.supersede(epoch)
         self.fencing.give_up(
             epoch, f" in epoch {epoch}, which this gateway had gone alone into (failover alone)"
         )
@@ -769,6 +836,8 @@ class FailoverDriver:
         self._ceilinged = kept
         self._rekey_asked = set()
         self._next_ceiling_check = now
+        self._tie_every = self.cfg.heartbeat_ms / 1000  # (JOINs the peer: _tie_join)
+        self._tie_next = now + self._tie_every
         if not destroyed:
             self.destroyed = None  # (said of an earlier standby: this one only is down)
         self.node.engine.send_until = math.inf
@@ -876,14 +945,15 @@ class FailoverDriver:
         standby's dead time can take its silence for a crash. An active that still
         replicates to it sends nothing again for it (the JOIN says what it holds)."""
         sb = self.standby
-        if (
-            peer != self.cfg.peer
-            or sb is None
-            or sb.took_over is not None
-            or self._stopping
-        ):
+        if peer != self.cfg.peer or sb is None or self._stopping:
             return
-        self._join(sb, self.node.clock())
+        if sb.took_over is None:
+            self._join(sb, self.node.clock())
+        elif self._alone_in_own_epoch(sb):
+            # The peer may have taken over into the epoch this gateway went alone into,
+            # its JOINs lost with the channel that just went: ask it (_tie_join).
+            self._tie_join(sb, self.node.clock(), reset=True)
+            self.node.timers.poke()
 
     def peer_lost(self, peer: str) -> None:
         if self.replicator is not None and peer == self.cfg.peer:
@@ -1078,6 +1148,9 @@ class FailoverDriver:
             # of them, CHILD SAs (IKEv2) rekeyed before they stall
             "ceiling_rekeys": self.ceiling_rekeys,
             "stale_standby": self.stale_standby,
+            # JOINs sent to the peer while running alone in the epoch this gateway went
+            # alone into (the peer may have taken over into it: _tie_join)
+            "tie_joins": self.tie_joins,
             **self._destroyed_status(now),
             **lease,
         }
