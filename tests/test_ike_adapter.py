@@ -613,6 +613,59 @@ def test_sa_rekey_sends_the_request_at_once_or_says_why_not(
     assert len(sent) == 3 and ike.pending is not None and ike.pending.kind == "rekey-ike"
 
 
+def test_child_of_is_found_without_a_walk_per_tunnel_and_follows_the_child_sas(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``IkeService.child_of`` (and ``rekey_before_ceiling``, which the fail-over driver asks
+    for each tunnel near a kept ceiling) finds a tunnel's CHILD SA from an index: one walk
+    of the IKE SAs while the node's tunnels do not change, not one per call (10,000 tunnels
+    x 10,000 IKE SAs was 4.6 s of one check: benchmarks/ceiling_rekey_lookup.py). The index
+    follows what changes: a tunnel of no CHILD SA (keyed by hand), a CHILD SA that lost its
+    tunnel without a tunnel change (a transfer), an IKE SA gone, a tunnel removed, a
+    tunnel attached to an imported CHILD SA after the index was made."""
+    w = pair(mn_conn(dpd=10), conn(dpd=10))
+    connect(w)
+    (ike_r,) = w.resp.ike_sas()
+    svc = _service(tmp_path)
+    ike = svc.engine.import_ike(w.resp.export_ike(ike_r, 1.0), 1.0)
+    (c1,) = ike.children
+    eng = svc.node.engine
+    entry, out, inn = c1.sas(R500, I500, False, "t-1")
+    t1 = c1.handle = eng.add_tunnel(entry, out, inn)
+    walks = [0]
+    real = svc.engine.ike_sas
+
+    def counted() -> list[IkeSA]:
+        walks[0] += 1
+        return real()
+
+    monkeypatch.setattr(svc.engine, "ike_sas", counted)
+    assert svc.child_of(t1) == (ike, c1) and walks[0] == 1
+    manual = object()
+    for _ in range(100):
+        assert svc.child_of(t1) == (ike, c1) and svc.child_of(manual) is None
+    assert walks[0] == 1  # (no walk per call)
+    now = svc.node.clock()
+    c1.rekey_at = now + 100
+    assert svc.rekey_before_ceiling(t1, now) and c1.rekey_at == now  # (due now)
+    assert not svc.rekey_before_ceiling(manual, now)
+    del svc.engine.by_spi[ike.our_spi]  # the IKE SA is gone (its tunnel not yet)
+    assert svc.child_of(t1) is None
+    svc.engine.by_spi[ike.our_spi] = ike
+    svc._children_at = -1  # (it is back only in this test: no tunnel change says so)
+    assert svc.child_of(t1) == (ike, c1)
+    c1.handle = None  # (a transfer drops the handle; the node's tunnels unchanged)
+    assert svc.child_of(t1) is None
+    eng.remove_tunnel(t1)
+    assert svc.child_of(t1) is None
+    # a tunnel installed (a transfer's), then the index made, then the CHILD SA attached
+    entry, out, inn = c1.sas(R500, I500, False, "t-2")
+    t2 = eng.add_tunnel(entry, out, inn)
+    assert svc.child_of(t2) is None
+    svc._attach(ike)
+    assert c1.handle is t2 and svc.child_of(t2) == (ike, c1)
+
+
 def test_a_replica_the_standby_cannot_take_is_refused_and_the_active_sees_which(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

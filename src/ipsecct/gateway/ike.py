@@ -198,6 +198,11 @@ class IkeService:
         # still carrying them (commit_check)
         self._serials_announced: set[tuple[bytes, bytes]] = set()
         self.engine.on_request_held = self._request_held
+        # tunnel -> (IKE SA, CHILD SA) whose ESP SAs it holds (child_of), built by one walk
+        # of every IKE SA and kept while the node's tunnels do not change (a CHILD SA gets a
+        # tunnel as it is installed); a hit is checked before it is trusted
+        self._children: dict[int, tuple[IkeSA, ChildSA]] = {}  # (by id(): any handle)
+        self._children_at = -1  # the node engine's tunnel_changes it was built at
         # direct SG identity ([transfer] identity = "direct"): an IKE SA taken over from a
         # peer gateway is moved to this gateway's own address (IkeEngine.announce_move)
         self.direct = False
@@ -465,14 +470,14 @@ class IkeService:
         SA of ours, it is rekeyed now, as a rekey that falls due by time (retried by the
         engine until it succeeds). A new CHILD SA has new keys, which no replica holds: no
         ceiling bounds it. Returns whether it is one."""
-        for ike in self.engine.ike_sas():
-            for child in ike.children:
-                if child.handle is tunnel:
-                    if not child.rekeyed and (child.rekey_at is None or child.rekey_at > now):
-                        child.rekey_at = now
-                        self._act(self.engine.tick(now))
-                    return True
-        return False
+        found = self.child_of(tunnel)
+        if found is None:
+            return False
+        child = found[1]
+        if not child.rekeyed and (child.rekey_at is None or child.rekey_at > now):
+            child.rekey_at = now
+            self._act(self.engine.tick(now))
+        return True
 
     # -- I/O ----------------------------------------------------------------------------
     def _local(self, port: int) -> Address:
@@ -1575,6 +1580,7 @@ class IkeService:
         says so), the CHILD SAs made before the check's answer send where those tunnels do
         (the last verified address, which the context does not carry), as at the gateway
         that checked first."""
+        self._children_at = -1  # (tunnels installed before: child_of's index again)
         for c in ike.children:
             h = self.node.engine.tunnel_by_spi(c.spi_in)
             c.handle = h
@@ -1912,12 +1918,41 @@ class IkeService:
         raise ValueError(why)
 
     def child_of(self, tunnel: object) -> tuple[IkeSA, ChildSA] | None:
-        """The IKE SA and CHILD SA whose ESP SAs ``tunnel`` holds (None: not IKE-keyed)."""
+        """The IKE SA and CHILD SA whose ESP SAs ``tunnel`` holds (None: not IKE-keyed).
+
+        From an index built by one walk of every IKE SA and used while the node's tunnels
+        do not change (``Engine.tunnel_changes``): a CHILD SA's tunnel is installed (or
+        removed) when it gets (or loses) one. The fail-over driver asks this for each
+        tunnel nearing a kept ceiling (``rekey_before_ceiling``): a walk each was O(IKE SAs)
+        per tunnel, 10,000 x 10,000 when every tunnel got there at once. A hit is trusted
+        only while its CHILD SA still holds the tunnel and its IKE SA is still the
+        engine's (a handle dropped without a tunnel change, as a transfer does): else the
+        index is built again."""
+        changes = self.node.engine.tunnel_changes
+        if changes != self._children_at:
+            self._index_children(changes)
+        hit = self._children.get(id(tunnel))
+        if hit is None or self._current(hit, tunnel):
+            return hit
+        self._index_children(changes)
+        hit = self._children.get(id(tunnel))
+        return hit if hit is not None and hit[1].handle is tunnel else None
+
+    def _current(self, hit: tuple[IkeSA, ChildSA], tunnel: object) -> bool:
+        ike, child = hit
+        return (
+            child.handle is tunnel
+            and self.engine.by_spi.get(ike.our_spi) is ike
+            and any(c is child for c in ike.children)
+        )
+
+    def _index_children(self, changes: int) -> None:
+        index: dict[int, tuple[IkeSA, ChildSA]] = {}
         for ike in self.engine.ike_sas():
             for child in ike.children:
-                if child.handle is tunnel:
-                    return ike, child
-        return None
+                if child.handle is not None:
+                    index.setdefault(id(child.handle), (ike, child))  # (the walk's first)
+        self._children, self._children_at = index, changes
 
     def delete_child(self, ike: IkeSA, child: ChildSA) -> None:
         """The operator deletes a CHILD SA (``ipsecct sa delete``, as ``swanctl --terminate
