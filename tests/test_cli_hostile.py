@@ -154,6 +154,45 @@ def test_remote_cacerts_that_is_not_a_ca_is_refused_at_load(
     one_line_error(r, "remote.cacerts", "is not a CA certificate")
 
 
+def test_an_expired_ike_certificate_or_a_ca_not_valid_yet_is_logged_at_load(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """local.certs that had expired (or remote.cacerts not valid yet) loaded without a
+    word: every peer refused our AUTH (or every client's chain from that CA was refused)
+    and the log said nothing until a client failed. As for transfer.cert, the gateway still
+    starts (a clock may be wrong, a new certificate on its way), and says which key, which
+    file, which certificate, when."""
+    import logging
+
+    old = pki.make_gateway(pki.make_ca(NOW - dt.timedelta(days=30)), "sg1",
+                           NOW - dt.timedelta(days=30), days=2)  # fmt: skip
+    later = pki.make_ca(NOW + dt.timedelta(days=3))
+    (tmp_path / "sg1.pem").write_bytes(pki.cert_pem(old.cert))
+    (tmp_path / "sg1.key").write_bytes(pki.key_pem(old.key))
+    os.chmod(tmp_path / "sg1.key", 0o600)
+    (tmp_path / "later.pem").write_bytes(pki.cert_pem(later.cert))
+    pki.init_pki(tmp_path / "good", ["sg2"], NOW)
+    conf = tmp_path / "gw.toml"
+    conf.write_text(IKE_GW.format(pki=tmp_path, ca="good/ca.pem").replace(
+        f'"{tmp_path}/ca.pem", ', f'"{tmp_path}/later.pem", '))  # fmt: skip
+    with caplog.at_level(logging.WARNING):
+        config.load(conf)
+    lines = [r.getMessage() for r in caplog.records
+             if "ike-certificate-not-valid-now" in r.getMessage()]  # fmt: skip
+    assert len(lines) == 2, caplog.text
+    assert (f"key=connections.rw.local.certs file=\"{tmp_path}/sg1.pem\" problem=\"'CN=sg1,"
+            "O=ipsecct test PKI' expired on ") in lines[0], lines  # fmt: skip
+    assert (f"key=connections.rw.remote.cacerts file=\"{tmp_path}/later.pem\" problem=\"'CN="
+            "ipsecct test CA,O=ipsecct test PKI' is valid only from ") in lines[1], lines
+    caplog.clear()
+    (tmp_path / "sg1.pem").write_bytes((tmp_path / "good" / "sg2.pem").read_bytes())
+    (tmp_path / "sg1.key").write_bytes((tmp_path / "good" / "sg2.key").read_bytes())
+    (tmp_path / "later.pem").write_bytes((tmp_path / "good" / "ca.pem").read_bytes())
+    with caplog.at_level(logging.WARNING):
+        config.load(conf)
+    assert "ike-certificate-not-valid-now" not in caplog.text
+
+
 def test_rebalance_count_is_bounded_by_the_tunnels_here_and_one_transfers_limit(
     tmp_path: Path,
 ) -> None:

@@ -30,6 +30,7 @@ Parsing is pure: the caller reads secret files (it knows the paths) and passes t
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import ipaddress
 import itertools
 import logging
@@ -950,10 +951,27 @@ def parse_connections(
             if load_certs is None:
                 raise ctx.err(where.rstrip("."), "certificates cannot be loaded here")
             try:
-                chain = [c for f in lcerts for c in load_certs(f)]
+                chain_of = [(f, c) for f in lcerts for c in load_certs(f)]
                 cas_of = [(f, c) for f in rcas for c in load_certs(f)]
             except IpsecctError as exc:
                 raise ctx.err(where.rstrip("."), str(exc)) from None
+            chain = [c for _, c in chain_of]
+            # expired or not yet valid: every peer refuses our AUTH, or every peer's chain
+            # from that CA is refused, and nothing said so until a client failed. The
+            # gateway still starts (a clock may be wrong, a new certificate on its way)
+            now = dt.datetime.now(dt.UTC)
+            for what, f, c in ([("local.certs", f, c) for f, c in chain_of]
+                              + [("remote.cacerts", f, c) for f, c in cas_of]):  # fmt: skip
+                if now > c.not_valid_after_utc:
+                    problem = f"{subject_of(c)} expired on {c.not_valid_after_utc:%Y-%m-%d}"
+                elif now < c.not_valid_before_utc:
+                    problem = (f"{subject_of(c)} is valid only from "
+                               f"{c.not_valid_before_utc:%Y-%m-%d %H:%M} UTC")  # fmt: skip
+                else:
+                    continue
+                log.warning("event=ike-certificate-not-valid-now config=%s key=%s%s file=%s "
+                            "problem=%s", path, where, what, _quote(f),
+                            _quote(problem))  # fmt: skip
             for f, c in cas_of:
                 why = not_a_ca(c)
                 if why is not None:  # it could never anchor a chain (auth._issued_by)
