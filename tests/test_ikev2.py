@@ -434,6 +434,46 @@ def test_no_proposal_chosen_and_wrong_psk_fail_cleanly() -> None:
     assert w.of("i", ConnectFailed) and not w.of("i", ChildUp)
 
 
+def test_what_a_peer_proposed_is_logged_when_nothing_matches(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A client whose proposals, ESP proposals or selectors matched nothing got
+    NO_PROPOSAL_CHOSEN / TS_UNACCEPTABLE, and the gateway's log said nothing (only a
+    counter in ``status``): charon logs what it received and what it has configured. Now
+    one WARNING each, naming the peer and both sides; a few a second at most (IKE_SA_INIT
+    is unauthenticated: anyone may send a thousand)."""
+    with caplog.at_level(logging.WARNING, logger="ipsecct.ikev2"):
+        w = pair(mn_conn(ike="aes256-sha256-modp2048"), conn(ike="aes128gcm16-prfsha256-ecp256"))
+        connect(w)
+        assert w.of("i", ConnectFailed)
+        w = pair(mn_conn(esp="aes256-sha512"), conn(esp="aes128gcm16"))
+        connect(w)
+        assert w.of("i", IkeUp) and not w.of("i", ChildUp)
+        w = pair(mn_conn(remote_ts="172.16.0.0/12"), conn())
+        connect(w)
+        assert w.of("i", IkeUp) and not w.of("i", ChildUp)
+    lines = [r.getMessage() for r in caplog.records]
+    ike = [x for x in lines if "event=ike-no-proposal-chosen" in x]
+    assert ike == [f"event=ike-no-proposal-chosen peer={I500} "
+                   "received=IKE:AES_CBC_256/HMAC_SHA2_256_128/PRF_HMAC_SHA2_256/MODP_2048 "
+                   "configured=c: IKE:AES_GCM_16_128/PRF_HMAC_SHA2_256/ECP_256"], lines
+    child = [x for x in lines if "event=child-no-proposal-chosen" in x]
+    assert child == ["event=child-no-proposal-chosen conn=c child=net peer="
+                     f"{I500} id=mn.test received=ESP:AES_CBC_256/HMAC_SHA2_512_256/"
+                     "NO_EXT_SEQ configured=ESP:AES_GCM_16_128/NO_EXT_SEQ"], lines
+    ts = [x for x in lines if "event=child-ts-unacceptable" in x]
+    assert ts == [f"event=child-ts-unacceptable conn=c peer={I500} id=mn.test "
+                  "received=10.2.0.5/32 === 172.16.0.0/12 configured=net: 10.2.0.0/16 === "
+                  "10.1.0.0/16"], lines
+    caplog.clear()
+    w = pair(mn_conn(ike="aes256-sha256-modp2048"), conn(ike="aes128gcm16-prfsha256-ecp256"))
+    with caplog.at_level(logging.WARNING, logger="ipsecct.ikev2"):
+        for _ in range(50):  # 50 clients in the same second: 5 lines (the burst), not 50
+            w.deliver(w.ini.initiate(w.ini.connections[0], I500, R500, 100.0), "i", 100.0)
+    assert caplog.text.count("event=ike-no-proposal-chosen") == 5
+    assert w.resp.stats["no-proposal-chosen"] == 50
+
+
 @pytest.mark.parametrize(("first", "last", "shown"), [
     ("10.0.0.0", "10.0.0.255", "10.0.0.0/24"),
     ("10.201.1.1", "10.201.1.1", "10.201.1.1/32"),

@@ -33,6 +33,7 @@ from typing import Any, TypeVar, overload
 
 from cryptography.hazmat.primitives import hashes
 
+from ..ct.ratelimit import RateLimiter
 from ..errors import AuthError, IkeContextError, IkeParseError, IkeProtocolError
 from .auth import (
     CERT_X509_SIGNATURE,
@@ -89,7 +90,7 @@ from .message import (
 )
 from .mid_sync import MidSync, ReplayCounterSync, sync_request
 from .pool import Pool
-from .proposal import AEAD, Chooser, Offer, Suite, choose
+from .proposal import AEAD, Chooser, Offer, Suite, choose, describe_all
 from .ts import host, narrow, representable, within
 
 log = logging.getLogger("ipsecct.ikev2")
@@ -520,6 +521,9 @@ class IkeEngine:
         fragment_size: int | None = None,
     ) -> None:
         self.connections = connections
+        # refusals of what a peer proposed (no proposal, selectors), logged a few a second
+        # in all: IKE_SA_INIT is unauthenticated, its source address anyone's to write
+        self._refusal_log = RateLimiter(1.0, 5.0)
         self.max_packet = max_packet  # larger IKE messages are dropped (``too-long``)
         # the largest IP datagram of an IKE message or fragment we send (None: FRAGMENT_SIZE
         # octets of IKE, whatever the headers)
@@ -1377,6 +1381,14 @@ class IkeEngine:
                 break
         if chosen is None:
             self.stats["no-proposal-chosen"] += 1
+            if self._refusal_log.allow("ike", now):
+                # as charon's "received proposals: ... configured proposals: ..."; without
+                # it the operator saw only a counter while the client said NO_PROPOSAL_CHOSEN
+                log.warning(
+                    "event=ike-no-proposal-chosen peer=%s received=%s configured=%s",
+                    src, describe_all(sa.proposals),
+                    "; ".join(f"{c.name}: {describe_all(c.proposals)}" for c in cands)
+                    or "(no connection takes this address)")  # fmt: skip
             self._plain_reply(hdr, bytes(8), [NotifyPayload(Notify.NO_PROPOSAL_CHOSEN)], src,
                               dst, out)  # fmt: skip
             return
@@ -1828,12 +1840,25 @@ class IkeEngine:
                 break
         else:
             self.stats["ts-unacceptable"] += 1
+            if self._refusal_log.allow("ts", now):
+                log.warning("event=child-ts-unacceptable conn=%s peer=%s id=%s received=%s"
+                            " === %s configured=%s", ike.conn.name, ike.remote,
+                            ike.peer_id, ",".join(map(str, tsi.selectors[:8])),
+                            ",".join(map(str, tsr.selectors[:8])),
+                            "; ".join(f"{c.name}: {','.join(map(str, c.remote_ts))} === "
+                                      f"{','.join(map(str, c.local_ts))}"
+                                      for c in configs))  # fmt: skip
             return [NotifyPayload(Notify.TS_UNACCEPTABLE)]
         # IKE_AUTH's CHILD SA takes its keys from the IKE SA's exchange: no DH of its own
         chosen = choose(cc.esp_proposals, sa.proposals, ignore_dh=in_auth,
                         ke_group=ke.group if ke else None)  # fmt: skip
         if chosen is None:
             self.stats["child-no-proposal"] += 1
+            if self._refusal_log.allow("child", now):
+                log.warning("event=child-no-proposal-chosen conn=%s child=%s peer=%s id=%s "
+                            "received=%s configured=%s", ike.conn.name, cc.name, ike.remote,
+                            ike.peer_id, describe_all(sa.proposals),
+                            describe_all(cc.esp_proposals))  # fmt: skip
             return [NotifyPayload(Notify.NO_PROPOSAL_CHOSEN)]
         proposal, suite = chosen
         if len(proposal.spi) != 4 or int.from_bytes(proposal.spi, "big") < 256:

@@ -4,6 +4,7 @@ proposals (§2.7), configured order first, as strongSwan does by default."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..errors import ConfigError
@@ -207,6 +208,59 @@ class Suite:
         if self.protocol != ProtocolId.IKE and (seq_always or self.esn):
             parts.append(("EXT_SEQ" if seq_always else "ESN") if self.esn else "NO_EXT_SEQ")
         return "/".join(parts)
+
+
+_ENCR_NAMES = {ENCR_AES_CBC: "AES_CBC", ENCR_AES_GCM_16: "AES_GCM_16",
+               ENCR_CHACHA20_POLY1305: "CHACHA20_POLY1305", 3: "3DES", 13: "AES_CTR",
+               14: "AES_CCM_8", 16: "AES_CCM_16", 18: "AES_GCM_8", 19: "AES_GCM_12",
+               23: "CAMELLIA_CBC"}  # fmt: skip
+_INTEG_NAMES = {AUTH_HMAC_SHA1_96: "HMAC_SHA1_96", AUTH_HMAC_SHA2_256_128: "HMAC_SHA2_256_128",
+                AUTH_HMAC_SHA2_384_192: "HMAC_SHA2_384_192",
+                AUTH_HMAC_SHA2_512_256: "HMAC_SHA2_512_256", 1: "HMAC_MD5_96",
+                5: "AES_XCBC_96", 8: "AES_CMAC_96"}  # fmt: skip
+_PRF_NAMES = {PRF_HMAC_SHA1: "PRF_HMAC_SHA1", PRF_HMAC_SHA2_256: "PRF_HMAC_SHA2_256",
+              PRF_HMAC_SHA2_384: "PRF_HMAC_SHA2_384", PRF_HMAC_SHA2_512: "PRF_HMAC_SHA2_512",
+              1: "PRF_HMAC_MD5", 4: "PRF_AES128_XCBC", 8: "PRF_AES128_CMAC"}  # fmt: skip
+_DH_NAMES = {31: "CURVE_25519", 32: "CURVE_448", 19: "ECP_256", 20: "ECP_384", 21: "ECP_521",
+             14: "MODP_2048", 15: "MODP_3072", 16: "MODP_4096", 17: "MODP_6144",
+             18: "MODP_8192", 1: "MODP_768", 2: "MODP_1024", 5: "MODP_1536"}  # fmt: skip
+
+
+def describe(transforms: tuple[Transform, ...] | list[Transform], protocol: int) -> str:
+    """One proposal's transforms as charon's "received proposals:" line spells them
+    (``IKE:AES_CBC_256/HMAC_SHA1_96/PRF_HMAC_SHA1/MODP_1024``): what a peer offered, for
+    the log line of a refusal. A number this has no name for is shown as a number."""
+    names = {TransformType.ENCR: _ENCR_NAMES, TransformType.INTEG: _INTEG_NAMES,
+             TransformType.PRF: _PRF_NAMES, TransformType.DH: _DH_NAMES}  # fmt: skip
+    order = (TransformType.ENCR, TransformType.INTEG, TransformType.PRF, TransformType.DH,
+             TransformType.ESN)  # fmt: skip
+    parts = []
+    for kind in order:
+        for t in transforms:
+            if t.type != kind:
+                continue
+            if kind == TransformType.ESN:
+                parts.append("EXT_SEQ" if t.id == ESN_YES else "NO_EXT_SEQ")
+                continue
+            name = names[kind].get(t.id, f"{kind.name}_{t.id}")
+            parts.append(f"{name}_{t.key_length}" if t.key_length is not None else name)
+    for t in transforms:
+        if t.type not in order:
+            parts.append(f"TRANSFORM_{t.type}_{t.id}")
+    proto = {int(ProtocolId.IKE): "IKE", int(ProtocolId.ESP): "ESP"}.get(
+        protocol, f"PROTO_{protocol}")
+    return f"{proto}:" + "/".join(parts)
+
+
+def describe_all(proposals: Sequence[Proposal] | Sequence[Offer], limit: int = 8) -> str:
+    """Proposals (a peer's, or configured offers) as described above, comma-separated; at
+    most ``limit`` of them (a peer's SA payload is its own to make long)."""
+    out = [describe(p.transforms if isinstance(p, Proposal) else p.transforms(), p.protocol)
+           for p in proposals[:limit]]  # fmt: skip
+    if len(proposals) > limit:
+        out.append(f"and {len(proposals) - limit} more")
+    text = ", ".join(out)
+    return text if len(text) <= 1000 else text[:1000] + "..."  # (transforms: as many)
 
 
 def parse(text: str, protocol: int) -> Offer:
