@@ -473,3 +473,25 @@ def test_the_readmes_ike_sa_listing_is_what_sa_list_prints(
             (0x3D7691A7, "out"): {"bytes": 252, "packets": 3, "state": "installed"}}  # fmt: skip
     _print_ike([ike], rows)
     assert capsys.readouterr().out == m.group(1)
+
+
+def test_status_says_a_standby_took_its_tunnels_over_from_the_dead_active(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """sg2, after taking sg1's tunnels over, listed ``233ae83a78785857 to sg1 (failover):
+    took over, 1/1 tunnel(s)``: the tunnels came *from* sg1 (the record's role is
+    "standby", which was read as a source's)."""
+    from ipsecct.commands import sa
+
+    rec = {"id": "233ae83a78785857", "role": "standby", "peer": "sg1", "mode": "failover",
+           "outcome": "took over", "tunnels": 1, "accepted": 1, "ms": 500.679, "detail": ""}
+    res = {"name": "sg2", "role": "gateway", "uptime_s": 5.0, "outer": "127.0.4.2:34600",
+           "sas": 2, "policies": 1,
+           "counters": {"out_packets": 0, "out_bytes": 0, "in_packets": 0, "in_bytes": 0,
+                        "icmp_sent": 0, "drops": {}},
+           "transfers": {"in_progress": 0, "prepared": [], "recent": [rec]}}  # fmt: skip
+    monkeypatch.setattr(sa, "request", lambda *a, **k: res)
+    assert cli.main(["status", "-s", "/x.sock"]) == 0
+    out = capsys.readouterr().out
+    assert ("    233ae83a78785857 from sg1 (failover): took over, 1/1 tunnel(s) in 500.679 ms\n"
+            in out), out

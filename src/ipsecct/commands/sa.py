@@ -91,7 +91,8 @@ def _print_transfer_status(res: dict[str, Any]) -> None:
     prepared = ", ".join(t.get("prepared") or []) or "none"
     print(f"  transfers: {t.get('in_progress', 0)} in progress, prepared: {prepared}")
     for r in (t.get("recent") or [])[-RECENT_SHOWN:]:
-        way = "to" if r.get("role") != "target" else "from"
+        # a target received the tunnels, a standby took them over from its dead active
+        way = "from" if r.get("role") in ("target", "standby") else "to"
         detail = f" ({r['detail']})" if r.get("detail") else ""
         print(f"    {r.get('id')} {way} {r.get('peer')} ({r.get('mode')}): {r.get('outcome')},"
               f" {r.get('accepted')}/{r.get('tunnels')} tunnel(s) in {r.get('ms')} ms"
