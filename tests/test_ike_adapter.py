@@ -333,6 +333,40 @@ def test_an_ike_sa_from_a_peer_takes_only_tunnels_that_peer_handed_over(tmp_path
     assert t2.came_from == "sg1" and tw.tunnel.came_from is None
 
 
+def test_a_clients_outbound_spi_equal_to_a_moved_child_sas_inbound_spi_takes_nothing(
+        tmp_path: Path) -> None:  # fmt: skip
+    """A client M of this gateway chose, as the SPI of its own inbound SA (our outbound SPI
+    towards it: the peer picks it, any 32 bits), the inbound SPI of another client V's CHILD
+    SA, which it saw in V's ESP headers on the wire (or by chance: with 10,000 tunnels one
+    such pair comes about once in 40 gateways). V's tunnel is then handed over here by sg1,
+    and its IKE SA's context follows. The CHILD SA was looked up by its inbound SPI among
+    the SAs of either direction: M's tunnel, installed first, came up, was not one sg1 had
+    handed over, and V's IKE SA was refused (ike-context-refused; V's CHILD SA here without
+    its IKE SA: never rekeyed, its DELETE never sent). It is found among inbound SAs only
+    now: V's IKE SA takes V's tunnel, and M's is left alone."""
+    import ipaddress
+
+    w = pair(mn_conn(dpd=10), conn(dpd=10))
+    connect(w)
+    (ike_r,) = w.resp.ike_sas()
+    (child,) = ike_r.children
+    cdbs = w.resp.export_ike(ike_r, 1.0)
+    m = pair(mn_conn(dpd=10, local_ts="10.2.0.9/32"), conn(dpd=10))
+    connect(m)
+    ((m_child,),) = [i.children for i in m.resp.ike_sas()]
+    m_child.spi_out = child.spi_in  # M's choice
+    svc = _service(tmp_path)
+    m_addr = Address(ipaddress.ip_address("192.0.2.20"), 500)
+    m_tunnel = svc.node.engine.add_tunnel(*m_child.sas(R500, m_addr, False, "m"))
+    _handed_over(svc, ike_r)
+    (v_tunnel,) = [t for t in svc.node.engine.tunnels() if t is not m_tunnel]
+    svc.receive_context("sg1", cdbs)
+    assert svc.engine.stats["ike-context-refused"] == 0
+    (ike,) = svc.engine.ike_sas()
+    assert ike.children[0].handle is v_tunnel
+    assert svc.node.engine.has_tunnel(m_tunnel) and m_tunnel.outbound.spi == child.spi_in
+
+
 @pytest.mark.parametrize("children", ["unknown SPIs", "none"])
 def test_an_ike_sa_no_tunnel_of_which_the_peer_handed_over_is_not_taken(
     tmp_path: Path, children: str

@@ -45,7 +45,7 @@ from ..ikev2.message import TrafficSelector
 from ..ikev2.restart import Restarts
 from ..ipsec.engine import TunnelState
 from ..ipsec.ippacket import IPAddress as IPAddr
-from ..ipsec.sad import SAEvent, UdpEncap
+from ..ipsec.sad import Direction, SAEvent, UdpEncap
 from ..ipsec.spd import Selectors
 from .log import event
 from .node import Node, UdpEndpoint
@@ -1045,7 +1045,8 @@ class IkeService:
             # the peer held meanwhile goes with the IKE SA)
             ike.quiet = False
         eng = self.node.engine
-        now: list[Any] = [t for t in tunnels if eng.tunnel_by_spi(t.outbound.spi) is t]
+        now: list[Any] = [t for t in tunnels
+                           if eng.tunnel_by_spi(t.outbound.spi, Direction.OUTBOUND) is t]
         for ike in ikes:
             for c in ike.children:
                 t = c.handle
@@ -1507,7 +1508,7 @@ class IkeService:
             # made here, or handed over by another gateway, would give that peer, which
             # made up the IKE SA's keys, the tunnel's rekeys, deletes and address updates.
             for c in ike.children:
-                t = tunnels.tunnel_by_spi(c.spi_in)
+                t = tunnels.tunnel_by_spi(c.spi_in, Direction.INBOUND)
                 if t is not None and t.came_from != peer:
                     return (f"CHILD SA 0x{c.spi_in:08x} names a tunnel {peer} did not hand"
                             " over")  # fmt: skip
@@ -1520,7 +1521,8 @@ class IkeService:
             # An IKE SA follows its CHILD SAs (on_transfer: never one without): one none of
             # whose tunnels this peer handed over came without a transfer. Taken, it would
             # replace the identity's IKE SA here (unique) and hold the addresses it names.
-            if not any(tunnels.tunnel_by_spi(c.spi_in) is not None for c in ike.children):
+            if not any(tunnels.tunnel_by_spi(c.spi_in, Direction.INBOUND) is not None
+                       for c in ike.children):
                 return f"none of its CHILD SAs names a tunnel {peer} handed over"
             # An address reserved for a transfer admits the IKE SA of its identity from the
             # peer whose transfer it is: taken by another's, it would refuse that IKE SA
@@ -1582,7 +1584,7 @@ class IkeService:
         that checked first."""
         self._children_at = -1  # (tunnels installed before: child_of's index again)
         for c in ike.children:
-            h = self.node.engine.tunnel_by_spi(c.spi_in)
+            h = self.node.engine.tunnel_by_spi(c.spi_in, Direction.INBOUND)
             c.handle = h
             if h is not None:
                 # Named with this gateway's unique id of the CHILD SA, as the ones made here

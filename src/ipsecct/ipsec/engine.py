@@ -745,8 +745,13 @@ class Engine:
     def tunnel_of(self, sa: SecurityAssociation) -> Tunnel | None:
         return self._tunnel_of_sa.get(id(sa))
 
-    def tunnel_by_spi(self, spi: int) -> Tunnel | None:
+    def tunnel_by_spi(self, spi: int, direction: Direction | None = None) -> Tunnel | None:
+        """The tunnel of an SA with this SPI (of ``direction`` only, if given). An inbound
+        SPI is ours, an outbound one the peer's choice (any 32 bits, another tunnel's inbound
+        SPI among them): whoever looks up one side's SPI names that direction."""
         for sa in self.find_sa(spi):
+            if direction is not None and sa.direction is not direction:
+                continue
             t = self._tunnel_of_sa.get(id(sa))
             if t is not None:
                 return t
