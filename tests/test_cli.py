@@ -495,3 +495,33 @@ def test_status_says_a_standby_took_its_tunnels_over_from_the_dead_active(
     out = capsys.readouterr().out
     assert ("    233ae83a78785857 from sg1 (failover): took over, 1/1 tunnel(s) in 500.679 ms\n"
             in out), out
+
+
+def test_an_expired_sa_says_which_hard_lifetime_it_reached(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An SA past its hard lifetime showed ``EXPIRED`` with an empty ``state_detail`` and no
+    line under the table (README: "the lines under the table say why for each one that is
+    not installed"); an inbound one had none at all. Now the limit it reached, in both."""
+    import ipaddress
+
+    from ipsecct.commands import sa as sa_cmd
+    from ipsecct.gateway.control import sa_summary
+    from ipsecct.ipsec.algorithms import EncAlg
+    from ipsecct.ipsec.sad import Direction, Lifetime, SecurityAssociation
+
+    a = ipaddress.ip_address
+    sa = SecurityAssociation(0xC0FFEE01, Direction.INBOUND, a("198.51.100.10"),
+                             a("203.0.113.1"), enc=EncAlg.AES_GCM_16, enc_key=bytes(20),
+                             hard=Lifetime(seconds=3600, packets=10), created=0.0,
+                             name="mn-17 in")  # fmt: skip
+    assert sa.expired(3725.0)
+    d = sa_summary(sa, 3725.0)
+    assert d["state"] == "expired"
+    assert d["state_detail"] == "past its hard lifetime (3600 s): sends and receives nothing"
+    monkeypatch.setattr(sa_cmd, "request", lambda path, cmd, *a, **k: (
+        [d] if cmd == "sa.list" else []))  # fmt: skip
+    assert cli.main(["sa", "list", "-s", "/x.sock"]) == 0
+    out = capsys.readouterr().out
+    assert ("0xc0ffee01 mn-17 in: expired: past its hard lifetime (3600 s): sends and receives"
+            " nothing\n" in out), out

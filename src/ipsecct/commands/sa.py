@@ -328,9 +328,11 @@ def cmd_sa_list(args: argparse.Namespace) -> int:
         print("no SAs")
         return 0
     _table(_sa_rows(res), SA_COLS)
-    # what is not simply installed, and why (held SAs send nothing)
+    # what is not simply installed, and why (held SAs send nothing); a tunnel's state once
+    # (its outbound SA's), an SA's own expiry for each
     for r in res:
-        if r.get("state_detail") and r.get("direction") == "out":
+        if r.get("state_detail") and (r.get("direction") == "out"
+                                      or r.get("state") == "expired"):  # fmt: skip
             print(f"{r['spi']} {r.get('name', '')}: {r['state']}: {r['state_detail']}")
     return 0
 

@@ -232,7 +232,20 @@ def sa_summary(
     d["state"], d["state_detail"] = state
     if sa.dead:
         d["state"] = "expired"
+        d["state_detail"] = _expired_why(sa, now)
     return d
+
+
+def _expired_why(sa: SecurityAssociation, now: float) -> str:
+    """Which hard lifetime an expired SA reached (it showed EXPIRED and no reason)."""
+    h, c = sa.hard, sa.counters
+    reached = [what for what, hit in (
+        (f"{h.seconds:g} s", h.seconds is not None and now - sa.created >= h.seconds),
+        (f"{h.bytes} bytes", h.bytes is not None and c.bytes >= h.bytes),
+        (f"{h.packets} packets", h.packets is not None and c.packets >= h.packets),
+    ) if hit]  # fmt: skip
+    limit = " and ".join(reached) or "reached"
+    return f"past its hard lifetime ({limit}): sends and receives nothing"
 
 
 class ControlServer:
