@@ -230,7 +230,9 @@ def sa_summary(
     else:
         d["replay_top"] = sa.window.top
     d["state"], d["state_detail"] = state
-    if sa.dead:
+    # (an SA added past its hard lifetime, as sa add of a context whose age is past it,
+    # showed INSTALLED until the engine next looked at it)
+    if sa.dead or sa.hard.exceeded(now - sa.created, sa.counters.bytes, sa.counters.packets):
         d["state"] = "expired"
         d["state_detail"] = _expired_why(sa, now)
     return d
