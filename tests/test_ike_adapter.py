@@ -591,6 +591,41 @@ def test_what_an_operator_names_for_sa_delete_ike_and_when_it_is_refused(
     assert len(sent) == 1 and row["delete_sent"] is False and half.state is IkeState.DEAD
 
 
+def test_an_spi_a_peer_chose_to_be_another_ones_names_neither_for_sa_delete_or_rekey(
+        tmp_path: Path) -> None:  # fmt: skip
+    """A peer chooses the SPIs of its own side (its IKE SPI as initiator, its CHILD SAs'
+    inbound SPIs: our outbound ones), any value, and sees another client's on the wire (IKE
+    headers, ESP headers). A hostile client M took as its CHILD SA's inbound SPI the inbound
+    SPI of client V's CHILD SA, and as its IKE SPI V's IKE SA's responder SPI (ours): an
+    operator who named either SPI to delete or rekey one of them (``sa delete --ike SPI``,
+    ``sa rekey SPI``) acted on both IKE SAs, or on whichever came first. Such an SPI now
+    names neither (ValueError saying why and what to name instead), as ``ipsecct
+    transfer`` already refused it; the IKE SA's number and the SPIs only one has still name
+    it."""
+    import dataclasses
+
+    svc = _service(tmp_path)
+    ikes = []
+    for t in (1.0, 2.0):
+        w = pair(mn_conn(dpd=10), conn(dpd=10))
+        connect(w)
+        (ike_r,) = w.resp.ike_sas()
+        ikes.append(svc.engine.import_ike(w.resp.export_ike(ike_r, t), t))
+    v, m = ikes
+    (vc,), (mc,) = v.children, m.children
+    m.children[0] = mc = dataclasses.replace(mc, spi_out=vc.spi_in)  # M's choices
+    m.spi_i = v.spi_r
+    for what in (hex(vc.spi_in), v.spi_r.hex()):
+        with pytest.raises(ValueError, match="names 2 IKE SAs here"):
+            svc.find(what)
+    with pytest.raises(ValueError, match="names 2 CHILD SAs here"):
+        svc.child_named(vc.spi_in)
+    assert svc.find(hex(vc.spi_out)) == [v] and svc.find(v.spi_i.hex()) == [v]
+    assert svc.find(uid=m.uid) == [m] and svc.find(m.spi_r.hex()) == [m]
+    assert svc.child_named(vc.spi_out) == (v, vc) and svc.child_named(mc.spi_in) == (m, mc)
+    assert svc.find(v.conn.name) == [v, m]  # (a connection names each of its IKE SAs)
+
+
 def test_sa_rekey_sends_the_request_at_once_or_says_why_not(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -2032,7 +2032,31 @@ class IkeService:
             raise ValueError(f"no IKE SA, connection or SPI {what!r} here (an IKE SPI is 16"
                              " hex digits, a CHILD SA's a number: decimal, or 0x... for hex;"
                              " see ipsecct sa list --ike)")  # fmt: skip
+        if len(named) > 1 and not any(c.name == what for c in self.engine.connections):
+            # (a peer chooses its side's SPIs, any value: another's, seen on the wire)
+            raise ValueError(f"SPI {what!r} names {len(named)} IKE SAs here (#"
+                             + ", #".join(str(i.uid) for i in named) + "): a peer chose"
+                             " another's SPI as its own; name one by its number (--ike-id)"
+                             " or by an SPI only it has (see ipsecct sa list --ike)")
         return named
+
+    def child_named(self, spi: int) -> tuple[IkeSA, ChildSA]:
+        """The CHILD SA (and its IKE SA) an operator names by either of its SPIs (``ipsecct
+        sa rekey SPI``, as ``swanctl --rekey --child``). Raises ValueError, saying why, when
+        none has it or more than one IKE SA's do: a CHILD SA's outbound SPI is its peer's
+        choice, and may be another CHILD SA's inbound one, which that peer saw on the
+        wire."""
+        found = [(ike, c) for ike in self.engine.ike_sas() for c in ike.children
+                 if spi in (c.spi_in, c.spi_out) and ike.state is not IkeState.DEAD]
+        if not found:
+            raise ValueError(f"no IKE-keyed CHILD SA with SPI 0x{spi:08x} here (see ipsecct"
+                             " sa list --ike)")  # fmt: skip
+        if len(found) > 1:
+            raise ValueError(f"SPI 0x{spi:08x} names {len(found)} CHILD SAs here (of IKE SAs"
+                             " #" + ", #".join(str(ike.uid) for ike, _ in found) + "): a"
+                             " peer chose another's SPI as its own; name the CHILD SA by its"
+                             " other SPI (see ipsecct sa list --ike)")  # fmt: skip
+        return found[0]
 
     def _named(self, what: str) -> list[IkeSA] | None:
         """The IKE SAs ``what`` names, for ``ipsecct sa delete --ike`` and ``ipsecct

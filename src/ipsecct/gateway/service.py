@@ -18,7 +18,7 @@ from ..ct.transfer import FPT_FORWARD, UNIT_IKEV2, Identity
 from ..errors import ConfigError, ControlError, CxtpError, IkeProtocolError, IpsecctError
 from ..ikev2 import context as ike_context
 from ..ikev2.context import is_ike_cdb
-from ..ikev2.ikesa import IkeSA, IkeState
+from ..ikev2.ikesa import IkeSA
 from ..ipsec.engine import Tunnel, TunnelState
 from ..ipsec.sad import Direction, SecurityAssociation
 from ..ipsec.spd import Action, SPDEntry
@@ -481,13 +481,10 @@ class Service:
                                " SPI) or ike_id")  # fmt: skip
         child = None
         if spi is not None:
-            n = parse_spi(spi)
-            found = [(ike, c) for ike in self.ike.engine.ike_sas() for c in ike.children
-                     if n in (c.spi_in, c.spi_out) and ike.state is not IkeState.DEAD]
-            if not found:
-                raise ControlError(f"no IKE-keyed CHILD SA with SPI 0x{n:08x} here (see"
-                                   " ipsecct sa list --ike)")  # fmt: skip
-            ike, child = found[0]
+            try:
+                ike, child = self.ike.child_named(parse_spi(spi))
+            except ValueError as exc:
+                raise ControlError(str(exc)) from None
             ikes = [ike]
         else:
             ikes = self._named_ikes(what, uid)
