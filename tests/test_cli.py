@@ -527,3 +527,14 @@ def test_an_expired_sa_says_which_hard_lifetime_it_reached(
     out = capsys.readouterr().out
     assert ("0xc0ffee01 mn-17 in: expired: past its hard lifetime (3600 s): sends and receives"
             " nothing\n" in out), out
+
+
+def test_transfer_and_rebalance_name_their_target_alike(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``transfer --help`` said ``--to TO`` where ``rebalance --help`` says ``--to PEER``."""
+    for cmd in ("transfer", "rebalance"):
+        with pytest.raises(SystemExit):
+            cli.main([cmd, "--help"])
+        out = capsys.readouterr().out
+        assert "--to PEER" in out and "--to TO" not in out, out

@@ -116,7 +116,7 @@ def register(sub: Any) -> None:
         " an IKE SPI (16 hex digits) or a connection's name with one IKE SA (the IKE SA and"
         " all its CHILD SAs move together)",
     )
-    p.add_argument("--to", help="peer gateway name ([[peers]] in the config)")
+    p.add_argument("--to", metavar="PEER", help="peer gateway name ([[peers]] in the config)")
     p.add_argument(
         "--mode",
         choices=["predictive", "reactive"],
