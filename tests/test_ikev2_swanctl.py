@@ -162,6 +162,27 @@ def test_a_psk_connection_without_a_matching_secret_names_the_ids_on_both_sides(
     assert c.psk == b"" and [k.ids for k in c.shared_keys] == [("gw.test",)]
 
 
+def test_swanctls_comma_list_in_one_toml_list_item_is_named_as_such() -> None:
+    """swanctl.conf's ``proposals = aes128gcm16-prfsha256-ecp256, aes256-sha256-modp2048``
+    copied into one item of a TOML list said "unknown or unsupported algorithm
+    'ecp256,aes256'", as if a word were wrong. Now it says that the item holds several
+    proposals and how to write them; the same text as a string (swanctl's) is read as two."""
+    for key, patch, child in (
+        ("proposals", {"proposals": ["aes128gcm16-prfsha256-ecp256,aes256-sha256-modp2048"]},
+         None),
+        ("children.net.esp_proposals", None,
+         {"esp_proposals": ["aes128gcm16, aes128-sha256"]}),
+    ):  # fmt: skip
+        with pytest.raises(ConfigError) as ei:
+            _parse(patch, child)
+        msg = str(ei.value)
+        assert f"connections.rw.{key}: " in msg, msg
+        assert "holds several (a comma separates proposals); one per list item: [" in msg, msg
+    c = _parse({"proposals": "aes128gcm16-prfsha256-ecp256, aes256-sha256-modp2048"},
+               {"esp_proposals": "aes128gcm16, aes128-sha256"})  # fmt: skip
+    assert len(c.proposals) == 2 and len(c.children[0].esp_proposals) == 2
+
+
 def test_a_small_volume_limit_without_its_life_key_is_not_refused_for_the_key_not_set() -> None:
     """rekey_packets = 5 alone: life_packets' default (10 % more, as swanctl's) was 5 too,
     and the configuration was refused naming life_packets, which it does not set."""

@@ -271,6 +271,10 @@ def parse(text: str, protocol: int) -> Offer:
     prf: list[int] = []
     dh: list[int] = []
     esn: list[int] = []
+    if "," in text:  # swanctl's list in one item of a TOML list: "ecp256,aes256" was a word
+        shown = ", ".join(f'"{p.strip()}"' for p in text.split(","))
+        raise ConfigError(f"proposal {text!r}: holds several (a comma separates proposals);"
+                          f" one per list item: [{shown}]")
     for word in text.strip().lower().split("-"):
         if word in _ENCR_WORDS:
             encr.append(_ENCR_WORDS[word])
