@@ -335,6 +335,29 @@ def test_a_socket_path_too_long_is_named_so_not_no_such_file(
         request(fits, "status")
 
 
+def test_metrics_export_the_ike_sas_and_the_ike_counters() -> None:
+    """A strongSwan operator watches the IKE SAs (swanctl --list-sas, --stats) and failed
+    authentications; ``status`` had them, the metrics endpoint nothing about IKE. Now the
+    IKE SAs, the half-open ones and each IKE counter; nothing about IKE without it."""
+    from ipsecct.gateway.control import prometheus_text
+
+    status: dict[str, Any] = {
+        "name": "gw", "sas": 2, "uptime_s": 1.0,
+        "counters": {"out_packets": 0, "in_packets": 0, "out_bytes": 0, "in_bytes": 0,
+                     "drops": {}},
+        "ike": {"ike_sas": 3, "half_open": 1, "pools": [], "replicas_refused": [],
+                "counters": {"auth-failed": 2, "ike-sa-established": 4}},
+    }  # fmt: skip
+    text = prometheus_text(status)
+    for line in ("# TYPE ipsecct_ike_sas gauge", 'ipsecct_ike_sas{node="gw"} 3',
+                 'ipsecct_ike_half_open{node="gw"} 1', "# TYPE ipsecct_ike_events_total counter",
+                 'ipsecct_ike_events_total{node="gw",event="auth-failed"} 2',
+                 'ipsecct_ike_events_total{node="gw",event="ike-sa-established"} 4'):  # fmt: skip
+        assert line + "\n" in text, text
+    del status["ike"]
+    assert "ipsecct_ike" not in prometheus_text(status)
+
+
 def test_metrics_server_answers_get_and_refuses_the_rest() -> None:
     status = {
         "name": "n1",

@@ -624,6 +624,24 @@ def prometheus_text(status: dict[str, Any]) -> str:
             f'ipsecct_cxtp_foreign_total{{node="{node}",kind="{k[8:]}"}} {v}'
             for k, v in tr.items() if k.startswith("foreign_")
         ]  # fmt: skip
+    ike = status.get("ike")
+    if isinstance(ike, dict) and "ike_sas" in ike:
+        # what swanctl --list-sas / --stats tell a strongSwan operator: status had it, the
+        # metrics endpoint had nothing about IKE
+        lines += [
+            "# HELP ipsecct_ike_sas IKE SAs on this node (half-open ones apart).",
+            "# TYPE ipsecct_ike_sas gauge",
+            f'ipsecct_ike_sas{{node="{node}"}} {ike["ike_sas"]}',
+            "# HELP ipsecct_ike_half_open Half-open IKE SAs (IKE_SA_INIT answered, no IKE_AUTH"
+            " yet).",
+            "# TYPE ipsecct_ike_half_open gauge",
+            f'ipsecct_ike_half_open{{node="{node}"}} {ike.get("half_open", 0)}',
+            "# HELP ipsecct_ike_events_total IKE events by kind, as status's ike counters"
+            " (auth-failed, no-proposal-chosen, ike-sa-established, ...).",
+            "# TYPE ipsecct_ike_events_total counter",
+        ]
+        lines += [f'ipsecct_ike_events_total{{node="{node}",event="{k}"}} {v}'
+                  for k, v in sorted((ike.get("counters") or {}).items())]  # fmt: skip
     for k, v in status.get("metrics", {}).items():
         if v is None:  # nothing to measure (no SA under reservation): no sample, not a 0
             continue
