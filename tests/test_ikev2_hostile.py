@@ -234,6 +234,48 @@ def test_an_unacceptable_sa_payload_costs_its_proposals_once_whatever_the_connec
     assert w.of("r", IkeUp)
 
 
+def test_failed_authentications_from_anyone_cannot_flood_the_log(
+        caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
+    """Anyone who completes an IKE_SA_INIT (its own address, one key exchange) may fail
+    IKE_AUTH: each failure logged one ike-auth-failed line holding the identity it claimed, as
+    long as its IDi (up to max_packet: 9,000 octets of name, 18,000 as hex) and the reason
+    (a certificate's subject, any length): 60 failures a second from one address wrote about
+    1 MB a second to the operator's log, for ever. Now the identity and the reason in that
+    line are cut (with the octets they had) and each source gets at most a few lines, then
+    about one a second; every failure is still counted (auth-failed), and another source's
+    failure is still logged."""
+    import logging
+
+    gw = IkeEngine([conn()])
+    long_id = "a" * 4000 + ".test"
+    caplog.set_level(logging.INFO, logger="ipsecct")
+
+    def fail(host: str, now: float) -> None:
+        mn = IkeEngine([mn_conn(local_id=long_id, psk=b"not the gateway's key at all")])
+        w = Wire(mn, gw)
+        src = Address(ipaddress.ip_address(host), 500)
+        for o in mn.initiate(mn.connections[0], src, R500, now):
+            if isinstance(o, Send):
+                pending = gw.receive(o.data, src, R500, now)
+                while pending:
+                    sends = [x for x in pending if isinstance(x, Send)]
+                    pending = []
+                    for x in sends:
+                        for y in mn.receive(x.data, R500, src, now):
+                            if isinstance(y, Send):
+                                pending += gw.receive(y.data, src, R500, now)
+        assert not w.of("r", IkeUp)
+
+    for k in range(60):
+        fail("198.51.100.7", 100.0 + k / 60)
+    fail("198.51.100.8", 101.0)
+    assert gw.stats["auth-failed"] == 61
+    lines = [r.getMessage() for r in caplog.records if "event=ike-auth-failed" in r.getMessage()]
+    assert 2 <= len(lines) <= 8, len(lines)
+    assert all(len(line) <= 1200 for line in lines), max(map(len, lines))
+    assert "198.51.100.8" in lines[-1] and "4005 octets" in lines[-1]
+
+
 class HoardingPeer(IkeEngine):
     """A peer that rekeys IKE SAs and never deletes the one it replaced."""
 

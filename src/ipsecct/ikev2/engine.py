@@ -524,6 +524,9 @@ class IkeEngine:
         # refusals of what a peer proposed (no proposal, selectors), logged a few a second
         # in all: IKE_SA_INIT is unauthenticated, its source address anyone's to write
         self._refusal_log = RateLimiter(1.0, 5.0)
+        # ike-auth-failed lines, per source address: anyone who completes an IKE_SA_INIT may
+        # fail IKE_AUTH as often as it likes (every failure is counted, auth-failed)
+        self._auth_log = RateLimiter(1.0, 5.0)
         self.max_packet = max_packet  # larger IKE messages are dropped (``too-long``)
         # the largest IP datagram of an IKE message or fragment we send (None: FRAGMENT_SIZE
         # octets of IKE, whatever the headers)
@@ -1555,9 +1558,10 @@ class IkeEngine:
             # its text (peer_id) would be another identity's: that one's unique, leases, ...
             self.stats["auth-failed"] += 1
             self.stats["auth-id-ambiguous"] += 1
-            log.info("event=ike-auth-failed peer=%s id=%s type=%d reason=%s", ike.remote,
-                     _quote(idi.text()), idi.id_type,
-                     _quote("the identity's text names one of another ID type"))  # fmt: skip
+            if self._auth_log.allow(ike.remote.host, now):
+                log.info("event=ike-auth-failed peer=%s id=%s type=%d reason=%s", ike.remote,
+                         _quote(_id_for_log(idi)), idi.id_type,
+                         _quote("the identity's text names one of another ID type"))  # fmt: skip
             ike.state = IkeState.DEAD
             return [NotifyPayload(Notify.AUTHENTICATION_FAILED)]
         # every connection whose remote.id names the peer is tried, those naming it exactly
@@ -1613,8 +1617,9 @@ class IkeEngine:
             self.stats["auth-failed"] += 1
             if unknown:
                 self.stats["auth-psk-unknown"] += 1
-            log.info("event=ike-auth-failed peer=%s id=%s reason=%s", ike.remote, idi.text(),
-                     _quote(why))  # fmt: skip
+            if self._auth_log.allow(ike.remote.host, now):
+                log.info("event=ike-auth-failed peer=%s id=%s reason=%s", ike.remote,
+                         _id_for_log(idi), _quote(_cut(why, MAX_LOGGED_REASON)))  # fmt: skip
             ike.state = IkeState.DEAD
             return [NotifyPayload(Notify.AUTHENTICATION_FAILED)]
         # (a name or e-mail address in lower case: one text, unique and leases for every
@@ -3207,6 +3212,24 @@ def _given_vips(conn: Connection, cp: CPPayload) -> list[tuple[str, IPAddr]]:
 
 def _quote(text: str) -> str:
     return '"' + text.replace('"', "'") + '"'
+
+
+MAX_LOGGED_ID = 256  # characters of a peer's claimed identity in a log line
+MAX_LOGGED_REASON = 512  # ... and of a reason quoting what it sent (a certificate's subject)
+
+
+def _cut(text: str, limit: int, size: int | None = None) -> str:
+    """``text`` for a log line: at most ``limit`` characters, then how long it was."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}...({size if size is not None else len(text)} " + (
+        "octets)" if size is not None else "characters)")
+
+
+def _id_for_log(idi: IDPayload) -> str:
+    """An identity a peer claims, not yet proven, for a log line (IDPayload.text: printable),
+    cut after MAX_LOGGED_ID characters (an IDi is up to max_packet octets)."""
+    return _cut(idi.text(), MAX_LOGGED_ID, len(idi.data))
 
 
 def _my_id(conn: Connection, ike: IkeSA, initiator: bool = False) -> IDPayload | None:
