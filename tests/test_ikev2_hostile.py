@@ -241,9 +241,9 @@ def test_failed_authentications_from_anyone_cannot_flood_the_log(
     long as its IDi (up to max_packet: 9,000 octets of name, 18,000 as hex) and the reason
     (a certificate's subject, any length): 60 failures a second from one address wrote about
     1 MB a second to the operator's log, for ever. Now the identity and the reason in that
-    line are cut (with the octets they had) and each source gets at most a few lines, then
-    about one a second; every failure is still counted (auth-failed), and another source's
-    failure is still logged."""
+    line are cut (with the octets they had) and each source network (a /24, an IPv6 /64)
+    gets at most a few lines, then about one a second; every failure is still counted
+    (auth-failed), and another network's failure is still logged."""
     import logging
 
     gw = IkeEngine([conn()])
@@ -268,12 +268,14 @@ def test_failed_authentications_from_anyone_cannot_flood_the_log(
 
     for k in range(60):
         fail("198.51.100.7", 100.0 + k / 60)
-    fail("198.51.100.8", 101.0)
-    assert gw.stats["auth-failed"] == 61
+    fail("198.51.100.8", 100.5)  # (the same /24: an attacker's other address)
+    fail("203.0.113.8", 101.0)
+    assert gw.stats["auth-failed"] == 62
     lines = [r.getMessage() for r in caplog.records if "event=ike-auth-failed" in r.getMessage()]
     assert 2 <= len(lines) <= 8, len(lines)
     assert all(len(line) <= 1200 for line in lines), max(map(len, lines))
-    assert "198.51.100.8" in lines[-1] and "4005 octets" in lines[-1]
+    assert "203.0.113.8" in lines[-1] and "4005 octets" in lines[-1]
+    assert not any("198.51.100.8" in line for line in lines)
 
 
 class HoardingPeer(IkeEngine):

@@ -524,8 +524,9 @@ class IkeEngine:
         # refusals of what a peer proposed (no proposal, selectors), logged a few a second
         # in all: IKE_SA_INIT is unauthenticated, its source address anyone's to write
         self._refusal_log = RateLimiter(1.0, 5.0)
-        # ike-auth-failed lines, per source address: anyone who completes an IKE_SA_INIT may
-        # fail IKE_AUTH as often as it likes (every failure is counted, auth-failed)
+        # ike-auth-failed lines, per source network (_net: an IPv6 attacker has a /64): anyone
+        # who completes an IKE_SA_INIT may fail IKE_AUTH as often as it likes (every failure
+        # is counted, auth-failed)
         self._auth_log = RateLimiter(1.0, 5.0)
         self.max_packet = max_packet  # larger IKE messages are dropped (``too-long``)
         # the largest IP datagram of an IKE message or fragment we send (None: FRAGMENT_SIZE
@@ -1558,7 +1559,7 @@ class IkeEngine:
             # its text (peer_id) would be another identity's: that one's unique, leases, ...
             self.stats["auth-failed"] += 1
             self.stats["auth-id-ambiguous"] += 1
-            if self._auth_log.allow(ike.remote.host, now):
+            if self._auth_log.allow(_net(ike.remote.host), now):
                 log.info("event=ike-auth-failed peer=%s id=%s type=%d reason=%s", ike.remote,
                          _quote(_id_for_log(idi)), idi.id_type,
                          _quote("the identity's text names one of another ID type"))  # fmt: skip
@@ -1617,7 +1618,7 @@ class IkeEngine:
             self.stats["auth-failed"] += 1
             if unknown:
                 self.stats["auth-psk-unknown"] += 1
-            if self._auth_log.allow(ike.remote.host, now):
+            if self._auth_log.allow(_net(ike.remote.host), now):
                 log.info("event=ike-auth-failed peer=%s id=%s reason=%s", ike.remote,
                          _id_for_log(idi), _quote(_cut(why, MAX_LOGGED_REASON)))  # fmt: skip
             ike.state = IkeState.DEAD
