@@ -66,63 +66,37 @@ def _packet(i: int) -> bytes:
     return bytes(build_udp(ipaddress.ip_address("10.2.0.1"), dst, 7000, 7000, b"x" * 32))
 
 
+def _add_end(engine: Engine, sel: Selectors, name: str, local: Any, remote: Any,
+             out: tuple[int, bytes], inb: tuple[int, bytes]) -> None:  # fmt: skip
+    """One end of a tunnel on ``engine``: its outbound SA (``out``: SPI and key) from
+    ``local`` to ``remote`` and its inbound SA (``inb``) the other way, both with ``sel``
+    (AES-GCM-16, ESN, a 1024-packet window, in UDP)."""
+    common: dict[str, Any] = dict(esn=True, replay_window=1024, encap=UdpEncap())
+    engine.add_tunnel(
+        SPDEntry(sel, Action.PROTECT, name=name, static=False),
+        SecurityAssociation(
+            out[0], Direction.OUTBOUND, local, remote, enc_key=out[1], selectors=sel, name=name,
+            **common,
+        ),
+        SecurityAssociation(
+            inb[0], Direction.INBOUND, remote, local, enc_key=inb[1], selectors=sel, name=name,
+            **common,
+        ),
+    )
+
+
 def build(n: int) -> tuple[Engine, Engine]:
     """The active gateway with n tunnels, and one peer engine with their other ends."""
     a = ipaddress.ip_address
     gw, peer = Engine(a(GW_A)), Engine(a(PEER))
     for i in range(n):
-        k_down, k_up = os.urandom(20), os.urandom(20)
+        down = (0x1000000 + i, os.urandom(20))  # gateway -> peer: SPI, key
+        up = (0x2000000 + i, os.urandom(20))
         mn = str(ipaddress.ip_address("10.64.0.0") + i)
         s_gw = Selectors.between("10.2.0.0/16", mn)
         s_mn = Selectors.between(mn, "10.2.0.0/16")
-        common: dict[str, Any] = dict(esn=True, replay_window=1024, encap=UdpEncap())
-        spi_down, spi_up = 0x1000000 + i, 0x2000000 + i
-        gw.add_tunnel(
-            SPDEntry(s_gw, Action.PROTECT, name=f"t{i}", static=False),
-            SecurityAssociation(
-                spi_down,
-                Direction.OUTBOUND,
-                a(GW_A),
-                a(PEER),
-                enc_key=k_down,
-                selectors=s_gw,
-                name=f"t{i}",
-                **common,
-            ),
-            SecurityAssociation(
-                spi_up,
-                Direction.INBOUND,
-                a(PEER),
-                a(GW_A),
-                enc_key=k_up,
-                selectors=s_gw,
-                name=f"t{i}",
-                **common,
-            ),
-        )
-        peer.add_tunnel(
-            SPDEntry(s_mn, Action.PROTECT, name=f"m{i}", static=False),
-            SecurityAssociation(
-                spi_up,
-                Direction.OUTBOUND,
-                a(PEER),
-                a(GW_A),
-                enc_key=k_up,
-                selectors=s_mn,
-                name=f"m{i}",
-                **common,
-            ),
-            SecurityAssociation(
-                spi_down,
-                Direction.INBOUND,
-                a(GW_A),
-                a(PEER),
-                enc_key=k_down,
-                selectors=s_mn,
-                name=f"m{i}",
-                **common,
-            ),
-        )
+        _add_end(gw, s_gw, f"t{i}", a(GW_A), a(PEER), down, up)
+        _add_end(peer, s_mn, f"m{i}", a(PEER), a(GW_A), up, down)
     return gw, peer
 
 
