@@ -23,7 +23,7 @@ from ipsecct.gateway.etcd import EtcdClient
 from tests.helpers.control import ask, socket_of
 from tests.helpers.deployment import cli
 from tests.helpers.etcd_server import EtcdCluster
-from tests.helpers.state import Capture, Gateways, Traffic
+from tests.helpers.state import Capture, Gateways, Traffic, capturing
 
 pytestmark = pytest.mark.slow
 
@@ -34,13 +34,9 @@ EVERY = {0x20000000 + i for i in range(TUNNELS)}
 
 
 @pytest.fixture
-def gws(tmp_path: Path):  # type: ignore[no-untyped-def]
-    cap = Capture()
-    g = Gateways(tmp_path, cap.port, tunnels=TUNNELS, block=64)
-    g.capture = cap  # type: ignore[attr-defined]
-    yield g
-    g.stop()
-    cap.close()
+def gws(tmp_path: Path) -> Iterator[Gateways]:
+    with capturing(tmp_path, TUNNELS) as g:
+        yield g
 
 
 def wait_for(pred: Callable[[], bool], what: str, detail: Callable[[], str],

@@ -12,13 +12,13 @@ import json
 import math
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.helpers.state import Capture, Gateways, Traffic
+from tests.helpers.state import Capture, Gateways, Traffic, capturing
 
 pytestmark = pytest.mark.slow
 
@@ -30,13 +30,9 @@ PAUSE_ATTEMPTS = 5
 
 
 @pytest.fixture
-def gws(tmp_path: Path):  # type: ignore[no-untyped-def]
-    cap = Capture()
-    g = Gateways(tmp_path, cap.port, tunnels=TUNNELS, block=64)
-    g.capture = cap  # type: ignore[attr-defined]
-    yield g
-    g.stop()
-    cap.close()
+def gws(tmp_path: Path) -> Iterator[Gateways]:
+    with capturing(tmp_path, TUNNELS) as g:
+        yield g
 
 
 def wait_for(pred, what: str, timeout: float = 45.0, detail=None) -> None:  # type: ignore[no-untyped-def]

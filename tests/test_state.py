@@ -8,7 +8,7 @@ import os
 import random
 import sqlite3
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ from ipsecct.gateway import state as state_mod
 from ipsecct.gateway.state import SCHEMA, StateStore
 from ipsecct.ipsec.engine import Tunnel
 from ipsecct.ipsec.sad import SecurityAssociation
-from tests.helpers.state import Capture, Gateways, Traffic
+from tests.helpers.state import Capture, Gateways, Traffic, capturing
 
 
 def row(fp: str, owner: Owner, ceiling: int = 100, name: str = "t") -> SAState:
@@ -264,13 +264,9 @@ def test_default_directory(monkeypatch: pytest.MonkeyPatch) -> None:
 
 # -- processes ------------------------------------------------------------------------------
 @pytest.fixture
-def gws(tmp_path: Path):  # type: ignore[no-untyped-def]
-    cap = Capture()
-    g = Gateways(tmp_path, cap.port, tunnels=20, block=32)
-    g.capture = cap  # type: ignore[attr-defined]
-    yield g
-    g.stop()
-    cap.close()
+def gws(tmp_path: Path) -> Iterator[Gateways]:
+    with capturing(tmp_path, 20, block=32) as g:
+        yield g
 
 
 def wait_for(pred, what: str, timeout: float = 15.0) -> None:  # type: ignore[no-untyped-def]

@@ -24,7 +24,7 @@ import pytest
 from ipsecct.errors import ControlError
 from ipsecct.gateway.control import request
 from tests.helpers.control import ask, socket_of
-from tests.helpers.state import Capture, Gateways, Traffic
+from tests.helpers.state import Capture, Gateways, Traffic, capturing
 
 pytestmark = pytest.mark.slow
 
@@ -33,13 +33,9 @@ TUNNELS = int(os.environ.get("IPSECCT_TEST_TUNNELS", "150"))
 
 
 @pytest.fixture
-def gws(tmp_path: Path):  # type: ignore[no-untyped-def]
-    cap = Capture()
-    g = Gateways(tmp_path, cap.port, tunnels=TUNNELS, block=64)
-    g.capture = cap  # type: ignore[attr-defined]
-    yield g
-    g.stop()
-    cap.close()
+def gws(tmp_path: Path) -> Iterator[Gateways]:
+    with capturing(tmp_path, TUNNELS) as g:
+        yield g
 
 
 def wait_for(pred, what: str, timeout: float = 45.0, detail=None) -> None:  # type: ignore[no-untyped-def]

@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -269,3 +270,18 @@ keys = "keys/t{i}.keys"
         stop_all(self.procs.values())
         self.procs.clear()
         self.sink.close()
+
+
+@contextlib.contextmanager
+def capturing(d: Path, tunnels: int, block: int = 64) -> Iterator[Gateways]:
+    """:class:`Gateways` in ``d`` whose ESP to the mobile nodes lands in a :class:`Capture` of
+    their own, kept as ``capture``; afterwards the gateways stopped and the capture closed (a
+    test module's ``gws`` fixture)."""
+    cap = Capture()
+    g = Gateways(d, cap.port, tunnels=tunnels, block=block)
+    g.capture = cap  # type: ignore[attr-defined]
+    try:
+        yield g
+    finally:
+        g.stop()
+        cap.close()
