@@ -2578,18 +2578,12 @@ def test_no_seq_sent_twice_a_tie_whose_joins_are_lost_for_good_ends_by_the_alone
 
     from ipsecct.ct.lease import LeaseEvent
     from ipsecct.gateway.failover_driver import TIE_JOIN_MAX, alone_after
-    from ipsecct.gateway.fencing import PairFencing, load_state
+    from ipsecct.gateway.fencing import load_state
 
-    kw: dict[str, Any] = {"fencing": True, "dead_ms": 500.0, "heartbeat_ms": 100.0}
     act = Engine(ip(SG_ADDR["sg1"]))
     add_tunnel(act, 1)
-    rep = failover.Replicator(act, cfg(**kw), session=7)
-    sb = standby(Engine(ip(SG_ADDR["sg2"])), **kw)
-    clock = [0.0]
-    path = tmp_path / "failover-epoch.json"
-    d = _alone_driver(rep, path, clock)
-    d.fencing = PairFencing(d.node, rep.cfg, path, rep, None)
-    d.fencing.on_superseded.append(d._become_standby)
+    rep, sb, clock, d = _alone_pair(act, tmp_path, pair_fencing=True)
+    path = d.fencing.path
     up = [False]
     to_sg2: list[tuple[float, cxtp.Message]] = []
     d.channels = SimpleNamespace(
@@ -2643,7 +2637,7 @@ def test_no_seq_sent_twice_a_tie_whose_joins_are_lost_for_good_ends_by_the_alone
     join = wire([to_sg2[-1][1]])[0]
     assert failover.sync_header(join) == (failover.SYNC_JOIN, 2)
     assert failover.join_held(join) == (0, 0)
-    rep_b = failover.Replicator(sb.engine, cfg(**kw), session=9)
+    rep_b = failover.Replicator(sb.engine, cfg(**ALONE_KW), session=9)
     rep_b.epoch = 2
     assert _sent(sb.engine, 10, clock[0]) == []  # fenced until sg1 acknowledges
     t = clock[0]
