@@ -586,3 +586,30 @@ def test_own_addresses_are_the_outer_the_virtual_and_the_tun_ones(tmp_path: Path
     cfg = config.load(write(tmp_path, text))
     assert [str(a) for a in config.own_addresses(cfg)] == [
         "127.0.0.2", "127.0.0.9", "10.2.0.1", "fd00::1"]  # fmt: skip
+
+
+@pytest.mark.parametrize(("text", "hint"), [
+    ('name = "gw"\n[connections.rw]\nproposals = aes128gcm16-prfsha256-x25519\n',
+     "; TOML quotes a string (key = \"value\"), which swanctl.conf does not"),
+    ('name = "gw"\n[connections.rw]\nlocal { auth = psk }\n',
+     "; this is swanctl.conf's syntax: here a block is a TOML table"),
+    ("connections {\n  gw {\n    version = 2\n  }\n}\n",
+     "; this is swanctl.conf's syntax: here a block is a TOML table"),
+    ('name = "gw"\nport = 12abc\n', None),  # not swanctl's: tomllib's words alone
+])  # fmt: skip
+def test_swanctl_conf_syntax_in_the_toml_is_named_as_such(
+    tmp_path: Path, text: str, hint: str | None
+) -> None:
+    """A strongSwan operator writes ``proposals = aes128gcm16-...`` (no quotes) or a
+    ``local { auth = psk }`` block out of habit: the error was tomllib's alone ("Invalid
+    value (at line 3, column 13)"). It now says what swanctl.conf does that TOML does not."""
+    f = tmp_path / "gw.toml"
+    f.write_text(text)
+    with pytest.raises(ConfigError) as ei:
+        config.load(f)
+    msg = str(ei.value)
+    assert msg.startswith(f"{f}: not valid TOML: ") and "(at line " in msg, msg
+    if hint is None:
+        assert "swanctl" not in msg.split(": not valid TOML: ")[1], msg
+    else:
+        assert hint in msg, msg

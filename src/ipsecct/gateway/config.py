@@ -630,16 +630,36 @@ def parse_toml(text: str) -> dict[str, Any]:
         raise ValueError("a number too long") from None
 
 
+def _swanctl_hint(text: str, error: str) -> str:
+    """What to add to tomllib's error when the line it names is written as in swanctl.conf
+    (a strongSwan operator's habit): a value without quotes, or a ``name {`` block."""
+    m = re.search(r"\(at line (\d+), column \d+\)", error)
+    lines = text.splitlines()
+    if m is None or not 0 < int(m.group(1)) <= len(lines):
+        return ""
+    line = lines[int(m.group(1)) - 1].strip()
+    if re.fullmatch(r"[\w.-]+\s*\{.*", line) or line == "}":
+        return ("; this is swanctl.conf's syntax: here a block is a TOML table, as"
+                " [connections.NAME] and local.auth = \"psk\" (README, IKEv2)")
+    if error.startswith("Invalid value") and re.fullmatch(r"[\w.-]+\s*=\s*[A-Za-z%@][^\"'\[{]*",
+                                                          line):  # fmt: skip
+        return "; TOML quotes a string (key = \"value\"), which swanctl.conf does not"
+    return ""
+
+
 def _read_toml(path: str | Path) -> dict[str, Any]:
     """A configuration file's tables; any file that is not UTF-8 TOML is a ConfigError."""
+    text = ""
     try:
-        data = parse_toml(read_limited(path, CONFIG_LIMIT).decode())
+        text = read_limited(path, CONFIG_LIMIT).decode()
+        data = parse_toml(text)
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
     except UnicodeDecodeError:  # tomllib decodes before it parses
         raise ConfigError(f"{path}: not valid TOML: not UTF-8 text") from None
     except ValueError as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+        raise ConfigError(f"{path}: not valid TOML: {exc}{_swanctl_hint(text, str(exc))}"
+                          ) from None
     try:
         _no_nul(data, _Ctx(str(path)), "")
     except RecursionError:  # tables nested that deep by dotted keys: no configuration's
