@@ -1177,6 +1177,68 @@ def test_crossed_ike_rekey_the_winner_deletes_the_old_sa_before_the_loser_has_it
     assert not w.of("i", IkeDown) and not w.of("r", IkeDown)
 
 
+@pytest.mark.parametrize("crossed_rekey", [False, True])
+def test_a_request_unanswered_on_a_rekeyed_ike_sa_is_not_the_peer_dead(
+    crossed_rekey: bool,
+) -> None:
+    """Our request on an IKE SA already replaced goes unanswered through every resend: the
+    DELETE of the old IKE SA after our rekey, or (``crossed_rekey``) our rekey that the
+    peer's crossed (its first request lost, ours answered and the answer lost, its own sent
+    again and answered: as the strongSwan test forces it), every datagram of the peer's on
+    the old IKE SA lost from then on. The successor holds the CHILD SA and is alive (its
+    liveness checks answered throughout): the old one goes as rekeyed, counted
+    ``rekeyed-unanswered``. It was counted ``peer-dead`` (and logged ike-peer-dead), as if
+    the peer were gone."""
+    import random as _r
+
+    w = pair(mn_conn(dpd=10), conn(dpd=10))
+    rnd = _r.Random(0)  # (the peer's exchange wins the crossed rekey: its IKE SA survives)
+    w.ini.random = w.resp.random = lambda n: rnd.randbytes(n)
+    connect(w)
+    (ii,), (ir,) = w.ini.ike_sas(), w.resp.ike_sas()
+    old = ii.spi_i
+
+    def run(outs: list[Output], frm: str, now: float) -> None:
+        """As Wire.deliver, the responder's datagrams on the old IKE SA lost."""
+        pending = [(frm, o) for o in outs]
+        while pending:
+            side, o = pending.pop(0)
+            if not isinstance(o, Send):
+                w.events[side].append(o)
+                continue
+            if side == "r" and M.decode(o.data)[0].spi_i == old:
+                continue
+            target, other = (w.resp, "r") if side == "i" else (w.ini, "i")
+            src, dst = (I500, R500) if side == "i" else (R500, I500)
+            pending += [(other, x) for x in target.receive(o.data, src, dst, now)]
+
+    if crossed_rekey:
+        assert sends(w.resp.rekey_ike(ir, 10.0))  # lost
+        (req_i,) = sends(w.ini.rekey_ike(ii, 10.1))
+        assert sends(w.resp.receive(req_i.data, I500, R500, 10.2))  # the answer lost
+        (again,) = sends(w.resp.tick(12.0))
+        run(w.ini.receive(again.data, R500, I500, 12.0), "i", 12.0)  # answered, in flight
+        assert w.ini.stats["rekey-collision"] == w.resp.stats["rekey-collision-won"] == 1
+    else:
+        (req,) = sends(w.ini.rekey_ike(ii, 10.0))
+        (ans,) = sends(w.resp.receive(req.data, I500, R500, 10.0))  # (this one arrives)
+        run(w.ini.receive(ans.data, R500, I500, 10.1), "i", 10.1)  # the DELETE of the old
+        assert ii.pending is not None and ii.pending.kind == "delete-rekeyed"
+    assert ii.state is IkeState.REKEYED and ii.pending is not None
+    t = 12.0
+    while t < 80.0:
+        t = round(t + 0.5, 1)
+        run(w.ini.tick(t), "i", t)
+        run(w.resp.tick(t), "r", t)
+    assert w.ini.stats["peer-dead"] == 0, "a request on a rekeyed IKE SA made the peer dead"
+    assert w.ini.stats["rekeyed-unanswered"] == 1
+    assert w.ini.by_spi.get(ii.our_spi) is None and ii.state.value == "dead"
+    (new,) = w.ini.ike_sas()
+    assert new.state is IkeState.ESTABLISHED and len(new.children) == 1
+    assert new.spi_i != old and w.ini.stats["liveness-sent"] >= 1
+    assert not w.of("i", IkeDown) and not w.of("i", ChildDown)
+
+
 def test_cookies_under_load() -> None:
     """§2.6: past the threshold IKE_SA_INIT is answered statelessly with a COOKIE; the
     initiator repeats its request with it and gets through; a wrong cookie gets a new one."""

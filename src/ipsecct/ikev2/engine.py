@@ -644,6 +644,16 @@ class IkeEngine:
         p = ike.pending
         if p is not None:
             if now >= p.deadline:
+                if p.tries > len(RETRANSMIT) and ike.state is IkeState.REKEYED:
+                    # our request on an IKE SA already replaced (the DELETE after our
+                    # rekey, or our rekey that the peer's crossed): its successor holds the
+                    # CHILD SAs and its own liveness says whether the peer is alive; this
+                    # one goes as rekeyed (no IkeDown, no dpd_action). It counted peer-dead.
+                    self.stats["rekeyed-unanswered"] += 1
+                    log.info("event=ike-rekeyed-unanswered conn=%s peer=%s exchange=%s",
+                             ike.conn.name, ike.remote, p.kind)  # fmt: skip
+                    self._kill(ike, "rekeyed", out)
+                    return
                 if p.tries > len(RETRANSMIT):
                     self.stats["peer-dead"] += 1
                     log.info("event=ike-peer-dead conn=%s peer=%s", ike.conn.name,
