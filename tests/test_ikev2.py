@@ -1239,6 +1239,51 @@ def test_a_request_unanswered_on_a_rekeyed_ike_sa_is_not_the_peer_dead(
     assert not w.of("i", IkeDown) and not w.of("i", ChildDown)
 
 
+def test_the_peers_ike_sa_that_lost_a_crossed_rekey_goes_after_30_s_as_strongswans_does(
+) -> None:
+    """§2.8.2, our IKE rekey crossing the peer's and winning, the peer never deleting the
+    redundant IKE SA its request made here (charon, whose request was still unanswered when
+    our DELETE of the old IKE SA came, drops its own without a DELETE: "peer did not notice
+    IKE_SA rekey collision, abort active rekeying", and lists only the surviving IKE SA).
+    Our copy of it, listed rekeyed with no CHILD SA, goes REDUNDANT_GRACE (30 s) after the
+    collision, as strongSwan waits for the peer's redundant IKE SA when it wins
+    (HALF_OPEN_IKE_SA_TIMEOUT); it stayed 60 s (REKEYED_GRACE, the wait for the DELETE of an
+    old IKE SA the peer rekeyed). Nothing goes down, the new IKE SA keeps the CHILD SA."""
+    import random as _r
+
+    from ipsecct.ikev2.engine import REDUNDANT_GRACE
+
+    w = pair(mn_conn(dpd=10), conn())
+    rnd = _r.Random(2)  # (our exchange holds the winning nonces)
+    w.ini.random = w.resp.random = lambda n: rnd.randbytes(n)
+    connect(w)
+    (ii,), (ir,) = w.ini.ike_sas(), w.resp.ike_sas()
+    (req_i,) = sends(w.ini.rekey_ike(ii, 10.0))
+    (req_r,) = sends(w.resp.rekey_ike(ir, 10.0))
+    (ans_r,) = sends(w.resp.receive(req_i.data, I500, R500, 10.1))
+    assert sends(w.ini.receive(req_r.data, R500, I500, 10.1))  # its answer: lost
+    w.deliver(w.ini.receive(ans_r.data, R500, I500, 10.2), "i", 10.2)  # won: DELETE the old
+    assert w.ini.stats["rekey-collision-won"] == 1
+
+    def rekeyed() -> list[IkeSA]:
+        return [x for x in w.ini.ike_sas() if x.state is IkeState.REKEYED]
+
+    (theirs,) = rekeyed()
+    assert theirs.children == [] and theirs.spi_i not in (ii.spi_i,)
+    t = 10.2
+    while t < 10.2 + REDUNDANT_GRACE - 0.5:
+        t = round(t + 0.5, 1)
+        w.deliver(w.ini.tick(t), "i", t)
+        w.deliver(w.resp.tick(t), "r", t)
+    assert rekeyed() == [theirs]  # waiting for the peer's DELETE
+    t += 1.0
+    w.deliver(w.ini.tick(t), "i", t)
+    assert rekeyed() == [] and theirs.state is IkeState.DEAD, "still listed after 30 s"
+    (new,) = w.ini.ike_sas()
+    assert new.state is IkeState.ESTABLISHED and len(new.children) == 1
+    assert not w.of("i", IkeDown) and not w.of("i", ChildDown)
+
+
 def test_cookies_under_load() -> None:
     """§2.6: past the threshold IKE_SA_INIT is answered statelessly with a COOKIE; the
     initiator repeats its request with it and gets through; a wrong cookie gets a new one."""

@@ -308,6 +308,15 @@ def test_crossed_ike_rekeys_leave_one_and_the_same_ike_sa_with_its_child_sa(
         assert (role == "responder") == gw_lost, context(ss, gw)  # made by the winner
         assert gw_children(sock) == child  # the CHILD SA is not rekeyed by it
         assert ss_children(ss) == [(child[0][1], child[0][0])], ss.list_sas()
+        if not gw_lost:
+            # charon lost: it deleted its redundant IKE SA, or (its request unanswered when
+            # our DELETE of the old one came) dropped it unsaid, listing the survivor alone;
+            # our copy, if still listed rekeyed, goes within REDUNDANT_GRACE (30 s: charon's
+            # own wait for a peer's redundant IKE SA when it wins); it stayed 60 s
+            wait_until(lambda: re.findall(r"cA: #\d+, (\w+), IKEv2", ss.list_sas())
+                       == ["ESTABLISHED"], "charon lists more than the survivor", 5)
+            wait_until(lambda: [x["state"] for x in ike_list(sock)] == ["established"],
+                       "our copy of charon's redundant IKE SA still listed", 33)
         assert ping(ns, "a", B.inner, 5) == 5, context(ss, gw)
         assert drops(gw) == {}, drops(gw)
         assert inits(ss) == 1, context(ss, gw)

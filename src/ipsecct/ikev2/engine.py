@@ -121,6 +121,11 @@ MAX_IKE_SAS_PER_SOURCE = 200
 # INITIAL_CONTACT past it is refused): a peer has many source addresses
 MAX_IKE_SAS_PER_IDENTITY = 64
 REKEYED_GRACE = 60.0  # how long an IKE or CHILD SA the peer rekeyed waits for its DELETE
+# ... and the peer's IKE SA that lost a crossed IKE rekey to ours (§2.8.2: the peer deletes
+# it), as strongSwan waits for the peer's redundant one (HALF_OPEN_IKE_SA_TIMEOUT): charon,
+# whose request was unanswered when our DELETE of the old IKE SA came, drops its own without
+# a DELETE ("peer did not notice IKE_SA rekey collision"), and ours listed it 60 s
+REDUNDANT_GRACE = 30.0
 MAX_CHILD_SAS = 16  # per IKE SA (rekeying needs room for two of each for a while)
 SPI_TRIES = 256  # random picks of a free inbound CHILD SPI before the range counts as full
 MAX_CERTS = 5  # CERT payloads looked at: the peer's certificate and its chain
@@ -632,7 +637,9 @@ class IkeEngine:
         if ike.state is IkeState.HALF_OPEN and not ike.we_initiated:
             return
         if ike.state is IkeState.REKEYED:
-            if now - ike.last_heard >= REKEYED_GRACE:  # the peer never deleted it
+            if now - ike.last_heard >= REKEYED_GRACE or (  # the peer never deleted it
+                ike.redundant_until is not None and now >= ike.redundant_until
+            ):
                 self._kill(ike, "rekeyed", out)
                 return
             if ike.pending is None:
@@ -744,6 +751,8 @@ class IkeEngine:
             return None
         if ike.state is IkeState.REKEYED:
             grace = ike.last_heard + REKEYED_GRACE
+            if ike.redundant_until is not None:
+                grace = min(grace, ike.redundant_until)
             return grace if ike.pending is None else min(grace, ike.pending.deadline)
         if ike.pending is not None:
             return ike.pending.deadline
@@ -2922,6 +2931,7 @@ class IkeEngine:
             new.vips, theirs.vips = theirs.vips + new.vips, []  # (_inherit moved them there)
             ike.children = []
             theirs.state = IkeState.REKEYED
+            theirs.redundant_until = now + REDUNDANT_GRACE
         else:
             new.children, ike.children = ike.children, []
         self.by_spi[p.spi] = new

@@ -155,7 +155,7 @@ class Pending:
 TIMER_FIELDS = frozenset({
     "state", "we_initiated", "conn", "last_heard", "pending", "quiet", "rr_due",
     "queued_deletes", "children_wanted", "rekey_at", "my_next_mid", "peer_next_mid",
-    "children", "created",
+    "children", "created", "redundant_until",
 })
 # What the engine's indexes of the IKE SAs it holds are read from (IkeEngine.by_spi, an
 # _IkeTable: the IKE SAs per peer host, per connection name and identity, and the IKE SA whose
@@ -247,6 +247,9 @@ class IkeSA:
     fragment_set: list[bytes] = field(default_factory=list, repr=False)
     # a rekey of this IKE SA by the peer that crossed ours (§2.8.2): (new IKE SA, nonces)
     collided: tuple[IkeSA, bytes, bytes] | None = field(default=None, repr=False)
+    # the peer's IKE SA that lost such a collision to ours (rekeyed: the peer deletes it):
+    # gone by this time if the peer never does (IkeEngine: REDUNDANT_GRACE)
+    redundant_until: float | None = field(default=None, repr=False)
     # RFC 6311: the peer announced IKEV2_MESSAGE_ID_SYNC_SUPPORTED (and we answered it), and
     # IPSEC_REPLAY_COUNTER_SYNC_SUPPORTED
     mid_sync: bool = False
