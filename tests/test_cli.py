@@ -215,7 +215,7 @@ def _status_with_failover(failover: dict[str, object]) -> dict[str, object]:
       "lease": {"state": "granting", "epoch": 2, "granted": 7, "takeover_possible_in_ms": 410,
                 "wait_ms": 450.0, "fenced_drops": 0}},
      "  failover: standby, peer sg1, epoch 2, last heard 40 ms ago\n"
-     "  lease: granting, take-over possible in 410 ms\n"
+     "  lease: granting, take-over possible in 410 ms if sg1 stays silent\n"
      "  failover counters: reformed 1, looked_again 2, replicated_tunnels 12, lease granted 7\n"),
     ({"role": "took over", "peer": "sg1", "reformed": 0, "epoch": 4, "alone": True,
       "resumed": 0, "looked_again": 0, "detail": "runs alone: no standby holds its tunnels",

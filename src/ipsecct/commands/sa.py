@@ -153,7 +153,10 @@ def _print_failover_status(f: dict[str, Any]) -> None:
         if lease.get("ended_ms_ago") is not None:
             line += f", ended {lease['ended_ms_ago']} ms ago"
         if lease.get("takeover_possible_in_ms") is not None:
+            # (it read as a take-over due then: it is the soonest, should the peer go silent)
             line += f", take-over possible in {lease['takeover_possible_in_ms']} ms"
+            if f.get("peer"):
+                line += f" if {f['peer']} stays silent"
         print(line)
     counted = _counted(f) + (_counted(lease, "lease ") if isinstance(lease, dict) else [])
     if counted:
