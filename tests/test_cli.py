@@ -538,3 +538,30 @@ def test_transfer_and_rebalance_name_their_target_alike(
             cli.main([cmd, "--help"])
         out = capsys.readouterr().out
         assert "--to PEER" in out and "--to TO" not in out, out
+
+
+def test_sa_show_reads_as_text_not_as_python(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``sa show`` printed Python's spellings: ``esn: True``, ``udp_encap: [24500, 14500]``,
+    ``udp_encap: None`` for raw ESP and an empty ``state_detail:`` line."""
+    from ipsecct.commands import sa as sa_cmd
+
+    shown = [{"spi": "0x20000001", "esn": True, "udp_encap": [24500, 14500],
+              "state": "installed", "state_detail": ""},
+             {"spi": "0x20000002", "esn": False, "udp_encap": None, "state": "held",
+              "state_detail": "fail-over fencing"}]  # fmt: skip
+    monkeypatch.setattr(sa_cmd, "request", lambda *a, **k: shown)
+    assert cli.main(["sa", "show", "0x20000001", "-s", "/x.sock"]) == 0
+    out = capsys.readouterr().out
+    assert out == ("           spi: 0x20000001\n"
+                   "           esn: yes\n"
+                   "     udp_encap: 24500, 14500\n"
+                   "         state: installed\n"
+                   "\n"
+                   "           spi: 0x20000002\n"
+                   "           esn: no\n"
+                   "     udp_encap: none\n"
+                   "         state: held\n"
+                   "  state_detail: fail-over fencing\n"
+                   "\n"), out

@@ -347,9 +347,22 @@ def cmd_sa_show(args: argparse.Namespace) -> int:
         return 0
     for sa in res:
         for k, v in sa.items():
-            print(f"{k:>14}: {v}")
+            if v == "" and k == "state_detail":
+                continue  # (installed: nothing to say)
+            print(f"{k:>14}: {_as_text(v)}")
         print()
     return 0
+
+
+def _as_text(v: Any) -> str:
+    """A value of sa show as text (it printed Python's True, [24500, 14500] and None)."""
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if v is None:
+        return "none"
+    if isinstance(v, list):
+        return ", ".join(_as_text(x) for x in v)
+    return str(v)
 
 
 def cmd_sa_export(args: argparse.Namespace) -> int:
