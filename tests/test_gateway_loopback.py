@@ -667,6 +667,9 @@ dir = "state"
                              f"{'UDP' if proto == socket.SOCK_DGRAM else 'TCP'} "
                              f"127.0.0.1:{ports[key]} ({key})\n"), r.stderr  # fmt: skip
     assert "Traceback" not in r.stderr
+    # nor is its control socket left behind (bound before IKE, metrics and CXTP: status
+    # then said "Connection refused (is the daemon running?)" at a socket of nobody's)
+    assert not (tmp_path / "sg1.sock").exists()
 
 
 def test_a_port_in_use_is_named() -> None:

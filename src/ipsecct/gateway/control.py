@@ -319,6 +319,12 @@ class ControlServer:
             os.umask(old)
         os.chmod(self.path, 0o600)
 
+    @property
+    def listening(self) -> bool:
+        """Started and not stopped: the socket at ``path`` is this server's (before start,
+        it may be another daemon's, which stop() would unlink)."""
+        return self._server is not None
+
     async def stop(self) -> None:
         if self._server is not None:
             self._server.close()

@@ -425,7 +425,14 @@ class Service:
         # default killed the process at once, without a word and leaving its socket behind
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.add_signal_handler(sig, stop.set)
-        await self.start()
+        try:
+            await self.start()
+        except BaseException:
+            # a start that failed half-way (an address in use, ...) leaves no control socket
+            # behind: ipsecct status found it and said "Connection refused"
+            if self.control is not None and self.control.listening:
+                await self.control.stop()
+            raise
         gcpolicy.POLICY.settle()  # start-up state leaves the collector's generations
         try:
             await stop.wait()
