@@ -455,14 +455,14 @@ class IkeService:
 
     def _on_lifetime(self, sa: Any, ev: SAEvent) -> None:
         """A CHILD SA's ESP SA reached its rekey_bytes/packets (soft) or life_bytes/packets
-        (hard): the engine rekeys or closes the CHILD SA."""
-        for ike in self.engine.ike_sas():
-            for child in ike.children:
-                t = child.handle
-                if t is not None and any(x is sa for x in t.sas()):  # type: ignore[attr-defined]
-                    hard = ev is SAEvent.HARD_EXPIRED
-                    self._act(self.engine.volume_limit(ike, child, hard, self.node.clock()))
-                    return
+        (hard): the engine rekeys or closes the CHILD SA. Its tunnel, then its CHILD SA,
+        from the indexes (the engine's SA -> tunnel, child_of), not a walk of every IKE SA
+        for each SA that reached its limit (O(IKE SAs) each, as rekey_before_ceiling was)."""
+        t = self.node.engine.tunnel_of(sa)
+        found = self.child_of(t) if t is not None else None
+        if found is not None:
+            hard = ev is SAEvent.HARD_EXPIRED
+            self._act(self.engine.volume_limit(*found, hard, self.node.clock()))
 
     def rekey_before_ceiling(self, tunnel: object, now: float) -> bool:
         """``tunnel`` nears a ceiling nothing will lift soon (the fail-over driver: the
