@@ -2055,3 +2055,34 @@ def test_the_packets_forwarded_behind_an_ike_context_are_opened_before_its_impor
 
     asyncio.run(body())
     assert not svc.ike.engine.ike_sas()
+
+
+def test_the_float_to_the_nat_t_port_is_not_logged_as_a_peer_that_moved(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every client that UDP-encapsulates (strongSwan with encap, or behind a NAT) floats
+    from port 500 to 4500 in its IKE_AUTH, and the gateway logged ``ike-peer-moved`` at each
+    connection: a strongSwan operator reads that as a roaming client. The float is logged
+    as such (``ike-nat-t-float``, debug); a move to another address or port still is
+    ``ike-peer-moved``, now with where it was."""
+    import logging
+
+    from ipsecct.ikev2.engine import PeerMoved
+    from ipsecct.ikev2.ikesa import Address
+
+    svc = _service(tmp_path)
+    w = pair(mn_conn(encap=True), conn())
+    connect(w)
+    (ir,) = w.resp.ike_sas()
+    host = ir.remote.host
+    ir.remote = Address(host, 4500)
+    with caplog.at_level(logging.DEBUG, logger="ipsecct.gateway.ike"):
+        svc._one(PeerMoved(ir, Address(host, 500)))
+    assert "event=ike-nat-t-float" in caplog.text and "ike-peer-moved" not in caplog.text
+    assert all(r.levelno == logging.DEBUG for r in caplog.records), caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="ipsecct.gateway.ike"):
+        svc._one(PeerMoved(ir, Address(host, 40001)))  # a NAT mapping that changed
+        svc._one(PeerMoved(ir))  # a MOBIKE update: where it was is not said
+    moved = [r.getMessage() for r in caplog.records if "ike-peer-moved" in r.getMessage()]
+    assert len(moved) == 2 and f"was={host}:40001" in moved[0], moved

@@ -894,8 +894,16 @@ class IkeService:
                         eng.rekey_sa(sa, dst=theirs, src=ours)
                     else:
                         eng.rekey_sa(sa, src=theirs, dst=ours)
-            event(log, "ike-peer-moved", node=self.node.name, peer=o.ike.remote,
-                  local=o.ike.local)  # fmt: skip
+            was = o.was
+            if (was is not None and was.host == o.ike.remote.host and was.port == IKE_PORT
+                    and o.ike.remote.port != IKE_PORT):  # fmt: skip
+                # every client that UDP-encapsulates moves from 500 to the NAT-T port in its
+                # IKE_AUTH (RFC 7296 §2.23): "ike-peer-moved" there read as a roaming client
+                event(log, "ike-nat-t-float", logging.DEBUG, node=self.node.name,
+                      peer=o.ike.remote, was=was, local=o.ike.local)  # fmt: skip
+            else:
+                event(log, "ike-peer-moved", node=self.node.name, peer=o.ike.remote,
+                      was=was or "", local=o.ike.local)  # fmt: skip
         elif isinstance(o, DeleteAnswered):
             for spi in o.spis:  # the peer has it: what it sent on them is on its way, at most
                 if spi in self._shadows:

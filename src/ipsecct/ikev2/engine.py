@@ -220,9 +220,11 @@ class ChildDown:
 
 @dataclass(frozen=True)
 class PeerMoved:
-    """The peer's address or port changed (NAT mapping, float to 4500): update its SAs."""
+    """The peer's address or port changed (NAT mapping, float to 4500): update its SAs.
+    ``was``: the peer's address before, where it is known (a float or NAT mapping)."""
 
     ike: IkeSA
+    was: Address | None = None
 
 
 @dataclass(frozen=True)
@@ -1311,8 +1313,8 @@ class IkeEngine:
 
     def _float(self, ike: IkeSA, src: Address, dst: Address, out: list[Output]) -> None:
         if src != ike.remote or dst != ike.local:
-            ike.remote, ike.local = src, dst
-            out.append(PeerMoved(ike))
+            was, ike.remote, ike.local = ike.remote, src, dst
+            out.append(PeerMoved(ike, was))
 
     def _answer(self, ike: IkeSA, req: Header, payloads: list[Payload], out: list[Output],
                 via: tuple[Address, Address] | None = None) -> None:  # fmt: skip
