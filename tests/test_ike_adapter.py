@@ -626,6 +626,38 @@ def test_an_spi_a_peer_chose_to_be_another_ones_names_neither_for_sa_delete_or_r
     assert svc.find(v.conn.name) == [v, m]  # (a connection names each of its IKE SAs)
 
 
+def test_a_transfer_takes_the_ike_sa_of_its_tunnels_whatever_spi_another_peer_chose(
+        tmp_path: Path) -> None:  # fmt: skip
+    """Two clients chose the same SPI for their inbound CHILD SA (our outbound SPI to each:
+    the peer's choice, any 32 bits; by chance, one pair in about 80 gateways of 10,000
+    tunnels, or on purpose, M copying V's from the ESP headers we send V). The IKE SA that
+    follows a transfer of V's tunnel, and whose leases are noted leaving, was looked up by
+    that outbound SPI: the index kept M's IKE SA for it, so V's IKE SA did not follow its
+    CHILD SA (the unit split: its CHILD SA at the target, the IKE SA that rekeys and deletes
+    it here). Each tunnel's IKE SA is the one whose CHILD SA holds it now."""
+    import dataclasses
+    import ipaddress
+
+    svc = _service(tmp_path)
+    ikes = []
+    for t in (1.0, 2.0):
+        w = pair(mn_conn(dpd=10), conn(dpd=10))
+        connect(w)
+        (ike_r,) = w.resp.ike_sas()
+        ikes.append(svc.engine.import_ike(w.resp.export_ike(ike_r, t), t))
+    v, m = ikes
+    m.children[0] = dataclasses.replace(m.children[0], spi_out=v.children[0].spi_out)
+    eng = svc.node.engine
+    m_addr = Address(ipaddress.ip_address("192.0.2.20"), 500)
+    for ike, peer in ((v, I500), (m, m_addr)):
+        (c,) = ike.children
+        c.handle = eng.add_tunnel(*c.sas(R500, peer, False, f"t-{c.spi_in:08x}"))
+    vt, mt = v.children[0].handle, m.children[0].handle
+    assert vt is not mt and vt.outbound.spi == mt.outbound.spi  # type: ignore[attr-defined]
+    assert svc._following([vt]) == [v] and svc._following([mt]) == [m]
+    assert svc.commit_check([vt]) is None
+
+
 def test_sa_rekey_sends_the_request_at_once_or_says_why_not(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

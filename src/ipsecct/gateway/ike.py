@@ -1078,7 +1078,7 @@ class IkeService:
         for): the leases of their IKE SAs are "leaving" in the durable state (a crash from
         now on may leave the IKE SA at the target: away after the restart)."""
         for t in tunnels:
-            ike = self.ike_of(t.outbound.spi)
+            ike = self.ike_holding(t)
             if ike is not None:
                 self._note_leases(ike, "leaving")
 
@@ -1173,7 +1173,7 @@ class IkeService:
         out: list[IkeSA] = []
         seen: set[int] = set()
         for t in tunnels:
-            ike = self.ike_of(t.outbound.spi)
+            ike = self.ike_holding(t)
             if ike is None or id(ike) in seen:
                 continue
             seen.add(id(ike))
@@ -1647,8 +1647,24 @@ class IkeService:
         """A number that moves whenever an IKE SA may have changed (every engine call)."""
         return self._changes
 
+    def ike_holding(self, tunnel: Any) -> IkeSA | None:
+        """The IKE SA whose CHILD SA holds ``tunnel`` (child_of); for a tunnel no CHILD SA
+        holds yet, the one whose CHILD SA has its outbound SPI and no other tunnel. Not by
+        that SPI first: it is the peer's choice, and two peers may choose one value (by
+        chance, or one copying the other's from the ESP headers we send it)."""
+        hit = self.child_of(tunnel)
+        if hit is not None:
+            return hit[0]
+        spi = tunnel.outbound.spi
+        ike = self.ike_of(spi)
+        if ike is not None and any(c.spi_out == spi and c.handle in (None, tunnel)
+                                   for c in ike.children):  # fmt: skip
+            return ike
+        return None
+
     def ike_of(self, spi_out: int) -> IkeSA | None:
-        """The IKE SA a CHILD SA belongs to, by the CHILD SA's outbound SPI."""
+        """The IKE SA a CHILD SA belongs to, by the CHILD SA's outbound SPI (the peer's
+        choice: two IKE SAs' CHILD SAs may have one; :meth:`ike_holding` for a tunnel)."""
         if self._index_at != self._changes:
             self._index = {c.spi_out: ike for ike in self.engine.ike_sas() for c in ike.children}
             self._index_at = self._changes
