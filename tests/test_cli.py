@@ -565,3 +565,21 @@ def test_sa_show_reads_as_text_not_as_python(
                    "         state: held\n"
                    "  state_detail: fail-over fencing\n"
                    "\n"), out
+
+
+def test_an_unknown_option_is_told_with_its_commands_usage(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``ipsecct transfer --spi 0x1 --to sg2`` (docs/architecture.md had it so) answered with
+    the top level's usage, ``ipsecct [-h] [--version] [-v] COMMAND ...``, which says nothing
+    of transfer's options. Now transfer's usage and its error line, as for any other usage
+    error of it; a nested command (sa list) the same."""
+    for argv, prog, bad in ((["transfer", "--spi", "0x1", "--to", "sg2"], "ipsecct transfer",
+                             "--spi"),
+                            (["sa", "list", "--ikes"], "ipsecct sa list", "--ikes")):  # fmt: skip
+        with pytest.raises(SystemExit) as ei:
+            cli.main(argv)
+        assert ei.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"usage: {prog} "), err
+        assert err.endswith(f"{prog}: error: unrecognized arguments: {bad}\n"), err

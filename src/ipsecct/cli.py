@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from . import __version__
 from .errors import IpsecctError
@@ -43,7 +43,19 @@ def build_parser() -> argparse.ArgumentParser:
     import argparse
     import importlib
 
-    parser = argparse.ArgumentParser(
+    class Parser(argparse.ArgumentParser):
+        """An argument the command does not know is told by that command's parser, with its
+        usage (argparse told it at the top level: ``usage: ipsecct [-h] [--version] [-v]
+        COMMAND ...``, nothing of the command's options). Subcommands' parsers are of the
+        parent's class, so the innermost one that is left with them says it."""
+
+        def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+            ns, extra = super().parse_known_args(args, namespace)
+            if extra and self.prog != "ipsecct":
+                self.error(f"unrecognized arguments: {' '.join(extra)}")
+            return ns, extra
+
+    parser = Parser(
         prog="ipsecct",
         description="IPsec context transfer: gateways that move live SAs between each other.",
     )
