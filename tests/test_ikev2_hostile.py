@@ -278,6 +278,37 @@ def test_failed_authentications_from_anyone_cannot_flood_the_log(
     assert not any("198.51.100.8" in line for line in lines)
 
 
+def test_a_certificate_with_an_overlong_attribute_writes_no_python_warning() -> None:
+    """Anyone's IKE_AUTH (no CA needed) with a certificate whose CN is 3,001 characters (X.520
+    says at most 64): cryptography, reading the subject, issued a Python UserWarning
+    ("Attribute's length must be >= 1 and <= 64, but it was 3001", and the source line that
+    asked) to the daemon's standard error, two lines outside the log's format, a new one
+    for every length a peer chose. Not ours to enforce (strongSwan takes such a name): no
+    warning, and the peer is refused as any other certificate no CA here issued."""
+    import warnings
+
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
+    ca, gw_cert, gw_key, _ = _pki("p256")
+    other_ca, _, mn_key, other_key = _pki("p256")
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "x" * 3001, _validate=False)])
+    mn_cert = _resubject(_leaf_cert(other_ca, other_key, mn_key, "unused"), subject, other_key)
+    ini = IkeEngine([_pubkey(mn_conn(), mn_cert, mn_key, "%any", other_ca)],
+                    wall_offset=time.time())  # fmt: skip
+    gw = IkeEngine([_pubkey(conn(), gw_cert, gw_key, "CN=*", ca)], wall_offset=time.time())
+    (init,) = [o for o in ini.initiate(ini.connections[0], I500, R500, 0.0)
+               if isinstance(o, Send)]  # fmt: skip
+    (resp,) = [o for o in gw.receive(init.data, I500, R500, 0.0) if isinstance(o, Send)]
+    auth = [o for o in ini.receive(resp.data, R500, I500, 0.0) if isinstance(o, Send)]
+    with warnings.catch_warnings(record=True) as seen:  # (the gateway's part only)
+        warnings.simplefilter("default")
+        for a in auth:
+            gw.receive(a.data, I500, R500, 0.0)
+    assert gw.stats["auth-failed"] == 1 and not gw.ike_sas()
+    assert not [str(x.message) for x in seen if "length" in str(x.message)]
+
+
 class HoardingPeer(IkeEngine):
     """A peer that rekeys IKE SAs and never deletes the one it replaced."""
 

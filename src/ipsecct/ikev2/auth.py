@@ -10,6 +10,7 @@ import datetime as dt
 import hashlib
 import ipaddress
 import string
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -24,6 +25,22 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
 
 from ..errors import AuthError
 from .message import AuthMethod, IDPayload, IdType
+
+# cryptography warns (a Python UserWarning, to standard error) when it reads a name attribute
+# past X.520's upper bound, a CN over 64 characters: anyone's certificate at IKE_AUTH may hold
+# one, and each length chosen made two new lines outside the log's format. strongSwan takes
+# such names; they are compared, cut in log lines and refused as any others. (Installed
+# again by parse_cert if something reset the filters since.)
+_NAME_LENGTH_WARNING = "Attribute's length must be"
+
+
+def _quiet_name_warnings() -> None:
+    if not any(f[0] == "ignore" and f[2] is UserWarning and f[1] is not None
+               and f[1].pattern == _NAME_LENGTH_WARNING for f in warnings.filters):  # fmt: skip
+        warnings.filterwarnings("ignore", message=_NAME_LENGTH_WARNING, category=UserWarning)
+
+
+_quiet_name_warnings()
 
 # what reading a peer's certificate past its outer structure may raise: the X.509 parser
 # reads extensions (and the key) only when asked, so a certificate that loaded may still hold
@@ -276,6 +293,7 @@ def verify(cert: x509.Certificate, method: int, data: bytes, octets: bytes) -> N
 
 
 def parse_cert(der: bytes) -> x509.Certificate:
+    _quiet_name_warnings()
     try:
         return x509.load_der_x509_certificate(der)
     except BAD_CERT:  # (a version other than 1-3 is InvalidVersion, no ValueError)
