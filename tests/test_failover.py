@@ -2513,13 +2513,10 @@ def test_no_seq_sent_twice_a_taker_of_the_epoch_the_peer_went_alone_into_restart
     (guards THE invariant)."""
     from types import SimpleNamespace
 
-    from ipsecct.ct.lease import LeaseEvent
-    from ipsecct.gateway.fencing import load_state
 
     act = Engine(ip(SG_ADDR["sg1"]))
     add_tunnel(act, 1)
     rep, sb, clock, d = _alone_pair(act, tmp_path, pair_fencing=True)
-    path = d.fencing.path
     to_sg2: list[cxtp.Message] = []
     d.channels = SimpleNamespace(send=lambda peer, m: to_sg2.append(m))
     d._resume_hold, d._hold_epoch, d._suspended_heard = None, 0, 0.0
@@ -2539,21 +2536,7 @@ def test_no_seq_sent_twice_a_taker_of_the_epoch_the_peer_went_alone_into_restart
         for m in wire(rep_b.handle_timer(t)):
             d.receive("sg2", m)
     events = [e for r in wire(to_sg2) for e in rep_b.receive(r, t)]
-    assert rep_b.superseded_by is None and rep_b.acks > 0, "sg2 stays fenced beside sg1"
-    assert LeaseEvent.GRANTED in events or LeaseEvent.REGAINED in events, events
-    assert [r for r in caplog.records if "gone alone into" in r.getMessage()]
-    sg1 = d.standby
-    assert d.replicator is None and sg1 is not None and sg1.took_over is None
-    assert sg1.epoch == 2 and load_state(path).role == "standby"
-    assert list(act.tunnels()) == [] and _sent(act, 10, t) == []
-    _pair_up(rep_b, sg1, t + 0.01, t + 0.01)
-    taker += _sent(sb.engine, 500, t + 0.1)
-    every = sent + taker
-    assert len(taker) == 800 and len(every) == len(set(every))
-    back, _, _ = sg1.take_over(t + 10.0)
-    resumed = _sent(sg1.engine, 1, t + 10.0)
-    assert back and resumed, (back, resumed)
-    assert resumed[0] > max(every), f"sg1 resumes at {resumed[0]}, up to {max(every)} sent"
+    _tie_ended(d, act, rep_b, sb, events, sent, taker, t, caplog)
 
 
 @pytest.mark.parametrize("crossed", [False, True])
@@ -2576,14 +2559,11 @@ def test_no_seq_sent_twice_a_tie_whose_joins_are_lost_for_good_ends_by_the_alone
     every number either sent (guards THE invariant)."""
     from types import SimpleNamespace
 
-    from ipsecct.ct.lease import LeaseEvent
     from ipsecct.gateway.failover_driver import TIE_JOIN_MAX, alone_after
-    from ipsecct.gateway.fencing import load_state
 
     act = Engine(ip(SG_ADDR["sg1"]))
     add_tunnel(act, 1)
     rep, sb, clock, d = _alone_pair(act, tmp_path, pair_fencing=True)
-    path = d.fencing.path
     up = [False]
     to_sg2: list[tuple[float, cxtp.Message]] = []
     d.channels = SimpleNamespace(
@@ -2651,12 +2631,34 @@ def test_no_seq_sent_twice_a_tie_whose_joins_are_lost_for_good_ends_by_the_alone
         for m in wire(rep_b.handle_timer(t)):
             d.receive("sg2", m)
     events = [e for _, r in to_sg2 for e in rep_b.receive(wire([r])[0], t)]
+    _tie_ended(d, act, rep_b, sb, events, sent, taker, t, caplog)
+
+
+def _tie_ended(
+    d: Any,
+    act: Engine,
+    rep_b: failover.Replicator,
+    sb: failover.Standby,
+    events: list[Any],
+    sent: list[int],
+    taker: list[int],
+    t: float,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The tie of two actives in epoch 2 ended as it must: sg2's replicator ``rep_b`` was
+    acknowledged (its lease granted), sg1 (driver ``d``, engine ``act``) yielded, logging
+    it, and is sg2's standby holding and sending nothing; sg2 sends on above all sg1
+    ``sent`` (the 300 numbers ``taker`` before and 500 more), and a take-over by sg1 then
+    resumes above every number either sent (THE invariant)."""
+    from ipsecct.ct.lease import LeaseEvent
+    from ipsecct.gateway.fencing import load_state
+
     assert rep_b.superseded_by is None and rep_b.acks > 0, "the tie did not end"
     assert LeaseEvent.GRANTED in events or LeaseEvent.REGAINED in events, events
     assert [r for r in caplog.records if "gone alone into" in r.getMessage()]
     sg1 = d.standby
     assert d.replicator is None and sg1 is not None and sg1.took_over is None
-    assert sg1.epoch == 2 and load_state(path).role == "standby"
+    assert sg1.epoch == 2 and load_state(d.fencing.path).role == "standby"
     assert list(act.tunnels()) == [] and _sent(act, 10, t) == []
     _pair_up(rep_b, sg1, t + 0.01, t + 0.01)
     taker += _sent(sb.engine, 500, t + 0.1)
