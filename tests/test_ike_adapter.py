@@ -41,6 +41,19 @@ def _service(tmp: Path, name: str = "sg2") -> IkeService:
     return IkeService(Node(cfg), [conn(dpd=10)])
 
 
+def _two_clients(tmp: Path) -> tuple[IkeService, IkeSA, IkeSA]:
+    """A gateway's IKE service holding the IKE SAs of two clients, V and M, each with one
+    CHILD SA (imported as a peer gateway would hand them over, at 1.0 and 2.0)."""
+    svc = _service(tmp)
+    ikes = []
+    for t in (1.0, 2.0):
+        w = pair(mn_conn(dpd=10), conn(dpd=10))
+        connect(w)
+        (ike_r,) = w.resp.ike_sas()
+        ikes.append(svc.engine.import_ike(w.resp.export_ike(ike_r, t), t))
+    return svc, ikes[0], ikes[1]
+
+
 def _handed_over(svc: IkeService, ike: object, peer: str = "sg1") -> None:
     """The tunnels of ``ike``'s CHILD SAs installed at ``svc`` by a transfer from ``peer``
     (committed), as before a handover's context arrives: the context is taken only then."""
@@ -604,14 +617,7 @@ def test_an_spi_a_peer_chose_to_be_another_ones_names_neither_for_sa_delete_or_r
     it."""
     import dataclasses
 
-    svc = _service(tmp_path)
-    ikes = []
-    for t in (1.0, 2.0):
-        w = pair(mn_conn(dpd=10), conn(dpd=10))
-        connect(w)
-        (ike_r,) = w.resp.ike_sas()
-        ikes.append(svc.engine.import_ike(w.resp.export_ike(ike_r, t), t))
-    v, m = ikes
+    svc, v, m = _two_clients(tmp_path)
     (vc,), (mc,) = v.children, m.children
     m.children[0] = mc = dataclasses.replace(mc, spi_out=vc.spi_in)  # M's choices
     m.spi_i = v.spi_r
@@ -638,14 +644,7 @@ def test_a_transfer_takes_the_ike_sa_of_its_tunnels_whatever_spi_another_peer_ch
     import dataclasses
     import ipaddress
 
-    svc = _service(tmp_path)
-    ikes = []
-    for t in (1.0, 2.0):
-        w = pair(mn_conn(dpd=10), conn(dpd=10))
-        connect(w)
-        (ike_r,) = w.resp.ike_sas()
-        ikes.append(svc.engine.import_ike(w.resp.export_ike(ike_r, t), t))
-    v, m = ikes
+    svc, v, m = _two_clients(tmp_path)
     m.children[0] = dataclasses.replace(m.children[0], spi_out=v.children[0].spi_out)
     eng = svc.node.engine
     m_addr = Address(ipaddress.ip_address("192.0.2.20"), 500)
