@@ -2559,7 +2559,7 @@ def test_no_seq_sent_twice_a_tie_whose_joins_are_lost_for_good_ends_by_the_alone
     every number either sent (guards THE invariant)."""
     from types import SimpleNamespace
 
-    from ipsecct.gateway.failover_driver import TIE_JOIN_MAX, alone_after
+    from ipsecct.gateway.failover_driver import TIE_JOIN_MAX
 
     act = Engine(ip(SG_ADDR["sg1"]))
     add_tunnel(act, 1)
@@ -2584,16 +2584,8 @@ def test_no_seq_sent_twice_a_tie_whose_joins_are_lost_for_good_ends_by_the_alone
         return [at for at, m in to_sg2 if failover.sync_header(wire([m])[0])
                 == (failover.SYNC_JOIN, 2)]  # fmt: skip
 
-    sent: list[int] = []
-    t = 0.0
-    while t < 1.0:
-        sent += _sent(act, 20, t)
-        _pair_up(rep, sb, t, t)
-        t = round(t + 0.05, 3)
-    assert rep.lease is not None
-    t = clock[0] = round(rep.lease.expiry + alone_after(500.0) + 0.01, 3)
+    sent, t = _alone_once_paired(act, rep, sb, clock, d)
     grace_join = wire([failover.join_message(1, sb.seen_session or 0, sb.seen_seq)])[0]
-    d.go_alone(t)
     sent += _sent(act, 5000, t)  # up to the kept ceiling (margin 1000)
     taken, _, _ = sb.take_over(t + 5.0)  # (its JOINs lost: cut off through its grace)
     assert taken and sb.epoch == 2 == d.standby.epoch and d.standby.took_over is not None
