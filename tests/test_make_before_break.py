@@ -7,6 +7,7 @@ twice, whatever the order of events (docs/cxtp.md, "Make-before-break")."""
 
 from __future__ import annotations
 
+import math
 import struct
 from dataclasses import replace
 from typing import Any
@@ -29,7 +30,7 @@ from ipsecct.errors import CxtpError, SAError, TransferError
 from ipsecct.ipsec.engine import TunnelState
 from ipsecct.ipsec.esp import Drop
 from ipsecct.ipsec.replay import ReplayWindow
-from tests.helpers.transfer import World
+from tests.helpers.transfer import World, udp_packet
 
 CAP_MARGIN = 1000
 
@@ -581,6 +582,208 @@ def test_a_commit_repeated_from_memory_starts_the_target_past_the_tail() -> None
     w.deliver_all()
     w.host_send("sg2", 99)
     assert max(out_seqs(w, "sg1")) == 10 and min(out_seqs(w, "sg2")) == 11
+    unique(w)
+
+
+# -- the tail on the native path (C sends it: no trip through the event loop) ----------------------
+def _tail_in_c(w: World, tail: int, sent: int = 5) -> tuple[int, Any]:
+    """``sent`` host packets through sg1 (the flow in C), then the transfer up to sg1's
+    COMMIT: the tunnel moved, its tail in C. Returns (sg1's last number before the tail,
+    the outbound SA's C object)."""
+    eng = w.gw["sg1"].engine
+    assert eng.native is not None, "the native data path is not built"
+    for i in range(sent):
+        w.host_send("sg1", i)
+    w.transfer()
+    w.deliver("sg1", "sg2")  # PCTD
+    w.deliver("sg2", "sg1")  # CTDR: FINAL + COMMIT out, the tunnel moved
+    t = w.tunnel
+    out = t.outbound
+    assert t.state is TunnelState.MOVED and t.tail_end == sent + tail
+    c = out.native
+    assert c is not None and c.active, "the tail should be in C"
+    assert c.ceiling == t.tail_end
+    return sent, c
+
+
+@pytest.mark.parametrize("tail", [1, 4, 16])
+def test_c_sends_exactly_the_tail_and_the_target_starts_right_after_it(
+    tail: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """THE invariant on the native path: after its COMMIT, sg1's C sends the host's packets
+    on the tail's numbers, exactly ``tail`` of them (last+1 .. tail_end) with no trip through
+    the Python path; the next packet goes up, is forwarded, and sg2 sends it on tail_end + 1
+    onwards. A C ceiling one too high would send tail_end + 1 from sg1 too: twice."""
+    from ipsecct.ipsec.engine import Engine
+
+    w = mbb_world(mbb_tail=tail)
+    sg1 = w.gw["sg1"]
+    last, c = _tail_in_c(w, tail)
+    slow: list[int] = []
+    real = Engine._outbound_py
+
+    def counted(self: Engine, packet: bytes, now: float) -> Any:
+        slow.append(1)
+        return real(self, packet, now)
+
+    monkeypatch.setattr(Engine, "_outbound_py", counted)
+    forwarded = sg1.core.counters["forwarded"]
+    for i in range(100, 100 + tail):
+        w.host_send("sg1", i)
+    assert slow == [], "a tail packet went through the Python path"
+    end = w.tunnel.tail_end
+    assert out_seqs(w, "sg1")[last:] == list(range(last + 1, end + 1))
+    assert w.tunnel.outbound.seq == end  # Python's view, exact (read through C)
+    assert w.tunnel.outbound.counters.packets == last + tail
+    for i in range(200, 203):
+        w.host_send("sg1", i)  # past the tail: up to Python, forwarded
+    assert len(out_seqs(w, "sg1")) == last + tail
+    assert sg1.core.counters["forwarded"] == forwarded + 3
+    assert w.tunnel.outbound.native is None and not c.keyed  # used up: C let go of the keys
+    w.deliver_all()
+    w.host_send("sg2", 300)
+    assert min(out_seqs(w, "sg2")) == end + 1
+    w.flush_to_mn()
+    assert len(w.mn.delivered) == last + tail + 3 + 1  # every packet once
+    unique(w)
+
+
+def test_a_tail_packet_on_the_python_path_is_never_numbered_past_the_tail(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A packet C cannot carry (a first fragment: no flow key) takes the Python path while C
+    sends the tail. Should the forwarding thread take the GIL between the Python path's
+    check of the number and the number it takes, C may send the tail's last number
+    meanwhile: the Python path freezes C before it reads the number, so the packet is
+    forwarded, never numbered tail_end + 1 (the target's first)."""
+    from ipsecct.ipsec.engine import Engine
+    from ipsecct.ipsec.ippacket import checksum
+
+    w = mbb_world(mbb_tail=4)
+    sg1 = w.gw["sg1"]
+    last, _ = _tail_in_c(w, 4)
+    for i in range(3):
+        w.host_send("sg1", 100 + i)  # C: last+1 .. last+3; one number of the tail left
+    real = Engine.fenced
+    queued: list[bytes] = []
+
+    def thread_runs_first(self: Engine, tunnel: Any, now: float) -> bool:
+        if not queued:  # the forwarding thread's batch, between the check and the number:
+            p = udp_packet(103, up=False)  # what its C call does with a host packet
+            r = self.native.seal_flow(p, now)
+            if r is None:
+                queued.append(p)  # handed up to the event loop, handled after this one
+            else:
+                sg1.emit(bytes(r[1]))
+                queued.append(b"")
+        return real(self, tunnel, now)
+
+    monkeypatch.setattr(Engine, "fenced", thread_runs_first)
+    frag = bytearray(udp_packet(104, up=False))
+    frag[6] |= 0x20  # more fragments: not a flow C carries
+    frag[10:12] = b"\0\0"
+    frag[10:12] = checksum(bytes(frag[:20])).to_bytes(2, "big")
+    forwarded = sg1.core.counters["forwarded"]
+    sg1.from_inner(bytes(frag))
+    assert queued
+    monkeypatch.setattr(Engine, "fenced", real)
+    if queued[0]:
+        sg1.from_inner(queued[0])
+    assert out_seqs(w, "sg1")[last:] == [last + 1, last + 2, last + 3, last + 4]
+    assert sg1.core.counters["forwarded"] == forwarded + 1
+    w.deliver_all()
+    w.host_send("sg2", 300)
+    assert min(out_seqs(w, "sg2")) == w.tunnel.tail_end + 1
+    unique(w)
+
+
+@pytest.mark.parametrize("fence", ["lease", "ceiling"])
+def test_fencing_stops_c_in_the_middle_of_the_tail(fence: str) -> None:
+    """Fencing (the lease's end, a lower fencing ceiling) reaches a tail C is sending at
+    once: C sends nothing past it, the packets go up and are forwarded."""
+    w = mbb_world(mbb_tail=8)
+    sg1 = w.gw["sg1"]
+    eng = sg1.engine
+    last, c = _tail_in_c(w, 8)
+    w.host_send("sg1", 100)
+    assert out_seqs(w, "sg1")[last:] == [last + 1]
+    if fence == "lease":
+        eng.send_until = w.now
+        allowed = [last + 1]
+    else:
+        w.tunnel.seq_ceiling = last + 3  # (the highest it may send)
+        allowed = [last + 1, last + 2, last + 3]
+    assert not c.active
+    forwarded = sg1.core.counters["forwarded"]
+    for i in range(101, 106):
+        w.host_send("sg1", i)
+    assert out_seqs(w, "sg1")[last:] == allowed
+    assert sg1.core.counters["forwarded"] == forwarded + 5 - (len(allowed) - 1)
+    w.deliver_all()
+    w.host_send("sg2", 300)
+    assert min(out_seqs(w, "sg2")) == w.tunnel.tail_end + 1
+    unique(w)
+
+
+def test_a_tunnel_taken_back_in_the_middle_of_its_tail_goes_on_from_c_exact_number() -> None:
+    """Commit what you accept: sg1's COMMIT leaves before the answer, both tunnels move and
+    C sends their tails; sg2 refuses ``b``, which comes back to sg1 (held: C frozen, its
+    exact number back in Python) and goes on from the number after the last C sent, never
+    one twice."""
+    from tests.test_transfer_core import early_world, sent_on, settle_at, to_b
+
+    w, j1, _, a, b = early_world()
+    sg1 = w.gw["sg1"]
+    eng = sg1.engine
+    assert eng.native is not None, "the native data path is not built"
+    settle_at(w, "sg1", j1)  # (no journal rows yet: nothing to settle but the first block)
+    for i in range(5):
+        w.host_send("sg1", i)
+        sg1.from_inner(to_b(i))
+    assert a.outbound.native is not None and a.outbound.native.active
+    assert b.outbound.native is not None and b.outbound.native.active
+    sg1.run(sg1.core.start([a, b], "sg2", w.now)[1])
+    settle_at(w, "sg1", j1)  # "leaving" durable: FINAL and COMMIT go, both moved
+    assert a.state is TunnelState.MOVED and b.state is TunnelState.MOVED
+    assert (a.tail_end, b.tail_end) == (5 + 4, 5 + 4)
+    cb = b.outbound.native
+    assert cb is not None and cb.active and a.outbound.native.active
+    for i in range(5, 7):
+        sg1.from_inner(to_b(i))  # C: b's 6 and 7
+    assert [s for _, s in sent_on(w, 0x500)] == list(range(1, 8))
+    w.deliver_all()  # sg2 installs a, refuses b; CTDR: b back (held), a away
+    assert b.state is TunnelState.HELD and b.tail_end == 0  # type: ignore[comparison-overlap]  # moved on since narrowed
+    assert not cb.active and b.outbound.seq == 7  # frozen in C, Python's number exact
+    settle_at(w, "sg1", j1)  # "kept" durable: b active again
+    assert b.state is TunnelState.ACTIVE
+    for i in range(7, 20):
+        sg1.from_inner(to_b(i))
+    assert [s for _, s in sent_on(w, 0x500)] == list(range(1, 21))
+    unique(w)
+
+
+def test_c_is_told_the_end_of_the_forwarding_time_once_the_answer_sets_it() -> None:
+    """Commit what you accept: until the answer, a moved tunnel forwards with no end, and C
+    sends its tail with none; the CTDR sets the end, which C is told at once: past it C
+    sends nothing (the packet goes up and is dropped, as the Python path drops it)."""
+    from tests.test_transfer_core import early_world, settle_at
+
+    w, j1, _, a, _ = early_world(refuse_b=False)
+    sg1 = w.gw["sg1"]
+    for i in range(5):
+        w.host_send("sg1", i)
+    sg1.run(sg1.core.start([a], "sg2", w.now)[1])
+    settle_at(w, "sg1", j1)
+    assert a.state is TunnelState.MOVED and a.forward_until == math.inf
+    c = a.outbound.native
+    assert c is not None and c.active and c.ceiling == a.tail_end == 9
+    w.host_send("sg1", 5)
+    w.deliver_all()  # the CTDR: accepted, the forwarding time ends
+    assert a.forward_until < math.inf and c.active
+    w.now = a.forward_until
+    w.host_send("sg1", 6)
+    assert out_seqs(w, "sg1") == [1, 2, 3, 4, 5, 6]
+    assert sg1.dropped == [Drop.NO_SA]
     unique(w)
 
 

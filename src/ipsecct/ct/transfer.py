@@ -1445,7 +1445,7 @@ class TransferCore:
         # From here on nothing is sent or accepted here on them (make-before-break: they
         # sent and received until this moment): their final anti-replay states (exact, the
         # native path hands them back as they move) go to the target ahead of the COMMIT.
-        self.engine.move_tunnels(accepted, peer, now + self.settings.forward_time)
+        self.engine.move_tunnels(accepted, peer, now + self.settings.forward_time, tails=True)
         self._unmark(accepted)  # moved: the standby is told to drop them
         for t in accepted:  # (one that arrived here lately: its forward window ends now)
             self.arrived.pop(t, None)
@@ -1639,7 +1639,7 @@ class TransferCore:
         _move(og, OutgoingState.AWAITING)
         peer = og.peer
         tunnels = og.tunnels
-        self.engine.move_tunnels(tunnels, peer, math.inf)
+        self.engine.move_tunnels(tunnels, peer, math.inf, tails=True)
         self._unmark(tunnels)  # moved: the standby is told to drop them
         for t in tunnels:  # (as in _commit_when_recorded)
             self.arrived.pop(t, None)
@@ -1768,6 +1768,8 @@ class TransferCore:
                 finals.append(cxtp.CTD(og.mn, 0, (self._tag(og), *windows[i:j])))
                 out.append(Send(og.peer, finals[-1]))
                 i = j
+        # The tails are set (or none is): C sends each one's numbers, the rest leave C.
+        self.engine.send_tails(tunnels)
         commit = (self._tag(og), decision_cdb(DECISION_COMMIT, grant=grant))
         out.append(Send(og.peer, cxtp.CTD(og.mn, 0, commit)))
         return out

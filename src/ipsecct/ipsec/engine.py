@@ -322,16 +322,65 @@ class Engine:
     # -- the native data path -------------------------------------------------------------
     def _native_out(self, sa: SecurityAssociation, key: bytes) -> None:
         """After the Python path sent a packet of flow ``key`` on ``sa``: let C carry the
-        flow when it can."""
+        flow when it can (a moved tunnel's too, while its tail lasts: :meth:`_tail_to_c`)."""
         t = self._tunnel_of_sa.get(id(sa))
-        if t is None or t.state is not TunnelState.ACTIVE or sa.pmtu_expires is not None:
+        if t is None or sa.pmtu_expires is not None:
             return
-        c = native_mod.push(
-            sa, mtu=sa.path_mtu, seq_ceiling=t.send_limit, send_until=self.send_until
-        )
+        if t.state is TunnelState.ACTIVE:
+            c = native_mod.push(
+                sa, mtu=sa.path_mtu, seq_ceiling=t.send_limit, send_until=self.send_until
+            )
+        elif t.state is TunnelState.MOVED and sa is t.outbound:
+            c = self._tail_to_c(t)
+        else:
+            return
         if c is not None:
             self._offloaded[id(sa)] = sa
             self.native.add_flow(key, c)
+
+    def _tail_to_c(self, t: Tunnel) -> Any:
+        """A moved tunnel's outbound SA in C for the rest of its tail (make-before-break,
+        after the COMMIT: the numbers up to ``tail_end`` are still this gateway's): C may
+        send up to ``tail_end`` and no further (nor past the fencing ceiling, the SA's own
+        limits and durable reservation: :func:`ipsecct.ipsec.native.ceiling`), only before
+        ``forward_until`` and the lease's end; it hands every other packet up unchanged, and
+        the Python path forwards it to the target (:meth:`_outbound_slow`). Returns the C
+        object, or None (nothing left of the tail, or C cannot carry it: frozen then)."""
+        sa = t.outbound
+        c = None
+        if (
+            self.native is not None
+            and t.forward_to is not None
+            and sa.pmtu_expires is None
+            and sa.seq < t.tail_end
+        ):
+            limit = t.send_limit
+            c = native_mod.push(
+                sa,
+                mtu=sa.path_mtu,
+                seq_ceiling=t.tail_end if t.tail_end < limit else limit,
+                send_until=min(self.send_until, t.forward_until),
+            )
+        if c is None:
+            native_mod.reclaim(sa)
+        return c
+
+    def send_tails(self, tunnels: Iterable[Tunnel]) -> None:
+        """After :meth:`move_tunnels` with ``tails`` and the tails set (``tail_end``, the
+        transfer's FINAL): C goes on carrying the flows of each moved tunnel whose outbound
+        SA it carried, up to the end of its tail (:meth:`_tail_to_c`), so that the host's
+        packets that still reach this gateway leave on the tail's numbers from the
+        forwarding thread, not through the event loop. The other tunnels' outbound SAs
+        leave the C table (their keys there with them), as :meth:`move_tunnels` does."""
+        for t in tunnels:
+            sa = t.outbound
+            if (
+                t.state is not TunnelState.MOVED
+                or sa.native is None
+                or self._offloaded.get(id(sa)) is not sa
+                or self._tail_to_c(t) is None
+            ):
+                self._native_drop(sa)
 
     def _native_in(self, sa: SecurityAssociation) -> None:
         """After the Python path handled a packet on inbound ``sa``: let C carry its SPI when
@@ -525,13 +574,20 @@ class Engine:
         if tunnel.inbound is not None:
             self._moved_in[tunnel.inbound.spi] = tunnel
 
-    def move_tunnels(self, tunnels: Iterable[Tunnel], peer: str, until: float) -> None:
+    def move_tunnels(
+        self, tunnels: Iterable[Tunnel], peer: str, until: float, *, tails: bool = False
+    ) -> None:
         """:meth:`move_tunnel` for many tunnels (a bulk transfer's commit): the same per
-        tunnel, the flow caches cleared once."""
+        tunnel, the flow caches cleared once. ``tails``: each outbound SA is only frozen in
+        C (its exact state back in Python, its C object and flows kept) for
+        :meth:`send_tails`, which the caller calls next, once the tails are known."""
         sad = self.sad
         for tunnel in tunnels:
             for sa in tunnel.sas():
-                self._native_drop(sa)
+                if tails and sa is tunnel.outbound:
+                    native_mod.reclaim(sa)
+                else:
+                    self._native_drop(sa)
                 sad.discard(sa)
                 if self._shadows:
                     self.remove_shadows(sa)
@@ -541,7 +597,12 @@ class Engine:
             if tunnel.inbound is not None:
                 self._moved_in[tunnel.inbound.spi] = tunnel
             self._moved_due = min(self._moved_due, until)
-        self._clear_flows()
+        if tails:
+            # The policies stay: C's flows still name the SAs the SPD would pick. Those of
+            # a dropped SA went with it; the kept ones' carry the tails (send_tails).
+            self._flows.clear()
+        else:
+            self._clear_flows()
 
     def forward_until(self, tunnels: Iterable[Tunnel], until: float) -> None:
         """Moved ``tunnels`` forward what reaches them until ``until`` (a source that moved
@@ -551,6 +612,9 @@ class Engine:
             if tunnel.state is TunnelState.MOVED:
                 tunnel.forward_until = until
                 self._moved_due = min(self._moved_due, until)
+                c = tunnel.outbound.native
+                if c is not None and c.active:  # C sends its tail: told the new end
+                    self._tail_to_c(tunnel)
 
     def take_back(self, tunnel: Tunnel) -> bool:
         """A moved ``tunnel`` comes back, held: its source sent the COMMIT before the
@@ -944,7 +1008,15 @@ class Engine:
             if t.state is TunnelState.HELD:
                 return Held(t, packet, False)
             if now < t.forward_until and t.forward_to is not None:
-                if t.outbound.seq >= t.tail_end or self.fenced(t, now):
+                # C may be sending the tail (send_tails): frozen before the number is read,
+                # so that the check and the number the packet takes below are one step (the
+                # forwarding thread could send the tail's last number in between).
+                native_mod.reclaim(t.outbound)
+                if t.outbound.seq >= t.tail_end:
+                    if t.outbound.native is not None:
+                        self._native_drop(t.outbound)  # used up: C's copy of the keys goes
+                    return Forward(t.forward_to, packet, False)
+                if self.fenced(t, now):
                     return Forward(t.forward_to, packet, False)
                 tail = True  # a number of its tail: sent from here, as before the commit
             else:
