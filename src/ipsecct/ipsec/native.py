@@ -22,7 +22,8 @@ What C covers: ESP tunnel mode with AES-GCM-16 (128, 192, 256) or ChaCha20-Poly1
 IPv6 inner and outer, ESN, replay windows up to 65536, inbound selectors (up to 64 address
 ranges a side). Everything else stays on the Python path: AH, transport mode, AES-CBC and NULL
 with HMAC, SAs with a learnt PMTU that ages (``pmtu_expires``), SPIs shared with another SA or
-a shadow SA, tunnels that are held or moved.
+a shadow SA, tunnels that are held or moved (but for a moved tunnel's tail, whose numbers C
+sends up to ``tail_end``: :meth:`ipsecct.ipsec.engine.Engine.send_tails`).
 
 ``IPSECCT_PURE_PYTHON=1`` in the environment, or a missing extension (no compiler at install
 time), selects the pure-Python path, which stays the reference.
