@@ -164,6 +164,60 @@ def test_the_native_path_keeps_carrying_the_flow_below_the_cap() -> None:
     unique(w)
 
 
+def test_a_packet_on_the_python_path_never_takes_the_number_past_the_cap(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A packet C cannot carry (a first fragment) takes the Python path while C carries the
+    tunnel's flow below the cap. Should the forwarding thread take the GIL between the
+    Python path's check of the number and the number it takes, C may send the cap's number
+    meanwhile: the Python path freezes C before it reads the number, so the packet is held,
+    never numbered cap + 1 (which the target sends when it starts past the cap, and a
+    standby past a fencing ceiling). On main it was sent as cap + 1."""
+    from ipsecct.ipsec.ippacket import checksum
+    from ipsecct.ipsec.sad import SecurityAssociation
+
+    w = mbb_world(margin=3)
+    sg1 = w.gw["sg1"]
+    assert sg1.engine.native is not None, "the native data path is not built"
+    for i in range(5):
+        w.host_send("sg1", i)
+    w.transfer()
+    cap = w.tunnel.transfer_cap
+    assert cap == 8 and w.tunnel.outbound.native.active
+    w.host_send("sg1", 5)
+    w.host_send("sg1", 6)  # C: 6, 7; the cap's number left
+    real = SecurityAssociation.effective_mtu
+    queued: list[bytes] = []
+
+    def thread_runs_first(self: SecurityAssociation, now: float, default: int) -> int:
+        if not queued:  # the forwarding thread's batch, between the check and the number
+            p = udp_packet(7, up=False)
+            r = sg1.engine.native.seal_flow(p, now)
+            if r is None:
+                queued.append(p)  # handed up to the event loop, handled after this one
+            else:
+                sg1.emit(bytes(r[1]))
+                queued.append(b"")
+        return real(self, now, default)
+
+    monkeypatch.setattr(SecurityAssociation, "effective_mtu", thread_runs_first)
+    frag = bytearray(udp_packet(8, up=False))
+    frag[6] |= 0x20  # more fragments: not a flow C carries
+    frag[10:12] = b"\0\0"
+    frag[10:12] = checksum(bytes(frag[:20])).to_bytes(2, "big")
+    sg1.from_inner(bytes(frag))
+    assert queued
+    monkeypatch.setattr(SecurityAssociation, "effective_mtu", real)
+    if queued[0]:
+        sg1.from_inner(queued[0])
+    assert out_seqs(w, "sg1") == list(range(1, cap + 1))
+    og = next(iter(sg1.core.outgoing.values()))
+    assert len(og.held) == 1
+    w.deliver_all()
+    assert min(out_seqs(w, "sg2")) == cap + 1
+    unique(w)
+
+
 def test_packets_c_sends_between_the_read_and_the_new_ceiling_raise_the_cap(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -960,7 +960,15 @@ class Engine:
                 and t.outbound.seq < t.send_limit
             ):
                 sa = t.outbound
-                if sa.mode is Mode.TUNNEL and sa.dst.version == 4 and packet[0] == 0x45:
+                c = sa.native
+                if c is not None and c.active:  # frozen, the number read again (_outbound_slow)
+                    native_mod.reclaim(sa)
+                if (
+                    sa.seq < t.send_limit
+                    and sa.mode is Mode.TUNNEL
+                    and sa.dst.version == 4
+                    and packet[0] == 0x45
+                ):
                     n = len(packet)
                     tr = sa.transform
                     padded = n + 2
@@ -1009,8 +1017,8 @@ class Engine:
                 return Held(t, packet, False)
             if now < t.forward_until and t.forward_to is not None:
                 # C may be sending the tail (send_tails): frozen before the number is read,
-                # so that the check and the number the packet takes below are one step (the
-                # forwarding thread could send the tail's last number in between).
+                # as below (the thread could send tail_end in between, this packet the
+                # target's first).
                 native_mod.reclaim(t.outbound)
                 if t.outbound.seq >= t.tail_end:
                     if t.outbound.native is not None:
@@ -1023,6 +1031,16 @@ class Engine:
                 return self._drop(Drop.NO_SA)
         elif self.fenced(t, now):
             return Held(t, packet, False)
+        elif (c := t.outbound.native) is not None and c.active:
+            # C may be sending on the SA (other flows, the forwarding thread): frozen, and
+            # the number read again, so that the check and the number the packet takes below
+            # are one step. Else the thread could send the ceiling's number in between (it
+            # may take the GIL at any bytecode) and this packet the one past it, which a
+            # target (past the cap) or a standby (past the fencing ceiling) sends too. (Not
+            # when fenced already: C stops by itself, and stays C's.)
+            native_mod.reclaim(t.outbound)
+            if self.fenced(t, now):
+                return Held(t, packet, False)
         sa = t.outbound
         if hdr.total_len < len(packet):
             packet = packet[: hdr.total_len]
@@ -1194,8 +1212,13 @@ class Engine:
         """Send ``payload`` to the peer inside ``sa`` (outbound) as ESP next header 253:
         authenticated by the SA's keys and replay-protected by its sequence numbers."""
         t = self._tunnel_of_sa.get(id(sa))
-        if now >= self.send_until or (t is not None and sa.seq >= t.send_limit):
-            return self._drop(Drop.FENCED)
+        for _ in range(2):  # again once C is frozen: the number read again (_outbound_slow)
+            if now >= self.send_until or (t is not None and sa.seq >= t.send_limit):
+                return self._drop(Drop.FENCED)
+            c = sa.native
+            if c is None or not c.active:
+                break
+            native_mod.reclaim(sa)
         res = esp.encapsulate(sa, NH_SIGNAL, payload, now)
         self._collect(sa)
         if isinstance(res, Drop):
