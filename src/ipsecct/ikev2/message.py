@@ -432,37 +432,51 @@ def _transform(data: bytes) -> Transform:
     return Transform(ttype, tid, key_length)
 
 
+_PROP = struct.Struct("!BBHBBBB")
+
+
 def _sa(body: bytes) -> SAPayload:
+    """An SA payload, read by offsets (no copies of what is left), each distinct transform
+    made once per payload: it comes from anyone at IKE_SA_INIT, up to 255 proposals of up to
+    255 transforms, and what reading it costs grows with the datagram alone (the same checks,
+    the same exceptions as a transform at a time)."""
     props: list[Proposal] = []
-    rest = body
+    made: dict[bytes, Transform] = {}  # a transform's octets after last/more and length
+    end = len(body)
+    pos = 0
     while True:
-        if len(rest) < 8:
+        if end - pos < 8:
             raise IkeParseError("proposal substructure is truncated")
-        last, _r, plen, num, proto, spisize, ntrans = struct.unpack_from("!BBHBBBB", rest)
+        last, _r, plen, num, proto, spisize, ntrans = _PROP.unpack_from(body, pos)
         if last not in (0, 2):
             raise IkeParseError(f"proposal substructure with last/more {last}")
-        if plen < 8 + spisize or plen > len(rest):
+        if plen < 8 + spisize or plen > end - pos:
             raise IkeParseError("proposal length does not fit")
-        spi = rest[8 : 8 + spisize]
-        tr = rest[8 + spisize : plen]
+        pend = pos + plen
+        t = pos + 8 + spisize
+        spi = body[pos + 8 : t]
         trs: list[Transform] = []
         for i in range(ntrans):
-            if len(tr) < 8:
+            if pend - t < 8:
                 raise IkeParseError("transform substructure is truncated")
-            tlast, _r2, tlen = struct.unpack_from("!BBH", tr)
-            if tlen < 8 or tlen > len(tr):
+            tlast, _r2, tlen = _GEN.unpack_from(body, t)
+            if tlen < 8 or tlen > pend - t:
                 raise IkeParseError("transform length does not fit")
             if (tlast == 0) != (i == ntrans - 1) or tlast not in (0, 3):
                 raise IkeParseError("transform last/more field disagrees with the count")
-            trs.append(_transform(tr[4:tlen]))
-            tr = tr[tlen:]
-        if tr:
+            key = body[t + 4 : t + tlen]
+            tr = made.get(key)
+            if tr is None:
+                tr = made[key] = _transform(key)
+            trs.append(tr)
+            t += tlen
+        if t != pend:
             raise IkeParseError("octets after the last transform of a proposal")
         props.append(Proposal(num, proto, spi, tuple(trs)))
-        rest = rest[plen:]
+        pos = pend
         if last == 0:
             break
-    if rest:
+    if pos != end:
         raise IkeParseError("octets after the last proposal")
     return SAPayload(tuple(props))
 

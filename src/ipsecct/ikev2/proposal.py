@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from ..errors import ConfigError
 from ..ipsec.algorithms import SWANCTL_ENC, SWANCTL_INTEG
@@ -334,37 +335,47 @@ def _pick(mine: tuple[int, ...], theirs: list[int]) -> int | None:
     return None
 
 
-_TRANSFORM_TYPES = frozenset(TransformType.__members__.values())
-
-
-@dataclass(frozen=True)
-class _Theirs:
-    """A peer's proposal as matched: what it allows of each transform type, read once."""
+class _Theirs(NamedTuple):
+    """A peer's proposal as matched: what it allows of each transform type, read once (a
+    tuple of sets, never changed once made: one per proposal of an SA payload from anyone)."""
 
     protocol: int
     known: bool  # every transform of a type we know (else it cannot be accepted)
-    encr: frozenset[tuple[int, int | None]]  # (id, key bits; ChaCha20-Poly1305's 256)
-    integ: frozenset[int]  # (those without a Key Length attribute)
-    prf: frozenset[int]
-    dh: frozenset[int]
-    esn: frozenset[int]
+    encr: set[tuple[int, int | None]]  # (id, key bits; ChaCha20-Poly1305's 256)
+    integ: set[int]  # (those without a Key Length attribute)
+    prf: set[int]
+    dh: set[int]
+    esn: set[int]
 
     @staticmethod
     def of(p: Proposal) -> _Theirs:
-        def ids(t: int) -> frozenset[int]:
-            return frozenset(x.id for x in p.transforms if x.type == t)
+        """One pass over the proposal's transforms (up to 255 of them, from anyone)."""
+        encr: set[tuple[int, int | None]] = set()
+        integ: set[int] = set()
+        prf: set[int] = set()
+        dh: set[int] = set()
+        esn: set[int] = set()
+        known = True
+        for t in p.transforms:
+            tt = t.type
+            if tt == TransformType.DH:
+                dh.add(t.id)
+            elif tt == TransformType.ENCR:
+                encr.add((t.id, t.key_length if t.key_length is not None else (
+                    256 if t.id == ENCR_CHACHA20_POLY1305 else None)))  # fmt: skip
+            elif tt == TransformType.PRF:
+                prf.add(t.id)
+            elif tt == TransformType.INTEG:
+                if t.key_length is None:
+                    integ.add(t.id)
+            elif tt == TransformType.ESN:
+                esn.add(t.id)
+            else:
+                known = False
+        return _Theirs(p.protocol, known, encr, integ, prf, dh, esn)
 
-        return _Theirs(
-            p.protocol, all(t.type in _TRANSFORM_TYPES for t in p.transforms),
-            frozenset((t.id, t.key_length if t.key_length is not None else (
-                256 if t.id == ENCR_CHACHA20_POLY1305 else None))
-                for t in p.transforms if t.type == TransformType.ENCR),
-            frozenset(t.id for t in p.transforms
-                      if t.type == TransformType.INTEG and t.key_length is None),
-            ids(TransformType.PRF), ids(TransformType.DH), ids(TransformType.ESN))  # fmt: skip
 
-
-def _first(mine: tuple[int, ...], theirs: frozenset[int]) -> int | None:
+def _first(mine: tuple[int, ...], theirs: set[int]) -> int | None:
     return next((m for m in mine if m in theirs), None)
 
 
@@ -459,8 +470,15 @@ class Chooser:
         if found is None:
             if self._theirs is None:
                 self._theirs = [_Theirs.of(p) for p in self.proposals]
+            # (what cannot match, for want of a common encryption, PRF or DH group, is
+            # passed over before _match: most of a hostile SA payload's proposals)
+            encr, prf, dh = frozenset(offer.encr), frozenset(offer.prf), frozenset(offer.dh)
+            ike = offer.protocol == ProtocolId.IKE
             found = self._done[offer] = [
-                _match(offer, p, self.ke_group, self.ignore_dh) for p in self._theirs]
+                None if p.protocol != offer.protocol or p.encr.isdisjoint(encr)
+                or (ike and (p.prf.isdisjoint(prf) or p.dh.isdisjoint(dh)))
+                else _match(offer, p, self.ke_group, self.ignore_dh)
+                for p in self._theirs]  # fmt: skip
         return found
 
     def choose(self, offers: list[Offer]) -> tuple[Proposal, Suite] | None:
