@@ -464,12 +464,19 @@ class Chooser:
         self.ke_group, self.ignore_dh = ke_group, ignore_dh
         self._theirs: list[_Theirs] | None = None
         self._done: dict[Offer, list[Suite | None]] = {}
+        self._firsts: dict[tuple[Offer, bool], tuple[Proposal, Suite] | None] = {}
 
-    def _matches(self, offer: Offer) -> list[Suite | None]:
+    def _first(self, offer: Offer, with_ke: bool) -> tuple[Proposal, Suite] | None:
+        """The peer's first proposal that ``offer`` takes (``with_ke``: with the KE payload's
+        group), found once per offer and pass: the next connection that offers it is told
+        without a walk of the peer's proposals (255 of them, twice, per connection)."""
+        key = (offer, with_ke)
+        if key in self._firsts:
+            return self._firsts[key]
+        if self._theirs is None:
+            self._theirs = [_Theirs.of(p) for p in self.proposals]
         found = self._done.get(offer)
         if found is None:
-            if self._theirs is None:
-                self._theirs = [_Theirs.of(p) for p in self.proposals]
             # (what cannot match, for want of a common encryption, PRF or DH group, is
             # passed over before _match: most of a hostile SA payload's proposals)
             encr, prf, dh = frozenset(offer.encr), frozenset(offer.prf), frozenset(offer.dh)
@@ -479,17 +486,16 @@ class Chooser:
                 or (ike and (p.prf.isdisjoint(prf) or p.dh.isdisjoint(dh)))
                 else _match(offer, p, self.ke_group, self.ignore_dh)
                 for p in self._theirs]  # fmt: skip
-        return found
+        first = self._firsts[key] = next(
+            ((p, s) for p, s in zip(self.proposals, found, strict=True)
+             if s is not None and (not with_ke or s.dh == self.ke_group)), None)  # fmt: skip
+        return first
 
     def choose(self, offers: list[Offer]) -> tuple[Proposal, Suite] | None:
         """As :func:`choose`, for a connection offering ``offers``."""
-        if self.ke_group is not None:
+        for with_ke in (True, False) if self.ke_group is not None else (False,):
             for offer in offers:
-                for p, s in zip(self.proposals, self._matches(offer), strict=True):
-                    if s is not None and s.dh == self.ke_group:
-                        return p, s
-        for offer in offers:
-            for p, s in zip(self.proposals, self._matches(offer), strict=True):
-                if s is not None:
-                    return p, s
+                first = self._first(offer, with_ke)
+                if first is not None:
+                    return first
         return None
