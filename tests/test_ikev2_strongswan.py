@@ -225,6 +225,54 @@ def test_strongswan_answers_a_cookie(workdir: Path) -> None:
             gw.cleanup()
 
 
+HOSTILE_INITS = """
+import os, socket, sys, time
+from ipsecct.ikev2 import message as M
+T = M.TransformType
+props = tuple(M.Proposal(i + 1, M.ProtocolId.IKE, b"", (M.Transform(T.ENCR, 20, 128),
+              M.Transform(T.PRF, 5), M.Transform(T.DH, 1000 + i))) for i in range(255))
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+while True:  # (paced: what a core of the gateway's could answer, no more)
+    h = M.Header(os.urandom(8), bytes(8), 0, M.ExchangeType.IKE_SA_INIT, M.Flag.INITIATOR,
+                 0, 0)
+    s.sendto(M.encode_plain(h, [M.SAPayload(props), M.KEPayload(31, os.urandom(32)),
+                                M.NoncePayload(os.urandom(32))]), (sys.argv[1], 500))
+    time.sleep(1 / int(sys.argv[2]))
+"""
+
+
+@pytest.mark.root
+@pytest.mark.slow
+@needs_strongswan
+def test_strongswan_connects_amid_a_flood_of_unacceptable_inits(workdir: Path) -> None:
+    """Hostile IKE_SA_INITs of 255 unacceptable proposals (9 KB each, answered
+    NO_PROPOSAL_CHOSEN: no half-open IKE SA, no cookie) come at 200 a second from the
+    client's own address; strongSwan connects in their midst and its tunnel carries
+    traffic, the flood answered all along."""
+    with Namespaces("a", "b") as ns:
+        ss, gw = start(ns, workdir, ike="default", esp="default", ss_ike=None, ss_esp=None)
+        try:
+            with ss:
+                ss.start()
+                flood = ns.popen("a", sys.executable, "-c", HOSTILE_INITS, B.outer, "200")
+
+                def refused() -> int:
+                    n: int = gw.status()["ike"]["counters"].get("no-proposal-chosen", 0)
+                    return n
+
+                wait_until(lambda: refused() >= 100, "the flood answered")
+                ss.initiate()
+                assert re.search(r"IKE_SA cA\[\d+\] established", ss.log()), ss.logtail()
+                assert ping(ns, "a", B.inner, PINGS) == PINGS, ss.logtail() + gw.logtext()
+                before = refused()
+                wait_until(lambda: refused() >= before + 100, "the flood still answered")
+                assert flood.poll() is None
+                assert [s["state"] for s in ike_list(str(workdir / "gw.sock"))] == [
+                    "established"]
+        finally:
+            gw.cleanup()
+
+
 @pytest.mark.root
 @pytest.mark.slow
 @needs_strongswan
