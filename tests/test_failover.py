@@ -330,26 +330,40 @@ def test_standby_keeps_the_latest_pair_per_outbound_spi_and_applies_removals() -
     assert sb.last_heard == 0.02
 
 
-def test_two_tunnels_whose_peers_chose_one_spi_are_both_taken_over() -> None:
-    """NOT FIXED (hostile15, left on this branch): two clients chose the same inbound SPI
-    (our outbound SPI to each: the peer's choice, any 32 bits; by chance about once in
-    2**32 / tunnels per new CHILD SA, or on purpose, copied from the ESP we send the other).
-    The SAD tells their outbound SAs apart by destination; the standby keeps its replicas
-    by outbound SPI alone (as the etcd mode keys tunnels: tunnels/<spi>), so it holds one
-    of them and a take-over installs one tunnel of the two. Nothing is sent twice (the
-    one taken over resumes above both replicas' numbers: high is per SPI; the other is not
-    sent on at all), but a client loses its tunnel at every take-over."""
+def test_a_second_tunnel_on_an_outbound_spi_a_peer_chose_is_refused_the_first_taken_over(
+) -> None:
+    """Two clients chose the same inbound SPI (our outbound SPI to each: the peer's choice,
+    any 32 bits; by chance about once in 2**32 / tunnels per new CHILD SA, or on purpose,
+    copied from the ESP we send the other). The SAD tells their outbound SAs apart by
+    destination; the standby keeps its replicas by outbound SPI alone (as the etcd mode keys
+    tunnels: tunnels/<spi>), so a take-over installed one tunnel of the two, the copier's
+    choice which (hostile15). Where a tunnel is made (a CHILD SA, a transfer's target, ``sa
+    add``: own_outbound_spi) the second is refused, and the first holder's is the one the
+    standby keeps and takes over. Nothing is sent twice either way: the resume point is per
+    SPI, above every replica's number (high)."""
+    from ipsecct.errors import SPICollisionError
+
     act = Engine(ip(SG_ADDR["sg1"]))
+    made = []
     for i, addr in ((1, "192.0.2.10"), (2, "192.0.2.77")):
         (o, n, s), _ = tunnel_sas("sg1", spi_up=0x1000 + i, spi_down=0x2222,
                                   mn_inner=f"10.1.0.{i}", mn_addr=addr, name=f"t{i}")
-        act.add_tunnel(SPDEntry(s, Action.PROTECT, name=f"t{i}", static=False), o, n)
+        entry = SPDEntry(s, Action.PROTECT, name=f"t{i}", static=False)
+        if i == 1:
+            made.append(act.add_tunnel(entry, o, n, own_outbound_spi=True))
+            continue
+        with pytest.raises(SPICollisionError, match="outbound SPI 0x00002222 is already in"):
+            act.add_tunnel(entry, o, n, own_outbound_spi=True)
+        assert act.add_tunnels([(entry, o, n)], own_outbound_spi=True) == [None]
+        assert act.sad.lookup(n.dst, n.protocol, n.spi) is None  # (its inbound SA not left)
+    assert act.stats.outbound_spi_refused == 2 and act.tunnels() == made
     rep = failover.Replicator(act, cfg(sync_packets=4), session=9)
     sb = standby(Engine(ip(SG_ADDR["sg2"])))
     for m in wire(rep.poll(0.0)):
         sb.receive(m, 0.0)
     tunnels, _, _ = sb.take_over(60.0)
-    assert sorted(str(t.outbound.dst) for t in tunnels) == ["192.0.2.10", "192.0.2.77"]
+    assert [str(t.outbound.dst) for t in tunnels] == ["192.0.2.10"]
+    assert tunnels[0].outbound.seq > made[0].outbound.seq  # (resumes above the replica)
 
 
 def test_replicator_select_keeps_a_floor_until_the_removal_is_acknowledged() -> None:

@@ -2117,3 +2117,54 @@ def test_the_float_to_the_nat_t_port_is_not_logged_as_a_peer_that_moved(
         svc._one(PeerMoved(ir))  # a MOBIKE update: where it was is not said
     moved = [r.getMessage() for r in caplog.records if "ike-peer-moved" in r.getMessage()]
     assert len(moved) == 2 and f"was={host}:40001" in moved[0], moved
+
+
+def test_a_child_sa_whose_peer_chose_another_tunnels_outbound_spi_is_refused_ike_sa_kept(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Our outbound SPI is the client's choice (its inbound SPI), any 32 bits: M chooses the
+    one V chose (by chance, or copied from the ESP we send V). The SAD tells their outbound
+    SAs apart by destination, but fail-over replicas, etcd keys and cluster grouping know a
+    tunnel by its outbound SPI, and one of the two was lost at every take-over (which one,
+    the copier's choice). The first holder (V) keeps its tunnel; M's CHILD SA is refused:
+    NO_PROPOSAL_CHOSEN in IKE_AUTH (RFC 7296 §1.2: its IKE SA is still made) and
+    TEMPORARY_FAILURE in CREATE_CHILD_SA (charon tries again later, with a new SPI), logged
+    and counted; with an SPI of its own M's next CHILD SA is made."""
+    import logging
+
+    from ipsecct.ikev2.engine import ChildUp, IkeEngine
+    from tests.helpers.ikev2_engines import Wire
+
+    svc = _service(tmp_path)
+    eng = svc.node.engine
+    v = Wire(IkeEngine([mn_conn()]), svc.engine)
+    connect(v)
+    for o in v.of("r", ChildUp):
+        svc._one(o)
+    ((vc,),) = [ike.children for ike in v.ini.ike_sas()]
+    held = eng.outbound_spi_holder(vc.spi_in)
+    assert held is not None and str(held.dst) == "192.0.2.10"
+    # M, at another address, chooses V's SPI for its inbound CHILD SA
+    m = Wire(IkeEngine([mn_conn()], spi_range=(vc.spi_in, vc.spi_in)), svc.engine)
+    m.nat = Address(ipaddress.ip_address("192.0.2.77"), 500)
+    with caplog.at_level(logging.WARNING, logger="ipsecct.ikev2"):
+        connect(m)
+    (mi,) = m.ini.ike_sas()
+    assert mi.state is IkeState.ESTABLISHED and not mi.children  # the IKE SA stays
+    assert m.ini.stats["child-failed"] == 1 and not m.of("r", ChildUp)
+    assert svc.engine.stats["child-spi-taken"] == 1
+    assert "event=child-spi-taken conn=c child=net peer=192.0.2.77:" in caplog.text
+    assert f"spi={vc.spi_in:08x} count=1" in caplog.text
+    # CREATE_CHILD_SA with the same SPI: TEMPORARY_FAILURE, still nothing made
+    m.deliver(m.ini.create_child(mi, mi.conn.children[0], 1.0), "i", 1.0)
+    assert svc.engine.stats["child-spi-taken"] == 2 and not m.of("r", ChildUp)
+    assert not mi.children and mi.state is IkeState.ESTABLISHED
+    assert eng.outbound_spi_holder(vc.spi_in) is held  # V's tunnel is V's
+    assert [t.outbound.dst for t in eng.tunnels()] == [held.dst]
+    # an SPI of its own: made
+    m.ini.spi_range = (0x100, 0xFFFFFFFF)
+    m.deliver(m.ini.create_child(mi, mi.conn.children[0], 2.0), "i", 2.0)
+    (up,) = m.of("r", ChildUp)
+    svc._one(up)
+    assert up.child.spi_out != vc.spi_in
+    assert sorted(str(t.outbound.dst) for t in eng.tunnels()) == ["192.0.2.10", "192.0.2.77"]

@@ -152,6 +152,7 @@ class IkeService:
         self.engine = IkeEngine(
             connections,
             spi_in_use=lambda spi: bool(node.engine.find_sa(spi)),
+            outbound_spi_taken=lambda spi: node.engine.outbound_spi_holder(spi) is not None,
             natt_port=node.cfg.outer.port,
             cookie_threshold=node.cfg.cookie_threshold,
             rsa_pss=node.cfg.rsa_pss,

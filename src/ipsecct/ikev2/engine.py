@@ -518,6 +518,7 @@ class IkeEngine:
         *,
         random: Callable[[int], bytes] = os.urandom,
         spi_in_use: Callable[[int], bool] | None = None,
+        outbound_spi_taken: Callable[[int], bool] | None = None,
         natt_port: int = 4500,
         cookie_threshold: int = COOKIE_THRESHOLD,
         spi_range: tuple[int, int] = (0x100, 0xFFFFFFFF),
@@ -549,6 +550,9 @@ class IkeEngine:
         self.connecting: dict[bytes, Connecting] = {}  # our SPIi -> IKE_SA_INIT in flight
         self.random = random
         self.spi_in_use = spi_in_use or (lambda spi: False)
+        # is a peer's inbound CHILD SPI (our outbound SPI to it) another tunnel's outbound SPI
+        # here already? (by chance, or copied from the ESP we send another client): refused
+        self.outbound_spi_taken = outbound_spi_taken or (lambda spi: False)
         # the IKE SAs whose deadline changed or may have (their heap entry is looked at
         # again at the next next_deadline() or tick()): each one put in by_spi, each one a
         # public method or a received message is for, each one whose TIMER_FIELDS are set
@@ -1891,6 +1895,21 @@ class IkeEngine:
         if len(proposal.spi) != 4 or int.from_bytes(proposal.spi, "big") < 256:
             self.stats["child-bad-spi"] += 1
             return [NotifyPayload(Notify.INVALID_SYNTAX)]
+        if self.outbound_spi_taken(int.from_bytes(proposal.spi, "big")):
+            # Another tunnel here sends with this SPI (towards another client): fail-over
+            # replicas, etcd keys and cluster grouping know a tunnel by it, and one of the two
+            # would be lost at a take-over. The first holder keeps it; this CHILD SA is
+            # refused, the IKE SA stays (RFC 7296 §1.2: NO_PROPOSAL_CHOSEN is one of the
+            # IKE_AUTH errors that do not prevent the IKE SA; charon logs "no CHILD_SA
+            # built"). In CREATE_CHILD_SA, TEMPORARY_FAILURE: charon tries again later, with a
+            # new SPI (a new CHILD SA, or its rekey task's next attempt).
+            self.stats["child-spi-taken"] += 1
+            if self._refusal_log.allow("spi", now):
+                log.warning("event=child-spi-taken conn=%s child=%s peer=%s id=%s spi=%s "
+                            "count=%d", ike.conn.name, cc.name, ike.remote, ike.peer_id,
+                            proposal.spi.hex(), self.stats["child-spi-taken"])  # fmt: skip
+            return [NotifyPayload(Notify.NO_PROPOSAL_CHOSEN if in_auth
+                                  else Notify.TEMPORARY_FAILURE)]  # fmt: skip
         extra: list[Payload] = []
         shared = b""
         if suite.dh is not None:  # PFS (CREATE_CHILD_SA only)

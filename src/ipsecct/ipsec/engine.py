@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import PacketError, SAError, TunnelStateError
+from ..errors import PacketError, SAError, SPICollisionError, TunnelStateError
 from . import esp, ippacket, processing
 from . import native as native_mod
 from .esp import Drop
@@ -229,6 +229,9 @@ class Stats:
     in_packets: int = 0
     in_bytes: int = 0
     icmp_sent: int = 0
+    # tunnels refused because another outbound SA here has their outbound SPI (a peer's
+    # choice: Engine.outbound_spi_holder)
+    outbound_spi_refused: int = 0
     drops: Counter[str] = field(default_factory=Counter)
 
     def as_dict(self) -> dict[str, object]:
@@ -238,6 +241,7 @@ class Stats:
             "in_packets": self.in_packets,
             "in_bytes": self.in_bytes,
             "icmp_sent": self.icmp_sent,
+            "outbound_spi_refused": self.outbound_spi_refused,
             "drops": {d.value: self.drops.get(d.value, 0) for d in Drop},
         }
 
@@ -453,12 +457,17 @@ class Engine:
         inbound: SecurityAssociation | None,
         *,
         index: int | None = None,
+        own_outbound_spi: bool = False,
     ) -> Tunnel:
-        """A PROTECT policy with its outbound SA (and the inbound SA of the pair)."""
+        """A PROTECT policy with its outbound SA (and the inbound SA of the pair).
+        ``own_outbound_spi``: refuse (SPICollisionError) an outbound SPI that another
+        outbound SA here has, towards any destination (see :meth:`outbound_spi_holder`)."""
         if entry.action is not Action.PROTECT:
             raise SAError("a tunnel's policy must PROTECT")
         if outbound.direction is not Direction.OUTBOUND:
             raise SAError("the tunnel's first SA must be outbound")
+        if own_outbound_spi:
+            self._refuse_shared_outbound_spi(outbound)
         if inbound is not None:
             if inbound.direction is not Direction.INBOUND:
                 raise SAError("the tunnel's second SA must be inbound")
@@ -488,12 +497,14 @@ class Engine:
         items: Sequence[tuple[SPDEntry, SecurityAssociation, SecurityAssociation | None]],
         *,
         held: bool = False,
+        own_outbound_spi: bool = False,
     ) -> list[Tunnel | None]:
         """Many tunnels in one call (a bulk transfer's install): each added as
         :meth:`add_tunnel` adds it (its policy appended), in order, the flow caches cleared
         once. A tunnel that :meth:`add_tunnel` would refuse (an SA whose SPI is taken, by
         the SAD or by a tunnel earlier in ``items``) is not added: None in its place.
-        ``held``: the tunnels start HELD (installed for a transfer that is not committed)."""
+        ``held``: the tunnels start HELD (installed for a transfer that is not committed).
+        ``own_outbound_spi``: as :meth:`add_tunnel`'s (None for such a tunnel)."""
         out: list[Tunnel | None] = []
         entries: list[SPDEntry] = []
         sad = self.sad
@@ -511,6 +522,8 @@ class Engine:
                     out.append(None)
                     continue
                 try:
+                    if own_outbound_spi:
+                        self._refuse_shared_outbound_spi(outbound)
                     if inbound is not None:
                         sad.add(inbound)
                     try:
@@ -808,6 +821,29 @@ class Engine:
 
     def tunnel_of(self, sa: SecurityAssociation) -> Tunnel | None:
         return self._tunnel_of_sa.get(id(sa))
+
+    def outbound_spi_holder(self, spi: int) -> SecurityAssociation | None:
+        """An outbound SA here whose SPI is ``spi`` (ESP or AH), towards any destination.
+
+        Our outbound SPIs are the peers' choice (IKEv2: each client's inbound SPI), any 32
+        bits: two clients may choose one, by chance or on purpose (copied from the ESP we
+        send another client). The SAD tells the two apart by destination, but fail-over
+        replicas, the etcd mode's keys and cluster grouping know a tunnel by its outbound
+        SPI alone: where a tunnel is made (a peer's CHILD SA, a transfer's target, ``sa
+        add``) such an SPI is refused, and the first holder keeps its tunnel."""
+        for sa in self.sad.by_spi(spi):
+            if sa.direction is Direction.OUTBOUND:
+                return sa
+        return None
+
+    def _refuse_shared_outbound_spi(self, outbound: SecurityAssociation) -> None:
+        holder = self.outbound_spi_holder(outbound.spi)
+        if holder is not None and holder is not outbound:
+            self.stats.outbound_spi_refused += 1
+            raise SPICollisionError(
+                f"outbound SPI 0x{outbound.spi:08x} is already in use here"
+                f" (to {holder.dst}): refused for {outbound.dst}"
+            )
 
     def tunnel_by_spi(self, spi: int, direction: Direction | None = None) -> Tunnel | None:
         """The tunnel of an SA with this SPI (of ``direction`` only, if given). An inbound
