@@ -485,6 +485,29 @@ def test_sa_add_of_a_list_says_which_were_added_when_one_is_refused(topo: Topo) 
     assert r.returncode == 2 and r.stdout == "" and "no SA" in r.stderr, r
 
 
+def test_sa_add_of_an_outbound_spi_another_tunnel_has_is_refused_in_one_line(topo: Topo) -> None:
+    """An outbound SA whose SPI the gateway's tunnel to its client has already, towards
+    another destination: the SAD would tell them apart, but fail-over replicas, etcd keys and
+    cluster grouping know a tunnel by its outbound SPI alone, and one of the two would be
+    lost at a take-over. Refused (exit 2, one line); the tunnel in place keeps its SPI."""
+    from ipsecct.ct import context
+    from ipsecct.ipsec.sad import Direction, SecurityAssociation
+    from ipsecct.ipsec.spd import AddressRange, Selectors
+
+    sel = Selectors((AddressRange.parse("10.77.0.0/24"),), (AddressRange.parse("10.78.0.1"),))
+    sa = SecurityAssociation(SPI_DOWN, Direction.OUTBOUND, ip("127.0.0.1"), ip("127.0.0.9"),
+                             enc_key=KEY_UP, esn=True, selectors=sel)  # fmt: skip
+    f = topo.dir / "copy.json"
+    f.write_text(json.dumps(context.to_json(sa, 0.0)))
+    r = ipsecct("sa", "add", str(f), "-s", topo.sg.sock)
+    assert r.returncode == 2 and r.stdout == "", r
+    assert r.stderr.count("\n") == 1 and f"outbound SPI 0x{SPI_DOWN:08x} is already in" in r.stderr
+    assert topo.sg.counters()["outbound_spi_refused"] == 1
+    outs = [s for s in json.loads(ok("sa", "list", "--json", "-s", topo.sg.sock))
+            if s["spi"] == f"0x{SPI_DOWN:08x}"]  # fmt: skip
+    assert [s["dst"] for s in outs] == ["127.0.0.1"], outs
+
+
 def test_sa_add_of_an_inbound_sa_to_an_address_not_ours_warns_in_one_line(topo: Topo) -> None:
     """``sa add`` of examples/contexts/esp-aes-gcm-esn-tunnel.json (an inbound SA to
     203.0.113.1) installed it on a gateway at 127.0.0.1 without a word. It is still added

@@ -465,6 +465,29 @@ def test_conflict_deny() -> None:
     assert w.gw["sg2"].engine.sad.lookup(ip(SG_ADDR["sg2"]), other.protocol, SPI_UP) is other
 
 
+def test_a_transfer_whose_outbound_spi_another_tunnel_at_the_target_has_is_refused() -> None:
+    """The outbound SPI is the client's choice: another client of the target may have chosen
+    it (by chance, or copied from the ESP it saw). The target's SAD tells the two apart by
+    destination, but its fail-over replicas, etcd keys and cluster grouping do not, and one
+    of the two would be lost at its next take-over. The target refuses the tunnel
+    (SPI_COLLISION, counted); it stays at the source, sending; the target's own is kept."""
+    from ipsecct.ipsec.sad import Direction
+
+    w = World()
+    other = collide(w, "sg2", SPI_DOWN, direction=Direction.OUTBOUND, peer="192.0.2.99")
+    w.transfer()
+    w.deliver("sg1", "sg2")
+    ctdr = w.peek("sg2", "sg1")
+    assert isinstance(ctdr, cxtp.CTDR)
+    assert [e.status for e in ctdr.statuses] == [cxtp.Status.SPI_COLLISION]
+    w.deliver_all()
+    assert state(w.tunnel) is TunnelState.ACTIVE
+    assert w.gw["sg1"].finished[-1].outcome == "refused"
+    assert [t.name for t in w.gw["sg2"].engine.tunnels()] == ["other"]
+    assert w.gw["sg2"].engine.outbound_spi_holder(SPI_DOWN) is other
+    assert w.gw["sg2"].engine.stats.outbound_spi_refused == 1
+
+
 def test_conflict_renegotiate() -> None:
     w = World(settings={"sg2": Settings(conflict=ConflictPolicy.RENEGOTIATE)})
     other = collide(w, "sg2", SPI_UP)

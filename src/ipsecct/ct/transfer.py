@@ -819,6 +819,7 @@ class _Batch:
     )
     signals: list[list[signalling.SignalItem]] = field(default_factory=list)
     keys: set[tuple[int, int, int, int]] = field(default_factory=set)  # see _sa_key
+    out_spis: set[int] = field(default_factory=set)  # their outbound SAs' SPIs
     failed: set[int] = field(default_factory=set)
     # The signals of a tunnel that needs only the new address (direct identity): one list
     # shared by all of them (never changed once made).
@@ -2821,6 +2822,15 @@ class TransferCore:
         out_key = _sa_key(out_sa)
         if out_key in batch.keys or sad.in_use(out_sa.dst, out_sa.protocol, out_sa.spi):
             return cxtp.Status.BUSY, None  # we hold this SA already
+        if (
+            out_sa.spi in batch.out_spis or self.engine.outbound_spi_holder(out_sa.spi)
+        ) and not any(returning.overlapping(sl) for sl in sels):
+            # Another tunnel here (or before it in this install) sends with this SPI, to
+            # another client (the SPI is the client's choice): fail-over replicas, etcd keys
+            # and cluster grouping know a tunnel by it, one of the two would be lost at a
+            # take-over. (A forwarder of this very tunnel coming back goes first, below.)
+            self.engine.stats.outbound_spi_refused += 1
+            return cxtp.Status.SPI_COLLISION, None
         direct = self.settings.identity is Identity.DIRECT
         take_over_pair(
             out_sa, in_sa, self.endpoint, self.settings.identity, path_mtu=self.settings.path_mtu
@@ -2839,6 +2849,7 @@ class TransferCore:
             entry = SPDEntry(out_sel, Action.PROTECT, name=out_sa.name, static=False)
             batch.items.append((entry, out_sa, in_sa))
             batch.keys.add(out_key)
+            batch.out_spis.add(out_sa.spi)
             if in_key is not None:
                 batch.keys.add(in_key)
             for sl in sels:
@@ -2896,10 +2907,12 @@ class TransferCore:
             if status == cxtp.Status.ACCEPTED_RENEGOTIATE and in_sa is not None:
                 # Its SPI is taken here: it is reachable only as a shadow, tried when the
                 # SPI's owner does not verify a packet.
-                tunnel = self.engine.add_tunnel(entry, out_sa, None)
+                tunnel = self.engine.add_tunnel(entry, out_sa, None, own_outbound_spi=True)
                 self.engine.attach_shadow_inbound(tunnel, in_sa)
             else:
-                tunnel = self.engine.add_tunnel(entry, out_sa, in_sa)
+                # (an outbound SPI another tunnel here has, to another destination, is
+                # refused too: Engine.outbound_spi_holder)
+                tunnel = self.engine.add_tunnel(entry, out_sa, in_sa, own_outbound_spi=True)
         except SAError:
             return cxtp.Status.SPI_COLLISION, None
         for sl in sels:
@@ -2921,7 +2934,7 @@ class TransferCore:
         """Add the batch's tunnels in one engine call, held, in the order they came."""
         if not batch.items:
             return
-        tunnels = self.engine.add_tunnels(batch.items, held=True)
+        tunnels = self.engine.add_tunnels(batch.items, held=True, own_outbound_spi=True)
         for (_, out_sa, _), tunnel, signals in zip(
             batch.items, tunnels, batch.signals, strict=True
         ):
@@ -2931,7 +2944,7 @@ class TransferCore:
             inc.tunnels.append(tunnel)
             if signals:
                 inc.signals[id(tunnel)] = signals
-        batch.items, batch.signals, batch.keys = [], [], set()
+        batch.items, batch.signals, batch.keys, batch.out_spis = [], [], set(), set()
 
     def _on_commit(
         self, peer: str, tag: cxtp.TransferTag, now: float, grant: int = 0

@@ -603,7 +603,10 @@ class Service:
             if sa.selectors is None:
                 raise ControlError("an outbound SA needs selectors to make its policy")
             entry = SPDEntry(sa.selectors, Action.PROTECT, name=sa.name, static=False)
-            tunnel = eng.add_tunnel(entry, sa, None, index=0)
+            try:  # (an outbound SPI another tunnel here has, to any destination: refused)
+                tunnel = eng.add_tunnel(entry, sa, None, index=0, own_outbound_spi=True)
+            except IpsecctError as exc:
+                raise ControlError(str(exc)) from None
             try:
                 self.state.added(sa)  # reserved and recorded before it can send
             except IpsecctError as exc:
