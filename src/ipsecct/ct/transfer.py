@@ -2934,7 +2934,8 @@ class TransferCore:
         """Add the batch's tunnels in one engine call, held, in the order they came."""
         if not batch.items:
             return
-        tunnels = self.engine.add_tunnels(batch.items, held=True, own_outbound_spi=True)
+        # (an outbound SPI another tunnel has was refused before it joined: batch.out_spis)
+        tunnels = self.engine.add_tunnels(batch.items, held=True)
         for (_, out_sa, _), tunnel, signals in zip(
             batch.items, tunnels, batch.signals, strict=True
         ):

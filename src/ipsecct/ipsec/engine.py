@@ -831,10 +831,7 @@ class Engine:
         replicas, the etcd mode's keys and cluster grouping know a tunnel by its outbound
         SPI alone: where a tunnel is made (a peer's CHILD SA, a transfer's target, ``sa
         add``) such an SPI is refused, and the first holder keeps its tunnel."""
-        for sa in self.sad.by_spi(spi):
-            if sa.direction is Direction.OUTBOUND:
-                return sa
-        return None
+        return self.sad.outbound_with_spi(spi)
 
     def _refuse_shared_outbound_spi(self, outbound: SecurityAssociation) -> None:
         holder = self.outbound_spi_holder(outbound.spi)

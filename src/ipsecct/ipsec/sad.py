@@ -422,6 +422,7 @@ def read_through_properties() -> tuple[property, property]:
 
 
 _V4 = ipaddress.IPv4Address
+_ESP, _AH, _OUT = Protocol.ESP, Protocol.AH, Direction.OUTBOUND
 
 
 class SAD:
@@ -493,6 +494,17 @@ class SAD:
     def by_spi(self, spi: int) -> list[SecurityAssociation]:
         """Every SA with this SPI, ESP and AH."""
         return self._by_spi.get((Protocol.ESP, spi), []) + self._by_spi.get((Protocol.AH, spi), [])
+
+    def outbound_with_spi(self, spi: int) -> SecurityAssociation | None:
+        """An outbound SA with this SPI (ESP or AH), to any destination (asked for every
+        tunnel a transfer installs: no list made)."""
+        get = self._by_spi.get
+        for lst in (get((_ESP, spi)), get((_AH, spi))):
+            if lst:
+                for sa in lst:
+                    if sa.direction is _OUT:
+                        return sa
+        return None
 
     def in_use(self, dst: IPAddress, protocol: Protocol, spi: int) -> bool:
         ip = dst._ip if type(dst) is _V4 else dst  # type: ignore[attr-defined]
