@@ -2823,7 +2823,7 @@ class TransferCore:
         if out_key in batch.keys or sad.in_use(out_sa.dst, out_sa.protocol, out_sa.spi):
             return cxtp.Status.BUSY, None  # we hold this SA already
         if (
-            out_sa.spi in batch.out_spis or self.engine.outbound_spi_holder(out_sa.spi)
+            out_sa.spi in batch.out_spis or sad.outbound_with_spi(out_sa.spi) is not None
         ) and not any(returning.overlapping(sl) for sl in sels):
             # Another tunnel here (or before it in this install) sends with this SPI, to
             # another client (the SPI is the client's choice): fail-over replicas, etcd keys
