@@ -56,12 +56,12 @@ from ..ipsec import ippacket, signalling
 from ..ipsec.algorithms import EncAlg, IntegAlg
 from ..ipsec.engine import Engine, Held, ToPeer, Tunnel, TunnelState
 from ..ipsec.ippacket import Endpoint, IPAddress
+from ..ipsec.ratelimit import RateLimiter
 from ..ipsec.sad import Direction, SecurityAssociation, UdpEncap
 from ..ipsec.spd import Action, AddressRange, OverlapIndex, RangeSet, Selectors, SPDEntry
 from ..ipsec.spi import SpiBlock
 from . import context, cxtp
 from .journal import GRANT, Journal, Write, grant_ceiling, transferred_at
-from .ratelimit import RateLimiter
 
 FPT_DECISION = 0x8005  # COMMIT (1) or ABORT (2) of a transfer
 FPT_FORWARD = 0x8006  # a packet forwarded after the cut-over

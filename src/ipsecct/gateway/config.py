@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import datetime as dt
 import errno
 import ipaddress
 import logging
@@ -1628,7 +1629,8 @@ def load_connections(data: dict[str, Any], path: str) -> list[Connection]:
             raise ConfigError(f"{p} holds no PEM certificate") from None
 
     return parse_connections(data, path, load_secrets(data, path), certs,
-                             load_private_keys(data, path), crl_reader(path))  # fmt: skip
+                             load_private_keys(data, path), crl_reader(path),
+                             wall_now=dt.datetime.now(dt.UTC))  # fmt: skip
 
 
 _CRL_POOL: list[concurrent.futures.ThreadPoolExecutor] = []  # one thread, made when needed

@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 from ..ct.failover import MAX_EXTRA_CDBS
-from ..ct.ratelimit import RateLimiter
 from ..ct.transfer import UNIT_IKEV2, unit_cdb
 from ..errors import IkeContextError, IkeProtocolError, IpsecctError, TransferError, TunError
 from ..ikev2 import context as ike_context
@@ -45,6 +44,7 @@ from ..ikev2.message import TrafficSelector
 from ..ikev2.restart import Restarts
 from ..ipsec.engine import TunnelState
 from ..ipsec.ippacket import IPAddress as IPAddr
+from ..ipsec.ratelimit import RateLimiter
 from ..ipsec.sad import Direction, SAEvent, UdpEncap
 from ..ipsec.spd import Selectors
 from .log import event

@@ -17,7 +17,7 @@ import os
 import resource
 from dataclasses import dataclass, field
 
-from ..ct.ratelimit import RateLimiter
+from ..ipsec.ratelimit import RateLimiter
 
 log = logging.getLogger("ipsecct.gateway.limits")
 
@@ -80,7 +80,7 @@ class HandshakeRate:
     reserved_rate: float = 8.0  # ... from one of the peers' hosts
     reserved_burst: float = 32.0
     reserved: frozenset[str] = frozenset()
-    max_sources: int = 4096  # the per-address table's bound (ct.ratelimit prunes past it)
+    max_sources: int = 4096  # the per-address table's bound (ipsec.ratelimit prunes past it)
     limited: int = 0
     _sources: RateLimiter | None = field(default=None, repr=False)
     _peers: RateLimiter | None = field(default=None, repr=False)

@@ -883,19 +883,46 @@ def _auth(d: Any, ctx: _Ctx, where: str) -> tuple[str, str | None, list[str], li
     return auth, ident, certs, cacerts
 
 
+def _warn_not_valid_now(
+    path: str,
+    where: str,
+    chain_of: list[tuple[str, x509.Certificate]],
+    cas_of: list[tuple[str, x509.Certificate]],
+    now: dt.datetime,
+) -> None:
+    """Expired or not yet valid at ``now`` (the caller's wall clock): every peer refuses
+    our AUTH, or every peer's chain from that CA is refused, and nothing said so until a
+    client failed. A warning each; the gateway still starts (a clock may be wrong, a new
+    certificate on its way)."""
+    for what, f, c in ([("local.certs", f, c) for f, c in chain_of]
+                      + [("remote.cacerts", f, c) for f, c in cas_of]):  # fmt: skip
+        if now > c.not_valid_after_utc:
+            problem = f"{subject_of(c)} expired on {c.not_valid_after_utc:%Y-%m-%d}"
+        elif now < c.not_valid_before_utc:
+            problem = (f"{subject_of(c)} is valid only from "
+                       f"{c.not_valid_before_utc:%Y-%m-%d %H:%M} UTC")  # fmt: skip
+        else:
+            continue
+        log.warning("event=ike-certificate-not-valid-now config=%s key=%s%s file=%s "
+                    "problem=%s", path, where, what, _quote(f), _quote(problem))  # fmt: skip
+
+
 def parse_connections(
     data: dict[str, Any], path: str, secrets: Sequence[SharedKey] | Mapping[str, bytes],
     load_certs: Callable[[str], list[x509.Certificate]] | None = None,
     private_keys: list[PrivateKey] | None = None,
     load_crls: Callable[[list[str]], Callable[[], list[RevocationList]]]
     | None = None,
+    wall_now: dt.datetime | None = None,
 ) -> list[Connection]:  # fmt: skip
     """``data`` is the whole configuration; ``secrets`` its ``[secrets.ike-*]`` (or a
     mapping of one identity to its pre-shared key each), already read by the caller, as are
     the ``[secrets.private-*]`` keys; ``load_certs`` reads a certificate file (PEM, one or more
     certificates) named in ``local.certs`` or ``remote.cacerts``; ``load_crls`` gives, for
     the files of ``remote.crls``, what reads their current revocation lists (it raises
-    IpsecctError for a file that is not one, at once)."""
+    IpsecctError for a file that is not one, at once); ``wall_now``, the caller's reading of
+    the wall clock (aware, UTC), is what the certificates' validity is checked against at
+    load (a warning each), not checked without it."""
     ctx = _Ctx(path)
     conns = data.get("connections", {})
     if not isinstance(conns, dict):
@@ -956,22 +983,8 @@ def parse_connections(
             except IpsecctError as exc:
                 raise ctx.err(where.rstrip("."), str(exc)) from None
             chain = [c for _, c in chain_of]
-            # expired or not yet valid: every peer refuses our AUTH, or every peer's chain
-            # from that CA is refused, and nothing said so until a client failed. The
-            # gateway still starts (a clock may be wrong, a new certificate on its way)
-            now = dt.datetime.now(dt.UTC)
-            for what, f, c in ([("local.certs", f, c) for f, c in chain_of]
-                              + [("remote.cacerts", f, c) for f, c in cas_of]):  # fmt: skip
-                if now > c.not_valid_after_utc:
-                    problem = f"{subject_of(c)} expired on {c.not_valid_after_utc:%Y-%m-%d}"
-                elif now < c.not_valid_before_utc:
-                    problem = (f"{subject_of(c)} is valid only from "
-                               f"{c.not_valid_before_utc:%Y-%m-%d %H:%M} UTC")  # fmt: skip
-                else:
-                    continue
-                log.warning("event=ike-certificate-not-valid-now config=%s key=%s%s file=%s "
-                            "problem=%s", path, where, what, _quote(f),
-                            _quote(problem))  # fmt: skip
+            if wall_now is not None:
+                _warn_not_valid_now(path, where, chain_of, cas_of, wall_now)
             for f, c in cas_of:
                 why = not_a_ca(c)
                 if why is not None:  # it could never anchor a chain (auth._issued_by)

@@ -33,8 +33,8 @@ from typing import Any, TypeVar, overload
 
 from cryptography.hazmat.primitives import hashes
 
-from ..ct.ratelimit import RateLimiter
 from ..errors import AuthError, IkeContextError, IkeParseError, IkeProtocolError
+from ..ipsec.ratelimit import RateLimiter
 from .auth import (
     CERT_X509_SIGNATURE,
     SUPPORTED_HASHES,
