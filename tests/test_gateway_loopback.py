@@ -462,6 +462,47 @@ def test_sa_delete_and_add(topo: Topo) -> None:
     assert r.returncode == 2 and r.stderr.count("\n") == 1
 
 
+def test_an_spi_that_names_sas_to_two_destinations_is_named_with_dst(topo: Topo) -> None:
+    """An SPI may name SAs of two tunnels: a peer chooses the SPI of our outbound SA (any 32
+    bits, another tunnel's among them), the SAD tells them apart by destination. ``sa delete
+    SPI`` deleted every SA with that SPI, and ``sa show SPI`` showed them all as if one: now
+    both refuse, one line and exit status 2, naming each SA's destination, nothing deleted;
+    ``--dst ADDR`` names one, and only that one goes."""
+    from ipsecct.ct import context
+    from ipsecct.ipsec.sad import Direction, SecurityAssociation
+
+    sa = SecurityAssociation(SPI_UP, Direction.INBOUND, ip("127.0.0.1"), ip("127.0.0.2"),
+                             enc_key=KEY_UP, esn=True, replay_window=1024)  # fmt: skip
+    f = topo.dir / "other.json"
+    f.write_text(json.dumps(context.to_json(sa, 0.0)))
+    ok("sa", "add", str(f), "-s", topo.sg.sock)  # (warns: 127.0.0.2 is not the gateway's)
+    for action in ("show", "delete"):
+        r = ipsecct("sa", action, hex(SPI_UP), "-s", topo.sg.sock)
+        assert r.returncode == 2 and r.stdout == "" and r.stderr.count("\n") == 1, r
+        assert f"0x{SPI_UP:08x} names 2 SAs here" in r.stderr, r.stderr
+        assert "to 127.0.0.1" in r.stderr and "to 127.0.0.2" in r.stderr, r.stderr
+        assert "--dst" in r.stderr and "Traceback" not in r.stderr
+    sas = json.loads(ok("sa", "list", "--json", "-s", topo.sg.sock))
+    assert sorted(s["dst"] for s in sas if s["spi"] == f"0x{SPI_UP:08x}") == [
+        "127.0.0.1", "127.0.0.2"]  # nothing deleted
+    (shown,) = json.loads(ok("sa", "show", hex(SPI_UP), "--dst", "127.0.0.2", "--json",
+                             "-s", topo.sg.sock))  # fmt: skip
+    assert shown["dst"] == "127.0.0.2"
+    r = ipsecct("sa", "delete", hex(SPI_UP), "--dst", "127.0.0.9", "-s", topo.sg.sock)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "127.0.0.9" in r.stderr, r
+    r = ipsecct("sa", "show", hex(SPI_UP), "--dst", "not-an-address", "-s", topo.sg.sock)
+    assert r.returncode == 2 and r.stderr.count("\n") <= 2 and "Traceback" not in r.stderr, r
+    assert json.loads(ok("sa", "delete", hex(SPI_UP), "--dst", "127.0.0.2", "--json",
+                         "-s", topo.sg.sock)) == [f"0x{SPI_UP:08x}"]  # fmt: skip
+    sas = json.loads(ok("sa", "list", "--json", "-s", topo.sg.sock))
+    assert [s["dst"] for s in sas if s["spi"] == f"0x{SPI_UP:08x}"] == ["127.0.0.1"]
+    topo.up(packet(1))  # the tunnel's own inbound SA is still there
+    assert topo.host.recv(65535) == packet(1)
+    # one SA left with that SPI: named by it alone again
+    (shown,) = json.loads(ok("sa", "show", hex(SPI_UP), "--json", "-s", topo.sg.sock))
+    assert shown["dst"] == "127.0.0.1"
+
+
 def test_sa_add_of_a_list_says_which_were_added_when_one_is_refused(topo: Topo) -> None:
     """``sa add`` of a list stopped at the first SA the gateway refused with only its error:
     the SAs added before it were installed but not shown, and exit status 2 said nothing was

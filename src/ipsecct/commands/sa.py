@@ -341,7 +341,10 @@ def cmd_sa_list(args: argparse.Namespace) -> int:
 
 
 def cmd_sa_show(args: argparse.Namespace) -> int:
-    res = request(socket_path(args), "sa.show", {"spi": args.spi})
+    params: dict[str, Any] = {"spi": args.spi}
+    if args.dst is not None:
+        params["dst"] = args.dst
+    res = request(socket_path(args), "sa.show", params)
     if args.json:
         _print_json(res)
         return 0
@@ -437,6 +440,8 @@ def _ike_deleted(r: dict[str, Any]) -> str:
 
 
 def cmd_sa_delete(args: argparse.Namespace) -> int:
+    if args.spi is None and args.dst is not None:
+        raise ControlError("--dst names the SA of an SPI: sa delete SPI --dst ADDR")
     if args.ike is not None or args.ike_id is not None:
         params: dict[str, Any] = (
             {"ike": args.ike} if args.ike is not None else {"ike_id": args.ike_id})
@@ -447,7 +452,10 @@ def cmd_sa_delete(args: argparse.Namespace) -> int:
             for r in rows:
                 print(_ike_deleted(r))
         return 0
-    res = request(socket_path(args), "sa.delete", {"spi": args.spi})
+    params = {"spi": args.spi}
+    if args.dst is not None:
+        params["dst"] = args.dst
+    res = request(socket_path(args), "sa.delete", params)
     if args.json:
         _print_json(res)
     else:
@@ -555,6 +563,18 @@ def _spi(text: str) -> str:
 
 
 SPI_HELP = "decimal, 0x hex, or as swanctl prints it (c0ffee01_i)"
+DST_HELP = ("the SA's destination, when its SPI names more than one SA (a peer chooses our"
+            " outbound SAs' SPIs, and may choose another's)")
+
+
+def _address(text: str) -> str:
+    """``--dst``: an IPv4 or IPv6 address, checked here, sent as text."""
+    import ipaddress
+
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an IP address") from None
 
 
 def _ike_id(text: str) -> int:
@@ -586,7 +606,10 @@ def register(sub: Any) -> None:
     lst = leaf(ss, "list", "list IKE SAs with their CHILD SAs, and all SAs (never keys)",
                cmd_sa_list)  # fmt: skip
     lst.add_argument("--ike", action="store_true", help="only the IKE SAs (IKEv2)")
-    leaf(ss, "show", "one SA in detail", cmd_sa_show).add_argument("spi", type=_spi, help=SPI_HELP)
+    sh = leaf(ss, "show", "one SA in detail", cmd_sa_show)
+    sh.usage = "%(prog)s [options] SPI [--dst ADDR]"  # (one line, as sa delete's)
+    sh.add_argument("spi", type=_spi, help=SPI_HELP)
+    sh.add_argument("--dst", type=_address, metavar="ADDR", help=DST_HELP)
     e = leaf(ss, "export", "print keys for tshark / ipsecct pcap decrypt", cmd_sa_export)
     e.add_argument("--wireshark", action="store_true", help="Wireshark esp_sa lines")
     leaf(
@@ -601,9 +624,10 @@ def register(sub: Any) -> None:
     )  # fmt: skip
     # (argparse's own usage, with --ike and --ike-id, wraps to three lines: a usage error
     # is one line of usage and one of error)
-    de.usage = "%(prog)s [options] (SPI | --ike NAME|SPI | --ike-id N)"
+    de.usage = "%(prog)s [options] (SPI [--dst ADDR] | --ike NAME|SPI | --ike-id N)"
     g = de.add_mutually_exclusive_group(required=True)
     g.add_argument("spi", nargs="?", type=_spi, help=SPI_HELP)
+    de.add_argument("--dst", type=_address, metavar="ADDR", help=DST_HELP)
     g.add_argument("--ike", metavar="NAME|SPI",
                    help="the IKE SAs of this connection, or the IKE SA of this IKE SPI (16 hex"
                    " digits, as sa list --ike prints them) or CHILD SA SPI: a DELETE to the"

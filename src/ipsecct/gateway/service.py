@@ -6,6 +6,7 @@ balancer and the virtual-address mover; on a mobile node, the mobile-node agent.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import signal
 import time
@@ -576,12 +577,43 @@ class Service:
             raise ControlError(f"no SA with SPI 0x{spi:08x}{spi_hint(args.get('spi'))}")
         return sas
 
+    def _find_one(self, args: dict[str, Any]) -> list[SecurityAssociation]:
+        """The SAs of the one SA or tunnel an operator names by its SPI (``sa show``, ``sa
+        delete``), and by its destination (``dst``) when the SPI names more than one: a
+        peer chooses the SPI of our outbound SA (any 32 bits, another tunnel's among them;
+        the SAD tells them apart by destination). ControlError, saying which, when ``dst``
+        is wanted or matches none; a tunnel's two SAs with one SPI are one thing named."""
+        sas = self._find(args)
+        spi = sas[0].spi
+        dst = args.get("dst")
+        if dst is not None:
+            try:
+                addr = ipaddress.ip_address(dst) if isinstance(dst, str) else None
+            except ValueError:
+                addr = None
+            if addr is None:
+                raise ControlError(f"bad destination {dst!r} (an IPv4 or IPv6 address)")
+            named = [sa for sa in sas if sa.dst == addr]
+            if not named:
+                raise ControlError(f"no SA with SPI 0x{spi:08x} to {addr} (it names SAs to "
+                                   + ", ".join(sorted({str(sa.dst) for sa in sas})) + ")")
+            return named
+        eng = self.node.engine
+        if len({id(eng.tunnel_of(sa) or sa) for sa in sas}) > 1:
+            each = ", ".join(f"{sa.protocol.name} {sa.direction.value} to {sa.dst}"
+                             f" ({sa.name or 'no name'})" for sa in sas)  # fmt: skip
+            raise ControlError(f"SPI 0x{spi:08x} names {len(sas)} SAs here ({each}): a peer"
+                               " chooses our outbound SAs' SPIs, and may choose another's;"
+                               " name one by its destination as well (--dst ADDR; see"
+                               " ipsecct sa list)")  # fmt: skip
+        return sas
+
     async def _sa_show(self, args: dict[str, Any]) -> Any:
         now = self.node.clock()
         states = self._sa_states()
         return [
             sa_summary(sa, now, states.get(id(sa), ("installed", "")))
-            for sa in self._find(args)
+            for sa in self._find_one(args)
         ]
 
     async def _sa_export(self, args: dict[str, Any]) -> Any:
@@ -703,7 +735,7 @@ class Service:
         eng = self.node.engine
         out = []
         returned: set[int] = set()  # SAs of tunnels left with their transfer's source
-        for sa in self._find(args):
+        for sa in self._find_one(args):
             if id(sa) in returned:
                 continue
             tunnel = eng.tunnel_of(sa)
