@@ -298,6 +298,55 @@ file = "rw.psk"
         assert lines == []
 
 
+@pytest.mark.parametrize(("ports", "warned"), [
+    ("local_port = 4501", True), ("local_port = 40001", False), ("local_port = 500", False),
+    ("", False), ("[ike]\nport = 0", False),
+])  # fmt: skip
+def test_a_responders_local_port_on_no_socket_is_warned_about(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, ports: str, warned: bool
+) -> None:
+    """A responder's ``local_port`` that is neither ``[ike] port`` nor the outer (NAT-T)
+    port loaded silently and was never used: no socket is bound to it, and a responder
+    answers on the port each request came to (a connection that starts is refused at load).
+    One WARNING names the key and both ports; swanctl's default 500 says nothing."""
+    from ipsecct.gateway import config
+
+    (tmp_path / "rw.psk").write_bytes(PSK)
+    (tmp_path / "rw.psk").chmod(0o600)
+    p = tmp_path / "gw.toml"
+    conn_port = ports if ports.startswith("local_port") else ""
+    ike = ports if ports.startswith("[ike]") else ""
+    p.write_text(f"""name = "gw"
+[outer]
+address = "192.0.2.1"
+port = 40001
+[inner]
+kind = "udp"
+listen = "127.0.0.1:7000"
+peer = "127.0.0.1:7001"
+[connections.rw]
+{conn_port}
+local.id = "gw.test"
+children.net.local_ts = ["10.1.0.0/16"]
+children.net.remote_ts = ["10.2.0.0/16"]
+{ike}
+[secrets.ike-rw]
+id = "gw.test"
+file = "rw.psk"
+""")
+    with caplog.at_level(logging.WARNING):
+        config.load(p)
+    lines = [r.getMessage() for r in caplog.records if "config-local-port-unused" in
+             r.getMessage()]  # fmt: skip
+    if warned:
+        (line,) = lines
+        assert "\n" not in line and "key=connections.rw.local_port" in line, line
+        assert "local_port=4501" in line and "ike_port=500" in line, line
+        assert "outer_port=40001" in line, line
+    else:
+        assert lines == []
+
+
 # -- unique ---------------------------------------------------------------------------------------
 
 

@@ -902,6 +902,15 @@ def from_dict(data: dict[str, Any], path: str = "<config>") -> NodeConfig:
         if starts and conn.local_port not in (ike_port, outer.port):
             raise ctx.err(f"connections.{conn.name}.local_port",
                           f"must be [ike] port ({ike_port}) or the outer port ({outer.port})")
+        if conn.local_port not in (ike_port, outer.port, 500):  # (500: swanctl's default)
+            # a responder answers on the port a request came to: this one is never used
+            # (strongSwan only prefers a connection whose local_port matches; not refused)
+            logging.getLogger("ipsecct.gateway.config").warning(
+                "event=config-local-port-unused config=%s key=connections.%s.local_port"
+                " local_port=%d ike_port=%d outer_port=%d (no socket is bound to it: this"
+                " responder answers on the port each request came to)",
+                path, conn.name, conn.local_port, ike_port, outer.port,
+            )  # fmt: skip
     cluster = _cluster(data.get("cluster"), ctx)
     if cluster is not None and cluster.etcd and failover is not None:
         raise ctx.err("cluster.etcd", "etcd mode replaces [failover]: configure one of them")
