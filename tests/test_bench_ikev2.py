@@ -10,9 +10,7 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import strongswan
-
-needs_strongswan = pytest.mark.skipif(not strongswan.available(), reason=strongswan.skip_reason())
+from tests.helpers.strongswan import needs_strongswan
 
 
 @pytest.fixture(scope="module")

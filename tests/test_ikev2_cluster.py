@@ -26,8 +26,7 @@ import pytest
 from tests.helpers import strongswan
 from tests.helpers.ike_world import CLIENT, Client, IkeWorld, ike_world, waiting_with_logs
 from tests.helpers.netns_topology import HOST, MN_OUTER, SG_OUTER, VIP, Traffic, cli
-
-needs_strongswan = pytest.mark.skipif(not strongswan.available(), reason=strongswan.skip_reason())
+from tests.helpers.strongswan import needs_strongswan
 
 
 @pytest.fixture

@@ -28,13 +28,21 @@ from tests.helpers.ike_interop import (
     Initiator,
     cli,
     gateway_config,
-    needs_strongswan,
     node_config,
     start,
     workdir,
 )
 from tests.helpers.netns import Namespaces, wait_until
-from tests.helpers.strongswan import SWANCTL, A, B, Charon, Pinger, build_namespaces, ping
+from tests.helpers.strongswan import (
+    SWANCTL,
+    A,
+    B,
+    Charon,
+    Pinger,
+    build_namespaces,
+    needs_strongswan,
+    ping,
+)
 
 __all__ = ["workdir"]  # (the fixture)
 

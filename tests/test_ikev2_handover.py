@@ -22,8 +22,9 @@ from tests.helpers import strongswan
 from tests.helpers.ike_world import CLIENT, Client, IkeWorld, ike_world
 from tests.helpers.netns import wait_until
 from tests.helpers.netns_topology import HOST, SG_OUTER, VIP, cli
+from tests.helpers.strongswan import needs_strongswan
 
-needs_strongswan = pytest.mark.skipif(not strongswan.available(), reason=strongswan.skip_reason())
+
 @pytest.fixture
 def world(tmp_path: Path) -> Iterator[IkeWorld]:
     with ike_world(tmp_path, "indirect") as w:

@@ -34,13 +34,20 @@ from tests.helpers.ike_interop import (
     cli,
     gateway_config,
     ike_list,
-    needs_strongswan,
     node_config,
     start,
     workdir,
 )
 from tests.helpers.netns import Namespaces, wait_until
-from tests.helpers.strongswan import A, B, Charon, build_namespaces, ping, ping_once_up
+from tests.helpers.strongswan import (
+    A,
+    B,
+    Charon,
+    build_namespaces,
+    needs_strongswan,
+    ping,
+    ping_once_up,
+)
 
 __all__ = ["workdir"]  # (the fixture)
 

@@ -45,7 +45,16 @@ from tests.helpers.ikev2_engines import Wire, conn, connect, mn_conn
 from tests.helpers.netns import Namespaces, wait_until
 from tests.helpers.netns_topology import HOST, HOST_NET, MN_INNER, MN_OUTER, MN_PREFIX
 from tests.helpers.netns_topology import cli as ho_cli
-from tests.helpers.strongswan import A, B, Charon, build_namespaces, ping, ping_once_up, swanctl_psk
+from tests.helpers.strongswan import (
+    A,
+    B,
+    Charon,
+    build_namespaces,
+    needs_strongswan,
+    ping,
+    ping_once_up,
+    swanctl_psk,
+)
 
 __all__ = ["workdir"]  # (the fixture)
 
@@ -426,7 +435,6 @@ def test_a_take_over_marks_the_lease_and_the_replica_check_sees_the_pool() -> No
 
 # -- an unmodified strongSwan 5.9.8 client (root) --------------------------------------------
 
-needs_strongswan = pytest.mark.skipif(not strongswan.available(), reason=strongswan.skip_reason())
 POOL = "10.3.0.0/24"
 
 

@@ -34,9 +34,15 @@ from scapy.utils import rdpcap
 from tests.helpers import strongswan
 from tests.helpers.daemon import Daemon
 from tests.helpers.netns import Namespaces, wait_until
-from tests.helpers.strongswan import A, B, ChildSA, ping, sa_packet_counts, start_pair
-
-needs_strongswan = pytest.mark.skipif(not strongswan.available(), reason=strongswan.skip_reason())
+from tests.helpers.strongswan import (
+    A,
+    B,
+    ChildSA,
+    needs_strongswan,
+    ping,
+    sa_packet_counts,
+    start_pair,
+)
 
 PINGS = 5
 WINDOW = 64

@@ -22,7 +22,6 @@ from tests.helpers.daemon import Daemon
 from tests.helpers.netns import Namespaces
 from tests.helpers.strongswan import A, B, Charon, build_namespaces
 
-needs_strongswan = pytest.mark.skipif(not strongswan.available(), reason=strongswan.skip_reason())
 PSK = "ipsecct-ikev2-interop-psk-0123456789"
 
 

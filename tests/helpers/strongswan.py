@@ -42,6 +42,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, Self
 
+import pytest
+
 from tests.helpers.netns import Namespaces, stop_process, wait_until
 
 CHARON = "/usr/lib/ipsec/charon"
@@ -64,6 +66,10 @@ def skip_reason() -> str:
     if os.geteuid() != 0:
         return "needs root (network namespaces; CI runs as root)"
     return f"needs strongSwan ({CHARON} and {SWANCTL}; scripts/install installs them)"
+
+
+# the mark of every test with a strongSwan peer (it was written out in eight test modules)
+needs_strongswan = pytest.mark.skipif(not available(), reason=skip_reason())
 
 
 # -- configuration -----------------------------------------------------------------------
