@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from tests.helpers.state import Capture, Gateways, Traffic, capturing
+from tests.helpers.waiting import until
 
 pytestmark = pytest.mark.slow
 
@@ -36,11 +37,17 @@ def gws(tmp_path: Path) -> Iterator[Gateways]:
 
 
 def wait_for(pred, what: str, timeout: float = 45.0, detail=None) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError(what + (f": {detail()}" if detail is not None else ""))
-        time.sleep(0.05)
+    """tests/helpers/waiting.until, its failure saying ``detail()`` as well."""
+    try:
+        until(pred, what, timeout)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}" + (f": {detail()}" if detail is not None else "")) from None
+
+
+def stopped(pid: int) -> bool:
+    """Is process ``pid`` stopped (SIGSTOP is delivered asynchronously)? /proc's state T."""
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0] == "T"
 
 
 def failover(gws: Gateways, name: str) -> dict[str, Any]:
@@ -860,12 +867,17 @@ def test_a_paused_standby_cut_off_takes_over_beside_the_alone_active_and_the_tie
     try:
         os.kill(pid2, signal.SIGSTOP)
         try:
+            wait_for(lambda: stopped(pid2), "sg2 not stopped", detail=detail)
             wait_for(lambda: failover(gws, "sg1")["lease"]["state"] == "lost",
                      "lease not lost", detail=detail)  # fmt: skip
             assert json.loads(alone_when_allowed(gws))["epoch"] == 2
             subprocess.run(["nft", "-f", "-"], input=rules, text=True, check=True)
             cut = True
-            time.sleep(DEAD_MS / 1000 + 1.5)  # sg2's dead time passes while it is stopped
+            # The stimulus, not a wait: sg2 does not run for this long, so that its dead time
+            # passes while it is stopped. Nothing can be waited on meanwhile (sg2 is stopped,
+            # sg1 runs alone and says so already); that the pause did happen is asserted once
+            # sg2 runs again (its "resumed", below).
+            time.sleep(DEAD_MS / 1000 + 1.5)
         finally:
             os.kill(pid2, signal.SIGCONT)
         wait_for(lambda: failover(gws, "sg2")["role"] == "took over", "sg2 did not take over",
@@ -873,6 +885,9 @@ def test_a_paused_standby_cut_off_takes_over_beside_the_alone_active_and_the_tie
         st1, st2 = failover(gws, "sg1"), failover(gws, "sg2")
         assert (st1["role"], st1["epoch"], st2["role"], st2["epoch"]) == (
             "took over", 2, "took over", 2), (st1, st2)
+        # it found itself paused past its dead time and asked (JOINs reaching nobody) before
+        # it took over: the tie this test is about, not a take-over on a silence of its own
+        assert st2["resumed"] >= 1 and "event=failover-resumed" in gws.log("sg2"), st2
         t_tie = time.monotonic()
         wait_for(lambda: senders(cap, t_tie, math.inf) == {port1, port2},
                  "not both sending", detail=detail)  # fmt: skip
