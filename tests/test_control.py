@@ -13,75 +13,16 @@ import stat
 import subprocess
 import sys
 import tempfile
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from ipsecct.errors import ControlError, SAError
+from ipsecct.errors import ControlError
 from ipsecct.gateway.control import MAX_LINE, ControlServer, MetricsServer, request
+from tests.helpers.control_server import ask, connect, echo_handler, short_path, with_server
 from tests.helpers.daemon import Daemon, free_udp_port, node_toml
 from tests.helpers.waiting import eventually
-
-Client = tuple[asyncio.StreamReader, asyncio.StreamWriter]
-
-
-def short_path() -> str:
-    d = tempfile.mkdtemp(prefix="ipsecct-c-", dir="/tmp")
-    return os.path.join(d, "ctl.sock")
-
-
-async def _echo(args: dict[str, Any]) -> Any:
-    return {"echo": args}
-
-
-async def _boom(args: dict[str, Any]) -> Any:
-    raise RuntimeError("a bug")
-
-
-async def _sa_error(args: dict[str, Any]) -> Any:
-    raise SAError("no such SA")
-
-
-async def _needs_key(args: dict[str, Any]) -> Any:
-    return args["spi"]
-
-
-def with_server(test: Callable[[ControlServer, str], Awaitable[None]]) -> None:
-    path = short_path()
-
-    async def main() -> None:
-        srv = ControlServer(path)
-        srv.register("echo", _echo)
-        srv.register("boom", _boom)
-        srv.register("sa", _sa_error)
-        srv.register("needs", _needs_key)
-        await srv.start()
-        try:
-            await asyncio.wait_for(test(srv, path), 30)
-        finally:
-            await srv.stop()
-        assert not os.path.exists(path)
-
-    try:
-        asyncio.run(main())
-    finally:
-        os.rmdir(os.path.dirname(path))
-
-
-async def connect(path: str) -> Client:
-    return await asyncio.open_unix_connection(path, limit=4 * MAX_LINE)
-
-
-async def ask(c: Client, line: bytes) -> dict[str, Any]:
-    r, w = c
-    w.write(line)
-    await w.drain()
-    ans = json.loads(await r.readline())
-    assert isinstance(ans, dict)
-    return ans
-
 
 GARBAGE: list[tuple[bytes, str]] = [
     (b"hello\n", "not JSON"),
@@ -218,7 +159,7 @@ def test_a_stale_socket_file_is_replaced() -> None:
 
         async def main() -> None:
             srv = ControlServer(path)
-            srv.register("echo", _echo)
+            srv.register("echo", echo_handler)
             await srv.start()
             try:
                 res = await asyncio.to_thread(request, path, "echo", {"a": 1})

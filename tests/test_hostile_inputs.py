@@ -366,7 +366,7 @@ def test_control_clients_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     import json
 
     from ipsecct.gateway import control
-    from tests.test_control import ask, connect, with_server
+    from tests.helpers.control_server import ask, connect, with_server
 
     monkeypatch.setattr(control, "DRAIN_TIMEOUT", 0.5)
 

@@ -27,8 +27,8 @@ from ipsecct.gateway.service import Service
 from ipsecct.ikev2 import context
 from ipsecct.ikev2 import pool as pool_mod
 from ipsecct.ikev2.engine import ChildUp, IkeEngine
+from tests.helpers.control_server import short_path
 from tests.helpers.ikev2_engines import PSK, Wire, connect, mn_conn
-from tests.test_control import short_path
 
 ip = ipaddress.ip_address
 
