@@ -850,7 +850,7 @@ def _target_core(tmp_path: Path) -> tuple[object, IkeService]:
     """A transfer World whose sg1 (the target: accept_local 10.2.0.0/24) checks UNITs with a
     gateway IKE service that has the pools p4 and p6, as the gateway wires them."""
     from ipsecct.ct.transfer import UNIT_IKEV2
-    from tests.test_transfer_policy import victim_world
+    from tests.helpers.transfer_policy import victim_world
 
     tw = victim_world()
     core = tw.gw["sg1"].core
@@ -873,8 +873,7 @@ def test_a_unit_refused_after_its_check_gives_its_virtual_ips_back_at_once(
     thousands of addresses a transfer. A unit whose tunnels are taken keeps them."""
     from ipsecct.ct.transfer import UNIT_IKEV2, unit_cdb
     from tests.helpers.transfer import sel
-    from tests.helpers.transfer_policy import rogue_cdbs
-    from tests.test_transfer_policy import ctdr_ok, send_pctd
+    from tests.helpers.transfer_policy import ctdr_ok, rogue_cdbs, send_pctd
 
     w = vip_pair()
     connect(w)
@@ -918,8 +917,7 @@ def test_a_peers_reserved_virtual_ips_are_bounded_by_the_tunnels_its_units_name(
     from ipsecct.ct.transfer import UNIT_IKEV2, unit_cdb
     from ipsecct.gateway.ike import RESERVED_PER_TUNNEL
     from tests.helpers.transfer import sel
-    from tests.helpers.transfer_policy import rogue_cdbs
-    from tests.test_transfer_policy import ctdr_ok, send_pctd
+    from tests.helpers.transfer_policy import ctdr_ok, rogue_cdbs, send_pctd
 
     assert RESERVED_PER_TUNNEL == 2
     w = vip_pair()

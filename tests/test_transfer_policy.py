@@ -18,7 +18,7 @@ from ipsecct.ct import cxtp
 from ipsecct.ct.transfer import Settings, forward_cdb
 from ipsecct.ipsec.engine import Held, Tunnel, TunnelState
 from ipsecct.ipsec.ippacket import IPAddress, build_udp
-from ipsecct.ipsec.spd import Action, AddressRange, SPDEntry
+from ipsecct.ipsec.spd import Action
 from tests.helpers.transfer import (
     HOST,
     MN_ADDR,
@@ -32,28 +32,15 @@ from tests.helpers.transfer import (
     stream_seq,
     udp_packet,
 )
-from tests.helpers.transfer_policy import rogue_cdbs
-
-MN = ip(MN_ADDR)
-ACCEPT = Settings(
-    accept_local=(AddressRange.parse("10.2.0.0/24"),),
-    accept_remote=(AddressRange.parse("10.1.0.0/16"),),
+from tests.helpers.transfer_policy import (
+    ACCEPT,
+    DISCARDED,
+    MN,
+    ctdr_ok,
+    rogue_cdbs,
+    send_pctd,
+    victim_world,
 )
-DISCARDED = "10.2.0.99"  # an address sg1's operator DISCARDs
-
-
-def victim_world() -> World:
-    w = World(settings={"sg1": ACCEPT, "sg2": Settings()})
-    w.gw["sg1"].engine.add_policy(
-        SPDEntry(sel(f"{DISCARDED}/32", "0.0.0.0/0"), Action.DISCARD, name="no"), index=0
-    )
-    return w
-
-
-def send_pctd(w: World, cdbs: list[bytes], tid: int = 0x5EED, *, last: bool = True) -> None:
-    tag = cxtp.TransferTag(tid, 0, last=last).encode()
-    w.post("sg2", "sg1", cxtp.encode(cxtp.PCTD(MN, 0, b"k" * 20, (tag, *cdbs))))
-    w.deliver("sg2", "sg1")
 
 
 def commit(w: World, tid: int) -> None:
@@ -61,12 +48,6 @@ def commit(w: World, tid: int) -> None:
     dec = (0x8005).to_bytes(2, "big") + bytes([1, 0, 1, 0, 0, 0])
     w.post("sg2", "sg1", cxtp.encode(cxtp.CTD(MN, 0, (tag, dec))))
     w.deliver("sg2", "sg1")
-
-
-def ctdr_ok(w: World) -> bool:
-    msg = w.drop("sg1", "sg2")
-    assert isinstance(msg, cxtp.CTDR)
-    return msg.all_ok
 
 
 def host_to(w: World, dst: str) -> None:
