@@ -435,7 +435,9 @@ def test_unique_replace_gives_the_reconnecting_identity_its_virtual_ip_back() ->
     """With pools: the older IKE SA's lease goes offline when it is replaced (its CHILD
     SAs are gone at once, while its DELETE is still unanswered), so the identity's new IKE
     SA gets the same address back, as after INITIAL_CONTACT."""
-    from tests.test_ikev2_vip import ip, pools, vip_conn
+    from tests.helpers.ikev2_engines import pools, vip_conn
+
+    ip = ipaddress.ip_address
 
     def client() -> IkeEngine:
         return IkeEngine([dataclasses.replace(mn_conn(local_ts="0.0.0.0/0"), unique="never",

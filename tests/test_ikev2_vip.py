@@ -23,7 +23,7 @@ from ipsecct.gateway.ike import IkeService
 from ipsecct.gateway.node import Node
 from ipsecct.ikev2 import context
 from ipsecct.ikev2 import message as M
-from ipsecct.ikev2.config import Connection, Identity, parse_pools
+from ipsecct.ikev2.config import Identity, parse_pools
 from ipsecct.ikev2.engine import ChildUp, IkeEngine, Output
 from ipsecct.ikev2.pool import Pool, parse_range
 from ipsecct.ikev2.ts import from_text
@@ -41,7 +41,7 @@ from tests.helpers.ike_interop import (
 )
 from tests.helpers.ike_world import CLIENT, Client, IkeWorld, ike_world, waiting_with_logs
 from tests.helpers.ike_world import PSK as HO_PSK
-from tests.helpers.ikev2_engines import Wire, conn, connect, mn_conn
+from tests.helpers.ikev2_engines import Wire, conn, connect, mn_conn, pools, vip_conn
 from tests.helpers.netns import Namespaces, wait_until
 from tests.helpers.netns_topology import HOST, HOST_NET, MN_INNER, MN_OUTER, MN_PREFIX
 from tests.helpers.netns_topology import cli as ho_cli
@@ -177,18 +177,6 @@ def test_a_share_leases_only_its_part_but_admits_the_whole_pool() -> None:
 
 
 # -- the engines ----------------------------------------------------------------------------
-
-
-def vip_conn() -> Connection:
-    c = conn(remote_ts="10.3.0.0/16")
-    return dataclasses.replace(c, pools=["p4", "p6"])
-
-
-def pools(share: str | None = None) -> dict[str, Pool]:
-    out = {"p4": Pool("p4", ip("10.3.0.1"), ip("10.3.0.254"), (ip("10.3.0.53"),),
-                      parse_range(share) if share else None),
-           "p6": Pool("p6", ip("fd00::1"), ip("fd00::ff"))}  # fmt: skip
-    return out
 
 
 def vip_pair(vips: tuple[str, ...] = ("0.0.0.0",), share: str | None = None,

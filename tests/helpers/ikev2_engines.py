@@ -3,6 +3,7 @@ the gateway): connections for them and the wire between them."""
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 from typing import TypeVar
 
@@ -10,6 +11,7 @@ from ipsecct.ikev2 import message as M
 from ipsecct.ikev2.config import ChildConfig, Connection, Identity
 from ipsecct.ikev2.engine import IkeEngine, Output, Send
 from ipsecct.ikev2.ikesa import Address, IkeSA
+from ipsecct.ikev2.pool import Pool, parse_range
 from ipsecct.ikev2.proposal import parse_list
 from ipsecct.ikev2.ts import from_text
 
@@ -117,3 +119,19 @@ def gateway_rekeyed_before_the_fail_over(
     if lost == "answer":
         assert len(sends(w.ini.receive(delete.data, R500, I500, 5.0))) == 1
     return w, ike_i, ike_r, old.spi_in
+
+
+# -- virtual IPs (tests/test_ikev2_vip) ------------------------------------------------------
+
+
+def vip_conn() -> Connection:
+    c = conn(remote_ts="10.3.0.0/16")
+    return dataclasses.replace(c, pools=["p4", "p6"])
+
+
+def pools(share: str | None = None) -> dict[str, Pool]:
+    ip = ipaddress.ip_address
+    out = {"p4": Pool("p4", ip("10.3.0.1"), ip("10.3.0.254"), (ip("10.3.0.53"),),
+                      parse_range(share) if share else None),
+           "p6": Pool("p6", ip("fd00::1"), ip("fd00::ff"))}  # fmt: skip
+    return out
