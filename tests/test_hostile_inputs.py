@@ -273,7 +273,7 @@ def test_a_half_open_flood_from_many_addresses_leaves_room_for_a_client(tmp_path
     the flood's entries expired, and the flood kept it full. Now the flood's oldest entries
     make room for a client from another network."""
     from ipsecct.gateway import config
-    from tests.test_example_ikev2 import ADDR, Setup
+    from tests.helpers.example_ikev2 import ADDR, Setup
 
     s = Setup(tmp_path)
     flood: InitFlood | None = None
@@ -317,7 +317,7 @@ def test_an_ike_datagram_past_max_packet_is_dropped_by_a_running_gateway(tmp_pat
     from ipsecct.ikev2 import message as M
     from ipsecct.ikev2.engine import IkeEngine, Send
     from ipsecct.ikev2.ikesa import Address
-    from tests.test_example_ikev2 import ADDR, Setup
+    from tests.helpers.example_ikev2 import ADDR, Setup
 
     s = Setup(tmp_path)
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
