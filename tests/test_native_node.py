@@ -29,11 +29,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ipsecct.gateway import node as node_mod
-from ipsecct.gateway.config import from_dict
 from ipsecct.gateway.node import Node
 from ipsecct.ipsec import native
 from ipsecct.ipsec.engine import TunnelState
 from ipsecct.ipsec.ippacket import Endpoint, build_udp
+from tests.helpers.native_nodes import node_cfg, udp_port
 from tests.helpers.waiting import eventually
 
 pytestmark = pytest.mark.skipif(
@@ -41,56 +41,13 @@ pytestmark = pytest.mark.skipif(
     reason="IPSECCT_PURE_PYTHON forces the Python path",
 )
 
-KEY_AB = "11111111111111111111111111111111feed0001"
-KEY_BA = "22222222222222222222222222222222feed0002"
 N = 400
 
 
-def _port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _cfg(
-    tmp: Path, name: str, outer: int, listen: int, peer: int, far: int, inverse: bool, enc: str
-) -> Any:
-    keys = tmp / f"{name}.keys"
-    out_k, in_k = (KEY_BA, KEY_AB) if inverse else (KEY_AB, KEY_BA)
-    if enc == "chacha20-poly1305":
-        out_k, in_k = out_k + "00" * 16, in_k + "00" * 16
-    keys.write_text(f'out_enc = "{out_k}"\nin_enc = "{in_k}"\n')
-    os.chmod(keys, 0o600)
-    local, remote = ("10.2.0.0/24", "10.1.0.0/24") if inverse else ("10.1.0.0/24", "10.2.0.0/24")
-    spi_out, spi_in = (0x2001, 0x1001) if inverse else (0x1001, 0x2001)
-    return from_dict(
-        {
-            "name": name,
-            "outer": {"address": "127.0.0.1", "port": outer},
-            "inner": {"kind": "udp", "listen": f"127.0.0.1:{listen}", "peer": f"127.0.0.1:{peer}"},
-            "tunnel": [
-                {
-                    "name": f"{name}-t",
-                    "local_ts": local,
-                    "remote_ts": remote,
-                    "peer": f"127.0.0.1:{far}",
-                    "enc": enc,
-                    "esn": True,
-                    "replay_window": 1024,
-                    "spi_out": spi_out,
-                    "spi_in": spi_in,
-                    "keys": str(keys),
-                }
-            ],
-        },
-        str(tmp / f"{name}.toml"),
-    )
-
-
 async def _exchange(tmp: Path, use_native: bool, enc: str) -> dict[str, Any]:
-    pa, pb, ia, ib, aa, ab = (_port() for _ in range(6))
-    a = Node(_cfg(tmp, "a", pa, ia, aa, pb, False, enc))
-    b = Node(_cfg(tmp, "b", pb, ib, ab, pa, True, enc))
+    pa, pb, ia, ib, aa, ab = (udp_port() for _ in range(6))
+    a = Node(node_cfg(tmp, "a", pa, ia, aa, pb, False, enc))
+    b = Node(node_cfg(tmp, "b", pb, ib, ab, pa, True, enc))
     if not use_native:
         a.engine.native = b.engine.native = None
     assert (a.engine.native is not None) is use_native
@@ -247,8 +204,8 @@ class _Flood:
 
 
 def _node(tmp: Path, sink_port: int) -> tuple[Node, int, int]:
-    po, pi = _port(), _port()
-    return Node(_cfg(tmp, "a", po, pi, _port(), sink_port, False, "aes-gcm-16")), po, pi
+    po, pi = udp_port(), udp_port()
+    return Node(node_cfg(tmp, "a", po, pi, udp_port(), sink_port, False, "aes-gcm-16")), po, pi
 
 
 async def _freezes(tmp: Path, rounds: int, seed: int) -> dict[str, Any]:
@@ -385,7 +342,7 @@ _OP = st.one_of(
 
 def _valid_esp(tmp: Path, pa: int, pb: int, enc: str) -> list[bytes]:
     """40 ESP packets of the a -> b tunnel, made by a pure-Python engine (a Node not started)."""
-    a = Node(_cfg(tmp, "a", pa, _port(), _port(), pb, False, enc))
+    a = Node(node_cfg(tmp, "a", pa, udp_port(), udp_port(), pb, False, enc))
     a.engine.native = None
     out = []
     for i in range(40):
@@ -422,8 +379,8 @@ def _datagrams(valid: list[bytes], ops: list[tuple[Any, ...]]) -> list[bytes]:
 
 
 async def _receive(tmp: Path, mode: str, pa: int, datagrams: list[bytes], enc: str) -> Any:
-    pb, ib, app_port = _port(), _port(), _port()
-    b = Node(_cfg(tmp, "b", pb, ib, app_port, pa, True, enc))
+    pb, ib, app_port = udp_port(), udp_port(), udp_port()
+    b = Node(node_cfg(tmp, "b", pb, ib, app_port, pa, True, enc))
     if mode == "python":
         b.engine.native = None
     app = _sink()  # the inner application behind b
@@ -487,8 +444,8 @@ def test_the_forwarding_thread_and_the_python_path_agree_on_hostile_datagrams(
     assert native.AVAILABLE, "ipsecct.ipsec._esp is not built: run scripts/install"
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        pa = _port()
-        valid = _valid_esp(tmp, pa, _port(), enc)
+        pa = udp_port()
+        valid = _valid_esp(tmp, pa, udp_port(), enc)
         datagrams = [valid[0], *_datagrams(valid, ops)]
         thread, in_python = asyncio.run(_receive(tmp, "thread", pa, datagrams, enc))
         python, _ = asyncio.run(_receive(tmp, "python", pa, datagrams, enc))
@@ -610,8 +567,8 @@ class _FullSocket:
 async def _queued(tmp: Path) -> dict[str, Any]:
     sink = _sink()
     clock = [1000.0]
-    po, pi = _port(), _port()
-    a = Node(_cfg(tmp, "a", po, pi, _port(), sink.getsockname()[1], False, "aes-gcm-16"),
+    po, pi = udp_port(), udp_port()
+    a = Node(node_cfg(tmp, "a", po, pi, udp_port(), sink.getsockname()[1], False, "aes-gcm-16"),
              clock=lambda: clock[0])  # fmt: skip
     await a.start()
     ep = a.outer_transport
@@ -666,7 +623,7 @@ def test_esp_waiting_for_room_in_the_socket_is_not_sent_after_the_lease_end(
 WARM_PROBE = r"""
 import asyncio, os, sys, tempfile, time
 from pathlib import Path
-from tests.test_native_node import _cfg, _port
+from tests.helpers.native_nodes import node_cfg, udp_port
 from ipsecct.gateway.node import Node
 
 def first_seal_costs():
@@ -681,8 +638,8 @@ def first_seal_costs():
 
 async def main(start):
     with tempfile.TemporaryDirectory() as tmp:
-        pa, pb, ia, aa = (_port() for _ in range(4))
-        node = Node(_cfg(Path(tmp), "a", pa, ia, aa, pb, False, "aes-gcm-16"))
+        pa, pb, ia, aa = (udp_port() for _ in range(4))
+        node = Node(node_cfg(Path(tmp), "a", pa, ia, aa, pb, False, "aes-gcm-16"))
         if start:
             await node.start()
         try:
