@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tests.test_example_ikev2 import ADDR, Setup
+from tests.helpers.example_ikev2 import ADDR, Setup
 from tests.test_hostile_inputs import InitFlood
 
 from ipsecct.gateway import config
