@@ -61,6 +61,7 @@ from tests.helpers.ikev2_engines import (
     Wire,
     conn,
     connect,
+    crossed,
     gateway_rekeyed_before_the_fail_over,
     mn_conn,
     pair,
@@ -1061,17 +1062,6 @@ def test_an_established_ike_sa_keeps_no_ike_sa_init_messages() -> None:
     connect(w)
     assert w.resp.stats["auth-failed"] == 1 and w.of("i", ConnectFailed)
     assert all(i.init_request == i.init_response == b"" for i in w.resp.by_spi.values())
-
-
-def crossed(w: Wire, outs_i: list[Output], outs_r: list[Output], now: float) -> None:
-    """Both requests are on the wire before either answer."""
-    w.deliver(outs_i, "i", now, drop=True)
-    w.deliver(outs_r, "r", now, drop=True)
-    reqs = w.sent[-2:]
-    answer_r = w.resp.receive(reqs[0].data, I500, R500, now)
-    answer_i = w.ini.receive(reqs[1].data, R500, I500, now)
-    w.deliver(answer_r, "r", now)
-    w.deliver(answer_i, "i", now)
 
 
 @pytest.mark.parametrize("seed", range(8))

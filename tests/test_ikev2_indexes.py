@@ -24,9 +24,8 @@ from hypothesis import strategies as st
 from ipsecct.errors import IkeContextError
 from ipsecct.ikev2.engine import TIMER_AUDIT, TIMER_AUDIT_SLICE, IkeEngine, Output, Send
 from ipsecct.ikev2.ikesa import Address, IkeSA, IkeState
-from tests.helpers.ikev2_engines import I500, R500, Wire, conn, connect, mn_conn, pair
-from tests.test_ikev2 import crossed
-from tests.test_ikev2_timers import KINDS, Op, World, connect_world
+from tests.helpers.ike_timer_world import KINDS, Op, World, connect_world
+from tests.helpers.ikev2_engines import I500, R500, Wire, conn, connect, crossed, mn_conn, pair
 
 HOSTS = [ipaddress.ip_address(h)
          for h in ("192.0.2.10", "192.0.2.77", "198.51.100.9", "2001:db8::5")]

@@ -121,6 +121,17 @@ def gateway_rekeyed_before_the_fail_over(
     return w, ike_i, ike_r, old.spi_in
 
 
+def crossed(w: Wire, outs_i: list[Output], outs_r: list[Output], now: float) -> None:
+    """Both requests are on the wire before either answer."""
+    w.deliver(outs_i, "i", now, drop=True)
+    w.deliver(outs_r, "r", now, drop=True)
+    reqs = w.sent[-2:]
+    answer_r = w.resp.receive(reqs[0].data, I500, R500, now)
+    answer_i = w.ini.receive(reqs[1].data, R500, I500, now)
+    w.deliver(answer_r, "r", now)
+    w.deliver(answer_i, "i", now)
+
+
 # -- virtual IPs (tests/test_ikev2_vip) ------------------------------------------------------
 
 
