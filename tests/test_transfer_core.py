@@ -1033,8 +1033,8 @@ def early_world(
     """sg1 with the MN's tunnel and a second one ``b`` (ChaCha20, which sg2 refuses when
     ``refuse_b``), a journal on each gateway whose writes settle when the test says."""
     from ipsecct.ipsec.spd import Action, SPDEntry
+    from tests.helpers.journal_recorder import Recorder
     from tests.helpers.transfer import tunnel_sas
-    from tests.test_state import Recorder
 
     s1 = Settings(commit_early=True, make_before_break=mbb, mbb_tail=4 if mbb else 0)
     encs = {EncAlg.AES_GCM_16} | (set() if refuse_b else {EncAlg.CHACHA20_POLY1305})
@@ -1063,7 +1063,7 @@ def to_b(n: int) -> bytes:
 
 
 def settle_at(w: World, name: str, j: Any) -> list[str]:
-    from tests.test_state import settle
+    from tests.helpers.journal_recorder import settle
 
     return settle(w, name, j)
 
@@ -1227,7 +1227,7 @@ def test_a_restarted_target_answers_taken_without_a_list_and_nothing_comes_back(
     arrival, without saying what it refused: the refused tunnel is lost at the source too
     (re-keyed later), never resumed on a guess."""
     from ipsecct.ct.transfer import TransferCore
-    from tests.test_state import Recorder
+    from tests.helpers.journal_recorder import Recorder
 
     w, j1, j2, a, b = early_world()
     sg1, sg2 = w.gw["sg1"], w.gw["sg2"]
