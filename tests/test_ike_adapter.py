@@ -1562,9 +1562,9 @@ def test_a_strict_target_refuses_a_unit_without_the_peers_chain_serials_and_coun
     import dataclasses
 
     from ipsecct.ikev2 import context
-    from tests.test_ikev2 import _revocable_peer
+    from tests.helpers.ikev2_certs import revocable_peer
 
-    w, _, _, gw, _, _ = _revocable_peer()
+    w, _, _, gw, _, _ = revocable_peer()
     (ike,) = w.resp.ike_sas()
     (payload,) = context.unit_payloads(ike, ike.children, 1.0)
     d = context._parse(context._frame(0, payload))[1]
@@ -1595,12 +1595,12 @@ def test_a_source_does_not_commit_when_its_context_lost_the_serials_its_unit_ann
 
     from ipsecct.ct.transfer import Record, parse_unit
     from ipsecct.ikev2 import context as ike_context
-    from tests.test_ikev2 import _revocable_peer
+    from tests.helpers.ikev2_certs import revocable_peer
 
     def _items_of(unit: bytes) -> dict[int, list[bytes]]:
         return ike_context._parse(ike_context._frame(0, parse_unit(unit)[2]))[1]
 
-    w, _, _, gw, _, _ = _revocable_peer()
+    w, _, _, gw, _, _ = revocable_peer()
     (ike_r,) = w.resp.ike_sas()
     svc = _service(tmp_path, "sg1")
     svc.engine.connections[:] = [gw]
@@ -1639,16 +1639,16 @@ def test_a_source_does_not_commit_when_its_context_lost_the_serials_its_unit_ann
 
 def _long_unit_world(tmp_path: Path, target: Connection) -> tuple[World, IkeService, IkeSA]:
     """A transfer World whose tunnel is the only CHILD SA of a certificate IKE SA at sg1
-    (_revocable_peer's), sg1 and sg2 wired to IKE services as the gateway wires them (the
+    (revocable_peer's), sg1 and sg2 wired to IKE services as the gateway wires them (the
     source's UNIT CDBs and commit_check, the target's UNIT checks with ``target``)."""
     import dataclasses
 
     from ipsecct.ct.transfer import UNIT_IKEV2
     from ipsecct.ikev2 import context as ike_context
-    from tests.test_ikev2 import _revocable_peer
+    from tests.helpers.ikev2_certs import revocable_peer
 
     w = World()
-    p, _, _, gw, _, _ = _revocable_peer()
+    p, _, _, gw, _, _ = revocable_peer()
     (ike_r,) = p.resp.ike_sas()
     svc1 = _service(tmp_path, "sg1")
     svc1.engine.connections[:] = [gw]
@@ -1688,9 +1688,9 @@ def test_a_long_identity_is_still_checked_by_the_target_before_the_commit_no_sa_
     from ipsecct.ikev2 import context as ike_context
     from ipsecct.ikev2.config import Identity
     from ipsecct.ikev2.ikesa import IkeState
-    from tests.test_ikev2 import _revoking_target
+    from tests.helpers.ikev2_certs import revoking_target
 
-    _, _, revoking = _revoking_target()
+    _, _, revoking = revoking_target()
     target = dataclasses.replace(revoking, remote_id=Identity("%any"))
     w, _, ike = _long_unit_world(tmp_path, target)
     ike.peer_id = "CN=" + "x" * 900
@@ -1875,9 +1875,9 @@ def test_a_unit_that_does_not_name_the_peer_is_refused_before_the_commit_no_sa_l
     from ipsecct.ikev2.config import Identity
     from ipsecct.ikev2.ikesa import IkeState
     from ipsecct.ipsec.engine import Tunnel
-    from tests.test_ikev2 import _revoking_target
+    from tests.helpers.ikev2_certs import revoking_target
 
-    _, _, revoking = _revoking_target()
+    _, _, revoking = revoking_target()
     # the peer's identity is not remote.id here: only the import after the COMMIT saw it
     target = dataclasses.replace(revoking, remote_id=Identity("CN=someone.else"), crls=None)
     w, svc2, ike = _long_unit_world(tmp_path, target)
@@ -1990,9 +1990,9 @@ def test_a_unit_whose_tunnels_carry_traffic_its_child_sas_do_not_admit_is_refuse
 
     from ipsecct.ct.transfer import UNIT_IKEV2
     from ipsecct.ikev2.ts import from_text
-    from tests.test_ikev2 import _revoking_target
+    from tests.helpers.ikev2_certs import revoking_target
 
-    _, _, revoking = _revoking_target()
+    _, _, revoking = revoking_target()
     target = dataclasses.replace(revoking, crls=None)
     if admitted:
         wide = [from_text("10.0.0.0/8")]

@@ -15,7 +15,6 @@ import logging
 import os
 import re
 import struct
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +51,19 @@ from ipsecct.ikev2.ikesa import Address, ChildSA, IkeSA, IkeState
 from ipsecct.ikev2.proposal import ENCR_AES_GCM_16, choose, match, parse, parse_list
 from ipsecct.ikev2.ts import from_text, narrow
 from ipsecct.ipsec.sad import Direction
+from tests.helpers.ikev2_certs import (
+    cert_context,
+    cert_pki,
+    leaf_cert,
+    make_crl,
+    pubkey_conn,
+    rekeyed_context,
+    resubject,
+    revocable_peer,
+    revoking_target,
+    san_matched,
+    unfinished_context,
+)
 from tests.helpers.ikev2_engines import (
     I500,
     IP_I,
@@ -1305,41 +1317,6 @@ def test_cookies_under_load() -> None:
 # -- certificates and fragmentation ---------------------------------------------------------------
 
 
-def _pki(kind: str) -> tuple[object, object, object, object]:
-    import datetime as dt
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.hazmat.primitives.asymmetric import ec, rsa
-    from cryptography.x509.oid import NameOID
-
-    def key() -> object:
-        if kind == "rsa":
-            return rsa.generate_private_key(65537, 2048)
-        curve = {"p256": ec.SECP256R1, "p384": ec.SECP384R1, "p521": ec.SECP521R1}[kind]
-        return ec.generate_private_key(curve())  # type: ignore[abstract]  # (a concrete curve)
-
-    now = dt.datetime.now(dt.UTC)
-
-    def cert(cn: str, k: object, issuer: object, ikey: object, ca: bool, days: int = 30) -> object:
-        b = (x509.CertificateBuilder()
-             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
-             .issuer_name(issuer).public_key(k.public_key())  # type: ignore[attr-defined, arg-type]
-             .serial_number(x509.random_serial_number())
-             .not_valid_before(now - dt.timedelta(days=1))
-             .not_valid_after(now + dt.timedelta(days=days))
-             .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
-        if not ca:
-            b = b.add_extension(x509.SubjectAlternativeName([x509.DNSName(cn)]), critical=False)
-        return b.sign(ikey, hashes.SHA256())  # type: ignore[arg-type]  # fmt: skip
-
-    ca_key = key()
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "CA")])
-    ca = cert("CA", ca_key, ca_name, ca_key, True)
-    k = key()
-    return ca, cert("peer.test", k, ca_name, ca_key, False), k, ca_key
-
-
 def _der(tag: int, value: bytes) -> bytes:
     n = len(value)
     if n < 128:
@@ -1375,7 +1352,7 @@ def test_rsassa_pss_auth_signatures_are_verified() -> None:
 
     from ipsecct.ikev2 import auth
 
-    _, cert, key, _ = _pki("rsa")
+    _, cert, key, _ = cert_pki("rsa")
     octets = b"signed octets" * 10
     sha: dict[type[hashes.SHA256 | hashes.SHA384 | hashes.SHA512], str] = {
         hashes.SHA256: "608648016503040201", hashes.SHA384: "608648016503040202",
@@ -1404,14 +1381,14 @@ def test_rsassa_pss_auth_signatures_are_verified() -> None:
                 _pss_alg_id(s256, s256, 32)[:-2], b"\x30\x81"):  # fmt: skip
         with pytest.raises(AuthError):
             auth.verify(cert, DS, signed(hashes.SHA256, 32, bad), octets)  # type: ignore[arg-type]
-    _, ec_cert, _, _ = _pki("p256")
+    _, ec_cert, _, _ = cert_pki("p256")
     with pytest.raises(AuthError, match="RSA"):
         auth.verify(ec_cert, DS, signed(hashes.SHA256, 32, _pss_alg_id(s256, s256, 32)), octets)  # type: ignore[arg-type]
 
 
 @functools.cache
 def _rsa_cert() -> object:
-    return _pki("rsa")[1]
+    return cert_pki("rsa")[1]
 
 
 @settings(max_examples=400, deadline=None)
@@ -1434,7 +1411,7 @@ def test_signatures_sign_and_verify(kind: str, rfc7427: bool) -> None:
 
     from ipsecct.ikev2 import auth
 
-    ca, cert, key, _ = _pki(kind)
+    ca, cert, key, _ = cert_pki(kind)
     octets = b"signed octets" * 10
     method, data = auth.sign(key, octets, (2, 3, 4) if rfc7427 else ())  # type: ignore[arg-type]
     assert (method == M.AuthMethod.DIGITAL_SIGNATURE) == rfc7427
@@ -1451,7 +1428,7 @@ def test_signatures_sign_and_verify(kind: str, rfc7427: bool) -> None:
     with pytest.raises(AuthError):
         auth.verify(cert, method, data[:-3], octets)  # type: ignore[arg-type]
     auth.validate_chain(cert, [], [ca], dt.datetime.now(dt.UTC))  # type: ignore[list-item,arg-type]
-    other_ca, *_ = _pki(kind)
+    other_ca, *_ = cert_pki(kind)
     with pytest.raises(AuthError, match="no trusted CA"):
         auth.validate_chain(cert, [], [other_ca], dt.datetime.now(dt.UTC))  # type: ignore[list-item,arg-type]
     with pytest.raises(AuthError, match="not valid now"):
@@ -1551,7 +1528,7 @@ def test_gateway_config_with_certificates(tmp_path: object) -> None:
     from ipsecct.gateway import config
 
     d = Path(str(tmp_path))
-    ca, cert, key, ca_key = _pki("p256")
+    ca, cert, key, ca_key = cert_pki("p256")
     (d / "ca.pem").write_bytes(ca.public_bytes(serialization.Encoding.PEM))  # type: ignore[attr-defined]
     (d / "gw.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))  # type: ignore[attr-defined]
     for name, k in (("gw.key", key), ("ca.key", ca_key)):
@@ -1590,7 +1567,7 @@ children.net.remote_ts = ["10.2.0.0/16"]
 
     # remote.crls: read at load (PEM or DER), read again once the file changed; a file that
     # is then unreadable keeps the last lists (logged); at load it is a one-line error
-    crl = _crl(ca, ca_key, [cert])
+    crl = make_crl(ca, ca_key, [cert])
     (d / "ca.crl").write_bytes(crl.public_bytes(serialization.Encoding.PEM))  # type: ignore[attr-defined]
     crls = base.replace('remote.cacerts = ["ca.pem"]\n',
                         'remote.cacerts = ["ca.pem"]\nremote.crls = ["ca.crl"]\n')  # fmt: skip
@@ -1603,7 +1580,7 @@ children.net.remote_ts = ["10.2.0.0/16"]
                                                "\nremote.crls =")
                                   + '[secrets.private-gw]\nfile = "gw.key"\n')  # fmt: skip
         assert config.load(d / "r.toml").connections[0].revocation == word
-    empty = _crl(ca, ca_key, [])
+    empty = make_crl(ca, ca_key, [])
     (d / "ca.crl").write_bytes(empty.public_bytes(serialization.Encoding.DER))  # type: ignore[attr-defined]
     _until_crls(c.crls, [empty])  # read again on a thread: in use once it is done
     (d / "ca.crl").write_bytes(b"not a list, and longer than the last")
@@ -1649,13 +1626,13 @@ def test_a_changed_crl_is_parsed_off_the_loop_and_a_bad_one_keeps_the_last_lists
     from ipsecct.gateway import config
 
     d = tmp_path
-    ca, cert, _key, ca_key = _pki("p256")
+    ca, cert, _key, ca_key = cert_pki("p256")
 
     def put(data: bytes) -> None:  # as an operator or a cron job replaces it: at once
         (d / "new.crl").write_bytes(data)
         os.replace(d / "new.crl", d / "ca.crl")
 
-    crl = _crl(ca, ca_key, [cert])
+    crl = make_crl(ca, ca_key, [cert])
     put(crl.public_bytes(serialization.Encoding.PEM))  # type: ignore[attr-defined]
     read = config.read_limited  # type: ignore[attr-defined]  # (config's name for it, patched below)
     readers: list[str] = []
@@ -1676,7 +1653,7 @@ def test_a_changed_crl_is_parsed_off_the_loop_and_a_bad_one_keeps_the_last_lists
     current = config.crl_reader(str(d / "gw.toml"))(["ca.crl"])
     # read at load (a configuration error if bad), on the caller's thread
     assert [r.crl for r in current()] == [crl] and readers == ["MainThread"]
-    empty = _crl(ca, ca_key, [])
+    empty = make_crl(ca, ca_key, [])
     put(empty.public_bytes(serialization.Encoding.DER))  # type: ignore[attr-defined]
     _until_crls(current, [empty])
     assert readers[1:] and all(n.startswith("crl") for n in readers[1:])
@@ -2204,32 +2181,6 @@ def test_an_ike_sa_whose_rekeys_are_centuries_away_has_a_context(rekey: float) -
     assert new.children[0].rekey_at is not None and new.children[0].rekey_at >= 5.0 + 0xFFFFFFFF
 
 
-@functools.cache
-def _rekeyed_context() -> tuple[bytes, ...]:
-    from ipsecct.ikev2 import context
-
-    _w, _i, ike_r, _d = peer_rekeyed_before_the_move()
-    return tuple(context.encode(ike_r, 7.0))
-
-
-@functools.cache
-def _cert_context() -> tuple[bytes, ...]:
-    from ipsecct.ikev2 import context
-
-    w, _ca, _gw = _san_matched()
-    return tuple(context.encode(w.resp.ike_sas()[0], 1.0))
-
-
-@functools.cache
-def _unfinished_context() -> tuple[bytes, ...]:
-    """Our DELETE unanswered (item 30) and the peer's address unverified (item 31)."""
-    from ipsecct.ikev2 import context
-
-    _w, _i, ike_r, _old = gateway_rekeyed_before_the_fail_over()
-    ike_r.rr_due = True
-    return tuple(context.encode(ike_r, 6.0))
-
-
 @settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow], deadline=None)
 @given(st.data())
 def test_fuzz_ike_sa_context(data: st.DataObject) -> None:
@@ -2237,13 +2188,13 @@ def test_fuzz_ike_sa_context(data: st.DataObject) -> None:
 
     kind = data.draw(st.sampled_from(["plain", "rekeyed", "cert", "unfinished", "revoked"]))
     if kind == "rekeyed":  # with a CHILD SA the peer rekeyed (item 17)
-        cdbs = [bytearray(c) for c in _rekeyed_context()]
+        cdbs = [bytearray(c) for c in rekeyed_context()]
     elif kind == "unfinished":  # a DELETE owed, an address unverified (items 30, 31)
-        cdbs = [bytearray(c) for c in _unfinished_context()]
+        cdbs = [bytearray(c) for c in unfinished_context()]
     elif kind == "cert":  # a certificate peer's names, CA and serials (items 28, 29, 33)
-        cdbs = [bytearray(c) for c in _cert_context()]
+        cdbs = [bytearray(c) for c in cert_context()]
     elif kind == "revoked":  # the serials checked against remote.crls that name one
-        cdbs = [bytearray(c) for c in _revoking_target()[0]]
+        cdbs = [bytearray(c) for c in revoking_target()[0]]
     else:
         w = pair()
         connect(w)
@@ -2254,7 +2205,7 @@ def test_fuzz_ike_sa_context(data: st.DataObject) -> None:
         cdbs[i][j] = data.draw(st.integers(0, 255))
     if data.draw(st.booleans()):
         cdbs[i] = cdbs[i][: data.draw(st.integers(0, len(cdbs[i])))]
-    target = [_revoking_target()[2]] if kind == "revoked" else [conn()]
+    target = [revoking_target()[2]] if kind == "revoked" else [conn()]
     with contextlib.suppress(IkeContextError):
         IkeEngine(target).import_ike([bytes(c) for c in cdbs], 0.0)
     with contextlib.suppress(IkeContextError):  # the etcd mode's peek
@@ -2272,53 +2223,18 @@ def test_child_spis_of_an_ike_sa_context() -> None:
         (c.spi_in, c.spi_out) for c in ike.children]  # fmt: skip
 
 
-def _leaf_cert(ca: object, ca_key: object, key: object, cn: str,
-               sans: Sequence[object] | None = None) -> object:  # fmt: skip
-    """An end-entity certificate for ``key`` named CN=``cn`` (and ``sans``, if any), issued
-    by ``ca`` (a day before now to three days after)."""
-    import datetime as dt
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.x509.oid import NameOID
-
-    now = dt.datetime.now(dt.UTC)
-    b = (x509.CertificateBuilder()
-         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
-         .issuer_name(ca.subject).public_key(key.public_key())  # type: ignore[attr-defined]
-         .serial_number(x509.random_serial_number())
-         .not_valid_before(now - dt.timedelta(days=1))
-         .not_valid_after(now + dt.timedelta(days=3))
-         .add_extension(x509.BasicConstraints(ca=False, path_length=None),
-                        critical=True))  # fmt: skip
-    if sans:
-        b = b.add_extension(x509.SubjectAlternativeName(sans), critical=False)  # type: ignore[arg-type]
-    return b.sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
-
-
-def _pubkey(c: Connection, cert: object, key: object, remote_id: str, ca: object) -> Connection:
-    """``c`` authenticating both ways with certificates: ours ``cert`` and ``key``, the
-    peer's named ``remote_id`` and issued by ``ca``."""
-    from ipsecct.ikev2.auth import Credentials
-
-    return dataclasses.replace(c, local_auth="pubkey", remote_auth="pubkey", local_id=None,
-                               remote_id=Identity(remote_id),
-                               credentials=Credentials((cert,), key),  # type: ignore[arg-type]
-                               cacerts=[ca])  # type: ignore[list-item]  # fmt: skip
-
-
 @pytest.mark.parametrize("kind", ["rsa", "p256"])
 def test_engines_with_certificates_both_ways(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Initiator and responder both authenticate with certificates from one CA (RFC 7427,
     both announce SIGNATURE_HASH_ALGORITHMS); a certificate from another CA is refused."""
     import time
 
-    ca, gw_cert, gw_key, ca_key = _pki(kind)
-    _, _, mn_key, _ = _pki(kind)
-    mn_cert = _leaf_cert(ca, ca_key, mn_key, "mn.test")
+    ca, gw_cert, gw_key, ca_key = cert_pki(kind)
+    _, _, mn_key, _ = cert_pki(kind)
+    mn_cert = leaf_cert(ca, ca_key, mn_key, "mn.test")
 
     def pk(c: Connection, cert: object, key: object, remote_id: str) -> Connection:
-        return _pubkey(c, cert, key, remote_id, ca)
+        return pubkey_conn(c, cert, key, remote_id, ca)
 
     ini = IkeEngine([pk(mn_conn(), mn_cert, mn_key, "peer.test")], wall_offset=time.time())
     resp = IkeEngine([pk(conn(), gw_cert, gw_key, "CN=mn.test")], wall_offset=time.time())
@@ -2329,7 +2245,7 @@ def test_engines_with_certificates_both_ways(kind: str, monkeypatch: pytest.Monk
     assert ur.ike.peer_id == "CN=mn.test" and ui.ike.peer_id == "peer.test"
     assert len(w.of("i", ChildUp)) == 1
     # a client certificate from another CA is not accepted
-    _, other_cert, other_key, _ = _pki(kind)
+    _, other_cert, other_key, _ = cert_pki(kind)
     ini2 = IkeEngine([pk(mn_conn(), other_cert, other_key, "peer.test")],
                      wall_offset=time.time())  # fmt: skip
     w2 = Wire(ini2, IkeEngine([pk(conn(), gw_cert, gw_key, "%any")], wall_offset=time.time()))
@@ -2364,17 +2280,17 @@ def test_a_dn_remote_id_names_the_certificates_subject_as_strongswan_compares_it
     from cryptography import x509
     from cryptography.x509.oid import NameOID
 
-    ca, gw_cert, gw_key, ca_key = _pki("p256")
-    _, _, mn_key, _ = _pki("p256")
+    ca, gw_cert, gw_key, ca_key = cert_pki("p256")
+    _, _, mn_key, _ = cert_pki("p256")
     subject = x509.Name([x509.NameAttribute(NameOID.COUNTRY_NAME, "CH"),
                          x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Test Org"),
                          x509.NameAttribute(NameOID.EMAIL_ADDRESS, "mn@test"),
                          x509.NameAttribute(NameOID.COMMON_NAME, "mn.test")])  # fmt: skip
-    mn_cert = _leaf_cert(ca, ca_key, mn_key, "unused")
-    mn_cert = _resubject(mn_cert, subject, ca_key)
-    ini = IkeEngine([_pubkey(mn_conn(), mn_cert, mn_key, "peer.test", ca)],
+    mn_cert = leaf_cert(ca, ca_key, mn_key, "unused")
+    mn_cert = resubject(mn_cert, subject, ca_key)
+    ini = IkeEngine([pubkey_conn(mn_conn(), mn_cert, mn_key, "peer.test", ca)],
                     wall_offset=time.time())  # fmt: skip
-    resp = IkeEngine([_pubkey(conn(), gw_cert, gw_key, remote_id, ca)], wall_offset=time.time())
+    resp = IkeEngine([pubkey_conn(conn(), gw_cert, gw_key, remote_id, ca)], wall_offset=time.time())
     w = Wire(ini, resp)
     w.deliver(ini.initiate(ini.connections[0], I500, R500, 0.0), "i", 0.0)
     assert bool(w.of("r", IkeUp)) is up
@@ -2382,20 +2298,6 @@ def test_a_dn_remote_id_names_the_certificates_subject_as_strongswan_compares_it
     if up:
         (ur,) = w.of("r", IkeUp)
         assert isinstance(ur, IkeUp) and ur.ike.peer_id == subject.rfc4514_string()
-
-
-def _resubject(cert: object, subject: object, ca_key: object) -> object:
-    """``cert`` with another subject, signed again by ``ca_key``."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes
-
-    c: x509.Certificate = cert  # type: ignore[assignment]
-    b = (x509.CertificateBuilder().subject_name(subject).issuer_name(c.issuer)  # type: ignore[arg-type]
-         .public_key(c.public_key()).serial_number(c.serial_number)
-         .not_valid_before(c.not_valid_before_utc).not_valid_after(c.not_valid_after_utc))
-    for e in c.extensions:
-        b = b.add_extension(e.value, e.critical)
-    return b.sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]  # fmt: skip
 
 
 @pytest.mark.parametrize("text", ["XX=1, CN=a", "CN=a, , O=b", "=a",
@@ -2417,24 +2319,6 @@ def test_a_dn_identity_strongswan_would_not_read_is_a_load_error(text: str) -> N
     assert Identity(text).is_dn and not Identity(text).wildcard
 
 
-def _crl(ca: object, ca_key: object, revoked: list[object], *, days: int = 7) -> object:
-    """A revocation list of ``ca`` (signed by ``ca_key``) naming the certificates ``revoked``;
-    ``days``: its next update from now (negative: stale)."""
-    import datetime as dt
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes
-
-    now = dt.datetime.now(dt.UTC)
-    b = (x509.CertificateRevocationListBuilder().issuer_name(ca.subject)  # type: ignore[attr-defined]
-         .last_update(now - dt.timedelta(days=1)).next_update(now + dt.timedelta(days=days)))
-    for c in revoked:
-        b = b.add_revoked_certificate(
-            x509.RevokedCertificateBuilder().serial_number(c.serial_number)  # type: ignore[attr-defined]
-            .revocation_date(now - dt.timedelta(hours=1)).build())
-    return b.sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]  # fmt: skip
-
-
 def test_a_revoked_certificate_is_refused_by_its_issuers_crl() -> None:
     """remote.crls: a leaf (or intermediate) whose serial a list signed by its issuer names is
     refused (a stale list too); a list of another issuer, or one not signed by the issuer
@@ -2446,26 +2330,26 @@ def test_a_revoked_certificate_is_refused_by_its_issuers_crl() -> None:
 
     from ipsecct.ikev2 import auth
 
-    ca, cert, key, ca_key = _pki("p256")
-    other_ca, other_cert, _, other_key = _pki("p256")
+    ca, cert, key, ca_key = cert_pki("p256")
+    other_ca, other_cert, _, other_key = cert_pki("p256")
     now = dt.datetime.now(dt.UTC)
     chain = auth.validate_chain
     assert chain(cert, [], [ca], now, []) is ca  # type: ignore[list-item,arg-type]
-    assert chain(cert, [], [ca], now, [_crl(ca, ca_key, [])]) is ca  # type: ignore[list-item,arg-type]
-    for crl in (_crl(ca, ca_key, [cert]), _crl(ca, ca_key, [other_cert, cert], days=-1)):
+    assert chain(cert, [], [ca], now, [make_crl(ca, ca_key, [])]) is ca  # type: ignore[list-item,arg-type]
+    for crl in (make_crl(ca, ca_key, [cert]), make_crl(ca, ca_key, [other_cert, cert], days=-1)):
         with pytest.raises(AuthError, match="is revoked"):
             chain(cert, [], [ca], now, [crl])  # type: ignore[list-item,arg-type]
     # another issuer's list, and a list in ca's name that another key signed: not ca's word
-    forged = _crl(ca, other_key, [cert])
-    assert chain(cert, [], [ca], now, [_crl(other_ca, other_key, [cert]), forged]) is ca  # type: ignore[list-item,arg-type]
+    forged = make_crl(ca, other_key, [cert])
+    assert chain(cert, [], [ca], now, [make_crl(other_ca, other_key, [cert]), forged]) is ca  # type: ignore[list-item,arg-type]
 
     # an engine whose connection has the list: the revoked client gets no IKE SA
-    mn_key = _pki("p256")[2]
-    mn_cert = _leaf_cert(ca, ca_key, mn_key, "mn.test")
+    mn_key = cert_pki("p256")[2]
+    mn_cert = leaf_cert(ca, ca_key, mn_key, "mn.test")
     for revoked, up in (([mn_cert], False), ([], True)):
-        gw = _pubkey(conn(), cert, key, "CN=mn.test", ca)
-        gw = dataclasses.replace(gw, crls=lambda r=revoked: [_crl(ca, ca_key, r)])  # type: ignore[misc, arg-type]
-        ini = IkeEngine([_pubkey(mn_conn(), mn_cert, mn_key, "peer.test", ca)],
+        gw = pubkey_conn(conn(), cert, key, "CN=mn.test", ca)
+        gw = dataclasses.replace(gw, crls=lambda r=revoked: [make_crl(ca, ca_key, r)])  # type: ignore[misc, arg-type]
+        ini = IkeEngine([pubkey_conn(mn_conn(), mn_cert, mn_key, "peer.test", ca)],
                         wall_offset=time.time())  # fmt: skip
         w = Wire(ini, IkeEngine([gw], wall_offset=time.time()))
         w.deliver(ini.initiate(ini.connections[0], I500, R500, 0.0), "i", 0.0)
@@ -2492,7 +2376,7 @@ def test_revocation_strict_and_ifuri_refuse_a_certificate_of_unknown_status(
 
     from ipsecct.ikev2 import auth
 
-    ca, _, key, ca_key = _pki("p256")
+    ca, _, key, ca_key = cert_pki("p256")
     now = dt.datetime.now(dt.UTC)
 
     def leaf(issuer: object, ikey: object, *exts: x509.ExtensionType) -> x509.Certificate:
@@ -2512,15 +2396,15 @@ def test_revocation_strict_and_ifuri_refuse_a_certificate_of_unknown_status(
     ocsp = x509.AuthorityInformationAccess([x509.AccessDescription(
         AuthorityInformationAccessOID.OCSP, x509.UniformResourceIdentifier("http://ocsp.test"))])
     plain, with_cdp, with_ocsp = leaf(ca, ca_key), leaf(ca, ca_key, cdp), leaf(ca, ca_key, ocsp)
-    current, stale = _crl(ca, ca_key, []), _crl(ca, ca_key, [], days=-1)
-    other_ca, _, _, other_key = _pki("p256")
-    forged = _crl(ca, other_key, [])  # (in ca's name, not ca's word: covers nothing)
+    current, stale = make_crl(ca, ca_key, []), make_crl(ca, ca_key, [], days=-1)
+    other_ca, _, _, other_key = cert_pki("p256")
+    forged = make_crl(ca, other_key, [])  # (in ca's name, not ca's word: covers nothing)
     unknown = auth.RevocationUnknown
     for cert, crls, taken in [
         # (certificate, lists, {policy: taken})
         (plain, [current], {"relaxed": True, "ifuri": True, "strict": True}),
         (plain, [], {"relaxed": True, "ifuri": True, "strict": False}),
-        (plain, [forged, _crl(other_ca, other_key, [])],
+        (plain, [forged, make_crl(other_ca, other_key, [])],
          {"relaxed": True, "ifuri": True, "strict": False}),
         (plain, [stale], {"relaxed": True, "ifuri": False, "strict": False}),
         (plain, [stale, current], {"relaxed": True, "ifuri": True, "strict": True}),
@@ -2536,7 +2420,7 @@ def test_revocation_strict_and_ifuri_refuse_a_certificate_of_unknown_status(
                                    f"unknown: .*revocation = {policy}"):  # fmt: skip
                     auth.validate_chain(cert, [], [ca], now, crls, policy)  # type: ignore[list-item,arg-type]
     for policy in ("relaxed", "ifuri", "strict"):
-        for lists in ([_crl(ca, ca_key, [plain])], [_crl(ca, ca_key, [plain], days=-1)]):
+        for lists in ([make_crl(ca, ca_key, [plain])], [make_crl(ca, ca_key, [plain], days=-1)]):
             with pytest.raises(AuthError, match="is revoked"):
                 auth.validate_chain(plain, [], [ca], now, lists, policy)  # type: ignore[list-item,arg-type]
 
@@ -2550,21 +2434,21 @@ def test_revocation_strict_and_ifuri_refuse_a_certificate_of_unknown_status(
           .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
           .sign(ca_key, hashes.SHA256()))  # type: ignore[arg-type]  # fmt: skip
     below = leaf(im, im_key)
-    im_list = _crl(im, im_key, [])
+    im_list = make_crl(im, im_key, [])
     with pytest.raises(unknown, match="certificate CN=IM is unknown"):
         auth.validate_chain(below, [im], [ca], now, [im_list], "strict")  # type: ignore[list-item]
     assert auth.validate_chain(below, [im], [ca], now, [im_list, current], "strict") is ca  # type: ignore[list-item]
 
     # the engine: a client whose CA's list is stale is refused under strict, taken under
     # relaxed (the list names no one)
-    ca, gw_cert, gw_key, ca_key = _pki("p256")
-    mn_key = _pki("p256")[2]
-    mn_cert = _leaf_cert(ca, ca_key, mn_key, "mn.test")
+    ca, gw_cert, gw_key, ca_key = cert_pki("p256")
+    mn_key = cert_pki("p256")[2]
+    mn_cert = leaf_cert(ca, ca_key, mn_key, "mn.test")
     for policy, up in (("strict", False), ("relaxed", True)):
-        gw = _pubkey(conn(), gw_cert, gw_key, "CN=mn.test", ca)
-        gw = dataclasses.replace(gw, crls=lambda: [_crl(ca, ca_key, [], days=-1)],  # type: ignore[list-item]
+        gw = pubkey_conn(conn(), gw_cert, gw_key, "CN=mn.test", ca)
+        gw = dataclasses.replace(gw, crls=lambda: [make_crl(ca, ca_key, [], days=-1)],  # type: ignore[list-item]
                                  revocation=policy)  # fmt: skip
-        ini = IkeEngine([_pubkey(mn_conn(), mn_cert, mn_key, "peer.test", ca)],
+        ini = IkeEngine([pubkey_conn(mn_conn(), mn_cert, mn_key, "peer.test", ca)],
                         wall_offset=time.time())  # fmt: skip
         w = Wire(ini, IkeEngine([gw], wall_offset=time.time()))
         with caplog.at_level(logging.INFO, logger="ipsecct"):
@@ -2852,39 +2736,6 @@ def _unit_payload() -> bytes:
     return payload
 
 
-@functools.cache
-def _revocable_peer() -> tuple[Wire, Any, Any, Connection, Any, Any]:
-    """An MN authenticated with its certificate (mn_cert) to gw: (the wire, the CA, its
-    key, gw's connection, mn_cert, another certificate of the CA)."""
-    import time
-
-    ca, gw_cert, gw_key, ca_key = _pki("p256")
-    mn_key = _pki("p256")[2]
-    mn_cert = _leaf_cert(ca, ca_key, mn_key, "mn.test")
-    other_cert = _leaf_cert(ca, ca_key, mn_key, "other.test")
-    gw = _pubkey(conn(), gw_cert, gw_key, "CN=mn.test", ca)
-    ini = IkeEngine([_pubkey(mn_conn(), mn_cert, mn_key, "peer.test", ca)],
-                    wall_offset=time.time())  # fmt: skip
-    w = Wire(ini, IkeEngine([gw], wall_offset=time.time()))
-    connect(w)
-    return w, ca, ca_key, gw, mn_cert, other_cert
-
-
-@functools.cache
-def _revoking_target() -> tuple[tuple[bytes, ...], bytes, Connection]:
-    """The context and UNIT payload of _revocable_peer's IKE SA, and a connection whose
-    remote.crls revoke its certificate."""
-    from ipsecct.ikev2 import context
-    from ipsecct.ikev2.auth import revocation_index
-
-    w, ca, ca_key, gw, mn_cert, _ = _revocable_peer()
-    (ike,) = w.resp.ike_sas()
-    lists = [revocation_index(_crl(ca, ca_key, [mn_cert]))]  # type: ignore[arg-type]
-    (payload,) = context.unit_payloads(ike, ike.children)
-    return (tuple(context.encode(ike, 1.0)), payload,
-            dataclasses.replace(gw, crls=lambda: lists))  # fmt: skip
-
-
 def test_a_moved_ike_sa_whose_certificate_is_revoked_here_is_refused() -> None:
     """The context (item 33) and the UNIT payload (15) carry the serial of each certificate
     of the peer's chain with the fingerprint of its issuer: a target whose remote.crls
@@ -2895,7 +2746,7 @@ def test_a_moved_ike_sa_whose_certificate_is_revoked_here_is_refused() -> None:
     checked: admitted as before; a damaged item is refused, never raised."""
     from ipsecct.ikev2 import auth, context
 
-    w, ca, ca_key, gw, mn_cert, other_cert = _revocable_peer()
+    w, ca, ca_key, gw, mn_cert, other_cert = revocable_peer()
     (ike,) = w.resp.ike_sas()
     gw_cert = gw.credentials.certs[0]  # type: ignore[union-attr]
     serial = mn_cert.serial_number
@@ -2904,7 +2755,7 @@ def test_a_moved_ike_sa_whose_certificate_is_revoked_here_is_refused() -> None:
     cdbs = context.encode(ike, 1.0)
     (payload,) = context.unit_payloads(ike, ike.children)
     why = f"peer's certificate (serial {serial:x}) is revoked by remote.crls of 'c' here"
-    _, _, _, other_key = _pki("p256")
+    _, _, _, other_key = cert_pki("p256")
 
     def here(*crls: object) -> list[Connection]:
         from ipsecct.ikev2.auth import revocation_index
@@ -2913,10 +2764,10 @@ def test_a_moved_ike_sa_whose_certificate_is_revoked_here_is_refused() -> None:
         return [dataclasses.replace(gw, crls=lambda: lists)]
 
     for lists, refused in [
-        ((_crl(ca, ca_key, [mn_cert]),), True),
-        ((_crl(ca, ca_key, [other_cert]), _crl(ca, ca_key, [mn_cert], days=-1)), True),
-        ((_crl(ca, ca_key, [other_cert]),), False),
-        ((_crl(ca, other_key, [mn_cert]),), False),  # (in ca's name, not ca's word)
+        ((make_crl(ca, ca_key, [mn_cert]),), True),
+        ((make_crl(ca, ca_key, [other_cert]), make_crl(ca, ca_key, [mn_cert], days=-1)), True),
+        ((make_crl(ca, ca_key, [other_cert]),), False),
+        ((make_crl(ca, other_key, [mn_cert]),), False),  # (in ca's name, not ca's word)
         ((), False),
     ]:
         conns = here(*lists)
@@ -2931,13 +2782,13 @@ def test_a_moved_ike_sa_whose_certificate_is_revoked_here_is_refused() -> None:
             target.import_ike(cdbs, 1.0)
         assert len(target.ike_sas()) == (0 if refused else 1)
     # taken where it is not revoked; an IKE rekey there keeps the serials
-    sg2 = IkeEngine(here(_crl(ca, ca_key, [other_cert])))
+    sg2 = IkeEngine(here(make_crl(ca, ca_key, [other_cert])))
     taken = sg2.import_ike(cdbs, 1.0)
     assert taken.peer_serials == ike.peer_serials
     Wire(w.ini, sg2).deliver(sg2.rekey_ike(taken, 2.0), "r", 2.0)
     (again,) = sg2.ike_sas()
     assert again is not taken and again.peer_serials == ike.peer_serials
-    revoked = here(_crl(ca, ca_key, [mn_cert]))
+    revoked = here(make_crl(ca, ca_key, [mn_cert]))
     assert context.replica_refusal(context.encode(again, 3.0), revoked, 3.0) == why
     # no room left in the IKE SA's CDB (a very long identity): sent without the serials
     import copy
@@ -2996,7 +2847,7 @@ def test_revocation_strict_refuses_a_moved_ike_sa_whose_serials_are_not_carried(
 
     from ipsecct.ikev2 import context
 
-    w, _, _, gw, _, _ = _revocable_peer()
+    w, _, _, gw, _, _ = revocable_peer()
     (ike,) = w.resp.ike_sas()
     cdbs = context.encode(ike, 1.0)
     (payload,) = context.unit_payloads(ike, ike.children, 1.0)
@@ -3072,7 +2923,7 @@ def _cert_unit_payload() -> bytes:
     """The UNIT payload of a certificate peer's IKE SA (items 12, 13, 15)."""
     from ipsecct.ikev2 import context
 
-    w, _ca, _gw = _san_matched()
+    w, _ca, _gw = san_matched()
     (ike,) = w.resp.ike_sas()
     (payload,) = context.unit_payloads(ike, ike.children)
     return payload
@@ -3094,7 +2945,7 @@ def test_a_hostile_unit_payload_is_refused_or_judged_never_raised(data: st.DataO
     from ipsecct.ikev2 import context
 
     b = bytearray(data.draw(st.sampled_from([_unit_payload(), *_unit_pieces(),
-                                             _cert_unit_payload(), _revoking_target()[1]])))
+                                             _cert_unit_payload(), revoking_target()[1]])))
     for _ in range(data.draw(st.integers(0, 4))):
         i = data.draw(st.integers(0, len(b) - 1))
         b[i] = data.draw(st.integers(0, 255))
@@ -3102,7 +2953,7 @@ def test_a_hostile_unit_payload_is_refused_or_judged_never_raised(data: st.DataO
     junk = bytes(b[:cut]) + data.draw(st.binary(max_size=40))
     why = context.unit_refusal(junk, [conn(dpd=10), conn("x")])
     assert why is None or isinstance(why, str)
-    why = context.unit_refusal(junk, [_revoking_target()[2]])  # (remote.crls checked)
+    why = context.unit_refusal(junk, [revoking_target()[2]])  # (remote.crls checked)
     assert why is None or isinstance(why, str)
 
 
@@ -3413,7 +3264,7 @@ def test_fuzz_the_owed_deletes_and_state_items(owed: bytes, flags: int) -> None:
     unverified address only for a MOBIKE responder)."""
     from ipsecct.ikev2 import context
 
-    main, *rest = _unfinished_context()
+    main, *rest = unfinished_context()
     _fpt, items = context._parse(main)
     d = {**items, 30: [owed], 31: [bytes((flags,))]}
     body = context._items([(t, v) for t in sorted(d) for v in d[t]])
@@ -3468,32 +3319,6 @@ def test_an_address_unverified_at_a_fail_over_is_checked_by_the_taker(ike: str) 
 # -- a certificate peer known by its DN, matched by a subjectAltName, after a move ------------
 
 
-def _san_matched() -> tuple[Wire, object, Connection]:
-    """A MN authenticates with a certificate (P-256, our CA) naming itself by its DN, with
-    subjectAltNames dns:mn.test, email:mn@test and ip:10.2.0.5; the gateway's ``remote.id``
-    is ``mn.test``: matched by the SAN. Returns the wire, the CA and the gateway's
-    connection."""
-    import time
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives.asymmetric import ec
-
-    ca, gw_cert, gw_key, ca_key = _pki("p256")
-    mn_key = ec.generate_private_key(ec.SECP256R1())
-    sans = [x509.DNSName("mn.test"), x509.RFC822Name("mn@test"),
-            x509.IPAddress(ipaddress.ip_address("10.2.0.5"))]  # fmt: skip
-    mn_cert = _leaf_cert(ca, ca_key, mn_key, "mn", sans)
-
-    def pk(c: Connection, cert: object, key: object, remote_id: str) -> Connection:
-        return _pubkey(c, cert, key, remote_id, ca)
-
-    gw = pk(conn(), gw_cert, gw_key, "mn.test")
-    ini = IkeEngine([pk(mn_conn(), mn_cert, mn_key, "peer.test")], wall_offset=time.time())
-    w = Wire(ini, IkeEngine([gw], wall_offset=time.time()))
-    connect(w)
-    return w, ca, gw
-
-
 def test_a_san_matched_identity_is_checked_by_the_gateway_that_takes_the_ike_sa() -> None:
     """The MN is known by its certificate's DN and the gateway's ``remote.id`` names one of
     its subjectAltNames. Before, a gateway taking the IKE SA over (handover, replica) could
@@ -3507,14 +3332,14 @@ def test_a_san_matched_identity_is_checked_by_the_gateway_that_takes_the_ike_sa(
     gateway's) is admitted as before; damaged names are refused, never raised."""
     from ipsecct.ikev2 import auth, context
 
-    w, ca, gw = _san_matched()
+    w, ca, gw = san_matched()
     (ike,) = w.resp.ike_sas()
     assert ike.peer_id == "CN=mn"
     assert ike.peer_names == ("dns:mn.test", "email:mn@test", "ip:10.2.0.5")
     assert ike.peer_ca == auth.fingerprint(ca)  # type: ignore[arg-type]
     cdbs = context.encode(ike, 1.0)
     (payload,) = context.unit_payloads(ike, ike.children)
-    _, other_ca, _, _ = _pki("p256")
+    _, other_ca, _, _ = cert_pki("p256")
     cases = {
         "mn.test": None, "mn@test": None, "10.2.0.5": None, "%any": None, "CN=mn": None,
         "other.test": "peer identity 'CN=mn' is not remote.id of 'c' here",

@@ -22,13 +22,13 @@ from ipsecct.errors import IkeContextError
 from ipsecct.ikev2 import context
 from ipsecct.ikev2.config import Connection, canonical_peer_id
 from ipsecct.ikev2.ikesa import Address, ChildSA, IkeSA
-from tests.helpers.ikev2_engines import conn, connect, pair
-from tests.test_ikev2 import (
-    _cert_context,
-    _rekeyed_context,
-    _revoking_target,
-    _unfinished_context,
+from tests.helpers.ikev2_certs import (
+    cert_context,
+    rekeyed_context,
+    revoking_target,
+    unfinished_context,
 )
+from tests.helpers.ikev2_engines import conn, connect, pair
 
 
 def _child(c: ChildSA, children: list[ChildSA]) -> dict[str, Any]:
@@ -74,10 +74,10 @@ KINDS = ["plain", "vip", "rekeyed", "cert", "unfinished", "revoked"]
 
 def _context(kind: str) -> tuple[list[bytes], Connection]:
     if kind == "revoked":
-        cdbs, _payload, target = _revoking_target()
+        cdbs, _payload, target = revoking_target()
         return list(cdbs), target
-    make = {"plain": _plain_context, "vip": _vip_context, "rekeyed": _rekeyed_context,
-            "cert": _cert_context, "unfinished": _unfinished_context}[kind]  # fmt: skip
+    make = {"plain": _plain_context, "vip": _vip_context, "rekeyed": rekeyed_context,
+            "cert": cert_context, "unfinished": unfinished_context}[kind]  # fmt: skip
     return list(make()), conn()
 
 

@@ -43,8 +43,8 @@ from ipsecct.ikev2.engine import (
 from ipsecct.ikev2.ikesa import Address, IkeSA, IkeState
 from ipsecct.ikev2.ts import from_text
 from ipsecct.ipsec.spd import Selectors
+from tests.helpers.ikev2_certs import cert_pki, leaf_cert, pubkey_conn, resubject
 from tests.helpers.ikev2_engines import I500, R500, Wire, conn, connect, mn_conn, pair
-from tests.test_ikev2 import _leaf_cert, _pki, _pubkey, _resubject
 
 EVERYTHING = from_text("0.0.0.0/0")
 
@@ -293,13 +293,13 @@ def test_a_certificate_with_an_overlong_attribute_writes_no_python_warning() -> 
     from cryptography import x509
     from cryptography.x509.oid import NameOID
 
-    ca, gw_cert, gw_key, _ = _pki("p256")
-    other_ca, _, mn_key, other_key = _pki("p256")
+    ca, gw_cert, gw_key, _ = cert_pki("p256")
+    other_ca, _, mn_key, other_key = cert_pki("p256")
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "x" * 3001, _validate=False)])
-    mn_cert = _resubject(_leaf_cert(other_ca, other_key, mn_key, "unused"), subject, other_key)
-    ini = IkeEngine([_pubkey(mn_conn(), mn_cert, mn_key, "%any", other_ca)],
+    mn_cert = resubject(leaf_cert(other_ca, other_key, mn_key, "unused"), subject, other_key)
+    ini = IkeEngine([pubkey_conn(mn_conn(), mn_cert, mn_key, "%any", other_ca)],
                     wall_offset=time.time())  # fmt: skip
-    gw = IkeEngine([_pubkey(conn(), gw_cert, gw_key, "CN=*", ca)], wall_offset=time.time())
+    gw = IkeEngine([pubkey_conn(conn(), gw_cert, gw_key, "CN=*", ca)], wall_offset=time.time())
     (init,) = [o for o in ini.initiate(ini.connections[0], I500, R500, 0.0)
                if isinstance(o, Send)]  # fmt: skip
     (resp,) = [o for o in gw.receive(init.data, I500, R500, 0.0) if isinstance(o, Send)]
@@ -487,7 +487,7 @@ def test_a_certificate_proves_only_the_names_it_holds() -> None:
     another name (IDi admin.test, which remote.id wants) is refused; claiming its own name
     where remote.id wants another too; its own name where remote.id wants it, or its subject
     DN where remote.id names its subjectAltName, is taken."""
-    ca, cert, key, _ = _pki("p256")
+    ca, cert, key, _ = cert_pki("p256")
 
     def pk(c: Connection, local_id: str | None, remote_id: str) -> Connection:
         return dataclasses.replace(c, local_auth="pubkey", remote_auth="pubkey",
@@ -524,15 +524,15 @@ def test_a_certificate_subject_that_only_unicode_folding_makes_equal_is_another_
     from cryptography import x509
     from cryptography.x509.oid import NameOID
 
-    ca, gw_cert, gw_key, ca_key = _pki("p256")
-    _, _, mn_key, _ = _pki("p256")
+    ca, gw_cert, gw_key, ca_key = cert_pki("p256")
+    _, _, mn_key, _ = cert_pki("p256")
     for cn, up in [(subject_cn, False), (remote_cn.swapcase(), True)]:
         subject = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Test Org"),
                              x509.NameAttribute(NameOID.COMMON_NAME, cn)])  # fmt: skip
-        mn_cert = _resubject(_leaf_cert(ca, ca_key, mn_key, "unused"), subject, ca_key)
-        ini = IkeEngine([_pubkey(mn_conn(), mn_cert, mn_key, "peer.test", ca)],
+        mn_cert = resubject(leaf_cert(ca, ca_key, mn_key, "unused"), subject, ca_key)
+        ini = IkeEngine([pubkey_conn(mn_conn(), mn_cert, mn_key, "peer.test", ca)],
                         wall_offset=time.time())  # fmt: skip
-        gw = IkeEngine([_pubkey(conn(), gw_cert, gw_key, f"O=Test Org, CN={remote_cn}", ca)],
+        gw = IkeEngine([pubkey_conn(conn(), gw_cert, gw_key, f"O=Test Org, CN={remote_cn}", ca)],
                        wall_offset=time.time())  # fmt: skip
         w = Wire(ini, gw)
         connect(w)
@@ -558,16 +558,16 @@ def test_a_subject_alt_name_that_only_unicode_lowering_makes_equal_proves_nothin
     names is not admitted for remote.id either. The name in another ASCII case still is."""
     from cryptography import x509
 
-    ca, gw_cert, gw_key, ca_key = _pki("p256")
-    _, _, mn_key, _ = _pki("p256")
+    ca, gw_cert, gw_key, ca_key = cert_pki("p256")
+    _, _, mn_key, _ = cert_pki("p256")
     cls = x509.DNSName if kind == "dns" else x509.RFC822Name
     for name, up in [(san, False), (claim.upper(), True)]:
         gn = cls._init_without_validation(name)  # (as a peer's DER may hold it)
-        mn_cert = _leaf_cert(ca, ca_key, mn_key, "unused", [gn])
-        ini = IkeEngine([dataclasses.replace(_pubkey(mn_conn(), mn_cert, mn_key, "%any", ca),
+        mn_cert = leaf_cert(ca, ca_key, mn_key, "unused", [gn])
+        ini = IkeEngine([dataclasses.replace(pubkey_conn(mn_conn(), mn_cert, mn_key, "%any", ca),
                                              local_id=Identity(claim))],
                         wall_offset=time.time())  # fmt: skip
-        gw = IkeEngine([_pubkey(conn(), gw_cert, gw_key, claim, ca)], wall_offset=time.time())
+        gw = IkeEngine([pubkey_conn(conn(), gw_cert, gw_key, claim, ca)], wall_offset=time.time())
         w = Wire(ini, gw)
         connect(w)
         assert bool(w.of("r", IkeUp)) is up, name
@@ -949,7 +949,7 @@ def test_a_certificate_with_unparsable_extensions_is_refused_not_a_crash(claim: 
     making whose extensions are not DER: looking for a CA among the intermediates (is it a
     CA?), or for the wanted name among the certificate's subjectAltNames (IDi a DN), raised
     ValueError out of receive(). It is an authentication failure like any bad chain."""
-    ca, _cert, _key, _ = _pki("p256")
+    ca, _cert, _key, _ = cert_pki("p256")
     leaf, inter, key = _bad_extension_chain()
     mn = dataclasses.replace(mn_conn(), local_auth="pubkey", remote_auth="psk",
                              local_id=Identity("peer.test" if claim == "fqdn" else "CN=peer.test"),
@@ -982,7 +982,7 @@ def test_a_certificate_that_loads_but_cannot_be_read_is_refused_not_a_crash(what
     payload's parse let it out of receive()), or whose subject's CN is a BIT STRING (the
     parser reads the subject only when asked: TypeError where remote.id is a DN). Refused as
     an authentication failure."""
-    ca, cert, key, _ = _pki("p256")
+    ca, cert, key, _ = cert_pki("p256")
     CertMangler.mangle = ((b"\xa0\x03\x02\x01\x02", b"\xa0\x03\x02\x01\x26") if what == "version"
                           else (b"\x0c\x09peer.test", b"\x03\x09peer.test"))  # fmt: skip
     mn = dataclasses.replace(mn_conn(), local_auth="pubkey", remote_auth="psk",

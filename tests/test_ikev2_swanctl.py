@@ -35,8 +35,8 @@ from ipsecct.ikev2.engine import (
 )
 from ipsecct.ikev2.ikesa import IkeState
 from ipsecct.ipsec.sad import Lifetime
+from tests.helpers.ikev2_certs import cert_pki, leaf_cert, pubkey_conn
 from tests.helpers.ikev2_engines import I500, PSK, R500, Wire, conn, connect, mn_conn, pair
-from tests.test_ikev2 import _leaf_cert, _pki, _pubkey
 
 # -- reading the keys ---------------------------------------------------------------------------
 
@@ -128,7 +128,7 @@ def test_a_local_id_our_certificate_does_not_prove_is_refused_naming_its_names(
     then refused the authentication (the ID we sent is not in the certificate: strongSwan
     finds no trusted public key for it). It is refused at load, naming the certificate's
     names; a DN (sent as the certificate's subject) or no local.id is left alone."""
-    ca, cert, key, _ = _pki("p256")
+    ca, cert, key, _ = cert_pki("p256")
     local: dict[str, Any] = {"auth": "pubkey", "certs": ["gw.pem"]}
     if local_id is not None:
         local["id"] = local_id
@@ -459,11 +459,11 @@ def test_unique_replace_gives_the_reconnecting_identity_its_virtual_ip_back() ->
 
 
 def _cert_pair(gw_kw: dict[str, Any], mn_kw: dict[str, Any]) -> Wire:
-    ca, gw_cert, gw_key, ca_key = _pki("p256")
-    mn_key = _pki("p256")[2]
-    mn_cert = _leaf_cert(ca, ca_key, mn_key, "mn.test")
-    gw = dataclasses.replace(_pubkey(conn(), gw_cert, gw_key, "CN=mn.test", ca), **gw_kw)
-    mn = dataclasses.replace(_pubkey(mn_conn(), mn_cert, mn_key, "peer.test", ca), **mn_kw)
+    ca, gw_cert, gw_key, ca_key = cert_pki("p256")
+    mn_key = cert_pki("p256")[2]
+    mn_cert = leaf_cert(ca, ca_key, mn_key, "mn.test")
+    gw = dataclasses.replace(pubkey_conn(conn(), gw_cert, gw_key, "CN=mn.test", ca), **gw_kw)
+    mn = dataclasses.replace(pubkey_conn(mn_conn(), mn_cert, mn_key, "peer.test", ca), **mn_kw)
     w = Wire(IkeEngine([mn], wall_offset=time.time()), IkeEngine([gw], wall_offset=time.time()))
     connect(w)
     return w
@@ -523,11 +523,11 @@ def test_fragment_size_bounds_every_datagram_we_send(tmp_path: Path) -> None:
     on the NAT-T port, non-ESP marker headers are counted."""
     import ipsecct.ikev2.engine as E
 
-    ca, gw_cert, gw_key, ca_key = _pki("p256")
-    mn_key = _pki("p256")[2]
-    mn_cert = _leaf_cert(ca, ca_key, mn_key, "mn.test")
-    gw = _pubkey(conn(), gw_cert, gw_key, "CN=mn.test", ca)
-    mn = _pubkey(mn_conn(), mn_cert, mn_key, "peer.test", ca)
+    ca, gw_cert, gw_key, ca_key = cert_pki("p256")
+    mn_key = cert_pki("p256")[2]
+    mn_cert = leaf_cert(ca, ca_key, mn_key, "mn.test")
+    gw = pubkey_conn(conn(), gw_cert, gw_key, "CN=mn.test", ca)
+    mn = pubkey_conn(mn_conn(), mn_cert, mn_key, "peer.test", ca)
     for size in (None, 576):
         w = Wire(IkeEngine([mn], wall_offset=time.time(), fragment_size=size),
                  IkeEngine([gw], wall_offset=time.time(), fragment_size=size))  # fmt: skip
