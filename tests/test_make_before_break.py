@@ -784,7 +784,7 @@ def test_a_tunnel_taken_back_in_the_middle_of_its_tail_goes_on_from_c_exact_numb
     C sends their tails; sg2 refuses ``b``, which comes back to sg1 (held: C frozen, its
     exact number back in Python) and goes on from the number after the last C sent, never
     one twice."""
-    from tests.test_transfer_core import early_world, sent_on, settle_at, to_b
+    from tests.helpers.journal_recorder import early_world, sent_on, settle_at, to_b
 
     w, j1, _, a, b = early_world()
     sg1 = w.gw["sg1"]
@@ -820,7 +820,7 @@ def test_c_is_told_the_end_of_the_forwarding_time_once_the_answer_sets_it() -> N
     """Commit what you accept: until the answer, a moved tunnel forwards with no end, and C
     sends its tail with none; the CTDR sets the end, which C is told at once: past it C
     sends nothing (the packet goes up and is dropped, as the Python path drops it)."""
-    from tests.test_transfer_core import early_world, settle_at
+    from tests.helpers.journal_recorder import early_world, settle_at
 
     w, j1, _, a, _ = early_world(refuse_b=False)
     sg1 = w.gw["sg1"]

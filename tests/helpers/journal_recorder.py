@@ -1,7 +1,8 @@
 """A journal of the transfer core that records what is submitted and leaves each write
 unsettled until the test settles it, as a disk would (``Recorder``), and the sans-I/O
 transfer world with one on each gateway (``journaled_world``, ``settle``), for
-tests/test_state and tests/test_transfer_core."""
+tests/test_state and tests/test_transfer_core; the early COMMIT's world of two tunnels
+(``early_world``), for tests/test_transfer_core and tests/test_make_before_break."""
 
 from __future__ import annotations
 
@@ -9,8 +10,11 @@ from collections.abc import Sequence
 from typing import Any
 
 from ipsecct.ct.journal import Write
+from ipsecct.ct.transfer import Settings
+from ipsecct.ipsec.algorithms import EncAlg
 from ipsecct.ipsec.engine import Tunnel
 from ipsecct.ipsec.sad import SecurityAssociation
+from tests.helpers.transfer import HOST, World, ip
 
 
 class Recorder:
@@ -126,3 +130,48 @@ def settle(w: object, name: str, j: Recorder) -> list[str]:
     gw = w.gw[name]  # type: ignore[attr-defined]
     gw.run(gw.core.settled(w.now))  # type: ignore[attr-defined]
     return kinds
+
+
+# -- commit what you accept (Settings.commit_early) --------------------------------------------
+
+
+def early_world(
+    *, mbb: bool = True, refuse_b: bool = True
+) -> tuple[World, Any, Any, Tunnel, Tunnel]:
+    """sg1 with the MN's tunnel and a second one ``b`` (ChaCha20, which sg2 refuses when
+    ``refuse_b``), a journal on each gateway whose writes settle when the test says."""
+    from ipsecct.ipsec.spd import Action, SPDEntry
+    from tests.helpers.transfer import tunnel_sas
+
+    s1 = Settings(commit_early=True, make_before_break=mbb, mbb_tail=4 if mbb else 0)
+    encs = {EncAlg.AES_GCM_16} | (set() if refuse_b else {EncAlg.CHACHA20_POLY1305})
+    w = World(settings={"sg1": s1, "sg2": Settings(supported_enc=frozenset(encs))})
+    sg1 = w.gw["sg1"]
+    (o, i, s), _ = tunnel_sas(
+        "sg1", spi_down=0x500, spi_up=0x600, mn_inner="10.1.0.5", mn_addr="192.0.2.5",
+        name="b", enc=EncAlg.CHACHA20_POLY1305,
+    )  # fmt: skip
+    b = sg1.engine.add_tunnel(SPDEntry(s, Action.PROTECT, name="b", static=False), o, i)
+    j1, j2 = Recorder(w), Recorder(w)
+    sg1.core.journal = j1
+    w.gw["sg2"].core.journal = j2
+    return w, j1, j2, w.tunnel, b
+
+
+MN_INNER_B = "10.1.0.5"
+
+
+def to_b(n: int) -> bytes:
+    """An inner packet for tunnel b (to its MN's inner address)."""
+    from ipsecct.ipsec import ippacket
+
+    body = n.to_bytes(4, "big") + bytes(56)
+    return ippacket.build_udp(ip(HOST), ip(MN_INNER_B), 5000, 7000, body)
+
+
+def settle_at(w: World, name: str, j: Any) -> list[str]:
+    return settle(w, name, j)
+
+
+def sent_on(w: World, spi: int) -> list[tuple[str, int]]:
+    return [(g, seq) for g, s, seq in w.all_wire() if s == spi]
