@@ -15,8 +15,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from tests.helpers.ike_services import unit_at_sg1
 from tests.helpers.transfer import World
-from tests.test_ike_adapter import _unit_at_sg1
 
 
 def main() -> None:
@@ -25,7 +25,7 @@ def main() -> None:
     n = ap.parse_args().calls
     w = World()
     with tempfile.TemporaryDirectory() as tmp:
-        svc, _ = _unit_at_sg1(Path(tmp), w)
+        svc, _ = unit_at_sg1(Path(tmp), w)
         runs = []
         for _ in range(7):
             t0 = time.thread_time()

@@ -1,6 +1,6 @@
 """What an IKE datagram the gateway drops at once costs a running gateway whose half-open
 table is full: ``ipsecct gateway run`` (examples/ikev2 sg1) on loopback, its half-open table
-filled by a flood that answers the cookies (tests/test_hostile_inputs.py InitFlood, 50
+filled by a flood that answers the cookies (tests/helpers/init_flood.py InitFlood, 50
 sources x 20), then N IKE datagrams with random SPIs from one more address, 200 at a time
 with 20 ms between. Prints the gateway process's CPU (utime+stime) over the junk divided by
 the datagrams its ``unknown-spi`` counter saw.
@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.helpers.example_ikev2 import ADDR, Setup
-from tests.test_hostile_inputs import InitFlood
+from tests.helpers.init_flood import InitFlood
 
 from ipsecct.gateway import config
 

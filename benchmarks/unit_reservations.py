@@ -18,8 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from tests.helpers.ikev2_engines import connect
-from tests.test_ikev2_vip import _service, vip_pair
+from tests.helpers.ike_services import vip_service
+from tests.helpers.ikev2_engines import connect, vip_pair
 
 from ipsecct.ikev2 import context
 
@@ -32,7 +32,7 @@ def main() -> None:
     connect(w)
     (ike,) = w.resp.ike_sas()
     with tempfile.TemporaryDirectory() as tmp:
-        svc = _service(Path(tmp))
+        svc = vip_service(Path(tmp))
     pool = svc.engine.pools["p4"]
     pool.last = ipaddress.ip_address("10.3.255.254")  # (room for 2 N addresses)
     payloads = []

@@ -15,6 +15,7 @@ from ipsecct.gateway.node import Node
 from ipsecct.ikev2.config import Connection
 from ipsecct.ikev2.engine import Output, Send
 from ipsecct.ikev2.ikesa import Address, IkeSA, IkeState
+from tests.helpers.ike_services import ike_service, unit_at_sg1
 from tests.helpers.ikev2_engines import (
     I500,
     R500,
@@ -29,22 +30,10 @@ from tests.helpers.ikev2_engines import (
 from tests.helpers.transfer import Gw, World
 
 
-def _service(tmp: Path, name: str = "sg2") -> IkeService:
-    cfg = from_dict(
-        {
-            "name": name,
-            "outer": {"address": "127.0.0.1", "port": 45000},
-            "inner": {"kind": "udp", "listen": "127.0.0.1:45001", "peer": "127.0.0.1:45002"},
-        },
-        str(tmp / f"{name}.toml"),
-    )
-    return IkeService(Node(cfg), [conn(dpd=10)])
-
-
 def _two_clients(tmp: Path) -> tuple[IkeService, IkeSA, IkeSA]:
     """A gateway's IKE service holding the IKE SAs of two clients, V and M, each with one
     CHILD SA (imported as a peer gateway would hand them over, at 1.0 and 2.0)."""
-    svc = _service(tmp)
+    svc = ike_service(tmp)
     ikes = []
     for t in (1.0, 2.0):
         w = pair(mn_conn(dpd=10), conn(dpd=10))
@@ -82,7 +71,7 @@ def test_ike_junk_from_anyone_does_not_rescan_every_ike_sa(
     made one) re-arms it now; counted here as re-arms, not time."""
     from ipsecct.ikev2.engine import IkeEngine
 
-    svc = _service(tmp_path)
+    svc = ike_service(tmp_path)
     pokes = 0
 
     def poke() -> None:
@@ -127,7 +116,7 @@ def test_a_request_that_arrives_before_its_ike_sa_is_answered_once_it_has_come(
     connect(w)
     (ike_i,), (ike_r,) = w.ini.ike_sas(), w.resp.ike_sas()
     cdbs = w.resp.export_ike(ike_r, 1.0)
-    svc = _service(tmp_path)
+    svc = ike_service(tmp_path)
     (req,) = [o for o in w.ini.liveness(ike_i, 1.0) if isinstance(o, Send)]
     svc._receive(req.data, I500, R500)  # no transfer: an unknown SPI, dropped
     assert svc.engine.stats["unknown-spi"] == 1 and svc.engine.stats["early-kept"] == 0
@@ -164,7 +153,7 @@ def test_a_flood_of_early_ike_messages_does_not_keep_out_a_moved_clients_request
     connect(w)
     (ike_i,), (ike_r,) = w.ini.ike_sas(), w.resp.ike_sas()
     cdbs = w.resp.export_ike(ike_r, 1.0)
-    svc = _service(tmp_path)
+    svc = ike_service(tmp_path)
     svc.node.clock = lambda: 50.0  # (all within the second after the commit)
     stats = svc.engine.stats
     _announce(svc, ike_r)
@@ -216,7 +205,7 @@ def test_a_request_forwarded_early_by_another_peer_is_not_replayed(tmp_path: Pat
         connect(w)
         (ike_i,), (ike_r,) = w.ini.ike_sas(), w.resp.ike_sas()
         cdbs = w.resp.export_ike(ike_r, 1.0)
-        svc = _service(tmp_path)
+        svc = ike_service(tmp_path)
         (req,) = [o for o in w.ini.liveness(ike_i, 1.0) if isinstance(o, Send)]
         _announce(svc, ike_r)
         svc.on_transfer(Record(1, "target", "sg1", "predictive", 0.0, 0.0, "committed"))
@@ -239,7 +228,7 @@ def test_replay_counter_sync_moves_our_outbound_counters_forward(tmp_path: Path)
     w = pair(mn_conn(dpd=10), conn(dpd=10))
     connect(w)
     (ike_i,), (ike_r,) = w.ini.ike_sas(), w.resp.ike_sas()
-    svc = _service(tmp_path)
+    svc = ike_service(tmp_path)
     svc.engine = w.ini  # this adapter runs the MN's side
     for c in ike_i.children:
         svc._one(ChildUp(ike_i, c))
@@ -272,7 +261,7 @@ def test_a_request_that_reaches_the_old_gateway_is_forwarded_to_the_new_one(
     w = pair(mn_conn(dpd=10), conn(dpd=10))
     connect(w)
     (ike_i,), (ike_r,) = w.ini.ike_sas(), w.resp.ike_sas()
-    sg1, sg2 = _service(tmp_path, "sg1"), _service(tmp_path, "sg2")
+    sg1, sg2 = ike_service(tmp_path, "sg1"), ike_service(tmp_path, "sg2")
     sg1.engine = w.resp
     sg1.send_context = lambda peer, cdbs, mn: sg2.receive_context("sg1", cdbs)
     forwarded: list[tuple[str, bytes]] = []
@@ -327,7 +316,7 @@ def test_an_ike_sa_from_a_peer_takes_only_tunnels_that_peer_handed_over(tmp_path
     (child,) = ike_r.children
     cdbs = w.resp.export_ike(ike_r, 1.0)
     for came_from in (None, "sg3", "sg1"):
-        svc = _service(tmp_path)
+        svc = ike_service(tmp_path)
         entry, out, inn = child.sas(R500, I500, False, "here")
         victim = svc.node.engine.add_tunnel(entry, out, inn)
         victim.came_from = came_from
@@ -368,7 +357,7 @@ def test_a_clients_outbound_spi_equal_to_a_moved_child_sas_inbound_spi_takes_not
     connect(m)
     ((m_child,),) = [i.children for i in m.resp.ike_sas()]
     m_child.spi_out = child.spi_in  # M's choice
-    svc = _service(tmp_path)
+    svc = ike_service(tmp_path)
     m_addr = Address(ipaddress.ip_address("192.0.2.20"), 500)
     m_tunnel = svc.node.engine.add_tunnel(*m_child.sas(R500, m_addr, False, "m"))
     _handed_over(svc, ike_r)
@@ -429,7 +418,7 @@ def test_an_ike_sa_before_the_commit_of_its_tunnels_transfer_is_not_taken(
     (child,) = ike_r.children
     cdbs = w.resp.export_ike(ike_r, 1.0)
     for waiting in (True, False):
-        svc = _service(tmp_path)
+        svc = ike_service(tmp_path)
         entry, out, inn = child.sas(R500, I500, False, "here")
         arrived = svc.node.engine.add_tunnel(entry, out, inn)
         arrived.came_from = "sg1"
@@ -459,7 +448,7 @@ def test_what_an_operator_names_moves_the_ike_sa_with_all_its_child_sas(tmp_path
     w = pair(mn_conn(dpd=10), conn(dpd=10))
     connect(w)
     (ike_r,) = w.resp.ike_sas()
-    svc = _service(tmp_path)
+    svc = ike_service(tmp_path)
     ike = svc.engine.import_ike(w.resp.export_ike(ike_r, 1.0), 1.0)
     (c1,) = ike.children
     c2 = dataclasses.replace(c1, spi_in=0x7000_0001, spi_out=0x7000_0002)
@@ -530,7 +519,7 @@ def test_what_an_operator_names_for_sa_delete_ike_and_when_it_is_refused(
     w = pair(mn_conn(dpd=10), conn(dpd=10))
     connect(w)
     (ike_r,) = w.resp.ike_sas()
-    svc = _service(tmp_path)
+    svc = ike_service(tmp_path)
     ike = svc.engine.import_ike(w.resp.export_ike(ike_r, 1.0), 1.0)
     (c1,) = ike.children
     c2 = dataclasses.replace(c1, spi_in=0x7000_0001, spi_out=0x7000_0002)
@@ -672,7 +661,7 @@ def test_sa_rekey_sends_the_request_at_once_or_says_why_not(
     w = pair(mn_conn(dpd=10), conn(dpd=10))
     connect(w)
     (ike_r,) = w.resp.ike_sas()
-    svc = _service(tmp_path)
+    svc = ike_service(tmp_path)
     ike = svc.engine.import_ike(w.resp.export_ike(ike_r, 1.0), 1.0)
     (c1,) = ike.children
     eng = svc.node.engine
@@ -726,7 +715,7 @@ def test_child_of_is_found_without_a_walk_per_tunnel_and_follows_the_child_sas(
     w = pair(mn_conn(dpd=10), conn(dpd=10))
     connect(w)
     (ike_r,) = w.resp.ike_sas()
-    svc = _service(tmp_path)
+    svc = ike_service(tmp_path)
     ike = svc.engine.import_ike(w.resp.export_ike(ike_r, 1.0), 1.0)
     (c1,) = ike.children
     eng = svc.node.engine
@@ -784,7 +773,7 @@ def test_a_replica_the_standby_cannot_take_is_refused_and_the_active_sees_which(
     w = pair(mn_conn(dpd=10), conn(dpd=10))
     connect(w)
     (ike_r,) = w.resp.ike_sas()
-    sg1 = _service(tmp_path, "sg1")
+    sg1 = ike_service(tmp_path, "sg1")
     ike = sg1.engine.import_ike(w.resp.export_ike(ike_r, 1.0), 1.0)
     fcfg = failover.FailoverConfig("active", "sg2", fencing=False)
     rep = failover.Replicator(sg1.node.engine, fcfg, session=7, extra=sg1.feed)
@@ -794,7 +783,7 @@ def test_a_replica_the_standby_cannot_take_is_refused_and_the_active_sees_which(
     other.children[0] = dataclasses.replace(other.children[0], name="elsewhere")
 
     def standby(connection: Connection) -> tuple[IkeService, failover.Standby]:
-        sg2 = _service(tmp_path, "sg2")
+        sg2 = ike_service(tmp_path, "sg2")
         sg2.engine.connections[:] = [connection]
         sb = failover.Standby(sg2.node.engine, dataclasses.replace(fcfg, role="standby"),
                               sg2.node.cfg.outer, Identity.INDIRECT)  # fmt: skip
@@ -846,7 +835,7 @@ def test_a_request_for_an_ike_sa_that_left_after_a_transfer_here_is_forwarded_no
     w = pair(mn_conn(dpd=10), conn(dpd=10))
     connect(w)
     (ike_i,), (ike_r,) = w.ini.ike_sas(), w.resp.ike_sas()
-    sg2 = _service(tmp_path, "sg2")
+    sg2 = ike_service(tmp_path, "sg2")
     sg2.node.clock = lambda: now[0]
     sg2.engine = w.resp
     sent: list[tuple[str, list[bytes]]] = []
@@ -897,7 +886,7 @@ def test_a_fragmented_request_held_during_a_transfer_follows_the_ike_sa_whole(
     w = pair(mn_conn(dpd=10), conn(dpd=10))
     connect(w)
     (ike_i,), (ike_r,) = w.ini.ike_sas(), w.resp.ike_sas()
-    sg1, sg2 = _service(tmp_path, "sg1"), _service(tmp_path, "sg2")
+    sg1, sg2 = ike_service(tmp_path, "sg1"), ike_service(tmp_path, "sg2")
     sg1.engine = w.resp
     channel: list[list[bytes]] = []  # the ordered TLS channel sg1 -> sg2
     sg1.send_context = lambda peer, cdbs, mn: channel.append(cdbs)
@@ -937,7 +926,7 @@ def test_an_imported_child_sa_the_peer_rekeyed_still_carries_the_traffic(
 
     w, _ike_i, ike_r, _delete = peer_rekeyed_before_the_move()
     old, new = ike_r.children
-    svc = _service(tmp_path)
+    svc = ike_service(tmp_path)
     svc.engine.connections = [conn(child_rekey=20.0)]
     svc._send = lambda o: None  # type: ignore[method-assign, assignment]
     eng = svc.node.engine
@@ -974,7 +963,7 @@ def test_a_peer_address_unverified_at_a_take_over_gets_the_esp_only_once_checked
     (upd,) = sends(w.ini.local_moved(ii, moved, 1.0))
     resp, _check = sends(w.resp.receive(upd.data, moved, R500, 1.0))  # the check is lost
     w.deliver([resp], "r", 1.0)
-    svc = _service(tmp_path)
+    svc = ike_service(tmp_path)
     sent: list[Send] = []
     svc._send = sent.append  # type: ignore[method-assign, assignment]
     (c,) = ir.children
@@ -1014,7 +1003,7 @@ def test_an_owed_delete_is_replicated_until_the_peer_answers_it(tmp_path: Path) 
     from ipsecct.ikev2 import context
 
     w, _ike_i, ike_r, old_spi = gateway_rekeyed_before_the_fail_over()
-    sg1 = _service(tmp_path, "sg1")
+    sg1 = ike_service(tmp_path, "sg1")
     sg1.engine.connections[:] = [conn(child_rekey=20.0)]
     sent: list[Send] = []
     sg1._send = sent.append  # type: ignore[method-assign, assignment]
@@ -1055,7 +1044,7 @@ def test_the_old_sa_of_our_rekey_takes_the_peers_esp_until_our_delete_is_answere
     (c,) = ir.children
 
     async def run() -> None:
-        svc = _service(tmp_path)
+        svc = ike_service(tmp_path)
         svc.engine.connections[:] = [conn(child_rekey=20.0)]
         sent: list[Send] = []
         svc._send = sent.append  # type: ignore[method-assign, assignment]
@@ -1220,7 +1209,7 @@ def test_a_fenced_gateway_sends_no_ike_datagram_whatever_made_it(
 
     base = mn_conn()
     c = dataclasses.replace(base, remote_addrs=[ipaddress.ip_network(f"{R500.host}/32")])
-    svc = _service(tmp_path)
+    svc = ike_service(tmp_path)
     svc.engine.connections = [c]
     out: list[bytes] = []
     monkeypatch.setattr(svc.node, "send_outer", lambda data, dst: out.append(data))
@@ -1232,22 +1221,6 @@ def test_a_fenced_gateway_sends_no_ike_datagram_whatever_made_it(
     assert len(svc.engine.connecting) == 1
     svc._act(svc.engine.tick(svc.node.clock() + 5.0))  # the IKE_SA_INIT's retransmission
     assert len(out) == 1
-
-
-def _unit_at_sg1(tmp_path: Path, w: object) -> tuple[IkeService, IkeSA]:
-    """sg1's IKE service with one IKE SA whose only CHILD SA is the transfer World's tunnel
-    (the unit the transfer moves)."""
-    import dataclasses
-
-    svc = _service(tmp_path, "sg1")
-    p = pair(mn_conn(dpd=10), conn(dpd=10))
-    connect(p)
-    (ike_r,) = p.resp.ike_sas()
-    ike = svc.engine.import_ike(p.resp.export_ike(ike_r, 1.0), 1.0)
-    (c,) = ike.children
-    t = w.tunnel  # type: ignore[attr-defined]
-    ike.children[:] = [dataclasses.replace(c, spi_in=t.inbound.spi, spi_out=t.outbound.spi)]
-    return svc, ike
 
 
 @pytest.mark.parametrize("mode", ["predictive", "commit_early", "prepared"])
@@ -1274,7 +1247,7 @@ def test_ike_sa_cannot_move_rolls_back_before_commit_no_sequence_number_reuse(
     w = World(settings={"sg1": Settings(commit_early=mode == "commit_early", **mbb),  # type: ignore[arg-type]
                         "sg2": Settings(**mbb)})  # type: ignore[arg-type]  # fmt: skip
     sg1, sg2 = w.gw["sg1"], w.gw["sg2"]
-    svc, ike = _unit_at_sg1(tmp_path, w)
+    svc, ike = unit_at_sg1(tmp_path, w)
     sg1.core.commit_check = svc.commit_check
     real, calls, fail_from = ike_context.encode, [0], [1]
 
@@ -1363,7 +1336,7 @@ def test_an_unexpected_failure_of_the_export_after_the_commit_is_caught_and_repo
     w = pair(mn_conn(dpd=10), conn(dpd=10))
     connect(w)
     (ike_i,), (ike_r,) = w.ini.ike_sas(), w.resp.ike_sas()
-    sg1 = _service(tmp_path, "sg1")
+    sg1 = ike_service(tmp_path, "sg1")
     sg1.engine = w.resp
     answers: list[Send] = []
     sg1._send = answers.append  # type: ignore[method-assign, assignment]
@@ -1412,7 +1385,7 @@ def test_a_child_sa_from_a_peer_has_one_unique_id_in_sa_list_sa_show_and_the_log
     connect(w)
     (ike_r,) = w.resp.ike_sas()
     (child,) = ike_r.children
-    svc = _service(tmp_path)
+    svc = ike_service(tmp_path)
     theirs = f"{ike_r.conn.name}/{child.name}#{child.uid + 1000}"  # the source's id
     entry, out, inn = child.sas(R500, I500, False, theirs)
     svc.node.engine.add_tunnel(entry, out, inn).came_from = "sg1"
@@ -1455,7 +1428,7 @@ def _local_and_moving(tmp_path: Path, unique: str) -> tuple[IkeService, IkeSA, b
     connect(w)
     (ike_r,) = w.resp.ike_sas()
     (payload,) = context.unit_payloads(ike_r, ike_r.children)
-    svc = _service(tmp_path)
+    svc = ike_service(tmp_path)
     svc.engine.connections[0].unique = unique
     connect(Wire(IkeEngine([mn_conn(dpd=10)]), svc.engine), 0.5)
     (local,) = svc.engine.ike_sas()
@@ -1569,7 +1542,7 @@ def test_a_strict_target_refuses_a_unit_without_the_peers_chain_serials_and_coun
     (payload,) = context.unit_payloads(ike, ike.children, 1.0)
     d = context._parse(context._frame(0, payload))[1]
     no_15 = context._items([(t, v) for t, vs in d.items() if t != 15 for v in vs])
-    svc = _service(tmp_path)
+    svc = ike_service(tmp_path)
     svc.engine.connections[:] = [dataclasses.replace(gw, revocation="strict")]
     assert svc.check_unit("sg1", payload) is None
     with caplog.at_level("WARNING"):
@@ -1602,7 +1575,7 @@ def test_a_source_does_not_commit_when_its_context_lost_the_serials_its_unit_ann
 
     w, _, _, gw, _, _ = revocable_peer()
     (ike_r,) = w.resp.ike_sas()
-    svc = _service(tmp_path, "sg1")
+    svc = ike_service(tmp_path, "sg1")
     svc.engine.connections[:] = [gw]
     # (a copy: the peer is made once for all tests, export_ike would take its IKE SA)
     ike = svc.engine.import_ike(ike_context.encode(ike_r, 1.0), 1.0)
@@ -1650,7 +1623,7 @@ def _long_unit_world(tmp_path: Path, target: Connection) -> tuple[World, IkeServ
     w = World()
     p, _, _, gw, _, _ = revocable_peer()
     (ike_r,) = p.resp.ike_sas()
-    svc1 = _service(tmp_path, "sg1")
+    svc1 = ike_service(tmp_path, "sg1")
     svc1.engine.connections[:] = [gw]
     # (a copy: the peer is made once for all tests, export_ike would take its IKE SA)
     ike = svc1.engine.import_ike(ike_context.encode(ike_r, 1.0), 1.0)
@@ -1661,7 +1634,7 @@ def _long_unit_world(tmp_path: Path, target: Connection) -> tuple[World, IkeServ
     svc1.node.clock = lambda: w.now
     w.gw["sg1"].core.unit_cdbs = svc1.unit_cdbs
     w.gw["sg1"].core.commit_check = svc1.commit_check
-    svc2 = _service(tmp_path, "sg2")
+    svc2 = ike_service(tmp_path, "sg2")
     svc2.engine.connections[:] = [target]
     svc2.node.clock = lambda: w.now
     core2 = w.gw["sg2"].core
@@ -1931,7 +1904,7 @@ def test_a_standby_bounds_the_replicas_of_one_identity_as_they_arrive(
     from tests.helpers.ikev2_engines import Wire
 
     monkeypatch.setattr(engine, "MAX_IKE_SAS_PER_IDENTITY", 2)
-    sg1 = _service(tmp_path, "sg1")
+    sg1 = ike_service(tmp_path, "sg1")
     ikes = []
     for _ in range(3):  # three IKE SAs of mn.test at the active
         w = pair(mn_conn(dpd=10), conn(dpd=10))
@@ -1941,7 +1914,7 @@ def test_a_standby_bounds_the_replicas_of_one_identity_as_they_arrive(
     fcfg = failover.FailoverConfig("active", "sg2", fencing=False)
     rep = failover.Replicator(sg1.node.engine, fcfg, session=7, extra=sg1.feed)
     rep.on_extra_refused = functools.partial(sg1.replica_refused, "sg2")
-    sg2 = _service(tmp_path, "sg2")
+    sg2 = ike_service(tmp_path, "sg2")
     sg2.engine.connections[0].unique = unique
     sb = failover.Standby(sg2.node.engine, dataclasses.replace(fcfg, role="standby"),
                           sg2.node.cfg.outer, Identity.INDIRECT)  # fmt: skip
@@ -2101,7 +2074,7 @@ def test_the_float_to_the_nat_t_port_is_not_logged_as_a_peer_that_moved(
     from ipsecct.ikev2.engine import PeerMoved
     from ipsecct.ikev2.ikesa import Address
 
-    svc = _service(tmp_path)
+    svc = ike_service(tmp_path)
     w = pair(mn_conn(encap=True), conn())
     connect(w)
     (ir,) = w.resp.ike_sas()
@@ -2135,7 +2108,7 @@ def test_a_child_sa_whose_peer_chose_another_tunnels_outbound_spi_is_refused_ike
     from ipsecct.ikev2.engine import ChildUp, IkeEngine
     from tests.helpers.ikev2_engines import Wire
 
-    svc = _service(tmp_path)
+    svc = ike_service(tmp_path)
     eng = svc.node.engine
     v = Wire(IkeEngine([mn_conn()]), svc.engine)
     connect(v)

@@ -20,7 +20,6 @@ from hypothesis import strategies as st
 from ipsecct.errors import ConfigError, IkeContextError, IkeParseError, IkeProtocolError
 from ipsecct.gateway.config import from_dict
 from ipsecct.gateway.ike import IkeService
-from ipsecct.gateway.node import Node
 from ipsecct.ikev2 import context
 from ipsecct.ikev2 import message as M
 from ipsecct.ikev2.config import Identity, parse_pools
@@ -39,9 +38,10 @@ from tests.helpers.ike_interop import (
     node_config,
     workdir,
 )
+from tests.helpers.ike_services import vip_service
 from tests.helpers.ike_world import CLIENT, Client, IkeWorld, ike_world, waiting_with_logs
 from tests.helpers.ike_world import PSK as HO_PSK
-from tests.helpers.ikev2_engines import Wire, conn, connect, mn_conn, pools, vip_conn
+from tests.helpers.ikev2_engines import Wire, conn, connect, mn_conn, pools, vip_conn, vip_pair
 from tests.helpers.netns import Namespaces, wait_until
 from tests.helpers.netns_topology import HOST, HOST_NET, MN_INNER, MN_OUTER, MN_PREFIX
 from tests.helpers.netns_topology import cli as ho_cli
@@ -177,13 +177,6 @@ def test_a_share_leases_only_its_part_but_admits_the_whole_pool() -> None:
 
 
 # -- the engines ----------------------------------------------------------------------------
-
-
-def vip_pair(vips: tuple[str, ...] = ("0.0.0.0",), share: str | None = None,
-             local_id: str = "mn.test") -> Wire:  # fmt: skip
-    ic = dataclasses.replace(mn_conn(local_ts="0.0.0.0/0", local_id=local_id),
-                             vips=[ip(v) for v in vips])  # fmt: skip
-    return Wire(IkeEngine([ic]), IkeEngine([vip_conn()], pools=pools(share)))
 
 
 def test_a_client_asking_for_an_address_gets_one_and_its_child_sa_is_narrowed_to_it() -> None:
@@ -733,19 +726,6 @@ def test_an_away_address_is_not_leased_to_a_new_strongswan_client_after_a_restar
 # -- the gateway adapter (a real node, no sockets) ------------------------------------------
 
 
-def _service(tmp: Path) -> IkeService:
-    cfg = from_dict(
-        {
-            "name": "sg2",
-            "outer": {"address": "127.0.0.1", "port": 45000},
-            "inner": {"kind": "udp", "listen": "127.0.0.1:45001", "peer": "127.0.0.1:45002"},
-            "pools": {"p4": {"addrs": "10.3.0.0/24"}, "p6": {"addrs": "fd00::/120"}},
-        },
-        str(tmp / "sg2.toml"),
-    )
-    return IkeService(Node(cfg), [vip_conn()])
-
-
 def test_a_lease_taken_at_the_target_refuses_the_unit_before_the_commit_no_sa_sent_twice(
     tmp_path: Path,
 ) -> None:
@@ -759,7 +739,7 @@ def test_a_lease_taken_at_the_target_refuses_the_unit_before_the_commit_no_sa_se
     connect(w)
     (ike,) = w.resp.ike_sas()
     (payload,) = context.unit_payloads(ike, ike.children)
-    svc = _service(tmp_path)
+    svc = vip_service(tmp_path)
     assert svc.check_unit("sg1", payload) is None
     svc.engine.pools["p4"].acquire("somebody-else", ip("10.3.0.1"))
     why = svc.check_unit("sg1", payload)
@@ -788,7 +768,7 @@ def test_a_transfers_virtual_ip_is_reserved_from_its_acceptance_until_its_ike_sa
     (payload,) = context.unit_payloads(ike, ike.children)
     spis = [c.spi_out for c in ike.children]  # (the transfer's tunnels it names)
     a = ip("10.3.0.1")
-    svc = _service(tmp_path)
+    svc = vip_service(tmp_path)
     pool = svc.engine.pools["p4"]
     states: dict[tuple[str, int], str] = {}
     svc.incoming_state = lambda peer, tid: states.get((peer, tid), "ended")
@@ -842,7 +822,7 @@ def _target_core(tmp_path: Path) -> tuple[object, IkeService]:
 
     tw = victim_world()
     core = tw.gw["sg1"].core
-    svc = _service(tmp_path)
+    svc = vip_service(tmp_path)
     svc.node.clock = lambda: tw.now
     core.unit_checks[UNIT_IKEV2] = svc.check_unit
     core.unit_kept[UNIT_IKEV2] = svc.unit_kept
@@ -918,7 +898,7 @@ def test_a_peers_reserved_virtual_ips_are_bounded_by_the_tunnels_its_units_name(
         (payload,) = context.unit_payloads(other, other.children)
         return payload
 
-    svc = _service(tmp_path)
+    svc = vip_service(tmp_path)
     svc.incoming_state = lambda peer, tid: "open"
     assert svc.check_unit("sg1", holding("10.3.0.1", "fd00::1"), 7, [0x11]) is None  # 2 <= 2
     with caplog.at_level("WARNING"):
@@ -961,7 +941,7 @@ def test_a_committed_transfers_virtual_ip_stays_reserved_while_its_tunnels_are_h
     (ike,) = w.resp.ike_sas()
     (payload,) = context.unit_payloads(ike, ike.children)
     a = ip("10.3.0.1")
-    svc = _service(tmp_path)
+    svc = vip_service(tmp_path)
     pool = svc.engine.pools["p4"]
     state = ["open"]
     svc.incoming_state = lambda peer, tid: state[0]
@@ -1016,7 +996,7 @@ def test_a_transfer_id_reused_while_a_committed_transfers_reservation_is_kept_is
     other = copy.copy(ike)
     other.vips = [("p4", ip("10.3.0.2"))]
     (squat,) = context.unit_payloads(other, other.children)
-    svc = _service(tmp_path)
+    svc = vip_service(tmp_path)
     pool = svc.engine.pools["p4"]
     state = ["open"]
     svc.incoming_state = lambda peer, tid: state[0]
@@ -1130,7 +1110,7 @@ def test_a_standby_checks_a_replicas_lease_and_takes_it_over_with_the_ike_sa(
     connect(w)
     (ike,) = w.resp.ike_sas()
     cdbs = context.encode(ike, 1.0)
-    sb = _service(tmp_path)
+    sb = vip_service(tmp_path)
     assert sb.check_replica(ike.our_spi, cdbs) is None
     moved = dataclasses.replace(ike, vips=[("p4", ip("10.9.0.1"))])
     why = sb.check_replica(ike.our_spi, context.encode(moved, 1.0))
@@ -1210,7 +1190,7 @@ def test_a_reservation_wakes_the_gateway_only_when_it_is_due(tmp_path: Path) -> 
     (ike,) = w.resp.ike_sas()
     (payload,) = context.unit_payloads(ike, ike.children)
     a = ip("10.3.0.1")
-    svc = _service(tmp_path)
+    svc = vip_service(tmp_path)
     pool = svc.engine.pools["p4"]
     state = ["open"]
     svc.incoming_state = lambda peer, tid: state[0]
@@ -1265,7 +1245,7 @@ def test_two_ike_sas_of_one_transfer_announcing_one_virtual_ip_are_not_both_admi
     eve.peer_id = "eve.test"
     (mine,) = context.unit_payloads(ike, ike.children)
     (hers,) = context.unit_payloads(eve, eve.children)
-    svc = _service(tmp_path)
+    svc = vip_service(tmp_path)
     svc.incoming_state = lambda peer, tid: "open"
     pool = svc.engine.pools["p4"]
     assert svc.check_unit("sg1", mine, 7, [0x11]) is None
@@ -1294,7 +1274,7 @@ def test_an_address_reserved_for_one_peers_transfer_is_not_taken_by_another_peer
     (payload,) = context.unit_payloads(ike, ike.children)
     a = ip("10.3.0.1")
     cdbs = w.resp.export_ike(ike, 1.0)
-    svc = _service(tmp_path)
+    svc = vip_service(tmp_path)
     pool = svc.engine.pools["p4"]
     svc.incoming_state = lambda peer, tid: "open"
     assert svc.check_unit("sg1", payload, 7, [c.spi_out for c in ike.children]) is None

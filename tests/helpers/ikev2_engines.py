@@ -146,3 +146,11 @@ def pools(share: str | None = None) -> dict[str, Pool]:
                       parse_range(share) if share else None),
            "p6": Pool("p6", ip("fd00::1"), ip("fd00::ff"))}  # fmt: skip
     return out
+
+
+def vip_pair(vips: tuple[str, ...] = ("0.0.0.0",), share: str | None = None,
+             local_id: str = "mn.test") -> Wire:  # fmt: skip
+    ip = ipaddress.ip_address
+    ic = dataclasses.replace(mn_conn(local_ts="0.0.0.0/0", local_id=local_id),
+                             vips=[ip(v) for v in vips])  # fmt: skip
+    return Wire(IkeEngine([ic]), IkeEngine([vip_conn()], pools=pools(share)))
