@@ -887,6 +887,9 @@ def test_no_seq_sent_twice_a_tunnel_deleted_after_its_take_over_is_not_taken_aga
 def test_a_tunnel_key_that_is_no_member_s_spelling_names_no_spi(tail: str) -> None:
     assert ownership.spi_of_key("/ipsecct/default/tunnels/" + tail) is None
     assert ownership.spi_of_key("/ipsecct/default/tunnels/0000200a") == 0x200A
+    lease = "00000000" + tail  # (a group's head: its creator's lease, 16 hex digits)
+    assert ownership.lease_of_group(lease + "-1") == 0
+    assert ownership.lease_of_group("000000000000200a-1") == 0x200A
 
 
 def test_no_seq_sent_twice_an_alias_of_a_tunnel_key_takes_nothing_over(

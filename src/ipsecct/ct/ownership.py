@@ -85,12 +85,15 @@ def tunnel_key(cluster: str, spi: int) -> str:
 
 
 def spi_of_key(key: str) -> int | None:
+    """The SPI of a tunnel key as :func:`tunnel_key` spells it (8 lower-case hex digits),
+    else None. Any other spelling int() reads (``0x002000``, ``+0002000``, ``000_2000``,
+    upper case, spaces) is a key of its own in etcd beside the true one: taken for the same
+    SPI, its group replaced the true one's in a reading (a hostile writer's key made a member
+    take over a tunnel another member sends on)."""
     tail = key.rsplit("/", 1)[-1]
-    try:
-        v = int(tail, 16)
-    except ValueError:
+    if len(tail) != 8 or not all(c in "0123456789abcdef" for c in tail):
         return None
-    return v if len(tail) == 8 and 0 <= v <= 0xFFFFFFFF else None
+    return int(tail, 16)
 
 
 def home_group(lease: int, k: int) -> str:
@@ -100,12 +103,13 @@ def home_group(lease: int, k: int) -> str:
 
 
 def lease_of_group(gid: str) -> int:
-    """The lease of the member that created group ``gid`` (0 if ``gid`` is not one)."""
+    """The lease of the member that created group ``gid`` (0 if ``gid`` is not one: its
+    head is not 16 lower-case hex digits as :func:`home_group` writes them; ``0x…``, ``+…``
+    or upper case named the lease of another group's creator too)."""
     head = gid.partition("-")[0]
-    try:
-        return int(head, 16) if len(head) == 16 else 0
-    except ValueError:
+    if len(head) != 16 or not all(c in "0123456789abcdef" for c in head):
         return 0
+    return int(head, 16)
 
 
 def bucket(spi: int, n: int) -> int:

@@ -661,7 +661,7 @@ class ClusterDriver:
         if not dead:
             self.dead_since.clear()
             return
-        groups, tunnels = await read_ownership(self.client, self.keys)
+        groups, tunnels = await read_ownership(self.client, self.keys, self._malformed)
         ours = await self._adopted_unanswered(groups)
         if ours:
             await self._took_groups(ours, tunnels, dead)
@@ -741,7 +741,7 @@ class ClusterDriver:
         transfer's target stopped past its lease and woken while we were stopped too):
         never taken over from those (they may be older than what the peer's past life or a
         copy restored from disk sent), but reported, not left silent."""
-        groups, tunnels = await read_ownership(self.client, self.keys)
+        groups, tunnels = await read_ownership(self.client, self.keys, self._malformed)
         now = self.node.clock()
         orph = ownership.orphans(groups, tunnels)
         for g in [g for g in self._orphan_since if g not in orph]:
@@ -818,7 +818,7 @@ class ClusterDriver:
             # Taken from that reading, a tunnel whose key was gone was believed ours, which
             # whoever recorded it since believes too (tests/test_ownership_groups.py's
             # property, with a member stopped between its reading and its take-over).
-            tunnels = (await read_ownership(self.client, self.keys))[1]
+            tunnels = (await read_ownership(self.client, self.keys, self._malformed))[1]
         await self._took_groups(got, tunnels, dead)
 
     async def _adopted_unanswered(self, groups: dict[str, str]) -> list[str]:
@@ -1250,7 +1250,7 @@ class ClusterDriver:
                             found[spi] = kv.value.decode(errors="replace")
                 else:
                     if known is None:
-                        known = (await read_ownership(self.client, self.keys))[1]
+                        known = (await read_ownership(self.client, self.keys, self._malformed))[1]
                     found = known
                 free = [s for s in spis if s not in found]
                 won = []
@@ -1511,9 +1511,12 @@ def spi_hex(t: Tunnel) -> str:
 
 
 async def read_ownership(
-    client: EtcdClient, keys: dict[str, str]
+    client: EtcdClient,
+    keys: dict[str, str],
+    malformed: Callable[[str, str], None] | None = None,
 ) -> tuple[dict[str, str], dict[int, str]]:
-    """The owner of every group, and the group of every tunnel, as etcd has them."""
+    """The owner of every group, and the group of every tunnel, as etcd has them. A key
+    under tunnels/ that is not one a member writes names no tunnel (told to ``malformed``)."""
     groups = {
         key[len(keys["groups"]) :]: value.decode(errors="replace")
         for key, value in await client.get_prefix_values(keys["groups"])
@@ -1521,8 +1524,10 @@ async def read_ownership(
     tunnels: dict[int, str] = {}
     for key, value in await client.get_prefix_values(keys["tunnels"]):
         spi = ownership.spi_of_key(key)
-        if spi is not None:
+        if spi is not None and key == keys["tunnels"] + f"{spi:08x}":
             tunnels[spi] = value.decode(errors="replace")
+        elif malformed is not None:
+            malformed(key, "a tunnel key that is not tunnels/<8 lower-case hex digits>: ignored")
     return groups, tunnels
 
 
