@@ -392,6 +392,43 @@ def test_pmtu_set_at_run_time_sends_icmp_back(topo: Topo) -> None:
             request(topo.mn.sock, "pmtu.set", {"spi": hex(SPI_UP), "mtu": bad})
 
 
+def test_pmtu_set_of_an_spi_that_names_sas_of_two_tunnels_is_named_with_dst(topo: Topo) -> None:
+    """A peer chooses the SPI of our outbound SA (any 32 bits, another tunnel's inbound SPI
+    among them). ``pmtu set SPI`` changed every SA with that SPI; now, as ``sa show`` and
+    ``sa delete``, it refuses one that names SAs of more than one tunnel (one line, exit
+    status 2, naming each SA's destination, nothing changed), and ``--dst ADDR`` names the
+    one meant: only that one changes."""
+    from ipsecct.ct import context
+    from ipsecct.ipsec.sad import Direction, SecurityAssociation
+
+    def mtus() -> dict[tuple[str, str], int]:
+        sas = json.loads(ok("sa", "list", "--json", "-s", topo.mn.sock))
+        return {(s["direction"], s["dst"]): s["path_mtu"] for s in sas
+                if s["spi"] == f"0x{SPI_UP:08x}"}  # fmt: skip
+
+    ((way, out_dst),) = mtus()  # the MN's outbound SA, the peer's choice of SPI
+    assert way == "out" and out_dst != "127.0.0.2"
+    sa = SecurityAssociation(SPI_UP, Direction.INBOUND, ip("127.0.0.1"), ip("127.0.0.2"),
+                             enc_key=KEY_UP, esn=True, replay_window=1024)  # fmt: skip
+    f = topo.dir / "other.json"
+    f.write_text(json.dumps(context.to_json(sa, 0.0)))
+    ok("sa", "add", str(f), "-s", topo.mn.sock)  # another tunnel's inbound SA, our choice
+    before = mtus()
+    assert len(before) == 2 and 600 not in before.values(), before
+    r = ipsecct("pmtu", "set", hex(SPI_UP), "600", "-s", topo.mn.sock)
+    assert r.returncode == 2 and r.stdout == "" and r.stderr.count("\n") == 1, r
+    assert f"0x{SPI_UP:08x} names 2 SAs here" in r.stderr, r.stderr
+    assert f"to {out_dst}" in r.stderr and "to 127.0.0.2" in r.stderr, r.stderr
+    assert "--dst" in r.stderr and "Traceback" not in r.stderr
+    assert mtus() == before  # nothing changed
+    r = ipsecct("pmtu", "set", hex(SPI_UP), "600", "--dst", "127.0.0.9", "-s", topo.mn.sock)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "127.0.0.9" in r.stderr, r
+    assert mtus() == before
+    assert "path MTU of 1 SA(s) set to 600" in ok(
+        "pmtu", "set", hex(SPI_UP), "600", "--dst", out_dst, "-s", topo.mn.sock)
+    assert mtus() == {**before, ("out", out_dst): 600}
+
+
 def test_metrics_endpoint(topo: Topo) -> None:
     for i in range(3):
         topo.up(packet(i))

@@ -542,7 +542,10 @@ def cmd_pools(args: argparse.Namespace) -> int:
 
 
 def cmd_pmtu_set(args: argparse.Namespace) -> int:
-    res = request(socket_path(args), "pmtu.set", {"spi": args.spi, "mtu": args.mtu})
+    params: dict[str, Any] = {"spi": args.spi, "mtu": args.mtu}
+    if args.dst is not None:
+        params["dst"] = args.dst
+    res = request(socket_path(args), "pmtu.set", params)
     if args.json:
         _print_json(res)
     else:
@@ -671,6 +674,8 @@ def register(sub: Any) -> None:
     ps = pm.add_subparsers(dest="action", metavar="ACTION")
     ps.required = True
     p = leaf(ps, "set", "change an SA's path MTU at run time", cmd_pmtu_set)
+    p.usage = "%(prog)s [options] SPI MTU [--dst ADDR]"  # (one line, as sa show's)
     p.add_argument("spi", type=_spi, help=SPI_HELP)
     p.add_argument("mtu", type=int, help="the path MTU in octets")
+    p.add_argument("--dst", type=_address, metavar="ADDR", help=DST_HELP)
 

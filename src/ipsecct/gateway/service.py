@@ -793,12 +793,11 @@ class Service:
         mtu = args.get("mtu")
         if isinstance(mtu, bool) or not isinstance(mtu, int):  # (true was "path MTU True")
             raise ControlError("mtu must be a whole number of octets")
+        sas = self._find_one(args)  # (one tunnel's, or the one SA --dst names)
         try:
-            n = self.node.engine.set_path_mtu(spi, mtu)
+            n = self.node.engine.set_path_mtu(spi, mtu, sas=sas)
         except IpsecctError as exc:
             raise ControlError(str(exc)) from None
-        if n == 0:
-            raise ControlError(f"no SA with SPI 0x{spi:08x}{spi_hint(args.get('spi'))}")
         event(log, "pmtu-set", node=self.node.name, spi=f"0x{spi:08x}", mtu=mtu)
         return {"changed": n}
 

@@ -1299,12 +1299,17 @@ class Engine:
         ev, self.events = self.events, []
         return ev
 
-    def set_path_mtu(self, spi: int, mtu: int, *, expires: float | None = None) -> int:
-        """Change the path MTU of the SAs with this SPI; returns how many changed."""
+    def set_path_mtu(self, spi: int, mtu: int, *, expires: float | None = None,
+                     sas: list[SecurityAssociation] | None = None) -> int:  # fmt: skip
+        """Change the path MTU of the SAs with this SPI (only those of ``sas`` among them,
+        if given: an SPI may name SAs of more than one tunnel); returns how many changed."""
         if not 68 <= mtu <= 65535:
             raise SAError(f"path MTU {mtu} out of range 68-65535")
         n = 0
+        only = None if sas is None else {id(sa) for sa in sas}
         for sa in self.find_sa(spi):
+            if only is not None and id(sa) not in only:
+                continue
             native_mod.reclaim(sa)  # pushed again with the new MTU on its next packet
             sa.path_mtu = mtu
             sa.pmtu_expires = expires
