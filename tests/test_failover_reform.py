@@ -911,3 +911,24 @@ def test_a_paused_standby_cut_off_takes_over_beside_the_alone_active_and_the_tie
         if cut:
             subprocess.run(["nft", "delete", "table", "inet", table], check=False)
     assert cap.duplicates() == []
+
+
+def test_a_take_over_is_logged_as_one_warning_line_that_says_so(gws: Gateways) -> None:
+    """An operator watching WARNING and above saw nothing when the standby took over (the
+    only line was the transfer record's ``transfer-took-over`` at INFO, ``role=standby``, no
+    epoch, no word of fail-over). The taker now logs ``event=failover-took-over`` (WARNING):
+    from whom, the new epoch, how many tunnels and how long the active was silent."""
+    _, _, detail = write_pair(gws)
+    traffic = start_pair(gws, detail)
+    try:
+        gws.kill("sg1")
+        wait_for(lambda: failover(gws, "sg2")["role"] == "took over", "no take-over",
+                 detail=detail)  # fmt: skip
+        wait_for(lambda: "event=failover-took-over" in gws.log("sg2"), "take-over not logged",
+                 timeout=10, detail=detail)  # fmt: skip
+        (line,) = [x for x in gws.log("sg2").splitlines() if "event=failover-took-over" in x]
+        assert " WARNING " in line, line
+        assert f"peer=sg1 epoch=2 tunnels={TUNNELS} " in line, line
+        assert "silent_ms=" in line and "runs alone" in line, line
+    finally:
+        traffic.close()

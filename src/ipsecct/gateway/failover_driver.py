@@ -968,8 +968,26 @@ class FailoverDriver:
         # before it became the standby is still fenced by that old lease).
         self.node.engine.send_until = math.inf
         self.joining = False
+        heard = self.standby.last_heard
         with gcpolicy.POLICY.batch():  # a bulk install: no walk of the heap in the middle
-            return self._took_over(self.standby.take_over(now), now)
+            rec = self._took_over(self.standby.take_over(now), now)
+        # One line an operator watching WARNING sees (the record's transfer-took-over is
+        # INFO, role=standby, and names no epoch).
+        event(
+            log,
+            "failover-took-over",
+            logging.WARNING,
+            node=self.node.name,
+            peer=self.cfg.peer,
+            epoch=self.standby.epoch,
+            tunnels=rec.accepted,
+            silent_ms="" if heard is None else f"{(now - heard) * 1000:.0f}",
+            detail=f"{self.cfg.peer} was silent for dead_ms ({self.cfg.dead_ms:.0f} ms): this "
+            f"gateway took its tunnels over and runs alone; {self.cfg.peer} becomes its "
+            f"standby when it comes back"
+            + (f" ({rec.detail})" if rec.detail else ""),
+        )
+        return rec
 
     def _took_over(
         self,
