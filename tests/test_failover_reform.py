@@ -932,3 +932,31 @@ def test_a_take_over_is_logged_as_one_warning_line_that_says_so(gws: Gateways) -
         assert "silent_ms=" in line and "runs alone" in line, line
     finally:
         traffic.close()
+
+
+def test_etcd_mode_a_take_over_is_logged_as_one_warning_line_that_says_so(
+    gws: Gateways, tmp_path: Path
+) -> None:
+    """The same in the etcd mode: ``cluster-took-over`` was INFO, with no word of why. Now
+    it is a WARNING that names the dead member, the tunnels and says its lease ended."""
+    from tests.helpers.etcd_server import EtcdCluster
+
+    with EtcdCluster(tmp_path) as e:
+        write_members(gws, e.endpoints, "tl")
+
+        def detail() -> str:
+            return "\n".join(f"{n}: {gws.log(n)[-2000:]}" for n in ("sg1", "sg2"))
+
+        traffic = start_pair(gws, detail,
+                             lambda: cluster(gws, "sg1")["owned_tunnels"] == TUNNELS
+                             and cluster(gws, "sg2")["replicas"].get("sg1") == TUNNELS,
+                             "sg1 never owned and replicated its tunnels")  # fmt: skip
+        try:
+            gws.kill("sg1")
+            wait_for(lambda: "event=cluster-took-over" in gws.log("sg2"), "no take-over",
+                     detail=detail)  # fmt: skip
+            (line,) = [x for x in gws.log("sg2").splitlines() if "event=cluster-took-over" in x]
+            assert " WARNING " in line, line
+            assert f"peer=sg1 tunnels={TUNNELS} " in line and "lease ended" in line, line
+        finally:
+            traffic.close()

@@ -984,10 +984,13 @@ class ClusterDriver:
         event(
             log,
             "cluster-took-over",
+            logging.WARNING,
             node=self.node.name,
             peer=peer,
             tunnels=len(tunnels),
             asked=asked,
+            detail=f"{peer}'s lease ended: this gateway took over its groups' tunnels "
+            f"(from their replicas, sequence numbers advanced by the margin)",
         )
 
     def _take_ike(self, peer: str, now: float) -> int:
@@ -1070,8 +1073,10 @@ class ClusterDriver:
                 self.takeovers.append({"from": p, "tunnels": 0, "ike_sas": n,
                                        "at": round(now, 3)})  # fmt: skip
                 del self.takeovers[:-20]
-                event(log, "cluster-took-over", node=self.node.name, peer=p, tunnels=0,
-                      ike_sas=n)  # fmt: skip
+                event(log, "cluster-took-over", logging.WARNING, node=self.node.name,
+                      peer=p, tunnels=0, ike_sas=n,
+                      detail=f"{p}'s lease ended: this gateway took over its IKE SAs "
+                      f"without CHILD SAs")  # fmt: skip
 
     def _prune_ike(
         self,
