@@ -212,6 +212,30 @@ def test_gateway_in_etcd_mode_owns_and_fences(tmp_path: Path) -> None:
             dep.stop()
 
 
+def test_a_member_that_never_joined_says_so_and_joins_once_etcd_answers(tmp_path: Path) -> None:
+    """etcd not answering when the gateway starts (started after the members, a wrong
+    endpoint): ``status`` said "lease lost ... until etcd renews the lease; once etcd expires
+    it, the tunnels are removed here", of a lease it never had. Now ``cluster.joined`` is
+    false and the line says it has not joined; once etcd answers it joins and owns."""
+    with EtcdCluster(tmp_path) as e:
+        dep = etcd_deployment(tmp_path, e, only_sg1=True)
+        try:
+            e.pause("e0")
+            dep.start("sg1")
+            st = dep.wait("sg1", lambda s: bool(s["cluster"]["etcd_error"]), "no etcd error")
+            assert st["cluster"]["joined"] is False, st["cluster"]
+            r = cli("status", "--config", dep.config("sg1"))
+            assert r.returncode == 0, r.stderr
+            assert ("  cluster t (etcd), member sg1: not joined: etcd has not granted it a"
+                    " lease yet; sends nothing until it has") in r.stdout, r.stdout
+            assert "lease lost" not in r.stdout and "renews" not in r.stdout, r.stdout
+            e.resume("e0")
+            st = dep.wait("sg1", lambda s: s["cluster"]["owned_tunnels"] == 1, "never joined")
+            assert st["cluster"]["joined"] is True and st["cluster"]["lease"]["state"] == "held"
+        finally:
+            dep.stop()
+
+
 def test_no_replica_leaves_before_the_member_key(tmp_path: Path) -> None:
     """A member replicates its tunnels to its peers only once its member key is in etcd. A
     peer that held a replica of a member it could not find in etcd took it for dead and took

@@ -170,7 +170,10 @@ def _print_cluster_status(c: dict[str, Any]) -> None:
         return
     state = lease.get("state")
     line = f"  cluster {c.get('cluster')} (etcd), member {c.get('member')}: lease {state}"
-    if state == "held":
+    if c.get("joined") is False and state != "held":  # (no lease to have lost)
+        line = (f"  cluster {c.get('cluster')} (etcd), member {c.get('member')}: not joined:"
+                " etcd has not granted it a lease yet; sends nothing until it has")
+    elif state == "held":
         line += f", {lease.get('remaining_ms')} ms left"
     else:
         if lease.get("ended_ms_ago") is not None:

@@ -1440,6 +1440,9 @@ class ClusterDriver:
             "mode": "etcd",
             "cluster": self.cfg.name,
             "member": self.node.name,
+            # a member under an etcd lease now (false before its first join, and between a
+            # lease etcd expired and the next join)
+            "joined": bool(self.lease_id),
             "lease": {
                 "state": "held" if self.lease.valid(now) else "lost",
                 "id": f"{self.lease_id:x}",
