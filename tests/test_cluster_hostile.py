@@ -989,3 +989,25 @@ def test_no_seq_sent_twice_an_alias_of_a_tunnel_key_takes_nothing_over(
         asyncio.run(run(e.endpoints))
     lines = [r.getMessage() for r in caplog.records]
     assert any("event=cluster-etcd-malformed" in m and "0x002000" in m for m in lines), lines
+
+
+def test_a_sync_at_the_last_epoch_is_refused_so_a_take_over_never_wraps_to_epoch_0() -> None:
+    """An active (hostile, or a state file edited) replicating in epoch 2**32 - 1, the last
+    the wire carries: the standby took that epoch, and its take-over began epoch 2**32, sent
+    as 0 (so its TAKEN, epoch 0, told the old active nothing: an earlier epoch) and written
+    to its epoch file as a number load_state refuses (damaged at the next start). Refused:
+    a CxtpError, nothing applied, the standby's epoch and replicas as they were."""
+    t, rep, sb = _pair()
+    for m in _wire(rep.poll(0.0)):
+        sb.receive(m, 0.0)
+    assert t.outbound.spi in sb.replica and sb.epoch == failover.FIRST_EPOCH
+    rep.epoch = 0xFFFFFFFF
+    t.outbound.seq = 777
+    msgs = _wire(rep.poll(5.0))
+    assert msgs
+    with pytest.raises(CxtpError, match="epoch"):
+        for m in msgs:
+            sb.receive(m, 5.0)
+    assert sb.epoch == failover.FIRST_EPOCH
+    sb.take_over(10.0)  # (the replica kept from epoch 1)
+    assert sb.epoch == failover.FIRST_EPOCH + 1

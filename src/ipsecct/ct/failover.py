@@ -152,6 +152,7 @@ _SYNC = struct.Struct("!BxHI")  # kind, number of removed SPIs, epoch
 # transfer id, transferred number, outbound SPI, length of the name (0: the mark is cleared)
 _LEAVING = struct.Struct("!QQIB")
 FIRST_EPOCH = 1
+LAST_EPOCH = 0xFFFFFFFF  # (32 bits on the wire: a standby never takes it, see Standby.receive)
 
 
 @dataclass
@@ -1247,6 +1248,11 @@ class Standby:
             kind, epoch, removed = parse_sync_kind(cdbs[0])
             if kind not in (SYNC_HEARTBEAT, SYNC_FULL):
                 raise CxtpError("a sync reply or JOIN sent to the standby")
+            if epoch >= LAST_EPOCH:
+                # A take-over from it would begin epoch 2**32: sent as 0 (an earlier epoch:
+                # the old active ignored our TAKEN), refused by load_state at the next start.
+                raise CxtpError(f"a sync in epoch {epoch}, the last the wire carries: no "
+                                "take-over could follow it")  # fmt: skip
             if self.member_lease is not None and sync_lease(cdbs[0]) != self.member_lease:
                 return []  # for an earlier life of this member (or none): never kept
             full = kind == SYNC_FULL
