@@ -21,7 +21,13 @@ from tests.helpers.transfer import MN_ADDR, SG_ADDR, SPI_DOWN, SPI_UP, ip, tunne
 V4 = st.builds(ipaddress.IPv4Address, st.integers(0, 2**32 - 1))
 V6 = st.builds(ipaddress.IPv6Address, st.integers(0, 2**128 - 1))
 ITEMS = st.one_of(
-    st.builds(SgUpdate, st.one_of(V4, V6), st.integers(0, 65535)),
+    st.builds(
+        SgUpdate,
+        st.one_of(V4, V6).filter(  # (an address a gateway can be at: decode refuses others)
+            lambda a: not (a.is_unspecified or a.is_multicast or a == ip("255.255.255.255"))
+        ),
+        st.integers(1, 65535),
+    ),
     st.builds(
         SpiReassign,
         st.sampled_from([50, 51]),
@@ -88,6 +94,13 @@ def test_decode_mutated_raises_only_signal_error(
         b"\x01\x0c\x00\x00\x06\x00\x11\x94" + bytes(4),  # family 6 with a v4 address
         b"\x02\x10\x00\x00\x11" + bytes(11),  # SPI_REASSIGN with protocol 17
         b"\x02\x10\x00\x00\x32\x00\x00\x00" + bytes(4) + (5).to_bytes(4, "big"),  # new SPI 5
+        # SG_UPDATE naming no gateway: port 0, 0.0.0.0, multicast, broadcast, ::, ff02::1
+        signalling.encode([SgUpdate(ip("192.0.2.2"), 0)]),
+        signalling.encode([SgUpdate(ip("0.0.0.0"), 4500)]),
+        signalling.encode([SgUpdate(ip("224.0.0.1"), 4500)]),
+        signalling.encode([SgUpdate(ip("255.255.255.255"), 4500)]),
+        signalling.encode([SgUpdate(ip("::"), 4500)]),
+        signalling.encode([SgUpdate(ip("ff02::1"), 4500)]),
     ],
 )
 def test_decode_rejects(data: bytes) -> None:

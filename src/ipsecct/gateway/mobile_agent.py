@@ -12,10 +12,12 @@ from ..errors import SignalError, TransferError
 from ..ipsec import signalling
 from ..ipsec.engine import Signal
 from ..ipsec.ippacket import IPAddress
-from .log import event
+from .log import RateLimited
 from .node import Node
 
 log = logging.getLogger("ipsecct.ct.transfer")
+
+APPLIED_MAX = 64  # the changes kept (the last ones): a gateway may signal without end
 
 
 class MobileAgent:
@@ -25,6 +27,8 @@ class MobileAgent:
         self.node = node
         self.applied: list[tuple[float, list[str]]] = []
         self.rejected = 0
+        self.applied_total = 0
+        self._quiet = RateLimited()  # a line a signal, from a gateway that floods: bounded
         node.on_signal = self._on_signal
 
     def _on_signal(self, sig: Signal, addr: tuple[Any, ...]) -> None:
@@ -33,12 +37,16 @@ class MobileAgent:
             changes = signalling.apply(self.node.engine, sig.sa, items)
         except SignalError as exc:
             self.rejected += 1
-            event(log, "signal-rejected", logging.WARNING, node=self.node.name, error=str(exc))
+            self._quiet.event(log, "signal-rejected", logging.WARNING, node=self.node.name,
+                              error=str(exc))  # fmt: skip
             return
         self.applied.append((self.node.clock(), changes))
-        event(
+        del self.applied[:-APPLIED_MAX]
+        self.applied_total += 1
+        self._quiet.event(
             log,
             "gateway-changed",
+            logging.INFO,
             node=self.node.name,
             spi=f"0x{sig.sa.spi:08x}",
             changes="; ".join(changes),

@@ -84,6 +84,13 @@ def decode(data: bytes) -> list[SignalItem]:
             addr: IPAddress = (
                 ipaddress.IPv4Address(raw) if fam == 4 else ipaddress.IPv6Address(raw)
             )
+            if port == 0 or addr.is_unspecified or addr.is_multicast or (
+                addr == ipaddress.IPv4Address("255.255.255.255")
+            ):
+                # No gateway answers from there: the node sent its ESP into nothing (the
+                # unspecified address is its own host; port 0 fails every sendto).
+                raise SignalError("SG_UPDATE names no gateway's address (port 0, unspecified, "
+                                  "multicast or broadcast)")  # fmt: skip
             items.append(SgUpdate(addr, port))
         elif t == T_SPI_REASSIGN:
             if len(body) != 12 or any(body[1:4]):
