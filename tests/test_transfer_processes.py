@@ -172,6 +172,53 @@ def test_transfer_takes_the_spi_in_decimal_and_refuses_what_is_no_spi(setup: Set
     assert setup.status("sg2")["sas"] == 2
 
 
+def test_transfer_of_an_spi_that_names_sas_of_two_tunnels_is_named_with_dst(
+        setup: Setup) -> None:  # fmt: skip
+    """A peer chooses the SPI of our outbound SA (any 32 bits, another tunnel's inbound SPI
+    among them). ``ipsecct transfer SPI`` moved whichever of the two tunnels the SAD listed
+    first; now, as ``sa show``, ``sa delete`` and ``pmtu set``, it refuses an SPI that names
+    SAs of more than one tunnel (one line, exit status 2, naming each SA's destination,
+    nothing moved), and ``--dst ADDR`` names the one meant: only that tunnel moves."""
+    keys = setup.dir / "keys" / "mn2.keys"  # (mn2 sends nothing: no client behind it)
+    keys.write_text('out_enc = "55555555555555555555555555555555feed0005"\n'
+                    'in_enc = "66666666666666666666666666666666feed0006"\n')  # fmt: skip
+    cfg1 = Path(setup.config("sg1"))
+    cfg1.write_text(cfg1.read_text() + f"""
+[[tunnel]]
+name = "mn2"
+local_ts = "10.2.0.0/24"
+remote_ts = "10.1.0.3/32"
+peer = "127.0.3.11:14500"
+enc = "aes-gcm-16"
+esn = true
+replay_window = 1024
+spi_in = {SPI}          # our choice for mn2: mn1's peer chose it for mn1's outbound SA
+spi_out = 0x30000001
+keys = "keys/mn2.keys"
+""")
+    for n in ("sg1", "sg2", "mn"):
+        setup.start(n)
+    setup.traffic_ok("sg1", 10)
+    r = cli("transfer", SPI, "--to", "sg2", "--config", str(cfg1))
+    assert r.returncode == 2 and r.stdout == "" and r.stderr.count("\n") == 1, r
+    assert f"{SPI} names 2 SAs of 2 tunnels here" in r.stderr, r.stderr
+    assert f"to {ADDR['mn']} (mn1)" in r.stderr and f"to {ADDR['sg1']} (mn2)" in r.stderr, r
+    assert "--dst" in r.stderr and "Traceback" not in r.stderr
+    assert (setup.status("sg1")["sas"], setup.status("sg2")["sas"]) == (4, 0)  # none moved
+    r = cli("transfer", SPI, "--dst", "127.0.3.9", "--to", "sg2", "--config", str(cfg1))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r
+    assert f"no tunnel with SPI {SPI} to 127.0.3.9 here" in r.stderr, r.stderr
+    r = cli("transfer", SPI, "--dst", ADDR["mn"], "--to", "sg2", "--json", "--config", str(cfg1))
+    assert r.returncode == 0, (r.stdout, r.stderr, setup.log("sg1"))
+    rec = json.loads(r.stdout)
+    assert rec["outcome"] == "committed" and rec["accepted"] == 1 == rec["tunnels"], rec
+    assert (setup.status("sg1")["sas"], setup.status("sg2")["sas"]) == (2, 2)
+    moved = json.loads(cli("sa", "list", "--json", "--config", setup.config("sg2")).stdout)
+    assert sorted((s["spi"], s["dst"]) for s in moved) == [
+        ("0x10000001", ADDR["sg2"]), (SPI, ADDR["mn"])], moved
+    setup.traffic_ok("sg2", 20)  # mn1, moved, carries the traffic at sg2
+
+
 def test_a_prepared_transfer_commits_on_the_command_and_cancels_on_the_other(
     setup: Setup,
 ) -> None:

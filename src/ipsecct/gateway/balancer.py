@@ -10,6 +10,7 @@ import logging
 
 from ..errors import IpsecctError
 from ..ipsec.engine import TunnelState
+from ..ipsec.sad import Direction
 from .config import BalanceConfig
 from .log import event
 from .node import Node
@@ -73,6 +74,7 @@ class Balancer:
 
     async def _move(self, spis: list[int], timeout: float) -> None:
         try:
-            await self.transfer.transfer(spis, self.cfg.to, timeout=timeout)
+            await self.transfer.transfer(spis, self.cfg.to, timeout=timeout,
+                                         direction=Direction.OUTBOUND)  # fmt: skip
         except IpsecctError as exc:
             event(log, "rebalance-failed", logging.WARNING, node=self.node.name, error=str(exc))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -34,6 +35,8 @@ from ..ct.transfer import (
 )
 from ..errors import ControlError, CxtpError, TransferError
 from ..ipsec.engine import Forward, Held, Tunnel, TunnelState
+from ..ipsec.ippacket import IPAddress
+from ..ipsec.sad import Direction
 from . import gcpolicy
 from .config import TransferConfig
 from .control import parse_spi, parse_transfer_id, spi_hint, spi_number
@@ -319,6 +322,32 @@ class TransferService:
             )
         return out
 
+    def _tunnel_named(self, spi: int, direction: Direction | None,
+                      dst: IPAddress | None) -> Tunnel | None:  # fmt: skip
+        """The one tunnel not MOVED here with an SA of ``spi`` (of ``direction``, to
+        ``dst``, when given); None if none; TransferError naming each SA if more than one
+        (a tunnel's two SAs with one SPI are one tunnel named)."""
+        eng = self.node.engine
+        named: dict[int, Tunnel] = {}
+        sas = []
+        for sa in eng.find_sa(spi):
+            if (direction is not None and sa.direction is not direction) or (
+                    dst is not None and sa.dst != dst):  # fmt: skip
+                continue
+            t = eng.tunnel_of(sa)
+            if t is None or t.state is TunnelState.MOVED:
+                continue
+            named[id(t)] = t
+            sas.append(sa)
+        if len(named) > 1:
+            each = ", ".join(f"{sa.protocol.name} {sa.direction.value} to {sa.dst}"
+                             f" ({sa.name or 'no name'})" for sa in sas)  # fmt: skip
+            raise TransferError(f"SPI 0x{spi:08x} names {len(sas)} SAs of {len(named)} tunnels"
+                                f" here ({each}): a peer chooses our outbound SAs' SPIs, and"
+                                " may choose another's; name one by its destination as well"
+                                " (--dst ADDR; see ipsecct sa list)")  # fmt: skip
+        return next(iter(named.values()), None)
+
     # -- operator commands ----------------------------------------------------------
     async def transfer(
         self,
@@ -329,12 +358,17 @@ class TransferService:
         timeout: float = 5.0,
         limit: float | None = None,
         prepare: bool = False,
+        direction: Direction | None = None,
+        dst: IPAddress | None = None,
     ) -> Record:
         """Move the tunnels of ``spis`` to ``to`` and return the transfer's record. Without
         ``limit`` the wait is the protocol's own deadlines (at least ``timeout``); with it
         (the operator's ``--timeout``) a transfer still waiting for the target then is rolled
         back (outcome "timeout"), and one past its COMMIT is a TransferError (it ends by
-        itself; status shows it)."""
+        itself; status shows it). ``spis`` are of SAs of ``direction`` (either, if None) and
+        to ``dst`` (any, if None): an SPI that names SAs of more than one tunnel then (a
+        peer chooses our outbound SAs' SPIs, another tunnel's among them) is a TransferError
+        naming them, nothing moved."""
         if to not in self.tcfg.peers:
             raise TransferError(f"unknown peer {to!r} (known: {', '.join(self.tcfg.peers)})")
         if prepare and mode != "predictive":  # (a reactive one would move them at once)
@@ -342,9 +376,10 @@ class TransferService:
         tunnels = []
         seen: set[int] = set()
         for spi in spis:
-            t = self.node.engine.tunnel_by_spi(spi)
-            if t is None or t.state is TunnelState.MOVED:
-                raise TransferError(f"no tunnel with SPI 0x{spi:08x} here")
+            t = self._tunnel_named(spi, direction, dst)
+            if t is None:
+                raise TransferError(f"no tunnel with SPI 0x{spi:08x}"
+                                    + (f" to {dst}" if dst is not None else "") + " here")
             if id(t) not in seen:
                 seen.add(id(t))
                 tunnels.append(t)
@@ -479,7 +514,8 @@ class TransferService:
                             and t.transfer_cap == UNCAPPED):  # fmt: skip
                         chosen.add(s)
                         spis.append(s)
-        return await self.transfer(spis, to, timeout=timeout, limit=limit)
+        return await self.transfer(spis, to, timeout=timeout, limit=limit,
+                                   direction=Direction.OUTBOUND)  # fmt: skip
 
     # -- control socket ---------------------------------------------------------------
     async def control_transfer(self, args: dict[str, Any]) -> Any:
@@ -488,27 +524,35 @@ class TransferService:
         to = args.get("to")
         if not isinstance(to, str):
             raise ControlError("say where to: --to PEER")
+        dst = _dst(args)
         spis: list[int] | None = None
-        if self.unit_of is not None and isinstance(spi, str):
+        direction: Direction | None = None
+        if self.unit_of is not None and isinstance(spi, str) and dst is None:
             try:
                 spis = self.unit_of(spi)
             except ValueError as exc:
                 raise ControlError(str(exc)) from None
+            direction = Direction.INBOUND  # (the unit's CHILD SAs' inbound SPIs, ours)
         if spis is None:
             if isinstance(spi, str) and spi_number(spi) is None:
                 raise ControlError(f"no IKE SA, connection or SPI {spi!r} here (an SPI is a"
                                    " number: decimal, or 0x... for hex)")  # fmt: skip
             one = parse_spi(spi)  # a number, 32 bits
-            t = self.node.engine.tunnel_by_spi(one)
-            if t is None or t.state is TunnelState.MOVED:
-                raise ControlError(f"no tunnel with SPI 0x{one:08x} here{spi_hint(spi)}")
-            spis = [one]
+            try:
+                t = self._tunnel_named(one, None, dst)
+            except TransferError as exc:
+                raise ControlError(str(exc)) from None
+            if t is None:
+                raise ControlError(f"no tunnel with SPI 0x{one:08x}"
+                                   + (f" to {dst}" if dst is not None else "")
+                                   + f" here{spi_hint(spi)}")  # fmt: skip
+            spis, direction = [one], None
         prepare = args.get("prepare", False)
         if not isinstance(prepare, bool):
             raise ControlError("prepare must be true or false")
         rec = await self.transfer(
             spis, to, mode=str(args.get("mode", "predictive")), limit=_limit(args),
-            prepare=prepare,
+            prepare=prepare, direction=direction, dst=dst,
         )
         if prepare and rec.outcome == "in progress":
             return {**rec.as_dict(), "outcome": "prepared",
@@ -619,6 +663,19 @@ class TransferService:
 def _transfer_id(args: dict[str, Any]) -> int:
     """A control request's transfer ``id``: 16 hex digits, as ``ipsecct status`` shows it."""
     return parse_transfer_id(args.get("id"))
+
+
+def _dst(args: dict[str, Any]) -> IPAddress | None:
+    """A control request's ``dst`` (an IPv4 or IPv6 address, as text), or None."""
+    dst = args.get("dst")
+    if dst is None:
+        return None
+    if isinstance(dst, str):
+        try:
+            return ipaddress.ip_address(dst)
+        except ValueError:
+            pass
+    raise ControlError(f"bad destination {dst!r} (an IPv4 or IPv6 address)")
 
 
 def _limit(args: dict[str, Any]) -> float | None:
