@@ -236,6 +236,38 @@ def test_a_member_that_never_joined_says_so_and_joins_once_etcd_answers(tmp_path
             dep.stop()
 
 
+def test_a_second_gateway_with_a_members_name_does_not_join_over_it(tmp_path: Path) -> None:
+    """Two gateways given one name (an operator's copy-paste): the second one's join
+    overwrote the first's member key (and its shutdown then deleted it), the first one
+    sending on, told nothing, its groups shown as owned by nobody. Now a member key under a
+    live lease keeps the name taken: the second gateway does not join, says why (status and
+    log), and joins once that lease is gone (here revoked; a killed gateway's expires)."""
+
+    async def squat(endpoints: list[str]) -> int:
+        c = EtcdClient(endpoints)
+        lid, _ = await c.grant(60)
+        await c.put("/ipsecct/t/members/sg1", ownership.member_info("192.0.2.9:1", lid, 32),
+                    lease=lid)  # fmt: skip
+        return lid
+
+    with EtcdCluster(tmp_path) as e:
+        lid = asyncio.run(squat(e.endpoints))
+        dep = etcd_deployment(tmp_path, e, only_sg1=True)
+        try:
+            dep.start("sg1")
+            st = dep.wait("sg1", lambda s: "named sg1" in s["cluster"]["etcd_error"],
+                          "the name's other member not reported")  # fmt: skip
+            assert st["cluster"]["joined"] is False, st["cluster"]
+            assert "192.0.2.9:1" in st["cluster"]["etcd_error"], st["cluster"]
+            log = (dep.dir / "sg1.log").read_text()
+            assert "event=cluster-joined" not in log, log
+            asyncio.run(EtcdClient(e.endpoints).revoke(lid))
+            st = dep.wait("sg1", lambda s: s["cluster"]["owned_tunnels"] == 1, "never joined")
+            assert st["cluster"]["joined"] is True
+        finally:
+            dep.stop()
+
+
 def test_no_replica_leaves_before_the_member_key(tmp_path: Path) -> None:
     """A member replicates its tunnels to its peers only once its member key is in etcd. A
     peer that held a replica of a member it could not find in etcd took it for dead and took

@@ -40,7 +40,10 @@ from tests.helpers.memkv import MemKV
 def test_transactions_fit_etcd_and_are_conditioned() -> None:
     o = Ownership("c", "sg1", 32)
     j = o.join(0xABC, "10.0.0.1:4500")
-    assert len(j.compare) == 32 and all(c.target == "CREATE" for c in j.compare)
+    assert len(j.compare) == 33 and all(c.target == "CREATE" for c in j.compare)
+    assert j.compare[0].key == "/ipsecct/c/members/sg1"  # (a member of this name: no join)
+    big = Ownership("c", "sg1", 127).join(0xABC, "")  # the most groups: still one txn
+    assert len(big.compare) == len(big.success) == ownership.MAX_TXN_OPS
     assert j.success[0].key == "/ipsecct/c/members/sg1"
     o.joined()
     p = o.place(list(range(0x100, 0x100 + 127)))

@@ -302,13 +302,16 @@ class Ownership:
 
     # -- joining and leaving -------------------------------------------------------------------
     def join(self, lease: int, address: str) -> Txn:
-        """Register under ``lease`` with fresh home groups (all-or-nothing)."""
+        """Register under ``lease`` with fresh home groups (all-or-nothing), only while no
+        member key of this name exists: one under a live lease is another gateway given the
+        same name, or this one's previous life (killed: its lease ends within ``ttl_s``).
+        Overwritten, the other one sent on, told nothing, its groups owned by nobody."""
         self.lease_gone()
         self.lease = lease
         self.home = [home_group(lease, k) for k in range(self.n_groups)]
         self.changes += 1
         return Txn(
-            tuple(absent(self.group_key(g)) for g in self.home),
+            (absent(self.member_key()), *(absent(self.group_key(g)) for g in self.home)),
             (
                 Put(self.member_key(), member_info(address, lease, self.n_groups), lease),
                 *(Put(self.group_key(g), self.name, lease) for g in self.home),

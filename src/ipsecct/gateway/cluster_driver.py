@@ -468,6 +468,17 @@ class ClusterDriver:
         for sb in self.standbys.values():
             sb.forget(lid)
         if not await self.client.txn(self.own.join(lid, self.address)):
+            with contextlib.suppress(EtcdError):
+                await self.client.revoke(lid)
+            kv = await self.client.get(self.own.member_key())
+            if kv is not None:
+                addr, other, _ = ownership.parse_member(kv.value)
+                raise EtcdError(
+                    f"not joining: a member named {self.node.name} exists already (lease "
+                    f"{other:x}, address {addr!r}): another gateway with this name, or this "
+                    f"gateway's previous life, whose lease ends within ttl_s; it joins once "
+                    f"that lease is gone"
+                )
             raise EtcdError("joining: the new lease's groups exist already")
         self.own.joined()
         self._layout += 1  # CHILD-less IKE SAs have a group now (replicated from now on)
