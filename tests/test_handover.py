@@ -7,7 +7,9 @@ constant-rate UDP stream both ways). Then the ``ipsecct demo --handover`` comman
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
+import io
 import ipaddress
 import json
 import os
@@ -225,6 +227,35 @@ def test_peer_with_certificate_from_another_ca_gets_no_transfer(tmp_path: Path) 
         assert len(d.gateways["sg2"].node.engine.sad) == 0
         sent, got = await flow(d)
         assert got == sent
+
+    run_demo(tmp_path, body, before_setup=swap)
+
+
+def test_a_peer_from_another_ca_is_named_in_status_with_why(tmp_path: Path) -> None:
+    """The peer's certificate from another CA: ``status`` said only "peer sg2 ...: not
+    connected" (and a fail-over pair "standby sg2 has never acknowledged (is it running with
+    [failover] role = "standby"?)"); the reason was one log line per 10 s. Now the peer's
+    entry has ``last_error`` and the line says it."""
+    from ipsecct.commands.sa import _print_transfer_status
+
+    other = foreign_pki(tmp_path, ["sg2"])
+
+    def swap(d: demo.Demo) -> None:
+        for ext in ("pem", "key"):
+            shutil.copy(other / f"sg2.{ext}", tmp_path / "pki" / f"sg2.{ext}")
+
+    async def body(d: demo.Demo) -> None:
+        rec = await services(d)["sg1"].transfer([mn_tunnel_spi(d)], "sg2")
+        assert rec.outcome != "committed"
+        st = d.gateways["sg1"].node.status()
+        (p,) = [p for p in st["peers"] if p["name"] == "sg2"]
+        assert p["connected"] is False
+        assert "CERTIFICATE_VERIFY_FAILED" in p["last_error"], p
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            _print_transfer_status(st)
+        (line,) = [x for x in buf.getvalue().splitlines() if x.startswith("  peer sg2 ")]
+        assert "not connected" in line and "CERTIFICATE_VERIFY_FAILED" in line, line
 
     run_demo(tmp_path, body, before_setup=swap)
 

@@ -84,7 +84,9 @@ def _print_transfer_status(res: dict[str, Any]) -> None:
     for p in res.get("peers") or []:
         state = "connected" if p.get("connected") else "not connected"
         allow = ", ".join(p.get("allow") or []) or "nothing"
-        print(f"  peer {p.get('name')} {p.get('address')}: {state} (may: {allow})")
+        why = p.get("last_error") if not p.get("connected") else None
+        print(f"  peer {p.get('name')} {p.get('address')}: {state} (may: {allow})"
+              + (f": last attempt failed: {_shown(why)}" if why else ""))  # fmt: skip
     t = res.get("transfers")
     if not isinstance(t, dict):
         return

@@ -76,6 +76,9 @@ class PeerChannels:
         self._keeper: asyncio.Task[None] | None = None
         self.refused = 0
         self._quiet_until: dict[str, float] = {}
+        # why the last attempt to open a channel to each peer failed (status: a peer not
+        # connected says why, e.g. its certificate from another CA); gone once one opens
+        self.last_error: dict[str, str] = {}
         # Connections open on the listener per source address and in total, handshakes
         # included: anyone who reaches the port can open them, without a certificate.
         # A configured peer's host is always admitted (up to the per-source bound).
@@ -234,12 +237,14 @@ class PeerChannels:
             c = await self._open(peer)
         except BaseException as exc:
             if isinstance(exc, Exception):
+                self.last_error[peer] = str(exc)[:300] or type(exc).__name__
                 fut.set_exception(exc)
                 fut.exception()  # retrieved: nobody else may be waiting
             else:
                 fut.cancel()
             raise
         else:
+            self.last_error.pop(peer, None)
             fut.set_result(c)
             return c
         finally:

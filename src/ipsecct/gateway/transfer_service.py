@@ -642,6 +642,8 @@ class TransferService:
                 "address": str(p.address),
                 "allow": sorted(p.allow),
                 "connected": p.name in self.channels.conns,
+                # why the last attempt to connect to it failed (None since one succeeded)
+                "last_error": self.channels.last_error.get(p.name),
             }
             for p in self.tcfg.peers.values()
         ]
