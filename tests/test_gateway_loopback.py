@@ -540,6 +540,55 @@ def test_an_spi_that_names_sas_to_two_destinations_is_named_with_dst(topo: Topo)
     assert shown["dst"] == "127.0.0.1"
 
 
+def test_an_esp_and_an_ah_sa_with_one_spi_and_destination_are_named_with_proto(
+        topo: Topo) -> None:  # fmt: skip
+    """The SAD's key is (destination, protocol, SPI): an ESP and an AH SA may have one SPI
+    and one destination, which ``--dst`` could not tell apart (``sa delete SPI --dst``
+    deleted both). Now ``--proto esp|ah`` names one for ``sa show``, ``sa delete`` and
+    ``pmtu set``; without it they refuse (one line, exit status 2, naming each SA and
+    --proto), nothing deleted or changed."""
+    from ipsecct.ct import context
+    from ipsecct.ipsec.algorithms import EncAlg, IntegAlg
+    from ipsecct.ipsec.sad import Direction, Protocol, SecurityAssociation
+
+    ah = SecurityAssociation(SPI_UP, Direction.INBOUND, ip("127.0.0.1"), ip("127.0.0.1"),
+                             protocol=Protocol.AH, enc=EncAlg.NULL,
+                             integ=IntegAlg.HMAC_SHA2_256_128, integ_key=bytes(range(32)),
+                             esn=True, replay_window=1024)  # fmt: skip
+    f = topo.dir / "ah.json"
+    f.write_text(json.dumps(context.to_json(ah, 0.0)))
+    ok("sa", "add", str(f), "-s", topo.sg.sock)
+
+    def ours() -> dict[str, tuple[str, int]]:
+        sas = json.loads(ok("sa", "list", "--json", "-s", topo.sg.sock))
+        return {s["protocol"]: (s["dst"], s["path_mtu"]) for s in sas
+                if s["spi"] == f"0x{SPI_UP:08x}"}  # fmt: skip
+
+    before = ours()
+    assert before == {"ESP": ("127.0.0.1", 1500), "AH": ("127.0.0.1", 1500)}, before
+    for args in (("sa", "show", hex(SPI_UP)), ("sa", "delete", hex(SPI_UP), "--dst", "127.0.0.1"),
+                 ("pmtu", "set", hex(SPI_UP), "600", "--dst", "127.0.0.1")):  # fmt: skip
+        r = ipsecct(*args, "-s", topo.sg.sock)
+        assert r.returncode == 2 and r.stdout == "" and r.stderr.count("\n") == 1, (args, r)
+        assert f"0x{SPI_UP:08x} names 2 SAs here" in r.stderr, r.stderr
+        assert "ESP in to 127.0.0.1" in r.stderr and "AH in to 127.0.0.1" in r.stderr, r.stderr
+        assert "--proto esp|ah" in r.stderr and "Traceback" not in r.stderr
+    assert ours() == before  # nothing deleted or changed
+    (shown,) = json.loads(ok("sa", "show", hex(SPI_UP), "--dst", "127.0.0.1", "--proto", "ah",
+                             "--json", "-s", topo.sg.sock))  # fmt: skip
+    assert shown["protocol"] == "AH"
+    assert "of 1 SA(s) set to 600" in ok("pmtu", "set", hex(SPI_UP), "600", "--proto", "ah",
+                                          "-s", topo.sg.sock)  # fmt: skip
+    assert ours() == {**before, "AH": ("127.0.0.1", 600)}
+    assert json.loads(ok("sa", "delete", hex(SPI_UP), "--dst", "127.0.0.1", "--proto", "ah",
+                         "--json", "-s", topo.sg.sock)) == [f"0x{SPI_UP:08x}"]  # fmt: skip
+    assert ours() == {"ESP": before["ESP"]}
+    topo.up(packet(1))  # the tunnel's ESP SA is still there
+    assert topo.host.recv(65535) == packet(1)
+    r = ipsecct("sa", "show", hex(SPI_UP), "--proto", "ah", "-s", topo.sg.sock)
+    assert r.returncode == 2 and "no AH SA with SPI" in r.stderr and r.stderr.count("\n") == 1
+
+
 def test_sa_add_of_a_list_says_which_were_added_when_one_is_refused(topo: Topo) -> None:
     """``sa add`` of a list stopped at the first SA the gateway refused with only its error:
     the SAs added before it were installed but not shown, and exit status 2 said nothing was

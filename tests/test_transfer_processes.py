@@ -208,7 +208,14 @@ keys = "keys/mn2.keys"
     r = cli("transfer", SPI, "--dst", "127.0.3.9", "--to", "sg2", "--config", str(cfg1))
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r
     assert f"no tunnel with SPI {SPI} to 127.0.3.9 here" in r.stderr, r.stderr
-    r = cli("transfer", SPI, "--dst", ADDR["mn"], "--to", "sg2", "--json", "--config", str(cfg1))
+    r = cli("transfer", SPI, "--proto", "ah", "--to", "sg2", "--config", str(cfg1))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r
+    assert f"no AH tunnel with SPI {SPI} here" in r.stderr, r.stderr  # (both are ESP)
+    r = cli("transfer", SPI, "--proto", "esp", "--to", "sg2", "--config", str(cfg1))
+    assert r.returncode == 2 and f"{SPI} names 2 SAs of 2 tunnels here" in r.stderr, r
+    assert "--proto esp|ah" in r.stderr, r.stderr
+    r = cli("transfer", SPI, "--dst", ADDR["mn"], "--proto", "esp", "--to", "sg2", "--json",
+            "--config", str(cfg1))  # fmt: skip
     assert r.returncode == 0, (r.stdout, r.stderr, setup.log("sg1"))
     rec = json.loads(r.stdout)
     assert rec["outcome"] == "committed" and rec["accepted"] == 1 == rec["tunnels"], rec

@@ -349,6 +349,8 @@ def cmd_sa_show(args: argparse.Namespace) -> int:
     params: dict[str, Any] = {"spi": args.spi}
     if args.dst is not None:
         params["dst"] = args.dst
+    if args.proto is not None:
+        params["proto"] = args.proto
     res = request(socket_path(args), "sa.show", params)
     if args.json:
         _print_json(res)
@@ -445,8 +447,8 @@ def _ike_deleted(r: dict[str, Any]) -> str:
 
 
 def cmd_sa_delete(args: argparse.Namespace) -> int:
-    if args.spi is None and args.dst is not None:
-        raise ControlError("--dst names the SA of an SPI: sa delete SPI --dst ADDR")
+    if args.spi is None and (args.dst is not None or args.proto is not None):
+        raise ControlError("--dst and --proto name the SA of an SPI: sa delete SPI --dst ADDR")
     if args.ike is not None or args.ike_id is not None:
         params: dict[str, Any] = (
             {"ike": args.ike} if args.ike is not None else {"ike_id": args.ike_id})
@@ -460,6 +462,8 @@ def cmd_sa_delete(args: argparse.Namespace) -> int:
     params = {"spi": args.spi}
     if args.dst is not None:
         params["dst"] = args.dst
+    if args.proto is not None:
+        params["proto"] = args.proto
     res = request(socket_path(args), "sa.delete", params)
     if args.json:
         _print_json(res)
@@ -550,6 +554,8 @@ def cmd_pmtu_set(args: argparse.Namespace) -> int:
     params: dict[str, Any] = {"spi": args.spi, "mtu": args.mtu}
     if args.dst is not None:
         params["dst"] = args.dst
+    if args.proto is not None:
+        params["proto"] = args.proto
     res = request(socket_path(args), "pmtu.set", params)
     if args.json:
         _print_json(res)
@@ -573,6 +579,13 @@ def _spi(text: str) -> str:
 SPI_HELP = "decimal, 0x hex, or as swanctl prints it (c0ffee01_i)"
 DST_HELP = ("the SA's destination, when its SPI names more than one SA (a peer chooses our"
             " outbound SAs' SPIs, and may choose another's)")
+PROTO_HELP = "the SA's protocol, when an ESP and an AH SA have its SPI (and destination)"
+
+
+def add_dst_proto(p: argparse.ArgumentParser) -> None:
+    """``--dst ADDR`` and ``--proto esp|ah``: which SA of an SPI (the SAD's own key)."""
+    p.add_argument("--dst", type=_address, metavar="ADDR", help=DST_HELP)
+    p.add_argument("--proto", choices=["esp", "ah"], help=PROTO_HELP)
 
 
 def _address(text: str) -> str:
@@ -615,9 +628,9 @@ def register(sub: Any) -> None:
                cmd_sa_list)  # fmt: skip
     lst.add_argument("--ike", action="store_true", help="only the IKE SAs (IKEv2)")
     sh = leaf(ss, "show", "one SA in detail", cmd_sa_show)
-    sh.usage = "%(prog)s [options] SPI [--dst ADDR]"  # (one line, as sa delete's)
+    sh.usage = "%(prog)s [options] SPI [--dst ADDR] [--proto esp|ah]"  # (one line)
     sh.add_argument("spi", type=_spi, help=SPI_HELP)
-    sh.add_argument("--dst", type=_address, metavar="ADDR", help=DST_HELP)
+    add_dst_proto(sh)
     e = leaf(ss, "export", "print keys for tshark / ipsecct pcap decrypt", cmd_sa_export)
     e.add_argument("--wireshark", action="store_true", help="Wireshark esp_sa lines")
     leaf(
@@ -632,10 +645,11 @@ def register(sub: Any) -> None:
     )  # fmt: skip
     # (argparse's own usage, with --ike and --ike-id, wraps to three lines: a usage error
     # is one line of usage and one of error)
-    de.usage = "%(prog)s [options] (SPI [--dst ADDR] | --ike NAME|SPI | --ike-id N)"
+    de.usage = ("%(prog)s [options] (SPI [--dst ADDR] [--proto esp|ah] | --ike NAME|SPI"
+                " | --ike-id N)")  # fmt: skip
     g = de.add_mutually_exclusive_group(required=True)
     g.add_argument("spi", nargs="?", type=_spi, help=SPI_HELP)
-    de.add_argument("--dst", type=_address, metavar="ADDR", help=DST_HELP)
+    add_dst_proto(de)
     g.add_argument("--ike", metavar="NAME|SPI",
                    help="the IKE SAs of this connection, or the IKE SA of this IKE SPI (16 hex"
                    " digits, as sa list --ike prints them) or CHILD SA SPI: a DELETE to the"
@@ -679,8 +693,8 @@ def register(sub: Any) -> None:
     ps = pm.add_subparsers(dest="action", metavar="ACTION")
     ps.required = True
     p = leaf(ps, "set", "change an SA's path MTU at run time", cmd_pmtu_set)
-    p.usage = "%(prog)s [options] SPI MTU [--dst ADDR]"  # (one line, as sa show's)
+    p.usage = "%(prog)s [options] SPI MTU [--dst ADDR] [--proto esp|ah]"  # (one line)
     p.add_argument("spi", type=_spi, help=SPI_HELP)
     p.add_argument("mtu", type=int, help="the path MTU in octets")
-    p.add_argument("--dst", type=_address, metavar="ADDR", help=DST_HELP)
+    add_dst_proto(p)
 

@@ -11,7 +11,7 @@ from ..errors import UsageError
 from ..gateway.control import parse_transfer_id, request
 from ..gateway.limits import TRANSFER_TIMEOUT_LIMIT
 from .args import number
-from .sa import DST_HELP, _address, add_target
+from .sa import add_dst_proto, add_target
 
 
 def _print(rec: dict[str, Any], as_json: bool) -> int:
@@ -50,8 +50,9 @@ def cmd_transfer(args: argparse.Namespace) -> int:
     ident = args.commit if args.commit is not None else args.cancel
     if ident is not None:
         # A prepared transfer's trigger (or its rollback): by the id --prepare printed.
-        if args.spi is not None or args.to is not None or args.prepare or args.dst is not None:
-            raise UsageError("--commit/--cancel ID take no SA, --dst, --to or --prepare")
+        if (args.spi is not None or args.to is not None or args.prepare
+                or args.dst is not None or args.proto is not None):  # fmt: skip
+            raise UsageError("--commit/--cancel ID take no SA, --dst, --proto, --to or --prepare")
         tid = parse_transfer_id(ident)  # (what the socket takes: 0x optional)
         rec = request(
             socket_path(args),
@@ -67,6 +68,8 @@ def cmd_transfer(args: argparse.Namespace) -> int:
     }
     if args.dst is not None:
         body["dst"] = args.dst
+    if args.proto is not None:
+        body["proto"] = args.proto
     if args.prepare:
         if args.mode != "predictive":
             raise UsageError("--prepare is for predictive transfers only")
@@ -118,7 +121,7 @@ def register(sub: Any) -> None:
         " an IKE SPI (16 hex digits) or a connection's name with one IKE SA (the IKE SA and"
         " all its CHILD SAs move together)",
     )
-    p.add_argument("--dst", type=_address, metavar="ADDR", help=DST_HELP)
+    add_dst_proto(p)
     p.add_argument("--to", metavar="PEER", help="peer gateway name ([[peers]] in the config)")
     p.add_argument(
         "--mode",

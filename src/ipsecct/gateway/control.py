@@ -34,7 +34,7 @@ from typing import Any
 
 from ..errors import ControlError, IpsecctError
 from ..ipsec.algorithms import enc_name, integ_name, swanctl_algorithms
-from ..ipsec.sad import Direction, SecurityAssociation
+from ..ipsec.sad import Direction, Protocol, SecurityAssociation
 from .limits import ConnectionLimits, bind_error, source_of
 from .log import RateLimited, event
 
@@ -157,6 +157,18 @@ def spi_number(text: str) -> int | None:
     if 1 <= len(d) <= 20 and all(c in "0123456789" for c in d) and (d == "0" or d[0] != "0"):
         return int(t)  # (a leading 0, "00989681", is more likely swanctl's hex: refused)
     return None
+
+
+def parse_proto(v: Any) -> Protocol | None:
+    """A control request's ``proto`` ("esp" or "ah": which SA of an SPI, with ``dst``), or
+    None when absent. ControlError otherwise."""
+    if v is None:
+        return None
+    if v == "esp":
+        return Protocol.ESP
+    if v == "ah":
+        return Protocol.AH
+    raise ControlError(f"bad protocol {str(v)[:20]!r} (esp or ah)")
 
 
 def parse_spi(v: Any) -> int:

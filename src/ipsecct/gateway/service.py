@@ -28,7 +28,7 @@ from . import gcpolicy
 from . import state as state_mod
 from .balancer import Balancer
 from .cluster_driver import ClusterDriver
-from .control import ControlServer, MetricsServer, parse_spi, sa_summary, spi_hint
+from .control import ControlServer, MetricsServer, parse_proto, parse_spi, sa_summary, spi_hint
 from .failover_driver import FailoverDriver, is_sync
 from .ike import POOL_LEASES_MAX, IkeService
 from .log import RateLimited, event
@@ -597,15 +597,25 @@ class Service:
             if not named:
                 raise ControlError(f"no SA with SPI 0x{spi:08x} to {addr} (it names SAs to "
                                    + ", ".join(sorted({str(sa.dst) for sa in sas})) + ")")
-            return named
+            sas = named
+        proto = parse_proto(args.get("proto"))
+        if proto is not None:
+            named = [sa for sa in sas if sa.protocol is proto]
+            if not named:
+                raise ControlError(f"no {proto.name} SA with SPI 0x{spi:08x}"
+                                   + (f" to {dst}" if dst is not None else "") + " (it names "
+                                   + ", ".join(sorted({sa.protocol.name for sa in sas}))
+                                   + " SAs)")  # fmt: skip
+            sas = named
         eng = self.node.engine
         if len({id(eng.tunnel_of(sa) or sa) for sa in sas}) > 1:
             each = ", ".join(f"{sa.protocol.name} {sa.direction.value} to {sa.dst}"
                              f" ({sa.name or 'no name'})" for sa in sas)  # fmt: skip
             raise ControlError(f"SPI 0x{spi:08x} names {len(sas)} SAs here ({each}): a peer"
                                " chooses our outbound SAs' SPIs, and may choose another's;"
-                               " name one by its destination as well (--dst ADDR; see"
-                               " ipsecct sa list)")  # fmt: skip
+                               " name one by its destination as well (--dst ADDR; and"
+                               " --proto esp|ah, for an ESP and an AH SA to one destination;"
+                               " see ipsecct sa list)")  # fmt: skip
         return sas
 
     async def _sa_show(self, args: dict[str, Any]) -> Any:

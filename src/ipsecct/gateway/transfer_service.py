@@ -36,10 +36,10 @@ from ..ct.transfer import (
 from ..errors import ControlError, CxtpError, TransferError
 from ..ipsec.engine import Forward, Held, Tunnel, TunnelState
 from ..ipsec.ippacket import IPAddress
-from ..ipsec.sad import Direction
+from ..ipsec.sad import Direction, Protocol
 from . import gcpolicy
 from .config import TransferConfig
-from .control import parse_spi, parse_transfer_id, spi_hint, spi_number
+from .control import parse_proto, parse_spi, parse_transfer_id, spi_hint, spi_number
 from .limits import TRANSFER_TIMEOUT_LIMIT
 from .log import RateLimited, event
 from .node import Node
@@ -322,17 +322,18 @@ class TransferService:
             )
         return out
 
-    def _tunnel_named(self, spi: int, direction: Direction | None,
-                      dst: IPAddress | None) -> Tunnel | None:  # fmt: skip
+    def _tunnel_named(self, spi: int, direction: Direction | None, dst: IPAddress | None,
+                      proto: Protocol | None = None) -> Tunnel | None:  # fmt: skip
         """The one tunnel not MOVED here with an SA of ``spi`` (of ``direction``, to
-        ``dst``, when given); None if none; TransferError naming each SA if more than one
-        (a tunnel's two SAs with one SPI are one tunnel named)."""
+        ``dst``, of ``proto``, when given); None if none; TransferError naming each SA if
+        more than one (a tunnel's two SAs with one SPI are one tunnel named)."""
         eng = self.node.engine
         named: dict[int, Tunnel] = {}
         sas = []
         for sa in eng.find_sa(spi):
-            if (direction is not None and sa.direction is not direction) or (
-                    dst is not None and sa.dst != dst):  # fmt: skip
+            if ((direction is not None and sa.direction is not direction)
+                    or (dst is not None and sa.dst != dst)
+                    or (proto is not None and sa.protocol is not proto)):  # fmt: skip
                 continue
             t = eng.tunnel_of(sa)
             if t is None or t.state is TunnelState.MOVED:
@@ -345,7 +346,8 @@ class TransferService:
             raise TransferError(f"SPI 0x{spi:08x} names {len(sas)} SAs of {len(named)} tunnels"
                                 f" here ({each}): a peer chooses our outbound SAs' SPIs, and"
                                 " may choose another's; name one by its destination as well"
-                                " (--dst ADDR; see ipsecct sa list)")  # fmt: skip
+                                " (--dst ADDR; and --proto esp|ah, for an ESP and an AH SA to"
+                                " one destination; see ipsecct sa list)")  # fmt: skip
         return next(iter(named.values()), None)
 
     # -- operator commands ----------------------------------------------------------
@@ -360,15 +362,16 @@ class TransferService:
         prepare: bool = False,
         direction: Direction | None = None,
         dst: IPAddress | None = None,
+        proto: Protocol | None = None,
     ) -> Record:
         """Move the tunnels of ``spis`` to ``to`` and return the transfer's record. Without
         ``limit`` the wait is the protocol's own deadlines (at least ``timeout``); with it
         (the operator's ``--timeout``) a transfer still waiting for the target then is rolled
         back (outcome "timeout"), and one past its COMMIT is a TransferError (it ends by
-        itself; status shows it). ``spis`` are of SAs of ``direction`` (either, if None) and
-        to ``dst`` (any, if None): an SPI that names SAs of more than one tunnel then (a
-        peer chooses our outbound SAs' SPIs, another tunnel's among them) is a TransferError
-        naming them, nothing moved."""
+        itself; status shows it). ``spis`` are of SAs of ``direction`` (either, if None),
+        to ``dst`` and of ``proto`` (any, if None): an SPI that names SAs of more than one
+        tunnel then (a peer chooses our outbound SAs' SPIs, another tunnel's among them) is
+        a TransferError naming them, nothing moved."""
         if to not in self.tcfg.peers:
             raise TransferError(f"unknown peer {to!r} (known: {', '.join(self.tcfg.peers)})")
         if prepare and mode != "predictive":  # (a reactive one would move them at once)
@@ -376,10 +379,11 @@ class TransferService:
         tunnels = []
         seen: set[int] = set()
         for spi in spis:
-            t = self._tunnel_named(spi, direction, dst)
+            t = self._tunnel_named(spi, direction, dst, proto)
             if t is None:
-                raise TransferError(f"no tunnel with SPI 0x{spi:08x}"
-                                    + (f" to {dst}" if dst is not None else "") + " here")
+                raise TransferError(f"no {proto.name + ' ' if proto else ''}tunnel with SPI"
+                                    f" 0x{spi:08x}" + (f" to {dst}" if dst is not None else "")
+                                    + " here")  # fmt: skip
             if id(t) not in seen:
                 seen.add(id(t))
                 tunnels.append(t)
@@ -525,9 +529,10 @@ class TransferService:
         if not isinstance(to, str):
             raise ControlError("say where to: --to PEER")
         dst = _dst(args)
+        proto = parse_proto(args.get("proto"))
         spis: list[int] | None = None
         direction: Direction | None = None
-        if self.unit_of is not None and isinstance(spi, str) and dst is None:
+        if self.unit_of is not None and isinstance(spi, str) and dst is None and proto is None:
             try:
                 spis = self.unit_of(spi)
             except ValueError as exc:
@@ -539,11 +544,12 @@ class TransferService:
                                    " number: decimal, or 0x... for hex)")  # fmt: skip
             one = parse_spi(spi)  # a number, 32 bits
             try:
-                t = self._tunnel_named(one, None, dst)
+                t = self._tunnel_named(one, None, dst, proto)
             except TransferError as exc:
                 raise ControlError(str(exc)) from None
             if t is None:
-                raise ControlError(f"no tunnel with SPI 0x{one:08x}"
+                raise ControlError(f"no {proto.name + ' ' if proto else ''}tunnel with SPI"
+                                   f" 0x{one:08x}"
                                    + (f" to {dst}" if dst is not None else "")
                                    + f" here{spi_hint(spi)}")  # fmt: skip
             spis, direction = [one], None
@@ -552,7 +558,7 @@ class TransferService:
             raise ControlError("prepare must be true or false")
         rec = await self.transfer(
             spis, to, mode=str(args.get("mode", "predictive")), limit=_limit(args),
-            prepare=prepare, direction=direction, dst=dst,
+            prepare=prepare, direction=direction, dst=dst, proto=proto,
         )
         if prepare and rec.outcome == "in progress":
             return {**rec.as_dict(), "outcome": "prepared",
