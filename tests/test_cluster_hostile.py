@@ -1011,3 +1011,26 @@ def test_a_sync_at_the_last_epoch_is_refused_so_a_take_over_never_wraps_to_epoch
     assert sb.epoch == failover.FIRST_EPOCH
     sb.take_over(10.0)  # (the replica kept from epoch 1)
     assert sb.epoch == failover.FIRST_EPOCH + 1
+
+
+def test_a_flood_of_joins_under_fresh_sessions_resends_the_whole_state_once_a_second() -> None:
+    """A standby (hostile, or restarting in a loop) JOINs under a new session each time:
+    each JOIN made the active send its whole state again at the next poll (a JOIN of a few
+    octets, a FULL of every tunnel: with thousands, the active's CPU and the channel went to
+    that). A JOIN-made resync at most once per JOIN_RESYNC_GAP; a JOIN in between is answered
+    by the next one, once the gap is over (none is lost), and counted coalesced."""
+    _, rep, _ = _pair()
+    rep.poll(0.0)
+    fulls = 0
+    now = 0.0
+    for k in range(200):  # a JOIN every 10 ms, for 2 s
+        now = k * 0.01
+        rep.join(1000 + k, 0, now)
+        for m in _wire(rep.poll(now)):
+            fulls += failover.parse_sync_full(m.cdbs[1])[0]
+    gap = failover.JOIN_RESYNC_GAP
+    assert 1 <= fulls <= 2 / gap + 1, fulls
+    assert rep.joins == 200 and rep.joins_coalesced >= 200 - fulls
+    rep.join(5000, 0, now)  # the last one, in a gap: answered once the gap is over
+    later = _wire(rep.poll(now + gap + 0.01))
+    assert any(failover.parse_sync_full(m.cdbs[1])[0] for m in later)

@@ -152,6 +152,9 @@ _SYNC = struct.Struct("!BxHI")  # kind, number of removed SPIs, epoch
 # transfer id, transferred number, outbound SPI, length of the name (0: the mark is cleared)
 _LEAVING = struct.Struct("!QQIB")
 FIRST_EPOCH = 1
+# A JOIN-made resync (the whole state again) at most this often (seconds): a standby JOINing
+# under a new session each time (hostile, restarting in a loop) made one per JOIN.
+JOIN_RESYNC_GAP = 1.0
 LAST_EPOCH = 0xFFFFFFFF  # (32 bits on the wire: a standby never takes it, see Standby.receive)
 
 
@@ -452,6 +455,8 @@ class Replicator:
         self.join_resyncs = 0
         self.joins_coalesced = 0
         self._join_answered: int | None = None  # the held session a resync answered
+        self._join_quiet_until = -math.inf  # no JOIN-made resync before then
+        self._join_pending = False  # a JOIN in the gap: answered once it is over (poll)
         self.epoch = FIRST_EPOCH
         # Fencing: the lease, and per tunnel the lowest outbound sequence number the standby
         # may hold (first replicated, then raised by acknowledgements) and, per message
@@ -764,7 +769,7 @@ class Replicator:
         self.resyncs += 1
         self._join_answered = None  # a JOIN after a lost channel is answered afresh
 
-    def join(self, session: int, seq: int) -> bool:
+    def join(self, session: int, seq: int, now: float | None = None) -> bool:
         """A JOIN of this epoch from the standby, which holds this replicator's messages up
         to ``seq`` of ``session`` (:func:`join_held`; 0: nothing of any). Returns whether it
         made a resync (a whole state again, as :meth:`resync`).
@@ -776,7 +781,9 @@ class Replicator:
         answers every repeat of that JOIN (a standby that woke up paused sends one every
         heartbeat_ms through its grace, about 30: each made a whole state again, a storm
         with many tunnels) until the channel is lost. Counted: ``joins``,
-        ``join_resyncs``, ``joins_coalesced``."""
+        ``join_resyncs``, ``joins_coalesced``. With ``now``: at most one such resync per
+        :data:`JOIN_RESYNC_GAP`; a JOIN within it is answered by the poll after it (a standby
+        JOINing under a fresh session each time made one per JOIN)."""
         self.joins += 1
         if session == self.session or self._join_answered == session or (
             self.superseded_by is not None
@@ -787,6 +794,12 @@ class Replicator:
         if self._full:  # a whole state is due already: it answers this JOIN
             self.joins_coalesced += 1
             return False
+        if now is not None:
+            if now < self._join_quiet_until:
+                self._join_pending = True
+                self.joins_coalesced += 1
+                return False
+            self._join_quiet_until = now + JOIN_RESYNC_GAP
         self._full = True
         self.resyncs += 1
         self.join_resyncs += 1
@@ -892,6 +905,13 @@ class Replicator:
         state sent again, for ever (docs/cxtp.md, "fail-over replication"). At least the
         first SYNC CDB goes (removals, the FULL mark, the heartbeat); a budget of one
         octet or more lets at least one context go."""
+        if self._join_pending and now >= self._join_quiet_until:
+            self._join_pending = False  # a JOIN of the last gap: answered now
+            self._join_quiet_until = now + JOIN_RESYNC_GAP
+            if not self._full:
+                self._full = True
+                self.resyncs += 1
+                self.join_resyncs += 1
         full = self._full
         due: list[Tunnel] = []
         live: set[Tunnel] = set()

@@ -645,7 +645,7 @@ class FailoverDriver:
             # A standby that holds nothing of ours (restarted, new) gets everything again,
             # once: its repeats (every heartbeat_ms through a paused standby's grace) are
             # answered by that one (Replicator.join), and one that holds our stream needs none
-            if r.superseded_by is None and epoch <= r.epoch and r.join(*join_held(msg)):
+            if r.superseded_by is None and epoch <= r.epoch and r.join(*join_held(msg), now):
                 self.node.timers.poke()
             return
         sb = self.standby
