@@ -1713,9 +1713,11 @@ def test_the_epoch_file_keeps_the_role(tmp_path: Path) -> None:
     p.write_text('{"epoch": "x"')
     assert load_state(p) == PairState(failover.FIRST_EPOCH + 1, "standby", damaged=True)
     # damaged otherwise: nested past the parser's depth (RecursionError: a traceback at
-    # start-up before), a boolean or an epoch the wire's 32 bits cannot carry
+    # start-up before), a boolean or an epoch the wire's 32 bits cannot carry, or the last
+    # they can (a take-over from it began epoch 2**32: sent as 0, saved as damage)
     for text in ("[" * 5000, '{"epoch": true, "took_over": true}',
-                 '{"epoch": 4294967296, "took_over": true}'):  # fmt: skip
+                 '{"epoch": 4294967296, "took_over": true}',
+                 '{"epoch": 4294967295, "took_over": false}'):  # fmt: skip
         p.write_text(text)
         assert load_state(p) == PairState(failover.FIRST_EPOCH + 1, "standby", damaged=True)
 

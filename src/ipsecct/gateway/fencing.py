@@ -84,7 +84,8 @@ def load_state(path: Path | None) -> PairState:
         if (
             isinstance(epoch, int)
             and not isinstance(epoch, bool)
-            and failover.FIRST_EPOCH <= epoch <= 0xFFFFFFFF  # (32 bits on the wire)
+            and failover.FIRST_EPOCH <= epoch < failover.LAST_EPOCH  # (32 bits on the wire,
+            # and a take-over from it must fit them: Standby.receive refuses LAST_EPOCH too)
             and isinstance(took, bool)
         ):
             active = d.get("active", "")
