@@ -961,3 +961,38 @@ def test_etcd_mode_a_take_over_is_logged_as_one_warning_line_that_says_so(
             assert f"peer=sg1 tunnels={TUNNELS} " in line and "lease ended" in line, line
         finally:
             traffic.close()
+
+
+def test_etcd_mode_a_member_restarted_at_once_leaves_its_tunnels_to_the_survivors(
+    gws: Gateways, tmp_path: Path
+) -> None:
+    """sg1 killed and restarted at once with its state directory: it joined as soon as its
+    old lease was gone (or at once, over its old member key, before), its first (empty) sync
+    replaced sg2's replicas of its old life, and sg2, adopting sg1's old groups a moment
+    later, found no replica: ``cluster-tunnels-lost``, every tunnel gone (never sent twice,
+    but lost). Now the restarted member joins only once its previous lease's groups have
+    an owner again (or after a bounded wait): sg2 takes the tunnels over."""
+    from tests.helpers.etcd_server import EtcdCluster
+
+    with EtcdCluster(tmp_path) as e:
+        write_members(gws, e.endpoints, "ra")
+
+        def detail() -> str:
+            return "\n".join(f"{n}: {gws.log(n)[-2500:]}" for n in ("sg1", "sg2"))
+
+        traffic = start_pair(gws, detail,
+                             lambda: cluster(gws, "sg1")["owned_tunnels"] == TUNNELS
+                             and cluster(gws, "sg2")["replicas"].get("sg1") == TUNNELS,
+                             "sg1 never owned and replicated its tunnels")  # fmt: skip
+        try:
+            gws.kill("sg1")
+            gws.start("sg1")
+            wait_for(lambda: "event=cluster-took-over" in gws.log("sg2"), "no take-over",
+                     detail=detail)  # fmt: skip
+            wait_for(lambda: cluster(gws, "sg2")["owned_tunnels"] == TUNNELS,
+                     "sg2 does not own sg1's tunnels", timeout=15, detail=detail)  # fmt: skip
+            assert "event=cluster-tunnels-lost" not in gws.log("sg2"), detail()
+            wait_for(lambda: cluster(gws, "sg1")["joined"], "sg1 never joined again",
+                     detail=detail)  # fmt: skip
+        finally:
+            traffic.close()

@@ -78,6 +78,9 @@ LEFT_MAX = 1024
 # restart of a peer is a new one; a member key that keeps changing leases cannot grow it.
 LEASE_NAMES_PER_PEER = 64
 ORPHAN_CHECK = 5.0  # seconds between looks for groups nobody took over
+# a restarted member waits at most this many ttl_s, after its previous life's member key
+# went, for the survivors to take that life's groups over before it joins
+PREVIOUS_LIFE_WAIT_TTLS = 3
 ORPHAN_AFTER = 4.0  # a group without an owner this long: no live member holds a replica
 # A suspend shorter than this is not counted (suspended_s()'s two clock readings differ by
 # microseconds without one); the lease's guard covers it.
@@ -115,6 +118,9 @@ class ClusterDriver:
         self.client = EtcdClient(list(cfg.etcd), timeout=max(0.2, min(1.0, cfg.ttl_s / 4)))
         self.lease = Lease(self.timing)
         self.lease_id = 0
+        # (lease, when its member key was first seen gone) of a member of our name seen
+        # before we joined: our previous life, whose tunnels go to the survivors first
+        self._previous: tuple[int, float | None] | None = None
         # The machine's time suspended (CLOCK_BOOTTIME - CLOCK_MONOTONIC, injectable) as of
         # the times the lease notes (its expiry, its heartbeats' sending): a suspend since is
         # real time the node's clock (and the C thread's) did not count (_fence_check).
@@ -454,7 +460,50 @@ class ClusterDriver:
             with contextlib.suppress(EtcdError):
                 await self.client.revoke(self.lease_id)  # hand our tunnels over at once
 
+    async def _previous_life(self) -> None:
+        """Before joining: no member key of our name may exist (another gateway with our
+        name, or our previous life, killed, whose lease has not ended), and the tunnels of
+        our previous life (seen here under that key) go to the survivors first. Joined at
+        once, our first (empty) sync replaced their replicas before they adopted our old
+        groups (or they never saw us gone): the tunnels were lost. Raises EtcdError (logged,
+        in status, tried again) while we wait; waits at most PREVIOUS_LIFE_WAIT_TTLS * ttl_s
+        after the old key went (groups nobody holds a replica of are never adopted)."""
+        kv = await self.client.get(self.own.member_key())
+        if kv is not None:
+            addr, other, _ = ownership.parse_member(kv.value)
+            if other:
+                self._previous = (other, None)
+            raise EtcdError(
+                f"not joining: a member named {self.node.name} exists already (lease "
+                f"{other:x}, address {addr!r}): another gateway with this name, or this "
+                f"gateway's previous life, whose lease ends within ttl_s; it joins once "
+                f"that lease is gone"
+            )
+        if self._previous is None:
+            return
+        prev, gone = self._previous
+        now = self.node.clock()
+        if gone is None:
+            self._previous = (prev, now)
+            gone = now
+        head = f"{prev:016x}-"
+        groups = {v.decode(errors="replace") for _, v in
+                  await self.client.get_prefix_values(self.keys["tunnels"])}  # fmt: skip
+        mine = {g for g in groups if g.startswith(head)}
+        owned = {k[len(self.keys["groups"]):] for k, _ in
+                 await self.client.get_prefix_values(self.keys["groups"])}  # fmt: skip
+        waiting = mine - owned
+        limit = PREVIOUS_LIFE_WAIT_TTLS * self.cfg.ttl_s
+        if waiting and now - gone < limit:
+            raise EtcdError(
+                f"not joining yet: {len(waiting)} group(s) of this gateway's previous life "
+                f"(lease {prev:x}) have no owner yet; the members holding their replicas "
+                f"take them over first (at most {limit - (now - gone):.1f} s more)"
+            )
+        self._previous = None
+
     async def _register(self) -> None:
+        await self._previous_life()
         lid, ttl = await self.client.grant(self.cfg.ttl_s)
         if ttl < self.cfg.ttl_s:
             self._short_lease("granted", ttl)
@@ -470,15 +519,7 @@ class ClusterDriver:
         if not await self.client.txn(self.own.join(lid, self.address)):
             with contextlib.suppress(EtcdError):
                 await self.client.revoke(lid)
-            kv = await self.client.get(self.own.member_key())
-            if kv is not None:
-                addr, other, _ = ownership.parse_member(kv.value)
-                raise EtcdError(
-                    f"not joining: a member named {self.node.name} exists already (lease "
-                    f"{other:x}, address {addr!r}): another gateway with this name, or this "
-                    f"gateway's previous life, whose lease ends within ttl_s; it joins once "
-                    f"that lease is gone"
-                )
+            await self._previous_life()  # (a member key of our name written meanwhile)
             raise EtcdError("joining: the new lease's groups exist already")
         self.own.joined()
         self._layout += 1  # CHILD-less IKE SAs have a group now (replicated from now on)
