@@ -242,10 +242,7 @@ def test_etcd_mode_a_restarted_member_holds_the_survivors_replicas(
                 out.append(gws.log(n)[-2500:])
             return "\n".join(out)
 
-        traffic = start_pair(gws, detail,
-                             lambda: cluster(gws, "sg1")["owned_tunnels"] == TUNNELS
-                             and cluster(gws, "sg2")["replicas"].get("sg1") == TUNNELS,
-                             "sg1 never owned and replicated its tunnels")  # fmt: skip
+        traffic = start_members(gws, detail)
         try:
             assert cluster(gws, "sg2")["standby_of"] == {"sg1": TUNNELS}
             t_start = time.monotonic()
@@ -318,6 +315,15 @@ def start_pair(gws: Gateways, detail: Callable[[], str],
         traffic.close()
         raise
     return traffic
+
+
+def start_members(gws: Gateways, detail: Callable[[], str]) -> Traffic:
+    """:func:`start_pair` for the etcd mode's two members (:func:`write_members`): once sg1
+    owns its tunnels and sg2 holds a replica of each."""
+    return start_pair(gws, detail,
+                      lambda: cluster(gws, "sg1")["owned_tunnels"] == TUNNELS
+                      and cluster(gws, "sg2")["replicas"].get("sg1") == TUNNELS,
+                      "sg1 never owned and replicated its tunnels")  # fmt: skip
 
 
 def alone_when_allowed(gws: Gateways, *more: str) -> str:
@@ -948,10 +954,7 @@ def test_etcd_mode_a_take_over_is_logged_as_one_warning_line_that_says_so(
         def detail() -> str:
             return "\n".join(f"{n}: {gws.log(n)[-2000:]}" for n in ("sg1", "sg2"))
 
-        traffic = start_pair(gws, detail,
-                             lambda: cluster(gws, "sg1")["owned_tunnels"] == TUNNELS
-                             and cluster(gws, "sg2")["replicas"].get("sg1") == TUNNELS,
-                             "sg1 never owned and replicated its tunnels")  # fmt: skip
+        traffic = start_members(gws, detail)
         try:
             gws.kill("sg1")
             wait_for(lambda: "event=cluster-took-over" in gws.log("sg2"), "no take-over",
@@ -980,10 +983,7 @@ def test_etcd_mode_a_member_restarted_at_once_leaves_its_tunnels_to_the_survivor
         def detail() -> str:
             return "\n".join(f"{n}: {gws.log(n)[-2500:]}" for n in ("sg1", "sg2"))
 
-        traffic = start_pair(gws, detail,
-                             lambda: cluster(gws, "sg1")["owned_tunnels"] == TUNNELS
-                             and cluster(gws, "sg2")["replicas"].get("sg1") == TUNNELS,
-                             "sg1 never owned and replicated its tunnels")  # fmt: skip
+        traffic = start_members(gws, detail)
         try:
             gws.kill("sg1")
             gws.start("sg1")
