@@ -14,7 +14,8 @@ from ipsecct.gateway.ike import IkeService
 from ipsecct.gateway.node import Node
 from ipsecct.ikev2.config import Connection
 from ipsecct.ikev2.engine import Output, Send
-from ipsecct.ikev2.ikesa import Address, IkeSA, IkeState
+from ipsecct.ikev2.ikesa import Address, ChildSA, IkeSA, IkeState
+from ipsecct.ipsec.engine import Tunnel
 from tests.helpers.ike_services import ike_service, unit_at_sg1
 from tests.helpers.ikev2_engines import (
     I500,
@@ -28,6 +29,20 @@ from tests.helpers.ikev2_engines import (
     sends,
 )
 from tests.helpers.transfer import Gw, World
+
+
+def _client_with_tunnel(tmp: Path) -> tuple[IkeService, IkeSA, ChildSA]:
+    """A gateway's IKE service holding one client's IKE SA (imported at 1.0, as a peer
+    gateway would hand it over) and its CHILD SA's tunnel, added to the node's engine."""
+    w = pair(mn_conn(dpd=10), conn(dpd=10))
+    connect(w)
+    (ike_r,) = w.resp.ike_sas()
+    svc = ike_service(tmp)
+    ike = svc.engine.import_ike(w.resp.export_ike(ike_r, 1.0), 1.0)
+    (c1,) = ike.children
+    entry, out, inn = c1.sas(R500, I500, False, "t-1")
+    c1.handle = svc.node.engine.add_tunnel(entry, out, inn)
+    return svc, ike, c1
 
 
 def _two_clients(tmp: Path) -> tuple[IkeService, IkeSA, IkeSA]:
@@ -658,15 +673,7 @@ def test_sa_rekey_sends_the_request_at_once_or_says_why_not(
 
     from ipsecct.errors import IkeProtocolError
 
-    w = pair(mn_conn(dpd=10), conn(dpd=10))
-    connect(w)
-    (ike_r,) = w.resp.ike_sas()
-    svc = ike_service(tmp_path)
-    ike = svc.engine.import_ike(w.resp.export_ike(ike_r, 1.0), 1.0)
-    (c1,) = ike.children
-    eng = svc.node.engine
-    entry, out, inn = c1.sas(R500, I500, False, "t-1")
-    c1.handle = eng.add_tunnel(entry, out, inn)
+    svc, ike, c1 = _client_with_tunnel(tmp_path)
     sent: list[bytes] = []
     monkeypatch.setattr(svc.node, "send_outer", lambda data, dst: sent.append(data))
 
@@ -712,15 +719,10 @@ def test_child_of_is_found_without_a_walk_per_tunnel_and_follows_the_child_sas(
     follows what changes: a tunnel of no CHILD SA (keyed by hand), a CHILD SA that lost its
     tunnel without a tunnel change (a transfer), an IKE SA gone, a tunnel removed, a
     tunnel attached to an imported CHILD SA after the index was made."""
-    w = pair(mn_conn(dpd=10), conn(dpd=10))
-    connect(w)
-    (ike_r,) = w.resp.ike_sas()
-    svc = ike_service(tmp_path)
-    ike = svc.engine.import_ike(w.resp.export_ike(ike_r, 1.0), 1.0)
-    (c1,) = ike.children
+    svc, ike, c1 = _client_with_tunnel(tmp_path)
     eng = svc.node.engine
-    entry, out, inn = c1.sas(R500, I500, False, "t-1")
-    t1 = c1.handle = eng.add_tunnel(entry, out, inn)
+    t1 = c1.handle
+    assert isinstance(t1, Tunnel)
     walks = [0]
     real = svc.engine.ike_sas
 
@@ -1847,7 +1849,6 @@ def test_a_unit_that_does_not_name_the_peer_is_refused_before_the_commit_no_sa_l
     from ipsecct.ikev2 import context as ike_context
     from ipsecct.ikev2.config import Identity
     from ipsecct.ikev2.ikesa import IkeState
-    from ipsecct.ipsec.engine import Tunnel
     from tests.helpers.ikev2_certs import revoking_target
 
     _, _, revoking = revoking_target()
