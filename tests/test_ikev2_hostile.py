@@ -189,6 +189,20 @@ def test_a_create_child_sa_with_full_ts_payloads_costs_no_quadratic_time(
     assert [str(t) for t in new.local_ts] == ["10.1.0.0/16"]
 
 
+def _unacceptable_proposals_and_20_connections() -> tuple[tuple[M.Proposal, ...], IkeEngine]:
+    """255 IKE proposals no gateway takes (AES-GCM, PRF_HMAC_SHA2_256 and a DH group of no
+    one, 1000-1254: an SA payload of ~9 KB), and a gateway of 20 connections with the
+    default proposals."""
+    T = M.TransformType
+    hostile = tuple(M.Proposal(i + 1, M.ProtocolId.IKE, b"", (
+        M.Transform(T.ENCR, 20, 128), M.Transform(T.PRF, 5), M.Transform(T.DH, 1000 + i)))
+        for i in range(255))  # fmt: skip
+    gw = IkeEngine([dataclasses.replace(conn(f"rw{k}", ike="default"),
+                                        local_id=Identity(f"gw{k}.test"))
+                    for k in range(20)])  # fmt: skip
+    return hostile, gw
+
+
 def test_an_unacceptable_sa_payload_costs_its_proposals_once_whatever_the_connections(
         monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
     """An unauthenticated IKE_SA_INIT (any source: UDP) whose SA payload holds 255 proposals
@@ -204,13 +218,7 @@ def test_an_unacceptable_sa_payload_costs_its_proposals_once_whatever_the_connec
     served."""
     from ipsecct.ikev2 import proposal
 
-    T = M.TransformType
-    hostile = tuple(M.Proposal(i + 1, M.ProtocolId.IKE, b"", (
-        M.Transform(T.ENCR, 20, 128), M.Transform(T.PRF, 5), M.Transform(T.DH, 1000 + i)))
-        for i in range(255))  # fmt: skip
-    gw = IkeEngine([dataclasses.replace(conn(f"rw{k}", ike="default"),
-                                        local_id=Identity(f"gw{k}.test"))
-                    for k in range(20)])  # fmt: skip
+    hostile, gw = _unacceptable_proposals_and_20_connections()
     offers = {o for c in gw.connections for o in c.proposals}
     matched = 0
     for name in ("match", "_match"):
@@ -342,13 +350,7 @@ def test_an_unacceptable_sa_payload_costs_a_few_calls_per_proposal_read() -> Non
     pass, and passed over before matching when it shares no encryption, PRF or DH group with
     a configured proposal: 6.5 calls per proposal (at most 8 allowed). Counted as calls, not
     time; a client is served in the midst of the flood."""
-    T = M.TransformType
-    hostile = tuple(M.Proposal(i + 1, M.ProtocolId.IKE, b"", (
-        M.Transform(T.ENCR, 20, 128), M.Transform(T.PRF, 5), M.Transform(T.DH, 1000 + i)))
-        for i in range(255))  # fmt: skip
-    gw = IkeEngine([dataclasses.replace(conn(f"rw{k}", ike="default"),
-                                        local_id=Identity(f"gw{k}.test"))
-                    for k in range(20)])  # fmt: skip
+    hostile, gw = _unacceptable_proposals_and_20_connections()
     pl: list[M.Payload] = [M.SAPayload(hostile), M.KEPayload(31, bytes(32)),
                            M.NoncePayload(bytes(range(32)))]  # fmt: skip
     h = M.Header(bytes(range(1, 9)), bytes(8), 0, M.ExchangeType.IKE_SA_INIT, M.Flag.INITIATOR,
