@@ -24,6 +24,7 @@ from tests.helpers.control import ask, socket_of
 from tests.helpers.deployment import cli
 from tests.helpers.etcd_server import EtcdCluster
 from tests.helpers.state import Capture, Gateways, Traffic, capturing
+from tests.helpers.waiting import stopped, until
 
 pytestmark = pytest.mark.slow
 
@@ -67,8 +68,12 @@ class Pair:
         self.stopped: set[str] = set()
 
     def stop(self, name: str) -> None:
-        os.kill(self.gws.procs[name].pid, signal.SIGSTOP)
+        """SIGSTOP ``name`` and wait until it is stopped (the signal is delivered
+        asynchronously: under load the member could run on, and read etcd, after it)."""
+        pid = self.gws.procs[name].pid
+        os.kill(pid, signal.SIGSTOP)
         self.stopped.add(name)
+        until(lambda: stopped(pid), f"{name} stopped (state T)", timeout=10)
 
     def cont(self, name: str) -> None:
         os.kill(self.gws.procs[name].pid, signal.SIGCONT)
@@ -221,7 +226,9 @@ def test_no_seq_sent_twice_the_woken_target_s_silent_tunnel_is_reported_though_i
     owner, and sg1 holds the replica the woken sg2 sent. Taking it over from that replica
     is not safe (it may be older than what was sent since), so the tunnel stays silent: sg1
     must say so (status ``orphaned``, log ``cluster-orphaned``). On main it did not (status
-    ``orphaned.groups 0``, no event: 5 runs of 5, engineer orphan). Nothing twice."""
+    ``orphaned.groups 0``, no event: 5 runs of 5, engineer orphan). Nothing twice. (When
+    sg1 did read sg2's old lease gone before its stop, it takes the tunnel over once it
+    runs again: accepted, with the same checks.)"""
     with pair(gws, tmp_path) as run:
         cap, detail = run.cap, run.detail
         port1 = gws.ports["sg1"]["outer"]
@@ -236,9 +243,25 @@ def test_no_seq_sent_twice_the_woken_target_s_silent_tunnel_is_reported_though_i
                  "sg2 did not join again", detail)  # fmt: skip
         run.cont("sg1")
         assert "event=task-failed" not in gws.log("sg2"), detail()
-        wait_for(lambda: cluster(gws, "sg1")["orphaned"]["groups"] == 1,
-                 "the woken sg2's silent tunnel was not reported orphaned", detail)  # fmt: skip
+        wait_for(lambda: cluster(gws, "sg1")["orphaned"]["groups"] == 1
+                 or cluster(gws, "sg1")["owned_tunnels"] == TUNNELS,
+                 "the woken sg2's silent tunnel was neither reported orphaned nor taken over",
+                 detail)  # fmt: skip
         st1 = cluster(gws, "sg1")
+        if st1["owned_tunnels"] == TUNNELS:
+            # sg1 read sg2's old lease gone before its own stop (the hand-over's wait ends
+            # at that lease's end), and its dead time ran out while it was stopped: once
+            # running it took the group over, an etcd transaction on the group having no
+            # owner, from the replica the woken sg2 sent (fenced: it sent nothing). Seen
+            # once under CI's load (ci15c). Safe as well: the moved tunnel is served by
+            # sg1 alone, and no pair is sent twice (below).
+            assert [t["from"] for t in st1["takeovers"]] == ["sg2"], detail()
+            assert cluster(gws, "sg2")["owned_tunnels"] == 0, detail()
+            cap.sync()
+            t_end = time.monotonic()
+            assert cap.duplicates() == [], "an (SPI, sequence number) pair was sent twice"
+            assert senders(cap, t_cont, t_end) == {port1}  # sg2 sent nothing
+            return
         assert st1["orphaned"]["tunnels"] == 1, detail()
         assert st1["owned_tunnels"] == TUNNELS - 1, detail()  # not taken over
         line = next(ln for ln in gws.log("sg1").splitlines()

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from tests.helpers.state import Capture, Gateways, Traffic, capturing
-from tests.helpers.waiting import until
+from tests.helpers.waiting import stopped, until
 
 pytestmark = pytest.mark.slow
 
@@ -42,12 +42,6 @@ def wait_for(pred, what: str, timeout: float = 45.0, detail=None) -> None:  # ty
         until(pred, what, timeout)
     except AssertionError as exc:
         raise AssertionError(f"{exc}" + (f": {detail()}" if detail is not None else "")) from None
-
-
-def stopped(pid: int) -> bool:
-    """Is process ``pid`` stopped (SIGSTOP is delivered asynchronously)? /proc's state T."""
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().rsplit(")", 1)[1].split()[0] == "T"
 
 
 def failover(gws: Gateways, name: str) -> dict[str, Any]:

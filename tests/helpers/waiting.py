@@ -27,3 +27,9 @@ async def eventually(pred: Callable[[], object], what: str, timeout: float = 10.
         if loop.time() >= deadline:
             raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
         await asyncio.sleep(0.01)
+
+
+def stopped(pid: int) -> bool:
+    """Is process ``pid`` stopped (SIGSTOP is delivered asynchronously)? /proc's state T."""
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0] == "T"
