@@ -173,7 +173,6 @@ def test_a_packet_on_the_python_path_never_takes_the_number_past_the_cap(
     meanwhile: the Python path freezes C before it reads the number, so the packet is held,
     never numbered cap + 1 (which the target sends when it starts past the cap, and a
     standby past a fencing ceiling). On main it was sent as cap + 1."""
-    from ipsecct.ipsec.ippacket import checksum
     from ipsecct.ipsec.sad import SecurityAssociation
 
     w = mbb_world(margin=3)
@@ -191,21 +190,11 @@ def test_a_packet_on_the_python_path_never_takes_the_number_past_the_cap(
 
     def thread_runs_first(self: SecurityAssociation, now: float, default: int) -> int:
         if not queued:  # the forwarding thread's batch, between the check and the number
-            p = udp_packet(7, up=False)
-            r = sg1.engine.native.seal_flow(p, now)
-            if r is None:
-                queued.append(p)  # handed up to the event loop, handled after this one
-            else:
-                sg1.emit(bytes(r[1]))
-                queued.append(b"")
+            _thread_batch(sg1, sg1.engine.native, 7, now, queued)
         return real(self, now, default)
 
     monkeypatch.setattr(SecurityAssociation, "effective_mtu", thread_runs_first)
-    frag = bytearray(udp_packet(8, up=False))
-    frag[6] |= 0x20  # more fragments: not a flow C carries
-    frag[10:12] = b"\0\0"
-    frag[10:12] = checksum(bytes(frag[:20])).to_bytes(2, "big")
-    sg1.from_inner(bytes(frag))
+    sg1.from_inner(_first_fragment(8))
     assert queued
     monkeypatch.setattr(SecurityAssociation, "effective_mtu", real)
     if queued[0]:
@@ -304,6 +293,31 @@ def test_without_room_below_the_counters_limit_the_tunnel_is_held() -> None:
 
 
 # -- a hostile or buggy source ------------------------------------------------------------------
+def _thread_batch(sg1: Any, native: Any, seq: int, now: float, queued: list[bytes]) -> None:
+    """What the forwarding thread's C call does with host packet ``seq`` when it takes the
+    GIL in the middle of the Python path: sealed and sent by C (``queued`` gets b""), or
+    handed up to the event loop, handled after the packet under way (``queued`` gets it)."""
+    p = udp_packet(seq, up=False)
+    r = native.seal_flow(p, now)
+    if r is None:
+        queued.append(p)
+    else:
+        sg1.emit(bytes(r[1]))
+        queued.append(b"")
+
+
+def _first_fragment(seq: int) -> bytes:
+    """Host packet ``seq`` as a first fragment (more fragments set): not a flow C carries,
+    so it takes the Python path."""
+    from ipsecct.ipsec.ippacket import checksum
+
+    frag = bytearray(udp_packet(seq, up=False))
+    frag[6] |= 0x20
+    frag[10:12] = b"\0\0"
+    frag[10:12] = checksum(bytes(frag[:20])).to_bytes(2, "big")
+    return bytes(frag)
+
+
 def _pending(w: World) -> tuple[int, bytes]:
     """A transfer installed at sg2 and waiting for its decision; the CTDR left unread."""
     tid = w.transfer()
@@ -711,7 +725,6 @@ def test_a_tail_packet_on_the_python_path_is_never_numbered_past_the_tail(
     meanwhile: the Python path freezes C before it reads the number, so the packet is
     forwarded, never numbered tail_end + 1 (the target's first)."""
     from ipsecct.ipsec.engine import Engine
-    from ipsecct.ipsec.ippacket import checksum
 
     w = mbb_world(mbb_tail=4)
     sg1 = w.gw["sg1"]
@@ -722,23 +735,13 @@ def test_a_tail_packet_on_the_python_path_is_never_numbered_past_the_tail(
     queued: list[bytes] = []
 
     def thread_runs_first(self: Engine, tunnel: Any, now: float) -> bool:
-        if not queued:  # the forwarding thread's batch, between the check and the number:
-            p = udp_packet(103, up=False)  # what its C call does with a host packet
-            r = self.native.seal_flow(p, now)
-            if r is None:
-                queued.append(p)  # handed up to the event loop, handled after this one
-            else:
-                sg1.emit(bytes(r[1]))
-                queued.append(b"")
+        if not queued:  # the forwarding thread's batch, between the check and the number
+            _thread_batch(sg1, self.native, 103, now, queued)
         return real(self, tunnel, now)
 
     monkeypatch.setattr(Engine, "fenced", thread_runs_first)
-    frag = bytearray(udp_packet(104, up=False))
-    frag[6] |= 0x20  # more fragments: not a flow C carries
-    frag[10:12] = b"\0\0"
-    frag[10:12] = checksum(bytes(frag[:20])).to_bytes(2, "big")
     forwarded = sg1.core.counters["forwarded"]
-    sg1.from_inner(bytes(frag))
+    sg1.from_inner(_first_fragment(104))
     assert queued
     monkeypatch.setattr(Engine, "fenced", real)
     if queued[0]:
