@@ -816,34 +816,25 @@ class ClusterDriver:
         self.orphaned = {g: len(spis) for g, spis in lasting.items()}
         held = {g: spis for g, spis in new.items() if any(s in mine for s in spis)}
         bare = {g: spis for g, spis in new.items() if g not in held}
-        if bare:
-            event(
-                log,
-                "cluster-orphaned",
-                logging.WARNING,
-                node=self.node.name,
-                groups=len(bare),
-                tunnels=sum(len(v) for v in bare.values()),
-                detail="groups of tunnels without an owner that no member took over (no live "
-                "member holds a replica: their keys died with their owner): nothing sends on "
-                "them, and nothing may; re-key them (an IKE peer does by itself; manual SAs "
-                "need new keys); ipsecct cluster status counts them",
-            )
-        if held:
-            event(
-                log,
-                "cluster-orphaned",
-                logging.WARNING,
-                node=self.node.name,
-                groups=len(held),
-                tunnels=sum(len(v) for v in held.values()),
-                detail="groups of tunnels without an owner that no member took over, of which "
-                "this member holds replicas from a peer that is a member again (under a new "
-                "lease): not taken over from them (a replica may be older than what was sent "
-                "since: a number twice): nothing sends on them, and nothing may; re-key them "
-                "(an IKE peer does by itself; manual SAs need new keys); ipsecct cluster "
-                "status counts them",
-            )
+        for orphans, why in (
+            (bare, " (no live member holds a replica: their keys died with their owner)"),
+            (held, ", of which this member holds replicas from a peer that is a member again "
+             "(under a new lease): not taken over from them (a replica may be older than "
+             "what was sent since: a number twice)"),
+        ):  # fmt: skip
+            if orphans:
+                event(
+                    log,
+                    "cluster-orphaned",
+                    logging.WARNING,
+                    node=self.node.name,
+                    groups=len(orphans),
+                    tunnels=sum(len(v) for v in orphans.values()),
+                    detail="groups of tunnels without an owner that no member took over"
+                    f"{why}: nothing sends on them, and nothing may; re-key them (an IKE peer "
+                    "does by itself; manual SAs need new keys); ipsecct cluster status counts "
+                    "them",
+                )
 
     async def _adopt(self, gids: list[str], tunnels: dict[int, str], dead: list[str]) -> None:
         """Create the owner keys of these orphaned groups (one transaction, or one per group
