@@ -130,10 +130,6 @@ def test_a_peers_member_key_overwritten_with_junk_keeps_its_floors(tmp_path: Pat
         def room(self, peer: str) -> int:
             return 1 << 30
 
-    class Transfer:
-        def __init__(self) -> None:
-            self.listeners: list[object] = []
-
     cfg_path = failover_sg1(tmp_path)
 
     async def run(endpoints: list[str]) -> None:
@@ -145,7 +141,7 @@ def test_a_peers_member_key_overwritten_with_junk_keeps_its_floors(tmp_path: Pat
         [t] = node.engine.tunnels()
         drv = ClusterDriver(node, ClusterConfig(etcd=tuple(endpoints), ttl_s=4, groups=4))
         ch = Channels()
-        drv.attach(ch, Transfer(), Identity.DIRECT, ["sg2"])  # type: ignore[arg-type]
+        drv.attach(ch, _Transfer(), Identity.DIRECT, ["sg2"])  # type: ignore[arg-type]
         drv.transfer = None
         rep = drv.replicators["sg2"]
         await drv.start()
@@ -332,25 +328,8 @@ def test_a_take_over_whose_answer_etcd_lost_is_completed(
             return ok
 
     async def run(endpoints: list[str]) -> None:
-        loop = asyncio.get_running_loop()
         drivers: dict[str, ClusterDriver] = {}
         alive = set(names)
-
-        class Wire:  # the peers' TLS channels, delivered in order through the wire form
-            def __init__(self, me: str) -> None:
-                self.me = me
-
-            def send(self, peer: str, msg: cxtp.Message) -> None:
-                m = cast(cxtp.CTD, cxtp.decode(cxtp.encode(msg)))
-                if self.me in alive and peer in alive:
-                    loop.call_soon(lambda: peer in alive and drivers[peer].receive(self.me, m))
-
-            def room(self, peer: str) -> int:
-                return 1 << 30
-
-        class Transfer:
-            def __init__(self) -> None:
-                self.listeners: list[object] = []
 
         for i, n in enumerate(names):
             cfg = from_dict({"name": n, "outer": {"address": "127.0.0.1", "port": 45100 + i},
@@ -367,7 +346,8 @@ def test_a_take_over_whose_answer_etcd_lost_is_completed(
             drv = ClusterDriver(node, ClusterConfig(etcd=tuple(endpoints), ttl_s=2, groups=4))
             if n == "sg2":
                 drv.client = LosingClient(list(endpoints), timeout=drv.client.timeout)
-            drv.attach(Wire(n), Transfer(), Identity.DIRECT, [p for p in names if p != n])  # type: ignore[arg-type]
+            drv.attach(_Wire(n, alive, drivers), _Transfer(), Identity.DIRECT,  # type: ignore[arg-type]
+                       [p for p in names if p != n])
             drv.transfer = None
             drivers[n] = drv
         for drv in drivers.values():
@@ -769,6 +749,30 @@ def test_cluster_status_shows_what_etcd_holds_without_its_control_characters(
     assert "evil\\x1b[2J" in r.stdout and "x\\nsg9 fake" in r.stdout, r.stdout
 
 
+class _Wire:
+    """The peers' TLS channels between cluster drivers in one event loop, delivered in order
+    through the wire form, and only while both ends are ``alive``."""
+
+    def __init__(self, me: str, alive: set[str], drivers: dict[str, ClusterDriver]) -> None:
+        self.me, self.alive, self.drivers = me, alive, drivers
+
+    def send(self, peer: str, msg: cxtp.Message) -> None:
+        m = cast(cxtp.CTD, cxtp.decode(cxtp.encode(msg)))
+        alive, me = self.alive, self.me
+        if me in alive and peer in alive:
+            asyncio.get_running_loop().call_soon(
+                lambda: peer in alive and self.drivers[peer].receive(me, m)
+            )
+
+    def room(self, peer: str) -> int:
+        return 1 << 30
+
+
+class _Transfer:
+    def __init__(self) -> None:
+        self.listeners: list[object] = []
+
+
 @contextlib.asynccontextmanager
 async def _sg1_gone_sg3_halted(
     tmp_path: Path, endpoints: list[str], port: int
@@ -783,25 +787,8 @@ async def _sg1_gone_sg3_halted(
     from ipsecct.gateway.node import Node
 
     names = ("sg1", "sg2", "sg3")
-    loop = asyncio.get_running_loop()
     drivers: dict[str, ClusterDriver] = {}
     alive = set(names)
-
-    class Wire:  # the peers' TLS channels, delivered in order through the wire form
-        def __init__(self, me: str) -> None:
-            self.me = me
-
-        def send(self, peer: str, msg: cxtp.Message) -> None:
-            m = cast(cxtp.CTD, cxtp.decode(cxtp.encode(msg)))
-            if self.me in alive and peer in alive:
-                loop.call_soon(lambda: peer in alive and drivers[peer].receive(self.me, m))
-
-        def room(self, peer: str) -> int:
-            return 1 << 30
-
-    class Transfer:
-        def __init__(self) -> None:
-            self.listeners: list[object] = []
 
     for i, n in enumerate(names):
         cfg = from_dict({"name": n, "outer": {"address": "127.0.0.1", "port": port + i},
@@ -817,7 +804,8 @@ async def _sg1_gone_sg3_halted(
                                                 static=False), o, inb)  # fmt: skip
         ttl = 30 if n == "sg3" else 2  # (sg3's lease outlives its halt)
         drv = ClusterDriver(node, ClusterConfig(etcd=tuple(endpoints), ttl_s=ttl, groups=4))
-        drv.attach(Wire(n), Transfer(), Identity.DIRECT, [p for p in names if p != n])  # type: ignore[arg-type]
+        drv.attach(_Wire(n, alive, drivers), _Transfer(), Identity.DIRECT,  # type: ignore[arg-type]
+                       [p for p in names if p != n])
         drv.transfer = None
         drivers[n] = drv
     for drv in drivers.values():
