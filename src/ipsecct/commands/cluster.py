@@ -20,13 +20,22 @@ def cmd_status(args: argparse.Namespace) -> int:
         sys.stdout.write("\n")
         return 0
     print(f"cluster {st['cluster']} (etcd {', '.join(st['etcd'])})")
-    print(f"{'member':<16} {'lease':<18} {'ttl_s':>5} {'groups':>6} {'tunnels':>8}  address")
+    # ttl_s: the lease's TTL as etcd granted it (the member's [cluster] ttl_s); left_s: what
+    # is left of it now (a live member renews it every ttl_s / 4)
+    print(
+        f"{'member':<16} {'lease':<18} {'ttl_s':>5} {'left_s':>6} {'groups':>6} {'tunnels':>8}"
+        "  address"
+    )
     # (names, addresses and claims are what any etcd writer chose: escaped)
     for name, m in sorted(st["members"].items()):
+        ttl, left = ("-" if m[k] is None else m[k] for k in ("ttl_s", "left_s"))
         print(
-            f"{escaped(name):<16} {m['lease']:<18} {m['ttl_s']:>5} {m['groups']:>6} "
+            f"{escaped(name):<16} {m['lease']:<18} {ttl:>5} {left:>6} {m['groups']:>6} "
             f"{m['tunnels']:>8}  {escaped(m['address'])}"
         )
+    if st.get("malformed_members"):
+        print(f"{st['malformed_members']} key(s) under members/ that no member wrote (no lease,"
+              " or not their own): not members, not listed")  # fmt: skip
     if st["owners_without_member"]:
         print(f"{st['owners_without_member']} tunnel(s) whose group has no owner (yet)")
     for i, b in st["spi_blocks"].items():

@@ -127,6 +127,7 @@ class ClusterDriver:
         self.suspended: Callable[[], float] = suspended_s
         self._slept_base = self.suspended()
         self.suspends = 0  # suspends counted (status)
+        self.losses_before = 0  # lease losses of this gateway's lives before this one
         # What we own: groups (owner keys under our lease) and our tunnels' groups.
         self.own = ownership.Ownership(cfg.name, node.name, cfg.groups)
         self.block: spimod.SpiBlock | None = cfg.block()
@@ -1166,6 +1167,9 @@ class ClusterDriver:
     def _lease_gone(self) -> None:
         """etcd expired our lease: our owner keys are gone and others may hold our tunnels
         now. Remove them for good and join again, empty."""
+        # A loss not yet noticed (the member did not run past its fence: a SIGSTOP) is
+        # counted and told now, with the lease that had it: status's losses are over lives.
+        self._events(self.lease.poll(self.node.clock()))
         self.lease.revoke()
         self.node.engine.send_until = -math.inf
         owned = self.own.lease_gone()
@@ -1191,6 +1195,8 @@ class ClusterDriver:
             " removed here, and the gateway joins again without them",
         )
         self.lease_id = 0
+        self._events(self.lease.poll(self.node.clock()))  # (valid until now: revoked)
+        self.losses_before += self.lease.losses
         self.lease = Lease(self.timing)
         # A copy a transfer committed here is the newest only while nobody else may have
         # owned its group: the keys handed to our groups are gone with them (_adopted).
@@ -1496,7 +1502,8 @@ class ClusterDriver:
                 "ended_ms_ago": (
                     None if (ago := self.lease.ended_ago(now)) is None else round(ago * 1000, 1)
                 ),
-                "losses": self.lease.losses,
+                # times a lease of this gateway ran out or ended, over all its lives
+                "losses": self.losses_before + self.lease.losses,
                 "suspends": self.suspends,  # suspends of the machine counted in the fence
             },
             "spi_block": str(self.block) if self.block is not None else None,
@@ -1557,6 +1564,20 @@ class ClusterDriver:
         }
 
 
+LEASE_LOOKUPS = 1024  # leases ``cluster status`` asks etcd about, at most (one call each)
+
+
+async def _time_to_live(client: EtcdClient, lease: int) -> tuple[int | None, int | None]:
+    """(granted TTL, seconds left) of ``lease``, as etcd answers; None for what it does not
+    answer as a number (left is -1 for a lease that is gone, as etcd says)."""
+    ans = await client.call("/v3/lease/timetolive", {"ID": str(lease)})
+
+    def num(v: Any) -> int | None:
+        return int(v) if isinstance(v, int | str) and str(v).lstrip("-").isdigit() else None
+
+    return num(ans.get("grantedTTL")), num(ans.get("TTL"))
+
+
 def spi_hex(t: Tunnel) -> str:
     return f"{t.outbound.spi:08x}"
 
@@ -1583,22 +1604,35 @@ async def read_ownership(
 
 
 async def cluster_status(cfg: ClusterConfig) -> dict[str, Any]:
-    """What etcd says about the cluster: members (with their lease's time to live), owners
-    (of each tunnel: the owner of its group) and tunnel and group counts per member, SPI
-    blocks. For ``ipsecct cluster status``."""
+    """What etcd says about the cluster: members (with their lease's granted TTL and time
+    left), owners (of each tunnel: the owner of its group) and tunnel and group counts per
+    member, SPI blocks. For ``ipsecct cluster status``.
+
+    One range read of the member keys, and a lease lookup only for a key a member wrote (its
+    value names the lease it is attached to), once per lease, at most ``LEASE_LOOKUPS``:
+    any etcd writer may put thousands of keys under ``members/`` (one lookup each made the
+    command take minutes); those are counted (``malformed_members``), not listed."""
     client = EtcdClient(list(cfg.etcd), timeout=2.0)
     keys = ownership.keys(cfg.name)
     members: dict[str, dict[str, Any]] = {}
+    malformed = 0
+    ttls: dict[int, tuple[int | None, int | None]] = {}  # lease -> (granted, left)
     for kv in await client.get_prefix(keys["members"]):
         name = kv.key[len(keys["members"]) :]
-        address = ownership.parse_member(kv.value)[0]
-        ttl = await client.call("/v3/lease/timetolive", {"ID": str(kv.lease)})
+        address, lease, _ = ownership.parse_member(kv.value)
+        if not lease or lease != kv.lease:
+            malformed += 1  # not what a member writes: no lease to ask about
+            continue
+        if lease not in ttls:
+            ttls[lease] = (
+                await _time_to_live(client, lease) if len(ttls) < LEASE_LOOKUPS else (None, None)
+            )
+        granted, left = ttls[lease]
         members[name] = {
             "address": address,
             "lease": f"{kv.lease:x}",
-            "ttl_s": int(ttl.get("TTL", 0))
-            if str(ttl.get("TTL", "0")).lstrip("-").isdigit()
-            else 0,
+            "ttl_s": granted,  # the TTL etcd granted (the member's ttl_s)
+            "left_s": left,  # what is left of it now (None: not looked up)
             "groups": 0,
             "tunnels": 0,
         }
@@ -1626,6 +1660,8 @@ async def cluster_status(cfg: ClusterConfig) -> dict[str, Any]:
         "owners": owners,
         "tunnel_groups": {f"0x{spi:08x}": g for spi, g in sorted(tunnels.items())},
         "owners_without_member": orphaned,
+        # keys under members/ that no member wrote (no lease, or not their own): not listed
+        "malformed_members": malformed,
         "spi_blocks": {
             i: {"member": m, "range": str(spimod.block(int(i), cfg.spi_blocks))}
             for i, m in sorted(blocks.items(), key=lambda x: int(x[0]) if x[0].isdigit() else -1)
