@@ -1172,3 +1172,52 @@ def test_message_ids_near_the_end_never_make_a_deadline_nothing_answers() -> Non
     due = w.resp.next_deadline()
     assert due is not None
     assert due > now or out, (due, now, out)  # a deadline passed is a deadline acted on
+
+
+def _with_critical(data: bytes, ptype: int = 200) -> bytes:
+    """``data`` (an IKE message in the clear) with a payload of type ``ptype``, which no
+    one knows, its critical bit set, put first."""
+    unknown = struct.pack("!BBH", data[16], 0x80, 8) + b"next"
+    return (data[:16] + bytes((ptype,)) + data[17:24] + struct.pack("!I", len(data) + 8)
+            + unknown + data[28:])  # fmt: skip
+
+
+def test_a_request_with_an_unknown_critical_payload_is_answered_so_and_changes_nothing() -> None:
+    """RFC 7296 §2.5: a request holding a payload we do not know with its critical bit set
+    is rejected, and its response holds UNSUPPORTED_CRITICAL_PAYLOAD naming that payload's
+    type. Inside an established IKE SA's Encrypted payload it was dropped unanswered: the
+    peer retransmits, then gives the IKE SA up and all its CHILD SAs with it (a peer with an
+    extension we lack lost its tunnels). Now it is answered (its retransmission again, from
+    the answer kept), the IKE SA and its CHILD SA unchanged; an IKE_SA_INIT with one is
+    answered in the clear and leaves no half-open IKE SA."""
+    w = pair()
+    connect(w)
+    (ii,), (ir,) = w.ini.ike_sas(), w.resp.ike_sas()
+    children = list(ir.children)
+    mid = ii.my_next_mid
+    hdr = M.Header(ii.spi_i, ii.spi_r, 0, M.ExchangeType.INFORMATIONAL, M.Flag.INITIATOR, mid, 0)
+    plain = struct.pack("!BBH", M.PayloadType.DELETE, 0x80, 8) + b"next" + M.encode_payloads(
+        [M.DeletePayload(M.ProtocolId.ESP, (children[0].spi_out.to_bytes(4, "big"),))])
+    request = ii.outbound.seal(hdr, [], inner_first=201, plain=plain)
+    for _ in range(2):  # (the second: a retransmission)
+        (answer,) = w.resp.receive(request, I500, R500, 1.0)
+        assert isinstance(answer, Send)
+        ahdr, (sk,) = M.decode(answer.data)
+        assert ahdr.is_response and ahdr.message_id == mid
+        assert isinstance(sk, M.SKPayload)
+        (n,) = M.decode_payloads(ii.inbound.open(answer.data, sk), sk.first)
+        assert isinstance(n, M.NotifyPayload)
+        assert (n.type, n.data) == (M.Notify.UNSUPPORTED_CRITICAL_PAYLOAD, bytes((201,)))
+    assert ir.peer_next_mid == mid + 1 and ir.state is IkeState.ESTABLISHED
+    assert ir.children == children  # (the DELETE after it was not acted on)
+    ini = IkeEngine([mn_conn()])
+    (s,) = ini.initiate(ini.connections[0], I500, R500, 0.0)
+    assert isinstance(s, Send)
+    gw = IkeEngine([conn()])
+    (answer,) = gw.receive(_with_critical(s.data), I500, R500, 0.0)
+    assert isinstance(answer, Send)
+    ahdr, payloads = M.decode(answer.data)
+    assert ahdr.is_response and ahdr.spi_r == bytes(8)
+    assert [(p.type, p.data) for p in payloads if isinstance(p, M.NotifyPayload)] == [
+        (M.Notify.UNSUPPORTED_CRITICAL_PAYLOAD, bytes((200,)))]
+    assert not gw.half_open and not gw.by_spi
