@@ -411,6 +411,55 @@ def test_conflicting_tunnels_are_configuration_errors(
     assert line == f"ipsecct: error: {f}: {message}", line
 
 
+_TUNNEL_X = """
+[[tunnel]]
+name = "x"
+local_ts = "10.2.0.0/24"
+remote_ts = "10.1.0.3/32"
+peer = "127.0.0.1:14501"
+spi_in = 0x10000009
+spi_out = 0x20000009
+keys = "keys/mn-sg1.keys"
+"""
+
+
+@pytest.mark.parametrize(
+    ("which", "message"),
+    [
+        ("in=out", "tunnel[0] (sg1-mn).keys: in_enc and out_enc are one AEAD key: this"
+         " gateway and its peer would both encrypt under it from sequence number 1 on, each"
+         " nonce twice (give each direction its own key)"),
+        ("mirror", "tunnel[1] (x).keys: out_enc is tunnel sg1-mn's in_enc (one AEAD key:"
+         " this gateway and that tunnel's peer would both encrypt under it, nonces repeated;"
+         " give each tunnel and direction its own key)"),
+    ],
+)
+def test_no_seq_sent_twice_an_aead_key_of_both_directions_is_a_configuration_error(
+    tmp_path: Path, which: str, message: str
+) -> None:
+    """An AEAD SA's nonce is its salt (the key's last four octets) and its sequence number,
+    never its SPI: an outbound key that is also an inbound key (of the same tunnel, or of
+    another one: a key file of the peer's side given to a second tunnel) has this gateway
+    and a peer sending seq 1, 2, ... under one key and salt, each nonce twice (AES-GCM
+    loses its integrity key to two such packets). It ran; it is refused at load, one line
+    naming the tunnels, never the key (the test keys' text is not in it)."""
+    shutil.copytree(ROOT / "examples" / "gateway", tmp_path, dirs_exist_ok=True,
+                    ignore=shutil.ignore_patterns("state"))  # fmt: skip
+    keys = tmp_path / "keys" / "sg1-mn.keys"
+    f = tmp_path / "sg1.toml"
+    if which == "in=out":
+        keys.write_text(keys.read_text().replace("11111111111111111111111111111111feed0001",
+                                                 "22222222222222222222222222222222feed0002"))
+    else:
+        t = f.read_text()
+        f.write_text(t[:t.index("[state]")] + _TUNNEL_X + t[t.index("[state]"):])
+    for k in (tmp_path / "keys").iterdir():
+        os.chmod(k, 0o600)
+    line = one_line(run("gateway", "run", "-c", str(f)))
+    assert line == f"ipsecct: error: {f}: {message}", line
+    assert "1111" not in line and "2222" not in line
+
+
 @pytest.mark.parametrize(
     "command",
     [
