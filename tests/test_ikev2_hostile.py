@@ -1221,3 +1221,18 @@ def test_a_request_with_an_unknown_critical_payload_is_answered_so_and_changes_n
     assert [(p.type, p.data) for p in payloads if isinstance(p, M.NotifyPayload)] == [
         (M.Notify.UNSUPPORTED_CRITICAL_PAYLOAD, bytes((200,)))]
     assert not gw.half_open and not gw.by_spi
+    # an IKE_AUTH with one: answered so, and the half-open IKE SA is not kept (§2.21.2)
+    (answer,) = gw.receive(s.data, I500, R500, 0.0)
+    assert isinstance(answer, Send) and len(gw.half_open) == 1
+    ini.receive(answer.data, R500, I500, 0.0)
+    (ike,) = ini.ike_sas()
+    hdr = M.Header(ike.spi_i, ike.spi_r, 0, M.ExchangeType.IKE_AUTH, M.Flag.INITIATOR, 1, 0)
+    plain = struct.pack("!BBH", 0, 0x80, 8) + b"next"
+    (answer,) = gw.receive(ike.outbound.seal(hdr, [], inner_first=202, plain=plain), I500,
+                           R500, 0.1)  # fmt: skip
+    assert isinstance(answer, Send)
+    _, (sk,) = M.decode(answer.data)
+    assert isinstance(sk, M.SKPayload)
+    (n,) = M.decode_payloads(ike.inbound.open(answer.data, sk), sk.first)
+    assert isinstance(n, M.NotifyPayload) and n.type == M.Notify.UNSUPPORTED_CRITICAL_PAYLOAD
+    assert not gw.half_open and not gw.by_spi and gw.stats["unsupported-critical"] == 2

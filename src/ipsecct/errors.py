@@ -138,11 +138,12 @@ class IkeParseError(IpsecctError):
 
 class IkeProtocolError(IpsecctError):
     """A well-formed IKEv2 message that breaks the protocol or local policy; ``notify`` is the
-    error type to answer with (0: answer nothing)."""
+    error type to answer with (0: answer nothing), ``data`` its notification data."""
 
-    def __init__(self, message: str, notify: int = 0) -> None:
+    def __init__(self, message: str, notify: int = 0, data: bytes = b"") -> None:
         super().__init__(message)
         self.notify = notify
+        self.data = data
 
 
 class IkeContextError(IpsecctError):

@@ -81,6 +81,7 @@ from .message import (
     TrafficSelector,
     TSPayload,
     decode,
+    decode_header,
     decode_payloads,
     encode_payloads,
     encode_plain,
@@ -1100,7 +1101,19 @@ class IkeEngine:
     # -- receiving ----------------------------------------------------------------------
     def _receive(self, data: bytes, src: Address, dst: Address, now: float,
                  out: list[Output]) -> None:  # fmt: skip
-        hdr, payloads = decode(data)
+        try:
+            hdr, payloads = decode(data)
+        except IkeProtocolError as exc:
+            h = decode_header(data)
+            if (exc.notify == Notify.UNSUPPORTED_CRITICAL_PAYLOAD and h.from_initiator
+                    and h.exchange == ExchangeType.IKE_SA_INIT and not h.is_response
+                    and h.spi_r == bytes(8) and h.message_id == 0):  # fmt: skip
+                # §2.5: answered (in the clear, as INVALID_SYNTAX is), nothing kept
+                self.stats["unsupported-critical"] += 1
+                self._plain_reply(h, bytes(8), [NotifyPayload(exc.notify, data=exc.data)],
+                                  src, dst, out)  # fmt: skip
+                return
+            raise
         if hdr.exchange == ExchangeType.IKE_SA_INIT:
             if hdr.is_response:
                 self._sa_init_response(data, hdr, payloads, src, dst, now, out)
@@ -1150,7 +1163,13 @@ class IkeEngine:
         if hdr.message_id != ike.peer_next_mid and not ahead:
             self.stats["bad-message-id"] += 1
             return
-        opened = self._open(ike, data, hdr, payloads)
+        try:
+            opened = self._open(ike, data, hdr, payloads)
+        except IkeProtocolError as exc:
+            if exc.notify != Notify.UNSUPPORTED_CRITICAL_PAYLOAD:
+                raise
+            self._unsupported_critical(ike, hdr, exc, src, dst, now, out)
+            return
         if opened is None:
             return  # more fragments to come
         self.touched += 1
@@ -1272,6 +1291,34 @@ class IkeEngine:
         sk = payloads[-1]
         plain = ike.inbound.open(data, sk)
         return decode_payloads(plain, sk.first)
+
+    def _unsupported_critical(self, ike: IkeSA, req: Header, exc: IkeProtocolError,
+                              src: Address, dst: Address, now: float,
+                              out: list[Output]) -> None:  # fmt: skip
+        """The peer's request (authenticated) holds a payload we do not know with its
+        critical bit set: RFC 7296 §2.5 rejects the message, and its answer says so
+        (UNSUPPORTED_CRITICAL_PAYLOAD, the payload's type as its data). Nothing in it is
+        acted on and nothing moves (the answer goes where it came from, as a MOBIKE path
+        test's); only the message ID is used up, as by a liveness check. Unanswered, the
+        peer retransmitted it and then closed the IKE SA and its CHILD SAs. An IKE_AUTH so
+        refused creates no IKE SA (§2.21.2): the half-open one is dropped."""
+        ike.fragment_set = []
+        if ike.state is IkeState.HALF_OPEN and (
+                req.exchange != ExchangeType.IKE_AUTH or ike.we_initiated):  # fmt: skip
+            self.stats["bad-exchange"] += 1
+            return
+        self.touched += 1
+        self.stats["unsupported-critical"] += 1
+        if self._refusal_log.allow("critical", now):
+            log.warning("event=ike-unsupported-critical-payload conn=%s peer=%s exchange=%d"
+                        " payload=%d", ike.conn.name, src, req.exchange,
+                        exc.data[0] if exc.data else 0)  # fmt: skip
+        ike.resync_ahead = 0
+        via = (dst, src) if src != ike.remote or dst != ike.local else None
+        self._answer(ike, req, [NotifyPayload(exc.notify, data=exc.data)], out, via)
+        if ike.state is IkeState.HALF_OPEN:
+            ike.init_request = ike.init_response = b""
+            self._kill(ike, "unsupported critical payload", out)
 
     def _hold(self, ike: IkeSA, datagrams: list[bytes], hdr: Header,
               src: Address, dst: Address) -> None:  # fmt: skip

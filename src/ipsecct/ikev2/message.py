@@ -600,8 +600,9 @@ def decode_payloads(data: bytes, first: int, base: int = 0) -> list[Payload]:
         p = _payload(nxt, body, base + pos + 4, following)
         if p is None:
             if crit & 0x80:
-                raise IkeProtocolError(
-                    f"unknown critical payload {nxt}", Notify.UNSUPPORTED_CRITICAL_PAYLOAD
+                raise IkeProtocolError(  # (§3.10.1: the data is the payload's type)
+                    f"unknown critical payload {nxt}", Notify.UNSUPPORTED_CRITICAL_PAYLOAD,
+                    bytes((nxt,)),
                 )
         else:
             out.append(p)
