@@ -846,6 +846,29 @@ def from_dict(data: dict[str, Any], path: str = "<config>") -> NodeConfig:
     first: dict[int, str] = {}
     first_out: dict[tuple[int, IPAddress], str] = {}
     same: dict[tuple[object, ...], str] = {}
+    # An AEAD nonce is the key's salt and the sequence number, never the SPI: a key that
+    # encrypts both ways (one tunnel's in_enc and out_enc, or a tunnel's out_enc another's
+    # in_enc: the peer's side of a key file given to a second tunnel) has this gateway and a
+    # peer both sending seq 1, 2, ... under one key and salt. (Two outbound uses of one key
+    # are journal.merge's refusal; the key itself is never in a message.)
+    keys_in: dict[bytes, str] = {}
+    keys_out: dict[bytes, str] = {}
+    for i, t in enumerate(tunnels):
+        if not ENC[t.outbound.enc].aead:
+            continue
+        kin, kout, where = t.inbound.enc_key, t.outbound.enc_key, f"tunnel[{i}] ({t.name}).keys"
+        if kin == kout:
+            raise ctx.err(where, "in_enc and out_enc are one AEAD key: this gateway and its peer"
+                          " would both encrypt under it from sequence number 1 on, each nonce"
+                          " twice (give each direction its own key)")  # fmt: skip
+        for mine, theirs, other in (("out_enc", "in_enc", keys_in.get(kout)),
+                                    ("in_enc", "out_enc", keys_out.get(kin))):  # fmt: skip
+            if other is not None:
+                raise ctx.err(where, f"{mine} is tunnel {other}'s {theirs} (one AEAD key: this"
+                              " gateway and that tunnel's peer would both encrypt under it,"
+                              " nonces repeated; give each tunnel and direction its own key)")
+        keys_in.setdefault(kin, t.name)
+        keys_out.setdefault(kout, t.name)
     for i, t in enumerate(tunnels):  # (gateway run said only "SPI ... is already in use")
         other = first.setdefault(t.inbound.spi, t.name)
         if other != t.name:
