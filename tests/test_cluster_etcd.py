@@ -439,3 +439,105 @@ def test_a_child_less_ike_replicas_key_names_a_group_or_nothing(junk: bytes) -> 
         assert ClusterDriver._key_group(spi + bad) is None, bad
     got = ClusterDriver._key_group(spi + junk)
     assert got is None or (spi + got.encode() == spi + junk and ownership.lease_of_group(got))
+
+
+# -- 4. a member that knows its own state ----------------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["deleted", "written-again"])
+def test_no_seq_sent_twice_a_member_whose_key_is_lost_stops_before_its_groups_can_be_taken(
+    tmp_path: Path, how: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Guards the invariant. sg1 (a real driver on a real etcd) owns its tunnel; sg2 is a
+    member. An operator deletes sg1's member key (``etcdctl del``), or deletes it and writes
+    it back under sg1's lease (a restore of etcd): its lease lives on, so it was never told.
+    sg2 (any peer) took sg1 for gone at once: it dropped its floors there and sends past the
+    replicas sg1 holds; sg1's own take-overs failed (they compare the member key). sg1 must
+    notice (within a round of its loop), say so in one line and in status, end that life as
+    when etcd ends its lease (fenced, its tunnel removed, its replicas forgotten) and only
+    then end the lease, whose owner keys the survivors may take: at no moment are sg1's
+    groups free while its tunnel may send. It joins again under a new lease. On main sg1
+    never noticed: its groups stayed under its lease, its member key gone (or, written back,
+    with replicas that bounded nothing)."""
+    import logging
+
+    from ipsecct.ct.transfer import Identity
+    from ipsecct.gateway.cluster_driver import ClusterDriver
+    from ipsecct.gateway.config import ClusterConfig, load
+    from ipsecct.gateway.node import Node
+    from tests.helpers.config_files import failover_sg1
+    from tests.helpers.waiting import eventually
+
+    class Channels:  # what would go to sg2 over TLS (nothing answers)
+        def send(self, peer: str, msg: object) -> None:
+            pass
+
+        def room(self, peer: str) -> int:
+            return 1 << 30
+
+    class Transfer:
+        def __init__(self) -> None:
+            self.listeners: list[object] = []
+
+    cfg_path = failover_sg1(tmp_path)
+
+    async def run(endpoints: list[str]) -> None:
+        c = EtcdClient(endpoints, timeout=5.0)
+        keys = ownership.keys("default")
+        lid2, _ = await c.grant(60)
+        await c.put(keys["members"] + "sg2", ownership.member_info("127.0.0.1:1", lid2, 8),
+                    lease=lid2)  # fmt: skip
+        node = Node(load(cfg_path))
+        [t] = node.engine.tunnels()
+        drv = ClusterDriver(node, ClusterConfig(etcd=tuple(endpoints), ttl_s=2, groups=4))
+        drv.attach(Channels(), Transfer(), Identity.DIRECT, ["sg2"])  # type: ignore[arg-type]
+        drv.transfer = None
+        await drv.start()
+        try:
+            await eventually(lambda: drv.own.owns(t.outbound.spi), "sg1 owns its tunnel")
+            n = drv.client.calls  # a few rounds more: sg1 has read its member key as it is
+            await eventually(lambda: drv.client.calls >= n + 6, "sg1's rounds go on")
+            lease = drv.lease_id
+            home = [keys["groups"] + g for g in drv.own.home]
+            key1 = keys["members"] + "sg1"
+            kv = await c.get(key1)
+            assert kv is not None
+            await c.delete(key1)  # the operator's etcdctl del
+            if how == "written-again":
+                await c.put(key1, kv.value, lease=lease)
+            deadline = time.monotonic() + 10
+            while True:  # until sg1's groups may be taken by anyone
+                assert time.monotonic() < deadline, f"sg1 never let its groups go: {drv.status()}"
+                free = [k for k in home if await c.get(k) is None]
+                if free:
+                    # the moment another member may create sg1's owner keys: sg1 sends nothing
+                    assert t not in set(node.engine.tunnels()) or node.engine.fenced(
+                        t, node.clock()), drv.status()  # fmt: skip
+                    assert node.engine.send_until == -float("inf"), drv.status()
+                    break
+                await asyncio.sleep(0.005)
+            while [k for k in home if await c.get(k) is not None]:  # (one revoke: all)
+                assert time.monotonic() < deadline, "sg1's old groups not all gone"
+                await asyncio.sleep(0.005)
+            assert await c.keepalive(lease) == 0
+            assert t not in set(node.engine.tunnels())
+            st = drv.status()
+            assert st["lives_ended"] == {"member-key-lost": 1}, st
+            assert st["removed_on_expiry"] == 1 and "member key" in st["last_life_end"], st
+            assert st["replicas"] == {"sg2": 0}, st
+            # a member again, under a new lease (once its old groups went: nobody holds a
+            # replica of them here, so after 3 x ttl_s at most)
+            await eventually(lambda: drv.lease_id not in (0, lease), "sg1 joins again", 15)
+            kv = await c.get(key1)
+            assert kv is not None and kv.lease == drv.lease_id != lease
+            assert drv.status()["joined"] is True
+        finally:
+            await drv.stop()
+
+    caplog.set_level(logging.INFO)
+    with EtcdCluster(tmp_path) as e:
+        asyncio.run(run(e.endpoints))
+    lines = [r.getMessage() for r in caplog.records if "event=cluster-member-key-lost" in
+             r.getMessage()]  # fmt: skip
+    assert len(lines) == 1, lines
+    assert "tunnels=1" in lines[0], lines

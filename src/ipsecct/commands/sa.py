@@ -186,6 +186,10 @@ def _print_cluster_status(c: dict[str, Any]) -> None:
     print(f"    owned tunnels {c.get('owned_tunnels')}, unowned {c.get('unowned_tunnels')},"
           f" lease losses {lease.get('losses')},"
           f" removed on expiry {c.get('removed_on_expiry')}")  # fmt: skip
+    if c.get("last_life_end"):  # (why its last lease ended: etcd, or its member key lost)
+        ends = c.get("lives_ended") or {}
+        print(f"    lives ended {sum(ends.values()) if isinstance(ends, dict) else ends}:"
+              f" last: {_shown(c['last_life_end'])}")  # fmt: skip
     if c.get("transfers_withdrawn"):
         print(f"    transfers withdrawn at take-overs {c['transfers_withdrawn']} (from members"
               " whose lease ended before their COMMIT: the tunnels taken over from replicas)")

@@ -128,6 +128,12 @@ class ClusterDriver:
         self._slept_base = self.suspended()
         self.suspends = 0  # suspends counted (status)
         self.losses_before = 0  # lease losses of this gateway's lives before this one
+        # Lives ended, by why (_lease_gone: lease-expired, member-key-lost), the last's line
+        self.life_ends: dict[str, int] = {}
+        self.last_life_end = ""
+        # (create, mod) revisions of our member key as first read in this life: any other
+        # is a key someone else wrote (_member_key_lost)
+        self._own_rev: tuple[int, int] | None = None
         # What we own: groups (owner keys under our lease) and our tunnels' groups.
         self.own = ownership.Ownership(cfg.name, node.name, cfg.groups)
         self.block: spimod.SpiBlock | None = cfg.block()
@@ -674,8 +680,13 @@ class ClusterDriver:
 
     async def _scan(self) -> None:
         """Read the member list; take this member's share of the groups of peers whose
-        member key is gone."""
+        member key is gone. First: is our own member key still the one we wrote?"""
         mkvs = await self.client.get_prefix(self.keys["members"])
+        mine = [kv for kv in mkvs if kv.key == self.own.member_key()]
+        lost = self._own_key_lost(mine[0] if mine else None)
+        if lost:
+            await self._member_key_lost(lost)
+            return
         members = {kv.key[len(self.keys["members"]) :] for kv in mkvs}
         self._members = members
         seen: dict[str, int] = {}
@@ -772,6 +783,45 @@ class ClusterDriver:
                     won += batch
             with gcpolicy.POLICY.batch():
                 self._install(won, dead)
+
+    def _own_key_lost(self, kv: Any) -> str:
+        """What is wrong with our member key as just read ("" if nothing): gone, under
+        another lease, or written since this life first read it (deleted and written again,
+        by an operator or a restore of etcd: even with our lease, not ours)."""
+        if kv is None:
+            return "is gone"
+        lease = ownership.parse_member(kv.value)[1]
+        if kv.lease != self.lease_id or lease != self.lease_id:
+            return f"names another lease ({kv.lease:x}, its value {lease:x})"
+        rev = (kv.create_revision, kv.mod_revision)
+        if self._own_rev is None:
+            self._own_rev = rev
+        elif rev != self._own_rev:
+            return f"was written again (revision {rev[1]}, not {self._own_rev[1]})"
+        return ""
+
+    async def _member_key_lost(self, why: str) -> None:
+        """Our member key is gone or not ours, while we believe our lease lives. Every peer
+        that read it so took us for gone: it dropped its floors here (our replicas of its
+        tunnels bound nothing any more) and stopped replicating to us; our take-overs and
+        new tunnels' records fail (they compare the member key under our lease). Going on
+        under this lease, with the key written back (by anyone), our replicas would let us
+        take a peer's tunnels over below numbers it sent unbounded meanwhile. So this life
+        ends as when etcd expires the lease (_lease_gone: fenced, our tunnels removed, the
+        replicas we hold forgotten, IKE SAs forgotten), then the lease itself is revoked
+        (after ``guard_ms``, for packets still in a socket queue: our owner keys go and the
+        survivors may adopt our groups from their replicas, above our ceilings), and we join
+        again under a new lease once those groups have an owner (_previous_life)."""
+        lease = self.lease_id
+        if await self.client.keepalive(lease) <= 0:
+            self._lease_gone()  # (etcd ended the lease: its keys went with it)
+            return
+        self._lease_gone(key_lost=why)
+        await asyncio.sleep(self.cfg.guard_ms / 1000)
+        with contextlib.suppress(EtcdError):
+            await self.client.revoke(lease)
+        # our old groups go to the survivors first, as after a restart (_previous_life)
+        self._previous = (lease, self.node.clock())
 
     def _takes(self, dead: Callable[[str], bool]) -> _Takes:
         """Which orphaned groups _scan adopts, the peers ``dead`` says are gone: a group is
@@ -1164,9 +1214,11 @@ class ClusterDriver:
         self._events(self.lease.granted(n, now))
         self.node.engine.send_until = self.lease.expiry
 
-    def _lease_gone(self) -> None:
+    def _lease_gone(self, key_lost: str = "") -> None:
         """etcd expired our lease: our owner keys are gone and others may hold our tunnels
-        now. Remove them for good and join again, empty."""
+        now. Remove them for good and join again, empty. ``key_lost``: our member key is
+        gone or not ours while the lease lives (:meth:`_member_key_lost`, which then ends
+        the lease itself): the same end of this life, told as that."""
         # A loss not yet noticed (the member did not run past its fence: a SIGSTOP) is
         # counted and told now, with the lease that had it: status's losses are over lives.
         self._events(self.lease.poll(self.node.clock()))
@@ -1185,17 +1237,32 @@ class ClusterDriver:
         self._layout += 1
         if self.ike is not None:  # others may run them now: never a message more from here
             self.ike.forget_all("etcd ended this gateway's lease: its IKE SAs may have moved")
+        why = "member-key-lost" if key_lost else "lease-expired"
+        self.life_ends[why] = self.life_ends.get(why, 0) + 1
+        self.last_life_end = (
+            f"this gateway's member key {key_lost} while its lease lived: it ended that "
+            f"lease (its tunnels removed here, {len(gone)}) and joins again"
+            if key_lost
+            else f"etcd expired this gateway's lease (its tunnels removed here, {len(gone)})"
+        )
         event(
             log,
-            "cluster-lease-expired",
+            "cluster-" + why,
             logging.ERROR,
             node=self.node.name,
             tunnels=len(gone),
-            detail="etcd expired this gateway's lease: its tunnels may have moved; they were"
-            " removed here, and the gateway joins again without them",
+            detail=(
+                f"this gateway's member key {key_lost} (an operator's etcdctl, a restore of "
+                "etcd): its peers took it for gone and dropped what bounds their tunnels here. "
+                "It stopped sending, removed its tunnels, ends its lease (its groups go to the "
+                "members holding their replicas) and joins again without them"
+                if key_lost
+                else "etcd expired this gateway's lease: its tunnels may have moved; they were"
+                " removed here, and the gateway joins again without them"
+            ),
         )
         self.lease_id = 0
-        self._events(self.lease.poll(self.node.clock()))  # (valid until now: revoked)
+        self._own_rev = None
         self.losses_before += self.lease.losses
         self.lease = Lease(self.timing)
         # A copy a transfer committed here is the newest only while nobody else may have
@@ -1511,6 +1578,10 @@ class ClusterDriver:
             "owned_tunnels": sum(1 for t in tunnels if self.own.owns(t.outbound.spi)),
             "unowned_tunnels": sum(1 for t in tunnels if not self.own.owns(t.outbound.spi)),
             "removed_on_expiry": self.lost_for_good,
+            # this gateway's lives ended (lease-expired: by etcd; member-key-lost: its member
+            # key deleted or written over, so it ended the lease itself), and the last's why
+            "lives_ended": dict(self.life_ends),
+            "last_life_end": self.last_life_end,
             "etcd_error": self.last_error,
             "replicas": {p: len(sb.replica) for p, sb in self.standbys.items()},
             # replicas below an earlier one's sequence number (a buggy peer; see Standby.high)
