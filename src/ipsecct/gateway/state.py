@@ -87,6 +87,9 @@ _NAME_OK = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 # as before), so that a synced write overwrites blocks the file system has already allocated
 # instead of growing the file (StateStore.prepare_wal).
 WAL_PAGES = 1024
+# meta rows: whether the last run closed the store cleanly, and how long its write-ahead log
+# was made at its start (_check_log)
+RUN_KEY, RUN_OPEN, RUN_CLOSED, LOG_KEY = "run", "open", "closed", "wal_size"
 
 
 class _Damaged(Exception):
@@ -108,6 +111,32 @@ def default_dir(name: str) -> Path:
         return Path("/var/lib/ipsecct") / name
     xdg = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
     return Path(xdg) / "ipsecct" / name
+
+
+def _check_log(meta: dict[str, str], log_size: int | None) -> None:
+    """The database of a run that was not closed cleanly (killed, crashed, power lost) must
+    come with its write-ahead log (state.db-wal) at least as long as the run made it at its
+    start: its last commits, the last reservations among them, are there until a checkpoint
+    copies them into state.db. Without it SQLite opens state.db as it was at the last
+    checkpoint, silently, and the counters resumed below what was sent (a log removed
+    after a kill: every tunnel from seq 1 again). ``log_size``: the log's length before
+    SQLite opened the database (None: absent). (An SQLite program that opened state.db after
+    the crash and closed it cleanly, the sqlite3 shell, copied the log into it and removed
+    it: nothing is lost then, but nothing here can tell; docs/state.md says what to do.)"""
+    if meta.get(RUN_KEY) != RUN_OPEN:
+        return  # closed cleanly (or written by an ipsecct before this check)
+    need = int(meta.get(LOG_KEY, "0"))
+    if log_size is None:
+        raise _Damaged(
+            "its write-ahead log (state.db-wal) is missing, and its last run was not stopped"
+            " cleanly: the sequence numbers it reserved last may be lost"
+        )
+    if log_size < need:
+        raise _Damaged(
+            f"its write-ahead log (state.db-wal) is {log_size} octets, shorter than the"
+            f" {need} its last run (not stopped cleanly) made it: the sequence numbers it"
+            " reserved last may be lost"
+        )
 
 
 def _fsync_dir(d: Path) -> None:
@@ -292,6 +321,12 @@ class StateStore:
     @classmethod
     def open_existing(cls, path: Path, node: str) -> StateStore:
         """Open and check a database; raises _Damaged with the reason."""
+        try:  # (before SQLite reads it: see _check_log)
+            log_size: int | None = path.with_name(path.name + "-wal").stat().st_size
+        except FileNotFoundError:
+            log_size = None
+        except OSError as exc:
+            raise _Damaged(f"its write-ahead log cannot be read: {exc.strerror}") from None
         try:
             conn = cls._connect(path)
         except sqlite3.Error as exc:
@@ -322,6 +357,7 @@ class StateStore:
             store = cls(conn, path, salt, False)
             store.load()  # every row must decode
             store.check_arrivals()
+            _check_log(meta, log_size)
             return store
         except (sqlite3.Error, KeyError, ValueError, TypeError, _Damaged) as exc:
             conn.close()
@@ -448,15 +484,31 @@ class StateStore:
                         c.execute("UPDATE meta SET value = ? WHERE key = 'wal'", (str(i),))
                 finally:
                     c.execute("PRAGMA synchronous = FULL")
+                # the synced commit marks the run open with the log's length now (a
+                # later commit only lengthens it or writes over it: _check_log), and the
+                # checkpoint puts the mark in the database file before any reservation
+                size = self.path.with_name(self.path.name + "-wal").stat().st_size
+                c.execute("BEGIN IMMEDIATE")
                 c.execute("DELETE FROM meta WHERE key = 'wal'")
-                c.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                c.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)",
+                              [(RUN_KEY, RUN_OPEN), (LOG_KEY, str(size))])  # fmt: skip
+                c.execute("COMMIT")
+                busy, frames, copied = c.execute("PRAGMA wal_checkpoint(FULL)").fetchone()
+                if busy or frames != copied:
+                    raise sqlite3.OperationalError(
+                        f"the write-ahead log was not checkpointed ({copied} of {frames}"
+                        " frames): another process has the database open")
             finally:
                 # Checkpointed before the log outgrows what was prepared (a few pages of
                 # room: one commit may cross the mark by the pages it writes).
                 c.execute(f"PRAGMA wal_autocheckpoint = {max(1, pages - 24)}")
 
     def close(self) -> None:
+        """Closed cleanly: marked so (SQLite then checkpoints the log and removes it)."""
         with self._lock:
+            with contextlib.suppress(sqlite3.Error):  # (unmarked: the next start checks)
+                self.conn.execute("UPDATE meta SET value = ? WHERE key = ?",
+                                  (RUN_CLOSED, RUN_KEY))  # fmt: skip
             self.conn.close()
 
     # -- reading and writing ---------------------------------------------------------------
