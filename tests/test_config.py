@@ -130,6 +130,20 @@ BAD: list[tuple[str, str, str, list[str]]] = [
         'keys = "t1.keys"\nhard_lifetime = {seconds = 1e12}',
         ["hard_lifetime.seconds", "at most 4398046511"],
     ),
+    # (taken too: such a tunnel could be neither transferred ("soft.bytes out of range
+    # 0-18446744073709551615") nor replicated to a standby (skipped, counted unreplicable))
+    (
+        "lifetime bytes beyond the context's",
+        'keys = "t1.keys"',
+        'keys = "t1.keys"\nhard_lifetime = {bytes = 18446744073709551616}',
+        ["hard_lifetime.bytes", "at most 18446744073709551615"],
+    ),
+    (
+        "lifetime packets beyond the context's",
+        'keys = "t1.keys"',
+        'keys = "t1.keys"\nsoft_lifetime = {packets = 18446744073709551616}',
+        ["soft_lifetime.packets", "at most 18446744073709551615"],
+    ),
     (
         "lifetime not finite",
         'keys = "t1.keys"',
