@@ -261,7 +261,13 @@ def _lifetime(d: Any, ctx: _Ctx, where: str) -> Lifetime:
     # what a transfer's context can carry (its ms in 42 bits, 139 years); not inf or nan
     if secs is not None and not secs <= MAX_DURATION_MS // 1000:
         raise ctx.err(f"{where}.seconds", f"must be at most {MAX_DURATION_MS // 1000}")
+    for k, n in (("bytes", nbytes), ("packets", pkts)):  # (its 64-bit fields)
+        if n is not None and n > MAX_COUNT:
+            raise ctx.err(f"{where}.{k}", f"must be at most {MAX_COUNT}")
     return Lifetime(float(secs) if secs is not None else None, nbytes, pkts)
+
+
+MAX_COUNT = (1 << 64) - 1  # a lifetime's bytes or packets, as a context carries them
 
 
 def _ranges(v: Any, ctx: _Ctx, key: str) -> tuple[AddressRange, ...]:
