@@ -841,7 +841,9 @@ def test_a_leaving_tunnel_whose_peer_is_no_longer_configured_is_shown_held_and_d
     assert r.returncode != 0 and "no unresolved tunnel" in r.stderr, r.stderr
     assert gws.status("sg1")["metrics"]["state_tunnels_unresolved_unasked"] == 1
     time.sleep(0.6)
-    r = cli("sa", "discard", hex(spi), "-c", conf)
+    # named by its inbound SPI (ours; sa show and sa delete take it too): it took the
+    # outbound one only, and said "an SA that is not unresolved"
+    r = cli("sa", "discard", hex(0x10000000 + 4), "-c", conf)
     assert r.returncode == 0 and f"discarded 0x{spi:08x}" in r.stdout, (r.stdout, r.stderr)
     st_ = gws.status("sg1")["state"]
     assert st_["unresolved"] == []

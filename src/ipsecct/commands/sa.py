@@ -493,7 +493,13 @@ def cmd_sa_rekey(args: argparse.Namespace) -> int:
 
 
 def cmd_sa_discard(args: argparse.Namespace) -> int:
-    params = {"peer": args.peer} if args.peer is not None else {"spi": args.spi}
+    if args.spi is None and (args.dst is not None or args.proto is not None):
+        raise ControlError("--dst and --proto name the SA of an SPI: sa discard SPI --dst ADDR")
+    params: dict[str, Any] = {"peer": args.peer} if args.peer is not None else {"spi": args.spi}
+    if args.dst is not None:
+        params["dst"] = args.dst
+    if args.proto is not None:
+        params["proto"] = args.proto
     res = request(socket_path(args), "sa.discard", params)
     if args.json:
         _print_json(res)
@@ -680,9 +686,12 @@ def register(sub: Any) -> None:
         " never sent on here again",
         cmd_sa_discard,
     )  # fmt: skip
+    d.usage = "%(prog)s [options] (SPI [--dst ADDR] [--proto esp|ah] | --peer NAME)"
     g = d.add_mutually_exclusive_group(required=True)
-    g.add_argument("spi", nargs="?", type=_spi, help="the tunnel's outbound SPI")
+    g.add_argument("spi", nargs="?", type=_spi,
+                   help="an SPI of the tunnel, inbound or outbound (" + SPI_HELP + ")")
     g.add_argument("--peer", help="every unresolved tunnel that was going to this peer")
+    add_dst_proto(d)
     pools = leaf(sub, "pools", "a running gateway's virtual IP pools", cmd_pools)
     g = pools.add_mutually_exclusive_group()
     g.add_argument("--leases", action="store_true",

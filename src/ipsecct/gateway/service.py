@@ -708,20 +708,27 @@ class Service:
         peer = args.get("peer")
         if peer is not None and not isinstance(peer, str):
             raise ControlError("peer must be a name")
-        held = {r.spi: (n, r) for n, r in self.state.plan.unresolved.items()}
+        unresolved = self.state.plan.unresolved
         if peer is not None:
-            picked = [(n, r) for n, r in held.values() if r.gateway == peer]
+            picked = [(n, r) for n, r in unresolved.items() if r.gateway == peer]
             if not picked:
                 raise ControlError(f"no unresolved tunnel was going to {peer!r}")
         else:
-            spi = parse_spi(args.get("spi"))
-            if spi not in held:
-                what = "no SA" if not eng.find_sa(spi) else "an SA that is not unresolved"
+            # Any SPI of the tunnel, as sa show and sa delete take it (its inbound SPI, ours,
+            # or its outbound one; --dst and --proto where it names SAs of several tunnels):
+            # it looked up the outbound SPI alone, the peer's choice, which an operator
+            # reading swanctl's or the peer's side does not have at hand.
+            sas = self._find_one(args)
+            tunnel = eng.tunnel_of(sas[0])
+            name = self.state.unresolved_sa(tunnel.outbound) if tunnel is not None else None
+            row = unresolved.get(name) if name is not None else None
+            if name is None or row is None:
                 raise ControlError(
-                    f"0x{spi:08x} is {what} (sa discard gives up only tunnels held because"
-                    " their transfer's outcome is unknown; see state.unresolved)"
+                    f"0x{sas[0].spi:08x} is an SA that is not unresolved (sa discard gives up"
+                    " only tunnels held because their transfer's outcome is unknown; see"
+                    " state.unresolved)"
                 )
-            picked = [held[spi]]
+            picked = [(name, row)]
         out = []
         for name, row in picked:
             sa = self.state.held_sa(name)
