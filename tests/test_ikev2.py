@@ -388,6 +388,10 @@ TRANSFORMS = [
     ("aes256-sha384-ecp521", "aes256-sha384"),
     ("aes192-sha512-x448", "aes192-sha512-esn"),
     ("aes128-sha1-x25519", "aes128-sha1"),
+    # RFC 3686 AES-CTR (the nonce after each key in KEYMAT) and RFC 2410 NULL (no key)
+    ("aes128-sha256-x25519", "aes128ctr-sha256"),
+    ("aes128gcm16-prfsha256-x25519", "aes256ctr-sha384-esn"),
+    ("aes128-sha256-x25519", "null-sha256"),
 ]
 
 
@@ -1735,6 +1739,29 @@ def test_ike_sa_context_round_trip_and_move() -> None:
         sg2.import_ike(context.encode(sg2.ike_sas()[0], 34.0), 34.0)
     with pytest.raises(IkeContextError, match="no connection"):
         IkeEngine([conn("other")]).import_ike(cdbs, 11.0)
+
+
+@pytest.mark.parametrize(("esp", "key_len"), [("aes192ctr-sha256", 28), ("null-sha256", 0)])
+def test_an_ike_sa_moves_with_its_aes_ctr_or_null_child_sa(esp: str, key_len: int) -> None:
+    """The IKE SA's context carries a CHILD SA of AES-CTR or NULL ESP (its suite was refused
+    on import: "unsupported encryption in the context"); the second gateway's SAs are the
+    first's, keys (AES-CTR's nonce with them) and numbers."""
+    from ipsecct.ikev2 import context
+
+    w = pair(mn_conn(esp=esp), conn(esp=esp))
+    connect(w)
+    (old,) = w.resp.ike_sas()
+    (c_old,) = old.children
+    _, out_old, _ = c_old.sas(R500, I500, True, "gw")
+    cdbs = w.resp.export_ike(old, 11.0)
+    assert {context.is_ike_cdb(c) for c in cdbs} == {True}
+    new = IkeEngine([conn(esp=esp)]).import_ike(cdbs, 11.0)
+    (c_new,) = new.children
+    assert (c_new.spi_in, c_new.spi_out, c_new.keys, c_new.suite) == (
+        c_old.spi_in, c_old.spi_out, c_old.keys, c_old.suite)
+    _, out_new, _ = c_new.sas(R500, I500, True, "gw")
+    assert (out_new.enc, out_new.enc_key) == (out_old.enc, out_old.enc_key)
+    assert len(out_new.enc_key) == key_len and len(out_new.integ_key) == 32
 
 
 @pytest.mark.parametrize("how", ["mobike", "nat-float", "unheeded"])

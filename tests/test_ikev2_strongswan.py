@@ -157,6 +157,17 @@ CASES = [
      "aes128-sha256-prfsha256-x25519",
      "AES_CBC_128/HMAC_SHA2_256_128/PRF_HMAC_SHA2_256/CURVE_25519",
      "AES_CBC_128/HMAC_SHA2_256_128"),
+    # RFC 3686 AES-CTR (the IV the sequence number, the nonce from KEYMAT) and RFC 2410 NULL
+    # (integrity only) ESP: both were refused ("unknown or unsupported algorithm")
+    ("aes128-sha256-x25519", "aes128ctr-sha256", "aes128-sha256-x25519", "aes128ctr-sha256",
+     "AES_CBC_128/HMAC_SHA2_256_128/PRF_HMAC_SHA2_256/CURVE_25519",
+     "AES_CTR_128/HMAC_SHA2_256_128"),
+    ("aes128gcm16-prfsha256-x25519", "aes256ctr-sha256", "aes128gcm16-prfsha256-x25519",
+     "aes256ctr-sha256", "AES_GCM_16_128/PRF_HMAC_SHA2_256/CURVE_25519",
+     "AES_CTR_256/HMAC_SHA2_256_128"),
+    ("aes128-sha256-x25519", "null-sha256", "aes128-sha256-x25519", "null-sha256",
+     "AES_CBC_128/HMAC_SHA2_256_128/PRF_HMAC_SHA2_256/CURVE_25519",
+     "NULL/HMAC_SHA2_256_128"),
 ]  # fmt: skip
 
 

@@ -22,6 +22,7 @@ from ipsecct.gateway import state as state_mod
 from ipsecct.gateway.state import SCHEMA, StateStore
 from ipsecct.ipsec.engine import Tunnel
 from ipsecct.ipsec.sad import SecurityAssociation
+from tests.helpers.control import ask, socket_of
 from tests.helpers.journal_recorder import Recorder, journaled_world, settle
 from tests.helpers.state import Capture, Gateways, Traffic, capturing
 
@@ -342,6 +343,30 @@ def test_a_damaged_state_refuses_aead_tunnels_with_one_line_and_status_2(
     # --fresh-state cannot tell whether the keys changed: refused
     r = gws.run("sg1", "--fresh-state")
     assert r.returncode == 2 and "cannot be read" in r.stderr, r.stderr
+
+
+def test_a_missing_state_refuses_aes_ctr_tunnels_as_aead_ones(gws: Gateways) -> None:
+    """AES-CTR (RFC 3686) makes its IV of the sequence number, as AES-GCM does: a start that
+    does not know its tunnels' last numbers would send them again under the same key (the
+    same keystream). Its tunnels are refused as AEAD ones are (with only AES-CBC tunnels the
+    state would be made afresh, and the numbers restart at 1)."""
+    path = Path(gws.write("sg1"))
+    path.write_text(path.read_text().replace(
+        'enc = "aes-gcm-16"', 'enc = "aes-ctr"\ninteg = "hmac-sha2-256-128"'))  # fmt: skip
+    for k in (gws.dir / "keys").glob("t*.keys"):
+        k.write_text(k.read_text() + f'in_integ = "{os.urandom(32).hex()}"\n'
+                     f'out_integ = "{os.urandom(32).hex()}"\n')  # fmt: skip
+    gws.start("sg1")
+    sa = next(s_ for s_ in ask(socket_of(gws.config("sg1")), "sa.list")
+              if int(s_["spi"], 16) == 0x20000000)  # fmt: skip
+    assert sa["algorithms"] == "AES_CTR-128/HMAC_SHA2_256_128", sa
+    gws.kill("sg1")
+    (gws.dir / "state-sg1" / "state.db").unlink()
+    r = gws.run("sg1")
+    assert r.returncode == 2, r.stderr
+    assert "is missing" in r.stderr and "refusing to start AEAD or AES-CTR tunnel(s) t0, t1" in (
+        r.stderr), r.stderr
+    assert "Traceback" not in r.stderr
 
 
 @pytest.mark.slow

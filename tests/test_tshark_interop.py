@@ -41,6 +41,8 @@ TRANSFORMS = [
     ("cbc-sha384", EncAlg.AES_CBC, IntegAlg.HMAC_SHA2_384_192, 24),
     ("cbc-sha512", EncAlg.AES_CBC, IntegAlg.HMAC_SHA2_512_256, 32),
     ("cbc-sha1", EncAlg.AES_CBC, IntegAlg.HMAC_SHA1_96, 16),
+    ("ctr128-sha256", EncAlg.AES_CTR, IntegAlg.HMAC_SHA2_256_128, 20),  # RFC 3686: key | nonce
+    ("ctr256-sha384", EncAlg.AES_CTR, IntegAlg.HMAC_SHA2_384_192, 36),
     ("null-sha256", EncAlg.NULL, IntegAlg.HMAC_SHA2_256_128, 0),
     ("null-sha512", EncAlg.NULL, IntegAlg.HMAC_SHA2_512_256, 0),
 ]

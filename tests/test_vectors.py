@@ -5,6 +5,8 @@ Sources (the bytes below are copied from them):
 - draft-mcgrew-gcm-test-01 §4 (the test cases for RFC 4106): whole ESP packets with AES-GCM-16.
 - RFC 7634 Appendix A: an ESP packet with ChaCha20-Poly1305.
 - RFC 4868 §2.7.2: HMAC-SHA-256/384/512 (test cases 1 and 2), truncated to the ICV length.
+- RFC 3686 §6, test vectors #1-#9: AES-CTR (128, 192, 256-bit keys) with a given nonce, IV,
+  plaintext and ciphertext.
 
 None of the AEAD vectors uses the sequence number as its IV, as ipsecct does (its IVs are the
 64-bit sequence number, so they can never repeat). Those packets are therefore checked by
@@ -23,6 +25,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from ipsecct.errors import AlgorithmError
 from ipsecct.ipsec import esp, transforms
 from ipsecct.ipsec.algorithms import EncAlg, IntegAlg
 from ipsecct.ipsec.esp import Drop
@@ -30,6 +33,7 @@ from ipsecct.ipsec.sad import Direction, SecurityAssociation
 from ipsecct.ipsec.transforms import (
     AeadTransform,
     CbcHmacTransform,
+    CtrHmacTransform,
     IntegrityFailure,
     make_integrity,
 )
@@ -318,6 +322,101 @@ def test_rfc3602_cbc_decrypt_through_transform(key: str, iv: str, pt: str, ct: s
     assert t.open_payload(packet, 7, False) == h(pt)
     with pytest.raises(IntegrityFailure):
         t.open_payload(packet, 7, True)  # ESN adds the high bits to the ICV input
+
+
+# RFC 3686 §6 test vectors #1-#9: (key, counter block = nonce | IV | 00000001, plaintext,
+# ciphertext).
+_SINGLE = b"Single block msg".hex()
+_32 = bytes(range(32)).hex()
+_36 = bytes(range(36)).hex()
+CTR_VECTORS = [
+    ("AE6852F8121067CC4BF7A5765577F39E", "00000030 0000000000000000 00000001", _SINGLE,
+     "E4095D4FB7A7B3792D6175A3261311B8"),
+    ("7E24067817FAE0D743D6CE1F32539163", "006CB6DB C0543B59DA48D90B 00000001", _32,
+     "5104A106168A72D9790D41EE8EDAD388EB2E1EFC46DA57C8FCE630DF9141BE28"),
+    ("7691BE035E5020A8AC6E618529F9A0DC", "00E0017B 27777F3F4A1786F0 00000001", _36,
+     "C1CF48A89F2FFDD9CF4652E9EFDB72D74540A42BDE6D7836D59A5CEAAEF3105325B2072F"),
+    ("16AF5B145FC9F579C175F93E3BFB0EED863D06CCFDB78515", "00000048 36733C147D6D93CB 00000001",
+     _SINGLE, "4B55384FE259C9C84E7935A003CBE928"),
+    ("7C5CB2401B3DC33C19E7340819E0F69C678C3DB8E6F6A91A", "0096B03B 020C6EADC2CB500D 00000001",
+     _32, "453243FC609B23327EDFAAFA7131CD9F8490701C5AD4A79CFC1FE0FF42F4FB00"),
+    ("02BF391EE8ECB159B959617B0965279BF59B60A786D3E0FE", "0007BDFD 5CBD60278DCC0912 00000001",
+     _36, "96893FC55E5C722F540B7DD1DDF7E758D288BC95C691658845"
+     "36C811662F2188ABEE0935"),
+    ("776BEFF2851DB06F4C8A0542C8696F6C6A81AF1EEC96B4D37FC1D689E6C1C104",
+     "00000060 DB5672C97AA8F0B2 00000001", _SINGLE, "145AD01DBF824EC7560863DC71E3E0C0"),
+    ("F6D66D6BD52D59BB0796365879EFF886C66DD51A5B6A99744B50590C87A23884",
+     "00FAAC24 C1585EF15A43D875 00000001", _32,
+     "F05E231B3894612C49EE000B804EB2A9B8306B508F839D6A5530831D9344AF1C"),
+    ("FF7A617CE69148E4F1726E2F43581DE2AA62D9F805532EDFF1EED687FB54153D",
+     "001CC5B7 51A51D70A1C11148 00000001", _36,
+     "EB6C52821D0BBBF7CE7594462ACA4FAAB407DF866569FD07F48CC0B583D6071F1EC0E6B8"),
+]  # fmt: skip
+
+
+def _ctr(key: str, cb: str) -> tuple[CtrHmacTransform, int]:
+    """The vector's transform (its key material: the AES key, then the nonce, as RFC 3686
+    §5.1 takes it from KEYMAT) and the sequence number that makes its IV."""
+    block = h(cb)
+    t = CtrHmacTransform(EncAlg.AES_CTR, h(key) + block[:4], IntegAlg.HMAC_SHA2_256_128,
+                         _INTEG_KEY)  # fmt: skip
+    return t, int.from_bytes(block[4:12], "big")
+
+
+@pytest.mark.parametrize(("key", "cb", "pt", "ct"), CTR_VECTORS)
+def test_rfc3686_ctr_encrypt_through_transform(key: str, cb: str, pt: str, ct: str) -> None:
+    """Sealed with the sequence number that is the vector's IV: the IV on the wire is that
+    number (it is what never repeats), the ciphertext the RFC's, the ICV over all of it."""
+    t, seq = _ctr(key, cb)
+    assert t.iv_len == 8 and t.icv_len == 16 and t.block == 4
+    out = t.seal(_HEADER, seq, h(pt), False)
+    assert bytes(out[:8]) == _HEADER
+    assert bytes(out[8:16]) == h(cb)[4:12] == seq.to_bytes(8, "big")
+    assert bytes(out[16:-16]) == h(ct)
+    assert bytes(out[-16:]) == make_integrity(IntegAlg.HMAC_SHA2_256_128, _INTEG_KEY).mac(
+        out[:-16])
+
+
+@pytest.mark.parametrize(("key", "cb", "pt", "ct"), CTR_VECTORS)
+def test_rfc3686_ctr_decrypt_through_transform(key: str, cb: str, pt: str, ct: str) -> None:
+    t, _ = _ctr(key, cb)
+    body = _HEADER + h(cb)[4:12] + h(ct)
+    packet = body + make_integrity(IntegAlg.HMAC_SHA2_256_128, _INTEG_KEY).mac(body)
+    assert t.open(memoryview(packet), 7, False) == h(pt)
+    assert t.open_payload(packet, 7, False) == h(pt)
+    with pytest.raises(IntegrityFailure):
+        t.open_payload(packet, 7, True)  # ESN adds the high bits to the ICV input
+    with pytest.raises(IntegrityFailure):
+        t.open_payload(packet[:15], 7, False)  # shorter than header and IV
+
+
+def test_aes_ctr_sas_carry_packets_and_never_wrap_their_counter() -> None:
+    """An AES-CTR SA pair carries a packet through the ESP data path (RFC 4303 padding to 4
+    octets); its IV is its sequence number, so (like AES-GCM's) its 32-bit counter never rolls
+    over, whatever the overflow flag says; AES-CBC's does. An AES-CTR SA without integrity
+    is refused, even for a capture (only AES-CBC's encryption-only SAs are read there)."""
+    key = bytes(range(20))
+    kw = dict(enc=EncAlg.AES_CTR, enc_key=key, integ=IntegAlg.HMAC_SHA2_256_128,
+              integ_key=_INTEG_KEY)  # fmt: skip
+    out = SecurityAssociation(0x1234, Direction.OUTBOUND, _A, _B, **kw)  # type: ignore[arg-type]
+    inn = SecurityAssociation(0x1234, Direction.INBOUND, _A, _B, **kw)  # type: ignore[arg-type]
+    assert out.seq_iv and not out.aead
+    pkt = esp.encapsulate(out, 4, b"x" * 37, 0.0)
+    assert isinstance(pkt, (bytes, bytearray)) and (len(pkt) - 8 - 8 - 16) % 4 == 0
+    assert bytes(pkt[8:16]) == (1).to_bytes(8, "big")  # the IV: sequence number 1
+    assert esp.decapsulate(inn, pkt, 0.0) == (4, b"x" * 37)
+    assert esp.decapsulate(inn, pkt, 0.0) is Drop.REPLAY
+    out.overflow_permitted = True
+    out.seq = 0xFFFFFFFF
+    assert out.next_seq() is None
+    cbc = SecurityAssociation(0x1235, Direction.OUTBOUND, _A, _B, enc=EncAlg.AES_CBC,
+                              enc_key=bytes(16), integ=IntegAlg.HMAC_SHA2_256_128,
+                              integ_key=_INTEG_KEY, overflow_permitted=True)  # fmt: skip
+    cbc.seq = 0xFFFFFFFF
+    assert cbc.next_seq() == 1
+    with pytest.raises(AlgorithmError, match="needs an integrity algorithm"):
+        transforms.make_transform(EncAlg.AES_CTR, key, IntegAlg.NONE, b"",
+                                  encryption_only_ok=True)  # fmt: skip
 
 
 # RFC 4868 §2.7.2: (integrity algorithm, key, data, PRF output); the ICV is its truncation.

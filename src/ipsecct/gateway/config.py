@@ -395,7 +395,8 @@ def _check_key_lengths(
             raise ctx.err(where, f"{label} has no {k}")
         if len(keys[k]) not in enc_lens:
             want = " or ".join(str(n) for n in enc_lens)
-            salt = " (key and 4-octet salt)" if ENC[enc].aead else ""
+            salt = (" (key and 4-octet salt)" if ENC[enc].aead
+                    else " (key and 4-octet nonce)" if ENC[enc].seq_iv else "")  # fmt: skip
             raise ctx.err(
                 where,
                 f"{label}: {k}: {enc_name(enc)} takes a key of {want} octets{salt},"

@@ -798,8 +798,9 @@ def open_store(
 ) -> tuple[StateStore, int]:
     """Open (or make) the store of ``directory`` and lock it; returns it and the lock's fd.
 
-    ``aead``: the configured AEAD tunnels' (name, outbound SA), which a missing or damaged
-    store refuses, and which ``fresh`` checks were re-keyed."""
+    ``aead``: the configured AEAD and AES-CTR tunnels' (name, outbound SA: ``sa.seq_iv``,
+    the IV is the sequence number), which a missing or damaged store refuses, and which
+    ``fresh`` checks were re-keyed."""
     try:
         directory.mkdir(parents=True, mode=0o700, exist_ok=True)
         if directory.stat().st_mode & 0o022:
@@ -856,7 +857,9 @@ def _open_locked(
                 " cannot check the keys"
             )
             raise StateError(
-                f"state {db} {problem}: refusing to start AEAD tunnel(s) {names}, whose last"
+                f"state {db} {problem}: refusing to start"
+                f" {'AEAD' if all(sa.aead for _, sa in aead) else 'AEAD or AES-CTR'}"
+                f" tunnel(s) {names}, whose last"
                 f" sequence numbers are unknown (re-key them, then {then})"
             )
         event(log, "state-replaced", logging.WARNING, db=db, problem=problem,
@@ -1117,7 +1120,7 @@ class DurableState:
         eng = self.node.engine
         fps = {t.name: self.store.fingerprint(t.outbound) for t in cfg.tunnels}
         plan = merge(
-            [Configured(t.name, fps[t.name], t.outbound.aead) for t in cfg.tunnels],
+            [Configured(t.name, fps[t.name], t.outbound.seq_iv) for t in cfg.tunnels],
             self.rows,
         )
         now = time.time()
@@ -1214,7 +1217,7 @@ class DurableState:
             if hit is None:  # (holds the object: its id stays)
                 hit = texts[id(dst)] = (dst, _address_text(dst))
             peer = hit[1]
-        return SAState(fp, sa.name, sa.spi, peer, sa.aead, ceiling, owner, detail, changed)
+        return SAState(fp, sa.name, sa.spi, peer, sa.seq_iv, ceiling, owner, detail, changed)
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -2027,7 +2030,8 @@ def open_for(node: Node, cfg: NodeConfig, *, fresh: bool = False) -> DurableStat
     """Open the node's state, merge its configuration, and reserve before anything is sent.
     Raises :class:`StateError` (one line for the operator) when it must not start."""
     directory = Path(cfg.state_dir) if cfg.state_dir is not None else default_dir(cfg.name)
-    aead = [(t.name, t.outbound) for t in cfg.tunnels if t.outbound.aead]
+    # (AES-CTR with them: its IV is the sequence number too, a keystream repeated with it)
+    aead = [(t.name, t.outbound) for t in cfg.tunnels if t.outbound.seq_iv]
     store, lock = open_store(directory, cfg.name, aead, fresh=fresh)
     state = DurableState(node, store, lock, cfg.seq_block, cfg.arrival_retention)
     try:

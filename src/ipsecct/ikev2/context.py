@@ -58,7 +58,7 @@ from .config import (
 from .ikesa import Address, ChildSA, IkeSA, IkeState
 from .keys import ChildKeys, IkeKeys
 from .message import DeletePayload, IdType, ProtocolId, TrafficSelector, TsType
-from .proposal import AEAD, INTEG, PRF_HASH, Suite, admits
+from .proposal import AEAD, ENCR_AES_CTR, ENCR_NULL, INTEG, PRF_HASH, Suite, admits
 
 FPT_IKE_SA = 0x8010
 FPT_IKE_CHILD = 0x8011
@@ -143,7 +143,9 @@ def _unsuite(b: bytes) -> Suite:
     if len(b) != 12:
         raise IkeContextError("bad transform item")
     proto, encr, bits, integ, prf, dh, esn = struct.unpack("!BHHHHHB", b)
-    if encr not in (12, 20, 28) or bits not in (128, 192, 256):
+    if not ((encr in (12, 20, 28) and bits in (128, 192, 256))
+            or (proto != ProtocolId.IKE and ((encr == ENCR_AES_CTR and bits in (128, 192, 256))
+                                             or (encr == ENCR_NULL and bits == 0)))):  # fmt: skip
         raise IkeContextError("unsupported encryption in the context")
     if (integ and integ not in INTEG) or (prf and prf not in PRF_HASH):
         raise IkeContextError("unsupported integrity or PRF in the context")

@@ -13,7 +13,9 @@ from ..ipsec.algorithms import SWANCTL_ENC, SWANCTL_INTEG
 from .message import Proposal, ProtocolId, Transform, TransformType
 
 # ENCR (Transform Type 1)
+ENCR_NULL = 11  # (ESP only: integrity without confidentiality, RFC 2410)
 ENCR_AES_CBC = 12
+ENCR_AES_CTR = 13  # (ESP only here: RFC 3686)
 ENCR_AES_GCM_16 = 20
 ENCR_CHACHA20_POLY1305 = 28
 # PRF (Type 2)
@@ -31,7 +33,10 @@ ESN_NO = 0
 ESN_YES = 1
 
 AEAD = {ENCR_AES_GCM_16, ENCR_CHACHA20_POLY1305}
-KEYED_ENCR = {ENCR_AES_CBC, ENCR_AES_GCM_16}  # carry a Key Length attribute
+KEYED_ENCR = {ENCR_AES_CBC, ENCR_AES_CTR, ENCR_AES_GCM_16}  # carry a Key Length attribute
+# a 4-octet salt or nonce after the key in the key material (RFC 4106 §8.1, RFC 3686 §5.1)
+SALTED_ENCR = AEAD | {ENCR_AES_CTR}
+ESP_ONLY_ENCR = {ENCR_NULL, ENCR_AES_CTR}  # (the IKE SA's protection has neither)
 PRF_HASH = {
     PRF_HMAC_SHA1: "sha1",
     PRF_HMAC_SHA2_256: "sha256",
@@ -62,6 +67,10 @@ _ENCR_WORDS: dict[str, tuple[int, int]] = {
     "aes192gcm": (ENCR_AES_GCM_16, 192),
     "aes256gcm": (ENCR_AES_GCM_16, 256),
     "chacha20poly1305": (ENCR_CHACHA20_POLY1305, 256),
+    "aes128ctr": (ENCR_AES_CTR, 128),
+    "aes192ctr": (ENCR_AES_CTR, 192),
+    "aes256ctr": (ENCR_AES_CTR, 256),
+    "null": (ENCR_NULL, 0),
 }
 _INTEG_WORDS = {
     "sha1": AUTH_HMAC_SHA1_96,
@@ -156,8 +165,9 @@ class Suite:
 
     @property
     def enc_key_len(self) -> int:
-        """Octets of encryption key material (AEAD: the key and its 4-octet salt)."""
-        return self.key_bits // 8 + (4 if self.aead else 0)
+        """Octets of encryption key material (AEAD: the key and its 4-octet salt; AES-CTR:
+        the key and its 4-octet nonce; NULL: none)."""
+        return self.key_bits // 8 + (4 if self.encr in SALTED_ENCR else 0)
 
     @property
     def integ_key_len(self) -> int:
@@ -192,7 +202,7 @@ class Suite:
 
     def _named(self, size_sep: str, seq_always: bool) -> str:
         enc = SWANCTL_ENC.get(self.encr, f"ENCR_{self.encr}")
-        parts = [enc if self.encr == ENCR_CHACHA20_POLY1305
+        parts = [enc if self.encr in (ENCR_CHACHA20_POLY1305, ENCR_NULL)
                  else f"{enc}{size_sep}{self.key_bits}"]  # fmt: skip
         if self.integ is not None:
             parts.append(SWANCTL_INTEG.get(self.integ, f"INTEG_{self.integ}"))
@@ -214,7 +224,7 @@ class Suite:
 _ENCR_NAMES = {ENCR_AES_CBC: "AES_CBC", ENCR_AES_GCM_16: "AES_GCM_16",
                ENCR_CHACHA20_POLY1305: "CHACHA20_POLY1305", 3: "3DES", 13: "AES_CTR",
                14: "AES_CCM_8", 16: "AES_CCM_16", 18: "AES_GCM_8", 19: "AES_GCM_12",
-               23: "CAMELLIA_CBC"}  # fmt: skip
+               23: "CAMELLIA_CBC", ENCR_NULL: "NULL"}  # fmt: skip
 _INTEG_NAMES = {AUTH_HMAC_SHA1_96: "HMAC_SHA1_96", AUTH_HMAC_SHA2_256_128: "HMAC_SHA2_256_128",
                 AUTH_HMAC_SHA2_384_192: "HMAC_SHA2_384_192",
                 AUTH_HMAC_SHA2_512_256: "HMAC_SHA2_512_256", 1: "HMAC_MD5_96",
@@ -295,6 +305,9 @@ def parse(text: str, protocol: int) -> Offer:
             raise ConfigError(f"proposal {text!r}: unknown or unsupported algorithm {word!r}")
     if not encr:
         raise ConfigError(f"proposal {text!r}: no encryption algorithm")
+    if protocol == ProtocolId.IKE and any(e in ESP_ONLY_ENCR for e, _ in encr):
+        raise ConfigError(f"proposal {text!r}: null and aes*ctr are ESP proposals only"
+                          " (esp_proposals), not an IKE SA's")  # fmt: skip
     aead = [e for e, _ in encr if e in AEAD]
     if aead and len(aead) != len(encr):
         raise ConfigError(f"proposal {text!r}: mixes AEAD and non-AEAD encryption")
@@ -362,7 +375,8 @@ class _Theirs(NamedTuple):
                 dh.add(t.id)
             elif tt == TransformType.ENCR:
                 encr.add((t.id, t.key_length if t.key_length is not None else (
-                    256 if t.id == ENCR_CHACHA20_POLY1305 else None)))  # fmt: skip
+                    256 if t.id == ENCR_CHACHA20_POLY1305
+                    else 0 if t.id == ENCR_NULL else None)))  # fmt: skip
             elif tt == TransformType.PRF:
                 prf.add(t.id)
             elif tt == TransformType.INTEG:

@@ -2,7 +2,8 @@
 
 The numbers are those of the IANA "IKEv2 Transform Type 1/3" registries, so a feature context
 names an algorithm the way IKEv2 negotiated it. Key lengths are the octets the SA holds: for the
-AEAD transforms they include the 4-octet salt (RFC 4106 §8.1, RFC 7634 §2).
+AEAD transforms they include the 4-octet salt (RFC 4106 §8.1, RFC 7634 §2), for AES-CTR its
+4-octet nonce (RFC 3686 §5.1).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ class EncAlg(enum.IntEnum):
 
     AES_CBC = 12
     NULL = 11
+    AES_CTR = 13
     AES_GCM_16 = 20
     CHACHA20_POLY1305 = 28
 
@@ -41,6 +43,11 @@ class EncInfo:
     block: int
     icv_len: int
     wireshark: str
+    # The IV is the 64-bit sequence number and the key ends with a 4-octet salt or nonce
+    # (AES-GCM, ChaCha20-Poly1305, AES-CTR): a sequence number sent twice under one key
+    # repeats a nonce (a keystream), so such an SA's counter never wraps and its tunnels are
+    # refused a start without their durable state.
+    seq_iv: bool = False
 
 
 @dataclass(frozen=True)
@@ -55,11 +62,15 @@ class IntegInfo:
 ENC: dict[EncAlg, EncInfo] = {
     EncAlg.NULL: EncInfo(EncAlg.NULL, (0,), False, 0, 4, 0, "NULL"),
     EncAlg.AES_CBC: EncInfo(EncAlg.AES_CBC, (16, 24, 32), False, 16, 16, 0, "AES-CBC [RFC3602]"),
+    EncAlg.AES_CTR: EncInfo(
+        EncAlg.AES_CTR, (20, 28, 36), False, 8, 4, 0, "AES-CTR [RFC3686]", True
+    ),
     EncAlg.AES_GCM_16: EncInfo(
-        EncAlg.AES_GCM_16, (20, 28, 36), True, 8, 4, 16, "AES-GCM with 16 octet ICV [RFC4106]"
+        EncAlg.AES_GCM_16, (20, 28, 36), True, 8, 4, 16, "AES-GCM with 16 octet ICV [RFC4106]",
+        True,
     ),
     EncAlg.CHACHA20_POLY1305: EncInfo(
-        EncAlg.CHACHA20_POLY1305, (36,), True, 8, 4, 16, "CHACHA20-POLY1305 [RFC7634]"
+        EncAlg.CHACHA20_POLY1305, (36,), True, 8, 4, 16, "CHACHA20-POLY1305 [RFC7634]", True
     ),
 }
 
@@ -83,6 +94,7 @@ INTEG: dict[IntegAlg, IntegInfo] = {
 ENC_NAMES: dict[str, EncAlg] = {
     "null": EncAlg.NULL,
     "aes-cbc": EncAlg.AES_CBC,
+    "aes-ctr": EncAlg.AES_CTR,
     "aes-gcm-16": EncAlg.AES_GCM_16,
     "chacha20-poly1305": EncAlg.CHACHA20_POLY1305,
 }
@@ -110,6 +122,7 @@ def integ_name(alg: IntegAlg) -> str:
 SWANCTL_ENC: dict[int, str] = {
     EncAlg.NULL: "NULL",
     EncAlg.AES_CBC: "AES_CBC",
+    EncAlg.AES_CTR: "AES_CTR",
     EncAlg.AES_GCM_16: "AES_GCM_16",
     EncAlg.CHACHA20_POLY1305: "CHACHA20_POLY1305",
 }
@@ -127,8 +140,8 @@ def swanctl_algorithms(enc: EncAlg, enc_key_len: int, integ: IntegAlg, esn: bool
     negotiated, so not printed). ``enc_key_len``: the octets the SA holds (an AEAD's salt
     included)."""
     name = SWANCTL_ENC[enc]
-    bits = 8 * (enc_key_len - 4 if ENC[enc].aead else enc_key_len)
-    if enc in (EncAlg.AES_CBC, EncAlg.AES_GCM_16) and bits > 0:
+    bits = 8 * (enc_key_len - 4 if ENC[enc].seq_iv else enc_key_len)
+    if enc in (EncAlg.AES_CBC, EncAlg.AES_CTR, EncAlg.AES_GCM_16) and bits > 0:
         name += f"-{bits}"
     if integ is not IntegAlg.NONE:
         name += "/" + SWANCTL_INTEG[integ]
@@ -177,7 +190,7 @@ def check_esp_combination(
 ) -> None:
     """Raise AlgorithmError unless (enc, integ) and the key lengths make a usable ESP SA.
 
-    ``encryption_only_ok`` lets a non-AEAD cipher go without integrity (RFC 3602's test
+    ``encryption_only_ok`` lets AES-CBC go without integrity (RFC 3602's test
     cases, old captures): only for decrypting a capture offline, never for an SA that sends
     or receives (RFC 8221 §3 forbids it)."""
     info = ENC[enc]
@@ -188,7 +201,8 @@ def check_esp_combination(
         )
     if info.aead and integ is not IntegAlg.NONE:
         raise AlgorithmError(f"{enc_name(enc)} is an AEAD transform: integrity must be none")
-    if not info.aead and integ is IntegAlg.NONE and (enc is EncAlg.NULL or not encryption_only_ok):
+    if not info.aead and integ is IntegAlg.NONE and (enc is not EncAlg.AES_CBC
+                                                     or not encryption_only_ok):  # fmt: skip
         raise AlgorithmError(
             f"{enc_name(enc)} needs an integrity algorithm (encryption-only ESP is refused,"
             " RFC 8221 §3)"

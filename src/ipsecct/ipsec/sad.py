@@ -235,10 +235,16 @@ class SecurityAssociation:
         return self.protocol is Protocol.ESP and ENC[self.enc].aead
 
     @property
+    def seq_iv(self) -> bool:
+        """The IV is the sequence number (AES-GCM, ChaCha20-Poly1305, AES-CTR): a number sent
+        twice under the key repeats a nonce, a keystream."""
+        return self.protocol is Protocol.ESP and ENC[self.enc].seq_iv
+
+    @property
     def iv_mode(self) -> IVMode:
         if self.protocol is Protocol.AH or self.enc is EncAlg.NULL:
             return IVMode.NONE
-        return IVMode.SEQUENCE if self.aead else IVMode.RANDOM
+        return IVMode.SEQUENCE if self.seq_iv else IVMode.RANDOM
 
     @property
     def seq_limit(self) -> int:
@@ -248,13 +254,14 @@ class SecurityAssociation:
     def next_seq(self) -> int | None:
         """Allocate the next outbound sequence number, or None when the counter is exhausted.
 
-        The counter never wraps for AEAD transforms, whatever the overflow flag says: a wrapped
-        counter repeats IVs, which breaks AES-GCM and ChaCha20-Poly1305 outright. For the other
-        transforms a set overflow flag lets the 32-bit counter roll over (RFC 4301 §4.4.2.1).
+        The counter never wraps for the transforms whose IV is the sequence number, whatever
+        the overflow flag says: a wrapped counter repeats IVs, which breaks AES-GCM,
+        ChaCha20-Poly1305 and AES-CTR outright. For the other transforms a set overflow flag
+        lets the 32-bit counter roll over (RFC 4301 §4.4.2.1).
         """
         seq = self.seq
         if seq >= self.seq_limit:
-            if self.overflow_permitted and not self.aead and not self.esn:
+            if self.overflow_permitted and not self.seq_iv and not self.esn:
                 self.seq = 1
                 return 1
             return None

@@ -4,7 +4,10 @@ An ESP payload after the 8-octet header is ``IV | ciphertext | ICV``. AEAD trans
 (AES-GCM RFC 4106, ChaCha20-Poly1305 RFC 7634) use the 64-bit sequence number as the IV, so an
 IV can repeat only if a sequence number does, which the SA never allows. AES-CBC (RFC 3602)
 uses a random IV and HMAC-SHA2 (RFC 4868) or HMAC-SHA1-96 (RFC 2404) over header, IV and
-ciphertext (plus the high-order sequence bits with ESN, RFC 4303 §2.2.1).
+ciphertext (plus the high-order sequence bits with ESN, RFC 4303 §2.2.1). AES-CTR (RFC 3686)
+takes the same HMACs, and the sequence number as its IV, as the AEAD transforms do: its counter
+block is ``nonce | IV | 1`` (the nonce the last 4 octets of the key material), so a keystream
+repeats only if a sequence number does.
 
 Two levels of interface: :meth:`EspTransform.seal` / :meth:`EspTransform.open` work on an
 already padded plaintext; :meth:`EspTransform.seal_payload` / :meth:`EspTransform.open_payload`
@@ -266,6 +269,46 @@ class CbcHmacTransform(EspTransform):
         return dec.update(body) + dec.finalize()
 
 
+class CtrHmacTransform(EspTransform):
+    """AES-CTR (RFC 3686) with an HMAC. The 8-octet IV is the 64-bit sequence number (RFC
+    3686 §3.1 asks only that an IV never repeat under a key; the sequence number never does,
+    the SA's invariant: the counter never wraps for this transform, ``sa.seq_iv``). The
+    counter block of a packet is ``nonce | IV | 00000001``, one block per 16 octets after it
+    (§4): a packet of up to 2**32 - 1 blocks, far above any datagram."""
+
+    __slots__ = ("_aes", "_hmac", "_nonce")
+
+    def __init__(self, alg: EncAlg, key: bytes, integ: IntegAlg, integ_key: bytes) -> None:
+        info = ENC[alg]
+        self._aes = algorithms.AES(key[:-4])
+        self._nonce = key[-4:]
+        self.iv_len = info.iv_len
+        self.block = info.block
+        self._hmac = _Hmac(integ, integ_key)
+        self.icv_len = self._hmac.icv_len
+
+    def _counter(self, iv: bytes | memoryview) -> bytes:
+        return b"".join((self._nonce, iv, b"\0\0\0\1"))
+
+    def seal(self, header: bytes, seq: int, plaintext: bytes | bytearray, esn: bool) -> bytearray:
+        iv = _Q.pack(seq)
+        enc = Cipher(self._aes, modes.CTR(self._counter(iv))).encryptor()
+        out = _BA_JOIN((header, iv, enc.update(plaintext), enc.finalize()))
+        out += self._hmac.mac(out, _L.pack(seq >> 32)) if esn else self._hmac.mac(out)
+        return out
+
+    def open(self, packet: memoryview, seq: int, esn: bool) -> bytes:
+        end = len(packet) - self.icv_len
+        if end < 16:  # header and IV
+            raise IntegrityFailure
+        covered = packet[:end]
+        want = self._hmac.mac(covered, _L.pack(seq >> 32)) if esn else self._hmac.mac(covered)
+        if not _hmac.compare_digest(want, packet[end:]):
+            raise IntegrityFailure
+        dec = Cipher(self._aes, modes.CTR(self._counter(packet[8:16]))).decryptor()
+        return dec.update(packet[16:end]) + dec.finalize()
+
+
 class CbcOnlyTransform(EspTransform):
     """AES-CBC without integrity (RFC 3602's test cases): opens packets of a capture, offline,
     and never seals one (RFC 8221 §3: encryption-only ESP must not be used)."""
@@ -306,6 +349,8 @@ def make_transform(
     )
     if ENC[enc].aead:
         return AeadTransform(enc, enc_key)
+    if enc is EncAlg.AES_CTR:
+        return CtrHmacTransform(enc, enc_key, integ, integ_key)
     if integ is IntegAlg.NONE:
         return CbcOnlyTransform(enc, enc_key)
     return CbcHmacTransform(enc, enc_key, integ, integ_key)
