@@ -21,7 +21,7 @@ import pytest
 from tests.helpers import strongswan
 from tests.helpers.ike_world import CLIENT, Client, IkeWorld, ike_world
 from tests.helpers.netns import wait_until
-from tests.helpers.netns_topology import HOST, SG_OUTER, VIP, cli
+from tests.helpers.netns_topology import HOST, MN_OUTER, SG_OUTER, VIP, cli
 from tests.helpers.strongswan import needs_strongswan
 
 
@@ -116,7 +116,9 @@ def test_an_ike_sa_with_two_child_sas_moves_as_one_unit(world: IkeWorld) -> None
     """strongSwan adds a second CHILD SA (CREATE_CHILD_SA) to its IKE SA. A rebalance of ONE
     tunnel moves both CHILD SAs with their IKE SA (an IKE SA and its CHILD SAs are one unit:
     moving one CHILD SA without the others would leave the IKE SA at sg1 and its CHILD SAs
-    split), and so does ``ipsecct transfer`` naming one CHILD SA: back to sg1."""
+    split), and so does ``ipsecct transfer`` naming one CHILD SA: back to sg1, named by its
+    SPI and destination (``--dst``, which names one SA of an SPI several tunnels have: that
+    moved the one CHILD SA alone, its IKE SA and the other CHILD SA staying at sg2)."""
     w = world
     client = Client(w.ns, "mn", CLIENT, w.dir, "aes128gcm16")
     client.udp_child = True
@@ -140,9 +142,10 @@ def test_an_ike_sa_with_two_child_sas_moves_as_one_unit(world: IkeWorld) -> None
         assert (ike2["spi_i"], ike2["spi_r"]) == (ike1["spi_i"], ike1["spi_r"])
         assert sorted(c["spi_in"] for c in ike2["children"]) == spis
         assert ping(w, 5) == 5, ss.logtail() + w.logs()
-        # one CHILD SA named: both go back, with the IKE SA
+        # one CHILD SA named (with its destination): both go back, with the IKE SA
         one = ike2["children"][1]["spi_out"]
-        r = cli("transfer", f"0x{one}", "--to", "sg1", "--json", "-s", w.sock("sg2"))
+        r = cli("transfer", f"0x{one}", "--dst", MN_OUTER, "--to", "sg1", "--json", "-s",
+                w.sock("sg2"))  # fmt: skip
         assert r.returncode == 0, (r.stdout, r.stderr, w.logs())
         assert json.loads(r.stdout)["tunnels"] == 2
         w.route_host_via("sg1")

@@ -1703,6 +1703,15 @@ class IkeService:
             raise ValueError(f"IKE SA of {ike.conn.name!r} has no CHILD SA to move")
         return [c.spi_in for c in ike.children]
 
+    def tunnel_unit(self, tunnel: Any) -> list[int] | None:
+        """The inbound SPIs of the CHILD SAs that move with ``tunnel`` (``ipsecct transfer
+        SPI --dst ADDR``: the tunnel already named): those of the IKE SA whose CHILD SA holds
+        it, all of them; None for a tunnel no CHILD SA holds (manually keyed)."""
+        ike = self.ike_holding(tunnel)
+        if ike is None or not ike.children:
+            return None
+        return [c.spi_in for c in ike.children]
+
     def forget_all(self, detail: str = "the standby took them over") -> None:
         """Another gateway took over our IKE SAs (the standby, or etcd ended our lease): drop
         them all without a DELETE (the fencing removed their tunnels)."""

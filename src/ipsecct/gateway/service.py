@@ -181,6 +181,7 @@ class Service:
             # the MN's IKE request on a quiet IKE SA rolls a prepared transfer back
             self.ike.request_held.append(self.transfer.ike_request_held)
             self.transfer.unit_of = self.ike.transfer_unit
+            self.transfer.unit_of_tunnel = self.ike.tunnel_unit
             self.transfer.siblings_of = self.ike.siblings
             # a transfer waits for an IKE exchange of ours in flight on its IKE SAs
             self.transfer.quiesce = self.ike.quiesce

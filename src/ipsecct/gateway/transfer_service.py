@@ -76,6 +76,9 @@ class TransferService:
         # What ``ipsecct transfer NAME`` moves: the inbound SPIs of the CHILD SAs of the IKE SA
         # a connection name, an IKE SPI or a CHILD SPI names (the IKE service), None if none.
         self.unit_of: Callable[[str], list[int] | None] | None = None
+        # The same for a tunnel an SPI with --dst or --proto names (the IKE service): the
+        # inbound SPIs of its IKE SA's CHILD SAs when a CHILD SA holds it, else None.
+        self.unit_of_tunnel: Callable[[Tunnel], list[int] | None] | None = None
         # The outbound SPIs of the other CHILD SAs of a CHILD SA's IKE SA (the IKE service):
         # a rebalance moves whole IKE SAs.
         self.siblings_of: Callable[[int], list[int]] | None = None
@@ -552,7 +555,16 @@ class TransferService:
                                    f" 0x{one:08x}"
                                    + (f" to {dst}" if dst is not None else "")
                                    + f" here{spi_hint(spi)}")  # fmt: skip
-            spis, direction = [one], None
+            unit = self.unit_of_tunnel(t) if self.unit_of_tunnel is not None else None
+            if unit is not None:
+                # An IKE-keyed CHILD SA named with --dst or --proto (its SPI is another
+                # tunnel's too) moves as it does named alone: with its IKE SA and the IKE
+                # SA's other CHILD SAs, by their inbound SPIs (ours, never ambiguous). It
+                # moved alone: its IKE SA stayed here with the others (ike-sa-stays), the
+                # peer's rekeys and DELETEs of it answered by a gateway that no longer had it.
+                spis, direction, dst, proto = unit, Direction.INBOUND, None, None
+            else:
+                spis, direction = [one], None
         prepare = args.get("prepare", False)
         if not isinstance(prepare, bool):
             raise ControlError("prepare must be true or false")
