@@ -2814,3 +2814,34 @@ def test_running_alone_a_child_sa_is_rekeyed_once_half_its_kept_margin_is_used(
     d._on_timer(t + 0.3)
     assert asked == [child, manual] and d.ceiling_rekeys == 1  # each asked once
     assert manual.seq_ceiling < 1 << 64  # a manual one keeps its ceiling
+
+
+def test_a_taken_reply_at_the_last_epoch_is_refused_and_the_lease_stays_as_it_was() -> None:
+    """A TAKEN in epoch 2**32 - 1, the last the wire carries (a hostile or confused standby),
+    is refused as a sync in that epoch is (e8dba82): a CxtpError, the replicator not
+    superseded, its lease as it was (valid, or lost: a TAKEN renews nothing). Before, it gave
+    its tunnels up and became the standby of an epoch in which no sync is accepted and that
+    the epoch file cannot hold: a pair that could never re-form. An earlier TAKEN of a later
+    epoch still supersedes it (giving up stays the safe direction)."""
+    from ipsecct.ct.lease import LeaseEvent
+
+    act = Engine(ip(SG_ADDR["sg1"]))
+    add_tunnel(act, 1)
+    sb = standby(Engine(ip(SG_ADDR["sg2"])), fencing=True)
+    rep = failover.Replicator(act, cfg(fencing=True), session=7)
+    sync = wire(rep.handle_timer(0.0))
+    for m in sync:
+        for reply in sb.receive(m, 0.0):
+            rep.receive(wire([reply])[0], 0.0)
+    assert rep.lease is not None and rep.lease.valid(0.01)
+    expiry = rep.lease.expiry
+    for epoch in (failover.LAST_EPOCH, failover.LAST_EPOCH - 1):
+        taken = wire([failover.taken_reply(sync[0], epoch)])[0]
+        if epoch == failover.LAST_EPOCH:
+            with pytest.raises(CxtpError, match="epoch 4294967295"):
+                rep.receive(taken, 0.01)
+            assert rep.superseded_by is None and rep.lease.expiry == expiry
+            assert act.send_until == expiry and rep.lease.valid(0.01)
+        else:
+            assert rep.receive(taken, 0.01) == [LeaseEvent.SUPERSEDED]
+            assert rep.superseded_by == epoch and not rep.lease.valid(0.01)

@@ -618,6 +618,15 @@ class Replicator:
                     self._tunnel_refused(int.from_bytes(key, "big"), why)
             return []
         if kind == SYNC_TAKEN:
+            if epoch >= LAST_EPOCH:
+                # Giving up to it made this gateway the standby of an epoch in which the
+                # standby refuses every sync (Standby.receive) and that load_state takes
+                # for damage: its JOIN made the taker an active whose syncs are never
+                # acknowledged, fenced for good. Refused as that sync is: this gateway
+                # stays fenced by its lease as it was (a TAKEN renews nothing), the taker
+                # runs alone.
+                raise CxtpError(f"a TAKEN in epoch {epoch}, the last the wire carries: no "
+                                "take-over begins it")  # fmt: skip
             later = epoch > self.epoch or (epoch == self.epoch and self.alone)
             if not later or self.superseded_by is not None:
                 return []

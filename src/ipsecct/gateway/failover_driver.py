@@ -635,8 +635,9 @@ class FailoverDriver:
             if trouble(self.standby) != before:
                 tell_trouble(self.node.name, peer, self.standby, before)
             self.node.timers.poke()  # the dead-time deadline has moved (or now exists)
-        except CxtpError as exc:
-            event(log, "sync-malformed", logging.WARNING, node=self.node.name, error=str(exc))
+        except CxtpError as exc:  # (a peer repeating one every heartbeat: rate-limited)
+            _TROUBLE.event(log, "sync-malformed", logging.WARNING, key=peer,
+                           node=self.node.name, peer=peer, error=str(exc))  # fmt: skip
 
     def _on_join(self, msg: cxtp.CTD, epoch: int, now: float) -> None:
         """The peer is (now) this gateway's standby, in ``epoch``."""
