@@ -476,3 +476,33 @@ def test_a_move_to_another_candidate_waits_for_the_standby_to_hold_the_new_targe
     assert not w.settled
     p.sync()
     assert w.done and p.sb.marks[t.outbound.spi].peer == "sg2"
+
+
+def test_an_ack_beyond_what_was_sent_is_ignored_and_the_real_ones_settle_the_commit() -> None:
+    """sg2 (buggy or hostile: authenticated, yet untrusted) acknowledges message 2**31,
+    never sent. On main it froze the replicator's highest acknowledged number past any real
+    ACK: the next transfer's COMMIT waited for good for the standby's acknowledgement of its
+    mark (the transfer timed out), and the forged ACK granted the lease for messages in
+    flight sg2 had not applied. Now it is ignored and counted (``acks_ahead``): the lease as
+    it was, and the real ACKs that follow settle the COMMIT (guards THE invariant: the
+    COMMIT still waits for sg2 to hold the mark)."""
+    p = started()
+    r = p.r
+    p.w.now += 0.06  # (a heartbeat is due)
+    p.poll()  # a message in flight, not yet applied by sg2
+    assert r.lease is not None and p.down
+    expiry = r.lease.expiry
+    forged = cxtp.CTD(p.down[0].mn_prev, 0, cdbs=(
+        cxtp.TransferTag(r.session, 1 << 31).encode(),
+        failover.sync_cdb([], r.epoch, kind=failover.SYNC_ACK),
+    ))  # fmt: skip
+    assert r.receive(cxtp.decode(cxtp.encode(forged)), p.w.now) == []
+    assert r.acks_ahead == 1 and r.lease.expiry == expiry
+    p.deliver()
+    p.w.transfer("sg1", "sg3")
+    p.deliver_between("sg1", "sg3")  # the CTDR came back: the COMMIT waits for sg2
+    assert not p.g1.finished
+    p.sync()  # the mark goes; sg2's real acknowledgement lets the COMMIT go
+    assert p.sb.marks and p.g1.finished and p.g1.finished[-1].outcome == "committed"
+    p.deliver_between("sg1", "sg3")
+    assert p.g3.engine.tunnels()[0].state is TunnelState.ACTIVE

@@ -491,6 +491,7 @@ class Replicator:
         # into what the taker sent.)
         self.alone = False
         self.acks = 0
+        self.acks_ahead = 0  # ACKs of a message number never sent: ignored (receive)
         self._next_check = 0.0  # the first check sends the whole state at once
         # Which tunnels go to this standby (the etcd mode replicates each tunnel to the
         # members that would take it); None: all. A tunnel that stays here but leaves the
@@ -636,6 +637,16 @@ class Replicator:
         if tag.transfer_id != self.session or epoch != self.epoch:
             return []  # for an earlier session of ours: it says nothing about this one
         if self.superseded_by is not None:
+            return []
+        if tag.seq >= self.seq:
+            # A message never sent (a buggy or hostile standby; authenticated, yet
+            # untrusted). Taken, it granted the lease for every message in flight, applied
+            # or not, dropped the floors of tunnels whose removal it had not applied (their
+            # ceilings rose), forgot every carried number, and froze ``_acked`` past what any
+            # real ACK reaches: no transfer's wait settled again. Ignored and counted: the
+            # channel stays, so replication (and the real ACKs that follow) stay live; a
+            # dropped channel would resync the whole state at each such ACK.
+            self.acks_ahead += 1
             return []
         self.acks += 1
         if self.acks == 1 and self.on_floor is None:

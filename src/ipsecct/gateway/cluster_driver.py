@@ -50,6 +50,7 @@ from .etcd import EtcdClient
 from .failover_driver import (
     PREPARE_PER_TICK,
     suspended_s,
+    tell_ack_ahead,
     tell_trouble,
     tell_tunnel_refused,
     trouble,
@@ -357,7 +358,9 @@ class ClusterDriver:
         now = self.node.clock()
         try:
             if reply_kind(msg) is not None:
+                ahead = rep.acks_ahead
                 rep.receive(msg, now)
+                tell_ack_ahead(self.node.name, peer, rep, ahead)
             else:
                 had, before = bool(sb.replica), trouble(sb)
                 for r in sb.receive(msg, now):

@@ -604,7 +604,9 @@ class FailoverDriver:
                 if r is None or self.fencing is None:
                     self.transfer.refuse()
                     return
+                ahead = r.acks_ahead
                 self.fencing.on_reply(msg, now)
+                tell_ack_ahead(self.node.name, peer, r, ahead)
                 return
             if r is not None:
                 if r.superseded_by is None and epoch < r.epoch and self.fencing is not None:
@@ -1087,6 +1089,8 @@ class FailoverDriver:
                         self.replicator.tunnels_refused.items(), TUNNELS_REFUSED_LISTED)
                 ],
                 "unreplicable": self.replicator.unreplicable,
+                # ACKs of message numbers never sent (ignored: failover-ack-ahead)
+                "acks_ahead": self.replicator.acks_ahead,
                 # whole states sent again (the channel lost), and tunnels left for the next
                 # poll at the last one (no room in the channel: a large state goes in pieces)
                 "resyncs": self.replicator.resyncs,
@@ -1210,6 +1214,16 @@ def tell_tunnel_refused(node: str, peer: str, spi: int, why: str) -> None:
                        key=f"{peer}/tunnel", node=node, standby=peer, spi=f"0x{spi:08x}",
                        error=why, detail="it would not take this tunnel over: a fail-over"
                        " loses it (it is still served here)")  # fmt: skip
+
+
+def tell_ack_ahead(node: str, peer: str, r: Replicator, before: int) -> None:
+    """``peer`` acknowledged a message number ``r`` never sent (ignored by
+    :meth:`Replicator.receive`): told once per replicator, counted in status (``acks_ahead``)."""
+    if before == 0 and r.acks_ahead:
+        event(log, "failover-ack-ahead", logging.WARNING, node=node, peer=peer,
+              sent=r.seq, detail="an acknowledgement of a message never sent: ignored (no "
+              "lease, no ceiling, no transfer's wait taken from it; counted in acks_ahead, "
+              "told once)")  # fmt: skip
 
 
 def tell_trouble(node: str, peer: str, sb: Standby, before: tuple[int, int]) -> None:
