@@ -779,3 +779,70 @@ def test_deliver_hands_over_what_a_read_decoded_after_the_timers_already_due(
             await server.wait_closed()
 
     run(main())
+
+
+def test_a_burst_written_into_a_reset_channel_is_one_line_not_fifty(
+    pkidir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The peer channel is reset under a burst of sends (nftables ``reject with tcp reset``,
+    as tests/test_failover_reform.py cuts a pair): the TCP transport fails at the first
+    write that meets the reset, but TLS takes every write until asyncio runs its
+    connection_lost a few loop turns later. On main each write past the fifth logged
+    asyncio's "socket.send() raised exception." (~50 lines in CI, burying the fail-over
+    lines). Now the channel stops writing once its TCP connection failed: one line
+    (``peer-write-failed``), the rest counted (``lost_writes``), the loss reported once."""
+    import contextlib
+    import os
+    import subprocess
+
+    from ipsecct.gateway.peers import PeerChannels
+    from tests.helpers.config_files import GOOD, write
+
+    caplog.set_level(logging.INFO)
+    table = f"fohreset_{os.getpid()}"
+
+    async def main() -> tuple[int, list[str]]:
+        got: list[cxtp.Message] = []
+
+        async def handler(conn: CxtpConnection) -> None:
+            with contextlib.suppress(ChannelError, CxtpError):
+                await conn.deliver(got.append)
+
+        server = await tlschannel.serve(handler, "127.0.0.1", 0, server_ctx(pkidir), timeout=5)
+        port = server.sockets[0].getsockname()[1]
+        text = GOOD + (
+            '[transfer]\nlisten = "127.0.0.1:0"\ncert = "t1.keys"\nkey = "t1.keys"\n'
+            f'ca = "t1.keys"\n[[peers]]\nname = "sg2"\naddress = "127.0.0.1:{port}"\n'
+        )
+        tcfg = config.load(write(tmp_path, text)).transfer
+        assert tcfg is not None
+        pc = PeerChannels(tcfg, "sg1")
+        pc.client_ctx = client_ctx(pkidir)
+        lost: list[str] = []
+        pc.on_lost = lost.append
+        msg = CTD(MN, 3, (cxtp.TransferTag(1, 0).encode(), SA))
+        try:
+            await pc.connection("sg2")
+            pc.send("sg2", msg)
+            await eventually(lambda: len(got) == 1, "the channel to carry a message")
+            rules = (f"table inet {table} {{\n chain c {{\n type filter hook input priority 0;"
+                     f"\n tcp flags & rst == rst accept\n tcp dport {port} reject with tcp reset"
+                     f"\n tcp sport {port} reject with tcp reset\n }}\n}}\n")  # fmt: skip
+            subprocess.run(["nft", "-f", "-"], input=rules, text=True, check=True)
+            for _ in range(60):  # one burst, as a poll's messages or a whole state in pieces
+                pc.send("sg2", msg)
+            await eventually(lambda: lost == ["sg2"], "the loss to be reported")
+            return pc.lost_writes.get("sg2", 0), lost
+        finally:
+            subprocess.run(["nft", "delete", "table", "inet", table], check=False)
+            await pc.stop()
+            server.close()
+            await server.wait_closed()
+
+    dropped, lost = run(main())
+    lines = [r.getMessage() for r in caplog.records]
+    noise = [m for m in lines if "socket.send() raised" in m or "SSL connection is closed" in m]
+    assert noise == [], f"{len(noise)} lines: {noise[:3]}"
+    told = [m for m in lines if "event=peer-write-failed" in m]
+    assert len(told) == 1 and "peer=sg2" in told[0], told
+    assert lost == ["sg2"] and dropped >= 50, dropped

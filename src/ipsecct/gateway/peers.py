@@ -12,6 +12,7 @@ import datetime as dt
 import logging
 import ssl
 import time
+import weakref
 from collections.abc import Callable
 
 from ..ct import cxtp
@@ -91,6 +92,10 @@ class PeerChannels:
         # their own, larger buckets): a source connecting in a loop costs a handshake each.
         self.rate = HandshakeRate(reserved=self.limits.reserved)
         self._quiet = RateLimited()
+        # Messages dropped because their channel's TCP connection had failed (a reset)
+        # before TLS told (send_many), and the channels already told of (once each).
+        self.lost_writes: dict[str, int] = {}
+        self._write_told: weakref.WeakSet[tlschannel.CxtpConnection] = weakref.WeakSet()
 
     def load_credentials(self) -> None:
         """Read the certificate, key and CA (a problem is a one-line error naming the file)."""
@@ -288,9 +293,9 @@ class PeerChannels:
         return SEND_BUFFER_LIMIT // 2 - waiting
 
     def connected(self, peer: str) -> bool:
-        """Is a channel with ``peer`` open (either side's)?"""
+        """Is a channel with ``peer`` open (either side's), its TCP connection not failed?"""
         c = self.conns.get(peer)
-        return c is not None and not c.closed
+        return c is not None and not c.failed
 
     def send(self, peer: str, msg: cxtp.Message) -> None:
         self.send_many(peer, [msg])
@@ -318,10 +323,19 @@ class PeerChannels:
         # buffers; the writer task drains when the buffer grows), no task switch on the way.
         c = self.conns.get(peer)
         q = self.queues.get(peer)
+        if c is not None and not c.closed and c.failed:
+            # Its TCP connection failed (a reset) and TLS has not told yet: what is written
+            # now is lost (its reader reports the loss, whose handlers send again what
+            # matters), and asyncio logged a line for each write past the fifth.
+            self._write_failed(peer, c)
+            return
         if c is not None and not c.closed and (q is None or q.empty()):
             w = self.writers.get(peer)
             if w is None or w.done():
                 c.writer.write(data)
+                if c.failed:  # (this very write found it reset)
+                    self._write_failed(peer, c)
+                    return
                 if c.writer.transport.get_write_buffer_size() > 1 << 20:
                     what = f"write to {peer}"
                     self.writers[peer] = supervise(self._drain(peer, c), what, self.name)
@@ -341,6 +355,19 @@ class PeerChannels:
         w = self.writers.get(peer)
         if w is None or w.done():
             self.writers[peer] = supervise(self._writer(peer, q), f"write to {peer}", self.name)
+
+    def _write_failed(self, peer: str, conn: tlschannel.CxtpConnection) -> None:
+        """A write to ``peer`` found its channel's TCP connection failed: one line per
+        channel (``peer-write-failed``), every message after it dropped and counted
+        (``lost_writes``) until its reader reports the loss (``on_lost``)."""
+        self.lost_writes[peer] = self.lost_writes.get(peer, 0) + 1
+        if conn in self._write_told:
+            return
+        self._write_told.add(conn)
+        event(log, "peer-write-failed", logging.WARNING, node=self.name, peer=peer,
+              address=conn.peer_address, detail="the channel's TCP connection failed "
+              "(reset or closed): nothing more is written to it; its loss is reported "
+              "and a new channel opened")  # fmt: skip
 
     def _stuck(self, peer: str, conn: tlschannel.CxtpConnection | None, why: str) -> None:
         """``peer`` takes nothing from its channel: drop the channel and what waits for it,

@@ -335,11 +335,14 @@ class CxtpConnection:
         writer: asyncio.StreamWriter,
         *,
         timeout: float = DEFAULT_TIMEOUT,
+        tcp: asyncio.BaseTransport | None = None,
     ) -> None:
         self._stream = stream
         self.writer = writer
         self.timeout = timeout
         self._closed = False
+        # The TCP transport under TLS (see ``failed``).
+        self._tcp = tcp
         self.peer: PeerIdentity = peer_identity(writer)
         address = writer.get_extra_info("peername")
         self.peer_address: str = f"{address[0]}:{address[1]}" if address else "?"
@@ -352,12 +355,21 @@ class CxtpConnection:
     def closed(self) -> bool:
         return self._closed
 
+    @property
+    def failed(self) -> bool:
+        """Is the TCP connection under TLS closing (a send or a read failed: a reset, or it
+        was closed)? The TLS layer learns it a few loop turns later (asyncio tells its
+        connection_lost from a callback), and until then takes every write: each one is lost,
+        and asyncio logs "socket.send() raised exception." for each past the fifth (fifty
+        lines for a burst written into a reset channel)."""
+        return self._closed or (self._tcp is not None and self._tcp.is_closing())
+
     async def send(self, msg: cxtp.Message, *, timeout: float | None = None) -> None:
         await self.send_raw(cxtp.encode(msg), timeout=timeout)
 
     async def send_raw(self, data: bytes, *, timeout: float | None = None) -> None:
         """Write bytes as they are (tests use it to send malformed messages)."""
-        if self._closed:
+        if self.failed:
             raise ChannelClosed(f"connection to {self.peer_address} is closed")
         try:
             self.writer.write(data)
@@ -509,16 +521,26 @@ async def connect(
     must carry (defaults to ``host``)."""
     loop = asyncio.get_running_loop()
     stream = _Stream(cxtp.MAX_MESSAGE_LEN, loop)
+    tcp: asyncio.BaseTransport | None = None
     try:
         async with asyncio.timeout(handshake_timeout):
-            transport, _ = await loop.create_connection(
-                lambda: stream,
-                host,
-                port,
-                ssl=ctx,
-                server_hostname=server_hostname or host,
-                ssl_handshake_timeout=handshake_timeout,
-            )
+            # TCP, then TLS over it (as the listener does): the TCP transport is the one
+            # that knows first when the connection fails (CxtpConnection.failed).
+            tcp, _ = await loop.create_connection(asyncio.Protocol, host, port)
+            try:
+                transport = await loop.start_tls(
+                    tcp,
+                    stream,
+                    ctx,
+                    server_hostname=server_hostname or host,
+                    ssl_handshake_timeout=handshake_timeout,
+                )
+            except BaseException:
+                tcp.abort()
+                raise
+            if transport is None:
+                tcp.abort()
+                raise ConnectionAbortedError("closed during the TLS handshake")
     except TimeoutError:
         raise ChannelTimeout(f"TLS connection to {host}:{port} timed out") from None
     except ssl.SSLError as exc:
@@ -528,10 +550,11 @@ async def connect(
         raise ChannelError(f"TLS handshake with {host}:{port} failed: {_reason(exc)}") from None
     except OSError as exc:
         raise ChannelError(f"cannot connect to {host}:{port}: {exc.strerror or exc}") from None
+    stream.connection_made(transport)  # (start_tls does not call it)
     writer = asyncio.StreamWriter(transport, stream, None, loop)
     dead_peer_detection(writer)
     try:
-        return CxtpConnection(stream, writer, timeout=timeout)
+        return CxtpConnection(stream, writer, timeout=timeout, tcp=tcp)
     except ChannelError:
         writer.close()
         raise
@@ -632,7 +655,7 @@ async def serve(
         stream.connection_made(transport)  # (start_tls does not call it)
         tls = asyncio.StreamWriter(transport, stream, None, loop)
         try:
-            conn = CxtpConnection(stream, tls, timeout=timeout)
+            conn = CxtpConnection(stream, tls, timeout=timeout, tcp=writer.transport)
         except ChannelError as exc:
             refused(tls, str(exc))
             return
