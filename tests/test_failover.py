@@ -1641,6 +1641,39 @@ def test_an_active_whose_peer_is_no_standby_is_told_on_both_sides(procs: Procs) 
     assert procs.status("sg1")["failover"]["sending"] is False
 
 
+def test_a_channel_that_silently_drops_shows_unanswered_not_connected(procs: Procs) -> None:
+    """The pair runs; then nftables drops every packet of the channel between them (no RST,
+    no FIN: the TCP channel stays open for up to USER_TIMEOUT, 15 s). On main both
+    gateways' status said the peer was "connected" all that time; only the lease lines
+    told the truth. Now a peer that must answer (the fail-over peer: heartbeats and ACKs)
+    heard from less often than dead_ms is "unanswered since X s" (status peers[].channel,
+    failover.channel, the CLI line, and one log line)."""
+    import subprocess
+
+    for n in ("sg2", "sg1"):
+        procs.start(n)
+    procs.wait("sg1", lambda s: s["failover"]["standby_acknowledged"]
+               and s["peers"][0]["channel"] == "connected", "sg1 to pair")  # fmt: skip
+    ports = f"{procs.port[25191]}, {procs.port[35191]}"
+    table = f"fodrop_{os.getpid()}"
+    rules = (f"table inet {table} {{\n chain c {{\n type filter hook input priority 0;\n"
+             f" tcp dport {{ {ports} }} drop\n tcp sport {{ {ports} }} drop\n }}\n}}\n")
+    subprocess.run(["nft", "-f", "-"], input=rules, text=True, check=True)
+    try:
+        for n in ("sg1", "sg2"):
+            st = procs.wait(n, lambda s: s["peers"][0]["channel"] == "unanswered",
+                            f"{n} to show its peer unanswered", timeout=12)  # fmt: skip
+            peer = st["peers"][0]
+            assert peer["connected"] is False and peer["unanswered_ms"] >= 500, peer
+            assert st["failover"]["channel"] == "unanswered", st["failover"]
+        r = cli("status", "-c", procs.config("sg1"))
+        assert r.returncode == 0, r.stderr
+        assert "peer sg2" in r.stdout and "unanswered since" in r.stdout, r.stdout
+        until(lambda: "state=unanswered" in procs.log("sg1"), "sg1 to log it", timeout=5)
+    finally:
+        subprocess.run(["nft", "delete", "table", "inet", table], check=False)
+
+
 def test_failover_between_processes_active_killed(procs: Procs) -> None:
     # The standby first, so that the active's first sync has somewhere to go.
     for n in ("sg2", "sg1", "mn"):

@@ -83,6 +83,9 @@ def _print_transfer_status(res: dict[str, Any]) -> None:
     the JSON of each, some forty counters on one line, nearly all 0)."""
     for p in res.get("peers") or []:
         state = "connected" if p.get("connected") else "not connected"
+        if p.get("channel") == "unanswered":  # open, but nothing came back within its bound
+            state = (f"unanswered since {(p.get('unanswered_ms') or 0) / 1000:.1f} s (the "
+                     "channel is open, nothing came back)")  # fmt: skip
         allow = ", ".join(p.get("allow") or []) or "nothing"
         why = p.get("last_error") if not p.get("connected") else None
         print(f"  peer {p.get('name')} {p.get('address')}: {state} (may: {allow})"

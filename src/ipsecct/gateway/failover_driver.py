@@ -124,6 +124,11 @@ class FailoverDriver:
         self.node = node
         self.cfg = cfg
         self.channels = channels
+        if cfg.fencing:
+            # Heartbeats one way, their ACKs the other: a peer heard from less often than
+            # dead_ms is "unanswered" in status, though its channel is open (a path that
+            # drops everything keeps a TCP channel open for USER_TIMEOUT).
+            channels.answer_within[cfg.peer] = cfg.dead_ms / 1000
         self.transfer = transfer
         self.identity = identity
         self.replicator: Replicator | None = None
@@ -1047,7 +1052,15 @@ class FailoverDriver:
     def status(self) -> dict[str, Any]:
         now = self.node.clock()
         lease = {} if self.fencing is None else {"lease": self.fencing.status(now)}
-        common = {"peer": self.cfg.peer, "reformed": self.reformed}
+        state, silent = self.channels.channel_state(self.cfg.peer, now)
+        common = {
+            "peer": self.cfg.peer,
+            "reformed": self.reformed,
+            # connected (answering within dead_ms, with fencing), unanswered (open, nothing
+            # came back for channel_silent_ms) or not connected
+            "channel": state,
+            "channel_silent_ms": None if silent is None else round(silent * 1000),
+        }
         if self.replicator is not None:
             superseded = self.replicator.superseded_by is not None
             r_lease = self.replicator.lease

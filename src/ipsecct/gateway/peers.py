@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
+import math
 import ssl
 import time
 import weakref
@@ -92,10 +93,20 @@ class PeerChannels:
         # their own, larger buckets): a source connecting in a loop costs a handshake each.
         self.rate = HandshakeRate(reserved=self.limits.reserved)
         self._quiet = RateLimited()
+        # What each peer answers. A channel open at the TCP level says nothing of a path
+        # that drops everything silently (its kernel retries for USER_TIMEOUT, 15 s, before
+        # it gives up): status said "connected" meanwhile. When a message from the peer last
+        # arrived, when its current channel opened, and, for a peer that must answer at
+        # least that often while its channel is open (the fail-over peer: heartbeats and
+        # their ACKs within dead_ms, set by the driver), that bound in seconds.
+        self.heard: dict[str, float] = {}
+        self.opened: dict[str, float] = {}
+        self.answer_within: dict[str, float] = {}
         # Messages dropped because their channel's TCP connection had failed (a reset)
         # before TLS told (send_many), and the channels already told of (once each).
         self.lost_writes: dict[str, int] = {}
         self._write_told: weakref.WeakSet[tlschannel.CxtpConnection] = weakref.WeakSet()
+        self._told: dict[str, str] = {}  # the channel state last logged, per watched peer
 
     def load_credentials(self) -> None:
         """Read the certificate, key and CA (a problem is a one-line error naming the file)."""
@@ -146,7 +157,40 @@ class PeerChannels:
                 except (IpsecctError, OSError):
                     b = backoff[p] = min(KEEP_CONNECTED_MAX, backoff.get(p, 0.25) * 2)
                     next_try[p] = loop.time() + b
+            self._tell_states()
             await asyncio.sleep(KEEP_CONNECTED_CHECK)
+
+    def channel_state(self, peer: str, now: float | None = None) -> tuple[str, float | None]:
+        """("connected", None); ("unanswered", seconds since anything came from ``peer``
+        or its channel opened) for a peer with an ``answer_within`` bound that it passed
+        while its channel is open (a path dropping everything: the channel stays open at the
+        TCP level for up to USER_TIMEOUT); or ("not connected", None)."""
+        if not self.connected(peer):
+            return "not connected", None
+        bound = self.answer_within.get(peer)
+        if bound is None:
+            return "connected", None
+        t = self.clock() if now is None else now
+        silent = t - max(self.heard.get(peer, -math.inf), self.opened.get(peer, -math.inf))
+        return ("unanswered", silent) if silent > bound else ("connected", None)
+
+    def _tell_states(self) -> None:
+        """One line per change of a watched peer's channel state (checked every
+        KEEP_CONNECTED_CHECK; status says it as it is at any time)."""
+        for peer, bound in self.answer_within.items():
+            state, silent = self.channel_state(peer)
+            if state == self._told.get(peer, "connected"):
+                continue
+            self._told[peer] = state
+            more: dict[str, object] = {}
+            if state == "unanswered" and silent is not None:
+                more = {"silent_ms": f"{silent * 1000:.0f}", "detail": f"the channel is "
+                        f"open but nothing came back within {bound * 1000:.0f} ms (a path "
+                        "that drops it, or a peer that does not run)"}  # fmt: skip
+            elif state == "not connected":
+                more = {"error": self.last_error.get(peer, "")}
+            level = logging.INFO if state == "connected" else logging.WARNING
+            event(log, "peer-channel", level, node=self.name, peer=peer, state=state, **more)
 
     async def stop(self) -> None:
         if self._keeper is not None:
@@ -200,6 +244,7 @@ class PeerChannels:
             return
         if peer.name not in self.conns or self.conns[peer.name].closed:
             self.conns[peer.name] = conn
+            self.opened[peer.name] = self.clock()
             asyncio.get_running_loop().call_soon(self.on_open, peer.name)
         await self._read(peer.name, conn)
 
@@ -208,7 +253,7 @@ class PeerChannels:
         try:
             # What each read decoded is handled by one callback queued on the loop (no task
             # woken, no timer armed per message); this waits until the channel ends.
-            await conn.deliver(lambda msg: self.on_message(peer, msg))
+            await conn.deliver(lambda msg: self._got(peer, msg))
         except CxtpError as exc:
             event(log, "peer-malformed", logging.WARNING, node=self.name, peer=peer, error=str(exc))
         except ChannelError:
@@ -226,6 +271,10 @@ class PeerChannels:
             await conn.close()
             if current:
                 self.on_lost(peer)
+
+    def _got(self, peer: str, msg: cxtp.Message) -> None:
+        self.heard[peer] = self.clock()  # (the peer answers: channel_state)
+        self.on_message(peer, msg)
 
     async def connection(self, peer: str) -> tlschannel.CxtpConnection:
         c = self.conns.get(peer)
@@ -273,6 +322,7 @@ class PeerChannels:
             await c.close()
             raise TransferError(f"{spec.address} is not {peer}")
         self.conns[peer] = c
+        self.opened[peer] = self.clock()
         asyncio.get_running_loop().call_soon(self.on_open, peer)
         task = supervise(self._read(peer, c), f"read from {peer}", self.name)
         self.readers.add(task)

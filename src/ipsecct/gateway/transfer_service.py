@@ -654,17 +654,23 @@ class TransferService:
         }
 
     def _peers_status(self) -> list[dict[str, Any]]:
-        return [
-            {
+        out = []
+        for p in self.tcfg.peers.values():
+            state, silent = self.channels.channel_state(p.name)
+            out.append({
                 "name": p.name,
                 "address": str(p.address),
                 "allow": sorted(p.allow),
-                "connected": p.name in self.channels.conns,
+                # open and, for a peer that must answer (the fail-over peer), answering:
+                # heard from within its bound (dead_ms); "channel" says which of
+                # connected, unanswered (open, but nothing came back) or not connected
+                "connected": state == "connected",
+                "channel": state,
+                "unanswered_ms": None if silent is None else round(silent * 1000),
                 # why the last attempt to connect to it failed (None since one succeeded)
                 "last_error": self.channels.last_error.get(p.name),
-            }
-            for p in self.tcfg.peers.values()
-        ]
+            })  # fmt: skip
+        return out
 
     def _transfers_status(self) -> dict[str, Any]:
         recent = list(self.core.records)[-20:]
