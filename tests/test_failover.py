@@ -1443,8 +1443,9 @@ def test_standby_started_after_the_active_gets_idle_tunnels(tmp_path: Path) -> N
             active = services["sg1"].failover
             assert active is not None and active.replicator is not None
             rep = active.replicator
-            # its first messages (the full state, then heartbeats) go to nobody
-            await eventually(lambda: rep.messages >= 3, "the active to replicate to nobody")
+            # no channel: it sends nothing (it would be lost) and asks for one, backing off
+            await eventually(lambda: active.reconnects >= 3, "the active to ask for a channel")
+            assert rep.messages == 0 and rep.resyncs == 0
             await services["sg2"].start_context_transfer()
             driver = services["sg2"].failover
             assert driver is not None
@@ -1639,6 +1640,39 @@ def test_an_active_whose_peer_is_no_standby_is_told_on_both_sides(procs: Procs) 
     assert r.returncode == 0, r.stderr
     assert "standby sg2 has never acknowledged" in r.stdout and "not sending" in r.stdout, r
     assert procs.status("sg1")["failover"]["sending"] is False
+
+
+def test_an_active_that_cannot_reach_its_standby_backs_off_and_resyncs_once(
+    procs: Procs,
+) -> None:
+    """sg1 (active) starts and sg2, its standby, does not run: nothing answers on its port.
+    On main every poll's messages (every tick_ms) made a connection attempt of their own,
+    whose failure reported the channel lost: a whole state made due again each time
+    (``resyncs`` grew by ~45-95 a second) and as many TLS attempts. Now the active sends
+    nothing without a channel and asks for one at once, then every heartbeat_ms doubling to
+    RECONNECT_MAX; ``resyncs`` counts whole states made due (none here: the first is due
+    from the start), one log line says the channel is not connected, one that it is once
+    sg2 runs, and sg2 gets the whole state then."""
+    procs.start("sg1")
+    st = procs.wait("sg1", lambda s: s["peers"][0]["failed_opens"] >= 5,
+                    "sg1 to try sg2 a few times", timeout=30)  # fmt: skip
+    fo = st["failover"]
+    assert fo["channel"] == "not connected" and st["peers"][0]["channel"] == "not connected"
+    assert fo["resyncs"] <= 1, fo
+    assert fo["reconnects"] <= st["peers"][0]["failed_opens"] + 1, (fo, st["peers"])
+    lines = [ln for ln in procs.log("sg1").splitlines() if "event=peer-channel" in ln]
+    assert len(lines) == 1 and "state=\"not connected\"" in lines[0], lines
+    assert "Connect call failed" in lines[0] or "cannot connect" in lines[0], lines
+    procs.start("sg2")
+    st = procs.wait("sg1", lambda s: s["failover"]["standby_acknowledged"]
+                    and s["peers"][0]["channel"] == "connected",
+                    "sg1 to pair with sg2", timeout=30)  # fmt: skip
+    assert st["failover"]["resyncs"] <= 1, st["failover"]
+    procs.wait("sg2", lambda s: s["failover"]["replicated_tunnels"] == 1,
+               "sg2 to hold sg1's tunnel")  # fmt: skip
+    until(lambda: "state=connected" in procs.log("sg1"), "sg1 to say the channel is back")
+    lines = [ln for ln in procs.log("sg1").splitlines() if "event=peer-channel" in ln]
+    assert len(lines) == 2, lines
 
 
 def test_a_channel_that_silently_drops_shows_unanswered_not_connected(procs: Procs) -> None:

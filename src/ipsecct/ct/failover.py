@@ -784,10 +784,19 @@ class Replicator:
     def resync(self) -> None:
         """The standby may have missed messages (the channel broke, it restarted): the next
         poll sends the whole state again, marked FULL so that the standby replaces (not merges)
-        what it holds, which also carries any removal it missed."""
+        what it holds, which also carries any removal it missed. Counted (``resyncs``) once
+        per whole state made due: a resync due already is not another one."""
+        if not self._full:
+            self.resyncs += 1
         self._full = True
-        self.resyncs += 1
         self._join_answered = None  # a JOIN after a lost channel is answered afresh
+
+    def idle(self, now: float) -> None:
+        """No poll now (no channel to the standby: what it sent would be lost), the next
+        check in ``tick_ms``. Whatever is due stays due: the whole state a lost channel
+        made due (:meth:`resync`) goes once the channel is back, not into the void at
+        every tick."""
+        self._next_check = now + self.cfg.tick_ms / 1000
 
     def join(self, session: int, seq: int, now: float | None = None) -> bool:
         """A JOIN of this epoch from the standby, which holds this replicator's messages up

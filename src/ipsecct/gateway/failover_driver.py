@@ -82,6 +82,12 @@ RESUME_GRACE = 3.0
 # standby stopped unseen, or cut off through its grace) and, running alone too, sends it
 # nothing; the JOIN makes that taker replicate to it, which ends the tie (_alone_yields).
 TIE_JOIN_MAX = 10.0
+# An active without a channel to its standby sends nothing (what it sent would be lost) and
+# asks the channel pool to open one at once, then every heartbeat_ms doubling to
+# RECONNECT_MAX seconds. Before, every poll's messages went to a connection attempt of their
+# own whose failure reported the channel lost: a whole state made due again each time, about
+# 45 a second (resyncs), and as many TLS connection attempts.
+RECONNECT_MAX = 2.0
 
 
 def alone_after(dead_ms: float) -> float:
@@ -112,6 +118,12 @@ def is_sync(msg: cxtp.Message) -> bool:
 
 class FailoverDriver:
     """The active's replication or the standby's watch, on one timer (``tick_ms``)."""
+
+    # An active without a channel to its standby: when to ask for one next, and the interval
+    # now (heartbeat_ms doubling to RECONNECT_MAX; None: heartbeat_ms, reset once connected)
+    _reconnect_at = 0.0
+    _reconnect_every: float | None = None
+    reconnects = 0  # such requests
 
     def __init__(
         self,
@@ -371,11 +383,21 @@ class FailoverDriver:
 
     def _on_timer(self, now: float) -> None:
         if self.replicator is not None:
-            # No more at a time than the channel has room for: a whole state larger than
-            # its send bound goes in pieces (Replicator.poll), never over it.
-            room = self.channels.room(self.cfg.peer)
-            for m in self.replicator.handle_timer(now, room):
-                self.channels.send(self.cfg.peer, m)
+            if not self.channels.connected(self.cfg.peer):
+                self.replicator.idle(now)  # (the lease runs out meanwhile, as it would)
+                if now >= self._reconnect_at:
+                    every = self._reconnect_every or self.cfg.heartbeat_ms / 1000
+                    self.channels.reconnect(self.cfg.peer)
+                    self.reconnects += 1
+                    self._reconnect_at = now + every
+                    self._reconnect_every = min(RECONNECT_MAX, 2 * every)
+            else:
+                self._reconnect_at, self._reconnect_every = 0.0, None
+                # No more at a time than the channel has room for: a whole state larger
+                # than its send bound goes in pieces (Replicator.poll), never over it.
+                room = self.channels.room(self.cfg.peer)
+                for m in self.replicator.handle_timer(now, room):
+                    self.channels.send(self.cfg.peer, m)
             if self.fencing is not None:
                 self.fencing.tick(now)  # the lease, by the passing of time
             return
@@ -1107,6 +1129,9 @@ class FailoverDriver:
                 # whole states sent again (the channel lost), and tunnels left for the next
                 # poll at the last one (no room in the channel: a large state goes in pieces)
                 "resyncs": self.replicator.resyncs,
+                # requests to open the channel to the standby while it had none (backing
+                # off to RECONNECT_MAX)
+                "reconnects": self.reconnects,
                 # JOINs from the standby in this epoch, those that made a resync (a standby
                 # that holds nothing of ours), and repeats answered by one (Replicator.join)
                 "joins_received": self.replicator.joins,

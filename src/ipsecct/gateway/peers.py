@@ -102,10 +102,12 @@ class PeerChannels:
         self.heard: dict[str, float] = {}
         self.opened: dict[str, float] = {}
         self.answer_within: dict[str, float] = {}
+        self.failed_opens: dict[str, int] = {}  # attempts to open a channel that failed
         # Messages dropped because their channel's TCP connection had failed (a reset)
         # before TLS told (send_many), and the channels already told of (once each).
         self.lost_writes: dict[str, int] = {}
         self._write_told: weakref.WeakSet[tlschannel.CxtpConnection] = weakref.WeakSet()
+        self._attempts: set[asyncio.Task[None]] = set()  # reconnect()'s
         self._told: dict[str, str] = {}  # the channel state last logged, per watched peer
 
     def load_credentials(self) -> None:
@@ -192,12 +194,28 @@ class PeerChannels:
             level = logging.INFO if state == "connected" else logging.WARNING
             event(log, "peer-channel", level, node=self.name, peer=peer, state=state, **more)
 
+    def reconnect(self, peer: str) -> None:
+        """Try to open the channel to ``peer`` now, in the background, unless one is open or
+        being opened (a failure is kept in ``last_error`` and counted in ``failed_opens``;
+        nothing else is told). The caller bounds how often (the fail-over driver backs off)."""
+        if self.connected(peer) or peer in self._opening or peer not in self.tcfg.peers:
+            return
+        task = asyncio.get_running_loop().create_task(self._attempt(peer))
+        self._attempts.add(task)
+        task.add_done_callback(self._attempts.discard)
+
+    async def _attempt(self, peer: str) -> None:
+        with contextlib.suppress(IpsecctError, OSError):
+            await self.connection(peer)
+
     async def stop(self) -> None:
         if self._keeper is not None:
             self._keeper.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._keeper
             self._keeper = None
+        for a in list(self._attempts):
+            a.cancel()
         if self.server is not None:
             self.server.close()
         for w in self.writers.values():
@@ -292,6 +310,7 @@ class PeerChannels:
         except BaseException as exc:
             if isinstance(exc, Exception):
                 self.last_error[peer] = str(exc)[:300] or type(exc).__name__
+                self.failed_opens[peer] = self.failed_opens.get(peer, 0) + 1
                 fut.set_exception(exc)
                 fut.exception()  # retrieved: nobody else may be waiting
             else:

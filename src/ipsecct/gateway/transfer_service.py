@@ -667,8 +667,10 @@ class TransferService:
                 "connected": state == "connected",
                 "channel": state,
                 "unanswered_ms": None if silent is None else round(silent * 1000),
-                # why the last attempt to connect to it failed (None since one succeeded)
+                # why the last attempt to connect to it failed (None since one
+                # succeeded), and how many attempts failed
                 "last_error": self.channels.last_error.get(p.name),
+                "failed_opens": self.channels.failed_opens.get(p.name, 0),
             })  # fmt: skip
         return out
 
