@@ -615,6 +615,34 @@ def test_liveness_checks_both_ways_and_dead_peer() -> None:
     assert w.resp.stats["retransmitted"] == 4
 
 
+def test_the_peer_is_dead_46_s_after_an_unanswered_request_as_the_docs_say() -> None:
+    """An operator who sets dpd_delay and kills the client reads the time the gateway takes
+    to declare it dead in docs/ikev2.md ("Reliability"): it said 30 s, the gateway took 46
+    (the request, four retransmissions 2, 4, 8 and 16 s apart, then 16 s more; tried with
+    strongSwan 5.9.8 killed with SIGKILL and dpd_delay = 2). The docs now give what the
+    engine does, which this test measures."""
+    w = pair(mn_conn(dpd=10), conn(dpd=10))
+    connect(w)
+    sent_at = w.resp.next_deadline()
+    assert sent_at == 10.0
+    w.deliver(w.resp.tick(sent_at), "r", sent_at, drop=True)
+    resent, dead_at = [], None
+    while (d := w.resp.next_deadline()) is not None and dead_at is None:
+        out = w.resp.tick(d)
+        if any(isinstance(o, IkeDown) for o in out):
+            dead_at = d
+        resent += [d - sent_at] * len([o for o in out if isinstance(o, Send)])
+        w.deliver(out, "r", d, drop=True)
+    assert resent == [2.0, 6.0, 14.0, 30.0] and dead_at is not None
+    dead_after = dead_at - sent_at
+    assert dead_after == 46.0
+    docs = (Path(__file__).parent.parent / "docs" / "ikev2.md").read_text()
+    reliability = " ".join(docs.split("- **Reliability.**", 1)[1].split("- **Timers.**")[0].split())
+    assert "retransmitted 2, 6, 14 and 30 s after it" in reliability, reliability
+    assert f"declared dead {dead_after:.0f} s after the request" in reliability, reliability
+    assert "after 30 s" not in reliability
+
+
 def test_a_quiet_ike_sa_starts_no_exchange_but_answers() -> None:
     """While its CHILD SAs are being transferred (IkeSA.quiet) the gateway starts neither a
     liveness check nor a rekey, so that its message IDs are not used here and at the

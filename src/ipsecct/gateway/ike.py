@@ -55,7 +55,7 @@ log = logging.getLogger("ipsecct.gateway.ike")
 IKE_PORT = 500
 INBOUND_GRACE = 2.0  # seconds a rekeyed, deleted CHILD SA still takes what was on its way
 # ... and at most how long one we rekeyed does, until the peer answers its DELETE (the DELETE's
-# retransmissions end after 30 s: the peer is dead then)
+# last retransmission goes 30 s after it; the peer is declared dead 16 s later)
 DELETE_WAIT = 32.0
 # after a transfer to us: how long (s) IKE messages for an IKE SA we do not have yet are kept
 # for it (its context follows the commit over the TLS channel), and how many at most

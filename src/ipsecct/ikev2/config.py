@@ -733,7 +733,7 @@ def _conn_extras(d: dict[str, Any], ctx: _Ctx, where: str, ignored: list[str]) -
     if "dpd_timeout" in d:
         _seconds(d["dpd_timeout"], ctx, where + "dpd_timeout")
         ignored.append(where + "dpd_timeout (IKEv1 only: a dead peer is found by the "
-                       "retransmissions, 30 s)")  # fmt: skip
+                       "retransmissions, 46 s)")  # fmt: skip
     if "rand_time" in d:
         _seconds(d["rand_time"], ctx, where + "rand_time")
         ignored.append(where + "rand_time (rekeys come up to 10 % early at random)")

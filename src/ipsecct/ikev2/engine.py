@@ -111,7 +111,9 @@ def _net(host: IPAddr) -> tuple[int, int]:
         host = host.ipv4_mapped
     return (4, int(host) >> 8)
 
-RETRANSMIT = (2.0, 4.0, 8.0, 16.0)  # then the peer is declared dead (30 s)
+# Waits after a request and each retransmission (the last one again after the fourth): the
+# request goes again 2, 6, 14 and 30 s after it was sent, and the peer is declared dead at 46 s
+RETRANSMIT = (2.0, 4.0, 8.0, 16.0)
 HALF_OPEN_TIMEOUT = 30.0
 MAX_HALF_OPEN = 1000
 COOKIE_THRESHOLD = 100  # half-open IKE SAs before IKE_SA_INIT needs a cookie (§2.6)
@@ -2243,7 +2245,7 @@ class IkeEngine:
         other side is behind a NAT, which a faked NAT-D at IKE_SA_INIT (``encap``) made the
         peer believe. Without either, the peer cannot be moved: the request is still sent
         (nothing is lost by it) and ``stats["address-update-unheeded"]`` counts it. The answer
-        or its absence is handled as for a liveness check (30 s: the peer is dead)."""
+        or its absence is handled as for a liveness check (46 s: the peer is dead)."""
         self._touch(ike)
         out: list[Output] = []
         if ike.state is not IkeState.ESTABLISHED:
