@@ -936,6 +936,100 @@ def test_no_seq_sent_twice_a_tunnel_deleted_after_its_take_over_is_not_taken_aga
     assert any("event=cluster-keyless-dropped node=sg3" in m for m in lines), lines
 
 
+def test_no_seq_sent_twice_a_member_restarted_after_its_lease_ended_leaves_its_groups_first(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Guards the invariant. sg1 owns six tunnels, replicated to sg2. sg2 does not run for a
+    while (its tasks halted; its lease, 30 s, outlives the halt); sg1 is killed (its tasks
+    gone, its lease not revoked) and etcd ends its lease: its member key and owner keys go.
+    sg1 restarts with its six tunnels (configured, or restored from its durable state)
+    before sg2 ran again: no member key of its name, so it joined at once, under a new lease;
+    sg2, running again, read sg1 alive and took nothing: the six tunnels were silent for
+    good, their groups owned by nobody. Now the restarted sg1 finds its previous life in its
+    tunnels' keys (groups without an owner, of a lease no member holds) and joins only once
+    sg2 took them over (from its replicas, above anything the old sg1 sent); it sends on none
+    of them."""
+    from ipsecct.gateway.config import from_dict
+    from ipsecct.gateway.node import Node
+
+    port = 45260
+    drivers: dict[str, ClusterDriver] = {}
+    alive = {"sg1", "sg2"}
+    spis = {0x2000 + k for k in range(6)}
+
+    def member(n: str, ttl: int) -> ClusterDriver:
+        i = 0 if n == "sg1" else 1
+        cfg = from_dict({"name": n, "outer": {"address": "127.0.0.1", "port": port + i},
+                         "inner": {"kind": "udp", "listen": f"127.0.0.1:{port + 10 + i}",
+                                   "peer": f"127.0.0.1:{port + 20}"}},
+                        str(tmp_path / f"{n}.toml"))  # fmt: skip
+        node = Node(cfg)
+        if n == "sg1":  # (its tunnels, each life: configured, or from its durable state)
+            for k in range(6):
+                (o, inb, sp), _ = tunnel_sas("sg1", spi_up=0x1000 + k, spi_down=0x2000 + k,
+                                             mn_inner=f"10.1.0.{k + 2}", name=f"t{k}")
+                node.engine.add_tunnel(SPDEntry(sp, Action.PROTECT, name=f"t{k}",
+                                                static=False), o, inb)  # fmt: skip
+        drv = ClusterDriver(node, ClusterConfig(etcd=tuple(endpoints), ttl_s=ttl, groups=4))
+        drv.attach(_Wire(n, alive, drivers), _Transfer(), Identity.DIRECT,  # type: ignore[arg-type]
+                   [p for p in ("sg1", "sg2") if p != n])
+        drv.transfer = None
+        drivers[n] = drv
+        return drv
+
+    async def halt(drv: ClusterDriver) -> None:
+        for task in (drv._task, drv._repl_task):
+            assert task is not None
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def run() -> None:
+        c = EtcdClient(list(endpoints), timeout=5.0)
+        sg1, sg2 = member("sg1", 2), member("sg2", 30)
+        await sg1.start()
+        await sg2.start()
+        try:
+            await eventually(lambda: sg1.own.owned() & _here(sg1) == spis
+                             and set(sg2.standbys["sg1"].replica) == spis,
+                             "sg1 owns its six tunnels, sg2 holds their replicas", 20)  # fmt: skip
+            old = sg1.lease_id
+            await halt(sg2)  # sg2 does not run for a while
+            await halt(sg1)  # sg1 is killed: its lease ends by itself
+            alive.discard("sg1")
+            key1 = ownership.keys("default")["members"] + "sg1"
+            for _ in range(300):
+                if await c.get(key1) is None:
+                    break
+                await asyncio.sleep(0.02)
+            else:
+                raise AssertionError("etcd did not end sg1's lease")
+            alive.add("sg1")
+            sg1b = member("sg1", 2)  # sg1 restarted, sg2 still not running
+            await sg1b.start()
+            await eventually(lambda: sg1b.lease_id or "previous life" in sg1b.last_error,
+                             "the restarted sg1 joins, or says why not yet")  # fmt: skip
+            await sg2.start()  # sg2 runs again
+            await eventually(lambda: sg2.own.owned() & _here(sg2) == spis,
+                             f"sg2 to take sg1's previous life's tunnels over: {sg2.status()}",
+                             20)  # fmt: skip
+            await eventually(lambda: sg1b.lease_id not in (0, old), "sg1 joins again", 20)
+            assert not sg1b.own.owned() & spis, sg1b.status()
+            assert all(sg1b.node.engine.fenced(t, sg1b.node.clock())
+                       for t in sg1b.node.engine.tunnels()), sg1b.status()  # fmt: skip
+        finally:
+            for drv in drivers.values():
+                await drv.stop()
+            await sg1.stop()
+
+    with caplog.at_level(logging.INFO, logger="ipsecct"), EtcdCluster(tmp_path) as e:
+        endpoints = e.endpoints
+        asyncio.run(run())
+    lines = [r.getMessage() for r in caplog.records]
+    assert any("node=sg1" in m and "not joining yet" in m and "previous life" in m
+               for m in lines), lines  # fmt: skip
+
+
 # -- tunnel keys that are not what a member writes (tunnels/<8 lower-case hex digits>) ----------
 
 @pytest.mark.parametrize("tail", ["0x002000", "+0002000", "000_2000", " 0002000", "0000200A",

@@ -121,7 +121,8 @@ class ClusterDriver:
         self.lease_id = 0
         # (lease, when its member key was first seen gone) of a member of our name seen
         # before we joined: our previous life, whose tunnels go to the survivors first
-        self._previous: tuple[int, float | None] | None = None
+        # (or named by the keys of our tunnels: _past_lives)
+        self._previous: tuple[frozenset[int], float | None] | None = None
         # The machine's time suspended (CLOCK_BOOTTIME - CLOCK_MONOTONIC, injectable) as of
         # the times the lease notes (its expiry, its heartbeats' sending): a suspend since is
         # real time the node's clock (and the C thread's) did not count (_fence_check).
@@ -129,6 +130,7 @@ class ClusterDriver:
         self._slept_base = self.suspended()
         self.suspends = 0  # suspends counted (status)
         self.losses_before = 0  # lease losses of this gateway's lives before this one
+        self._lives = 0  # times this process joined
         # Lives ended, by why (_lease_gone: lease-expired, member-key-lost), the last's line
         self.life_ends: dict[str, int] = {}
         self.last_life_end = ""
@@ -482,7 +484,7 @@ class ClusterDriver:
         if kv is not None:
             addr, other, _ = ownership.parse_member(kv.value)
             if other:
-                self._previous = (other, None)
+                self._previous = (frozenset({other}), None)
             raise EtcdError(
                 f"not joining: a member named {self.node.name} exists already (lease "
                 f"{other:x}, address {addr!r}): another gateway with this name, or this "
@@ -490,16 +492,19 @@ class ClusterDriver:
                 f"that lease is gone"
             )
         if self._previous is None:
-            return
+            past = await self._past_lives() if not self._lives else frozenset()
+            if not past:
+                return
+            self._previous = (past, None)
         prev, gone = self._previous
         now = self.node.clock()
         if gone is None:
             self._previous = (prev, now)
             gone = now
-        head = f"{prev:016x}-"
+        heads = tuple(f"{p:016x}-" for p in prev)
         groups = {v.decode(errors="replace") for _, v in
                   await self.client.get_prefix_values(self.keys["tunnels"])}  # fmt: skip
-        mine = {g for g in groups if g.startswith(head)}
+        mine = {g for g in groups if g.startswith(heads)}
         owned = {k[len(self.keys["groups"]):] for k, _ in
                  await self.client.get_prefix_values(self.keys["groups"])}  # fmt: skip
         waiting = mine - owned
@@ -507,10 +512,37 @@ class ClusterDriver:
         if waiting and now - gone < limit:
             raise EtcdError(
                 f"not joining yet: {len(waiting)} group(s) of this gateway's previous life "
-                f"(lease {prev:x}) have no owner yet; the members holding their replicas "
-                f"take them over first (at most {limit - (now - gone):.1f} s more)"
+                f"(lease {', '.join(f'{p:x}' for p in sorted(prev))}) have no owner yet; the "
+                f"members holding their replicas take them over first (at most "
+                f"{limit - (now - gone):.1f} s more)"
             )
         self._previous = None
+
+    async def _past_lives(self) -> frozenset[int]:
+        """Leases of ended lives whose groups our tunnels' keys name (read before this
+        process first joins; a life ended since removed its own tunnels): a gateway
+        restarted after its lease ended, before the survivors took its groups over, found
+        no member key of its name and joined at once; the survivors then read it
+        alive (under its new lease) and took nothing: its previous life's tunnels were
+        silent for good, its groups owned by nobody. The tunnels it has at start (configured,
+        restored from its durable state) name those groups: a group without an owner key,
+        created under a lease no member key holds. (It may also be a dead peer's, whose
+        tunnel was transferred here: its survivors take it over first too.)"""
+        spis = {t.outbound.spi for t in self.node.engine.tunnels()}
+        if not spis:
+            return frozenset()
+        groups, tunnels = await read_ownership(self.client, self.keys)
+        live = {
+            ownership.parse_member(kv.value)[1]
+            for kv in await self.client.get_prefix(self.keys["members"])
+        }
+        out = set()
+        for spi in spis:
+            g = tunnels.get(spi)
+            lease = ownership.lease_of_group(g) if g is not None else 0
+            if g is not None and g not in groups and lease and lease not in live:
+                out.add(lease)
+        return frozenset(out)
 
     async def _register(self) -> None:
         await self._previous_life()
@@ -532,6 +564,7 @@ class ClusterDriver:
             await self._previous_life()  # (a member key of our name written meanwhile)
             raise EtcdError("joining: the new lease's groups exist already")
         self.own.joined()
+        self._lives += 1
         self._layout += 1  # CHILD-less IKE SAs have a group now (replicated from now on)
         # Only now are we a member: replication starts (see _replicate) and our tunnels
         # may be owned. A peer that received replicas of ours before our member key existed
@@ -824,7 +857,7 @@ class ClusterDriver:
         with contextlib.suppress(EtcdError):
             await self.client.revoke(lease)
         # our old groups go to the survivors first, as after a restart (_previous_life)
-        self._previous = (lease, self.node.clock())
+        self._previous = (frozenset({lease}), self.node.clock())
 
     def _takes(self, dead: Callable[[str], bool]) -> _Takes:
         """Which orphaned groups _scan adopts, the peers ``dead`` says are gone: a group is
