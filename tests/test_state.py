@@ -77,6 +77,56 @@ def test_store_is_wal_synchronous_full_versioned_and_ceilings_never_go_down(
     st2.close()
 
 
+def _killed_copy(st: StateStore, to: Path) -> Path:
+    """What a kill of the process holding ``st`` open leaves: its files copied as they are
+    now (state.db, its write-ahead log and index), the connection still open."""
+    to.mkdir()
+    for f in st.path.parent.glob(st.path.name + "*"):
+        (to / f.name).write_bytes(f.read_bytes())
+    return to / st.path.name
+
+
+def test_no_seq_sent_twice_a_log_merged_by_a_close_is_no_loss_a_log_lost_is(
+    tmp_path: Path,
+) -> None:
+    """The write-ahead log of a run not stopped cleanly: a close of the store (however it
+    comes: close(), or the object collected at an exit after an error) or of a database
+    refused at open for another reason (another node's) copies it into state.db and
+    removes it, marked closed first: the next open takes it. A log removed, or cut, with
+    the run still marked open is a loss: refused, and still refused at the open after
+    that one (its own close merges what is left but does not mark it)."""
+    db = tmp_path / "a" / "state.db"
+    db.parent.mkdir()
+    st = StateStore.create(db, "sg1")
+    st.prepare_wal()
+    st.put([row("a", Owner.OWNED, 70000)])
+    cases = {}
+    for case in ("close", "collected", "other node", "log removed", "log cut"):
+        cases[case] = _killed_copy(st, tmp_path / case.replace(" ", "-"))
+    st.close()
+    c = StateStore.open_existing(cases["close"], "sg1")
+    c.close()
+    assert not cases["close"].with_name("state.db-wal").exists()  # merged, removed
+    assert StateStore.open_existing(cases["close"], "sg1").load()["a"].ceiling == 70000
+    c = StateStore.open_existing(cases["collected"], "sg1")
+    del c  # (an exit after an error: no close())
+    import gc
+
+    gc.collect()
+    assert not cases["collected"].with_name("state.db-wal").exists()
+    assert StateStore.open_existing(cases["collected"], "sg1").load()["a"].ceiling == 70000
+    with pytest.raises(state_mod._Damaged, match="belongs to node 'sg1'"):
+        StateStore.open_existing(cases["other node"], "sg2")
+    assert StateStore.open_existing(cases["other node"], "sg1").load()["a"].ceiling == 70000
+    cases["log removed"].with_name("state.db-wal").unlink()
+    wal = cases["log cut"].with_name("state.db-wal")
+    os.truncate(wal, wal.stat().st_size // 2)
+    for case in ("log removed", "log cut"):
+        for _ in range(2):
+            with pytest.raises(state_mod._Damaged, match="write-ahead log"):
+                StateStore.open_existing(cases[case], "sg1")
+
+
 @pytest.mark.parametrize("count", [1, 2, 3, state_mod.CHUNK_ROWS, 2 * state_mod.CHUNK_ROWS + 7])
 def test_a_bulk_put_writes_every_row_in_order_whatever_the_count_and_its_chunks(
     tmp_path: Path, count: int
