@@ -113,6 +113,36 @@ def default_dir(name: str) -> Path:
     return Path(xdg) / "ipsecct" / name
 
 
+def _close_store(conn: sqlite3.Connection, lock: threading.Lock) -> None:
+    """Close a store's connection, marked closed first: the last connection's close copies
+    the write-ahead log into state.db and removes it (nothing lost). Under the store's lock,
+    so that no write comes after the mark (a write after it, checkpointed and its log then
+    lost, would be a loss the mark hides). At exit a writer's lock is waited for 5 s."""
+    locked = lock.acquire(timeout=5)
+    try:
+        if locked:
+            with contextlib.suppress(sqlite3.Error):  # (unmarked: the next start checks)
+                conn.execute("UPDATE meta SET value = ? WHERE key = ?", (RUN_CLOSED, RUN_KEY))
+        conn.close()
+    finally:
+        if locked:
+            lock.release()
+
+
+def _close_checked(conn: sqlite3.Connection, log_size: int | None) -> None:
+    """Close the connection of a database refused at open: SQLite copies its write-ahead
+    log into it and removes it. Marked closed first where the log was what it must be (a
+    database of another node or schema, a bad row), so that a later start does not take
+    the log gone for a loss; not where the log is what was missing or short, which is kept
+    known. Nothing marked where the database cannot be read."""
+    with contextlib.suppress(sqlite3.Error, ValueError, _Damaged):
+        meta = dict(conn.execute("SELECT key, value FROM meta WHERE key IN (?, ?)",
+                                 (RUN_KEY, LOG_KEY)).fetchall())  # fmt: skip
+        _check_log(meta, log_size)
+        conn.execute("UPDATE meta SET value = ? WHERE key = ?", (RUN_CLOSED, RUN_KEY))
+    conn.close()
+
+
 def _check_log(meta: dict[str, str], log_size: int | None) -> None:
     """The database of a run that was not closed cleanly (killed, crashed, power lost) must
     come with its write-ahead log (state.db-wal) at least as long as the run made it at its
@@ -305,6 +335,8 @@ class StateStore:
         self.salt = salt
         self.created = created  # made by this start (a first start)
         self._lock = threading.Lock()
+        # closed however the process ends but a kill: close(), or at exit, or collected
+        self._close = weakref.finalize(self, _close_store, conn, self._lock)
         # Rows per upsert statement: CHUNK_ROWS, or fewer if this SQLite takes fewer
         # variables per statement (999 before 3.32) than a chunk has.
         limit = conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
@@ -354,13 +386,13 @@ class StateStore:
             salt = bytes.fromhex(meta["salt"])
             if len(salt) != 32:
                 raise _Damaged("bad fingerprint salt")
+            _check_log(meta, log_size)
             store = cls(conn, path, salt, False)
             store.load()  # every row must decode
             store.check_arrivals()
-            _check_log(meta, log_size)
             return store
         except (sqlite3.Error, KeyError, ValueError, TypeError, _Damaged) as exc:
-            conn.close()
+            _close_checked(conn, log_size)
             raise _Damaged(str(exc) or type(exc).__name__) from None
 
     @staticmethod
@@ -505,11 +537,7 @@ class StateStore:
 
     def close(self) -> None:
         """Closed cleanly: marked so (SQLite then checkpoints the log and removes it)."""
-        with self._lock:
-            with contextlib.suppress(sqlite3.Error):  # (unmarked: the next start checks)
-                self.conn.execute("UPDATE meta SET value = ? WHERE key = ?",
-                                  (RUN_CLOSED, RUN_KEY))  # fmt: skip
-            self.conn.close()
+        self._close()
 
     # -- reading and writing ---------------------------------------------------------------
     def fingerprint(self, sa: SecurityAssociation) -> str:
