@@ -229,6 +229,24 @@ BAD_KEYS: list[tuple[str, str, list[str]]] = [
 ]
 
 
+def test_no_seq_sent_twice_an_aes_ctr_key_of_both_directions_is_refused(tmp_path: Path) -> None:
+    """AES-CTR's IV is the sequence number too (RFC 3686, the nonce the key's last four
+    octets): one key both ways is one keystream from both ends, as for AES-GCM
+    (tests/test_hostile_inputs.py::test_no_seq_sent_twice_an_aead_key_of_both_directions_is_a_configuration_error);
+    AES-CBC's IV is random, and one key both ways is taken (as before)."""
+    keys = 'in_enc = "{0}"\nout_enc = "{0}"\nin_integ = "{1}"\nout_integ = "{2}"\n'
+    for enc, key, refused in (("aes-ctr", "11" * 20, True), ("aes-cbc", "11" * 16, False)):
+        text = GOOD.replace('keys = "t1.keys"',
+                            f'keys = "t1.keys"\nenc = "{enc}"\ninteg = "hmac-sha2-256-128"')
+        p = write(tmp_path, text, keys=keys.format(key, "22" * 32, "33" * 32))
+        if not refused:
+            config.load(p)
+            continue
+        with pytest.raises(ConfigError, match=r"tunnel\[0\] \(t1\)\.keys: in_enc and out_enc"
+                           r" are one AES-CTR key"):  # fmt: skip
+            config.load(p)
+
+
 @pytest.mark.parametrize(("what", "keys", "names"), BAD_KEYS, ids=[b[0] for b in BAD_KEYS])
 def test_bad_key_file(what: str, keys: str, names: list[str], tmp_path: Path) -> None:
     text = GOOD
