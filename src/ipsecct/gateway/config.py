@@ -861,19 +861,21 @@ def from_dict(data: dict[str, Any], path: str = "<config>") -> NodeConfig:
     keys_in: dict[bytes, str] = {}
     keys_out: dict[bytes, str] = {}
     for i, t in enumerate(tunnels):
-        if not ENC[t.outbound.enc].aead:
+        if not t.outbound.seq_iv:  # (AES-CTR too: its IV is the sequence number, RFC 3686)
             continue
+        kind = "AEAD" if t.outbound.aead else "AES-CTR"
         kin, kout, where = t.inbound.enc_key, t.outbound.enc_key, f"tunnel[{i}] ({t.name}).keys"
         if kin == kout:
-            raise ctx.err(where, "in_enc and out_enc are one AEAD key: this gateway and its peer"
-                          " would both encrypt under it from sequence number 1 on, each nonce"
-                          " twice (give each direction its own key)")  # fmt: skip
+            raise ctx.err(where, f"in_enc and out_enc are one {kind} key: this gateway and its"
+                          " peer would both encrypt under it from sequence number 1 on, each"
+                          " nonce twice (give each direction its own key)")  # fmt: skip
         for mine, theirs, other in (("out_enc", "in_enc", keys_in.get(kout)),
                                     ("in_enc", "out_enc", keys_out.get(kin))):  # fmt: skip
             if other is not None:
-                raise ctx.err(where, f"{mine} is tunnel {other}'s {theirs} (one AEAD key: this"
-                              " gateway and that tunnel's peer would both encrypt under it,"
-                              " nonces repeated; give each tunnel and direction its own key)")
+                raise ctx.err(where, f"{mine} is tunnel {other}'s {theirs} (one {kind} key:"
+                              " this gateway and that tunnel's peer would both encrypt under"
+                              " it, nonces repeated; give each tunnel and direction its own"
+                              " key)")  # fmt: skip
         keys_in.setdefault(kin, t.name)
         keys_out.setdefault(kout, t.name)
     for i, t in enumerate(tunnels):  # (gateway run said only "SPI ... is already in use")
