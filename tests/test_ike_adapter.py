@@ -2142,3 +2142,73 @@ def test_a_child_sa_whose_peer_chose_another_tunnels_outbound_spi_is_refused_ike
     svc._one(up)
     assert up.child.spi_out != vc.spi_in
     assert sorted(str(t.outbound.dst) for t in eng.tunnels()) == ["192.0.2.10", "192.0.2.77"]
+
+
+def test_a_child_sa_whose_outbound_spi_another_members_tunnel_has_in_etcd_is_refused(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The etcd mode: clients of two members choose one outbound SPI (any 32 bits of the
+    client's choice). The check above looked at this gateway's tunnels only: sg2 made M's
+    CHILD SA, whose tunnel it could then never record (tunnels/<spi> names sg1's group:
+    fenced for good, cluster-not-owner), and which a take-over of sg1's group would have
+    met beside sg1's tunnel of that SPI. The member asks etcd's view too (its last reading
+    of the tunnel keys): a key in a group not its own refuses the CHILD SA as another tunnel
+    here does (child-spi-taken; NO_PROPOSAL_CHOSEN, the IKE SA kept). A real etcd, sg2's
+    driver and IKE service; sg1's key written as sg1 writes it."""
+    import asyncio
+    import logging
+
+    from ipsecct.ct import ownership
+    from ipsecct.gateway.cluster_driver import ClusterDriver
+    from ipsecct.gateway.config import ClusterConfig
+    from ipsecct.gateway.etcd import EtcdClient
+    from ipsecct.ikev2.engine import ChildUp, IkeEngine
+    from tests.helpers.etcd_server import EtcdCluster
+    from tests.helpers.ikev2_engines import Wire
+    from tests.helpers.waiting import eventually
+
+    class Channels:
+        def send(self, peer: str, msg: object) -> None:
+            pass
+
+        def room(self, peer: str) -> int:
+            return 1 << 30
+
+    class Transfer:
+        def __init__(self) -> None:
+            self.listeners: list[object] = []
+
+    spi = 0x5A5A0001
+    svc = ike_service(tmp_path)
+
+    async def run(endpoints: list[str]) -> None:
+        c = EtcdClient(endpoints, timeout=5.0)
+        keys = ownership.keys("default")
+        lid, _ = await c.grant(60)  # sg1, with a tunnel of outbound SPI ``spi``
+        g = ownership.home_group(lid, 0)
+        await c.put(keys["members"] + "sg1", ownership.member_info("127.0.0.1:1", lid, 1),
+                    lease=lid)  # fmt: skip
+        await c.put(keys["groups"] + g, "sg1", lease=lid)
+        await c.put(ownership.tunnel_key("default", spi), g)
+        drv = ClusterDriver(svc.node, ClusterConfig(etcd=tuple(endpoints), ttl_s=2, groups=4))
+        drv.attach(Channels(), Transfer(), Identity.DIRECT, ["sg1"])  # type: ignore[arg-type]
+        drv.attach_ike(svc)
+        drv.transfer = None
+        await drv.start()
+        try:
+            await eventually(lambda: svc.engine.outbound_spi_taken(spi),
+                             "sg2 to know sg1's tunnel of that SPI")  # fmt: skip
+            assert not svc.engine.outbound_spi_taken(spi + 1)
+            m = Wire(IkeEngine([mn_conn()], spi_range=(spi, spi)), svc.engine)
+            with caplog.at_level(logging.WARNING, logger="ipsecct.ikev2"):
+                connect(m)
+            (mi,) = m.ini.ike_sas()
+            assert mi.state is IkeState.ESTABLISHED and not mi.children  # the IKE SA stays
+            assert svc.engine.stats["child-spi-taken"] == 1 and not m.of("r", ChildUp)
+            assert f"spi={spi:08x} count=1" in caplog.text
+            assert not list(svc.node.engine.tunnels())
+        finally:
+            await drv.stop()
+
+    with EtcdCluster(tmp_path) as e:
+        asyncio.run(run(e.endpoints))

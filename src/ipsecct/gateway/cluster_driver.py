@@ -172,6 +172,9 @@ class ClusterDriver:
         # reported orphaned for good (nobody took them within ORPHAN_AFTER): group -> tunnels.
         self._orphan_since: dict[str, float] = {}
         self.orphaned: dict[str, int] = {}
+        # Every tunnel key's group as last read (_scan, _check_orphans: every ORPHAN_CHECK at
+        # most): the IKE check of a CHILD SA's outbound SPI asks it (_spi_elsewhere)
+        self._tunnel_view: dict[int, str] = {}
         self.floors_dropped = 0  # tunnels' floors dropped with a peer's lease
         self.malformed = 0  # keys under our prefix no member wrote as they are (_malformed)
         self._next_orphan_check = 0.0
@@ -268,6 +271,19 @@ class ClusterDriver:
         ike.replicated = self._ike_replicated
         if self.block is not None:
             ike.engine.spi_range = (self.block.first, self.block.last)
+        here = ike.engine.outbound_spi_taken  # (another tunnel here has it)
+        ike.engine.outbound_spi_taken = lambda spi: here(spi) or self._spi_elsewhere(spi)
+
+    def _spi_elsewhere(self, spi: int) -> bool:
+        """Does another member's tunnel have this outbound SPI, as etcd's keys were last
+        read (a key in a group that is not ours: another member's, or one nobody owns yet,
+        which a survivor may take over)? A client of ours chose it as a client of that
+        member did (any 32 bits of the client's choice): the CHILD SA is refused as for
+        another tunnel here (the IKE check). Made, its tunnel could never be recorded (the
+        key exists: fenced for good, cluster-not-owner), and a take-over of that group met
+        two tunnels of one SPI here."""
+        g = self._tunnel_view.get(spi)
+        return g is not None and g not in self.own.groups
 
     def _ike_fenced(self, now: float) -> bool:
         """No IKE while our lease is not valid: etcd may end it and another member take our
@@ -762,6 +778,7 @@ class ClusterDriver:
             self.dead_since.clear()
             return
         groups, tunnels = await read_ownership(self.client, self.keys, self._malformed)
+        self._tunnel_view = tunnels
         ours = await self._adopted_unanswered(groups)
         if ours:
             await self._took_groups(ours, tunnels, dead)
@@ -881,6 +898,7 @@ class ClusterDriver:
         never taken over from those (they may be older than what the peer's past life or a
         copy restored from disk sent), but reported, not left silent."""
         groups, tunnels = await read_ownership(self.client, self.keys, self._malformed)
+        self._tunnel_view = tunnels
         now = self.node.clock()
         orph = ownership.orphans(groups, tunnels)
         for g in [g for g in self._orphan_since if g not in orph]:
