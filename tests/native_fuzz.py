@@ -97,6 +97,19 @@ def renew(esp: Any, table: Any, sas: list[Any], i: int, sink_port: int) -> None:
     sas[i] = (alg, key, esn, spi, new_in, new_out)
 
 
+RELAY_SPIS = (0, 0x200, 0x201, 0x202, 0xFFFFFFFF)
+
+
+def relay_of(esp: Any, rng: random.Random, sink_port: int) -> Any:
+    """A relay to the sink, at any rate and end (some past, some a burst of one)."""
+    r = esp.Relay(b"\x7f\0\0\x01", sink_port, rng.choice([0.0, 1e300, time.monotonic() + 1]),
+                  rng.choice([1e-3, 1.0, 1e6]), rng.choice([1.0, 5.0, 1000.0]))
+    for _ in range(3):
+        r.take(rng.choice([0.0, -1.0, 1e300, time.monotonic()]))
+    r.until = rng.choice([r.until, 1e300, 0.0])
+    return r
+
+
 def thread_fuzz(esp: Any, table: Any, sas: list[Any], rng: random.Random, rounds: int,
                 outer: socket.socket, inner: socket.socket, sink: socket.socket,
                 sink_port: int, tx: socket.socket) -> None:  # fmt: skip
@@ -140,6 +153,14 @@ def thread_fuzz(esp: Any, table: Any, sas: list[Any], rng: random.Random, rounds
             if k is not None and rng.random() < 0.3:
                 table.add_flow(k, sa_out)
             tx.sendto(bytes(inner_pkt), inner.getsockname())
+        for _ in range(4):  # moved tunnels' relays: any length, SPI 0 too, while they change
+            rspi = rng.choice(RELAY_SPIS)
+            d = struct.pack("!L", rspi) + rng.randbytes(rng.randrange(0, 80))
+            tx.sendto(d[: rng.randrange(len(d) + 1)], outer.getsockname())
+        if rng.random() < 0.3:
+            table.relay(rng.choice(RELAY_SPIS[1:]), relay_of(esp, rng, sink_port))
+        elif rng.random() < 0.2:
+            table.relay(rng.choice(RELAY_SPIS[1:]), None)
         victim = rng.choice(sas)[rng.choice([4, 5])]
         victim.active = False  # a freeze while the thread runs
         victim.export()
@@ -239,8 +260,14 @@ def main() -> None:
     for sa in sas:
         sa[5].set_dest(b"\x7f\0\0\x01", sink_port)
     tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    for rspi in RELAY_SPIS[1:]:
+        table.relay(rspi, relay_of(esp, rng, sink_port))
     for _ in range(max(1, rounds // 64)):
-        for _ in range(64):
+        for _ in range(8):
+            rspi = rng.choice(RELAY_SPIS)
+            d = struct.pack("!L", rspi) + rng.randbytes(rng.randrange(0, 80))
+            tx.sendto(d[: rng.randrange(len(d) + 1)], outer.getsockname())
+        for _ in range(56):
             alg, key, esn, spi, sa_in, sa_out = rng.choice(sas)
             if rng.random() < 0.5:
                 d = forge(rng, alg, key, spi, rng.randrange(1 << 32), esn)
@@ -258,6 +285,8 @@ def main() -> None:
         except BlockingIOError:
             pass
     thread_fuzz(esp, table, sas, rng, rounds, outer, inner, sink, sink_port, tx)
+    for rspi in RELAY_SPIS[1:]:
+        table.relay(rspi, None)
     table.take_stats()
     for sa in sas:
         sa[4].export()

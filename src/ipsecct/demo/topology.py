@@ -556,7 +556,8 @@ async def build(
                 **(transfer or {}),
             },
             "peers": [
-                {"name": p, "address": f"{ADDRESS[p]}:{ct_ports[p]}", "outer": ADDRESS[p]}
+                {"name": p, "address": f"{ADDRESS[p]}:{ct_ports[p]}", "outer": ADDRESS[p],
+                 "outer_port": ports[p][0]}  # (the MN's ESP still at g relayed there)
                 for p in gateways
                 if p != g
             ],

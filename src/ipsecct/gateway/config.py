@@ -93,6 +93,10 @@ class PeerConfig:
     # ``pair``: the peer this one forms a fail-over pair with (either may ask this gateway,
     # with a decision query, about the other's transfers: docs/security.md)
     pair: str | None = None
+    # ``outer_port``: the peer's outer (NAT-T) UDP port; with ``outer``, a tunnel moved to it
+    # relays the MN's ESP that still reaches us there unchanged (ipsec/relay.py), from the
+    # forwarding thread, instead of forwarding it over the channel. None: not relayed.
+    outer_port: int | None = None
 
 
 @dataclass(frozen=True)
@@ -1388,9 +1392,10 @@ def _peers(plist: Any, ctx: _Ctx) -> dict[str, PeerConfig]:
         if not isinstance(p, dict):
             raise ctx.err(where, "needs a name")
         for k in p:  # before "needs a name": a misspelt name key is named as such
-            if k not in ("name", "address", "outer", "allow", "pair"):
+            if k not in ("name", "address", "outer", "outer_port", "allow", "pair"):
                 raise ctx.err(
-                    f"{where}.{k}", "unknown key (expected name, address, outer, allow, pair)"
+                    f"{where}.{k}",
+                    "unknown key (expected name, address, outer, outer_port, allow, pair)",
                 )
         if not isinstance(p.get("name"), str):
             raise ctx.err(where, "needs a name")
@@ -1407,7 +1412,14 @@ def _peers(plist: Any, ctx: _Ctx) -> dict[str, PeerConfig]:
         pair = p.get("pair")
         if pair is not None and (not isinstance(pair, str) or pair == p["name"]):
             raise ctx.err(f"{where}.pair", "must name another of the [[peers]]")
-        peers[p["name"]] = PeerConfig(p["name"], addr, outer, frozenset(allow), pair)
+        oport = p.get("outer_port")
+        if oport is not None and (
+            isinstance(oport, bool) or not isinstance(oport, int) or not 0 < oport <= 65535
+        ):
+            raise ctx.err(f"{where}.outer_port", "must be a UDP port (1-65535)")
+        if oport is not None and outer is None:
+            raise ctx.err(f"{where}.outer_port", "needs outer (the peer's outer address)")
+        peers[p["name"]] = PeerConfig(p["name"], addr, outer, frozenset(allow), pair, oport)
     for i, q in enumerate(peers.values()):
         if q.pair is not None and q.pair not in peers:
             raise ctx.err(f"peers[{i}].pair", "must name another of the [[peers]]")

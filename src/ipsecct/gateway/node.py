@@ -24,7 +24,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..ipsec import native as native_mod
-from ..ipsec.engine import Bypass, Engine, Forward, Held, Result, Signal, ToInner, ToPeer
+from ..ipsec.engine import Bypass, Engine, Forward, Held, Relay, Result, Signal, ToInner, ToPeer
 from ..ipsec.esp import Drop
 from ..ipsec.ippacket import PROTO_ESP, Endpoint
 from ..ipsec.sad import SAEvent, SecurityAssociation
@@ -450,6 +450,9 @@ class Node:
                 self._on_outer(item[1], item[2])
             elif kind == 3:  # a signal (ESP next header 253) for the transfer layer
                 self.act(Signal(item[1], item[2]), item[3])
+            elif kind == 2:  # relayed ESP the outer socket had no room for: queue it
+                if self.outer_transport is not None and self._esp_may_leave():
+                    self.outer_transport.sendto(item[1], item[2], fenced=True)
             elif self.inner_transport is not None:  # the inner socket had no room
                 self.inner_transport.sendto(item[1], item[2])
         self.engine.fold_native_stats()
@@ -558,6 +561,9 @@ class Node:
                 self.on_held(res)
             else:
                 self.engine.stats.drops[Drop.POLICY.value] += 1
+        elif isinstance(res, Relay):
+            # a moved tunnel's inbound ESP, unchanged, to its new gateway (ipsec/relay.py)
+            self.send_outer(res.packet, res.addr)
         elif isinstance(res, Forward):
             if self.on_forward is not None:
                 self.on_forward(res)

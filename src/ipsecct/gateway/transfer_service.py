@@ -98,6 +98,9 @@ class TransferService:
         self.unresolved: list[tuple[int, str, list[Tunnel]]] = []
         self.unresolved_ages: dict[int, float] = {}  # their age (AGE in the query)
         node.on_forward = self._on_forward
+        for p in tcfg.peers.values():  # a moved tunnel's MN's ESP relayed there (ipsec/relay.py)
+            if p.outer is not None and p.outer_port is not None:
+                node.engine.relay_to[p.name] = (p.outer, p.outer_port)
         node.outer_hooks.append(self._on_outer_message)
         node.extensions["peers"] = self._peers_status
         node.extensions["transfers"] = self._transfers_status

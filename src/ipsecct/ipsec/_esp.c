@@ -867,6 +867,142 @@ static PyTypeObject SAType = {
     .tp_getset = sa_getset,
 };
 
+/* ---------------------------------------------------------------- relays (moved tunnels) */
+
+/*
+ * A relay: where ESP under a moved tunnel's inbound SPI goes, unchanged, after its transfer
+ * (the MN's packets that still reach this gateway after the cut): the target's outer
+ * (NAT-T) address, until the end of the forwarding time, at most ``rate`` a second with a
+ * burst of ``burst`` (a token bucket; what is over it is dropped and counted). The ESP is
+ * authenticated by the target with the SA's key, which this gateway no longer holds: nothing
+ * is opened or sealed here. ipsecct.ipsec.engine.RelayLimit is the Python reference of take().
+ */
+typedef struct {
+    PyObject_HEAD
+    struct sockaddr_storage dest;
+    socklen_t destlen;
+    double until, rate, burst, tokens, last;
+    unsigned long long relayed, refused;
+} RelayObject;
+
+static PyTypeObject RelayType;
+
+static int
+relay_init(RelayObject *self, PyObject *args, PyObject *kwds)
+{
+    Py_buffer addr;
+    unsigned int port;
+    double until, rate, burst;
+    if (!PyArg_ParseTuple(args, "y*Iddd", &addr, &port, &until, &rate, &burst))
+        return -1;
+    memset(&self->dest, 0, sizeof(self->dest));
+    self->destlen = 0;
+    if (addr.len == 4) {
+        struct sockaddr_in *a = (struct sockaddr_in *)&self->dest;
+        a->sin_family = AF_INET;
+        a->sin_port = htons((uint16_t)port);
+        memcpy(&a->sin_addr, addr.buf, 4);
+        self->destlen = sizeof(*a);
+    } else if (addr.len == 16) {
+        struct sockaddr_in6 *a = (struct sockaddr_in6 *)&self->dest;
+        a->sin6_family = AF_INET6;
+        a->sin6_port = htons((uint16_t)port);
+        memcpy(&a->sin6_addr, addr.buf, 16);
+        self->destlen = sizeof(*a);
+    }
+    PyBuffer_Release(&addr);
+    if (self->destlen == 0 || port == 0 || port > 65535) {
+        PyErr_SetString(PyExc_ValueError, "relay: an address of 4 or 16 octets and a port");
+        return -1;
+    }
+    if (!(rate > 0) || !(burst >= 1) || until != until) {
+        PyErr_SetString(PyExc_ValueError, "relay: rate > 0, burst >= 1, a deadline");
+        return -1;
+    }
+    self->until = until;
+    self->rate = rate;
+    self->burst = burst;
+    self->tokens = burst;
+    self->last = 0;
+    self->relayed = self->refused = 0;
+    return 0;
+}
+
+/* 1: relay it; 0: over the rate (dropped, counted); -1: at or past the end (handed up) */
+static int
+relay_take(RelayObject *r, double now)
+{
+    if (!(now < r->until))
+        return -1;
+    if (now > r->last) {
+        r->tokens += (now - r->last) * r->rate;
+        if (r->tokens > r->burst)
+            r->tokens = r->burst;
+        r->last = now;
+    }
+    if (r->tokens < 1.0) {
+        r->refused++;
+        return 0;
+    }
+    r->tokens -= 1.0;
+    r->relayed++;
+    return 1;
+}
+
+static PyObject *
+relay_take_py(RelayObject *self, PyObject *args)
+{
+    double now;
+    if (!PyArg_ParseTuple(args, "d", &now))
+        return NULL;
+    int r = relay_take(self, now);
+    if (r < 0)
+        Py_RETURN_NONE;
+    return PyBool_FromLong(r);
+}
+
+static PyObject *relay_get_until(RelayObject *self, void *c) { return PyFloat_FromDouble(self->until); }
+static int
+relay_set_until(RelayObject *self, PyObject *v, void *c)
+{
+    double d = v == NULL ? NAN : PyFloat_AsDouble(v);
+    if (d == -1.0 && PyErr_Occurred())
+        return -1;
+    if (d != d) {
+        PyErr_SetString(PyExc_ValueError, "relay: a deadline");
+        return -1;
+    }
+    self->until = d;
+    return 0;
+}
+static PyObject *relay_get_relayed(RelayObject *self, void *c) { return PyLong_FromUnsignedLongLong(self->relayed); }
+static PyObject *relay_get_refused(RelayObject *self, void *c) { return PyLong_FromUnsignedLongLong(self->refused); }
+
+static PyMethodDef relay_methods[] = {
+    {"take", (PyCFunction)relay_take_py, METH_VARARGS,
+     "take(now) -> True (relay it), False (over the rate, counted), None (past the end)"},
+    {NULL},
+};
+
+static PyGetSetDef relay_getset[] = {
+    {"until", (getter)relay_get_until, (setter)relay_set_until, "end of the forwarding time", NULL},
+    {"relayed", (getter)relay_get_relayed, NULL, "datagrams relayed", NULL},
+    {"refused", (getter)relay_get_refused, NULL, "datagrams dropped over the rate", NULL},
+    {NULL},
+};
+
+static PyTypeObject RelayType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "ipsecct.ipsec._esp.Relay",
+    .tp_basicsize = sizeof(RelayObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Relay(address octets, port, until, rate, burst): a moved tunnel's inbound ESP "
+              "sent on, unchanged, to its new gateway.",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)relay_init,
+    .tp_methods = relay_methods,
+    .tp_getset = relay_getset,
+};
+
 /* ---------------------------------------------------------------- the table */
 
 typedef struct {
@@ -878,6 +1014,7 @@ typedef struct {
      * walking every flow. flows_of[sa] may also hold a key by_flow no longer maps to sa
      * (only after a failed allocation): remove checks. */
     PyObject *flows_of;
+    PyObject *relays;  /* int -> Relay: moved tunnels' inbound SPIs (no SA here any more) */
     uint8_t *in;       /* BATCH buffers of BUFSZ */
     uint8_t *out;
     unsigned long long in_packets, in_bytes, out_packets, out_bytes;
@@ -899,7 +1036,9 @@ table_init(TableObject *self, PyObject *args, PyObject *kwds)
     Py_XSETREF(self->by_spi, PyDict_New());
     Py_XSETREF(self->by_flow, PyDict_New());
     Py_XSETREF(self->flows_of, PyDict_New());
-    if (self->by_spi == NULL || self->by_flow == NULL || self->flows_of == NULL)
+    Py_XSETREF(self->relays, PyDict_New());
+    if (self->by_spi == NULL || self->by_flow == NULL || self->flows_of == NULL
+        || self->relays == NULL)
         return -1;
     if (self->in == NULL)
         self->in = PyMem_Malloc((size_t)BATCH * BUFSZ);
@@ -918,6 +1057,7 @@ table_traverse(TableObject *self, visitproc visit, void *arg)
     Py_VISIT(self->by_spi);
     Py_VISIT(self->by_flow);
     Py_VISIT(self->flows_of);
+    Py_VISIT(self->relays);
     Py_VISIT(self->pending);
     return 0;
 }
@@ -928,6 +1068,7 @@ table_clear(TableObject *self)
     Py_CLEAR(self->by_spi);
     Py_CLEAR(self->by_flow);
     Py_CLEAR(self->flows_of);
+    Py_CLEAR(self->relays);
     Py_CLEAR(self->pending);
     return 0;
 }
@@ -1009,6 +1150,59 @@ lookup_spi(TableObject *self, const uint8_t *p, Py_ssize_t n)
     if (sa == NULL)
         PyErr_Clear();
     return (SAObject *)sa;
+}
+
+static RelayObject *
+lookup_relay(TableObject *self, const uint8_t *p, Py_ssize_t n)
+{
+    if (n < 8 || self->relays == NULL || PyDict_GET_SIZE(self->relays) == 0)
+        return NULL;
+    PyObject *k = PyLong_FromUnsignedLong(get32(p));
+    if (k == NULL) {
+        PyErr_Clear();
+        return NULL;
+    }
+    PyObject *r = PyDict_GetItemWithError(self->relays, k);
+    Py_DECREF(k);
+    if (r == NULL)
+        PyErr_Clear();
+    return (RelayObject *)r; /* borrowed */
+}
+
+/* relay(spi, Relay or None): ESP under ``spi`` that no SA here takes goes to the relay's
+ * address (None: no more) */
+static PyObject *
+table_relay(TableObject *self, PyObject *args)
+{
+    unsigned long spi;
+    PyObject *r;
+    if (!PyArg_ParseTuple(args, "kO", &spi, &r))
+        return NULL;
+    if (r != Py_None && !PyObject_TypeCheck(r, &RelayType)) {
+        PyErr_SetString(PyExc_TypeError, "relay(spi, Relay or None)");
+        return NULL;
+    }
+    if (spi == 0 || spi > 0xFFFFFFFFul) {
+        PyErr_SetString(PyExc_ValueError, "relay: an SPI of 1 to 2**32 - 1");
+        return NULL;
+    }
+    PyObject *k = PyLong_FromUnsignedLong(spi);
+    if (k == NULL)
+        return NULL;
+    int rc;
+    if (r == Py_None) {
+        rc = PyDict_DelItem(self->relays, k);
+        if (rc < 0 && PyErr_ExceptionMatches(PyExc_KeyError)) {
+            PyErr_Clear();
+            rc = 0;
+        }
+    } else {
+        rc = PyDict_SetItem(self->relays, k, r);
+    }
+    Py_DECREF(k);
+    if (rc < 0)
+        return NULL;
+    Py_RETURN_NONE;
 }
 
 static PyObject *
@@ -1440,11 +1634,11 @@ outer_batch(TableObject *self, uint8_t *ibuf, uint8_t *obuf, int out_fd, int in_
             const struct sockaddr_storage *inner_addr, socklen_t inner_len, int max, double now,
             PyObject *up)
 {
-    struct mmsghdr rmsgs[BATCH], smsgs[BATCH];
-    struct iovec riov[BATCH], siov[BATCH];
-    struct sockaddr_storage from[BATCH];
+    struct mmsghdr rmsgs[BATCH], smsgs[BATCH], lmsgs[BATCH];
+    struct iovec riov[BATCH], siov[BATCH], liov[BATCH];
+    struct sockaddr_storage from[BATCH], ldest[BATCH];
     Up ups[BATCH];
-    int nu = 0;
+    int nu = 0, nl = 0;
     memset(rmsgs, 0, sizeof(rmsgs[0]) * (size_t)max);
     for (int i = 0; i < max; i++) {
         riov[i].iov_base = ibuf + (size_t)i * BUFSZ;
@@ -1474,6 +1668,25 @@ outer_batch(TableObject *self, uint8_t *ibuf, uint8_t *obuf, int out_fd, int in_
         uint8_t *o = obuf + (size_t)i * BUFSZ;
         Py_ssize_t olen = 0;
         int r = sa != NULL ? open_esp(sa, p, n, now, o, &olen) : PUNT;
+        if (sa == NULL && n >= 8 && get32(p) != 0) {
+            /* a moved tunnel's inbound SPI: on to its new gateway, unchanged, from here */
+            RelayObject *rl = lookup_relay(self, p, n);
+            int t = rl != NULL ? relay_take(rl, now) : -1;
+            if (t == 0)
+                continue; /* over its rate: dropped (counted in the relay) */
+            if (t == 1) {
+                memset(&lmsgs[nl], 0, sizeof(lmsgs[nl]));
+                liov[nl].iov_base = (void *)p;
+                liov[nl].iov_len = (size_t)n;
+                lmsgs[nl].msg_hdr.msg_iov = &liov[nl];
+                lmsgs[nl].msg_hdr.msg_iovlen = 1;
+                memcpy(&ldest[nl], &rl->dest, sizeof(ldest[nl]));
+                lmsgs[nl].msg_hdr.msg_name = &ldest[nl];
+                lmsgs[nl].msg_hdr.msg_namelen = rl->destlen;
+                nl++;
+                continue;
+            }
+        }
         if (r == PUNT) {
             ups[nu++] = (Up){1, i, n, NULL};
         } else if (r == SIGNAL) {
@@ -1504,6 +1717,7 @@ outer_batch(TableObject *self, uint8_t *ibuf, uint8_t *obuf, int out_fd, int in_
         }
     }
     int sent = ns ? flush(in_fd, smsgs, ns, &failed) : 0;
+    int lsent = nl ? flush(out_fd, lmsgs, nl, &failed) : 0;
     /* the sends are done: now the Python objects */
     int err = 0;
     for (int j = 0; j < nu; j++) {
@@ -1523,6 +1737,8 @@ outer_batch(TableObject *self, uint8_t *ibuf, uint8_t *obuf, int out_fd, int in_
     if (err)
         return -1;
     if (sent < ns && give_back(self, smsgs, siov, sent, ns, up, 4) < 0)
+        return -1;
+    if (lsent < nl && give_back(self, lmsgs, liov, lsent, nl, up, 2) < 0)
         return -1;
     return got;
 }
@@ -1896,6 +2112,7 @@ static PyMethodDef table_methods[] = {
     {"from_outer", (PyCFunction)table_from_outer, METH_VARARGS, "batch from the outer side"},
     {"take_stats", (PyCFunction)table_take_stats, METH_NOARGS, "counters since last call"},
     {"sizes", (PyCFunction)table_sizes, METH_NOARGS, "(SPIs, flows)"},
+    {"relay", (PyCFunction)table_relay, METH_VARARGS, "relay(spi, Relay or None)"},
     {"run", (PyCFunction)table_run, METH_VARARGS,
      "run(outer_fds, inner_fd, inner_is_tun, inner_dest, wake_fd, stop_fd, max_pending)"},
     {"drain", (PyCFunction)table_drain, METH_VARARGS, "drain(wake_fd) -> handed-up items"},
@@ -2241,15 +2458,18 @@ static struct PyModuleDef moduledef = {
 PyMODINIT_FUNC
 PyInit__esp(void)
 {
-    if (PyType_Ready(&SAType) < 0 || PyType_Ready(&TableType) < 0 || PyType_Ready(&RTType) < 0)
+    if (PyType_Ready(&SAType) < 0 || PyType_Ready(&TableType) < 0 || PyType_Ready(&RTType) < 0
+        || PyType_Ready(&RelayType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&moduledef);
     if (m == NULL)
         return NULL;
     Py_INCREF(&SAType);
     Py_INCREF(&TableType);
+    Py_INCREF(&RelayType);
     if (PyModule_AddObject(m, "SA", (PyObject *)&SAType) < 0 ||
         PyModule_AddObject(m, "Table", (PyObject *)&TableType) < 0 ||
+        PyModule_AddObject(m, "Relay", (PyObject *)&RelayType) < 0 ||
         PyModule_AddIntConstant(m, "BATCH", BATCH) < 0) {
         Py_DECREF(m);
         return NULL;

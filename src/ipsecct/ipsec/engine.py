@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import PacketError, SAError, SPICollisionError, TunnelStateError
-from . import esp, ippacket, processing
+from . import esp, ippacket, processing, relay
 from . import native as native_mod
 from .esp import Drop
 from .ippacket import IPAddress
@@ -71,6 +71,16 @@ class Forward:
 
 
 @dataclass(frozen=True)
+class Relay:
+    """A moved tunnel's inbound ESP (``packet``: SPI .. ICV) to send on, unchanged, from the
+    outer UDP socket to its new gateway's outer address ``addr`` (host text, port):
+    :mod:`ipsecct.ipsec.relay`."""
+
+    addr: tuple[str, int]
+    packet: bytes
+
+
+@dataclass(frozen=True)
 class Signal:
     """An authenticated, replay-checked control message from the peer (ESP next header 253)."""
 
@@ -84,7 +94,7 @@ _DROPS = tuple(Drop)  # the native path's drop codes, in this order
 # IPv6 next headers that are extension headers (or ESP/AH, or experimental): no flow key
 _V6_EXT = frozenset((0, 43, 44, 50, 51, 60, 135, 139, 140, 253, 254))
 
-Result = ToPeer | ToInner | Bypass | Held | Forward | Signal | Drop
+Result = ToPeer | ToInner | Bypass | Held | Forward | Relay | Signal | Drop
 
 
 class TunnelState(enum.Enum):
@@ -141,6 +151,18 @@ def take_touched() -> None:
                 w.touches_lost()
             if got:
                 w.tunnels_touched(got)
+
+
+@dataclass(eq=False)
+class _RelayEntry:
+    """A moved tunnel's relay (ipsec/relay.py): its limit (``_esp.Relay`` or RelayLimit), the
+    address it sends to, and its counts already added to the engine's stats."""
+
+    tunnel: Tunnel
+    limit: Any
+    addr: tuple[str, int]
+    relayed: int = 0
+    refused: int = 0
 
 
 @dataclass(eq=False)
@@ -232,6 +254,10 @@ class Stats:
     # tunnels refused because another outbound SA here has their outbound SPI (a peer's
     # choice: Engine.outbound_spi_holder)
     outbound_spi_refused: int = 0
+    # a moved tunnel's inbound ESP sent on to its new gateway unchanged (ipsec/relay.py), and
+    # dropped over the relay's rate
+    relayed: int = 0
+    relay_refused: int = 0
     drops: Counter[str] = field(default_factory=Counter)
 
     def as_dict(self) -> dict[str, object]:
@@ -242,6 +268,8 @@ class Stats:
             "in_bytes": self.in_bytes,
             "icmp_sent": self.icmp_sent,
             "outbound_spi_refused": self.outbound_spi_refused,
+            "relayed": self.relayed,
+            "relay_refused": self.relay_refused,
             "drops": {d.value: self.drops.get(d.value, 0) for d in Drop},
         }
 
@@ -278,6 +306,12 @@ class Engine:
         self._moved = 0  # tunnels MOVED now (any_moved(): no walk of every tunnel)
         self._tunnel_of_sa: dict[int, Tunnel] = {}  # id(SA) -> tunnel
         self._moved_in: dict[int, Tunnel] = {}  # inbound SPI of a moved tunnel -> tunnel
+        # Where a moved tunnel's inbound ESP goes unchanged (ipsec/relay.py): the outer (NAT-T)
+        # address of each peer gateway that has one configured, by peer name (the adapter
+        # sets it), and the relays of the moved tunnels now, by inbound SPI.
+        self.relay_to: dict[str, tuple[IPAddress, int]] = {}
+        self.relay_limits = (relay.RATE, relay.BURST)  # per tunnel: a second, burst
+        self._relays: dict[int, _RelayEntry] = {}
         # At or before the earliest forward_until of the moved tunnels (inf: none moved since
         # the last expiry walk): expire_moved() walks the tunnels only once it is reached.
         # forward_until is set only where a tunnel becomes MOVED (move_tunnel, move_tunnels)
@@ -414,6 +448,54 @@ class Engine:
             sa.native = None
         self._offloaded.pop(id(sa), None)
 
+    def _relay_set(self, tunnel: Tunnel) -> None:
+        """A moved tunnel's inbound ESP goes on to its new gateway unchanged from now until its
+        forwarding time ends, when that gateway's outer address is known, the SA came in UDP
+        (ESP in UDP, as the relay sends it) and the target has its SAs (a finite end: the
+        tunnels of a COMMIT sent before the answer relay once it came, forward_until). The
+        forwarding thread relays in C; the Python path the same (:meth:`inbound`)."""
+        sa = tunnel.inbound
+        if sa is None or sa.encap is None or tunnel.forward_to is None:
+            return
+        addr = self.relay_to.get(tunnel.forward_to)
+        until = tunnel.forward_until
+        e = self._relays.get(sa.spi)
+        if e is not None and e.tunnel is tunnel:
+            e.limit.until = until
+            return
+        if addr is None or not math.isfinite(until):
+            return
+        if e is not None:
+            self._relay_clear(e.tunnel)
+        rate, burst = self.relay_limits
+        lim = relay.make(addr[0], addr[1], until, native=self.native is not None, rate=rate,
+                         burst=burst)  # fmt: skip
+        self._relays[sa.spi] = _RelayEntry(tunnel, lim, (str(addr[0]), addr[1]))
+        if self.native is not None and not self._shadowed(sa.spi):
+            self.native.relay(sa.spi, lim)
+
+    def _relay_clear(self, tunnel: Tunnel) -> None:
+        sa = tunnel.inbound
+        if sa is None:
+            return
+        e = self._relays.get(sa.spi)
+        if e is None or e.tunnel is not tunnel:
+            return
+        self._fold_relay(e)
+        del self._relays[sa.spi]
+        if self.native is not None:
+            self.native.relay(sa.spi, None)
+
+    def _fold_relay(self, e: _RelayEntry) -> None:
+        lim = e.limit
+        relayed, refused = lim.relayed, lim.refused
+        self.stats.relayed += relayed - e.relayed
+        self.stats.relay_refused += refused - e.refused
+        e.relayed, e.refused = relayed, refused
+
+    def _shadowed(self, spi: int) -> bool:
+        return bool(self._shadows) and any(k[2] == spi for k in self._shadows)
+
     def sync_native(self) -> None:
         """Copy every SA's exact state from C into its Python fields (C keeps it), and add
         what C counted to :attr:`stats`."""
@@ -423,6 +505,8 @@ class Engine:
 
     def fold_native_stats(self) -> None:
         """Add what the native batch calls counted to :attr:`stats`."""
+        for e in self._relays.values():
+            self._fold_relay(e)
         if self.native is None:
             return
         ip, ib, op, ob, drops = self.native.take_stats()
@@ -570,6 +654,7 @@ class Engine:
                 self._moved -= 1
         if tunnel.inbound is not None and self._moved_in.get(tunnel.inbound.spi) is tunnel:
             del self._moved_in[tunnel.inbound.spi]
+        self._relay_clear(tunnel)
 
     def move_tunnel(self, tunnel: Tunnel, peer: str, until: float) -> None:
         """The tunnel now lives at ``peer``: drop its SAs (their keys go with them) but keep its
@@ -586,6 +671,7 @@ class Engine:
         self._moved_due = min(self._moved_due, until)
         if tunnel.inbound is not None:
             self._moved_in[tunnel.inbound.spi] = tunnel
+        self._relay_set(tunnel)
 
     def move_tunnels(
         self, tunnels: Iterable[Tunnel], peer: str, until: float, *, tails: bool = False
@@ -610,6 +696,7 @@ class Engine:
             if tunnel.inbound is not None:
                 self._moved_in[tunnel.inbound.spi] = tunnel
             self._moved_due = min(self._moved_due, until)
+            self._relay_set(tunnel)
         if tails:
             # The policies stay: C's flows still name the SAs the SPD would pick. Those of
             # a dropped SA went with it; the kept ones' carry the tails (send_tails).
@@ -625,6 +712,7 @@ class Engine:
             if tunnel.state is TunnelState.MOVED:
                 tunnel.forward_until = until
                 self._moved_due = min(self._moved_due, until)
+                self._relay_set(tunnel)
                 c = tunnel.outbound.native
                 if c is not None and c.active:  # C sends its tail: told the new end
                     self._tail_to_c(tunnel)
@@ -651,6 +739,7 @@ class Engine:
         tunnel.tail_end = 0
         if tunnel.inbound is not None and self._moved_in.get(tunnel.inbound.spi) is tunnel:
             del self._moved_in[tunnel.inbound.spi]
+        self._relay_clear(tunnel)
         self._clear_flows()
         return True
 
@@ -779,6 +868,7 @@ class Engine:
                     self._moved -= 1
             if tunnel.inbound is not None and self._moved_in.get(tunnel.inbound.spi) is tunnel:
                 del self._moved_in[tunnel.inbound.spi]
+            self._relay_clear(tunnel)
         self.spd.remove_many(entries)
 
     def attach_shadow_inbound(self, tunnel: Tunnel, sa: SecurityAssociation) -> None:
@@ -796,6 +886,8 @@ class Engine:
         # Python tries shadows after the owner of the SPI fails: nothing with this SPI in C.
         for other in [sa, *self.sad.by_spi(key[2])]:
             self._native_drop(other)
+        if key[2] in self._relays and self.native is not None:
+            self.native.relay(key[2], None)  # (the Python path relays it after the shadows)
         self._shadows.setdefault(key, []).append(sa)
 
     def remove_shadows(self, sa: SecurityAssociation) -> None:
@@ -1149,6 +1241,13 @@ class Engine:
         if sa is None:
             moved = self._moved_in.get(spi)
             if moved is not None and moved.forward_to is not None and now < moved.forward_until:
+                e = self._relays.get(spi)
+                if e is not None and e.tunnel is moved:
+                    taken = e.limit.take(now)
+                    if taken:
+                        return Relay(e.addr, bytes(data))
+                    if taken is False:
+                        return Drop.POLICY  # over the relay's rate: counted relay_refused
                 return Forward(moved.forward_to, bytes(data), True)
             return self._drop(Drop.NO_SA)
         if sa.direction is not Direction.INBOUND:

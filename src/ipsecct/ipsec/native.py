@@ -292,3 +292,9 @@ def reclaim(sa: SecurityAssociation) -> None:
     if c is not None and c.active:
         c.active = False
         _pull(sa, c)
+
+
+def relay_object(addr: bytes, port: int, until: float, rate: float, burst: float) -> Any:
+    """A ``_esp.Relay`` (ipsecct.ipsec.relay): where the forwarding thread sends a moved
+    tunnel's inbound ESP, unchanged, and its bounds."""
+    return _esp.Relay(addr, port, until, rate, burst)

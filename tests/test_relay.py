@@ -1,0 +1,280 @@
+"""A moved tunnel's inbound ESP relayed unchanged to its new gateway (ipsec/relay.py, issue 11
+fwdnative): by the forwarding thread while the event loop is stalled, within the relay's
+bounds (its SPIs only, the forwarding time, the rate), the same in C and in Python; and the
+gateway that receives relayed ESP never sends to the relay's address."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ipsecct.gateway.node import Node
+from ipsecct.ipsec import native, relay
+from ipsecct.ipsec.engine import Drop, Forward, Relay, ToPeer
+from ipsecct.ipsec.ippacket import build_udp
+from tests.helpers.native_nodes import node_cfg, udp_port
+from tests.helpers.waiting import eventually
+
+LOCAL = ipaddress.ip_address("127.0.0.1")
+SPI_IN = 0x2001  # node a's inbound SPI (node_cfg, not inverse)
+
+
+def _need_native() -> None:
+    if os.environ.get("IPSECCT_PURE_PYTHON", "") not in ("", "0"):
+        pytest.fail("these tests are about the native path: unset IPSECCT_PURE_PYTHON")
+    assert native.AVAILABLE, "ipsecct.ipsec._esp is not built: run scripts/install"
+
+
+def _sock(timeout: float | None = None) -> socket.socket:
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("127.0.0.1", 0))
+    s.settimeout(timeout)
+    return s
+
+
+def _esp(spi: int, seq: int, body: bytes = b"\x5a" * 48) -> bytes:
+    return spi.to_bytes(4, "big") + seq.to_bytes(4, "big") + body
+
+
+async def _moved_node(
+    tmp: Path,
+    target: socket.socket,
+    until_s: float = 30.0,
+    limits: tuple[float, float] | None = None,
+) -> tuple[Node, int]:
+    """Node a (native, its forwarding thread running) with its tunnel moved to "sg2", whose
+    outer address is ``target``'s."""
+    po = udp_port()
+    a = Node(node_cfg(tmp, "a", po, udp_port(), udp_port(), udp_port(), False, "aes-gcm-16"))
+    a.engine.relay_to["sg2"] = (LOCAL, target.getsockname()[1])
+    if limits is not None:
+        a.engine.relay_limits = limits
+    await a.start()
+    assert a.status()["data_path"] == "native-thread"
+    t = a.engine.tunnels()[0]
+    a.engine.move_tunnel(t, "sg2", time.monotonic() + until_s)
+    return a, po
+
+
+def test_the_forwarding_thread_relays_the_mns_esp_while_the_event_loop_is_stalled(
+    tmp_path: Path,
+) -> None:
+    """After the cut, the MN's ESP that reaches the source goes on to the target's outer
+    address unchanged, from the source's outer port, while the source's event loop is busy
+    (here: blocked in a receive, a real stall of its one thread). Before, it went up to the
+    event loop, which wrapped it in a CXTP message: nothing left while the loop was busy."""
+    _need_native()
+
+    async def main() -> dict[str, Any]:
+        target, mn = _sock(10.0), _sock()
+        a, po = await _moved_node(tmp_path, target)
+        try:
+            esp = _esp(SPI_IN, 7)
+            mn.sendto(esp, ("127.0.0.1", po))
+            # The loop stalls here (a blocking receive in its thread); only the forwarding
+            # thread can send it.
+            t0 = time.monotonic()
+            got, src = target.recvfrom(65535)
+            stalled = time.monotonic() - t0
+            a.engine.fold_native_stats()
+            return {"got": got, "src": src, "esp": esp, "po": po, "stalled": stalled,
+                    "relayed": a.engine.stats.relayed}  # fmt: skip
+        finally:
+            await a.stop()
+            target.close()
+            mn.close()
+
+    r = asyncio.run(main())
+    assert r["got"] == r["esp"], "not the same datagram"
+    assert r["src"] == ("127.0.0.1", r["po"]), "not from the source's outer port"
+    assert r["relayed"] == 1
+
+
+def test_only_a_moved_tunnels_inbound_spi_is_relayed_within_its_rate_and_time(
+    tmp_path: Path,
+) -> None:
+    """Bounds: ESP under another SPI (the tunnel's outbound one, an unknown one) is never
+    relayed; the relay's burst is the most it sends at once (the rest dropped, counted);
+    at the end of the forwarding time nothing more goes (the Python path drops it)."""
+    _need_native()
+
+    async def main() -> dict[str, Any]:
+        target, mn = _sock(), _sock()
+        target.setblocking(False)
+        a, po = await _moved_node(tmp_path, target, until_s=1.0, limits=(1e-6, 3.0))
+        t = a.engine.moved_tunnels()[0]
+        try:
+            for spi in (0x1001, 0x7777, 0):
+                mn.sendto(_esp(spi, 1), ("127.0.0.1", po))
+            for i in range(10):
+                mn.sendto(_esp(SPI_IN, 100 + i), ("127.0.0.1", po))
+            got: list[bytes] = []
+
+            def settled() -> bool:
+                while True:
+                    try:
+                        got.append(target.recv(65535))
+                    except BlockingIOError:
+                        break
+                a.engine.fold_native_stats()
+                st = a.engine.stats
+                return st.relayed + st.relay_refused >= 10
+
+            await eventually(settled, "the ten datagrams handled", 30)
+            early = list(got)
+            await eventually(lambda: time.monotonic() >= t.forward_until, "the end", 30)
+            no_sa = a.engine.stats.drops[Drop.NO_SA.value]
+            mn.sendto(_esp(SPI_IN, 200), ("127.0.0.1", po))
+            await eventually(
+                lambda: a.engine.stats.drops[Drop.NO_SA.value] > no_sa, "the late one", 30
+            )
+            mn.sendto(_esp(SPI_IN, 201), ("127.0.0.1", po))  # (the first may be in flight)
+            await eventually(
+                lambda: a.engine.stats.drops[Drop.NO_SA.value] > no_sa + 1, "late two", 30
+            )
+            settled()
+            return {"early": early, "late": got[len(early):], "stats": a.engine.stats}
+        finally:
+            await a.stop()
+            target.close()
+            mn.close()
+
+    r = asyncio.run(main())
+    assert [d[:8] for d in r["early"]] == [_esp(SPI_IN, 100 + i)[:8] for i in range(3)]
+    assert r["late"] == []
+    assert r["stats"].relayed == 3 and r["stats"].relay_refused == 7
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    steps=st.lists(st.floats(min_value=0, max_value=0.01, allow_nan=False), max_size=200),
+    rate=st.floats(min_value=1.0, max_value=5000.0),
+    burst=st.integers(min_value=1, max_value=20),
+)
+def test_the_c_relay_takes_exactly_what_the_python_reference_takes(
+    steps: list[float], rate: float, burst: int
+) -> None:
+    """``_esp.Relay.take`` against :class:`ipsecct.ipsec.relay.RelayLimit`, float for float:
+    the same answers (relay, over the rate, past the end) and counters."""
+    _need_native()
+    until = 0.5
+    c = relay.make(LOCAL, 4500, until, native=True, rate=rate, burst=float(burst))
+    py = relay.make(LOCAL, 4500, until, native=False, rate=rate, burst=float(burst))
+    assert not isinstance(c, relay.RelayLimit)
+    now = 0.001
+    for dt in steps:
+        now += dt
+        assert c.take(now) == py.take(now)
+    assert (c.relayed, c.refused) == (py.relayed, py.refused)
+    assert c.take(until) is None and py.take(until) is None
+
+
+def test_bad_relays_are_refused() -> None:
+    _need_native()
+    for args in ((b"\0" * 5, 4500, 1.0, 1.0, 1.0), (LOCAL.packed, 0, 1.0, 1.0, 1.0),
+                 (LOCAL.packed, 4500, float("nan"), 1.0, 1.0),
+                 (LOCAL.packed, 4500, 1.0, 0.0, 1.0)):  # fmt: skip
+        with pytest.raises(ValueError):
+            native.relay_object(*args)
+    with pytest.raises(ValueError):
+        relay.RelayLimit(1.0, rate=0.0)
+
+
+@pytest.mark.parametrize("use_native", [True, False])
+def test_the_python_path_relays_as_c_does(tmp_path: Path, use_native: bool) -> None:
+    """Engine.inbound on a moved tunnel's inbound SPI (what the Python path runs, and what
+    C hands up): a Relay to the peer's outer address within the bounds, the same drops
+    after; a Forward over the channel when the peer's outer address is not configured."""
+    if use_native:
+        _need_native()
+    a = Node(node_cfg(tmp_path, "a", udp_port(), udp_port(), udp_port(), udp_port(), False,
+                      "aes-gcm-16"))  # fmt: skip
+    eng = a.engine
+    if not use_native:
+        eng.native = None
+    eng.relay_limits = (1e-6, 2.0)
+    t = eng.tunnels()[0]
+    eng.move_tunnel(t, "sg2", 10.0)
+    assert isinstance(eng.inbound(_esp(SPI_IN, 1), None, 1.0), Forward)  # no address known
+    eng.remove_tunnel(t)
+    a2 = Node(node_cfg(tmp_path, "b", udp_port(), udp_port(), udp_port(), udp_port(), False,
+                       "aes-gcm-16"))  # fmt: skip
+    eng = a2.engine
+    if not use_native:
+        eng.native = None
+    eng.relay_limits = (1e-6, 2.0)
+    eng.relay_to["sg2"] = (LOCAL, 4999)
+    t = eng.tunnels()[0]
+    eng.move_tunnel(t, "sg2", 10.0)
+    got = [eng.inbound(_esp(SPI_IN, i), None, 1.0 + i * 1e-3) for i in range(4)]
+    assert got[:2] == [Relay(("127.0.0.1", 4999), _esp(SPI_IN, 0)),
+                       Relay(("127.0.0.1", 4999), _esp(SPI_IN, 1))]  # fmt: skip
+    assert got[2:] == [Drop.POLICY, Drop.POLICY]
+    assert eng.inbound(_esp(0x1001, 9), None, 2.0) is Drop.NO_SA  # its outbound SPI
+    assert eng.inbound(_esp(SPI_IN, 9), None, 10.0) is Drop.NO_SA  # the end
+    eng.fold_native_stats()
+    assert (eng.stats.relayed, eng.stats.relay_refused) == (2, 2)
+    eng.remove_tunnel(t)
+    assert eng.native is None or eng.native.sizes() is not None
+    assert eng.inbound(_esp(SPI_IN, 10), None, 3.0) is Drop.NO_SA  # gone with its tunnel
+
+
+@pytest.mark.parametrize("use_native", [True, False])
+def test_esp_relayed_by_a_peer_gateway_never_makes_the_receiver_send_to_it(
+    tmp_path: Path, use_native: bool
+) -> None:
+    """The target takes relayed ESP as from the MN (authenticated with the SA's key) but
+    learns no address from it: what it sends on the SA goes to the SA's own destination
+    (the MN), never to the gateway that relayed it."""
+    if use_native:
+        _need_native()
+
+    async def main() -> dict[str, Any]:
+        pa, pb, ia, ib, ab = (udp_port() for _ in range(5))
+        mn = Node(node_cfg(tmp_path, "a", pa, ia, udp_port(), pb, False, "aes-gcm-16"))
+        sg2 = Node(node_cfg(tmp_path, "b", pb, ib, ab, pa, True, "aes-gcm-16"))
+        if not use_native:
+            sg2.engine.native = None
+        mn_outer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        mn_outer.bind(("127.0.0.1", pa))  # the MN's outer port: what sg2 must send to
+        mn_outer.settimeout(10)
+        relayer, app = _sock(), socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        relayer.setblocking(False)
+        app.bind(("127.0.0.1", ab))
+        app.settimeout(10)
+        await sg2.start()
+        try:
+            up = build_udp(ipaddress.ip_address("10.1.0.2"), ipaddress.ip_address("10.2.0.1"),
+                           5000, 7000, b"up" * 20)  # fmt: skip
+            res = mn.engine.outbound(up, time.monotonic())
+            assert isinstance(res, ToPeer)
+            relayer.sendto(bytes(res.data), ("127.0.0.1", pb))  # relayed by "sg1"
+            delivered = await asyncio.to_thread(app.recv, 65535)
+            down = build_udp(ipaddress.ip_address("10.2.0.1"), ipaddress.ip_address("10.1.0.2"),
+                             7000, 5000, b"down" * 10)  # fmt: skip
+            app.sendto(down, ("127.0.0.1", ib))
+            esp, src = await asyncio.to_thread(mn_outer.recvfrom, 65535)
+            try:
+                to_relayer = relayer.recv(65535)
+            except BlockingIOError:
+                to_relayer = b""
+            return {"delivered": delivered == up, "src": src, "pb": pb,
+                    "to_relayer": to_relayer, "esp_spi": esp[:4]}  # fmt: skip
+        finally:
+            await sg2.stop()
+            for s in (mn_outer, relayer, app):
+                s.close()
+
+    r = asyncio.run(main())
+    assert r["delivered"], "the relayed ESP was not delivered"
+    assert r["src"] == ("127.0.0.1", r["pb"]) and r["esp_spi"] == (0x2001).to_bytes(4, "big")
+    assert r["to_relayer"] == b"", "sg2 sent to the gateway that relayed the MN's ESP"
