@@ -19,7 +19,8 @@ from hypothesis import strategies as st
 
 from ipsecct.gateway.node import Node
 from ipsecct.ipsec import native, relay
-from ipsecct.ipsec.engine import Drop, Forward, Relay, ToPeer
+from ipsecct.ipsec.engine import Forward, Relay, ToPeer
+from ipsecct.ipsec.esp import Drop
 from ipsecct.ipsec.ippacket import build_udp
 from tests.helpers.native_nodes import node_cfg, udp_port
 from tests.helpers.waiting import eventually
