@@ -2212,3 +2212,73 @@ def test_a_child_sa_whose_outbound_spi_another_members_tunnel_has_in_etcd_is_ref
 
     with EtcdCluster(tmp_path) as e:
         asyncio.run(run(e.endpoints))
+
+
+def test_a_child_sa_of_ours_on_another_tunnels_spi_is_deleted_and_asked_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The same collision when WE initiate: the responder chooses our outbound SPI (its
+    inbound one), and our own peer, another ipsecct engine (R, at another address), chooses
+    the one V's tunnel here already sends with. That CHILD SA was installed beside V's (two
+    tunnels of one outbound SPI: one of them lost at a take-over). Now it is not made: an
+    INFORMATIONAL DELETE of it goes at once (R forgets it), one line is logged, and a
+    CREATE_CHILD_SA asks again, in which R chooses another SPI: made, V's tunnel untouched.
+    A responder that keeps choosing taken SPIs is asked SPI_TAKEN_RETRIES times in a row,
+    then not again; so is a rekey of ours that meets one (the old CHILD SA stays)."""
+    import logging
+
+    from ipsecct.ikev2.engine import SPI_TAKEN_RETRIES, ChildUp, IkeEngine
+    from tests.helpers.ikev2_engines import Wire
+
+    cfg = from_dict({"name": "sg1", "outer": {"address": "127.0.0.1", "port": 45000},
+                     "inner": {"kind": "udp", "listen": "127.0.0.1:45001",
+                               "peer": "127.0.0.1:45002"}},
+                    str(tmp_path / "sg1.toml"))  # fmt: skip
+    ours = mn_conn(dpd=10)
+    svc = IkeService(Node(cfg), [conn(dpd=10), ours])
+    eng = svc.node.engine
+    v = Wire(IkeEngine([mn_conn()]), svc.engine)  # V, a client of ours, at 192.0.2.10
+    connect(v)
+    for o in v.of("r", ChildUp):
+        svc._one(o)
+    ((vc,),) = [ike.children for ike in v.ini.ike_sas()]
+    held = eng.outbound_spi_holder(vc.spi_in)
+    assert held is not None and str(held.dst) == "192.0.2.10"
+    # we initiate to R (192.0.2.1), which chooses V's SPI for its inbound CHILD SA
+    r = Wire(svc.engine, IkeEngine([conn()], spi_range=(vc.spi_in, vc.spi_in)))
+    with caplog.at_level(logging.WARNING, logger="ipsecct.ikev2"):
+        r.deliver(svc.engine.initiate(ours, Address(ipaddress.ip_address("192.0.2.5"), 500),
+                                      R500, 0.0), "i", 0.0)  # fmt: skip
+    for ev in r.events["i"]:
+        svc._one(ev)
+    (ri,), (rr,) = svc.engine.ike_sas()[1:], r.resp.ike_sas()
+    assert ri.state is IkeState.ESTABLISHED and not ri.children and not r.of("i", ChildUp)
+    assert not rr.children  # R had made it: our DELETE removed it there
+    assert svc.engine.stats["child-spi-taken"] == 1 == svc.engine.stats["delete-child-ok"]
+    assert (f"event=child-spi-taken conn=mn child=net peer=192.0.2.1:500 id=gw.test"
+            f" spi={vc.spi_in:08x} role=initiator") in caplog.text, caplog.text
+    assert "asked again (1 of 3)" in caplog.text
+    assert [t.outbound for t in eng.tunnels()] == [held]
+    # asked again (at the next tick): R chooses an SPI of its own this time
+    r.resp.spi_range = (0x100, 0xFFFFFFFF)
+    r.deliver(svc.engine.tick(1.0), "i", 1.0)
+    (up,) = r.of("i", ChildUp)
+    svc._one(up)
+    assert up.child.spi_out != vc.spi_in and ri.children == [up.child]
+    assert eng.outbound_spi_holder(vc.spi_in) is held  # V's tunnel is V's
+    assert sorted(str(t.outbound.dst) for t in eng.tunnels()) == ["192.0.2.1", "192.0.2.10"]
+    # a rekey of ours meets V's SPI SPI_TAKEN_RETRIES + 1 times in a row: each successor
+    # deleted at once, asked again SPI_TAKEN_RETRIES times, then later; the old SA serves
+    r.resp.spi_range = (vc.spi_in, vc.spi_in)
+    r.events["i"].clear()
+    r.deliver(svc.engine.rekey_child(ri, up.child, 2.0), "i", 2.0)
+    for n in range(SPI_TAKEN_RETRIES):
+        r.deliver(svc.engine.tick(3.0 + n), "i", 3.0 + n)
+    assert svc.engine.stats["child-spi-taken"] == 2 + SPI_TAKEN_RETRIES
+    assert svc.engine.stats["child-spi-taken-gave-up"] == 1
+    assert not r.of("i", ChildUp) and ri.children == [up.child] and not up.child.rekeyed
+    assert up.child.rekey_at is not None and up.child.rekey_at >= 3.0 + SPI_TAKEN_RETRIES
+    assert [c.spi_in for c in rr.children] == [up.child.spi_out]  # R: the old one only
+    r.deliver(svc.engine.tick(5.0 + SPI_TAKEN_RETRIES), "i", 5.0 + SPI_TAKEN_RETRIES)
+    assert svc.engine.stats["child-spi-taken"] == 2 + SPI_TAKEN_RETRIES  # not asked again
+    assert eng.outbound_spi_holder(vc.spi_in) is held

@@ -418,6 +418,31 @@ def test_engines_establish_a_child_sa(ike: str, esp: str) -> None:
     assert len(w.sent) == 4  # two exchanges, nothing repeated
 
 
+def test_a_new_child_sa_whose_responder_chose_a_taken_spi_is_deleted_and_asked_again() -> None:
+    """CREATE_CHILD_SA of ours (a new CHILD SA): the responder chooses our outbound SPI, and
+    chooses one another tunnel of ours sends with (``outbound_spi_taken``, the gateway's
+    SAD). Not made (no ChildUp: nothing installed, nothing sent on it); an INFORMATIONAL
+    DELETE of it goes at once and the responder forgets it; the next tick asks again, and a
+    free SPI makes it. The peer's IKE SA and first CHILD SA are untouched."""
+    w = pair()
+    connect(w)
+    (ike_i,), (ike_r,) = w.ini.ike_sas(), w.resp.ike_sas()
+    (first,) = ike_i.children
+    taken = 0x0BAD0001
+    w.ini.outbound_spi_taken = lambda spi: spi == taken
+    w.resp.spi_range = (taken, taken)
+    w.deliver(w.ini.create_child(ike_i, ike_i.conn.children[0], 1.0), "i", 1.0)
+    assert len(w.of("i", ChildUp)) == 1 and ike_i.children == [first]
+    assert [c.spi_in for c in ike_r.children] == [first.spi_out]  # deleted there
+    assert w.ini.stats["child-spi-taken"] == 1 == w.ini.stats["delete-child-ok"]
+    assert w.ini.stats["child-spi-taken-retried"] == 1
+    w.resp.spi_range = (0x100, 0xFFFFFFFF)
+    w.deliver(w.ini.tick(2.0), "i", 2.0)
+    up = w.of("i", ChildUp)[-1]
+    assert len(w.of("i", ChildUp)) == 2 and up.child.spi_out != taken
+    assert ike_i.children == [first, up.child] and len(ike_r.children) == 2
+
+
 def test_child_spis_from_a_cluster_block() -> None:
     w = pair()
     w.resp.spi_range = (0x10000000, 0x1FFFFFFF)

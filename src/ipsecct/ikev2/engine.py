@@ -131,6 +131,9 @@ REKEYED_GRACE = 60.0  # how long an IKE or CHILD SA the peer rekeyed waits for i
 REDUNDANT_GRACE = 30.0
 MAX_CHILD_SAS = 16  # per IKE SA (rekeying needs room for two of each for a while)
 SPI_TRIES = 256  # random picks of a free inbound CHILD SPI before the range counts as full
+# CHILD SAs of ours whose outbound SPI (the responder's choice) another tunnel here sends
+# with: deleted at once, and asked for again at most this many times in a row per IKE SA
+SPI_TAKEN_RETRIES = 3
 MAX_CERTS = 5  # CERT payloads looked at: the peer's certificate and its chain
 MAX_FRAGMENTS = 32  # RFC 7383: fragments of one message we reassemble at most
 # The largest IKE message taken, as a datagram or reassembled from RFC 7383 fragments
@@ -2703,6 +2706,11 @@ class IkeEngine:
             return
         assert chosen is not None
         proposal, suite = chosen
+        taken = self._our_child_spi_taken(ike, cc, spi_in, proposal.spi, now, out)
+        if taken is not None:
+            if taken:
+                ike.children_wanted.append(cc)  # (a CREATE_CHILD_SA once DELETE is answered)
+            return
         keys = child_keys(prf_alg, ike.keys.sk_d, suite, ike.nonce_i, ike.nonce_r)
         child = ChildSA(cc, suite, spi_in, int.from_bytes(proposal.spi, "big"), keys, True,
                         local, remote, now)  # fmt: skip
@@ -2866,6 +2874,11 @@ class IkeEngine:
         prf_alg = ike.suite.prf
         assert prf_alg is not None
         chosen, nr, tsi, tsr, shared = a
+        taken = self._our_child_spi_taken(ike, cc, spi_in, chosen[0].spi, now, out)
+        if taken is not None:
+            if taken and not any(w is cc for w in ike.children_wanted):
+                ike.children_wanted.append(cc)  # (asked again once the DELETE is answered)
+            return
         keys = child_keys(prf_alg, ike.keys.sk_d, chosen[1], p.nonce, nr.data, shared)
         child = ChildSA(cc, chosen[1], spi_in, int.from_bytes(chosen[0].spi, "big"), keys,
                         True, list(tsi.selectors), list(tsr.selectors), now)  # fmt: skip
@@ -2900,6 +2913,14 @@ class IkeEngine:
         prf_alg = ike.suite.prf
         assert prf_alg is not None
         chosen, nr, tsi, tsr, shared = a
+        taken = self._our_child_spi_taken(ike, old.config, spi_in, chosen[0].spi, now, out)
+        if taken is not None:
+            old.collided = None  # (ours is gone: the peer's, if it crossed, decides alone)
+            if old in ike.children and not old.rekeyed:
+                # rekeyed again once the DELETE is answered; after SPI_TAKEN_RETRIES in a
+                # row, later, as after any failed rekey
+                old.rekey_at = now if taken else now + 30.0
+            return
         keys = child_keys(prf_alg, ike.keys.sk_d, chosen[1], p.nonce, nr.data, shared)
         child = ChildSA(old.config, chosen[1], spi_in, int.from_bytes(chosen[0].spi, "big"),
                         keys, True, list(tsi.selectors), list(tsr.selectors), now)  # fmt: skip
@@ -2920,6 +2941,40 @@ class IkeEngine:
         old.rekeyed = True
         if old in ike.children:
             self._delete_children(ike, [old], now, out)
+
+    def _our_child_spi_taken(self, ike: IkeSA, cc: ChildConfig, spi_in: int, spi: bytes,
+                             now: float, out: list[Output]) -> bool | None:  # fmt: skip
+        """A CHILD SA we asked for (IKE_AUTH, CREATE_CHILD_SA, a rekey) whose outbound SPI,
+        ``spi``, the responder's choice, another tunnel here already sends with (by chance,
+        or a peer copying the ESP we send another): as for a peer's CHILD SA (the responder
+        path: fail-over replicas, etcd keys and cluster grouping know a tunnel by its
+        outbound SPI, and one of the two would be lost at a take-over), it is not made here.
+        The peer has made it: an INFORMATIONAL DELETE of it goes at once (our inbound SPI
+        names it, §1.4.1). True: the caller asks again (a new CHILD SA: a new SPI of the
+        peer's choosing), which it does at most SPI_TAKEN_RETRIES times in a row per IKE
+        SA; False: not again. One line each time (rate-limited), counted. None when the SPI
+        is free. Nothing is ever sent on such a CHILD SA: no sequence number is used."""
+        if not self.outbound_spi_taken(int.from_bytes(spi, "big")):
+            ike.spi_taken_retries = 0
+            return None
+        ike.spi_taken_retries += 1
+        again = ike.spi_taken_retries <= SPI_TAKEN_RETRIES
+        self.stats["child-spi-taken"] += 1
+        self.stats["child-spi-taken-retried" if again else "child-spi-taken-gave-up"] += 1
+        if self._refusal_log.allow("spi", now):
+            log.warning("event=child-spi-taken conn=%s child=%s peer=%s id=%s spi=%s "
+                        "role=initiator effect=%s count=%d", ike.conn.name, cc.name,
+                        ike.remote, ike.peer_id, spi.hex(),
+                        _quote(f"deleted, asked again ({ike.spi_taken_retries} of"
+                               f" {SPI_TAKEN_RETRIES})" if again else
+                               f"deleted, not asked again ({SPI_TAKEN_RETRIES} in a row)"),
+                        self.stats["child-spi-taken"])  # fmt: skip
+        self._child_spis.discard(spi_in)
+        self._request(ike, "delete-child",
+                      [DeletePayload(ProtocolId.ESP, (spi_in.to_bytes(4, "big"),))], now, out)
+        if not again:
+            ike.spi_taken_retries = 0  # (a later request, by close_action or a trap, may)
+        return again
 
     def _delete_children(self, ike: IkeSA, children: list[ChildSA], now: float,
                          out: list[Output]) -> None:  # fmt: skip

@@ -238,6 +238,9 @@ class IkeSA:
     # CHILD SAs to create in this IKE SA once no exchange of ours is in flight (close_action,
     # a trap of a child the IKE SA has none of); not in its context: a taker does not owe them
     children_wanted: list[ChildConfig] = field(default_factory=list, repr=False)
+    # CHILD SAs of ours in a row whose outbound SPI another tunnel here had (deleted, asked
+    # again: IkeEngine._our_child_spi_taken); not in its context
+    spi_taken_retries: int = 0
     mobike: bool = False  # RFC 4555 negotiated (both sent MOBIKE_SUPPORTED in IKE_AUTH)
     # fragments of the request being received: message ID, total, first payload, parts
     fragments: tuple[int, int, int, dict[int, bytes]] | None = field(default=None, repr=False)
