@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import ipaddress
+import logging
 import multiprocessing
 import os
 import subprocess
@@ -159,3 +160,83 @@ def test_a_channel_to_a_peer_gone_silent_is_dropped(tmp_path: Path) -> None:
         return asyncio.run(main())
 
     assert _in_own_network_namespace(body) == "ok"
+
+
+def _peer_conns(d: demo.Demo, g: str, peer: str) -> list[tlschannel.CxtpConnection]:
+    """Every channel ``g`` holds with ``peer``, whichever side opened it."""
+    ch = services(d)[g].channels
+    return [c for c in ch.all_conns if (p := ch.peer_of(c)) is not None and p.name == peer]
+
+
+def test_a_peer_whose_path_drops_does_not_hold_up_the_channels_to_the_others(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Three gateways, each a peer of the other two. sg3 dies and nftables drops what goes to
+    its port (a dead host: no RST), so sg1's and sg2's attempts to reach it hang until their
+    handshake time-out (10 x max_transfer_ms: 50 s here). Then the channel between sg1 and sg2
+    is lost. On main each gateway opened its peers' channels one at a time: neither opened
+    that channel again, nor told a watched peer's state (``peer-channel``), before its
+    attempt on sg3 timed out. Now each peer has its own upkeep: the channel is open again at
+    once while sg3's attempts still hang, sg3's state is told on its own period, and stop ends
+    the hanging attempts without a trace (no task left pending, nothing logged)."""
+    table = f"keepconn_{os.getpid()}"
+
+    async def main() -> None:
+        d = await demo.build(tmp_path, gateways=("sg1", "sg2", "sg3"), identity="indirect")
+        try:
+            for svc in d.services.values():
+                await svc.start_context_transfer()
+            pairs = [(a, b) for a in ("sg1", "sg2", "sg3") for b in ("sg1", "sg2", "sg3")
+                     if a != b]  # fmt: skip
+            await eventually(lambda: all(_open(d, a, b) for a, b in pairs),
+                             "a channel between every two gateways", timeout=30)  # fmt: skip
+            chans = {g: services(d)[g].channels for g in ("sg1", "sg2")}
+            chans["sg1"].answer_within["sg3"] = 60.0  # watched: its changes are logged
+            port = services(d)["sg3"].channels.tcfg.listen.port
+            sg3 = demo.ADDRESS["sg3"]
+            rules = (f"table inet {table} {{\n chain c {{\n type filter hook input priority 0;"
+                     f"\n ip daddr {sg3} tcp dport {port} drop\n"
+                     f" ip saddr {sg3} tcp sport {port} drop\n }}\n}}\n")  # fmt: skip
+            subprocess.run(["nft", "-f", "-"], input=rules, text=True, check=True)
+            await d.services["sg3"].stop_context_transfer()
+            for g in ("sg1", "sg2"):
+                for c in _peer_conns(d, g, "sg3"):
+                    c.abort()  # (sg3's FIN on its own port's channels was dropped)
+            await eventually(lambda: all("sg3" in chans[g]._opening for g in chans),
+                             "sg1 and sg2 to be trying sg3 (a hanging connect)")  # fmt: skip
+            lost = {g: _peer_conns(d, g, "sg2" if g == "sg1" else "sg1") for g in chans}
+            assert lost["sg1"] and lost["sg2"]
+            for c in lost["sg1"] + lost["sg2"]:
+                c.abort()
+            # On main: not before sg3's attempts time out (50 s).
+            await eventually(
+                lambda: _open(d, "sg1", "sg2") and _open(d, "sg2", "sg1")
+                and chans["sg1"].conns["sg2"] not in lost["sg1"]
+                and chans["sg2"].conns["sg1"] not in lost["sg2"],
+                "the channel between sg1 and sg2 to be open again",
+                timeout=3,
+            )  # fmt: skip
+            assert all("sg3" in chans[g]._opening for g in chans)  # still hanging
+            await eventually(lambda: any("event=peer-channel" in r.getMessage()
+                                         and "peer=sg3" in r.getMessage()
+                                         and 'state="not connected"' in r.getMessage()
+                                         and "no answer yet" in r.getMessage()
+                                         for r in caplog.records),
+                             "sg1 to log sg3 not connected", timeout=3)  # fmt: skip
+            # The channel carries a transfer at once.
+            spi = d.gateways["sg1"].node.engine.tunnels()[0].outbound.spi
+            rec = await services(d)["sg1"].transfer([spi], "sg2", timeout=30)
+            assert rec.outcome == "committed", rec
+        finally:
+            await asyncio.wait_for(demo.stop(d), 20)
+        left = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        assert not left, left
+
+    try:
+        with caplog.at_level(logging.INFO):
+            asyncio.run(main())
+    finally:
+        subprocess.run(["nft", "delete", "table", "inet", table], check=False)
+    bad = [r.getMessage() for r in caplog.records
+           if r.levelno >= logging.ERROR or r.name == "asyncio"]  # fmt: skip
+    assert not bad, bad

@@ -75,7 +75,9 @@ class PeerChannels:
         self.server: asyncio.Server | None = None
         # Connections being opened, one per peer: whoever needs one meanwhile waits for it.
         self._opening: dict[str, asyncio.Future[tlschannel.CxtpConnection]] = {}
-        self._keeper: asyncio.Task[None] | None = None
+        self._keepers: list[asyncio.Task[None]] = []  # start()'s: one per peer, one telling
+        self._wake: dict[str, asyncio.Event] = {}  # a peer's upkeep, woken by its loss
+        self._tried: set[str] = set()  # peers whose upkeep ended its first attempt
         self.refused = 0
         self._quiet_until: dict[str, float] = {}
         # why the last attempt to open a channel to each peer failed (status: a peer not
@@ -138,29 +140,65 @@ class PeerChannels:
             )
         except OSError as exc:
             raise bind_error(exc, "TCP", host, port, "transfer.listen") from None
-        self._keeper = supervise(self._keep_connected(), "connect to peers", self.name)
+        # One upkeep task per peer (a peer whose connect hangs holds up no other's) and one
+        # that tells the watched peers' channel states on its own period.
+        self._keepers = [supervise(self._keep(p), f"connect to {p}", self.name)
+                         for p in self.tcfg.peers]  # fmt: skip
+        self._keepers.append(supervise(self._tell_every_check(), "tell channels", self.name))
 
-    async def _keep_connected(self) -> None:
-        """Open the channel to every peer at start and again whenever it is lost, so that a
+    def _channel_open(self, peer: str) -> bool:
+        c = self.conns.get(peer)
+        return c is not None and not c.closed
+
+    async def _keep(self, peer: str) -> None:
+        """Open the channel to ``peer`` at start and again whenever it is lost, so that a
         transfer never waits for a TCP and TLS handshake (8-16 ms measured in ``bench
         ikev2``) while its tunnels are held. A peer that is not up is tried again after
-        0.5 s, doubling to 30 s; a channel the peer opened to us serves as well."""
+        0.5 s, doubling to 30 s; a channel the peer opened to us serves as well.
+
+        A task per peer: an attempt that hangs (a path that drops, a dead host: until the
+        handshake time-out, 10 x max_transfer_ms) holds up no other peer's channel. One
+        attempt at a time per peer (:meth:`connection` shares it with other callers), and
+        at most one per KEEP_CONNECTED_CHECK after one that opened (a peer that accepts and
+        closes at once costs a handshake a second); a lost channel wakes it at once."""
         loop = asyncio.get_running_loop()
-        backoff: dict[str, float] = {}
-        next_try: dict[str, float] = {}
+        wake = self._wake[peer] = asyncio.Event()
+        backoff = 0.0
+        next_try = 0.0
         while True:
-            for p in self.tcfg.peers:
-                c = self.conns.get(p)
-                if (c is not None and not c.closed) or loop.time() < next_try.get(p, 0.0):
-                    continue
+            wake.clear()  # (before looking: a loss from now on wakes the wait below)
+            started = loop.time()
+            if not self._channel_open(peer) and started >= next_try:
                 try:
-                    await self.connection(p)
-                    backoff.pop(p, None)
+                    await self.connection(peer)
                 except (IpsecctError, OSError):
-                    b = backoff[p] = min(KEEP_CONNECTED_MAX, backoff.get(p, 0.25) * 2)
-                    next_try[p] = loop.time() + b
-            self._tell_states()
+                    backoff = min(KEEP_CONNECTED_MAX, max(0.5, backoff * 2))
+                    next_try = loop.time() + backoff
+                else:
+                    backoff = 0.0
+                    next_try = started + KEEP_CONNECTED_CHECK
+            if peer not in self._tried:  # told at once, then on the period
+                self._tried.add(peer)
+                self._tell_states()
+            if self._channel_open(peer):
+                wait = KEEP_CONNECTED_CHECK  # (or until its loss wakes it)
+            else:
+                wait = max(0.0, next_try - loop.time())
+            if wait > 0:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(wait):
+                        await wake.wait()
+
+    def _wake_keeper(self, peer: str) -> None:
+        """``peer``'s channel was lost: its upkeep tries again now (or once its pause ends)."""
+        w = self._wake.get(peer)
+        if w is not None:
+            w.set()
+
+    async def _tell_every_check(self) -> None:
+        while True:
             await asyncio.sleep(KEEP_CONNECTED_CHECK)
+            self._tell_states()
 
     def channel_state(self, peer: str, now: float | None = None) -> tuple[str, float | None]:
         """("connected", None); ("unanswered", seconds since anything came from ``peer``
@@ -178,8 +216,12 @@ class PeerChannels:
 
     def _tell_states(self) -> None:
         """One line per change of a watched peer's channel state (checked every
-        KEEP_CONNECTED_CHECK; status says it as it is at any time)."""
+        KEEP_CONNECTED_CHECK; status says it as it is at any time). A peer whose upkeep
+        has not ended its first attempt is not told yet (a start said "not connected", then
+        "connected", of every peer reached a moment later)."""
         for peer, bound in self.answer_within.items():
+            if peer not in self._tried:
+                continue
             state, silent = self.channel_state(peer)
             if state == self._told.get(peer, "connected"):
                 continue
@@ -190,7 +232,11 @@ class PeerChannels:
                         f"open but nothing came back within {bound * 1000:.0f} ms (a path "
                         "that drops it, or a peer that does not run)"}  # fmt: skip
             elif state == "not connected":
-                more = {"error": self.last_error.get(peer, "")}
+                why = self.last_error.get(peer, "")
+                if not why and peer in self._opening:
+                    why = ("no answer yet to the attempt to connect (a path that drops, or a "
+                           "host that is down)")  # fmt: skip
+                more = {"error": why}
             level = logging.INFO if state == "connected" else logging.WARNING
             event(log, "peer-channel", level, node=self.name, peer=peer, state=state, **more)
 
@@ -209,13 +255,12 @@ class PeerChannels:
             await self.connection(peer)
 
     async def stop(self) -> None:
-        if self._keeper is not None:
-            self._keeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._keeper
-            self._keeper = None
-        for a in list(self._attempts):
-            a.cancel()
+        tasks = [*self._keepers, *self._attempts]
+        for t in tasks:
+            t.cancel()
+        # (an attempt that hangs on a peer's connect ends here, cancelled, nothing logged)
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._keepers = []
         if self.server is not None:
             self.server.close()
         for w in self.writers.values():
@@ -272,6 +317,9 @@ class PeerChannels:
         if peer.name not in self.conns or self.conns[peer.name].closed:
             self.conns[peer.name] = conn
             self.opened[peer.name] = self.clock()
+            # (one is open: an earlier attempt's failure no longer says why it is not, and
+            # a "not connected" line while the next attempt hangs told that stale reason)
+            self.last_error.pop(peer.name, None)
             asyncio.get_running_loop().call_soon(self.on_open, peer.name)
         await self._read(peer.name, conn)
 
@@ -297,6 +345,7 @@ class PeerChannels:
             self.all_conns.discard(conn)
             await conn.close()
             if current:
+                self._wake_keeper(peer)
                 self.on_lost(peer)
 
     def _got(self, peer: str, msg: cxtp.Message) -> None:
@@ -456,6 +505,7 @@ class PeerChannels:
             # wakes, and the reader reports only the loss of the channel in use.
             if self.conns.get(peer) is conn:
                 del self.conns[peer]
+                self._wake_keeper(peer)
             if not conn.closed:
                 conn.abort()
         # Soon, not now: send() may be in the middle of a transfer core's outputs, and the
