@@ -668,6 +668,38 @@ def test_the_peer_is_dead_46_s_after_an_unanswered_request_as_the_docs_say() -> 
     assert "after 30 s" not in reliability
 
 
+def test_the_peers_esp_since_the_last_look_stands_for_a_liveness_check() -> None:
+    """When a liveness check falls due, the adapter is asked whether the peer's ESP came in
+    since it last looked (charon's send_dpd counts inbound traffic on the CHILD SAs too,
+    RFC 7296 §2.4): then none is sent and the next look is dpd_delay later, in the heap as
+    in the reference walk; once the ESP stops, the check goes. Without the question (the
+    engine alone, a node without the hook) a check every dpd_delay, as before."""
+    w = pair(mn_conn(dpd=10), conn(dpd=10))
+    connect(w)
+    asked: list[float] = []
+    esp = [True]
+
+    def heard(ike: IkeSA) -> bool:
+        asked.append(now)
+        return esp[0]
+
+    w.resp.esp_heard = heard
+    for now in (10.0, 20.0, 30.0):
+        assert w.resp.next_deadline() == now
+        assert [o for o in w.resp.tick(now) if isinstance(o, Send)] == []
+    assert asked == [10.0, 20.0, 30.0] and w.resp.stats["liveness-sent"] == 0
+    assert w.resp.stats["liveness-esp"] == 3
+    assert w.resp.next_deadline() == 40.0 == w.resp._next_deadline_scan()
+    esp[0] = False
+    now = 40.0
+    w.deliver(w.resp.tick(now), "r", now)
+    assert w.resp.stats["liveness-sent"] == w.ini.stats["liveness-answered"] == 1
+    assert w.resp.next_deadline() == 50.0 and asked[-1] == 40.0
+    w.resp.esp_heard = None  # the engine alone: a check whatever ESP came
+    w.deliver(w.resp.tick(50.0), "r", 50.0)
+    assert w.resp.stats["liveness-sent"] == 2 and asked[-1] == 40.0
+
+
 def test_a_quiet_ike_sa_starts_no_exchange_but_answers() -> None:
     """While its CHILD SAs are being transferred (IkeSA.quiet) the gateway starts neither a
     liveness check nor a rekey, so that its message IDs are not used here and at the

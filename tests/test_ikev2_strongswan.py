@@ -344,6 +344,44 @@ def test_liveness_and_delete_both_ways(workdir: Path) -> None:
 @pytest.mark.root
 @pytest.mark.slow
 @needs_strongswan
+def test_no_liveness_check_while_the_clients_esp_comes_in(workdir: Path) -> None:
+    """The gateway checks a client's liveness (dpd_delay) only when nothing authenticated
+    came from it for that long, its ESP included, as charon does (ike_sa.c send_dpd: the
+    inbound use time of the IKE SA and its CHILD SAs; RFC 7296 §2.4). It sent a check every
+    dpd_delay whatever the client sent (a swanctl client pinging through a gateway with
+    dpd_delay = 2: a check every 2 s): with 10,000 busy clients and dpd_delay = 30, 333
+    exchanges a second for nothing. Once the client's ESP stops, the checks come again."""
+    with Namespaces("a", "b") as ns:
+        ss, gw = start(ns, workdir, ike="default", esp="default", ss_ike=None, ss_esp=None,
+                       encap=True, dpd=1)  # fmt: skip
+        try:
+            with ss:
+                ss.start()
+                ss.initiate()
+
+                def counter(name: str) -> int:
+                    return int(gw.status()["ike"]["counters"].get(name, 0))
+
+                assert ping_once_up(ns, "a", B.inner, 1) == 1, gw.logtext()
+                before = counter("liveness-sent")
+                # 5 s of the client's ESP, 10 packets a second (dpd_delay: 1 s)
+                assert ping(ns, "a", B.inner, 50, gap=0.1) == 50, gw.logtext()
+                during = counter("liveness-sent") - before
+                # (the first look at a CHILD SA only notes its count, and one stall of the
+                # pinger a second long is allowed for; a check every second was 5)
+                assert during <= 2, (during, gw.status()["ike"]["counters"])
+                assert counter("liveness-esp") >= 2
+                # the client is silent now (strongSwan has no dpd_delay): checked again
+                wait_until(lambda: counter("liveness-sent") >= before + during + 2,
+                           "liveness checks of a client whose ESP stopped", timeout=20)  # fmt: skip
+                assert counter("peer-dead") == 0 and len(ike_list(str(workdir / "gw.sock"))) == 1
+        finally:
+            gw.cleanup()
+
+
+@pytest.mark.root
+@pytest.mark.slow
+@needs_strongswan
 def test_the_operator_deletes_an_ike_sa_and_strongswan_is_told(workdir: Path) -> None:
     """``ipsecct sa delete --ike roadwarrior`` (as ``swanctl --terminate --ike``): the
     gateway sends the DELETE of the IKE SA, and its CHILD SA goes with it; strongSwan

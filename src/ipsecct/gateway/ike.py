@@ -199,6 +199,7 @@ class IkeService:
         # still carrying them (commit_check)
         self._serials_announced: set[tuple[bytes, bytes]] = set()
         self.engine.on_request_held = self._request_held
+        self.engine.esp_heard = self._esp_heard
         # tunnel -> (IKE SA, CHILD SA) whose ESP SAs it holds (child_of), built by one walk
         # of every IKE SA and kept while the node's tunnels do not change (a CHILD SA gets a
         # tunnel as it is installed); a hit is checked before it is trusted
@@ -1952,6 +1953,24 @@ class IkeService:
                         "identity": who}  # fmt: skip
             why = w
         raise ValueError(why)
+
+    @staticmethod
+    def _esp_heard(ike: IkeSA) -> bool:
+        """Whether the peer's ESP reached one of ``ike``'s CHILD SAs since the last look
+        (the engine asks when a liveness check falls due: as charon, no check while the
+        peer's traffic comes in). Read from each inbound SA's packet count (C's exact one
+        on the native path), authenticated packets only; a CHILD SA's first look only
+        records it (no evidence yet: the check goes as before)."""
+        heard = False
+        for c in ike.children:
+            sa = getattr(c.handle, "inbound", None)
+            if sa is None:
+                continue
+            n = sa.counters.packets
+            if c.esp_in_seen is not None and n != c.esp_in_seen:
+                heard = True
+            c.esp_in_seen = n
+        return heard
 
     def child_of(self, tunnel: object) -> tuple[IkeSA, ChildSA] | None:
         """The IKE SA and CHILD SA whose ESP SAs ``tunnel`` holds (None: not IKE-keyed).

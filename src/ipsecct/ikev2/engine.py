@@ -593,6 +593,13 @@ class IkeEngine:
         # are being transferred); the adapter may end a prepared transfer so that the
         # request is answered rather than retransmitted (docs/ikev2.md).
         self.on_request_held: Callable[[IkeSA], None] | None = None
+        # Asked when an IKE SA's liveness check falls due (nothing from the peer over IKE for
+        # dpd_delay): whether the peer's ESP has reached one of its CHILD SAs since the
+        # previous ask (the adapter reads the inbound SAs' counters). If so no check is sent:
+        # the peer is alive (RFC 7296 §2.4; charon's send_dpd looks at the inbound use time of
+        # the IKE SA and its CHILD SAs), and the next look is dpd_delay later. None: a check
+        # every dpd_delay without a word over IKE, whatever ESP came.
+        self.esp_heard: Callable[[IkeSA], bool] | None = None
 
     # -- public interface ---------------------------------------------------------------
     def ike_sas(self) -> list[IkeSA]:
@@ -725,8 +732,13 @@ class IkeEngine:
             self._rekey_ike_request(ike, now, out)
         elif (due := self._child_due(ike, now)) is not None:
             self._rekey_child_request(ike, due, now, out)
-        elif ike.conn.dpd_delay and now - ike.last_heard >= ike.conn.dpd_delay:
-            self._request(ike, "liveness", [], now, out)
+        elif (ike.conn.dpd_delay
+              and now - max(ike.last_heard, ike.esp_at) >= ike.conn.dpd_delay):  # fmt: skip
+            if ike.probe_ahead == 0 and self.esp_heard is not None and self.esp_heard(ike):
+                ike.esp_at = now  # (its ESP says it is alive: looked at again dpd_delay later)
+                self.stats["liveness-esp"] += 1
+            else:
+                self._request(ike, "liveness", [], now, out)
 
     def next_deadline(self) -> float | None:
         ds: list[float] = [ike.created + HALF_OPEN_TIMEOUT for ike in self.half_open.values()]
@@ -774,7 +786,7 @@ class IkeEngine:
         if ike.rr_due or ike.queued_deletes or ike.children_wanted:
             ds.append(ike.last_heard)  # at once
         if ike.conn.dpd_delay:
-            ds.append(ike.last_heard + ike.conn.dpd_delay)
+            ds.append(max(ike.last_heard, ike.esp_at) + ike.conn.dpd_delay)
         if ike.rekey_at is not None:
             ds.append(ike.rekey_at)
         if _mid_rekey_now(ike):

@@ -78,6 +78,9 @@ class ChildSA:
     # the CHILD SA the peer's rekey of this one made (until the peer deletes this one, ours
     # goes out here: the peer installs the successor when it reads our answer)
     successor: ChildSA | None = field(default=None, repr=False)
+    # the adapter's: its inbound ESP SA's packet count at the last liveness look (None: never
+    # looked; IkeEngine.esp_heard)
+    esp_in_seen: int | None = field(default=None, repr=False)
 
     @property
     def name(self) -> str:
@@ -153,7 +156,7 @@ class Pending:
 # test). Changes inside its lists and its CHILD SAs are marked by the engine, which makes them
 # only on the IKE SA it was called for or ticks (IkeEngine._touch).
 TIMER_FIELDS = frozenset({
-    "state", "we_initiated", "conn", "last_heard", "pending", "quiet", "rr_due",
+    "state", "we_initiated", "conn", "last_heard", "esp_at", "pending", "quiet", "rr_due",
     "queued_deletes", "children_wanted", "rekey_at", "my_next_mid", "peer_next_mid",
     "children", "created", "redundant_until",
 })
@@ -213,6 +216,10 @@ class IkeSA:
     my_next_mid: int = 0  # the ID of our next request
     pending: Pending | None = None
     last_heard: float = 0.0
+    # when a liveness check fell due and the peer's ESP had come in meanwhile (no check was
+    # sent: IkeEngine.esp_heard); the next is due dpd_delay after the later of this and
+    # last_heard. Local: not in the IKE SA's context
+    esp_at: float = 0.0
     children: list[ChildSA] = field(default_factory=list)
     initial_contact: bool = False
     uid: int = field(default_factory=lambda: next(_ids))
