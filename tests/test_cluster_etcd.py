@@ -444,7 +444,7 @@ def test_a_child_less_ike_replicas_key_names_a_group_or_nothing(junk: bytes) -> 
 # -- 4. a member that knows its own state ----------------------------------------------------
 
 
-@pytest.mark.parametrize("how", ["deleted", "written-again"])
+@pytest.mark.parametrize("how", ["deleted", "written-again", "owner-key-deleted"])
 def test_no_seq_sent_twice_a_member_whose_key_is_lost_stops_before_its_groups_can_be_taken(
     tmp_path: Path, how: str, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -458,7 +458,11 @@ def test_no_seq_sent_twice_a_member_whose_key_is_lost_stops_before_its_groups_ca
     then end the lease, whose owner keys the survivors may take: at no moment are sg1's
     groups free while its tunnel may send. It joins again under a new lease. On main sg1
     never noticed: its groups stayed under its lease, its member key gone (or, written back,
-    with replicas that bounded nothing)."""
+    with replicas that bounded nothing). ``owner-key-deleted``: the owner key of the group
+    its tunnel is in is deleted (its member key stays): anyone may create it (take the group
+    over) while sg1 sends on the tunnel; sg1 must notice (within ``ttl_s / 4``: its round
+    asks etcd whether every owner key it holds is under its lease) and end that life the
+    same way (on main it sent on, believing it owned the group)."""
     import logging
 
     from ipsecct.ct.transfer import Identity
@@ -502,10 +506,16 @@ def test_no_seq_sent_twice_a_member_whose_key_is_lost_stops_before_its_groups_ca
             key1 = keys["members"] + "sg1"
             kv = await c.get(key1)
             assert kv is not None
-            await c.delete(key1)  # the operator's etcdctl del
+            deadline = time.monotonic() + 10
+            if how == "owner-key-deleted":  # the operator's etcdctl del of groups/<g>
+                await c.delete(keys["groups"] + drv.own.placed[t.outbound.spi])
+                await eventually(lambda: t not in set(node.engine.tunnels()),
+                                 "sg1 to stop sending on a tunnel of a group it lost")  # fmt: skip
+                assert node.engine.send_until == -float("inf"), drv.status()
+            else:
+                await c.delete(key1)  # the operator's etcdctl del
             if how == "written-again":
                 await c.put(key1, kv.value, lease=lease)
-            deadline = time.monotonic() + 10
             while True:  # until sg1's groups may be taken by anyone
                 assert time.monotonic() < deadline, f"sg1 never let its groups go: {drv.status()}"
                 free = [k for k in home if await c.get(k) is None]
@@ -522,8 +532,11 @@ def test_no_seq_sent_twice_a_member_whose_key_is_lost_stops_before_its_groups_ca
             assert await c.keepalive(lease) == 0
             assert t not in set(node.engine.tunnels())
             st = drv.status()
-            assert st["lives_ended"] == {"member-key-lost": 1}, st
-            assert st["removed_on_expiry"] == 1 and "member key" in st["last_life_end"], st
+            why = "owner-key-lost" if how == "owner-key-deleted" else "member-key-lost"
+            assert st["lives_ended"] == {why: 1}, st
+            assert st["removed_on_expiry"] == 1, st
+            assert ("owner key" if how == "owner-key-deleted" else "member key") in st[
+                "last_life_end"], st  # fmt: skip
             assert st["replicas"] == {"sg2": 0}, st
             # a member again, under a new lease (once its old groups went: nobody holds a
             # replica of them here, so after 3 x ttl_s at most)
@@ -537,7 +550,8 @@ def test_no_seq_sent_twice_a_member_whose_key_is_lost_stops_before_its_groups_ca
     caplog.set_level(logging.INFO)
     with EtcdCluster(tmp_path) as e:
         asyncio.run(run(e.endpoints))
-    lines = [r.getMessage() for r in caplog.records if "event=cluster-member-key-lost" in
+    why = "owner-key-lost" if how == "owner-key-deleted" else "member-key-lost"
+    lines = [r.getMessage() for r in caplog.records if f"event=cluster-{why}" in
              r.getMessage()]  # fmt: skip
     assert len(lines) == 1, lines
     assert "tunnels=1" in lines[0], lines

@@ -631,6 +631,10 @@ class ClusterDriver:
                 if self.node.clock() >= self._next_keepalive:
                     self._next_keepalive = self.node.clock() + period
                     await self._renew()
+                    if self.lease_id and self.lease.valid(self.node.clock()):
+                        lost = await self._own_groups_lost()
+                        if lost:
+                            await self._member_key_lost(lost)
                     await self._own_tunnels()
                 elif self._own_now and self.lease.valid(self.node.clock()):
                     self._own_now = False
@@ -842,19 +846,41 @@ class ClusterDriver:
         another lease, or written since this life first read it (deleted and written again,
         by an operator or a restore of etcd: even with our lease, not ours)."""
         if kv is None:
-            return "is gone"
+            return "member key is gone"
         lease = ownership.parse_member(kv.value)[1]
         if kv.lease != self.lease_id or lease != self.lease_id:
-            return f"names another lease ({kv.lease:x}, its value {lease:x})"
+            return f"member key names another lease ({kv.lease:x}, its value {lease:x})"
         rev = (kv.create_revision, kv.mod_revision)
         if self._own_rev is None:
             self._own_rev = rev
         elif rev != self._own_rev:
-            return f"was written again (revision {rev[1]}, not {self._own_rev[1]})"
+            return f"member key was written again (revision {rev[1]}, not {self._own_rev[1]})"
+        return ""
+
+    async def _own_groups_lost(self) -> str:
+        """Is every owner key we believe ours still under our lease? ("" if so: one
+        transaction of compares per 128 groups, every ``ttl_s / 4``.) One deleted (an
+        operator's etcdctl, a restore of etcd from a snapshot taken before we adopted it)
+        makes its group ownerless: we would send on its tunnels while anyone may create
+        its owner key (the take-over's compare is "absent")."""
+        gs = sorted(self.own.groups)
+        for i in range(0, len(gs), ownership.MAX_TXN_OPS):
+            batch = gs[i : i + ownership.MAX_TXN_OPS]
+            cmp = tuple(ownership.Compare(self.own.group_key(g), "LEASE", self.lease_id)
+                        for g in batch)  # fmt: skip
+            if await self.client.txn(ownership.Txn(cmp, ())):
+                continue
+            for g in batch:
+                kv = await self.client.get(self.own.group_key(g))
+                if kv is None or kv.lease != self.lease_id:
+                    return f"owner key of group {g} " + (
+                        "is gone" if kv is None else f"names another lease ({kv.lease:x})"
+                    )
         return ""
 
     async def _member_key_lost(self, why: str) -> None:
-        """Our member key is gone or not ours, while we believe our lease lives. Every peer
+        """Our member key (or the owner key of a group we hold: the same, below, but for
+        the peers) is gone or not ours, while we believe our lease lives. Every peer
         that read it so took us for gone: it dropped its floors here (our replicas of its
         tunnels bound nothing any more) and stopped replicating to us; our take-overs and
         new tunnels' records fail (they compare the member key under our lease). Going on
@@ -1270,9 +1296,10 @@ class ClusterDriver:
 
     def _lease_gone(self, key_lost: str = "") -> None:
         """etcd expired our lease: our owner keys are gone and others may hold our tunnels
-        now. Remove them for good and join again, empty. ``key_lost``: our member key is
-        gone or not ours while the lease lives (:meth:`_member_key_lost`, which then ends
-        the lease itself): the same end of this life, told as that."""
+        now. Remove them for good and join again, empty. ``key_lost``: our member key (or a
+        group's owner key) is gone or not ours while the lease lives
+        (:meth:`_member_key_lost`, which then ends the lease itself): the same end of this
+        life, told as that."""
         # A loss not yet noticed (the member did not run past its fence: a SIGSTOP) is
         # counted and told now, with the lease that had it: status's losses are over lives.
         self._events(self.lease.poll(self.node.clock()))
@@ -1291,10 +1318,13 @@ class ClusterDriver:
         self._layout += 1
         if self.ike is not None:  # others may run them now: never a message more from here
             self.ike.forget_all("etcd ended this gateway's lease: its IKE SAs may have moved")
-        why = "member-key-lost" if key_lost else "lease-expired"
+        why = (
+            "lease-expired" if not key_lost
+            else "member-key-lost" if key_lost.startswith("member") else "owner-key-lost"
+        )  # fmt: skip
         self.life_ends[why] = self.life_ends.get(why, 0) + 1
         self.last_life_end = (
-            f"this gateway's member key {key_lost} while its lease lived: it ended that "
+            f"this gateway's {key_lost} while its lease lived: it ended that "
             f"lease (its tunnels removed here, {len(gone)}) and joins again"
             if key_lost
             else f"etcd expired this gateway's lease (its tunnels removed here, {len(gone)})"
@@ -1306,10 +1336,11 @@ class ClusterDriver:
             node=self.node.name,
             tunnels=len(gone),
             detail=(
-                f"this gateway's member key {key_lost} (an operator's etcdctl, a restore of "
-                "etcd): its peers took it for gone and dropped what bounds their tunnels here. "
-                "It stopped sending, removed its tunnels, ends its lease (its groups go to the "
-                "members holding their replicas) and joins again without them"
+                f"this gateway's {key_lost} (an operator's etcdctl, a restore of etcd)"
+                + (": its peers took it for gone and dropped what bounds their tunnels here"
+                   if why == "member-key-lost" else ": anyone may take that group over")
+                + ". It stopped sending, removed its tunnels, ends its lease (its groups go to "
+                "the members holding their replicas) and joins again without them"
                 if key_lost
                 else "etcd expired this gateway's lease: its tunnels may have moved; they were"
                 " removed here, and the gateway joins again without them"
@@ -1632,8 +1663,9 @@ class ClusterDriver:
             "owned_tunnels": sum(1 for t in tunnels if self.own.owns(t.outbound.spi)),
             "unowned_tunnels": sum(1 for t in tunnels if not self.own.owns(t.outbound.spi)),
             "removed_on_expiry": self.lost_for_good,
-            # this gateway's lives ended (lease-expired: by etcd; member-key-lost: its member
-            # key deleted or written over, so it ended the lease itself), and the last's why
+            # this gateway's lives ended (lease-expired: by etcd; member-key-lost,
+            # owner-key-lost: its member key or a group's owner key deleted or written over,
+            # so it ended the lease itself), and the last's why
             "lives_ended": dict(self.life_ends),
             "last_life_end": self.last_life_end,
             "etcd_error": self.last_error,
