@@ -154,6 +154,23 @@ def test_remote_cacerts_that_is_not_a_ca_is_refused_at_load(
     one_line_error(r, "remote.cacerts", "is not a CA certificate")
 
 
+@pytest.mark.parametrize("key", ["local.certs", "remote.cacerts"])
+def test_a_missing_certificate_file_names_its_key(key: str, pkidir: Path, tmp_path: Path) -> None:
+    """A certificate file that cannot be read is named with the key that lists it, as every
+    other configuration error (README: the file, the key and the problem). It said only
+    'connections.rw: cannot read certificate file ...', for local.certs and remote.cacerts
+    alike (an operator's typo in swanctl.conf's ca file name, 2026-12-03)."""
+    os.chmod(pkidir / "sg1.key", 0o600)
+    text = IKE_GW.format(pki=pkidir, ca="ca.pem")
+    old = f'"{pkidir}/sg1.pem"' if key == "local.certs" else f'"{pkidir}/ca.pem", '
+    new = '"nosuch.pem"' if key == "local.certs" else '"nosuch.pem", '
+    bad = tmp_path / "bad.toml"
+    bad.write_text(text.replace(old, new, 1))
+    r = ipsecct("gateway", "run", "-c", str(bad))
+    one_line_error(r, f"connections.rw.{key}: cannot read certificate file",
+                   "nosuch.pem: No such file or directory")  # fmt: skip
+
+
 def test_an_expired_ike_certificate_or_a_ca_not_valid_yet_is_logged_at_load(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -977,11 +977,14 @@ def parse_connections(
         if lcerts or rcas:
             if load_certs is None:
                 raise ctx.err(where.rstrip("."), "certificates cannot be loaded here")
-            try:
-                chain_of = [(f, c) for f in lcerts for c in load_certs(f)]
-                cas_of = [(f, c) for f in rcas for c in load_certs(f)]
-            except IpsecctError as exc:
-                raise ctx.err(where.rstrip("."), str(exc)) from None
+            chain_of: list[tuple[str, x509.Certificate]] = []
+            cas_of: list[tuple[str, x509.Certificate]] = []
+            for listed_in, files, into in (("local.certs", lcerts, chain_of),
+                                           ("remote.cacerts", rcas, cas_of)):  # fmt: skip
+                try:  # (an error names the key listing the file, as every other)
+                    into += [(f, c) for f in files for c in load_certs(f)]
+                except IpsecctError as exc:
+                    raise ctx.err(where + listed_in, str(exc)) from None
             chain = [c for _, c in chain_of]
             if wall_now is not None:
                 _warn_not_valid_now(path, where, chain_of, cas_of, wall_now)
