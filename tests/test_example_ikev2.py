@@ -9,6 +9,7 @@ Ports and socket paths of the example are replaced by free ones in a temporary d
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import pytest
 
 from tests.helpers.deployment import cli
 from tests.helpers.example_ikev2 import ADDR, Setup
+from tests.helpers.waiting import until
 
 
 @pytest.fixture
@@ -201,3 +203,29 @@ def test_a_target_whose_crl_revokes_the_peers_certificate_refuses_its_ike_sa(
     assert ike["children"] and setup.ike("sg2") == []
     assert setup.status("sg2")["sas"] == 0
     setup.traffic_ok("sg1", 20)
+
+
+def test_a_client_with_the_wrong_key_is_a_warning_at_the_gateway(setup: Setup) -> None:
+    """An operator who runs the gateway at ``[log] level = "warning"`` sees a client refused
+    for its pre-shared key, as one refused for its proposals (``ike-no-proposal-chosen``, a
+    WARNING; charon logs both at its default level): the responder logged
+    ``ike-auth-failed`` at INFO (the initiator at WARNING), so such a gateway said nothing
+    while its client got AUTHENTICATION_FAILED (the node of examples/ikev2 given another
+    key, 2026-12-03). One line a failure, and never a key."""
+    wrong = "0x" + "11" * 32
+    (setup.dir / "keys" / "mn.psk").write_text(wrong + "\n")
+    os.chmod(setup.dir / "keys" / "mn.psk", 0o600)
+    mn, sg1 = setup.dir / "mn.toml", setup.dir / "sg1.toml"
+    mn.write_text(mn.read_text().replace('file = "keys/ike.psk"', 'file = "keys/mn.psk"'))
+    sg1.write_text(sg1.read_text().replace('level = "debug"', 'level = "warning"'))
+    setup.start("sg1")
+    setup.start("mn")
+    setup.wait("sg1", lambda st: st["ike"]["counters"].get("auth-failed", 0) >= 1,
+               "sg1 to refuse the MN's key")  # fmt: skip
+    until(lambda: "event=ike-auth-failed" in setup.log("sg1"), "sg1's ike-auth-failed line")
+    # (one line per failure: the node tries again, 1 s later, then doubling)
+    line = next(ln for ln in setup.log("sg1").splitlines() if "event=ike-auth-failed" in ln)
+    assert " WARNING " in line and 'reason="pre-shared key does not match"' in line, line
+    assert "id=mn.example" in line, line
+    log = setup.log("sg1")
+    assert wrong[2:] not in log and (setup.dir / "keys" / "ike.psk").read_text()[2:66] not in log

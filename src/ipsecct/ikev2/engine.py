@@ -1649,9 +1649,9 @@ class IkeEngine:
             self.stats["auth-failed"] += 1
             self.stats["auth-id-ambiguous"] += 1
             if self._auth_log.allow(_net(ike.remote.host), now):
-                log.info("event=ike-auth-failed peer=%s id=%s type=%d reason=%s", ike.remote,
-                         _quote(_id_for_log(idi)), idi.id_type,
-                         _quote("the identity's text names one of another ID type"))  # fmt: skip
+                log.warning("event=ike-auth-failed peer=%s id=%s type=%d reason=%s",
+                            ike.remote, _quote(_id_for_log(idi)), idi.id_type,
+                            _quote("the identity's text names one of another ID type"))  # fmt: skip
             ike.state = IkeState.DEAD
             return [NotifyPayload(Notify.AUTHENTICATION_FAILED)]
         # every connection whose remote.id names the peer is tried, those naming it exactly
@@ -1708,8 +1708,8 @@ class IkeEngine:
             if unknown:
                 self.stats["auth-psk-unknown"] += 1
             if self._auth_log.allow(_net(ike.remote.host), now):
-                log.info("event=ike-auth-failed peer=%s id=%s reason=%s", ike.remote,
-                         _id_for_log(idi), _quote(_cut(why, MAX_LOGGED_REASON)))  # fmt: skip
+                log.warning("event=ike-auth-failed peer=%s id=%s reason=%s", ike.remote,
+                            _id_for_log(idi), _quote(_cut(why, MAX_LOGGED_REASON)))  # fmt: skip
             ike.state = IkeState.DEAD
             return [NotifyPayload(Notify.AUTHENTICATION_FAILED)]
         # (a name or e-mail address in lower case: one text, unique and leases for every
