@@ -118,11 +118,12 @@ def thread_fuzz(esp: Any, table: Any, sas: list[Any], rng: random.Random, rounds
     wake = os.eventfd(0, os.EFD_NONBLOCK)
     stop = os.eventfd(0, os.EFD_NONBLOCK)
     errors: list[BaseException] = []
+    limit = rng.choice([1, 5, 256])  # each class's share of the queue: from 1 item up
 
     def body() -> None:
         try:
             table.run([outer.fileno()], inner.fileno(), False, (b"\x7f\0\0\x01", sink_port),
-                      wake, stop, 256, 50)
+                      wake, stop, limit, 50)
         except BaseException as exc:
             errors.append(exc)
 
@@ -139,6 +140,8 @@ def thread_fuzz(esp: Any, table: Any, sas: list[Any], rng: random.Random, rounds
             elif r < 0.5:
                 d = forge(rng, alg, key, spi, rng.randrange(1 << 32), esn)
                 d = d[: rng.randrange(len(d) + 1)]
+            elif r < 0.6:  # the non-ESP marker (IKE's share of the queue), whole or cut short
+                d = bytes(rng.randrange(5)) + rng.randbytes(rng.randrange(0, 40))
             else:
                 d = rng.randbytes(rng.randrange(0, 64))
             tx.sendto(d, outer.getsockname())

@@ -668,6 +668,11 @@ class Node:
             "native_queue_drops": (
                 0 if self.engine.native is None else self.engine.native.up_dropped
             ),
+            # by class: each has its share of the queue (punted ESP, IKE, inner packets), so
+            # a flood of one never crowds out the others, nor signals and own sends ("own")
+            "native_queue_drops_by": (
+                {} if self.engine.native is None else dict(self.engine.native.up_dropped_by)
+            ),
             "counters": self.engine.stats.as_dict(),
             **{k: v() for k, v in self.extensions.items() if callable(v)},
         }

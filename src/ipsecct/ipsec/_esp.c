@@ -41,6 +41,8 @@
 /* Drop codes: the order of ipsecct.ipsec.esp.Drop */
 enum { D_NO_SA, D_REPLAY, D_ICV, D_PADDING, D_POLICY, D_LIFETIME, D_MALFORMED,
        D_SEQ_EXHAUSTED, D_DUMMY, D_MTU, N_DROPS };
+/* the classes of what the forwarding thread hands up, each with its budget (up_budget) */
+enum { UP_OWN, UP_ESP, UP_IKE, UP_INNER, N_UP };
 
 #define PUNT (-1)
 #define DELIVER (-2)
@@ -1019,10 +1021,13 @@ typedef struct {
     uint8_t *out;
     unsigned long long in_packets, in_bytes, out_packets, out_bytes;
     unsigned long long drops[N_DROPS];
-    /* the forwarding thread (run): what goes up to Python, bounded */
+    /* the forwarding thread (run): what goes up to Python, bounded (up_limit items), with a
+     * budget per class (see append_up) counted in up_count since the last drain */
     PyObject *pending;
     Py_ssize_t up_limit;
+    Py_ssize_t up_count[N_UP];
     unsigned long long up_dropped;
+    unsigned long long up_dropped_by[N_UP];
     int running, fault, woken;
 } TableObject;
 
@@ -1488,21 +1493,60 @@ typedef struct {
     SAObject *sa;    /* kind 3: a strong reference */
 } Up;
 
+/* The share of the forwarding thread's queue (up_limit items) a class of hand-ups may fill
+ * between two drains. Punted datagrams, which anyone can send, have one each: ESP no SA in C
+ * took (unknown SPIs from forged sources, per-source limits cannot help) a quarter, inner
+ * packets of no C flow a quarter, IKE (the non-ESP marker: a burst of a thousand
+ * IKE_SA_INITs and their cookies must fit) three eighths. Together never more than seven
+ * eighths, so signals and the sends the kernel had no room for (UP_OWN, of our own SAs)
+ * always find an eighth free, and a flood of junk ESP leaves IKE its whole share. */
+static Py_ssize_t
+up_budget(TableObject *self, int cls)
+{
+    Py_ssize_t l = self->up_limit, b;
+    switch (cls) {
+    case UP_ESP:
+        b = l / 4;
+        break;
+    case UP_IKE:
+        b = l * 3 / 8;
+        break;
+    case UP_INNER:
+        b = l / 4;
+        break;
+    default: /* UP_OWN: only the whole queue's bound */
+        return l;
+    }
+    return b > 0 ? b : 1;
+}
+
+/* The class of a datagram from the outer side that goes up: the non-ESP marker (RFC 3948)
+ * is IKE; anything else is ESP (or junk) no SA here took. */
+static inline int
+outer_class(const uint8_t *p, Py_ssize_t n)
+{
+    return n >= 4 && get32(p) == 0 ? UP_IKE : UP_ESP;
+}
+
 static int
-append_up(TableObject *self, PyObject *up, PyObject *item)
+append_up(TableObject *self, PyObject *up, PyObject *item, int cls)
 {
     if (item == NULL)
         return -1;
     if (up == NULL) /* the forwarding thread: the pending list as it is now (see drain) */
         up = self->pending;
-    if (up == self->pending && self->up_limit > 0 && PyList_GET_SIZE(up) >= self->up_limit) {
+    if (up == self->pending && self->up_limit > 0 &&
+        (PyList_GET_SIZE(up) >= self->up_limit || self->up_count[cls] >= up_budget(self, cls))) {
         /* the queue to the Python side is bounded: what does not fit is dropped, counted */
         self->up_dropped++;
+        self->up_dropped_by[cls]++;
         Py_DECREF(item);
         return 0;
     }
     int r = PyList_Append(up, item);
     Py_DECREF(item);
+    if (r == 0 && up == self->pending)
+        self->up_count[cls]++;
     return r;
 }
 
@@ -1518,7 +1562,7 @@ give_back(TableObject *self, struct mmsghdr *msgs, struct iovec *iov, int from, 
             return -1;
         PyObject *item = Py_BuildValue("(iy#N)", kind, iov[i].iov_base,
                                        (Py_ssize_t)iov[i].iov_len, addr);
-        if (append_up(self, up, item) < 0)
+        if (append_up(self, up, item, UP_OWN) < 0)
             return -1;
     }
     return 0;
@@ -1618,7 +1662,8 @@ inner_batch(TableObject *self, uint8_t *ibuf, uint8_t *obuf, int in_fd, int is_t
     /* the sends are done: now the Python objects */
     for (int j = 0; j < np; j++) {
         int i = punts[j];
-        if (append_up(self, up, Py_BuildValue("(iy#)", 0, ibuf + (size_t)i * BUFSZ, lens[i])) < 0)
+        if (append_up(self, up, Py_BuildValue("(iy#)", 0, ibuf + (size_t)i * BUFSZ, lens[i]),
+                      UP_INNER) < 0)
             return -1;
     }
     if (sent < ns && give_back(self, smsgs, siov, sent, ns, up, 2) < 0)
@@ -1730,7 +1775,8 @@ outer_batch(TableObject *self, uint8_t *ibuf, uint8_t *obuf, int out_fd, int in_
             else if (addr != NULL)
                 item = Py_BuildValue("(iOy#N)", 3, u->sa->owner, obuf + (size_t)u->idx * BUFSZ,
                                      u->len, addr);
-            err = append_up(self, up, item) < 0;
+            int cls = u->kind == 1 ? outer_class(ibuf + (size_t)u->idx * BUFSZ, u->len) : UP_OWN;
+            err = append_up(self, up, item, cls) < 0;
         }
         Py_XDECREF(u->sa);
     }
@@ -2044,6 +2090,7 @@ table_drain(TableObject *self, PyObject *args)
         return NULL;
     PyObject *old = self->pending;
     self->pending = fresh;
+    memset(self->up_count, 0, sizeof(self->up_count));
     self->woken = 0;
     if (old == NULL)
         return PyList_New(0);
@@ -2068,6 +2115,14 @@ static PyObject *
 table_get_up_dropped(TableObject *self, void *c)
 {
     return PyLong_FromUnsignedLongLong(self->up_dropped);
+}
+
+static PyObject *
+table_get_up_dropped_by(TableObject *self, void *c)
+{
+    return Py_BuildValue("{sKsKsKsK}", "own", self->up_dropped_by[UP_OWN], "esp",
+                         self->up_dropped_by[UP_ESP], "ike", self->up_dropped_by[UP_IKE],
+                         "inner", self->up_dropped_by[UP_INNER]);
 }
 
 /* take_stats() -> (in_packets, in_bytes, out_packets, out_bytes, drops tuple); resets them */
@@ -2124,6 +2179,8 @@ static PyGetSetDef table_getset[] = {
     {"running", (getter)table_get_running, NULL, "does the forwarding loop run", NULL},
     {"up_dropped", (getter)table_get_up_dropped, NULL,
      "items the forwarding loop dropped because its queue to Python was full", NULL},
+    {"up_dropped_by", (getter)table_get_up_dropped_by, NULL,
+     "up_dropped by class: own (signals, no room), esp (punted ESP), ike, inner", NULL},
     {NULL},
 };
 
