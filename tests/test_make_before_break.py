@@ -8,6 +8,7 @@ twice, whatever the order of events (docs/cxtp.md, "Make-before-break")."""
 from __future__ import annotations
 
 import math
+import os
 import struct
 from dataclasses import replace
 from typing import Any
@@ -31,6 +32,12 @@ from ipsecct.ipsec.engine import TunnelState
 from ipsecct.ipsec.esp import Drop
 from ipsecct.ipsec.replay import ReplayWindow
 from tests.helpers.transfer import World, udp_packet
+
+# what C does (the forwarding thread, C's ceilings and tail): the Python path has no C side
+native_only = pytest.mark.skipif(
+    os.environ.get("IPSECCT_PURE_PYTHON", "") not in ("", "0"),
+    reason="IPSECCT_PURE_PYTHON forces the Python path",
+)
 
 CAP_MARGIN = 1000
 
@@ -139,6 +146,7 @@ def test_the_cap_holds_on_the_native_path_too() -> None:
     unique(w)
 
 
+@native_only
 def test_the_native_path_keeps_carrying_the_flow_below_the_cap() -> None:
     """The transfer's start does not freeze the outbound SA in C (its packets would go
     through the event loop until it pushed it again: the pause at every ``transfer
@@ -164,6 +172,7 @@ def test_the_native_path_keeps_carrying_the_flow_below_the_cap() -> None:
     unique(w)
 
 
+@native_only
 def test_a_packet_on_the_python_path_never_takes_the_number_past_the_cap(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -207,6 +216,7 @@ def test_a_packet_on_the_python_path_never_takes_the_number_past_the_cap(
     unique(w)
 
 
+@native_only
 def test_packets_c_sends_between_the_read_and_the_new_ceiling_raise_the_cap(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -674,6 +684,7 @@ def _tail_in_c(w: World, tail: int, sent: int = 5) -> tuple[int, Any]:
     return sent, c
 
 
+@native_only
 @pytest.mark.parametrize("tail", [1, 4, 16])
 def test_c_sends_exactly_the_tail_and_the_target_starts_right_after_it(
     tail: int, monkeypatch: pytest.MonkeyPatch
@@ -716,6 +727,7 @@ def test_c_sends_exactly_the_tail_and_the_target_starts_right_after_it(
     unique(w)
 
 
+@native_only
 def test_a_tail_packet_on_the_python_path_is_never_numbered_past_the_tail(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -754,6 +766,7 @@ def test_a_tail_packet_on_the_python_path_is_never_numbered_past_the_tail(
     unique(w)
 
 
+@native_only
 @pytest.mark.parametrize("fence", ["lease", "ceiling"])
 def test_fencing_stops_c_in_the_middle_of_the_tail(fence: str) -> None:
     """Fencing (the lease's end, a lower fencing ceiling) reaches a tail C is sending at
@@ -782,6 +795,7 @@ def test_fencing_stops_c_in_the_middle_of_the_tail(fence: str) -> None:
     unique(w)
 
 
+@native_only
 def test_a_tunnel_taken_back_in_the_middle_of_its_tail_goes_on_from_c_exact_number() -> None:
     """Commit what you accept: sg1's COMMIT leaves before the answer, both tunnels move and
     C sends their tails; sg2 refuses ``b``, which comes back to sg1 (held: C frozen, its
@@ -819,6 +833,7 @@ def test_a_tunnel_taken_back_in_the_middle_of_its_tail_goes_on_from_c_exact_numb
     unique(w)
 
 
+@native_only
 def test_c_is_told_the_end_of_the_forwarding_time_once_the_answer_sets_it() -> None:
     """Commit what you accept: until the answer, a moved tunnel forwards with no end, and C
     sends its tail with none; the CTDR sets the end, which C is told at once: past it C
