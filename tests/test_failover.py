@@ -1322,8 +1322,8 @@ def test_gateway_run_with_bad_failover_exits_2_with_one_line(tmp_path: Path) -> 
     f.write_text(text)
     r = cli("gateway", "run", "--config", str(f), timeout=30)
     assert r.returncode == 2, (r.stdout, r.stderr)
-    # (The section is checked when context transfer attaches, just after the node started,
-    # so a "started" log line may come first; the error is the one last line.)
+    # (The section is checked when context transfer attaches, just after the node started;
+    # "started" is logged only once everything runs: the error is the one last line.)
     lines = r.stderr.strip().splitlines()
     assert "Traceback" not in r.stderr, r.stderr
     assert lines[-1].startswith("ipsecct: error: ") and str(f) in lines[-1], r.stderr

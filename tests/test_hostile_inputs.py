@@ -507,3 +507,58 @@ def test_a_second_gateway_on_the_same_socket_runs_no_tunnel(tmp_path: Path) -> N
     finally:
         first.terminate()
         first.wait(10)
+
+
+def _hold(kind: int, host: str) -> tuple[socket.socket, int]:
+    s = socket.socket(socket.AF_INET, kind)
+    s.bind((host, 0))
+    if kind == socket.SOCK_STREAM:
+        s.listen()
+    return s, s.getsockname()[1]
+
+
+@pytest.mark.parametrize("busy", ["metrics", "ike", "control"])
+def test_a_start_that_fails_after_the_node_ran_says_so_in_one_line(
+    tmp_path: Path, busy: str
+) -> None:
+    """``event=started`` was logged when the node's sockets were bound, before the control
+    socket, the metrics and the IKE sockets: a port in use there read "started", then an
+    error. Now nothing says started until everything is bound; the failure is one line and
+    a non-zero exit."""
+    from tests.helpers.ports import free_port
+
+    ex = "ikev2" if busy == "ike" else "gateway"
+    shutil.copytree(ROOT / "examples" / ex, tmp_path, dirs_exist_ok=True,
+                    ignore=shutil.ignore_patterns("state", "pki"))  # fmt: skip
+    for k in (tmp_path / "keys").iterdir():
+        os.chmod(k, 0o600)
+    text = (tmp_path / "sg1.toml").read_text()
+    text = text.replace("24500", str(free_port(socket.SOCK_DGRAM)))
+    text = text.replace("25000", str(free_port(socket.SOCK_DGRAM)))
+    held: socket.socket | None = None
+    if busy == "metrics":
+        held, port = _hold(socket.SOCK_STREAM, "127.0.0.1")
+        text = text.replace("127.0.0.1:9451", f"127.0.0.1:{port}")
+    else:
+        text = re.sub(r'metrics = ".*"', "", text)
+    if busy == "ike":
+        held, port = _hold(socket.SOCK_DGRAM, "0.0.0.0")
+        text = text.replace("port = 0 ", f"port = {port} ")
+        text = text[: text.index("[transfer]")] + text[text.index("[state]"):]
+    if busy == "control":
+        # a directory where the socket goes: checked as free, then bind() fails
+        (tmp_path / "ctl.sock").mkdir()
+    sock = re.search(r'socket = "([^"]*)"', text)
+    assert sock is not None
+    text = text.replace(sock.group(0), f'socket = "{tmp_path}/ctl.sock"')
+    (tmp_path / "sg1.toml").write_text(text)
+    try:
+        r = run("gateway", "run", "-c", str(tmp_path / "sg1.toml"))
+    finally:
+        if held is not None:
+            held.close()
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+    assert "event=started" not in r.stderr, r.stderr
+    assert lines and lines[-1].startswith("ipsecct: error: "), r.stderr
+    assert not any("error" in x.lower() for x in lines[:-1]), r.stderr

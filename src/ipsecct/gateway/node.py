@@ -293,14 +293,8 @@ class Node:
             loop.add_reader(fd, self._on_tun_readable)
         self._start_native(loop)
         self.timers.start()
-        event(
-            log,
-            "started",
-            node=self.name,
-            role=self.role,
-            outer=self.cfg.outer,
-            tunnels=len(self.cfg.tunnels),
-        )
+        # No "started" line here: the service logs it once its control, metrics, IKE and
+        # transfer sockets are bound too (an operator reads "started" as "serving").
 
     # -- the native data path (ipsecct.ipsec.native) ------------------------------------
     def _start_native(self, loop: asyncio.AbstractEventLoop) -> None:

@@ -263,6 +263,16 @@ class Service:
         if self.cluster is not None:
             await self.cluster.start()
         await self.start_context_transfer()
+        # Logged once everything is bound and running: a port in use anywhere above is one
+        # error line and a non-zero exit, never "started" and then an error.
+        event(
+            log,
+            "started",
+            node=self.node.name,
+            role=self.node.role,
+            outer=self.node.cfg.outer,
+            tunnels=len(self.node.cfg.tunnels),
+        )
 
     async def start_context_transfer(self) -> None:
         """Listen for peer gateways and start the transfer, fail-over and balancing timers
