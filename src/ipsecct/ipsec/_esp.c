@@ -1140,8 +1140,10 @@ lookup_flow(TableObject *self, const uint8_t *p, Py_ssize_t n)
     return (SAObject *)sa; /* borrowed */
 }
 
-static SAObject *
-lookup_spi(TableObject *self, const uint8_t *p, Py_ssize_t n)
+/* The value a dict keyed by SPI holds for the ESP packet p's SPI (borrowed), or NULL: a
+ * packet too short for an SPI, none, or no memory for the key (the packet then goes up). */
+static PyObject *
+by_spi_of(PyObject *dict, const uint8_t *p, Py_ssize_t n)
 {
     if (n < 8)
         return NULL;
@@ -1150,28 +1152,25 @@ lookup_spi(TableObject *self, const uint8_t *p, Py_ssize_t n)
         PyErr_Clear();
         return NULL;
     }
-    PyObject *sa = PyDict_GetItemWithError(self->by_spi, k);
+    PyObject *v = PyDict_GetItemWithError(dict, k);
     Py_DECREF(k);
-    if (sa == NULL)
+    if (v == NULL)
         PyErr_Clear();
-    return (SAObject *)sa;
+    return v;
+}
+
+static SAObject *
+lookup_spi(TableObject *self, const uint8_t *p, Py_ssize_t n)
+{
+    return (SAObject *)by_spi_of(self->by_spi, p, n);
 }
 
 static RelayObject *
 lookup_relay(TableObject *self, const uint8_t *p, Py_ssize_t n)
 {
-    if (n < 8 || self->relays == NULL || PyDict_GET_SIZE(self->relays) == 0)
+    if (self->relays == NULL || PyDict_GET_SIZE(self->relays) == 0)
         return NULL;
-    PyObject *k = PyLong_FromUnsignedLong(get32(p));
-    if (k == NULL) {
-        PyErr_Clear();
-        return NULL;
-    }
-    PyObject *r = PyDict_GetItemWithError(self->relays, k);
-    Py_DECREF(k);
-    if (r == NULL)
-        PyErr_Clear();
-    return (RelayObject *)r; /* borrowed */
+    return (RelayObject *)by_spi_of(self->relays, p, n);
 }
 
 /* relay(spi, Relay or None): ESP under ``spi`` that no SA here takes goes to the relay's
