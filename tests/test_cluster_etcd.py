@@ -277,20 +277,7 @@ def test_no_replica_leaves_before_the_member_key(tmp_path: Path) -> None:
     from ipsecct.gateway.cluster_driver import ClusterDriver
     from ipsecct.gateway.config import ClusterConfig, load
     from ipsecct.gateway.node import Node
-
-    class Channels:  # records what would go to the peers over TLS
-        def __init__(self) -> None:
-            self.sent: list[str] = []
-
-        def send(self, peer: str, msg: object) -> None:
-            self.sent.append(peer)
-
-        def room(self, peer: str) -> int:  # (what the replication may send at once)
-            return 1 << 30
-
-    class Transfer:
-        def __init__(self) -> None:
-            self.listeners: list[object] = []
+    from tests.helpers.cluster_standins import Channels, Transfer
 
     # sg1 of examples/failover with its tunnel, without its [transfer] and later sections
     text = (ROOT / "examples" / "failover" / "sg1.toml").read_text()
@@ -469,19 +456,9 @@ def test_no_seq_sent_twice_a_member_whose_key_is_lost_stops_before_its_groups_ca
     from ipsecct.gateway.cluster_driver import ClusterDriver
     from ipsecct.gateway.config import ClusterConfig, load
     from ipsecct.gateway.node import Node
+    from tests.helpers.cluster_standins import Channels, Transfer
     from tests.helpers.config_files import failover_sg1
     from tests.helpers.waiting import eventually
-
-    class Channels:  # what would go to sg2 over TLS (nothing answers)
-        def send(self, peer: str, msg: object) -> None:
-            pass
-
-        def room(self, peer: str) -> int:
-            return 1 << 30
-
-    class Transfer:
-        def __init__(self) -> None:
-            self.listeners: list[object] = []
 
     cfg_path = failover_sg1(tmp_path)
 

@@ -30,6 +30,7 @@ from ipsecct.ipsec import spi as spimod
 from ipsecct.ipsec.engine import Engine, Tunnel
 from ipsecct.ipsec.ippacket import Endpoint
 from ipsecct.ipsec.spd import Action, SPDEntry
+from tests.helpers.cluster_standins import Transfer
 from tests.helpers.config_files import failover_sg1
 from tests.helpers.etcd_server import EtcdCluster
 from tests.helpers.transfer import SG_ADDR, ip, tunnel_sas, udp_packet
@@ -119,16 +120,7 @@ def test_a_peers_member_key_overwritten_with_junk_keeps_its_floors(tmp_path: Pat
     from ipsecct.gateway.cluster_driver import ClusterDriver
     from ipsecct.gateway.config import load
     from ipsecct.gateway.node import Node
-
-    class Channels:  # what would go to the peers over TLS
-        def __init__(self) -> None:
-            self.sent: list[str] = []
-
-        def send(self, peer: str, msg: object) -> None:
-            self.sent.append(peer)
-
-        def room(self, peer: str) -> int:
-            return 1 << 30
+    from tests.helpers.cluster_standins import Channels
 
     cfg_path = failover_sg1(tmp_path)
 
@@ -141,7 +133,7 @@ def test_a_peers_member_key_overwritten_with_junk_keeps_its_floors(tmp_path: Pat
         [t] = node.engine.tunnels()
         drv = ClusterDriver(node, ClusterConfig(etcd=tuple(endpoints), ttl_s=4, groups=4))
         ch = Channels()
-        drv.attach(ch, _Transfer(), Identity.DIRECT, ["sg2"])  # type: ignore[arg-type]
+        drv.attach(ch, Transfer(), Identity.DIRECT, ["sg2"])  # type: ignore[arg-type]
         drv.transfer = None
         rep = drv.replicators["sg2"]
         await drv.start()
@@ -346,7 +338,7 @@ def test_a_take_over_whose_answer_etcd_lost_is_completed(
             drv = ClusterDriver(node, ClusterConfig(etcd=tuple(endpoints), ttl_s=2, groups=4))
             if n == "sg2":
                 drv.client = LosingClient(list(endpoints), timeout=drv.client.timeout)
-            drv.attach(_Wire(n, alive, drivers), _Transfer(), Identity.DIRECT,  # type: ignore[arg-type]
+            drv.attach(_Wire(n, alive, drivers), Transfer(), Identity.DIRECT,  # type: ignore[arg-type]
                        [p for p in names if p != n])
             drv.transfer = None
             drivers[n] = drv
@@ -824,11 +816,6 @@ class _Wire:
         return 1 << 30
 
 
-class _Transfer:
-    def __init__(self) -> None:
-        self.listeners: list[object] = []
-
-
 @contextlib.asynccontextmanager
 async def _sg1_gone_sg3_halted(
     tmp_path: Path, endpoints: list[str], port: int
@@ -860,7 +847,7 @@ async def _sg1_gone_sg3_halted(
                                                 static=False), o, inb)  # fmt: skip
         ttl = 30 if n == "sg3" else 2  # (sg3's lease outlives its halt)
         drv = ClusterDriver(node, ClusterConfig(etcd=tuple(endpoints), ttl_s=ttl, groups=4))
-        drv.attach(_Wire(n, alive, drivers), _Transfer(), Identity.DIRECT,  # type: ignore[arg-type]
+        drv.attach(_Wire(n, alive, drivers), Transfer(), Identity.DIRECT,  # type: ignore[arg-type]
                        [p for p in names if p != n])
         drv.transfer = None
         drivers[n] = drv
@@ -971,7 +958,7 @@ def test_no_seq_sent_twice_a_member_restarted_after_its_lease_ended_leaves_its_g
                 node.engine.add_tunnel(SPDEntry(sp, Action.PROTECT, name=f"t{k}",
                                                 static=False), o, inb)  # fmt: skip
         drv = ClusterDriver(node, ClusterConfig(etcd=tuple(endpoints), ttl_s=ttl, groups=4))
-        drv.attach(_Wire(n, alive, drivers), _Transfer(), Identity.DIRECT,  # type: ignore[arg-type]
+        drv.attach(_Wire(n, alive, drivers), Transfer(), Identity.DIRECT,  # type: ignore[arg-type]
                    [p for p in ("sg1", "sg2") if p != n])
         drv.transfer = None
         drivers[n] = drv

@@ -25,6 +25,7 @@ from ipsecct.gateway.cluster_driver import ClusterDriver
 from ipsecct.gateway.config import ClusterConfig, load
 from ipsecct.gateway.etcd import EtcdClient
 from ipsecct.gateway.node import Node
+from tests.helpers.cluster_standins import Channels, Transfer
 from tests.helpers.config_files import failover_sg1
 from tests.helpers.etcd_server import EtcdCluster
 from tests.helpers.waiting import eventually
@@ -56,19 +57,6 @@ class Clocks:
             self.offset = time.monotonic() - self.frozen
             self.slept += time.monotonic() - self._stopped_at
         self.frozen = None
-
-
-class Channels:  # what would go to the peers over TLS (nothing answers)
-    def send(self, peer: str, msg: object) -> None:
-        pass
-
-    def room(self, peer: str) -> int:
-        return 1 << 30
-
-
-class Transfer:
-    def __init__(self) -> None:
-        self.listeners: list[object] = []
 
 
 async def _halt(drv: ClusterDriver) -> None:

@@ -2163,20 +2163,10 @@ def test_a_child_sa_whose_outbound_spi_another_members_tunnel_has_in_etcd_is_ref
     from ipsecct.gateway.config import ClusterConfig
     from ipsecct.gateway.etcd import EtcdClient
     from ipsecct.ikev2.engine import ChildUp, IkeEngine
+    from tests.helpers.cluster_standins import Channels, Transfer
     from tests.helpers.etcd_server import EtcdCluster
     from tests.helpers.ikev2_engines import Wire
     from tests.helpers.waiting import eventually
-
-    class Channels:
-        def send(self, peer: str, msg: object) -> None:
-            pass
-
-        def room(self, peer: str) -> int:
-            return 1 << 30
-
-    class Transfer:
-        def __init__(self) -> None:
-            self.listeners: list[object] = []
 
     spi = 0x5A5A0001
     svc = ike_service(tmp_path)
