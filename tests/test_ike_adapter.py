@@ -16,6 +16,7 @@ from ipsecct.ikev2.config import Connection
 from ipsecct.ikev2.engine import Output, Send
 from ipsecct.ikev2.ikesa import Address, ChildSA, IkeSA, IkeState
 from ipsecct.ipsec.engine import Tunnel
+from ipsecct.ipsec.sad import SecurityAssociation
 from tests.helpers.ike_services import ike_service, unit_at_sg1
 from tests.helpers.ikev2_engines import (
     I500,
@@ -2093,6 +2094,22 @@ def test_the_float_to_the_nat_t_port_is_not_logged_as_a_peer_that_moved(
     assert len(moved) == 2 and f"was={host}:40001" in moved[0], moved
 
 
+
+def _client_v_with_a_tunnel(svc: IkeService) -> tuple[ChildSA, SecurityAssociation]:
+    """V, a client of ``svc`` at 192.0.2.10, connected: its CHILD SA and the outbound SA
+    ``svc`` made for it (V's inbound SPI is its SPI)."""
+    from ipsecct.ikev2.engine import ChildUp, IkeEngine
+    from tests.helpers.ikev2_engines import Wire
+
+    v = Wire(IkeEngine([mn_conn()]), svc.engine)
+    connect(v)
+    for o in v.of("r", ChildUp):
+        svc._one(o)
+    ((vc,),) = [ike.children for ike in v.ini.ike_sas()]
+    held = svc.node.engine.outbound_spi_holder(vc.spi_in)
+    assert held is not None and str(held.dst) == "192.0.2.10"
+    return vc, held
+
 def test_a_child_sa_whose_peer_chose_another_tunnels_outbound_spi_is_refused_ike_sa_kept(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -2111,13 +2128,7 @@ def test_a_child_sa_whose_peer_chose_another_tunnels_outbound_spi_is_refused_ike
 
     svc = ike_service(tmp_path)
     eng = svc.node.engine
-    v = Wire(IkeEngine([mn_conn()]), svc.engine)
-    connect(v)
-    for o in v.of("r", ChildUp):
-        svc._one(o)
-    ((vc,),) = [ike.children for ike in v.ini.ike_sas()]
-    held = eng.outbound_spi_holder(vc.spi_in)
-    assert held is not None and str(held.dst) == "192.0.2.10"
+    vc, held = _client_v_with_a_tunnel(svc)
     # M, at another address, chooses V's SPI for its inbound CHILD SA
     m = Wire(IkeEngine([mn_conn()], spi_range=(vc.spi_in, vc.spi_in)), svc.engine)
     m.nat = Address(ipaddress.ip_address("192.0.2.77"), 500)
@@ -2227,13 +2238,7 @@ def test_a_child_sa_of_ours_on_another_tunnels_spi_is_deleted_and_asked_again(
     ours = mn_conn(dpd=10)
     svc = IkeService(Node(cfg), [conn(dpd=10), ours])
     eng = svc.node.engine
-    v = Wire(IkeEngine([mn_conn()]), svc.engine)  # V, a client of ours, at 192.0.2.10
-    connect(v)
-    for o in v.of("r", ChildUp):
-        svc._one(o)
-    ((vc,),) = [ike.children for ike in v.ini.ike_sas()]
-    held = eng.outbound_spi_holder(vc.spi_in)
-    assert held is not None and str(held.dst) == "192.0.2.10"
+    vc, held = _client_v_with_a_tunnel(svc)  # V, a client of ours, at 192.0.2.10
     # we initiate to R (192.0.2.1), which chooses V's SPI for its inbound CHILD SA
     r = Wire(svc.engine, IkeEngine([conn()], spi_range=(vc.spi_in, vc.spi_in)))
     with caplog.at_level(logging.WARNING, logger="ipsecct.ikev2"):
