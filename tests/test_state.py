@@ -584,6 +584,34 @@ def commit_before_pending() -> tuple[Any, Recorder]:
     return w, j2
 
 
+def test_the_targets_activation_leaves_its_aftermath_to_after_the_waiting_packets() -> None:
+    """Issue 11 (drainfirst): the COMMIT's activation at the target puts the tunnel in
+    service first (the MN's signal, then the packets held for it) and hands the rest over
+    as one Aftermath, last: the "taken over" write (not waited for: "pending" and the first
+    block were durable before the activation) and the finished record, which an adapter
+    carries out after the packets forwarded behind the COMMIT. The held packet is opened
+    and the write submitted once the Aftermath is carried out, in that order."""
+    from ipsecct.ct.transfer import After, Aftermath, Finished, Inject, Transmit
+    from tests.helpers.transfer import SG_ADDR, ip, udp_packet
+
+    w, j2 = commit_before_pending()
+    sg2 = w.gw["sg2"]
+    # the MN's packet straight to sg2 before its activation: held
+    w.route_mn(w.mn.send(udp_packet(1, up=True)) or b"", ip(SG_ADDR["sg2"]))
+    assert [len(i.held) for i in sg2.core.incoming.values()] == [1]
+    assert j2.settle() == ["pending"]
+    out = sg2.core.settled(w.now)
+    assert [type(o) for o in out] == [Transmit, Inject, Aftermath], out
+    after = out[-1]
+    assert isinstance(after, Aftermath)
+    assert [type(o) for o in after.outputs] == [After, Finished]
+    calls = len(j2.calls)
+    sg2.run(out[:-1])
+    assert sg2.injected == 1 and len(j2.calls) == calls  # the packet in, nothing written
+    sg2.run(out[-1:])
+    assert j2.calls[calls:] == [("taken", 0)] and sg2.finished[-1].outcome == "committed"
+
+
 def test_a_source_whose_leaving_rows_were_never_submitted_never_commits() -> None:
     """The source's "leaving" rows are submitted by an After once its contexts are handed
     on; until then the COMMIT waits for a placeholder. An adapter that drops the After

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from ipsecct.ct import cxtp
 from ipsecct.ct.transfer import (
     After,
+    Aftermath,
     Finished,
     Inject,
     Output,
@@ -174,6 +175,8 @@ class Gw:
                 self.finished.append(o.record)
             elif isinstance(o, After):
                 o.run()
+            elif isinstance(o, Aftermath):
+                self.run(list(o.outputs))
 
     def emit(self, data: bytes) -> None:
         self.wire.append(esp_seq(data))

@@ -257,7 +257,24 @@ class After:
     run: Callable[[], None]
 
 
-Output = Send | Inject | Transmit | Finished | Prepared | After
+@dataclass(frozen=True)
+class Aftermath:
+    """What the target does once a COMMIT has activated its tunnels, after the outputs that
+    put them in service (their MN's signal, the packets held for them): the "taken over"
+    write and the finished record. Neither is needed before a packet is sealed or opened on
+    the tunnels (the "pending" row and the first block, which the invariant needs, were
+    durable before the activation, or the COMMIT's grant covers the numbers up to them), so
+    an adapter may carry ``outputs`` out later than the outputs around it: after the
+    forwarded packets that reach it meanwhile (FORWARD messages, whose handling only
+    injects packets) and the engine's own packets, so that those leave in the activation's
+    turn, but before any other input reaches the core and before any other journal write
+    (its order on disk is the order of the outputs). Carried out in order, at once, by an
+    adapter that does not defer it."""
+
+    outputs: tuple[Send | Inject | Transmit | Finished | Prepared | After, ...]
+
+
+Output = Send | Inject | Transmit | Finished | Prepared | After | Aftermath
 
 
 _ENCAPS: dict[tuple[int, int], UdpEncap] = {}
@@ -3115,12 +3132,6 @@ class TransferCore:
                     self.unsent_signals[t] = list(items)
             if self.on_install is not None:
                 self.on_install(t)
-        if owned:
-            # submitted once the MN's signals are out, not before them (its rows: an HMAC
-            # per SA)
-            tid = inc.tid
-            out.append(After(lambda: self._unawaited_write(
-                self._journal_write(lambda j: j.arrived(owned, peer, tid)))))  # fmt: skip
         # The held packets are opened after the inbound SA went to C (offload_inbound above),
         # and the forwarding thread may open newer ones in C before them: that is safe. The
         # window was moved to C, not copied (native.push; Python takes it back before it
@@ -3133,7 +3144,17 @@ class TransferCore:
         inc.record.outcome, inc.record.ended = "committed", now
         inc.record.spis = [sa.spi for t in inc.tunnels for sa in t.sas()]
         self.records.append(inc.record)
-        out.append(Finished(inc.record))
+        # The rest is the activation's aftermath, which the packets waiting for the tunnels
+        # (held above, forwarded behind the COMMIT, sent straight here by the MN) need not
+        # wait for: the "taken over" rows (an HMAC per SA; not waited for: docs/state.md)
+        # and the finished record (its log line, the listeners, the control replies).
+        after: list[Send | Inject | Transmit | Finished | Prepared | After] = []
+        if owned:
+            tid = inc.tid
+            after.append(After(lambda: self._unawaited_write(
+                self._journal_write(lambda j: j.arrived(owned, peer, tid)))))  # fmt: skip
+        after.append(Finished(inc.record))
+        out.append(Aftermath(tuple(after)))
         return out
 
     def resend(self, t: Tunnel, now: float) -> list[Output]:

@@ -23,6 +23,7 @@ from typing import Any
 from ..ct import cxtp
 from ..ct.transfer import (
     After,
+    Aftermath,
     Finished,
     Inject,
     Output,
@@ -165,6 +166,8 @@ class TransferService:
                 self._prepared(o.record)
             elif isinstance(o, After):
                 o.run()
+            elif isinstance(o, Aftermath):  # (carried out at once)
+                self.run(list(o.outputs))
         self.node.timers.poke()  # a new exchange, a retry or a time-out may have moved
 
     def on_settled(self) -> None:
