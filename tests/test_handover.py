@@ -26,11 +26,12 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509 import load_pem_x509_certificate
 
 from ipsecct.ct import cxtp
-from ipsecct.ct.transfer import FPT_DECISION, FPT_FINAL, Record
+from ipsecct.ct.transfer import FPT_DECISION, FPT_FINAL, Record, parse_forward
 from ipsecct.demo import handover as demo_handover
 from ipsecct.demo import topology as demo
 from ipsecct.errors import ChannelError, ControlError, DemoError, TransferError
 from ipsecct.gateway.mobile_agent import MobileAgent
+from ipsecct.gateway.transfer_service import forwarded_packet
 from ipsecct.ipsec.engine import TunnelState
 from ipsecct.ipsec.sad import Direction, SecurityAssociation, UdpEncap
 from ipsecct.ipsec.spd import Action, SPDEntry
@@ -150,6 +151,91 @@ def test_a_prepared_transfers_final_and_commit_leave_in_one_write(tmp_path: Path
         kinds = [cxtp.cdb_fpt(m.cdbs[1]) for m in msgs if isinstance(m, cxtp.CTD)]
         assert kinds == [FPT_FINAL, FPT_DECISION], kinds
         assert len(msgs) == 2
+
+    run_demo(tmp_path, body)
+
+
+@pytest.mark.parametrize("prepared", [True, False])
+def test_the_packets_forwarded_behind_a_commit_leave_before_its_aftermath(
+    tmp_path: Path, prepared: bool
+) -> None:
+    """Issue 11 (drainfirst): at the target, the MN's packets the source forwarded behind its
+    COMMIT in the same read leave in the activation's turn, before the activation's
+    aftermath: the "taken over" rows and the finished record (its log line, its listeners,
+    the control replies waiting for it), which used to come first. sg2's channel holds the
+    COMMIT and what follows it until a forwarded packet of the MN's has come (the MN goes on
+    sending to sg1 until sg2's signal, which the activation sends), then hands them over in
+    one callback, as one read is handed over (sg1 forwards the MN's ESP over the channel
+    here, as to a peer it cannot relay to). Prepared (what ``ipsecct demo`` runs), the
+    COMMIT activates the tunnel at once and the packets come behind it; not prepared, it
+    waits for the "pending" row and the packets are held until then. Either way they leave
+    before the aftermath. Nothing of the stream is lost."""
+
+    async def body(d: demo.Demo) -> None:
+        spi = mn_tunnel_spi(d)
+        committed = route_on_commit(d, "sg2")
+        s2 = services(d)["sg2"]
+        svc2 = d.services["sg2"]
+        # the MN's ESP forwarded over the channel (a peer without outer_port), not relayed
+        # to sg2's outer port by sg1's thread (ipsec/relay.py)
+        d.services["sg1"].node.engine.relay_to.clear()
+        order: list[str] = []
+        held: list[tuple[str, cxtp.Message]] = []
+        deliver = s2.channels.on_message
+
+        def one_read(peer: str, msg: cxtp.Message) -> None:
+            decision = (isinstance(msg, cxtp.CTD) and len(msg.cdbs) == 2
+                        and cxtp.cdb_fpt(msg.cdbs[1]) == FPT_DECISION)  # fmt: skip
+            if not held and not decision:
+                deliver(peer, msg)
+                return
+            held.append((peer, msg))
+            if (forwarded_packet(msg) and isinstance(msg, cxtp.CTD)
+                    and parse_forward(msg.cdbs[1])[1]):  # (the MN's ESP)  # fmt: skip
+                s2.channels.on_message = deliver
+                order.append("read")
+                for p, m in held:
+                    deliver(p, m)
+                order.append("read ends")
+
+        s2.channels.on_message = one_read
+        to_inner = svc2.node.to_inner
+
+        def inner(packet: bytes) -> None:
+            order.append("inner")
+            to_inner(packet)
+
+        svc2.node.to_inner = inner  # type: ignore[method-assign]
+        arrived = svc2.state.arrived
+
+        def rows(*args: Any, **kw: Any) -> Any:
+            order.append("taken over rows")
+            return arrived(*args, **kw)
+
+        svc2.state.arrived = rows  # type: ignore[method-assign]
+        s2.listeners.append(lambda rec: order.append(f"{rec.role} {rec.outcome}"))
+
+        s1 = services(d)["sg1"]
+        ready = await s1.transfer([spi], "sg2", prepare=True) if prepared else None
+
+        async def half() -> None:
+            if ready is not None:
+                await s1.commit(ready.transfer_id)
+            else:
+                await s1.transfer([spi], "sg2")
+
+        await demo.stream(d, 300, 1.0, out=None, at_half=half)
+        await asyncio.wait_for(committed, 5)
+        assert order[0] == "read", order
+        first = order.index("inner")
+        assert first < order.index("taken over rows"), order
+        assert first < order.index("target committed"), order
+        assert order.index("read ends") < order.index("taken over rows"), order
+        assert order.index("read ends") < order.index("target committed"), order
+        assert state_at(d, "sg2", spi) is TunnelState.ACTIVE
+        s = demo.summary(d)
+        assert s["packets"]["lost"] == 0, f"{s}\n{diagnose(d)}"
+        assert s["drops"]["replay"] == 0 and s["drops"]["icv"] == 0, s
 
     run_demo(tmp_path, body)
 

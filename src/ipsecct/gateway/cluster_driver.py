@@ -1091,6 +1091,7 @@ class ClusterDriver:
         """Cancel the transfer towards us that holds ``t`` pending (its source, whose group
         we adopted, told with a CTC: a COMMIT of it arriving later activates nothing)."""
         assert self.transfer is not None
+        self.transfer.flush_aftermath()  # (an input to the core: after what is left of one)
         taken = self.transfer.core.withdraw(t, self.node.clock(), "its owner's lease ended")
         if taken is None:
             return  # (withdrawn with another tunnel of its transfer)
@@ -1618,6 +1619,7 @@ class ClusterDriver:
         """Send what waited for these tunnels' owner keys: the commit's signals, the packets."""
         now = self.node.clock()
         if self.transfer is not None:
+            self.transfer.flush_aftermath()  # (inputs to the core: after what is left of one)
             for t in tunnels:
                 self.transfer.run(self.transfer.core.resend(t, now))
         mine = set(tunnels)

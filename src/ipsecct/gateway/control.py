@@ -266,6 +266,9 @@ class ControlServer:
     def __init__(self, path: str) -> None:
         self.path = path
         self.handlers: dict[str, Handler] = {}
+        # Called before each command's handler (the transfer service: what an activation
+        # left for later is done before any command sees or changes the gateway).
+        self.before: list[Callable[[], None]] = []
         self._server: asyncio.Server | None = None
         self.refused = 0  # requests answered with an error before reaching a handler
         self._quiet = RateLimited()
@@ -422,6 +425,8 @@ class ControlServer:
         handler = self.handlers.get(req["cmd"])
         if handler is None:
             return self._refuse(f"unknown command {req['cmd'][:64]!r}")
+        for before in self.before:
+            before()
         try:
             return {"ok": True, "result": await handler(args)}
         except IpsecctError as exc:

@@ -376,6 +376,12 @@ class Node:
             return
         self._native_items(self.engine.native.drain(nt[1]))
 
+    def drain_native(self) -> None:
+        """What the forwarding thread has handed up so far, now rather than at the wake
+        eventfd's turn (the transfer service, once a COMMIT activated tunnels: the packets
+        that waited for them go in that turn)."""
+        self._native_drain()
+
     def _native_items(self, items: list[tuple[Any, ...]]) -> None:
         for item in items:
             kind = item[0]

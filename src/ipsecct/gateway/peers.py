@@ -323,6 +323,10 @@ class PeerChannels:
             asyncio.get_running_loop().call_soon(self.on_open, peer.name)
         await self._read(peer.name, conn)
 
+    def delivery_due(self) -> bool:
+        """Is what a read from a peer decoded waiting for its delivery on the loop?"""
+        return any(c.delivery_due for c in self.all_conns)
+
     async def _read(self, peer: str, conn: tlschannel.CxtpConnection) -> None:
         self.all_conns.add(conn)
         try:

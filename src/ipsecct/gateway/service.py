@@ -15,8 +15,8 @@ from typing import Any
 
 from ..ct import cxtp
 from ..ct.journal import Owner
-from ..ct.transfer import FPT_FORWARD, UNIT_IKEV2, Identity
-from ..errors import ConfigError, ControlError, CxtpError, IkeProtocolError, IpsecctError
+from ..ct.transfer import UNIT_IKEV2, Identity
+from ..errors import ConfigError, ControlError, IkeProtocolError, IpsecctError
 from ..ikev2 import context as ike_context
 from ..ikev2.context import is_ike_cdb
 from ..ikev2.ikesa import IkeSA
@@ -35,7 +35,7 @@ from .log import RateLimited, event
 from .mobile_agent import MobileAgent
 from .node import Node
 from .peers import PeerChannels
-from .transfer_service import TransferService
+from .transfer_service import TransferService, forwarded_packet
 from .vip import VipMover
 
 log = logging.getLogger("ipsecct.gateway.service")
@@ -95,6 +95,10 @@ class Service:
                 tcfg.settings.spi_block = cfg.cluster.block()  # cluster-unique SPIs
             self.peers = PeerChannels(tcfg, self.node.name, clock=self.node.clock)
             self.transfer = TransferService(self.node, tcfg, self.peers)
+            # An activation's aftermath (TransferService.flush_aftermath) goes before any
+            # datagram on the outer port that is not ESP (an IKE message, a CTAR), as before
+            # every message from a peer but a forwarded packet and every control command.
+            self.node.outer_hooks.insert(0, self._outer_first)
             if cfg.virtual is not None and cfg.virtual_interface is not None:
                 self.vip = VipMover(
                     self.node, cfg.virtual, cfg.virtual_interface, tcfg.settings.forward_time
@@ -237,6 +241,7 @@ class Service:
             else:  # say what is missing, not "unknown command 'failover.alone'"
                 self.control.register("failover.alone", _lacks("[failover]", "fail-over"))
             if self.transfer is not None:
+                self.control.before.append(self.transfer.flush_aftermath)
                 self.control.register("transfer", self.transfer.control_transfer)
                 self.control.register("rebalance", self.transfer.control_rebalance)
                 self.control.register("transfer.wait", self.transfer.control_wait)
@@ -306,7 +311,16 @@ class Service:
         if self.peers is not None:
             await self.peers.stop()
 
+    def _outer_first(self, data: bytes, addr: tuple[Any, ...]) -> bool:
+        assert self.transfer is not None
+        self.transfer.flush_aftermath()
+        return False  # (for the hooks after this one)
+
     def _peer_message(self, peer: str, msg: cxtp.Message) -> None:
+        if self.transfer is not None and not forwarded_packet(msg):
+            # an activation's aftermath goes first (the forwarded packets behind its COMMIT
+            # go out before it: TransferService._activated)
+            self.transfer.flush_aftermath()
         queued = self._behind_ike.get(peer)
         if queued is not None:
             # An IKE SA's import from this peer waits for the end of this loop turn: the
@@ -314,7 +328,7 @@ class Service:
             # other message keeps its place behind the import (the channel's order). Once a
             # transfer's message waits too, so do the forwards after it (a FORWARD after a
             # later COMMIT must not come before that COMMIT).
-            if _forwarded_packet(msg) and all(_ike_message(m) for m in queued):
+            if forwarded_packet(msg) and all(_ike_message(m) for m in queued):
                 self._handle_peer_message(peer, msg)
             else:
                 queued.append(msg)
@@ -334,6 +348,8 @@ class Service:
         """The deferred IKE import from ``peer`` and what came after it (but forwarded
         packets), in the channel's order; at most what one loop turn's reads decoded."""
         queued = self._behind_ike.pop(peer, None)
+        if queued and self.transfer is not None:
+            self.transfer.flush_aftermath()  # (an activation since: its aftermath first)
         for msg in queued or ():
             try:
                 self._handle_peer_message(peer, msg)
@@ -397,6 +413,8 @@ class Service:
         self.transfer.peer_lost(peer)
 
     async def stop(self) -> None:
+        if self.transfer is not None:
+            self.transfer.flush_aftermath()
         for peer in list(self._behind_ike):
             self._flush_behind_ike(peer)
         if self.failover is not None:
@@ -862,15 +880,6 @@ def run(
     svc = Service(cfg, role=role, fresh_state=fresh_state)
     asyncio.run(svc.run_forever())
     return 0
-
-
-def _forwarded_packet(msg: cxtp.Message) -> bool:
-    """A packet the peer forwarded after a cut-over (a FORWARD CDB behind its tag)."""
-    try:
-        return (isinstance(msg, cxtp.CTD) and len(msg.cdbs) == 2
-                and cxtp.cdb_fpt(msg.cdbs[1]) == FPT_FORWARD)  # fmt: skip
-    except CxtpError:
-        return False
 
 
 def _ike_message(msg: cxtp.Message) -> bool:

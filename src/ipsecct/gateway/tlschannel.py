@@ -364,6 +364,12 @@ class CxtpConnection:
         lines for a burst written into a reset channel)."""
         return self._closed or (self._tcp is not None and self._tcp.is_closing())
 
+    @property
+    def delivery_due(self) -> bool:
+        """Has a read decoded messages whose delivery (:meth:`deliver`) is queued on the
+        loop and has not run yet?"""
+        return self._stream.delivery_due
+
     async def send(self, msg: cxtp.Message, *, timeout: float | None = None) -> None:
         await self.send_raw(cxtp.encode(msg), timeout=timeout)
 

@@ -22,6 +22,7 @@ from typing import Any
 
 from ..ct import cxtp
 from ..ct.transfer import (
+    FPT_FORWARD,
     After,
     Aftermath,
     Finished,
@@ -53,6 +54,9 @@ WAIT_LIMIT = 60.0  # seconds a transfer.wait may hold its control connection
 
 UNCAPPED = 1 << 64  # a tunnel's transfer_cap when no transfer caps it (engine.Tunnel)
 GC_CHECK_INTERVAL = 1.0  # seconds between the collector policy's checks (gcpolicy.maintain)
+# Loop turns an activation's aftermath waits, at most, for a read from a peer whose delivery
+# is queued (the packets forwarded behind the COMMIT): TransferService._aftermath_turn.
+AFTERMATH_TURNS = 2
 
 
 class TransferService:
@@ -107,6 +111,12 @@ class TransferService:
         node.extensions["transfers"] = self._transfers_status
         self._quiet = RateLimited()
         self._cpu_at: dict[int, tuple[Record, float]] = {}
+        # The aftermath of the activations of this loop turn (ct.transfer.Aftermath: the
+        # "taken over" rows, the finished records), carried out once the packets waiting for
+        # their tunnels have left, and before any other input reaches the core
+        # (flush_aftermath).
+        self._aftermath: list[Output] = []
+        self._aftermath_due = False
 
     async def start(self) -> None:
         self.node.timers.add("transfer", self.core.next_deadline, self._on_timer)
@@ -119,6 +129,7 @@ class TransferService:
             )
 
     async def stop(self) -> None:
+        self.flush_aftermath()
         self.node.timers.remove("transfer")
         self.node.timers.remove("gc")
 
@@ -128,6 +139,7 @@ class TransferService:
         gcpolicy.POLICY.maintain(busy=self.core.in_progress() > 0)
 
     def _on_timer(self, now: float) -> None:
+        self.flush_aftermath()
         self.run(self.core.handle_timer(now))
 
     def _started(self, spis: set[int]) -> None:
@@ -137,6 +149,7 @@ class TransferService:
     # -- plumbing ------------------------------------------------------------------------
     def run(self, outputs: list[Output]) -> None:
         batch: list[cxtp.Message] = []
+        activated = False
         for i, o in enumerate(outputs):
             if isinstance(o, Send):
                 # Messages that follow each other to one peer go in one write (a FINAL and
@@ -166,12 +179,55 @@ class TransferService:
                 self._prepared(o.record)
             elif isinstance(o, After):
                 o.run()
-            elif isinstance(o, Aftermath):  # (carried out at once)
-                self.run(list(o.outputs))
+            elif isinstance(o, Aftermath):
+                self._aftermath += o.outputs
+                activated = True
+        if activated:
+            self._activated()
         self.node.timers.poke()  # a new exchange, a retry or a time-out may have moved
+
+    # -- the target's activation: the waiting packets first, then the aftermath ----------
+    def _activated(self) -> None:
+        """A COMMIT activated tunnels here (their inbound SAs in C, their signals out, their
+        held packets in): what the forwarding thread handed up so far goes now (the MN's
+        packets that reached this gateway before C had the inbound SA, waiting in the
+        thread's queue for the eventfd's turn), and the aftermath waits for the end of the
+        next loop turn: the FORWARDs behind the COMMIT in the same read come next in this
+        delivery, those read in the next turn have theirs queued before the aftermath's
+        turn (call_later(0) runs after that turn's I/O callbacks) and, once delivered, go
+        first too (_aftermath_turn)."""
+        self.node.drain_native()
+        if self._aftermath_due or not self._aftermath:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # (no loop: nothing can come in between)
+            self.flush_aftermath()
+            return
+        self._aftermath_due = True
+        loop.call_later(0, self._aftermath_turn, 0)
+
+    def _aftermath_turn(self, turns: int) -> None:
+        if not self._aftermath_due:
+            return  # carried out already (an input came first)
+        if turns < AFTERMATH_TURNS and self.channels.delivery_due():
+            # a read from a peer waits for its delivery (queued before us): after it
+            asyncio.get_running_loop().call_soon(self._aftermath_turn, turns + 1)
+            return
+        self.flush_aftermath()
+
+    def flush_aftermath(self) -> None:
+        """Carry out the activations' aftermath now, if any waits (before any input other
+        than packets reaches the core, and before any other journal write: the gateway calls
+        it first for each)."""
+        self._aftermath_due = False
+        if self._aftermath:
+            out, self._aftermath = self._aftermath, []
+            self.run(out)
 
     def on_settled(self) -> None:
         """Journal writes (gateway/state.py) were settled: what waited for them goes on."""
+        self.flush_aftermath()
         self.run(self.core.settled(self.node.clock()))
 
     def _unresolved(self, tid: int, peer: str, tunnels: int, why: str) -> None:
@@ -200,6 +256,7 @@ class TransferService:
         a prepared transfer: the request must be answered (its retransmissions would
         otherwise come every few seconds for up to prepare_timeout), so the preparation is
         rolled back and the request processed here (docs/ikev2.md)."""
+        self.flush_aftermath()
         self.run(self.core.cancel_prepared(
             spis, self.node.clock(), "the MN's IKE request must be answered here"))  # fmt: skip
 
@@ -220,6 +277,7 @@ class TransferService:
     def report(self, rec: Record) -> None:
         """A record from outside the core (a fail-over take-over): listed and announced like
         a transfer's."""
+        self.flush_aftermath()
         self.core.records.append(rec)
         self.finished(rec)
 
@@ -258,6 +316,8 @@ class TransferService:
         """A CXTP message from a peer gateway (fail-over syncs are not for us)."""
         spec = self.tcfg.peers[peer]
         now = self.node.clock()
+        if not forwarded_packet(msg):  # (a forwarded packet may come before the aftermath)
+            self.flush_aftermath()
         if isinstance(msg, cxtp.CTAR):
             self.run(self._ctar(msg, now, via=peer, source=f"peer {peer}"))
             return
@@ -274,6 +334,7 @@ class TransferService:
         self.core.counters["refused"] += 1
 
     def peer_lost(self, peer: str) -> None:
+        self.flush_aftermath()
         self.run(self.core.peer_lost(peer, self.node.clock()))
 
     def _on_held(self, held: Held) -> None:
@@ -295,6 +356,7 @@ class TransferService:
             return False
         if not isinstance(msg, cxtp.CTAR):
             return False
+        self.flush_aftermath()
         source = str(addr[0]) if addr else "?"
         self.run(self._ctar(msg, self.node.clock(), via=None, source=source))
         return True
@@ -425,6 +487,7 @@ class TransferService:
         if self.quiesce is not None:
             tunnels = await self.quiesce(tunnels)
             now = self.node.clock()
+        self.flush_aftermath()
         with gcpolicy.POLICY.batch():  # encodes every context of the transfer
             tid, out = self.core.start(
                 tunnels, to, now, candidates=[c for c in self.tcfg.candidates if c != to],
@@ -444,6 +507,7 @@ class TransferService:
             except TimeoutError:
                 if self.core.prepared(tid):
                     return self.core.outgoing[tid].record
+                self.flush_aftermath()
                 with contextlib.suppress(TransferError):
                     self.run(self.core.cancel(tid, self.node.clock(),
                                               f"not prepared within {wait_p:g} s"))  # fmt: skip
@@ -467,6 +531,7 @@ class TransferService:
             return await asyncio.wait_for(asyncio.shield(fut2), wait)
         except TimeoutError:
             if limit is not None:
+                self.flush_aftermath()
                 self.run(self.core.abandon(tid, self.node.clock(),
                                            f"no outcome within --timeout {limit:g} s"))  # fmt: skip
                 if fut2.done():  # rolled back: the tunnels are served here again
@@ -483,6 +548,7 @@ class TransferService:
         ours = fut is None  # (else the transfer command's, or an earlier commit's, waiter)
         if fut is None:
             fut = self.waiters[tid] = asyncio.get_running_loop().create_future()
+        self.flush_aftermath()
         try:
             self.run(self.core.commit(tid, self.node.clock()))
         except TransferError:
@@ -500,6 +566,7 @@ class TransferService:
 
     def cancel(self, tid: int) -> Record:
         """``transfer --cancel ID``: roll a prepared transfer back (its tunnels stay here)."""
+        self.flush_aftermath()
         out = self.core.cancel(tid, self.node.clock())
         rec = next(o.record for o in out if isinstance(o, Finished))
         self.run(out)
@@ -721,3 +788,12 @@ def _limit(args: dict[str, Any]) -> float | None:
     if isinstance(t, bool) or not isinstance(t, int | float) or not 0 < t <= top:
         raise ControlError(f"timeout must be a number of seconds from 0 to {top:g}")
     return float(t)
+
+
+def forwarded_packet(msg: cxtp.Message) -> bool:
+    """A packet the peer forwarded after a cut-over (a FORWARD CDB behind its tag)."""
+    try:
+        return (isinstance(msg, cxtp.CTD) and len(msg.cdbs) == 2
+                and cxtp.cdb_fpt(msg.cdbs[1]) == FPT_FORWARD)  # fmt: skip
+    except CxtpError:
+        return False
