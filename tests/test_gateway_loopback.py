@@ -408,8 +408,10 @@ def test_pmtu_set_of_an_spi_that_names_sas_of_two_tunnels_is_named_with_dst(topo
 
     ((way, out_dst),) = mtus()  # the MN's outbound SA, the peer's choice of SPI
     assert way == "out" and out_dst != "127.0.0.2"
+    # (its own key: KEY_UP is the MN's outbound key, refused for an inbound SA here)
     sa = SecurityAssociation(SPI_UP, Direction.INBOUND, ip("127.0.0.1"), ip("127.0.0.2"),
-                             enc_key=KEY_UP, esn=True, replay_window=1024)  # fmt: skip
+                             enc_key=bytes(16) + b"\x00\x00\x00\x0b", esn=True,
+                             replay_window=1024)  # fmt: skip
     f = topo.dir / "other.json"
     f.write_text(json.dumps(context.to_json(sa, 0.0)))
     ok("sa", "add", str(f), "-s", topo.mn.sock)  # another tunnel's inbound SA, our choice
@@ -623,7 +625,8 @@ def test_sa_add_of_an_outbound_spi_another_tunnel_has_is_refused_in_one_line(top
 
     sel = Selectors((AddressRange.parse("10.77.0.0/24"),), (AddressRange.parse("10.78.0.1"),))
     sa = SecurityAssociation(SPI_DOWN, Direction.OUTBOUND, ip("127.0.0.1"), ip("127.0.0.9"),
-                             enc_key=KEY_UP, esn=True, selectors=sel)  # fmt: skip
+                             enc_key=bytes(16) + b"\x00\x00\x00\x09", esn=True,
+                             selectors=sel)  # fmt: skip
     f = topo.dir / "copy.json"
     f.write_text(json.dumps(context.to_json(sa, 0.0)))
     r = ipsecct("sa", "add", str(f), "-s", topo.sg.sock)
@@ -633,6 +636,47 @@ def test_sa_add_of_an_outbound_spi_another_tunnel_has_is_refused_in_one_line(top
     outs = [s for s in json.loads(ok("sa", "list", "--json", "-s", topo.sg.sock))
             if s["spi"] == f"0x{SPI_DOWN:08x}"]  # fmt: skip
     assert [s["dst"] for s in outs] == ["127.0.0.1"], outs
+
+
+def test_sa_add_of_a_key_an_sa_here_has_the_other_way_is_refused_in_one_line(
+    topo: Topo,
+) -> None:
+    """INVARIANT. ``sa add`` of an outbound SA under the gateway's inbound AES-GCM key (the
+    peer's side of a key file), or of an inbound SA under its outbound key, was installed:
+    the gateway and its peer would both send sequence numbers 1, 2, ... under one key and
+    salt, every nonce twice. Config load refuses it; ``sa add`` now too, in one line naming
+    the other SA and never the key (nor in the log); nothing is installed. Another key is
+    still added."""
+    from ipsecct.ct import context
+    from ipsecct.ipsec.sad import Direction, SecurityAssociation
+    from ipsecct.ipsec.spd import AddressRange, Selectors
+
+    sel = Selectors((AddressRange.parse("10.77.0.0/24"),), (AddressRange.parse("10.78.0.1"),))
+    down = bytes.fromhex("22222222222222222222222222222222feed0002")  # sg1-mn.keys out_enc
+    cases = [
+        (SecurityAssociation(0x5151, Direction.OUTBOUND, ip("127.0.0.1"), ip("127.0.0.9"),
+                             enc_key=KEY_UP, esn=True, selectors=sel), SPI_UP, "inbound"),
+        (SecurityAssociation(0x5252, Direction.INBOUND, ip("127.0.0.9"), ip("127.0.0.1"),
+                             enc_key=down, esn=True), SPI_DOWN, "outbound"),
+    ]  # fmt: skip
+    f = topo.dir / "both-ways.json"
+    for sa, other, way in cases:
+        f.write_text(json.dumps(context.to_json(sa, 0.0)))
+        r = ipsecct("sa", "add", str(f), "-s", topo.sg.sock)
+        assert r.returncode == 2 and r.stdout == "" and "Traceback" not in r.stderr, r
+        assert r.stderr.count("\n") == 1, r
+        assert f"AEAD key is the key of {way} SA 0x{other:08x}" in r.stderr, r
+        assert f"0x{sa.spi:08x}" not in ok("sa", "list", "-s", topo.sg.sock)  # not installed
+        for shown in (r.stderr, topo.sg.logtext()):
+            for k in (sa.enc_key.hex(), sa.enc_key.hex().upper(), sa.enc_key[:16].hex()):
+                assert k not in shown
+    until(lambda: topo.sg.logtext().count("event=sa-add-refused") == 2, "both refusals logged")
+    # another key, the same SPI: added
+    sa = SecurityAssociation(0x5151, Direction.OUTBOUND, ip("127.0.0.1"), ip("127.0.0.9"),
+                             enc_key=bytes(16) + b"\x00\x00\x00\x07", esn=True,
+                             selectors=sel)  # fmt: skip
+    f.write_text(json.dumps(context.to_json(sa, 0.0)))
+    assert "0x00005151" in ok("sa", "add", str(f), "-s", topo.sg.sock)
 
 
 def test_sa_add_of_an_inbound_sa_to_an_address_not_ours_warns_in_one_line(topo: Topo) -> None:

@@ -395,3 +395,26 @@ def test_repr_never_contains_key_material(make: object) -> None:
             assert str(list(key[:8]))[1:-1] not in t
     assert "enc_key" not in repr(sa) and "integ_key" not in repr(sa)
     assert f"spi={sa.spi}" in repr(sa)  # the repr is still useful
+
+
+def test_users_of_a_key_follow_every_add_and_remove() -> None:
+    """INVARIANT (sa add's check: one AEAD key both ways repeats nonces). The index of SAs
+    by a keyed hash of their key is built on the first question and kept with later adds
+    and removes (the one SA itself left out); a CBC key is never asked about."""
+    sad = SAD()
+    first = gcm(0x1001)
+    sad.add(first)
+    out = SecurityAssociation(0x2002, Direction.OUTBOUND, B, A, enc_key=GCM_KEY)
+    assert sad.users_of_key(out) == [first]  # built now, from what was added before
+    sad.add(out)
+    other = SecurityAssociation(0x1003, Direction.INBOUND, A, B, enc_key=bytes(20))
+    sad.add(other)  # another key
+    assert sad.users_of_key(first) == [out]
+    assert sad.users_of_key(other) == []
+    sad.remove(first)
+    assert sad.users_of_key(out) == []
+    sad.add(first)
+    assert sad.users_of_key(out) == [first]
+    assert sad.users_of_key(cbc(0x3003)) == []
+    shown = repr(sad.__dict__)  # (the index holds hashes: no key in the clear)
+    assert repr(GCM_KEY)[2:-1] not in shown and GCM_KEY.hex() not in shown

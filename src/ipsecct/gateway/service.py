@@ -670,6 +670,22 @@ class Service:
         except IpsecctError as exc:
             raise ControlError(f"bad SA: {exc}") from None
         eng = self.node.engine
+        # As config load refuses it: a key whose IV is the sequence number, used by an SA
+        # here in the other direction (the peer's key given as ours), has this gateway and
+        # its peer both encrypting sequence numbers 1, 2, ... under it. Named, never shown.
+        both = [o for o in eng.sad.users_of_key(sa) if o.direction is not sa.direction]
+        if both:
+            o = both[0]
+            kind = "AEAD" if sa.aead else "AES-CTR"
+            event(log, "sa-add-refused", logging.WARNING, node=self.node.name,
+                  spi=f"0x{sa.spi:08x}", direction=sa.direction.value,
+                  reason=f"key-of-{o.direction.value}-sa", other=f"0x{o.spi:08x}")  # fmt: skip
+            raise ControlError(
+                f"SA 0x{sa.spi:08x} ({sa.direction.value}bound): its {kind} key is the key of"
+                f" {o.direction.value}bound SA 0x{o.spi:08x} here: this gateway and its peer"
+                " would both encrypt under it, each nonce twice (give each direction its"
+                " own key)"
+            )
         if sa.direction is Direction.OUTBOUND:
             if sa.selectors is None:
                 raise ControlError("an outbound SA needs selectors to make its policy")

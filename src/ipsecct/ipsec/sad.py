@@ -13,7 +13,9 @@ collide (RFC 4301 §4.1, draft §8).
 from __future__ import annotations
 
 import enum
+import hashlib
 import ipaddress
+import os
 import types
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -444,6 +446,11 @@ class SAD:
     def __init__(self) -> None:
         self._by_key: dict[tuple[int | IPAddress, Protocol, int], SecurityAssociation] = {}
         self._by_spi: dict[tuple[Protocol, int], list[SecurityAssociation]] = {}
+        # The SAs of each encryption key whose IV is the sequence number, by a keyed hash of
+        # the key (never the key): built on the first users_of_key() (sa add) and kept in
+        # step with every add and remove from then on, so bulk adds stay linear.
+        self._by_fp: dict[bytes, list[SecurityAssociation]] | None = None
+        self._fp_key = b""
 
     def __len__(self) -> int:
         return len(self._by_key)
@@ -465,6 +472,8 @@ class SAD:
                 f"SPI 0x{sa.spi:08x} is already in use for {sa.protocol.name} to {sa.dst}"
             )
         self._by_spi.setdefault((sa.protocol, sa.spi), []).append(sa)
+        if self._by_fp is not None and sa.seq_iv:
+            self._by_fp.setdefault(self._fingerprint(sa), []).append(sa)
 
     def remove(self, sa: SecurityAssociation) -> None:
         if not self.discard(sa):
@@ -485,7 +494,35 @@ class SAD:
         lst.remove(sa)
         if not lst:
             del self._by_spi[skey]
+        if self._by_fp is not None and sa.seq_iv:
+            fp = self._fingerprint(sa)
+            users = [o for o in self._by_fp.get(fp, ()) if o is not sa]  # (by identity)
+            if users:
+                self._by_fp[fp] = users
+            else:
+                self._by_fp.pop(fp, None)
         return True
+
+    def _fingerprint(self, sa: SecurityAssociation) -> bytes:
+        return hashlib.blake2b(sa.enc_key, key=self._fp_key, digest_size=16).digest()
+
+    def users_of_key(self, sa: SecurityAssociation) -> list[SecurityAssociation]:
+        """The SAs here (``sa`` itself left out) under ``sa``'s encryption key, when its IV
+        is the sequence number (AES-GCM, ChaCha20-Poly1305, AES-CTR; ``sa.seq_iv``): an
+        outbound and an inbound SA under one such key have this gateway and its peer both
+        sending sequence numbers 1, 2, ... under it, each nonce twice. Empty for other
+        ciphers. The index (a keyed hash of each key, the hash key random per process) is
+        built on the first call, then kept with every add and remove."""
+        if not sa.seq_iv:
+            return []
+        if self._by_fp is None:
+            self._fp_key = os.urandom(32)
+            by_fp: dict[bytes, list[SecurityAssociation]] = {}
+            for other in self._by_key.values():
+                if other.seq_iv:
+                    by_fp.setdefault(self._fingerprint(other), []).append(other)
+            self._by_fp = by_fp
+        return [o for o in self._by_fp.get(self._fingerprint(sa), []) if o is not sa]
 
     def lookup(self, dst: IPAddress, protocol: Protocol, spi: int) -> SecurityAssociation | None:
         ip = dst._ip if type(dst) is _V4 else dst  # type: ignore[attr-defined]
