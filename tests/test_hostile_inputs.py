@@ -4,6 +4,7 @@ exit status, at once (a hang is a failure: every command here runs under a time-
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 import re
@@ -292,6 +293,77 @@ def test_an_ike_datagram_past_max_packet_is_dropped_by_a_running_gateway(tmp_pat
         s.start("mn")
         s.wait_ike("mn", lambda x: x["children"], "the MN's IKE SA")
         s.traffic_ok("sg1", 10)
+    finally:
+        sock.close()
+        s.stop()
+
+
+def test_a_replayed_ike_request_is_answered_at_most_once_per_100_ms(tmp_path: Path) -> None:
+    """A running gateway, over real UDP: the client's IKE_AUTH request (or its first RFC 7383
+    fragment), captured and replayed 100 times at once, brought back the whole response 100
+    times (each replay is authentic: its ICV checks). Now a retransmission is answered at
+    most once per RETRANSMIT_ANSWER_GAP per IKE SA; the rest are counted, not answered."""
+    from ipsecct.gateway import config
+    from ipsecct.ikev2.engine import RETRANSMIT_ANSWER_GAP, IkeEngine, IkeUp, Send
+    from ipsecct.ikev2.ikesa import Address
+    from tests.helpers.example_ikev2 import ADDR, Setup
+
+    s = Setup(tmp_path)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        s.start("sg1")
+        conn = config.load(s.config("mn")).connections[0]
+        sock.bind(("127.9.200.1", 0))
+        gw = (ADDR["sg1"], s.port[24500])
+        me = Address(ipaddress.ip_address("127.9.200.1"), sock.getsockname()[1])
+        them = Address(ipaddress.ip_address(gw[0]), gw[1])
+        ini = IkeEngine([conn])
+
+        def recv() -> bytes:
+            r, _, _ = select.select([sock], [], [], 10)
+            assert r, s.log("sg1")
+            data = sock.recv(65535)
+            assert data[:4] == b"\0\0\0\0"
+            return data[4:]
+
+        outs = ini.initiate(conn, me, them, 0.0)
+        sent: list[bytes] = []
+        up = False
+        while not up:
+            reqs = [o.data for o in outs if isinstance(o, Send)]
+            for d in reqs:
+                sock.sendto(b"\0\0\0\0" + d, gw)
+            sent = reqs or sent
+            outs = ini.receive(recv(), them, me, 1.0)
+            up = any(isinstance(o, IkeUp) for o in outs)
+            while not up and not any(isinstance(o, Send) for o in outs):
+                outs = ini.receive(recv(), them, me, 1.0)  # (more fragments of the answer)
+                up = any(isinstance(o, IkeUp) for o in outs)
+        before = s.status("sg1")["ike"]["counters"]
+        replay = b"\0\0\0\0" + sent[0]  # the IKE_AUTH request, or its first fragment
+        t0 = time.monotonic()
+        for _ in range(100):
+            sock.sendto(replay, gw)
+        elapsed = time.monotonic() - t0
+
+        def counted(st: dict[str, Any]) -> bool:
+            c = st["ike"]["counters"]
+            return bool(c.get("retransmit-answered", 0) + c.get("retransmit-rate-limited", 0)
+                        - before.get("retransmit-answered", 0)
+                        - before.get("retransmit-rate-limited", 0) == 100)  # fmt: skip
+
+        c = s.wait("sg1", counted, "the 100 replays read")["ike"]["counters"]
+        answered = c["retransmit-answered"] - before.get("retransmit-answered", 0)
+        assert 1 <= answered <= 1 + elapsed / RETRANSMIT_ANSWER_GAP + 1, (answered, elapsed)
+        assert c["retransmit-rate-limited"] - before.get("retransmit-rate-limited", 0) == (
+            100 - answered)
+        got = 0
+        sock.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                sock.recv(65535)
+                got += 1
+        assert 1 <= got <= answered * 20, got  # (a response is a few fragments at most)
     finally:
         sock.close()
         s.stop()

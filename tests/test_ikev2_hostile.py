@@ -31,6 +31,7 @@ from ipsecct.ikev2.engine import (
     MAX_SYNCED_MID,
     MID_REKEY_AT,
     MID_SYNC_LEAP,
+    RETRANSMIT_ANSWER_GAP,
     ChildDown,
     ChildUp,
     ConnectFailed,
@@ -577,6 +578,36 @@ def test_a_subject_alt_name_that_only_unicode_lowering_makes_equal_proves_nothin
         names = auth.cert_names(mn_cert)  # type: ignore[arg-type]
         assert context._id_admitted(dataclasses.replace(conn(), remote_id=Identity(claim)),
                                     "CN=unused", names) is up  # fmt: skip
+
+
+def test_a_retransmission_is_answered_once_per_gap_where_the_peer_is_and_once_elsewhere() -> None:
+    """A captured request replayed brought back its (perhaps fragmented) answer each time:
+    now at most one answer per RETRANSMIT_ANSWER_GAP per IKE SA to where the peer is, and
+    as many to elsewhere (MOBIKE answers where a retransmission came from), so a replay
+    flood from a forged source neither amplifies nor keeps the peer's own retransmission
+    unanswered. The rest are counted (retransmit-rate-limited)."""
+    w = pair(mn_conn(), conn())
+    connect(w)
+    (ii,), (ir,) = w.ini.ike_sas(), w.resp.ike_sas()
+    assert ir.mobike
+    (check,) = w.ini.liveness(ii, 1.0)
+    assert isinstance(check, Send)
+    assert len(w.resp.receive(check.data, check.src, check.dst, 1.0)) == 1  # the answer
+    thief = Address(ipaddress.ip_address("203.0.113.66"), 4500)
+
+    def again(src: Address, now: float) -> list[Address]:
+        out = w.resp.receive(check.data, src, check.dst, now)
+        return [o.dst for o in out if isinstance(o, Send)]
+
+    gap = RETRANSMIT_ANSWER_GAP
+    assert again(check.src, 1.5) == [check.src]
+    assert again(check.src, 1.5 + gap / 2) == []  # within the gap: not answered
+    assert again(thief, 1.5 + gap / 2) == [thief]  # elsewhere: its own budget
+    assert again(thief, 1.5 + gap * 0.9) == []
+    assert again(check.src, 1.5 + gap * 1.5) == [check.src]  # the peer's: answered
+    assert w.resp.stats["retransmit-answered"] == 3
+    assert w.resp.stats["retransmit-rate-limited"] == 2
+    assert ir.remote == check.src
 
 
 @pytest.mark.parametrize("mobike", [False, True], ids=["no-mobike", "mobike"])

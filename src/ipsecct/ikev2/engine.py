@@ -114,6 +114,11 @@ def _net(host: IPAddr) -> tuple[int, int]:
 # Waits after a request and each retransmission (the last one again after the fourth): the
 # request goes again 2, 6, 14 and 30 s after it was sent, and the peer is declared dead at 46 s
 RETRANSMIT = (2.0, 4.0, 8.0, 16.0)
+# A retransmitted request is answered again at most once per this many seconds per IKE SA
+# (to its address; as much again to any other): a peer retransmits after seconds (above,
+# charon 4 s), but a captured request, or the first fragment of one, replayed from anywhere
+# is authentic and brought back the whole (fragmented) response each time.
+RETRANSMIT_ANSWER_GAP = 0.1
 HALF_OPEN_TIMEOUT = 30.0
 MAX_HALF_OPEN = 1000
 COOKIE_THRESHOLD = 100  # half-open IKE SAs before IKE_SA_INIT needs a cookie (§2.6)
@@ -1168,12 +1173,24 @@ class IkeEngine:
         if hdr.message_id == ike.peer_next_mid - 1 and ike.last_response:
             # authenticate before answering again; a fragmented request: on its first fragment
             if self._authentic_retransmit(ike, data, payloads):
-                self.stats["retransmit-answered"] += 1
                 # where the peer is; with MOBIKE where it came from (it moves nothing there,
                 # RFC 4555 §3.8): strongSwan repeats a path test from its new address every
                 # 2.5 s and closes the IKE SA after 10 tries when no answer comes back there
                 frm, to = ((dst, src) if ike.mobike and not ike.mobike_initiator
                            else (ike.local, ike.remote))  # fmt: skip
+                # At most one answer per RETRANSMIT_ANSWER_GAP to where the peer is, and as
+                # many to elsewhere (a replay flood from forged sources then neither
+                # amplifies nor keeps the peer's own retransmission unanswered)
+                home = to == ike.remote
+                last = ike.answered_home if home else ike.answered_away
+                if 0.0 <= now - last < RETRANSMIT_ANSWER_GAP:
+                    self.stats["retransmit-rate-limited"] += 1
+                    return
+                if home:
+                    ike.answered_home = now
+                else:
+                    ike.answered_away = now
+                self.stats["retransmit-answered"] += 1
                 out += [Send(m, frm, to) for m in ike.last_response]
             return
         ahead = 0 < hdr.message_id - ike.peer_next_mid <= ike.resync_ahead

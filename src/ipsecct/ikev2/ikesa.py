@@ -213,6 +213,12 @@ class IkeSA:
     peer_next_mid: int = 1  # the next request ID we expect from the peer
     # the answer to request peer_next_mid-1 (several messages when fragmented, RFC 7383)
     last_response: list[bytes] = field(default_factory=list, repr=False)
+    # when a retransmission of that request was last answered to the IKE SA's address, and
+    # to another one (MOBIKE: where it came from): at most one answer each per
+    # engine.RETRANSMIT_ANSWER_GAP, so a captured request replayed is no amplifier. Local:
+    # not in the IKE SA's context (a taker starts afresh)
+    answered_home: float = float("-inf")
+    answered_away: float = float("-inf")
     my_next_mid: int = 0  # the ID of our next request
     pending: Pending | None = None
     last_heard: float = 0.0
