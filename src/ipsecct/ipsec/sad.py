@@ -450,6 +450,7 @@ class SAD:
         # the key (never the key): built on the first users_of_key() (sa add) and kept in
         # step with every add and remove from then on, so bulk adds stay linear.
         self._by_fp: dict[bytes, list[SecurityAssociation]] | None = None
+        self._fp_of: dict[int, bytes] = {}  # id(SA) -> its key's hash (one hash per SA)
         self._fp_key = b""
 
     def __len__(self) -> int:
@@ -473,7 +474,8 @@ class SAD:
             )
         self._by_spi.setdefault((sa.protocol, sa.spi), []).append(sa)
         if self._by_fp is not None and sa.seq_iv:
-            self._by_fp.setdefault(self._fingerprint(sa), []).append(sa)
+            fp = self._fp_of[id(sa)] = self._fingerprint(sa)
+            self._by_fp.setdefault(fp, []).append(sa)
 
     def remove(self, sa: SecurityAssociation) -> None:
         if not self.discard(sa):
@@ -494,13 +496,16 @@ class SAD:
         lst.remove(sa)
         if not lst:
             del self._by_spi[skey]
-        if self._by_fp is not None and sa.seq_iv:
-            fp = self._fingerprint(sa)
-            users = [o for o in self._by_fp.get(fp, ()) if o is not sa]  # (by identity)
-            if users:
-                self._by_fp[fp] = users
-            else:
-                self._by_fp.pop(fp, None)
+        if self._by_fp is not None:
+            fp = self._fp_of.pop(id(sa), None)
+            if fp is not None:
+                users = self._by_fp[fp]
+                for i, o in enumerate(users):
+                    if o is sa:  # (by identity)
+                        del users[i]
+                        break
+                if not users:
+                    del self._by_fp[fp]
         return True
 
     def _fingerprint(self, sa: SecurityAssociation) -> bytes:
@@ -520,7 +525,8 @@ class SAD:
             by_fp: dict[bytes, list[SecurityAssociation]] = {}
             for other in self._by_key.values():
                 if other.seq_iv:
-                    by_fp.setdefault(self._fingerprint(other), []).append(other)
+                    fp = self._fp_of[id(other)] = self._fingerprint(other)
+                    by_fp.setdefault(fp, []).append(other)
             self._by_fp = by_fp
         return [o for o in self._by_fp.get(self._fingerprint(sa), []) if o is not sa]
 
