@@ -679,6 +679,39 @@ def test_sa_add_of_a_key_an_sa_here_has_the_other_way_is_refused_in_one_line(
     assert "0x00005151" in ok("sa", "add", str(f), "-s", topo.sg.sock)
 
 
+def test_no_seq_sent_twice_sa_add_of_a_key_an_sa_here_has_the_same_way_is_refused(
+    topo: Topo,
+) -> None:
+    """INVARIANT. ``sa add`` of an outbound SA under the key of an outbound SA here (a key
+    file given twice) has this gateway send sequence numbers 1, 2, ... twice under one key
+    and salt (the nonce is salt | seq, not the SPI); an inbound SA under the key of an
+    inbound SA here has two peers do it. Config load keeps both tunnels of such a pair from
+    sending (tunnel-refused); ``sa add`` now refuses it in one line naming the other SA,
+    never the key; nothing is installed."""
+    from ipsecct.ct import context
+    from ipsecct.ipsec.sad import Direction, SecurityAssociation
+    from ipsecct.ipsec.spd import AddressRange, Selectors
+
+    sel = Selectors((AddressRange.parse("10.79.0.0/24"),), (AddressRange.parse("10.80.0.1"),))
+    down = bytes.fromhex("22222222222222222222222222222222feed0002")  # sg1-mn.keys out_enc
+    cases = [
+        (SecurityAssociation(0x5353, Direction.OUTBOUND, ip("127.0.0.1"), ip("127.0.0.9"),
+                             enc_key=down, esn=True, selectors=sel), SPI_DOWN, "outbound"),
+        (SecurityAssociation(0x5454, Direction.INBOUND, ip("127.0.0.9"), ip("127.0.0.1"),
+                             enc_key=KEY_UP, esn=True), SPI_UP, "inbound"),
+    ]  # fmt: skip
+    f = topo.dir / "same-way.json"
+    for sa, other, way in cases:
+        f.write_text(json.dumps(context.to_json(sa, 0.0)))
+        r = ipsecct("sa", "add", str(f), "-s", topo.sg.sock)
+        assert r.returncode == 2 and r.stdout == "" and "Traceback" not in r.stderr, r
+        assert r.stderr.count("\n") == 1, r
+        assert f"AEAD key is the key of {way} SA 0x{other:08x}" in r.stderr, r
+        assert f"0x{sa.spi:08x}" not in ok("sa", "list", "-s", topo.sg.sock)  # not installed
+        for shown in (r.stderr, topo.sg.logtext()):
+            assert sa.enc_key.hex() not in shown and sa.enc_key[:16].hex() not in shown
+
+
 def test_sa_add_of_an_inbound_sa_to_an_address_not_ours_warns_in_one_line(topo: Topo) -> None:
     """``sa add`` of examples/contexts/esp-aes-gcm-esn-tunnel.json (an inbound SA to
     203.0.113.1) installed it on a gateway at 127.0.0.1 without a word. It is still added
