@@ -670,21 +670,28 @@ class Service:
         except IpsecctError as exc:
             raise ControlError(f"bad SA: {exc}") from None
         eng = self.node.engine
-        # As config load refuses it: a key whose IV is the sequence number, used by an SA
-        # here in the other direction (the peer's key given as ours), has this gateway and
-        # its peer both encrypting sequence numbers 1, 2, ... under it. Named, never shown.
-        both = [o for o in eng.sad.users_of_key(sa) if o.direction is not sa.direction]
-        if both:
-            o = both[0]
+        # As config load keeps it from sending: a key whose IV is the sequence number, used
+        # by another SA here, has sequence numbers 1, 2, ... encrypted twice under it: by
+        # this gateway and its peer (the other direction: the peer's key given as ours), or
+        # by this gateway twice (two outbound SAs). (Two inbound SAs under one key may be
+        # one peer's SA to two of our addresses: only that peer encrypts.) Named, never
+        # shown.
+        users = [u for u in eng.sad.users_of_key(sa)
+                 if u.direction is not sa.direction or sa.direction is Direction.OUTBOUND]
+        if users:
+            o = next((u for u in users if u.direction is not sa.direction), users[0])
             kind = "AEAD" if sa.aead else "AES-CTR"
+            if o.direction is not sa.direction:
+                who = "this gateway and its peer would both encrypt under it"
+            else:
+                who = "this gateway would encrypt under it for both SAs"
             event(log, "sa-add-refused", logging.WARNING, node=self.node.name,
                   spi=f"0x{sa.spi:08x}", direction=sa.direction.value,
                   reason=f"key-of-{o.direction.value}-sa", other=f"0x{o.spi:08x}")  # fmt: skip
             raise ControlError(
                 f"SA 0x{sa.spi:08x} ({sa.direction.value}bound): its {kind} key is the key of"
-                f" {o.direction.value}bound SA 0x{o.spi:08x} here: this gateway and its peer"
-                " would both encrypt under it, each nonce twice (give each direction its"
-                " own key)"
+                f" {o.direction.value}bound SA 0x{o.spi:08x} here: {who}, each nonce twice"
+                " (give each SA its own key)"
             )
         if sa.direction is Direction.OUTBOUND:
             if sa.selectors is None:
