@@ -12,6 +12,7 @@ import concurrent.futures
 import contextlib
 import datetime as dt
 import errno
+import hashlib
 import ipaddress
 import logging
 import math
@@ -659,11 +660,16 @@ def _swanctl_hint(text: str, error: str) -> str:
     return ""
 
 
-def _read_toml(path: str | Path) -> dict[str, Any]:
-    """A configuration file's tables; any file that is not UTF-8 TOML is a ConfigError."""
+def _read_toml(path: str | Path, digest: list[str] | None = None) -> dict[str, Any]:
+    """A configuration file's tables; any file that is not UTF-8 TOML is a ConfigError.
+    ``digest``: the SHA-256 of the bytes read is appended to it (what ``status`` shows of
+    the file loaded: never its contents)."""
     text = ""
     try:
-        text = read_limited(path, CONFIG_LIMIT).decode()
+        raw = read_limited(path, CONFIG_LIMIT)
+        if digest is not None:
+            digest.append(hashlib.sha256(raw).hexdigest())
+        text = raw.decode()
         data = parse_toml(text)
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
@@ -722,10 +728,16 @@ def control_socket_of(path: str | Path) -> str:
 
 
 def load(path: str | Path) -> NodeConfig:
+    return load_hashed(path)[0]
+
+
+def load_hashed(path: str | Path) -> tuple[NodeConfig, str]:
+    """The configuration of ``path`` and the SHA-256 (hex) of the very bytes it was read
+    from (a reload, SIGHUP, says which file it loaded by this hash)."""
     path = str(path)
-    _Ctx(path)
-    data = _read_toml(path)
-    return from_dict(data, path)
+    digest: list[str] = []
+    data = _read_toml(path, digest)
+    return from_dict(data, path), digest[0]
 
 
 KNOWN_SECTIONS = {
