@@ -297,6 +297,48 @@ class IkeService:
             if first is not None:
                 self.initiate(conn, first)
 
+    def reload(self, connections: list[Connection], added: set[str], removed: set[str]) -> None:
+        """The connections of a configuration read again (SIGHUP), as charon's ``swanctl
+        --load-all``: new IKE SAs (and, at a trap or a restart, their first CHILD SA) use
+        ``connections``; an IKE SA up keeps the connection it was made with (its proposals,
+        identities, timings) until it ends, also when that connection was removed. Nothing
+        here can fail (the service checked the configuration first): the reload is whole.
+        A removed connection's restarts are given up, its traps disarmed; an added one with
+        a ``start_action = start`` child is started, as at start."""
+        by_name = {c.name: c for c in connections}
+        self.engine.connections = connections
+        traps = [(c, ch) for c in connections for ch in c.children if ch.start_action == "trap"]
+        for conn, child in self._traps:  # armed by a dpd_action/close_action = trap: kept
+            new = by_name.get(conn.name)
+            armed = None if new is None else next(
+                (ch for ch in new.children if ch.name == child.name), None)
+            if new is not None and armed is not None and (new, armed) not in traps:
+                traps.append((new, armed))
+        self._traps = traps
+        if traps:
+            self.node.engine.on_policy_miss = self._acquire
+        for key, d in list(self._restarts.waiting.items()):
+            where, cc = cast(tuple[Connection | IkeSA, ChildConfig | None], d.what)
+            if not isinstance(where, Connection):
+                continue  # a CHILD SA asked for again in its IKE SA: that IKE SA's connection
+            renewed = by_name.get(where.name)
+            if renewed is None:
+                self._restarts.cancel(key)
+                continue
+            d.what = (renewed, None if cc is None else next(
+                (ch for ch in renewed.children if ch.name == cc.name), None))
+        for name in removed:
+            self._restarting.discard(name)
+            self._tries.pop(name, None)
+            self._trapped.pop(name, None)
+        if self._stopping:
+            return
+        for conn in connections:
+            if conn.name in added:
+                first = next((c for c in conn.children if c.start_action == "start"), None)
+                if first is not None:
+                    self.initiate(conn, first)
+
     def _acquire(self, src: IPAddr, dst: IPAddr, proto: int, sport: int, dport: int) -> None:
         """An outbound packet matched no policy (it is dropped, as the kernel's trap policy
         drops it while strongSwan acquires): if a ``start_action = trap`` child's selectors

@@ -1794,9 +1794,10 @@ class IkeEngine:
         if Notify.INITIAL_CONTACT in n:
             ike.initial_contact = True
         if Notify.INITIAL_CONTACT in n and conn.unique in ("no", "replace"):
-            # (unique = never: INITIAL_CONTACT replaces nothing; keep: refused above)
+            # (unique = never: INITIAL_CONTACT replaces nothing; keep: refused above). By
+            # name: an IKE SA made before a reload (SIGHUP) holds the connection as it was.
             for other in self.by_spi.of_identity(conn.name, ike.peer_id):
-                if (other is not ike and other.conn is conn
+                if (other is not ike and other.conn.name == conn.name
                         and other.state is not IkeState.HALF_OPEN):  # fmt: skip
                     self.stats["initial-contact-replaced"] += 1
                     self._kill(other, "replaced (INITIAL_CONTACT)", out)
