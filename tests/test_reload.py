@@ -68,6 +68,19 @@ def test_connections_added_removed_and_changed_by_their_secret(tmp_path: Path) -
     assert p.connections[0] is not old.connections[1]
 
 
+def test_another_connections_secret_changes_no_connection_but_is_refreshed(
+    tmp_path: Path,
+) -> None:
+    old = config_mod.load(_config(tmp_path, "a", "b"))
+    _config(tmp_path, "a")  # b and its secret gone: a is the same connection
+    p = _plan(old, tmp_path / "cfg.toml")
+    assert (p.added, p.removed, p.changed) == (set(), {"b"}, set())
+    ((running, read),) = p.kept
+    assert running is old.connections[0] and len(read.shared_keys) == 1
+    reload_mod.refresh_secrets(running, read)
+    assert [k.name for k in running.shared_keys] == ["ike-a"]
+
+
 @pytest.mark.parametrize(
     ("edit", "keys"),
     [

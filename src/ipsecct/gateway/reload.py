@@ -103,8 +103,17 @@ def digest(v: Any) -> bytes:
 
 
 def _conn_digest(c: Connection) -> bytes:
-    # (shared_keys, the [secrets], compares as nothing in a Connection: here it counts)
-    return digest((c, c.shared_keys))
+    # (shared_keys, every [secrets.ike-*] of the file, compares as nothing: a connection whose
+    # own key changed has another psk; the others get the new list, refresh_secrets)
+    return digest(c)
+
+
+def refresh_secrets(running: Connection, new: Connection) -> None:
+    """The secrets of a connection kept (unchanged otherwise) as the file now has them: the
+    next authentication chooses from them (an IKE SA up never uses its key again: IKEv2's
+    PSK is in IKE_AUTH only). Charon's credentials are global in the same way."""
+    running.shared_keys = new.shared_keys
+    running.psk = new.psk
 
 
 @dataclass
@@ -128,6 +137,8 @@ class Plan:
     removed and changed, and the restart-only keys whose new value is not used."""
 
     connections: list[Connection]
+    # (running connection kept, the same as read again): its secrets are refreshed
+    kept: list[tuple[Connection, Connection]] = field(default_factory=list)
     added: set[str] = field(default_factory=set)
     removed: set[str] = field(default_factory=set)
     changed: set[str] = field(default_factory=set)
@@ -155,6 +166,7 @@ def plan(running: Prints, old: list[Connection], new: NodeConfig, pools: set[str
         elif before != now.connections[c.name]:
             p.changed.add(c.name)
         elif c.name in kept:
+            p.kept.append((kept[c.name], c))
             c = kept[c.name]
         conns.append(c)
     p.removed = set(running.connections) - set(now.connections)
