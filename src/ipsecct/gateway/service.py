@@ -1,11 +1,13 @@
 """Runs a node as a service: the :class:`~ipsecct.gateway.node.Node`, its control socket, metrics,
-signal handling (SIGTERM/SIGINT/SIGHUP drain and exit cleanly) and, on a gateway with
+signal handling (SIGTERM/SIGINT drain and exit cleanly; SIGHUP reloads the configuration's
+live part, gateway/reload.py) and, on a gateway with
 ``[transfer]``, context transfer: the peer channel pool, the transfer service, fail-over, the
 balancer and the virtual-address mover; on a mobile node, the mobile-node agent."""
 
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import ipaddress
 import logging
 import signal
@@ -25,6 +27,7 @@ from ..ipsec.sad import Direction, SecurityAssociation
 from ..ipsec.spd import Action, SPDEntry
 from . import config as config_mod
 from . import gcpolicy
+from . import reload as reload_mod
 from . import state as state_mod
 from .balancer import Balancer
 from .cluster_driver import ClusterDriver
@@ -63,9 +66,22 @@ async def _no_ike(args: dict[str, Any]) -> Any:
 
 class Service:
     def __init__(
-        self, cfg: config_mod.NodeConfig, *, role: str = "gateway", fresh_state: bool = False
+        self,
+        cfg: config_mod.NodeConfig,
+        *,
+        role: str = "gateway",
+        fresh_state: bool = False,
+        sha256: str | None = None,
+        log_level: str | None = None,
     ) -> None:
         self.cfg = cfg
+        # What SIGHUP compares a configuration read again with (reload): the digests of this
+        # one as loaded, before anything runs with it; which file it was (a hash of its bytes,
+        # never its contents), when it was loaded; the command line's --log-level, which
+        # outranks [log] level at a reload as at the start.
+        self._prints = reload_mod.Prints.of(cfg)
+        self._log_level = log_level
+        self.loaded = reload_mod.Loaded(cfg.path, sha256 or "", _utc_now())
         self.node = Node(cfg, role=role)
         # Before any socket opens: merge the configuration with the durable state (tunnels
         # given away stay away, counters resume past what was sent) or refuse to start.
@@ -77,6 +93,11 @@ class Service:
             else None
         )
         self.stopped = asyncio.Event()
+        self._stopping = False
+        # SIGHUP before every socket and timer runs: the reload waits for the start's end
+        self._running = False
+        self._hup_pending = False
+        self.node.extensions["config"] = lambda: self.loaded.status(self.cfg.log_level)
         # A mobile node's side of context transfer.
         self.agent: MobileAgent | None = MobileAgent(self.node) if role == "node" else None
         # A gateway's context transfer ([transfer]), fail-over ([failover]), load balancing
@@ -451,10 +472,12 @@ class Service:
 
         loop.set_exception_handler(on_loop_error)
         stop = asyncio.Event()
-        # SIGHUP too (a closed terminal, or a habit from daemons that reload on it): its
-        # default killed the process at once, without a word and leaving its socket behind
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        # SIGHUP reloads the configuration, as charon, sshd and nginx do (its default killed
+        # the process at once, without a word and leaving its socket behind; then it drained
+        # and exited, which tore down every tunnel of an operator who meant a reload)
+        loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
         try:
             await self.start()
         except BaseException:
@@ -464,11 +487,95 @@ class Service:
                 await self.control.stop()
             raise
         gcpolicy.POLICY.settle()  # start-up state leaves the collector's generations
+        self._running = True
+        if self._hup_pending:
+            self._on_sighup()
         try:
             await stop.wait()
         finally:
+            self._stopping = True
             event(log, "shutdown", node=self.node.name)
             await self.stop()
+
+    def _on_sighup(self) -> None:
+        if self._stopping:
+            return
+        if not self._running:
+            self._hup_pending = True
+            return
+        self._hup_pending = False
+        try:
+            self.reload()
+        except Exception as exc:  # a bug, never a traceback: one line, the old configuration
+            self.loaded.reloads_failed += 1
+            event(log, "reload-failed", logging.ERROR, node=self.node.name,
+                  config=self.cfg.path, error=type(exc).__name__,
+                  effect="the running configuration is kept")  # fmt: skip
+
+    def reload(self) -> bool:
+        """SIGHUP: the configuration file the gateway started with, read and checked again
+        (the same loader, every key); its live part applied whole, or nothing (an invalid
+        file: one ERROR line naming the file and the key, the running configuration kept).
+        A restart-only key that changed is one WARNING line each, its running value kept
+        (gateway/reload.py: sequence numbers, reservations, leases, ownership and fencing
+        depend on those keys only). True when the live part was applied."""
+        from .control import socket_path
+        from .log import setup
+
+        path = self.cfg.path
+        try:
+            new, sha = config_mod.load_hashed(path)
+            if new.control_socket is None and self.cfg.control_socket is not None:
+                new.control_socket = socket_path(None)  # as run() made it at the start
+            if self._log_level is not None:
+                new.log_level = self._log_level
+            running_pools = set(self.ike.engine.pools) if self.ike is not None else set()
+            plan = reload_mod.plan(self._prints, self.cfg.connections, new, running_pools)
+        except ConfigError as exc:
+            self.loaded.reloads_failed += 1
+            event(log, "reload-failed", logging.ERROR, node=self.node.name, config=path,
+                  error=str(exc), effect="the running configuration is kept")  # fmt: skip
+            return False
+        if self.ike is None and plan.connections:
+            # (no IKE service runs: no socket for IKE is bound, no timer; it starts with the
+            # process)
+            assert plan.prints is not None
+            plan = reload_mod.Plan([], needs_restart=[*plan.needs_restart, "connections"],
+                                   prints=reload_mod.Prints(plan.prints.restart, {}))  # fmt: skip
+        for key in plan.needs_restart:
+            event(log, "reload-needs-restart", logging.WARNING, node=self.node.name,
+                  config=path, key=key,
+                  effect="needs a restart: the running value is kept")  # fmt: skip
+        # The live part, whole (nothing below raises: every value was checked above).
+        cfg = self.cfg
+        if self.ike is not None:
+            eng = self.ike.engine
+            eng.cookie_threshold = new.cookie_threshold
+            eng.max_packet = new.ike_max_packet
+            eng.fragment_size = new.ike_fragment_size
+            eng.rsa_pss = new.rsa_pss
+            for running, read in plan.kept:
+                reload_mod.refresh_secrets(running, read)
+            self.ike.reload(plan.connections, plan.added, plan.removed)
+        cfg.connections = plan.connections
+        cfg.cookie_threshold = new.cookie_threshold
+        cfg.ike_max_packet = new.ike_max_packet
+        cfg.ike_fragment_size = new.ike_fragment_size
+        cfg.rsa_pss = new.rsa_pss
+        cfg.log_level = new.log_level
+        assert plan.prints is not None
+        self._prints = plan.prints
+        self.loaded.sha256, self.loaded.loaded_at = sha, _utc_now()
+        self.loaded.needs_restart = plan.needs_restart
+        self.loaded.reloads += 1
+        event(log, "reloaded", logging.WARNING if plan.needs_restart else logging.INFO,
+              node=self.node.name, config=path, sha256=sha[:16],
+              connections=len(plan.connections), added=len(plan.added),
+              removed=len(plan.removed), changed=len(plan.changed),
+              log_level=new.log_level,
+              needs_restart=",".join(plan.needs_restart) or "-")  # fmt: skip
+        setup(new.log_level)  # (after the line: said at the level the operator had set)
+        return True
 
     # -- control handlers --------------------------------------------------------------
     async def _ike_list(self, args: dict[str, Any]) -> Any:
@@ -886,7 +993,7 @@ def run(
     from .log import LOG_LEVELS, setup
 
     no_core_dumps()  # before any key is read
-    cfg = config_mod.load(path)
+    cfg, sha = config_mod.load_hashed(path)
     if log_level is not None:
         if log_level not in LOG_LEVELS:
             raise ConfigError(f"--log-level must be one of {', '.join(LOG_LEVELS)}")
@@ -900,9 +1007,13 @@ def run(
         cfg.control_socket = socket_path(None)  # the one the client commands look for
     raise_nofile(NOFILE_NEEDED)
     gcpolicy.POLICY.enabled = True  # this process is a gateway
-    svc = Service(cfg, role=role, fresh_state=fresh_state)
+    svc = Service(cfg, role=role, fresh_state=fresh_state, sha256=sha, log_level=log_level)
     asyncio.run(svc.run_forever())
     return 0
+
+
+def _utc_now() -> str:
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _ike_message(msg: cxtp.Message) -> bool:

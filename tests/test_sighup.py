@@ -1,0 +1,207 @@
+"""SIGHUP reloads the configuration of a running gateway, as charon, sshd and nginx do
+(gateway/reload.py): ``examples/ikev2``'s sg1 and its mobile node, real processes on loopback.
+The IKE SA up, its CHILD SA's SPIs and the traffic through it are kept across the reload; a
+connection added admits a second client; an invalid file is one line and changes nothing; a
+key that needs a restart is one warning each, its running value kept. (On main SIGHUP drained
+and exited: every tunnel torn down.)"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.helpers.control import answers, ask, socket_of
+from tests.helpers.deployment import cli
+from tests.helpers.example_ikev2 import ADDR, Setup
+from tests.helpers.ports import free_port
+from tests.helpers.waiting import until
+
+RW2 = """
+[connections.rw2]
+version = 2
+local_addrs = ["127.0.4.1"]
+remote_addrs = ["%any"]
+local_port = {port}
+proposals = ["aes128gcm16-prfsha256-x25519"]
+local.auth = "psk"
+local.id = "gw.example"
+remote.auth = "psk"
+remote.id = "mn2.example"
+children.net.local_ts = ["10.2.0.0/24"]
+children.net.remote_ts = ["10.1.0.0/16"]
+children.net.esp_proposals = ["aes128gcm16"]
+
+[secrets.ike-rw2]
+id = ["gw.example", "mn2.example"]
+file = "keys/ike.psk"
+"""
+
+
+@pytest.fixture
+def setup(tmp_path: Path) -> Iterator[Setup]:
+    s = Setup(tmp_path)
+    # rw admits the MN alone: a second client needs the connection a reload adds
+    f = s.dir / "sg1.toml"
+    f.write_text(f.read_text().replace('remote.id = "%any"', 'remote.id = "mn.example"'))
+    try:
+        yield s
+    finally:
+        s.stop()
+
+
+def _hup(setup: Setup, name: str, line: str, before: int) -> str:
+    """SIGHUP to ``name``; the log once it holds one more ``line`` than ``before``."""
+    os.kill(setup.procs[name].pid, signal.SIGHUP)
+    until(lambda: _count(setup, name, line) > before, line, 30)
+    assert setup.procs[name].poll() is None, setup.log(name)
+    return _text(setup, name)
+
+
+def _text(setup: Setup, name: str) -> str:
+    return (setup.dir / f"{name}.log").read_text(errors="replace")
+
+
+def _count(setup: Setup, name: str, line: str) -> int:
+    return _text(setup, name).count(line)
+
+
+def _sa_ids(ike: dict[str, Any]) -> tuple[Any, ...]:
+    return (ike["spi_i"], ike["spi_r"],
+            tuple((c["spi_in"], c["spi_out"]) for c in ike["children"]))  # fmt: skip
+
+
+def _start_mn2(setup: Setup) -> str:
+    """A second mobile node (mn2.example at 127.0.4.11) connecting to sg1."""
+    text = (setup.dir / "mn.toml").read_text()
+    outer = free_port()
+    listen, peer = free_port(), free_port()
+    text = re.sub(r'(?m)^name = "mn"$', 'name = "mn2"', text)
+    text = re.sub(r'(?m)^address = "127.0.4.10"$', f'address = "127.0.4.11"\nport = {outer}',
+                  re.sub(r"(?m)^port = \d+$", "", text, count=1), count=1)  # fmt: skip
+    text = re.sub(r'(?m)^listen = ".*"$', f'listen = "127.0.4.11:{listen}"', text)
+    text = re.sub(r'(?m)^peer = ".*"$', f'peer = "127.0.4.11:{peer}"', text)
+    text = text.replace('local_addrs = ["127.0.4.10"]', 'local_addrs = ["127.0.4.11"]')
+    text = re.sub(r"(?m)^local_port = \d+$", f"local_port = {outer}", text)
+    text = text.replace("mn.example", "mn2.example").replace("10.1.0.2/32", "10.1.0.3/32")
+    text = text.replace("ctl-mn.sock", "ctl-mn2.sock").replace("state/mn", "state/mn2")
+    path = setup.dir / "mn2.toml"
+    path.write_text(text)
+    log = open(setup.dir / "mn2.log", "wb")  # noqa: SIM115 - closed with the process
+    setup.procs["mn2"] = subprocess.Popen(
+        [sys.executable, "-m", "ipsecct", "node", "run", "--config", str(path)],
+        stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    log.close()
+    until(lambda: answers(socket_of(str(path))), "mn2's control socket", 30)
+    return str(path)
+
+
+def _up(setup: Setup) -> dict[str, Any]:
+    for n in ("sg1", "mn"):
+        setup.start(n)
+    setup.wait_ike("mn", lambda s: s["children"], "the MN's IKE SA with sg1")
+    ike = setup.wait_ike("sg1", lambda s: s["children"], "sg1's IKE SA")
+    setup.traffic_ok("sg1", 10)
+    return ike
+
+
+def test_sighup_reloads_the_connections_and_keeps_every_sa(setup: Setup) -> None:
+    ike = _up(setup)
+    before = setup.status("sg1")["config"]
+    assert before["file"] == setup.config("sg1") and len(before["sha256"]) == 64
+    assert before["reloads"] == 0 and before["log_level"] == "debug"
+
+    # a connection added, one changed (its dpd_delay: for IKE SAs made from now on), the
+    # log level lowered
+    f = setup.dir / "sg1.toml"
+    text = f.read_text().replace("dpd_delay = 30", "dpd_delay = 20")
+    text = text.replace('level = "debug"', 'level = "info"')
+    f.write_text(text + RW2.format(port=setup.port[24500]))
+    log = _hup(setup, "sg1", "event=reloaded", 0)
+    (line,) = [x for x in log.splitlines() if "event=reloaded" in x]
+    assert "added=1 removed=0 changed=1" in line and "log_level=info" in line, line
+    assert "event=shutdown" not in log and "Traceback" not in log
+    after = setup.status("sg1")["config"]
+    assert after["reloads"] == 1 and after["log_level"] == "info", after
+    assert after["sha256"] != before["sha256"] and after["needs_restart"] == []
+    shown = cli("status", "--config", setup.config("sg1")).stdout
+    assert f"config: {setup.config('sg1')} (sha256 {after['sha256'][:16]})" in shown, shown
+    assert "1 reload(s), 0 refused" in shown, shown
+
+    # the IKE SA and its CHILD SA as they were: same SPIs, traffic through them
+    (now,) = setup.ike("sg1")
+    assert _sa_ids(now) == _sa_ids(ike)
+    setup.traffic_ok("sg1", 20)
+    assert setup.status("mn")["ike"]["counters"]["ike-sa-init-sent"] == 1
+
+    # the new connection admits a second client (rw admits mn.example only)
+    mn2 = _start_mn2(setup)
+    until(lambda: any(s["name"] == "rw2" and s["children"] for s in setup.ike("sg1")),
+          "mn2's IKE SA at sg1 (connection rw2)", 30)  # fmt: skip
+    ikes = {s["name"]: s for s in setup.ike("sg1")}
+    assert ikes["rw2"]["remote_id"] == "mn2.example" and _sa_ids(ikes["rw"]) == _sa_ids(ike)
+    assert ask(socket_of(mn2), "ike.list")[0]["children"]
+    setup.traffic_ok("sg1", 30)
+
+    # rw2 removed: no new IKE SA for it; mn2's, up, runs on until it ends or is deleted
+    f.write_text(text)
+    log = _hup(setup, "sg1", "event=reloaded", 1)
+    line = [x for x in log.splitlines() if "event=reloaded" in x][-1]
+    assert "added=0 removed=1 changed=0" in line, line
+    assert {s["name"]: _sa_ids(s) for s in setup.ike("sg1")} == {
+        n: _sa_ids(s) for n, s in ikes.items()}
+    psk = (setup.dir / "keys" / "ike.psk").read_text().strip().removeprefix("0x")
+    assert psk not in _text(setup, "sg1")
+
+
+def test_an_invalid_file_or_a_restart_key_at_sighup_keeps_what_runs(setup: Setup) -> None:
+    ike = _up(setup)
+    f = setup.dir / "sg1.toml"
+    good = f.read_text()
+    sock = socket_of(setup.config("sg1"))
+    sha = setup.status("sg1")["config"]["sha256"]
+
+    # invalid: one ERROR line naming the file and the key; nothing changed
+    f.write_text(good.replace('level = "debug"', 'level = "loud"'))
+    log = _hup(setup, "sg1", "event=reload-failed", 0)
+    (line,) = [x for x in log.splitlines() if "reload-failed" in x]
+    assert " ERROR " in line and setup.config("sg1") in line and "log.level" in line, line
+    assert "event=reloaded" not in log and "Traceback" not in log
+    st = setup.status("sg1")["config"]
+    assert (st["sha256"], st["reloads"], st["reloads_failed"]) == (sha, 0, 1), st
+    assert st["log_level"] == "debug"
+    assert _sa_ids(setup.ike("sg1")[0]) == _sa_ids(ike)
+    setup.traffic_ok("sg1", 20)
+
+    # restart-only keys (the durable reservations' block, the control socket): one WARNING
+    # each, the running values kept; the live part (the log level) applied
+    other = str(setup.dir / "ctl-other.sock")
+    f.write_text(good.replace("[state]", "[state]\nseq_block = 1024")
+                 .replace(f'socket = "{sock}"', f'socket = "{other}"')
+                 .replace('level = "debug"', 'level = "info"'))  # fmt: skip
+    log = _hup(setup, "sg1", "event=reloaded", 0)
+    warned = [x for x in log.splitlines() if "event=reload-needs-restart" in x]
+    assert len(warned) == 2 and all(" WARNING " in x for x in warned), warned
+    assert "key=state.seq_block" in warned[0] or "key=state.seq_block" in warned[1], warned
+    assert any("key=control.socket" in x for x in warned), warned
+    st = ask(sock, "status")  # (the socket it was started with still answers)
+    assert st["state"]["seq_block"] == 1 << 16, st["state"]
+    assert sorted(st["config"]["needs_restart"]) == ["control.socket", "state.seq_block"]
+    assert st["config"]["log_level"] == "info" and st["config"]["reloads"] == 1
+    assert not os.path.exists(other)
+    assert _sa_ids(ask(sock, "ike.list")[0]) == _sa_ids(ike)
+    setup.traffic_ok("sg1", 30)
+
+    # SIGTERM still drains and exits
+    setup.procs["sg1"].terminate()
+    assert setup.procs["sg1"].wait(30) == 0
+    assert "event=shutdown" in _text(setup, "sg1")
+    assert ADDR["sg1"] in _text(setup, "sg1")
