@@ -22,7 +22,7 @@ from ipsecct.errors import ControlError
 from ipsecct.gateway.control import MAX_LINE, ControlServer, MetricsServer, request
 from tests.helpers.control_server import ask, connect, echo_handler, short_path, with_server
 from tests.helpers.daemon import Daemon, free_udp_port, node_toml
-from tests.helpers.waiting import eventually
+from tests.helpers.waiting import eventually, until
 
 GARBAGE: list[tuple[bytes, str]] = [
     (b"hello\n", "not JSON"),
@@ -414,9 +414,14 @@ def test_real_daemon_socket_mode_and_garbage(tmp_path: Path) -> None:
             with pytest.raises(ControlError) as ei:
                 request(sock, cmd, {"standby_is_down": True})
             assert (f"no {section} section" if section else "runs no IKEv2") in str(ei.value)
-        # SIGHUP (a closed terminal, or a habit from other daemons) drains and exits like
-        # SIGTERM: it killed the gateway at once, without a log line or its socket removed
-        assert gw.terminate(sig=signal.SIGHUP) == 0
+        # SIGHUP reloads the configuration (its default killed the gateway at once, without
+        # a log line or its socket removed; then it drained and exited like SIGTERM)
+        assert gw.proc is not None
+        gw.proc.send_signal(signal.SIGHUP)
+        until(lambda: "event=reloaded" in gw.logtext(), "the reload", 30)
+        assert gw.proc.poll() is None and request(sock, "status")["config"]["reloads"] == 1
+        assert "event=shutdown" not in gw.logtext()
+        assert gw.terminate() == 0
         assert not os.path.exists(sock)
         assert "event=shutdown" in gw.logtext()
     finally:
@@ -451,6 +456,30 @@ def test_daemon_log_level_overrides_the_configuration(
             assert level in log, log
         for level in hidden:
             assert level not in log, log
+    finally:
+        gw.cleanup()
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.mark.parametrize(("args", "after"), [([], "warning"), (["--log-level", "info"], "info")])
+def test_a_sighup_sets_the_files_log_level_unless_the_command_line_gave_one(
+    tmp_path: Path, args: list[str], after: str
+) -> None:
+    d = tempfile.mkdtemp(prefix="ipsecct-c-", dir="/tmp")
+    sock = os.path.join(d, "gw.sock")
+    cfg = tmp_path / "gw.toml"
+    text = node_toml("gw", free_udp_port(), free_udp_port(), free_udp_port(), sock, [])
+    cfg.write_text(text)
+    gw = Daemon("gateway", cfg, sock, tmp_path / "gw.log", args=args)
+    try:
+        gw.start()
+        cfg.write_text(text.replace('level = "debug"', 'level = "warning"'))
+        assert gw.proc is not None
+        gw.proc.send_signal(signal.SIGHUP)
+        until(lambda: request(sock, "status")["config"]["reloads"] == 1, "the reload", 30)
+        assert request(sock, "status")["config"]["log_level"] == after
+        assert gw.terminate() == 0
+        assert ("event=shutdown" in gw.logtext()) == (after == "info"), gw.logtext()
     finally:
         gw.cleanup()
         shutil.rmtree(d, ignore_errors=True)
