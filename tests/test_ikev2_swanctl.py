@@ -380,6 +380,22 @@ def test_unique_no_replaces_only_on_initial_contact_and_never_not_even_then() ->
     assert len(w.resp.ike_sas()) == 2 and w.resp.stats["initial-contact-replaced"] == 0
 
 
+def test_initial_contact_replaces_an_ike_sa_made_before_a_reload() -> None:
+    """The gateway's connection read again (SIGHUP: another object of the same name, changed
+    or not) between the two: INITIAL_CONTACT still replaces the identity's older IKE SA (it
+    compared the objects: the rebooted client's old IKE SA stayed)."""
+    gw = IkeEngine([conn()])
+    w = Wire(IkeEngine([mn_conn()]), gw)
+    connect(w)
+    (old,) = gw.ike_sas()
+    gw.connections = [dataclasses.replace(conn(), dpd_delay=20.0)]  # as IkeService.reload
+    w.ini = IkeEngine([mn_conn()])
+    connect(w, 5.0)
+    assert gw.stats["initial-contact-replaced"] == 1
+    (new,) = gw.ike_sas()
+    assert new is not old and new.conn is gw.connections[0]
+
+
 def test_unique_keep_refuses_the_second_ike_sa_of_an_identity() -> None:
     for ic in (True, False):
         w, _, second = _two_clients("keep", ic)
