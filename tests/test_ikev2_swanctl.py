@@ -780,6 +780,36 @@ def test_a_node_whose_ike_sa_the_gateway_rekeyed_still_starts_again_when_it_dies
     assert len(restarted) + len(svc._restarts.waiting) == 1
 
 
+@pytest.mark.parametrize("how", ["removed", "changed"])
+def test_a_reload_gives_up_a_removed_connections_restart_and_a_changed_one_restarts_anew(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    """SIGHUP (IkeService.reload) while a start_action = start connection waits to start
+    again: removed, it is not started again (it restarted the connection the operator had
+    taken out); changed, its restart starts the connection as the file now has it."""
+    svc, sent, clock, _ = _mn(tmp_path, monkeypatch, start_action="start")
+    (old,) = svc.engine.connections
+    svc.initiate(old)
+    _exchange(svc, IkeEngine([conn()]), sent, clock[0])
+    sent.clear()
+    _peer_dies(svc, clock)
+    assert list(svc._restarts.waiting) == [old.name]
+    new = dataclasses.replace(old, proposals=old.proposals[:1])
+    if how == "removed":
+        svc.reload([], set(), {old.name})
+        assert not svc._restarts.waiting and svc.engine.connections == []
+    else:
+        svc.reload([new], set(), set())
+        assert svc._restarts.waiting[old.name].what[0] is new  # type: ignore[index]
+    for _ in range(30):  # a minute of the engine's timer and the restarts' (1 s, with jitter)
+        clock[0] += 2
+        svc._act(svc.engine.tick(clock[0]))
+        svc._run_restarts(clock[0])
+    inits = [s for s in sent if s.data[18] == M.ExchangeType.IKE_SA_INIT]
+    assert bool(inits) == (how == "changed")
+    assert all(c.conn is new for c in svc.engine.connecting.values())
+
+
 def test_dpd_action_trap_arms_a_trap_that_the_next_packet_springs(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
