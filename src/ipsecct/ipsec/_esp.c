@@ -1597,6 +1597,25 @@ flush(int fd, struct mmsghdr *msgs, int n, unsigned long long *failed)
 
 /* One batch from the inner side into ibuf; sealed packets go out from obuf. Returns the
  * number of packets read, -1 with an exception set. */
+/* Fills one message of a sendmmsg batch: len octets at buf to dest (copied into slot when
+ * slot is not NULL: the batch's own copy, as the send comes after the loop over the packets). */
+static inline void
+out_msg(struct mmsghdr *m, struct iovec *iov, void *buf, size_t len,
+        struct sockaddr_storage *slot, const struct sockaddr_storage *dest, socklen_t destlen)
+{
+    memset(m, 0, sizeof(*m));
+    iov->iov_base = buf;
+    iov->iov_len = len;
+    m->msg_hdr.msg_iov = iov;
+    m->msg_hdr.msg_iovlen = 1;
+    if (slot != NULL) {
+        memcpy(slot, dest, sizeof(*slot));
+        dest = slot;
+    }
+    m->msg_hdr.msg_name = (void *)dest;
+    m->msg_hdr.msg_namelen = destlen;
+}
+
 static int
 inner_batch(TableObject *self, uint8_t *ibuf, uint8_t *obuf, int in_fd, int is_tun, int out_fd,
             int max, double now, PyObject *up)
@@ -1647,14 +1666,8 @@ inner_batch(TableObject *self, uint8_t *ibuf, uint8_t *obuf, int in_fd, int is_t
         }
         self->out_packets++;
         self->out_bytes += (unsigned long long)lens[i];
-        memset(&smsgs[ns], 0, sizeof(smsgs[ns]));
-        siov[ns].iov_base = obuf + (size_t)ns * BUFSZ;
-        siov[ns].iov_len = (size_t)r;
-        smsgs[ns].msg_hdr.msg_iov = &siov[ns];
-        smsgs[ns].msg_hdr.msg_iovlen = 1;
-        memcpy(&dests[ns], &sa->dest, sizeof(dests[ns]));
-        smsgs[ns].msg_hdr.msg_name = &dests[ns];
-        smsgs[ns].msg_hdr.msg_namelen = sa->destlen;
+        out_msg(&smsgs[ns], &siov[ns], obuf + (size_t)ns * BUFSZ, (size_t)r, &dests[ns],
+                &sa->dest, sa->destlen);
         ns++;
     }
     int sent = ns ? flush(out_fd, smsgs, ns, &failed) : 0;
@@ -1719,14 +1732,8 @@ outer_batch(TableObject *self, uint8_t *ibuf, uint8_t *obuf, int out_fd, int in_
             if (t == 0)
                 continue; /* over its rate: dropped (counted in the relay) */
             if (t == 1) {
-                memset(&lmsgs[nl], 0, sizeof(lmsgs[nl]));
-                liov[nl].iov_base = (void *)p;
-                liov[nl].iov_len = (size_t)n;
-                lmsgs[nl].msg_hdr.msg_iov = &liov[nl];
-                lmsgs[nl].msg_hdr.msg_iovlen = 1;
-                memcpy(&ldest[nl], &rl->dest, sizeof(ldest[nl]));
-                lmsgs[nl].msg_hdr.msg_name = &ldest[nl];
-                lmsgs[nl].msg_hdr.msg_namelen = rl->destlen;
+                out_msg(&lmsgs[nl], &liov[nl], (void *)p, (size_t)n, &ldest[nl], &rl->dest,
+                        rl->destlen);
                 nl++;
                 continue;
             }
@@ -1747,13 +1754,7 @@ outer_batch(TableObject *self, uint8_t *ibuf, uint8_t *obuf, int out_fd, int in_
                 if (w < 0)
                     failed++;
             } else {
-                memset(&smsgs[ns], 0, sizeof(smsgs[ns]));
-                siov[ns].iov_base = o;
-                siov[ns].iov_len = (size_t)olen;
-                smsgs[ns].msg_hdr.msg_iov = &siov[ns];
-                smsgs[ns].msg_hdr.msg_iovlen = 1;
-                smsgs[ns].msg_hdr.msg_name = (void *)inner_addr;
-                smsgs[ns].msg_hdr.msg_namelen = inner_len;
+                out_msg(&smsgs[ns], &siov[ns], o, (size_t)olen, NULL, inner_addr, inner_len);
                 ns++;
             }
         } else {
