@@ -7,11 +7,13 @@ and exited: every tunnel torn down.)"""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -205,3 +207,53 @@ def test_an_invalid_file_or_a_restart_key_at_sighup_keeps_what_runs(setup: Setup
     assert setup.procs["sg1"].wait(30) == 0
     assert "event=shutdown" in _text(setup, "sg1")
     assert ADDR["sg1"] in _text(setup, "sg1")
+
+
+def _hup_pending(pid: int) -> bool:
+    """Whether a SIGHUP sent to ``pid`` waits to be taken (SigPnd, ShdPnd: bit 0 is signal 1)."""
+    text = Path(f"/proc/{pid}/status").read_text()
+    masks = [int(x.split()[1], 16) for x in text.splitlines()
+             if x.startswith(("SigPnd:", "ShdPnd:"))]  # fmt: skip
+    return any(m & 1 for m in masks)
+
+
+def test_a_sighup_storm_is_a_reload_a_second_and_the_last_file_is_loaded(setup: Setup) -> None:
+    """100 SIGHUPs, each taken by the process before the next is sent (a loop of
+    ``systemctl reload``, a configuration tool gone wrong): on main every one was a whole
+    reload of its own, read, checked and applied, and its lines (100 event=reloaded, and as
+    many WARNINGs per restart-only key changed). The SIGHUPs that come within RELOAD_GAP of
+    a reload are folded into one reload at the gap's end, which reads the file as it is then:
+    the file written amid the storm is the one that runs, nothing half-applied."""
+    from ipsecct.gateway.service import RELOAD_GAP
+
+    ike = _up(setup)
+    pid = setup.procs["sg1"].pid
+    f = setup.dir / "sg1.toml"
+    good = f.read_text()
+    f.write_text(good.replace("[state]", "[state]\nseq_block = 1024"))  # a restart-only key
+    start = time.monotonic()
+    for i in range(100):
+        if i == 60:
+            f.write_text(good.replace("[state]", "[state]\nseq_block = 1024")
+                         .replace('level = "debug"', 'level = "info"'))  # fmt: skip
+        os.kill(pid, signal.SIGHUP)
+        until(lambda: not _hup_pending(pid), "sg1 to take the SIGHUP", 10)
+    elapsed = time.monotonic() - start
+    sha = hashlib.sha256(f.read_bytes()).hexdigest()
+    until(lambda: setup.status("sg1")["config"]["sha256"] == sha, "the last file loaded", 30)
+    st = setup.status("sg1")["config"]
+    assert st["log_level"] == "info" and st["needs_restart"] == ["state.seq_block"], st
+    # every SIGHUP is a reload or folded into the one after it; a reload a RELOAD_GAP at most
+    until(lambda: sum(setup.status("sg1")["config"].get(k, 0) for k in
+                      ("reloads", "reloads_failed", "coalesced")) == 100,
+          "every SIGHUP counted", 30)  # fmt: skip
+    st = setup.status("sg1")["config"]
+    assert st["reloads"] <= 2 + elapsed / RELOAD_GAP, (st, elapsed)
+    assert st["reloads_failed"] == 0, st
+    assert st["reloads"] < 100 and st["coalesced"] > 0, (st, elapsed)
+    log = _text(setup, "sg1")
+    assert log.count("event=reloaded") == st["reloads"], st
+    assert log.count("event=reload-needs-restart") == st["reloads"], st
+    assert "Traceback" not in log and "event=shutdown" not in log
+    assert _sa_ids(setup.ike("sg1")[0]) == _sa_ids(ike)
+    setup.traffic_ok("sg1", 40)

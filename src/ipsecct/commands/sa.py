@@ -218,8 +218,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     if isinstance(conf, dict):  # which file runs (a hash of it), and the SIGHUP reloads
         print(f"  config: {conf['file']} (sha256 {str(conf['sha256'])[:16]}), loaded"
               f" {conf['loaded_at']}, {conf['reloads']} reload(s), {conf['reloads_failed']}"
-              " refused" + (f"; needs a restart: {', '.join(conf['needs_restart'])}"
-                            if conf["needs_restart"] else ""))  # fmt: skip
+              " refused" + (f", {conf['coalesced']} SIGHUP(s) coalesced"
+                            if conf.get("coalesced") else "")
+              + (f"; needs a restart: {', '.join(conf['needs_restart'])}"
+                 if conf["needs_restart"] else ""))  # fmt: skip
     _print_transfer_status(res)
     if isinstance(res.get("failover"), dict):
         _print_failover_status(res["failover"])

@@ -179,13 +179,16 @@ def plan(running: Prints, old: list[Connection], new: NodeConfig, pools: set[str
 class Loaded:
     """Which configuration runs (``status``'s ``config``): the file, the SHA-256 of the bytes
     last loaded from it (never its contents), when (UTC), the reloads done and refused, and
-    the keys changed in the file that wait for a restart."""
+    the keys changed in the file that wait for a restart; ``coalesced``: the SIGHUPs that
+    came while a reload was already due (within RELOAD_GAP of the last one) and were served
+    by it."""
 
     file: str
     sha256: str
     loaded_at: str
     reloads: int = 0
     reloads_failed: int = 0
+    coalesced: int = 0
     needs_restart: list[str] = field(default_factory=list)
 
     def status(self, log_level: str) -> dict[str, Any]:

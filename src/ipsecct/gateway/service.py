@@ -10,6 +10,7 @@ import asyncio
 import datetime as dt
 import ipaddress
 import logging
+import math
 import signal
 import time
 from collections.abc import Awaitable, Callable
@@ -58,6 +59,8 @@ NO_IKE = "this node runs no IKEv2 (no [connections] configured)"
 # seconds ``sa delete --ike`` waits for the peer to answer the DELETE (the SAs are gone here
 # at once; an unanswered DELETE is sent again, as every IKE request, then given up)
 IKE_DELETE_WAIT = 2.0
+# seconds between two SIGHUP reloads at least: the SIGHUPs within it are one reload at its end
+RELOAD_GAP = 1.0
 
 
 async def _no_ike(args: dict[str, Any]) -> Any:
@@ -97,6 +100,9 @@ class Service:
         # SIGHUP before every socket and timer runs: the reload waits for the start's end
         self._running = False
         self._hup_pending = False
+        # when the last reload ran (loop time) and the one due at its gap's end
+        self._reloaded_at = -math.inf
+        self._reload_due: asyncio.TimerHandle | None = None
         self.node.extensions["config"] = lambda: self.loaded.status(self.cfg.log_level)
         # A mobile node's side of context transfer.
         self.agent: MobileAgent | None = MobileAgent(self.node) if role == "node" else None
@@ -494,16 +500,40 @@ class Service:
             await stop.wait()
         finally:
             self._stopping = True
+            if self._reload_due is not None:
+                self._reload_due.cancel()
+                self._reload_due = None
             event(log, "shutdown", node=self.node.name)
             await self.stop()
 
     def _on_sighup(self) -> None:
+        """A SIGHUP: a reload now, or, within RELOAD_GAP of the last one, one reload at the
+        gap's end that every SIGHUP meanwhile joins (``coalesced``): it reads the file as it
+        is then, so the last one written runs. A storm of SIGHUPs (100 a second) is a reload
+        and its lines a second, not a hundred."""
         if self._stopping:
             return
         if not self._running:
             self._hup_pending = True
             return
         self._hup_pending = False
+        if self._reload_due is not None:
+            self.loaded.coalesced += 1
+            return
+        loop = asyncio.get_running_loop()
+        due = self._reloaded_at + RELOAD_GAP
+        if loop.time() < due:
+            self._reload_due = loop.call_at(due, self._reload_at_gap_end)
+            return
+        self._reload_now()
+
+    def _reload_at_gap_end(self) -> None:
+        self._reload_due = None
+        if not self._stopping:
+            self._reload_now()
+
+    def _reload_now(self) -> None:
+        self._reloaded_at = asyncio.get_running_loop().time()
         try:
             self.reload()
         except Exception as exc:  # a bug, never a traceback: one line, the old configuration
