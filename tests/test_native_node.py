@@ -429,6 +429,69 @@ def test_junk_esp_does_not_crowd_ike_and_signals_out_of_the_queue(
     assert r["status"]["native_queue_drops_by"]["esp"] == 2000 - 16
 
 
+async def _fake_ike_flood(tmp: Path, n: int, sources: int) -> dict[str, Any]:
+    """``n`` datagrams of junk after the non-ESP marker (fake IKE, which only the event loop's
+    parser tells from IKE) from ``sources`` addresses while the event loop is busy; in the
+    middle of it a real client's IKE_SA_INIT from an address of its own."""
+    sink = _sink()
+    a, po, _ = _node(tmp, sink.getsockname()[1])
+    await a.start()
+    assert a.status()["data_path"] == "native-thread"
+    ike: list[bytes] = []
+    on_outer = a._on_outer
+
+    def seen_outer(data: bytes, addr: Any) -> None:
+        ike.append(bytes(data))
+        on_outer(data, addr)
+
+    a._on_outer = seen_outer  # type: ignore[method-assign]
+    assert a.outer_transport is not None
+    outer = a.outer_transport.sock
+    txs = []
+    for i in range(sources):
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.bind((f"127.0.{1 + i // 250}.{1 + i % 250}", 0))
+        txs.append(s)
+    client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    client.bind(("127.0.9.9", 0))
+    table = a.engine.native
+    init = _ike_sa_init()
+    try:
+        for i in range(n):
+            txs[i % sources].sendto(bytes(4) + os.urandom(36), ("127.0.0.1", po))
+            if i % 100 == 99:
+                _caught_up(outer)
+            if i == n // 2:
+                client.sendto(init, ("127.0.0.1", po))
+        _caught_up(outer)  # the event loop is busy (here): the thread read them all
+        dropped = dict(table.up_dropped_by)
+        await eventually(lambda: init in ike, "the client's IKE_SA_INIT handed up", 30)
+        return {"ike": ike, "init": init, "dropped": dropped, "status": a.status()}
+    finally:
+        for s in txs:
+            s.close()
+        client.close()
+        await a.stop()
+        sink.close()
+
+
+def test_fake_ike_from_one_host_does_not_crowd_another_hosts_ike_out_of_the_queue(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """2,000 datagrams of junk after the non-ESP marker from one address (or from four) fill
+    the IKE share of the queue to the event loop while the loop is busy: on main the IKE_SA_INIT
+    of a client at another address that came in the middle of them was dropped with them (the
+    share is per class, junk ESP could no longer do it, fake IKE still could). One source may
+    fill an eighth of the share between two drains (3 of 24 here), the client's goes up."""
+    assert native.AVAILABLE, "ipsecct.ipsec._esp is not built: run scripts/install"
+    monkeypatch.setattr(node_mod, "_MAX_PENDING", 64)
+    for sources in (1, 4):
+        r = asyncio.run(_fake_ike_flood(tmp_path, 2000, sources))
+        assert r["dropped"] == {"own": 0, "esp": 0, "ike": 2000 - 3 * sources, "inner": 0}
+        assert r["ike"].count(r["init"]) == 1
+        assert r["status"]["native_queue_drops_by"]["ike"] == 2000 - 3 * sources
+
+
 # -- differential: the forwarding thread against the Python path, hostile datagrams ----------
 
 _OP = st.one_of(

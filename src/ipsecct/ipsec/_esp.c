@@ -28,6 +28,7 @@
 #include <stdint.h>
 #include <string.h>
 #include <sys/epoll.h>
+#include <sys/random.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
@@ -1007,6 +1008,12 @@ static PyTypeObject RelayType = {
 
 /* ---------------------------------------------------------------- the table */
 
+struct IkeSource {
+    uint8_t addr[16]; /* IPv6, or IPv4 in its first 4 octets (v4 says which) */
+    uint32_t gen, n;
+    uint8_t v4;
+};
+
 typedef struct {
     PyObject_HEAD
     PyObject *by_spi;  /* int -> SA (inbound) */
@@ -1026,10 +1033,18 @@ typedef struct {
     PyObject *pending;
     Py_ssize_t up_limit;
     Py_ssize_t up_count[N_UP];
+    /* IKE hand-ups per source address since the last drain (see ike_source_admit): an open
+     * addressing table of ike_cap slots, a slot live when its gen is ike_gen (drain bumps
+     * ike_gen: no clearing) */
+    struct IkeSource *ike_src;
+    size_t ike_cap;
+    uint32_t ike_gen, ike_seed;
     unsigned long long up_dropped;
     unsigned long long up_dropped_by[N_UP];
     int running, fault, woken;
 } TableObject;
+
+static void ike_src_free(TableObject *self);
 
 static PyTypeObject TableType;
 
@@ -1083,6 +1098,7 @@ table_dealloc(TableObject *self)
 {
     PyObject_GC_UnTrack(self);
     table_clear(self);
+    ike_src_free(self);
     PyMem_Free(self->in);
     PyMem_Free(self->out);
     Py_TYPE(self)->tp_free((PyObject *)self);
@@ -1519,6 +1535,69 @@ up_budget(TableObject *self, int cls)
     return b > 0 ? b : 1;
 }
 
+/* One source address may fill an eighth of the IKE share between two drains (192 of 1,536
+ * at the default 4,096): a host sending junk after the non-ESP marker (fake IKE, which only
+ * the event loop can tell from IKE) no longer crowds every other host's IKE out of the
+ * queue, while a NAT with many clients behind it still has room for a burst. Forged
+ * sources are not held back by this (as ESP from them is not): the share's own bound. */
+static Py_ssize_t
+ike_per_source(TableObject *self)
+{
+    Py_ssize_t b = up_budget(self, UP_IKE) / 8;
+    return b > 0 ? b : 1;
+}
+
+static void
+ike_src_free(TableObject *self)
+{
+    PyMem_RawFree(self->ike_src);
+    self->ike_src = NULL;
+    self->ike_cap = 0;
+}
+
+/* Whether a datagram of the IKE class from ``src`` may go up: 0 when its source already
+ * has its ike_per_source since the last drain, else counted and 1. No table (not running,
+ * or it could not be allocated): 1, the class's share alone. */
+static int
+ike_source_admit(TableObject *self, const struct sockaddr_storage *src)
+{
+    if (self->ike_src == NULL || self->ike_cap == 0)
+        return 1;
+    uint8_t a[16] = {0};
+    uint8_t v4;
+    if (src->ss_family == AF_INET) {
+        memcpy(a, &((const struct sockaddr_in *)src)->sin_addr, 4);
+        v4 = 1;
+    } else if (src->ss_family == AF_INET6) {
+        memcpy(a, &((const struct sockaddr_in6 *)src)->sin6_addr, 16);
+        v4 = 0;
+    } else {
+        return 1;
+    }
+    uint32_t h = self->ike_seed ^ v4;
+    for (int i = 0; i < 16; i++)
+        h = (h ^ a[i]) * 16777619u;
+    h ^= h >> 15;
+    size_t mask = self->ike_cap - 1;
+    for (size_t k = 0, j = h & mask; k < self->ike_cap; k++, j = (j + 1) & mask) {
+        struct IkeSource *e = &self->ike_src[j];
+        if (e->gen != self->ike_gen) { /* a free slot: the source's first since the drain */
+            memcpy(e->addr, a, 16);
+            e->v4 = v4;
+            e->gen = self->ike_gen;
+            e->n = 1;
+            return 1;
+        }
+        if (e->v4 == v4 && memcmp(e->addr, a, 16) == 0) {
+            if ((Py_ssize_t)e->n >= ike_per_source(self))
+                return 0;
+            e->n++;
+            return 1;
+        }
+    }
+    return 1; /* full (cannot be: at most the IKE share's sources are in it) */
+}
+
 /* The class of a datagram from the outer side that goes up: the non-ESP marker (RFC 3948)
  * is IKE; anything else is ESP (or junk) no SA here took. */
 static inline int
@@ -1528,14 +1607,16 @@ outer_class(const uint8_t *p, Py_ssize_t n)
 }
 
 static int
-append_up(TableObject *self, PyObject *up, PyObject *item, int cls)
+append_up(TableObject *self, PyObject *up, PyObject *item, int cls,
+          const struct sockaddr_storage *src)
 {
     if (item == NULL)
         return -1;
     if (up == NULL) /* the forwarding thread: the pending list as it is now (see drain) */
         up = self->pending;
     if (up == self->pending && self->up_limit > 0 &&
-        (PyList_GET_SIZE(up) >= self->up_limit || self->up_count[cls] >= up_budget(self, cls))) {
+        (PyList_GET_SIZE(up) >= self->up_limit || self->up_count[cls] >= up_budget(self, cls) ||
+         (cls == UP_IKE && src != NULL && !ike_source_admit(self, src)))) {
         /* the queue to the Python side is bounded: what does not fit is dropped, counted */
         self->up_dropped++;
         self->up_dropped_by[cls]++;
@@ -1561,7 +1642,7 @@ give_back(TableObject *self, struct mmsghdr *msgs, struct iovec *iov, int from, 
             return -1;
         PyObject *item = Py_BuildValue("(iy#N)", kind, iov[i].iov_base,
                                        (Py_ssize_t)iov[i].iov_len, addr);
-        if (append_up(self, up, item, UP_OWN) < 0)
+        if (append_up(self, up, item, UP_OWN, NULL) < 0)
             return -1;
     }
     return 0;
@@ -1675,7 +1756,7 @@ inner_batch(TableObject *self, uint8_t *ibuf, uint8_t *obuf, int in_fd, int is_t
     for (int j = 0; j < np; j++) {
         int i = punts[j];
         if (append_up(self, up, Py_BuildValue("(iy#)", 0, ibuf + (size_t)i * BUFSZ, lens[i]),
-                      UP_INNER) < 0)
+                      UP_INNER, NULL) < 0)
             return -1;
     }
     if (sent < ns && give_back(self, smsgs, siov, sent, ns, up, 2) < 0)
@@ -1776,7 +1857,7 @@ outer_batch(TableObject *self, uint8_t *ibuf, uint8_t *obuf, int out_fd, int in_
                 item = Py_BuildValue("(iOy#N)", 3, u->sa->owner, obuf + (size_t)u->idx * BUFSZ,
                                      u->len, addr);
             int cls = u->kind == 1 ? outer_class(ibuf + (size_t)u->idx * BUFSZ, u->len) : UP_OWN;
-            err = append_up(self, up, item, cls) < 0;
+            err = append_up(self, up, item, cls, &from[u->idx]) < 0;
         }
         Py_XDECREF(u->sa);
     }
@@ -1983,6 +2064,20 @@ table_run(TableObject *self, PyObject *args)
         goto out;
     self->running = 1;
     self->up_limit = max_pending > 0 ? max_pending : 1;
+    {
+        /* the IKE sources' table: twice the IKE share's slots (a source is in it only once
+         * one of its datagrams went up), at most half full */
+        size_t cap = 16;
+        while (cap < 2 * (size_t)up_budget(self, UP_IKE))
+            cap <<= 1;
+        PyMem_RawFree(self->ike_src);
+        self->ike_src = PyMem_RawCalloc(cap, sizeof(*self->ike_src));
+        self->ike_cap = self->ike_src != NULL ? cap : 0;
+        self->ike_gen = 1;
+        if (getrandom(&self->ike_seed, sizeof(self->ike_seed), GRND_NONBLOCK) !=
+            (ssize_t)sizeof(self->ike_seed))
+            self->ike_seed = (uint32_t)(monotonic_now() * 1e9);
+    }
     double last_wake = monotonic_now(), last_data = 0;
     for (;;) {
         struct epoll_event evs[MAX_OUTER + 2];
@@ -2055,6 +2150,7 @@ table_run(TableObject *self, PyObject *args)
             close(ep);
             PyMem_RawFree(ibuf);
             PyMem_RawFree(obuf);
+            ike_src_free(self);
             Py_RETURN_NONE;
         }
     }
@@ -2065,6 +2161,7 @@ out:
         close(ep);
     PyMem_RawFree(ibuf);
     PyMem_RawFree(obuf);
+    ike_src_free(self);
     {
         uint64_t one = 1; /* the Python side learns of the end through the failure itself */
         ssize_t w = write(wake_fd, &one, sizeof(one));
@@ -2091,6 +2188,11 @@ table_drain(TableObject *self, PyObject *args)
     PyObject *old = self->pending;
     self->pending = fresh;
     memset(self->up_count, 0, sizeof(self->up_count));
+    if (++self->ike_gen == 0) { /* every source's count starts again (wrapped: clear) */
+        if (self->ike_src != NULL)
+            memset(self->ike_src, 0, self->ike_cap * sizeof(*self->ike_src));
+        self->ike_gen = 1;
+    }
     self->woken = 0;
     if (old == NULL)
         return PyList_New(0);
