@@ -74,3 +74,33 @@ def test_in_ci_every_skip_fails_with_its_reason(
     assert "no IPv6 loopback" in out
     assert "a_package_that_is_not_installed_anywhere" in out
     assert out.count("skipped under IPSECCT_REQUIRE_ALL=1") >= 3
+
+
+NATIVE_ONLY = """
+import pytest
+
+@pytest.mark.skipif(True, reason="IPSECCT_PURE_PYTHON forces the Python path")
+def test_of_what_c_does():
+    pass
+
+@pytest.mark.skipif(True, reason="needs a tool that is missing")
+def test_marked_skip():
+    pass
+"""
+
+
+@pytest.mark.parametrize("pure", ["1", "0"])
+def test_a_native_only_skip_is_expected_only_under_pure_python(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, pure: str
+) -> None:
+    """Under IPSECCT_PURE_PYTHON=1 the tests of C skip, saying so; any other skip still
+    fails, and the same reason without the variable set is a broken install."""
+    monkeypatch.setenv("IPSECCT_REQUIRE_ALL", "1")
+    monkeypatch.setenv("IPSECCT_PURE_PYTHON", pure)
+    pytester.makepyfile(test_native_only=NATIVE_ONLY)
+    r = pytester.runpytest("-p", "tests.helpers.require_all", "-p", "no:cacheprovider")
+    if pure == "1":
+        r.assert_outcomes(skipped=1, errors=1)
+    else:
+        r.assert_outcomes(errors=2)
+    assert "needs a tool that is missing" in r.stdout.str()
