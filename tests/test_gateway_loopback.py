@@ -48,6 +48,7 @@ from tests.helpers.daemon import (
     node_toml,
     ok,
 )
+from tests.helpers.data_path import without_extensions
 from tests.helpers.waiting import until
 
 
@@ -268,6 +269,32 @@ def test_traffic_both_ways_and_counters(topo: Topo) -> None:
     assert [s["spi"] for s in shown] == [f"0x{SPI_UP:08x}"]
     human = ok("status", "-s", topo.sg.sock)
     assert "sg1 (gateway)" in human and f"in {n} packets" in human
+
+
+@pytest.fixture
+def no_extensions(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The daemons started after it import a copy of the package without its C extensions."""
+    return without_extensions(tmp_path / "pkg", monkeypatch)
+
+
+def test_a_gateway_runs_and_says_so_without_the_c_extensions(
+    no_extensions: Path, topo: Topo
+) -> None:
+    """Installed without a compiler (no .so file at all, IPSECCT_PURE_PYTHON unset), a gateway
+    and a node start, carry traffic both ways on the Python data path, and status says so."""
+    assert topo.sg.status()["data_path"] == topo.mn.status()["data_path"] == "python"
+    n = 20
+    sent_up = [packet(i, size=64 + 20 * i) for i in range(n)]
+    for p in sent_up:
+        topo.up(p)
+    assert sorted(recv_all(topo.host, n)) == sorted(sent_up)
+    sent_down = [packet(i, HOST, MN_INNER, 100) for i in range(n)]
+    for p in sent_down:
+        topo.down(p)
+    assert sorted(recv_all(topo.mn_app, n)) == sorted(sent_down)
+    sg = topo.sg.counters()
+    assert sg["in_packets"] == n and sg["out_packets"] == n and not any(sg["drops"].values())
+    assert '"data_path": "python"' in ok("status", "--json", "-s", topo.sg.sock)
 
 
 def test_rejections_are_counted(topo: Topo) -> None:
