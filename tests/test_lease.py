@@ -32,6 +32,7 @@ from ipsecct.ipsec.engine import Engine, Held, ToPeer, Tunnel, TunnelState
 from ipsecct.ipsec.esp import Drop
 from ipsecct.ipsec.ippacket import Endpoint
 from ipsecct.ipsec.spd import Action, SPDEntry
+from tests.helpers.data_path import native_only
 from tests.helpers.transfer import PORT, SG_ADDR, esp_seq, ip, tunnel_sas, udp_packet
 
 # -- 1. the arithmetic -----------------------------------------------------------------------
@@ -160,7 +161,9 @@ def test_engine_holds_outside_the_lease_and_at_the_ceiling() -> None:
     assert eng.stats.drops["fenced"] == 2
 
 
-@pytest.mark.parametrize("native", [False, True], ids=["python", "native"])
+@pytest.mark.parametrize(
+    "native", [False, pytest.param(True, marks=native_only)], ids=["python", "native"]
+)
 def test_the_active_stops_at_the_lease_end_itself_not_at_the_next_tick(native: bool) -> None:
     """The lease's end is an absolute deadline the engine holds (``Engine.send_until``, set
     when a grant arrives) and checks on every packet, in Python and in C (the SA's deadline
