@@ -30,8 +30,11 @@ FILES = [
     "tests/test_udpencap.py",
     "tests/test_context.py",
     "tests/test_transfer_core.py",
+    "tests/test_transfer_prepared.py",
     "tests/test_make_before_break.py",
     "tests/test_failover.py",
+    "tests/test_failover_transfer.py",
+    "tests/test_lease.py",
 ]
 
 
