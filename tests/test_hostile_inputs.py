@@ -634,3 +634,75 @@ def test_a_start_that_fails_after_the_node_ran_says_so_in_one_line(
     assert "event=started" not in r.stderr, r.stderr
     assert lines and lines[-1].startswith("ipsecct: error: "), r.stderr
     assert not any("error" in x.lower() for x in lines[:-1]), r.stderr
+
+
+@pytest.mark.slow
+def test_replayed_and_forged_esp_of_a_killed_peer_do_not_keep_its_ike_sa_alive(
+    tmp_path: Path,
+) -> None:
+    """The gateway sends no liveness check while the peer's ESP comes in (031c0e4, as
+    charon): only packets that passed the ICV and the replay window may count. The MN is
+    killed (SIGKILL); an attacker at its address and port replays its ESP captured on the
+    wire (Scapy on lo) and sends forged ESP under its SPI, without a pause: sg1's check
+    (dpd_delay = 1) still goes out, is retransmitted unanswered and the MN is found dead
+    (46 s after it) and its IKE SA ended, as for a silent peer; every datagram of the
+    attacker's is a replay or ICV drop. (It held on main: only authenticated packets count.)"""
+    from scapy.all import UDP, AsyncSniffer, Raw
+
+    from tests.helpers.example_ikev2 import ADDR, Setup
+    from tests.helpers.waiting import until
+
+    s = Setup(tmp_path)
+    f = s.dir / "sg1.toml"
+    f.write_text(f.read_text().replace("dpd_delay = 30", "dpd_delay = 1"))
+    attacker = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        for n in ("sg1", "mn"):
+            s.start(n)
+        s.wait_ike("sg1", lambda i: i["children"], "sg1's IKE SA with the MN")
+        gw = (ADDR["sg1"], s.port[24500])
+        ready = threading.Event()
+        sniff = AsyncSniffer(iface="lo", filter=f"udp and src host {ADDR['mn']} and dst port"
+                             f" {gw[1]}", started_callback=ready.set)  # fmt: skip
+        sniff.start()
+        until(ready.is_set, "the sniffer", 10)
+        s.traffic_ok("sg1", 10)
+        s.traffic_ok("sg1", 12)
+        sniff.stop()
+        got = sniff.results or []
+        esp = [bytes(p[UDP][Raw].load) for p in got if UDP in p and Raw in p]
+        esp = [d for d in esp if len(d) > 16 and d[:4] != bytes(4)]
+        assert len(esp) >= 20, len(esp)
+        sport = got[0][UDP].sport
+
+        def counters() -> dict[str, int]:
+            st = s.status("sg1")
+            c = dict(st["ike"]["counters"])
+            c.update({f"drop-{k}": v for k, v in st["counters"]["drops"].items()})
+            return c
+
+        s.procs["mn"].kill()
+        s.procs["mn"].wait(10)
+        before = counters()
+        attacker.bind((ADDR["mn"], sport))  # the dead MN's address and port
+        spi = esp[0][:4]
+        top = max(int.from_bytes(d[4:8], "big") for d in esp)
+
+        def flooded() -> bool:
+            for i in range(50):  # replays of what it sent, forgeries of what it might send
+                attacker.sendto(esp[i % len(esp)], gw)
+                attacker.sendto(spi + (top + 1 + i).to_bytes(4, "big") + os.urandom(80), gw)
+            return counters().get("peer-dead", 0) > before.get("peer-dead", 0)
+
+        # a check (dpd_delay = 1), its retransmissions 2, 6, 14 and 30 s later, then dead
+        until(flooded, "sg1 to find the MN dead amid its replayed and forged ESP", 90)
+        after = counters()
+        assert after.get("liveness-sent", 0) > before.get("liveness-sent", 0), after
+        # the traffic before the kill may have spared one check; nothing after it did
+        assert after.get("liveness-esp", 0) - before.get("liveness-esp", 0) <= 1, after
+        assert after["drop-replay"] > before["drop-replay"], after
+        assert after["drop-icv"] > before["drop-icv"], after
+        until(lambda: s.ike("sg1") == [], "the dead MN's IKE SA gone", 30)
+    finally:
+        attacker.close()
+        s.stop()
