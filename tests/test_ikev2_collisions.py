@@ -53,15 +53,17 @@ def hold_ike(ns: Namespaces, role: str, src: str, *, answers_only: bool = False
     """Drop, as namespace ``role`` receives them, the IKE datagrams ``src`` sends: UDP from
     port 500, or from port 4500 with the non-ESP marker (four zero octets where ESP in UDP
     has its SPI, RFC 3948); with ``answers_only`` only its responses (the R flag of the IKE
-    header, octet 19 after the marker). ESP in UDP always passes."""
+    header, octet 19 after the marker, or of the UDP payload on port 500: two ipsecct ends
+    with no NAT between them keep IKE there). ESP in UDP always passes."""
     answer = " @th,248,8 & 0x20 == 0x20" if answers_only else ""
     rules = (
         "add table inet ict_hold\n"
         "add chain inet ict_hold in { type filter hook input priority 0; }\n"
         f"add rule inet ict_hold in ip saddr {src} udp sport 4500 @th,64,32 0{answer} drop\n"
     )
-    if not answers_only:
-        rules += f"add rule inet ict_hold in ip saddr {src} udp sport 500 drop\n"
+    # port 500: no marker, the R flag at octet 19 of the UDP payload
+    answer500 = " @th,216,8 & 0x20 == 0x20" if answers_only else ""
+    rules += f"add rule inet ict_hold in ip saddr {src} udp sport 500{answer500} drop\n"
     subprocess.run(ns.cmd(role, "nft", "-f", "-"), input=rules, text=True, check=True,
                    capture_output=True, timeout=30)  # fmt: skip
     try:
