@@ -647,7 +647,9 @@ def test_replayed_and_forged_esp_of_a_killed_peer_do_not_keep_its_ike_sa_alive(
     (dpd_delay = 1) still goes out, is retransmitted unanswered and the MN is found dead
     (46 s after it) and its IKE SA ended, as for a silent peer; every datagram of the
     attacker's is a replay or ICV drop. (It held on main: only authenticated packets count.)"""
-    from scapy.all import UDP, AsyncSniffer, Raw
+    from scapy.layers.inet import UDP
+    from scapy.packet import Raw
+    from scapy.sendrecv import AsyncSniffer
 
     from tests.helpers.example_ikev2 import ADDR, Setup
     from tests.helpers.waiting import until
@@ -669,7 +671,7 @@ def test_replayed_and_forged_esp_of_a_killed_peer_do_not_keep_its_ike_sa_alive(
         s.traffic_ok("sg1", 10)
         s.traffic_ok("sg1", 12)
         sniff.stop()
-        got = sniff.results or []
+        got: list[Any] = list(sniff.results or [])
         esp = [bytes(p[UDP][Raw].load) for p in got if UDP in p and Raw in p]
         esp = [d for d in esp if len(d) > 16 and d[:4] != bytes(4)]
         assert len(esp) >= 20, len(esp)
