@@ -257,3 +257,44 @@ def test_a_sighup_storm_is_a_reload_a_second_and_the_last_file_is_loaded(setup: 
     assert "Traceback" not in log and "event=shutdown" not in log
     assert _sa_ids(setup.ike("sg1")[0]) == _sa_ids(ike)
     setup.traffic_ok("sg1", 40)
+
+
+@pytest.mark.parametrize("kind", ["dev-zero", "fifo", "huge", "directory", "removed"])
+def test_a_file_replaced_by_what_never_ends_at_sighup_is_one_line_and_changes_nothing(
+    setup: Setup, kind: str
+) -> None:
+    """The configuration file replaced, before a SIGHUP, by a symlink to /dev/zero, a FIFO no
+    one writes (open() would wait for a writer for ever: the event loop with it), a sparse
+    file of 4 GiB, a directory, or nothing: one ERROR line (event=reload-failed) naming the
+    file, at once; the gateway runs on with what it had and a later SIGHUP of the good file
+    reloads it. (Held on main: the loader opens non-blocking and reads regular files of at
+    most CONFIG_LIMIT; a guard for the reload path.)"""
+    setup.start("sg1")
+    sock = socket_of(setup.config("sg1"))  # (status finds it in the file: read it first)
+    until(lambda: answers(sock), "sg1's control socket", 30)
+    f = setup.dir / "sg1.toml"
+    good = f.read_bytes()
+    sha = ask(sock, "status")["config"]["sha256"]
+    f.unlink()
+    if kind == "dev-zero":
+        f.symlink_to("/dev/zero")
+    elif kind == "fifo":
+        os.mkfifo(f)
+    elif kind == "huge":
+        with open(f, "wb") as out:
+            out.truncate(4 << 30)
+    elif kind == "directory":
+        f.mkdir()
+    log = _hup(setup, "sg1", "event=reload-failed", 0)
+    (line,) = [x for x in log.splitlines() if "event=reload-failed" in x]
+    assert " ERROR " in line and str(f) in line and "Traceback" not in log, line
+    st = ask(sock, "status")["config"]
+    assert (st["sha256"], st["reloads"], st["reloads_failed"]) == (sha, 0, 1), st
+    if kind == "directory":
+        f.rmdir()
+    elif f.exists() or f.is_symlink():
+        f.unlink()
+    f.write_bytes(good.replace(b'level = "debug"', b'level = "info"'))
+    _hup(setup, "sg1", "event=reloaded", 0)
+    st = setup.status("sg1")["config"]
+    assert st["reloads"] == 1 and st["log_level"] == "info", st
