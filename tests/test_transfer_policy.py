@@ -379,6 +379,32 @@ def test_replayed_packet_for_a_held_tunnel_is_not_kept() -> None:
     assert w.gw["sg1"].engine.stats.drops["replay"] == 1
 
 
+def test_a_held_packet_replayed_is_kept_once() -> None:
+    """An authentic packet of a held tunnel, captured and replayed (sent again to the source,
+    or relayed by it to the target) is newer than the replay window, which a held packet does
+    not move: each copy passed the ICV and the window and was kept, so 49 copies of one
+    packet filled the tunnel's held_per_tunnel (50) and the MN's next packets were refused.
+    A copy of a packet held (its SPI and sequence number) is dropped, counted."""
+    w = held_world(held_per_tunnel=50)
+    sg1 = w.gw["sg1"]
+    data = w.mn_send(1)
+    assert data is not None
+    for _ in range(100):
+        sg1.from_mn(data)
+    for i in range(2, 12):
+        w.mn_send(i)
+    core = sg1.core
+    og = next(iter(core.outgoing.values()))
+    assert len(og.held) == 11 and core.counters["held_refused"] == 0, core.counters
+    assert core.counters["held_duplicate"] == 100
+    w.deliver("sg1", "sg2")
+    w.deliver("sg2", "sg1")
+    w.deliver("sg1", "sg2")
+    while w.pending("sg1", "sg2"):
+        w.deliver("sg1", "sg2")  # the held packets, forwarded to sg2
+    assert sorted(stream_seq(p) for p in w.gw["sg2"].delivered) == list(range(1, 12))
+
+
 def test_held_queue_is_bounded_per_tunnel_in_packets() -> None:
     w = held_world(held_per_tunnel=5)
     for i in range(1, 9):

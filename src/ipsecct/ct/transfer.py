@@ -589,6 +589,8 @@ class _Outgoing:
     held: list[Held] = field(default_factory=list)
     held_bytes: int = 0
     held_per_tunnel: dict[Tunnel, tuple[int, int]] = field(default_factory=dict)
+    # the held ESP of each tunnel by its first 8 octets (SPI, sequence number): _keep
+    held_esp: set[tuple[Tunnel, bytes]] = field(default_factory=set, repr=False)
     seq: int = 0
     state: OutgoingState = OutgoingState.SENT
     # Status per outbound SA of the transfer, over the CTDRs, by its SAD triple (protocol,
@@ -634,6 +636,8 @@ class _Reverting:
     standby: Write | None = None
     held_bytes: int = 0
     held_per_tunnel: dict[Tunnel, tuple[int, int]] = field(default_factory=dict)
+    # the held ESP of each tunnel by its first 8 octets (SPI, sequence number): _keep
+    held_esp: set[tuple[Tunnel, bytes]] = field(default_factory=set, repr=False)
     members: _Members | None = field(default=None, repr=False, compare=False)
     # In-SA signals (payloads) to send once active again: a fail-over standby's tunnels
     # resumed after "not taken" tell their MN the new address then.
@@ -764,6 +768,8 @@ class _Incoming:
     held: list[Held] = field(default_factory=list)
     held_bytes: int = 0
     held_per_tunnel: dict[Tunnel, tuple[int, int]] = field(default_factory=dict)
+    # the held ESP of each tunnel by its first 8 octets (SPI, sequence number): _keep
+    held_esp: set[tuple[Tunnel, bytes]] = field(default_factory=set, repr=False)
     ctdrs: list[cxtp.CTDR] = field(default_factory=list)
     next_retry: float = 0.0
     give_up: float = 0.0
@@ -910,6 +916,7 @@ class TransferCore:
             "malformed": 0,
             "forwarded": 0,
             "held_refused": 0,  # packets of held tunnels over the queue bounds
+            "held_duplicate": 0,  # ESP of held tunnels already held (replays): dropped
             "forward_refused": 0,  # FORWARDs for no tunnel this peer moved here just now
             "policy_refused": 0,  # transferred tunnels outside this gateway's policy
             "unit_refused": 0,  # units (an IKE SA with its CHILD SAs) this gateway cannot take
@@ -1251,6 +1258,14 @@ class TransferCore:
     def _keep(self, owner: _Outgoing | _Incoming | _Reverting, held: Held) -> bool:
         s = self.settings
         n = len(held.packet)
+        # A copy of ESP held already (its SPI and sequence number): authentic (the engine
+        # checked the ICV) and newer than the replay window, which held packets do not move,
+        # so every copy of a replayed packet passed; kept, they filled the tunnel's room.
+        # The MN sends each number once: a second one is a replay or the network's copy.
+        esp = (held.tunnel, bytes(held.packet[:8])) if held.inbound else None
+        if esp is not None and esp in owner.held_esp:
+            self.counters["held_duplicate"] += 1
+            return True
         packets, octets = owner.held_per_tunnel.get(held.tunnel, (0, 0))
         if (
             len(owner.held) >= s.max_held
@@ -1263,6 +1278,8 @@ class TransferCore:
         owner.held.append(held)
         owner.held_bytes += n
         owner.held_per_tunnel[held.tunnel] = (packets + 1, octets + n)
+        if esp is not None:
+            owner.held_esp.add(esp)
         return True
 
     @staticmethod
@@ -1274,6 +1291,7 @@ class TransferCore:
             p, o = per.get(h.tunnel, (0, 0))
             per[h.tunnel] = (p + 1, o + len(h.packet))
         owner.held_per_tunnel = per
+        owner.held_esp = {(h.tunnel, bytes(h.packet[:8])) for h in keep if h.inbound}
 
     def _rollback(
         self,
