@@ -13,6 +13,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -298,3 +299,59 @@ def test_a_file_replaced_by_what_never_ends_at_sighup_is_one_line_and_changes_no
     _hup(setup, "sg1", "event=reloaded", 0)
     st = setup.status("sg1")["config"]
     assert st["reloads"] == 1 and st["log_level"] == "info", st
+
+
+def test_sighups_amid_transfers_there_and_back_change_nothing_of_the_move(setup: Setup) -> None:
+    """SIGHUPs without a pause at sg1 and sg2 while the MN's IKE SA moves to sg2 and back, the
+    connection it was made with changed in both files at each SIGHUP (dpd_delay 30, 20, 30,
+    ...: a new connection object each reload): both transfers commit, the IKE SA and its
+    CHILD SA keep their SPIs, traffic passes, no replay or ICV drop anywhere, the MN never
+    negotiates again. (Held on main; a reload applies only the connections' objects, which an
+    IKE SA up or in transit does not take.)"""
+    for n in ("sg1", "sg2", "mn"):
+        setup.start(n)
+    ike1 = setup.wait_ike("sg1", lambda s: s["children"], "sg1's IKE SA")
+    setup.traffic_ok("sg1", 10)
+    files = {n: setup.dir / f"{n}.toml" for n in ("sg1", "sg2")}
+    texts = {n: f.read_text() for n, f in files.items()}
+    stop = threading.Event()
+    sent = {"sg1": 0, "sg2": 0}
+
+    def storm() -> None:
+        i = 0
+        while not stop.is_set():
+            for n in ("sg1", "sg2"):
+                tmp = files[n].with_suffix(".new")  # (replaced whole: status reads it too)
+                tmp.write_text(texts[n].replace("dpd_delay = 30", f"dpd_delay = {20 + i % 2 * 10}"))
+                os.replace(tmp, files[n])
+                pid = setup.procs[n].pid
+                os.kill(pid, signal.SIGHUP)
+                sent[n] += 1
+                until(lambda: not _hup_pending(pid), "the SIGHUP taken", 10)  # noqa: B023
+            i += 1
+
+    t = threading.Thread(target=storm)
+    t.start()
+    try:
+        r = cli("transfer", "rw", "--to", "sg2", "--json", "--config", setup.config("sg1"))
+        assert r.returncode == 0, (r.stdout, r.stderr, setup.log("sg1"))
+        ike2 = setup.wait_ike("sg2", lambda s: s["children"], "sg2's IKE SA")
+        setup.traffic_ok("sg2", 20)
+        r = cli("transfer", ike2["spi_r"], "--to", "sg1", "--json", "--config",
+                setup.config("sg2"))  # fmt: skip
+        assert r.returncode == 0, (r.stdout, r.stderr, setup.log("sg2"))
+        back = setup.wait_ike("sg1", lambda s: s["children"], "sg1's IKE SA back")
+        setup.traffic_ok("sg1", 30)
+    finally:
+        stop.set()
+        t.join(30)
+    assert _sa_ids(back) == _sa_ids(ike1) == _sa_ids(ike2)
+    assert min(sent.values()) >= 2, sent
+    assert setup.status("mn")["ike"]["counters"]["ike-sa-init-sent"] == 1
+    for n in ("mn", "sg1", "sg2"):
+        drops = setup.status(n)["counters"]["drops"]
+        assert drops["replay"] == 0 and drops["icv"] == 0, (n, drops)
+        assert "Traceback" not in _text(setup, n) and setup.procs[n].poll() is None
+    for n in ("sg1", "sg2"):
+        st = setup.status(n)["config"]
+        assert st["reloads"] >= 1 and st["reloads_failed"] == 0, (n, st)
