@@ -660,6 +660,33 @@ sa_configure(SAObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
+/* dest := the address octets (4: IPv4, 16: IPv6) and port; 0 (dest cleared, destlen 0) for
+ * any other length. */
+static int
+to_sockaddr(struct sockaddr_storage *dest, socklen_t *destlen, const Py_buffer *addr,
+            unsigned int port)
+{
+    memset(dest, 0, sizeof(*dest));
+    *destlen = 0;
+    if (addr->len == 4) {
+        struct sockaddr_in *a = (struct sockaddr_in *)dest;
+        a->sin_family = AF_INET;
+        a->sin_port = htons((uint16_t)port);
+        memcpy(&a->sin_addr, addr->buf, 4);
+        *destlen = sizeof(*a);
+        return 1;
+    }
+    if (addr->len == 16) {
+        struct sockaddr_in6 *a = (struct sockaddr_in6 *)dest;
+        a->sin6_family = AF_INET6;
+        a->sin6_port = htons((uint16_t)port);
+        memcpy(&a->sin6_addr, addr->buf, 16);
+        *destlen = sizeof(*a);
+        return 1;
+    }
+    return 0;
+}
+
 static PyObject *
 sa_set_dest(SAObject *self, PyObject *args)
 {
@@ -667,24 +694,7 @@ sa_set_dest(SAObject *self, PyObject *args)
     unsigned int port;
     if (!PyArg_ParseTuple(args, "y*I", &addr, &port))
         return NULL;
-    memset(&self->dest, 0, sizeof(self->dest));
-    if (addr.len == 4) {
-        struct sockaddr_in *a = (struct sockaddr_in *)&self->dest;
-        a->sin_family = AF_INET;
-        a->sin_port = htons((uint16_t)port);
-        memcpy(&a->sin_addr, addr.buf, 4);
-        self->destlen = sizeof(*a);
-        self->has_dest = 1;
-    } else if (addr.len == 16) {
-        struct sockaddr_in6 *a = (struct sockaddr_in6 *)&self->dest;
-        a->sin6_family = AF_INET6;
-        a->sin6_port = htons((uint16_t)port);
-        memcpy(&a->sin6_addr, addr.buf, 16);
-        self->destlen = sizeof(*a);
-        self->has_dest = 1;
-    } else {
-        self->has_dest = 0;
-    }
+    self->has_dest = to_sockaddr(&self->dest, &self->destlen, &addr, port);
     PyBuffer_Release(&addr);
     Py_RETURN_NONE;
 }
@@ -898,23 +908,9 @@ relay_init(RelayObject *self, PyObject *args, PyObject *kwds)
     double until, rate, burst;
     if (!PyArg_ParseTuple(args, "y*Iddd", &addr, &port, &until, &rate, &burst))
         return -1;
-    memset(&self->dest, 0, sizeof(self->dest));
-    self->destlen = 0;
-    if (addr.len == 4) {
-        struct sockaddr_in *a = (struct sockaddr_in *)&self->dest;
-        a->sin_family = AF_INET;
-        a->sin_port = htons((uint16_t)port);
-        memcpy(&a->sin_addr, addr.buf, 4);
-        self->destlen = sizeof(*a);
-    } else if (addr.len == 16) {
-        struct sockaddr_in6 *a = (struct sockaddr_in6 *)&self->dest;
-        a->sin6_family = AF_INET6;
-        a->sin6_port = htons((uint16_t)port);
-        memcpy(&a->sin6_addr, addr.buf, 16);
-        self->destlen = sizeof(*a);
-    }
+    int ok = to_sockaddr(&self->dest, &self->destlen, &addr, port);
     PyBuffer_Release(&addr);
-    if (self->destlen == 0 || port == 0 || port > 65535) {
+    if (!ok || port == 0 || port > 65535) {
         PyErr_SetString(PyExc_ValueError, "relay: an address of 4 or 16 octets and a port");
         return -1;
     }
