@@ -24,8 +24,9 @@ from ipsecct.ct import cxtp, failover, ownership
 from ipsecct.ct.transfer import Identity
 from ipsecct.errors import CxtpError
 from ipsecct.gateway.cluster_driver import ClusterDriver
-from ipsecct.gateway.config import ClusterConfig
+from ipsecct.gateway.config import ClusterConfig, from_dict
 from ipsecct.gateway.etcd import EtcdClient
+from ipsecct.gateway.node import Node
 from ipsecct.ipsec import spi as spimod
 from ipsecct.ipsec.engine import Engine, Tunnel
 from ipsecct.ipsec.ippacket import Endpoint
@@ -268,6 +269,24 @@ def test_a_flood_of_replicas_is_bounded_per_peer(caplog: pytest.LogCaptureFixtur
     assert 0x2100 in sb.replica and sb.replicas_refused == 2  # the room was taken
 
 
+def _member_node(tmp_path: Path, n: str, port: int, i: int) -> Node:
+    """Member ``n`` of a cluster test on loopback: its outer port ``port + i``, its inner
+    one ``port + 10 + i``, the inner peer at ``port + 20``; sg1 with six tunnels t0..t5
+    (inbound SPIs 0x1000 + k, outbound 0x2000 + k, MNs 10.1.0.2..7)."""
+    cfg = from_dict({"name": n, "outer": {"address": "127.0.0.1", "port": port + i},
+                     "inner": {"kind": "udp", "listen": f"127.0.0.1:{port + 10 + i}",
+                               "peer": f"127.0.0.1:{port + 20}"}},
+                    str(tmp_path / f"{n}.toml"))  # fmt: skip
+    node = Node(cfg)
+    if n == "sg1":
+        for k in range(6):
+            (o, inb, s), _ = tunnel_sas("sg1", spi_up=0x1000 + k, spi_down=0x2000 + k,
+                                        mn_inner=f"10.1.0.{k + 2}", name=f"t{k}")
+            node.engine.add_tunnel(SPDEntry(s, Action.PROTECT, name=f"t{k}", static=False),
+                                   o, inb)  # fmt: skip
+    return node
+
+
 def failover_seq(cdb: bytes) -> int:
     from ipsecct.ct import context
 
@@ -293,8 +312,6 @@ def test_a_take_over_whose_answer_etcd_lost_is_completed(
     from ipsecct.ct.ownership import Txn
     from ipsecct.errors import EtcdError
     from ipsecct.gateway.cluster_driver import ClusterDriver
-    from ipsecct.gateway.config import from_dict
-    from ipsecct.gateway.node import Node
 
     names = ("sg1", "sg2")
 
@@ -324,17 +341,7 @@ def test_a_take_over_whose_answer_etcd_lost_is_completed(
         alive = set(names)
 
         for i, n in enumerate(names):
-            cfg = from_dict({"name": n, "outer": {"address": "127.0.0.1", "port": 45100 + i},
-                             "inner": {"kind": "udp", "listen": f"127.0.0.1:{45110 + i}",
-                                       "peer": "127.0.0.1:45120"}},
-                            str(tmp_path / f"{n}.toml"))  # fmt: skip
-            node = Node(cfg)
-            if n == "sg1":
-                for k in range(6):
-                    (o, inb, s), _ = tunnel_sas("sg1", spi_up=0x1000 + k, spi_down=0x2000 + k,
-                                                mn_inner=f"10.1.0.{k + 2}", name=f"t{k}")
-                    node.engine.add_tunnel(SPDEntry(s, Action.PROTECT, name=f"t{k}",
-                                                    static=False), o, inb)  # fmt: skip
+            node = _member_node(tmp_path, n, 45100, i)
             drv = ClusterDriver(node, ClusterConfig(etcd=tuple(endpoints), ttl_s=2, groups=4))
             if n == "sg2":
                 drv.client = LosingClient(list(endpoints), timeout=drv.client.timeout)
@@ -826,25 +833,13 @@ async def _sg1_gone_sg3_halted(
     30 s, outlives the halt); sg1 stops (its lease revoked: its groups' owner keys go) and
     sg2 takes its six tunnels over. Yields sg2, sg3 and an etcd client; stops every driver
     on the way out."""
-    from ipsecct.gateway.config import from_dict
-    from ipsecct.gateway.node import Node
 
     names = ("sg1", "sg2", "sg3")
     drivers: dict[str, ClusterDriver] = {}
     alive = set(names)
 
     for i, n in enumerate(names):
-        cfg = from_dict({"name": n, "outer": {"address": "127.0.0.1", "port": port + i},
-                         "inner": {"kind": "udp", "listen": f"127.0.0.1:{port + 10 + i}",
-                                   "peer": f"127.0.0.1:{port + 20}"}},
-                        str(tmp_path / f"{n}.toml"))  # fmt: skip
-        node = Node(cfg)
-        if n == "sg1":
-            for k in range(6):
-                (o, inb, s), _ = tunnel_sas("sg1", spi_up=0x1000 + k, spi_down=0x2000 + k,
-                                            mn_inner=f"10.1.0.{k + 2}", name=f"t{k}")
-                node.engine.add_tunnel(SPDEntry(s, Action.PROTECT, name=f"t{k}",
-                                                static=False), o, inb)  # fmt: skip
+        node = _member_node(tmp_path, n, port, i)
         ttl = 30 if n == "sg3" else 2  # (sg3's lease outlives its halt)
         drv = ClusterDriver(node, ClusterConfig(etcd=tuple(endpoints), ttl_s=ttl, groups=4))
         drv.attach(_Wire(n, alive, drivers), Transfer(), Identity.DIRECT,  # type: ignore[arg-type]
@@ -936,8 +931,6 @@ def test_no_seq_sent_twice_a_member_restarted_after_its_lease_ended_leaves_its_g
     tunnels' keys (groups without an owner, of a lease no member holds) and joins only once
     sg2 took them over (from its replicas, above anything the old sg1 sent); it sends on none
     of them."""
-    from ipsecct.gateway.config import from_dict
-    from ipsecct.gateway.node import Node
 
     port = 45260
     drivers: dict[str, ClusterDriver] = {}
@@ -946,17 +939,8 @@ def test_no_seq_sent_twice_a_member_restarted_after_its_lease_ended_leaves_its_g
 
     def member(n: str, ttl: int) -> ClusterDriver:
         i = 0 if n == "sg1" else 1
-        cfg = from_dict({"name": n, "outer": {"address": "127.0.0.1", "port": port + i},
-                         "inner": {"kind": "udp", "listen": f"127.0.0.1:{port + 10 + i}",
-                                   "peer": f"127.0.0.1:{port + 20}"}},
-                        str(tmp_path / f"{n}.toml"))  # fmt: skip
-        node = Node(cfg)
-        if n == "sg1":  # (its tunnels, each life: configured, or from its durable state)
-            for k in range(6):
-                (o, inb, sp), _ = tunnel_sas("sg1", spi_up=0x1000 + k, spi_down=0x2000 + k,
-                                             mn_inner=f"10.1.0.{k + 2}", name=f"t{k}")
-                node.engine.add_tunnel(SPDEntry(sp, Action.PROTECT, name=f"t{k}",
-                                                static=False), o, inb)  # fmt: skip
+        # (sg1's tunnels, each life: configured, or from its durable state)
+        node = _member_node(tmp_path, n, port, i)
         drv = ClusterDriver(node, ClusterConfig(etcd=tuple(endpoints), ttl_s=ttl, groups=4))
         drv.attach(_Wire(n, alive, drivers), Transfer(), Identity.DIRECT,  # type: ignore[arg-type]
                    [p for p in ("sg1", "sg2") if p != n])
