@@ -285,3 +285,70 @@ def test_esp_relayed_by_a_peer_gateway_never_makes_the_receiver_send_to_it(
     assert r["delivered"], "the relayed ESP was not delivered"
     assert r["src"] == ("127.0.0.1", r["pb"]) and r["esp_spi"] == (0x2001).to_bytes(4, "big")
     assert r["to_relayer"] == b"", "sg2 sent to the gateway that relayed the MN's ESP"
+
+
+@pytest.mark.parametrize("use_native", [pytest.param(True, marks=native_only), False])
+def test_a_tunnel_installed_here_under_a_relayed_spi_takes_its_esp(
+    tmp_path: Path, use_native: bool
+) -> None:
+    """A tunnel moved away still has its relay (its inbound SPI, until its forwarding time
+    ends) when a tunnel with that inbound SPI is installed here again: a fail-over standby
+    taking over the replica of a tunnel it had moved to its active (ct/failover: a forwarder
+    there is replaced, not removed), an ``sa add``, an IKE CHILD SA whose SPI is free in the
+    SAD. The Python path looks in the SAD first: the ESP is this tunnel's. The forwarding
+    thread looked its relay up before the Python path saw the packet (the new inbound SA is
+    not in C until the Python path has opened a packet of it), so every packet of the
+    tunnel's MN went on to the other gateway (a dead active) until the forwarding time's
+    end, and none was opened here."""
+    if use_native:
+        _need_native()
+
+    async def main() -> dict[str, Any]:
+        target, app = _sock(), socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        target.setblocking(False)
+        ap = udp_port()
+        app.bind(("127.0.0.1", ap))
+        app.settimeout(10)
+        mn_sock = _sock()
+        po = udp_port()
+        a = Node(node_cfg(tmp_path, "a", po, udp_port(), ap, udp_port(), False, "aes-gcm-16"))
+        if not use_native:
+            a.engine.native = None
+        a.engine.relay_to["sg2"] = (LOCAL, target.getsockname()[1])
+        mn = Node(node_cfg(tmp_path, "m", udp_port(), udp_port(), udp_port(), po, True,
+                           "aes-gcm-16"))  # fmt: skip
+        await a.start()
+        try:
+            t = a.engine.tunnels()[0]
+            a.engine.move_tunnel(t, "sg2", time.monotonic() + 30.0)
+            # the same tunnel back (a replica taken over): new SA objects, the same SPIs
+            c = Node(node_cfg(tmp_path, "c", udp_port(), udp_port(), udp_port(), udp_port(),
+                              False, "aes-gcm-16"))  # fmt: skip
+            tc = c.engine.tunnels()[0]
+            c.engine.remove_tunnel(tc)
+            assert tc.inbound is not None and tc.inbound.spi == SPI_IN
+            a.engine.add_tunnel(tc.entry, tc.outbound, tc.inbound, index=0)
+            up = build_udp(ipaddress.ip_address("10.2.0.1"), ipaddress.ip_address("10.1.0.2"),
+                           7000, 5000, b"up" * 20)  # fmt: skip
+            res = mn.engine.outbound(up, time.monotonic())
+            assert isinstance(res, ToPeer)
+            mn_sock.sendto(bytes(res.data), ("127.0.0.1", po))
+            try:
+                delivered = await asyncio.to_thread(app.recv, 65535)
+            except TimeoutError:
+                delivered = b""
+            try:
+                relayed = target.recv(65535)
+            except BlockingIOError:
+                relayed = b""
+            a.engine.fold_native_stats()
+            return {"delivered": delivered == up, "relayed": relayed,
+                    "stats": a.engine.stats}  # fmt: skip
+        finally:
+            await a.stop()
+            for s in (target, app, mn_sock):
+                s.close()
+
+    r = asyncio.run(main())
+    assert r["relayed"] == b"" and r["stats"].relayed == 0, "relayed to the other gateway"
+    assert r["delivered"], "the ESP of the tunnel installed here was not opened here"

@@ -844,7 +844,7 @@ class Service:
                 eng.remove_tunnel(tunnel)
                 raise ControlError(str(exc)) from None
         else:
-            eng.sad.add(sa)
+            eng.add_sa(sa)  # (a moved tunnel's relay of its SPI yields to it)
         event(
             log,
             "sa-added",

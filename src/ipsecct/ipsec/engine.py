@@ -471,8 +471,23 @@ class Engine:
         lim = relay.make(addr[0], addr[1], until, native=self.native is not None, rate=rate,
                          burst=burst)  # fmt: skip
         self._relays[sa.spi] = _RelayEntry(tunnel, lim, (str(addr[0]), addr[1]))
-        if self.native is not None and not self._shadowed(sa.spi):
+        if self.native is not None and not self._shadowed(sa.spi) and not self.sad.by_spi(sa.spi):
             self.native.relay(sa.spi, lim)
+
+    def _relay_yield(self, spi: int) -> None:
+        """An SA here has ``spi`` (again): the forwarding thread no longer relays it. C
+        looks its relay up when no SA in C has the SPI, and an inbound SA reaches C only once
+        the Python path has opened a packet of it: a tunnel installed here under a moved
+        tunnel's inbound SPI (a fail-over take-over of its replica, ``sa add``, an IKE CHILD
+        SA) had its MN's ESP relayed away instead. The Python path looks in the SAD first
+        and relays only what no SA here has (:meth:`inbound`)."""
+        if spi in self._relays and self.native is not None:
+            self.native.relay(spi, None)
+
+    def add_sa(self, sa: SecurityAssociation) -> None:
+        """An SA without a tunnel (``sa add`` of an inbound SA) into the SAD."""
+        self.sad.add(sa)
+        self._relay_yield(sa.spi)
 
     def _relay_clear(self, tunnel: Tunnel) -> None:
         sa = tunnel.inbound
@@ -562,6 +577,8 @@ class Engine:
             if inbound is not None:
                 self.sad.remove(inbound)
             raise
+        if inbound is not None:
+            self._relay_yield(inbound.spi)
         entry.sa_ids = [outbound.spi]
         self._clear_flows()
         self.spd.add(entry, index=index)
@@ -619,6 +636,8 @@ class Engine:
                 except SAError:
                     out.append(None)
                     continue
+                if inbound is not None and self._relays:
+                    self._relay_yield(inbound.spi)
                 entry.sa_ids = [outbound.spi]
                 entries.append(entry)
                 t = Tunnel(entry, outbound, inbound, state)
@@ -1016,6 +1035,7 @@ class Engine:
             sa.src = src
         if present:
             self.sad.add(sa)
+            self._relay_yield(new_spi)
         t = self._tunnel_of_sa.get(id(sa))
         if t is not None:
             if sa is t.outbound:
