@@ -101,9 +101,12 @@ RELAY_SPIS = (0, 0x200, 0x201, 0x202, 0xFFFFFFFF)
 
 
 def relay_of(esp: Any, rng: random.Random, sink_port: int) -> Any:
-    """A relay to the sink, at any rate and end (some past, some a burst of one)."""
+    """A relay to the sink, at any rate and end (some past, some a burst of one), some
+    under an overall cap (a new one, whose only other holder goes at once, or none)."""
+    cap = rng.choice([None, esp.RelayCap(rng.choice([1e-3, 1.0, 1e6]), rng.choice([1.0, 3.0]))])
     r = esp.Relay(b"\x7f\0\0\x01", sink_port, rng.choice([0.0, 1e300, time.monotonic() + 1]),
-                  rng.choice([1e-3, 1.0, 1e6]), rng.choice([1.0, 5.0, 1000.0]))
+                  rng.choice([1e-3, 1.0, 1e6]), rng.choice([1.0, 5.0, 1000.0]), cap)
+    del cap
     for _ in range(3):
         r.take(rng.choice([0.0, -1.0, 1e300, time.monotonic()]))
     r.until = rng.choice([r.until, 1e300, 0.0])

@@ -333,6 +333,23 @@ def test_a_peers_fail_over_pair_is_named_in_either_entry(tmp_path: Path) -> None
             config.load(write(tmp_path, XFER + sg3.replace('"sg2"', bad)))
 
 
+def test_the_overall_relay_cap_is_configurable_with_a_documented_default(tmp_path: Path) -> None:
+    """[transfer] relay_max_rate: datagrams a second all relays of moved tunnels send
+    together (ipsec/relay.py); 100,000 by default; not a number from 1 to 10,000,000: a
+    ConfigError naming the key."""
+    from ipsecct.ipsec import relay
+
+    cfg = config.load(write(tmp_path, XFER))
+    assert cfg.transfer is not None and cfg.transfer.relay_max_rate == relay.RATE_ALL == 100_000
+    set_to = XFER.replace("[transfer]\n", "[transfer]\nrelay_max_rate = 2500\n")
+    assert config.load(write(tmp_path, set_to)).transfer.relay_max_rate == 2500  # type: ignore[union-attr]
+    assert relay.cap_burst(2500) == relay.BURST and relay.cap_burst(1e6) == 1e5
+    for bad in ("0", "-1", "nan", "inf", "true", '"fast"', "20000000"):
+        with pytest.raises(ConfigError, match=r"transfer\.relay_max_rate"):
+            config.load(write(tmp_path, XFER.replace(
+                "[transfer]\n", f"[transfer]\nrelay_max_rate = {bad}\n")))  # fmt: skip
+
+
 @pytest.mark.parametrize("value", ["nan", "inf", "1" + "0" * 400])
 def test_durations_and_counts_must_be_finite(tmp_path: Path, value: str) -> None:
     """nan, inf and 10**400 passed "positive": sync_packets = inf was an OverflowError

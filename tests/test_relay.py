@@ -19,9 +19,11 @@ from hypothesis import strategies as st
 
 from ipsecct.gateway.node import Node
 from ipsecct.ipsec import native, relay
-from ipsecct.ipsec.engine import Forward, Relay, ToPeer
+from ipsecct.ipsec.engine import Engine, Forward, Relay, ToPeer, Tunnel
 from ipsecct.ipsec.esp import Drop
 from ipsecct.ipsec.ippacket import build_udp
+from ipsecct.ipsec.sad import Direction, Mode, SecurityAssociation, UdpEncap
+from ipsecct.ipsec.spd import Action, Selectors, SPDEntry
 from tests.helpers.native_nodes import node_cfg, udp_port
 from tests.helpers.waiting import eventually
 
@@ -48,23 +50,48 @@ def _esp(spi: int, seq: int, body: bytes = b"\x5a" * 48) -> bytes:
     return spi.to_bytes(4, "big") + seq.to_bytes(4, "big") + body
 
 
+MORE_IN = 0x30000  # inbound SPIs of the tunnels _more_tunnels adds
+
+
+def _more_tunnels(eng: Engine, n: int) -> list[Tunnel]:
+    """``n`` more tunnels in ``eng`` (ESP in UDP, one MN address each), inbound SPIs from
+    MORE_IN: a bulk transfer's worth to move at once."""
+    mn = ipaddress.ip_address("192.0.2.50")
+    out = []
+    for i in range(n):
+        sel = Selectors.between("10.2.0.0/16", str(ipaddress.ip_address("10.64.0.0") + i))
+        o, n_ = (SecurityAssociation(
+            spi, d, src, dst, enc_key=bytes(20), mode=Mode.TUNNEL, esn=True,
+            encap=UdpEncap(4500, 4500), selectors=sel, name=f"t{i}",
+        ) for spi, d, src, dst in ((0x40000 + i, Direction.OUTBOUND, LOCAL, mn),
+                                   (MORE_IN + i, Direction.INBOUND, mn, LOCAL)))  # fmt: skip
+        out.append(eng.add_tunnel(SPDEntry(sel, Action.PROTECT, name=f"t{i}", static=False),
+                                  o, n_))  # fmt: skip
+    return out
+
+
 async def _moved_node(
     tmp: Path,
     target: socket.socket,
     until_s: float = 30.0,
     limits: tuple[float, float] | None = None,
+    more: int = 0,
+    cap: tuple[float, float] | None = None,
 ) -> tuple[Node, int]:
-    """Node a (native, its forwarding thread running) with its tunnel moved to "sg2", whose
-    outer address is ``target``'s."""
+    """Node a (native, its forwarding thread running) with its tunnel (and ``more`` others:
+    _more_tunnels) moved to "sg2", whose outer address is ``target``'s."""
     po = udp_port()
     a = Node(node_cfg(tmp, "a", po, udp_port(), udp_port(), udp_port(), False, "aes-gcm-16"))
     a.engine.relay_to["sg2"] = (LOCAL, target.getsockname()[1])
     if limits is not None:
         a.engine.relay_limits = limits
+    if cap is not None:
+        a.engine.relay_cap_limits = cap
+    extra = _more_tunnels(a.engine, more)
     await a.start()
     assert a.status()["data_path"] == "native-thread"
     t = a.engine.tunnels()[0]
-    a.engine.move_tunnel(t, "sg2", time.monotonic() + until_s)
+    a.engine.move_tunnels([t, *extra], "sg2", time.monotonic() + until_s)
     return a, po
 
 
@@ -160,6 +187,113 @@ def test_only_a_moved_tunnels_inbound_spi_is_relayed_within_its_rate_and_time(
 
 
 @native_only
+def test_many_moved_tunnels_relay_no_more_than_the_overall_cap_together(tmp_path: Path) -> None:
+    """A bulk transfer moved 300 tunnels, then a flood (spoofed: anyone who saw the SPIs)
+    comes under every one of their inbound SPIs. Each tunnel is within its own rate, but
+    together they relay no more than the overall cap (``[transfer] relay_max_rate``): the
+    rest is dropped in the forwarding thread and counted ``relay_capped``, as in status and
+    the metrics. Before, only the per-tunnel bound held: 300 tunnels relayed 300 times one
+    tunnel's burst to the target."""
+    _need_native()
+    n, per = 300, 3  # tunnels, datagrams under each (within its burst: none refused)
+
+    async def main() -> dict[str, Any]:
+        target, mn = _sock(), _sock()
+        target.setblocking(False)
+        target.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)
+        a, po = await _moved_node(tmp_path, target, limits=(1e-6, float(per)), more=n - 1,
+                                  cap=(1e-6, 100.0))  # fmt: skip
+        spis = [SPI_IN] + [MORE_IN + i for i in range(n - 1)]
+        got: list[bytes] = []
+        try:
+            for k in range(per):
+                for spi in spis:
+                    mn.sendto(_esp(spi, 1 + k), ("127.0.0.1", po))
+
+            def settled() -> bool:
+                while True:
+                    try:
+                        got.append(target.recv(65535))
+                    except BlockingIOError:
+                        break
+                a.engine.fold_native_stats()
+                st = a.engine.stats
+                return st.relayed + st.relay_refused + st.relay_capped >= n * per
+
+            await eventually(settled, "the flood handled", 60)
+            settled()
+            from ipsecct.gateway.control import prometheus_text
+
+            return {"stats": a.engine.stats, "got": len(got), "metrics": prometheus_text(
+                a.status())}  # fmt: skip
+        finally:
+            await a.stop()
+            target.close()
+            mn.close()
+
+    r = asyncio.run(main())
+    st = r["stats"]
+    assert (st.relayed, st.relay_refused, st.relay_capped) == (100, 0, n * per - 100)
+    assert r["got"] == 100, "the target got more than the overall cap"
+    assert 'ipsecct_relay_total{node="a",result="capped"} 800' in r["metrics"]
+
+
+@pytest.mark.parametrize("use_native", [pytest.param(True, marks=native_only), False])
+def test_the_python_path_keeps_the_overall_cap_too(tmp_path: Path, use_native: bool) -> None:
+    """Engine.inbound (the pure-Python path, and what C hands up) for 20 moved tunnels,
+    four datagrams each within its own burst: 30 relayed (the cap's burst), 50 dropped
+    and counted relay_capped; the cap fills again at its rate."""
+    if use_native:
+        _need_native()
+    a = Node(node_cfg(tmp_path, "a", udp_port(), udp_port(), udp_port(), udp_port(), False,
+                      "aes-gcm-16"))  # fmt: skip
+    eng = a.engine
+    if not use_native:
+        eng.native = None
+    eng.relay_to["sg2"] = (LOCAL, 4999)
+    eng.relay_limits = (1e-6, 4.0)
+    eng.relay_cap_limits = (10.0, 30.0)
+    tunnels = _more_tunnels(eng, 20)
+    eng.move_tunnels(tunnels, "sg2", 100.0)
+    got = [eng.inbound(_esp(MORE_IN + i, k), None, 1.0) for k in range(4) for i in range(20)]
+    assert sum(isinstance(g, Relay) for g in got) == 30
+    assert got[30:] == [Drop.POLICY] * 50
+    assert isinstance(eng.inbound(_esp(MORE_IN + 19, 9), None, 1.1), Relay)  # 1 more token
+    eng.fold_native_stats()
+    assert (eng.stats.relayed, eng.stats.relay_refused, eng.stats.relay_capped) == (31, 0, 50)
+    eng.remove_tunnels(tunnels)
+
+
+@native_only
+@settings(max_examples=60, deadline=None)
+@given(
+    steps=st.lists(st.tuples(st.integers(0, 2), st.floats(min_value=0, max_value=0.01,
+                                                            allow_nan=False)), max_size=200),
+    rate=st.floats(min_value=1.0, max_value=5000.0),
+    cap_rate=st.floats(min_value=1.0, max_value=5000.0),
+    burst=st.integers(min_value=1, max_value=20),
+    cap_burst=st.integers(min_value=1, max_value=40),
+)
+def test_c_relays_under_one_cap_take_exactly_what_the_python_reference_takes(
+    steps: list[tuple[int, float]], rate: float, cap_rate: float, burst: int, cap_burst: int
+) -> None:
+    """Three relays sharing one overall cap, ``_esp`` against relay.py, float for float: the
+    same answers, the same counters in each relay and in the cap."""
+    _need_native()
+    until = 0.5
+    caps = [relay.make_cap(cap_rate, float(cap_burst), native=nat) for nat in (True, False)]
+    rs = [[relay.make(LOCAL, 4500, until, native=nat, rate=rate, burst=float(burst), cap=c)
+           for _ in range(3)] for nat, c in zip((True, False), caps, strict=True)]  # fmt: skip
+    now = 0.001
+    for i, dt in steps:
+        now += dt
+        assert rs[0][i].take(now) == rs[1][i].take(now)
+    for c, py in zip(rs[0], rs[1], strict=True):
+        assert (c.relayed, c.refused) == (py.relayed, py.refused)
+    assert caps[0].refused == caps[1].refused
+
+
+@native_only
 @settings(max_examples=60, deadline=None)
 @given(
     steps=st.lists(st.floats(min_value=0, max_value=0.01, allow_nan=False), max_size=200),
@@ -194,6 +328,12 @@ def test_bad_relays_are_refused() -> None:
             native.relay_object(*args)
     with pytest.raises(ValueError):
         relay.RelayLimit(1.0, rate=0.0)
+    for nat in (True, False):
+        for rate, burst in ((0.0, 10.0), (10.0, 0.5), (float("inf"), 10.0), (10.0, float("nan"))):
+            with pytest.raises(ValueError):
+                relay.make_cap(rate, burst, native=nat)
+    with pytest.raises(TypeError):
+        native.relay_object(LOCAL.packed, 4500, 1.0, 1.0, 1.0, relay.RelayCap())
 
 
 @pytest.mark.parametrize("use_native", [pytest.param(True, marks=native_only), False])

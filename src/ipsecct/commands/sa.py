@@ -214,6 +214,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     )
     drops = ", ".join(f"{k} {v}" for k, v in c["drops"].items() if v) or "none"
     print(f"  drops: {drops}")
+    relay = [(k, c.get(k, 0)) for k in ("relayed", "relay_refused", "relay_capped")]
+    if any(v for _, v in relay):  # a moved tunnel's MN's ESP sent on (ipsec/relay.py)
+        print("  relay: " + ", ".join(f"{k} {v}" for k, v in relay))
     conf = res.get("config")
     if isinstance(conf, dict):  # which file runs (a hash of it), and the SIGHUP reloads
         print(f"  config: {conf['file']} (sha256 {str(conf['sha256'])[:16]}), loaded"

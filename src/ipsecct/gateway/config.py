@@ -32,6 +32,7 @@ from ..ikev2.auth import PrivateKey, RevocationList, revocation_index
 from ..ikev2.config import Connection, SharedKey, parse_connections, parse_pools
 from ..ikev2.config import Identity as IkeIdentity
 from ..ikev2.pool import Pool
+from ..ipsec import relay as relay_mod
 from ..ipsec.algorithms import (
     ENC,
     ENC_NAMES,
@@ -124,6 +125,9 @@ class TransferConfig:
     peers: dict[str, PeerConfig]
     candidates: list[str] = field(default_factory=list)
     balance: BalanceConfig | None = None
+    # ``relay_max_rate``: datagrams a second all relays of moved tunnels send together
+    # (ipsec/relay.py; each tunnel's own is 20,000)
+    relay_max_rate: float = relay_mod.RATE_ALL
 
 
 @dataclass(frozen=True)
@@ -1167,9 +1171,11 @@ _TRANSFER_KEYS = {
     "grant",
     "prepare_timeout",
     "max_seen_per_peer",
+    "relay_max_rate",
 }
 
 MBB_TAIL = 16  # [transfer] mbb_tail's default
+RELAY_MAX_RATE_MAX = 10_000_000  # [transfer] relay_max_rate's highest (a second)
 # [transfer] commit_early's default: off. Safe either way (docs/cxtp.md, "commit what you
 # accept"), but with it a target that goes silent after the COMMIT strands the tunnels until
 # it answers instead of costing a rollback, and its gain was not measurable on the shared
@@ -1358,9 +1364,15 @@ def _transfer(
                                           for c in cands):  # fmt: skip
         raise ctx.err("transfer.candidates", "must list names of [[peers]]")
     balance = _balance(t["balance"], ctx, peers) if "balance" in t else None
+    relay_rate = t.get("relay_max_rate", relay_mod.RATE_ALL)
+    if (isinstance(relay_rate, bool) or not isinstance(relay_rate, (int, float))
+            or not 1 <= relay_rate <= RELAY_MAX_RATE_MAX):  # fmt: skip
+        raise ctx.err("transfer.relay_max_rate",
+                      f"must be a number of datagrams a second, 1 to {RELAY_MAX_RATE_MAX:,}")
     key = file("key")
     warn_if_readable(key, "TLS private key")  # as for tunnel key files
-    return TransferConfig(listen, file("cert"), key, file("ca"), s, peers, list(cands), balance)
+    return TransferConfig(listen, file("cert"), key, file("ca"), s, peers, list(cands), balance,
+                          float(relay_rate))  # fmt: skip
 
 
 def _accept(

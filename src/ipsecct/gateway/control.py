@@ -559,6 +559,19 @@ def prometheus_text(status: dict[str, Any]) -> str:
     ]
     for reason, n in c["drops"].items():
         lines.append(f'ipsecct_drops_total{{node="{node}",reason="{reason}"}} {n}')
+    if "relayed" in c:
+        # a moved tunnel's inbound ESP sent on unchanged to its new gateway (ipsec/relay.py),
+        # or dropped over its tunnel's rate (refused) or over all relays' cap (capped)
+        lines += [
+            "# HELP ipsecct_relay_total Moved tunnels' inbound ESP relayed to their new"
+            " gateway, or dropped over a tunnel's relay rate (refused) or the overall relay"
+            " cap (capped).",
+            "# TYPE ipsecct_relay_total counter",
+        ] + [
+            f'ipsecct_relay_total{{node="{node}",result="{r}"}} {c.get(k, 0)}'
+            for r, k in (("relayed", "relayed"), ("refused", "relay_refused"),
+                         ("capped", "relay_capped"))
+        ]  # fmt: skip
     lines += [
         "# HELP ipsecct_sas Security associations in the SAD.",
         "# TYPE ipsecct_sas gauge",

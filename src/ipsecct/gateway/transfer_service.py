@@ -36,6 +36,7 @@ from ..ct.transfer import (
     token_key,
 )
 from ..errors import ControlError, CxtpError, TransferError
+from ..ipsec import relay
 from ..ipsec.engine import Forward, Held, Tunnel, TunnelState
 from ..ipsec.ippacket import IPAddress
 from ..ipsec.sad import Direction, Protocol
@@ -106,6 +107,8 @@ class TransferService:
         for p in tcfg.peers.values():  # a moved tunnel's MN's ESP relayed there (ipsec/relay.py)
             if p.outer is not None and p.outer_port is not None:
                 node.engine.relay_to[p.name] = (p.outer, p.outer_port)
+        rate = tcfg.relay_max_rate  # all relays together
+        node.engine.relay_cap_limits = (rate, relay.cap_burst(rate))
         node.outer_hooks.append(self._on_outer_message)
         node.extensions["peers"] = self._peers_status
         node.extensions["transfers"] = self._transfers_status

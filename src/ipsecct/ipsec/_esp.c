@@ -890,15 +890,89 @@ static PyTypeObject SAType = {
  * authenticated by the target with the SA's key, which this gateway no longer holds: nothing
  * is opened or sealed here. ipsecct.ipsec.engine.RelayLimit is the Python reference of take().
  */
+/*
+ * The overall cap of a gateway's relays (ipsecct.ipsec.relay.RelayCap is its Python
+ * reference): one token bucket that every Relay made with it takes from too, so that many
+ * moved tunnels at once (a bulk transfer, then a flood under all their SPIs) relay at most
+ * ``rate`` a second together, not that many times one tunnel's rate. What is over it is
+ * dropped and counted here (``refused``).
+ */
+typedef struct {
+    PyObject_HEAD
+    double rate, burst, tokens, last;
+    unsigned long long refused;
+} RelayCapObject;
+
+static PyTypeObject RelayCapType;
+
+static int
+relay_cap_init(RelayCapObject *self, PyObject *args, PyObject *kwds)
+{
+    double rate, burst;
+    if (!PyArg_ParseTuple(args, "dd", &rate, &burst))
+        return -1;
+    if (!(rate > 0) || !(burst >= 1) || rate == INFINITY || burst == INFINITY) {
+        PyErr_SetString(PyExc_ValueError, "relay cap: a finite rate > 0, burst >= 1");
+        return -1;
+    }
+    self->rate = rate;
+    self->burst = burst;
+    self->tokens = burst;
+    self->last = 0;
+    self->refused = 0;
+    return 0;
+}
+
+static PyObject *relay_cap_get_refused(RelayCapObject *self, void *c) { return PyLong_FromUnsignedLongLong(self->refused); }
+static PyObject *relay_cap_get_rate(RelayCapObject *self, void *c) { return PyFloat_FromDouble(self->rate); }
+static PyObject *relay_cap_get_burst(RelayCapObject *self, void *c) { return PyFloat_FromDouble(self->burst); }
+
+static PyGetSetDef relay_cap_getset[] = {
+    {"refused", (getter)relay_cap_get_refused, NULL, "datagrams dropped over the cap", NULL},
+    {"rate", (getter)relay_cap_get_rate, NULL, "datagrams a second, all relays together", NULL},
+    {"burst", (getter)relay_cap_get_burst, NULL, "the most at once", NULL},
+    {NULL},
+};
+
+static PyTypeObject RelayCapType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "ipsecct.ipsec._esp.RelayCap",
+    .tp_basicsize = sizeof(RelayCapObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "RelayCap(rate, burst): the overall cap of the relays made with it.",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)relay_cap_init,
+    .tp_getset = relay_cap_getset,
+};
+
+/* A token bucket's refill at now (both buckets: the same arithmetic as relay.py's _refill) */
+static inline void
+bucket_refill(double *tokens, double *last, double rate, double burst, double now)
+{
+    if (now > *last) {
+        *tokens += (now - *last) * rate;
+        if (*tokens > burst)
+            *tokens = burst;
+        *last = now;
+    }
+}
+
 typedef struct {
     PyObject_HEAD
     struct sockaddr_storage dest;
     socklen_t destlen;
     double until, rate, burst, tokens, last;
     unsigned long long relayed, refused;
+    RelayCapObject *cap; /* the overall cap (a strong reference), or NULL */
 } RelayObject;
 
 static PyTypeObject RelayType;
+
+static void
+relay_dealloc(RelayObject *self)
+{
+    Py_CLEAR(self->cap);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
 
 static int
 relay_init(RelayObject *self, PyObject *args, PyObject *kwds)
@@ -906,8 +980,14 @@ relay_init(RelayObject *self, PyObject *args, PyObject *kwds)
     Py_buffer addr;
     unsigned int port;
     double until, rate, burst;
-    if (!PyArg_ParseTuple(args, "y*Iddd", &addr, &port, &until, &rate, &burst))
+    PyObject *cap = Py_None;
+    if (!PyArg_ParseTuple(args, "y*Iddd|O", &addr, &port, &until, &rate, &burst, &cap))
         return -1;
+    if (cap != Py_None && !PyObject_TypeCheck(cap, &RelayCapType)) {
+        PyBuffer_Release(&addr);
+        PyErr_SetString(PyExc_TypeError, "relay: the cap is a RelayCap or None");
+        return -1;
+    }
     int ok = to_sockaddr(&self->dest, &self->destlen, &addr, port);
     PyBuffer_Release(&addr);
     if (!ok || port == 0 || port > 65535) {
@@ -924,26 +1004,33 @@ relay_init(RelayObject *self, PyObject *args, PyObject *kwds)
     self->tokens = burst;
     self->last = 0;
     self->relayed = self->refused = 0;
+    Py_XSETREF(self->cap, cap == Py_None ? NULL : (RelayCapObject *)Py_NewRef(cap));
     return 0;
 }
 
-/* 1: relay it; 0: over the rate (dropped, counted); -1: at or past the end (handed up) */
+/* 1: relay it; 0: over its own rate or the overall cap (dropped, counted: refused here or
+ * in the cap); -1: at or past the end (handed up). A datagram dropped by one bucket takes
+ * no token from the other. */
 static int
 relay_take(RelayObject *r, double now)
 {
     if (!(now < r->until))
         return -1;
-    if (now > r->last) {
-        r->tokens += (now - r->last) * r->rate;
-        if (r->tokens > r->burst)
-            r->tokens = r->burst;
-        r->last = now;
-    }
+    RelayCapObject *c = r->cap;
+    bucket_refill(&r->tokens, &r->last, r->rate, r->burst, now);
+    if (c != NULL)
+        bucket_refill(&c->tokens, &c->last, c->rate, c->burst, now);
     if (r->tokens < 1.0) {
         r->refused++;
         return 0;
     }
+    if (c != NULL && c->tokens < 1.0) {
+        c->refused++;
+        return 0;
+    }
     r->tokens -= 1.0;
+    if (c != NULL)
+        c->tokens -= 1.0;
     r->relayed++;
     return 1;
 }
@@ -994,8 +1081,9 @@ static PyTypeObject RelayType = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "ipsecct.ipsec._esp.Relay",
     .tp_basicsize = sizeof(RelayObject),
     .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "Relay(address octets, port, until, rate, burst): a moved tunnel's inbound ESP "
-              "sent on, unchanged, to its new gateway.",
+    .tp_doc = "Relay(address octets, port, until, rate, burst, cap=None): a moved tunnel's "
+              "inbound ESP sent on, unchanged, to its new gateway.",
+    .tp_dealloc = (destructor)relay_dealloc,
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)relay_init,
     .tp_methods = relay_methods,
@@ -2614,7 +2702,7 @@ PyMODINIT_FUNC
 PyInit__esp(void)
 {
     if (PyType_Ready(&SAType) < 0 || PyType_Ready(&TableType) < 0 || PyType_Ready(&RTType) < 0
-        || PyType_Ready(&RelayType) < 0)
+        || PyType_Ready(&RelayType) < 0 || PyType_Ready(&RelayCapType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&moduledef);
     if (m == NULL)
@@ -2622,9 +2710,11 @@ PyInit__esp(void)
     Py_INCREF(&SAType);
     Py_INCREF(&TableType);
     Py_INCREF(&RelayType);
+    Py_INCREF(&RelayCapType);
     if (PyModule_AddObject(m, "SA", (PyObject *)&SAType) < 0 ||
         PyModule_AddObject(m, "Table", (PyObject *)&TableType) < 0 ||
         PyModule_AddObject(m, "Relay", (PyObject *)&RelayType) < 0 ||
+        PyModule_AddObject(m, "RelayCap", (PyObject *)&RelayCapType) < 0 ||
         PyModule_AddIntConstant(m, "BATCH", BATCH) < 0) {
         Py_DECREF(m);
         return NULL;

@@ -254,10 +254,11 @@ class Stats:
     # tunnels refused because another outbound SA here has their outbound SPI (a peer's
     # choice: Engine.outbound_spi_holder)
     outbound_spi_refused: int = 0
-    # a moved tunnel's inbound ESP sent on to its new gateway unchanged (ipsec/relay.py), and
-    # dropped over the relay's rate
+    # a moved tunnel's inbound ESP sent on to its new gateway unchanged (ipsec/relay.py),
+    # dropped over its tunnel's relay rate, and dropped over the overall cap of all relays
     relayed: int = 0
     relay_refused: int = 0
+    relay_capped: int = 0
     drops: Counter[str] = field(default_factory=Counter)
 
     def as_dict(self) -> dict[str, object]:
@@ -270,6 +271,7 @@ class Stats:
             "outbound_spi_refused": self.outbound_spi_refused,
             "relayed": self.relayed,
             "relay_refused": self.relay_refused,
+            "relay_capped": self.relay_capped,
             "drops": {d.value: self.drops.get(d.value, 0) for d in Drop},
         }
 
@@ -311,7 +313,11 @@ class Engine:
         # sets it), and the relays of the moved tunnels now, by inbound SPI.
         self.relay_to: dict[str, tuple[IPAddress, int]] = {}
         self.relay_limits = (relay.RATE, relay.BURST)  # per tunnel: a second, burst
+        # all relays together (a second, burst): set before the first relay is made
+        self.relay_cap_limits = (relay.RATE_ALL, relay.BURST_ALL)
         self._relays: dict[int, _RelayEntry] = {}
+        self._relay_cap: Any = None  # made with the first relay (_relay_cap_for)
+        self._relay_capped = 0  # of its refusals, those already in stats.relay_capped
         # At or before the earliest forward_until of the moved tunnels (inf: none moved since
         # the last expiry walk): expire_moved() walks the tunnels only once it is reached.
         # forward_until is set only where a tunnel becomes MOVED (move_tunnel, move_tunnels)
@@ -468,8 +474,9 @@ class Engine:
         if e is not None:
             self._relay_clear(e.tunnel)
         rate, burst = self.relay_limits
-        lim = relay.make(addr[0], addr[1], until, native=self.native is not None, rate=rate,
-                         burst=burst)  # fmt: skip
+        native = self.native is not None
+        lim = relay.make(addr[0], addr[1], until, native=native, rate=rate, burst=burst,
+                         cap=self._relay_cap_for(native))  # fmt: skip
         self._relays[sa.spi] = _RelayEntry(tunnel, lim, (str(addr[0]), addr[1]))
         if self.native is not None and not self._shadowed(sa.spi) and not self.sad.by_spi(sa.spi):
             self.native.relay(sa.spi, lim)
@@ -501,6 +508,24 @@ class Engine:
         if self.native is not None:
             self.native.relay(sa.spi, None)
 
+    def _relay_cap_for(self, native: bool) -> Any:
+        """The overall cap every relay of this engine takes from (``relay_cap_limits``; one
+        object, of the kind of the relays: C or Python)."""
+        cap = self._relay_cap
+        if cap is None or isinstance(cap, relay.RelayCap) is native:
+            self._fold_relay_cap()
+            rate, burst = self.relay_cap_limits
+            cap = self._relay_cap = relay.make_cap(rate, burst, native=native)
+            self._relay_capped = 0
+        return cap
+
+    def _fold_relay_cap(self) -> None:
+        cap = self._relay_cap
+        if cap is not None:
+            refused = cap.refused
+            self.stats.relay_capped += refused - self._relay_capped
+            self._relay_capped = refused
+
     def _fold_relay(self, e: _RelayEntry) -> None:
         lim = e.limit
         relayed, refused = lim.relayed, lim.refused
@@ -522,6 +547,7 @@ class Engine:
         """Add what the native batch calls counted to :attr:`stats`."""
         for e in self._relays.values():
             self._fold_relay(e)
+        self._fold_relay_cap()
         if self.native is None:
             return
         ip, ib, op, ob, drops = self.native.take_stats()
@@ -1266,8 +1292,8 @@ class Engine:
                     taken = e.limit.take(now)
                     if taken:
                         return Relay(e.addr, bytes(data))
-                    if taken is False:
-                        return Drop.POLICY  # over the relay's rate: counted relay_refused
+                    if taken is False:  # over its rate or the overall cap: counted
+                        return Drop.POLICY  # relay_refused or relay_capped
                 return Forward(moved.forward_to, bytes(data), True)
             return self._drop(Drop.NO_SA)
         if sa.direction is not Direction.INBOUND:

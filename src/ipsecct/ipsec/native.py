@@ -294,7 +294,15 @@ def reclaim(sa: SecurityAssociation) -> None:
         _pull(sa, c)
 
 
-def relay_object(addr: bytes, port: int, until: float, rate: float, burst: float) -> Any:
+def relay_object(
+    addr: bytes, port: int, until: float, rate: float, burst: float, cap: Any = None
+) -> Any:
     """A ``_esp.Relay`` (ipsecct.ipsec.relay): where the forwarding thread sends a moved
-    tunnel's inbound ESP, unchanged, and its bounds."""
-    return _esp.Relay(addr, port, until, rate, burst)
+    tunnel's inbound ESP, unchanged, and its bounds (``cap``: an ``_esp.RelayCap`` it also
+    takes from, or None)."""
+    return _esp.Relay(addr, port, until, rate, burst, cap)
+
+
+def relay_cap_object(rate: float, burst: float) -> Any:
+    """A ``_esp.RelayCap``: the overall cap of the relays made with it."""
+    return _esp.RelayCap(rate, burst)
