@@ -131,6 +131,49 @@ def test_the_forwarding_thread_relays_the_mns_esp_while_the_event_loop_is_stalle
 
 
 @native_only
+def test_a_relay_goes_back_to_the_forwarding_thread_once_no_shadow_sa_has_its_spi(
+    tmp_path: Path,
+) -> None:
+    """A shadow SA under a moved tunnel's inbound SPI (another tunnel's, after an SPI
+    collision, renegotiate or reassign) takes the relay out of C: the Python path tries the
+    shadow first, then relays (the event loop). Once the shadow goes, the relay is the
+    forwarding thread's again, as an SA goes back after the Python path opened a packet:
+    it relays while the event loop is stalled. Before, the relay stayed with the event loop
+    until the tunnel's forwarding time ended."""
+    _need_native()
+
+    async def main() -> dict[str, Any]:
+        target, mn = _sock(10.0), _sock()
+        a, po = await _moved_node(tmp_path, target)
+        eng = a.engine
+        shadow = SecurityAssociation(
+            SPI_IN, Direction.INBOUND, ipaddress.ip_address("192.0.2.50"), LOCAL,
+            enc_key=bytes(20), mode=Mode.TUNNEL, encap=UdpEncap(4500, 4500),
+        )  # fmt: skip
+        try:
+            eng.add_shadow(shadow)
+            # the Python path: the shadow does not verify it, so it is relayed from Python
+            via_python = eng.inbound(_esp(SPI_IN, 3), a.cfg.local_address, time.monotonic())
+            eng.remove_shadows(shadow)
+            esp = _esp(SPI_IN, 7)
+            mn.sendto(esp, ("127.0.0.1", po))
+            # the loop stalls here: only the forwarding thread can relay it
+            try:
+                got = target.recv(65535)
+            except TimeoutError:
+                got = b""
+            return {"got": got, "esp": esp, "via_python": via_python}
+        finally:
+            await a.stop()
+            target.close()
+            mn.close()
+
+    r = asyncio.run(main())
+    assert isinstance(r["via_python"], Relay)
+    assert r["got"] == r["esp"], "the forwarding thread did not relay once the shadow went"
+
+
+@native_only
 def test_only_a_moved_tunnels_inbound_spi_is_relayed_within_its_rate_and_time(
     tmp_path: Path,
 ) -> None:

@@ -941,6 +941,18 @@ class Engine:
             lst.remove(sa)
             if not lst:
                 del self._shadows[key]
+                self._relay_to_c(key[2])
+
+    def _relay_to_c(self, spi: int) -> None:
+        """A moved tunnel's relay that the Python path carried while a shadow SA answered to
+        its SPI (add_shadow takes it out of C: the shadows are tried first) goes back to the
+        forwarding thread once no shadow does, as an inbound SA goes back after the Python
+        path opened its packet (:meth:`_native_in`). It stayed with the event loop until the
+        tunnel's forwarding time ended."""
+        e = self._relays.get(spi)
+        if (e is not None and self.native is not None and not self._shadowed(spi)
+                and not isinstance(e.limit, relay.RelayLimit)):  # fmt: skip
+            self.native.relay(spi, e.limit)
 
     def shadows(self) -> list[SecurityAssociation]:
         return [sa for lst in self._shadows.values() for sa in lst]
