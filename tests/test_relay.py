@@ -418,6 +418,47 @@ def test_the_python_path_relays_as_c_does(tmp_path: Path, use_native: bool) -> N
     assert eng.inbound(_esp(SPI_IN, 10), None, 3.0) is Drop.NO_SA  # gone with its tunnel
 
 
+def test_a_peer_without_outer_port_is_named_in_one_warning_at_start(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The peer's outer port is not guessed (4500 is only a default: the examples' gateways
+    use others, and a wrong guess loses the MN's ESP after the cut, which the TLS channel
+    delivers): the transfer service relays to each peer with outer and outer_port, and names
+    the others in one WARNING line, with what to set. The overall cap is the configured
+    relay_max_rate, burst a tenth of a second."""
+    import logging
+
+    from ipsecct.ct.transfer import Settings
+    from ipsecct.gateway.config import PeerConfig, TransferConfig
+    from ipsecct.gateway.transfer_service import set_up_relays
+    from ipsecct.ipsec.ippacket import Endpoint
+
+    a = Node(node_cfg(tmp_path, "a", udp_port(), udp_port(), udp_port(), udp_port(), False,
+                      "aes-gcm-16"))  # fmt: skip
+    here = Endpoint(LOCAL, 4801)
+
+    def peer(name: str, outer: bool, port: int | None) -> PeerConfig:
+        return PeerConfig(name, here, LOCAL if outer else None, frozenset({"send"}), None, port)
+
+    tcfg = TransferConfig(here, "c", "k", "ca", Settings(), {
+        "sg2": peer("sg2", True, 34500), "sg3": peer("sg3", True, None),
+        "sg4": peer("sg4", False, None)}, relay_max_rate=50_000.0)  # fmt: skip
+    with caplog.at_level(logging.INFO):
+        without = set_up_relays(a, tcfg)
+    assert without == ["sg3", "sg4"]
+    assert a.engine.relay_to == {"sg2": (LOCAL, 34500)}
+    assert a.engine.relay_cap_limits == (50_000.0, 5_000.0)
+    warned = [r for r in caplog.records if "peers-not-relayed" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].levelno == logging.WARNING
+    assert "peers=sg3,sg4" in warned[0].getMessage()
+    assert "outer_port" in warned[0].getMessage()
+    caplog.clear()
+    tcfg.peers.pop("sg3")
+    tcfg.peers.pop("sg4")
+    assert set_up_relays(a, tcfg) == []
+    assert not [r for r in caplog.records if "peers-not-relayed" in r.getMessage()]
+
+
 @pytest.mark.parametrize("use_native", [pytest.param(True, marks=native_only), False])
 def test_esp_relayed_by_a_peer_gateway_never_makes_the_receiver_send_to_it(
     tmp_path: Path, use_native: bool

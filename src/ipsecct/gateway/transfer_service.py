@@ -60,6 +60,27 @@ GC_CHECK_INTERVAL = 1.0  # seconds between the collector policy's checks (gcpoli
 AFTERMATH_TURNS = 2
 
 
+def set_up_relays(node: Node, tcfg: TransferConfig) -> list[str]:
+    """Where a moved tunnel's MN's ESP is relayed (ipsec/relay.py): each peer with ``outer``
+    and ``outer_port``, all relays together at most ``relay_max_rate`` a second. The peers
+    without (their outer port is not guessed: 4500 is only a default, and a wrong guess
+    would lose the MN's ESP after the cut where the channel delivers it) are named in one
+    WARNING line, and returned: their tunnels' ESP after the cut goes over the TLS channel,
+    behind the COMMIT, from the event loop."""
+    for p in tcfg.peers.values():
+        if p.outer is not None and p.outer_port is not None:
+            node.engine.relay_to[p.name] = (p.outer, p.outer_port)
+    rate = tcfg.relay_max_rate  # all relays together
+    node.engine.relay_cap_limits = (rate, relay.cap_burst(rate))
+    without = sorted(n for n in tcfg.peers if n not in node.engine.relay_to)
+    if without:
+        event(log, "peers-not-relayed", logging.WARNING, node=node.name,
+              peers=",".join(without),
+              hint="set outer and outer_port in their [[peers]] entries to relay the MN's ESP"
+                   " after a transfer's cut (else it goes over the TLS channel)")  # fmt: skip
+    return without
+
+
 class TransferService:
     """Context transfer for one running gateway."""
 
@@ -104,11 +125,7 @@ class TransferService:
         self.unresolved: list[tuple[int, str, list[Tunnel]]] = []
         self.unresolved_ages: dict[int, float] = {}  # their age (AGE in the query)
         node.on_forward = self._on_forward
-        for p in tcfg.peers.values():  # a moved tunnel's MN's ESP relayed there (ipsec/relay.py)
-            if p.outer is not None and p.outer_port is not None:
-                node.engine.relay_to[p.name] = (p.outer, p.outer_port)
-        rate = tcfg.relay_max_rate  # all relays together
-        node.engine.relay_cap_limits = (rate, relay.cap_burst(rate))
+        set_up_relays(node, tcfg)
         node.outer_hooks.append(self._on_outer_message)
         node.extensions["peers"] = self._peers_status
         node.extensions["transfers"] = self._transfers_status
