@@ -951,6 +951,7 @@ class Engine:
         tunnel's forwarding time ended."""
         e = self._relays.get(spi)
         if (e is not None and self.native is not None and not self._shadowed(spi)
+                and not self.sad.by_spi(spi)  # (an SA here has it: _relay_yield)
                 and not isinstance(e.limit, relay.RelayLimit)):  # fmt: skip
             self.native.relay(spi, e.limit)
 
