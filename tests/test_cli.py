@@ -108,6 +108,27 @@ def test_status_shows_the_ike_counters_and_pools(
     assert "  pool rw (10.3.0.1-10.3.0.254): 1 online, 2 offline, 0 away\n" in out
 
 
+def test_status_shows_the_relay_counters_when_one_is_not_0(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A moved tunnel's MN's ESP relayed to its new gateway (ipsec/relay.py), and dropped
+    over a tunnel's rate or the overall cap: in ``status --json`` only, ``ipsecct status``
+    showed nothing of it. One line when any is not 0."""
+    from ipsecct.commands import sa
+
+    counters = {"out_packets": 0, "out_bytes": 0, "in_packets": 0, "in_bytes": 0,
+                "icmp_sent": 0, "drops": {"no_sa": 0}, "relayed": 0, "relay_refused": 0,
+                "relay_capped": 0}  # fmt: skip
+    res = {"name": "sg1", "role": "gateway", "uptime_s": 5.0, "outer": "127.0.0.1:4500",
+           "sas": 2, "policies": 1, "counters": counters}  # fmt: skip
+    monkeypatch.setattr(sa, "request", lambda *a, **k: res)
+    assert cli.main(["status", "-s", "/x.sock"]) == 0
+    assert "relay" not in capsys.readouterr().out
+    counters.update(relayed=120, relay_capped=7)
+    assert cli.main(["status", "-s", "/x.sock"]) == 0
+    assert "  relay: relayed 120, relay_refused 0, relay_capped 7\n" in capsys.readouterr().out
+
+
 def test_status_shows_peers_and_transfers_as_lines_and_only_counters_that_are_not_0(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
