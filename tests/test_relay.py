@@ -174,6 +174,45 @@ def test_a_relay_goes_back_to_the_forwarding_thread_once_no_shadow_sa_has_its_sp
 
 
 @native_only
+def test_a_relay_an_sa_here_took_from_c_goes_back_once_the_sa_is_gone(tmp_path: Path) -> None:
+    """An SA installed here under a moved tunnel's inbound SPI takes the relay out of C (the
+    SAD goes first: _relay_yield); once that SA is gone again (``sa del``), the Python path
+    relays the MN's next datagram and hands the relay back to the forwarding thread, which
+    relays the one after while the event loop is stalled. Before, the relay stayed with the
+    event loop until the tunnel's forwarding time ended."""
+    _need_native()
+
+    async def main() -> dict[str, Any]:
+        target, mn = _sock(10.0), _sock()
+        a, po = await _moved_node(tmp_path, target)
+        eng = a.engine
+        sa = SecurityAssociation(
+            SPI_IN, Direction.INBOUND, ipaddress.ip_address("192.0.2.50"), LOCAL,
+            enc_key=bytes(20), mode=Mode.TUNNEL, encap=UdpEncap(4500, 4500),
+        )  # fmt: skip
+        try:
+            eng.add_sa(sa)
+            eng.sad.remove(sa)  # (what sa del does)
+            first, second = _esp(SPI_IN, 3), _esp(SPI_IN, 4)
+            mn.sendto(first, ("127.0.0.1", po))
+            got1 = await asyncio.to_thread(target.recv, 65535)  # the event loop relays it
+            mn.sendto(second, ("127.0.0.1", po))
+            try:  # the loop stalls here: only the forwarding thread can relay it
+                got2 = target.recv(65535)
+            except TimeoutError:
+                got2 = b""
+            return {"got": [got1, got2], "sent": [first, second]}
+        finally:
+            await a.stop()
+            target.close()
+            mn.close()
+
+    r = asyncio.run(main())
+    assert r["got"][0] == r["sent"][0]
+    assert r["got"][1] == r["sent"][1], "the relay did not go back to the forwarding thread"
+
+
+@native_only
 def test_only_a_moved_tunnels_inbound_spi_is_relayed_within_its_rate_and_time(
     tmp_path: Path,
 ) -> None:

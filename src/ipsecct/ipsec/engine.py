@@ -163,6 +163,7 @@ class _RelayEntry:
     addr: tuple[str, int]
     relayed: int = 0
     refused: int = 0
+    in_c: bool = False  # in the C table (the forwarding thread relays it)
 
 
 @dataclass(eq=False)
@@ -477,9 +478,10 @@ class Engine:
         native = self.native is not None
         lim = relay.make(addr[0], addr[1], until, native=native, rate=rate, burst=burst,
                          cap=self._relay_cap_for(native))  # fmt: skip
-        self._relays[sa.spi] = _RelayEntry(tunnel, lim, (str(addr[0]), addr[1]))
+        e = self._relays[sa.spi] = _RelayEntry(tunnel, lim, (str(addr[0]), addr[1]))
         if self.native is not None and not self._shadowed(sa.spi) and not self.sad.by_spi(sa.spi):
             self.native.relay(sa.spi, lim)
+            e.in_c = True
 
     def _relay_yield(self, spi: int) -> None:
         """An SA here has ``spi`` (again): the forwarding thread no longer relays it. C
@@ -488,8 +490,10 @@ class Engine:
         tunnel's inbound SPI (a fail-over take-over of its replica, ``sa add``, an IKE CHILD
         SA) had its MN's ESP relayed away instead. The Python path looks in the SAD first
         and relays only what no SA here has (:meth:`inbound`)."""
-        if spi in self._relays and self.native is not None:
+        e = self._relays.get(spi)
+        if e is not None and self.native is not None:
             self.native.relay(spi, None)
+            e.in_c = False
 
     def add_sa(self, sa: SecurityAssociation) -> None:
         """An SA without a tunnel (``sa add`` of an inbound SA) into the SAD."""
@@ -931,8 +935,10 @@ class Engine:
         # Python tries shadows after the owner of the SPI fails: nothing with this SPI in C.
         for other in [sa, *self.sad.by_spi(key[2])]:
             self._native_drop(other)
-        if key[2] in self._relays and self.native is not None:
+        e = self._relays.get(key[2])
+        if e is not None and self.native is not None:
             self.native.relay(key[2], None)  # (the Python path relays it after the shadows)
+            e.in_c = False
         self._shadows.setdefault(key, []).append(sa)
 
     def remove_shadows(self, sa: SecurityAssociation) -> None:
@@ -945,15 +951,18 @@ class Engine:
 
     def _relay_to_c(self, spi: int) -> None:
         """A moved tunnel's relay that the Python path carried while a shadow SA answered to
-        its SPI (add_shadow takes it out of C: the shadows are tried first) goes back to the
-        forwarding thread once no shadow does, as an inbound SA goes back after the Python
-        path opened its packet (:meth:`_native_in`). It stayed with the event loop until the
-        tunnel's forwarding time ended."""
+        its SPI (add_shadow takes it out of C: the shadows are tried first) or an SA here had
+        it (_relay_yield) goes back to the forwarding thread once neither does: at once when
+        the last shadow goes, else when the Python path relays a datagram of it (as an
+        inbound SA goes back after the Python path opened its packet, :meth:`_native_in`).
+        It stayed with the event loop until the tunnel's forwarding time ended."""
         e = self._relays.get(spi)
-        if (e is not None and self.native is not None and not self._shadowed(spi)
+        if (e is not None and not e.in_c and self.native is not None
+                and not self._shadowed(spi)
                 and not self.sad.by_spi(spi)  # (an SA here has it: _relay_yield)
                 and not isinstance(e.limit, relay.RelayLimit)):  # fmt: skip
             self.native.relay(spi, e.limit)
+            e.in_c = True
 
     def shadows(self) -> list[SecurityAssociation]:
         return [sa for lst in self._shadows.values() for sa in lst]
@@ -1304,6 +1313,8 @@ class Engine:
                 if e is not None and e.tunnel is moved:
                     taken = e.limit.take(now)
                     if taken:
+                        if not e.in_c and nt is not None:
+                            self._relay_to_c(spi)  # (C relays the next ones, if it may)
                         return Relay(e.addr, bytes(data))
                     if taken is False:  # over its rate or the overall cap: counted
                         return Drop.POLICY  # relay_refused or relay_capped
