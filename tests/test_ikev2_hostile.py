@@ -610,6 +610,71 @@ def test_a_retransmission_is_answered_once_per_gap_where_the_peer_is_and_once_el
     assert ir.remote == check.src
 
 
+def test_a_retransmitted_ike_sa_init_is_answered_a_few_times_per_half_open_sa_and_source(
+) -> None:
+    """RFC 7296 §2.1: a retransmitted IKE_SA_INIT gets the response again. It got it every
+    time, and the response (KE, nonce, NAT-D, a CERTREQ) is as large as the request or
+    larger (with a CERTREQ, many times): replayed from a
+    spoofed source, an amplifier towards that address. Now INIT_ANSWERS answers per half-open
+    IKE SA and INIT_ANSWERS_PER_SOURCE a second per source over its half-open IKE SAs (a
+    new second gives the source a new budget, not the IKE SA); the rest are counted
+    (init-retransmit-unanswered), and the IKE SA is still made when IKE_AUTH comes."""
+    from ipsecct.ikev2.engine import INIT_ANSWERS, INIT_ANSWERS_PER_SOURCE, IkeEngine
+
+    w = pair()
+    (init,) = w.ini.initiate(w.ini.connections[0], I500, R500, 0.0)
+    assert isinstance(init, Send)
+    (resp,) = w.resp.receive(init.data, I500, R500, 0.0)
+    assert isinstance(resp, Send) and len(resp.data) >= len(init.data)
+    answers = [w.resp.receive(init.data, I500, R500, 0.1 * n) for n in range(1, 11)]
+    assert [len(a) for a in answers] == [1] * INIT_ANSWERS + [0] * (10 - INIT_ANSWERS)
+    assert all(isinstance(o, Send) and o.data == resp.data for a in answers for o in a)
+    assert w.resp.stats["retransmit-answered"] == INIT_ANSWERS
+    assert w.resp.stats["init-retransmit-unanswered"] == 10 - INIT_ANSWERS
+    assert w.resp.receive(init.data, I500, R500, 5.0) == []  # a later second: still done
+    w.deliver(w.ini.receive(resp.data, R500, I500, 5.0), "i", 5.0)  # IKE_AUTH: made
+    assert w.resp.ike_sas()[0].state is IkeState.ESTABLISHED
+    # one source, many half-open IKE SAs: INIT_ANSWERS_PER_SOURCE a second over all of them
+    gw = IkeEngine([conn()])
+    inits = []
+    for _ in range(8):
+        (i,) = IkeEngine([mn_conn()]).initiate(mn_conn(), I500, R500, 10.0)
+        assert isinstance(i, Send)
+        assert len(gw.receive(i.data, I500, R500, 10.0)) == 1
+        inits.append(i.data)
+    got = sum(len(gw.receive(d, I500, R500, 10.5)) for d in inits for _ in range(2))
+    assert got == INIT_ANSWERS_PER_SOURCE
+    assert gw.stats["init-retransmit-unanswered"] == 16 - INIT_ANSWERS_PER_SOURCE
+    other = Address(ipaddress.ip_address("192.0.2.99"), 500)  # (another source: its own)
+    (o,) = IkeEngine([mn_conn()]).initiate(mn_conn(), other, R500, 10.5)
+    assert isinstance(o, Send)
+    assert len(gw.receive(o.data, other, R500, 10.5)) == 1
+    assert len(gw.receive(o.data, other, R500, 10.6)) == 1
+    got = sum(len(gw.receive(d, I500, R500, 11.6)) for d in inits)  # the next second
+    assert got == 8 and gw.stats["retransmit-answered"] == INIT_ANSWERS_PER_SOURCE + 1 + 8
+
+
+def test_a_request_for_an_unknown_ike_sa_gets_no_answer_and_is_counted() -> None:
+    """RFC 7296 §2.21.4 lets a node answer a request for an IKE SA it does not know with
+    INVALID_IKE_SPI, unprotected. Not sent (README, interop): charon sends none either
+    (ike_sa_manager.c raises ALERT_INVALID_IKE_SPI and drops the message) and drops one it
+    gets (message.c: a Notify of an INFORMATIONAL must be encrypted), so a strongSwan client
+    learns nothing from it, and any source could have it sent anywhere. Counted
+    (unknown-spi) for the operator, never answered, request or response alike."""
+    w = pair()
+    connect(w)
+    (ii,), (ir,) = w.ini.ike_sas(), w.resp.ike_sas()
+    (check,) = w.ini.liveness(ii, 1.0)
+    assert isinstance(check, Send)
+    w.resp.forget(ir)  # (the gateway restarted without it: a crash, a lost state)
+    assert w.resp.receive(check.data, check.src, check.dst, 1.0) == []
+    assert IkeEngine([conn()]).receive(check.data, check.src, check.dst, 1.0) == []
+    forged = bytearray(check.data)
+    forged[19] |= 0x20  # the same as a response: never answered either
+    assert w.resp.receive(bytes(forged), check.src, check.dst, 1.0) == []
+    assert w.resp.stats["unknown-spi"] == 2
+
+
 @pytest.mark.parametrize("mobike", [False, True], ids=["no-mobike", "mobike"])
 def test_a_replayed_request_from_elsewhere_does_not_move_the_peer(mobike: bool) -> None:
     """Someone on the path captures the MN's authenticated requests (a liveness check, a CHILD

@@ -24,6 +24,7 @@ import hmac as _hmac
 import ipaddress
 import itertools
 import logging
+import math
 import os
 import struct
 from collections import Counter
@@ -120,6 +121,15 @@ RETRANSMIT = (2.0, 4.0, 8.0, 16.0)
 # is authentic and brought back the whole (fragmented) response each time.
 RETRANSMIT_ANSWER_GAP = 0.1
 HALF_OPEN_TIMEOUT = 30.0
+# A retransmitted IKE_SA_INIT gets the response again (RFC 7296 §2.1) at most this many times
+# per half-open IKE SA, and at most INIT_ANSWERS_PER_SOURCE times a second per source
+# address over all its half-open IKE SAs; the rest are counted (init-retransmit-unanswered),
+# not answered. The response (KE, nonce, NAT-D; with a CERTREQ, 20 octets per CA) is as large
+# as the request or larger, and a request can be replayed from any spoofed source: it was
+# answered every time, an amplifier towards the address written in. An initiator
+# retransmits a few times within HALF_OPEN_TIMEOUT (charon 3 times in 30 s: at 4, 11, 24 s)
+INIT_ANSWERS = 3
+INIT_ANSWERS_PER_SOURCE = 10
 MAX_HALF_OPEN = 1000
 COOKIE_THRESHOLD = 100  # half-open IKE SAs before IKE_SA_INIT needs a cookie (§2.6)
 COOKIE_SECRET_LIFETIME = 120.0
@@ -577,6 +587,10 @@ class IkeEngine:
         self._timers_by_scan = False
         self.by_spi = _IkeTable(self._timer_dirty)  # our SPI -> IKE SA
         self.half_open = _HalfOpenTable()  # (SPIi, peer host) -> IKE SA
+        # answers to retransmitted IKE_SA_INITs per source in the second that ends at
+        # _init_window_end (_init_answer_allowed)
+        self._init_answered: dict[IPAddr, int] = {}
+        self._init_window_end = -math.inf
         self.stats: Counter[str] = Counter()
         # Moves when a received message got past the checks that leave every IKE SA and
         # deadline as it was (unknown SPIs, malformed, unauthenticated, an old message ID, a
@@ -1455,11 +1469,13 @@ class IkeEngine:
         key = (hdr.spi_i, src.host)
         old = self.half_open.get(key)
         if old is not None:
-            if old.init_request == data:
+            if old.init_request != data:
+                self.stats["bad-init"] += 1
+            elif self._init_answer_allowed(old, src.host, now):
                 self.stats["retransmit-answered"] += 1
                 out.append(Send(old.init_response, dst, src))
             else:
-                self.stats["bad-init"] += 1
+                self.stats["init-retransmit-unanswered"] += 1
             return
         sa = find(payloads, SAPayload)
         ke = find(payloads, KEPayload)
@@ -1576,6 +1592,23 @@ class IkeEngine:
         self.touched += 1
         self.stats["ike-sa-init"] += 1
         out.append(Send(response, dst, src))
+
+    def _init_answer_allowed(self, ike: IkeSA, host: IPAddr, now: float) -> bool:
+        """May a retransmission of ``ike``'s IKE_SA_INIT from ``host`` get the response
+        again? At most INIT_ANSWERS times per half-open IKE SA and INIT_ANSWERS_PER_SOURCE a
+        second per source (a table of the sources answered within the second, emptied as
+        the second ends: at most one entry per half-open IKE SA)."""
+        if ike.init_answers >= INIT_ANSWERS:
+            return False
+        if now >= self._init_window_end or now < self._init_window_end - 1.0:
+            self._init_answered.clear()
+            self._init_window_end = now + 1.0
+        n = self._init_answered.get(host, 0)
+        if n >= INIT_ANSWERS_PER_SOURCE:
+            return False
+        self._init_answered[host] = n + 1
+        ike.init_answers += 1
+        return True
 
     def _evict_half_open(self, src: Address) -> bool:
         """The half-open table is full: make room for an IKE_SA_INIT from ``src`` by dropping

@@ -218,6 +218,9 @@ class IkeSA:
     # engine.RETRANSMIT_ANSWER_GAP, so a captured request replayed is no amplifier. Local:
     # not in the IKE SA's context (a taker starts afresh)
     answered_home: float = float("-inf")
+    # a peer's half-open IKE SA: how often a retransmitted IKE_SA_INIT got init_response again
+    # (engine.INIT_ANSWERS at most)
+    init_answers: int = 0
     answered_away: float = float("-inf")
     my_next_mid: int = 0  # the ID of our next request
     pending: Pending | None = None
