@@ -489,7 +489,8 @@ def test_the_readmes_ike_sa_listing_is_what_sa_list_prints(
            "local": "10.200.0.2:4500", "remote": "10.200.0.1:4500", "local_id": "gw.example",
            "remote_id": "client.example", "proposal": ike_suite.name(),
            "algorithms": ike_suite.listing(), "established_s": 2.0, "rekey_in_s": 13767,
-           "expires_in_s": None, "children": [child]}  # fmt: skip
+           "expires_in_s": None, "reauth_in_s": None, "encap": True,
+           "children": [child]}  # fmt: skip
     rows = {(0x7986F70E, "in"): {"bytes": 252, "packets": 3, "state": "installed"},
             (0x3D7691A7, "out"): {"bytes": 252, "packets": 3, "state": "installed"}}  # fmt: skip
     _print_ike([ike], rows)

@@ -16,7 +16,7 @@ import os
 import re
 import struct
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from hypothesis import HealthCheck, example, given, settings
@@ -441,6 +441,101 @@ def test_a_new_child_sa_whose_responder_chose_a_taken_spi_is_deleted_and_asked_a
     up = w.of("i", ChildUp)[-1]
     assert len(w.of("i", ChildUp)) == 2 and up.child.spi_out != taken
     assert ike_i.children == [first, up.child] and len(ike_r.children) == 2
+
+
+def test_a_child_sa_given_up_after_taken_spis_is_asked_again_after_a_bounded_back_off(
+    caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """IKE_AUTH's CHILD SA whose responder keeps choosing an SPI another tunnel of ours sends
+    with: asked again SPI_TAKEN_RETRIES times, then given up. Before, it was not asked for
+    again until close_action or a trap: the tunnel stayed down without a word (issue 10).
+    Now it is listed as not established with the reason, logged once, and asked again
+    CHILD_RETRY s later, the wait doubling for each round given up in a row (no storm: a
+    round is SPI_TAKEN_RETRIES + 1 requests); a trap meanwhile does not ask earlier; once
+    the responder chooses a free SPI the CHILD SA is made and the list is empty."""
+    from ipsecct.commands.sa import _print_ike
+    from ipsecct.ikev2.engine import CHILD_RETRY, SPI_TAKEN_RETRIES
+
+    taken = 0x0BAD0001
+    w = pair()
+    w.ini.outbound_spi_taken = lambda spi: spi == taken
+    w.resp.spi_range = (taken, taken)
+    with caplog.at_level(logging.INFO, logger="ipsecct.ikev2"):
+        connect(w)
+        for n in range(SPI_TAKEN_RETRIES):
+            w.deliver(w.ini.tick(1.0 + n), "i", 1.0 + n)
+    (ike_i,), (ike_r,) = w.ini.ike_sas(), w.resp.ike_sas()
+    t = float(SPI_TAKEN_RETRIES)  # (the last tick: given up there)
+    assert ike_i.state is IkeState.ESTABLISHED and not ike_i.children and not ike_r.children
+    assert w.ini.stats["child-spi-taken"] == SPI_TAKEN_RETRIES + 1
+    assert w.ini.stats["child-spi-taken-gave-up"] == 1
+    rows = cast("list[dict[str, Any]]", ike_i.summary(t)["children_not_established"])
+    (row,) = rows
+    assert row["name"] == "net" and "in use here" in row["reason"]
+    assert row["retry_in_s"] == CHILD_RETRY
+    assert "event=child-sa-not-established conn=mn child=net" in caplog.text
+    assert f"retry_in_s={int(CHILD_RETRY)} round=1" in caplog.text
+    _print_ike([ike_i.summary(t)])
+    assert (f"  net: NOT ESTABLISHED, peer chose outbound SPIs in use here "
+            f"{SPI_TAKEN_RETRIES + 1} times in a row, retrying in {int(CHILD_RETRY)} s\n"
+            ) in capsys.readouterr().out  # fmt: skip
+    # nothing is asked until the back-off ends, whatever the timers or a trap do
+    sent, asked = len(w.sent), w.ini.stats["child-create-sent"]
+    deadline = w.ini.next_deadline()
+    assert deadline is not None and deadline <= t + CHILD_RETRY
+    w.deliver(w.ini.create_child(ike_i, ike_i.conn.children[0], t + 1), "i", t + 1)
+    w.deliver(w.ini.tick(t + CHILD_RETRY - 1), "i", t + CHILD_RETRY - 1)
+    assert len(w.sent) == sent and w.ini.stats["child-create-sent"] == asked
+    # the first round after it: the peer still chooses the taken SPI, given up again after
+    # SPI_TAKEN_RETRIES + 1 requests, and the next wait is twice as long
+    t2 = t + CHILD_RETRY
+    for n in range(SPI_TAKEN_RETRIES + 1):
+        w.deliver(w.ini.tick(t2 + n), "i", t2 + n)
+    assert w.ini.stats["child-create-sent"] == asked + SPI_TAKEN_RETRIES + 1
+    assert w.ini.stats["child-spi-taken-gave-up"] == 2 and not ike_i.children
+    rows = cast("list[dict[str, Any]]",
+                ike_i.summary(t2 + SPI_TAKEN_RETRIES)["children_not_established"])  # fmt: skip
+    (row,) = rows
+    assert row["retry_in_s"] == 2 * CHILD_RETRY
+    for n in range(SPI_TAKEN_RETRIES + 1, 2 * int(CHILD_RETRY)):  # a tick a second: nothing
+        w.deliver(w.ini.tick(t2 + n), "i", t2 + n)
+    assert w.ini.stats["child-create-sent"] == asked + SPI_TAKEN_RETRIES + 1
+    # the peer chooses a free SPI at the next round: made, and nothing listed as down
+    w.resp.spi_range = (0x100, 0xFFFFFFFF)
+    t3 = t2 + SPI_TAKEN_RETRIES + 2 * CHILD_RETRY
+    w.deliver(w.ini.tick(t3), "i", t3)
+    (up,) = w.of("i", ChildUp)
+    assert ike_i.children == [up.child] and up.child.spi_out != taken
+    assert ike_i.summary(t3)["children_not_established"] == [] and ike_i.child_rounds == 0
+    assert w.ini.stats["child-retried"] == 2
+
+
+def test_sa_list_gives_an_ike_sas_end_and_encapsulation() -> None:
+    """``sa list --ike``'s ``expires_in_s`` of an IKE SA (swanctl's "expires in"): a peer's
+    half-open one ends HALF_OPEN_TIMEOUT after its IKE_SA_INIT, an established one has no
+    end of its own (rekeyed, not reauthenticated: ``reauth_in_s`` none); ``encap``: UDP
+    encapsulation, on behind a NAT, off without."""
+    from ipsecct.ikev2.engine import HALF_OPEN_TIMEOUT
+
+    w = pair()
+    (init,) = w.ini.initiate(w.ini.connections[0], I500, R500, 0.0)
+    assert isinstance(init, Send)
+    w.resp.receive(init.data, I500, R500, 0.0)
+    (half,) = w.resp.ike_sas()
+    s = half.summary(10.0, w.resp.ends_at(half))
+    assert s["state"] == "half-open" and s["expires_in_s"] == HALF_OPEN_TIMEOUT - 10
+    assert s["encap"] is False and s["reauth_in_s"] is None
+    w = pair()
+    connect(w)
+    (ir,) = w.resp.ike_sas()
+    s = ir.summary(10.0, w.resp.ends_at(ir))
+    assert s["expires_in_s"] is None and s["encap"] is False
+    assert s["children_not_established"] == []
+    w = pair()
+    w.nat = Address(ipaddress.ip_address("198.51.100.7"), 40500)
+    connect(w)
+    (ir,) = w.resp.ike_sas()
+    assert ir.summary(10.0, w.resp.ends_at(ir))["encap"] is True
 
 
 def test_child_spis_from_a_cluster_block() -> None:

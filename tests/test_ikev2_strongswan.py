@@ -1976,6 +1976,47 @@ def test_sa_list_counts_each_child_sas_direction_as_swanctl_list_sas_does(
             gw.terminate()
 
 
+@pytest.mark.root
+@pytest.mark.slow
+@needs_strongswan
+def test_sa_list_gives_each_ike_sas_deadlines_and_encapsulation_as_swanctl_does(
+    workdir: Path,
+) -> None:
+    """``swanctl --list-sas`` gives each IKE SA "rekeying in", "reauth in" and "expires in",
+    and each CHILD SA TUNNEL-in-UDP when its ESP goes in UDP (NAT-T); ``ipsecct sa list
+    --ike`` gave an IKE SA only ``rekey_in_s``, and its encapsulation nowhere (issue 10).
+    Now ``expires_in_s``, ``reauth_in_s`` (none: the IKE SA is rekeyed, never
+    reauthenticated; no end while established) and ``encap`` per IKE SA, in the JSON and the
+    text. strongSwan (encap = yes: it fakes a NAT) says UDP encapsulation too, and a rekey
+    within the gateway's rekey_time less its jitter."""
+    with Namespaces("a", "b") as ns:
+        ss, gw = start(ns, workdir, ike="default", esp="default", ss_ike=None, ss_esp=None,
+                       gw_rekey=(3600, 1800))  # fmt: skip
+        sock = str(workdir / "gw.sock")
+        try:
+            with ss:
+                ss.start()
+                ss.initiate()
+                assert ping(ns, "a", B.inner, 2) == 2, gw.logtext()
+                theirs = ss.list_sas()
+                assert "TUNNEL-in-UDP" in theirs and f"{B.outer}[4500]" in theirs, theirs
+                (sa,) = ike_list(sock)
+                assert sa["encap"] is True and sa["nat"]["remote"] is True, sa
+                assert sa["expires_in_s"] is None and sa["reauth_in_s"] is None, sa
+                assert 3600 * 0.9 - 5 <= sa["rekey_in_s"] <= 3600, sa
+                (child,) = sa["children"]
+                assert child["encap"] is True and 1800 * 0.9 - 5 <= child["rekey_in_s"] <= 1800
+                r = cli("sa", "list", "--ike", "-s", sock)
+                assert r.returncode == 0, r.stderr
+                assert re.search(rf"^  remote {re.escape(A.outer)}:4500 id .* \(NAT-T: "
+                                 r"UDP-encapsulated\)$", r.stdout, re.M), r.stdout
+                assert re.search(r"^  \S+, established [\d.]+ s ago, rekeying in \d+ s$",
+                                 r.stdout, re.M), r.stdout  # fmt: skip
+                assert "TUNNEL-in-UDP" in r.stdout and "expires in" not in r.stdout
+        finally:
+            gw.terminate()
+
+
 def readme_swanctl_conf() -> str:
     """README's swanctl.conf for a strongSwan client (under "A strongSwan client connects
     with an ordinary swanctl.conf"), as written there."""

@@ -233,8 +233,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     ike = res.get("ike") or {}
     if ike:  # what the IKE port got (counted and dropped, or answered) and the pools
         counted = ", ".join(f"{k} {v}" for k, v in ike.get("counters", {}).items() if v)
+        down = ike.get("children_not_established") or 0
+        down_text = f", {down} CHILD SA(s) not established (sa list --ike)" if down else ""
         print(f"  ike: {ike.get('ike_sas', 0)} IKE SA(s), {ike.get('half_open', 0)} half-open"
-              + (f"; {counted}" if counted else ""))  # fmt: skip
+              + down_text + (f"; {counted}" if counted else ""))  # fmt: skip
     for p in ike.get("pools") or []:
         share = f", share {p['share']}" if p.get("share") else ""
         print(f"  pool {p['name']} ({p['addrs']}{share}): {p['online']} online,"
@@ -275,10 +277,13 @@ def _ike_sas(path: str) -> list[dict[str, Any]] | None:
 
 
 def _due(sa: dict[str, Any]) -> str:
-    """", rekeying in 3402 s, expires in 3958 s" as far as the SA has those deadlines."""
+    """", rekeying in 3402 s, expires in 3958 s" as far as the SA has those deadlines (and an
+    IKE SA's "reauth in", as swanctl --list-sas)."""
     out = ""
     if sa.get("rekey_in_s") is not None:
         out += f", rekeying in {sa['rekey_in_s']} s"
+    if sa.get("reauth_in_s") is not None:
+        out += f", reauth in {sa['reauth_in_s']} s"
     if sa.get("expires_in_s") is not None:
         out += f", expires in {sa['expires_in_s']} s"
     return out
@@ -299,8 +304,10 @@ def _print_ike(
         lv = "".join(f" [{v}]" for v in ike.get("local_vips", []))
         rv = "".join(f" [{v}]" for v in ike.get("remote_vips", []))
         lid = f" id {ike['local_id']}" if ike.get("local_id") else ""
+        # ESP and IKE in UDP (NAT-T, port 4500): swanctl's TUNNEL-in-UDP, per IKE SA here too
+        encap = " (NAT-T: UDP-encapsulated)" if ike.get("encap") else ""
         print(f"  local  {ike['local']}{lid}{lv}")
-        print(f"  remote {ike['remote']} id {ike['remote_id']!s}{rv}")
+        print(f"  remote {ike['remote']} id {ike['remote_id']!s}{rv}{encap}")
         # a half-open IKE SA is not established: its age is since IKE_SA_INIT
         since = "established" if ike["state"] != "half-open" else "IKE_SA_INIT"
         algs = ike.get("algorithms", ike["proposal"])  # (a daemon from before 'algorithms')
@@ -323,6 +330,10 @@ def _print_ike(
                 print(f"    {sa['state_detail']}")
             print(f"    local  {' '.join(c['local_ts'])}")
             print(f"    remote {' '.join(c['remote_ts'])}")
+        for c in ike.get("children_not_established") or []:
+            retry = c.get("retry_in_s")
+            print(f"  {c['name']}: NOT ESTABLISHED, {c['reason']}"
+                  + (f", retrying in {retry} s" if retry is not None else ""))  # fmt: skip
 
 
 def _by_spi(res: list[dict[str, Any]]) -> dict[tuple[int, str], dict[str, Any]]:

@@ -1935,7 +1935,10 @@ class IkeService:
 
     # -- control ----------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
-        return {"ike_sas": len(self.engine.ike_sas()), "half_open": len(self.engine.half_open),
+        ikes = self.engine.ike_sas()
+        return {"ike_sas": len(ikes), "half_open": len(self.engine.half_open),
+                # CHILD SAs of ours given up for now, asked for again after a back-off
+                "children_not_established": sum(len(i.children_later) for i in ikes),
                 "counters": dict(self.engine.stats),
                 "pools": [p.status() for p in self.engine.pools.values()],
                 "replicas_refused": self.refused_replicas()}  # fmt: skip
@@ -2256,7 +2259,7 @@ class IkeService:
         now = self.node.clock()
         res = []
         for ike in self.engine.ike_sas():
-            s = ike.summary(now)
+            s = ike.summary(now, self.engine.ends_at(ike))
             rows = cast("list[dict[str, object]]", s["children"])
             for child, row in zip(ike.children, rows, strict=True):
                 t = child.handle

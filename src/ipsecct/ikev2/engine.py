@@ -149,6 +149,12 @@ SPI_TRIES = 256  # random picks of a free inbound CHILD SPI before the range cou
 # CHILD SAs of ours whose outbound SPI (the responder's choice) another tunnel here sends
 # with: deleted at once, and asked for again at most this many times in a row per IKE SA
 SPI_TAKEN_RETRIES = 3
+# ... after which the CHILD SA (a new one: IKE_AUTH's or CREATE_CHILD_SA's; a rekey's old SA
+# serves on) is asked for again CHILD_RETRY s later, the wait doubling with each such round
+# given up in a row per IKE SA, to CHILD_RETRY_MAX: at most SPI_TAKEN_RETRIES + 1 requests
+# a round, so a peer that keeps choosing taken SPIs costs a few exchanges per CHILD_RETRY_MAX
+CHILD_RETRY = 30.0
+CHILD_RETRY_MAX = 600.0
 MAX_CERTS = 5  # CERT payloads looked at: the peer's certificate and its chain
 MAX_FRAGMENTS = 32  # RFC 7383: fragments of one message we reassemble at most
 # The largest IKE message taken, as a datagram or reassembled from RFC 7383 fragments
@@ -624,6 +630,20 @@ class IkeEngine:
     def ike_sas(self) -> list[IkeSA]:
         return list(self.by_spi.values())
 
+    @staticmethod
+    def ends_at(ike: IkeSA) -> float | None:
+        """When ``ike`` ends by itself unless something happens first (swanctl --list-sas's
+        "expires in"): a peer's half-open IKE SA HALF_OPEN_TIMEOUT after its IKE_SA_INIT,
+        one rekeyed when its DELETE is given up waiting for (REKEYED_GRACE, or sooner when it
+        lost a crossed rekey). None for an established one: it has no hard lifetime here (it
+        is rekeyed, never reauthenticated) and ends when a DELETE or the peer's death ends it."""
+        if ike.state is IkeState.HALF_OPEN and not ike.we_initiated:
+            return ike.created + HALF_OPEN_TIMEOUT
+        if ike.state is IkeState.REKEYED:
+            grace = ike.last_heard + REKEYED_GRACE
+            return grace if ike.redundant_until is None else min(grace, ike.redundant_until)
+        return None
+
     def receive(self, data: bytes, src: Address, dst: Address, now: float) -> list[Output]:
         """One IKE message (non-ESP marker removed) from ``src`` to our ``dst``."""
         out: list[Output] = []
@@ -736,6 +756,14 @@ class IkeEngine:
             self._delete_queued(ike, now, out)
         elif ike.children_wanted:
             self._create_child_request(ike, ike.children_wanted.pop(0), now, out)
+        elif (i := next((i for i, (_, at, _) in enumerate(ike.children_later) if now >= at),
+                        None)) is not None:  # fmt: skip
+            cc, _, why = ike.children_later.pop(i)
+            self.stats["child-retried"] += 1
+            log.info("event=child-sa-retry conn=%s child=%s peer=%s round=%d after=%s",
+                     ike.conn.name, cc.name, ike.remote, ike.child_rounds + 1,
+                     _quote(why))  # fmt: skip
+            self._create_child_request(ike, cc, now, out)
         elif stale := [c for c in ike.children if c.rekeyed_at is not None
                        and now - c.rekeyed_at >= REKEYED_GRACE]:  # fmt: skip
             # the peer rekeyed them and never deleted them: we do (their keys would live
@@ -804,6 +832,7 @@ class IkeEngine:
         ds: list[float] = []
         if ike.rr_due or ike.queued_deletes or ike.children_wanted:
             ds.append(ike.last_heard)  # at once
+        ds += [at for _, at, _ in ike.children_later]
         if ike.conn.dpd_delay:
             ds.append(max(ike.last_heard, ike.esp_at) + ike.conn.dpd_delay)
         if ike.rekey_at is not None:
@@ -2773,6 +2802,8 @@ class IkeEngine:
         if taken is not None:
             if taken:
                 ike.children_wanted.append(cc)  # (a CREATE_CHILD_SA once DELETE is answered)
+            else:
+                self._child_later(ike, cc, now)
             return
         keys = child_keys(prf_alg, ike.keys.sk_d, suite, ike.nonce_i, ike.nonce_r)
         child = ChildSA(cc, suite, spi_in, int.from_bytes(proposal.spi, "big"), keys, True,
@@ -2836,10 +2867,12 @@ class IkeEngine:
         """Ask the peer for a new CHILD SA of ``cc`` in the IKE SA (CREATE_CHILD_SA without
         REKEY_SA, §1.3.1): what close_action = start does when the peer deleted one, or a
         trap of a child the IKE SA has none of. Sent at once, or after the exchange of ours
-        in flight (window of one)."""
+        in flight (window of one); not while it waits its back-off (``children_later``: a
+        trap's packets would otherwise ask again at once)."""
         self._touch(ike)
         if ike.state is IkeState.ESTABLISHED and cc in ike.conn.children and not any(
-                c is cc for c in ike.children_wanted):  # fmt: skip
+                c is cc for c in ike.children_wanted) and not any(
+                c is cc for c, _, _ in ike.children_later):  # fmt: skip
             ike.children_wanted.append(cc)
         return self.tick(now)
 
@@ -2941,6 +2974,8 @@ class IkeEngine:
         if taken is not None:
             if taken and not any(w is cc for w in ike.children_wanted):
                 ike.children_wanted.append(cc)  # (asked again once the DELETE is answered)
+            elif not taken:
+                self._child_later(ike, cc, now)
             return
         keys = child_keys(prf_alg, ike.keys.sk_d, chosen[1], p.nonce, nr.data, shared)
         child = ChildSA(cc, chosen[1], spi_in, int.from_bytes(chosen[0].spi, "big"), keys,
@@ -3015,10 +3050,12 @@ class IkeEngine:
         The peer has made it: an INFORMATIONAL DELETE of it goes at once (our inbound SPI
         names it, §1.4.1). True: the caller asks again (a new CHILD SA: a new SPI of the
         peer's choosing), which it does at most SPI_TAKEN_RETRIES times in a row per IKE
-        SA; False: not again. One line each time (rate-limited), counted. None when the SPI
-        is free. Nothing is ever sent on such a CHILD SA: no sequence number is used."""
+        SA; False: not now (a new CHILD SA waits its back-off, :meth:`_child_later`; a
+        rekey's old SA serves on and is rekeyed later). One line each time (rate-limited),
+        counted. None when the SPI is free. Nothing is ever sent on such a CHILD SA: no
+        sequence number is used."""
         if not self.outbound_spi_taken(int.from_bytes(spi, "big")):
-            ike.spi_taken_retries = 0
+            ike.spi_taken_retries = ike.child_rounds = 0
             return None
         ike.spi_taken_retries += 1
         again = ike.spi_taken_retries <= SPI_TAKEN_RETRIES
@@ -3030,7 +3067,7 @@ class IkeEngine:
                         ike.remote, ike.peer_id, spi.hex(),
                         _quote(f"deleted, asked again ({ike.spi_taken_retries} of"
                                f" {SPI_TAKEN_RETRIES})" if again else
-                               f"deleted, not asked again ({SPI_TAKEN_RETRIES} in a row)"),
+                               f"deleted, given up for now ({SPI_TAKEN_RETRIES} in a row)"),
                         self.stats["child-spi-taken"])  # fmt: skip
         self._child_spis.discard(spi_in)
         self._request(ike, "delete-child",
@@ -3038,6 +3075,23 @@ class IkeEngine:
         if not again:
             ike.spi_taken_retries = 0  # (a later request, by close_action or a trap, may)
         return again
+
+    def _child_later(self, ike: IkeSA, cc: ChildConfig, now: float) -> None:
+        """A new CHILD SA of ours given up after SPI_TAKEN_RETRIES taken SPIs in a row: not
+        established (``ipsecct sa list --ike`` says so, and why), asked for again after a
+        back-off (CHILD_RETRY doubling per round given up in a row, to CHILD_RETRY_MAX).
+        Before, it was not asked for again until close_action or a trap: the tunnel stayed
+        down without a word once the line was rate-limited away."""
+        if ike.has_or_asks(cc):
+            return
+        ike.child_rounds += 1
+        wait = min(CHILD_RETRY_MAX, CHILD_RETRY * 2 ** min(ike.child_rounds - 1, 16))
+        why = f"peer chose outbound SPIs in use here {SPI_TAKEN_RETRIES + 1} times in a row"
+        ike.children_later.append((cc, now + wait, why))
+        self.stats["child-retry-later"] += 1
+        log.warning("event=child-sa-not-established conn=%s child=%s peer=%s id=%s reason=%s "
+                    "retry_in_s=%d round=%d", ike.conn.name, cc.name, ike.remote, ike.peer_id,
+                    _quote(why), wait, ike.child_rounds)  # fmt: skip
 
     def _delete_children(self, ike: IkeSA, children: list[ChildSA], now: float,
                          out: list[Output]) -> None:  # fmt: skip

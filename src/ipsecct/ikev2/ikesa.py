@@ -157,8 +157,8 @@ class Pending:
 # only on the IKE SA it was called for or ticks (IkeEngine._touch).
 TIMER_FIELDS = frozenset({
     "state", "we_initiated", "conn", "last_heard", "esp_at", "pending", "quiet", "rr_due",
-    "queued_deletes", "children_wanted", "rekey_at", "my_next_mid", "peer_next_mid",
-    "children", "created", "redundant_until",
+    "queued_deletes", "children_wanted", "children_later", "rekey_at", "my_next_mid",
+    "peer_next_mid", "children", "created", "redundant_until",
 })
 # What the engine's indexes of the IKE SAs it holds are read from (IkeEngine.by_spi, an
 # _IkeTable: the IKE SAs per peer host, per connection name and identity, and the IKE SA whose
@@ -257,6 +257,13 @@ class IkeSA:
     # CHILD SAs of ours in a row whose outbound SPI another tunnel here had (deleted, asked
     # again: IkeEngine._our_child_spi_taken); not in its context
     spi_taken_retries: int = 0
+    # CHILD SAs of ours given up after SPI_TAKEN_RETRIES such answers in a row: asked for
+    # again at a time of their own (IkeEngine: CHILD_RETRY, doubling to CHILD_RETRY_MAX per
+    # round given up in a row, ``child_rounds``), with why they are not established (what
+    # ``ipsecct sa list --ike`` shows); not in its context, as children_wanted
+    children_later: list[tuple[ChildConfig, float, str]] = field(default_factory=list,
+                                                                 repr=False)
+    child_rounds: int = 0
     mobike: bool = False  # RFC 4555 negotiated (both sent MOBIKE_SUPPORTED in IKE_AUTH)
     # fragments of the request being received: message ID, total, first payload, parts
     fragments: tuple[int, int, int, dict[int, bytes]] | None = field(default=None, repr=False)
@@ -382,6 +389,7 @@ class IkeSA:
         when not.)"""
         return (any(c.config is cc for c in self.children)
                 or any(w is cc for w in self.children_wanted)
+                or any(w is cc for w, _, _ in self.children_later)
                 or (self.pending is not None and self.pending.new_child is cc))  # fmt: skip
 
     def describe(self) -> str:
@@ -399,8 +407,9 @@ class IkeSA:
             return creds.certs[0].subject.rfc4514_string()
         return str(self.local.host)
 
-    def summary(self, now: float) -> dict[str, object]:
-        """What ``ipsecct sa list`` shows (never keys)."""
+    def summary(self, now: float, ends_at: float | None = None) -> dict[str, object]:
+        """What ``ipsecct sa list`` shows (never keys). ``ends_at``: when the IKE SA ends
+        unless something happens first (the engine's: IkeEngine.ends_at)."""
         return {
             "name": self.conn.name,
             "uid": self.uid,
@@ -423,6 +432,12 @@ class IkeSA:
             "established_s": round(now - self.created, 1),
             # swanctl --list-sas: "rekeying in ..." (None: we do not rekey it, the peer may)
             "rekey_in_s": _until(self.rekey_at, now),
+            # swanctl --list-sas: "reauth in ..." (None: reauth_time is not supported, the IKE
+            # SA is rekeyed) and "expires in ..." (a half-open or rekeyed IKE SA's end)
+            "reauth_in_s": None,
+            "expires_in_s": _until(ends_at, now),
+            # ESP and IKE in UDP on port 4500 (RFC 3948; a NAT found, faked, or floated)
+            "encap": self.encap,
             "message_ids": {"next_request": self.my_next_mid, "next_expected": self.peer_next_mid},
             "children": [
                 {
@@ -444,5 +459,10 @@ class IkeSA:
                         c.created + c.config.life_time if c.config.life_time else None, now),
                 }
                 for c in self.children
+            ],
+            # CHILD SAs of ours not established, and when they are asked for again
+            "children_not_established": [
+                {"name": cc.name, "reason": why, "retry_in_s": _until(at, now)}
+                for cc, at, why in self.children_later
             ],
         }
