@@ -1166,6 +1166,9 @@ class IkeEngine:
     # -- receiving ----------------------------------------------------------------------
     def _receive(self, data: bytes, src: Address, dst: Address, now: float,
                  out: list[Output]) -> None:  # fmt: skip
+        if (len(data) > 18 and data[18] == ExchangeType.IKE_SA_INIT
+                and self._source_at_limit(data, src)):  # fmt: skip
+            return
         try:
             hdr, payloads = decode(data)
         except IkeProtocolError as exc:
@@ -1554,13 +1557,9 @@ class IkeEngine:
             self._plain_reply(hdr, bytes(8), [NotifyPayload(
                 Notify.INVALID_KE_PAYLOAD, data=struct.pack("!H", suite.dh))], src, dst, out)
             return
-        if self.half_open.from_host(src.host) >= MAX_HALF_OPEN_PER_SOURCE or (
-            len(self.half_open) >= MAX_HALF_OPEN and not self._evict_half_open(src)
-        ):
+        # (the per-source limits were looked at before the datagram was read: _source_at_limit)
+        if len(self.half_open) >= MAX_HALF_OPEN and not self._evict_half_open(src):
             self.stats["half-open-limit"] += 1
-            return
-        if self.by_spi.from_host(src.host) >= MAX_IKE_SAS_PER_SOURCE:
-            self.stats["ike-sa-limit"] += 1
             return
         kx = KeyExchange(suite.dh)
         shared = kx.shared(ke.data)
@@ -1621,6 +1620,25 @@ class IkeEngine:
         self.touched += 1
         self.stats["ike-sa-init"] += 1
         out.append(Send(response, dst, src))
+
+    def _source_at_limit(self, data: bytes, src: Address) -> bool:
+        """Is ``data`` a new IKE_SA_INIT request from a source that holds its
+        MAX_HALF_OPEN_PER_SOURCE half-open or MAX_IKE_SAS_PER_SOURCE IKE SAs already? Then
+        it is dropped (counted) on its header alone, before its payloads are read and its
+        proposals matched (an SA payload of 255 proposals from anyone: a millisecond). They
+        were looked at only after that, so a source at its limit had all of it done for
+        every INIT it sent and dropped after. A retransmission of one of its half-open IKE
+        SAs' IKE_SA_INIT is not new: it goes on (to its answer or its count)."""
+        hdr = decode_header(data)
+        if hdr.is_response or hdr.spi_r != bytes(8) or (hdr.spi_i, src.host) in self.half_open:
+            return False
+        if self.half_open.from_host(src.host) >= MAX_HALF_OPEN_PER_SOURCE:
+            self.stats["half-open-limit"] += 1
+            return True
+        if self.by_spi.from_host(src.host) >= MAX_IKE_SAS_PER_SOURCE:
+            self.stats["ike-sa-limit"] += 1
+            return True
+        return False
 
     def _init_answer_allowed(self, ike: IkeSA, host: IPAddr, now: float) -> bool:
         """May a retransmission of ``ike``'s IKE_SA_INIT from ``host`` get the response

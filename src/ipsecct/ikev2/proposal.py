@@ -348,6 +348,11 @@ def _pick(mine: tuple[int, ...], theirs: list[int]) -> int | None:
     return None
 
 
+_ENCR, _PRF, _INTEG, _DH, _ESN = (int(t) for t in (
+    TransformType.ENCR, TransformType.PRF, TransformType.INTEG, TransformType.DH,
+    TransformType.ESN))  # fmt: skip
+
+
 class _Theirs(NamedTuple):
     """A peer's proposal as matched: what it allows of each transform type, read once (a
     tuple of sets, never changed once made: one per proposal of an SA payload from anyone)."""
@@ -371,18 +376,21 @@ class _Theirs(NamedTuple):
         known = True
         for t in p.transforms:
             tt = t.type
-            if tt == TransformType.DH:
+            # (plain ints, not TransformType's members: each of those is a global and an
+            # attribute looked up, for each of up to 65,025 transforms of a payload)
+            if tt == _DH:
                 dh.add(t.id)
-            elif tt == TransformType.ENCR:
-                encr.add((t.id, t.key_length if t.key_length is not None else (
-                    256 if t.id == ENCR_CHACHA20_POLY1305
-                    else 0 if t.id == ENCR_NULL else None)))  # fmt: skip
-            elif tt == TransformType.PRF:
+            elif tt == _ENCR:
+                k = t.key_length
+                if k is None:
+                    k = 256 if t.id == ENCR_CHACHA20_POLY1305 else 0 if t.id == ENCR_NULL else None
+                encr.add((t.id, k))
+            elif tt == _PRF:
                 prf.add(t.id)
-            elif tt == TransformType.INTEG:
+            elif tt == _INTEG:
                 if t.key_length is None:
                     integ.add(t.id)
-            elif tt == TransformType.ESN:
+            elif tt == _ESN:
                 esn.add(t.id)
             else:
                 known = False
