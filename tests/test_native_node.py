@@ -322,8 +322,9 @@ async def _flooded(tmp: Path, n: int) -> dict[str, Any]:
         for i in range(n):  # ESP for an SPI nobody has: the Python path's no_sa drop
             tx.sendto(struct.pack("!LL", 0x7777, i + 1) + bytes(40), ("127.0.0.1", po))
         # the event loop is busy (blocked here): the thread's queue to it fills and stays
-        # bounded; the thread reads and handles a batch holding the GIL, so nothing waiting to
-        # be read, seen with the GIL, means every datagram was handled
+        # bounded; the thread reads and handles a batch holding the data path's lock, which
+        # up_dropped takes too: nothing waiting to be read, then that lock taken, means every
+        # datagram was handled
         assert a.outer_transport is not None
         _caught_up(a.outer_transport.sock)
         dropped = table.up_dropped

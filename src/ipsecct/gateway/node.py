@@ -337,10 +337,10 @@ class Node:
 
     def _start_native_thread(self, loop: asyncio.AbstractEventLoop) -> None:
         """The established-SA forwarding loop in a thread of its own (``_esp.Table.run``): it
-        sleeps in epoll on the outer sockets and the inner side with the GIL released and
-        handles each batch in C with the GIL held, so a freeze (which runs under the GIL)
-        lands between two batches. What C does not handle comes back through a bounded
-        queue and an eventfd this loop watches (:meth:`_native_drain`)."""
+        sleeps in epoll on the outer sockets and the inner side and handles each batch in C,
+        without the GIL, under the data path's own lock, which a freeze takes too, so a
+        freeze lands between two batches. What C does not handle comes back through a
+        bounded queue and an eventfd this loop watches (:meth:`_native_drain`)."""
         fd, is_tun, dest = self._native_inner
         outer = [
             ep.sock.fileno()

@@ -25,6 +25,7 @@
 #include <netinet/in.h>
 #include <openssl/crypto.h>
 #include <openssl/evp.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <string.h>
 #include <sys/epoll.h>
@@ -64,6 +65,8 @@ typedef struct {
     uint32_t spi;
     int outbound, esn, active, has_dest, sel_on;
     int touched; /* in the touched list (see touch()) */
+    uint64_t id;  /* unique in the process: a hand-up of the forwarding thread names its SA by
+                   * (spi, id), checked at the drain (see RawUp) */
     uint8_t salt[4];
     uint64_t seq;      /* outbound: last sequence number sent */
     uint64_t ceiling;  /* outbound: highest sequence number this side may send */
@@ -85,6 +88,52 @@ typedef struct {
 } SAObject;
 
 static PyTypeObject SAType;
+
+/* ---------------------------------------------------------------- the data path's lock */
+
+/*
+ * The forwarding thread (Table.run) handles its batches WITHOUT the GIL. What it reads and
+ * writes is guarded by one mutex, g_lock, of the process: the tables' C maps (SPI, flow and
+ * relay: Map below), every SA's and relay's mutable state (seq, replay window, counters,
+ * lifetimes, destination, selectors, active, the EVP context), the tables' counters and
+ * their queues to Python, and the touched list. The thread holds it from a batch's first
+ * lookup to its last send and while it queues the batch's hand-ups, so that a freeze (SA.active
+ * = False) or a snapshot, which take it, land between two batches: once SA.active = False
+ * returns, nothing sealed under that SA waits to be sent (the invariant: no (SPI, seq) twice
+ * under one key).
+ *
+ * The order is the GIL, then g_lock. The thread never asks for the GIL while it holds g_lock
+ * (it never asks for it at all between its start and its end). A GIL holder, while it holds
+ * g_lock, runs no Python code and makes no Python object (a collection could run a finalizer
+ * that takes g_lock again, or give the GIL to a thread that waits for g_lock): it copies what it
+ * needs, unlocks, then builds objects and drops references. INCREFs are done under it (the GIL
+ * is held); DECREFs after.
+ */
+static pthread_mutex_t g_lock = PTHREAD_MUTEX_INITIALIZER;
+static uint64_t g_next_id;
+
+static void fold_touched(void);
+
+static inline void
+lock(void)
+{
+    pthread_mutex_lock(&g_lock);
+}
+
+/* GIL held: the touched list's entries the thread added get their strong references first */
+static inline void
+unlock_gil(void)
+{
+    fold_touched();
+    pthread_mutex_unlock(&g_lock);
+}
+
+/* the forwarding thread, without the GIL */
+static inline void
+unlock_nogil(void)
+{
+    pthread_mutex_unlock(&g_lock);
+}
 
 /* ---------------------------------------------------------------- SA life cycle */
 
@@ -116,6 +165,14 @@ sa_init(SAObject *self, PyObject *args, PyObject *kwds)
         PyErr_SetString(PyExc_ValueError, "unsupported transform, key length, SPI or window");
         return -1;
     }
+    uint32_t nblocks = window ? (window + 63) / 64 + 1 : 0;
+    uint64_t *blocks = NULL;
+    if (nblocks && (blocks = PyMem_Calloc(nblocks, sizeof(uint64_t))) == NULL) {
+        PyBuffer_Release(&key);
+        PyErr_NoMemory();
+        return -1;
+    }
+    lock(); /* an SA initialised again may be in a table the forwarding thread reads */
     if (self->ctx == NULL)
         self->ctx = EVP_CIPHER_CTX_new();
     if (self->ctx == NULL ||
@@ -123,26 +180,22 @@ sa_init(SAObject *self, PyObject *args, PyObject *kwds)
         !EVP_CIPHER_CTX_ctrl(self->ctx, EVP_CTRL_AEAD_SET_IVLEN, 12, NULL) ||
         !EVP_CipherInit_ex(self->ctx, NULL, NULL, (const unsigned char *)key.buf, NULL,
                            outbound ? 1 : 0)) {
+        self->active = 0;
+        unlock_gil();
+        PyMem_Free(blocks);
         PyBuffer_Release(&key);
         PyErr_SetString(PyExc_RuntimeError, "OpenSSL cipher setup failed");
         return -1;
     }
     memcpy(self->salt, (const uint8_t *)key.buf + key.len - 4, 4);
-    PyBuffer_Release(&key);
     self->spi = (uint32_t)spi;
     self->outbound = outbound;
     self->esn = esn;
     self->wsize = window;
-    self->nblocks = window ? (window + 63) / 64 + 1 : 0;
-    PyMem_Free(self->blocks);
-    self->blocks = NULL;
-    if (self->nblocks) {
-        self->blocks = PyMem_Calloc(self->nblocks, sizeof(uint64_t));
-        if (self->blocks == NULL) {
-            PyErr_NoMemory();
-            return -1;
-        }
-    }
+    self->nblocks = nblocks;
+    uint64_t *old_blocks = self->blocks;
+    self->blocks = blocks;
+    self->id = ++g_next_id;
     self->top = 0;
     self->seq = 0;
     self->ceiling = 0;
@@ -154,6 +207,9 @@ sa_init(SAObject *self, PyObject *args, PyObject *kwds)
     self->active = 0;
     self->has_dest = 0;
     self->sel_on = 0;
+    unlock_gil();
+    PyMem_Free(old_blocks);
+    PyBuffer_Release(&key);
     Py_INCREF(owner);
     Py_XSETREF(self->owner, owner);
     return 0;
@@ -274,21 +330,21 @@ get32(const uint8_t *p)
 }
 
 /* Every packet counted on any SA here (seal and open), for ``activity()``. Every count
- * happens with the GIL held (the SA's and the table's methods, and the forwarding thread's
- * batches, which take the GIL from the first read to the last send); atomic anyway, as it
- * is read without a lock by nothing else. */
+ * happens under g_lock; atomic, as activity() reads it without the lock. */
 static uint64_t g_activity;
 
 /* The touched list: each SA that counted a packet since the last take_touched(), once (its
- * `touched` flag), with a strong reference, so that fail-over replication visits those SAs'
- * tunnels only (ct/failover.py, "the idle poll"). Bounded: an SA that does not fit is not
- * listed and the overflow flag tells the taker that some SA counted unlisted (it then
- * walks every tunnel). Appended to and taken only with the GIL held (see g_activity): no
- * lock. Appending makes no Python object (an INCREF only), so it keeps the batch rule
- * (no Python code runs between a batch's first seal and its last send). */
+ * `touched` flag), so that fail-over replication visits those SAs' tunnels only
+ * (ct/failover.py, "the idle poll"). Bounded: an SA that does not fit is not listed and the
+ * overflow flag tells the taker that some SA counted unlisted (it then walks every tunnel).
+ * Under g_lock. Entries [0, g_nstrong) hold a strong reference; the ones after were appended
+ * by the forwarding thread, which cannot INCREF without the GIL: their SAs are in a table's
+ * map (which holds a reference) when appended, and every GIL holder folds (INCREFs them)
+ * before it lets g_lock go (unlock_gil), in particular the one that takes an SA out of a
+ * map: so no entry outlives its SA. */
 #define TOUCHED_MAX 16384
 static SAObject *g_touched[TOUCHED_MAX];
-static Py_ssize_t g_ntouched;
+static Py_ssize_t g_ntouched, g_nstrong;
 static int g_touched_overflow;
 
 static inline void
@@ -301,8 +357,16 @@ touch(SAObject *s)
         return;
     }
     s->touched = 1;
-    Py_INCREF(s);
     g_touched[g_ntouched++] = s;
+}
+
+/* GIL and g_lock held */
+static void
+fold_touched(void)
+{
+    for (Py_ssize_t i = g_nstrong; i < g_ntouched; i++)
+        Py_INCREF(g_touched[i]);
+    g_nstrong = g_ntouched;
 }
 
 /* Seal ``inner`` (len n, IP version read from it) into out: SPI | seq | IV | ct | ICV.
@@ -548,7 +612,9 @@ sa_seal(SAObject *self, PyObject *args)
         PyBuffer_Release(&in);
         return NULL;
     }
+    lock();
     Py_ssize_t r = seal(self, in.buf, in.len, now, (uint8_t *)PyBytes_AS_STRING(res));
+    unlock_gil();
     PyBuffer_Release(&in);
     if (r < 0) {
         Py_DECREF(res);
@@ -567,7 +633,9 @@ sa_open_common(SAObject *self, const uint8_t *buf, Py_ssize_t len, double now)
     if (out == NULL)
         return PyErr_NoMemory();
     Py_ssize_t olen = 0;
+    lock();
     int r = open_esp(self, buf, len, now, out, &olen);
+    unlock_gil();
     PyObject *res;
     if (r == DELIVER)
         res = PyBytes_FromStringAndSize((const char *)out, olen);
@@ -592,32 +660,78 @@ sa_open(SAObject *self, PyObject *args)
     return res;
 }
 
+/* A copy of the SA's state, taken under g_lock in one go (an exact snapshot: the forwarding
+ * thread counts between two batches only); blocks: PyMem, nblocks entries (NULL if none). */
+typedef struct {
+    uint64_t seq, packets, bytes, top;
+    uint64_t *blocks;
+    uint32_t nblocks;
+} SAState;
+
+static int
+sa_state(SAObject *self, SAState *st)
+{
+    uint32_t nb = self->nblocks; /* fixed but by __init__, which allocates afresh: checked */
+    st->blocks = nb ? PyMem_Malloc(nb * sizeof(uint64_t)) : NULL;
+    if (nb && st->blocks == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    lock();
+    if (self->nblocks != nb) {
+        unlock_gil();
+        PyMem_Free(st->blocks);
+        return sa_state(self, st);
+    }
+    st->seq = self->seq;
+    st->packets = self->packets;
+    st->bytes = self->bytes;
+    st->top = self->top;
+    st->nblocks = nb;
+    if (nb)
+        memcpy(st->blocks, self->blocks, nb * sizeof(uint64_t));
+    unlock_gil();
+    return 0;
+}
+
 static PyObject *
 sa_export(SAObject *self, PyObject *unused)
 {
-    return Py_BuildValue("(KKKKy#)", (unsigned long long)self->seq,
-                         (unsigned long long)self->packets, (unsigned long long)self->bytes,
-                         (unsigned long long)self->top,
-                         self->blocks ? (const char *)self->blocks : "",
-                         (Py_ssize_t)(self->nblocks * sizeof(uint64_t)));
+    SAState st;
+    if (sa_state(self, &st) < 0)
+        return NULL;
+    PyObject *r = Py_BuildValue("(KKKKy#)", (unsigned long long)st.seq,
+                                (unsigned long long)st.packets, (unsigned long long)st.bytes,
+                                (unsigned long long)st.top,
+                                st.blocks ? (const char *)st.blocks : "",
+                                (Py_ssize_t)(st.nblocks * sizeof(uint64_t)));
+    PyMem_Free(st.blocks);
+    return r;
 }
 
 /* window() -> (top, [block, ...]): the replay window in ReplayWindow's own layout */
 static PyObject *
 sa_window(SAObject *self, PyObject *unused)
 {
-    PyObject *lst = PyList_New(self->nblocks);
-    if (lst == NULL)
+    SAState st;
+    if (sa_state(self, &st) < 0)
         return NULL;
-    for (uint32_t i = 0; i < self->nblocks; i++) {
-        PyObject *v = PyLong_FromUnsignedLongLong(self->blocks[i]);
+    PyObject *lst = PyList_New(st.nblocks);
+    if (lst == NULL) {
+        PyMem_Free(st.blocks);
+        return NULL;
+    }
+    for (uint32_t i = 0; i < st.nblocks; i++) {
+        PyObject *v = PyLong_FromUnsignedLongLong(st.blocks[i]);
         if (v == NULL) {
             Py_DECREF(lst);
+            PyMem_Free(st.blocks);
             return NULL;
         }
         PyList_SET_ITEM(lst, i, v);
     }
-    return Py_BuildValue("(KN)", (unsigned long long)self->top, lst);
+    PyMem_Free(st.blocks);
+    return Py_BuildValue("(KN)", (unsigned long long)st.top, lst);
 }
 
 static PyObject *
@@ -627,18 +741,21 @@ sa_load(SAObject *self, PyObject *args)
     Py_buffer blocks;
     if (!PyArg_ParseTuple(args, "KKKKy*", &seq, &packets, &bytes, &top, &blocks))
         return NULL;
+    lock();
     if (blocks.len != (Py_ssize_t)(self->nblocks * sizeof(uint64_t))) {
+        unlock_gil();
         PyBuffer_Release(&blocks);
         PyErr_SetString(PyExc_ValueError, "replay blocks do not fit the window");
         return NULL;
     }
     if (blocks.len)
         memcpy(self->blocks, blocks.buf, (size_t)blocks.len);
-    PyBuffer_Release(&blocks);
     self->seq = seq;
     self->packets = packets;
     self->bytes = bytes;
     self->top = top;
+    unlock_gil();
+    PyBuffer_Release(&blocks);
     Py_RETURN_NONE;
 }
 
@@ -651,12 +768,14 @@ sa_configure(SAObject *self, PyObject *args)
     unsigned int mtu, overhead;
     if (!PyArg_ParseTuple(args, "KKKdII", &ceiling, &lp, &lb, &deadline, &mtu, &overhead))
         return NULL;
+    lock();
     self->ceiling = ceiling;
     self->limit_packets = lp;
     self->limit_bytes = lb;
     self->deadline = deadline;
     self->mtu = mtu;
     self->outer_overhead = overhead;
+    unlock_gil();
     Py_RETURN_NONE;
 }
 
@@ -694,8 +813,15 @@ sa_set_dest(SAObject *self, PyObject *args)
     unsigned int port;
     if (!PyArg_ParseTuple(args, "y*I", &addr, &port))
         return NULL;
-    self->has_dest = to_sockaddr(&self->dest, &self->destlen, &addr, port);
+    struct sockaddr_storage dest;
+    socklen_t destlen;
+    int has = to_sockaddr(&dest, &destlen, &addr, port);
     PyBuffer_Release(&addr);
+    lock();
+    self->dest = dest;
+    self->destlen = destlen;
+    self->has_dest = has;
+    unlock_gil();
     Py_RETURN_NONE;
 }
 
@@ -753,25 +879,53 @@ static PyObject *
 sa_set_selectors(SAObject *self, PyObject *args)
 {
     if (PyTuple_GET_SIZE(args) == 1 && PyTuple_GET_ITEM(args, 0) == Py_None) {
+        lock();
         self->sel_on = 0;
+        unlock_gil();
         Py_RETURN_NONE;
     }
     PyObject *loc, *rem;
-    if (!PyArg_ParseTuple(args, "ipiiiiOO", &self->sel_proto, &self->ports_any, &self->lp_first,
-                          &self->lp_last, &self->rp_first, &self->rp_last, &loc, &rem))
+    int proto, ports_any, lpf, lpl, rpf, rpl;
+    if (!PyArg_ParseTuple(args, "ipiiiiOO", &proto, &ports_any, &lpf, &lpl, &rpf, &rpl, &loc,
+                          &rem))
         return NULL;
-    self->sel_on = 0;
-    if (parse_ranges(loc, &self->local, &self->nlocal) < 0 ||
-        parse_ranges(rem, &self->remote, &self->nremote) < 0)
+    /* parsed aside (Python code runs there), then swapped in under the lock */
+    Range *local = NULL, *remote = NULL;
+    int nlocal = 0, nremote = 0;
+    if (parse_ranges(loc, &local, &nlocal) < 0 || parse_ranges(rem, &remote, &nremote) < 0) {
+        PyMem_Free(local);
+        PyMem_Free(remote);
+        lock(); /* as before: a failed call leaves the check off */
+        self->sel_on = 0;
+        unlock_gil();
         return NULL;
+    }
+    lock();
+    Range *old_local = self->local, *old_remote = self->remote;
+    self->sel_proto = proto;
+    self->ports_any = ports_any;
+    self->lp_first = lpf;
+    self->lp_last = lpl;
+    self->rp_first = rpf;
+    self->rp_last = rpl;
+    self->local = local;
+    self->nlocal = nlocal;
+    self->remote = remote;
+    self->nremote = nremote;
     self->sel_on = 1;
+    unlock_gil();
+    PyMem_Free(old_local);
+    PyMem_Free(old_remote);
     Py_RETURN_NONE;
 }
 
 static PyObject *
 sa_get_active(SAObject *self, void *c)
 {
-    return PyBool_FromLong(self->active);
+    lock();
+    int a = self->active;
+    unlock_gil();
+    return PyBool_FromLong(a);
 }
 
 static int
@@ -780,11 +934,16 @@ sa_set_active(SAObject *self, PyObject *v, void *c)
     int b = v == NULL ? 0 : PyObject_IsTrue(v);
     if (b < 0)
         return -1;
-    if (b && self->ctx == NULL) {
+    /* a freeze: between two batches of the forwarding thread (see g_lock) */
+    lock();
+    int gone = b && self->ctx == NULL;
+    if (!gone)
+        self->active = b;
+    unlock_gil();
+    if (gone) {
         PyErr_SetString(PyExc_ValueError, "this SA left the table: its keys are gone");
         return -1;
     }
-    self->active = b;
     return 0;
 }
 
@@ -793,9 +952,12 @@ static PyObject *
 sa_get_keyed(SAObject *self, void *c)
 {
     uint8_t any = 0;
+    lock();
     for (size_t i = 0; i < sizeof(self->salt); i++)
         any |= self->salt[i];
-    return PyBool_FromLong(self->ctx != NULL || any != 0);
+    int keyed = self->ctx != NULL || any != 0;
+    unlock_gil();
+    return PyBool_FromLong(keyed);
 }
 
 static PyObject *
@@ -812,10 +974,14 @@ sa_get_owner(SAObject *self, void *c)
     return o;
 }
 
+/* a field of the SA's state, read or written under g_lock (GIL held) */
 static PyObject *
-sa_get_ceiling(SAObject *self, void *c)
+get_u64(const uint64_t *field)
 {
-    return PyLong_FromUnsignedLongLong(self->ceiling);
+    lock();
+    uint64_t v = *field;
+    unlock_gil();
+    return PyLong_FromUnsignedLongLong(v);
 }
 
 static int
@@ -828,15 +994,18 @@ set_u64(uint64_t *field, PyObject *v)
     unsigned long long x = PyLong_AsUnsignedLongLong(v);
     if (x == (unsigned long long)-1 && PyErr_Occurred())
         return -1;
+    lock();
     *field = x;
+    unlock_gil();
     return 0;
 }
 
-static PyObject *sa_get_seq(SAObject *self, void *c) { return PyLong_FromUnsignedLongLong(self->seq); }
+static PyObject *sa_get_ceiling(SAObject *self, void *c) { return get_u64(&self->ceiling); }
+static PyObject *sa_get_seq(SAObject *self, void *c) { return get_u64(&self->seq); }
 static int sa_set_seq(SAObject *self, PyObject *v, void *c) { return set_u64(&self->seq, v); }
-static PyObject *sa_get_packets(SAObject *self, void *c) { return PyLong_FromUnsignedLongLong(self->packets); }
+static PyObject *sa_get_packets(SAObject *self, void *c) { return get_u64(&self->packets); }
 static int sa_set_packets(SAObject *self, PyObject *v, void *c) { return set_u64(&self->packets, v); }
-static PyObject *sa_get_bytes(SAObject *self, void *c) { return PyLong_FromUnsignedLongLong(self->bytes); }
+static PyObject *sa_get_bytes(SAObject *self, void *c) { return get_u64(&self->bytes); }
 static int sa_set_bytes(SAObject *self, PyObject *v, void *c) { return set_u64(&self->bytes, v); }
 
 static PyMethodDef sa_methods[] = {
@@ -900,7 +1069,7 @@ static PyTypeObject SAType = {
 typedef struct {
     PyObject_HEAD
     double rate, burst, tokens, last;
-    unsigned long long refused;
+    uint64_t refused;
 } RelayCapObject;
 
 static PyTypeObject RelayCapType;
@@ -915,17 +1084,33 @@ relay_cap_init(RelayCapObject *self, PyObject *args, PyObject *kwds)
         PyErr_SetString(PyExc_ValueError, "relay cap: a finite rate > 0, burst >= 1");
         return -1;
     }
+    lock(); /* relays in a table's map may take from it already */
     self->rate = rate;
     self->burst = burst;
     self->tokens = burst;
     self->last = 0;
     self->refused = 0;
+    unlock_gil();
     return 0;
 }
 
-static PyObject *relay_cap_get_refused(RelayCapObject *self, void *c) { return PyLong_FromUnsignedLongLong(self->refused); }
-static PyObject *relay_cap_get_rate(RelayCapObject *self, void *c) { return PyFloat_FromDouble(self->rate); }
-static PyObject *relay_cap_get_burst(RelayCapObject *self, void *c) { return PyFloat_FromDouble(self->burst); }
+static PyObject *relay_cap_get_refused(RelayCapObject *self, void *c) { return get_u64(&self->refused); }
+static PyObject *
+relay_cap_get_rate(RelayCapObject *self, void *c)
+{
+    lock();
+    double r = self->rate;
+    unlock_gil();
+    return PyFloat_FromDouble(r);
+}
+static PyObject *
+relay_cap_get_burst(RelayCapObject *self, void *c)
+{
+    lock();
+    double b = self->burst;
+    unlock_gil();
+    return PyFloat_FromDouble(b);
+}
 
 static PyGetSetDef relay_cap_getset[] = {
     {"refused", (getter)relay_cap_get_refused, NULL, "datagrams dropped over the cap", NULL},
@@ -961,7 +1146,7 @@ typedef struct {
     struct sockaddr_storage dest;
     socklen_t destlen;
     double until, rate, burst, tokens, last;
-    unsigned long long relayed, refused;
+    uint64_t relayed, refused;
     RelayCapObject *cap; /* the overall cap (a strong reference), or NULL */
 } RelayObject;
 
@@ -988,7 +1173,9 @@ relay_init(RelayObject *self, PyObject *args, PyObject *kwds)
         PyErr_SetString(PyExc_TypeError, "relay: the cap is a RelayCap or None");
         return -1;
     }
-    int ok = to_sockaddr(&self->dest, &self->destlen, &addr, port);
+    struct sockaddr_storage dest;
+    socklen_t destlen;
+    int ok = to_sockaddr(&dest, &destlen, &addr, port);
     PyBuffer_Release(&addr);
     if (!ok || port == 0 || port > 65535) {
         PyErr_SetString(PyExc_ValueError, "relay: an address of 4 or 16 octets and a port");
@@ -998,13 +1185,19 @@ relay_init(RelayObject *self, PyObject *args, PyObject *kwds)
         PyErr_SetString(PyExc_ValueError, "relay: rate > 0, burst >= 1, a deadline");
         return -1;
     }
+    lock(); /* it may be in a table's relay map already */
+    self->dest = dest;
+    self->destlen = destlen;
     self->until = until;
     self->rate = rate;
     self->burst = burst;
     self->tokens = burst;
     self->last = 0;
     self->relayed = self->refused = 0;
-    Py_XSETREF(self->cap, cap == Py_None ? NULL : (RelayCapObject *)Py_NewRef(cap));
+    RelayCapObject *old_cap = self->cap;
+    self->cap = cap == Py_None ? NULL : (RelayCapObject *)Py_NewRef(cap);
+    unlock_gil();
+    Py_XDECREF(old_cap);
     return 0;
 }
 
@@ -1041,13 +1234,22 @@ relay_take_py(RelayObject *self, PyObject *args)
     double now;
     if (!PyArg_ParseTuple(args, "d", &now))
         return NULL;
+    lock();
     int r = relay_take(self, now);
+    unlock_gil();
     if (r < 0)
         Py_RETURN_NONE;
     return PyBool_FromLong(r);
 }
 
-static PyObject *relay_get_until(RelayObject *self, void *c) { return PyFloat_FromDouble(self->until); }
+static PyObject *
+relay_get_until(RelayObject *self, void *c)
+{
+    lock();
+    double u = self->until;
+    unlock_gil();
+    return PyFloat_FromDouble(u);
+}
 static int
 relay_set_until(RelayObject *self, PyObject *v, void *c)
 {
@@ -1058,11 +1260,13 @@ relay_set_until(RelayObject *self, PyObject *v, void *c)
         PyErr_SetString(PyExc_ValueError, "relay: a deadline");
         return -1;
     }
+    lock();
     self->until = d;
+    unlock_gil();
     return 0;
 }
-static PyObject *relay_get_relayed(RelayObject *self, void *c) { return PyLong_FromUnsignedLongLong(self->relayed); }
-static PyObject *relay_get_refused(RelayObject *self, void *c) { return PyLong_FromUnsignedLongLong(self->refused); }
+static PyObject *relay_get_relayed(RelayObject *self, void *c) { return get_u64(&self->relayed); }
+static PyObject *relay_get_refused(RelayObject *self, void *c) { return get_u64(&self->refused); }
 
 static PyMethodDef relay_methods[] = {
     {"take", (PyCFunction)relay_take_py, METH_VARARGS,
@@ -1090,7 +1294,212 @@ static PyTypeObject RelayType = {
     .tp_getset = relay_getset,
 };
 
+/* ---------------------------------------------------------------- C maps */
+
+/*
+ * What the forwarding thread looks up without the GIL: a key of up to MAP_KEY octets (an SPI
+ * as 4 octets big endian, or a flow key) -> an object (an SA or a Relay), open addressing with
+ * linear probing, at most half full, deletion by backward shift (no tombstones). A map holds a
+ * strong reference to each value: put INCREFs (GIL and g_lock held); what leaves is handed
+ * back to the caller, who DECREFs it after unlock_gil. The hash is keyed with a random seed per
+ * map (flow keys come from packets). Under g_lock.
+ */
+#define MAP_KEY 40
+
+typedef struct {
+    uint64_t h;
+    PyObject *v; /* NULL: a free slot */
+    uint8_t klen;
+    uint8_t key[MAP_KEY];
+} MapSlot;
+
+typedef struct {
+    MapSlot *slots;
+    size_t cap, n; /* cap: 0 or a power of two */
+    uint64_t seed;
+} Map;
+
+static uint64_t
+mix64(uint64_t x)
+{
+    x ^= x >> 30;
+    x *= 0xbf58476d1ce4e5b9ULL;
+    x ^= x >> 27;
+    x *= 0x94d049bb133111ebULL;
+    x ^= x >> 31;
+    return x;
+}
+
+static uint64_t
+map_hash(const Map *m, const uint8_t *key, size_t klen)
+{
+    uint64_t h = mix64(m->seed ^ klen);
+    size_t i = 0;
+    for (; i + 8 <= klen; i += 8) {
+        uint64_t w;
+        memcpy(&w, key + i, 8);
+        h = mix64(h ^ w);
+    }
+    if (i < klen) {
+        uint64_t w = 0;
+        memcpy(&w, key + i, klen - i);
+        h = mix64(h ^ w ^ 0x8000000000000000ULL);
+    }
+    return h;
+}
+
+static void
+map_seed(Map *m)
+{
+    if (getrandom(&m->seed, sizeof(m->seed), GRND_NONBLOCK) != (ssize_t)sizeof(m->seed)) {
+        struct timespec ts;
+        clock_gettime(CLOCK_MONOTONIC, &ts);
+        m->seed = mix64((uint64_t)ts.tv_nsec ^ ((uint64_t)ts.tv_sec << 32) ^ (uintptr_t)m);
+    }
+}
+
+/* the slot of key, or NULL */
+static MapSlot *
+map_find(const Map *m, const uint8_t *key, size_t klen)
+{
+    if (m->n == 0 || klen > MAP_KEY)
+        return NULL;
+    uint64_t h = map_hash(m, key, klen);
+    size_t mask = m->cap - 1;
+    for (size_t j = h & mask;; j = (j + 1) & mask) {
+        MapSlot *e = &m->slots[j];
+        if (e->v == NULL)
+            return NULL;
+        if (e->h == h && e->klen == klen && memcmp(e->key, key, klen) == 0)
+            return e;
+    }
+}
+
+static PyObject *
+map_get(const Map *m, const uint8_t *key, size_t klen)
+{
+    MapSlot *e = map_find(m, key, klen);
+    return e != NULL ? e->v : NULL;
+}
+
+/* place a slot's content into a table with room (no duplicates) */
+static void
+map_place(MapSlot *slots, size_t cap, const MapSlot *src)
+{
+    size_t mask = cap - 1;
+    size_t j = src->h & mask;
+    while (slots[j].v != NULL)
+        j = (j + 1) & mask;
+    slots[j] = *src;
+}
+
+/* key -> v (a new strong reference). *old: the value it replaces (the caller's to DECREF
+ * after unlock) or NULL. 0, or -1 without room (nothing changed; no exception set). */
+static int
+map_put(Map *m, const uint8_t *key, size_t klen, PyObject *v, PyObject **old)
+{
+    *old = NULL;
+    if (klen > MAP_KEY)
+        return -1;
+    MapSlot *e = map_find(m, key, klen);
+    if (e != NULL) {
+        Py_INCREF(v);
+        *old = e->v;
+        e->v = v;
+        return 0;
+    }
+    if (2 * (m->n + 1) > m->cap) {
+        size_t cap = m->cap ? 2 * m->cap : 16;
+        MapSlot *slots = PyMem_RawCalloc(cap, sizeof(MapSlot));
+        if (slots == NULL)
+            return -1;
+        for (size_t i = 0; i < m->cap; i++)
+            if (m->slots[i].v != NULL)
+                map_place(slots, cap, &m->slots[i]);
+        PyMem_RawFree(m->slots);
+        m->slots = slots;
+        m->cap = cap;
+    }
+    MapSlot ne;
+    memset(&ne, 0, sizeof(ne));
+    ne.h = map_hash(m, key, klen);
+    ne.klen = (uint8_t)klen;
+    memcpy(ne.key, key, klen);
+    Py_INCREF(v);
+    ne.v = v;
+    map_place(m->slots, m->cap, &ne);
+    m->n++;
+    return 0;
+}
+
+/* key leaves the map if it maps to v (any value: v NULL); returns what left (the caller's
+ * reference, to DECREF after unlock) or NULL */
+static PyObject *
+map_del(Map *m, const uint8_t *key, size_t klen, PyObject *v)
+{
+    MapSlot *e = map_find(m, key, klen);
+    if (e == NULL || (v != NULL && e->v != v))
+        return NULL;
+    PyObject *gone = e->v;
+    size_t mask = m->cap - 1, i = (size_t)(e - m->slots);
+    /* backward shift: later slots of the run move up into the hole when they may */
+    for (size_t j = (i + 1) & mask;; j = (j + 1) & mask) {
+        MapSlot *f = &m->slots[j];
+        if (f->v == NULL)
+            break;
+        size_t home = f->h & mask;
+        /* f may fill the hole at i unless its home lies in (i, j] (cyclically) */
+        if (((j - home) & mask) >= ((j - i) & mask)) {
+            m->slots[i] = *f;
+            i = j;
+        }
+    }
+    memset(&m->slots[i], 0, sizeof(MapSlot));
+    m->n--;
+    return gone;
+}
+
+/* empties the map; returns its old slots (cap entries in *cap) for the caller to DECREF and
+ * free after unlock (map_release) */
+static MapSlot *
+map_take(Map *m, size_t *cap)
+{
+    MapSlot *slots = m->slots;
+    *cap = m->cap;
+    m->slots = NULL;
+    m->cap = m->n = 0;
+    return slots;
+}
+
+/* GIL held, g_lock not: the references of slots taken by map_take */
+static void
+map_release(MapSlot *slots, size_t cap)
+{
+    for (size_t i = 0; i < cap; i++)
+        Py_XDECREF(slots[i].v);
+    PyMem_RawFree(slots);
+}
+
+static inline void
+spi_key(uint32_t spi, uint8_t *k)
+{
+    put32(k, spi);
+}
+
 /* ---------------------------------------------------------------- the table */
+
+/* A hand-up of the forwarding thread, in raw memory until drain() builds its Python object
+ * (kinds as from_outer / from_inner return them). A signal (kind 3) names its SA by (spi, id):
+ * the drain looks it up in the SPI map and hands up its owner if it is still that SA. */
+typedef struct {
+    int kind;
+    int has_addr;
+    Py_ssize_t len;
+    uint32_t spi;
+    uint64_t id;
+    struct sockaddr_storage addr;
+    uint8_t data[];
+} RawUp;
 
 struct IkeSource {
     uint8_t addr[16]; /* IPv6, or IPv4 in its first 4 octets (v4 says which) */
@@ -1108,13 +1517,18 @@ typedef struct {
      * (only after a failed allocation): remove checks. */
     PyObject *flows_of;
     PyObject *relays;  /* int -> Relay: moved tunnels' inbound SPIs (no SA here any more) */
+    /* the same three in C, for lookups without the GIL (see Map): spis mirrors by_spi,
+     * flows by_flow, relay_map relays. Changed only by GIL holders, under g_lock. */
+    Map spis, flows, relay_map;
     uint8_t *in;       /* BATCH buffers of BUFSZ */
     uint8_t *out;
     unsigned long long in_packets, in_bytes, out_packets, out_bytes;
     unsigned long long drops[N_DROPS];
     /* the forwarding thread (run): what goes up to Python, bounded (up_limit items), with a
-     * budget per class (see append_up) counted in up_count since the last drain */
-    PyObject *pending;
+     * budget per class (see queue_up) counted in up_count since the last drain; raw memory
+     * (q: nq of q_cap), under g_lock */
+    RawUp **q;
+    Py_ssize_t nq, q_cap;
     Py_ssize_t up_limit;
     Py_ssize_t up_count[N_UP];
     /* IKE hand-ups per source address since the last drain (see ike_source_admit): an open
@@ -1144,6 +1558,11 @@ table_init(TableObject *self, PyObject *args, PyObject *kwds)
     if (self->by_spi == NULL || self->by_flow == NULL || self->flows_of == NULL
         || self->relays == NULL)
         return -1;
+    if (self->spis.seed == 0) { /* once: an initialised table's maps stay (their content) */
+        map_seed(&self->spis);
+        map_seed(&self->flows);
+        map_seed(&self->relay_map);
+    }
     if (self->in == NULL)
         self->in = PyMem_Malloc((size_t)BATCH * BUFSZ);
     if (self->out == NULL)
@@ -1162,18 +1581,36 @@ table_traverse(TableObject *self, visitproc visit, void *arg)
     Py_VISIT(self->by_flow);
     Py_VISIT(self->flows_of);
     Py_VISIT(self->relays);
-    Py_VISIT(self->pending);
+    /* the maps change only under the GIL (the thread reads them): no lock to read them here */
+    const Map *maps[] = {&self->spis, &self->flows, &self->relay_map};
+    for (int k = 0; k < 3; k++)
+        for (size_t i = 0; i < maps[k]->cap; i++)
+            Py_VISIT(maps[k]->slots[i].v);
     return 0;
+}
+
+static void
+free_queue(RawUp **q, Py_ssize_t n)
+{
+    for (Py_ssize_t i = 0; i < n; i++)
+        PyMem_RawFree(q[i]);
 }
 
 static int
 table_clear(TableObject *self)
 {
+    size_t c1, c2, c3;
+    lock();
+    MapSlot *s1 = map_take(&self->spis, &c1), *s2 = map_take(&self->flows, &c2),
+            *s3 = map_take(&self->relay_map, &c3);
+    unlock_gil();
+    map_release(s1, c1);
+    map_release(s2, c2);
+    map_release(s3, c3);
     Py_CLEAR(self->by_spi);
     Py_CLEAR(self->by_flow);
     Py_CLEAR(self->flows_of);
     Py_CLEAR(self->relays);
-    Py_CLEAR(self->pending);
     return 0;
 }
 
@@ -1182,6 +1619,8 @@ table_dealloc(TableObject *self)
 {
     PyObject_GC_UnTrack(self);
     table_clear(self);
+    free_queue(self->q, self->nq);
+    PyMem_RawFree(self->q);
     ike_src_free(self);
     PyMem_Free(self->in);
     PyMem_Free(self->out);
@@ -1221,6 +1660,7 @@ flow_key(const uint8_t *p, Py_ssize_t n, uint8_t *key)
     return 0;
 }
 
+/* The lookups of a batch (g_lock held, or the GIL: see Map): no Python. Borrowed. */
 static SAObject *
 lookup_flow(TableObject *self, const uint8_t *p, Py_ssize_t n)
 {
@@ -1228,49 +1668,20 @@ lookup_flow(TableObject *self, const uint8_t *p, Py_ssize_t n)
     int kl = flow_key(p, n, key);
     if (kl == 0)
         return NULL;
-    PyObject *k = PyBytes_FromStringAndSize((const char *)key, kl);
-    if (k == NULL) {
-        PyErr_Clear();
-        return NULL;
-    }
-    PyObject *sa = PyDict_GetItemWithError(self->by_flow, k);
-    Py_DECREF(k);
-    if (sa == NULL)
-        PyErr_Clear();
-    return (SAObject *)sa; /* borrowed */
+    return (SAObject *)map_get(&self->flows, key, (size_t)kl);
 }
 
-/* The value a dict keyed by SPI holds for the ESP packet p's SPI (borrowed), or NULL: a
- * packet too short for an SPI, none, or no memory for the key (the packet then goes up). */
-static PyObject *
-by_spi_of(PyObject *dict, const uint8_t *p, Py_ssize_t n)
-{
-    if (n < 8)
-        return NULL;
-    PyObject *k = PyLong_FromUnsignedLong(get32(p));
-    if (k == NULL) {
-        PyErr_Clear();
-        return NULL;
-    }
-    PyObject *v = PyDict_GetItemWithError(dict, k);
-    Py_DECREF(k);
-    if (v == NULL)
-        PyErr_Clear();
-    return v;
-}
-
+/* by the ESP packet p's SPI; NULL for a packet too short for one */
 static SAObject *
 lookup_spi(TableObject *self, const uint8_t *p, Py_ssize_t n)
 {
-    return (SAObject *)by_spi_of(self->by_spi, p, n);
+    return n < 8 ? NULL : (SAObject *)map_get(&self->spis, p, 4);
 }
 
 static RelayObject *
 lookup_relay(TableObject *self, const uint8_t *p, Py_ssize_t n)
 {
-    if (self->relays == NULL || PyDict_GET_SIZE(self->relays) == 0)
-        return NULL;
-    return (RelayObject *)by_spi_of(self->relays, p, n);
+    return n < 8 ? NULL : (RelayObject *)map_get(&self->relay_map, p, 4);
 }
 
 /* relay(spi, Relay or None): ESP under ``spi`` that no SA here takes goes to the relay's
@@ -1293,8 +1704,14 @@ table_relay(TableObject *self, PyObject *args)
     PyObject *k = PyLong_FromUnsignedLong(spi);
     if (k == NULL)
         return NULL;
+    uint8_t key[4];
+    spi_key((uint32_t)spi, key);
+    PyObject *old = NULL;
     int rc;
     if (r == Py_None) {
+        lock();
+        old = map_del(&self->relay_map, key, 4, NULL);
+        unlock_gil();
         rc = PyDict_DelItem(self->relays, k);
         if (rc < 0 && PyErr_ExceptionMatches(PyExc_KeyError)) {
             PyErr_Clear();
@@ -1302,7 +1719,15 @@ table_relay(TableObject *self, PyObject *args)
         }
     } else {
         rc = PyDict_SetItem(self->relays, k, r);
+        if (rc == 0) {
+            lock();
+            rc = map_put(&self->relay_map, key, 4, r, &old);
+            unlock_gil();
+            if (rc < 0)
+                PyErr_NoMemory();
+        }
     }
+    Py_XDECREF(old);
     Py_DECREF(k);
     if (rc < 0)
         return NULL;
@@ -1326,6 +1751,11 @@ table_flow_key(TableObject *self, PyObject *args)
 static void
 forget_flows(TableObject *self)
 {
+    size_t cap;
+    lock();
+    MapSlot *slots = map_take(&self->flows, &cap);
+    unlock_gil();
+    map_release(slots, cap);
     PyDict_Clear(self->by_flow);
     PyDict_Clear(self->flows_of);
 }
@@ -1408,6 +1838,16 @@ table_add_flow(TableObject *self, PyObject *args)
         r = PyDict_SetItem(self->by_flow, key, sa);
     if (r == 0 && old != NULL)
         flows_of_discard(self, old, key);
+    PyObject *replaced = NULL;
+    if (r == 0) { /* the C map follows by_flow (no room: the flow is the Python path's) */
+        lock();
+        if (map_put(&self->flows, (const uint8_t *)PyBytes_AS_STRING(key),
+                    (size_t)PyBytes_GET_SIZE(key), sa, &replaced) < 0)
+            replaced = map_del(&self->flows, (const uint8_t *)PyBytes_AS_STRING(key),
+                               (size_t)PyBytes_GET_SIZE(key), NULL);
+        unlock_gil();
+    }
+    Py_XDECREF(replaced);
     Py_XDECREF(old);
     Py_DECREF(key);
     if (r < 0)
@@ -1428,13 +1868,23 @@ table_add_spi(TableObject *self, PyObject *args)
     PyObject *sa;
     if (!PyArg_ParseTuple(args, "O!", &SAType, &sa))
         return NULL;
-    PyObject *k = PyLong_FromUnsignedLong(((SAObject *)sa)->spi);
+    uint32_t spi = ((SAObject *)sa)->spi;
+    PyObject *k = PyLong_FromUnsignedLong(spi);
     if (k == NULL)
         return NULL;
     int r = PyDict_SetItem(self->by_spi, k, sa);
     Py_DECREF(k);
     if (r < 0)
         return NULL;
+    uint8_t key[4];
+    spi_key(spi, key);
+    PyObject *old = NULL;
+    lock();
+    r = map_put(&self->spis, key, 4, sa, &old);
+    if (r < 0) /* no room: the SPI is the Python path's (not an older SA's) */
+        old = map_del(&self->spis, key, 4, NULL);
+    unlock_gil();
+    Py_XDECREF(old);
     Py_RETURN_NONE;
 }
 
@@ -1454,7 +1904,43 @@ table_remove(TableObject *self, PyObject *args)
     PyObject *sa;
     if (!PyArg_ParseTuple(args, "O!", &SAType, &sa))
         return NULL;
-    PyObject *k = PyLong_FromUnsignedLong(((SAObject *)sa)->spi);
+    /* Out of the C maps and keyless in one step under g_lock: between two batches of the
+     * forwarding thread, which cannot find it after. The flow keys that may name it
+     * (flows_of) are copied before the lock; without memory for that, every flow goes. */
+    uint32_t spi = ((SAObject *)sa)->spi;
+    PyObject *fk = PyDict_GetItemWithError(self->flows_of, sa), *klist = NULL;
+    if (fk != NULL)
+        klist = PyBytes_CheckExact(fk) ? PyTuple_Pack(1, fk) : PySequence_Tuple(fk);
+    Py_ssize_t nk = klist != NULL ? PyTuple_GET_SIZE(klist) : 0;
+    PyObject **gone = PyMem_Malloc((size_t)(nk + 1) * sizeof(PyObject *));
+    int lost = PyErr_Occurred() != NULL || gone == NULL;
+    PyErr_Clear();
+    uint8_t skey[4];
+    spi_key(spi, skey);
+    Py_ssize_t ng = 0;
+    lock();
+    PyObject *gspi = map_del(&self->spis, skey, 4, sa);
+    for (Py_ssize_t i = 0; gone != NULL && i < nk; i++) {
+        PyObject *kb = PyTuple_GET_ITEM(klist, i);
+        PyObject *g = PyBytes_CheckExact(kb)
+                          ? map_del(&self->flows, (const uint8_t *)PyBytes_AS_STRING(kb),
+                                    (size_t)PyBytes_GET_SIZE(kb), sa)
+                          : NULL;
+        if (g != NULL)
+            gone[ng++] = g;
+    }
+    /* Out of the table, out of service: its keys go now, not when the touched list (or
+     * anything else still holding the object) lets go of it. */
+    sa_wipe((SAObject *)sa);
+    unlock_gil();
+    Py_XDECREF(gspi);
+    for (Py_ssize_t i = 0; i < ng; i++)
+        Py_DECREF(gone[i]);
+    PyMem_Free(gone);
+    Py_XDECREF(klist);
+    if (lost)
+        forget_flows(self);
+    PyObject *k = PyLong_FromUnsignedLong(spi);
     if (k == NULL)
         return NULL;
     PyObject *cur = PyDict_GetItemWithError(self->by_spi, k);
@@ -1490,9 +1976,6 @@ table_remove(TableObject *self, PyObject *args)
         PyErr_Clear();
         forget_flows(self);
     }
-    /* Out of the table, out of service: its keys go now, not when the touched list (or
-     * anything else still holding the object) lets go of it. */
-    sa_wipe((SAObject *)sa);
     Py_RETURN_NONE;
 }
 
@@ -1504,16 +1987,25 @@ table_seal_flow(TableObject *self, PyObject *args)
     double now;
     if (!PyArg_ParseTuple(args, "y*d", &in, &now))
         return NULL;
-    SAObject *sa = lookup_flow(self, in.buf, in.len);
-    if (sa == NULL || !sa->active || in.len > 65535) {
+    if (in.len > 65535) {
         PyBuffer_Release(&in);
         Py_RETURN_NONE;
     }
-    Py_ssize_t r = seal(sa, in.buf, in.len, now, self->out);
+    PyObject *owner = NULL;
+    lock();
+    SAObject *sa = lookup_flow(self, in.buf, in.len);
+    Py_ssize_t r = sa != NULL ? seal(sa, in.buf, in.len, now, self->out) : PUNT;
+    if (r >= 0) {
+        owner = sa->owner != NULL ? sa->owner : Py_None;
+        Py_INCREF(owner);
+    }
+    unlock_gil();
     PyBuffer_Release(&in);
     if (r < 0)
         Py_RETURN_NONE;
-    return Py_BuildValue("(Oy#)", sa->owner, self->out, r);
+    PyObject *res = Py_BuildValue("(Oy#)", owner, self->out, r);
+    Py_DECREF(owner);
+    return res;
 }
 
 /* open_spi(esp, now) -> (owner, result) | None; result as SA.open */
@@ -1524,8 +2016,10 @@ table_open_spi(TableObject *self, PyObject *args)
     double now;
     if (!PyArg_ParseTuple(args, "y*d", &in, &now))
         return NULL;
+    /* the map changes only under the GIL, which this holds: the lookup needs no lock, and
+     * the reference keeps the SA; open_esp punts an inactive one */
     SAObject *sa = lookup_spi(self, in.buf, in.len);
-    if (sa == NULL || !sa->active) {
+    if (sa == NULL) {
         PyBuffer_Release(&in);
         Py_RETURN_NONE;
     }
@@ -1581,15 +2075,19 @@ batch_now(double now)
     return now != now ? monotonic_now() : now; /* NaN: read the clock now */
 }
 
-/* A hand-up recorded during a batch and built into a Python object only after the batch's
- * sends: between the first seal or open of a batch and its last send no Python object is made,
- * so no Python code (a finalizer run by the garbage collector) can run and no other thread can
- * take the GIL in between. A freeze (SA.active = False, under the GIL) therefore lands between
- * two batches: once it returns, nothing sealed under that SA is still waiting to be sent. */
+/* A hand-up recorded during a batch, under g_lock, from the batch's own buffers: the
+ * forwarding thread copies it into its queue (queue_up) before it lets the lock go; the
+ * event loop's calls (from_outer, from_inner) build its Python object after (ups_build). A
+ * batch holds g_lock from its first lookup to its last send, so a freeze (SA.active = False,
+ * under g_lock) lands between two batches: once it returns, nothing sealed under that SA is
+ * still waiting to be sent. */
 typedef struct {
-    int kind, idx;   /* idx: the input slot (kinds 0, 1) or the output slot (kind 3) */
+    int kind, cls;
+    const uint8_t *buf;
     Py_ssize_t len;
-    SAObject *sa;    /* kind 3: a strong reference */
+    const struct sockaddr_storage *addr; /* kinds 1-4 */
+    SAObject *sa;                        /* kind 3 */
+    PyObject *owner;                     /* kind 3, the event loop's calls: a new reference */
 } Up;
 
 /* The share of the forwarding thread's queue (up_limit items) a class of hand-ups may fill
@@ -1690,46 +2188,92 @@ outer_class(const uint8_t *p, Py_ssize_t n)
     return n >= 4 && get32(p) == 0 ? UP_IKE : UP_ESP;
 }
 
-static int
-append_up(TableObject *self, PyObject *up, PyObject *item, int cls,
-          const struct sockaddr_storage *src)
+/* The forwarding thread's queue (g_lock held, no GIL): a copy of the hand-up, if its class's
+ * budget, its source's (IKE) and the whole queue's bound let it in; else dropped, counted. */
+static void
+queue_up(TableObject *self, const Up *u)
 {
-    if (item == NULL)
-        return -1;
-    if (up == NULL) /* the forwarding thread: the pending list as it is now (see drain) */
-        up = self->pending;
-    if (up == self->pending && self->up_limit > 0 &&
-        (PyList_GET_SIZE(up) >= self->up_limit || self->up_count[cls] >= up_budget(self, cls) ||
-         (cls == UP_IKE && src != NULL && !ike_source_admit(self, src)))) {
+    int cls = u->cls;
+    RawUp *r = NULL;
+    if (self->nq >= self->up_limit || self->nq >= self->q_cap ||
+        self->up_count[cls] >= up_budget(self, cls) ||
+        (cls == UP_IKE && u->addr != NULL && !ike_source_admit(self, u->addr)) ||
+        (r = PyMem_RawMalloc(sizeof(RawUp) + (size_t)u->len)) == NULL) {
         /* the queue to the Python side is bounded: what does not fit is dropped, counted */
         self->up_dropped++;
         self->up_dropped_by[cls]++;
-        Py_DECREF(item);
-        return 0;
+        return;
     }
-    int r = PyList_Append(up, item);
-    Py_DECREF(item);
-    if (r == 0 && up == self->pending)
-        self->up_count[cls]++;
-    return r;
+    r->kind = u->kind;
+    r->len = u->len;
+    r->has_addr = u->addr != NULL;
+    if (u->addr != NULL)
+        memcpy(&r->addr, u->addr, sizeof(r->addr));
+    r->spi = u->sa != NULL ? u->sa->spi : 0;
+    r->id = u->sa != NULL ? u->sa->id : 0;
+    memcpy(r->data, u->buf, (size_t)u->len);
+    self->q[self->nq++] = r;
+    self->up_count[cls]++;
 }
 
-/* Hand msgs[from..n) back to Python (kind 2: the outer socket, 4: the inner one): the
- * kernel had no room for them; Python queues them until the socket is writable. */
-static int
-give_back(TableObject *self, struct mmsghdr *msgs, struct iovec *iov, int from, int n,
-          PyObject *up, int kind)
+/* A batch's hand-ups, g_lock held: queued (the thread), or the signals' owners referenced
+ * (the event loop's calls, which hold the GIL) for ups_build after the unlock. */
+static void
+ups_hold(TableObject *self, Up *ups, int nu, int thread)
 {
-    for (int i = from; i < n; i++) {
-        PyObject *addr = sockaddr_tuple((struct sockaddr_storage *)msgs[i].msg_hdr.msg_name);
-        if (addr == NULL)
-            return -1;
-        PyObject *item = Py_BuildValue("(iy#N)", kind, iov[i].iov_base,
-                                       (Py_ssize_t)iov[i].iov_len, addr);
-        if (append_up(self, up, item, UP_OWN, NULL) < 0)
-            return -1;
+    for (int i = 0; i < nu; i++) {
+        if (thread) {
+            queue_up(self, &ups[i]);
+        } else if (ups[i].kind == 3) {
+            PyObject *o = ups[i].sa->owner != NULL ? ups[i].sa->owner : Py_None;
+            Py_INCREF(o);
+            ups[i].owner = o;
+        }
     }
-    return 0;
+}
+
+/* the Python object of a hand-up: (0, packet), (1|2|4, datagram, addr), (3, owner, payload,
+ * addr) */
+static PyObject *
+up_item(int kind, const uint8_t *buf, Py_ssize_t len, const struct sockaddr_storage *addr,
+        PyObject *owner)
+{
+    if (kind == 0)
+        return Py_BuildValue("(iy#)", 0, buf, len);
+    PyObject *a = addr != NULL ? sockaddr_tuple(addr) : PyTuple_New(0);
+    if (a == NULL)
+        return NULL;
+    if (kind == 3)
+        return Py_BuildValue("(iOy#N)", 3, owner, buf, len, a);
+    return Py_BuildValue("(iy#N)", kind, buf, len, a);
+}
+
+/* GIL held, g_lock not: the hand-ups of an event loop's call into its list, in order. */
+static int
+ups_build(Up *ups, int nu, PyObject *up)
+{
+    int err = 0;
+    for (int i = 0; i < nu; i++) {
+        Up *u = &ups[i];
+        if (!err) {
+            PyObject *item = up_item(u->kind, u->buf, u->len, u->addr, u->owner);
+            err = item == NULL || PyList_Append(up, item) < 0;
+            Py_XDECREF(item);
+        }
+        Py_XDECREF(u->owner);
+    }
+    return err ? -1 : 0;
+}
+
+/* msgs[from..n): the kernel had no room for them; Python queues them until the socket is
+ * writable (kind 2: the outer socket, 4: the inner one). */
+static int
+give_back(Up *ups, int nu, struct mmsghdr *msgs, struct iovec *iov, int from, int n, int kind)
+{
+    for (int i = from; i < n; i++)
+        ups[nu++] = (Up){kind, UP_OWN, iov[i].iov_base, (Py_ssize_t)iov[i].iov_len,
+                         (const struct sockaddr_storage *)msgs[i].msg_hdr.msg_name, NULL, NULL};
+    return nu;
 }
 
 static int
@@ -1781,6 +2325,9 @@ out_msg(struct mmsghdr *m, struct iovec *iov, void *buf, size_t len,
     m->msg_hdr.msg_namelen = destlen;
 }
 
+/* One batch from the inner side into ibuf; sealed packets go out from obuf. up: the event
+ * loop's list (GIL held), or NULL: the forwarding thread (no GIL; hand-ups to its queue).
+ * Returns the number of packets read, -1 with an exception set (the event loop's only). */
 static int
 inner_batch(TableObject *self, uint8_t *ibuf, uint8_t *obuf, int in_fd, int is_tun, int out_fd,
             int max, double now, PyObject *up)
@@ -1789,8 +2336,12 @@ inner_batch(TableObject *self, uint8_t *ibuf, uint8_t *obuf, int in_fd, int is_t
     struct sockaddr_storage dests[BATCH];
     struct iovec riov[BATCH], siov[BATCH];
     Py_ssize_t lens[BATCH];
-    int punts[BATCH], np = 0;
+    Up ups[BATCH];
+    int nu = 0;
     int got = 0;
+    /* the read too under the lock: whoever sees the socket empty and then takes the lock
+     * knows that every packet it held has been handled */
+    lock();
     if (is_tun) {
         while (got < max) {
             ssize_t r = read(in_fd, ibuf + (size_t)got * BUFSZ, 65535);
@@ -1815,8 +2366,14 @@ inner_batch(TableObject *self, uint8_t *ibuf, uint8_t *obuf, int in_fd, int is_t
         for (int i = 0; i < r; i++)
             lens[got++] = rmsgs[i].msg_len;
     }
-    if (got > 0)
-        now = batch_now(now);
+    if (got == 0) {
+        if (up == NULL)
+            unlock_nogil();
+        else
+            unlock_gil();
+        return 0;
+    }
+    now = batch_now(now); /* after the packets were read */
     int ns = 0;
     unsigned long long failed = 0;
     for (int i = 0; i < got; i++) {
@@ -1826,7 +2383,7 @@ inner_batch(TableObject *self, uint8_t *ibuf, uint8_t *obuf, int in_fd, int is_t
         if (sa != NULL && sa->has_dest)
             r = seal(sa, p, lens[i], now, obuf + (size_t)ns * BUFSZ);
         if (r < 0) {
-            punts[np++] = i;
+            ups[nu++] = (Up){0, UP_INNER, p, lens[i], NULL, NULL, NULL};
             continue;
         }
         self->out_packets++;
@@ -1836,21 +2393,20 @@ inner_batch(TableObject *self, uint8_t *ibuf, uint8_t *obuf, int in_fd, int is_t
         ns++;
     }
     int sent = ns ? flush(out_fd, smsgs, ns, &failed) : 0;
-    /* the sends are done: now the Python objects */
-    for (int j = 0; j < np; j++) {
-        int i = punts[j];
-        if (append_up(self, up, Py_BuildValue("(iy#)", 0, ibuf + (size_t)i * BUFSZ, lens[i]),
-                      UP_INNER, NULL) < 0)
-            return -1;
+    nu = give_back(ups, nu, smsgs, siov, sent, ns, 2);
+    ups_hold(self, ups, nu, up == NULL);
+    if (up == NULL) {
+        unlock_nogil();
+        return got;
     }
-    if (sent < ns && give_back(self, smsgs, siov, sent, ns, up, 2) < 0)
-        return -1;
-    return got;
+    unlock_gil();
+    /* the sends are done and the lock is free: now the Python objects */
+    return ups_build(ups, nu, up) < 0 ? -1 : got;
 }
 
 /* One batch from an outer UDP socket into ibuf; inner packets are delivered from obuf (TUN
- * writes, or sendmmsg to inner_addr). Returns the number of datagrams read, -1 with an
- * exception set. */
+ * writes, or sendmmsg to inner_addr). up: as inner_batch. Returns the number of datagrams
+ * read, -1 with an exception set (the event loop's only). */
 static int
 outer_batch(TableObject *self, uint8_t *ibuf, uint8_t *obuf, int out_fd, int in_fd, int is_tun,
             const struct sockaddr_storage *inner_addr, socklen_t inner_len, int max, double now,
@@ -1871,13 +2427,18 @@ outer_batch(TableObject *self, uint8_t *ibuf, uint8_t *obuf, int out_fd, int in_
         rmsgs[i].msg_hdr.msg_namelen = sizeof(from[i]);
     }
     int got;
+    lock(); /* the read too (see inner_batch) */
     do
         got = recvmmsg(out_fd, rmsgs, (unsigned)max, MSG_DONTWAIT, NULL);
     while (got < 0 && errno == EINTR);
-    if (got < 0)
-        got = 0;
-    if (got > 0)
-        now = batch_now(now);
+    if (got <= 0) {
+        if (up == NULL)
+            unlock_nogil();
+        else
+            unlock_gil();
+        return 0;
+    }
+    now = batch_now(now); /* after the datagrams were read */
     int ns = 0;
     unsigned long long failed = 0;
     for (int i = 0; i < got; i++) {
@@ -1904,10 +2465,9 @@ outer_batch(TableObject *self, uint8_t *ibuf, uint8_t *obuf, int out_fd, int in_
             }
         }
         if (r == PUNT) {
-            ups[nu++] = (Up){1, i, n, NULL};
+            ups[nu++] = (Up){1, outer_class(p, n), p, n, &from[i], NULL, NULL};
         } else if (r == SIGNAL) {
-            Py_INCREF(sa);
-            ups[nu++] = (Up){3, i, olen, sa};
+            ups[nu++] = (Up){3, UP_OWN, o, olen, &from[i], sa, NULL};
         } else if (r == DELIVER) {
             self->in_packets++;
             self->in_bytes += (unsigned long long)olen;
@@ -1928,30 +2488,16 @@ outer_batch(TableObject *self, uint8_t *ibuf, uint8_t *obuf, int out_fd, int in_
     }
     int sent = ns ? flush(in_fd, smsgs, ns, &failed) : 0;
     int lsent = nl ? flush(out_fd, lmsgs, nl, &failed) : 0;
-    /* the sends are done: now the Python objects */
-    int err = 0;
-    for (int j = 0; j < nu; j++) {
-        Up *u = &ups[j];
-        if (!err) {
-            PyObject *addr = sockaddr_tuple(&from[u->idx]);
-            PyObject *item = NULL;
-            if (addr != NULL && u->kind == 1)
-                item = Py_BuildValue("(iy#N)", 1, ibuf + (size_t)u->idx * BUFSZ, u->len, addr);
-            else if (addr != NULL)
-                item = Py_BuildValue("(iOy#N)", 3, u->sa->owner, obuf + (size_t)u->idx * BUFSZ,
-                                     u->len, addr);
-            int cls = u->kind == 1 ? outer_class(ibuf + (size_t)u->idx * BUFSZ, u->len) : UP_OWN;
-            err = append_up(self, up, item, cls, &from[u->idx]) < 0;
-        }
-        Py_XDECREF(u->sa);
+    nu = give_back(ups, nu, smsgs, siov, sent, ns, 4);
+    nu = give_back(ups, nu, lmsgs, liov, lsent, nl, 2);
+    ups_hold(self, ups, nu, up == NULL);
+    if (up == NULL) {
+        unlock_nogil();
+        return got;
     }
-    if (err)
-        return -1;
-    if (sent < ns && give_back(self, smsgs, siov, sent, ns, up, 4) < 0)
-        return -1;
-    if (lsent < nl && give_back(self, lmsgs, liov, lsent, nl, up, 2) < 0)
-        return -1;
-    return got;
+    unlock_gil();
+    /* the sends are done and the lock is free: now the Python objects */
+    return ups_build(ups, nu, up) < 0 ? -1 : got;
 }
 
 /* from_inner(in_fd, in_is_tun, outer_fd, max, now) -> (list, count)
@@ -2074,13 +2620,14 @@ counted_anything(const TableObject *self)
 /* run(outer_fds, inner_fd, inner_is_tun, inner_dest or None, wake_fd, stop_fd, max_pending,
  *     coalesce_us=0)
  *
- * The forwarding loop of established SAs, for a thread of its own: it sleeps in epoll with
- * the GIL released and handles each ready socket's batch (up to ROUNDS x BATCH packets) with
- * the GIL held, exactly as from_outer / from_inner do, with buffers of its own. What goes up to
- * Python is appended to a bounded list (max_pending; beyond it dropped and counted) that
- * drain() takes, and wake_fd (an eventfd the event loop watches) is written when the list
- * stops being empty, and every STATS_WAKE seconds while counters wait to be folded. Returns
- * when stop_fd becomes readable (or raises, after a fault). */
+ * The forwarding loop of established SAs, for a thread of its own: it runs WITHOUT the GIL from
+ * its start to its end (a Python thread busy in the event loop never delays a batch) and
+ * handles each ready socket's batch (up to ROUNDS x BATCH packets) under g_lock, exactly as
+ * from_outer / from_inner do, with buffers of its own. What goes up to Python is copied into
+ * a bounded queue (max_pending; beyond it dropped and counted) that drain() takes, and wake_fd
+ * (an eventfd the event loop watches) is written when the queue stops being empty, and every
+ * STATS_WAKE seconds while counters wait to be folded. Returns when stop_fd becomes readable
+ * (or raises, after a fault). */
 static PyObject *
 table_run(TableObject *self, PyObject *args)
 {
@@ -2091,7 +2638,10 @@ table_run(TableObject *self, PyObject *args)
     if (!PyArg_ParseTuple(args, "OipOiin|i", &ofds, &in_fd, &is_tun, &idest, &wake_fd, &stop_fd,
                           &max_pending, &coalesce_us))
         return NULL;
-    if (self->running) {
+    lock();
+    int already = self->running;
+    unlock_gil();
+    if (already) {
         PyErr_SetString(PyExc_RuntimeError, "the forwarding loop already runs");
         return NULL;
     }
@@ -2119,10 +2669,22 @@ table_run(TableObject *self, PyObject *args)
     memset(&inner_addr, 0, sizeof(inner_addr));
     if (!is_tun && inner_dest(idest, &inner_addr, &inner_len) < 0)
         return NULL;
+    Py_ssize_t limit = max_pending > 0 ? max_pending : 1;
+    /* the IKE sources' table: twice the IKE share's slots (a source is in it only once one of
+     * its datagrams went up), at most half full */
+    size_t cap = 16;
+    {
+        Py_ssize_t l = limit * 3 / 8;
+        while (cap < 2 * (size_t)(l > 0 ? l : 1))
+            cap <<= 1;
+    }
     uint8_t *ibuf = PyMem_RawMalloc((size_t)BATCH * BUFSZ);
     uint8_t *obuf = PyMem_RawMalloc((size_t)BATCH * BUFSZ);
+    struct IkeSource *src = PyMem_RawCalloc(cap, sizeof(*src));
+    RawUp **q = PyMem_RawMalloc((size_t)limit * sizeof(RawUp *));
     int ep = epoll_create1(EPOLL_CLOEXEC);
-    if (ibuf == NULL || obuf == NULL || ep < 0) {
+    int failure = 0, err_no = 0; /* 1: epoll (err_no), 2: a fault injected */
+    if (ibuf == NULL || obuf == NULL || q == NULL || ep < 0) {
         if (ep < 0)
             PyErr_SetFromErrno(PyExc_OSError);
         else
@@ -2144,35 +2706,56 @@ table_run(TableObject *self, PyObject *args)
         PyErr_SetFromErrno(PyExc_OSError);
         goto out;
     }
-    if (self->pending == NULL && (self->pending = PyList_New(0)) == NULL)
-        goto out;
-    self->running = 1;
-    self->up_limit = max_pending > 0 ? max_pending : 1;
-    {
-        /* the IKE sources' table: twice the IKE share's slots (a source is in it only once
-         * one of its datagrams went up), at most half full */
-        size_t cap = 16;
-        while (cap < 2 * (size_t)up_budget(self, UP_IKE))
-            cap <<= 1;
-        PyMem_RawFree(self->ike_src);
-        self->ike_src = PyMem_RawCalloc(cap, sizeof(*self->ike_src));
-        self->ike_cap = self->ike_src != NULL ? cap : 0;
-        self->ike_gen = 1;
-        if (getrandom(&self->ike_seed, sizeof(self->ike_seed), GRND_NONBLOCK) !=
-            (ssize_t)sizeof(self->ike_seed))
-            self->ike_seed = (uint32_t)(monotonic_now() * 1e9);
+    uint32_t seed;
+    if (getrandom(&seed, sizeof(seed), GRND_NONBLOCK) != (ssize_t)sizeof(seed))
+        seed = (uint32_t)(monotonic_now() * 1e9);
+    lock();
+    if (self->running) { /* another thread's run() came first */
+        unlock_gil();
+        PyErr_SetString(PyExc_RuntimeError, "the forwarding loop already runs");
+        PyMem_RawFree(ibuf);
+        PyMem_RawFree(obuf);
+        PyMem_RawFree(src);
+        PyMem_RawFree(q);
+        close(ep);
+        return NULL;
     }
+    /* the queue: what an earlier run left waits for its drain (it fits: cut to the new bound
+     * otherwise, the rest dropped and counted) */
+    RawUp **oldq = self->q;
+    Py_ssize_t keep = self->nq < limit ? self->nq : limit;
+    if (keep)
+        memcpy(q, oldq, (size_t)keep * sizeof(RawUp *));
+    for (Py_ssize_t i = keep; i < self->nq; i++) {
+        PyMem_RawFree(oldq[i]);
+        self->up_dropped++;
+        self->up_dropped_by[UP_OWN]++;
+    }
+    self->q = q;
+    self->nq = keep;
+    self->q_cap = limit;
+    q = NULL;
+    struct IkeSource *oldsrc = self->ike_src;
+    self->ike_src = src;
+    self->ike_cap = src != NULL ? cap : 0;
+    src = NULL;
+    self->ike_gen = 1;
+    self->ike_seed = seed;
+    self->up_limit = limit;
+    self->running = 1;
+    unlock_gil();
+    PyMem_RawFree(oldq);
+    PyMem_RawFree(oldsrc);
+    Py_BEGIN_ALLOW_THREADS
     double last_wake = monotonic_now(), last_data = 0;
     for (;;) {
         struct epoll_event evs[MAX_OUTER + 2];
-        int n;
-        Py_BEGIN_ALLOW_THREADS
-        n = epoll_wait(ep, evs, MAX_OUTER + 2, (int)(STATS_WAKE * 1000));
-        Py_END_ALLOW_THREADS
+        int n = epoll_wait(ep, evs, MAX_OUTER + 2, (int)(STATS_WAKE * 1000));
         if (n < 0 && errno == EINTR)
             continue;
         if (n < 0) {
-            PyErr_SetFromErrno(PyExc_OSError);
+            failure = 1;
+            err_no = errno;
             break;
         }
         /* Busy: the previous wake-up came less than 4 pauses ago. Let a batch gather for one
@@ -2181,20 +2764,21 @@ table_run(TableObject *self, PyObject *args)
         double woke = monotonic_now();
         if (coalesce_us > 0 && n > 0 && woke - last_data < 4e-6 * coalesce_us) {
             struct timespec ts = {0, (long)coalesce_us * 1000};
-            Py_BEGIN_ALLOW_THREADS
             nanosleep(&ts, NULL);
-            Py_END_ALLOW_THREADS
         }
         if (n > 0)
             last_data = woke;
-        if (self->fault) {
-            self->fault = 0;
-            PyErr_SetString(PyExc_RuntimeError, "fault injected into the forwarding loop");
+        lock();
+        int fault = self->fault;
+        self->fault = 0;
+        unlock_nogil();
+        if (fault) {
+            failure = 2;
             break;
         }
         double now = monotonic_now();
-        int stop = 0, err = 0;
-        for (int i = 0; i < n && !err; i++) {
+        int stop = 0;
+        for (int i = 0; i < n; i++) {
             uint32_t u = evs[i].data.u32;
             if (u == EV_STOP) {
                 stop = 1;
@@ -2210,42 +2794,50 @@ table_run(TableObject *self, PyObject *args)
                 else
                     got = outer_batch(self, ibuf, obuf, outer[u], in_fd, is_tun, &inner_addr,
                                       inner_len, BATCH, NAN, NULL);
-                if (got < 0)
-                    err = 1;
                 if (got < BATCH)
                     break;
             }
         }
-        if (err)
-            break;
-        /* one wake-up per drain: drain() clears `woken` under the GIL */
-        int wake = (!self->woken && PyList_GET_SIZE(self->pending) > 0) ||
+        /* one wake-up per drain: drain() clears `woken` under g_lock */
+        lock();
+        int wake = (!self->woken && self->nq > 0) ||
                    (now - last_wake >= STATS_WAKE && counted_anything(self));
-        if (wake) {
+        if (wake)
             self->woken = 1;
+        unlock_nogil();
+        if (wake) {
             uint64_t one = 1;
             ssize_t w = write(wake_fd, &one, sizeof(one));
             (void)w; /* EAGAIN: the counter is already huge, a wake-up is pending anyway */
             last_wake = now;
         }
-        if (stop) {
-            self->running = 0;
-            self->up_limit = 0;
-            close(ep);
-            PyMem_RawFree(ibuf);
-            PyMem_RawFree(obuf);
-            ike_src_free(self);
-            Py_RETURN_NONE;
-        }
+        if (stop)
+            break;
+    }
+    Py_END_ALLOW_THREADS
+    if (failure == 1) {
+        errno = err_no;
+        PyErr_SetFromErrno(PyExc_OSError);
+    } else if (failure == 2) {
+        PyErr_SetString(PyExc_RuntimeError, "fault injected into the forwarding loop");
     }
 out:
+    lock();
     self->running = 0;
     self->up_limit = 0;
+    struct IkeSource *gone = self->ike_src;
+    self->ike_src = NULL;
+    self->ike_cap = 0;
+    unlock_gil();
+    PyMem_RawFree(gone);
+    PyMem_RawFree(src);
+    PyMem_RawFree(q);
     if (ep >= 0)
         close(ep);
     PyMem_RawFree(ibuf);
     PyMem_RawFree(obuf);
-    ike_src_free(self);
+    if (!PyErr_Occurred())
+        Py_RETURN_NONE;
     {
         uint64_t one = 1; /* the Python side learns of the end through the failure itself */
         ssize_t w = write(wake_fd, &one, sizeof(one));
@@ -2256,7 +2848,8 @@ out:
 
 /* drain(wake_fd) -> list: what the forwarding loop handed up since the last call, in order
  * (items as from_outer / from_inner return them). Reads the eventfd first, then takes the
- * list, both under the GIL: an item appended after this call wakes the loop again. */
+ * queue under g_lock: an item queued after this call wakes the loop again. A signal whose SA
+ * left the table meanwhile is dropped (counted with the queue's own drops). */
 static PyObject *
 table_drain(TableObject *self, PyObject *args)
 {
@@ -2266,11 +2859,40 @@ table_drain(TableObject *self, PyObject *args)
     uint64_t v;
     ssize_t r = read(wake_fd, &v, sizeof(v));
     (void)r;
-    PyObject *fresh = PyList_New(0);
-    if (fresh == NULL)
+    PyObject *lst = PyList_New(0);
+    if (lst == NULL)
         return NULL;
-    PyObject *old = self->pending;
-    self->pending = fresh;
+    RawUp **taken = NULL;
+    PyObject **owners = NULL;
+    lock();
+    Py_ssize_t n = self->nq;
+    if (n > 0) {
+        taken = PyMem_RawMalloc((size_t)n * sizeof(*taken));
+        owners = PyMem_RawCalloc((size_t)n, sizeof(*owners));
+        if (taken == NULL || owners == NULL) {
+            unlock_gil();
+            PyMem_RawFree(taken);
+            PyMem_RawFree(owners);
+            Py_DECREF(lst);
+            return PyErr_NoMemory();
+        }
+        memcpy(taken, self->q, (size_t)n * sizeof(*taken));
+        self->nq = 0;
+        for (Py_ssize_t i = 0; i < n; i++) {
+            if (taken[i]->kind != 3)
+                continue;
+            uint8_t key[4];
+            spi_key(taken[i]->spi, key);
+            SAObject *sa = (SAObject *)map_get(&self->spis, key, 4);
+            if (sa != NULL && sa->id == taken[i]->id) {
+                owners[i] = sa->owner != NULL ? sa->owner : Py_None;
+                Py_INCREF(owners[i]);
+            } else {
+                self->up_dropped++;
+                self->up_dropped_by[UP_OWN]++;
+            }
+        }
+    }
     memset(self->up_count, 0, sizeof(self->up_count));
     if (++self->ike_gen == 0) { /* every source's count starts again (wrapped: clear) */
         if (self->ike_src != NULL)
@@ -2278,59 +2900,102 @@ table_drain(TableObject *self, PyObject *args)
         self->ike_gen = 1;
     }
     self->woken = 0;
-    if (old == NULL)
-        return PyList_New(0);
-    return old;
+    unlock_gil();
+    int err = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        RawUp *u = taken[i];
+        if (!err && (u->kind != 3 || owners[i] != NULL)) {
+            PyObject *item = up_item(u->kind, u->data, u->len, u->has_addr ? &u->addr : NULL,
+                                     owners[i]);
+            err = item == NULL || PyList_Append(lst, item) < 0;
+            Py_XDECREF(item);
+        }
+        Py_XDECREF(owners[i]);
+        PyMem_RawFree(u);
+    }
+    PyMem_RawFree(taken);
+    PyMem_RawFree(owners);
+    if (err) {
+        Py_DECREF(lst);
+        return NULL;
+    }
+    return lst;
 }
 
 /* _inject_fault(): the next wake-up of the forwarding loop raises (tests only) */
 static PyObject *
 table_inject_fault(TableObject *self, PyObject *unused)
 {
+    lock();
     self->fault = 1;
+    unlock_gil();
     Py_RETURN_NONE;
 }
 
 static PyObject *
 table_get_running(TableObject *self, void *c)
 {
-    return PyBool_FromLong(self->running);
+    lock();
+    int r = self->running;
+    unlock_gil();
+    return PyBool_FromLong(r);
 }
 
 static PyObject *
 table_get_up_dropped(TableObject *self, void *c)
 {
-    return PyLong_FromUnsignedLongLong(self->up_dropped);
+    lock();
+    unsigned long long d = self->up_dropped;
+    unlock_gil();
+    return PyLong_FromUnsignedLongLong(d);
 }
 
 static PyObject *
 table_get_up_dropped_by(TableObject *self, void *c)
 {
-    return Py_BuildValue("{sKsKsKsK}", "own", self->up_dropped_by[UP_OWN], "esp",
-                         self->up_dropped_by[UP_ESP], "ike", self->up_dropped_by[UP_IKE],
-                         "inner", self->up_dropped_by[UP_INNER]);
+    unsigned long long by[N_UP];
+    lock();
+    memcpy(by, self->up_dropped_by, sizeof(by));
+    unlock_gil();
+    return Py_BuildValue("{sKsKsKsK}", "own", by[UP_OWN], "esp", by[UP_ESP], "ike", by[UP_IKE],
+                         "inner", by[UP_INNER]);
 }
 
-/* take_stats() -> (in_packets, in_bytes, out_packets, out_bytes, drops tuple); resets them */
+/* take_stats() -> (in_packets, in_bytes, out_packets, out_bytes, drops tuple); resets them
+ * (taken in one go under g_lock: between two batches; given back should the result fail) */
 static PyObject *
 table_take_stats(TableObject *self, PyObject *unused)
 {
-    PyObject *d = PyTuple_New(N_DROPS);
-    if (d == NULL)
-        return NULL;
-    for (int i = 0; i < N_DROPS; i++) {
-        PyObject *v = PyLong_FromUnsignedLongLong(self->drops[i]);
+    unsigned long long c[4], drops[N_DROPS];
+    lock();
+    c[0] = self->in_packets;
+    c[1] = self->in_bytes;
+    c[2] = self->out_packets;
+    c[3] = self->out_bytes;
+    memcpy(drops, self->drops, sizeof(drops));
+    self->in_packets = self->in_bytes = self->out_packets = self->out_bytes = 0;
+    memset(self->drops, 0, sizeof(self->drops));
+    unlock_gil();
+    PyObject *d = PyTuple_New(N_DROPS), *res = NULL;
+    for (int i = 0; d != NULL && i < N_DROPS; i++) {
+        PyObject *v = PyLong_FromUnsignedLongLong(drops[i]);
         if (v == NULL) {
-            Py_DECREF(d);
-            return NULL;
+            Py_CLEAR(d);
+            break;
         }
         PyTuple_SET_ITEM(d, i, v);
     }
-    PyObject *res = Py_BuildValue("(KKKKN)", self->in_packets, self->in_bytes,
-                                  self->out_packets, self->out_bytes, d);
-    if (res != NULL) {
-        self->in_packets = self->in_bytes = self->out_packets = self->out_bytes = 0;
-        memset(self->drops, 0, sizeof(self->drops));
+    if (d != NULL)
+        res = Py_BuildValue("(KKKKN)", c[0], c[1], c[2], c[3], d);
+    if (res == NULL) {
+        lock();
+        self->in_packets += c[0];
+        self->in_bytes += c[1];
+        self->out_packets += c[2];
+        self->out_bytes += c[3];
+        for (int i = 0; i < N_DROPS; i++)
+            self->drops[i] += drops[i];
+        unlock_gil();
     }
     return res;
 }
@@ -2428,8 +3093,12 @@ rt_active(PyObject *c)
 {
     if (c == NULL || c == Py_None)
         return 0;
-    if (Py_IS_TYPE(c, &SAType))
-        return ((SAObject *)c)->active != 0;
+    if (Py_IS_TYPE(c, &SAType)) {
+        lock();
+        int a = ((SAObject *)c)->active != 0;
+        unlock_gil();
+        return a;
+    }
     PyObject *a = PyObject_GetAttrString(c, "active");
     if (a == NULL)
         return -1;
@@ -2463,8 +3132,7 @@ rt_read(PyObject *c, const char *field)
 {
     if (Py_IS_TYPE(c, &SAType)) {
         SAObject *sa = (SAObject *)c;
-        uint64_t v = field[0] == 's' ? sa->seq : field[0] == 'p' ? sa->packets : sa->bytes;
-        return PyLong_FromUnsignedLongLong(v);
+        return get_u64(field[0] == 's' ? &sa->seq : field[0] == 'p' ? &sa->packets : &sa->bytes);
     }
     PyObject *v = PyObject_GetAttrString(c, field);
     if (v == NULL || field[0] != 's')
@@ -2642,29 +3310,30 @@ module_activity(PyObject *m, PyObject *noargs)
 /* take_touched() -> (owners, overflowed): the owner of each SA that counted a packet since the
  * last call (each once; an SA without an owner is left out), and whether some SA counted
  * without being listed (the list was full). Empties the list. The list is copied and emptied
- * before anything that could run Python code (a DECREF may finalize an SA, an allocation may
- * collect): that code may let the forwarding thread run a batch, which appends afresh. */
+ * under g_lock, before anything that could run Python code (a DECREF may finalize an SA, an
+ * allocation may collect); the forwarding thread appends afresh meanwhile. */
 static PyObject *
 module_take_touched(PyObject *m, PyObject *noargs)
 {
     PyObject *owners = PyList_New(0);
     if (owners == NULL)
         return NULL;
+    lock();
+    fold_touched(); /* every entry a strong reference: ours once copied */
     Py_ssize_t n = g_ntouched;
-    SAObject **taken = NULL;
-    if (n > 0) {
-        taken = PyMem_RawMalloc((size_t)n * sizeof(*taken));
-        if (taken == NULL) {
-            Py_DECREF(owners);
-            return PyErr_NoMemory();
-        }
-        memcpy(taken, g_touched, (size_t)n * sizeof(*taken));
+    SAObject **taken = PyMem_RawMalloc((size_t)(n > 0 ? n : 1) * sizeof(*taken));
+    if (taken == NULL) {
+        unlock_gil();
+        Py_DECREF(owners);
+        return PyErr_NoMemory();
     }
+    memcpy(taken, g_touched, (size_t)n * sizeof(*taken));
     int overflowed = g_touched_overflow;
-    g_ntouched = 0;
+    g_ntouched = g_nstrong = 0;
     g_touched_overflow = 0;
     for (Py_ssize_t i = 0; i < n; i++)
         taken[i]->touched = 0;
+    unlock_gil();
     /* no Python code has run since the copy: appending (a realloc) runs none either */
     int err = 0;
     for (Py_ssize_t i = 0; i < n && !err; i++) {

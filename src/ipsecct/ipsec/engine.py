@@ -814,9 +814,9 @@ class Engine:
         packet follows).
 
         An outbound SA that C carries stays in C, told the lower ceiling at once: the
-        exact number is read from C and the ceiling set in the same turn under the GIL
-        (the forwarding thread runs between batches only, but may take the GIL between
-        the two calls: the number is read again after, and the cap raised to it), so C
+        exact number is read from C and the ceiling set in the same turn (the forwarding
+        thread, which runs without the GIL, may seal a batch between the two calls: the
+        number is read again after, and the cap raised to it), so C
         can send nothing past the cap, and the packet at the cap comes up to Python
         (Held). Freezing it instead (as
         before) sent the stream's packets through the event loop, behind the rest of the
@@ -842,9 +842,9 @@ class Engine:
                     out, mtu=out.path_mtu, seq_ceiling=tunnel.send_limit,
                     send_until=self.send_until,
                 )  # fmt: skip
-                # The read and the new ceiling are two calls, and CPython may hand the GIL
-                # to the forwarding thread between any two (once it waited its switch
-                # interval): C may have sent on under its old ceiling meanwhile, past the
+                # The read and the new ceiling are two calls, and the forwarding thread
+                # (without the GIL) may seal a batch between any two: C may have sent on
+                # under its old ceiling meanwhile, past the
                 # cap when the margin is small. Read again, now that C is held to the
                 # ceiling: the cap covers every number C used (the target starts past it).
                 native_mod.sync(out)
@@ -1228,7 +1228,7 @@ class Engine:
             # C may be sending on the SA (other flows, the forwarding thread): frozen, and
             # the number read again, so that the check and the number the packet takes below
             # are one step. Else the thread could send the ceiling's number in between (it
-            # may take the GIL at any bytecode) and this packet the one past it, which a
+            # runs without the GIL, at any moment) and this packet the one past it, which a
             # target (past the cap) or a standby (past the fencing ceiling) sends too. (Not
             # when fenced already: C stops by itself, and stays C's.)
             native_mod.reclaim(t.outbound)
