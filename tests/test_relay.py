@@ -234,13 +234,15 @@ def test_only_a_moved_tunnels_inbound_spi_is_relayed_within_its_rate_and_time(
             got: list[bytes] = []
 
             def settled() -> bool:
+                # the counters first: the forwarding thread (without the GIL) counts and sends
+                # a batch under the lock the fold takes, so what they count is in the socket
+                a.engine.fold_native_stats()
+                st = a.engine.stats
                 while True:
                     try:
                         got.append(target.recv(65535))
                     except BlockingIOError:
                         break
-                a.engine.fold_native_stats()
-                st = a.engine.stats
                 return st.relayed + st.relay_refused >= 10
 
             await eventually(settled, "the ten datagrams handled", 30)
