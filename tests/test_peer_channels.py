@@ -80,6 +80,41 @@ def test_concurrent_callers_share_one_handshake(tmp_path: Path) -> None:
     asyncio.run(main())
 
 
+def test_a_cancelled_caller_of_a_shared_connect_cancels_only_itself(tmp_path: Path) -> None:
+    """Two callers wait on one connect attempt to sg2 (real TLS on loopback); the one that
+    started it is cancelled mid-handshake (a caller with a time-out, a transfer given up).
+    On main the attempt ran in that caller's task: its cancellation cancelled the shared
+    future, and the other caller got CancelledError though nobody cancelled it. Now the
+    attempt is the pool's: the other connects, and the cancelled one alone is cancelled."""
+
+    async def main() -> None:
+        d = await demo.build(tmp_path, identity="indirect")
+        try:
+            await d.services["sg2"].start_context_transfer()  # sg2 listens; sg1 not started
+            chans = services(d)["sg1"].channels
+            chans.load_credentials()
+            first = asyncio.create_task(chans.connection("sg2"))
+            await asyncio.sleep(0)  # (the first began the attempt: its TCP connect waits)
+            assert "sg2" in chans._opening
+            second = asyncio.create_task(chans.connection("sg2"))
+            await asyncio.sleep(0)  # (the second waits on the attempt now)
+            assert "sg2" in chans._opening and not chans._channel_open("sg2")
+            first.cancel()
+            done, _ = await asyncio.wait({first, second}, timeout=30)
+            assert first in done and first.cancelled()
+            assert second in done and not second.cancelled(), "the other waiter was cancelled"
+            c = second.result()
+            assert not c.closed and chans.conns["sg2"] is c
+            assert not chans._opening
+            assert "sg2" not in chans.last_error and chans.failed_opens.get("sg2", 0) == 0
+            # the channel works: a third caller gets the same one at once
+            assert await asyncio.wait_for(chans.connection("sg2"), 5) is c
+        finally:
+            await asyncio.wait_for(demo.stop(d), 20)
+
+    asyncio.run(main())
+
+
 def _in_own_network_namespace(body: Callable[[], str]) -> str:
     """Run ``body`` in a forked child moved to a network namespace of its own (root only):
     what it does to the network (a black hole) touches nothing else. Returns its answer."""

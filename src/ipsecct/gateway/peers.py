@@ -15,6 +15,7 @@ import ssl
 import time
 import weakref
 from collections.abc import Callable
+from typing import Any
 
 from ..ct import cxtp
 from ..errors import ChannelError, ChannelTimeout, CxtpError, IpsecctError, TransferError
@@ -74,7 +75,7 @@ class PeerChannels:
         self.readers: set[asyncio.Task[None]] = set()
         self.server: asyncio.Server | None = None
         # Connections being opened, one per peer: whoever needs one meanwhile waits for it.
-        self._opening: dict[str, asyncio.Future[tlschannel.CxtpConnection]] = {}
+        self._opening: dict[str, asyncio.Task[tlschannel.CxtpConnection]] = {}
         self._keepers: list[asyncio.Task[None]] = []  # start()'s: one per peer, one telling
         self._wake: dict[str, asyncio.Event] = {}  # a peer's upkeep, woken by its loss
         self._tried: set[str] = set()  # peers whose upkeep ended its first attempt
@@ -109,7 +110,8 @@ class PeerChannels:
         # before TLS told (send_many), and the channels already told of (once each).
         self.lost_writes: dict[str, int] = {}
         self._write_told: weakref.WeakSet[tlschannel.CxtpConnection] = weakref.WeakSet()
-        self._attempts: set[asyncio.Task[None]] = set()  # reconnect()'s
+        # reconnect()'s, and the attempts to connect that connection() shares (stop() ends them)
+        self._attempts: set[asyncio.Task[Any]] = set()
         self._told: dict[str, str] = {}  # the channel state last logged, per watched peer
 
     def load_credentials(self) -> None:
@@ -248,7 +250,7 @@ class PeerChannels:
             return
         task = asyncio.get_running_loop().create_task(self._attempt(peer))
         self._attempts.add(task)
-        task.add_done_callback(self._attempts.discard)
+        task.add_done_callback(self._attempt_done)
 
     async def _attempt(self, peer: str) -> None:
         with contextlib.suppress(IpsecctError, OSError):
@@ -357,30 +359,43 @@ class PeerChannels:
         self.on_message(peer, msg)
 
     async def connection(self, peer: str) -> tlschannel.CxtpConnection:
+        """The open channel to ``peer``, or one opened now. One attempt at a time per peer,
+        shared by every caller meanwhile; it is the pool's task, not a caller's: a caller
+        cancelled (its own time-out, a transfer given up) stops waiting, and the others and
+        the attempt go on (in the first caller's task, its cancellation cancelled every
+        waiter). Only :meth:`stop` cancels the attempt: a waiter not itself cancelled then
+        gets ChannelError."""
         c = self.conns.get(peer)
         if c is not None and not c.closed:
             return c
         opening = self._opening.get(peer)
-        if opening is not None:  # one handshake at a time per peer
+        if opening is None:
+            opening = asyncio.get_running_loop().create_task(self._open_shared(peer))
+            self._opening[peer] = opening
+            self._attempts.add(opening)
+            opening.add_done_callback(self._attempt_done)
+        try:
             return await asyncio.shield(opening)
-        fut: asyncio.Future[tlschannel.CxtpConnection] = (
-            asyncio.get_running_loop().create_future()
-        )
-        self._opening[peer] = fut
+        except asyncio.CancelledError:
+            me = asyncio.current_task()
+            if opening.cancelled() and (me is None or not me.cancelling()):
+                raise ChannelError(f"the attempt to connect to {peer} was stopped") from None
+            raise
+
+    def _attempt_done(self, task: asyncio.Task[Any]) -> None:
+        self._attempts.discard(task)
+        if not task.cancelled():
+            task.exception()  # (retrieved: every waiter may have been cancelled meanwhile)
+
+    async def _open_shared(self, peer: str) -> tlschannel.CxtpConnection:
         try:
             c = await self._open(peer)
-        except BaseException as exc:
-            if isinstance(exc, Exception):
-                self.last_error[peer] = str(exc)[:300] or type(exc).__name__
-                self.failed_opens[peer] = self.failed_opens.get(peer, 0) + 1
-                fut.set_exception(exc)
-                fut.exception()  # retrieved: nobody else may be waiting
-            else:
-                fut.cancel()
+        except Exception as exc:
+            self.last_error[peer] = str(exc)[:300] or type(exc).__name__
+            self.failed_opens[peer] = self.failed_opens.get(peer, 0) + 1
             raise
         else:
             self.last_error.pop(peer, None)
-            fut.set_result(c)
             return c
         finally:
             self._opening.pop(peer, None)
