@@ -1052,6 +1052,61 @@ def test_take_over_installs_tunnels_with_seq_advanced(identity: Identity) -> Non
         assert signals == []
 
 
+def test_no_seq_sent_twice_a_take_over_into_the_last_epoch_is_refused_and_changes_nothing(
+) -> None:
+    """A standby in epoch 2**32 - 2 (a sync in it is accepted) whose active falls silent:
+    a take-over would begin LAST_EPOCH, which nothing else accepts. EpochExhaustedError,
+    nothing installed, its replicas and epoch as they were; one epoch earlier it takes over."""
+    from ipsecct.errors import EpochExhaustedError
+
+    for epoch, refused in ((failover.LAST_EPOCH - 1, True), (failover.LAST_EPOCH - 2, False)):
+        act = Engine(ip(SG_ADDR["sg1"]))
+        add_tunnel(act, 1)
+        sb_eng = Engine(ip(SG_ADDR["sg2"]))
+        sb = standby(sb_eng)
+        rep = failover.Replicator(act, cfg(), session=5)
+        rep.epoch = epoch
+        for m in wire(rep.poll(1.0)):
+            sb.receive(m, 1.0)
+        assert sb.epoch == epoch and len(sb.replica) == 1 and sb.dead(1.5)
+        assert failover.last_epoch_next(epoch) is refused
+        if refused:
+            with pytest.raises(EpochExhaustedError, match=f"epoch {epoch} is the last but one"):
+                sb.take_over(1.5)
+            assert sb.took_over is None and sb.epoch == epoch and len(sb.replica) == 1
+            assert list(sb_eng.tunnels()) == []
+        else:
+            tunnels, _, _ = sb.take_over(1.5)
+            assert len(tunnels) == 1 and sb.epoch == epoch + 1 == failover.LAST_EPOCH - 1
+
+
+def test_no_seq_sent_twice_failover_alone_into_the_last_epoch_is_refused(tmp_path: Path) -> None:
+    """``failover alone`` in epoch 2**32 - 2 would begin LAST_EPOCH as a take-over would:
+    refused with the same words (ControlError: one line at the CLI), no epoch written."""
+    from types import SimpleNamespace
+
+    from ipsecct.errors import ControlError
+    from ipsecct.gateway.failover_driver import FailoverDriver, alone_after
+
+    kw: dict[str, Any] = {"fencing": True, "dead_ms": 500.0, "heartbeat_ms": 100.0}
+    act = Engine(ip(SG_ADDR["sg1"]))
+    add_tunnel(act, 1)
+    rep = failover.Replicator(act, cfg(**kw), session=7)
+    rep.epoch = failover.LAST_EPOCH - 1
+    sb = standby(Engine(ip(SG_ADDR["sg2"])), **kw)
+    for m in wire(rep.handle_timer(10.0)):
+        for reply in sb.receive(m, 10.01):
+            rep.receive(wire([reply])[0], 10.02)
+    assert rep.lease is not None and rep.lease.valid(10.02)
+    d = FailoverDriver.__new__(FailoverDriver)
+    d.cfg, d.replicator, d.standby = rep.cfg, rep, None
+    path = tmp_path / "failover-epoch.json"
+    d.fencing = SimpleNamespace(path=path)  # type: ignore[assignment]
+    with pytest.raises(ControlError, match=r"is the last but one.*nor `failover alone`"):
+        d.go_alone(rep.lease.expiry + alone_after(500.0))
+    assert not path.exists() and rep.epoch == failover.LAST_EPOCH - 1 and d.replicator is rep
+
+
 def test_take_over_caps_seq_at_the_limit() -> None:
     act = Engine(ip(SG_ADDR["sg1"]))
     t = add_tunnel(act, 1, esn=False)
@@ -1753,6 +1808,52 @@ def test_failover_between_processes_active_killed(procs: Procs) -> None:
     assert procs.status("sg2")["counters"]["drops"]["replay"] == 0
 
 
+def test_no_seq_sent_twice_a_standby_in_the_last_epoch_but_one_refuses_to_take_over(
+    procs: Procs,
+) -> None:
+    """sg1 is the active of epoch 2**32 - 2 (its epoch file), sg2 its standby; sg1 is killed.
+    On main sg2 took over into 2**32 - 1, LAST_EPOCH, meant never to be taken: its epoch file
+    then reads as damage at a restart (it came back a standby of epoch 2 and acknowledged
+    the old active's syncs in 2**32 - 2, which sent again from numbers sg2 had used). Now
+    sg2 refuses the take-over, THE invariant over liveness: one ERROR line, its status says
+    why, it installs and sends nothing, and writes no epoch. sg1 restarted runs on (from its
+    durable state, the only sender), sg2 its standby again, the MN sees no replay."""
+    epoch = failover.LAST_EPOCH - 1
+    state = procs.dir / "state" / "sg1"
+    state.mkdir(parents=True)
+    (state / "failover-epoch.json").write_text(json.dumps({"epoch": epoch, "took_over": True}))
+    for n in ("sg2", "sg1", "mn"):
+        procs.start(n)
+    procs.traffic_ok("sg1", 10)
+    st2 = procs.wait("sg2", lambda s: s["failover"]["replicated_tunnels"] == 1
+                     and s["failover"]["epoch"] == epoch, "sg2 to hold sg1's tunnel")  # fmt: skip
+    assert st2["failover"]["takeover_refused"], st2["failover"]  # said before it matters
+    assert "no take-over" in st2["failover"]["detail"], st2["failover"]
+    assert procs.status("sg1")["failover"]["epoch"] == epoch
+    os.kill(procs.procs["sg1"].pid, signal.SIGKILL)
+    procs.procs["sg1"].wait(10)
+    log2 = procs.dir / "sg2.log"
+    until(lambda: "event=failover-epoch-exhausted" in log2.read_text(),
+          "sg2 to refuse the take-over", timeout=30)  # fmt: skip
+    st2 = procs.status("sg2")
+    fo = st2["failover"]
+    assert fo["role"] == "standby" and fo["epoch"] == epoch and fo["takeover_refused"], fo
+    assert st2["sas"] == 0 and st2["policies"] == 0, st2
+    assert not (procs.dir / "state" / "sg2" / "failover-epoch.json").exists()
+    lines = [ln for ln in log2.read_text().splitlines() if "failover-epoch-exhausted" in ln]
+    assert len(lines) == 1 and "ERROR" in lines[0], lines
+    assert "failover-took-over" not in log2.read_text()
+    r = cli("status", "-c", procs.config("sg2"))
+    assert r.returncode == 0 and "no take-over" in r.stdout, r
+    # sg1 comes back: the only sender, from past what its durable state says it used
+    procs.start("sg1")
+    procs.wait("sg1", lambda s: s["failover"]["standby_acknowledged"], "sg1 to pair again")
+    procs.traffic_ok("sg1", 40)
+    mn = procs.status("mn")
+    assert mn["counters"]["drops"]["replay"] == 0 and mn["counters"]["drops"]["icv"] == 0, mn
+    assert procs.status("sg2")["sas"] == 0
+
+
 def test_the_epoch_file_keeps_the_role(tmp_path: Path) -> None:
     """The role a gateway had when it stopped is what it restarts as: a taker is the active of
     its epoch, a superseded active the standby of its peer; no file: as configured; a
@@ -1982,7 +2083,7 @@ def _watching(sb: _Silent, dead_ms: float = 1500) -> tuple[Any, list[float]]:
         taken.append(now)
         sb.took_over = now
 
-    d.take_over = take_over  # type: ignore[method-assign,assignment]
+    d.take_over = take_over  # type: ignore[method-assign]
     return d, taken
 
 
@@ -2123,7 +2224,7 @@ class _Pair:
             self.sb.took_over = now
             self.sb.epoch += 1
 
-        d.take_over = take_over  # type: ignore[method-assign,assignment]
+        d.take_over = take_over  # type: ignore[method-assign]
         self.d = d
 
     def timer(self, now: float) -> None:

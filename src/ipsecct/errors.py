@@ -64,6 +64,11 @@ class CxtpError(IpsecctError):
     """A CXTP message or an extension CDB is malformed, or cannot be encoded."""
 
 
+class EpochExhaustedError(IpsecctError):
+    """A fail-over take-over (or ``failover alone``) would begin the last epoch the wire's
+    32 bits carry (ct.failover.LAST_EPOCH), which no gateway takes: refused."""
+
+
 class TransferError(IpsecctError):
     """A transfer cannot start (unknown SPI, busy, unknown peer)."""
 

@@ -78,7 +78,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol as TypingProtocol
 
-from ..errors import ContextError, CxtpError, IpsecctError
+from ..errors import ContextError, CxtpError, EpochExhaustedError, IpsecctError
 from ..ipsec import native, signalling
 from ..ipsec.engine import Engine, Tunnel, TunnelState, take_touched
 from ..ipsec.ippacket import Endpoint
@@ -156,6 +156,24 @@ FIRST_EPOCH = 1
 # under a new session each time (hostile, restarting in a loop) made one per JOIN.
 JOIN_RESYNC_GAP = 1.0
 LAST_EPOCH = 0xFFFFFFFF  # (32 bits on the wire: a standby never takes it, see Standby.receive)
+
+
+def last_epoch_next(epoch: int) -> bool:
+    """Would a take-over (or ``failover alone``) from ``epoch`` begin LAST_EPOCH? Then none
+    may follow it: a standby refuses syncs in LAST_EPOCH, the old active refuses a TAKEN in
+    it, and the epoch file cannot hold it (read back as damage: a standby of epoch 2 that
+    acknowledged the old active, which sent again from numbers the taker had used)."""
+    return epoch + 1 >= LAST_EPOCH
+
+
+def last_epoch_text(epoch: int, peer: str) -> str:
+    """What an operator reads when :func:`last_epoch_next` holds (log line and status)."""
+    return (f"epoch {epoch} is the last but one the wire's 32 bits carry: no take-over can "
+            f"follow it (it would begin epoch {LAST_EPOCH}, which no gateway takes), nor "
+            f"`failover alone`: if {peer} or this gateway stops, its tunnels stop with it "
+            "(no (SPI, sequence number) is sent twice: that wins over the fail-over). New "
+            "SAs for every tunnel, then both gateways started without their epoch files, "
+            "begin the epochs again")  # fmt: skip
 
 
 @dataclass
@@ -1569,7 +1587,10 @@ class Standby:
         """Install every replicated tunnel (or those with these outbound SPIs: the etcd
         mode's share), outbound counters advanced by the margin.
 
-        Returns the tunnels, the signals to send the MNs (direct identity) and a record."""
+        Returns the tunnels, the signals to send the MNs (direct identity) and a record.
+        EpochExhaustedError (nothing changed) when the take-over would begin LAST_EPOCH."""
+        if spis is None and last_epoch_next(self.epoch):
+            raise EpochExhaustedError(last_epoch_text(self.epoch, self.cfg.peer))
         if self.grant is not None:
             if not self.grant.expired(now):
                 raise IpsecctError("the active's lease may still run: not taking over")

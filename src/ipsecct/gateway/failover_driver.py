@@ -42,6 +42,8 @@ from ..ct.failover import (
     Standby,
     join_held,
     join_message,
+    last_epoch_next,
+    last_epoch_text,
     sync_header,
     taken_reply,
 )
@@ -237,6 +239,11 @@ class FailoverDriver:
         # margin left): a new SA has new keys and no ceiling, so they keep running alone.
         self._rekey_asked: set[Tunnel] = set()
         self.ceiling_rekeys = 0
+        # A take-over refused because it would begin LAST_EPOCH (last_epoch_next): the
+        # active's last_heard of the silence refused (one ERROR line and no busy timer per
+        # silence), and how many silences were.
+        self._refused_silence: float | None = None
+        self.takeovers_refused = 0
         self._next_ceiling_check = 0.0
         # (since, until): the standby woke up past its dead time and asks the peer first;
         # the epoch it was in then (the peer that ran alone answers in a later one)
@@ -371,6 +378,8 @@ class FailoverDriver:
                 d = self._tie_next if d is None else min(d, self._tie_next)
             return d
         d = sb.next_deadline()
+        if d is not None and last_epoch_next(sb.epoch) and self._refused_silence == sb.last_heard:
+            d = None  # (this silence's take-over was refused: nothing to do at its end)
         if d is not None and self._resume_hold is not None:
             d = max(d, self._resume_hold[1])  # (the dead time has passed: not a busy loop)
         if d is not None and self._look_again is not None:
@@ -831,6 +840,8 @@ class FailoverDriver:
                 f"and would take over beside this gateway when it runs again; try again in "
                 f"{(settle - ago) * 1000:.0f} ms"
             )
+        if last_epoch_next(r.epoch):
+            raise ControlError(last_epoch_text(r.epoch, self.cfg.peer))
         epoch = r.epoch + 1
         try:
             save_state(fencing.path, epoch, True, alone=True)  # before anything is sent
@@ -989,9 +1000,20 @@ class FailoverDriver:
         if self.replicator is not None and peer == self.cfg.peer:
             self.replicator.resync()  # the standby may have missed syncs: send it everything
 
-    def take_over(self, now: float) -> Record:
-        """Take over now (the timer does it when the active falls silent)."""
+    def take_over(self, now: float) -> Record | None:
+        """Take over now (the timer does it when the active falls silent). None: refused,
+        it would begin LAST_EPOCH (one ERROR line per silence, status says so): nothing is
+        written, installed or sent, the tunnels stop with the active."""
         assert self.standby is not None
+        if last_epoch_next(self.standby.epoch):
+            if self._refused_silence != self.standby.last_heard:
+                self._refused_silence = self.standby.last_heard
+                self.takeovers_refused += 1
+                event(log, "failover-epoch-exhausted", logging.ERROR, node=self.node.name,
+                      peer=self.cfg.peer, epoch=self.standby.epoch,
+                      detail=f"{self.cfg.peer} was silent for dead_ms: take-over refused. "
+                      + last_epoch_text(self.standby.epoch, self.cfg.peer))  # fmt: skip
+            return None
         if self.fencing is not None:
             self.fencing.before_take_over()  # on disk before anything is sent
         # Alone from now on: nobody else holds a replica (an engine that was an active's
@@ -1083,6 +1105,14 @@ class FailoverDriver:
             "channel": state,
             "channel_silent_ms": None if silent is None else round(silent * 1000),
         }
+        epoch_now = (self.replicator.epoch if self.replicator is not None
+                     else self.standby.epoch if self.standby is not None else None)  # fmt: skip
+        # no take-over (nor `failover alone`) can follow this epoch: last_epoch_next
+        last = epoch_now is not None and last_epoch_next(epoch_now)
+        common["takeover_refused"] = last
+        if last and self.takeovers_refused:
+            common["takeovers_refused"] = self.takeovers_refused
+        last_detail = last_epoch_text(epoch_now, self.cfg.peer) if last and epoch_now else ""
         if self.replicator is not None:
             superseded = self.replicator.superseded_by is not None
             r_lease = self.replicator.lease
@@ -1100,6 +1130,8 @@ class FailoverDriver:
                     f" {self.cfg.peer} acknowledges again, or `ipsecct failover alone"
                     " --standby-is-down` once its process is stopped"
                 )
+            if last_detail and not superseded:
+                active["detail"] = "; ".join(x for x in (active.get("detail"), last_detail) if x)
             return {
                 "role": "superseded" if superseded else "active",
                 **common,
@@ -1149,6 +1181,7 @@ class FailoverDriver:
             return {
                 "role": "standby",
                 **common,
+                **({"detail": last_detail} if last_detail else {}),
                 "epoch": self.standby.epoch,
                 "standby_of": self.cfg.peer,
                 "joining": self.joining,
