@@ -108,3 +108,68 @@ class RateLimited:
             fields = {**fields, "suppressed": dropped}
         event(logger, name, level, **fields)
         return True
+
+
+# The loggers a configuration's load warns on (a key file others can read, a certificate not
+# valid now, a key ignored, ...): LoadWarnings holds their lines while a load runs.
+LOAD_LOGGERS = ("ipsecct.gateway.config", "ipsecct.ikev2.config")
+MAX_LOAD_WARNINGS = 32  # kept for status: a file with more says the first ones
+
+
+class _Hold(logging.Filter):
+    def __init__(self, held: list[logging.LogRecord]) -> None:
+        super().__init__()
+        self.held = held
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.WARNING:
+            self.held.append(record)
+            return False
+        return True
+
+
+class LoadWarnings:
+    """The WARNING lines of a configuration's loads, each cause said once: a reload (SIGHUP)
+    reads every file again, and wrote every warning of the start again (a key file others
+    can read, a certificate not valid now), a set per SIGHUP. A line is its cause: one the
+    last load wrote is not written again (``still`` counts it); another (the file's mode
+    changed, another key) is; one gone and back is said again. ``current``: the last load's
+    lines (status ``config.warnings``)."""
+
+    def __init__(self) -> None:
+        self.current: list[str] = []
+        self._held: list[logging.LogRecord] = []
+
+    def hold(self) -> _Hold:
+        """Hold the load loggers' warnings until :meth:`release` (call it in a finally)."""
+        self._held = []
+        h = _Hold(self._held)
+        for name in LOAD_LOGGERS:
+            logging.getLogger(name).addFilter(h)
+        return h
+
+    def release(self, h: _Hold, *, complete: bool = True) -> int:
+        """Write the held lines that the last load did not; returns how many it did (still
+        true). ``complete``: the load ended (a load that failed half-way says the lines it
+        reached and forgets none of the last one's)."""
+        for name in LOAD_LOGGERS:
+            logging.getLogger(name).removeFilter(h)
+        held, self._held = self._held, []
+        said = set(self.current)
+        lines: list[str] = []
+        still = 0
+        for r in held:
+            line = r.getMessage()
+            if line in lines:
+                continue
+            lines.append(line)
+            if line in said:
+                still += 1
+            else:
+                logging.getLogger(r.name).handle(r)
+        if complete:
+            self.current = lines[:MAX_LOAD_WARNINGS]
+        else:
+            self.current = [*self.current, *(x for x in lines if x not in said)]
+            self.current = self.current[:MAX_LOAD_WARNINGS]
+        return still

@@ -144,6 +144,9 @@ class Plan:
     changed: set[str] = field(default_factory=set)
     needs_restart: list[str] = field(default_factory=list)
     prints: Prints | None = None  # the new configuration's, restart keys as running
+    # the digests of the values in the file of the keys in needs_restart (a line each is
+    # said once per value: reload-needs-restart)
+    pending: dict[str, bytes] = field(default_factory=dict)
 
 
 def plan(running: Prints, old: list[Connection], new: NodeConfig, pools: set[str]) -> Plan:
@@ -158,7 +161,7 @@ def plan(running: Prints, old: list[Connection], new: NodeConfig, pools: set[str
     needs = [k for k, _ in RESTART_KEYS if now.restart[k] != running.restart[k]]
     kept = {c.name: c for c in old}
     conns: list[Connection] = []
-    p = Plan(conns, needs_restart=needs)
+    p = Plan(conns, needs_restart=needs, pending={k: now.restart[k] for k in needs})
     for c in new.connections:
         before = running.connections.get(c.name)
         if before is None:
@@ -179,7 +182,8 @@ def plan(running: Prints, old: list[Connection], new: NodeConfig, pools: set[str
 class Loaded:
     """Which configuration runs (``status``'s ``config``): the file, the SHA-256 of the bytes
     last loaded from it (never its contents), when (UTC), the reloads done and refused, and
-    the keys changed in the file that wait for a restart; ``coalesced``: the SIGHUPs that
+    the keys changed in the file that wait for a restart, the last load's warnings (a key
+    file others can read: said once, these hold still); ``coalesced``: the SIGHUPs that
     came while a reload was already due (within RELOAD_GAP of the last one) and were served
     by it."""
 
@@ -190,6 +194,8 @@ class Loaded:
     reloads_failed: int = 0
     coalesced: int = 0
     needs_restart: list[str] = field(default_factory=list)
+    # the WARNING lines of the last load (gateway.log.LoadWarnings: each said once)
+    warnings: list[str] = field(default_factory=list)
 
     def status(self, log_level: str) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "log_level": log_level}

@@ -35,7 +35,7 @@ from .cluster_driver import ClusterDriver
 from .control import ControlServer, MetricsServer, parse_proto, parse_spi, sa_summary, spi_hint
 from .failover_driver import FailoverDriver, is_sync
 from .ike import POOL_LEASES_MAX, IkeService
-from .log import RateLimited, event
+from .log import LoadWarnings, RateLimited, event
 from .mobile_agent import MobileAgent
 from .node import Node
 from .peers import PeerChannels
@@ -76,6 +76,7 @@ class Service:
         fresh_state: bool = False,
         sha256: str | None = None,
         log_level: str | None = None,
+        load_warnings: LoadWarnings | None = None,
     ) -> None:
         self.cfg = cfg
         # What SIGHUP compares a configuration read again with (reload): the digests of this
@@ -85,6 +86,11 @@ class Service:
         self._prints = reload_mod.Prints.of(cfg)
         self._log_level = log_level
         self.loaded = reload_mod.Loaded(cfg.path, sha256 or "", _utc_now())
+        # The load's WARNINGs, each cause said once (a reload says how many hold still), and
+        # the restart-only keys a reload warned of, with the value it warned of.
+        self._warnings = load_warnings or LoadWarnings()
+        self.loaded.warnings = list(self._warnings.current)
+        self._restart_told: dict[str, bytes] = {}
         self.node = Node(cfg, role=role)
         # Before any socket opens: merge the configuration with the durable state (tunnels
         # given away stay away, counters resume past what was sent) or refuse to start.
@@ -553,8 +559,9 @@ class Service:
         from .log import setup
 
         path = self.cfg.path
+        still = 0
         try:
-            new, sha = config_mod.load_hashed(path)
+            new, sha, still = self._load(path)
             if new.control_socket is None and self.cfg.control_socket is not None:
                 new.control_socket = socket_path(None)  # as run() made it at the start
             if self._log_level is not None:
@@ -570,12 +577,21 @@ class Service:
             # (no IKE service runs: no socket for IKE is bound, no timer; it starts with the
             # process)
             assert plan.prints is not None
+            pending = {**plan.pending,
+                       "connections": reload_mod.digest(plan.prints.connections)}  # fmt: skip
             plan = reload_mod.Plan([], needs_restart=[*plan.needs_restart, "connections"],
-                                   prints=reload_mod.Prints(plan.prints.restart, {}))  # fmt: skip
+                                   prints=reload_mod.Prints(plan.prints.restart, {}),
+                                   pending=pending)  # fmt: skip
+        # One line per key and value waiting for a restart: the reloads after it say it
+        # still waits (event=reloaded needs_restart, WARNING), not a line of it each.
+        told: dict[str, bytes] = {}
         for key in plan.needs_restart:
-            event(log, "reload-needs-restart", logging.WARNING, node=self.node.name,
-                  config=path, key=key,
-                  effect="needs a restart: the running value is kept")  # fmt: skip
+            told[key] = plan.pending.get(key, b"")
+            if key not in self._restart_told or self._restart_told[key] != told[key]:
+                event(log, "reload-needs-restart", logging.WARNING, node=self.node.name,
+                      config=path, key=key,
+                      effect="needs a restart: the running value is kept")  # fmt: skip
+        self._restart_told = told
         # The live part, whole (nothing below raises: every value was checked above).
         cfg = self.cfg
         if self.ike is not None:
@@ -603,9 +619,25 @@ class Service:
               connections=len(plan.connections), added=len(plan.added),
               removed=len(plan.removed), changed=len(plan.changed),
               log_level=new.log_level,
-              needs_restart=",".join(plan.needs_restart) or "-")  # fmt: skip
+              needs_restart=",".join(plan.needs_restart) or "-",
+              **({"warnings_still": still} if still else {}))  # fmt: skip
         setup(new.log_level)  # (after the line: said at the level the operator had set)
         return True
+
+    def _load(self, path: str) -> tuple[config_mod.NodeConfig, str, int]:
+        """The file loaded again, its WARNINGs each said once (LoadWarnings): returns the
+        configuration, its SHA-256 and how many of its warnings were said before and hold
+        still."""
+        held = self._warnings.hold()
+        try:
+            new, sha = config_mod.load_hashed(path)
+        except BaseException:
+            self._warnings.release(held, complete=False)
+            self.loaded.warnings = list(self._warnings.current)
+            raise
+        still = self._warnings.release(held)
+        self.loaded.warnings = list(self._warnings.current)
+        return new, sha, still
 
     # -- control handlers --------------------------------------------------------------
     async def _ike_list(self, args: dict[str, Any]) -> Any:
@@ -1023,12 +1055,19 @@ def run(
     from .log import LOG_LEVELS, setup
 
     no_core_dumps()  # before any key is read
-    cfg, sha = config_mod.load_hashed(path)
-    if log_level is not None:
-        if log_level not in LOG_LEVELS:
-            raise ConfigError(f"--log-level must be one of {', '.join(LOG_LEVELS)}")
-        cfg.log_level = log_level
-    setup(cfg.log_level)
+    # (the load's WARNINGs are written once the log is set up, as every line; a reload
+    # does not write them again while they hold: LoadWarnings)
+    warned = LoadWarnings()
+    held = warned.hold()
+    try:
+        cfg, sha = config_mod.load_hashed(path)
+        if log_level is not None:
+            if log_level not in LOG_LEVELS:
+                raise ConfigError(f"--log-level must be one of {', '.join(LOG_LEVELS)}")
+            cfg.log_level = log_level
+        setup(cfg.log_level)
+    finally:
+        warned.release(held)
     shape = config_mod.node_shape(cfg) if role == "gateway" else None
     if shape is not None:  # (not refused: a gateway in front of one host looks the same)
         event(log, "config-looks-like-a-node", logging.WARNING, config=path, why=shape,
@@ -1037,7 +1076,8 @@ def run(
         cfg.control_socket = socket_path(None)  # the one the client commands look for
     raise_nofile(NOFILE_NEEDED)
     gcpolicy.POLICY.enabled = True  # this process is a gateway
-    svc = Service(cfg, role=role, fresh_state=fresh_state, sha256=sha, log_level=log_level)
+    svc = Service(cfg, role=role, fresh_state=fresh_state, sha256=sha, log_level=log_level,
+                  load_warnings=warned)  # fmt: skip
     asyncio.run(svc.run_forever())
     return 0
 
