@@ -365,3 +365,48 @@ def test_sg2_rekeys_a_moved_ike_sa_on_its_schedule_and_deletes_it_cleanly(
         assert len(re.findall(r"generating IKE_SA_INIT request", log)) == 1, log
         assert len(re.findall(r"generating IKE_AUTH request", log)) == 1, log
         assert "retransmit" not in log, ss.logtail()
+
+
+@pytest.mark.root
+@pytest.mark.slow
+@needs_strongswan
+def test_a_reload_that_keeps_the_strongswan_clients_connection_keeps_its_sas_and_traffic(
+    tmp_path: Path,
+) -> None:
+    """A strongSwan client (kernel-libipsec, in its namespace) connected to sg1; sg1's file
+    gets a second connection and another log level, then SIGHUP: the reload applies them
+    (added=1) and leaves the client's connection as it was: its IKE SA and CHILD SA keep their
+    SPIs, a ping passes through them, and strongSwan never starts over nor is told DELETE.
+    (Held on main: a guard for the reload path with a real peer.)"""
+    import signal
+
+    with ike_world(tmp_path, "direct") as w:
+        client = Client(w.ns, "mn", CLIENT, w.dir, "aes128gcm16")
+        client.gateway = SG_OUTER["sg1"]
+        with client as ss:
+            ss.start()
+            ss.initiate()
+            assert strongswan.ping_once_up(w.ns, "mn", HOST, 3) == 3, ss.logtail() + w.logs()
+            (ike1,) = w.ike_sas("sg1")
+            f = w.dir / "sg1.toml"
+            text = f.read_text()
+            rw2 = text[text.index("[connections.rw]"):text.index("[secrets.ike-rw]")]
+            f.write_text(text.replace('level = "debug"', 'level = "info"')
+                         + rw2.replace("[connections.rw]", "[connections.rw2]")
+                         .replace(f'"{CLIENT.id}"', '"other.test"'))  # fmt: skip
+            proc = w.daemons["sg1"].proc
+            assert proc is not None
+            proc.send_signal(signal.SIGHUP)
+            wait_until(lambda: w.status("sg1")["config"]["reloads"] == 1, "sg1's reload", 30)
+            st = w.status("sg1")["config"]
+            assert st["reloads_failed"] == 0 and st["log_level"] == "info", st
+            assert "added=1 removed=0 changed=0" in w.log("sg1"), w.log("sg1")[-3000:]
+            (ike2,) = w.ike_sas("sg1")
+            assert (ike2["spi_i"], ike2["spi_r"]) == (ike1["spi_i"], ike1["spi_r"])
+            assert [(c["spi_in"], c["spi_out"]) for c in ike2["children"]] == [
+                (c["spi_in"], c["spi_out"]) for c in ike1["children"]]  # fmt: skip
+            assert strongswan.ping(w.ns, "mn", HOST, 5) == 5, ss.logtail() + w.logs()
+            log = ss.log()
+            assert len(re.findall(r"generating IKE_SA_INIT request", log)) == 1, ss.logtail()
+            assert "received DELETE" not in log, ss.logtail()
+            assert proc.poll() is None and "Traceback" not in w.log("sg1")
