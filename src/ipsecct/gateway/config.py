@@ -52,7 +52,10 @@ from ..ipsec.spi import MAX_BLOCKS as MAX_SPI_BLOCKS
 from ..ipsec.spi import SpiBlock
 from ..ipsec.spi import block as spi_block_of
 from ..tools.files import CONFIG_LIMIT, SECRET_LIMIT, check_size, read_limited
+from . import sched
 from .log import LOG_LEVELS
+from .sched import DEFAULT as DEFAULT_THREAD_PRIORITY
+from .sched import ThreadPriority
 
 if TYPE_CHECKING:
     from cryptography import x509
@@ -192,6 +195,8 @@ class NodeConfig:
     # How long the ids of transfers that arrived here are kept for the decision query
     # (seconds; docs/state.md, "how long an arrival is remembered").
     arrival_retention: float = 86400.0
+    # [native] thread_priority: how the native forwarding thread is scheduled (gateway/sched.py)
+    thread_priority: ThreadPriority = DEFAULT_THREAD_PRIORITY
 
     @property
     def local_address(self) -> IPAddress:
@@ -761,6 +766,7 @@ KNOWN_SECTIONS = {
     "cluster",
     "ike",
     "state",
+    "native",
 }
 
 
@@ -867,6 +873,14 @@ def from_dict(data: dict[str, Any], path: str = "<config>") -> NodeConfig:
     retention = ctx.get(state_d, "arrival_retention_s", "state.", int, 86400)
     if not 1 <= retention <= 366 * 86400:
         raise ctx.err("state.arrival_retention_s", "must be 1 .. 31622400 seconds")
+    native_d = ctx.get(data, "native", "", dict, {})
+    _check_keys_allowed(native_d, ctx, "native.", {"thread_priority"})
+    try:
+        thread_priority = sched.parse(
+            ctx.get(native_d, "thread_priority", "native.", str, str(DEFAULT_THREAD_PRIORITY))
+        )
+    except ValueError as exc:
+        raise ctx.err("native.thread_priority", str(exc)) from None
     names = [t.name for t in tunnels]
     if len(set(names)) != len(names):
         raise ctx.err("tunnel", "tunnel names must be unique")
@@ -1001,6 +1015,7 @@ def from_dict(data: dict[str, Any], path: str = "<config>") -> NodeConfig:
         state_dir=state_dir,
         seq_block=seq_block,
         arrival_retention=float(retention),
+        thread_priority=thread_priority,
     )
 
 

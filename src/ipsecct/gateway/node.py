@@ -29,6 +29,7 @@ from ..ipsec.esp import Drop
 from ..ipsec.ippacket import PROTO_ESP, Endpoint
 from ..ipsec.sad import SAEvent, SecurityAssociation
 from ..ipsec.transforms import warm_library
+from . import sched
 from .config import NodeConfig
 from .limits import bind_error
 from .log import event
@@ -53,6 +54,13 @@ def _coalesce_us() -> int:
     except ValueError:
         return 50
     return min(max(v, 0), 1000)
+
+
+def _name_thread(name: str) -> None:
+    """The calling thread's name as ``ps -L``, ``top -H`` and ``perf`` show it (15 octets)."""
+    path = f"/proc/self/task/{threading.get_native_id()}/comm"
+    with contextlib.suppress(OSError, ValueError), open(path, "wb") as f:
+        f.write(name.encode("utf-8", "replace")[:15])
 
 
 def _thread_wanted() -> bool:
@@ -231,6 +239,7 @@ class Node:
         self._native_inner: tuple[int, bool, tuple[bytes, int] | None] = (-1, False, None)
         # the native forwarding thread: (thread, wake eventfd, stop eventfd)
         self._native_thread: tuple[threading.Thread, int, int] | None = None
+        self._native_tid: int | None = None  # the forwarding thread's id (Linux), once it runs
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = asyncio.Event()
         # Hooks for the context-transfer layer: messages on the outer port that are not ESP
@@ -352,6 +361,16 @@ class Node:
         table = self.engine.native
 
         def body() -> None:
+            _name_thread(f"esp-{self.name}")
+            wanted = self.cfg.thread_priority
+            refused = sched.apply(wanted)
+            if refused is not None:  # (runs on as the process is scheduled: never a failure)
+                event(log, "native-thread-priority-refused", logging.WARNING, node=self.name,
+                      wanted=str(wanted), error=refused, running=sched.current(0),
+                      hint="needs root or CAP_SYS_NICE")  # fmt: skip
+            elif wanted != sched.NORMAL:
+                event(log, "native-thread-priority", node=self.name, priority=str(wanted))
+            self._native_tid = threading.get_native_id()  # (status reads it from now on)
             try:
                 table.run(outer, fd, is_tun, dest, wake, stop, _MAX_PENDING, _coalesce_us())
             except BaseException as exc:  # reported to the loop, never lost
@@ -648,6 +667,16 @@ class Node:
         self.act(self.engine.inbound(data, self.cfg.local_address, self.clock()), addr)
 
     # -- information ---------------------------------------------------------------------
+    def _native_thread_status(self) -> dict[str, Any] | None:
+        tid = self._native_tid
+        if self._native_thread is None or tid is None:
+            return None
+        try:
+            priority = sched.current(tid)
+        except OSError:  # (it ended meanwhile)
+            return None
+        return {"tid": tid, "priority": priority, "wanted": str(self.cfg.thread_priority)}
+
     def status(self) -> dict[str, Any]:
         now = self.clock()
         self.engine.fold_native_stats()
@@ -665,6 +694,9 @@ class Node:
                 if self._native_thread is not None
                 else "native"
             ),
+            # the forwarding thread's id and its scheduling as the kernel has it now
+            # ([native] thread_priority's words; "wanted": the configuration's)
+            "native_thread": self._native_thread_status(),
             "native_queue_drops": (
                 0 if self.engine.native is None else self.engine.native.up_dropped
             ),

@@ -56,6 +56,7 @@ RESTART_KEYS: tuple[tuple[str, Callable[[NodeConfig], Any]], ...] = (
     ("state.arrival_retention_s", lambda c: c.arrival_retention),
     ("ike.port", lambda c: c.ike_port),
     ("pools", lambda c: c.pools),
+    ("native.thread_priority", lambda c: c.thread_priority),
 )
 
 def _without_peers(t: TransferConfig | None) -> TransferConfig | None:
