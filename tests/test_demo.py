@@ -39,7 +39,10 @@ def test_demo_json_schema_and_no_loss() -> None:
     assert len(lines) == 1, r.stdout  # only the summary
     s = json.loads(lines[0])
     # issue 3's keys first; the IKE SA's figures after them (IKEv2 keying, the default)
-    assert list(s) == ["packets", "drops", "handovers", "ike"]
+    assert list(s) == ["packets", "drops", "handovers", "scheduling", "ike"]
+    # each node's forwarding thread as the kernel has it (the demo asks for fifo:1; root here)
+    assert s["scheduling"] == {"sender": "fifo:2", "mn": "fifo:1", "sg1": "fifo:1",
+                               "sg2": "fifo:1"}  # fmt: skip
     assert list(s["packets"]) == ["sent", "received", "lost", "duplicated"]
     assert list(s["drops"]) == ["replay", "icv", "no_sa", "policy"]
     for group in ("packets", "drops"):

@@ -77,7 +77,7 @@ def test_demo_ike_sa_established_once_and_moved(mode: str, tmp_path: Path) -> No
     assert r.returncode == 0, r.stderr
     (line,) = r.stdout.splitlines()
     s = json.loads(line)
-    assert list(s) == ["packets", "drops", "handovers", "ike"]
+    assert list(s) == ["packets", "drops", "handovers", "scheduling", "ike"]
     (h,) = s["handovers"]
     assert (h["from"], h["to"], h["mode"]) == ("sg1", "sg2", mode)
     # (predictive by default: prepared ahead, the handover its commit)
@@ -217,7 +217,7 @@ def test_demo_manual_keying_keeps_the_old_output() -> None:
     r = _demo("--json", "--keying", "manual")
     assert r.returncode == 0, r.stderr
     s = json.loads(r.stdout)
-    assert list(s) == ["packets", "drops", "handovers"]  # issue 3's schema, no IKE
+    assert list(s) == ["packets", "drops", "handovers", "scheduling"]  # no IKE
     (h,) = s["handovers"]
     assert list(h)[:6] == ["from", "to", "mode", "transfer_ms", "gap_ms", "lost"]
     assert h["lost"] == 0 and s["packets"]["lost"] == 0, s

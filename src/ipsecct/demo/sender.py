@@ -113,11 +113,16 @@ def _send(sock: socket.socket, data: bytes, addr: tuple[str, int]) -> bool:
 
 
 FIFO_MAX_RATE = 5000  # packets/s each way up to which the sender asks for real-time priority
+# Its SCHED_FIFO priority: above the demo's gateways' forwarding threads (``[native]
+# thread_priority = "fifo:1"``, demo/topology.py). The sender is the application, outside the
+# gateways (on a network it runs on another machine): a forwarding thread busy with a batch
+# must not make it send late, or the receivers count the gateways' work twice.
+SENDER_PRIORITY = 2
 
 
 def punctual(rate: int) -> str:
     """Ask the kernel to run this process as soon as it wakes: the real-time policy
-    ``SCHED_FIFO`` at its lowest priority (1) where allowed (root or ``CAP_SYS_NICE``) and
+    ``SCHED_FIFO`` at SENDER_PRIORITY where allowed (root or ``CAP_SYS_NICE``) and
     the stream is no faster than FIFO_MAX_RATE (a faster one could keep a real-time process
     busy and take a core from the nodes), else the highest nice level allowed. On a machine
     whose two cores run the gateways, the demo's process and other work, an ordinary process
@@ -126,8 +131,8 @@ def punctual(rate: int) -> str:
     from anyone. Returns the policy it got."""
     if rate <= FIFO_MAX_RATE:
         with contextlib.suppress(OSError, AttributeError):
-            os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))
-            return "fifo"
+            os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(SENDER_PRIORITY))
+            return f"fifo:{SENDER_PRIORITY}"
     for level in (-10, -5, -1):
         with contextlib.suppress(OSError):
             os.setpriority(os.PRIO_PROCESS, 0, level)

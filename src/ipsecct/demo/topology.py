@@ -277,6 +277,9 @@ class Demo:
     # sends), and its longest lateness against its schedule (seconds; None: not measured).
     sender: SenderProcess | None = None
     sender_late: float | None = None
+    # How the stream's carriers were scheduled (read back once the stream starts): the
+    # sender's policy and each node's forwarding thread's ([native] thread_priority's words)
+    scheduling: dict[str, str] = field(default_factory=dict)
 
     def watch_gaps(self) -> None:
         """Something the stream's floor must not include starts (a preparation, a
@@ -370,6 +373,14 @@ def _ike_sections(
     }
 
 
+# The demo's forwarding threads (every node's: the MN's here, the gateways' in their
+# processes): real-time, as the kernel's ESP runs above every process. With them at the
+# ordinary policy the 1 ms stream paused 1 ms longer at the median (benchmarks/README.md,
+# "[native] thread_priority"); where the kernel refuses it (no CAP_SYS_NICE) each logs a
+# warning and runs at the ordinary policy. The stream's sender runs above them.
+THREAD_PRIORITY = "fifo:1"
+
+
 def node_data(
     name: str,
     address: str,
@@ -383,6 +394,7 @@ def node_data(
 ) -> dict[str, Any]:
     """A demo node's configuration as the TOML schema's dictionary."""
     data: dict[str, Any] = {
+        "native": {"thread_priority": THREAD_PRIORITY},
         "name": name,
         "outer": {
             "address": address,
@@ -675,12 +687,26 @@ async def stream(
             demo.mn.inner_port, demo.host_peer[1], demo.workdir / "sender.log",
         )  # fmt: skip
         demo.sender = sender
+        demo.scheduling = {"sender": sender.policy, **await _thread_priorities(demo)}
     try:
         await _stream(demo, rate, seconds, total, out, at_half, before_half, sender)
     finally:
         demo.sender = None
         if sender is not None:
             sender.close()
+
+
+async def _thread_priorities(demo: Demo) -> dict[str, str]:
+    """Each node's forwarding thread's scheduling as its status says (none: no thread)."""
+    out: dict[str, str] = {}
+    sts = [(n.name, n.node.status()) for n in [demo.mn, *demo.gateways.values()]]
+    for name, p in demo.procs.items():
+        with contextlib.suppress(IpsecctError):
+            sts.append((name, await p.request("status", timeout=5)))
+    for name, st in sts:
+        nt = st.get("native_thread")
+        out[name] = nt["priority"] if isinstance(nt, dict) else "no thread"
+    return out
 
 
 async def _stream(
@@ -897,6 +923,7 @@ def summary(demo: Demo) -> dict[str, Any]:
         },
         "drops": _drops(demo),
         "handovers": demo.handovers,
+        **({"scheduling": demo.scheduling} if demo.scheduling else {}),
     }
 
 
@@ -911,6 +938,9 @@ def print_summary(s: dict[str, Any], out: TextIO) -> None:
     ] + [(f"drops: {k}", v) for k, v in s["drops"].items()]
     for k, v in rows:
         out.write(f"  {k:<22} {v:>8}\n")
+    if s.get("scheduling"):
+        out.write("  scheduling             " + ", ".join(
+            f"{k} {v}" for k, v in s["scheduling"].items()) + "\n")  # fmt: skip
     for h in s["handovers"]:
         out.write(
             f"  handover {h['from']} -> {h['to']} ({h['mode']}"
