@@ -1001,6 +1001,145 @@ def test_no_seq_sent_twice_a_member_restarted_after_its_lease_ended_leaves_its_g
                for m in lines), lines  # fmt: skip
 
 
+async def _halt(drv: ClusterDriver) -> None:
+    """``drv`` stops running (its tasks cancelled, its lease neither renewed nor revoked): a
+    SIGSTOP, or a kill -9 if it never runs again."""
+    for task in (drv._task, drv._repl_task):
+        assert task is not None
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+@pytest.mark.parametrize("how", ["holder-lives", "owner-lives", "owner-killed",
+                                 "owner-killed-restarted"])
+def test_no_seq_sent_twice_a_member_key_deleted_while_its_lease_lives_is_not_a_death(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, how: str
+) -> None:
+    """Guards the invariant. sg1 owns six tunnels, replicated to sg2, on a real etcd. An
+    operator deletes a member key (``etcdctl del``) while its lease lives; the member does
+    not run meanwhile (halted: a SIGSTOP, a loaded machine), so the other reads it gone.
+    Its lease and owner keys live: it is not dead, and nobody may take its groups.
+    ``holder-lives``: sg2's key. sg1 dropped its floors there (its tunnels then ran past
+    what sg2 holds, and sg2's key written back would let sg2 take them over below that),
+    and sg2 ended its life. Now sg1 keeps its floors while sg2's lease lives, and sg2,
+    running again, writes its key back under the same lease (one line) and keeps its
+    replicas. ``owner-lives``: sg1's key. sg2 dropped its replicas (sg1's groups are owned);
+    now it keeps them, and sg1 writes its key back and goes on owning its tunnels.
+    ``owner-killed``, the worst moment: sg1 never runs again (kill -9) once its key is
+    deleted. sg2 had dropped its replicas, so when etcd ended sg1's lease nobody took the
+    six tunnels over (orphaned). Now sg2 keeps them until the lease ends, then takes the six
+    over, each above the ceiling sg1 was held to (everything sg1 may have sent).
+    ``owner-killed-restarted``: sg1 restarted at once with its six tunnels (configured, or
+    from its durable state). No member key of its name, so it joined at once; sg2 then read
+    it alive (under its new lease) when the old one ended and took nothing: the six were
+    orphaned. Now it finds its previous life in its tunnels' keys (groups owned in its name,
+    though no member key names that lease) and joins only once sg2 took them over."""
+    port = 45320
+    names = ("sg1", "sg2")
+    spis = {0x2000 + k for k in range(6)}
+
+    async def run(endpoints: list[str]) -> None:
+        drivers: dict[str, ClusterDriver] = {}
+        alive = set(names)
+        for i, n in enumerate(names):
+            node = _member_node(tmp_path, n, port, i)
+            drv = ClusterDriver(node, ClusterConfig(etcd=tuple(endpoints), ttl_s=2, groups=4))
+            drv.attach(_Wire(n, alive, drivers), Transfer(), Identity.DIRECT,  # type: ignore[arg-type]
+                       [p for p in names if p != n])
+            drv.transfer = None
+            drivers[n] = drv
+        for drv in drivers.values():
+            await drv.start()
+        sg1, sg2 = drivers["sg1"], drivers["sg2"]
+        c = EtcdClient(list(endpoints), timeout=5.0)
+        again: list[ClusterDriver] = []
+        try:
+            await eventually(lambda: sg1.own.owned() & _here(sg1) == spis
+                             and set(sg2.standbys["sg1"].replica) == spis
+                             and all(t in r.floor for r in sg1.replicators.values()
+                                     for t in sg1.node.engine.tunnels()),
+                             "sg1 owns its six tunnels, sg2 holds their replicas", 20)  # fmt: skip
+            for t in sg1.node.engine.tunnels():  # sg1 sends on them, up to its ceilings
+                t.outbound.seq += 100
+                assert t.seq_ceiling < 1 << 64
+            victim = drivers["sg2" if how == "holder-lives" else "sg1"]
+            other = sg1 if victim is sg2 else sg2
+            lease = victim.lease_id
+            key = ownership.keys("default")["members"] + victim.node.name
+            await _halt(victim)
+            if how.startswith("owner-killed"):
+                alive.discard("sg1")
+                ceilings = {t.outbound.spi: t.seq_ceiling for t in sg1.node.engine.tunnels()}
+            await c.delete(key)
+            if how == "owner-killed-restarted":  # sg1 restarted at once, with its tunnels
+                node = _member_node(tmp_path, "sg1", port, 0)
+                sg1b = ClusterDriver(node, ClusterConfig(etcd=tuple(endpoints), ttl_s=2,
+                                                         groups=4))  # fmt: skip
+                sg1b.attach(_Wire("sg1", alive, drivers), Transfer(), Identity.DIRECT,  # type: ignore[arg-type]
+                            ["sg2"])
+                sg1b.transfer = None
+                again.append(sg1b)
+                drivers["sg1"] = sg1b
+                alive.add("sg1")
+                await sg1b.start()
+            # the other member reads the key gone: a few rounds of its loop (its etcd calls)
+            calls = other.client.calls
+            await eventually(lambda: other.client.calls >= calls + 12, "the other's rounds")
+            assert set(sg2.standbys["sg1"].replica) == spis, sg2.status()
+            assert sg1.floors_dropped == 0, sg1.status()
+            if how == "owner-killed-restarted":
+                await eventually(lambda: sg2.own.owned() & _here(sg2) == spis,
+                                 f"sg2 to take sg1's six tunnels over: {sg2.status()}",
+                                 20)  # fmt: skip
+                for t in sg2.node.engine.tunnels():
+                    assert t.outbound.seq >= ceilings[t.outbound.spi], (t, ceilings)
+                await eventually(lambda: sg1b.lease_id not in (0, lease), "sg1 joins again", 20)
+                assert not sg1b.own.owned() & spis, sg1b.status()
+                assert all(sg1b.node.engine.fenced(t, sg1b.node.clock())
+                           for t in sg1b.node.engine.tunnels()), sg1b.status()  # fmt: skip
+                return
+            if how == "owner-killed":
+                await eventually(lambda: sg2.own.owned() & _here(sg2) == spis,
+                                 f"sg2 to take sg1's six tunnels over: {sg2.status()}",
+                                 20)  # fmt: skip
+                for t in sg2.node.engine.tunnels():
+                    assert t.outbound.seq >= ceilings[t.outbound.spi], (t, ceilings)
+                assert await c.keepalive(lease) <= 0
+                return
+            await victim.start()  # running again
+            await eventually(lambda: victim.status()["member_key_restored"] == 1,
+                             f"{victim.node.name} to write its key back: {victim.status()}",
+                             10)  # fmt: skip
+            kv = await c.get(key)
+            assert kv is not None and kv.lease == lease == victim.lease_id
+            calls = other.client.calls
+            await eventually(lambda: other.client.calls >= calls + 12, "the other's rounds")
+            assert victim.life_ends == {}, victim.status()
+            assert sg1.own.owned() & _here(sg1) == spis, sg1.status()
+            assert set(sg2.standbys["sg1"].replica) == spis, sg2.status()
+            assert sg1.floors_dropped == 0, sg1.status()
+            assert other.status()["keyless_peers"] == {}, other.status()
+        finally:
+            for drv in [*drivers.values(), sg1]:
+                await drv.stop()
+
+    with caplog.at_level(logging.INFO, logger="ipsecct"), EtcdCluster(tmp_path) as e:
+        asyncio.run(run(e.endpoints))
+    lines = [r.getMessage() for r in caplog.records]
+    victim = "sg2" if how == "holder-lives" else "sg1"
+    if how == "owner-killed-restarted":
+        assert any("node=sg1" in m and "not joining yet" in m and "previous life" in m
+                   for m in lines), lines  # fmt: skip
+    assert not any("event=cluster-floors-dropped" in m for m in lines), lines
+    assert not any("event=cluster-member-key-lost" in m for m in lines), lines
+    missing = [m for m in lines if "event=cluster-member-key-missing" in m]
+    assert missing and all(f"peer={victim}" in m for m in missing), lines
+    restored = [m for m in lines if "event=cluster-member-key-restored" in m]
+    assert len(restored) == (not how.startswith("owner-killed")), lines
+    assert all(f"node={victim}" in m for m in restored), lines
+
+
 # -- tunnel keys that are not what a member writes (tunnels/<8 lower-case hex digits>) ----------
 
 @pytest.mark.parametrize("tail", ["0x002000", "+0002000", "000_2000", " 0002000", "0000200A",

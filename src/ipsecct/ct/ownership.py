@@ -318,6 +318,13 @@ class Ownership:
             ),
         )
 
+    def reassert(self, address: str) -> Txn:
+        """Write our member key back (as :meth:`join` wrote it, under our lease) after it
+        was deleted while the lease lived: only while absent (another gateway of our name
+        may have joined meanwhile: its key is not ours to overwrite)."""
+        info = member_info(address, self.lease, self.n_groups)
+        return Txn((absent(self.member_key()),), (Put(self.member_key(), info, self.lease),))
+
     def joined(self) -> None:
         self.groups = set(self.home)
         self.changes += 1

@@ -83,6 +83,7 @@ ORPHAN_CHECK = 5.0  # seconds between looks for groups nobody took over
 # went, for the survivors to take that life's groups over before it joins
 PREVIOUS_LIFE_WAIT_TTLS = 3
 ORPHAN_AFTER = 4.0  # a group without an owner this long: no live member holds a replica
+KEY_GONE = "member key is gone"  # (_own_key_lost: the one loss we mend, _member_key_lost)
 # A suspend shorter than this is not counted (suspended_s()'s two clock readings differ by
 # microseconds without one); the lease's guard covers it.
 SLEPT_NOISE = 0.001
@@ -176,6 +177,11 @@ class ClusterDriver:
         # most): the IKE check of a CHILD SA's outbound SPI asks it (_spi_elsewhere)
         self._tunnel_view: dict[int, str] = {}
         self.floors_dropped = 0  # tunnels' floors dropped with a peer's lease
+        # Peers whose member key is gone while their lease lives (_keyless_alive): name ->
+        # that lease; and how many times one was seen so
+        self._keyless: dict[str, int] = {}
+        self.keyless_peers = 0
+        self.keys_restored = 0  # our own member key written back (_member_key_lost)
         self.malformed = 0  # keys under our prefix no member wrote as they are (_malformed)
         self._next_orphan_check = 0.0
         self._quiet = RateLimited(burst=2, interval=10.0)  # etcd errors repeat every round
@@ -521,9 +527,12 @@ class ClusterDriver:
         groups = {v.decode(errors="replace") for _, v in
                   await self.client.get_prefix_values(self.keys["tunnels"])}  # fmt: skip
         mine = {g for g in groups if g.startswith(heads)}
-        owned = {k[len(self.keys["groups"]):] for k, _ in
+        owned = {k[len(self.keys["groups"]):]: v for k, v in
                  await self.client.get_prefix_values(self.keys["groups"])}  # fmt: skip
-        waiting = mine - owned
+        # (an owner key of our name: our previous life's still, under its lease, which ends
+        # by itself: its member key was deleted before it died, see _past_lives)
+        me = self.node.name.encode()
+        waiting = {g for g in mine if owned.get(g, me) == me}
         limit = PREVIOUS_LIFE_WAIT_TTLS * self.cfg.ttl_s
         if waiting and now - gone < limit:
             raise EtcdError(
@@ -556,7 +565,12 @@ class ClusterDriver:
         for spi in spis:
             g = tunnels.get(spi)
             lease = ownership.lease_of_group(g) if g is not None else 0
-            if g is not None and g not in groups and lease and lease not in live:
+            # Owned in our name though no member key of it exists (we have not joined): our
+            # previous life, killed after its member key was deleted (an operator's etcdctl
+            # del). Its lease lives on for up to ttl_s, and its peers wait for its end before
+            # they take its groups (_keyless_alive); joined at once, we read alive to them.
+            ours = g is not None and groups.get(g) == self.node.name
+            if g is not None and (g not in groups or ours) and lease and lease not in live:
                 out.add(lease)
         return frozenset(out)
 
@@ -744,7 +758,6 @@ class ClusterDriver:
             await self._member_key_lost(lost)
             return
         members = {kv.key[len(self.keys["members"]) :] for kv in mkvs}
-        self._members = members
         seen: dict[str, int] = {}
         for kv in mkvs:
             name = kv.key[len(self.keys["members"]) :]
@@ -763,6 +776,8 @@ class ClusterDriver:
                 seen[name] = self._live[name]
         while len(self._lease_names) > LEASE_NAMES_PER_PEER * len(self.standbys):
             del self._lease_names[next(iter(self._lease_names))]  # a peer's oldest lives
+        members |= await self._keyless_alive(seen)
+        self._members = members
         self._members_seen(seen)
         # A transfer's source whose member key is gone before it handed us the keys of what
         # it committed here is a dead peer too: our copies of those tunnels are the newest
@@ -841,12 +856,42 @@ class ClusterDriver:
             with gcpolicy.POLICY.batch():
                 self._install(won, dead)
 
+    async def _keyless_alive(self, seen: dict[str, int]) -> set[str]:
+        """Peers read live before whose member key is gone now (or names another lease)
+        while the lease we read them under lives: an operator's ``etcdctl del``, a restore
+        of etcd, a bug elsewhere. Such a peer is not dead: its owner keys live with its
+        lease (nobody may take its groups), it may still send on its tunnels and write its
+        key back (_member_key_lost), and take our tunnels over from the replicas it holds.
+        Taken for gone, our replicas of its tunnels were dropped (its groups owned), so that
+        its tunnels were orphaned when it died later, and our floors there were dropped,
+        though its replicas stayed usable under that lease. Each is kept in ``seen`` under
+        the lease it had until etcd says that lease is gone (one lookup per such peer and
+        round). Returns their names."""
+        kept: set[str] = set()
+        for name, lease in (self._live or {}).items():
+            if name not in self.standbys or seen.get(name) == lease:
+                continue
+            left = (await _time_to_live(self.client, lease))[1]
+            if left is not None and left < 0:  # etcd has no such lease: it ended
+                continue
+            seen[name] = lease  # (an answer that is not a number: alive, in doubt)
+            kept.add(name)
+            if self._keyless.get(name) != lease:
+                self.keyless_peers += 1
+                event(log, "cluster-member-key-missing", logging.WARNING, node=self.node.name,
+                      peer=name, lease=f"{lease:x}", detail=f"{name}'s member key is gone or "
+                      "names another lease while its lease lives (an operator's etcdctl del, "
+                      "a restore of etcd): not taken for gone; its replicas, its floors and "
+                      "its groups stay as they are until etcd ends that lease")  # fmt: skip
+        self._keyless = {n: seen[n] for n in kept}
+        return kept
+
     def _own_key_lost(self, kv: Any) -> str:
         """What is wrong with our member key as just read ("" if nothing): gone, under
         another lease, or written since this life first read it (deleted and written again,
         by an operator or a restore of etcd: even with our lease, not ours)."""
         if kv is None:
-            return "member key is gone"
+            return KEY_GONE
         lease = ownership.parse_member(kv.value)[1]
         if kv.lease != self.lease_id or lease != self.lease_id:
             return f"member key names another lease ({kv.lease:x}, its value {lease:x})"
@@ -879,21 +924,30 @@ class ClusterDriver:
         return ""
 
     async def _member_key_lost(self, why: str) -> None:
-        """Our member key (or the owner key of a group we hold: the same, below, but for
-        the peers) is gone or not ours, while we believe our lease lives. Every peer
-        that read it so took us for gone: it dropped its floors here (our replicas of its
-        tunnels bound nothing any more) and stopped replicating to us; our take-overs and
-        new tunnels' records fail (they compare the member key under our lease). Going on
-        under this lease, with the key written back (by anyone), our replicas would let us
-        take a peer's tunnels over below numbers it sent unbounded meanwhile. So this life
-        ends as when etcd expires the lease (_lease_gone: fenced, our tunnels removed, the
-        replicas we hold forgotten, IKE SAs forgotten), then the lease itself is revoked
-        (after ``guard_ms``, for packets still in a socket queue: our owner keys go and the
-        survivors may adopt our groups from their replicas, above our ceilings), and we join
-        again under a new lease once those groups have an owner (_previous_life)."""
+        """Our member key (or the owner key of a group we hold) is gone or not ours, while
+        we believe our lease lives. Gone (an operator's ``etcdctl del``, a restore of etcd):
+        the lease and its owner keys are as they were, and peers that read the key gone
+        do not take us for gone while etcd says the lease lives (_keyless_alive): we write
+        it back under that lease, only while absent (_key_restored), and go on. Not ours
+        (under another lease, or written again since we first read it: another gateway of
+        our name, a restore), or an owner key of ours gone (anyone may create it: a take-over
+        compares "absent"): our take-overs and new tunnels' records fail (they compare the
+        member key under our lease), the peers read another member there or, for the group,
+        may adopt it. So this life ends as when etcd expires the lease (_lease_gone: fenced,
+        our tunnels removed, the replicas we hold forgotten, IKE SAs forgotten), then the
+        lease itself is revoked (after ``guard_ms``, for packets still in a socket queue: our
+        owner keys go and the survivors may adopt our groups from their replicas, above our
+        ceilings), and we join again under a new lease once those groups have an owner
+        (_previous_life)."""
         lease = self.lease_id
         if await self.client.keepalive(lease) <= 0:
             self._lease_gone()  # (etcd ended the lease: its keys went with it)
+            return
+        if why == KEY_GONE:
+            rev = await self.client.txn_at(self.own.reassert(self.address))
+            if rev:
+                self._key_restored(rev)
+            # else written meanwhile, not by us: the next round reads it (_own_key_lost)
             return
         self._lease_gone(key_lost=why)
         await asyncio.sleep(self.cfg.guard_ms / 1000)
@@ -901,6 +955,22 @@ class ClusterDriver:
             await self.client.revoke(lease)
         # our old groups go to the survivors first, as after a restart (_previous_life)
         self._previous = (frozenset({lease}), self.node.clock())
+
+    def _key_restored(self, rev: int) -> None:
+        """Our member key was deleted while our lease lived, and we wrote it back (under
+        that lease, only while absent). Nothing else changed: the lease, its owner keys and
+        our groups are as they were, so nobody could take a group of ours meanwhile, and
+        the peers that read the key gone asked etcd about the lease, found it alive and
+        kept our replicas and their floors here (_keyless_alive): what we hold still bounds
+        their tunnels, and our own tunnels go on. The key is ours as written at ``rev``
+        (any other write of it since is someone else's, as after joining)."""
+        self._own_rev = (rev, rev)
+        self.keys_restored += 1
+        event(log, "cluster-member-key-restored", logging.WARNING, node=self.node.name,
+              lease=f"{self.lease_id:x}", detail="this gateway's member key was deleted while "
+              "its lease lived (an operator's etcdctl del, a restore of etcd, a bug "
+              "elsewhere): written back under the same lease; its peers do not take it for "
+              "gone while the lease lives. Stop a member (SIGTERM) to make it leave")  # fmt: skip
 
     def _takes(self, dead: Callable[[str], bool]) -> _Takes:
         """Which orphaned groups _scan adopts, the peers ``dead`` says are gone: a group is
@@ -1338,7 +1408,7 @@ class ClusterDriver:
             tunnels=len(gone),
             detail=(
                 f"this gateway's {key_lost} (an operator's etcdctl, a restore of etcd)"
-                + (": its peers took it for gone and dropped what bounds their tunnels here"
+                + (": not the key it wrote (its peers read another member there)"
                    if why == "member-key-lost" else ": anyone may take that group over")
                 + ". It stopped sending, removed its tunnels, ends its lease (its groups go to "
                 "the members holding their replicas) and joins again without them"
@@ -1670,6 +1740,10 @@ class ClusterDriver:
             # so it ended the lease itself), and the last's why
             "lives_ended": dict(self.life_ends),
             "last_life_end": self.last_life_end,
+            # our member key deleted while our lease lived, written back (same lease)
+            "member_key_restored": self.keys_restored,
+            # peers whose member key is gone while their lease lives: not taken for gone
+            "keyless_peers": {p: f"{lease:x}" for p, lease in self._keyless.items()},
             "etcd_error": self.last_error,
             "replicas": {p: len(sb.replica) for p, sb in self.standbys.items()},
             # replicas below an earlier one's sequence number (a buggy peer; see Standby.high)

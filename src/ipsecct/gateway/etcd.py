@@ -380,6 +380,21 @@ class EtcdClient:
     async def txn(self, t: Txn) -> bool:
         """Run a transaction built by :mod:`ipsecct.ct.ownership`; True if its compares held
         (and its operations were applied)."""
+        return (await self._txn(t))[0]
+
+    async def txn_at(self, t: Txn) -> int:
+        """:meth:`txn`, telling the revision etcd applied it at (that of the keys it put:
+        their create and mod revisions), 0 if its compares did not hold."""
+        ok, ans = await self._txn(t)
+        if not ok:
+            return 0
+        header = ans.get("header")
+        rev = _int(header.get("revision")) if isinstance(header, dict) else 0
+        if rev <= 0:
+            raise EtcdError("etcd answered a transaction without its revision")
+        return rev
+
+    async def _txn(self, t: Txn) -> tuple[bool, dict[str, Any]]:
         ans = await self.call(
             "/v3/kv/txn",
             {"compare": [_compare(c) for c in t.compare], "success": [_op(o) for o in t.success]},
@@ -387,7 +402,7 @@ class EtcdClient:
         ok = ans.get("succeeded", False)
         if not isinstance(ok, bool):
             raise EtcdError("etcd answered a bad transaction result")
-        return ok
+        return ok, ans
 
     async def status(self) -> dict[str, Any]:
         return await self.call("/v3/maintenance/status", {})
