@@ -1042,9 +1042,12 @@ def test_no_seq_sent_twice_a_member_key_deleted_while_its_lease_lives_is_not_a_d
     async def run(endpoints: list[str]) -> None:
         drivers: dict[str, ClusterDriver] = {}
         alive = set(names)
+        victim_name = "sg2" if how == "holder-lives" else "sg1"
         for i, n in enumerate(names):
             node = _member_node(tmp_path, n, port, i)
-            drv = ClusterDriver(node, ClusterConfig(etcd=tuple(endpoints), ttl_s=2, groups=4))
+            # (a victim that runs again: its lease outlives its halt on a loaded machine)
+            ttl = 10 if n == victim_name and how.endswith("lives") else 2
+            drv = ClusterDriver(node, ClusterConfig(etcd=tuple(endpoints), ttl_s=ttl, groups=4))
             drv.attach(_Wire(n, alive, drivers), Transfer(), Identity.DIRECT,  # type: ignore[arg-type]
                        [p for p in names if p != n])
             drv.transfer = None
@@ -1063,7 +1066,7 @@ def test_no_seq_sent_twice_a_member_key_deleted_while_its_lease_lives_is_not_a_d
             for t in sg1.node.engine.tunnels():  # sg1 sends on them, up to its ceilings
                 t.outbound.seq += 100
                 assert t.seq_ceiling < 1 << 64
-            victim = drivers["sg2" if how == "holder-lives" else "sg1"]
+            victim = drivers[victim_name]
             other = sg1 if victim is sg2 else sg2
             lease = victim.lease_id
             key = ownership.keys("default")["members"] + victim.node.name
@@ -1086,7 +1089,8 @@ def test_no_seq_sent_twice_a_member_key_deleted_while_its_lease_lives_is_not_a_d
             # the other member reads the key gone: a few rounds of its loop (its etcd calls)
             calls = other.client.calls
             await eventually(lambda: other.client.calls >= calls + 12, "the other's rounds")
-            assert set(sg2.standbys["sg1"].replica) == spis, sg2.status()
+            if how.endswith("lives"):  # (killed: the lease may have ended by now)
+                assert set(sg2.standbys["sg1"].replica) == spis, sg2.status()
             assert sg1.floors_dropped == 0, sg1.status()
             if how == "owner-killed-restarted":
                 await eventually(lambda: sg2.own.owned() & _here(sg2) == spis,
